@@ -1,0 +1,112 @@
+"""Micro-batching: the Redis commands of concurrent requests share one round trip.
+
+Each request hands its commands to ``RedisBatcher.execute`` and awaits its own results.
+One flusher task sends everything queued so far as one non-transactional pipeline; while
+that round trip is in flight the next requests queue up, so batches grow with load and
+an idle edge adds no delay. A pipeline is not a transaction: commands may touch keys in
+different cluster slots (the cluster client splits the pipeline by node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError, ResponseError
+
+from .connections import Redis
+
+Command = tuple[Any, ...]
+
+
+class RedisBatcher:
+    def __init__(self, redis: Redis, *, max_commands: int = 2048) -> None:
+        self._redis = redis
+        self._max = max_commands
+        self._queue: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._scripts: dict[str, str] = {}
+
+    def script(self, source: str) -> str:
+        """Register a Lua script; returns the sha to use in ``("EVALSHA", sha, ...)``."""
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        self._scripts[sha] = source
+        return sha
+
+    async def execute(self, *commands: Command) -> list[Any]:
+        """Run ``commands`` in the next round trip; a failed command's slot holds its error."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="redis-batcher")
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((commands, fut))
+        self._wake.set()
+        return await fut
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for _, fut in self._queue:
+            if not fut.done():
+                fut.set_exception(ConnectionError("edge shutting down"))
+        self._queue.clear()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, n = [], 0
+                while self._queue and (not batch or n + len(self._queue[0][0]) <= self._max):
+                    item = self._queue.pop(0)
+                    batch.append(item)
+                    n += len(item[0])
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for commands, _ in batch:
+            for cmd in commands:
+                pipe.execute_command(*cmd)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # connection lost, timeout: every caller sees it
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        if any(_is_noscript(r) for r in results):
+            results = await self._retry_noscript(batch, results)
+        i = 0
+        for commands, fut in batch:
+            if not fut.done():
+                fut.set_result(results[i : i + len(commands)])
+            i += len(commands)
+
+    async def _retry_noscript(
+        self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]], results: list[Any]
+    ) -> list[Any]:
+        # Redis restarted or flushed its script cache: load once, re-run what failed.
+        for source in self._scripts.values():
+            await self._redis.script_load(source)
+        flat = [cmd for commands, _ in batch for cmd in commands]
+        retry = [i for i, r in enumerate(results) if _is_noscript(r)]
+        pipe = self._redis.pipeline(transaction=False)
+        for i in retry:
+            pipe.execute_command(*flat[i])
+        again = await pipe.execute(raise_on_error=False)
+        results = list(results)
+        for i, r in zip(retry, again, strict=True):
+            results[i] = r
+        return results
+
+
+def _is_noscript(r: object) -> bool:
+    return isinstance(r, NoScriptError) or (isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT"))

@@ -1,0 +1,54 @@
+"""Opening Redis and Postgres: called from startup hooks, never at import time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+from .settings import Settings
+
+Redis = aioredis.Redis | RedisCluster
+
+
+def connect_redis(settings: Settings, *, url: str | None = None, **kwargs: Any) -> Redis:
+    """A Redis client (or a cluster client when ``REFSTREAM_REDIS_CLUSTER`` is set).
+
+    Replies stay bytes: the stream entries are bytes and decoding is the caller's choice.
+    The socket timeout bounds every call, so a blocking XREADGROUP must block for less.
+    """
+    opts: dict[str, Any] = {
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": settings.redis_socket_timeout,
+        "health_check_interval": 30,
+        **kwargs,
+    }
+    if settings.redis_cluster and url is None:
+        return RedisCluster.from_url(settings.redis_url, **opts)
+    return aioredis.Redis.from_url(url or settings.redis_url, **opts)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+
+
+async def create_pg_pool(
+    settings: Settings, *, min_size: int = 1, max_size: int | None = None
+) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=min_size,
+        max_size=max_size or settings.pg_pool_size,
+        init=_init_connection,
+        command_timeout=60,
+    )
+    assert pool is not None
+    return pool

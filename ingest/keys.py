@@ -1,0 +1,49 @@
+"""Every Redis key refstream uses, in one place.
+
+Keys that a multi-key command, transaction or script touches together must share a hash
+tag (the part in braces) so that they land in one Redis Cluster slot. Today every script
+and transaction touches a single key; each stream partition carries its own tag so the
+partitions spread over the cluster's nodes.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+GROUP = "workers"  # the consumer group every worker joins
+
+
+class Keys:
+    __slots__ = ("prefix", "partitions", "streams")
+
+    def __init__(self, prefix: str, partitions: int) -> None:
+        self.prefix = prefix
+        self.partitions = partitions
+        self.streams: tuple[str, ...] = tuple(self.stream(p) for p in range(partitions))
+
+    def stream(self, partition: int) -> str:
+        return f"{self.prefix}:events:{{{partition}}}"
+
+    def partition_for(self, routing_key: str) -> int:
+        """Stable partition for a routing key (a link code), so one link's events stay in order."""
+        return zlib.crc32(routing_key.encode()) % self.partitions
+
+    def stream_for(self, routing_key: str) -> str:
+        return self.streams[self.partition_for(routing_key)]
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    def ratelimit(self, route: str, subject: str) -> str:
+        return f"{self.prefix}:rl:{route}:{subject}"
+
+    def link(self, code: str) -> str:
+        return f"{self.prefix}:link:{code}"
+
+    def flag(self, feature: str) -> str:
+        return f"{self.prefix}:flag:{feature}"
+
+    @property
+    def arq_queue(self) -> str:
+        return f"{self.prefix}:arq:queue"

@@ -1,0 +1,63 @@
+"""Sliding-window rate limits in Redis: exactly N requests in any rolling window.
+
+One sorted set per subject (client IP or API key) holds the times of the requests
+admitted in the window; a Lua script prunes, counts and admits atomically, on one key, so
+it runs unchanged on a Redis Cluster. Time is Redis's own, so every edge agrees. Refused
+requests are not recorded: a client that keeps hammering is let in again as soon as its
+oldest admitted request leaves the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .batcher import Command, RedisBatcher
+
+SLIDING_WINDOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local n = redis.call('ZCARD', KEYS[1])
+if n < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return {1, limit - n - 1, 0}
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {0, 0, tonumber(oldest[2]) + window - now}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after_ms: int
+
+    @property
+    def headers(self) -> dict[str, str]:
+        h = {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": str(self.remaining)}
+        if not self.allowed:
+            h["Retry-After"] = str(max(1, -(-self.retry_after_ms // 1000)))
+        return h
+
+
+class RateLimiter:
+    def __init__(self, batcher: RedisBatcher, *, limit: int, window_ms: int = 60_000) -> None:
+        self.limit = limit
+        self.window_ms = window_ms
+        self._sha = batcher.script(SLIDING_WINDOW)
+
+    def command(self, key: str, member: str) -> Command:
+        """The script call, to be sent in the same round trip as the request's other reads."""
+        return ("EVALSHA", self._sha, 1, key, self.window_ms, self.limit, member)
+
+    def verdict(self, reply: Any) -> Verdict:
+        if isinstance(reply, Exception):
+            raise reply
+        allowed, remaining, retry_ms = (int(x) for x in reply)
+        return Verdict(bool(allowed), self.limit, remaining, retry_ms)

@@ -1,0 +1,94 @@
+"""The one settings object.
+
+Built once at the entrypoint (``Settings()`` reads the environment there, never at import
+time) and passed down to the edge, the worker and the CLI.
+"""
+
+from __future__ import annotations
+
+import re
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REFSTREAM_", extra="ignore", frozen=True)
+
+    # connections ---------------------------------------------------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+        description="Redis holding the event streams, caches and rate limits.",
+    )
+    redis_cluster: bool = Field(False, description="Treat REDIS_URL as a Redis Cluster seed node.")
+    arq_redis_url: str | None = Field(
+        None,
+        description="Plain Redis for arq's own job queue (arq has no cluster support); "
+        "defaults to REDIS_URL.",
+    )
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/refstream",
+        validation_alias=AliasChoices("DATABASE_URL", "database_url"),
+    )
+    redis_socket_timeout: float = Field(5.0, gt=0, description="Seconds before a Redis call fails.")
+    pg_pool_size: int = Field(4, ge=1, le=100)
+
+    # streams -------------------------------------------------------------------------
+    stream_prefix: str = Field("refstream", description="Prefix of every Redis key refstream owns.")
+    partitions: int = Field(4, ge=1, le=1024, description="Number of event stream partitions.")
+
+    # edge ----------------------------------------------------------------------------
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_string_length: int = Field(2048, ge=64)
+    click_rate_limit: int = Field(60, ge=1, description="seed 000 route: requests/minute per IP")
+    trusted_proxies: Annotated[list[IPv4Network | IPv6Network], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs whose X-Forwarded-For is believed; empty: the peer address is the client.",
+    )
+    pipeline_max_commands: int = Field(2048, ge=1, description="Commands per Redis round trip.")
+
+    # worker --------------------------------------------------------------------------
+    batch_size: int = Field(500, ge=1, le=10_000)
+    block_ms: int = Field(1000, ge=10, description="XREADGROUP block time.")
+    claim_idle_ms: int = Field(60_000, ge=100, description="Reclaim entries idle this long.")
+    reclaim_every_s: int = Field(15, ge=1, le=60)
+    consumer_name: str | None = Field(None, description="Defaults to hostname-pid.")
+
+    # logging -------------------------------------------------------------------------
+    log_level: str = "info"
+    log_json: bool = True
+
+    # fault injection, for the redelivery tests only: "crash_after_commit" makes the
+    # worker SIGKILL itself after its first COMMIT and before the XACK.
+    fault: str | None = None
+
+    @field_validator("stream_prefix")
+    @classmethod
+    def _prefix_is_plain(cls, v: str) -> str:
+        # braces would change the cluster hash tag of every key
+        if not _PREFIX_RE.match(v):
+            raise ValueError("stream_prefix: 1-64 of A-Z a-z 0-9 _ . : - (no braces)")
+        return v
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_cidrs(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [ip_network(p.strip(), strict=False) for p in v.split(",") if p.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _block_below_socket_timeout(self) -> Settings:
+        # a blocking XREADGROUP longer than the socket timeout would look like a dead socket
+        if self.block_ms >= self.redis_socket_timeout * 1000:
+            raise ValueError("block_ms must stay below redis_socket_timeout")
+        return self
+
+    @property
+    def arq_url(self) -> str:
+        return self.arq_redis_url or self.redis_url

@@ -1,0 +1,48 @@
+"""What a running edge holds: made in the app's cleanup context, kept on ``app[EDGE]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import ip_address
+
+import asyncpg
+from aiohttp import web
+
+from .batcher import RedisBatcher
+from .connections import Redis
+from .keys import Keys
+from .ratelimit import RateLimiter
+from .settings import Settings
+
+
+@dataclass(slots=True)
+class Edge:
+    settings: Settings
+    keys: Keys
+    redis: Redis
+    batcher: RedisBatcher
+    pg: asyncpg.Pool
+    click_limiter: RateLimiter
+
+    def client_ip(self, request: web.Request) -> str | None:
+        """The peer address; through X-Forwarded-For only when the peer is a trusted proxy.
+
+        The chain is read right to left and the first address that is not a trusted proxy
+        is the client: everything left of it could have been written by the client.
+        """
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        addr = peer[0] if peer else None
+        if addr is None or not self.settings.trusted_proxies:
+            return addr
+        hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+        for hop in [addr, *reversed(hops)]:
+            try:
+                ip = ip_address(hop)
+            except ValueError:
+                return addr
+            if not any(ip in net for net in self.settings.trusted_proxies):
+                return str(ip)
+        return addr
+
+
+EDGE = web.AppKey("edge", Edge)

@@ -1,0 +1,1 @@
+"""refstream: the command line and the embedded development servers."""

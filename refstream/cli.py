@@ -1,0 +1,267 @@
+"""``refstream``: one command line for the edge, the workers and their operators.
+
+Settings are built here, once, from the environment, and passed down. Commands that print
+data print JSON on stdout; diagnostics go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import asyncpg
+import click
+import orjson
+import uvloop
+from pydantic import ValidationError
+
+from ingest import admin, flags
+from ingest.connections import Redis, connect_redis
+from ingest.db import migrate as apply_schema
+from ingest.keys import Keys
+from ingest.logs import configure_logging
+from ingest.settings import Settings
+
+T = TypeVar("T")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid configuration:\n{exc}") from None
+
+
+def _print(data: Any) -> None:
+    sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.flush()
+
+
+def _run(fn: Callable[[Settings], Awaitable[T]]) -> T:
+    settings = _settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    try:
+        return uvloop.run(fn(settings))
+    except admin.NotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+
+@asynccontextmanager
+async def _connections(settings: Settings) -> AsyncIterator[tuple[asyncpg.Connection, Redis]]:
+    conn = await asyncpg.connect(settings.database_url)
+    redis = connect_redis(settings)
+    try:
+        yield conn, redis
+    finally:
+        await asyncio.shield(conn.close())
+        await redis.aclose()
+
+
+@click.group()
+def main() -> None:
+    """refstream: referral and affiliate event ingestion (edge → Redis Streams → workers → Postgres)."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(host: str, port: int) -> None:
+    """Run the HTTP edge."""
+    from aiohttp import web
+
+    from ingest.app import create_app
+
+    settings = _settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    web.run_app(
+        create_app(settings),
+        host=host,
+        port=port,
+        access_log=None,  # the app logs one canonical line per request itself
+        print=lambda msg: click.echo(msg, err=True),
+        loop=uvloop.new_event_loop(),
+    )
+
+
+@main.command()
+@click.option("--drain", is_flag=True, help="Process until every stream is read and acked, then exit.")
+def work(drain: bool) -> None:
+    """Run a worker (arq): consume the event streams into Postgres."""
+    from workers.worker import build_worker
+    from workers.worker import drain as drain_streams
+
+    if drain:
+        _print(_run(drain_streams))
+        return
+    settings = _settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    asyncio.set_event_loop(uvloop.new_event_loop())
+    build_worker(settings).run()
+
+
+async def ensure_database(settings: Settings) -> bool:
+    """Create the database DATABASE_URL names when it does not exist yet."""
+    try:
+        conn = await asyncpg.connect(settings.database_url)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return False
+    params = conn_params(settings.database_url)
+    admin_conn = await asyncpg.connect(settings.database_url, database="postgres")
+    try:
+        await admin_conn.execute(f'CREATE DATABASE "{params["database"]}"')
+    except asyncpg.DuplicateDatabaseError:
+        return False
+    finally:
+        await admin_conn.close()
+    return True
+
+
+def conn_params(dsn: str) -> dict[str, Any]:
+    from urllib.parse import urlsplit
+
+    path = urlsplit(dsn).path.lstrip("/")
+    return {"database": path or "postgres"}
+
+
+@main.command()
+def migrate() -> None:
+    """Apply schema.sql (idempotent; creates the database if it is missing)."""
+
+    async def go(settings: Settings) -> dict[str, Any]:
+        created = await ensure_database(settings)
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await apply_schema(conn)
+        finally:
+            await conn.close()
+        return {"migrated": True, "database_created": created}
+
+    _print(_run(go))
+
+
+@main.group()
+def workspace() -> None:
+    """Workspaces."""
+
+
+@workspace.command("create")
+@click.argument("name")
+def workspace_create(name: str) -> None:
+    """Create a workspace and its first API key (scope *); the key is shown once."""
+
+    async def go(settings: Settings) -> dict[str, str]:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return await admin.create_workspace(conn, name)
+        finally:
+            await conn.close()
+
+    _print(_run(go))
+
+
+@main.group()
+def link() -> None:
+    """Referral links."""
+
+
+@link.command("create")
+@click.option("--workspace", "workspace_id", required=True)
+@click.option("--code", required=True)
+@click.option("--url", default=None, help="Destination; defaults to the program's URL.")
+@click.option("--program", "program_id", default=None)
+@click.option("--affiliate", "affiliate_id", default=None)
+def link_create(
+    workspace_id: str, code: str, url: str | None, program_id: str | None, affiliate_id: str | None
+) -> None:
+    """Create a link (a default program and affiliate when none are given)."""
+
+    async def go(settings: Settings) -> dict[str, Any]:
+        async with _connections(settings) as (conn, redis):
+            try:
+                return await admin.create_link(
+                    conn,
+                    redis,
+                    Keys(settings.stream_prefix, settings.partitions),
+                    workspace_id=workspace_id,
+                    code=code,
+                    url=url,
+                    program_id=program_id,
+                    affiliate_id=affiliate_id,
+                )
+            except asyncpg.UniqueViolationError:
+                raise click.ClickException(f"a link with code {code!r} exists already") from None
+            except asyncpg.DataError as exc:
+                raise click.ClickException(str(exc)) from None
+
+    _print(_run(go))
+
+
+@link.command("show")
+@click.argument("code")
+def link_show(code: str) -> None:
+    """A link with its counters."""
+
+    async def go(settings: Settings) -> dict[str, Any]:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return await admin.show_link(conn, code)
+        finally:
+            await conn.close()
+
+    _print(_run(go))
+
+
+@main.group()
+def feature() -> None:
+    """Kill switches."""
+
+
+def _feature(name: str, enabled: bool) -> None:
+    async def go(settings: Settings) -> dict[str, Any]:
+        redis = connect_redis(settings)
+        try:
+            await flags.set_enabled(redis, Keys(settings.stream_prefix, settings.partitions), name, enabled)
+        finally:
+            await redis.aclose()
+        return {"feature": name, "enabled": enabled}
+
+    try:
+        _print(_run(go))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@feature.command("disable")
+@click.argument("name", type=click.Choice(flags.FEATURES))
+def feature_disable(name: str) -> None:
+    """Turn a feature off (its routes answer 503)."""
+    _feature(name, False)
+
+
+@feature.command("enable")
+@click.argument("name", type=click.Choice(flags.FEATURES))
+def feature_enable(name: str) -> None:
+    """Turn a feature back on."""
+    _feature(name, True)
+
+
+@main.command()
+@click.option("--port", default=8000, show_default=True, type=int)
+def dev(port: int) -> None:
+    """Everything on one machine: embedded servers if none answer, migrate, demo data,
+    the edge and one worker."""
+    from .dev import run_dev
+
+    run_dev(port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+-- refstream schema. `refstream migrate` applies this whole file in one transaction under
+-- an advisory lock; every statement is idempotent, and later changes are appended as
+-- idempotent statements too (ADD COLUMN IF NOT EXISTS, CREATE INDEX IF NOT EXISTS, ...).
+
+CREATE TABLE IF NOT EXISTS workspaces (
+    id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    name            text NOT NULL,
+    -- how much of a visitor's IP address is stored: full, truncated (/24, /48) or none
+    ip_policy       text NOT NULL DEFAULT 'full' CHECK (ip_policy IN ('full', 'truncated', 'none')),
+    allowed_origins text[] NOT NULL DEFAULT '{}',
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS programs (
+    id                 uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id       uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    name               text NOT NULL,
+    url                text,
+    cookie_window_days integer NOT NULL DEFAULT 30 CHECK (cookie_window_days BETWEEN 1 AND 3650),
+    attribution        text NOT NULL DEFAULT 'last_click' CHECK (attribution IN ('first_click', 'last_click')),
+    created_at         timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS programs_workspace ON programs (workspace_id);
+
+-- an affiliate is a partner of a program (seed 001 calls it a participant of a campaign)
+CREATE TABLE IF NOT EXISTS affiliates (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    program_id   uuid NOT NULL REFERENCES programs (id) ON DELETE CASCADE,
+    external_id  text NOT NULL,
+    name         text,
+    email        text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (program_id, external_id)
+);
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    affiliate_id uuid REFERENCES affiliates (id) ON DELETE CASCADE,
+    kind         text NOT NULL CHECK (kind IN ('workspace', 'affiliate')),
+    -- sha256 of the whole key; the key itself is shown once and never stored
+    key_hash     bytea NOT NULL UNIQUE CHECK (length(key_hash) = 32),
+    -- the first characters of the key, to recognise it in listings and revoke it
+    prefix       text NOT NULL UNIQUE,
+    scopes       text[] NOT NULL DEFAULT '{}',
+    name         text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    last_used_at timestamptz,
+    revoked_at   timestamptz,
+    CHECK ((kind = 'affiliate') = (affiliate_id IS NOT NULL))
+);
+
+CREATE TABLE IF NOT EXISTS links (
+    id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id    uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    program_id      uuid NOT NULL REFERENCES programs (id),
+    affiliate_id    uuid NOT NULL REFERENCES affiliates (id),
+    code            text NOT NULL UNIQUE,
+    url             text NOT NULL,
+    domain          text,
+    status          text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'inactive')),
+    clicks          bigint NOT NULL DEFAULT 0,
+    unique_clicks   bigint NOT NULL DEFAULT 0,
+    bot_clicks      bigint NOT NULL DEFAULT 0,
+    leads           bigint NOT NULL DEFAULT 0,
+    conversions     bigint NOT NULL DEFAULT 0,
+    last_clicked_at timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS links_affiliate ON links (affiliate_id);
+CREATE INDEX IF NOT EXISTS links_workspace ON links (workspace_id);
+
+-- a visitor who arrived through a link; status only moves forward: click < lead < converted
+CREATE TABLE IF NOT EXISTS customers (
+    id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id   uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    link_id        uuid REFERENCES links (id),
+    affiliate_id   uuid REFERENCES affiliates (id),
+    program_id     uuid REFERENCES programs (id),
+    external_id    text,
+    visitor_id     text,
+    email          text,
+    name           text,
+    avatar_url     text,
+    status         smallint NOT NULL DEFAULT 1 CHECK (status IN (1, 2, 3)),
+    first_click_id uuid,
+    first_seen_at  timestamptz NOT NULL,
+    last_seen_at   timestamptz NOT NULL,
+    test_mode      boolean NOT NULL DEFAULT false
+);
+CREATE UNIQUE INDEX IF NOT EXISTS customers_external
+    ON customers (workspace_id, external_id) WHERE external_id IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS customers_visitor
+    ON customers (workspace_id, visitor_id) WHERE visitor_id IS NOT NULL;
+
+-- one row per click, lead or conversion. The primary key is the edge-minted UUIDv7, so a
+-- redelivered or replayed entry is a no-op (ON CONFLICT DO NOTHING), and ids sort by time
+-- (the natural key for range partitioning later). No foreign keys on this hot table: the
+-- worker resolves links itself and a per-row FK check would cost every insert.
+CREATE TABLE IF NOT EXISTS events (
+    event_id      uuid PRIMARY KEY,
+    type          smallint NOT NULL CHECK (type IN (1, 2, 3)),
+    workspace_id  uuid NOT NULL,
+    link_id       uuid,
+    program_id    uuid,
+    affiliate_id  uuid,
+    customer_id   uuid,
+    click_id      uuid,
+    name          text,
+    dialect       text NOT NULL,
+    test_mode     boolean NOT NULL DEFAULT false,
+    is_bot        boolean NOT NULL DEFAULT false,
+    received_at   timestamptz NOT NULL,
+    processed_at  timestamptz NOT NULL DEFAULT now(),
+    ip            inet,
+    user_agent    text,
+    referrer      text,
+    country       text,
+    asn           integer,
+    device        jsonb,
+    payload       jsonb NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS events_link_received ON events (link_id, received_at);
+CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+
+-- per link and UTC day; per affiliate and program by GROUP BY (both ids are carried)
+CREATE TABLE IF NOT EXISTS daily_stats (
+    link_id       uuid NOT NULL REFERENCES links (id) ON DELETE CASCADE,
+    day           date NOT NULL,
+    workspace_id  uuid NOT NULL,
+    program_id    uuid NOT NULL,
+    affiliate_id  uuid NOT NULL,
+    clicks        bigint NOT NULL DEFAULT 0,
+    unique_clicks bigint NOT NULL DEFAULT 0,
+    bot_clicks    bigint NOT NULL DEFAULT 0,
+    leads         bigint NOT NULL DEFAULT 0,
+    conversions   bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (link_id, day)
+);
+CREATE INDEX IF NOT EXISTS daily_stats_affiliate ON daily_stats (affiliate_id, day);
+CREATE INDEX IF NOT EXISTS daily_stats_program ON daily_stats (program_id, day);
+
+-- seed 001's "refer 5 friends": thresholds on an affiliate's conversions, each reached once
+CREATE TABLE IF NOT EXISTS milestones (
+    id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    program_id uuid NOT NULL REFERENCES programs (id) ON DELETE CASCADE,
+    name       text NOT NULL,
+    threshold  integer NOT NULL CHECK (threshold > 0),
+    UNIQUE (program_id, threshold)
+);
+CREATE TABLE IF NOT EXISTS affiliate_milestones (
+    affiliate_id uuid NOT NULL REFERENCES affiliates (id) ON DELETE CASCADE,
+    milestone_id uuid NOT NULL REFERENCES milestones (id) ON DELETE CASCADE,
+    reached_at   timestamptz NOT NULL,
+    PRIMARY KEY (affiliate_id, milestone_id)
+);

@@ -1,0 +1,143 @@
+"""One batch, top to bottom: decode → store (one transaction) → COMMIT → XACK.
+
+Ack after commit, always: a crash between the two redelivers the batch, and the store
+makes the second pass a no-op. The opposite order would lose events on a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import structlog
+
+from ingest import links
+from ingest.connections import Redis
+from ingest.events import FIELD, Envelope, EnvelopeError
+from ingest.keys import GROUP, Keys
+from ingest.settings import Settings
+
+from . import store
+from .errors import is_transient
+
+log = structlog.get_logger("workers.pipeline")
+
+Entry = tuple[bytes, dict[bytes, bytes] | None]
+
+
+@dataclass(slots=True)
+class Totals:
+    batches: int = 0
+    entries: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    dead: int = 0
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, redis: Redis, pg: asyncpg.Pool) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.stream_prefix, settings.partitions)
+        self.redis = redis
+        self.pg = pg
+        self.totals = Totals()
+
+    async def process(self, stream: str, entries: list[Entry]) -> None:
+        """Store and ack one batch read from ``stream``. Transient errors propagate (the
+        entries stay pending and are read again); a batch Postgres refuses for its data
+        is split until the culprit is found and dead-lettered."""
+        start = time.perf_counter()
+        ids = [eid for eid, _ in entries]
+        good: list[Envelope] = []
+        stream_ids: dict[UUID, bytes] = {}
+        dead: list[tuple[bytes, bytes, str]] = []
+        for eid, fields in entries:
+            raw = (fields or {}).get(FIELD)
+            if raw is None:
+                continue  # trimmed while pending (XREADGROUP returns no fields): nothing to do
+            try:
+                envelope = Envelope.decode(raw)
+            except EnvelopeError as exc:
+                dead.append((eid, raw, f"decode: {exc}"))
+                continue
+            good.append(envelope)
+            stream_ids[envelope.event_id] = eid
+
+        result = store.BatchResult()
+        if good:
+            result, failed = await self._store(good)
+            dead.extend((stream_ids[e.event_id], e.encode(), err) for e, err in failed)
+        if self.settings.fault == "crash_after_commit":
+            os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint: committed, not acked
+        if dead:
+            await self._dead_letter(stream, dead)
+        await self.redis.xack(stream, GROUP, *ids)
+        await self._fill_cache(result)
+
+        self.totals.batches += 1
+        self.totals.entries += len(entries)
+        self.totals.inserted += result.inserted
+        self.totals.duplicates += result.duplicates
+        self.totals.dead += len(dead)
+        log.info(
+            "batch",
+            stream=stream,
+            entries=len(entries),
+            inserted=result.inserted,
+            duplicates=result.duplicates,
+            unknown=len(result.unknown_codes),
+            dead=len(dead),
+            ms=round((time.perf_counter() - start) * 1000, 2),
+        )
+
+    async def _store(self, envelopes: list[Envelope]) -> tuple[store.BatchResult, list[tuple[Envelope, str]]]:
+        try:
+            return await store.write_batch(self.pg, envelopes), []
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            if len(envelopes) == 1:
+                log.error("event.poison", event_id=str(envelopes[0].event_id), error=repr(exc))
+                return store.BatchResult(), [(envelopes[0], f"store: {type(exc).__name__}: {exc}")]
+        # isolate the poison: halves commit on their own, each exactly once in effect
+        mid = len(envelopes) // 2
+        total, failed = store.BatchResult(), []
+        for half in (envelopes[:mid], envelopes[mid:]):
+            r, f = await self._store(half)
+            total.inserted += r.inserted
+            total.duplicates += r.duplicates
+            total.unknown_codes += r.unknown_codes
+            total.inactive_codes += r.inactive_codes
+            total.links_found += r.links_found
+            failed += f
+        return total, failed
+
+    async def _dead_letter(self, stream: str, dead: list[tuple[bytes, bytes, str]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for eid, raw, error in dead:
+            fields: dict[Any, Any] = {
+                "stream": stream,
+                "id": eid,
+                "error": error[:1000],
+                "at": int(time.time() * 1000),
+                FIELD: raw,
+            }
+            pipe.xadd(self.keys.dead, fields)
+        await pipe.execute()
+        log.warning("dead_letter", stream=stream, count=len(dead))
+
+    async def _fill_cache(self, result: store.BatchResult) -> None:
+        for code in result.unknown_codes:
+            log.warning("click.unknown_code", code=code[:128])
+        for code in sorted(set(result.inactive_codes)):
+            log.warning("click.inactive_link", code=code)
+        try:
+            await links.fill(self.redis, self.keys, result.links_found, sorted(set(result.unknown_codes)))
+        except Exception as exc:  # a cache is an optimisation: never fail a committed batch
+            log.warning("link_cache.fill_failed", error=repr(exc))
+

@@ -1,0 +1,123 @@
+"""The arq worker process: startup opens Redis and Postgres and starts the XREADGROUP loop;
+shutdown (SIGTERM, SIGINT) stops reading, lets the batch in flight commit and ack, closes.
+
+arq hosts the process, runs the cron jobs and (in later issues) low-volume jobs with
+retries. Its own queue is a polled sorted set, so the event path is our consumer, not arq
+jobs. arq jobs are serialized as JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import structlog
+from arq import Worker, cron
+from arq.connections import RedisSettings
+
+from ingest.connections import connect_redis, create_pg_pool
+from ingest.keys import Keys
+from ingest.settings import Settings
+
+from .consume import Consumer
+from .pipeline import Pipeline
+
+log = structlog.get_logger("workers.worker")
+
+
+def consumer_name(settings: Settings) -> str:
+    return settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+@asynccontextmanager
+async def consumer(settings: Settings) -> AsyncIterator[Consumer]:
+    """A consumer with its own connections, closed on exit even when cancelled."""
+    # blocking reads hold a connection each: one per partition, plus acks and claims
+    redis = connect_redis(settings, max_connections=settings.partitions * 2 + 4)
+    try:
+        pg = await create_pg_pool(settings, min_size=1)
+    except BaseException:
+        await redis.aclose()
+        raise
+    try:
+        yield Consumer(settings, redis, Pipeline(settings, redis, pg), name=consumer_name(settings))
+    finally:
+        await asyncio.shield(_close(redis, pg))
+
+
+async def _close(redis: Any, pg: Any) -> None:
+    await pg.close()
+    await redis.aclose()
+
+
+async def drain(settings: Settings) -> dict[str, int]:
+    """``refstream work --drain``: process until every partition is read and acked, exit."""
+    async with consumer(settings) as c:
+        await c.run(drain=True)
+        totals = c.pipeline.totals
+        return {k: getattr(totals, k) for k in totals.__slots__}
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    cm = consumer(settings)
+    c = await cm.__aenter__()
+    ctx["consumer_cm"], ctx["consumer"] = cm, c
+    task = asyncio.create_task(c.run(), name="consumer")
+
+    def crashed(t: asyncio.Task[None]) -> None:
+        # the loop only returns when stopped; anything else is a bug: exit for a restart
+        if not t.cancelled() and t.exception() is not None:
+            log.error("consumer.crashed", error=repr(t.exception()))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    task.add_done_callback(crashed)
+    ctx["consumer_task"] = task
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    c: Consumer | None = ctx.get("consumer")
+    if c is None:
+        return
+    c.stop()
+    try:
+        await asyncio.shield(ctx["consumer_task"])
+    finally:
+        await ctx["consumer_cm"].__aexit__(None, None, None)
+
+
+async def reclaim_idle(ctx: dict[str, Any]) -> int:
+    """arq cron: claim entries left pending by dead consumers for this one."""
+    c: Consumer = ctx["consumer"]
+    return await c.reclaim()
+
+
+def build_worker(settings: Settings) -> Worker:
+    keys = Keys(settings.stream_prefix, settings.partitions)
+    return Worker(
+        functions=[],
+        cron_jobs=[
+            cron(
+                reclaim_idle,
+                second=set(range(0, 60, settings.reclaim_every_s)),
+                run_at_startup=True,
+                timeout=60,
+            )
+        ],
+        redis_settings=RedisSettings.from_dsn(settings.arq_url),
+        queue_name=keys.arq_queue,
+        health_check_key=f"{keys.arq_queue}:health-check",
+        on_startup=startup,
+        on_shutdown=shutdown,
+        ctx={"settings": settings},
+        job_serializer=orjson.dumps,
+        job_deserializer=orjson.loads,
+        handle_signals=True,
+        keep_result=0,
+    )
