@@ -1,0 +1,151 @@
+"""The seed 000 route and the edge's own routes, against an in-process edge on a real port
+with real Redis and Postgres. Requests come from distinct loopback addresses (127.0.0.1,
+127.0.0.2), so per-IP limits are exercised on real sockets."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from ingest import links
+from ingest.app import create_app
+from ingest.keys import Keys
+from ingest.settings import Settings
+
+from ._procs import Procs, free_port
+from .test_e2e import TRACKED
+
+
+async def start(settings: Settings) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def edge(settings: Settings, redis, pg) -> AsyncIterator[str]:
+    runner, base = await start(settings)
+    try:
+        yield base
+    finally:
+        await runner.cleanup()
+
+
+async def click(base: str, code: str, *, source_ip: str = "127.0.0.1") -> tuple[int, dict, dict]:
+    connector = aiohttp.TCPConnector(local_addr=(source_ip, 0))
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.post(f"{base}/api/v1/referral/click/{code}") as r:
+            return r.status, orjson.loads(await r.read()), dict(r.headers)
+
+
+async def stream_total(redis, keys: Keys) -> int:
+    return sum([await redis.xlen(s) for s in keys.streams])
+
+
+async def test_61st_request_in_a_minute_is_throttled_other_ips_are_not(edge: str, redis, keys: Keys):
+    for i in range(60):
+        status, body, _ = await click(edge, f"code{i}")
+        assert (status, body) == (200, TRACKED), i
+    status, body, headers = await click(edge, "code60")
+    assert status == 429
+    assert body == {"success": False, "error": {"statusCode": 429, "code": "throttle", "message": "Too Many Requests"}}
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    assert headers["X-RateLimit-Remaining"] == "0"
+
+    status, body, _ = await click(edge, "code61", source_ip="127.0.0.2")
+    assert (status, body) == (200, TRACKED)
+    # the throttled request was not enqueued; the 60 admitted and the other IP's were
+    assert await stream_total(redis, keys) == 61
+
+
+async def test_sliding_window_admits_again_once_the_oldest_request_leaves(settings: Settings, redis):
+    from ingest.batcher import RedisBatcher
+    from ingest.ratelimit import RateLimiter
+
+    from .conftest import wait_for
+
+    batcher = RedisBatcher(redis)
+    limiter = RateLimiter(batcher, limit=3, window_ms=400)
+    key = f"{settings.stream_prefix}:rl:test:1.2.3.4"
+
+    async def attempt(n: int) -> bool:
+        (reply,) = await batcher.execute(limiter.command(key, f"m{n}"))
+        return limiter.verdict(reply).allowed
+
+    try:
+        assert [await attempt(i) for i in range(4)] == [True, True, True, False]
+        (reply,) = await batcher.execute(limiter.command(key, "probe"))
+        denied = limiter.verdict(reply)
+        assert not denied.allowed and 0 < denied.retry_after_ms <= 400
+        counter = iter(range(100, 10_000))
+        await wait_for(lambda: attempt(next(counter)), timeout=5, what="the window to slide")
+    finally:
+        await batcher.close()
+
+
+async def test_kill_switch(edge: str, procs: Procs):
+    assert (await procs.cli("feature", "disable", "referral"))["enabled"] is False
+    status, body, _ = await click(edge, "alice")
+    assert status == 503
+    assert body["success"] is False
+    assert body["error"]["code"] == "features.referral_disabled"
+
+    await procs.cli("feature", "enable", "referral")
+    status, body, _ = await click(edge, "alice")
+    assert (status, body) == (200, TRACKED)
+
+
+async def test_known_unknown_and_inactive_codes_are_answered_but_not_enqueued(edge: str, redis, keys: Keys):
+    await redis.set(keys.link("ghost"), b"-")
+    inactive = links.LinkInfo(id="00000000-0000-7000-8000-000000000001", workspace_id="w", program_id="p",
+                              affiliate_id="a", code="paused", url="https://x.test", domain="x.test",
+                              status="inactive")
+    await links.put(redis, keys, inactive)
+    for code in ("ghost", "paused", "x" * 300):
+        assert (await click(edge, code))[:2] == (200, TRACKED)
+    assert await stream_total(redis, keys) == 0
+    # a code the cache does not know is enqueued: the worker decides
+    assert (await click(edge, "fresh"))[:2] == (200, TRACKED)
+    assert await stream_total(redis, keys) == 1
+
+
+async def test_redis_down_is_a_503_never_a_false_200(settings: Settings):
+    runner, base = await start(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0",
+                                                           "redis_socket_timeout": 1.0,
+                                                           "block_ms": 100}))
+    try:
+        status, body, headers = await click(base, "alice")
+        assert status == 503
+        assert body["error"]["code"] == "service_unavailable"
+        assert headers["Retry-After"] == "1"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/healthz") as r:
+                assert r.status == 200
+            async with http.get(f"{base}/readyz") as r:
+                assert r.status == 503
+                body = await r.json()
+                assert body["ready"] is False and body["redis"].startswith("error") and body["postgres"] == "ok"
+    finally:
+        await runner.cleanup()
+
+
+async def test_readyz_reports_postgres(edge: str, settings: Settings):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{edge}/readyz") as r:
+            assert (r.status, await r.json()) == (200, {"ready": True, "redis": "ok", "postgres": "ok"})
+        async with http.get(f"{edge}/nope") as r:
+            assert r.status == 404
+    runner, base = await start(settings.model_copy(update={"database_url": "postgresql://postgres@127.0.0.1:1/x"}))
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/readyz") as r:
+                body = await r.json()
+                assert r.status == 503 and body["postgres"].startswith("error") and body["redis"] == "ok"
+    finally:
+        await runner.cleanup()
