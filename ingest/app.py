@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .batcher import RedisBatcher
 from .connections import connect_redis, create_pg_pool
@@ -21,7 +22,7 @@ log = structlog.get_logger("ingest.app")
 
 
 @web.middleware
-async def canonical_log(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def canonical_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One log line per request; an unexpected error becomes a bare 500, never a trace."""
     start = time.perf_counter()
     status = 500
@@ -34,9 +35,7 @@ async def canonical_log(request: web.Request, handler: web.Handler) -> web.Strea
         raise
     except Exception:
         log.exception("request.failed", method=request.method, path=request.path)
-        return web.Response(
-            body=orjson.dumps({"error": "internal_error"}), status=500, content_type="application/json"
-        )
+        return web.Response(body=orjson.dumps({"error": "internal_error"}), status=500, content_type="application/json")
     finally:
         log.info(
             "request",

@@ -63,7 +63,8 @@ class RedisBatcher:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                batch, n = [], 0
+                batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
+                n = 0
                 while self._queue and (not batch or n + len(self._queue[0][0]) <= self._max):
                     item = self._queue.pop(0)
                     batch.append(item)

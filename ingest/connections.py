@@ -27,8 +27,10 @@ def connect_redis(settings: Settings, *, url: str | None = None, **kwargs: Any) 
         **kwargs,
     }
     if settings.redis_cluster and url is None:
-        return RedisCluster.from_url(settings.redis_url, **opts)
-    return aioredis.Redis.from_url(url or settings.redis_url, **opts)
+        cluster: RedisCluster = RedisCluster.from_url(settings.redis_url, **opts)
+        return cluster
+    client: aioredis.Redis = aioredis.Redis.from_url(url or settings.redis_url, **opts)
+    return client
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -40,9 +42,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def create_pg_pool(
-    settings: Settings, *, min_size: int = 1, max_size: int | None = None
-) -> asyncpg.Pool:
+async def create_pg_pool(settings: Settings, *, min_size: int = 1, max_size: int | None = None) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         settings.database_url,
         min_size=min_size,

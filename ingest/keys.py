@@ -14,7 +14,7 @@ GROUP = "workers"  # the consumer group every worker joins
 
 
 class Keys:
-    __slots__ = ("prefix", "partitions", "streams")
+    __slots__ = ("partitions", "prefix", "streams")
 
     def __init__(self, prefix: str, partitions: int) -> None:
         self.prefix = prefix

@@ -28,8 +28,7 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(False, description="Treat REDIS_URL as a Redis Cluster seed node.")
     arq_redis_url: str | None = Field(
         None,
-        description="Plain Redis for arq's own job queue (arq has no cluster support); "
-        "defaults to REDIS_URL.",
+        description="Plain Redis for arq's own job queue (arq has no cluster support); defaults to REDIS_URL.",
     )
     database_url: str = Field(
         "postgresql://postgres@127.0.0.1:5432/refstream",

@@ -31,7 +31,7 @@ class Edge:
         is the client: everything left of it could have been written by the client.
         """
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        addr = peer[0] if peer else None
+        addr: str | None = str(peer[0]) if peer else None
         if addr is None or not self.settings.trusted_proxies:
             return addr
         hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]

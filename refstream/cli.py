@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -40,7 +40,7 @@ def _print(data: Any) -> None:
     sys.stdout.flush()
 
 
-def _run(fn: Callable[[Settings], Awaitable[T]]) -> T:
+def _run(fn: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
     settings = _settings()
     configure_logging(settings.log_level, json=settings.log_json)
     try:

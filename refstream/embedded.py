@@ -122,8 +122,23 @@ def _start_redis(base: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     (base / "redis").mkdir()
     proc = subprocess.Popen(
-        [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(base / "redis"), "--logfile", str(base / "redis.log"), "--daemonize", "no"],
+        [
+            str(binary),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(base / "redis"),
+            "--logfile",
+            str(base / "redis.log"),
+            "--daemonize",
+            "no",
+        ],
         preexec_fn=lambda: die_with_parent(signal.SIGTERM),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -169,41 +184,69 @@ def _pg_install(as_other_user: bool) -> Path:
 def _start_postgres(base: Path) -> tuple[subprocess.Popen[bytes], str]:
     as_root = os.geteuid() == 0
     install = _pg_install(as_root)
-    user: dict[str, int] = {}
+    uid: int | None = None
+    gid: int | None = None
     if as_root:
         nobody = pwd.getpwnam("nobody")
-        user = {"user": nobody.pw_uid, "group": nobody.pw_gid}
+        uid, gid = nobody.pw_uid, nobody.pw_gid
     data, sock = base / "pg", base / "pgsock"
     for d in (data, sock):
         d.mkdir(mode=0o700)
-        if as_root:
-            os.chown(d, user["user"], user["group"])
+        if uid is not None and gid is not None:
+            os.chown(d, uid, gid)
     log = base / "postgres.log"
     log.touch()
-    if as_root:
-        os.chown(log, user["user"], user["group"])
+    if uid is not None and gid is not None:
+        os.chown(log, uid, gid)
     initdb = subprocess.run(
-        [str(install / "bin" / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-         "-E", "UTF8", "--no-sync", "--no-instructions"],
+        [
+            str(install / "bin" / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-instructions",
+        ],
         capture_output=True,
         cwd=base,
-        **user,  # type: ignore[arg-type]
+        user=uid,
+        group=gid,
     )
     if initdb.returncode != 0:
         raise EmbeddedError(f"initdb failed: {initdb.stderr.decode(errors='replace')[-2000:]}")
     port = _free_port()
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
-            [str(install / "bin" / "postgres"), "-D", str(data), "-p", str(port),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sock}",
-             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-             "-c", "max_connections=200"],
+            [
+                str(install / "bin" / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={sock}",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+            ],
             preexec_fn=lambda: die_with_parent(signal.SIGQUIT),  # immediate shutdown
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=logf,
             cwd=base,
-            **user,  # type: ignore[arg-type]
+            user=uid,
+            group=gid,
         )
     _wait_port(port, proc, "postgres")
     return proc, f"postgresql://postgres@127.0.0.1:{port}/postgres"

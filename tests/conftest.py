@@ -134,9 +134,7 @@ def procs(settings: Settings, tmp_path: Any) -> Iterator[Procs]:
         p.stop_all()
 
 
-async def wait_for(
-    condition: Callable[[], Awaitable[Any]], *, timeout: float = 30.0, what: str = "condition"
-) -> Any:
+async def wait_for(condition: Callable[[], Awaitable[Any]], *, timeout: float = 30.0, what: str = "condition") -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

@@ -32,8 +32,11 @@ def listening(url: str) -> bool:
 async def test_dev_prints_a_curl_that_moves_the_counter_and_cleans_up_when_killed(tmp_path: Path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFSTREAM_")}
-    env.update(REDIS_URL="redis://127.0.0.1:1/0", DATABASE_URL="postgresql://postgres@127.0.0.1:1/x",
-               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    env.update(
+        REDIS_URL="redis://127.0.0.1:1/0",
+        DATABASE_URL="postgresql://postgres@127.0.0.1:1/x",
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+    )
     log = open(tmp_path / "dev.err", "wb")
     dev = subprocess.Popen([REFSTREAM, "dev", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=log)
     assert dev.stdout is not None

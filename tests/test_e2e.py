@@ -30,8 +30,9 @@ async def fire(base: str, codes: list[str], concurrency: int = 32) -> list[tuple
 async def test_clicks_reach_the_link_counter_and_nothing_else(procs: Procs, pg: asyncpg.Pool, redis, keys: Keys):
     ws = await procs.cli("workspace", "create", "Acme")
     assert ws["api_key"].startswith("rs_live_")
-    alice = await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice",
-                            "--url", "https://acme.test/pricing")
+    alice = await procs.cli(
+        "link", "create", "--workspace", ws["workspace_id"], "--code", "alice", "--url", "https://acme.test/pricing"
+    )
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "bob")
     assert alice["clicks"] == 0
 

@@ -103,9 +103,16 @@ async def test_kill_switch(edge: str, procs: Procs):
 
 async def test_known_unknown_and_inactive_codes_are_answered_but_not_enqueued(edge: str, redis, keys: Keys):
     await redis.set(keys.link("ghost"), b"-")
-    inactive = links.LinkInfo(id="00000000-0000-7000-8000-000000000001", workspace_id="w", program_id="p",
-                              affiliate_id="a", code="paused", url="https://x.test", domain="x.test",
-                              status="inactive")
+    inactive = links.LinkInfo(
+        id="00000000-0000-7000-8000-000000000001",
+        workspace_id="w",
+        program_id="p",
+        affiliate_id="a",
+        code="paused",
+        url="https://x.test",
+        domain="x.test",
+        status="inactive",
+    )
     await links.put(redis, keys, inactive)
     for code in ("ghost", "paused", "x" * 300):
         assert (await click(edge, code))[:2] == (200, TRACKED)
@@ -116,9 +123,9 @@ async def test_known_unknown_and_inactive_codes_are_answered_but_not_enqueued(ed
 
 
 async def test_redis_down_is_a_503_never_a_false_200(settings: Settings):
-    runner, base = await start(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0",
-                                                           "redis_socket_timeout": 1.0,
-                                                           "block_ms": 100}))
+    runner, base = await start(
+        settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0", "redis_socket_timeout": 1.0, "block_ms": 100})
+    )
     try:
         status, body, headers = await click(base, "alice")
         assert status == 503

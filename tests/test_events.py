@@ -33,17 +33,29 @@ def test_envelope_round_trip(type_, payload, ip, ua, ws):
 
 
 def test_envelope_is_compact():
-    e = Envelope(type=EventType.CLICK, dialect="biore", payload={"code": "alice123"}, ip="203.0.113.7",
-                 user_agent="Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15")
+    e = Envelope(
+        type=EventType.CLICK,
+        dialect="biore",
+        payload={"code": "alice123"},
+        ip="203.0.113.7",
+        user_agent="Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15",
+    )
     assert len(e.encode()) < 200
 
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"not json", b"{}", b"[]", b"[2]", b'[1,"zz",1,null,0,null,null,"d",{}]',
-     b'[1,"' + b"0" * 32 + b'",9,null,0,null,null,"d",{}]',
-     b'[1,"' + b"0" * 32 + b'",1,null,"soon",null,null,"d",{}]',
-     b'[1,"' + b"0" * 32 + b'",1,null,0,null,null,"d",[]]'],
+    [
+        b"",
+        b"not json",
+        b"{}",
+        b"[]",
+        b"[2]",
+        b'[1,"zz",1,null,0,null,null,"d",{}]',
+        b'[1,"' + b"0" * 32 + b'",9,null,0,null,null,"d",{}]',
+        b'[1,"' + b"0" * 32 + b'",1,null,"soon",null,null,"d",{}]',
+        b'[1,"' + b"0" * 32 + b'",1,null,0,null,null,"d",[]]',
+    ],
 )
 def test_undecodable_entries_raise_envelope_error(raw):
     with pytest.raises(EnvelopeError):

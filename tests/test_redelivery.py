@@ -34,8 +34,13 @@ async def test_worker_killed_after_commit_before_ack(procs: Procs, pg: asyncpg.P
     await _setup(procs, n)
 
     # the victim commits its first batch of 20, then SIGKILLs itself before XACK
-    victim = procs.start("work", "--drain", REFSTREAM_FAULT="crash_after_commit",
-                         REFSTREAM_BATCH_SIZE=str(batch), REFSTREAM_CONSUMER_NAME="victim")
+    victim = procs.start(
+        "work",
+        "--drain",
+        REFSTREAM_FAULT="crash_after_commit",
+        REFSTREAM_BATCH_SIZE=str(batch),
+        REFSTREAM_CONSUMER_NAME="victim",
+    )
     assert await asyncio.to_thread(victim.wait, 60) == -9
     assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'alice'") == batch
     assert await _pending(redis, keys) == batch  # committed, never acked

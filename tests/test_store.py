@@ -16,8 +16,13 @@ from workers.store import write_batch
 
 def clicks(code: str, n: int, ms: int | None = None) -> list[Envelope]:
     return [
-        Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": code}, ip="203.0.113.7",
-                 **({"received_at_ms": ms} if ms else {}))
+        Envelope(
+            type=EventType.CLICK,
+            dialect=Dialect.BIORE,
+            payload={"code": code},
+            ip="203.0.113.7",
+            **({"received_at_ms": ms} if ms else {}),
+        )
         for _ in range(n)
     ]
 

@@ -130,9 +130,7 @@ class Consumer:
 
     async def _read(self, p: int, stream: str) -> list[Entry]:
         if self._backlog[p]:
-            reply = await self.redis.xreadgroup(
-                GROUP, self.name, {stream: "0"}, count=self.settings.batch_size
-            )
+            reply = await self.redis.xreadgroup(GROUP, self.name, {stream: "0"}, count=self.settings.batch_size)
             entries: list[Entry] = reply[0][1] if reply else []
             if not entries:
                 self._backlog[p] = False

@@ -30,8 +30,7 @@ _PG_TRANSIENT = (
 def is_transient(exc: BaseException) -> bool:
     return isinstance(
         exc,
-        _PG_TRANSIENT
-        + (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError, ConnectionError),
+        (*_PG_TRANSIENT, RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError, ConnectionError),
     )
 
 

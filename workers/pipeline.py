@@ -140,4 +140,3 @@ class Pipeline:
             await links.fill(self.redis, self.keys, result.links_found, sorted(set(result.unknown_codes)))
         except Exception as exc:  # a cache is an optimisation: never fail a committed batch
             log.warning("link_cache.fill_failed", error=repr(exc))
-

@@ -41,7 +41,8 @@ async def consumer(settings: Settings) -> AsyncIterator[Consumer]:
     # blocking reads hold a connection each: one per partition, plus acks and claims
     redis = connect_redis(settings, max_connections=settings.partitions * 2 + 4)
     try:
-        pg = await create_pg_pool(settings, min_size=1)
+        # min_size=0: a worker starts while Postgres is down and its loop backs off until it is up
+        pg = await create_pg_pool(settings, min_size=0)
     except BaseException:
         await redis.aclose()
         raise

@@ -29,9 +29,7 @@ TRACKED = orjson.dumps({"success": True, "data": {"tracked": True}})
 def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """bio.re's error shape: ApiResponse with success false and an i18n key as code."""
     body = {"success": False, "error": {"statusCode": status, "code": code, "message": message}}
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
-    )
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
 @routes.post("/api/v1/referral/click/{code}")

@@ -32,9 +32,6 @@ async def readyz(request: web.Request) -> web.Response:
     results = await asyncio.gather(
         *(asyncio.wait_for(fn(), READY_TIMEOUT_S) for fn in checks.values()), return_exceptions=True
     )
-    body = {
-        name: "ok" if r is None else f"error: {type(r).__name__}"
-        for name, r in zip(checks, results, strict=True)
-    }
+    body = {name: "ok" if r is None else f"error: {type(r).__name__}" for name, r in zip(checks, results, strict=True)}
     ready = all(r is None for r in results)
     return web.json_response({"ready": ready, **body}, status=200 if ready else 503)
