@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ class RedisBatcher:
     def __init__(self, redis: Redis, *, max_commands: int = 2048) -> None:
         self._redis = redis
         self._max = max_commands
-        self._queue: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
+        self._queue: deque[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._scripts: dict[str, str] = {}
@@ -66,7 +67,7 @@ class RedisBatcher:
                 batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
                 n = 0
                 while self._queue and (not batch or n + len(self._queue[0][0]) <= self._max):
-                    item = self._queue.pop(0)
+                    item = self._queue.popleft()
                     batch.append(item)
                     n += len(item[0])
                 await self._flush(batch)

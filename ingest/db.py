@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -23,3 +24,23 @@ async def migrate(conn: asyncpg.Connection) -> None:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
         await conn.execute(schema_sql())
+
+
+async def ensure_database(url: str) -> bool:
+    """Create the database ``url`` names when it does not exist; True if it was created."""
+    try:
+        conn = await asyncpg.connect(url)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return False
+    name = urlsplit(url).path.lstrip("/")
+    server = await asyncpg.connect(url, database="postgres")
+    try:
+        await server.execute('CREATE DATABASE "{}"'.format(name.replace('"', '""')))
+    except asyncpg.DuplicateDatabaseError:
+        return False  # created by a concurrent migrate
+    finally:
+        await server.close()
+    return True

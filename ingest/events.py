@@ -91,7 +91,7 @@ class Envelope:
         _, eid, etype, ws, received, ip, ua, dialect, payload = v
         try:
             return cls(
-                event_id=uuid.UUID(hex=eid),
+                event_id=uuid.UUID(hex=_str(eid)),
                 type=EventType(etype),
                 workspace_id=_opt_str(ws),
                 received_at_ms=_int(received),

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from ingest import admin, flags
 from ingest.connections import Redis, connect_redis
+from ingest.db import ensure_database
 from ingest.db import migrate as apply_schema
 from ingest.keys import Keys
 from ingest.logs import configure_logging
@@ -104,39 +105,12 @@ def work(drain: bool) -> None:
     build_worker(settings).run()
 
 
-async def ensure_database(settings: Settings) -> bool:
-    """Create the database DATABASE_URL names when it does not exist yet."""
-    try:
-        conn = await asyncpg.connect(settings.database_url)
-    except asyncpg.InvalidCatalogNameError:
-        pass
-    else:
-        await conn.close()
-        return False
-    params = conn_params(settings.database_url)
-    admin_conn = await asyncpg.connect(settings.database_url, database="postgres")
-    try:
-        await admin_conn.execute(f'CREATE DATABASE "{params["database"]}"')
-    except asyncpg.DuplicateDatabaseError:
-        return False
-    finally:
-        await admin_conn.close()
-    return True
-
-
-def conn_params(dsn: str) -> dict[str, Any]:
-    from urllib.parse import urlsplit
-
-    path = urlsplit(dsn).path.lstrip("/")
-    return {"database": path or "postgres"}
-
-
 @main.command()
 def migrate() -> None:
     """Apply schema.sql (idempotent; creates the database if it is missing)."""
 
     async def go(settings: Settings) -> dict[str, Any]:
-        created = await ensure_database(settings)
+        created = await ensure_database(settings.database_url)
         conn = await asyncpg.connect(settings.database_url)
         try:
             await apply_schema(conn)

@@ -17,7 +17,7 @@ import click
 
 from ingest import admin
 from ingest.connections import connect_redis
-from ingest.db import migrate
+from ingest.db import ensure_database, migrate
 from ingest.keys import Keys
 from ingest.settings import Settings
 
@@ -28,9 +28,7 @@ DEMO_CODE = "demo"
 
 
 async def _setup(settings: Settings) -> dict[str, Any]:
-    from .cli import ensure_database
-
-    await ensure_database(settings)
+    await ensure_database(settings.database_url)
     conn = await asyncpg.connect(settings.database_url)
     redis = connect_redis(settings)
     try:

@@ -156,15 +156,21 @@ def _readable_by_all(path: Path) -> bool:
 
 def _pg_install(as_other_user: bool) -> Path:
     """pgserver's install tree; as root, a copy any user can read when the original sits
-    below a private directory (a fresh clone in a mkdtemp folder, say)."""
+    below a private directory (a fresh clone in a mkdtemp folder, say). The binaries find
+    their libraries through RPATH ``$ORIGIN/../../../pgserver.libs``, so the copy keeps
+    the site-packages layout: ``<copy>/pgserver/pginstall`` beside ``<copy>/pgserver.libs``.
+    """
     src = _package_dir("pgserver") / "pginstall"
     if not as_other_user or _readable_by_all(src):
         return src
-    version = (src / "bin" / "postgres").stat()
-    cache = Path(tempfile.gettempdir()) / f"refstream-pgserver-{version.st_size}-{int(version.st_mtime)}"
-    if not (cache / "bin" / "postgres").exists():
+    site = src.parent.parent
+    stamp = (src / "bin" / "postgres").stat()
+    cache = Path(tempfile.gettempdir()) / f"refstream-pgserver-{stamp.st_size}-{int(stamp.st_mtime)}"
+    if not (cache / "pgserver" / "pginstall" / "bin" / "postgres").exists():
         tmp = Path(tempfile.mkdtemp(prefix="refstream-pgserver-copy-"))
-        shutil.copytree(src, tmp / "pginstall", symlinks=True)
+        shutil.copytree(src, tmp / "tree" / "pgserver" / "pginstall", symlinks=True)
+        if (site / "pgserver.libs").is_dir():
+            shutil.copytree(site / "pgserver.libs", tmp / "tree" / "pgserver.libs", symlinks=True)
         for root, dirs, files in os.walk(tmp):
             for d in dirs:
                 os.chmod(os.path.join(root, d), 0o755)
@@ -172,13 +178,12 @@ def _pg_install(as_other_user: bool) -> Path:
                 p = os.path.join(root, f)
                 if not os.path.islink(p):
                     os.chmod(p, os.stat(p).st_mode | 0o444)
-        os.chmod(tmp, 0o755)
         try:
-            os.rename(tmp / "pginstall", cache)
+            os.rename(tmp / "tree", cache)
         except OSError:
             pass  # another process won the race: use its copy
         shutil.rmtree(tmp, ignore_errors=True)
-    return cache
+    return cache / "pgserver" / "pginstall"
 
 
 def _start_postgres(base: Path) -> tuple[subprocess.Popen[bytes], str]:

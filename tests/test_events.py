@@ -55,6 +55,9 @@ def test_envelope_is_compact():
         b'[1,"' + b"0" * 32 + b'",9,null,0,null,null,"d",{}]',
         b'[1,"' + b"0" * 32 + b'",1,null,"soon",null,null,"d",{}]',
         b'[1,"' + b"0" * 32 + b'",1,null,0,null,null,"d",[]]',
+        b'[1,123,1,null,0,null,null,"d",{}]',
+        b'[1,"' + b"0" * 32 + b'",1,null,true,null,null,"d",{}]',
+        b'[1,"' + b"0" * 32 + b'",1,7,0,null,null,"d",{}]',
     ],
 )
 def test_undecodable_entries_raise_envelope_error(raw):

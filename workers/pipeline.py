@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -132,10 +133,10 @@ class Pipeline:
         log.warning("dead_letter", stream=stream, count=len(dead))
 
     async def _fill_cache(self, result: store.BatchResult) -> None:
-        for code in result.unknown_codes:
-            log.warning("click.unknown_code", code=code[:128])
-        for code in sorted(set(result.inactive_codes)):
-            log.warning("click.inactive_link", code=code)
+        for code, n in Counter(result.unknown_codes).items():
+            log.warning("click.unknown_code", code=code[:128], events=n)
+        for code, n in Counter(result.inactive_codes).items():
+            log.warning("click.inactive_link", code=code, events=n)
         try:
             await links.fill(self.redis, self.keys, result.links_found, sorted(set(result.unknown_codes)))
         except Exception as exc:  # a cache is an optimisation: never fail a committed batch
