@@ -54,8 +54,9 @@ CREATE TABLE IF NOT EXISTS api_keys (
 CREATE TABLE IF NOT EXISTS links (
     id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     workspace_id    uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
-    program_id      uuid NOT NULL REFERENCES programs (id),
-    affiliate_id    uuid NOT NULL REFERENCES affiliates (id),
+    -- a link whose program or affiliate is gone is "misconfigured": clicks on it are refused
+    program_id      uuid REFERENCES programs (id) ON DELETE SET NULL,
+    affiliate_id    uuid REFERENCES affiliates (id) ON DELETE SET NULL,
     code            text NOT NULL UNIQUE,
     url             text NOT NULL,
     domain          text,
@@ -72,15 +73,17 @@ CREATE TABLE IF NOT EXISTS links (
 CREATE INDEX IF NOT EXISTS links_affiliate ON links (affiliate_id);
 CREATE INDEX IF NOT EXISTS links_workspace ON links (workspace_id);
 
--- a visitor who arrived through a link; status only moves forward: click < lead < converted
+-- a visitor who arrived through a link, keyed by the visitor id the edge resolved (a click
+-- id, a tracker's visitor id, a referred session); status only moves forward:
+-- 1 click < 2 lead < 3 converted, whatever order the events are processed in
 CREATE TABLE IF NOT EXISTS customers (
     id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     workspace_id   uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
-    link_id        uuid REFERENCES links (id),
-    affiliate_id   uuid REFERENCES affiliates (id),
-    program_id     uuid REFERENCES programs (id),
+    link_id        uuid REFERENCES links (id) ON DELETE SET NULL,
+    affiliate_id   uuid REFERENCES affiliates (id) ON DELETE SET NULL,
+    program_id     uuid REFERENCES programs (id) ON DELETE SET NULL,
     external_id    text,
-    visitor_id     text,
+    visitor_id     text NOT NULL,
     email          text,
     name           text,
     avatar_url     text,
@@ -90,10 +93,9 @@ CREATE TABLE IF NOT EXISTS customers (
     last_seen_at   timestamptz NOT NULL,
     test_mode      boolean NOT NULL DEFAULT false
 );
-CREATE UNIQUE INDEX IF NOT EXISTS customers_external
+CREATE UNIQUE INDEX IF NOT EXISTS customers_visitor ON customers (workspace_id, visitor_id);
+CREATE INDEX IF NOT EXISTS customers_external
     ON customers (workspace_id, external_id) WHERE external_id IS NOT NULL;
-CREATE UNIQUE INDEX IF NOT EXISTS customers_visitor
-    ON customers (workspace_id, visitor_id) WHERE visitor_id IS NOT NULL;
 
 -- one row per click, lead or conversion. The primary key is the edge-minted UUIDv7, so a
 -- redelivered or replayed entry is a no-op (ON CONFLICT DO NOTHING), and ids sort by time
@@ -106,9 +108,13 @@ CREATE TABLE IF NOT EXISTS events (
     link_id       uuid,
     program_id    uuid,
     affiliate_id  uuid,
-    customer_id   uuid,
-    click_id      uuid,
-    name          text,
+    click_id      uuid,          -- the click this event belongs to (a lead's, or a click's own)
+    visitor_id    text,          -- the customer key
+    customer_external_id text,
+    name          text,          -- a lead's or conversion's event name
+    -- idempotency beyond the event id: a lead per (customer, event name), a conversion per
+    -- (code, referred session); a second one is a no-op like a redelivery
+    dedupe_key    text,
     dialect       text NOT NULL,
     test_mode     boolean NOT NULL DEFAULT false,
     is_bot        boolean NOT NULL DEFAULT false,
@@ -123,6 +129,8 @@ CREATE TABLE IF NOT EXISTS events (
     payload       jsonb NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS events_link_received ON events (link_id, received_at);
+CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events (workspace_id, type, dedupe_key)
+    WHERE dedupe_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
 
 -- per link and UTC day; per affiliate and program by GROUP BY (both ids are carried)
@@ -130,8 +138,8 @@ CREATE TABLE IF NOT EXISTS daily_stats (
     link_id       uuid NOT NULL REFERENCES links (id) ON DELETE CASCADE,
     day           date NOT NULL,
     workspace_id  uuid NOT NULL,
-    program_id    uuid NOT NULL,
-    affiliate_id  uuid NOT NULL,
+    program_id    uuid,
+    affiliate_id  uuid,
     clicks        bigint NOT NULL DEFAULT 0,
     unique_clicks bigint NOT NULL DEFAULT 0,
     bot_clicks    bigint NOT NULL DEFAULT 0,

@@ -101,7 +101,9 @@ async def create_link(
             urlsplit(url).hostname,
         )
     # after the commit: a cached "unknown code" from before must not outlive the link
-    await links.put(redis, keys, links.LinkInfo.from_record(row))
+    cached = await links.fetch(conn, code)
+    if cached is not None:
+        await links.put(redis, keys, cached)
     return _link_json(row)
 
 
@@ -121,3 +123,106 @@ def _link_json(row: Any) -> dict[str, Any]:
             v = v.isoformat()
         out[k] = v
     return out
+
+
+# -- seed 001: participants (affiliates) and their referral codes -----------------------
+
+_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: read aloud, typed by hand
+
+
+def readable_code(seed: str) -> str:
+    """``ALEX`` + 4 characters: the participant's letters first, so codes read as names."""
+    import secrets
+
+    letters = "".join(c for c in seed.upper() if c.isascii() and c.isalpha())[:8] or "REF"
+    return letters + "".join(secrets.choice(_CODE_ALPHABET) for _ in range(4))
+
+
+def with_ref(url: str, code: str) -> str:
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "ref"]
+    return urlunsplit(parts._replace(query=urlencode([*query, ("ref", code)])))
+
+
+async def referral_code(
+    conn: asyncpg.Connection, redis: Redis, keys: Keys, *, workspace_id: str, program_id: str, participant_id: str
+) -> dict[str, Any]:
+    """The participant's code in the campaign, created on first call (idempotent, race-safe:
+    concurrent calls for one participant serialise on an advisory lock)."""
+    async with conn.transaction():
+        program = await conn.fetchrow(
+            "SELECT id, url FROM programs WHERE id = $1 AND workspace_id = $2", program_id, workspace_id
+        )
+        if program is None:
+            raise NotFound(f"campaign {program_id} not found")
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{program_id}/{participant_id}")
+        affiliate = await conn.fetchval(
+            "INSERT INTO affiliates (workspace_id, program_id, external_id) VALUES ($1, $2, $3)"
+            " ON CONFLICT (program_id, external_id) DO UPDATE SET external_id = EXCLUDED.external_id RETURNING id",
+            workspace_id,
+            program_id,
+            participant_id,
+        )
+        row = await conn.fetchrow(
+            "SELECT code, created_at FROM links WHERE affiliate_id = $1 AND program_id = $2"
+            " ORDER BY created_at LIMIT 1",
+            affiliate,
+            program_id,
+        )
+        created = None
+        if row is None:
+            url = program["url"] or "https://example.com/"
+            for _ in range(10):
+                code = readable_code(participant_id)
+                try:
+                    async with conn.transaction():  # a savepoint: a taken code is retried
+                        row = await conn.fetchrow(
+                            "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain)"
+                            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING code, created_at",
+                            workspace_id, program_id, affiliate, code, url, urlsplit(url).hostname,
+                        )  # fmt: skip
+                    created = code
+                    break
+                except asyncpg.UniqueViolationError:
+                    continue
+            if row is None:
+                raise RuntimeError("could not find a free referral code")
+    if created:
+        link = await links.fetch(conn, created)
+        if link:
+            await links.put(redis, keys, link)
+    return {
+        "code": row["code"],
+        "referral_url": with_ref(program["url"] or "https://example.com/", row["code"]),
+        "participant_id": participant_id,
+        "created_at": row["created_at"].isoformat().replace("+00:00", "Z"),
+    }
+
+
+async def participant_stats(conn: asyncpg.Connection, *, workspace_id: str, participant_id: str) -> dict[str, Any]:
+    """total_referrals = conversions + pending, where pending are leads not yet converted."""
+    row = await conn.fetchrow(
+        """
+        SELECT count(l.id) AS links, coalesce(sum(l.conversions), 0)::bigint AS conversions,
+               coalesce(sum(l.leads), 0)::bigint AS leads,
+               (array_agg(l.code ORDER BY l.created_at) FILTER (WHERE l.id IS NOT NULL))[1] AS code
+        FROM affiliates a LEFT JOIN links l ON l.affiliate_id = a.id
+        WHERE a.workspace_id = $1 AND a.external_id = $2
+        HAVING count(a.id) > 0
+        """,
+        workspace_id,
+        participant_id,
+    )
+    if row is None:
+        raise NotFound(f"participant {participant_id!r} not found")
+    conversions = row["conversions"]
+    pending = max(row["leads"] - conversions, 0)
+    return {
+        "participant_id": participant_id,
+        "total_referrals": conversions + pending,
+        "conversions": conversions,
+        "pending": pending,
+        "referral_code": row["code"],
+    }

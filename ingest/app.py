@@ -10,11 +10,13 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from . import links
+from .auth import Authenticator
 from .batcher import RedisBatcher
 from .connections import connect_redis, create_pg_pool
 from .keys import Keys
 from .ratelimit import RateLimiter
-from .routes import biore, health
+from .routes import affitor, affixo, biore, bricqs, health, refport
 from .settings import Settings
 from .state import EDGE, Edge
 
@@ -51,14 +53,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     redis = connect_redis(settings)
     batcher = RedisBatcher(redis, max_commands=settings.pipeline_max_commands)
     # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
-    pg = await create_pg_pool(settings, min_size=0, max_size=2)
+    pg = await create_pg_pool(settings, min_size=0, max_size=4)
+    keys = Keys(settings.stream_prefix, settings.partitions)
     app[EDGE] = Edge(
         settings=settings,
-        keys=Keys(settings.stream_prefix, settings.partitions),
+        keys=keys,
         redis=redis,
         batcher=batcher,
         pg=pg,
-        click_limiter=RateLimiter(batcher, limit=settings.click_rate_limit),
+        auth=Authenticator(redis, keys, pg, ttl_s=settings.key_cache_s),
+        link_sha=batcher.script(links.SET_IF_NEWER),
+        click_limiter=RateLimiter(batcher, "click", limit=settings.click_rate_limit),
+        public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit),
+        key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit),
     )
     try:
         yield
@@ -75,6 +82,6 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[canonical_log])
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
-    app.add_routes(health.routes)
-    app.add_routes(biore.routes)
+    for module in (health, biore, bricqs, affitor, affixo, refport):
+        app.add_routes(module.routes)
     return app

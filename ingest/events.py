@@ -35,6 +35,10 @@ class Dialect:
     """Which API an event came in through (one per seed document, plus our own)."""
 
     BIORE = "biore"  # seed 000
+    BRICQS = "bricqs"  # seed 001
+    AFFITOR = "affitor"  # seed 002
+    AFFIXO = "affixo"  # seed 003
+    REFPORT = "refport"  # seed 004
 
 
 class EnvelopeError(ValueError):

@@ -41,8 +41,25 @@ class Keys:
     def link(self, code: str) -> str:
         return f"{self.prefix}:link:{code}"
 
+    @property
+    def links_warm(self) -> str:
+        """Set once the link cache holds every link: a miss then means "no such code"."""
+        return f"{self.prefix}:links:warm"
+
     def flag(self, feature: str) -> str:
         return f"{self.prefix}:flag:{feature}"
+
+    def apikey(self, sha256_hex: str) -> str:
+        return f"{self.prefix}:apikey:{sha256_hex}"
+
+    def click(self, click_id: str) -> str:
+        return f"{self.prefix}:click:{click_id}"
+
+    def fingerprint(self, workspace_id: str, fingerprint_hash: str) -> str:
+        return f"{self.prefix}:fp:{workspace_id}:{fingerprint_hash}"
+
+    def idempotency(self, scope: str, key: str) -> str:
+        return f"{self.prefix}:idem:{scope}:{key}"
 
     @property
     def arq_queue(self) -> str:

@@ -1,11 +1,13 @@
 """The link cache in Redis: what the edge knows about a referral code without Postgres.
 
-``{prefix}:link:{code}`` holds the link as compact JSON, or ``-`` for a code known not to
-exist. Writers:
-- the management side (``ingest.admin``) SETs after its Postgres commit: authoritative;
-- workers fill it with SET NX after resolving codes in Postgres, so a cache lost with a
-  Redis restart heals itself, and a worker's older read never overwrites a newer write.
-A miss is not "unknown": the edge enqueues the event and the worker decides.
+``{prefix}:link:{code}`` holds ``<version>|<json>`` (the link with its program's cookie
+window and attribution, and its affiliate's external id), or ``0|-`` for a code known not
+to exist. Every writer goes through one script that only replaces an entry with one at
+least as new, so a slow reader can never put back what a newer write replaced:
+- the management side after each commit (``put``);
+- the workers' periodic refresh of every link, which then sets ``{prefix}:links:warm``;
+- the edge itself, after a Postgres fallback on a miss while the cache is not warm.
+Once warm, a miss means "no such code" and Postgres is not asked.
 """
 
 from __future__ import annotations
@@ -13,45 +15,86 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
+import asyncpg
 import orjson
 
 from .connections import Redis
 from .keys import Keys
 
-POSITIVE_TTL_S: Final = 24 * 3600
 NEGATIVE_TTL_S: Final = 300
+WARM_TTL_S: Final = 3600  # the refresh runs far more often; a lapse only costs fallbacks
 _MISSING: Final = b"-"
+
+# KEYS[1] the entry; ARGV[1] version, ARGV[2] value, ARGV[3] ttl seconds (0: none)
+SET_IF_NEWER: Final = """
+local old = redis.call('GET', KEYS[1])
+if old then
+  local v = tonumber(string.match(old, '^(%d+)|'))
+  if v and v > tonumber(ARGV[1]) then return 0 end
+end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2])
+end
+return 1
+"""
+
+LINK_SELECT: Final = """
+SELECT l.id, l.workspace_id, l.program_id, l.affiliate_id, a.external_id AS affiliate_external_id,
+       l.code, l.url, l.domain, l.status, p.cookie_window_days, p.attribution,
+       (extract(epoch FROM l.updated_at) * 1000000)::bigint AS version
+FROM links l
+LEFT JOIN programs p ON p.id = l.program_id
+LEFT JOIN affiliates a ON a.id = l.affiliate_id
+"""
 
 
 @dataclass(frozen=True, slots=True)
 class LinkInfo:
     id: str
     workspace_id: str
-    program_id: str
-    affiliate_id: str
+    program_id: str | None
+    affiliate_id: str | None
+    affiliate_external_id: str | None
     code: str
     url: str
     domain: str | None
     status: str
+    cookie_window_days: int
+    attribution: str
+    version: int = 0
 
     @property
     def active(self) -> bool:
         return self.status == "active"
+
+    @property
+    def configured(self) -> bool:
+        """Seed 002 refuses clicks on a link that lost its partner or program."""
+        return self.program_id is not None and self.affiliate_id is not None
 
     def encode(self) -> bytes:
         return orjson.dumps(asdict(self))
 
     @classmethod
     def from_record(cls, r: Any) -> LinkInfo:
+        def s(v: Any) -> str | None:
+            return None if v is None else str(v)
+
         return cls(
             id=str(r["id"]),
             workspace_id=str(r["workspace_id"]),
-            program_id=str(r["program_id"]),
-            affiliate_id=str(r["affiliate_id"]),
+            program_id=s(r["program_id"]),
+            affiliate_id=s(r["affiliate_id"]),
+            affiliate_external_id=r["affiliate_external_id"],
             code=r["code"],
             url=r["url"],
             domain=r["domain"],
             status=r["status"],
+            cookie_window_days=r["cookie_window_days"] or 30,
+            attribution=r["attribution"] or "last_click",
+            version=r["version"] or 0,
         )
 
 
@@ -62,29 +105,68 @@ class Missing:
 MISSING: Final = Missing()
 
 
-def decode(raw: bytes | None) -> LinkInfo | Missing | None:
-    """None: not cached. MISSING: known unknown. Else the link."""
-    if raw is None:
+def decode(raw: object) -> LinkInfo | Missing | None:
+    """None: not cached (or unreadable). MISSING: known unknown. Else the link."""
+    if not isinstance(raw, bytes):
         return None
-    if raw == _MISSING:
+    _, _, body = raw.partition(b"|")
+    if body == _MISSING:
         return MISSING
     try:
-        return LinkInfo(**orjson.loads(raw))
+        return LinkInfo(**orjson.loads(body))
     except (orjson.JSONDecodeError, TypeError):
-        return None  # unreadable entry: treat as a miss, the worker will overwrite it
+        return None
 
 
-async def put(redis: Redis, keys: Keys, link: LinkInfo) -> None:
-    await redis.set(keys.link(link.code), link.encode(), ex=POSITIVE_TTL_S)
+def _entry(keys: Keys, item: LinkInfo | str) -> tuple[str, int, bytes, int]:
+    """(key, version, value, ttl) for a link, or for a code known not to exist."""
+    if isinstance(item, LinkInfo):
+        return keys.link(item.code), item.version, item.encode(), 0
+    return keys.link(item), 0, _MISSING, NEGATIVE_TTL_S
 
 
-async def fill(redis: Redis, keys: Keys, found: list[LinkInfo], missing: list[str]) -> None:
-    """Worker-side fill: only where nothing is cached (SET NX), one round trip."""
-    if not found and not missing:
+def cache_command(keys: Keys, sha: str, item: LinkInfo | str) -> tuple[Any, ...]:
+    """The SET_IF_NEWER call for ``item``, to send through a micro-batcher."""
+    return ("EVALSHA", sha, 1, *_entry(keys, item))
+
+
+async def _write(redis: Redis, keys: Keys, items: list[LinkInfo | str]) -> None:
+    if not items:
         return
+    sha = await redis.script_load(SET_IF_NEWER)
     pipe = redis.pipeline(transaction=False)
-    for link in found:
-        pipe.set(keys.link(link.code), link.encode(), ex=POSITIVE_TTL_S, nx=True)
-    for code in missing:
-        pipe.set(keys.link(code), _MISSING, ex=NEGATIVE_TTL_S, nx=True)
+    for item in items:
+        key, version, value, ttl = _entry(keys, item)
+        pipe.evalsha(sha, 1, key, str(version), value, str(ttl))  # type: ignore[arg-type]
     await pipe.execute()
+
+
+async def put(redis: Redis, keys: Keys, *links: LinkInfo) -> None:
+    """After a commit: the edge sees the new or changed link at once."""
+    await _write(redis, keys, list(links))
+
+
+async def put_missing(redis: Redis, keys: Keys, *codes: str) -> None:
+    await _write(redis, keys, list(codes))
+
+
+async def fetch(conn: asyncpg.Connection | asyncpg.Pool, code: str) -> LinkInfo | None:
+    row = await conn.fetchrow(LINK_SELECT + " WHERE l.code = $1", code)
+    return LinkInfo.from_record(row) if row else None
+
+
+async def refresh_all(pool: asyncpg.Pool, redis: Redis, keys: Keys, *, chunk: int = 2000) -> int:
+    """Write every link into the cache, then mark it warm. Returns the number of links."""
+    n = 0
+    batch: list[LinkInfo] = []
+    async with pool.acquire() as conn, conn.transaction():
+        async for row in conn.cursor(LINK_SELECT + " ORDER BY l.code", prefetch=chunk):
+            batch.append(LinkInfo.from_record(row))
+            if len(batch) >= chunk:
+                await put(redis, keys, *batch)
+                n += len(batch)
+                batch.clear()
+    await put(redis, keys, *batch)
+    n += len(batch)
+    await redis.set(keys.links_warm, b"1", ex=WARM_TTL_S)
+    return n

@@ -47,7 +47,8 @@ class Verdict:
 
 
 class RateLimiter:
-    def __init__(self, batcher: RedisBatcher, *, limit: int, window_ms: int = 60_000) -> None:
+    def __init__(self, batcher: RedisBatcher, name: str, *, limit: int, window_ms: int = 60_000) -> None:
+        self.name = name  # the route family: part of the key, so families count apart
         self.limit = limit
         self.window_ms = window_ms
         self._sha = batcher.script(SLIDING_WINDOW)

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     max_string_length: int = Field(2048, ge=64)
     click_rate_limit: int = Field(60, ge=1, description="seed 000 route: requests/minute per IP")
+    public_rate_limit: int = Field(600, ge=1, description="other public routes: requests/minute per IP")
+    key_rate_limit: int = Field(600, ge=1, description="authenticated routes: requests/minute per API key")
+    key_cache_s: float = Field(5.0, ge=0, description="in-process API key cache: revocations land within this")
     trusted_proxies: Annotated[list[IPv4Network | IPv6Network], NoDecode] = Field(
         default_factory=list,
         description="CIDRs whose X-Forwarded-For is believed; empty: the peer address is the client.",

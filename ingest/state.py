@@ -8,6 +8,7 @@ from ipaddress import ip_address
 import asyncpg
 from aiohttp import web
 
+from .auth import Authenticator
 from .batcher import RedisBatcher
 from .connections import Redis
 from .keys import Keys
@@ -22,7 +23,11 @@ class Edge:
     redis: Redis
     batcher: RedisBatcher
     pg: asyncpg.Pool
-    click_limiter: RateLimiter
+    auth: Authenticator
+    link_sha: str  # links.SET_IF_NEWER, registered with the batcher
+    click_limiter: RateLimiter  # seed 000: per client IP
+    public_limiter: RateLimiter  # other public routes: per client IP
+    key_limiter: RateLimiter  # authenticated routes: per API key
 
     def client_ip(self, request: web.Request) -> str | None:
         """The peer address; through X-Forwarded-For only when the peer is a trusted proxy.

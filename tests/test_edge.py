@@ -18,6 +18,7 @@ from ingest.settings import Settings
 
 from ._procs import Procs, free_port
 from .test_e2e import TRACKED
+from .test_store import make_links
 
 
 async def start(settings: Settings) -> tuple[web.AppRunner, str]:
@@ -48,17 +49,18 @@ async def stream_total(redis, keys: Keys) -> int:
     return sum([await redis.xlen(s) for s in keys.streams])
 
 
-async def test_61st_request_in_a_minute_is_throttled_other_ips_are_not(edge: str, redis, keys: Keys):
+async def test_61st_request_in_a_minute_is_throttled_other_ips_are_not(edge: str, redis, keys: Keys, pg):
+    await make_links(pg, redis, keys, "alice")
     for i in range(60):
-        status, body, _ = await click(edge, f"code{i}")
+        status, body, _ = await click(edge, "alice")
         assert (status, body) == (200, TRACKED), i
-    status, body, headers = await click(edge, "code60")
+    status, body, headers = await click(edge, "alice")
     assert status == 429
     assert body == {"success": False, "error": {"statusCode": 429, "code": "throttle", "message": "Too Many Requests"}}
     assert 1 <= int(headers["Retry-After"]) <= 60
     assert headers["X-RateLimit-Remaining"] == "0"
 
-    status, body, _ = await click(edge, "code61", source_ip="127.0.0.2")
+    status, body, _ = await click(edge, "alice", source_ip="127.0.0.2")
     assert (status, body) == (200, TRACKED)
     # the throttled request was not enqueued; the 60 admitted and the other IP's were
     assert await stream_total(redis, keys) == 61
@@ -71,7 +73,7 @@ async def test_sliding_window_admits_again_once_the_oldest_request_leaves(settin
     from .conftest import wait_for
 
     batcher = RedisBatcher(redis)
-    limiter = RateLimiter(batcher, limit=3, window_ms=400)
+    limiter = RateLimiter(batcher, "test", limit=3, window_ms=400)
     key = f"{settings.stream_prefix}:rl:test:1.2.3.4"
 
     async def attempt(n: int) -> bool:
@@ -101,24 +103,35 @@ async def test_kill_switch(edge: str, procs: Procs):
     assert (status, body) == (200, TRACKED)
 
 
-async def test_known_unknown_and_inactive_codes_are_answered_but_not_enqueued(edge: str, redis, keys: Keys):
-    await redis.set(keys.link("ghost"), b"-")
-    inactive = links.LinkInfo(
-        id="00000000-0000-7000-8000-000000000001",
-        workspace_id="w",
-        program_id="p",
-        affiliate_id="a",
-        code="paused",
-        url="https://x.test",
-        domain="x.test",
-        status="inactive",
-    )
-    await links.put(redis, keys, inactive)
+async def test_known_unknown_and_inactive_codes_are_answered_but_not_enqueued(edge: str, redis, keys: Keys, pg):
+    await make_links(pg, redis, keys, "paused")
+    await links.put_missing(redis, keys, "ghost")
+    await pg.execute("UPDATE links SET status = 'inactive', updated_at = now()")
+    paused = await links.fetch(pg, "paused")
+    assert paused is not None and not paused.active
+    await links.put(redis, keys, paused)
     for code in ("ghost", "paused", "x" * 300):
         assert (await click(edge, code))[:2] == (200, TRACKED)
     assert await stream_total(redis, keys) == 0
-    # a code the cache does not know is enqueued: the worker decides
+    # a code the cache does not know, while it is not warm: Postgres decides, and the
+    # answer is cached either way
     assert (await click(edge, "fresh"))[:2] == (200, TRACKED)
+    assert await stream_total(redis, keys) == 0
+    assert links.decode(await redis.get(keys.link("fresh"))) is links.MISSING
+    await pg.execute(
+        "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url)"
+        " SELECT workspace_id, program_id, affiliate_id, 'direct', url FROM links LIMIT 1"
+    )
+    assert (await click(edge, "direct"))[:2] == (200, TRACKED)
+    assert await stream_total(redis, keys) == 1
+    assert isinstance(links.decode(await redis.get(keys.link("direct"))), links.LinkInfo)
+    # once warm, a miss is an unknown code and Postgres is not asked
+    await pg.execute(
+        "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url)"
+        " SELECT workspace_id, program_id, affiliate_id, 'behind-the-cache', url FROM links LIMIT 1"
+    )
+    await redis.set(keys.links_warm, b"1")
+    assert (await click(edge, "behind-the-cache"))[:2] == (200, TRACKED)
     assert await stream_total(redis, keys) == 1
 
 

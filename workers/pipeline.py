@@ -138,6 +138,8 @@ class Pipeline:
         for code, n in Counter(result.inactive_codes).items():
             log.warning("click.inactive_link", code=code, events=n)
         try:
-            await links.fill(self.redis, self.keys, result.links_found, sorted(set(result.unknown_codes)))
+            # versioned writes: a newer entry from the management side is never replaced
+            await links.put(self.redis, self.keys, *result.links_found)
+            await links.put_missing(self.redis, self.keys, *sorted(set(result.unknown_codes)))
         except Exception as exc:  # a cache is an optimisation: never fail a committed batch
             log.warning("link_cache.fill_failed", error=repr(exc))

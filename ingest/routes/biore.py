@@ -13,15 +13,15 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from .. import flags, links
+from .. import flags
 from ..enqueue import check, xadd
 from ..events import Dialect, Envelope, EventType, uuid7
+from ..lookup import Unavailable, lookup
 from ..state import EDGE
 
 log = structlog.get_logger("ingest.biore")
 routes = web.RouteTableDef()
 
-ROUTE = "biore_click"
 MAX_CODE = 128
 TRACKED = orjson.dumps({"success": True, "data": {"tracked": True}})
 
@@ -32,47 +32,56 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
+def unavailable() -> web.Response:
+    # not durable, so not accepted: refuse rather than answer 2xx for a lost event
+    return error(503, "service_unavailable", "Try again shortly", {"Retry-After": "1"})
+
+
 @routes.post("/api/v1/referral/click/{code}")
 async def track_click(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     code = request.match_info["code"]
     ip = edge.client_ip(request)
-    event_id = uuid7()
+    sane = len(code) <= MAX_CODE and code.isprintable()
     try:
-        rl, flag, cached = await edge.batcher.execute(
-            edge.click_limiter.command(edge.keys.ratelimit(ROUTE, ip or "-"), event_id.hex),
-            ("GET", edge.keys.flag("referral")),
-            ("GET", edge.keys.link(code[:MAX_CODE])),
+        found = await lookup(
+            edge,
+            edge.click_limiter,
+            ip or "-",
+            code=code if sane else None,
+            extra=(("GET", edge.keys.flag("referral")),),
         )
-        verdict = edge.click_limiter.verdict(rl)
-        disabled = flags.is_disabled(flag)
+        disabled = flags.is_disabled(found.extra[0])
+        resolved = True
+    except Unavailable:
+        resolved = False  # Postgres down while the cache is cold: the worker will decide
+        found = None
+        disabled = False
     except (RedisError, OSError) as exc:
-        # not durable, so not accepted: refuse rather than answer 2xx for a lost event
-        log.warning("redis.unavailable", route=ROUTE, error=str(exc))
-        return error(503, "service_unavailable", "Try again shortly", {"Retry-After": "1"})
+        log.warning("redis.unavailable", route="biore_click", error=str(exc))
+        return unavailable()
 
     if disabled:
         return error(503, "features.referral_disabled", "The referral feature is disabled")
-    if not verdict.allowed:
-        return error(429, "throttle", "Too Many Requests", verdict.headers)
-
-    link = links.decode(cached) if isinstance(cached, bytes | None) else None
-    if len(code) > MAX_CODE or not code.isprintable() or link is links.MISSING:
+    headers = found.verdict.headers if found else {}
+    if found and not found.verdict.allowed:
+        return error(429, "throttle", "Too Many Requests", headers)
+    link = found.link if found else None
+    if not sane or (resolved and link is None):
         log.warning("click.unknown_code", code=code[:MAX_CODE], ip=ip)
-        return web.Response(body=TRACKED, content_type="application/json", headers=verdict.headers)
-    if isinstance(link, links.LinkInfo) and not link.active:
+        return web.Response(body=TRACKED, content_type="application/json", headers=headers)
+    if link is not None and not link.active:
         log.warning("click.inactive_link", code=code, link_id=link.id)
-        return web.Response(body=TRACKED, content_type="application/json", headers=verdict.headers)
+        return web.Response(body=TRACKED, content_type="application/json", headers=headers)
 
-    # a cache miss is enqueued too: the worker resolves the code in Postgres
     payload = {"code": code}
     if referrer := request.headers.get("Referer"):
         payload["referrer"] = referrer[: edge.settings.max_string_length]
     envelope = Envelope(
-        event_id=event_id,
+        event_id=uuid7(),
         type=EventType.CLICK,
         dialect=Dialect.BIORE,
-        workspace_id=link.workspace_id if isinstance(link, links.LinkInfo) else None,
+        workspace_id=link.workspace_id if link else None,
         ip=ip,
         user_agent=(request.headers.get("User-Agent") or "")[: edge.settings.max_string_length] or None,
         payload=payload,
@@ -81,6 +90,6 @@ async def track_click(request: web.Request) -> web.Response:
         (reply,) = await edge.batcher.execute(xadd(edge.keys, envelope, code))
         check(reply)
     except (RedisError, OSError) as exc:
-        log.warning("redis.unavailable", route=ROUTE, error=str(exc))
-        return error(503, "service_unavailable", "Try again shortly", {"Retry-After": "1"})
-    return web.Response(body=TRACKED, content_type="application/json", headers=verdict.headers)
+        log.warning("redis.unavailable", route="biore_click", error=str(exc))
+        return unavailable()
+    return web.Response(body=TRACKED, content_type="application/json", headers=headers)

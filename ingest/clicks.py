@@ -1,0 +1,76 @@
+"""Click ids: ``clk_`` + the 32 hex digits of the click event's UUIDv7.
+
+When the edge accepts a click it writes ``{prefix}:click:{click_id}`` (link code,
+workspace, visitor) for the program's cookie window, in the same round trip as the XADD,
+so a lead sent straight after its click resolves before any worker has run. Older clicks
+are found in Postgres.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final
+
+import asyncpg
+import orjson
+
+from .batcher import Command
+from .keys import Keys
+
+PREFIX: Final = "clk_"
+
+
+def mint(event_id: uuid.UUID) -> str:
+    return PREFIX + event_id.hex
+
+
+def parse(click_id: str) -> uuid.UUID | None:
+    """The event id inside a click id refstream minted; None for anything else."""
+    if not click_id.startswith(PREFIX) or len(click_id) != len(PREFIX) + 32:
+        return None
+    try:
+        return uuid.UUID(hex=click_id[len(PREFIX) :])
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ClickRef:
+    click_id: str
+    code: str
+    workspace_id: str
+    visitor_id: str
+    at_ms: int
+
+    def cache_command(self, keys: Keys, ttl_s: int) -> Command:
+        body = orjson.dumps({"c": self.code, "w": self.workspace_id, "v": self.visitor_id, "t": self.at_ms})
+        return ("SET", keys.click(self.click_id), body, "EX", ttl_s)
+
+
+def decode(click_id: str, raw: object) -> ClickRef | None:
+    if not isinstance(raw, bytes):
+        return None
+    try:
+        d: dict[str, Any] = orjson.loads(raw)
+        return ClickRef(click_id, d["c"], d["w"], d["v"], d["t"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+_FROM_EVENTS = """
+SELECT l.code, e.workspace_id, e.visitor_id, (extract(epoch FROM e.received_at) * 1000)::bigint AS at_ms
+FROM events e JOIN links l ON l.id = e.link_id
+WHERE e.event_id = $1 AND e.type = 1
+"""
+
+
+async def from_postgres(pg: asyncpg.Pool, click_id: str) -> ClickRef | None:
+    """A click older than its cache entry (or accepted before a Redis restart)."""
+    event_id = parse(click_id)
+    if event_id is None:
+        return None
+    row = await pg.fetchrow(_FROM_EVENTS, event_id)
+    if row is None:
+        return None
+    return ClickRef(click_id, row["code"], str(row["workspace_id"]), row["visitor_id"] or click_id, row["at_ms"])

@@ -1,0 +1,97 @@
+"""What a request needs to know before it is answered, in one Redis round trip.
+
+A route names its rate limit and subject, and optionally an API key, a link code and
+extra commands; ``lookup`` sends all of it through the micro-batcher together and returns
+the answers. Postgres is asked only when Redis cannot answer: a key Redis has never seen,
+or a link code while the link cache is not yet warm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+
+from . import links
+from .auth import Principal
+from .batcher import Command
+from .events import uuid7
+from .ratelimit import RateLimiter, Verdict
+from .state import Edge
+
+log = structlog.get_logger("ingest.lookup")
+
+
+class Unavailable(Exception):
+    """Postgres was needed and did not answer."""
+
+
+@dataclass(slots=True)
+class Found:
+    verdict: Verdict
+    principal: Principal | None = None
+    link: links.LinkInfo | None = None
+    extra: list[Any] = field(default_factory=list)
+
+
+def key_subject(digest: bytes) -> str:
+    """Rate-limit subject of a key: part of its hash, never the key."""
+    return "k" + digest.hex()[:24]
+
+
+async def lookup(
+    edge: Edge,
+    limiter: RateLimiter,
+    subject: str,
+    *,
+    secret: str | None = None,
+    code: str | None = None,
+    extra: tuple[Command, ...] = (),
+) -> Found:
+    commands: list[Command] = []
+    digest: bytes | None = None
+    principal: Principal | None = None
+    key_miss = False
+    if secret is not None:
+        digest, principal, hit = edge.auth.cached(secret)
+        key_miss = not hit
+        subject = key_subject(digest)
+        if key_miss:
+            commands.append(("GET", edge.auth.redis_key(digest)))
+    commands.insert(0, limiter.command(edge.keys.ratelimit(limiter.name, subject), uuid7().hex))
+    if code is not None:
+        commands += [("GET", edge.keys.link(code)), ("GET", edge.keys.links_warm)]
+    commands += extra
+
+    replies = await edge.batcher.execute(*commands)
+    found = Found(verdict=limiter.verdict(replies[0]), principal=principal)
+    i = 1
+    try:
+        if key_miss:
+            assert digest is not None
+            found.principal = await edge.auth.resolve(digest, replies[i])
+            i += 1
+        if code is not None:
+            found.link = await _link(edge, code, replies[i], replies[i + 1])
+            i += 2
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("postgres.unavailable", error=repr(exc))
+        raise Unavailable from exc
+    found.extra = replies[i:]
+    return found
+
+
+async def _link(edge: Edge, code: str, cached: object, warm: object) -> links.LinkInfo | None:
+    link = links.decode(cached)
+    if isinstance(link, links.LinkInfo):
+        return link
+    if link is links.MISSING or warm == b"1":
+        return None
+    # the cache is not (yet) complete: ask Postgres once, and remember the answer
+    found = await links.fetch(edge.pg, code)
+    (reply,) = await edge.batcher.execute(links.cache_command(edge.keys, edge.link_sha, found or code))
+    if isinstance(reply, Exception):
+        log.warning("link_cache.write_failed", error=repr(reply))
+    return found

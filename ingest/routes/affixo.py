@@ -1,0 +1,150 @@
+"""Seed 003 (Affixo): ``POST /v1/track/click``, server to server.
+
+``Authorization: Bearer`` workspace key with scope ``track`` (or ``*``); 600 requests a
+minute per key. Errors are the OpenAPI's: 400 ``invalid_json``, 401 ``unauthorized``,
+403 ``insufficient_scope`` with ``need``, 404 ``link_not_found`` (missing, inactive, or in
+another workspace).
+
+Visitor matching: a given ``visitor_id`` is the visitor (``cookie``, 1.0); else a
+``fingerprint`` already seen in this workspace gives its visitor (``fingerprint``, 0.8);
+else a new visitor id is minted (``new``, 0.0). A fingerprint is remembered for the first
+visitor it was seen with (SET NX), for ``FINGERPRINT_TTL_S``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
+
+from ..auth import bearer
+from ..body import BodyError, parse
+from ..enqueue import check, xadd
+from ..events import Dialect, Envelope, EventType, uuid7
+from ..lookup import Unavailable, lookup
+from ..state import EDGE
+
+log = structlog.get_logger("ingest.affixo")
+routes = web.RouteTableDef()
+
+FINGERPRINT_TTL_S = 90 * 86400
+FINGERPRINT_CONFIDENCE = 0.8
+
+
+class TrackClick(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    ref: str = Field(min_length=1, max_length=128, description="Referral code / ref_param.")
+    visitor_id: str | None = Field(None, max_length=128)
+    fingerprint: str | None = Field(None, max_length=1024)
+    url: str | None = Field(None, max_length=2048)
+    referrer: str | None = Field(None, max_length=2048)
+
+
+class ClickRecorded(BaseModel):
+    ok: bool = True
+    visitor_id: str
+    match_method: str
+    match_confidence: float
+
+
+class Error(BaseModel):
+    error: str
+    need: str | None = None
+    detail: str | None = None
+
+
+def error(status: int, code: str, headers: dict[str, str] | None = None, **extra: str) -> web.Response:
+    return web.Response(
+        body=orjson.dumps({"error": code, **extra}), status=status, content_type="application/json", headers=headers
+    )
+
+
+def new_visitor_id() -> str:
+    return "v_" + uuid7().hex
+
+
+@routes.post("/v1/track/click")
+async def track_click(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    secret = bearer(request.headers.get("Authorization"))
+    if secret is None:
+        return error(401, "unauthorized")
+    body: TrackClick | None = None
+    problem: BodyError | None = None
+    try:
+        body = await parse(request, TrackClick)
+    except BodyError as exc:
+        problem = exc
+    try:
+        found = await lookup(edge, edge.key_limiter, "", secret=secret, code=body.ref if body else None)
+    except Unavailable:
+        return error(503, "unavailable", {"Retry-After": "1"})
+    except (RedisError, OSError) as exc:
+        log.warning("redis.unavailable", route="affixo_click", error=str(exc))
+        return error(503, "unavailable", {"Retry-After": "1"})
+    principal = found.principal
+    if principal is None:
+        return error(401, "unauthorized")
+    if not principal.allows("track"):
+        return error(403, "insufficient_scope", need="track")
+    if not found.verdict.allowed:
+        return error(429, "rate_limited", found.verdict.headers, detail="600 requests per minute per key")
+    if problem is not None or body is None:
+        if problem is not None and problem.status == 413:
+            return error(413, "payload_too_large", detail=problem.message)
+        return error(400, "invalid_json", detail=problem.message if problem else "invalid body")
+    link = found.link
+    if link is None or link.workspace_id != principal.workspace_id or not link.active:
+        return error(404, "link_not_found")
+
+    workspace = principal.workspace_id
+    fp_key = (
+        edge.keys.fingerprint(workspace, hashlib.sha256(body.fingerprint.encode()).hexdigest()[:32])
+        if body.fingerprint
+        else None
+    )
+    try:
+        if body.visitor_id:
+            visitor, method, confidence = body.visitor_id, "cookie", 1.0
+            remember = [("SET", fp_key, visitor, "NX", "EX", FINGERPRINT_TTL_S)] if fp_key else []
+        elif fp_key:
+            candidate = new_visitor_id()
+            _, seen = await edge.batcher.execute(
+                ("SET", fp_key, candidate, "NX", "EX", FINGERPRINT_TTL_S), ("GET", fp_key)
+            )
+            if isinstance(seen, bytes) and seen.decode() != candidate:
+                visitor, method, confidence = seen.decode(), "fingerprint", FINGERPRINT_CONFIDENCE
+            else:
+                visitor, method, confidence = candidate, "new", 0.0
+            remember = []
+        else:
+            visitor, method, confidence = new_visitor_id(), "new", 0.0
+            remember = []
+
+        payload: dict[str, Any] = {"code": link.code, "visitor_id": visitor, "match": method}
+        if body.url:
+            payload["page_url"] = body.url
+        if body.referrer:
+            payload["referrer"] = body.referrer
+        envelope = Envelope(
+            type=EventType.CLICK,
+            dialect=Dialect.AFFIXO,
+            workspace_id=workspace,
+            ip=edge.client_ip(request),
+            user_agent=(request.headers.get("User-Agent") or "")[: edge.settings.max_string_length] or None,
+            payload=payload,
+        )
+        replies = await edge.batcher.execute(xadd(edge.keys, envelope, link.code), *remember)
+        check(replies[0])
+    except (RedisError, OSError) as exc:
+        log.warning("redis.unavailable", route="affixo_click", error=str(exc))
+        return error(503, "unavailable", {"Retry-After": "1"})
+    resp = ClickRecorded(visitor_id=visitor, match_method=method, match_confidence=confidence)
+    return web.Response(
+        body=orjson.dumps(resp.model_dump()), content_type="application/json", headers=found.verdict.headers
+    )

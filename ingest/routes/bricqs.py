@@ -1,0 +1,233 @@
+"""Seed 001 (Bricqs): ``/api/v1/referrals``.
+
+- ``POST /generate`` (``X-API-Key``, scope ``write``): the participant's code in the
+  campaign (participant = affiliate by external id, campaign = program), created once;
+- ``GET /validate/{code}`` (public): from the link cache;
+- ``POST /convert`` (public): enqueues a conversion; the ``conversion_id`` is minted here
+  and the same one comes back for the same code and ``referred_session_id``;
+- ``GET /stats/{participant_id}`` (``X-API-Key``, scope ``read``).
+Errors: ``{"error": code, "message": text}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
+
+from .. import admin
+from ..auth import Principal
+from ..body import BodyError, parse
+from ..enqueue import check, xadd
+from ..events import Dialect, Envelope, EventType, uuid7
+from ..lookup import Found, Unavailable, lookup
+from ..state import EDGE, Edge
+
+log = structlog.get_logger("ingest.bricqs")
+routes = web.RouteTableDef()
+
+IDEMPOTENCY_TTL_S = 30 * 86400
+
+
+class Generate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    participant_id: str = Field(min_length=1, max_length=128)
+    campaign_id: uuid.UUID
+
+
+class Generated(BaseModel):
+    code: str
+    referral_url: str
+    participant_id: str
+    created_at: str
+
+
+class Validated(BaseModel):
+    valid: bool
+    code: str
+    referrer_id: str | None = None
+    campaign_id: str | None = None
+
+
+class Convert(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    code: str = Field(min_length=1, max_length=128)
+    referred_session_id: str = Field(min_length=1, max_length=256)
+
+
+class Converted(BaseModel):
+    converted: bool
+    referrer_id: str | None
+    conversion_id: str
+
+
+class Stats(BaseModel):
+    participant_id: str
+    total_referrals: int
+    conversions: int
+    pending: int
+    referral_code: str | None
+
+
+class Error(BaseModel):
+    error: str
+    message: str
+
+
+def json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return json(status, {"error": code, "message": message}, headers)
+
+
+def unavailable() -> web.Response:
+    return error(503, "unavailable", "Try again shortly", {"Retry-After": "1"})
+
+
+async def _keyed(request: web.Request, scope: str) -> tuple[Edge, Principal] | web.Response:
+    """X-API-Key authentication and the per-key rate limit."""
+    edge = request.app[EDGE]
+    secret = request.headers.get("X-API-Key", "").strip()
+    if not secret or len(secret) > 256:
+        return error(401, "unauthorized", "Invalid or missing API key")
+    try:
+        found = await lookup(edge, edge.key_limiter, "", secret=secret)
+    except (Unavailable, RedisError, OSError):
+        return unavailable()
+    if found.principal is None:
+        return error(401, "unauthorized", "Invalid or missing API key")
+    if not found.principal.allows(scope) or found.principal.kind != "workspace":
+        return error(403, "insufficient_scope", f"This key lacks the {scope} scope")
+    if not found.verdict.allowed:
+        return error(429, "rate_limited", "Too many requests", found.verdict.headers)
+    return edge, found.principal
+
+
+@routes.post("/api/v1/referrals/generate")
+async def generate(request: web.Request) -> web.Response:
+    keyed = await _keyed(request, "write")
+    if isinstance(keyed, web.Response):
+        return keyed
+    edge, principal = keyed
+    try:
+        body = await parse(request, Generate)
+    except BodyError as exc:
+        return error(exc.status, "validation_error", exc.message)
+    try:
+        async with edge.pg.acquire() as conn:
+            out = await admin.referral_code(
+                conn,
+                edge.redis,
+                edge.keys,
+                workspace_id=principal.workspace_id,
+                program_id=str(body.campaign_id),
+                participant_id=body.participant_id,
+            )
+    except admin.NotFound as exc:
+        return error(404, "campaign_not_found", str(exc))
+    except (OSError, asyncpg.PostgresConnectionError, RedisError):
+        return unavailable()
+    return json(200, Generated(**out).model_dump())
+
+
+async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...] = ()) -> Found | web.Response:
+    edge = request.app[EDGE]
+    try:
+        found = await lookup(edge, edge.public_limiter, edge.client_ip(request) or "-", code=code, extra=extra)
+    except (Unavailable, RedisError, OSError):
+        return unavailable()
+    if not found.verdict.allowed:
+        return error(429, "rate_limited", "Too many requests", found.verdict.headers)
+    return found
+
+
+@routes.get("/api/v1/referrals/validate/{code}")
+async def validate(request: web.Request) -> web.Response:
+    code = request.match_info["code"]
+    if len(code) > 128:
+        return json(200, Validated(valid=False, code=code[:128]).model_dump())
+    found = await _public(request, code)
+    if isinstance(found, web.Response):
+        return found
+    link = found.link
+    if link is None or not link.active or not link.configured:
+        return json(200, Validated(valid=False, code=code).model_dump(), found.verdict.headers)
+    out = Validated(valid=True, code=code, referrer_id=link.affiliate_external_id, campaign_id=link.program_id)
+    return json(200, out.model_dump(), found.verdict.headers)
+
+
+@routes.post("/api/v1/referrals/convert")
+async def convert(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    try:
+        body = await parse(request, Convert)
+    except BodyError as exc:
+        return error(exc.status, "validation_error", exc.message)
+    event_id = uuid7()
+    conversion_id = "conv_" + event_id.hex
+    session = hashlib.sha256(body.referred_session_id.encode()).hexdigest()[:32]
+    idem = edge.keys.idempotency("bricqs-convert", f"{body.code}:{session}")
+    found = await _public(request, body.code)
+    if isinstance(found, web.Response):
+        return found
+    link = found.link
+    if link is None or not link.active or not link.configured:
+        return error(404, "invalid_code", f"Referral code {body.code!r} is not valid")
+    envelope = Envelope(
+        event_id=event_id,
+        type=EventType.CONVERSION,
+        dialect=Dialect.BRICQS,
+        workspace_id=link.workspace_id,
+        ip=edge.client_ip(request),
+        user_agent=(request.headers.get("User-Agent") or "")[: edge.settings.max_string_length] or None,
+        payload={
+            "code": link.code,
+            "visitor_id": body.referred_session_id,
+            "conversion_id": conversion_id,
+            "dedupe": f"{link.code}:{body.referred_session_id}",
+        },
+    )
+    # a repeat keeps the first conversion_id; its event is appended too and the worker's
+    # dedupe key makes it count nothing
+    try:
+        _, first, appended = await edge.batcher.execute(
+            ("SET", idem, conversion_id, "NX", "EX", IDEMPOTENCY_TTL_S),
+            ("GET", idem),
+            xadd(edge.keys, envelope, link.code),
+        )
+        check(appended)
+    except (RedisError, OSError) as exc:
+        log.warning("redis.unavailable", route="bricqs_convert", error=str(exc))
+        return unavailable()
+    out = Converted(
+        converted=True,
+        referrer_id=link.affiliate_external_id,
+        conversion_id=first.decode() if isinstance(first, bytes) else conversion_id,
+    )
+    return json(200, out.model_dump(), found.verdict.headers)
+
+
+@routes.get("/api/v1/referrals/stats/{participant_id}")
+async def stats(request: web.Request) -> web.Response:
+    keyed = await _keyed(request, "read")
+    if isinstance(keyed, web.Response):
+        return keyed
+    edge, principal = keyed
+    participant = request.match_info["participant_id"]
+    try:
+        async with edge.pg.acquire() as conn:
+            out = await admin.participant_stats(conn, workspace_id=principal.workspace_id, participant_id=participant)
+    except admin.NotFound as exc:
+        return error(404, "participant_not_found", str(exc))
+    except (OSError, asyncpg.PostgresConnectionError):
+        return unavailable()
+    return json(200, Stats(**out).model_dump())

@@ -1,0 +1,178 @@
+"""Seed 004 (Refport): ``POST /api/track/lead``.
+
+``Authorization: Bearer`` workspace key (scope ``track`` or ``*``). The lead is attributed
+to the click named by ``clickId``: any click id refstream minted, found in the click cache
+(written when the click was accepted) or, for older clicks, in Postgres. The answer echoes
+the event name, the click, its link and the customer. A lead is idempotent on (customer
+external id, event name): a second one is accepted and counts nothing.
+Errors: 400 ``INVALID_CLICK_ID`` / ``VALIDATION_ERROR``, 401 ``UNAUTHORIZED``,
+429 ``RATE_LIMIT_EXCEEDED``; always ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
+
+from .. import clicks, links
+from ..auth import bearer
+from ..body import BodyError, parse
+from ..enqueue import check, xadd
+from ..events import Dialect, Envelope, EventType
+from ..lookup import Unavailable, lookup
+from ..state import EDGE
+
+log = structlog.get_logger("ingest.refport")
+routes = web.RouteTableDef()
+
+
+class TrackLead(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    clickId: str = Field(min_length=1, max_length=128)
+    eventName: str = Field(min_length=1, max_length=256)
+    customerExternalId: str = Field(min_length=1, max_length=256)
+    customerEmail: str | None = Field(None, max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+    customerName: str | None = Field(None, max_length=256)
+    customerAvatar: str | None = Field(None, max_length=2048)
+    metadata: dict[str, Any] | None = Field(None, max_length=100)
+
+
+class ClickOut(BaseModel):
+    id: str
+
+
+class LinkOut(BaseModel):
+    id: str
+    domain: str | None
+    key: str
+    url: str
+    programId: str | None
+
+
+class CustomerOut(BaseModel):
+    externalId: str
+    email: str | None
+    name: str | None
+
+
+class LeadTracked(BaseModel):
+    eventName: str
+    click: ClickOut
+    link: LinkOut
+    customer: CustomerOut
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class Error(BaseModel):
+    error: ErrorBody
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"code": code, "message": message}}
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def unavailable() -> web.Response:
+    return error(503, "SERVICE_UNAVAILABLE", "Try again shortly", {"Retry-After": "1"})
+
+
+@routes.post("/api/track/lead")
+async def track_lead(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    secret = bearer(request.headers.get("Authorization"))
+    if secret is None:
+        return error(401, "UNAUTHORIZED", "Invalid or missing API key")
+    body: TrackLead | None = None
+    problem: BodyError | None = None
+    try:
+        body = await parse(request, TrackLead)
+    except BodyError as exc:
+        problem = exc
+    click_id = body.clickId if body else None
+    try:
+        found = await lookup(
+            edge,
+            edge.key_limiter,
+            "",
+            secret=secret,
+            extra=(("GET", edge.keys.click(click_id)),) if click_id else (),
+        )
+    except Unavailable:
+        return unavailable()
+    except (RedisError, OSError) as exc:
+        log.warning("redis.unavailable", route="refport_lead", error=str(exc))
+        return unavailable()
+    principal = found.principal
+    if principal is None or not principal.allows("track"):
+        return error(401, "UNAUTHORIZED", "Invalid or missing API key")
+    if not found.verdict.allowed:
+        return error(429, "RATE_LIMIT_EXCEEDED", "Too many requests", found.verdict.headers)
+    if problem is not None or body is None:
+        status = problem.status if problem else 400
+        return error(status, "VALIDATION_ERROR", problem.message if problem else "invalid body")
+
+    try:
+        click = clicks.decode(body.clickId, found.extra[0]) or await clicks.from_postgres(edge.pg, body.clickId)
+    except OSError:
+        return unavailable()
+    if click is None or click.workspace_id != principal.workspace_id:
+        return error(400, "INVALID_CLICK_ID", "The clickId does not match any recorded click")
+
+    payload: dict[str, Any] = {
+        "code": click.code,
+        "click_id": click.click_id,
+        "visitor_id": click.visitor_id,
+        "name": body.eventName,
+        "external_id": body.customerExternalId,
+    }
+    for field, value in (
+        ("email", body.customerEmail),
+        ("customer_name", body.customerName),
+        ("avatar", body.customerAvatar),
+        ("metadata", body.metadata),
+    ):
+        if value is not None:
+            payload[field] = value
+    envelope = Envelope(
+        type=EventType.LEAD,
+        dialect=Dialect.REFPORT,
+        workspace_id=principal.workspace_id,
+        ip=edge.client_ip(request),
+        user_agent=(request.headers.get("User-Agent") or "")[: edge.settings.max_string_length] or None,
+        payload=payload,
+    )
+    try:
+        cached, appended = await edge.batcher.execute(
+            ("GET", edge.keys.link(click.code)), xadd(edge.keys, envelope, click.code)
+        )
+        check(appended)
+        link = links.decode(cached)
+        if not isinstance(link, links.LinkInfo):
+            link = await links.fetch(edge.pg, click.code)
+    except (RedisError, OSError) as exc:
+        log.warning("redis.unavailable", route="refport_lead", error=str(exc))
+        return unavailable()
+    if link is None:  # the click's link was deleted after the click: the lead is stored all the same
+        link = links.LinkInfo(
+            id="", workspace_id=click.workspace_id, program_id=None, affiliate_id=None,
+            affiliate_external_id=None, code=click.code, url="", domain=None, status="inactive",
+            cookie_window_days=0, attribution="last_click",
+        )  # fmt: skip
+    resp = LeadTracked(
+        eventName=body.eventName,
+        click=ClickOut(id=click.click_id),
+        link=LinkOut(id=link.id, domain=link.domain, key=link.code, url=link.url, programId=link.program_id),
+        customer=CustomerOut(externalId=body.customerExternalId, email=body.customerEmail, name=body.customerName),
+    )
+    return web.Response(
+        body=orjson.dumps(resp.model_dump()), content_type="application/json", headers=found.verdict.headers
+    )
