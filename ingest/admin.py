@@ -12,7 +12,7 @@ from uuid import UUID
 
 import asyncpg
 
-from . import apikeys, links
+from . import apikeys, auth, links
 from .connections import Redis
 from .keys import Keys
 
@@ -226,3 +226,47 @@ async def participant_stats(conn: asyncpg.Connection, *, workspace_id: str, part
         "pending": pending,
         "referral_code": row["code"],
     }
+
+
+# -- API keys ----------------------------------------------------------------------------
+
+
+async def create_key(
+    conn: asyncpg.Connection,
+    redis: Redis,
+    keys: Keys,
+    *,
+    workspace_id: str,
+    scopes: list[str],
+    affiliate_id: str | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """A workspace key with ``scopes``, or a read-only affiliate key; shown once."""
+    kind = "affiliate" if affiliate_id else "workspace"
+    scopes = ["read"] if kind == "affiliate" else apikeys.check_scopes(scopes)
+    key = apikeys.mint(kind)
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT 1 FROM workspaces WHERE id = $1", workspace_id):
+            raise NotFound(f"workspace {workspace_id} not found")
+        if affiliate_id and not await conn.fetchval(
+            "SELECT 1 FROM affiliates WHERE id = $1 AND workspace_id = $2", affiliate_id, workspace_id
+        ):
+            raise NotFound(f"affiliate {affiliate_id} not found in workspace {workspace_id}")
+        row = await conn.fetchrow(
+            "INSERT INTO api_keys (workspace_id, affiliate_id, kind, key_hash, prefix, scopes, name)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id, workspace_id, kind, scopes, prefix, affiliate_id",
+            workspace_id, affiliate_id, kind, key.digest, key.prefix, scopes, name,
+        )  # fmt: skip
+    await auth.cache_key(redis, keys, key.digest, auth.principal_from_row(row))
+    return {"api_key": key.secret, "prefix": key.prefix, "kind": kind, "scopes": scopes}
+
+
+async def revoke_key(conn: asyncpg.Connection, redis: Redis, keys: Keys, prefix: str) -> dict[str, Any]:
+    digest = await conn.fetchval(
+        "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL RETURNING key_hash", prefix
+    )
+    if digest is None:
+        raise NotFound(f"no active key with prefix {prefix!r}")
+    # edges drop their in-process copy within REFSTREAM_KEY_CACHE_S
+    await auth.cache_key(redis, keys, bytes(digest), None)
+    return {"revoked": prefix}

@@ -194,6 +194,49 @@ def link_show(code: str) -> None:
 
 
 @main.group()
+def keys() -> None:
+    """API keys: created (shown once) and revoked."""
+
+
+@keys.command("create")
+@click.option("--workspace", "workspace_id", required=True)
+@click.option("--scopes", default="*", show_default=True, help="Comma-separated: read, write, track, *.")
+@click.option("--affiliate", "affiliate_id", default=None, help="A read-only key for this affiliate only.")
+@click.option("--name", default=None)
+def keys_create(workspace_id: str, scopes: str, affiliate_id: str | None, name: str | None) -> None:
+    """Create a key; prints {"api_key": ...} once: only its sha256 is stored."""
+
+    async def go(settings: Settings) -> dict[str, Any]:
+        async with _connections(settings) as (conn, redis):
+            return await admin.create_key(
+                conn,
+                redis,
+                Keys(settings.stream_prefix, settings.partitions),
+                workspace_id=workspace_id,
+                scopes=[s.strip() for s in scopes.split(",") if s.strip()],
+                affiliate_id=affiliate_id,
+                name=name,
+            )
+
+    try:
+        _print(_run(go))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@keys.command("revoke")
+@click.argument("prefix")
+def keys_revoke(prefix: str) -> None:
+    """Revoke a key by its display prefix; every edge refuses it within seconds."""
+
+    async def go(settings: Settings) -> dict[str, Any]:
+        async with _connections(settings) as (conn, redis):
+            return await admin.revoke_key(conn, redis, Keys(settings.stream_prefix, settings.partitions), prefix)
+
+    _print(_run(go))
+
+
+@main.group()
 def feature() -> None:
     """Kill switches."""
 

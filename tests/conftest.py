@@ -91,6 +91,7 @@ def settings(services: svc_mod.Services, database_url: str) -> Settings:
         block_ms=200,
         claim_idle_ms=1000,
         reclaim_every_s=1,
+        key_cache_s=0.5,
         log_level="info",
     )
 
@@ -144,3 +145,31 @@ async def wait_for(condition: Callable[[], Awaitable[Any]], *, timeout: float = 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {result!r})")
         await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def edge(settings: Settings, redis: aioredis.Redis, pg: asyncpg.Pool) -> AsyncIterator[str]:
+    """The edge app in this process, on a real port, against the real Redis and Postgres."""
+    from ._world import start_edge
+
+    runner, base = await start_edge(settings)
+    try:
+        yield base
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def world(pg: asyncpg.Pool, redis: aioredis.Redis, keys: Keys) -> Any:
+    """A workspace with a key, a program (60-day window), an affiliate and link PARTNER123."""
+    from ._world import make_world
+
+    return await make_world(pg, redis, keys)
+
+
+@pytest.fixture
+def drain(settings: Settings) -> Callable[[], Awaitable[dict[str, int]]]:
+    """Run the worker's consumer until every partition is read and acked."""
+    from workers.worker import drain as drain_streams
+
+    return lambda: drain_streams(settings)

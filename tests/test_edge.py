@@ -4,38 +4,22 @@ with real Redis and Postgres. Requests come from distinct loopback addresses (12
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import aiohttp
 import orjson
-import pytest
 from aiohttp import web
 
 from ingest import links
-from ingest.app import create_app
 from ingest.keys import Keys
 from ingest.settings import Settings
 
-from ._procs import Procs, free_port
+from ._procs import Procs
+from ._world import start_edge
 from .test_e2e import TRACKED
 from .test_store import make_links
 
 
 async def start(settings: Settings) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(create_app(settings))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture
-async def edge(settings: Settings, redis, pg) -> AsyncIterator[str]:
-    runner, base = await start(settings)
-    try:
-        yield base
-    finally:
-        await runner.cleanup()
+    return await start_edge(settings)
 
 
 async def click(base: str, code: str, *, source_ip: str = "127.0.0.1") -> tuple[int, dict, dict]:

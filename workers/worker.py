@@ -21,6 +21,7 @@ import structlog
 from arq import Worker, cron
 from arq.connections import RedisSettings
 
+from ingest import links
 from ingest.connections import connect_redis, create_pg_pool
 from ingest.keys import Keys
 from ingest.settings import Settings
@@ -99,6 +100,13 @@ async def reclaim_idle(ctx: dict[str, Any]) -> int:
     return await c.reclaim()
 
 
+async def refresh_links(ctx: dict[str, Any]) -> int:
+    """arq cron: write every link into the Redis cache and mark it warm, so the edge never
+    asks Postgres about a code (and a Redis restart heals within one period)."""
+    c: Consumer = ctx["consumer"]
+    return await links.refresh_all(c.pipeline.pg, c.redis, c.keys)
+
+
 def build_worker(settings: Settings) -> Worker:
     keys = Keys(settings.stream_prefix, settings.partitions)
     return Worker(
@@ -109,7 +117,8 @@ def build_worker(settings: Settings) -> Worker:
                 second=set(range(0, 60, settings.reclaim_every_s)),
                 run_at_startup=True,
                 timeout=60,
-            )
+            ),
+            cron(refresh_links, minute=set(range(0, 60, 10)), second=7, run_at_startup=True, timeout=600),
         ],
         redis_settings=RedisSettings.from_dsn(settings.arq_url),
         queue_name=keys.arq_queue,

@@ -1,0 +1,77 @@
+"""Test data and an in-process edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+from aiohttp import web
+
+from ingest import admin
+from ingest.app import create_app
+from ingest.keys import Keys
+from ingest.settings import Settings
+
+from ._procs import free_port
+
+
+async def start_edge(settings: Settings) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class World:
+    workspace_id: str
+    api_key: str
+    program_id: str
+    affiliate_id: str
+    link: dict[str, Any]
+
+
+async def make_world(
+    pg: asyncpg.Pool, redis: Any, keys: Keys, *, code: str = "PARTNER123", name: str = "Acme"
+) -> World:
+    async with pg.acquire() as conn:
+        ws = await admin.create_workspace(conn, name)
+        program = await conn.fetchval(
+            "INSERT INTO programs (workspace_id, name, url, cookie_window_days)"
+            " VALUES ($1, 'Main', 'https://yoursite.com/', 60) RETURNING id",
+            ws["workspace_id"],
+        )
+        affiliate = await conn.fetchval(
+            "INSERT INTO affiliates (workspace_id, program_id, external_id, name, email)"
+            " VALUES ($1, $2, 'user_123', 'Alex', 'alex@example.com') RETURNING id",
+            ws["workspace_id"],
+            program,
+        )
+        link = await admin.create_link(
+            conn, redis, keys, workspace_id=ws["workspace_id"], code=code, url="https://yoursite.com/pricing",
+            program_id=str(program), affiliate_id=str(affiliate),
+        )  # fmt: skip
+    return World(ws["workspace_id"], ws["api_key"], str(program), str(affiliate), link)
+
+
+async def call(
+    method: str,
+    url: str,
+    *,
+    json: Any = None,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    source_ip: str = "127.0.0.1",
+) -> tuple[int, Any, dict[str, str]]:
+    """One HTTP request; the body parsed as JSON."""
+    connector = aiohttp.TCPConnector(local_addr=(source_ip, 0))
+    body = orjson.dumps(json) if json is not None else data
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.request(method, url, data=body, headers=hdrs) as r:
+            raw = await r.read()
+            return r.status, orjson.loads(raw) if raw else None, dict(r.headers)
