@@ -23,8 +23,8 @@ async def click(edge: str, key: str | None, body: object, **kw) -> tuple[int, di
 
 
 async def test_example_with_a_visitor_id(edge: str, world: World, pg: asyncpg.Pool, drain):
-    status, out, headers = await click(edge, world.api_key, {"ref": "PARTNER123", "visitor_id": "vis_42",
-                                                             "url": "https://yoursite.com/", "referrer": "https://t.co/x"})  # fmt: skip
+    body = {"ref": "PARTNER123", "visitor_id": "vis_42", "url": "https://yoursite.com/", "referrer": "https://t.co/x"}
+    status, out, headers = await click(edge, world.api_key, body)
     assert (status, out) == (
         200,
         {"ok": True, "visitor_id": "vis_42", "match_method": "cookie", "match_confidence": 1.0},

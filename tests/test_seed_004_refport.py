@@ -53,8 +53,8 @@ async def test_lead_straight_after_its_click_before_any_worker(edge: str, world:
     link = await pg.fetchrow("SELECT clicks, leads FROM links WHERE code = 'PARTNER123'")
     assert (link["clicks"], link["leads"]) == (1, 1)
     customer = await pg.fetchrow("SELECT * FROM customers")
-    assert (customer["status"], customer["external_id"], customer["email"], customer["name"], customer["avatar_url"]) == (
-        2, "user_001", "alice@example.com", "Alice", "https://example.com/avatar.png")  # fmt: skip
+    got = tuple(customer[k] for k in ("status", "external_id", "email", "name", "avatar_url"))
+    assert got == (2, "user_001", "alice@example.com", "Alice", "https://example.com/avatar.png")
     assert customer["visitor_id"] == click_id and "clk_" + customer["first_click_id"].hex == click_id
     event = await pg.fetchrow("SELECT * FROM events WHERE type = 2")
     assert (event["name"], event["customer_external_id"], event["dialect"]) == ("Sign Up", "user_001", "refport")

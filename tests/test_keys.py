@@ -1,0 +1,89 @@
+"""API keys: shown once, stored as sha256, revocable within seconds, never in the logs;
+workspaces never see each other; the trusted-proxy rule for client addresses."""
+
+from __future__ import annotations
+
+import hashlib
+from ipaddress import ip_network
+
+import asyncpg
+
+from ingest.keys import Keys
+from ingest.settings import Settings
+
+from ._procs import Procs
+from ._world import World, call, make_world, start_edge
+from .conftest import wait_for
+from .test_seed_002_affitor import EXAMPLE as CLICK
+
+
+async def test_keys_are_hashed_revocable_and_never_logged(procs: Procs, pg: asyncpg.Pool, redis, keys: Keys):
+    ws = await procs.cli("workspace", "create", "Acme")
+    created = await procs.cli("keys", "create", "--workspace", ws["workspace_id"], "--scopes", "track,read")
+    secret = created["api_key"]
+    assert created["scopes"] == ["read", "track"] and secret.startswith(created["prefix"])
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
+    edge = await procs.start_edge()
+
+    status, _, _ = await call("POST", f"{edge}/v1/track/click", json={"ref": "alice"},
+                              headers={"Authorization": f"Bearer {secret}"})  # fmt: skip
+    assert status == 200
+
+    row = await pg.fetchrow("SELECT * FROM api_keys WHERE prefix = $1", created["prefix"])
+    assert bytes(row["key_hash"]) == hashlib.sha256(secret.encode()).digest()
+    dump = " ".join(str(v) for r in await pg.fetch("SELECT * FROM api_keys") for v in r.values())
+    assert secret not in dump and ws["api_key"] not in dump
+    strings = [await redis.get(k) async for k in redis.scan_iter(match=f"{keys.prefix}:*", _type="string")]
+    assert strings and not any(secret.encode() in v for v in strings if v)
+
+    await procs.cli("keys", "revoke", created["prefix"])
+
+    async def refused() -> bool:
+        got = await call("POST", f"{edge}/v1/track/click", json={"ref": "alice"},
+                         headers={"Authorization": f"Bearer {secret}"})  # fmt: skip
+        return got[:2] == (401, {"error": "unauthorized"})
+
+    await wait_for(refused, timeout=10, what="the revoked key to be refused")
+    procs.stop_all()
+    logs = procs.logs()
+    assert "track/click" in logs  # the edge did log these requests ...
+    assert secret not in logs and ws["api_key"] not in logs  # ... and never a key
+
+
+async def test_one_workspace_never_sees_another(edge: str, world: World, pg: asyncpg.Pool, redis, keys: Keys, drain):
+    other = await make_world(pg, redis, keys, code="THEIRS", name="Other")
+    mine = {"Authorization": f"Bearer {world.api_key}"}
+    assert (await call("POST", f"{edge}/v1/track/click", json={"ref": "THEIRS"}, headers=mine))[:2] == (
+        404, {"error": "link_not_found"})  # fmt: skip
+    theirs = (await call("POST", f"{edge}/api/v1/track/click",
+                         json={**CLICK, "affiliate_url": "https://x.test/?aff=THEIRS"}))[1]["click_id"]  # fmt: skip
+    lead = {"clickId": theirs, "eventName": "Sign Up", "customerExternalId": "u1"}
+    status, out, _ = await call("POST", f"{edge}/api/track/lead", json=lead, headers=mine)
+    assert (status, out["error"]["code"]) == (400, "INVALID_CLICK_ID")
+    await drain()
+    # only the other workspace's public click counted, on its own link
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'THEIRS'") == 1
+    assert await pg.fetchval("SELECT clicks + leads FROM links WHERE code = 'PARTNER123'") == 0
+    assert await pg.fetchval("SELECT count(*) FROM events WHERE workspace_id = $1", world.workspace_id) == 0
+    assert other.workspace_id != world.workspace_id
+
+
+async def _hammer(edge: str, n: int, xff: list[str]) -> list[int]:
+    return [(await call("POST", f"{edge}/api/v1/referral/click/PARTNER123",
+                        headers={"X-Forwarded-For": xff[i % len(xff)]}))[0] for i in range(n)]  # fmt: skip
+
+
+async def test_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored(edge: str, world: World):
+    statuses = await _hammer(edge, 61, [f"203.0.113.{i}" for i in range(61)])
+    assert statuses[:60] == [200] * 60 and statuses[60] == 429  # all counted against 127.0.0.1
+
+
+async def test_forwarded_for_from_a_trusted_proxy_is_the_client(settings: Settings, world: World):
+    runner, edge = await start_edge(settings.model_copy(update={"trusted_proxies": [ip_network("127.0.0.1/32")]}))
+    try:
+        # the right-most untrusted address is the client: what a client wrote before it is ignored
+        statuses = await _hammer(edge, 61, ["198.51.100.1, 203.0.113.7", "10.9.9.9, 203.0.113.7"])
+        assert statuses[:60] == [200] * 60 and statuses[60] == 429
+        assert (await _hammer(edge, 1, ["203.0.113.8"])) == [200]  # another client behind the proxy
+    finally:
+        await runner.cleanup()
