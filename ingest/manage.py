@@ -1,0 +1,199 @@
+"""The management API's data layer: programs, affiliates, links, and reads of events,
+customers and stats, every query scoped to one workspace (another workspace's object is
+"not found"). Link writes refresh the Redis link cache after their commit."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from . import links
+from .admin import NotFound, readable_code
+from .connections import Redis
+from .events import EventType
+from .keys import Keys
+
+
+class Conflict(Exception):
+    pass
+
+
+def as_uuid(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound(f"{value!r} not found") from None
+
+
+def _json(row: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if isinstance(v, uuid.UUID):
+            v = str(v)
+        elif hasattr(v, "isoformat"):
+            v = v.isoformat()
+        elif k == "ip" and v is not None:
+            v = str(v)
+        out[k] = v
+    return out
+
+
+async def create_program(conn: asyncpg.Connection, workspace_id: str, **fields: Any) -> dict[str, Any]:
+    row = await conn.fetchrow(
+        "INSERT INTO programs (workspace_id, name, url, cookie_window_days, attribution)"
+        " VALUES ($1, $2, $3, $4, $5)"
+        " RETURNING id, workspace_id, name, url, cookie_window_days, attribution, created_at",
+        workspace_id, fields["name"], fields.get("url"), fields["cookie_window_days"], fields["attribution"],
+    )  # fmt: skip
+    return _json(row)
+
+
+async def create_affiliate(conn: asyncpg.Connection, workspace_id: str, **fields: Any) -> dict[str, Any]:
+    program = as_uuid(fields["program_id"])
+    if not await conn.fetchval("SELECT 1 FROM programs WHERE id = $1 AND workspace_id = $2", program, workspace_id):
+        raise NotFound("program not found")
+    try:
+        row = await conn.fetchrow(
+            "INSERT INTO affiliates (workspace_id, program_id, external_id, name, email) VALUES ($1, $2, $3, $4, $5)"
+            " RETURNING id, workspace_id, program_id, external_id, name, email, created_at",
+            workspace_id, program, fields["external_id"], fields.get("name"), fields.get("email"),
+        )  # fmt: skip
+    except asyncpg.UniqueViolationError:
+        raise Conflict(f"affiliate {fields['external_id']!r} exists in this program") from None
+    return _json(row)
+
+
+_LINK = (
+    "SELECT id, workspace_id, program_id, affiliate_id, code, url, domain, status, clicks, unique_clicks,"
+    " bot_clicks, leads, conversions, last_clicked_at, created_at, updated_at FROM links"
+)
+
+
+async def create_link(
+    conn: asyncpg.Connection, redis: Redis, keys: Keys, workspace_id: str, **f: Any
+) -> dict[str, Any]:
+    affiliate = await conn.fetchrow(
+        "SELECT id, program_id, external_id FROM affiliates WHERE id = $1 AND workspace_id = $2",
+        as_uuid(f["affiliate_id"]),
+        workspace_id,
+    )
+    if affiliate is None:
+        raise NotFound("affiliate not found")
+    url = f["url"]
+    for _ in range(10):
+        code = f.get("code") or readable_code(affiliate["external_id"])
+        try:
+            row = await conn.fetchrow(
+                "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain, status)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                workspace_id, affiliate["program_id"], affiliate["id"], code, url,
+                f.get("domain") or urlsplit(url).hostname, f.get("status") or "active",
+            )  # fmt: skip
+            break
+        except asyncpg.UniqueViolationError:
+            if f.get("code"):
+                raise Conflict(f"code {code!r} is taken") from None
+    else:
+        raise Conflict("no free code found")
+    return await _link_written(conn, redis, keys, row["id"])
+
+
+async def update_link(
+    conn: asyncpg.Connection, redis: Redis, keys: Keys, workspace_id: str, link_id: str, **f: Any
+) -> dict[str, Any]:
+    row = await conn.fetchrow(
+        "UPDATE links SET status = coalesce($3, status), url = coalesce($4, url),"
+        " domain = CASE WHEN $4::text IS NULL THEN domain ELSE $5 END, updated_at = now()"
+        " WHERE id = $1 AND workspace_id = $2 RETURNING id",
+        as_uuid(link_id), workspace_id, f.get("status"), f.get("url"),
+        urlsplit(f["url"]).hostname if f.get("url") else None,
+    )  # fmt: skip
+    if row is None:
+        raise NotFound("link not found")
+    return await _link_written(conn, redis, keys, row["id"])
+
+
+async def _link_written(conn: asyncpg.Connection, redis: Redis, keys: Keys, link_id: uuid.UUID) -> dict[str, Any]:
+    row = await conn.fetchrow(_LINK + " WHERE id = $1", link_id)
+    cached = await links.fetch(conn, row["code"])
+    if cached is not None:
+        await links.put(redis, keys, cached)  # the edge sees a new or deactivated link at once
+    return _json(row)
+
+
+async def get_link(conn: asyncpg.Connection, workspace_id: str, link_id: str) -> dict[str, Any]:
+    row = await conn.fetchrow(_LINK + " WHERE id = $1 AND workspace_id = $2", as_uuid(link_id), workspace_id)
+    if row is None:
+        raise NotFound("link not found")
+    return _json(row)
+
+
+_EVENT_COLUMNS = (
+    "event_id, type, link_id, program_id, affiliate_id, click_id, visitor_id, customer_external_id, name,"
+    " dialect, test_mode, is_bot, received_at, processed_at, ip, user_agent, referrer, country, asn, device, payload"
+)
+_TYPES = {"click": EventType.CLICK, "lead": EventType.LEAD, "conversion": EventType.CONVERSION}
+
+
+async def list_events(
+    conn: asyncpg.Connection, workspace_id: str, *, link_id: str | None, type_: str | None, limit: int
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT {_EVENT_COLUMNS} FROM events WHERE workspace_id = $1"
+        " AND ($2::uuid IS NULL OR link_id = $2) AND ($3::smallint IS NULL OR type = $3)"
+        " ORDER BY event_id DESC LIMIT $4",
+        workspace_id,
+        as_uuid(link_id) if link_id else None,
+        int(_TYPES[type_]) if type_ else None,
+        limit,
+    )
+    out = []
+    for r in rows:
+        d = _json(r)
+        d["type"] = EventType(r["type"]).name.lower()
+        out.append(d)
+    return out
+
+
+async def get_customer(conn: asyncpg.Connection, workspace_id: str, external_id: str) -> dict[str, Any]:
+    row = await conn.fetchrow(
+        "SELECT id, external_id, visitor_id, email, name, avatar_url, status, link_id, affiliate_id, program_id,"
+        " first_click_id, first_seen_at, last_seen_at FROM customers WHERE workspace_id = $1 AND external_id = $2"
+        " ORDER BY last_seen_at DESC LIMIT 1",
+        workspace_id,
+        external_id,
+    )
+    if row is None:
+        raise NotFound("customer not found")
+    d = _json(row)
+    d["status"] = {1: "click", 2: "lead", 3: "converted"}[row["status"]]
+    return d
+
+
+async def affiliate_links(conn: asyncpg.Connection, workspace_id: str, affiliate_id: str) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        _LINK + " WHERE workspace_id = $1 AND affiliate_id = $2 ORDER BY created_at", workspace_id, affiliate_id
+    )
+    return [_json(r) for r in rows]
+
+
+async def affiliate_stats(conn: asyncpg.Connection, workspace_id: str, affiliate_id: str) -> dict[str, Any]:
+    totals = await conn.fetchrow(
+        "SELECT count(*) AS links, coalesce(sum(clicks), 0)::bigint AS clicks,"
+        " coalesce(sum(unique_clicks), 0)::bigint AS unique_clicks, coalesce(sum(leads), 0)::bigint AS leads,"
+        " coalesce(sum(conversions), 0)::bigint AS conversions"
+        " FROM links WHERE workspace_id = $1 AND affiliate_id = $2",
+        workspace_id,
+        affiliate_id,
+    )
+    daily = await conn.fetch(
+        "SELECT day, sum(clicks)::bigint AS clicks, sum(leads)::bigint AS leads,"
+        " sum(conversions)::bigint AS conversions FROM daily_stats"
+        " WHERE workspace_id = $1 AND affiliate_id = $2 AND day > current_date - 30 GROUP BY day ORDER BY day",
+        workspace_id,
+        affiliate_id,
+    )
+    return {"affiliate_id": affiliate_id, **dict(totals), "daily": [_json(d) for d in daily]}

@@ -1,0 +1,201 @@
+"""The management API, ``/v1``: JSON, ``Authorization: Bearer`` workspace key, scope
+``write`` for changes and ``read`` for reads, everything scoped to the key's workspace.
+Affiliate keys (read-only) reach ``/v1/affiliate/*`` and see only their own links and stats.
+Errors: ``{"error": code, "detail": text}``, as the Affixo API (seed 003) answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import asyncpg
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
+
+from .. import manage
+from ..admin import NotFound
+from ..auth import Principal, bearer
+from ..body import BodyError, parse
+from ..lookup import Unavailable, lookup
+from ..state import EDGE, Edge
+
+routes = web.RouteTableDef()
+
+
+class NewProgram(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    url: str | None = Field(None, max_length=2048)
+    cookie_window_days: int = Field(30, ge=1, le=3650)
+    attribution: Literal["first_click", "last_click"] = "last_click"
+
+
+class NewAffiliate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    program_id: str = Field(max_length=64)
+    external_id: str = Field(min_length=1, max_length=256)
+    name: str | None = Field(None, max_length=256)
+    email: str | None = Field(None, max_length=320)
+
+
+class NewLink(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    affiliate_id: str = Field(max_length=64)
+    code: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://")
+    domain: str | None = Field(None, max_length=253)
+    status: Literal["active", "inactive"] = "active"
+
+
+class LinkPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["active", "inactive"] | None = None
+    url: str | None = Field(None, min_length=1, max_length=2048, pattern=r"^https?://")
+
+
+class ManageError(BaseModel):
+    error: str
+    detail: str | None = None
+    need: str | None = None
+
+
+def json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def error(status: int, code: str, detail: str | None = None, **extra: str) -> web.Response:
+    return json(status, {"error": code, **({"detail": detail} if detail else {}), **extra})
+
+
+Handler = Callable[[web.Request, Edge, Principal], Awaitable[web.Response]]
+
+
+def guarded(
+    scope: str, *, affiliate: bool = False
+) -> Callable[[Handler], Callable[[web.Request], Awaitable[web.Response]]]:
+    """Bearer key, kind, scope and the per-key rate limit; then the handler, with the
+    errors of the data layer turned into this API's shapes."""
+
+    def wrap(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def route(request: web.Request) -> web.Response:
+            edge = request.app[EDGE]
+            secret = bearer(request.headers.get("Authorization"))
+            if secret is None:
+                return error(401, "unauthorized")
+            try:
+                found = await lookup(edge, edge.key_limiter, "", secret=secret)
+            except (Unavailable, RedisError, OSError):
+                return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
+            principal = found.principal
+            if principal is None:
+                return error(401, "unauthorized")
+            if (principal.kind == "affiliate") != affiliate:
+                return error(403, "insufficient_scope", need="affiliate key" if affiliate else "workspace key")
+            if not principal.allows(scope):
+                return error(403, "insufficient_scope", need=scope)
+            if not found.verdict.allowed:
+                return json(429, {"error": "rate_limited"}, found.verdict.headers)
+            try:
+                return await handler(request, edge, principal)
+            except BodyError as exc:
+                return error(
+                    exc.status, "invalid_json" if exc.kind == "invalid_json" else "invalid_request", exc.message
+                )
+            except NotFound as exc:
+                return error(404, "not_found", str(exc))
+            except manage.Conflict as exc:
+                return error(409, "conflict", str(exc))
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+                return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
+
+        return route
+
+    return wrap
+
+
+@routes.post("/v1/programs")
+@guarded("write")
+async def create_program(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    body = await parse(request, NewProgram)
+    async with edge.pg.acquire() as conn:
+        return json(201, await manage.create_program(conn, p.workspace_id, **body.model_dump()))
+
+
+@routes.post("/v1/affiliates")
+@guarded("write")
+async def create_affiliate(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    body = await parse(request, NewAffiliate)
+    async with edge.pg.acquire() as conn:
+        return json(201, await manage.create_affiliate(conn, p.workspace_id, **body.model_dump()))
+
+
+@routes.post("/v1/links")
+@guarded("write")
+async def create_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    body = await parse(request, NewLink)
+    async with edge.pg.acquire() as conn:
+        return json(201, await manage.create_link(conn, edge.redis, edge.keys, p.workspace_id, **body.model_dump()))
+
+
+@routes.patch("/v1/links/{id}")
+@guarded("write")
+async def patch_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    body = await parse(request, LinkPatch)
+    async with edge.pg.acquire() as conn:
+        link = await manage.update_link(
+            conn, edge.redis, edge.keys, p.workspace_id, request.match_info["id"], **body.model_dump()
+        )
+    return json(200, link)
+
+
+@routes.get("/v1/links/{id}")
+@guarded("read")
+async def get_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with edge.pg.acquire() as conn:
+        return json(200, await manage.get_link(conn, p.workspace_id, request.match_info["id"]))
+
+
+@routes.get("/v1/events")
+@guarded("read")
+async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    q = request.query
+    type_ = q.get("type") or None
+    if type_ is not None and type_ not in ("click", "lead", "conversion"):
+        return error(400, "invalid_request", "type: one of click, lead, conversion")
+    try:
+        limit = int(q.get("limit", "50"))
+    except ValueError:
+        return error(400, "invalid_request", "limit: an integer")
+    if not 1 <= limit <= 500:
+        return error(400, "invalid_request", "limit: between 1 and 500")
+    async with edge.pg.acquire() as conn:
+        events = await manage.list_events(
+            conn, p.workspace_id, link_id=q.get("link_id") or None, type_=type_, limit=limit
+        )
+    return json(200, {"data": events})
+
+
+@routes.get("/v1/customers/{external_id}")
+@guarded("read")
+async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with edge.pg.acquire() as conn:
+        return json(200, await manage.get_customer(conn, p.workspace_id, request.match_info["external_id"]))
+
+
+@routes.get("/v1/affiliate/links")
+@guarded("read", affiliate=True)
+async def affiliate_links(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    assert p.affiliate_id is not None
+    async with edge.pg.acquire() as conn:
+        return json(200, {"data": await manage.affiliate_links(conn, p.workspace_id, p.affiliate_id)})
+
+
+@routes.get("/v1/affiliate/stats")
+@guarded("read", affiliate=True)
+async def affiliate_stats(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    assert p.affiliate_id is not None
+    async with edge.pg.acquire() as conn:
+        return json(200, await manage.affiliate_stats(conn, p.workspace_id, p.affiliate_id))
