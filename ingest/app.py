@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import links
+from . import links, openapi
 from .auth import Authenticator
 from .batcher import RedisBatcher
 from .connections import connect_redis, create_pg_pool
@@ -82,6 +82,6 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[canonical_log])
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
-    for module in (health, biore, bricqs, affitor, affixo, refport, manage):
+    for module in (health, biore, bricqs, affitor, affixo, refport, manage, openapi):
         app.add_routes(module.routes)
     return app

@@ -31,13 +31,13 @@ routes = web.RouteTableDef()
 S = 2048  # cap of every free-text field
 
 
-class AdditionalData(BaseModel):
+class AffitorAdditionalData(BaseModel):
     model_config = ConfigDict(extra="allow")
     test_mode: bool = False
     program_id: int | str | None = None
 
 
-class TrackClick(BaseModel):
+class AffitorClick(BaseModel):
     model_config = ConfigDict(extra="ignore")
     affiliate_url: str | None = Field(None, max_length=S)
     page_url: str | None = Field(None, max_length=S)
@@ -50,29 +50,29 @@ class TrackClick(BaseModel):
     language: str | None = Field(None, max_length=64)
     timezone: str | None = Field(None, max_length=64)
     existing_click_id: str | None = Field(None, max_length=128)
-    additional_data: AdditionalData | None = None
+    additional_data: AffitorAdditionalData | None = None
 
 
-class ClickResponse(BaseModel):
+class AffitorClickResponse(BaseModel):
     success: bool = True
     click_id: str
     partner_code: str
     cookie_window_days: int
 
 
-class TestModeData(BaseModel):
+class AffitorTestModeData(BaseModel):
     eventId: str
     programId: int | str | None
     test_mode: bool = True
 
 
-class TestModeResponse(BaseModel):
+class AffitorTestModeResponse(BaseModel):
     success: bool = True
     message: str = "Test click event tracked successfully"
-    data: TestModeData
+    data: AffitorTestModeData
 
 
-class Failure(BaseModel):
+class AffitorFailure(BaseModel):
     success: bool = False
     error: str
 
@@ -105,7 +105,7 @@ async def track_click(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     ip = edge.client_ip(request)
     try:
-        body = await parse(request, TrackClick)
+        body = await parse(request, AffitorClick)
     except BodyError as exc:
         return fail(exc.status, "Invalid JSON body" if exc.kind == "invalid_json" else exc.message)
     if not body.affiliate_url:
@@ -182,7 +182,7 @@ async def track_click(request: web.Request) -> web.Response:
     headers = found.verdict.headers
     if test_mode:
         program = body.additional_data.program_id if body.additional_data else None
-        data = TestModeData(eventId=str(event_id), programId=program if program is not None else link.program_id)
-        return reply(200, TestModeResponse(data=data).model_dump(), headers)
-    resp = ClickResponse(click_id=click_id, partner_code=code, cookie_window_days=link.cookie_window_days)
+        data = AffitorTestModeData(eventId=str(event_id), programId=program if program is not None else link.program_id)
+        return reply(200, AffitorTestModeResponse(data=data).model_dump(), headers)
+    resp = AffitorClickResponse(click_id=click_id, partner_code=code, cookie_window_days=link.cookie_window_days)
     return reply(200, resp.model_dump(), headers)

@@ -36,7 +36,7 @@ FINGERPRINT_TTL_S = 90 * 86400
 FINGERPRINT_CONFIDENCE = 0.8
 
 
-class TrackClick(BaseModel):
+class AffixoClick(BaseModel):
     model_config = ConfigDict(extra="ignore")
     ref: str = Field(min_length=1, max_length=128, description="Referral code / ref_param.")
     visitor_id: str | None = Field(None, max_length=128)
@@ -45,14 +45,14 @@ class TrackClick(BaseModel):
     referrer: str | None = Field(None, max_length=2048)
 
 
-class ClickRecorded(BaseModel):
+class AffixoClickRecorded(BaseModel):
     ok: bool = True
     visitor_id: str
     match_method: str
     match_confidence: float
 
 
-class Error(BaseModel):
+class AffixoError(BaseModel):
     error: str
     need: str | None = None
     detail: str | None = None
@@ -74,10 +74,10 @@ async def track_click(request: web.Request) -> web.Response:
     secret = bearer(request.headers.get("Authorization"))
     if secret is None:
         return error(401, "unauthorized")
-    body: TrackClick | None = None
+    body: AffixoClick | None = None
     problem: BodyError | None = None
     try:
-        body = await parse(request, TrackClick)
+        body = await parse(request, AffixoClick)
     except BodyError as exc:
         problem = exc
     try:
@@ -144,7 +144,7 @@ async def track_click(request: web.Request) -> web.Response:
     except (RedisError, OSError) as exc:
         log.warning("redis.unavailable", route="affixo_click", error=str(exc))
         return error(503, "unavailable", {"Retry-After": "1"})
-    resp = ClickRecorded(visitor_id=visitor, match_method=method, match_confidence=confidence)
+    resp = AffixoClickRecorded(visitor_id=visitor, match_method=method, match_confidence=confidence)
     return web.Response(
         body=orjson.dumps(resp.model_dump()), content_type="application/json", headers=found.verdict.headers
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import orjson
 import structlog
 from aiohttp import web
+from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from .. import flags
@@ -23,6 +24,28 @@ log = structlog.get_logger("ingest.biore")
 routes = web.RouteTableDef()
 
 MAX_CODE = 128
+
+
+class BioreTracked(BaseModel):
+    tracked: bool = True
+
+
+class BioreTrackResponse(BaseModel):
+    success: bool = True
+    data: BioreTracked
+
+
+class BioreErrorBody(BaseModel):
+    statusCode: int
+    code: str
+    message: str
+
+
+class BioreError(BaseModel):
+    success: bool = False
+    error: BioreErrorBody
+
+
 TRACKED = orjson.dumps({"success": True, "data": {"tracked": True}})
 
 

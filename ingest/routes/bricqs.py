@@ -36,39 +36,39 @@ routes = web.RouteTableDef()
 IDEMPOTENCY_TTL_S = 30 * 86400
 
 
-class Generate(BaseModel):
+class BricqsGenerate(BaseModel):
     model_config = ConfigDict(extra="ignore")
     participant_id: str = Field(min_length=1, max_length=128)
     campaign_id: uuid.UUID
 
 
-class Generated(BaseModel):
+class BricqsGenerated(BaseModel):
     code: str
     referral_url: str
     participant_id: str
     created_at: str
 
 
-class Validated(BaseModel):
+class BricqsValidated(BaseModel):
     valid: bool
     code: str
     referrer_id: str | None = None
     campaign_id: str | None = None
 
 
-class Convert(BaseModel):
+class BricqsConvert(BaseModel):
     model_config = ConfigDict(extra="ignore")
     code: str = Field(min_length=1, max_length=128)
     referred_session_id: str = Field(min_length=1, max_length=256)
 
 
-class Converted(BaseModel):
+class BricqsConverted(BaseModel):
     converted: bool
     referrer_id: str | None
     conversion_id: str
 
 
-class Stats(BaseModel):
+class BricqsStats(BaseModel):
     participant_id: str
     total_referrals: int
     conversions: int
@@ -76,7 +76,7 @@ class Stats(BaseModel):
     referral_code: str | None
 
 
-class Error(BaseModel):
+class BricqsError(BaseModel):
     error: str
     message: str
 
@@ -119,7 +119,7 @@ async def generate(request: web.Request) -> web.Response:
         return keyed
     edge, principal = keyed
     try:
-        body = await parse(request, Generate)
+        body = await parse(request, BricqsGenerate)
     except BodyError as exc:
         return error(exc.status, "validation_error", exc.message)
     try:
@@ -136,7 +136,7 @@ async def generate(request: web.Request) -> web.Response:
         return error(404, "campaign_not_found", str(exc))
     except (OSError, asyncpg.PostgresConnectionError, RedisError):
         return unavailable()
-    return json(200, Generated(**out).model_dump())
+    return json(200, BricqsGenerated(**out).model_dump())
 
 
 async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...] = ()) -> Found | web.Response:
@@ -154,14 +154,14 @@ async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...]
 async def validate(request: web.Request) -> web.Response:
     code = request.match_info["code"]
     if len(code) > 128:
-        return json(200, Validated(valid=False, code=code[:128]).model_dump())
+        return json(200, BricqsValidated(valid=False, code=code[:128]).model_dump())
     found = await _public(request, code)
     if isinstance(found, web.Response):
         return found
     link = found.link
     if link is None or not link.active or not link.configured:
-        return json(200, Validated(valid=False, code=code).model_dump(), found.verdict.headers)
-    out = Validated(valid=True, code=code, referrer_id=link.affiliate_external_id, campaign_id=link.program_id)
+        return json(200, BricqsValidated(valid=False, code=code).model_dump(), found.verdict.headers)
+    out = BricqsValidated(valid=True, code=code, referrer_id=link.affiliate_external_id, campaign_id=link.program_id)
     return json(200, out.model_dump(), found.verdict.headers)
 
 
@@ -169,7 +169,7 @@ async def validate(request: web.Request) -> web.Response:
 async def convert(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     try:
-        body = await parse(request, Convert)
+        body = await parse(request, BricqsConvert)
     except BodyError as exc:
         return error(exc.status, "validation_error", exc.message)
     event_id = uuid7()
@@ -208,7 +208,7 @@ async def convert(request: web.Request) -> web.Response:
     except (RedisError, OSError) as exc:
         log.warning("redis.unavailable", route="bricqs_convert", error=str(exc))
         return unavailable()
-    out = Converted(
+    out = BricqsConverted(
         converted=True,
         referrer_id=link.affiliate_external_id,
         conversion_id=first.decode() if isinstance(first, bytes) else conversion_id,
@@ -230,4 +230,4 @@ async def stats(request: web.Request) -> web.Response:
         return error(404, "participant_not_found", str(exc))
     except (OSError, asyncpg.PostgresConnectionError):
         return unavailable()
-    return json(200, Stats(**out).model_dump())
+    return json(200, BricqsStats(**out).model_dump())

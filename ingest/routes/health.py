@@ -5,11 +5,22 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from ..state import EDGE
 
 routes = web.RouteTableDef()
 READY_TIMEOUT_S = 2.0
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    redis: str
+    postgres: str
 
 
 @routes.get("/healthz")

@@ -56,6 +56,87 @@ class LinkPatch(BaseModel):
     url: str | None = Field(None, min_length=1, max_length=2048, pattern=r"^https?://")
 
 
+class Program(BaseModel):
+    id: str
+    workspace_id: str
+    name: str
+    url: str | None
+    cookie_window_days: int
+    attribution: str
+    created_at: str
+
+
+class Affiliate(BaseModel):
+    id: str
+    workspace_id: str
+    program_id: str
+    external_id: str
+    name: str | None
+    email: str | None
+    created_at: str
+
+
+class Link(BaseModel):
+    id: str
+    workspace_id: str
+    program_id: str | None
+    affiliate_id: str | None
+    code: str
+    url: str
+    domain: str | None
+    status: str
+    clicks: int
+    unique_clicks: int
+    bot_clicks: int
+    leads: int
+    conversions: int
+    last_clicked_at: str | None
+    created_at: str
+    updated_at: str
+
+
+class LinkList(BaseModel):
+    data: list[Link]
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    event_id: str
+    type: Literal["click", "lead", "conversion"]
+    link_id: str | None
+    received_at: str
+    payload: dict[str, Any]
+
+
+class EventList(BaseModel):
+    data: list[Event]
+
+
+class Customer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    external_id: str | None
+    visitor_id: str
+    status: Literal["click", "lead", "converted"]
+
+
+class DailyStats(BaseModel):
+    day: str
+    clicks: int
+    leads: int
+    conversions: int
+
+
+class AffiliateStats(BaseModel):
+    affiliate_id: str
+    links: int
+    clicks: int
+    unique_clicks: int
+    leads: int
+    conversions: int
+    daily: list[DailyStats]
+
+
 class ManageError(BaseModel):
     error: str
     detail: str | None = None

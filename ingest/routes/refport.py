@@ -31,7 +31,7 @@ log = structlog.get_logger("ingest.refport")
 routes = web.RouteTableDef()
 
 
-class TrackLead(BaseModel):
+class RefportLead(BaseModel):
     model_config = ConfigDict(extra="ignore")
     clickId: str = Field(min_length=1, max_length=128)
     eventName: str = Field(min_length=1, max_length=256)
@@ -42,11 +42,11 @@ class TrackLead(BaseModel):
     metadata: dict[str, Any] | None = Field(None, max_length=100)
 
 
-class ClickOut(BaseModel):
+class RefportClick(BaseModel):
     id: str
 
 
-class LinkOut(BaseModel):
+class RefportLink(BaseModel):
     id: str
     domain: str | None
     key: str
@@ -54,26 +54,26 @@ class LinkOut(BaseModel):
     programId: str | None
 
 
-class CustomerOut(BaseModel):
+class RefportCustomer(BaseModel):
     externalId: str
     email: str | None
     name: str | None
 
 
-class LeadTracked(BaseModel):
+class RefportLeadTracked(BaseModel):
     eventName: str
-    click: ClickOut
-    link: LinkOut
-    customer: CustomerOut
+    click: RefportClick
+    link: RefportLink
+    customer: RefportCustomer
 
 
-class ErrorBody(BaseModel):
+class RefportErrorBody(BaseModel):
     code: str
     message: str
 
 
-class Error(BaseModel):
-    error: ErrorBody
+class RefportError(BaseModel):
+    error: RefportErrorBody
 
 
 def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -91,10 +91,10 @@ async def track_lead(request: web.Request) -> web.Response:
     secret = bearer(request.headers.get("Authorization"))
     if secret is None:
         return error(401, "UNAUTHORIZED", "Invalid or missing API key")
-    body: TrackLead | None = None
+    body: RefportLead | None = None
     problem: BodyError | None = None
     try:
-        body = await parse(request, TrackLead)
+        body = await parse(request, RefportLead)
     except BodyError as exc:
         problem = exc
     click_id = body.clickId if body else None
@@ -167,11 +167,11 @@ async def track_lead(request: web.Request) -> web.Response:
             affiliate_external_id=None, code=click.code, url="", domain=None, status="inactive",
             cookie_window_days=0, attribution="last_click",
         )  # fmt: skip
-    resp = LeadTracked(
+    resp = RefportLeadTracked(
         eventName=body.eventName,
-        click=ClickOut(id=click.click_id),
-        link=LinkOut(id=link.id, domain=link.domain, key=link.code, url=link.url, programId=link.program_id),
-        customer=CustomerOut(externalId=body.customerExternalId, email=body.customerEmail, name=body.customerName),
+        click=RefportClick(id=click.click_id),
+        link=RefportLink(id=link.id, domain=link.domain, key=link.code, url=link.url, programId=link.program_id),
+        customer=RefportCustomer(externalId=body.customerExternalId, email=body.customerEmail, name=body.customerName),
     )
     return web.Response(
         body=orjson.dumps(resp.model_dump()), content_type="application/json", headers=found.verdict.headers
