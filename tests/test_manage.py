@@ -17,8 +17,8 @@ def auth(key: str) -> dict[str, str]:
 
 async def test_create_program_affiliate_link_then_track_and_read(edge: str, world: World, pg: asyncpg.Pool, drain):
     h = auth(world.api_key)
-    status, program, _ = await call("POST", f"{edge}/v1/programs", headers=h,
-                                    json={"name": "Spring", "cookie_window_days": 45, "attribution": "first_click"})  # fmt: skip
+    spring = {"name": "Spring", "cookie_window_days": 45, "attribution": "first_click"}
+    status, program, _ = await call("POST", f"{edge}/v1/programs", headers=h, json=spring)
     assert status == 201 and program["cookie_window_days"] == 45 and program["attribution"] == "first_click"
     status, affiliate, _ = await call("POST", f"{edge}/v1/affiliates", headers=h,
                                       json={"program_id": program["id"], "external_id": "jane", "name": "Jane",
@@ -135,3 +135,31 @@ async def test_affiliate_keys_see_only_their_own(edge: str, world: World, pg: as
         0
     ] == 403
     assert (await call("GET", f"{edge}/v1/affiliate/links", headers=auth(world.api_key)))[0] == 403
+
+
+async def test_keys_through_the_api(edge: str, world: World, pg: asyncpg.Pool, redis, keys: Keys):
+    from .conftest import wait_for
+
+    h = auth(world.api_key)
+    status, created, _ = await call("POST", f"{edge}/v1/keys", headers=h, json={"scopes": ["track"], "name": "ci"})
+    assert status == 201 and created["scopes"] == ["track"] and created["api_key"].startswith(created["prefix"])
+    assert await pg.fetchval("SELECT count(*) FROM api_keys WHERE prefix = $1", created["prefix"]) == 1
+    tracker = auth(created["api_key"])
+    assert (await call("POST", f"{edge}/v1/track/click", headers=tracker, json={"ref": "PARTNER123"}))[0] == 200
+    # a key without "*" can neither mint keys nor revoke them
+    status, out, _ = await call("POST", f"{edge}/v1/keys", headers=tracker, json={"scopes": ["*"]})
+    assert (status, out) == (403, {"error": "insufficient_scope", "need": "*"})
+    other = await make_world(pg, redis, keys, code="THEIRS", name="Other")
+    theirs = (await call("POST", f"{edge}/v1/keys", headers=auth(other.api_key), json={}))[1]
+    assert (await call("DELETE", f"{edge}/v1/keys/{theirs['prefix']}", headers=h))[0] == 404
+    assert (await call("DELETE", f"{edge}/v1/keys/{created['prefix']}", headers=h))[:2] == (
+        200, {"revoked": created["prefix"]})  # fmt: skip
+
+    async def refused() -> bool:
+        got = await call("POST", f"{edge}/v1/track/click", headers=tracker, json={"ref": "PARTNER123"})
+        return got[0] == 401
+
+    await wait_for(refused, timeout=10, what="the revoked key to be refused")
+    status, aff, _ = await call("POST", f"{edge}/v1/keys", headers=h, json={"affiliate_id": world.affiliate_id})
+    assert status == 201 and aff["kind"] == "affiliate" and aff["scopes"] == ["read"]
+    assert (await call("POST", f"{edge}/v1/keys", headers=h, json={"scopes": ["root"]}))[0] == 400

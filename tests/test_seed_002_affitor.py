@@ -150,3 +150,22 @@ async def test_bad_bodies_get_the_dialects_4xx(edge: str, world: World, data, st
     got, out, _ = await call("POST", f"{edge}/api/v1/track/click", data=data)
     assert got == status
     assert out["success"] is False and message_part in out["error"]
+
+
+async def test_public_routes_are_limited_per_client_ip(settings, world: World):
+    from ._world import start_edge
+
+    runner, edge = await start_edge(settings.model_copy(update={"public_rate_limit": 3}))
+    try:
+        for _ in range(3):
+            assert (await call("POST", f"{edge}/api/v1/track/click", json=EXAMPLE))[0] == 200
+        status, out, headers = await call("POST", f"{edge}/api/v1/track/click", json=EXAMPLE)
+        assert (status, out) == (429, {"success": False, "error": "Too many requests"})
+        assert int(headers["Retry-After"]) >= 1 and headers["X-RateLimit-Limit"] == "3"
+        # the same family: Bricqs' public routes share the per-IP budget
+        status, out, _ = await call("GET", f"{edge}/api/v1/referrals/validate/PARTNER123")
+        assert (status, out["error"]) == (429, "rate_limited")
+        # another client address is unaffected
+        assert (await call("POST", f"{edge}/api/v1/track/click", json=EXAMPLE, source_ip="127.0.0.2"))[0] == 200
+    finally:
+        await runner.cleanup()

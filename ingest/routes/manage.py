@@ -15,7 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from .. import manage
+from .. import admin, manage
 from ..admin import NotFound
 from ..auth import Principal, bearer
 from ..body import BodyError, parse
@@ -48,6 +48,27 @@ class NewLink(BaseModel):
     url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://")
     domain: str | None = Field(None, max_length=253)
     status: Literal["active", "inactive"] = "active"
+
+
+Scope = Literal["read", "write", "track", "*"]
+
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["track"]), max_length=4)
+    affiliate_id: str | None = Field(None, max_length=64, description="A read-only key for this affiliate")
+    name: str | None = Field(None, max_length=200)
+
+
+class CreatedKey(BaseModel):
+    api_key: str = Field(description="Shown once; only its sha256 is stored")
+    prefix: str
+    kind: str
+    scopes: list[str]
+
+
+class RevokedKey(BaseModel):
+    revoked: str
 
 
 class LinkPatch(BaseModel):
@@ -219,6 +240,35 @@ async def create_link(request: web.Request, edge: Edge, p: Principal) -> web.Res
     body = await parse(request, NewLink)
     async with edge.pg.acquire() as conn:
         return json(201, await manage.create_link(conn, edge.redis, edge.keys, p.workspace_id, **body.model_dump()))
+
+
+@routes.post("/v1/keys")
+@guarded("*")
+async def create_key(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    # minting keys takes "*": a "write" key must not be able to make itself a "*" key
+    body = await parse(request, NewKey)
+    if body.affiliate_id is not None:
+        manage.as_uuid(body.affiliate_id)
+    async with edge.pg.acquire() as conn:
+        created = await admin.create_key(
+            conn, edge.redis, edge.keys, workspace_id=p.workspace_id, scopes=list(body.scopes),
+            affiliate_id=body.affiliate_id, name=body.name,
+        )  # fmt: skip
+    return json(201, created)
+
+
+@routes.delete("/v1/keys/{prefix}")
+@guarded("*")
+async def revoke_key(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with edge.pg.acquire() as conn:
+        owned = await conn.fetchval(
+            "SELECT 1 FROM api_keys WHERE prefix = $1 AND workspace_id = $2",
+            request.match_info["prefix"],
+            p.workspace_id,
+        )
+        if not owned:
+            raise NotFound("key not found")
+        return json(200, await admin.revoke_key(conn, edge.redis, edge.keys, request.match_info["prefix"]))
 
 
 @routes.patch("/v1/links/{id}")
