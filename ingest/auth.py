@@ -61,9 +61,17 @@ def bearer(header: str | None) -> str | None:
         return None
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or len(token) > _MAX_SECRET:
+    if scheme.lower() != "bearer":
         return None
-    return token
+    return plausible(token)
+
+
+def plausible(secret: str | None) -> str | None:
+    """A key-shaped string, or None: nothing else is worth a lookup (undecodable bytes,
+    control characters, absurd lengths answer 401 without touching Redis or Postgres)."""
+    if not secret or len(secret) > _MAX_SECRET or not secret.isascii() or not secret.isprintable() or " " in secret:
+        return None
+    return secret
 
 
 _SELECT_KEY = """
@@ -105,7 +113,8 @@ class Authenticator:
     async def _from_postgres(self, digest: bytes) -> Principal | None:
         row = await self.pg.fetchrow(_SELECT_KEY, digest)
         principal = principal_from_row(row) if row else None
-        await cache_key(self.redis, self.keys, digest, principal)
+        # NX: a revocation's tombstone written since our read must win over our fill
+        await cache_key(self.redis, self.keys, digest, principal, only_if_absent=True)
         return principal
 
     def _remember(self, digest: bytes, principal: Principal | None) -> None:
@@ -126,9 +135,11 @@ def principal_from_row(row: asyncpg.Record) -> Principal:
     )
 
 
-async def cache_key(redis: Redis, keys: Keys, digest: bytes, principal: Principal | None) -> None:
+async def cache_key(
+    redis: Redis, keys: Keys, digest: bytes, principal: Principal | None, *, only_if_absent: bool = False
+) -> None:
     """Write (or, for a revoked or unknown key, negate) a key's Redis entry."""
     if principal is None:
-        await redis.set(keys.apikey(digest.hex()), _UNKNOWN, ex=NEGATIVE_TTL_S)
+        await redis.set(keys.apikey(digest.hex()), _UNKNOWN, ex=NEGATIVE_TTL_S, nx=only_if_absent)
     else:
-        await redis.set(keys.apikey(digest.hex()), principal.encode(), ex=REDIS_TTL_S)
+        await redis.set(keys.apikey(digest.hex()), principal.encode(), ex=REDIS_TTL_S, nx=only_if_absent)

@@ -39,7 +39,7 @@ class RedisBatcher:
 
     async def execute(self, *commands: Command) -> list[Any]:
         """Run ``commands`` in the next round trip; a failed command's slot holds its error."""
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="redis-batcher")
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append((commands, fut))
@@ -73,24 +73,30 @@ class RedisBatcher:
                 await self._flush(batch)
 
     async def _flush(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for commands, _ in batch:
-            for cmd in commands:
-                pipe.execute_command(*cmd)
+        # nothing may escape: the flusher must outlive any failure, and every caller of
+        # this batch must hear the outcome (connection lost, timeout, a failed reload)
         try:
-            results = await pipe.execute(raise_on_error=False)
-        except Exception as exc:  # connection lost, timeout: every caller sees it
+            results = await self._send(batch)
+        except Exception as exc:
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        if any(_is_noscript(r) for r in results):
-            results = await self._retry_noscript(batch, results)
         i = 0
         for commands, fut in batch:
             if not fut.done():
                 fut.set_result(results[i : i + len(commands)])
             i += len(commands)
+
+    async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for commands, _ in batch:
+            for cmd in commands:
+                pipe.execute_command(*cmd)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        if any(_is_noscript(r) for r in results):
+            results = await self._retry_noscript(batch, results)
+        return results
 
     async def _retry_noscript(
         self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]], results: list[Any]

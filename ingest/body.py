@@ -20,6 +20,32 @@ class BodyError(Exception):
         self.message = message
 
 
+def header(request: web.Request, name: str, limit: int) -> str | None:
+    """A header's text, safe to store: UTF-8 as sent, bytes that are not UTF-8 (aiohttp hands
+    them over as lone surrogates) as U+FFFD, NULs (which Postgres text refuses) dropped."""
+    value = request.headers.get(name)
+    if not value:
+        return None
+    raw = value.encode("utf-8", "surrogateescape")  # the bytes the client sent
+    clean = raw.decode("utf-8", "replace").replace("\x00", "")[:limit]
+    return clean or None
+
+
+def plain(text: str, limit: int = 256) -> bool:
+    """A path segment fit to look up: short, printable (so no NUL), valid Unicode."""
+    return 0 < len(text) <= limit and text.isprintable() and not any("\ud800" <= c <= "\udfff" for c in text)
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 async def json_object(request: web.Request) -> dict[str, Any]:
     try:
         raw = await request.read()
@@ -31,6 +57,10 @@ async def json_object(request: web.Request) -> dict[str, Any]:
         raise BodyError(400, "invalid_json", "body is not valid JSON") from None
     if not isinstance(data, dict):
         raise BodyError(400, "invalid_json", "body must be a JSON object")
+    # Postgres stores no NUL in text or jsonb: refuse it here rather than accept an event
+    # that could never be written
+    if b"\\u0000" in raw and _has_nul(data):
+        raise BodyError(400, "invalid", "NUL characters (\\u0000) are not allowed")
     return data
 
 

@@ -61,7 +61,7 @@ def decode(click_id: str, raw: object) -> ClickRef | None:
 _FROM_EVENTS = """
 SELECT l.code, e.workspace_id, e.visitor_id, (extract(epoch FROM e.received_at) * 1000)::bigint AS at_ms
 FROM events e JOIN links l ON l.id = e.link_id
-WHERE e.event_id = $1 AND e.type = 1
+WHERE e.event_id = $1 AND e.type = 1 AND NOT e.test_mode
 """
 
 

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from .settings import Settings
 
 Redis = aioredis.Redis | RedisCluster
+
+# what "Redis is not answering" looks like (cluster errors are not RedisErrors)
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+# what "Postgres is not answering" looks like, to a request that asked it something (SQLSTATE
+# classes 08, 53, 57; a closed connection). Anything else is a bug, not an outage.
+PG_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
 
 
 def connect_redis(settings: Settings, *, url: str | None = None, **kwargs: Any) -> Redis:

@@ -8,24 +8,30 @@ or a link code while the link cache is not yet warm.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-import asyncpg
 import structlog
 
 from . import links
 from .auth import Principal
 from .batcher import Command
+from .connections import PG_ERRORS
 from .events import uuid7
 from .ratelimit import RateLimiter, Verdict
 from .state import Edge
 
 log = structlog.get_logger("ingest.lookup")
+T = TypeVar("T")
+
+
+FALLBACK_WAIT_S = 1.0
 
 
 class Unavailable(Exception):
-    """Postgres was needed and did not answer."""
+    """Postgres was needed and did not answer (or too many requests were already asking)."""
 
 
 @dataclass(slots=True)
@@ -33,7 +39,20 @@ class Found:
     verdict: Verdict
     principal: Principal | None = None
     link: links.LinkInfo | None = None
+    link_unresolved: bool = False  # the code needed Postgres, which did not answer
     extra: list[Any] = field(default_factory=list)
+
+
+async def fallback(edge: Edge, query: Callable[[], Awaitable[T]]) -> T:
+    """A Postgres query on behalf of a request: few at a time, never waited on for long, so
+    a flood of unknown keys or codes cannot take the pool from everything else."""
+    try:
+        async with asyncio.timeout(FALLBACK_WAIT_S):
+            async with edge.pg_fallbacks:
+                return await query()
+    except PG_ERRORS as exc:
+        log.warning("postgres.unavailable", error=repr(exc))
+        raise Unavailable from exc
 
 
 def key_subject(digest: bytes) -> str:
@@ -68,17 +87,18 @@ async def lookup(
     replies = await edge.batcher.execute(*commands)
     found = Found(verdict=limiter.verdict(replies[0]), principal=principal)
     i = 1
-    try:
-        if key_miss:
-            assert digest is not None
-            found.principal = await edge.auth.resolve(digest, replies[i])
-            i += 1
-        if code is not None:
+    if key_miss:
+        assert digest is not None
+        d = digest
+        reply = replies[i]
+        found.principal = await fallback(edge, lambda: edge.auth.resolve(d, reply))
+        i += 1
+    if code is not None:
+        try:
             found.link = await _link(edge, code, replies[i], replies[i + 1])
-            i += 2
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        log.warning("postgres.unavailable", error=repr(exc))
-        raise Unavailable from exc
+        except Unavailable:
+            found.link_unresolved = True  # the route decides: refuse, or let the worker decide
+        i += 2
     found.extra = replies[i:]
     return found
 
@@ -90,7 +110,7 @@ async def _link(edge: Edge, code: str, cached: object, warm: object) -> links.Li
     if link is links.MISSING or warm == b"1":
         return None
     # the cache is not (yet) complete: ask Postgres once, and remember the answer
-    found = await links.fetch(edge.pg, code)
+    found = await fallback(edge, lambda: links.fetch(edge.pg, code))
     (reply,) = await edge.batcher.execute(links.cache_command(edge.keys, edge.link_sha, found or code))
     if isinstance(reply, Exception):
         log.warning("link_cache.write_failed", error=repr(reply))

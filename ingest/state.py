@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from ipaddress import ip_address
 
 import asyncpg
@@ -28,6 +29,8 @@ class Edge:
     click_limiter: RateLimiter  # seed 000: per client IP
     public_limiter: RateLimiter  # other public routes: per client IP
     key_limiter: RateLimiter  # authenticated routes: per API key
+    # at most this many requests ask Postgres at once (unknown keys, cold link cache, old clicks)
+    pg_fallbacks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
 
     def client_ip(self, request: web.Request) -> str | None:
         """The peer address; through X-Forwarded-For only when the peer is a trusted proxy.
@@ -39,7 +42,9 @@ class Edge:
         addr: str | None = str(peer[0]) if peer else None
         if addr is None or not self.settings.trusted_proxies:
             return addr
-        hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+        # every X-Forwarded-For line: a proxy may add its own line rather than append
+        chain = ",".join(request.headers.getall("X-Forwarded-For", []))
+        hops = [_strip_port(h.strip()) for h in chain.split(",") if h.strip()]
         for hop in [addr, *reversed(hops)]:
             try:
                 ip = ip_address(hop)
@@ -48,6 +53,15 @@ class Edge:
             if not any(ip in net for net in self.settings.trusted_proxies):
                 return str(ip)
         return addr
+
+
+def _strip_port(hop: str) -> str:
+    """``1.2.3.4:5678`` → ``1.2.3.4``; ``[2001:db8::1]:443`` → ``2001:db8::1``."""
+    if hop.startswith("["):
+        return hop[1:].split("]", 1)[0]
+    if hop.count(":") == 1:
+        return hop.split(":", 1)[0]
+    return hop
 
 
 EDGE = web.AppKey("edge", Edge)

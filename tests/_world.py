@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,7 @@ import aiohttp
 import asyncpg
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from ingest import admin
 from ingest.app import create_app
@@ -64,13 +66,14 @@ async def call(
     *,
     json: Any = None,
     data: bytes | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     source_ip: str = "127.0.0.1",
 ) -> tuple[int, Any, dict[str, str]]:
     """One HTTP request; the body parsed as JSON."""
     connector = aiohttp.TCPConnector(local_addr=(source_ip, 0))
     body = orjson.dumps(json) if json is not None else data
-    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    hdrs = CIMultiDict({"Content-Type": "application/json"})
+    hdrs.extend(headers or {})  # repeated headers (X-Forwarded-For) stay repeated
     async with aiohttp.ClientSession(connector=connector) as http:
         async with http.request(method, url, data=body, headers=hdrs) as r:
             raw = await r.read()

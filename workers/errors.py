@@ -28,6 +28,8 @@ _PG_TRANSIENT = (
 
 
 def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ValueError):
+        return False  # asyncpg's client-side DataError is an InterfaceError and a ValueError
     return isinstance(
         exc,
         (*_PG_TRANSIENT, RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError, ConnectionError),

@@ -16,13 +16,13 @@ import orjson
 import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import RedisError
 
 from .. import clicks
-from ..body import BodyError, parse
+from ..body import BodyError, header, parse
+from ..connections import REDIS_ERRORS
 from ..enqueue import check, xadd
 from ..events import Dialect, Envelope, EventType, uuid7
-from ..lookup import Unavailable, lookup
+from ..lookup import Unavailable, fallback, lookup
 from ..state import EDGE
 
 log = structlog.get_logger("ingest.affitor")
@@ -127,6 +127,8 @@ async def track_click(request: web.Request) -> web.Response:
         if not found.verdict.allowed:
             return fail(429, "Too many requests", found.verdict.headers)
         link = found.link
+        if found.link_unresolved:
+            raise Unavailable
         if link is None:
             return fail(400, f"No referral link found for aff={code}")
         if not link.configured:
@@ -135,12 +137,14 @@ async def track_click(request: web.Request) -> web.Response:
             return fail(200, "Referral link is inactive")
         prior = None
         if existing:
-            prior = clicks.decode(existing, found.extra[0]) or await clicks.from_postgres(edge.pg, existing)
+            prior = clicks.decode(existing, found.extra[0]) or await fallback(
+                edge, lambda: clicks.from_postgres(edge.pg, existing)
+            )
             if prior is not None and prior.workspace_id != link.workspace_id:
                 prior = None  # another workspace's click id: not this visitor
     except Unavailable:
         return fail(503, "Service temporarily unavailable", {"Retry-After": "1"})
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="affitor_click", error=str(exc))
         return fail(503, "Service temporarily unavailable", {"Retry-After": "1"})
 
@@ -158,7 +162,7 @@ async def track_click(request: web.Request) -> web.Response:
         payload["referrer"] = body.referrer_url
     if test_mode:
         payload["test_mode"] = True
-    user_agent = body.user_agent or request.headers.get("User-Agent")
+    user_agent = body.user_agent or header(request, "User-Agent", edge.settings.max_string_length)
     envelope = Envelope(
         event_id=event_id,
         type=EventType.CLICK,
@@ -175,7 +179,7 @@ async def track_click(request: web.Request) -> web.Response:
     try:
         replies = await edge.batcher.execute(*commands)
         check(replies[0])
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="affitor_click", error=str(exc))
         return fail(503, "Service temporarily unavailable", {"Retry-After": "1"})
 

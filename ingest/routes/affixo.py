@@ -20,10 +20,10 @@ import orjson
 import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import RedisError
 
 from ..auth import bearer
-from ..body import BodyError, parse
+from ..body import BodyError, header, parse
+from ..connections import REDIS_ERRORS
 from ..enqueue import check, xadd
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..lookup import Unavailable, lookup
@@ -84,7 +84,7 @@ async def track_click(request: web.Request) -> web.Response:
         found = await lookup(edge, edge.key_limiter, "", secret=secret, code=body.ref if body else None)
     except Unavailable:
         return error(503, "unavailable", {"Retry-After": "1"})
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="affixo_click", error=str(exc))
         return error(503, "unavailable", {"Retry-After": "1"})
     principal = found.principal
@@ -99,6 +99,8 @@ async def track_click(request: web.Request) -> web.Response:
             return error(413, "payload_too_large", detail=problem.message)
         return error(400, "invalid_json", detail=problem.message if problem else "invalid body")
     link = found.link
+    if found.link_unresolved:
+        return error(503, "unavailable", {"Retry-After": "1"})
     if link is None or link.workspace_id != principal.workspace_id or not link.active:
         return error(404, "link_not_found")
 
@@ -136,12 +138,12 @@ async def track_click(request: web.Request) -> web.Response:
             dialect=Dialect.AFFIXO,
             workspace_id=workspace,
             ip=edge.client_ip(request),
-            user_agent=(request.headers.get("User-Agent") or "")[: edge.settings.max_string_length] or None,
+            user_agent=header(request, "User-Agent", edge.settings.max_string_length),
             payload=payload,
         )
         replies = await edge.batcher.execute(xadd(edge.keys, envelope, link.code), *remember)
         check(replies[0])
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="affixo_click", error=str(exc))
         return error(503, "unavailable", {"Retry-After": "1"})
     resp = AffixoClickRecorded(visitor_id=visitor, match_method=method, match_confidence=confidence)

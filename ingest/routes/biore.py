@@ -12,12 +12,13 @@ import orjson
 import structlog
 from aiohttp import web
 from pydantic import BaseModel
-from redis.exceptions import RedisError
 
 from .. import flags
+from ..body import header, plain
+from ..connections import REDIS_ERRORS
 from ..enqueue import check, xadd
 from ..events import Dialect, Envelope, EventType, uuid7
-from ..lookup import Unavailable, lookup
+from ..lookup import lookup
 from ..state import EDGE
 
 log = structlog.get_logger("ingest.biore")
@@ -65,7 +66,7 @@ async def track_click(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     code = request.match_info["code"]
     ip = edge.client_ip(request)
-    sane = len(code) <= MAX_CODE and code.isprintable()
+    sane = plain(code, MAX_CODE)
     try:
         found = await lookup(
             edge,
@@ -75,44 +76,40 @@ async def track_click(request: web.Request) -> web.Response:
             extra=(("GET", edge.keys.flag("referral")),),
         )
         disabled = flags.is_disabled(found.extra[0])
-        resolved = True
-    except Unavailable:
-        resolved = False  # Postgres down while the cache is cold: the worker will decide
-        found = None
-        disabled = False
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="biore_click", error=str(exc))
         return unavailable()
 
     if disabled:
         return error(503, "features.referral_disabled", "The referral feature is disabled")
-    headers = found.verdict.headers if found else {}
-    if found and not found.verdict.allowed:
+    headers = found.verdict.headers
+    if not found.verdict.allowed:
         return error(429, "throttle", "Too Many Requests", headers)
-    link = found.link if found else None
-    if not sane or (resolved and link is None):
-        log.warning("click.unknown_code", code=code[:MAX_CODE], ip=ip)
+    link = found.link
+    # Postgres down while the link cache is cold: accept, and let the worker decide
+    if not sane or (link is None and not found.link_unresolved):
+        log.warning("click.unknown_code", code=code[:MAX_CODE].encode("utf-8", "replace").decode(), ip=ip)
         return web.Response(body=TRACKED, content_type="application/json", headers=headers)
     if link is not None and not link.active:
         log.warning("click.inactive_link", code=code, link_id=link.id)
         return web.Response(body=TRACKED, content_type="application/json", headers=headers)
 
     payload = {"code": code}
-    if referrer := request.headers.get("Referer"):
-        payload["referrer"] = referrer[: edge.settings.max_string_length]
+    if referrer := header(request, "Referer", edge.settings.max_string_length):
+        payload["referrer"] = referrer
     envelope = Envelope(
         event_id=uuid7(),
         type=EventType.CLICK,
         dialect=Dialect.BIORE,
         workspace_id=link.workspace_id if link else None,
         ip=ip,
-        user_agent=(request.headers.get("User-Agent") or "")[: edge.settings.max_string_length] or None,
+        user_agent=header(request, "User-Agent", edge.settings.max_string_length),
         payload=payload,
     )
     try:
         (reply,) = await edge.batcher.execute(xadd(edge.keys, envelope, code))
         check(reply)
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="biore_click", error=str(exc))
         return unavailable()
     return web.Response(body=TRACKED, content_type="application/json", headers=headers)

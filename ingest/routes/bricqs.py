@@ -15,16 +15,15 @@ import hashlib
 import uuid
 from typing import Any
 
-import asyncpg
 import orjson
 import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import RedisError
 
 from .. import admin
-from ..auth import Principal
-from ..body import BodyError, parse
+from ..auth import Principal, plausible
+from ..body import BodyError, header, parse, plain
+from ..connections import PG_ERRORS, REDIS_ERRORS
 from ..enqueue import check, xadd
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..lookup import Found, Unavailable, lookup
@@ -96,12 +95,12 @@ def unavailable() -> web.Response:
 async def _keyed(request: web.Request, scope: str) -> tuple[Edge, Principal] | web.Response:
     """X-API-Key authentication and the per-key rate limit."""
     edge = request.app[EDGE]
-    secret = request.headers.get("X-API-Key", "").strip()
-    if not secret or len(secret) > 256:
+    secret = plausible(request.headers.get("X-API-Key", "").strip())
+    if secret is None:
         return error(401, "unauthorized", "Invalid or missing API key")
     try:
         found = await lookup(edge, edge.key_limiter, "", secret=secret)
-    except (Unavailable, RedisError, OSError):
+    except (Unavailable, *REDIS_ERRORS):
         return unavailable()
     if found.principal is None:
         return error(401, "unauthorized", "Invalid or missing API key")
@@ -134,7 +133,7 @@ async def generate(request: web.Request) -> web.Response:
             )
     except admin.NotFound as exc:
         return error(404, "campaign_not_found", str(exc))
-    except (OSError, asyncpg.PostgresConnectionError, RedisError):
+    except (*PG_ERRORS, *REDIS_ERRORS):
         return unavailable()
     return json(200, BricqsGenerated(**out).model_dump())
 
@@ -143,18 +142,20 @@ async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...]
     edge = request.app[EDGE]
     try:
         found = await lookup(edge, edge.public_limiter, edge.client_ip(request) or "-", code=code, extra=extra)
-    except (Unavailable, RedisError, OSError):
+    except (Unavailable, *REDIS_ERRORS):
         return unavailable()
     if not found.verdict.allowed:
         return error(429, "rate_limited", "Too many requests", found.verdict.headers)
+    if found.link_unresolved:
+        return unavailable()
     return found
 
 
 @routes.get("/api/v1/referrals/validate/{code}")
 async def validate(request: web.Request) -> web.Response:
     code = request.match_info["code"]
-    if len(code) > 128:
-        return json(200, BricqsValidated(valid=False, code=code[:128]).model_dump())
+    if not plain(code, 128):
+        return json(200, BricqsValidated(valid=False, code=code[:128].encode("utf-8", "replace").decode()).model_dump())
     found = await _public(request, code)
     if isinstance(found, web.Response):
         return found
@@ -188,7 +189,7 @@ async def convert(request: web.Request) -> web.Response:
         dialect=Dialect.BRICQS,
         workspace_id=link.workspace_id,
         ip=edge.client_ip(request),
-        user_agent=(request.headers.get("User-Agent") or "")[: edge.settings.max_string_length] or None,
+        user_agent=header(request, "User-Agent", edge.settings.max_string_length),
         payload={
             "code": link.code,
             "visitor_id": body.referred_session_id,
@@ -196,16 +197,16 @@ async def convert(request: web.Request) -> web.Response:
             "dedupe": f"{link.code}:{body.referred_session_id}",
         },
     )
-    # a repeat keeps the first conversion_id; its event is appended too and the worker's
-    # dedupe key makes it count nothing
+    # appended first, then the conversion_id remembered: an id is never handed out for an
+    # event that was not appended. A repeat keeps the first id; its own event is appended
+    # too, and the worker's dedupe key makes it count nothing.
     try:
-        _, first, appended = await edge.batcher.execute(
-            ("SET", idem, conversion_id, "NX", "EX", IDEMPOTENCY_TTL_S),
-            ("GET", idem),
-            xadd(edge.keys, envelope, link.code),
-        )
+        (appended,) = await edge.batcher.execute(xadd(edge.keys, envelope, link.code))
         check(appended)
-    except (RedisError, OSError) as exc:
+        _, first = await edge.batcher.execute(
+            ("SET", idem, conversion_id, "NX", "EX", IDEMPOTENCY_TTL_S), ("GET", idem)
+        )
+    except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="bricqs_convert", error=str(exc))
         return unavailable()
     out = BricqsConverted(
@@ -223,11 +224,13 @@ async def stats(request: web.Request) -> web.Response:
         return keyed
     edge, principal = keyed
     participant = request.match_info["participant_id"]
+    if not plain(participant, 128):
+        return error(404, "participant_not_found", "participant not found")
     try:
         async with edge.pg.acquire() as conn:
             out = await admin.participant_stats(conn, workspace_id=principal.workspace_id, participant_id=participant)
     except admin.NotFound as exc:
         return error(404, "participant_not_found", str(exc))
-    except (OSError, asyncpg.PostgresConnectionError):
+    except PG_ERRORS:
         return unavailable()
     return json(200, BricqsStats(**out).model_dump())

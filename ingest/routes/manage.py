@@ -9,16 +9,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-import asyncpg
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import RedisError
 
 from .. import admin, manage
 from ..admin import NotFound
 from ..auth import Principal, bearer
 from ..body import BodyError, parse
+from ..connections import PG_ERRORS, REDIS_ERRORS
 from ..lookup import Unavailable, lookup
 from ..state import EDGE, Edge
 
@@ -189,7 +188,7 @@ def guarded(
                 return error(401, "unauthorized")
             try:
                 found = await lookup(edge, edge.key_limiter, "", secret=secret)
-            except (Unavailable, RedisError, OSError):
+            except (Unavailable, *REDIS_ERRORS):
                 return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
             principal = found.principal
             if principal is None:
@@ -210,7 +209,7 @@ def guarded(
                 return error(404, "not_found", str(exc))
             except manage.Conflict as exc:
                 return error(409, "conflict", str(exc))
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+            except (*PG_ERRORS, *REDIS_ERRORS):
                 return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
 
         return route

@@ -17,14 +17,14 @@ import orjson
 import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import RedisError
 
 from .. import clicks, links
 from ..auth import bearer
-from ..body import BodyError, parse
+from ..body import BodyError, header, parse
+from ..connections import REDIS_ERRORS
 from ..enqueue import check, xadd
 from ..events import Dialect, Envelope, EventType
-from ..lookup import Unavailable, lookup
+from ..lookup import Unavailable, fallback, lookup
 from ..state import EDGE
 
 log = structlog.get_logger("ingest.refport")
@@ -108,7 +108,7 @@ async def track_lead(request: web.Request) -> web.Response:
         )
     except Unavailable:
         return unavailable()
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="refport_lead", error=str(exc))
         return unavailable()
     principal = found.principal
@@ -120,9 +120,12 @@ async def track_lead(request: web.Request) -> web.Response:
         status = problem.status if problem else 400
         return error(status, "VALIDATION_ERROR", problem.message if problem else "invalid body")
 
+    click_id = body.clickId
     try:
-        click = clicks.decode(body.clickId, found.extra[0]) or await clicks.from_postgres(edge.pg, body.clickId)
-    except OSError:
+        click = clicks.decode(click_id, found.extra[0]) or await fallback(
+            edge, lambda: clicks.from_postgres(edge.pg, click_id)
+        )
+    except Unavailable:
         return unavailable()
     if click is None or click.workspace_id != principal.workspace_id:
         return error(400, "INVALID_CLICK_ID", "The clickId does not match any recorded click")
@@ -147,18 +150,21 @@ async def track_lead(request: web.Request) -> web.Response:
         dialect=Dialect.REFPORT,
         workspace_id=principal.workspace_id,
         ip=edge.client_ip(request),
-        user_agent=(request.headers.get("User-Agent") or "")[: edge.settings.max_string_length] or None,
+        user_agent=header(request, "User-Agent", edge.settings.max_string_length),
         payload=payload,
     )
+    # the link to echo is found before the lead is appended: nothing can fail after a 2xx is due
     try:
-        cached, appended = await edge.batcher.execute(
-            ("GET", edge.keys.link(click.code)), xadd(edge.keys, envelope, click.code)
-        )
-        check(appended)
+        (cached,) = await edge.batcher.execute(("GET", edge.keys.link(click.code)))
         link = links.decode(cached)
         if not isinstance(link, links.LinkInfo):
-            link = await links.fetch(edge.pg, click.code)
-    except (RedisError, OSError) as exc:
+            code = click.code
+            link = await fallback(edge, lambda: links.fetch(edge.pg, code))
+        (appended,) = await edge.batcher.execute(xadd(edge.keys, envelope, click.code))
+        check(appended)
+    except Unavailable:
+        return unavailable()
+    except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="refport_lead", error=str(exc))
         return unavailable()
     if link is None:  # the click's link was deleted after the click: the lead is stored all the same
