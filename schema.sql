@@ -164,3 +164,47 @@ CREATE TABLE IF NOT EXISTS affiliate_milestones (
     reached_at   timestamptz NOT NULL,
     PRIMARY KEY (affiliate_id, milestone_id)
 );
+
+-- webhooks: per-workspace endpoints for lead.created, conversion.created, milestone.reached.
+-- The signing secret is needed in full to sign, so it is stored encrypted (Fernet, key from
+-- REFSTREAM_SECRET_KEY), never in clear; the prefix is for recognising it in listings.
+CREATE TABLE IF NOT EXISTS webhooks (
+    id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id     uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    url              text NOT NULL,
+    events           text[] NOT NULL DEFAULT '{lead.created,conversion.created,milestone.reached}',
+    secret_encrypted bytea NOT NULL,
+    secret_prefix    text NOT NULL,
+    active           boolean NOT NULL DEFAULT true,
+    created_at       timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS webhooks_workspace ON webhooks (workspace_id) WHERE active;
+
+-- the outbox: one row per (webhook, event), written in the same transaction as the event,
+-- so a delivery is never lost between COMMIT and the job queue, and never made twice
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    webhook_id   uuid NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+    event_type   text NOT NULL,
+    subject_id   uuid NOT NULL,  -- the event id, or for milestone.reached the milestone id
+    subject_key  text NOT NULL DEFAULT '',  -- for milestone.reached: the affiliate id
+    payload      jsonb NOT NULL,
+    status       text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts     integer NOT NULL DEFAULT 0,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    delivered_at timestamptz,
+    UNIQUE (webhook_id, event_type, subject_id, subject_key)
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_pending ON webhook_deliveries (created_at) WHERE status = 'pending';
+
+-- every attempt, successful or not
+CREATE TABLE IF NOT EXISTS webhook_attempts (
+    id          bigserial PRIMARY KEY,
+    delivery_id uuid NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
+    attempt     integer NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now(),
+    status_code integer,
+    error       text,
+    duration_ms integer
+);
+CREATE INDEX IF NOT EXISTS webhook_attempts_delivery ON webhook_attempts (delivery_id, attempt);

@@ -32,8 +32,8 @@ from ._procs import Procs
 
 RUN_ID = secrets.token_hex(4)
 _TABLES = (
-    "affiliate_milestones, milestones, daily_stats, events, customers, links, api_keys,"
-    " affiliates, programs, workspaces"
+    "webhook_attempts, webhook_deliveries, webhooks, affiliate_milestones, milestones, daily_stats, events,"
+    " customers, links, api_keys, affiliates, programs, workspaces"
 )
 
 
