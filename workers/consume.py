@@ -130,15 +130,40 @@ class Consumer:
 
     async def _read(self, p: int, stream: str) -> list[Entry]:
         if self._backlog[p]:
-            reply = await self.redis.xreadgroup(GROUP, self.name, {stream: "0"}, count=self.settings.batch_size)
-            entries: list[Entry] = reply[0][1] if reply else []
-            if not entries:
-                self._backlog[p] = False
-            return entries
+            return await self._read_backlog(p, stream)
         reply = await self.redis.xreadgroup(
             GROUP, self.name, {stream: ">"}, count=self.settings.batch_size, block=self.settings.block_ms
         )
         return reply[0][1] if reply else []
+
+    async def _read_backlog(self, p: int, stream: str) -> list[Entry]:
+        """This consumer's pending entries: what it read before and never acked.
+
+        An entry delivered more than ``max_deliveries`` times is dead-lettered and acked: it
+        keeps killing whoever reads it. Once any pending entry has been delivered before,
+        the backlog is read one entry at a time, so that a poison entry fails alone and every
+        entry around it commits (re-reading history counts as a delivery, so it is only done
+        for the entry about to be processed).
+        """
+        pending = await self.redis.xpending_range(
+            stream, GROUP, min="-", max="+", count=self.settings.batch_size, consumername=self.name
+        )
+        if not pending:
+            self._backlog[p] = False
+            return []
+        limit = self.settings.max_deliveries
+        poison = [(e["message_id"], e["times_delivered"]) for e in pending if e["times_delivered"] > limit]
+        if poison:
+            await self.pipeline.dead_letter_redelivered(stream, poison, limit)
+            return []
+        suspect = any(e["times_delivered"] > 1 for e in pending)
+        reply = await self.redis.xreadgroup(
+            GROUP, self.name, {stream: "0"}, count=1 if suspect else self.settings.batch_size
+        )
+        entries: list[Entry] = reply[0][1] if reply else []
+        if not entries:
+            self._backlog[p] = False
+        return entries
 
     async def _drained(self, p: int, stream: str) -> bool:
         """Everything appended has been delivered and acked, by anyone. Entries pending in

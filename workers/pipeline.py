@@ -70,6 +70,9 @@ class Pipeline:
             stream_ids[envelope.event_id] = eid
 
         result = store.BatchResult()
+        fault = self.settings.fault or ""
+        if fault.startswith("crash_on:") and any(e.payload.get("code") == fault[9:] for e in good):
+            os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint: a poison entry that kills workers
         if good:
             result, failed = await self._store(good)
             dead.extend((stream_ids[e.event_id], e.encode(), err) for e, err in failed)
@@ -118,19 +121,33 @@ class Pipeline:
             failed += f
         return total, failed
 
-    async def _dead_letter(self, stream: str, dead: list[tuple[bytes, bytes, str]]) -> None:
+    async def _dead_letter(
+        self, stream: str, dead: list[tuple[bytes, bytes, str]], deliveries: dict[bytes, int] | None = None
+    ) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for eid, raw, error in dead:
             fields: dict[Any, Any] = {
                 "stream": stream,
                 "id": eid,
                 "error": error[:1000],
+                "deliveries": (deliveries or {}).get(eid, 1),
                 "at": int(time.time() * 1000),
                 FIELD: raw,
             }
             pipe.xadd(self.keys.dead, fields)
         await pipe.execute()
         log.warning("dead_letter", stream=stream, count=len(dead))
+
+    async def dead_letter_redelivered(self, stream: str, entries: list[tuple[bytes, int]], limit: int) -> None:
+        """Entries delivered more than ``limit`` times: to the dead-letter stream, then acked."""
+        dead = []
+        for eid, times in entries:
+            found = await self.redis.xrange(stream, min=eid, max=eid)
+            raw = found[0][1].get(FIELD, b"") if found and found[0][1] else b""
+            dead.append((eid, raw, f"delivered {times} times without an ack (limit {limit})"))
+        await self._dead_letter(stream, dead, deliveries={eid: times for eid, times in entries})
+        await self.redis.xack(stream, GROUP, *[eid for eid, _ in entries])
+        self.totals.dead += len(entries)
 
     async def _fill_cache(self, result: store.BatchResult) -> None:
         for code, n in Counter(result.unknown_codes).items():

@@ -26,6 +26,7 @@ from ingest.connections import connect_redis, create_pg_pool
 from ingest.keys import Keys
 from ingest.settings import Settings
 
+from . import trim
 from .consume import Consumer
 from .pipeline import Pipeline
 
@@ -107,6 +108,20 @@ async def refresh_links(ctx: dict[str, Any]) -> int:
     return await links.refresh_all(c.pipeline.pg, c.redis, c.keys)
 
 
+async def trim_streams(ctx: dict[str, Any]) -> int:
+    """arq cron: trim below what every group still needs, and past the retention time."""
+    c: Consumer = ctx["consumer"]
+    removed = await trim.trim(c.redis, c.keys, c.settings.retention_s)
+    return sum(removed.values())
+
+
+def _every(seconds: int) -> dict[str, Any]:
+    """arq cron fields for "every ``seconds``" (whole minutes past 60)."""
+    if seconds < 60:
+        return {"second": set(range(0, 60, seconds))}
+    return {"minute": set(range(0, 60, max(1, seconds // 60))), "second": 0}
+
+
 def build_worker(settings: Settings) -> Worker:
     keys = Keys(settings.stream_prefix, settings.partitions)
     return Worker(
@@ -119,6 +134,7 @@ def build_worker(settings: Settings) -> Worker:
                 timeout=60,
             ),
             cron(refresh_links, minute=set(range(0, 60, 10)), second=7, run_at_startup=True, timeout=600),
+            cron(trim_streams, **_every(settings.trim_every_s), timeout=300),
         ],
         redis_settings=RedisSettings.from_dsn(settings.arq_url),
         queue_name=keys.arq_queue,

@@ -1,0 +1,87 @@
+"""Consumption that never loses or double counts: poison entries isolated, trimming that
+never removes what a group still needs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from ingest.events import FIELD
+from ingest.keys import GROUP, Keys
+from workers import trim
+
+from ._procs import Procs
+from .test_e2e import TRACKED, fire
+
+
+async def test_an_undecodable_entry_is_dead_lettered_and_its_batch_counts(procs: Procs, pg, redis, keys: Keys):
+    ws = await procs.cli("workspace", "create", "Acme")
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
+    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="1000")
+    assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * 5))
+    stream = keys.stream_for("alice")
+    await redis.xadd(stream, {FIELD: b"\x00 not an envelope"})
+    assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * 5))
+    totals = await procs.cli("work", "--drain")
+    assert (totals["inserted"], totals["dead"]) == (10, 1)
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'alice'") == 10
+    (dead,) = await redis.xrange(keys.dead)
+    assert dead[1][b"error"].startswith(b"decode:") and dead[1][b"stream"] == stream.encode()
+    assert dead[1][FIELD] == b"\x00 not an envelope"
+    assert (await redis.xpending(stream, GROUP))["pending"] == 0
+
+
+def _same_partition(keys: Keys, code: str) -> str:
+    return next(c for c in (f"POISON{i}" for i in range(1000)) if keys.partition_for(c) == keys.partition_for(code))
+
+
+async def test_an_entry_that_kills_workers_is_dead_lettered_after_n_deliveries(procs: Procs, pg, redis, keys: Keys):
+    poison = _same_partition(keys, "alice")
+    ws = await procs.cli("workspace", "create", "Acme")
+    for code in ("alice", poison):
+        await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", code)
+    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="1000")
+    for codes in (["alice"] * 5, [poison], ["alice"] * 5):
+        assert all(r == (200, TRACKED) for r in await fire(base, codes, concurrency=1))
+
+    env = {"REFSTREAM_FAULT": f"crash_on:{poison}", "REFSTREAM_CONSUMER_NAME": "w", "REFSTREAM_MAX_DELIVERIES": "2"}
+    exits = []
+    for _ in range(8):
+        worker = procs.start("work", "--drain", **env)
+        exits.append(await asyncio.to_thread(worker.wait, 60))
+        if exits[-1] == 0:
+            break
+    assert exits[-1] == 0 and exits.count(-9) >= 2, exits  # it killed workers, then it was set aside
+
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'alice'") == 10
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = $1", poison) == 0
+    (dead,) = await redis.xrange(keys.dead)
+    assert b"delivered 3 times" in dead[1][b"error"] and int(dead[1][b"deliveries"]) == 3
+    assert (await redis.xpending(keys.stream_for("alice"), GROUP))["pending"] == 0
+
+
+async def test_trimming_never_removes_what_a_lagging_group_needs(redis, keys: Keys, pg: asyncpg.Pool):
+    stream = keys.streams[0]
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    ids = [await redis.xadd(stream, {FIELD: b"x%d" % i}) for i in range(20)]
+    await redis.xgroup_create(stream, "lagging", id="0")
+    # the workers read and ack everything; the lagging group read 10 and acked the first 5
+    await redis.xreadgroup(GROUP, "w", {stream: ">"}, count=100)
+    await redis.xack(stream, GROUP, *ids)
+    await redis.xreadgroup("lagging", "l", {stream: ">"}, count=10)
+    await redis.xack(stream, "lagging", *ids[:5])
+
+    assert await trim.trim(redis, keys, retention_s=7 * 86400, exact=True) == {}  # retention keeps all
+    removed = await trim.trim(redis, keys, retention_s=0, exact=True)
+    assert removed == {stream: 5}
+    left = [eid for eid, _ in await redis.xrange(stream)]
+    assert left == ids[5:]  # lagging's pending 6-10 and its undelivered 11-20 are all still there
+
+    await redis.xack(stream, "lagging", *ids[5:10])
+    await trim.trim(redis, keys, retention_s=0, exact=True)
+    assert [eid for eid, _ in await redis.xrange(stream)] == ids[10:]  # read by nobody in "lagging" yet
+    # a partition that no group reads is never trimmed
+    await redis.xadd(keys.streams[1], {FIELD: b"y"})
+    await trim.trim(redis, keys, retention_s=0, exact=True)
+    assert await redis.xlen(keys.streams[1]) == 1
