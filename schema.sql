@@ -125,13 +125,24 @@ CREATE TABLE IF NOT EXISTS events (
     referrer      text,
     country       text,
     asn           integer,
-    device        jsonb,
+    -- geo (city, region, coordinates, AS name), device (browser, OS, type, brand, model),
+    -- bot reason, referrer domain, and the data and parser versions that produced them
+    enrichment    jsonb,
     payload       jsonb NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS events_link_received ON events (link_id, received_at);
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events (workspace_id, type, dedupe_key)
     WHERE dedupe_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+
+-- unique clicks: a visitor's first click on a link in a UTC day. A set, not a count, so the
+-- answer is the same whatever order clicks are processed in, and exactly once.
+CREATE TABLE IF NOT EXISTS link_visitor_days (
+    link_id     uuid NOT NULL,
+    day         date NOT NULL,
+    visitor_key text NOT NULL,
+    PRIMARY KEY (link_id, day, visitor_key)
+);
 
 -- per link and UTC day; per affiliate and program by GROUP BY (both ids are carried)
 CREATE TABLE IF NOT EXISTS daily_stats (

@@ -16,7 +16,7 @@ from .batcher import RedisBatcher
 from .connections import connect_redis, create_pg_pool
 from .keys import Keys
 from .ratelimit import RateLimiter
-from .routes import affitor, affixo, biore, bricqs, health, manage, refport
+from .routes import affitor, affixo, biore, bricqs, health, manage, refport, webhooks
 from .settings import Settings
 from .state import EDGE, Edge
 
@@ -82,6 +82,6 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[canonical_log])
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
-    for module in (health, biore, bricqs, affitor, affixo, refport, manage, openapi):
+    for module in (health, biore, bricqs, affitor, affixo, refport, manage, webhooks, openapi):
         app.add_routes(module.routes)
     return app

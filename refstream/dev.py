@@ -25,6 +25,7 @@ from . import services
 from .embedded import die_with_parent
 
 DEMO_CODE = "demo"
+DEMO_BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0"
 
 
 async def _setup(settings: Settings) -> dict[str, Any]:
@@ -112,8 +113,8 @@ def run_dev(port: int) -> None:
             lines.append(f"  demo workspace API key (shown once): {demo['api_key']}")
         lines += [
             "",
-            "Track a click on the demo link:",
-            f"  curl -X POST {base}/api/v1/referral/click/{DEMO_CODE}",
+            "Track a click on the demo link (as a browser would: curl's own User-Agent counts as a bot click):",
+            f"  curl -X POST -A '{DEMO_BROWSER}' {base}/api/v1/referral/click/{DEMO_CODE}",
             "Then see its counter move:",
             f"  REDIS_URL={svc.redis_url} DATABASE_URL={db_url} refstream link show {DEMO_CODE}",
             "",

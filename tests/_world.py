@@ -19,6 +19,9 @@ from ingest.settings import Settings
 
 from ._procs import free_port
 
+# what a tracker script in a browser sends; aiohttp's own User-Agent is (rightly) a bot
+BROWSER = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Safari/605.1.15"
+
 
 async def start_edge(settings: Settings) -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(create_app(settings))
@@ -72,8 +75,10 @@ async def call(
     """One HTTP request; the body parsed as JSON."""
     connector = aiohttp.TCPConnector(local_addr=(source_ip, 0))
     body = orjson.dumps(json) if json is not None else data
-    hdrs = CIMultiDict({"Content-Type": "application/json"})
-    hdrs.extend(headers or {})  # repeated headers (X-Forwarded-For) stay repeated
+    hdrs = CIMultiDict({"Content-Type": "application/json", "User-Agent": BROWSER})
+    for name in set((headers or {}).keys()):
+        hdrs.popall(name, None)  # the caller's value replaces a default ...
+    hdrs.extend(headers or {})  # ... and repeated headers (X-Forwarded-For) stay repeated
     async with aiohttp.ClientSession(connector=connector) as http:
         async with http.request(method, url, data=body, headers=hdrs) as r:
             raw = await r.read()

@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from ingest import secretbox
 from ingest.db import migrate
 from ingest.keys import Keys
 from ingest.settings import Settings
@@ -31,8 +32,10 @@ from refstream import services as svc_mod
 from ._procs import Procs
 
 RUN_ID = secrets.token_hex(4)
+SECRET_KEY = secretbox.generate_key()
 _TABLES = (
     "webhook_attempts, webhook_deliveries, webhooks, affiliate_milestones, milestones, daily_stats, events,"
+    " link_visitor_days,"
     " customers, links, api_keys, affiliates, programs, workspaces"
 )
 
@@ -92,6 +95,7 @@ def settings(services: svc_mod.Services, database_url: str) -> Settings:
         claim_idle_ms=1000,
         reclaim_every_s=1,
         key_cache_s=0.5,
+        secret_key=SECRET_KEY,
         log_level="info",
     )
 

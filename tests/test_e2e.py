@@ -12,13 +12,14 @@ import orjson
 from ingest.keys import GROUP, Keys
 
 from ._procs import Procs
+from ._world import BROWSER
 
 TRACKED = {"success": True, "data": {"tracked": True}}
 
 
 async def fire(base: str, codes: list[str], concurrency: int = 32) -> list[tuple[int, object]]:
     sem = asyncio.Semaphore(concurrency)
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers={"User-Agent": BROWSER}) as http:
 
         async def one(code: str) -> tuple[int, object]:
             async with sem, http.post(f"{base}/api/v1/referral/click/{code}") as r:

@@ -13,7 +13,7 @@ from ingest.keys import Keys
 from ingest.settings import Settings
 
 from ._procs import Procs
-from ._world import start_edge
+from ._world import BROWSER, start_edge
 from .test_e2e import TRACKED
 from .test_store import make_links
 
@@ -24,7 +24,7 @@ async def start(settings: Settings) -> tuple[web.AppRunner, str]:
 
 async def click(base: str, code: str, *, source_ip: str = "127.0.0.1") -> tuple[int, dict, dict]:
     connector = aiohttp.TCPConnector(local_addr=(source_ip, 0))
-    async with aiohttp.ClientSession(connector=connector) as http:
+    async with aiohttp.ClientSession(connector=connector, headers={"User-Agent": BROWSER}) as http:
         async with http.post(f"{base}/api/v1/referral/click/{code}") as r:
             return r.status, orjson.loads(await r.read()), dict(r.headers)
 

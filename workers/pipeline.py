@@ -16,6 +16,7 @@ from uuid import UUID
 
 import asyncpg
 import structlog
+from arq.connections import ArqRedis
 
 from ingest import links
 from ingest.connections import Redis
@@ -23,7 +24,8 @@ from ingest.events import FIELD, Envelope, EnvelopeError
 from ingest.keys import GROUP, Keys
 from ingest.settings import Settings
 
-from . import store
+from . import store, webhooks
+from .enrich import Enricher
 from .errors import is_transient
 
 log = structlog.get_logger("workers.pipeline")
@@ -41,11 +43,13 @@ class Totals:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, redis: Redis, pg: asyncpg.Pool) -> None:
+    def __init__(self, settings: Settings, redis: Redis, pg: asyncpg.Pool, enricher: Enricher | None = None) -> None:
         self.settings = settings
         self.keys = Keys(settings.stream_prefix, settings.partitions)
         self.redis = redis
         self.pg = pg
+        self.enricher = enricher
+        self.arq: ArqRedis | None = None  # set by the arq worker; --drain leaves it to the sweep
         self.totals = Totals()
 
     async def process(self, stream: str, entries: list[Entry]) -> None:
@@ -82,6 +86,7 @@ class Pipeline:
             await self._dead_letter(stream, dead)
         await self.redis.xack(stream, GROUP, *ids)
         await self._fill_cache(result)
+        await self._notify(result)
 
         self.totals.batches += 1
         self.totals.entries += len(entries)
@@ -101,7 +106,7 @@ class Pipeline:
 
     async def _store(self, envelopes: list[Envelope]) -> tuple[store.BatchResult, list[tuple[Envelope, str]]]:
         try:
-            return await store.write_batch(self.pg, envelopes), []
+            return await store.write_batch(self.pg, envelopes, self.enricher), []
         except Exception as exc:
             if is_transient(exc):
                 raise
@@ -118,6 +123,7 @@ class Pipeline:
             total.unknown_codes += r.unknown_codes
             total.inactive_codes += r.inactive_codes
             total.links_found += r.links_found
+            total.deliveries += r.deliveries
             failed += f
         return total, failed
 
@@ -148,6 +154,16 @@ class Pipeline:
         await self._dead_letter(stream, dead, deliveries={eid: times for eid, times in entries})
         await self.redis.xack(stream, GROUP, *[eid for eid, _ in entries])
         self.totals.dead += len(entries)
+
+    async def _notify(self, result: store.BatchResult) -> None:
+        """Webhook jobs for the outbox rows the batch committed. A failure here loses
+        nothing: the rows are in Postgres and the sweep cron enqueues what is left."""
+        if not result.deliveries or self.arq is None:
+            return
+        try:
+            await webhooks.enqueue(self.arq, result.deliveries)
+        except Exception as exc:
+            log.warning("webhooks.enqueue_failed", deliveries=len(result.deliveries), error=repr(exc))
 
     async def _fill_cache(self, result: store.BatchResult) -> None:
         for code, n in Counter(result.unknown_codes).items():

@@ -26,8 +26,9 @@ from ingest.connections import connect_redis, create_pg_pool
 from ingest.keys import Keys
 from ingest.settings import Settings
 
-from . import trim
+from . import trim, webhooks
 from .consume import Consumer
+from .enrich import Enricher
 from .pipeline import Pipeline
 
 log = structlog.get_logger("workers.worker")
@@ -48,9 +49,11 @@ async def consumer(settings: Settings) -> AsyncIterator[Consumer]:
     except BaseException:
         await redis.aclose()
         raise
+    enricher = Enricher(city_db=settings.city_db)  # geo data and UA regexes: loaded once per process
     try:
-        yield Consumer(settings, redis, Pipeline(settings, redis, pg), name=consumer_name(settings))
+        yield Consumer(settings, redis, Pipeline(settings, redis, pg, enricher), name=consumer_name(settings))
     finally:
+        enricher.close()
         await asyncio.shield(_close(redis, pg))
 
 
@@ -72,6 +75,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     cm = consumer(settings)
     c = await cm.__aenter__()
     ctx["consumer_cm"], ctx["consumer"] = cm, c
+    c.pipeline.arq = ctx["redis"]  # arq's own pool: JSON serializer, our queue
+    ctx["pg"] = c.pipeline.pg
+    await webhooks.webhook_startup(ctx)
     task = asyncio.create_task(c.run(), name="consumer")
 
     def crashed(t: asyncio.Task[None]) -> None:
@@ -92,6 +98,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     try:
         await asyncio.shield(ctx["consumer_task"])
     finally:
+        await webhooks.webhook_shutdown(ctx)
         await ctx["consumer_cm"].__aexit__(None, None, None)
 
 
@@ -125,7 +132,7 @@ def _every(seconds: int) -> dict[str, Any]:
 def build_worker(settings: Settings) -> Worker:
     keys = Keys(settings.stream_prefix, settings.partitions)
     return Worker(
-        functions=[],
+        functions=[webhooks.deliver_webhook_job],
         cron_jobs=[
             cron(
                 reclaim_idle,
@@ -135,6 +142,7 @@ def build_worker(settings: Settings) -> Worker:
             ),
             cron(refresh_links, minute=set(range(0, 60, 10)), second=7, run_at_startup=True, timeout=600),
             cron(trim_streams, **_every(settings.trim_every_s), timeout=300),
+            cron(webhooks.sweep_webhooks, second=30, run_at_startup=True, timeout=60),
         ],
         redis_settings=RedisSettings.from_dsn(settings.arq_url),
         queue_name=keys.arq_queue,

@@ -1,0 +1,153 @@
+"""Counters, moved only from a batch's newly inserted (non-test) events, in its transaction.
+
+Per link: clicks, unique clicks, bot clicks, leads, conversions, last_clicked_at; per link
+and UTC day the same in ``daily_stats`` (per affiliate and program by GROUP BY). Bot
+clicks are counted as bot clicks, never as clicks. Aggregated per link per batch: one
+UPDATE row per link however viral, locks taken in link-id order. Milestones (seed 001's
+"refer 5 friends") are reached from the new conversion totals, each once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date, datetime
+from uuid import UUID
+
+import asyncpg
+
+from ingest.events import EventType
+from ingest.links import LinkInfo
+
+from .stored import Stored
+
+_LOCK_LINKS = "SELECT 1 FROM links WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
+
+# a set, not a counter: the rows that come back are the visitor's first click that day
+_UNIQUE = """
+INSERT INTO link_visitor_days (link_id, day, visitor_key)
+SELECT * FROM unnest($1::uuid[], $2::date[], $3::text[]) ORDER BY 1, 2, 3
+ON CONFLICT DO NOTHING
+RETURNING link_id, day
+"""
+
+_UPDATE_LINKS = """
+UPDATE links l
+SET clicks = l.clicks + d.clicks,
+    unique_clicks = l.unique_clicks + d.unique_clicks,
+    bot_clicks = l.bot_clicks + d.bot_clicks,
+    leads = l.leads + d.leads,
+    conversions = l.conversions + d.conversions,
+    last_clicked_at = GREATEST(l.last_clicked_at, d.last_clicked_at),
+    updated_at = now()
+FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::timestamptz[])
+     AS d(id, clicks, unique_clicks, bot_clicks, leads, conversions, last_clicked_at)
+WHERE l.id = d.id
+"""
+
+_UPSERT_DAILY = """
+INSERT INTO daily_stats AS s (link_id, day, workspace_id, program_id, affiliate_id,
+                              clicks, unique_clicks, bot_clicks, leads, conversions)
+SELECT * FROM unnest($1::uuid[], $2::date[], $3::uuid[], $4::uuid[], $5::uuid[],
+                     $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[])
+ORDER BY 1, 2
+ON CONFLICT (link_id, day) DO UPDATE
+SET clicks = s.clicks + EXCLUDED.clicks,
+    unique_clicks = s.unique_clicks + EXCLUDED.unique_clicks,
+    bot_clicks = s.bot_clicks + EXCLUDED.bot_clicks,
+    leads = s.leads + EXCLUDED.leads,
+    conversions = s.conversions + EXCLUDED.conversions
+"""
+
+_MILESTONES = """
+INSERT INTO affiliate_milestones (affiliate_id, milestone_id, reached_at)
+SELECT t.affiliate_id, m.id, $2
+FROM (SELECT affiliate_id, sum(conversions) AS total FROM links
+      WHERE affiliate_id = ANY($1::uuid[]) GROUP BY affiliate_id) t
+JOIN affiliates a ON a.id = t.affiliate_id
+JOIN milestones m ON m.program_id = a.program_id AND m.threshold <= t.total
+ORDER BY 1, 2
+ON CONFLICT DO NOTHING
+RETURNING affiliate_id, milestone_id, reached_at
+"""
+
+
+@dataclass(slots=True)
+class _Counts:
+    clicks: int = 0
+    unique_clicks: int = 0
+    bot_clicks: int = 0
+    leads: int = 0
+    conversions: int = 0
+    last_clicked_at: datetime | None = None
+
+    def add(self, s: Stored) -> None:
+        if s.type is EventType.CLICK:
+            if s.is_bot:
+                self.bot_clicks += 1
+                return
+            self.clicks += 1
+            if self.last_clicked_at is None or s.at > self.last_clicked_at:
+                self.last_clicked_at = s.at
+        elif s.type is EventType.LEAD:
+            self.leads += 1
+        else:
+            self.conversions += 1
+
+
+@dataclass(frozen=True, slots=True)
+class MilestoneReached:
+    affiliate_id: UUID
+    milestone_id: UUID
+    reached_at: datetime
+
+
+async def apply(conn: asyncpg.Connection, events: list[Stored]) -> list[MilestoneReached]:
+    per_link: dict[UUID, _Counts] = defaultdict(_Counts)
+    per_day: dict[tuple[UUID, date], _Counts] = defaultdict(_Counts)
+    links: dict[UUID, LinkInfo] = {}
+    for s in events:
+        lid = UUID(s.link.id)
+        links[lid] = s.link
+        per_link[lid].add(s)
+        per_day[(lid, s.at.date())].add(s)
+
+    visits = sorted(
+        {(UUID(s.link.id), s.at.date(), s.visitor_key) for s in events
+         if s.type is EventType.CLICK and not s.is_bot and s.visitor_key}
+    )  # fmt: skip
+    if visits:
+        rows = await conn.fetch(_UNIQUE, [v[0] for v in visits], [v[1] for v in visits], [v[2] for v in visits])
+        for r in rows:
+            per_link[r["link_id"]].unique_clicks += 1
+            per_day[(r["link_id"], r["day"])].unique_clicks += 1
+
+    ids = sorted(per_link)
+    await conn.execute(_LOCK_LINKS, ids)
+    await conn.execute(
+        _UPDATE_LINKS,
+        ids,
+        *([getattr(per_link[i], f) for i in ids] for f in ("clicks", "unique_clicks", "bot_clicks", "leads")),
+        [per_link[i].conversions for i in ids],
+        [per_link[i].last_clicked_at for i in ids],
+    )
+    days = sorted(per_day)
+    await conn.execute(
+        _UPSERT_DAILY,
+        [d[0] for d in days],
+        [d[1] for d in days],
+        [links[d[0]].workspace_id for d in days],
+        [links[d[0]].program_id for d in days],
+        [links[d[0]].affiliate_id for d in days],
+        *([getattr(per_day[d], f) for d in days] for f in ("clicks", "unique_clicks", "bot_clicks", "leads")),
+        [per_day[d].conversions for d in days],
+    )
+
+    converted = sorted(
+        {UUID(s.link.affiliate_id) for s in events if s.type is EventType.CONVERSION and s.link.affiliate_id}
+    )
+    if not converted:
+        return []
+    reached_at = max(s.at for s in events if s.type is EventType.CONVERSION)
+    rows = await conn.fetch(_MILESTONES, converted, reached_at)
+    return [MilestoneReached(r["affiliate_id"], r["milestone_id"], r["reached_at"]) for r in rows]
