@@ -219,12 +219,23 @@ async def participant_stats(conn: asyncpg.Connection, *, workspace_id: str, part
         raise NotFound(f"participant {participant_id!r} not found")
     conversions = row["conversions"]
     pending = max(row["leads"] - conversions, 0)
+    reached = await conn.fetch(
+        "SELECT m.name, m.threshold, am.reached_at FROM affiliate_milestones am"
+        " JOIN milestones m ON m.id = am.milestone_id JOIN affiliates a ON a.id = am.affiliate_id"
+        " WHERE a.workspace_id = $1 AND a.external_id = $2 ORDER BY m.threshold",
+        workspace_id,
+        participant_id,
+    )
     return {
         "participant_id": participant_id,
         "total_referrals": conversions + pending,
         "conversions": conversions,
         "pending": pending,
         "referral_code": row["code"],
+        # beyond the seed's fields: the milestones reached ("Refer 5 friends"), each once
+        "milestones": [
+            {"name": r["name"], "threshold": r["threshold"], "reached_at": r["reached_at"].isoformat()} for r in reached
+        ],
     }
 
 

@@ -42,13 +42,21 @@ def _json(row: Any) -> dict[str, Any]:
 
 
 async def create_program(conn: asyncpg.Connection, workspace_id: str, **fields: Any) -> dict[str, Any]:
-    row = await conn.fetchrow(
-        "INSERT INTO programs (workspace_id, name, url, cookie_window_days, attribution)"
-        " VALUES ($1, $2, $3, $4, $5)"
-        " RETURNING id, workspace_id, name, url, cookie_window_days, attribution, created_at",
-        workspace_id, fields["name"], fields.get("url"), fields["cookie_window_days"], fields["attribution"],
-    )  # fmt: skip
-    return _json(row)
+    """A program and its milestones (seed 001's "refer 5 friends": thresholds on conversions)."""
+    by_threshold = {m["threshold"]: m for m in fields.get("milestones") or []}
+    milestones = [by_threshold[t] for t in sorted(by_threshold)]
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "INSERT INTO programs (workspace_id, name, url, cookie_window_days, attribution)"
+            " VALUES ($1, $2, $3, $4, $5)"
+            " RETURNING id, workspace_id, name, url, cookie_window_days, attribution, created_at",
+            workspace_id, fields["name"], fields.get("url"), fields["cookie_window_days"], fields["attribution"],
+        )  # fmt: skip
+        await conn.executemany(
+            "INSERT INTO milestones (program_id, name, threshold) VALUES ($1, $2, $3)",
+            [(row["id"], m["name"], m["threshold"]) for m in milestones],
+        )
+    return {**_json(row), "milestones": [{"name": m["name"], "threshold": m["threshold"]} for m in milestones]}
 
 
 async def create_affiliate(conn: asyncpg.Connection, workspace_id: str, **fields: Any) -> dict[str, Any]:

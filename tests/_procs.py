@@ -37,6 +37,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         REFSTREAM_CLAIM_IDLE_MS=str(settings.claim_idle_ms),
         REFSTREAM_RECLAIM_EVERY_S=str(settings.reclaim_every_s),
         REFSTREAM_CLICK_RATE_LIMIT=str(settings.click_rate_limit),
+        REFSTREAM_SECRET_KEY=settings.secret_key or "",
     )
     env.update(extra)
     return env

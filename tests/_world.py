@@ -20,7 +20,10 @@ from ingest.settings import Settings
 from ._procs import free_port
 
 # what a tracker script in a browser sends; aiohttp's own User-Agent is (rightly) a bot
-BROWSER = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Safari/605.1.15"
+BROWSER = (
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)"
+    " Version/17.4 Safari/605.1.15"
+)
 
 
 async def start_edge(settings: Settings) -> tuple[web.AppRunner, str]:

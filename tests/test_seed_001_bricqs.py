@@ -117,7 +117,7 @@ async def test_stats(edge: str, world: World, pg: asyncpg.Pool, redis, keys: Key
     await pg.execute("UPDATE links SET leads = 5 WHERE code = 'PARTNER123'")  # five sign-ups, three converted
     status, out, _ = await call("GET", f"{edge}/api/v1/referrals/stats/user_123", headers=api_key(world.api_key))
     assert (status, out) == (200, {"participant_id": "user_123", "total_referrals": 5, "conversions": 3,
-                                   "pending": 2, "referral_code": "PARTNER123"})  # fmt: skip
+                                   "pending": 2, "referral_code": "PARTNER123", "milestones": []})  # fmt: skip
     status, out, _ = await call("GET", f"{edge}/api/v1/referrals/stats/nobody", headers=api_key(world.api_key))
     assert (status, out["error"]) == (404, "participant_not_found")
     other = await make_world(pg, redis, keys, code="THEIRS", name="Other")

@@ -67,12 +67,19 @@ class BricqsConverted(BaseModel):
     conversion_id: str
 
 
+class BricqsMilestone(BaseModel):
+    name: str
+    threshold: int
+    reached_at: str
+
+
 class BricqsStats(BaseModel):
     participant_id: str
     total_referrals: int
     conversions: int
     pending: int
     referral_code: str | None
+    milestones: list[BricqsMilestone] = []
 
 
 class BricqsError(BaseModel):

@@ -24,12 +24,19 @@ from ..state import EDGE, Edge
 routes = web.RouteTableDef()
 
 
+class NewMilestone(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    threshold: int = Field(ge=1, le=1_000_000, description="Conversions an affiliate needs to reach it")
+
+
 class NewProgram(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
     url: str | None = Field(None, max_length=2048)
     cookie_window_days: int = Field(30, ge=1, le=3650)
     attribution: Literal["first_click", "last_click"] = "last_click"
+    milestones: list[NewMilestone] = Field(default_factory=list, max_length=50)
 
 
 class NewAffiliate(BaseModel):
@@ -84,6 +91,7 @@ class Program(BaseModel):
     cookie_window_days: int
     attribution: str
     created_at: str
+    milestones: list[NewMilestone]
 
 
 class Affiliate(BaseModel):
