@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ingest.events import Dialect, Envelope, EventType, uuid7
+from ingest.events import Dialect, Envelope, EventType
 from ingest.keys import Keys
 from ingest.settings import Settings
 from workers.store import write_batch
@@ -191,8 +191,8 @@ async def test_a_lead_reaches_a_webhook_receiver_through_the_worker(procs: Procs
         edge = await procs.start_edge()
         procs.start("work")
         h = {"Authorization": f"Bearer {world.api_key}"}
-        status, hook, _ = await call("POST", f"{edge}/v1/webhooks", headers=h,
-                                     json={"url": f"http://127.0.0.1:{port}/hook", "events": ["lead.created"]})  # fmt: skip
+        target = {"url": f"http://127.0.0.1:{port}/hook", "events": ["lead.created"]}
+        status, hook, _ = await call("POST", f"{edge}/v1/webhooks", headers=h, json=target)
         assert status == 201
         click = (await call("POST", f"{edge}/api/v1/track/click", json={"affiliate_url": "https://x/?aff=PARTNER123"},
                             headers={"User-Agent": BROWSER}))[1]  # fmt: skip

@@ -20,6 +20,8 @@ import orjson
 import structlog
 from arq import Worker, cron
 from arq.connections import RedisSettings
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest import links
 from ingest.connections import connect_redis, create_pg_pool
@@ -27,7 +29,7 @@ from ingest.keys import Keys
 from ingest.settings import Settings
 
 from . import trim, webhooks
-from .consume import Consumer
+from .consume import Backoff, Consumer
 from .enrich import Enricher
 from .pipeline import Pipeline
 
@@ -129,9 +131,30 @@ def _every(seconds: int) -> dict[str, Any]:
     return {"minute": set(range(0, 60, max(1, seconds // 60))), "second": 0}
 
 
+class ResilientWorker(Worker):
+    """arq's worker, except that Redis going away is waited out with a backoff instead of
+    ending the process: the event loop (our consumer) is already doing the same."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._outage = Backoff(first=0.5, cap=10.0)
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            log.warning("arq.redis_unavailable", error=repr(exc))
+            await self._outage.sleep()
+        else:
+            self._outage.reset()
+
+
 def build_worker(settings: Settings) -> Worker:
     keys = Keys(settings.stream_prefix, settings.partitions)
-    return Worker(
+    redis_settings = RedisSettings.from_dsn(settings.arq_url)
+    # at start too: wait for Redis as long as it takes, never give up and exit
+    redis_settings.conn_retries, redis_settings.conn_retry_delay = 1_000_000, 2
+    return ResilientWorker(
         functions=[webhooks.deliver_webhook_job],
         cron_jobs=[
             cron(
@@ -144,7 +167,7 @@ def build_worker(settings: Settings) -> Worker:
             cron(trim_streams, **_every(settings.trim_every_s), timeout=300),
             cron(webhooks.sweep_webhooks, second=30, run_at_startup=True, timeout=60),
         ],
-        redis_settings=RedisSettings.from_dsn(settings.arq_url),
+        redis_settings=redis_settings,
         queue_name=keys.arq_queue,
         health_check_key=f"{keys.arq_queue}:health-check",
         on_startup=startup,
