@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import click
 
-from ingest import admin
+from ingest import admin, secretbox
 from ingest.connections import connect_redis
 from ingest.db import ensure_database, migrate
 from ingest.keys import Keys
@@ -82,6 +82,8 @@ def run_dev(port: int) -> None:
         if svc.embedded_postgres or not db_url:
             db_url = services.with_database(svc.postgres_url, "refstream")
         env = {**os.environ, "REDIS_URL": svc.redis_url, "DATABASE_URL": db_url}
+        # webhook signing secrets are stored encrypted: a throwaway key unless one is given
+        env.setdefault("REFSTREAM_SECRET_KEY", secretbox.generate_key())
         settings = Settings(redis_url=svc.redis_url, database_url=db_url)
         demo = asyncio.run(_setup(settings))
 
@@ -108,6 +110,7 @@ def run_dev(port: int) -> None:
             + (f"; embedded {' and '.join(emb)} (deleted on exit)" if emb else ""),
             f"  REDIS_URL={svc.redis_url}",
             f"  DATABASE_URL={db_url}",
+            f"  REFSTREAM_SECRET_KEY={env['REFSTREAM_SECRET_KEY']}  (encrypts webhook secrets; keep it to reuse them)",
         ]
         if demo["api_key"]:
             lines.append(f"  demo workspace API key (shown once): {demo['api_key']}")
