@@ -110,6 +110,7 @@ CREATE TABLE IF NOT EXISTS events (
     affiliate_id  uuid,
     click_id      uuid,          -- the click this event belongs to (a lead's, or a click's own)
     visitor_id    text,          -- the customer key
+    visitor_key   text,          -- who, for unique clicks: the visitor id, or a hash of IP and UA
     customer_external_id text,
     name          text,          -- a lead's or conversion's event name
     -- idempotency beyond the event id: a lead per (customer, event name), a conversion per

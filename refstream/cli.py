@@ -280,5 +280,10 @@ def dev(port: int) -> None:
     run_dev(port)
 
 
+# operator commands live in their own modules and are registered here
+# (ops: replay, reconcile)
+# (ops: dead, status)
+
+
 if __name__ == "__main__":
     main()

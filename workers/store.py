@@ -37,11 +37,11 @@ VISITOR_DIALECTS = frozenset({Dialect.BIORE, Dialect.AFFITOR})
 _INSERT_EVENTS = """
 INSERT INTO events (event_id, type, workspace_id, link_id, program_id, affiliate_id, click_id, visitor_id,
                     customer_external_id, name, dedupe_key, dialect, test_mode, is_bot, received_at, ip,
-                    user_agent, referrer, country, asn, enrichment, payload)
+                    user_agent, referrer, country, asn, enrichment, visitor_key, payload)
 SELECT * FROM unnest($1::uuid[], $2::smallint[], $3::uuid[], $4::uuid[], $5::uuid[], $6::uuid[], $7::uuid[],
                      $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::boolean[], $14::boolean[],
                      $15::timestamptz[], $16::inet[], $17::text[], $18::text[], $19::text[], $20::integer[],
-                     $21::jsonb[], $22::jsonb[])
+                     $21::jsonb[], $22::text[], $23::jsonb[])
 ORDER BY 1
 -- no conflict target: the event id and the dedupe key (one lead per customer and event
 -- name, one conversion per code and session) both make a repeat a no-op
@@ -126,7 +126,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     workspaces = sorted({link.workspace_id for link in by_code.values()})
     policies = {str(r["id"]): r["ip_policy"] for r in await conn.fetch(_IP_POLICIES, workspaces)}
 
-    cols: tuple[list[Any], ...] = tuple([] for _ in range(21))
+    cols: tuple[list[Any], ...] = tuple([] for _ in range(22))
     kept: dict[UUID, Stored] = {}
     for e in sorted(envelopes, key=lambda e: e.event_id):
         code = e.payload.get("code")
@@ -161,10 +161,11 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
             found.country if found else None,
             found.asn if found else None,
             found.to_json() if found else None,
+            visitor_key := _visitor_key(e),
         )
         for col, v in zip(cols, row, strict=True):
             col.append(v)
-        kept[e.event_id] = Stored(e, link, ts(e.received_at_ms), found is not None and found.is_bot, _visitor_key(e))
+        kept[e.event_id] = Stored(e, link, ts(e.received_at_ms), found is not None and found.is_bot, visitor_key)
 
     payloads = [s.envelope.payload for s in kept.values()]
     inserted = [kept[r["event_id"]] for r in await conn.fetch(_INSERT_EVENTS, *cols, payloads)] if kept else []
