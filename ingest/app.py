@@ -18,6 +18,7 @@ from .keys import Keys
 from .ratelimit import RateLimiter
 from .routes import affitor, affixo, biore, bricqs, health, manage, refport, webhooks
 from .settings import Settings
+from .spool import Spool
 from .state import EDGE, Edge
 
 log = structlog.get_logger("ingest.app")
@@ -55,6 +56,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
     pg = await create_pg_pool(settings, min_size=0, max_size=4)
     keys = Keys(settings.stream_prefix, settings.partitions)
+    spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes)
+    spool.start(redis, every_s=settings.spool_drain_every_s)  # also drains what a previous run left
     app[EDGE] = Edge(
         settings=settings,
         keys=keys,
@@ -62,6 +65,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         batcher=batcher,
         pg=pg,
         auth=Authenticator(redis, keys, pg, ttl_s=settings.key_cache_s),
+        spool=spool,
         link_sha=batcher.script(links.SET_IF_NEWER),
         click_limiter=RateLimiter(batcher, "click", limit=settings.click_rate_limit),
         public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit),
@@ -70,6 +74,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await spool.close()
         await batcher.close()
         await pg.close()
         await redis.aclose()

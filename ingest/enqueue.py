@@ -1,10 +1,17 @@
-"""Appending envelopes to their stream partition, through the micro-batcher."""
+"""Appending envelopes to their stream partition, through the micro-batcher, or, for
+public routes while Redis is unreachable, to the local spool."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .batcher import Command
+from .connections import REDIS_ERRORS
 from .events import FIELD, Envelope
 from .keys import Keys
+
+if TYPE_CHECKING:
+    from .state import Edge
 
 
 def xadd(keys: Keys, envelope: Envelope, routing_key: str) -> Command:
@@ -16,3 +23,21 @@ def xadd(keys: Keys, envelope: Envelope, routing_key: str) -> Command:
 def check(reply: object) -> None:
     if isinstance(reply, Exception):
         raise reply
+
+
+async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Command, spool: bool) -> bool:
+    """Make ``envelope`` durable: True once it is in Redis, False once it is in the spool.
+
+    ``extra`` commands ride in the same round trip (a click cache entry, say) and are lost
+    with it when the event is spooled. Raises what Redis raised when ``spool`` is off, and
+    ``SpoolFull`` when the spool is at its cap: either way the caller must not answer 2xx.
+    """
+    try:
+        replies = await edge.batcher.execute(xadd(edge.keys, envelope, routing_key), *extra)
+        check(replies[0])  # an error reply too (e.g. OOM under noeviction): spool it
+        return True
+    except REDIS_ERRORS:
+        if not spool:
+            raise
+    await edge.spool.append(edge.keys.stream_for(routing_key), envelope.encode())
+    return False

@@ -18,7 +18,7 @@ import structlog
 from . import links
 from .auth import Principal
 from .batcher import Command
-from .connections import PG_ERRORS
+from .connections import PG_ERRORS, REDIS_ERRORS
 from .events import uuid7
 from .ratelimit import RateLimiter, Verdict
 from .state import Edge
@@ -41,6 +41,7 @@ class Found:
     link: links.LinkInfo | None = None
     link_unresolved: bool = False  # the code needed Postgres, which did not answer
     extra: list[Any] = field(default_factory=list)
+    redis_down: bool = False  # degraded: no limit, no flags, no cache; the link from Postgres
 
 
 async def fallback(edge: Edge, query: Callable[[], Awaitable[T]]) -> T:
@@ -68,7 +69,11 @@ async def lookup(
     secret: str | None = None,
     code: str | None = None,
     extra: tuple[Command, ...] = (),
+    degraded: bool = False,
 ) -> Found:
+    """With ``degraded`` (public routes, whose events can be spooled), Redis being down is
+    not an error: the request is let through unlimited, extras are None, and the link comes
+    from Postgres. Otherwise what Redis raised propagates and the route answers 503."""
     commands: list[Command] = []
     digest: bytes | None = None
     principal: Principal | None = None
@@ -84,7 +89,12 @@ async def lookup(
         commands += [("GET", edge.keys.link(code)), ("GET", edge.keys.links_warm)]
     commands += extra
 
-    replies = await edge.batcher.execute(*commands)
+    try:
+        replies = await edge.batcher.execute(*commands)
+    except REDIS_ERRORS:
+        if not degraded or secret is not None:
+            raise
+        return await _without_redis(edge, limiter, code, len(extra))
     found = Found(verdict=limiter.verdict(replies[0]), principal=principal)
     i = 1
     if key_miss:
@@ -100,6 +110,17 @@ async def lookup(
             found.link_unresolved = True  # the route decides: refuse, or let the worker decide
         i += 2
     found.extra = replies[i:]
+    return found
+
+
+async def _without_redis(edge: Edge, limiter: RateLimiter, code: str | None, n_extra: int) -> Found:
+    # the limit cannot be counted without Redis: fail open, bounded by the spool's cap
+    found = Found(verdict=Verdict(True, limiter.limit, limiter.limit, 0), extra=[None] * n_extra, redis_down=True)
+    if code is not None:
+        try:
+            found.link = await fallback(edge, lambda: links.fetch(edge.pg, code))
+        except Unavailable:
+            found.link_unresolved = True
     return found
 
 

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
         description="CIDRs whose X-Forwarded-For is believed; empty: the peer address is the client.",
     )
     pipeline_max_commands: int = Field(2048, ge=1, description="Commands per Redis round trip.")
+    spool_dir: str = Field(".refstream-spool", description="Where public routes spool events while Redis is down.")
+    spool_max_bytes: int = Field(1 << 30, ge=1 << 16, description="Spool cap; beyond it public routes answer 503.")
+    spool_drain_every_s: float = Field(1.0, gt=0)
 
     # worker --------------------------------------------------------------------------
     batch_size: int = Field(500, ge=1, le=10_000)

@@ -15,6 +15,7 @@ from .connections import Redis
 from .keys import Keys
 from .ratelimit import RateLimiter
 from .settings import Settings
+from .spool import Spool
 
 
 @dataclass(slots=True)
@@ -25,6 +26,7 @@ class Edge:
     batcher: RedisBatcher
     pg: asyncpg.Pool
     auth: Authenticator
+    spool: Spool
     link_sha: str  # links.SET_IF_NEWER, registered with the batcher
     click_limiter: RateLimiter  # seed 000: per client IP
     public_limiter: RateLimiter  # other public routes: per client IP

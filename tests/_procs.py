@@ -38,6 +38,8 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         REFSTREAM_RECLAIM_EVERY_S=str(settings.reclaim_every_s),
         REFSTREAM_CLICK_RATE_LIMIT=str(settings.click_rate_limit),
         REFSTREAM_SECRET_KEY=settings.secret_key or "",
+        REFSTREAM_SPOOL_DIR=settings.spool_dir,
+        REFSTREAM_SPOOL_DRAIN_EVERY_S=str(settings.spool_drain_every_s),
     )
     env.update(extra)
     return env

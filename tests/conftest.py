@@ -30,6 +30,7 @@ from ingest.settings import Settings
 from refstream import services as svc_mod
 
 from ._procs import Procs
+from ._redis import PrivateRedis
 
 RUN_ID = secrets.token_hex(4)
 SECRET_KEY = secretbox.generate_key()
@@ -84,7 +85,7 @@ _counter = iter(range(1, 1_000_000))
 
 
 @pytest.fixture
-def settings(services: svc_mod.Services, database_url: str) -> Settings:
+def settings(services: svc_mod.Services, database_url: str, tmp_path: Any) -> Settings:
     """Settings for one test: its own key prefix; short timings so tests run quickly."""
     return Settings(
         redis_url=services.redis_url,
@@ -96,6 +97,8 @@ def settings(services: svc_mod.Services, database_url: str) -> Settings:
         reclaim_every_s=1,
         key_cache_s=0.5,
         secret_key=SECRET_KEY,
+        spool_dir=str(tmp_path / "spool"),
+        spool_drain_every_s=0.2,
         log_level="info",
     )
 
@@ -177,3 +180,15 @@ def drain(settings: Settings) -> Callable[[], Awaitable[dict[str, int]]]:
     from workers.worker import drain as drain_streams
 
     return lambda: drain_streams(settings)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Any) -> Iterator[PrivateRedis]:
+    """A Redis of this test's own, to kill and start again on the same port."""
+    r = PrivateRedis(tmp_path)
+    r.start()
+    try:
+        yield r
+    finally:
+        if r.proc and r.proc.poll() is None:
+            r.kill()

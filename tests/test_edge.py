@@ -119,15 +119,23 @@ async def test_known_unknown_and_inactive_codes_are_answered_but_not_enqueued(ed
     assert await stream_total(redis, keys) == 1
 
 
-async def test_redis_down_is_a_503_never_a_false_200(settings: Settings):
-    runner, base = await start(
-        settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0", "redis_socket_timeout": 1.0, "block_ms": 100})
+async def test_redis_down_public_clicks_are_spooled_keyed_routes_refused(settings: Settings, pg, redis, keys: Keys):
+    from pathlib import Path
+
+    await make_links(pg, redis, keys, "alice")  # found through Postgres while Redis is down
+    down = settings.model_copy(
+        update={"redis_url": "redis://127.0.0.1:1/0", "redis_socket_timeout": 1.0, "block_ms": 100}
     )
+    runner, base = await start(down)
     try:
-        status, body, headers = await click(base, "alice")
-        assert status == 503
-        assert body["error"]["code"] == "service_unavailable"
-        assert headers["Retry-After"] == "1"
+        status, body, _ = await click(base, "alice")
+        assert (status, body) == (200, TRACKED)  # durable in the spool before the 200
+        spooled = b"".join(p.read_bytes() for p in Path(settings.spool_dir).glob("*.spool"))
+        assert spooled.count(b"\n") == 1 and b'"code":"alice"' in spooled
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/v1/track/click", json={"ref": "alice"},
+                                 headers={"Authorization": "Bearer rs_live_x"}) as r:  # fmt: skip
+                assert (r.status, r.headers["Retry-After"]) == (503, "1")
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/healthz") as r:
                 assert r.status == 200

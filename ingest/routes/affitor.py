@@ -20,9 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import clicks
 from ..body import BodyError, header, parse
 from ..connections import REDIS_ERRORS
-from ..enqueue import check, xadd
+from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..lookup import Unavailable, fallback, lookup
+from ..spool import SpoolFull
 from ..state import EDGE
 
 log = structlog.get_logger("ingest.affitor")
@@ -123,6 +124,7 @@ async def track_click(request: web.Request) -> web.Response:
             ip or "-",
             code=code,
             extra=(("GET", edge.keys.click(existing)),) if existing else (),
+            degraded=True,  # public: with Redis down, the link from Postgres and the event to the spool
         )
         if not found.verdict.allowed:
             return fail(429, "Too many requests", found.verdict.headers)
@@ -172,14 +174,13 @@ async def track_click(request: web.Request) -> web.Response:
         user_agent=user_agent[: edge.settings.max_string_length] if user_agent else None,
         payload=payload,
     )
-    commands = [xadd(edge.keys, envelope, code)]
+    extra = []
     if not test_mode and prior is None:
         ref = clicks.ClickRef(click_id, code, link.workspace_id, payload["visitor_id"], envelope.received_at_ms)
-        commands.append(ref.cache_command(edge.keys, link.cookie_window_days * 86400))
+        extra.append(ref.cache_command(edge.keys, link.cookie_window_days * 86400))
     try:
-        replies = await edge.batcher.execute(*commands)
-        check(replies[0])
-    except REDIS_ERRORS as exc:
+        await append(edge, envelope, code, *extra, spool=True)
+    except (*REDIS_ERRORS, SpoolFull) as exc:
         log.warning("redis.unavailable", route="affitor_click", error=str(exc))
         return fail(503, "Service temporarily unavailable", {"Retry-After": "1"})
 

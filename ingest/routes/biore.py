@@ -16,9 +16,10 @@ from pydantic import BaseModel
 from .. import flags
 from ..body import header, plain
 from ..connections import REDIS_ERRORS
-from ..enqueue import check, xadd
+from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..lookup import lookup
+from ..spool import SpoolFull
 from ..state import EDGE
 
 log = structlog.get_logger("ingest.biore")
@@ -74,6 +75,7 @@ async def track_click(request: web.Request) -> web.Response:
             ip or "-",
             code=code if sane else None,
             extra=(("GET", edge.keys.flag("referral")),),
+            degraded=True,  # public: with Redis down, accept into the spool
         )
         disabled = flags.is_disabled(found.extra[0])
     except REDIS_ERRORS as exc:
@@ -107,9 +109,8 @@ async def track_click(request: web.Request) -> web.Response:
         payload=payload,
     )
     try:
-        (reply,) = await edge.batcher.execute(xadd(edge.keys, envelope, code))
-        check(reply)
-    except REDIS_ERRORS as exc:
-        log.warning("redis.unavailable", route="biore_click", error=str(exc))
+        await append(edge, envelope, code, spool=True)
+    except (*REDIS_ERRORS, SpoolFull) as exc:
+        log.warning("click.not_accepted", route="biore_click", error=str(exc))
         return unavailable()
     return web.Response(body=TRACKED, content_type="application/json", headers=headers)

@@ -24,9 +24,10 @@ from .. import admin
 from ..auth import Principal, plausible
 from ..body import BodyError, header, parse, plain
 from ..connections import PG_ERRORS, REDIS_ERRORS
-from ..enqueue import check, xadd
+from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..lookup import Found, Unavailable, lookup
+from ..spool import SpoolFull
 from ..state import EDGE, Edge
 
 log = structlog.get_logger("ingest.bricqs")
@@ -148,7 +149,9 @@ async def generate(request: web.Request) -> web.Response:
 async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...] = ()) -> Found | web.Response:
     edge = request.app[EDGE]
     try:
-        found = await lookup(edge, edge.public_limiter, edge.client_ip(request) or "-", code=code, extra=extra)
+        found = await lookup(
+            edge, edge.public_limiter, edge.client_ip(request) or "-", code=code, extra=extra, degraded=True
+        )
     except (Unavailable, *REDIS_ERRORS):
         return unavailable()
     if not found.verdict.allowed:
@@ -207,13 +210,14 @@ async def convert(request: web.Request) -> web.Response:
     # appended first, then the conversion_id remembered: an id is never handed out for an
     # event that was not appended. A repeat keeps the first id; its own event is appended
     # too, and the worker's dedupe key makes it count nothing.
+    first: object = None
     try:
-        (appended,) = await edge.batcher.execute(xadd(edge.keys, envelope, link.code))
-        check(appended)
-        _, first = await edge.batcher.execute(
-            ("SET", idem, conversion_id, "NX", "EX", IDEMPOTENCY_TTL_S), ("GET", idem)
-        )
-    except REDIS_ERRORS as exc:
+        if await append(edge, envelope, link.code, spool=True):
+            _, first = await edge.batcher.execute(
+                ("SET", idem, conversion_id, "NX", "EX", IDEMPOTENCY_TTL_S), ("GET", idem)
+            )
+        # spooled (Redis down): this conversion_id stands; the dedupe key still counts it once
+    except (*REDIS_ERRORS, SpoolFull) as exc:
         log.warning("redis.unavailable", route="bricqs_convert", error=str(exc))
         return unavailable()
     out = BricqsConverted(
