@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import orjson
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import links, openapi
 from .auth import Authenticator
 from .batcher import RedisBatcher
 from .connections import connect_redis, create_pg_pool
 from .keys import Keys
+from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
 from .routes import affitor, affixo, biore, bricqs, health, manage, refport, webhooks
 from .settings import Settings
@@ -24,14 +27,27 @@ from .state import EDGE, Edge
 log = structlog.get_logger("ingest.app")
 
 
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID", "")
+    if 0 < len(given) <= 64 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
 @web.middleware
 async def canonical_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One log line per request; an unexpected error becomes a bare 500, never a trace."""
+    """One log line per request, with its request id (bound for every line logged while
+    it runs, and echoed as ``X-Request-ID``); metrics by route and status; an unexpected
+    error becomes a bare 500, never a trace."""
     start = time.perf_counter()
     status = 500
+    rid = _request_id(request)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=rid)
     try:
         response = await handler(request)
         status = response.status
+        response.headers["X-Request-ID"] = rid
         return response
     except web.HTTPException as exc:
         status = exc.status
@@ -40,24 +56,31 @@ async def canonical_log(request: web.Request, handler: Handler) -> web.StreamRes
         log.exception("request.failed", method=request.method, path=request.path)
         return web.Response(body=orjson.dumps({"error": "internal_error"}), status=500, content_type="application/json")
     finally:
-        log.info(
-            "request",
-            method=request.method,
-            path=request.path,
-            status=status,
-            ms=round((time.perf_counter() - start) * 1000, 3),
-        )
+        seconds = time.perf_counter() - start
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        metrics = request.app[METRICS]
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.request_seconds.labels(route).observe(seconds)
+        log.info("request", method=request.method, path=request.path, status=status, ms=round(seconds * 1000, 3))
+        structlog.contextvars.clear_contextvars()
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = connect_redis(settings)
-    batcher = RedisBatcher(redis, max_commands=settings.pipeline_max_commands)
+    metrics = app[METRICS]
+
+    def observe(commands: int, seconds: float) -> None:
+        metrics.redis_batch.observe(commands)
+        metrics.redis_seconds.observe(seconds)
+
+    batcher = RedisBatcher(redis, max_commands=settings.pipeline_max_commands, observe=observe)
     # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
     pg = await create_pg_pool(settings, min_size=0, max_size=4)
     keys = Keys(settings.stream_prefix, settings.partitions)
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes)
     spool.start(redis, every_s=settings.spool_drain_every_s)  # also drains what a previous run left
+    metrics.watch_spool(spool.size)
     app[EDGE] = Edge(
         settings=settings,
         keys=keys,
@@ -66,6 +89,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         pg=pg,
         auth=Authenticator(redis, keys, pg, ttl_s=settings.key_cache_s),
         spool=spool,
+        metrics=metrics,
         link_sha=batcher.script(links.SET_IF_NEWER),
         click_limiter=RateLimiter(batcher, "click", limit=settings.click_rate_limit),
         public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit),
@@ -80,13 +104,21 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await redis.aclose()
 
 
+async def metrics_route(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", EdgeMetrics)
 
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[canonical_log])
     app[SETTINGS] = settings
+    app[METRICS] = EdgeMetrics()
     app.cleanup_ctx.append(_resources)
     for module in (health, biore, bricqs, affitor, affixo, refport, manage, webhooks, openapi):
         app.add_routes(module.routes)
+    app.router.add_get("/metrics", metrics_route)
     return app

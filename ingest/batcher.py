@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
@@ -23,9 +24,12 @@ Command = tuple[Any, ...]
 
 
 class RedisBatcher:
-    def __init__(self, redis: Redis, *, max_commands: int = 2048) -> None:
+    def __init__(
+        self, redis: Redis, *, max_commands: int = 2048, observe: Callable[[int, float], None] | None = None
+    ) -> None:
         self._redis = redis
         self._max = max_commands
+        self._observe = observe  # (commands, seconds) of each round trip
         self._queue: deque[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -75,6 +79,7 @@ class RedisBatcher:
     async def _flush(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
         # nothing may escape: the flusher must outlive any failure, and every caller of
         # this batch must hear the outcome (connection lost, timeout, a failed reload)
+        start = time.perf_counter()
         try:
             results = await self._send(batch)
         except Exception as exc:
@@ -82,6 +87,8 @@ class RedisBatcher:
                 if not fut.done():
                     fut.set_exception(exc)
             return
+        if self._observe is not None:
+            self._observe(sum(len(c) for c, _ in batch), time.perf_counter() - start)
         i = 0
         for commands, fut in batch:
             if not fut.done():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import structlog
+
 from .batcher import Command
 from .connections import REDIS_ERRORS
 from .events import FIELD, Envelope
@@ -32,12 +34,15 @@ async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Comma
     with it when the event is spooled. Raises what Redis raised when ``spool`` is off, and
     ``SpoolFull`` when the spool is at its cap: either way the caller must not answer 2xx.
     """
+    structlog.contextvars.bind_contextvars(event_id=str(envelope.event_id))
     try:
         replies = await edge.batcher.execute(xadd(edge.keys, envelope, routing_key), *extra)
         check(replies[0])  # an error reply too (e.g. OOM under noeviction): spool it
+        edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
         return True
     except REDIS_ERRORS:
         if not spool:
             raise
     await edge.spool.append(edge.keys.stream_for(routing_key), envelope.encode())
+    edge.metrics.accepted.labels(envelope.dialect, "spool").inc()
     return False

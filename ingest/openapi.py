@@ -41,6 +41,7 @@ OPERATIONS: tuple[Op, ...] = (
     Op("get", "/healthz", "The process is up", "Operations", {200: health.Health}),
     Op("get", "/readyz", "Redis and Postgres answer", "Operations", {200: health.Ready, 503: health.Ready}),
     Op("get", "/openapi.json", "This document", "Operations", {200: None}),
+    Op("get", "/metrics", "Prometheus metrics (text exposition format)", "Operations", {200: None}),
     Op("post", "/api/v1/referral/click/{code}", "Track a referral click (bio.re, seed 000)", "bio.re",
        {200: biore.BioreTrackResponse, 429: biore.BioreError, 503: biore.BioreError}),
     Op("post", "/api/v1/referrals/generate", "Generate a referral code (Bricqs, seed 001)", "Bricqs",

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     retention_s: int = Field(7 * 86400, ge=0, description="Acked entries stay this long (for replays).")
     trim_every_s: int = Field(60, ge=1, le=3600)
     consumer_name: str | None = Field(None, description="Defaults to hostname-pid.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker: serve /metrics on this port.")
+    metrics_host: str = Field("127.0.0.1", description="Worker: the address /metrics listens on.")
     city_db: str | None = Field(None, description="A MaxMind City .mmdb for city-level geo (optional).")
     secret_key: str | None = Field(
         None, description="Fernet key(s), comma-separated, encrypting webhook signing secrets at rest."

@@ -13,6 +13,7 @@ from .auth import Authenticator
 from .batcher import RedisBatcher
 from .connections import Redis
 from .keys import Keys
+from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
 from .settings import Settings
 from .spool import Spool
@@ -27,6 +28,7 @@ class Edge:
     pg: asyncpg.Pool
     auth: Authenticator
     spool: Spool
+    metrics: EdgeMetrics
     link_sha: str  # links.SET_IF_NEWER, registered with the batcher
     click_limiter: RateLimiter  # seed 000: per client IP
     public_limiter: RateLimiter  # other public routes: per client IP

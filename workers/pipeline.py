@@ -27,6 +27,7 @@ from ingest.settings import Settings
 from . import store, webhooks
 from .enrich import Enricher
 from .errors import is_transient
+from .metrics import WorkerMetrics
 
 log = structlog.get_logger("workers.pipeline")
 
@@ -50,6 +51,7 @@ class Pipeline:
         self.pg = pg
         self.enricher = enricher
         self.arq: ArqRedis | None = None  # set by the arq worker; --drain leaves it to the sweep
+        self.metrics: WorkerMetrics | None = None
         self.totals = Totals()
 
     async def process(self, stream: str, entries: list[Entry]) -> None:
@@ -93,6 +95,9 @@ class Pipeline:
         self.totals.inserted += result.inserted
         self.totals.duplicates += result.duplicates
         self.totals.dead += len(dead)
+        seconds = time.perf_counter() - start
+        if self.metrics is not None:
+            self.metrics.batch(len(entries), result.inserted, result.duplicates, len(dead), seconds)
         log.info(
             "batch",
             stream=stream,

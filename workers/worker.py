@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import orjson
@@ -31,6 +31,7 @@ from ingest.settings import Settings
 from . import trim, webhooks
 from .consume import Backoff, Consumer
 from .enrich import Enricher
+from .metrics import WorkerMetrics, refresh_stream_gauges, serve
 from .pipeline import Pipeline
 
 log = structlog.get_logger("workers.worker")
@@ -80,6 +81,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     c.pipeline.arq = ctx["redis"]  # arq's own pool: JSON serializer, our queue
     ctx["pg"] = c.pipeline.pg
     await webhooks.webhook_startup(ctx)
+    ctx["metrics_stack"] = await _metrics(settings, c)
     task = asyncio.create_task(c.run(), name="consumer")
 
     def crashed(t: asyncio.Task[None]) -> None:
@@ -100,8 +102,28 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     try:
         await asyncio.shield(ctx["consumer_task"])
     finally:
+        await ctx["metrics_stack"].aclose()
         await webhooks.webhook_shutdown(ctx)
         await ctx["consumer_cm"].__aexit__(None, None, None)
+
+
+async def _metrics(settings: Settings, c: Consumer) -> AsyncExitStack:
+    """Metrics for this process, and their listener when ``REFSTREAM_METRICS_PORT`` is set."""
+    metrics = c.pipeline.metrics = WorkerMetrics()
+    enricher = c.pipeline.enricher
+    if enricher is not None:
+        metrics.watch_cache(lambda: (enricher.ua_cache_info().hits, enricher.ua_cache_info().misses))
+    stack = AsyncExitStack()
+    if settings.metrics_port is not None:
+
+        async def before_scrape() -> None:
+            await refresh_stream_gauges(metrics, c.redis, c.keys)
+
+        port = await stack.enter_async_context(
+            serve(metrics, settings.metrics_host, settings.metrics_port, before_scrape)
+        )
+        log.info("metrics.listening", host=settings.metrics_host, port=port)
+    return stack
 
 
 async def reclaim_idle(ctx: dict[str, Any]) -> int:

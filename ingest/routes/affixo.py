@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..auth import bearer
 from ..body import BodyError, header, parse
 from ..connections import REDIS_ERRORS
-from ..enqueue import check, xadd
+from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..lookup import Unavailable, lookup
 from ..state import EDGE
@@ -141,8 +141,7 @@ async def track_click(request: web.Request) -> web.Response:
             user_agent=header(request, "User-Agent", edge.settings.max_string_length),
             payload=payload,
         )
-        replies = await edge.batcher.execute(xadd(edge.keys, envelope, link.code), *remember)
-        check(replies[0])
+        await append(edge, envelope, link.code, *remember, spool=False)  # keyed: 503 rather than spool
     except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="affixo_click", error=str(exc))
         return error(503, "unavailable", {"Retry-After": "1"})

@@ -22,7 +22,7 @@ from .. import clicks, links
 from ..auth import bearer
 from ..body import BodyError, header, parse
 from ..connections import REDIS_ERRORS
-from ..enqueue import check, xadd
+from ..enqueue import append
 from ..events import Dialect, Envelope, EventType
 from ..lookup import Unavailable, fallback, lookup
 from ..state import EDGE
@@ -160,8 +160,7 @@ async def track_lead(request: web.Request) -> web.Response:
         if not isinstance(link, links.LinkInfo):
             code = click.code
             link = await fallback(edge, lambda: links.fetch(edge.pg, code))
-        (appended,) = await edge.batcher.execute(xadd(edge.keys, envelope, click.code))
-        check(appended)
+        await append(edge, envelope, click.code, spool=False)  # keyed: 503 rather than spool
     except Unavailable:
         return unavailable()
     except REDIS_ERRORS as exc:

@@ -1,0 +1,35 @@
+"""The edge's Prometheus metrics, in a registry of its own (one per app, so several apps
+in one process, as in tests, do not collide), served at ``GET /metrics``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class EdgeMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("refstream_http_requests", "HTTP requests answered", ["route", "status"], registry=r)
+        self.request_seconds = Histogram(
+            "refstream_http_request_seconds", "Time to answer", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.accepted = Counter(
+            "refstream_events_accepted", "Events accepted, and where they went (redis or spool)",
+            ["dialect", "to"], registry=r,
+        )  # fmt: skip
+        self.redis_seconds = Histogram(
+            "refstream_redis_round_trip_seconds", "One micro-batched pipeline round trip (XADDs, limits, lookups)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.redis_batch = Histogram(
+            "refstream_redis_batch_commands", "Commands per micro-batched round trip",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500), registry=r,
+        )  # fmt: skip
+        self.spool_bytes = Gauge("refstream_spool_bytes", "Bytes waiting in the local spool", registry=r)
+
+    def watch_spool(self, size: Callable[[], int]) -> None:
+        self.spool_bytes.set_function(lambda: float(size()))

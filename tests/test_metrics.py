@@ -1,0 +1,68 @@
+"""/metrics on the edge and on a worker, and request and event ids in the log lines."""
+
+from __future__ import annotations
+
+import re
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from ._procs import Procs, free_port
+from ._world import BROWSER, call
+from .conftest import wait_for
+from .test_e2e import fire
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with aiohttp.ClientSession() as http, http.get(url) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        return samples(await r.text())
+
+
+async def test_edge_and_worker_metrics_and_ids_in_the_logs(procs: Procs, pg):
+    ws = await procs.cli("workspace", "create", "Acme")
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
+    edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="1000")
+    port = free_port()
+    procs.start("work", REFSTREAM_METRICS_PORT=str(port))
+    assert all(status == 200 for status, _ in await fire(edge, ["alice"] * 7))
+    status, _, headers = await call("POST", f"{edge}/api/v1/referral/click/alice",
+                                    headers={"X-Request-ID": "req-abc-123", "User-Agent": BROWSER})  # fmt: skip
+    assert status == 200 and headers["X-Request-ID"] == "req-abc-123"
+    assert re.fullmatch(r"[0-9a-f]{32}", (await call("GET", f"{edge}/healthz"))[2]["X-Request-ID"])
+
+    m = await scrape(f"{edge}/metrics")
+    route = (("route", "/api/v1/referral/click/{code}"), ("status", "200"))
+    assert m[("refstream_http_requests_total", route)] == 8
+    assert m[("refstream_events_accepted_total", (("dialect", "biore"), ("to", "redis")))] == 8
+    assert m[("refstream_redis_round_trip_seconds_count", ())] >= 2  # at least a lookup and an XADD
+    assert m[("refstream_spool_bytes", ())] == 0
+
+    async def processed() -> bool:
+        try:
+            w = await scrape(f"http://127.0.0.1:{port}/metrics")
+        except aiohttp.ClientConnectionError:
+            return False
+        return w.get(("refstream_events_processed_total", (("outcome", "inserted"),))) == 8
+
+    await wait_for(processed, timeout=60, what="the worker's metrics to show 8 events")
+    w = await scrape(f"http://127.0.0.1:{port}/metrics")
+    assert w[("refstream_batches_total", ())] >= 1
+    assert 0 <= w[("refstream_enrichment_ua_cache_hit_ratio", ())] <= 1
+    assert any(name == "refstream_stream_pending" for name, _ in w)
+
+    procs.stop_all()
+    lines = [orjson.loads(line) for line in procs.logs().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("request_id") == "req-abc-123"]
+    assert [line["event"] for line in mine] == ["request"]
+    assert re.fullmatch(r"[0-9a-f-]{36}", mine[0]["event_id"])  # the event it accepted
+    assert mine[0]["path"] == "/api/v1/referral/click/alice" and mine[0]["status"] == 200

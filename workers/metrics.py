@@ -1,0 +1,89 @@
+"""The worker's Prometheus metrics and the small listener that serves them.
+
+Batches, events by outcome (inserted, duplicate, dead-lettered), batch latency and size;
+lag and pending per partition and the enrichment cache hit ratio, read when scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ingest.connections import Redis
+from ingest.keys import GROUP, Keys
+from ingest.metrics import LATENCY_BUCKETS
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.batches = Counter("refstream_batches", "Batches committed and acked", registry=r)
+        self.events = Counter("refstream_events_processed", "Stream entries by outcome", ["outcome"], registry=r)
+        self.batch_seconds = Histogram(
+            "refstream_batch_seconds", "Decode, store, commit and ack one batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "refstream_batch_entries", "Entries per batch", buckets=(1, 10, 50, 100, 250, 500, 1000, 5000), registry=r
+        )
+        self.lag = Gauge("refstream_stream_lag", "Entries not yet delivered to the group", ["stream"], registry=r)
+        self.pending = Gauge("refstream_stream_pending", "Entries delivered, not yet acked", ["stream"], registry=r)
+        self.ua_cache_hit_ratio = Gauge(
+            "refstream_enrichment_ua_cache_hit_ratio", "User-Agent parser cache hits / lookups", registry=r
+        )
+
+    def batch(self, entries: int, inserted: int, duplicates: int, dead: int, seconds: float) -> None:
+        self.batches.inc()
+        self.batch_size.observe(entries)
+        self.batch_seconds.observe(seconds)
+        self.events.labels("inserted").inc(inserted)
+        self.events.labels("duplicate").inc(duplicates)
+        self.events.labels("dead").inc(dead)
+
+    def watch_cache(self, info: Callable[[], tuple[int, int]]) -> None:
+        """``info()`` → (hits, misses)."""
+
+        def ratio() -> float:
+            hits, misses = info()
+            return hits / (hits + misses) if hits + misses else 0.0
+
+        self.ua_cache_hit_ratio.set_function(ratio)
+
+
+async def refresh_stream_gauges(metrics: WorkerMetrics, redis: Redis, keys: Keys) -> None:
+    """Lag and pending per partition, as XINFO GROUPS reports them (lag needs Redis 7)."""
+    for stream in keys.streams:
+        try:
+            groups = await redis.xinfo_groups(stream)
+        except Exception:
+            continue  # no stream yet
+        for g in groups:
+            if g["name"] in (GROUP, GROUP.encode()):
+                metrics.pending.labels(stream).set(g["pending"])
+                if g.get("lag") is not None:
+                    metrics.lag.labels(stream).set(g["lag"])
+
+
+@asynccontextmanager
+async def serve(
+    metrics: WorkerMetrics, host: str, port: int, before_scrape: Callable[[], Awaitable[None]]
+) -> AsyncIterator[int]:
+    """``/metrics`` on ``host:port`` (0: any free port); yields the port it listens on."""
+
+    async def scrape(request: web.Request) -> web.Response:
+        await before_scrape()
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    try:
+        sockets = runner.addresses
+        yield int(sockets[0][1]) if sockets else port
+    finally:
+        await runner.cleanup()
