@@ -135,6 +135,8 @@ CREATE INDEX IF NOT EXISTS events_link_received ON events (link_id, received_at)
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events (workspace_id, type, dedupe_key)
     WHERE dedupe_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+-- `refstream status` counts what was processed in the last minute; BRIN: tiny, append order
+CREATE INDEX IF NOT EXISTS events_processed_brin ON events USING brin (processed_at);
 
 -- unique clicks: a visitor's first click on a link in a UTC day. A set, not a count, so the
 -- answer is the same whatever order clicks are processed in, and exactly once.

@@ -281,8 +281,14 @@ def dev(port: int) -> None:
 
 
 # operator commands live in their own modules and are registered here
-# (ops: replay, reconcile)
-# (ops: dead, status)
+from . import ops_replay  # noqa: E402
+
+main.add_command(ops_replay.replay)
+main.add_command(ops_replay.reconcile)
+from . import ops_status  # noqa: E402
+
+main.add_command(ops_status.status)
+main.add_command(ops_status.dead)
 
 
 if __name__ == "__main__":

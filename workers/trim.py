@@ -65,9 +65,10 @@ async def trim(
         n = await redis.xtrim(stream, minid=f"{minid[0]}-{minid[1]}", approximate=not exact)
         if n:
             removed[stream] = n
-    n = await redis.xtrim(keys.dead, minid=f"{retention_cut[0]}-0", approximate=not exact)
-    if n:
-        removed[keys.dead] = n
+    for stream in (keys.dead, keys.dead + ":dropped"):  # dead letters, and the ones dropped with a reason
+        n = await redis.xtrim(stream, minid=f"{retention_cut[0]}-0", approximate=not exact)
+        if n:
+            removed[stream] = n
     if removed:
         log.info("trimmed", **removed)
     return removed

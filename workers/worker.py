@@ -28,7 +28,7 @@ from ingest.connections import connect_redis, create_pg_pool
 from ingest.keys import Keys
 from ingest.settings import Settings
 
-from . import trim, webhooks
+from . import replay, trim, webhooks
 from .consume import Backoff, Consumer
 from .enrich import Enricher
 from .metrics import WorkerMetrics, refresh_stream_gauges, serve
@@ -177,7 +177,7 @@ def build_worker(settings: Settings) -> Worker:
     # at start too: wait for Redis as long as it takes, never give up and exit
     redis_settings.conn_retries, redis_settings.conn_retry_delay = 1_000_000, 2
     return ResilientWorker(
-        functions=[webhooks.deliver_webhook_job],
+        functions=[webhooks.deliver_webhook_job, replay.REPLAY_JOB],
         cron_jobs=[
             cron(
                 reclaim_idle,

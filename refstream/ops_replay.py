@@ -1,0 +1,173 @@
+"""``refstream replay`` and ``refstream reconcile``: put Postgres right after an outage.
+
+``replay`` re-reads a stream range (by id or by time) into Postgres, counting nothing
+twice; ``reconcile`` recounts every counter from the event rows and reports (or repairs)
+the drift. Results go to stdout (a table, or JSON with ``--json``); progress to stderr.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import asyncpg
+import click
+import orjson
+import uvloop
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ingest.connections import connect_redis, create_pg_pool
+from ingest.keys import Keys
+from ingest.logs import configure_logging
+from ingest.settings import Settings
+
+T = TypeVar("T")
+_DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+class RangeUsageError(click.ClickException):
+    """An empty or invalid range: exit 2, like any other usage error."""
+
+    exit_code = 2
+
+
+def parse_time(text: str, *, now: datetime | None = None) -> datetime:
+    """``2h``, ``30m``, ``7d`` (now minus that) or an ISO 8601 datetime (naive means UTC)."""
+    if m := _DURATION.match(text.strip()):
+        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[m[2]]: int(m[1])})
+    try:
+        at = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise RangeUsageError(f"not a duration (2h, 30m, 7d) or an ISO datetime: {text!r}") from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _out(data: Any) -> None:
+    sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.flush()
+
+
+def _start() -> Settings:
+    from .cli import _settings  # here, not at import: cli.py imports this module
+
+    settings = _settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    return settings
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return uvloop.run(coro)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+
+@click.command()
+@click.option("--from-id", default=None, help="First stream id (ms-seq or ms), inclusive.")
+@click.option("--to-id", default=None, help="Last stream id (ms-seq or ms), inclusive.")
+@click.option("--since", default=None, help="From this time (inclusive): 2h, 30m, 7d ago, or an ISO datetime.")
+@click.option("--until", default=None, help="To this time (exclusive): 2h, 30m, 7d ago, or an ISO datetime.")
+@click.option("--partition", "partitions", type=int, multiple=True, help="Only this partition (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Count the entries in range and those already stored; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def replay(
+    from_id: str | None,
+    to_id: str | None,
+    since: str | None,
+    until: str | None,
+    partitions: tuple[int, ...],
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Replay a stream range into Postgres; what is stored already counts nothing twice.
+
+    The consumer group is not touched (XRANGE, not XREADGROUP), so workers may keep running.
+    """
+    from workers import replay as rp
+    from workers.enrich import Enricher
+
+    rng = rp.Range(
+        from_id, to_id, parse_time(since) if since else None, parse_time(until) if until else None, partitions or None
+    )
+    settings = _start()
+    keys = Keys(settings.stream_prefix, settings.partitions)
+    try:
+        rng.bounds()
+        rng.streams(keys)
+    except rp.RangeError as exc:
+        raise RangeUsageError(str(exc)) from None
+
+    async def go() -> dict[str, Any]:
+        redis = connect_redis(settings)
+        pool = await create_pg_pool(settings, min_size=1, max_size=2)
+        try:
+            if dry_run:
+                return (await rp.plan(redis, pool, keys, rng)).to_dict()
+            enricher = Enricher(city_db=settings.city_db)  # bot verdicts, as the workers make them
+            console = Console(stderr=True)
+            columns = (TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            try:
+                with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
+                    task = bar.add_task("replay", total=None)
+                    result = await rp.replay(
+                        redis, pool, keys, rng, enricher=enricher, batch_size=settings.batch_size,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total),
+                    )  # fmt: skip
+            finally:
+                enricher.close()
+            return result.to_dict()
+        finally:
+            await pool.close()
+            await redis.aclose()
+
+    result = _run(go())
+    if result["totals"]["entries"] == 0:
+        raise RangeUsageError(f"the range {result['range']['from']}..{result['range']['to']} holds no entries")
+    result["dry_run"] = dry_run
+    if as_json:
+        _out(result)
+        return
+    fields = list(result["totals"])
+    table = Table("partition", *fields, title="replay (dry run)" if dry_run else "replay")
+    for p, counts in result["partitions"].items():
+        table.add_row(p, *(str(counts[f]) for f in fields))
+    table.add_row("total", *(str(result["totals"][f]) for f in fields), style="bold")
+    Console().print(table)
+
+
+@click.command()
+@click.option("--fix", is_flag=True, help="Set every counter to its recount, in one transaction.")
+@click.option("--json", "as_json", is_flag=True, help="Print the drift as JSON.")
+def reconcile(fix: bool, as_json: bool) -> None:
+    """Recount every counter from the event rows and report the drift.
+
+    Exit 0 when there is none (or --fix repaired it), 1 when drift was found and left.
+    """
+    from workers.reconcile import reconcile as recount
+
+    settings = _start()
+
+    async def go() -> list[dict[str, Any]]:
+        pool = await create_pg_pool(settings, min_size=1, max_size=1)
+        try:
+            return [d.to_dict() for d in await recount(pool, fix=fix)]
+        finally:
+            await pool.close()
+
+    drift = _run(go())
+    if as_json:
+        _out({"drift": drift, "fixed": fix})
+    else:
+        table = Table("code", "day", "counter", "stored", "recomputed", title="drift" + (" (fixed)" if fix else ""))
+        for d in drift:
+            table.add_row(d["code"], d.get("day") or "", d["counter"], str(d["stored"]), str(d["recomputed"]))
+        console = Console()
+        console.print(table if drift else "no drift: every counter equals its event rows")
+    if drift and not fix:
+        sys.exit(1)

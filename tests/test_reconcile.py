@@ -1,0 +1,141 @@
+"""`refstream reconcile`: counters recounted from the event rows; drift reported (exit 1)
+and repaired with --fix in one transaction, unique-click accounting included."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, date, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ingest.events import Dialect, Envelope, EventType
+from ingest.keys import Keys
+from ingest.settings import Settings
+from workers.reconcile import Drift, reconcile
+from workers.store import write_batch
+
+from ._procs import REFSTREAM, env_for
+from ._world import make_world
+
+DAY1 = int(datetime(2024, 3, 1, 10, tzinfo=UTC).timestamp()) * 1000
+DAY2 = DAY1 + 86_400_000
+
+
+async def run(settings: Settings, *args: str) -> tuple[int, Any, str]:
+    """A `refstream` command as a process: (exit code, stdout as JSON or text, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        REFSTREAM, *args, env=env_for(settings), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    text = out.decode()
+    return proc.returncode, orjson.loads(out) if "--json" in args else text, err.decode()
+
+
+def click(code: str, visitor: str, ms: int, *, test: bool = False) -> Envelope:
+    payload: dict[str, Any] = {"code": code, "visitor_id": visitor} | ({"test_mode": True} if test else {})
+    return Envelope(EventType.CLICK, Dialect.AFFITOR, payload, received_at_ms=ms)
+
+
+async def history(pg: asyncpg.Pool, redis: Any, keys: Keys) -> None:
+    await make_world(pg, redis, keys, code="A")
+    await make_world(pg, redis, keys, code="B", name="Other")
+    await write_batch(pg, [click("A", f"v{i % 3}", DAY1 + i) for i in range(6)] + [click("A", "v9", DAY2)])
+    await write_batch(pg, [click("B", "w", DAY1), click("B", "w", DAY2 + 5), click("B", "x", DAY2, test=True)])
+    lead = {"code": "A", "visitor_id": "v1", "external_id": "c1", "name": "Sign Up"}
+    conversion = {"code": "A", "visitor_id": "v1", "dedupe": "A:s1"}
+    await write_batch(
+        pg,
+        [
+            Envelope(EventType.LEAD, Dialect.REFPORT, lead, received_at_ms=DAY1 + 100),
+            Envelope(EventType.CONVERSION, Dialect.BRICQS, conversion, received_at_ms=DAY2 + 100),
+        ],
+    )
+
+
+async def counters(pg: asyncpg.Pool) -> list[Any]:
+    return [
+        tuple(r)
+        for r in await pg.fetch(
+            "SELECT code, clicks, unique_clicks, bot_clicks, leads, conversions, last_clicked_at"
+            " FROM links ORDER BY code"
+        )
+    ] + [tuple(r) for r in await pg.fetch("SELECT * FROM daily_stats ORDER BY link_id, day")]
+
+
+async def test_drift_made_by_hand_is_reported_then_fixed(settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys):
+    await history(pg, redis, keys)
+    good = await counters(pg)
+    assert good[0][:6] == ("A", 7, 4, 0, 1, 1)  # v0, v1, v2 on day 1, v9 on day 2
+    assert (await run(settings, "reconcile", "--json"))[:2] == (0, {"drift": [], "fixed": False})
+
+    a = await pg.fetchval("SELECT id FROM links WHERE code = 'A'")
+    await pg.execute("UPDATE links SET clicks = clicks + 5, last_clicked_at = NULL WHERE code = 'A'")
+    await pg.execute("UPDATE daily_stats SET leads = 4 WHERE link_id = $1 AND day = '2024-03-01'", a)
+    await pg.execute(
+        "INSERT INTO daily_stats (link_id, day, workspace_id, clicks) SELECT id, '2024-02-01', workspace_id, 2"
+        " FROM links WHERE code = 'B'"
+    )
+    # a lost first-click-of-the-day row: the next click of that visitor that day would count as unique again
+    await pg.execute("DELETE FROM link_visitor_days WHERE link_id = $1 AND visitor_key = 'v9'", a)
+
+    code, out, _ = await run(settings, "reconcile", "--json")
+    assert code == 1 and out["fixed"] is False
+    last_click = datetime.fromtimestamp((DAY2) / 1000, tz=UTC).isoformat()
+    assert out["drift"] == [
+        {"code": "A", "counter": "clicks", "stored": 12, "recomputed": 7},
+        {"code": "A", "counter": "last_clicked_at", "stored": None, "recomputed": last_click},
+        {"code": "A", "counter": "visitor_days", "stored": 3, "recomputed": 4},
+        {"code": "A", "counter": "leads", "day": "2024-03-01", "stored": 4, "recomputed": 1},
+        {"code": "B", "counter": "clicks", "day": "2024-02-01", "stored": 2, "recomputed": 0},
+    ]
+    code, text, _ = await run(settings, "reconcile")  # the table
+    assert code == 1 and "last_clicked_at" in text and "2024-02-01" in text
+
+    code, fixed, _ = await run(settings, "reconcile", "--fix", "--json")
+    assert (code, fixed) == (0, {"drift": out["drift"], "fixed": True})
+    assert await counters(pg) == good
+    assert await reconcile(pg, fix=False) == []
+    code, text, _ = await run(settings, "reconcile")
+    assert code == 0 and "no drift" in text
+
+    # the rebuilt visitor set keeps later batches exact: v9 again on day 2 is not a new unique click
+    await write_batch(pg, [click("A", "v9", DAY2 + 60_000)])
+    assert await pg.fetchval("SELECT unique_clicks FROM links WHERE code = 'A'") == 4
+    assert await reconcile(pg, fix=True) == []
+
+
+async def test_a_fix_is_one_transaction_that_batches_wait_for(pg: asyncpg.Pool, redis: Any, keys: Keys):
+    await history(pg, redis, keys)
+    await pg.execute("UPDATE links SET leads = 0")
+    async with pg.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM links WHERE code = 'A' FOR UPDATE")  # a batch in flight on link A
+        fixing = asyncio.create_task(reconcile(pg, fix=True))
+        await asyncio.sleep(0.3)
+        assert not fixing.done()  # it locks every link before recounting, so nothing moves under it
+        assert await pg.fetchval("SELECT leads FROM links WHERE code = 'A'") == 0
+    assert await fixing == [Drift("A", "leads", 0, 1)]
+    assert await pg.fetchval("SELECT leads FROM links WHERE code = 'A'") == 1
+
+
+async def test_test_mode_and_days_without_events_count_nothing(pg: asyncpg.Pool, redis: Any, keys: Keys):
+    await history(pg, redis, keys)
+    b = await pg.fetchrow("SELECT clicks, unique_clicks FROM links WHERE code = 'B'")
+    assert tuple(b) == (2, 2)  # w on day 1 and on day 2; x was test mode
+    await pg.execute(
+        "DELETE FROM events WHERE (received_at AT TIME ZONE 'UTC')::date = $1"
+        " AND link_id = (SELECT id FROM links WHERE code = 'B')",
+        date(2024, 3, 2),
+    )
+    drift = await reconcile(pg, fix=True)
+    assert {(d.counter, d.day) for d in drift} >= {
+        ("clicks", None),
+        ("unique_clicks", None),
+        ("clicks", date(2024, 3, 2)),
+    }
+    assert await pg.fetch("SELECT day FROM daily_stats d JOIN links l ON l.id = d.link_id WHERE l.code = 'B'") == [
+        (date(2024, 3, 1),)
+    ]
+    assert await reconcile(pg, fix=False) == []
