@@ -118,6 +118,8 @@ CREATE TABLE IF NOT EXISTS events (
     dedupe_key    text,
     dialect       text NOT NULL,
     test_mode     boolean NOT NULL DEFAULT false,
+    -- a lead or conversion whose click is older than the program's cookie window: stored, not credited
+    out_of_window boolean NOT NULL DEFAULT false,
     is_bot        boolean NOT NULL DEFAULT false,
     received_at   timestamptz NOT NULL,
     processed_at  timestamptz NOT NULL DEFAULT now(),

@@ -16,10 +16,11 @@ from . import links, openapi
 from .auth import Authenticator
 from .batcher import RedisBatcher
 from .connections import connect_redis, create_pg_pool
+from .cors import cors
 from .keys import Keys
 from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
-from .routes import affitor, affixo, biore, bricqs, health, manage, refport, webhooks
+from .routes import affitor, affixo, biore, bricqs, browser, health, manage, refport, webhooks
 from .settings import Settings
 from .spool import Spool
 from .state import EDGE, Edge
@@ -114,11 +115,11 @@ METRICS = web.AppKey("metrics", EdgeMetrics)
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[canonical_log])
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[canonical_log, cors])
     app[SETTINGS] = settings
     app[METRICS] = EdgeMetrics()
     app.cleanup_ctx.append(_resources)
-    for module in (health, biore, bricqs, affitor, affixo, refport, manage, webhooks, openapi):
+    for module in (health, biore, bricqs, affitor, affixo, refport, manage, webhooks, browser, openapi):
         app.add_routes(module.routes)
     app.router.add_get("/metrics", metrics_route)
     return app

@@ -39,6 +39,7 @@ class Dialect:
     AFFITOR = "affitor"  # seed 002
     AFFIXO = "affixo"  # seed 003
     REFPORT = "refport"  # seed 004
+    REDIRECT = "redirect"  # GET /r/{code}, a browser following a link
 
 
 class EnvelopeError(ValueError):

@@ -43,8 +43,9 @@ return 1
 LINK_SELECT: Final = """
 SELECT l.id, l.workspace_id, l.program_id, l.affiliate_id, a.external_id AS affiliate_external_id,
        l.code, l.url, l.domain, l.status, p.cookie_window_days, p.attribution,
-       (extract(epoch FROM l.updated_at) * 1000000)::bigint AS version
+       (extract(epoch FROM l.updated_at) * 1000000)::bigint AS version, w.allowed_origins
 FROM links l
+JOIN workspaces w ON w.id = l.workspace_id
 LEFT JOIN programs p ON p.id = l.program_id
 LEFT JOIN affiliates a ON a.id = l.affiliate_id
 """
@@ -64,6 +65,11 @@ class LinkInfo:
     cookie_window_days: int
     attribution: str
     version: int = 0
+    allowed_origins: tuple[str, ...] = ()  # the workspace's; empty: any origin
+
+    def allows_origin(self, origin: str | None) -> bool:
+        """Browsers send Origin on cross-origin requests; servers usually send none."""
+        return not self.allowed_origins or origin is None or origin in self.allowed_origins
 
     @property
     def active(self) -> bool:
@@ -95,6 +101,7 @@ class LinkInfo:
             cookie_window_days=r["cookie_window_days"] or 30,
             attribution=r["attribution"] or "last_click",
             version=r["version"] or 0,
+            allowed_origins=tuple(r["allowed_origins"] or ()),
         )
 
 
@@ -113,8 +120,10 @@ def decode(raw: object) -> LinkInfo | Missing | None:
     if body == _MISSING:
         return MISSING
     try:
-        return LinkInfo(**orjson.loads(body))
-    except (orjson.JSONDecodeError, TypeError):
+        d = orjson.loads(body)
+        d["allowed_origins"] = tuple(d.get("allowed_origins") or ())
+        return LinkInfo(**d)
+    except (orjson.JSONDecodeError, TypeError, AttributeError):
         return None
 
 

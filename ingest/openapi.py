@@ -42,6 +42,10 @@ OPERATIONS: tuple[Op, ...] = (
     Op("get", "/readyz", "Redis and Postgres answer", "Operations", {200: health.Ready, 503: health.Ready}),
     Op("get", "/openapi.json", "This document", "Operations", {200: None}),
     Op("get", "/metrics", "Prometheus metrics (text exposition format)", "Operations", {200: None}),
+    Op("get", "/", "A plain page (the default fallback of redirect links)", "Browser", {200: None}),
+    Op("get", "/tracker.js", "The tracker script a site owner pastes", "Browser", {200: None, 304: None}),
+    Op("get", "/r/{code}", "Redirect link: records the click, sets the cookie, 302 to the destination with the "
+       "click id; unknown codes 302 to the fallback URL", "Browser", {302: None}),
     Op("post", "/api/v1/referral/click/{code}", "Track a referral click (bio.re, seed 000)", "bio.re",
        {200: biore.BioreTrackResponse, 429: biore.BioreError, 503: biore.BioreError}),
     Op("post", "/api/v1/referrals/generate", "Generate a referral code (Bricqs, seed 001)", "Bricqs",

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
         description="CIDRs whose X-Forwarded-For is believed; empty: the peer address is the client.",
     )
     pipeline_max_commands: int = Field(2048, ge=1, description="Commands per Redis round trip.")
+    fallback_url: str = Field("/", description="Where /r/{code} sends an unknown or inactive code.")
+    click_id_param: str = Field("refstream_click_id", description="Query parameter /r/{code} appends.")
+    cookie_name: str = Field("refstream_click", description="The click-id cookie /r/{code} sets.")
+    cookie_domain: str | None = Field(None, description="Domain attribute of that cookie (e.g. .yoursite.com).")
     spool_dir: str = Field(".refstream-spool", description="Where public routes spool events while Redis is down.")
     spool_max_bytes: int = Field(1 << 30, ge=1 << 16, description="Spool cap; beyond it public routes answer 503.")
     spool_drain_every_s: float = Field(1.0, gt=0)

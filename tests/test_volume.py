@@ -30,8 +30,8 @@ SELECT l.code FROM links l LEFT JOIN (
     SELECT link_id,
            count(*) FILTER (WHERE type = 1 AND NOT is_bot AND NOT test_mode) AS clicks,
            count(*) FILTER (WHERE type = 1 AND is_bot AND NOT test_mode) AS bot_clicks,
-           count(*) FILTER (WHERE type = 2 AND NOT test_mode) AS leads,
-           count(*) FILTER (WHERE type = 3 AND NOT test_mode) AS conversions
+           count(*) FILTER (WHERE type = 2 AND NOT test_mode AND NOT out_of_window) AS leads,
+           count(*) FILTER (WHERE type = 3 AND NOT test_mode AND NOT out_of_window) AS conversions
     FROM events GROUP BY link_id) e ON e.link_id = l.id
 LEFT JOIN (SELECT link_id, sum(clicks) AS clicks, sum(unique_clicks) AS uniq, sum(bot_clicks) AS bots,
                   sum(leads) AS leads, sum(conversions) AS conversions FROM daily_stats GROUP BY link_id) d

@@ -36,7 +36,7 @@ SELECT e.link_id, (e.received_at AT TIME ZONE 'UTC')::date AS day,
        count(*) FILTER (WHERE type = 3) AS conversions,
        max(received_at) FILTER (WHERE type = 1 AND NOT is_bot) AS last_clicked_at
 FROM events e JOIN links l ON l.id = e.link_id
-WHERE NOT e.test_mode
+WHERE NOT e.test_mode AND NOT e.out_of_window
 GROUP BY 1, 2
 """
 

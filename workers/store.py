@@ -32,16 +32,16 @@ log = structlog.get_logger("workers.store")
 
 _RESOLVE_LINKS = LINK_SELECT + " WHERE l.code = ANY($1::text[])"
 _IP_POLICIES = "SELECT id, ip_policy FROM workspaces WHERE id = ANY($1::uuid[])"
-VISITOR_DIALECTS = frozenset({Dialect.BIORE, Dialect.AFFITOR})
+VISITOR_DIALECTS = frozenset({Dialect.BIORE, Dialect.AFFITOR, Dialect.REDIRECT})
 
 _INSERT_EVENTS = """
 INSERT INTO events (event_id, type, workspace_id, link_id, program_id, affiliate_id, click_id, visitor_id,
                     customer_external_id, name, dedupe_key, dialect, test_mode, is_bot, received_at, ip,
-                    user_agent, referrer, country, asn, enrichment, visitor_key, payload)
+                    user_agent, referrer, country, asn, enrichment, visitor_key, out_of_window, payload)
 SELECT * FROM unnest($1::uuid[], $2::smallint[], $3::uuid[], $4::uuid[], $5::uuid[], $6::uuid[], $7::uuid[],
                      $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::boolean[], $14::boolean[],
                      $15::timestamptz[], $16::inet[], $17::text[], $18::text[], $19::text[], $20::integer[],
-                     $21::jsonb[], $22::text[], $23::jsonb[])
+                     $21::jsonb[], $22::text[], $23::boolean[], $24::jsonb[])
 ORDER BY 1
 -- no conflict target: the event id and the dedupe key (one lead per customer and event
 -- name, one conversion per code and session) both make a repeat a no-op
@@ -107,6 +107,18 @@ def _visitor_key(e: Envelope) -> str | None:
     return None
 
 
+def _out_of_window(e: Envelope, link: LinkInfo) -> bool:
+    """A lead or conversion whose click (its click id carries the click's UUIDv7 time) is
+    older than the program's cookie window."""
+    if e.type is EventType.CLICK:
+        return False
+    click = clicks.parse(c) if isinstance(c := e.payload.get("click_id"), str) else None
+    if click is None:
+        return False  # no click to measure from (a Bricqs conversion by code)
+    clicked_ms = click.int >> 80
+    return e.received_at_ms - clicked_ms > link.cookie_window_days * 86_400_000
+
+
 def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | None, Enrichment | None]:
     """(ip to store, enrichment). Only browser-facing dialects carry the visitor's IP and
     User-Agent; a server-to-server call's are its server's, not worth a geo or bot verdict."""
@@ -126,7 +138,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     workspaces = sorted({link.workspace_id for link in by_code.values()})
     policies = {str(r["id"]): r["ip_policy"] for r in await conn.fetch(_IP_POLICIES, workspaces)}
 
-    cols: tuple[list[Any], ...] = tuple([] for _ in range(22))
+    cols: tuple[list[Any], ...] = tuple([] for _ in range(23))
     kept: dict[UUID, Stored] = {}
     for e in sorted(envelopes, key=lambda e: e.event_id):
         code = e.payload.get("code")
@@ -162,17 +174,21 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
             found.asn if found else None,
             found.to_json() if found else None,
             visitor_key := _visitor_key(e),
+            out_of_window := _out_of_window(e, link),
         )
         for col, v in zip(cols, row, strict=True):
             col.append(v)
-        kept[e.event_id] = Stored(e, link, ts(e.received_at_ms), found is not None and found.is_bot, visitor_key)
+        kept[e.event_id] = Stored(
+            e, link, ts(e.received_at_ms), found is not None and found.is_bot, visitor_key, out_of_window
+        )
 
     payloads = [s.envelope.payload for s in kept.values()]
     inserted = [kept[r["event_id"]] for r in await conn.fetch(_INSERT_EVENTS, *cols, payloads)] if kept else []
     result.inserted = len(inserted)
     result.duplicates = len(kept) - len(inserted)
-    # test-mode events are stored, and that is all: no counter, no customer, no attribution
-    live = [s for s in inserted if s.envelope.payload.get("test_mode") is not True]
+    # test-mode and out-of-window events are stored, and that is all: no counter, no
+    # customer, no attribution, no webhook
+    live = [s for s in inserted if s.envelope.payload.get("test_mode") is not True and not s.out_of_window]
     if live:
         reached = await counters.apply(conn, live)
         await customers.upsert(conn, live)

@@ -17,6 +17,7 @@ class Stored:
     at: datetime
     is_bot: bool
     visitor_key: str | None  # who, for unique clicks: the visitor id, or a hash of IP and UA
+    out_of_window: bool = False
 
     @property
     def type(self) -> EventType:

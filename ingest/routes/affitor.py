@@ -137,6 +137,8 @@ async def track_click(request: web.Request) -> web.Response:
             return fail(400, "Referral link configuration is invalid (missing partner or program)")
         if not link.active:
             return fail(200, "Referral link is inactive")
+        if not link.allows_origin(request.headers.get("Origin")):
+            return fail(403, "Origin not allowed for this workspace")
         prior = None
         if existing:
             prior = clicks.decode(existing, found.extra[0]) or await fallback(

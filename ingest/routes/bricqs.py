@@ -193,6 +193,8 @@ async def convert(request: web.Request) -> web.Response:
     link = found.link
     if link is None or not link.active or not link.configured:
         return error(404, "invalid_code", f"Referral code {body.code!r} is not valid")
+    if not link.allows_origin(request.headers.get("Origin")):
+        return error(403, "origin_not_allowed", "Origin not allowed for this workspace")
     envelope = Envelope(
         event_id=event_id,
         type=EventType.CONVERSION,
