@@ -20,7 +20,7 @@ from .cors import cors
 from .keys import Keys
 from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
-from .routes import affitor, affixo, biore, bricqs, browser, health, manage, refport, webhooks
+from .routes import affitor, affixo, batch, biore, bricqs, browser, health, manage, refport, webhooks
 from .settings import Settings
 from .spool import Spool
 from .state import EDGE, Edge
@@ -115,11 +115,13 @@ METRICS = web.AppKey("metrics", EdgeMetrics)
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[canonical_log, cors])
+    # the batch route takes the largest bodies; every other route checks its own, smaller cap
+    cap = max(settings.max_body_bytes, settings.batch_max_bytes)
+    app = web.Application(client_max_size=cap, middlewares=[canonical_log, cors])
     app[SETTINGS] = settings
     app[METRICS] = EdgeMetrics()
     app.cleanup_ctx.append(_resources)
-    for module in (health, biore, bricqs, affitor, affixo, refport, manage, webhooks, browser, openapi):
+    for module in (health, biore, bricqs, affitor, affixo, refport, batch, manage, webhooks, browser, openapi):
         app.add_routes(module.routes)
     app.router.add_get("/metrics", metrics_route)
     return app

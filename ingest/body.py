@@ -9,6 +9,8 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from .state import EDGE
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -47,10 +49,13 @@ def _has_nul(value: Any) -> bool:
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
+    limit = request.app[EDGE].settings.max_body_bytes
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise BodyError(413, "too_large", f"body larger than {request.client_max_size} bytes") from None
+        raw = b"x" * (limit + 1)
+    if len(raw) > limit:
+        raise BodyError(413, "too_large", f"body larger than {limit} bytes")
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -40,6 +40,7 @@ class Dialect:
     AFFIXO = "affixo"  # seed 003
     REFPORT = "refport"  # seed 004
     REDIRECT = "redirect"  # GET /r/{code}, a browser following a link
+    NATIVE = "native"  # POST /v1/events/batch
 
 
 class EnvelopeError(ValueError):

@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from .routes import affitor, affixo, biore, bricqs, health, manage, refport, webhooks
+from .routes import affitor, affixo, batch, biore, bricqs, health, manage, refport, webhooks
 
 routes = web.RouteTableDef()
 
@@ -70,6 +70,10 @@ OPERATIONS: tuple[Op, ...] = (
     Op("post", "/api/track/lead", "Track a lead (Refport, seed 004)", "Refport",
        {200: refport.RefportLeadTracked, 400: refport.RefportError, 401: refport.RefportError,
         429: refport.RefportError}, refport.RefportLead, "bearer"),
+    Op("post", "/v1/events/batch", "Up to 500 events in one request (JSON array or NDJSON, gzip accepted), each "
+       "validated like its single-event route; one result per event", "Batch",
+       {200: batch.BatchResult, 400: M.ManageError, 401: M.ManageError, 403: M.ManageError, 413: M.ManageError,
+        429: M.ManageError}, batch.BatchBody, "bearer"),
     Op("post", "/v1/programs", "Create a program", "Management", {201: M.Program, **_MANAGE_ERRORS},
        M.NewProgram, "bearer"),
     Op("post", "/v1/affiliates", "Create an affiliate", "Management",

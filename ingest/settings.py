@@ -43,6 +43,7 @@ class Settings(BaseSettings):
 
     # edge ----------------------------------------------------------------------------
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    batch_max_bytes: int = Field(1 << 20, ge=1024, description="Body cap of the batch endpoint (after gzip).")
     max_string_length: int = Field(2048, ge=64)
     click_rate_limit: int = Field(60, ge=1, description="seed 000 route: requests/minute per IP")
     public_rate_limit: int = Field(600, ge=1, description="other public routes: requests/minute per IP")

@@ -124,7 +124,9 @@ def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | 
     User-Agent; a server-to-server call's are its server's, not worth a geo or bot verdict."""
     if enricher is None:
         return _inet(e.ip) if policy == "full" else None, None
-    if e.dialect in VISITOR_DIALECTS and e.type is EventType.CLICK:
+    # a batch click carries its visitor's IP and User-Agent when the forwarding server knew them
+    visitor = e.dialect in VISITOR_DIALECTS or (e.dialect == Dialect.NATIVE and e.user_agent is not None)
+    if visitor and e.type is EventType.CLICK:
         found = enricher.enrich(e.ip, e.user_agent, _opt(e.payload.get("referrer")), policy)
         return found.ip, found
     return enricher.enrich(e.ip, None, None, policy).ip, None

@@ -1,0 +1,236 @@
+"""``POST /v1/events/batch``: up to 500 events in one request, for high-volume trackers.
+
+Bearer workspace key, scope ``track``. The body is a JSON array or NDJSON
+(``Content-Type: application/x-ndjson``), gzip accepted (``Content-Encoding: gzip``). Each
+item names its ``type`` and is validated by the same model as its single-event route:
+``click`` as Affixo's ``/v1/track/click`` (plus the visitor's ``ip`` and ``user_agent``,
+which a server forwarding clicks knows), ``lead`` as Refport's ``/api/track/lead``,
+``conversion`` as Bricqs' ``/convert``. The answer lists one result per item, in order; a
+bad item never fails the others. All lookups of the batch share one Redis round trip, and
+all its appends another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, Field, RootModel, ValidationError
+
+from .. import clicks, links
+from ..auth import bearer
+from ..body import BodyError, describe
+from ..connections import REDIS_ERRORS
+from ..enqueue import xadd
+from ..events import Dialect, Envelope, EventType
+from ..lookup import Unavailable, fallback, lookup
+from ..state import EDGE, Edge
+from .affixo import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
+from .bricqs import BricqsConvert
+from .refport import RefportLead
+
+log = structlog.get_logger("ingest.batch")
+routes = web.RouteTableDef()
+
+MAX_EVENTS = 500
+
+
+class BatchClick(AffixoClick):
+    ip: str | None = Field(None, max_length=64, description="The visitor's address, as your server saw it")
+    user_agent: str | None = Field(None, max_length=2048, description="The visitor's User-Agent")
+
+
+MODELS: dict[str, type[BaseModel]] = {"click": BatchClick, "lead": RefportLead, "conversion": BricqsConvert}
+
+
+class BatchBody(RootModel[list[BatchClick | RefportLead | BricqsConvert]]):
+    """For the documentation: each item also carries ``type`` (click, lead or conversion)."""
+
+
+class ItemResult(BaseModel):
+    index: int
+    ok: bool
+    event_id: str | None = None
+    visitor_id: str | None = None
+    match_method: str | None = None
+    match_confidence: float | None = None
+    error: str | None = None
+    detail: str | None = None
+
+
+class BatchResult(BaseModel):
+    accepted: int
+    rejected: int
+    results: list[ItemResult]
+
+
+def error(status: int, code: str, detail: str | None = None) -> web.Response:
+    body = {"error": code, **({"detail": detail} if detail else {})}
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def parse_items(raw: bytes, ndjson: bool) -> list[Any]:
+    try:
+        if ndjson:
+            return [orjson.loads(line) for line in raw.splitlines() if line.strip()]
+        items = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BodyError(400, "invalid_json", "not a JSON array, nor NDJSON") from None
+    if not isinstance(items, list):
+        raise BodyError(400, "invalid_json", "a JSON array of events (or NDJSON)")
+    return items
+
+
+@routes.post("/v1/events/batch")
+async def batch(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    secret = bearer(request.headers.get("Authorization"))
+    if secret is None:
+        return error(401, "unauthorized")
+    try:
+        raw = await request.read()  # aiohttp has undone any gzip; the cap counts what it produced
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, "payload_too_large", f"at most {edge.settings.batch_max_bytes} bytes")
+    try:
+        found = await lookup(edge, edge.key_limiter, "", secret=secret)
+    except (Unavailable, *REDIS_ERRORS):
+        return web.Response(status=503, headers={"Retry-After": "1"}, body=b'{"error":"unavailable"}')
+    principal = found.principal
+    if principal is None:
+        return error(401, "unauthorized")
+    if not principal.allows("track"):
+        return web.Response(body=orjson.dumps({"error": "insufficient_scope", "need": "track"}), status=403,
+                            content_type="application/json")  # fmt: skip
+    if not found.verdict.allowed:
+        return error(429, "rate_limited")
+    try:
+        items = parse_items(raw, "ndjson" in request.headers.get("Content-Type", ""))
+    except BodyError as exc:
+        return error(exc.status, exc.kind, exc.message)
+    if not items:
+        return error(400, "invalid_json", "no events")
+    if len(items) > MAX_EVENTS:
+        return error(413, "too_many_events", f"at most {MAX_EVENTS} events per request")
+    try:
+        results = await _accept(edge, principal.workspace_id, items)
+    except (Unavailable, *REDIS_ERRORS) as exc:
+        log.warning("batch.unavailable", error=repr(exc))
+        return web.Response(status=503, headers={"Retry-After": "1"}, body=b'{"error":"unavailable"}')
+    accepted = sum(r.ok for r in results)
+    out = BatchResult(accepted=accepted, rejected=len(results) - accepted, results=results)
+    return web.Response(body=orjson.dumps(out.model_dump(exclude_none=True)), content_type="application/json",
+                        headers=found.verdict.headers)  # fmt: skip
+
+
+def _validate(index: int, item: Any) -> BaseModel | ItemResult:
+    kind = item.get("type") if isinstance(item, dict) else None
+    model = MODELS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        return ItemResult(index=index, ok=False, error="invalid", detail="type: one of click, lead, conversion")
+    if isinstance(item, dict) and b"\\u0000" in orjson.dumps(item):
+        return ItemResult(index=index, ok=False, error="invalid", detail="NUL characters are not allowed")
+    try:
+        return model.model_validate(item)
+    except ValidationError as exc:
+        return ItemResult(index=index, ok=False, error="invalid", detail=describe(exc))
+
+
+async def _accept(edge: Edge, workspace: str, items: list[Any]) -> list[ItemResult]:
+    parsed = [_validate(i, item) for i, item in enumerate(items)]
+    codes = sorted({p.ref if isinstance(p, BatchClick) else p.code for p in parsed
+                    if isinstance(p, BatchClick | BricqsConvert)})  # fmt: skip
+    click_ids = sorted({p.clickId for p in parsed if isinstance(p, RefportLead)})
+    fingerprints = {
+        p.fingerprint: edge.keys.fingerprint(workspace, hashlib.sha256(p.fingerprint.encode()).hexdigest()[:32])
+        for p in parsed
+        if isinstance(p, BatchClick) and p.fingerprint and not p.visitor_id
+    }
+    candidates = {fp: new_visitor_id() for fp in fingerprints}
+
+    # every lookup of the batch in one round trip: links, the warm flag, clicks, fingerprints
+    commands: list[Any] = [("GET", edge.keys.link(c)) for c in codes] + [("GET", edge.keys.links_warm)]
+    commands += [("GET", edge.keys.click(c)) for c in click_ids]
+    for fp, key in fingerprints.items():
+        commands += [("SET", key, candidates[fp], "NX", "EX", FINGERPRINT_TTL_S), ("GET", key)]
+    replies = await edge.batcher.execute(*commands)
+    warm = replies[len(codes)] == b"1"
+    by_code: dict[str, links.LinkInfo | None] = {}
+    for code, reply in zip(codes, replies[: len(codes)], strict=True):
+        link = links.decode(reply)
+        if link is None and not warm:
+            link = await fallback(edge, lambda c=code: links.fetch(edge.pg, c))  # type: ignore[misc]
+        by_code[code] = link if isinstance(link, links.LinkInfo) else None
+    offset = len(codes) + 1
+    by_click: dict[str, clicks.ClickRef | None] = {}
+    for cid, reply in zip(click_ids, replies[offset : offset + len(click_ids)], strict=True):
+        ref = clicks.decode(cid, reply)
+        by_click[cid] = ref or await fallback(edge, lambda c=cid: clicks.from_postgres(edge.pg, c))  # type: ignore[misc]
+    offset += len(click_ids)
+    seen = {fp: replies[offset + 2 * i + 1] for i, fp in enumerate(fingerprints)}
+
+    results: list[ItemResult] = []
+    appends: list[Any] = []
+    for index, p in enumerate(parsed):
+        if isinstance(p, ItemResult):
+            results.append(p)
+            continue
+        envelope, result = _envelope(index, p, workspace, by_code, by_click, candidates, seen)
+        results.append(result)
+        if envelope is not None:
+            appends.append(xadd(edge.keys, envelope, envelope.payload["code"]))
+    if appends:
+        for reply, result in zip(await edge.batcher.execute(*appends), [r for r in results if r.ok], strict=True):
+            if isinstance(reply, Exception):
+                result.ok, result.error, result.event_id = False, "unavailable", None
+    return results
+
+
+def _known(seen: object, candidate: str) -> bool:
+    """The fingerprint was already mapped to another visitor (our SET NX lost)."""
+    return isinstance(seen, bytes) and seen.decode() != candidate
+
+
+def _envelope(
+    index: int, p: BaseModel, workspace: str, by_code: dict[str, links.LinkInfo | None],
+    by_click: dict[str, clicks.ClickRef | None], candidates: dict[str, str], seen: dict[str, Any],
+) -> tuple[Envelope | None, ItemResult]:  # fmt: skip
+    if isinstance(p, RefportLead):
+        click = by_click.get(p.clickId)
+        if click is None or click.workspace_id != workspace:
+            return None, ItemResult(index=index, ok=False, error="invalid_click_id")
+        payload: dict[str, Any] = {"code": click.code, "click_id": click.click_id, "visitor_id": click.visitor_id,
+                                   "name": p.eventName, "external_id": p.customerExternalId}  # fmt: skip
+        for field, value in (("email", p.customerEmail), ("customer_name", p.customerName),
+                             ("avatar", p.customerAvatar), ("metadata", p.metadata)):  # fmt: skip
+            if value is not None:
+                payload[field] = value
+        e = Envelope(type=EventType.LEAD, dialect=Dialect.NATIVE, workspace_id=workspace, payload=payload)
+        return e, ItemResult(index=index, ok=True, event_id=str(e.event_id))
+    code = p.ref if isinstance(p, BatchClick) else p.code  # type: ignore[attr-defined]
+    link = by_code.get(code)
+    if link is None or link.workspace_id != workspace or not link.active:
+        return None, ItemResult(index=index, ok=False, error="link_not_found")
+    if isinstance(p, BricqsConvert):
+        payload = {"code": code, "visitor_id": p.referred_session_id, "dedupe": f"{code}:{p.referred_session_id}"}
+        e = Envelope(type=EventType.CONVERSION, dialect=Dialect.NATIVE, workspace_id=workspace, payload=payload)
+        return e, ItemResult(index=index, ok=True, event_id=str(e.event_id))
+    assert isinstance(p, BatchClick)
+    if p.visitor_id:
+        visitor, method = p.visitor_id, "cookie"
+    elif p.fingerprint and _known(seen.get(p.fingerprint), candidates[p.fingerprint]):
+        visitor, method = seen[p.fingerprint].decode(), "fingerprint"
+    else:
+        visitor, method = candidates.get(p.fingerprint or "", None) or new_visitor_id(), "new"
+    payload = {"code": code, "visitor_id": visitor, "match": method}
+    if p.url:
+        payload["page_url"] = p.url
+    if p.referrer:
+        payload["referrer"] = p.referrer
+    e = Envelope(type=EventType.CLICK, dialect=Dialect.NATIVE, workspace_id=workspace, payload=payload,
+                 ip=p.ip, user_agent=p.user_agent)  # fmt: skip
+    confidence = {"cookie": 1.0, "fingerprint": FINGERPRINT_CONFIDENCE}.get(method, 0.0)
+    return e, ItemResult(index=index, ok=True, event_id=str(e.event_id), visitor_id=visitor,
+                         match_method=method, match_confidence=confidence)  # fmt: skip
