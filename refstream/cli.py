@@ -290,6 +290,10 @@ from . import ops_status  # noqa: E402
 main.add_command(ops_status.status)
 main.add_command(ops_status.dead)
 
+from .bench import bench  # noqa: E402
+
+main.add_command(bench)
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,74 @@
+"""``refstream bench``: the edge, the workers and the whole pipeline measured side by side
+against their baselines (bare aiohttp, a naive synchronous design, Postgres's own ceiling),
+from one run, with the issue's goals next to the figures."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+import orjson
+import uvloop
+
+from .context import PARTS, Options
+
+
+@click.command()
+@click.option("--duration", type=float, default=None, help="Seconds per measurement [10; --quick: 1].")
+@click.option("--warmup", type=float, default=None, help="Warm-up seconds before each measurement [3; --quick: 1].")
+@click.option("--quick", is_flag=True, help="Short durations, a small drain and backlog: a smoke run.")
+@click.option("--runs", type=int, default=3, show_default=True, help="Repeat everything; medians are reported.")
+@click.option("--only", default=",".join(PARTS), show_default=True, help="Comma-separated parts to run.")
+@click.option("--connections", type=int, default=32, show_default=True, help="wrk connections (one thread).")
+@click.option("--backlog-seconds", type=float, default=None, help="(f) workers stopped this long [60; --quick: 5].")
+@click.option("--drain-events", type=int, default=None, help="(d) pre-filled events [50000; --quick: 5000].")
+@click.option("--workers", type=int, default=1, show_default=True, help="(e, f) worker processes.")
+@click.option("--profile", "profile_dir", type=click.Path(path_type=Path), default=None,
+              help="py-spy the edge during (b 000) and the worker during (d); output in this directory.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as one JSON object, no table.")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
+def bench(
+    duration: float | None, warmup: float | None, quick: bool, runs: int, only: str, connections: int,
+    backlog_seconds: float | None, drain_events: int | None, workers: int, profile_dir: Path | None,
+    as_json: bool, json_out: Path | None,
+) -> None:  # fmt: skip
+    """Measure the edge, the workers and the pipeline against their baselines."""
+    from ingest.logs import configure_logging
+    from ingest.settings import Settings
+
+    from . import report, runner
+
+    parts = frozenset(p.strip() for p in only.split(",") if p.strip())
+    if unknown := parts - set(PARTS):
+        choose = ", ".join(PARTS)
+        raise click.BadParameter(f"unknown parts {sorted(unknown)}; choose from {choose}", param_hint="--only")
+    settings = Settings()
+    configure_logging("warning", json=settings.log_json)
+    opts = Options(
+        duration=duration or (1.0 if quick else 10.0),
+        warmup=warmup or (1.0 if quick else 3.0),
+        runs=max(1, runs),
+        only=parts,
+        connections=connections,
+        batch_connections=4,
+        backlog_seconds=backlog_seconds or (5.0 if quick else 60.0),
+        drain_events=drain_events or (5000 if quick else 50_000),
+        workers=workers,
+        partitions=settings.partitions,
+        batch_size=settings.batch_size,
+        profile_dir=profile_dir,
+    )
+    with ExitStack() as stack:
+        result = uvloop.run(runner.bench(opts, stack))
+    data = orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n"
+    if json_out is not None:
+        json_out.write_bytes(data)
+    if as_json:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        from rich.console import Console
+
+        report.table(result, Console())

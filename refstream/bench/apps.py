@@ -1,0 +1,73 @@
+"""The two reference servers the edge is measured against, run as their own process
+(``python -m refstream.bench.apps hello|naive --port P``) with the edge's event loop
+(uvloop) and process count (one):
+
+- ``hello``: a bare aiohttp POST handler answering a constant JSON body, the ceiling of
+  any aiohttp edge on this machine;
+- ``naive``: the synchronous design refstream replaces, one ``UPDATE links SET clicks =
+  clicks + 1`` per click, committed before the answer, all on one hot link.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+
+import asyncpg
+import uvloop
+from aiohttp import web
+
+HELLO = b'{"success":true,"data":{"tracked":true}}'
+POOL = web.AppKey("pool", asyncpg.Pool)
+_UPDATE = "UPDATE links SET clicks = clicks + 1 WHERE code = $1"
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.Response(body=b"ok")
+
+
+async def _hello(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(body=HELLO, content_type="application/json")
+
+
+async def _naive(request: web.Request) -> web.Response:
+    await request.read()
+    async with request.app[POOL].acquire() as conn:
+        await conn.execute(_UPDATE, request.match_info["code"])
+    return web.Response(body=HELLO, content_type="application/json")
+
+
+def hello_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/healthz", _health)
+    app.router.add_post("/api/v1/referral/click/{code}", _hello)
+    return app
+
+
+def naive_app(dsn: str, pool_size: int) -> web.Application:
+    async def pool(app: web.Application) -> AsyncIterator[None]:
+        app[POOL] = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size)
+        yield
+        await app[POOL].close()
+
+    app = web.Application()
+    app.cleanup_ctx.append(pool)
+    app.router.add_get("/healthz", _health)
+    app.router.add_post("/api/v1/referral/click/{code}", _naive)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("app", choices=["hello", "naive"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--dsn", default="")
+    parser.add_argument("--pool-size", type=int, default=10)
+    args = parser.parse_args()
+    app = hello_app() if args.app == "hello" else naive_app(args.dsn, args.pool_size)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, loop=uvloop.new_event_loop())
+
+
+if __name__ == "__main__":
+    main()

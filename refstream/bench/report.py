@@ -1,0 +1,130 @@
+"""Medians over runs, the issue's goals next to the figures, and the rich table."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    label: str
+    figure: str
+    op: str  # ">=" or "<="
+    target: float
+
+    def met(self, value: float) -> bool:
+        return value >= self.target if self.op == ">=" else value <= self.target
+
+
+GOALS = (
+    *(Goal(f"(b)/(a) seed {s} req/s", f"b{s}.ratio_a", ">=", 0.75) for s in ("000", "002", "003", "004")),
+    Goal("(b 000)/(c) throughput", "c.tput_ratio", ">=", 8.0),
+    Goal("(b 000)/(c) p99 (≤ 1/10)", "c.p99_ratio", "<=", 0.1),
+    Goal("batch / single-event events/s per edge core", "batch.ratio_single", ">=", 4.0),
+    Goal("(d) worker / Postgres ceiling", "d.ratio", ">=", 0.7),
+    Goal("(e) sustained / edge-only (b 000)", "e.ratio_edge", ">=", 0.5),
+    Goal("(e) p99 accept→commit at half load, ms", "e.p99_ms", "<=", 1000.0),
+    Goal("(f) backlog drain / ingest rate", "f.multiple", ">=", 3.0),
+    Goal("(g) edge peak RSS, MB", "g.edge_rss_mb", "<=", 150.0),
+    Goal("(g) worker peak RSS, MB", "g.worker_rss_mb", "<=", 300.0),
+    Goal("(g) Redis bytes per pending event", "g.redis_bytes_per_event", "<=", 400.0),
+)
+
+SECTIONS = {
+    "a": "(a) bare aiohttp hello-world POST, 1 process, uvloop",
+    "b000": "(b) edge, seed 000 POST /api/v1/referral/click/{code}",
+    "b002": "(b) edge, seed 002 POST /api/v1/track/click",
+    "b003": "(b) edge, seed 003 POST /v1/track/click (Bearer)",
+    "b004": "(b) edge, seed 004 POST /api/track/lead (Bearer, clickId)",
+    "batch": "(b) edge, POST /v1/events/batch, 500 events per request",
+    "c": "(c) naive: one UPDATE links per click, one hot link",
+    "d": "(d) worker drain vs write_batch ceiling",
+    "e_full": "(e) end to end, full load (wrk, seed 000)",
+    "e": "(e) end to end",
+    "f": "(f) backlog drain after the workers were stopped",
+    "g": "(g) memory",
+}
+
+
+def medians(runs: Sequence[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for r in runs for k in r})
+    return {k: round(statistics.median([r[k] for r in runs if k in r]), 3) for k in keys}
+
+
+def finish(figures: dict[str, float]) -> None:
+    """Figures derived from others (after the medians, so they stay consistent)."""
+    per_event = [figures[k] for k in ("g.redis_bytes_per_event_f", "g.redis_bytes_per_event_b") if k in figures]
+    if per_event:
+        figures["g.redis_bytes_per_event"] = per_event[0]
+
+
+def goals(figures: dict[str, float]) -> list[dict[str, Any]]:
+    out = []
+    for g in GOALS:
+        value = figures.get(g.figure)
+        out.append({"goal": g.label, "figure": g.figure, "value": value, "target": f"{g.op} {g.target:g}",
+                    "met": None if value is None else g.met(value)})  # fmt: skip
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.3g}" if v else "0"
+
+
+def table(result: dict[str, Any], console: Console) -> None:
+    figures: dict[str, float] = result["figures"]
+    per_run: list[dict[str, float]] = result["per_run"]
+    t = Table(title=f"refstream bench: medians of {len(per_run)} run(s)", show_lines=False)
+    t.add_column("figure")
+    t.add_column("median", justify="right")
+    t.add_column("runs (min … max)", justify="right")
+    for section, title in SECTIONS.items():
+        rows = [k for k in figures if k.split(".")[0] == section]
+        if not rows:
+            continue
+        t.add_section()
+        t.add_row(f"[bold]{title}[/bold]", "", "")
+        for k in rows:
+            vals = [r[k] for r in per_run if k in r]
+            spread = f"{_fmt(min(vals))} … {_fmt(max(vals))}" if len(vals) > 1 else ""
+            t.add_row("  " + k, _fmt(figures[k]), spread)
+    console.print(t)
+    g = Table(title="goals (from the issue)")
+    for col in ("goal", "median", "target", "status"):
+        g.add_column(col)
+    for row in result["goals"]:
+        status = "–" if row["met"] is None else "[green]met[/green]" if row["met"] else "[red]not met[/red]"
+        g.add_row(row["goal"], "–" if row["value"] is None else _fmt(row["value"]), row["target"], status)
+    console.print(g)
+    for name, frames in result.get("profiles", {}).items():
+        p = Table(title=f"py-spy: {name}, top frames by own time")
+        p.add_column("own %", justify="right")
+        p.add_column("frame")
+        for pct, frame in frames:
+            p.add_row(f"{pct:.1f}", frame)
+        console.print(p)
+
+
+def top_frames(raw_path: str, n: int = 10) -> list[tuple[float, str]]:
+    """The leaf frames of py-spy's raw (collapsed) stacks, by share of samples."""
+    own: dict[str, int] = {}
+    total = 0
+    path = Path(raw_path)
+    if not path.exists():
+        return []
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        own[leaf] = own.get(leaf, 0) + int(count)
+        total += int(count)
+    ranked = sorted(own.items(), key=lambda kv: -kv[1])[:n]
+    return [(100 * c / total, f) for f, c in ranked] if total else []

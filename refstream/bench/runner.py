@@ -1,0 +1,159 @@
+"""One ``refstream bench``: services, a throwaway database and key prefix, the selected
+parts ``runs`` times, medians, and everything stopped and deleted at the end (Ctrl-C too)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ingest.connections import connect_redis
+from ingest.settings import Settings
+
+from .. import services
+from . import report, world
+from .context import Ctx, Options
+from .edge_parts import part_a, part_b, part_c
+from .pipeline_parts import part_d, part_e_f
+from .procs import Procs
+
+HUGE_LIMIT = "1000000000"  # per minute: the bench measures the edge, not its rate limits
+
+
+def _say(msg: str) -> None:
+    click.echo(f"[bench {time.strftime('%H:%M:%S')}] {msg}", err=True)
+
+
+def machine() -> dict[str, Any]:
+    free = subprocess.run(["free", "-g"], capture_output=True, text=True, check=False).stdout
+    return {"nproc": os.cpu_count(), "free_g": free.strip(), "python": sys.version.split()[0],
+            "platform": platform.platform()}  # fmt: skip
+
+
+def _env(svc: services.Services, opts: Options, spool: str) -> dict[str, str]:
+    keep = {"REFSTREAM_LOG_LEVEL", "REFSTREAM_LOG_JSON", "REFSTREAM_CITY_DB"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFSTREAM_") or k in keep}
+    env.update(
+        REDIS_URL=svc.redis_url,
+        REFSTREAM_PARTITIONS=str(opts.partitions),
+        REFSTREAM_BATCH_SIZE=str(opts.batch_size),
+        REFSTREAM_CLICK_RATE_LIMIT=HUGE_LIMIT,
+        REFSTREAM_PUBLIC_RATE_LIMIT=HUGE_LIMIT,
+        REFSTREAM_KEY_RATE_LIMIT=HUGE_LIMIT,
+        # wrk sends X-Forwarded-For from 127.0.0.1, as a load balancer would
+        REFSTREAM_TRUSTED_PROXIES="127.0.0.1/32",
+        REFSTREAM_SPOOL_DIR=spool,
+    )
+    return env
+
+
+async def _one_run(ctx: Ctx) -> None:
+    steps = [
+        ("a", part_a, ctx.wants("a")),
+        ("b", part_b, any(ctx.wants(p) for p in ("b000", "b002", "b003", "b004", "batch", "g"))),
+        ("c", part_c, ctx.wants("c")),
+        ("d", part_d, ctx.wants("d")),
+        ("e/f", part_e_f, ctx.wants("e") or ctx.wants("f")),
+    ]
+    for name, fn, wanted in steps:
+        if wanted:
+            _say(f"run {ctx.run + 1}: part {name}")
+            await fn(ctx)
+
+
+def ensure_wrk() -> None:
+    """wrk from Debian's packages, installed when missing (as root, where apt-get exists)."""
+    if shutil.which("wrk") is not None:
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise click.ClickException("wrk is not installed and cannot be installed here: apt-get install -y wrk")
+    _say("installing wrk (apt-get install -y wrk)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise click.ClickException(f"{' '.join(cmd)} failed: {done.stderr[-500:]}")
+
+
+async def bench(opts: Options, stack: ExitStack) -> dict[str, Any]:
+    ensure_wrk()
+    svc = services.resolve(stack)
+    suffix = world.new_suffix()
+    database, prefix = f"refstream_bench_{suffix}", f"bench:{suffix}"
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="refstream-bench-")))
+    (tmp / "logs").mkdir()
+    pg_server = services.with_database(os.environ.get("DATABASE_URL") or svc.postgres_url, "postgres")
+    if svc.embedded_postgres:
+        pg_server = svc.postgres_url
+    env = _env(svc, opts, str(tmp / "spool"))
+    procs = Procs(tmp / "logs", env)
+    redis = connect_redis(Settings(redis_url=svc.redis_url))
+    runs: list[dict[str, float]] = []
+    profiles: dict[str, str] = {}
+    try:
+        _say(f"database {database}, key prefix {prefix}, logs in {tmp / 'logs'}")
+        w = await world.create(pg_server, database)
+        procs.env["DATABASE_URL"] = w.url()
+        for run in range(opts.runs):
+            ctx = Ctx(opts, procs, w, redis, prefix, run)
+            try:
+                await _one_run(ctx)
+            finally:
+                procs.stop_all()
+            runs.append(ctx.figures)
+            profiles.update(ctx.profiles)
+    except RuntimeError as exc:
+        raise click.ClickException(f"{exc}\nlogs: {procs.logdir}") from None
+    finally:
+        procs.stop_all()
+        await world.delete_keys(redis, prefix)
+        await redis.aclose()
+        await world.drop_databases(pg_server, database)
+        _say("stopped every process, dropped the databases, deleted the keys")
+    figures = report.medians(runs)
+    report.finish(figures)
+    for r in runs:
+        report.finish(r)
+    return {
+        "command": " ".join(["refstream", *sys.argv[1:]]),
+        "machine": machine(),
+        "options": _opts(opts),
+        "runs": len(runs),
+        "figures": figures,
+        "goals": report.goals(figures),
+        "per_run": runs,
+        "profiles": {name: report.top_frames(path) for name, path in profiles.items()},
+        "notes": NOTES,
+    }
+
+
+def _opts(opts: Options) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in opts.__slots__:
+        v = getattr(opts, k)
+        out[k] = sorted(v) if isinstance(v, frozenset) else str(v) if isinstance(v, Path) else v
+    return out
+
+
+NOTES = [
+    "closed-loop load: wrk -t1, one server process; p50/p99 from wrk --latency; wrk_cpu = wrk's CPU seconds"
+    " (kernel rusage of the child) per wall second; server_cpu likewise from /proc/<pid>/stat",
+    "open-loop load (e half load, f): the bench's own asyncio+aiohttp generator, requests started on a 5 ms"
+    " schedule whatever the answers; it runs in the bench process, on the same 2 cores",
+    "e.sustained_per_s = min(edge accepted/s, rows committed/s) under full wrk load; latency = processed_at -"
+    " received_at of the rows received in the measured half-load window (processed_at is the transaction's"
+    " now(), i.e. its start: the commit itself is a few ms later)",
+    "f: workers stopped (SIGTERM) for --backlog-seconds under the half load, then restarted under the same load;"
+    " drain rate = (backlog + ingest during catch-up) / catch-up time, which includes the workers' start-up",
+    "g.redis_bytes_per_event: stream MEMORY USAGE delta / XLEN delta while the workers were stopped (f), else"
+    " stream MEMORY USAGE / XLEN after (b)",
+]
