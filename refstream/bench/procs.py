@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..embedded import die_with_parent
+from ..embedded import die_with_parent, free_port
 from .wrk import peak_rss_mb
 
 REFSTREAM = str(Path(sys.executable).parent / "refstream")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass(slots=True)
