@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from . import links
+from . import clicks, links
 from .auth import Principal
 from .batcher import Command
 from .connections import PG_ERRORS, REDIS_ERRORS
@@ -105,7 +105,7 @@ async def lookup(
         i += 1
     if code is not None:
         try:
-            found.link = await _link(edge, code, replies[i], replies[i + 1])
+            found.link = await resolve_link(edge, code, replies[i], replies[i + 1])
         except Unavailable:
             found.link_unresolved = True  # the route decides: refuse, or let the worker decide
         i += 2
@@ -124,7 +124,9 @@ async def _without_redis(edge: Edge, limiter: RateLimiter, code: str | None, n_e
     return found
 
 
-async def _link(edge: Edge, code: str, cached: object, warm: object) -> links.LinkInfo | None:
+async def resolve_link(edge: Edge, code: str, cached: object, warm: object) -> links.LinkInfo | None:
+    """A link from the replies to ``GET {prefix}:link:{code}`` and ``GET {prefix}:links:warm``;
+    Postgres (bounded, and the answer cached) only while the cache is not warm."""
     link = links.decode(cached)
     if isinstance(link, links.LinkInfo):
         return link
@@ -136,3 +138,9 @@ async def _link(edge: Edge, code: str, cached: object, warm: object) -> links.Li
     if isinstance(reply, Exception):
         log.warning("link_cache.write_failed", error=repr(reply))
     return found
+
+
+async def resolve_click(edge: Edge, click_id: str, cached: object) -> clicks.ClickRef | None:
+    """A click from the reply to ``GET {prefix}:click:{id}``, else (older than its cache
+    entry, or accepted before a Redis restart) from Postgres."""
+    return clicks.decode(click_id, cached) or await fallback(edge, lambda: clicks.from_postgres(edge.pg, click_id))

@@ -22,7 +22,7 @@ from ..body import BodyError, header, parse
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
-from ..lookup import Unavailable, fallback, lookup
+from ..lookup import Unavailable, lookup, resolve_click
 from ..spool import SpoolFull
 from ..state import EDGE
 
@@ -141,9 +141,7 @@ async def track_click(request: web.Request) -> web.Response:
             return fail(403, "Origin not allowed for this workspace")
         prior = None
         if existing:
-            prior = clicks.decode(existing, found.extra[0]) or await fallback(
-                edge, lambda: clicks.from_postgres(edge.pg, existing)
-            )
+            prior = await resolve_click(edge, existing, found.extra[0])
             if prior is not None and prior.workspace_id != link.workspace_id:
                 prior = None  # another workspace's click id: not this visitor
     except Unavailable:

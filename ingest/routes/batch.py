@@ -26,7 +26,7 @@ from ..body import BodyError, describe
 from ..connections import REDIS_ERRORS
 from ..enqueue import xadd
 from ..events import Dialect, Envelope, EventType
-from ..lookup import Unavailable, fallback, lookup
+from ..lookup import Unavailable, lookup, resolve_click, resolve_link
 from ..state import EDGE, Edge
 from .affixo import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
 from .bricqs import BricqsConvert
@@ -156,18 +156,15 @@ async def _accept(edge: Edge, workspace: str, items: list[Any]) -> list[ItemResu
     for fp, key in fingerprints.items():
         commands += [("SET", key, candidates[fp], "NX", "EX", FINGERPRINT_TTL_S), ("GET", key)]
     replies = await edge.batcher.execute(*commands)
-    warm = replies[len(codes)] == b"1"
-    by_code: dict[str, links.LinkInfo | None] = {}
-    for code, reply in zip(codes, replies[: len(codes)], strict=True):
-        link = links.decode(reply)
-        if link is None and not warm:
-            link = await fallback(edge, lambda c=code: links.fetch(edge.pg, c))  # type: ignore[misc]
-        by_code[code] = link if isinstance(link, links.LinkInfo) else None
+    warm = replies[len(codes)]
+    by_code = {
+        code: await resolve_link(edge, code, reply, warm)
+        for code, reply in zip(codes, replies[: len(codes)], strict=True)
+    }
     offset = len(codes) + 1
     by_click: dict[str, clicks.ClickRef | None] = {}
     for cid, reply in zip(click_ids, replies[offset : offset + len(click_ids)], strict=True):
-        ref = clicks.decode(cid, reply)
-        by_click[cid] = ref or await fallback(edge, lambda c=cid: clicks.from_postgres(edge.pg, c))  # type: ignore[misc]
+        by_click[cid] = await resolve_click(edge, cid, reply)
     offset += len(click_ids)
     seen = {fp: replies[offset + 2 * i + 1] for i, fp in enumerate(fingerprints)}
 

@@ -18,13 +18,13 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import clicks, links
+from .. import links
 from ..auth import bearer
 from ..body import BodyError, header, parse
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType
-from ..lookup import Unavailable, fallback, lookup
+from ..lookup import Unavailable, fallback, lookup, resolve_click
 from ..state import EDGE
 
 log = structlog.get_logger("ingest.refport")
@@ -122,9 +122,7 @@ async def track_lead(request: web.Request) -> web.Response:
 
     click_id = body.clickId
     try:
-        click = clicks.decode(click_id, found.extra[0]) or await fallback(
-            edge, lambda: clicks.from_postgres(edge.pg, click_id)
-        )
+        click = await resolve_click(edge, click_id, found.extra[0])
     except Unavailable:
         return unavailable()
     if click is None or click.workspace_id != principal.workspace_id:
