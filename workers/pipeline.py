@@ -18,7 +18,6 @@ import asyncpg
 import structlog
 from arq.connections import ArqRedis
 
-from ingest import links
 from ingest.connections import Redis
 from ingest.events import FIELD, Envelope, EnvelopeError
 from ingest.keys import GROUP, Keys
@@ -87,7 +86,7 @@ class Pipeline:
         if dead:
             await self._dead_letter(stream, dead)
         await self.redis.xack(stream, GROUP, *ids)
-        await self._fill_cache(result)
+        self._log_skipped(result)
         await self._notify(result)
 
         self.totals.batches += 1
@@ -127,7 +126,6 @@ class Pipeline:
             total.duplicates += r.duplicates
             total.unknown_codes += r.unknown_codes
             total.inactive_codes += r.inactive_codes
-            total.links_found += r.links_found
             total.deliveries += r.deliveries
             failed += f
         return total, failed
@@ -170,14 +168,10 @@ class Pipeline:
         except Exception as exc:
             log.warning("webhooks.enqueue_failed", deliveries=len(result.deliveries), error=repr(exc))
 
-    async def _fill_cache(self, result: store.BatchResult) -> None:
+    def _log_skipped(self, result: store.BatchResult) -> None:
+        # the link cache is kept by the management writes, the refresh cron and the edge's
+        # own refill after a fallback; the worker only says what it skipped
         for code, n in Counter(result.unknown_codes).items():
             log.warning("click.unknown_code", code=code[:128], events=n)
         for code, n in Counter(result.inactive_codes).items():
             log.warning("click.inactive_link", code=code, events=n)
-        try:
-            # versioned writes: a newer entry from the management side is never replaced
-            await links.put(self.redis, self.keys, *result.links_found)
-            await links.put_missing(self.redis, self.keys, *sorted(set(result.unknown_codes)))
-        except Exception as exc:  # a cache is an optimisation: never fail a committed batch
-            log.warning("link_cache.fill_failed", error=repr(exc))

@@ -58,7 +58,6 @@ class BatchResult:
     duplicates: int = 0
     unknown_codes: list[str] = field(default_factory=list)
     inactive_codes: list[str] = field(default_factory=list)
-    links_found: list[LinkInfo] = field(default_factory=list)
     milestones: int = 0
     deliveries: list[str] = field(default_factory=list)  # webhook outbox rows to enqueue after COMMIT
 
@@ -136,7 +135,6 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     result = BatchResult()
     codes = sorted({c for e in envelopes if isinstance(c := e.payload.get("code"), str)})
     by_code = {r["code"]: LinkInfo.from_record(r) for r in await conn.fetch(_RESOLVE_LINKS, codes)}
-    result.links_found = list(by_code.values())
     workspaces = sorted({link.workspace_id for link in by_code.values()})
     policies = {str(r["id"]): r["ip_policy"] for r in await conn.fetch(_IP_POLICIES, workspaces)}
 
