@@ -101,7 +101,10 @@ async def lookup(
         assert digest is not None
         d = digest
         reply = replies[i]
-        found.principal = await fallback(edge, lambda: edge.auth.resolve(d, reply))
+        if isinstance(reply, bytes):  # Redis knew the key: no Postgres, no need to queue for it
+            found.principal = await edge.auth.resolve(d, reply)
+        else:
+            found.principal = await fallback(edge, lambda: edge.auth.resolve(d, reply))
         i += 1
     if code is not None:
         try:
