@@ -19,6 +19,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from .connections import Redis
+from .redislink import Link, link_for
 
 Command = tuple[Any, ...]
 
@@ -27,7 +28,7 @@ class RedisBatcher:
     def __init__(
         self, redis: Redis, *, max_commands: int = 2048, observe: Callable[[int, float], None] | None = None
     ) -> None:
-        self._redis = redis
+        self._link: Link = link_for(redis)
         self._max = max_commands
         self._observe = observe  # (commands, seconds) of each round trip
         self._queue: deque[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = deque()
@@ -58,6 +59,7 @@ class RedisBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        await self._link.close()
         for _, fut in self._queue:
             if not fut.done():
                 fut.set_exception(ConnectionError("edge shutting down"))
@@ -96,11 +98,7 @@ class RedisBatcher:
             i += len(commands)
 
     async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> list[Any]:
-        pipe = self._redis.pipeline(transaction=False)
-        for commands, _ in batch:
-            for cmd in commands:
-                pipe.execute_command(*cmd)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
+        results = await self._link.send([cmd for commands, _ in batch for cmd in commands])
         if any(_is_noscript(r) for r in results):
             results = await self._retry_noscript(batch, results)
         return results
@@ -109,14 +107,10 @@ class RedisBatcher:
         self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]], results: list[Any]
     ) -> list[Any]:
         # Redis restarted or flushed its script cache: load once, re-run what failed.
-        for source in self._scripts.values():
-            await self._redis.script_load(source)
+        await self._link.load_scripts(list(self._scripts.values()))
         flat = [cmd for commands, _ in batch for cmd in commands]
         retry = [i for i, r in enumerate(results) if _is_noscript(r)]
-        pipe = self._redis.pipeline(transaction=False)
-        for i in retry:
-            pipe.execute_command(*flat[i])
-        again = await pipe.execute(raise_on_error=False)
+        again = await self._link.send([flat[i] for i in retry])
         results = list(results)
         for i, r in zip(retry, again, strict=True):
             results[i] = r

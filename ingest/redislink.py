@@ -1,0 +1,251 @@
+"""The micro-batcher's own connection to Redis: one socket, RESP packed in one pass,
+replies parsed by hiredis in C.
+
+Under load the edge's Redis client work is most of its CPU: redis-py's pipeline packs
+each command through several layers, wraps every reply read in a timeout and runs a
+response callback per command. The batcher needs none of that: it sends a flat list of
+commands and hands each raw reply (bytes, int, list, None, or a ``ResponseError``) back to
+the request that asked. So for a single Redis (TCP or unix socket, no TLS) it talks RESP
+itself over an asyncio protocol; anything else (Redis Cluster, TLS, a credential provider)
+goes through redis-py's pipeline, which gives the same raw replies (``PipelineLink``).
+
+One batch is in flight at a time, under one timeout. A timeout or a lost connection fails
+that batch with a redis-py ``TimeoutError`` / ``ConnectionError`` (both in
+``REDIS_ERRORS``), and the next batch connects again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .connections import Redis
+
+Command = tuple[Any, ...]
+
+
+class Link(Protocol):
+    async def send(self, commands: Sequence[Command]) -> list[Any]:
+        """Every command's raw reply, in order; an error reply in its slot as an exception."""
+        ...
+
+    async def load_scripts(self, sources: Sequence[str]) -> None:
+        """SCRIPT LOAD each of ``sources`` (on every primary, on a cluster)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def pack(commands: Sequence[Command]) -> bytes:
+    """RESP arrays of bulk strings; arguments are bytes, str, int or float."""
+    out: list[bytes] = []
+    append = out.append
+    for cmd in commands:
+        append(b"*%d\r\n" % len(cmd))
+        for arg in cmd:
+            if isinstance(arg, bytes):
+                b = arg
+            elif isinstance(arg, str):
+                b = arg.encode()
+            elif isinstance(arg, int) and not isinstance(arg, bool):
+                b = b"%d" % arg
+            elif isinstance(arg, float):
+                b = repr(arg).encode()
+            else:
+                raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
+            append(b"$%d\r\n" % len(b))
+            append(b)
+            append(b"\r\n")
+    return b"".join(out)
+
+
+class _Replies(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
+        self.transport: asyncio.Transport | None = None
+        self.replies: list[Any] = []
+        self.want = 0
+        self.done: asyncio.Future[list[Any]] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        replies = self.replies
+        gets = self.reader.gets
+        try:
+            while (reply := gets()) is not False:
+                replies.append(reply)
+        except InvalidResponse as exc:
+            self._fail(RedisConnectionError(f"protocol error from Redis: {exc}"))
+            return
+        if self.done is not None and len(replies) >= self.want and not self.done.done():
+            self.done.set_result(replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
+
+    def _fail(self, exc: Exception) -> None:
+        self.closed = True
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    async def round_trip(self, payload: bytes, n: int) -> list[Any]:
+        assert self.transport is not None
+        if self.closed:
+            raise RedisConnectionError("connection to Redis is closed")
+        self.replies = []
+        self.want = n
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport.write(payload)
+        return await self.done
+
+
+class DirectLink:
+    """RESP over one asyncio connection to a single Redis server."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "localhost",
+        port: int = 6379,
+        path: str | None = None,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        timeout_s: float | None = None,
+        connect_timeout_s: float | None = None,
+    ) -> None:
+        self._addr = (host, port)
+        self._path = path
+        self._hello: list[Command] = []
+        if password is not None:
+            self._hello.append(("AUTH", username, password) if username else ("AUTH", password))
+        if db:
+            self._hello.append(("SELECT", db))
+        self._timeout = timeout_s
+        self._connect_timeout = connect_timeout_s or timeout_s
+        self._conn: _Replies | None = None
+
+    @property
+    def where(self) -> str:
+        return self._path or f"{self._addr[0]}:{self._addr[1]}"
+
+    @classmethod
+    def for_client(cls, redis: Redis) -> DirectLink | None:
+        """A link to the server ``redis`` talks to, or None where only redis-py will do."""
+        if not isinstance(redis, aioredis.Redis):
+            return None
+        pool = redis.connection_pool
+        kw = pool.connection_kwargs
+        if kw.get("credential_provider") is not None:
+            return None
+        common = dict(
+            db=int(kw.get("db") or 0),
+            username=kw.get("username"),
+            password=kw.get("password"),
+            timeout_s=kw.get("socket_timeout"),
+            connect_timeout_s=kw.get("socket_connect_timeout"),
+        )
+        if pool.connection_class is Connection:
+            return cls(host=kw.get("host", "localhost"), port=int(kw.get("port", 6379)), **common)  # type: ignore[arg-type]
+        if pool.connection_class is UnixDomainSocketConnection:
+            return cls(path=kw["path"], **common)  # type: ignore[arg-type]
+        return None  # TLS and other connection classes
+
+    async def _connect(self) -> _Replies:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                if self._path is not None:
+                    transport, conn = await loop.create_unix_connection(_Replies, self._path)
+                else:
+                    transport, conn = await loop.create_connection(_Replies, *self._addr)
+                    sock = transport.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # uvloop may call connection_made after this returns: don't wait for it
+                conn.transport = transport
+                if self._hello:
+                    for reply in await conn.round_trip(pack(self._hello), len(self._hello)):
+                        if isinstance(reply, Exception):
+                            conn._fail(RedisConnectionError(str(reply)))
+                            raise RedisConnectionError(f"Redis refused the connection: {reply}")
+        except TimeoutError:
+            raise RedisTimeoutError(f"timed out connecting to Redis at {self.where}") from None
+        except OSError as exc:
+            raise RedisConnectionError(f"cannot connect to Redis at {self.where}: {exc}") from exc
+        return conn
+
+    async def send(self, commands: Sequence[Command]) -> list[Any]:
+        if not commands:
+            return []
+        if self._conn is None or self._conn.closed:
+            self._conn = None
+            self._conn = await self._connect()
+        conn = self._conn
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await conn.round_trip(pack(commands), len(commands))
+        except TimeoutError:
+            # replies still owed would answer the next batch's commands: start over
+            self._drop()
+            raise RedisTimeoutError("Redis did not answer in time") from None
+        except BaseException:
+            if conn.closed or conn.done is None or not conn.done.done():
+                self._drop()  # cancelled mid-flight, or lost: the stream is out of step
+            raise
+
+    async def load_scripts(self, sources: Sequence[str]) -> None:
+        for reply in await self.send([("SCRIPT", "LOAD", source) for source in sources]):
+            if isinstance(reply, Exception):
+                raise reply
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            if self._conn.transport is not None:
+                self._conn.transport.close()
+            self._conn.closed = True
+            self._conn = None
+
+    async def close(self) -> None:
+        self._drop()
+
+
+class PipelineLink:
+    """redis-py's non-transactional pipeline (Redis Cluster splits it by node)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def send(self, commands: Sequence[Command]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for cmd in commands:
+            pipe.execute_command(*cmd)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    async def load_scripts(self, sources: Sequence[str]) -> None:
+        for source in sources:
+            await self._redis.script_load(source)
+
+    async def close(self) -> None:
+        return None
+
+
+def link_for(redis: Redis) -> Link:
+    return DirectLink.for_client(redis) or PipelineLink(redis)

@@ -1,0 +1,161 @@
+"""The micro-batcher's own Redis connection (``ingest.redislink``) against real Redis
+servers: raw replies in order, error replies in their slots, AUTH and SELECT, a timeout
+that must not leave replies owed to the next batch, and a server that dies and comes back.
+Each case runs on asyncio's loop and on uvloop's (the edge's), whose transports differ."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import uvloop
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ingest.redislink import DirectLink, PipelineLink, link_for, pack
+from ingest.settings import Settings
+
+from ._redis import PrivateRedis
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run(loop: str, main: Callable[[], Awaitable[Any]]) -> Any:
+    if loop == "uvloop":
+        return uvloop.run(main())
+    return asyncio.run(main())
+
+
+async def up(url: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        for _ in range(200):
+            try:
+                await client.ping()
+                return
+            except (RedisConnectionError, OSError):
+                await asyncio.sleep(0.05)  # polling a server that is starting: nothing to await
+        raise AssertionError(f"{url} never answered")
+    finally:
+        await client.aclose()
+
+
+def test_pack_is_resp():
+    assert pack([("SET", "k", b"v\r\n", 12, 1.5)]) == (
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n$2\r\n12\r\n$3\r\n1.5\r\n"
+    )
+    with pytest.raises(TypeError):
+        pack([("SET", "k", None)])
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_replies_come_back_raw_and_in_order(loop: str, settings: Settings):
+    key = f"{settings.stream_prefix}:link"
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        link = link_for(client)
+        assert isinstance(link, DirectLink)
+        try:
+            replies = await link.send(
+                [
+                    ("SET", key, "v1"),
+                    ("GET", key),
+                    ("INCR", key),  # not an integer: an error reply, in its own slot
+                    ("DEL", key),
+                    ("GET", key),
+                    ("EVAL", "return {1, 'two', {3}}", 0),
+                ]
+            )
+            assert replies[:2] == [b"OK", b"v1"]
+            assert isinstance(replies[2], ResponseError) and "not an integer" in str(replies[2])
+            assert replies[3:] == [1, None, [1, b"two", [3]]]
+            # thousands of commands in one round trip, replies split over many reads
+            many = await link.send([("ECHO", f"m{i}" * 20) for i in range(5000)])
+            assert many == [f"m{i}".encode() * 20 for i in range(5000)]
+        finally:
+            await link.close()
+            await client.delete(key)
+            await client.aclose()
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_auth_and_select(loop: str, private_redis: PrivateRedis, settings: Settings):
+    base = private_redis.url.rsplit("/", 1)[0]
+
+    async def main() -> None:
+        await up(private_redis.url)
+        admin = aioredis.Redis.from_url(private_redis.url)
+        await admin.config_set("requirepass", "s3cret")
+        await admin.aclose()
+        wrong = DirectLink.for_client(aioredis.Redis.from_url(f"redis://:nope@{base[8:]}/0"))
+        assert wrong is not None
+        with pytest.raises(RedisConnectionError, match="refused"):
+            await wrong.send([("PING",)])
+        client = aioredis.Redis.from_url(f"redis://:s3cret@{base[8:]}/5")
+        link = link_for(client)
+        try:
+            assert await link.send([("SET", "where", "db5")]) == [b"OK"]
+            assert await client.get("where") == b"db5"  # redis-py on db 5 sees it
+            db0 = aioredis.Redis.from_url(f"redis://:s3cret@{base[8:]}/0")
+            assert await db0.get("where") is None
+            await db0.aclose()
+        finally:
+            await link.close()
+            await client.aclose()
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_timeout_leaves_nothing_owed_to_the_next_batch(loop: str, settings: Settings):
+    key = f"{settings.stream_prefix}:never"
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=0.3)
+        link = link_for(client)
+        try:
+            with pytest.raises(RedisTimeoutError):
+                await link.send([("BLPOP", key, 2)])  # blocks past the 0.3 s timeout
+            # the BLPOP's late nil must not be taken for this PING's reply
+            assert await link.send([("PING",), ("ECHO", "after")]) == [b"PONG", b"after"]
+        finally:
+            await link.close()
+            await client.aclose()
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_dead_server_fails_the_batch_and_the_link_reconnects(loop: str, private_redis: PrivateRedis):
+    async def main() -> None:
+        await up(private_redis.url)
+        client = aioredis.Redis.from_url(private_redis.url, socket_timeout=2, socket_connect_timeout=2)
+        link = link_for(client)
+        try:
+            assert await link.send([("SET", "a", "1")]) == [b"OK"]
+            private_redis.kill()
+            with pytest.raises(RedisConnectionError):
+                await link.send([("GET", "a")])
+            with pytest.raises(RedisConnectionError, match="127.0.0.1"):
+                await link.send([("GET", "a")])  # still down: refused at connect
+            private_redis.start()  # empty again: nothing is persisted
+            await up(private_redis.url)
+            assert await link.send([("GET", "a"), ("SET", "a", "2"), ("GET", "a")]) == [None, b"OK", b"2"]
+        finally:
+            await link.close()
+            await client.aclose()
+
+    run(loop, main)
+
+
+def test_cluster_and_tls_clients_go_through_redis_py():
+    assert DirectLink.for_client(aioredis.Redis.from_url("rediss://127.0.0.1:1/0")) is None
+    assert isinstance(link_for(aioredis.Redis.from_url("rediss://127.0.0.1:1/0")), PipelineLink)
+    assert isinstance(link_for(aioredis.Redis.from_url("unix:///tmp/none.sock?db=2")), DirectLink)
