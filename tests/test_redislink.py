@@ -143,7 +143,7 @@ def test_a_dead_server_fails_the_batch_and_the_link_reconnects(loop: str, privat
             private_redis.kill()
             with pytest.raises(RedisConnectionError):
                 await link.send([("GET", "a")])
-            with pytest.raises(RedisConnectionError, match="127.0.0.1"):
+            with pytest.raises(RedisConnectionError, match=r"127\.0\.0\.1"):
                 await link.send([("GET", "a")])  # still down: refused at connect
             private_redis.start()  # empty again: nothing is persisted
             await up(private_redis.url)
