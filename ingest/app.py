@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import orjson
@@ -17,6 +16,7 @@ from .auth import Authenticator
 from .batcher import RedisBatcher
 from .connections import connect_redis, create_pg_pool
 from .cors import cors
+from .events import unique_token
 from .keys import Keys
 from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
@@ -32,7 +32,7 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID", "")
     if 0 < len(given) <= 64 and given.isascii() and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return unique_token()
 
 
 @web.middleware
@@ -43,6 +43,7 @@ async def canonical_log(request: web.Request, handler: Handler) -> web.StreamRes
     start = time.perf_counter()
     status = 500
     rid = _request_id(request)
+    # a keep-alive connection serves its requests in one task, hence one context: start clean
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=rid)
     try:
@@ -58,12 +59,9 @@ async def canonical_log(request: web.Request, handler: Handler) -> web.StreamRes
         return web.Response(body=orjson.dumps({"error": "internal_error"}), status=500, content_type="application/json")
     finally:
         seconds = time.perf_counter() - start
-        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-        metrics = request.app[METRICS]
-        metrics.requests.labels(route, str(status)).inc()
-        metrics.request_seconds.labels(route).observe(seconds)
+        resource = request.match_info.route.resource
+        request.app[METRICS].observe_request(resource.canonical if resource else "unmatched", status, seconds)
         log.info("request", method=request.method, path=request.path, status=status, ms=round(seconds * 1000, 3))
-        structlog.contextvars.clear_contextvars()
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

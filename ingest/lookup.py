@@ -19,7 +19,7 @@ from . import clicks, links
 from .auth import Principal
 from .batcher import Command
 from .connections import PG_ERRORS, REDIS_ERRORS
-from .events import uuid7
+from .events import unique_token
 from .ratelimit import RateLimiter, Verdict
 from .state import Edge
 
@@ -84,7 +84,7 @@ async def lookup(
         subject = key_subject(digest)
         if key_miss:
             commands.append(("GET", edge.auth.redis_key(digest)))
-    commands.insert(0, limiter.command(edge.keys.ratelimit(limiter.name, subject), uuid7().hex))
+    commands.insert(0, limiter.command(edge.keys.ratelimit(limiter.name, subject), unique_token()))
     if code is not None:
         commands += [("GET", edge.keys.link(code)), ("GET", edge.keys.links_warm)]
     commands += extra

@@ -4,6 +4,7 @@ in one process, as in tests, do not collide), served at ``GET /metrics``."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -30,6 +31,18 @@ class EdgeMetrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500), registry=r,
         )  # fmt: skip
         self.spool_bytes = Gauge("refstream_spool_bytes", "Bytes waiting in the local spool", registry=r)
+
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """Count one answered request: the labelled children are looked up once per
+        (route, status), not per request (``labels()`` takes a lock and builds a key)."""
+        pair = self._children.get((route, status))
+        if pair is None:
+            pair = (self.requests.labels(route, str(status)), self.request_seconds.labels(route))
+            self._children[(route, status)] = pair
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     def watch_spool(self, size: Callable[[], int]) -> None:
         self.spool_bytes.set_function(lambda: float(size()))

@@ -52,20 +52,27 @@ def pack(commands: Sequence[Command]) -> bytes:
     for cmd in commands:
         append(b"*%d\r\n" % len(cmd))
         for arg in cmd:
-            if isinstance(arg, bytes):
-                b = arg
-            elif isinstance(arg, str):
-                b = arg.encode()
-            elif isinstance(arg, int) and not isinstance(arg, bool):
-                b = b"%d" % arg
-            elif isinstance(arg, float):
-                b = repr(arg).encode()
-            else:
-                raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
-            append(b"$%d\r\n" % len(b))
-            append(b)
-            append(b"\r\n")
+            kind = type(arg)  # exact types first: this loop runs for every argument sent
+            if kind is str:
+                arg = arg.encode()
+            elif kind is int:
+                arg = b"%d" % arg
+            elif kind is not bytes:
+                arg = _encode(arg)
+            append(b"$%d\r\n%b\r\n" % (len(arg), arg))
     return b"".join(out)
+
+
+def _encode(arg: object) -> bytes:
+    if isinstance(arg, bytes | bytearray | memoryview):
+        return bytes(arg)
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return b"%d" % arg
+    if isinstance(arg, float):
+        return repr(arg).encode()
+    raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
 
 
 class _Replies(asyncio.Protocol):

@@ -18,6 +18,8 @@ from .ratelimit import RateLimiter
 from .settings import Settings
 from .spool import Spool
 
+CLIENT_IP_CACHE = 10_000  # (peer, X-Forwarded-For) pairs; cleared when full
+
 
 @dataclass(slots=True)
 class Edge:
@@ -35,6 +37,7 @@ class Edge:
     key_limiter: RateLimiter  # authenticated routes: per API key
     # at most this many requests ask Postgres at once (unknown keys, cold link cache, old clicks)
     pg_fallbacks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    _client_ips: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def client_ip(self, request: web.Request) -> str | None:
         """The peer address; through X-Forwarded-For only when the peer is a trusted proxy.
@@ -48,6 +51,16 @@ class Edge:
             return addr
         # every X-Forwarded-For line: a proxy may add its own line rather than append
         chain = ",".join(request.headers.getall("X-Forwarded-For", []))
+        # a proxy sends the same few chains over and over: parse each once
+        known = self._client_ips.get((addr, chain))
+        if known is not None:
+            return known
+        if len(self._client_ips) >= CLIENT_IP_CACHE:
+            self._client_ips.clear()
+        client = self._client_ips[(addr, chain)] = self._walk(addr, chain)
+        return client
+
+    def _walk(self, addr: str, chain: str) -> str:
         hops = [_strip_port(h.strip()) for h in chain.split(",") if h.strip()]
         for hop in [addr, *reversed(hops)]:
             try:
