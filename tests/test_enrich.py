@@ -392,6 +392,21 @@ def test_ua_cache_is_used() -> None:
     assert enricher.ua_cache_info()[:2] == (1, 4)
 
 
+def test_ip_cache_is_per_address_and_policy() -> None:
+    enricher = Enricher(ip_cache_size=8)
+    full = enricher.enrich("8.8.8.8", None, None)
+    again = enricher.enrich("8.8.8.8", None, None)
+    assert enricher.ip_cache_info()[:2] == (1, 1)  # (hits, misses)
+    assert again == full and full.country == "US"
+    # the stored address depends on the workspace's policy: a cached "full" answer must not leak
+    truncated = enricher.enrich("8.8.8.8", None, None, "truncated")
+    assert (truncated.ip, truncated.country) == ("8.8.8.0", "US")
+    assert enricher.enrich("8.8.8.8", None, None, "none").ip is None
+    assert enricher.ip_cache_info()[:2] == (1, 3)
+    enricher.enrich(None, None, None)  # no address: never reaches the cache
+    assert enricher.ip_cache_info()[:2] == (1, 3)
+
+
 def test_loading_leaves_the_environment_alone() -> None:
     # geoip2fast writes PYTHONWARNINGS=ignore into os.environ on import; a fresh process shows
     # whether Enricher() puts it back (this test process has imported geoip2fast already).

@@ -102,9 +102,12 @@ class Enrichment:
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for a jsonb column."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {name: getattr(self, name) for name in _ENRICHMENT_FIELDS}
         out["versions"] = dict(self.versions)
         return out
+
+
+_ENRICHMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Enrichment))
 
 
 class _UA(NamedTuple):
@@ -121,7 +124,7 @@ class _UA(NamedTuple):
 class Enricher:
     """Built once per process at worker startup; `enrich()` is then cheap and does no I/O."""
 
-    def __init__(self, city_db: str | None = None, ua_cache_size: int = 10_000) -> None:
+    def __init__(self, city_db: str | None = None, ua_cache_size: int = 10_000, ip_cache_size: int = 50_000) -> None:
         self._geo = _load_geoip()
         self._city: maxminddb.Reader | None = None
         versions = {
@@ -145,10 +148,15 @@ class Enricher:
         self.versions: Mapping[str, str] = MappingProxyType(versions)
         resolver = Resolver(load_lazy_builtins())
         self._ua = functools.lru_cache(maxsize=ua_cache_size)(functools.partial(_parse_ua, resolver))
+        self._where = functools.lru_cache(maxsize=ip_cache_size)(self._locate)
 
     def ua_cache_info(self) -> functools._CacheInfo:
         """Hits and misses of the per-process User-Agent cache (for metrics and tests)."""
         return self._ua.cache_info()
+
+    def ip_cache_info(self) -> functools._CacheInfo:
+        """Hits and misses of the per-process (address, IP policy) cache."""
+        return self._where.cache_info()
 
     def close(self) -> None:
         """Close the City .mmdb reader, if any (worker shutdown)."""
@@ -162,29 +170,13 @@ class Enricher:
         raises ValueError only for an unknown `ip_policy`, which is a caller bug."""
         if ip_policy not in _IP_POLICIES:
             raise ValueError(f"ip_policy must be one of {_IP_POLICIES}, got {ip_policy!r}")
-        addr = _parse_ip(ip)
-        country = as_name = None
-        place = _NO_CITY
-        # Private, loopback, link-local, reserved, CGNAT: no geo. geoip2fast misreads small
-        # IPv6 integers (::1) as IPv4, so it only sees what ipaddress calls global; its own
-        # "--"/IANA answers (multicast, 6to4 relay, unallocated space) are dropped as well.
-        if addr is not None and addr.is_global:
-            hit = self._geo.lookup(str(addr))
-            if not hit.is_private:
-                country = hit.country_code if len(hit.country_code) == 2 and hit.country_code.isalpha() else None
-                as_name = hit.asn_name or None
-            if self._city is not None:
-                # the .mmdb wins where it knows the address: it is usually the newer snapshot,
-                # and its country must agree with its city
-                place = self._lookup_city(addr)
-                country = place.country or country
-
+        ip_out, country, as_name, place = self._where(ip, ip_policy) if ip else _NOWHERE
         ua = self._ua(user_agent.strip()) if user_agent and user_agent.strip() else _NO_UA
         bot_reason = ua.bot_reason
         if bot_reason is None and (place.asn in _DATACENTERS or as_name in _DATACENTER_NAMES):
             bot_reason = "datacenter_asn"
         return Enrichment(
-            ip=_apply_policy(addr, ip_policy),
+            ip=ip_out,
             country=country,
             asn=place.asn,
             as_name=as_name,
@@ -201,9 +193,29 @@ class Enricher:
             device_model=ua.device_model,
             is_bot=bot_reason is not None,
             bot_reason=bot_reason,
-            referrer_domain=_referrer_domain(referrer),
+            referrer_domain=_referrer_domain(referrer) if referrer else None,
             versions=self.versions,
         )
+
+    def _locate(self, ip: str, ip_policy: str) -> _Where:
+        """What an address says: cached per (address, policy), since visitors come back."""
+        addr = _parse_ip(ip)
+        country = as_name = None
+        place = _NO_CITY
+        # Private, loopback, link-local, reserved, CGNAT: no geo. geoip2fast misreads small
+        # IPv6 integers (::1) as IPv4, so it only sees what ipaddress calls global; its own
+        # "--"/IANA answers (multicast, 6to4 relay, unallocated space) are dropped as well.
+        if addr is not None and addr.is_global:
+            hit = self._geo.lookup(str(addr))
+            if not hit.is_private:
+                country = hit.country_code if len(hit.country_code) == 2 and hit.country_code.isalpha() else None
+                as_name = hit.asn_name or None
+            if self._city is not None:
+                # the .mmdb wins where it knows the address: it is usually the newer snapshot,
+                # and its country must agree with its city
+                place = self._lookup_city(addr)
+                country = place.country or country
+        return _Where(_apply_policy(addr, ip_policy), country, as_name, place)
 
     def _lookup_city(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> _City:
         assert self._city is not None
@@ -231,6 +243,16 @@ class _City(NamedTuple):
 
 
 _NO_CITY = _City(None, None, None, None, None, None)
+
+
+class _Where(NamedTuple):
+    ip: str | None  # as stored, after the workspace's IP policy
+    country: str | None
+    as_name: str | None
+    place: _City
+
+
+_NOWHERE = _Where(None, None, None, _NO_CITY)
 
 
 def _dig(node: object, *path: str | int) -> object:
@@ -330,6 +352,7 @@ def _apply_policy(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None, po
     return str(addr)
 
 
+@functools.lru_cache(maxsize=10_000)
 def _referrer_domain(referrer: str | None) -> str | None:
     if not referrer:
         return None
