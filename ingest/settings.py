@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # logging -------------------------------------------------------------------------
     log_level: str = "info"
     log_json: bool = True
+    log_flush_ms: int = Field(
+        200, ge=0, le=10_000,
+        description="serve/work: write log lines in batches this often (0: every line at once).",
+    )  # fmt: skip
 
     # fault injection, for the redelivery tests only: "crash_after_commit" makes the worker
     # SIGKILL itself after its first COMMIT and before the XACK; "crash_on:CODE" before the

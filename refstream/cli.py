@@ -78,7 +78,7 @@ def serve(host: str, port: int) -> None:
     from ingest.app import create_app
 
     settings = _settings()
-    configure_logging(settings.log_level, json=settings.log_json)
+    configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
     web.run_app(
         create_app(settings),
         host=host,
@@ -100,7 +100,7 @@ def work(drain: bool) -> None:
         _print(_run(drain_streams))
         return
     settings = _settings()
-    configure_logging(settings.log_level, json=settings.log_json)
+    configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
     asyncio.set_event_loop(uvloop.new_event_loop())
     build_worker(settings).run()
 

@@ -1,0 +1,63 @@
+"""Buffered log lines (``REFSTREAM_LOG_FLUSH_MS``), in real processes: a line reaches
+stderr within the flush interval while the process keeps running; at exit every line
+is there, whole and in order, structlog's and the standard library's interleaved as
+they were logged."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from .conftest import wait_for
+
+SCRIPT = """
+import logging, sys, time
+import structlog
+from ingest.logs import configure_logging
+configure_logging("info", flush_ms=int(sys.argv[1]))
+log = structlog.get_logger("t")
+std = logging.getLogger("lib")
+n = int(sys.argv[2])
+for i in range(n):
+    if i % 3 == 2:
+        std.warning("std %d", i)
+    else:
+        log.info("line", i=i, pad="x" * (i % 200))
+if sys.argv[3] == "linger":
+    log.info("lingering")
+    time.sleep(60)
+"""
+
+
+def _spawn(tmp_path: Path, flush_ms: int, n: int, mode: str) -> tuple[subprocess.Popen[bytes], Path]:
+    out = tmp_path / "stderr.log"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(flush_ms), str(n), mode], stderr=f)
+    return proc, out
+
+
+def test_every_line_is_written_in_order_by_exit(tmp_path: Path):
+    proc, out = _spawn(tmp_path, 200, 5000, "exit")  # far more than one 64 KiB buffer
+    assert proc.wait(60) == 0
+    lines = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    seen = [rec["i"] if "i" in rec else int(rec["event"].split()[1]) for rec in lines]
+    assert seen == list(range(5000))
+    assert {rec["level"] for rec in lines} == {"info", "warning"}
+
+
+async def test_a_line_is_written_within_the_interval_while_running(tmp_path: Path):
+    proc, out = _spawn(tmp_path, 200, 10, "linger")
+    try:
+
+        async def written() -> bool:
+            return b'"lingering"' in out.read_bytes()
+
+        await wait_for(written, timeout=10, what="the buffered line to reach stderr")
+        assert proc.poll() is None  # written by the flusher, not at exit
+        assert len(out.read_bytes().splitlines()) == 11
+    finally:
+        proc.kill()
+        proc.wait()
