@@ -49,18 +49,22 @@ class EnvelopeError(ValueError):
 
 class _Entropy:
     """os.urandom drawn a page at a time: the same CSPRNG bytes, one syscall per 4 KiB
-    rather than one per id (an edge mints two or three ids per request)."""
+    rather than one per id (an edge mints two or three ids per request). A forked child
+    starts with an empty page, never its parent's."""
 
     def __init__(self, page: int = 4096) -> None:
         self._page = page
         self._buf = b""
         self._pos = 0
-        self._pid = os.getpid()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._buf, self._pos = b"", 0
 
     def take(self, n: int) -> bytes:
         pos = self._pos
-        if pos + n > len(self._buf) or os.getpid() != self._pid:  # a forked child draws its own
-            self._buf, pos, self._pid = os.urandom(self._page), 0, os.getpid()
+        if pos + n > len(self._buf):
+            self._buf, pos = os.urandom(self._page), 0
         self._pos = pos + n
         return self._buf[pos : pos + n]
 

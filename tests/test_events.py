@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from ingest.events import Envelope, EnvelopeError, EventType, uuid7
+from ingest.events import Envelope, EnvelopeError, EventType, unique_token, uuid7
 from ingest.keys import Keys
 
 json_values = st.recursive(
@@ -74,6 +75,23 @@ def test_uuid7_layout_and_order():
         assert u.version == 7 and u.variant == uuid.RFC_4122
         assert before <= u.int >> 80 <= after
     assert uuid7(ms=1000) < uuid7(ms=1001)
+
+
+def test_unique_tokens_span_pages_and_forks():
+    tokens = [unique_token() for _ in range(10_000)]  # ~40 pages of pooled urandom
+    assert len(set(tokens)) == 10_000 and all(len(t) == 32 and int(t, 16) >= 0 for t in tokens)
+    # a forked child must not replay the rest of its parent's page
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(w, unique_token().encode())
+        os._exit(0)
+    os.close(w)
+    mine = unique_token()
+    child = os.read(r, 64).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert len(child) == 32 and child != mine
 
 
 def test_stream_keys_are_hash_tagged_per_partition():
