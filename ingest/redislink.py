@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -31,6 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .connections import Redis
 
 Command = tuple[Any, ...]
+HEALTH_CHECK_S = 30.0  # idle this long: PING before the next batch
 
 
 class Link(Protocol):
@@ -147,6 +149,7 @@ class DirectLink:
         self._timeout = timeout_s
         self._connect_timeout = connect_timeout_s or timeout_s
         self._conn: _Replies | None = None
+        self._used = 0.0  # monotonic time of the last reply
 
     @property
     def where(self) -> str:
@@ -201,13 +204,12 @@ class DirectLink:
     async def send(self, commands: Sequence[Command]) -> list[Any]:
         if not commands:
             return []
-        if self._conn is None or self._conn.closed:
-            self._conn = None
-            self._conn = await self._connect()
-        conn = self._conn
+        conn = await self._ready()
         try:
             async with asyncio.timeout(self._timeout):
-                return await conn.round_trip(pack(commands), len(commands))
+                replies = await conn.round_trip(pack(commands), len(commands))
+            self._used = time.monotonic()
+            return replies
         except TimeoutError:
             # replies still owed would answer the next batch's commands: start over
             self._drop()
@@ -216,6 +218,25 @@ class DirectLink:
             if conn.closed or conn.done is None or not conn.done.done():
                 self._drop()  # cancelled mid-flight, or lost: the stream is out of step
             raise
+
+    async def _ready(self) -> _Replies:
+        """An open connection; after a long idle spell, checked with a PING first (as redis-py
+        does every ``health_check_interval``), so a connection the server or a proxy dropped
+        silently is replaced before a batch is written into it."""
+        if self._conn is not None and not self._conn.closed:
+            if time.monotonic() - self._used < HEALTH_CHECK_S:
+                return self._conn
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._conn.round_trip(pack([("PING",)]), 1)
+                self._used = time.monotonic()
+                return self._conn
+            except (TimeoutError, RedisConnectionError):
+                self._drop()
+        self._drop()
+        self._conn = await self._connect()
+        self._used = time.monotonic()
+        return self._conn
 
     async def load_scripts(self, sources: Sequence[str]) -> None:
         for reply in await self.send([("SCRIPT", "LOAD", source) for source in sources]):

@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ingest import redislink
 from ingest.redislink import DirectLink, PipelineLink, link_for, pack
 from ingest.settings import Settings
 
@@ -150,6 +151,31 @@ def test_a_dead_server_fails_the_batch_and_the_link_reconnects(loop: str, privat
             assert await link.send([("GET", "a"), ("SET", "a", "2"), ("GET", "a")]) == [None, b"OK", b"2"]
         finally:
             await link.close()
+            await client.aclose()
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_the_server_dropped_is_replaced_before_the_next_batch(
+    loop: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(redislink, "HEALTH_CHECK_S", 0.0)  # every batch counts as after an idle spell
+    key = f"{settings.stream_prefix}:kept"
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        link = link_for(client)
+        try:
+            (first_id, ok) = await link.send([("CLIENT", "ID"), ("SET", key, "v")])
+            assert ok == b"OK"
+            assert await client.execute_command("CLIENT", "KILL", "ID", first_id) == 1
+            # the batch after the kill is answered, on a new connection
+            (second_id, value) = await link.send([("CLIENT", "ID"), ("GET", key)])
+            assert value == b"v" and second_id != first_id
+        finally:
+            await link.close()
+            await client.delete(key)
             await client.aclose()
 
     run(loop, main)
