@@ -62,6 +62,7 @@ async def canonical_log(request: web.Request, handler: Handler) -> web.StreamRes
         resource = request.match_info.route.resource
         request.app[METRICS].observe_request(resource.canonical if resource else "unmatched", status, seconds)
         log.info("request", method=request.method, path=request.path, status=status, ms=round(seconds * 1000, 3))
+        structlog.contextvars.clear_contextvars()  # what the connection logs next is not this request's
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

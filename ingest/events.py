@@ -13,6 +13,7 @@ The event id is a UUIDv7 minted at the edge: the idempotency key of the whole pi
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -56,17 +57,19 @@ class _Entropy:
         self._page = page
         self._buf = b""
         self._pos = 0
+        self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
-        self._buf, self._pos = b"", 0
+        self._buf, self._pos, self._lock = b"", 0, threading.Lock()
 
     def take(self, n: int) -> bytes:
-        pos = self._pos
-        if pos + n > len(self._buf):
-            self._buf, pos = os.urandom(self._page), 0
-        self._pos = pos + n
-        return self._buf[pos : pos + n]
+        with self._lock:  # threads (asyncio.to_thread, a thread pool) must never share bytes
+            pos = self._pos
+            if pos + n > len(self._buf):
+                self._buf, pos = os.urandom(self._page), 0
+            self._pos = pos + n
+            return self._buf[pos : pos + n]
 
 
 _entropy = _Entropy()

@@ -48,8 +48,19 @@ class BufferedLines:
         self._buf = bytearray()
         self._lock = threading.Lock()  # the buffer
         self._write_lock = threading.Lock()  # the fd: one writer at a time, in order
-        threading.Thread(target=self._run, name="log-flusher", daemon=True).start()
+        self._start()
         atexit.register(self.flush_now)
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _start(self) -> None:
+        threading.Thread(target=self._run, name="log-flusher", daemon=True).start()
+
+    def _after_fork(self) -> None:
+        # the parent writes what it had buffered; the child has no flusher thread yet
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._start()
 
     def write(self, data: bytes) -> int:
         with self._lock:
@@ -67,19 +78,52 @@ class BufferedLines:
             with self._lock:
                 data = bytes(self._buf)
                 self._buf.clear()
-            view = memoryview(data)
-            while view:
-                try:
-                    view = view[os.write(self._fd, view) :]
-                except InterruptedError:
-                    continue
-                except OSError:
-                    return  # stderr closed (a pipe with no reader): nowhere to log to
+            for chunk in _chunks(data):
+                if not self._write_all(chunk):
+                    return
+
+    def _write_all(self, chunk: bytes) -> bool:
+        view = memoryview(chunk)
+        while view:
+            try:
+                view = view[os.write(self._fd, view) :]
+            except InterruptedError:
+                continue
+            except OSError:
+                return False  # stderr closed (a pipe with no reader): nowhere to log to
+        return True
 
     def _run(self) -> None:
         while True:
             time.sleep(self._every)
             self.flush_now()
+
+
+PIPE_BUF = 4096  # Linux: a write of at most this many bytes to a pipe is never interleaved
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    """``data`` cut at line ends into writes of at most PIPE_BUF bytes where the lines
+    allow: processes that share one stderr pipe (``refstream dev``) never split each
+    other's lines. A single longer line goes alone."""
+    if len(data) <= PIPE_BUF:
+        return [data] if data else []
+    out: list[bytes] = []
+    start = 0
+    while start < len(data):
+        end = start + PIPE_BUF
+        if end >= len(data):
+            out.append(data[start:])
+            break
+        cut = data.rfind(b"\n", start, end)
+        if cut < 0:  # one line longer than PIPE_BUF: up to its own end
+            cut = data.find(b"\n", end)
+            if cut < 0:
+                out.append(data[start:])
+                break
+        out.append(data[start : cut + 1])
+        start = cut + 1
+    return out
 
 
 class _Text:
@@ -109,6 +153,18 @@ class _LineLogger:
     log = debug = info = warn = warning = error = critical = exception = fatal = failure = err = msg
 
 
+def _flush_before_tracebacks(lines: BufferedLines) -> None:
+    """An uncaught exception's traceback goes straight to stderr: the buffered lines that
+    led up to it go first."""
+    hook = sys.excepthook
+
+    def excepthook(*args: Any) -> None:
+        lines.flush_now()
+        hook(*args)
+
+    sys.excepthook = excepthook
+
+
 def configure_logging(level: str = "info", *, json: bool = True, flush_ms: int = 0) -> None:
     """``flush_ms`` > 0 buffers lines for that long (long-running processes only)."""
     lvl = logging.getLevelName(level.upper())
@@ -120,7 +176,9 @@ def configure_logging(level: str = "info", *, json: bool = True, flush_ms: int =
     stream: Any = sys.stderr
     if flush_ms > 0:
         sys.stderr.flush()
-        stream = _Text(BufferedLines(sys.stderr.fileno(), every_s=flush_ms / 1000))
+        lines = BufferedLines(sys.stderr.fileno(), every_s=flush_ms / 1000)
+        stream = _Text(lines)
+        _flush_before_tracebacks(lines)
     structlog.configure(
         processors=[*_SHARED, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),

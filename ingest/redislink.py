@@ -24,9 +24,10 @@ from typing import Any, Protocol
 
 import hiredis
 import redis.asyncio as aioredis
+from redis._parsers.base import BaseParser
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connections import Redis
@@ -79,7 +80,8 @@ def _encode(arg: object) -> bytes:
 
 class _Replies(asyncio.Protocol):
     def __init__(self) -> None:
-        self.reader = hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
+        # errors as redis-py makes them (NoScriptError, BusyLoadingError, AuthenticationError, ...)
+        self.reader = hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
         self.transport: asyncio.Transport | None = None
         self.replies: list[Any] = []
         self.want = 0
@@ -117,6 +119,8 @@ class _Replies(asyncio.Protocol):
         assert self.transport is not None
         if self.closed:
             raise RedisConnectionError("connection to Redis is closed")
+        if self.done is not None and not self.done.done():
+            raise RuntimeError("one round trip at a time on a DirectLink connection")
         self.replies = []
         self.want = n
         self.done = asyncio.get_running_loop().create_future()
@@ -179,6 +183,7 @@ class DirectLink:
 
     async def _connect(self) -> _Replies:
         loop = asyncio.get_running_loop()
+        transport: asyncio.BaseTransport | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._path is not None:
@@ -193,13 +198,16 @@ class DirectLink:
                 if self._hello:
                     for reply in await conn.round_trip(pack(self._hello), len(self._hello)):
                         if isinstance(reply, Exception):
-                            conn._fail(RedisConnectionError(str(reply)))
                             raise RedisConnectionError(f"Redis refused the connection: {reply}")
-        except TimeoutError:
-            raise RedisTimeoutError(f"timed out connecting to Redis at {self.where}") from None
-        except OSError as exc:
-            raise RedisConnectionError(f"cannot connect to Redis at {self.where}: {exc}") from exc
-        return conn
+            return conn
+        except BaseException as exc:
+            if transport is not None:  # a stalled or refused handshake: never leak the socket
+                transport.close()
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(f"timed out connecting to Redis at {self.where}") from None
+            if isinstance(exc, OSError):
+                raise RedisConnectionError(f"cannot connect to Redis at {self.where}: {exc}") from exc
+            raise
 
     async def send(self, commands: Sequence[Command]) -> list[Any]:
         if not commands:
@@ -208,8 +216,6 @@ class DirectLink:
         try:
             async with asyncio.timeout(self._timeout):
                 replies = await conn.round_trip(pack(commands), len(commands))
-            self._used = time.monotonic()
-            return replies
         except TimeoutError:
             # replies still owed would answer the next batch's commands: start over
             self._drop()
@@ -218,6 +224,14 @@ class DirectLink:
             if conn.closed or conn.done is None or not conn.done.done():
                 self._drop()  # cancelled mid-flight, or lost: the stream is out of step
             raise
+        self._used = time.monotonic()
+        for reply in replies:
+            # LOADING, NOAUTH, max clients...: the server is not serving this connection; as
+            # redis-py does, the whole batch fails (callers treat it as Redis being down)
+            if isinstance(reply, RedisConnectionError):
+                self._drop()
+                raise reply
+        return replies
 
     async def _ready(self) -> _Replies:
         """An open connection; after a long idle spell, checked with a PING first (as redis-py
@@ -228,11 +242,15 @@ class DirectLink:
                 return self._conn
             try:
                 async with asyncio.timeout(self._timeout):
-                    await self._conn.round_trip(pack([("PING",)]), 1)
-                self._used = time.monotonic()
-                return self._conn
+                    (pong,) = await self._conn.round_trip(pack([("PING",)]), 1)
+                if not isinstance(pong, Exception):
+                    self._used = time.monotonic()
+                    return self._conn
             except (TimeoutError, RedisConnectionError):
-                self._drop()
+                pass
+            except BaseException:
+                self._drop()  # cancelled: the PONG would answer the next batch
+                raise
         self._drop()
         self._conn = await self._connect()
         self._used = time.monotonic()
@@ -255,7 +273,9 @@ class DirectLink:
 
 
 class PipelineLink:
-    """redis-py's non-transactional pipeline (Redis Cluster splits it by node)."""
+    """redis-py's non-transactional pipeline (Redis Cluster splits it by node). Replies
+    pass redis-py's response callbacks (a SET answers True rather than b"OK"): callers of
+    the batcher only read GET, EVALSHA and XADD replies, which are the same either way."""
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis

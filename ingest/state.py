@@ -19,6 +19,7 @@ from .settings import Settings
 from .spool import Spool
 
 CLIENT_IP_CACHE = 10_000  # (peer, X-Forwarded-For) pairs; cleared when full
+CLIENT_IP_CACHE_CHAIN = 256  # longer X-Forwarded-For values are parsed every time
 
 
 @dataclass(slots=True)
@@ -52,6 +53,8 @@ class Edge:
         # every X-Forwarded-For line: a proxy may add its own line rather than append
         chain = ",".join(request.headers.getall("X-Forwarded-For", []))
         # a proxy sends the same few chains over and over: parse each once
+        if len(chain) > CLIENT_IP_CACHE_CHAIN:  # the client writes part of it: never cache a long one
+            return self._walk(addr, chain)
         known = self._client_ips.get((addr, chain))
         if known is not None:
             return known

@@ -61,3 +61,17 @@ async def test_a_line_is_written_within_the_interval_while_running(tmp_path: Pat
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_flushes_cut_at_line_ends_within_pipe_buf():
+    from ingest.logs import PIPE_BUF, _chunks
+
+    lines = [b"x" * (i * 37 % 900) + b"\n" for i in range(400)] + [b"y" * 9000 + b"\n", b"z\n"]
+    data = b"".join(lines)
+    chunks = _chunks(data)
+    assert b"".join(chunks) == data
+    assert all(c.endswith(b"\n") for c in chunks)
+    # each write is one or more whole lines, within PIPE_BUF unless one line alone is longer
+    assert all(len(c) <= PIPE_BUF or c.count(b"\n") == 1 for c in chunks)
+    assert len(chunks) < len(lines) / 3  # and lines are gathered, not written one by one
+    assert _chunks(b"") == [] and _chunks(b"a\n") == [b"a\n"]

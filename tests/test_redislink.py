@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import uvloop
+from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest import redislink
+from ingest.batcher import RedisBatcher
 from ingest.redislink import DirectLink, PipelineLink, link_for, pack
 from ingest.settings import Settings
 
@@ -157,10 +158,7 @@ def test_a_dead_server_fails_the_batch_and_the_link_reconnects(loop: str, privat
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_a_connection_the_server_dropped_is_replaced_before_the_next_batch(
-    loop: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
-):
-    monkeypatch.setattr(redislink, "HEALTH_CHECK_S", 0.0)  # every batch counts as after an idle spell
+def test_a_connection_the_server_dropped_is_replaced_before_the_next_batch(loop: str, settings: Settings):
     key = f"{settings.stream_prefix}:kept"
 
     async def main() -> None:
@@ -179,6 +177,101 @@ def test_a_connection_the_server_dropped_is_replaced_before_the_next_batch(
             await client.aclose()
 
     run(loop, main)
+
+
+def test_an_idle_connection_is_checked_with_a_ping(private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch):
+    async def pings(client: aioredis.Redis) -> int:
+        stats = await client.info("commandstats")
+        return int(stats.get("cmdstat_ping", {}).get("calls", 0))
+
+    async def main() -> None:
+        await up(private_redis.url)
+        client = aioredis.Redis.from_url(private_redis.url)
+        link = link_for(client)
+        try:
+            await link.send([("SET", "a", "1")])
+            await link.send([("GET", "a")])  # busy: no check
+            await client.config_resetstat()
+            assert await pings(client) == 0
+            monkeypatch.setattr(redislink, "HEALTH_CHECK_S", 0.0)  # from now on, every batch follows an idle spell
+            assert await link.send([("GET", "a")]) == [b"1"]
+            assert await pings(client) == 1
+        finally:
+            await link.close()
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+async def _fake_redis(reply: bytes | None) -> tuple[asyncio.Server, int, list[asyncio.Future[None]]]:
+    """A server that answers every read with ``reply`` (or never answers); each connection's
+    future resolves when the client closes it."""
+    closed: list[asyncio.Future[None]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        closed.append(done)
+        while await reader.read(65536):
+            if reply is not None:
+                writer.write(reply)
+        done.set_result(None)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], closed
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_loading_server_fails_the_whole_batch_as_unavailable(loop: str):
+    async def main() -> None:
+        server, port, closed = await _fake_redis(b"-LOADING Redis is loading the dataset in memory\r\n")
+        link = DirectLink(port=port, timeout_s=2)
+        try:
+            # as with redis-py: a ConnectionError for the batch (callers spool or answer 503),
+            # never an error reply left in a slot for a caller to trip over
+            with pytest.raises(BusyLoadingError):
+                await link.send([("PING",)])
+            await asyncio.wait_for(closed[0], 5)  # and the connection is dropped
+        finally:
+            await link.close()
+            server.close()
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_stalled_handshake_times_out_and_closes_its_socket(loop: str):
+    async def main() -> None:
+        server, port, closed = await _fake_redis(None)  # accepts, never answers
+        link = DirectLink(port=port, password="pw", db=3, timeout_s=0.3)
+        try:
+            for attempt in range(2):
+                with pytest.raises(RedisTimeoutError, match="connecting"):
+                    await link.send([("PING",)])
+                await asyncio.wait_for(closed[attempt], 5)  # each attempt's socket closed
+        finally:
+            await link.close()
+            server.close()
+
+    run(loop, main)
+
+
+def test_the_batcher_reloads_scripts_the_server_forgot(private_redis: PrivateRedis):
+    async def main() -> None:
+        await up(private_redis.url)
+        client = aioredis.Redis.from_url(private_redis.url)
+        batcher = RedisBatcher(client)
+        sha = batcher.script("return ARGV[1] .. '!'")
+        try:
+            assert await batcher.execute(("EVALSHA", sha, 0, "a")) == [b"a!"]  # loaded on first use
+            await client.script_flush()
+            # NOSCRIPT: the batcher loads its scripts again and re-runs what failed, in place
+            assert await batcher.execute(("GET", "none"), ("EVALSHA", sha, 0, "b")) == [None, b"b!"]
+        finally:
+            await batcher.close()
+            await client.aclose()
+
+    asyncio.run(main())
 
 
 def test_cluster_and_tls_clients_go_through_redis_py():
