@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -75,3 +76,13 @@ def test_flushes_cut_at_line_ends_within_pipe_buf():
     assert all(len(c) <= PIPE_BUF or c.count(b"\n") == 1 for c in chunks)
     assert len(chunks) < len(lines) / 3  # and lines are gathered, not written one by one
     assert _chunks(b"") == [] and _chunks(b"a\n") == [b"a\n"]
+
+
+def test_level_and_timestamp_fields(tmp_path: Path):
+    proc, out = _spawn(tmp_path, 0, 3, "exit")  # line by line: the unbuffered path too
+    assert proc.wait(60) == 0
+    lines = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [rec["level"] for rec in lines] == ["info", "info", "warning"]
+    for rec in lines:  # ISO 8601, UTC, microseconds, as structlog's TimeStamper(fmt="iso", utc=True)
+        stamp = datetime.strptime(rec["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        assert abs((datetime.now(UTC) - stamp).total_seconds()) < 60
