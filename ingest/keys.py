@@ -31,6 +31,16 @@ class Keys:
     def stream_for(self, routing_key: str) -> str:
         return self.streams[self.partition_for(routing_key)]
 
+    def attempts(self, partition: int) -> str:
+        """Per partition: how many times each pending entry was taken into a batch after its
+        first delivery and not finished (a worker crashed on it). Beside its stream's tag."""
+        return f"{self.prefix}:attempts:{{{partition}}}"
+
+    @property
+    def workers(self) -> str:
+        """Each worker's state (running, or blocked and why), for ``refstream status``."""
+        return f"{self.prefix}:workers"
+
     @property
     def dead(self) -> str:
         return f"{self.prefix}:dead"

@@ -67,7 +67,12 @@ class Settings(BaseSettings):
     block_ms: int = Field(1000, ge=10, description="XREADGROUP block time.")
     claim_idle_ms: int = Field(60_000, ge=100, description="Reclaim entries idle this long.")
     reclaim_every_s: int = Field(15, ge=1, le=60)
-    max_deliveries: int = Field(5, ge=1, description="An entry delivered more times is dead-lettered.")
+    max_deliveries: int = Field(
+        5,
+        ge=1,
+        description="An entry that a worker stopped while processing (a crash) this many times is dead-lettered;"
+        " outages never count.",
+    )
     retention_s: int = Field(7 * 86400, ge=0, description="Acked entries stay this long (for replays).")
     trim_every_s: int = Field(60, ge=1, le=3600)
     consumer_name: str | None = Field(None, description="Defaults to hostname-pid.")

@@ -7,8 +7,10 @@ about dead letters. Tables (rich) for people, ``--json`` for scripts.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import asyncpg
 import click
 from rich.console import Console
 from rich.table import Table
@@ -31,6 +33,8 @@ _LEFT = {
     "entry id",
     "event id",
     "last delivered",
+    "state",
+    "reasons",
 }
 
 
@@ -67,8 +71,15 @@ def _render(snap: status_mod.Snapshot) -> None:
     where = f"{s.dir}" if s.exists else f"{s.dir} (no such directory)"
     other.add_row("spool", f"{s.files} files, {s.bytes} bytes in {where}" if s.dir else "no spool dir given")
     other.add_row("in", f"{'≥' if t.in_capped else ''}{t.in_events} events ({t.in_per_s:.1f}/s)")
-    other.add_row("out", f"{t.out_events} events ({t.out_per_s:.1f}/s)")
-    for table in (parts, groups, consumers, other):
+    if t.out_events is None:
+        other.add_row("out", f"unknown: Postgres could not be read ({snap.postgres_error})")
+    else:
+        other.add_row("out", f"{t.out_events} events ({t.out_per_s or 0:.1f}/s)")
+    workers = _table("workers", "consumer", "state", "reasons", "blocked for", "last seen")
+    for w in snap.workers:
+        state = f"{w.state} (stale)" if w.stale else w.state
+        workers.add_row(w.consumer, state, ", ".join(w.reasons) or "-", _age(w.blocked_for_s), _age(w.seen_s_ago))
+    for table in (parts, groups, consumers, workers, other):
         console.print(table)
     if snap.healthy:
         console.print("[bold green]healthy[/]")
@@ -89,18 +100,34 @@ def status(as_json: bool, max_lag: int, max_pending_age: float, max_dead: int, s
     \b
     Exit codes (usable as a health check):
       0  healthy: no threshold crossed
-      3  a threshold crossed: a group's lag, its oldest pending entry's age, or dead letters
+      3  a threshold crossed: a group's lag, its oldest pending entry's age, dead letters,
+         or a worker blocked by an outage (Postgres or Redis; it waits, nothing is lost)
       1  Redis or Postgres could not be read
     """
-    from .cli import _connections, _print, _run
+    from .cli import _print, _run
 
     thresholds = status_mod.Thresholds(max_lag, max_pending_age, max_dead)
 
     async def go(settings: Settings) -> status_mod.Snapshot:
-        async with _connections(settings) as (conn, redis):
-            keys = Keys(settings.stream_prefix, settings.partitions)
+        keys = Keys(settings.stream_prefix, settings.partitions)
+        redis = connect_redis(settings)
+        conn: asyncpg.Connection | None = None
+        pg_error = None
+        try:
+            # during a Postgres outage the snapshot is what the operator needs most: without
+            # Postgres, it says so and shows the rest (workers blocked, and why)
+            try:
+                conn = await asyncpg.connect(settings.database_url, timeout=5)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                pg_error = f"{type(exc).__name__}: {exc}"
             # the edge's spool on this machine: as configured, unless given
-            return await status_mod.snapshot(redis, conn, keys, thresholds, spool_dir=spool_dir or settings.spool_dir)
+            return await status_mod.snapshot(
+                redis, conn, keys, thresholds, spool_dir=spool_dir or settings.spool_dir, pg_error=pg_error
+            )
+        finally:
+            if conn is not None:
+                await asyncio.shield(conn.close())
+            await redis.aclose()
 
     snap = _run(go)
     if as_json:

@@ -4,15 +4,27 @@ Each partition is read by its own task with its own XREADGROUP (a multi-stream r
 be a cross-slot command on a Redis Cluster). A reader first re-reads its consumer's own
 pending entries (id ``0``: what a previous run of this consumer read and never acked, or
 what ``reclaim`` claimed from a dead consumer), then blocks for new ones (id ``>``).
-While Redis or Postgres is down it backs off and tries again: it never exits, never spins.
+
+Outages are waited out, never counted against the entries: a batch an outage stopped is
+held in memory and retried with a backoff (``Pipeline.process`` resumes at the stage that
+failed), and while Postgres is the cause no partition reads anything new (``Gate``). The
+held entries stay claimed by this consumer (XCLAIM JUSTID refreshes their idle time
+without counting a delivery), so no other worker takes them over meanwhile. On SIGTERM a
+held batch is handed back: marked idle for long, so the next reclaim by any worker takes
+it at once.
+
+Housekeeping (reclaiming what dead consumers left, trimming, publishing this worker's
+state) runs here on its own timers: it never waits behind arq's job queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
+import orjson
 import structlog
 from redis.exceptions import ResponseError
 
@@ -20,14 +32,20 @@ from ingest.connections import Redis
 from ingest.keys import GROUP, Keys
 from ingest.settings import Settings
 
-from .errors import is_transient
-from .pipeline import Entry, Pipeline
+from . import trim
+from .errors import Outage, redis_outage
+from .gate import Gate
+from .pipeline import Batch, Entry, Pipeline
 
 log = structlog.get_logger("workers.consume")
 
+HAND_BACK_IDLE_MS = 10**12  # "idle since forever": any reclaim takes it
+STATE_EVERY_S = 5.0
+STATE_STALE_S = 3600  # states of workers gone this long are removed by whoever publishes
+
 
 class Backoff:
-    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
         self.first, self.cap, self.delay = first, cap, first
 
     def reset(self) -> None:
@@ -51,121 +69,176 @@ class Consumer:
         self.redis = redis
         self.pipeline = pipeline
         self.name = name
+        self.gate = Gate(on_change=self._gate_changed)
         self._backlog = [True] * settings.partitions
         self._stopping = False
+        self._publish_now = asyncio.Event()
 
     async def ensure_groups(self) -> None:
         """Create the group on every partition; from id 0, so entries the edge appended
-        before any worker ever ran are consumed too."""
+        before any worker ever ran are consumed too. A full (or read-only) Redis refuses
+        the creation even when the group exists: then it is enough that it exists."""
         for stream in self.keys.streams:
             try:
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+                if "BUSYGROUP" in str(exc):
+                    continue
+                if redis_outage(exc) in ("redis_oom", "redis_readonly") and await self._group_exists(stream):
+                    continue
+                raise
+
+    async def _group_exists(self, stream: str) -> bool:
+        try:
+            groups = await self.redis.xinfo_groups(stream)
+        except ResponseError:
+            return False  # no such key
+        return any(_str(g["name"]) == GROUP for g in groups)
 
     async def run(self, *, drain: bool = False) -> None:
         """Consume every partition until ``stop()``; with ``drain``, until the group has
         read and acked everything in every partition."""
-        backoff = Backoff()
+        backoff = Backoff(first=0.5, cap=5.0)
+        waiting: str | None = None
         while True:
             try:
                 await self.ensure_groups()
                 break
             except Exception as exc:
-                if not is_transient(exc):
+                reason = redis_outage(exc)
+                if reason is None:
                     raise
-                log.warning("redis.unavailable", error=repr(exc))
+                if reason != waiting:  # one line per state, not per retry
+                    log.warning("redis.unavailable", reason=reason, error=repr(exc))
+                    waiting = reason
+                if self._stopping:
+                    return
                 await backoff.sleep()
         log.info("consumer.start", consumer=self.name, partitions=self.settings.partitions, drain=drain)
-        await asyncio.gather(*(self._partition(p, drain) for p in range(self.settings.partitions)))
+        readers = [asyncio.create_task(self._partition(p, drain)) for p in range(self.settings.partitions)]
+        housekeeping = None if drain else asyncio.create_task(self._housekeeping())
+        try:
+            await asyncio.gather(*readers)
+        finally:
+            if housekeeping is not None:
+                housekeeping.cancel()
+                await asyncio.gather(housekeeping, return_exceptions=True)
+        await self._leave()
         log.info("consumer.stop", consumer=self.name, **vars_of(self.pipeline.totals))
 
     def stop(self) -> None:
         """Stop reading; each reader finishes the batch in flight (commit, ack) and returns
-        within one block time."""
+        within one block time. A batch held by an outage is handed back instead."""
         self._stopping = True
 
-    async def reclaim(self) -> int:
-        """Claim entries idle longer than ``claim_idle_ms`` in other (dead) consumers."""
-        claimed = 0
-        for p, stream in enumerate(self.keys.streams):
-            reply = await self.redis.xautoclaim(
-                stream,
-                GROUP,
-                self.name,
-                min_idle_time=self.settings.claim_idle_ms,
-                start_id="0-0",
-                count=self.settings.batch_size,
-            )
-            n = len(reply[1])
-            if n:
-                self._backlog[p] = True
-                claimed += n
-        if claimed:
-            log.info("reclaimed", consumer=self.name, entries=claimed)
-        return claimed
+    # -- one partition ----------------------------------------------------------------
 
     async def _partition(self, p: int, drain: bool) -> None:
         stream = self.keys.stream(p)
         backoff = Backoff()
-        while not self._stopping:
-            try:
-                entries = await self._read(p, stream)
-                if entries:
-                    await self.pipeline.process(stream, entries)
-                elif drain and not self._backlog[p] and await self._drained(p, stream):
+        read_failure: str | None = None
+        held: Batch | None = None
+        last_claim = 0.0
+        while True:
+            if held is None:
+                if self._stopping:
                     return
-                backoff.reset()
-            except Exception as exc:
-                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                    await self.ensure_groups()  # the stream was deleted under us
+                if self.gate.closed:  # Postgres is out: reading more would only pile up entries
+                    await self.gate.wait_open(self.settings.block_ms / 1000)
                     continue
-                if is_transient(exc):
-                    log.warning("consume.unavailable", stream=stream, error=repr(exc))
-                else:
-                    log.exception("consume.failed", stream=stream)
-                self._backlog[p] = True  # the batch is still pending: read it again
+                try:
+                    held = await self._read(p, stream)
+                    if read_failure is not None:
+                        log.info("consume.read_resumed", stream=stream)
+                        read_failure = None
+                except Exception as exc:
+                    if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                        await self.ensure_groups()  # the stream was deleted under us
+                        continue
+                    reason = redis_outage(exc) or "error"
+                    if reason != read_failure:
+                        log.warning("consume.read_failed", stream=stream, reason=reason, error=repr(exc))
+                        read_failure = reason
+                    self._backlog[p] = True  # a read may have been delivered and its reply lost
+                    await backoff.sleep()
+                    continue
+                if held is None:
+                    if drain and not self._backlog[p] and await self._drained(stream):
+                        return
+                    backoff.reset()
+                    continue
+                last_claim = time.monotonic()
+            try:
+                await self.pipeline.process(held)
+            except Outage as exc:
+                held.failures += 1
+                self.gate.block(p, exc.reason)
+                if self._stopping:
+                    await self._hand_back(held)
+                    self.gate.clear(p)
+                    return
+                if time.monotonic() - last_claim > self.settings.claim_idle_ms / 3000:
+                    await self._keep_claimed(held)
+                    last_claim = time.monotonic()
                 await backoff.sleep()
+                continue
+            held = None
+            backoff.reset()
+            self.gate.clear(p)
 
-    async def _read(self, p: int, stream: str) -> list[Entry]:
+    async def _read(self, p: int, stream: str) -> Batch | None:
         if self._backlog[p]:
             return await self._read_backlog(p, stream)
         reply = await self.redis.xreadgroup(
             GROUP, self.name, {stream: ">"}, count=self.settings.batch_size, block=self.settings.block_ms
         )
-        return reply[0][1] if reply else []
+        entries: list[Entry] = reply[0][1] if reply else []
+        return Batch(p, stream, entries) if entries else None
 
-    async def _read_backlog(self, p: int, stream: str) -> list[Entry]:
-        """This consumer's pending entries: what it read before and never acked.
-
-        An entry delivered more than ``max_deliveries`` times is dead-lettered and acked: it
-        keeps killing whoever reads it. Once any pending entry has been delivered before,
-        the backlog is read one entry at a time, so that a poison entry fails alone and every
-        entry around it commits (re-reading history counts as a delivery, so it is only done
-        for the entry about to be processed).
+    async def _read_backlog(self, p: int, stream: str) -> Batch | None:
+        """This consumer's pending entries: what it read before and never acked, or claimed
+        from a dead consumer. They are tracked (each attempt counted, see ``Pipeline``).
+        Entries that were already in an unfinished tracked attempt are read one at a time,
+        so that an entry that kills its worker fails alone and every entry around it commits.
         """
         pending = await self.redis.xpending_range(
             stream, GROUP, min="-", max="+", count=self.settings.batch_size, consumername=self.name
         )
         if not pending:
             self._backlog[p] = False
-            return []
-        limit = self.settings.max_deliveries
-        poison = [(e["message_id"], e["times_delivered"]) for e in pending if e["times_delivered"] > limit]
-        if poison:
-            await self.pipeline.dead_letter_redelivered(stream, poison, limit)
-            return []
-        suspect = any(e["times_delivered"] > 1 for e in pending)
-        reply = await self.redis.xreadgroup(
-            GROUP, self.name, {stream: "0"}, count=1 if suspect else self.settings.batch_size
-        )
+            return None
+        ids = [e["message_id"] for e in pending]
+        attempts = await self.redis.execute_command("HMGET", self.keys.attempts(p), *ids)
+        # the run of entries that never were in an unfinished attempt, or the first one alone
+        count = next((i for i, a in enumerate(attempts) if a is not None and int(a) > 0), len(ids)) or 1
+        reply = await self.redis.xreadgroup(GROUP, self.name, {stream: "0"}, count=count)
         entries: list[Entry] = reply[0][1] if reply else []
         if not entries:
             self._backlog[p] = False
-        return entries
+            return None
+        return Batch(p, stream, entries, tracked=True)
 
-    async def _drained(self, p: int, stream: str) -> bool:
+    async def _keep_claimed(self, batch: Batch) -> None:
+        """Reset the held entries' idle time (JUSTID: no delivery is counted), so that no
+        other worker's reclaim takes them while this one waits out the outage."""
+        try:
+            await self.redis.xclaim(batch.stream, GROUP, self.name, 0, list[Any](batch.ids), justid=True)
+        except Exception as exc:
+            log.debug("claim_refresh_failed", stream=batch.stream, error=repr(exc))
+
+    async def _hand_back(self, batch: Batch) -> None:
+        """Stopping with a batch an outage holds: leave it pending, marked idle for ever,
+        so the next reclaim (by any worker) takes it without waiting out ``claim_idle_ms``."""
+        self._backlog[batch.partition] = True
+        try:
+            await self.redis.xclaim(
+                batch.stream, GROUP, self.name, 0, list[Any](batch.ids), idle=HAND_BACK_IDLE_MS, justid=True
+            )
+        except Exception as exc:
+            log.warning("hand_back_failed", stream=batch.stream, error=repr(exc))
+        log.info("batch.handed_back", stream=batch.stream, entries=len(batch.entries))
+
+    async def _drained(self, stream: str) -> bool:
         """Everything appended has been delivered and acked, by anyone. Entries pending in
         another consumer are claimed once idle long enough (that consumer may be dead)."""
         groups = await self.redis.xinfo_groups(stream)
@@ -177,6 +250,106 @@ class Consumer:
             return False
         info = await self.redis.xinfo_stream(stream)
         return _stream_id(group["last-delivered-id"]) >= _stream_id(info["last-generated-id"])
+
+    # -- housekeeping -----------------------------------------------------------------
+
+    async def reclaim(self) -> int:
+        """Claim entries idle longer than ``claim_idle_ms`` in other (dead) consumers; the
+        backlog read then takes them (tracked: see ``Pipeline``)."""
+        claimed = 0
+        for p, stream in enumerate(self.keys.streams):
+            start = "0-0"
+            for _ in range(1000):  # a bound, for a group with an enormous dead backlog
+                reply = await self.redis.xautoclaim(
+                    stream,
+                    GROUP,
+                    self.name,
+                    min_idle_time=self.settings.claim_idle_ms,
+                    start_id=start,
+                    count=self.settings.batch_size,
+                )
+                if reply[1]:
+                    self._backlog[p] = True
+                    claimed += len(reply[1])
+                start = _str(reply[0])
+                if start == "0-0":
+                    break
+        if claimed:
+            log.info("reclaimed", consumer=self.name, entries=claimed)
+        return claimed
+
+    async def _housekeeping(self) -> None:
+        """Reclaim, trim and publish state on their own timers, each failure logged and
+        survived. Reclaiming waits while Postgres is out (nothing could be processed);
+        trimming does not (under a full Redis it is what frees memory)."""
+        next_reclaim = next_trim = next_state = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_reclaim:
+                next_reclaim = now + self.settings.reclaim_every_s
+                if not self.gate.closed:
+                    await self._safely("reclaim", self.reclaim())
+            if now >= next_trim:
+                next_trim = now + self.settings.trim_every_s
+                await self._safely("trim", trim.trim(self.redis, self.keys, self.settings.retention_s))
+            if now >= next_state or self._publish_now.is_set():
+                self._publish_now.clear()
+                next_state = now + STATE_EVERY_S
+                await self._safely("state", self._publish_state())
+            wake = min(next_reclaim, next_trim, next_state) - time.monotonic()
+            try:
+                await asyncio.wait_for(self._publish_now.wait(), max(0.05, wake))
+            except TimeoutError:
+                pass
+
+    async def _safely(self, what: str, step: Any) -> None:
+        try:
+            await step
+        except Exception as exc:
+            log.warning("housekeeping.failed", task=what, error=repr(exc))
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "consumer": self.name,
+            "state": "blocked" if self.gate.blocked else "running",
+            "reasons": self.gate.reasons,
+            "since": self.gate.since,
+            "at": time.time(),
+            **vars_of(self.pipeline.totals),
+        }
+
+    def _gate_changed(self, gate: Gate) -> None:
+        if self.pipeline.metrics is not None:
+            self.pipeline.metrics.set_blocked(gate.reasons)
+        self._publish_now.set()
+
+    async def _publish_state(self) -> None:
+        """This worker's state in ``{prefix}:workers`` (a hash: consumer → JSON), for
+        ``refstream status``; states not refreshed for an hour are removed."""
+        await self.redis.execute_command("HSET", self.keys.workers, self.name, orjson.dumps(self.state()))
+        stale = []
+        for name, raw in (await self.redis.execute_command("HGETALL", self.keys.workers)).items():
+            try:
+                at = float(orjson.loads(raw).get("at", 0))
+            except (ValueError, AttributeError):
+                at = 0.0
+            if time.time() - at > STATE_STALE_S:
+                stale.append(name)
+        if stale:
+            await self.redis.execute_command("HDEL", self.keys.workers, *stale)
+
+    async def _leave(self) -> None:
+        """A clean stop: remove this worker's state, and its consumer from the group where
+        it holds nothing (names are per process: they would pile up)."""
+        try:
+            await self.redis.execute_command("HDEL", self.keys.workers, self.name)
+            for stream in self.keys.streams:
+                consumers = await self.redis.xinfo_consumers(stream, GROUP)
+                mine = next((c for c in consumers if _str(c["name"]) == self.name), None)
+                if mine is not None and int(mine["pending"]) == 0:
+                    await self.redis.xgroup_delconsumer(stream, GROUP, self.name)
+        except Exception as exc:
+            log.warning("consumer.leave_failed", error=repr(exc))
 
 
 def _str(v: Any) -> str:

@@ -16,6 +16,8 @@ from ingest.connections import Redis
 from ingest.keys import GROUP, Keys
 from ingest.metrics import LATENCY_BUCKETS
 
+from .errors import REASONS
+
 
 class WorkerMetrics:
     def __init__(self) -> None:
@@ -33,6 +35,17 @@ class WorkerMetrics:
         self.ua_cache_hit_ratio = Gauge(
             "refstream_enrichment_ua_cache_hit_ratio", "User-Agent parser cache hits / lookups", registry=r
         )
+        self.blocked = Gauge(
+            "refstream_worker_blocked",
+            "1 while an outage of this reason holds a batch (the worker waits, nothing is dead-lettered)",
+            ["reason"],
+            registry=r,
+        )
+        self.set_blocked([])
+
+    def set_blocked(self, reasons: list[str]) -> None:
+        for reason in REASONS:
+            self.blocked.labels(reason).set(1 if reason in reasons else 0)
 
     def batch(self, entries: int, inserted: int, duplicates: int, dead: int, seconds: float) -> None:
         self.batches.inc()

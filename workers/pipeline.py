@@ -1,7 +1,21 @@
-"""One batch, top to bottom: decode → store (one transaction) → COMMIT → XACK.
+"""One batch, top to bottom: decode → count the attempt → store (one transaction) → COMMIT
+→ dead-letter the poison → XACK.
 
 Ack after commit, always: a crash between the two redelivers the batch, and the store
 makes the second pass a no-op. The opposite order would lose events on a crash.
+
+A batch is carried by a ``Batch`` that remembers which stages are done. When an outage
+stops a stage (``Outage``: Postgres or Redis, never the entries), the consumer holds the
+``Batch`` in memory and calls ``process`` again after a backoff; the stages already done
+are not repeated, and the entries are never read again from Redis, so an outage, however
+long, adds nothing to their delivery history.
+
+Poison is counted per entry, not per delivery. The first delivery of an entry is not
+counted (the hot path pays nothing). An entry read again from the backlog, after a worker
+stopped without acking it, is *tracked*: each attempt adds one to its count in
+``{prefix}:attempts:{p}`` before the transaction, and an outage gives that one back. What
+stays counted is the attempts a worker never finished: it crashed, or was killed, while
+holding the entry. Past ``max_deliveries`` such attempts the entry is dead-lettered.
 """
 
 from __future__ import annotations
@@ -10,7 +24,7 @@ import os
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -25,7 +39,7 @@ from ingest.settings import Settings
 
 from . import store, webhooks
 from .enrich import Enricher
-from .errors import is_transient
+from .errors import Outage, postgres_outage, redis_outage
 from .metrics import WorkerMetrics
 
 log = structlog.get_logger("workers.pipeline")
@@ -42,6 +56,37 @@ class Totals:
     dead: int = 0
 
 
+@dataclass(slots=True)
+class Dead:
+    entry_id: bytes
+    raw: bytes
+    error: str
+    attempts: int = 1
+    fields: dict[bytes, bytes] = field(default_factory=dict)  # an entry without an envelope: what it had
+
+
+@dataclass(slots=True)
+class Batch:
+    """Entries read from one partition, and how far they got."""
+
+    partition: int
+    stream: str
+    entries: list[Entry]
+    tracked: bool = False  # read from the backlog: attempts are counted
+    started: float = field(default_factory=time.perf_counter)
+    # stages done
+    good: list[Envelope] | None = None
+    stream_ids: dict[UUID, bytes] = field(default_factory=dict)
+    dead: list[Dead] = field(default_factory=list)
+    result: store.BatchResult | None = None
+    dead_lettered: bool = False
+    failures: int = 0  # outages met so far
+
+    @property
+    def ids(self) -> list[bytes]:
+        return [eid for eid, _ in self.entries]
+
+
 class Pipeline:
     def __init__(self, settings: Settings, redis: Redis, pg: asyncpg.Pool, enricher: Enricher | None = None) -> None:
         self.settings = settings
@@ -53,67 +98,116 @@ class Pipeline:
         self.metrics: WorkerMetrics | None = None
         self.totals = Totals()
 
-    async def process(self, stream: str, entries: list[Entry]) -> None:
-        """Store and ack one batch read from ``stream``. Transient errors propagate (the
-        entries stay pending and are read again); a batch Postgres refuses for its data
-        is split until the culprit is found and dead-lettered."""
-        start = time.perf_counter()
-        ids = [eid for eid, _ in entries]
-        good: list[Envelope] = []
-        stream_ids: dict[UUID, bytes] = {}
-        dead: list[tuple[bytes, bytes, str]] = []
-        for eid, fields in entries:
-            raw = (fields or {}).get(FIELD)
+    async def process(self, batch: Batch) -> None:
+        """Take ``batch`` through its remaining stages. Raises ``Outage`` when Postgres or
+        Redis stopped it: call again with the same ``batch`` once the cause may be gone."""
+        if batch.good is None:
+            self._decode(batch)
+        assert batch.good is not None
+        if batch.result is None:
+            todo = batch.good
+            counted: list[bytes] = []
+            if batch.tracked and todo:
+                # past the limit: dead-lettered below, never attempted again
+                batch.good = todo = await self._count_attempts(batch, todo, counted)
+            fault = self.settings.fault or ""
+            if fault.startswith("crash_on:") and any(e.payload.get("code") == fault[9:] for e in todo):
+                os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint: a poison entry that kills workers
+            try:
+                result, failed = await self._store(todo) if todo else (store.BatchResult(), [])
+            except Outage:
+                await self._refund(batch, counted)
+                raise
+            batch.dead.extend(Dead(batch.stream_ids[e.event_id], e.encode(), err) for e, err in failed)
+            batch.result = result
+            if self.settings.fault == "crash_after_commit":
+                os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint: committed, not acked
+        if batch.dead and not batch.dead_lettered:
+            await self._redis(self._dead_letter(batch.stream, batch.dead))
+            batch.dead_lettered = True
+        await self._redis(self._ack(batch))
+        self._done(batch, batch.result)
+        await self.notify(batch.result)
+
+    def _decode(self, batch: Batch) -> None:
+        batch.good = []
+        gone = 0
+        for eid, fields in batch.entries:
+            if fields is None:
+                # deleted while pending (XDEL by an operator): nothing is left to store
+                gone += 1
+                continue
+            raw = fields.get(FIELD)
             if raw is None:
-                continue  # trimmed while pending (XREADGROUP returns no fields): nothing to do
+                # a foreign producer, or a bug: one entry in, one outcome out
+                batch.dead.append(Dead(eid, b"", f"decode: no {FIELD.decode()!r} field", fields=fields))
+                continue
             try:
                 envelope = Envelope.decode(raw)
             except EnvelopeError as exc:
-                dead.append((eid, raw, f"decode: {exc}"))
+                batch.dead.append(Dead(eid, raw, f"decode: {exc}"))
                 continue
-            good.append(envelope)
-            stream_ids[envelope.event_id] = eid
+            if envelope.event_id in batch.stream_ids:
+                continue  # the same event twice in one read (a requeued copy): stored once, both acked
+            batch.good.append(envelope)
+            batch.stream_ids[envelope.event_id] = eid
+        if gone:
+            log.warning("entries.deleted_while_pending", stream=batch.stream, count=gone)
 
-        result = store.BatchResult()
-        fault = self.settings.fault or ""
-        if fault.startswith("crash_on:") and any(e.payload.get("code") == fault[9:] for e in good):
-            os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint: a poison entry that kills workers
-        if good:
-            result, failed = await self._store(good)
-            dead.extend((stream_ids[e.event_id], e.encode(), err) for e, err in failed)
-        if self.settings.fault == "crash_after_commit":
-            os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint: committed, not acked
-        if dead:
-            await self._dead_letter(stream, dead)
-        await self.redis.xack(stream, GROUP, *ids)
-        self._log_skipped(result)
-        await self._notify(result)
+    async def _count_attempts(self, batch: Batch, todo: list[Envelope], counted: list[bytes]) -> list[Envelope]:
+        """One more attempt for each tracked entry (their ids added to ``counted``); those
+        past the limit go to the dead letters instead of the transaction. Returns the rest."""
+        key = self.keys.attempts(batch.partition)
+        ids = [batch.stream_ids[e.event_id] for e in todo]
+        pipe = self.redis.pipeline(transaction=False)
+        for eid in ids:
+            pipe.execute_command("HINCRBY", key, eid, 1)
+        try:
+            counts = await pipe.execute()
+        except Exception as exc:
+            if redis_outage(exc) is None:
+                raise
+            # Redis full or away: attempt uncounted rather than stalled (a crash now is not
+            # counted, the entry is simply tried again)
+            log.warning("attempts.not_counted", stream=batch.stream, entries=len(ids), error=type(exc).__name__)
+            return todo
+        counted.extend(ids)
+        limit = self.settings.max_deliveries
+        keep: list[Envelope] = []
+        for e, eid, n in zip(todo, ids, counts, strict=True):
+            if int(n) - 1 >= limit:
+                batch.dead.append(
+                    Dead(eid, e.encode(), f"a worker stopped while processing it {int(n) - 1} times (limit {limit})",
+                         attempts=int(n) - 1)
+                )  # fmt: skip
+                log.error("event.poison", event_id=str(e.event_id), attempts=int(n) - 1)
+            else:
+                keep.append(e)
+        return keep
 
-        self.totals.batches += 1
-        self.totals.entries += len(entries)
-        self.totals.inserted += result.inserted
-        self.totals.duplicates += result.duplicates
-        self.totals.dead += len(dead)
-        seconds = time.perf_counter() - start
-        if self.metrics is not None:
-            self.metrics.batch(len(entries), result.inserted, result.duplicates, len(dead), seconds)
-        log.info(
-            "batch",
-            stream=stream,
-            entries=len(entries),
-            inserted=result.inserted,
-            duplicates=result.duplicates,
-            unknown=len(result.unknown_codes),
-            dead=len(dead),
-            ms=round((time.perf_counter() - start) * 1000, 2),
-        )
+    async def _refund(self, batch: Batch, counted: list[bytes]) -> None:
+        """An outage stopped the attempt: it was not the entries' doing."""
+        if not counted:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for eid in counted:
+            pipe.execute_command("HINCRBY", self.keys.attempts(batch.partition), eid, -1)
+        try:
+            await pipe.execute()
+        except Exception as exc:
+            log.warning("attempts.not_refunded", stream=batch.stream, entries=len(counted), error=repr(exc))
 
     async def _store(self, envelopes: list[Envelope]) -> tuple[store.BatchResult, list[tuple[Envelope, str]]]:
         try:
             return await store.write_batch(self.pg, envelopes, self.enricher), []
         except Exception as exc:
-            if is_transient(exc):
-                raise
+            reason = postgres_outage(exc)
+            if reason is not None:
+                if reason in ("postgres_unavailable", "postgres_shutdown"):
+                    # the pool's idle connections may all be dead (a restart): replace them,
+                    # rather than spend one retry on each
+                    await self.pg.expire_connections()
+                raise Outage(reason, exc) from exc
             if len(envelopes) == 1:
                 log.error("event.poison", event_id=str(envelopes[0].event_id), error=repr(exc))
                 return store.BatchResult(), [(envelopes[0], f"store: {type(exc).__name__}: {exc}")]
@@ -130,35 +224,64 @@ class Pipeline:
             failed += f
         return total, failed
 
-    async def _dead_letter(
-        self, stream: str, dead: list[tuple[bytes, bytes, str]], deliveries: dict[bytes, int] | None = None
-    ) -> None:
+    @staticmethod
+    async def _redis(step: Any) -> None:
+        try:
+            await step
+        except Exception as exc:
+            reason = redis_outage(exc)
+            if reason is None:
+                raise
+            raise Outage(reason, exc) from exc
+
+    async def _dead_letter(self, stream: str, dead: list[Dead]) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for eid, raw, error in dead:
+        now = int(time.time() * 1000)
+        for d in dead:
             fields: dict[Any, Any] = {
                 "stream": stream,
-                "id": eid,
-                "error": error[:1000],
-                "deliveries": (deliveries or {}).get(eid, 1),
-                "at": int(time.time() * 1000),
-                FIELD: raw,
+                "id": d.entry_id,
+                "error": d.error[:1000],
+                "deliveries": d.attempts,
+                "at": now,
+                FIELD: d.raw,
             }
+            for k, v in list(d.fields.items())[:16]:
+                fields[b"field:" + k[:64]] = v[:4096]
             pipe.xadd(self.keys.dead, fields)
         await pipe.execute()
-        log.warning("dead_letter", stream=stream, count=len(dead))
+        log.warning("dead_letter", stream=stream, count=len(dead), errors=sorted({d.error[:80] for d in dead})[:5])
 
-    async def dead_letter_redelivered(self, stream: str, entries: list[tuple[bytes, int]], limit: int) -> None:
-        """Entries delivered more than ``limit`` times: to the dead-letter stream, then acked."""
-        dead = []
-        for eid, times in entries:
-            found = await self.redis.xrange(stream, min=eid, max=eid)
-            raw = found[0][1].get(FIELD, b"") if found and found[0][1] else b""
-            dead.append((eid, raw, f"delivered {times} times without an ack (limit {limit})"))
-        await self._dead_letter(stream, dead, deliveries={eid: times for eid, times in entries})
-        await self.redis.xack(stream, GROUP, *[eid for eid, _ in entries])
-        self.totals.dead += len(entries)
+    async def _ack(self, batch: Batch) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(batch.stream, GROUP, *batch.ids)
+        if batch.tracked:
+            pipe.execute_command("HDEL", self.keys.attempts(batch.partition), *batch.ids)
+        await pipe.execute()
 
-    async def _notify(self, result: store.BatchResult) -> None:
+    def _done(self, batch: Batch, result: store.BatchResult) -> None:
+        self._log_skipped(result)
+        self.totals.batches += 1
+        self.totals.entries += len(batch.entries)
+        self.totals.inserted += result.inserted
+        self.totals.duplicates += result.duplicates
+        self.totals.dead += len(batch.dead)
+        seconds = time.perf_counter() - batch.started
+        if self.metrics is not None:
+            self.metrics.batch(len(batch.entries), result.inserted, result.duplicates, len(batch.dead), seconds)
+        log.info(
+            "batch",
+            stream=batch.stream,
+            entries=len(batch.entries),
+            inserted=result.inserted,
+            duplicates=result.duplicates,
+            unknown=len(result.unknown_codes),
+            dead=len(batch.dead),
+            outages=batch.failures,
+            ms=round(seconds * 1000, 2),
+        )
+
+    async def notify(self, result: store.BatchResult) -> None:
         """Webhook jobs for the outbox rows the batch committed. A failure here loses
         nothing: the rows are in Postgres and the sweep cron enqueues what is left."""
         if not result.deliveries or self.arq is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 from redis.exceptions import ResponseError
 
 from ingest.connections import Redis
@@ -70,8 +71,20 @@ class Throughput:
     in_events: int
     in_capped: bool
     in_per_s: float
-    out_events: int
-    out_per_s: float
+    out_events: int | None  # None: Postgres could not be read
+    out_per_s: float | None
+
+
+@dataclass(slots=True)
+class WorkerState:
+    """What a worker last published: running, or blocked by an outage and why."""
+
+    consumer: str
+    state: str  # "running" or "blocked"
+    reasons: list[str]
+    blocked_for_s: float | None
+    seen_s_ago: float
+    stale: bool  # not refreshed for a while: the worker is probably gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +96,7 @@ class Thresholds:
 
 @dataclass(slots=True)
 class Breach:
-    check: str  # "lag", "pending_age" or "dead"
+    check: str  # "lag", "pending_age", "dead" or "blocked"
     subject: str
     value: float
     limit: float
@@ -101,6 +114,8 @@ class Snapshot:
     dead: Dead
     spool: Spool
     throughput: Throughput
+    workers: list[WorkerState] = field(default_factory=list)
+    postgres_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -188,8 +203,35 @@ def spool_usage(spool_dir: str | None) -> Spool:
     return Spool(spool_dir, True, files, n_bytes)
 
 
-def _breaches(partitions: list[Partition], dead: Dead, t: Thresholds) -> list[Breach]:
+STALE_AFTER_S = 20.0  # workers publish every 5 s
+
+
+async def worker_states(redis: Redis, keys: Keys, now: float) -> list[WorkerState]:
     out = []
+    for name, raw in sorted((await redis.execute_command("HGETALL", keys.workers)).items()):
+        try:
+            d = orjson.loads(raw)
+            at, since = float(d["at"]), d.get("since")
+        except (ValueError, KeyError, TypeError):
+            continue
+        out.append(
+            WorkerState(
+                _s(name),
+                str(d.get("state", "?")),
+                [str(r) for r in d.get("reasons", [])],
+                None if since is None else max(0.0, now - float(since)),
+                max(0.0, now - at),
+                now - at > STALE_AFTER_S,
+            )
+        )
+    return out
+
+
+def _breaches(partitions: list[Partition], dead: Dead, t: Thresholds, workers: list[WorkerState]) -> list[Breach]:
+    out = []
+    for w in workers:
+        if w.state == "blocked" and not w.stale:
+            out.append(Breach("blocked", f"worker {w.consumer}: {', '.join(w.reasons)}", w.blocked_for_s or 0.0, 0))
     for p in partitions:
         for g in p.groups:
             subject = f"{p.stream} {g.name}"
@@ -203,9 +245,16 @@ def _breaches(partitions: list[Partition], dead: Dead, t: Thresholds) -> list[Br
 
 
 async def snapshot(
-    redis: Redis, pg: asyncpg.Connection, keys: Keys, thresholds: Thresholds, *, spool_dir: str | None = None
+    redis: Redis,
+    pg: asyncpg.Connection | None,
+    keys: Keys,
+    thresholds: Thresholds,
+    *,
+    spool_dir: str | None = None,
+    pg_error: str | None = None,
 ) -> Snapshot:
-    """Read everything once (Redis per partition, one Postgres count) and judge it."""
+    """Read everything once (Redis per partition, one Postgres count) and judge it. Without
+    ``pg`` (Postgres unreachable: ``pg_error`` says why), everything but the out-throughput."""
     secs, micros = await redis.time()
     now_ms = int(secs) * 1000 + int(micros) // 1000
     partitions = [await _partition(redis, stream, now_ms) for stream in keys.streams]
@@ -220,8 +269,26 @@ async def snapshot(
         n, capped = await _count_after(redis, stream, since, COUNT_CAP)
         in_events, in_capped = in_events + n, in_capped or capped
     # a sequential scan unless events has an index on processed_at (a BRIN index fits)
-    out_events = int(await pg.fetchval(_OUT_SQL, float(WINDOW_S), timeout=10))
-    throughput = Throughput(WINDOW_S, in_events, in_capped, in_events / WINDOW_S, out_events, out_events / WINDOW_S)
+    out_events: int | None = None
+    if pg is not None:
+        try:
+            out_events = int(await pg.fetchval(_OUT_SQL, float(WINDOW_S), timeout=10))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            pg_error = f"{type(exc).__name__}: {exc}"
+    out_per_s = None if out_events is None else out_events / WINDOW_S
+    throughput = Throughput(WINDOW_S, in_events, in_capped, in_events / WINDOW_S, out_events, out_per_s)
 
-    breaches = _breaches(partitions, dead, thresholds)
-    return Snapshot(now_ms, not breaches, breaches, thresholds, partitions, dead, spool_usage(spool_dir), throughput)
+    workers = await worker_states(redis, keys, now_ms / 1000)
+    breaches = _breaches(partitions, dead, thresholds, workers)
+    return Snapshot(
+        now_ms,
+        not breaches,
+        breaches,
+        thresholds,
+        partitions,
+        dead,
+        spool_usage(spool_dir),
+        throughput,
+        workers,
+        pg_error,
+    )

@@ -39,12 +39,14 @@ async def safe_cut(redis: Redis, stream: str) -> tuple[int, int] | None:
         return None
     cut: tuple[int, int] | None = None
     for g in groups:
+        ms, seq = _parse(g["last-delivered-id"])
+        need = (ms, seq + 1)
         if g["pending"]:
+            # read after XINFO: the entries may have been acked in between (no minimum then),
+            # and whatever is pending now is at or below the last-delivered id read before
             summary = await redis.xpending(stream, g["name"])
-            need = _parse(summary["min"])
-        else:
-            ms, seq = _parse(g["last-delivered-id"])
-            need = (ms, seq + 1)
+            if summary.get("min") is not None:
+                need = min(need, _parse(summary["min"]))
         cut = need if cut is None else min(cut, need)
     return cut
 
@@ -58,11 +60,16 @@ async def trim(
     retention_cut = (now_ms - retention_s * 1000, 0)
     removed: dict[str, int] = {}
     for stream in keys.streams:
-        cut = await safe_cut(redis, stream)
-        if cut is None:
+        try:
+            cut = await safe_cut(redis, stream)
+            if cut is None:
+                continue
+            minid = min(cut, retention_cut)
+            n = await redis.xtrim(stream, minid=f"{minid[0]}-{minid[1]}", approximate=not exact)
+        except ResponseError as exc:
+            # one partition's trouble is not the round's: the others are still trimmed
+            log.warning("trim.failed", stream=stream, error=str(exc))
             continue
-        minid = min(cut, retention_cut)
-        n = await redis.xtrim(stream, minid=f"{minid[0]}-{minid[1]}", approximate=not exact)
         if n:
             removed[stream] = n
     for stream in (keys.dead, keys.dead + ":dropped"):  # dead letters, and the ones dropped with a reason

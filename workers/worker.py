@@ -1,9 +1,12 @@
 """The arq worker process: startup opens Redis and Postgres and starts the XREADGROUP loop;
 shutdown (SIGTERM, SIGINT) stops reading, lets the batch in flight commit and ack, closes.
 
-arq hosts the process, runs the cron jobs and (in later issues) low-volume jobs with
-retries. Its own queue is a polled sorted set, so the event path is our consumer, not arq
-jobs. arq jobs are serialized as JSON, never pickle.
+arq hosts the process, runs the cron jobs that may wait (link cache refresh, webhook
+sweep) and low-volume jobs with retries (webhook deliveries, replays). Its own queue is a
+polled sorted set, so the event path is our consumer, not arq jobs, and the consumer's
+housekeeping (reclaim, trim) runs on the consumer's own timers: one sweep can queue a
+thousand webhook deliveries, and nothing the streams need may wait behind them. arq jobs
+are serialized as JSON, never pickle.
 """
 
 from __future__ import annotations
@@ -20,17 +23,16 @@ import orjson
 import structlog
 from arq import Worker, cron
 from arq.connections import RedisSettings
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest import links
 from ingest.connections import connect_redis, create_pg_pool
 from ingest.keys import Keys
 from ingest.settings import Settings
 
-from . import replay, trim, webhooks
+from . import replay, webhooks
 from .consume import Backoff, Consumer
 from .enrich import Enricher
+from .errors import redis_outage
 from .metrics import WorkerMetrics, refresh_stream_gauges, serve
 from .pipeline import Pipeline
 
@@ -126,12 +128,6 @@ async def _metrics(settings: Settings, c: Consumer) -> AsyncExitStack:
     return stack
 
 
-async def reclaim_idle(ctx: dict[str, Any]) -> int:
-    """arq cron: claim entries left pending by dead consumers for this one."""
-    c: Consumer = ctx["consumer"]
-    return await c.reclaim()
-
-
 async def refresh_links(ctx: dict[str, Any]) -> int:
     """arq cron: write every link into the Redis cache and mark it warm, so the edge never
     asks Postgres about a code (and a Redis restart heals within one period)."""
@@ -139,35 +135,32 @@ async def refresh_links(ctx: dict[str, Any]) -> int:
     return await links.refresh_all(c.pipeline.pg, c.redis, c.keys)
 
 
-async def trim_streams(ctx: dict[str, Any]) -> int:
-    """arq cron: trim below what every group still needs, and past the retention time."""
-    c: Consumer = ctx["consumer"]
-    removed = await trim.trim(c.redis, c.keys, c.settings.retention_s)
-    return sum(removed.values())
-
-
-def _every(seconds: int) -> dict[str, Any]:
-    """arq cron fields for "every ``seconds``" (whole minutes past 60)."""
-    if seconds < 60:
-        return {"second": set(range(0, 60, seconds))}
-    return {"minute": set(range(0, 60, max(1, seconds // 60))), "second": 0}
-
-
 class ResilientWorker(Worker):
-    """arq's worker, except that Redis going away is waited out with a backoff instead of
-    ending the process: the event loop (our consumer) is already doing the same."""
+    """arq's worker, except that Redis going away, filling up (``noeviction``) or turning
+    read-only is waited out with a backoff instead of ending the process: arq's own
+    bookkeeping (health key, cron enqueues, job state) writes to Redis on every poll, and
+    the consumer beside it must keep acking and trimming, which is what frees a full Redis."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._outage = Backoff(first=0.5, cap=10.0)
+        self._outage_reason: str | None = None
 
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            log.warning("arq.redis_unavailable", error=repr(exc))
+        except Exception as exc:
+            reason = redis_outage(exc)
+            if reason is None:
+                raise
+            if reason != self._outage_reason:  # one line per state, not per poll
+                log.warning("arq.redis_unavailable", reason=reason, error=repr(exc))
+                self._outage_reason = reason
             await self._outage.sleep()
         else:
+            if self._outage_reason is not None:
+                log.info("arq.redis_available")
+                self._outage_reason = None
             self._outage.reset()
 
 
@@ -179,14 +172,7 @@ def build_worker(settings: Settings) -> Worker:
     return ResilientWorker(
         functions=[webhooks.deliver_webhook_job, replay.REPLAY_JOB],
         cron_jobs=[
-            cron(
-                reclaim_idle,
-                second=set(range(0, 60, settings.reclaim_every_s)),
-                run_at_startup=True,
-                timeout=60,
-            ),
             cron(refresh_links, minute=set(range(0, 60, 10)), second=7, run_at_startup=True, timeout=600),
-            cron(trim_streams, **_every(settings.trim_every_s), timeout=300),
             cron(webhooks.sweep_webhooks, second=30, run_at_startup=True, timeout=60),
         ],
         redis_settings=redis_settings,

@@ -1,0 +1,82 @@
+"""Whether a worker may read new entries, and why not.
+
+A partition whose batch met an outage holds that batch and retries it; while Postgres is
+the cause, every partition of the worker stops reading new entries (they would only pile
+up in memory behind the same outage). A Redis refusal (out of memory, read-only) holds only
+the partition that met it: the others keep reading and acking, which is what frees Redis.
+
+One log line per change of state, never one per retry; the state is published for
+``refstream status`` and as the ``refstream_worker_blocked{reason}`` gauge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import structlog
+
+log = structlog.get_logger("workers.gate")
+
+
+class Gate:
+    def __init__(self, on_change: Callable[[Gate], None] | None = None) -> None:
+        self._held: dict[int, str] = {}  # partition -> reason
+        self._open = asyncio.Event()
+        self._open.set()
+        self.since: float | None = None  # wall-clock time the current blocked state began
+        self._since_mono = 0.0
+        self.on_change = on_change
+
+    @property
+    def reasons(self) -> list[str]:
+        return sorted(set(self._held.values()))
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self._held)
+
+    @property
+    def closed(self) -> bool:
+        """New reads wait: some partition is held by a Postgres outage."""
+        return not self._open.is_set()
+
+    def block(self, partition: int, reason: str) -> None:
+        before = self.reasons
+        was_blocked = self.blocked
+        self._held[partition] = reason
+        if any(r.startswith("postgres_") for r in self._held.values()):
+            self._open.clear()
+        if not was_blocked:
+            self.since, self._since_mono = time.time(), time.monotonic()
+        if self.reasons != before:
+            log.warning("worker.blocked", reasons=self.reasons, partitions=sorted(self._held))
+            self._changed()
+
+    def clear(self, partition: int) -> None:
+        if partition not in self._held:
+            return
+        before = self.reasons
+        del self._held[partition]
+        if not any(r.startswith("postgres_") for r in self._held.values()):
+            self._open.set()
+        if not self._held:
+            log.info("worker.resumed", after_s=round(time.monotonic() - self._since_mono, 2), was=before)
+            self.since = None
+            self._changed()
+        elif self.reasons != before:
+            log.warning("worker.blocked", reasons=self.reasons, partitions=sorted(self._held))
+            self._changed()
+
+    async def wait_open(self, seconds: float) -> bool:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._open.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
