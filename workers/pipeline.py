@@ -203,10 +203,10 @@ class Pipeline:
         except Exception as exc:
             reason = postgres_outage(exc)
             if reason is not None:
-                if reason in ("postgres_unavailable", "postgres_shutdown"):
-                    # the pool's idle connections may all be dead (a restart): replace them,
-                    # rather than spend one retry on each
-                    await self.pg.expire_connections()
+                # the pool's idle connections may all be dead (a restart), still on the old
+                # host or still read-only (settings read at connect), or hold statements
+                # prepared for the old schema: the retry gets fresh ones
+                await self.pg.expire_connections()
                 raise Outage(reason, exc) from exc
             if len(envelopes) == 1:
                 log.error("event.poison", event_id=str(envelopes[0].event_id), error=repr(exc))

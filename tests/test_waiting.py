@@ -1,0 +1,157 @@
+"""An outage is waited out, never dead-lettered: a read-only database and a schema broken by
+a bad migration hold the worker (visible in `refstream status` and in its metrics) until
+the cause is gone; then every event is stored exactly once. And the trim survives the
+races between its reads.
+
+The database is this run's own (conftest), so changing its settings is changing nothing
+anyone else uses; they are reset at the end of each test whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+
+from ingest.events import FIELD
+from ingest.keys import GROUP, Keys
+from refstream.embedded import free_port
+from workers import trim
+
+from ._procs import REFSTREAM, Procs, env_for
+from .conftest import wait_for
+from .test_e2e import TRACKED, fire
+
+
+async def _status(procs: Procs) -> tuple[int, dict[str, Any]]:
+    proc = await asyncio.create_subprocess_exec(
+        REFSTREAM, "status", "--json", env=env_for(procs.settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, orjson.loads(out)
+
+
+async def _metric(port: int, name: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
+        return "\n".join(line for line in (await r.text()).splitlines() if line.startswith(name))
+
+
+async def _pending(redis: Any, keys: Keys) -> int:
+    total = 0
+    for stream in keys.streams:
+        for g in await redis.xinfo_groups(stream):
+            if g["name"] == GROUP.encode():
+                total += g["pending"] + (g.get("lag") or 0)
+    return total
+
+
+@pytest.fixture
+async def dbname(pg: asyncpg.Pool) -> AsyncIterator[str]:
+    name = await pg.fetchval("SELECT current_database()")
+    try:
+        yield name
+    finally:
+        await pg.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+
+
+async def _blocked_then_resumed(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, reason: str, fix: Any) -> None:
+    """Clicks accepted while the worker is held by ``reason``; ``fix`` ends the outage."""
+    metrics_port = free_port()
+    procs.start("work", REFSTREAM_METRICS_PORT=str(metrics_port), REFSTREAM_BATCH_SIZE="7")
+    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="100000")
+    assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * 40))
+
+    async def blocked() -> Any:
+        code, snap = await _status(procs)
+        states = [w for w in snap["workers"] if w["state"] == "blocked"]
+        return (code, states) if states else None
+
+    code, states = await wait_for(blocked, timeout=60, what=f"the worker to report {reason}")
+    assert code == 3 and states[0]["reasons"] == [reason]
+    assert f'refstream_worker_blocked{{reason="{reason}"}} 1.0' in await _metric(metrics_port, "refstream_worker_blocked")
+    # the outage goes on for a while, with more traffic: nothing is set aside meanwhile
+    assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * 20))
+    await asyncio.sleep(2)  # hold the outage for a while: there is nothing to await in it
+    assert await redis.xlen(keys.dead) == 0
+    assert await pg.fetchval("SELECT count(*) FROM events") == 0
+
+    await fix()
+
+    async def stored() -> bool:
+        return await pg.fetchval("SELECT count(*) FROM events") == 60 and await _pending(redis, keys) == 0
+
+    await wait_for(stored, timeout=30, what="the worker to catch up after the outage")
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'alice'") == 60
+    assert await redis.xlen(keys.dead) == 0
+    code, snap = await _status(procs)
+    assert [w["state"] for w in snap["workers"]] == ["running"]
+    assert 'reason="' + reason + '"} 0.0' in await _metric(metrics_port, "refstream_worker_blocked")
+    assert "worker.blocked" in procs.logs() and "worker.resumed" in procs.logs()
+    # one line per change of state, however many retries the outage took
+    assert procs.logs().count('"worker.blocked"') == 1, procs.logs()
+
+
+async def test_a_read_only_database_is_waited_out(procs: Procs, pg: asyncpg.Pool, redis, keys: Keys, dbname: str):
+    ws = await procs.cli("workspace", "create", "Acme")
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
+    # as on a standby after a failover: every new session is read-only (SQLSTATE 25006)
+    await pg.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+
+    async def writable() -> None:
+        await pg.execute(f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+
+    await _blocked_then_resumed(procs, pg, redis, keys, "postgres_read_only", writable)
+
+
+async def test_a_schema_error_is_waited_out(procs: Procs, pg: asyncpg.Pool, redis, keys: Keys):
+    ws = await procs.cli("workspace", "create", "Acme")
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
+    # a bad migration: a table the batch writes to is gone (SQLSTATE 42P01)
+    await pg.execute("ALTER TABLE link_visitor_days RENAME TO link_visitor_days_moved")
+    try:
+
+        async def migrated_back() -> None:
+            await pg.execute("ALTER TABLE link_visitor_days_moved RENAME TO link_visitor_days")
+
+        await _blocked_then_resumed(procs, pg, redis, keys, "postgres_schema", migrated_back)
+    finally:
+        await pg.execute("ALTER TABLE IF EXISTS link_visitor_days_moved RENAME TO link_visitor_days")
+
+
+class _AckBetweenReads:
+    """A Redis client whose XPENDING is preceded by an XACK of everything pending: the race
+    the trim must survive (XINFO said "pending", XPENDING then finds no minimum)."""
+
+    def __init__(self, redis: Any, stream: str, ids: list[bytes]) -> None:
+        self._redis, self._stream, self._ids = redis, stream, ids
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redis, name)
+
+    async def xpending(self, stream: str, group: Any) -> Any:
+        await self._redis.xack(self._stream, GROUP, *self._ids)
+        return await self._redis.xpending(stream, group)
+
+
+async def test_the_trim_survives_pending_entries_acked_between_its_reads(redis, keys: Keys):
+    stream = keys.streams[0]
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    ids = [await redis.xadd(stream, {FIELD: b"x%d" % i}) for i in range(10)]
+    await redis.xreadgroup(GROUP, "w", {stream: ">"}, count=100)
+    other = keys.streams[1]
+    await redis.xgroup_create(other, GROUP, id="0", mkstream=True)
+    other_ids = [await redis.xadd(other, {FIELD: b"y%d" % i}) for i in range(3)]
+    await redis.xreadgroup(GROUP, "w", {other: ">"}, count=100)
+    await redis.xack(other, GROUP, *other_ids)
+
+    later = int(other_ids[-1].split(b"-")[0]) + 1000  # past every entry: only the groups hold the cut
+    removed = await trim.trim(_AckBetweenReads(redis, stream, ids), keys, retention_s=0, now_ms=later, exact=True)
+    # the round went on past the race: both partitions trimmed up to what the group needs
+    assert removed == {stream: 10, other: 3}
+    assert await redis.xlen(stream) == 0 and await redis.xlen(other) == 0
