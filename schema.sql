@@ -224,3 +224,17 @@ CREATE TABLE IF NOT EXISTS webhook_attempts (
     duration_ms integer
 );
 CREATE INDEX IF NOT EXISTS webhook_attempts_delivery ON webhook_attempts (delivery_id, attempt);
+
+-- customers: each contact field follows the latest event that carried a value for it (by
+-- received time, then event id), and first touch the earliest event; the time and id of
+-- that event are kept beside the value, so the row is the same however events are batched
+ALTER TABLE customers
+    ADD COLUMN IF NOT EXISTS first_event_id    uuid,
+    ADD COLUMN IF NOT EXISTS external_id_at    timestamptz,
+    ADD COLUMN IF NOT EXISTS external_id_event uuid,
+    ADD COLUMN IF NOT EXISTS email_at          timestamptz,
+    ADD COLUMN IF NOT EXISTS email_event       uuid,
+    ADD COLUMN IF NOT EXISTS name_at           timestamptz,
+    ADD COLUMN IF NOT EXISTS name_event        uuid,
+    ADD COLUMN IF NOT EXISTS avatar_url_at     timestamptz,
+    ADD COLUMN IF NOT EXISTS avatar_url_event  uuid;

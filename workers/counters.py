@@ -5,6 +5,10 @@ and UTC day the same in ``daily_stats`` (per affiliate and program by GROUP BY).
 clicks are counted as bot clicks, never as clicks. Aggregated per link per batch: one
 UPDATE row per link however viral, locks taken in link-id order. Milestones (seed 001's
 "refer 5 friends") are reached from the new conversion totals, each once.
+
+Lock order, the same in every batch so that none waits in a circle: events (see store),
+link_visitor_days in key order, links in id order, daily_stats in key order, then the
+converting affiliates in id order and their milestone rows in key order.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from ingest.links import LinkInfo
 from .stored import Stored
 
 _LOCK_LINKS = "SELECT 1 FROM links WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
+# NO KEY UPDATE: the foreign-key checks of customer, link and milestone rows (KEY SHARE) pass
+_LOCK_AFFILIATES = "SELECT 1 FROM affiliates WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
 
 # a set, not a counter: the rows that come back are the visitor's first click that day
 _UNIQUE = """
@@ -148,6 +154,12 @@ async def apply(conn: asyncpg.Connection, events: list[Stored]) -> list[Mileston
     )
     if not converted:
         return []
+    # The sum below reads every link of the affiliate, most of them not locked by this
+    # batch: under READ COMMITTED, two batches converting on different links of one
+    # affiliate would each miss the other's uncommitted conversion and neither would record
+    # the threshold they cross together. With the affiliate locked first, the second batch
+    # waits for the first to commit, and its sum (a new statement, a new snapshot) sees it.
+    await conn.execute(_LOCK_AFFILIATES, converted)
     reached_at = max(s.at for s in events if s.type is EventType.CONVERSION)
     rows = await conn.fetch(_MILESTONES, converted, reached_at)
     return [MilestoneReached(r["affiliate_id"], r["milestone_id"], r["reached_at"]) for r in rows]

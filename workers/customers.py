@@ -1,13 +1,21 @@
 """Customers: one per (workspace, visitor), upserted from a batch's new events.
 
-First-touch attribution comes from the earliest event, contact details from the latest,
-status only rises (1 click < 2 lead < 3 converted), first/last seen use LEAST/GREATEST:
-the same customer whatever order the events are processed in.
+Every field follows one rule that does not depend on how events are grouped into batches
+or in which order the batches commit. Events are ordered by (received time, event id):
+first touch (link, affiliate, program) is the earliest event, the first click the earliest
+click (click ids are UUIDv7s: their order is time order), each contact field the latest
+event that carried a value for it. Status only rises (1 click < 2 lead < 3 converted),
+first/last seen use LEAST/GREATEST. The row keeps the time and id of the event behind each
+of those fields, so a later batch compares against that event, not against the batch
+that happened to write it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
@@ -15,75 +23,110 @@ from ingest.events import EventType
 
 from .stored import Stored
 
-_UPSERT = """
-INSERT INTO customers AS c (workspace_id, visitor_id, link_id, affiliate_id, program_id, first_click_id,
-                            external_id, email, name, avatar_url, status, first_seen_at, last_seen_at)
+# column -> the payload key that carries it
+_CONTACT = {"external_id": "external_id", "email": "email", "name": "customer_name", "avatar_url": "avatar"}
+
+
+def _latest(column: str) -> str:
+    # a NULL comparison (a row written before the per-field times existed) lets the event win
+    newer = (
+        f"EXCLUDED.{column} IS NOT NULL AND ((EXCLUDED.{column}_at, EXCLUDED.{column}_event)"
+        f" > (c.{column}_at, c.{column}_event)) IS NOT FALSE"
+    )
+    return ",\n    ".join(
+        f"{col} = CASE WHEN {newer} THEN EXCLUDED.{col} ELSE c.{col} END"
+        for col in (column, f"{column}_at", f"{column}_event")
+    )
+
+
+_SET_CONTACT = ",\n    ".join(_latest(column) for column in _CONTACT)
+
+# the stored first touch stands on a tie it cannot rank (an older row without first_event_id)
+_EARLIER = "(EXCLUDED.first_seen_at, EXCLUDED.first_event_id) < (c.first_seen_at, c.first_event_id)"
+
+_UPSERT = f"""
+INSERT INTO customers AS c (workspace_id, visitor_id, link_id, affiliate_id, program_id, first_event_id,
+                            first_click_id, status, first_seen_at, last_seen_at,
+                            external_id, external_id_at, external_id_event, email, email_at, email_event,
+                            name, name_at, name_event, avatar_url, avatar_url_at, avatar_url_event)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::uuid[],
-                     $7::text[], $8::text[], $9::text[], $10::text[], $11::smallint[],
-                     $12::timestamptz[], $13::timestamptz[])
+                     $7::uuid[], $8::smallint[], $9::timestamptz[], $10::timestamptz[],
+                     $11::text[], $12::timestamptz[], $13::uuid[], $14::text[], $15::timestamptz[], $16::uuid[],
+                     $17::text[], $18::timestamptz[], $19::uuid[], $20::text[], $21::timestamptz[], $22::uuid[])
 ORDER BY 1, 2
 ON CONFLICT (workspace_id, visitor_id) DO UPDATE SET
-    link_id = CASE WHEN EXCLUDED.first_seen_at < c.first_seen_at THEN EXCLUDED.link_id ELSE c.link_id END,
-    affiliate_id = CASE WHEN EXCLUDED.first_seen_at < c.first_seen_at
-                        THEN EXCLUDED.affiliate_id ELSE c.affiliate_id END,
-    program_id = CASE WHEN EXCLUDED.first_seen_at < c.first_seen_at THEN EXCLUDED.program_id ELSE c.program_id END,
-    first_click_id = CASE WHEN c.first_click_id IS NULL
-                            OR (EXCLUDED.first_click_id IS NOT NULL AND EXCLUDED.first_seen_at < c.first_seen_at)
-                          THEN EXCLUDED.first_click_id ELSE c.first_click_id END,
-    external_id = CASE WHEN EXCLUDED.last_seen_at >= c.last_seen_at
-                       THEN coalesce(EXCLUDED.external_id, c.external_id)
-                       ELSE coalesce(c.external_id, EXCLUDED.external_id) END,
-    email = CASE WHEN EXCLUDED.last_seen_at >= c.last_seen_at THEN coalesce(EXCLUDED.email, c.email)
-                 ELSE coalesce(c.email, EXCLUDED.email) END,
-    name = CASE WHEN EXCLUDED.last_seen_at >= c.last_seen_at THEN coalesce(EXCLUDED.name, c.name)
-                ELSE coalesce(c.name, EXCLUDED.name) END,
-    avatar_url = CASE WHEN EXCLUDED.last_seen_at >= c.last_seen_at THEN coalesce(EXCLUDED.avatar_url, c.avatar_url)
-                      ELSE coalesce(c.avatar_url, EXCLUDED.avatar_url) END,
+    link_id = CASE WHEN {_EARLIER} THEN EXCLUDED.link_id ELSE c.link_id END,
+    affiliate_id = CASE WHEN {_EARLIER} THEN EXCLUDED.affiliate_id ELSE c.affiliate_id END,
+    program_id = CASE WHEN {_EARLIER} THEN EXCLUDED.program_id ELSE c.program_id END,
+    first_event_id = CASE WHEN {_EARLIER} THEN EXCLUDED.first_event_id ELSE c.first_event_id END,
+    first_click_id = LEAST(c.first_click_id, EXCLUDED.first_click_id),
     status = GREATEST(c.status, EXCLUDED.status),
     first_seen_at = LEAST(c.first_seen_at, EXCLUDED.first_seen_at),
-    last_seen_at = GREATEST(c.last_seen_at, EXCLUDED.last_seen_at)
+    last_seen_at = GREATEST(c.last_seen_at, EXCLUDED.last_seen_at),
+    {_SET_CONTACT}
 """
 
-_CONTACT = (("external_id", "external_id"), ("email", "email"), ("name", "customer_name"), ("avatar", "avatar"))
+
+def _order(s: Stored) -> tuple[datetime, UUID]:
+    return s.at, s.envelope.event_id
+
+
+@dataclass(slots=True)
+class _Merged:
+    """A batch's events of one customer, reduced by the same rules the upsert applies."""
+
+    first: Stored
+    last_at: datetime
+    status: int = 0
+    first_click: UUID | None = None
+    contact: dict[str, tuple[str, Stored]] = field(default_factory=dict)  # column -> (value, its event)
+
+    def add(self, s: Stored) -> None:
+        if _order(s) < _order(self.first):
+            self.first = s
+        self.last_at = max(self.last_at, s.at)
+        self.status = max(self.status, int(s.type))
+        if s.type is EventType.CLICK and (self.first_click is None or s.envelope.event_id < self.first_click):
+            self.first_click = s.envelope.event_id
+        for column, key in _CONTACT.items():
+            if (value := s.text(key)) is not None:
+                held = self.contact.get(column)
+                if held is None or _order(s) > _order(held[1]):
+                    self.contact[column] = (value, s)
 
 
 async def upsert(conn: asyncpg.Connection, events: list[Stored]) -> None:
     """The batch is merged per (workspace, visitor) first: one INSERT may not touch a row twice.
     Events without a visitor (seed 000 clicks) and bot clicks make no customer."""
-    merged: dict[tuple[str, str], dict[str, Any]] = {}
-    for s in sorted(events, key=lambda s: s.at):
+    merged: dict[tuple[str, str], _Merged] = {}
+    for s in events:
         visitor = s.text("visitor_id")
         if visitor is None or (s.is_bot and s.type is EventType.CLICK):
             continue
-        c = merged.setdefault(
-            (s.link.workspace_id, visitor),
-            {"link": s.link, "first_click": None, "status": 0, "first": s.at, "last": s.at,
-             "external_id": None, "email": None, "name": None, "avatar": None},
-        )  # fmt: skip
-        c["last"] = s.at
-        c["status"] = max(c["status"], int(s.type))
-        if s.type is EventType.CLICK and c["first_click"] is None:
-            c["first_click"] = s.envelope.event_id
-        for attr, key in _CONTACT:
-            if (value := s.text(key)) is not None:
-                c[attr] = value
+        if (m := merged.get((s.link.workspace_id, visitor))) is None:
+            m = merged[(s.link.workspace_id, visitor)] = _Merged(s, s.at)
+        m.add(s)
     if not merged:
         return
     keys = sorted(merged)
     rows = [merged[k] for k in keys]
+    contact: list[list[Any]] = []
+    for column in _CONTACT:
+        held = [r.contact.get(column) for r in rows]
+        contact.append([h[0] if h else None for h in held])
+        contact.append([h[1].at if h else None for h in held])
+        contact.append([h[1].envelope.event_id if h else None for h in held])
     await conn.execute(
         _UPSERT,
         [k[0] for k in keys],
         [k[1] for k in keys],
-        [r["link"].id for r in rows],
-        [r["link"].affiliate_id for r in rows],
-        [r["link"].program_id for r in rows],
-        [r["first_click"] for r in rows],
-        [r["external_id"] for r in rows],
-        [r["email"] for r in rows],
-        [r["name"] for r in rows],
-        [r["avatar"] for r in rows],
-        [r["status"] for r in rows],
-        [r["first"] for r in rows],
-        [r["last"] for r in rows],
+        [r.first.link.id for r in rows],
+        [r.first.link.affiliate_id for r in rows],
+        [r.first.link.program_id for r in rows],
+        [r.first.envelope.event_id for r in rows],
+        [r.first_click for r in rows],
+        [r.status for r in rows],
+        [r.first.at for r in rows],
+        [r.last_at for r in rows],
+        *contact,
     )

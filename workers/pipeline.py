@@ -147,8 +147,8 @@ class Pipeline:
             except EnvelopeError as exc:
                 batch.dead.append(Dead(eid, raw, f"decode: {exc}"))
                 continue
-            if envelope.event_id in batch.stream_ids:
-                continue  # the same event twice in one read (a requeued copy): stored once, both acked
+            # the same event twice in one read (a requeued or spooled copy) goes to the store
+            # as it is: stored once, counted once as a duplicate, both entries acked
             batch.good.append(envelope)
             batch.stream_ids[envelope.event_id] = eid
         if gone:

@@ -3,8 +3,10 @@
 The event rows are inserted with ON CONFLICT DO NOTHING RETURNING, and counters move only
 from the rows that came back: a redelivered, reclaimed or replayed entry inserts nothing
 and so moves nothing. Every write is set-based (unnest), one statement per table, and
-sorted (events by event_id, counters by link id) so that concurrent batches take row
-locks in the same order and cannot deadlock one another.
+sorted so that concurrent batches take their locks in one order and cannot deadlock one
+another. The order, phase by phase, each phase in key order: events (by dedupe key, then
+event id), link_visitor_days, links (by id), daily_stats, affiliates (by id),
+affiliate_milestones, customers, webhook_deliveries.
 """
 
 from __future__ import annotations
@@ -42,12 +44,21 @@ SELECT * FROM unnest($1::uuid[], $2::smallint[], $3::uuid[], $4::uuid[], $5::uui
                      $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::boolean[], $14::boolean[],
                      $15::timestamptz[], $16::inet[], $17::text[], $18::text[], $19::text[], $20::integer[],
                      $21::jsonb[], $22::text[], $23::boolean[], $24::jsonb[])
-ORDER BY 1
+ORDER BY 3, 2, 11, 1  -- events_dedupe's key, then the event id: see below
 -- no conflict target: the event id and the dedupe key (one lead per customer and event
 -- name, one conversion per code and session) both make a repeat a no-op
 ON CONFLICT DO NOTHING
 RETURNING event_id
 """
+# Why that order. An insert waits when another open transaction holds the same entry in
+# either unique index: the primary key or events_dedupe (workspace, type, dedupe key). In
+# event-id order alone, batch A = [lead X, lead Y] and batch B = [lead Y', lead X'] (X'
+# repeats X's key, Y' repeats Y's, ids crossing) would each insert one key, then wait for
+# the other's. In dedupe-key order, both take X's key first. And a wait on the primary key
+# is a wait on a copy of the same event, whose dedupe key is the same and whose holder
+# holds that key too: every wait is at the row's own place in this one order, so none is
+# circular. (Advisory locks per key would also do, but cost a round trip and a lock-table
+# entry per key: a 10,000-event batch is more than the default table holds.)
 
 _IN_PLACE_RETRIES = 5
 
@@ -133,12 +144,18 @@ def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | 
 
 async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: Enricher | None) -> BatchResult:
     result = BatchResult()
+    # a requeued or spooled copy beside its original: one row per event id, the copy is a duplicate
+    unique: dict[UUID, Envelope] = {}
+    for e in envelopes:
+        unique.setdefault(e.event_id, e)
+    result.duplicates = len(envelopes) - len(unique)
+    envelopes = list(unique.values())
     codes = sorted({c for e in envelopes if isinstance(c := e.payload.get("code"), str)})
     by_code = {r["code"]: LinkInfo.from_record(r) for r in await conn.fetch(_RESOLVE_LINKS, codes)}
     workspaces = sorted({link.workspace_id for link in by_code.values()})
     policies = {str(r["id"]): r["ip_policy"] for r in await conn.fetch(_IP_POLICIES, workspaces)}
 
-    cols: tuple[list[Any], ...] = tuple([] for _ in range(23))
+    cols: tuple[list[Any], ...] = tuple([] for _ in range(24))
     kept: dict[UUID, Stored] = {}
     for e in sorted(envelopes, key=lambda e: e.event_id):
         code = e.payload.get("code")
@@ -175,6 +192,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
             found.to_json() if found else None,
             visitor_key := _visitor_key(e),
             out_of_window := _out_of_window(e, link),
+            e.payload,
         )
         for col, v in zip(cols, row, strict=True):
             col.append(v)
@@ -182,10 +200,12 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
             e, link, ts(e.received_at_ms), found is not None and found.is_bot, visitor_key, out_of_window
         )
 
-    payloads = [s.envelope.payload for s in kept.values()]
-    inserted = [kept[r["event_id"]] for r in await conn.fetch(_INSERT_EVENTS, *cols, payloads)] if kept else []
+    if not kept:
+        return result
+    new = {r["event_id"] for r in await conn.fetch(_INSERT_EVENTS, *cols)}
+    inserted = [s for event_id, s in kept.items() if event_id in new]  # in event-id order
     result.inserted = len(inserted)
-    result.duplicates = len(kept) - len(inserted)
+    result.duplicates += len(kept) - len(inserted)
     # test-mode and out-of-window events are stored, and that is all: no counter, no
     # customer, no attribution, no webhook
     live = [s for s in inserted if s.envelope.payload.get("test_mode") is not True and not s.out_of_window]
