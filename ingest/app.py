@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import links, openapi
 from .auth import Authenticator
 from .batcher import RedisBatcher
-from .connections import connect_redis, create_pg_pool
+from .connections import connect_redis, create_pg_pool, pg_unavailable
 from .cors import cors
 from .events import unique_token
 from .keys import Keys
@@ -54,7 +54,18 @@ async def canonical_log(request: web.Request, handler: Handler) -> web.StreamRes
     except web.HTTPException as exc:
         status = exc.status
         raise
-    except Exception:
+    except Exception as exc:
+        if pg_unavailable(exc):
+            # a route's own handling missed a database outage (read-only, not migrated, ...):
+            # "try again", never a 500 for what is not the request's fault
+            status = 503
+            log.warning("request.postgres_unavailable", path=request.path, error=type(exc).__name__)
+            return web.Response(
+                body=orjson.dumps({"error": "service_unavailable"}),
+                status=503,
+                content_type="application/json",
+                headers={"Retry-After": "1"},
+            )
         log.exception("request.failed", method=request.method, path=request.path)
         return web.Response(body=orjson.dumps({"error": "internal_error"}), status=500, content_type="application/json")
     finally:

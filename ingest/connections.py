@@ -18,7 +18,10 @@ Redis = aioredis.Redis | RedisCluster
 # what "Redis is not answering" looks like (cluster errors are not RedisErrors)
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 # what "Postgres is not answering" looks like, to a request that asked it something (SQLSTATE
-# classes 08, 53, 57; a closed connection). Anything else is a bug, not an outage.
+# classes 08, 53, 57; a closed connection), and what "Postgres will not give us a session"
+# looks like when a pool opens a connection (3D000: the database is gone; class 28: the
+# credentials are refused): to the request, the same outage. Anything else is a bug, not
+# an outage (and ``ingest.schema_check`` tells the operator which of these it is).
 PG_ERRORS = (
     OSError,
     asyncio.TimeoutError,
@@ -26,7 +29,22 @@ PG_ERRORS = (
     asyncpg.InsufficientResourcesError,
     asyncpg.OperatorInterventionError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
 )
+
+# SQLSTATE classes that say the database cannot serve anyone right now (a read-only standby,
+# a schema not migrated, ...): the request is not at fault and may be retried
+_PG_UNAVAILABLE_CLASSES = ("08", "25", "28", "3D", "42", "53", "55", "57", "58")
+
+
+def pg_unavailable(exc: BaseException) -> bool:
+    """``exc``, raised by Postgres or its driver, means "not now" rather than a bug."""
+    if isinstance(exc, PG_ERRORS):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "")[:2] in _PG_UNAVAILABLE_CLASSES
+    return isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, ValueError)
 
 
 def connect_redis(settings: Settings, *, url: str | None = None, **kwargs: Any) -> Redis:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import asyncpg
 import structlog
 
 from . import clicks, links
@@ -44,15 +45,25 @@ class Found:
     redis_down: bool = False  # degraded: no limit, no flags, no cache; the link from Postgres
 
 
+# what a request's question to Postgres can meet instead of an answer: an outage
+# (PG_ERRORS), and whatever else Postgres or the driver raise: a database that is not
+# migrated (42P01), or not yet migrated to this build's schema (42703, 42883, ...). The
+# request cannot tell these apart from an outage and must not answer 500 for them: it
+# answers "unavailable" (or takes its degraded path); /readyz names the cause.
+_UNANSWERED = (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
 async def fallback(edge: Edge, query: Callable[[], Awaitable[T]]) -> T:
     """A Postgres query on behalf of a request: few at a time, never waited on for long, so
-    a flood of unknown keys or codes cannot take the pool from everything else."""
+    a flood of unknown keys or codes cannot take the pool from everything else. Whatever
+    keeps Postgres from answering raises ``Unavailable``, logged here as one warning
+    (no traceback: the cause is known, and a flood of traces would hide it)."""
     try:
         async with asyncio.timeout(FALLBACK_WAIT_S):
             async with edge.pg_fallbacks:
                 return await query()
-    except PG_ERRORS as exc:
-        log.warning("postgres.unavailable", error=repr(exc))
+    except _UNANSWERED as exc:
+        log.warning("postgres.unavailable", error=repr(exc), sqlstate=getattr(exc, "sqlstate", None))
         raise Unavailable from exc
 
 
@@ -119,12 +130,18 @@ async def lookup(
 async def _without_redis(edge: Edge, limiter: RateLimiter, code: str | None, n_extra: int) -> Found:
     # the limit cannot be counted without Redis: fail open, bounded by the spool's cap
     found = Found(verdict=Verdict(True, limiter.limit, limiter.limit, 0), extra=[None] * n_extra, redis_down=True)
-    if code is not None:
+    if code is not None and _storable(code):
         try:
             found.link = await fallback(edge, lambda: links.fetch(edge.pg, code))
         except Unavailable:
             found.link_unresolved = True
     return found
+
+
+def _storable(code: str) -> bool:
+    # Postgres text cannot hold NUL, so no link has such a code; asking would be refused
+    # (22021), which a request cannot tell from an outage: a client told to retry forever
+    return "\x00" not in code
 
 
 async def resolve_link(edge: Edge, code: str, cached: object, warm: object) -> links.LinkInfo | None:
@@ -133,7 +150,7 @@ async def resolve_link(edge: Edge, code: str, cached: object, warm: object) -> l
     link = links.decode(cached)
     if isinstance(link, links.LinkInfo):
         return link
-    if link is links.MISSING or warm == b"1":
+    if link is links.MISSING or warm == b"1" or not _storable(code):
         return None
     # the cache is not (yet) complete: ask Postgres once, and remember the answer
     found = await fallback(edge, lambda: links.fetch(edge.pg, code))

@@ -18,7 +18,7 @@ import orjson
 import uvloop
 from pydantic import ValidationError
 
-from ingest import admin, flags
+from ingest import admin, flags, schema_check
 from ingest.connections import REDIS_ERRORS, Redis, connect_redis
 from ingest.db import ensure_database
 from ingest.db import migrate as apply_schema
@@ -68,17 +68,39 @@ def main() -> None:
     """refstream: referral and affiliate event ingestion (edge → Redis Streams → workers → Postgres)."""
 
 
+async def _check_database(settings: Settings, *, wait: bool) -> None:
+    """The startup check of ``serve`` and ``work``: the database is there and migrated to
+    ``SCHEMA_VERSION``, else one line naming server, database, what is wrong and what to
+    run, and a non-zero exit (``ingest.schema_check`` sorts the cases).
+
+    Postgres being unreachable is an outage, not a mistake, so neither command refuses to
+    start over it: ``work`` (``--drain`` too) waits for it, logging once per change of
+    state, as its loop waits out outages mid-run; ``serve`` logs it once and starts, since
+    its public routes accept into Redis (or the spool) without Postgres, and ``/readyz``
+    answers 503 with the reason until Postgres answers. A database that answers but is
+    missing, refuses our credentials or is not migrated is refused at once: waiting would
+    not fix it, and a worker writing into the wrong schema would dead-letter good events.
+    """
+    status = await schema_check.at_startup(settings.database_url, wait=wait)
+    if not status.ok and not status.transient:
+        raise click.ClickException(status.line(settings.database_url))
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 def serve(host: str, port: int) -> None:
-    """Run the HTTP edge."""
+    """Run the HTTP edge.
+
+    Refuses to start on a database that is missing or not migrated; starts while Postgres
+    is unreachable (/readyz answers 503 with the reason until it answers)."""
     from aiohttp import web
 
     from ingest.app import create_app
 
     settings = _settings()
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
+    uvloop.run(_check_database(settings, wait=False))
     web.run_app(
         create_app(settings),
         host=host,
@@ -92,15 +114,23 @@ def serve(host: str, port: int) -> None:
 @main.command()
 @click.option("--drain", is_flag=True, help="Process until every stream is read and acked, then exit.")
 def work(drain: bool) -> None:
-    """Run a worker (arq): consume the event streams into Postgres."""
+    """Run a worker (arq): consume the event streams into Postgres.
+
+    Waits for an unreachable Postgres; refuses a database that is missing or not migrated."""
     from workers.worker import build_worker
     from workers.worker import drain as drain_streams
 
     if drain:
-        _print(_run(drain_streams))
+
+        async def checked_drain(settings: Settings) -> dict[str, int]:
+            await _check_database(settings, wait=True)
+            return await drain_streams(settings)
+
+        _print(_run(checked_drain))
         return
     settings = _settings()
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
+    uvloop.run(_check_database(settings, wait=True))
     asyncio.set_event_loop(uvloop.new_event_loop())
     build_worker(settings).run()
 

@@ -18,6 +18,8 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
+from aiohttp import web
+from arq.connections import RedisSettings, create_pool
 
 from ingest.events import FIELD
 from ingest.keys import GROUP, Keys
@@ -74,7 +76,8 @@ async def _blocked_then_resumed(procs: Procs, pg: asyncpg.Pool, redis: Any, keys
 
     code, states = await wait_for(blocked, timeout=60, what=f"the worker to report {reason}")
     assert code == 3 and states[0]["reasons"] == [reason]
-    assert f'refstream_worker_blocked{{reason="{reason}"}} 1.0' in await _metric(metrics_port, "refstream_worker_blocked")
+    gauge = await _metric(metrics_port, "refstream_worker_blocked")
+    assert f'refstream_worker_blocked{{reason="{reason}"}} 1.0' in gauge
     # the outage goes on for a while, with more traffic: nothing is set aside meanwhile
     assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * 20))
     await asyncio.sleep(2)  # hold the outage for a while: there is nothing to await in it
@@ -155,3 +158,70 @@ async def test_the_trim_survives_pending_entries_acked_between_its_reads(redis, 
     # the round went on past the race: both partitions trimmed up to what the group needs
     assert removed == {stream: 10, other: 3}
     assert await redis.xlen(stream) == 0 and await redis.xlen(other) == 0
+
+
+class _Hanging:
+    """A webhook receiver that never answers; it counts the requests it holds and the ones
+    whose client gave up (a job slot freed)."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.ended = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.held += 1
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.ended += 1
+        raise AssertionError("unreachable")
+
+
+async def test_reclaim_never_waits_behind_webhook_jobs(procs: Procs, pg: asyncpg.Pool, redis, keys: Keys):
+    """Every arq job slot hangs on a webhook receiver; the entries a dead consumer left are
+    still reclaimed and stored, before any of those deliveries has given up."""
+    from workers import webhooks
+
+    from .test_webhooks import lead, make_webhook, record
+
+    ws = await procs.cli("workspace", "create", "Acme")
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
+    hanging = _Hanging()
+    app = web.Application()
+    app.router.add_post("/hook", hanging.handle)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    arq = await create_pool(
+        RedisSettings.from_dsn(procs.settings.redis_url), job_serializer=orjson.dumps, job_deserializer=orjson.loads
+    )
+    deliveries: list[str] = []
+    try:
+        assert procs.settings.secret_key is not None
+        await make_webhook(pg, ws["workspace_id"], f"http://127.0.0.1:{port}/hook", procs.settings.secret_key)
+        deliveries = await record(pg, [lead(ws["workspace_id"]) for _ in range(30)])
+        assert await webhooks.enqueue(arq, deliveries, queue_name=keys.arq_queue) == 30
+
+        # a consumer that read 25 clicks and died before acking them
+        stream = keys.stream_for("alice")
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="100000")
+        assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * 25))
+        await redis.xreadgroup(GROUP, "ghost", {stream: ">"}, count=100)
+
+        procs.start("work")
+
+        async def stored() -> bool:
+            return await pg.fetchval("SELECT count(*) FROM events") == 25
+
+        await wait_for(stored, timeout=60, what="the ghost's entries to be reclaimed and stored")
+        # arq's every job slot (10) was taken by a delivery that never finished meanwhile
+        assert hanging.held >= 10 and hanging.ended == 0, (hanging.held, hanging.ended)
+    finally:
+        procs.stop_all()
+        await runner.cleanup()
+        for d in deliveries:  # arq's own keys are global, named by job id
+            async for key in arq.scan_iter(match=f"arq:*webhook:{d}"):
+                await arq.delete(key)
+        await arq.aclose()

@@ -97,9 +97,9 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    c: Consumer | None = ctx.get("consumer")
+    c: Consumer | None = ctx.pop("consumer", None)
     if c is None:
-        return
+        return  # never started, or shut down already
     c.stop()
     try:
         await asyncio.shield(ctx["consumer_task"])
@@ -162,6 +162,18 @@ class ResilientWorker(Worker):
                 log.info("arq.redis_available")
                 self._outage_reason = None
             self._outage.reset()
+
+    async def close(self) -> None:
+        """arq deletes its health key before calling ``on_shutdown``; with Redis away that
+        would skip our shutdown (the batch in flight abandoned rather than committed)."""
+        try:
+            await super().close()
+        except Exception as exc:
+            if redis_outage(exc) is None:
+                raise
+            log.warning("arq.close_failed", error=repr(exc))
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
 
 
 def build_worker(settings: Settings) -> Worker:
