@@ -102,7 +102,7 @@ def status(as_json: bool, max_lag: int, max_pending_age: float, max_dead: int, s
       0  healthy: no threshold crossed
       3  a threshold crossed: a group's lag, its oldest pending entry's age, dead letters,
          or a worker blocked by an outage (Postgres or Redis; it waits, nothing is lost)
-      1  Redis or Postgres could not be read
+      1  Redis could not be read (without Postgres the snapshot says so and goes on)
     """
     from .cli import _print, _run
 
