@@ -33,18 +33,42 @@ PG_ERRORS = (
     asyncpg.InvalidAuthorizationSpecificationError,
 )
 
-# SQLSTATE classes that say the database cannot serve anyone right now (a read-only standby,
-# a schema not migrated, ...): the request is not at fault and may be retried
-_PG_UNAVAILABLE_CLASSES = ("08", "25", "28", "3D", "42", "53", "55", "57", "58")
+# SQLSTATE class (or full code) -> why the database cannot serve anyone right now; the
+# request or batch is not at fault and is retried. The worker reports these reasons.
+PG_OUTAGES: tuple[tuple[str, str], ...] = (
+    ("25006", "postgres_read_only"),  # read_only_sql_transaction: a standby, or read-only mode
+    ("08", "postgres_unavailable"),  # connection exception
+    ("53", "postgres_resources"),  # disk full, out of memory, too many connections
+    ("57", "postgres_shutdown"),  # admin shutdown, crash shutdown, cannot connect now, cancelled
+    ("58", "postgres_system"),  # I/O error
+    ("42", "postgres_schema"),  # undefined table or column, permissions: the schema, not the data
+    ("3D", "postgres_schema"),  # the database does not exist
+    ("28", "postgres_auth"),  # invalid authorization (a rotated password)
+    ("40", "postgres_contention"),  # deadlock or serialization failure past the in-place retries
+    ("55", "postgres_contention"),  # lock not available, object in use
+)
+
+
+def pg_outage(exc: BaseException) -> str | None:
+    """The outage reason for an error raised while talking to Postgres, or None when the
+    error is about the data sent (or a bug)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        return next((reason for prefix, reason in PG_OUTAGES if state.startswith(prefix)), None)
+    if isinstance(exc, ValueError):
+        return None  # asyncpg's client-side DataError is an InterfaceError and a ValueError
+    if isinstance(exc, asyncpg.InterfaceError | OSError | asyncio.TimeoutError | ConnectionError):
+        return "postgres_unavailable"  # connection closed under us, refused, timed out
+    if isinstance(exc, asyncpg.InternalClientError):
+        # the driver's own state, e.g. "cannot switch to state 15; another operation is in
+        # progress" when the server shuts down in the middle of a batch: not the data's
+        return "postgres_unavailable"
+    return None
 
 
 def pg_unavailable(exc: BaseException) -> bool:
     """``exc``, raised by Postgres or its driver, means "not now" rather than a bug."""
-    if isinstance(exc, PG_ERRORS):
-        return True
-    if isinstance(exc, asyncpg.PostgresError):
-        return (exc.sqlstate or "")[:2] in _PG_UNAVAILABLE_CLASSES
-    return isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, ValueError)
+    return isinstance(exc, PG_ERRORS) or pg_outage(exc) is not None
 
 
 def connect_redis(settings: Settings, *, url: str | None = None, **kwargs: Any) -> Redis:

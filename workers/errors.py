@@ -18,21 +18,9 @@ import asyncio
 import asyncpg
 from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, RedisError
 
-# SQLSTATE class (or full code) -> the reason an operator reads in logs, status and metrics
-_PG_REASONS: tuple[tuple[str, str], ...] = (
-    ("25006", "postgres_read_only"),  # read_only_sql_transaction: a standby, or read-only mode
-    ("08", "postgres_unavailable"),  # connection exception
-    ("53", "postgres_resources"),  # disk full, out of memory, too many connections
-    ("57", "postgres_shutdown"),  # admin shutdown, crash shutdown, cannot connect now, cancelled
-    ("58", "postgres_system"),  # I/O error
-    ("42", "postgres_schema"),  # undefined table or column, permissions: the schema, not the data
-    ("3D", "postgres_schema"),  # the database does not exist
-    ("28", "postgres_auth"),  # invalid authorization (a rotated password)
-    ("40", "postgres_contention"),  # deadlock or serialization failure past the in-place retries
-    ("55", "postgres_contention"),  # lock not available, object in use
-)
+from ingest.connections import PG_OUTAGES, pg_outage
 
-REASONS = tuple(sorted({r for _, r in _PG_REASONS} | {"redis_unavailable", "redis_oom", "redis_readonly"}))
+REASONS = tuple(sorted({r for _, r in PG_OUTAGES} | {"redis_unavailable", "redis_oom", "redis_readonly"}))
 
 
 class Outage(Exception):
@@ -50,18 +38,8 @@ class Outage(Exception):
 
 def postgres_outage(exc: BaseException) -> str | None:
     """The outage reason for an error raised while talking to Postgres, or None when the
-    error is about the data of the batch."""
-    if isinstance(exc, asyncpg.PostgresError):
-        state = exc.sqlstate or ""
-        for prefix, reason in _PG_REASONS:
-            if state.startswith(prefix):
-                return reason
-        return None
-    if isinstance(exc, ValueError):
-        return None  # asyncpg's client-side DataError is an InterfaceError and a ValueError
-    if isinstance(exc, asyncpg.InterfaceError | OSError | asyncio.TimeoutError | ConnectionError):
-        return "postgres_unavailable"  # connection closed under us, refused, timed out
-    return None
+    error is about the data of the batch (SQLSTATE classes: ``ingest.connections.PG_OUTAGES``)."""
+    return pg_outage(exc)
 
 
 def redis_outage(exc: BaseException) -> str | None:

@@ -1,0 +1,65 @@
+"""What the worker waits out (an outage) and what it sets aside (the entry's own fault)."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+from redis import exceptions as r
+
+from ingest.connections import pg_unavailable
+from workers.errors import postgres_outage, redis_outage
+
+
+def _pg(cls: type[asyncpg.PostgresError]) -> asyncpg.PostgresError:
+    return cls("x")
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (_pg(asyncpg.exceptions.ReadOnlySQLTransactionError), "postgres_read_only"),  # 25006
+        (_pg(asyncpg.exceptions.CannotConnectNowError), "postgres_shutdown"),  # 57P03
+        (_pg(asyncpg.exceptions.AdminShutdownError), "postgres_shutdown"),  # 57P01
+        (_pg(asyncpg.exceptions.TooManyConnectionsError), "postgres_resources"),  # 53300
+        (_pg(asyncpg.exceptions.DiskFullError), "postgres_resources"),  # 53100
+        (_pg(asyncpg.exceptions.UndefinedTableError), "postgres_schema"),  # 42P01
+        (_pg(asyncpg.exceptions.UndefinedColumnError), "postgres_schema"),  # 42703
+        (_pg(asyncpg.exceptions.InsufficientPrivilegeError), "postgres_schema"),  # 42501
+        (_pg(asyncpg.exceptions.InvalidCatalogNameError), "postgres_schema"),  # 3D000
+        (_pg(asyncpg.exceptions.InvalidPasswordError), "postgres_auth"),  # 28P01
+        (_pg(asyncpg.exceptions.DeadlockDetectedError), "postgres_contention"),  # 40P01
+        (_pg(asyncpg.exceptions.LockNotAvailableError), "postgres_contention"),  # 55P03
+        (asyncpg.exceptions.ConnectionDoesNotExistError("closed"), "postgres_unavailable"),
+        (asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"),
+         "postgres_unavailable"),
+        (ConnectionRefusedError(111, "refused"), "postgres_unavailable"),
+        (TimeoutError(), "postgres_unavailable"),
+        # the entry's own data: set aside, never waited for
+        (_pg(asyncpg.exceptions.NotNullViolationError), None),  # 23502
+        (_pg(asyncpg.exceptions.UniqueViolationError), None),  # 23505
+        (_pg(asyncpg.exceptions.InvalidTextRepresentationError), None),  # 22P02
+        (_pg(asyncpg.exceptions.CharacterNotInRepertoireError), None),  # 22021: a NUL byte
+        (asyncpg.exceptions.DataError("invalid input for query argument"), None),  # client-side, a ValueError
+        (ValueError("bad"), None),
+    ],
+)  # fmt: skip
+def test_postgres_errors_by_sqlstate_class(exc: BaseException, reason: str | None) -> None:
+    assert postgres_outage(exc) == reason
+    # the edge's middleware agrees: an outage is 503 "try again", the data's fault is not
+    assert pg_unavailable(exc) == (reason is not None)
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (r.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'."), "redis_oom"),
+        (r.ReadOnlyError("You can't write against a read only replica."), "redis_readonly"),
+        (r.BusyLoadingError("Redis is loading the dataset in memory"), "redis_unavailable"),
+        (r.ConnectionError("Connection refused"), "redis_unavailable"),
+        (r.TimeoutError("Timeout reading from socket"), "redis_unavailable"),
+        (r.ResponseError("MASTERDOWN Link with MASTER is down"), "redis_unavailable"),
+        (KeyError("x"), None),
+    ],
+)
+def test_every_redis_refusal_is_an_outage(exc: BaseException, reason: str | None) -> None:
+    assert redis_outage(exc) == reason
