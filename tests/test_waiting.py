@@ -225,3 +225,90 @@ async def test_reclaim_never_waits_behind_webhook_jobs(procs: Procs, pg: asyncpg
             async for key in arq.scan_iter(match=f"arq:*webhook:{d}"):
                 await arq.delete(key)
         await arq.aclose()
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
+async def test_shutdown_runs_when_sigterm_cancelled_a_job_before_it_started(settings, redis):
+    """On SIGTERM arq cancels its job tasks; one cancelled before its first step (a cron
+    just enqueued, say) made arq's own close raise CancelledError and skip ``on_shutdown``,
+    so the consumer's batch in flight was abandoned and the process exited 1 (found by
+    tests/faults' SIGTERM scenario). The worker's close must run the shutdown regardless."""
+    from workers.worker import ResilientWorker
+
+    shut: list[bool] = []
+
+    async def on_shutdown(ctx: dict[str, Any]) -> None:
+        shut.append(True)
+
+    from workers import webhooks
+
+    worker = ResilientWorker(
+        functions=[webhooks.deliver_webhook_job],
+        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        queue_name=f"{settings.stream_prefix}:arq:queue",
+        health_check_key=f"{settings.stream_prefix}:arq:queue:health-check",
+        on_shutdown=on_shutdown,
+        handle_signals=True,
+        job_serializer=orjson.dumps,
+        job_deserializer=orjson.loads,
+    )
+    worker._pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+
+    async def job() -> None:
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(job())
+    task.cancel()  # cancelled before it ever ran, as arq's handle_sig does
+    worker.tasks["cron:refresh_links:1"] = task
+    await worker.close()
+    assert shut == [True]
+
+
+class _BrokenEnricher:
+    """The worker's own code failing: for every event, or only for one User-Agent."""
+
+    def __init__(self, only_ua: str | None = None) -> None:
+        self.only_ua = only_ua
+
+    def enrich(self, ip: Any, ua: Any, referrer: Any, policy: str) -> Any:
+        if self.only_ua is None or ua == self.only_ua:
+            raise TypeError("a bug")
+        from workers.enrich import Enricher
+
+        return Enricher().enrich(ip, ua, referrer, policy)
+
+
+async def test_a_bug_failing_every_entry_holds_the_batch_instead_of_dead_lettering_it(
+    settings, redis, pg: asyncpg.Pool, keys: Keys, world
+):
+    from ingest.events import Dialect, Envelope, EventType
+    from workers.errors import Outage
+    from workers.pipeline import Batch, Pipeline
+
+    def click(ua: str) -> Envelope:
+        return Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"}, user_agent=ua)
+
+    stream = keys.stream_for("PARTNER123")
+    envelopes = [click(f"Mozilla/5.0 (X11; Linux x86_64) Firefox/{100 + i}.0") for i in range(5)]
+    entries = [(await redis.xadd(stream, {FIELD: e.encode()}), {FIELD: e.encode()}) for e in envelopes]
+
+    broken = Pipeline(settings, redis, pg, _BrokenEnricher())  # type: ignore[arg-type]
+    batch = Batch(keys.partition_for("PARTNER123"), stream, list(entries))
+    with pytest.raises(Outage) as caught:
+        await broken.process(batch)
+    assert caught.value.reason == "worker_error"
+    assert await redis.xlen(keys.dead) == 0 and await pg.fetchval("SELECT count(*) FROM events") == 0
+
+    # the fixed worker takes the same held batch: all stored
+    await Pipeline(settings, redis, pg, _BrokenEnricher(only_ua="nobody")).process(batch)  # type: ignore[arg-type]
+    assert await pg.fetchval("SELECT count(*) FROM events") == 5 and await redis.xlen(keys.dead) == 0
+
+    # one entry the code cannot handle, among good ones: that one is poison, alone
+    odd = click("an odd agent")
+    more = [click("Mozilla/5.0 (X11; Linux x86_64) Firefox/125.0"), odd]
+    entries = [(await redis.xadd(stream, {FIELD: e.encode()}), {FIELD: e.encode()}) for e in more]
+    selective = Pipeline(settings, redis, pg, _BrokenEnricher(only_ua="an odd agent"))  # type: ignore[arg-type]
+    await selective.process(Batch(keys.partition_for("PARTNER123"), stream, entries))
+    (dead,) = await redis.xrange(keys.dead)
+    assert dead[1][b"error"].startswith(b"store: TypeError") and dead[1][FIELD] == odd.encode()
+    assert await pg.fetchval("SELECT count(*) FROM events") == 6

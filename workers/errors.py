@@ -20,7 +20,11 @@ from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, 
 
 from ingest.connections import PG_OUTAGES, pg_outage
 
-REASONS = tuple(sorted({r for _, r in PG_OUTAGES} | {"redis_unavailable", "redis_oom", "redis_readonly"}))
+# worker_error: every entry of a batch failed in the worker's own code (a bug, a broken
+# deploy): held like an outage rather than dead-lettering every event it meets
+REASONS = tuple(
+    sorted({r for _, r in PG_OUTAGES} | {"redis_unavailable", "redis_oom", "redis_readonly", "worker_error"})
+)
 
 
 class Outage(Exception):

@@ -31,6 +31,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 from arq.connections import ArqRedis
+from asyncpg import PostgresError
 
 from ingest.connections import Redis
 from ingest.events import FIELD, Envelope, EnvelopeError
@@ -115,10 +116,22 @@ class Pipeline:
                 os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint: a poison entry that kills workers
             try:
                 result, failed = await self._store(todo) if todo else (store.BatchResult(), [])
+                if (
+                    len(todo) > 1
+                    and len(failed) == len(todo)
+                    and not any(isinstance(x, PostgresError) for _, x in failed)
+                ):
+                    # every entry failed alone, and not for Postgres: the fault is the
+                    # worker's own (a bug, a broken deploy), not each entry's. Nothing was
+                    # committed; hold the batch until a fixed worker takes it
+                    log.error("batch.worker_error", stream=batch.stream, entries=len(todo), error=repr(failed[0][1]))
+                    raise Outage("worker_error", failed[0][1])
             except Outage:
                 await self._refund(batch, counted)
                 raise
-            batch.dead.extend(Dead(batch.stream_ids[e.event_id], e.encode(), err) for e, err in failed)
+            batch.dead.extend(
+                Dead(batch.stream_ids[e.event_id], e.encode(), f"store: {type(x).__name__}: {x}") for e, x in failed
+            )
             batch.result = result
             if self.settings.fault == "crash_after_commit":
                 os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint: committed, not acked
@@ -197,7 +210,7 @@ class Pipeline:
         except Exception as exc:
             log.warning("attempts.not_refunded", stream=batch.stream, entries=len(counted), error=repr(exc))
 
-    async def _store(self, envelopes: list[Envelope]) -> tuple[store.BatchResult, list[tuple[Envelope, str]]]:
+    async def _store(self, envelopes: list[Envelope]) -> tuple[store.BatchResult, list[tuple[Envelope, Exception]]]:
         try:
             return await store.write_batch(self.pg, envelopes, self.enricher), []
         except Exception as exc:
@@ -210,7 +223,7 @@ class Pipeline:
                 raise Outage(reason, exc) from exc
             if len(envelopes) == 1:
                 log.error("event.poison", event_id=str(envelopes[0].event_id), error=repr(exc))
-                return store.BatchResult(), [(envelopes[0], f"store: {type(exc).__name__}: {exc}")]
+                return store.BatchResult(), [(envelopes[0], exc)]
         # isolate the poison: halves commit on their own, each exactly once in effect
         mid = len(envelopes) // 2
         total, failed = store.BatchResult(), []

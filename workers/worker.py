@@ -164,8 +164,12 @@ class ResilientWorker(Worker):
             self._outage.reset()
 
     async def close(self) -> None:
-        """arq deletes its health key before calling ``on_shutdown``; with Redis away that
-        would skip our shutdown (the batch in flight abandoned rather than committed)."""
+        """Make sure ``on_shutdown`` runs, so the consumer commits and acks its batch in
+        flight: arq's own close re-raises the CancelledError of a job it cancelled on
+        SIGTERM (a webhook delivery, a cron), and deletes its health key first, which fails
+        with Redis away; either would skip our shutdown."""
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.tasks.clear()
         try:
             await super().close()
         except Exception as exc:
