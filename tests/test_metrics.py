@@ -6,6 +6,7 @@ import re
 
 import aiohttp
 import orjson
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ._procs import Procs, free_port
@@ -66,3 +67,32 @@ async def test_edge_and_worker_metrics_and_ids_in_the_logs(procs: Procs, pg):
     assert [line["event"] for line in mine] == ["request"]
     assert re.fullmatch(r"[0-9a-f-]{36}", mine[0]["event_id"])  # the event it accepted
     assert mine[0]["path"] == "/api/v1/referral/click/alice" and mine[0]["status"] == 200
+
+
+async def test_worker_gauges_for_the_oldest_pending_entry_and_the_dead_letters(redis, keys):
+    """What the alert rules in deploy/prometheus need: the age of the oldest entry delivered
+    and not acked (from its id, on Redis's clock), and how many dead letters wait."""
+    from ingest.events import FIELD
+    from ingest.keys import GROUP
+    from workers.metrics import WorkerMetrics, refresh_stream_gauges
+
+    stream, idle = keys.streams[0], keys.streams[1]
+    secs, _ = await redis.time()
+    old = (int(secs) - 90) * 1000
+    for i in range(3):
+        await redis.xadd(stream, {FIELD: b"x"}, id=f"{old}-{i}")
+    await redis.xgroup_create(stream, GROUP, id="0")
+    await redis.xgroup_create(idle, GROUP, id="0", mkstream=True)
+    await redis.xreadgroup(GROUP, "c", {stream: ">"}, count=10)
+    await redis.xack(stream, GROUP, f"{old}-0")  # the oldest pending is now the second
+    for _ in range(2):
+        await redis.xadd(keys.dead, {"error": "x"})
+
+    m = WorkerMetrics()
+    await refresh_stream_gauges(m, redis, keys)
+    w = samples(generate_latest(m.registry).decode())
+    age = w[("refstream_stream_oldest_pending_age_seconds", (("stream", stream),))]
+    assert 89 <= age < 150, age
+    assert w[("refstream_stream_oldest_pending_age_seconds", (("stream", idle),))] == 0
+    assert w[("refstream_stream_pending", (("stream", stream),))] == 2
+    assert w[("refstream_dead_letters", ())] == 2

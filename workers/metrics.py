@@ -35,6 +35,13 @@ class WorkerMetrics:
         self.ua_cache_hit_ratio = Gauge(
             "refstream_enrichment_ua_cache_hit_ratio", "User-Agent parser cache hits / lookups", registry=r
         )
+        self.oldest_pending_age = Gauge(
+            "refstream_stream_oldest_pending_age_seconds",
+            "Age of the group's oldest entry delivered and not acked (0: none pending)",
+            ["stream"],
+            registry=r,
+        )
+        self.dead_letters = Gauge("refstream_dead_letters", "Entries in the dead-letter stream", registry=r)
         self.blocked = Gauge(
             "refstream_worker_blocked",
             "1 while an outage of this reason holds a batch (the worker waits, nothing is dead-lettered)",
@@ -66,7 +73,11 @@ class WorkerMetrics:
 
 
 async def refresh_stream_gauges(metrics: WorkerMetrics, redis: Redis, keys: Keys) -> None:
-    """Lag and pending per partition, as XINFO GROUPS reports them (lag needs Redis 7)."""
+    """Lag and pending per partition, as XINFO GROUPS reports them (lag needs Redis 7), the
+    age of the oldest pending entry (from its id, against Redis's clock), and the length of
+    the dead-letter stream."""
+    secs, micros = await redis.time()
+    now_ms = int(secs) * 1000 + int(micros) // 1000
     for stream in keys.streams:
         try:
             groups = await redis.xinfo_groups(stream)
@@ -77,6 +88,14 @@ async def refresh_stream_gauges(metrics: WorkerMetrics, redis: Redis, keys: Keys
                 metrics.pending.labels(stream).set(g["pending"])
                 if g.get("lag") is not None:
                     metrics.lag.labels(stream).set(g["lag"])
+                age = 0.0
+                if g["pending"]:
+                    oldest = (await redis.xpending(stream, GROUP)).get("min")
+                    if oldest is not None:
+                        ms = int((oldest.decode() if isinstance(oldest, bytes) else str(oldest)).partition("-")[0])
+                        age = max(0.0, (now_ms - ms) / 1000)
+                metrics.oldest_pending_age.labels(stream).set(age)
+    metrics.dead_letters.set(await redis.xlen(keys.dead))
 
 
 @asynccontextmanager
