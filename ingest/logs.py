@@ -180,6 +180,25 @@ def _flush_before_tracebacks(lines: BufferedLines) -> None:
     sys.excepthook = excepthook
 
 
+# arq logs every job it runs, its cron jobs' included (every few seconds in a quiet worker),
+# and its start and stop, at info: in refstream's logs these are debug lines. The worker's
+# own lines (consumer.start, batches, outages) say what happens; arq's warnings and errors
+# (a failed job) keep their level.
+_CHATTY = frozenset({"arq.worker", "arq.jobs"})
+
+
+class _Demote(logging.Filter):
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and record.name in _CHATTY:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.level <= logging.DEBUG
+        return True
+
+
 def configure_logging(level: str = "info", *, json: bool = True, flush_ms: int = 0) -> None:
     """``flush_ms`` > 0 buffers lines for that long (long-running processes only)."""
     lvl = logging.getLevelName(level.upper())
@@ -207,6 +226,7 @@ def configure_logging(level: str = "info", *, json: bool = True, flush_ms: int =
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
+    handler.addFilter(_Demote(lvl))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(lvl)

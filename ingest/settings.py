@@ -10,7 +10,7 @@ import re
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -35,6 +35,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "database_url"),
     )
     redis_socket_timeout: float = Field(5.0, gt=0, description="Seconds before a Redis call fails.")
+    connect_timeout_s: float = Field(
+        30.0, gt=0, description="One-shot commands (work --drain, dev): how long to wait for Redis or Postgres."
+    )
     pg_pool_size: int = Field(4, ge=1, le=100)
 
     # streams -------------------------------------------------------------------------
@@ -101,7 +104,7 @@ class Settings(BaseSettings):
     def _prefix_is_plain(cls, v: str) -> str:
         # braces would change the cluster hash tag of every key
         if not _PREFIX_RE.match(v):
-            raise ValueError("stream_prefix: 1-64 of A-Z a-z 0-9 _ . : - (no braces)")
+            raise ValueError("1-64 of A-Z a-z 0-9 _ . : - (no braces)")
         return v
 
     @field_validator("trusted_proxies", mode="before")
@@ -115,9 +118,41 @@ class Settings(BaseSettings):
     def _block_below_socket_timeout(self) -> Settings:
         # a blocking XREADGROUP longer than the socket timeout would look like a dead socket
         if self.block_ms >= self.redis_socket_timeout * 1000:
-            raise ValueError("block_ms must stay below redis_socket_timeout")
+            raise ValueError(
+                "block_ms must stay below redis_socket_timeout (REFSTREAM_BLOCK_MS="
+                f"{self.block_ms}, REFSTREAM_REDIS_SOCKET_TIMEOUT={self.redis_socket_timeout:g})"
+            )
         return self
 
     @property
     def arq_url(self) -> str:
         return self.arq_redis_url or self.redis_url
+
+
+_SECRET = frozenset({"redis_url", "arq_redis_url", "database_url", "secret_key"})  # never echoed
+
+
+def env_var(field: str) -> str:
+    """The environment variable that sets ``field``: ``REFSTREAM_<FIELD>``, or its alias."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    if field.isupper():  # already an alias (pydantic reports the name the value came under)
+        return field
+    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def explain(exc: ValidationError) -> str:
+    """A settings error in one line, each problem under the environment variable to fix:
+    ``REFSTREAM_PARTITIONS: input should be a valid integer, ... (got 'abc')``."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else ""
+        msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        msg = msg[:1].lower() + msg[1:]
+        given = err.get("input")
+        if field and isinstance(given, str | int | float) and field.lower() not in _SECRET:
+            msg += f" (got {str(given)[:60]!r})"
+        problems.append(f"{env_var(field)}: {msg}" if field else msg)
+    return "; ".join(problems).replace("\n", " ")

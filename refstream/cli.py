@@ -2,69 +2,43 @@
 
 Settings are built here, once, from the environment, and passed down. Commands that print
 data print JSON on stdout; diagnostics go to stderr.
+
+Every failure is one line on stderr, ``Error: <what is wrong>; <what to do>``, and a
+non-zero exit: a setting under the environment variable that sets it, a Redis or Postgres
+under its ``host:port/db`` (never its password), a database that is missing or behind
+with the command that fixes it (``ingest.schema_check`` words those). ``--debug`` (or
+``REFSTREAM_DEBUG=1``) adds the traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+import errno
+import socket
+from typing import Any
 
 import asyncpg
 import click
-import orjson
 import uvloop
-from pydantic import ValidationError
 
-from ingest import admin, flags, schema_check
-from ingest.connections import REDIS_ERRORS, Redis, connect_redis
+from ingest import admin, apikeys, flags, schema_check
+from ingest.connections import connect_redis
 from ingest.db import ensure_database
 from ingest.db import migrate as apply_schema
 from ingest.keys import Keys
 from ingest.logs import configure_logging
 from ingest.settings import Settings
 
-T = TypeVar("T")
+from . import __version__, services
+from .runner import _connections, _database, _print, _Refstream, _run, _settings, json_flag
 
 
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        raise click.ClickException(f"invalid configuration:\n{exc}") from None
-
-
-def _print(data: Any) -> None:
-    sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
-    sys.stdout.flush()
-
-
-def _run(fn: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
-    settings = _settings()
-    configure_logging(settings.log_level, json=settings.log_json)
-    try:
-        return uvloop.run(fn(settings))
-    except admin.NotFound as exc:
-        raise click.ClickException(str(exc)) from None
-    except (*REDIS_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-
-
-@asynccontextmanager
-async def _connections(settings: Settings) -> AsyncIterator[tuple[asyncpg.Connection, Redis]]:
-    conn = await asyncpg.connect(settings.database_url)
-    redis = connect_redis(settings)
-    try:
-        yield conn, redis
-    finally:
-        await asyncio.shield(conn.close())
-        await redis.aclose()
-
-
-@click.group()
-def main() -> None:
+@click.group(cls=_Refstream)
+@click.option(
+    "--debug", is_flag=True, envvar="REFSTREAM_DEBUG", help="Show the traceback of an error. [env: REFSTREAM_DEBUG]"
+)
+@click.version_option(__version__, prog_name="refstream")
+def main(debug: bool) -> None:
     """refstream: referral and affiliate event ingestion (edge → Redis Streams → workers → Postgres)."""
 
 
@@ -74,16 +48,43 @@ async def _check_database(settings: Settings, *, wait: bool) -> None:
     run, and a non-zero exit (``ingest.schema_check`` sorts the cases).
 
     Postgres being unreachable is an outage, not a mistake, so neither command refuses to
-    start over it: ``work`` (``--drain`` too) waits for it, logging once per change of
-    state, as its loop waits out outages mid-run; ``serve`` logs it once and starts, since
-    its public routes accept into Redis (or the spool) without Postgres, and ``/readyz``
-    answers 503 with the reason until Postgres answers. A database that answers but is
-    missing, refuses our credentials or is not migrated is refused at once: waiting would
-    not fix it, and a worker writing into the wrong schema would dead-letter good events.
+    start over it: ``work`` waits for it, logging once per change of state, as its loop
+    waits out outages mid-run; ``serve`` logs it once and starts, since its public routes
+    accept into Redis (or the spool) without Postgres, and ``/readyz`` answers 503 with the
+    reason until Postgres answers. A database that answers but is missing, refuses our
+    credentials or is not migrated is refused at once: waiting would not fix it, and a
+    worker writing into the wrong schema would dead-letter good events.
     """
     status = await schema_check.at_startup(settings.database_url, wait=wait)
     if not status.ok and not status.transient:
         raise click.ClickException(status.line(settings.database_url))
+
+
+def _listen_check(host: str, port: int, command: str) -> None:
+    """Fail in one line, before anything starts, when ``host:port`` cannot be listened on:
+    a second ``dev`` must not take the first one's answers for its own."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(address)
+            except OSError as exc:
+                raise click.ClickException(_listen_error(host, port, command, exc)) from None
+
+
+def _listen_error(host: str, port: int, command: str, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} on {host} is in use (another refstream {command}?): stop it, or choose"
+            f" another port: refstream {command} --port N"
+        )
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
 @main.command()
@@ -99,31 +100,40 @@ def serve(host: str, port: int) -> None:
     from ingest.app import create_app
 
     settings = _settings()
+    _listen_check(host, port, "serve")
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
     uvloop.run(_check_database(settings, wait=False))
-    web.run_app(
-        create_app(settings),
-        host=host,
-        port=port,
-        access_log=None,  # the app logs one canonical line per request itself
-        print=lambda msg: click.echo(msg, err=True),
-        loop=uvloop.new_event_loop(),
-    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=host,
+            port=port,
+            access_log=None,  # the app logs one canonical line per request itself
+            print=lambda msg: click.echo(msg, err=True),
+            loop=uvloop.new_event_loop(),
+        )
+    except OSError as exc:  # taken since the check: a race
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise click.ClickException(_listen_error(host, port, "serve", exc)) from exc
 
 
 @main.command()
+@json_flag
 @click.option("--drain", is_flag=True, help="Process until every stream is read and acked, then exit.")
 def work(drain: bool) -> None:
     """Run a worker (arq): consume the event streams into Postgres.
 
-    Waits for an unreachable Postgres; refuses a database that is missing or not migrated."""
+    Waits for an unreachable Postgres (``--drain``: at most REFSTREAM_CONNECT_TIMEOUT_S,
+    Redis too); refuses a database that is missing or not migrated."""
     from workers.worker import build_worker
     from workers.worker import drain as drain_streams
 
     if drain:
 
         async def checked_drain(settings: Settings) -> dict[str, int]:
-            await _check_database(settings, wait=True)
+            await services.wait_for_redis(settings)
+            await services.wait_for_postgres(settings)
             return await drain_streams(settings)
 
         _print(_run(checked_drain))
@@ -136,12 +146,16 @@ def work(drain: bool) -> None:
 
 
 @main.command()
+@json_flag
 def migrate() -> None:
     """Apply schema.sql (idempotent; creates the database if it is missing)."""
 
     async def go(settings: Settings) -> dict[str, Any]:
+        status = await schema_check.check_url(settings.database_url)
+        if status.kind not in (schema_check.Kind.OK, schema_check.Kind.NO_DATABASE, schema_check.Kind.NOT_MIGRATED):
+            raise click.ClickException(status.line(settings.database_url))
         created = await ensure_database(settings.database_url)
-        conn = await asyncpg.connect(settings.database_url)
+        conn = await asyncpg.connect(settings.database_url, timeout=schema_check.CONNECT_TIMEOUT_S)
         try:
             await apply_schema(conn)
         finally:
@@ -157,12 +171,13 @@ def workspace() -> None:
 
 
 @workspace.command("create")
+@json_flag
 @click.argument("name")
 def workspace_create(name: str) -> None:
     """Create a workspace and its first API key (scope *); the key is shown once."""
 
     async def go(settings: Settings) -> dict[str, str]:
-        conn = await asyncpg.connect(settings.database_url)
+        conn = await _database(settings)
         try:
             return await admin.create_workspace(conn, name)
         finally:
@@ -177,6 +192,7 @@ def link() -> None:
 
 
 @link.command("create")
+@json_flag
 @click.option("--workspace", "workspace_id", required=True)
 @click.option("--code", required=True)
 @click.option("--url", default=None, help="Destination; defaults to the program's URL.")
@@ -209,12 +225,13 @@ def link_create(
 
 
 @link.command("show")
+@json_flag
 @click.argument("code")
 def link_show(code: str) -> None:
     """A link with its counters."""
 
     async def go(settings: Settings) -> dict[str, Any]:
-        conn = await asyncpg.connect(settings.database_url)
+        conn = await _database(settings)
         try:
             return await admin.show_link(conn, code)
         finally:
@@ -228,13 +245,25 @@ def keys() -> None:
     """API keys: created (shown once) and revoked."""
 
 
+_SCOPES_HELP = "read (stats, links, events), write (programs, affiliates, links, webhooks), track (events), * (all)"
+
+
 @keys.command("create")
+@json_flag
 @click.option("--workspace", "workspace_id", required=True)
-@click.option("--scopes", default="*", show_default=True, help="Comma-separated: read, write, track, *.")
+@click.option("--scopes", default=None, help=f"Comma-separated, required for a workspace key: {_SCOPES_HELP}.")
 @click.option("--affiliate", "affiliate_id", default=None, help="A read-only key for this affiliate only.")
 @click.option("--name", default=None)
-def keys_create(workspace_id: str, scopes: str, affiliate_id: str | None, name: str | None) -> None:
+def keys_create(workspace_id: str, scopes: str | None, affiliate_id: str | None, name: str | None) -> None:
     """Create a key; prints {"api_key": ...} once: only its sha256 is stored."""
+    wanted = [s.strip() for s in (scopes or "").split(",") if s.strip()]
+    if not affiliate_id:
+        # no default: a key gets the powers someone chose for it, and "*" is every power
+        if not wanted:
+            raise click.ClickException(f"keys create needs --scopes, comma-separated, of: {_SCOPES_HELP}")
+        unknown = [s for s in wanted if s not in apikeys.SCOPES]
+        if unknown:
+            raise click.ClickException(f"unknown scope {', '.join(map(repr, unknown))}; --scopes takes: {_SCOPES_HELP}")
 
     async def go(settings: Settings) -> dict[str, Any]:
         async with _connections(settings) as (conn, redis):
@@ -243,7 +272,7 @@ def keys_create(workspace_id: str, scopes: str, affiliate_id: str | None, name: 
                 redis,
                 Keys(settings.stream_prefix, settings.partitions),
                 workspace_id=workspace_id,
-                scopes=[s.strip() for s in scopes.split(",") if s.strip()],
+                scopes=wanted,
                 affiliate_id=affiliate_id,
                 name=name,
             )
@@ -255,6 +284,7 @@ def keys_create(workspace_id: str, scopes: str, affiliate_id: str | None, name: 
 
 
 @keys.command("revoke")
+@json_flag
 @click.argument("prefix")
 def keys_revoke(prefix: str) -> None:
     """Revoke a key by its display prefix; every edge refuses it within seconds."""
@@ -287,6 +317,7 @@ def _feature(name: str, enabled: bool) -> None:
 
 
 @feature.command("disable")
+@json_flag
 @click.argument("name", type=click.Choice(flags.FEATURES))
 def feature_disable(name: str) -> None:
     """Turn a feature off (its routes answer 503)."""
@@ -294,6 +325,7 @@ def feature_disable(name: str) -> None:
 
 
 @feature.command("enable")
+@json_flag
 @click.argument("name", type=click.Choice(flags.FEATURES))
 def feature_enable(name: str) -> None:
     """Turn a feature back on."""
@@ -302,12 +334,21 @@ def feature_enable(name: str) -> None:
 
 @main.command()
 @click.option("--port", default=8000, show_default=True, type=int)
-def dev(port: int) -> None:
-    """Everything on one machine: embedded servers if none answer, migrate, demo data,
-    the edge and one worker."""
+@click.option(
+    "--data",
+    "data_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Keep the embedded servers' data, the demo API key and the secret key here, across runs.",
+)
+def dev(port: int, data_dir: str | None) -> None:
+    """Everything on one machine: embedded servers if none answer (or the default ones
+    refuse us), migrate, demo data, the edge and one worker."""
     from .dev import run_dev
 
-    run_dev(port)
+    _settings()  # a bad setting is named before anything starts
+    _listen_check("127.0.0.1", port, "dev")
+    run_dev(port, data_dir)
 
 
 # operator commands live in their own modules and are registered here
@@ -319,6 +360,9 @@ from . import ops_status  # noqa: E402
 
 main.add_command(ops_status.status)
 main.add_command(ops_status.dead)
+from . import ops_workspace  # noqa: E402
+
+workspace.add_command(ops_workspace.set_bot_policy)
 
 from .bench import bench  # noqa: E402
 

@@ -1,22 +1,35 @@
-"""`refstream dev`: the whole pipeline on one machine, with demo data, until Ctrl-C."""
+"""`refstream dev`: the whole pipeline on one machine, with demo data, until Ctrl-C.
+
+What it prints, it has: the banner comes once the edge it started answers and the worker
+runs, and its commands run as printed (the ``refstream`` of this install, by a path when
+it is not on PATH). With ``--data DIR`` a second run finds the first one's data: the
+embedded servers keep theirs under ``DIR/embedded``, and the demo API key and the secret
+key that encrypts webhook secrets are kept in ``DIR`` (mode 0600).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import click
+from pydantic import ValidationError
 
 from ingest import admin, secretbox
-from ingest.connections import connect_redis
+from ingest import settings as settings_mod
+from ingest.connections import REDIS_ERRORS, connect_redis
 from ingest.db import ensure_database, migrate
 from ingest.keys import Keys
 from ingest.settings import Settings
@@ -26,18 +39,43 @@ from .embedded import die_with_parent
 
 DEMO_CODE = "demo"
 DEMO_BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0"
+HEALTHY_WITHIN_S = 30.0
 
 
-async def _setup(settings: Settings) -> dict[str, Any]:
+def _keep(path: Path, text: str) -> None:
+    """Write a secret only its owner may read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.chmod(path, 0o600)  # it may have existed with a wider mode
+
+
+def _kept(path: Path | None) -> str | None:
+    if path is None or not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
+async def _setup(settings: Settings, key_file: Path | None) -> dict[str, Any]:
+    """Migrate, and the demo workspace and link unless they exist; the demo API key when it
+    is new or kept (and still valid)."""
     await ensure_database(settings.database_url)
     conn = await asyncpg.connect(settings.database_url)
     redis = connect_redis(settings)
     try:
         await migrate(conn)
         try:
-            return {"link": await admin.show_link(conn, DEMO_CODE), "api_key": None}
+            link = await admin.show_link(conn, DEMO_CODE)
         except admin.NotFound:
             pass
+        else:
+            kept = _kept(key_file)
+            valid = kept is not None and await conn.fetchval(
+                "SELECT 1 FROM api_keys WHERE key_hash = $1 AND workspace_id = $2 AND revoked_at IS NULL",
+                hashlib.sha256(kept.encode()).digest(),
+                link["workspace_id"],
+            )
+            return {"link": link, "api_key": kept if valid else None, "new": False}
         ws = await admin.create_workspace(conn, "Demo")
         link = await admin.create_link(
             conn,
@@ -47,7 +85,9 @@ async def _setup(settings: Settings) -> dict[str, Any]:
             code=DEMO_CODE,
             url="https://example.com/pricing",
         )
-        return {"link": link, "api_key": ws["api_key"]}
+        if key_file is not None:
+            _keep(key_file, ws["api_key"])
+        return {"link": link, "api_key": ws["api_key"], "new": True}
     finally:
         await conn.close()
         await redis.aclose()
@@ -61,31 +101,73 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = HEALTHY_WITHIN_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise click.ClickException(f"the edge exited with {proc.returncode}")
+            raise click.ClickException(f"the edge exited with {proc.returncode} (its error is above)")
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
+                if r.status == 200 and proc.poll() is None:  # our edge's answer, not another's
                     return
         except OSError:
             time.sleep(0.1)
-    raise click.ClickException(f"the edge did not answer {url} within {timeout}s")
+    raise click.ClickException(f"the edge did not answer {url} within {timeout:g} s")
 
 
-def run_dev(port: int) -> None:
+def refstream_command() -> str:
+    """How to run this install's ``refstream`` from the current directory, as typed."""
+    exe = Path(sys.executable).parent / "refstream"
+    if not exe.is_file():
+        return f"{shlex.quote(sys.executable)} -m refstream.cli"
+    found = shutil.which("refstream")
+    if found and Path(found).resolve() == exe.resolve():
+        return "refstream"
+    cwd = Path.cwd()
+    if exe.is_relative_to(cwd):
+        return shlex.quote(str(exe.relative_to(cwd)))
+    return shlex.quote(str(exe))
+
+
+def _secret_key(data_dir: Path | None) -> tuple[str, str]:
+    """The Fernet key that encrypts webhook signing secrets, and where it comes from."""
+    given = os.environ.get("REFSTREAM_SECRET_KEY")
+    if given:
+        return given, "from REFSTREAM_SECRET_KEY"
+    path = data_dir / "secret_key" if data_dir is not None else None
+    kept = _kept(path)
+    if kept is not None:
+        assert path is not None
+        return kept, f"kept in {path}"
+    key = secretbox.generate_key()
+    if path is not None:
+        _keep(path, key)
+        return key, f"kept in {path}"
+    return key, "a throwaway: set REFSTREAM_SECRET_KEY, or use --data DIR, to keep it"
+
+
+def run_dev(port: int, data: str | None = None) -> None:
+    data_dir = Path(data).resolve() if data else None
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        svc = services.resolve(stack)
+        svc = services.resolve(stack, data_dir=str(data_dir / "embedded") if data_dir else None)
         db_url = os.environ.get("DATABASE_URL")
         if svc.embedded_postgres or not db_url:
             db_url = services.with_database(svc.postgres_url, "refstream")
-        env = {**os.environ, "REDIS_URL": svc.redis_url, "DATABASE_URL": db_url}
-        # webhook signing secrets are stored encrypted: a throwaway key unless one is given
-        env.setdefault("REFSTREAM_SECRET_KEY", secretbox.generate_key())
-        settings = Settings(redis_url=svc.redis_url, database_url=db_url)
-        demo = asyncio.run(_setup(settings))
+        secret, secret_from = _secret_key(data_dir)
+        env = {**os.environ, "REDIS_URL": svc.redis_url, "DATABASE_URL": db_url, "REFSTREAM_SECRET_KEY": secret}
+        try:
+            settings = Settings(redis_url=svc.redis_url, database_url=db_url)
+        except ValidationError as exc:
+            raise click.ClickException(settings_mod.explain(exc)) from None
+        try:
+            demo = asyncio.run(_setup(settings, data_dir / "api_key" if data_dir else None))
+        except (*REDIS_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            line = services.explain(exc, redis_url=svc.redis_url, database_url=db_url)
+            if line is None:
+                raise
+            raise click.ClickException(line) from exc
 
         children = [_spawn(["serve", "--port", str(port)], env), _spawn(["work"], env)]
 
@@ -102,28 +184,10 @@ def run_dev(port: int) -> None:
         stack.callback(stop_children)
         base = f"http://127.0.0.1:{port}"
         _wait_healthy(f"{base}/healthz", children[0])
+        if children[1].poll() is not None:
+            raise click.ClickException(f"the worker exited with {children[1].returncode} (its error is above)")
 
-        emb = [n for n, e in (("Redis", svc.embedded_redis), ("Postgres", svc.embedded_postgres)) if e]
-        lines = [
-            "",
-            f"refstream dev: edge on {base}, one worker"
-            + (f"; embedded {' and '.join(emb)} (deleted on exit)" if emb else ""),
-            f"  REDIS_URL={svc.redis_url}",
-            f"  DATABASE_URL={db_url}",
-            f"  REFSTREAM_SECRET_KEY={env['REFSTREAM_SECRET_KEY']}  (encrypts webhook secrets; keep it to reuse them)",
-        ]
-        if demo["api_key"]:
-            lines.append(f"  demo workspace API key (shown once): {demo['api_key']}")
-        lines += [
-            "",
-            "Track a click on the demo link (as a browser would: curl's own User-Agent counts as a bot click):",
-            f"  curl -X POST -A '{DEMO_BROWSER}' {base}/api/v1/referral/click/{DEMO_CODE}",
-            "Then see its counter move:",
-            f"  REDIS_URL={svc.redis_url} DATABASE_URL={db_url} refstream link show {DEMO_CODE}",
-            "",
-            "Ctrl-C stops everything.",
-        ]
-        click.echo("\n".join(lines), err=False)
+        click.echo("\n".join(_banner(base, svc, db_url, secret, secret_from, demo, data_dir)))
         sys.stdout.flush()
 
         stop = {"signal": 0}
@@ -134,6 +198,50 @@ def run_dev(port: int) -> None:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         while not stop["signal"]:
-            if any(p.poll() is not None for p in children):
-                raise click.ClickException("a child process exited; stopping")
+            for name, p in zip(("edge", "worker"), children, strict=True):
+                if p.poll() is not None:
+                    raise click.ClickException(f"the {name} exited with {p.returncode}; stopping")
             time.sleep(0.2)
+
+
+def _banner(
+    base: str,
+    svc: services.Services,
+    db_url: str,
+    secret: str,
+    secret_from: str,
+    demo: dict[str, Any],
+    data_dir: Path | None,
+) -> list[str]:
+    emb = [n for n, e in (("Redis", svc.embedded_redis), ("Postgres", svc.embedded_postgres)) if e]
+    kept = f"kept in {data_dir / 'embedded'}" if data_dir else "deleted on exit"
+    cli = f"REDIS_URL={shlex.quote(svc.redis_url)} DATABASE_URL={shlex.quote(db_url)} {refstream_command()}"
+    lines = [
+        "",
+        f"refstream dev: edge on {base}, one worker" + (f"; embedded {' and '.join(emb)} ({kept})" if emb else ""),
+        *(f"  note: {note}" for note in svc.notes),
+        f"  REDIS_URL={svc.redis_url}",
+        f"  DATABASE_URL={db_url}",
+        f"  REFSTREAM_SECRET_KEY={secret}  (encrypts webhook secrets; {secret_from})",
+    ]
+    key_file = data_dir / "api_key" if data_dir else None
+    if demo["api_key"] and demo["new"]:
+        where = f"kept in {key_file}" if key_file else "shown once"
+        lines.append(f"  demo workspace API key (scope *, {where}): {demo['api_key']}")
+    elif demo["api_key"]:
+        lines.append(f"  demo workspace API key (scope *, kept in {key_file}): {demo['api_key']}")
+    else:
+        lines += [
+            "  the demo workspace exists already (its first API key was shown when it was made); a new key:",
+            f"    {cli} keys create --workspace {demo['link']['workspace_id']} --scopes track,read,write",
+        ]
+    lines += [
+        "",
+        "Track a click on the demo link (as a browser would: curl's own User-Agent counts as a bot click):",
+        f"  curl -X POST -A '{DEMO_BROWSER}' {base}/api/v1/referral/click/{DEMO_CODE}",
+        "Then see its counter move:",
+        f"  {cli} link show {DEMO_CODE}",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    return lines

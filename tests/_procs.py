@@ -79,7 +79,9 @@ class Procs:
                 await asyncio.sleep(0.05)
 
     async def cli(self, *args: str, check: bool = True, timeout: float = 120, **env: str) -> Any:
-        """Run a command to completion; its stdout parsed as JSON."""
+        """Run a command to completion with ``--json``; its stdout parsed."""
+        if "--json" not in args:
+            args = (*args, "--json")
         proc = await asyncio.create_subprocess_exec(
             REFSTREAM,
             *args,

@@ -1,21 +1,34 @@
 """`refstream dev` with no reachable servers: embedded Redis and Postgres, demo data, the
-edge and a worker; the curl it prints moves the counter `link show` reports; and when dev
-is SIGKILLed, nothing it started survives."""
+edge and a worker; the curl it prints moves the counter `link show` reports, and both run
+as printed (refstream need not be on PATH); when dev is SIGKILLed, nothing it started
+survives. With ``--data DIR`` a second run finds the first one's demo data, API key and
+secret key; without, a run that finds the demo workspace prints how to make a key. arq's
+job lines are debug lines."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
+import stat
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import orjson
+import pytest
 
-from ._procs import REFSTREAM, free_port
+from ingest.keys import Keys
+from ingest.settings import Settings
+from refstream.services import Services, with_database
+
+from ._procs import REFSTREAM, Procs, env_for, free_port
 from .conftest import wait_for
 
 
@@ -32,11 +45,9 @@ def listening(url: str) -> bool:
 async def test_dev_prints_a_curl_that_moves_the_counter_and_cleans_up_when_killed(tmp_path: Path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFSTREAM_")}
-    env.update(
-        REDIS_URL="redis://127.0.0.1:1/0",
-        DATABASE_URL="postgresql://postgres@127.0.0.1:1/x",
-        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-    )
+    env.update(REDIS_URL="redis://127.0.0.1:1/0", DATABASE_URL="postgresql://postgres@127.0.0.1:1/x")
+    # not on PATH: the commands it prints must say where it is
+    env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":") if p and p != str(Path(REFSTREAM).parent))
     log = open(tmp_path / "dev.err", "wb")
     dev = subprocess.Popen([REFSTREAM, "dev", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=log)
     assert dev.stdout is not None
@@ -49,6 +60,7 @@ async def test_dev_prints_a_curl_that_moves_the_counter_and_cleans_up_when_kille
         text = "".join(printed)
         curl = next(line.strip() for line in printed if line.strip().startswith("curl "))
         show = next(line.strip() for line in printed if "refstream link show" in line)
+        assert " refstream link show" not in show, show  # a path to it, since it is not on PATH
         urls = re.findall(r"(?:redis|postgresql)://\S+", text)
         assert len(urls) >= 2 and all(listening(u) for u in urls), text
 
@@ -56,7 +68,13 @@ async def test_dev_prints_a_curl_that_moves_the_counter_and_cleans_up_when_kille
         assert orjson.loads(out.stdout) == {"success": True, "data": {"tracked": True}}
 
         async def clicks() -> int:
+            # the printed command as printed shows a table; the same with --json, for this test
             res = await asyncio.to_thread(subprocess.run, ["bash", "-c", show], capture_output=True, env=env)
+            if res.returncode != 0 or b"clicks" not in res.stdout:
+                return False
+            res = await asyncio.to_thread(
+                subprocess.run, ["bash", "-c", show + " --json"], capture_output=True, env=env
+            )
             return res.returncode == 0 and orjson.loads(res.stdout)["clicks"] == 1
 
         await wait_for(clicks, timeout=30, what="the demo link to count the click")
@@ -69,3 +87,134 @@ async def test_dev_prints_a_curl_that_moves_the_counter_and_cleans_up_when_kille
         return not any(listening(u) for u in [*urls, f"http://127.0.0.1:{port}"])
 
     await wait_for(all_gone, timeout=30, what="embedded servers, edge and worker to stop")
+
+
+async def read_banner(dev: subprocess.Popen[bytes], errors: Path) -> list[str]:
+    """dev's stdout up to its last banner line."""
+    assert dev.stdout is not None
+    printed: list[str] = []
+    while not printed or "Ctrl-C" not in printed[-1]:
+        line = await asyncio.to_thread(dev.stdout.readline)
+        assert line, f"dev exited early: {errors.read_text()[-3000:]}"
+        printed.append(line.decode())
+    return printed
+
+
+def start_dev(args: list[str], env: dict[str, str], errors: Path) -> subprocess.Popen[bytes]:
+    with open(errors, "ab") as log:
+        return subprocess.Popen([REFSTREAM, "dev", *args], env=env, stdout=subprocess.PIPE, stderr=log)
+
+
+async def stop_dev(dev: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C, and its clean exit: children stopped, servers shut down."""
+    dev.send_signal(signal.SIGINT)
+    try:
+        await asyncio.to_thread(dev.wait, 60)
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+            dev.wait()
+
+
+def after(lines: list[str], marker: str) -> str:
+    return next(line.split(marker, 1)[1].strip() for line in lines if marker in line)
+
+
+async def test_dev_with_data_keeps_its_demo_data_api_key_and_secret_key_across_runs(tmp_path: Path) -> None:
+    base = Path(tempfile.mkdtemp(prefix="refstream-devdata-"))
+    os.chmod(base, 0o755)  # the embedded Postgres runs as nobody when we are root: it must reach DIR
+    data = base / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFSTREAM_")}
+    env.update(REDIS_URL="redis://127.0.0.1:1/0", DATABASE_URL="postgresql://postgres@127.0.0.1:1/x")
+    errors = tmp_path / "dev.err"
+    runs: list[dict[str, str]] = []
+    try:
+        for run in range(2):
+            port = free_port()
+            dev = start_dev(["--port", str(port), "--data", str(data)], env, errors)
+            try:
+                printed = await read_banner(dev, errors)
+                text = "".join(printed)
+                assert f"kept in {data / 'embedded'}" in text, text
+                runs.append(
+                    {
+                        "api_key": after(printed, f"(scope *, kept in {data / 'api_key'}):"),
+                        "secret": after(printed, "REFSTREAM_SECRET_KEY=").split()[0],
+                        "show": next(line.strip() for line in printed if "refstream link show" in line),
+                    }
+                )
+                if run == 0:
+                    curl = next(line.strip() for line in printed if line.strip().startswith("curl "))
+                    out = subprocess.run(["bash", "-c", curl], capture_output=True, timeout=30)
+                    assert orjson.loads(out.stdout)["success"] is True
+
+                async def clicks() -> bool:
+                    res = await asyncio.to_thread(
+                        subprocess.run, ["bash", "-c", runs[-1]["show"] + " --json"], capture_output=True, env=env
+                    )
+                    return res.returncode == 0 and orjson.loads(res.stdout)["clicks"] == 1
+
+                # the first run counts the click; the second finds it counted
+                await wait_for(clicks, timeout=30, what=f"the demo link's click (run {run + 1})")
+            finally:
+                await stop_dev(dev)
+            assert dev.returncode == 0, errors.read_text()[-3000:]
+        assert runs[0]["api_key"] == runs[1]["api_key"] and runs[0]["api_key"].startswith("rs_live_")
+        assert runs[0]["secret"] == runs[1]["secret"]
+        for name, value in (("api_key", runs[0]["api_key"]), ("secret_key", runs[0]["secret"])):
+            assert (data / name).read_text().strip() == value
+            assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_dev_finding_the_demo_workspace_prints_a_command_that_makes_a_key(
+    settings: Settings, services: Services, redis: Any, tmp_path: Path
+) -> None:
+    name = f"refstream_devwarm_{secrets.token_hex(4)}"
+    db = with_database(services.postgres_url, name)
+    env = env_for(settings, DATABASE_URL=db, REFSTREAM_LOG_FLUSH_MS="0")
+    env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":") if p and p != str(Path(REFSTREAM).parent))
+    errors = tmp_path / "dev.err"
+    try:
+        printed = []
+        for _ in range(2):
+            dev = start_dev(["--port", str(free_port())], env, errors)
+            try:
+                printed.append(await read_banner(dev, errors))
+            finally:
+                await stop_dev(dev)
+        assert after(printed[0], "demo workspace API key (scope *, shown once):").startswith("rs_live_")
+        assert not any("API key (scope" in line for line in printed[1]), printed[1]
+        make = next(line.strip() for line in printed[1] if " keys create --workspace " in line)
+        made = subprocess.run(["bash", "-c", make + " --json"], capture_output=True, env=env, timeout=60)
+        assert made.returncode == 0, made.stderr.decode()
+        key = orjson.loads(made.stdout)
+        assert key["api_key"].startswith("rs_live_") and key["scopes"] == ["read", "track", "write"], key
+    finally:
+        server = await asyncpg.connect(with_database(services.postgres_url, "postgres"))
+        try:
+            await server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await server.close()
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+async def test_arq_job_lines_are_debug_lines(procs: Procs, redis: Any, keys: Keys, level: str) -> None:
+    worker = procs.start("work", REFSTREAM_LOG_FLUSH_MS="0", REFSTREAM_LOG_LEVEL=level)
+
+    async def cron_ran() -> bool:
+        assert worker.poll() is None, procs.logs()
+        return bool(await redis.exists(keys.links_warm))  # refresh_links, arq's cron job at startup
+
+    await wait_for(cron_ran, what="arq's startup cron job")
+    await asyncio.sleep(0.5)  # its end line
+    procs.stop_all()
+    lines = [orjson.loads(line) for line in procs.logs().splitlines() if line.startswith("{")]
+    arq = [line for line in lines if str(line.get("logger", "")).startswith("arq.")]
+    if level == "debug":
+        assert any("cron:refresh_links" in line["event"] for line in arq), arq
+        assert {line["level"] for line in arq} == {"debug"}, arq
+    else:
+        assert arq == [], arq
+        assert any(line["event"] == "consumer.start" for line in lines)  # the worker's own lines stay

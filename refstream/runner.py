@@ -1,0 +1,154 @@
+"""How a ``refstream`` command runs: its settings, built once; its Postgres and Redis; its
+output (JSON); and its failures, each worded in one line (``Error: <what is wrong>; <what
+to do>``), with the traceback only under ``--debug``. Shared by ``refstream.cli`` and the
+operator commands in ``refstream.ops_*``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import traceback
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import asyncpg
+import click
+import orjson
+import uvloop
+from pydantic import ValidationError
+
+from ingest import admin, schema_check
+from ingest import settings as settings_mod
+from ingest.connections import REDIS_ERRORS, Redis, connect_redis
+from ingest.logs import configure_logging
+from ingest.settings import Settings
+
+from . import services
+from .embedded import EmbeddedError
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+_SETTINGS = "refstream.settings"  # in click's ctx.meta: the settings the command runs with
+
+
+def _settings() -> Settings:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise click.ClickException(settings_mod.explain(exc)) from None
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[_SETTINGS] = settings
+    return settings
+
+
+def _explain(exc: BaseException) -> str | None:
+    """The one line for an error a command let through, or None when it is not one we know
+    (a bug: the caller says so)."""
+    if isinstance(exc, ValidationError):
+        return settings_mod.explain(exc)
+    if isinstance(exc, admin.NotFound | services.ServiceError | EmbeddedError):
+        return str(exc)
+    ctx = click.get_current_context(silent=True)
+    settings: Settings | None = ctx.meta.get(_SETTINGS) if ctx is not None else None
+    if settings is None:
+        return None
+    return services.explain(exc, redis_url=settings.redis_url, database_url=settings.database_url)
+
+
+_JSON = "refstream.json"  # in click's ctx.meta: --json was given
+
+
+def json_flag(fn: F) -> F:
+    """``--json``: print the command's data as JSON (for scripts) instead of a table."""
+
+    def remember(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+        ctx.meta[_JSON] = value
+        return value
+
+    return click.option(
+        "--json", is_flag=True, expose_value=False, callback=remember, help="Print JSON instead of a table."
+    )(fn)
+
+
+def _print(data: Any) -> None:
+    """The command's data: a table for people, or JSON with ``--json``."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get(_JSON):
+        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.flush()
+        return
+    from .ops_output import cell, console, table
+
+    rows = data if isinstance(data, list) else [data]
+    t = table(ctx.command_path if ctx is not None else "refstream", "field", "value", left=("field", "value"))
+    for i, row in enumerate(rows):
+        if i:
+            t.add_section()
+        for key, value in row.items() if isinstance(row, dict) else [("value", row)]:
+            shown = orjson.dumps(value).decode() if isinstance(value, dict | list | bool) or value is None else value
+            t.add_row(cell(key), cell(shown))
+    console().print(t)
+
+
+def _run(fn: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
+    settings = _settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    try:
+        return uvloop.run(fn(settings))
+    except (*REDIS_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, admin.NotFound) as exc:
+        line = _explain(exc)
+        if line is None:
+            raise
+        raise click.ClickException(line) from exc
+
+
+async def _database(settings: Settings) -> asyncpg.Connection:
+    """A connection to a database that is there and migrated; else one line saying what is
+    wrong (unreachable, refused, missing, behind) and what to do."""
+    url = settings.database_url
+    status = await schema_check.check_url(url)
+    if not status.ok:
+        raise click.ClickException(status.line(url))
+    return await asyncpg.connect(url, timeout=schema_check.CONNECT_TIMEOUT_S)
+
+
+@asynccontextmanager
+async def _connections(settings: Settings) -> AsyncIterator[tuple[asyncpg.Connection, Redis]]:
+    conn = await _database(settings)
+    redis = connect_redis(settings)
+    try:
+        yield conn, redis
+    finally:
+        await asyncio.shield(conn.close())
+        await redis.aclose()
+
+
+class _Refstream(click.Group):
+    """Every failure in one line: what a command raises and did not word itself is worded
+    here (or called a bug); the traceback only with ``--debug``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            cause = exc.__cause__ or exc.__context__
+            if cause is not None and debug:
+                traceback.print_exception(cause)
+            line = exc.message
+            if cause is not None and line.startswith(f"{type(cause).__name__}: "):
+                line = _explain(cause) or exc.message  # a bare "Type: message": say what it means
+            if line == exc.message and "\n" not in line:
+                raise
+            raise click.ClickException(" ".join(line.split())) from cause
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if debug:
+                raise
+            said = (str(exc).strip().splitlines() or [""])[0][:300]
+            unexpected = f"{type(exc).__name__}: {said} (unexpected: run with --debug for the traceback)"
+            raise click.ClickException(_explain(exc) or unexpected) from None
