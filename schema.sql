@@ -238,3 +238,12 @@ ALTER TABLE customers
     ADD COLUMN IF NOT EXISTS name_event        uuid,
     ADD COLUMN IF NOT EXISTS avatar_url_at     timestamptz,
     ADD COLUMN IF NOT EXISTS avatar_url_event  uuid;
+
+-- bot clicks, per workspace: `exclude` (the default) counts them apart, in bot_clicks only;
+-- `count` counts them as clicks too (unique clicks and last_clicked_at included), as bio.re's
+-- counter does (it has no bot filter). Either way the event keeps is_bot, and bot_clicks
+-- counts it. The policy is applied when a click is stored and recorded on its row
+-- (bot_counted), so a change applies from then on and a recount reads what was decided.
+ALTER TABLE workspaces
+    ADD COLUMN IF NOT EXISTS bot_policy text NOT NULL DEFAULT 'exclude' CHECK (bot_policy IN ('exclude', 'count'));
+ALTER TABLE events ADD COLUMN IF NOT EXISTS bot_counted boolean NOT NULL DEFAULT false;

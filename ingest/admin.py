@@ -39,6 +39,33 @@ async def create_workspace(conn: asyncpg.Connection, name: str) -> dict[str, str
     return {"workspace_id": str(ws), "api_key": key.secret}
 
 
+BOT_POLICIES = ("exclude", "count")
+_WORKSPACE_COLUMNS = "id, name, ip_policy, bot_policy, allowed_origins, created_at"
+
+
+async def update_workspace(conn: asyncpg.Connection, workspace_id: str, *, bot_policy: str | None) -> dict[str, Any]:
+    """Change a workspace's settings (those given); the workspace as it is now.
+
+    ``bot_policy``: ``exclude`` counts bots' clicks apart, in ``bot_clicks`` only; ``count``
+    counts them as clicks too (bio.re's behaviour). The workers read it for every batch,
+    so it applies to the clicks they store from then on; stored clicks keep what was
+    decided for them (``events.bot_counted``), and ``refstream reconcile`` agrees."""
+    if bot_policy is not None and bot_policy not in BOT_POLICIES:
+        raise ValueError(f"bot_policy: one of {', '.join(BOT_POLICIES)}")
+    try:
+        wid = UUID(workspace_id)
+    except ValueError:
+        raise NotFound(f"workspace {workspace_id} not found") from None
+    row = await conn.fetchrow(
+        f"UPDATE workspaces SET bot_policy = coalesce($2, bot_policy) WHERE id = $1 RETURNING {_WORKSPACE_COLUMNS}",
+        wid,
+        bot_policy,
+    )
+    if row is None:
+        raise NotFound(f"workspace {workspace_id} not found")
+    return _row_json(row)
+
+
 async def _default_program(conn: asyncpg.Connection, workspace_id: str) -> Any:
     pid = await conn.fetchval(
         "SELECT id FROM programs WHERE workspace_id = $1 AND name = $2 ORDER BY created_at LIMIT 1",
@@ -104,17 +131,17 @@ async def create_link(
     cached = await links.fetch(conn, code)
     if cached is not None:
         await links.put(redis, keys, cached)
-    return _link_json(row)
+    return _row_json(row)
 
 
 async def show_link(conn: asyncpg.Connection, code: str) -> dict[str, Any]:
     row = await conn.fetchrow(f"SELECT {_LINK_COLUMNS} FROM links WHERE code = $1", code)
     if row is None:
         raise NotFound(f"link {code!r} not found")
-    return _link_json(row)
+    return _row_json(row)
 
 
-def _link_json(row: Any) -> dict[str, Any]:
+def _row_json(row: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in row.items():
         if isinstance(v, UUID):

@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 import asyncpg
 
 # 1: the baseline tables; 2: customers' per-field event times and first event
-SCHEMA_VERSION = 2
+# 3: workspaces.bot_policy (exclude | count) and events.bot_counted
+SCHEMA_VERSION = 3
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

@@ -84,6 +84,8 @@ OPERATIONS: tuple[Op, ...] = (
        {201: M.CreatedKey, **_MANAGE_ERRORS}, M.NewKey, "bearer"),
     Op("delete", "/v1/keys/{prefix}", "Revoke an API key (scope *)", "Management",
        {200: M.RevokedKey, **_MANAGE_ERRORS}, security="bearer"),
+    Op("patch", "/v1/workspace", "Change the calling key's workspace: bot_policy (exclude | count)", "Management",
+       {200: M.Workspace, **_MANAGE_ERRORS}, M.WorkspacePatch, "bearer"),
     Op("patch", "/v1/links/{id}", "Change a link's status or URL", "Management", {200: M.Link, **_MANAGE_ERRORS},
        M.LinkPatch, "bearer"),
     Op("get", "/v1/links/{id}", "A link with its counters", "Management", {200: M.Link, **_MANAGE_ERRORS},

@@ -15,16 +15,16 @@ from typing import Any, TypeVar
 
 import asyncpg
 import click
-import orjson
 import uvloop
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from ingest.connections import connect_redis, create_pg_pool
 from ingest.keys import Keys
 from ingest.logs import configure_logging
 from ingest.settings import Settings
+
+from . import ops_output as out
 
 T = TypeVar("T")
 _DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
@@ -48,13 +48,8 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
-def _out(data: Any) -> None:
-    sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
-    sys.stdout.flush()
-
-
 def _start() -> Settings:
-    from .cli import _settings  # here, not at import: cli.py imports this module
+    from .runner import _settings
 
     settings = _settings()
     configure_logging(settings.log_level, json=settings.log_json)
@@ -75,7 +70,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 @click.option("--until", default=None, help="To this time (exclusive): 2h, 30m, 7d ago, or an ISO datetime.")
 @click.option("--partition", "partitions", type=int, multiple=True, help="Only this partition (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Count the entries in range and those already stored; change nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@out.json_option
 def replay(
     from_id: str | None,
     to_id: str | None,
@@ -131,19 +126,27 @@ def replay(
         raise RangeUsageError(f"the range {result['range']['from']}..{result['range']['to']} holds no entries")
     result["dry_run"] = dry_run
     if as_json:
-        _out(result)
-        return
+        out.print_json(result)
+    else:
+        render_replay(result, keys, out.console())
+
+
+def render_replay(result: dict[str, Any], keys: Keys, console: Console) -> None:
+    """Counts per partition and in total; the range in the title."""
     fields = list(result["totals"])
-    table = Table("partition", *fields, title="replay (dry run)" if dry_run else "replay")
+    rng = result["range"]
+    title = f"replay{' (dry run)' if result['dry_run'] else ''}: {rng['from']} .. {rng['to']}"
+    table = out.table(title, "p", *fields)
     for p, counts in result["partitions"].items():
         table.add_row(p, *(str(counts[f]) for f in fields))
-    table.add_row("total", *(str(result["totals"][f]) for f in fields), style="bold")
-    Console().print(table)
+    table.add_row("all", *(str(result["totals"][f]) for f in fields), style="bold")
+    console.print(out.streams_line(keys))
+    console.print(table)
 
 
 @click.command()
 @click.option("--fix", is_flag=True, help="Set every counter to its recount, in one transaction.")
-@click.option("--json", "as_json", is_flag=True, help="Print the drift as JSON.")
+@out.json_option
 def reconcile(fix: bool, as_json: bool) -> None:
     """Recount every counter from the event rows and report the drift.
 
@@ -162,12 +165,21 @@ def reconcile(fix: bool, as_json: bool) -> None:
 
     drift = _run(go())
     if as_json:
-        _out({"drift": drift, "fixed": fix})
+        out.print_json({"drift": drift, "fixed": fix})
     else:
-        table = Table("code", "day", "counter", "stored", "recomputed", title="drift" + (" (fixed)" if fix else ""))
-        for d in drift:
-            table.add_row(d["code"], d.get("day") or "", d["counter"], str(d["stored"]), str(d["recomputed"]))
-        console = Console()
-        console.print(table if drift else "no drift: every counter equals its event rows")
+        render_drift(drift, fix, out.console())
     if drift and not fix:
         sys.exit(1)
+
+
+def render_drift(drift: list[dict[str, Any]], fixed: bool, console: Console) -> None:
+    """One row per counter that differs from its event rows (``day``: in ``daily_stats``)."""
+    if not drift:
+        console.print("no drift: every counter equals its event rows")
+        return
+    title = "drift, fixed: these counters now equal their event rows" if fixed else "drift (--fix repairs it)"
+    table = out.table(title, "code", "day", "counter", "stored", "recomputed", left=("code", "day", "counter"))
+    for d in drift:
+        table.add_row(out.cell(d["code"]), out.cell(d.get("day")), d["counter"], out.cell(d["stored"]),
+                      out.cell(d["recomputed"]))  # fmt: skip
+    console.print(table)

@@ -8,12 +8,15 @@ about dead letters. Tables (rich) for people, ``--json`` for scripts.
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import click
+import orjson
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ingest.connections import connect_redis
 from ingest.keys import Keys
@@ -21,21 +24,26 @@ from ingest.settings import Settings
 from workers import dead as dead_mod
 from workers import status as status_mod
 
+from . import ops_output as out
+
 EXIT_UNHEALTHY = 3
-_LEFT = {
-    "stream",
+_LEFT = (
     "group",
     "consumer",
     "error",
     "subject",
     "value",
+    "field",
     "dead id",
     "entry id",
-    "event id",
     "last delivered",
     "state",
     "reasons",
-}
+    "type",
+    "code",
+    "kept in",
+    "skipped",
+)
 
 
 def _age(s: float | None) -> str:
@@ -47,48 +55,53 @@ def _age(s: float | None) -> str:
 
 
 def _table(title: str, *columns: str) -> Table:
-    table = Table(title=title, title_justify="left", title_style="bold")
-    for c in columns:
-        table.add_column(c, justify="left" if c in _LEFT else "right")
-    return table
+    return out.table(title, *columns, left=_LEFT)
 
 
-def _render(snap: status_mod.Snapshot) -> None:
-    console = Console()
-    parts = _table("partitions", "stream", "length", "first entry age", "last entry age")
-    groups = _table("groups", "stream", "group", "lag", "pending", "oldest pending", "last delivered")
-    consumers = _table("consumers", "stream", "group", "consumer", "pending", "idle")
+def render_status(snap: status_mod.Snapshot, keys: Keys, console: Console) -> None:
+    """The snapshot as tables. Partitions go by number (their stream key, long with its
+    prefix, is said once in the title), so the tables fit 80 columns."""
+    parts = _table("partitions", "p", "length", "first entry age", "last entry age")
+    groups = _table("groups", "p", "group", "lag", "pending", "oldest pending", "last delivered")
+    consumers = _table("consumers", "p", "group", "consumer", "pending", "idle")
     for p in snap.partitions:
-        parts.add_row(p.stream, str(p.length), _age(p.first_entry_age_s), _age(p.last_entry_age_s))
+        parts.add_row(str(p.partition), str(p.length), _age(p.first_entry_age_s), _age(p.last_entry_age_s))
         for g in p.groups:
             lag = f"≥{g.lag}" if g.lag_capped else str(g.lag)
-            groups.add_row(p.stream, g.name, lag, str(g.pending), _age(g.oldest_pending_age_s), g.last_delivered_id)
+            groups.add_row(
+                str(p.partition), out.cell(g.name), lag, str(g.pending), _age(g.oldest_pending_age_s),
+                g.last_delivered_id,
+            )  # fmt: skip
             for c in g.consumers:
-                consumers.add_row(p.stream, g.name, c.name, str(c.pending), _age(c.idle_s))
+                consumers.add_row(str(p.partition), out.cell(g.name), out.cell(c.name), str(c.pending), _age(c.idle_s))
     t, s = snap.throughput, snap.spool
     other = _table("dead letters · spool · throughput (last minute)", "subject", "value")
     other.add_row("dead letters", f"{snap.dead.count} (oldest {_age(snap.dead.oldest_age_s)})")
     where = f"{s.dir}" if s.exists else f"{s.dir} (no such directory)"
-    other.add_row("spool", f"{s.files} files, {s.bytes} bytes in {where}" if s.dir else "no spool dir given")
+    other.add_row("spool", out.cell(f"{s.files} files, {s.bytes} bytes in {where}" if s.dir else "no spool dir given"))
     other.add_row("in", f"{'≥' if t.in_capped else ''}{t.in_events} events ({t.in_per_s:.1f}/s)")
     if t.out_events is None:
-        other.add_row("out", f"unknown: Postgres could not be read ({snap.postgres_error})")
+        other.add_row("out", out.cell(f"unknown: Postgres could not be read ({snap.postgres_error})"))
     else:
         other.add_row("out", f"{t.out_events} events ({t.out_per_s or 0:.1f}/s)")
     workers = _table("workers", "consumer", "state", "reasons", "blocked for", "last seen")
     for w in snap.workers:
         state = f"{w.state} (stale)" if w.stale else w.state
-        workers.add_row(w.consumer, state, ", ".join(w.reasons) or "-", _age(w.blocked_for_s), _age(w.seen_s_ago))
+        workers.add_row(
+            out.cell(w.consumer), out.cell(state), out.cell(", ".join(w.reasons) or "-"), _age(w.blocked_for_s),
+            _age(w.seen_s_ago),
+        )  # fmt: skip
+    console.print(out.streams_line(keys))
     for table in (parts, groups, consumers, workers, other):
         console.print(table)
     if snap.healthy:
         console.print("[bold green]healthy[/]")
     for b in snap.breaches:
-        console.print(f"[bold red]breach[/] {b.check}: {b.subject} = {b.value:g} > {b.limit:g}")
+        console.print(Text.assemble(("breach", "bold red"), f" {b.check}: {b.subject} = {b.value:g} > {b.limit:g}"))
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON.")
+@out.json_option
 @click.option("--max-lag", default=10_000, show_default=True, type=click.IntRange(min=0))
 @click.option("--max-pending-age", default=300.0, show_default=True, type=click.FloatRange(min=0), help="Seconds.")
 @click.option("--max-dead", default=0, show_default=True, type=click.IntRange(min=0))
@@ -104,11 +117,11 @@ def status(as_json: bool, max_lag: int, max_pending_age: float, max_dead: int, s
          or a worker blocked by an outage (Postgres or Redis; it waits, nothing is lost)
       1  Redis could not be read (without Postgres the snapshot says so and goes on)
     """
-    from .cli import _print, _run
+    from .runner import _run
 
     thresholds = status_mod.Thresholds(max_lag, max_pending_age, max_dead)
 
-    async def go(settings: Settings) -> status_mod.Snapshot:
+    async def go(settings: Settings) -> tuple[status_mod.Snapshot, Keys]:
         keys = Keys(settings.stream_prefix, settings.partitions)
         redis = connect_redis(settings)
         conn: asyncpg.Connection | None = None
@@ -121,19 +134,20 @@ def status(as_json: bool, max_lag: int, max_pending_age: float, max_dead: int, s
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                 pg_error = f"{type(exc).__name__}: {exc}"
             # the edge's spool on this machine: as configured, unless given
-            return await status_mod.snapshot(
+            snap = await status_mod.snapshot(
                 redis, conn, keys, thresholds, spool_dir=spool_dir or settings.spool_dir, pg_error=pg_error
             )
+            return snap, keys
         finally:
             if conn is not None:
                 await asyncio.shield(conn.close())
             await redis.aclose()
 
-    snap = _run(go)
+    snap, keys = _run(go)
     if as_json:
-        _print(snap)
+        out.print_json(snap)
     else:
-        _render(snap)
+        render_status(snap, keys, out.console())
     if not snap.healthy:
         raise SystemExit(EXIT_UNHEALTHY)
 
@@ -144,58 +158,102 @@ def dead() -> None:
     delivered too often). List, inspect, requeue once the cause is fixed, or drop."""
 
 
-def _redis_call(fn: Any) -> Any:
-    """Run ``fn(redis, keys)`` with a Redis connection; JSON-ready result."""
-    from .cli import _run
+def _redis_call(fn: Any) -> tuple[Any, Keys]:
+    """Run ``fn(redis, keys)`` with a Redis connection: (its JSON-ready result, the keys)."""
+    from .runner import _run
 
-    async def go(settings: Settings) -> Any:
+    async def go(settings: Settings) -> tuple[Any, Keys]:
+        keys = Keys(settings.stream_prefix, settings.partitions)
         redis = connect_redis(settings)
         try:
-            return await fn(redis, Keys(settings.stream_prefix, settings.partitions))
+            return await fn(redis, keys), keys
         finally:
             await redis.aclose()
 
     try:
-        return _run(go)
+        result: tuple[Any, Keys] = _run(go)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    return result
+
+
+def _when(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def render_letters(rows: list[dict[str, Any]], keys: Keys, console: Console) -> None:
+    """``dead list``: one row per letter; the event id and the rest are in ``dead show``."""
+    table = _table("dead letters, oldest first", "dead id", "p", "entry id", "error", "tries", "type", "code")
+    for r in rows:
+        table.add_row(
+            r["dead_id"], out.partition(keys, r["stream"]), out.cell(r["entry_id"]), out.cell(r["error"]),
+            out.cell(r["deliveries"]), out.cell(r["type"]), out.cell(r["code"]),
+        )  # fmt: skip
+    if not rows:
+        console.print("no dead letters")
+        return
+    console.print(out.streams_line(keys))
+    console.print(table)
+
+
+def render_letter(d: dict[str, Any], keys: Keys, console: Console) -> None:
+    """``dead show``: every field of one letter, one per row."""
+    e = d["envelope"]
+    rows: list[tuple[str, Any]] = [
+        ("partition", f"{out.partition(keys, d['stream'])} ({d['stream']})" if d["stream"] else None),
+        ("entry id", d["entry_id"]),
+        ("error", d["error"]),
+        ("deliveries", d["deliveries"]),
+        ("dead since", _when(d["at_ms"])),
+    ]
+    if e is not None:
+        rows += [
+            ("event id", e["event_id"]), ("type", e["type"]), ("dialect", e["dialect"]),
+            ("workspace id", e["workspace_id"]), ("received at", _when(e["received_at_ms"])), ("ip", e["ip"]),
+            ("user agent", e["user_agent"]), ("payload", orjson.dumps(e["payload"]).decode()),
+        ]  # fmt: skip
+    else:
+        rows += [("decode error", d["decode_error"]), ("raw", d["raw"]), ("raw bytes", d["raw_bytes"])]
+    rows += [(f"field {k}", v) for k, v in d["other_fields"].items()]
+    table = _table(f"dead letter {d['dead_id']}", "field", "value")
+    for name, value in rows:
+        table.add_row(out.cell(name), out.cell(value))
+    console.print(table)
 
 
 @dead.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@out.json_option
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1), help="Oldest first.")
 def dead_list(as_json: bool, limit: int) -> None:
     """Dead letters, oldest first: where each came from, why, and what it was."""
-    from .cli import _print
 
     async def go(redis: Any, keys: Keys) -> list[dict[str, Any]]:
         return [letter.summary() async for letter in dead_mod.scan(redis, keys, limit=limit)]
 
-    rows = _redis_call(go)
+    rows, keys = _redis_call(go)
     if as_json:
-        _print(rows)
-        return
-    cols = ("dead_id", "stream", "entry_id", "error", "deliveries", "type", "code", "event_id")
-    table = _table("dead letters", *(c.replace("_", " ") for c in cols))
-    for r in rows:
-        table.add_row(*("-" if r[c] is None else str(r[c]) for c in cols))
-    Console().print(table)
+        out.print_json(rows)
+    else:
+        render_letters(rows, keys, out.console())
 
 
 @dead.command("show")
 @click.argument("dead_id")
-def dead_show(dead_id: str) -> None:
+@out.json_option
+def dead_show(dead_id: str, as_json: bool) -> None:
     """One dead letter in full: its decoded envelope, or its raw bytes, escaped."""
-    from .cli import _print
 
     async def go(redis: Any, keys: Keys) -> dict[str, Any] | None:
         letter = await dead_mod.get(redis, keys, dead_id)
         return letter.detail() if letter else None
 
-    found = _redis_call(go)
+    found, keys = _redis_call(go)
     if found is None:
         raise click.ClickException(f"no dead letter {dead_id}")
-    _print(found)
+    if as_json:
+        out.print_json(found)
+    else:
+        render_letter(found, keys, out.console())
 
 
 def _selection(
@@ -217,6 +275,7 @@ def _selectors(fn: Any) -> Any:
             click.option("--error-contains", default=None, help="Letters whose error contains TEXT."),
             click.option("--code", default=None, help="Letters whose event is for this link code."),
             click.option("--stream", default=None, help="Letters from this partition (its key or number)."),
+            out.json_option,
         ]
     ):
         fn = opt(fn)
@@ -231,39 +290,53 @@ def _stream_key(keys: Keys, flt: dead_mod.Filter | None) -> dead_mod.Filter | No
     return flt
 
 
+def _outcome(title: str, result: dict[str, Any], as_json: bool) -> None:
+    """What a requeue or drop did: one row of counts (``skipped`` by reason)."""
+    if as_json:
+        out.print_json(result)
+        return
+    table = _table(title, *({"to": "kept in"}.get(k, k) for k in result))
+    table.add_row(*(out.cell(", ".join(f"{k} {n}" for k, n in v.items()) or "-") if isinstance(v, dict)
+                    else out.cell(v) for v in result.values()))  # fmt: skip
+    out.console().print(table)
+
+
 @dead.command("requeue")
 @_selectors
 def dead_requeue(
-    dead_id: str | None, all_: bool, error_contains: str | None, code: str | None, stream: str | None
+    dead_id: str | None, all_: bool, error_contains: str | None, code: str | None, stream: str | None, as_json: bool
 ) -> None:
     """Put dead letters back on their partitions (after fixing the cause), then delete them.
 
     Idempotent: what was requeued is gone from the dead stream. A crash between the two
     steps can add an event twice; the workers count it once (its event id)."""
-    from .cli import _print
-
     ids, flt = _selection(dead_id, all_, error_contains, code, stream)
 
     async def go(redis: Any, keys: Keys) -> dict[str, Any]:
-        out = await dead_mod.requeue(redis, keys, ids=ids, flt=_stream_key(keys, flt))
-        return {"matched": out.matched, "requeued": out.done, "missing": out.missing, "skipped": out.skipped}
+        done = await dead_mod.requeue(redis, keys, ids=ids, flt=_stream_key(keys, flt))
+        return {"matched": done.matched, "requeued": done.done, "missing": done.missing, "skipped": done.skipped}
 
-    _print(_redis_call(go))
+    _outcome("requeued to their partitions", _redis_call(go)[0], as_json)
 
 
 @dead.command("drop")
 @_selectors
 @click.option("--reason", required=True, help="Why; kept with the dropped letter.")
 def dead_drop(
-    dead_id: str | None, all_: bool, error_contains: str | None, code: str | None, stream: str | None, reason: str
+    dead_id: str | None,
+    all_: bool,
+    error_contains: str | None,
+    code: str | None,
+    stream: str | None,
+    as_json: bool,
+    reason: str,
 ) -> None:
     """Set dead letters aside for good: moved, with the reason, to {prefix}:dead:dropped."""
-    from .cli import _print
-
     ids, flt = _selection(dead_id, all_, error_contains, code, stream)
 
     async def go(redis: Any, keys: Keys) -> dict[str, Any]:
-        out = await dead_mod.drop(redis, keys, reason, ids=ids, flt=_stream_key(keys, flt))
-        return {"matched": out.matched, "dropped": out.done, "missing": out.missing, "to": dead_mod.dropped_key(keys)}
+        done = await dead_mod.drop(redis, keys, reason, ids=ids, flt=_stream_key(keys, flt))
+        to = dead_mod.dropped_key(keys)
+        return {"matched": done.matched, "dropped": done.done, "missing": done.missing, "to": to}
 
-    _print(_redis_call(go))
+    _outcome("dropped", _redis_call(go)[0], as_json)

@@ -40,12 +40,22 @@ async def test_a_requeued_dead_letter_is_counted_once(procs: Procs, pg, redis, k
     await redis.xadd(keys.stream_for("later"), {FIELD: twin.encode()})
 
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "later")
-    assert await procs.cli("dead", "requeue", "--all") == {"matched": 2, "requeued": 2, "missing": 0, "skipped": {}}
+    assert await procs.cli("dead", "requeue", "--json", "--all") == {
+        "matched": 2,
+        "requeued": 2,
+        "missing": 0,
+        "skipped": {},
+    }
     assert await redis.xlen(keys.dead) == 0
     await procs.cli("work", "--drain")
     assert (await procs.cli("link", "show", "later"))["clicks"] == 2
 
-    assert await procs.cli("dead", "requeue", "--all") == {"matched": 0, "requeued": 0, "missing": 0, "skipped": {}}
+    assert await procs.cli("dead", "requeue", "--json", "--all") == {
+        "matched": 0,
+        "requeued": 0,
+        "missing": 0,
+        "skipped": {},
+    }
     # re-delivering the very same envelopes (a replay) counts nothing either
     for e in (event, twin):
         await redis.xadd(keys.stream_for("later"), {FIELD: e.encode()})
@@ -61,13 +71,13 @@ async def test_requeue_by_id_and_filters_is_idempotent(procs: Procs, pg, redis, 
     b = await _letter(redis, keys, _click("b").encode(), stream=keys.streams[1], error="store: Y")
     junk = await _letter(redis, keys, b"\xff\x00junk", stream=keys.streams[1], error="decode: not JSON")
 
-    assert (await procs.cli("dead", "requeue", a))["requeued"] == 1
-    assert await procs.cli("dead", "requeue", a) == {"matched": 0, "requeued": 0, "missing": 1, "skipped": {}}
+    assert (await procs.cli("dead", "requeue", "--json", a))["requeued"] == 1
+    assert await procs.cli("dead", "requeue", "--json", a) == {"matched": 0, "requeued": 0, "missing": 1, "skipped": {}}
     assert [f[FIELD] for _, f in await redis.xrange(keys.streams[0])] == [ea.encode()]
-    out = await procs.cli("dead", "requeue", "--stream", "1")
+    out = await procs.cli("dead", "requeue", "--json", "--stream", "1")
     assert out == {"matched": 2, "requeued": 1, "missing": 0, "skipped": {"undecodable": 1}}
     assert [i.decode() for i, _ in await redis.xrange(keys.dead)] == [junk]
-    assert (await procs.cli("dead", "requeue", "--code", "b"))["matched"] == 0
+    assert (await procs.cli("dead", "requeue", "--json", "--code", "b"))["matched"] == 0
 
     # exactly one selector
     for args in ((), (b, "--all"), ("--all", "--code", "a")):
@@ -97,17 +107,17 @@ async def test_drop_records_the_reason_and_list_and_show_describe_letters(procs:
     assert rows[1]["event_id"] is None and rows[1]["code"] is None
     assert len(await procs.cli("dead", "list", "--json", "--limit", "1")) == 1
 
-    shown = await procs.cli("dead", "show", good)
+    shown = await procs.cli("dead", "show", "--json", good)
     assert shown["envelope"]["payload"] == {"code": "gone"} and shown["raw"] is None
-    shown = await procs.cli("dead", "show", junk)
+    shown = await procs.cli("dead", "show", "--json", junk)
     assert shown["envelope"] is None and shown["decode_error"]
     assert shown["raw"] == "\x1b[31m\\xff not an envelope" and shown["raw_bytes"] == 22
     assert await _exit_code(procs, "dead", "show", "1-0") == 1
 
     assert await _exit_code(procs, "dead", "drop", "--all") == 2  # a reason is required
-    out = await procs.cli("dead", "drop", "--error-contains", "decode:", "--reason", "garbage from a fuzzer")
+    out = await procs.cli("dead", "drop", "--json", "--error-contains", "decode:", "--reason", "garbage from a fuzzer")
     assert out == {"matched": 1, "dropped": 1, "missing": 0, "to": dropped_key(keys)}
-    assert await procs.cli("dead", "drop", junk, "--reason", "again") == {
+    assert await procs.cli("dead", "drop", "--json", junk, "--reason", "again") == {
         "matched": 0,
         "dropped": 0,
         "missing": 1,

@@ -25,6 +25,7 @@ from ingest.events import FIELD
 from ingest.keys import GROUP, Keys
 from refstream.embedded import free_port
 from workers import trim
+from workers.arq_redis import connect_arq
 
 from ._procs import REFSTREAM, Procs, env_for
 from .conftest import wait_for
@@ -193,9 +194,7 @@ async def test_reclaim_never_waits_behind_webhook_jobs(procs: Procs, pg: asyncpg
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    arq = await create_pool(
-        RedisSettings.from_dsn(procs.settings.redis_url), job_serializer=orjson.dumps, job_deserializer=orjson.loads
-    )
+    arq = await connect_arq(procs.settings)  # the workers' own: arq's keys under the test's prefix
     deliveries: list[str] = []
     try:
         assert procs.settings.secret_key is not None
@@ -221,9 +220,6 @@ async def test_reclaim_never_waits_behind_webhook_jobs(procs: Procs, pg: asyncpg
     finally:
         procs.stop_all()
         await runner.cleanup()
-        for d in deliveries:  # arq's own keys are global, named by job id
-            async for key in arq.scan_iter(match=f"arq:*webhook:{d}"):
-                await arq.delete(key)
         await arq.aclose()
 
 

@@ -1,8 +1,10 @@
 """Counters, moved only from a batch's newly inserted (non-test) events, in its transaction.
 
 Per link: clicks, unique clicks, bot clicks, leads, conversions, last_clicked_at; per link
-and UTC day the same in ``daily_stats`` (per affiliate and program by GROUP BY). Bot
-clicks are counted as bot clicks, never as clicks. Aggregated per link per batch: one
+and UTC day the same in ``daily_stats`` (per affiliate and program by GROUP BY). A bot's
+click always counts in bot clicks; as a click too (unique clicks and last_clicked_at
+included) only when its workspace's ``bot_policy`` is ``count``, else never (``exclude``,
+the default). Aggregated per link per batch: one
 UPDATE row per link however viral, locks taken in link-id order. Milestones (seed 001's
 "refer 5 friends") are reached from the new conversion totals, each once.
 
@@ -14,6 +16,7 @@ converting affiliates in id order and their milestone rows in key order.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import date, datetime
 from uuid import UUID
@@ -87,10 +90,11 @@ class _Counts:
     conversions: int = 0
     last_clicked_at: datetime | None = None
 
-    def add(self, s: Stored) -> None:
+    def add(self, s: Stored, counted: bool) -> None:
         if s.type is EventType.CLICK:
             if s.is_bot:
                 self.bot_clicks += 1
+            if not counted:
                 return
             self.clicks += 1
             if self.last_clicked_at is None or s.at > self.last_clicked_at:
@@ -108,19 +112,28 @@ class MilestoneReached:
     reached_at: datetime
 
 
-async def apply(conn: asyncpg.Connection, events: list[Stored]) -> list[MilestoneReached]:
+def counts_as_click(s: Stored, count_bots: Collection[str]) -> bool:
+    """A click that moves ``clicks``: a person's, or a bot's in a workspace whose
+    ``bot_policy`` is ``count`` (``count_bots``: those workspaces' ids)."""
+    return s.type is EventType.CLICK and (not s.is_bot or s.link.workspace_id in count_bots)
+
+
+async def apply(
+    conn: asyncpg.Connection, events: list[Stored], *, count_bots: Collection[str] = ()
+) -> list[MilestoneReached]:
     per_link: dict[UUID, _Counts] = defaultdict(_Counts)
     per_day: dict[tuple[UUID, date], _Counts] = defaultdict(_Counts)
     links: dict[UUID, LinkInfo] = {}
     for s in events:
         lid = UUID(s.link.id)
         links[lid] = s.link
-        per_link[lid].add(s)
-        per_day[(lid, s.at.date())].add(s)
+        counted = counts_as_click(s, count_bots)
+        per_link[lid].add(s, counted)
+        per_day[(lid, s.at.date())].add(s, counted)
 
     visits = sorted(
         {(UUID(s.link.id), s.at.date(), s.visitor_key) for s in events
-         if s.type is EventType.CLICK and not s.is_bot and s.visitor_key}
+         if counts_as_click(s, count_bots) and s.visitor_key}
     )  # fmt: skip
     if visits:
         rows = await conn.fetch(_UNIQUE, [v[0] for v in visits], [v[1] for v in visits], [v[2] for v in visits])

@@ -2,10 +2,13 @@
 
 Counters are moved by the batches that insert events, in the same transaction, so they
 can only drift when something else writes: a hand edit, a partial restore, a bug. The
-event rows are the truth: per link, clicks (non-bot, non-test), bot clicks, leads,
-conversions, unique clicks (distinct UTC day and visitor over counted clicks) and
-last_clicked_at; the same per link and day in ``daily_stats``; and ``link_visitor_days``,
-the set that later batches test a visitor's first click of the day against.
+event rows are the truth: per link, clicks (non-test; a bot's only where its workspace's
+``bot_policy`` had it counted, which the worker records on the row as ``bot_counted``),
+bot clicks, leads, conversions, unique clicks (distinct UTC day and visitor over counted
+clicks) and last_clicked_at; the same per link and day in ``daily_stats``; and
+``link_visitor_days``, the set that later batches test a visitor's first click of the day
+against. Reading the decision from the row, not the workspace's policy today, keeps a
+policy change what it is in the worker: from then on, never undone by ``--fix``.
 """
 
 from __future__ import annotations
@@ -25,16 +28,19 @@ log = structlog.get_logger("workers.reconcile")
 COUNTERS = ("clicks", "unique_clicks", "bot_clicks", "leads", "conversions")
 _LINK_COLUMNS = (*COUNTERS, "last_clicked_at", "visitor_days")
 
+# a click that moves `clicks` (workers.counters.counts_as_click, as the worker decided it)
+_COUNTED = "type = 1 AND (NOT is_bot OR bot_counted)"
+
 # one scan of the events: what every (link, day) should hold
-_DAYS = """
+_DAYS = f"""
 CREATE TEMP TABLE reconcile_days ON COMMIT DROP AS
 SELECT e.link_id, (e.received_at AT TIME ZONE 'UTC')::date AS day,
-       count(*) FILTER (WHERE type = 1 AND NOT is_bot) AS clicks,
-       count(DISTINCT visitor_key) FILTER (WHERE type = 1 AND NOT is_bot) AS unique_clicks,
+       count(*) FILTER (WHERE {_COUNTED}) AS clicks,
+       count(DISTINCT visitor_key) FILTER (WHERE {_COUNTED}) AS unique_clicks,
        count(*) FILTER (WHERE type = 1 AND is_bot) AS bot_clicks,
        count(*) FILTER (WHERE type = 2) AS leads,
        count(*) FILTER (WHERE type = 3) AS conversions,
-       max(received_at) FILTER (WHERE type = 1 AND NOT is_bot) AS last_clicked_at
+       max(received_at) FILTER (WHERE {_COUNTED}) AS last_clicked_at
 FROM events e JOIN links l ON l.id = e.link_id
 WHERE NOT e.test_mode AND NOT e.out_of_window
 GROUP BY 1, 2
@@ -104,11 +110,11 @@ _FIX = (
     """,
     # the first-click-of-the-day set, rebuilt from the counted clicks: without it a later
     # batch would count a restored visitor as new (or a lost one as seen) and drift again
-    """
+    f"""
     CREATE TEMP TABLE reconcile_visits ON COMMIT DROP AS
     SELECT DISTINCT e.link_id, (e.received_at AT TIME ZONE 'UTC')::date AS day, e.visitor_key
     FROM events e JOIN links l ON l.id = e.link_id
-    WHERE e.type = 1 AND NOT e.is_bot AND NOT e.test_mode AND e.visitor_key IS NOT NULL
+    WHERE {_COUNTED} AND NOT e.test_mode AND e.visitor_key IS NOT NULL
     """,
     """
     DELETE FROM link_visitor_days v WHERE NOT EXISTS (

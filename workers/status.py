@@ -44,6 +44,7 @@ class Group:
 
 @dataclass(slots=True)
 class Partition:
+    partition: int  # its number: the stream key is ``{prefix}:events:{partition}``
     stream: str
     length: int
     first_entry_age_s: float | None
@@ -169,15 +170,16 @@ async def _groups(redis: Redis, stream: str, last_generated_id: Any, now_ms: int
     return groups
 
 
-async def _partition(redis: Redis, stream: str, now_ms: int) -> Partition:
+async def _partition(redis: Redis, number: int, stream: str, now_ms: int) -> Partition:
     try:
         info = await redis.xinfo_stream(stream)
     except ResponseError as exc:
         if "no such key" in str(exc):
-            return Partition(stream, 0, None, None)  # nothing appended yet
+            return Partition(number, stream, 0, None, None)  # nothing appended yet
         raise
     first, last = info.get("first-entry"), info.get("last-entry")
     return Partition(
+        number,
         stream,
         int(info["length"]),
         _age(now_ms, first[0]) if first else None,
@@ -257,7 +259,7 @@ async def snapshot(
     ``pg`` (Postgres unreachable: ``pg_error`` says why), everything but the out-throughput."""
     secs, micros = await redis.time()
     now_ms = int(secs) * 1000 + int(micros) // 1000
-    partitions = [await _partition(redis, stream, now_ms) for stream in keys.streams]
+    partitions = [await _partition(redis, p, stream, now_ms) for p, stream in enumerate(keys.streams)]
 
     dead_len = await redis.xlen(keys.dead)
     oldest = await redis.xrange(keys.dead, count=1) if dead_len else []

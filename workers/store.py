@@ -33,17 +33,18 @@ from .stored import Stored, ts
 log = structlog.get_logger("workers.store")
 
 _RESOLVE_LINKS = LINK_SELECT + " WHERE l.code = ANY($1::text[])"
-_IP_POLICIES = "SELECT id, ip_policy FROM workspaces WHERE id = ANY($1::uuid[])"
+_POLICIES = "SELECT id, ip_policy, bot_policy FROM workspaces WHERE id = ANY($1::uuid[])"
 VISITOR_DIALECTS = frozenset({Dialect.BIORE, Dialect.AFFITOR, Dialect.REDIRECT})
 
 _INSERT_EVENTS = """
 INSERT INTO events (event_id, type, workspace_id, link_id, program_id, affiliate_id, click_id, visitor_id,
                     customer_external_id, name, dedupe_key, dialect, test_mode, is_bot, received_at, ip,
-                    user_agent, referrer, country, asn, enrichment, visitor_key, out_of_window, payload)
+                    user_agent, referrer, country, asn, enrichment, visitor_key, out_of_window, payload,
+                    bot_counted)
 SELECT * FROM unnest($1::uuid[], $2::smallint[], $3::uuid[], $4::uuid[], $5::uuid[], $6::uuid[], $7::uuid[],
                      $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::boolean[], $14::boolean[],
                      $15::timestamptz[], $16::inet[], $17::text[], $18::text[], $19::text[], $20::integer[],
-                     $21::jsonb[], $22::text[], $23::boolean[], $24::jsonb[])
+                     $21::jsonb[], $22::text[], $23::boolean[], $24::jsonb[], $25::boolean[])
 ORDER BY 3, 2, 11, 1  -- events_dedupe's key, then the event id: see below
 -- no conflict target: the event id and the dedupe key (one lead per customer and event
 -- name, one conversion per code and session) both make a repeat a no-op
@@ -153,9 +154,12 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     codes = sorted({c for e in envelopes if isinstance(c := e.payload.get("code"), str)})
     by_code = {r["code"]: LinkInfo.from_record(r) for r in await conn.fetch(_RESOLVE_LINKS, codes)}
     workspaces = sorted({link.workspace_id for link in by_code.values()})
-    policies = {str(r["id"]): r["ip_policy"] for r in await conn.fetch(_IP_POLICIES, workspaces)}
+    policies = {str(r["id"]): r for r in await conn.fetch(_POLICIES, workspaces)}
+    # bot_policy "count": a bot's click is a click too (still is_bot, still in bot_clicks).
+    # Decided here, once per batch, and recorded on the row (bot_counted) for reconcile
+    counting = {ws for ws, r in policies.items() if r["bot_policy"] == "count"}
 
-    cols: tuple[list[Any], ...] = tuple([] for _ in range(24))
+    cols: tuple[list[Any], ...] = tuple([] for _ in range(25))
     kept: dict[UUID, Stored] = {}
     for e in sorted(envelopes, key=lambda e: e.event_id):
         code = e.payload.get("code")
@@ -166,7 +170,9 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
         if e.type is EventType.CLICK and not link.active:
             result.inactive_codes.append(link.code)
             continue
-        ip, found = _enrich(e, enricher, policies.get(link.workspace_id, "full"))
+        ws = policies.get(link.workspace_id)
+        ip, found = _enrich(e, enricher, ws["ip_policy"] if ws else "full")
+        is_bot = found is not None and found.is_bot
         click_id = e.payload.get("click_id")
         row = (
             e.event_id,
@@ -182,7 +188,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
             _dedupe_key(e),
             e.dialect,
             e.payload.get("test_mode") is True,
-            found is not None and found.is_bot,
+            is_bot,
             ts(e.received_at_ms),
             ip,
             e.user_agent,
@@ -193,12 +199,11 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
             visitor_key := _visitor_key(e),
             out_of_window := _out_of_window(e, link),
             e.payload,
+            is_bot and link.workspace_id in counting,
         )
         for col, v in zip(cols, row, strict=True):
             col.append(v)
-        kept[e.event_id] = Stored(
-            e, link, ts(e.received_at_ms), found is not None and found.is_bot, visitor_key, out_of_window
-        )
+        kept[e.event_id] = Stored(e, link, ts(e.received_at_ms), is_bot, visitor_key, out_of_window)
 
     if not kept:
         return result
@@ -210,7 +215,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     # customer, no attribution, no webhook
     live = [s for s in inserted if s.envelope.payload.get("test_mode") is not True and not s.out_of_window]
     if live:
-        reached = await counters.apply(conn, live)
+        reached = await counters.apply(conn, live, count_bots=counting)
         await customers.upsert(conn, live)
         result.milestones = len(reached)
         events = notices.for_events(live) + await notices.for_milestones(conn, live, reached)

@@ -22,14 +22,14 @@ from typing import Any
 import orjson
 import structlog
 from arq import Worker, cron
-from arq.connections import RedisSettings
+from arq.connections import create_pool
 
 from ingest import links
 from ingest.connections import connect_redis, create_pg_pool
 from ingest.keys import Keys
 from ingest.settings import Settings
 
-from . import replay, webhooks
+from . import arq_redis, replay, webhooks
 from .consume import Backoff, Consumer
 from .enrich import Enricher
 from .errors import redis_outage
@@ -141,10 +141,23 @@ class ResilientWorker(Worker):
     bookkeeping (health key, cron enqueues, job state) writes to Redis on every poll, and
     the consumer beside it must keep acking and trimming, which is what frees a full Redis."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, key_prefix: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.key_prefix = key_prefix
         self._outage = Backoff(first=0.5, cap=10.0)
         self._outage_reason: str | None = None
+
+    async def main(self) -> None:
+        """arq's, on a pool that keeps arq's keys under ``key_prefix`` too (``build_worker``
+        gives ``REFSTREAM_STREAM_PREFIX``; see ``workers.arq_redis``): the pool is made
+        here, so arq's ``main`` uses it. Without a prefix, arq's own global keys."""
+        if self._pool is None and self.key_prefix is not None:
+            pool = await create_pool(
+                self.redis_settings, job_serializer=self.job_serializer, job_deserializer=self.job_deserializer,
+                default_queue_name=self.queue_name, expires_extra_ms=self.expires_extra_ms,
+            )  # fmt: skip
+            self._pool = arq_redis.wrap(pool, self.key_prefix)
+        await super().main()
 
     async def _poll_iteration(self) -> None:
         try:
@@ -182,16 +195,15 @@ class ResilientWorker(Worker):
 
 def build_worker(settings: Settings) -> Worker:
     keys = Keys(settings.stream_prefix, settings.partitions)
-    redis_settings = RedisSettings.from_dsn(settings.arq_url)
-    # at start too: wait for Redis as long as it takes, never give up and exit
-    redis_settings.conn_retries, redis_settings.conn_retry_delay = 1_000_000, 2
     return ResilientWorker(
         functions=[webhooks.deliver_webhook_job, replay.REPLAY_JOB],
         cron_jobs=[
             cron(refresh_links, minute=set(range(0, 60, 10)), second=7, run_at_startup=True, timeout=600),
             cron(webhooks.sweep_webhooks, second=30, run_at_startup=True, timeout=60),
         ],
-        redis_settings=redis_settings,
+        # at start too: wait for Redis as long as it takes, never give up and exit
+        redis_settings=arq_redis.redis_settings(settings, wait=True),
+        key_prefix=settings.stream_prefix,  # arq's job, result, retry, in-progress and abort keys
         queue_name=keys.arq_queue,
         health_check_key=f"{keys.arq_queue}:health-check",
         on_startup=startup,

@@ -77,6 +77,25 @@ class RevokedKey(BaseModel):
     revoked: str
 
 
+class WorkspacePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bot_policy: Literal["exclude", "count"] | None = Field(
+        None,
+        description="exclude (the default): bots' clicks are counted apart, in bot_clicks only; count: as clicks too"
+        " (unique clicks included), as bio.re counts them. Either way the event is flagged is_bot. Applies to the"
+        " clicks the workers store from then on.",
+    )
+
+
+class Workspace(BaseModel):
+    id: str
+    name: str
+    ip_policy: str
+    bot_policy: str
+    allowed_origins: list[str]
+    created_at: str
+
+
 class LinkPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["active", "inactive"] | None = None
@@ -276,6 +295,14 @@ async def revoke_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
         if not owned:
             raise NotFound("key not found")
         return json(200, await admin.revoke_key(conn, edge.redis, edge.keys, request.match_info["prefix"]))
+
+
+@routes.patch("/v1/workspace")
+@guarded("write")
+async def patch_workspace(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    body = await parse(request, WorkspacePatch)
+    async with edge.pg.acquire() as conn:
+        return json(200, await admin.update_workspace(conn, p.workspace_id, bot_policy=body.bot_policy))
 
 
 @routes.patch("/v1/links/{id}")

@@ -1,0 +1,51 @@
+"""``refstream workspace set-bot-policy``: how the workers count a workspace's bot clicks.
+
+``refstream.cli`` adds these commands to its ``workspace`` group, so this module imports
+it lazily (inside the command): a top-level import would be circular.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import click
+
+from ingest import admin
+from ingest.settings import Settings
+
+from . import ops_output as out
+
+
+@click.command("set-bot-policy")
+@click.argument("workspace_id")
+@click.argument("policy", type=click.Choice(admin.BOT_POLICIES))
+@out.json_option
+def set_bot_policy(workspace_id: str, policy: str, as_json: bool) -> None:
+    """How the workers count this workspace's bot clicks (crawlers, HTTP clients such as
+    curl, headless browsers, datacenter networks):
+
+    \b
+      exclude  the default: counted apart, in bot_clicks only, never as clicks
+      count    as clicks too, unique clicks included (bio.re's counter has no bot filter)
+
+    Either way the event is stored flagged is_bot and counted in bot_clicks. Applies to
+    the clicks the workers store from now on; `refstream reconcile` keeps what was
+    decided for each stored click."""
+    from .runner import _run
+
+    async def go(settings: Settings) -> dict[str, Any]:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return await admin.update_workspace(conn, workspace_id, bot_policy=policy)
+        finally:
+            await conn.close()
+
+    ws = _run(go)
+    if as_json:
+        out.print_json(ws)
+        return
+    table = out.table("workspace", "field", "value", left=("field", "value"))
+    for name in ("id", "name", "bot_policy", "ip_policy"):
+        table.add_row(name.replace("_", " "), out.cell(ws[name]))
+    out.console().print(table)

@@ -1,0 +1,141 @@
+"""One output convention for the operator commands: a rich table by default, ``--json``
+for the same data as JSON; tables that read at 80 columns and never show outside data as
+markup or raw control characters."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import click
+import orjson
+from rich.console import Console
+
+from ingest.events import FIELD, Dialect, Envelope, EventType
+from ingest.keys import Keys
+from refstream import ops_replay, ops_status, ops_workspace
+from workers import status as st
+
+from ._procs import REFSTREAM, Procs, env_for
+
+LONG = "refstream"  # the default prefix: `refstream:events:{0}` alone filled the column before
+HOST = "ip-10-0-12-34.eu-west-1.compute.internal-12345"
+
+
+def render(fn: Any, *args: Any) -> str:
+    console = Console(width=80, file=io.StringIO(), record=True)
+    fn(*args, console)
+    text: str = console.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines())
+    return text
+
+
+def rows(text: str, title: str) -> list[list[str]]:
+    """The body rows of the table titled ``title``: its cells, stripped."""
+    lines = text.splitlines()
+    start = lines.index(next(line for line in lines if line.strip() == title))
+    out: list[list[str]] = []
+    for line in lines[start + 4 :]:
+        if line.startswith("└"):
+            return out
+        out.append([c.strip() for c in line.strip("│").split("│")])
+    raise AssertionError(f"no end to table {title!r}")
+
+
+def snapshot(keys: Keys) -> st.Snapshot:
+    parts = [
+        st.Partition(p, stream, 1_234_567, 3600.0, 0.5, [
+            st.Group("workers", 12, False, 3, 4.2, "1712345678901-12", [st.Consumer(HOST, 3, 1.5)]),
+            st.Group("analytics", 99_999, True, 0, None, "1712345678901-0", []),
+        ])
+        for p, stream in enumerate(keys.streams)
+    ]  # fmt: skip
+    return st.Snapshot(
+        0, True, [], st.Thresholds(), parts, st.Dead(2, 30.0), st.Spool("/var/lib/refstream/spool", True, 2, 150),
+        st.Throughput(60, 100, False, 1.6, 90, 1.5),
+        [st.WorkerState(HOST, "blocked", ["postgres_unavailable", "redis_oom"], 12.0, 1.0, False)],
+    )  # fmt: skip
+
+
+def test_status_reads_at_80_columns_with_partitions_by_number() -> None:
+    for keys in (Keys(LONG, 4), Keys("acme-production-eu-west-1:tenant-0042", 4)):
+        text = render(ops_status.render_status, snapshot(keys), keys)
+        assert "…" not in text  # nothing cut short: long values fold onto a second line
+        assert f"{keys.prefix}:events:{{p}}" in text  # the stream key, said once
+        assert keys.streams[0] not in text
+        assert [r[0] for r in rows(text, "partitions")] == ["0", "1", "2", "3"]
+        assert [r[0] for r in rows(text, "groups")] == ["0", "0", "1", "1", "2", "2", "3", "3"]
+        assert [r[5] for r in rows(text, "groups")][:2] == ["1712345678901-12", "1712345678901-0"]
+        consumers = rows(text, "consumers")
+        assert [r[0] for r in consumers if r[0]] == ["0", "1", "2", "3"]
+        assert "".join(r[2] for r in consumers[:2]) == HOST  # folded, whole
+
+
+def test_dead_letters_read_at_80_columns_and_never_as_markup() -> None:
+    keys = Keys(LONG, 4)
+    hostile = "store: refused [/bold] [red]x \x1b[31m\x07"
+    letter = {"dead_id": "1712345678901-0", "stream": keys.streams[2], "entry_id": "1712345678000-3",
+              "error": hostile, "deliveries": 6, "at_ms": 1712345678901, "event_id": "ab" * 16, "type": "click",
+              "dialect": "biore", "code": "[link]"}  # fmt: skip
+    text = render(ops_status.render_letters, [letter], keys)
+    (dead_id, p, entry_id, *_), *wrapped = cells = rows(text, "dead letters, oldest first")
+    assert (dead_id, p, entry_id) == ("1712345678901-0", "2", "1712345678000-3")  # ids whole, on one line
+    assert all(r[:3] == ["", "", ""] for r in wrapped)  # the error wrapped beside them
+    assert "\x1b" not in text and "\x07" not in text
+    assert "".join(r[3] for r in cells) == "store:refused[/bold][red]x\\x1b[31m\\x07"  # as text, escaped
+    assert cells[0][6] == "[link]"
+
+    detail = letter | {"envelope": None, "decode_error": "not JSON", "raw": "\x1b[2J\\xff", "raw_bytes": 9,
+                       "other_fields": {"via": "[b]x"}}  # fmt: skip
+    text = render(ops_status.render_letter, detail, keys)
+    assert "\x1b" not in text and "\\x1b[2J\\xff" in text and "[b]x" in text
+    assert f"2 ({keys.streams[2]})" in text and "2024-04-05T19:34:38.901+00:00" in text
+
+
+def test_replay_and_drift_tables() -> None:
+    keys = Keys(LONG, 4)
+    counts = {"entries": 3, "inserted": 1, "duplicates": 2, "skipped": 0, "undecodable": 0, "failed": 0}
+    result = {"range": {"from": "1-0", "to": "9-0"}, "dry_run": False, "partitions": {"0": counts, "3": counts},
+              "totals": {k: 2 * v for k, v in counts.items()}}  # fmt: skip
+    text = render(ops_replay.render_replay, result, keys)
+    assert [r[:3] for r in rows(text, "replay: 1-0 .. 9-0")] == [["0", "3", "1"], ["3", "3", "1"], ["all", "6", "2"]]
+    drift = [{"code": "A[b]", "counter": "last_clicked_at", "stored": None, "recomputed": "2024-03-02T10:00:00+00:00"}]
+    text = render(ops_replay.render_drift, drift, False)
+    assert rows(text, "drift (--fix repairs it)") == [
+        ["A[b]", "-", "last_clicked_at", "-", "2024-03-02T10:00:00+00:00"]
+    ]
+    assert "no drift" in render(ops_replay.render_drift, [], False)
+
+
+def test_every_command_that_prints_data_takes_json() -> None:
+    commands: list[click.Command] = [
+        ops_status.status, ops_replay.replay, ops_replay.reconcile, ops_workspace.set_bot_policy,
+        *ops_status.dead.commands.values(),
+    ]  # fmt: skip
+    assert {c.name for c in commands} >= {"list", "show", "requeue", "drop"}
+    for c in commands:
+        flags = {o for p in c.params for o in p.opts}
+        assert "--json" in flags, c.name
+
+
+async def test_dead_commands_print_a_table_and_json_on_request(procs: Procs, redis: Any, keys: Keys) -> None:
+    envelope = Envelope(EventType.CLICK, Dialect.BIORE, {"code": "gone"}).encode()
+    fields = {FIELD: envelope, b"stream": keys.streams[1].encode(), b"id": b"1-1", b"error": b"store: [/] refused"}
+    dead_id = (await redis.xadd(keys.dead, fields)).decode()
+
+    async def run(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            REFSTREAM, *args, env=env_for(procs.settings), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
+    table = await run("dead", "show", dead_id)
+    assert dead_id in table and "store: [/] refused" in table and '{"code":"gone"}' in table
+    assert orjson.loads(await run("dead", "show", dead_id, "--json"))["code"] == "gone"
+    table = await run("dead", "requeue", "--code", "nothing")
+    assert rows(table, "requeued to their partitions") == [["0", "0", "0", "-"]]
+    assert orjson.loads(await run("dead", "drop", "--code", "nothing", "--reason", "r", "--json"))["matched"] == 0
