@@ -132,6 +132,26 @@ async def database_url(services: svc_mod.Services) -> AsyncIterator[str]:
         await server.close()
 
 
+async def drop_database(postgres_url: str, name: str) -> None:
+    """Drop a database a test made (server-level URL: ``services.postgres_url``)."""
+    server = await asyncpg.connect(svc_mod.with_database(postgres_url, "postgres"))
+    try:
+        await server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def scratch_url(services: svc_mod.Services) -> AsyncIterator[str]:
+    """The URL of a database that does not exist (yet): whatever the test makes of it is
+    dropped afterwards."""
+    name = f"refstream_scratch_{RUN_ID}_{secrets.token_hex(4)}"
+    try:
+        yield svc_mod.with_database(services.postgres_url, name)
+    finally:
+        await drop_database(services.postgres_url, name)
+
+
 _counter = iter(range(1, 1_000_000))
 
 

@@ -133,19 +133,6 @@ async def test_an_unreachable_redis_or_postgres_is_named_by_host_and_port() -> N
     assert "s3cret" not in line
 
 
-@pytest.fixture
-async def scratch_url(services: Services) -> AsyncIterator[str]:
-    name = f"refstream_clierr_{secrets.token_hex(4)}"
-    try:
-        yield with_database(services.postgres_url, name)
-    finally:
-        server = await asyncpg.connect(with_database(services.postgres_url, "postgres"))
-        try:
-            await server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await server.close()
-
-
 def where(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or 5432}{parts.path}"

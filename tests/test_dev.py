@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 
@@ -29,7 +28,7 @@ from ingest.settings import Settings
 from refstream.services import Services, with_database
 
 from ._procs import REFSTREAM, Procs, env_for, free_port
-from .conftest import wait_for
+from .conftest import drop_database, wait_for
 
 
 def listening(url: str) -> bool:
@@ -192,11 +191,7 @@ async def test_dev_finding_the_demo_workspace_prints_a_command_that_makes_a_key(
         key = orjson.loads(made.stdout)
         assert key["api_key"].startswith("rs_live_") and key["scopes"] == ["read", "track", "write"], key
     finally:
-        server = await asyncpg.connect(with_database(services.postgres_url, "postgres"))
-        try:
-            await server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await server.close()
+        await drop_database(services.postgres_url, name)
 
 
 @pytest.mark.parametrize("level", ["info", "debug"])

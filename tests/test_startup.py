@@ -17,7 +17,6 @@ import asyncio
 import secrets
 import signal
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -38,27 +37,12 @@ from refstream.services import Services, with_database
 
 from ._procs import REFSTREAM, Procs, env_for
 from ._world import BROWSER, World, call, start_edge
-from .conftest import RUN_ID, wait_for
+from .conftest import wait_for
 
 TRACKED = {"success": True, "data": {"tracked": True}}
 
 
 # -- databases of this test's own -----------------------------------------------------
-
-
-@pytest.fixture
-async def scratch_url(services: Services) -> AsyncIterator[str]:
-    """The URL of a database that does not exist (yet): whatever the test makes of it is
-    dropped afterwards."""
-    name = f"refstream_startup_{RUN_ID}_{secrets.token_hex(4)}"
-    try:
-        yield with_database(services.postgres_url, name)
-    finally:
-        server = await asyncpg.connect(with_database(services.postgres_url, "postgres"))
-        try:
-            await server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await server.close()
 
 
 @pytest.fixture
