@@ -38,6 +38,21 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+async def run_command(*args: str, env: dict[str, str], within_s: float = 60) -> tuple[int, str, str]:
+    """``refstream *args`` to its end: (exit code, stdout, stderr). Killed if it does not end."""
+    proc = await asyncio.create_subprocess_exec(
+        REFSTREAM, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), within_s)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 class CliError(AssertionError):
     pass
 

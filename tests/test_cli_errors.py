@@ -36,24 +36,12 @@ from refstream import services as services_mod
 from refstream.embedded import _pg_install, die_with_parent, free_port
 from refstream.services import Services, with_database
 
-from ._procs import REFSTREAM, env_for
+from ._procs import env_for, run_command
 
 DEBIAN_PG = Path("/usr/lib/postgresql/15/bin")
 
 
-async def run(*args: str, env: dict[str, str], within_s: float = 60) -> tuple[int, str, str]:
-    """A command to its end: (exit code, stdout, stderr). Killed (and failed) if it does not end."""
-    proc = await asyncio.create_subprocess_exec(
-        REFSTREAM, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), within_s)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+run = run_command
 
 
 def one_line(code: int, out: str, err: str) -> str:

@@ -35,7 +35,7 @@ from ingest.settings import Settings
 from refstream.embedded import free_port
 from refstream.services import Services, with_database
 
-from ._procs import REFSTREAM, Procs, env_for
+from ._procs import Procs, env_for, run_command
 from ._world import BROWSER, World, call, start_edge
 from .conftest import wait_for
 
@@ -80,19 +80,8 @@ async def recorded(url: str) -> list[tuple[Any, ...]]:
 
 
 async def run_cli(settings: Settings, *args: str, within_s: float = 60, **env: str) -> tuple[int, str, str]:
-    """A command to its end: (exit code, stdout, stderr). Killed if it does not end."""
-    proc = await asyncio.create_subprocess_exec(
-        REFSTREAM, *args, env=env_for(settings, **env),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), within_s)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    """A command to its end, with this test's settings: (exit code, stdout, stderr)."""
+    return await run_command(*args, env=env_for(settings, **env), within_s=within_s)
 
 
 # -- migrate ---------------------------------------------------------------------------
