@@ -33,3 +33,21 @@ def test_environment_names(monkeypatch):
     assert s.arq_url == "redis://r:1/2"  # arq's queue defaults to the same Redis
     monkeypatch.setenv("REFSTREAM_ARQ_REDIS_URL", "redis://plain:6379/0")
     assert Settings().arq_url == "redis://plain:6379/0"
+
+
+def test_every_setting_is_in_the_readme() -> None:
+    """The README's configuration table names every variable the settings read."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    aliases = {"redis_url": "REDIS_URL", "database_url": "DATABASE_URL"}
+    # the failpoint of the redelivery tests: named under "Tests", not a setting to configure
+    assert "`REFSTREAM_FAULT`" in readme
+    missing = [
+        env
+        for name in Settings.model_fields
+        if name != "fault"
+        and f"`{(env := aliases.get(name, 'REFSTREAM_' + name.upper()))}`" not in readme
+        and f"{env}`" not in readme
+    ]
+    assert missing == []
