@@ -332,6 +332,15 @@ def feature_enable(name: str) -> None:
     _feature(name, True)
 
 
+@main.command("secret-key")
+def secret_key() -> None:
+    """Print a new key for REFSTREAM_SECRET_KEY (Fernet), which encrypts webhook signing
+    secrets at rest. To rotate: put the new key first, keep the old one after a comma."""
+    from ingest import secretbox
+
+    click.echo(secretbox.generate_key())
+
+
 @main.command()
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option(

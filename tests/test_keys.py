@@ -87,3 +87,20 @@ async def test_forwarded_for_from_a_trusted_proxy_is_the_client(settings: Settin
         assert (await _hammer(edge, 1, ["203.0.113.8"])) == [200]  # another client behind the proxy
     finally:
         await runner.cleanup()
+
+
+def test_secret_key_prints_a_key_that_encrypts_and_decrypts() -> None:
+    """`refstream secret-key` works from anywhere (not only the repository root)."""
+    import subprocess
+    import tempfile
+
+    from ingest import secretbox
+
+    from ._procs import REFSTREAM
+
+    with tempfile.TemporaryDirectory() as elsewhere:
+        out = subprocess.run([REFSTREAM, "secret-key"], capture_output=True, cwd=elsewhere, timeout=60, check=True)
+    key = out.stdout.decode().strip()
+    assert secretbox.decrypt(key, secretbox.encrypt(key, "whsec_x")) == "whsec_x"
+    again = subprocess.run([REFSTREAM, "secret-key"], capture_output=True, timeout=60, check=True)
+    assert again.stdout.decode().strip() != key
