@@ -46,6 +46,9 @@ PG_OUTAGES: tuple[tuple[str, str], ...] = (
     ("28", "postgres_auth"),  # invalid authorization (a rotated password)
     ("40", "postgres_contention"),  # deadlock or serialization failure past the in-place retries
     ("55", "postgres_contention"),  # lock not available, object in use
+    ("0A000", "postgres_schema"),  # a cached statement the schema changed under: fresh connections
+    ("XX001", "postgres_corrupt"),  # data corrupted: an operator's matter, not the entry's
+    ("XX002", "postgres_corrupt"),  # index corrupted
 )
 
 

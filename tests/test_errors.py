@@ -58,8 +58,26 @@ def test_postgres_errors_by_sqlstate_class(exc: BaseException, reason: str | Non
         (r.ConnectionError("Connection refused"), "redis_unavailable"),
         (r.TimeoutError("Timeout reading from socket"), "redis_unavailable"),
         (r.ResponseError("MASTERDOWN Link with MASTER is down"), "redis_unavailable"),
+        (r.SlotNotCoveredError("All slots are not covered"), "redis_unavailable"),  # a cluster failover
+        (r.RedisClusterException("Redis Cluster cannot be connected"), "redis_unavailable"),
         (KeyError("x"), None),
     ],
 )
 def test_every_redis_refusal_is_an_outage(exc: BaseException, reason: str | None) -> None:
     assert redis_outage(exc) == reason
+
+
+async def test_the_gate_reopens_when_no_partition_waits_for_postgres_any_more() -> None:
+    from workers.gate import Gate
+
+    gate = Gate()
+    gate.block(0, "postgres_unavailable")
+    gate.block(1, "redis_oom")
+    assert gate.closed and gate.reasons == ["postgres_unavailable", "redis_oom"]
+    # partition 0's batch committed, and its dead-letter XADD now meets the full Redis:
+    # Postgres holds nobody, so every partition reads (and acks, which frees Redis)
+    gate.block(0, "redis_oom")
+    assert not gate.closed and gate.blocked and gate.reasons == ["redis_oom"]
+    gate.clear(0)
+    gate.clear(1)
+    assert not gate.closed and not gate.blocked

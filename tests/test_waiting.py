@@ -308,3 +308,48 @@ async def test_a_bug_failing_every_entry_holds_the_batch_instead_of_dead_letteri
     (dead,) = await redis.xrange(keys.dead)
     assert dead[1][b"error"].startswith(b"store: TypeError") and dead[1][FIELD] == odd.encode()
     assert await pg.fetchval("SELECT count(*) FROM events") == 6
+
+
+async def test_a_batch_that_keeps_meeting_outages_is_stored_in_smaller_parts(
+    settings, redis, pg: asyncpg.Pool, keys: Keys, world
+):
+    """A batch too big for a statement timeout would meet the same "outage" for ever: after
+    a few, it is stored in halves, quarters, ..., each part its own transaction."""
+    from ingest.events import Dialect, Envelope, EventType
+    from workers.pipeline import SHRINK_AFTER, Batch, Pipeline
+
+    stream = keys.stream_for("PARTNER123")
+    envelopes = [
+        Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"}, user_agent="Mozilla/5.0")
+        for _ in range(8)
+    ]
+    entries = [(await redis.xadd(stream, {FIELD: e.encode()}), {FIELD: e.encode()}) for e in envelopes]
+    batch = Batch(keys.partition_for("PARTNER123"), stream, entries)
+    batch.failures = SHRINK_AFTER + 1  # as the consumer counts them: 8 entries in parts of 2
+    await Pipeline(settings, redis, pg).process(batch)
+    assert await pg.fetchval("SELECT count(*) FROM events") == 8
+    # now() is the transaction's start: one value per part
+    assert await pg.fetchval("SELECT count(DISTINCT processed_at) FROM events") == 4
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'PARTNER123'") == 8
+
+
+async def test_an_event_read_twice_in_one_tracked_batch_is_counted_one_attempt(
+    settings, redis, pg: asyncpg.Pool, keys: Keys, world
+):
+    from ingest.events import Dialect, Envelope, EventType
+    from workers.pipeline import Batch, Pipeline
+
+    stream = keys.stream_for("PARTNER123")
+    e = Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"}, user_agent="Mozilla/5.0")
+    entries = [(await redis.xadd(stream, {FIELD: e.encode()}), {FIELD: e.encode()}) for _ in range(2)]
+    p = keys.partition_for("PARTNER123")
+    batch = Batch(p, stream, entries, tracked=True)
+    pipeline = Pipeline(settings, redis, pg)
+    pipeline._decode(batch)
+    assert batch.good is not None
+    counted: list[bytes] = []
+    await pipeline._count_attempts(batch, batch.good, counted)
+    assert list((await redis.hgetall(keys.attempts(p))).values()) == [b"1"]  # not 2 for one entry
+    await pipeline.process(batch)
+    assert await pg.fetchval("SELECT count(*) FROM events") == 1
+    assert await redis.hlen(keys.attempts(p)) == 0

@@ -200,7 +200,9 @@ async def test_a_lead_reaches_a_webhook_receiver_through_the_worker(procs: Procs
         assert (await call("POST", f"{edge}/api/track/lead", json=lead, headers=h))[0] == 200
 
         async def delivered() -> bool:
-            return bool(received)
+            # received, and the worker's record of it (written once the receiver answered)
+            row = await pg.fetchrow("SELECT status FROM webhook_deliveries")
+            return bool(received) and row is not None and row["status"] == "delivered"
 
         await wait_for(delivered, timeout=60, what="the webhook delivery")
     finally:

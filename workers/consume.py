@@ -119,6 +119,12 @@ class Consumer:
         housekeeping = None if drain else asyncio.create_task(self._housekeeping())
         try:
             await asyncio.gather(*readers)
+        except BaseException:
+            # a reader died of a bug: the others finish their batch (or hand it back) before
+            # the process exits for a restart, rather than have their pools closed under them
+            self._stopping = True
+            await asyncio.gather(*readers, return_exceptions=True)
+            raise
         finally:
             if housekeeping is not None:
                 housekeeping.cancel()
@@ -138,7 +144,6 @@ class Consumer:
         backoff = Backoff()
         read_failure: str | None = None
         held: Batch | None = None
-        last_claim = 0.0
         while True:
             if held is None:
                 if self._stopping:
@@ -148,13 +153,17 @@ class Consumer:
                     continue
                 try:
                     held = await self._read(p, stream)
+                    if held is None and drain and not self._backlog[p] and await self._drained(stream):
+                        return
                     if read_failure is not None:
                         log.info("consume.read_resumed", stream=stream)
                         read_failure = None
                 except Exception as exc:
                     if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                        await self.ensure_groups()  # the stream was deleted under us
-                        continue
+                        failure = await self._recreate_groups()  # the stream was deleted under us
+                        if failure is None:
+                            continue
+                        exc = failure
                     reason = redis_outage(exc) or "error"
                     if reason != read_failure:
                         log.warning("consume.read_failed", stream=stream, reason=reason, error=repr(exc))
@@ -163,13 +172,10 @@ class Consumer:
                     await backoff.sleep()
                     continue
                 if held is None:
-                    if drain and not self._backlog[p] and await self._drained(stream):
-                        return
                     backoff.reset()
                     continue
-                last_claim = time.monotonic()
             try:
-                await self.pipeline.process(held)
+                await self._process_claimed(held)
             except Outage as exc:
                 held.failures += 1
                 self.gate.block(p, exc.reason)
@@ -177,14 +183,34 @@ class Consumer:
                     await self._hand_back(held)
                     self.gate.clear(p)
                     return
-                if time.monotonic() - last_claim > self.settings.claim_idle_ms / 3000:
-                    await self._keep_claimed(held)
-                    last_claim = time.monotonic()
                 await backoff.sleep()
                 continue
             held = None
             backoff.reset()
             self.gate.clear(p)
+
+    async def _recreate_groups(self) -> Exception | None:
+        try:
+            await self.ensure_groups()
+        except Exception as exc:
+            return exc
+        return None
+
+    async def _process_claimed(self, batch: Batch) -> None:
+        """``Pipeline.process``, keeping the entries claimed while it runs: an attempt that
+        outlasts ``claim_idle_ms`` (a blackholed Postgres, a long lock wait) must not let
+        another worker take the same entries meanwhile."""
+        every = self.settings.claim_idle_ms / 3000
+        attempt = asyncio.ensure_future(self.pipeline.process(batch))
+        try:
+            while True:
+                done, _ = await asyncio.wait({attempt}, timeout=every)
+                if done:
+                    return attempt.result()
+                await self._keep_claimed(batch)
+        except BaseException:
+            attempt.cancel()
+            raise
 
     async def _read(self, p: int, stream: str) -> Batch | None:
         if self._backlog[p]:
@@ -287,7 +313,9 @@ class Consumer:
             now = time.monotonic()
             if now >= next_reclaim:
                 next_reclaim = now + self.settings.reclaim_every_s
-                if not self.gate.closed:
+                # not while Postgres is out (nothing could be processed), nor once stopping
+                # (it would take back what was just handed back)
+                if not self.gate.closed and not self._stopping:
                     await self._safely("reclaim", self.reclaim())
             if now >= next_trim:
                 next_trim = now + self.settings.trim_every_s

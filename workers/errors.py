@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, RedisError
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, RedisClusterException, RedisError
 
 from ingest.connections import PG_OUTAGES, pg_outage
 
@@ -53,7 +53,9 @@ def redis_outage(exc: BaseException) -> str | None:
         return "redis_oom"
     if isinstance(exc, ReadOnlyError):
         return "redis_readonly"  # a replica after a failover
-    if isinstance(exc, BusyLoadingError | RedisError | OSError | asyncio.TimeoutError | ConnectionError):
+    if isinstance(
+        exc, BusyLoadingError | RedisError | RedisClusterException | OSError | asyncio.TimeoutError | ConnectionError
+    ):
         return "redis_unavailable"
     return None
 

@@ -48,6 +48,8 @@ class Gate:
         self._held[partition] = reason
         if any(r.startswith("postgres_") for r in self._held.values()):
             self._open.clear()
+        else:
+            self._open.set()  # a partition's reason may change (Postgres back, Redis now full)
         if not was_blocked:
             self.since, self._since_mono = time.time(), time.monotonic()
         if self.reasons != before:

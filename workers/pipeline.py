@@ -20,6 +20,7 @@ holding the entry. Past ``max_deliveries`` such attempts the entry is dead-lette
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -44,6 +45,9 @@ from .errors import Outage, postgres_outage, redis_outage
 from .metrics import WorkerMetrics
 
 log = structlog.get_logger("workers.pipeline")
+
+SHRINK_AFTER = 3  # outages of one batch before it is stored in smaller parts
+WORKER_ERROR_RETRIES = 300  # a batch failing in the worker's own code is held this many times (~10 min)
 
 Entry = tuple[bytes, dict[bytes, bytes] | None]
 
@@ -82,6 +86,7 @@ class Batch:
     result: store.BatchResult | None = None
     dead_lettered: bool = False
     failures: int = 0  # outages met so far
+    unrefunded: set[bytes] = field(default_factory=set)  # counted attempts an outage could not give back
 
     @property
     def ids(self) -> list[bytes]:
@@ -109,21 +114,27 @@ class Pipeline:
             todo = batch.good
             counted: list[bytes] = []
             if batch.tracked and todo:
+                if batch.failures:
+                    # Postgres failed this batch before: count no attempt until it answers, so
+                    # a kill during a long outage is not charged to the entries
+                    await self._postgres_answers()
                 # past the limit: dead-lettered below, never attempted again
                 batch.good = todo = await self._count_attempts(batch, todo, counted)
             fault = self.settings.fault or ""
             if fault.startswith("crash_on:") and any(e.payload.get("code") == fault[9:] for e in todo):
                 os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint: a poison entry that kills workers
             try:
-                result, failed = await self._store(todo) if todo else (store.BatchResult(), [])
+                result, failed = await self._store_chunked(todo, batch.failures)
                 if (
                     len(todo) > 1
                     and len(failed) == len(todo)
                     and not any(isinstance(x, PostgresError) for _, x in failed)
+                    and batch.failures < WORKER_ERROR_RETRIES
                 ):
                     # every entry failed alone, and not for Postgres: the fault is the
                     # worker's own (a bug, a broken deploy), not each entry's. Nothing was
-                    # committed; hold the batch until a fixed worker takes it
+                    # committed; hold the batch for a while (a fixed worker may take it),
+                    # then set its entries aside like any poison, each with its error
                     log.error("batch.worker_error", stream=batch.stream, entries=len(todo), error=repr(failed[0][1]))
                     raise Outage("worker_error", failed[0][1])
             except Outage:
@@ -167,14 +178,27 @@ class Pipeline:
         if gone:
             log.warning("entries.deleted_while_pending", stream=batch.stream, count=gone)
 
+    async def _postgres_answers(self) -> None:
+        try:
+            async with asyncio.timeout(5):
+                async with self.pg.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+        except Exception as exc:
+            reason = postgres_outage(exc)
+            if reason is None:
+                raise
+            await self.pg.expire_connections()
+            raise Outage(reason, exc) from exc
+
     async def _count_attempts(self, batch: Batch, todo: list[Envelope], counted: list[bytes]) -> list[Envelope]:
         """One more attempt for each tracked entry (their ids added to ``counted``); those
-        past the limit go to the dead letters instead of the transaction. Returns the rest."""
+        past the limit go to the dead letters instead of the transaction. Returns the rest.
+        An attempt an earlier outage could not give back is this one (added 0, not 1)."""
         key = self.keys.attempts(batch.partition)
-        ids = [batch.stream_ids[e.event_id] for e in todo]
+        ids = list(dict.fromkeys(batch.stream_ids[e.event_id] for e in todo))  # a copy: one count
         pipe = self.redis.pipeline(transaction=False)
         for eid in ids:
-            pipe.execute_command("HINCRBY", key, eid, 1)
+            pipe.execute_command("HINCRBY", key, eid, 0 if eid in batch.unrefunded else 1)
         try:
             counts = await pipe.execute()
         except Exception as exc:
@@ -185,9 +209,13 @@ class Pipeline:
             log.warning("attempts.not_counted", stream=batch.stream, entries=len(ids), error=type(exc).__name__)
             return todo
         counted.extend(ids)
+        batch.unrefunded.clear()
         limit = self.settings.max_deliveries
         keep: list[Envelope] = []
-        for e, eid, n in zip(todo, ids, counts, strict=True):
+        by_id = dict(zip(ids, counts, strict=True))
+        for e in todo:
+            eid = batch.stream_ids[e.event_id]
+            n = by_id[eid]
             if int(n) - 1 >= limit:
                 batch.dead.append(
                     Dead(eid, e.encode(), f"a worker stopped while processing it {int(n) - 1} times (limit {limit})",
@@ -208,7 +236,24 @@ class Pipeline:
         try:
             await pipe.execute()
         except Exception as exc:
+            batch.unrefunded.update(counted)  # the next attempt nets it out
             log.warning("attempts.not_refunded", stream=batch.stream, entries=len(counted), error=repr(exc))
+
+    async def _store_chunked(
+        self, envelopes: list[Envelope], failures: int
+    ) -> tuple[store.BatchResult, list[tuple[Envelope, Exception]]]:
+        """The batch in one transaction; after repeated outages, in halves, quarters, ...: a
+        batch too big for a statement timeout or a lock table must not be retried whole for
+        ever (each part commits on its own, exactly once in effect)."""
+        if not envelopes:
+            return store.BatchResult(), []
+        size = len(envelopes) if failures < SHRINK_AFTER else max(1, len(envelopes) >> (failures - SHRINK_AFTER + 1))
+        total, failed = store.BatchResult(), []
+        for i in range(0, len(envelopes), size):
+            r, f = await self._store(envelopes[i : i + size])
+            _merge(total, r)
+            failed += f
+        return total, failed
 
     async def _store(self, envelopes: list[Envelope]) -> tuple[store.BatchResult, list[tuple[Envelope, Exception]]]:
         try:
@@ -229,22 +274,23 @@ class Pipeline:
         total, failed = store.BatchResult(), []
         for half in (envelopes[:mid], envelopes[mid:]):
             r, f = await self._store(half)
-            total.inserted += r.inserted
-            total.duplicates += r.duplicates
-            total.unknown_codes += r.unknown_codes
-            total.inactive_codes += r.inactive_codes
-            total.deliveries += r.deliveries
+            _merge(total, r)
             failed += f
         return total, failed
 
-    @staticmethod
-    async def _redis(step: Any) -> None:
+    async def _redis(self, step: Any) -> None:
         try:
             await step
         except Exception as exc:
             reason = redis_outage(exc)
             if reason is None:
                 raise
+            if reason == "redis_readonly":
+                # a replica now, after a failover behind the same address: pooled
+                # connections would keep talking to it; reconnect
+                pool = getattr(self.redis, "connection_pool", None)
+                if pool is not None:
+                    await pool.disconnect()
             raise Outage(reason, exc) from exc
 
     async def _dead_letter(self, stream: str, dead: list[Dead]) -> None:
@@ -311,3 +357,12 @@ class Pipeline:
             log.warning("click.unknown_code", code=code[:128], events=n)
         for code, n in Counter(result.inactive_codes).items():
             log.warning("click.inactive_link", code=code, events=n)
+
+
+def _merge(total: store.BatchResult, r: store.BatchResult) -> None:
+    total.inserted += r.inserted
+    total.duplicates += r.duplicates
+    total.unknown_codes += r.unknown_codes
+    total.inactive_codes += r.inactive_codes
+    total.milestones += r.milestones
+    total.deliveries += r.deliveries
