@@ -13,6 +13,13 @@ import zlib
 GROUP = "workers"  # the consumer group every worker joins
 
 
+def parse_id(raw: object) -> tuple[int, int]:
+    """A stream entry id (``b"1700000000000-3"``) as (milliseconds, sequence), for ordering."""
+    s = raw.decode() if isinstance(raw, bytes) else str(raw)
+    ms, _, seq = s.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class Keys:
     __slots__ = ("partitions", "prefix", "streams")
 

@@ -24,15 +24,14 @@ import random
 import time
 from typing import Any
 
-import orjson
 import structlog
 from redis.exceptions import ResponseError
 
 from ingest.connections import Redis
-from ingest.keys import GROUP, Keys
+from ingest.keys import GROUP, Keys, parse_id
 from ingest.settings import Settings
 
-from . import trim
+from . import presence, trim
 from .errors import Outage, redis_outage
 from .gate import Gate
 from .pipeline import Batch, Entry, Pipeline
@@ -40,8 +39,6 @@ from .pipeline import Batch, Entry, Pipeline
 log = structlog.get_logger("workers.consume")
 
 HAND_BACK_IDLE_MS = 10**12  # "idle since forever": any reclaim takes it
-STATE_EVERY_S = 5.0
-STATE_STALE_S = 3600  # states of workers gone this long are removed by whoever publishes
 
 
 class Backoff:
@@ -54,12 +51,6 @@ class Backoff:
     async def sleep(self) -> None:
         await asyncio.sleep(self.delay * random.uniform(0.5, 1.0))
         self.delay = min(self.cap, self.delay * 2)
-
-
-def _stream_id(raw: Any) -> tuple[int, int]:
-    s = raw.decode() if isinstance(raw, bytes) else str(raw)
-    ms, _, seq = s.partition("-")
-    return int(ms), int(seq or 0)
 
 
 class Consumer:
@@ -275,7 +266,7 @@ class Consumer:
             await self.reclaim()
             return False
         info = await self.redis.xinfo_stream(stream)
-        return _stream_id(group["last-delivered-id"]) >= _stream_id(info["last-generated-id"])
+        return parse_id(group["last-delivered-id"]) >= parse_id(info["last-generated-id"])
 
     # -- housekeeping -----------------------------------------------------------------
 
@@ -322,7 +313,7 @@ class Consumer:
                 await self._safely("trim", trim.trim(self.redis, self.keys, self.settings.retention_s))
             if now >= next_state or self._publish_now.is_set():
                 self._publish_now.clear()
-                next_state = now + STATE_EVERY_S
+                next_state = now + presence.EVERY_S
                 await self._safely("state", self._publish_state())
             wake = min(next_reclaim, next_trim, next_state) - time.monotonic()
             try:
@@ -342,7 +333,6 @@ class Consumer:
             "state": "blocked" if self.gate.blocked else "running",
             "reasons": self.gate.reasons,
             "since": self.gate.since,
-            "at": time.time(),
             **vars_of(self.pipeline.totals),
         }
 
@@ -352,25 +342,13 @@ class Consumer:
         self._publish_now.set()
 
     async def _publish_state(self) -> None:
-        """This worker's state in ``{prefix}:workers`` (a hash: consumer → JSON), for
-        ``refstream status``; states not refreshed for an hour are removed."""
-        await self.redis.execute_command("HSET", self.keys.workers, self.name, orjson.dumps(self.state()))
-        stale = []
-        for name, raw in (await self.redis.execute_command("HGETALL", self.keys.workers)).items():
-            try:
-                at = float(orjson.loads(raw).get("at", 0))
-            except (ValueError, AttributeError):
-                at = 0.0
-            if time.time() - at > STATE_STALE_S:
-                stale.append(name)
-        if stale:
-            await self.redis.execute_command("HDEL", self.keys.workers, *stale)
+        await presence.publish(self.redis, self.keys, self.name, self.state())
 
     async def _leave(self) -> None:
         """A clean stop: remove this worker's state, and its consumer from the group where
         it holds nothing (names are per process: they would pile up)."""
         try:
-            await self.redis.execute_command("HDEL", self.keys.workers, self.name)
+            await presence.forget(self.redis, self.keys, self.name)
             for stream in self.keys.streams:
                 consumers = await self.redis.xinfo_consumers(stream, GROUP)
                 mine = next((c for c in consumers if _str(c["name"]) == self.name), None)

@@ -13,7 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ingest.connections import Redis
-from ingest.keys import GROUP, Keys
+from ingest.keys import GROUP, Keys, parse_id
 from ingest.metrics import LATENCY_BUCKETS
 
 from .errors import REASONS
@@ -92,8 +92,7 @@ async def refresh_stream_gauges(metrics: WorkerMetrics, redis: Redis, keys: Keys
                 if g["pending"]:
                     oldest = (await redis.xpending(stream, GROUP)).get("min")
                     if oldest is not None:
-                        ms = int((oldest.decode() if isinstance(oldest, bytes) else str(oldest)).partition("-")[0])
-                        age = max(0.0, (now_ms - ms) / 1000)
+                        age = max(0.0, (now_ms - parse_id(oldest)[0]) / 1000)
                 metrics.oldest_pending_age.labels(stream).set(age)
     metrics.dead_letters.set(await redis.xlen(keys.dead))
 

@@ -184,9 +184,16 @@ class Pipeline:
                 async with self.pg.acquire() as conn:
                     await conn.fetchval("SELECT 1")
         except Exception as exc:
-            reason = postgres_outage(exc)
-            if reason is None:
-                raise
+            await self._raise_if_outage(exc)
+            raise
+
+    async def _raise_if_outage(self, exc: Exception) -> None:
+        """``Outage`` when ``exc`` says Postgres cannot serve anyone now; else return."""
+        reason = postgres_outage(exc)
+        if reason is not None:
+            # the pool's idle connections may all be dead (a restart), still on the old host
+            # or still read-only (settings read at connect), or hold statements prepared for
+            # the old schema: the retry gets fresh ones
             await self.pg.expire_connections()
             raise Outage(reason, exc) from exc
 
@@ -259,13 +266,7 @@ class Pipeline:
         try:
             return await store.write_batch(self.pg, envelopes, self.enricher), []
         except Exception as exc:
-            reason = postgres_outage(exc)
-            if reason is not None:
-                # the pool's idle connections may all be dead (a restart), still on the old
-                # host or still read-only (settings read at connect), or hold statements
-                # prepared for the old schema: the retry gets fresh ones
-                await self.pg.expire_connections()
-                raise Outage(reason, exc) from exc
+            await self._raise_if_outage(exc)
             if len(envelopes) == 1:
                 log.error("event.poison", event_id=str(envelopes[0].event_id), error=repr(exc))
                 return store.BatchResult(), [(envelopes[0], exc)]

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
 from redis.exceptions import ResponseError
 
 from ingest.connections import Redis
-from ingest.keys import Keys
+from ingest.keys import Keys, parse_id
+
+from . import presence
+from .presence import WorkerState
 
 WINDOW_S = 60
 COUNT_CAP = 100_000  # entries counted per partition (throughput, and lag on Redis < 7)
@@ -76,18 +78,6 @@ class Throughput:
     out_per_s: float | None
 
 
-@dataclass(slots=True)
-class WorkerState:
-    """What a worker last published: running, or blocked by an outage and why."""
-
-    consumer: str
-    state: str  # "running" or "blocked"
-    reasons: list[str]
-    blocked_for_s: float | None
-    seen_s_ago: float
-    stale: bool  # not refreshed for a while: the worker is probably gone
-
-
 @dataclass(frozen=True, slots=True)
 class Thresholds:
     max_lag: int = 10_000
@@ -122,18 +112,12 @@ class Snapshot:
         return dataclasses.asdict(self)
 
 
-def _id(raw: Any) -> tuple[int, int]:
-    s = raw.decode() if isinstance(raw, bytes) else str(raw)
-    ms, _, seq = s.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _age(now_ms: int, raw_id: Any) -> float | None:
-    return None if raw_id is None else max(0.0, (now_ms - _id(raw_id)[0]) / 1000)
+    return None if raw_id is None else max(0.0, (now_ms - parse_id(raw_id)[0]) / 1000)
 
 
 async def _count_after(redis: Redis, stream: str, after: str, cap: int) -> tuple[int, bool]:
@@ -149,7 +133,7 @@ async def group_lag(redis: Redis, stream: str, info: dict[str, Any], last_genera
     if info.get("lag") is not None:
         return int(info["lag"]), False
     last = info["last-delivered-id"]
-    if _id(last) >= _id(last_generated_id):
+    if parse_id(last) >= parse_id(last_generated_id):
         return 0, False
     return await _count_after(redis, stream, "(" + _s(last), COUNT_CAP)
 
@@ -205,30 +189,6 @@ def spool_usage(spool_dir: str | None) -> Spool:
     return Spool(spool_dir, True, files, n_bytes)
 
 
-STALE_AFTER_S = 20.0  # workers publish every 5 s
-
-
-async def worker_states(redis: Redis, keys: Keys, now: float) -> list[WorkerState]:
-    out = []
-    for name, raw in sorted((await redis.execute_command("HGETALL", keys.workers)).items()):
-        try:
-            d = orjson.loads(raw)
-            at, since = float(d["at"]), d.get("since")
-        except (ValueError, KeyError, TypeError):
-            continue
-        out.append(
-            WorkerState(
-                _s(name),
-                str(d.get("state", "?")),
-                [str(r) for r in d.get("reasons", [])],
-                None if since is None else max(0.0, now - float(since)),
-                max(0.0, now - at),
-                now - at > STALE_AFTER_S,
-            )
-        )
-    return out
-
-
 def _breaches(partitions: list[Partition], dead: Dead, t: Thresholds, workers: list[WorkerState]) -> list[Breach]:
     out = []
     for w in workers:
@@ -280,7 +240,7 @@ async def snapshot(
     out_per_s = None if out_events is None else out_events / WINDOW_S
     throughput = Throughput(WINDOW_S, in_events, in_capped, in_events / WINDOW_S, out_events, out_per_s)
 
-    workers = await worker_states(redis, keys, now_ms / 1000)
+    workers = await presence.read(redis, keys, now_ms / 1000)
     breaches = _breaches(partitions, dead, thresholds, workers)
     return Snapshot(
         now_ms,

@@ -10,21 +10,14 @@ A partition without any group is not trimmed at all.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import structlog
 from redis.exceptions import ResponseError
 
 from ingest.connections import Redis
-from ingest.keys import Keys
+from ingest.keys import Keys, parse_id
 
 log = structlog.get_logger("workers.trim")
-
-
-def _parse(raw: Any) -> tuple[int, int]:
-    s = raw.decode() if isinstance(raw, bytes) else str(raw)
-    ms, _, seq = s.partition("-")
-    return int(ms), int(seq or 0)
 
 
 async def safe_cut(redis: Redis, stream: str) -> tuple[int, int] | None:
@@ -39,14 +32,14 @@ async def safe_cut(redis: Redis, stream: str) -> tuple[int, int] | None:
         return None
     cut: tuple[int, int] | None = None
     for g in groups:
-        ms, seq = _parse(g["last-delivered-id"])
+        ms, seq = parse_id(g["last-delivered-id"])
         need = (ms, seq + 1)
         if g["pending"]:
             # read after XINFO: the entries may have been acked in between (no minimum then),
             # and whatever is pending now is at or below the last-delivered id read before
             summary = await redis.xpending(stream, g["name"])
             if summary.get("min") is not None:
-                need = min(need, _parse(summary["min"]))
+                need = min(need, parse_id(summary["min"]))
         cut = need if cut is None else min(cut, need)
     return cut
 
