@@ -12,6 +12,9 @@ import pytest
 
 from ._procs import REFSTREAM
 
+# the same in either pass (no server-specific behaviour): scripts/test runs it in the first only
+pytestmark = pytest.mark.once
+
 
 @pytest.mark.timeout(120)
 def test_bench_quick_prints_positive_figures_as_json():

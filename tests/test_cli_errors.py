@@ -38,6 +38,9 @@ from refstream.services import Services, with_database
 
 from ._procs import env_for, run_command
 
+# the same in either pass (no server-specific behaviour): scripts/test runs it in the first only
+pytestmark = pytest.mark.once
+
 DEBIAN_PG = Path("/usr/lib/postgresql/15/bin")
 
 

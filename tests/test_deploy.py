@@ -26,6 +26,9 @@ import yaml
 from ingest.metrics import EdgeMetrics
 from workers.metrics import WorkerMetrics
 
+# the same in either pass (no server-specific behaviour): scripts/test runs it in the first only
+pytestmark = pytest.mark.once
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "refstream-rules.yml"
