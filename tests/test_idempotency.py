@@ -224,7 +224,8 @@ async def test_management_writes(edge: str, world: World, pg: asyncpg.Pool, redi
     # a created API key is replayed to the retry (it was its answer), never stored in clear
     h3 = bearer(world.api_key, "mgmt-3")
     made = await call("POST", f"{edge}/v1/keys", json={"scopes": ["read"]}, headers=h3)
-    assert made[0] == 201 and (await call("POST", f"{edge}/v1/keys", json={"scopes": ["read"]}, headers=h3))[1] == made[1]
+    assert made[0] == 201
+    assert (await call("POST", f"{edge}/v1/keys", json={"scopes": ["read"]}, headers=h3))[1] == made[1]
     assert await pg.fetchval("SELECT count(*) FROM api_keys WHERE workspace_id = $1", world.workspace_id) == 2
     stored = [await redis.get(k) async for k in redis.scan_iter(match=f"{settings.stream_prefix}:idk:*")]
     assert stored and not any(made[1]["api_key"].encode() in v for v in stored)

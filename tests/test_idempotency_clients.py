@@ -138,8 +138,8 @@ async def test_redis_down_spools_without_the_check_and_the_worker_counts_one(
         elsewhere = await call("POST", f"{base_b}/api/v1/track/click", json=click)  # another edge cannot know
         assert elsewhere[0] == 200 and elsewhere[1]["click_id"] != first[1]["click_id"]
         # fail closed where there is no spool: a keyed route refuses rather than counts blind
-        status, _, _ = await call("POST", f"{base_a}/v1/track/click", json={"ref": "PARTNER123"},
-                                  headers={"Authorization": f"Bearer {world.api_key}", "Idempotency-Key": "x"})  # fmt: skip
+        keyed = {"Authorization": f"Bearer {world.api_key}", "Idempotency-Key": "x"}
+        status, _, _ = await call("POST", f"{base_a}/v1/track/click", json={"ref": "PARTNER123"}, headers=keyed)
         assert status == 503
 
         private_redis.start()

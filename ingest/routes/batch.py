@@ -222,7 +222,9 @@ async def _accept(
             continue
         else:
             firsts[claim.digest] = (index, claim)
-            answer = Answer(200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint)
+            answer = Answer(
+                200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint
+            )
             appends.append(edge.idem.append_command(claim, envelope.payload["code"], envelope, answer))
         sent.append((result, claim if isinstance(claim, Claim) else None))
     fresh = replays = 0
