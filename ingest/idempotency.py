@@ -11,7 +11,7 @@ The record carries its stream partition's hash tag (the routing key picks the pa
 and a retry has the routing key of its first), so the script is legal on a Redis Cluster;
 and being one script it is atomic: of two copies in flight at once, one appends, the other
 gets its answer. Management writes change Postgres, which no script can join: a reservation
-(``SET NX GET``), then the answer stored once the handler returned 2xx, or the reservation
+(a script: the record, or a reservation made), then the answer stored once the handler returned 2xx, or the reservation
 dropped when it did not (a refused request moved nothing, and is evaluated afresh).
 
 Each record holds a fingerprint of the request: the same key with another body is refused
@@ -58,6 +58,15 @@ APPEND_ONCE = """
 local first = redis.call('GET', KEYS[1])
 if first then return first end
 redis.call('XADD', KEYS[2], '*', ARGV[3], ARGV[4])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+# KEYS[1] the key's record; ARGV: a reservation, its ms. The record if there is one, else
+# the reservation is made (a script, not SET NX GET: one reply shape on every client)
+RESERVE = """
+local first = redis.call('GET', KEYS[1])
+if first then return first end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
@@ -144,6 +153,7 @@ class Idempotency:
         self.keys = keys
         self.window_ms = window_s * 1000
         self._append_sha = batcher.script(APPEND_ONCE)
+        self._reserve_sha = batcher.script(RESERVE)
         self._release_sha = batcher.script(RELEASE)
         self._spooled: OrderedDict[str, tuple[float, Answer]] = OrderedDict()
 
@@ -215,7 +225,7 @@ class Idempotency:
         message)`` renders this route's errors. Raises what Redis raised."""
         record = self.keys.idempotent(claim.digest)
         token = f"{claim.fingerprint}{PENDING:03d}{unique_token()}".encode()
-        (first,) = await batcher.execute(("SET", record, token, "NX", "PX", RESERVATION_MS, "GET"))
+        (first,) = await batcher.execute(("EVALSHA", self._reserve_sha, 1, record, token, RESERVATION_MS))
         if isinstance(first, Exception):
             raise first
         if first is not None:
