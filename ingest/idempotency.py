@@ -98,6 +98,18 @@ def header_key(request: web.Request) -> str | None:
     return valid_key(values[0])
 
 
+def request_claim(request: web.Request, key: str, workspace: str, raw: bytes) -> Claim:
+    """A whole request's claim: scoped by workspace, method and route; asking its path and
+    its body (``raw``; JSON key order aside)."""
+    try:
+        asked: Any = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        asked = raw.hex()
+    resource = request.match_info.route.resource
+    route = f"{request.method} {resource.canonical if resource else request.path}"
+    return Claim.of(key, route, workspace, fingerprint(request.method, request.path, asked))
+
+
 def fingerprint(*parts: Any) -> str:
     """What a request asked, order of JSON keys aside: a repeat must ask the same."""
     return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]

@@ -18,7 +18,7 @@ from ..admin import NotFound
 from ..auth import Principal, bearer
 from ..body import BodyError, parse
 from ..connections import PG_ERRORS, REDIS_ERRORS
-from ..idempotency import Claim, InvalidKey, fingerprint, header_key
+from ..idempotency import Claim, InvalidKey, header_key, request_claim
 from ..lookup import Unavailable, lookup
 from ..state import EDGE, Edge
 
@@ -204,8 +204,6 @@ WRITES = frozenset({"POST", "PATCH", "DELETE"})  # these honour Idempotency-Key
 
 
 async def _claim(request: web.Request, key: str, workspace: str) -> Claim:
-    """The key in its scope (workspace, method and route) and what the request asked (its
-    path and body, JSON key order aside)."""
     limit = request.app[EDGE].settings.max_body_bytes
     try:
         raw = await request.read()  # kept by aiohttp: the handler reads it again for free
@@ -213,13 +211,7 @@ async def _claim(request: web.Request, key: str, workspace: str) -> Claim:
         raw = b"x" * (limit + 1)
     if len(raw) > limit:
         raise BodyError(413, "too_large", f"body larger than {limit} bytes")
-    try:
-        asked: Any = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError:
-        asked = raw.hex()
-    resource = request.match_info.route.resource
-    route = f"{request.method} {resource.canonical if resource else request.path}"
-    return Claim.of(key, route, workspace, fingerprint(request.method, request.path, asked))
+    return request_claim(request, key, workspace, raw)
 
 
 def guarded(
