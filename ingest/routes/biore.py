@@ -116,8 +116,8 @@ async def track_click(request: web.Request) -> web.Response:
     try:
         if idem_key is None:
             await append(edge, envelope, code, spool=True)
-        else:  # public: scoped by the link's workspace and the link; the answer is always the same
-            claim = Claim.of(idem_key, "biore-click", envelope.workspace_id, fingerprint(code), link=code)
+        else:  # public: scoped by the link (whose code names its workspace: known or not, the same scope)
+            claim = Claim.of(idem_key, "biore-click", None, fingerprint(code), link=code)
             answer = Answer(200, TRACKED, claim.fingerprint)
             if (first := await edge.idem.append(edge, claim, envelope, code, answer, spool=True)) is not None:
                 return first.response(headers)
