@@ -17,6 +17,7 @@ from .batcher import RedisBatcher
 from .connections import connect_redis, create_pg_pool, pg_unavailable
 from .cors import cors
 from .events import unique_token
+from .idempotency import Idempotency
 from .keys import Keys
 from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
@@ -105,6 +106,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         click_limiter=RateLimiter(batcher, "click", limit=settings.click_rate_limit),
         public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit),
         key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit),
+        idem=Idempotency(batcher, keys, window_s=settings.idempotency_window_s),
     )
     try:
         yield

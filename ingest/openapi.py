@@ -106,6 +106,15 @@ OPERATIONS: tuple[Op, ...] = (
 )  # fmt: skip
 
 
+_UNKEYED = frozenset({"/api/v1/referrals/convert"})  # idempotent on (code, session) by itself
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
+    "description": "A repeat within REFSTREAM_IDEMPOTENCY_WINDOW_S gets the first answer and changes nothing;"
+    " the same key with another body: 422",
+}  # fmt: skip
+
+
 def _models() -> list[type[BaseModel]]:
     seen: dict[str, type[BaseModel]] = {}
     for op in OPERATIONS:
@@ -138,6 +147,8 @@ def document() -> dict[str, Any]:
             for seg in op.path.split("/")
             if seg.startswith("{")
         ] + [{"name": q, "in": "query", "required": False, "schema": {"type": "string"}} for q in op.query]
+        if op.method in ("post", "patch", "delete") and op.path not in _UNKEYED:
+            params.append(_IDEMPOTENCY_KEY)
         operation: dict[str, Any] = {
             "summary": op.summary,
             "tags": [op.tag],

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     spool_dir: str = Field(".refstream-spool", description="Where public routes spool events while Redis is down.")
     spool_max_bytes: int = Field(1 << 30, ge=1 << 16, description="Spool cap; beyond it public routes answer 503.")
     spool_drain_every_s: float = Field(1.0, gt=0)
+    idempotency_window_s: int = Field(
+        86400, ge=1, le=30 * 86400, description="How long an idempotency key's first answer is kept for repeats."
+    )
 
     # worker --------------------------------------------------------------------------
     batch_size: int = Field(500, ge=1, le=10_000)

@@ -105,9 +105,9 @@ def _opt(v: object) -> str | None:
 def _dedupe_key(e: Envelope) -> str | None:
     if e.type is EventType.LEAD and isinstance(e.payload.get("external_id"), str):
         return f"lead\x1f{e.payload['external_id']}\x1f{e.payload.get('name') or ''}"
-    if e.type is EventType.CONVERSION:
-        return _opt(e.payload.get("dedupe"))
-    return None
+    # a conversion per (code, session); a click spooled under an idempotency key per key
+    # (the edge could not check the key without Redis: ingest/idempotency.py)
+    return _opt(e.payload.get("dedupe"))
 
 
 def _visitor_key(e: Envelope) -> str | None:

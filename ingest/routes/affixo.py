@@ -26,6 +26,7 @@ from ..body import BodyError, header, parse
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
+from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key, replay
 from ..lookup import Unavailable, lookup
 from ..state import EDGE
 
@@ -98,6 +99,10 @@ async def track_click(request: web.Request) -> web.Response:
         if problem is not None and problem.status == 413:
             return error(413, "payload_too_large", detail=problem.message)
         return error(400, "invalid_json", detail=problem.message if problem else "invalid body")
+    try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        return error(400, "invalid_idempotency_key", detail=str(exc))
     link = found.link
     if found.link_unresolved:
         return error(503, "unavailable", {"Retry-After": "1"})
@@ -141,11 +146,18 @@ async def track_click(request: web.Request) -> web.Response:
             user_agent=header(request, "User-Agent", edge.settings.max_string_length),
             payload=payload,
         )
-        await append(edge, envelope, link.code, *remember, spool=False)  # keyed: 503 rather than spool
+        resp = orjson.dumps(
+            AffixoClickRecorded(visitor_id=visitor, match_method=method, match_confidence=confidence).model_dump()
+        )
+        if idem_key is None:
+            await append(edge, envelope, link.code, *remember, spool=False)  # keyed: 503 rather than spool
+        else:
+            claim = Claim.of(idem_key, "affixo-click", workspace, fingerprint(body.model_dump()))
+            answer = Answer(200, resp, claim.fingerprint)
+            first = await edge.idem.append(edge, claim, envelope, link.code, answer, *remember, spool=False)
+            if first is not None:
+                return replay(first, claim, lambda s, c, m: error(s, c, detail=m), found.verdict.headers)
     except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="affixo_click", error=str(exc))
         return error(503, "unavailable", {"Retry-After": "1"})
-    resp = AffixoClickRecorded(visitor_id=visitor, match_method=method, match_confidence=confidence)
-    return web.Response(
-        body=orjson.dumps(resp.model_dump()), content_type="application/json", headers=found.verdict.headers
-    )
+    return web.Response(body=resp, content_type="application/json", headers=found.verdict.headers)

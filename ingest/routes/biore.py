@@ -18,6 +18,7 @@ from ..body import header, plain
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
+from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key
 from ..lookup import lookup
 from ..spool import SpoolFull
 from ..state import EDGE
@@ -87,6 +88,10 @@ async def track_click(request: web.Request) -> web.Response:
     headers = found.verdict.headers
     if not found.verdict.allowed:
         return error(429, "throttle", "Too Many Requests", headers)
+    try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        return error(400, "validation.idempotency_key", str(exc), headers)
     link = found.link
     # Postgres down while the link cache is cold: accept, and let the worker decide
     if not sane or (link is None and not found.link_unresolved):
@@ -109,7 +114,13 @@ async def track_click(request: web.Request) -> web.Response:
         payload=payload,
     )
     try:
-        await append(edge, envelope, code, spool=True)
+        if idem_key is None:
+            await append(edge, envelope, code, spool=True)
+        else:  # public: scoped by the link (whose code names its workspace: known or not, the same scope)
+            claim = Claim.of(idem_key, "biore-click", None, fingerprint(code), link=code)
+            answer = Answer(200, TRACKED, claim.fingerprint)
+            if (first := await edge.idem.append(edge, claim, envelope, code, answer, spool=True)) is not None:
+                return first.response(headers)
     except (*REDIS_ERRORS, SpoolFull) as exc:
         log.warning("click.not_accepted", route="biore_click", error=str(exc))
         return unavailable()

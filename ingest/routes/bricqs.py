@@ -26,6 +26,7 @@ from ..body import BodyError, header, parse, plain
 from ..connections import PG_ERRORS, REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
+from ..idempotency import Claim, InvalidKey, fingerprint, header_key
 from ..lookup import Found, Unavailable, lookup
 from ..spool import SpoolFull
 from ..state import EDGE, Edge
@@ -127,23 +128,39 @@ async def generate(request: web.Request) -> web.Response:
     edge, principal = keyed
     try:
         body = await parse(request, BricqsGenerate)
+        idem_key = header_key(request)
     except BodyError as exc:
         return error(exc.status, "validation_error", exc.message)
+    except InvalidKey as exc:
+        return error(400, "validation_error", str(exc))
+
+    async def run() -> web.Response:
+        try:
+            async with edge.pg.acquire() as conn:
+                out = await admin.referral_code(
+                    conn,
+                    edge.redis,
+                    edge.keys,
+                    workspace_id=principal.workspace_id,
+                    program_id=str(body.campaign_id),
+                    participant_id=body.participant_id,
+                )
+        except admin.NotFound as exc:
+            return error(404, "campaign_not_found", str(exc))
+        except (*PG_ERRORS, *REDIS_ERRORS):
+            return unavailable()
+        return json(200, BricqsGenerated(**out).model_dump())
+
+    if idem_key is None:
+        return await run()
+    # already idempotent per (participant, campaign); the key is honoured like everywhere
+    # else: a repeat gets the stored answer, the key with another body a 422
+    claim = Claim.of(idem_key, "bricqs-generate", principal.workspace_id, fingerprint(body.model_dump(mode="json")))
+    secret = request.headers.get("X-API-Key", "").strip()
     try:
-        async with edge.pg.acquire() as conn:
-            out = await admin.referral_code(
-                conn,
-                edge.redis,
-                edge.keys,
-                workspace_id=principal.workspace_id,
-                program_id=str(body.campaign_id),
-                participant_id=body.participant_id,
-            )
-    except admin.NotFound as exc:
-        return error(404, "campaign_not_found", str(exc))
-    except (*PG_ERRORS, *REDIS_ERRORS):
+        return await edge.idem.once(edge.batcher, claim, secret, idem_key, run, error)
+    except REDIS_ERRORS:
         return unavailable()
-    return json(200, BricqsGenerated(**out).model_dump())
 
 
 async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...] = ()) -> Found | web.Response:

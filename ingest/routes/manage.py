@@ -18,6 +18,7 @@ from ..admin import NotFound
 from ..auth import Principal, bearer
 from ..body import BodyError, parse
 from ..connections import PG_ERRORS, REDIS_ERRORS
+from ..idempotency import Claim, InvalidKey, header_key, request_claim
 from ..lookup import Unavailable, lookup
 from ..state import EDGE, Edge
 
@@ -199,6 +200,18 @@ def error(status: int, code: str, detail: str | None = None, **extra: str) -> we
 
 
 Handler = Callable[[web.Request, Edge, Principal], Awaitable[web.Response]]
+WRITES = frozenset({"POST", "PATCH", "DELETE"})  # these honour Idempotency-Key
+
+
+async def _claim(request: web.Request, key: str, workspace: str) -> Claim:
+    limit = request.app[EDGE].settings.max_body_bytes
+    try:
+        raw = await request.read()  # kept by aiohttp: the handler reads it again for free
+    except web.HTTPRequestEntityTooLarge:
+        raw = b"x" * (limit + 1)
+    if len(raw) > limit:
+        raise BodyError(413, "too_large", f"body larger than {limit} bytes")
+    return request_claim(request, key, workspace, raw)
 
 
 def guarded(
@@ -226,17 +239,35 @@ def guarded(
                 return error(403, "insufficient_scope", need=scope)
             if not found.verdict.allowed:
                 return json(429, {"error": "rate_limited"}, found.verdict.headers)
+            caller: Principal = principal
             try:
-                return await handler(request, edge, principal)
+                idem_key = header_key(request) if request.method in WRITES else None
+            except InvalidKey as exc:
+                return error(400, "invalid_idempotency_key", str(exc))
+
+            async def run() -> web.Response:
+                try:
+                    return await handler(request, edge, caller)
+                except BodyError as exc:
+                    return error(
+                        exc.status, "invalid_json" if exc.kind == "invalid_json" else "invalid_request", exc.message
+                    )
+                except NotFound as exc:
+                    return error(404, "not_found", str(exc))
+                except manage.Conflict as exc:
+                    return error(409, "conflict", str(exc))
+                except (*PG_ERRORS, *REDIS_ERRORS):
+                    return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
+
+            if idem_key is None:
+                return await run()
+            assert secret is not None
+            try:
+                claim = await _claim(request, idem_key, caller.workspace_id)
+                return await edge.idem.once(edge.batcher, claim, secret, idem_key, run, lambda s, c, m: error(s, c, m))
             except BodyError as exc:
-                return error(
-                    exc.status, "invalid_json" if exc.kind == "invalid_json" else "invalid_request", exc.message
-                )
-            except NotFound as exc:
-                return error(404, "not_found", str(exc))
-            except manage.Conflict as exc:
-                return error(409, "conflict", str(exc))
-            except (*PG_ERRORS, *REDIS_ERRORS):
+                return error(exc.status, "invalid_request", exc.message)
+            except REDIS_ERRORS:
                 return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
 
         return route

@@ -21,9 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import links
 from ..auth import bearer
 from ..body import BodyError, header, parse
+from ..clicks import ClickRef
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType
+from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key, replay
 from ..lookup import Unavailable, fallback, lookup, resolve_click
 from ..state import EDGE
 
@@ -119,6 +121,10 @@ async def track_lead(request: web.Request) -> web.Response:
     if problem is not None or body is None:
         status = problem.status if problem else 400
         return error(status, "VALIDATION_ERROR", problem.message if problem else "invalid body")
+    try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        return error(400, "VALIDATION_ERROR", str(exc))
 
     click_id = body.clickId
     try:
@@ -158,24 +164,34 @@ async def track_lead(request: web.Request) -> web.Response:
         if not isinstance(link, links.LinkInfo):
             code = click.code
             link = await fallback(edge, lambda: links.fetch(edge.pg, code))
-        await append(edge, envelope, click.code, spool=False)  # keyed: 503 rather than spool
+        resp = orjson.dumps(_tracked(body, click, link).model_dump())
+        if idem_key is None:
+            await append(edge, envelope, click.code, spool=False)  # keyed: 503 rather than spool
+        else:
+            claim = Claim.of(idem_key, "refport-lead", principal.workspace_id, fingerprint(body.model_dump()))
+            first = await edge.idem.append(
+                edge, claim, envelope, click.code, Answer(200, resp, claim.fingerprint), spool=False
+            )
+            if first is not None:
+                return replay(first, claim, lambda s, c, m: error(s, c.upper(), m), found.verdict.headers)
     except Unavailable:
         return unavailable()
     except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="refport_lead", error=str(exc))
         return unavailable()
+    return web.Response(body=resp, content_type="application/json", headers=found.verdict.headers)
+
+
+def _tracked(body: RefportLead, click: ClickRef, link: links.LinkInfo | None) -> RefportLeadTracked:
     if link is None:  # the click's link was deleted after the click: the lead is stored all the same
         link = links.LinkInfo(
             id="", workspace_id=click.workspace_id, program_id=None, affiliate_id=None,
             affiliate_external_id=None, code=click.code, url="", domain=None, status="inactive",
             cookie_window_days=0, attribution="last_click",
         )  # fmt: skip
-    resp = RefportLeadTracked(
+    return RefportLeadTracked(
         eventName=body.eventName,
         click=RefportClick(id=click.click_id),
         link=RefportLink(id=link.id, domain=link.domain, key=link.code, url=link.url, programId=link.program_id),
         customer=RefportCustomer(externalId=body.customerExternalId, email=body.customerEmail, name=body.customerName),
-    )
-    return web.Response(
-        body=orjson.dumps(resp.model_dump()), content_type="application/json", headers=found.verdict.headers
     )

@@ -50,6 +50,7 @@ SECTIONS = {
     "e": "(e) end to end",
     "f": "(f) backlog drain after the workers were stopped",
     "g": "(g) memory",
+    "i": "(i) idempotency keys: seed 003 with and without Idempotency-Key",
 }
 
 

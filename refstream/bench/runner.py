@@ -23,6 +23,7 @@ from .. import services
 from . import report, world
 from .context import Ctx, Options
 from .edge_parts import part_a, part_b, part_c
+from .idem_parts import part_i
 from .pipeline_parts import part_d, part_e_f
 from .procs import Procs
 
@@ -63,6 +64,7 @@ async def _one_run(ctx: Ctx) -> None:
         ("c", part_c, ctx.wants("c")),
         ("d", part_d, ctx.wants("d")),
         ("e/f", part_e_f, ctx.wants("e") or ctx.wants("f")),
+        ("i", part_i, ctx.wants("i")),
     ]
     for name, fn, wanted in steps:
         if wanted:
@@ -156,4 +158,7 @@ NOTES = [
     " drain rate = (backlog + ingest during catch-up) / catch-up time, which includes the workers' start-up",
     "g.redis_bytes_per_event: stream MEMORY USAGE delta / XLEN delta while the workers were stopped (f), else"
     " stream MEMORY USAGE / XLEN after (b)",
+    "i: seed 003 (Affixo click, Bearer) without a key, with a fresh Idempotency-Key per request (the atomic"
+    " append-or-answer script instead of the XADD), and repeats of 256 keys (answered from their records);"
+    " all three format each request in wrk's Lua at send time, so wrk's cost is the same",
 ]
