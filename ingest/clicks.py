@@ -44,8 +44,10 @@ class ClickRef:
     at_ms: int
 
     def cache_command(self, keys: Keys, ttl_s: int) -> Command:
+        """The cache entry, until ``ttl_s`` after the click (an absolute time: the same
+        whether the command is sent now or replayed from the spool later)."""
         body = orjson.dumps({"c": self.code, "w": self.workspace_id, "v": self.visitor_id, "t": self.at_ms})
-        return ("SET", keys.click(self.click_id), body, "EX", ttl_s)
+        return ("SET", keys.click(self.click_id), body, "PXAT", self.at_ms + ttl_s * 1000)
 
 
 def decode(click_id: str, raw: object) -> ClickRef | None:
