@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     spool_dir: str = Field(".refstream-spool", description="Where public routes spool events while Redis is down.")
     spool_max_bytes: int = Field(1 << 30, ge=1 << 16, description="Spool cap; beyond it public routes answer 503.")
     spool_drain_every_s: float = Field(1.0, gt=0)
+    click_pending_s: int = Field(
+        3 * 86400,
+        ge=0,
+        description="A lead naming an unknown click id minted this recently answers 503 (retry): the click may"
+        " still wait in a spool or a stream. Older or malformed ids answer 400.",
+    )
 
     # worker --------------------------------------------------------------------------
     batch_size: int = Field(500, ge=1, le=10_000)

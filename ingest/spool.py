@@ -49,7 +49,7 @@ class SpoolFull(SpoolError):
     """The spool is at its cap (``REFSTREAM_SPOOL_MAX_BYTES``)."""
 
 
-class _StoreFailed(Exception):
+class SpoolDrainFailed(Exception):
     """A file-system step of the drain failed; already logged and counted."""
 
 
@@ -74,6 +74,7 @@ class Spool:
         self.errors: Counter[str] = Counter()  # failed file-system operations by op, for /metrics
         self.spooled = 0
         self.drained = 0
+        self.ticks = 0  # drain loop iterations
 
     # -- what it holds: O(1) -------------------------------------------------------------
 
@@ -204,7 +205,7 @@ class Spool:
             result = await asyncio.to_thread(fn, *args)
         except (sqlite3.Error, OSError) as exc:
             self._failed(op, exc)
-            raise _StoreFailed(op) from exc
+            raise SpoolDrainFailed(op) from exc
         self._recovered(op)
         return result
 
@@ -260,9 +261,10 @@ class Spool:
                 return
             except TimeoutError:
                 pass
+            self.ticks += 1
             try:
                 await self.drain(redis)
-            except _StoreFailed:
+            except SpoolDrainFailed:
                 continue  # logged once when it started failing; retried next tick
             except REDIS_ERRORS as exc:
                 if self._redis_error is None:
