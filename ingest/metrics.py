@@ -21,6 +21,7 @@ class SpoolView(Protocol):
     def entries(self) -> int: ...
     def failing(self) -> dict[str, str]: ...
 
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 

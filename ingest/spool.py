@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
 import sqlite3
 from collections import Counter
@@ -238,7 +239,7 @@ class Spool:
         log.warning("spool.reserve_released", dir=str(self.dir), reason="a delete met a full disk")
         after = (self._entries, self._bytes)
         for start in range(0, len(ids), 50):
-            after = self._guarded("drain_delete", lambda c: store.delete(c, ids[start : start + 50]))
+            after = self._guarded("drain_delete", functools.partial(_delete, ids=ids[start : start + 50]))
         return after
 
     def _vacuum_sync(self) -> None:
@@ -319,6 +320,10 @@ class Spool:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the drain lock
             self._lock_fd = None
+
+
+def _delete(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, int]:
+    return store.delete(conn, ids)
 
 
 async def _replay(redis: Redis, rows: list[store.Row]) -> tuple[list[int], BaseException | None]:

@@ -73,9 +73,7 @@ def path_in(directory: Path) -> Path:
 def connect(directory: Path) -> sqlite3.Connection:
     """Open (creating it if need be) the spool database of ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(
-        path_in(directory), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-    )
+    conn = sqlite3.connect(path_in(directory), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     try:
         # nothing here writes to an existing database: on a full disk it must still open
         conn.execute("PRAGMA journal_mode = WAL")

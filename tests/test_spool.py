@@ -154,7 +154,7 @@ async def test_a_drain_refused_halfway_resumes_without_duplicates(tmp_path: Path
         await asyncio.gather(*(spool.append("s", e) for _, e in sent))
         used = int((await redis.info("memory"))["used_memory"])
         await redis.config_set("maxmemory", used + 400_000)  # room for about a third
-        with pytest.raises(aioredis.ResponseError, match="maxmemory|OOM"):
+        with pytest.raises(aioredis.ResponseError, match=r"maxmemory|OOM"):
             await spool.drain(redis)
         halfway = await stored(redis, "s")
         assert 0 < len(halfway) < 1500 and len(set(halfway)) == len(halfway)

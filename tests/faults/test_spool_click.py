@@ -6,6 +6,7 @@ lead succeeds and resolves to that click. Both events are stored exactly once (I
 from __future__ import annotations
 
 import asyncio
+
 import pytest
 
 from .._world import BROWSER, call
