@@ -45,6 +45,8 @@ class EdgeMetrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500), registry=r,
         )  # fmt: skip
 
+        self._spool = _SpoolCollector()  # zeros until watch_spool names the edge's spool
+        r.register(self._spool)
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
@@ -59,26 +61,28 @@ class EdgeMetrics:
 
     def watch_spool(self, spool: SpoolView) -> None:
         """The spool's gauges and error counters, read from it at each scrape (O(1))."""
-        self.registry.register(_SpoolCollector(spool))
+        self._spool.spool = spool
 
 
 class _SpoolCollector(Collector):
-    def __init__(self, spool: SpoolView) -> None:
-        self.spool = spool
+    def __init__(self) -> None:
+        self.spool: SpoolView | None = None
 
     def collect(self) -> Iterator[Metric]:
         s = self.spool
-        yield GaugeMetricFamily("refstream_spool_bytes", "Bytes waiting in the local spool", value=s.size())
-        yield GaugeMetricFamily("refstream_spool_entries", "Events waiting in the local spool", value=s.entries())
+        size, entries = (s.size(), s.entries()) if s is not None else (0, 0)
+        yield GaugeMetricFamily("refstream_spool_bytes", "Bytes waiting in the local spool", value=size)
+        yield GaugeMetricFamily("refstream_spool_entries", "Events waiting in the local spool", value=entries)
         errors = CounterMetricFamily(
             "refstream_spool_errors", "Spool file-system operations that failed (disk full, I/O error)", labels=["op"]
         )
         failing = GaugeMetricFamily(
             "refstream_spool_failing", "1 while this spool operation fails, else 0", labels=["op"]
         )
-        now = s.failing()
-        for op in sorted(set(SPOOL_OPS) | set(s.errors)):
-            errors.add_metric([op], float(s.errors[op]))
+        now = s.failing() if s is not None else {}
+        counts = s.errors if s is not None else {}
+        for op in sorted(set(SPOOL_OPS) | set(counts)):
+            errors.add_metric([op], float(counts.get(op, 0)))
             failing.add_metric([op], 1.0 if op in now else 0.0)
         yield errors
         yield failing
