@@ -92,7 +92,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     keys = Keys(settings.stream_prefix, settings.partitions)
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes)
     spool.start(redis, every_s=settings.spool_drain_every_s)  # also drains what a previous run left
-    metrics.watch_spool(spool.size)
+    metrics.watch_spool(spool)
     app[EDGE] = Edge(
         settings=settings,
         keys=keys,

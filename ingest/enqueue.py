@@ -30,9 +30,10 @@ def check(reply: object) -> None:
 async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Command, spool: bool) -> bool:
     """Make ``envelope`` durable: True once it is in Redis, False once it is in the spool.
 
-    ``extra`` commands ride in the same round trip (a click cache entry, say) and are lost
-    with it when the event is spooled. Raises what Redis raised when ``spool`` is off, and
-    ``SpoolFull`` when the spool is at its cap: either way the caller must not answer 2xx.
+    ``extra`` commands ride in the same round trip (a click cache entry, say); when the
+    event is spooled they are stored with it and replayed with its XADD. Raises what Redis
+    raised when ``spool`` is off, ``SpoolFull`` when the spool is at its cap and
+    ``SpoolError`` (an OSError) when the disk refused it: the caller must not answer 2xx.
     """
     structlog.contextvars.bind_contextvars(event_id=str(envelope.event_id))
     try:
@@ -43,6 +44,6 @@ async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Comma
     except REDIS_ERRORS:
         if not spool:
             raise
-    await edge.spool.append(edge.keys.stream_for(routing_key), envelope.encode())
+    await edge.spool.append(edge.keys.stream_for(routing_key), envelope.encode(), extra)
     edge.metrics.accepted.labels(envelope.dialect, "spool").inc()
     return False

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     idempotency_window_s: int = Field(
         86400, ge=1, le=30 * 86400, description="How long an idempotency key's first answer is kept for repeats."
     )
+    click_pending_s: int = Field(
+        3 * 86400,
+        ge=0,
+        description="A lead naming an unknown click id minted this recently answers 503 (retry): the click may"
+        " still wait in a spool or a stream. Older or malformed ids answer 400.",
+    )
 
     # worker --------------------------------------------------------------------------
     batch_size: int = Field(500, ge=1, le=10_000)

@@ -77,8 +77,7 @@ def render_status(snap: status_mod.Snapshot, keys: Keys, console: Console) -> No
     t, s = snap.throughput, snap.spool
     other = _table("dead letters · spool · throughput (last minute)", "subject", "value")
     other.add_row("dead letters", f"{snap.dead.count} (oldest {_age(snap.dead.oldest_age_s)})")
-    where = f"{s.dir}" if s.exists else f"{s.dir} (no such directory)"
-    other.add_row("spool", out.cell(f"{s.files} files, {s.bytes} bytes in {where}" if s.dir else "no spool dir given"))
+    other.add_row("spool", out.cell(_spool_cell(s)))
     other.add_row("in", f"{'≥' if t.in_capped else ''}{t.in_events} events ({t.in_per_s:.1f}/s)")
     if t.out_events is None:
         other.add_row("out", out.cell(f"unknown: Postgres could not be read ({snap.postgres_error})"))
@@ -100,6 +99,21 @@ def render_status(snap: status_mod.Snapshot, keys: Keys, console: Console) -> No
         console.print(Text.assemble(("breach", "bold red"), f" {b.check}: {b.subject} = {b.value:g} > {b.limit:g}"))
 
 
+def _spool_cell(s: status_mod.Spool) -> str:
+    if not s.dir:
+        return "no spool dir given"
+    if not s.exists:
+        return f"{s.dir} (no such directory)"
+    text = f"{s.entries} entries, {s.bytes} bytes in {s.dir}"
+    if s.entries:
+        text += f" (oldest {_age(s.oldest_age_s)})"
+    if s.free_bytes is not None:
+        text += f"; {s.file_bytes} bytes on disk, {s.free_bytes} free"
+    if s.error:
+        text += f"; FAILING: {s.error}"
+    return text
+
+
 @click.command()
 @out.json_option
 @click.option("--max-lag", default=10_000, show_default=True, type=click.IntRange(min=0))
@@ -114,7 +128,8 @@ def status(as_json: bool, max_lag: int, max_pending_age: float, max_dead: int, s
     Exit codes (usable as a health check):
       0  healthy: no threshold crossed
       3  a threshold crossed: a group's lag, its oldest pending entry's age, dead letters,
-         or a worker blocked by an outage (Postgres or Redis; it waits, nothing is lost)
+         a worker blocked by an outage (Postgres or Redis; it waits, nothing is lost), or
+         the edge's spool failing (disk full, I/O error: its public routes answer 503)
       1  Redis could not be read (without Postgres the snapshot says so and goes on)
     """
     from .runner import _run

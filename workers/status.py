@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 from redis.exceptions import ResponseError
 
+from ingest import spool_store
 from ingest.connections import Redis
 from ingest.keys import Keys, parse_id
 
@@ -64,8 +65,12 @@ class Dead:
 class Spool:
     dir: str | None
     exists: bool
-    files: int
-    bytes: int
+    entries: int  # events waiting in the edge's spool database
+    bytes: int  # their bytes (what REFSTREAM_SPOOL_MAX_BYTES caps)
+    file_bytes: int = 0  # the database and its WAL on disk
+    oldest_age_s: float | None = None
+    free_bytes: int | None = None  # left on the spool's file system
+    error: str | None = None  # the last failure an edge recorded there (disk full, ...), until it recovered
 
 
 @dataclass(slots=True)
@@ -87,7 +92,7 @@ class Thresholds:
 
 @dataclass(slots=True)
 class Breach:
-    check: str  # "lag", "pending_age", "dead" or "blocked"
+    check: str  # "lag", "pending_age", "dead", "blocked" or "spool" (the edge's spool failing)
     subject: str
     value: float
     limit: float
@@ -173,24 +178,19 @@ async def _partition(redis: Redis, number: int, stream: str, now_ms: int) -> Par
 
 
 def spool_usage(spool_dir: str | None) -> Spool:
-    """Segments the edge spooled while Redis was unreachable (``<dir>/*.spool``)."""
+    """The edge's spool database in ``spool_dir`` (read-only, O(1): its totals row)."""
     if spool_dir is None:
         return Spool(None, False, 0, 0)
-    path = Path(spool_dir)
-    if not path.is_dir():
-        return Spool(spool_dir, False, 0, 0)
-    files = n_bytes = 0
-    for f in path.glob("*.spool"):
-        try:
-            size = f.stat().st_size
-        except FileNotFoundError:
-            continue  # drained between listing and stat
-        files, n_bytes = files + 1, n_bytes + size
-    return Spool(spool_dir, True, files, n_bytes)
+    u = spool_store.usage(Path(spool_dir))
+    return Spool(spool_dir, u.exists, u.entries, u.bytes, u.file_bytes, u.oldest_age_s, u.free_bytes, u.error)
 
 
-def _breaches(partitions: list[Partition], dead: Dead, t: Thresholds, workers: list[WorkerState]) -> list[Breach]:
+def _breaches(
+    partitions: list[Partition], dead: Dead, t: Thresholds, workers: list[WorkerState], spool: Spool
+) -> list[Breach]:
     out = []
+    if spool.error is not None:
+        out.append(Breach("spool", f"{spool.dir}: {spool.error}", spool.entries, 0))
     for w in workers:
         if w.state == "blocked" and not w.stale:
             out.append(Breach("blocked", f"worker {w.consumer}: {', '.join(w.reasons)}", w.blocked_for_s or 0.0, 0))
@@ -241,7 +241,8 @@ async def snapshot(
     throughput = Throughput(WINDOW_S, in_events, in_capped, in_events / WINDOW_S, out_events, out_per_s)
 
     workers = await presence.read(redis, keys, now_ms / 1000)
-    breaches = _breaches(partitions, dead, thresholds, workers)
+    spool = spool_usage(spool_dir)
+    breaches = _breaches(partitions, dead, thresholds, workers, spool)
     return Snapshot(
         now_ms,
         not breaches,
@@ -249,7 +250,7 @@ async def snapshot(
         thresholds,
         partitions,
         dead,
-        spool_usage(spool_dir),
+        spool,
         throughput,
         workers,
         pg_error,

@@ -23,7 +23,7 @@ from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key, replay, valid_key
-from ..lookup import Unavailable, lookup, resolve_click
+from ..lookup import ClickPending, Unavailable, lookup, resolve_click
 from ..spool import SpoolFull
 from ..state import EDGE
 
@@ -149,7 +149,10 @@ async def track_click(request: web.Request) -> web.Response:
             return fail(403, "Origin not allowed for this workspace")
         prior = None
         if existing:
-            prior = await resolve_click(edge, existing, found.extra[0])
+            try:
+                prior = await resolve_click(edge, existing, found.extra[0])
+            except ClickPending:
+                prior = None  # not known yet (still spooled?): this click gets a new id, never a 503
             if prior is not None and prior.workspace_id != link.workspace_id:
                 prior = None  # another workspace's click id: not this visitor
     except Unavailable:

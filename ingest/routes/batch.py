@@ -27,7 +27,7 @@ from ..connections import REDIS_ERRORS
 from ..enqueue import xadd
 from ..events import Dialect, Envelope, EventType
 from ..idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
-from ..lookup import Unavailable, lookup, resolve_click, resolve_link
+from ..lookup import ClickPending, Unavailable, lookup, resolve_click, resolve_link
 from ..state import EDGE, Edge
 from .affixo import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
 from .bricqs import BricqsConvert
@@ -192,8 +192,12 @@ async def _accept(
     }
     offset = len(codes) + 1
     by_click: dict[str, clicks.ClickRef | None] = {}
+    pending: set[str] = set()  # recent click ids not known yet: those leads are "unavailable" (retry)
     for cid, reply in zip(click_ids, replies[offset : offset + len(click_ids)], strict=True):
-        by_click[cid] = await resolve_click(edge, cid, reply)
+        try:
+            by_click[cid] = await resolve_click(edge, cid, reply)
+        except ClickPending:
+            pending.add(cid)
     offset += len(click_ids)
     seen = {fp: replies[offset + 2 * i + 1] for i, fp in enumerate(fingerprints)}
 
@@ -205,6 +209,9 @@ async def _accept(
     for index, p in enumerate(parsed):
         if isinstance(p, ItemResult):
             results.append(p)
+            continue
+        if isinstance(p, RefportLead) and p.clickId in pending:
+            results.append(ItemResult(index=index, ok=False, error="unavailable"))
             continue
         envelope, result = _envelope(index, p, workspace, by_code, by_click, candidates, seen)
         results.append(result)
