@@ -17,6 +17,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from ingest import spool_store
 from ingest.settings import Settings
 from workers.worker import drain as drain_streams
 
@@ -146,7 +147,7 @@ async def test_redis_down_spools_without_the_check_and_the_worker_counts_one(
         spooled = [tmp_path / "a", tmp_path / "b"]
 
         async def drained() -> bool:
-            return not any(any(d.glob("*.spool")) for d in spooled if d.is_dir())
+            return all(spool_store.usage(d).entries == 0 for d in spooled)
 
         await wait_for(drained, timeout=30, what="both spools to drain")
         # Redis is back: a repeat on the edge that spooled the first copy still gets its answer
