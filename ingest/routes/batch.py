@@ -179,7 +179,8 @@ async def _accept(edge: Edge, workspace: str, items: list[Any]) -> list[ItemResu
         if envelope is not None:
             appends.append(xadd(edge.keys, envelope, envelope.payload["code"]))
     if appends:
-        for reply, result in zip(await edge.batcher.execute(*appends), [r for r in results if r.ok], strict=True):
+        written = await edge.batcher.execute(*appends, durable=True)
+        for reply, result in zip(written, [r for r in results if r.ok], strict=True):
             if isinstance(reply, Exception):
                 result.ok, result.error, result.event_id = False, "unavailable", None
     return results
