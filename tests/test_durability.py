@@ -6,6 +6,7 @@ failover (READONLY drops its connection, the next one asks Sentinel again)."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -162,13 +163,14 @@ async def test_edge_spools_public_and_refuses_keyed_short_of_replicas(settings: 
     procs = Procs(own, tmp_path)
     try:
         ws = await procs.cli("workspace", "create", "Acme")
-        await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
+        ws["code"] = f"dur{secrets.token_hex(4)}"
+        await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", ws["code"])
         base = await procs.start_edge(REFSTREAM_ACK_DURABILITY="replicas:1", REFSTREAM_ACK_WAIT_MS="100")
         auth = {"Authorization": f"Bearer {ws['api_key']}"}
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{base}/api/v1/referral/click/alice") as r:
+            async with http.post(f"{base}/api/v1/referral/click/{ws['code']}") as r:
                 assert r.status == 200, await r.text()  # public: into the spool
-            async with http.post(f"{base}/v1/track/click", json={"ref": "alice"}, headers=auth) as r:
+            async with http.post(f"{base}/v1/track/click", json={"ref": ws["code"]}, headers=auth) as r:
                 assert r.status == 503, await r.text()  # keyed: not accepted
                 assert r.headers["Retry-After"] == "1"
             async with http.get(f"{base}/metrics") as r:
@@ -178,7 +180,7 @@ async def test_edge_spools_public_and_refuses_keyed_short_of_replicas(settings: 
             await wait_in_sync(primary, 1)
 
             async def keyed_accepted() -> bool:
-                async with http.post(f"{base}/v1/track/click", json={"ref": "alice"}, headers=auth) as r:
+                async with http.post(f"{base}/v1/track/click", json={"ref": ws["code"]}, headers=auth) as r:
                     return r.status == 200
 
             await wait_for(keyed_accepted, timeout=20, what="keyed events accepted once a replica is back")
