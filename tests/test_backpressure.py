@@ -89,8 +89,11 @@ async def test_the_queue_is_bounded(settings: Settings):
         proxy.blackhole()
         # 4 commands go out (and hang), 8 wait behind them; the next 4 would make 12 queued
         first = asyncio.create_task(batcher.execute(*[get] * 4))
-        while batcher._queued or batcher._task is None:  # until the flusher took them
-            await asyncio.sleep(0)
+
+        async def sent() -> bool:  # the flusher took them
+            return batcher._task is not None and not batcher._queued
+
+        await wait_for(sent, timeout=5, what="the first round trip")
         behind = [asyncio.create_task(batcher.execute(*[get] * 4)) for _ in range(2)]
         await asyncio.sleep(0)
         with pytest.raises(Backpressure):
