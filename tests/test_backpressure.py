@@ -131,7 +131,7 @@ async def answers(base: str, ws: dict[str, str]) -> dict[str, tuple[int, str | N
             "/api/track/lead",
             {"clickId": "clk_x", "eventName": "Sign Up", "customerExternalId": "c1"},
             auth,
-        ),  # fmt: skip
+        ),
     }
     out = {}
     async with aiohttp.ClientSession() as http:
