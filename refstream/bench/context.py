@@ -18,6 +18,7 @@ from .procs import Proc, Procs
 from .world import World
 
 PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g")
+EXTRA_PARTS = ("h",)  # only when named in --only: (h) starts Redis servers of its own
 
 
 def _py_spy() -> str:

@@ -50,6 +50,9 @@ SECTIONS = {
     "e": "(e) end to end",
     "f": "(f) backlog drain after the workers were stopped",
     "g": "(g) memory",
+    "h_primary": "(h) edge, seed 000, REFSTREAM_ACK_DURABILITY=primary (own primary + replica)",
+    "h_replicas1": "(h) edge, seed 000, REFSTREAM_ACK_DURABILITY=replicas:1 (same Redis)",
+    "h": "(h) replicas:1 / primary",
 }
 
 
