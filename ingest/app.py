@@ -16,6 +16,7 @@ from .auth import Authenticator
 from .batcher import RedisBatcher
 from .connections import connect_redis, create_pg_pool, pg_unavailable
 from .cors import cors
+from .durability import Durability
 from .events import unique_token
 from .idempotency import Idempotency
 from .keys import Keys
@@ -86,7 +87,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         metrics.redis_batch.observe(commands)
         metrics.redis_seconds.observe(seconds)
 
-    batcher = RedisBatcher(redis, max_commands=settings.pipeline_max_commands, observe=observe)
+    batcher = RedisBatcher(
+        redis, max_commands=settings.pipeline_max_commands, deadline_s=settings.redis_deadline_ms / 1000,
+        max_queued=settings.redis_max_queued, durability=Durability.of(settings), observe=observe,
+    )  # fmt: skip
     # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
     pg = await create_pg_pool(settings, min_size=0, max_size=4)
     keys = Keys(settings.stream_prefix, settings.partitions)

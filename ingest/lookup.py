@@ -113,7 +113,15 @@ async def lookup(
         if not degraded or secret is not None:
             raise
         return await _without_redis(edge, limiter, code, len(extra))
-    found = Found(verdict=limiter.verdict(replies[0]), principal=principal)
+    try:
+        verdict = limiter.verdict(replies[0])
+    except REDIS_ERRORS:
+        if not degraded or secret is not None:
+            raise
+        # the script refused (a full Redis under noeviction, a replica): fail open, as
+        # for a Redis that is down; the event itself goes to the spool if Redis refuses it
+        verdict = Verdict(True, limiter.limit, limiter.limit, 0)
+    found = Found(verdict=verdict, principal=principal)
     i = 1
     if key_miss:
         assert digest is not None

@@ -35,6 +35,22 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "database_url"),
     )
     redis_socket_timeout: float = Field(5.0, gt=0, description="Seconds before a Redis call fails.")
+    redis_deadline_ms: int = Field(
+        1000, ge=50, le=60_000,
+        description="Edge: the longest a request waits on Redis (queue, connect and round trip); then public"
+        " routes spool and keyed routes answer 503.",
+    )  # fmt: skip
+    redis_max_queued: int = Field(
+        20_000, ge=1, description="Edge: Redis commands queued at most; past it requests fail fast (spool or 503)."
+    )
+    ack_durability: str = Field(
+        "primary",
+        description="When a 2xx is answered: primary (XADD acknowledged by the primary), replicas:N (and by"
+        " N replicas: WAIT), fsync (and written to the primary's AOF: WAITAOF, Redis >= 7.2).",
+    )
+    ack_wait_ms: int = Field(
+        500, ge=1, le=60_000, description="replicas:N and fsync: how long a round trip waits for the acknowledgement."
+    )
     connect_timeout_s: float = Field(
         30.0, gt=0, description="One-shot commands (work --drain, dev): how long to wait for Redis or Postgres."
     )
@@ -133,9 +149,64 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("ack_durability")
+    @classmethod
+    def _known_durability(cls, v: str) -> str:
+        parse_durability(v)
+        return v.strip().lower()
+
+    @model_validator(mode="after")
+    def _sentinel_url(self) -> Settings:
+        from .connections import sentinel_target  # connections imports this module
+
+        for url in (self.redis_url, self.arq_redis_url or ""):
+            sentinel_target(url)  # a malformed sentinel URL: ValueError, worded
+        if self.redis_cluster and sentinel_target(self.redis_url) is not None:
+            raise ValueError("a redis+sentinel:// REDIS_URL is not a Redis Cluster: unset REFSTREAM_REDIS_CLUSTER")
+        return self
+
+    @model_validator(mode="after")
+    def _durability_fits(self) -> Settings:
+        replicas, fsync = parse_durability(self.ack_durability)
+        if not (replicas or fsync):
+            return self
+        if self.redis_cluster:
+            raise ValueError(
+                "a durability other than primary (REFSTREAM_ACK_DURABILITY) is not supported on a Redis Cluster"
+                " (WAIT counts one node's replicas, and a pipeline spans nodes)"
+            )
+        if self.ack_wait_ms >= self.redis_deadline_ms:
+            raise ValueError(
+                "ack_wait_ms must stay below redis_deadline_ms (REFSTREAM_ACK_WAIT_MS="
+                f"{self.ack_wait_ms}, REFSTREAM_REDIS_DEADLINE_MS={self.redis_deadline_ms})"
+            )
+        return self
+
+    @property
+    def ack_replicas(self) -> int:
+        """N of ``replicas:N``; 0 otherwise."""
+        return parse_durability(self.ack_durability)[0]
+
+    @property
+    def ack_fsync(self) -> bool:
+        return parse_durability(self.ack_durability)[1]
+
     @property
     def arq_url(self) -> str:
         return self.arq_redis_url or self.redis_url
+
+
+def parse_durability(level: str) -> tuple[int, bool]:
+    """``primary`` → (0, False); ``replicas:N`` → (N, False); ``fsync`` → (0, True)."""
+    v = level.strip().lower()
+    if v == "primary":
+        return 0, False
+    if v == "fsync":
+        return 0, True
+    name, _, n = v.partition(":")
+    if name == "replicas" and n.isdigit() and 1 <= int(n) <= 16:
+        return int(n), False
+    raise ValueError("one of primary, replicas:N (N from 1 to 16), fsync")
 
 
 _SECRET = frozenset({"redis_url", "arq_redis_url", "database_url", "secret_key"})  # never echoed

@@ -19,10 +19,11 @@ from typing import Any
 
 import asyncpg
 import click
+import structlog
 import uvloop
 
-from ingest import admin, apikeys, flags, schema_check
-from ingest.connections import connect_redis
+from ingest import admin, apikeys, durability, flags, schema_check
+from ingest.connections import REDIS_ERRORS, connect_redis
 from ingest.db import ensure_database
 from ingest.db import migrate as apply_schema
 from ingest.keys import Keys
@@ -31,6 +32,8 @@ from ingest.settings import Settings
 
 from . import __version__, services
 from .runner import _connections, _database, _print, _Refstream, _run, _settings, json_flag
+
+log = structlog.get_logger("refstream.cli")
 
 
 @click.group(cls=_Refstream)
@@ -58,6 +61,26 @@ async def _check_database(settings: Settings, *, wait: bool) -> None:
     status = await schema_check.at_startup(settings.database_url, wait=wait)
     if not status.ok and not status.transient:
         raise click.ClickException(status.line(settings.database_url))
+
+
+async def _check_durability(settings: Settings) -> None:
+    """The other startup check of ``serve`` and ``work``: a Redis that can never give the
+    configured ``REFSTREAM_ACK_DURABILITY`` (``fsync`` on a Redis older than 7.2, or without
+    its AOF) is refused in one line. A Redis that does not answer is not: until it does,
+    nothing is confirmed at that level, and the edge spools or answers 503."""
+    if not settings.ack_fsync:
+        return
+    redis = connect_redis(settings)
+    try:
+        async with asyncio.timeout(settings.redis_socket_timeout):
+            problem = await durability.startup_problem(redis, settings)
+    except (*REDIS_ERRORS, TimeoutError) as exc:
+        log.warning("durability.unchecked", reason=repr(exc))
+        return
+    finally:
+        await redis.aclose()
+    if problem is not None:
+        raise click.ClickException(problem)
 
 
 def _listen_check(host: str, port: int, command: str) -> None:
@@ -103,6 +126,7 @@ def serve(host: str, port: int) -> None:
     _listen_check(host, port, "serve")
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
     uvloop.run(_check_database(settings, wait=False))
+    uvloop.run(_check_durability(settings))
     try:
         web.run_app(
             create_app(settings),
@@ -133,6 +157,7 @@ def work(drain: bool) -> None:
 
         async def checked_drain(settings: Settings) -> dict[str, int]:
             await services.wait_for_redis(settings)
+            await _check_durability(settings)
             await services.wait_for_postgres(settings)
             return await drain_streams(settings)
 
@@ -141,6 +166,7 @@ def work(drain: bool) -> None:
     settings = _settings()
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
     uvloop.run(_check_database(settings, wait=True))
+    uvloop.run(_check_durability(settings))
     asyncio.set_event_loop(uvloop.new_event_loop())
     build_worker(settings).run()
 

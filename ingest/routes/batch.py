@@ -236,7 +236,8 @@ async def _accept(
         sent.append((result, claim if isinstance(claim, Claim) else None))
     fresh = replays = 0
     if appends:
-        for reply, (result, claim) in zip(await edge.batcher.execute(*appends), sent, strict=True):
+        written = await edge.batcher.execute(*appends, durable=True)
+        for reply, (result, claim) in zip(written, sent, strict=True):
             if isinstance(reply, Exception):
                 result.ok, result.error, result.event_id = False, "unavailable", None
             elif claim is not None and isinstance(reply, bytes):  # a repeat of an earlier batch's item

@@ -17,8 +17,9 @@ from . import wrk
 from .procs import Proc, Procs
 from .world import World
 
-PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g", "i")
-DEFAULT_PARTS = PARTS[:-1]  # (i), idempotency keys' cost, on request: --only i
+PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g", "h", "i")
+# only when named in --only: (h) starts Redis servers of its own, (i) idempotency keys' cost
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("h", "i"))
 
 
 def _py_spy() -> str:

@@ -51,6 +51,9 @@ SECTIONS = {
     "f": "(f) backlog drain after the workers were stopped",
     "g": "(g) memory",
     "i": "(i) idempotency keys: seed 003 with and without Idempotency-Key",
+    "h_primary": "(h) edge, seed 000, REFSTREAM_ACK_DURABILITY=primary (own primary + replica)",
+    "h_replicas1": "(h) edge, seed 000, REFSTREAM_ACK_DURABILITY=replicas:1 (same Redis)",
+    "h": "(h) replicas:1 / primary",
 }
 
 

@@ -22,6 +22,7 @@ from ingest.settings import Settings
 from .. import services
 from . import report, world
 from .context import Ctx, Options
+from .durability_part import part_h
 from .edge_parts import part_a, part_b, part_c
 from .idem_parts import part_i
 from .pipeline_parts import part_d, part_e_f
@@ -64,6 +65,7 @@ async def _one_run(ctx: Ctx) -> None:
         ("c", part_c, ctx.wants("c")),
         ("d", part_d, ctx.wants("d")),
         ("e/f", part_e_f, ctx.wants("e") or ctx.wants("f")),
+        ("h", part_h, ctx.wants("h")),
         ("i", part_i, ctx.wants("i")),
     ]
     for name, fn, wanted in steps:

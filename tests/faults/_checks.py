@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from ingest import spool_store
 from ingest.keys import Keys
 
 from ._load import MARKER_SQL
+from ._sentinel import client as redis_client
 
 _LINKS = """
 WITH counted AS (
@@ -150,7 +150,7 @@ class Checker:
 
     def __init__(self, database_url: str, redis_url: str, keys: Keys, spool_dir: Path) -> None:
         self.database_url = database_url
-        self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=5)
+        self.redis = redis_client(redis_url, timeout=5)  # a sentinel URL: the current primary
         self.keys = keys
         self.spool_dir = spool_dir
 
