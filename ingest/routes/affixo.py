@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..auth import bearer
 from ..body import BodyError, header, parse
+from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
@@ -95,9 +96,9 @@ async def track_click(request: web.Request) -> web.Response:
     if not found.verdict.allowed:
         return error(429, "rate_limited", found.verdict.headers, detail="600 requests per minute per key")
     if problem is not None or body is None:
-        if problem is not None and problem.status == 413:
-            return error(413, "payload_too_large", detail=problem.message)
-        return error(400, "invalid_json", detail=problem.message if problem else "invalid body")
+        if problem is None:
+            return error(400, "invalid_json", detail="invalid body")
+        return error(problem.status, body_code(problem, "invalid_json"), detail=problem.message)
     link = found.link
     if found.link_unresolved:
         return error(503, "unavailable", {"Retry-After": "1"})

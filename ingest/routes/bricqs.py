@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import admin
 from ..auth import Principal, plausible
 from ..body import BodyError, header, parse, plain
+from ..body import code as body_code
 from ..connections import PG_ERRORS, REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
@@ -128,7 +129,7 @@ async def generate(request: web.Request) -> web.Response:
     try:
         body = await parse(request, BricqsGenerate)
     except BodyError as exc:
-        return error(exc.status, "validation_error", exc.message)
+        return error(exc.status, "validation_error" if exc.status == 400 else body_code(exc), exc.message)
     try:
         async with edge.pg.acquire() as conn:
             out = await admin.referral_code(
@@ -182,7 +183,7 @@ async def convert(request: web.Request) -> web.Response:
     try:
         body = await parse(request, BricqsConvert)
     except BodyError as exc:
-        return error(exc.status, "validation_error", exc.message)
+        return error(exc.status, "validation_error" if exc.status == 400 else body_code(exc), exc.message)
     event_id = uuid7()
     conversion_id = "conv_" + event_id.hex
     session = hashlib.sha256(body.referred_session_id.encode()).hexdigest()[:32]

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import admin, manage
 from ..admin import NotFound
 from ..auth import Principal, bearer
-from ..body import BodyError, parse
+from ..fields import Ident, Text, Url
+from ..body import BodyError, parse, plain
+from ..body import code as body_code
 from ..connections import PG_ERRORS, REDIS_ERRORS
 from ..lookup import Unavailable, lookup
 from ..state import EDGE, Edge
@@ -26,33 +28,33 @@ routes = web.RouteTableDef()
 
 class NewMilestone(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
-    threshold: int = Field(ge=1, le=1_000_000, description="Conversions an affiliate needs to reach it")
+    name: Text = Field(min_length=1, max_length=200)
+    threshold: int = Field(ge=1, le=1_000_000, strict=True, description="Conversions an affiliate needs to reach it")
 
 
 class NewProgram(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
-    url: str | None = Field(None, max_length=2048)
-    cookie_window_days: int = Field(30, ge=1, le=3650)
+    name: Text = Field(min_length=1, max_length=200)
+    url: Url | None = Field(None, max_length=2048)
+    cookie_window_days: int = Field(30, ge=1, le=3650, strict=True)
     attribution: Literal["first_click", "last_click"] = "last_click"
     milestones: list[NewMilestone] = Field(default_factory=list, max_length=50)
 
 
 class NewAffiliate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    program_id: str = Field(max_length=64)
-    external_id: str = Field(min_length=1, max_length=256)
-    name: str | None = Field(None, max_length=256)
-    email: str | None = Field(None, max_length=320)
+    program_id: Ident = Field(max_length=64)
+    external_id: Ident = Field(min_length=1, max_length=256)
+    name: Text | None = Field(None, max_length=256)
+    email: Ident | None = Field(None, max_length=320)
 
 
 class NewLink(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    affiliate_id: str = Field(max_length=64)
+    affiliate_id: Ident = Field(max_length=64)
     code: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
-    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://")
-    domain: str | None = Field(None, max_length=253)
+    url: Url = Field(min_length=1, max_length=2048, pattern=r"^https?://")
+    domain: str | None = Field(None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.-]+$")
     status: Literal["active", "inactive"] = "active"
 
 
@@ -62,8 +64,8 @@ Scope = Literal["read", "write", "track", "*"]
 class NewKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["track"]), max_length=4)
-    affiliate_id: str | None = Field(None, max_length=64, description="A read-only key for this affiliate")
-    name: str | None = Field(None, max_length=200)
+    affiliate_id: Ident | None = Field(None, max_length=64, description="A read-only key for this affiliate")
+    name: Text | None = Field(None, max_length=200)
 
 
 class CreatedKey(BaseModel):
@@ -99,7 +101,7 @@ class Workspace(BaseModel):
 class LinkPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["active", "inactive"] | None = None
-    url: str | None = Field(None, min_length=1, max_length=2048, pattern=r"^https?://")
+    url: Url | None = Field(None, min_length=1, max_length=2048, pattern=r"^https?://")
 
 
 class Program(BaseModel):
@@ -198,6 +200,14 @@ def error(status: int, code: str, detail: str | None = None, **extra: str) -> we
     return json(status, {"error": code, **({"detail": detail} if detail else {}), **extra})
 
 
+def segment(request: web.Request, name: str) -> str:
+    """A path segment to look up; one no row can hold (control characters, NUL) is not found."""
+    value = request.match_info[name]
+    if not plain(value, 256):
+        raise NotFound(f"{name} not found")
+    return value
+
+
 Handler = Callable[[web.Request, Edge, Principal], Awaitable[web.Response]]
 
 
@@ -229,9 +239,7 @@ def guarded(
             try:
                 return await handler(request, edge, principal)
             except BodyError as exc:
-                return error(
-                    exc.status, "invalid_json" if exc.kind == "invalid_json" else "invalid_request", exc.message
-                )
+                return error(exc.status, body_code(exc), exc.message)
             except NotFound as exc:
                 return error(404, "not_found", str(exc))
             except manage.Conflict as exc:
@@ -289,7 +297,7 @@ async def revoke_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
     async with edge.pg.acquire() as conn:
         owned = await conn.fetchval(
             "SELECT 1 FROM api_keys WHERE prefix = $1 AND workspace_id = $2",
-            request.match_info["prefix"],
+            segment(request, "prefix"),
             p.workspace_id,
         )
         if not owned:
@@ -347,7 +355,7 @@ async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Res
 @guarded("read")
 async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     async with edge.pg.acquire() as conn:
-        return json(200, await manage.get_customer(conn, p.workspace_id, request.match_info["external_id"]))
+        return json(200, await manage.get_customer(conn, p.workspace_id, segment(request, "external_id")))
 
 
 @routes.get("/v1/affiliate/links")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import links
 from ..auth import bearer
 from ..body import BodyError, header, parse
+from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType
@@ -117,8 +118,9 @@ async def track_lead(request: web.Request) -> web.Response:
     if not found.verdict.allowed:
         return error(429, "RATE_LIMIT_EXCEEDED", "Too many requests", found.verdict.headers)
     if problem is not None or body is None:
-        status = problem.status if problem else 400
-        return error(status, "VALIDATION_ERROR", problem.message if problem else "invalid body")
+        if problem is None or problem.status == 400:
+            return error(400, "VALIDATION_ERROR", problem.message if problem else "invalid body")
+        return error(problem.status, body_code(problem).upper(), problem.message)
 
     click_id = body.clickId
     try:

@@ -15,10 +15,11 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
-from .. import secretbox
+from .. import secretbox, targets
 from ..admin import NotFound
 from ..auth import Principal
 from ..body import parse
+from ..fields import Url
 from ..manage import as_uuid
 from ..state import Edge
 from .manage import error, guarded, json
@@ -31,7 +32,10 @@ EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 class NewWebhook(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://", description="Receives a signed POST")
+    url: Url = Field(
+        min_length=1, max_length=2048, pattern=r"^https?://",
+        description="Receives a signed POST; a public address (see REFSTREAM_WEBHOOK_ALLOW_PRIVATE)",
+    )  # fmt: skip
     events: list[EventType] = Field(
         default_factory=lambda: list(EVENT_TYPES), min_length=1, max_length=3, description="Default: all three"
     )
@@ -102,6 +106,8 @@ async def create_webhook(request: web.Request, edge: Edge, p: Principal) -> web.
     if not key:
         return _unconfigured()
     body = await parse(request, NewWebhook)
+    if not edge.settings.webhook_allow_private and (why := targets.url_refusal(body.url)):
+        return error(400, "invalid_request", f"url: {why}; webhooks are delivered to public addresses only")
     events = sorted(set(body.events), key=EVENT_TYPES.index)
     secret = secretbox.new_secret()
     try:
