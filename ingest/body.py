@@ -31,7 +31,8 @@ M = TypeVar("M", bound=BaseModel)
 # set on the app by ingest.server.make_runner: aiohttp hands bodies over as sent
 RAW_BODIES = web.AppKey("raw_bodies", bool)
 # set on a request whose body was refused: the response closes the connection
-CLOSE = "refstream.close"
+# (a typed key where this aiohttp has them, which it recommends; a plain one before)
+CLOSE: Any = web.RequestKey("refstream_close", bool) if hasattr(web, "RequestKey") else "refstream_close"
 
 
 class BodyError(Exception):

@@ -13,6 +13,7 @@ of them. ``REFSTREAM_WEBHOOK_ALLOW_PRIVATE=true`` lifts the rule, for on-premise
 
 from __future__ import annotations
 
+import errno
 import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
@@ -66,6 +67,9 @@ def url_refusal(url: str) -> str | None:
 class PrivateAddress(OSError):
     """A webhook host resolved to an address deliveries may not go to."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EACCES, message)  # aiohttp's connector error shows the strerror
+
 
 class PublicResolver(AbstractResolver):
     """aiohttp's resolver, refusing a name when any of its addresses is not public."""
@@ -79,7 +83,7 @@ class PublicResolver(AbstractResolver):
             addr = literal(result["host"])
             why = "unparsable address" if addr is None else refusal(addr)
             if why:
-                raise PrivateAddress(f"{host} resolves to a refused address: {why}")
+                raise PrivateAddress(f"refused: {host} resolves to {why}")
         return results
 
     async def close(self) -> None:
