@@ -26,6 +26,7 @@ from ..body import BodyError, header, parse
 from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
+from ..fields import NoNul
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..lookup import Unavailable, lookup
 from ..state import EDGE
@@ -39,11 +40,11 @@ FINGERPRINT_CONFIDENCE = 0.8
 
 class AffixoClick(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    ref: str = Field(min_length=1, max_length=128, description="Referral code / ref_param.")
-    visitor_id: str | None = Field(None, max_length=128)
-    fingerprint: str | None = Field(None, max_length=1024)
-    url: str | None = Field(None, max_length=2048)
-    referrer: str | None = Field(None, max_length=2048)
+    ref: NoNul = Field(min_length=1, max_length=128, description="Referral code / ref_param.")
+    visitor_id: NoNul | None = Field(None, max_length=128)
+    fingerprint: NoNul | None = Field(None, max_length=1024)
+    url: NoNul | None = Field(None, max_length=2048)
+    referrer: NoNul | None = Field(None, max_length=2048)
 
 
 class AffixoClickRecorded(BaseModel):

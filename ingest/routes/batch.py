@@ -13,7 +13,7 @@ all its appends another.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import orjson
 import structlog
@@ -26,6 +26,7 @@ from ..body import BodyError, describe, read
 from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import xadd
+from ..fields import NoNul
 from ..events import Dialect, Envelope, EventType
 from ..lookup import Unavailable, lookup, resolve_click, resolve_link
 from ..state import EDGE, Edge
@@ -40,15 +41,30 @@ MAX_EVENTS = 500
 
 
 class BatchClick(AffixoClick):
-    ip: str | None = Field(None, max_length=64, description="The visitor's address, as your server saw it")
-    user_agent: str | None = Field(None, max_length=2048, description="The visitor's User-Agent")
+    ip: NoNul | None = Field(None, max_length=64, description="The visitor's address, as your server saw it")
+    user_agent: NoNul | None = Field(None, max_length=2048, description="The visitor's User-Agent")
 
 
 MODELS: dict[str, type[BaseModel]] = {"click": BatchClick, "lead": RefportLead, "conversion": BricqsConvert}
 
 
-class BatchBody(RootModel[list[BatchClick | RefportLead | BricqsConvert]]):
-    """For the documentation: each item also carries ``type`` (click, lead or conversion)."""
+class BatchClickItem(BatchClick):
+    type: Literal["click"]
+
+
+class BatchLeadItem(RefportLead):
+    type: Literal["lead"]
+
+
+class BatchConversionItem(BricqsConvert):
+    type: Literal["conversion"]
+
+
+BatchItem = Annotated[BatchClickItem | BatchLeadItem | BatchConversionItem, Field(discriminator="type")]
+
+
+class BatchBody(RootModel[Annotated[list[BatchItem], Field(min_length=1, max_length=MAX_EVENTS)]]):
+    """For the documentation: each item names its ``type`` and has the fields of that type."""
 
 
 class ItemResult(BaseModel):

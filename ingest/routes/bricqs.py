@@ -26,6 +26,7 @@ from ..body import BodyError, header, parse, plain
 from ..body import code as body_code
 from ..connections import PG_ERRORS, REDIS_ERRORS
 from ..enqueue import append
+from ..fields import NoNul
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..lookup import Found, Unavailable, lookup
 from ..spool import SpoolFull
@@ -39,7 +40,7 @@ IDEMPOTENCY_TTL_S = 30 * 86400
 
 class BricqsGenerate(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    participant_id: str = Field(min_length=1, max_length=128)
+    participant_id: NoNul = Field(min_length=1, max_length=128)
     campaign_id: uuid.UUID
 
 
@@ -59,8 +60,8 @@ class BricqsValidated(BaseModel):
 
 class BricqsConvert(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    code: str = Field(min_length=1, max_length=128)
-    referred_session_id: str = Field(min_length=1, max_length=256)
+    code: NoNul = Field(min_length=1, max_length=128)
+    referred_session_id: NoNul = Field(min_length=1, max_length=256)
 
 
 class BricqsConverted(BaseModel):

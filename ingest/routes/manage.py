@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import admin, manage
 from ..admin import NotFound
 from ..auth import Principal, bearer
-from ..fields import Ident, Text, Url
+from ..fields import Ident, Integer, Text, Url
 from ..body import BodyError, parse, plain
 from ..body import code as body_code
 from ..connections import PG_ERRORS, REDIS_ERRORS
@@ -29,14 +29,14 @@ routes = web.RouteTableDef()
 class NewMilestone(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Text = Field(min_length=1, max_length=200)
-    threshold: int = Field(ge=1, le=1_000_000, strict=True, description="Conversions an affiliate needs to reach it")
+    threshold: Integer = Field(ge=1, le=1_000_000, description="Conversions an affiliate needs to reach it")
 
 
 class NewProgram(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Text = Field(min_length=1, max_length=200)
     url: Url | None = Field(None, max_length=2048)
-    cookie_window_days: int = Field(30, ge=1, le=3650, strict=True)
+    cookie_window_days: Integer = Field(30, ge=1, le=3650)
     attribution: Literal["first_click", "last_click"] = "last_click"
     milestones: list[NewMilestone] = Field(default_factory=list, max_length=50)
 
@@ -53,7 +53,7 @@ class NewLink(BaseModel):
     model_config = ConfigDict(extra="forbid")
     affiliate_id: Ident = Field(max_length=64)
     code: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
-    url: Url = Field(min_length=1, max_length=2048, pattern=r"^https?://")
+    url: Url = Field(min_length=1, max_length=2048)
     domain: str | None = Field(None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.-]+$")
     status: Literal["active", "inactive"] = "active"
 
@@ -101,7 +101,7 @@ class Workspace(BaseModel):
 class LinkPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["active", "inactive"] | None = None
-    url: Url | None = Field(None, min_length=1, max_length=2048, pattern=r"^https?://")
+    url: Url | None = Field(None, min_length=1, max_length=2048)
 
 
 class Program(BaseModel):
@@ -206,6 +206,18 @@ def segment(request: web.Request, name: str) -> str:
     if not plain(value, 256):
         raise NotFound(f"{name} not found")
     return value
+
+
+def limit_param(request: web.Request, default: int = 50, most: int = 500) -> int | web.Response:
+    """``?limit=``: digits only (the document says integer), 1 to ``most``."""
+    given = request.query.get("limit")
+    if given is None:
+        return default
+    if not (given.isascii() and given.isdigit()):
+        return error(400, "invalid_request", "limit: an integer")
+    if not 1 <= int(given) <= most:
+        return error(400, "invalid_request", f"limit: between 1 and {most}")
+    return int(given)
 
 
 Handler = Callable[[web.Request, Edge, Principal], Awaitable[web.Response]]
@@ -335,19 +347,14 @@ async def get_link(request: web.Request, edge: Edge, p: Principal) -> web.Respon
 @guarded("read")
 async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     q = request.query
-    type_ = q.get("type") or None
+    type_ = q.get("type")
     if type_ is not None and type_ not in ("click", "lead", "conversion"):
         return error(400, "invalid_request", "type: one of click, lead, conversion")
-    try:
-        limit = int(q.get("limit", "50"))
-    except ValueError:
-        return error(400, "invalid_request", "limit: an integer")
-    if not 1 <= limit <= 500:
-        return error(400, "invalid_request", "limit: between 1 and 500")
+    limit = limit_param(request)
+    if isinstance(limit, web.Response):
+        return limit
     async with edge.pg.acquire() as conn:
-        events = await manage.list_events(
-            conn, p.workspace_id, link_id=q.get("link_id") or None, type_=type_, limit=limit
-        )
+        events = await manage.list_events(conn, p.workspace_id, link_id=q.get("link_id"), type_=type_, limit=limit)
     return json(200, {"data": events})
 
 
