@@ -46,8 +46,9 @@ async def canonical_log(request: web.Request, handler: Handler) -> web.StreamRes
     start = time.perf_counter()
     status = 500
     rid = _request_id(request)
-    guard = request.app[GUARD]
-    guard.busy(request.protocol)
+    guard = request.app.get(GUARD)  # absent from an app made without create_app
+    if guard is not None:
+        guard.busy(request.protocol)
     # a keep-alive connection serves its requests in one task, hence one context: start clean
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=rid)
@@ -81,7 +82,8 @@ async def canonical_log(request: web.Request, handler: Handler) -> web.StreamRes
         request.app[METRICS].observe_request(resource.canonical if resource else "unmatched", status, seconds)
         log.info("request", method=request.method, path=request.path, status=status, ms=round(seconds * 1000, 3))
         structlog.contextvars.clear_contextvars()  # what the connection logs next is not this request's
-        guard.idle(request.protocol)
+        if guard is not None:
+            guard.idle(request.protocol)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

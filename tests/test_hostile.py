@@ -109,9 +109,7 @@ async def test_a_wrong_content_encoding_is_each_routes_400(edge: str, world: Wor
     assert status == 400 and out["error"] == "invalid_json"
     status, out, _ = await call("POST", f"{edge}/v1/programs", data=b"{}", headers={**not_gzip, **bearer(world)})
     assert status == 400 and out["error"] == "invalid_json"
-    status, out, _ = await call(
-        "POST", f"{edge}/api/v1/referral/click/PARTNER123", data=b"{}", headers={**not_gzip}
-    )
+    status, out, _ = await call("POST", f"{edge}/api/v1/referral/click/PARTNER123", data=b"{}", headers={**not_gzip})
     assert status == 400 and out == {"success": False, "error": {"statusCode": 400, "code": "bad_request",
                                                                  "message": out["error"]["message"]}}  # fmt: skip
     # an encoding we do not speak: 415, in the route's shape
@@ -137,8 +135,10 @@ async def test_chunked_framing_that_breaks_after_the_headers_is_answered(edge_wi
     await asyncio.sleep(0.2)  # the framing breaks after the headers were read: what is being tested
     writer.write(b"zz\r\n{}\r\n0\r\n\r\n")
     await writer.drain()
-    status, headers, out = await answer(reader, within=5)
-    assert status in (400, 408) and out["success"] is False, (status, out)
+    status, _, out = await answer(reader, within=5)
+    # aiohttp's parser drops the framing error without telling the body's reader: the read
+    # deadline answers it, and the connection is closed
+    assert (status, out) == (408, {"success": False, "error": "body not received within 1 s"})
     assert await closed(reader, within=5)
     writer.close()
 
@@ -174,9 +174,13 @@ async def test_nul_in_the_aff_value_and_in_path_segments(edge: str, world: World
     h = bearer(world)
     for path in ("/v1/customers/%00", "/v1/customers/a%01b"):
         assert (await call("GET", f"{edge}{path}", headers=h))[:2] == (
-            404, {"error": "not_found", "detail": "external_id not found"})
+            404,
+            {"error": "not_found", "detail": "external_id not found"},
+        )
     assert (await call("DELETE", f"{edge}/v1/keys/%00", headers=h))[:2] == (
-        404, {"error": "not_found", "detail": "prefix not found"})
+        404,
+        {"error": "not_found", "detail": "prefix not found"},
+    )
 
 
 # caps, stalls and origins -----------------------------------------------------------------
@@ -185,8 +189,14 @@ async def test_nul_in_the_aff_value_and_in_path_segments(edge: str, world: World
 async def test_seed_000_caps_its_body(edge: str, world: World, redis, keys: Keys, settings: Settings):
     big = b"x" * (10 * 1024 * 1024)
     status, out, headers = await call("POST", f"{edge}/api/v1/referral/click/PARTNER123", data=big)
-    assert status == 413 and out == {"success": False, "error": {
-        "statusCode": 413, "code": "payload_too_large", "message": f"body larger than {settings.max_body_bytes} bytes"}}
+    assert status == 413 and out == {
+        "success": False,
+        "error": {
+            "statusCode": 413,
+            "code": "payload_too_large",
+            "message": f"body larger than {settings.max_body_bytes} bytes",
+        },
+    }
     assert headers.get("Connection", "").lower() == "close"
 
     async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the cap is met while reading
@@ -210,8 +220,17 @@ async def test_seed_000_enforces_allowed_origins(edge: str, world: World, pg: as
     await links.put(redis, keys, await links.fetch(pg, "PARTNER123"))
     url = f"{edge}/api/v1/referral/click/PARTNER123"
     status, out, headers = await call("POST", url, headers={"Origin": "https://evil.example"})
-    assert (status, out) == (403, {"success": False, "error": {
-        "statusCode": 403, "code": "origin_not_allowed", "message": "Origin not allowed for this workspace"}})
+    assert (status, out) == (
+        403,
+        {
+            "success": False,
+            "error": {
+                "statusCode": 403,
+                "code": "origin_not_allowed",
+                "message": "Origin not allowed for this workspace",
+            },
+        },
+    )
     assert headers["Access-Control-Allow-Origin"] == "*"  # the browser may read why
     lengths = [await redis.xlen(keys.stream(p)) for p in range(keys.partitions)]
     assert sum(lengths) == 0
@@ -234,7 +253,8 @@ async def test_a_gzip_bomb_is_refused_without_stalling_anyone(edge_with, world: 
     reader, writer = await raw(base)
     writer.write(
         b"POST /v1/events/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Encoding: gzip\r\nAuthorization: Bearer " + world.api_key.encode()
+        b"Content-Encoding: gzip\r\nAuthorization: Bearer "
+        + world.api_key.encode()
         + f"\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
     )
 
@@ -289,9 +309,7 @@ async def test_slowloris_connections_are_closed_and_stall_no_one(edge_with, worl
     assert all(results), f"{results.count(False)} of {len(results)} still open"
     assert elapsed < 1.5 + 2, elapsed  # the longest deadline (keep-alive) plus the sweep and slack
     assert max(latencies) < 0.1, latencies
-    for r, w in bodies:
-        w.close()
-    for _, w in [*conns, *dripping, kept]:
+    for _, w in [*conns, *dripping, *bodies, kept]:
         w.close()
 
 
@@ -311,10 +329,12 @@ async def test_a_slow_body_gets_408_in_the_routes_shape(edge_with, world: World)
 
 async def test_integers_are_strict(edge: str, world: World):
     h = bearer(world)
-    status, out, _ = await call("POST", f"{edge}/v1/programs", json={"name": "P", "cookie_window_days": "30"}, headers=h)
+    status, out, _ = await call(
+        "POST", f"{edge}/v1/programs", json={"name": "P", "cookie_window_days": "30"}, headers=h
+    )
     assert status == 400 and out["error"] == "invalid_request" and "cookie_window_days" in out["detail"]
-    status, out, _ = await call("POST", f"{edge}/v1/programs",
-                                json={"name": "P", "milestones": [{"name": "m", "threshold": "5"}]}, headers=h)  # fmt: skip
+    milestones = [{"name": "m", "threshold": "5"}]
+    status, out, _ = await call("POST", f"{edge}/v1/programs", json={"name": "P", "milestones": milestones}, headers=h)
     assert status == 400 and "threshold" in out["detail"]
     status, out, _ = await call("POST", f"{edge}/v1/programs", json={"name": "P", "cookie_window_days": 30}, headers=h)
     assert status == 201 and out["cookie_window_days"] == 30
@@ -365,7 +385,9 @@ async def test_webhooks_to_our_own_network_are_not_delivered(pg: asyncpg.Pool, w
     key = secretbox.generate_key()
     here = socket.gethostname()  # a name, not a literal: only the resolver can refuse it
     addresses = {info[4][0] for info in socket.getaddrinfo(here, port, type=socket.SOCK_STREAM)}
-    assert addresses and not any(_public(a) for a in addresses), f"{here} resolves to {addresses}: this test needs a name of this machine that is not public"
+    assert addresses and not any(_public(a) for a in addresses), (
+        f"{here} resolves to {addresses}: this test needs a name of this machine that is not public"
+    )
     urls = [f"http://127.0.0.1:{port}/hook", f"http://2130706433:{port}/hook", f"http://{here}:{port}/hook"]
     ctx: dict[str, Any] = {"pg": pg, "settings": settings.model_copy(update={"secret_key": key})}
     await webhooks.webhook_startup(ctx)

@@ -196,6 +196,7 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> str:
     }
     http: aiohttp.ClientSession = ctx["http"]
     status_code: int | None = None
+    error: str | None
     started = time.perf_counter()
     # an address literal never reaches the resolver, so it is checked here; a name is
     # checked by the session's resolver on the addresses it has now (ingest.targets)

@@ -21,8 +21,8 @@ from .. import clicks
 from ..body import BodyError, header, parse
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
-from ..fields import NO_NUL, NoNul
 from ..events import Dialect, Envelope, EventType, uuid7
+from ..fields import NO_NUL, NoNul
 from ..lookup import Unavailable, lookup, resolve_click
 from ..spool import SpoolFull
 from ..state import EDGE

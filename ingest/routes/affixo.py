@@ -26,8 +26,8 @@ from ..body import BodyError, header, parse
 from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
-from ..fields import NoNul
 from ..events import Dialect, Envelope, EventType, uuid7
+from ..fields import NoNul
 from ..lookup import Unavailable, lookup
 from ..state import EDGE
 

@@ -26,8 +26,8 @@ from ..body import BodyError, describe, read
 from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import xadd
-from ..fields import NoNul
 from ..events import Dialect, Envelope, EventType
+from ..fields import NoNul
 from ..lookup import Unavailable, lookup, resolve_click, resolve_link
 from ..state import EDGE, Edge
 from .affixo import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id

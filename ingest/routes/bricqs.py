@@ -26,8 +26,8 @@ from ..body import BodyError, header, parse, plain
 from ..body import code as body_code
 from ..connections import PG_ERRORS, REDIS_ERRORS
 from ..enqueue import append
-from ..fields import NoNul
 from ..events import Dialect, Envelope, EventType, uuid7
+from ..fields import NoNul
 from ..lookup import Found, Unavailable, lookup
 from ..spool import SpoolFull
 from ..state import EDGE, Edge

@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import admin, manage
 from ..admin import NotFound
 from ..auth import Principal, bearer
-from ..fields import Ident, Integer, Text, Url
 from ..body import BodyError, parse, plain
 from ..body import code as body_code
 from ..connections import PG_ERRORS, REDIS_ERRORS
+from ..fields import Ident, Integer, Text, Url
 from ..lookup import Unavailable, lookup
 from ..state import EDGE, Edge
 

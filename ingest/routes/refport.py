@@ -24,8 +24,8 @@ from ..body import BodyError, header, parse
 from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
-from ..fields import NoNul, no_nul_inside
 from ..events import Dialect, Envelope, EventType
+from ..fields import NoNul, no_nul_inside
 from ..lookup import Unavailable, fallback, lookup, resolve_click
 from ..state import EDGE
 
