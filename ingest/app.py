@@ -14,10 +14,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import links, openapi
 from .auth import Authenticator
 from .batcher import RedisBatcher
+from .body import CLOSE
 from .connections import connect_redis, create_pg_pool, pg_unavailable
 from .cors import cors
 from .durability import Durability
 from .events import unique_token
+from .guard import GUARD, ConnectionGuard
 from .idempotency import Idempotency
 from .keys import Keys
 from .metrics import EdgeMetrics
@@ -41,10 +43,14 @@ def _request_id(request: web.Request) -> str:
 async def canonical_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One log line per request, with its request id (bound for every line logged while
     it runs, and echoed as ``X-Request-ID``); metrics by route and status; an unexpected
-    error becomes a bare 500, never a trace."""
+    error becomes a bare 500, never a trace. A request whose body was refused (too large,
+    too slow, unreadable) closes its connection once answered."""
     start = time.perf_counter()
     status = 500
     rid = _request_id(request)
+    guard = request.app.get(GUARD)  # absent from an app made without create_app
+    if guard is not None:
+        guard.busy(request.protocol)
     # a keep-alive connection serves its requests in one task, hence one context: start clean
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=rid)
@@ -52,6 +58,8 @@ async def canonical_log(request: web.Request, handler: Handler) -> web.StreamRes
         response = await handler(request)
         status = response.status
         response.headers["X-Request-ID"] = rid
+        if request.get(CLOSE) and not response.prepared:
+            response.force_close()
         return response
     except web.HTTPException as exc:
         status = exc.status
@@ -76,6 +84,8 @@ async def canonical_log(request: web.Request, handler: Handler) -> web.StreamRes
         request.app[METRICS].observe_request(resource.canonical if resource else "unmatched", status, seconds)
         log.info("request", method=request.method, path=request.path, status=status, ms=round(seconds * 1000, 3))
         structlog.contextvars.clear_contextvars()  # what the connection logs next is not this request's
+        if guard is not None:
+            guard.idle(request.protocol)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -136,6 +146,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=cap, middlewares=[canonical_log, cors])
     app[SETTINGS] = settings
     app[METRICS] = EdgeMetrics()
+    app[GUARD] = ConnectionGuard(settings.header_timeout_s, settings.keepalive_timeout_s)
     app.cleanup_ctx.append(_resources)
     for module in (health, biore, bricqs, affitor, affixo, refport, batch, manage, webhooks, browser, openapi):
         app.add_routes(module.routes)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -14,6 +13,7 @@ from . import links
 from .admin import NotFound, readable_code
 from .connections import Redis
 from .events import EventType
+from .fields import hostname
 from .keys import Keys
 
 
@@ -98,7 +98,7 @@ async def create_link(
                 "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain, status)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
                 workspace_id, affiliate["program_id"], affiliate["id"], code, url,
-                f.get("domain") or urlsplit(url).hostname, f.get("status") or "active",
+                f.get("domain") or hostname(url), f.get("status") or "active",
             )  # fmt: skip
             break
         except asyncpg.UniqueViolationError:
@@ -117,7 +117,7 @@ async def update_link(
         " domain = CASE WHEN $4::text IS NULL THEN domain ELSE $5 END, updated_at = now()"
         " WHERE id = $1 AND workspace_id = $2 RETURNING id",
         as_uuid(link_id), workspace_id, f.get("status"), f.get("url"),
-        urlsplit(f["url"]).hostname if f.get("url") else None,
+        hostname(f["url"]) if f.get("url") else None,
     )  # fmt: skip
     if row is None:
         raise NotFound("link not found")

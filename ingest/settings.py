@@ -89,6 +89,19 @@ class Settings(BaseSettings):
         description="A lead naming an unknown click id minted this recently answers 503 (retry): the click may"
         " still wait in a spool or a stream. Older or malformed ids answer 400.",
     )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A new connection's request headers must be complete within this; else it is closed."
+    )
+    body_timeout_s: float = Field(10.0, gt=0, description="A request body must arrive in full within this (408).")
+    keepalive_timeout_s: float = Field(
+        75.0, gt=0, description="An idle keep-alive connection is closed after this (longer than a balancer's 60 s)."
+    )
+    max_header_bytes: int = Field(
+        8190, ge=1024, le=65536, description="Longest request line and header field (aiohttp's limits; 431 past it)."
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook URLs on loopback, private, link-local ... addresses (on-premises receivers)."
+    )
 
     # worker --------------------------------------------------------------------------
     batch_size: int = Field(500, ge=1, le=10_000)

@@ -118,9 +118,7 @@ def serve(host: str, port: int) -> None:
 
     Refuses to start on a database that is missing or not migrated; starts while Postgres
     is unreachable (/readyz answers 503 with the reason until it answers)."""
-    from aiohttp import web
-
-    from ingest.app import create_app
+    from ingest import server
 
     settings = _settings()
     _listen_check(host, port, "serve")
@@ -128,14 +126,9 @@ def serve(host: str, port: int) -> None:
     uvloop.run(_check_database(settings, wait=False))
     uvloop.run(_check_durability(settings))
     try:
-        web.run_app(
-            create_app(settings),
-            host=host,
-            port=port,
-            access_log=None,  # the app logs one canonical line per request itself
-            print=lambda msg: click.echo(msg, err=True),
-            loop=uvloop.new_event_loop(),
-        )
+        # the runner carries the timeouts and limits of REFSTREAM_*_TIMEOUT_S and
+        # REFSTREAM_MAX_HEADER_BYTES, and the guard that closes connections sending no request
+        uvloop.run(server.serve(settings, host, port, print=lambda msg: click.echo(msg, err=True)))
     except OSError as exc:  # taken since the check: a race
         if exc.errno != errno.EADDRINUSE:
             raise

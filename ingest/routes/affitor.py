@@ -22,6 +22,7 @@ from ..body import BodyError, header, parse
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
+from ..fields import NO_NUL, NoNul
 from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key, replay, valid_key
 from ..lookup import ClickPending, Unavailable, lookup, resolve_click
 from ..spool import SpoolFull
@@ -36,22 +37,29 @@ S = 2048  # cap of every free-text field
 class AffitorAdditionalData(BaseModel):
     model_config = ConfigDict(extra="allow")
     test_mode: bool = False
-    program_id: int | str | None = None
+    program_id: int | NoNul | None = None
+
+
+def _affiliate_url_required(schema: dict[str, Any]) -> None:
+    # the route answers the seed's own 400 ("affiliate_url is required") when it is missing,
+    # so the model takes it optional; the document says what a client must send
+    schema.setdefault("required", []).append("affiliate_url")
+    schema["properties"]["affiliate_url"] = {"type": "string", "minLength": 1, "maxLength": S, "pattern": NO_NUL}
 
 
 class AffitorClick(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    affiliate_url: str | None = Field(None, max_length=S)
-    page_url: str | None = Field(None, max_length=S)
-    page_title: str | None = Field(None, max_length=512)
-    referrer_url: str | None = Field(None, max_length=S)
-    session_id: str | None = Field(None, max_length=256)
-    user_agent: str | None = Field(None, max_length=S)
-    screen_resolution: str | None = Field(None, max_length=32)
-    viewport_size: str | None = Field(None, max_length=32)
-    language: str | None = Field(None, max_length=64)
-    timezone: str | None = Field(None, max_length=64)
-    existing_click_id: str | None = Field(None, max_length=128)
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_affiliate_url_required)
+    affiliate_url: NoNul | None = Field(None, max_length=S)
+    page_url: NoNul | None = Field(None, max_length=S)
+    page_title: NoNul | None = Field(None, max_length=512)
+    referrer_url: NoNul | None = Field(None, max_length=S)
+    session_id: NoNul | None = Field(None, max_length=256)
+    user_agent: NoNul | None = Field(None, max_length=S)
+    screen_resolution: NoNul | None = Field(None, max_length=32)
+    viewport_size: NoNul | None = Field(None, max_length=32)
+    language: NoNul | None = Field(None, max_length=64)
+    timezone: NoNul | None = Field(None, max_length=64)
+    existing_click_id: NoNul | None = Field(None, max_length=128)
     additional_data: AffitorAdditionalData | None = None
     dedupe: str | None = Field(
         None, max_length=255, description="An idempotency key (tracker.js sends one per page view's click)"

@@ -23,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..auth import bearer
 from ..body import BodyError, header, parse
+from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
+from ..fields import NoNul
 from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key, replay
 from ..lookup import Unavailable, lookup
 from ..state import EDGE
@@ -39,11 +41,11 @@ FINGERPRINT_CONFIDENCE = 0.8
 
 class AffixoClick(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    ref: str = Field(min_length=1, max_length=128, description="Referral code / ref_param.")
-    visitor_id: str | None = Field(None, max_length=128)
-    fingerprint: str | None = Field(None, max_length=1024)
-    url: str | None = Field(None, max_length=2048)
-    referrer: str | None = Field(None, max_length=2048)
+    ref: NoNul = Field(min_length=1, max_length=128, description="Referral code / ref_param.")
+    visitor_id: NoNul | None = Field(None, max_length=128)
+    fingerprint: NoNul | None = Field(None, max_length=1024)
+    url: NoNul | None = Field(None, max_length=2048)
+    referrer: NoNul | None = Field(None, max_length=2048)
 
 
 class AffixoClickRecorded(BaseModel):
@@ -96,9 +98,9 @@ async def track_click(request: web.Request) -> web.Response:
     if not found.verdict.allowed:
         return error(429, "rate_limited", found.verdict.headers, detail="600 requests per minute per key")
     if problem is not None or body is None:
-        if problem is not None and problem.status == 413:
-            return error(413, "payload_too_large", detail=problem.message)
-        return error(400, "invalid_json", detail=problem.message if problem else "invalid body")
+        if problem is None:
+            return error(400, "invalid_json", detail="invalid body")
+        return error(problem.status, body_code(problem, "invalid_json"), detail=problem.message)
     try:
         idem_key = header_key(request)
     except InvalidKey as exc:

@@ -13,7 +13,7 @@ all its appends another.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import orjson
 import structlog
@@ -22,10 +22,12 @@ from pydantic import BaseModel, Field, RootModel, ValidationError
 
 from .. import clicks, links
 from ..auth import bearer
-from ..body import BodyError, describe
+from ..body import BodyError, describe, read
+from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import xadd
 from ..events import Dialect, Envelope, EventType
+from ..fields import NoNul
 from ..idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
 from ..lookup import ClickPending, Unavailable, lookup, resolve_click, resolve_link
 from ..state import EDGE, Edge
@@ -40,15 +42,30 @@ MAX_EVENTS = 500
 
 
 class BatchClick(AffixoClick):
-    ip: str | None = Field(None, max_length=64, description="The visitor's address, as your server saw it")
-    user_agent: str | None = Field(None, max_length=2048, description="The visitor's User-Agent")
+    ip: NoNul | None = Field(None, max_length=64, description="The visitor's address, as your server saw it")
+    user_agent: NoNul | None = Field(None, max_length=2048, description="The visitor's User-Agent")
 
 
 MODELS: dict[str, type[BaseModel]] = {"click": BatchClick, "lead": RefportLead, "conversion": BricqsConvert}
 
 
-class BatchBody(RootModel[list[BatchClick | RefportLead | BricqsConvert]]):
-    """For the documentation: each item also carries ``type`` (click, lead or conversion)."""
+class BatchClickItem(BatchClick):
+    type: Literal["click"]
+
+
+class BatchLeadItem(RefportLead):
+    type: Literal["lead"]
+
+
+class BatchConversionItem(BricqsConvert):
+    type: Literal["conversion"]
+
+
+BatchItem = Annotated[BatchClickItem | BatchLeadItem | BatchConversionItem, Field(discriminator="type")]
+
+
+class BatchBody(RootModel[Annotated[list[BatchItem], Field(min_length=1, max_length=MAX_EVENTS)]]):
+    """For the documentation: each item names its ``type`` and has the fields of that type."""
 
 
 class ItemResult(BaseModel):
@@ -68,9 +85,9 @@ class BatchResult(BaseModel):
     results: list[ItemResult]
 
 
-def error(status: int, code: str, detail: str | None = None) -> web.Response:
+def error(status: int, code: str, detail: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
     body = {"error": code, **({"detail": detail} if detail else {})}
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
 def parse_items(raw: bytes, ndjson: bool) -> list[Any]:
@@ -92,10 +109,6 @@ async def batch(request: web.Request) -> web.Response:
     if secret is None:
         return error(401, "unauthorized")
     try:
-        raw = await request.read()  # aiohttp has undone any gzip; the cap counts what it produced
-    except web.HTTPRequestEntityTooLarge:
-        return error(413, "payload_too_large", f"at most {edge.settings.batch_max_bytes} bytes")
-    try:
         found = await lookup(edge, edge.key_limiter, "", secret=secret)
     except (Unavailable, *REDIS_ERRORS):
         return web.Response(status=503, headers={"Retry-After": "1"}, body=b'{"error":"unavailable"}')
@@ -106,15 +119,18 @@ async def batch(request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps({"error": "insufficient_scope", "need": "track"}), status=403,
                             content_type="application/json")  # fmt: skip
     if not found.verdict.allowed:
-        return error(429, "rate_limited")
+        return error(429, "rate_limited", headers=found.verdict.headers)
     try:
         idem_key = header_key(request)
     except InvalidKey as exc:
         return error(400, "invalid_idempotency_key", str(exc))
     try:
+        # read once the key is known: a stranger's body is never read (nor inflated); the cap
+        # counts the body both as sent and decompressed
+        raw = await read(request, edge.settings.batch_max_bytes)
         items = parse_items(raw, "ndjson" in request.headers.get("Content-Type", ""))
     except BodyError as exc:
-        return error(exc.status, exc.kind, exc.message)
+        return error(exc.status, body_code(exc, "invalid_json"), exc.message)
     if not items:
         return error(400, "invalid_json", "no events")
     if len(items) > MAX_EVENTS:

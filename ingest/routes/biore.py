@@ -3,7 +3,10 @@
 Public; 60 requests/minute per client IP; a kill switch answers 503
 ``features.referral_disabled``. Every other outcome is ``200 {"success":true,"data":
 {"tracked":true}}``: unknown and inactive codes included (a warn log, nothing counted),
-because landing pages must never block on tracking.
+because landing pages must never block on tracking. Beyond the seed, in its error shape:
+a body (the seed sends none) past ``REFSTREAM_MAX_BODY_BYTES`` is 413 ``payload_too_large``,
+and an ``Origin`` the link's workspace does not list in ``allowed_origins`` is 403
+``origin_not_allowed``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from .. import flags
-from ..body import header, plain
+from ..body import BodyError, header, plain, read
+from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
@@ -70,6 +74,10 @@ async def track_click(request: web.Request) -> web.Response:
     ip = edge.client_ip(request)
     sane = plain(code, MAX_CODE)
     try:
+        await read(request)  # the seed sends no body; one sent anyway is capped like any other
+    except BodyError as exc:
+        return error(exc.status, "bad_request" if exc.status == 400 else body_code(exc), exc.message)
+    try:
         found = await lookup(
             edge,
             edge.click_limiter,
@@ -100,6 +108,9 @@ async def track_click(request: web.Request) -> web.Response:
     if link is not None and not link.active:
         log.warning("click.inactive_link", code=code, link_id=link.id)
         return web.Response(body=TRACKED, content_type="application/json", headers=headers)
+    if link is not None and not link.allows_origin(request.headers.get("Origin")):
+        # the workspace lists the sites that may send its clicks: as Affitor and Bricqs answer
+        return error(403, "origin_not_allowed", "Origin not allowed for this workspace", headers)
 
     payload = {"code": code}
     if referrer := header(request, "Referer", edge.settings.max_string_length):

@@ -23,10 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import admin
 from ..auth import Principal, plausible
 from ..body import BodyError, header, parse, plain
+from ..body import code as body_code
 from ..connections import PG_ERRORS, REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..idempotency import Claim, InvalidKey, fingerprint, header_key
+from ..fields import NoNul
 from ..lookup import Found, Unavailable, lookup
 from ..spool import SpoolFull
 from ..state import EDGE, Edge
@@ -39,7 +41,7 @@ IDEMPOTENCY_TTL_S = 30 * 86400
 
 class BricqsGenerate(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    participant_id: str = Field(min_length=1, max_length=128)
+    participant_id: NoNul = Field(min_length=1, max_length=128)
     campaign_id: uuid.UUID
 
 
@@ -59,8 +61,8 @@ class BricqsValidated(BaseModel):
 
 class BricqsConvert(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    code: str = Field(min_length=1, max_length=128)
-    referred_session_id: str = Field(min_length=1, max_length=256)
+    code: NoNul = Field(min_length=1, max_length=128)
+    referred_session_id: NoNul = Field(min_length=1, max_length=256)
 
 
 class BricqsConverted(BaseModel):
@@ -130,7 +132,7 @@ async def generate(request: web.Request) -> web.Response:
         body = await parse(request, BricqsGenerate)
         idem_key = header_key(request)
     except BodyError as exc:
-        return error(exc.status, "validation_error", exc.message)
+        return error(exc.status, "validation_error" if exc.status == 400 else body_code(exc), exc.message)
     except InvalidKey as exc:
         return error(400, "validation_error", str(exc))
 
@@ -199,7 +201,7 @@ async def convert(request: web.Request) -> web.Response:
     try:
         body = await parse(request, BricqsConvert)
     except BodyError as exc:
-        return error(exc.status, "validation_error", exc.message)
+        return error(exc.status, "validation_error" if exc.status == 400 else body_code(exc), exc.message)
     event_id = uuid7()
     conversion_id = "conv_" + event_id.hex
     session = hashlib.sha256(body.referred_session_id.encode()).hexdigest()[:32]

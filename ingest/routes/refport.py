@@ -11,20 +11,22 @@ Errors: 400 ``INVALID_CLICK_ID`` / ``VALIDATION_ERROR``, 401 ``UNAUTHORIZED``,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .. import links
 from ..auth import bearer
 from ..body import BodyError, header, parse
+from ..body import code as body_code
 from ..clicks import ClickRef
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType
+from ..fields import NoNul, no_nul_inside
 from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key, replay
 from ..lookup import Unavailable, fallback, lookup, resolve_click
 from ..state import EDGE
@@ -35,13 +37,13 @@ routes = web.RouteTableDef()
 
 class RefportLead(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    clickId: str = Field(min_length=1, max_length=128)
-    eventName: str = Field(min_length=1, max_length=256)
-    customerExternalId: str = Field(min_length=1, max_length=256)
-    customerEmail: str | None = Field(None, max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-    customerName: str | None = Field(None, max_length=256)
-    customerAvatar: str | None = Field(None, max_length=2048)
-    metadata: dict[str, Any] | None = Field(None, max_length=100)
+    clickId: NoNul = Field(min_length=1, max_length=128)
+    eventName: NoNul = Field(min_length=1, max_length=256)
+    customerExternalId: NoNul = Field(min_length=1, max_length=256)
+    customerEmail: str | None = Field(None, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$")
+    customerName: NoNul | None = Field(None, max_length=256)
+    customerAvatar: NoNul | None = Field(None, max_length=2048)
+    metadata: Annotated[dict[str, Any], AfterValidator(no_nul_inside)] | None = Field(None, max_length=100)
 
 
 class RefportClick(BaseModel):
@@ -119,8 +121,9 @@ async def track_lead(request: web.Request) -> web.Response:
     if not found.verdict.allowed:
         return error(429, "RATE_LIMIT_EXCEEDED", "Too many requests", found.verdict.headers)
     if problem is not None or body is None:
-        status = problem.status if problem else 400
-        return error(status, "VALIDATION_ERROR", problem.message if problem else "invalid body")
+        if problem is None or problem.status == 400:
+            return error(400, "VALIDATION_ERROR", problem.message if problem else "invalid body")
+        return error(problem.status, body_code(problem).upper(), problem.message)
     try:
         idem_key = header_key(request)
     except InvalidKey as exc:
