@@ -115,6 +115,8 @@ OPERATIONS: tuple[Op, ...] = (
 
 
 _UNKEYED = frozenset({"/api/v1/referrals/convert"})  # idempotent on (code, session) by itself
+# keyed writes that change Postgres: a key is reserved while the first copy runs (409 meanwhile)
+_RESERVED = frozenset({"/api/v1/referrals/generate"})
 _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key", "in": "header", "required": False,
     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
@@ -155,14 +157,17 @@ def document() -> dict[str, Any]:
             for seg in op.path.split("/")
             if seg.startswith("{")
         ] + [{"name": q, "in": "query", "required": False, "schema": schema} for q, schema in op.query.items()]
+        responses = dict(op.responses)
         if op.method in ("post", "patch", "delete") and op.path not in _UNKEYED:
             params.append(_IDEMPOTENCY_KEY)
+            error_body = op.responses.get(400, op.responses.get(401))
+            responses.setdefault(422, error_body)  # idempotency_key_reused: the key with another request
+            if op.path in _RESERVED or op.tag in ("Management", "Webhooks"):
+                responses.setdefault(409, error_body)  # idempotency_in_progress: the first copy still runs
         operation: dict[str, Any] = {
             "summary": op.summary,
             "tags": [op.tag],
-            "responses": {
-                str(code): {"description": str(code), **content(body)} for code, body in op.responses.items()
-            },
+            "responses": {str(code): {"description": str(code), **content(body)} for code, body in responses.items()},
         }
         if params:
             operation["parameters"] = params
