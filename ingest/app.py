@@ -104,7 +104,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
     pg = await create_pg_pool(settings, min_size=0, max_size=4)
     keys = Keys(settings.stream_prefix, settings.partitions)
-    spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes)
+    spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, durability=Durability.of(settings))
     spool.start(redis, every_s=settings.spool_drain_every_s)  # also drains what a previous run left
     metrics.watch_spool(spool)
     app[EDGE] = Edge(

@@ -16,6 +16,10 @@ if the process dies), so several edges can share a spool and no row is replayed 
 A crash between an XADD and its delete replays that batch (at most ``DRAIN_BATCH`` rows)
 once more: the copies carry the same event ids and the workers store each event once.
 While Redis is down the loop asks it one PING per tick and touches nothing else.
+
+A drained row is deleted only once Redis confirmed it at ``REFSTREAM_ACK_DURABILITY``'s
+level (``ingest.durability``): the WAIT (or WAITAOF) ends each drain step's pipeline, and
+a step short of it deletes nothing and is sent again (same event ids) on the next tick.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import structlog
 
 from . import spool_store as store
 from .connections import REDIS_ERRORS, Redis
+from .durability import Durability
 from .events import FIELD
 
 log = structlog.get_logger("ingest.spool")
@@ -55,9 +60,10 @@ class SpoolDrainFailed(Exception):
 
 
 class Spool:
-    def __init__(self, directory: str | Path, *, max_bytes: int) -> None:
+    def __init__(self, directory: str | Path, *, max_bytes: int, durability: Durability | None = None) -> None:
         self.dir = Path(directory)
         self.max_bytes = max_bytes
+        self.durability = durability or Durability()  # what a drained row must reach before its delete
         self._pending: list[tuple[str, bytes, bytes | None, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -184,7 +190,7 @@ class Spool:
                 rows = await self._store("drain_read", self._oldest_sync)
                 if not rows:
                     break
-                sent, error = await _replay(redis, [r for r in rows if r.id not in self._replayed])
+                sent, error = await _replay(redis, [r for r in rows if r.id not in self._replayed], self.durability)
                 self._replayed.update(sent)
                 n += len(sent)
                 ids = [r.id for r in rows if r.id in self._replayed]
@@ -326,9 +332,12 @@ def _delete(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, int]:
     return store.delete(conn, ids)
 
 
-async def _replay(redis: Redis, rows: list[store.Row]) -> tuple[list[int], BaseException | None]:
-    """XADD ``rows`` (and their extra commands) in one pipeline: (ids Redis confirmed, the
-    first error). A row whose XADD was refused (a full Redis) stays; the others go."""
+async def _replay(
+    redis: Redis, rows: list[store.Row], durability: Durability
+) -> tuple[list[int], BaseException | None]:
+    """XADD ``rows`` (and their extra commands) in one pipeline, ended by the durability
+    level's WAIT when it has one: (ids Redis confirmed, the first error). A row whose XADD
+    was refused (a full Redis) stays; the others go, unless the WAIT fell short: then all stay."""
     if not rows:
         return [], None
     pipe = redis.pipeline(transaction=False)
@@ -336,10 +345,14 @@ async def _replay(redis: Redis, rows: list[store.Row]) -> tuple[list[int], BaseE
         pipe.xadd(r.stream, {FIELD: r.envelope})
         for cmd in r.extra:
             pipe.execute_command(*cmd)
+    if durability.waits:
+        pipe.execute_command(*durability.command())
     try:
         replies = await pipe.execute(raise_on_error=False)
     except REDIS_ERRORS as exc:
         return [], exc  # lost mid-pipeline: what landed is sent again next time (same event ids)
+    if durability.waits and (short := durability.failure(replies[-1])) is not None:
+        return [], short  # in the primary, not yet where the level says: sent again next time
     sent: list[int] = []
     error: BaseException | None = None
     i = 0

@@ -21,6 +21,7 @@ from ingest.connections import connect_redis, sentinel_target
 from ingest.durability import Durability, NotDurable
 from ingest.redislink import DirectLink, link_for
 from ingest.settings import Settings, explain, parse_durability
+from ingest.spool import Spool
 
 from ._procs import Procs, env_for, run_command
 from .conftest import wait_for
@@ -154,6 +155,26 @@ async def test_an_unconfirmed_batch_is_not_accepted_until_replicas_return(server
         assert not batcher.undurable.open
     finally:
         await batcher.close()
+        await client.aclose()
+
+
+async def test_the_spool_keeps_what_replicas_have_not_confirmed(servers, tmp_path: Path):
+    primary = await servers()
+    client = aioredis.Redis.from_url(primary.url)
+    spool = Spool(tmp_path, max_bytes=1 << 20, durability=Durability(replicas=1, wait_ms=100))
+    try:
+        for n in range(3):
+            await spool.append("durability:test", b'{"n":%d}' % n)
+        with pytest.raises(NotDurable):  # in the primary, on no replica: nothing may be deleted
+            await spool.drain(client)
+        assert spool.entries() == 3 and await client.xlen("durability:test") == 3
+
+        await servers("--replicaof", "127.0.0.1", str(primary.port))
+        await wait_in_sync(primary, 1)
+        assert await spool.drain(client) == 3  # sent again (same event ids), confirmed, deleted
+        assert spool.entries() == 0
+    finally:
+        await spool.close()
         await client.aclose()
 
 
