@@ -1,8 +1,11 @@
 """Replay a stream range into Postgres after an outage or a restore, idempotent by event id.
 
-The range is read with XRANGE, never XREADGROUP: the consumer group (pending entries,
-last-delivered id, lag) is left exactly as it was, so a replay can run beside live
-workers. Every page goes through the worker's own ``store.write_batch``: an event already
+Each partition is read from two tiers: the archive (``workers/archive_read.py``) for what
+lies before the oldest entry Redis still holds, Redis for the rest. Redis is read with
+XRANGE, never XREADGROUP: the consumer group (pending entries, last-delivered id, lag) is
+left exactly as it was, so a replay can run beside live workers. Should the trim remove
+entries between the look at Redis and the read (it trims only what the archive acked),
+the gap is read from the archive. Every page goes through the worker's own ``store.write_batch``: an event already
 stored inserts nothing and moves nothing, so replaying a range twice, or one the workers
 are still on, never double counts. Webhook outbox rows for events that turn out to be new
 are written by ``write_batch`` in the same transaction; a replay enqueues no job, the
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -25,7 +29,8 @@ from ingest.connections import Redis
 from ingest.events import FIELD, Envelope, EnvelopeError
 from ingest.keys import Keys
 
-from . import store
+from . import archive_read, store
+from .archive_store import Store, open_store
 from .enrich import Enricher
 from .errors import is_transient
 
@@ -112,14 +117,22 @@ class Range:
 
 @dataclass(slots=True)
 class PartitionPlan:
+    """What a replay would do, found by doing it in a transaction that is rolled back."""
+
     entries: int = 0
-    stored: int = 0  # entries whose event id is already in Postgres
+    archived: int = 0  # of the entries, read from the archive (the rest from Redis)
+    new: int = 0  # would be stored
+    stored: int = 0  # their event id is in Postgres already
+    repeats: int = 0  # by design no row: a repeated lead or conversion (same dedupe key)
+    skipped: int = 0  # by design no row: an unknown code, or a click on an inactive link
     undecodable: int = 0
+    failed: int = 0  # refused by Postgres for its data (the workers dead-lettered it)
 
 
 @dataclass(slots=True)
 class PartitionResult:
     entries: int = 0
+    archived: int = 0  # of the entries, read from the archive (the rest from Redis)
     inserted: int = 0
     duplicates: int = 0  # already stored (by event id, or a repeated lead or conversion)
     skipped: int = 0  # unknown code, or a click on an inactive link: stored by no one
@@ -187,23 +200,111 @@ def _decode(page: list[Any]) -> tuple[list[Envelope], int]:
     return good, bad
 
 
-async def plan(redis: Redis, pg: asyncpg.Pool, keys: Keys, rng: Range, *, page_size: int = 1000) -> ReplayPlan:
-    """The dry run: reads the range and asks Postgres which event ids it holds; writes nothing."""
+async def _first(redis: Redis, stream: str) -> StreamId | None:
+    rows = await redis.xrange(stream, count=1)
+    return parse_id(_s(rows[0][0])) if rows else None
+
+
+def _before(sid: StreamId) -> StreamId:
+    return (sid[0], sid[1] - 1) if sid[1] > 0 else (sid[0] - 1, MAX_SEQ)
+
+
+class Source:
+    """Where a range's entries are: Redis, and the archive (``store``, under ``prefix``) for
+    what Redis no longer holds. Without a store, Redis alone."""
+
+    def __init__(self, redis: Redis, archive: Store | None = None, prefix: str = "") -> None:
+        self.redis, self.archive, self.prefix = redis, archive, prefix
+
+    async def count(self, p: int, stream: str, start: StreamId, end: StreamId) -> int:
+        first = await _first(self.redis, stream)
+        total = 0
+        if self.archive is not None and (first is None or start < first):
+            arch_end = end if first is None else min(end, _before(first))
+            total += await archive_read.count(self.archive, self.prefix, p, start, arch_end)
+        if first is not None and first <= end:
+            total += await count(self.redis, stream, max(start, first), end)
+        return total
+
+    async def pages(self, p: int, stream: str, start: StreamId, end: StreamId, size: int,
+                    part: Any) -> AsyncIterator[list[Any]]:  # fmt: skip
+        """Pages of [start, end]: the archive's part first, then Redis's. ``part.archived``
+        counts what came from the archive."""
+        first = await _first(self.redis, stream)
+        if self.archive is not None and (first is None or start < first):
+            arch_end = end if first is None else min(end, _before(first))
+            async for page in archive_read.pages(self.archive, self.prefix, p, start, arch_end, size):
+                part.archived += len(page)
+                yield page
+        if first is None or first > end:
+            return
+        lo, checked = max(start, first), False
+        async for page in _pages(self.redis, stream, lo, end, size):
+            if not checked and self.archive is not None and (got := parse_id(_s(page[0][0]))) > first >= start:
+                # trimmed since the look: those entries are archived (the trim waits for the archive)
+                async for gap in archive_read.pages(self.archive, self.prefix, p, lo, _before(got), size):
+                    part.archived += len(gap)
+                    yield gap
+            checked = True
+            yield page
+
+
+class _Within:
+    """A pool whose one connection is inside the dry run's transaction: ``write_batch``'s own
+    transaction becomes a savepoint, and everything is rolled back at the end."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        yield self.conn
+
+
+async def plan(
+    source: Source | Redis,
+    pg: asyncpg.Pool,
+    keys: Keys,
+    rng: Range,
+    *,
+    enricher: Enricher | None = None,
+    page_size: int = 1000,
+) -> ReplayPlan:
+    """The dry run: the replay itself, per partition in one transaction that is rolled back,
+    so the counts are what a replay would do (a repeat of an entry earlier in the range is a
+    repeat, an unknown code skipped), not a guess. Its row locks are held until the
+    partition is counted: workers writing the same links wait that long."""
+    src = source if isinstance(source, Source) else Source(source)
     start, end = rng.bounds()
     result = ReplayPlan(start, end)
     for p, stream in rng.streams(keys):
         part = result.partitions[p] = PartitionPlan()
-        async for page in _pages(redis, stream, start, end, page_size):
-            envelopes, bad = _decode(page)
-            part.entries += len(page)
-            part.undecodable += bad
-            ids = [e.event_id for e in envelopes]
-            part.stored += await pg.fetchval("SELECT count(*) FROM events WHERE event_id = ANY($1::uuid[])", ids)
+        async with pg.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                async for page in src.pages(p, stream, start, end, page_size, part):
+                    envelopes, bad = _decode(page)
+                    part.entries += len(page)
+                    part.undecodable += bad
+                    if not envelopes:
+                        continue
+                    ids = [e.event_id for e in envelopes]
+                    stored = await conn.fetchval("SELECT count(*) FROM events WHERE event_id = ANY($1::uuid[])", ids)
+                    done = PartitionResult()
+                    await _write(_Within(conn), envelopes, enricher, done)  # type: ignore[arg-type]
+                    part.new += done.inserted
+                    part.stored += stored
+                    part.repeats += max(0, done.duplicates - stored)
+                    part.skipped += done.skipped
+                    part.failed += done.failed
+            finally:
+                await tx.rollback()
     return result
 
 
 async def replay(
-    redis: Redis,
+    source: Source | Redis,
     pool: asyncpg.Pool,
     keys: Keys,
     rng: Range,
@@ -217,15 +318,16 @@ async def replay(
     Pass the worker's ``enricher``: bot verdicts come from it, and without one a bot's
     click would be counted as a click. ``progress(done, total)`` is called after each page.
     """
+    src = source if isinstance(source, Source) else Source(source)
     start, end = rng.bounds()
     streams = rng.streams(keys)
-    total = sum([await count(redis, stream, start, end) for _, stream in streams])
+    total = sum([await src.count(p, stream, start, end) for p, stream in streams])
     result, done = ReplayResult(start, end), 0
     if progress:
         progress(0, total)
     for p, stream in streams:
         part = result.partitions[p] = PartitionResult()
-        async for page in _pages(redis, stream, start, end, batch_size):
+        async for page in src.pages(p, stream, start, end, batch_size, part):
             envelopes, bad = _decode(page)
             if envelopes:
                 await _write(pool, envelopes, enricher, part)
@@ -234,6 +336,8 @@ async def replay(
             done += len(page)
             if progress:
                 progress(done, max(total, done))  # the range may be open-ended: entries still arrive
+    if progress:
+        progress(done, done)  # an archive segment straddling an end of the range counted whole
     log.info("replay", start=format_id(start), end=format_id(end), **result.to_dict()["totals"])
     return result
 
@@ -280,8 +384,9 @@ async def replay_job(
     stream ids as strings, times as ISO 8601 strings. Returns ``ReplayResult.to_dict()``."""
     c: Consumer = ctx["consumer"]
     rng = Range(from_id, to_id, _iso(since), _iso(until), tuple(partitions) if partitions is not None else None)
+    source = Source(c.redis, open_store(c.settings), c.keys.prefix)
     result = await replay(
-        c.redis, c.pipeline.pg, c.keys, rng, enricher=c.pipeline.enricher, batch_size=c.settings.batch_size
+        source, c.pipeline.pg, c.keys, rng, enricher=c.pipeline.enricher, batch_size=c.settings.batch_size
     )
     return result.to_dict()
 
