@@ -268,7 +268,7 @@ class Archiver:
             for _ in range(1000):
                 reply = await self.redis.xautoclaim(
                     stream, GROUP, self.name, min_idle_time=self.settings.claim_idle_ms, start_id=start,
-                    count=self.settings.archive_segment_entries, justid=True,
+                    count=self.settings.archive_segment_entries,
                 )  # fmt: skip
                 if reply[1]:
                     self._backlog[p], self._backlog_from[p] = True, "0"
