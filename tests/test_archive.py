@@ -43,8 +43,8 @@ async def run_archiver(settings: Settings, redis: Any, store: Store | None = Non
     return archiver
 
 
-async def read_archive(store: Store, prefix: str) -> tuple[list[seg.Manifest], list[tuple[str, seg.Entry]]]:
-    """Every segment's manifest (checked by ``read``) and every line, with its segment key."""
+async def read_archive(store: Store, prefix: str) -> tuple[list[seg.Manifest], list[tuple[int, seg.Entry]]]:
+    """Every segment's manifest (checked by ``read``) and every line, with its partition."""
     manifests, lines = [], []
     for key in await store.list(prefix + "/"):
         manifest, entries = seg.read(await store.get(key))
@@ -52,24 +52,27 @@ async def read_archive(store: Store, prefix: str) -> tuple[list[seg.Manifest], l
         assert seg.hour_of(manifest.last_id) == seg.hour_of(manifest.first_id)
         assert (manifest.first_id, manifest.last_id) == (entries[0].id, entries[-1].id)
         manifests.append(manifest)
-        lines.extend((key, e) for e in entries)
+        lines.extend((manifest.partition, e) for e in entries)
     return manifests, lines
 
 
-async def stream_entries(redis: Any, keys: Keys) -> dict[str, dict[bytes, bytes]]:
+async def stream_entries(redis: Any, keys: Keys) -> dict[tuple[int, str], dict[bytes, bytes]]:
+    """Every entry by (partition, id): ids are unique within a partition only."""
     out = {}
-    for stream in keys.streams:
+    for p, stream in enumerate(keys.streams):
         for sid, fields in await redis.xrange(stream):
-            out[sid.decode()] = fields
+            out[(p, sid.decode())] = fields
     return out
 
 
-def assert_exactly_once(lines: list[tuple[str, seg.Entry]], entries: dict[str, dict[bytes, bytes]]) -> None:
-    counts = Counter(e.id for _, e in lines)
+def assert_exactly_once(
+    lines: list[tuple[int, seg.Entry]], entries: dict[tuple[int, str], dict[bytes, bytes]]
+) -> None:
+    counts = Counter((p, e.id) for p, e in lines)
     assert [i for i, n in counts.items() if n > 1] == []  # no line twice
     assert set(counts) == set(entries)  # every entry archived
-    for _, e in lines:  # byte for byte
-        fields = entries[e.id]
+    for p, e in lines:  # byte for byte
+        fields = entries[(p, e.id)]
         assert (e.fields if e.fields is not None else {FIELD: e.envelope}) == fields
 
 
