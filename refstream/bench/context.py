@@ -17,7 +17,8 @@ from . import wrk
 from .procs import Proc, Procs
 from .world import World
 
-PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g")
+PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g")  # the default set
+EXTRA = ("h",)  # slow, or a question of its own: only when named (--only h)
 
 
 def _py_spy() -> str:

@@ -50,6 +50,7 @@ SECTIONS = {
     "e": "(e) end to end",
     "f": "(f) backlog drain after the workers were stopped",
     "g": "(g) memory",
+    "h": "(h) archiver vs worker; Redis bytes across retention cycles (--only h)",
 }
 
 

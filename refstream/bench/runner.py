@@ -21,6 +21,7 @@ from ingest.settings import Settings
 
 from .. import services
 from . import report, world
+from .archive_parts import part_h
 from .context import Ctx, Options
 from .edge_parts import part_a, part_b, part_c
 from .pipeline_parts import part_d, part_e_f
@@ -63,6 +64,7 @@ async def _one_run(ctx: Ctx) -> None:
         ("c", part_c, ctx.wants("c")),
         ("d", part_d, ctx.wants("d")),
         ("e/f", part_e_f, ctx.wants("e") or ctx.wants("f")),
+        ("h", part_h, ctx.wants("h")),
     ]
     for name, fn, wanted in steps:
         if wanted:
@@ -154,6 +156,9 @@ NOTES = [
     " now(), i.e. its start: the commit itself is a few ms later)",
     "f: workers stopped (SIGTERM) for --backlog-seconds under the half load, then restarted under the same load;"
     " drain rate = (backlog + ingest during catch-up) / catch-up time, which includes the workers' start-up",
+    "h: `work --drain` then `archive --drain` on the same N pre-filled entries (each its own group); events/s"
+    " from each one's first read to its exit; then cycles of fill, both drains and a trim under a memory budget"
+    " of a third of a cycle: the streams' MEMORY USAGE after each trim",
     "g.redis_bytes_per_event: stream MEMORY USAGE delta / XLEN delta while the workers were stopped (f), else"
     " stream MEMORY USAGE / XLEN after (b)",
 ]
