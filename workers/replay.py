@@ -1,11 +1,10 @@
 """Replay a stream range into Postgres after an outage or a restore, idempotent by event id.
 
-Each partition is read from two tiers: the archive (``workers/archive_read.py``) for what
-lies before the oldest entry Redis still holds, Redis for the rest. Redis is read with
-XRANGE, never XREADGROUP: the consumer group (pending entries, last-delivered id, lag) is
-left exactly as it was, so a replay can run beside live workers. Should the trim remove
-entries between the look at Redis and the read (it trims only what the archive acked),
-the gap is read from the archive. Every page goes through the worker's own ``store.write_batch``: an event already
+Each partition is read from two tiers (``workers/replay_source.py``): the archive for
+what lies before the oldest entry Redis still holds, Redis for the rest. Redis is read
+with XRANGE, never XREADGROUP: the consumer group (pending entries, last-delivered id,
+lag) is left exactly as it was, so a replay can run beside live workers. Every page goes
+through the worker's own ``store.write_batch``: an event already
 stored inserts nothing and moves nothing, so replaying a range twice, or one the workers
 are still on, never double counts. Webhook outbox rows for events that turn out to be new
 are written by ``write_batch`` in the same transaction; a replay enqueues no job, the
@@ -14,7 +13,6 @@ workers' sweep cron delivers them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -29,56 +27,27 @@ from ingest.connections import Redis
 from ingest.events import FIELD, Envelope, EnvelopeError
 from ingest.keys import Keys
 
-from . import archive_read, store
-from .archive_store import Store, open_store
+from . import store
+from .archive_store import open_store
 from .enrich import Enricher
 from .errors import is_transient
+from .replay_source import MAX_SEQ, RangeError, Source, StreamId, count, format_id, parse_id
+
+__all__ = ["MAX_SEQ", "Range", "RangeError", "ReplayPlan", "ReplayResult", "Source", "count", "format_id",
+           "parse_id", "plan", "replay", "replay_job"]  # fmt: skip
 
 if TYPE_CHECKING:
     from .consume import Consumer
 
 log = structlog.get_logger("workers.replay")
 
-MAX_SEQ = 2**64 - 1
-StreamId = tuple[int, int]
 Progress = Callable[[int, int], None]
-_ID = re.compile(r"^(\d+)(?:-(\d+))?$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# counts a chunk of a range inside Redis, so a progress total costs no entry transfer
-_COUNT = """
-local rows = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
-if #rows == 0 then return {0, ''} end
-return {#rows, rows[#rows][1]}
-"""
-
-
-class RangeError(ValueError):
-    """A range that cannot be parsed, or that selects nothing by construction."""
-
-
-def parse_id(text: str, *, end: bool = False) -> StreamId:
-    """A Redis stream id, ``ms-seq`` or ``ms`` (the whole millisecond: from its first
-    entry as a start, to its last as an ``end``)."""
-    m = _ID.match(text.strip())
-    if m is None:
-        raise RangeError(f"not a stream id: {text!r} (expected ms-seq or ms)")
-    ms, seq = int(m[1]), (int(m[2]) if m[2] is not None else MAX_SEQ if end else 0)
-    if ms > MAX_SEQ or seq > MAX_SEQ:
-        raise RangeError(f"stream id out of range: {text!r}")
-    return ms, seq
-
-
-def format_id(sid: StreamId) -> str:
-    return f"{sid[0]}-{sid[1]}"
 
 
 def _ms(at: datetime) -> int:
     at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
     return (at - _EPOCH) // timedelta(milliseconds=1)
-
-
-def _after(sid: StreamId) -> StreamId:
-    return (sid[0], sid[1] + 1) if sid[1] < MAX_SEQ else (sid[0] + 1, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,28 +137,6 @@ class ReplayResult(_Report):
     """What a replay did, per partition."""
 
 
-async def count(redis: Redis, stream: str, start: StreamId, end: StreamId, *, chunk: int = 10_000) -> int:
-    """Entries of ``stream`` in [start, end], counted inside Redis a chunk at a time."""
-    total = 0
-    while True:
-        reply: Any = redis.eval(_COUNT, 1, stream, format_id(start), format_id(end), str(chunk))
-        n, last = await reply
-        total += int(n)
-        if int(n) < chunk or (sid := parse_id(_s(last))) >= end:
-            return total
-        start = _after(sid)
-
-
-async def _pages(redis: Redis, stream: str, start: StreamId, end: StreamId, size: int) -> AsyncIterator[list[Any]]:
-    while True:
-        page = await redis.xrange(stream, min=format_id(start), max=format_id(end), count=size)
-        if page:
-            yield page
-        if len(page) < size or (last := parse_id(_s(page[-1][0]))) >= end:
-            return
-        start = _after(last)
-
-
 def _decode(page: list[Any]) -> tuple[list[Envelope], int]:
     good, bad = [], 0
     for _, fields in page:
@@ -198,55 +145,6 @@ def _decode(page: list[Any]) -> tuple[list[Envelope], int]:
         except (KeyError, EnvelopeError):
             bad += 1
     return good, bad
-
-
-async def _first(redis: Redis, stream: str) -> StreamId | None:
-    rows = await redis.xrange(stream, count=1)
-    return parse_id(_s(rows[0][0])) if rows else None
-
-
-def _before(sid: StreamId) -> StreamId:
-    return (sid[0], sid[1] - 1) if sid[1] > 0 else (sid[0] - 1, MAX_SEQ)
-
-
-class Source:
-    """Where a range's entries are: Redis, and the archive (``store``, under ``prefix``) for
-    what Redis no longer holds. Without a store, Redis alone."""
-
-    def __init__(self, redis: Redis, archive: Store | None = None, prefix: str = "") -> None:
-        self.redis, self.archive, self.prefix = redis, archive, prefix
-
-    async def count(self, p: int, stream: str, start: StreamId, end: StreamId) -> int:
-        first = await _first(self.redis, stream)
-        total = 0
-        if self.archive is not None and (first is None or start < first):
-            arch_end = end if first is None else min(end, _before(first))
-            total += await archive_read.count(self.archive, self.prefix, p, start, arch_end)
-        if first is not None and first <= end:
-            total += await count(self.redis, stream, max(start, first), end)
-        return total
-
-    async def pages(self, p: int, stream: str, start: StreamId, end: StreamId, size: int,
-                    part: Any) -> AsyncIterator[list[Any]]:  # fmt: skip
-        """Pages of [start, end]: the archive's part first, then Redis's. ``part.archived``
-        counts what came from the archive."""
-        first = await _first(self.redis, stream)
-        if self.archive is not None and (first is None or start < first):
-            arch_end = end if first is None else min(end, _before(first))
-            async for page in archive_read.pages(self.archive, self.prefix, p, start, arch_end, size):
-                part.archived += len(page)
-                yield page
-        if first is None or first > end:
-            return
-        lo, checked = max(start, first), False
-        async for page in _pages(self.redis, stream, lo, end, size):
-            if not checked and self.archive is not None and (got := parse_id(_s(page[0][0]))) > first >= start:
-                # trimmed since the look: those entries are archived (the trim waits for the archive)
-                async for gap in archive_read.pages(self.archive, self.prefix, p, lo, _before(got), size):
-                    part.archived += len(gap)
-                    yield gap
-            checked = True
-            yield page
 
 
 class _Within:
@@ -362,10 +260,6 @@ async def _write(
     part.inserted += batch.inserted
     part.duplicates += batch.duplicates
     part.skipped += len(batch.unknown_codes) + len(batch.inactive_codes)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _iso(v: str | None) -> datetime | None:
