@@ -152,6 +152,14 @@ class Settings(BaseSettings):
             return int(m[1]) << _SIZE_SHIFT[m[2] or "b"]
         return v
 
+    @field_validator("archive_url")
+    @classmethod
+    def _archive_url(cls, v: str) -> str:
+        scheme = v.partition("://")[0] if "://" in v else ""
+        if scheme not in ("", "file", "s3") or (scheme == "s3" and not v[5:].strip("/")):
+            raise ValueError("a directory (file://path or a path) or s3://bucket[/prefix]")
+        return v
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _split_cidrs(cls, v: object) -> object:

@@ -102,6 +102,11 @@ def test_retention_settings_and_their_former_name(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("REFSTREAM_STREAM_RETENTION", "30m")
     monkeypatch.setenv("REFSTREAM_STREAM_MAX_BYTES", "64mb")
     assert (Settings().stream_retention, Settings().stream_max_bytes) == (1800, 64 << 20)
+    for good in ("file://.refstream-archive", "/var/lib/archive", "s3://bucket/prefix"):
+        assert Settings(archive_url=good).archive_url == good
+    for bad in ("gs://bucket", "s3://", "ftp://x"):
+        with pytest.raises(ValueError, match="s3://bucket"):
+            Settings(archive_url=bad)
 
 
 async def test_status_and_the_worker_warn_before_redis_is_full(

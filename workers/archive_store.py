@@ -9,7 +9,7 @@ usual ``AWS_*`` variables).
 A ``put`` returns only once the segment is durable: locally a temporary file written,
 fsynced, renamed into place, and the directory fsynced; on S3 the PUT completed. Readers
 never see part of a segment: a crash leaves at most a ``.tmp-*`` file, which ``list``
-skips and the next write of the same directory removes.
+skips and a later write to the same directory removes once it is ten minutes old.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +26,7 @@ from urllib.parse import urlparse
 from ingest.settings import Settings
 
 TMP = ".tmp-"
+STALE_S = 600
 
 
 class ArchiveUnavailable(Exception):
@@ -72,6 +74,7 @@ class LocalStore:
             os.fsync(dir_fd)  # the rename itself survives a power cut
         finally:
             os.close(dir_fd)
+        _sweep(path.parent)
 
     async def get(self, key: str) -> bytes:
         try:
@@ -107,6 +110,18 @@ class LocalStore:
                 if not f.startswith(TMP):
                     out.append(str(Path(dirpath, f).relative_to(self.root)))
         return sorted(out)
+
+
+def _sweep(directory: Path) -> None:
+    """Remove what a crashed write left behind: temporary files older than ``STALE_S`` (a
+    younger one may be another archiver's write in progress)."""
+    now = time.time()
+    for leftover in directory.glob(f"{TMP}*"):
+        try:
+            if now - leftover.stat().st_mtime > STALE_S:
+                leftover.unlink()
+        except FileNotFoundError:
+            pass
 
 
 class ObjectStore:

@@ -163,7 +163,7 @@ async def trim(
             if hb.held_by is not None:
                 log.info("trim.held_back", stream=stream, group=hb.held_by, entries=hb.held_entries,
                          memory_bytes=hb.memory_bytes)  # fmt: skip
-            n = await redis.xtrim(stream, minid=_fmt(minid), approximate=not exact)
+            n = await _xtrim(redis, stream, _fmt(minid), exact)
         except ResponseError as exc:
             # one partition's trouble is not the round's: the others are still trimmed
             log.warning("trim.failed", stream=stream, error=str(exc))
@@ -204,6 +204,18 @@ async def warn_memory(redis: Redis, warn_ratio: float) -> Memory:
     if mem.near_limit:
         log.warning("redis.memory_high", used=mem.used, maxmemory=mem.max, ratio=round(mem.ratio or 0, 3))
     return mem
+
+
+async def _xtrim(redis: Redis, stream: str, minid: str, exact: bool) -> int:
+    """XTRIM MINID, repeated: an approximate trim removes at most 100 nodes' worth of entries
+    per call (Redis's default LIMIT with ``~``), and a burst can leave more than that."""
+    removed = 0
+    for _ in range(MAX_STEP // 1000):
+        n = int(await redis.xtrim(stream, minid=minid, approximate=not exact))
+        removed += n
+        if exact or n == 0:
+            break
+    return removed
 
 
 def _fmt(sid: StreamId) -> str:
