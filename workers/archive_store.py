@@ -15,6 +15,7 @@ skips and a later write to the same directory removes once it is ten minutes old
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import secrets
 import time
@@ -100,7 +101,7 @@ class LocalStore:
         except OSError as exc:
             raise ArchiveUnavailable(f"{self.url}: {exc}") from exc
 
-    def _list(self, prefix: str) -> list[str]:
+    def _list(self, prefix: str) -> builtins.list[str]:
         base = self.root / prefix
         if not base.is_dir():
             return []

@@ -190,7 +190,7 @@ async def plan(
                     ids = [e.event_id for e in envelopes]
                     stored = await conn.fetchval("SELECT count(*) FROM events WHERE event_id = ANY($1::uuid[])", ids)
                     done = PartitionResult()
-                    await _write(_Within(conn), envelopes, enricher, done)  # type: ignore[arg-type]
+                    await _write(_Within(conn), envelopes, enricher, done)
                     part.new += done.inserted
                     part.stored += stored
                     part.repeats += max(0, done.duplicates - stored)

@@ -114,7 +114,8 @@ async def _memory_mark(redis: Redis, stream: str, length: int, used: int, budget
     drop = min(length - keep, MAX_STEP)
     if drop <= 0:
         return None
-    first_kept: Any = await redis.eval(_NTH, 1, stream, str(drop + 1))
+    reply: Any = redis.eval(_NTH, 1, stream, str(drop + 1))
+    first_kept = await reply
     return parse_id(first_kept) if first_kept else None
 
 
@@ -136,8 +137,8 @@ async def holdback(
     if cut is not None and cut < wish:
         lowest = min(found, key=lambda n: n.need)
         held_by = lowest.group
-        counted: Any = await redis.eval(_COUNT, 1, stream, _fmt(cut), f"({_fmt(wish)}", str(MAX_STEP))
-        held = int(counted)
+        counted: Any = redis.eval(_COUNT, 1, stream, _fmt(cut), f"({_fmt(wish)}", str(MAX_STEP))
+        held = int(await counted)
     return Holdback(stream, length, used, wish, cut, held_by, held)
 
 
