@@ -127,7 +127,9 @@ class Settings(BaseSettings):
 
     # fault injection, for the redelivery tests only: "crash_after_commit" makes the worker
     # SIGKILL itself after its first COMMIT and before the XACK; "crash_on:CODE" before the
-    # COMMIT of any batch holding an event for link CODE (a poison entry that kills workers).
+    # COMMIT of any batch holding an event for link CODE (a poison entry that kills workers);
+    # "archive_crash_after_put" makes the archiver SIGKILL itself after its first segment
+    # upload and before the XACK.
     fault: str | None = None
 
     @field_validator("stream_prefix")

@@ -80,21 +80,28 @@ def once_each(lines: list[tuple[int, seg.Entry]], accepted: dict[str, str]) -> l
 
 
 async def test_an_archiver_sigkilled_mid_segment(stage: Stage, plan: Plan) -> None:
+    """Three archivers: a1 kills itself after its first upload, before the XACK (the
+    failpoint); a2 is SIGKILLed holding a segment it has not written; a3 takes over both."""
     store = LocalStore(str(stage.tmp / "archive"))
     env = {"REFSTREAM_ARCHIVE_URL": f"file://{store.root}", **SEGMENTS}
     world = await stage.prepare(workers=2)
-    first = stage.procs.start("archive", REFSTREAM_CONSUMER_NAME="a1", **env)
+    a1 = stage.procs.start("archive", REFSTREAM_CONSUMER_NAME="a1", REFSTREAM_FAULT="archive_crash_after_put", **env)
+    a2 = stage.procs.start("archive", REFSTREAM_CONSUMER_NAME="a2", **env)
+    stage.procs.start("archive", REFSTREAM_CONSUMER_NAME="a3", **env)
     problems: list[str] = []
     async with stage.load(world) as load:
-        await asyncio.sleep(plan.warmup_s)
-        held = await _holding(stage, "a1", within=30)
-        first.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(first.wait, 10)
+        await asyncio.to_thread(a1.wait, 30)
+        uploaded = {(p, e.id) for p, e in await archive_lines(store, stage.keys.prefix)}
+        orphaned = uploaded & await _pending_ids(stage, "a1")  # in a segment, never acked
+        held = await _holding(stage, "a2", within=30)
+        a2.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(a2.wait, 10)
         fault_end = await stage.fault_over()
-        stage.procs.start("archive", REFSTREAM_CONSUMER_NAME="a2", **env)
         await asyncio.sleep(plan.tail_s)
+    if not orphaned:
+        problems.append("a1 died with no uploaded line left unacked: the scenario proved nothing")
     if not held:
-        problems.append("a1 never held a segment to break: the scenario proved nothing")
+        problems.append("a2 never held a segment to break: the scenario proved nothing")
     if not await archive_drained(stage, plan.drain_timeout_s):
         problems.append("the archive group did not drain")
     entries = {(p, sid.decode()): f for p, s in enumerate(stage.keys.streams) for sid, f in await stage.redis.xrange(s)}
@@ -104,9 +111,19 @@ async def test_an_archiver_sigkilled_mid_segment(stage: Stage, plan: Plan) -> No
         problems.append(f"{len(bad)} lines differ from their stream entry, e.g. {bad[:3]}")
     if len(lines) != len(entries):
         problems.append(f"{len(lines)} lines for {len(entries)} stream entries")
-    print(f"\narchiver SIGKILLed holding {held} entries: {len(lines)} lines for {len(entries)} entries")
-    await stage.finish(f"archiver SIGKILLed mid-segment ({held} held)", load.record.accepted,
-                       fault_end=fault_end, refused=load.record.refused(), problems=problems)  # fmt: skip
+    print(f"\na1 died with {len(orphaned)} uploaded lines unacked, a2 SIGKILLed holding {held}:"
+          f" {len(lines)} lines for {len(entries)} entries")  # fmt: skip
+    await stage.finish(f"archivers killed after an upload ({len(orphaned)}) and mid-segment ({held})",
+                       load.record.accepted, fault_end=fault_end, refused=load.record.refused(),
+                       problems=problems)  # fmt: skip
+
+
+async def _pending_ids(stage: Stage, consumer: str) -> set[tuple[int, str]]:
+    out: set[tuple[int, str]] = set()
+    for p, stream in enumerate(stage.keys.streams):
+        rows = await stage.redis.xpending_range(stream, ARCHIVE, "-", "+", 100_000, consumername=consumer)
+        out.update((p, r["message_id"].decode()) for r in rows)
+    return out
 
 
 async def _holding(stage: Stage, consumer: str, within: float) -> int:
