@@ -49,13 +49,7 @@ def archive(drain: bool) -> None:
 
     Several archivers may run side by side (they share the consumer group "archive");
     SIGTERM writes the segment in hand and acks it before the process exits."""
-    from workers.archive_store import open_store
-
     settings = _settings()
-    try:
-        open_store(settings)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
     result = uvloop.run(run_archiver(settings, drain=drain))
     if drain:

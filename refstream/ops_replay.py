@@ -64,7 +64,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return uvloop.run(coro)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-    except (ArchiveUnavailable, SegmentError, ValueError) as exc:
+    except (ArchiveUnavailable, SegmentError) as exc:
         raise click.ClickException(f"the archive: {exc}") from None
 
 
