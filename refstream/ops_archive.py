@@ -18,13 +18,16 @@ from ingest.connections import connect_redis
 from ingest.logs import configure_logging
 from ingest.settings import Settings
 
-from .runner import _print, _settings, json_flag
+from . import services
+from .runner import _print, _run, _settings, json_flag
 
 
 async def run_archiver(settings: Settings, *, drain: bool) -> dict[str, Any]:
     from workers.archive import Archiver
     from workers.archive_store import open_store
 
+    if drain:  # a one-shot command: waits at most REFSTREAM_CONNECT_TIMEOUT_S, then says why
+        await services.wait_for_redis(settings)
     redis = connect_redis(settings, max_connections=settings.partitions * 2 + 4)
     archiver = Archiver(
         settings, redis, open_store(settings), name=settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
@@ -49,8 +52,9 @@ def archive(drain: bool) -> None:
 
     Several archivers may run side by side (they share the consumer group "archive");
     SIGTERM writes the segment in hand and acks it before the process exits."""
+    if drain:
+        _print(_run(lambda settings: run_archiver(settings, drain=True)))
+        return
     settings = _settings()
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
-    result = uvloop.run(run_archiver(settings, drain=drain))
-    if drain:
-        _print(result)
+    uvloop.run(run_archiver(settings, drain=False))
