@@ -39,6 +39,7 @@ from ingest.keys import Keys, parse_id
 from ingest.settings import Settings
 
 from . import archive_segment as seg
+from . import presence
 from .archive_store import ArchiveUnavailable, Store
 from .consume import HAND_BACK_IDLE_MS, Backoff
 from .errors import redis_outage
@@ -67,6 +68,8 @@ class Archiver:
         self._stopping = False
         self._backlog = [True] * settings.partitions
         self._backlog_from = ["0"] * settings.partitions
+        self._blocked: dict[int, tuple[str, float]] = {}  # partition -> (outage reason, since)
+        self._publish_now = asyncio.Event()
 
     async def ensure_groups(self) -> None:
         """The archive group on every partition, from id 0: every entry still in Redis."""
@@ -194,6 +197,7 @@ class Archiver:
                 if reason != failure:
                     log.warning("archive.write_failed", stream=stream, reason=reason, error=repr(exc))
                     failure = reason
+                    self._block(p, reason)
                 held = [sid for hour in hours for sid, _ in hour]
                 if self._stopping:
                     await self._claim(stream, held, idle=HAND_BACK_IDLE_MS)
@@ -207,6 +211,7 @@ class Archiver:
             if failure is not None:
                 log.info("archive.write_resumed", stream=stream)
                 failure = None
+                self._block(p, None)
             hours.pop(0)
         return True
 
@@ -284,19 +289,53 @@ class Archiver:
             log.info("archive.reclaimed", consumer=self.name, entries=claimed)
         return claimed
 
+    def _block(self, p: int, reason: str | None) -> None:
+        """Partition ``p`` is held by an outage (``reason``), or no longer (None)."""
+        if reason is None:
+            self._blocked.pop(p, None)
+        elif p not in self._blocked or self._blocked[p][0] != reason:
+            self._blocked[p] = (reason, time.time())
+        self._publish_now.set()
+
+    def state(self) -> dict[str, Any]:
+        """What ``refstream status`` shows in its workers table, as ``archive:<name>``."""
+        reasons = sorted({r for r, _ in self._blocked.values()})
+        since = min((t for _, t in self._blocked.values()), default=None)
+        return {"consumer": self.name, "state": "blocked" if reasons else "running", "reasons": reasons,
+                "since": since, "segments": self.totals.segments, "entries": self.totals.entries}  # fmt: skip
+
+    @property
+    def presence_name(self) -> str:
+        return f"{GROUP}:{self.name}"
+
     async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.reclaim_every_s)
-            if self._stopping:
-                return
+        """Reclaim what dead archivers left, and publish this archiver's state, each on its
+        own timer (and the state at once on a change)."""
+        next_reclaim = next_state = 0.0
+        while not self._stopping:
+            now = time.monotonic()
+            if now >= next_reclaim:
+                next_reclaim = now + self.settings.reclaim_every_s
+                await self._safely("reclaim", self.reclaim())
+            if now >= next_state or self._publish_now.is_set():
+                self._publish_now.clear()
+                next_state = now + presence.EVERY_S
+                await self._safely("state", presence.publish(self.redis, self.keys, self.presence_name, self.state()))
             try:
-                await self.reclaim()
-            except Exception as exc:
-                log.warning("housekeeping.failed", task="reclaim", error=repr(exc))
+                await asyncio.wait_for(self._publish_now.wait(), max(0.05, min(next_reclaim, next_state) - now))
+            except TimeoutError:
+                pass
+
+    async def _safely(self, what: str, step: Any) -> None:
+        try:
+            await step
+        except Exception as exc:
+            log.warning("housekeeping.failed", task=what, error=repr(exc))
 
     async def _leave(self) -> None:
-        """A clean stop removes this archiver from the group where it holds nothing."""
+        """A clean stop removes this archiver's state, and it from the group where it holds nothing."""
         try:
+            await presence.forget(self.redis, self.keys, self.presence_name)
             for stream in self.keys.streams:
                 consumers = await self.redis.xinfo_consumers(stream, GROUP)
                 mine = next((c for c in consumers if _s(c["name"]) == self.name), None)

@@ -209,9 +209,12 @@ async def test_an_object_store_outage_under_load(stage: Stage, plan: Plan, moto:
         snap = await status.snapshot(stage.redis, None, stage.keys, status.Thresholds(), retention_s=0)
         holders = {p.trim_held_by for p in snap.partitions}
         held = sum(p.trim_held_entries for p in snap.partitions)
+        blocked = {w.consumer for w in snap.workers if w.state == "blocked" and "archive_unavailable" in w.reasons}
         moto.start()
         fault_end = await stage.fault_over()
         await asyncio.sleep(plan.tail_s)
+    if blocked != {"archive:a1", "archive:a2"} or snap.healthy:
+        problems.append(f"status during the outage: archivers blocked {blocked}, healthy {snap.healthy}")
     if holders != {ARCHIVE} or held == 0:
         problems.append(f"during the outage the trim was held by {holders} ({held} entries), not the archive")
     if not await archive_drained(stage, plan.drain_timeout_s):
