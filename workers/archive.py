@@ -25,6 +25,7 @@ has the same name and the same bytes, so even that rewrite leaves one copy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -139,6 +140,9 @@ class Archiver:
                         log.info("archive.read_resumed", stream=stream)
                         failure = None
                 except Exception as exc:
+                    if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                        with contextlib.suppress(Exception):
+                            await self.ensure_groups()  # the stream was deleted under us: from id 0 again
                     if (reason := redis_outage(exc)) is None:
                         raise
                     if reason != failure:
