@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from workers.archive_store import LocalStore, Store, open_store
 from workers.reconcile import reconcile
 
 from ._procs import Procs, free_port
+from .conftest import wait_for
 from .test_replay import START, append, history, make_links, snapshot
 
 CONFIG_TABLES = ("workspaces", "programs", "affiliates", "links")  # what a fresh database needs to resolve codes
@@ -65,9 +67,7 @@ async def stream_entries(redis: Any, keys: Keys) -> dict[tuple[int, str], dict[b
     return out
 
 
-def assert_exactly_once(
-    lines: list[tuple[int, seg.Entry]], entries: dict[tuple[int, str], dict[bytes, bytes]]
-) -> None:
+def assert_exactly_once(lines: list[tuple[int, seg.Entry]], entries: dict[tuple[int, str], dict[bytes, bytes]]) -> None:
     counts = Counter((p, e.id) for p, e in lines)
     assert [i for i, n in counts.items() if n > 1] == []  # no line twice
     assert set(counts) == set(entries)  # every entry archived
@@ -255,3 +255,35 @@ async def test_an_hour_trimmed_from_redis_replays_from_the_archive_into_a_fresh_
         assert await reconcile(pool, fix=False) == []
     finally:
         await pool.close()
+
+
+async def test_sigterm_writes_and_acks_the_segment_in_hand(
+    settings: Settings, redis: Any, keys: Keys, pg: asyncpg.Pool, tmp_path: Path
+) -> None:
+    settings = archived(settings, tmp_path)
+    codes = await make_links(pg, redis, keys, 2)
+    await append(redis, keys, history(codes, 300, random.Random(3), hours=1))
+    entries = await stream_entries(redis, keys)
+    procs = Procs(settings, tmp_path)
+    # segments sealed only after a minute: SIGTERM finds every entry read and held
+    proc = procs.start("archive", REFSTREAM_ARCHIVE_URL=settings.archive_url, REFSTREAM_ARCHIVE_SEGMENT_S="60")
+    try:
+
+        async def holding_all() -> bool:
+            pending = 0
+            for stream in keys.streams:
+                try:
+                    pending += (await redis.xpending(stream, GROUP))["pending"]
+                except Exception:
+                    return False  # no group yet
+            return pending == len(entries)
+
+        await wait_for(holding_all, timeout=30, what="the archiver to hold every entry")
+        assert await open_store(settings).list(keys.prefix + "/") == []
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        procs.stop_all()
+    assert_exactly_once((await read_archive(open_store(settings), keys.prefix))[1], entries)
+    for stream in keys.streams:
+        assert (await redis.xpending(stream, GROUP))["pending"] == 0
