@@ -14,6 +14,10 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_DURATION_RE = re.compile(r"^(\d+)\s*([smhd])?$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_RE = re.compile(r"^(\d+)\s*(b|kb|mb|gb|k|m|g)?$")
+_SIZE_SHIFT = {"b": 0, "kb": 10, "k": 10, "mb": 20, "m": 20, "gb": 30, "g": 30}
 
 
 class Settings(BaseSettings):
@@ -114,7 +118,22 @@ class Settings(BaseSettings):
         description="An entry that a worker stopped while processing (a crash) this many times is dead-lettered;"
         " outages never count.",
     )
-    retention_s: int = Field(7 * 86400, ge=0, description="Acked entries stay this long (for replays).")
+    stream_retention: int = Field(
+        3600,
+        ge=0,
+        validation_alias=AliasChoices("REFSTREAM_STREAM_RETENTION", "REFSTREAM_RETENTION_S", "stream_retention"),
+        description="Seconds (or 90s, 30m, 1h, 2d) acked entries stay in the streams; older ones are read from the"
+        " archive. REFSTREAM_RETENTION_S is its former name.",
+    )
+    stream_max_bytes: int = Field(
+        256 << 20,
+        ge=0,
+        description="Memory budget of all event partitions together (bytes, or 512kb, 64mb, 1gb; 0: none): past it"
+        " acked entries are trimmed before their retention ends.",
+    )
+    memory_warn_ratio: float = Field(
+        0.8, gt=0, le=1, description="status and the worker warn when Redis used_memory passes this share of maxmemory."
+    )
     trim_every_s: int = Field(60, ge=1, le=3600)
     consumer_name: str | None = Field(None, description="Defaults to hostname-pid.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker: serve /metrics on this port.")
@@ -123,6 +142,18 @@ class Settings(BaseSettings):
     secret_key: str | None = Field(
         None, description="Fernet key(s), comma-separated, encrypting webhook signing secrets at rest."
     )
+
+    # archive -------------------------------------------------------------------------
+    archive_url: str = Field(
+        "file://.refstream-archive",
+        description="Where `refstream archive` writes segments: a directory (file://path or a path) or s3://bucket/prefix.",
+    )
+    archive_s3_endpoint: str | None = Field(
+        None, description="An S3-compatible endpoint (MinIO, R2, ...); default: AWS. Credentials: AWS_* variables."
+    )
+    archive_s3_region: str = Field("us-east-1", description="The bucket's region.")
+    archive_segment_entries: int = Field(20_000, ge=1, description="A segment is sealed at this many entries...")
+    archive_segment_s: float = Field(60.0, gt=0, description="... or once its first entry was read this long ago.")
 
     # logging -------------------------------------------------------------------------
     log_level: str = "info"
@@ -134,7 +165,9 @@ class Settings(BaseSettings):
 
     # fault injection, for the redelivery tests only: "crash_after_commit" makes the worker
     # SIGKILL itself after its first COMMIT and before the XACK; "crash_on:CODE" before the
-    # COMMIT of any batch holding an event for link CODE (a poison entry that kills workers).
+    # COMMIT of any batch holding an event for link CODE (a poison entry that kills workers);
+    # "archive_crash_after_put" makes the archiver SIGKILL itself after its first segment
+    # upload and before the XACK.
     fault: str | None = None
 
     @field_validator("stream_prefix")
@@ -143,6 +176,28 @@ class Settings(BaseSettings):
         # braces would change the cluster hash tag of every key
         if not _PREFIX_RE.match(v):
             raise ValueError("1-64 of A-Z a-z 0-9 _ . : - (no braces)")
+        return v
+
+    @field_validator("stream_retention", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> object:
+        if isinstance(v, str) and (m := _DURATION_RE.match(v.strip().lower())):
+            return int(m[1]) * _DURATION_UNITS[m[2] or "s"]
+        return v
+
+    @field_validator("stream_max_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> object:
+        if isinstance(v, str) and (m := _SIZE_RE.match(v.strip().lower())):
+            return int(m[1]) << _SIZE_SHIFT[m[2] or "b"]
+        return v
+
+    @field_validator("archive_url")
+    @classmethod
+    def _archive_url(cls, v: str) -> str:
+        scheme = v.partition("://")[0] if "://" in v else ""
+        if scheme not in ("", "file", "s3") or (scheme == "s3" and not v[5:].strip("/")):
+            raise ValueError("a directory (file://path or a path) or s3://bucket[/prefix]")
         return v
 
     @field_validator("trusted_proxies", mode="before")

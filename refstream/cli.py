@@ -385,6 +385,9 @@ from . import ops_replay  # noqa: E402
 main.add_command(ops_replay.replay)
 main.add_command(ops_replay.reconcile)
 from . import ops_status  # noqa: E402
+from .ops_archive import archive  # noqa: E402
+
+main.add_command(archive)
 
 main.add_command(ops_status.status)
 main.add_command(ops_status.dead)

@@ -57,10 +57,15 @@ def _start() -> Settings:
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
+    from workers.archive_segment import SegmentError
+    from workers.archive_store import ArchiveUnavailable
+
     try:
         return uvloop.run(coro)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    except (ArchiveUnavailable, SegmentError) as exc:
+        raise click.ClickException(f"the archive: {exc}") from None
 
 
 @click.command()
@@ -82,9 +87,14 @@ def replay(
 ) -> None:
     """Replay a stream range into Postgres; what is stored already counts nothing twice.
 
-    The consumer group is not touched (XRANGE, not XREADGROUP), so workers may keep running.
+    Entries Redis no longer holds are read from the archive (REFSTREAM_ARCHIVE_URL). The
+    consumer group is not touched (XRANGE, not XREADGROUP), so workers may keep running.
+    The dry run replays in a transaction it rolls back: "new" is what a replay would store;
+    "repeats" (a repeated lead or conversion) and "skipped" (an unknown code, an inactive
+    link) produce no row by design.
     """
     from workers import replay as rp
+    from workers.archive_store import open_store
     from workers.enrich import Enricher
 
     rng = rp.Range(
@@ -101,23 +111,22 @@ def replay(
     async def go() -> dict[str, Any]:
         redis = connect_redis(settings)
         pool = await create_pg_pool(settings, min_size=1, max_size=2)
+        source = rp.Source(redis, open_store(settings), keys.prefix)  # Redis, and the archive for the rest
+        enricher = Enricher(city_db=settings.city_db)  # bot verdicts, as the workers make them
         try:
             if dry_run:
-                return (await rp.plan(redis, pool, keys, rng)).to_dict()
-            enricher = Enricher(city_db=settings.city_db)  # bot verdicts, as the workers make them
+                return (await rp.plan(source, pool, keys, rng, enricher=enricher)).to_dict()
             console = Console(stderr=True)
             columns = (TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-            try:
-                with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
-                    task = bar.add_task("replay", total=None)
-                    result = await rp.replay(
-                        redis, pool, keys, rng, enricher=enricher, batch_size=settings.batch_size,
-                        progress=lambda done, total: bar.update(task, completed=done, total=total),
-                    )  # fmt: skip
-            finally:
-                enricher.close()
+            with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
+                task = bar.add_task("replay", total=None)
+                result = await rp.replay(
+                    source, pool, keys, rng, enricher=enricher, batch_size=settings.batch_size,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )  # fmt: skip
             return result.to_dict()
         finally:
+            enricher.close()
             await pool.close()
             await redis.aclose()
 

@@ -310,7 +310,9 @@ class Consumer:
                     await self._safely("reclaim", self.reclaim())
             if now >= next_trim:
                 next_trim = now + self.settings.trim_every_s
-                await self._safely("trim", trim.trim(self.redis, self.keys, self.settings.retention_s))
+                retention, budget = self.settings.stream_retention, self.settings.stream_max_bytes
+                await self._safely("trim", trim.trim(self.redis, self.keys, retention, budget))
+                await self._safely("memory", trim.warn_memory(self.redis, self.settings.memory_warn_ratio))
             if now >= next_state or self._publish_now.is_set():
                 self._publish_now.clear()
                 next_state = now + presence.EVERY_S

@@ -17,9 +17,10 @@ from . import wrk
 from .procs import Proc, Procs
 from .world import World
 
-PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g", "h", "i")
-# only when named in --only: (h) starts Redis servers of its own, (i) idempotency keys' cost
-DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("h", "i"))
+PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g", "h", "i", "r")
+# only when named in --only: (h) starts Redis servers of its own, (i) idempotency keys' cost,
+# (r) the archiver and retention
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("h", "i", "r"))
 
 
 def _py_spy() -> str:

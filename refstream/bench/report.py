@@ -54,6 +54,7 @@ SECTIONS = {
     "h_primary": "(h) edge, seed 000, REFSTREAM_ACK_DURABILITY=primary (own primary + replica)",
     "h_replicas1": "(h) edge, seed 000, REFSTREAM_ACK_DURABILITY=replicas:1 (same Redis)",
     "h": "(h) replicas:1 / primary",
+    "r": "(r) archiver vs worker; Redis bytes across retention cycles (--only r)",
 }
 
 

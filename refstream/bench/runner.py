@@ -21,6 +21,7 @@ from ingest.settings import Settings
 
 from .. import services
 from . import report, world
+from .archive_parts import part_r
 from .context import Ctx, Options
 from .durability_part import part_h
 from .edge_parts import part_a, part_b, part_c
@@ -66,6 +67,7 @@ async def _one_run(ctx: Ctx) -> None:
         ("d", part_d, ctx.wants("d")),
         ("e/f", part_e_f, ctx.wants("e") or ctx.wants("f")),
         ("h", part_h, ctx.wants("h")),
+        ("r", part_r, ctx.wants("r")),
         ("i", part_i, ctx.wants("i")),
     ]
     for name, fn, wanted in steps:
@@ -158,6 +160,9 @@ NOTES = [
     " now(), i.e. its start: the commit itself is a few ms later)",
     "f: workers stopped (SIGTERM) for --backlog-seconds under the half load, then restarted under the same load;"
     " drain rate = (backlog + ingest during catch-up) / catch-up time, which includes the workers' start-up",
+    "r: `work --drain` then `archive --drain` on the same N pre-filled entries (each its own group); events/s"
+    " from each one's first read to its exit; then cycles of fill, both drains and a trim under a memory budget"
+    " of a third of a cycle: the streams' MEMORY USAGE after each trim",
     "g.redis_bytes_per_event: stream MEMORY USAGE delta / XLEN delta while the workers were stopped (f), else"
     " stream MEMORY USAGE / XLEN after (b)",
     "i: seed 003 (Affixo click, Bearer) without a key, with a fresh Idempotency-Key per request (the atomic"
