@@ -331,7 +331,7 @@ def test_status_reports_a_spool_failure_as_a_breach(tmp_path: Path):
         conn.close()
     usage = status.spool_usage(str(tmp_path))
     assert usage.error is not None and "append: SQLITE_FULL" in usage.error
-    (breach,) = status._breaches([], status.Dead(0, None), status.Thresholds(), [], usage)
+    (breach,) = status._breaches([], status.Dead(0, None), status.Thresholds(), [], usage, None)
     assert breach.check == "spool"
 
 
