@@ -38,7 +38,7 @@ RUN_ID = secrets.token_hex(4)
 SECRET_KEY = secretbox.generate_key()
 _TABLES = (
     "webhook_attempts, webhook_deliveries, webhooks, affiliate_milestones, milestones, daily_stats, events,"
-    " link_visitor_days,"
+    " link_visitor_days, event_dedupe, event_retention,"
     " customers, links, api_keys, affiliates, programs, workspaces"
 )
 
