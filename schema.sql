@@ -337,6 +337,3 @@ CREATE TABLE IF NOT EXISTS link_visitor_days_default PARTITION OF link_visitor_d
 CREATE INDEX IF NOT EXISTS events_workspace_id ON events (workspace_id, event_id);
 CREATE INDEX IF NOT EXISTS events_workspace_type_id ON events (workspace_id, type, event_id);
 CREATE INDEX IF NOT EXISTS events_link_id ON events (link_id, event_id);
--- GET /v1/affiliates/{id}/links and stats (links_affiliate serves the worker's sums)
-CREATE INDEX IF NOT EXISTS links_workspace_affiliate ON links (workspace_id, affiliate_id, created_at);
-CREATE INDEX IF NOT EXISTS daily_stats_workspace_affiliate ON daily_stats (workspace_id, affiliate_id, day);
