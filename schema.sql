@@ -307,8 +307,8 @@ BEGIN
         CREATE INDEX events_received ON events (received_at);
         CREATE INDEX events_processed_brin ON events USING brin (processed_at);
         -- the newest id's millisecond (a UUIDv7's first 48 bits), or now
-        SELECT ('x' || substr(replace(max(event_id)::text, '-', ''), 1, 12))::bit(48)::bigint
-          INTO newest_ms FROM events_legacy;
+        SELECT ('x' || substr(replace(event_id::text, '-', ''), 1, 12))::bit(48)::bigint
+          INTO newest_ms FROM events_legacy ORDER BY event_id DESC LIMIT 1;
         newest_ms := greatest(coalesce(newest_ms, 0), (extract(epoch FROM now()) * 1000)::bigint);
         bound_ms := (newest_ms / 86400000 + 1) * 86400000;
         bound := lpad(to_hex(bound_ms), 12, '0');
