@@ -19,7 +19,8 @@ DAY = date(2033, 1, 5)
 _FILL = [
     # 20 workspaces, a program each, 100 affiliates each, 10 links per affiliate
     """INSERT INTO workspaces (id, name)
-       SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(w), 12, '0'))::uuid, 'ws' || w FROM generate_series(1, 20) w""",
+       SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(w), 12, '0'))::uuid, 'ws' || w
+       FROM generate_series(1, 20) w""",
     """INSERT INTO programs (id, workspace_id, name)
        SELECT ('00000000-0000-4000-9000-' || lpad(to_hex(w), 12, '0'))::uuid,
               ('00000000-0000-4000-8000-' || lpad(to_hex(w), 12, '0'))::uuid, 'p' FROM generate_series(1, 20) w""",

@@ -19,6 +19,7 @@ from workers.store import write_batch
 
 from ._procs import REFSTREAM, env_for
 from ._world import make_world
+from .conftest import wait_for
 
 DAY1 = int(datetime(2024, 3, 1, 10, tzinfo=UTC).timestamp()) * 1000
 DAY2 = DAY1 + 86_400_000
@@ -118,9 +119,11 @@ async def test_a_fix_locks_one_chunk_of_links_at_a_time(pg: asyncpg.Pool, redis:
         fixing = asyncio.create_task(reconcile(pg, fix=True, chunk=1))
         fixed = "SELECT leads FROM links WHERE id = $1"
         want = 1 if first[1] == "A" else 0
-        async with asyncio.timeout(20):
-            while await pg.fetchval(fixed, first[0]) != want:
-                await asyncio.sleep(0.02)
+
+        async def first_fixed() -> bool:
+            return bool(await pg.fetchval(fixed, first[0]) == want)
+
+        await wait_for(first_fixed, timeout=20, what="the first chunk's fix")
         assert not fixing.done()  # waiting for the second link's lock, and only for it
         assert await pg.fetchval(fixed, second[0]) == 7
     assert sorted(await fixing, key=lambda d: d.code) == [Drift("A", "leads", 7, 1), Drift("B", "leads", 7, 0)]

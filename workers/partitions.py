@@ -111,15 +111,14 @@ def _covered(day: date, ranges: dict[str, tuple[date | None, date | None]]) -> b
     return any((lo is None or lo <= day) and (hi is None or day < hi) for lo, hi in ranges.values())
 
 
-async def _create(conn: asyncpg.Connection, table: _Table, day: date) -> str:
+async def create_day(conn: asyncpg.Connection, table: _Table, day: date) -> str:
+    """The partition of ``day``, made empty, given the default partition's rows of its range, attached."""
     name = f"{table.name}_p{day:%Y%m%d}"
     lo, hi = table.bound(day), table.bound(day + timedelta(days=1))
     key = "event_id" if table is EVENTS else "day"
     async with conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-        await conn.execute(
-            f"CREATE TABLE {name} (LIKE {table.name} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
-        )
+        await conn.execute(f"CREATE TABLE {name} (LIKE {table.name} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
         default = f"{table.name}_default"
         # no insert lands in the default partition between the move and the attach
         await conn.execute(f"LOCK TABLE {default} IN EXCLUSIVE MODE")
@@ -133,7 +132,8 @@ async def _create(conn: asyncpg.Connection, table: _Table, day: date) -> str:
     return name
 
 
-async def _drop(conn: asyncpg.Connection, name: str) -> None:
+async def drop(conn: asyncpg.Connection, name: str) -> None:
+    """Drop one partition, waiting at most ``LOCK_TIMEOUT`` for the batches in flight."""
     async with conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         await conn.execute(f"DROP TABLE {name}")
@@ -144,13 +144,13 @@ async def _table(conn: asyncpg.Connection, table: _Table, today: date, first_kep
     for offset in range(-1, AHEAD_DAYS + 1):
         day = today + timedelta(days=offset)
         if day >= first_kept and not _covered(day, ranges):
-            name = await _create(conn, table, day)
+            name = await create_day(conn, table, day)
             ranges[name] = (day, day + timedelta(days=1))
             out.created.append(name)
     for name, (_, hi) in sorted(ranges.items()):
         if hi is not None and hi <= first_kept:
             try:
-                await _drop(conn, name)
+                await drop(conn, name)
                 out.dropped.append(name)
             except asyncpg.LockNotAvailableError:
                 log.warning("partitions.drop_postponed", partition=name, waited=LOCK_TIMEOUT)

@@ -119,8 +119,7 @@ async def _claim_keys(conn: asyncpg.Connection, cols: tuple[list[Any], ...]) -> 
     if not keyed:
         return cols
     claimed = {
-        r["event_id"]
-        for r in await conn.fetch(_CLAIM_KEYS, *([cols[c][i] for i in keyed] for c in (2, 1, 10, 0, 14)))
+        r["event_id"] for r in await conn.fetch(_CLAIM_KEYS, *([cols[c][i] for i in keyed] for c in (2, 1, 10, 0, 14)))
     }
     keep = [i for i, key in enumerate(cols[10]) if key is None or cols[0][i] in claimed]
     return tuple([col[i] for i in keep] for col in cols)

@@ -12,7 +12,7 @@ import click
 import orjson
 import uvloop
 
-from .context import PARTS, Options
+from .context import EXTRA_PARTS, PARTS, Options
 
 
 @click.command()
@@ -24,6 +24,8 @@ from .context import PARTS, Options
 @click.option("--connections", type=int, default=32, show_default=True, help="wrk connections (one thread).")
 @click.option("--backlog-seconds", type=float, default=None, help="(f) workers stopped this long [60; --quick: 5].")
 @click.option("--drain-events", type=int, default=None, help="(d) pre-filled events [50000; --quick: 5000].")
+@click.option("--fill-rows", type=int, default=20_000_000, show_default=True,
+              help="(p, only with --only p) rows already in the events table the worker writes into.")  # fmt: skip
 @click.option("--workers", type=int, default=1, show_default=True, help="(e, f) worker processes.")
 @click.option("--profile", "profile_dir", type=click.Path(path_type=Path), default=None,
               help="py-spy the edge during (b 000) and the worker during (d); output in this directory.")  # fmt: skip
@@ -31,7 +33,7 @@ from .context import PARTS, Options
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 def bench(
     duration: float | None, warmup: float | None, quick: bool, runs: int, only: str, connections: int,
-    backlog_seconds: float | None, drain_events: int | None, workers: int, profile_dir: Path | None,
+    backlog_seconds: float | None, drain_events: int | None, fill_rows: int, workers: int, profile_dir: Path | None,
     as_json: bool, json_out: Path | None,
 ) -> None:  # fmt: skip
     """Measure the edge, the workers and the pipeline against their baselines."""
@@ -41,8 +43,8 @@ def bench(
     from . import report, runner
 
     parts = frozenset(p.strip() for p in only.split(",") if p.strip())
-    if unknown := parts - set(PARTS):
-        choose = ", ".join(PARTS)
+    if unknown := parts - set(PARTS) - set(EXTRA_PARTS):
+        choose = ", ".join(PARTS + EXTRA_PARTS)
         raise click.BadParameter(f"unknown parts {sorted(unknown)}; choose from {choose}", param_hint="--only")
     settings = Settings()
     configure_logging("warning", json=settings.log_json)
@@ -59,6 +61,7 @@ def bench(
         partitions=settings.partitions,
         batch_size=settings.batch_size,
         profile_dir=profile_dir,
+        fill_rows=fill_rows,
     )
     with ExitStack() as stack:
         result = uvloop.run(runner.bench(opts, stack))

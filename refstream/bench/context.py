@@ -18,6 +18,7 @@ from .procs import Proc, Procs
 from .world import World
 
 PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g")
+EXTRA_PARTS = ("p",)  # only when named in --only: (p) fills a table with millions of rows
 
 
 def _py_spy() -> str:
@@ -40,6 +41,7 @@ class Options:
     partitions: int
     batch_size: int
     profile_dir: Path | None
+    fill_rows: int = 20_000_000
 
 
 @dataclass(slots=True)

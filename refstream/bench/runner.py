@@ -23,6 +23,7 @@ from .. import services
 from . import report, world
 from .context import Ctx, Options
 from .edge_parts import part_a, part_b, part_c
+from .partition_parts import part_p
 from .pipeline_parts import part_d, part_e_f
 from .procs import Procs
 
@@ -63,6 +64,7 @@ async def _one_run(ctx: Ctx) -> None:
         ("c", part_c, ctx.wants("c")),
         ("d", part_d, ctx.wants("d")),
         ("e/f", part_e_f, ctx.wants("e") or ctx.wants("f")),
+        ("p", part_p, ctx.wants("p")),
     ]
     for name, fn, wanted in steps:
         if wanted:
@@ -154,6 +156,9 @@ NOTES = [
     " now(), i.e. its start: the commit itself is a few ms later)",
     "f: workers stopped (SIGTERM) for --backlog-seconds under the half load, then restarted under the same load;"
     " drain rate = (backlog + ingest during catch-up) / catch-up time, which includes the workers' start-up",
+    "p: two `work --drain` of --drain-events mixed events, into a fresh database and into one whose events table"
+    " holds --fill-rows rows over 30 daily partitions (filled once, kept over the runs); p.drop_day_s: DROP of"
+    " the oldest filled day's partition",
     "g.redis_bytes_per_event: stream MEMORY USAGE delta / XLEN delta while the workers were stopped (f), else"
     " stream MEMORY USAGE / XLEN after (b)",
 ]
