@@ -72,7 +72,7 @@ async def _fill(url: str, rows: int, today: date) -> float:
             for offset in range(0, per_day, _CHUNK):
                 n = min(_CHUNK, per_day - offset)
                 first = day_start + span * offset // per_day
-                await conn.execute(_FILL.format(table=name), first, span * n // per_day, n, links, _UA)
+                await conn.execute(_FILL.replace("{table}", name), first, span * n // per_day, n, links, _UA)
             lo, hi = day_uuid(day), day_uuid(day + timedelta(days=1))
             await conn.execute(f"ALTER TABLE events ATTACH PARTITION {name} FOR VALUES FROM ('{lo}') TO ('{hi}')")
             _say(f"filled {(FILL_DAYS - d) * per_day:,} of {per_day * FILL_DAYS:,} rows")
@@ -121,6 +121,7 @@ async def part_p(ctx: Ctx) -> None:
         await fill(ctx.redis, keys, mixed(ctx.world, ctx.opts.drain_events, rng))
         url = ctx.world.url(empty if label == "empty" else full)
         rates[label].append(await _drain(ctx, url, keys, f"worker-p{i}-{label}"))
+        ctx.note(f"p.drain{i + 1}_{label}_events_per_s", rates[label][-1])
     for label, found in rates.items():
         ctx.note(f"p.{label}_events_per_s", sum(found) / len(found))
     conn = await asyncpg.connect(ctx.world.url(full))
