@@ -125,5 +125,19 @@ async def test_a_schema_3_database_with_rows_is_converted_in_one_go(scratch_url:
         await pool.close()
 
 
+async def test_a_version_recorded_over_plain_tables_is_refused_then_migrated(scratch_url: str):
+    await at_v3(scratch_url)
+    conn = await asyncpg.connect(scratch_url)
+    try:
+        await conn.execute("UPDATE refstream_schema SET version = 4")  # a hand edit, a partial restore
+        status = await schema_check.check_url(scratch_url)
+        assert status.kind is schema_check.Kind.NOT_MIGRATED
+        assert "events, link_visitor_days not partitioned (half-migrated)" in status.reason
+        assert await migrate(conn) == 4
+        assert (await schema_check.check_url(scratch_url)).ok
+    finally:
+        await conn.close()
+
+
 def test_the_bounds_are_the_days_first_millisecond():
     assert day_uuid(date(2024, 3, 1)).int >> 80 == int(datetime(2024, 3, 1, tzinfo=UTC).timestamp() * 1000)
