@@ -16,7 +16,9 @@ from workers.partitions import day_uuid, maintain
 from workers.reconcile import reconcile
 from workers.store import write_batch
 
+from ._procs import Procs
 from ._world import make_world
+from .conftest import wait_for
 
 
 def ms(day: date, hour: int = 12) -> int:
@@ -109,3 +111,19 @@ async def test_retention_drops_events_keeps_history_and_dedupe(pg: asyncpg.Pool,
     assert purged.purged_dedupe == 1  # the lead's key, 40 days old > 35
     assert await pg.fetchval("SELECT count(*) FROM event_dedupe") == 0
     assert await pg.fetchval("SELECT count(*) FROM events") == 0
+
+
+async def test_a_running_worker_makes_the_days_partitions(procs: Procs, pg: asyncpg.Pool):
+    today = datetime.now(UTC).date()
+    days = [today + timedelta(days=d) for d in range(-1, 8)]
+    names = [f"{t}_p{d:%Y%m%d}" for t in ("events", "link_visitor_days") for d in days]
+    for name in names:  # made by another test's worker, maybe: gone, so this one's must make them
+        await pg.execute(f"DROP TABLE IF EXISTS {name}")
+    procs.start("work")  # with the test settings' retention of 36,500 days: back before 1970
+
+    async def made() -> bool:
+        found = await pg.fetch("SELECT relname FROM pg_class WHERE relname = ANY($1::text[])", names)
+        return len(found) == len(names)
+
+    await wait_for(made, timeout=60, what="the worker's partition maintenance")
+    assert "housekeeping.failed" not in procs.logs()

@@ -65,8 +65,9 @@ def day_ms(day: date) -> int:
 
 
 def day_uuid(day: date) -> UUID:
-    """The lower bound of ``day`` in ``events``: the smallest UUIDv7 of its first millisecond."""
-    return UUID(int=(day_ms(day) << 80) | (0x7 << 76) | (0b10 << 62))
+    """The lower bound of ``day`` in ``events``: the smallest UUIDv7 of its first millisecond
+    (of 1970-01-01 for any day before it: a UUIDv7 has no earlier time)."""
+    return UUID(int=(max(0, day_ms(day)) << 80) | (0x7 << 76) | (0b10 << 62))
 
 
 def uuid_day(value: UUID) -> date:
