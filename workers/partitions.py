@@ -14,9 +14,9 @@ bounds being the UUIDs of its first millisecond and the next day's; ``link_visit
   the default partition's rows older than that day. A drop needs an ACCESS EXCLUSIVE lock
   on the parent, so it waits at most ``LOCK_TIMEOUT`` for the batches in flight (new ones
   queue behind it for that long at most), else it is tried again next run;
-- records the horizon in ``event_retention``: an event id below it may have been dropped,
-  so the worker stores such an event without moving a counter, and reconcile never
-  recounts before it;
+- first of all, records the horizon (the retention's first day) in ``event_retention``:
+  an event id below it may be dropped, so the worker stores such an event without moving
+  a counter, and reconcile never recounts before it;
 - purges ``event_dedupe`` keys older than the dedupe retention, in chunks.
 
 Nothing is refused for lacking a partition: the default partition takes whatever no daily
@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from uuid import UUID
 
 import asyncpg
@@ -171,12 +171,12 @@ async def maintain(
             out.skipped = True
             return out
         try:
+            # the horizon first: from then on a batch counts nothing below it, before any
+            # row below it is gone (else a replayed old event could count again in between)
+            await conn.execute(_HORIZON, datetime.combine(first_kept, time.min, UTC), day_uuid(first_kept))
             for table in (EVENTS, VISITS):
                 await _table(conn, table, today, first_kept, out)
-            if out.dropped or out.purged_default:
-                horizon = datetime.combine(first_kept, datetime.min.time(), UTC)
-                await conn.execute(_HORIZON, horizon, day_uuid(first_kept))
-            cutoff = datetime.combine(today - timedelta(days=dedupe_days), datetime.min.time(), UTC)
+            cutoff = datetime.combine(today - timedelta(days=dedupe_days), time.min, UTC)
             while True:
                 status = await conn.execute(_PURGE_DEDUPE, cutoff, DEDUPE_CHUNK)
                 n = int(status.split()[-1])

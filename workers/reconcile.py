@@ -12,7 +12,7 @@ not the workspace's policy today, keeps a policy change what it is in the worker
 
 Event rows are kept for the retention only; ``daily_stats`` is the durable history. So the
 window defaults to the retained one (from the horizon in ``event_retention``, or everything
-when no partition was ever dropped) and is never widened before that horizon: a day whose
+before partition maintenance ever ran) and is never widened before that horizon: a day whose
 events were dropped is never recounted. A link's totals are the sum of its daily rows, the
 recounted ones inside the window and the stored ones outside it; ``last_clicked_at`` is the
 newest counted click in the window, kept as stored when it lies outside.
@@ -189,7 +189,7 @@ class Drift:
 @dataclass(frozen=True, slots=True)
 class Window:
     """UTC days [since, until) recounted; ``horizon``: the day before which events may have
-    been dropped (None: none ever were)."""
+    been dropped (None: partition maintenance never ran)."""
 
     since: date
     until: date
