@@ -27,9 +27,10 @@ def _day(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dat
 
 @click.command()
 @click.option("--fix", is_flag=True, help="Set every counter in the window to its recount, a chunk at a time.")
-@click.option("--since", callback=_day, default=None,
+@click.option("--since", callback=_day, default=None, metavar="DAY",
               help="First UTC day recounted (YYYY-MM-DD) [the oldest retained day].")  # fmt: skip
-@click.option("--until", callback=_day, default=None, help="Recount the days before this one only (YYYY-MM-DD).")
+@click.option("--until", callback=_day, default=None, metavar="DAY",
+              help="Recount the days before this one only (YYYY-MM-DD).")  # fmt: skip
 @click.option("--chunk", type=click.IntRange(1, 100_000), default=100, show_default=True,
               help="Links per transaction (with --fix, per lock).")  # fmt: skip
 @out.json_option
