@@ -135,6 +135,13 @@ class Settings(BaseSettings):
         0.8, gt=0, le=1, description="status and the worker warn when Redis used_memory passes this share of maxmemory."
     )
     trim_every_s: int = Field(60, ge=1, le=3600)
+    event_retention: int = Field(
+        90, ge=2, le=36500, description="Days of event rows Postgres keeps (daily partitions; daily stats stay)."
+    )
+    dedupe_retention: int = Field(
+        400, ge=2, le=36500, description="Days a lead's or conversion's dedupe key is kept (>= event_retention)."
+    )
+    partition_every_s: int = Field(600, ge=10, le=86400, description="Worker: partition maintenance period.")
     consumer_name: str | None = Field(None, description="Defaults to hostname-pid.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker: serve /metrics on this port.")
     metrics_host: str = Field("127.0.0.1", description="Worker: the address /metrics listens on.")
@@ -258,6 +265,16 @@ class Settings(BaseSettings):
     @property
     def ack_fsync(self) -> bool:
         return parse_durability(self.ack_durability)[1]
+
+    @model_validator(mode="after")
+    def _dedupe_outlives_events(self) -> Settings:
+        # a key dropped before its event would let a repeat in while the first is still counted
+        if self.dedupe_retention < self.event_retention:
+            raise ValueError(
+                f"dedupe_retention must be at least event_retention (REFSTREAM_DEDUPE_RETENTION="
+                f"{self.dedupe_retention}, REFSTREAM_EVENT_RETENTION={self.event_retention})"
+            )
+        return self
 
     @property
     def arq_url(self) -> str:

@@ -380,10 +380,10 @@ def dev(port: int, data_dir: str | None) -> None:
 
 
 # operator commands live in their own modules and are registered here
-from . import ops_replay  # noqa: E402
+from . import ops_reconcile, ops_replay  # noqa: E402
 
 main.add_command(ops_replay.replay)
-main.add_command(ops_replay.reconcile)
+main.add_command(ops_reconcile.reconcile)
 from . import ops_status  # noqa: E402
 from .ops_archive import archive  # noqa: E402
 

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from ingest.events import FIELD, Dialect, Envelope, EventType
 from ingest.keys import Keys
-from refstream import ops_replay, ops_status, ops_workspace
+from refstream import ops_reconcile, ops_replay, ops_status, ops_workspace
 from workers import status as st
 
 from ._procs import REFSTREAM, Procs, env_for
@@ -110,7 +110,7 @@ def test_replay_and_drift_tables() -> None:
 
 def test_every_command_that_prints_data_takes_json() -> None:
     commands: list[click.Command] = [
-        ops_status.status, ops_replay.replay, ops_replay.reconcile, ops_workspace.set_bot_policy,
+        ops_status.status, ops_replay.replay, ops_reconcile.reconcile, ops_workspace.set_bot_policy,
         *ops_status.dead.commands.values(),
     ]  # fmt: skip
     assert {c.name for c in commands} >= {"list", "show", "requeue", "drop"}

@@ -199,7 +199,9 @@ async def test_a_range_lost_to_a_postgres_restore_comes_back_exactly(
     # the restore: a backup from before 23:00, i.e. that hour's rows gone and counters without them
     lost_from, lost_to = START + timedelta(hours=2), START + timedelta(hours=3)
     lost = await pg.fetchval(
-        "WITH d AS (DELETE FROM events WHERE received_at >= $1 AND received_at < $2 RETURNING 1)"
+        "WITH d AS (DELETE FROM events WHERE received_at >= $1 AND received_at < $2 RETURNING event_id),"
+        # their dedupe keys are in the same backup
+        " k AS (DELETE FROM event_dedupe WHERE event_id IN (SELECT event_id FROM d))"
         " SELECT count(*) FROM d",
         lost_from, lost_to,
     )  # fmt: skip

@@ -17,10 +17,10 @@ from . import wrk
 from .procs import Proc, Procs
 from .world import World
 
-PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g", "h", "i", "r")
+PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g", "h", "i", "p", "r")
 # only when named in --only: (h) starts Redis servers of its own, (i) idempotency keys' cost,
-# (r) the archiver and retention
-DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("h", "i", "r"))
+# (p) fills an events table with millions of rows, (r) the archiver and retention
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("h", "i", "p", "r"))
 
 
 def _py_spy() -> str:
@@ -43,6 +43,7 @@ class Options:
     partitions: int
     batch_size: int
     profile_dir: Path | None
+    fill_rows: int = 20_000_000
 
 
 @dataclass(slots=True)
