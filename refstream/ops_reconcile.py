@@ -9,11 +9,12 @@ from datetime import date
 from typing import Any
 
 import click
+from rich.console import Console
 
 from ingest.connections import create_pg_pool
 
 from . import ops_output as out
-from .ops_replay import _run, _start, render_drift
+from .ops_replay import _run, _start
 
 
 def _day(_ctx: click.Context, _param: click.Parameter, value: str | None) -> date | None:
@@ -61,3 +62,16 @@ def reconcile(fix: bool, since: date | None, until: date | None, chunk: int, as_
         render_drift(drift, fix, out.console())
     if drift and not fix:
         sys.exit(1)
+
+
+def render_drift(drift: list[dict[str, Any]], fixed: bool, console: Console) -> None:
+    """One row per counter that differs from its event rows (``day``: in ``daily_stats``)."""
+    if not drift:
+        console.print("no drift: every counter equals its event rows")
+        return
+    title = "drift, fixed: these counters now equal their event rows" if fixed else "drift (--fix repairs it)"
+    table = out.table(title, "code", "day", "counter", "stored", "recomputed", left=("code", "day", "counter"))
+    for d in drift:
+        table.add_row(out.cell(d["code"]), out.cell(d.get("day")), d["counter"], out.cell(d["stored"]),
+                      out.cell(d["recomputed"]))  # fmt: skip
+    console.print(table)

@@ -8,7 +8,6 @@ the drift. Results go to stdout (a table, or JSON with ``--json``); progress to 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -150,45 +149,4 @@ def render_replay(result: dict[str, Any], keys: Keys, console: Console) -> None:
         table.add_row(p, *(str(counts[f]) for f in fields))
     table.add_row("all", *(str(result["totals"][f]) for f in fields), style="bold")
     console.print(out.streams_line(keys))
-    console.print(table)
-
-
-@click.command()
-@click.option("--fix", is_flag=True, help="Set every counter to its recount, in one transaction.")
-@out.json_option
-def reconcile(fix: bool, as_json: bool) -> None:
-    """Recount every counter from the event rows and report the drift.
-
-    Exit 0 when there is none (or --fix repaired it), 1 when drift was found and left.
-    """
-    from workers.reconcile import reconcile as recount
-
-    settings = _start()
-
-    async def go() -> list[dict[str, Any]]:
-        pool = await create_pg_pool(settings, min_size=1, max_size=1)
-        try:
-            return [d.to_dict() for d in await recount(pool, fix=fix)]
-        finally:
-            await pool.close()
-
-    drift = _run(go())
-    if as_json:
-        out.print_json({"drift": drift, "fixed": fix})
-    else:
-        render_drift(drift, fix, out.console())
-    if drift and not fix:
-        sys.exit(1)
-
-
-def render_drift(drift: list[dict[str, Any]], fixed: bool, console: Console) -> None:
-    """One row per counter that differs from its event rows (``day``: in ``daily_stats``)."""
-    if not drift:
-        console.print("no drift: every counter equals its event rows")
-        return
-    title = "drift, fixed: these counters now equal their event rows" if fixed else "drift (--fix repairs it)"
-    table = out.table(title, "code", "day", "counter", "stored", "recomputed", left=("code", "day", "counter"))
-    for d in drift:
-        table.add_row(out.cell(d["code"]), out.cell(d.get("day")), d["counter"], out.cell(d["stored"]),
-                      out.cell(d["recomputed"]))  # fmt: skip
     console.print(table)

@@ -27,8 +27,8 @@ from ..body import code as body_code
 from ..connections import PG_ERRORS, REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
-from ..idempotency import Claim, InvalidKey, fingerprint, header_key
 from ..fields import NoNul
+from ..idempotency import Claim, InvalidKey, fingerprint, header_key
 from ..lookup import Found, Unavailable, lookup
 from ..spool import SpoolFull
 from ..state import EDGE, Edge

@@ -22,8 +22,8 @@ from .context import DEFAULT_PARTS, PARTS, Options
 @click.option("--runs", type=int, default=3, show_default=True, help="Repeat everything; medians are reported.")
 @click.option("--only", default=",".join(DEFAULT_PARTS), show_default=True,
               help="Comma-separated parts to run; also, only when named: h (replicas:1 against primary),"
-              " i (idempotency keys' cost), p (a full events table against an empty one), r (the archiver against the worker, Redis bytes across retention"
-              " cycles).")  # fmt: skip
+              " i (idempotency keys' cost), p (a full events table against an empty one), r (the archiver"
+              " against the worker, Redis bytes across retention cycles).")  # fmt: skip
 @click.option("--connections", type=int, default=32, show_default=True, help="wrk connections (one thread).")
 @click.option("--backlog-seconds", type=float, default=None, help="(f) workers stopped this long [60; --quick: 5].")
 @click.option("--drain-events", type=int, default=None, help="(d) pre-filled events [50000; --quick: 5000].")
