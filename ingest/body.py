@@ -43,7 +43,8 @@ class BodyError(Exception):
         self.message = message
 
 
-_READ = "refstream.body"  # the body once read, on the request: a second read returns it
+# the body once read, on the request: a second read returns it
+_READ: Any = web.RequestKey("refstream_body", bytes) if hasattr(web, "RequestKey") else "refstream_body"
 _CODES = {"too_large": "payload_too_large", "timeout": "request_timeout", "encoding": "unsupported_encoding"}
 
 

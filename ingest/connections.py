@@ -60,6 +60,11 @@ def pg_outage(exc: BaseException) -> str | None:
     error is about the data sent (or a bug)."""
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
+        if state == "23514" and not getattr(exc, "constraint_name", None):
+            # a partition constraint (it has no name; every CHECK of ours has one): the row
+            # was routed by a partition map that a concurrent ATTACH PARTITION changed (a day
+            # made while batches insert into the default partition); routed again, it fits
+            return "postgres_contention"
         return next((reason for prefix, reason in PG_OUTAGES if state.startswith(prefix)), None)
     if isinstance(exc, ValueError):
         return None  # asyncpg's client-side DataError is an InterfaceError and a ValueError
