@@ -23,7 +23,8 @@ import asyncpg
 
 # 1: the baseline tables; 2: customers' per-field event times and first event
 # 3: workspaces.bot_policy (exclude | count) and events.bot_counted
-SCHEMA_VERSION = 3
+# 4: drop_stats, event_drops, drop_folds, event_flags, affiliate_ips, fraud policy and thresholds
+SCHEMA_VERSION = 4
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"
