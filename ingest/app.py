@@ -16,6 +16,7 @@ from .auth import Authenticator
 from .batcher import RedisBatcher
 from .connections import connect_redis, create_pg_pool, pg_unavailable
 from .cors import cors
+from .drops import DropTally
 from .events import unique_token
 from .keys import Keys
 from .metrics import EdgeMetrics
@@ -105,10 +106,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         click_limiter=RateLimiter(batcher, "click", limit=settings.click_rate_limit),
         public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit),
         key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit),
+        drops=(drops := DropTally(batcher, settings.stream_prefix)),
     )
+    drops.start()
     try:
         yield
     finally:
+        await drops.close()
         await spool.close()
         await batcher.close()
         await pg.close()

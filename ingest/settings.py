@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     )
     retention_s: int = Field(7 * 86400, ge=0, description="Acked entries stay this long (for replays).")
     trim_every_s: int = Field(60, ge=1, le=3600)
+    drops_fold_every_s: int = Field(
+        5, ge=1, le=60, description="Worker: fold the edges' refusal tallies (drops) into Postgres this often."
+    )
     consumer_name: str | None = Field(None, description="Defaults to hostname-pid.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker: serve /metrics on this port.")
     metrics_host: str = Field("127.0.0.1", description="Worker: the address /metrics listens on.")

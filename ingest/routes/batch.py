@@ -105,6 +105,7 @@ async def batch(request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps({"error": "insufficient_scope", "need": "track"}), status=403,
                             content_type="application/json")  # fmt: skip
     if not found.verdict.allowed:
+        edge.drops.note(principal.workspace_id, None, "rate_limited")  # one per refused request
         return error(429, "rate_limited")
     try:
         items = parse_items(raw, "ndjson" in request.headers.get("Content-Type", ""))

@@ -115,8 +115,10 @@ async def track_lead(request: web.Request) -> web.Response:
     if principal is None or not principal.allows("track"):
         return error(401, "UNAUTHORIZED", "Invalid or missing API key")
     if not found.verdict.allowed:
+        edge.drops.note(principal.workspace_id, None, "rate_limited")
         return error(429, "RATE_LIMIT_EXCEEDED", "Too many requests", found.verdict.headers)
     if problem is not None or body is None:
+        edge.drops.note(principal.workspace_id, None, "invalid")
         status = problem.status if problem else 400
         return error(status, "VALIDATION_ERROR", problem.message if problem else "invalid body")
 
@@ -126,6 +128,7 @@ async def track_lead(request: web.Request) -> web.Response:
     except Unavailable:
         return unavailable()
     if click is None or click.workspace_id != principal.workspace_id:
+        edge.drops.note(principal.workspace_id, None, "unknown_code")
         return error(400, "INVALID_CLICK_ID", "The clickId does not match any recorded click")
 
     payload: dict[str, Any] = {
