@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -26,7 +27,10 @@ from typing import Any
 import asyncpg
 import structlog
 
-from ingest.drops import NO_ID, fold_key, folds_key, live_key, parse_field
+from ingest.drops import FLAGGED, NO_ID, fold_key, folds_key, live_key, parse_field
+from ingest.events import EventType
+
+from .stored import Stored
 
 log = structlog.get_logger("workers.drops")
 
@@ -96,6 +100,41 @@ async def record(conn: asyncpg.Connection, rows: list[NoRow], counts: Counter[Ke
     for r in rows:
         if r.event_id in new:
             counts[(r.workspace_id or NO_ID, r.link_id or NO_ID, r.at.date(), r.reason, "")] += 1
+
+
+def reason(s: Stored, counting: Collection[str], excluded: dict[uuid.UUID, str]) -> tuple[str, str] | None:
+    """Why a newly stored event moves no counter (reason, detail), or None if it counts."""
+    if s.envelope.payload.get("test_mode") is True:
+        return "test_mode", ""
+    if s.out_of_window:
+        return "out_of_window", ""
+    if s.type is EventType.CLICK and s.is_bot and s.link.workspace_id not in counting:
+        return "bot", s.bot_reason or ""
+    if (rule := excluded.get(s.envelope.event_id)) is not None:
+        return "fraud", rule
+    return None
+
+
+async def settle(
+    conn: asyncpg.Connection,
+    *,
+    inserted: list[Stored],
+    no_row: list[NoRow],
+    counting: Collection[str] = (),
+    flags: Collection[tuple[Stored, str, bool]] = (),
+) -> None:
+    """A batch's drops and flags into ``drop_stats``, in its transaction (last: key order)."""
+    counts: Counter[Key] = Counter()
+    await record(conn, no_row, counts)
+    excluded: dict[uuid.UUID, str] = {}
+    for s, rule, was_excluded in sorted(flags, key=lambda f: f[1]):
+        counts[(s.link.workspace_id, s.link.id, s.at.date(), FLAGGED, rule)] += 1
+        if was_excluded:
+            excluded.setdefault(s.envelope.event_id, rule)
+    for s in inserted:
+        if (why := reason(s, counting, excluded)) is not None:
+            counts[(s.link.workspace_id, s.link.id, s.at.date(), *why)] += 1
+    await add(conn, counts)
 
 
 async def fold(redis: Any, pool: asyncpg.Pool, prefix: str) -> int:

@@ -25,7 +25,7 @@ from ingest import clicks
 from ingest.events import Dialect, Envelope, EventType
 from ingest.links import LINK_SELECT, LinkInfo
 
-from . import counters, customers, notices, webhooks
+from . import counters, customers, drops, fraud, notices, webhooks
 from .enrich import Enricher, Enrichment
 from .errors import is_retryable_in_place
 from .stored import Stored, ts
@@ -33,7 +33,7 @@ from .stored import Stored, ts
 log = structlog.get_logger("workers.store")
 
 _RESOLVE_LINKS = LINK_SELECT + " WHERE l.code = ANY($1::text[])"
-_POLICIES = "SELECT id, ip_policy, bot_policy FROM workspaces WHERE id = ANY($1::uuid[])"
+_POLICIES = "SELECT id, ip_policy, bot_policy, fraud_policy FROM workspaces WHERE id = ANY($1::uuid[])"
 VISITOR_DIALECTS = frozenset({Dialect.BIORE, Dialect.AFFITOR, Dialect.REDIRECT})
 
 _INSERT_EVENTS = """
@@ -161,14 +161,17 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
 
     cols: tuple[list[Any], ...] = tuple([] for _ in range(25))
     kept: dict[UUID, Stored] = {}
+    no_row: list[drops.NoRow] = []  # dropped with no event row: counted once by event id
     for e in sorted(envelopes, key=lambda e: e.event_id):
         code = e.payload.get("code")
         link = by_code.get(code) if isinstance(code, str) else None
         if link is None or (e.workspace_id is not None and e.workspace_id != link.workspace_id):
             result.unknown_codes.append(str(code))
+            no_row.append(drops.NoRow(e.event_id, e.workspace_id, None, "unknown_code", ts(e.received_at_ms)))
             continue
         if e.type is EventType.CLICK and not link.active:
             result.inactive_codes.append(link.code)
+            no_row.append(drops.NoRow(e.event_id, link.workspace_id, link.id, "inactive_link", ts(e.received_at_ms)))
             continue
         ws = policies.get(link.workspace_id)
         ip, found = _enrich(e, enricher, ws["ip_policy"] if ws else "full")
@@ -203,22 +206,52 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
         )
         for col, v in zip(cols, row, strict=True):
             col.append(v)
-        kept[e.event_id] = Stored(e, link, ts(e.received_at_ms), is_bot, visitor_key, out_of_window)
+        kept[e.event_id] = Stored(
+            e, link, ts(e.received_at_ms), is_bot, visitor_key, out_of_window, ip, found.bot_reason if found else None
+        )
 
     if not kept:
+        await drops.settle(conn, inserted=[], no_row=no_row)
         return result
     new = {r["event_id"] for r in await conn.fetch(_INSERT_EVENTS, *cols)}
     inserted = [s for event_id, s in kept.items() if event_id in new]  # in event-id order
     result.inserted = len(inserted)
     result.duplicates += len(kept) - len(inserted)
+    no_row += await _repeats(conn, [s for event_id, s in kept.items() if event_id not in new])
     # test-mode and out-of-window events are stored, and that is all: no counter, no
     # customer, no attribution, no webhook
     live = [s for s in inserted if s.envelope.payload.get("test_mode") is not True and not s.out_of_window]
-    if live:
-        reached = await counters.apply(conn, live, count_bots=counting)
-        await customers.upsert(conn, live)
+    policy = {ws: r["fraud_policy"] or {} for ws, r in policies.items()}
+    flagged = await fraud.detect(conn, live, policy)
+    counted = flagged.counted(live)  # a flag the workspace excludes: stored and flagged, nothing more
+    if counted:
+        reached = await counters.apply(conn, counted, count_bots=counting)
+        await customers.upsert(conn, counted)
         result.milestones = len(reached)
-        events = notices.for_events(live) + await notices.for_milestones(conn, live, reached)
-        if events:
-            result.deliveries = await webhooks.record_deliveries(conn, events)
+        events = notices.for_events(counted) + await notices.for_milestones(conn, counted, reached)
+    else:
+        events = []
+    events += fraud.notices(flagged)
+    if events:
+        result.deliveries = await webhooks.record_deliveries(conn, events)
+    await drops.settle(
+        conn, inserted=inserted, no_row=no_row, counting=counting,
+        flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags],
+    )  # fmt: skip
     return result
+
+
+async def _repeats(conn: asyncpg.Connection, missed: list[Stored]) -> list[drops.NoRow]:
+    """Of the rows the insert skipped, those skipped for their dedupe key (a second lead
+    of one customer and name, a client's second conversion): duplicates. The others are
+    copies of an event stored already (a redelivery, a replay): not a drop."""
+    keyed = [s for s in missed if _dedupe_key(s.envelope) is not None]
+    if not keyed:
+        return []
+    ids = [s.envelope.event_id for s in keyed]
+    stored = {r["event_id"] for r in await conn.fetch("SELECT event_id FROM events WHERE event_id = ANY($1::uuid[])", ids)}
+    return [
+        drops.NoRow(s.envelope.event_id, s.link.workspace_id, s.link.id, "duplicate", s.at)
+        for s in keyed
+        if s.envelope.event_id not in stored
+    ]

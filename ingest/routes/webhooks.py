@@ -25,7 +25,7 @@ from .manage import error, guarded, json
 
 routes = web.RouteTableDef()
 
-EventType = Literal["lead.created", "conversion.created", "milestone.reached"]
+EventType = Literal["lead.created", "conversion.created", "milestone.reached", "fraud.flagged"]
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 
@@ -33,7 +33,7 @@ class NewWebhook(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://", description="Receives a signed POST")
     events: list[EventType] = Field(
-        default_factory=lambda: list(EVENT_TYPES), min_length=1, max_length=3, description="Default: all three"
+        default_factory=lambda: list(EVENT_TYPES), min_length=1, max_length=4, description="Default: all four"
     )
 
     @field_validator("url")
