@@ -21,7 +21,7 @@ from .events import unique_token
 from .keys import Keys
 from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
-from .routes import affitor, affixo, batch, biore, bricqs, browser, health, manage, refport, webhooks
+from .routes import affitor, affixo, batch, biore, bricqs, browser, health, manage, refport, stats, webhooks
 from .settings import Settings
 from .spool import Spool
 from .state import EDGE, Edge
@@ -135,7 +135,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = EdgeMetrics()
     app.cleanup_ctx.append(_resources)
-    for module in (health, biore, bricqs, affitor, affixo, refport, batch, manage, webhooks, browser, openapi):
+    for module in (health, biore, bricqs, affitor, affixo, refport, batch, manage, stats, webhooks, browser, openapi):
         app.add_routes(module.routes)
     app.router.add_get("/metrics", metrics_route)
     return app

@@ -36,6 +36,10 @@ REASONS: Final = (
 )  # fmt: skip
 FLAGGED: Final = "flagged"  # not a drop: every fraud flag, counted by rule beside the drops
 NO_ID: Final = "00000000-0000-0000-0000-000000000000"
+# fraud rules (workers.fraud), the workspace's policy per rule, the program's thresholds
+FRAUD_RULES: Final = ("self_referral", "affiliate_ip", "click_burst", "fast_conversion", "disposable_email")
+FRAUD_POLICIES: Final = ("flag", "exclude")
+FRAUD_THRESHOLDS: Final = {"burst_clicks": 20, "burst_seconds": 60, "fast_conversion_seconds": 10}
 MAX_FIELDS: Final = 100_000  # a tally Redis cannot take for long stops growing here
 
 

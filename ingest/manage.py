@@ -188,21 +188,3 @@ async def affiliate_links(conn: asyncpg.Connection, workspace_id: str, affiliate
     )
     return [_json(r) for r in rows]
 
-
-async def affiliate_stats(conn: asyncpg.Connection, workspace_id: str, affiliate_id: str) -> dict[str, Any]:
-    totals = await conn.fetchrow(
-        "SELECT count(*) AS links, coalesce(sum(clicks), 0)::bigint AS clicks,"
-        " coalesce(sum(unique_clicks), 0)::bigint AS unique_clicks, coalesce(sum(leads), 0)::bigint AS leads,"
-        " coalesce(sum(conversions), 0)::bigint AS conversions"
-        " FROM links WHERE workspace_id = $1 AND affiliate_id = $2",
-        workspace_id,
-        affiliate_id,
-    )
-    daily = await conn.fetch(
-        "SELECT day, sum(clicks)::bigint AS clicks, sum(leads)::bigint AS leads,"
-        " sum(conversions)::bigint AS conversions FROM daily_stats"
-        " WHERE workspace_id = $1 AND affiliate_id = $2 AND day > current_date - 30 GROUP BY day ORDER BY day",
-        workspace_id,
-        affiliate_id,
-    )
-    return {"affiliate_id": affiliate_id, **dict(totals), "daily": [_json(d) for d in daily]}

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .routes import affitor, affixo, batch, biore, bricqs, health, manage, refport, webhooks
+from .routes import stats as S
 
 routes = web.RouteTableDef()
 
@@ -84,25 +85,33 @@ OPERATIONS: tuple[Op, ...] = (
        {201: M.CreatedKey, **_MANAGE_ERRORS}, M.NewKey, "bearer"),
     Op("delete", "/v1/keys/{prefix}", "Revoke an API key (scope *)", "Management",
        {200: M.RevokedKey, **_MANAGE_ERRORS}, security="bearer"),
-    Op("patch", "/v1/workspace", "Change the calling key's workspace: bot_policy (exclude | count)", "Management",
+    Op("patch", "/v1/workspace", "Change the calling key's workspace: bot_policy (exclude | count), fraud_policy "
+       "(per rule: flag | exclude)", "Management",
        {200: M.Workspace, **_MANAGE_ERRORS}, M.WorkspacePatch, "bearer"),
     Op("patch", "/v1/links/{id}", "Change a link's status or URL", "Management", {200: M.Link, **_MANAGE_ERRORS},
        M.LinkPatch, "bearer"),
     Op("get", "/v1/links/{id}", "A link with its counters", "Management", {200: M.Link, **_MANAGE_ERRORS},
        security="bearer"),
+    Op("get", "/v1/links/{id}/stats", "A link's counted events, dropped events by reason and fraud flags by rule, "
+       "per UTC day (from, to: YYYY-MM-DD, at most 366 days; default the last 30)", "Management",
+       {200: M.LinkStats, **_MANAGE_ERRORS}, security="bearer", query=("from", "to")),
+    Op("patch", "/v1/programs/{id}/fraud", "Change a program's fraud thresholds (burst_clicks, burst_seconds, "
+       "fast_conversion_seconds)", "Management", {200: S.ProgramFraud, **_MANAGE_ERRORS}, S.FraudThresholds,
+       "bearer"),
     Op("get", "/v1/events", "Recent events with their enrichment", "Management",
        {200: M.EventList, **_MANAGE_ERRORS}, security="bearer", query=("link_id", "type", "limit")),
     Op("get", "/v1/customers/{external_id}", "A customer by your external id", "Management",
        {200: M.Customer, **_MANAGE_ERRORS}, security="bearer"),
-    Op("post", "/v1/webhooks", "Create a webhook (lead.created, conversion.created, milestone.reached); its "
+    Op("post", "/v1/webhooks", "Create a webhook (lead.created, conversion.created, milestone.reached, fraud.flagged); its "
        "signing secret is shown once", "Webhooks", {201: webhooks.Webhook, 409: M.ManageError, 503: M.ManageError,
                                                    **_MANAGE_ERRORS}, webhooks.NewWebhook, "bearer"),
     Op("get", "/v1/webhooks/{id}/deliveries", "A webhook's deliveries with every attempt", "Webhooks",
        {200: webhooks.DeliveryList, **_MANAGE_ERRORS}, security="bearer", query=("limit",)),
     Op("get", "/v1/affiliate/links", "The calling affiliate's links (affiliate key)", "Affiliate",
        {200: M.LinkList, **_MANAGE_ERRORS}, security="bearer"),
-    Op("get", "/v1/affiliate/stats", "The calling affiliate's stats (affiliate key)", "Affiliate",
-       {200: M.AffiliateStats, **_MANAGE_ERRORS}, security="bearer"),
+    Op("get", "/v1/affiliate/stats", "The calling affiliate's stats, its own links only: counted, dropped by "
+       "reason, flagged by rule, per UTC day (affiliate key)", "Affiliate",
+       {200: M.AffiliateStats, **_MANAGE_ERRORS}, security="bearer", query=("from", "to")),
 )  # fmt: skip
 
 

@@ -31,14 +31,12 @@ from uuid import UUID
 import asyncpg
 
 from ingest import clicks
+from ingest.drops import FRAUD_THRESHOLDS as DEFAULT_THRESHOLDS
 from ingest.events import EventType
 
 from .stored import Stored
 from .webhooks import WebhookEvent
 
-RULES = ("self_referral", "affiliate_ip", "click_burst", "fast_conversion", "disposable_email")
-POLICIES = ("flag", "exclude")
-DEFAULT_THRESHOLDS = {"burst_clicks": 20, "burst_seconds": 60, "fast_conversion_seconds": 10}
 
 PUBLIC_MAIL = frozenset(
     "gmail.com googlemail.com yahoo.com yahoo.co.uk ymail.com outlook.com hotmail.com hotmail.co.uk live.com msn.com"

@@ -195,6 +195,8 @@ async def convert(request: web.Request) -> web.Response:
         return found
     link = found.link
     if link is None or not link.active or not link.configured:
+        edge.drops.note(link.workspace_id if link else None, link.id if link else None,
+                        "inactive_link" if link else "unknown_code")  # fmt: skip
         return error(404, "invalid_code", f"Referral code {body.code!r} is not valid")
     if not link.allows_origin(request.headers.get("Origin")):
         return error(403, "origin_not_allowed", "Origin not allowed for this workspace")
