@@ -261,8 +261,11 @@ CREATE TABLE IF NOT EXISTS drop_stats (
     -- every fraud flag, excluded or not)
     reason       text NOT NULL,
     detail       text NOT NULL DEFAULT '',  -- the bot's sub-reason, the fraud rule
+    -- worker: decided in a batch, and `refstream reconcile` recounts it from the rows;
+    -- edge: the edge's refusals, folded from Redis (no row to recount them from)
+    source       text NOT NULL CHECK (source IN ('worker', 'edge')),
     n            bigint NOT NULL DEFAULT 0,
-    PRIMARY KEY (workspace_id, link_id, day, reason, detail)
+    PRIMARY KEY (workspace_id, link_id, day, reason, detail, source)
 );
 CREATE INDEX IF NOT EXISTS drop_stats_link ON drop_stats (link_id, day);
 

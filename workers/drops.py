@@ -37,10 +37,11 @@ log = structlog.get_logger("workers.drops")
 Key = tuple[str, str, date, str, str]  # workspace, link, day, reason, detail
 
 _ADD = """
-INSERT INTO drop_stats AS s (workspace_id, link_id, day, reason, detail, n)
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::date[], $4::text[], $5::text[], $6::bigint[])
+INSERT INTO drop_stats AS s (workspace_id, link_id, day, reason, detail, source, n)
+SELECT d.*, $7 FROM unnest($1::uuid[], $2::uuid[], $3::date[], $4::text[], $5::text[], $6::bigint[])
+     AS d(workspace_id, link_id, day, reason, detail, n)
 ORDER BY 1, 2, 3, 4, 5
-ON CONFLICT (workspace_id, link_id, day, reason, detail) DO UPDATE SET n = s.n + EXCLUDED.n
+ON CONFLICT (workspace_id, link_id, day, reason, detail, source) DO UPDATE SET n = s.n + EXCLUDED.n
 """
 
 _RECORD = """
@@ -72,13 +73,11 @@ class NoRow:
     at: datetime
 
 
-async def add(conn: asyncpg.Connection, counts: Counter[Key]) -> None:
+async def add(conn: asyncpg.Connection, counts: Counter[Key], source: str = "worker") -> None:
     if not counts:
         return
     keys = sorted(counts)
-    await conn.execute(
-        _ADD, *([k[i] for k in keys] for i in range(5)), [counts[k] for k in keys]
-    )
+    await conn.execute(_ADD, *([k[i] for k in keys] for i in range(5)), [counts[k] for k in keys], source)
 
 
 async def record(conn: asyncpg.Connection, rows: list[NoRow], counts: Counter[Key]) -> None:
@@ -161,7 +160,7 @@ async def fold(redis: Any, pool: asyncpg.Pool, prefix: str) -> int:
                 "INSERT INTO drop_folds (fold_key) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", key
             )
             if first:  # else folded already, before a crash kept us from deleting it
-                await add(conn, counts)
+                await add(conn, counts, "edge")
                 total += sum(counts.values())
         await redis.delete(key)
         await redis.srem(folds_key(prefix), key)

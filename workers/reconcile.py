@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from . import reconcile_drops
 from .errors import is_retryable_in_place
 
 log = structlog.get_logger("workers.reconcile")
@@ -30,6 +31,9 @@ _LINK_COLUMNS = (*COUNTERS, "last_clicked_at", "visitor_days")
 
 # a click that moves `clicks` (workers.counters.counts_as_click, as the worker decided it)
 _COUNTED = "type = 1 AND (NOT is_bot OR bot_counted)"
+
+# an event flagged under a rule its workspace excludes moved no counter (workers.fraud)
+_NOT_EXCLUDED = "NOT EXISTS (SELECT 1 FROM event_flags f WHERE f.event_id = e.event_id AND f.excluded)"
 
 # one scan of the events: what every (link, day) should hold
 _DAYS = f"""
@@ -42,7 +46,7 @@ SELECT e.link_id, (e.received_at AT TIME ZONE 'UTC')::date AS day,
        count(*) FILTER (WHERE type = 3) AS conversions,
        max(received_at) FILTER (WHERE {_COUNTED}) AS last_clicked_at
 FROM events e JOIN links l ON l.id = e.link_id
-WHERE NOT e.test_mode AND NOT e.out_of_window
+WHERE NOT e.test_mode AND NOT e.out_of_window AND {_NOT_EXCLUDED}
 GROUP BY 1, 2
 """
 
@@ -114,7 +118,7 @@ _FIX = (
     CREATE TEMP TABLE reconcile_visits ON COMMIT DROP AS
     SELECT DISTINCT e.link_id, (e.received_at AT TIME ZONE 'UTC')::date AS day, e.visitor_key
     FROM events e JOIN links l ON l.id = e.link_id
-    WHERE {_COUNTED} AND NOT e.test_mode AND e.visitor_key IS NOT NULL
+    WHERE {_COUNTED} AND NOT e.test_mode AND NOT e.out_of_window AND {_NOT_EXCLUDED} AND e.visitor_key IS NOT NULL
     """,
     """
     DELETE FROM link_visitor_days v WHERE NOT EXISTS (
@@ -191,5 +195,16 @@ async def _reconcile(conn: asyncpg.Connection, fix: bool) -> list[Drift]:
             )
             for statement in _FIX[1:]:
                 await conn.execute(statement)
+        # drop_stats: after the counters' repair, so the lock order stays the batches' (links first)
+        drift += [
+            Drift(r["code"], _drop_counter(r["reason"], r["detail"]), r["stored"], r["recomputed"], r["day"])
+            for r in await reconcile_drops.drift(conn, fix=fix)
+        ]  # fmt: skip
     log.info("reconcile", drift=len(drift), links=len(links), days=len(daily), fixed=fix)
     return drift
+
+
+def _drop_counter(reason: str, detail: str) -> str:
+    """``dropped.bot.ua_list``, ``dropped.unknown_code``, ``flagged.click_burst``."""
+    head = "flagged" if reason == "flagged" else f"dropped.{reason}"
+    return f"{head}.{detail}" if detail else head
