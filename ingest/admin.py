@@ -14,8 +14,8 @@ import asyncpg
 import orjson
 
 from . import apikeys, auth, links
-from .drops import FRAUD_POLICIES, FRAUD_RULES
 from .connections import Redis
+from .drops import FRAUD_POLICIES, FRAUD_RULES
 from .keys import Keys
 
 DEFAULT_PROGRAM = "Default program"

@@ -187,4 +187,3 @@ async def affiliate_links(conn: asyncpg.Connection, workspace_id: str, affiliate
         _LINK + " WHERE workspace_id = $1 AND affiliate_id = $2 ORDER BY created_at", workspace_id, affiliate_id
     )
     return [_json(r) for r in rows]
-

@@ -102,9 +102,10 @@ OPERATIONS: tuple[Op, ...] = (
        {200: M.EventList, **_MANAGE_ERRORS}, security="bearer", query=("link_id", "type", "limit")),
     Op("get", "/v1/customers/{external_id}", "A customer by your external id", "Management",
        {200: M.Customer, **_MANAGE_ERRORS}, security="bearer"),
-    Op("post", "/v1/webhooks", "Create a webhook (lead.created, conversion.created, milestone.reached, fraud.flagged); its "
-       "signing secret is shown once", "Webhooks", {201: webhooks.Webhook, 409: M.ManageError, 503: M.ManageError,
-                                                   **_MANAGE_ERRORS}, webhooks.NewWebhook, "bearer"),
+    Op("post", "/v1/webhooks", "Create a webhook (lead.created, conversion.created, milestone.reached, "
+       "fraud.flagged); its signing secret is shown once", "Webhooks",
+       {201: webhooks.Webhook, 409: M.ManageError, 503: M.ManageError, **_MANAGE_ERRORS}, webhooks.NewWebhook,
+       "bearer"),
     Op("get", "/v1/webhooks/{id}/deliveries", "A webhook's deliveries with every attempt", "Webhooks",
        {200: webhooks.DeliveryList, **_MANAGE_ERRORS}, security="bearer", query=("limit",)),
     Op("get", "/v1/affiliate/links", "The calling affiliate's links (affiliate key)", "Affiliate",

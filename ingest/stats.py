@@ -88,7 +88,9 @@ def _empty_day() -> dict[str, Any]:
     return {**dict.fromkeys(COUNTED, 0), "dropped": {}, "dropped_detail": {}, "flagged": {}}
 
 
-async def link_stats(conn: asyncpg.Connection, workspace_id: str, link_id: UUID, start: date, to: date) -> dict[str, Any] | None:
+async def link_stats(
+    conn: asyncpg.Connection, workspace_id: str, link_id: UUID, start: date, to: date
+) -> dict[str, Any] | None:
     owned = await conn.fetchval("SELECT id FROM links WHERE id = $1 AND workspace_id = $2", link_id, UUID(workspace_id))
     if owned is None:
         return None

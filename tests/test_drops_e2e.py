@@ -76,9 +76,7 @@ async def test_every_reason_counted_and_fraud_flagged(procs: Procs, pg: asyncpg.
 async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hooks: list[Any], hook_url: str) -> None:
     ws = await procs.cli("workspace", "create", "Acme")
     wid, key = ws["workspace_id"], ws["api_key"]
-    base = await procs.start_edge(
-        REFSTREAM_CLICK_RATE_LIMIT=str(RATE), REFSTREAM_TRUSTED_PROXIES="127.0.0.1/32"
-    )
+    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT=str(RATE), REFSTREAM_TRUSTED_PROXIES="127.0.0.1/32")
     procs.start("work", REFSTREAM_DROPS_FOLD_EVERY_S="1")
     async with aiohttp.ClientSession(headers={"User-Agent": BROWSER}) as http:
         h = auth(key)
@@ -213,7 +211,9 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
         assert flags["self_referral"]["evidence"]["match"] == "email"
         assert flags["fast_conversion"]["excluded"] is True
         assert flags["fast_conversion"]["evidence"]["seconds_after_click"] < 10
-        assert {r["evidence"]["ip"] for r in await pg.fetch("SELECT evidence FROM event_flags WHERE rule = 'click_burst'")} == {"10.9.9.9"}
+        bursts = await pg.fetch("SELECT evidence FROM event_flags WHERE rule = 'click_burst'")
+        assert {r["evidence"]["ip"] for r in bursts} == {"10.9.9.9"}
+        assert sorted(r["evidence"]["clicks"] for r in bursts) == list(range(BURST + 1, RATE + 1))
         assert await pg.fetchval("SELECT count(*) FROM affiliate_ips WHERE host(ip) = '10.8.0.1'") == 1
 
         drift = await procs.cli("reconcile")

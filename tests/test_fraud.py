@@ -43,8 +43,8 @@ async def test_lead_rules_and_an_excluding_policy(
         mine = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
                                       affiliate_id=world.affiliate_id)  # fmt: skip
     # the affiliate looks at its links from 127.0.0.7: that address is now the affiliate's
-    status, _, _ = await call("GET", f"{edge}/v1/affiliate/links", headers={"Authorization": f"Bearer {mine['api_key']}"},
-                              source_ip="127.0.0.7")  # fmt: skip
+    affiliate = {"Authorization": f"Bearer {mine['api_key']}"}
+    status, _, _ = await call("GET", f"{edge}/v1/affiliate/links", headers=affiliate, source_ip="127.0.0.7")
     assert status == 200
 
     await lead(edge, world.api_key, "someone@example.com", click_from="127.0.0.7")  # the affiliate's domain and IP

@@ -38,7 +38,8 @@ Key = tuple[str, str, date, str, str]  # workspace, link, day, reason, detail
 
 _ADD = """
 INSERT INTO drop_stats AS s (workspace_id, link_id, day, reason, detail, source, n)
-SELECT d.workspace_id, d.link_id, d.day, d.reason, d.detail, $7::text, d.n FROM unnest($1::uuid[], $2::uuid[], $3::date[], $4::text[], $5::text[], $6::bigint[])
+SELECT d.workspace_id, d.link_id, d.day, d.reason, d.detail, $7::text, d.n
+FROM unnest($1::uuid[], $2::uuid[], $3::date[], $4::text[], $5::text[], $6::bigint[])
      AS d(workspace_id, link_id, day, reason, detail, n)
 ORDER BY 1, 2, 3, 4, 5
 ON CONFLICT (workspace_id, link_id, day, reason, detail, source) DO UPDATE SET n = s.n + EXCLUDED.n

@@ -37,7 +37,6 @@ from ingest.events import EventType
 from .stored import Stored
 from .webhooks import WebhookEvent
 
-
 PUBLIC_MAIL = frozenset(
     "gmail.com googlemail.com yahoo.com yahoo.co.uk ymail.com outlook.com hotmail.com hotmail.co.uk live.com msn.com"
     " icloud.com me.com mac.com aol.com proton.me protonmail.com pm.me gmx.com gmx.de gmx.net web.de yandex.ru"
@@ -132,8 +131,11 @@ async def detect(conn: asyncpg.Connection, events: list[Stored], fraud_policy: d
     for s, ms in fast:
         seconds = (s.envelope.received_at_ms - ms) / 1000
         if 0 <= seconds < limits(s)["fast_conversion_seconds"]:
-            raw.append((s, "fast_conversion", {"seconds_after_click": round(seconds, 3),
-                                                "threshold_seconds": limits(s)["fast_conversion_seconds"]}))  # fmt: skip
+            evidence = {
+                "seconds_after_click": round(seconds, 3),
+                "threshold_seconds": limits(s)["fast_conversion_seconds"],
+            }
+            raw.append((s, "fast_conversion", evidence))
 
     if burst_candidates:
         rows = await conn.fetch(
@@ -225,7 +227,6 @@ async def _people(conn: asyncpg.Connection, people: list[Stored]) -> list[tuple[
 def _click_of(s: Stored) -> UUID | None:
     v = s.text("click_id")
     return clicks.parse(v) if v else None
-
 
 
 def notices(found: Found) -> list[WebhookEvent]:

@@ -249,7 +249,9 @@ async def _repeats(conn: asyncpg.Connection, missed: list[Stored]) -> list[drops
     if not keyed:
         return []
     ids = [s.envelope.event_id for s in keyed]
-    stored = {r["event_id"] for r in await conn.fetch("SELECT event_id FROM events WHERE event_id = ANY($1::uuid[])", ids)}
+    stored = {
+        r["event_id"] for r in await conn.fetch("SELECT event_id FROM events WHERE event_id = ANY($1::uuid[])", ids)
+    }
     return [
         drops.NoRow(s.envelope.event_id, s.link.workspace_id, s.link.id, "duplicate", s.at)
         for s in keyed

@@ -107,6 +107,7 @@ async def track_click(request: web.Request) -> web.Response:
     if mine is None or not mine.active:
         edge.drops.note(principal.workspace_id, mine.id if mine else None, "inactive_link" if mine else "unknown_code")
         return error(404, "link_not_found")
+    link = mine
 
     workspace = principal.workspace_id
     fp_key = (

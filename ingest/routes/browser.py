@@ -71,10 +71,10 @@ async def redirect(request: web.Request) -> web.Response:
     link = found.link
     if link is None or not link.active or not link.configured:
         log.warning("redirect.unknown_code", code=code, unresolved=found.link_unresolved)
-        if not found.link_unresolved:
-            known = link is not None
-            edge.drops.note(link.workspace_id if link else None, link.id if known else None,
-                            "inactive_link" if known else "unknown_code")  # fmt: skip
+        if link is not None:
+            edge.drops.note(link.workspace_id, link.id, "inactive_link")
+        elif not found.link_unresolved:
+            edge.drops.note(None, None, "unknown_code")
         return fallback
     if not found.verdict.allowed:
         edge.drops.note(link.workspace_id, link.id, "rate_limited")

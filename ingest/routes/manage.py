@@ -347,7 +347,10 @@ async def patch_workspace(request: web.Request, edge: Edge, p: Principal) -> web
         return json(
             200,
             await admin.update_workspace(
-                conn, p.workspace_id, bot_policy=body.bot_policy, fraud_policy=body.fraud_policy
+                conn,
+                p.workspace_id,
+                bot_policy=body.bot_policy,
+                fraud_policy={str(k): str(v) for k, v in body.fraud_policy.items()} if body.fraud_policy else None,
             ),
         )
 

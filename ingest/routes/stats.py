@@ -72,4 +72,5 @@ async def patch_fraud_thresholds(request: web.Request, edge: Edge, p: Principal)
         )
     if row is None:
         raise NotFound("program not found")
-    return json(200, {"program_id": str(row["id"]), "fraud_thresholds": {**FRAUD_THRESHOLDS, **row["fraud_thresholds"]}})
+    thresholds = {**FRAUD_THRESHOLDS, **row["fraud_thresholds"]}
+    return json(200, {"program_id": str(row["id"]), "fraud_thresholds": thresholds})
