@@ -115,9 +115,10 @@ class DropTally:
             log.warning("drops.flush_failed", error=repr(exc), fields=len(items))
             self._counts.update(counts)
             return
+        errors = [r for r in replies if isinstance(r, Exception)]
         failed = [(f, n) for (f, n), r in zip(items, replies, strict=True) if isinstance(r, Exception)]
         if failed:
-            log.warning("drops.flush_failed", error=repr(replies[0]), fields=len(failed))
+            log.warning("drops.flush_failed", error=repr(errors[0]), fields=len(failed))
             self._counts.update(dict(failed))
 
     async def _run(self) -> None:

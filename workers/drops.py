@@ -165,7 +165,8 @@ async def fold(redis: Any, pool: asyncpg.Pool, prefix: str) -> int:
                 total += sum(counts.values())
         await redis.delete(key)
         await redis.srem(folds_key(prefix), key)
-    # a fold key is never named twice, and its own deletion follows its record within a
-    # fold: records older than a week guard nothing
-    await pool.execute("DELETE FROM drop_folds WHERE folded_at < now() - interval '7 days'")
+    if pending:
+        # a fold key is never named twice, and its deletion follows its record within one
+        # fold: records older than a week guard nothing
+        await pool.execute("DELETE FROM drop_folds WHERE folded_at < now() - interval '7 days'")
     return total

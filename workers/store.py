@@ -5,8 +5,8 @@ from the rows that came back: a redelivered, reclaimed or replayed entry inserts
 and so moves nothing. Every write is set-based (unnest), one statement per table, and
 sorted so that concurrent batches take their locks in one order and cannot deadlock one
 another. The order, phase by phase, each phase in key order: events (by dedupe key, then
-event id), link_visitor_days, links (by id), daily_stats, affiliates (by id),
-affiliate_milestones, customers, webhook_deliveries.
+event id), event_flags, link_visitor_days, links (by id), daily_stats, affiliates (by
+id), affiliate_milestones, customers, webhook_deliveries, event_drops, drop_stats.
 """
 
 from __future__ import annotations

@@ -173,10 +173,13 @@ async def _accept(edge: Edge, workspace: str, items: list[Any]) -> list[ItemResu
     appends: list[Any] = []
     for index, p in enumerate(parsed):
         if isinstance(p, ItemResult):
+            edge.drops.note(workspace, None, "invalid")
             results.append(p)
             continue
         envelope, result = _envelope(index, p, workspace, by_code, by_click, candidates, seen)
         results.append(result)
+        if not result.ok:  # refused items: why, for the workspace's stats
+            edge.drops.note(workspace, None, "invalid" if result.error == "invalid" else "unknown_code")
         if envelope is not None:
             appends.append(xadd(edge.keys, envelope, envelope.payload["code"]))
     if appends:
