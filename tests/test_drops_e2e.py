@@ -23,7 +23,7 @@ from ingest.keys import Keys
 from refstream.embedded import free_port
 from workers.webhooks import verify_signature
 
-from ._procs import Procs
+from ._procs import Procs, env_for, run_command
 from ._world import BROWSER
 
 RATE = 5  # the click route's limit per IP and minute, for this test
@@ -189,6 +189,10 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
             shown["clicks"], shown["leads"], shown["conversions"])  # fmt: skip
         assert (shown["clicks"], shown["leads"], shown["conversions"]) == (12 + RATE + 2, 1, 0)
         assert shown["stats"]["totals"]["dropped"] == expected
+        code, table, err = await run_command("link", "show", "alice", env=env_for(procs.settings, COLUMNS="250"))
+        assert code == 0, err
+        assert "bot 4, duplicate 1, fraud 1, rate_limited 3, test_mode 2" in table, table
+        assert f"click_burst {RATE - BURST}, fast_conversion 1, self_referral 1" in table, table
         _, bob, _ = await call(http, "GET", f"{base}/v1/links/{link['bob']['id']}/stats", headers=h)
         assert bob["totals"]["dropped"] == {"out_of_window": 1}
 
