@@ -303,6 +303,9 @@ CREATE TABLE IF NOT EXISTS event_flags (
     PRIMARY KEY (event_id, rule)
 );
 CREATE INDEX IF NOT EXISTS event_flags_link ON event_flags (link_id, received_at);
+-- the click_burst rule counts one IP's recent clicks on a link: a range scan of this
+-- index, not of every click on the link in the window
+CREATE INDEX IF NOT EXISTS events_click_ip ON events (link_id, ip, received_at) WHERE type = 1 AND ip IS NOT NULL;
 
 -- the addresses an affiliate's own key was used from (the affiliate API): a lead from one
 -- of them is flagged
