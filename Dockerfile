@@ -16,7 +16,7 @@ COPY ingest ingest
 COPY workers workers
 COPY refstream refstream
 RUN pip install --no-cache-dir . && useradd --system --no-create-home refstream \
-    && mkdir -p /var/lib/refstream/spool && chown -R refstream /var/lib/refstream
+    && mkdir -p /var/lib/refstream/spool /var/lib/refstream/archive && chown -R refstream /var/lib/refstream
 USER refstream
 # accepted events wait here while Redis is unreachable: mount a volume on it
 ENV REFSTREAM_SPOOL_DIR=/var/lib/refstream/spool

@@ -98,8 +98,11 @@ CREATE INDEX IF NOT EXISTS customers_external
     ON customers (workspace_id, external_id) WHERE external_id IS NOT NULL;
 
 -- one row per click, lead or conversion. The primary key is the edge-minted UUIDv7, so a
--- redelivered or replayed entry is a no-op (ON CONFLICT DO NOTHING), and ids sort by time
--- (the natural key for range partitioning later). No foreign keys on this hot table: the
+-- redelivered or replayed entry is a no-op (ON CONFLICT DO NOTHING), and ids sort by time:
+-- the table is range-partitioned on it, one partition per UTC day (bounds are the UUIDs of
+-- the day's first millisecond, xxxxxxxx-xxxx-7000-8000-000000000000), created ahead and
+-- dropped after REFSTREAM_EVENT_RETENTION days by the worker (workers/partitions.py), with a
+-- default partition for anything outside them. No foreign keys on this hot table: the
 -- worker resolves links itself and a per-row FK check would cost every insert.
 CREATE TABLE IF NOT EXISTS events (
     event_id      uuid PRIMARY KEY,
@@ -132,22 +135,23 @@ CREATE TABLE IF NOT EXISTS events (
     -- bot reason, referrer domain, and the data and parser versions that produced them
     enrichment    jsonb,
     payload       jsonb NOT NULL DEFAULT '{}'
-);
+) PARTITION BY RANGE (event_id);
 CREATE INDEX IF NOT EXISTS events_link_received ON events (link_id, received_at);
-CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events (workspace_id, type, dedupe_key)
-    WHERE dedupe_key IS NOT NULL;
+-- (the dedupe keys live in event_dedupe, below: a unique index on a partitioned table must
+-- hold the partition key, and a key must outlive its event's partition)
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
 -- `refstream status` counts what was processed in the last minute; BRIN: tiny, append order
 CREATE INDEX IF NOT EXISTS events_processed_brin ON events USING brin (processed_at);
 
 -- unique clicks: a visitor's first click on a link in a UTC day. A set, not a count, so the
--- answer is the same whatever order clicks are processed in, and exactly once.
+-- answer is the same whatever order clicks are processed in, and exactly once. Partitioned
+-- by day like events, and dropped with them.
 CREATE TABLE IF NOT EXISTS link_visitor_days (
     link_id     uuid NOT NULL,
     day         date NOT NULL,
     visitor_key text NOT NULL,
     PRIMARY KEY (link_id, day, visitor_key)
-);
+) PARTITION BY RANGE (day);
 
 -- per link and UTC day; per affiliate and program by GROUP BY (both ids are carried)
 CREATE TABLE IF NOT EXISTS daily_stats (
@@ -248,8 +252,94 @@ ALTER TABLE workspaces
     ADD COLUMN IF NOT EXISTS bot_policy text NOT NULL DEFAULT 'exclude' CHECK (bot_policy IN ('exclude', 'count'));
 ALTER TABLE events ADD COLUMN IF NOT EXISTS bot_counted boolean NOT NULL DEFAULT false;
 
+-- schema 4: retention that scales. A database made before it holds plain `events` and
+-- `link_visitor_days` tables: each becomes the first partition ("<table>_legacy", from
+-- MINVALUE to the day after its newest row or today) of a partitioned table of the same
+-- name, in this one transaction, without copying a row; the legacy partition is dropped
+-- like any other once its newest day is past the retention.
+
+-- the global dedupe keys: one lead per (customer, event name), one conversion per (code,
+-- referred session). A table of its own, so a key outlives its event's partition: purged
+-- after REFSTREAM_DEDUPE_RETENTION days (at least the event retention) by received time
+CREATE TABLE IF NOT EXISTS event_dedupe (
+    workspace_id uuid NOT NULL,
+    type         smallint NOT NULL,
+    dedupe_key   text NOT NULL,
+    event_id     uuid NOT NULL,
+    received_at  timestamptz NOT NULL,
+    PRIMARY KEY (workspace_id, type, dedupe_key)
+);
+CREATE INDEX IF NOT EXISTS event_dedupe_received ON event_dedupe (received_at);
+
+-- how far back the event rows are complete: an event whose id is below horizon_id may have
+-- been dropped with its partition. The worker stores such an event but moves no counter
+-- (it cannot tell a first delivery from a replay), and reconcile never recounts before it
+CREATE TABLE IF NOT EXISTS event_retention (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    horizon    timestamptz NOT NULL,
+    horizon_id uuid NOT NULL
+);
+
+DO $convert$
+DECLARE
+    newest_ms bigint;
+    bound_ms  bigint;
+    bound     text;
+    idx       record;
+BEGIN
+    IF (SELECT relkind FROM pg_class WHERE oid = 'public.events'::regclass) = 'r' THEN
+        LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
+        INSERT INTO event_dedupe (workspace_id, type, dedupe_key, event_id, received_at)
+        SELECT DISTINCT ON (workspace_id, type, dedupe_key) workspace_id, type, dedupe_key, event_id, received_at
+        FROM events WHERE dedupe_key IS NOT NULL
+        ORDER BY workspace_id, type, dedupe_key, event_id
+        ON CONFLICT DO NOTHING;
+        DROP INDEX IF EXISTS events_dedupe;
+        ALTER TABLE events RENAME TO events_legacy;
+        FOR idx IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                   WHERE i.indrelid = 'public.events_legacy'::regclass LOOP
+            EXECUTE format('ALTER INDEX %I RENAME TO %I', idx.relname, 'events_legacy' || substr(idx.relname, 7));
+        END LOOP;
+        CREATE TABLE events (LIKE events_legacy INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
+            PARTITION BY RANGE (event_id);
+        ALTER TABLE events ADD PRIMARY KEY (event_id);
+        CREATE INDEX events_link_received ON events (link_id, received_at);
+        CREATE INDEX events_received ON events (received_at);
+        CREATE INDEX events_processed_brin ON events USING brin (processed_at);
+        -- the newest id's millisecond (a UUIDv7's first 48 bits), or now
+        SELECT ('x' || substr(replace(event_id::text, '-', ''), 1, 12))::bit(48)::bigint
+          INTO newest_ms FROM events_legacy ORDER BY event_id DESC LIMIT 1;
+        newest_ms := greatest(coalesce(newest_ms, 0), (extract(epoch FROM now()) * 1000)::bigint);
+        bound_ms := (newest_ms / 86400000 + 1) * 86400000;
+        bound := lpad(to_hex(bound_ms), 12, '0');
+        bound := substr(bound, 1, 8) || '-' || substr(bound, 9, 4) || '-7000-8000-000000000000';
+        EXECUTE format('ALTER TABLE events ATTACH PARTITION events_legacy FOR VALUES FROM (MINVALUE) TO (%L)', bound);
+    END IF;
+    IF (SELECT relkind FROM pg_class WHERE oid = 'public.link_visitor_days'::regclass) = 'r' THEN
+        LOCK TABLE link_visitor_days IN ACCESS EXCLUSIVE MODE;
+        ALTER TABLE link_visitor_days RENAME TO link_visitor_days_legacy;
+        ALTER INDEX link_visitor_days_pkey RENAME TO link_visitor_days_legacy_pkey;
+        CREATE TABLE link_visitor_days (LIKE link_visitor_days_legacy INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
+            PARTITION BY RANGE (day);
+        ALTER TABLE link_visitor_days ADD PRIMARY KEY (link_id, day, visitor_key);
+        EXECUTE format(
+            'ALTER TABLE link_visitor_days ATTACH PARTITION link_visitor_days_legacy FOR VALUES FROM (MINVALUE) TO (%L)',
+            greatest((SELECT max(day) FROM link_visitor_days_legacy), (now() AT TIME ZONE 'UTC')::date) + 1);
+    END IF;
+END
+$convert$;
+
+-- whatever no daily partition covers (an id from a skewed clock, a day not yet created)
+CREATE TABLE IF NOT EXISTS events_default PARTITION OF events DEFAULT;
+CREATE TABLE IF NOT EXISTS link_visitor_days_default PARTITION OF link_visitor_days DEFAULT;
+
+-- the management API's reads (GET /v1/events: a workspace's newest first, by link or type)
+CREATE INDEX IF NOT EXISTS events_workspace_id ON events (workspace_id, event_id);
+CREATE INDEX IF NOT EXISTS events_workspace_type_id ON events (workspace_id, type, event_id);
+CREATE INDEX IF NOT EXISTS events_link_id ON events (link_id, event_id);
+
 -- ---------------------------------------------------------------------------------------
--- Drops and fraud flags (schema version 4). Why an event did not count, per link and UTC
+-- Drops and fraud flags (schema version 5). Why an event did not count, per link and UTC
 -- day, by reason; the nil uuid stands for "no link resolved" (and for "no workspace" where
 -- none did either), so that the key needs no NULLs.
 CREATE TABLE IF NOT EXISTS drop_stats (

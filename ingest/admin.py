@@ -7,7 +7,6 @@ sees the change without asking Postgres.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 from uuid import UUID
 
 import asyncpg
@@ -16,6 +15,7 @@ import orjson
 from . import apikeys, auth, links
 from .connections import Redis
 from .drops import FRAUD_POLICIES, FRAUD_RULES
+from .fields import hostname
 from .keys import Keys
 
 DEFAULT_PROGRAM = "Default program"
@@ -138,7 +138,7 @@ async def create_link(
             aid,
             code,
             url,
-            urlsplit(url).hostname,
+            hostname(url),
         )
     # after the commit: a cached "unknown code" from before must not outlive the link
     cached = await links.fetch(conn, code)
@@ -183,7 +183,10 @@ def readable_code(seed: str) -> str:
 def with_ref(url: str, code: str) -> str:
     from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a program URL stored before URLs were checked: the default page's
+        parts = urlsplit("https://example.com/")
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "ref"]
     return urlunsplit(parts._replace(query=urlencode([*query, ("ref", code)])))
 
@@ -223,7 +226,7 @@ async def referral_code(
                         row = await conn.fetchrow(
                             "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain)"
                             " VALUES ($1, $2, $3, $4, $5, $6) RETURNING code, created_at",
-                            workspace_id, program_id, affiliate, code, url, urlsplit(url).hostname,
+                            workspace_id, program_id, affiliate, code, url, hostname(url),
                         )  # fmt: skip
                     created = code
                     break

@@ -14,10 +14,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import links, openapi
 from .auth import Authenticator
 from .batcher import RedisBatcher
+from .body import CLOSE
 from .connections import connect_redis, create_pg_pool, pg_unavailable
 from .cors import cors
 from .drops import DropTally
+from .durability import Durability
 from .events import unique_token
+from .guard import GUARD, ConnectionGuard
+from .idempotency import Idempotency
 from .keys import Keys
 from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
@@ -40,10 +44,14 @@ def _request_id(request: web.Request) -> str:
 async def canonical_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One log line per request, with its request id (bound for every line logged while
     it runs, and echoed as ``X-Request-ID``); metrics by route and status; an unexpected
-    error becomes a bare 500, never a trace."""
+    error becomes a bare 500, never a trace. A request whose body was refused (too large,
+    too slow, unreadable) closes its connection once answered."""
     start = time.perf_counter()
     status = 500
     rid = _request_id(request)
+    guard = request.app.get(GUARD)  # absent from an app made without create_app
+    if guard is not None:
+        guard.busy(request.protocol)
     # a keep-alive connection serves its requests in one task, hence one context: start clean
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=rid)
@@ -51,6 +59,8 @@ async def canonical_log(request: web.Request, handler: Handler) -> web.StreamRes
         response = await handler(request)
         status = response.status
         response.headers["X-Request-ID"] = rid
+        if request.get(CLOSE) and not response.prepared:
+            response.force_close()
         return response
     except web.HTTPException as exc:
         status = exc.status
@@ -75,6 +85,8 @@ async def canonical_log(request: web.Request, handler: Handler) -> web.StreamRes
         request.app[METRICS].observe_request(resource.canonical if resource else "unmatched", status, seconds)
         log.info("request", method=request.method, path=request.path, status=status, ms=round(seconds * 1000, 3))
         structlog.contextvars.clear_contextvars()  # what the connection logs next is not this request's
+        if guard is not None:
+            guard.idle(request.protocol)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -86,13 +98,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         metrics.redis_batch.observe(commands)
         metrics.redis_seconds.observe(seconds)
 
-    batcher = RedisBatcher(redis, max_commands=settings.pipeline_max_commands, observe=observe)
+    batcher = RedisBatcher(
+        redis, max_commands=settings.pipeline_max_commands, deadline_s=settings.redis_deadline_ms / 1000,
+        max_queued=settings.redis_max_queued, durability=Durability.of(settings), observe=observe,
+    )  # fmt: skip
     # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
     pg = await create_pg_pool(settings, min_size=0, max_size=4)
     keys = Keys(settings.stream_prefix, settings.partitions)
-    spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes)
+    spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, durability=Durability.of(settings))
     spool.start(redis, every_s=settings.spool_drain_every_s)  # also drains what a previous run left
-    metrics.watch_spool(spool.size)
+    metrics.watch_spool(spool)
     app[EDGE] = Edge(
         settings=settings,
         keys=keys,
@@ -107,6 +122,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit),
         key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit),
         drops=(drops := DropTally(batcher, settings.stream_prefix)),
+        idem=Idempotency(batcher, keys, window_s=settings.idempotency_window_s),
     )
     drops.start()
     try:
@@ -134,6 +150,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=cap, middlewares=[canonical_log, cors])
     app[SETTINGS] = settings
     app[METRICS] = EdgeMetrics()
+    app[GUARD] = ConnectionGuard(settings.header_timeout_s, settings.keepalive_timeout_s)
     app.cleanup_ctx.append(_resources)
     for module in (health, biore, bricqs, affitor, affixo, refport, batch, manage, stats, webhooks, browser, openapi):
         app.add_routes(module.routes)

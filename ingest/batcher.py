@@ -5,6 +5,20 @@ One flusher task sends everything queued so far as one non-transactional pipelin
 that round trip is in flight the next requests queue up, so batches grow with load and
 an idle edge adds no delay. A pipeline is not a transaction: commands may touch keys in
 different cluster slots (the cluster client splits the pipeline by node).
+
+Backpressure: nothing waits on Redis for longer than the deadline
+(``REFSTREAM_REDIS_DEADLINE_MS``): a request's wait (queue and round trip), a round trip
+(a blackholed connection that never resets), a connect. Past ``REFSTREAM_REDIS_MAX_QUEUED``
+queued commands a request fails at once. After a round trip fails, Redis is taken for down
+(``RedisDown``): requests fail at once, except one every probe interval (50 ms, doubling to
+1 s) whose round trip tells whether it is back. Every one of these errors is a redis-py
+``ConnectionError`` or ``TimeoutError``: to a route, Redis being unavailable (public routes
+spool, keyed routes answer 503).
+
+Durability (``ingest.durability``): a round trip holding a request that wrote an event
+(``durable=True``) ends with WAIT / WAITAOF; when that is not confirmed those requests get
+``NotDurable``, and, as for a Redis that is down, durable requests then fail at once but
+one per probe interval until a confirmation comes back.
 """
 
 from __future__ import annotations
@@ -13,28 +27,109 @@ import asyncio
 import hashlib
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connections import Redis
+from .durability import Durability, NotDurable
 from .redislink import Link, link_for
 
+log = structlog.get_logger("ingest.batcher")
 Command = tuple[Any, ...]
+PROBE_FIRST_S = 0.05
+PROBE_CAP_S = 1.0
+
+
+class Backpressure(RedisConnectionError):
+    """More commands wait for Redis than ``REFSTREAM_REDIS_MAX_QUEUED``: refused at once."""
+
+
+class RedisDown(RedisConnectionError):
+    """The last round trip failed and no probe has succeeded since: refused at once."""
+
+
+class Breaker:
+    """Open after a failure; while open, ``allow`` lets one caller through per probe
+    interval (50 ms doubling to 1 s): its outcome closes the breaker or keeps it open."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cause: BaseException | None = None  # None: closed
+        self._retry_at = 0.0
+        self._delay = PROBE_FIRST_S
+
+    @property
+    def open(self) -> bool:
+        return self.cause is not None
+
+    def allow(self) -> bool:
+        if self.cause is None:
+            return True
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False
+        self._retry_at = now + self._delay  # one probe per interval
+        self._delay = min(PROBE_CAP_S, self._delay * 2)
+        return True
+
+    def failed(self, exc: BaseException) -> bool:
+        """Record a failure; True when it opened the breaker (it was closed)."""
+        opened = self.cause is None
+        if opened:
+            self._retry_at = time.monotonic() + PROBE_FIRST_S
+            self._delay = PROBE_FIRST_S * 2
+            log.warning(f"{self.name}.open", error=repr(exc))
+        self.cause = exc
+        return opened
+
+    def succeeded(self) -> None:
+        if self.cause is not None:
+            log.info(f"{self.name}.closed")
+            self.cause = None
+            self._delay = PROBE_FIRST_S
+
+
+@dataclass(slots=True)
+class _Item:
+    commands: tuple[Command, ...]
+    durable: bool
+    fut: asyncio.Future[list[Any]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+# what makes a round trip fail as a whole: the connection, not a command's reply
+_LINK_FAILURES = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
 
 class RedisBatcher:
     def __init__(
-        self, redis: Redis, *, max_commands: int = 2048, observe: Callable[[int, float], None] | None = None
+        self,
+        redis: Redis,
+        *,
+        max_commands: int = 2048,
+        deadline_s: float = 1.0,
+        max_queued: int = 20_000,
+        durability: Durability | None = None,
+        observe: Callable[[int, float], None] | None = None,
     ) -> None:
         self._link: Link = link_for(redis)
         self._max = max_commands
+        self._deadline = deadline_s
+        self._max_queued = max_queued
+        self._durability = durability or Durability()
         self._observe = observe  # (commands, seconds) of each round trip
-        self._queue: deque[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = deque()
+        self._queue: deque[_Item] = deque()
+        self._queued = 0  # commands in the queue
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._scripts: dict[str, str] = {}
+        self.down = Breaker("redis.down")
+        self.undurable = Breaker("redis.not_durable")
 
     def script(self, source: str) -> str:
         """Register a Lua script; returns the sha to use in ``("EVALSHA", sha, ...)``."""
@@ -42,14 +137,28 @@ class RedisBatcher:
         self._scripts[sha] = source
         return sha
 
-    async def execute(self, *commands: Command) -> list[Any]:
-        """Run ``commands`` in the next round trip; a failed command's slot holds its error."""
+    async def execute(self, *commands: Command, durable: bool = False) -> list[Any]:
+        """Run ``commands`` in the next round trip; a failed command's slot holds its error.
+
+        ``durable``: the commands write an event, acknowledged at the configured durability
+        level or not at all (``NotDurable``). Within the deadline or ``RedisTimeoutError``."""
+        if not self.down.allow():
+            raise RedisDown(f"Redis is unavailable ({self.down.cause}); probing")
+        if durable and self._durability.waits and not self.undurable.allow():
+            raise NotDurable(f"writes are not confirmed at the durability level ({self.undurable.cause}); probing")
+        if self._queued + len(commands) > self._max_queued:
+            raise Backpressure(f"{self._queued} Redis commands queued already (REFSTREAM_REDIS_MAX_QUEUED)")
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="redis-batcher")
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((commands, fut))
+        item = _Item(commands, durable)
+        self._queue.append(item)
+        self._queued += len(commands)
         self._wake.set()
-        return await fut
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await item.fut  # a timeout cancels it: the flusher then skips it
+        except TimeoutError:
+            raise RedisTimeoutError(f"Redis did not answer within {self._deadline * 1000:.0f} ms") from None
 
     async def close(self) -> None:
         if self._task is not None:
@@ -60,58 +169,83 @@ class RedisBatcher:
                 pass
             self._task = None
         await self._link.close()
-        for _, fut in self._queue:
-            if not fut.done():
-                fut.set_exception(ConnectionError("edge shutting down"))
+        self._fail_queued(RedisConnectionError("edge shutting down"))
+
+    def _fail_queued(self, exc: Exception) -> None:
+        for item in self._queue:
+            if not item.fut.done():
+                item.fut.set_exception(exc)
         self._queue.clear()
+        self._queued = 0
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
+                batch: list[_Item] = []
                 n = 0
-                while self._queue and (not batch or n + len(self._queue[0][0]) <= self._max):
+                while self._queue and (not batch or n + len(self._queue[0].commands) <= self._max):
                     item = self._queue.popleft()
-                    batch.append(item)
-                    n += len(item[0])
-                await self._flush(batch)
+                    self._queued -= len(item.commands)
+                    if not item.fut.done():  # else its caller gave up waiting
+                        batch.append(item)
+                        n += len(item.commands)
+                if batch:
+                    await self._flush(batch)
 
-    async def _flush(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
+    async def _flush(self, batch: list[_Item]) -> None:
         # nothing may escape: the flusher must outlive any failure, and every caller of
         # this batch must hear the outcome (connection lost, timeout, a failed reload)
         start = time.perf_counter()
         try:
-            results = await self._send(batch)
+            async with asyncio.timeout(self._deadline):
+                results, unconfirmed = await self._send(batch)
         except Exception as exc:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+            if isinstance(exc, TimeoutError):
+                exc = RedisTimeoutError(f"no reply from Redis within {self._deadline * 1000:.0f} ms")
+            for item in batch:
+                if not item.fut.done():
+                    item.fut.set_exception(exc)
+            if isinstance(exc, _LINK_FAILURES) and self.down.failed(exc):
+                # queued behind a dead round trip: each would wait out its own deadline
+                self._fail_queued(RedisDown(f"Redis is unavailable ({exc})"))
             return
+        self.down.succeeded()
         if self._observe is not None:
-            self._observe(sum(len(c) for c, _ in batch), time.perf_counter() - start)
+            self._observe(sum(len(item.commands) for item in batch), time.perf_counter() - start)
+        if unconfirmed is not None:
+            self.undurable.failed(unconfirmed)
+        elif self._durability.waits and any(item.durable for item in batch):
+            self.undurable.succeeded()
         i = 0
-        for commands, fut in batch:
-            if not fut.done():
-                fut.set_result(results[i : i + len(commands)])
-            i += len(commands)
+        for item in batch:
+            if not item.fut.done():
+                if item.durable and unconfirmed is not None:
+                    item.fut.set_exception(unconfirmed)
+                else:
+                    item.fut.set_result(results[i : i + len(item.commands)])
+            i += len(item.commands)
 
-    async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> list[Any]:
-        results = await self._link.send([cmd for commands, _ in batch for cmd in commands])
+    async def _send(self, batch: list[_Item]) -> tuple[list[Any], NotDurable | None]:
+        flat = [cmd for item in batch for cmd in item.commands]
+        wait = self._durability.waits and any(item.durable for item in batch)
+        if wait:
+            flat.append(self._durability.command())  # after the writes, on the same connection
+        results = list(await self._link.send(flat))
+        unconfirmed = self._durability.failure(results.pop()) if wait else None
+        if wait:
+            flat.pop()
         if any(_is_noscript(r) for r in results):
-            results = await self._retry_noscript(batch, results)
-        return results
+            results = await self._retry_noscript(flat, results)
+        return results, unconfirmed
 
-    async def _retry_noscript(
-        self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]], results: list[Any]
-    ) -> list[Any]:
+    async def _retry_noscript(self, flat: list[Command], results: list[Any]) -> list[Any]:
         # Redis restarted or flushed its script cache: load once, re-run what failed.
+        # (Scripts write caches and rate limits, never events: no durability wait here.)
         await self._link.load_scripts(list(self._scripts.values()))
-        flat = [cmd for commands, _ in batch for cmd in commands]
         retry = [i for i, r in enumerate(results) if _is_noscript(r)]
         again = await self._link.send([flat[i] for i in retry])
-        results = list(results)
         for i, r in zip(retry, again, strict=True):
             results[i] = r
         return results

@@ -1,25 +1,55 @@
-"""Reading request bodies: capped, parsed, validated; each failure a value the route turns
-into its own dialect's error shape."""
+"""Reading request bodies: the one boundary every route with a body goes through.
+
+``read`` takes the body under a cap and a deadline; ``json_object`` and ``parse`` turn it
+into a validated model. Each failure is a ``BodyError`` the route answers in its own
+dialect's shape: 400 (unreadable: broken framing, not gzip, not JSON, invalid), 408 (not in
+full within ``REFSTREAM_BODY_TIMEOUT_S``), 413 (over the route's cap), 415 (a
+``Content-Encoding`` other than gzip, deflate or identity). A body refused for its size,
+its framing or its slowness also closes the connection: what the client still sends is
+never read into a request, and never inflated.
+
+The edge's runner (``ingest.server``) turns aiohttp's own decompression off, so a gzip body
+is inflated here, a bounded slice at a time: a bomb costs what its first megabyte costs.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import zlib
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
 from .state import EDGE
 
 M = TypeVar("M", bound=BaseModel)
 
+# set on the app by ingest.server.make_runner: aiohttp hands bodies over as sent
+RAW_BODIES = web.AppKey("raw_bodies", bool)
+# set on a request whose body was refused: the response closes the connection
+# (a typed key where this aiohttp has them, which it recommends; a plain one before)
+CLOSE: Any = web.RequestKey("refstream_close", bool) if hasattr(web, "RequestKey") else "refstream_close"
+
 
 class BodyError(Exception):
     def __init__(self, status: int, kind: str, message: str) -> None:
         super().__init__(message)
         self.status = status
-        self.kind = kind  # "too_large" | "invalid_json" | "invalid"
+        self.kind = kind  # "too_large" | "invalid_json" | "invalid" | "timeout" | "encoding"
         self.message = message
+
+
+_READ = "refstream.body"  # the body once read, on the request: a second read returns it
+_CODES = {"too_large": "payload_too_large", "timeout": "request_timeout", "encoding": "unsupported_encoding"}
+
+
+def code(exc: BodyError, invalid: str = "invalid_request") -> str:
+    """The error code of the APIs shaped ``{"error": code}`` (Affixo, batch, management)."""
+    return _CODES.get(exc.kind) or ("invalid_json" if exc.kind == "invalid_json" else invalid)
 
 
 def header(request: web.Request, name: str, limit: int) -> str | None:
@@ -38,34 +68,72 @@ def plain(text: str, limit: int = 256) -> bool:
     return 0 < len(text) <= limit and text.isprintable() and not any("\ud800" <= c <= "\udfff" for c in text)
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
+def _refuse(request: web.Request, status: int, kind: str, message: str) -> BodyError:
+    request[CLOSE] = True
+    return BodyError(status, kind, message)
 
 
-async def json_object(request: web.Request) -> dict[str, Any]:
-    limit = request.app[EDGE].settings.max_body_bytes
+def _inflater(request: web.Request) -> Any:
+    """A decompressor for the body's Content-Encoding; None when there is nothing to undo."""
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding in ("", "identity"):
+        return None
+    if coding not in ("gzip", "x-gzip", "deflate"):
+        raise _refuse(request, 415, "encoding", f"Content-Encoding {coding[:32]!r}: gzip, deflate or identity")
+    if not request.app.get(RAW_BODIES, False):
+        return None  # an app run without ingest.server's runner: aiohttp inflated it already
+    return zlib.decompressobj(zlib.MAX_WBITS | (16 if "gzip" in coding else 0))
+
+
+async def read(request: web.Request, limit: int | None = None) -> bytes:
+    """The body, decompressed, at most ``limit`` bytes (default ``REFSTREAM_MAX_BODY_BYTES``)
+    before and after decompression, in full within ``REFSTREAM_BODY_TIMEOUT_S``."""
+    settings = request.app[EDGE].settings
+    limit = settings.max_body_bytes if limit is None else limit
+    too_large = f"body larger than {limit} bytes"
+    kept: bytes | None = request.get(_READ)
+    if kept is not None:  # read before (an idempotency key's fingerprint): the stream is spent
+        if len(kept) > limit:
+            raise _refuse(request, 413, "too_large", too_large)
+        return kept
+    if request.content_length is not None and request.content_length > limit:
+        raise _refuse(request, 413, "too_large", too_large)  # said up front: nothing is read
+    inflater = _inflater(request)
+    out = bytearray()
+    received = 0
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raw = b"x" * (limit + 1)
-    if len(raw) > limit:
-        raise BodyError(413, "too_large", f"body larger than {limit} bytes")
+        async with asyncio.timeout(settings.body_timeout_s):
+            while chunk := await request.content.readany():
+                received += len(chunk)
+                if received > limit:
+                    raise _refuse(request, 413, "too_large", too_large)
+                # max_length: never more than the cap is inflated, whatever the ratio
+                out += inflater.decompress(chunk, limit + 1 - len(out)) if inflater else chunk
+                if len(out) > limit:
+                    raise _refuse(request, 413, "too_large", too_large)
+    except TimeoutError:
+        raise _refuse(request, 408, "timeout", f"body not received within {settings.body_timeout_s:g} s") from None
+    except (RequestPayloadError, HttpProcessingError):
+        # broken chunked framing, a body cut short, what aiohttp could not inflate
+        raise _refuse(request, 400, "invalid_json", "body could not be read (broken framing or encoding)") from None
+    except zlib.error:
+        raise _refuse(request, 400, "invalid_json", "body is not valid gzip/deflate") from None
+    if inflater is not None and not inflater.eof:
+        raise _refuse(request, 400, "invalid_json", "compressed body is truncated")
+    request[_READ] = body = bytes(out)
+    return body
+
+
+async def json_object(request: web.Request, limit: int | None = None) -> dict[str, Any]:
+    raw = await read(request, limit)
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BodyError(400, "invalid_json", "body is not valid JSON") from None
     if not isinstance(data, dict):
         raise BodyError(400, "invalid_json", "body must be a JSON object")
-    # Postgres stores no NUL in text or jsonb: refuse it here rather than accept an event
-    # that could never be written
-    if b"\\u0000" in raw and _has_nul(data):
-        raise BodyError(400, "invalid", "NUL characters (\\u0000) are not allowed")
+    # NUL (which Postgres text and jsonb refuse) is refused by the models, in the fields they
+    # keep (ingest.fields): one in a field they ignore is dropped with it
     return data
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisClusterException, RedisError
 
 from .settings import Settings
@@ -74,8 +77,74 @@ def pg_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, PG_ERRORS) or pg_outage(exc) is not None
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """``redis+sentinel://[user:password@]host:port[,host:port...]/master[/db]``: the
+    sentinels to ask, the name of the monitored master, and what to send the data servers
+    (the credentials go to the primary and replicas; the sentinels are asked without)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def where(self) -> str:
+        hosts = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+        return f"sentinel {hosts} master {self.master}/{self.db}"
+
+
+def sentinel_target(url: str) -> SentinelTarget | None:
+    """The Sentinel deployment a ``redis+sentinel://`` URL names; None for any other URL.
+    Raises ValueError for a sentinel URL that lacks hosts or the master's name."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != SENTINEL_SCHEME:
+        return None
+    netloc, _, path = rest.partition("/")
+    path = path.partition("?")[0]
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username, password = (unquote(user) or None), (unquote(secret) if colon else None)
+    sentinels = []
+    for hostport in filter(None, hosts.split(",")):
+        if hostport.startswith("["):  # [::1]:26379
+            host, _, port = hostport[1:].partition("]")
+            port = port.removeprefix(":")
+        else:
+            host, _, port = hostport.partition(":")
+        port = port or "26379"
+        if not port.isdigit():
+            raise ValueError(f"a sentinel URL's port must be a number, not {port!r}")
+        sentinels.append((host, int(port)))
+    master, _, db = path.partition("/")
+    if not sentinels or not master:
+        raise ValueError("a sentinel URL reads redis+sentinel://host:26379[,host:26379...]/<master name>[/<db>]")
+    if db and not db.strip("/").isdigit():
+        raise ValueError(f"a sentinel URL's database must be a number, not {db!r}")
+    return SentinelTarget(tuple(sentinels), unquote(master), int(db.strip("/") or 0), username, password)
+
+
+class SentinelRedis(aioredis.Redis):
+    """The client of a Sentinel-managed primary: each new connection asks the sentinels
+    where the primary is (and READONLY on a connection drops it, see redis-py's
+    ``SentinelManagedConnection``). Closing it closes the sentinels' connections too."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        await super().aclose(close_connection_pool)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
+
+
 def connect_redis(settings: Settings, *, url: str | None = None, **kwargs: Any) -> Redis:
-    """A Redis client (or a cluster client when ``REFSTREAM_REDIS_CLUSTER`` is set).
+    """A Redis client: a cluster client when ``REFSTREAM_REDIS_CLUSTER`` is set, the
+    primary's through Sentinel for a ``redis+sentinel://`` URL, else a plain one.
 
     Replies stay bytes: the stream entries are bytes and decoding is the caller's choice.
     The socket timeout bounds every call, so a blocking XREADGROUP must block for less.
@@ -86,11 +155,22 @@ def connect_redis(settings: Settings, *, url: str | None = None, **kwargs: Any) 
         "health_check_interval": 30,
         **kwargs,
     }
+    target = sentinel_target(url or settings.redis_url)
+    if target is not None:
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            target.sentinels,
+            sentinel_kwargs={k: v for k, v in opts.items() if k.startswith("socket_")},
+        )
+        client: aioredis.Redis = sentinel.master_for(
+            target.master, redis_class=SentinelRedis, db=target.db, username=target.username,
+            password=target.password, **opts,
+        )  # fmt: skip
+        return client
     if settings.redis_cluster and url is None:
         cluster: RedisCluster = RedisCluster.from_url(settings.redis_url, **opts)
         return cluster
-    client: aioredis.Redis = aioredis.Redis.from_url(url or settings.redis_url, **opts)
-    return client
+    plain: aioredis.Redis = aioredis.Redis.from_url(url or settings.redis_url, **opts)
+    return plain
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -30,19 +30,25 @@ def check(reply: object) -> None:
 async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Command, spool: bool) -> bool:
     """Make ``envelope`` durable: True once it is in Redis, False once it is in the spool.
 
-    ``extra`` commands ride in the same round trip (a click cache entry, say) and are lost
-    with it when the event is spooled. Raises what Redis raised when ``spool`` is off, and
-    ``SpoolFull`` when the spool is at its cap: either way the caller must not answer 2xx.
+    ``extra`` commands ride in the same round trip (a click cache entry, say); when the
+    event is spooled they are stored with it and replayed with its XADD. Raises what Redis
+    raised when ``spool`` is off, ``SpoolFull`` when the spool is at its cap and
+    ``SpoolError`` (an OSError) when the disk refused it: the caller must not answer 2xx.
+
+    In Redis means at ``REFSTREAM_ACK_DURABILITY``'s level (``ingest.durability``): short
+    of it, ``NotDurable`` is raised or the event spooled like any Redis error. The XADD may
+    have reached the primary all the same: the event can then be appended twice under one
+    ``event_id``, which the workers store once.
     """
     structlog.contextvars.bind_contextvars(event_id=str(envelope.event_id))
     try:
-        replies = await edge.batcher.execute(xadd(edge.keys, envelope, routing_key), *extra)
+        replies = await edge.batcher.execute(xadd(edge.keys, envelope, routing_key), *extra, durable=True)
         check(replies[0])  # an error reply too (e.g. OOM under noeviction): spool it
         edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
         return True
     except REDIS_ERRORS:
         if not spool:
             raise
-    await edge.spool.append(edge.keys.stream_for(routing_key), envelope.encode())
+    await edge.spool.append(edge.keys.stream_for(routing_key), envelope.encode(), extra)
     edge.metrics.accepted.labels(envelope.dialect, "spool").inc()
     return False

@@ -1,9 +1,9 @@
 """Every Redis key refstream uses, in one place.
 
 Keys that a multi-key command, transaction or script touches together must share a hash
-tag (the part in braces) so that they land in one Redis Cluster slot. Today every script
-and transaction touches a single key; each stream partition carries its own tag so the
-partitions spread over the cluster's nodes.
+tag (the part in braces) so that they land in one Redis Cluster slot. Each stream
+partition carries its own tag so the partitions spread over the cluster's nodes; the one
+multi-key script, an idempotent append, touches a stream and a record of its tag.
 """
 
 from __future__ import annotations
@@ -77,6 +77,13 @@ class Keys:
 
     def idempotency(self, scope: str, key: str) -> str:
         return f"{self.prefix}:idem:{scope}:{key}"
+
+    def idempotent(self, digest: str, partition: int | None = None) -> str:
+        """A client idempotency key's record (ingest/idempotency.py). With a partition it
+        carries that stream's tag: the script that appends the event touches both."""
+        if partition is None:
+            return f"{self.prefix}:idk:{digest}"
+        return f"{self.prefix}:idk:{{{partition}}}:{digest}"
 
     @property
     def arq_queue(self) -> str:

@@ -9,6 +9,7 @@ or a link code while the link cache is not yet warm.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -33,6 +34,12 @@ FALLBACK_WAIT_S = 1.0
 
 class Unavailable(Exception):
     """Postgres was needed and did not answer (or too many requests were already asking)."""
+
+
+class ClickPending(Unavailable):
+    """A click id refstream minted recently that neither the click cache nor Postgres knows
+    yet: the click may still wait in an edge's spool or a stream. Retryable (a 503 with
+    Retry-After), never the permanent 400 of an unknown click."""
 
 
 @dataclass(slots=True)
@@ -106,7 +113,15 @@ async def lookup(
         if not degraded or secret is not None:
             raise
         return await _without_redis(edge, limiter, code, len(extra))
-    found = Found(verdict=limiter.verdict(replies[0]), principal=principal)
+    try:
+        verdict = limiter.verdict(replies[0])
+    except REDIS_ERRORS:
+        if not degraded or secret is not None:
+            raise
+        # the script refused (a full Redis under noeviction, a replica): fail open, as
+        # for a Redis that is down; the event itself goes to the spool if Redis refuses it
+        verdict = Verdict(True, limiter.limit, limiter.limit, 0)
+    found = Found(verdict=verdict, principal=principal)
     i = 1
     if key_miss:
         assert digest is not None
@@ -162,5 +177,15 @@ async def resolve_link(edge: Edge, code: str, cached: object, warm: object) -> l
 
 async def resolve_click(edge: Edge, click_id: str, cached: object) -> clicks.ClickRef | None:
     """A click from the reply to ``GET {prefix}:click:{id}``, else (older than its cache
-    entry, or accepted before a Redis restart) from Postgres."""
-    return clicks.decode(click_id, cached) or await fallback(edge, lambda: clicks.from_postgres(edge.pg, click_id))
+    entry, or accepted before a Redis restart) from Postgres; None for an id that names no
+    click. Raises ``ClickPending`` for a recent one nobody knows yet (``clicks.may_be_pending``)."""
+    hit = clicks.decode(click_id, cached)
+    if hit is not None:
+        return hit
+    found = await fallback(edge, lambda: clicks.in_postgres(edge.pg, click_id))
+    if isinstance(found, clicks.ClickRef):
+        return found
+    if not found and clicks.may_be_pending(click_id, int(time.time() * 1000), edge.settings.click_pending_s):
+        log.info("click.pending", click_id=click_id)
+        raise ClickPending(click_id)
+    return None

@@ -13,6 +13,12 @@ caller looks (a SET answers True rather than b"OK").
 One batch is in flight at a time, under one timeout. A timeout or a lost connection fails
 that batch with a redis-py ``TimeoutError`` / ``ConnectionError`` (both in
 ``REDIS_ERRORS``), and the next batch connects again.
+
+Behind Sentinel (a ``redis+sentinel://`` URL) the link asks the sentinels where the primary
+is at every connect (``SENTINEL`` through redis-py's pool, as its own connections do). A
+READONLY or MASTERDOWN reply means the connection reached a replica (a failover demoted its
+server, or an address now points at a replica): the connection is dropped, so the next
+batch connects, and asks again, while the replies in their slots fail their requests.
 """
 
 from __future__ import annotations
@@ -20,15 +26,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import hiredis
 import redis.asyncio as aioredis
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.asyncio.sentinel import SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse
+from redis.exceptions import InvalidResponse, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connections import Redis
@@ -143,8 +150,10 @@ class DirectLink:
         password: str | None = None,
         timeout_s: float | None = None,
         connect_timeout_s: float | None = None,
+        locate: Callable[[], Awaitable[tuple[str, int]]] | None = None,
     ) -> None:
         self._addr = (host, port)
+        self._locate = locate  # where the primary is now (Sentinel), asked at every connect
         self._path = path
         self._hello: list[Command] = []
         if password is not None:
@@ -158,7 +167,8 @@ class DirectLink:
 
     @property
     def where(self) -> str:
-        return self._path or f"{self._addr[0]}:{self._addr[1]}"
+        where = self._path or f"{self._addr[0]}:{self._addr[1]}"
+        return f"{where} (the primary, from Sentinel)" if self._locate else where
 
     @classmethod
     def for_client(cls, redis: Redis) -> DirectLink | None:
@@ -176,6 +186,8 @@ class DirectLink:
             timeout_s=kw.get("socket_timeout"),
             connect_timeout_s=kw.get("socket_connect_timeout"),
         )
+        if isinstance(pool, SentinelConnectionPool) and pool.connection_class is SentinelManagedConnection:
+            return cls(locate=pool.get_master_address, **common)  # type: ignore[arg-type]
         if pool.connection_class is Connection:
             return cls(host=kw.get("host", "localhost"), port=int(kw.get("port", 6379)), **common)  # type: ignore[arg-type]
         if pool.connection_class is UnixDomainSocketConnection:
@@ -187,6 +199,9 @@ class DirectLink:
         transport: asyncio.BaseTransport | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
+                if self._locate is not None:
+                    host, port = await self._locate()  # MasterNotFoundError: a ConnectionError
+                    self._addr = (str(host), int(port))
                 if self._path is not None:
                     transport, conn = await loop.create_unix_connection(_Replies, self._path)
                 else:
@@ -232,6 +247,8 @@ class DirectLink:
             if isinstance(reply, RedisConnectionError):
                 self._drop()
                 raise reply
+            if isinstance(reply, ResponseError) and _on_replica(reply):
+                self._drop()  # the next batch connects again (and asks Sentinel where to)
         return replies
 
     async def _ready(self) -> _Replies:
@@ -271,6 +288,13 @@ class DirectLink:
 
     async def close(self) -> None:
         self._drop()
+
+
+def _on_replica(reply: object) -> bool:
+    """A reply that only a replica gives: the connection is not to the primary."""
+    return isinstance(reply, ReadOnlyError) or (
+        isinstance(reply, ResponseError) and str(reply).startswith("MASTERDOWN")
+    )
 
 
 class PipelineLink:

@@ -127,6 +127,23 @@ def classify(exc: BaseException) -> DbStatus:
     return DbStatus(Kind.FAILED, f"{cause}: {_first_line(exc)}", "check DATABASE_URL", cause=cause)
 
 
+# schema 4 partitions these two; a version recorded over plain tables (a hand-made or
+# half-restored database) is refused like a version behind, so nothing runs half-migrated
+_PARTITIONED_FROM = 4
+_UNPARTITIONED = """
+SELECT string_agg(relname, ', ' ORDER BY relname) FROM pg_class
+WHERE relnamespace = 'public'::regnamespace AND relname IN ('events', 'link_visitor_days') AND relkind <> 'p'
+"""
+
+
+async def _status(conn: asyncpg.Connection) -> DbStatus:
+    status = _from_version(version := await schema_version(conn))
+    if status.ok and version >= _PARTITIONED_FROM and (plain := await conn.fetchval(_UNPARTITIONED)):
+        reason = f"schema version {version}, but {plain} not partitioned (half-migrated)"
+        return DbStatus(Kind.NOT_MIGRATED, reason, MIGRATE, version=version)
+    return status
+
+
 def _from_version(version: int) -> DbStatus:
     if version >= SCHEMA_VERSION:
         return DbStatus(Kind.OK, version=version)
@@ -144,7 +161,7 @@ async def check_url(url: str, *, within_s: float = CONNECT_TIMEOUT_S) -> DbStatu
         async with asyncio.timeout(within_s):
             conn = await asyncpg.connect(url, timeout=within_s)
             try:
-                return _from_version(await schema_version(conn))
+                return await _status(conn)
             finally:
                 await asyncio.shield(conn.close(timeout=within_s))
     except Exception as exc:  # each is classified: the callers print one line, never a trace
@@ -156,7 +173,7 @@ async def check_pool(pool: asyncpg.Pool, *, within_s: float) -> DbStatus:
     try:
         async with asyncio.timeout(within_s):
             async with pool.acquire() as conn:
-                return _from_version(await schema_version(conn))
+                return await _status(conn)
     except Exception as exc:
         return classify(exc)
 

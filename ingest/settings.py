@@ -14,6 +14,10 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_DURATION_RE = re.compile(r"^(\d+)\s*([smhd])?$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_RE = re.compile(r"^(\d+)\s*(b|kb|mb|gb|k|m|g)?$")
+_SIZE_SHIFT = {"b": 0, "kb": 10, "k": 10, "mb": 20, "m": 20, "gb": 30, "g": 30}
 
 
 class Settings(BaseSettings):
@@ -35,6 +39,22 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "database_url"),
     )
     redis_socket_timeout: float = Field(5.0, gt=0, description="Seconds before a Redis call fails.")
+    redis_deadline_ms: int = Field(
+        1000, ge=50, le=60_000,
+        description="Edge: the longest a request waits on Redis (queue, connect and round trip); then public"
+        " routes spool and keyed routes answer 503.",
+    )  # fmt: skip
+    redis_max_queued: int = Field(
+        20_000, ge=1, description="Edge: Redis commands queued at most; past it requests fail fast (spool or 503)."
+    )
+    ack_durability: str = Field(
+        "primary",
+        description="When a 2xx is answered: primary (XADD acknowledged by the primary), replicas:N (and by"
+        " N replicas: WAIT), fsync (and written to the primary's AOF: WAITAOF, Redis >= 7.2).",
+    )
+    ack_wait_ms: int = Field(
+        500, ge=1, le=60_000, description="replicas:N and fsync: how long a round trip waits for the acknowledgement."
+    )
     connect_timeout_s: float = Field(
         30.0, gt=0, description="One-shot commands (work --drain, dev): how long to wait for Redis or Postgres."
     )
@@ -64,6 +84,28 @@ class Settings(BaseSettings):
     spool_dir: str = Field(".refstream-spool", description="Where public routes spool events while Redis is down.")
     spool_max_bytes: int = Field(1 << 30, ge=1 << 16, description="Spool cap; beyond it public routes answer 503.")
     spool_drain_every_s: float = Field(1.0, gt=0)
+    idempotency_window_s: int = Field(
+        86400, ge=1, le=30 * 86400, description="How long an idempotency key's first answer is kept for repeats."
+    )
+    click_pending_s: int = Field(
+        3 * 86400,
+        ge=0,
+        description="A lead naming an unknown click id minted this recently answers 503 (retry): the click may"
+        " still wait in a spool or a stream. Older or malformed ids answer 400.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A new connection's request headers must be complete within this; else it is closed."
+    )
+    body_timeout_s: float = Field(10.0, gt=0, description="A request body must arrive in full within this (408).")
+    keepalive_timeout_s: float = Field(
+        75.0, gt=0, description="An idle keep-alive connection is closed after this (longer than a balancer's 60 s)."
+    )
+    max_header_bytes: int = Field(
+        8190, ge=1024, le=65536, description="Longest request line and header field (aiohttp's limits; 431 past it)."
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook URLs on loopback, private, link-local ... addresses (on-premises receivers)."
+    )
 
     # worker --------------------------------------------------------------------------
     batch_size: int = Field(500, ge=1, le=10_000)
@@ -76,11 +118,33 @@ class Settings(BaseSettings):
         description="An entry that a worker stopped while processing (a crash) this many times is dead-lettered;"
         " outages never count.",
     )
-    retention_s: int = Field(7 * 86400, ge=0, description="Acked entries stay this long (for replays).")
+    stream_retention: int = Field(
+        3600,
+        ge=0,
+        validation_alias=AliasChoices("REFSTREAM_STREAM_RETENTION", "REFSTREAM_RETENTION_S", "stream_retention"),
+        description="Seconds (or 90s, 30m, 1h, 2d) acked entries stay in the streams; older ones are read from the"
+        " archive. REFSTREAM_RETENTION_S is its former name.",
+    )
+    stream_max_bytes: int = Field(
+        256 << 20,
+        ge=0,
+        description="Memory budget of all event partitions together (bytes, or 512kb, 64mb, 1gb; 0: none): past it"
+        " acked entries are trimmed before their retention ends.",
+    )
+    memory_warn_ratio: float = Field(
+        0.8, gt=0, le=1, description="status and the worker warn when Redis used_memory passes this share of maxmemory."
+    )
     trim_every_s: int = Field(60, ge=1, le=3600)
     drops_fold_every_s: int = Field(
         5, ge=1, le=60, description="Worker: fold the edges' refusal tallies (drops) into Postgres this often."
     )
+    event_retention: int = Field(
+        90, ge=2, le=36500, description="Days of event rows Postgres keeps (daily partitions; daily stats stay)."
+    )
+    dedupe_retention: int = Field(
+        400, ge=2, le=36500, description="Days a lead's or conversion's dedupe key is kept (>= event_retention)."
+    )
+    partition_every_s: int = Field(600, ge=10, le=86400, description="Worker: partition maintenance period.")
     consumer_name: str | None = Field(None, description="Defaults to hostname-pid.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker: serve /metrics on this port.")
     metrics_host: str = Field("127.0.0.1", description="Worker: the address /metrics listens on.")
@@ -88,6 +152,18 @@ class Settings(BaseSettings):
     secret_key: str | None = Field(
         None, description="Fernet key(s), comma-separated, encrypting webhook signing secrets at rest."
     )
+
+    # archive -------------------------------------------------------------------------
+    archive_url: str = Field(
+        "file://.refstream-archive",
+        description="Where `refstream archive` writes segments: a directory (file://path or a path) or s3://bucket/prefix.",
+    )
+    archive_s3_endpoint: str | None = Field(
+        None, description="An S3-compatible endpoint (MinIO, R2, ...); default: AWS. Credentials: AWS_* variables."
+    )
+    archive_s3_region: str = Field("us-east-1", description="The bucket's region.")
+    archive_segment_entries: int = Field(20_000, ge=1, description="A segment is sealed at this many entries...")
+    archive_segment_s: float = Field(60.0, gt=0, description="... or once its first entry was read this long ago.")
 
     # logging -------------------------------------------------------------------------
     log_level: str = "info"
@@ -99,7 +175,9 @@ class Settings(BaseSettings):
 
     # fault injection, for the redelivery tests only: "crash_after_commit" makes the worker
     # SIGKILL itself after its first COMMIT and before the XACK; "crash_on:CODE" before the
-    # COMMIT of any batch holding an event for link CODE (a poison entry that kills workers).
+    # COMMIT of any batch holding an event for link CODE (a poison entry that kills workers);
+    # "archive_crash_after_put" makes the archiver SIGKILL itself after its first segment
+    # upload and before the XACK.
     fault: str | None = None
 
     @field_validator("stream_prefix")
@@ -108,6 +186,28 @@ class Settings(BaseSettings):
         # braces would change the cluster hash tag of every key
         if not _PREFIX_RE.match(v):
             raise ValueError("1-64 of A-Z a-z 0-9 _ . : - (no braces)")
+        return v
+
+    @field_validator("stream_retention", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> object:
+        if isinstance(v, str) and (m := _DURATION_RE.match(v.strip().lower())):
+            return int(m[1]) * _DURATION_UNITS[m[2] or "s"]
+        return v
+
+    @field_validator("stream_max_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> object:
+        if isinstance(v, str) and (m := _SIZE_RE.match(v.strip().lower())):
+            return int(m[1]) << _SIZE_SHIFT[m[2] or "b"]
+        return v
+
+    @field_validator("archive_url")
+    @classmethod
+    def _archive_url(cls, v: str) -> str:
+        scheme = v.partition("://")[0] if "://" in v else ""
+        if scheme not in ("", "file", "s3") or (scheme == "s3" and not v[5:].strip("/")):
+            raise ValueError("a directory (file://path or a path) or s3://bucket[/prefix]")
         return v
 
     @field_validator("trusted_proxies", mode="before")
@@ -127,9 +227,74 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("ack_durability")
+    @classmethod
+    def _known_durability(cls, v: str) -> str:
+        parse_durability(v)
+        return v.strip().lower()
+
+    @model_validator(mode="after")
+    def _sentinel_url(self) -> Settings:
+        from .connections import sentinel_target  # connections imports this module
+
+        for url in (self.redis_url, self.arq_redis_url or ""):
+            sentinel_target(url)  # a malformed sentinel URL: ValueError, worded
+        if self.redis_cluster and sentinel_target(self.redis_url) is not None:
+            raise ValueError("a redis+sentinel:// REDIS_URL is not a Redis Cluster: unset REFSTREAM_REDIS_CLUSTER")
+        return self
+
+    @model_validator(mode="after")
+    def _durability_fits(self) -> Settings:
+        replicas, fsync = parse_durability(self.ack_durability)
+        if not (replicas or fsync):
+            return self
+        if self.redis_cluster:
+            raise ValueError(
+                "a durability other than primary (REFSTREAM_ACK_DURABILITY) is not supported on a Redis Cluster"
+                " (WAIT counts one node's replicas, and a pipeline spans nodes)"
+            )
+        if self.ack_wait_ms >= self.redis_deadline_ms:
+            raise ValueError(
+                "ack_wait_ms must stay below redis_deadline_ms (REFSTREAM_ACK_WAIT_MS="
+                f"{self.ack_wait_ms}, REFSTREAM_REDIS_DEADLINE_MS={self.redis_deadline_ms})"
+            )
+        return self
+
+    @property
+    def ack_replicas(self) -> int:
+        """N of ``replicas:N``; 0 otherwise."""
+        return parse_durability(self.ack_durability)[0]
+
+    @property
+    def ack_fsync(self) -> bool:
+        return parse_durability(self.ack_durability)[1]
+
+    @model_validator(mode="after")
+    def _dedupe_outlives_events(self) -> Settings:
+        # a key dropped before its event would let a repeat in while the first is still counted
+        if self.dedupe_retention < self.event_retention:
+            raise ValueError(
+                f"dedupe_retention must be at least event_retention (REFSTREAM_DEDUPE_RETENTION="
+                f"{self.dedupe_retention}, REFSTREAM_EVENT_RETENTION={self.event_retention})"
+            )
+        return self
+
     @property
     def arq_url(self) -> str:
         return self.arq_redis_url or self.redis_url
+
+
+def parse_durability(level: str) -> tuple[int, bool]:
+    """``primary`` → (0, False); ``replicas:N`` → (N, False); ``fsync`` → (0, True)."""
+    v = level.strip().lower()
+    if v == "primary":
+        return 0, False
+    if v == "fsync":
+        return 0, True
+    name, _, n = v.partition(":")
+    if name == "replicas" and n.isdigit() and 1 <= int(n) <= 16:
+        return int(n), False
+    raise ValueError("one of primary, replicas:N (N from 1 to 16), fsync")
 
 
 _SECRET = frozenset({"redis_url", "arq_redis_url", "database_url", "secret_key"})  # never echoed

@@ -7,8 +7,9 @@ not count: ``ingest.drops.REASONS``), flagged ones (``fraud``) from its ``flagge
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID
 
@@ -28,8 +29,8 @@ class BadRange(ValueError):
 def day_range(given_from: str | None, given_to: str | None) -> tuple[date, date]:
     """(from, to), both inclusive, UTC days; by default the last 30 days."""
     try:
-        to = date.fromisoformat(given_to) if given_to else datetime.now(UTC).date()
-        start = date.fromisoformat(given_from) if given_from else to - timedelta(days=DEFAULT_DAYS - 1)
+        to = _day(given_to) if given_to is not None else datetime.now(UTC).date()
+        start = _day(given_from) if given_from is not None else _days_before(to, DEFAULT_DAYS - 1)
     except ValueError:
         raise BadRange("from, to: dates as YYYY-MM-DD") from None
     if start > to:
@@ -39,24 +40,45 @@ def day_range(given_from: str | None, given_to: str | None) -> tuple[date, date]
     return start, to
 
 
-_COUNTED_SQL = """
+def _days_before(day: date, days: int) -> date:
+    return date.fromordinal(max(1, day.toordinal() - days))
+
+
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _day(given: str) -> date:
+    """YYYY-MM-DD only (``date.fromisoformat`` takes other ISO forms too, which the
+    document does not allow)."""
+    if not _DAY.fullmatch(given):
+        raise ValueError(given)
+    return date.fromisoformat(given)
+
+
+# each served by an index (tests/test_explain.py): daily_stats' and drop_stats_link's
+# (link_id, day), links_affiliate, links' primary key
+COUNTED_SQL = """
 SELECT day, sum(clicks)::bigint AS clicks, sum(unique_clicks)::bigint AS unique_clicks,
        sum(bot_clicks)::bigint AS bot_clicks, sum(leads)::bigint AS leads, sum(conversions)::bigint AS conversions
 FROM daily_stats WHERE link_id = ANY($1::uuid[]) AND day BETWEEN $2 AND $3 GROUP BY day
 """
-_DROPPED_SQL = """
+DROPPED_SQL = """
 SELECT day, reason, detail, sum(n)::bigint AS n
 FROM drop_stats WHERE link_id = ANY($1::uuid[]) AND day BETWEEN $2 AND $3 GROUP BY day, reason, detail
 """
+LINK_OWNED_SQL = "SELECT id FROM links WHERE id = $1 AND workspace_id = $2"
+AFFILIATE_LINKS_SQL = (
+    "SELECT id, clicks, unique_clicks, leads, conversions FROM links WHERE workspace_id = $1 AND affiliate_id = $2"
+)
 
 
 async def per_day(conn: asyncpg.Connection, link_ids: list[UUID], start: date, to: date) -> dict[str, Any]:
     """Totals and one entry per day with anything in it: counted, dropped by reason (with
     the detail, e.g. the bot's sub-reason), flagged by rule."""
     days: dict[date, dict[str, Any]] = defaultdict(_empty_day)
-    for r in await conn.fetch(_COUNTED_SQL, link_ids, start, to):
+    for r in await conn.fetch(COUNTED_SQL, link_ids, start, to):
         days[r["day"]].update({k: r[k] for k in COUNTED})
-    for r in await conn.fetch(_DROPPED_SQL, link_ids, start, to):
+    for r in await conn.fetch(DROPPED_SQL, link_ids, start, to):
         d = days[r["day"]]
         if r["reason"] == FLAGGED:
             d["flagged"][r["detail"]] = d["flagged"].get(r["detail"], 0) + r["n"]
@@ -91,7 +113,7 @@ def _empty_day() -> dict[str, Any]:
 async def link_stats(
     conn: asyncpg.Connection, workspace_id: str, link_id: UUID, start: date, to: date
 ) -> dict[str, Any] | None:
-    owned = await conn.fetchval("SELECT id FROM links WHERE id = $1 AND workspace_id = $2", link_id, UUID(workspace_id))
+    owned = await conn.fetchval(LINK_OWNED_SQL, link_id, UUID(workspace_id))
     if owned is None:
         return None
     return {"link_id": str(link_id), **await per_day(conn, [link_id], start, to)}
@@ -101,11 +123,7 @@ async def affiliate_stats(
     conn: asyncpg.Connection, workspace_id: str, affiliate_id: str, start: date, to: date
 ) -> dict[str, Any]:
     """The affiliate's own links only: their counters now, and per day in the range."""
-    rows = await conn.fetch(
-        "SELECT id, clicks, unique_clicks, leads, conversions FROM links WHERE workspace_id = $1 AND affiliate_id = $2",
-        UUID(workspace_id),
-        UUID(affiliate_id),
-    )
+    rows = await conn.fetch(AFFILIATE_LINKS_SQL, UUID(workspace_id), UUID(affiliate_id))
     out: dict[str, Any] = {"affiliate_id": affiliate_id, "links": len(rows)}
     for k in ("clicks", "unique_clicks", "leads", "conversions"):
         out[k] = sum(r[k] for r in rows)

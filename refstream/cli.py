@@ -19,10 +19,11 @@ from typing import Any
 
 import asyncpg
 import click
+import structlog
 import uvloop
 
-from ingest import admin, apikeys, flags, schema_check
-from ingest.connections import connect_redis
+from ingest import admin, apikeys, durability, flags, schema_check
+from ingest.connections import REDIS_ERRORS, connect_redis
 from ingest.db import ensure_database
 from ingest.db import migrate as apply_schema
 from ingest.keys import Keys
@@ -31,6 +32,8 @@ from ingest.settings import Settings
 
 from . import __version__, services
 from .runner import _connections, _database, _print, _Refstream, _run, _settings, json_flag
+
+log = structlog.get_logger("refstream.cli")
 
 
 @click.group(cls=_Refstream)
@@ -58,6 +61,26 @@ async def _check_database(settings: Settings, *, wait: bool) -> None:
     status = await schema_check.at_startup(settings.database_url, wait=wait)
     if not status.ok and not status.transient:
         raise click.ClickException(status.line(settings.database_url))
+
+
+async def _check_durability(settings: Settings) -> None:
+    """The other startup check of ``serve`` and ``work``: a Redis that can never give the
+    configured ``REFSTREAM_ACK_DURABILITY`` (``fsync`` on a Redis older than 7.2, or without
+    its AOF) is refused in one line. A Redis that does not answer is not: until it does,
+    nothing is confirmed at that level, and the edge spools or answers 503."""
+    if not settings.ack_fsync:
+        return
+    redis = connect_redis(settings)
+    try:
+        async with asyncio.timeout(settings.redis_socket_timeout):
+            problem = await durability.startup_problem(redis, settings)
+    except (*REDIS_ERRORS, TimeoutError) as exc:
+        log.warning("durability.unchecked", reason=repr(exc))
+        return
+    finally:
+        await redis.aclose()
+    if problem is not None:
+        raise click.ClickException(problem)
 
 
 def _listen_check(host: str, port: int, command: str) -> None:
@@ -95,23 +118,17 @@ def serve(host: str, port: int) -> None:
 
     Refuses to start on a database that is missing or not migrated; starts while Postgres
     is unreachable (/readyz answers 503 with the reason until it answers)."""
-    from aiohttp import web
-
-    from ingest.app import create_app
+    from ingest import server
 
     settings = _settings()
     _listen_check(host, port, "serve")
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
     uvloop.run(_check_database(settings, wait=False))
+    uvloop.run(_check_durability(settings))
     try:
-        web.run_app(
-            create_app(settings),
-            host=host,
-            port=port,
-            access_log=None,  # the app logs one canonical line per request itself
-            print=lambda msg: click.echo(msg, err=True),
-            loop=uvloop.new_event_loop(),
-        )
+        # the runner carries the timeouts and limits of REFSTREAM_*_TIMEOUT_S and
+        # REFSTREAM_MAX_HEADER_BYTES, and the guard that closes connections sending no request
+        uvloop.run(server.serve(settings, host, port, print=lambda msg: click.echo(msg, err=True)))
     except OSError as exc:  # taken since the check: a race
         if exc.errno != errno.EADDRINUSE:
             raise
@@ -133,6 +150,7 @@ def work(drain: bool) -> None:
 
         async def checked_drain(settings: Settings) -> dict[str, int]:
             await services.wait_for_redis(settings)
+            await _check_durability(settings)
             await services.wait_for_postgres(settings)
             return await drain_streams(settings)
 
@@ -141,6 +159,7 @@ def work(drain: bool) -> None:
     settings = _settings()
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
     uvloop.run(_check_database(settings, wait=True))
+    uvloop.run(_check_durability(settings))
     asyncio.set_event_loop(uvloop.new_event_loop())
     build_worker(settings).run()
 
@@ -356,11 +375,14 @@ def dev(port: int, data_dir: str | None) -> None:
 
 
 # operator commands live in their own modules and are registered here
-from . import ops_replay  # noqa: E402
+from . import ops_reconcile, ops_replay  # noqa: E402
 
 main.add_command(ops_replay.replay)
-main.add_command(ops_replay.reconcile)
+main.add_command(ops_reconcile.reconcile)
 from . import ops_status  # noqa: E402
+from .ops_archive import archive  # noqa: E402
+
+main.add_command(archive)
 
 main.add_command(ops_status.status)
 main.add_command(ops_status.dead)

@@ -8,7 +8,6 @@ the drift. Results go to stdout (a table, or JSON with ``--json``); progress to 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -57,10 +56,15 @@ def _start() -> Settings:
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
+    from workers.archive_segment import SegmentError
+    from workers.archive_store import ArchiveUnavailable
+
     try:
         return uvloop.run(coro)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    except (ArchiveUnavailable, SegmentError) as exc:
+        raise click.ClickException(f"the archive: {exc}") from None
 
 
 @click.command()
@@ -82,9 +86,14 @@ def replay(
 ) -> None:
     """Replay a stream range into Postgres; what is stored already counts nothing twice.
 
-    The consumer group is not touched (XRANGE, not XREADGROUP), so workers may keep running.
+    Entries Redis no longer holds are read from the archive (REFSTREAM_ARCHIVE_URL). The
+    consumer group is not touched (XRANGE, not XREADGROUP), so workers may keep running.
+    The dry run replays in a transaction it rolls back: "new" is what a replay would store;
+    "repeats" (a repeated lead or conversion) and "skipped" (an unknown code, an inactive
+    link) produce no row by design.
     """
     from workers import replay as rp
+    from workers.archive_store import open_store
     from workers.enrich import Enricher
 
     rng = rp.Range(
@@ -101,23 +110,22 @@ def replay(
     async def go() -> dict[str, Any]:
         redis = connect_redis(settings)
         pool = await create_pg_pool(settings, min_size=1, max_size=2)
+        source = rp.Source(redis, open_store(settings), keys.prefix)  # Redis, and the archive for the rest
+        enricher = Enricher(city_db=settings.city_db)  # bot verdicts, as the workers make them
         try:
             if dry_run:
-                return (await rp.plan(redis, pool, keys, rng)).to_dict()
-            enricher = Enricher(city_db=settings.city_db)  # bot verdicts, as the workers make them
+                return (await rp.plan(source, pool, keys, rng, enricher=enricher)).to_dict()
             console = Console(stderr=True)
             columns = (TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-            try:
-                with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
-                    task = bar.add_task("replay", total=None)
-                    result = await rp.replay(
-                        redis, pool, keys, rng, enricher=enricher, batch_size=settings.batch_size,
-                        progress=lambda done, total: bar.update(task, completed=done, total=total),
-                    )  # fmt: skip
-            finally:
-                enricher.close()
+            with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
+                task = bar.add_task("replay", total=None)
+                result = await rp.replay(
+                    source, pool, keys, rng, enricher=enricher, batch_size=settings.batch_size,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )  # fmt: skip
             return result.to_dict()
         finally:
+            enricher.close()
             await pool.close()
             await redis.aclose()
 
@@ -141,45 +149,4 @@ def render_replay(result: dict[str, Any], keys: Keys, console: Console) -> None:
         table.add_row(p, *(str(counts[f]) for f in fields))
     table.add_row("all", *(str(result["totals"][f]) for f in fields), style="bold")
     console.print(out.streams_line(keys))
-    console.print(table)
-
-
-@click.command()
-@click.option("--fix", is_flag=True, help="Set every counter to its recount, in one transaction.")
-@out.json_option
-def reconcile(fix: bool, as_json: bool) -> None:
-    """Recount every counter from the event rows and report the drift.
-
-    Exit 0 when there is none (or --fix repaired it), 1 when drift was found and left.
-    """
-    from workers.reconcile import reconcile as recount
-
-    settings = _start()
-
-    async def go() -> list[dict[str, Any]]:
-        pool = await create_pg_pool(settings, min_size=1, max_size=1)
-        try:
-            return [d.to_dict() for d in await recount(pool, fix=fix)]
-        finally:
-            await pool.close()
-
-    drift = _run(go())
-    if as_json:
-        out.print_json({"drift": drift, "fixed": fix})
-    else:
-        render_drift(drift, fix, out.console())
-    if drift and not fix:
-        sys.exit(1)
-
-
-def render_drift(drift: list[dict[str, Any]], fixed: bool, console: Console) -> None:
-    """One row per counter that differs from its event rows (``day``: in ``daily_stats``)."""
-    if not drift:
-        console.print("no drift: every counter equals its event rows")
-        return
-    title = "drift, fixed: these counters now equal their event rows" if fixed else "drift (--fix repairs it)"
-    table = out.table(title, "code", "day", "counter", "stored", "recomputed", left=("code", "day", "counter"))
-    for d in drift:
-        table.add_row(out.cell(d["code"]), out.cell(d.get("day")), d["counter"], out.cell(d["stored"]),
-                      out.cell(d["recomputed"]))  # fmt: skip
     console.print(table)

@@ -54,6 +54,13 @@ def _age(s: float | None) -> str:
     return f"{s / 60:.1f}m" if s < 7200 else f"{s / 3600:.1f}h"
 
 
+def _bytes(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
+
+
 def _table(title: str, *columns: str) -> Table:
     return out.table(title, *columns, left=_LEFT)
 
@@ -61,11 +68,16 @@ def _table(title: str, *columns: str) -> Table:
 def render_status(snap: status_mod.Snapshot, keys: Keys, console: Console) -> None:
     """The snapshot as tables. Partitions go by number (their stream key, long with its
     prefix, is said once in the title), so the tables fit 80 columns."""
-    parts = _table("partitions", "p", "length", "first entry age", "last entry age")
+    parts = _table("partitions", "p", "length", "memory", "first entry age", "last entry age")
+    held = _table("trim held back (entries kept past retention or memory budget)", "p", "group", "entries",
+                  "oldest needed")  # fmt: skip
     groups = _table("groups", "p", "group", "lag", "pending", "oldest pending", "last delivered")
     consumers = _table("consumers", "p", "group", "consumer", "pending", "idle")
     for p in snap.partitions:
-        parts.add_row(str(p.partition), str(p.length), _age(p.first_entry_age_s), _age(p.last_entry_age_s))
+        parts.add_row(str(p.partition), str(p.length), _bytes(p.memory_bytes), _age(p.first_entry_age_s),
+                      _age(p.last_entry_age_s))  # fmt: skip
+        if p.trim_held_by is not None:
+            held.add_row(str(p.partition), out.cell(p.trim_held_by), str(p.trim_held_entries), _age(p.trim_held_age_s))
         for g in p.groups:
             lag = f"≥{g.lag}" if g.lag_capped else str(g.lag)
             groups.add_row(
@@ -77,8 +89,10 @@ def render_status(snap: status_mod.Snapshot, keys: Keys, console: Console) -> No
     t, s = snap.throughput, snap.spool
     other = _table("dead letters · spool · throughput (last minute)", "subject", "value")
     other.add_row("dead letters", f"{snap.dead.count} (oldest {_age(snap.dead.oldest_age_s)})")
-    where = f"{s.dir}" if s.exists else f"{s.dir} (no such directory)"
-    other.add_row("spool", out.cell(f"{s.files} files, {s.bytes} bytes in {where}" if s.dir else "no spool dir given"))
+    if (m := snap.memory) is not None:
+        limit = f"{_bytes(m.used)} of {_bytes(m.max)} ({(m.ratio or 0):.0%})" if m.max else f"{_bytes(m.used)}, no max"
+        other.add_row("redis memory", limit + (" NEAR THE LIMIT: see what holds the trim" if m.near_limit else ""))
+    other.add_row("spool", out.cell(_spool_cell(s)))
     other.add_row("in", f"{'≥' if t.in_capped else ''}{t.in_events} events ({t.in_per_s:.1f}/s)")
     if t.out_events is None:
         other.add_row("out", out.cell(f"unknown: Postgres could not be read ({snap.postgres_error})"))
@@ -94,10 +108,27 @@ def render_status(snap: status_mod.Snapshot, keys: Keys, console: Console) -> No
     console.print(out.streams_line(keys))
     for table in (parts, groups, consumers, workers, other):
         console.print(table)
+        if table is parts and held.row_count:
+            console.print(held)
     if snap.healthy:
         console.print("[bold green]healthy[/]")
     for b in snap.breaches:
         console.print(Text.assemble(("breach", "bold red"), f" {b.check}: {b.subject} = {b.value:g} > {b.limit:g}"))
+
+
+def _spool_cell(s: status_mod.Spool) -> str:
+    if not s.dir:
+        return "no spool dir given"
+    if not s.exists:
+        return f"{s.dir} (no such directory)"
+    text = f"{s.entries} entries, {s.bytes} bytes in {s.dir}"
+    if s.entries:
+        text += f" (oldest {_age(s.oldest_age_s)})"
+    if s.free_bytes is not None:
+        text += f"; {s.file_bytes} bytes on disk, {s.free_bytes} free"
+    if s.error:
+        text += f"; FAILING: {s.error}"
+    return text
 
 
 @click.command()
@@ -114,14 +145,15 @@ def status(as_json: bool, max_lag: int, max_pending_age: float, max_dead: int, s
     Exit codes (usable as a health check):
       0  healthy: no threshold crossed
       3  a threshold crossed: a group's lag, its oldest pending entry's age, dead letters,
-         or a worker blocked by an outage (Postgres or Redis; it waits, nothing is lost)
+         a worker blocked by an outage (Postgres or Redis; it waits, nothing is lost), or
+         the edge's spool failing (disk full, I/O error: its public routes answer 503), or
+         Redis past REFSTREAM_MEMORY_WARN_RATIO of its maxmemory
       1  Redis could not be read (without Postgres the snapshot says so and goes on)
     """
     from .runner import _run
 
-    thresholds = status_mod.Thresholds(max_lag, max_pending_age, max_dead)
-
     async def go(settings: Settings) -> tuple[status_mod.Snapshot, Keys]:
+        thresholds = status_mod.Thresholds(max_lag, max_pending_age, max_dead, settings.memory_warn_ratio)
         keys = Keys(settings.stream_prefix, settings.partitions)
         redis = connect_redis(settings)
         conn: asyncpg.Connection | None = None
@@ -135,8 +167,9 @@ def status(as_json: bool, max_lag: int, max_pending_age: float, max_dead: int, s
                 pg_error = f"{type(exc).__name__}: {exc}"
             # the edge's spool on this machine: as configured, unless given
             snap = await status_mod.snapshot(
-                redis, conn, keys, thresholds, spool_dir=spool_dir or settings.spool_dir, pg_error=pg_error
-            )
+                redis, conn, keys, thresholds, spool_dir=spool_dir or settings.spool_dir, pg_error=pg_error,
+                retention_s=settings.stream_retention, max_bytes=settings.stream_max_bytes,
+            )  # fmt: skip
             return snap, keys
         finally:
             if conn is not None:

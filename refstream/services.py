@@ -33,7 +33,7 @@ import structlog
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 
 from ingest import schema_check
-from ingest.connections import connect_redis
+from ingest.connections import connect_redis, sentinel_target
 from ingest.settings import Settings
 
 from .embedded import EmbeddedServers
@@ -61,6 +61,12 @@ def with_database(url: str, database: str) -> str:
 
 def redis_target(url: str) -> str:
     """``host:port/db`` of a Redis URL: never its user or password."""
+    try:
+        target = sentinel_target(url)
+    except ValueError:
+        target = None
+    if target is not None:
+        return target.where
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return parts.path

@@ -33,6 +33,8 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         REFSTREAM_SECRET_KEY=settings.secret_key or "",
         REFSTREAM_SPOOL_DIR=settings.spool_dir,
         REFSTREAM_SPOOL_DRAIN_EVERY_S=str(settings.spool_drain_every_s),
+        REFSTREAM_EVENT_RETENTION=str(settings.event_retention),
+        REFSTREAM_DEDUPE_RETENTION=str(settings.dedupe_retention),
     )
     env.update(extra)
     return env

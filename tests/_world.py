@@ -12,8 +12,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ingest import admin
-from ingest.app import create_app
+from ingest import admin, server
 from ingest.keys import Keys
 from ingest.settings import Settings
 
@@ -27,11 +26,9 @@ BROWSER = (
 
 
 async def start_edge(settings: Settings) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(create_app(settings))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
+    """The edge as ``refstream serve`` runs it (timeouts, guard); ``runner.cleanup()`` stops it."""
+    served = await server.start(settings, "127.0.0.1", free_port())
+    return served.runner, served.url
 
 
 @dataclass

@@ -38,7 +38,7 @@ RUN_ID = secrets.token_hex(4)
 SECRET_KEY = secretbox.generate_key()
 _TABLES = (
     "webhook_attempts, webhook_deliveries, webhooks, affiliate_milestones, milestones, daily_stats, events,"
-    " link_visitor_days,"
+    " link_visitor_days, event_dedupe, event_retention,"
     " customers, links, api_keys, affiliates, programs, workspaces,"
     " drop_stats, event_drops, drop_folds, event_flags, affiliate_ips"
 )
@@ -172,6 +172,10 @@ def settings(services: svc_mod.Services, database_url: str, tmp_path: Any) -> Se
         spool_dir=str(tmp_path / "spool"),
         spool_drain_every_s=0.2,
         log_level="info",
+        # test data is dated anywhere from 2024 on: no worker's housekeeping drops any of it
+        # (tests/test_partitions.py runs the maintenance with retentions of its own)
+        event_retention=36500,
+        dedupe_retention=36500,
     )
 
 

@@ -58,7 +58,7 @@ async def test_a_worker_and_its_enqueuers_write_no_key_outside_the_prefix(
     try:
         world = await make_world(pg, redis, keys)
         await make_webhook(pg, world.workspace_id, f"http://127.0.0.1:{port}/hook", SECRET_KEY, events=["lead.created"])
-        procs.start("work")
+        procs.start("work", REFSTREAM_WEBHOOK_ALLOW_PRIVATE="true")  # its receiver is on loopback
         lead = {"code": "PARTNER123", "visitor_id": "v1", "external_id": "c1", "name": "Sign Up"}
         entry = await redis.xadd(
             keys.stream_for("PARTNER123"), {FIELD: Envelope(EventType.LEAD, Dialect.REFPORT, lead).encode()}

@@ -105,11 +105,16 @@ async def test_the_pipeline_on_a_redis_cluster(cluster: list[int], settings: Set
         lead = {"clickId": click["click_id"], "eventName": "Sign Up", "customerExternalId": "u1"}
         bearer = {"Authorization": f"Bearer {ws['api_key']}"}
         assert (await call("POST", f"{edge}/api/track/lead", json=lead, headers=bearer))[0] == 200  # click cache
-        assert (await call("POST", f"{edge}/v1/track/click", json={"ref": codes[1], "fingerprint": "fp"},
-                           headers=bearer))[0] == 200  # fmt: skip
+        keyed = {**bearer, "Idempotency-Key": "k1"}  # the append-or-answer script: a stream and its record
+        affixo = [await call("POST", f"{edge}/v1/track/click", json={"ref": codes[1], "fingerprint": "fp"},
+                             headers=keyed) for _ in range(2)]  # fmt: skip
+        assert affixo[0][0] == 200 and affixo[1][:2] == affixo[0][:2]
         batch = [{"type": "click", "ref": c, "visitor_id": "v"} for c in codes]
-        status, out, _ = await call("POST", f"{edge}/v1/events/batch", json=batch, headers=bearer)
-        assert status == 200 and out["accepted"] == len(codes)
+        answers = [await call("POST", f"{edge}/v1/events/batch", json=batch, headers=keyed) for _ in range(2)]
+        status, out, _ = answers[0]
+        assert status == 200 and out["accepted"] == len(codes) and answers[1][:2] == answers[0][:2]
+        made = [await call("POST", f"{edge}/v1/programs", json={"name": "P"}, headers=keyed) for _ in range(2)]
+        assert made[0][0] == 201 and made[1][:2] == made[0][:2]
 
         await procs.cli("work", "--drain", **env)
         rows = {r["code"]: (r["clicks"], r["leads"]) for r in await pg.fetch("SELECT code, clicks, leads FROM links")}

@@ -122,6 +122,8 @@ async def test_known_unknown_and_inactive_codes_are_answered_but_not_enqueued(ed
 async def test_redis_down_public_clicks_are_spooled_keyed_routes_refused(settings: Settings, pg, redis, keys: Keys):
     from pathlib import Path
 
+    from ingest import spool_store
+
     await make_links(pg, redis, keys, "alice")  # found through Postgres while Redis is down
     down = settings.model_copy(
         update={"redis_url": "redis://127.0.0.1:1/0", "redis_socket_timeout": 1.0, "block_ms": 100}
@@ -130,8 +132,10 @@ async def test_redis_down_public_clicks_are_spooled_keyed_routes_refused(setting
     try:
         status, body, _ = await click(base, "alice")
         assert (status, body) == (200, TRACKED)  # durable in the spool before the 200
-        spooled = b"".join(p.read_bytes() for p in Path(settings.spool_dir).glob("*.spool"))
-        assert spooled.count(b"\n") == 1 and b'"code":"alice"' in spooled
+        conn = spool_store.connect(Path(settings.spool_dir))
+        spooled = spool_store.oldest(conn, 10)
+        conn.close()
+        assert len(spooled) == 1 and b'"code":"alice"' in spooled[0].envelope
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{base}/v1/track/click", json={"ref": "alice"},
                                  headers={"Authorization": "Bearer rs_live_x"}) as r:  # fmt: skip

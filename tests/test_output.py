@@ -14,7 +14,7 @@ from rich.console import Console
 
 from ingest.events import FIELD, Dialect, Envelope, EventType
 from ingest.keys import Keys
-from refstream import ops_replay, ops_status, ops_workspace
+from refstream import ops_reconcile, ops_replay, ops_status, ops_workspace
 from workers import status as st
 
 from ._procs import REFSTREAM, Procs, env_for
@@ -101,16 +101,16 @@ def test_replay_and_drift_tables() -> None:
     text = render(ops_replay.render_replay, result, keys)
     assert [r[:3] for r in rows(text, "replay: 1-0 .. 9-0")] == [["0", "3", "1"], ["3", "3", "1"], ["all", "6", "2"]]
     drift = [{"code": "A[b]", "counter": "last_clicked_at", "stored": None, "recomputed": "2024-03-02T10:00:00+00:00"}]
-    text = render(ops_replay.render_drift, drift, False)
+    text = render(ops_reconcile.render_drift, drift, False)
     assert rows(text, "drift (--fix repairs it)") == [
         ["A[b]", "-", "last_clicked_at", "-", "2024-03-02T10:00:00+00:00"]
     ]
-    assert "no drift" in render(ops_replay.render_drift, [], False)
+    assert "no drift" in render(ops_reconcile.render_drift, [], False)
 
 
 def test_every_command_that_prints_data_takes_json() -> None:
     commands: list[click.Command] = [
-        ops_status.status, ops_replay.replay, ops_replay.reconcile, ops_workspace.set_bot_policy,
+        ops_status.status, ops_replay.replay, ops_reconcile.reconcile, ops_workspace.set_bot_policy,
         *ops_status.dead.commands.values(),
     ]  # fmt: skip
     assert {c.name for c in commands} >= {"list", "show", "requeue", "drop"}

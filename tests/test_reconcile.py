@@ -1,5 +1,6 @@
-"""`refstream reconcile`: counters recounted from the event rows; drift reported (exit 1)
-and repaired with --fix in one transaction, unique-click accounting included."""
+"""`refstream reconcile`: counters recounted from the event rows of a window; drift reported
+(exit 1) and repaired with --fix a chunk of links at a time, unique-click accounting
+included; days outside the window (before the retention's horizon) are left as they are."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from workers.store import write_batch
 
 from ._procs import REFSTREAM, env_for
 from ._world import make_world
+from .conftest import wait_for
 
 DAY1 = int(datetime(2024, 3, 1, 10, tzinfo=UTC).timestamp()) * 1000
 DAY2 = DAY1 + 86_400_000
@@ -107,17 +109,51 @@ async def test_drift_made_by_hand_is_reported_then_fixed(settings: Settings, pg:
     assert await reconcile(pg, fix=True) == []
 
 
-async def test_a_fix_is_one_transaction_that_batches_wait_for(pg: asyncpg.Pool, redis: Any, keys: Keys):
+async def test_a_fix_locks_one_chunk_of_links_at_a_time(pg: asyncpg.Pool, redis: Any, keys: Keys):
     await history(pg, redis, keys)
-    await pg.execute("UPDATE links SET leads = 0")
+    await pg.execute("UPDATE links SET leads = 7")  # A has 1 lead, B none
+    first, second = [tuple(r) for r in await pg.fetch("SELECT id, code FROM links ORDER BY id")]
     async with pg.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT 1 FROM links WHERE code = 'A' FOR UPDATE")  # a batch in flight on link A
-        fixing = asyncio.create_task(reconcile(pg, fix=True))
-        await asyncio.sleep(0.3)
-        assert not fixing.done()  # it locks every link before recounting, so nothing moves under it
-        assert await pg.fetchval("SELECT leads FROM links WHERE code = 'A'") == 0
-    assert await fixing == [Drift("A", "leads", 0, 1)]
-    assert await pg.fetchval("SELECT leads FROM links WHERE code = 'A'") == 1
+        # a batch in flight on the second link (in id order): the first is fixed meanwhile
+        await conn.execute("SELECT 1 FROM links WHERE id = $1 FOR UPDATE", second[0])
+        fixing = asyncio.create_task(reconcile(pg, fix=True, chunk=1))
+        fixed = "SELECT leads FROM links WHERE id = $1"
+        want = 1 if first[1] == "A" else 0
+
+        async def first_fixed() -> bool:
+            return bool(await pg.fetchval(fixed, first[0]) == want)
+
+        await wait_for(first_fixed, timeout=20, what="the first chunk's fix")
+        assert not fixing.done()  # waiting for the second link's lock, and only for it
+        assert await pg.fetchval(fixed, second[0]) == 7
+    assert sorted(await fixing, key=lambda d: d.code) == [Drift("A", "leads", 7, 1), Drift("B", "leads", 7, 0)]
+    assert await reconcile(pg, fix=False) == []
+
+
+async def test_the_window_leaves_the_days_outside_it_as_they_are(
+    settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys
+):
+    await history(pg, redis, keys)
+    # day 1's row and the total, both 3 clicks up: the history says so, the events do not
+    await pg.execute(
+        "UPDATE daily_stats SET clicks = clicks + 3 WHERE day = '2024-03-01'"
+        " AND link_id = (SELECT id FROM links WHERE code = 'A')"
+    )
+    await pg.execute("UPDATE links SET clicks = clicks + 3 WHERE code = 'A'")
+    assert (await run(settings, "reconcile", "--since", "2024-03-02", "--json"))[:2] == (
+        0, {"drift": [], "fixed": False},
+    )  # fmt: skip
+    code, out, _ = await run(settings, "reconcile", "--until", "2024-03-02", "--json")
+    assert code == 1 and out["drift"] == [
+        {"code": "A", "counter": "clicks", "stored": 10, "recomputed": 7},
+        {"code": "A", "counter": "clicks", "day": "2024-03-01", "stored": 9, "recomputed": 6},
+    ]
+    code, _, err = await run(settings, "reconcile", "--since", "2024-03-02", "--until", "2024-03-01")
+    assert code == 2 and "--until must come after --since" in err
+    assert await reconcile(pg, fix=True, since=date(2024, 3, 2)) == []
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'A'") == 10  # left as it was
+    assert len(await reconcile(pg, fix=True)) == 2
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'A'") == 7
 
 
 async def test_test_mode_and_days_without_events_count_nothing(pg: asyncpg.Pool, redis: Any, keys: Keys):

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from ingest import spool_store
 from ingest.events import FIELD
 from ingest.keys import GROUP, Keys
 from workers import status
@@ -65,10 +66,12 @@ async def _plant(redis, pg, keys: Keys, spool: Path) -> str:
 
 
 def _spool(path: Path) -> None:
-    """Two edge spool segments (150 bytes) and a file that is not one."""
-    path.mkdir()
-    (path / "x.spool").write_bytes(b"a" * 100)
-    (path / "y.spool").write_bytes(b"b" * 50)
+    """Two events in an edge spool (150 bytes: stream key and envelope), and a file that is not one."""
+    conn = spool_store.connect(path)
+    try:
+        spool_store.insert(conn, [("s:0", b"a" * 97, None), ("s:1", b"b" * 47, None)], 1 << 20, False)
+    finally:
+        conn.close()
     (path / "notes.txt").write_bytes(b"not a segment")
 
 
@@ -94,7 +97,10 @@ async def test_status_reports_what_was_planted(procs: Procs, redis, pg, keys: Ke
     assert [(c["name"], c["pending"]) for c in workers["consumers"]] == [("w", 0)]
 
     assert snap["dead"]["count"] == 2 and snap["dead"]["oldest_age_s"] < 60
-    assert snap["spool"] == {"dir": str(tmp_path / "edge-spool"), "exists": True, "files": 2, "bytes": 150}
+    spool = snap["spool"]
+    assert spool["dir"] == str(tmp_path / "edge-spool") and spool["exists"] is True
+    assert (spool["entries"], spool["bytes"], spool["error"]) == (2, 150, None)
+    assert spool["file_bytes"] > 0 and spool["free_bytes"] > 0 and 0 <= spool["oldest_age_s"] < 60
     t = snap["throughput"]
     assert (t["window_s"], t["in_events"], t["in_capped"], t["out_events"]) == (60, 10, False, 3)
     assert t["in_per_s"] == 10 / 60 and t["out_per_s"] == 3 / 60
@@ -105,7 +111,7 @@ async def test_crossed_thresholds_exit_3(procs: Procs, redis, pg, keys: Keys, tm
     code, snap = await _status(procs, "--json", *GENEROUS, "--max-dead", "0")
     assert code == 3 and snap["healthy"] is False
     assert snap["breaches"] == [{"check": "dead", "subject": "dead letters", "value": 2, "limit": 0}]
-    assert (snap["spool"]["files"], snap["spool"]["bytes"]) == (0, 0)  # not this test's directory
+    assert (snap["spool"]["entries"], snap["spool"]["bytes"]) == (0, 0)  # not this test's directory
 
     code, snap = await _status(procs, "--json", "--max-lag", "4", "--max-pending-age", "60", "--max-dead", "2")
     assert code == 3
@@ -117,7 +123,7 @@ async def test_crossed_thresholds_exit_3(procs: Procs, redis, pg, keys: Keys, tm
     # the spool directory also comes from the environment
     code, text = await _status(procs, REFSTREAM_SPOOL_DIR=str(tmp_path / "edge-spool"))
     assert code == 3  # defaults: no dead letter tolerated
-    assert "analytics" in text and "2 files, 150 bytes" in text and "breach" in text
+    assert "analytics" in text and "2 entries, 150 bytes" in text and "breach" in text
 
 
 async def test_lag_without_xinfo_lag_counts_the_undelivered_entries(redis, keys: Keys):
@@ -135,4 +141,4 @@ async def test_lag_without_xinfo_lag_counts_the_undelivered_entries(redis, keys:
     (g,) = await redis.xinfo_groups(stream)
     assert await status.group_lag(redis, stream, {**g, "lag": None}, last) == (0, False)
     spool = status.spool_usage(str(keys.prefix) + "/nowhere")
-    assert (spool.exists, spool.files) == (False, 0)
+    assert (spool.exists, spool.entries) == (False, 0)

@@ -200,7 +200,9 @@ async def test_customers_are_the_same_however_events_are_batched(
         events = _journey(rng, world, seed)
         rows = []
         for grouping in _groupings(rng, events):
-            await pg.execute("DELETE FROM events; DELETE FROM customers; DELETE FROM link_visitor_days")
+            await pg.execute(
+                "DELETE FROM events; DELETE FROM event_dedupe; DELETE FROM customers; DELETE FROM link_visitor_days"
+            )
             for batch in grouping:
                 await write_batch(pg, batch)
             row = dict(await pg.fetchrow("SELECT * FROM customers"))

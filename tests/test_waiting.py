@@ -209,7 +209,7 @@ async def test_reclaim_never_waits_behind_webhook_jobs(procs: Procs, pg: asyncpg
         assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * 25))
         await redis.xreadgroup(GROUP, "ghost", {stream: ">"}, count=100)
 
-        procs.start("work")
+        procs.start("work", REFSTREAM_WEBHOOK_ALLOW_PRIVATE="true")  # its receiver is on loopback
 
         async def stored() -> bool:
             return await pg.fetchval("SELECT count(*) FROM events") == 25

@@ -14,8 +14,7 @@ from aiohttp import web
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker
 
-from ingest import secretbox
-from ingest.app import create_app
+from ingest import secretbox, server
 from ingest.routes import webhooks as webhook_routes
 from ingest.settings import Settings
 from workers import webhooks
@@ -29,7 +28,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated close:Depreca
 
 
 def with_key(settings: Settings, key: str | None) -> Settings:
-    return settings.model_copy(update={"secret_key": key})
+    # the receivers here listen on 127.0.0.1: allowed as an on-premises operator would allow it
+    # (tests/test_hostile.py checks that without the setting such targets are refused)
+    return settings.model_copy(update={"secret_key": key, "webhook_allow_private": True})
 
 
 @dataclass
@@ -319,13 +320,9 @@ async def edge_with(settings: Settings, redis: Any, pg: asyncpg.Pool) -> AsyncIt
     runners: list[web.AppRunner] = []
 
     async def start(key: str | None) -> str:
-        app = create_app(with_key(settings, key))
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
-        return f"http://127.0.0.1:{port}"
+        served = await server.start(with_key(settings, key), "127.0.0.1", free_port())
+        runners.append(served.runner)
+        return served.url
 
     yield start
     for runner in runners:

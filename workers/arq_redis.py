@@ -31,6 +31,7 @@ import orjson
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio.client import Pipeline
 
+from ingest.connections import sentinel_target
 from ingest.keys import Keys
 from ingest.settings import Settings
 
@@ -105,8 +106,18 @@ class PrefixedArqRedis(ArqRedis):
 
 def redis_settings(settings: Settings, *, wait: bool = False) -> RedisSettings:
     """arq's own Redis (``REFSTREAM_ARQ_REDIS_URL``, else ``REDIS_URL``); ``wait``: retry a
-    refused connection for as long as it takes, as a worker starting before Redis must."""
-    rs = RedisSettings.from_dsn(settings.arq_url)
+    refused connection for as long as it takes, as a worker starting before Redis must.
+
+    A ``redis+sentinel://`` URL gives arq's own Sentinel mode: its pool asks the sentinels
+    where the primary is at each connect, and drops a connection that meets READONLY."""
+    target = sentinel_target(settings.arq_url)
+    if target is None:
+        rs = RedisSettings.from_dsn(settings.arq_url)
+    else:
+        rs = RedisSettings(
+            host=list(target.sentinels), sentinel=True, sentinel_master=target.master, database=target.db,
+            username=target.username, password=target.password,
+        )  # fmt: skip
     if wait:
         rs.conn_retries, rs.conn_retry_delay = 1_000_000, 2
     return rs

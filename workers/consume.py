@@ -31,7 +31,7 @@ from ingest.connections import Redis
 from ingest.keys import GROUP, Keys, parse_id
 from ingest.settings import Settings
 
-from . import presence, trim
+from . import partitions, presence, trim
 from .errors import Outage, redis_outage
 from .gate import Gate
 from .pipeline import Batch, Entry, Pipeline
@@ -296,10 +296,10 @@ class Consumer:
         return claimed
 
     async def _housekeeping(self) -> None:
-        """Reclaim, trim and publish state on their own timers, each failure logged and
+        """Reclaim, trim, partition maintenance and publish state on their own timers, each failure logged and
         survived. Reclaiming waits while Postgres is out (nothing could be processed);
         trimming does not (under a full Redis it is what frees memory)."""
-        next_reclaim = next_trim = next_state = 0.0
+        next_reclaim = next_trim = next_state = next_partitions = 0.0
         while True:
             now = time.monotonic()
             if now >= next_reclaim:
@@ -310,16 +310,25 @@ class Consumer:
                     await self._safely("reclaim", self.reclaim())
             if now >= next_trim:
                 next_trim = now + self.settings.trim_every_s
-                await self._safely("trim", trim.trim(self.redis, self.keys, self.settings.retention_s))
+                retention, budget = self.settings.stream_retention, self.settings.stream_max_bytes
+                await self._safely("trim", trim.trim(self.redis, self.keys, retention, budget))
+                await self._safely("memory", trim.warn_memory(self.redis, self.settings.memory_warn_ratio))
+            if now >= next_partitions and not self.gate.closed:
+                next_partitions = now + self.settings.partition_every_s
+                await self._safely("partitions", self._partitions())
             if now >= next_state or self._publish_now.is_set():
                 self._publish_now.clear()
                 next_state = now + presence.EVERY_S
                 await self._safely("state", self._publish_state())
-            wake = min(next_reclaim, next_trim, next_state) - time.monotonic()
+            wake = min(next_reclaim, next_trim, next_state, next_partitions) - time.monotonic()
             try:
                 await asyncio.wait_for(self._publish_now.wait(), max(0.05, wake))
             except TimeoutError:
                 pass
+
+    async def _partitions(self) -> None:
+        s = self.settings
+        await partitions.maintain(self.pipeline.pg, retention_days=s.event_retention, dedupe_days=s.dedupe_retention)
 
     async def _safely(self, what: str, step: Any) -> None:
         try:

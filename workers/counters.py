@@ -8,7 +8,8 @@ the default). Aggregated per link per batch: one
 UPDATE row per link however viral, locks taken in link-id order. Milestones (seed 001's
 "refer 5 friends") are reached from the new conversion totals, each once.
 
-Lock order, the same in every batch so that none waits in a circle: events (see store),
+Lock order, the same in every batch so that none waits in a circle: event_dedupe, then
+events (see store),
 link_visitor_days in key order, links in id order, daily_stats in key order, then the
 converting affiliates in id order and their milestone rows in key order.
 """

@@ -41,6 +41,14 @@ class WorkerMetrics:
             ["stream"],
             registry=r,
         )
+        self.stream_memory = Gauge(
+            "refstream_stream_memory_bytes", "MEMORY USAGE of the stream key (sampled)", ["stream"], registry=r
+        )
+        self.redis_memory_ratio = Gauge(
+            "refstream_redis_memory_used_ratio",
+            "Redis used_memory / maxmemory (0 without a maxmemory); the edge refuses writes at 1",
+            registry=r,
+        )
         self.dead_letters = Gauge("refstream_dead_letters", "Entries in the dead-letter stream", registry=r)
         self.blocked = Gauge(
             "refstream_worker_blocked",
@@ -75,10 +83,11 @@ class WorkerMetrics:
 async def refresh_stream_gauges(metrics: WorkerMetrics, redis: Redis, keys: Keys) -> None:
     """Lag and pending per partition, as XINFO GROUPS reports them (lag needs Redis 7), the
     age of the oldest pending entry (from its id, against Redis's clock), and the length of
-    the dead-letter stream."""
+    the dead-letter stream; each stream's memory and Redis's memory against its maxmemory."""
     secs, micros = await redis.time()
     now_ms = int(secs) * 1000 + int(micros) // 1000
     for stream in keys.streams:
+        metrics.stream_memory.labels(stream).set(int(await redis.memory_usage(stream, samples=10) or 0))
         try:
             groups = await redis.xinfo_groups(stream)
         except Exception:
@@ -95,6 +104,9 @@ async def refresh_stream_gauges(metrics: WorkerMetrics, redis: Redis, keys: Keys
                         age = max(0.0, (now_ms - parse_id(oldest)[0]) / 1000)
                 metrics.oldest_pending_age.labels(stream).set(age)
     metrics.dead_letters.set(await redis.xlen(keys.dead))
+    info = await redis.info("memory")
+    limit = int(info.get("maxmemory", 0))
+    metrics.redis_memory_ratio.set(int(info.get("used_memory", 0)) / limit if limit else 0.0)
 
 
 @asynccontextmanager

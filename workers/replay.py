@@ -1,8 +1,10 @@
 """Replay a stream range into Postgres after an outage or a restore, idempotent by event id.
 
-The range is read with XRANGE, never XREADGROUP: the consumer group (pending entries,
-last-delivered id, lag) is left exactly as it was, so a replay can run beside live
-workers. Every page goes through the worker's own ``store.write_batch``: an event already
+Each partition is read from two tiers (``workers/replay_source.py``): the archive for
+what lies before the oldest entry Redis still holds, Redis for the rest. Redis is read
+with XRANGE, never XREADGROUP: the consumer group (pending entries, last-delivered id,
+lag) is left exactly as it was, so a replay can run beside live workers. Every page goes
+through the worker's own ``store.write_batch``: an event already
 stored inserts nothing and moves nothing, so replaying a range twice, or one the workers
 are still on, never double counts. Webhook outbox rows for events that turn out to be new
 are written by ``write_batch`` in the same transaction; a replay enqueues no job, the
@@ -11,8 +13,8 @@ workers' sweep cron delivers them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,54 +28,26 @@ from ingest.events import FIELD, Envelope, EnvelopeError
 from ingest.keys import Keys
 
 from . import store
+from .archive_store import open_store
 from .enrich import Enricher
 from .errors import is_transient
+from .replay_source import MAX_SEQ, RangeError, Source, StreamId, count, format_id, parse_id
+
+__all__ = ["MAX_SEQ", "Range", "RangeError", "ReplayPlan", "ReplayResult", "Source", "count", "format_id",
+           "parse_id", "plan", "replay", "replay_job"]  # fmt: skip
 
 if TYPE_CHECKING:
     from .consume import Consumer
 
 log = structlog.get_logger("workers.replay")
 
-MAX_SEQ = 2**64 - 1
-StreamId = tuple[int, int]
 Progress = Callable[[int, int], None]
-_ID = re.compile(r"^(\d+)(?:-(\d+))?$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# counts a chunk of a range inside Redis, so a progress total costs no entry transfer
-_COUNT = """
-local rows = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
-if #rows == 0 then return {0, ''} end
-return {#rows, rows[#rows][1]}
-"""
-
-
-class RangeError(ValueError):
-    """A range that cannot be parsed, or that selects nothing by construction."""
-
-
-def parse_id(text: str, *, end: bool = False) -> StreamId:
-    """A Redis stream id, ``ms-seq`` or ``ms`` (the whole millisecond: from its first
-    entry as a start, to its last as an ``end``)."""
-    m = _ID.match(text.strip())
-    if m is None:
-        raise RangeError(f"not a stream id: {text!r} (expected ms-seq or ms)")
-    ms, seq = int(m[1]), (int(m[2]) if m[2] is not None else MAX_SEQ if end else 0)
-    if ms > MAX_SEQ or seq > MAX_SEQ:
-        raise RangeError(f"stream id out of range: {text!r}")
-    return ms, seq
-
-
-def format_id(sid: StreamId) -> str:
-    return f"{sid[0]}-{sid[1]}"
 
 
 def _ms(at: datetime) -> int:
     at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
     return (at - _EPOCH) // timedelta(milliseconds=1)
-
-
-def _after(sid: StreamId) -> StreamId:
-    return (sid[0], sid[1] + 1) if sid[1] < MAX_SEQ else (sid[0] + 1, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,14 +86,22 @@ class Range:
 
 @dataclass(slots=True)
 class PartitionPlan:
+    """What a replay would do, found by doing it in a transaction that is rolled back."""
+
     entries: int = 0
-    stored: int = 0  # entries whose event id is already in Postgres
+    archived: int = 0  # of the entries, read from the archive (the rest from Redis)
+    new: int = 0  # would be stored
+    stored: int = 0  # their event id is in Postgres already
+    repeats: int = 0  # by design no row: a repeated lead or conversion (same dedupe key)
+    skipped: int = 0  # by design no row: an unknown code, or a click on an inactive link
     undecodable: int = 0
+    failed: int = 0  # refused by Postgres for its data (the workers dead-lettered it)
 
 
 @dataclass(slots=True)
 class PartitionResult:
     entries: int = 0
+    archived: int = 0  # of the entries, read from the archive (the rest from Redis)
     inserted: int = 0
     duplicates: int = 0  # already stored (by event id, or a repeated lead or conversion)
     skipped: int = 0  # unknown code, or a click on an inactive link: stored by no one
@@ -155,28 +137,6 @@ class ReplayResult(_Report):
     """What a replay did, per partition."""
 
 
-async def count(redis: Redis, stream: str, start: StreamId, end: StreamId, *, chunk: int = 10_000) -> int:
-    """Entries of ``stream`` in [start, end], counted inside Redis a chunk at a time."""
-    total = 0
-    while True:
-        reply: Any = redis.eval(_COUNT, 1, stream, format_id(start), format_id(end), str(chunk))
-        n, last = await reply
-        total += int(n)
-        if int(n) < chunk or (sid := parse_id(_s(last))) >= end:
-            return total
-        start = _after(sid)
-
-
-async def _pages(redis: Redis, stream: str, start: StreamId, end: StreamId, size: int) -> AsyncIterator[list[Any]]:
-    while True:
-        page = await redis.xrange(stream, min=format_id(start), max=format_id(end), count=size)
-        if page:
-            yield page
-        if len(page) < size or (last := parse_id(_s(page[-1][0]))) >= end:
-            return
-        start = _after(last)
-
-
 def _decode(page: list[Any]) -> tuple[list[Envelope], int]:
     good, bad = [], 0
     for _, fields in page:
@@ -187,23 +147,62 @@ def _decode(page: list[Any]) -> tuple[list[Envelope], int]:
     return good, bad
 
 
-async def plan(redis: Redis, pg: asyncpg.Pool, keys: Keys, rng: Range, *, page_size: int = 1000) -> ReplayPlan:
-    """The dry run: reads the range and asks Postgres which event ids it holds; writes nothing."""
+class _Within:
+    """A pool whose one connection is inside the dry run's transaction: ``write_batch``'s own
+    transaction becomes a savepoint, and everything is rolled back at the end."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        yield self.conn
+
+
+async def plan(
+    source: Source | Redis,
+    pg: asyncpg.Pool,
+    keys: Keys,
+    rng: Range,
+    *,
+    enricher: Enricher | None = None,
+    page_size: int = 1000,
+) -> ReplayPlan:
+    """The dry run: the replay itself, per partition in one transaction that is rolled back,
+    so the counts are what a replay would do (a repeat of an entry earlier in the range is a
+    repeat, an unknown code skipped), not a guess. Its row locks are held until the
+    partition is counted: workers writing the same links wait that long."""
+    src = source if isinstance(source, Source) else Source(source)
     start, end = rng.bounds()
     result = ReplayPlan(start, end)
     for p, stream in rng.streams(keys):
         part = result.partitions[p] = PartitionPlan()
-        async for page in _pages(redis, stream, start, end, page_size):
-            envelopes, bad = _decode(page)
-            part.entries += len(page)
-            part.undecodable += bad
-            ids = [e.event_id for e in envelopes]
-            part.stored += await pg.fetchval("SELECT count(*) FROM events WHERE event_id = ANY($1::uuid[])", ids)
+        async with pg.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                async for page in src.pages(p, stream, start, end, page_size, part):
+                    envelopes, bad = _decode(page)
+                    part.entries += len(page)
+                    part.undecodable += bad
+                    if not envelopes:
+                        continue
+                    ids = [e.event_id for e in envelopes]
+                    stored = await conn.fetchval("SELECT count(*) FROM events WHERE event_id = ANY($1::uuid[])", ids)
+                    done = PartitionResult()
+                    await _write(_Within(conn), envelopes, enricher, done)
+                    part.new += done.inserted
+                    part.stored += stored
+                    part.repeats += max(0, done.duplicates - stored)
+                    part.skipped += done.skipped
+                    part.failed += done.failed
+            finally:
+                await tx.rollback()
     return result
 
 
 async def replay(
-    redis: Redis,
+    source: Source | Redis,
     pool: asyncpg.Pool,
     keys: Keys,
     rng: Range,
@@ -217,15 +216,16 @@ async def replay(
     Pass the worker's ``enricher``: bot verdicts come from it, and without one a bot's
     click would be counted as a click. ``progress(done, total)`` is called after each page.
     """
+    src = source if isinstance(source, Source) else Source(source)
     start, end = rng.bounds()
     streams = rng.streams(keys)
-    total = sum([await count(redis, stream, start, end) for _, stream in streams])
+    total = sum([await src.count(p, stream, start, end) for p, stream in streams])
     result, done = ReplayResult(start, end), 0
     if progress:
         progress(0, total)
     for p, stream in streams:
         part = result.partitions[p] = PartitionResult()
-        async for page in _pages(redis, stream, start, end, batch_size):
+        async for page in src.pages(p, stream, start, end, batch_size, part):
             envelopes, bad = _decode(page)
             if envelopes:
                 await _write(pool, envelopes, enricher, part)
@@ -234,6 +234,8 @@ async def replay(
             done += len(page)
             if progress:
                 progress(done, max(total, done))  # the range may be open-ended: entries still arrive
+    if progress:
+        progress(done, done)  # an archive segment straddling an end of the range counted whole
     log.info("replay", start=format_id(start), end=format_id(end), **result.to_dict()["totals"])
     return result
 
@@ -260,10 +262,6 @@ async def _write(
     part.skipped += len(batch.unknown_codes) + len(batch.inactive_codes)
 
 
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def _iso(v: str | None) -> datetime | None:
     return datetime.fromisoformat(v) if v is not None else None
 
@@ -280,8 +278,9 @@ async def replay_job(
     stream ids as strings, times as ISO 8601 strings. Returns ``ReplayResult.to_dict()``."""
     c: Consumer = ctx["consumer"]
     rng = Range(from_id, to_id, _iso(since), _iso(until), tuple(partitions) if partitions is not None else None)
+    source = Source(c.redis, open_store(c.settings), c.keys.prefix)
     result = await replay(
-        c.redis, c.pipeline.pg, c.keys, rng, enricher=c.pipeline.enricher, batch_size=c.settings.batch_size
+        source, c.pipeline.pg, c.keys, rng, enricher=c.pipeline.enricher, batch_size=c.settings.batch_size
     )
     return result.to_dict()
 

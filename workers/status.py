@@ -15,11 +15,13 @@ from typing import Any
 import asyncpg
 from redis.exceptions import ResponseError
 
+from ingest import spool_store
 from ingest.connections import Redis
 from ingest.keys import Keys, parse_id
 
-from . import presence
+from . import presence, trim
 from .presence import WorkerState
+from .trim import Memory
 
 WINDOW_S = 60
 COUNT_CAP = 100_000  # entries counted per partition (throughput, and lag on Redis < 7)
@@ -52,6 +54,10 @@ class Partition:
     first_entry_age_s: float | None
     last_entry_age_s: float | None
     groups: list[Group] = field(default_factory=list)
+    memory_bytes: int = 0  # MEMORY USAGE of the stream key (sampled)
+    trim_held_by: str | None = None  # the group whose unacked entries keep the trim from its mark
+    trim_held_entries: int = 0  # entries kept past the retention and memory marks for it
+    trim_held_age_s: float | None = None  # age of the oldest entry that group still needs
 
 
 @dataclass(slots=True)
@@ -64,8 +70,12 @@ class Dead:
 class Spool:
     dir: str | None
     exists: bool
-    files: int
-    bytes: int
+    entries: int  # events waiting in the edge's spool database
+    bytes: int  # their bytes (what REFSTREAM_SPOOL_MAX_BYTES caps)
+    file_bytes: int = 0  # the database and its WAL on disk
+    oldest_age_s: float | None = None
+    free_bytes: int | None = None  # left on the spool's file system
+    error: str | None = None  # the last failure an edge recorded there (disk full, ...), until it recovered
 
 
 @dataclass(slots=True)
@@ -83,11 +93,12 @@ class Thresholds:
     max_lag: int = 10_000
     max_pending_age_s: float = 300.0
     max_dead: int = 0
+    memory_ratio: float = 0.8  # Redis used_memory / maxmemory
 
 
 @dataclass(slots=True)
 class Breach:
-    check: str  # "lag", "pending_age", "dead" or "blocked"
+    check: str  # "lag", "pending_age", "dead", "blocked", "spool" (the edge's spool failing) or "memory"
     subject: str
     value: float
     limit: float
@@ -107,6 +118,7 @@ class Snapshot:
     throughput: Throughput
     workers: list[WorkerState] = field(default_factory=list)
     postgres_error: str | None = None
+    memory: Memory | None = None  # Redis used_memory against maxmemory
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,7 +166,9 @@ async def _groups(redis: Redis, stream: str, last_generated_id: Any, now_ms: int
     return groups
 
 
-async def _partition(redis: Redis, number: int, stream: str, now_ms: int) -> Partition:
+async def _partition(
+    redis: Redis, number: int, stream: str, now_ms: int, retention_s: int | None, budget: int
+) -> Partition:
     try:
         info = await redis.xinfo_stream(stream)
     except ResponseError as exc:
@@ -162,7 +176,7 @@ async def _partition(redis: Redis, number: int, stream: str, now_ms: int) -> Par
             return Partition(number, stream, 0, None, None)  # nothing appended yet
         raise
     first, last = info.get("first-entry"), info.get("last-entry")
-    return Partition(
+    part = Partition(
         number,
         stream,
         int(info["length"]),
@@ -170,27 +184,39 @@ async def _partition(redis: Redis, number: int, stream: str, now_ms: int) -> Par
         _age(now_ms, last[0]) if last else None,
         await _groups(redis, stream, info["last-generated-id"], now_ms),
     )
+    if retention_s is None:
+        part.memory_bytes = await trim.memory_usage(redis, stream)
+        return part
+    hb = await trim.holdback(redis, stream, retention_s, budget, now_ms=now_ms, length=part.length)
+    if hb is not None:
+        part.memory_bytes = hb.memory_bytes
+        part.trim_held_by, part.trim_held_entries = hb.held_by, hb.held_entries
+        if hb.held_by is not None and hb.cut is not None:
+            part.trim_held_age_s = max(0.0, (now_ms - hb.cut[0]) / 1000)
+    return part
 
 
 def spool_usage(spool_dir: str | None) -> Spool:
-    """Segments the edge spooled while Redis was unreachable (``<dir>/*.spool``)."""
+    """The edge's spool database in ``spool_dir`` (read-only, O(1): its totals row)."""
     if spool_dir is None:
         return Spool(None, False, 0, 0)
-    path = Path(spool_dir)
-    if not path.is_dir():
-        return Spool(spool_dir, False, 0, 0)
-    files = n_bytes = 0
-    for f in path.glob("*.spool"):
-        try:
-            size = f.stat().st_size
-        except FileNotFoundError:
-            continue  # drained between listing and stat
-        files, n_bytes = files + 1, n_bytes + size
-    return Spool(spool_dir, True, files, n_bytes)
+    u = spool_store.usage(Path(spool_dir))
+    return Spool(spool_dir, u.exists, u.entries, u.bytes, u.file_bytes, u.oldest_age_s, u.free_bytes, u.error)
 
 
-def _breaches(partitions: list[Partition], dead: Dead, t: Thresholds, workers: list[WorkerState]) -> list[Breach]:
+def _breaches(
+    partitions: list[Partition],
+    dead: Dead,
+    t: Thresholds,
+    workers: list[WorkerState],
+    spool: Spool,
+    memory: Memory | None,
+) -> list[Breach]:
     out = []
+    if spool.error is not None:
+        out.append(Breach("spool", f"{spool.dir}: {spool.error}", spool.entries, 0))
+    if memory is not None and memory.near_limit:
+        out.append(Breach("memory", "redis used_memory / maxmemory", round(memory.ratio or 0, 3), t.memory_ratio))
     for w in workers:
         if w.state == "blocked" and not w.stale:
             out.append(Breach("blocked", f"worker {w.consumer}: {', '.join(w.reasons)}", w.blocked_for_s or 0.0, 0))
@@ -214,12 +240,20 @@ async def snapshot(
     *,
     spool_dir: str | None = None,
     pg_error: str | None = None,
+    retention_s: int | None = None,
+    max_bytes: int = 0,
 ) -> Snapshot:
     """Read everything once (Redis per partition, one Postgres count) and judge it. Without
-    ``pg`` (Postgres unreachable: ``pg_error`` says why), everything but the out-throughput."""
+    ``pg`` (Postgres unreachable: ``pg_error`` says why), everything but the out-throughput.
+    With ``retention_s`` (and ``max_bytes``, the streams' memory budget) each partition says
+    which group, if any, holds its trim back and by how many entries."""
     secs, micros = await redis.time()
     now_ms = int(secs) * 1000 + int(micros) // 1000
-    partitions = [await _partition(redis, p, stream, now_ms) for p, stream in enumerate(keys.streams)]
+    budget = max_bytes // keys.partitions if max_bytes else 0
+    partitions = [
+        await _partition(redis, p, stream, now_ms, retention_s, budget) for p, stream in enumerate(keys.streams)
+    ]
+    memory = await trim.redis_memory(redis, thresholds.memory_ratio)
 
     dead_len = await redis.xlen(keys.dead)
     oldest = await redis.xrange(keys.dead, count=1) if dead_len else []
@@ -241,7 +275,8 @@ async def snapshot(
     throughput = Throughput(WINDOW_S, in_events, in_capped, in_events / WINDOW_S, out_events, out_per_s)
 
     workers = await presence.read(redis, keys, now_ms / 1000)
-    breaches = _breaches(partitions, dead, thresholds, workers)
+    spool = spool_usage(spool_dir)
+    breaches = _breaches(partitions, dead, thresholds, workers, spool, memory)
     return Snapshot(
         now_ms,
         not breaches,
@@ -249,8 +284,9 @@ async def snapshot(
         thresholds,
         partitions,
         dead,
-        spool_usage(spool_dir),
+        spool,
         throughput,
         workers,
         pg_error,
+        memory,
     )

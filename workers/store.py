@@ -4,9 +4,10 @@ The event rows are inserted with ON CONFLICT DO NOTHING RETURNING, and counters 
 from the rows that came back: a redelivered, reclaimed or replayed entry inserts nothing
 and so moves nothing. Every write is set-based (unnest), one statement per table, and
 sorted so that concurrent batches take their locks in one order and cannot deadlock one
-another. The order, phase by phase, each phase in key order: events (by dedupe key, then
-event id), event_flags, link_visitor_days, links (by id), daily_stats, affiliates (by
-id), affiliate_milestones, customers, webhook_deliveries, event_drops, drop_stats.
+another. The order, phase by phase, each phase in key order: event_dedupe (by dedupe
+key), events (by event id), event_flags, link_visitor_days, links (by id), daily_stats,
+affiliates (by id), affiliate_milestones, customers, webhook_deliveries, event_drops,
+drop_stats.
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ _RESOLVE_LINKS = LINK_SELECT + " WHERE l.code = ANY($1::text[])"
 _POLICIES = "SELECT id, ip_policy, bot_policy, fraud_policy FROM workspaces WHERE id = ANY($1::uuid[])"
 VISITOR_DIALECTS = frozenset({Dialect.BIORE, Dialect.AFFITOR, Dialect.REDIRECT})
 
+# A lead's or conversion's dedupe key (one lead per customer and event name, one conversion
+# per code and referred session) is claimed first, in key order; only the events whose key
+# came back (or that have none) are inserted, in event-id order. A key lives in
+# event_dedupe, not in a unique index on events: an index on the partitioned table would
+# have to hold the partition key, and a key must outlive its event's partition.
+_CLAIM_KEYS = """
+INSERT INTO event_dedupe (workspace_id, type, dedupe_key, event_id, received_at)
+SELECT * FROM unnest($1::uuid[], $2::smallint[], $3::text[], $4::uuid[], $5::timestamptz[])
+ORDER BY 1, 2, 3, 4  -- the lowest event id takes a key repeated within the batch
+ON CONFLICT DO NOTHING
+RETURNING event_id
+"""
 _INSERT_EVENTS = """
 INSERT INTO events (event_id, type, workspace_id, link_id, program_id, affiliate_id, click_id, visitor_id,
                     customer_external_id, name, dedupe_key, dialect, test_mode, is_bot, received_at, ip,
@@ -45,21 +58,22 @@ SELECT * FROM unnest($1::uuid[], $2::smallint[], $3::uuid[], $4::uuid[], $5::uui
                      $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::boolean[], $14::boolean[],
                      $15::timestamptz[], $16::inet[], $17::text[], $18::text[], $19::text[], $20::integer[],
                      $21::jsonb[], $22::text[], $23::boolean[], $24::jsonb[], $25::boolean[])
-ORDER BY 3, 2, 11, 1  -- events_dedupe's key, then the event id: see below
--- no conflict target: the event id and the dedupe key (one lead per customer and event
--- name, one conversion per code and session) both make a repeat a no-op
-ON CONFLICT DO NOTHING
-RETURNING event_id
+ORDER BY 1
+ON CONFLICT (event_id) DO NOTHING
+-- below the retention's horizon, its partition may have been dropped: a copy of an event
+-- counted long ago cannot be told from a first delivery, so it is stored and moves nothing
+RETURNING event_id, (event_id < (SELECT horizon_id FROM event_retention)) IS TRUE AS expired
 """
-# Why that order. An insert waits when another open transaction holds the same entry in
-# either unique index: the primary key or events_dedupe (workspace, type, dedupe key). In
-# event-id order alone, batch A = [lead X, lead Y] and batch B = [lead Y', lead X'] (X'
-# repeats X's key, Y' repeats Y's, ids crossing) would each insert one key, then wait for
-# the other's. In dedupe-key order, both take X's key first. And a wait on the primary key
-# is a wait on a copy of the same event, whose dedupe key is the same and whose holder
-# holds that key too: every wait is at the row's own place in this one order, so none is
-# circular. (Advisory locks per key would also do, but cost a round trip and a lock-table
-# entry per key: a 10,000-event batch is more than the default table holds.)
+# Why that order. An insert waits when another open transaction holds the same key: a
+# dedupe key in event_dedupe, or an event id in events. Keys are all claimed (statement
+# one) before any event row is inserted (statement two), each statement in one global
+# order, so a wait in statement one is on a batch in statement one or later, holding keys
+# only behind ours in that order or no longer waiting on keys at all; and a wait in
+# statement two is on an event id: an event with a key is inserted only by the batch that
+# claimed its key (the same id always carries the same key), so that wait is on a copy
+# without a key, at its place in event-id order. None is circular. (Advisory locks per key
+# would also do, but cost a round trip and a lock-table entry per key: a 10,000-event batch
+# is more than the default table holds.)
 
 _IN_PLACE_RETRIES = 5
 
@@ -71,6 +85,7 @@ class BatchResult:
     unknown_codes: list[str] = field(default_factory=list)
     inactive_codes: list[str] = field(default_factory=list)
     milestones: int = 0
+    expired: int = 0  # stored below the retention's horizon: counted nothing
     deliveries: list[str] = field(default_factory=list)  # webhook outbox rows to enqueue after COMMIT
 
 
@@ -98,6 +113,24 @@ async def write_batch(pool: asyncpg.Pool, envelopes: list[Envelope], enricher: E
     raise AssertionError("unreachable")
 
 
+async def _claim_keys(
+    conn: asyncpg.Connection, cols: tuple[list[Any], ...]
+) -> tuple[tuple[list[Any], ...], list[UUID]]:
+    """Claim the batch's dedupe keys; the columns of the events to insert come back: those
+    without a key, and those whose key this batch now holds (in event-id order still); and
+    the ids of the events whose key was held already (by another event, or by their own
+    earlier copy)."""
+    keyed = [i for i, key in enumerate(cols[10]) if key is not None]
+    if not keyed:
+        return cols, []
+    claimed = {
+        r["event_id"] for r in await conn.fetch(_CLAIM_KEYS, *([cols[c][i] for i in keyed] for c in (2, 1, 10, 0, 14)))
+    }
+    keep = [i for i, key in enumerate(cols[10]) if key is None or cols[0][i] in claimed]
+    lost = [cols[0][i] for i in keyed if cols[0][i] not in claimed]
+    return tuple([col[i] for i in keep] for col in cols), lost
+
+
 def _opt(v: object) -> str | None:
     return v if isinstance(v, str) else None
 
@@ -105,9 +138,9 @@ def _opt(v: object) -> str | None:
 def _dedupe_key(e: Envelope) -> str | None:
     if e.type is EventType.LEAD and isinstance(e.payload.get("external_id"), str):
         return f"lead\x1f{e.payload['external_id']}\x1f{e.payload.get('name') or ''}"
-    if e.type is EventType.CONVERSION:
-        return _opt(e.payload.get("dedupe"))
-    return None
+    # a conversion per (code, session); a click spooled under an idempotency key per key
+    # (the edge could not check the key without Redis: ingest/idempotency.py)
+    return _opt(e.payload.get("dedupe"))
 
 
 def _visitor_key(e: Envelope) -> str | None:
@@ -213,14 +246,20 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     if not kept:
         await drops.settle(conn, inserted=[], no_row=no_row)
         return result
-    new = {r["event_id"] for r in await conn.fetch(_INSERT_EVENTS, *cols)}
-    inserted = [s for event_id, s in kept.items() if event_id in new]  # in event-id order
+    cols, lost = await _claim_keys(conn, cols)
+    returned = {r["event_id"]: r["expired"] for r in await conn.fetch(_INSERT_EVENTS, *cols)}
+    inserted = [s for event_id, s in kept.items() if event_id in returned]  # in event-id order
     result.inserted = len(inserted)
     result.duplicates += len(kept) - len(inserted)
-    no_row += await _repeats(conn, [s for event_id, s in kept.items() if event_id not in new])
-    # test-mode and out-of-window events are stored, and that is all: no counter, no
-    # customer, no attribution, no webhook
-    live = [s for s in inserted if s.envelope.payload.get("test_mode") is not True and not s.out_of_window]
+    no_row += await _duplicates(conn, [kept[event_id] for event_id in lost])
+    result.expired = sum(returned.values())
+    # test-mode, out-of-window and expired events are stored, and that is all: no counter,
+    # no customer, no attribution, no webhook
+    live = [
+        s for s in inserted
+        if s.envelope.payload.get("test_mode") is not True and not s.out_of_window
+        and not returned[s.envelope.event_id]
+    ]  # fmt: skip
     policy = {ws: r["fraud_policy"] or {} for ws, r in policies.items()}
     flagged = await fraud.detect(conn, live, policy)
     counted = flagged.counted(live)  # a flag the workspace excludes: stored and flagged, nothing more
@@ -234,26 +273,41 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     events += fraud.notices(flagged)
     if events:
         result.deliveries = await webhooks.record_deliveries(conn, events)
-    await drops.settle(
-        conn, inserted=inserted, no_row=no_row, counting=counting,
+    await drops.settle(  # an expired event moves no counter, and no drop either
+        conn, inserted=[s for s in inserted if not returned[s.envelope.event_id]], no_row=no_row, counting=counting,
         flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags],
     )  # fmt: skip
     return result
 
 
-async def _repeats(conn: asyncpg.Connection, missed: list[Stored]) -> list[drops.NoRow]:
-    """Of the rows the insert skipped, those skipped for their dedupe key (a second lead
-    of one customer and name, a client's second conversion): duplicates. The others are
-    copies of an event stored already (a redelivery, a replay): not a drop."""
-    keyed = [s for s in missed if _dedupe_key(s.envelope) is not None]
+# of the events whose dedupe key was held already, those it is held by another event for
+_HELD_BY_ANOTHER = """
+SELECT x.event_id
+FROM unnest($1::uuid[], $2::smallint[], $3::text[], $4::uuid[]) AS x(workspace_id, type, dedupe_key, event_id)
+JOIN event_dedupe d USING (workspace_id, type, dedupe_key)
+WHERE d.event_id <> x.event_id
+"""
+
+
+async def _duplicates(conn: asyncpg.Connection, lost: list[Stored]) -> list[drops.NoRow]:
+    """Of the leads and conversions that lost their dedupe key's claim, those whose key
+    another event holds (a second lead of one customer and name, a second conversion of
+    one code and session): duplicates. A key held by the event's own id is a copy of an
+    event stored already (a redelivery, a replay): not a drop; nor is a click's key (an
+    idempotency key's, the client's own retry)."""
+    keyed = [s for s in lost if s.type in (EventType.LEAD, EventType.CONVERSION)]
     if not keyed:
         return []
-    ids = [s.envelope.event_id for s in keyed]
-    stored = {
-        r["event_id"] for r in await conn.fetch("SELECT event_id FROM events WHERE event_id = ANY($1::uuid[])", ids)
-    }
+    rows = await conn.fetch(
+        _HELD_BY_ANOTHER,
+        [s.link.workspace_id for s in keyed],
+        [int(s.type) for s in keyed],
+        [_dedupe_key(s.envelope) for s in keyed],
+        [s.envelope.event_id for s in keyed],
+    )
+    others = {r["event_id"] for r in rows}
     return [
         drops.NoRow(s.envelope.event_id, s.link.workspace_id, s.link.id, "duplicate", s.at)
         for s in keyed
-        if s.envelope.event_id not in stored
+        if s.envelope.event_id in others
     ]

@@ -43,7 +43,7 @@ from arq import Retry
 from arq.connections import ArqRedis
 from arq.worker import Function, func
 
-from ingest import secretbox
+from ingest import secretbox, targets
 
 log = structlog.get_logger("workers.webhooks")
 
@@ -196,20 +196,16 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> str:
     }
     http: aiohttp.ClientSession = ctx["http"]
     status_code: int | None = None
-    error: str | None = None
+    error: str | None
     started = time.perf_counter()
-    try:
-        # redirects are not followed: a receiver that moved answers 3xx, which is a failure
-        async with http.post(
-            row["url"],
-            data=body,
-            headers=headers,
-            allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
-        ) as resp:
-            status_code = resp.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        error = (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:500]
+    # an address literal never reaches the resolver, so it is checked here; a name is
+    # checked by the session's resolver on the addresses it has now (ingest.targets)
+    refused = None if _allow_private(ctx) else targets.url_refusal(row["url"])
+    if refused:
+        error = f"refused: {refused}; webhooks are delivered to public addresses only"
+        max_attempts = 0  # never retried: it cannot succeed until the URL or the setting changes
+    else:
+        status_code, error = await _post(http, row["url"], body, headers)
     duration_ms = round((time.perf_counter() - started) * 1000)
     ok = status_code is not None and 200 <= status_code < 300
     attempt = await pg.fetchval(_RECORD, row["id"], ok, max_attempts, status_code, error, duration_ms)
@@ -225,6 +221,25 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> str:
     defer = backoff(attempt, ctx.get("webhook_backoff_s", BACKOFF_S))
     log.info("webhook.retry", **fields, status_code=status_code, error=error, retry_in_s=defer)
     raise Retry(defer=defer)
+
+
+async def _post(
+    http: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[int | None, str | None]:
+    """One POST: the receiver's status, or why none came."""
+    try:
+        # redirects are not followed: a receiver that moved answers 3xx, which is a failure
+        # (and a redirect could point anywhere, our own network included)
+        async with http.post(
+            url, data=body, headers=headers, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)
+        ) as resp:
+            return resp.status, None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return None, (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:500]
+
+
+def _allow_private(ctx: dict[str, Any]) -> bool:
+    return bool(getattr(ctx.get("settings"), "webhook_allow_private", False))
 
 
 # arq's own try limit sits above ours: a worker restart mid-attempt spends an arq try but
@@ -249,11 +264,16 @@ async def sweep_webhooks(ctx: dict[str, Any]) -> int:
 
 
 async def webhook_startup(ctx: dict[str, Any]) -> None:
-    """Open the HTTP client the jobs share (``ctx["http"]``); call from the worker's startup."""
+    """Open the HTTP client the jobs share (``ctx["http"]``); call from the worker's startup.
+    ``ctx["settings"].webhook_allow_private`` lets deliveries reach private addresses."""
+    # the resolver refuses names that resolve to our own network (unless allowed), and the
+    # connection goes to an address it checked: a name cannot change between check and use
+    resolver = None if _allow_private(ctx) else targets.PublicResolver()
     ctx["http"] = aiohttp.ClientSession(
         headers={"User-Agent": USER_AGENT},
         timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
-        connector=aiohttp.TCPConnector(limit=100, limit_per_host=10),
+        connector=aiohttp.TCPConnector(limit=100, limit_per_host=10, resolver=resolver),
+        trust_env=False,  # no proxy from the environment: it would resolve names we never checked
     )
 
 

@@ -22,7 +22,9 @@ from ..body import BodyError, header, parse
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
-from ..lookup import Unavailable, lookup, resolve_click
+from ..fields import NO_NUL, NoNul
+from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key, replay, valid_key
+from ..lookup import ClickPending, Unavailable, lookup, resolve_click
 from ..spool import SpoolFull
 from ..state import EDGE
 
@@ -35,23 +37,33 @@ S = 2048  # cap of every free-text field
 class AffitorAdditionalData(BaseModel):
     model_config = ConfigDict(extra="allow")
     test_mode: bool = False
-    program_id: int | str | None = None
+    program_id: int | NoNul | None = None
+
+
+def _affiliate_url_required(schema: dict[str, Any]) -> None:
+    # the route answers the seed's own 400 ("affiliate_url is required") when it is missing,
+    # so the model takes it optional; the document says what a client must send
+    schema.setdefault("required", []).append("affiliate_url")
+    schema["properties"]["affiliate_url"] = {"type": "string", "minLength": 1, "maxLength": S, "pattern": NO_NUL}
 
 
 class AffitorClick(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    affiliate_url: str | None = Field(None, max_length=S)
-    page_url: str | None = Field(None, max_length=S)
-    page_title: str | None = Field(None, max_length=512)
-    referrer_url: str | None = Field(None, max_length=S)
-    session_id: str | None = Field(None, max_length=256)
-    user_agent: str | None = Field(None, max_length=S)
-    screen_resolution: str | None = Field(None, max_length=32)
-    viewport_size: str | None = Field(None, max_length=32)
-    language: str | None = Field(None, max_length=64)
-    timezone: str | None = Field(None, max_length=64)
-    existing_click_id: str | None = Field(None, max_length=128)
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_affiliate_url_required)
+    affiliate_url: NoNul | None = Field(None, max_length=S)
+    page_url: NoNul | None = Field(None, max_length=S)
+    page_title: NoNul | None = Field(None, max_length=512)
+    referrer_url: NoNul | None = Field(None, max_length=S)
+    session_id: NoNul | None = Field(None, max_length=256)
+    user_agent: NoNul | None = Field(None, max_length=S)
+    screen_resolution: NoNul | None = Field(None, max_length=32)
+    viewport_size: NoNul | None = Field(None, max_length=32)
+    language: NoNul | None = Field(None, max_length=64)
+    timezone: NoNul | None = Field(None, max_length=64)
+    existing_click_id: NoNul | None = Field(None, max_length=128)
     additional_data: AffitorAdditionalData | None = None
+    dedupe: str | None = Field(
+        None, max_length=255, description="An idempotency key (tracker.js sends one per page view's click)"
+    )
 
 
 class AffitorClickResponse(BaseModel):
@@ -111,6 +123,10 @@ async def track_click(request: web.Request) -> web.Response:
         return fail(exc.status, "Invalid JSON body" if exc.kind == "invalid_json" else exc.message)
     if not body.affiliate_url:
         return fail(400, "affiliate_url is required")
+    try:  # the header for servers; tracker.js sends it in the body (a header costs a CORS preflight)
+        idem_key = header_key(request) or (valid_key(body.dedupe) if body.dedupe is not None else None)
+    except InvalidKey as exc:
+        return fail(400, str(exc).replace("Idempotency-Key", "Idempotency-Key (or dedupe)"))
     code = aff_code(body.affiliate_url)
     if isinstance(code, web.Response):
         return code
@@ -144,7 +160,10 @@ async def track_click(request: web.Request) -> web.Response:
             return fail(403, "Origin not allowed for this workspace")
         prior = None
         if existing:
-            prior = await resolve_click(edge, existing, found.extra[0])
+            try:
+                prior = await resolve_click(edge, existing, found.extra[0])
+            except ClickPending:
+                prior = None  # not known yet (still spooled?): this click gets a new id, never a 503
             if prior is not None and prior.workspace_id != link.workspace_id:
                 prior = None  # another workspace's click id: not this visitor
     except Unavailable:
@@ -181,16 +200,24 @@ async def track_click(request: web.Request) -> web.Response:
     if not test_mode and prior is None:
         ref = clicks.ClickRef(click_id, code, link.workspace_id, payload["visitor_id"], envelope.received_at_ms)
         extra.append(ref.cache_command(edge.keys, link.cookie_window_days * 86400))
-    try:
-        await append(edge, envelope, code, *extra, spool=True)
-    except (*REDIS_ERRORS, SpoolFull) as exc:
-        log.warning("redis.unavailable", route="affitor_click", error=str(exc))
-        return fail(503, "Service temporarily unavailable", {"Retry-After": "1"})
-
     headers = found.verdict.headers
     if test_mode:
         program = body.additional_data.program_id if body.additional_data else None
         data = AffitorTestModeData(eventId=str(event_id), programId=program if program is not None else link.program_id)
-        return reply(200, AffitorTestModeResponse(data=data).model_dump(), headers)
-    resp = AffitorClickResponse(click_id=click_id, partner_code=code, cookie_window_days=link.cookie_window_days)
-    return reply(200, resp.model_dump(), headers)
+        resp = orjson.dumps(AffitorTestModeResponse(data=data).model_dump())
+    else:
+        out = AffitorClickResponse(click_id=click_id, partner_code=code, cookie_window_days=link.cookie_window_days)
+        resp = orjson.dumps(out.model_dump())
+    try:
+        if idem_key is None:
+            await append(edge, envelope, code, *extra, spool=True)
+        else:  # public: scoped by the link's workspace and the link
+            asked = fingerprint(body.model_dump(exclude={"dedupe"}))
+            claim = Claim.of(idem_key, "affitor-click", link.workspace_id, asked, link=code)
+            first = await edge.idem.append(edge, claim, envelope, code, Answer(200, resp, asked), *extra, spool=True)
+            if first is not None:
+                return replay(first, claim, lambda s, c, m: fail(s, m), headers)
+    except (*REDIS_ERRORS, SpoolFull) as exc:
+        log.warning("redis.unavailable", route="affitor_click", error=str(exc))
+        return fail(503, "Service temporarily unavailable", {"Retry-After": "1"})
+    return web.Response(body=resp, content_type="application/json", headers=headers)

@@ -23,9 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..auth import bearer
 from ..body import BodyError, header, parse
+from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
+from ..fields import NoNul
+from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key, replay
 from ..lookup import Unavailable, lookup
 from ..state import EDGE
 
@@ -38,11 +41,11 @@ FINGERPRINT_CONFIDENCE = 0.8
 
 class AffixoClick(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    ref: str = Field(min_length=1, max_length=128, description="Referral code / ref_param.")
-    visitor_id: str | None = Field(None, max_length=128)
-    fingerprint: str | None = Field(None, max_length=1024)
-    url: str | None = Field(None, max_length=2048)
-    referrer: str | None = Field(None, max_length=2048)
+    ref: NoNul = Field(min_length=1, max_length=128, description="Referral code / ref_param.")
+    visitor_id: NoNul | None = Field(None, max_length=128)
+    fingerprint: NoNul | None = Field(None, max_length=1024)
+    url: NoNul | None = Field(None, max_length=2048)
+    referrer: NoNul | None = Field(None, max_length=2048)
 
 
 class AffixoClickRecorded(BaseModel):
@@ -99,9 +102,14 @@ async def track_click(request: web.Request) -> web.Response:
         return error(429, "rate_limited", found.verdict.headers, detail="600 requests per minute per key")
     if problem is not None or body is None:
         edge.drops.note(principal.workspace_id, None, "invalid")
-        if problem is not None and problem.status == 413:
-            return error(413, "payload_too_large", detail=problem.message)
-        return error(400, "invalid_json", detail=problem.message if problem else "invalid body")
+        if problem is None:
+            return error(400, "invalid_json", detail="invalid body")
+        return error(problem.status, body_code(problem, "invalid_json"), detail=problem.message)
+    try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        edge.drops.note(principal.workspace_id, None, "invalid")
+        return error(400, "invalid_idempotency_key", detail=str(exc))
     if found.link_unresolved:
         return error(503, "unavailable", {"Retry-After": "1"})
     if mine is None or not mine.active:
@@ -146,11 +154,18 @@ async def track_click(request: web.Request) -> web.Response:
             user_agent=header(request, "User-Agent", edge.settings.max_string_length),
             payload=payload,
         )
-        await append(edge, envelope, link.code, *remember, spool=False)  # keyed: 503 rather than spool
+        resp = orjson.dumps(
+            AffixoClickRecorded(visitor_id=visitor, match_method=method, match_confidence=confidence).model_dump()
+        )
+        if idem_key is None:
+            await append(edge, envelope, link.code, *remember, spool=False)  # keyed: 503 rather than spool
+        else:
+            claim = Claim.of(idem_key, "affixo-click", workspace, fingerprint(body.model_dump()))
+            answer = Answer(200, resp, claim.fingerprint)
+            first = await edge.idem.append(edge, claim, envelope, link.code, answer, *remember, spool=False)
+            if first is not None:
+                return replay(first, claim, lambda s, c, m: error(s, c, detail=m), found.verdict.headers)
     except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="affixo_click", error=str(exc))
         return error(503, "unavailable", {"Retry-After": "1"})
-    resp = AffixoClickRecorded(visitor_id=visitor, match_method=method, match_confidence=confidence)
-    return web.Response(
-        body=orjson.dumps(resp.model_dump()), content_type="application/json", headers=found.verdict.headers
-    )
+    return web.Response(body=resp, content_type="application/json", headers=found.verdict.headers)

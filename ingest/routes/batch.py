@@ -13,7 +13,7 @@ all its appends another.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import orjson
 import structlog
@@ -22,11 +22,14 @@ from pydantic import BaseModel, Field, RootModel, ValidationError
 
 from .. import clicks, links
 from ..auth import bearer
-from ..body import BodyError, describe
+from ..body import BodyError, describe, read
+from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import xadd
 from ..events import Dialect, Envelope, EventType
-from ..lookup import Unavailable, lookup, resolve_click, resolve_link
+from ..fields import NoNul
+from ..idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
+from ..lookup import ClickPending, Unavailable, lookup, resolve_click, resolve_link
 from ..state import EDGE, Edge
 from .affixo import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
 from .bricqs import BricqsConvert
@@ -39,15 +42,30 @@ MAX_EVENTS = 500
 
 
 class BatchClick(AffixoClick):
-    ip: str | None = Field(None, max_length=64, description="The visitor's address, as your server saw it")
-    user_agent: str | None = Field(None, max_length=2048, description="The visitor's User-Agent")
+    ip: NoNul | None = Field(None, max_length=64, description="The visitor's address, as your server saw it")
+    user_agent: NoNul | None = Field(None, max_length=2048, description="The visitor's User-Agent")
 
 
 MODELS: dict[str, type[BaseModel]] = {"click": BatchClick, "lead": RefportLead, "conversion": BricqsConvert}
 
 
-class BatchBody(RootModel[list[BatchClick | RefportLead | BricqsConvert]]):
-    """For the documentation: each item also carries ``type`` (click, lead or conversion)."""
+class BatchClickItem(BatchClick):
+    type: Literal["click"]
+
+
+class BatchLeadItem(RefportLead):
+    type: Literal["lead"]
+
+
+class BatchConversionItem(BricqsConvert):
+    type: Literal["conversion"]
+
+
+BatchItem = Annotated[BatchClickItem | BatchLeadItem | BatchConversionItem, Field(discriminator="type")]
+
+
+class BatchBody(RootModel[Annotated[list[BatchItem], Field(min_length=1, max_length=MAX_EVENTS)]]):
+    """For the documentation: each item names its ``type`` and has the fields of that type."""
 
 
 class ItemResult(BaseModel):
@@ -67,9 +85,9 @@ class BatchResult(BaseModel):
     results: list[ItemResult]
 
 
-def error(status: int, code: str, detail: str | None = None) -> web.Response:
+def error(status: int, code: str, detail: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
     body = {"error": code, **({"detail": detail} if detail else {})}
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
 def parse_items(raw: bytes, ndjson: bool) -> list[Any]:
@@ -91,10 +109,6 @@ async def batch(request: web.Request) -> web.Response:
     if secret is None:
         return error(401, "unauthorized")
     try:
-        raw = await request.read()  # aiohttp has undone any gzip; the cap counts what it produced
-    except web.HTTPRequestEntityTooLarge:
-        return error(413, "payload_too_large", f"at most {edge.settings.batch_max_bytes} bytes")
-    try:
         found = await lookup(edge, edge.key_limiter, "", secret=secret)
     except (Unavailable, *REDIS_ERRORS):
         return web.Response(status=503, headers={"Retry-After": "1"}, body=b'{"error":"unavailable"}')
@@ -106,24 +120,32 @@ async def batch(request: web.Request) -> web.Response:
                             content_type="application/json")  # fmt: skip
     if not found.verdict.allowed:
         edge.drops.note(principal.workspace_id, None, "rate_limited")  # one per refused request
-        return error(429, "rate_limited")
+        return error(429, "rate_limited", headers=found.verdict.headers)
     try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        return error(400, "invalid_idempotency_key", str(exc))
+    try:
+        # read once the key is known: a stranger's body is never read (nor inflated); the cap
+        # counts the body both as sent and decompressed
+        raw = await read(request, edge.settings.batch_max_bytes)
         items = parse_items(raw, "ndjson" in request.headers.get("Content-Type", ""))
     except BodyError as exc:
-        return error(exc.status, exc.kind, exc.message)
+        return error(exc.status, body_code(exc, "invalid_json"), exc.message)
     if not items:
         return error(400, "invalid_json", "no events")
     if len(items) > MAX_EVENTS:
         return error(413, "too_many_events", f"at most {MAX_EVENTS} events per request")
     try:
-        results = await _accept(edge, principal.workspace_id, items)
+        results, replayed = await _accept(edge, principal.workspace_id, items, idem_key)
     except (Unavailable, *REDIS_ERRORS) as exc:
         log.warning("batch.unavailable", error=repr(exc))
         return web.Response(status=503, headers={"Retry-After": "1"}, body=b'{"error":"unavailable"}')
     accepted = sum(r.ok for r in results)
     out = BatchResult(accepted=accepted, rejected=len(results) - accepted, results=results)
+    headers = {**found.verdict.headers, **({REPLAYED: "true"} if replayed else {})}
     return web.Response(body=orjson.dumps(out.model_dump(exclude_none=True)), content_type="application/json",
-                        headers=found.verdict.headers)  # fmt: skip
+                        headers=headers)  # fmt: skip
 
 
 def _validate(index: int, item: Any) -> BaseModel | ItemResult:
@@ -139,8 +161,31 @@ def _validate(index: int, item: Any) -> BaseModel | ItemResult:
         return ItemResult(index=index, ok=False, error="invalid", detail=describe(exc))
 
 
-async def _accept(edge: Edge, workspace: str, items: list[Any]) -> list[ItemResult]:
+def _claim(index: int, item: Any, workspace: str, idem_key: str | None) -> Claim | ItemResult | None:
+    """An item's own ``idempotency_key``, else one derived from the request's header and
+    the item's place (a retried batch is the same list); None without either."""
+    own = item.get("idempotency_key") if isinstance(item, dict) else None
+    if own is None and idem_key is None:
+        return None
+    asked = fingerprint({k: v for k, v in item.items() if k != "idempotency_key"} if isinstance(item, dict) else item)
+    if own is None:
+        assert idem_key is not None
+        return Claim.of(f"{idem_key}\x00{index}", "batch", workspace, asked)
+    try:
+        return Claim.of(valid_key(own), "batch-item", workspace, asked)
+    except InvalidKey:
+        return ItemResult(index=index, ok=False, error="invalid", detail="idempotency_key: 1-255 printable ASCII")
+
+
+async def _accept(
+    edge: Edge, workspace: str, items: list[Any], idem_key: str | None = None
+) -> tuple[list[ItemResult], bool]:
+    """Each item's result; and whether the batch is a repeat (``Idempotent-Replayed``):
+    some item answered from an earlier request's record, and nothing appended anew."""
     parsed = [_validate(i, item) for i, item in enumerate(items)]
+    claims = [_claim(i, item, workspace, idem_key) for i, item in enumerate(items)]
+    parsed = [c if isinstance(c, ItemResult) and not isinstance(p, ItemResult) else p
+              for p, c in zip(parsed, claims, strict=True)]  # fmt: skip
     codes = sorted({p.ref if isinstance(p, BatchClick) else p.code for p in parsed
                     if isinstance(p, BatchClick | BricqsConvert)})  # fmt: skip
     click_ids = sorted({p.clickId for p in parsed if isinstance(p, RefportLead)})
@@ -164,29 +209,71 @@ async def _accept(edge: Edge, workspace: str, items: list[Any]) -> list[ItemResu
     }
     offset = len(codes) + 1
     by_click: dict[str, clicks.ClickRef | None] = {}
+    pending: set[str] = set()  # recent click ids not known yet: those leads are "unavailable" (retry)
     for cid, reply in zip(click_ids, replies[offset : offset + len(click_ids)], strict=True):
-        by_click[cid] = await resolve_click(edge, cid, reply)
+        try:
+            by_click[cid] = await resolve_click(edge, cid, reply)
+        except ClickPending:
+            pending.add(cid)
     offset += len(click_ids)
     seen = {fp: replies[offset + 2 * i + 1] for i, fp in enumerate(fingerprints)}
 
     results: list[ItemResult] = []
     appends: list[Any] = []
+    sent: list[tuple[ItemResult, Claim | None]] = []  # the item behind each append, in order
+    firsts: dict[str, tuple[int, Claim]] = {}  # a key's first item in this batch
+    repeats: list[tuple[int, int]] = []  # (item, the earlier item of this batch with its key)
     for index, p in enumerate(parsed):
         if isinstance(p, ItemResult):
             edge.drops.note(workspace, None, "invalid")
             results.append(p)
             continue
+        if isinstance(p, RefportLead) and p.clickId in pending:
+            results.append(ItemResult(index=index, ok=False, error="unavailable"))
+            continue
         envelope, result = _envelope(index, p, workspace, by_code, by_click, candidates, seen)
         results.append(result)
         if not result.ok:  # refused items: why, for the workspace's stats
             edge.drops.note(workspace, None, "invalid" if result.error == "invalid" else "unknown_code")
-        if envelope is not None:
+        if envelope is None:
+            continue
+        claim = claims[index]
+        if not isinstance(claim, Claim):
             appends.append(xadd(edge.keys, envelope, envelope.payload["code"]))
+        elif claim.digest in firsts:  # repeated within the batch: answered as its first, not sent
+            first, first_claim = firsts[claim.digest]
+            if first_claim.fingerprint == claim.fingerprint:
+                repeats.append((index, first))
+            else:
+                results[-1] = ItemResult(index=index, ok=False, error="idempotency_key_reused", detail=REUSED)
+            continue
+        else:
+            firsts[claim.digest] = (index, claim)
+            answer = Answer(
+                200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint
+            )
+            appends.append(edge.idem.append_command(claim, envelope.payload["code"], envelope, answer))
+        sent.append((result, claim if isinstance(claim, Claim) else None))
+    fresh = replays = 0
     if appends:
-        for reply, result in zip(await edge.batcher.execute(*appends), [r for r in results if r.ok], strict=True):
+        written = await edge.batcher.execute(*appends, durable=True)
+        for reply, (result, claim) in zip(written, sent, strict=True):
             if isinstance(reply, Exception):
                 result.ok, result.error, result.event_id = False, "unavailable", None
-    return results
+            elif claim is not None and isinstance(reply, bytes):  # a repeat of an earlier batch's item
+                results[result.index] = _replayed(result.index, claim, Answer.decode(reply))
+                replays += 1
+            else:
+                fresh += 1
+    for index, first in repeats:
+        results[index] = results[first].model_copy(update={"index": index})
+    return results, replays > 0 and fresh == 0
+
+
+def _replayed(index: int, claim: Claim, first: Answer) -> ItemResult:
+    if first.fingerprint != claim.fingerprint:
+        return ItemResult(index=index, ok=False, error="idempotency_key_reused", detail=REUSED)
+    return ItemResult(index=index, **orjson.loads(first.body))
 
 
 def _known(seen: object, candidate: str) -> bool:

@@ -3,7 +3,10 @@
 Public; 60 requests/minute per client IP; a kill switch answers 503
 ``features.referral_disabled``. Every other outcome is ``200 {"success":true,"data":
 {"tracked":true}}``: unknown and inactive codes included (a warn log, nothing counted),
-because landing pages must never block on tracking.
+because landing pages must never block on tracking. Beyond the seed, in its error shape:
+a body (the seed sends none) past ``REFSTREAM_MAX_BODY_BYTES`` is 413 ``payload_too_large``,
+and an ``Origin`` the link's workspace does not list in ``allowed_origins`` is 403
+``origin_not_allowed``.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from .. import flags
-from ..body import header, plain
+from ..body import BodyError, header, plain, read
+from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
+from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key
 from ..lookup import lookup
 from ..spool import SpoolFull
 from ..state import EDGE
@@ -69,6 +74,10 @@ async def track_click(request: web.Request) -> web.Response:
     ip = edge.client_ip(request)
     sane = plain(code, MAX_CODE)
     try:
+        await read(request)  # the seed sends no body; one sent anyway is capped like any other
+    except BodyError as exc:
+        return error(exc.status, "bad_request" if exc.status == 400 else body_code(exc), exc.message)
+    try:
         found = await lookup(
             edge,
             edge.click_limiter,
@@ -89,6 +98,10 @@ async def track_click(request: web.Request) -> web.Response:
     if not found.verdict.allowed:
         edge.drops.note(link.workspace_id if link else None, link.id if link else None, "rate_limited")
         return error(429, "throttle", "Too Many Requests", headers)
+    try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        return error(400, "validation.idempotency_key", str(exc), headers)
     # Postgres down while the link cache is cold: accept, and let the worker decide
     if not sane or (link is None and not found.link_unresolved):
         log.warning("click.unknown_code", code=code[:MAX_CODE].encode("utf-8", "replace").decode(), ip=ip)
@@ -98,6 +111,9 @@ async def track_click(request: web.Request) -> web.Response:
         log.warning("click.inactive_link", code=code, link_id=link.id)
         edge.drops.note(link.workspace_id, link.id, "inactive_link")
         return web.Response(body=TRACKED, content_type="application/json", headers=headers)
+    if link is not None and not link.allows_origin(request.headers.get("Origin")):
+        # the workspace lists the sites that may send its clicks: as Affitor and Bricqs answer
+        return error(403, "origin_not_allowed", "Origin not allowed for this workspace", headers)
 
     payload = {"code": code}
     if referrer := header(request, "Referer", edge.settings.max_string_length):
@@ -112,7 +128,13 @@ async def track_click(request: web.Request) -> web.Response:
         payload=payload,
     )
     try:
-        await append(edge, envelope, code, spool=True)
+        if idem_key is None:
+            await append(edge, envelope, code, spool=True)
+        else:  # public: scoped by the link (whose code names its workspace: known or not, the same scope)
+            claim = Claim.of(idem_key, "biore-click", None, fingerprint(code), link=code)
+            answer = Answer(200, TRACKED, claim.fingerprint)
+            if (first := await edge.idem.append(edge, claim, envelope, code, answer, spool=True)) is not None:
+                return first.response(headers)
     except (*REDIS_ERRORS, SpoolFull) as exc:
         log.warning("click.not_accepted", route="biore_click", error=str(exc))
         return unavailable()

@@ -23,9 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import admin
 from ..auth import Principal, plausible
 from ..body import BodyError, header, parse, plain
+from ..body import code as body_code
 from ..connections import PG_ERRORS, REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
+from ..fields import NoNul
+from ..idempotency import Claim, InvalidKey, fingerprint, header_key
 from ..lookup import Found, Unavailable, lookup
 from ..spool import SpoolFull
 from ..state import EDGE, Edge
@@ -38,7 +41,7 @@ IDEMPOTENCY_TTL_S = 30 * 86400
 
 class BricqsGenerate(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    participant_id: str = Field(min_length=1, max_length=128)
+    participant_id: NoNul = Field(min_length=1, max_length=128)
     campaign_id: uuid.UUID
 
 
@@ -58,8 +61,8 @@ class BricqsValidated(BaseModel):
 
 class BricqsConvert(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    code: str = Field(min_length=1, max_length=128)
-    referred_session_id: str = Field(min_length=1, max_length=256)
+    code: NoNul = Field(min_length=1, max_length=128)
+    referred_session_id: NoNul = Field(min_length=1, max_length=256)
 
 
 class BricqsConverted(BaseModel):
@@ -128,23 +131,39 @@ async def generate(request: web.Request) -> web.Response:
     edge, principal = keyed
     try:
         body = await parse(request, BricqsGenerate)
+        idem_key = header_key(request)
     except BodyError as exc:
-        return error(exc.status, "validation_error", exc.message)
+        return error(exc.status, "validation_error" if exc.status == 400 else body_code(exc), exc.message)
+    except InvalidKey as exc:
+        return error(400, "validation_error", str(exc))
+
+    async def run() -> web.Response:
+        try:
+            async with edge.pg.acquire() as conn:
+                out = await admin.referral_code(
+                    conn,
+                    edge.redis,
+                    edge.keys,
+                    workspace_id=principal.workspace_id,
+                    program_id=str(body.campaign_id),
+                    participant_id=body.participant_id,
+                )
+        except admin.NotFound as exc:
+            return error(404, "campaign_not_found", str(exc))
+        except (*PG_ERRORS, *REDIS_ERRORS):
+            return unavailable()
+        return json(200, BricqsGenerated(**out).model_dump())
+
+    if idem_key is None:
+        return await run()
+    # already idempotent per (participant, campaign); the key is honoured like everywhere
+    # else: a repeat gets the stored answer, the key with another body a 422
+    claim = Claim.of(idem_key, "bricqs-generate", principal.workspace_id, fingerprint(body.model_dump(mode="json")))
+    secret = request.headers.get("X-API-Key", "").strip()
     try:
-        async with edge.pg.acquire() as conn:
-            out = await admin.referral_code(
-                conn,
-                edge.redis,
-                edge.keys,
-                workspace_id=principal.workspace_id,
-                program_id=str(body.campaign_id),
-                participant_id=body.participant_id,
-            )
-    except admin.NotFound as exc:
-        return error(404, "campaign_not_found", str(exc))
-    except (*PG_ERRORS, *REDIS_ERRORS):
+        return await edge.idem.once(edge.batcher, claim, secret, idem_key, run, error)
+    except REDIS_ERRORS:
         return unavailable()
-    return json(200, BricqsGenerated(**out).model_dump())
 
 
 async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...] = ()) -> Found | web.Response:
@@ -185,7 +204,7 @@ async def convert(request: web.Request) -> web.Response:
     try:
         body = await parse(request, BricqsConvert)
     except BodyError as exc:
-        return error(exc.status, "validation_error", exc.message)
+        return error(exc.status, "validation_error" if exc.status == 400 else body_code(exc), exc.message)
     event_id = uuid7()
     conversion_id = "conv_" + event_id.hex
     session = hashlib.sha256(body.referred_session_id.encode()).hexdigest()[:32]

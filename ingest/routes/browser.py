@@ -50,7 +50,10 @@ def moved(url: str) -> web.Response:
 
 
 def with_param(url: str, name: str, value: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a URL stored before URLs were checked: left as it is
+        return url
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != name]
     return urlunsplit(parts._replace(query=urlencode([*query, (name, value)])))
 

@@ -16,8 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import admin, manage, stats
 from ..admin import NotFound
 from ..auth import Principal, bearer
-from ..body import BodyError, parse
+from ..body import BodyError, parse, plain, read
+from ..body import code as body_code
 from ..connections import PG_ERRORS, REDIS_ERRORS
+from ..fields import Ident, Integer, Text, Url
+from ..idempotency import Claim, InvalidKey, header_key, request_claim
 from ..lookup import Unavailable, lookup
 from ..state import EDGE, Edge
 
@@ -26,33 +29,33 @@ routes = web.RouteTableDef()
 
 class NewMilestone(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
-    threshold: int = Field(ge=1, le=1_000_000, description="Conversions an affiliate needs to reach it")
+    name: Text = Field(min_length=1, max_length=200)
+    threshold: Integer = Field(ge=1, le=1_000_000, description="Conversions an affiliate needs to reach it")
 
 
 class NewProgram(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
-    url: str | None = Field(None, max_length=2048)
-    cookie_window_days: int = Field(30, ge=1, le=3650)
+    name: Text = Field(min_length=1, max_length=200)
+    url: Url | None = Field(None, max_length=2048)
+    cookie_window_days: Integer = Field(30, ge=1, le=3650)
     attribution: Literal["first_click", "last_click"] = "last_click"
     milestones: list[NewMilestone] = Field(default_factory=list, max_length=50)
 
 
 class NewAffiliate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    program_id: str = Field(max_length=64)
-    external_id: str = Field(min_length=1, max_length=256)
-    name: str | None = Field(None, max_length=256)
-    email: str | None = Field(None, max_length=320)
+    program_id: Ident = Field(max_length=64)
+    external_id: Ident = Field(min_length=1, max_length=256)
+    name: Text | None = Field(None, max_length=256)
+    email: Ident | None = Field(None, max_length=320)
 
 
 class NewLink(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    affiliate_id: str = Field(max_length=64)
+    affiliate_id: Ident = Field(max_length=64)
     code: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
-    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://")
-    domain: str | None = Field(None, max_length=253)
+    url: Url = Field(min_length=1, max_length=2048)
+    domain: str | None = Field(None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.-]+$")
     status: Literal["active", "inactive"] = "active"
 
 
@@ -63,8 +66,8 @@ FraudRule = Literal["self_referral", "affiliate_ip", "click_burst", "fast_conver
 class NewKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["track"]), max_length=4)
-    affiliate_id: str | None = Field(None, max_length=64, description="A read-only key for this affiliate")
-    name: str | None = Field(None, max_length=200)
+    affiliate_id: Ident | None = Field(None, max_length=64, description="A read-only key for this affiliate")
+    name: Text | None = Field(None, max_length=200)
 
 
 class CreatedKey(BaseModel):
@@ -106,7 +109,7 @@ class Workspace(BaseModel):
 class LinkPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["active", "inactive"] | None = None
-    url: str | None = Field(None, min_length=1, max_length=2048, pattern=r"^https?://")
+    url: Url | None = Field(None, min_length=1, max_length=2048)
 
 
 class Program(BaseModel):
@@ -237,7 +240,33 @@ def error(status: int, code: str, detail: str | None = None, **extra: str) -> we
     return json(status, {"error": code, **({"detail": detail} if detail else {}), **extra})
 
 
+def segment(request: web.Request, name: str) -> str:
+    """A path segment to look up; one no row can hold (control characters, NUL) is not found."""
+    value = request.match_info[name]
+    if not plain(value, 256):
+        raise NotFound(f"{name} not found")
+    return value
+
+
+def limit_param(request: web.Request, default: int = 50, most: int = 500) -> int | web.Response:
+    """``?limit=``: digits only (the document says integer), 1 to ``most``."""
+    given = request.query.get("limit")
+    if given is None:
+        return default
+    if not (given.isascii() and given.isdigit()):
+        return error(400, "invalid_request", "limit: an integer")
+    if not 1 <= int(given) <= most:
+        return error(400, "invalid_request", f"limit: between 1 and {most}")
+    return int(given)
+
+
 Handler = Callable[[web.Request, Edge, Principal], Awaitable[web.Response]]
+WRITES = frozenset({"POST", "PATCH", "DELETE"})  # these honour Idempotency-Key
+
+
+async def _claim(request: web.Request, key: str, workspace: str) -> Claim:
+    raw = await read(request)  # kept on the request: the handler's parse reads it again for free
+    return request_claim(request, key, workspace, raw)
 
 
 def guarded(
@@ -265,20 +294,36 @@ def guarded(
                 return error(403, "insufficient_scope", need=scope)
             if not found.verdict.allowed:
                 return json(429, {"error": "rate_limited"}, found.verdict.headers)
+            caller: Principal = principal
             try:
-                if principal.affiliate_id is not None:  # where the affiliate's own actions come from
-                    async with edge.pg.acquire() as conn:
-                        await stats.affiliate_seen(conn, principal.affiliate_id, edge.client_ip(request))
-                return await handler(request, edge, principal)
+                idem_key = header_key(request) if request.method in WRITES else None
+            except InvalidKey as exc:
+                return error(400, "invalid_idempotency_key", str(exc))
+
+            async def run() -> web.Response:
+                try:
+                    if caller.affiliate_id is not None:  # where the affiliate's own actions come from
+                        async with edge.pg.acquire() as conn:
+                            await stats.affiliate_seen(conn, caller.affiliate_id, edge.client_ip(request))
+                    return await handler(request, edge, caller)
+                except BodyError as exc:
+                    return error(exc.status, body_code(exc), exc.message)
+                except NotFound as exc:
+                    return error(404, "not_found", str(exc))
+                except manage.Conflict as exc:
+                    return error(409, "conflict", str(exc))
+                except (*PG_ERRORS, *REDIS_ERRORS):
+                    return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
+
+            if idem_key is None:
+                return await run()
+            assert secret is not None
+            try:
+                claim = await _claim(request, idem_key, caller.workspace_id)
+                return await edge.idem.once(edge.batcher, claim, secret, idem_key, run, lambda s, c, m: error(s, c, m))
             except BodyError as exc:
-                return error(
-                    exc.status, "invalid_json" if exc.kind == "invalid_json" else "invalid_request", exc.message
-                )
-            except NotFound as exc:
-                return error(404, "not_found", str(exc))
-            except manage.Conflict as exc:
-                return error(409, "conflict", str(exc))
-            except (*PG_ERRORS, *REDIS_ERRORS):
+                return error(exc.status, body_code(exc), exc.message)
+            except REDIS_ERRORS:
                 return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
 
         return route
@@ -331,7 +376,7 @@ async def revoke_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
     async with edge.pg.acquire() as conn:
         owned = await conn.fetchval(
             "SELECT 1 FROM api_keys WHERE prefix = $1 AND workspace_id = $2",
-            request.match_info["prefix"],
+            segment(request, "prefix"),
             p.workspace_id,
         )
         if not owned:
@@ -377,19 +422,14 @@ async def get_link(request: web.Request, edge: Edge, p: Principal) -> web.Respon
 @guarded("read")
 async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     q = request.query
-    type_ = q.get("type") or None
+    type_ = q.get("type")
     if type_ is not None and type_ not in ("click", "lead", "conversion"):
         return error(400, "invalid_request", "type: one of click, lead, conversion")
-    try:
-        limit = int(q.get("limit", "50"))
-    except ValueError:
-        return error(400, "invalid_request", "limit: an integer")
-    if not 1 <= limit <= 500:
-        return error(400, "invalid_request", "limit: between 1 and 500")
+    limit = limit_param(request)
+    if isinstance(limit, web.Response):
+        return limit
     async with edge.pg.acquire() as conn:
-        events = await manage.list_events(
-            conn, p.workspace_id, link_id=q.get("link_id") or None, type_=type_, limit=limit
-        )
+        events = await manage.list_events(conn, p.workspace_id, link_id=q.get("link_id"), type_=type_, limit=limit)
     return json(200, {"data": events})
 
 
@@ -397,7 +437,7 @@ async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Res
 @guarded("read")
 async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     async with edge.pg.acquire() as conn:
-        return json(200, await manage.get_customer(conn, p.workspace_id, request.match_info["external_id"]))
+        return json(200, await manage.get_customer(conn, p.workspace_id, segment(request, "external_id")))
 
 
 @routes.get("/v1/affiliate/links")

@@ -11,19 +11,23 @@ Errors: 400 ``INVALID_CLICK_ID`` / ``VALIDATION_ERROR``, 401 ``UNAUTHORIZED``,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .. import links
 from ..auth import bearer
 from ..body import BodyError, header, parse
+from ..body import code as body_code
+from ..clicks import ClickRef
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType
+from ..fields import NoNul, no_nul_inside
+from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key, replay
 from ..lookup import Unavailable, fallback, lookup, resolve_click
 from ..state import EDGE
 
@@ -33,13 +37,13 @@ routes = web.RouteTableDef()
 
 class RefportLead(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    clickId: str = Field(min_length=1, max_length=128)
-    eventName: str = Field(min_length=1, max_length=256)
-    customerExternalId: str = Field(min_length=1, max_length=256)
-    customerEmail: str | None = Field(None, max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-    customerName: str | None = Field(None, max_length=256)
-    customerAvatar: str | None = Field(None, max_length=2048)
-    metadata: dict[str, Any] | None = Field(None, max_length=100)
+    clickId: NoNul = Field(min_length=1, max_length=128)
+    eventName: NoNul = Field(min_length=1, max_length=256)
+    customerExternalId: NoNul = Field(min_length=1, max_length=256)
+    customerEmail: str | None = Field(None, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$")
+    customerName: NoNul | None = Field(None, max_length=256)
+    customerAvatar: NoNul | None = Field(None, max_length=2048)
+    metadata: Annotated[dict[str, Any], AfterValidator(no_nul_inside)] | None = Field(None, max_length=100)
 
 
 class RefportClick(BaseModel):
@@ -119,8 +123,14 @@ async def track_lead(request: web.Request) -> web.Response:
         return error(429, "RATE_LIMIT_EXCEEDED", "Too many requests", found.verdict.headers)
     if problem is not None or body is None:
         edge.drops.note(principal.workspace_id, None, "invalid")
-        status = problem.status if problem else 400
-        return error(status, "VALIDATION_ERROR", problem.message if problem else "invalid body")
+        if problem is None or problem.status == 400:
+            return error(400, "VALIDATION_ERROR", problem.message if problem else "invalid body")
+        return error(problem.status, body_code(problem).upper(), problem.message)
+    try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        edge.drops.note(principal.workspace_id, None, "invalid")
+        return error(400, "VALIDATION_ERROR", str(exc))
 
     click_id = body.clickId
     try:
@@ -161,24 +171,34 @@ async def track_lead(request: web.Request) -> web.Response:
         if not isinstance(link, links.LinkInfo):
             code = click.code
             link = await fallback(edge, lambda: links.fetch(edge.pg, code))
-        await append(edge, envelope, click.code, spool=False)  # keyed: 503 rather than spool
+        resp = orjson.dumps(_tracked(body, click, link).model_dump())
+        if idem_key is None:
+            await append(edge, envelope, click.code, spool=False)  # keyed: 503 rather than spool
+        else:
+            claim = Claim.of(idem_key, "refport-lead", principal.workspace_id, fingerprint(body.model_dump()))
+            first = await edge.idem.append(
+                edge, claim, envelope, click.code, Answer(200, resp, claim.fingerprint), spool=False
+            )
+            if first is not None:
+                return replay(first, claim, lambda s, c, m: error(s, c.upper(), m), found.verdict.headers)
     except Unavailable:
         return unavailable()
     except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="refport_lead", error=str(exc))
         return unavailable()
+    return web.Response(body=resp, content_type="application/json", headers=found.verdict.headers)
+
+
+def _tracked(body: RefportLead, click: ClickRef, link: links.LinkInfo | None) -> RefportLeadTracked:
     if link is None:  # the click's link was deleted after the click: the lead is stored all the same
         link = links.LinkInfo(
             id="", workspace_id=click.workspace_id, program_id=None, affiliate_id=None,
             affiliate_external_id=None, code=click.code, url="", domain=None, status="inactive",
             cookie_window_days=0, attribution="last_click",
         )  # fmt: skip
-    resp = RefportLeadTracked(
+    return RefportLeadTracked(
         eventName=body.eventName,
         click=RefportClick(id=click.click_id),
         link=RefportLink(id=link.id, domain=link.domain, key=link.code, url=link.url, programId=link.program_id),
         customer=RefportCustomer(externalId=body.customerExternalId, email=body.customerEmail, name=body.customerName),
-    )
-    return web.Response(
-        body=orjson.dumps(resp.model_dump()), content_type="application/json", headers=found.verdict.headers
     )

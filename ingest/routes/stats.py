@@ -16,6 +16,7 @@ from ..admin import NotFound
 from ..auth import Principal
 from ..body import parse
 from ..drops import FRAUD_THRESHOLDS
+from ..fields import Integer
 from ..state import Edge
 from .manage import error, guarded, json
 
@@ -24,9 +25,9 @@ routes = web.RouteTableDef()
 
 class FraudThresholds(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    burst_clicks: int | None = Field(None, ge=1, le=100_000, description="click_burst: more clicks than this ...")
-    burst_seconds: int | None = Field(None, ge=1, le=86_400, description="... from one IP on one link within this")
-    fast_conversion_seconds: int | None = Field(
+    burst_clicks: Integer | None = Field(None, ge=1, le=100_000, description="click_burst: more clicks than this ...")
+    burst_seconds: Integer | None = Field(None, ge=1, le=86_400, description="... from one IP on one link within this")
+    fast_conversion_seconds: Integer | None = Field(
         None, ge=1, le=86_400, description="fast_conversion: a conversion sooner than this after its click"
     )
 
@@ -36,11 +37,11 @@ class ProgramFraud(BaseModel):
     fraud_thresholds: dict[str, int]
 
 
-def _uuid(raw: str) -> UUID:
+def _uuid(raw: str, what: str) -> UUID:
     try:
         return UUID(raw)
     except ValueError:
-        raise NotFound("link not found") from None
+        raise NotFound(f"{what} not found") from None
 
 
 @routes.get("/v1/links/{id}/stats")
@@ -51,7 +52,7 @@ async def link_stats(request: web.Request, edge: Edge, p: Principal) -> web.Resp
     except stats.BadRange as exc:
         return error(400, "invalid_request", str(exc))
     async with edge.pg.acquire() as conn:
-        found = await stats.link_stats(conn, p.workspace_id, _uuid(request.match_info["id"]), start, to)
+        found = await stats.link_stats(conn, p.workspace_id, _uuid(request.match_info["id"], "link"), start, to)
     if found is None:
         raise NotFound("link not found")
     return json(200, found)
@@ -66,7 +67,7 @@ async def patch_fraud_thresholds(request: web.Request, edge: Edge, p: Principal)
         row = await conn.fetchrow(
             "UPDATE programs SET fraud_thresholds = fraud_thresholds || $3::jsonb WHERE id = $1 AND workspace_id = $2"
             " RETURNING id, fraud_thresholds",
-            _uuid(request.match_info["id"]),
+            _uuid(request.match_info["id"], "program"),
             UUID(p.workspace_id),
             given,
         )

@@ -15,13 +15,14 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
-from .. import secretbox
+from .. import secretbox, targets
 from ..admin import NotFound
 from ..auth import Principal
 from ..body import parse
+from ..fields import Url
 from ..manage import as_uuid
 from ..state import Edge
-from .manage import error, guarded, json
+from .manage import error, guarded, json, limit_param
 
 routes = web.RouteTableDef()
 
@@ -31,7 +32,10 @@ EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 class NewWebhook(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://", description="Receives a signed POST")
+    url: Url = Field(
+        min_length=1, max_length=2048,
+        description="Receives a signed POST; a public address (see REFSTREAM_WEBHOOK_ALLOW_PRIVATE)",
+    )  # fmt: skip
     events: list[EventType] = Field(
         default_factory=lambda: list(EVENT_TYPES), min_length=1, max_length=4, description="Default: all four"
     )
@@ -102,6 +106,8 @@ async def create_webhook(request: web.Request, edge: Edge, p: Principal) -> web.
     if not key:
         return _unconfigured()
     body = await parse(request, NewWebhook)
+    if not edge.settings.webhook_allow_private and (why := targets.url_refusal(body.url)):
+        return error(400, "invalid_request", f"url: {why}; webhooks are delivered to public addresses only")
     events = sorted(set(body.events), key=EVENT_TYPES.index)
     secret = secretbox.new_secret()
     try:
@@ -135,12 +141,9 @@ SELECT d.id, d.webhook_id, d.event_type, d.subject_id, d.subject_key, d.status, 
 @guarded("read")
 async def list_deliveries(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """The newest deliveries of one webhook, each with its attempts."""
-    try:
-        limit = int(request.query.get("limit", "50"))
-    except ValueError:
-        return error(400, "invalid_request", "limit: an integer")
-    if not 1 <= limit <= 500:
-        return error(400, "invalid_request", "limit: between 1 and 500")
+    limit = limit_param(request)
+    if isinstance(limit, web.Response):
+        return limit
     webhook = as_uuid(request.match_info["id"])
     async with edge.pg.acquire() as conn:
         if not await conn.fetchval(

@@ -6,7 +6,10 @@
  * "refstream_click"), data-cookie-domain, data-attribution ("last_click" | "first_click"),
  * data-dnt ("respect" (default) | "ignore": honour Do Not Track / Global Privacy Control).
  * API: window.refstream.clickId() and the DOM event "refstream:click" {detail: {clickId}};
- * window.refstreamOptOut = true (set before the script) disables it. */
+ * window.refstreamOptOut = true (set before the script) disables it.
+ * Each page view's click carries a random "dedupe" key, the same on each of its retries
+ * (a network error or a 5xx/429, up to 3 more tries, 1 s, 2 s, 4 s apart): the edge counts
+ * it once however many copies arrive. */
 (function () {
   "use strict";
   var script = document.currentScript;
@@ -58,17 +61,37 @@
     screen_resolution: screen.width + "x" + screen.height,
     viewport_size: window.innerWidth + "x" + window.innerHeight,
     language: navigator.language,
-    timezone: (window.Intl && Intl.DateTimeFormat().resolvedOptions().timeZone) || null
+    timezone: (window.Intl && Intl.DateTimeFormat().resolvedOptions().timeZone) || null,
+    dedupe: key()
   };
-  // text/plain: a "simple" request, no CORS preflight; keepalive: survives a navigation
-  fetch(api + "/api/v1/track/click", {
-    method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "text/plain" },
-    keepalive: true, credentials: "omit", mode: "cors"
-  }).then(function (r) { return r.json(); }).then(function (j) {
-    if (!j || !j.success || !j.click_id) return;
-    var current = read();
-    if (attribution === "first_click" && current) { announce(current); return; }
-    write(j.click_id, j.cookie_window_days || 30);
-    announce(j.click_id);
-  })["catch"](function () { /* tracking never breaks the page */ });
+  var payload = JSON.stringify(body);  // the same bytes on every retry
+
+  function key() {  // 128 random bits for this page view's click
+    try {
+      if (window.crypto && crypto.randomUUID) return "rs_" + crypto.randomUUID();
+      var b = new Uint8Array(16); crypto.getRandomValues(b);
+      return "rs_" + Array.prototype.map.call(b, function (x) { return (x + 256).toString(16).slice(1); }).join("");
+    } catch (e) { return "rs_" + Date.now().toString(36) + Math.random().toString(36).slice(2) + Math.random().toString(36).slice(2); }
+  }
+  function retry(tries) {
+    if (tries >= 3) return;
+    setTimeout(function () { send(tries + 1); }, 1000 * Math.pow(2, tries));
+  }
+  function send(tries) {
+    // text/plain: a "simple" request, no CORS preflight; keepalive: survives a navigation
+    fetch(api + "/api/v1/track/click", {
+      method: "POST", body: payload, headers: { "Content-Type": "text/plain" },
+      keepalive: true, credentials: "omit", mode: "cors"
+    }).then(function (r) {
+      if (r.status >= 500 || r.status === 429) { retry(tries); return null; }
+      return r.json();
+    }, function () { retry(tries); return null; }).then(function (j) {
+      if (!j || !j.success || !j.click_id) return;
+      var current = read();
+      if (attribution === "first_click" && current) { announce(current); return; }
+      write(j.click_id, j.cookie_window_days || 30);
+      announce(j.click_id);
+    })["catch"](function () { /* tracking never breaks the page */ });
+  }
+  send(0);
 })();

@@ -12,7 +12,7 @@ import click
 import orjson
 import uvloop
 
-from .context import PARTS, Options
+from .context import DEFAULT_PARTS, PARTS, Options
 
 
 @click.command()
@@ -20,10 +20,15 @@ from .context import PARTS, Options
 @click.option("--warmup", type=float, default=None, help="Warm-up seconds before each measurement [3; --quick: 1].")
 @click.option("--quick", is_flag=True, help="Short durations, a small drain and backlog: a smoke run.")
 @click.option("--runs", type=int, default=3, show_default=True, help="Repeat everything; medians are reported.")
-@click.option("--only", default=",".join(PARTS), show_default=True, help="Comma-separated parts to run.")
+@click.option("--only", default=",".join(DEFAULT_PARTS), show_default=True,
+              help="Comma-separated parts to run; also, only when named: h (replicas:1 against primary),"
+              " i (idempotency keys' cost), p (a full events table against an empty one), r (the archiver"
+              " against the worker, Redis bytes across retention cycles).")  # fmt: skip
 @click.option("--connections", type=int, default=32, show_default=True, help="wrk connections (one thread).")
 @click.option("--backlog-seconds", type=float, default=None, help="(f) workers stopped this long [60; --quick: 5].")
 @click.option("--drain-events", type=int, default=None, help="(d) pre-filled events [50000; --quick: 5000].")
+@click.option("--fill-rows", type=int, default=20_000_000, show_default=True,
+              help="(p, only with --only p) rows already in the events table the worker writes into.")  # fmt: skip
 @click.option("--workers", type=int, default=1, show_default=True, help="(e, f) worker processes.")
 @click.option("--profile", "profile_dir", type=click.Path(path_type=Path), default=None,
               help="py-spy the edge during (b 000) and the worker during (d); output in this directory.")  # fmt: skip
@@ -31,7 +36,7 @@ from .context import PARTS, Options
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 def bench(
     duration: float | None, warmup: float | None, quick: bool, runs: int, only: str, connections: int,
-    backlog_seconds: float | None, drain_events: int | None, workers: int, profile_dir: Path | None,
+    backlog_seconds: float | None, drain_events: int | None, fill_rows: int, workers: int, profile_dir: Path | None,
     as_json: bool, json_out: Path | None,
 ) -> None:  # fmt: skip
     """Measure the edge, the workers and the pipeline against their baselines."""
@@ -59,6 +64,7 @@ def bench(
         partitions=settings.partitions,
         batch_size=settings.batch_size,
         profile_dir=profile_dir,
+        fill_rows=fill_rows,
     )
     with ExitStack() as stack:
         result = uvloop.run(runner.bench(opts, stack))

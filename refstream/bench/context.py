@@ -17,7 +17,10 @@ from . import wrk
 from .procs import Proc, Procs
 from .world import World
 
-PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g")
+PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g", "h", "i", "p", "r")
+# only when named in --only: (h) starts Redis servers of its own, (i) idempotency keys' cost,
+# (p) fills an events table with millions of rows, (r) the archiver and retention
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("h", "i", "p", "r"))
 
 
 def _py_spy() -> str:
@@ -40,6 +43,7 @@ class Options:
     partitions: int
     batch_size: int
     profile_dir: Path | None
+    fill_rows: int = 20_000_000
 
 
 @dataclass(slots=True)
@@ -84,16 +88,19 @@ class Ctx:
 
     async def wrk(self, name: str, base_url: str, requests: list[wrk.Request], *, connections: int,
                   server_pid: int | None = None, profile: str | None = None,
-                  on_start: Callable[[], Awaitable[None]] | None = None) -> wrk.WrkResult:  # fmt: skip
+                  on_start: Callable[[], Awaitable[None]] | None = None, per_request: bool = False,
+                  unique: str | None = None) -> wrk.WrkResult:  # fmt: skip
         """Warm-up, then the measured run; its figures recorded under ``name``."""
         o = self.opts
-        await asyncio.to_thread(wrk.run, base_url, requests, duration=o.warmup, connections=connections)
+        await asyncio.to_thread(wrk.run, base_url, requests, duration=o.warmup, connections=connections,
+                                per_request=per_request, unique=unique)  # fmt: skip
         if on_start is not None:
             await on_start()
         spies = self.profile(profile, server_pid, o.duration) if profile and server_pid else []
         r = await asyncio.to_thread(
-            wrk.run, base_url, requests, duration=o.duration, connections=connections, server_pid=server_pid
-        )
+            wrk.run, base_url, requests, duration=o.duration, connections=connections, server_pid=server_pid,
+            per_request=per_request, unique=unique,
+        )  # fmt: skip
         for spy in spies:
             await asyncio.to_thread(spy.wait, 60)
         self.note(f"{name}.rps", r.rps)

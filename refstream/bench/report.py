@@ -32,6 +32,8 @@ GOALS = (
     Goal("(e) sustained / edge-only (b 000)", "e.ratio_edge", ">=", 0.5),
     Goal("(e) p99 accept→commit at half load, ms", "e.p99_ms", "<=", 1000.0),
     Goal("(f) backlog drain / ingest rate", "f.multiple", ">=", 3.0),
+    Goal("(p) worker into a full events table / into an empty one", "p.ratio", ">=", 0.9),
+    Goal("(p) drop one day's partition, s", "p.drop_day_s", "<=", 1.0),
     Goal("(g) edge peak RSS, MB", "g.edge_rss_mb", "<=", 150.0),
     Goal("(g) worker peak RSS, MB", "g.worker_rss_mb", "<=", 300.0),
     Goal("(g) Redis bytes per pending event", "g.redis_bytes_per_event", "<=", 400.0),
@@ -50,6 +52,12 @@ SECTIONS = {
     "e": "(e) end to end",
     "f": "(f) backlog drain after the workers were stopped",
     "g": "(g) memory",
+    "i": "(i) idempotency keys: seed 003 with and without Idempotency-Key",
+    "h_primary": "(h) edge, seed 000, REFSTREAM_ACK_DURABILITY=primary (own primary + replica)",
+    "h_replicas1": "(h) edge, seed 000, REFSTREAM_ACK_DURABILITY=replicas:1 (same Redis)",
+    "h": "(h) replicas:1 / primary",
+    "r": "(r) archiver vs worker; Redis bytes across retention cycles (--only r)",
+    "p": "(p) worker into a full events table vs an empty one; dropping a day",
 }
 
 

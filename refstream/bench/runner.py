@@ -21,8 +21,12 @@ from ingest.settings import Settings
 
 from .. import services
 from . import report, world
+from .archive_parts import part_r
 from .context import Ctx, Options
+from .durability_part import part_h
 from .edge_parts import part_a, part_b, part_c
+from .idem_parts import part_i
+from .partition_parts import part_p
 from .pipeline_parts import part_d, part_e_f
 from .procs import Procs
 
@@ -63,6 +67,10 @@ async def _one_run(ctx: Ctx) -> None:
         ("c", part_c, ctx.wants("c")),
         ("d", part_d, ctx.wants("d")),
         ("e/f", part_e_f, ctx.wants("e") or ctx.wants("f")),
+        ("h", part_h, ctx.wants("h")),
+        ("r", part_r, ctx.wants("r")),
+        ("i", part_i, ctx.wants("i")),
+        ("p", part_p, ctx.wants("p")),
     ]
     for name, fn, wanted in steps:
         if wanted:
@@ -154,6 +162,15 @@ NOTES = [
     " now(), i.e. its start: the commit itself is a few ms later)",
     "f: workers stopped (SIGTERM) for --backlog-seconds under the half load, then restarted under the same load;"
     " drain rate = (backlog + ingest during catch-up) / catch-up time, which includes the workers' start-up",
+    "r: `work --drain` then `archive --drain` on the same N pre-filled entries (each its own group); events/s"
+    " from each one's first read to its exit; then cycles of fill, both drains and a trim under a memory budget"
+    " of a third of a cycle: the streams' MEMORY USAGE after each trim",
+    "p: two `work --drain` of --drain-events mixed events, into a fresh database and into one whose events table"
+    " holds --fill-rows rows over 30 daily partitions (filled once, kept over the runs); p.drop_day_s: DROP of"
+    " the oldest filled day's partition",
     "g.redis_bytes_per_event: stream MEMORY USAGE delta / XLEN delta while the workers were stopped (f), else"
     " stream MEMORY USAGE / XLEN after (b)",
+    "i: seed 003 (Affixo click, Bearer) without a key, with a fresh Idempotency-Key per request (the atomic"
+    " append-or-answer script instead of the XADD), and repeats of 256 keys (answered from their records);"
+    " all three format each request in wrk's Lua at send time, so wrk's cost is the same",
 ]

@@ -47,13 +47,38 @@ def _long(s: str) -> str:
     return f"[{eq}[{s}]{eq}]"
 
 
-def lua_script(requests: Sequence[Request]) -> str:
-    """A wrk script that sends ``requests`` round-robin (POST)."""
+def lua_script(requests: Sequence[Request], *, per_request: bool = False, unique: str | None = None) -> str:
+    """A wrk script that sends ``requests`` round-robin (POST). With ``per_request`` each
+    request is formatted when sent (a fair baseline for ``unique``); with ``unique`` (a
+    header name) each also carries that header, valued ``<random>-<n>``: never sent twice."""
+    if per_request or unique is not None:
+        return _lua_per_request(requests, unique)
     lines = ["local reqs = {}", "local i = 0", "init = function(args)"]
     for r in requests:
         hdrs = ", ".join(f"[ {_long(k)} ] = {_long(v)}" for k, v in r.headers.items())
         lines.append(f"  reqs[#reqs + 1] = wrk.format('POST', {_long(r.path)}, {{{hdrs}}}, {_long(r.body)})")
     lines += ["end", "request = function()", "  i = i % #reqs + 1", "  return reqs[i]", "end", ""]
+    return "\n".join(lines)
+
+
+def _lua_per_request(requests: Sequence[Request], unique: str | None) -> str:
+    lines = ["local reqs = {}", "local i, n = 0, 0", f"local name = {_long(unique or '')}",
+             f"local run = {_long(os.urandom(8).hex())}", "init = function(args)"]  # fmt: skip
+    for r in requests:
+        hdrs = ", ".join(f"[ {_long(k)} ] = {_long(v)}" for k, v in r.headers.items())
+        lines.append(f"  reqs[#reqs + 1] = {{ {_long(r.path)}, {{{hdrs}}}, {_long(r.body)} }}")
+    lines += [
+        "end",
+        "request = function()",
+        "  i = i % #reqs + 1",
+        "  n = n + 1",
+        "  local r, h = reqs[i], {}",
+        "  for k, v in pairs(r[2]) do h[k] = v end",
+        "  if name ~= '' then h[name] = run .. '-' .. n end",
+        "  return wrk.format('POST', r[1], h, r[3])",
+        "end",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -108,11 +133,13 @@ def run(
     threads: int = 1,
     server_pid: int | None = None,
     timeout_s: int = 10,
+    per_request: bool = False,
+    unique: str | None = None,
 ) -> WrkResult:
     """One wrk run against ``url`` (scheme://host:port); blocks for ``duration`` seconds."""
     with tempfile.TemporaryDirectory(prefix="refstream-wrk-") as tmp:
         script = Path(tmp) / "load.lua"
-        script.write_text(lua_script(requests))
+        script.write_text(lua_script(requests, per_request=per_request, unique=unique))
         out_path = Path(tmp) / "out.txt"
         secs = max(1, round(duration))
         with open(out_path, "wb") as out:

@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from ingest import spool_store
 from ingest.keys import Keys
 
 from ._load import MARKER_SQL
+from ._sentinel import client as redis_client
 
 _LINKS = """
 WITH counted AS (
@@ -149,7 +150,7 @@ class Checker:
 
     def __init__(self, database_url: str, redis_url: str, keys: Keys, spool_dir: Path) -> None:
         self.database_url = database_url
-        self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=5)
+        self.redis = redis_client(redis_url, timeout=5)  # a sentinel URL: the current primary
         self.keys = keys
         self.spool_dir = spool_dir
 
@@ -193,10 +194,15 @@ class Checker:
                 if _sid(g["last-delivered-id"]) < last:
                     left.append(f"{stream} group {name}: undelivered entries (last delivered "
                                 f"{_s(g['last-delivered-id'])} < {_s(info['last-generated-id'])})")  # fmt: skip
-        spooled = sorted(self.spool_dir.glob("*.spool")) if self.spool_dir.is_dir() else []
-        if spooled:
-            left.append(f"edge spool: {len(spooled)} segment(s) not drained")
+        if spooled := self.spooled():
+            left.append(f"edge spool: {spooled} entries not drained")
         return left
+
+    def spooled(self) -> int:
+        """Events waiting in the edge's spool (its totals row, read-only); a spool that
+        cannot be read is never taken for an empty one."""
+        u = spool_store.usage(self.spool_dir)
+        return max(u.entries, 1) if (u.error or "").startswith("unreadable") else u.entries
 
     async def pending(self) -> int:
         """Entries read and not acked, over every partition of the workers' group."""
@@ -247,7 +253,7 @@ class Checker:
         left: list[str] = ["not looked yet"]
         while time.monotonic() < deadline:
             try:
-                if self.spool_dir.is_dir() and any(self.spool_dir.glob("*.spool")):
+                if self.spooled():
                     want, left = None, ["edge spool not drained"]
                 else:
                     if want is None:  # the spool just drained into the streams: up to here too

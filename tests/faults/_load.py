@@ -51,6 +51,11 @@ class Record:
     statuses: Counter[str] = field(default_factory=Counter)  # "kind status" or "kind error"
     shed: int = 0
     first_2xx_at: float | None = None
+    answers: list[tuple[float, float, str, int]] = field(default_factory=list)  # (sent at, seconds, kind, status)
+
+    def answer_times(self, since: float, until: float) -> list[float]:
+        """Seconds to the answer of each request sent between ``since`` and ``until``."""
+        return sorted(s for at, s, _, _ in self.answers if since <= at < until)
 
     def accept(self, kind: str, marker: str) -> None:
         self.accepted[marker] = kind
@@ -179,8 +184,10 @@ class Load:
         assert self._http is not None
         if marker is not None:
             self.record.attempted.add(marker)
+        sent = time.monotonic()
         async with self._http.post(self.base + path, **kw) as r:  # type: ignore[arg-type]
             raw = await r.read()
+            self.record.answers.append((sent, time.monotonic() - sent, kind, r.status))
             self.record.statuses[f"{kind} {r.status}"] += 1
             try:
                 return r.status, orjson.loads(raw) if raw else None

@@ -25,6 +25,8 @@ class Plan:
     milestone_affiliates: int
     recover_s: float = 30.0  # the bound: drained within this of the fault's end
     drain_timeout_s: float = 120.0  # a bound on waiting, past which the scenario fails with what is left
+    redis_down_s: float = 6.0  # Redis killed (and restarted from its AOF) after this long
+    blackhole_s: float = 6.0  # Redis behind a proxy that swallows every byte
 
 
 SHORT = Plan(
@@ -35,7 +37,7 @@ SHORT = Plan(
 FULL = Plan(
     mode="full", rate=150, warmup_s=5, tail_s=5, pg_down_s=60, pg_restarts=5, read_only_s=30, storm_s=60,
     redis_full_s=30, lagging_load_s=40, sigterm_backlog=5000, poison_load_s=20, milestone_rounds=10,
-    milestone_affiliates=60,
+    milestone_affiliates=60, redis_down_s=30, blackhole_s=30,
 )  # fmt: skip
 
 

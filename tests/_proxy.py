@@ -1,0 +1,84 @@
+"""A TCP proxy a test runs in its own event loop, between a client and a server, to break
+the network without touching either: ``blackhole()`` keeps every connection (and every new
+one) open and silently discards what either side sends, as a partition without resets
+does; ``heal()`` closes the connections that lost bytes (their byte streams are broken, and
+their clients gave up on them already) and forwards again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from refstream.embedded import free_port
+
+
+class Proxy:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self.holed = False
+        self._server: asyncio.Server | None = None
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dropped = 0  # bytes discarded while blackholed
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    def blackhole(self) -> None:
+        self.holed = True
+
+    def heal(self) -> None:
+        self.holed = False
+        for a, b in list(self._pairs):
+            if getattr(a, "_holed", False) or getattr(b, "_holed", False):
+                a.close()
+                b.close()
+                self._pairs.discard((a, b))
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        pair = (writer, up_w)
+        self._pairs.add(pair)
+        if self.holed:
+            writer._holed = True  # type: ignore[attr-defined]
+        for src, dst in ((reader, up_w), (up_r, writer)):
+            task = asyncio.create_task(self._pipe(src, dst, writer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, client: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                if self.holed or getattr(client, "_holed", False):
+                    client._holed = True  # type: ignore[attr-defined]  # this stream lost bytes
+                    self.dropped += len(data)
+                    continue
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            dst.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for a, b in list(self._pairs):
+            a.close()
+            b.close()
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)

@@ -1,0 +1,163 @@
+"""Idempotency keys as clients meet them: tracker.js retrying a click whose answer was lost
+(run by node against the real edge), `refstream serve` and `work` as processes, and a Redis
+outage (public clicks spooled without the check: the worker stores one per key)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+from aiohttp import web
+
+from ingest import spool_store
+from ingest.settings import Settings
+from workers.worker import drain as drain_streams
+
+from ._procs import Procs, free_port
+from ._redis import PrivateRedis
+from ._world import World, call, start_edge
+from .conftest import wait_for
+from .test_seed_002_affitor import EXAMPLE as AFFITOR_CLICK
+
+# tracker.js in a page on https://yoursite.com/pricing?ref=PARTNER123, as little of a browser
+# as it touches; timers 100x faster; prints the click id once the cookie is written
+HARNESS = """
+const api = process.argv[2];
+let jar = "";
+globalThis.window = globalThis;
+window.innerWidth = 1280; window.innerHeight = 800;
+globalThis.screen = {width: 1920, height: 1080};
+Object.defineProperty(globalThis, "navigator", {value: {userAgent: "Mozilla/5.0 Chrome/124.0", language: "en-US"}});
+globalThis.location = {search: "?ref=PARTNER123", origin: "https://yoursite.com", pathname: "/pricing",
+                       href: "https://yoursite.com/pricing?ref=PARTNER123", protocol: "https:"};
+globalThis.sessionStorage = {s: {}, getItem(k) { return this.s[k] || null; }, setItem(k, v) { this.s[k] = v; }};
+globalThis.CustomEvent = class { constructor(t, o) { this.type = t; this.detail = o.detail; } };
+globalThis.document = {
+  currentScript: {dataset: {api}, src: api + "/tracker.js"}, title: "Pricing", referrer: "",
+  get cookie() { return jar; },
+  set cookie(c) { jar = c.split(";")[0]; },
+  dispatchEvent(e) { console.log(JSON.stringify(e.detail)); process.exit(0); },
+};
+const later = setTimeout;
+globalThis.setTimeout = (fn, ms) => later(fn, ms / 100);
+later(() => { console.log("timeout"); process.exit(2); }, 10000);
+require("vm").runInThisContext(require("fs").readFileSync(process.argv[3], "utf8"));
+"""
+
+
+@pytest.fixture
+def node() -> str:
+    found = shutil.which("node")
+    if found is None:
+        pytest.skip("no node to run tracker.js")
+    return found
+
+
+async def test_tracker_retries_a_lost_answer_with_its_key_and_counts_once(
+    node: str, edge: str, world: World, pg: asyncpg.Pool, drain: Any, tmp_path: Path
+):
+    # in front of the edge: the first click reaches it, and its answer is lost on the way back
+    seen: list[bytes] = []
+
+    async def lossy(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen.append(body)
+        async with aiohttp.ClientSession() as http, http.post(f"{edge}/api/v1/track/click", data=body,
+                                                              headers={"Content-Type": "text/plain"}) as r:  # fmt: skip
+            answer = await r.read()
+        if len(seen) == 1:
+            return web.Response(status=502, text="bad gateway")
+        return web.Response(body=answer, status=r.status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/api/v1/track/click", lossy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    harness = tmp_path / "harness.js"
+    harness.write_text(HARNESS)
+    tracker = resources.files("ingest").joinpath("static/tracker.js")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            node, str(harness), f"http://127.0.0.1:{port}", str(tracker), stdout=subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        await runner.cleanup()
+    assert proc.returncode == 0, out
+    click_id = orjson.loads(out)["clickId"]
+    assert len(seen) == 2 and seen[0] == seen[1], seen  # the retry: the same bytes, its key included
+    assert orjson.loads(seen[0])["dedupe"].startswith("rs_")
+    await drain()
+    stored = await pg.fetch("SELECT event_id FROM events WHERE dialect = 'affitor'")
+    assert ["clk_" + r["event_id"].hex for r in stored] == [click_id]  # one click: the first copy's
+
+
+async def test_keyed_repeats_through_the_real_processes(procs: Procs, pg: asyncpg.Pool):
+    ws = await procs.cli("workspace", "create", "Acme")
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
+    base = await procs.start_edge()
+    procs.start("work")
+    auth = {"Authorization": f"Bearer {ws['api_key']}"}
+    sent = []
+    for n in range(10):  # each key sent twice, some at once, some after the first answer
+        req = {"json": {"ref": "alice", "url": f"https://a.test/{n}"}, "headers": {**auth, "Idempotency-Key": f"k{n}"}}
+        if n % 2:
+            pair = await asyncio.gather(*(call("POST", f"{base}/v1/track/click", **req) for _ in range(2)))
+        else:
+            pair = [await call("POST", f"{base}/v1/track/click", **req) for _ in range(2)]
+        assert pair[0][:2] == pair[1][:2] and pair[0][0] == 200, pair
+        sent.append(pair[0][1]["visitor_id"])
+    await procs.cli("work", "--drain")
+    rows = await pg.fetch("SELECT visitor_id FROM events")
+    assert sorted(r["visitor_id"] for r in rows) == sorted(sent)
+    assert (await procs.cli("link", "show", "alice"))["clicks"] == 10
+
+
+async def test_redis_down_spools_without_the_check_and_the_worker_counts_one(
+    settings: Settings, private_redis: PrivateRedis, world: World, pg: asyncpg.Pool, tmp_path: Path
+):
+    own = settings.model_copy(update={"redis_url": private_redis.url})
+    a, base_a = await start_edge(own.model_copy(update={"spool_dir": str(tmp_path / "a")}))
+    b, base_b = await start_edge(own.model_copy(update={"spool_dir": str(tmp_path / "b")}))
+    click = {**AFFITOR_CLICK, "dedupe": "while-down"}
+    try:
+        private_redis.kill()
+        first = await call("POST", f"{base_a}/api/v1/track/click", json=click)
+        assert first[0] == 200, first
+        again = await call("POST", f"{base_a}/api/v1/track/click", json=click)  # the same edge remembers
+        assert again[:2] == first[:2] and again[2]["Idempotent-Replayed"] == "true"
+        elsewhere = await call("POST", f"{base_b}/api/v1/track/click", json=click)  # another edge cannot know
+        assert elsewhere[0] == 200 and elsewhere[1]["click_id"] != first[1]["click_id"]
+        # fail closed where there is no spool: a keyed route refuses rather than counts blind
+        keyed = {"Authorization": f"Bearer {world.api_key}", "Idempotency-Key": "x"}
+        status, _, _ = await call("POST", f"{base_a}/v1/track/click", json={"ref": "PARTNER123"}, headers=keyed)
+        assert status == 503
+
+        private_redis.start()
+        spooled = [tmp_path / "a", tmp_path / "b"]
+
+        async def drained() -> bool:
+            return all(spool_store.usage(d).entries == 0 for d in spooled)
+
+        await wait_for(drained, timeout=30, what="both spools to drain")
+        # Redis is back: a repeat on the edge that spooled the first copy still gets its answer
+        late = await call("POST", f"{base_a}/api/v1/track/click", json=click)
+        assert late[:2] == first[:2]
+    finally:
+        await a.cleanup()
+        await b.cleanup()
+    await drain_streams(own)
+    rows = await pg.fetch("SELECT event_id FROM events WHERE dialect = 'affitor'")
+    assert len(rows) == 1  # two copies spooled, one stored: the worker dedupes on the key
+    assert "clk_" + rows[0]["event_id"].hex in (first[1]["click_id"], elsewhere[1]["click_id"])
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'PARTNER123'") == 1
