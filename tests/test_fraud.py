@@ -100,6 +100,25 @@ async def test_settings_and_ranges_refuse_bad_input(edge: str, world: World) -> 
     assert status == 404
 
 
+async def test_the_fraud_settings_take_idempotency_keys(edge: str, world: World) -> None:
+    h = {"Authorization": f"Bearer {world.api_key}", "Idempotency-Key": "fraud-1"}
+    url = f"{edge}/v1/programs/{world.program_id}/fraud"
+    first = await call("PATCH", url, headers=h, json={"burst_clicks": 5, "burst_seconds": 1.0e1})
+    assert first[0] == 200 and first[1]["fraud_thresholds"]["burst_clicks"] == 5
+    again = await call("PATCH", url, headers=h, json={"burst_clicks": 5, "burst_seconds": 1.0e1})
+    assert again[:2] == first[:2] and again[2]["Idempotent-Replayed"] == "true"
+    other = await call("PATCH", url, headers=h, json={"burst_clicks": 6})
+    assert (other[0], other[1]["error"]) == (422, "idempotency_key_reused")
+    for body in ({"burst_clicks": "5"}, {"burst_clicks": True}, {"burst_seconds": 1.5}):
+        status, out, _ = await call("PATCH", url, headers={"Authorization": h["Authorization"]}, json=body)
+        assert (status, out["error"]) == (400, "invalid_request"), body
+    h = {**h, "Idempotency-Key": "policy-1"}
+    policy = {"fraud_policy": {"click_burst": "exclude"}}
+    first = await call("PATCH", f"{edge}/v1/workspace", headers=h, json=policy)
+    again = await call("PATCH", f"{edge}/v1/workspace", headers=h, json=policy)
+    assert first[0] == 200 and again[:2] == first[:2] and again[2]["Idempotent-Replayed"] == "true"
+
+
 def test_disposable_domains_ship_with_the_package() -> None:
     assert is_disposable("mailinator.com") and is_disposable("eu.mailinator.com")
     assert not is_disposable("gmail.com") and not is_disposable("example.com")

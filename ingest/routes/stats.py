@@ -6,29 +6,34 @@ and dropped events by reason, flagged ones by rule, per day) and ``PATCH
 
 from __future__ import annotations
 
+from typing import Annotated
 from uuid import UUID
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .. import stats
 from ..admin import NotFound
 from ..auth import Principal
 from ..body import parse
 from ..drops import FRAUD_THRESHOLDS
-from ..fields import Integer
+from ..fields import json_integer
 from ..state import Edge
 from .manage import error, guarded, json
 
 routes = web.RouteTableDef()
+# JSON integers (ingest.fields.json_integer) within bounds; the bounds on the integer
+# itself, before the validator, so that the document's schema says them (minimum, maximum)
+Clicks = Annotated[int, Field(ge=1, le=100_000), BeforeValidator(json_integer)]
+Seconds = Annotated[int, Field(ge=1, le=86_400), BeforeValidator(json_integer)]
 
 
 class FraudThresholds(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    burst_clicks: Integer | None = Field(None, ge=1, le=100_000, description="click_burst: more clicks than this ...")
-    burst_seconds: Integer | None = Field(None, ge=1, le=86_400, description="... from one IP on one link within this")
-    fast_conversion_seconds: Integer | None = Field(
-        None, ge=1, le=86_400, description="fast_conversion: a conversion sooner than this after its click"
+    burst_clicks: Clicks | None = Field(None, description="click_burst: more clicks than this ...")
+    burst_seconds: Seconds | None = Field(None, description="... from one IP on one link within this")
+    fast_conversion_seconds: Seconds | None = Field(
+        None, description="fast_conversion: a conversion sooner than this after its click"
     )
 
 
