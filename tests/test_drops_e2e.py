@@ -76,8 +76,11 @@ async def test_every_reason_counted_and_fraud_flagged(procs: Procs, pg: asyncpg.
 async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hooks: list[Any], hook_url: str) -> None:
     ws = await procs.cli("workspace", "create", "Acme")
     wid, key = ws["workspace_id"], ws["api_key"]
-    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT=str(RATE), REFSTREAM_TRUSTED_PROXIES="127.0.0.1/32")
-    procs.start("work", REFSTREAM_DROPS_FOLD_EVERY_S="1")
+    base = await procs.start_edge(  # the webhook's receiver is on loopback
+        REFSTREAM_CLICK_RATE_LIMIT=str(RATE), REFSTREAM_TRUSTED_PROXIES="127.0.0.1/32",
+        REFSTREAM_WEBHOOK_ALLOW_PRIVATE="true",
+    )  # fmt: skip
+    procs.start("work", REFSTREAM_DROPS_FOLD_EVERY_S="1", REFSTREAM_WEBHOOK_ALLOW_PRIVATE="true")
     async with aiohttp.ClientSession(headers={"User-Agent": BROWSER}) as http:
         h = auth(key)
         _, program, _ = await call(http, "POST", f"{base}/v1/programs", headers=h, json={"name": "Spring"})
