@@ -93,6 +93,9 @@ async def _setup(settings: Settings, key_file: Path | None) -> dict[str, Any]:
         await redis.aclose()
 
 
+ROLES = ("edge", "worker", "archiver")  # the processes dev runs, in the order it starts them
+
+
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "refstream.cli", *args],
@@ -157,6 +160,8 @@ def run_dev(port: int, data: str | None = None) -> None:
             db_url = services.with_database(svc.postgres_url, "refstream")
         secret, secret_from = _secret_key(data_dir)
         env = {**os.environ, "REDIS_URL": svc.redis_url, "DATABASE_URL": db_url, "REFSTREAM_SECRET_KEY": secret}
+        if data_dir is not None and "REFSTREAM_ARCHIVE_URL" not in os.environ:
+            env["REFSTREAM_ARCHIVE_URL"] = str(data_dir / "archive")  # kept with the rest of --data
         try:
             settings = Settings(redis_url=svc.redis_url, database_url=db_url)
         except ValidationError as exc:
@@ -169,7 +174,9 @@ def run_dev(port: int, data: str | None = None) -> None:
                 raise
             raise click.ClickException(line) from exc
 
-        children = [_spawn(["serve", "--port", str(port)], env), _spawn(["work"], env)]
+        # the archiver from the start: its consumer group holds the trim back for what it has
+        # not archived yet, so nothing leaves Redis unarchived (and replays can read it back)
+        children = [_spawn(["serve", "--port", str(port)], env), _spawn(["work"], env), _spawn(["archive"], env)]
 
         def stop_children() -> None:
             for p in children:
@@ -184,8 +191,9 @@ def run_dev(port: int, data: str | None = None) -> None:
         stack.callback(stop_children)
         base = f"http://127.0.0.1:{port}"
         _wait_healthy(f"{base}/healthz", children[0])
-        if children[1].poll() is not None:
-            raise click.ClickException(f"the worker exited with {children[1].returncode} (its error is above)")
+        for name, p in zip(ROLES[1:], children[1:], strict=True):
+            if p.poll() is not None:
+                raise click.ClickException(f"the {name} exited with {p.returncode} (its error is above)")
 
         click.echo("\n".join(_banner(base, svc, db_url, secret, secret_from, demo, data_dir)))
         sys.stdout.flush()
@@ -198,7 +206,7 @@ def run_dev(port: int, data: str | None = None) -> None:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         while not stop["signal"]:
-            for name, p in zip(("edge", "worker"), children, strict=True):
+            for name, p in zip(ROLES, children, strict=True):
                 if p.poll() is not None:
                     raise click.ClickException(f"the {name} exited with {p.returncode}; stopping")
             time.sleep(0.2)
@@ -218,7 +226,8 @@ def _banner(
     cli = f"REDIS_URL={shlex.quote(svc.redis_url)} DATABASE_URL={shlex.quote(db_url)} {refstream_command()}"
     lines = [
         "",
-        f"refstream dev: edge on {base}, one worker" + (f"; embedded {' and '.join(emb)} ({kept})" if emb else ""),
+        f"refstream dev: edge on {base}, one worker, one archiver"
+        + (f"; embedded {' and '.join(emb)} ({kept})" if emb else ""),
         *(f"  note: {note}" for note in svc.notes),
         f"  REDIS_URL={svc.redis_url}",
         f"  DATABASE_URL={db_url}",
