@@ -337,3 +337,77 @@ CREATE TABLE IF NOT EXISTS link_visitor_days_default PARTITION OF link_visitor_d
 CREATE INDEX IF NOT EXISTS events_workspace_id ON events (workspace_id, event_id);
 CREATE INDEX IF NOT EXISTS events_workspace_type_id ON events (workspace_id, type, event_id);
 CREATE INDEX IF NOT EXISTS events_link_id ON events (link_id, event_id);
+
+-- ---------------------------------------------------------------------------------------
+-- Drops and fraud flags (schema version 5). Why an event did not count, per link and UTC
+-- day, by reason; the nil uuid stands for "no link resolved" (and for "no workspace" where
+-- none did either), so that the key needs no NULLs.
+CREATE TABLE IF NOT EXISTS drop_stats (
+    workspace_id uuid NOT NULL,
+    link_id      uuid NOT NULL,
+    day          date NOT NULL,
+    -- bot, unknown_code, inactive_link, rate_limited, out_of_window, test_mode, duplicate,
+    -- invalid, fraud (excluded by the workspace's fraud policy); and flagged (not a drop:
+    -- every fraud flag, excluded or not)
+    reason       text NOT NULL,
+    detail       text NOT NULL DEFAULT '',  -- the bot's sub-reason, the fraud rule
+    -- worker: decided in a batch, and `refstream reconcile` recounts it from the rows;
+    -- edge: the edge's refusals, folded from Redis (no row to recount them from)
+    source       text NOT NULL CHECK (source IN ('worker', 'edge')),
+    n            bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (workspace_id, link_id, day, reason, detail, source)
+);
+CREATE INDEX IF NOT EXISTS drop_stats_link ON drop_stats (link_id, day);
+
+-- the worker's drops that leave no event row (an unknown code, an inactive link, a second
+-- lead or conversion under one dedupe key): one row each, so a redelivery counts nothing
+CREATE TABLE IF NOT EXISTS event_drops (
+    event_id     uuid PRIMARY KEY,
+    workspace_id uuid NOT NULL,
+    link_id      uuid NOT NULL,
+    reason       text NOT NULL,
+    received_at  timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS event_drops_received ON event_drops (received_at);
+
+-- the edge's refusals, tallied in Redis and folded in here: one row per folded Redis hash,
+-- written in the transaction that adds it, so a fold retried after a crash adds nothing
+CREATE TABLE IF NOT EXISTS drop_folds (
+    fold_key  text PRIMARY KEY,
+    folded_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- fraud flags: rule and evidence on the event, never a deletion. `excluded`: the
+-- workspace's policy for the rule was `exclude` when the event was stored, so it moved no
+-- counter (recorded, so that a recount reads what was decided)
+CREATE TABLE IF NOT EXISTS event_flags (
+    event_id     uuid NOT NULL,
+    rule         text NOT NULL,
+    workspace_id uuid NOT NULL,
+    link_id      uuid NOT NULL,
+    affiliate_id uuid,
+    type         smallint NOT NULL,
+    excluded     boolean NOT NULL,
+    evidence     jsonb NOT NULL DEFAULT '{}',
+    received_at  timestamptz NOT NULL,
+    PRIMARY KEY (event_id, rule)
+);
+CREATE INDEX IF NOT EXISTS event_flags_link ON event_flags (link_id, received_at);
+-- the click_burst rule counts one IP's recent clicks on a link: a range scan of this
+-- index, not of every click on the link in the window
+CREATE INDEX IF NOT EXISTS events_click_ip ON events (link_id, ip, received_at) WHERE type = 1 AND ip IS NOT NULL;
+
+-- the addresses an affiliate's own key was used from (the affiliate API): a lead from one
+-- of them is flagged
+CREATE TABLE IF NOT EXISTS affiliate_ips (
+    affiliate_id uuid NOT NULL REFERENCES affiliates (id) ON DELETE CASCADE,
+    ip           inet NOT NULL,
+    first_seen   timestamptz NOT NULL DEFAULT now(),
+    last_seen    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (affiliate_id, ip)
+);
+
+-- per rule: flag (the default) or exclude; absent rules are flagged
+ALTER TABLE workspaces ADD COLUMN IF NOT EXISTS fraud_policy jsonb NOT NULL DEFAULT '{}';
+-- per program: burst_clicks, burst_seconds, fast_conversion_seconds; absent ones take the defaults
+ALTER TABLE programs ADD COLUMN IF NOT EXISTS fraud_thresholds jsonb NOT NULL DEFAULT '{}';

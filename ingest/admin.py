@@ -10,9 +10,11 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import orjson
 
 from . import apikeys, auth, links
 from .connections import Redis
+from .drops import FRAUD_POLICIES, FRAUD_RULES
 from .fields import hostname
 from .keys import Keys
 
@@ -40,26 +42,37 @@ async def create_workspace(conn: asyncpg.Connection, name: str) -> dict[str, str
 
 
 BOT_POLICIES = ("exclude", "count")
-_WORKSPACE_COLUMNS = "id, name, ip_policy, bot_policy, allowed_origins, created_at"
+_WORKSPACE_COLUMNS = "id, name, ip_policy, bot_policy, fraud_policy::text AS fraud_policy, allowed_origins, created_at"
 
 
-async def update_workspace(conn: asyncpg.Connection, workspace_id: str, *, bot_policy: str | None) -> dict[str, Any]:
+async def update_workspace(
+    conn: asyncpg.Connection, workspace_id: str, *, bot_policy: str | None, fraud_policy: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Change a workspace's settings (those given); the workspace as it is now.
 
     ``bot_policy``: ``exclude`` counts bots' clicks apart, in ``bot_clicks`` only; ``count``
     counts them as clicks too (bio.re's behaviour). The workers read it for every batch,
     so it applies to the clicks they store from then on; stored clicks keep what was
-    decided for them (``events.bot_counted``), and ``refstream reconcile`` agrees."""
+    decided for them (``events.bot_counted``), and ``refstream reconcile`` agrees.
+
+    ``fraud_policy``: per fraud rule, ``flag`` (the default: flagged, still counted) or
+    ``exclude`` (flagged and not counted); merged into the rules set before."""
     if bot_policy is not None and bot_policy not in BOT_POLICIES:
         raise ValueError(f"bot_policy: one of {', '.join(BOT_POLICIES)}")
+    for rule, policy in (fraud_policy or {}).items():
+        if rule not in FRAUD_RULES or policy not in FRAUD_POLICIES:
+            raise ValueError(f"fraud_policy: rules {', '.join(FRAUD_RULES)}; each {' or '.join(FRAUD_POLICIES)}")
     try:
         wid = UUID(workspace_id)
     except ValueError:
         raise NotFound(f"workspace {workspace_id} not found") from None
     row = await conn.fetchrow(
-        f"UPDATE workspaces SET bot_policy = coalesce($2, bot_policy) WHERE id = $1 RETURNING {_WORKSPACE_COLUMNS}",
+        "UPDATE workspaces SET bot_policy = coalesce($2, bot_policy),"
+        " fraud_policy = fraud_policy || coalesce($3::text::jsonb, '{}') WHERE id = $1"
+        f" RETURNING {_WORKSPACE_COLUMNS}",
         wid,
         bot_policy,
+        orjson.dumps(fraud_policy).decode() if fraud_policy else None,
     )
     if row is None:
         raise NotFound(f"workspace {workspace_id} not found")
@@ -148,6 +161,8 @@ def _row_json(row: Any) -> dict[str, Any]:
             v = str(v)
         elif hasattr(v, "isoformat"):
             v = v.isoformat()
+        elif k == "fraud_policy" and isinstance(v, str):
+            v = orjson.loads(v)
         out[k] = v
     return out
 

@@ -17,6 +17,7 @@ from .batcher import RedisBatcher
 from .body import CLOSE
 from .connections import connect_redis, create_pg_pool, pg_unavailable
 from .cors import cors
+from .drops import DropTally
 from .durability import Durability
 from .events import unique_token
 from .guard import GUARD, ConnectionGuard
@@ -24,7 +25,7 @@ from .idempotency import Idempotency
 from .keys import Keys
 from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
-from .routes import affitor, affixo, batch, biore, bricqs, browser, health, manage, refport, webhooks
+from .routes import affitor, affixo, batch, biore, bricqs, browser, health, manage, refport, stats, webhooks
 from .settings import Settings
 from .spool import Spool
 from .state import EDGE, Edge
@@ -120,11 +121,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         click_limiter=RateLimiter(batcher, "click", limit=settings.click_rate_limit),
         public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit),
         key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit),
+        drops=(drops := DropTally(batcher, settings.stream_prefix)),
         idem=Idempotency(batcher, keys, window_s=settings.idempotency_window_s),
     )
+    drops.start()
     try:
         yield
     finally:
+        await drops.close()
         await spool.close()
         await batcher.close()
         await pg.close()
@@ -148,7 +152,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = EdgeMetrics()
     app[GUARD] = ConnectionGuard(settings.header_timeout_s, settings.keepalive_timeout_s)
     app.cleanup_ctx.append(_resources)
-    for module in (health, biore, bricqs, affitor, affixo, refport, batch, manage, webhooks, browser, openapi):
+    for module in (health, biore, bricqs, affitor, affixo, refport, batch, manage, stats, webhooks, browser, openapi):
         app.add_routes(module.routes)
     app.router.add_get("/metrics", metrics_route)
     return app

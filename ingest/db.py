@@ -25,7 +25,8 @@ import asyncpg
 # 3: workspaces.bot_policy (exclude | count) and events.bot_counted
 # 4: events and link_visitor_days partitioned by day (a plain table becomes the legacy
 #    partition), event_dedupe, event_retention, the management API's indexes
-SCHEMA_VERSION = 4
+# 5: drop_stats, event_drops, drop_folds, event_flags, affiliate_ips, fraud policy and thresholds
+SCHEMA_VERSION = 5
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

@@ -182,7 +182,8 @@ async def list_events(
 
 
 # the other reads, each served by an index (tests/test_explain.py): customers_external,
-# links_affiliate, daily_stats_affiliate, and links' primary key for GET /v1/links/{id}
+# links_affiliate, and links' primary key for GET /v1/links/{id} (the stats routes' reads
+# are ingest.stats')
 CUSTOMER = (
     "SELECT id, external_id, visitor_id, email, name, avatar_url, status, link_id, affiliate_id, program_id,"
     " first_click_id, first_seen_at, last_seen_at FROM customers WHERE workspace_id = $1 AND external_id = $2"
@@ -190,17 +191,6 @@ CUSTOMER = (
 )
 LINK_BY_ID = _LINK + " WHERE id = $1 AND workspace_id = $2"
 AFFILIATE_LINKS = _LINK + " WHERE workspace_id = $1 AND affiliate_id = $2 ORDER BY created_at"
-AFFILIATE_TOTALS = (
-    "SELECT count(*) AS links, coalesce(sum(clicks), 0)::bigint AS clicks,"
-    " coalesce(sum(unique_clicks), 0)::bigint AS unique_clicks, coalesce(sum(leads), 0)::bigint AS leads,"
-    " coalesce(sum(conversions), 0)::bigint AS conversions"
-    " FROM links WHERE workspace_id = $1 AND affiliate_id = $2"
-)
-AFFILIATE_DAILY = (
-    "SELECT day, sum(clicks)::bigint AS clicks, sum(leads)::bigint AS leads,"
-    " sum(conversions)::bigint AS conversions FROM daily_stats"
-    " WHERE workspace_id = $1 AND affiliate_id = $2 AND day > current_date - 30 GROUP BY day ORDER BY day"
-)
 
 
 async def get_customer(conn: asyncpg.Connection, workspace_id: str, external_id: str) -> dict[str, Any]:
@@ -215,9 +205,3 @@ async def get_customer(conn: asyncpg.Connection, workspace_id: str, external_id:
 async def affiliate_links(conn: asyncpg.Connection, workspace_id: str, affiliate_id: str) -> list[dict[str, Any]]:
     rows = await conn.fetch(AFFILIATE_LINKS, workspace_id, affiliate_id)
     return [_json(r) for r in rows]
-
-
-async def affiliate_stats(conn: asyncpg.Connection, workspace_id: str, affiliate_id: str) -> dict[str, Any]:
-    totals = await conn.fetchrow(AFFILIATE_TOTALS, workspace_id, affiliate_id)
-    daily = await conn.fetch(AFFILIATE_DAILY, workspace_id, affiliate_id)
-    return {"affiliate_id": affiliate_id, **dict(totals), "daily": [_json(d) for d in daily]}

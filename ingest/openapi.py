@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .routes import affitor, affixo, batch, biore, bricqs, health, manage, refport, webhooks
+from .routes import stats as S
 
 routes = web.RouteTableDef()
 
@@ -49,6 +50,7 @@ BODY = (400, 408, 413, 415)
 MANAGE = errors(M.ManageError, 400, 401, 403, 404, 429, 503)
 MANAGE_BODY = {**MANAGE, **errors(M.ManageError, *BODY)}
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}
+DAY = {"type": "string", "format": "date", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}  # a UTC day, YYYY-MM-DD
 
 OPERATIONS: tuple[Op, ...] = (
     Op("get", "/healthz", "The process is up", "Operations", {200: health.Health}),
@@ -90,27 +92,34 @@ OPERATIONS: tuple[Op, ...] = (
        {201: M.CreatedKey, **MANAGE_BODY}, M.NewKey, "bearer"),
     Op("delete", "/v1/keys/{prefix}", "Revoke an API key (scope *)", "Management",
        {200: M.RevokedKey, **MANAGE}, security="bearer"),
-    Op("patch", "/v1/workspace", "Change the calling key's workspace: bot_policy (exclude | count)", "Management",
-       {200: M.Workspace, **MANAGE_BODY}, M.WorkspacePatch, "bearer"),
+    Op("patch", "/v1/workspace", "Change the calling key's workspace: bot_policy (exclude | count), fraud_policy "
+       "(per rule: flag | exclude)", "Management", {200: M.Workspace, **MANAGE_BODY}, M.WorkspacePatch, "bearer"),
     Op("patch", "/v1/links/{id}", "Change a link's status or URL", "Management", {200: M.Link, **MANAGE_BODY},
        M.LinkPatch, "bearer"),
     Op("get", "/v1/links/{id}", "A link with its counters", "Management", {200: M.Link, **MANAGE},
        security="bearer"),
+    Op("get", "/v1/links/{id}/stats", "A link's counted events, dropped events by reason and fraud flags by rule, "
+       "per UTC day (from, to: YYYY-MM-DD, at most 366 days; default the last 30)", "Management",
+       {200: M.LinkStats, **MANAGE}, security="bearer", query={"from": DAY, "to": DAY}),
+    Op("patch", "/v1/programs/{id}/fraud", "Change a program's fraud thresholds (burst_clicks, burst_seconds, "
+       "fast_conversion_seconds)", "Management", {200: S.ProgramFraud, **MANAGE_BODY}, S.FraudThresholds,
+       "bearer"),
     Op("get", "/v1/events", "Recent events with their enrichment", "Management",
        {200: M.EventList, **MANAGE}, security="bearer",
        query={"link_id": {"type": "string"}, "type": {"type": "string", "enum": ["click", "lead", "conversion"]},
               "limit": LIMIT}),
     Op("get", "/v1/customers/{external_id}", "A customer by your external id", "Management",
        {200: M.Customer, **MANAGE}, security="bearer"),
-    Op("post", "/v1/webhooks", "Create a webhook (lead.created, conversion.created, milestone.reached) to a public "
-       "address; its signing secret is shown once", "Webhooks", {201: webhooks.Webhook, 409: M.ManageError,
-                                                                 **MANAGE_BODY}, webhooks.NewWebhook, "bearer"),
+    Op("post", "/v1/webhooks", "Create a webhook (lead.created, conversion.created, milestone.reached, "
+       "fraud.flagged) to a public address; its signing secret is shown once", "Webhooks",
+       {201: webhooks.Webhook, 409: M.ManageError, **MANAGE_BODY}, webhooks.NewWebhook, "bearer"),
     Op("get", "/v1/webhooks/{id}/deliveries", "A webhook's deliveries with every attempt", "Webhooks",
        {200: webhooks.DeliveryList, **MANAGE}, security="bearer", query={"limit": LIMIT}),
     Op("get", "/v1/affiliate/links", "The calling affiliate's links (affiliate key)", "Affiliate",
        {200: M.LinkList, **MANAGE}, security="bearer"),
-    Op("get", "/v1/affiliate/stats", "The calling affiliate's stats (affiliate key)", "Affiliate",
-       {200: M.AffiliateStats, **MANAGE}, security="bearer"),
+    Op("get", "/v1/affiliate/stats", "The calling affiliate's stats, its own links only: counted, dropped by "
+       "reason, flagged by rule, per UTC day (affiliate key; from, to as a link's stats)", "Affiliate",
+       {200: M.AffiliateStats, **MANAGE}, security="bearer", query={"from": DAY, "to": DAY}),
 )  # fmt: skip
 
 

@@ -135,6 +135,9 @@ class Settings(BaseSettings):
         0.8, gt=0, le=1, description="status and the worker warn when Redis used_memory passes this share of maxmemory."
     )
     trim_every_s: int = Field(60, ge=1, le=3600)
+    drops_fold_every_s: int = Field(
+        5, ge=1, le=60, description="Worker: fold the edges' refusal tallies (drops) into Postgres this often."
+    )
     event_retention: int = Field(
         90, ge=2, le=36500, description="Days of event rows Postgres keeps (daily partitions; daily stats stay)."
     )

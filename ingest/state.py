@@ -12,6 +12,7 @@ from aiohttp import web
 from .auth import Authenticator
 from .batcher import RedisBatcher
 from .connections import Redis
+from .drops import DropTally
 from .idempotency import Idempotency
 from .keys import Keys
 from .metrics import EdgeMetrics
@@ -37,6 +38,7 @@ class Edge:
     click_limiter: RateLimiter  # seed 000: per client IP
     public_limiter: RateLimiter  # other public routes: per client IP
     key_limiter: RateLimiter  # authenticated routes: per API key
+    drops: DropTally  # refusals by reason, for the tenants' stats (ingest.drops)
     idem: Idempotency  # clients' idempotency keys
     # at most this many requests ask Postgres at once (unknown keys, cold link cache, old clicks)
     pg_fallbacks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))

@@ -247,16 +247,11 @@ def link_create(
 @json_flag
 @click.argument("code")
 def link_show(code: str) -> None:
-    """A link with its counters."""
+    """A link with its counters; per day of the last 30, what counted, what was dropped
+    and why (bot, unknown_code, rate_limited, ...), and what was flagged as fraud."""
+    from .ops_links import show_link
 
-    async def go(settings: Settings) -> dict[str, Any]:
-        conn = await _database(settings)
-        try:
-            return await admin.show_link(conn, code)
-        finally:
-            await conn.close()
-
-    _print(_run(go))
+    show_link(code)
 
 
 @main.group()
@@ -394,6 +389,7 @@ main.add_command(ops_status.dead)
 from . import ops_workspace  # noqa: E402
 
 workspace.add_command(ops_workspace.set_bot_policy)
+workspace.add_command(ops_workspace.set_fraud_policy)
 
 from .bench import bench  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""``refstream workspace set-bot-policy``: how the workers count a workspace's bot clicks.
+"""``refstream workspace set-bot-policy``: how the workers count a workspace's bot clicks;
+``set-fraud-policy``: what a fraud flag does to the event it is on.
 
 ``refstream.cli`` adds these commands to its ``workspace`` group, so this module imports
 it lazily (inside the command): a top-level import would be circular.
@@ -12,6 +13,7 @@ import asyncpg
 import click
 
 from ingest import admin
+from ingest.drops import FRAUD_POLICIES, FRAUD_RULES
 from ingest.settings import Settings
 
 from . import ops_output as out
@@ -48,4 +50,37 @@ def set_bot_policy(workspace_id: str, policy: str, as_json: bool) -> None:
     table = out.table("workspace", "field", "value", left=("field", "value"))
     for name in ("id", "name", "bot_policy", "ip_policy"):
         table.add_row(name.replace("_", " "), out.cell(ws[name]))
+    out.console().print(table)
+
+
+@click.command("set-fraud-policy")
+@click.argument("workspace_id")
+@click.argument("rule", type=click.Choice(FRAUD_RULES))
+@click.argument("policy", type=click.Choice(FRAUD_POLICIES))
+@out.json_option
+def set_fraud_policy(workspace_id: str, rule: str, policy: str, as_json: bool) -> None:
+    """What a fraud flag under RULE does to the event (see the README's fraud rules):
+
+    \b
+      flag     the default: stored with the flag and its evidence, and still counted
+      exclude  stored with the flag; it moves no counter and credits no affiliate
+
+    Either way the flag is counted in the stats and sent as fraud.flagged. Applies to
+    the events the workers store from now on."""
+    from .runner import _run
+
+    async def go(settings: Settings) -> dict[str, Any]:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return await admin.update_workspace(conn, workspace_id, bot_policy=None, fraud_policy={rule: policy})
+        finally:
+            await conn.close()
+
+    ws = _run(go)
+    if as_json:
+        out.print_json(ws)
+        return
+    table = out.table("workspace", "field", "value", left=("field", "value"))
+    for name in ("id", "name", "bot_policy", "fraud_policy"):
+        table.add_row(name.replace("_", " "), out.cell(ws[name] if name != "fraud_policy" else str(ws[name] or "{}")))
     out.console().print(table)

@@ -39,7 +39,8 @@ SECRET_KEY = secretbox.generate_key()
 _TABLES = (
     "webhook_attempts, webhook_deliveries, webhooks, affiliate_milestones, milestones, daily_stats, events,"
     " link_visitor_days, event_dedupe, event_retention,"
-    " customers, links, api_keys, affiliates, programs, workspaces"
+    " customers, links, api_keys, affiliates, programs, workspaces,"
+    " drop_stats, event_drops, drop_folds, event_flags, affiliate_ips"
 )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
 from ingest.events import FIELD
@@ -212,6 +213,12 @@ async def test_the_archive_on_s3_holds_every_entry_and_replays(
 
 async def copy_config(src: asyncpg.Pool, url: str) -> None:
     conn = await asyncpg.connect(url)
+    # jsonb columns (a workspace's fraud policy) come back from the pool decoded: COPY them
+    # back in jsonb's binary form (a version byte, 1, then the text)
+    await conn.set_type_codec(
+        "jsonb", encoder=lambda v: b"\x01" + orjson.dumps(v), decoder=lambda b: orjson.loads(b[1:]),
+        schema="pg_catalog", format="binary",
+    )  # fmt: skip
     try:
         for table in CONFIG_TABLES:
             rows = await src.fetch(f"SELECT * FROM {table}")

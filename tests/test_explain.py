@@ -4,14 +4,14 @@ daily rows, analyzed; the plans name index scans and no sequential scan of the t
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 
-from ingest import manage
+from ingest import manage, stats
 from workers.partitions import maintain
 
 DAY = date(2033, 1, 5)
@@ -48,7 +48,11 @@ _FILL = [
     """INSERT INTO daily_stats (link_id, day, workspace_id, program_id, affiliate_id, clicks)
        SELECT l.id, current_date - d, l.workspace_id, l.program_id, l.affiliate_id, 1
        FROM links l CROSS JOIN generate_series(0, 2) d WHERE l.code LIKE 'L%'""",
-    "ANALYZE workspaces, programs, affiliates, links, events, customers, daily_stats",
+    # the drops and flags of each link on two days, by two reasons
+    """INSERT INTO drop_stats (workspace_id, link_id, day, reason, source, n)
+       SELECT l.workspace_id, l.id, current_date - d, r, 'worker', 1
+       FROM links l CROSS JOIN generate_series(0, 1) d CROSS JOIN unnest('{bot,duplicate}'::text[]) r""",
+    "ANALYZE workspaces, programs, affiliates, links, events, customers, daily_stats, drop_stats",
 ]
 
 
@@ -89,6 +93,9 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
         ws, link, affiliate = await conn.fetchrow(
             "SELECT workspace_id, id, affiliate_id FROM links WHERE code = 'L77'"
         )  # fmt: skip
+        links = [r["id"] for r in await conn.fetch(stats.AFFILIATE_LINKS_SQL, ws, affiliate)]
+        today = await conn.fetchval("SELECT current_date")
+        since = today - timedelta(days=29)
         reads = {
             "events": [
                 (manage.events_query(link=False, type_=False), ws, 50),
@@ -100,9 +107,11 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
             "links": [
                 (manage.LINK_BY_ID, link, ws),
                 (manage.AFFILIATE_LINKS, ws, affiliate),
-                (manage.AFFILIATE_TOTALS, ws, affiliate),
+                (stats.LINK_OWNED_SQL, link, ws),
+                (stats.AFFILIATE_LINKS_SQL, ws, affiliate),
             ],
-            "daily_stats": [(manage.AFFILIATE_DAILY, ws, affiliate)],
+            "daily_stats": [(stats.COUNTED_SQL, links, since, today)],
+            "drop_stats": [(stats.DROPPED_SQL, links, since, today)],
         }
         holding = {
             r["relname"] for r in await conn.fetch(
@@ -110,7 +119,8 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
                 " AND relnamespace = 'public'::regnamespace"
             )
         }  # fmt: skip
-        assert {f"events_p2033010{d}" for d in range(4, 9)} | {"links", "customers", "daily_stats"} <= holding
+        tables = {"links", "customers", "daily_stats", "drop_stats"}
+        assert {f"events_p2033010{d}" for d in range(4, 9)} | tables <= holding
         for table, queries in reads.items():
             for sql, *args in queries:
                 nodes = await plan(conn, sql, *args)

@@ -1,6 +1,7 @@
 """`refstream migrate` from schema 3 (plain events and link_visitor_days tables holding rows)
 to 4: one transaction turns each into the legacy partition of a partitioned table, copies
-no row, backfills the dedupe keys; serve and work refuse the database until it has run."""
+no row, backfills the dedupe keys; serve and work refuse the database until it has run.
+From 4 to 5 (drops and fraud flags): additive, rows kept, idempotent."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from workers.partitions import day_uuid, maintain
 from workers.store import write_batch
 
 V3 = Path(__file__).parent / "data" / "schema_v3.sql"
+V4 = Path(__file__).parent / "data" / "schema_v4.sql"
 DAY1 = int(datetime(2024, 3, 1, 10, tzinfo=UTC).timestamp() * 1000)
 
 _OLD_WORLD = """
@@ -77,7 +79,7 @@ async def test_a_schema_3_database_with_rows_is_converted_in_one_go(scratch_url:
 
     conn = await asyncpg.connect(scratch_url)
     try:
-        assert await migrate(conn) == SCHEMA_VERSION == 4
+        assert await migrate(conn) == SCHEMA_VERSION
         kinds = await conn.fetch(
             "SELECT relname, relkind::text FROM pg_class WHERE relname IN ('events', 'link_visitor_days') ORDER BY 1"
         )
@@ -96,7 +98,7 @@ async def test_a_schema_3_database_with_rows_is_converted_in_one_go(scratch_url:
             (2, "lead\x1fc1\x1fSign Up", ids[1])
         ]
         before = [tuple(r) for r in await conn.fetch(_PARTS, "events")]
-        assert await migrate(conn) == 4  # a second run changes nothing
+        assert await migrate(conn) == SCHEMA_VERSION  # a second run changes nothing
         assert [tuple(r) for r in await conn.fetch(_PARTS, "events")] == before
     finally:
         await conn.close()
@@ -129,11 +131,11 @@ async def test_a_version_recorded_over_plain_tables_is_refused_then_migrated(scr
     await at_v3(scratch_url)
     conn = await asyncpg.connect(scratch_url)
     try:
-        await conn.execute("UPDATE refstream_schema SET version = 4")  # a hand edit, a partial restore
+        await conn.execute("UPDATE refstream_schema SET version = $1", SCHEMA_VERSION)  # a hand edit, a restore
         status = await schema_check.check_url(scratch_url)
         assert status.kind is schema_check.Kind.NOT_MIGRATED
         assert "events, link_visitor_days not partitioned (half-migrated)" in status.reason
-        assert await migrate(conn) == 4
+        assert await migrate(conn) == SCHEMA_VERSION
         assert (await schema_check.check_url(scratch_url)).ok
     finally:
         await conn.close()
@@ -141,3 +143,52 @@ async def test_a_version_recorded_over_plain_tables_is_refused_then_migrated(scr
 
 def test_the_bounds_are_the_days_first_millisecond():
     assert day_uuid(date(2024, 3, 1)).int >> 80 == int(datetime(2024, 3, 1, tzinfo=UTC).timestamp() * 1000)
+
+
+_CLICK_IP_INDEXES = """
+SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_class x ON x.oid = i.indexrelid
+WHERE pg_get_indexdef(i.indexrelid) LIKE '%(link_id, ip, received_at)%' ORDER BY 1
+"""
+
+
+async def test_a_schema_4_database_takes_schema_5(scratch_url: str, settings: Settings):
+    await ensure_database(scratch_url)
+    conn = await asyncpg.connect(scratch_url)
+    try:
+        await conn.execute(V4.read_text())
+        await conn.execute(
+            "CREATE TABLE refstream_schema (singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),"
+            " version integer NOT NULL, migrated_at timestamptz NOT NULL DEFAULT now());"
+            " INSERT INTO refstream_schema (version) VALUES (4)"
+        )
+        lo, hi = day_uuid(date(2024, 3, 1)), day_uuid(date(2024, 3, 2))
+        await conn.execute(f"CREATE TABLE events_p20240301 PARTITION OF events FOR VALUES FROM ('{lo}') TO ('{hi}')")
+        link = await conn.fetchrow(_OLD_WORLD)
+        old = uuid7(DAY1)
+        await conn.execute(
+            _OLD_EVENT, old, 1, link["workspace_id"], link["id"], "v0", None, None, None,
+            datetime.fromtimestamp(DAY1 / 1000, UTC),
+        )  # fmt: skip
+        assert (await schema_check.check_url(scratch_url)).version == 4
+
+        assert await migrate(conn) == SCHEMA_VERSION == 5
+        tables = {r["relname"] for r in await conn.fetch("SELECT relname FROM pg_class WHERE relkind = 'r'")}
+        assert {"drop_stats", "event_drops", "drop_folds", "event_flags", "affiliate_ips"} <= tables
+        # the click_burst index: on the partitioned table, so on each partition, old and new
+        assert [r["relname"] for r in await conn.fetch(_CLICK_IP_INDEXES)] == [
+            "events", "events_default", "events_p20240301"]  # fmt: skip
+        assert await conn.fetchval("SELECT fraud_policy::text FROM workspaces") == "{}"
+        assert await conn.fetchval("SELECT count(*) FROM events") == 1
+        assert await migrate(conn) == SCHEMA_VERSION  # a second run changes nothing
+    finally:
+        await conn.close()
+    assert (await schema_check.check_url(scratch_url)).ok
+
+    pool = await create_pg_pool(settings.model_copy(update={"database_url": scratch_url}), min_size=1, max_size=2)
+    try:
+        test = {"code": "OLD", "visitor_id": "v9", "test_mode": True}
+        done = await write_batch(pool, [Envelope(EventType.CLICK, Dialect.AFFITOR, test)])
+        assert done.inserted == 1
+        assert await pool.fetchval("SELECT n FROM drop_stats WHERE reason = 'test_mode'") == 1
+    finally:
+        await pool.close()

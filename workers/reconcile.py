@@ -8,7 +8,10 @@ the window, the event rows are the truth: per link and UTC day (``daily_stats``)
 worker records on the row as ``bot_counted``), bot clicks, leads, conversions, unique
 clicks (distinct visitors over counted clicks), and ``link_visitor_days``, the set later
 batches test a visitor's first click of the day against. Reading the decision from the row,
-not the workspace's policy today, keeps a policy change what it is in the worker.
+not the workspace's policy today, keeps a policy change what it is in the worker. An event
+flagged under a fraud rule its workspace excluded moved no counter, and is not recounted;
+the worker's drops and flags (``drop_stats``) are recounted over the same window and
+chunks (``workers.reconcile_drops``).
 
 Event rows are kept for the retention only; ``daily_stats`` is the durable history. So the
 window defaults to the retained one (from the horizon in ``event_retention``, or everything
@@ -36,6 +39,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
+from . import reconcile_drops
 from .errors import is_retryable_in_place
 
 log = structlog.get_logger("workers.reconcile")
@@ -49,9 +53,11 @@ _NIL = UUID(int=0)
 # a click that moves `clicks` (workers.counters.counts_as_click, as the worker decided it)
 _COUNTED = "type = 1 AND (NOT is_bot OR bot_counted)"
 # the chunk's events in the window: $1 link ids, $2/$3 window [from, to), $4 the horizon's id
+# (an event flagged under a rule its workspace excluded moved no counter: workers.fraud)
 _WINDOW = """
 e.link_id = ANY($1::uuid[]) AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
 AND NOT e.test_mode AND NOT e.out_of_window
+AND NOT EXISTS (SELECT 1 FROM event_flags f WHERE f.event_id = e.event_id AND f.excluded)
 """
 
 # what every (link, day) of the chunk should hold in the window
@@ -227,9 +233,12 @@ async def reconcile(
         links += found[0]
         daily += found[1]
         after, chunks = ids[-1], chunks + 1
+    # the drops that no link resolved for, under the nil link id: a chunk of their own
+    daily += (await _retried(pool, [reconcile_drops.NO_LINK], span, horizon_id, fix))[1]
     order = {c: i for i, c in enumerate(_LINK_COLUMNS)}
     links.sort(key=lambda d: (d.code, order[d.counter]))
-    daily.sort(key=lambda d: (d.code, d.day or _FAR_PAST, COUNTERS.index(d.counter)))
+    rank = {c: i for i, c in enumerate(COUNTERS)}
+    daily.sort(key=lambda d: (d.code, d.day or _FAR_PAST, rank.get(d.counter, len(rank)), d.counter))
     log.info("reconcile", drift=len(links) + len(daily), chunks=chunks, fixed=fix,
              since=span.since.isoformat(), until=span.until.isoformat())  # fmt: skip
     return links + daily
@@ -296,4 +305,15 @@ async def _chunk(
                 *([r[f"r_{c}"] for r in rows] for c in COUNTERS),
                 [expected[r["id"]] for r in rows],
             )
-    return links, daily
+        # drop_stats: after the counters' repair, so the lock order stays the batches' (links first)
+        drops = [
+            Drift(r["code"], _drop_counter(r["reason"], r["detail"]), r["stored"], r["recomputed"], r["day"])
+            for r in await reconcile_drops.drift(conn, ids, (start, end), days[1:], horizon_id, fix=fix)
+        ]  # fmt: skip
+    return links, daily + drops
+
+
+def _drop_counter(reason: str, detail: str) -> str:
+    """``dropped.bot.ua_list``, ``dropped.unknown_code``, ``flagged.click_burst``."""
+    head = "flagged" if reason == "flagged" else f"dropped.{reason}"
+    return f"{head}.{detail}" if detail else head

@@ -5,8 +5,9 @@ from the rows that came back: a redelivered, reclaimed or replayed entry inserts
 and so moves nothing. Every write is set-based (unnest), one statement per table, and
 sorted so that concurrent batches take their locks in one order and cannot deadlock one
 another. The order, phase by phase, each phase in key order: event_dedupe (by dedupe
-key), events (by event id), link_visitor_days, links (by id), daily_stats, affiliates (by id),
-affiliate_milestones, customers, webhook_deliveries.
+key), events (by event id), event_flags, link_visitor_days, links (by id), daily_stats,
+affiliates (by id), affiliate_milestones, customers, webhook_deliveries, event_drops,
+drop_stats.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ingest import clicks
 from ingest.events import Dialect, Envelope, EventType
 from ingest.links import LINK_SELECT, LinkInfo
 
-from . import counters, customers, notices, webhooks
+from . import counters, customers, drops, fraud, notices, webhooks
 from .enrich import Enricher, Enrichment
 from .errors import is_retryable_in_place
 from .stored import Stored, ts
@@ -33,7 +34,7 @@ from .stored import Stored, ts
 log = structlog.get_logger("workers.store")
 
 _RESOLVE_LINKS = LINK_SELECT + " WHERE l.code = ANY($1::text[])"
-_POLICIES = "SELECT id, ip_policy, bot_policy FROM workspaces WHERE id = ANY($1::uuid[])"
+_POLICIES = "SELECT id, ip_policy, bot_policy, fraud_policy FROM workspaces WHERE id = ANY($1::uuid[])"
 VISITOR_DIALECTS = frozenset({Dialect.BIORE, Dialect.AFFITOR, Dialect.REDIRECT})
 
 # A lead's or conversion's dedupe key (one lead per customer and event name, one conversion
@@ -112,17 +113,22 @@ async def write_batch(pool: asyncpg.Pool, envelopes: list[Envelope], enricher: E
     raise AssertionError("unreachable")
 
 
-async def _claim_keys(conn: asyncpg.Connection, cols: tuple[list[Any], ...]) -> tuple[list[Any], ...]:
+async def _claim_keys(
+    conn: asyncpg.Connection, cols: tuple[list[Any], ...]
+) -> tuple[tuple[list[Any], ...], list[UUID]]:
     """Claim the batch's dedupe keys; the columns of the events to insert come back: those
-    without a key, and those whose key this batch now holds (in event-id order still)."""
+    without a key, and those whose key this batch now holds (in event-id order still); and
+    the ids of the events whose key was held already (by another event, or by their own
+    earlier copy)."""
     keyed = [i for i, key in enumerate(cols[10]) if key is not None]
     if not keyed:
-        return cols
+        return cols, []
     claimed = {
         r["event_id"] for r in await conn.fetch(_CLAIM_KEYS, *([cols[c][i] for i in keyed] for c in (2, 1, 10, 0, 14)))
     }
     keep = [i for i, key in enumerate(cols[10]) if key is None or cols[0][i] in claimed]
-    return tuple([col[i] for i in keep] for col in cols)
+    lost = [cols[0][i] for i in keyed if cols[0][i] not in claimed]
+    return tuple([col[i] for i in keep] for col in cols), lost
 
 
 def _opt(v: object) -> str | None:
@@ -188,14 +194,17 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
 
     cols: tuple[list[Any], ...] = tuple([] for _ in range(25))
     kept: dict[UUID, Stored] = {}
+    no_row: list[drops.NoRow] = []  # dropped with no event row: counted once by event id
     for e in sorted(envelopes, key=lambda e: e.event_id):
         code = e.payload.get("code")
         link = by_code.get(code) if isinstance(code, str) else None
         if link is None or (e.workspace_id is not None and e.workspace_id != link.workspace_id):
             result.unknown_codes.append(str(code))
+            no_row.append(drops.NoRow(e.event_id, e.workspace_id, None, "unknown_code", ts(e.received_at_ms)))
             continue
         if e.type is EventType.CLICK and not link.active:
             result.inactive_codes.append(link.code)
+            no_row.append(drops.NoRow(e.event_id, link.workspace_id, link.id, "inactive_link", ts(e.received_at_ms)))
             continue
         ws = policies.get(link.workspace_id)
         ip, found = _enrich(e, enricher, ws["ip_policy"] if ws else "full")
@@ -230,15 +239,19 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
         )
         for col, v in zip(cols, row, strict=True):
             col.append(v)
-        kept[e.event_id] = Stored(e, link, ts(e.received_at_ms), is_bot, visitor_key, out_of_window)
+        kept[e.event_id] = Stored(
+            e, link, ts(e.received_at_ms), is_bot, visitor_key, out_of_window, ip, found.bot_reason if found else None
+        )
 
     if not kept:
+        await drops.settle(conn, inserted=[], no_row=no_row)
         return result
-    cols = await _claim_keys(conn, cols)
+    cols, lost = await _claim_keys(conn, cols)
     returned = {r["event_id"]: r["expired"] for r in await conn.fetch(_INSERT_EVENTS, *cols)}
     inserted = [s for event_id, s in kept.items() if event_id in returned]  # in event-id order
     result.inserted = len(inserted)
     result.duplicates += len(kept) - len(inserted)
+    no_row += await _duplicates(conn, [kept[event_id] for event_id in lost])
     result.expired = sum(returned.values())
     # test-mode, out-of-window and expired events are stored, and that is all: no counter,
     # no customer, no attribution, no webhook
@@ -247,11 +260,54 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
         if s.envelope.payload.get("test_mode") is not True and not s.out_of_window
         and not returned[s.envelope.event_id]
     ]  # fmt: skip
-    if live:
-        reached = await counters.apply(conn, live, count_bots=counting)
-        await customers.upsert(conn, live)
+    policy = {ws: r["fraud_policy"] or {} for ws, r in policies.items()}
+    flagged = await fraud.detect(conn, live, policy)
+    counted = flagged.counted(live)  # a flag the workspace excludes: stored and flagged, nothing more
+    if counted:
+        reached = await counters.apply(conn, counted, count_bots=counting)
+        await customers.upsert(conn, counted)
         result.milestones = len(reached)
-        events = notices.for_events(live) + await notices.for_milestones(conn, live, reached)
-        if events:
-            result.deliveries = await webhooks.record_deliveries(conn, events)
+        events = notices.for_events(counted) + await notices.for_milestones(conn, counted, reached)
+    else:
+        events = []
+    events += fraud.notices(flagged)
+    if events:
+        result.deliveries = await webhooks.record_deliveries(conn, events)
+    await drops.settle(  # an expired event moves no counter, and no drop either
+        conn, inserted=[s for s in inserted if not returned[s.envelope.event_id]], no_row=no_row, counting=counting,
+        flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags],
+    )  # fmt: skip
     return result
+
+
+# of the events whose dedupe key was held already, those it is held by another event for
+_HELD_BY_ANOTHER = """
+SELECT x.event_id
+FROM unnest($1::uuid[], $2::smallint[], $3::text[], $4::uuid[]) AS x(workspace_id, type, dedupe_key, event_id)
+JOIN event_dedupe d USING (workspace_id, type, dedupe_key)
+WHERE d.event_id <> x.event_id
+"""
+
+
+async def _duplicates(conn: asyncpg.Connection, lost: list[Stored]) -> list[drops.NoRow]:
+    """Of the leads and conversions that lost their dedupe key's claim, those whose key
+    another event holds (a second lead of one customer and name, a second conversion of
+    one code and session): duplicates. A key held by the event's own id is a copy of an
+    event stored already (a redelivery, a replay): not a drop; nor is a click's key (an
+    idempotency key's, the client's own retry)."""
+    keyed = [s for s in lost if s.type in (EventType.LEAD, EventType.CONVERSION)]
+    if not keyed:
+        return []
+    rows = await conn.fetch(
+        _HELD_BY_ANOTHER,
+        [s.link.workspace_id for s in keyed],
+        [int(s.type) for s in keyed],
+        [_dedupe_key(s.envelope) for s in keyed],
+        [s.envelope.event_id for s in keyed],
+    )
+    others = {r["event_id"] for r in rows}
+    return [
+        drops.NoRow(s.envelope.event_id, s.link.workspace_id, s.link.id, "duplicate", s.at)
+        for s in keyed
+        if s.envelope.event_id in others
+    ]

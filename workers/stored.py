@@ -18,6 +18,8 @@ class Stored:
     is_bot: bool
     visitor_key: str | None  # who, for unique clicks: the visitor id, or a hash of IP and UA
     out_of_window: bool = False
+    ip: str | None = None  # as stored (the workspace's ip_policy applied)
+    bot_reason: str | None = None
 
     @property
     def type(self) -> EventType:

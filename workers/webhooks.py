@@ -47,7 +47,7 @@ from ingest import secretbox, targets
 
 log = structlog.get_logger("workers.webhooks")
 
-EVENT_TYPES = ("lead.created", "conversion.created", "milestone.reached")
+EVENT_TYPES = ("lead.created", "conversion.created", "milestone.reached", "fraud.flagged")
 JOB = "deliver_webhook"
 MAX_ATTEMPTS = 8
 BACKOFF_S = 10.0  # first retry; doubles each time (ctx["webhook_backoff_s"] overrides)

@@ -29,7 +29,7 @@ from ingest.connections import connect_redis, create_pg_pool
 from ingest.keys import Keys
 from ingest.settings import Settings
 
-from . import arq_redis, replay, webhooks
+from . import arq_redis, drops, replay, webhooks
 from .consume import Backoff, Consumer
 from .enrich import Enricher
 from .errors import redis_outage
@@ -135,6 +135,12 @@ async def refresh_links(ctx: dict[str, Any]) -> int:
     return await links.refresh_all(c.pipeline.pg, c.redis, c.keys)
 
 
+async def fold_drops(ctx: dict[str, Any]) -> int:
+    """arq cron: the edges' refusal tallies into ``drop_stats`` (``workers.drops``)."""
+    c: Consumer = ctx["consumer"]
+    return await drops.fold(c.redis, c.pipeline.pg, c.keys.prefix)
+
+
 class ResilientWorker(Worker):
     """arq's worker, except that Redis going away, filling up (``noeviction``) or turning
     read-only is waited out with a backoff instead of ending the process: arq's own
@@ -200,6 +206,7 @@ def build_worker(settings: Settings) -> Worker:
         cron_jobs=[
             cron(refresh_links, minute=set(range(0, 60, 10)), second=7, run_at_startup=True, timeout=600),
             cron(webhooks.sweep_webhooks, second=30, run_at_startup=True, timeout=60),
+            cron(fold_drops, second=set(range(0, 60, settings.drops_fold_every_s)), timeout=60),
         ],
         # at start too: wait for Redis as long as it takes, never give up and exit
         redis_settings=arq_redis.redis_settings(settings, wait=True),

@@ -142,16 +142,19 @@ async def track_click(request: web.Request) -> web.Response:
             extra=(("GET", edge.keys.click(existing)),) if existing else (),
             degraded=True,  # public: with Redis down, the link from Postgres and the event to the spool
         )
-        if not found.verdict.allowed:
-            return fail(429, "Too many requests", found.verdict.headers)
         link = found.link
+        if not found.verdict.allowed:
+            edge.drops.note(link.workspace_id if link else None, link.id if link else None, "rate_limited")
+            return fail(429, "Too many requests", found.verdict.headers)
         if found.link_unresolved:
             raise Unavailable
         if link is None:
+            edge.drops.note(None, None, "unknown_code")
             return fail(400, f"No referral link found for aff={code}")
         if not link.configured:
             return fail(400, "Referral link configuration is invalid (missing partner or program)")
         if not link.active:
+            edge.drops.note(link.workspace_id, link.id, "inactive_link")
             return fail(200, "Referral link is inactive")
         if not link.allows_origin(request.headers.get("Origin")):
             return fail(403, "Origin not allowed for this workspace")

@@ -95,21 +95,27 @@ async def track_click(request: web.Request) -> web.Response:
         return error(401, "unauthorized")
     if not principal.allows("track"):
         return error(403, "insufficient_scope", need="track")
+    link = found.link
+    mine = link if link is not None and link.workspace_id == principal.workspace_id else None
     if not found.verdict.allowed:
+        edge.drops.note(principal.workspace_id, mine.id if mine else None, "rate_limited")
         return error(429, "rate_limited", found.verdict.headers, detail="600 requests per minute per key")
     if problem is not None or body is None:
+        edge.drops.note(principal.workspace_id, None, "invalid")
         if problem is None:
             return error(400, "invalid_json", detail="invalid body")
         return error(problem.status, body_code(problem, "invalid_json"), detail=problem.message)
     try:
         idem_key = header_key(request)
     except InvalidKey as exc:
+        edge.drops.note(principal.workspace_id, None, "invalid")
         return error(400, "invalid_idempotency_key", detail=str(exc))
-    link = found.link
     if found.link_unresolved:
         return error(503, "unavailable", {"Retry-After": "1"})
-    if link is None or link.workspace_id != principal.workspace_id or not link.active:
+    if mine is None or not mine.active:
+        edge.drops.note(principal.workspace_id, mine.id if mine else None, "inactive_link" if mine else "unknown_code")
         return error(404, "link_not_found")
+    link = mine
 
     workspace = principal.workspace_id
     fp_key = (

@@ -119,6 +119,7 @@ async def batch(request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps({"error": "insufficient_scope", "need": "track"}), status=403,
                             content_type="application/json")  # fmt: skip
     if not found.verdict.allowed:
+        edge.drops.note(principal.workspace_id, None, "rate_limited")  # one per refused request
         return error(429, "rate_limited", headers=found.verdict.headers)
     try:
         idem_key = header_key(request)
@@ -224,6 +225,7 @@ async def _accept(
     repeats: list[tuple[int, int]] = []  # (item, the earlier item of this batch with its key)
     for index, p in enumerate(parsed):
         if isinstance(p, ItemResult):
+            edge.drops.note(workspace, None, "invalid")
             results.append(p)
             continue
         if isinstance(p, RefportLead) and p.clickId in pending:
@@ -231,6 +233,8 @@ async def _accept(
             continue
         envelope, result = _envelope(index, p, workspace, by_code, by_click, candidates, seen)
         results.append(result)
+        if not result.ok:  # refused items: why, for the workspace's stats
+            edge.drops.note(workspace, None, "invalid" if result.error == "invalid" else "unknown_code")
         if envelope is None:
             continue
         claim = claims[index]

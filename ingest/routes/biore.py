@@ -94,19 +94,22 @@ async def track_click(request: web.Request) -> web.Response:
     if disabled:
         return error(503, "features.referral_disabled", "The referral feature is disabled")
     headers = found.verdict.headers
+    link = found.link
     if not found.verdict.allowed:
+        edge.drops.note(link.workspace_id if link else None, link.id if link else None, "rate_limited")
         return error(429, "throttle", "Too Many Requests", headers)
     try:
         idem_key = header_key(request)
     except InvalidKey as exc:
         return error(400, "validation.idempotency_key", str(exc), headers)
-    link = found.link
     # Postgres down while the link cache is cold: accept, and let the worker decide
     if not sane or (link is None and not found.link_unresolved):
         log.warning("click.unknown_code", code=code[:MAX_CODE].encode("utf-8", "replace").decode(), ip=ip)
+        edge.drops.note(None, None, "unknown_code")
         return web.Response(body=TRACKED, content_type="application/json", headers=headers)
     if link is not None and not link.active:
         log.warning("click.inactive_link", code=code, link_id=link.id)
+        edge.drops.note(link.workspace_id, link.id, "inactive_link")
         return web.Response(body=TRACKED, content_type="application/json", headers=headers)
     if link is not None and not link.allows_origin(request.headers.get("Origin")):
         # the workspace lists the sites that may send its clicks: as Affitor and Bricqs answer

@@ -118,6 +118,7 @@ async def _keyed(request: web.Request, scope: str) -> tuple[Edge, Principal] | w
     if not found.principal.allows(scope) or found.principal.kind != "workspace":
         return error(403, "insufficient_scope", f"This key lacks the {scope} scope")
     if not found.verdict.allowed:
+        edge.drops.note(found.principal.workspace_id, None, "rate_limited")
         return error(429, "rate_limited", "Too many requests", found.verdict.headers)
     return edge, found.principal
 
@@ -174,6 +175,8 @@ async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...]
     except (Unavailable, *REDIS_ERRORS):
         return unavailable()
     if not found.verdict.allowed:
+        link = found.link
+        edge.drops.note(link.workspace_id if link else None, link.id if link else None, "rate_limited")
         return error(429, "rate_limited", "Too many requests", found.verdict.headers)
     if found.link_unresolved:
         return unavailable()
@@ -211,6 +214,8 @@ async def convert(request: web.Request) -> web.Response:
         return found
     link = found.link
     if link is None or not link.active or not link.configured:
+        edge.drops.note(link.workspace_id if link else None, link.id if link else None,
+                        "inactive_link" if link else "unknown_code")  # fmt: skip
         return error(404, "invalid_code", f"Referral code {body.code!r} is not valid")
     if not link.allows_origin(request.headers.get("Origin")):
         return error(403, "origin_not_allowed", "Origin not allowed for this workspace")

@@ -74,8 +74,13 @@ async def redirect(request: web.Request) -> web.Response:
     link = found.link
     if link is None or not link.active or not link.configured:
         log.warning("redirect.unknown_code", code=code, unresolved=found.link_unresolved)
+        if link is not None:
+            edge.drops.note(link.workspace_id, link.id, "inactive_link")
+        elif not found.link_unresolved:
+            edge.drops.note(None, None, "unknown_code")
         return fallback
     if not found.verdict.allowed:
+        edge.drops.note(link.workspace_id, link.id, "rate_limited")
         return moved(link.url)  # over the limit: the visitor still gets there, uncounted
 
     event_id = uuid7()

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import admin, manage
+from .. import admin, manage, stats
 from ..admin import NotFound
 from ..auth import Principal, bearer
 from ..body import BodyError, parse, plain, read
@@ -60,6 +60,7 @@ class NewLink(BaseModel):
 
 
 Scope = Literal["read", "write", "track", "*"]
+FraudRule = Literal["self_referral", "affiliate_ip", "click_burst", "fast_conversion", "disposable_email"]
 
 
 class NewKey(BaseModel):
@@ -88,6 +89,11 @@ class WorkspacePatch(BaseModel):
         " (unique clicks included), as bio.re counts them. Either way the event is flagged is_bot. Applies to the"
         " clicks the workers store from then on.",
     )
+    fraud_policy: dict[FraudRule, Literal["flag", "exclude"]] | None = Field(
+        None,
+        description="Per fraud rule: flag (the default: the event is flagged and still counts) or exclude (flagged,"
+        " and it moves no counter and credits no affiliate). Rules not given keep their policy.",
+    )
 
 
 class Workspace(BaseModel):
@@ -95,6 +101,7 @@ class Workspace(BaseModel):
     name: str
     ip_policy: str
     bot_policy: str
+    fraud_policy: dict[str, str]
     allowed_origins: list[str]
     created_at: str
 
@@ -171,19 +178,51 @@ class Customer(BaseModel):
 
 
 class DailyStats(BaseModel):
-    day: str
+    day: str = Field(description="A UTC day (YYYY-MM-DD); in totals, absent")
     clicks: int
+    unique_clicks: int
+    bot_clicks: int
     leads: int
     conversions: int
+    dropped: dict[str, int] = Field(
+        description="Events not counted, by reason: bot, unknown_code, inactive_link, rate_limited, out_of_window,"
+        " test_mode, duplicate, invalid, fraud (excluded by the fraud policy)"
+    )
+    dropped_detail: dict[str, dict[str, int]] = Field(description="By reason, by detail: a bot's sub-reason, a rule")
+    flagged: dict[str, int] = Field(description="Fraud flags by rule, whether the event was counted or excluded")
+
+
+class StatsTotals(BaseModel):
+    clicks: int
+    unique_clicks: int
+    bot_clicks: int
+    leads: int
+    conversions: int
+    dropped: dict[str, int]
+    dropped_detail: dict[str, dict[str, int]]
+    flagged: dict[str, int]
+
+
+class LinkStats(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    link_id: str
+    from_: str = Field(alias="from", description="First UTC day (default: 29 days before to)")
+    to: str = Field(description="Last UTC day (default: today)")
+    totals: StatsTotals
+    daily: list[DailyStats] = Field(description="Days with anything in them, in order")
 
 
 class AffiliateStats(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
     affiliate_id: str
     links: int
-    clicks: int
+    clicks: int = Field(description="The affiliate's links' counters now (all time)")
     unique_clicks: int
     leads: int
     conversions: int
+    from_: str = Field(alias="from")
+    to: str
+    totals: StatsTotals = Field(description="Over from..to")
     daily: list[DailyStats]
 
 
@@ -263,6 +302,9 @@ def guarded(
 
             async def run() -> web.Response:
                 try:
+                    if caller.affiliate_id is not None:  # where the affiliate's own actions come from
+                        async with edge.pg.acquire() as conn:
+                            await stats.affiliate_seen(conn, caller.affiliate_id, edge.client_ip(request))
                     return await handler(request, edge, caller)
                 except BodyError as exc:
                     return error(exc.status, body_code(exc), exc.message)
@@ -347,7 +389,15 @@ async def revoke_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
 async def patch_workspace(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, WorkspacePatch)
     async with edge.pg.acquire() as conn:
-        return json(200, await admin.update_workspace(conn, p.workspace_id, bot_policy=body.bot_policy))
+        return json(
+            200,
+            await admin.update_workspace(
+                conn,
+                p.workspace_id,
+                bot_policy=body.bot_policy,
+                fraud_policy={str(k): str(v) for k, v in body.fraud_policy.items()} if body.fraud_policy else None,
+            ),
+        )
 
 
 @routes.patch("/v1/links/{id}")
@@ -402,5 +452,9 @@ async def affiliate_links(request: web.Request, edge: Edge, p: Principal) -> web
 @guarded("read", affiliate=True)
 async def affiliate_stats(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     assert p.affiliate_id is not None
+    try:
+        start, to = stats.day_range(request.query.get("from"), request.query.get("to"))
+    except stats.BadRange as exc:
+        return error(400, "invalid_request", str(exc))
     async with edge.pg.acquire() as conn:
-        return json(200, await manage.affiliate_stats(conn, p.workspace_id, p.affiliate_id))
+        return json(200, await stats.affiliate_stats(conn, p.workspace_id, p.affiliate_id, start, to))

@@ -119,14 +119,17 @@ async def track_lead(request: web.Request) -> web.Response:
     if principal is None or not principal.allows("track"):
         return error(401, "UNAUTHORIZED", "Invalid or missing API key")
     if not found.verdict.allowed:
+        edge.drops.note(principal.workspace_id, None, "rate_limited")
         return error(429, "RATE_LIMIT_EXCEEDED", "Too many requests", found.verdict.headers)
     if problem is not None or body is None:
+        edge.drops.note(principal.workspace_id, None, "invalid")
         if problem is None or problem.status == 400:
             return error(400, "VALIDATION_ERROR", problem.message if problem else "invalid body")
         return error(problem.status, body_code(problem).upper(), problem.message)
     try:
         idem_key = header_key(request)
     except InvalidKey as exc:
+        edge.drops.note(principal.workspace_id, None, "invalid")
         return error(400, "VALIDATION_ERROR", str(exc))
 
     click_id = body.clickId
@@ -135,6 +138,7 @@ async def track_lead(request: web.Request) -> web.Response:
     except Unavailable:
         return unavailable()
     if click is None or click.workspace_id != principal.workspace_id:
+        edge.drops.note(principal.workspace_id, None, "unknown_code")
         return error(400, "INVALID_CLICK_ID", "The clickId does not match any recorded click")
 
     payload: dict[str, Any] = {

@@ -26,7 +26,7 @@ from .manage import error, guarded, json, limit_param
 
 routes = web.RouteTableDef()
 
-EventType = Literal["lead.created", "conversion.created", "milestone.reached"]
+EventType = Literal["lead.created", "conversion.created", "milestone.reached", "fraud.flagged"]
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 
@@ -37,7 +37,7 @@ class NewWebhook(BaseModel):
         description="Receives a signed POST; a public address (see REFSTREAM_WEBHOOK_ALLOW_PRIVATE)",
     )  # fmt: skip
     events: list[EventType] = Field(
-        default_factory=lambda: list(EVENT_TYPES), min_length=1, max_length=3, description="Default: all three"
+        default_factory=lambda: list(EVENT_TYPES), min_length=1, max_length=4, description="Default: all four"
     )
 
     @field_validator("url")

@@ -1,0 +1,339 @@
+-- refstream schema. `refstream migrate` applies this whole file in one transaction under
+-- an advisory lock; every statement is idempotent, and later changes are appended as
+-- idempotent statements too (ADD COLUMN IF NOT EXISTS, CREATE INDEX IF NOT EXISTS, ...).
+
+CREATE TABLE IF NOT EXISTS workspaces (
+    id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    name            text NOT NULL,
+    -- how much of a visitor's IP address is stored: full, truncated (/24, /48) or none
+    ip_policy       text NOT NULL DEFAULT 'full' CHECK (ip_policy IN ('full', 'truncated', 'none')),
+    allowed_origins text[] NOT NULL DEFAULT '{}',
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS programs (
+    id                 uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id       uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    name               text NOT NULL,
+    url                text,
+    cookie_window_days integer NOT NULL DEFAULT 30 CHECK (cookie_window_days BETWEEN 1 AND 3650),
+    attribution        text NOT NULL DEFAULT 'last_click' CHECK (attribution IN ('first_click', 'last_click')),
+    created_at         timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS programs_workspace ON programs (workspace_id);
+
+-- an affiliate is a partner of a program (seed 001 calls it a participant of a campaign)
+CREATE TABLE IF NOT EXISTS affiliates (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    program_id   uuid NOT NULL REFERENCES programs (id) ON DELETE CASCADE,
+    external_id  text NOT NULL,
+    name         text,
+    email        text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (program_id, external_id)
+);
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    affiliate_id uuid REFERENCES affiliates (id) ON DELETE CASCADE,
+    kind         text NOT NULL CHECK (kind IN ('workspace', 'affiliate')),
+    -- sha256 of the whole key; the key itself is shown once and never stored
+    key_hash     bytea NOT NULL UNIQUE CHECK (length(key_hash) = 32),
+    -- the first characters of the key, to recognise it in listings and revoke it
+    prefix       text NOT NULL UNIQUE,
+    scopes       text[] NOT NULL DEFAULT '{}',
+    name         text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    last_used_at timestamptz,
+    revoked_at   timestamptz,
+    CHECK ((kind = 'affiliate') = (affiliate_id IS NOT NULL))
+);
+
+CREATE TABLE IF NOT EXISTS links (
+    id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id    uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    -- a link whose program or affiliate is gone is "misconfigured": clicks on it are refused
+    program_id      uuid REFERENCES programs (id) ON DELETE SET NULL,
+    affiliate_id    uuid REFERENCES affiliates (id) ON DELETE SET NULL,
+    code            text NOT NULL UNIQUE,
+    url             text NOT NULL,
+    domain          text,
+    status          text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'inactive')),
+    clicks          bigint NOT NULL DEFAULT 0,
+    unique_clicks   bigint NOT NULL DEFAULT 0,
+    bot_clicks      bigint NOT NULL DEFAULT 0,
+    leads           bigint NOT NULL DEFAULT 0,
+    conversions     bigint NOT NULL DEFAULT 0,
+    last_clicked_at timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS links_affiliate ON links (affiliate_id);
+CREATE INDEX IF NOT EXISTS links_workspace ON links (workspace_id);
+
+-- a visitor who arrived through a link, keyed by the visitor id the edge resolved (a click
+-- id, a tracker's visitor id, a referred session); status only moves forward:
+-- 1 click < 2 lead < 3 converted, whatever order the events are processed in
+CREATE TABLE IF NOT EXISTS customers (
+    id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id   uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    link_id        uuid REFERENCES links (id) ON DELETE SET NULL,
+    affiliate_id   uuid REFERENCES affiliates (id) ON DELETE SET NULL,
+    program_id     uuid REFERENCES programs (id) ON DELETE SET NULL,
+    external_id    text,
+    visitor_id     text NOT NULL,
+    email          text,
+    name           text,
+    avatar_url     text,
+    status         smallint NOT NULL DEFAULT 1 CHECK (status IN (1, 2, 3)),
+    first_click_id uuid,
+    first_seen_at  timestamptz NOT NULL,
+    last_seen_at   timestamptz NOT NULL,
+    test_mode      boolean NOT NULL DEFAULT false
+);
+CREATE UNIQUE INDEX IF NOT EXISTS customers_visitor ON customers (workspace_id, visitor_id);
+CREATE INDEX IF NOT EXISTS customers_external
+    ON customers (workspace_id, external_id) WHERE external_id IS NOT NULL;
+
+-- one row per click, lead or conversion. The primary key is the edge-minted UUIDv7, so a
+-- redelivered or replayed entry is a no-op (ON CONFLICT DO NOTHING), and ids sort by time:
+-- the table is range-partitioned on it, one partition per UTC day (bounds are the UUIDs of
+-- the day's first millisecond, xxxxxxxx-xxxx-7000-8000-000000000000), created ahead and
+-- dropped after REFSTREAM_EVENT_RETENTION days by the worker (workers/partitions.py), with a
+-- default partition for anything outside them. No foreign keys on this hot table: the
+-- worker resolves links itself and a per-row FK check would cost every insert.
+CREATE TABLE IF NOT EXISTS events (
+    event_id      uuid PRIMARY KEY,
+    type          smallint NOT NULL CHECK (type IN (1, 2, 3)),
+    workspace_id  uuid NOT NULL,
+    link_id       uuid,
+    program_id    uuid,
+    affiliate_id  uuid,
+    click_id      uuid,          -- the click this event belongs to (a lead's, or a click's own)
+    visitor_id    text,          -- the customer key
+    visitor_key   text,          -- who, for unique clicks: the visitor id, or a hash of IP and UA
+    customer_external_id text,
+    name          text,          -- a lead's or conversion's event name
+    -- idempotency beyond the event id: a lead per (customer, event name), a conversion per
+    -- (code, referred session); a second one is a no-op like a redelivery
+    dedupe_key    text,
+    dialect       text NOT NULL,
+    test_mode     boolean NOT NULL DEFAULT false,
+    -- a lead or conversion whose click is older than the program's cookie window: stored, not credited
+    out_of_window boolean NOT NULL DEFAULT false,
+    is_bot        boolean NOT NULL DEFAULT false,
+    received_at   timestamptz NOT NULL,
+    processed_at  timestamptz NOT NULL DEFAULT now(),
+    ip            inet,
+    user_agent    text,
+    referrer      text,
+    country       text,
+    asn           integer,
+    -- geo (city, region, coordinates, AS name), device (browser, OS, type, brand, model),
+    -- bot reason, referrer domain, and the data and parser versions that produced them
+    enrichment    jsonb,
+    payload       jsonb NOT NULL DEFAULT '{}'
+) PARTITION BY RANGE (event_id);
+CREATE INDEX IF NOT EXISTS events_link_received ON events (link_id, received_at);
+-- (the dedupe keys live in event_dedupe, below: a unique index on a partitioned table must
+-- hold the partition key, and a key must outlive its event's partition)
+CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+-- `refstream status` counts what was processed in the last minute; BRIN: tiny, append order
+CREATE INDEX IF NOT EXISTS events_processed_brin ON events USING brin (processed_at);
+
+-- unique clicks: a visitor's first click on a link in a UTC day. A set, not a count, so the
+-- answer is the same whatever order clicks are processed in, and exactly once. Partitioned
+-- by day like events, and dropped with them.
+CREATE TABLE IF NOT EXISTS link_visitor_days (
+    link_id     uuid NOT NULL,
+    day         date NOT NULL,
+    visitor_key text NOT NULL,
+    PRIMARY KEY (link_id, day, visitor_key)
+) PARTITION BY RANGE (day);
+
+-- per link and UTC day; per affiliate and program by GROUP BY (both ids are carried)
+CREATE TABLE IF NOT EXISTS daily_stats (
+    link_id       uuid NOT NULL REFERENCES links (id) ON DELETE CASCADE,
+    day           date NOT NULL,
+    workspace_id  uuid NOT NULL,
+    program_id    uuid,
+    affiliate_id  uuid,
+    clicks        bigint NOT NULL DEFAULT 0,
+    unique_clicks bigint NOT NULL DEFAULT 0,
+    bot_clicks    bigint NOT NULL DEFAULT 0,
+    leads         bigint NOT NULL DEFAULT 0,
+    conversions   bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (link_id, day)
+);
+CREATE INDEX IF NOT EXISTS daily_stats_affiliate ON daily_stats (affiliate_id, day);
+CREATE INDEX IF NOT EXISTS daily_stats_program ON daily_stats (program_id, day);
+
+-- seed 001's "refer 5 friends": thresholds on an affiliate's conversions, each reached once
+CREATE TABLE IF NOT EXISTS milestones (
+    id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    program_id uuid NOT NULL REFERENCES programs (id) ON DELETE CASCADE,
+    name       text NOT NULL,
+    threshold  integer NOT NULL CHECK (threshold > 0),
+    UNIQUE (program_id, threshold)
+);
+CREATE TABLE IF NOT EXISTS affiliate_milestones (
+    affiliate_id uuid NOT NULL REFERENCES affiliates (id) ON DELETE CASCADE,
+    milestone_id uuid NOT NULL REFERENCES milestones (id) ON DELETE CASCADE,
+    reached_at   timestamptz NOT NULL,
+    PRIMARY KEY (affiliate_id, milestone_id)
+);
+
+-- webhooks: per-workspace endpoints for lead.created, conversion.created, milestone.reached.
+-- The signing secret is needed in full to sign, so it is stored encrypted (Fernet, key from
+-- REFSTREAM_SECRET_KEY), never in clear; the prefix is for recognising it in listings.
+CREATE TABLE IF NOT EXISTS webhooks (
+    id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    workspace_id     uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    url              text NOT NULL,
+    events           text[] NOT NULL DEFAULT '{lead.created,conversion.created,milestone.reached}',
+    secret_encrypted bytea NOT NULL,
+    secret_prefix    text NOT NULL,
+    active           boolean NOT NULL DEFAULT true,
+    created_at       timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS webhooks_workspace ON webhooks (workspace_id) WHERE active;
+
+-- the outbox: one row per (webhook, event), written in the same transaction as the event,
+-- so a delivery is never lost between COMMIT and the job queue, and never made twice
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    webhook_id   uuid NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+    event_type   text NOT NULL,
+    subject_id   uuid NOT NULL,  -- the event id, or for milestone.reached the milestone id
+    subject_key  text NOT NULL DEFAULT '',  -- for milestone.reached: the affiliate id
+    payload      jsonb NOT NULL,
+    status       text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts     integer NOT NULL DEFAULT 0,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    delivered_at timestamptz,
+    UNIQUE (webhook_id, event_type, subject_id, subject_key)
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_pending ON webhook_deliveries (created_at) WHERE status = 'pending';
+
+-- every attempt, successful or not
+CREATE TABLE IF NOT EXISTS webhook_attempts (
+    id          bigserial PRIMARY KEY,
+    delivery_id uuid NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
+    attempt     integer NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now(),
+    status_code integer,
+    error       text,
+    duration_ms integer
+);
+CREATE INDEX IF NOT EXISTS webhook_attempts_delivery ON webhook_attempts (delivery_id, attempt);
+
+-- customers: each contact field follows the latest event that carried a value for it (by
+-- received time, then event id), and first touch the earliest event; the time and id of
+-- that event are kept beside the value, so the row is the same however events are batched
+ALTER TABLE customers
+    ADD COLUMN IF NOT EXISTS first_event_id    uuid,
+    ADD COLUMN IF NOT EXISTS external_id_at    timestamptz,
+    ADD COLUMN IF NOT EXISTS external_id_event uuid,
+    ADD COLUMN IF NOT EXISTS email_at          timestamptz,
+    ADD COLUMN IF NOT EXISTS email_event       uuid,
+    ADD COLUMN IF NOT EXISTS name_at           timestamptz,
+    ADD COLUMN IF NOT EXISTS name_event        uuid,
+    ADD COLUMN IF NOT EXISTS avatar_url_at     timestamptz,
+    ADD COLUMN IF NOT EXISTS avatar_url_event  uuid;
+
+-- bot clicks, per workspace: `exclude` (the default) counts them apart, in bot_clicks only;
+-- `count` counts them as clicks too (unique clicks and last_clicked_at included), as bio.re's
+-- counter does (it has no bot filter). Either way the event keeps is_bot, and bot_clicks
+-- counts it. The policy is applied when a click is stored and recorded on its row
+-- (bot_counted), so a change applies from then on and a recount reads what was decided.
+ALTER TABLE workspaces
+    ADD COLUMN IF NOT EXISTS bot_policy text NOT NULL DEFAULT 'exclude' CHECK (bot_policy IN ('exclude', 'count'));
+ALTER TABLE events ADD COLUMN IF NOT EXISTS bot_counted boolean NOT NULL DEFAULT false;
+
+-- schema 4: retention that scales. A database made before it holds plain `events` and
+-- `link_visitor_days` tables: each becomes the first partition ("<table>_legacy", from
+-- MINVALUE to the day after its newest row or today) of a partitioned table of the same
+-- name, in this one transaction, without copying a row; the legacy partition is dropped
+-- like any other once its newest day is past the retention.
+
+-- the global dedupe keys: one lead per (customer, event name), one conversion per (code,
+-- referred session). A table of its own, so a key outlives its event's partition: purged
+-- after REFSTREAM_DEDUPE_RETENTION days (at least the event retention) by received time
+CREATE TABLE IF NOT EXISTS event_dedupe (
+    workspace_id uuid NOT NULL,
+    type         smallint NOT NULL,
+    dedupe_key   text NOT NULL,
+    event_id     uuid NOT NULL,
+    received_at  timestamptz NOT NULL,
+    PRIMARY KEY (workspace_id, type, dedupe_key)
+);
+CREATE INDEX IF NOT EXISTS event_dedupe_received ON event_dedupe (received_at);
+
+-- how far back the event rows are complete: an event whose id is below horizon_id may have
+-- been dropped with its partition. The worker stores such an event but moves no counter
+-- (it cannot tell a first delivery from a replay), and reconcile never recounts before it
+CREATE TABLE IF NOT EXISTS event_retention (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    horizon    timestamptz NOT NULL,
+    horizon_id uuid NOT NULL
+);
+
+DO $convert$
+DECLARE
+    newest_ms bigint;
+    bound_ms  bigint;
+    bound     text;
+    idx       record;
+BEGIN
+    IF (SELECT relkind FROM pg_class WHERE oid = 'public.events'::regclass) = 'r' THEN
+        LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
+        INSERT INTO event_dedupe (workspace_id, type, dedupe_key, event_id, received_at)
+        SELECT DISTINCT ON (workspace_id, type, dedupe_key) workspace_id, type, dedupe_key, event_id, received_at
+        FROM events WHERE dedupe_key IS NOT NULL
+        ORDER BY workspace_id, type, dedupe_key, event_id
+        ON CONFLICT DO NOTHING;
+        DROP INDEX IF EXISTS events_dedupe;
+        ALTER TABLE events RENAME TO events_legacy;
+        FOR idx IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                   WHERE i.indrelid = 'public.events_legacy'::regclass LOOP
+            EXECUTE format('ALTER INDEX %I RENAME TO %I', idx.relname, 'events_legacy' || substr(idx.relname, 7));
+        END LOOP;
+        CREATE TABLE events (LIKE events_legacy INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
+            PARTITION BY RANGE (event_id);
+        ALTER TABLE events ADD PRIMARY KEY (event_id);
+        CREATE INDEX events_link_received ON events (link_id, received_at);
+        CREATE INDEX events_received ON events (received_at);
+        CREATE INDEX events_processed_brin ON events USING brin (processed_at);
+        -- the newest id's millisecond (a UUIDv7's first 48 bits), or now
+        SELECT ('x' || substr(replace(event_id::text, '-', ''), 1, 12))::bit(48)::bigint
+          INTO newest_ms FROM events_legacy ORDER BY event_id DESC LIMIT 1;
+        newest_ms := greatest(coalesce(newest_ms, 0), (extract(epoch FROM now()) * 1000)::bigint);
+        bound_ms := (newest_ms / 86400000 + 1) * 86400000;
+        bound := lpad(to_hex(bound_ms), 12, '0');
+        bound := substr(bound, 1, 8) || '-' || substr(bound, 9, 4) || '-7000-8000-000000000000';
+        EXECUTE format('ALTER TABLE events ATTACH PARTITION events_legacy FOR VALUES FROM (MINVALUE) TO (%L)', bound);
+    END IF;
+    IF (SELECT relkind FROM pg_class WHERE oid = 'public.link_visitor_days'::regclass) = 'r' THEN
+        LOCK TABLE link_visitor_days IN ACCESS EXCLUSIVE MODE;
+        ALTER TABLE link_visitor_days RENAME TO link_visitor_days_legacy;
+        ALTER INDEX link_visitor_days_pkey RENAME TO link_visitor_days_legacy_pkey;
+        CREATE TABLE link_visitor_days (LIKE link_visitor_days_legacy INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
+            PARTITION BY RANGE (day);
+        ALTER TABLE link_visitor_days ADD PRIMARY KEY (link_id, day, visitor_key);
+        EXECUTE format(
+            'ALTER TABLE link_visitor_days ATTACH PARTITION link_visitor_days_legacy FOR VALUES FROM (MINVALUE) TO (%L)',
+            greatest((SELECT max(day) FROM link_visitor_days_legacy), (now() AT TIME ZONE 'UTC')::date) + 1);
+    END IF;
+END
+$convert$;
+
+-- whatever no daily partition covers (an id from a skewed clock, a day not yet created)
+CREATE TABLE IF NOT EXISTS events_default PARTITION OF events DEFAULT;
+CREATE TABLE IF NOT EXISTS link_visitor_days_default PARTITION OF link_visitor_days DEFAULT;
+
+-- the management API's reads (GET /v1/events: a workspace's newest first, by link or type)
+CREATE INDEX IF NOT EXISTS events_workspace_id ON events (workspace_id, event_id);
+CREATE INDEX IF NOT EXISTS events_workspace_type_id ON events (workspace_id, type, event_id);
+CREATE INDEX IF NOT EXISTS events_link_id ON events (link_id, event_id);

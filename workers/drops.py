@@ -1,0 +1,172 @@
+"""Why events did not count, in ``drop_stats``: per workspace, link, UTC day, reason.
+
+Two paths in, both exactly once:
+
+- the worker's own decisions, in the batch transaction. A drop with an event row (a bot
+  not counted, test mode, out of window, excluded by fraud policy) is counted from the
+  rows the insert returned, like every counter; a drop with no row (an unknown code, an
+  inactive link, a second lead or conversion under one dedupe key) is recorded in
+  ``event_drops`` by event id with ON CONFLICT DO NOTHING RETURNING, and counted from
+  what came back: a redelivery counts nothing.
+- the edge's refusals, tallied into one Redis hash (``ingest.drops``). ``fold`` renames
+  the hash to a fold key named once and for all (a script: rename and remember, on one
+  hash tag), adds the fold into Postgres in a transaction that also records the fold key
+  in ``drop_folds``, then deletes it. A crash anywhere repeats at most the steps after:
+  the record makes a second addition a no-op.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import asyncpg
+import structlog
+
+from ingest.drops import FLAGGED, NO_ID, fold_key, folds_key, live_key, parse_field
+from ingest.events import EventType
+
+from .stored import Stored
+
+log = structlog.get_logger("workers.drops")
+
+Key = tuple[str, str, date, str, str]  # workspace, link, day, reason, detail
+
+_ADD = """
+INSERT INTO drop_stats AS s (workspace_id, link_id, day, reason, detail, source, n)
+SELECT d.workspace_id, d.link_id, d.day, d.reason, d.detail, $7::text, d.n
+FROM unnest($1::uuid[], $2::uuid[], $3::date[], $4::text[], $5::text[], $6::bigint[])
+     AS d(workspace_id, link_id, day, reason, detail, n)
+ORDER BY 1, 2, 3, 4, 5
+ON CONFLICT (workspace_id, link_id, day, reason, detail, source) DO UPDATE SET n = s.n + EXCLUDED.n
+"""
+
+_RECORD = """
+INSERT INTO event_drops (event_id, workspace_id, link_id, reason, received_at)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[]) ORDER BY 1
+ON CONFLICT DO NOTHING
+RETURNING event_id
+"""
+
+# rename the live hash to a fold key (named by the caller, never reused) and remember it;
+# then every fold not yet finished. One hash tag: the same on a Redis Cluster
+_TAKE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  redis.call('SADD', KEYS[3], KEYS[2])
+end
+return redis.call('SMEMBERS', KEYS[3])
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NoRow:
+    """A drop the worker decided with no event row to show for it."""
+
+    event_id: uuid.UUID
+    workspace_id: str | None
+    link_id: str | None
+    reason: str
+    at: datetime
+
+
+async def add(conn: asyncpg.Connection, counts: Counter[Key], source: str = "worker") -> None:
+    if not counts:
+        return
+    keys = sorted(counts)
+    await conn.execute(_ADD, *([k[i] for k in keys] for i in range(5)), [counts[k] for k in keys], source)
+
+
+async def record(conn: asyncpg.Connection, rows: list[NoRow], counts: Counter[Key]) -> None:
+    """Record drops without an event row; those newly recorded are added to ``counts``."""
+    if not rows:
+        return
+    rows = sorted({r.event_id: r for r in rows}.values(), key=lambda r: r.event_id)
+    new = {
+        r["event_id"]
+        for r in await conn.fetch(
+            _RECORD,
+            [r.event_id for r in rows],
+            [r.workspace_id or NO_ID for r in rows],
+            [r.link_id or NO_ID for r in rows],
+            [r.reason for r in rows],
+            [r.at for r in rows],
+        )
+    }
+    for r in rows:
+        if r.event_id in new:
+            counts[(r.workspace_id or NO_ID, r.link_id or NO_ID, r.at.date(), r.reason, "")] += 1
+
+
+def reason(s: Stored, counting: Collection[str], excluded: dict[uuid.UUID, str]) -> tuple[str, str] | None:
+    """Why a newly stored event moves no counter (reason, detail), or None if it counts."""
+    if s.envelope.payload.get("test_mode") is True:
+        return "test_mode", ""
+    if s.out_of_window:
+        return "out_of_window", ""
+    if s.type is EventType.CLICK and s.is_bot and s.link.workspace_id not in counting:
+        return "bot", s.bot_reason or ""
+    if (rule := excluded.get(s.envelope.event_id)) is not None:
+        return "fraud", rule
+    return None
+
+
+async def settle(
+    conn: asyncpg.Connection,
+    *,
+    inserted: list[Stored],
+    no_row: list[NoRow],
+    counting: Collection[str] = (),
+    flags: Collection[tuple[Stored, str, bool]] = (),
+) -> None:
+    """A batch's drops and flags into ``drop_stats``, in its transaction (last: key order)."""
+    counts: Counter[Key] = Counter()
+    await record(conn, no_row, counts)
+    excluded: dict[uuid.UUID, str] = {}
+    for s, rule, was_excluded in sorted(flags, key=lambda f: f[1]):
+        counts[(s.link.workspace_id, s.link.id, s.at.date(), FLAGGED, rule)] += 1
+        if was_excluded:
+            excluded.setdefault(s.envelope.event_id, rule)
+    for s in inserted:
+        if (why := reason(s, counting, excluded)) is not None:
+            counts[(s.link.workspace_id, s.link.id, s.at.date(), *why)] += 1
+    await add(conn, counts)
+
+
+async def fold(redis: Any, pool: asyncpg.Pool, prefix: str) -> int:
+    """Fold the edges' tallies into ``drop_stats``; the number of events added."""
+    token = uuid.uuid4().hex
+    pending = await redis.eval(_TAKE, 3, live_key(prefix), fold_key(prefix, token), folds_key(prefix))
+    total = 0
+    for raw in sorted(pending):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        tally = await redis.hgetall(key)
+        counts: Counter[Key] = Counter()
+        for f, n in tally.items():
+            parsed = parse_field(f)
+            if parsed is None:
+                log.warning("drops.bad_field", field=repr(f)[:200])
+                continue
+            day, ws, link, reason, detail = parsed
+            try:
+                counts[(str(uuid.UUID(ws)), str(uuid.UUID(link)), date.fromisoformat(day), reason, detail)] += int(n)
+            except ValueError:
+                log.warning("drops.bad_field", field=repr(f)[:200])
+        async with pool.acquire() as conn, conn.transaction():
+            first = await conn.fetchval(
+                "INSERT INTO drop_folds (fold_key) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", key
+            )
+            if first:  # else folded already, before a crash kept us from deleting it
+                await add(conn, counts, "edge")
+                total += sum(counts.values())
+        await redis.delete(key)
+        await redis.srem(folds_key(prefix), key)
+    if pending:
+        # a fold key is never named twice, and its deletion follows its record within one
+        # fold: records older than a week guard nothing
+        await pool.execute("DELETE FROM drop_folds WHERE folded_at < now() - interval '7 days'")
+    return total
