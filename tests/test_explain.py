@@ -14,6 +14,10 @@ import pytest
 from ingest import manage, stats
 from workers.partitions import maintain
 
+# the planner over generated rows: the same Postgres either way:
+# the same whichever servers the suite uses, so scripts/test runs it in its first pass only
+pytestmark = pytest.mark.once
+
 DAY = date(2033, 1, 5)
 
 _FILL = [

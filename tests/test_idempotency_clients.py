@@ -27,6 +27,10 @@ from ._world import World, call, start_edge
 from .conftest import wait_for
 from .test_seed_002_affitor import EXAMPLE as AFFITOR_CLICK
 
+# a Redis of its own, and node:
+# the same whichever servers the suite uses, so scripts/test runs it in its first pass only
+pytestmark = pytest.mark.once
+
 # tracker.js in a page on https://yoursite.com/pricing?ref=PARTNER123, as little of a browser
 # as it touches; timers 100x faster; prints the click id once the cookie is written
 HARNESS = """
