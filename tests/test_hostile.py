@@ -31,7 +31,9 @@ from workers import webhooks
 from ._procs import free_port
 from ._world import World, call, start_edge
 
-pytestmark = pytest.mark.timeout(120)
+# the edge's HTTP boundary:
+# the same whichever servers the suite uses, so scripts/test runs it in its first pass only
+pytestmark = [pytest.mark.once, pytest.mark.timeout(120)]
 
 JSON = {"Content-Type": "application/json"}
 
