@@ -33,6 +33,7 @@ from refstream.embedded import EmbeddedError
 
 from ._procs import Procs
 from ._redis import PrivateRedis
+from .faults._servers import FaultRedis
 
 RUN_ID = secrets.token_hex(4)
 SECRET_KEY = secretbox.generate_key()
@@ -268,3 +269,22 @@ def private_redis(tmp_path: Any) -> Iterator[PrivateRedis]:
     finally:
         if r.proc and r.proc.poll() is None:
             r.kill()
+
+
+@pytest.fixture
+async def private_fault_redis() -> AsyncIterator[Callable[..., Awaitable[FaultRedis]]]:
+    """A Redis of this test's own, with options: ``await private_fault_redis("--maxmemory", "8mb")``."""
+    started: list[FaultRedis] = []
+
+    async def make(*options: str, binary: str | None = None) -> FaultRedis:
+        server = FaultRedis(*options, binary=binary)
+        started.append(server)
+        server.start()
+        await server.ready()
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.destroy()

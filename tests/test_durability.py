@@ -11,7 +11,7 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -91,21 +91,8 @@ def test_sentinel_urls_parse():
 
 
 @pytest.fixture
-async def servers() -> AsyncIterator[Callable[..., Awaitable[FaultRedis]]]:
-    started: list[FaultRedis] = []
-
-    async def make(*options: str) -> FaultRedis:
-        server = FaultRedis(*options)
-        started.append(server)
-        server.start()
-        await server.ready()
-        return server
-
-    try:
-        yield make
-    finally:
-        for server in started:
-            server.destroy()
+def servers(private_fault_redis: Callable[..., Awaitable[FaultRedis]]) -> Callable[..., Awaitable[FaultRedis]]:
+    return private_fault_redis
 
 
 async def wait_calls(client: aioredis.Redis) -> int:

@@ -8,7 +8,7 @@ its own key prefix and freshly migrated database, its processes, stopped afterwa
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -57,25 +57,6 @@ async def fault_redis() -> AsyncIterator[FaultRedis]:
         yield server
     finally:
         server.destroy()
-
-
-@pytest.fixture
-async def private_fault_redis() -> AsyncIterator[Callable[..., Awaitable[FaultRedis]]]:
-    """A Redis of this test's own, with options: ``await private_fault_redis("--maxmemory", "8mb")``."""
-    started: list[FaultRedis] = []
-
-    async def make(*options: str) -> FaultRedis:
-        server = FaultRedis(*options)
-        started.append(server)
-        server.start()
-        await server.ready()
-        return server
-
-    try:
-        yield make
-    finally:
-        for server in started:
-            server.destroy()
 
 
 @pytest.fixture
