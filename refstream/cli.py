@@ -29,6 +29,7 @@ from ingest.db import migrate as apply_schema
 from ingest.keys import Keys
 from ingest.logs import configure_logging
 from ingest.settings import Settings
+from workers import partitions
 
 from . import __version__, services
 from .runner import _connections, _database, _print, _Refstream, _run, _settings, json_flag
@@ -177,6 +178,10 @@ def migrate() -> None:
         conn = await asyncpg.connect(settings.database_url, timeout=schema_check.CONNECT_TIMEOUT_S)
         try:
             await apply_schema(conn)
+            # the days around today get their partitions now, before any batch inserts
+            await partitions.maintain(
+                conn, retention_days=settings.event_retention, dedupe_days=settings.dedupe_retention
+            )
         finally:
             await conn.close()
         return {"migrated": True, "database_created": created}

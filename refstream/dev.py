@@ -33,6 +33,7 @@ from ingest.connections import REDIS_ERRORS, connect_redis
 from ingest.db import ensure_database, migrate
 from ingest.keys import Keys
 from ingest.settings import Settings
+from workers import partitions
 
 from . import services
 from .embedded import die_with_parent
@@ -64,6 +65,7 @@ async def _setup(settings: Settings, key_file: Path | None) -> dict[str, Any]:
     redis = connect_redis(settings)
     try:
         await migrate(conn)
+        await partitions.maintain(conn, retention_days=settings.event_retention, dedupe_days=settings.dedupe_retention)
         try:
             link = await admin.show_link(conn, DEMO_CODE)
         except admin.NotFound:

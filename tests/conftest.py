@@ -30,11 +30,13 @@ from ingest.keys import Keys
 from ingest.settings import Settings
 from refstream import services as svc_mod
 from refstream.embedded import EmbeddedError
+from workers import partitions
 
 from ._procs import Procs
 from ._redis import PrivateRedis
 from .faults._servers import FaultRedis
 
+TEST_RETENTION_DAYS = 36500  # tests write events dated years ago: no partition is ever dropped under them
 RUN_ID = secrets.token_hex(4)
 SECRET_KEY = secretbox.generate_key()
 _TABLES = (
@@ -125,6 +127,8 @@ async def database_url(services: svc_mod.Services) -> AsyncIterator[str]:
     conn = await asyncpg.connect(url)
     try:
         await migrate(conn)
+        # today's partitions before any test inserts, as refstream migrate makes them
+        await partitions.maintain(conn, retention_days=TEST_RETENTION_DAYS, dedupe_days=TEST_RETENTION_DAYS)
     finally:
         await conn.close()
     try:
@@ -175,8 +179,8 @@ def settings(services: svc_mod.Services, database_url: str, tmp_path: Any) -> Se
         log_level="info",
         # test data is dated anywhere from 2024 on: no worker's housekeeping drops any of it
         # (tests/test_partitions.py runs the maintenance with retentions of its own)
-        event_retention=36500,
-        dedupe_retention=36500,
+        event_retention=TEST_RETENTION_DAYS,
+        dedupe_retention=TEST_RETENTION_DAYS,
     )
 
 

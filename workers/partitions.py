@@ -26,7 +26,8 @@ one covers. pg_partman is not needed (and not used) for any of it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from uuid import UUID
@@ -159,14 +160,27 @@ async def _table(conn: asyncpg.Connection, table: _Table, today: date, first_kep
     out.purged_default += int(status.split()[-1])
 
 
+@asynccontextmanager
+async def _connection(source: asyncpg.Pool | asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    if isinstance(source, asyncpg.Connection):
+        yield source
+    else:
+        async with source.acquire() as conn:
+            yield conn
+
+
 async def maintain(
-    pool: asyncpg.Pool, *, retention_days: int, dedupe_days: int, today: date | None = None
+    source: asyncpg.Pool | asyncpg.Connection, *, retention_days: int, dedupe_days: int, today: date | None = None
 ) -> Maintenance:
-    """One maintenance run; ``today`` (UTC) may be given, for tests and the bench."""
+    """One maintenance run; ``today`` (UTC) may be given, for tests and the bench.
+
+    ``refstream migrate`` runs one too, so that the days around today have their partitions
+    before any batch inserts: a day attached while batches insert into the default partition
+    makes them retry (a partition constraint met mid-routing is contention, never poison)."""
     today = today or datetime.now(UTC).date()
     first_kept = today - timedelta(days=retention_days)
     out = Maintenance()
-    async with pool.acquire() as conn:
+    async with _connection(source) as conn:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
             out.skipped = True
             return out

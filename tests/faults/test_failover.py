@@ -14,7 +14,9 @@ import time
 from collections import Counter
 
 import pytest
+from redis.exceptions import RedisError
 
+from ..conftest import wait_for
 from ._plan import Plan
 from ._sentinel import MASTER, SentinelServer, wait_in_sync
 from ._servers import FaultRedis
@@ -45,6 +47,9 @@ async def test_primary_killed_replica_promoted(private_fault_redis, make_stage, 
             await primary.ready()
             await wait_in_sync(replica, 1)
             until = time.monotonic()
+            # the checks' own client asks the sentinel too, which may still be settling its
+            # view (no master named for a moment after the old one came back)
+            await wait_for(lambda: _answers(stage), timeout=30, what="the sentinel to name a primary")
             fault_end = await stage.fault_over()
             await asyncio.sleep(plan.tail_s)
         got = Counter(f"{k} {s}" for at, _, k, s in load.record.answers if since <= at < until)
@@ -59,3 +64,11 @@ async def test_primary_killed_replica_promoted(private_fault_redis, make_stage, 
         )  # fmt: skip
     finally:
         sentinel.destroy()
+
+
+async def _answers(stage: Stage) -> bool:
+    try:
+        await stage.check.redis.ping()
+    except (RedisError, OSError):
+        return False
+    return True
