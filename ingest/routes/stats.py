@@ -19,7 +19,7 @@ from ..body import parse
 from ..drops import FRAUD_THRESHOLDS
 from ..fields import json_integer
 from ..state import Edge
-from .manage import error, guarded, json
+from ._guard import error, guarded, json
 
 routes = web.RouteTableDef()
 # JSON integers (ingest.fields.json_integer) within bounds; the bounds on the integer

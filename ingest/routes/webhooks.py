@@ -22,7 +22,7 @@ from ..body import parse
 from ..fields import Url
 from ..manage import as_uuid
 from ..state import Edge
-from .manage import error, guarded, json, limit_param
+from ._guard import error, guarded, json, limit_param
 
 routes = web.RouteTableDef()
 
