@@ -1,7 +1,9 @@
 """The raw archive: every entry in exactly one segment line, byte for byte, with a manifest
 that checks; an archiver that died after its upload and before its XACK leaves no second
 copy; the object-store path against an S3-compatible server (moto); `refstream replay`
-rebuilds an hour from the archive, once Redis has trimmed it, into a fresh database exactly."""
+rebuilds an hour from the archive, once Redis has trimmed it, into a fresh database exactly,
+and, once its Postgres partition was dropped by the retention, its rows with every counter
+as it was."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import signal
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from ingest.events import FIELD
 from ingest.keys import Keys
 from ingest.settings import Settings
 from workers import archive_segment as seg
-from workers import trim
+from workers import partitions, trim
 from workers.archive import GROUP, Archiver
 from workers.archive_store import LocalStore, Store, open_store
 from workers.reconcile import reconcile
@@ -294,3 +296,43 @@ async def test_sigterm_writes_and_acks_the_segment_in_hand(
     assert_exactly_once((await read_archive(open_store(settings), keys.prefix))[1], entries)
     for stream in keys.streams:
         assert (await redis.xpending(stream, GROUP))["pending"] == 0
+
+
+# -- after the hour's Postgres partition was dropped -------------------------------------
+
+
+async def test_an_hour_replays_from_the_archive_after_redis_trimmed_it_and_its_partition_was_dropped(
+    settings: Settings, redis: Any, keys: Keys, pg: asyncpg.Pool, tmp_path: Path
+) -> None:
+    from workers.replay import Range, Source, replay
+    from workers.worker import drain
+
+    settings = archived(settings, tmp_path, archive_segment_entries=500)
+    codes = await make_links(pg, redis, keys, 3)
+    await append(redis, keys, history(codes, 600, random.Random(11), hours=1))  # one hour of START's day
+    entries = await stream_entries(redis, keys)
+    await run_archiver(settings, redis)
+    await drain(settings)
+    before = await snapshot(pg)
+    assert len(before["events"]) > 400
+
+    await trim.trim(redis, keys, 0, exact=True)  # every group acked: Redis holds none of it any more
+    assert sum([await redis.xlen(s) for s in keys.streams]) == 0
+    # the retention passes START's day: its partition is made (as a worker would have, that
+    # day), then dropped, and its rows are gone; the daily stats and counters stay
+    async with pg.acquire() as conn:
+        for table in (partitions.EVENTS, partitions.VISITS):
+            await partitions.create_day(conn, table, START.date())
+    kept = (datetime.now(UTC).date() - START.date()).days - 1
+    done = await partitions.maintain(pg, retention_days=kept, dedupe_days=kept)
+    assert f"events_p{START:%Y%m%d}" in done.dropped
+    assert await pg.fetchval("SELECT count(*) FROM events") == 0
+
+    result = await replay(
+        Source(redis, open_store(settings), keys.prefix), pg, keys, Range(since=START, until=START + timedelta(hours=1))
+    )
+    assert result.total("archived") == result.total("entries") == len(entries)
+    after = await snapshot(pg)
+    assert after["events"] == before["events"]  # every row back, each once
+    # the counters stay what they were: the hour is below the horizon, so nothing counts twice
+    assert (after["links"], after["daily"]) == (before["links"], before["daily"])
