@@ -27,6 +27,7 @@ from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
 from .routes import affitor, affixo, batch, biore, bricqs, browser, health, manage, refport, stats, webhooks
 from .settings import Settings
+from .siblings import SIBLINGS
 from .spool import Spool
 from .state import EDGE, Edge
 
@@ -137,6 +138,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 async def metrics_route(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)
+    siblings = request.app.get(SIBLINGS)  # serve --processes N: the whole server's figures
+    if siblings is not None:
+        body = await siblings.gather(body)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -114,22 +114,39 @@ def _listen_error(host: str, port: int, command: str, exc: OSError) -> str:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def serve(host: str, port: int) -> None:
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="REFSTREAM_PROCESSES",
+    help="Edge processes sharing the port (SO_REUSEPORT), under a supervisor that replaces a dead one,"
+    " reloads on SIGHUP and drains on SIGTERM; 1 runs the edge alone. [default: the CPU count;"
+    " env: REFSTREAM_PROCESSES]",
+)
+def serve(host: str, port: int, processes: int | None) -> None:
     """Run the HTTP edge.
 
     Refuses to start on a database that is missing or not migrated; starts while Postgres
     is unreachable (/readyz answers 503 with the reason until it answers)."""
-    from ingest import server
+    from ingest import prefork, server
 
     settings = _settings()
+    n = processes or prefork.cpu_count()
     _listen_check(host, port, "serve")
-    configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
+    # the supervisor logs a few lines: unbuffered (its children buffer their own)
+    configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms if n == 1 else 0)
     uvloop.run(_check_database(settings, wait=False))
     uvloop.run(_check_durability(settings))
+    say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     try:
-        # the runner carries the timeouts and limits of REFSTREAM_*_TIMEOUT_S and
-        # REFSTREAM_MAX_HEADER_BYTES, and the guard that closes connections sending no request
-        uvloop.run(server.serve(settings, host, port, print=lambda msg: click.echo(msg, err=True)))
+        if n == 1:
+            # the runner carries the timeouts and limits of REFSTREAM_*_TIMEOUT_S and
+            # REFSTREAM_MAX_HEADER_BYTES, and the guard that closes connections sending no request
+            uvloop.run(server.serve(settings, host, port, print=say))
+            return
+        supervisor = prefork.Supervisor(host, port, n, print=say)
+        if supervisor.run() != 0:
+            raise click.ClickException(supervisor.failed or "the edge processes failed")
     except OSError as exc:  # taken since the check: a race
         if exc.errno != errno.EADDRINUSE:
             raise

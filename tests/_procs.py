@@ -35,6 +35,9 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         REFSTREAM_SPOOL_DRAIN_EVERY_S=str(settings.spool_drain_every_s),
         REFSTREAM_EVENT_RETENTION=str(settings.event_retention),
         REFSTREAM_DEDUPE_RETENTION=str(settings.dedupe_retention),
+        # one edge process unless a test asks for more (tests/test_prefork.py): the suite's
+        # edges start as fast as they did, and their pid is the process that serves
+        REFSTREAM_PROCESSES="1",
     )
     env.update(extra)
     return env
