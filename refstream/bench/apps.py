@@ -1,6 +1,7 @@
 """The two reference servers the edge is measured against, run as their own process
 (``python -m refstream.bench.apps hello|naive --port P``) with the edge's event loop
-(uvloop) and process count (one):
+(uvloop) and process count (one; ``hello --processes N``: N processes on the port with
+``SO_REUSEPORT``, as ``refstream serve --processes N``):
 
 - ``hello``: a bare aiohttp POST handler answering a constant JSON body, the ceiling of
   any aiohttp edge on this machine;
@@ -11,7 +12,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import uvloop
@@ -58,13 +61,51 @@ def naive_app(dsn: str, pool_size: int) -> web.Application:
     return app
 
 
+def _processes(n: int, serve: Callable[[], None]) -> None:
+    """``serve`` in ``n`` forked processes (each binds the port with SO_REUSEPORT); this
+    one forwards SIGTERM/SIGINT to them and returns once they have all exited."""
+    from ..embedded import die_with_parent
+
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            die_with_parent(signal.SIGTERM)
+            try:
+                serve()
+            finally:
+                os._exit(0)
+        pids.append(pid)
+
+    def forward(sig: int, frame: object) -> None:
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for p in pids:
+        os.waitpid(p, 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("app", choices=["hello", "naive"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--dsn", default="")
     parser.add_argument("--pool-size", type=int, default=10)
+    parser.add_argument("--processes", type=int, default=1, help="hello only: processes sharing the port")
     args = parser.parse_args()
+    if args.app == "hello" and args.processes > 1:
+
+        def serve() -> None:
+            web.run_app(hello_app(), host="127.0.0.1", port=args.port, access_log=None, print=None,
+                        reuse_port=True, loop=uvloop.new_event_loop())  # fmt: skip
+
+        _processes(args.processes, serve)
+        return
     app = hello_app() if args.app == "hello" else naive_app(args.dsn, args.pool_size)
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, loop=uvloop.new_event_loop())
 

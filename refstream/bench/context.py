@@ -17,7 +17,8 @@ from . import wrk
 from .procs import Proc, Procs
 from .world import World
 
-PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g", "h", "i", "p", "r")
+# n: (a) and each (b) dialect again with N processes (serve --processes N, N = the CPU count)
+PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g", "h", "i", "n", "p", "r")
 # only when named in --only: (h) starts Redis servers of its own, (i) idempotency keys' cost,
 # (p) fills an events table with millions of rows, (r) the archiver and retention
 DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("h", "i", "p", "r"))

@@ -1,5 +1,6 @@
 """Parts (a), (b) and (c): the edge against a bare aiohttp app and against the naive
-synchronous design, all behind the same wrk settings, one server process each."""
+synchronous design, all behind the same wrk settings, one server process each; with part
+(n), (a) and each (b) route again at N processes (the CPU count), side by side."""
 
 from __future__ import annotations
 
@@ -8,16 +9,36 @@ from ingest.keys import Keys
 from . import requests as reqs
 from .context import Ctx
 from .world import delete_keys, warm
+from .wrk import Request
+
+
+def processes() -> int:
+    """N of part (n): what ``refstream serve`` runs by default (the CPU count)."""
+    from ingest.prefork import cpu_count
+
+    return cpu_count()
 
 
 async def part_a(ctx: Ctx) -> None:
-    """(a) bare aiohttp hello-world POST: the ceiling of an aiohttp edge on this box."""
+    """(a) bare aiohttp hello-world POST: the ceiling of an aiohttp edge on this box; with
+    part (n), also N processes of it on the port (SO_REUSEPORT), the ceiling at N."""
     hello = ctx.procs.app("hello")
     try:
         await ctx.wrk("a", hello.base_url, reqs.seed_000(ctx.world), connections=ctx.opts.connections,
                       server_pid=hello.pid)  # fmt: skip
     finally:
         hello.stop()
+    if not ctx.wants("n"):
+        return
+    n = processes()
+    hello = ctx.procs.app("hello", "--processes", str(n))
+    try:
+        r = await ctx.wrk("a_n", hello.base_url, reqs.seed_000(ctx.world), connections=ctx.opts.connections,
+                          server_pid=hello.pid)  # fmt: skip
+    finally:
+        hello.stop()
+    ctx.note("a_n.processes", n)
+    ctx.note("a_n.scale", r.rps / ctx.figures["a.rps"])
 
 
 async def stream_bytes(ctx: Ctx, keys: Keys) -> tuple[int, int]:
@@ -37,6 +58,9 @@ async def part_b(ctx: Ctx) -> None:
     keys = ctx.keys("b")
     await warm(ctx.world, ctx.redis, keys)
     edge = ctx.procs.edge(REFSTREAM_STREAM_PREFIX=keys.prefix)
+    # part (n): the same routes on N processes, measured right after each one-process run
+    edge_n = ctx.procs.edge(REFSTREAM_STREAM_PREFIX=keys.prefix, REFSTREAM_PROCESSES=str(processes())) \
+        if ctx.wants("n") else None  # fmt: skip
     try:
         for name, build in reqs.ROUTES.items():
             if ctx.wants(name) or (name == "b003" and ctx.wants("batch")):
@@ -44,6 +68,10 @@ async def part_b(ctx: Ctx) -> None:
                               server_pid=edge.pid, profile="edge" if name == "b000" else None)  # fmt: skip
                 if "a.rps" in ctx.figures:
                     ctx.note(f"{name}.ratio_a", ctx.figures[f"{name}.rps"] / ctx.figures["a.rps"])
+                if edge_n is not None and ctx.wants(name):
+                    await _at_n(ctx, name, edge_n.base_url, build(ctx.world), edge_n.pid)
+        if edge_n is not None:
+            edge_n.stop()
         if ctx.wants("batch"):
             r = await ctx.wrk("batch", edge.base_url, reqs.batch(ctx.world), connections=ctx.opts.batch_connections,
                               server_pid=edge.pid)  # fmt: skip
@@ -61,7 +89,19 @@ async def part_b(ctx: Ctx) -> None:
             ctx.note("g.redis_bytes_per_event_b", size / entries)
     finally:
         edge.stop()
+        if edge_n is not None:
+            edge_n.stop()
         await delete_keys(ctx.redis, keys.prefix)
+
+
+async def _at_n(ctx: Ctx, name: str, base_url: str, requests: list[Request], pid: int) -> None:
+    """(n) one route on N edge processes: its figures under ``<name>_n``, its ratio to
+    hello-world at N (``ratio_a_n``) and to itself at one process (``scale``)."""
+    r = await ctx.wrk(f"{name}_n", base_url, requests, connections=ctx.opts.connections, server_pid=pid)
+    ctx.note(f"{name}_n.processes", processes())
+    ctx.note(f"{name}_n.scale", r.rps / ctx.figures[f"{name}.rps"])
+    if "a_n.rps" in ctx.figures:
+        ctx.note(f"{name}_n.ratio_a_n", r.rps / ctx.figures["a_n.rps"])
 
 
 async def part_c(ctx: Ctx) -> None:

@@ -45,6 +45,8 @@ SECTIONS = {
     "b002": "(b) edge, seed 002 POST /api/v1/track/click",
     "b003": "(b) edge, seed 003 POST /v1/track/click (Bearer)",
     "b004": "(b) edge, seed 004 POST /api/track/lead (Bearer, clickId)",
+    "a_n": "(n) bare aiohttp hello-world POST, N processes (SO_REUSEPORT), uvloop",
+    **{f"b{s}_n": f"(n) edge, seed {s}, serve --processes N" for s in ("000", "002", "003", "004")},
     "batch": "(b) edge, POST /v1/events/batch, 500 events per request",
     "c": "(c) naive: one UPDATE links per click, one hot link",
     "d": "(d) worker drain vs write_batch ceiling",
@@ -104,6 +106,7 @@ def table(result: dict[str, Any], console: Console) -> None:
             spread = f"{_fmt(min(vals))} … {_fmt(max(vals))}" if len(vals) > 1 else ""
             t.add_row("  " + k, _fmt(figures[k]), spread)
     console.print(t)
+    side_by_side(figures, console)
     g = Table(title="goals (from the issue)")
     for col in ("goal", "median", "target", "status"):
         g.add_column(col)
@@ -118,6 +121,24 @@ def table(result: dict[str, Any], console: Console) -> None:
         for pct, frame in frames:
             p.add_row(f"{pct:.1f}", frame)
         console.print(p)
+
+
+def side_by_side(figures: dict[str, float], console: Console) -> None:
+    """Part (n): hello-world and each dialect at 1 process and at N, with their ratios."""
+    if "a_n.rps" not in figures:
+        return
+    n = int(figures.get("a_n.processes", 0))
+    t = Table(title=f"1 process and N = {n} processes, side by side (req/s; wrk settings unchanged)")
+    for col in ("", "1 process", f"{n} processes", f"{n} / 1", "/ hello at 1", f"/ hello at {n}"):
+        t.add_column(col, justify="right" if col else "left")
+    t.add_row("hello-world (a)", _fmt(figures["a.rps"]), _fmt(figures["a_n.rps"]), _fmt(figures["a_n.scale"]), "", "")
+    for s in ("000", "002", "003", "004"):
+        one, many = figures.get(f"b{s}.rps"), figures.get(f"b{s}_n.rps")
+        if one is None or many is None:
+            continue
+        t.add_row(f"seed {s} (b)", _fmt(one), _fmt(many), _fmt(figures[f"b{s}_n.scale"]),
+                  _fmt(figures.get(f"b{s}.ratio_a", 0.0)), _fmt(figures.get(f"b{s}_n.ratio_a_n", 0.0)))  # fmt: skip
+    console.print(t)
 
 
 def top_frames(raw_path: str, n: int = 10) -> list[tuple[float, str]]:

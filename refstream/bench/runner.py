@@ -56,6 +56,8 @@ def _env(svc: services.Services, opts: Options, spool: str) -> dict[str, str]:
         # wrk sends X-Forwarded-For from 127.0.0.1, as a load balancer would
         REFSTREAM_TRUSTED_PROXIES="127.0.0.1/32",
         REFSTREAM_SPOOL_DIR=spool,
+        # one edge process unless a part asks for N (part n): the parts measure one process
+        REFSTREAM_PROCESSES="1",
     )
     return env
 
@@ -153,6 +155,10 @@ def _opts(opts: Options) -> dict[str, Any]:
 
 
 NOTES = [
+    "n: hello-world (python -m refstream.bench.apps hello --processes N, SO_REUSEPORT) and each (b) route"
+    " (refstream serve --processes N) with N = the CPU count, same wrk settings, each N run right after its"
+    " one-process run; server_cpu sums the supervisor and its children; on a 2-core machine wrk takes"
+    " a share of the same cores, so N / 1 is a floor of what N cores give",
     "closed-loop load: wrk -t1, one server process; p50/p99 from wrk --latency; wrk_cpu = wrk's CPU seconds"
     " (kernel rusage of the child) per wall second; server_cpu likewise from /proc/<pid>/stat",
     "open-loop load (e half load, f): the bench's own asyncio+aiohttp generator, requests started on a 5 ms"

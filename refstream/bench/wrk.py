@@ -104,13 +104,19 @@ def parse(out: str) -> tuple[float, float, float, int, int]:
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a live process, from /proc/<pid>/stat (0.0 when it is gone)."""
+    """utime + stime of a live process and its live descendants (a pre-forked server's
+    children), from /proc/<pid>/stat (0.0 when it is gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
     fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    own = (int(fields[11]) + int(fields[12])) / _TICKS
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return own + sum(proc_cpu_seconds(int(c)) for c in children)
 
 
 def peak_rss_mb(pid: int) -> float:
