@@ -178,7 +178,10 @@ def run_dev(port: int, data: str | None = None) -> None:
 
         # the archiver from the start: its consumer group holds the trim back for what it has
         # not archived yet, so nothing leaves Redis unarchived (and replays can read it back)
-        children = [_spawn(["serve", "--port", str(port)], env), _spawn(["work"], env), _spawn(["archive"], env)]
+        # one edge process unless REFSTREAM_PROCESSES says otherwise: a development box
+        # starts faster and reads one process's log lines
+        edge = ["serve", "--port", str(port), "--processes", env.get("REFSTREAM_PROCESSES") or "1"]
+        children = [_spawn(edge, env), _spawn(["work"], env), _spawn(["archive"], env)]
 
         def stop_children() -> None:
             for p in children:
