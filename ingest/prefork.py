@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,9 +111,14 @@ class Slot:
 
 
 class Supervisor:
-    def __init__(self, host: str, port: int, processes: int, print: Callable[[str], None]) -> None:
+    def __init__(
+        self, host: str, port: int, processes: int, print: Callable[[str], None], child: Sequence[str] = ()
+    ) -> None:
+        """``child``: the command of a child (default: this interpreter's ``-m ingest.prefork
+        --child``), given ``--fds``, ``--ready``, ``--rundir`` and ``--parent``."""
         self.host, self.port, self.processes = host, port, processes
         self.print = print
+        self.child = list(child) or [sys.executable, "-m", "ingest.prefork", "--child"]
         self.slots: list[Slot] = []
         self.rundir = Path(tempfile.mkdtemp(prefix="refstream-serve-", dir=os.environ.get("XDG_RUNTIME_DIR")))
         self.sel = selectors.DefaultSelector()
@@ -200,7 +205,7 @@ class Supervisor:
                 return
         ready_r, ready_w = os.pipe()
         fds = [s.fileno() for s in slot.socks]
-        argv = [sys.executable, "-m", "ingest.prefork", "--child", "--fds", ",".join(map(str, fds)),
+        argv = [*self.child, "--fds", ",".join(map(str, fds)),
                 "--ready", str(ready_w), "--rundir", str(self.rundir), "--parent", str(os.getpid())]  # fmt: skip
         try:
             proc = subprocess.Popen(argv, pass_fds=(*fds, ready_w))

@@ -6,9 +6,11 @@ every child's figures."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -209,3 +211,66 @@ def test_merge_sums_counters_keeps_retired_ones_and_takes_the_shared_gauges_once
         return  # the parse above is the check where promtool is not installed
     checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# a child that is ready for its first READY starts and exits at once (status 1) every time
+_CRASHING_CHILD = """
+import os, sys, time
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+with open(os.environ["STARTS"], "a") as f:
+    f.write(f"{time.monotonic()}\\n")
+with open(os.environ["STARTS"]) as f:
+    n = len(f.read().split())
+if n <= int(os.environ["READY"]):
+    os.write(int(args["--ready"]), b"1")
+sys.exit(1)
+"""
+
+_SUPERVISE = """
+import sys
+from ingest.prefork import Supervisor
+s = Supervisor("127.0.0.1", 0, 1, print=print, child=[sys.executable, sys.argv[1]])
+code = s.run()
+print("failed:", s.failed, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _supervise(tmp_path: Path, ready: int) -> tuple[subprocess.Popen[bytes], Path]:
+    child = tmp_path / "child.py"
+    child.write_text(_CRASHING_CHILD)
+    starts = tmp_path / "starts"
+    env = {**os.environ, "STARTS": str(starts), "READY": str(ready)}
+    proc = subprocess.Popen([sys.executable, "-c", _SUPERVISE, str(child)], env=env, stderr=subprocess.PIPE)
+    return proc, starts
+
+
+def _starts(path: Path) -> list[float]:
+    return [float(t) for t in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.once
+async def test_a_child_crashing_at_start_is_restarted_with_a_growing_delay(tmp_path: Path):
+    sup, starts = _supervise(tmp_path, ready=1)
+    try:
+        times = await wait_for(lambda: asyncio.to_thread(lambda: len(t := _starts(starts)) >= 4 and t),
+                               what="four starts of the crashing child")  # fmt: skip
+        gaps = [b - a for a, b in itertools.pairwise(times)][:3]
+        # the scheduled backoff is a floor: 0.25 s, then 0.5 s, then 1 s (never a spin)
+        assert [g >= d for g, d in zip(gaps, (0.25, 0.5, 1.0), strict=True)] == [True] * 3, gaps
+        assert sup.poll() is None
+        sup.send_signal(signal.SIGTERM)
+        assert await exited(sup) == 0
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+
+
+@pytest.mark.once
+async def test_a_child_dying_before_its_first_ready_stops_the_server_with_an_error(tmp_path: Path):
+    sup, starts = _supervise(tmp_path, ready=0)
+    assert await exited(sup) == 1
+    assert sup.stderr is not None
+    assert "exited with 1 before it was ready" in sup.stderr.read().decode()
+    assert len(_starts(starts)) == 1  # not restarted
