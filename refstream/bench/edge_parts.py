@@ -4,6 +4,10 @@ synchronous design, all behind the same wrk settings, one server process each; w
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from ingest.keys import Keys
 
 from . import requests as reqs
@@ -64,8 +68,9 @@ async def part_b(ctx: Ctx) -> None:
     try:
         for name, build in reqs.ROUTES.items():
             if ctx.wants(name) or (name == "b003" and ctx.wants("batch")):
-                await ctx.wrk(name, edge.base_url, build(ctx.world), connections=ctx.opts.connections,
-                              server_pid=edge.pid, profile="edge" if name == "b000" else None)  # fmt: skip
+                async with _redis_cpu(ctx, name):
+                    await ctx.wrk(name, edge.base_url, build(ctx.world), connections=ctx.opts.connections,
+                                  server_pid=edge.pid, profile="edge" if name == "b000" else None)  # fmt: skip
                 if "a.rps" in ctx.figures:
                     ctx.note(f"{name}.ratio_a", ctx.figures[f"{name}.rps"] / ctx.figures["a.rps"])
                 if edge_n is not None and ctx.wants(name):
@@ -97,7 +102,8 @@ async def part_b(ctx: Ctx) -> None:
 async def _at_n(ctx: Ctx, name: str, base_url: str, requests: list[Request], pid: int) -> None:
     """(n) one route on N edge processes: its figures under ``<name>_n``, its ratio to
     hello-world at N (``ratio_a_n``) and to itself at one process (``scale``)."""
-    r = await ctx.wrk(f"{name}_n", base_url, requests, connections=ctx.opts.connections, server_pid=pid)
+    async with _redis_cpu(ctx, f"{name}_n"):
+        r = await ctx.wrk(f"{name}_n", base_url, requests, connections=ctx.opts.connections, server_pid=pid)
     ctx.note(f"{name}_n.processes", processes())
     ctx.note(f"{name}_n.scale", r.rps / ctx.figures[f"{name}.rps"])
     if "a_n.rps" in ctx.figures:
@@ -116,3 +122,21 @@ async def part_c(ctx: Ctx) -> None:
     if "b000.rps" in ctx.figures:
         ctx.note("c.tput_ratio", ctx.figures["b000.rps"] / ctx.figures["c.rps"])
         ctx.note("c.p99_ratio", ctx.figures["b000.p99_ms"] / ctx.figures["c.p99_ms"])
+
+
+@asynccontextmanager
+async def _redis_cpu(ctx: Ctx, name: str) -> AsyncIterator[None]:
+    """``<name>.redis_cpu``: the cores Redis used (INFO cpu, every thread) over the phase,
+    its warm-up included: with N edge processes each micro-batching its own round trips,
+    Redis may be what stops the edge from scaling (only when part n runs)."""
+    if not ctx.wants("n"):
+        yield
+        return
+    start, t0 = await _cpu_seconds(ctx), time.monotonic()
+    yield
+    ctx.note(f"{name}.redis_cpu", (await _cpu_seconds(ctx) - start) / (time.monotonic() - t0))
+
+
+async def _cpu_seconds(ctx: Ctx) -> float:
+    info = await ctx.redis.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])

@@ -158,7 +158,9 @@ NOTES = [
     "n: hello-world (python -m refstream.bench.apps hello --processes N, SO_REUSEPORT) and each (b) route"
     " (refstream serve --processes N) with N = the CPU count, same wrk settings, each N run right after its"
     " one-process run; server_cpu sums the supervisor and its children; on a 2-core machine wrk takes"
-    " a share of the same cores, so N / 1 is a floor of what N cores give",
+    " a share of the same cores, so N / 1 is a floor of what N cores give; <route>.redis_cpu and"
+    " <route>_n.redis_cpu: cores Redis used (INFO cpu) over the phase, warm-up included (a Redis shared with"
+    " other work counts that too)",
     "closed-loop load: wrk -t1, one server process; p50/p99 from wrk --latency; wrk_cpu = wrk's CPU seconds"
     " (kernel rusage of the child) per wall second; server_cpu likewise from /proc/<pid>/stat",
     "open-loop load (e half load, f): the bench's own asyncio+aiohttp generator, requests started on a 5 ms"
