@@ -1,5 +1,5 @@
-"""Parts (a), (b) and (c): the edge against a bare aiohttp app and against the naive
-synchronous design, all behind the same wrk settings, one server process each."""
+"""Parts (a) and (b): the edge against a bare aiohttp app, behind the same wrk settings,
+one server process each; (c), against the naive design, is in ``naive_part``."""
 
 from __future__ import annotations
 
@@ -62,17 +62,3 @@ async def part_b(ctx: Ctx) -> None:
     finally:
         edge.stop()
         await delete_keys(ctx.redis, keys.prefix)
-
-
-async def part_c(ctx: Ctx) -> None:
-    """(c) one UPDATE per click on one hot link, committed before the answer."""
-    hot = ctx.world.codes[0]
-    requests = [r for r in reqs.seed_000(ctx.world) if r.path.endswith("/" + hot)]
-    naive = ctx.procs.app("naive", "--dsn", ctx.world.url())
-    try:
-        await ctx.wrk("c", naive.base_url, requests, connections=ctx.opts.connections, server_pid=naive.pid)
-    finally:
-        naive.stop()
-    if "b000.rps" in ctx.figures:
-        ctx.note("c.tput_ratio", ctx.figures["b000.rps"] / ctx.figures["c.rps"])
-        ctx.note("c.p99_ratio", ctx.figures["b000.p99_ms"] / ctx.figures["c.p99_ms"])

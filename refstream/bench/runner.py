@@ -24,8 +24,9 @@ from . import report, world
 from .archive_parts import part_r
 from .context import Ctx, Options
 from .durability_part import part_h
-from .edge_parts import part_a, part_b, part_c
+from .edge_parts import part_a, part_b
 from .idem_parts import part_i
+from .naive_part import part_c
 from .partition_parts import part_p
 from .pipeline_parts import part_d, part_e_f
 from .procs import Procs
