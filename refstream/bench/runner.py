@@ -174,4 +174,8 @@ NOTES = [
     "i: seed 003 (Affixo click, Bearer) without a key, with a fresh Idempotency-Key per request (the atomic"
     " append-or-answer script instead of the XADD), and repeats of 256 keys (answered from their records);"
     " all three format each request in wrk's Lua at send time, so wrk's cost is the same",
+    "c1ms: Postgres through the bench's own TCP proxy (refstream/bench/proxy.py, its own process, 0.5 ms each way"
+    " per chunk, in order): the naive app's pool, the edge's and the workers' DATABASE_URL alike; c1ms.rtt_ms is"
+    " the SELECT 1 round trip it really gives, proxy_cpu the cores it used (warm-up included); the goals take the"
+    " edge against the fastest of the naive variants",
 ]
