@@ -13,6 +13,9 @@ in each run:
 - ``c1ms_50``: that one again, its clicks spread over the 50 links as (b) spreads the edge's,
   where no row lock serialises them: the network, not the hot row, is then its limit;
 - ``c1ms_edge``: the edge on seed 000, as (b) runs it, its Postgres through the proxy;
+- ``c1ms_half``: the fastest naive variant and the edge under the same open-loop load (the
+  bench's own generator, half what the slowest variant sustained): p50 and p99 at equal
+  traffic, where wrk's closed loop compares the queues of two saturated servers;
 - ``c1ms_e2e``: the edge and the workers (``--workers``) through the proxy under wrk's full
   load: what the edge accepted and what the workers committed meanwhile.
 
@@ -38,6 +41,7 @@ from redis.exceptions import ResponseError
 from ingest.keys import Keys
 
 from ..embedded import free_port
+from . import openloop
 from . import requests as reqs
 from .context import Ctx
 from .procs import Proc
@@ -121,46 +125,72 @@ async def part_c(ctx: Ctx) -> None:
     try:
         ctx.note("c1ms.rtt_direct_ms", await _round_trip_ms(ctx.world.url()))
         ctx.note("c1ms.rtt_ms", await _round_trip_ms(through(ctx.world.url(), port)))
-        cpu = _CpuOf(proxy.pid)
-        await _naive(ctx, "c1ms", through(ctx.world.url(), port), requests)
-        cpu.note(ctx, "c1ms.proxy_cpu")
-        cpu = _CpuOf(proxy.pid)
-        await _naive(ctx, "c1ms_1rt", through(ctx.world.url(), port), requests, "--no-reset")
-        cpu.note(ctx, "c1ms_1rt.proxy_cpu")
-        cpu = _CpuOf(proxy.pid)
-        await _naive(ctx, "c1ms_50", through(ctx.world.url(), port), reqs.seed_000(ctx.world), "--no-reset")
-        cpu.note(ctx, "c1ms_50.proxy_cpu")
-        await _edge(ctx, port)
+        dsn = through(ctx.world.url(), port)
+        variants = {"c1ms": (requests, ()), "c1ms_1rt": (requests, ("--no-reset",)),
+                    "c1ms_50": (reqs.seed_000(ctx.world), ("--no-reset",))}  # fmt: skip
+        for name, (load, args) in variants.items():
+            cpu = _CpuOf(proxy.pid)
+            await _naive(ctx, name, dsn, load, *args)
+            cpu.note(ctx, f"{name}.proxy_cpu")
+        # the same open-loop load for the fastest naive and the edge: half what every variant sustained
+        fastest = max(NAIVES, key=lambda n: ctx.figures[f"{n}.rps"])
+        rate = min(ctx.figures[f"{n}.rps"] for n in NAIVES) / 2
+        ctx.note("c1ms_half.rate", rate)
+        load, args = variants[fastest]
+        await _naive(ctx, None, dsn, load, *args, half=rate)
+        await _edge(ctx, port, rate)
         for naive in NAIVES:
             ctx.note(f"{naive}.tput_ratio", ctx.figures["c1ms_edge.rps"] / ctx.figures[f"{naive}.rps"])
             ctx.note(f"{naive}.p99_ratio", ctx.figures["c1ms_edge.p99_ms"] / ctx.figures[f"{naive}.p99_ms"])
-        faster = max(NAIVES, key=lambda n: ctx.figures[f"{n}.rps"])
-        ctx.note("c1ms_edge.tput_ratio", ctx.figures[f"{faster}.tput_ratio"])
-        ctx.note("c1ms_edge.p99_ratio", ctx.figures[f"{faster}.p99_ratio"])
+        ctx.note("c1ms_edge.tput_ratio", ctx.figures[f"{fastest}.tput_ratio"])
+        ctx.note("c1ms_edge.p99_ratio", ctx.figures[f"{fastest}.p99_ratio"])
+        ctx.note("c1ms_half.p99_ratio", ctx.figures["c1ms_half.edge_p99_ms"] / ctx.figures["c1ms_half.naive_p99_ms"])
         await _end_to_end(ctx, proxy, port)
     finally:
         proxy.stop()
 
 
-async def _naive(ctx: Ctx, name: str, dsn: str, requests: list[Request], *args: str) -> None:
+async def _naive(ctx: Ctx, name: str | None, dsn: str, requests: list[Request], *args: str,
+                 half: float | None = None) -> None:  # fmt: skip
+    """wrk's closed loop against the naive app (figures under ``name``), or with ``half``,
+    the open loop at that rate (figures under ``c1ms_half.naive_*``)."""
     naive = ctx.procs.app("naive", "--dsn", dsn, *args)
     try:
-        await ctx.wrk(name, naive.base_url, requests, connections=ctx.opts.connections, server_pid=naive.pid)
+        if name is not None:
+            await ctx.wrk(name, naive.base_url, requests, connections=ctx.opts.connections, server_pid=naive.pid)
+        if half is not None:
+            await _open_loop(ctx, "naive", naive.base_url, requests, half)
     finally:
         naive.stop()
 
 
-async def _edge(ctx: Ctx, port: int) -> None:
-    """(c1ms_edge) the edge as (b 000) runs it, its Postgres through the proxy."""
+async def _edge(ctx: Ctx, port: int, half: float) -> None:
+    """(c1ms_edge) the edge as (b 000) runs it, its Postgres through the proxy: the open loop
+    at ``half`` requests/s, then wrk's closed loop."""
     keys = ctx.keys("c1ms")
     await warm(ctx.world, ctx.redis, keys)
     edge = ctx.procs.edge(DATABASE_URL=through(ctx.world.url(), port), REFSTREAM_STREAM_PREFIX=keys.prefix)
     try:
+        # the open loop first, as the naive app meets it: on a fresh process
+        await _open_loop(ctx, "edge", edge.base_url, reqs.seed_000(ctx.world), half)
         await ctx.wrk("c1ms_edge", edge.base_url, reqs.seed_000(ctx.world), connections=ctx.opts.connections,
                       server_pid=edge.pid)  # fmt: skip
     finally:
         edge.stop()
         await delete_keys(ctx.redis, keys.prefix)
+
+
+async def _open_loop(ctx: Ctx, who: str, base_url: str, requests: list[Request], rate: float) -> None:
+    """Warm-up and measurement at ``rate``; p50/p99 of the answers to requests sent after the warm-up."""
+    latencies: list[tuple[float, float]] = []
+    sent = await openloop.run(base_url, requests, rate=rate, seconds=ctx.opts.warmup + ctx.opts.duration,
+                              latencies=latencies)  # fmt: skip
+    measured = sorted(lat for at, lat in latencies if at >= ctx.opts.warmup)
+    if not measured:
+        raise RuntimeError(f"part c: no answer from the {who} at {rate:.0f} requests/s")
+    ctx.note(f"c1ms_half.{who}_p50_ms", measured[len(measured) // 2] * 1000)
+    ctx.note(f"c1ms_half.{who}_p99_ms", measured[min(len(measured) - 1, int(len(measured) * 0.99))] * 1000)
+    ctx.note(f"c1ms_half.{who}_failed", sent.failed)
 
 
 async def _end_to_end(ctx: Ctx, proxy: Proc, port: int) -> None:

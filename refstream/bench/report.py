@@ -75,6 +75,7 @@ _C1MS_SECTIONS = {
     "c1ms_1rt": "(c) through the proxy: naive without the pool's reset query (1 round trip per click)",
     "c1ms_50": "(c) through the proxy: naive, 1 round trip per click, over 50 links (as b000) instead of one",
     "c1ms_edge": "(c) through the proxy: edge, seed 000; ratios against the fastest naive",
+    "c1ms_half": "(c) through the proxy: fastest naive and edge at the same open-loop rate (half the slowest naive's)",
     "c1ms_e2e": "(c) through the proxy: edge and workers under full load (wrk, seed 000)",
 }
 SECTIONS = {k: v for key, title in SECTIONS.items()
