@@ -57,7 +57,8 @@ def test_bench_part_c_measures_through_its_latency_proxy():
         assert figures[f"{phase}.rps"] > 0, phase
         assert figures[f"{phase}.errors"] == 0, phase
     # the proxy's 0.5 ms each way is on every round trip, and the proxy did the forwarding
-    assert figures["c1ms.rtt_ms"] >= 1.0 > figures["c1ms.rtt_direct_ms"]
+    assert figures["c1ms.rtt_ms"] >= 1.0
     assert figures["c1ms.proxy_cpu"] > 0
-    for key in ("c1ms_edge.tput_ratio", "c1ms_edge.p99_ratio", "c1ms_e2e.committed_per_s"):
+    assert figures["c1ms_half.naive_failed"] == figures["c1ms_half.edge_failed"] == 0
+    for key in ("c1ms_edge.tput_ratio", "c1ms_edge.p99_ratio", "c1ms_half.p99_ratio", "c1ms_e2e.committed_per_s"):
         assert figures[key] > 0, key
