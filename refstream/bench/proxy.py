@@ -27,16 +27,48 @@ from collections import deque
 _PR_SET_TIMERSLACK = 29
 
 
-class _Side(asyncio.Protocol):
-    """One connection of a pair: what it receives goes, delayed, to its peer's transport."""
+class _DelayLine:
+    """Every chunk of every connection, in the order read. With one delay for all, that is also
+    the order they fall due, so one queue and one timer serve the whole proxy, and each wake-up
+    writes everything due by then (a connection's chunks joined, in order)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
         self.loop = loop
         self.delay = delay
+        self.queue: deque[tuple[float, _Side, bytes | None]] = deque()  # None: close that side
+        self.timer: asyncio.TimerHandle | None = None
+
+    def put(self, side: _Side, data: bytes | None) -> None:
+        due = self.loop.time() + self.delay
+        self.queue.append((due, side, data))
+        if self.timer is None:
+            self.timer = self.loop.call_at(due, self._flush)
+
+    def _flush(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        out: dict[_Side, list[bytes]] = {}
+        queue = self.queue
+        while queue and queue[0][0] <= now:
+            _, side, data = queue.popleft()
+            if data is None:
+                side.write(out.pop(side, []))
+                side.close()
+            else:
+                out.setdefault(side, []).append(data)
+        for side, chunks in out.items():
+            side.write(chunks)
+        if queue:
+            self.timer = self.loop.call_at(queue[0][0], self._flush)
+
+
+class _Side(asyncio.Protocol):
+    """One connection of a pair: what it receives goes, through the delay line, to its peer."""
+
+    def __init__(self, line: _DelayLine) -> None:
+        self.line = line
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
-        self.queue: deque[tuple[float, bytes | None]] = deque()  # to write on this side; None: close
-        self.timer: asyncio.TimerHandle | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -49,19 +81,17 @@ class _Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.peer is not None:
-            self.peer.send_later(data)
+            self.line.put(self.peer, data)
 
     def eof_received(self) -> bool:
         if self.peer is not None:
-            self.peer.send_later(None)
+            self.line.put(self.peer, None)
         return True  # keep our write side open until the peer's EOF or close arrives
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.peer is not None:
-            self.peer.send_later(None)
+        if self.peer is not None and not self.peer.closed:
+            self.line.put(self.peer, None)
 
     def pause_writing(self) -> None:  # our peer sends faster than we can write: stop reading it
         if self.peer is not None and self.peer.transport is not None:
@@ -71,42 +101,21 @@ class _Side(asyncio.Protocol):
         if self.peer is not None and self.peer.transport is not None and not self.peer.closed:
             self.peer.transport.resume_reading()
 
-    def send_later(self, data: bytes | None) -> None:
-        """Queue bytes (or, as None, the close) for this side's transport, due after the delay."""
-        if self.closed:
-            return
-        due = self.loop.time() + self.delay
-        self.queue.append((due, data))
-        if self.timer is None:
-            self.timer = self.loop.call_at(due, self._flush)
+    def write(self, chunks: list[bytes]) -> None:
+        if chunks and not self.closed and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
-    def _flush(self) -> None:
-        self.timer = None
-        now = self.loop.time()
-        out: list[bytes] = []
-        close = False
-        while self.queue and self.queue[0][0] <= now:
-            data = self.queue.popleft()[1]
-            if data is None:
-                close = True
-                break
-            out.append(data)
-        assert self.transport is not None
-        if out and not self.closed:
-            self.transport.write(b"".join(out))
-        if close:
-            self.queue.clear()
-            if not self.closed:
-                self.transport.close()
-        elif self.queue:
-            self.timer = self.loop.call_at(self.queue[0][0], self._flush)
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.close()
+        self.closed = True
 
 
 class _Client(_Side):
     """The client's side: reads nothing until the upstream connection is there."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, proxy: LatencyProxy) -> None:
-        super().__init__(loop, proxy.delay)
+    def __init__(self, line: _DelayLine, proxy: LatencyProxy) -> None:
+        super().__init__(line)
         self.proxy = proxy
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,7 +123,7 @@ class _Client(_Side):
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()
         self.proxy.connections += 1
-        self.proxy.tasks.add(task := self.loop.create_task(self.proxy.connect(self)))
+        self.proxy.tasks.add(task := asyncio.get_running_loop().create_task(self.proxy.connect(self)))
         task.add_done_callback(self.proxy.tasks.discard)
 
 
@@ -126,27 +135,29 @@ class LatencyProxy:
         self.delay = delay
         self.connections = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        self._line: _DelayLine | None = None
 
     def _client(self) -> _Side:
-        return _Client(asyncio.get_running_loop(), self)
+        assert self._line is not None
+        return _Client(self._line, self)
 
     async def connect(self, client: _Side) -> None:
-        loop = asyncio.get_running_loop()
-        up = _Side(loop, self.delay)
-        assert client.transport is not None
+        assert client.transport is not None and self._line is not None
+        up = _Side(self._line)
         try:
-            await loop.create_connection(lambda: up, *self.upstream)
+            await asyncio.get_running_loop().create_connection(lambda: up, *self.upstream)
         except OSError:
             client.transport.close()
             return
         client.peer, up.peer = up, client
         if client.closed:
-            up.send_later(None)
+            up.close()
         else:
             client.transport.resume_reading()
 
     async def serve(self, host: str, port: int, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
+        self._line = _DelayLine(loop, self.delay)
         server = await loop.create_server(self._client, host, port, backlog=1024)
         async with server:
             await stop.wait()
