@@ -4,8 +4,9 @@ app and its database would: the bench runs it as its own process
 its CPU is counted apart, and points the apps' ``DATABASE_URL`` at it.
 
 Each chunk read from one side is written to the other side no earlier than ``delay`` after
-it was read, in the order it was read (one queue per direction, never reordered); an EOF
-or a close travels the same queue, after the bytes before it. The delay is a lower bound:
+it was read, in the order it was read (one queue for all, never reordered: with one delay
+for every chunk, read order is due order); an EOF or a close travels the same queue, after
+the bytes before it. The delay is a lower bound:
 the event loop's wake-up adds a little (the bench measures the round trip it really adds).
 
 The loop polls with ``select()``: its timeout has microsecond resolution, where epoll's (the
