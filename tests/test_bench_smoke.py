@@ -1,11 +1,13 @@
 """`refstream bench` end to end, in miniature: the bare aiohttp baseline and the seed 000
-route, one run of one second each, as JSON with every figure positive."""
+route, one run of one second each, as JSON with every figure positive; part (c) likewise,
+locally and through its latency proxy."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+from typing import Any
 
 import orjson
 import pytest
@@ -16,8 +18,7 @@ from ._procs import REFSTREAM
 pytestmark = pytest.mark.once
 
 
-@pytest.mark.timeout(120)
-def test_bench_quick_prints_positive_figures_as_json():
+def _bench_json(only: str, timeout: float) -> dict[str, Any]:
     # the bench installs wrk itself where it can (root, apt-get); elsewhere, outside CI, say so and skip
     if (
         shutil.which("wrk") is None
@@ -27,13 +28,19 @@ def test_bench_quick_prints_positive_figures_as_json():
         print("\nSKIPPING the bench smoke test: wrk is missing and cannot be installed here")
         pytest.skip("wrk is missing and cannot be installed here (apt-get install -y wrk)")
     out = subprocess.run(
-        [REFSTREAM, "bench", "--quick", "--runs", "1", "--json", "--only", "a,b000", "--duration", "1"],
+        [REFSTREAM, "bench", "--quick", "--runs", "1", "--json", "--only", only, "--duration", "1"],
         capture_output=True,
-        timeout=110,
+        timeout=timeout,
         check=False,
     )
     assert out.returncode == 0, out.stderr.decode()[-3000:]
-    result = orjson.loads(out.stdout)
+    result: dict[str, Any] = orjson.loads(out.stdout)
+    return result
+
+
+@pytest.mark.timeout(120)
+def test_bench_quick_prints_positive_figures_as_json():
+    result = _bench_json("a,b000", timeout=110)
     figures = result["figures"]
     for key in ("a.rps", "a.p50_ms", "a.p99_ms", "b000.rps", "b000.p50_ms", "b000.p99_ms", "b000.ratio_a",
                 "g.edge_rss_mb"):  # fmt: skip
@@ -41,3 +48,17 @@ def test_bench_quick_prints_positive_figures_as_json():
     assert figures["b000.errors"] == 0
     assert result["runs"] == 1 and result["machine"]["nproc"] >= 1
     assert any(g["figure"] == "b000.ratio_a" and g["met"] is not None for g in result["goals"])
+
+
+@pytest.mark.timeout(180)
+def test_bench_part_c_measures_through_its_latency_proxy():
+    figures = _bench_json("c", timeout=170)["figures"]
+    for phase in ("c", "c1ms", "c1ms_1rt", "c1ms_50", "c1ms_edge", "c1ms_e2e"):
+        assert figures[f"{phase}.rps"] > 0, phase
+        assert figures[f"{phase}.errors"] == 0, phase
+    # the proxy's 0.5 ms each way is on every round trip, and the proxy did the forwarding
+    assert figures["c1ms.rtt_ms"] >= 1.0
+    assert figures["c1ms.proxy_cpu"] > 0
+    assert figures["c1ms_half.naive_failed"] == figures["c1ms_half.edge_failed"] == 0
+    for key in ("c1ms_edge.tput_ratio", "c1ms_edge.p99_ratio", "c1ms_half.p99_ratio", "c1ms_e2e.committed_per_s"):
+        assert figures[key] > 0, key

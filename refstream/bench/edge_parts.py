@@ -1,6 +1,6 @@
-"""Parts (a), (b) and (c): the edge against a bare aiohttp app and against the naive
-synchronous design, all behind the same wrk settings, one server process each; with part
-(n), (a) and each (b) route again at N processes (the CPU count), side by side."""
+"""Parts (a) and (b): the edge against a bare aiohttp app, behind the same wrk settings,
+one server process each; with part (n), (a) and each (b) route again at N processes (the
+CPU count), side by side. (c), against the naive design, is in ``naive_part``."""
 
 from __future__ import annotations
 
@@ -108,20 +108,6 @@ async def _at_n(ctx: Ctx, name: str, base_url: str, requests: list[Request], pid
     ctx.note(f"{name}_n.scale", r.rps / ctx.figures[f"{name}.rps"])
     if "a_n.rps" in ctx.figures:
         ctx.note(f"{name}_n.ratio_a_n", r.rps / ctx.figures["a_n.rps"])
-
-
-async def part_c(ctx: Ctx) -> None:
-    """(c) one UPDATE per click on one hot link, committed before the answer."""
-    hot = ctx.world.codes[0]
-    requests = [r for r in reqs.seed_000(ctx.world) if r.path.endswith("/" + hot)]
-    naive = ctx.procs.app("naive", "--dsn", ctx.world.url())
-    try:
-        await ctx.wrk("c", naive.base_url, requests, connections=ctx.opts.connections, server_pid=naive.pid)
-    finally:
-        naive.stop()
-    if "b000.rps" in ctx.figures:
-        ctx.note("c.tput_ratio", ctx.figures["b000.rps"] / ctx.figures["c.rps"])
-        ctx.note("c.p99_ratio", ctx.figures["b000.p99_ms"] / ctx.figures["c.p99_ms"])
 
 
 @asynccontextmanager

@@ -2,8 +2,8 @@
 
 Requests are started on a fixed schedule, ``rate`` per second in 5 ms ticks, whether or
 not earlier ones have been answered: a slow server meets more concurrent requests rather
-than fewer (no coordinated omission). Only the achieved rate and failures are reported;
-latency is measured where it matters for the pipeline, from the event rows.
+than fewer (no coordinated omission). The achieved rate and failures are reported, and on
+request each answer's latency (the pipeline's own latency is measured from the event rows).
 """
 
 from __future__ import annotations
@@ -34,20 +34,30 @@ class OpenLoopResult:
 
 
 async def run(
-    base_url: str, requests: Sequence[Request], *, rate: float, seconds: float, stop: asyncio.Event | None = None
+    base_url: str,
+    requests: Sequence[Request],
+    *,
+    rate: float,
+    seconds: float,
+    stop: asyncio.Event | None = None,
+    latencies: list[tuple[float, float]] | None = None,
 ) -> OpenLoopResult:
-    """Send ``rate`` requests/s for ``seconds`` (or until ``stop`` is set)."""
+    """Send ``rate`` requests/s for ``seconds`` (or until ``stop`` is set); ``latencies``, if
+    given, gets (seconds since the start when sent, seconds to the answer) per 2xx answer."""
     result = OpenLoopResult()
     in_flight: set[asyncio.Task[None]] = set()
     connector = aiohttp.TCPConnector(limit=512, ttl_dns_cache=None)
     timeout = aiohttp.ClientTimeout(total=30)
 
     async def one(http: aiohttp.ClientSession, req: Request) -> None:
+        sent = time.monotonic()
         try:
             async with http.post(base_url + req.path, data=req.body.encode(), headers=req.headers) as r:
                 await r.read()
                 if 200 <= r.status < 300:
                     result.ok += 1
+                    if latencies is not None:
+                        latencies.append((sent - start, time.monotonic() - sent))
                 else:
                     result.failed += 1
         except (TimeoutError, aiohttp.ClientError):

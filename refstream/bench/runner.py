@@ -24,8 +24,9 @@ from . import report, world
 from .archive_parts import part_r
 from .context import Ctx, Options
 from .durability_part import part_h
-from .edge_parts import part_a, part_b, part_c
+from .edge_parts import part_a, part_b
 from .idem_parts import part_i
+from .naive_part import part_c
 from .partition_parts import part_p
 from .pipeline_parts import part_d, part_e_f
 from .procs import Procs
@@ -181,4 +182,8 @@ NOTES = [
     "i: seed 003 (Affixo click, Bearer) without a key, with a fresh Idempotency-Key per request (the atomic"
     " append-or-answer script instead of the XADD), and repeats of 256 keys (answered from their records);"
     " all three format each request in wrk's Lua at send time, so wrk's cost is the same",
+    "c1ms: Postgres through the bench's own TCP proxy (refstream/bench/proxy.py, its own process, 0.5 ms each way"
+    " per chunk, in order): the naive app's pool, the edge's and the workers' DATABASE_URL alike; c1ms.rtt_ms is"
+    " the SELECT 1 round trip it really gives, proxy_cpu the cores it used (warm-up included); the goals take the"
+    " edge against the fastest of the naive variants",
 ]
