@@ -102,6 +102,10 @@ def test_stream_keys_are_hash_tagged_per_partition():
     assert {keys.partition_for(f"code{i}") for i in range(200)} == {0, 1, 2, 3}
 
 
+UA_PARTS = ["Mozilla/5.0 (", ") AppleWebKit/537.36 (KHTML, like Gecko) Chrome/", "124", ".0.0.0", " Safari/537.36",
+            "Mozilla/5.0", "\x01", "\x00", "é", " ", ";"]  # fmt: skip
+
+
 def _as_redis_returns(fields: dict[bytes, bytes | int]) -> dict[bytes, bytes]:
     return {k: str(v).encode() if isinstance(v, int) else v for k, v in fields.items()}
 
@@ -111,7 +115,7 @@ def _as_redis_returns(fields: dict[bytes, bytes | int]) -> dict[bytes, bytes]:
     dialect=st.sampled_from(["biore", "native", "redirect", "1", ""]) | st.text(max_size=8),
     payload=st.dictionaries(st.text(max_size=10), json_values, max_size=6),
     ip=st.none() | st.ip_addresses().map(str) | st.text(max_size=4),
-    ua=st.none() | st.text(max_size=200),
+    ua=st.none() | st.text(max_size=200) | st.lists(st.sampled_from(UA_PARTS)).map("".join),
     ws=st.none() | st.uuids().map(str) | st.text(max_size=17),
 )
 def test_entry_round_trip(type_, dialect, payload, ip, ua, ws):
@@ -147,13 +151,18 @@ async def test_entry_round_trip_through_redis(redis, keys: Keys, envelope: Envel
 
 def test_entry_layout():
     """Integers where they can be (Redis stores them compactly), 16-byte ids, our dialects
-    as codes: the layout the bench's bytes per event depend on."""
+    as codes, a browser's User-Agent as its version numbers between one-byte fragments: the
+    layout the bench's bytes per event depend on."""
     ws = str(uuid.uuid4())
-    e = Envelope(EventType.LEAD, Dialect.REFPORT, {"code": "a"}, ws, "203.0.113.7", "Mozilla/5.0")
+    chrome = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko)"
+    chrome += " Chrome/124.0.0.0 Safari/537.36"
+    e = Envelope(EventType.LEAD, Dialect.REFPORT, {"code": "a"}, ws, "203.0.113.7", chrome)
     assert e.entry() == (
         b"i", e.event_id.bytes, b"t", 2, b"w", uuid.UUID(ws).bytes, b"r", e.received_at_ms, b"a", b"203.0.113.7",
-        b"u", b"Mozilla/5.0", b"d", 5, b"p", b'{"code":"a"}',
+        b"u", b"\x01\x05\x02124\x15\x04", b"d", 5, b"p", b'{"code":"a"}',
     )  # fmt: skip
+    bot = "Mozilla/5.0 (compatible; Googlebot/2.1)\t"  # a control byte: verbatim, behind a NUL
+    assert Envelope(EventType.CLICK, Dialect.BIORE, {}, user_agent=bot).entry_dict()[b"u"] == b"\x00" + bot.encode()
 
 
 @pytest.mark.parametrize(
