@@ -14,7 +14,9 @@ master fields carry only their values) and integers as integers::
        each (``_UA_TOKENS``: a Chrome UA's 105 bytes are 9); one holding a control byte
        goes behind a NUL, verbatim; empty: none
     d  dialect: a small integer for ours (``_DIALECT_CODES``), else its text
-    p  payload, compact JSON
+    p  payload, compact JSON, its top-level keys that our routes write as one letter each
+       (``_PAYLOAD_KEYS``); any other key of at most one character, or starting with
+       "~", behind a "~"
 
 Text that is empty, or starts with a NUL, is stored behind one NUL, so "" and None stay
 apart. ``Envelope.entry`` gives the fields, ``Envelope.from_entry`` reads version 2 and
@@ -156,7 +158,7 @@ class Envelope:
             b"a", _text(self.ip),
             b"u", _ua_bytes(self.user_agent),
             b"d", _DIALECT_CODES.get(self.dialect) or _text(self.dialect),
-            b"p", orjson.dumps(self.payload),
+            b"p", orjson.dumps({_PAYLOAD_KEYS.get(k) or _escape_key(k): v for k, v in self.payload.items()}),
         )  # fmt: skip
 
     def entry_dict(self) -> dict[bytes, bytes | int]:
@@ -179,7 +181,8 @@ class Envelope:
         try:
             if len(i) != 16:
                 raise ValueError("event id: not 16 bytes")
-            payload = orjson.loads(p)
+            packed = _dict(orjson.loads(p))
+            payload = {_LONG_KEYS.get(k) or (k[1:] if k[:1] == "~" else k): v for k, v in packed.items()}
             return cls(
                 event_id=uuid.UUID(bytes=bytes(i)),
                 type=EventType(int(t)),
@@ -188,7 +191,7 @@ class Envelope:
                 ip=_untext(a),
                 user_agent=_ua_str(u),
                 dialect=_DIALECTS.get(d) or _str(_untext(d)),
-                payload=_dict(payload),
+                payload=payload,
             )
         except (TypeError, ValueError, UnicodeDecodeError, orjson.JSONDecodeError) as exc:
             raise EnvelopeError(str(exc)) from None
@@ -250,6 +253,21 @@ def _text(v: str | None) -> bytes:
     if not b or b[0] == 0 or b in _DIALECTS:
         return b"\x00" + b
     return b
+
+
+# never change one: stream entries, archives and dead letters hold these (a new key may take
+# a free letter: entries written before cannot hold it)
+_PAYLOAD_KEYS: dict[str, str] = {
+    "code": "c", "click_id": "k", "visitor_id": "v", "match": "m", "referrer": "r", "page_url": "u",
+    "page_title": "t", "session_id": "s", "screen_resolution": "x", "viewport_size": "y", "language": "l",
+    "timezone": "z", "test_mode": "T", "name": "n", "external_id": "e", "email": "E", "customer_name": "N",
+    "avatar": "a", "metadata": "M", "conversion_id": "C", "dedupe": "d",
+}  # fmt: skip
+_LONG_KEYS = {short: key for key, short in _PAYLOAD_KEYS.items()}
+
+
+def _escape_key(k: str) -> str:
+    return "~" + k if len(k) < 2 or k[0] == "~" else k
 
 
 # never renumber nor change one: stream entries, archives and dead letters hold these codes

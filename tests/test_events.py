@@ -106,6 +106,9 @@ UA_PARTS = ["Mozilla/5.0 (", ") AppleWebKit/537.36 (KHTML, like Gecko) Chrome/",
             "Mozilla/5.0", "\x01", "\x00", "é", " ", ";"]  # fmt: skip
 
 
+PAYLOAD_KEYS = ["code", "c", "~", "~c", "~~", "", "visitor_id", "v", "referrer", "metadata", "Code"]
+
+
 def _as_redis_returns(fields: dict[bytes, bytes | int]) -> dict[bytes, bytes]:
     return {k: str(v).encode() if isinstance(v, int) else v for k, v in fields.items()}
 
@@ -113,7 +116,7 @@ def _as_redis_returns(fields: dict[bytes, bytes | int]) -> dict[bytes, bytes]:
 @given(
     type_=st.sampled_from(EventType),
     dialect=st.sampled_from(["biore", "native", "redirect", "1", ""]) | st.text(max_size=8),
-    payload=st.dictionaries(st.text(max_size=10), json_values, max_size=6),
+    payload=st.dictionaries(st.sampled_from(PAYLOAD_KEYS) | st.text(max_size=10), json_values, max_size=6),
     ip=st.none() | st.ip_addresses().map(str) | st.text(max_size=4),
     ua=st.none() | st.text(max_size=200) | st.lists(st.sampled_from(UA_PARTS)).map("".join),
     ws=st.none() | st.uuids().map(str) | st.text(max_size=17),
@@ -151,18 +154,20 @@ async def test_entry_round_trip_through_redis(redis, keys: Keys, envelope: Envel
 
 def test_entry_layout():
     """Integers where they can be (Redis stores them compactly), 16-byte ids, our dialects
-    as codes, a browser's User-Agent as its version numbers between one-byte fragments: the
-    layout the bench's bytes per event depend on."""
+    as codes, a browser's User-Agent as its version numbers between one-byte fragments, our
+    payload keys as one letter: the layout the bench's bytes per event depend on."""
     ws = str(uuid.uuid4())
     chrome = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko)"
     chrome += " Chrome/124.0.0.0 Safari/537.36"
     e = Envelope(EventType.LEAD, Dialect.REFPORT, {"code": "a"}, ws, "203.0.113.7", chrome)
     assert e.entry() == (
         b"i", e.event_id.bytes, b"t", 2, b"w", uuid.UUID(ws).bytes, b"r", e.received_at_ms, b"a", b"203.0.113.7",
-        b"u", b"\x01\x05\x02124\x15\x04", b"d", 5, b"p", b'{"code":"a"}',
+        b"u", b"\x01\x05\x02124\x15\x04", b"d", 5, b"p", b'{"c":"a"}',
     )  # fmt: skip
     bot = "Mozilla/5.0 (compatible; Googlebot/2.1)\t"  # a control byte: verbatim, behind a NUL
     assert Envelope(EventType.CLICK, Dialect.BIORE, {}, user_agent=bot).entry_dict()[b"u"] == b"\x00" + bot.encode()
+    other = Envelope(EventType.CLICK, Dialect.BIORE, {"c": 1, "~x": 2, "extra": 3, "referrer": 4})
+    assert other.entry_dict()[b"p"] == b'{"~c":1,"~~x":2,"extra":3,"r":4}'  # a key of ours, or escaped
 
 
 @pytest.mark.parametrize(
