@@ -185,7 +185,7 @@ class Envelope:
             payload = {_LONG_KEYS.get(k) or (k[1:] if k[:1] == "~" else k): v for k, v in packed.items()}
             return cls(
                 event_id=uuid.UUID(bytes=bytes(i)),
-                type=EventType(int(t)),
+                type=_TYPES.get(t) or EventType(int(t)),
                 workspace_id=_workspace_str(w),
                 received_at_ms=int(r),
                 ip=_untext(a),
@@ -237,6 +237,7 @@ def entry_from_blob(raw: bytes) -> dict[bytes, bytes | int]:
 
 
 _ENVELOPE_FIELDS = frozenset((FIELD, *FIELDS))
+_TYPES: dict[bytes, EventType] = {str(int(t)).encode(): t for t in EventType}  # as Redis returns them
 _DIALECT_CODES: dict[str, int] = {
     Dialect.BIORE: 1, Dialect.BRICQS: 2, Dialect.AFFITOR: 3, Dialect.AFFIXO: 4, Dialect.REFPORT: 5,
     Dialect.REDIRECT: 6, Dialect.NATIVE: 7,
