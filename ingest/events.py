@@ -184,7 +184,7 @@ class Envelope:
             packed = _dict(orjson.loads(p))
             payload = {_LONG_KEYS.get(k) or (k[1:] if k[:1] == "~" else k): v for k, v in packed.items()}
             return cls(
-                event_id=uuid.UUID(bytes=bytes(i)),
+                event_id=uuid.UUID(bytes=i),
                 type=_TYPES.get(t) or EventType(int(t)),
                 workspace_id=_workspace_str(w),
                 received_at_ms=int(r),
@@ -237,12 +237,13 @@ def entry_from_blob(raw: bytes) -> dict[bytes, bytes | int]:
 
 
 _ENVELOPE_FIELDS = frozenset((FIELD, *FIELDS))
-_TYPES: dict[bytes, EventType] = {str(int(t)).encode(): t for t in EventType}  # as Redis returns them
+_TYPES: dict[bytes | int, EventType] = {str(int(t)).encode(): t for t in EventType}  # as Redis returns them
 _DIALECT_CODES: dict[str, int] = {
     Dialect.BIORE: 1, Dialect.BRICQS: 2, Dialect.AFFITOR: 3, Dialect.AFFIXO: 4, Dialect.REFPORT: 5,
     Dialect.REDIRECT: 6, Dialect.NATIVE: 7,
 }  # fmt: skip  # never renumber: entries in streams, archives and dead letters hold these
-_DIALECTS: dict[bytes, str] = {str(n).encode(): name for name, n in _DIALECT_CODES.items()}
+_DIALECTS: dict[bytes | int, str] = {str(n).encode(): name for name, n in _DIALECT_CODES.items()}
+_DIALECTS.update({n: name for name, n in _DIALECT_CODES.items()})  # ``entry_dict`` not through Redis
 
 
 def _text(v: str | None) -> bytes:
@@ -304,7 +305,7 @@ _UA_DECODE = [(bytes([c]), s) for c, s in _UA_TOKENS.items()]
 _CONTROL = bytes(range(32))
 
 
-@functools.lru_cache(maxsize=4096)  # a few User-Agents make most of the traffic
+@functools.lru_cache(maxsize=1024)  # a few User-Agents make most of the traffic (≤ 2 MB held)
 def _ua_bytes(v: str | None) -> bytes:
     if v is None:
         return b""
@@ -317,7 +318,7 @@ def _ua_bytes(v: str | None) -> bytes:
     return b
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _ua_str(v: bytes) -> str | None:
     if not v:
         return None
