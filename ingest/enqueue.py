@@ -9,7 +9,7 @@ import structlog
 
 from .batcher import Command
 from .connections import REDIS_ERRORS
-from .events import FIELD, Envelope
+from .events import Envelope
 from .keys import Keys
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def xadd(keys: Keys, envelope: Envelope, routing_key: str) -> Command:
     """XADD with an auto id and no MAXLEN: trimming is the workers' job, by MINID below
     every group's oldest pending entry, so nothing is trimmed before it is acked."""
-    return ("XADD", keys.stream_for(routing_key), "*", FIELD, envelope.encode())
+    return ("XADD", keys.stream_for(routing_key), "*", *envelope.entry())
 
 
 def check(reply: object) -> None:

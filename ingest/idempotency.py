@@ -36,7 +36,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from .batcher import Command, RedisBatcher
 from .connections import REDIS_ERRORS
-from .events import FIELD, Envelope, unique_token
+from .events import Envelope, unique_token
 from .keys import Keys
 
 if TYPE_CHECKING:
@@ -51,13 +51,13 @@ RESERVATION_MS = 60_000  # a reservation outlives any request; a crashed edge's 
 WAIT_FOR_FIRST_S = 2.0  # a management repeat waits this long for the first copy's answer
 SPOOLED_MEMORY = 100_000  # answers given from the spool, remembered by this process
 
-# KEYS[1] the key's record, KEYS[2] the stream (one hash tag); ARGV: answer, window ms, field,
-# envelope. The XADD comes first: if it fails (OOM), nothing was written, and no answer is
-# stored for an event that was never appended.
+# KEYS[1] the key's record, KEYS[2] the stream (one hash tag); ARGV: answer, window ms, then
+# the envelope's fields and values (``Envelope.entry``). The XADD comes first: if it fails
+# (OOM), nothing was written, and no answer is stored for an event that was never appended.
 APPEND_ONCE = """
 local first = redis.call('GET', KEYS[1])
 if first then return first end
-redis.call('XADD', KEYS[2], '*', ARGV[3], ARGV[4])
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
@@ -175,7 +175,7 @@ class Idempotency:
         partition = self.keys.partition_for(routing_key)
         record = self.keys.idempotent(claim.digest, partition)
         return ("EVALSHA", self._append_sha, 2, record, self.keys.streams[partition],
-                answer.encode(), self.window_ms, FIELD, envelope.encode())  # fmt: skip
+                answer.encode(), self.window_ms, *envelope.entry())  # fmt: skip
 
     async def append(
         self, edge: Edge, claim: Claim, envelope: Envelope, routing_key: str, answer: Answer,

@@ -39,7 +39,7 @@ import structlog
 from . import spool_store as store
 from .connections import REDIS_ERRORS, Redis
 from .durability import Durability
-from .events import FIELD
+from .events import entry_from_blob
 
 log = structlog.get_logger("ingest.spool")
 
@@ -337,12 +337,14 @@ async def _replay(
 ) -> tuple[list[int], BaseException | None]:
     """XADD ``rows`` (and their extra commands) in one pipeline, ended by the durability
     level's WAIT when it has one: (ids Redis confirmed, the first error). A row whose XADD
-    was refused (a full Redis) stays; the others go, unless the WAIT fell short: then all stay."""
+    was refused (a full Redis) stays; the others go, unless the WAIT fell short: then all stay.
+    A row keeps its envelope as the version-1 blob (``Envelope.encode``); it goes on the
+    stream as version-2 fields."""
     if not rows:
         return [], None
     pipe = redis.pipeline(transaction=False)
     for r in rows:
-        pipe.xadd(r.stream, {FIELD: r.envelope})
+        pipe.xadd(r.stream, entry_from_blob(r.envelope))  # type: ignore[arg-type]
         for cmd in r.extra:
             pipe.execute_command(*cmd)
     if durability.waits:

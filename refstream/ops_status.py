@@ -247,6 +247,7 @@ def render_letter(d: dict[str, Any], keys: Keys, console: Console) -> None:
         ]  # fmt: skip
     else:
         rows += [("decode error", d["decode_error"]), ("raw", d["raw"]), ("raw bytes", d["raw_bytes"])]
+        rows += [(f"raw {k}", v) for k, v in (d.get("raw_fields") or {}).items()]
     rows += [(f"field {k}", v) for k, v in d["other_fields"].items()]
     table = _table(f"dead letter {d['dead_id']}", "field", "value")
     for name, value in rows:

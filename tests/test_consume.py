@@ -7,7 +7,7 @@ import asyncio
 
 import asyncpg
 
-from ingest.events import FIELD
+from ingest.events import FIELD, FIELDS, Dialect, Envelope, EventType
 from ingest.keys import GROUP, Keys
 from workers import trim
 
@@ -94,3 +94,33 @@ async def test_trimming_never_removes_what_a_lagging_group_needs(redis, keys: Ke
     await redis.xadd(keys.streams[1], {FIELD: b"y"})
     await trim.trim(redis, keys, retention_s=0, exact=True)
     assert await redis.xlen(keys.streams[1]) == 1
+
+
+async def test_version_1_entries_still_decode_and_a_broken_version_2_one_is_dead_lettered_verbatim(
+    procs: Procs, pg, redis, keys: Keys
+):
+    """Entries of both wire versions in one stream (an upgrade with a backlog): each stored
+    once; a version-2 entry that does not decode keeps its fields, verbatim, in its letter."""
+    ws = await procs.cli("workspace", "create", "Acme")
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
+    stream = keys.stream_for("alice")
+
+    def click() -> Envelope:
+        return Envelope(EventType.CLICK, Dialect.BIORE, {"code": "alice"}, ws["workspace_id"], "203.0.113.7", "ü")
+
+    await redis.xadd(stream, {FIELD: click().encode()})  # version 1, as the edge wrote before
+    await redis.xadd(stream, click().entry_dict())
+    broken = {**click().entry_dict(), b"p": b"{not json"}
+    bad = await redis.xadd(stream, broken)
+    totals = await procs.cli("work", "--drain")
+    assert (totals["inserted"], totals["dead"]) == (2, 1)
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'alice'") == 2
+    [(dead_id, letter)] = await redis.xrange(keys.dead)
+    assert letter[b"id"] == bad and letter[b"error"].startswith(b"decode: ")
+    assert {k: letter[k] for k in FIELDS} == {
+        k: str(v).encode() if isinstance(v, int) else v for k, v in broken.items()
+    }
+    assert FIELD not in letter and not any(k.startswith(b"field:") for k in letter)
+    shown = await procs.cli("dead", "show", "--json", dead_id.decode())
+    assert shown["envelope"] is None and shown["raw_fields"]["p"] == repr(b"{not json")
+    assert (await redis.xpending(stream, GROUP))["pending"] == 0

@@ -153,3 +153,21 @@ async def _output(procs: Procs, *args: str) -> str:
     out, err = await proc.communicate()
     assert proc.returncode == 0, err
     return out.decode()
+
+
+async def test_a_version_2_letter_is_shown_and_requeued_verbatim(procs: Procs, pg, redis, keys: Keys):
+    """A letter holding a version-2 entry's fields (beside one holding version 1's ``e``):
+    decoded for `dead show`, appended back as the same fields, stored by the worker."""
+    ws = await procs.cli("workspace", "create", "Acme")
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "later")
+    event = _click("later")
+    fields = {"stream": keys.stream_for("later"), "id": "1-1", "error": "store: boom", "deliveries": 1, "at": 1}
+    dead_id = (await redis.xadd(keys.dead, {**fields, **event.entry_dict()})).decode()
+    shown = await procs.cli("dead", "show", dead_id)
+    assert shown["envelope"]["event_id"] == event.event_id.hex and shown["envelope"]["user_agent"] == BROWSER
+    assert shown["other_fields"] == {} and shown["code"] == "later"
+    assert (await procs.cli("dead", "requeue", "--all"))["requeued"] == 1
+    [(_, appended)] = await redis.xrange(keys.stream_for("later"))
+    assert appended == {k: str(v).encode() if isinstance(v, int) else v for k, v in event.entry_dict().items()}
+    await procs.cli("work", "--drain")
+    assert (await procs.cli("link", "show", "later"))["clicks"] == 1

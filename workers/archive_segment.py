@@ -12,9 +12,10 @@ the entry's envelope exactly as it was in the stream::
 
     {"id":"1790000000000-0","e":<the envelope's bytes, verbatim>}
 
-(the envelope is compact JSON from the edge: no newline in it). An entry without a JSON
-envelope (poison the edge never wrote, but another producer might) keeps its fields
-base64-encoded under ``"b64"``. Names are deterministic, ``<prefix>/dt=<day>/hour=<hh>/
+(the envelope is compact JSON: no newline in it). Every other entry keeps all its fields,
+verbatim, base64-encoded under ``"b64"``: the edge's version-2 entries (fixed fields, some
+binary: ``ingest.events``), version-1 entries (their ``e`` is a JSON array, not an object),
+and poison the edge never wrote but another producer might. Names are deterministic, ``<prefix>/dt=<day>/hour=<hh>/
 <partition>-<first id>-<last id>.jsonl.zst``: a segment written twice (an archiver died
 after the upload and before its XACK) is the same object, overwritten with the same bytes.
 """
@@ -62,7 +63,7 @@ class Manifest:
 class Entry:
     id: str
     envelope: bytes | None  # the stream's envelope field, verbatim (None: an entry without one)
-    fields: dict[bytes, bytes] | None = None  # only for an entry without a JSON envelope
+    fields: dict[bytes, bytes] | None = None  # every entry's fields but the one-``e``-object form
 
 
 def _iso(ms: int) -> str:

@@ -1,7 +1,10 @@
 """Dead letters: list, show, requeue and drop what the pipeline set aside in ``{prefix}:dead``.
 
 A dead letter carries the fields the pipeline wrote (``stream``, ``id``, ``error``,
-``deliveries``, ``at``) and the original envelope bytes in ``e``.
+``deliveries``, ``at``) and the original entry's envelope fields verbatim: version 2's
+(``ingest.events.FIELDS``), or version 1's ``e`` (letters from before the upgrade, and
+events the store refused, which the worker writes as the version-1 blob). Other fields of
+an entry without an envelope are kept under ``field:<name>``.
 
 Requeue is XADD to the partition, then XDEL of the letter. A crash in between leaves the
 event both requeued and still dead; requeuing it again adds a second copy to the stream,
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingest.connections import Redis
-from ingest.events import FIELD, Envelope, EnvelopeError
+from ingest.events import FIELD, FIELDS, Envelope, EnvelopeError, entry_of
 from ingest.keys import Keys
 
 _ID_RE = re.compile(r"^\d+(-\d+)?$")
@@ -54,14 +57,20 @@ class DeadLetter:
     def parse(cls, dead_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         letter = cls(dead_id.decode(), fields)
         try:
-            letter.envelope = Envelope.decode(fields.get(FIELD, b""))
+            letter.envelope = Envelope.from_entry(fields)
         except EnvelopeError as exc:
             letter.decode_error = str(exc)
         return letter
 
     @property
     def raw(self) -> bytes:
+        """Version 1's envelope bytes (empty for a version-2 letter: see ``entry``)."""
         return self.fields.get(FIELD, b"")
+
+    @property
+    def entry(self) -> dict[bytes, bytes]:
+        """The envelope's fields, verbatim: what a requeue appends."""
+        return entry_of(self.fields)
 
     @property
     def stream(self) -> str | None:
@@ -113,12 +122,13 @@ class DeadLetter:
             "envelope": envelope,
             "decode_error": self.decode_error,
             "raw": None if e else _text(self.raw),
-            "raw_bytes": len(self.raw),
+            "raw_bytes": len(self.raw) if FIELD in self.fields else sum(len(v) for v in self.entry.values()),
+            "raw_fields": None if e or FIELD in self.fields else {_text(k): repr(v) for k, v in self.entry.items()},
             "other_fields": extra,
         }
 
 
-_KNOWN = {b"stream", b"id", b"error", b"deliveries", b"at", FIELD}
+_KNOWN = {b"stream", b"id", b"error", b"deliveries", b"at", FIELD, *FIELDS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +226,7 @@ async def requeue(redis: Redis, keys: Keys, *, ids: list[str] | None = None, flt
         if stream is None:
             out.skip("no_partition")
             continue
-        await redis.xadd(stream, {FIELD: letter.raw})
+        await redis.xadd(stream, letter.entry)  # type: ignore[arg-type]
         # 0 deleted: a concurrent requeue won the race; its copy and ours count once
         out.done += await redis.xdel(keys.dead, letter.dead_id)
     return out

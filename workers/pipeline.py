@@ -35,7 +35,7 @@ from arq.connections import ArqRedis
 from asyncpg import PostgresError
 
 from ingest.connections import Redis
-from ingest.events import FIELD, Envelope, EnvelopeError
+from ingest.events import FIELD, Envelope, EnvelopeError, entry_of
 from ingest.keys import GROUP, Keys
 from ingest.settings import Settings
 
@@ -161,15 +161,13 @@ class Pipeline:
                 # deleted while pending (XDEL by an operator): nothing is left to store
                 gone += 1
                 continue
-            raw = fields.get(FIELD)
-            if raw is None:
-                # a foreign producer, or a bug: one entry in, one outcome out
-                batch.dead.append(Dead(eid, b"", f"decode: no {FIELD.decode()!r} field", fields=fields))
-                continue
             try:
-                envelope = Envelope.decode(raw)
+                envelope = Envelope.from_entry(fields)
             except EnvelopeError as exc:
-                batch.dead.append(Dead(eid, raw, f"decode: {exc}"))
+                # poison, a foreign producer, or a bug: one entry in, one outcome out (the
+                # letter keeps the entry's fields)
+                raw = fields.get(FIELD)
+                batch.dead.append(Dead(eid, raw or b"", f"decode: {exc}", fields={} if raw else fields))
                 continue
             # the same event twice in one read (a requeued or spooled copy) goes to the store
             # as it is: stored once, counted once as a duplicate, both entries acked
@@ -304,9 +302,14 @@ class Pipeline:
                 "error": d.error[:1000],
                 "deliveries": d.attempts,
                 "at": now,
-                FIELD: d.raw,
             }
-            for k, v in list(d.fields.items())[:16]:
+            # the envelope's own fields verbatim (version 1's ``e``, or version 2's), so the
+            # letter can be decoded and requeued; anything else under ``field:``
+            entry = entry_of(d.fields)
+            if d.raw or not entry:
+                fields[FIELD] = d.raw
+            fields.update(entry)
+            for k, v in [(k, v) for k, v in d.fields.items() if k not in entry][:16]:
                 fields[b"field:" + k[:64]] = v[:4096]
             pipe.xadd(self.keys.dead, fields)
         await pipe.execute()

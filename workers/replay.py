@@ -24,7 +24,7 @@ import structlog
 from arq.worker import func
 
 from ingest.connections import Redis
-from ingest.events import FIELD, Envelope, EnvelopeError
+from ingest.events import Envelope, EnvelopeError
 from ingest.keys import Keys
 
 from . import store
@@ -141,8 +141,8 @@ def _decode(page: list[Any]) -> tuple[list[Envelope], int]:
     good, bad = [], 0
     for _, fields in page:
         try:
-            good.append(Envelope.decode((fields or {})[FIELD]))
-        except (KeyError, EnvelopeError):
+            good.append(Envelope.from_entry(fields or {}))
+        except EnvelopeError:
             bad += 1
     return good, bad
 

@@ -16,7 +16,7 @@ import random
 import time
 from pathlib import Path
 
-from ingest.events import FIELD, Envelope
+from ingest.events import Envelope
 from ingest.keys import Keys
 from workers import trim
 from workers.archive import GROUP as ARCHIVE
@@ -62,7 +62,7 @@ async def _append(ctx: Ctx, keys: Keys, envelopes: list[Envelope]) -> None:
     for start in range(0, len(envelopes), 5000):
         pipe = ctx.redis.pipeline(transaction=False)
         for e in envelopes[start : start + 5000]:
-            pipe.xadd(keys.stream_for(e.payload["code"]), {FIELD: e.encode()})
+            pipe.xadd(keys.stream_for(e.payload["code"]), e.entry_dict())  # type: ignore[arg-type]
         await pipe.execute()
 
 

@@ -17,7 +17,7 @@ import orjson
 from ingest import admin, clicks, links
 from ingest.connections import Redis, create_pg_pool
 from ingest.db import ensure_database, migrate
-from ingest.events import FIELD, Dialect, Envelope, EventType, uuid7
+from ingest.events import Dialect, Envelope, EventType, uuid7
 from ingest.keys import GROUP, Keys
 from ingest.settings import Settings
 
@@ -179,7 +179,7 @@ async def fill(redis: Redis, keys: Keys, envelopes: list[Envelope]) -> None:
     for start in range(0, len(envelopes), 5000):
         pipe = redis.pipeline(transaction=False)
         for e in envelopes[start : start + 5000]:
-            pipe.xadd(keys.stream_for(e.payload["code"]), {FIELD: e.encode()})
+            pipe.xadd(keys.stream_for(e.payload["code"]), e.entry_dict())  # type: ignore[arg-type]
         await pipe.execute()
 
 
