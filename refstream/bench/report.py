@@ -23,20 +23,24 @@ class Goal:
         return value >= self.target if self.op == ">=" else value <= self.target
 
 
+# issue 17's goals (round two); (b)/(a) at 1 process, the project's aim beyond it 0.75.
+# The naive comparison is the one users face: Postgres through the bench's 1 ms latency
+# proxy, against the fastest naive variant (naive_part.py); the local ratios
+# (c.tput_ratio, c.p99_ratio) stay in the table as figures beside it
 GOALS = (
-    *(Goal(f"(b)/(a) seed {s} req/s", f"b{s}.ratio_a", ">=", 0.75) for s in ("000", "002", "003", "004")),
-    Goal("(b 000)/(c) throughput", "c.tput_ratio", ">=", 8.0),
-    Goal("(b 000)/(c) p99 (≤ 1/10)", "c.p99_ratio", "<=", 0.1),
+    *(Goal(f"(b)/(a) seed {s} req/s, 1 process", f"b{s}.ratio_a", ">=", 0.5) for s in ("000", "002", "003", "004")),
+    Goal("(c 1 ms) edge / naive throughput", "c1ms_edge.tput_ratio", ">=", 8.0),
+    Goal("(c 1 ms) edge / naive p99 (≤ 1/10)", "c1ms_edge.p99_ratio", "<=", 0.1),
     Goal("batch / single-event events/s per edge core", "batch.ratio_single", ">=", 4.0),
-    Goal("(d) worker / Postgres ceiling", "d.ratio", ">=", 0.7),
-    Goal("(e) sustained / edge-only (b 000)", "e.ratio_edge", ">=", 0.5),
-    Goal("(e) p99 accept→commit at half load, ms", "e.p99_ms", "<=", 1000.0),
+    Goal("(d) worker / Postgres ceiling", "d.ratio", ">=", 0.85),
+    Goal("(e) sustained / edge-only (b 000)", "e.ratio_edge", ">=", 0.7),
+    Goal("(e) p99 accept→commit at half load, ms", "e.p99_ms", "<=", 50.0),
     Goal("(f) backlog drain / ingest rate", "f.multiple", ">=", 3.0),
     Goal("(p) worker into a full events table / into an empty one", "p.ratio", ">=", 0.9),
     Goal("(p) drop one day's partition, s", "p.drop_day_s", "<=", 1.0),
-    Goal("(g) edge peak RSS, MB", "g.edge_rss_mb", "<=", 150.0),
+    Goal("(g) edge peak RSS per process, MB", "g.edge_rss_mb", "<=", 150.0),
     Goal("(g) worker peak RSS, MB", "g.worker_rss_mb", "<=", 300.0),
-    Goal("(g) Redis bytes per pending event", "g.redis_bytes_per_event", "<=", 400.0),
+    Goal("(g) Redis bytes per pending event", "g.redis_bytes_per_event", "<=", 300.0),
 )
 
 SECTIONS = {
@@ -63,15 +67,7 @@ SECTIONS = {
 }
 
 
-# -- (c) through the latency proxy (naive_part.py) -----------------------------------------
-# The issue's goal for the naive comparison is the one through the 1 ms proxy, against the
-# fastest of the naive variants; the local ratios (c.tput_ratio, c.p99_ratio) stay in the
-# table as figures, beside it.
-GOALS = (
-    *(g for g in GOALS if g.figure not in ("c.tput_ratio", "c.p99_ratio")),
-    Goal("(c 1 ms) edge / naive throughput", "c1ms_edge.tput_ratio", ">=", 8.0),
-    Goal("(c 1 ms) edge / naive p99 (≤ 1/10)", "c1ms_edge.p99_ratio", "<=", 0.1),
-)
+# -- (c) through the latency proxy (naive_part.py)
 _C1MS_SECTIONS = {
     "c1ms": "(c) through the 1 ms latency proxy: naive, asyncpg's pool as shipped (2 round trips per click)",
     "c1ms_1rt": "(c) through the proxy: naive without the pool's reset query (1 round trip per click)",
