@@ -40,10 +40,24 @@ class Verdict:
 
     @property
     def headers(self) -> dict[str, str]:
-        h = {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": str(self.remaining)}
-        if not self.allowed:
-            h["Retry-After"] = str(max(1, -(-self.retry_after_ms // 1000)))
+        """The rate-limit headers of the answer: one shared dict per (limit, remaining,
+        Retry-After), made once (the callers hand it to a response, which copies it; never
+        change it)."""
+        retry = 0 if self.allowed else max(1, -(-self.retry_after_ms // 1000))
+        key = (self.limit, self.remaining, retry)
+        h = _HEADERS.get(key)
+        if h is None:
+            if len(_HEADERS) >= HEADER_CACHE:
+                _HEADERS.clear()
+            h = {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": str(self.remaining)}
+            if not self.allowed:
+                h["Retry-After"] = str(retry)
+            _HEADERS[key] = h
         return h
+
+
+HEADER_CACHE = 8192  # (limit, remaining, retry) triples: a few limits, each up to its size
+_HEADERS: dict[tuple[int, int, int], dict[str, str]] = {}
 
 
 class RateLimiter:
