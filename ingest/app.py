@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import cors, links, openapi
+from . import cors, links, lookup, openapi
 from .auth import Authenticator
 from .batcher import RedisBatcher
 from .body import CLOSE
@@ -124,9 +124,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         metrics.redis_batch.observe(commands)
         metrics.redis_seconds.observe(seconds)
 
+    durability = Durability.of(settings)
     batcher = RedisBatcher(
         redis, max_commands=settings.pipeline_max_commands, deadline_s=settings.redis_deadline_ms / 1000,
-        max_queued=settings.redis_max_queued, durability=Durability.of(settings), observe=observe,
+        max_queued=settings.redis_max_queued, durability=durability, observe=observe,
     )  # fmt: skip
     # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
     pg = await create_pg_pool(settings, min_size=0, max_size=4)
@@ -149,6 +150,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit),
         drops=(drops := DropTally(batcher, settings.stream_prefix)),
         idem=Idempotency(batcher, keys, window_s=settings.idempotency_window_s),
+        checked_append=None if settings.redis_cluster or durability.waits else batcher.script(lookup.CHECKED_APPEND),
     )
     drops.start()
     try:

@@ -26,6 +26,12 @@ def check(reply: object) -> None:
         raise reply
 
 
+def appended(edge: Edge, envelope: Envelope) -> None:
+    """``envelope`` went into Redis another way (``ingest.lookup.CHECKED_APPEND``): count it."""
+    note_event(envelope.event_id)
+    edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
+
+
 async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Command, spool: bool) -> bool:
     """Make ``envelope`` durable: True once it is in Redis, False once it is in the spool.
 
