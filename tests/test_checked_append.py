@@ -1,0 +1,78 @@
+"""Seed 000's click appended in its lookup's own round trip (``ingest.lookup.CHECKED_APPEND``):
+once the edge has read a link, a click on it is one script that counts the limit, reads the
+link and the kill switch, and appends only if they still hold what the edge read. What a
+link, a kill switch or a limit says must win exactly as with a read, then an append."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from aiohttp import web
+
+from ingest import flags, links
+from ingest.app import METRICS
+from ingest.keys import Keys
+from ingest.settings import Settings
+from ingest.state import EDGE
+
+from ._world import start_edge
+from .test_e2e import TRACKED
+from .test_edge import click, stream_total
+from .test_store import make_links
+
+
+def round_trips(runner: web.AppRunner) -> int:
+    return sum(runner.app[METRICS].redis_seconds.labels().counts)
+
+
+async def test_a_known_link_costs_one_round_trip(settings: Settings, redis, keys: Keys, pg):
+    await make_links(pg, redis, keys, "alice")
+    runner, base = await start_edge(settings)
+    try:
+        assert (await click(base, "alice"))[:2] == (200, TRACKED)  # reads the link: two round trips
+        before = round_trips(runner)
+        for _ in range(5):
+            assert (await click(base, "alice"))[:2] == (200, TRACKED)
+        assert round_trips(runner) - before == 5
+        assert await stream_total(redis, keys) == 6
+        accepted = runner.app[METRICS].accepted.labels("biore", "redis").value
+        assert accepted == 6
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_link_deactivated_since_it_was_read_is_not_appended(settings: Settings, redis, keys: Keys, pg):
+    await make_links(pg, redis, keys, "alice")
+    runner, base = await start_edge(settings)
+    try:
+        assert (await click(base, "alice"))[:2] == (200, TRACKED)
+        edge = runner.app[EDGE]
+        link = await links.fetch(pg, "alice")
+        assert link is not None and edge.seen[keys.link("alice")] is not None
+        await links.put(redis, keys, dataclasses.replace(link, status="inactive", version=link.version + 1))
+        # the edge still holds the active link: its guess is refused in Redis, and the click
+        # is answered as one on an inactive link (the seed's 200, nothing enqueued)
+        assert (await click(base, "alice"))[:2] == (200, TRACKED)
+        assert await stream_total(redis, keys) == 1
+        assert links.decode(edge.seen[keys.link("alice")]).status == "inactive"  # type: ignore[union-attr]
+        assert (await click(base, "alice"))[:2] == (200, TRACKED)  # no guess now: read, then refused
+        assert await stream_total(redis, keys) == 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_kill_switch_and_the_limit_win_over_what_the_edge_read(settings: Settings, redis, keys: Keys, pg):
+    await make_links(pg, redis, keys, "alice")
+    runner, base = await start_edge(settings.model_copy(update={"click_rate_limit": 4}))
+    try:
+        assert (await click(base, "alice"))[:2] == (200, TRACKED)
+        await redis.set(keys.flag("referral"), flags.DISABLED)
+        status, body, _ = await click(base, "alice")
+        assert (status, body["error"]["code"]) == (503, "features.referral_disabled")
+        await redis.delete(keys.flag("referral"))
+        # the limit counted the refused request too, as a read then an append does
+        statuses = [(await click(base, "alice"))[0] for _ in range(4)]
+        assert statuses == [200, 200, 429, 429]
+        assert await stream_total(redis, keys) == 3
+    finally:
+        await runner.cleanup()
