@@ -42,28 +42,40 @@ T = TypeVar("T")
 
 FALLBACK_WAIT_S = 1.0
 
-# ratelimit.WINDOW (KEYS[1], ARGV[1..3]), then: KEYS[3..] the keys the request reads, each
-# expected to hold ARGV[6..] ('' for no value, else '=' and the value); the entry
-# (ARGV[4] = ARGV[5]) is appended to the stream KEYS[2] only if the request was admitted
-# and every key holds what was expected. Reply: the verdict's three numbers, 1 if
-# appended else 0, then each key's value.
+# ratelimit.WINDOW (KEYS[1], ARGV[1..3]), then: ARGV[6] = R, the number of keys the request
+# reads, KEYS[3..R+2], each expected to hold ARGV[7..R+6] ('' for no value, else '=' and the
+# value); the entry (ARGV[4] = ARGV[5]) is appended to the stream KEYS[2] only if the
+# request was admitted and every key holds what was expected, and then each write that
+# rides with it runs: one per remaining key, as (argc, name, args after the key...) in the
+# remaining ARGV. Reply: the verdict's three numbers, 1 if appended else 0, each read value.
 CHECKED_APPEND = (
     WINDOW
     + """
 verdict[4] = 0
+local reads = tonumber(ARGV[6])
 local same = true
-for i = 3, #KEYS do
-  local v = redis.call('GET', KEYS[i])
-  verdict[i + 2] = v
+for i = 1, reads do
+  local v = redis.call('GET', KEYS[2 + i])
+  verdict[4 + i] = v
   if v then
-    same = same and ARGV[i + 3] == '=' .. v
+    same = same and ARGV[6 + i] == '=' .. v
   else
-    same = same and ARGV[i + 3] == ''
+    same = same and ARGV[6 + i] == ''
   end
 end
 if verdict[1] == 1 and same then
   redis.call('XADD', KEYS[2], '*', ARGV[4], ARGV[5])
   verdict[4] = 1
+  local a = 7 + reads
+  for k = 3 + reads, #KEYS do
+    local argc = tonumber(ARGV[a])
+    local cmd = {ARGV[a + 1], KEYS[k]}
+    for j = 2, argc do
+      cmd[j + 1] = ARGV[a + j]
+    end
+    redis.call(unpack(cmd))
+    a = a + argc + 1
+  end
 end
 return verdict
 """
@@ -95,10 +107,12 @@ class Found:
 @dataclass(frozen=True, slots=True)
 class Guess:
     """The event a route will append if what it reads holds what this edge last read
-    (``seen``); with its routing key."""
+    (``seen``); with its routing key, and the writes that go with it (``append``'s extra
+    commands: each a command name, its key, then its other arguments)."""
 
     envelope: Envelope
     routing_key: str
+    also: tuple[Command, ...] = ()
 
 
 def seen(edge: Edge, key: str) -> bytes | bool | None:
@@ -269,9 +283,13 @@ def _checked(
             return None  # never read here: nothing to guess from
         expected.append(b"" if value is None else b"=" + value)  # type: ignore[operator]
     stream = edge.keys.stream_for(guess.routing_key)
+    writes: list[Any] = []
+    for name, _key, *args in guess.also:
+        writes += [1 + len(args), name, *args]
     return (
-        "EVALSHA", edge.checked_append, 2 + len(keys), rl_key, stream, *keys,
-        limiter.window_ms, limiter.limit, unique_token(), FIELD, guess.envelope.encode(), *expected,
+        "EVALSHA", edge.checked_append, 2 + len(keys) + len(guess.also), rl_key, stream, *keys,
+        *(cmd[1] for cmd in guess.also), limiter.window_ms, limiter.limit, unique_token(), FIELD,
+        guess.envelope.encode(), len(keys), *expected, *writes,
     )  # fmt: skip
 
 

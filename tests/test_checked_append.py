@@ -9,15 +9,16 @@ import dataclasses
 
 from aiohttp import web
 
-from ingest import flags, links
+from ingest import clicks, flags, links
 from ingest.app import METRICS
 from ingest.keys import Keys
 from ingest.settings import Settings
 from ingest.state import EDGE
 
-from ._world import start_edge
+from ._world import World, call, start_edge
 from .test_e2e import TRACKED
 from .test_edge import click, stream_total
+from .test_seed_002_affitor import EXAMPLE, UA
 from .test_store import make_links
 
 
@@ -74,5 +75,29 @@ async def test_the_kill_switch_and_the_limit_win_over_what_the_edge_read(setting
         statuses = [(await click(base, "alice"))[0] for _ in range(4)]
         assert statuses == [200, 200, 429, 429]
         assert await stream_total(redis, keys) == 3
+    finally:
+        await runner.cleanup()
+
+
+async def test_seed_002_writes_its_click_cache_entry_in_the_same_script(
+    settings: Settings, redis, keys: Keys, pg, world: World, drain
+):
+    """Affitor's click carries a write (its click id in the click cache, for the lead that
+    follows): it runs in the script, after the XADD, as append would have sent it."""
+    runner, base = await start_edge(settings)
+    try:
+        url = f"{base}/api/v1/track/click"
+        first = await call("POST", url, json=EXAMPLE, headers={"User-Agent": UA})
+        before = round_trips(runner)
+        status, body, _ = await call("POST", url, json=EXAMPLE, headers={"User-Agent": UA})
+        assert status == 200 and body["click_id"] != first[1]["click_id"]
+        assert round_trips(runner) - before == 1
+        cached = clicks.decode(body["click_id"], await redis.get(keys.click(body["click_id"])))
+        assert cached is not None and cached.code == "PARTNER123" and cached.workspace_id == world.workspace_id
+        ttl_ms = await redis.pttl(keys.click(body["click_id"]))
+        assert 59 * 86400_000 < ttl_ms <= 60 * 86400_000  # the program's cookie window
+        await drain()
+        rows = await pg.fetch("SELECT click_id FROM events")
+        assert sorted("clk_" + r["click_id"].hex for r in rows) == sorted([first[1]["click_id"], body["click_id"]])
     finally:
         await runner.cleanup()
