@@ -101,3 +101,32 @@ async def test_seed_002_writes_its_click_cache_entry_in_the_same_script(
         assert sorted("clk_" + r["click_id"].hex for r in rows) == sorted([first[1]["click_id"], body["click_id"]])
     finally:
         await runner.cleanup()
+
+
+async def test_keyed_routes_take_one_round_trip_once_warm(settings: Settings, redis, keys: Keys, world: World):
+    """Seed 003 (its fingerprint remembered by the script) and seed 004 (the click and its
+    link read by the script): one round trip each once the edge has read what they need."""
+    runner, base = await start_edge(settings)
+    auth = {"Authorization": f"Bearer {world.api_key}", "User-Agent": UA}
+    try:
+        click = {"ref": "PARTNER123", "visitor_id": "v_1", "fingerprint": "fp-1"}
+        assert (await call("POST", f"{base}/v1/track/click", json=click, headers=auth))[0] == 200
+        before = round_trips(runner)
+        again = {**click, "visitor_id": "v_2"}
+        status, body, _ = await call("POST", f"{base}/v1/track/click", json=again, headers=auth)
+        assert (status, body["visitor_id"], body["match_method"]) == (200, "v_2", "cookie")
+        assert round_trips(runner) - before == 1
+        remembered = [k async for k in redis.scan_iter(match=f"{keys.prefix}:fp:*")]
+        assert len(remembered) == 1 and await redis.get(remembered[0]) == b"v_1"  # NX: the first visitor stays
+
+        clicked = await call("POST", f"{base}/api/v1/track/click", json=EXAMPLE, headers={"User-Agent": UA})
+        lead = {"clickId": clicked[1]["click_id"], "eventName": "Sign Up", "customerExternalId": "u1"}
+        assert (await call("POST", f"{base}/api/track/lead", json=lead, headers=auth))[0] == 200
+        before = round_trips(runner)
+        status, body, _ = await call("POST", f"{base}/api/track/lead", json={**lead, "customerExternalId": "u2"},
+                                     headers=auth)  # fmt: skip
+        assert status == 200 and body["link"]["key"] == "PARTNER123" and body["customer"]["externalId"] == "u2"
+        assert round_trips(runner) - before == 1
+        assert await stream_total(redis, keys) == 5
+    finally:
+        await runner.cleanup()
