@@ -89,7 +89,8 @@ def edge_middleware(
                 else:
                     if public:
                         response.headers.update(cors.HEADERS)
-                    if request.get(CLOSE) and not response.prepared:
+                    # a refused body is always answered 4xx: only then is the flag looked up
+                    if response.status >= 400 and request.get(CLOSE) and not response.prepared:
                         response.force_close()
             status = response.status
             response.headers["X-Request-ID"] = rid

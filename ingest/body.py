@@ -89,6 +89,8 @@ def _inflater(request: web.Request) -> Any:
 async def read(request: web.Request, limit: int | None = None) -> bytes:
     """The body, decompressed, at most ``limit`` bytes (default ``REFSTREAM_MAX_BODY_BYTES``)
     before and after decompression, in full within ``REFSTREAM_BODY_TIMEOUT_S``."""
+    if not request.body_exists and "Content-Encoding" not in request.headers:
+        return b""  # none sent (seed 000): nothing to read, cap or inflate
     settings = request.app[EDGE].settings
     limit = settings.max_body_bytes if limit is None else limit
     too_large = f"body larger than {limit} bytes"
