@@ -143,6 +143,11 @@ def _decode_link(edge: Edge, raw: object) -> links.LinkInfo | links.Missing | No
     return link
 
 
+def remember(edge: Edge, key: str, value: object) -> None:
+    """A key a route read by itself (not through ``lookup``): what a later guess is made from."""
+    _remember(edge, [key], [value])
+
+
 def _remember(edge: Edge, keys: list[str], values: list[Any]) -> None:
     if len(edge.seen) + len(keys) > SEEN_MAX:
         edge.seen.clear()

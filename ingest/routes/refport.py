@@ -30,7 +30,7 @@ from ..enqueue import append
 from ..events import Dialect, Envelope, EventType
 from ..fields import NoNul, no_nul_inside
 from ..idempotency import HEADER, Answer, Claim, InvalidKey, fingerprint, header_key, replay
-from ..lookup import Guess, Unavailable, fallback, lookup, resolve_click, seen, seen_link
+from ..lookup import Guess, Unavailable, fallback, lookup, remember, resolve_click, seen, seen_link
 from ..state import EDGE, Edge
 
 log = structlog.get_logger("ingest.refport")
@@ -161,6 +161,7 @@ async def track_lead(request: web.Request) -> web.Response:
             cached = found.extra[1]  # read with the click, for the guess
         else:
             (cached,) = await edge.batcher.execute(("GET", edge.keys.link(click.code)))
+            remember(edge, edge.keys.link(click.code), cached)
         link = links.decode(cached)
         if not isinstance(link, links.LinkInfo):
             code = click.code
