@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import orjson
+import pytest
 from aiohttp import web
 
 from ingest import clicks, flags, links
@@ -131,3 +133,16 @@ async def test_keyed_routes_take_one_round_trip_once_warm(settings: Settings, re
         assert await stream_total(redis, keys) == 5
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.once
+def test_hand_built_answers_are_the_documented_models():
+    """Seeds 002 and 003 dump their answers from dicts, not through their pydantic models:
+    the bytes must stay the models' (the OpenAPI document is made from the models)."""
+    from ingest.routes.affitor import AffitorClickResponse
+    from ingest.routes.affixo import AffixoClickRecorded, recorded
+
+    for visitor, method, confidence in (("v_1", "cookie", 1.0), ("v_2", "new", 0.0), ("v_3", "fingerprint", 0.8)):
+        model = AffixoClickRecorded(visitor_id=visitor, match_method=method, match_confidence=confidence)
+        assert recorded(visitor, method, confidence) == orjson.dumps(model.model_dump())
+    assert list(AffitorClickResponse.model_fields) == ["success", "click_id", "partner_code", "cookie_window_days"]

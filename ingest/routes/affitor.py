@@ -167,8 +167,10 @@ def _make(
         data = AffitorTestModeData(eventId=str(event_id), programId=program if program is not None else link.program_id)
         resp = orjson.dumps(AffitorTestModeResponse(data=data).model_dump())
     else:
-        out = AffitorClickResponse(click_id=click_id, partner_code=code, cookie_window_days=link.cookie_window_days)
-        resp = orjson.dumps(out.model_dump())
+        # AffitorClickResponse's fields, in its order (the model documents it; a dict is cheaper to dump)
+        resp = orjson.dumps(
+            {"success": True, "click_id": click_id, "partner_code": code, "cookie_window_days": link.cookie_window_days}
+        )
     return _Made(envelope, tuple(extra), resp)
 
 
