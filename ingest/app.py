@@ -8,21 +8,21 @@ from collections.abc import AsyncIterator
 import orjson
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import links, openapi
+from . import cors, links, lookup, openapi
 from .auth import Authenticator
 from .batcher import RedisBatcher
 from .body import CLOSE
 from .connections import connect_redis, create_pg_pool, pg_unavailable
-from .cors import cors
 from .drops import DropTally
 from .durability import Durability
 from .events import unique_token
 from .guard import GUARD, ConnectionGuard
 from .idempotency import Idempotency
 from .keys import Keys
+from .logs import CURRENT_REQUEST, DEFAULT_ACCESS_LOG, AccessLog, RequestLog
 from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
 from .routes import affitor, affixo, batch, biore, bricqs, browser, health, manage, refport, stats, webhooks
@@ -41,53 +41,80 @@ def _request_id(request: web.Request) -> str:
     return unique_token()
 
 
+def _unexpected(request: web.Request, exc: Exception) -> web.Response:
+    if pg_unavailable(exc):
+        # a route's own handling missed a database outage (read-only, not migrated, ...):
+        # "try again", never a 500 for what is not the request's fault
+        log.warning("request.postgres_unavailable", path=request.path, error=type(exc).__name__)
+        return web.Response(body=UNAVAILABLE, status=503, content_type="application/json", headers={"Retry-After": "1"})
+    log.exception("request.failed", method=request.method, path=request.path)
+    return web.Response(body=INTERNAL, status=500, content_type="application/json")
+
+
+UNAVAILABLE = orjson.dumps({"error": "service_unavailable"})
+INTERNAL = orjson.dumps({"error": "internal_error"})
+
+
+def edge_middleware(
+    metrics: EdgeMetrics, access: AccessLog = DEFAULT_ACCESS_LOG, guard: ConnectionGuard | None = None
+) -> Middleware:
+    """The edge's one middleware, around every request: its id (from ``X-Request-ID`` when
+    the client sent a sane one, else minted; echoed, and on every line logged while it
+    runs), CORS on the public routes (``ingest.cors``), the connection guard, metrics by
+    route and status for every request, the access line as ``access`` says, and an
+    unexpected error as a bare 500 (503 for a database outage), never a trace. A request
+    whose body was refused (too large, too slow, unreadable) closes its connection once
+    answered. One middleware, not a chain: each layer costs a call per request."""
+    observe = metrics.requests.observe
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        status = 500
+        rid = _request_id(request)
+        if guard is not None:
+            guard.busy(request.protocol)
+        token = CURRENT_REQUEST.set(RequestLog(rid))
+        public = cors.is_public(request.path)
+        try:
+            if public and request.method == "OPTIONS":  # a preflight (tracker.js sends text/plain: it needs none)
+                response: web.StreamResponse = cors.preflight()
+            else:
+                try:
+                    response = await handler(request)
+                except web.HTTPException as exc:
+                    status = exc.status
+                    raise
+                except Exception as exc:
+                    response = _unexpected(request, exc)
+                else:
+                    if public:
+                        response.headers.update(cors.HEADERS)
+                    # a refused body is always answered 4xx: only then is the flag looked up
+                    if response.status >= 400 and request.get(CLOSE) and not response.prepared:
+                        response.force_close()
+            status = response.status
+            response.headers["X-Request-ID"] = rid
+            return response
+        finally:
+            seconds = time.perf_counter() - start
+            resource = request.match_info.route.resource
+            observe(resource.canonical if resource else "unmatched", status, seconds)
+            if access.wants(status):
+                ms = round(seconds * 1000, 3)
+                log.info("request", method=request.method, path=request.path, status=status, ms=ms)
+            CURRENT_REQUEST.reset(token)  # what the connection logs next is not this request's
+            if guard is not None:
+                guard.idle(request.protocol)
+
+    return middleware
+
+
 @web.middleware
 async def canonical_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One log line per request, with its request id (bound for every line logged while
-    it runs, and echoed as ``X-Request-ID``); metrics by route and status; an unexpected
-    error becomes a bare 500, never a trace. A request whose body was refused (too large,
-    too slow, unreadable) closes its connection once answered."""
-    start = time.perf_counter()
-    status = 500
-    rid = _request_id(request)
-    guard = request.app.get(GUARD)  # absent from an app made without create_app
-    if guard is not None:
-        guard.busy(request.protocol)
-    # a keep-alive connection serves its requests in one task, hence one context: start clean
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=rid)
-    try:
-        response = await handler(request)
-        status = response.status
-        response.headers["X-Request-ID"] = rid
-        if request.get(CLOSE) and not response.prepared:
-            response.force_close()
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except Exception as exc:
-        if pg_unavailable(exc):
-            # a route's own handling missed a database outage (read-only, not migrated, ...):
-            # "try again", never a 500 for what is not the request's fault
-            status = 503
-            log.warning("request.postgres_unavailable", path=request.path, error=type(exc).__name__)
-            return web.Response(
-                body=orjson.dumps({"error": "service_unavailable"}),
-                status=503,
-                content_type="application/json",
-                headers={"Retry-After": "1"},
-            )
-        log.exception("request.failed", method=request.method, path=request.path)
-        return web.Response(body=orjson.dumps({"error": "internal_error"}), status=500, content_type="application/json")
-    finally:
-        seconds = time.perf_counter() - start
-        resource = request.match_info.route.resource
-        request.app[METRICS].observe_request(resource.canonical if resource else "unmatched", status, seconds)
-        log.info("request", method=request.method, path=request.path, status=status, ms=round(seconds * 1000, 3))
-        structlog.contextvars.clear_contextvars()  # what the connection logs next is not this request's
-        if guard is not None:
-            guard.idle(request.protocol)
+    """``edge_middleware`` for an app that only holds ``METRICS`` (tests)."""
+    app = request.app
+    return await edge_middleware(app[METRICS], guard=app.get(GUARD))(request, handler)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -99,9 +126,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         metrics.redis_batch.observe(commands)
         metrics.redis_seconds.observe(seconds)
 
+    durability = Durability.of(settings)
     batcher = RedisBatcher(
         redis, max_commands=settings.pipeline_max_commands, deadline_s=settings.redis_deadline_ms / 1000,
-        max_queued=settings.redis_max_queued, durability=Durability.of(settings), observe=observe,
+        max_queued=settings.redis_max_queued, durability=durability, observe=observe,
     )  # fmt: skip
     # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
     pg = await create_pg_pool(settings, min_size=0, max_size=4)
@@ -124,6 +152,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit),
         drops=(drops := DropTally(batcher, settings.stream_prefix)),
         idem=Idempotency(batcher, keys, window_s=settings.idempotency_window_s),
+        checked_append=None if settings.redis_cluster or durability.waits else batcher.script(lookup.CHECKED_APPEND),
     )
     drops.start()
     try:
@@ -151,10 +180,14 @@ METRICS = web.AppKey("metrics", EdgeMetrics)
 def create_app(settings: Settings) -> web.Application:
     # the batch route takes the largest bodies; every other route checks its own, smaller cap
     cap = max(settings.max_body_bytes, settings.batch_max_bytes)
-    app = web.Application(client_max_size=cap, middlewares=[canonical_log, cors])
+    metrics = EdgeMetrics()
+    guard = ConnectionGuard(settings.header_timeout_s, settings.keepalive_timeout_s)
+    app = web.Application(
+        client_max_size=cap, middlewares=[edge_middleware(metrics, AccessLog.parse(settings.access_log), guard)]
+    )
     app[SETTINGS] = settings
-    app[METRICS] = EdgeMetrics()
-    app[GUARD] = ConnectionGuard(settings.header_timeout_s, settings.keepalive_timeout_s)
+    app[METRICS] = metrics
+    app[GUARD] = guard
     app.cleanup_ctx.append(_resources)
     for module in (health, biore, bricqs, affitor, affixo, refport, batch, manage, stats, webhooks, browser, openapi):
         app.add_routes(module.routes)

@@ -28,7 +28,6 @@ import hashlib
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -95,11 +94,14 @@ class Breaker:
             self._delay = PROBE_FIRST_S
 
 
-@dataclass(slots=True)
 class _Item:
-    commands: tuple[Command, ...]
-    durable: bool
-    fut: asyncio.Future[list[Any]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    __slots__ = ("commands", "due", "durable", "fut")
+
+    def __init__(self, commands: tuple[Command, ...], durable: bool, fut: asyncio.Future[list[Any]], due: float):
+        self.commands = commands
+        self.durable = durable
+        self.fut = fut
+        self.due = due  # loop time past which its caller stops waiting
 
 
 # what makes a round trip fail as a whole: the connection, not a command's reply
@@ -125,6 +127,11 @@ class RedisBatcher:
         self._observe = observe  # (commands, seconds) of each round trip
         self._queue: deque[_Item] = deque()
         self._queued = 0  # commands in the queue
+        # every caller still waiting, by due time (the deadline is the same for all: so in
+        # the order they came), and the one timer that fails the overdue ones: one timer for
+        # all of them, not one armed and cancelled per request
+        self._waiting: deque[_Item] = deque()
+        self._timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._scripts: dict[str, str] = {}
@@ -150,17 +157,33 @@ class RedisBatcher:
             raise Backpressure(f"{self._queued} Redis commands queued already (REFSTREAM_REDIS_MAX_QUEUED)")
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="redis-batcher")
-        item = _Item(commands, durable)
+        loop = asyncio.get_running_loop()
+        item = _Item(commands, durable, loop.create_future(), loop.time() + self._deadline)
         self._queue.append(item)
         self._queued += len(commands)
+        self._waiting.append(item)
+        if self._timer is None:
+            self._timer = loop.call_at(item.due, self._expire)
         self._wake.set()
-        try:
-            async with asyncio.timeout(self._deadline):
-                return await item.fut  # a timeout cancels it: the flusher then skips it
-        except TimeoutError:
-            raise RedisTimeoutError(f"Redis did not answer within {self._deadline * 1000:.0f} ms") from None
+        return await item.fut  # failed by _expire when overdue: the flusher then skips it
+
+    def _expire(self) -> None:
+        """Fail the callers whose deadline passed; wake again at the next one's."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        waiting = self._waiting
+        while waiting and (waiting[0].fut.done() or waiting[0].due <= now):
+            item = waiting.popleft()
+            if not item.fut.done():
+                item.fut.set_exception(RedisTimeoutError(f"Redis did not answer within {self._deadline * 1000:.0f} ms"))
+        if waiting:
+            self._timer = loop.call_at(waiting[0].due, self._expire)
 
     async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._task is not None:
             self._task.cancel()
             try:
@@ -177,6 +200,8 @@ class RedisBatcher:
                 item.fut.set_exception(exc)
         self._queue.clear()
         self._queued = 0
+        if not any(not item.fut.done() for item in self._waiting):
+            self._waiting.clear()
 
     async def _run(self) -> None:
         while True:
@@ -226,6 +251,7 @@ class RedisBatcher:
                 else:
                     item.fut.set_result(results[i : i + len(item.commands)])
             i += len(item.commands)
+            item.commands = ()  # it waits in _waiting until the timer passes: not its payload
 
     async def _send(self, batch: list[_Item]) -> tuple[list[Any], NotDurable | None]:
         flat = [cmd for item in batch for cmd in item.commands]

@@ -89,6 +89,8 @@ def _inflater(request: web.Request) -> Any:
 async def read(request: web.Request, limit: int | None = None) -> bytes:
     """The body, decompressed, at most ``limit`` bytes (default ``REFSTREAM_MAX_BODY_BYTES``)
     before and after decompression, in full within ``REFSTREAM_BODY_TIMEOUT_S``."""
+    if not request.body_exists and "Content-Encoding" not in request.headers:
+        return b""  # none sent (seed 000): nothing to read, cap or inflate
     settings = request.app[EDGE].settings
     limit = settings.max_body_bytes if limit is None else limit
     too_large = f"body larger than {limit} bytes"
@@ -101,17 +103,13 @@ async def read(request: web.Request, limit: int | None = None) -> bytes:
         raise _refuse(request, 413, "too_large", too_large)  # said up front: nothing is read
     inflater = _inflater(request)
     out = bytearray()
-    received = 0
+    stream = request.content
     try:
-        async with asyncio.timeout(settings.body_timeout_s):
-            while chunk := await request.content.readany():
-                received += len(chunk)
-                if received > limit:
-                    raise _refuse(request, 413, "too_large", too_large)
-                # max_length: never more than the cap is inflated, whatever the ratio
-                out += inflater.decompress(chunk, limit + 1 - len(out)) if inflater else chunk
-                if len(out) > limit:
-                    raise _refuse(request, 413, "too_large", too_large)
+        if stream.is_eof():  # all of it arrived with the headers (or there is none): no deadline to arm
+            await _take(request, stream, inflater, limit, out)
+        else:
+            async with asyncio.timeout(settings.body_timeout_s):
+                await _take(request, stream, inflater, limit, out)
     except TimeoutError:
         raise _refuse(request, 408, "timeout", f"body not received within {settings.body_timeout_s:g} s") from None
     except (RequestPayloadError, HttpProcessingError):
@@ -123,6 +121,19 @@ async def read(request: web.Request, limit: int | None = None) -> bytes:
         raise _refuse(request, 400, "invalid_json", "compressed body is truncated")
     request[_READ] = body = bytes(out)
     return body
+
+
+async def _take(request: web.Request, stream: Any, inflater: Any, limit: int, out: bytearray) -> None:
+    received = 0
+    too_large = f"body larger than {limit} bytes"
+    while chunk := await stream.readany():
+        received += len(chunk)
+        if received > limit:
+            raise _refuse(request, 413, "too_large", too_large)
+        # max_length: never more than the cap is inflated, whatever the ratio
+        out += inflater.decompress(chunk, limit + 1 - len(out)) if inflater else chunk
+        if len(out) > limit:
+            raise _refuse(request, 413, "too_large", too_large)
 
 
 async def json_object(request: web.Request, limit: int | None = None) -> dict[str, Any]:

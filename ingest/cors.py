@@ -1,13 +1,13 @@
 """CORS for the routes a browser calls from any site: tracker.js, the public click and
 conversion routes, the redirect. Any origin, never credentials; a workspace that lists
-``allowed_origins`` is enforced by the routes themselves (they know the link)."""
+``allowed_origins`` is enforced by the routes themselves (they know the link). Applied by
+the edge's one middleware (``ingest.app.edge_middleware``)."""
 
 from __future__ import annotations
 
 import re
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 PUBLIC = re.compile(
     r"^/(tracker\.js|api/v1/track/click|api/v1/referral/click/[^/]+|api/v1/referrals/(validate/[^/]+|convert)|r/[^/]+)$"
@@ -20,12 +20,11 @@ HEADERS = {
 }
 
 
-@web.middleware
-async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not PUBLIC.match(request.path):
-        return await handler(request)
-    if request.method == "OPTIONS":  # a preflight (tracker.js sends text/plain: it needs none)
-        return web.Response(status=204, headers=HEADERS)
-    response = await handler(request)
-    response.headers.update(HEADERS)
-    return response
+def is_public(path: str) -> bool:
+    """Whether ``path`` is one of the routes a browser calls cross-site."""
+    return PUBLIC.match(path) is not None
+
+
+def preflight() -> web.Response:
+    """The answer to an ``OPTIONS`` preflight on a public route."""
+    return web.Response(status=204, headers=HEADERS)

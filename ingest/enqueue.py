@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import structlog
-
 from .batcher import Command
 from .connections import REDIS_ERRORS
 from .events import Envelope
 from .keys import Keys
+from .logs import note_event
 
 if TYPE_CHECKING:
     from .state import Edge
@@ -27,6 +26,12 @@ def check(reply: object) -> None:
         raise reply
 
 
+def appended(edge: Edge, envelope: Envelope) -> None:
+    """``envelope`` went into Redis another way (``ingest.lookup.CHECKED_APPEND``): count it."""
+    note_event(envelope.event_id)
+    edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
+
+
 async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Command, spool: bool) -> bool:
     """Make ``envelope`` durable: True once it is in Redis, False once it is in the spool.
 
@@ -40,7 +45,7 @@ async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Comma
     have reached the primary all the same: the event can then be appended twice under one
     ``event_id``, which the workers store once.
     """
-    structlog.contextvars.bind_contextvars(event_id=str(envelope.event_id))
+    note_event(envelope.event_id)  # the request's lines name its event
     try:
         replies = await edge.batcher.execute(xadd(edge.keys, envelope, routing_key), *extra, durable=True)
         check(replies[0])  # an error reply too (e.g. OOM under noeviction): spool it

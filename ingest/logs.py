@@ -1,8 +1,12 @@
 """structlog, configured once at the entrypoint.
 
-One JSON line per request (edge) or batch (worker); ids are bound through contextvars.
-Libraries that log through the standard library (arq, aiohttp, asyncio) get the same JSON
-lines on the same stream.
+One JSON line per batch (worker); on the edge one access line per request as
+``REFSTREAM_ACCESS_LOG`` chooses (``AccessLog``: by default every 4xx and 5xx and a small
+sample of the rest; metrics count every request whatever it says). The request's id, and
+the event it accepted, go on every line logged while it runs (``RequestLog``, one
+contextvar set per request, read only when a line is written); other ids are bound
+through structlog's contextvars. Libraries that log through the standard library (arq,
+aiohttp, asyncio) get the same JSON lines on the same stream.
 
 Long-running processes (``serve``, ``work``) may buffer their lines (``REFSTREAM_LOG_FLUSH_MS``):
 under load a write(2) per request line costs the edge as much as parsing the request
@@ -16,10 +20,13 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import random
 import sys
 import threading
 import time
 from collections.abc import MutableMapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,7 +50,77 @@ def _level_and_time(_: Any, method: str, event: MutableMapping[str, Any]) -> Mut
     return event
 
 
-_SHARED: list[structlog.types.Processor] = [structlog.contextvars.merge_contextvars, _level_and_time]
+class RequestLog:
+    """What every line logged while a request runs says about it: its id and, once
+    appended, its event's id. Set as the current request once per request (one
+    ``ContextVar.set``, no structlog binding); turned into fields only when a line is written."""
+
+    __slots__ = ("event_id", "request_id")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.event_id: object = None
+
+
+CURRENT_REQUEST: ContextVar[RequestLog | None] = ContextVar("refstream_request", default=None)
+
+
+def note_event(event_id: object) -> None:
+    """The running request (if any) accepted this event: its lines name it from now on."""
+    current = CURRENT_REQUEST.get()
+    if current is not None:
+        current.event_id = event_id
+
+
+def _merge_request(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    current = CURRENT_REQUEST.get()
+    if current is not None:
+        event.setdefault("request_id", current.request_id)
+        if current.event_id is not None:
+            event.setdefault("event_id", str(current.event_id))
+    return event
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    """Which answered requests get an access line (``REFSTREAM_ACCESS_LOG``):
+
+    - ``errors``: every 4xx and 5xx;
+    - ``sample:<ratio>``: those, and that fraction (0 to 1) of the others, drawn at random;
+    - ``all``: every request.
+
+    A line costs the edge about as much as aiohttp's whole handling of a request, so the
+    default is ``sample:0.01``; the metrics count every request either way."""
+
+    ratio: float  # of the requests answered below 400; 1.0 is ``all``
+
+    @classmethod
+    def parse(cls, spec: str) -> AccessLog:
+        text = spec.strip().lower()
+        if text == "errors":
+            return cls(0.0)
+        if text == "all":
+            return cls(1.0)
+        if text.startswith("sample:"):
+            try:
+                ratio = float(text[len("sample:") :])
+            except ValueError:
+                ratio = -1.0
+            if 0.0 <= ratio <= 1.0:
+                return cls(ratio)
+        raise ValueError(f"access log {spec!r}: errors, sample:<ratio between 0 and 1> or all")
+
+    def wants(self, status: int) -> bool:
+        return status >= 400 or self.ratio >= 1.0 or (self.ratio > 0.0 and random.random() < self.ratio)
+
+
+DEFAULT_ACCESS_LOG = AccessLog.parse("sample:0.01")
+
+_SHARED: list[structlog.types.Processor] = [
+    structlog.contextvars.merge_contextvars,
+    _merge_request,
+    _level_and_time,
+]
 
 
 def _dumps(obj: Any, **_: Any) -> str:

@@ -4,6 +4,16 @@ A route names its rate limit and subject, and optionally an API key, a link code
 extra commands; ``lookup`` sends all of it through the micro-batcher together and returns
 the answers. Postgres is asked only when Redis cannot answer: a key Redis has never seen,
 or a link code while the link cache is not yet warm.
+
+A route that would accept the request on what this edge last read for the same keys (the
+link, the kill switch) may hand over its event as a ``Guess``: then the round trip is one
+script (``CHECKED_APPEND``) that counts the rate limit, reads the keys and appends the
+event only if the request is admitted and every key still holds what the guess was made
+from: atomically, so exactly what reading, then appending would have done, in one round
+trip instead of two. When a key changed (or the limit refused), nothing is appended and
+the route goes on from the fresh values as usual. Not on a Redis Cluster (the keys live in
+different slots) nor while a durability level waits for replicas or the AOF (a failed
+confirmation must not be mistaken for a failed read): there every request takes two.
 """
 
 from __future__ import annotations
@@ -21,8 +31,9 @@ from . import clicks, links
 from .auth import Principal
 from .batcher import Command
 from .connections import PG_ERRORS, REDIS_ERRORS
-from .events import unique_token
-from .ratelimit import RateLimiter, Verdict
+from .enqueue import appended
+from .events import Envelope, unique_token
+from .ratelimit import WINDOW, RateLimiter, Verdict
 from .state import Edge
 
 log = structlog.get_logger("ingest.lookup")
@@ -30,6 +41,50 @@ T = TypeVar("T")
 
 
 FALLBACK_WAIT_S = 1.0
+
+# ratelimit.WINDOW (KEYS[1], ARGV[1..3]), then: ARGV[4] = E, the number of the entry's
+# arguments, ARGV[5..E+4] the entry's fields and values (``Envelope.entry``); ARGV[E+5] = R,
+# the number of keys the request reads, KEYS[3..R+2], each expected to hold
+# ARGV[E+6..E+R+5] ('' for no value, else '=' and the value); the entry is appended to the
+# stream KEYS[2] only if the request was admitted and every key holds what was expected,
+# and then each write that rides with it runs: one per remaining key, as (argc, name, args
+# after the key...) in the remaining ARGV. Reply: the verdict's three numbers, 1 if
+# appended else 0, each read value.
+CHECKED_APPEND = (
+    WINDOW
+    + """
+verdict[4] = 0
+local e = tonumber(ARGV[4])
+local r0 = 5 + e
+local reads = tonumber(ARGV[r0])
+local same = true
+for i = 1, reads do
+  local v = redis.call('GET', KEYS[2 + i])
+  verdict[4 + i] = v
+  if v then
+    same = same and ARGV[r0 + i] == '=' .. v
+  else
+    same = same and ARGV[r0 + i] == ''
+  end
+end
+if verdict[1] == 1 and same then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5, 4 + e))
+  verdict[4] = 1
+  local a = r0 + 1 + reads
+  for k = 3 + reads, #KEYS do
+    local argc = tonumber(ARGV[a])
+    local cmd = {ARGV[a + 1], KEYS[k]}
+    for j = 2, argc do
+      cmd[j + 1] = ARGV[a + j]
+    end
+    redis.call(unpack(cmd))
+    a = a + argc + 1
+  end
+end
+return verdict
+"""
+)
+SEEN_MAX = 65_536  # keys whose last value this edge remembers (links, flags); cleared when full
 
 
 class Unavailable(Exception):
@@ -50,6 +105,59 @@ class Found:
     link_unresolved: bool = False  # the code needed Postgres, which did not answer
     extra: list[Any] = field(default_factory=list)
     redis_down: bool = False  # degraded: no limit, no flags, no cache; the link from Postgres
+    appended: bool = False  # the Guess's event is in Redis (at the ack durability level)
+
+
+@dataclass(frozen=True, slots=True)
+class Guess:
+    """The event a route will append if what it reads holds what this edge last read
+    (``seen``); with its routing key, and the writes that go with it (``append``'s extra
+    commands: each a command name, its key, then its other arguments)."""
+
+    envelope: Envelope
+    routing_key: str
+    also: tuple[Command, ...] = ()
+
+
+def seen(edge: Edge, key: str) -> bytes | bool | None:
+    """What ``key`` held when this edge last read it (None: no value); False: never read."""
+    return edge.seen.get(key, False)
+
+
+def seen_link(edge: Edge, code: str) -> links.LinkInfo | None:
+    """The link as this edge last read it from the cache, to make a ``Guess`` from."""
+    raw = edge.seen.get(edge.keys.link(code))
+    if raw is None:
+        return None
+    link = _decode_link(edge, raw)
+    return link if isinstance(link, links.LinkInfo) else None
+
+
+def _decode_link(edge: Edge, raw: object) -> links.LinkInfo | links.Missing | None:
+    # the same few entries come back again and again: parse each once
+    if isinstance(raw, bytes):
+        hit = edge.link_memo.get(raw)
+        if hit is not None:
+            return hit
+    link = links.decode(raw)
+    if isinstance(link, links.LinkInfo) and isinstance(raw, bytes):
+        if len(edge.link_memo) >= SEEN_MAX:
+            edge.link_memo.clear()
+        edge.link_memo[raw] = link
+    return link
+
+
+def remember(edge: Edge, key: str, value: object) -> None:
+    """A key a route read by itself (not through ``lookup``): what a later guess is made from."""
+    _remember(edge, [key], [value])
+
+
+def _remember(edge: Edge, keys: list[str], values: list[Any]) -> None:
+    if len(edge.seen) + len(keys) > SEEN_MAX:
+        edge.seen.clear()
+    for key, value in zip(keys, values, strict=True):
+        if value is None or isinstance(value, bytes):
+            edge.seen[key] = value
 
 
 # what a request's question to Postgres can meet instead of an answer: an outage
@@ -88,10 +196,15 @@ async def lookup(
     code: str | None = None,
     extra: tuple[Command, ...] = (),
     degraded: bool = False,
+    guess: Guess | None = None,
 ) -> Found:
     """With ``degraded`` (public routes, whose events can be spooled), Redis being down is
     not an error: the request is let through unlimited, extras are None, and the link comes
-    from Postgres. Otherwise what Redis raised propagates and the route answers 503."""
+    from Postgres. Otherwise what Redis raised propagates and the route answers 503.
+
+    With ``guess``, and when every key read was read before, the round trip is
+    ``CHECKED_APPEND``: ``Found.appended`` says whether the event went in (its route must
+    then answer as it would after appending it, and must not append it again)."""
     commands: list[Command] = []
     digest: bytes | None = None
     principal: Principal | None = None
@@ -102,9 +215,25 @@ async def lookup(
         subject = key_subject(digest)
         if key_miss:
             commands.append(("GET", edge.auth.redis_key(digest)))
-    commands.insert(0, limiter.command(edge.keys.ratelimit(limiter.name, subject), unique_token()))
+    rl_key = edge.keys.ratelimit(limiter.name, subject)
+    reads: list[str] = []
     if code is not None:
-        commands += [("GET", edge.keys.link(code)), ("GET", edge.keys.links_warm)]
+        reads += [edge.keys.link(code), edge.keys.links_warm]
+    if guess is not None and edge.checked_append is not None and not key_miss:
+        checked = _checked(edge, limiter, rl_key, guess, reads, extra)
+        if checked is not None:
+            try:
+                (reply,) = await edge.batcher.execute(checked, durable=True)
+            except REDIS_ERRORS:
+                if not degraded or secret is not None:
+                    raise
+                return await _without_redis(edge, limiter, code, len(extra))
+            if not isinstance(reply, Exception):
+                return await _answer(edge, limiter, principal, code, reads, extra, list(reply), guess)
+            # the script refused as a whole (a full Redis under noeviction, ...): nothing ran;
+            # ask again the usual way, which tells the route what to do
+    commands.insert(0, limiter.command(rl_key, unique_token()))
+    commands += [("GET", key) for key in reads]
     commands += extra
 
     try:
@@ -132,6 +261,9 @@ async def lookup(
         else:
             found.principal = await fallback(edge, lambda: edge.auth.resolve(d, reply))
         i += 1
+    _remember(edge, reads, replies[i : i + len(reads)])
+    if len(gets := _gets(extra)) == len(extra):
+        _remember(edge, gets, replies[i + len(reads) :])
     if code is not None:
         try:
             found.link = await resolve_link(edge, code, replies[i], replies[i + 1])
@@ -139,6 +271,59 @@ async def lookup(
             found.link_unresolved = True  # the route decides: refuse, or let the worker decide
         i += 2
     found.extra = replies[i:]
+    return found
+
+
+def _gets(extra: tuple[Command, ...]) -> list[str]:
+    """The keys of ``extra`` when it holds only GETs (what a guess can be checked against)."""
+    return [cmd[1] for cmd in extra if len(cmd) == 2 and cmd[0] == "GET"]
+
+
+def _checked(
+    edge: Edge, limiter: RateLimiter, rl_key: str, guess: Guess, reads: list[str], extra: tuple[Command, ...]
+) -> Command | None:
+    keys = reads + _gets(extra)
+    if len(keys) != len(reads) + len(extra):
+        return None  # an extra that is not a plain read: the usual way
+    expected: list[bytes] = []
+    for key in keys:
+        value = edge.seen.get(key, False)
+        if value is False:
+            return None  # never read here: nothing to guess from
+        expected.append(b"" if value is None else b"=" + value)  # type: ignore[operator]
+    stream = edge.keys.stream_for(guess.routing_key)
+    entry = guess.envelope.entry()
+    writes: list[Any] = []
+    for name, _key, *args in guess.also:
+        writes += [1 + len(args), name, *args]
+    return (
+        "EVALSHA", edge.checked_append, 2 + len(keys) + len(guess.also), rl_key, stream, *keys,
+        *(cmd[1] for cmd in guess.also), limiter.window_ms, limiter.limit, unique_token(), len(entry),
+        *entry, len(keys), *expected, *writes,
+    )  # fmt: skip
+
+
+async def _answer(
+    edge: Edge,
+    limiter: RateLimiter,
+    principal: Principal | None,
+    code: str | None,
+    reads: list[str],
+    extra: tuple[Command, ...],
+    reply: list[Any],
+    guess: Guess,
+) -> Found:
+    found = Found(verdict=limiter.verdict(reply), principal=principal, appended=bool(reply[3]))
+    values = reply[4:]
+    _remember(edge, reads + _gets(extra), values)
+    if found.appended:
+        appended(edge, guess.envelope)
+    if code is not None:
+        try:
+            found.link = await resolve_link(edge, code, values[0], values[1])
+        except Unavailable:
+            found.link_unresolved = True
+    found.extra = values[len(reads) :]
     return found
 
 
@@ -162,7 +347,7 @@ def _storable(code: str) -> bool:
 async def resolve_link(edge: Edge, code: str, cached: object, warm: object) -> links.LinkInfo | None:
     """A link from the replies to ``GET {prefix}:link:{code}`` and ``GET {prefix}:links:warm``;
     Postgres (bounded, and the answer cached) only while the cache is not warm."""
-    link = links.decode(cached)
+    link = _decode_link(edge, cached)
     if isinstance(link, links.LinkInfo):
         return link
     if link is links.MISSING or warm == b"1" or not _storable(code):

@@ -14,21 +14,27 @@ from typing import Any
 
 from .batcher import Command, RedisBatcher
 
-SLIDING_WINDOW = """
+# KEYS[1] the subject's set; ARGV[1] window ms, ARGV[2] limit, ARGV[3] a unique member.
+# Leaves ``verdict`` = {admitted (1/0), remaining, retry after ms}: scripts that go on
+# from it (``ingest.lookup.CHECKED_APPEND``) start with this text.
+WINDOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local n = redis.call('ZCARD', KEYS[1])
+local verdict
 if n < limit then
   redis.call('ZADD', KEYS[1], now, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], window)
-  return {1, limit - n - 1, 0}
+  verdict = {1, limit - n - 1, 0}
+else
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  verdict = {0, 0, tonumber(oldest[2]) + window - now}
 end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {0, 0, tonumber(oldest[2]) + window - now}
 """
+SLIDING_WINDOW = WINDOW + "return verdict\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +46,24 @@ class Verdict:
 
     @property
     def headers(self) -> dict[str, str]:
-        h = {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": str(self.remaining)}
-        if not self.allowed:
-            h["Retry-After"] = str(max(1, -(-self.retry_after_ms // 1000)))
+        """The rate-limit headers of the answer: one shared dict per (limit, remaining,
+        Retry-After), made once (the callers hand it to a response, which copies it; never
+        change it)."""
+        retry = 0 if self.allowed else max(1, -(-self.retry_after_ms // 1000))
+        key = (self.limit, self.remaining, retry)
+        h = _HEADERS.get(key)
+        if h is None:
+            if len(_HEADERS) >= HEADER_CACHE:
+                _HEADERS.clear()
+            h = {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": str(self.remaining)}
+            if not self.allowed:
+                h["Retry-After"] = str(retry)
+            _HEADERS[key] = h
         return h
+
+
+HEADER_CACHE = 8192  # (limit, remaining, retry) triples: a few limits, each up to its size
+_HEADERS: dict[tuple[int, int, int], dict[str, str]] = {}
 
 
 class RateLimiter:
@@ -58,7 +78,7 @@ class RateLimiter:
         return ("EVALSHA", self._sha, 1, key, self.window_ms, self.limit, member)
 
     def verdict(self, reply: Any) -> Verdict:
+        """From the script's reply (its first three elements: a longer one may follow it)."""
         if isinstance(reply, Exception):
             raise reply
-        allowed, remaining, retry_ms = (int(x) for x in reply)
-        return Verdict(bool(allowed), self.limit, remaining, retry_ms)
+        return Verdict(bool(reply[0]), self.limit, int(reply[1]), int(reply[2]))

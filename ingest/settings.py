@@ -13,6 +13,8 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .logs import AccessLog
+
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _DURATION_RE = re.compile(r"^(\d+)\s*([smhd])?$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -172,6 +174,11 @@ class Settings(BaseSettings):
         200, ge=0, le=10_000,
         description="serve/work: write log lines in batches this often (0: every line at once).",
     )  # fmt: skip
+    access_log: str = Field(
+        "sample:0.01",
+        description="Edge: which requests get an access line: errors (every 4xx/5xx), sample:<ratio> (those, and"
+        " that fraction of the rest) or all. Metrics count every request.",
+    )
 
     # fault injection, for the redelivery tests only: "crash_after_commit" makes the worker
     # SIGKILL itself after its first COMMIT and before the XACK; "crash_on:CODE" before the
@@ -186,6 +193,12 @@ class Settings(BaseSettings):
         # braces would change the cluster hash tag of every key
         if not _PREFIX_RE.match(v):
             raise ValueError("1-64 of A-Z a-z 0-9 _ . : - (no braces)")
+        return v
+
+    @field_validator("access_log")
+    @classmethod
+    def _access_log(cls, v: str) -> str:
+        AccessLog.parse(v)  # fail fast, at startup
         return v
 
     @field_validator("stream_retention", mode="before")

@@ -15,6 +15,7 @@ from .connections import Redis
 from .drops import DropTally
 from .idempotency import Idempotency
 from .keys import Keys
+from .links import LinkInfo
 from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
 from .settings import Settings
@@ -40,8 +41,15 @@ class Edge:
     key_limiter: RateLimiter  # authenticated routes: per API key
     drops: DropTally  # refusals by reason, for the tenants' stats (ingest.drops)
     idem: Idempotency  # clients' idempotency keys
+    # lookup.CHECKED_APPEND, registered with the batcher; None where a request cannot read
+    # and append in one script (a Redis Cluster, a durability level that waits)
+    checked_append: str | None = None
     # at most this many requests ask Postgres at once (unknown keys, cold link cache, old clicks)
     pg_fallbacks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    # what each key a request read (link, kill switch) held when this edge last read it:
+    # what a lookup.Guess is made from, and checked against in Redis (lookup.SEEN_MAX)
+    seen: dict[str, bytes | None] = field(default_factory=dict)
+    link_memo: dict[bytes, LinkInfo] = field(default_factory=dict)  # a link cache entry, parsed
     _client_ips: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def client_ip(self, request: web.Request) -> str | None:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+import pytest
 
 from .conftest import wait_for
 
@@ -86,3 +87,41 @@ def test_level_and_timestamp_fields(tmp_path: Path):
     for rec in lines:  # ISO 8601, UTC, microseconds, as structlog's TimeStamper(fmt="iso", utc=True)
         stamp = datetime.strptime(rec["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
         assert abs((datetime.now(UTC) - stamp).total_seconds()) < 60
+
+
+@pytest.mark.once
+def test_access_log_setting():
+    from ingest.logs import AccessLog
+
+    errors, every, none = AccessLog.parse("errors"), AccessLog.parse("ALL"), AccessLog.parse("sample:0")
+    assert [errors.wants(s) for s in (200, 302, 399, 400, 429, 503)] == [False] * 3 + [True] * 3
+    assert all(every.wants(s) for s in (200, 204, 302, 404))
+    assert not none.wants(200) and none.wants(404)
+    some = AccessLog.parse("sample:0.25")
+    kept = sum(some.wants(200) for _ in range(20_000))
+    assert 4000 < kept < 6000  # about a quarter (the bounds are ~17 standard deviations wide)
+    for bad in ("sometimes", "sample:", "sample:1.5", "sample:-0.1", "sample:x"):
+        with pytest.raises(ValueError):
+            AccessLog.parse(bad)
+
+
+@pytest.mark.once
+def test_the_request_id_and_event_id_on_every_line_while_it_runs():
+    """What the edge's middleware sets: one contextvar per request, read when a line is
+    written; nothing left behind once it is reset."""
+    import structlog
+    from structlog.testing import capture_logs
+
+    from ingest.logs import CURRENT_REQUEST, RequestLog, _merge_request, note_event
+
+    with capture_logs(processors=[_merge_request]) as lines:
+        log = structlog.get_logger("t")
+        note_event("nobody's")  # outside a request: no effect
+        token = CURRENT_REQUEST.set(RequestLog("rid-1"))
+        log.info("before")
+        note_event("e-1")
+        log.warning("after")
+        CURRENT_REQUEST.reset(token)
+        log.info("outside")
+    assert [(x["event"], x.get("request_id"), x.get("event_id")) for x in lines] == [
+        ("before", "rid-1", None), ("after", "rid-1", "e-1"), ("outside", None, None)]  # fmt: skip

@@ -6,6 +6,7 @@ import re
 
 import aiohttp
 import orjson
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,7 +33,7 @@ async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
 async def test_edge_and_worker_metrics_and_ids_in_the_logs(procs: Procs, pg):
     ws = await procs.cli("workspace", "create", "Acme")
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
-    edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="1000")
+    edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="1000", REFSTREAM_ACCESS_LOG="all")
     port = free_port()
     procs.start("work", REFSTREAM_METRICS_PORT=str(port))
     assert all(status == 200 for status, _ in await fire(edge, ["alice"] * 7))
@@ -67,6 +68,34 @@ async def test_edge_and_worker_metrics_and_ids_in_the_logs(procs: Procs, pg):
     assert [line["event"] for line in mine] == ["request"]
     assert re.fullmatch(r"[0-9a-f-]{36}", mine[0]["event_id"])  # the event it accepted
     assert mine[0]["path"] == "/api/v1/referral/click/alice" and mine[0]["status"] == 200
+
+
+@pytest.mark.once
+def test_request_series_in_the_text_format():
+    """The per-request series are plain counters folded in at scrape time: the text is
+    Prometheus's (parsed back by prometheus_client's parser), buckets cumulative, every
+    request counted once whatever the access log keeps."""
+    from ingest.metrics import LATENCY_BUCKETS, EdgeMetrics
+
+    m = EdgeMetrics()
+    for seconds in (0.0002, 0.0005, 0.003, 0.003, 9.0):
+        m.observe_request("/r/{code}", 302, seconds)
+    m.observe_request("/r/{code}", 429, 0.001)
+    m.accepted.labels("biore", "redis").inc()
+    m.redis_batch.observe(3)
+    text = generate_latest(m.registry).decode()
+    s = samples(text)
+    route = ("route", "/r/{code}")
+    assert s[("refstream_http_requests_total", (route, ("status", "302")))] == 5
+    assert s[("refstream_http_requests_total", (route, ("status", "429")))] == 1
+    buckets = [s[("refstream_http_request_seconds_bucket", (("le", repr(b)), route))] for b in LATENCY_BUCKETS]
+    assert buckets[:4] == [2, 3, 3, 5]  # 0.0005 is in the 0.0005 bucket (le); cumulative
+    assert s[("refstream_http_request_seconds_bucket", (("le", "+Inf"), route))] == 6
+    assert s[("refstream_http_request_seconds_count", (route,))] == 6
+    assert s[("refstream_http_request_seconds_sum", (route,))] == pytest.approx(9.0077)
+    assert s[("refstream_events_accepted_total", (("dialect", "biore"), ("to", "redis")))] == 1
+    assert s[("refstream_redis_batch_commands_count", ())] == 1
+    assert s[("refstream_redis_round_trip_seconds_count", ())] == 0  # exported before the first
 
 
 async def test_worker_gauges_for_the_oldest_pending_entry_and_the_dead_letters(redis, keys):

@@ -48,7 +48,8 @@ _BURSTS = """
 SELECT d.event_id, d.n_max,
        (SELECT count(*) FROM events e
          WHERE e.link_id = d.link_id AND e.type = 1 AND e.ip = d.ip AND e.ip IS NOT NULL AND NOT e.test_mode
-           AND e.received_at > d.at - make_interval(secs => d.secs) AND e.received_at <= d.at) AS n
+           AND e.received_at > d.at - make_interval(secs => d.secs)
+           AND (e.received_at, e.event_id) <= (d.at, d.event_id)) AS n
 FROM unnest($1::uuid[], $2::uuid[], $3::inet[], $4::timestamptz[], $5::float8[], $6::int[])
      AS d(event_id, link_id, ip, at, secs, n_max)
 """

@@ -14,6 +14,7 @@ visitor it was seen with (SET NX), for ``FINGERPRINT_TTL_S``.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,15 +23,17 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..auth import bearer
+from ..batcher import Command
 from ..body import BodyError, header, parse
 from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..fields import NoNul
-from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key, replay
-from ..lookup import Unavailable, lookup
-from ..state import EDGE
+from ..idempotency import HEADER, Answer, Claim, InvalidKey, fingerprint, header_key, replay
+from ..links import LinkInfo
+from ..lookup import Guess, Unavailable, lookup, seen_link
+from ..state import EDGE, Edge
 
 log = structlog.get_logger("ingest.affixo")
 routes = web.RouteTableDef()
@@ -67,8 +70,52 @@ def error(status: int, code: str, headers: dict[str, str] | None = None, **extra
     )
 
 
+def recorded(visitor: str, method: str, confidence: float) -> bytes:
+    """The answer: AffixoClickRecorded's fields, in its order (the model documents it; a
+    dict is cheaper to dump)."""
+    return orjson.dumps({"ok": True, "visitor_id": visitor, "match_method": method, "match_confidence": confidence})
+
+
 def new_visitor_id() -> str:
     return "v_" + uuid7().hex
+
+
+@dataclass(frozen=True, slots=True)
+class _Made:
+    envelope: Envelope
+    remember: tuple[Command, ...]
+    resp: bytes
+
+
+def _make(request: web.Request, edge: Edge, body: AffixoClick, link: LinkInfo) -> _Made:
+    """The event and the answer when no round trip decides the visitor (a visitor id, or
+    no fingerprint to look up)."""
+    fp_key = (
+        edge.keys.fingerprint(link.workspace_id, hashlib.sha256(body.fingerprint.encode()).hexdigest()[:32])
+        if body.fingerprint
+        else None
+    )
+    remember: tuple[Command, ...] = ()
+    if body.visitor_id:
+        visitor, method, confidence = body.visitor_id, "cookie", 1.0
+        if fp_key:
+            remember = (("SET", fp_key, visitor, "NX", "EX", FINGERPRINT_TTL_S),)
+    else:
+        visitor, method, confidence = new_visitor_id(), "new", 0.0
+    payload: dict[str, Any] = {"code": link.code, "visitor_id": visitor, "match": method}
+    if body.url:
+        payload["page_url"] = body.url
+    if body.referrer:
+        payload["referrer"] = body.referrer
+    envelope = Envelope(
+        type=EventType.CLICK,
+        dialect=Dialect.AFFIXO,
+        workspace_id=link.workspace_id,
+        ip=edge.client_ip(request),
+        user_agent=header(request, "User-Agent", edge.settings.max_string_length),
+        payload=payload,
+    )
+    return _Made(envelope, remember, recorded(visitor, method, confidence))
 
 
 @routes.post("/v1/track/click")
@@ -83,8 +130,17 @@ async def track_click(request: web.Request) -> web.Response:
         body = await parse(request, AffixoClick)
     except BodyError as exc:
         problem = exc
+    made = guess = None
+    if body is not None and HEADER not in request.headers and (body.visitor_id or not body.fingerprint):
+        # what this edge last read says "accept": append in the lookup's own round trip
+        _, known_key, _ = edge.auth.cached(secret)
+        known = seen_link(edge, body.ref)
+        if known_key is not None and known_key.allows("track") and known is not None and known.active:
+            if known.workspace_id == known_key.workspace_id:
+                made = _make(request, edge, body, known)
+                guess = Guess(made.envelope, known.code, made.remember)
     try:
-        found = await lookup(edge, edge.key_limiter, "", secret=secret, code=body.ref if body else None)
+        found = await lookup(edge, edge.key_limiter, "", secret=secret, code=body.ref if body else None, guess=guess)
     except Unavailable:
         return error(503, "unavailable", {"Retry-After": "1"})
     except REDIS_ERRORS as exc:
@@ -116,6 +172,9 @@ async def track_click(request: web.Request) -> web.Response:
         edge.drops.note(principal.workspace_id, mine.id if mine else None, "inactive_link" if mine else "unknown_code")
         return error(404, "link_not_found")
     link = mine
+    if found.appended:  # what was read held what the guess was made from: it went in
+        assert made is not None
+        return web.Response(body=made.resp, content_type="application/json", headers=found.verdict.headers)
 
     workspace = principal.workspace_id
     fp_key = (
@@ -154,9 +213,7 @@ async def track_click(request: web.Request) -> web.Response:
             user_agent=header(request, "User-Agent", edge.settings.max_string_length),
             payload=payload,
         )
-        resp = orjson.dumps(
-            AffixoClickRecorded(visitor_id=visitor, match_method=method, match_confidence=confidence).model_dump()
-        )
+        resp = recorded(visitor, method, confidence)
         if idem_key is None:
             await append(edge, envelope, link.code, *remember, spool=False)  # keyed: 503 rather than spool
         else:

@@ -22,10 +22,11 @@ from ..body import code as body_code
 from ..connections import REDIS_ERRORS
 from ..enqueue import append
 from ..events import Dialect, Envelope, EventType, uuid7
-from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key
-from ..lookup import lookup
+from ..idempotency import HEADER, Answer, Claim, InvalidKey, fingerprint, header_key
+from ..links import LinkInfo
+from ..lookup import Guess, lookup, seen, seen_link
 from ..spool import SpoolFull
-from ..state import EDGE
+from ..state import EDGE, Edge
 
 log = structlog.get_logger("ingest.biore")
 routes = web.RouteTableDef()
@@ -67,6 +68,21 @@ def unavailable() -> web.Response:
     return error(503, "service_unavailable", "Try again shortly", {"Retry-After": "1"})
 
 
+def _envelope(request: web.Request, edge: Edge, code: str, ip: str | None, link: LinkInfo | None) -> Envelope:
+    payload = {"code": code}
+    if referrer := header(request, "Referer", edge.settings.max_string_length):
+        payload["referrer"] = referrer
+    return Envelope(
+        event_id=uuid7(),
+        type=EventType.CLICK,
+        dialect=Dialect.BIORE,
+        workspace_id=link.workspace_id if link else None,
+        ip=ip,
+        user_agent=header(request, "User-Agent", edge.settings.max_string_length),
+        payload=payload,
+    )
+
+
 @routes.post("/api/v1/referral/click/{code}")
 async def track_click(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
@@ -77,14 +93,23 @@ async def track_click(request: web.Request) -> web.Response:
         await read(request)  # the seed sends no body; one sent anyway is capped like any other
     except BodyError as exc:
         return error(exc.status, "bad_request" if exc.status == 400 else body_code(exc), exc.message)
+    flag = edge.keys.flag("referral")
+    envelope = guess = None
+    if sane and HEADER not in request.headers and seen(edge, flag) not in (False, flags.DISABLED):
+        # what this edge last read says "accept": append in the lookup's own round trip
+        known = seen_link(edge, code)
+        if known is not None and known.active and known.allows_origin(request.headers.get("Origin")):
+            envelope = _envelope(request, edge, code, ip, known)
+            guess = Guess(envelope, code)
     try:
         found = await lookup(
             edge,
             edge.click_limiter,
             ip or "-",
             code=code if sane else None,
-            extra=(("GET", edge.keys.flag("referral")),),
+            extra=(("GET", flag),),
             degraded=True,  # public: with Redis down, accept into the spool
+            guess=guess,
         )
         disabled = flags.is_disabled(found.extra[0])
     except REDIS_ERRORS as exc:
@@ -115,18 +140,10 @@ async def track_click(request: web.Request) -> web.Response:
         # the workspace lists the sites that may send its clicks: as Affitor and Bricqs answer
         return error(403, "origin_not_allowed", "Origin not allowed for this workspace", headers)
 
-    payload = {"code": code}
-    if referrer := header(request, "Referer", edge.settings.max_string_length):
-        payload["referrer"] = referrer
-    envelope = Envelope(
-        event_id=uuid7(),
-        type=EventType.CLICK,
-        dialect=Dialect.BIORE,
-        workspace_id=link.workspace_id if link else None,
-        ip=ip,
-        user_agent=header(request, "User-Agent", edge.settings.max_string_length),
-        payload=payload,
-    )
+    if found.appended:  # what was read held what the guess was made from: it went in
+        return web.Response(body=TRACKED, content_type="application/json", headers=headers)
+    if envelope is None or envelope.workspace_id != (link.workspace_id if link else None):
+        envelope = _envelope(request, edge, code, ip, link)
     try:
         if idem_key is None:
             await append(edge, envelope, code, spool=True)
