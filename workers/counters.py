@@ -27,7 +27,7 @@ import asyncpg
 from ingest.events import EventType
 from ingest.links import LinkInfo
 
-from . import rows
+from . import jsonrows
 from .stored import Stored
 
 _LOCK_LINKS = "SELECT 1 FROM links WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
@@ -37,12 +37,12 @@ _LOCK_AFFILIATES = "SELECT 1 FROM affiliates WHERE id = ANY($1::uuid[]) ORDER BY
 # a set, not a counter: the rows that come back are the visitor's first click that day
 _UNIQUE = f"""
 INSERT INTO link_visitor_days (link_id, day, visitor_key)
-{rows.select(("uuid", "date", "text"))} ORDER BY 1, 2, 3
+{jsonrows.select(("uuid", "date", "text"))} ORDER BY 1, 2, 3
 ON CONFLICT DO NOTHING
 RETURNING link_id, day
 """
 
-_LINK_DELTAS = rows.table(
+_LINK_DELTAS = jsonrows.table(
     ("uuid", "bigint", "bigint", "bigint", "bigint", "bigint", "timestamptz"),
     "d(id, clicks, unique_clicks, bot_clicks, leads, conversions, last_clicked_at)",
 )
@@ -62,7 +62,7 @@ WHERE l.id = d.id
 _UPSERT_DAILY = f"""
 INSERT INTO daily_stats AS s (link_id, day, workspace_id, program_id, affiliate_id,
                               clicks, unique_clicks, bot_clicks, leads, conversions)
-{rows.select(("uuid", "date", "uuid", "uuid", "uuid", "bigint", "bigint", "bigint", "bigint", "bigint"))}
+{jsonrows.select(("uuid", "date", "uuid", "uuid", "uuid", "bigint", "bigint", "bigint", "bigint", "bigint"))}
 ORDER BY 1, 2
 ON CONFLICT (link_id, day) DO UPDATE
 SET clicks = s.clicks + EXCLUDED.clicks,
@@ -143,7 +143,7 @@ async def apply(
          if counts_as_click(s, count_bots) and s.visitor_key}
     )  # fmt: skip
     if visits:
-        for r in await conn.fetch(_UNIQUE, visits):
+        for r in await conn.fetch(_UNIQUE, jsonrows.doc(visits)):
             per_link[r["link_id"]].unique_clicks += 1
             per_day[(r["link_id"], r["day"])].unique_clicks += 1
 
@@ -151,13 +151,13 @@ async def apply(
     await conn.execute(_LOCK_LINKS, ids)
     await conn.execute(
         _UPDATE_LINKS,
-        [(i, *per_link[i].counts(), per_link[i].last_clicked_at) for i in ids],
+        jsonrows.doc([(i, *per_link[i].counts(), per_link[i].last_clicked_at) for i in ids]),
     )
     days = sorted(per_day)
     await conn.execute(
         _UPSERT_DAILY,
-        [(lid, day, links[lid].workspace_id, links[lid].program_id, links[lid].affiliate_id,
-          *per_day[(lid, day)].counts()) for lid, day in days],
+        jsonrows.doc([(lid, day, links[lid].workspace_id, links[lid].program_id, links[lid].affiliate_id,
+                       *per_day[(lid, day)].counts()) for lid, day in days]),
     )  # fmt: skip
 
     converted = sorted(

@@ -21,7 +21,7 @@ import asyncpg
 
 from ingest.events import EventType
 
-from . import rows
+from . import jsonrows
 from .stored import Stored
 
 # column -> the payload key that carries it
@@ -45,28 +45,17 @@ _SET_CONTACT = ",\n    ".join(_latest(column) for column in _CONTACT)
 # the stored first touch stands on a tie it cannot rank (an older row without first_event_id)
 _EARLIER = "(EXCLUDED.first_seen_at, EXCLUDED.first_event_id) < (c.first_seen_at, c.first_event_id)"
 
+# a row: the key, the first touch, status and seen times, then each contact field with its time and event
+_CUSTOMER_ROWS = jsonrows.select(
+    ("uuid", "text", "uuid", "uuid", "uuid", "uuid", "uuid", "smallint", "timestamptz", "timestamptz")
+    + ("text", "timestamptz", "uuid") * len(_CONTACT)
+)
 _UPSERT = f"""
 INSERT INTO customers AS c (workspace_id, visitor_id, link_id, affiliate_id, program_id, first_event_id,
                             first_click_id, status, first_seen_at, last_seen_at,
                             external_id, external_id_at, external_id_event, email, email_at, email_event,
                             name, name_at, name_event, avatar_url, avatar_url_at, avatar_url_event)
-{
-    rows.select(
-        (
-            "uuid",
-            "text",
-            "uuid",
-            "uuid",
-            "uuid",
-            "uuid",
-            "uuid",
-            "smallint",
-            "timestamptz",
-            "timestamptz",
-            *(("text", "timestamptz", "uuid") * len(_CONTACT)),
-        )
-    )
-}
+{_CUSTOMER_ROWS}
 ORDER BY 1, 2
 ON CONFLICT (workspace_id, visitor_id) DO UPDATE SET
     link_id = CASE WHEN {_EARLIER} THEN EXCLUDED.link_id ELSE c.link_id END,
@@ -132,4 +121,4 @@ async def upsert(conn: asyncpg.Connection, events: list[Stored]) -> None:
         first = m.first
         batch.append((*key, first.link.id, first.link.affiliate_id, first.link.program_id, first.envelope.event_id,
                       m.first_click, m.status, first.at, m.last_at, *contact))  # fmt: skip
-    await conn.execute(_UPSERT, batch)
+    await conn.execute(_UPSERT, jsonrows.doc(batch))

@@ -3,7 +3,7 @@
 The event rows are inserted with ON CONFLICT DO NOTHING RETURNING, and counters move only
 from the rows that came back: a redelivered, reclaimed or replayed entry inserts nothing
 and so moves nothing. Every write is set-based (the batch's rows as one jsonb document,
-see ``rows``), one statement per table, and sorted so that concurrent batches take their
+see ``jsonrows``), one statement per table, and sorted so that concurrent batches take their
 locks in one order and cannot deadlock one another. The order, phase by phase, each phase
 in key order: event_dedupe (by dedupe key), events (by event id), event_flags,
 link_visitor_days, links (by id), daily_stats, affiliates (by id), affiliate_milestones,
@@ -26,7 +26,7 @@ from ingest import clicks
 from ingest.events import Dialect, Envelope, EventType
 from ingest.links import LINK_SELECT, LinkInfo
 
-from . import counters, customers, drops, fraud, notices, rows, webhooks
+from . import counters, customers, drops, fraud, jsonrows, notices, webhooks
 from .enrich import Enricher, Enrichment
 from .errors import is_retryable_in_place
 from .stored import Stored, ts
@@ -44,7 +44,7 @@ VISITOR_DIALECTS = frozenset({Dialect.BIORE, Dialect.AFFITOR, Dialect.REDIRECT})
 # have to hold the partition key, and a key must outlive its event's partition.
 _CLAIM_KEYS = f"""
 INSERT INTO event_dedupe (workspace_id, type, dedupe_key, event_id, received_at)
-{rows.select(("uuid", "smallint", "text", "uuid", "timestamptz"))}
+{jsonrows.select(("uuid", "smallint", "text", "uuid", "timestamptz"))}
 ORDER BY 1, 2, 3, 4  -- the lowest event id takes a key repeated within the batch
 ON CONFLICT DO NOTHING
 RETURNING event_id
@@ -61,7 +61,7 @@ _EVENT_COLUMNS = (
 _ID, _TYPE, _WORKSPACE, _DEDUPE, _RECEIVED = 0, 1, 2, 10, 14  # positions in a row
 _INSERT_EVENTS = f"""
 INSERT INTO events ({", ".join(name for name, _ in _EVENT_COLUMNS)})
-{rows.select([t for _, t in _EVENT_COLUMNS])}
+{jsonrows.select([t for _, t in _EVENT_COLUMNS])}
 ORDER BY 1
 ON CONFLICT (event_id) DO NOTHING
 -- below the retention's horizon, its partition may have been dropped: a copy of an event
@@ -127,7 +127,7 @@ async def _claim_keys(
     if not keyed:
         return batch, []
     claims = [(r[_WORKSPACE], r[_TYPE], r[_DEDUPE], r[_ID], r[_RECEIVED]) for r in keyed]
-    claimed = {r["event_id"] for r in await conn.fetch(_CLAIM_KEYS, claims)}
+    claimed = {r["event_id"] for r in await conn.fetch(_CLAIM_KEYS, jsonrows.doc(claims))}
     keep = [r for r in batch if r[_DEDUPE] is None or r[_ID] in claimed]
     lost = [r[_ID] for r in keyed if r[_ID] not in claimed]
     return keep, lost
@@ -249,7 +249,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
         await drops.settle(conn, inserted=[], no_row=no_row)
         return result
     batch, lost = await _claim_keys(conn, batch)
-    returned = {r["event_id"]: r["expired"] for r in await conn.fetch(_INSERT_EVENTS, batch)}
+    returned = {r["event_id"]: r["expired"] for r in await conn.fetch(_INSERT_EVENTS, jsonrows.doc(batch))}
     inserted = [s for event_id, s in kept.items() if event_id in returned]  # in event-id order
     result.inserted = len(inserted)
     result.duplicates += len(kept) - len(inserted)
@@ -285,7 +285,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
 # of the events whose dedupe key was held already, those it is held by another event for
 _HELD_BY_ANOTHER = f"""
 SELECT x.event_id
-FROM {rows.table(("uuid", "smallint", "text", "uuid"), "x(workspace_id, type, dedupe_key, event_id)")}
+FROM {jsonrows.table(("uuid", "smallint", "text", "uuid"), "x(workspace_id, type, dedupe_key, event_id)")}
 JOIN event_dedupe d USING (workspace_id, type, dedupe_key)
 WHERE d.event_id <> x.event_id
 """
@@ -302,7 +302,7 @@ async def _duplicates(conn: asyncpg.Connection, lost: list[Stored]) -> list[drop
         return []
     found = await conn.fetch(
         _HELD_BY_ANOTHER,
-        [(s.link.workspace_id, int(s.type), _dedupe_key(s.envelope), s.envelope.event_id) for s in keyed],
+        jsonrows.doc([(s.link.workspace_id, int(s.type), _dedupe_key(s.envelope), s.envelope.event_id) for s in keyed]),
     )
     others = {r["event_id"] for r in found}
     return [
