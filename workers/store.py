@@ -27,7 +27,7 @@ from ingest.events import Dialect, Envelope, EventType
 from ingest.links import LINK_SELECT, LinkInfo
 
 from . import counters, customers, drops, fraud, jsonrows, notices, webhooks
-from .enrich import Enricher, Enrichment
+from .enrich import Enricher, Found
 from .errors import is_retryable_in_place
 from .stored import Stored, ts
 
@@ -165,7 +165,7 @@ def _out_of_window(e: Envelope, link: LinkInfo) -> bool:
     return e.received_at_ms - clicked_ms > link.cookie_window_days * 86_400_000
 
 
-def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | None, Enrichment | None]:
+def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | None, Found | None]:
     """(ip to store, enrichment). Only browser-facing dialects carry the visitor's IP and
     User-Agent; a server-to-server call's are its server's, not worth a geo or bot verdict."""
     if enricher is None:
@@ -173,9 +173,9 @@ def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | 
     # a batch click carries its visitor's IP and User-Agent when the forwarding server knew them
     visitor = e.dialect in VISITOR_DIALECTS or (e.dialect == Dialect.NATIVE and e.user_agent is not None)
     if visitor and e.type is EventType.CLICK:
-        found = enricher.enrich(e.ip, e.user_agent, _opt(e.payload.get("referrer")), policy)
+        found = enricher.enrich_row(e.ip, e.user_agent, _opt(e.payload.get("referrer")), policy)
         return found.ip, found
-    return enricher.enrich(e.ip, None, None, policy).ip, None
+    return enricher.enrich_row(e.ip, None, None, policy).ip, None
 
 
 async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: Enricher | None) -> BatchResult:
@@ -234,7 +234,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
             _opt(e.payload.get("referrer")),
             found.country if found else None,
             found.asn if found else None,
-            found.to_json() if found else None,
+            found.doc if found else None,
             visitor_key := _visitor_key(e),
             out_of_window := _out_of_window(e, link),
             e.payload,
