@@ -502,3 +502,30 @@ def test_ipv4_only_city_db_answers_ipv6_with_nothing(tmp_path: Path) -> None:
         assert (v6.city, v6.country, v6.as_name) == (None, "US", "GOOGLE")
     finally:
         enricher.close()
+
+
+@pytest.mark.parametrize(
+    ("ip", "ua", "referrer", "policy"),
+    [
+        pytest.param("8.8.8.8", CHROME_WIN, "https://www.example.com/", "full", id="datacenter"),
+        pytest.param("81.7.13.1", CHROME_WIN, None, "truncated", id="truncated"),
+        pytest.param("2a00:1450::1", "curl/8.5.0", "not a url", "none", id="v6-bot-none"),
+        pytest.param(None, None, None, "full", id="nothing"),
+        pytest.param("10.0.0.1", "  ", "https://[::1/", "full", id="private-blank-ua"),
+    ],
+)
+def test_enrich_row_is_enrich(
+    enricher: Enricher, ip: str | None, ua: str | None, referrer: str | None, policy: str
+) -> None:
+    # what the store writes is what enrich() says, twice over (the second from the caches)
+    for _ in range(2):
+        full, row = enricher.enrich(ip, ua, referrer, policy), enricher.enrich_row(ip, ua, referrer, policy)
+        assert row.doc == full.to_json()
+        assert list(row.doc) == list(full.to_json())
+        assert (row.ip, row.country, row.asn, row.is_bot, row.bot_reason) == (
+            full.ip, full.country, full.asn, full.is_bot, full.bot_reason,
+        )  # fmt: skip
+    # the cached parts are never handed out: changing one row's doc changes no other
+    row.doc["country"] = "XX"
+    row.doc["versions"]["geoip2fast"] = "tampered"
+    assert enricher.enrich_row(ip, ua, referrer, policy).doc == enricher.enrich(ip, ua, referrer, policy).to_json()

@@ -40,6 +40,16 @@ log = structlog.get_logger("workers.consume")
 
 HAND_BACK_IDLE_MS = 10**12  # "idle since forever": any reclaim takes it
 
+# A batch costs about a dozen statements and a commit whatever its size, so under a steady
+# trickle (each read returning a few entries) the worker and Postgres spent most of their
+# CPU per batch, not per event, and took it from the edge on the same cores. A read that
+# returns fewer than LINGER_BELOW entries waits LINGER_S once, then takes what arrived
+# meanwhile (no BLOCK) into the same batch. A full read, and so a drain or a backlog,
+# never waits. Measured at a steady 2,000 events/s: worker CPU per event 245-280 µs
+# without, ~200 with; Postgres's 175-205 µs, ~125; p50 +4 ms.
+LINGER_BELOW = 32
+LINGER_S = 0.004
+
 
 class Backoff:
     def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
@@ -206,11 +216,16 @@ class Consumer:
     async def _read(self, p: int, stream: str) -> Batch | None:
         if self._backlog[p]:
             return await self._read_backlog(p, stream)
-        reply = await self.redis.xreadgroup(
-            GROUP, self.name, {stream: ">"}, count=self.settings.batch_size, block=self.settings.block_ms
-        )
+        size = self.settings.batch_size
+        reply = await self.redis.xreadgroup(GROUP, self.name, {stream: ">"}, count=size, block=self.settings.block_ms)
         entries: list[Entry] = reply[0][1] if reply else []
-        return Batch(p, stream, entries) if entries else None
+        if not entries:
+            return None
+        if len(entries) < min(LINGER_BELOW, size) and not self._stopping:
+            await asyncio.sleep(LINGER_S)
+            more = await self.redis.xreadgroup(GROUP, self.name, {stream: ">"}, count=size - len(entries))
+            entries += more[0][1] if more else []
+        return Batch(p, stream, entries)
 
     async def _read_backlog(self, p: int, stream: str) -> Batch | None:
         """This consumer's pending entries: what it read before and never acked, or claimed

@@ -27,6 +27,7 @@ import asyncpg
 from ingest.events import EventType
 from ingest.links import LinkInfo
 
+from . import jsonrows
 from .stored import Stored
 
 _LOCK_LINKS = "SELECT 1 FROM links WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
@@ -34,14 +35,18 @@ _LOCK_LINKS = "SELECT 1 FROM links WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO
 _LOCK_AFFILIATES = "SELECT 1 FROM affiliates WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
 
 # a set, not a counter: the rows that come back are the visitor's first click that day
-_UNIQUE = """
+_UNIQUE = f"""
 INSERT INTO link_visitor_days (link_id, day, visitor_key)
-SELECT * FROM unnest($1::uuid[], $2::date[], $3::text[]) ORDER BY 1, 2, 3
+{jsonrows.select(("uuid", "date", "text"))} ORDER BY 1, 2, 3
 ON CONFLICT DO NOTHING
 RETURNING link_id, day
 """
 
-_UPDATE_LINKS = """
+_LINK_DELTAS = jsonrows.table(
+    ("uuid", "bigint", "bigint", "bigint", "bigint", "bigint", "timestamptz"),
+    "d(id, clicks, unique_clicks, bot_clicks, leads, conversions, last_clicked_at)",
+)
+_UPDATE_LINKS = f"""
 UPDATE links l
 SET clicks = l.clicks + d.clicks,
     unique_clicks = l.unique_clicks + d.unique_clicks,
@@ -50,16 +55,14 @@ SET clicks = l.clicks + d.clicks,
     conversions = l.conversions + d.conversions,
     last_clicked_at = GREATEST(l.last_clicked_at, d.last_clicked_at),
     updated_at = now()
-FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::timestamptz[])
-     AS d(id, clicks, unique_clicks, bot_clicks, leads, conversions, last_clicked_at)
+FROM {_LINK_DELTAS}
 WHERE l.id = d.id
 """
 
-_UPSERT_DAILY = """
+_UPSERT_DAILY = f"""
 INSERT INTO daily_stats AS s (link_id, day, workspace_id, program_id, affiliate_id,
                               clicks, unique_clicks, bot_clicks, leads, conversions)
-SELECT * FROM unnest($1::uuid[], $2::date[], $3::uuid[], $4::uuid[], $5::uuid[],
-                     $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[])
+{jsonrows.select(("uuid", "date", "uuid", "uuid", "uuid", "bigint", "bigint", "bigint", "bigint", "bigint"))}
 ORDER BY 1, 2
 ON CONFLICT (link_id, day) DO UPDATE
 SET clicks = s.clicks + EXCLUDED.clicks,
@@ -90,6 +93,9 @@ class _Counts:
     leads: int = 0
     conversions: int = 0
     last_clicked_at: datetime | None = None
+
+    def counts(self) -> tuple[int, int, int, int, int]:
+        return self.clicks, self.unique_clicks, self.bot_clicks, self.leads, self.conversions
 
     def add(self, s: Stored, counted: bool) -> None:
         if s.type is EventType.CLICK:
@@ -137,8 +143,7 @@ async def apply(
          if counts_as_click(s, count_bots) and s.visitor_key}
     )  # fmt: skip
     if visits:
-        rows = await conn.fetch(_UNIQUE, [v[0] for v in visits], [v[1] for v in visits], [v[2] for v in visits])
-        for r in rows:
+        for r in await conn.fetch(_UNIQUE, jsonrows.doc(visits)):
             per_link[r["link_id"]].unique_clicks += 1
             per_day[(r["link_id"], r["day"])].unique_clicks += 1
 
@@ -146,22 +151,14 @@ async def apply(
     await conn.execute(_LOCK_LINKS, ids)
     await conn.execute(
         _UPDATE_LINKS,
-        ids,
-        *([getattr(per_link[i], f) for i in ids] for f in ("clicks", "unique_clicks", "bot_clicks", "leads")),
-        [per_link[i].conversions for i in ids],
-        [per_link[i].last_clicked_at for i in ids],
+        jsonrows.doc([(i, *per_link[i].counts(), per_link[i].last_clicked_at) for i in ids]),
     )
     days = sorted(per_day)
     await conn.execute(
         _UPSERT_DAILY,
-        [d[0] for d in days],
-        [d[1] for d in days],
-        [links[d[0]].workspace_id for d in days],
-        [links[d[0]].program_id for d in days],
-        [links[d[0]].affiliate_id for d in days],
-        *([getattr(per_day[d], f) for d in days] for f in ("clicks", "unique_clicks", "bot_clicks", "leads")),
-        [per_day[d].conversions for d in days],
-    )
+        jsonrows.doc([(lid, day, links[lid].workspace_id, links[lid].program_id, links[lid].affiliate_id,
+                       *per_day[(lid, day)].counts()) for lid, day in days]),
+    )  # fmt: skip
 
     converted = sorted(
         {UUID(s.link.affiliate_id) for s in events if s.type is EventType.CONVERSION and s.link.affiliate_id}

@@ -21,6 +21,7 @@ import asyncpg
 
 from ingest.events import EventType
 
+from . import jsonrows
 from .stored import Stored
 
 # column -> the payload key that carries it
@@ -44,15 +45,17 @@ _SET_CONTACT = ",\n    ".join(_latest(column) for column in _CONTACT)
 # the stored first touch stands on a tie it cannot rank (an older row without first_event_id)
 _EARLIER = "(EXCLUDED.first_seen_at, EXCLUDED.first_event_id) < (c.first_seen_at, c.first_event_id)"
 
+# a row: the key, the first touch, status and seen times, then each contact field with its time and event
+_CUSTOMER_ROWS = jsonrows.select(
+    ("uuid", "text", "uuid", "uuid", "uuid", "uuid", "uuid", "smallint", "timestamptz", "timestamptz")
+    + ("text", "timestamptz", "uuid") * len(_CONTACT)
+)
 _UPSERT = f"""
 INSERT INTO customers AS c (workspace_id, visitor_id, link_id, affiliate_id, program_id, first_event_id,
                             first_click_id, status, first_seen_at, last_seen_at,
                             external_id, external_id_at, external_id_event, email, email_at, email_event,
                             name, name_at, name_event, avatar_url, avatar_url_at, avatar_url_event)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::uuid[],
-                     $7::uuid[], $8::smallint[], $9::timestamptz[], $10::timestamptz[],
-                     $11::text[], $12::timestamptz[], $13::uuid[], $14::text[], $15::timestamptz[], $16::uuid[],
-                     $17::text[], $18::timestamptz[], $19::uuid[], $20::text[], $21::timestamptz[], $22::uuid[])
+{_CUSTOMER_ROWS}
 ORDER BY 1, 2
 ON CONFLICT (workspace_id, visitor_id) DO UPDATE SET
     link_id = CASE WHEN {_EARLIER} THEN EXCLUDED.link_id ELSE c.link_id END,
@@ -108,25 +111,14 @@ async def upsert(conn: asyncpg.Connection, events: list[Stored]) -> None:
         m.add(s)
     if not merged:
         return
-    keys = sorted(merged)
-    rows = [merged[k] for k in keys]
-    contact: list[list[Any]] = []
-    for column in _CONTACT:
-        held = [r.contact.get(column) for r in rows]
-        contact.append([h[0] if h else None for h in held])
-        contact.append([h[1].at if h else None for h in held])
-        contact.append([h[1].envelope.event_id if h else None for h in held])
-    await conn.execute(
-        _UPSERT,
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-        [r.first.link.id for r in rows],
-        [r.first.link.affiliate_id for r in rows],
-        [r.first.link.program_id for r in rows],
-        [r.first.envelope.event_id for r in rows],
-        [r.first_click for r in rows],
-        [r.status for r in rows],
-        [r.first.at for r in rows],
-        [r.last_at for r in rows],
-        *contact,
-    )
+    batch: list[tuple[Any, ...]] = []
+    for key in sorted(merged):
+        m = merged[key]
+        contact: list[Any] = []
+        for column in _CONTACT:
+            held = m.contact.get(column)
+            contact += (held[0], held[1].at, held[1].envelope.event_id) if held else (None, None, None)
+        first = m.first
+        batch.append((*key, first.link.id, first.link.affiliate_id, first.link.program_id, first.envelope.event_id,
+                      m.first_click, m.status, first.at, m.last_at, *contact))  # fmt: skip
+    await conn.execute(_UPSERT, jsonrows.doc(batch))

@@ -30,24 +30,27 @@ import structlog
 from ingest.drops import FLAGGED, NO_ID, fold_key, folds_key, live_key, parse_field
 from ingest.events import EventType
 
+from . import jsonrows
 from .stored import Stored
 
 log = structlog.get_logger("workers.drops")
 
 Key = tuple[str, str, date, str, str]  # workspace, link, day, reason, detail
 
-_ADD = """
+_DROP_COUNTS = jsonrows.table(
+    ("uuid", "uuid", "date", "text", "text", "bigint"), "d(workspace_id, link_id, day, reason, detail, n)"
+)
+_ADD = f"""
 INSERT INTO drop_stats AS s (workspace_id, link_id, day, reason, detail, source, n)
-SELECT d.workspace_id, d.link_id, d.day, d.reason, d.detail, $7::text, d.n
-FROM unnest($1::uuid[], $2::uuid[], $3::date[], $4::text[], $5::text[], $6::bigint[])
-     AS d(workspace_id, link_id, day, reason, detail, n)
+SELECT d.workspace_id, d.link_id, d.day, d.reason, d.detail, $2::text, d.n
+FROM {_DROP_COUNTS}
 ORDER BY 1, 2, 3, 4, 5
 ON CONFLICT (workspace_id, link_id, day, reason, detail, source) DO UPDATE SET n = s.n + EXCLUDED.n
 """
 
-_RECORD = """
+_RECORD = f"""
 INSERT INTO event_drops (event_id, workspace_id, link_id, reason, received_at)
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[]) ORDER BY 1
+{jsonrows.select(("uuid", "uuid", "uuid", "text", "timestamptz"))} ORDER BY 1
 ON CONFLICT DO NOTHING
 RETURNING event_id
 """
@@ -78,7 +81,7 @@ async def add(conn: asyncpg.Connection, counts: Counter[Key], source: str = "wor
     if not counts:
         return
     keys = sorted(counts)
-    await conn.execute(_ADD, *([k[i] for k in keys] for i in range(5)), [counts[k] for k in keys], source)
+    await conn.execute(_ADD, jsonrows.doc([(*k, counts[k]) for k in keys]), source)
 
 
 async def record(conn: asyncpg.Connection, rows: list[NoRow], counts: Counter[Key]) -> None:
@@ -90,11 +93,7 @@ async def record(conn: asyncpg.Connection, rows: list[NoRow], counts: Counter[Ke
         r["event_id"]
         for r in await conn.fetch(
             _RECORD,
-            [r.event_id for r in rows],
-            [r.workspace_id or NO_ID for r in rows],
-            [r.link_id or NO_ID for r in rows],
-            [r.reason for r in rows],
-            [r.at for r in rows],
+            jsonrows.doc([(r.event_id, r.workspace_id or NO_ID, r.link_id or NO_ID, r.reason, r.at) for r in rows]),
         )
     }
     for r in rows:

@@ -34,6 +34,7 @@ from ingest import clicks
 from ingest.drops import FRAUD_THRESHOLDS as DEFAULT_THRESHOLDS
 from ingest.events import EventType
 
+from . import jsonrows
 from .stored import Stored
 from .webhooks import WebhookEvent
 
@@ -44,20 +45,24 @@ PUBLIC_MAIL = frozenset(
     " t-online.de libero.it naver.com".split()
 )
 
-_BURSTS = """
+# materialized: the subquery's fields as plain values (not expressions over the document),
+# else the planner took the (link, received_at) index and filtered by IP, every click of the
+# link in the window, rather than the partial index of clicks by link and IP
+_BURSTS = f"""
+WITH d (event_id, link_id, ip, at, secs, n_max) AS MATERIALIZED (
+    {jsonrows.select(("uuid", "uuid", "inet", "timestamptz", "float8", "int"))}
+)
 SELECT d.event_id, d.n_max,
        (SELECT count(*) FROM events e
          WHERE e.link_id = d.link_id AND e.type = 1 AND e.ip = d.ip AND e.ip IS NOT NULL AND NOT e.test_mode
            AND e.received_at > d.at - make_interval(secs => d.secs)
            AND (e.received_at, e.event_id) <= (d.at, d.event_id)) AS n
-FROM unnest($1::uuid[], $2::uuid[], $3::inet[], $4::timestamptz[], $5::float8[], $6::int[])
-     AS d(event_id, link_id, ip, at, secs, n_max)
+FROM d
 """
 
-_FLAGS = """
+_FLAGS = f"""
 INSERT INTO event_flags (event_id, rule, workspace_id, link_id, affiliate_id, type, excluded, evidence, received_at)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::smallint[], $7::boolean[],
-                     $8::jsonb[], $9::timestamptz[])
+{jsonrows.select(("uuid", "text", "uuid", "uuid", "uuid", "smallint", "boolean", "jsonb", "timestamptz"))}
 ORDER BY 1, 2
 ON CONFLICT DO NOTHING
 """
@@ -139,17 +144,13 @@ async def detect(conn: asyncpg.Connection, events: list[Stored], fraud_policy: d
             raw.append((s, "fast_conversion", evidence))
 
     if burst_candidates:
-        rows = await conn.fetch(
+        counted = await conn.fetch(
             _BURSTS,
-            [s.envelope.event_id for s in burst_candidates],
-            [s.link.id for s in burst_candidates],
-            [s.ip for s in burst_candidates],
-            [s.at for s in burst_candidates],
-            [float(limits(s)["burst_seconds"]) for s in burst_candidates],
-            [limits(s)["burst_clicks"] for s in burst_candidates],
-        )
+            jsonrows.doc([(s.envelope.event_id, s.link.id, s.ip, s.at, float(limits(s)["burst_seconds"]),
+                           limits(s)["burst_clicks"]) for s in burst_candidates]),
+        )  # fmt: skip
         by_id = {s.envelope.event_id: s for s in burst_candidates}
-        for r in rows:
+        for r in counted:
             if r["n"] > r["n_max"]:
                 s = by_id[r["event_id"]]
                 raw.append((s, "click_burst", {"ip": s.ip, "clicks": r["n"], "threshold_clicks": r["n_max"],
@@ -167,16 +168,10 @@ async def detect(conn: asyncpg.Connection, events: list[Stored], fraud_policy: d
         f = sorted(found.flags, key=lambda f: (f.stored.envelope.event_id, f.rule))
         await conn.execute(
             _FLAGS,
-            [x.stored.envelope.event_id for x in f],
-            [x.rule for x in f],
-            [x.stored.link.workspace_id for x in f],
-            [x.stored.link.id for x in f],
-            [x.stored.link.affiliate_id for x in f],
-            [int(x.stored.type) for x in f],
-            [x.excluded for x in f],
-            [x.evidence for x in f],
-            [x.stored.at for x in f],
-        )
+            jsonrows.doc([(x.stored.envelope.event_id, x.rule, x.stored.link.workspace_id, x.stored.link.id,
+                           x.stored.link.affiliate_id, int(x.stored.type), x.excluded, x.evidence, x.stored.at)
+                          for x in f]),
+        )  # fmt: skip
     return found
 
 

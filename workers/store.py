@@ -2,12 +2,12 @@
 
 The event rows are inserted with ON CONFLICT DO NOTHING RETURNING, and counters move only
 from the rows that came back: a redelivered, reclaimed or replayed entry inserts nothing
-and so moves nothing. Every write is set-based (unnest), one statement per table, and
-sorted so that concurrent batches take their locks in one order and cannot deadlock one
-another. The order, phase by phase, each phase in key order: event_dedupe (by dedupe
-key), events (by event id), event_flags, link_visitor_days, links (by id), daily_stats,
-affiliates (by id), affiliate_milestones, customers, webhook_deliveries, event_drops,
-drop_stats.
+and so moves nothing. Every write is set-based (the batch's rows as one jsonb document,
+see ``jsonrows``), one statement per table, and sorted so that concurrent batches take their
+locks in one order and cannot deadlock one another. The order, phase by phase, each phase
+in key order: event_dedupe (by dedupe key), events (by event id), event_flags,
+link_visitor_days, links (by id), daily_stats, affiliates (by id), affiliate_milestones,
+customers, webhook_deliveries, event_drops, drop_stats.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from ingest import clicks
 from ingest.events import Dialect, Envelope, EventType
 from ingest.links import LINK_SELECT, LinkInfo
 
-from . import counters, customers, drops, fraud, notices, webhooks
-from .enrich import Enricher, Enrichment
+from . import counters, customers, drops, fraud, jsonrows, notices, webhooks
+from .enrich import Enricher, Found
 from .errors import is_retryable_in_place
 from .stored import Stored, ts
 
@@ -42,22 +42,26 @@ VISITOR_DIALECTS = frozenset({Dialect.BIORE, Dialect.AFFITOR, Dialect.REDIRECT})
 # came back (or that have none) are inserted, in event-id order. A key lives in
 # event_dedupe, not in a unique index on events: an index on the partitioned table would
 # have to hold the partition key, and a key must outlive its event's partition.
-_CLAIM_KEYS = """
+_CLAIM_KEYS = f"""
 INSERT INTO event_dedupe (workspace_id, type, dedupe_key, event_id, received_at)
-SELECT * FROM unnest($1::uuid[], $2::smallint[], $3::text[], $4::uuid[], $5::timestamptz[])
+{jsonrows.select(("uuid", "smallint", "text", "uuid", "timestamptz"))}
 ORDER BY 1, 2, 3, 4  -- the lowest event id takes a key repeated within the batch
 ON CONFLICT DO NOTHING
 RETURNING event_id
 """
-_INSERT_EVENTS = """
-INSERT INTO events (event_id, type, workspace_id, link_id, program_id, affiliate_id, click_id, visitor_id,
-                    customer_external_id, name, dedupe_key, dialect, test_mode, is_bot, received_at, ip,
-                    user_agent, referrer, country, asn, enrichment, visitor_key, out_of_window, payload,
-                    bot_counted)
-SELECT * FROM unnest($1::uuid[], $2::smallint[], $3::uuid[], $4::uuid[], $5::uuid[], $6::uuid[], $7::uuid[],
-                     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::boolean[], $14::boolean[],
-                     $15::timestamptz[], $16::inet[], $17::text[], $18::text[], $19::text[], $20::integer[],
-                     $21::jsonb[], $22::text[], $23::boolean[], $24::jsonb[], $25::boolean[])
+# an event row's fields, in the order _INSERT_EVENTS takes them
+_EVENT_COLUMNS = (
+    ("event_id", "uuid"), ("type", "smallint"), ("workspace_id", "uuid"), ("link_id", "uuid"), ("program_id", "uuid"),
+    ("affiliate_id", "uuid"), ("click_id", "uuid"), ("visitor_id", "text"), ("customer_external_id", "text"),
+    ("name", "text"), ("dedupe_key", "text"), ("dialect", "text"), ("test_mode", "boolean"), ("is_bot", "boolean"),
+    ("received_at", "timestamptz"), ("ip", "inet"), ("user_agent", "text"), ("referrer", "text"), ("country", "text"),
+    ("asn", "integer"), ("enrichment", "jsonb"), ("visitor_key", "text"), ("out_of_window", "boolean"),
+    ("payload", "jsonb"), ("bot_counted", "boolean"),
+)  # fmt: skip
+_ID, _TYPE, _WORKSPACE, _DEDUPE, _RECEIVED = 0, 1, 2, 10, 14  # positions in a row
+_INSERT_EVENTS = f"""
+INSERT INTO events ({", ".join(name for name, _ in _EVENT_COLUMNS)})
+{jsonrows.select([t for _, t in _EVENT_COLUMNS])}
 ORDER BY 1
 ON CONFLICT (event_id) DO NOTHING
 -- below the retention's horizon, its partition may have been dropped: a copy of an event
@@ -114,21 +118,19 @@ async def write_batch(pool: asyncpg.Pool, envelopes: list[Envelope], enricher: E
 
 
 async def _claim_keys(
-    conn: asyncpg.Connection, cols: tuple[list[Any], ...]
-) -> tuple[tuple[list[Any], ...], list[UUID]]:
-    """Claim the batch's dedupe keys; the columns of the events to insert come back: those
-    without a key, and those whose key this batch now holds (in event-id order still); and
-    the ids of the events whose key was held already (by another event, or by their own
-    earlier copy)."""
-    keyed = [i for i, key in enumerate(cols[10]) if key is not None]
+    conn: asyncpg.Connection, batch: list[tuple[Any, ...]]
+) -> tuple[list[tuple[Any, ...]], list[UUID]]:
+    """Claim the batch's dedupe keys; the event rows to insert come back: those without a
+    key, and those whose key this batch now holds (in event-id order still); and the ids of
+    the events whose key was held already (by another event, or by their own earlier copy)."""
+    keyed = [r for r in batch if r[_DEDUPE] is not None]
     if not keyed:
-        return cols, []
-    claimed = {
-        r["event_id"] for r in await conn.fetch(_CLAIM_KEYS, *([cols[c][i] for i in keyed] for c in (2, 1, 10, 0, 14)))
-    }
-    keep = [i for i, key in enumerate(cols[10]) if key is None or cols[0][i] in claimed]
-    lost = [cols[0][i] for i in keyed if cols[0][i] not in claimed]
-    return tuple([col[i] for i in keep] for col in cols), lost
+        return batch, []
+    claims = [(r[_WORKSPACE], r[_TYPE], r[_DEDUPE], r[_ID], r[_RECEIVED]) for r in keyed]
+    claimed = {r["event_id"] for r in await conn.fetch(_CLAIM_KEYS, jsonrows.doc(claims))}
+    keep = [r for r in batch if r[_DEDUPE] is None or r[_ID] in claimed]
+    lost = [r[_ID] for r in keyed if r[_ID] not in claimed]
+    return keep, lost
 
 
 def _opt(v: object) -> str | None:
@@ -163,7 +165,7 @@ def _out_of_window(e: Envelope, link: LinkInfo) -> bool:
     return e.received_at_ms - clicked_ms > link.cookie_window_days * 86_400_000
 
 
-def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | None, Enrichment | None]:
+def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | None, Found | None]:
     """(ip to store, enrichment). Only browser-facing dialects carry the visitor's IP and
     User-Agent; a server-to-server call's are its server's, not worth a geo or bot verdict."""
     if enricher is None:
@@ -171,9 +173,9 @@ def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | 
     # a batch click carries its visitor's IP and User-Agent when the forwarding server knew them
     visitor = e.dialect in VISITOR_DIALECTS or (e.dialect == Dialect.NATIVE and e.user_agent is not None)
     if visitor and e.type is EventType.CLICK:
-        found = enricher.enrich(e.ip, e.user_agent, _opt(e.payload.get("referrer")), policy)
+        found = enricher.enrich_row(e.ip, e.user_agent, _opt(e.payload.get("referrer")), policy)
         return found.ip, found
-    return enricher.enrich(e.ip, None, None, policy).ip, None
+    return enricher.enrich_row(e.ip, None, None, policy).ip, None
 
 
 async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: Enricher | None) -> BatchResult:
@@ -192,7 +194,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     # Decided here, once per batch, and recorded on the row (bot_counted) for reconcile
     counting = {ws for ws, r in policies.items() if r["bot_policy"] == "count"}
 
-    cols: tuple[list[Any], ...] = tuple([] for _ in range(25))
+    batch: list[tuple[Any, ...]] = []  # event rows, fields in _EVENT_COLUMNS order
     kept: dict[UUID, Stored] = {}
     no_row: list[drops.NoRow] = []  # dropped with no event row: counted once by event id
     for e in sorted(envelopes, key=lambda e: e.event_id):
@@ -210,6 +212,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
         ip, found = _enrich(e, enricher, ws["ip_policy"] if ws else "full")
         is_bot = found is not None and found.is_bot
         click_id = e.payload.get("click_id")
+        at = ts(e.received_at_ms)
         row = (
             e.event_id,
             int(e.type),
@@ -225,29 +228,28 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
             e.dialect,
             e.payload.get("test_mode") is True,
             is_bot,
-            ts(e.received_at_ms),
+            at,
             ip,
             e.user_agent,
             _opt(e.payload.get("referrer")),
             found.country if found else None,
             found.asn if found else None,
-            found.to_json() if found else None,
+            found.doc if found else None,
             visitor_key := _visitor_key(e),
             out_of_window := _out_of_window(e, link),
             e.payload,
             is_bot and link.workspace_id in counting,
         )
-        for col, v in zip(cols, row, strict=True):
-            col.append(v)
+        batch.append(row)
         kept[e.event_id] = Stored(
-            e, link, ts(e.received_at_ms), is_bot, visitor_key, out_of_window, ip, found.bot_reason if found else None
+            e, link, at, is_bot, visitor_key, out_of_window, ip, found.bot_reason if found else None
         )
 
     if not kept:
         await drops.settle(conn, inserted=[], no_row=no_row)
         return result
-    cols, lost = await _claim_keys(conn, cols)
-    returned = {r["event_id"]: r["expired"] for r in await conn.fetch(_INSERT_EVENTS, *cols)}
+    batch, lost = await _claim_keys(conn, batch)
+    returned = {r["event_id"]: r["expired"] for r in await conn.fetch(_INSERT_EVENTS, jsonrows.doc(batch))}
     inserted = [s for event_id, s in kept.items() if event_id in returned]  # in event-id order
     result.inserted = len(inserted)
     result.duplicates += len(kept) - len(inserted)
@@ -281,9 +283,9 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
 
 
 # of the events whose dedupe key was held already, those it is held by another event for
-_HELD_BY_ANOTHER = """
+_HELD_BY_ANOTHER = f"""
 SELECT x.event_id
-FROM unnest($1::uuid[], $2::smallint[], $3::text[], $4::uuid[]) AS x(workspace_id, type, dedupe_key, event_id)
+FROM {jsonrows.table(("uuid", "smallint", "text", "uuid"), "x(workspace_id, type, dedupe_key, event_id)")}
 JOIN event_dedupe d USING (workspace_id, type, dedupe_key)
 WHERE d.event_id <> x.event_id
 """
@@ -298,14 +300,11 @@ async def _duplicates(conn: asyncpg.Connection, lost: list[Stored]) -> list[drop
     keyed = [s for s in lost if s.type in (EventType.LEAD, EventType.CONVERSION)]
     if not keyed:
         return []
-    rows = await conn.fetch(
+    found = await conn.fetch(
         _HELD_BY_ANOTHER,
-        [s.link.workspace_id for s in keyed],
-        [int(s.type) for s in keyed],
-        [_dedupe_key(s.envelope) for s in keyed],
-        [s.envelope.event_id for s in keyed],
+        jsonrows.doc([(s.link.workspace_id, int(s.type), _dedupe_key(s.envelope), s.envelope.event_id) for s in keyed]),
     )
-    others = {r["event_id"] for r in rows}
+    others = {r["event_id"] for r in found}
     return [
         drops.NoRow(s.envelope.event_id, s.link.workspace_id, s.link.id, "duplicate", s.at)
         for s in keyed

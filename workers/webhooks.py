@@ -45,6 +45,8 @@ from arq.worker import Function, func
 
 from ingest import secretbox, targets
 
+from . import jsonrows
+
 log = structlog.get_logger("workers.webhooks")
 
 EVENT_TYPES = ("lead.created", "conversion.created", "milestone.reached", "fraud.flagged")
@@ -70,6 +72,20 @@ class WebhookEvent:
     payload: dict[str, Any]
 
 
+_DELIVERY_ROWS = jsonrows.table(
+    ("uuid", "text", "uuid", "text", "jsonb"), "e (workspace_id, event_type, subject_id, subject_key, payload)"
+)
+_RECORD_DELIVERIES = f"""
+INSERT INTO webhook_deliveries (webhook_id, event_type, subject_id, subject_key, payload)
+SELECT w.id, e.event_type, e.subject_id, e.subject_key, e.payload
+  FROM {_DELIVERY_ROWS}
+  JOIN webhooks w ON w.workspace_id = e.workspace_id AND w.active AND e.event_type = ANY (w.events)
+ ORDER BY w.id, e.event_type, e.subject_id, e.subject_key
+ON CONFLICT (webhook_id, event_type, subject_id, subject_key) DO NOTHING
+RETURNING id
+"""
+
+
 async def record_deliveries(conn: asyncpg.Connection, events: list[WebhookEvent]) -> list[str]:
     """Outbox rows for ``events``, inside the caller's transaction; the ids of the new rows.
 
@@ -82,21 +98,8 @@ async def record_deliveries(conn: asyncpg.Connection, events: list[WebhookEvent]
     unique = {(e.workspace_id, e.event_type, e.subject_id, e.subject_key): e for e in events}
     rows = [unique[k] for k in sorted(unique, key=lambda k: (k[0], k[1], str(k[2]), k[3]))]
     ids = await conn.fetch(
-        """
-        INSERT INTO webhook_deliveries (webhook_id, event_type, subject_id, subject_key, payload)
-        SELECT w.id, e.event_type, e.subject_id, e.subject_key, e.payload
-          FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::jsonb[])
-               AS e (workspace_id, event_type, subject_id, subject_key, payload)
-          JOIN webhooks w ON w.workspace_id = e.workspace_id AND w.active AND e.event_type = ANY (w.events)
-         ORDER BY w.id, e.event_type, e.subject_id, e.subject_key
-        ON CONFLICT (webhook_id, event_type, subject_id, subject_key) DO NOTHING
-        RETURNING id
-        """,
-        [UUID(e.workspace_id) for e in rows],
-        [e.event_type for e in rows],
-        [e.subject_id for e in rows],
-        [e.subject_key for e in rows],
-        [e.payload for e in rows],
+        _RECORD_DELIVERIES,
+        jsonrows.doc([(e.workspace_id, e.event_type, e.subject_id, e.subject_key, e.payload) for e in rows]),
     )
     return sorted(str(r["id"]) for r in ids)
 
