@@ -102,12 +102,16 @@ def _make(request: web.Request, edge: Edge, body: AffixoClick, link: LinkInfo) -
             remember = (("SET", fp_key, visitor, "NX", "EX", FINGERPRINT_TTL_S),)
     else:
         visitor, method, confidence = new_visitor_id(), "new", 0.0
+    return _Made(_click(request, edge, body, link, visitor, method), remember, recorded(visitor, method, confidence))
+
+
+def _click(request: web.Request, edge: Edge, body: AffixoClick, link: LinkInfo, visitor: str, method: str) -> Envelope:
     payload: dict[str, Any] = {"code": link.code, "visitor_id": visitor, "match": method}
     if body.url:
         payload["page_url"] = body.url
     if body.referrer:
         payload["referrer"] = body.referrer
-    envelope = Envelope(
+    return Envelope(
         type=EventType.CLICK,
         dialect=Dialect.AFFIXO,
         workspace_id=link.workspace_id,
@@ -115,7 +119,6 @@ def _make(request: web.Request, edge: Edge, body: AffixoClick, link: LinkInfo) -
         user_agent=header(request, "User-Agent", edge.settings.max_string_length),
         payload=payload,
     )
-    return _Made(envelope, remember, recorded(visitor, method, confidence))
 
 
 @routes.post("/v1/track/click")
@@ -200,19 +203,7 @@ async def track_click(request: web.Request) -> web.Response:
             visitor, method, confidence = new_visitor_id(), "new", 0.0
             remember = []
 
-        payload: dict[str, Any] = {"code": link.code, "visitor_id": visitor, "match": method}
-        if body.url:
-            payload["page_url"] = body.url
-        if body.referrer:
-            payload["referrer"] = body.referrer
-        envelope = Envelope(
-            type=EventType.CLICK,
-            dialect=Dialect.AFFIXO,
-            workspace_id=workspace,
-            ip=edge.client_ip(request),
-            user_agent=header(request, "User-Agent", edge.settings.max_string_length),
-            payload=payload,
-        )
+        envelope = _click(request, edge, body, link, visitor, method)  # link is the key's workspace's
         resp = recorded(visitor, method, confidence)
         if idem_key is None:
             await append(edge, envelope, link.code, *remember, spool=False)  # keyed: 503 rather than spool
