@@ -110,13 +110,6 @@ def edge_middleware(
     return middleware
 
 
-@web.middleware
-async def canonical_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """``edge_middleware`` for an app that only holds ``METRICS`` (tests)."""
-    app = request.app
-    return await edge_middleware(app[METRICS], guard=app.get(GUARD))(request, handler)
-
-
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = connect_redis(settings)
@@ -134,7 +127,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
     pg = await create_pg_pool(settings, min_size=0, max_size=4)
     keys = Keys(settings.stream_prefix, settings.partitions)
-    spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, durability=Durability.of(settings))
+    spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, durability=durability)
     spool.start(redis, every_s=settings.spool_drain_every_s)  # also drains what a previous run left
     metrics.watch_spool(spool)
     app[EDGE] = Edge(

@@ -390,7 +390,7 @@ async def test_a_database_outage_a_route_did_not_expect_is_503_never_500() -> No
     other error stays a bare 500, and neither shows a trace."""
     from aiohttp import web
 
-    from ingest.app import METRICS, canonical_log
+    from ingest.app import edge_middleware
     from ingest.metrics import EdgeMetrics
 
     raised: dict[str, BaseException] = {
@@ -404,8 +404,7 @@ async def test_a_database_outage_a_route_did_not_expect_is_503_never_500() -> No
     async def handler(request: web.Request) -> web.Response:
         raise raised[request.path]
 
-    app = web.Application(middlewares=[canonical_log])
-    app[METRICS] = EdgeMetrics()
+    app = web.Application(middlewares=[edge_middleware(EdgeMetrics())])
     for path in raised:
         app.router.add_get(path, handler)
     runner = web.AppRunner(app)
