@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -58,4 +59,5 @@ async def test_every_operation_conforms_to_the_document(procs: Procs, world: Wor
     out, _ = await asyncio.wait_for(proc.communicate(), 840 if FULL else 240)
     report = out.decode(errors="replace")
     assert proc.returncode == 0, f"schemathesis found failures:\n{report[-12000:]}\n{procs.logs()[-3000:]}"
-    assert "passed" in report and "0 generated" not in report, report[-2000:]
+    # some cases were generated ("6590 generated" holds "0 generated" too: a word match)
+    assert "passed" in report and not re.search(r"\b0 generated", report), report[-2000:]
