@@ -179,6 +179,7 @@ def _pg_install(as_other_user: bool) -> Path:
     """
     src = _package_dir("pgserver") / "pginstall"
     _binary(src / "bin" / "postgres")
+    _binary(src / "bin" / "pg_isready")
     if not as_other_user or _readable_by_all(src):
         return src
     site = src.parent.parent
@@ -273,8 +274,33 @@ def _start_postgres(base: Path, keep: bool = False) -> tuple[subprocess.Popen[by
             user=uid,
             group=gid,
         )
-    _wait_port(port, proc, "postgres")
+    try:
+        _wait_accepting(install, port, proc)
+    except BaseException:
+        _stop(proc, signal.SIGQUIT)
+        raise
     return proc, f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+
+def _wait_accepting(install: Path, port: int, proc: subprocess.Popen[bytes]) -> None:
+    """Until Postgres accepts connections. It listens before it does: while it starts (or
+    recovers from a crash) it answers "the database system is starting up", so an open
+    port is not enough. pg_isready tells them apart: 0 accepting, 1 rejecting, 2 no answer."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    said = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EmbeddedError(f"postgres exited with {proc.returncode}")
+        probe = subprocess.run(
+            [str(install / "bin" / "pg_isready"), "-h", "127.0.0.1", "-p", str(port),
+             "-U", "postgres", "-d", "postgres", "-t", "2"],
+            capture_output=True,
+        )  # fmt: skip
+        if probe.returncode == 0:
+            return
+        said = probe.stdout.decode(errors="replace").strip()
+        time.sleep(0.05)
+    raise EmbeddedError(f"postgres did not accept connections on {port} within {START_TIMEOUT_S}s ({said})")
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
