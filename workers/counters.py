@@ -30,7 +30,6 @@ from ingest.links import LinkInfo
 from . import jsonrows
 from .stored import Stored
 
-_LOCK_LINKS = "SELECT 1 FROM links WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
 # NO KEY UPDATE: the foreign-key checks of customer, link and milestone rows (KEY SHARE) pass
 _LOCK_AFFILIATES = "SELECT 1 FROM affiliates WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
 
@@ -46,7 +45,16 @@ _LINK_DELTAS = jsonrows.table(
     ("uuid", "bigint", "bigint", "bigint", "bigint", "bigint", "timestamptz"),
     "d(id, clicks, unique_clicks, bot_clicks, leads, conversions, last_clicked_at)",
 )
+# One statement that locks, then updates. The CTE's locking clause sits above its sort, so
+# the rows are locked in id order as the UPDATE pulls them, whatever the plan: a row is
+# updated only once the CTE has returned it, and by then every lower id is locked. (An
+# UPDATE ... FROM alone locks in the join's order, which no one controls.) A row that a
+# concurrent batch changed is locked in its newest version and the UPDATE recomputes its
+# sums from that version (READ COMMITTED's recheck), as two statements did.
 _UPDATE_LINKS = f"""
+WITH locked AS MATERIALIZED (
+    SELECT id FROM links WHERE id IN (SELECT d.id FROM {_LINK_DELTAS}) ORDER BY id FOR NO KEY UPDATE
+)
 UPDATE links l
 SET clicks = l.clicks + d.clicks,
     unique_clicks = l.unique_clicks + d.unique_clicks,
@@ -55,8 +63,8 @@ SET clicks = l.clicks + d.clicks,
     conversions = l.conversions + d.conversions,
     last_clicked_at = GREATEST(l.last_clicked_at, d.last_clicked_at),
     updated_at = now()
-FROM {_LINK_DELTAS}
-WHERE l.id = d.id
+FROM locked k, {_LINK_DELTAS}
+WHERE l.id = k.id AND d.id = k.id
 """
 
 _UPSERT_DAILY = f"""
@@ -148,7 +156,6 @@ async def apply(
             per_day[(r["link_id"], r["day"])].unique_clicks += 1
 
     ids = sorted(per_link)
-    await conn.execute(_LOCK_LINKS, ids)
     await conn.execute(
         _UPDATE_LINKS,
         jsonrows.doc([(i, *per_link[i].counts(), per_link[i].last_clicked_at) for i in ids]),

@@ -114,9 +114,16 @@ def _thresholds(raw: object) -> dict[str, int]:
     return {k: int(given.get(k, v)) for k, v in DEFAULT_THRESHOLDS.items()}
 
 
-async def detect(conn: asyncpg.Connection, events: list[Stored], fraud_policy: dict[str, dict[str, str]]) -> Found:
+async def detect(
+    conn: asyncpg.Connection,
+    events: list[Stored],
+    fraud_policy: dict[str, dict[str, str]],
+    program_thresholds: dict[str, object],
+) -> Found:
     """Flag ``events`` (newly inserted, live), store the flags; what to leave uncounted.
-    ``fraud_policy``: per workspace id, rule -> ``flag`` | ``exclude``."""
+    ``fraud_policy``: per workspace id, rule -> ``flag`` | ``exclude``;
+    ``program_thresholds``: per program id, its ``fraud_thresholds`` as stored (read with
+    the batch's links, in its transaction)."""
     found = Found()
     if not events:
         return found
@@ -125,14 +132,11 @@ async def detect(conn: asyncpg.Connection, events: list[Stored], fraud_policy: d
     burst_candidates = [s for s in events if s.type is EventType.CLICK and s.ip and not s.is_bot]
     fast = [(s, ms) for s in events if s.type is EventType.CONVERSION and (ms := _click_ms(s)) is not None]
 
-    programs = sorted({s.link.program_id for s in burst_candidates + [f[0] for f in fast] if s.link.program_id})
-    thresholds: dict[str | None, dict[str, int]] = {None: dict(DEFAULT_THRESHOLDS)}
-    if programs:
-        for r in await conn.fetch("SELECT id, fraud_thresholds FROM programs WHERE id = ANY($1::uuid[])", programs):
-            thresholds[str(r["id"])] = _thresholds(r["fraud_thresholds"])
+    thresholds = {program: _thresholds(raw) for program, raw in program_thresholds.items()}
+    defaults = dict(DEFAULT_THRESHOLDS)
 
     def limits(s: Stored) -> dict[str, int]:
-        return thresholds.get(s.link.program_id) or thresholds[None]
+        return thresholds.get(s.link.program_id or "") or defaults
 
     for s, ms in fast:
         seconds = (s.envelope.received_at_ms - ms) / 1000
