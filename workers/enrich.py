@@ -3,7 +3,7 @@
 Pure and synchronous. An `Enricher` is built once per worker process at startup; it loads
 the bundled geo data and the UA regexes in its constructor, never at import time, and
 nothing is downloaded: geoip2fast's country+ASN file and ua-parser's regexes ship inside
-their wheels (DESIGN.md §6).
+their wheels (DESIGN.md §6). The geo tables are held compactly (``workers.geo``).
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ import maxminddb
 from ua_parser import Domain, load_lazy_builtins
 from ua_parser.regex import Resolver  # the Rust accelerator (ua-parser[regex]); ImportError without it
 
-# The only bundled geoip2fast file with both IPv6 and AS data (the default file is IPv4
-# country only). Its AS data holds organisation names, not numbers: geoip2dat drops the
-# number when it builds the file, so `asn` stays None unless the City .mmdb carries it.
-_GEOIP_FILE = "geoip2fast-asn-ipv6.dat.gz"
+from . import geo
 
 # Well-known cloud/datacenter networks: AS number → organisation name(s) as spelled in the
 # bundled GeoLite2 data (checked against each provider's address ranges).
@@ -253,16 +250,14 @@ class Enricher:
     def _locate(self, ip: str, ip_policy: str) -> _Where:
         """What an address says: cached per (address, policy), since visitors come back."""
         addr = _parse_ip(ip)
-        country = as_name = None
+        country: str | None = None
+        as_name: str | None = None
         place = _NO_CITY
         # Private, loopback, link-local, reserved, CGNAT: no geo. geoip2fast misreads small
         # IPv6 integers (::1) as IPv4, so it only sees what ipaddress calls global; its own
         # "--"/IANA answers (multicast, 6to4 relay, unallocated space) are dropped as well.
         if addr is not None and addr.is_global:
-            hit = self._geo.lookup(str(addr))
-            if not hit.is_private:
-                country = hit.country_code if len(hit.country_code) == 2 and hit.country_code.isalpha() else None
-                as_name = hit.asn_name or None
+            country, as_name = self._geo.lookup(int(addr))
             if self._city is not None:
                 # the .mmdb wins where it knows the address: it is usually the newer snapshot,
                 # and its country must agree with its city
@@ -329,18 +324,9 @@ def _of(kind: type[_T], value: object) -> _T | None:
 
 
 @functools.cache
-def _load_geoip() -> Any:
-    """One geoip2fast instance per process: it keeps its tables in module globals anyway."""
-    # geoip2fast sets PYTHONWARNINGS=ignore in os.environ when imported, which every
-    # subprocess would inherit; put the environment back as it was.
-    saved = os.environ.get("PYTHONWARNINGS")
-    from geoip2fast import GeoIP2Fast
-
-    if saved is None:
-        os.environ.pop("PYTHONWARNINGS", None)
-    else:
-        os.environ["PYTHONWARNINGS"] = saved
-    return GeoIP2Fast(geoip2fast_data_file=_GEOIP_FILE)
+def _load_geoip() -> geo.GeoTable:
+    """One copy of the geo tables per process (~35 MB; geoip2fast's own lists took ~110)."""
+    return geo.load()
 
 
 # An empty or missing User-Agent counts as a bot ("ua_missing"): every browser and in-app
