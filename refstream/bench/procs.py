@@ -2,6 +2,13 @@
 script of this venv, the reference apps through ``python -m``. Every child gets a
 parent-death signal, and ``Procs.stop_all`` (run from a ``finally``) stops the rest, so
 nothing outlives the bench, Ctrl-C included.
+
+A child's peak RSS (goal g) is its ``VmHWM``, read while it runs: by a sampler thread
+every ``SAMPLE_S``, at every ``alive()`` that finds it running and just before it is
+stopped. Never the ``ru_maxrss`` that ``wait4`` gives once it exits: a child begins as a
+fork of the bench, and exec keeps the high-water mark of that copy of the bench's memory
+in the child's ``ru_maxrss``, so a worker started while the bench held 400 MB "peaked"
+at 400 MB whatever it used itself (runs 2 and 3 of a bench, whose process had grown).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -19,6 +27,7 @@ from ..embedded import die_with_parent, free_port
 from .wrk import peak_rss_mb
 
 REFSTREAM = str(Path(sys.executable).parent / "refstream")
+SAMPLE_S = 0.2
 
 
 @dataclass(slots=True)
@@ -26,34 +35,41 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     base_url: str = ""
-    peak_rss_mb: float = 0.0  # ru_maxrss once reaped
+    peak_rss_mb: float = 0.0  # the highest VmHWM read while it ran
     wall_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    # reaping and reading /proc/<pid> exclude each other: a reaped pid may be reused
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def pid(self) -> int:
         return self.popen.pid
 
     def alive(self) -> bool:
-        return self.popen.returncode is None and self._reap(os.WNOHANG)
+        with self._lock:
+            return self.popen.returncode is None and self._reap(os.WNOHANG)
 
     def _reap(self, flags: int) -> bool:
-        """True while running; reaps (and records peak RSS and wall time) once exited."""
+        """True while running (its peak RSS read); reaps (and records wall time) once exited."""
         try:
-            pid, status, usage = os.wait4(self.pid, flags)
+            pid, status = os.waitpid(self.pid, flags)
         except ChildProcessError:
             return False
         if pid == 0:
+            self._sample()
             return True
         self.popen.returncode = os.waitstatus_to_exitcode(status)
-        self.peak_rss_mb = max(self.peak_rss_mb, usage.ru_maxrss / 1024)
         self.wall_s = time.monotonic() - self.started
         return False
 
+    def _sample(self) -> None:
+        self.peak_rss_mb = max(self.peak_rss_mb, peak_rss_mb(self.pid))
+
     def current_peak_rss_mb(self) -> float:
-        if self.popen.returncode is None:
-            self.peak_rss_mb = max(self.peak_rss_mb, peak_rss_mb(self.pid))
-        return self.peak_rss_mb
+        with self._lock:
+            if self.popen.returncode is None:
+                self._sample()
+            return self.peak_rss_mb
 
     def wait(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
@@ -82,6 +98,13 @@ class Procs:
         self.env = env
         self.running: list[Proc] = []
         self._n = 0
+        threading.Thread(target=self._sampler, name="rss-sampler", daemon=True).start()
+
+    def _sampler(self) -> None:
+        while True:  # for the bench's lifetime (a daemon thread); Procs outlives each run
+            time.sleep(SAMPLE_S)
+            for p in list(self.running):
+                p.current_peak_rss_mb()
 
     def start(self, name: str, argv: list[str], **env: str) -> Proc:
         self._n += 1
