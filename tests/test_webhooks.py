@@ -386,3 +386,40 @@ async def test_routes_create_and_list(
     assert status == 404
     status, _, _ = await call("GET", f"{url}/{created['id']}/deliveries?limit=0", headers=bearer(world.api_key))
     assert status == 400
+
+
+async def test_enqueue_writes_the_jobs_arq_would_and_refuses_live_ids(arq_pool, queue, monkeypatch) -> None:
+    """The batched enqueue (one script call per chunk) writes what arq's enqueue_job writes:
+    the same job record, expiry and queue score; and refuses an id whose job is queued or
+    whose result is kept, as enqueue_job does."""
+    from arq.constants import job_key_prefix, result_key_prefix
+    from arq.jobs import deserialize_job
+
+    monkeypatch.setattr(webhooks, "ENQUEUE_CHUNK", 2)  # chunk boundaries inside one call
+    theirs, finished, *ours = [str(uuid.uuid4()) for _ in range(7)]
+    keys = [f"{p}webhook:{i}" for i in (theirs, finished, *ours) for p in (job_key_prefix, result_key_prefix)]
+    try:
+        assert await arq_pool.enqueue_job(webhooks.JOB, theirs, _job_id=f"webhook:{theirs}") is not None
+        await arq_pool.set(f"{result_key_prefix}webhook:{finished}", b"kept", px=60_000)
+
+        assert await webhooks.enqueue(arq_pool, [*ours, theirs, finished]) == len(ours)
+        assert await webhooks.enqueue(arq_pool, ours) == 0  # all queued now
+
+        queued = {m.decode(): s for m, s in await arq_pool.zrange(queue, 0, -1, withscores=True)}
+        assert sorted(queued) == sorted(f"webhook:{i}" for i in (theirs, *ours))
+        reference = deserialize_job(await arq_pool.get(f"{job_key_prefix}webhook:{theirs}"), deserializer=orjson.loads)
+        assert reference.args == [theirs]
+        reference_ttl = await arq_pool.pttl(f"{job_key_prefix}webhook:{theirs}")
+        for i in ours:
+            job = deserialize_job(await arq_pool.get(f"{job_key_prefix}webhook:{i}"), deserializer=orjson.loads)
+            assert (job.function, job.args, job.kwargs, job.job_try) == (
+                reference.function, [*reference.args[:-1], i], reference.kwargs, reference.job_try
+            )  # fmt: skip
+            assert abs((job.enqueue_time - reference.enqueue_time).total_seconds()) < 60
+            # scored to run now, as enqueue_job scores a job that is not deferred
+            assert queued[f"webhook:{i}"] == pytest.approx(job.enqueue_time.timestamp() * 1000, abs=1)
+            ttl = await arq_pool.pttl(f"{job_key_prefix}webhook:{i}")
+            assert abs(ttl - reference_ttl) < 60_000 and ttl > arq_pool.expires_extra_ms - 60_000
+    finally:
+        await arq_pool.delete(*keys)
+        await arq_pool.zrem(queue, *[f"webhook:{i}" for i in (theirs, finished, *ours)])

@@ -17,9 +17,10 @@ constants at start-up (one prefix per process, invisible to readers, and wrong f
 pool made before).
 
 Which argument is a key depends on the command; arq 0.28 sends the commands in the two
-tables below. A command outside them that carries an ``arq:`` argument raises
-``UnprefixedKey`` rather than writing beside another deployment's keys: a newer arq that
-sends one fails its first job, loudly (``tests/test_arq_prefix.py`` runs every path).
+tables below, and refstream's own script on arq's keys (``webhooks.enqueue``) takes its
+keys as scripts do (the third). A command outside them that carries an ``arq:`` argument
+raises ``UnprefixedKey`` rather than writing beside another deployment's keys: a newer arq
+that sends one fails its first job, loudly (``tests/test_arq_prefix.py`` runs every path).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ _FIRST_KEY = frozenset(
 )
 # commands whose every argument is a key
 _ALL_KEYS = frozenset("DEL UNLINK EXISTS WATCH MGET".split())
+# scripts (refstream's own, on arq's keys: webhooks.enqueue): name, script, key count, keys, args
+_SCRIPTS = frozenset("EVAL EVALSHA".split())
 
 
 class UnprefixedKey(RuntimeError):
@@ -68,6 +71,9 @@ def prefixed(prefix: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return (args[0], _under(prefix, args[1]), *args[2:])
     if name in _ALL_KEYS:
         return (args[0], *(_under(prefix, a) for a in args[1:]))
+    if name in _SCRIPTS and len(args) > 2:
+        n = int(args[2])
+        return (*args[:3], *(_under(prefix, k) for k in args[3 : 3 + n]), *args[3 + n :])
     if any(_is_arq(a) for a in args[1:]):
         raise UnprefixedKey(f"arq sent {name} with an arq: key; add the command to workers/arq_redis.py")
     return args
