@@ -76,7 +76,7 @@ def connect(directory: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path_in(directory), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     try:
         # nothing here writes to an existing database: on a full disk it must still open
-        conn.execute("PRAGMA journal_mode = WAL")
+        _to_wal(conn)
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA journal_size_limit = 16777216")  # the WAL is truncated back to this
         conn.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES}")
@@ -90,6 +90,22 @@ def connect(directory: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _to_wal(conn: sqlite3.Connection) -> None:
+    """WAL mode. Switching a new file takes an exclusive lock, and SQLite answers "database
+    is locked" at once, without its busy wait, to one of two processes switching it
+    together (two edge processes on one spool directory, started at once): that one
+    tries again until ``BUSY_TIMEOUT_S``."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def rollback(conn: sqlite3.Connection) -> None:

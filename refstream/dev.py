@@ -200,9 +200,9 @@ def run_dev(port: int, data: str | None = None) -> None:
             if p.poll() is not None:
                 raise click.ClickException(f"the {name} exited with {p.returncode} (its error is above)")
 
-        click.echo("\n".join(_banner(base, svc, db_url, secret, secret_from, demo, data_dir)))
-        sys.stdout.flush()
-
+        # the handlers before the banner that says Ctrl-C stops it: a Ctrl-C read from the
+        # banner would otherwise be lost where SIGINT starts ignored (a background job of a
+        # non-interactive shell, as the test suite's embedded pass is)
         stop = {"signal": 0}
 
         def on_signal(signum: int, frame: object) -> None:
@@ -210,6 +210,8 @@ def run_dev(port: int, data: str | None = None) -> None:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        click.echo("\n".join(_banner(base, svc, db_url, secret, secret_from, demo, data_dir)))
+        sys.stdout.flush()
         while not stop["signal"]:
             for name, p in zip(ROLES, children, strict=True):
                 if p.poll() is not None:
