@@ -173,12 +173,16 @@ async def test_routes_with_redis_blackholed_and_gone(settings: Settings, own_red
         ws = await world(procs)
         base = await procs.start_edge(REFSTREAM_REDIS_DEADLINE_MS="1000")
         proxy.blackhole()
-        # the first request meets the blackhole (1 s), the later ones a Redis known down
-        check_degraded(await answers(base, ws), bound_s=1.0 + 1.5)
-        check_degraded(await answers(base, ws), bound_s=1.0 + 1.5)
+        # the first request meets the blackhole (1 s), the later ones a Redis known down.
+        # Without the deadline a request would wait out the socket timeout (5 s); the margin
+        # is for a public route's spool write (an fsync) on a loaded machine: 2.65 s was seen
+        # with the three suites of scripts/test running at once
+        bound_s = 1.0 + 2.5
+        check_degraded(await answers(base, ws), bound_s)
+        check_degraded(await answers(base, ws), bound_s)
         proxy.heal()
         own_redis.kill()  # refused outright now
-        check_degraded(await answers(base, ws), bound_s=1.0 + 1.5)
+        check_degraded(await answers(base, ws), bound_s)
     finally:
         procs.stop_all()
         await proxy.close()
