@@ -180,13 +180,6 @@ class Settings(BaseSettings):
         " that fraction of the rest) or all. Metrics count every request.",
     )
 
-    # fault injection, for the redelivery tests only: "crash_after_commit" makes the worker
-    # SIGKILL itself after its first COMMIT and before the XACK; "crash_on:CODE" before the
-    # COMMIT of any batch holding an event for link CODE (a poison entry that kills workers);
-    # "archive_crash_after_put" makes the archiver SIGKILL itself after its first segment
-    # upload and before the XACK.
-    fault: str | None = None
-
     @field_validator("stream_prefix")
     @classmethod
     def _prefix_is_plain(cls, v: str) -> str:

@@ -17,6 +17,7 @@ from ingest.settings import Settings
 from refstream.embedded import free_port
 
 REFSTREAM = str(Path(sys.executable).parent / "refstream")
+_ROOT = Path(__file__).resolve().parent.parent  # where `python -m tests._failpoint` finds tests/
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
@@ -69,11 +70,18 @@ class Procs:
         self.running: list[subprocess.Popen[bytes]] = []
         self._n = 0
 
-    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, failpoint: str | None = None, **env: str) -> subprocess.Popen[bytes]:
+        """``refstream *args``; with a ``failpoint`` (tests/_failpoint.py), through the
+        wrapper that makes the process kill itself at that step."""
         self._n += 1
         log = open(self.logdir / f"{self._n:02d}-{args[0]}.log", "wb")
+        command = [REFSTREAM] if failpoint is None else [sys.executable, "-m", "tests._failpoint", failpoint]
         proc = subprocess.Popen(
-            [REFSTREAM, *args], env=env_for(self.settings, **env), stdout=log, stderr=subprocess.STDOUT
+            [*command, *args],
+            env=env_for(self.settings, **env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=None if failpoint is None else _ROOT,
         )
         log.close()
         self.running.append(proc)

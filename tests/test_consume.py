@@ -50,10 +50,10 @@ async def test_an_entry_that_kills_workers_is_dead_lettered_after_n_attempts(pro
     for codes in (["alice"] * 5, [poison], ["alice"] * 5):
         assert all(r == (200, TRACKED) for r in await fire(base, codes, concurrency=1))
 
-    env = {"REFSTREAM_FAULT": f"crash_on:{poison}", "REFSTREAM_CONSUMER_NAME": "w", "REFSTREAM_MAX_DELIVERIES": "2"}
+    env = {"REFSTREAM_CONSUMER_NAME": "w", "REFSTREAM_MAX_DELIVERIES": "2"}
     exits = []
     for _ in range(8):
-        worker = procs.start("work", "--drain", **env)
+        worker = procs.start("work", "--drain", failpoint=f"crash_on:{poison}", **env)
         exits.append(await asyncio.to_thread(worker.wait, 60))
         if exits[-1] == 0:
             break

@@ -37,7 +37,7 @@ async def test_worker_killed_after_commit_before_ack(procs: Procs, pg: asyncpg.P
     victim = procs.start(
         "work",
         "--drain",
-        REFSTREAM_FAULT="crash_after_commit",
+        failpoint="crash_after_commit",
         REFSTREAM_BATCH_SIZE=str(batch),
         REFSTREAM_CONSUMER_NAME="victim",
     )

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -227,8 +225,6 @@ class Archiver:
         if fresh:
             manifest, data = await asyncio.to_thread(seg.build, p, fresh)
             await self.store.put(seg.name(self.keys.prefix, p, manifest.first_id, manifest.last_id), data)
-            if self.settings.fault == "archive_crash_after_put":
-                os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint: uploaded, not acked
         for i in range(0, len(ids), 10_000):
             await self.redis.xack(stream, GROUP, *ids[i : i + 10_000])
         self.totals.segments += 1 if fresh else 0

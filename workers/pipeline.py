@@ -21,8 +21,6 @@ holding the entry. Past ``max_deliveries`` such attempts the entry is dead-lette
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -120,9 +118,6 @@ class Pipeline:
                     await self._postgres_answers()
                 # past the limit: dead-lettered below, never attempted again
                 batch.good = todo = await self._count_attempts(batch, todo, counted)
-            fault = self.settings.fault or ""
-            if fault.startswith("crash_on:") and any(e.payload.get("code") == fault[9:] for e in todo):
-                os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint: a poison entry that kills workers
             try:
                 result, failed = await self._store_chunked(todo, batch.failures)
                 if (
@@ -144,8 +139,6 @@ class Pipeline:
                 Dead(batch.stream_ids[e.event_id], e.encode(), f"store: {type(x).__name__}: {x}") for e, x in failed
             )
             batch.result = result
-            if self.settings.fault == "crash_after_commit":
-                os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint: committed, not acked
         if batch.dead and not batch.dead_lettered:
             await self._redis(self._dead_letter(batch.stream, batch.dead))
             batch.dead_lettered = True

@@ -90,7 +90,7 @@ async def test_an_archiver_sigkilled_mid_segment(stage: Stage, plan: Plan) -> No
     store = LocalStore(str(stage.tmp / "archive"))
     env = {"REFSTREAM_ARCHIVE_URL": f"file://{store.root}", **SEGMENTS}
     world = await stage.prepare(workers=2)
-    a1 = stage.procs.start("archive", REFSTREAM_CONSUMER_NAME="a1", REFSTREAM_FAULT="archive_crash_after_put", **env)
+    a1 = stage.procs.start("archive", REFSTREAM_CONSUMER_NAME="a1", failpoint="archive_crash_after_put", **env)
     a2 = stage.procs.start("archive", REFSTREAM_CONSUMER_NAME="a2", **env)
     stage.procs.start("archive", REFSTREAM_CONSUMER_NAME="a3", **env)
     problems: list[str] = []

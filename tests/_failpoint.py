@@ -1,0 +1,66 @@
+"""``refstream`` with a failpoint: a process that SIGKILLs itself at a chosen step, for the
+tests that prove what a crash there leaves behind. The product holds no test cases: this
+wrapper wraps the step's method, then runs the CLI as the ``refstream`` script does.
+
+    python -m tests._failpoint NAME refstream-args...
+
+- ``crash_after_commit``: a worker, once its batch is committed and before the XACK;
+- ``crash_on:CODE``: a worker, before the commit of a batch holding an event for link
+  CODE (a poison entry that kills every worker that reads it);
+- ``archive_crash_after_put``: an archiver, once a segment is uploaded and before the XACK.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from refstream.cli import main
+from workers.archive_store import LocalStore, ObjectStore
+from workers.pipeline import Pipeline
+
+
+def _die() -> NoReturn:
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")
+
+
+def _wrap(cls: type, name: str, *, before: Callable[..., bool] | None = None, after: bool = False) -> None:
+    original = getattr(cls, name)  # an AttributeError, not a silent no-op, when it is renamed
+
+    @functools.wraps(original)
+    async def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if before is not None and before(*args, **kwargs):
+            _die()
+        result = await original(self, *args, **kwargs)
+        if after:
+            _die()
+        return result
+
+    setattr(cls, name, step)
+
+
+def install(name: str) -> None:
+    if name == "crash_after_commit":
+        _wrap(Pipeline, "_store_chunked", after=True)
+    elif name.startswith("crash_on:"):
+        code = name.removeprefix("crash_on:")
+        _wrap(
+            Pipeline,
+            "_store_chunked",
+            before=lambda envelopes, *_: any(e.payload.get("code") == code for e in envelopes),
+        )
+    elif name == "archive_crash_after_put":
+        for store in (LocalStore, ObjectStore):
+            _wrap(store, "put", after=True)
+    else:
+        raise SystemExit(f"unknown failpoint {name!r}")
+
+
+if __name__ == "__main__":
+    install(sys.argv[1])
+    main(args=sys.argv[2:], prog_name="refstream")
