@@ -32,12 +32,12 @@ from ingest.settings import Settings
 from workers import partitions
 
 from . import __version__, services
-from .runner import _connections, _database, _print, _Refstream, _run, _settings, json_flag
+from .runner import RefstreamGroup, json_flag, load_settings, open_connections, open_database, print_data, run_command
 
 log = structlog.get_logger("refstream.cli")
 
 
-@click.group(cls=_Refstream)
+@click.group(cls=RefstreamGroup)
 @click.option(
     "--debug", is_flag=True, envvar="REFSTREAM_DEBUG", help="Show the traceback of an error. [env: REFSTREAM_DEBUG]"
 )
@@ -130,7 +130,7 @@ def serve(host: str, port: int, processes: int | None) -> None:
     is unreachable (/readyz answers 503 with the reason until it answers)."""
     from ingest import prefork, server
 
-    settings = _settings()
+    settings = load_settings()
     n = processes or prefork.cpu_count()
     _listen_check(host, port, "serve")
     # the supervisor logs a few lines: unbuffered (its children buffer their own)
@@ -172,9 +172,9 @@ def work(drain: bool) -> None:
             await services.wait_for_postgres(settings)
             return await drain_streams(settings)
 
-        _print(_run(checked_drain))
+        print_data(run_command(checked_drain))
         return
-    settings = _settings()
+    settings = load_settings()
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
     uvloop.run(_check_database(settings, wait=True))
     uvloop.run(_check_durability(settings))
@@ -203,7 +203,7 @@ def migrate() -> None:
             await conn.close()
         return {"migrated": True, "database_created": created}
 
-    _print(_run(go))
+    print_data(run_command(go))
 
 
 @main.group()
@@ -218,13 +218,13 @@ def workspace_create(name: str) -> None:
     """Create a workspace and its first API key (scope *); the key is shown once."""
 
     async def go(settings: Settings) -> dict[str, str]:
-        conn = await _database(settings)
+        conn = await open_database(settings)
         try:
             return await admin.create_workspace(conn, name)
         finally:
             await conn.close()
 
-    _print(_run(go))
+    print_data(run_command(go))
 
 
 @main.group()
@@ -245,7 +245,7 @@ def link_create(
     """Create a link (a default program and affiliate when none are given)."""
 
     async def go(settings: Settings) -> dict[str, Any]:
-        async with _connections(settings) as (conn, redis):
+        async with open_connections(settings) as (conn, redis):
             try:
                 return await admin.create_link(
                     conn,
@@ -262,7 +262,7 @@ def link_create(
             except asyncpg.DataError as exc:
                 raise click.ClickException(str(exc)) from None
 
-    _print(_run(go))
+    print_data(run_command(go))
 
 
 @link.command("show")
@@ -302,7 +302,7 @@ def keys_create(workspace_id: str, scopes: str | None, affiliate_id: str | None,
             raise click.ClickException(f"unknown scope {', '.join(map(repr, unknown))}; --scopes takes: {_SCOPES_HELP}")
 
     async def go(settings: Settings) -> dict[str, Any]:
-        async with _connections(settings) as (conn, redis):
+        async with open_connections(settings) as (conn, redis):
             return await admin.create_key(
                 conn,
                 redis,
@@ -314,7 +314,7 @@ def keys_create(workspace_id: str, scopes: str | None, affiliate_id: str | None,
             )
 
     try:
-        _print(_run(go))
+        print_data(run_command(go))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -326,10 +326,10 @@ def keys_revoke(prefix: str) -> None:
     """Revoke a key by its display prefix; every edge refuses it within seconds."""
 
     async def go(settings: Settings) -> dict[str, Any]:
-        async with _connections(settings) as (conn, redis):
+        async with open_connections(settings) as (conn, redis):
             return await admin.revoke_key(conn, redis, Keys(settings.stream_prefix, settings.partitions), prefix)
 
-    _print(_run(go))
+    print_data(run_command(go))
 
 
 @main.group()
@@ -347,7 +347,7 @@ def _feature(name: str, enabled: bool) -> None:
         return {"feature": name, "enabled": enabled}
 
     try:
-        _print(_run(go))
+        print_data(run_command(go))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -391,7 +391,7 @@ def dev(port: int, data_dir: str | None) -> None:
     refuse us), migrate, demo data, the edge and one worker."""
     from .dev import run_dev
 
-    _settings()  # a bad setting is named before anything starts
+    load_settings()  # a bad setting is named before anything starts
     _listen_check("127.0.0.1", port, "dev")
     run_dev(port, data_dir)
 

@@ -19,7 +19,7 @@ from ingest.logs import configure_logging
 from ingest.settings import Settings
 
 from . import services
-from .runner import _print, _run, _settings, json_flag
+from .runner import json_flag, load_settings, print_data, run_command
 
 
 async def run_archiver(settings: Settings, *, drain: bool) -> dict[str, Any]:
@@ -53,8 +53,8 @@ def archive(drain: bool) -> None:
     Several archivers may run side by side (they share the consumer group "archive");
     SIGTERM writes the segment in hand and acks it before the process exits."""
     if drain:
-        _print(_run(lambda settings: run_archiver(settings, drain=True)))
+        print_data(run_command(lambda settings: run_archiver(settings, drain=True)))
         return
-    settings = _settings()
+    settings = load_settings()
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
     uvloop.run(run_archiver(settings, drain=False))

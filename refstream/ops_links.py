@@ -12,7 +12,7 @@ from ingest import admin, stats
 from ingest.settings import Settings
 
 from . import ops_output as out
-from .runner import _JSON, _database, _print, _run
+from .runner import JSON_META, open_database, print_data, run_command
 
 
 def _reasons(counts: dict[str, int]) -> str:
@@ -21,7 +21,7 @@ def _reasons(counts: dict[str, int]) -> str:
 
 def show_link(code: str) -> None:
     async def go(settings: Settings) -> dict[str, Any]:
-        conn = await _database(settings)
+        conn = await open_database(settings)
         try:
             link = await admin.show_link(conn, code)
             start, to = stats.day_range(None, None)
@@ -30,13 +30,13 @@ def show_link(code: str) -> None:
         finally:
             await conn.close()
 
-    data = _run(go)
+    data = run_command(go)
     ctx = click.get_current_context(silent=True)
-    if ctx is not None and ctx.meta.get(_JSON):
-        _print(data)
+    if ctx is not None and ctx.meta.get(JSON_META):
+        print_data(data)
         return
     per_day = data.pop("stats")
-    _print(data)
+    print_data(data)
     t = out.table(f"{code}: {per_day['from']} to {per_day['to']} (UTC)", "day", "clicks", "leads", "conversions",
                   "dropped", "flagged", left=("day", "dropped", "flagged"))  # fmt: skip
     for d in [*per_day["daily"], {"day": "total", **per_day["totals"]}]:

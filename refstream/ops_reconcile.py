@@ -14,7 +14,7 @@ from rich.console import Console
 from ingest.connections import create_pg_pool
 
 from . import ops_output as out
-from .ops_replay import _run, _start
+from .runner import run_reading, settings_and_logging
 
 
 def _day(_ctx: click.Context, _param: click.Parameter, value: str | None) -> date | None:
@@ -46,7 +46,7 @@ def reconcile(fix: bool, since: date | None, until: date | None, chunk: int, as_
 
     if since is not None and until is not None and until <= since:
         raise click.BadParameter("--until must come after --since", param_hint="--until")
-    settings = _start()
+    settings = settings_and_logging()
 
     async def go() -> list[dict[str, Any]]:
         pool = await create_pg_pool(settings, min_size=1, max_size=1)
@@ -55,7 +55,7 @@ def reconcile(fix: bool, since: date | None, until: date | None, chunk: int, as_
         finally:
             await pool.close()
 
-    drift = _run(go())
+    drift = run_reading(go())
     if as_json:
         out.print_json({"drift": drift, "fixed": fix})
     else:

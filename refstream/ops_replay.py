@@ -8,22 +8,18 @@ the drift. Results go to stdout (a table, or JSON with ``--json``); progress to 
 from __future__ import annotations
 
 import re
-from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-import asyncpg
 import click
-import uvloop
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ingest.connections import connect_redis, create_pg_pool
 from ingest.keys import Keys
-from ingest.logs import configure_logging
-from ingest.settings import Settings
 
 from . import ops_output as out
+from .runner import run_reading, settings_and_logging
 
 T = TypeVar("T")
 _DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
@@ -45,26 +41,6 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     except ValueError:
         raise RangeUsageError(f"not a duration (2h, 30m, 7d) or an ISO datetime: {text!r}") from None
     return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-
-
-def _start() -> Settings:
-    from .runner import _settings
-
-    settings = _settings()
-    configure_logging(settings.log_level, json=settings.log_json)
-    return settings
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    from workers.archive_segment import SegmentError
-    from workers.archive_store import ArchiveUnavailable
-
-    try:
-        return uvloop.run(coro)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-    except (ArchiveUnavailable, SegmentError) as exc:
-        raise click.ClickException(f"the archive: {exc}") from None
 
 
 @click.command()
@@ -99,7 +75,7 @@ def replay(
     rng = rp.Range(
         from_id, to_id, parse_time(since) if since else None, parse_time(until) if until else None, partitions or None
     )
-    settings = _start()
+    settings = settings_and_logging()
     keys = Keys(settings.stream_prefix, settings.partitions)
     try:
         rng.bounds()
@@ -129,7 +105,7 @@ def replay(
             await pool.close()
             await redis.aclose()
 
-    result = _run(go())
+    result = run_reading(go())
     if result["totals"]["entries"] == 0:
         raise RangeUsageError(f"the range {result['range']['from']}..{result['range']['to']} holds no entries")
     result["dry_run"] = dry_run

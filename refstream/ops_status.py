@@ -25,6 +25,7 @@ from workers import dead as dead_mod
 from workers import status as status_mod
 
 from . import ops_output as out
+from .runner import run_command
 
 EXIT_UNHEALTHY = 3
 _LEFT = (
@@ -150,7 +151,6 @@ def status(as_json: bool, max_lag: int, max_pending_age: float, max_dead: int, s
          Redis past REFSTREAM_MEMORY_WARN_RATIO of its maxmemory
       1  Redis could not be read (without Postgres the snapshot says so and goes on)
     """
-    from .runner import _run
 
     async def go(settings: Settings) -> tuple[status_mod.Snapshot, Keys]:
         thresholds = status_mod.Thresholds(max_lag, max_pending_age, max_dead, settings.memory_warn_ratio)
@@ -176,7 +176,7 @@ def status(as_json: bool, max_lag: int, max_pending_age: float, max_dead: int, s
                 await asyncio.shield(conn.close())
             await redis.aclose()
 
-    snap, keys = _run(go)
+    snap, keys = run_command(go)
     if as_json:
         out.print_json(snap)
     else:
@@ -193,7 +193,6 @@ def dead() -> None:
 
 def _redis_call(fn: Any) -> tuple[Any, Keys]:
     """Run ``fn(redis, keys)`` with a Redis connection: (its JSON-ready result, the keys)."""
-    from .runner import _run
 
     async def go(settings: Settings) -> tuple[Any, Keys]:
         keys = Keys(settings.stream_prefix, settings.partitions)
@@ -204,7 +203,7 @@ def _redis_call(fn: Any) -> tuple[Any, Keys]:
             await redis.aclose()
 
     try:
-        result: tuple[Any, Keys] = _run(go)
+        result: tuple[Any, Keys] = run_command(go)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     return result

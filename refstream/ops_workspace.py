@@ -17,6 +17,7 @@ from ingest.drops import FRAUD_POLICIES, FRAUD_RULES
 from ingest.settings import Settings
 
 from . import ops_output as out
+from .runner import run_command
 
 
 @click.command("set-bot-policy")
@@ -34,7 +35,6 @@ def set_bot_policy(workspace_id: str, policy: str, as_json: bool) -> None:
     Either way the event is stored flagged is_bot and counted in bot_clicks. Applies to
     the clicks the workers store from now on; `refstream reconcile` keeps what was
     decided for each stored click."""
-    from .runner import _run
 
     async def go(settings: Settings) -> dict[str, Any]:
         conn = await asyncpg.connect(settings.database_url)
@@ -43,7 +43,7 @@ def set_bot_policy(workspace_id: str, policy: str, as_json: bool) -> None:
         finally:
             await conn.close()
 
-    ws = _run(go)
+    ws = run_command(go)
     if as_json:
         out.print_json(ws)
         return
@@ -67,7 +67,6 @@ def set_fraud_policy(workspace_id: str, rule: str, policy: str, as_json: bool) -
 
     Either way the flag is counted in the stats and sent as fraud.flagged. Applies to
     the events the workers store from now on."""
-    from .runner import _run
 
     async def go(settings: Settings) -> dict[str, Any]:
         conn = await asyncpg.connect(settings.database_url)
@@ -76,7 +75,7 @@ def set_fraud_policy(workspace_id: str, rule: str, policy: str, as_json: bool) -
         finally:
             await conn.close()
 
-    ws = _run(go)
+    ws = run_command(go)
     if as_json:
         out.print_json(ws)
         return

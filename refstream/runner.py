@@ -33,7 +33,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _SETTINGS = "refstream.settings"  # in click's ctx.meta: the settings the command runs with
 
 
-def _settings() -> Settings:
+def load_settings() -> Settings:
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -58,14 +58,14 @@ def _explain(exc: BaseException) -> str | None:
     return services.explain(exc, redis_url=settings.redis_url, database_url=settings.database_url)
 
 
-_JSON = "refstream.json"  # in click's ctx.meta: --json was given
+JSON_META = "refstream.json"  # in click's ctx.meta: --json was given
 
 
 def json_flag(fn: F) -> F:
     """``--json``: print the command's data as JSON (for scripts) instead of a table."""
 
     def remember(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
-        ctx.meta[_JSON] = value
+        ctx.meta[JSON_META] = value
         return value
 
     return click.option(
@@ -73,10 +73,10 @@ def json_flag(fn: F) -> F:
     )(fn)
 
 
-def _print(data: Any) -> None:
+def print_data(data: Any) -> None:
     """The command's data: a table for people, or JSON with ``--json``."""
     ctx = click.get_current_context(silent=True)
-    if ctx is not None and ctx.meta.get(_JSON):
+    if ctx is not None and ctx.meta.get(JSON_META):
         sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
         sys.stdout.flush()
         return
@@ -93,8 +93,8 @@ def _print(data: Any) -> None:
     console().print(t)
 
 
-def _run(fn: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
-    settings = _settings()
+def run_command(fn: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
+    settings = load_settings()
     configure_logging(settings.log_level, json=settings.log_json)
     try:
         return uvloop.run(fn(settings))
@@ -105,7 +105,29 @@ def _run(fn: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
         raise click.ClickException(line) from exc
 
 
-async def _database(settings: Settings) -> asyncpg.Connection:
+def settings_and_logging() -> Settings:
+    """The command's settings, with logging configured by them (``replay``, ``reconcile``:
+    commands that run their own coroutines, see ``run_reading``)."""
+    settings = load_settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    return settings
+
+
+def run_reading(coro: Coroutine[Any, Any, T]) -> T:
+    """``coro`` to its end, for a command that reads the archive and the database: what
+    they raise becomes one line."""
+    from workers.archive_segment import SegmentError
+    from workers.archive_store import ArchiveUnavailable
+
+    try:
+        return uvloop.run(coro)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    except (ArchiveUnavailable, SegmentError) as exc:
+        raise click.ClickException(f"the archive: {exc}") from None
+
+
+async def open_database(settings: Settings) -> asyncpg.Connection:
     """A connection to a database that is there and migrated; else one line saying what is
     wrong (unreachable, refused, missing, behind) and what to do."""
     url = settings.database_url
@@ -116,8 +138,8 @@ async def _database(settings: Settings) -> asyncpg.Connection:
 
 
 @asynccontextmanager
-async def _connections(settings: Settings) -> AsyncIterator[tuple[asyncpg.Connection, Redis]]:
-    conn = await _database(settings)
+async def open_connections(settings: Settings) -> AsyncIterator[tuple[asyncpg.Connection, Redis]]:
+    conn = await open_database(settings)
     redis = connect_redis(settings)
     try:
         yield conn, redis
@@ -126,7 +148,7 @@ async def _connections(settings: Settings) -> AsyncIterator[tuple[asyncpg.Connec
         await redis.aclose()
 
 
-class _Refstream(click.Group):
+class RefstreamGroup(click.Group):
     """Every failure in one line: what a command raises and did not word itself is worded
     here (or called a bug); the traceback only with ``--debug``."""
 
