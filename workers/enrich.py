@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import ipaddress
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -21,10 +20,8 @@ from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import maxminddb
-from ua_parser import Domain, load_lazy_builtins
-from ua_parser.regex import Resolver  # the Rust accelerator (ua-parser[regex]); ImportError without it
 
-from . import geo
+from . import device, geo
 
 # Well-known cloud/datacenter networks: AS number → organisation name(s) as spelled in the
 # bundled GeoLite2 data (checked against each provider's address ranges).
@@ -46,18 +43,6 @@ _DATACENTERS: dict[int, tuple[str, ...]] = {
 }
 _DATACENTER_NAMES = frozenset(name for names in _DATACENTERS.values() for name in names)
 
-# Clients that are automated but that the regexes do not all call "Spider": HTTP libraries,
-# headless browsers, audits and link-preview fetchers.
-_BOT_UA = re.compile(
-    r"curl/|wget/|python-requests|python-urllib|aiohttp/|httpx/|go-http-client|okhttp|java/|libwww-perl"
-    r"|headlesschrome|phantomjs|puppeteer|playwright|lighthouse|facebookexternalhit|facebookcatalog"
-    r"|slackbot|twitterbot|whatsapp|telegrambot|discordbot|linkedinbot|skypeuripreview|applebot"
-    r"|pinterestbot|redditbot|embedly|bitlybot",
-    re.IGNORECASE,
-)
-_DESKTOP_OS = frozenset(
-    {"Windows", "Mac OS X", "macOS", "Linux", "Ubuntu", "Debian", "Fedora", "Chrome OS", "FreeBSD", "OpenBSD"}
-)
 _IP_POLICIES = ("full", "truncated", "none")
 _T = TypeVar("_T")
 
@@ -107,33 +92,6 @@ class Enrichment:
 _ENRICHMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Enrichment))
 
 
-class _UA(NamedTuple):
-    browser: str | None
-    browser_version: str | None
-    os: str | None
-    os_version: str | None
-    device_type: str
-    device_brand: str | None
-    device_model: str | None
-    bot_reason: str | None
-    doc: dict[str, Any]  # the fields above but bot_reason, as Enrichment.to_json has them (never handed out)
-
-
-def _ua(
-    browser: str | None,
-    browser_version: str | None,
-    os: str | None,
-    os_version: str | None,
-    device_type: str,
-    device_brand: str | None,
-    device_model: str | None,
-    bot_reason: str | None,
-) -> _UA:
-    doc = {"browser": browser, "browser_version": browser_version, "os": os, "os_version": os_version,
-           "device_type": device_type, "device_brand": device_brand, "device_model": device_model}  # fmt: skip
-    return _UA(browser, browser_version, os, os_version, device_type, device_brand, device_model, bot_reason, doc)
-
-
 class Found(NamedTuple):
     """What the store writes of an enrichment (``Enricher.enrich_row``)."""
 
@@ -173,8 +131,7 @@ class Enricher:
             meta = self._city.metadata()
             versions["city_db"] = f"{meta.database_type}@{meta.build_epoch}"
         self.versions: Mapping[str, str] = MappingProxyType(versions)
-        resolver = Resolver(load_lazy_builtins())
-        self._ua = functools.lru_cache(maxsize=ua_cache_size)(functools.partial(_parse_ua, resolver))
+        self._ua = functools.lru_cache(maxsize=ua_cache_size)(functools.partial(device.parse, device.resolver()))
         self._where = functools.lru_cache(maxsize=ip_cache_size)(self._locate)
 
     def ua_cache_info(self) -> functools._CacheInfo:
@@ -237,11 +194,13 @@ class Enricher:
         }
         return Found(where.ip, where.country, where.place.asn, bot_reason, doc)
 
-    def _parts(self, ip: str | None, user_agent: str | None, ip_policy: str) -> tuple[_Where, _UA, str | None]:
+    def _parts(
+        self, ip: str | None, user_agent: str | None, ip_policy: str
+    ) -> tuple[_Where, device.Device, str | None]:
         if ip_policy not in _IP_POLICIES:
             raise ValueError(f"ip_policy must be one of {_IP_POLICIES}, got {ip_policy!r}")
         where = self._where(ip, ip_policy) if ip else _NOWHERE
-        ua = self._ua(user_agent.strip()) if user_agent and user_agent.strip() else _NO_UA
+        ua = self._ua(user_agent.strip()) if user_agent and user_agent.strip() else device.NO_UA
         bot_reason = ua.bot_reason
         if bot_reason is None and (where.place.asn in _DATACENTERS or where.as_name in _DATACENTER_NAMES):
             bot_reason = "datacenter_asn"
@@ -327,51 +286,6 @@ def _of(kind: type[_T], value: object) -> _T | None:
 def _load_geoip() -> geo.GeoTable:
     """One copy of the geo tables per process (~35 MB; geoip2fast's own lists took ~110)."""
     return geo.load()
-
-
-# An empty or missing User-Agent counts as a bot ("ua_missing"): every browser and in-app
-# webview sends one, so its absence means a script; over-flagging costs little (the event is
-# still stored, with is_bot set) while under-flagging lets scripted clicks into the counts.
-_NO_UA = _ua(None, None, None, None, "other", None, None, "ua_missing")
-
-
-def _parse_ua(resolver: Resolver, ua: str) -> _UA:
-    r = resolver(ua, Domain.ALL)
-    agent, os_, device = r.user_agent, r.os, r.device
-    if device is not None and device.family == "Spider":
-        bot_reason: str | None = "ua_spider"
-    elif _BOT_UA.search(ua):
-        bot_reason = "ua_list"
-    else:
-        bot_reason = None
-    os_family = os_.family if os_ else None
-    brand = device.brand if device else None
-    if bot_reason is not None:
-        device_type = "bot"
-    elif (device and device.family == "iPad") or "Tablet" in ua or (brand and "Tablet" in brand):
-        device_type = "tablet"
-    elif os_family == "Android" and "Mobile" not in ua:
-        device_type = "tablet"  # Android tablets' browsers omit the "Mobile" token; phones send it
-    elif (device and device.family in ("iPhone", "iPod")) or "Mobile" in ua or os_family in ("iOS", "Android"):
-        device_type = "mobile"
-    elif os_family in _DESKTOP_OS:
-        device_type = "desktop"
-    else:
-        device_type = "other"
-    return _ua(
-        agent.family if agent else None,  # browser
-        _dotted(agent.major, agent.minor, agent.patch) if agent else None,  # browser_version
-        os_family,
-        _dotted(os_.major, os_.minor, os_.patch) if os_ else None,  # os_version
-        device_type,
-        None if not brand or brand.startswith("Generic") or brand == "Spider" else brand,  # device_brand
-        device.model if device else None,  # device_model
-        bot_reason,
-    )
-
-
-def _dotted(*parts: str | None) -> str | None:
-    return ".".join(p for p in parts if p is not None) or None
 
 
 def _parse_ip(ip: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
