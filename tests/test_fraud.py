@@ -9,6 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import asyncpg
+from structlog.testing import capture_logs
 
 from ingest import admin
 from ingest.events import Dialect, Envelope, EventType
@@ -154,6 +155,34 @@ async def test_clicks_in_one_millisecond_count_each_other_once(pg: asyncpg.Pool,
     assert sorted(r["clicks"] for r in flagged) == [3, 4]
     # the two flagged are the two last in (time, event id) order
     assert {r["event_id"] for r in flagged} == {c.event_id for c in sorted(clicks, key=lambda c: c.event_id)[2:]}
+
+
+async def test_thresholds_written_by_hand_fall_back_to_the_defaults(pg: asyncpg.Pool, redis: Any, keys: Keys) -> None:
+    """The API refuses a bad threshold; one written into the table by hand must not fail
+    the program's batches: each unusable value counts as its default (20 clicks), and a
+    warning names it."""
+    async with pg.acquire() as conn:
+        ws = await admin.create_workspace(conn, "Hand")
+        await admin.create_link(conn, redis, keys, workspace_id=ws["workspace_id"], code="byhand")
+        await conn.execute(
+            """UPDATE programs SET fraud_thresholds = '{"burst_clicks": null, "burst_seconds": "soon"}'"""
+            " WHERE workspace_id = $1",
+            ws["workspace_id"],
+        )
+    clicks = [
+        Envelope(
+            EventType.CLICK, Dialect.BIORE, {"code": "byhand"}, workspace_id=ws["workspace_id"],
+            ip="198.51.100.8", user_agent=BROWSER,
+        )
+        for _ in range(21)
+    ]  # fmt: skip
+    with capture_logs() as logs:
+        await write_batch(pg, clicks)
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'byhand'") == 21
+    flagged = await pg.fetch("SELECT (evidence->>'clicks')::int AS n FROM event_flags WHERE rule = 'click_burst'")
+    assert [r["n"] for r in flagged] == [21]  # the default threshold of 20, crossed by the 21st
+    bad = {(e["threshold"], e["value"]) for e in logs if e["event"] == "fraud.bad_threshold"}
+    assert bad == {("burst_clicks", "None"), ("burst_seconds", "'soon'")}
 
 
 def test_disposable_domains_ship_with_the_package() -> None:

@@ -29,6 +29,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import structlog
 
 from ingest import clicks
 from ingest.drops import FRAUD_THRESHOLDS as DEFAULT_THRESHOLDS
@@ -37,6 +38,8 @@ from ingest.events import EventType
 from . import jsonrows
 from .stored import Stored
 from .webhooks import WebhookEvent
+
+log = structlog.get_logger("workers.fraud")
 
 PUBLIC_MAIL = frozenset(
     "gmail.com googlemail.com yahoo.com yahoo.co.uk ymail.com outlook.com hotmail.com hotmail.co.uk live.com msn.com"
@@ -109,9 +112,19 @@ def _click_ms(s: Stored) -> int | None:
     return None
 
 
-def _thresholds(raw: object) -> dict[str, int]:
+def _thresholds(program: str, raw: object) -> dict[str, int]:
+    """A program's thresholds, the default for each one missing or unusable: the API
+    refuses a bad value, but one written by hand must not fail every batch of the program."""
     given = raw if isinstance(raw, dict) else {}
-    return {k: int(given.get(k, v)) for k, v in DEFAULT_THRESHOLDS.items()}
+    out = {}
+    for name, default in DEFAULT_THRESHOLDS.items():
+        value = given.get(name, default)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out[name] = value
+        else:
+            out[name] = default
+            log.warning("fraud.bad_threshold", program_id=program, threshold=name, value=repr(value)[:100])
+    return out
 
 
 async def detect(
@@ -132,7 +145,7 @@ async def detect(
     burst_candidates = [s for s in events if s.type is EventType.CLICK and s.ip and not s.is_bot]
     fast = [(s, ms) for s in events if s.type is EventType.CONVERSION and (ms := _click_ms(s)) is not None]
 
-    thresholds = {program: _thresholds(raw) for program, raw in program_thresholds.items()}
+    thresholds = {program: _thresholds(program, raw) for program, raw in program_thresholds.items()}
     defaults = dict(DEFAULT_THRESHOLDS)
 
     def limits(s: Stored) -> dict[str, int]:
