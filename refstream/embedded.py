@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -121,25 +122,44 @@ def die_with_parent(sig: int) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, sig)
 
 
+def _wait_ready(
+    proc: subprocess.Popen[bytes], stop: int, what: str, not_ready: str, probe: Callable[[], str | None]
+) -> None:
+    """Until ``probe()`` says the server is ready (None; else what the server answered). A
+    server that exits, or is not ready within ``START_TIMEOUT_S``, is stopped (signal
+    ``stop``) and an ``EmbeddedError`` says what it last answered. Both servers listen
+    before they are ready, so an open port is not enough."""
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        said = "no answer"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise EmbeddedError(f"{what} exited with {proc.returncode}")
+            answer = probe()
+            if answer is None:
+                return
+            said = answer
+            time.sleep(0.05)
+        raise EmbeddedError(f"{not_ready} within {START_TIMEOUT_S}s ({said})")
+    except BaseException:
+        _stop(proc, stop)
+        raise
+
+
 def _wait_redis(port: int, proc: subprocess.Popen[bytes]) -> None:
-    """Until redis-server answers PING. It listens before it does: while it loads its data
-    (a kept directory's append-only file) it answers every command with -LOADING."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    said = "no answer"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise EmbeddedError(f"redis-server exited with {proc.returncode}")
+    """Until redis-server answers PING: while it loads its data (a kept directory's
+    append-only file) it answers every command with -LOADING."""
+
+    def ping() -> str | None:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
                 conn.sendall(b"PING\r\n")
                 reply = conn.makefile("rb").readline().strip()
-            if reply == b"+PONG":
-                return
-            said = reply.decode(errors="replace")
         except OSError as exc:
-            said = str(exc)
-        time.sleep(0.05)
-    raise EmbeddedError(f"redis-server did not answer PING on {port} within {START_TIMEOUT_S}s ({said})")
+            return str(exc)
+        return None if reply == b"+PONG" else reply.decode(errors="replace")
+
+    _wait_ready(proc, signal.SIGTERM, "redis-server", f"redis-server did not answer PING on {port}", ping)
 
 
 def _start_redis(base: Path, keep: bool = False) -> tuple[subprocess.Popen[bytes], str]:
@@ -168,11 +188,7 @@ def _start_redis(base: Path, keep: bool = False) -> tuple[subprocess.Popen[bytes
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
     )
-    try:
-        _wait_redis(port, proc)
-    except BaseException:
-        _stop(proc, signal.SIGTERM)
-        raise
+    _wait_redis(port, proc)
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
@@ -286,33 +302,24 @@ def _start_postgres(base: Path, keep: bool = False) -> tuple[subprocess.Popen[by
             user=uid,
             group=gid,
         )
-    try:
-        _wait_accepting(install, port, proc)
-    except BaseException:
-        _stop(proc, signal.SIGQUIT)
-        raise
+    _wait_accepting(install, port, proc)
     return proc, f"postgresql://postgres@127.0.0.1:{port}/postgres"
 
 
 def _wait_accepting(install: Path, port: int, proc: subprocess.Popen[bytes]) -> None:
-    """Until Postgres accepts connections. It listens before it does: while it starts (or
-    recovers from a crash) it answers "the database system is starting up", so an open
-    port is not enough. pg_isready tells them apart: 0 accepting, 1 rejecting, 2 no answer."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    said = ""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise EmbeddedError(f"postgres exited with {proc.returncode}")
+    """Until Postgres accepts connections: while it starts (or recovers from a crash) it
+    answers "the database system is starting up". pg_isready tells them apart: 0
+    accepting, 1 rejecting, 2 no answer."""
+
+    def accepting() -> str | None:
         probe = subprocess.run(
             [str(install / "bin" / "pg_isready"), "-h", "127.0.0.1", "-p", str(port),
              "-U", "postgres", "-d", "postgres", "-t", "2"],
             capture_output=True,
         )  # fmt: skip
-        if probe.returncode == 0:
-            return
-        said = probe.stdout.decode(errors="replace").strip()
-        time.sleep(0.05)
-    raise EmbeddedError(f"postgres did not accept connections on {port} within {START_TIMEOUT_S}s ({said})")
+        return None if probe.returncode == 0 else probe.stdout.decode(errors="replace").strip()
+
+    _wait_ready(proc, signal.SIGQUIT, "postgres", f"postgres did not accept connections on {port}", accepting)
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:

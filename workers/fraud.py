@@ -146,10 +146,9 @@ async def detect(
     fast = [(s, ms) for s in events if s.type is EventType.CONVERSION and (ms := _click_ms(s)) is not None]
 
     thresholds = {program: _thresholds(program, raw) for program, raw in program_thresholds.items()}
-    defaults = dict(DEFAULT_THRESHOLDS)
 
     def limits(s: Stored) -> dict[str, int]:
-        return thresholds.get(s.link.program_id or "") or defaults
+        return thresholds.get(s.link.program_id or "", DEFAULT_THRESHOLDS)
 
     for s, ms in fast:
         seconds = (s.envelope.received_at_ms - ms) / 1000
