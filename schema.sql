@@ -411,3 +411,69 @@ CREATE TABLE IF NOT EXISTS affiliate_ips (
 ALTER TABLE workspaces ADD COLUMN IF NOT EXISTS fraud_policy jsonb NOT NULL DEFAULT '{}';
 -- per program: burst_clicks, burst_seconds, fast_conversion_seconds; absent ones take the defaults
 ALTER TABLE programs ADD COLUMN IF NOT EXISTS fraud_thresholds jsonb NOT NULL DEFAULT '{}';
+
+-- ---------------------------------------------------------------------------------------
+-- Schema version 6: one clock, and a bound on every table.
+--
+-- The link cache's version (ingest/links.py) is a sequence, never a clock: the cache keeps
+-- an entry only for a version at least as new, and now() can step back. Each row the cached
+-- link is made of carries the sequence's value of its last change that the cache shows; a
+-- link's version is the greatest of its link's, workspace's, program's and affiliate's. The
+-- sequence starts above every version the cache held before (microseconds of updated_at),
+-- so an entry cached by an older build never outranks a change made after the upgrade.
+DO $cache_version$
+BEGIN
+    IF to_regclass('public.link_cache_version') IS NULL THEN
+        CREATE SEQUENCE link_cache_version;
+        PERFORM setval('link_cache_version', greatest(
+            (extract(epoch FROM now()) * 1000000)::bigint,
+            (SELECT coalesce(max((extract(epoch FROM updated_at) * 1000000)::bigint), 0) FROM links)) + 1);
+    END IF;
+END
+$cache_version$;
+ALTER TABLE links ADD COLUMN IF NOT EXISTS cache_version bigint NOT NULL DEFAULT nextval('link_cache_version');
+ALTER TABLE workspaces ADD COLUMN IF NOT EXISTS cache_version bigint NOT NULL DEFAULT nextval('link_cache_version');
+ALTER TABLE programs ADD COLUMN IF NOT EXISTS cache_version bigint NOT NULL DEFAULT nextval('link_cache_version');
+ALTER TABLE affiliates ADD COLUMN IF NOT EXISTS cache_version bigint NOT NULL DEFAULT nextval('link_cache_version');
+CREATE OR REPLACE FUNCTION link_cache_bump() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.cache_version := nextval('link_cache_version');
+    RETURN NEW;
+END
+$$;
+-- only a change the cached link shows: the counters' updates (every batch) bump nothing
+CREATE OR REPLACE TRIGGER links_cache_version BEFORE UPDATE ON links FOR EACH ROW
+    WHEN ((OLD.workspace_id, OLD.program_id, OLD.affiliate_id, OLD.code, OLD.url, OLD.domain, OLD.status)
+          IS DISTINCT FROM (NEW.workspace_id, NEW.program_id, NEW.affiliate_id, NEW.code, NEW.url, NEW.domain, NEW.status))
+    EXECUTE FUNCTION link_cache_bump();
+CREATE OR REPLACE TRIGGER workspaces_cache_version BEFORE UPDATE ON workspaces FOR EACH ROW
+    WHEN (OLD.allowed_origins IS DISTINCT FROM NEW.allowed_origins)
+    EXECUTE FUNCTION link_cache_bump();
+CREATE OR REPLACE TRIGGER programs_cache_version BEFORE UPDATE ON programs FOR EACH ROW
+    WHEN ((OLD.cookie_window_days, OLD.attribution) IS DISTINCT FROM (NEW.cookie_window_days, NEW.attribution))
+    EXECUTE FUNCTION link_cache_bump();
+CREATE OR REPLACE TRIGGER affiliates_cache_version BEFORE UPDATE ON affiliates FOR EACH ROW
+    WHEN (OLD.external_id IS DISTINCT FROM NEW.external_id)
+    EXECUTE FUNCTION link_cache_bump();
+
+-- Every table's bound. Retention runs in the workers' partition maintenance
+-- (workers/partitions.py, workers/retention.py), on Postgres's day, under its advisory lock:
+--   events, link_visitor_days   daily partitions, dropped after REFSTREAM_EVENT_RETENTION days
+--   event_dedupe                 purged after REFSTREAM_DEDUPE_RETENTION days (received_at)
+--   event_flags, event_drops     purged with the events: every row below the horizon (event id)
+--   webhook_deliveries           delivered or failed ones purged REFSTREAM_WEBHOOK_RETENTION days
+--                                after they were made; pending ones are kept until delivered
+--   webhook_attempts             at most the job's tries per delivery, deleted with it (cascade)
+--   affiliate_ips                an address not seen for REFSTREAM_EVENT_RETENTION days is purged
+--   drop_folds                   purged after 7 days (workers/drops.py)
+--   event_retention, refstream_schema   one row each
+--   daily_stats, drop_stats      the durable history: at most one row per link and UTC day with
+--                                activity (drop_stats: per reason and source); daily_stats
+--                                deleted with its link
+--   customers                    one row per (workspace, visitor): the product's data, deleted
+--                                with its workspace or by an erasure
+--   workspaces, programs, affiliates, api_keys, links, webhooks, milestones,
+--   affiliate_milestones         configuration: what operators create (affiliate_milestones at
+--                                most affiliates x milestones), deleted with their owner
+CREATE INDEX IF NOT EXISTS webhook_deliveries_created ON webhook_deliveries (created_at) WHERE status <> 'pending';
+CREATE INDEX IF NOT EXISTS affiliate_ips_last_seen ON affiliate_ips (last_seen);

@@ -143,7 +143,7 @@ async def create_link(
     # after the commit: a cached "unknown code" from before must not outlive the link
     cached = await links.fetch(conn, code)
     if cached is not None:
-        await links.put(redis, keys, cached)
+        await links.put_committed(redis, keys, cached)
     return _row_json(row)
 
 
@@ -237,7 +237,7 @@ async def referral_code(
     if created:
         link = await links.fetch(conn, created)
         if link:
-            await links.put(redis, keys, link)
+            await links.put_committed(redis, keys, link)
     return {
         "code": row["code"],
         "referral_url": with_ref(program["url"] or "https://example.com/", row["code"]),

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import cors, links, lookup, openapi
+from . import clock, cors, links, lookup, openapi
 from .auth import Authenticator
 from .batcher import RedisBatcher
 from .body import CLOSE
@@ -119,6 +119,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         metrics.redis_batch.observe(commands)
         metrics.redis_seconds.observe(seconds)
 
+    # the event ids minted here, and so their days, follow Redis's clock when ours is off
+    following = await clock.start_following(redis, settings.clock_skew_max_s)
     durability = Durability.of(settings)
     batcher = RedisBatcher(
         redis, max_commands=settings.pipeline_max_commands, deadline_s=settings.redis_deadline_ms / 1000,
@@ -151,6 +153,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        following.cancel()
         await drops.close()
         await spool.close()
         await batcher.close()

@@ -17,8 +17,30 @@ spool, keyed routes answer 503).
 
 Durability (``ingest.durability``): a round trip holding a request that wrote an event
 (``durable=True``) ends with WAIT / WAITAOF; when that is not confirmed those requests get
-``NotDurable``, and, as for a Redis that is down, durable requests then fail at once but
-one per probe interval until a confirmation comes back.
+``Unconfirmed`` holding their own replies (the primary ran them), and, as for a Redis that
+is down, durable requests then fail at once (``NotDurable``, nothing sent) but one per
+probe interval until a confirmation comes back.
+
+Scripts the server forgot (NOSCRIPT: a restart, SCRIPT FLUSH): a NOSCRIPT reply means the
+script did not run, so the batcher loads its scripts and sends exactly those commands again,
+in a round trip of their own that ends with its own WAIT / WAITAOF when any of them belongs
+to a durable request: an event a rerun appends is confirmed as any other, and a rerun short
+of the level fails the batch's durable requests with ``Unconfirmed``.
+
+What a failed ``execute`` tells its caller (a route decides from it what to answer):
+
+- nothing was sent to Redis: ``NotSent`` and its kinds ``RedisDown`` (the breaker is open)
+  and ``Backpressure`` (the queue cap), and ``NotDurable`` itself (not ``Unconfirmed``: the
+  durability breaker refused before sending). The request's commands never ran.
+- sent, outcome unknown: anything else, notably ``RedisTimeoutError`` (the deadline, or the
+  link's socket timeout: the commands may still run when a stalled Redis resumes, even on a
+  connection the edge closed), ``RedisConnectionError`` (lost after the write, or a connect
+  that failed), ``ImpossibleReply`` (a reply of the wrong shape: see ``execute``'s
+  ``check``) and ``Unconfirmed`` (ran on the primary, short of the durability level).
+
+Every reply handed to a request is its own (docs/guarantees.md): the link never reuses a
+connection whose round trip ended early (``ingest.redislink``), a reply list of the wrong
+length fails the whole batch, and each request's slice is cut at its own commands.
 """
 
 from __future__ import annotations
@@ -36,8 +58,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connections import Redis
-from .durability import Durability, NotDurable
-from .redislink import Link, link_for
+from .durability import Durability, NotDurable, Unconfirmed
+from .redislink import ImpossibleReply, Link, link_for
 
 log = structlog.get_logger("ingest.batcher")
 Command = tuple[Any, ...]
@@ -45,12 +67,19 @@ PROBE_FIRST_S = 0.05
 PROBE_CAP_S = 1.0
 
 
-class Backpressure(RedisConnectionError):
+class NotSent(RedisConnectionError):
+    """Refused before anything of the request was sent to Redis: its commands never ran."""
+
+
+class Backpressure(NotSent):
     """More commands wait for Redis than ``REFSTREAM_REDIS_MAX_QUEUED``: refused at once."""
 
 
-class RedisDown(RedisConnectionError):
+class RedisDown(NotSent):
     """The last round trip failed and no probe has succeeded since: refused at once."""
+
+
+Check = Callable[[list[Any]], bool]
 
 
 class Breaker:
@@ -95,13 +124,17 @@ class Breaker:
 
 
 class _Item:
-    __slots__ = ("commands", "due", "durable", "fut")
+    __slots__ = ("check", "commands", "due", "durable", "fut")
 
-    def __init__(self, commands: tuple[Command, ...], durable: bool, fut: asyncio.Future[list[Any]], due: float):
+    def __init__(
+        self, commands: tuple[Command, ...], durable: bool, fut: asyncio.Future[list[Any]], due: float,
+        check: Check | None,
+    ) -> None:  # fmt: skip
         self.commands = commands
         self.durable = durable
         self.fut = fut
         self.due = due  # loop time past which its caller stops waiting
+        self.check = check
 
 
 # what makes a round trip fail as a whole: the connection, not a command's reply
@@ -144,11 +177,15 @@ class RedisBatcher:
         self._scripts[sha] = source
         return sha
 
-    async def execute(self, *commands: Command, durable: bool = False) -> list[Any]:
+    async def execute(self, *commands: Command, durable: bool = False, check: Check | None = None) -> list[Any]:
         """Run ``commands`` in the next round trip; a failed command's slot holds its error.
 
         ``durable``: the commands write an event, acknowledged at the configured durability
-        level or not at all (``NotDurable``). Within the deadline or ``RedisTimeoutError``."""
+        level or not at all (``NotDurable``). Within the deadline or ``RedisTimeoutError``.
+        ``check``: False for replies (this request's, in order) that cannot answer its
+        commands; then the connection is taken for out of step: dropped, and every request
+        of the round trip fails with ``ImpossibleReply`` (outcome unknown), never handed
+        replies that may be another's. The module doc lists what each error means."""
         if not self.down.allow():
             raise RedisDown(f"Redis is unavailable ({self.down.cause}); probing")
         if durable and self._durability.waits and not self.undurable.allow():
@@ -158,7 +195,7 @@ class RedisBatcher:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="redis-batcher")
         loop = asyncio.get_running_loop()
-        item = _Item(commands, durable, loop.create_future(), loop.time() + self._deadline)
+        item = _Item(commands, durable, loop.create_future(), loop.time() + self._deadline, check)
         self._queue.append(item)
         self._queued += len(commands)
         self._waiting.append(item)
@@ -192,7 +229,7 @@ class RedisBatcher:
                 pass
             self._task = None
         await self._link.close()
-        self._fail_queued(RedisConnectionError("edge shutting down"))
+        self._fail_queued(NotSent("edge shutting down"))
 
     def _fail_queued(self, exc: Exception) -> None:
         for item in self._queue:
@@ -246,35 +283,45 @@ class RedisBatcher:
         i = 0
         for item in batch:
             if not item.fut.done():
-                if item.durable and unconfirmed is not None:
-                    item.fut.set_exception(unconfirmed)
+                if item.durable and unconfirmed is not None:  # with what the primary did of it
+                    item.fut.set_exception(unconfirmed.for_request(results[i : i + len(item.commands)]))
                 else:
                     item.fut.set_result(results[i : i + len(item.commands)])
             i += len(item.commands)
             item.commands = ()  # it waits in _waiting until the timer passes: not its payload
 
-    async def _send(self, batch: list[_Item]) -> tuple[list[Any], NotDurable | None]:
+    async def _send(self, batch: list[_Item]) -> tuple[list[Any], Unconfirmed | None]:
         flat = [cmd for item in batch for cmd in item.commands]
-        wait = self._durability.waits and any(item.durable for item in batch)
-        if wait:
-            flat.append(self._durability.command())  # after the writes, on the same connection
-        results = list(await self._link.send(flat))
-        unconfirmed = self._durability.failure(results.pop()) if wait else None
-        if wait:
-            flat.pop()
-        if any(_is_noscript(r) for r in results):
-            results = await self._retry_noscript(flat, results)
+        waits = self._durability.waits
+        results, unconfirmed = await self._round_trip(flat, waits and any(item.durable for item in batch))
+        retry = [i for i, r in enumerate(results) if _is_noscript(r)]
+        if retry:
+            # Redis restarted or flushed its script cache; NOSCRIPT: the script did not run
+            await self._link.load_scripts(list(self._scripts.values()))
+            durable = [item.durable for item in batch for _ in item.commands]
+            again, short = await self._round_trip([flat[i] for i in retry], waits and any(durable[i] for i in retry))
+            for i, r in zip(retry, again, strict=True):
+                results[i] = r
+            unconfirmed = unconfirmed or short
+        i = 0
+        for item in batch:
+            n = len(item.commands)
+            if item.check is not None and not item.check(results[i : i + n]):
+                await self._link.close()  # out of step, or worse: nothing more on that connection
+                name = item.commands[0][0] if item.commands else "?"
+                raise ImpossibleReply(f"a reply of the wrong shape to {name}: connection dropped")
+            i += n
         return results, unconfirmed
 
-    async def _retry_noscript(self, flat: list[Command], results: list[Any]) -> list[Any]:
-        # Redis restarted or flushed its script cache: load once, re-run what failed.
-        # (Scripts write caches and rate limits, never events: no durability wait here.)
-        await self._link.load_scripts(list(self._scripts.values()))
-        retry = [i for i, r in enumerate(results) if _is_noscript(r)]
-        again = await self._link.send([flat[i] for i in retry])
-        for i, r in zip(retry, again, strict=True):
-            results[i] = r
-        return results
+    async def _round_trip(self, commands: list[Command], wait: bool) -> tuple[list[Any], Unconfirmed | None]:
+        """One round trip; with ``wait``, ended by the durability command (after the writes,
+        on the same connection), whose failure is returned beside the replies."""
+        sent = [*commands, self._durability.command()] if wait else commands
+        results = list(await self._link.send(sent))
+        if len(results) != len(sent):
+            await self._link.close()
+            raise ImpossibleReply(f"{len(results)} replies to {len(sent)} commands: connection dropped")
+        return results, (self._durability.failure(results.pop()) if wait else None)
 
 
 def _is_noscript(r: object) -> bool:

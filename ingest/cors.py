@@ -17,6 +17,8 @@ HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": "Content-Type",
     "Access-Control-Max-Age": "86400",
+    # what a script may read of an answer: a 503 whose event may be stored says so
+    "Access-Control-Expose-Headers": "Retry-After, Refstream-Outcome, Refstream-Event-Id, Idempotent-Replayed",
 }
 
 

@@ -26,7 +26,9 @@ import asyncpg
 # 4: events and link_visitor_days partitioned by day (a plain table becomes the legacy
 #    partition), event_dedupe, event_retention, the management API's indexes
 # 5: drop_stats, event_drops, drop_folds, event_flags, affiliate_ips, fraud policy and thresholds
-SCHEMA_VERSION = 5
+# 6: the link cache's version from a sequence (link_cache_version, cache_version columns and
+#    their triggers); the retention's indexes on webhook_deliveries and affiliate_ips
+SCHEMA_VERSION = 6
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from datetime import UTC, datetime
 from typing import Final
 
 import structlog
 
+from . import clock
 from .batcher import RedisBatcher
 from .connections import REDIS_ERRORS
 
@@ -87,7 +87,7 @@ class DropTally:
             raise ValueError(f"unknown drop reason {reason!r}")
         if len(self._counts) >= MAX_FIELDS:
             return
-        day = datetime.now(UTC).date().isoformat()
+        day = clock.utcnow().date().isoformat()
         self._counts[field(day, workspace_id, link_id, reason, detail)] += 1
 
     def start(self) -> None:

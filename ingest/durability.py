@@ -12,11 +12,23 @@
 - ``fsync``: ``WAITAOF 1 0 timeout`` (Redis >= 7.2 with ``appendonly yes``): the primary has
   fsynced its AOF up to the batch. Survives a power loss of the primary.
 
-A batch whose acknowledgement did not come in time is not accepted: ``NotDurable`` (a
-``RedisError``, so every route handles it as Redis being unavailable) goes to each request
-of the batch that wrote an event; public routes spool the event, keyed routes answer 503.
-The XADD itself may have reached the primary, so a spooled event can be in the stream
-twice under one ``event_id``: the workers store by ``event_id`` (exactly once in effect).
+Short of the level there are two cases, and they differ in what Redis holds:
+
+- ``NotDurable`` itself: refused before anything was sent (the batcher's breaker is open
+  after an unconfirmed round trip; one probe per interval goes through). Nothing of the
+  request is in Redis: a refusal.
+- ``Unconfirmed`` (a ``NotDurable``): the round trip ran on the primary, the confirmation
+  did not come in time. Its ``replies`` are what the primary answered to the request's own
+  commands, so the caller knows what the primary holds (an event appended, a record found).
+  The event is in the primary and may or may not survive it: the edge spools it under the
+  same ``event_id`` (``ingest.enqueue``), and the workers store it once whichever copy
+  arrives first. Never answered as a refusal while it may be counted (docs/guarantees.md, what an answer means).
+
+The spool is an fsynced SQLite file on the edge's own disk, so an event accepted through it
+at ``replicas:N`` survives what that file survives: the edge crashing or losing power, and
+any loss of Redis servers (the primary and every replica); not the loss of the edge's disk
+before it is drained. The drain deletes a row only once N replicas acknowledged it, so from
+then on the event has the level's own guarantee.
 
 The workers' own writes wait for nothing: the replication stream and the AOF are both a
 prefix of the primary's history, so a dead-letter XADD that precedes the XACK of its entry
@@ -27,6 +39,7 @@ client.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +51,21 @@ WAITAOF_SINCE = (7, 2, 0)
 
 
 class NotDurable(RedisError):
-    """Redis executed the batch but did not confirm it at the configured level in time."""
+    """Not confirmed at the configured level. Raised as itself before anything was sent
+    (the batcher's breaker); as ``Unconfirmed`` after the primary ran the commands."""
+
+
+class Unconfirmed(NotDurable):
+    """The primary executed the round trip; the level's confirmation did not come in time.
+    ``replies``: the primary's replies to the failed request's own commands (empty until
+    the batcher hands the error to one request, ``for_request``)."""
+
+    def __init__(self, message: str, replies: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.replies = list(replies)
+
+    def for_request(self, replies: Sequence[Any]) -> Unconfirmed:
+        return Unconfirmed(str(self), replies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,18 +88,18 @@ class Durability:
             return ("WAITAOF", 1, 0, self.wait_ms)
         return ("WAIT", self.replicas, self.wait_ms)
 
-    def failure(self, reply: object) -> NotDurable | None:
+    def failure(self, reply: object) -> Unconfirmed | None:
         """None when ``reply`` (to ``command()``) confirms the round trip's writes."""
         if isinstance(reply, Exception):
-            return NotDurable(f"{self.command()[0]} failed: {reply}")
+            return Unconfirmed(f"{self.command()[0]} failed: {reply}")
         if self.fsync:
             local = reply[0] if isinstance(reply, list) and reply else 0
             if isinstance(local, int) and local >= 1:
                 return None
-            return NotDurable(f"the primary did not fsync its AOF within {self.wait_ms} ms")
+            return Unconfirmed(f"the primary did not fsync its AOF within {self.wait_ms} ms")
         if isinstance(reply, int) and reply >= self.replicas:
             return None
-        return NotDurable(f"{reply} of {self.replicas} replicas acknowledged within {self.wait_ms} ms")
+        return Unconfirmed(f"{reply} of {self.replicas} replicas acknowledged within {self.wait_ms} ms")
 
 
 def version(info: dict[str, Any]) -> tuple[int, ...]:
@@ -86,7 +113,7 @@ async def startup_problem(redis: Any, settings: Settings) -> str | None:
 
     ``fsync`` needs WAITAOF (Redis >= 7.2) and the AOF on; waiting would never fix either.
     ``replicas:N`` is not checked here: replicas come and go, and while fewer than N answer
-    the edge spools or answers 503, which is that level's promise."""
+    the edge spools what the primary holds and refuses what it never sent (503)."""
     if not settings.ack_fsync:
         return None
     info = await redis.info("server")

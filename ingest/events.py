@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +45,8 @@ from enum import IntEnum
 from typing import Any
 
 import orjson
+
+from . import clock
 
 WIRE_VERSION = 2  # the stream entry's layout: fixed fields (the module doc)
 BLOB_VERSION = 1  # the one-field JSON form, still read everywhere
@@ -106,7 +107,7 @@ random_bytes = _entropy.take
 def uuid7(ms: int | None = None) -> uuid.UUID:
     """A UUIDv7 (RFC 9562): 48-bit Unix ms timestamp, then 74 random bits."""
     if ms is None:
-        ms = time.time_ns() // 1_000_000
+        ms = clock.now_ms()
     rand = int.from_bytes(random_bytes(10), "big")
     value = (ms & 0xFFFF_FFFF_FFFF) << 80
     value |= 0x7 << 76  # version
@@ -130,7 +131,7 @@ class Envelope:
     ip: str | None = None
     user_agent: str | None = None
     event_id: uuid.UUID = field(default_factory=uuid7)
-    received_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    received_at_ms: int = field(default_factory=clock.now_ms)
 
     def encode(self) -> bytes:
         """The version-1 blob (the spool's form; ``entry`` is what goes on a stream)."""

@@ -1,4 +1,4 @@
-"""Idempotency keys: a retried request counts once (DESIGN invariant 8).
+"""Idempotency keys: a retried request counts once (docs/guarantees.md).
 
 A client names a request with a key (``Idempotency-Key`` header, a batch item's
 ``idempotency_key``, tracker.js's ``dedupe``); a repeat of the key within the window gets
@@ -7,6 +7,11 @@ the first answer, byte for byte, and appends nothing.
 Event routes: the answer is known before the event is appended (ids are minted at the
 edge), so one script, in the same round trip as the XADD would have been, either finds the
 key's record and returns it, or appends the event and stores the answer under the key.
+An event that goes to the spool instead (Redis unreachable on a public route, or an append
+whose outcome is unknown on any route: ``ingest.enqueue``) keeps that check, and the drain
+runs the same script. Every copy also carries the key's dedupe value (``dedupe``): the
+digest and the window the copy was received in, so the workers store one event per key
+whichever copies reach them, and a key used again a window later is a new event.
 The record carries its stream partition's hash tag (the routing key picks the partition,
 and a retry has the routing key of its first), so the script is legal on a Redis Cluster;
 and being one script it is atomic: of two copies in flight at once, one appends, the other
@@ -28,7 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -38,9 +43,7 @@ from .batcher import Command, RedisBatcher
 from .connections import REDIS_ERRORS
 from .events import Envelope, unique_token
 from .keys import Keys
-
-if TYPE_CHECKING:
-    from .state import Edge
+from .spool_store import Once
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"  # set on an answer that is a repeat's
@@ -171,44 +174,30 @@ class Idempotency:
 
     # -- event routes: one script instead of the XADD ---------------------------------
 
+    def dedupe(self, claim: Claim, envelope: Envelope) -> str:
+        """The key's dedupe value for ``envelope``: its digest and the window it came in.
+        Copies a window apart never share it (the key is new again); two copies in one
+        window share it unless they straddle a window's edge, where the key's record (the
+        script, the drain's check) still keeps one while it lives."""
+        return f"idem:{claim.digest}:{envelope.received_at_ms // self.window_ms}"
+
     def append_command(self, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer) -> Command:
+        """The script that appends ``envelope`` unless the key has a record. Marks the
+        envelope with the key's dedupe value first (a conversion keeps its own)."""
+        envelope.payload.setdefault("dedupe", self.dedupe(claim, envelope))
         partition = self.keys.partition_for(routing_key)
         record = self.keys.idempotent(claim.digest, partition)
         return ("EVALSHA", self._append_sha, 2, record, self.keys.streams[partition],
                 answer.encode(), self.window_ms, *envelope.entry())  # fmt: skip
 
-    async def append(
-        self, edge: Edge, claim: Claim, envelope: Envelope, routing_key: str, answer: Answer,
-        *extra: Command, spool: bool,
-    ) -> Answer | None:  # fmt: skip
-        """Append ``envelope`` unless ``claim`` has an answer: None when this request's
-        ``answer`` stands (appended, or spooled), else the first request's answer.
+    def check(self, claim: Claim, routing_key: str, answer: Answer) -> Once:
+        """What a spooled copy keeps to be drained through the same script."""
+        record = self.keys.idempotent(claim.digest, self.keys.partition_for(routing_key))
+        return Once(record, answer.encode(), self.window_ms)
 
-        With Redis down and ``spool`` on, the event is spooled without the check (fail
-        open: a click is worth more than a rare double) and carries the key's digest as
-        its dedupe key, so the worker stores spooled copies of one key once; this process
-        also answers a repeat from memory. Raises like ``enqueue.append`` otherwise.
-        """
-        if (remembered := self._remembered(claim)) is not None:
-            return remembered
-        try:
-            replies = await edge.batcher.execute(self.append_command(claim, routing_key, envelope, answer), *extra)
-            first = replies[0]
-            if isinstance(first, Exception):
-                raise first  # an error reply (OOM under noeviction): nothing was written
-        except REDIS_ERRORS:
-            if not spool:
-                raise
-        else:
-            if isinstance(first, bytes):
-                return Answer.decode(first)
-            edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
-            return None
-        envelope.payload["dedupe"] = "idem:" + claim.digest
-        await edge.spool.append(edge.keys.stream_for(routing_key), envelope.encode())
-        edge.metrics.accepted.labels(envelope.dialect, "spool").inc()
+    def spooled(self, claim: Claim, answer: Answer) -> None:
+        """This process answered ``answer`` from its spool: repeats get it from memory."""
         self._remember(claim, answer)
-        return None
 
     def _remember(self, claim: Claim, answer: Answer) -> None:
         self._spooled[claim.digest] = (time.monotonic() + self.window_ms / 1000, answer)
@@ -216,7 +205,8 @@ class Idempotency:
         while len(self._spooled) > SPOOLED_MEMORY:
             self._spooled.popitem(last=False)
 
-    def _remembered(self, claim: Claim) -> Answer | None:
+    def remembered(self, claim: Claim) -> Answer | None:
+        """The answer this process gave ``claim`` from its spool, within the window."""
         held = self._spooled.get(claim.digest)
         if held is None:
             return None

@@ -3,7 +3,12 @@
 ``{prefix}:link:{code}`` holds ``<version>|<json>`` (the link with its program's cookie
 window and attribution, and its affiliate's external id), or ``0|-`` for a code known not
 to exist. Every writer goes through one script that only replaces an entry with one at
-least as new, so a slow reader can never put back what a newer write replaced:
+least as new, so a slow reader can never put back what a newer write replaced. The version
+is Postgres's sequence ``link_cache_version``, never a clock (docs/guarantees.md, one clock decides: ``now()``
+can step back): each change the cached link shows (of the link, its workspace's origins,
+its program's window or attribution, its affiliate's external id) takes the sequence's next
+value, and the link's version is the greatest of its rows' (schema.sql, version 6).
+Writers:
 - the management side after each commit (``put``);
 - the workers' periodic refresh of every link, which then sets ``{prefix}:links:warm``;
 - the edge itself, after a Postgres fallback on a miss while the cache is not warm.
@@ -12,14 +17,18 @@ Once warm, a miss means "no such code" and Postgres is not asked.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 import asyncpg
 import orjson
+import structlog
 
-from .connections import Redis
+from .connections import REDIS_ERRORS, Redis
 from .keys import Keys
+
+log = structlog.get_logger("ingest.links")
 
 NEGATIVE_TTL_S: Final = 300
 WARM_TTL_S: Final = 3600  # the refresh runs far more often; a lapse only costs fallbacks
@@ -43,7 +52,7 @@ return 1
 LINK_SELECT: Final = """
 SELECT l.id, l.workspace_id, l.program_id, l.affiliate_id, a.external_id AS affiliate_external_id,
        l.code, l.url, l.domain, l.status, p.cookie_window_days, p.attribution,
-       (extract(epoch FROM l.updated_at) * 1000000)::bigint AS version, w.allowed_origins
+       greatest(l.cache_version, w.cache_version, p.cache_version, a.cache_version) AS version, w.allowed_origins
 FROM links l
 JOIN workspaces w ON w.id = l.workspace_id
 LEFT JOIN programs p ON p.id = l.program_id
@@ -154,6 +163,43 @@ async def _write(redis: Redis, keys: Keys, items: list[LinkInfo | str]) -> None:
 async def put(redis: Redis, keys: Keys, *links: LinkInfo) -> None:
     """After a commit: the edge sees the new or changed link at once."""
     await _write(redis, keys, list(links))
+
+
+async def put_committed(redis: Redis, keys: Keys, *links: LinkInfo) -> None:
+    """After a management write's commit: ``put``, and where Redis cannot take it now, the
+    same write retried in the background. The commit stands, so its request is answered as
+    done, never refused for its cache: a 503 for a link that exists would be a refusal that
+    moved something, and its retry a 409. Versions decide: a late retry never overwrites a
+    newer change. Until it lands (or the workers' refresh writes every link), the edge asks
+    Postgres for a code it does not find, or, once the cache is warm, takes it as unknown."""
+    try:
+        await put(redis, keys, *links)
+    except REDIS_ERRORS as exc:
+        log.warning("link_cache.write_deferred", codes=[link.code for link in links], error=repr(exc))
+        task = asyncio.create_task(_put_later(redis, keys, list(links)), name="link-cache-retry")
+        _RETRYING.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(_RETRYING.discard)
+
+
+_RETRYING: set[asyncio.Task[None]] = set()
+RETRY_FOR_S = 600.0  # then the workers' refresh (every 10 minutes) has written it anyway
+
+
+async def _put_later(redis: Redis, keys: Keys, links: list[LinkInfo]) -> None:
+    loop = asyncio.get_running_loop()
+    until, delay = loop.time() + RETRY_FOR_S, 0.1
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await put(redis, keys, *links)
+        except REDIS_ERRORS as exc:
+            if loop.time() > until:
+                log.warning("link_cache.write_given_up", codes=[link.code for link in links], error=repr(exc))
+                return
+            delay = min(5.0, delay * 2)
+        else:
+            log.info("link_cache.write_done", codes=[link.code for link in links])
+            return
 
 
 async def put_missing(redis: Redis, keys: Keys, *codes: str) -> None:

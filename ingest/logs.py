@@ -33,6 +33,8 @@ from typing import Any
 import orjson
 import structlog
 
+from . import clock
+
 _LEVEL_NAMES = {"warn": "warning", "exception": "error"}
 _second: tuple[int, str] = (0, "")
 
@@ -41,7 +43,7 @@ def _level_and_time(_: Any, method: str, event: MutableMapping[str, Any]) -> Mut
     """structlog's add_log_level and TimeStamper(fmt="iso", utc=True) in one step, the
     date part formatted once a second: the edge logs a line per request."""
     global _second
-    now = time.time()
+    now = clock.now()
     whole = int(now)
     if whole != _second[0]:
         _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))

@@ -19,7 +19,6 @@ confirmation must not be mistaken for a failed read): there every request takes 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -27,13 +26,13 @@ from typing import Any, TypeVar
 import asyncpg
 import structlog
 
-from . import clicks, links
+from . import clicks, clock, links
 from .auth import Principal
 from .batcher import Command
 from .connections import PG_ERRORS, REDIS_ERRORS
-from .enqueue import appended
+from .enqueue import appended, never_sent, to_spool
 from .events import Envelope, unique_token
-from .ratelimit import WINDOW, RateLimiter, Verdict
+from .ratelimit import WINDOW, RateLimiter, Verdict, well_formed
 from .state import Edge
 
 log = structlog.get_logger("ingest.lookup")
@@ -222,9 +221,15 @@ async def lookup(
     if guess is not None and edge.checked_append is not None and not key_miss:
         checked = _checked(edge, limiter, rl_key, guess, reads, extra)
         if checked is not None:
+            held = [edge.seen.get(key) for key in reads + _gets(extra)]  # what the guess was made from
             try:
-                (reply,) = await edge.batcher.execute(checked, durable=True)
-            except REDIS_ERRORS:
+                n_values = len(reads) + len(extra)  # a reply of another shape is another's: never read
+                (reply,) = await edge.batcher.execute(
+                    checked, durable=True, check=lambda r: well_formed(r[0], flags=1, values=n_values)
+                )
+            except REDIS_ERRORS as exc:
+                if not never_sent(exc):
+                    return await _settled(edge, limiter, principal, code, len(reads), held, guess, exc)
                 if not degraded or secret is not None:
                     raise
                 return await _without_redis(edge, limiter, code, len(extra))
@@ -237,7 +242,7 @@ async def lookup(
     commands += extra
 
     try:
-        replies = await edge.batcher.execute(*commands)
+        replies = await edge.batcher.execute(*commands, check=limiter.check)
     except REDIS_ERRORS:
         if not degraded or secret is not None:
             raise
@@ -327,6 +332,27 @@ async def _answer(
     return found
 
 
+async def _settled(
+    edge: Edge, limiter: RateLimiter, principal: Principal | None, code: str | None, n_reads: int,
+    held: list[Any], guess: Guess, exc: BaseException,
+) -> Found:  # fmt: skip
+    """The checked append failed after it was sent (a timeout, a lost connection): the
+    script may have appended the guess, or may yet. Never refused while it may count: the
+    guess's event is spooled under its ``event_id`` (the workers store one copy), and the
+    request goes on as if the script had appended it, on the values the guess was made from
+    (``held``), its rate limit uncounted (fail open, as without Redis). ``OutcomeUnknown``
+    when the spool cannot keep it."""
+    await to_spool(edge, guess.envelope, guess.routing_key, guess.also, maybe_applied=exc)
+    found = Found(verdict=Verdict(True, limiter.limit, limiter.limit, 0), principal=principal, appended=True)
+    if code is not None:
+        try:
+            found.link = await resolve_link(edge, code, held[0], held[1])
+        except Unavailable:
+            found.link_unresolved = True
+    found.extra = held[n_reads:]
+    return found
+
+
 async def _without_redis(edge: Edge, limiter: RateLimiter, code: str | None, n_extra: int) -> Found:
     # the limit cannot be counted without Redis: fail open, bounded by the spool's cap
     found = Found(verdict=Verdict(True, limiter.limit, limiter.limit, 0), extra=[None] * n_extra, redis_down=True)
@@ -370,7 +396,7 @@ async def resolve_click(edge: Edge, click_id: str, cached: object) -> clicks.Cli
     found = await fallback(edge, lambda: clicks.in_postgres(edge.pg, click_id))
     if isinstance(found, clicks.ClickRef):
         return found
-    if not found and clicks.may_be_pending(click_id, int(time.time() * 1000), edge.settings.click_pending_s):
+    if not found and clicks.may_be_pending(click_id, clock.now_ms(), edge.settings.click_pending_s):
         log.info("click.pending", click_id=click_id)
         raise ClickPending(click_id)
     return None

@@ -128,7 +128,7 @@ async def _link_written(conn: asyncpg.Connection, redis: Redis, keys: Keys, link
     row = await conn.fetchrow(_LINK + " WHERE id = $1", link_id)
     cached = await links.fetch(conn, row["code"])
     if cached is not None:
-        await links.put(redis, keys, cached)  # the edge sees a new or deactivated link at once
+        await links.put_committed(redis, keys, cached)  # the edge sees a new or deactivated link at once
     return _json(row)
 
 

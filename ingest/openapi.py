@@ -132,6 +132,18 @@ _IDEMPOTENCY_KEY = {
     "description": "A repeat within REFSTREAM_IDEMPOTENCY_WINDOW_S gets the first answer and changes nothing;"
     " the same key with another body: 422",
 }  # fmt: skip
+# a 503 is a refusal (nothing stored, a retry is safe) unless it says its event may be stored
+_UNAVAILABLE = {
+    "description": "Unavailable: refused, nothing was stored, retry after Retry-After; except with"
+    " Refstream-Outcome: unknown, whose event may be stored (retry with the same Idempotency-Key to count once)",
+    "headers": {
+        "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"},
+        "Refstream-Outcome": {"schema": {"type": "string", "enum": ["unknown"]},
+                              "description": "present when the event may be stored"},
+        "Refstream-Event-Id": {"schema": {"type": "string", "format": "uuid"},
+                               "description": "the event that may be stored"},
+    },
+}  # fmt: skip
 
 
 def _models() -> list[type[BaseModel]]:
@@ -176,7 +188,10 @@ def document() -> dict[str, Any]:
         operation: dict[str, Any] = {
             "summary": op.summary,
             "tags": [op.tag],
-            "responses": {str(code): {"description": str(code), **content(body)} for code, body in responses.items()},
+            "responses": {
+                str(code): {"description": str(code), **(_UNAVAILABLE if code == 503 else {}), **content(body)}
+                for code, body in responses.items()
+            },
         }
         if params:
             operation["parameters"] = params

@@ -327,6 +327,7 @@ def _child(argv: list[str]) -> int:
     import uvloop
     from pydantic import ValidationError
 
+    from . import clock
     from .logs import configure_logging
     from .server import serve_child
     from .settings import Settings, explain
@@ -336,6 +337,7 @@ def _child(argv: list[str]) -> int:
     except ValidationError as exc:
         print(f"Error: {explain(exc)}", file=sys.stderr)
         return 2
+    clock.configure(settings.clock_offset_s)
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
     socks = [socket.socket(fileno=int(fd)) for fd in args.fds.split(",")]
     uvloop.run(serve_child(settings, socks, args.ready, args.rundir))

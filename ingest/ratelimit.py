@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batcher import Command, RedisBatcher
+from .redislink import ImpossibleReply
 
 # KEYS[1] the subject's set; ARGV[1] window ms, ARGV[2] limit, ARGV[3] a unique member.
 # Leaves ``verdict`` = {admitted (1/0), remaining, retry after ms}: scripts that go on
@@ -35,6 +36,19 @@ else
 end
 """
 SLIDING_WINDOW = WINDOW + "return verdict\n"
+
+
+def well_formed(reply: object, *, flags: int = 0, values: int = 0) -> bool:
+    """Whether ``reply`` can be what a script built on ``WINDOW`` answered: an error reply,
+    or the verdict's three integers, then ``flags`` integers, then exactly ``values`` values
+    (bytes or nil). Anything else answers another command (``RedisBatcher.execute``'s
+    ``check``)."""
+    if isinstance(reply, Exception):
+        return True
+    if not isinstance(reply, list) or len(reply) != 3 + flags + values:
+        return False
+    head = 3 + flags
+    return all(type(v) is int for v in reply[:head]) and all(v is None or type(v) is bytes for v in reply[head:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +92,16 @@ class RateLimiter:
         return ("EVALSHA", self._sha, 1, key, self.window_ms, self.limit, member)
 
     def verdict(self, reply: Any) -> Verdict:
-        """From the script's reply (its first three elements: a longer one may follow it)."""
+        """From the script's reply (its first three elements: a longer one may follow it).
+        An error reply is raised; a reply that no such script gives raises ``ImpossibleReply``
+        (a Redis error: never an IndexError, never another request's numbers taken for a verdict)."""
         if isinstance(reply, Exception):
             raise reply
-        return Verdict(bool(reply[0]), self.limit, int(reply[1]), int(reply[2]))
+        if not isinstance(reply, list) or len(reply) < 3 or not all(type(v) is int for v in reply[:3]):
+            raise ImpossibleReply(f"not a rate-limit verdict: a {type(reply).__name__}")
+        return Verdict(bool(reply[0]), self.limit, reply[1], reply[2])
+
+    @staticmethod
+    def check(replies: list[Any]) -> bool:
+        """``RedisBatcher.execute``'s ``check`` for a round trip led by ``command()``."""
+        return well_formed(replies[0])

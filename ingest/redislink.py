@@ -14,6 +14,18 @@ One batch is in flight at a time, under one timeout. A timeout or a lost connect
 that batch with a redis-py ``TimeoutError`` / ``ConnectionError`` (both in
 ``REDIS_ERRORS``), and the next batch connects again.
 
+Every reply answers its own command (docs/guarantees.md). RESP has no request ids: a reply
+belongs to a command only by its place on the connection. So a connection is used again
+only after a round trip that got every reply it asked for; a round trip that ends any other
+way (its own timeout, a deadline or cancellation from outside, a lost connection, a health
+check PING that did not come back) closes the connection there and then, inside
+``round_trip`` itself, because the replies still owed would otherwise answer the next
+round trip's commands: after a stall (a SIGSTOPped Redis, a full disk, a long fork) the
+server answers everything written before it stopped. A reply that no command on the
+connection is owed, or that arrives after the close, is never handed to anyone.
+``ImpossibleReply``: a reply that cannot be the answer to its command (a caller's shape
+check, ``RedisBatcher.execute(check=...)``): the connection is dropped the same way.
+
 Behind Sentinel (a ``redis+sentinel://`` URL) the link asks the sentinels where the primary
 is at every connect (``SENTINEL`` through redis-py's pool, as its own connections do). A
 READONLY or MASTERDOWN reply means the connection reached a replica (a failover demoted its
@@ -86,7 +98,16 @@ def _encode(arg: object) -> bytes:
     raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
 
 
+class ImpossibleReply(RedisConnectionError):
+    """A reply that cannot be the answer to the command it came for (its shape is wrong):
+    the connection is out of step with its commands, or the server misbehaves. Whatever was
+    sent may have run: an outcome unknown, as for a timeout."""
+
+
 class _Replies(asyncio.Protocol):
+    """One connection's replies, one round trip at a time. ``closed`` is final: a round trip
+    that ended without all its replies leaves the connection closed (see the module doc)."""
+
     def __init__(self) -> None:
         # errors as redis-py makes them (NoScriptError, BusyLoadingError, AuthenticationError, ...)
         self.reader = hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
@@ -100,17 +121,23 @@ class _Replies(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # read before the close (uvloop delivers it after): nobody is owed it
         self.reader.feed(data)
         replies = self.replies
         gets = self.reader.gets
+        done = self.done
         try:
             while (reply := gets()) is not False:
+                if done is None or done.done() or len(replies) >= self.want:
+                    self._fail(RedisConnectionError("Redis sent a reply that no command on the connection is owed"))
+                    return
                 replies.append(reply)
         except InvalidResponse as exc:
             self._fail(RedisConnectionError(f"protocol error from Redis: {exc}"))
             return
-        if self.done is not None and len(replies) >= self.want and not self.done.done():
-            self.done.set_result(replies)
+        if done is not None and len(replies) == self.want and not done.done():
+            done.set_result(replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -123,21 +150,35 @@ class _Replies(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abandon(self, why: str) -> None:
+        """Close for good: replies still owed must never answer another round trip."""
+        self._fail(RedisConnectionError(why))
+
     async def round_trip(self, payload: bytes, n: int) -> list[Any]:
-        assert self.transport is not None
+        """The ``n`` replies to ``payload``'s ``n`` commands. Any other end (an exception,
+        a cancellation: the caller's deadline) closes the connection first."""
+        assert self.transport is not None and n > 0
         if self.closed:
             raise RedisConnectionError("connection to Redis is closed")
         if self.done is not None and not self.done.done():
             raise RuntimeError("one round trip at a time on a DirectLink connection")
         self.replies = []
         self.want = n
-        self.done = asyncio.get_running_loop().create_future()
-        self.transport.write(payload)
-        return await self.done
+        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.done = done
+        try:
+            self.transport.write(payload)
+            return await done
+        except BaseException:
+            # a cancelled wait cancels ``done`` too, so "done" says nothing of what is owed:
+            # whatever ended this round trip early, the connection is out of step with it
+            self.abandon("a round trip ended before all its replies came")
+            raise
 
 
 class DirectLink:
-    """RESP over one asyncio connection to a single Redis server."""
+    """RESP over one asyncio connection to a single Redis server, for one caller at a time
+    (the batcher's flusher)."""
 
     def __init__(
         self,
@@ -233,12 +274,10 @@ class DirectLink:
             async with asyncio.timeout(self._timeout):
                 replies = await conn.round_trip(pack(commands), len(commands))
         except TimeoutError:
-            # replies still owed would answer the next batch's commands: start over
-            self._drop()
+            self._drop()  # round_trip closed it already: the next batch connects again
             raise RedisTimeoutError("Redis did not answer in time") from None
         except BaseException:
-            if conn.closed or conn.done is None or not conn.done.done():
-                self._drop()  # cancelled mid-flight, or lost: the stream is out of step
+            self._drop()  # lost, or cancelled by the caller's deadline: closed the same way
             raise
         self._used = time.monotonic()
         for reply in replies:
@@ -281,9 +320,7 @@ class DirectLink:
 
     def _drop(self) -> None:
         if self._conn is not None:
-            if self._conn.transport is not None:
-                self._conn.transport.close()
-            self._conn.closed = True
+            self._conn.abandon("connection dropped by the edge")
             self._conn = None
 
     async def close(self) -> None:

@@ -13,13 +13,16 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from . import clock
 from .logs import AccessLog
+from .sentinel_url import sentinel_target
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _DURATION_RE = re.compile(r"^(\d+)\s*([smhd])?$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_RE = re.compile(r"^(\d+)\s*(b|kb|mb|gb|k|m|g)?$")
 _SIZE_SHIFT = {"b": 0, "kb": 10, "k": 10, "mb": 20, "m": 20, "gb": 30, "g": 30}
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
 
 
 class Settings(BaseSettings):
@@ -147,6 +150,9 @@ class Settings(BaseSettings):
         400, ge=2, le=36500, description="Days a lead's or conversion's dedupe key is kept (>= event_retention)."
     )
     partition_every_s: int = Field(600, ge=10, le=86400, description="Worker: partition maintenance period.")
+    webhook_retention: int = Field(
+        30, ge=1, le=36500, description="Days a delivered or failed webhook delivery (and its attempts) is kept."
+    )
     consumer_name: str | None = Field(None, description="Defaults to hostname-pid.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker: serve /metrics on this port.")
     metrics_host: str = Field("127.0.0.1", description="Worker: the address /metrics listens on.")
@@ -154,6 +160,18 @@ class Settings(BaseSettings):
     secret_key: str | None = Field(
         None, description="Fernet key(s), comma-separated, encrypting webhook signing secrets at rest."
     )
+
+    # clock ---------------------------------------------------------------------------
+    clock_skew_max_s: float = Field(
+        clock.SKEW_MAX_S, gt=0,
+        description="A process whose clock differs from Redis's or Postgres's by more than this logs it, reads"
+        " Redis's time instead (edge, worker) and does no destructive maintenance (partition drops, retention,"
+        " trims by time) until they agree again.",
+    )  # fmt: skip
+    clock_offset_s: float = Field(
+        0.0, description="For fault tests only: shifts this process's wall clock by this many seconds, as a host"
+        " whose clock is wrong would be. Never set it in production.",
+    )  # fmt: skip
 
     # archive -------------------------------------------------------------------------
     archive_url: str = Field(
@@ -165,7 +183,11 @@ class Settings(BaseSettings):
     )
     archive_s3_region: str = Field("us-east-1", description="The bucket's region.")
     archive_segment_entries: int = Field(20_000, ge=1, description="A segment is sealed at this many entries...")
-    archive_segment_s: float = Field(60.0, gt=0, description="... or once its first entry was read this long ago.")
+    archive_segment_s: float = Field(
+        30.0, gt=0,
+        description="... or once its first entry was read this long ago (below REFSTREAM_CLAIM_IDLE_MS: see"
+        " archive_conflict).",
+    )  # fmt: skip
 
     # logging -------------------------------------------------------------------------
     log_level: str = "info"
@@ -197,15 +219,34 @@ class Settings(BaseSettings):
     @field_validator("stream_retention", mode="before")
     @classmethod
     def _duration(cls, v: object) -> object:
-        if isinstance(v, str) and (m := _DURATION_RE.match(v.strip().lower())):
+        if isinstance(v, str):
+            if not (m := _DURATION_RE.match(v.strip().lower())):
+                raise ValueError("seconds, or a number with s, m, h or d: 3600, 90s, 30m, 1h, 2d")
             return int(m[1]) * _DURATION_UNITS[m[2] or "s"]
         return v
 
     @field_validator("stream_max_bytes", mode="before")
     @classmethod
     def _size(cls, v: object) -> object:
-        if isinstance(v, str) and (m := _SIZE_RE.match(v.strip().lower())):
+        if isinstance(v, str):
+            if not (m := _SIZE_RE.match(v.strip().lower())):
+                raise ValueError("bytes, or a number with kb, mb or gb: 268435456, 512kb, 64mb, 1gb (0: no budget)")
             return int(m[1]) << _SIZE_SHIFT[m[2] or "b"]
+        return v
+
+    @field_validator("redis_url", "arq_redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        # redis-py's own refusal names no setting; the URL itself is never echoed (a password)
+        if v is not None and v.partition("://")[0].lower() not in _REDIS_SCHEMES:
+            raise ValueError("a URL such as redis://host:6379/0 (redis://, rediss://, unix:// or redis+sentinel://)")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_scheme(cls, v: str) -> str:
+        if v.partition("://")[0].lower() not in ("postgresql", "postgres"):
+            raise ValueError("a URL such as postgresql://user@host:5432/refstream (postgresql:// or postgres://)")
         return v
 
     @field_validator("archive_url")
@@ -241,8 +282,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _sentinel_url(self) -> Settings:
-        from .connections import sentinel_target  # connections imports this module
-
         for url in (self.redis_url, self.arq_redis_url or ""):
             sentinel_target(url)  # a malformed sentinel URL: ValueError, worded
         if self.redis_cluster and sentinel_target(self.redis_url) is not None:
@@ -284,6 +323,21 @@ class Settings(BaseSettings):
                 f"{self.dedupe_retention}, REFSTREAM_EVENT_RETENTION={self.event_retention})"
             )
         return self
+
+    def archive_conflict(self) -> str | None:
+        """Why an archiver may not run on these settings, or None. An archiver holds a
+        segment's entries up to ``archive_segment_s`` before it writes them, and any member
+        of its group reclaims entries idle for ``claim_idle_ms``: were the claim idle time
+        the shorter, another archiver could take entries still being gathered and write
+        them too. ``refstream archive`` refuses to start on it (the edge and the workers
+        have no segments: the rule is not theirs)."""
+        if self.claim_idle_ms <= self.archive_segment_s * 1000:
+            return (
+                f"REFSTREAM_CLAIM_IDLE_MS ({self.claim_idle_ms}) must be above REFSTREAM_ARCHIVE_SEGMENT_S"
+                f" ({self.archive_segment_s:g} s) in milliseconds: an archiver holds a segment's entries that long"
+                " before it writes them, and entries idle for the claim idle time are reclaimed by another archiver"
+            )
+        return None
 
     @property
     def arq_url(self) -> str:

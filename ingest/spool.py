@@ -1,4 +1,6 @@
-"""The edge's local spool: where accepted events wait while Redis is unreachable.
+"""The edge's local spool: where accepted events wait while Redis is unreachable, or while
+it is not known whether Redis took them (``ingest.enqueue``: a timeout, a durability level
+not confirmed; the copy in Redis, if any, has the same event id).
 
 The store is one SQLite database in WAL mode (``ingest.spool_store``), in ``<dir>``.
 Appends from concurrent requests are committed together, one transaction per batch, off
@@ -6,7 +8,11 @@ the event loop (group commit); a request's 2xx waits for the commit, fsynced, of
 event. A failed transaction (disk full, file too large) rolls back: every request of that
 batch is refused (503) and nothing of it is drained later. The size is the totals row kept
 in the same transactions: O(1), never a scan. An event's extra commands (the click cache
-entry) are stored with it and replayed with its XADD.
+entry) are stored with it and replayed with its XADD. A keyed event keeps its idempotency
+check (``spool_store.Once``) and is replayed through the edge's own script
+(``ingest.idempotency.APPEND_ONCE``): appended only if Redis holds no record of its key, so
+a copy of the same key that reached Redis another way (another edge, or this request's own
+append whose outcome was unknown) is not appended twice, and the first answer is recorded.
 
 A drain loop, while there is something to drain and Redis answers, replays the oldest rows
 with pipelined XADDs and deletes, in one transaction, every row whose XADD Redis confirmed;
@@ -40,6 +46,7 @@ from . import spool_store as store
 from .connections import REDIS_ERRORS, Redis
 from .durability import Durability
 from .events import entry_from_blob
+from .idempotency import APPEND_ONCE
 
 log = structlog.get_logger("ingest.spool")
 
@@ -98,9 +105,12 @@ class Spool:
 
     # -- writing -------------------------------------------------------------------------
 
-    async def append(self, stream: str, envelope: bytes, extra: Iterable[tuple[Any, ...]] = ()) -> None:
-        """Durably record one event (and the commands to replay with it); returns once it
-        is committed. Raises ``SpoolFull`` at the cap, ``SpoolError`` when the disk refuses."""
+    async def append(
+        self, stream: str, envelope: bytes, extra: Iterable[tuple[Any, ...]] = (), once: store.Once | None = None
+    ) -> None:
+        """Durably record one event (and the commands to replay with it, and a keyed event's
+        check); returns once it is committed. Raises ``SpoolFull`` at the cap, ``SpoolError``
+        when the disk refuses."""
         if self._stop.is_set():
             raise SpoolError("edge shutting down")
         if self._bytes >= self.max_bytes:
@@ -108,7 +118,7 @@ class Spool:
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_loop(), name="spool-writer")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((stream, envelope, store.encode_extra(extra), fut))
+        self._pending.append((stream, envelope, store.encode_extra(extra, once), fut))
         self._wake.set()
         await fut
 
@@ -336,15 +346,23 @@ async def _replay(
     redis: Redis, rows: list[store.Row], durability: Durability
 ) -> tuple[list[int], BaseException | None]:
     """XADD ``rows`` (and their extra commands) in one pipeline, ended by the durability
-    level's WAIT when it has one: (ids Redis confirmed, the first error). A row whose XADD
-    was refused (a full Redis) stays; the others go, unless the WAIT fell short: then all stay.
-    A row keeps its envelope as the version-1 blob (``Envelope.encode``); it goes on the
-    stream as version-2 fields."""
+    level's WAIT when it has one: (ids Redis confirmed, the first error). A keyed row goes
+    through ``APPEND_ONCE`` instead of its XADD: done whether it appended or found its key's
+    record (a copy is in Redis already). A row whose append was refused (a full Redis)
+    stays; the others go, unless the WAIT fell short: then all stay. A row keeps its
+    envelope as the version-1 blob (``Envelope.encode``); it goes on the stream as
+    version-2 fields."""
     if not rows:
         return [], None
     pipe = redis.pipeline(transaction=False)
     for r in rows:
-        pipe.xadd(r.stream, entry_from_blob(r.envelope))  # type: ignore[arg-type]
+        entry = entry_from_blob(r.envelope)
+        if r.once is None:
+            pipe.xadd(r.stream, entry)  # type: ignore[arg-type]
+        else:  # EVAL, not EVALSHA: no script cache to miss; the drain is not the hot path
+            fields = [x for pair in entry.items() for x in pair]
+            o = r.once
+            pipe.execute_command("EVAL", APPEND_ONCE, 2, o.record, r.stream, o.answer, o.window_ms, *fields)
         for cmd in r.extra:
             pipe.execute_command(*cmd)
     if durability.waits:

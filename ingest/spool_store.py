@@ -24,6 +24,8 @@ from typing import Any
 
 import orjson
 
+from . import clock
+
 FILE = "spool.sqlite3"
 LOCK = "drain.lock"  # flock'ed by whoever drains: one drainer at a time over every process
 BUSY_TIMEOUT_S = 5.0
@@ -58,12 +60,24 @@ _SCHEMA = (
 
 
 @dataclass(frozen=True, slots=True)
+class Once:
+    """A keyed event's idempotency check, kept with it: the drain appends the event only if
+    Redis holds no record under ``record`` (the edge's own script, ``APPEND_ONCE``), and
+    stores ``answer`` there for ``window_ms``, as the edge's append would have."""
+
+    record: str
+    answer: bytes
+    window_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Row:
     id: int
     at_ms: int
     stream: str
     envelope: bytes
     extra: list[tuple[Any, ...]]
+    once: Once | None = None
 
 
 def path_in(directory: Path) -> Path:
@@ -127,7 +141,7 @@ def insert(
     """Append ``rows`` (stream, envelope, encoded extra) in one transaction, each only while
     the spool stays within ``max_bytes``; (which were kept, the totals after). Raises what
     SQLite raised, the transaction rolled back: then nothing of the batch is kept."""
-    now_ms = int(time.time() * 1000)
+    now_ms = clock.now_ms()
     try:
         conn.execute("BEGIN IMMEDIATE")
         entries, n_bytes = totals(conn)
@@ -155,7 +169,7 @@ def oldest(conn: sqlite3.Connection, limit: int, after: int = 0) -> list[Row]:
     cur = conn.execute(
         "SELECT id, at_ms, stream, envelope, extra FROM entries WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
     )
-    return [Row(i, at, s, bytes(e), decode_extra(x)) for i, at, s, e, x in cur.fetchall()]
+    return [Row(i, at, s, bytes(e), *decode_extra(x)) for i, at, s, e, x in cur.fetchall()]
 
 
 def delete(conn: sqlite3.Connection, ids: Sequence[int]) -> tuple[int, int]:
@@ -224,9 +238,7 @@ def record_error(conn: sqlite3.Connection, op: str, error: str) -> None:
     """Best effort, for ``refstream status``: a full disk may refuse this too (it is logged
     and counted in /metrics by the caller all the same)."""
     try:
-        conn.execute(
-            "UPDATE totals SET error_op = ?, error = ?, error_at_ms = ?", (op, error[:500], int(time.time() * 1000))
-        )
+        conn.execute("UPDATE totals SET error_op = ?, error = ?, error_at_ms = ?", (op, error[:500], clock.now_ms()))
     except sqlite3.Error:
         rollback(conn)
 
@@ -235,18 +247,38 @@ def clear_error(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE totals SET error_op = NULL, error = NULL WHERE error IS NOT NULL")
 
 
-# -- the extra commands of an event (a click cache SET), stored with it ------------------
+# -- how a row is replayed: the commands that ride with it (a click cache SET), and for a
+# keyed event its idempotency check. The ``extra`` column holds both: a JSON list of
+# commands (the form rows had before keyed events kept their check), or an object with the
+# commands ("c") and the check ("once"); no new column, so no migration on a full disk
 
 
-def encode_extra(commands: Iterable[tuple[Any, ...]]) -> bytes | None:
-    out = [[{"b": base64.b64encode(a).decode()} if isinstance(a, bytes) else a for a in cmd] for cmd in commands]
+def _arg(a: Any) -> Any:
+    return {"b": base64.b64encode(a).decode()} if isinstance(a, bytes) else a
+
+
+def _unarg(a: Any) -> Any:
+    return base64.b64decode(a["b"]) if isinstance(a, dict) else a
+
+
+def encode_extra(commands: Iterable[tuple[Any, ...]], once: Once | None = None) -> bytes | None:
+    out = [[_arg(a) for a in cmd] for cmd in commands]
+    if once is not None:
+        check = {"record": once.record, "answer": _arg(once.answer), "window_ms": once.window_ms}
+        return orjson.dumps({"c": out, "once": check})
     return orjson.dumps(out) if out else None
 
 
-def decode_extra(raw: bytes | None) -> list[tuple[Any, ...]]:
+def decode_extra(raw: bytes | None) -> tuple[list[tuple[Any, ...]], Once | None]:
     if not raw:
-        return []
-    return [tuple(base64.b64decode(a["b"]) if isinstance(a, dict) else a for a in cmd) for cmd in orjson.loads(raw)]
+        return [], None
+    held = orjson.loads(raw)
+    once = None
+    if isinstance(held, dict):
+        check = held["once"]
+        once = Once(check["record"], _unarg(check["answer"]), int(check["window_ms"]))
+        held = held["c"]
+    return [tuple(_unarg(a) for a in cmd) for cmd in held], once
 
 
 # -- what `refstream status` reads, from another process ---------------------------------
@@ -287,7 +319,7 @@ def usage(directory: Path) -> Usage:
         if row[3]:
             out.error = f"{row[2]}: {row[3]} (at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(row[4] / 1000))})"
     if first is not None:
-        out.oldest_age_s = max(0.0, time.time() - first[0] / 1000)
+        out.oldest_age_s = max(0.0, clock.now() - first[0] / 1000)
     return out
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
+from . import clock
 from .drops import FLAGGED
 
 COUNTED = ("clicks", "unique_clicks", "bot_clicks", "leads", "conversions")
@@ -29,7 +30,7 @@ class BadRange(ValueError):
 def day_range(given_from: str | None, given_to: str | None) -> tuple[date, date]:
     """(from, to), both inclusive, UTC days; by default the last 30 days."""
     try:
-        to = _day(given_to) if given_to is not None else datetime.now(UTC).date()
+        to = _day(given_to) if given_to is not None else clock.utcnow().date()
         start = _day(given_from) if given_from is not None else _days_before(to, DEFAULT_DAYS - 1)
     except ValueError:
         raise BadRange("from, to: dates as YYYY-MM-DD") from None

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib.util
+import os
 import socket
 from typing import Any
 
@@ -21,6 +23,7 @@ import asyncpg
 import click
 import structlog
 import uvloop
+from click.core import ParameterSource
 
 from ingest import admin, apikeys, durability, flags, schema_check
 from ingest.connections import REDIS_ERRORS, connect_redis
@@ -111,14 +114,35 @@ def _listen_error(host: str, port: int, command: str, exc: OSError) -> str:
     return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
+def edge_processes(value: str | None, *, source: str = "REFSTREAM_PROCESSES") -> int | None:
+    """A count of edge processes as given (None: not given); a bad one is an error that
+    names where it came from and the form it takes."""
+    if value is None or not value.strip():
+        return None
+    n = int(value) if value.strip().isdigit() else 0
+    if n < 1:
+        raise click.ClickException(f"{source}: a whole number of edge processes, 1 or more (got {value!r})")
+    return n
+
+
+def _processes(ctx: click.Context, value: str | None) -> int | None:
+    if ctx.get_parameter_source("processes") is ParameterSource.ENVIRONMENT:
+        return edge_processes(value)  # not a usage error: the environment holds it
+    try:
+        return edge_processes(value, source="--processes")
+    except click.ClickException as exc:
+        raise click.BadParameter(exc.message.removeprefix("--processes: ")) from None
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option(
     "--processes",
-    type=click.IntRange(min=1),
     default=None,
+    metavar="N",
     envvar="REFSTREAM_PROCESSES",
+    callback=lambda ctx, param, value: _processes(ctx, value),
     help="Edge processes sharing the port (SO_REUSEPORT), under a supervisor that replaces a dead one,"
     " reloads on SIGHUP and drains on SIGTERM; 1 runs the edge alone. [default: the CPU count;"
     " env: REFSTREAM_PROCESSES]",
@@ -197,8 +221,9 @@ def migrate() -> None:
             await apply_schema(conn)
             # the days around today get their partitions now, before any batch inserts
             await partitions.maintain(
-                conn, retention_days=settings.event_retention, dedupe_days=settings.dedupe_retention
-            )
+                conn, retention_days=settings.event_retention, dedupe_days=settings.dedupe_retention,
+                skew_max_s=settings.clock_skew_max_s, webhook_days=settings.webhook_retention,
+            )  # fmt: skip
         finally:
             await conn.close()
         return {"migrated": True, "database_created": created}
@@ -391,7 +416,10 @@ def dev(port: int, data_dir: str | None) -> None:
     refuse us), migrate, demo data, the edge and one worker."""
     from .dev import run_dev
 
-    load_settings()  # a bad setting is named before anything starts
+    settings = load_settings()  # a bad setting is named before anything starts
+    edge_processes(os.environ.get("REFSTREAM_PROCESSES"))
+    # dev's own lines as its children write theirs: JSON on stderr (stdout is the banner)
+    configure_logging(settings.log_level, json=settings.log_json)
     _listen_check("127.0.0.1", port, "dev")
     run_dev(port, data_dir)
 
@@ -413,10 +441,19 @@ from . import ops_workspace  # noqa: E402
 workspace.add_command(ops_workspace.set_bot_policy)
 workspace.add_command(ops_workspace.set_fraud_policy)
 
-from .bench import bench  # noqa: E402
+if importlib.util.find_spec("bench") is not None:  # the source tree's bench/, beside ingest/ and workers/
+    from bench import bench
 
-main.add_command(bench)
+    main.add_command(bench)
+else:
+
+    @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def bench() -> None:
+        """The benchmark (it ships with the source tree, not the package)."""
+        raise click.ClickException(
+            "the benchmark ships with refstream's source tree, not its package: run ./scripts/bench in a checkout"
+        )
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="refstream")  # dev's children run as `python -m refstream.cli`

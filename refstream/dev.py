@@ -35,7 +35,7 @@ from ingest.keys import Keys
 from ingest.settings import Settings
 from workers import partitions
 
-from . import services
+from . import dev_tour, services
 from .embedded import die_with_parent
 
 DEMO_CODE = "demo"
@@ -59,13 +59,16 @@ def _kept(path: Path | None) -> str | None:
 
 async def _setup(settings: Settings, key_file: Path | None) -> dict[str, Any]:
     """Migrate, and the demo workspace and link unless they exist; the demo API key when it
-    is new or kept (and still valid)."""
+    is new or kept (and still valid); the tour's keys for this run."""
     await ensure_database(settings.database_url)
     conn = await asyncpg.connect(settings.database_url)
     redis = connect_redis(settings)
+    keys = Keys(settings.stream_prefix, settings.partitions)
     try:
         await migrate(conn)
-        await partitions.maintain(conn, retention_days=settings.event_retention, dedupe_days=settings.dedupe_retention)
+        s = settings
+        await partitions.maintain(conn, retention_days=s.event_retention, dedupe_days=s.dedupe_retention,
+                                  skew_max_s=s.clock_skew_max_s, webhook_days=s.webhook_retention)  # fmt: skip
         try:
             link = await admin.show_link(conn, DEMO_CODE)
         except admin.NotFound:
@@ -77,19 +80,21 @@ async def _setup(settings: Settings, key_file: Path | None) -> dict[str, Any]:
                 hashlib.sha256(kept.encode()).digest(),
                 link["workspace_id"],
             )
-            return {"link": link, "api_key": kept if valid else None, "new": False}
+            tour = await dev_tour.make_keys(conn, redis, keys, link)
+            return {"link": link, "api_key": kept if valid else None, "new": False, "tour": tour}
         ws = await admin.create_workspace(conn, "Demo")
         link = await admin.create_link(
             conn,
             redis,
-            Keys(settings.stream_prefix, settings.partitions),
+            keys,
             workspace_id=ws["workspace_id"],
             code=DEMO_CODE,
             url="https://example.com/pricing",
         )
         if key_file is not None:
             _keep(key_file, ws["api_key"])
-        return {"link": link, "api_key": ws["api_key"], "new": True}
+        tour = await dev_tour.make_keys(conn, redis, keys, await admin.show_link(conn, DEMO_CODE))
+        return {"link": link, "api_key": ws["api_key"], "new": True, "tour": tour}
     finally:
         await conn.close()
         await redis.aclose()
@@ -175,6 +180,16 @@ def run_dev(port: int, data: str | None = None) -> None:
             if line is None:
                 raise
             raise click.ClickException(line) from exc
+        tour_file = Path(dev_tour.TOUR_FILE).resolve()
+
+        def end_tour() -> None:
+            dev_tour.remove(tour_file)
+            try:
+                asyncio.run(dev_tour.revoke(settings, demo["tour"]))
+            except dev_tour.REVOKE_ERRORS as exc:
+                click.echo(f"refstream dev: the tour's keys could not be revoked ({exc!r})", err=True)
+
+        stack.callback(end_tour)
 
         # the archiver from the start: its consumer group holds the trim back for what it has
         # not archived yet, so nothing leaves Redis unarchived (and replays can read it back)
@@ -210,6 +225,9 @@ def run_dev(port: int, data: str | None = None) -> None:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        bin_dir = None if refstream_command() == "refstream" else Path(sys.executable).parent
+        exports = dev_tour.lines(demo["tour"], edge=base, env=env, bin_dir=bin_dir, browser=DEMO_BROWSER)
+        dev_tour.write(tour_file, exports)
         click.echo("\n".join(_banner(base, svc, db_url, secret, secret_from, demo, data_dir)))
         sys.stdout.flush()
         while not stop["signal"]:
@@ -257,6 +275,9 @@ def _banner(
         f"  curl -X POST -A '{DEMO_BROWSER}' {base}/api/v1/referral/click/{DEMO_CODE}",
         "Then see its counter move:",
         f"  {cli} link show {DEMO_CODE}",
+        "",
+        "The README's tour, in another shell (the demo's ids and this run's API keys, as $RS_* variables):",
+        f"  cd {shlex.quote(str(Path.cwd()))} && source {dev_tour.TOUR_FILE}",
         "",
         "Ctrl-C stops everything.",
     ]

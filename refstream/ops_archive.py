@@ -52,6 +52,8 @@ def archive(drain: bool) -> None:
 
     Several archivers may run side by side (they share the consumer group "archive");
     SIGTERM writes the segment in hand and acks it before the process exits."""
+    if (conflict := load_settings().archive_conflict()) is not None:
+        raise click.ClickException(conflict)
     if drain:
         print_data(run_command(lambda settings: run_archiver(settings, drain=True)))
         return

@@ -107,7 +107,7 @@ def replay(
 
     result = run_reading(go())
     if result["totals"]["entries"] == 0:
-        raise RangeUsageError(f"the range {result['range']['from']}..{result['range']['to']} holds no entries")
+        raise RangeUsageError(f"the range {described(result['range'])} holds no entries")
     result["dry_run"] = dry_run
     if as_json:
         out.print_json(result)
@@ -115,14 +115,26 @@ def replay(
         render_replay(result, keys, out.console())
 
 
+def described(rng: dict[str, str]) -> str:
+    """A range as people read it: ``from 1712345678901-0 to the end``, not the largest id."""
+    from workers.replay_source import MAX_SEQ
+
+    start = "the start" if rng["from"] == "0-0" else rng["from"]
+    end = "the end" if rng["to"] == f"{MAX_SEQ}-{MAX_SEQ}" else rng["to"]
+    return f"from {start} to {end}"
+
+
 def render_replay(result: dict[str, Any], keys: Keys, console: Console) -> None:
-    """Counts per partition and in total; the range in the title."""
-    fields = list(result["totals"])
-    rng = result["range"]
-    title = f"replay{' (dry run)' if result['dry_run'] else ''}: {rng['from']} .. {rng['to']}"
+    """Counts per partition and in total, the range in the title. How many entries came
+    from the archive is a line below, not a column: nine columns do not fit 80."""
+    totals = result["totals"]
+    fields = [f for f in totals if f != "archived"]
+    title = f"replay{' (dry run)' if result['dry_run'] else ''}: {described(result['range'])}"
     table = out.table(title, "p", *fields)
     for p, counts in result["partitions"].items():
         table.add_row(p, *(str(counts[f]) for f in fields))
-    table.add_row("all", *(str(result["totals"][f]) for f in fields), style="bold")
+    table.add_row("all", *(str(totals[f]) for f in fields), style="bold")
     console.print(out.streams_line(keys))
     console.print(table)
+    if "archived" in totals:
+        console.print(f"read from the archive (Redis no longer held them): {totals['archived']} of the entries")

@@ -59,7 +59,7 @@ def set_bot_policy(workspace_id: str, policy: str, as_json: bool) -> None:
 @click.argument("policy", type=click.Choice(FRAUD_POLICIES))
 @out.json_option
 def set_fraud_policy(workspace_id: str, rule: str, policy: str, as_json: bool) -> None:
-    """What a fraud flag under RULE does to the event (see the README's fraud rules):
+    """What a fraud flag under RULE does to the event (see docs/operations.md, Fraud flags):
 
     \b
       flag     the default: stored with the flag and its evidence, and still counted

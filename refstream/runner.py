@@ -7,6 +7,7 @@ operator commands in ``refstream.ops_*``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -19,7 +20,7 @@ import orjson
 import uvloop
 from pydantic import ValidationError
 
-from ingest import admin, schema_check
+from ingest import admin, clock, schema_check
 from ingest import settings as settings_mod
 from ingest.connections import REDIS_ERRORS, Redis, connect_redis
 from ingest.logs import configure_logging
@@ -38,6 +39,7 @@ def load_settings() -> Settings:
         settings = Settings()
     except ValidationError as exc:
         raise click.ClickException(settings_mod.explain(exc)) from None
+    clock.configure(settings.clock_offset_s)
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
         ctx.meta[_SETTINGS] = settings
@@ -107,9 +109,15 @@ def run_command(fn: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
 
 def settings_and_logging() -> Settings:
     """The command's settings, with logging configured by them (``replay``, ``reconcile``:
-    commands that run their own coroutines, see ``run_reading``)."""
+    commands that run their own coroutines, see ``run_reading``).
+
+    Their answer is what they print: the info line that the code they share with the
+    workers logs at its end (a job's summary there) would only repeat it, after it. So they
+    log warnings and errors; ``REFSTREAM_LOG_LEVEL=debug`` shows everything."""
     settings = load_settings()
-    configure_logging(settings.log_level, json=settings.log_json)
+    level = logging.getLevelName(settings.log_level.upper())
+    quiet = not isinstance(level, int) or logging.DEBUG < level < logging.WARNING
+    configure_logging("warning" if quiet else settings.log_level, json=settings.log_json)
     return settings
 
 

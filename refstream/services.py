@@ -33,7 +33,8 @@ import structlog
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 
 from ingest import schema_check
-from ingest.connections import connect_redis, sentinel_target
+from ingest.connections import connect_redis
+from ingest.sentinel_url import sentinel_target
 from ingest.settings import Settings
 
 from .embedded import EmbeddedServers

@@ -29,6 +29,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         REFSTREAM_PARTITIONS=str(settings.partitions),
         REFSTREAM_BLOCK_MS=str(settings.block_ms),
         REFSTREAM_CLAIM_IDLE_MS=str(settings.claim_idle_ms),
+        REFSTREAM_ARCHIVE_SEGMENT_S=str(settings.archive_segment_s),  # below the claim idle time
         REFSTREAM_RECLAIM_EVERY_S=str(settings.reclaim_every_s),
         REFSTREAM_CLICK_RATE_LIMIT=str(settings.click_rate_limit),
         REFSTREAM_SECRET_KEY=settings.secret_key or "",

@@ -171,6 +171,7 @@ def settings(services: svc_mod.Services, database_url: str, tmp_path: Any) -> Se
         partitions=4,
         block_ms=200,
         claim_idle_ms=1000,
+        archive_segment_s=0.5,  # below the claim idle time (an archiver refuses otherwise)
         reclaim_every_s=1,
         key_cache_s=0.5,
         secret_key=SECRET_KEY,

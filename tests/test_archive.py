@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from redis.exceptions import ResponseError
 
 from ingest.events import FIELD
 from ingest.keys import Keys
@@ -31,7 +32,7 @@ from workers.archive import GROUP, Archiver
 from workers.archive_store import LocalStore, Store, open_store
 from workers.reconcile import reconcile
 
-from ._procs import Procs, free_port
+from ._procs import Procs, env_for, free_port, run_command
 from .conftest import wait_for
 from .test_replay import START, append, history, make_links, snapshot
 
@@ -275,7 +276,8 @@ async def test_sigterm_writes_and_acks_the_segment_in_hand(
     entries = await stream_entries(redis, keys)
     procs = Procs(settings, tmp_path)
     # segments sealed only after a minute: SIGTERM finds every entry read and held
-    proc = procs.start("archive", REFSTREAM_ARCHIVE_URL=settings.archive_url, REFSTREAM_ARCHIVE_SEGMENT_S="60")
+    proc = procs.start("archive", REFSTREAM_ARCHIVE_URL=settings.archive_url, REFSTREAM_ARCHIVE_SEGMENT_S="60",
+                       REFSTREAM_CLAIM_IDLE_MS="120000")  # fmt: skip
     try:
 
         async def holding_all() -> bool:
@@ -336,3 +338,90 @@ async def test_an_hour_replays_from_the_archive_after_redis_trimmed_it_and_its_p
     assert after["events"] == before["events"]  # every row back, each once
     # the counters stay what they were: the hour is below the horizon, so nothing counts twice
     assert (after["links"], after["daily"]) == (before["links"], before["daily"])
+
+
+# -- two archivers whose claims idle out while a segment is still being gathered ----------
+
+
+async def archive_group_drained(redis: Any, keys: Keys) -> bool:
+    """The archive group has read and acked every entry of every partition."""
+    for stream in keys.streams:
+        info = await redis.xinfo_stream(stream)
+        (group,) = [g for g in await redis.xinfo_groups(stream) if g["name"] == GROUP.encode()]
+        if group["pending"] or group["last-delivered-id"] != info["last-generated-id"]:
+            return False
+    return True
+
+
+async def test_two_archivers_whose_claims_idle_out_mid_segment_write_each_entry_once(
+    settings: Settings, redis: Any, keys: Keys, tmp_path: Path
+) -> None:
+    """Claims idle out after 0.3 s, segments gather for 2 s and each archiver reclaims every
+    second: the other's buffered entries are idle long enough to take. The archivers keep
+    their claims on what they gather, and check the archive before every write: N entries,
+    N lines. (``refstream archive`` refuses these settings at startup; model_copy does not
+    check them: the loop must hold even so.)"""
+    settings = archived(settings, tmp_path, claim_idle_ms=300, archive_segment_s=1.5, reclaim_every_s=1)
+    store = open_store(settings)
+    archivers = [Archiver(settings, redis, store, name=n) for n in ("a", "b")]
+    runs = [asyncio.create_task(a.run()) for a in archivers]
+    try:
+        for i in range(200):  # a trickle over 5 s: both archivers gather segments all along
+            await redis.xadd(keys.stream(i % keys.partitions), {b"e": b"event-%d" % i})
+            await asyncio.sleep(0.025)  # the load's rhythm, not a synchronisation
+        await wait_for(lambda: archive_group_drained(redis, keys), timeout=60, what="the archive group to drain")
+    finally:
+        for a in archivers:
+            a.stop()
+        await asyncio.wait_for(asyncio.gather(*runs), 30)
+    entries = await stream_entries(redis, keys)
+    _, lines = await read_archive(store, keys.prefix)
+    assert len(lines) == len(entries) == 200
+    assert_exactly_once(lines, entries)
+
+
+async def test_entries_taken_over_and_written_by_another_archiver_are_not_written_again(
+    settings: Settings, redis: Any, keys: Keys, tmp_path: Path
+) -> None:
+    """An archiver stalls holding a segment it read fresh; another takes the entries over
+    (as its reclaim would) and writes them. The first, writing its segment on SIGTERM,
+    finds them in the archive: acked, not written again."""
+    settings = archived(settings, tmp_path, partitions=1, claim_idle_ms=60_000, archive_segment_s=30.0)
+    keys = Keys(settings.stream_prefix, 1)
+    for i in range(50):
+        await redis.xadd(keys.stream(0), {b"e": b"event-%d" % i})
+    entries = await stream_entries(redis, keys)
+    store = open_store(settings)
+    slow = Archiver(settings, redis, store, name="slow")
+    run = asyncio.create_task(slow.run())
+    try:
+
+        async def holding_all() -> bool:
+            try:
+                rows = await redis.xpending_range(keys.stream(0), GROUP, "-", "+", 100, consumername="slow")
+            except ResponseError:
+                return False  # no group yet
+            return len(rows) == 50
+
+        await wait_for(holding_all, what="the first archiver to gather every entry")
+        ids = [sid for (_, sid) in entries]
+        await redis.xclaim(keys.stream(0), GROUP, "other", 0, ids, justid=True)  # taken over while it stalled
+        other = await run_archiver(settings, redis, store, name="other")
+        assert other.totals.entries == 50
+    finally:
+        slow.stop()
+        await asyncio.wait_for(run, 30)
+    assert (slow.totals.entries, slow.totals.already) == (0, 50)
+    assert_exactly_once((await read_archive(store, keys.prefix))[1], entries)
+
+
+async def test_refstream_archive_refuses_a_claim_idle_time_at_or_below_the_segment_age(settings: Settings) -> None:
+    for claim_idle_ms, segment_s in (("1000", "5"), ("5000", "5")):
+        env = env_for(settings, REFSTREAM_CLAIM_IDLE_MS=claim_idle_ms, REFSTREAM_ARCHIVE_SEGMENT_S=segment_s)
+        for args in (["archive"], ["archive", "--drain"]):
+            code, _, err = await run_command(*args, env=env, within_s=30)
+            assert code != 0 and (
+                f"Error: REFSTREAM_CLAIM_IDLE_MS ({claim_idle_ms}) must be above REFSTREAM_ARCHIVE_SEGMENT_S"
+                f" ({segment_s} s) in milliseconds" in err
+            ), err
+            assert "Traceback" not in err

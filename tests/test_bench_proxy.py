@@ -1,4 +1,4 @@
-"""The bench's latency proxy (``python -m refstream.bench.proxy``), run as the bench runs it,
+"""The bench's latency proxy (``python -m bench.proxy``), run as the bench runs it,
 between this test and an echo server: bytes pass both ways intact and in order, each round
 trip takes at least the two delays, and closing one side closes the other."""
 
@@ -44,7 +44,7 @@ async def test_proxy_passes_bytes_in_order_both_ways_after_the_delay():
     echo_port = echo.sockets[0].getsockname()[1]
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "refstream.bench.proxy", "--port", str(port),
+        [sys.executable, "-m", "bench.proxy", "--port", str(port),
          "--upstream", f"127.0.0.1:{echo_port}", "--delay-ms", str(DELAY_MS)],
     )  # fmt: skip
     try:

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -90,6 +91,37 @@ def nowhere() -> str:
             ["serve"],
             {"REFSTREAM_CONNECT_TIMEOUT_S": "-1"},
             "REFSTREAM_CONNECT_TIMEOUT_S: input should be greater than 0",
+        ),
+        # each names the variable and the forms it takes, whatever the library would have said
+        (
+            ["status"],
+            {"REDIS_URL": "localhost:6379"},
+            "REDIS_URL: a URL such as redis://host:6379/0 (redis://, rediss://, unix:// or redis+sentinel://)",
+        ),
+        (
+            ["link", "show", "demo"],
+            {"DATABASE_URL": "localhost:5432"},
+            "DATABASE_URL: a URL such as postgresql://user@host:5432/refstream (postgresql:// or postgres://)",
+        ),
+        (
+            ["status"],
+            {"REFSTREAM_STREAM_RETENTION": "1hour"},
+            "REFSTREAM_STREAM_RETENTION: seconds, or a number with s, m, h or d: 3600, 90s, 30m, 1h, 2d (got '1hour')",
+        ),
+        (
+            ["work", "--drain"],
+            {"REFSTREAM_STREAM_MAX_BYTES": "1tb"},
+            "REFSTREAM_STREAM_MAX_BYTES: bytes, or a number with kb, mb or gb",
+        ),
+        (
+            ["serve"],
+            {"REFSTREAM_PROCESSES": "two"},
+            "REFSTREAM_PROCESSES: a whole number of edge processes, 1 or more (got 'two')",
+        ),
+        (
+            ["dev"],
+            {"REFSTREAM_PROCESSES": "0"},
+            "REFSTREAM_PROCESSES: a whole number of edge processes, 1 or more (got '0')",
         ),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else next(iter(v)) if isinstance(v, dict) else "",
@@ -346,3 +378,16 @@ async def test_keys_create_needs_explicit_scopes() -> None:
 async def test_version_is_the_package_version() -> None:
     code, out, err = await run("--version", env=bare_env())
     assert (code, out.strip(), err) == (0, f"refstream, version {version('refstream')}", "")
+
+
+async def test_a_command_run_as_a_module_says_refstream_in_its_usage_line() -> None:
+    """``refstream dev`` runs its edge as ``python -m refstream.cli serve``: a usage error
+    there names the command a person types."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "refstream.cli", "serve", "--processes", "x",
+        env=bare_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2 and out == b"", err
+    assert err.decode().splitlines()[0] == "Usage: refstream serve [OPTIONS]", err
+    assert "Invalid value for '--processes': a whole number of edge processes, 1 or more (got 'x')" in err.decode()

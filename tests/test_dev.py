@@ -48,7 +48,10 @@ async def test_dev_prints_a_curl_that_moves_the_counter_and_cleans_up_when_kille
     # not on PATH: the commands it prints must say where it is
     env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":") if p and p != str(Path(REFSTREAM).parent))
     log = open(tmp_path / "dev.err", "wb")
-    dev = subprocess.Popen([REFSTREAM, "dev", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=log)
+    # in a directory of its own: dev writes the tour's .refstream-dev.env where it runs
+    dev = subprocess.Popen(
+        [REFSTREAM, "dev", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=log
+    )
     assert dev.stdout is not None
     printed: list[str] = []
     try:
@@ -100,8 +103,10 @@ async def read_banner(dev: subprocess.Popen[bytes], errors: Path) -> list[str]:
 
 
 def start_dev(args: list[str], env: dict[str, str], errors: Path) -> subprocess.Popen[bytes]:
-    with open(errors, "ab") as log:
-        return subprocess.Popen([REFSTREAM, "dev", *args], env=env, stdout=subprocess.PIPE, stderr=log)
+    with open(errors, "ab") as log:  # run beside its errors: dev writes .refstream-dev.env where it runs
+        return subprocess.Popen(
+            [REFSTREAM, "dev", *args], cwd=errors.parent, env=env, stdout=subprocess.PIPE, stderr=log
+        )
 
 
 async def stop_dev(dev: subprocess.Popen[bytes]) -> None:

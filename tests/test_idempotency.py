@@ -1,4 +1,4 @@
-"""A retried request counts once (DESIGN invariant 8): every keyed write route answers a
+"""A retried request counts once (docs/guarantees.md): every keyed write route answers a
 repeat of its idempotency key as it answered the first copy, and stores one event; copies
 in flight at once too; another key counts again, as does the same key after the window;
 a malformed key is a 400 and a reused one a 422, each in the route's own error shape."""

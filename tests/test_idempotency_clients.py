@@ -1,12 +1,14 @@
 """Idempotency keys as clients meet them: tracker.js retrying a click whose answer was lost
 (run by node against the real edge), `refstream serve` and `work` as processes, and a Redis
-outage (public clicks spooled without the check: the worker stores one per key)."""
+outage (public clicks spooled without the check: the worker stores one per key), and one key
+sent to an edge that spools and to one that reaches Redis (stored once)."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 import subprocess
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,11 @@ from ingest.settings import Settings
 from workers.worker import drain as drain_streams
 
 from ._procs import Procs, free_port
+from ._proxy import Proxy
 from ._redis import PrivateRedis
 from ._world import World, call, start_edge
 from .conftest import wait_for
+from .faults._servers import FaultRedis
 from .test_seed_002_affitor import EXAMPLE as AFFITOR_CLICK
 
 # a Redis of its own, and node:
@@ -165,3 +169,49 @@ async def test_redis_down_spools_without_the_check_and_the_worker_counts_one(
     assert len(rows) == 1  # two copies spooled, one stored: the worker dedupes on the key
     assert "clk_" + rows[0]["event_id"].hex in (first[1]["click_id"], elsewhere[1]["click_id"])
     assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'PARTNER123'") == 1
+
+
+async def test_one_key_through_a_spool_and_redis_is_stored_once(
+    settings: Settings, world: World, pg: asyncpg.Pool, private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    # issue 24, defect 3: edge B spools while edge A reaches Redis; one key sent to both
+    server = await private_fault_redis()
+    road = Proxy(server.port)  # B's way to Redis: nothing listens there until it starts
+    a, base_a = await start_edge(_edge_settings(settings, server.url, tmp_path / "a"))
+    b, base_b = await start_edge(_edge_settings(settings, road.url, tmp_path / "b"))
+
+    async def click(base: str, key: str) -> tuple[int, Any, dict[str, str]]:
+        return await call("POST", f"{base}/api/v1/track/click", json=AFFITOR_CLICK, headers={"Idempotency-Key": key})
+
+    try:
+        spooled_1 = await click(base_b, "one")
+        assert spooled_1[0] == 200 and spool_store.usage(tmp_path / "b").entries == 1
+        on_redis_1 = await click(base_a, "one")  # A cannot know what B spooled
+        assert on_redis_1[0] == 200 and "Idempotent-Replayed" not in on_redis_1[2]
+        spooled_2 = await click(base_b, "two")
+        assert spooled_2[0] == 200
+
+        await road.start()
+        await wait_for(lambda: _empty(tmp_path / "b"), timeout=30, what="B's spool to drain")
+        # "two" drained before A saw it: its record holds B's answer, which A now gives
+        late_2 = await click(base_a, "two")
+        assert late_2[:2] == spooled_2[:2] and late_2[2]["Idempotent-Replayed"] == "true"
+    finally:
+        await a.cleanup()
+        await b.cleanup()
+        await road.close()
+    await drain_streams(_edge_settings(settings, server.url, tmp_path / "a"))
+    rows = await pg.fetch("SELECT event_id FROM events WHERE dialect = 'affitor'")
+    # "one": B's copy drained through the key's check, found A's record, and was not appended
+    # (B had answered its own click id, which is not stored); "two": B's copy, as answered
+    stored = sorted("clk_" + r["event_id"].hex for r in rows)
+    assert stored == sorted([on_redis_1[1]["click_id"], spooled_2[1]["click_id"]])
+
+
+def _edge_settings(settings: Settings, redis_url: str, spool: Path) -> Settings:
+    return settings.model_copy(update={"redis_url": redis_url, "spool_dir": str(spool)})
+
+
+async def _empty(directory: Path) -> bool:
+    return spool_store.usage(directory).entries == 0

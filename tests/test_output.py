@@ -99,13 +99,39 @@ def test_replay_and_drift_tables() -> None:
     result = {"range": {"from": "1-0", "to": "9-0"}, "dry_run": False, "partitions": {"0": counts, "3": counts},
               "totals": {k: 2 * v for k, v in counts.items()}}  # fmt: skip
     text = render(ops_replay.render_replay, result, keys)
-    assert [r[:3] for r in rows(text, "replay: 1-0 .. 9-0")] == [["0", "3", "1"], ["3", "3", "1"], ["all", "6", "2"]]
+    replayed = rows(text, "replay: from 1-0 to 9-0")
+    assert [r[:3] for r in replayed] == [["0", "3", "1"], ["3", "3", "1"], ["all", "6", "2"]]
     drift = [{"code": "A[b]", "counter": "last_clicked_at", "stored": None, "recomputed": "2024-03-02T10:00:00+00:00"}]
     text = render(ops_reconcile.render_drift, drift, False)
     assert rows(text, "drift (--fix repairs it)") == [
         ["A[b]", "-", "last_clicked_at", "-", "2024-03-02T10:00:00+00:00"]
     ]
     assert "no drift" in render(ops_reconcile.render_drift, [], False)
+
+
+def test_replay_tables_fit_80_columns_with_whole_headers_and_an_open_end() -> None:
+    """Seven-digit counts in every column of both tables (a dry run's and a replay's):
+    each header stays one word on one line, each count whole, within 80 columns; a range
+    open at its end reads "to the end", not as the largest stream id."""
+    keys = Keys(LONG, 4)
+    big = 9_876_543
+    for dry_run, fields in (
+        (True, ["entries", "archived", "new", "stored", "repeats", "skipped", "undecodable", "failed"]),
+        (False, ["entries", "archived", "inserted", "duplicates", "skipped", "undecodable", "failed"]),
+    ):
+        counts = dict.fromkeys(fields, 0) | {"entries": big, fields[2]: big // 2, fields[3]: big // 2}
+        end = "18446744073709551615-18446744073709551615"
+        result = {"range": {"from": "1712345678901-0", "to": end}, "dry_run": dry_run,
+                  "partitions": {str(p): counts for p in range(4)}, "totals": counts | {"archived": 12}}  # fmt: skip
+        text = render(ops_replay.render_replay, result, keys)  # asserts 80 columns
+        title = f"replay{' (dry run)' if dry_run else ''}: from 1712345678901-0 to the end"
+        table = rows(text, title)
+        assert end not in text
+        header = next(line for line in text.splitlines() if "entries" in line)
+        assert [c.strip() for c in header.strip("┃").split("┃")] == ["p"] + [f for f in fields if f != "archived"]
+        assert table[0][:2] == ["0", str(big)] and table[-1][0] == "all"
+        assert "read from the archive (Redis no longer held them): 12 of the entries" in text
+    assert ops_replay.described({"from": "0-0", "to": "5-1"}) == "from the start to 5-1"
 
 
 def test_every_command_that_prints_data_takes_json() -> None:

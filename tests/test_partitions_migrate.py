@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from ingest import schema_check
+from ingest import links, schema_check
 from ingest.connections import create_pg_pool
 from ingest.db import SCHEMA_VERSION, ensure_database, migrate
 from ingest.events import Dialect, Envelope, EventType, uuid7
@@ -151,7 +151,7 @@ WHERE pg_get_indexdef(i.indexrelid) LIKE '%(link_id, ip, received_at)%' ORDER BY
 """
 
 
-async def test_a_schema_4_database_takes_schema_5(scratch_url: str, settings: Settings):
+async def test_a_schema_4_database_takes_schema_5_and_on(scratch_url: str, settings: Settings):
     await ensure_database(scratch_url)
     conn = await asyncpg.connect(scratch_url)
     try:
@@ -171,7 +171,10 @@ async def test_a_schema_4_database_takes_schema_5(scratch_url: str, settings: Se
         )  # fmt: skip
         assert (await schema_check.check_url(scratch_url)).version == 4
 
-        assert await migrate(conn) == SCHEMA_VERSION == 5
+        cached_version = await conn.fetchval("SELECT (extract(epoch FROM updated_at) * 1000000)::bigint FROM links")
+        assert await migrate(conn) == SCHEMA_VERSION
+        # schema 6: a link's cache version (a sequence) outranks what an older build cached (updated_at's µs)
+        assert (await links.fetch(conn, "OLD")).version > cached_version  # type: ignore[union-attr]
         tables = {r["relname"] for r in await conn.fetch("SELECT relname FROM pg_class WHERE relkind = 'r'")}
         assert {"drop_stats", "event_drops", "drop_folds", "event_flags", "affiliate_ips"} <= tables
         # the click_burst index: on the partitioned table, so on each partition, old and new

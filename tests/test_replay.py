@@ -211,7 +211,10 @@ async def test_a_range_lost_to_a_postgres_restore_comes_back_exactly(
     restored = await snapshot(pg)
     assert restored["links"] != before["links"] and restored["daily"] != before["daily"]
 
-    result = await procs.cli("replay", "--since", lost_from.isoformat(), "--until", lost_to.isoformat(), "--json")
+    code, result, err = await run(
+        procs.settings, "replay", "--since", lost_from.isoformat(), "--until", lost_to.isoformat(), "--json"
+    )
+    assert code == 0 and '"event"' not in err, err  # the answer on stdout, no log line after it
     assert result["totals"]["inserted"] == lost
     assert await snapshot(pg) == before  # every counter, daily row, unique visitor and event row
     assert await reconcile(pg, fix=False) == []

@@ -18,7 +18,6 @@ import asyncio
 import builtins
 import os
 import secrets
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
@@ -75,7 +74,7 @@ class LocalStore:
             os.fsync(dir_fd)  # the rename itself survives a power cut
         finally:
             os.close(dir_fd)
-        _sweep(path.parent)
+        _sweep(path.parent, path.stat().st_mtime)
 
     async def get(self, key: str) -> bytes:
         try:
@@ -113,10 +112,11 @@ class LocalStore:
         return sorted(out)
 
 
-def _sweep(directory: Path) -> None:
+def _sweep(directory: Path, now: float) -> None:
     """Remove what a crashed write left behind: temporary files older than ``STALE_S`` (a
-    younger one may be another archiver's write in progress)."""
-    now = time.time()
+    younger one may be another archiver's write in progress). ``now`` is the disk's clock
+    (the mtime of the segment just written), as the leftovers' mtimes are: never this
+    process's, which may be off (docs/guarantees.md: one clock decides)."""
     for leftover in directory.glob(f"{TMP}*"):
         try:
             if now - leftover.stat().st_mtime > STALE_S:

@@ -32,8 +32,8 @@ import orjson
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio.client import Pipeline
 
-from ingest.connections import sentinel_target
 from ingest.keys import Keys
+from ingest.sentinel_url import sentinel_target
 from ingest.settings import Settings
 
 _ARQ = "arq:"

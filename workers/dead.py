@@ -17,11 +17,11 @@ they move, with the operator's reason, to ``{prefix}:dead:dropped`` (built here 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ingest import clock
 from ingest.connections import Redis
 from ingest.events import FIELD, FIELDS, Envelope, EnvelopeError, entry_of
 from ingest.keys import Keys
@@ -244,7 +244,7 @@ async def drop(
             **letter.fields,
             "dead_id": letter.dead_id,
             "reason": reason,
-            "dropped_at": int(time.time() * 1000),
+            "dropped_at": clock.now_ms(),
         }
         await redis.xadd(dropped_key(keys), record)
         out.done += await redis.xdel(keys.dead, letter.dead_id)

@@ -3,7 +3,7 @@
 Pure and synchronous. An `Enricher` is built once per worker process at startup; it loads
 the bundled geo data and the UA regexes in its constructor, never at import time, and
 nothing is downloaded: geoip2fast's country+ASN file and ua-parser's regexes ship inside
-their wheels (DESIGN.md §6). The geo tables are held compactly (``workers.geo``).
+their wheels (the README names the data and its licences). The geo tables are held compactly (``workers.geo``).
 """
 
 from __future__ import annotations

@@ -6,16 +6,20 @@ up in memory behind the same outage). A Redis refusal (out of memory, read-only)
 the partition that met it: the others keep reading and acking, which is what frees Redis.
 
 One log line per change of state, never one per retry; the state is published for
-``refstream status`` and as the ``refstream_worker_blocked{reason}`` gauge.
+``refstream status`` and as the ``refstream_worker_blocked{reason}`` gauge. Between retries
+the waits grow (``Backoff``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 
 import structlog
+
+from ingest import clock
 
 log = structlog.get_logger("workers.gate")
 
@@ -51,7 +55,7 @@ class Gate:
         else:
             self._open.set()  # a partition's reason may change (Postgres back, Redis now full)
         if not was_blocked:
-            self.since, self._since_mono = time.time(), time.monotonic()
+            self.since, self._since_mono = clock.now(), time.monotonic()
         if self.reasons != before:
             log.warning("worker.blocked", reasons=self.reasons, partitions=sorted(self._held))
             self._changed()
@@ -82,3 +86,18 @@ class Gate:
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change(self)
+
+
+class Backoff:
+    """Waits between retries while an outage lasts: doubling from ``first`` up to ``cap``,
+    jittered (members that met the same outage do not retry in step)."""
+
+    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.delay * random.uniform(0.5, 1.0))
+        self.delay = min(self.cap, self.delay * 2)

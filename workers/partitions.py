@@ -17,7 +17,16 @@ bounds being the UUIDs of its first millisecond and the next day's; ``link_visit
 - first of all, records the horizon (the retention's first day) in ``event_retention``:
   an event id below it may be dropped, so the worker stores such an event without moving
   a counter, and reconcile never recounts before it;
-- purges ``event_dedupe`` keys older than the dedupe retention, in chunks.
+- purges ``event_dedupe`` keys older than the dedupe retention, in chunks, and the other
+  tables that grow with traffic (``workers/retention.py``).
+
+Which day it is, is Postgres's to say (``clock_timestamp()``, in UTC), never this
+process's (docs/guarantees.md: one clock decides): a worker whose clock ran a year ahead once dropped every
+daily partition and moved the horizon past every new event, so nothing counted. And a
+process whose own clock differs from Postgres's by more than ``REFSTREAM_CLOCK_SKEW_MAX_S``
+does nothing destructive at all (no horizon, drop or purge: it logs
+``partitions.clock_skewed`` and leaves them to a worker whose clock agrees); it still
+creates the partitions of Postgres's days, which destroys nothing.
 
 Nothing is refused for lacking a partition: the default partition takes whatever no daily
 one covers. pg_partman is not needed (and not used) for any of it.
@@ -35,12 +44,17 @@ from uuid import UUID
 import asyncpg
 import structlog
 
+from ingest import clock
+
+from . import retention
+
 log = structlog.get_logger("workers.partitions")
 
 AHEAD_DAYS = 7
 DAY_MS = 86_400_000
 LOCK_TIMEOUT = "1s"
 DEDUPE_CHUNK = 10_000
+WEBHOOK_DAYS = 30  # REFSTREAM_WEBHOOK_RETENTION's default
 _LOCK = 0x7265_6670_6172  # any constant: the same for every worker
 _EPOCH = date(1970, 1, 1)
 _BOUND = re.compile(r"FROM \((.+?)\) TO \((.+?)\)")
@@ -95,6 +109,8 @@ class Maintenance:
     purged_default: int = 0
     purged_dedupe: int = 0
     skipped: bool = False  # another worker held the lock
+    refused: str | None = None  # why nothing destructive was done (this process's clock)
+    purged: dict[str, int] = field(default_factory=dict)  # rows of other tables, by workers.retention
 
 
 def _ranges(rows: list[asyncpg.Record], table: _Table) -> dict[str, tuple[date | None, date | None]]:
@@ -141,7 +157,7 @@ async def drop(conn: asyncpg.Connection, name: str) -> None:
         await conn.execute(f"DROP TABLE {name}")
 
 
-async def _table(conn: asyncpg.Connection, table: _Table, today: date, first_kept: date, out: Maintenance) -> None:
+async def _create(conn: asyncpg.Connection, table: _Table, today: date, first_kept: date, out: Maintenance) -> None:
     ranges = _ranges(await conn.fetch(_PARTITIONS, table.name), table)
     for offset in range(-1, AHEAD_DAYS + 1):
         day = today + timedelta(days=offset)
@@ -149,6 +165,10 @@ async def _table(conn: asyncpg.Connection, table: _Table, today: date, first_kep
             name = await create_day(conn, table, day)
             ranges[name] = (day, day + timedelta(days=1))
             out.created.append(name)
+
+
+async def _expire(conn: asyncpg.Connection, table: _Table, first_kept: date, out: Maintenance) -> None:
+    ranges = _ranges(await conn.fetch(_PARTITIONS, table.name), table)
     for name, (_, hi) in sorted(ranges.items()):
         if hi is not None and hi <= first_kept:
             try:
@@ -158,6 +178,16 @@ async def _table(conn: asyncpg.Connection, table: _Table, today: date, first_kep
                 log.warning("partitions.drop_postponed", partition=name, waited=LOCK_TIMEOUT)
     status = await conn.execute(f"DELETE FROM {table.name}_default WHERE {table.older}", table.bound(first_kept))
     out.purged_default += int(status.split()[-1])
+
+
+async def _warn_horizon_ahead(conn: asyncpg.Connection, first_kept: date) -> None:
+    """The horizon only moves forward: one recorded ahead of Postgres's day (by a build that
+    took a skewed worker's clock) keeps events below it from counting until Postgres's day
+    catches up. Said, not undone: rows below it may be gone, and a replay of them would
+    count twice."""
+    recorded = await conn.fetchval("SELECT horizon FROM event_retention")
+    if recorded is not None and recorded.astimezone(UTC).date() > first_kept:
+        log.warning("partitions.horizon_ahead", horizon=recorded.isoformat(), expected=first_kept.isoformat())
 
 
 @asynccontextmanager
@@ -170,36 +200,64 @@ async def _connection(source: asyncpg.Pool | asyncpg.Connection) -> AsyncIterato
 
 
 async def maintain(
-    source: asyncpg.Pool | asyncpg.Connection, *, retention_days: int, dedupe_days: int, today: date | None = None
+    source: asyncpg.Pool | asyncpg.Connection,
+    *,
+    retention_days: int,
+    dedupe_days: int,
+    today: date | None = None,
+    skew_max_s: float = clock.SKEW_MAX_S,
+    webhook_days: int = WEBHOOK_DAYS,
 ) -> Maintenance:
-    """One maintenance run; ``today`` (UTC) may be given, for tests and the bench.
+    """One maintenance run on Postgres's day; ``today`` (UTC) may be given instead, for
+    tests and the bench. Nothing destructive when this process's clock is more than
+    ``skew_max_s`` off Postgres's (``Maintenance.refused`` says so). The other tables'
+    retention (``workers.retention``) runs here too: flags and drops with the events,
+    finished webhook deliveries after ``webhook_days``.
 
     ``refstream migrate`` runs one too, so that the days around today have their partitions
     before any batch inserts: a day attached while batches insert into the default partition
     makes them retry (a partition constraint met mid-routing is contention, never poison)."""
-    today = today or datetime.now(UTC).date()
-    first_kept = today - timedelta(days=retention_days)
     out = Maintenance()
     async with _connection(source) as conn:
+        if today is None:
+            reference, skew = await clock.postgres_skew(conn)
+            today = datetime.fromtimestamp(reference, UTC).date()
+            try:
+                clock.check("postgres", skew, skew_max_s)
+            except clock.Skewed as exc:
+                out.refused = str(exc)
+                log.warning("partitions.clock_skewed", skew_s=round(skew, 3), bound_s=skew_max_s,
+                            postgres_day=today.isoformat(), refused="drops, retention, dedupe purge")  # fmt: skip
+        first_kept = today - timedelta(days=retention_days)
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
             out.skipped = True
             return out
         try:
-            # the horizon first: from then on a batch counts nothing below it, before any
-            # row below it is gone (else a replayed old event could count again in between)
-            await conn.execute(_HORIZON, datetime.combine(first_kept, time.min, UTC), day_uuid(first_kept))
+            if out.refused is None:
+                # the horizon first: from then on a batch counts nothing below it, before any
+                # row below it is gone (else a replayed old event could count again in between)
+                await conn.execute(_HORIZON, datetime.combine(first_kept, time.min, UTC), day_uuid(first_kept))
+                await _warn_horizon_ahead(conn, first_kept)
             for table in (EVENTS, VISITS):
-                await _table(conn, table, today, first_kept, out)
+                await _create(conn, table, today, first_kept, out)
+                if out.refused is None:
+                    await _expire(conn, table, first_kept, out)
             cutoff = datetime.combine(today - timedelta(days=dedupe_days), time.min, UTC)
-            while True:
+            while out.refused is None:
                 status = await conn.execute(_PURGE_DEDUPE, cutoff, DEDUPE_CHUNK)
                 n = int(status.split()[-1])
                 out.purged_dedupe += n
                 if n < DEDUPE_CHUNK:
                     break
+            if out.refused is None:
+                kept_from = datetime.combine(first_kept, time.min, UTC)
+                webhooks_before = datetime.combine(today - timedelta(days=webhook_days), time.min, UTC)
+                done = await retention.purge(conn, horizon_id=day_uuid(first_kept), webhooks_before=webhooks_before,
+                                             ips_before=kept_from)  # fmt: skip
+                out.purged = done.tables
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK)
-    if out.created or out.dropped or out.purged_default or out.purged_dedupe:
+    if out.created or out.dropped or out.purged_default or out.purged_dedupe or out.purged:
         log.info("partitions", created=out.created, dropped=out.dropped,
-                 purged_default=out.purged_default, purged_dedupe=out.purged_dedupe)  # fmt: skip
+                 purged_default=out.purged_default, purged_dedupe=out.purged_dedupe, purged=out.purged)  # fmt: skip
     return out

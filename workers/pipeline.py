@@ -32,6 +32,7 @@ import structlog
 from arq.connections import ArqRedis
 from asyncpg import PostgresError
 
+from ingest import clock
 from ingest.connections import Redis
 from ingest.events import FIELD, Envelope, EnvelopeError, entry_of
 from ingest.keys import GROUP, Keys
@@ -287,7 +288,7 @@ class Pipeline:
 
     async def _dead_letter(self, stream: str, dead: list[Dead]) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        now = int(time.time() * 1000)
+        now = clock.now_ms()
         for d in dead:
             fields: dict[Any, Any] = {
                 "stream": stream,

@@ -8,7 +8,6 @@ for ``FORGET_AFTER_S`` is removed by whichever worker publishes next.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +46,11 @@ def _entries(raw: dict[Any, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 async def publish(redis: Redis, keys: Keys, name: str, state: dict[str, Any]) -> None:
-    """Write ``state`` (``at`` is set here) and forget the workers gone for long."""
-    now = time.time()
+    """Write ``state`` (``at`` is set here) and forget the workers gone for long. ``at`` is
+    Redis's time, as ``read`` ages it: a worker whose clock runs ahead would otherwise
+    forget every other worker's state (docs/guarantees.md: one clock decides)."""
+    secs, micros = await redis.time()
+    now = int(secs) + int(micros) / 1e6
     await redis.execute_command("HSET", keys.workers, name, orjson.dumps({**state, "at": now}))
     raw = await redis.execute_command("HGETALL", keys.workers)
     gone = [n for n, d in _entries(raw) if now - float(d["at"]) > FORGET_AFTER_S]

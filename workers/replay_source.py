@@ -1,10 +1,12 @@
 """Where a replay reads: Redis for what it still holds, the archive for the rest.
 
 ``Source.pages`` reads the archive (``workers/archive_read.py``) for what lies before the
-oldest entry Redis holds, then Redis with XRANGE. Should the trim remove entries between
-the look at Redis and the read (it trims only what every group acked, the archive's
-included), the gap is read from the archive. Stream ids, ranges' ends and counts live here
-too; ``workers.replay`` re-exports what it always offered.
+oldest entry Redis holds, then Redis with XRANGE, a page at a time. The trim may run
+between any two reads (it trims only what every group acked, the archive's included): at
+every page, when Redis's oldest entry has moved past where the page should start, what
+lies between is read from the archive, so a trim racing a replay loses nothing. Stream
+ids, ranges' ends and counts live here too; ``workers.replay`` re-exports what it always
+offered.
 """
 
 from __future__ import annotations
@@ -65,16 +67,6 @@ async def count(redis: Redis, stream: str, start: StreamId, end: StreamId, *, ch
         start = _after(sid)
 
 
-async def _pages(redis: Redis, stream: str, start: StreamId, end: StreamId, size: int) -> AsyncIterator[list[Any]]:
-    while True:
-        page = await redis.xrange(stream, min=format_id(start), max=format_id(end), count=size)
-        if page:
-            yield page
-        if len(page) < size or (last := parse_id(_s(page[-1][0]))) >= end:
-            return
-        start = _after(last)
-
-
 async def _first(redis: Redis, stream: str) -> StreamId | None:
     rows = await redis.xrange(stream, count=1)
     return parse_id(_s(rows[0][0])) if rows else None
@@ -111,17 +103,20 @@ class Source:
                 yield page
         if first is None or first > end:
             return
-        lo, first_page = max(start, first), True
-        async for page in _pages(self.redis, stream, lo, end, size):
-            if first_page:
-                first_page = False
-                if parse_id(_s(page[0][0])) > lo and await self._trimmed_past(stream, lo):
-                    async for gap in self._archived(p, lo, _before(parse_id(_s(page[0][0]))), size, part):
-                        yield gap
-            yield page
-        if first_page and await self._trimmed_past(stream, lo):  # all of it trimmed since the look
-            async for gap in self._archived(p, lo, end, size, part):
-                yield gap
+        lo = max(start, first)
+        while True:
+            page = await self.redis.xrange(stream, min=format_id(lo), max=format_id(end), count=size)
+            head = parse_id(_s(page[0][0])) if page else None
+            # checked at every page: the trim may run between any two of them, and what it
+            # took from [lo, head) is in the archive (it trims only what every group acked)
+            if (head is None or head > lo) and await self._trimmed_past(stream, lo):
+                async for gap in self._archived(p, lo, end if head is None else _before(head), size, part):
+                    yield gap
+            if page:
+                yield page
+            if len(page) < size or (last := parse_id(_s(page[-1][0]))) >= end:
+                return
+            lo = _after(last)
 
     async def _trimmed_past(self, stream: str, sid: StreamId) -> bool:
         """Whether the trim has removed entries at or after ``sid`` since the first look

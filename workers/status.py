@@ -191,8 +191,10 @@ async def _partition(
     if hb is not None:
         part.memory_bytes = hb.memory_bytes
         part.trim_held_by, part.trim_held_entries = hb.held_by, hb.held_entries
-        if hb.held_by is not None and hb.cut is not None:
-            part.trim_held_age_s = max(0.0, (now_ms - hb.cut[0]) / 1000)
+        if hb.held_by is not None and hb.cut is not None and first:
+            # the oldest entry it needs, not its need's id (0-1 for a group that read nothing)
+            needed = max(hb.cut, parse_id(first[0]))
+            part.trim_held_age_s = max(0.0, (now_ms - needed[0]) / 1000)
     return part
 
 

@@ -26,9 +26,10 @@ from ingest import clicks
 from ingest.events import Dialect, Envelope, EventType
 from ingest.links import LINK_SELECT, LinkInfo
 
-from . import counters, customers, drops, fraud, jsonrows, notices, webhooks
+from . import counters, customers, drops, event_row, fraud, jsonrows, notices, webhooks
 from .enrich import Enricher, Found
 from .errors import is_retryable_in_place
+from .event_row import EventRow
 from .stored import Stored, ts
 
 log = structlog.get_logger("workers.store")
@@ -55,19 +56,9 @@ ORDER BY 1, 2, 3, 4  -- the lowest event id takes a key repeated within the batc
 ON CONFLICT DO NOTHING
 RETURNING event_id
 """
-# an event row's fields, in the order _INSERT_EVENTS takes them
-_EVENT_COLUMNS = (
-    ("event_id", "uuid"), ("type", "smallint"), ("workspace_id", "uuid"), ("link_id", "uuid"), ("program_id", "uuid"),
-    ("affiliate_id", "uuid"), ("click_id", "uuid"), ("visitor_id", "text"), ("customer_external_id", "text"),
-    ("name", "text"), ("dedupe_key", "text"), ("dialect", "text"), ("test_mode", "boolean"), ("is_bot", "boolean"),
-    ("received_at", "timestamptz"), ("ip", "inet"), ("user_agent", "text"), ("referrer", "text"), ("country", "text"),
-    ("asn", "integer"), ("enrichment", "jsonb"), ("visitor_key", "text"), ("out_of_window", "boolean"),
-    ("payload", "jsonb"), ("bot_counted", "boolean"),
-)  # fmt: skip
-_ID, _TYPE, _WORKSPACE, _DEDUPE, _RECEIVED = 0, 1, 2, 10, 14  # positions in a row
 _INSERT_EVENTS = f"""
-INSERT INTO events ({", ".join(name for name, _ in _EVENT_COLUMNS)})
-{jsonrows.select([t for _, t in _EVENT_COLUMNS])}
+INSERT INTO events ({", ".join(name for name, _ in event_row.COLUMNS)})
+{jsonrows.select([t for _, t in event_row.COLUMNS])}
 ORDER BY 1
 ON CONFLICT (event_id) DO NOTHING
 -- below the retention's horizon, its partition may have been dropped: a copy of an event
@@ -123,19 +114,17 @@ async def write_batch(pool: asyncpg.Pool, envelopes: list[Envelope], enricher: E
     raise AssertionError("unreachable")
 
 
-async def _claim_keys(
-    conn: asyncpg.Connection, batch: list[tuple[Any, ...]]
-) -> tuple[list[tuple[Any, ...]], list[UUID]]:
+async def _claim_keys(conn: asyncpg.Connection, batch: list[EventRow]) -> tuple[list[EventRow], list[UUID]]:
     """Claim the batch's dedupe keys; the event rows to insert come back: those without a
     key, and those whose key this batch now holds (in event-id order still); and the ids of
     the events whose key was held already (by another event, or by their own earlier copy)."""
-    keyed = [r for r in batch if r[_DEDUPE] is not None]
+    keyed = [r for r in batch if r.dedupe_key is not None]
     if not keyed:
         return batch, []
-    claims = [(r[_WORKSPACE], r[_TYPE], r[_DEDUPE], r[_ID], r[_RECEIVED]) for r in keyed]
+    claims = [(r.workspace_id, r.type, r.dedupe_key, r.event_id, r.received_at) for r in keyed]
     claimed = {r["event_id"] for r in await conn.fetch(_CLAIM_KEYS, jsonrows.doc(claims))}
-    keep = [r for r in batch if r[_DEDUPE] is None or r[_ID] in claimed]
-    lost = [r[_ID] for r in keyed if r[_ID] not in claimed]
+    keep = [r for r in batch if r.dedupe_key is None or r.event_id in claimed]
+    lost = [r.event_id for r in keyed if r.event_id not in claimed]
     return keep, lost
 
 
@@ -205,7 +194,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     # Decided here, once per batch, and recorded on the row (bot_counted) for reconcile
     counting = {ws for ws, r in policies.items() if r["bot_policy"] == "count"}
 
-    batch: list[tuple[Any, ...]] = []  # event rows, fields in _EVENT_COLUMNS order
+    batch: list[EventRow] = []
     kept: dict[UUID, Stored] = {}
     no_row: list[drops.NoRow] = []  # dropped with no event row: counted once by event id
     for e in sorted(envelopes, key=lambda e: e.event_id):
@@ -224,43 +213,45 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
         is_bot = found is not None and found.is_bot
         click_id = e.payload.get("click_id")
         at = ts(e.received_at_ms)
-        row = (
-            e.event_id,
-            int(e.type),
-            link.workspace_id,
-            link.id,
-            link.program_id,
-            link.affiliate_id,
-            clicks.parse(click_id) if isinstance(click_id, str) else None,
-            _opt(e.payload.get("visitor_id")),
-            _opt(e.payload.get("external_id")),
-            _opt(e.payload.get("name")),
-            _dedupe_key(e),
-            e.dialect,
-            e.payload.get("test_mode") is True,
-            is_bot,
-            at,
-            ip,
-            e.user_agent,
-            _opt(e.payload.get("referrer")),
-            found.country if found else None,
-            found.asn if found else None,
-            found.doc if found else None,
-            visitor_key := _visitor_key(e),
-            out_of_window := _out_of_window(e, link),
-            e.payload,
-            is_bot and link.workspace_id in counting,
+        row = EventRow(
+            event_id=e.event_id,
+            type=int(e.type),
+            workspace_id=link.workspace_id,
+            link_id=link.id,
+            program_id=link.program_id,
+            affiliate_id=link.affiliate_id,
+            click_id=clicks.parse(click_id) if isinstance(click_id, str) else None,
+            visitor_id=_opt(e.payload.get("visitor_id")),
+            customer_external_id=_opt(e.payload.get("external_id")),
+            name=_opt(e.payload.get("name")),
+            dedupe_key=_dedupe_key(e),
+            dialect=e.dialect,
+            test_mode=e.payload.get("test_mode") is True,
+            is_bot=is_bot,
+            received_at=at,
+            ip=ip,
+            user_agent=e.user_agent,
+            referrer=_opt(e.payload.get("referrer")),
+            country=found.country if found else None,
+            asn=found.asn if found else None,
+            enrichment=found.doc if found else None,
+            visitor_key=_visitor_key(e),
+            out_of_window=_out_of_window(e, link),
+            payload=e.payload,
+            bot_counted=is_bot and link.workspace_id in counting,
         )
         batch.append(row)
         kept[e.event_id] = Stored(
-            e, link, at, is_bot, visitor_key, out_of_window, ip, found.bot_reason if found else None
+            e, link, at, is_bot, row.visitor_key, row.out_of_window, ip, found.bot_reason if found else None
         )
 
     if not kept:
         await drops.settle(conn, inserted=[], no_row=no_row)
         return result
     batch, lost = await _claim_keys(conn, batch)
-    returned = {r["event_id"]: r["expired"] for r in await conn.fetch(_INSERT_EVENTS, jsonrows.doc(batch))}
+    returned = {
+        r["event_id"]: r["expired"] for r in await conn.fetch(_INSERT_EVENTS, jsonrows.doc(event_row.plain(batch)))
+    }
     inserted = [s for event_id, s in kept.items() if event_id in returned]  # in event-id order
     result.inserted = len(inserted)
     result.duplicates += len(kept) - len(inserted)

@@ -14,17 +14,22 @@ nothing pending, the entry after its last-delivered one. ``XTRIM MINID`` removes
 entries below the cut, never a blind MAXLEN. A partition without any group is not trimmed.
 When a group holds the cut below the wish, ``holdback`` says which one and by how much
 (``refstream status`` shows it): Redis then grows past its budget rather than lose an entry.
+
+The retention mark is Redis's time (``TIME``), as the stream ids it is compared with are:
+never this process's clock (docs/guarantees.md: one clock decides). A process whose own clock differs from
+Redis's by more than ``REFSTREAM_CLOCK_SKEW_MAX_S`` trims nothing by time (it logs
+``trim.clock_skewed``); the memory mark, which reads no clock, still applies.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from redis.exceptions import ResponseError
 
+from ingest import clock
 from ingest.connections import Redis
 from ingest.keys import Keys, parse_id
 
@@ -120,16 +125,17 @@ async def _memory_mark(redis: Redis, stream: str, length: int, used: int, budget
 
 
 async def holdback(
-    redis: Redis, stream: str, retention_s: int, budget: int, *, now_ms: int, length: int | None = None
+    redis: Redis, stream: str, retention_s: int, budget: int, *, now_ms: int | None, length: int | None = None
 ) -> Holdback | None:
-    """Where the trim of ``stream`` wants to cut and may cut; None when there is no stream."""
+    """Where the trim of ``stream`` wants to cut and may cut; None when there is no stream.
+    ``now_ms`` None: no retention mark (no clock to trust), the memory mark alone."""
     found = await needs(redis, stream)
     if found is None:
         return None
     if length is None:
         length = int(await redis.xlen(stream))
     used = await memory_usage(redis, stream)
-    wish: StreamId = (now_ms - retention_s * 1000, 0)
+    wish: StreamId = (0, 0) if now_ms is None else (max(0, now_ms - retention_s * 1000), 0)
     if (mark := await _memory_mark(redis, stream, length, used, budget)) is not None:
         wish = max(wish, mark)
     cut = min((n.need for n in found), default=None)
@@ -139,6 +145,8 @@ async def holdback(
         held_by = lowest.group
         counted: Any = redis.eval(_COUNT, 1, stream, _fmt(cut), f"({_fmt(wish)}", str(MAX_STEP))
         held = int(await counted)
+        if not held:  # no entry between the need and the wish: nothing is held back
+            held_by = None
     return Holdback(stream, length, used, wish, cut, held_by, held)
 
 
@@ -150,10 +158,14 @@ async def trim(
     *,
     now_ms: int | None = None,
     exact: bool = False,
+    skew_max_s: float = clock.SKEW_MAX_S,
 ) -> dict[str, int]:
     """Trim every partition (and the dead-letter streams, by retention only). Approximate
-    by default (``~``: whole radix-tree nodes only, cheap, never past the cut)."""
-    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    by default (``~``: whole radix-tree nodes only, cheap, never past the cut). The
+    retention runs on Redis's ``TIME`` (``now_ms``, for tests), and not at all while this
+    process's clock is more than ``skew_max_s`` off it."""
+    if now_ms is None:
+        now_ms = await _redis_now_ms(redis, skew_max_s)
     budget = max_bytes // keys.partitions if max_bytes else 0
     removed: dict[str, int] = {}
     for stream in keys.streams:
@@ -171,14 +183,27 @@ async def trim(
             continue
         if n:
             removed[stream] = n
-    retention_cut = f"{now_ms - retention_s * 1000}-0"
     for stream in (keys.dead, keys.dead + ":dropped"):  # dead letters, and the ones dropped with a reason
-        n = await redis.xtrim(stream, minid=retention_cut, approximate=not exact)
+        if now_ms is None:
+            break
+        n = await redis.xtrim(stream, minid=f"{max(0, now_ms - retention_s * 1000)}-0", approximate=not exact)
         if n:
             removed[stream] = n
     if removed:
         log.info("trimmed", **removed)
     return removed
+
+
+async def _redis_now_ms(redis: Redis, skew_max_s: float) -> int | None:
+    """Redis's time in ms; None (and a warning) when this process's clock is more than
+    ``skew_max_s`` off it: then nothing is trimmed by time."""
+    reference, skew = await clock.redis_skew(redis)
+    try:
+        clock.check("redis", skew, skew_max_s)
+    except clock.Skewed:
+        log.warning("trim.clock_skewed", skew_s=round(skew, 3), bound_s=skew_max_s, refused="trim by retention")
+        return None
+    return int(reference * 1000)
 
 
 @dataclass(slots=True)

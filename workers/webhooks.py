@@ -47,7 +47,7 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from arq.worker import Function, func
 
-from ingest import secretbox, targets
+from ingest import clock, secretbox, targets
 
 from . import jsonrows
 
@@ -173,7 +173,7 @@ def verify_signature(
             timestamp = int(v)
         elif k == "v1":
             macs.append(v)
-    if timestamp is None or abs((time.time() if now is None else now) - timestamp) > tolerance_s:
+    if timestamp is None or abs((clock.now() if now is None else now) - timestamp) > tolerance_s:
         return False
     expected = sign(secret, body, timestamp).rpartition("v1=")[2]
     return any(hmac.compare_digest(expected.encode(), m.encode()) for m in macs)
@@ -230,7 +230,7 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> str:
         "User-Agent": USER_AGENT,
         "X-Refstream-Event": row["event_type"],
         "X-Refstream-Delivery": delivery_id,
-        "X-Refstream-Signature": sign(secret, body, int(time.time())),
+        "X-Refstream-Signature": sign(secret, body, int(clock.now())),
     }
     http: aiohttp.ClientSession = ctx["http"]
     status_code: int | None = None

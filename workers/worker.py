@@ -26,15 +26,16 @@ import structlog
 from arq import Worker, cron
 from arq.connections import create_pool
 
-from ingest import links
+from ingest import clock, links
 from ingest.connections import connect_redis, create_pg_pool
 from ingest.keys import Keys
 from ingest.settings import Settings
 
 from . import arq_redis, drops, replay, webhooks
-from .consume import Backoff, Consumer
+from .consume import Consumer
 from .enrich import Enricher
 from .errors import redis_outage
+from .gate import Backoff
 from .metrics import WorkerMetrics, refresh_stream_gauges, serve
 from .pipeline import Pipeline
 
@@ -58,9 +59,13 @@ async def consumer(settings: Settings) -> AsyncIterator[Consumer]:
         raise
     enricher = Enricher(city_db=settings.city_db)  # geo data and UA regexes: loaded once per process
     _settle_heap_once(settings.batch_size)
+    # webhook signatures and dead letters' times follow Redis's clock when ours is off
+    # (destructive steps never read this process's clock: see ingest/clock.py)
+    following = await clock.start_following(redis, settings.clock_skew_max_s)
     try:
         yield Consumer(settings, redis, Pipeline(settings, redis, pg, enricher), name=consumer_name(settings))
     finally:
+        following.cancel()
         enricher.close()
         await asyncio.shield(_close(redis, pg))
 

@@ -22,10 +22,11 @@ from .. import clicks
 from ..batcher import Command
 from ..body import BodyError, header, parse
 from ..connections import REDIS_ERRORS
-from ..enqueue import append
+from ..enqueue import append, retry_headers
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..fields import NO_NUL, NoNul
 from ..idempotency import Answer, Claim, InvalidKey, fingerprint, header_key, replay, valid_key
+from ..keyed import append_keyed
 from ..links import LinkInfo
 from ..lookup import ClickPending, Guess, Unavailable, lookup, resolve_click, seen_link
 from ..spool import SpoolFull
@@ -240,7 +241,7 @@ async def track_click(request: web.Request) -> web.Response:
         return fail(503, "Service temporarily unavailable", {"Retry-After": "1"})
     except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="affitor_click", error=str(exc))
-        return fail(503, "Service temporarily unavailable", {"Retry-After": "1"})
+        return fail(503, "Service temporarily unavailable", retry_headers(exc))
 
     if found.appended:  # what was read held what the guess was made from: it went in
         assert made is not None
@@ -255,10 +256,10 @@ async def track_click(request: web.Request) -> web.Response:
         else:  # public: scoped by the link's workspace and the link
             asked = fingerprint(body.model_dump(exclude={"dedupe"}))
             claim = Claim.of(idem_key, "affitor-click", link.workspace_id, asked, link=code)
-            first = await edge.idem.append(edge, claim, envelope, code, Answer(200, resp, asked), *extra, spool=True)
+            first = await append_keyed(edge, claim, envelope, code, Answer(200, resp, asked), *extra, spool=True)
             if first is not None:
                 return replay(first, claim, lambda s, c, m: fail(s, m), headers)
     except (*REDIS_ERRORS, SpoolFull) as exc:
         log.warning("redis.unavailable", route="affitor_click", error=str(exc))
-        return fail(503, "Service temporarily unavailable", {"Retry-After": "1"})
+        return fail(503, "Service temporarily unavailable", retry_headers(exc))
     return web.Response(body=resp, content_type="application/json", headers=headers)

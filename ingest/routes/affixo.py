@@ -27,10 +27,11 @@ from ..batcher import Command
 from ..body import BodyError, header, parse
 from ..body import code as body_code
 from ..connections import REDIS_ERRORS
-from ..enqueue import append
+from ..enqueue import append, retry_headers
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..fields import NoNul
 from ..idempotency import HEADER, Answer, Claim, InvalidKey, fingerprint, header_key, replay
+from ..keyed import append_keyed
 from ..links import LinkInfo
 from ..lookup import Guess, Unavailable, lookup, seen_link
 from ..state import EDGE, Edge
@@ -148,7 +149,7 @@ async def track_click(request: web.Request) -> web.Response:
         return error(503, "unavailable", {"Retry-After": "1"})
     except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="affixo_click", error=str(exc))
-        return error(503, "unavailable", {"Retry-After": "1"})
+        return error(503, "unavailable", retry_headers(exc))
     principal = found.principal
     if principal is None:
         return error(401, "unauthorized")
@@ -206,14 +207,14 @@ async def track_click(request: web.Request) -> web.Response:
         envelope = _click(request, edge, body, link, visitor, method)  # link is the key's workspace's
         resp = recorded(visitor, method, confidence)
         if idem_key is None:
-            await append(edge, envelope, link.code, *remember, spool=False)  # keyed: 503 rather than spool
+            await append(edge, envelope, link.code, *remember, spool=False)  # keyed: Redis down is a 503
         else:
             claim = Claim.of(idem_key, "affixo-click", workspace, fingerprint(body.model_dump()))
             answer = Answer(200, resp, claim.fingerprint)
-            first = await edge.idem.append(edge, claim, envelope, link.code, answer, *remember, spool=False)
+            first = await append_keyed(edge, claim, envelope, link.code, answer, *remember, spool=False)
             if first is not None:
                 return replay(first, claim, lambda s, c, m: error(s, c, detail=m), found.verdict.headers)
     except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="affixo_click", error=str(exc))
-        return error(503, "unavailable", {"Retry-After": "1"})
+        return error(503, "unavailable", retry_headers(exc))
     return web.Response(body=resp, content_type="application/json", headers=found.verdict.headers)

@@ -12,7 +12,9 @@ all its appends another.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -25,7 +27,8 @@ from ..auth import bearer
 from ..body import BodyError, describe, read
 from ..body import code as body_code
 from ..connections import REDIS_ERRORS
-from ..enqueue import xadd
+from ..durability import Unconfirmed
+from ..enqueue import OutcomeUnknown, never_sent, to_spool, xadd
 from ..events import Dialect, Envelope, EventType
 from ..fields import NoNul
 from ..idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
@@ -220,7 +223,7 @@ async def _accept(
 
     results: list[ItemResult] = []
     appends: list[Any] = []
-    sent: list[tuple[ItemResult, Claim | None]] = []  # the item behind each append, in order
+    sent: list[_Sent] = []  # the item behind each append, in order
     firsts: dict[str, tuple[int, Claim]] = {}  # a key's first item in this batch
     repeats: list[tuple[int, int]] = []  # (item, the earlier item of this batch with its key)
     for index, p in enumerate(parsed):
@@ -238,6 +241,7 @@ async def _accept(
         if envelope is None:
             continue
         claim = claims[index]
+        answer = None
         if not isinstance(claim, Claim):
             appends.append(xadd(edge.keys, envelope, envelope.payload["code"]))
         elif claim.digest in firsts:  # repeated within the batch: answered as its first, not sent
@@ -253,12 +257,22 @@ async def _accept(
                 200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint
             )
             appends.append(edge.idem.append_command(claim, envelope.payload["code"], envelope, answer))
-        sent.append((result, claim if isinstance(claim, Claim) else None))
+        sent.append(_Sent(result, envelope, claim if isinstance(claim, Claim) else None, answer))
     fresh = replays = 0
     if appends:
-        written = await edge.batcher.execute(*appends, durable=True)
-        for reply, (result, claim) in zip(written, sent, strict=True):
-            if isinstance(reply, Exception):
+        try:
+            written = await edge.batcher.execute(*appends, durable=True)
+        except REDIS_ERRORS as exc:
+            if never_sent(exc):
+                raise  # nothing of the batch is in Redis: the route refuses it (503)
+            written = await _settle(edge, sent, exc)
+        for reply, item in zip(written, sent, strict=True):
+            result, claim = item.result, item.claim
+            if isinstance(reply, OutcomeUnknown):  # neither accepted nor refused
+                result.ok, result.error = False, "outcome_unknown"
+                result.event_id = str(reply.event_id) if reply.event_id else None
+                result.detail = "may be stored: retry with the same idempotency key to count it once"
+            elif isinstance(reply, Exception):
                 result.ok, result.error, result.event_id = False, "unavailable", None
             elif claim is not None and isinstance(reply, bytes):  # a repeat of an earlier batch's item
                 results[result.index] = _replayed(result.index, claim, Answer.decode(reply))
@@ -268,6 +282,39 @@ async def _accept(
     for index, first in repeats:
         results[index] = results[first].model_copy(update={"index": index})
     return results, replays > 0 and fresh == 0
+
+
+@dataclass(slots=True)
+class _Sent:
+    result: ItemResult
+    envelope: Envelope
+    claim: Claim | None
+    answer: Answer | None
+
+
+async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any]:
+    """The appends' round trip failed after it was sent: what Redis may hold is spooled under
+    its event id (and a keyed item with its check), never refused (``ingest.enqueue``). One
+    reply per item, as the round trip's would have been: None or a stream id once spooled,
+    the error of an item Redis refused, ``OutcomeUnknown`` where neither is known."""
+    replies: list[Any] = list(exc.replies) if isinstance(exc, Unconfirmed) else [None] * len(sent)
+
+    async def one(item: _Sent, reply: Any) -> Any:
+        if isinstance(reply, Exception):
+            return reply  # Redis refused it: not written
+        if isinstance(reply, bytes) and item.claim is not None:  # the key's record, unconfirmed
+            return OutcomeUnknown(None, exc)
+        code = item.envelope.payload["code"]
+        check = edge.idem.check(item.claim, code, item.answer) if item.claim and item.answer else None
+        try:
+            await to_spool(edge, item.envelope, code, once=check, maybe_applied=exc)
+        except OutcomeUnknown as unknown:
+            return unknown
+        if item.claim is not None and item.answer is not None:
+            edge.idem.spooled(item.claim, item.answer)
+        return None
+
+    return list(await asyncio.gather(*(one(item, reply) for item, reply in zip(sent, replies, strict=True))))
 
 
 def _replayed(index: int, claim: Claim, first: Answer) -> ItemResult:

@@ -20,9 +20,10 @@ from .. import flags
 from ..body import BodyError, header, plain, read
 from ..body import code as body_code
 from ..connections import REDIS_ERRORS
-from ..enqueue import append
+from ..enqueue import append, retry_headers
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..idempotency import HEADER, Answer, Claim, InvalidKey, fingerprint, header_key
+from ..keyed import append_keyed
 from ..links import LinkInfo
 from ..lookup import Guess, lookup, seen, seen_link
 from ..spool import SpoolFull
@@ -63,9 +64,10 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
-def unavailable() -> web.Response:
-    # not durable, so not accepted: refuse rather than answer 2xx for a lost event
-    return error(503, "service_unavailable", "Try again shortly", {"Retry-After": "1"})
+def unavailable(exc: BaseException | None = None) -> web.Response:
+    # not durable, so not accepted: refuse rather than answer 2xx for a lost event (or, when
+    # Redis may hold it and the spool cannot, say so: ``retry_headers``)
+    return error(503, "service_unavailable", "Try again shortly", retry_headers(exc))
 
 
 def _envelope(request: web.Request, edge: Edge, code: str, ip: str | None, link: LinkInfo | None) -> Envelope:
@@ -114,7 +116,7 @@ async def track_click(request: web.Request) -> web.Response:
         disabled = flags.is_disabled(found.extra[0])
     except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="biore_click", error=str(exc))
-        return unavailable()
+        return unavailable(exc)
 
     if disabled:
         return error(503, "features.referral_disabled", "The referral feature is disabled")
@@ -150,9 +152,9 @@ async def track_click(request: web.Request) -> web.Response:
         else:  # public: scoped by the link (whose code names its workspace: known or not, the same scope)
             claim = Claim.of(idem_key, "biore-click", None, fingerprint(code), link=code)
             answer = Answer(200, TRACKED, claim.fingerprint)
-            if (first := await edge.idem.append(edge, claim, envelope, code, answer, spool=True)) is not None:
+            if (first := await append_keyed(edge, claim, envelope, code, answer, spool=True)) is not None:
                 return first.response(headers)
     except (*REDIS_ERRORS, SpoolFull) as exc:
         log.warning("click.not_accepted", route="biore_click", error=str(exc))
-        return unavailable()
+        return unavailable(exc)
     return web.Response(body=TRACKED, content_type="application/json", headers=headers)

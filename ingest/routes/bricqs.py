@@ -25,7 +25,7 @@ from ..auth import Principal, plausible
 from ..body import BodyError, header, parse, plain
 from ..body import code as body_code
 from ..connections import PG_ERRORS, REDIS_ERRORS
-from ..enqueue import append
+from ..enqueue import append, retry_headers
 from ..events import Dialect, Envelope, EventType, uuid7
 from ..fields import NoNul
 from ..idempotency import Claim, InvalidKey, fingerprint, header_key
@@ -99,8 +99,8 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
     return json(status, {"error": code, "message": message}, headers)
 
 
-def unavailable() -> web.Response:
-    return error(503, "unavailable", "Try again shortly", {"Retry-After": "1"})
+def unavailable(exc: BaseException | None = None) -> web.Response:
+    return error(503, "unavailable", "Try again shortly", retry_headers(exc))
 
 
 async def _keyed(request: web.Request, scope: str) -> tuple[Edge, Principal] | web.Response:
@@ -238,14 +238,18 @@ async def convert(request: web.Request) -> web.Response:
     # too, and the worker's dedupe key makes it count nothing.
     first: object = None
     try:
-        if await append(edge, envelope, link.code, spool=True):
+        in_redis = await append(edge, envelope, link.code, spool=True)
+    except (*REDIS_ERRORS, SpoolFull) as exc:
+        log.warning("redis.unavailable", route="bricqs_convert", error=str(exc))
+        return unavailable(exc)
+    # spooled (Redis down): this conversion_id stands; the dedupe key still counts it once
+    if in_redis:
+        try:
             _, first = await edge.batcher.execute(
                 ("SET", idem, conversion_id, "NX", "EX", IDEMPOTENCY_TTL_S), ("GET", idem)
             )
-        # spooled (Redis down): this conversion_id stands; the dedupe key still counts it once
-    except (*REDIS_ERRORS, SpoolFull) as exc:
-        log.warning("redis.unavailable", route="bricqs_convert", error=str(exc))
-        return unavailable()
+        except REDIS_ERRORS as exc:  # the conversion is appended: never refused now; this id stands
+            log.warning("conversion_id.not_remembered", error=str(exc))
     out = BricqsConverted(
         converted=True,
         referrer_id=link.affiliate_external_id,

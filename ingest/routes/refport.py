@@ -26,10 +26,11 @@ from ..body import BodyError, header, parse
 from ..body import code as body_code
 from ..clicks import ClickRef
 from ..connections import REDIS_ERRORS
-from ..enqueue import append
+from ..enqueue import append, retry_headers
 from ..events import Dialect, Envelope, EventType
 from ..fields import NoNul, no_nul_inside
 from ..idempotency import HEADER, Answer, Claim, InvalidKey, fingerprint, header_key, replay
+from ..keyed import append_keyed
 from ..lookup import Guess, Unavailable, fallback, lookup, remember, resolve_click, seen, seen_link
 from ..state import EDGE, Edge
 
@@ -87,8 +88,8 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
-def unavailable() -> web.Response:
-    return error(503, "SERVICE_UNAVAILABLE", "Try again shortly", {"Retry-After": "1"})
+def unavailable(exc: BaseException | None = None) -> web.Response:
+    return error(503, "SERVICE_UNAVAILABLE", "Try again shortly", retry_headers(exc))
 
 
 @routes.post("/api/track/lead")
@@ -124,7 +125,7 @@ async def track_lead(request: web.Request) -> web.Response:
         return unavailable()
     except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="refport_lead", error=str(exc))
-        return unavailable()
+        return unavailable(exc)
     principal = found.principal
     if principal is None or not principal.allows("track"):
         return error(401, "UNAUTHORIZED", "Invalid or missing API key")
@@ -168,10 +169,10 @@ async def track_lead(request: web.Request) -> web.Response:
             link = await fallback(edge, lambda: links.fetch(edge.pg, code))
         resp = orjson.dumps(_tracked(body, click, link).model_dump())
         if idem_key is None:
-            await append(edge, envelope, click.code, spool=False)  # keyed: 503 rather than spool
+            await append(edge, envelope, click.code, spool=False)  # keyed: Redis down is a 503
         else:
             claim = Claim.of(idem_key, "refport-lead", principal.workspace_id, fingerprint(body.model_dump()))
-            first = await edge.idem.append(
+            first = await append_keyed(
                 edge, claim, envelope, click.code, Answer(200, resp, claim.fingerprint), spool=False
             )
             if first is not None:
@@ -180,7 +181,7 @@ async def track_lead(request: web.Request) -> web.Response:
         return unavailable()
     except REDIS_ERRORS as exc:
         log.warning("redis.unavailable", route="refport_lead", error=str(exc))
-        return unavailable()
+        return unavailable(exc)
     return web.Response(body=resp, content_type="application/json", headers=found.verdict.headers)
 
 

@@ -298,6 +298,21 @@ class Checker:
         return [f"milestone {r['problem']}: affiliate {r['affiliate_id']} threshold {r['threshold']}"
                 f" with {r['conversions']} conversions" for r in await self.fetch(MILESTONES)]  # fmt: skip
 
+    async def counter_problems(self) -> list[str]:
+        """I2: every counter that differs from what its event rows say, each a sentence."""
+        p: list[str] = []
+        for r in await self.fetch(_LINKS):
+            diff = {c: (r[c], r[f"want_{c}"]) for c in ("clicks", "bot_clicks", "leads", "conversions",
+                    "unique_clicks", "last_clicked_at") if r[c] != r[f"want_{c}"]}  # fmt: skip
+            p.append(f"I2: link {r['code']} counters (stored, from events): {diff}")
+        for r in await self.fetch(_VISITS):
+            p.append(f"I2: link_visitor_days {r['problem']}: {r['link_id']} {r['day']} {r['visitor_key']}")
+        for r in await self.fetch(_DAILY):
+            p.append(f"I2: daily_stats {r['link_id']} {r['day']}: stored {r['stored']}, from events {r['from_events']}")
+        if wrong := await self.milestone_problems():
+            p.append(f"I2: {len(wrong)} milestones wrong, e.g. {wrong[:3]}")
+        return p
+
     async def verify(
         self,
         figures: Figures,
@@ -325,16 +340,7 @@ class Checker:
             p.append(f"I1: {len(twice)} events stored more than once, e.g. {list(twice.items())[:3]}")
 
         # I2: counters equal their event rows
-        for r in await self.fetch(_LINKS):
-            diff = {c: (r[c], r[f"want_{c}"]) for c in ("clicks", "bot_clicks", "leads", "conversions",
-                    "unique_clicks", "last_clicked_at") if r[c] != r[f"want_{c}"]}  # fmt: skip
-            p.append(f"I2: link {r['code']} counters (stored, from events): {diff}")
-        for r in await self.fetch(_VISITS):
-            p.append(f"I2: link_visitor_days {r['problem']}: {r['link_id']} {r['day']} {r['visitor_key']}")
-        for r in await self.fetch(_DAILY):
-            p.append(f"I2: daily_stats {r['link_id']} {r['day']}: stored {r['stored']}, from events {r['from_events']}")
-        if wrong := await self.milestone_problems():
-            p.append(f"I2: {len(wrong)} milestones wrong, e.g. {wrong[:3]}")
+        p.extend(await self.counter_problems())
 
         # I3: nothing pending, nothing undelivered; only the planted poison dead-lettered, once each
         p.extend(f"I3: {x}" for x in await self.unsettled())

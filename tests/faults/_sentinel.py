@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
-from ingest.connections import sentinel_target
+from ingest.sentinel_url import sentinel_target
 from refstream.embedded import _package_dir, die_with_parent, free_port
 
 from ._servers import FaultRedis

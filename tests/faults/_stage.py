@@ -106,6 +106,7 @@ class Stage:
             partitions=4,
             block_ms=200,
             claim_idle_ms=5000,
+            archive_segment_s=1.0,  # below the claim idle time (an archiver refuses otherwise)
             reclaim_every_s=1,
             click_rate_limit=100_000_000,
             secret_key=SECRET_KEY,

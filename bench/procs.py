@@ -23,7 +23,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..embedded import die_with_parent, free_port
+from refstream.embedded import die_with_parent, free_port
+
 from .wrk import peak_rss_mb
 
 REFSTREAM = str(Path(sys.executable).parent / "refstream")
@@ -144,7 +145,7 @@ class Procs:
 
     def app(self, which: str, *args: str) -> Proc:
         port = free_port()
-        argv = [sys.executable, "-m", "refstream.bench.apps", which, "--port", str(port), *args]
+        argv = [sys.executable, "-m", "bench.apps", which, "--port", str(port), *args]
         return self.server(which, argv, port)
 
     def tail(self, name: str) -> str:

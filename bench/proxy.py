@@ -1,6 +1,6 @@
 """A TCP proxy that puts a fixed delay on every chunk, each way, as a network between an
 app and its database would: the bench runs it as its own process
-(``python -m refstream.bench.proxy --port P --upstream HOST:PORT --delay-ms 0.5``) so that
+(``python -m bench.proxy --port P --upstream HOST:PORT --delay-ms 0.5``) so that
 its CPU is counted apart, and points the apps' ``DATABASE_URL`` at it.
 
 Each chunk read from one side is written to the other side no earlier than ``delay`` after

@@ -1,5 +1,5 @@
 """The two reference servers the edge is measured against, run as their own process
-(``python -m refstream.bench.apps hello|naive --port P``) with the edge's event loop
+(``python -m bench.apps hello|naive --port P``) with the edge's event loop
 (uvloop) and process count (one; ``hello --processes N``: N processes on the port with
 ``SO_REUSEPORT``, as ``refstream serve --processes N``):
 
@@ -79,7 +79,7 @@ def naive_app(dsn: str, pool_size: int, reset: bool = True) -> web.Application:
 def _processes(n: int, serve: Callable[[], None]) -> None:
     """``serve`` in ``n`` forked processes (each binds the port with SO_REUSEPORT); this
     one forwards SIGTERM/SIGINT to them and returns once they have all exited."""
-    from ..embedded import die_with_parent
+    from refstream.embedded import die_with_parent
 
     pids = []
     for _ in range(n):

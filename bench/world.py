@@ -20,8 +20,7 @@ from ingest.db import ensure_database, migrate
 from ingest.events import Dialect, Envelope, EventType, uuid7
 from ingest.keys import GROUP, Keys
 from ingest.settings import Settings
-
-from ..services import with_database
+from refstream.services import with_database
 
 BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
 UAS = [

@@ -40,8 +40,8 @@ import asyncpg
 from redis.exceptions import ResponseError
 
 from ingest.keys import Keys
+from refstream.embedded import free_port
 
-from ..embedded import free_port
 from . import openloop
 from . import requests as reqs
 from .context import Ctx
@@ -83,7 +83,7 @@ async def _round_trip_ms(url: str, n: int = 200) -> float:
 
 async def _start_proxy(ctx: Ctx) -> tuple[Proc, int]:
     port = free_port()
-    argv = [sys.executable, "-m", "refstream.bench.proxy", "--port", str(port),
+    argv = [sys.executable, "-m", "bench.proxy", "--port", str(port),
             "--upstream", _upstream(ctx.world.server_url), "--delay-ms", str(DELAY_MS)]  # fmt: skip
     proxy = ctx.procs.start("proxy", argv)
     deadline = time.monotonic() + 30

@@ -18,8 +18,8 @@ import click
 
 from ingest.connections import connect_redis
 from ingest.settings import Settings
+from refstream import services
 
-from .. import services
 from . import report, world
 from .archive_parts import part_r
 from .context import Ctx, Options
@@ -156,7 +156,7 @@ def _opts(opts: Options) -> dict[str, Any]:
 
 
 NOTES = [
-    "n: hello-world (python -m refstream.bench.apps hello --processes N, SO_REUSEPORT) and each (b) route"
+    "n: hello-world (python -m bench.apps hello --processes N, SO_REUSEPORT) and each (b) route"
     " (refstream serve --processes N) with N = the CPU count, same wrk settings, each N run right after its"
     " one-process run; server_cpu sums the supervisor and its children; on a 2-core machine wrk takes"
     " a share of the same cores, so N / 1 is a floor of what N cores give; <route>.redis_cpu and"
@@ -182,7 +182,7 @@ NOTES = [
     "i: seed 003 (Affixo click, Bearer) without a key, with a fresh Idempotency-Key per request (the atomic"
     " append-or-answer script instead of the XADD), and repeats of 256 keys (answered from their records);"
     " all three format each request in wrk's Lua at send time, so wrk's cost is the same",
-    "c1ms: Postgres through the bench's own TCP proxy (refstream/bench/proxy.py, its own process, 0.5 ms each way"
+    "c1ms: Postgres through the bench's own TCP proxy (bench/proxy.py, its own process, 0.5 ms each way"
     " per chunk, in order): the naive app's pool, the edge's and the workers' DATABASE_URL alike; c1ms.rtt_ms is"
     " the SELECT 1 round trip it really gives, proxy_cpu the cores it used (warm-up included); the goals take the"
     " edge against the fastest of the naive variants",

@@ -1,0 +1,142 @@
+"""The wall clock of a refstream process: every read of the time of day in ``ingest/`` and
+``workers/`` goes through here (intervals and deadlines use ``time.monotonic``, not this).
+
+Two adjustments, both one integer added to ``time.time_ns()`` (no syscall more):
+
+- ``REFSTREAM_CLOCK_OFFSET_S``, for fault tests only: shifts this process's clock, as a
+  host whose clock is wrong would be (``configure``, at the entrypoint);
+- following Redis: a long-running process (the edge, the worker) compares its clock with
+  Redis's ``TIME`` now and then (``follow``). Beyond ``REFSTREAM_CLOCK_SKEW_MAX_S`` it logs
+  ``clock.skewed`` and reads Redis's time from then on (its own plus the difference
+  measured), so the event ids an edge mints, and so the day their rows fall in, are
+  Redis's days, whatever the host's clock says. Within the bound, nothing is corrected.
+
+What is destructive or ordering-sensitive trusts no process's clock at all (docs/guarantees.md,
+one clock decides): partition drops and event retention follow Postgres's, the stream trim
+Redis's ``TIME``, link cache versions a Postgres sequence. ``skew`` is how those steps tell
+that this process's own clock (``local``) disagrees with theirs, and then refuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("ingest.clock")
+
+FOLLOW_EVERY_S = 30.0
+FIRST_WAIT_S = 1.0
+SKEW_MAX_S = 300.0  # REFSTREAM_CLOCK_SKEW_MAX_S's default
+
+_offset_ns = 0  # REFSTREAM_CLOCK_OFFSET_S
+_follow_ns = 0  # Redis's clock minus this process's, while beyond the bound
+_shift_ns = 0  # the two together: one addition per read
+
+
+def configure(offset_s: float) -> None:
+    """Apply ``REFSTREAM_CLOCK_OFFSET_S`` (``settings.clock_offset_s``); at the entrypoint."""
+    global _offset_ns, _shift_ns
+    _offset_ns = int(offset_s * 1e9)
+    _shift_ns = _offset_ns + _follow_ns
+
+
+def now() -> float:
+    """Seconds since the epoch, as this process should see them."""
+    return (time.time_ns() + _shift_ns) / 1e9
+
+
+def now_ms() -> int:
+    return (time.time_ns() + _shift_ns) // 1_000_000
+
+
+def utcnow() -> datetime:
+    return datetime.fromtimestamp(now(), UTC)
+
+
+def local() -> float:
+    """This process's own clock (the test offset applied, not following Redis): what a
+    destructive step compares with Postgres's or Redis's before it trusts anything here."""
+    return (time.time_ns() + _offset_ns) / 1e9
+
+
+def following_s() -> float:
+    """How far ``now`` is moved to follow Redis (0: not following)."""
+    return _follow_ns / 1e9
+
+
+class Skewed(Exception):
+    """This process's clock differs from the reference clock by more than the bound."""
+
+    def __init__(self, reference: str, skew_s: float, bound_s: float) -> None:
+        super().__init__(f"this process's clock is {skew_s:+.1f}s off {reference}'s (bound {bound_s:g}s)")
+        self.reference, self.skew_s, self.bound_s = reference, skew_s, bound_s
+
+
+def skew(reference_s: float, before_s: float, after_s: float) -> float:
+    """This process's clock minus the reference's, read between ``before_s`` and ``after_s``
+    (``local()`` on each side of the round trip: the reference is taken at their middle)."""
+    return (before_s + after_s) / 2 - reference_s
+
+
+async def redis_skew(redis: Any) -> tuple[float, float]:
+    """(Redis's ``TIME`` in seconds, ``local()`` minus it)."""
+    before = local()
+    secs, micros = await redis.time()
+    reference = int(secs) + int(micros) / 1e6
+    return reference, skew(reference, before, local())
+
+
+async def postgres_skew(conn: Any) -> tuple[float, float]:
+    """(Postgres's ``clock_timestamp()`` in seconds, ``local()`` minus it)."""
+    before = local()
+    reference = float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8"))
+    return reference, skew(reference, before, local())
+
+
+def check(reference: str, skew_s: float, bound_s: float) -> None:
+    """Raise ``Skewed`` when ``skew_s`` is past ``bound_s``."""
+    if abs(skew_s) > bound_s:
+        raise Skewed(reference, skew_s, bound_s)
+
+
+def _set_following(skew_s: float, bound_s: float) -> None:
+    global _follow_ns, _shift_ns
+    was = _follow_ns
+    _follow_ns = -int(skew_s * 1e9) if abs(skew_s) > bound_s else 0
+    _shift_ns = _offset_ns + _follow_ns
+    if _follow_ns and not was:
+        log.warning("clock.skewed", skew_s=round(skew_s, 3), bound_s=bound_s, following="redis")
+    elif was and not _follow_ns:
+        log.info("clock.agrees", skew_s=round(skew_s, 3), bound_s=bound_s)
+
+
+async def follow_once(redis: Any, bound_s: float) -> float:
+    """Measure this process's clock against Redis's and follow Redis's while they differ by
+    more than ``bound_s``; the skew measured comes back."""
+    _, measured = await redis_skew(redis)
+    _set_following(measured, bound_s)
+    return measured
+
+
+async def start_following(redis: Any, bound_s: float, *, every_s: float = FOLLOW_EVERY_S) -> asyncio.Task[None]:
+    """Measure once now (a second at most: a process starts while Redis is away, and then
+    reads its own clock until a measurement succeeds), then every ``every_s`` in a task,
+    until it is cancelled. An outage keeps the last answer."""
+    try:
+        await asyncio.wait_for(follow_once(redis, bound_s), FIRST_WAIT_S)
+    except Exception as exc:
+        log.info("clock.unmeasured", error=repr(exc))
+    return asyncio.create_task(_follow(redis, bound_s, every_s), name="clock-follow")
+
+
+async def _follow(redis: Any, bound_s: float, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await follow_once(redis, bound_s)
+        except Exception as exc:  # an outage: the spool and the gate deal with it, not the clock
+            log.debug("clock.unmeasured", error=repr(exc))

@@ -1,0 +1,213 @@
+"""The checker over one seed's whole history, once everything is healed and drained.
+
+For every event an operation may store (a unit: a click, a lead, a conversion, each found
+by its token), from the outcomes of the operation's attempts:
+- ``lost``: accepted (2xx) and not stored, or an accepted answer names an event id that is
+  not in Postgres (a lead's or conversion's natural key aside: its first event stands);
+- ``duplicate``: stored more often than its attempts allow (a key or a natural key: once;
+  otherwise one per accepted attempt, plus at most one per attempt of unknown outcome);
+- ``refusal_counted``: stored although every answer it got was a refusal (4xx, 503), or more
+  often than its accepted and unknown attempts explain while some were refused;
+  ``refused_write_kept``: the same for a management write (a referral code generated);
+- ``foreign_answer``: an answer, or a row, that is not its own request's: an echoed code,
+  customer, click or visitor of another request, an event id whose row carries another
+  token, a row on another link; ``repeat_answers_differ``: two 2xx answers of one key differ;
+- ``5xx`` (a 5xx other than a 503 with Retry-After), ``wrong_refusal`` (a 4xx, or a batch
+  item refused, for a request that is well formed and whose link and click exist);
+- ``unasked_row``: a row no request of the history asked for;
+- ``counters`` (every counter equals its rows: ``Checker.counter_problems``), ``pending``
+  (anything pending or undelivered in any group, or spooled), ``dead_letter`` (none is
+  planted), ``archive_twice`` (a stream entry in two segment lines), ``archive_missing`` (a
+  stored event in no line); ``process_exit``, ``replay_failed``, ``nemesis`` (the run's own).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ingest.events import FIELD, Envelope, EnvelopeError
+from workers import archive_segment as seg
+from workers.archive_store import LocalStore
+
+from .._checks import Checker
+from .history import History, Op, Unit
+from .ops import EXPECTED_REFUSALS, ITEM_UNKNOWN, TOKEN_SQL, World, answer_problems, named_events
+
+ROWS = f"""SELECT e.event_id, e.type, l.code, e.click_id, e.visitor_id, {TOKEN_SQL} AS token
+FROM events e LEFT JOIN links l ON l.id = e.link_id"""
+# management writes, by the token: a participant's generated code, a link created by code
+GENERATED = """SELECT a.external_id AS token, count(DISTINCT l.id) AS links, min(l.code) AS code
+FROM affiliates a LEFT JOIN links l ON l.affiliate_id = a.id WHERE a.external_id LIKE 'g%' GROUP BY 1"""
+CREATED = "SELECT code AS token, count(*) AS links, min(code) AS code FROM links WHERE code LIKE 'g%' GROUP BY 1"
+OUTAGES = ("redis", "pg", "partition", "sentinel")  # fault kinds a one-shot command may fail under
+EXAMPLES = 4
+
+
+@dataclass
+class Anomalies:
+    found: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, kind: str, text: str) -> None:
+        self.found[kind].append(text)
+
+    def counts(self) -> Counter[str]:
+        return Counter({k: len(v) for k, v in self.found.items()})
+
+    def report(self, limit: int | None = EXAMPLES) -> str:
+        out = []
+        for kind, texts in sorted(self.found.items()):
+            out.append(f"  {kind}: {len(texts)}")
+            out.extend("    - " + t.replace("\n", "\n      ") for t in texts[:limit])
+        return "\n".join(out)
+
+
+class GenChecker:
+    def __init__(self, history: History, world: World, check: Checker, archive_root: Path, prefix: str) -> None:
+        self.h, self.world, self.check = history, world, check
+        self.archive_root, self.prefix = archive_root, prefix
+        self.a = Anomalies()
+        self.archived_lines = 0
+        self.stored = 0
+        self.copies: Counter[str] = Counter()  # archive lines per event id (a spool's re-sends)
+
+    def _say(self, kind: str, op: Op, why: str) -> None:
+        at = op.attempts[0].at if op.attempts else 0.0
+        faults = self.h.faults_around(at, slack=2.0)
+        self.a.add(kind, f"{why}\n{op.describe()}" + (f"\nfaults near it: {'; '.join(faults)}" if faults else ""))
+
+    async def run(self, extra: dict[str, list[str]]) -> Anomalies:
+        for kind, texts in extra.items():
+            for text in texts:
+                self.a.add(kind, text)
+        rows = await self.check.fetch(ROWS)
+        self.stored = len(rows)
+        by_token: dict[str, list[Any]] = defaultdict(list)
+        by_event = {r["event_id"].hex: r for r in rows}
+        for r in rows:
+            by_token[r["token"]].append(r)
+        tokens: set[str] = set()
+        for op in self.h.ops.values():
+            self._answers(op)
+            for i, unit in enumerate(op.units):
+                tokens.add(unit.token)
+                self._unit(op, i, unit, by_token.get(unit.token, []), by_event)
+        for token, found in by_token.items():
+            if token not in tokens:
+                self.a.add("unasked_row", f"{len(found)} row(s) with token {token!r}: {dict(found[0])}")
+        await self._generated()
+        for text in await self.check.counter_problems():
+            self.a.add("counters", text)
+        for text in await self.check.unsettled():
+            self.a.add("pending", text)
+        for stream, entry, error in await self.check.dead_letters():
+            self.a.add("dead_letter", f"{stream} {entry}: {error[:300]}")
+        await self._archive({r["event_id"].hex for r in rows})
+        self._replays()
+        return self.a
+
+    def _answers(self, op: Op) -> None:
+        for a in op.attempts:
+            if a.outcome == "error":
+                self._say("5xx", op, f"answered {a.status} {a.headers}")
+            elif a.outcome == "refused" and a.status not in EXPECTED_REFUSALS and op.kind != "redirect":
+                self._say("wrong_refusal", op, f"a {a.status} for a well-formed request")
+            elif a.outcome == "ok":
+                if problems := answer_problems(op, a, self.world):
+                    self._say("foreign_answer", op, "; ".join(problems))
+                if op.kind == "batch":
+                    for i, r in enumerate(a.body.get("results") or []):
+                        if not r.get("ok") and r.get("error") not in ("unavailable", ITEM_UNKNOWN):
+                            self._say("wrong_refusal", op, f"item {i} refused: {r}")
+        oks = [a for a in op.attempts if a.outcome == "ok"]
+        if len(oks) > 1 and (op.key or op.kind == "generate"):
+            if op.kind == "batch":
+                firsts: dict[int, str] = {}
+                for a in oks:
+                    for i, e in named_events(op, a).items():
+                        if firsts.setdefault(i, e) != e:
+                            self._say("repeat_answers_differ", op, f"item {i}: {firsts[i]} then {e}")
+            elif any(a.body != oks[0].body for a in oks[1:]):
+                self._say("repeat_answers_differ", op, "two 2xx answers of one key differ")
+
+    def _unit(self, op: Op, i: int, unit: Unit, rows: list[Any], by_event: dict[str, Any]) -> None:
+        outs = Counter("unknown" if o == "error" else o for o, _ in op.unit_outcomes(i))
+        ok, unknown, refused = outs["ok"], outs["unknown"], outs["refused"]
+        n = len(rows)
+        need, most = (min(ok, 1), 1 if ok or unknown else 0) if unit.once else (ok, ok + unknown)
+        what = f"{unit.kind} {unit.token}: {n} row(s), attempts ok={ok} unknown={unknown} refused={refused}"
+        if n < need:
+            self._say("lost", op, f"accepted and not stored: {what}")
+        elif n > most:
+            kind = "refusal_counted" if refused and (not unit.once or not ok) else "duplicate"
+            self._say(kind, op, what)
+        for outcome, a in op.unit_outcomes(i):
+            named = named_events(op, a).get(i) if outcome in ("ok", "unknown") else None
+            if named is None:
+                continue
+            row = by_event.get(named)
+            if row is not None and row["token"] != unit.token:
+                self._say("foreign_answer", op, f"answer names event {named}, the row of {row['token']!r}")
+            elif row is None and outcome == "ok" and (unit.kind == "click" or n == 0):
+                self._say("lost", op, f"the answer's event {named} is not stored ({what})")
+        for row in rows:
+            bad = {k: row[k] for k, v in unit.expect.items() if v is not None and _norm(row[k]) != v}
+            if unit.code is not None and row["code"] != unit.code:
+                bad["code"] = row["code"]
+            if bad:
+                self._say("foreign_answer", op, f"row {row['event_id']} holds {bad}, not {unit.expect} on {unit.code}")
+        if op.kind == "affixo" and "visitor_id" not in unit.expect and rows:
+            visitors = {r["visitor_id"] for r in rows}
+            for _, a in (x for x in op.unit_outcomes(i) if x[0] == "ok"):
+                if isinstance(a.body, dict) and a.body.get("visitor_id") not in visitors:
+                    self._say("foreign_answer", op, f"visitor {a.body.get('visitor_id')!r} is not its row's {visitors}")
+
+    async def _generated(self) -> None:
+        """A management write: once if answered 2xx (the code it answered), never if refused."""
+        made = {"generate": {r["token"]: r for r in await self.check.fetch(GENERATED)},
+                "link": {r["token"]: r for r in await self.check.fetch(CREATED)}}  # fmt: skip
+        for op in self.h.ops.values():
+            if op.kind not in made:
+                continue
+            codes = {a.body.get("code") for a in op.attempts if a.outcome == "ok" and isinstance(a.body, dict)}
+            row = made[op.kind].get(op.token)
+            if codes and (row is None or row["links"] != 1 or {row["code"]} != codes):
+                self._say("foreign_answer" if row else "lost", op, f"answered {codes}, stored {dict(row or {})}")
+            elif not codes and row is not None and not any(a.outcome == "unknown" for a in op.attempts):
+                self._say("refused_write_kept", op, f"refused, yet stored {dict(row)}")
+
+    async def _archive(self, stored: set[str]) -> None:
+        store = LocalStore(str(self.archive_root))
+        lines: Counter[tuple[int, str]] = Counter()
+        events = self.copies
+        for key in await store.list(self.prefix + "/"):
+            manifest, entries = seg.read(await store.get(key))
+            for e in entries:
+                lines[(manifest.partition, e.id)] += 1
+                try:
+                    events[Envelope.from_entry(e.fields if e.fields is not None else {FIELD: e.envelope or b""})
+                           .event_id.hex] += 1  # fmt: skip
+                except EnvelopeError:
+                    self.a.add("archive_missing", f"an archived line that is no envelope: {manifest.partition} {e.id}")
+        self.archived_lines = sum(lines.values())
+        for (p, sid), n in lines.items():
+            if n > 1:
+                self.a.add("archive_twice", f"partition {p} entry {sid} in {n} segment lines")
+        for event in sorted(stored - set(events)):
+            self.a.add("archive_missing", f"stored event {event} is in no archive segment")
+
+    def _replays(self) -> None:
+        for f in self.h.faults:
+            if f.kind != "replay" or f.note.startswith("exit 0"):
+                continue
+            healed = f.healed if f.healed is not None else 1e9
+            outages = [g.line() for g in self.h.faults if g.kind.startswith(OUTAGES)
+                       and g.started <= healed and (g.healed or 1e9) >= f.started]  # fmt: skip
+            if not outages:
+                self.a.add("replay_failed", f"{f.line()} with no outage under way")
+
+
+def _norm(value: Any) -> Any:
+    return value.hex if hasattr(value, "hex") and not isinstance(value, str | bytes) else value

@@ -1,0 +1,101 @@
+"""Clients as real clients behave: each operation is sent to an edge picked at random (a load
+balancer that has not noticed a dead edge yet), and a timeout, a cut connection, a 5xx, a
+409 or a 429 is retried after a backoff, up to ``ATTEMPTS`` times, with the same bytes: the
+same Idempotency-Key when the operation has one, none when it has none. Every attempt is
+recorded in the history, answered or not.
+
+Operations are started at their scheduled time whatever the edges do (open loop); a lead
+(and a stats read) waits for the operation it names to be done first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+
+import aiohttp
+import orjson
+
+from .history import Attempt, History, Op
+from .ops import KEPT_HEADERS, World, classify, make, retryable
+from .schedule import OpStep
+
+ATTEMPTS = 4
+BACKOFF_S = (0.3, 0.7, 1.5)
+TIMEOUT_S = 4.0  # past the edge's own 1 s Redis deadline, a Postgres fallback, a replicas wait
+
+
+class Clients:
+    def __init__(self, history: History, world: World, edges: Callable[[], list[tuple[str, str]]]) -> None:
+        """``edges()``: (name, base URL) of the edges a client may reach now."""
+        self.history = history
+        self.world = world
+        self.edges = edges
+        self.http: aiohttp.ClientSession | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.done: dict[int, asyncio.Event] = {}
+
+    async def run(self, steps: list[OpStep]) -> None:
+        """Start every operation at its time; return once all of them are done."""
+        self.http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=TIMEOUT_S), connector=aiohttp.TCPConnector(limit=0)
+        )
+        self.done = {s.n: asyncio.Event() for s in steps}
+        try:
+            for step in steps:
+                delay = step.at - self.history.now()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # the schedule's pace (open loop), not a synchronisation
+                self.tasks.append(asyncio.create_task(self._one(step), name=f"op-{step.n}"))
+            await asyncio.gather(*self.tasks)
+        finally:
+            await self.http.close()
+
+    async def _one(self, step: OpStep) -> None:
+        try:
+            if step.on is not None:
+                await self.done[step.on].wait()
+            op = make(step, self.world, self.history)
+            self.history.ops[step.n] = op
+            if op.skipped is None:
+                await self._send(op, random.Random(self.history.seed * 1_000_003 + op.n))
+        finally:
+            self.done[step.n].set()
+
+    async def _send(self, op: Op, rng: random.Random) -> None:
+        for n in range(ATTEMPTS):
+            name, base = rng.choice(self.edges())
+            attempt = await self._attempt(op, name, base)
+            op.attempts.append(attempt)
+            if not retryable(attempt):
+                return
+            if n < len(BACKOFF_S):
+                await asyncio.sleep(BACKOFF_S[n] * rng.uniform(0.8, 1.2))  # a client's backoff
+
+    async def _attempt(self, op: Op, name: str, base: str) -> Attempt:
+        assert self.http is not None
+        attempt = Attempt(edge=name, at=self.history.now())
+        started = time.monotonic()
+        data = orjson.dumps(op.body) if op.body is not None else None
+        headers = {**op.headers, **({"Content-Type": "application/json"} if data is not None else {})}
+        try:
+            async with self.http.request(
+                op.method, base + op.path, data=data, headers=headers, allow_redirects=False
+            ) as r:
+                raw = await r.read()
+                attempt.status = r.status
+                attempt.headers = {h: r.headers[h] for h in KEPT_HEADERS if h in r.headers}
+                if op.kind == "redirect":
+                    attempt.body = r.headers.get("Location")
+                else:
+                    try:
+                        attempt.body = orjson.loads(raw) if raw else None
+                    except orjson.JSONDecodeError:
+                        attempt.body = raw[:200].decode(errors="replace")
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            attempt.error = type(exc).__name__
+        attempt.took = time.monotonic() - started
+        classify(op, attempt)
+        return attempt

@@ -1,0 +1,326 @@
+"""One seed's world: its Redis (one server behind proxies, or a primary, a replica and a
+Sentinel with the edges at ``replicas:1``), proxies on the processes' links to Postgres, a
+``Stage`` (its own database, key prefix, spool and archive directories), and two of each
+process: edges, workers, archivers, each in a slot that a fault may empty, stop or refill.
+
+Links and who uses them:
+- ``edge-redis`` / ``worker-redis`` (single topology): the edges', and the workers' and
+  archivers', way to Redis; Sentinel's topology has none (its clients ask Sentinel);
+- ``edge-pg`` / ``worker-pg``: their ways to Postgres.
+The checks and the CLI commands go straight to the servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from workers.archive import GROUP as ARCHIVE
+
+from ..._procs import env_for, free_port, run_command
+from ..._proxy import Proxy
+from .._plan import Plan
+from .._sentinel import MASTER, SentinelServer, wait_in_sync
+from .._servers import FaultRedis, PgServer
+from .._stage import EDGE_ENV, Stage, codes_covering
+from .._stage import World as StageWorld
+from .ops import World
+
+AOF = ("--appendonly", "yes", "--appendfsync", "always")  # a killed Redis keeps what it acknowledged
+SEGMENTS = {"REFSTREAM_ARCHIVE_SEGMENT_ENTRIES": "150", "REFSTREAM_ARCHIVE_SEGMENT_S": "0.5"}
+PER_ROLE = 2
+
+
+@dataclass
+class Slot:
+    role: str
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    name: str = ""
+    base: str = ""  # an edge's URL
+    extra: dict[str, str] = field(default_factory=dict)  # env beyond the role's (a clock offset)
+    stopped: bool = False  # SIGSTOPped
+
+
+class Cluster:
+    def __init__(self, name: str, pg: PgServer, topology: str, plan: Plan) -> None:
+        self.name, self.pg, self.topology, self.plan = name, pg, topology, plan
+        self.servers: list[FaultRedis] = []
+        self.sentinel: SentinelServer | None = None
+        self.proxies: dict[str, Proxy] = {}
+        self.stage: Stage | None = None
+        self.slots: dict[str, list[Slot]] = {
+            r: [Slot(r, i) for i in range(PER_ROLE)] for r in ("edge", "worker", "archiver")
+        }
+        self.started: list[tuple[str, subprocess.Popen[bytes]]] = []  # every process, for its exit check
+        self.killed: set[int] = set()
+        self._gen = 0
+
+    # -- servers ---------------------------------------------------------------------
+
+    async def _redis(self) -> str:
+        primary = FaultRedis(*AOF)
+        self.servers.append(primary)
+        primary.start()
+        await primary.ready()
+        if self.topology == "single":
+            for link in ("edge-redis", "worker-redis"):
+                self.proxies[link] = Proxy(primary.port)
+            return primary.url
+        replica = FaultRedis(*AOF, "--replicaof", "127.0.0.1", str(primary.port))
+        self.servers.append(replica)
+        replica.start()
+        await replica.ready()
+        await wait_in_sync(primary, 1)
+        self.sentinel = SentinelServer(primary, primary.port, down_after_ms=1000)
+        self.sentinel.start()
+        await self.sentinel.wait_master(primary.port)
+        await self.sentinel.wait_replicas(1)
+        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{MASTER}/0"
+
+    async def primary(self) -> FaultRedis:
+        """The server that is the primary now (Sentinel's word in its topology)."""
+        if self.sentinel is None:
+            return self.servers[0]
+        port = await self.sentinel.master_port()
+        return next((s for s in self.servers if s.port == port), self.servers[0])
+
+    async def restart_redis(self, server: FaultRedis) -> None:
+        """Start a stopped server on its port and data; in Sentinel's topology as a replica of
+        the primary Sentinel names now, unless that is this server itself."""
+        if self.sentinel is not None:
+            port = await self.sentinel.master_port()
+            opts = list(server.options)
+            if "--replicaof" in opts:
+                i = opts.index("--replicaof")
+                del opts[i : i + 3]
+            server.options = tuple(
+                opts if port in (None, server.port) else [*opts, "--replicaof", "127.0.0.1", str(port)]
+            )
+        server.start()
+        await server.ready()
+
+    async def settle(self, timeout: float = 90) -> None:
+        """Until the server Sentinel names the primary is one, with the other its replica in
+        sync. Sentinel puts a returning server in its place by itself; past 15 s without it
+        (a restart raced a failover, and the two disagree with Sentinel), an operator's hand:
+        REPLICAOF to agree with Sentinel."""
+        assert self.sentinel is not None
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            primary = await self.primary()
+            roles = {}
+            for server in self.servers:
+                try:
+                    async with self.admin(server) as r:
+                        roles[server.port] = await r.info("replication")
+                except (RedisError, OSError):
+                    roles[server.port] = {}
+            mine = roles[primary.port]
+            if mine.get("role") == "master" and mine.get("connected_slaves", 0) >= 1:
+                await wait_in_sync(primary, 1)
+                return
+            if loop.time() - start > timeout:
+                raise AssertionError(f"Redis never agreed with Sentinel (primary {primary.port}): {roles}")
+            if loop.time() - start > 15:
+                for server in self.servers:
+                    async with self.admin(server) as r:
+                        if server is primary and roles[server.port].get("role") != "master":
+                            await r.execute_command("REPLICAOF", "NO", "ONE")
+                        elif server is not primary and roles[server.port].get("master_port") != primary.port:
+                            await r.execute_command("REPLICAOF", "127.0.0.1", str(primary.port))
+            await asyncio.sleep(0.2)
+
+    def admin(self, server: FaultRedis) -> aioredis.Redis:
+        return aioredis.Redis(port=server.port, socket_timeout=5)
+
+    # -- processes -------------------------------------------------------------------
+
+    @property
+    def st(self) -> Stage:
+        assert self.stage is not None
+        return self.stage
+
+    def env(self, role: str) -> dict[str, str]:
+        st = self.st
+        env = {**EDGE_ENV, "REFSTREAM_ARCHIVE_URL": f"file://{st.tmp / 'archive'}", **SEGMENTS}
+        near = "edge" if role == "edge" else "worker"
+        if f"{near}-redis" in self.proxies:
+            env["REDIS_URL"] = self.proxies[f"{near}-redis"].url
+        env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{self.proxies[f'{near}-pg'].port}/{st.database}"
+        if role == "edge" and self.sentinel is not None:
+            env["REFSTREAM_ACK_DURABILITY"] = "replicas:1"
+        if role == "worker":
+            env["REFSTREAM_BATCH_SIZE"] = "200"
+        return env
+
+    async def start(self, role: str, index: int, **extra: str) -> Slot:
+        """A new process in the slot (whatever was there must be gone)."""
+        slot = self.slots[role][index]
+        slot.extra, slot.stopped = dict(extra), False
+        self._gen += 1
+        env = {**self.env(role), **extra}
+        if role == "worker":
+            slot.name = self.st.start_worker(**env)
+            slot.proc = self.st.workers[slot.name]
+        elif role == "archiver":
+            slot.name = f"a{self._gen}"
+            slot.proc = self.st.procs.start("archive", REFSTREAM_CONSUMER_NAME=slot.name, **env)
+        else:
+            port = free_port()
+            slot.name, slot.base = f"e{self._gen}", f"http://127.0.0.1:{port}"
+            slot.proc = self.st.procs.start("serve", "--port", str(port), **env)
+            await self._healthy(slot)
+        self.started.append((f"{role} {slot.name}", slot.proc))
+        return slot
+
+    async def _healthy(self, slot: Slot, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            while True:
+                assert slot.proc is not None
+                if slot.proc.poll() is not None:
+                    raise AssertionError(f"edge {slot.name} exited with {slot.proc.returncode}:\n{self.st.log_tail()}")
+                try:
+                    async with http.get(slot.base + "/healthz") as r:
+                        if r.status == 200:
+                            return
+                except (TimeoutError, aiohttp.ClientError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"edge {slot.name} not healthy within {timeout}s")
+                await asyncio.sleep(0.05)
+
+    def send(self, slot: Slot, sig: int) -> None:
+        assert slot.proc is not None
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self.killed.add(slot.proc.pid)
+            self.st.killed.add(slot.proc.pid)
+        slot.proc.send_signal(sig)
+        if sig == signal.SIGSTOP:
+            slot.stopped = True
+        elif sig == signal.SIGCONT:
+            slot.stopped = False
+
+    async def end(self, slot: Slot, sig: int = signal.SIGTERM) -> None:
+        """Stop the slot's process (SIGTERM drains; SIGKILL does not) and wait for its exit."""
+        if slot.proc is None or slot.proc.poll() is not None:
+            return
+        if slot.stopped:
+            self.send(slot, signal.SIGCONT)
+        self.send(slot, sig)
+        try:
+            await asyncio.to_thread(slot.proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            self.send(slot, signal.SIGKILL)
+            await asyncio.to_thread(slot.proc.wait, 10)
+
+    async def replace(self, slot: Slot, **extra: str) -> Slot:
+        await self.end(slot)
+        return await self.start(slot.role, slot.index, **extra)
+
+    def edges(self) -> list[tuple[str, str]]:
+        return [(s.name, s.base) for s in self.slots["edge"] if s.base]
+
+    async def command(self, *args: str, within_s: float = 120) -> tuple[int, str, str]:
+        """``refstream *args`` as an operator runs it, straight to the servers."""
+        env = env_for(self.st.settings, REFSTREAM_ARCHIVE_URL=f"file://{self.st.tmp / 'archive'}")
+        return await run_command(*args, env=env, within_s=within_s)
+
+    # -- the run ---------------------------------------------------------------------
+
+    async def up(self) -> World:
+        """Servers, proxies, the stage, its workspace and links, and every process."""
+        redis_url = await self._redis()
+        for link in ("edge-pg", "worker-pg"):
+            self.proxies[link] = Proxy(self.pg.port)
+        for proxy in self.proxies.values():
+            await proxy.start()
+        self.stage = st = Stage(self.name, self.pg, redis_url, self.plan)
+        await st.cli("migrate")
+        for stream in st.keys.streams:  # from the first entry on: the trim keeps what is not archived
+            await st.redis.xgroup_create(stream, ARCHIVE, id="0", mkstream=True)
+        codes = codes_covering(st.keys, per_partition=2)
+        for role in ("worker", "archiver"):
+            for i in range(PER_ROLE):
+                await self.start(role, i)
+        ws = await st.cli("workspace", "create", "Generative")
+        first, *_ = await asyncio.gather(
+            st.cli("link", "create", "--workspace", ws["workspace_id"], "--code", codes[0],
+                   "--url", f"https://shop.test/{codes[0]}"),
+            *(self.start("edge", i) for i in range(PER_ROLE)),
+        )  # fmt: skip
+        st.base = self.slots["edge"][0].base
+        sw = StageWorld(ws["workspace_id"], ws["api_key"], first["program_id"], first["affiliate_id"], codes)
+        await asyncio.gather(*(st.api("POST", "/v1/links", {"affiliate_id": sw.affiliate_id, "code": c,
+                                                            "url": f"https://shop.test/{c}"}, sw)
+                               for c in codes[1:]))  # fmt: skip
+        await st.groups_ready()
+        async with aiohttp.ClientSession() as http, http.get(f"{st.base}/api/v1/referrals/validate/{codes[0]}") as r:
+            referrer_id = (await r.json()).get("referrer_id")
+        return World(codes, ws["api_key"], first["program_id"], first["affiliate_id"], referrer_id)
+
+    async def heal(self) -> list[str]:
+        """Everything back: servers running and answering, links forwarding, every slot's
+        process running without a clock offset. Returns the processes that had exited by
+        themselves (an anomaly: nothing exits on an outage)."""
+        for server in self.servers:
+            if server.proc is not None and server.proc.poll() is None:
+                server.proc.send_signal(signal.SIGCONT)
+        for server in self.servers:
+            if server.proc is None or server.proc.poll() is not None:
+                await self.restart_redis(server)
+        for server in self.servers:
+            async with self.admin(server) as r:
+                await r.config_set("maxmemory", 0)
+        if self.sentinel is not None:
+            await self.settle()
+        if not self.pg.running:
+            self.pg.start()
+            await self.pg.ready()
+        await self.pg.set_read_only(False)
+        for proxy in self.proxies.values():
+            proxy.heal()
+            proxy.delay_s = 0.0
+        exited = self.exited()
+        for slots in self.slots.values():
+            for slot in slots:
+                if slot.stopped:
+                    self.send(slot, signal.SIGCONT)
+                if slot.proc is None or slot.proc.poll() is not None or slot.extra:
+                    await self.replace(slot)
+        return exited
+
+    def exited(self) -> list[str]:
+        return [f"{what} (pid {p.pid}) exited with {p.returncode}" for what, p in self.started
+                if p.poll() is not None and p.pid not in self.killed]  # fmt: skip
+
+    async def close(self) -> None:
+        for slots in self.slots.values():
+            for slot in slots:
+                if slot.stopped and slot.proc is not None and slot.proc.poll() is None:
+                    self.send(slot, signal.SIGCONT)
+        try:
+            if self.stage is not None:
+                await self.stage.close()
+        finally:
+            for proxy in self.proxies.values():
+                await proxy.close()
+            if self.sentinel is not None:
+                self.sentinel.destroy()
+            for server in self.servers:
+                if server.proc is not None and server.proc.poll() is None:
+                    server.proc.send_signal(signal.SIGCONT)
+                server.destroy()
+
+    def info(self) -> dict[str, Any]:
+        return {"topology": self.topology, "processes": {r: [s.name for s in v] for r, v in self.slots.items()}}

@@ -1,0 +1,290 @@
+"""The nemesis: each fault kind is a small class whose ``start`` breaks one thing and whose
+``stop`` heals it, and ``nemesis`` runs a schedule's faults at their times, each held for its
+duration, while the clients run. Whatever a fault leaves behind, ``Cluster.heal`` puts back
+before the final drain.
+
+Kinds (``schedule.FAULTS``): Redis stalled (SIGSTOP), killed, restarted (SIGTERM) or full
+(``maxmemory`` at its used memory, ``noeviction``); a Sentinel failover (``SENTINEL
+FAILOVER``, replicas:1); Postgres killed (``-m immediate``), read-only or slow (a delay on
+every chunk of its links); an edge, worker or archiver SIGKILLed (and replaced) or
+SIGSTOPped; one process restarted with its clock offset (``REFSTREAM_CLOCK_OFFSET_S``); a
+network partition that blackholes one direction of one link; a worker trimming every second
+with no retention and a tiny memory budget; ``refstream replay`` racing the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ...conftest import wait_for
+from .._sentinel import MASTER
+from .._servers import FaultRedis
+from .cluster import Cluster, Slot
+from .history import FaultRecord, History
+from .schedule import FAULTS, FaultStep
+
+
+class Fault(ABC):
+    kind: ClassVar[str]
+
+    def __init__(self, step: FaultStep, cluster: Cluster, record: FaultRecord) -> None:
+        self.step, self.c, self.record = step, cluster, record
+
+    def slot(self) -> Slot:
+        role, _, index = self.step.target.partition("/")
+        return self.c.slots[role][int(index)]
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Break it."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Heal it (called once, after the fault's duration)."""
+
+
+class RedisStall(Fault):
+    kind = "redis-stall"
+
+    async def start(self) -> None:
+        self.server = await self.c.primary()
+        assert self.server.proc is not None
+        self.server.proc.send_signal(signal.SIGSTOP)
+        self.record.target = f"redis:{self.server.port}"
+
+    async def stop(self) -> None:
+        assert self.server.proc is not None
+        self.server.proc.send_signal(signal.SIGCONT)
+
+
+class RedisKill(Fault):
+    kind = "redis-kill"
+    sig = signal.SIGKILL
+
+    async def start(self) -> None:
+        self.server: FaultRedis = await self.c.primary()
+        assert self.server.proc is not None
+        self.record.target = f"redis:{self.server.port}"
+        self.server.proc.send_signal(signal.SIGCONT)  # a stalled one must hear SIGTERM
+        self.server.proc.send_signal(self.sig)
+        await asyncio.to_thread(self.server.proc.wait, 30)
+
+    async def stop(self) -> None:
+        await self.c.restart_redis(self.server)
+
+
+class RedisRestart(RedisKill):
+    kind = "redis-restart"
+    sig = signal.SIGTERM  # a clean shutdown: the AOF flushed, then started again
+
+
+class RedisFull(Fault):
+    kind = "redis-full"
+
+    async def start(self) -> None:
+        self.server = await self.c.primary()
+        self.record.target = f"redis:{self.server.port}"
+        self.admin = self.c.admin(self.server)
+        self.limit = int((await self.admin.info("memory"))["used_memory"])
+        await self.admin.config_set("maxmemory", self.limit)
+        self.holding = asyncio.create_task(self._hold())
+
+    async def _hold(self) -> None:
+        """Memory the workers free (acks, trims) is taken back at once: full all along."""
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                used = int((await self.admin.info("memory"))["used_memory"])
+                if used < self.limit:
+                    self.limit = used
+                    await self.admin.config_set("maxmemory", used)
+            except (RedisError, OSError):
+                continue
+
+    async def stop(self) -> None:
+        self.holding.cancel()
+        try:
+            await self.admin.config_set("maxmemory", 0)
+        finally:
+            await self.admin.aclose()
+
+
+class SentinelFailover(Fault):
+    kind = "sentinel-failover"
+
+    async def start(self) -> None:
+        assert self.c.sentinel is not None
+        self.old = await self.c.sentinel.master_port()
+        async with aioredis.Redis(port=self.c.sentinel.port, socket_timeout=5) as s:
+            try:
+                await s.execute_command("SENTINEL", "FAILOVER", MASTER)
+            except RedisError as exc:  # e.g. no replica good enough yet: noted, nothing broken
+                self.record.note = f"refused: {exc}"
+        self.record.target = f"from redis:{self.old}"
+
+    async def stop(self) -> None:
+        assert self.c.sentinel is not None
+        if not self.record.note:
+            old = self.old
+
+            async def moved() -> bool:
+                assert self.c.sentinel is not None
+                return await self.c.sentinel.master_port() not in (old, None)
+
+            await wait_for(moved, timeout=30, what="Sentinel to name another primary")
+            self.record.note = f"to redis:{await self.c.sentinel.master_port()}"
+        await self.c.settle()
+
+
+class PgKill(Fault):
+    kind = "pg-kill"
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.c.pg.stop, "immediate")
+
+    async def stop(self) -> None:
+        self.c.pg.start()  # from the event loop's (main) thread: the parent-death signal belongs to it
+        await self.c.pg.ready()
+
+
+class PgReadOnly(Fault):
+    kind = "pg-read-only"
+
+    async def start(self) -> None:
+        await self.c.pg.set_read_only(True)
+
+    async def stop(self) -> None:
+        await self.c.pg.set_read_only(False)
+
+
+class PgSlow(Fault):
+    kind = "pg-slow"
+
+    async def start(self) -> None:
+        for link in ("edge-pg", "worker-pg"):
+            self.c.proxies[link].delay_s = self.step.param
+
+    async def stop(self) -> None:
+        for link in ("edge-pg", "worker-pg"):
+            self.c.proxies[link].delay_s = 0.0
+
+
+class ProcessKill(Fault):
+    kind = "process-kill"
+
+    async def start(self) -> None:
+        slot = self.slot()
+        self.record.target = f"{slot.role} {slot.name}"
+        await self.c.end(slot, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        slot = self.slot()
+        new = await self.c.start(slot.role, slot.index, **slot.extra)
+        self.record.note = f"replaced by {new.name}"
+
+
+class ProcessStop(Fault):
+    kind = "process-stop"
+
+    async def start(self) -> None:
+        slot = self.slot()
+        self.record.target = f"{slot.role} {slot.name}"
+        self.c.send(slot, signal.SIGSTOP)
+
+    async def stop(self) -> None:
+        self.c.send(self.slot(), signal.SIGCONT)
+
+
+class ClockSkew(Fault):
+    kind = "clock-skew"
+
+    async def start(self) -> None:
+        new = await self.c.replace(self.slot(), REFSTREAM_CLOCK_OFFSET_S=str(self.step.param))
+        self.record.target = f"{new.role} {new.name} {self.step.param:+.0f}s"
+
+    async def stop(self) -> None:
+        await self.c.replace(self.slot())
+
+
+class Partition(Fault):
+    kind = "partition"
+
+    async def start(self) -> None:
+        link, _, direction = self.step.target.partition("/")
+        self.proxy = self.c.proxies[link]
+        self.proxy.blackhole(direction)
+
+    async def stop(self) -> None:
+        self.proxy.heal()
+
+
+class TrimStorm(Fault):
+    kind = "trim-storm"
+    ENV: ClassVar[dict[str, str]] = {
+        "REFSTREAM_TRIM_EVERY_S": "1", "REFSTREAM_STREAM_RETENTION": "0", "REFSTREAM_STREAM_MAX_BYTES": "64kb",
+    }  # fmt: skip
+
+    async def start(self) -> None:
+        st = self.c.st
+        name = st.start_worker(**{**self.c.env("worker"), **self.ENV})
+        self.extra = Slot("worker", -1, st.workers[name], name)
+        self.c.started.append((f"worker {name} (trimming)", st.workers[name]))
+        self.record.target = f"worker {name}"
+
+    async def stop(self) -> None:
+        await self.c.end(self.extra)
+
+
+class Replay(Fault):
+    kind = "replay"
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.c.command("replay", "--since", "30m", "--json"))
+
+    async def stop(self) -> None:
+        code, _, err = await self.task
+        self.record.note = f"exit {code}" + (f": {err.strip().splitlines()[-1][:200]}" if code and err.strip() else "")
+
+
+KINDS: dict[str, type[Fault]] = {f.kind: f for f in (
+    RedisStall, RedisKill, RedisRestart, RedisFull, SentinelFailover, PgKill, PgReadOnly, PgSlow, ProcessKill,
+    ProcessStop, ClockSkew, Partition, TrimStorm, Replay,
+)}  # fmt: skip
+
+
+async def nemesis(steps: list[FaultStep], cluster: Cluster, history: History) -> list[str]:
+    """Run every fault at its time for its duration; the nemesis's own failures (a fault
+    that could not be started or healed), each a sentence."""
+    problems: list[str] = []
+    # a heal may take longer than the schedule allowed for (a failover settling): the next
+    # fault on the same resource waits for it, so two never overlap
+    locks = {resource: asyncio.Lock() for resource, _ in FAULTS.values()}
+
+    async def one(step: FaultStep) -> None:
+        delay = step.at - history.now()
+        if delay > 0:
+            await asyncio.sleep(delay)  # the schedule's time, not a synchronisation
+        async with locks[FAULTS[step.kind][0]]:
+            record = FaultRecord(step.kind, step.target, history.now())
+            history.faults.append(record)
+            fault = KINDS[step.kind](step, cluster, record)
+            try:
+                await fault.start()
+            except Exception as exc:
+                problems.append(f"{record.line()}: could not start: {exc!r}")
+                return
+            await asyncio.sleep(step.hold)  # the fault, held
+            try:
+                await fault.stop()
+            except Exception as exc:
+                problems.append(f"{record.line()}: could not heal: {exc!r}")
+            record.healed = history.now()
+
+    await asyncio.gather(*(one(s) for s in steps))
+    return problems

@@ -1,0 +1,282 @@
+"""The client operations, one per route a client of refstream calls, and what their answers
+must look like.
+
+Every operation carries a token of its own (``g<seed>-<n>``; a batch item ``…-<n>.<i>``)
+where Postgres keeps it: a click's referrer (``https://gen.test/<token>``), a lead's
+``customerExternalId``, a conversion's ``referred_session_id`` (the row's visitor id). So
+each row maps back to the one request that asked for it (``TOKEN_SQL``), and each answer is
+checked against its own request: the code, customer, click and visitor it echoes, and the
+event ids it names, whose rows must carry this request's token.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from ..._world import BROWSER
+from .._load import GOOGLEBOT
+from .history import Attempt, History, Op, Unit
+from .schedule import OpStep
+
+# an answer the edge marks "may be stored" (the outcome of its append is not known): neither
+# an acceptance nor a refusal, and a retry with the same key resolves it; it names the event
+MAY_BE_STORED = ("Refstream-Outcome", "unknown")
+EVENT_ID = "Refstream-Event-Id"
+ITEM_UNKNOWN = "outcome_unknown"  # a batch item's "may be stored"
+REPLAYED = "Idempotent-Replayed"
+KEPT_HEADERS = ("Retry-After", REPLAYED, MAY_BE_STORED[0], EVENT_ID, "Location")
+# refusals a correct edge gives a well-formed request of ours: an outage (503), a keyed
+# management write still in flight (409)
+EXPECTED_REFUSALS = {503, 409}
+REFERRER = "https://gen.test/"
+TOKEN_SQL = (
+    r"CASE e.type WHEN 2 THEN e.customer_external_id WHEN 3 THEN e.visitor_id"
+    r" ELSE substring(e.referrer from '^https://gen\.test/(.+)$') END"
+)
+TRACKED = {"success": True, "data": {"tracked": True}}
+
+
+@dataclass(frozen=True)
+class World:
+    """What the run's operations need to know of its workspace."""
+
+    codes: list[str]
+    api_key: str
+    program_id: str
+    affiliate_id: str
+    referrer_id: str | None  # the links' affiliate, as Bricqs' answers name it
+
+    def url(self, code: str) -> str:
+        return f"https://shop.test/{code}"
+
+
+def _hex(value: Any, prefix: str = "") -> str | None:
+    """The event id (32 hex digits) in a click id, conversion id or UUID string."""
+    if not isinstance(value, str) or not value.startswith(prefix):
+        return None
+    try:
+        return uuid.UUID(value[len(prefix) :]).hex
+    except ValueError:
+        return None
+
+
+def click_id_of(op: Op) -> str | None:
+    """The click id an accepted click operation was answered (for a lead on it)."""
+    for a in op.attempts:
+        if a.outcome != "ok":
+            continue
+        if op.kind == "affitor" and isinstance(a.body, dict):
+            return str(a.body.get("click_id"))
+        if op.kind == "redirect":
+            return _redirect_click(a.body)
+    return None
+
+
+def _redirect_click(location: Any) -> str | None:
+    if not isinstance(location, str):
+        return None
+    values = parse_qs(urlsplit(location).query).get("refstream_click_id")
+    return values[0] if values else None
+
+
+def make(step: OpStep, world: World, history: History) -> Op:
+    """The request of ``step`` (a lead's click id and stats' participant are read from the
+    operations they name, which must be done)."""
+    token = f"g{history.seed}-{step.n}"
+    key = f"k-{token}" if step.keyed else None
+    code = world.codes[step.code % len(world.codes)]
+    bearer = {"Authorization": f"Bearer {world.api_key}"}
+    idem = {"Idempotency-Key": key} if key else {}
+    ref = REFERRER + token
+
+    def op(method: str, path: str, headers: dict[str, str], body: Any, units: list[Unit], **echo: Any) -> Op:
+        return Op(step.n, step.kind, token, key, method, path, headers, body, units, echo)
+
+    if step.kind == "biore":
+        ua = GOOGLEBOT if "bot" in step.flags else BROWSER
+        return op("POST", f"/api/v1/referral/click/{code}", {"Referer": ref, "User-Agent": ua, **idem}, None,
+                  [Unit(token, "click", code, bool(key))])  # fmt: skip
+    if step.kind == "affitor":
+        body: dict[str, Any] = {"affiliate_url": f"https://shop.test/landing?aff={code}", "referrer_url": ref}
+        if "test_mode" in step.flags:
+            body["additional_data"] = {"test_mode": True}
+        headers = {"User-Agent": BROWSER}
+        if key and "dedupe_body" in step.flags:
+            body["dedupe"] = key
+        else:
+            headers.update(idem)
+        return op("POST", "/api/v1/track/click", headers, body, [Unit(token, "click", code, bool(key))],
+                  partner_code=code)  # fmt: skip
+    if step.kind == "affixo":
+        body = {"ref": code, "referrer": ref}
+        expect = {}
+        if "fingerprint" in step.flags:
+            body["fingerprint"] = f"fp-{token}"
+        else:
+            body["visitor_id"] = expect["visitor_id"] = f"v-{token}"
+        return op("POST", "/v1/track/click", {**bearer, **idem, "User-Agent": BROWSER}, body,
+                  [Unit(token, "click", code, bool(key), expect)], **expect)  # fmt: skip
+    if step.kind == "redirect":
+        return op(
+            "GET", f"/r/{code}", {"Referer": ref, "User-Agent": BROWSER}, None, [Unit(token, "click", code, False)]
+        )
+    if step.kind == "convert":
+        body = {"code": code, "referred_session_id": token}
+        return op("POST", "/api/v1/referrals/convert", {}, body, [Unit(token, "conversion", code, True)])
+    if step.kind == "validate":
+        return op("GET", f"/api/v1/referrals/validate/{code}", {}, None, [], code=code)
+    if step.kind == "generate":
+        body = {"participant_id": token, "campaign_id": world.program_id}
+        return op("POST", "/api/v1/referrals/generate", {"X-API-Key": world.api_key, **idem}, body, [],
+                  participant_id=token)  # fmt: skip
+    if step.kind == "link":  # the management API: a link whose code is the token
+        body = {"affiliate_id": world.affiliate_id, "code": token, "url": world.url(token)}
+        return op("POST", "/v1/links", {**bearer, **idem}, body, [], code=token, url=world.url(token))
+    on = history.op(step.on) if step.on is not None else None
+    if step.kind == "stats":
+        assert on is not None
+        code_of = next(
+            (a.body.get("code") for a in on.attempts if a.outcome == "ok" and isinstance(a.body, dict)), None
+        )
+        out = op("GET", f"/api/v1/referrals/stats/{on.token}", {"X-API-Key": world.api_key}, None, [],
+                 participant_id=on.token, referral_code=code_of)  # fmt: skip
+        out.skipped = None if code_of else f"its participant (op {on.n}) was never generated"
+        return out
+    click = click_id_of(on) if on is not None else None
+    lead_code = on.units[0].code if on is not None and on.units else None
+    lead_expect = {"click_id": _hex(click, "clk_")} if click else {}
+    if step.kind == "lead":
+        body = {"clickId": click, "eventName": "Sign Up", "customerExternalId": token}
+        unit = Unit(token, "lead", lead_code, True, lead_expect)
+        out = op("POST", "/api/track/lead", {**bearer, **idem}, body, [unit], click=click, code=lead_code)
+        out.skipped = None if click else f"its click (op {step.on}) was never accepted"
+        return out
+    assert step.kind == "batch", step.kind
+    items: list[dict[str, Any]] = []
+    units: list[Unit] = []
+    for i, kind in enumerate(step.items):
+        if kind == "lead" and not click:
+            continue
+        t = f"{token}.{len(items)}"
+        c = world.codes[(step.code + i) % len(world.codes)]
+        if kind == "click":
+            item: dict[str, Any] = {"type": "click", "ref": c, "visitor_id": f"v-{t}", "referrer": REFERRER + t,
+                                    "ip": f"203.0.113.{step.n % 250 + 1}", "user_agent": BROWSER}  # fmt: skip
+            unit = Unit(t, "click", c, bool(key) or "item_keys" in step.flags, {"visitor_id": f"v-{t}"})
+        elif kind == "conversion":
+            item = {"type": "conversion", "code": c, "referred_session_id": t}
+            unit = Unit(t, "conversion", c, True)
+        else:
+            item = {"type": "lead", "clickId": click, "eventName": "Sign Up", "customerExternalId": t}
+            unit = Unit(t, "lead", lead_code, True, dict(lead_expect))
+        if "item_keys" in step.flags:
+            item["idempotency_key"] = f"ik-{t}"
+        items.append(item)
+        units.append(unit)
+    out = op("POST", "/v1/events/batch", {**bearer, **idem}, items, units)
+    # only leads, on a click never accepted: an empty batch, which the route rightly refuses
+    out.skipped = None if items else f"its items' click (op {step.on}) was never accepted"
+    return out
+
+
+def classify(op: Op, attempt: Attempt) -> None:
+    """Set the attempt's outcome (and each batch item's) from its answer."""
+    status, headers = attempt.status, attempt.headers
+    if status is None:
+        attempt.outcome = "unknown"
+    elif headers.get(MAY_BE_STORED[0], "").lower() == MAY_BE_STORED[1]:
+        attempt.outcome = "unknown"
+    elif op.kind == "redirect" and status == 302:
+        attempt.outcome = "ok" if _redirect_click(attempt.body) else "refused"
+    elif 200 <= status < 300:
+        attempt.outcome = "ok"
+    elif 400 <= status < 500 or (status == 503 and "Retry-After" in headers):
+        attempt.outcome = "refused"
+    else:
+        attempt.outcome = "error"  # a 5xx the README does not document (a 503 without Retry-After too)
+    if op.kind == "batch":
+        results = attempt.body.get("results") if attempt.outcome == "ok" and isinstance(attempt.body, dict) else None
+        if isinstance(results, list) and len(results) == len(op.units):
+            attempt.items = [_item(r) for r in results]
+        else:
+            item = "unknown" if attempt.outcome in ("unknown", "error", "ok") else "refused"
+            attempt.items = [item] * len(op.units)
+
+
+def _item(result: Any) -> str:
+    if not isinstance(result, dict):
+        return "refused"
+    return "ok" if result.get("ok") else "unknown" if result.get("error") == ITEM_UNKNOWN else "refused"
+
+
+def retryable(attempt: Attempt) -> bool:
+    """What a real client retries: no answer, a 5xx, a 409 (in flight) or a 429."""
+    return attempt.status is None or attempt.status >= 500 or attempt.status in (409, 429)
+
+
+def named_events(op: Op, attempt: Attempt) -> dict[int, str]:
+    """Unit index -> the event id (hex) an answer names for it: an accepted one's, or the
+    event a "may be stored" answer may have stored."""
+    body = attempt.body
+    if attempt.outcome == "unknown":
+        maybe = _hex(attempt.headers.get(EVENT_ID))
+        return {0: maybe} if maybe and op.units else {}
+    if op.kind == "affitor" and isinstance(body, dict):
+        found = _hex(body.get("click_id"), "clk_") or _hex((body.get("data") or {}).get("eventId"))
+        return {0: found} if found else {}
+    if op.kind == "convert" and isinstance(body, dict):
+        found = _hex(body.get("conversion_id"), "conv_")
+        return {0: found} if found else {}
+    if op.kind == "redirect":
+        found = _hex(_redirect_click(body), "clk_")
+        return {0: found} if found else {}
+    if op.kind == "batch" and isinstance(body, dict):
+        return {i: h for i, r in enumerate(body.get("results") or [])
+                if isinstance(r, dict) and r.get("ok") and (h := _hex(r.get("event_id")))}  # fmt: skip
+    return {}
+
+
+def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
+    """What in an accepted answer is not this request's: each a sentence."""
+    b, e = attempt.body, op.echo
+    if op.kind == "redirect":
+        return [] if isinstance(b, str) and b.startswith(world.url(op.units[0].code or "")) else [f"Location {b!r}"]
+    if not isinstance(b, dict):
+        return [f"not a JSON object: {b!r}"[:200]]
+    want: dict[str, Any] = {}
+    if op.kind == "biore":
+        return [] if b == TRACKED else [f"{b!r}, not {TRACKED!r}"]
+    if op.kind == "affitor" and "data" not in b:
+        want = {"success": True, "partner_code": e["partner_code"]}
+        if _hex(b.get("click_id"), "clk_") is None:
+            want["click_id"] = "clk_<32 hex>"
+    elif op.kind == "affixo":
+        want = {"ok": True, **({"visitor_id": e["visitor_id"], "match_method": "cookie"} if "visitor_id" in e else {})}
+    elif op.kind == "lead":
+        got = {"eventName": b.get("eventName"), "click": (b.get("click") or {}).get("id"),
+               "customer": (b.get("customer") or {}).get("externalId"),
+               "link": (b.get("link") or {}).get("key")}  # fmt: skip
+        wanted = {"eventName": "Sign Up", "click": e["click"], "customer": op.token, "link": e["code"]}
+        return [f"{k}: {got[k]!r}, not {v!r}" for k, v in wanted.items() if got[k] != v]
+    elif op.kind == "convert":
+        want = {"converted": True, "referrer_id": world.referrer_id}
+    elif op.kind in ("generate", "stats", "validate", "link"):
+        want = dict(e)
+        if op.kind == "validate":
+            want.update(valid=True, referrer_id=world.referrer_id)
+    elif op.kind == "batch":
+        results = b.get("results")
+        if not isinstance(results, list) or len(results) != len(op.units):
+            return [f"{len(results) if isinstance(results, list) else '?'} results for {len(op.units)} items"]
+        problems = []
+        for i, r in enumerate(results):
+            item = op.body[i]
+            if r.get("index") != i:
+                problems.append(f"result {i} has index {r.get('index')}")
+            if r.get("ok") and item["type"] == "click" and r.get("visitor_id") != item["visitor_id"]:
+                problems.append(f"item {i}: visitor {r.get('visitor_id')!r}, not {item['visitor_id']!r}")
+        return problems
+    return [f"{k}: {b.get(k)!r}, not {v!r}" for k, v in want.items() if b.get(k) != v]

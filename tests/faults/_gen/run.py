@@ -1,0 +1,103 @@
+"""One seed, start to end: its schedule drawn, its cluster up, the clients and the nemesis
+run together, everything healed, the drain awaited (a condition, not a sleep), the checker
+run over the whole history. A seed with anomalies keeps its process logs, its history and
+its schedule in ``$TMPDIR/refstream-gen-<seed>/``."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._plan import Plan
+from .._servers import PgServer
+from .checker import Anomalies, GenChecker
+from .client import Clients
+from .cluster import Cluster
+from .faults import nemesis
+from .history import History
+from .schedule import Schedule, draw, only_from_env
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    mode: str
+    schedule: Schedule
+    ops: Counter[str] = field(default_factory=Counter)
+    attempts: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    anomalies: Anomalies = field(default_factory=Anomalies)
+    wall_s: float = 0.0
+    stored: int = 0  # event rows
+    archived: int = 0  # archive segment lines
+    copied: tuple[int, int] = (0, 0)  # events in more than one line (stream entry), most lines of one
+    kept: Path | None = None
+
+    def reproduce(self) -> str:
+        only = ",".join(sorted(only_from_env()))
+        return (f"REFSTREAM_FAULTS={self.mode} REFSTREAM_GEN_SEED={self.seed}"
+                + (f" REFSTREAM_GEN_FAULTS={only}" if only else "") + " scripts/faults -k generative")  # fmt: skip
+
+    def line(self) -> str:
+        def fmt(c: Counter[str]) -> str:
+            return ",".join(f"{k}={n}" for k, n in sorted(c.items())) or "none"
+
+        return (f"GENERATIVE[{self.mode}] seed={self.seed} topology={self.schedule.topology} wall={self.wall_s:.0f}s"
+                f" ops={sum(self.ops.values())} ({fmt(self.ops)}) attempts ({fmt(self.attempts)})"
+                f" stored={self.stored} archived={self.archived}"
+                f" (events in 2+ lines: {self.copied[0]}, at most {self.copied[1]})"
+                f" faults={sum(self.faults.values())} ({fmt(self.faults)})"
+                f" anomalies={sum(self.anomalies.counts().values())} ({fmt(self.anomalies.counts())})")  # fmt: skip
+
+
+async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult:
+    schedule = draw(seed, mode, only_from_env())
+    result = SeedResult(seed, mode, schedule)
+    started = time.monotonic()
+    cluster = Cluster(f"generative-{seed}", pg, schedule.topology, plan)
+    try:
+        world = await cluster.up()
+        st = cluster.st
+        history = History(seed)
+        clients = Clients(history, world, cluster.edges)
+        nemesis_run = asyncio.create_task(nemesis(schedule.faults, cluster, history))
+        try:
+            await clients.run(schedule.ops)
+        finally:
+            nemesis_problems = await nemesis_run
+        extra: dict[str, list[str]] = {"nemesis": nemesis_problems, "process_exit": await cluster.heal()}
+        drained, left = await st.check.wait_drained(time.monotonic(), plan.drain_timeout_s)
+        if drained is None:
+            extra["not_drained"] = [f"not drained {plan.drain_timeout_s:.0f}s after the heal: {left[:6]}"]
+        checker = GenChecker(history, world, st.check, st.tmp / "archive", st.keys.prefix)
+        result.anomalies = await checker.run(extra)
+        result.stored, result.archived = checker.stored, checker.archived_lines
+        many = [n for n in checker.copies.values() if n > 1]
+        result.copied = (len(many), max(many, default=0))
+        result.ops, result.attempts = history.ops_by_kind(), history.attempts_by_outcome()
+        result.faults = history.faults_by_kind()
+        result.wall_s = time.monotonic() - started
+        if result.anomalies.found:
+            result.kept = _keep(result, history, st.tmp)
+    finally:
+        await cluster.close()
+    result.wall_s = time.monotonic() - started
+    return result
+
+
+def _keep(result: SeedResult, history: History, tmp: Path) -> Path:
+    """The failing seed's logs, history, schedule and anomalies, kept past the stage's end."""
+    kept = Path(tempfile.gettempdir()) / f"refstream-gen-{result.seed}"
+    shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir(parents=True)
+    for log in tmp.glob("*.log"):
+        shutil.copy(log, kept / log.name)
+    (kept / "history.txt").write_text(history.dump())
+    (kept / "schedule.txt").write_text(f"seed {result.seed} {result.schedule.topology}\n{result.schedule.describe()}\n")
+    (kept / "anomalies.txt").write_text(result.line() + "\n" + result.anomalies.report(limit=None) + "\n")
+    return kept

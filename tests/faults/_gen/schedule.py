@@ -1,0 +1,218 @@
+"""The seeded schedule: from one integer, the topology, every client operation (when, which
+kind, keyed or not, on which link, its variant) and every fault (when, which, on what, for
+how long). Nothing here looks at the system: the same seed gives the same schedule, so a
+failing seed runs the same operations and faults again (the system's own timing aside).
+
+Faults are drawn from a shuffled deck of the kinds the topology allows (every kind comes up
+before one comes twice); two faults on one resource never overlap, faults on different
+resources may. No fault starts in the run's first ``warmup_s`` or last ``tail_s``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from dataclasses import dataclass, field
+
+TOPOLOGIES = ("single", "sentinel")  # one Redis behind proxies / a primary, a replica and Sentinel at replicas:1
+
+OP_WEIGHTS = {
+    "biore": 0.2, "affitor": 0.13, "affixo": 0.12, "redirect": 0.06, "lead": 0.12, "convert": 0.1,
+    "batch": 0.1, "generate": 0.05, "validate": 0.04, "stats": 0.05, "link": 0.03,
+}  # fmt: skip
+KEYABLE = {"biore", "affitor", "affixo", "lead", "batch", "generate", "link"}  # routes that take an Idempotency-Key
+CLICKS_WITH_IDS = {"affitor", "redirect"}  # their answer names the click id a lead can use
+
+ROLES = ("edge", "worker", "archiver")
+PROXIES = {"single": ("edge-redis", "worker-redis", "edge-pg", "worker-pg"), "sentinel": ("edge-pg", "worker-pg")}
+CLOCK_OFFSETS_S = (-3 * 86400.0, -3600.0, 3600.0, 3 * 86400.0, 120 * 86400.0)
+
+# kind: (resource, topologies); two faults on one resource never overlap
+FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "redis-stall": ("redis", TOPOLOGIES),
+    "redis-kill": ("redis", TOPOLOGIES),
+    "redis-restart": ("redis", TOPOLOGIES),
+    "redis-full": ("redis", TOPOLOGIES),
+    "sentinel-failover": ("redis", ("sentinel",)),
+    "pg-kill": ("postgres", TOPOLOGIES),
+    "pg-read-only": ("postgres", TOPOLOGIES),
+    "pg-slow": ("postgres", TOPOLOGIES),
+    "process-kill": ("procs", TOPOLOGIES),
+    "process-stop": ("procs", TOPOLOGIES),
+    "clock-skew": ("procs", TOPOLOGIES),
+    "partition": ("net", TOPOLOGIES),
+    "trim-storm": ("trim", TOPOLOGIES),
+    "replay": ("replay", TOPOLOGIES),
+}
+
+
+@dataclass(frozen=True)
+class Lengths:
+    mode: str
+    load_s: float  # how long operations are started
+    rate: float  # operations per second (Poisson)
+    warmup_s: float
+    tail_s: float
+    hold: tuple[float, float]  # a fault's duration
+    every: tuple[float, float]  # from a fault's start to the next one's (shorter than a hold: they overlap)
+
+
+SHORT = Lengths("short", load_s=14, rate=25, warmup_s=1.5, tail_s=1.5, hold=(1.0, 3.0), every=(0.8, 2.2))
+FULL = Lengths("full", load_s=60, rate=40, warmup_s=3, tail_s=5, hold=(1.5, 10.0), every=(1.5, 6.0))
+
+
+def lengths(mode: str) -> Lengths:
+    return FULL if mode == "full" else SHORT
+
+
+@dataclass(frozen=True)
+class OpStep:
+    n: int
+    at: float
+    kind: str
+    keyed: bool
+    code: int  # index into the run's link codes
+    flags: frozenset[str] = frozenset()  # bot, test_mode, dedupe_body, fingerprint, item_keys
+    items: tuple[str, ...] = ()  # a batch's item types
+    on: int | None = None  # a lead's click operation; stats' generate operation
+
+
+@dataclass(frozen=True)
+class FaultStep:
+    at: float
+    hold: float
+    kind: str
+    target: str  # a role and index (worker/1), a proxy and direction (edge-redis/down), or ""
+    param: float = 0.0  # clock offset, delay
+
+
+@dataclass(frozen=True)
+class Schedule:
+    seed: int
+    topology: str
+    lengths: Lengths
+    ops: list[OpStep] = field(default_factory=list)
+    faults: list[FaultStep] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return "\n".join(f"  {f.at:6.2f}s +{f.hold:.1f}s {f.kind} {f.target} {f.param or ''}".rstrip()
+                         for f in self.faults)  # fmt: skip
+
+
+def topology_of(seed: int) -> str:
+    return TOPOLOGIES[seed % len(TOPOLOGIES)]
+
+
+def draw(seed: int, mode: str, only: frozenset[str] = frozenset()) -> Schedule:
+    """The seed's schedule; ``only``: these fault kinds and no other (to minimise a failure)."""
+    rng = random.Random(seed)
+    topo = topology_of(seed)
+    ln = lengths(mode)
+    return Schedule(seed, topo, ln, _ops(rng, ln), _faults(rng, ln, topo, only))
+
+
+def _ops(rng: random.Random, ln: Lengths) -> list[OpStep]:
+    kinds, weights = list(OP_WEIGHTS), list(OP_WEIGHTS.values())
+    out: list[OpStep] = []
+    clicks: list[int] = []  # ops whose answer names a click id
+    generated: list[int] = []
+    t = 0.0
+    while True:
+        t += rng.expovariate(ln.rate)
+        if t >= ln.load_s:
+            return out
+        n = len(out)
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "lead" and not clicks:
+            kind = "affitor"
+        if kind == "stats" and not generated:
+            kind = "generate"
+        flags: set[str] = set()
+        items: tuple[str, ...] = ()
+        on = None
+        if kind == "biore" and rng.random() < 0.1:
+            flags.add("bot")
+        if kind == "affitor":
+            if rng.random() < 0.05:
+                flags.add("test_mode")
+            if rng.random() < 0.5:
+                flags.add("dedupe_body")  # the key in the body, as tracker.js sends it
+        if kind == "affixo" and rng.random() < 0.2:
+            flags.add("fingerprint")  # no visitor id: the edge matches or mints one
+        if kind == "batch":
+            items = tuple(rng.choices(("click", "conversion", "lead"), (0.6, 0.25, 0.15), k=rng.randint(1, 4)))
+            if rng.random() < 0.3:
+                flags.add("item_keys")
+        if kind == "lead" or "lead" in items:
+            on = rng.choice(clicks[-30:]) if clicks else None
+            if on is None:
+                items = tuple(i for i in items if i != "lead") or ("click",)
+        if kind == "stats":
+            on = rng.choice(generated[-10:])
+        keyed = kind in KEYABLE and rng.random() < 0.5
+        out.append(OpStep(n, t, kind, keyed, rng.randrange(1 << 16), frozenset(flags), items, on))
+        if kind in CLICKS_WITH_IDS and "test_mode" not in flags:
+            clicks.append(n)
+        if kind == "generate":
+            generated.append(n)
+
+
+def _target(rng: random.Random, kind: str, topo: str) -> tuple[str, float]:
+    if kind in ("process-kill", "process-stop"):
+        return f"{rng.choice(ROLES)}/{rng.randrange(2)}", 0.0
+    if kind == "clock-skew":
+        return f"{rng.choice(ROLES)}/{rng.randrange(2)}", rng.choice(CLOCK_OFFSETS_S)
+    if kind == "partition":
+        return f"{rng.choice(PROXIES[topo])}/{rng.choice(('up', 'down'))}", 0.0
+    if kind == "pg-slow":
+        return "edge-pg+worker-pg", rng.choice((0.05, 0.15, 0.4))
+    return "", 0.0
+
+
+def _faults(rng: random.Random, ln: Lengths, topo: str, only: frozenset[str]) -> list[FaultStep]:
+    kinds = sorted(k for k, (_, topos) in FAULTS.items() if topo in topos and (not only or k in only))
+    if not kinds:
+        return []
+    deck: list[str] = []
+    busy: dict[str, float] = {}  # resource -> when its fault heals
+    out: list[FaultStep] = []
+    t = ln.warmup_s
+    while True:
+        if not deck:
+            deck = kinds[:]
+            rng.shuffle(deck)
+        kind = deck.pop()
+        resource = FAULTS[kind][0]
+        at = max(t, busy.get(resource, 0.0) + 0.3)
+        hold = rng.uniform(*ln.hold)
+        if at + hold > ln.load_s - ln.tail_s:
+            return out
+        target, param = _target(rng, kind, topo)
+        out.append(FaultStep(round(at, 2), round(hold, 2), kind, target, param))
+        busy[resource] = at + hold
+        t = at + rng.uniform(*ln.every)
+
+
+def seed_from_env() -> int | None:
+    raw = os.environ.get("REFSTREAM_GEN_SEED", "").strip()
+    return int(raw, 0) if raw else None
+
+
+def only_from_env() -> frozenset[str]:
+    """``REFSTREAM_GEN_FAULTS``: a comma-separated list of fault kinds, the only ones drawn."""
+    only = frozenset(k.strip() for k in os.environ.get("REFSTREAM_GEN_FAULTS", "").split(",") if k.strip())
+    if unknown := only - set(FAULTS):
+        raise ValueError(f"REFSTREAM_GEN_FAULTS: no such fault kind {sorted(unknown)}; the kinds: {sorted(FAULTS)}")
+    return only
+
+
+def duration_from_env() -> float | None:
+    """``REFSTREAM_GEN_DURATION``: 3600, 3600s, 60m or 1h; None when unset."""
+    raw = os.environ.get("REFSTREAM_GEN_DURATION", "").strip().lower()
+    if not raw:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", raw)
+    if m is None:
+        raise ValueError(f"REFSTREAM_GEN_DURATION: a duration such as 3600s, 60m or 1h, not {raw!r}")
+    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]

@@ -1,0 +1,159 @@
+"""The generative test, in Jepsen's manner: for each seed, a random schedule of client
+operations (every event route, keyed and not, the batch route, redirects, Bricqs' reads;
+retried after timeouts and 5xx as real clients do) and of faults (Redis stalled, killed,
+restarted, full; a Sentinel failover at replicas:1; Postgres killed, read-only, slow;
+edges, workers and archivers SIGKILLed or SIGSTOPped; one process's clock offset; a link
+blackholed one way; trims with no retention; replays racing the workers), then everything
+healed, drained, and a checker over the whole history (``_gen/checker.py``).
+
+    .venv/bin/python -m pytest -m faults tests/faults/test_generative.py     # short: 3 fresh seeds
+    scripts/faults --duration 60m -k generative                              # new seeds for an hour
+    REFSTREAM_FAULTS=short REFSTREAM_GEN_SEED=1234 scripts/faults -k generative   # one seed again
+
+Seeds are fresh each run (printed); a failing one prints the command that runs it again, and
+keeps its logs and history in ``$TMPDIR/refstream-gen-<seed>/``. The schedule is the seed's
+alone; the system's own timing is not, so a run is reproduced in its operations and faults.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ._gen.checker import GenChecker
+from ._gen.history import Attempt, History, Op, Unit
+from ._gen.ops import World
+from ._gen.run import SeedResult, run_seed
+from ._gen.schedule import TOPOLOGIES, duration_from_env, seed_from_env
+from ._plan import Plan
+from ._servers import PgServer
+from ._stage import FIGURES
+
+SHORT_SEEDS = 3
+FULL_DEFAULT_S = 300.0  # scripts/faults without --duration
+
+
+def _budget() -> float:
+    return duration_from_env() or FULL_DEFAULT_S
+
+
+def seeds(mode: str) -> Iterator[int]:
+    """REFSTREAM_GEN_SEED alone; else fresh seeds, alternating the topologies: three in short
+    mode, as many as start within REFSTREAM_GEN_DURATION (or 5 min) in full mode or when set."""
+    one = seed_from_env()
+    if one is not None:
+        yield one
+        return
+    rng = random.SystemRandom()
+    duration = duration_from_env()
+    deadline = time.monotonic() + (duration or FULL_DEFAULT_S)
+    i = 0
+    while (i < SHORT_SEEDS) if mode == "short" and duration is None else time.monotonic() < deadline:
+        seed = rng.randrange(1, 1 << 31)
+        yield seed - seed % len(TOPOLOGIES) + i % len(TOPOLOGIES)
+        i += 1
+
+
+def _total(results: list[SeedResult]) -> str:
+    ops: Counter[str] = Counter()
+    faults: Counter[str] = Counter()
+    anomalies: Counter[str] = Counter()
+    for r in results:
+        ops.update(r.ops)
+        faults.update(r.faults)
+        anomalies.update(r.anomalies.counts())
+
+    def fmt(c: Counter[str]) -> str:
+        return ",".join(f"{k}={n}" for k, n in sorted(c.items())) or "none"
+
+    return (f"GENERATIVE total: seeds={len(results)} ({','.join(str(r.seed) for r in results)})"
+            f" wall={sum(r.wall_s for r in results):.0f}s ops={sum(ops.values())} ({fmt(ops)})"
+            f" stored={sum(r.stored for r in results)} archived={sum(r.archived for r in results)}"
+            f" faults={sum(faults.values())} ({fmt(faults)})"
+            f" anomalies={sum(anomalies.values())} ({fmt(anomalies)})")  # fmt: skip
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(int(_budget()) + 900)
+async def test_generative(pg_server: PgServer, plan: Plan) -> None:
+    results: list[SeedResult] = []
+    for seed in seeds(plan.mode):
+        print(f"\ngenerative: seed {seed} ({plan.mode})", file=sys.stderr, flush=True)
+        result = await run_seed(seed, plan.mode, pg_server, plan)
+        results.append(result)
+        FIGURES.append(result.line())
+        print(result.line(), flush=True)
+    FIGURES.append(_total(results))
+    print(_total(results), flush=True)
+    failed = [r for r in results if r.anomalies.found]
+    if failed:
+        raise AssertionError("\n\n".join(
+            f"seed {r.seed} ({r.schedule.topology}): {sum(r.anomalies.counts().values())} anomalies; run it again:"
+            f"\n  {r.reproduce()}\nlogs and history: {r.kept}\nfaults:\n{r.schedule.describe()}\n"
+            f"{r.anomalies.report()}" for r in failed))  # fmt: skip
+
+
+# -- the checker can fail: histories and rows made by hand (no servers) ----------------
+
+WORLD = World(["c0"], "key", "program", "affiliate", "aff")
+
+
+def _op(kind: str, outcomes: list[tuple[str, int | None, Any]], *, key: str | None = None, **unit: Any) -> Op:
+    op = Op(0, kind, "g1-0", key, "POST", "/", {}, None, [Unit("g1-0", unit.pop("what", "click"), "c0", **unit)])
+    op.attempts = [Attempt("e1", float(i), status=s, body=b, outcome=o) for i, (o, s, b) in enumerate(outcomes)]
+    return op
+
+
+def _row(token: str, event: uuid.UUID | None = None, **cols: Any) -> dict[str, Any]:
+    return {"event_id": event or uuid.uuid4(), "token": token, "code": "c0", "click_id": None, "visitor_id": None,
+            **cols}  # fmt: skip
+
+
+def _judge(op: Op, rows: list[dict[str, Any]]) -> Counter[str]:
+    checker = GenChecker(History(1), WORLD, None, Path("."), "")  # type: ignore[arg-type]
+    checker._answers(op)
+    by_event = {r["event_id"].hex: r for r in rows}
+    for i, unit in enumerate(op.units):
+        checker._unit(op, i, unit, [r for r in rows if r["token"] == unit.token], by_event)
+    return checker.a.counts()
+
+
+def test_the_checker_flags_an_accepted_click_not_stored() -> None:
+    assert _judge(_op("biore", [("ok", 200, {"success": True, "data": {"tracked": True}})], once=False), []) == {
+        "lost": 1}  # fmt: skip
+
+
+def test_the_checker_flags_a_refused_click_stored() -> None:
+    op = _op("biore", [("refused", 503, None), ("refused", 503, None)], once=False)
+    assert _judge(op, [_row("g1-0")]) == {"refusal_counted": 1}
+
+
+def test_the_checker_allows_an_unknown_attempt_stored_beside_the_accepted_one() -> None:
+    op = _op("biore", [("unknown", None, None), ("ok", 200, {"success": True, "data": {"tracked": True}})], once=False)
+    assert _judge(op, [_row("g1-0"), _row("g1-0")]) == {}
+    keyed = _op("biore", [("unknown", None, None), ("ok", 200, {"success": True, "data": {"tracked": True}})],
+                key="k", once=True)  # fmt: skip
+    assert _judge(keyed, [_row("g1-0"), _row("g1-0")]) == {"duplicate": 1}
+
+
+def test_the_checker_flags_an_answer_naming_another_requests_event() -> None:
+    other = uuid.uuid4()
+    answer = {"success": True, "click_id": f"clk_{other.hex}", "partner_code": "c0", "cookie_window_days": 30}
+    op = _op("affitor", [("ok", 200, answer)], once=False)
+    op.echo = {"partner_code": "c0"}
+    assert _judge(op, [_row("g1-0"), _row("g1-7", other)]) == {"foreign_answer": 1}
+
+
+def test_the_checker_flags_a_lead_stored_on_another_click_and_a_500() -> None:
+    click = uuid.uuid4()
+    op = _op("lead", [("error", 500, None), ("unknown", None, None)], what="lead", once=True,
+             expect={"click_id": click.hex})  # fmt: skip
+    assert _judge(op, [_row("g1-0", click_id=uuid.uuid4())]) == {"5xx": 1, "foreign_answer": 1}

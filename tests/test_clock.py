@@ -1,0 +1,165 @@
+"""One clock decides (docs/guarantees.md: one clock decides): a process whose clock is off drops nothing, trims
+nothing by time and stops no counter; an edge whose clock is off mints ids on Redis's day
+(issue 24, defect 8). Each process is skewed with REFSTREAM_CLOCK_OFFSET_S."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from structlog.testing import capture_logs
+
+from ingest import clock
+from ingest.events import FIELD, Dialect, Envelope, EventType, uuid7
+from ingest.keys import GROUP, Keys
+from ingest.settings import Settings
+from workers import trim
+from workers.archive_store import TMP, LocalStore
+from workers.partitions import day_uuid, uuid_day
+
+from ._procs import Procs
+from ._world import BROWSER, make_world
+from .conftest import wait_for
+from .test_replay import append
+
+YEAR_S = 365 * 86400
+
+
+@pytest.fixture
+def year_ahead() -> Iterator[None]:
+    """This test process's clock a year ahead, as REFSTREAM_CLOCK_OFFSET_S sets it."""
+    clock.configure(YEAR_S)
+    try:
+        yield
+    finally:
+        clock.configure(0)
+
+
+def clicks(code: str, workspace_id: str, n: int, first: int) -> list[Envelope]:
+    at = int(time.time() * 1000)
+    return [
+        Envelope(
+            EventType.CLICK,
+            Dialect.AFFITOR,
+            {"code": code, "visitor_id": f"v{first + i}"},
+            workspace_id,
+            "81.2.69.160",
+            BROWSER,
+            event_id=uuid7(at + i),
+            received_at_ms=at + i,
+        )
+        for i in range(n)
+    ]
+
+
+def logged(procs: Procs, event: str) -> bool:
+    return re.search(rf'"event":\s*"{re.escape(event)}"', procs.logs()) is not None
+
+
+async def test_a_worker_a_year_ahead_drops_nothing_and_counting_goes_on(
+    settings: Settings, redis: Any, keys: Keys, tmp_path: Path, scratch_url: str
+) -> None:
+    s = settings.model_copy(update={"database_url": scratch_url, "event_retention": 30, "dedupe_retention": 30})
+    procs = Procs(s, tmp_path)
+    await procs.cli("migrate")  # today's partitions, on Postgres's day
+    pool = await asyncpg.create_pool(scratch_url, min_size=1, max_size=2)
+    try:
+        world = await make_world(pool, redis, keys, code="A")
+        await append(redis, keys, clicks("A", world.workspace_id, 5, 0))
+        procs.start("work", REFSTREAM_CLOCK_OFFSET_S=str(YEAR_S))
+
+        async def stored(n: int) -> bool:
+            return await pool.fetchval("SELECT count(*) FROM events") == n
+
+        await wait_for(lambda: stored(5), timeout=60, what="the first five clicks stored")
+        today = await pool.fetchval("SELECT (now() AT TIME ZONE 'UTC')::date")
+        horizon = await pool.fetchval("SELECT horizon_id FROM event_retention")
+        names = {r[0] for r in await pool.fetch("SELECT relname FROM pg_class WHERE relname LIKE 'events_p%'")}
+        assert f"events_p{today:%Y%m%d}" in names
+
+        # the worker's partition maintenance ran (at its start) and refused to drop a thing
+        await wait_for(lambda: _true(logged(procs, "partitions.clock_skewed") or logged(procs, "partitions")),
+                       timeout=60, what="the worker's partition maintenance")  # fmt: skip
+        assert await pool.fetchval("SELECT count(*) FROM events") == 5
+        assert logged(procs, "partitions.clock_skewed"), procs.logs()
+        assert (
+            await pool.fetchval("SELECT horizon_id FROM event_retention")
+            == horizon
+            == day_uuid(today - timedelta(days=30))
+        )
+        after = {r[0] for r in await pool.fetch("SELECT relname FROM pg_class WHERE relname LIKE 'events_p%'")}
+        assert names <= after
+
+        # and counting goes on
+        await append(redis, keys, clicks("A", world.workspace_id, 3, 5))
+        await wait_for(lambda: stored(8), timeout=60, what="three more clicks stored")
+        assert await pool.fetchval("SELECT clicks FROM links WHERE code = 'A'") == 8
+    finally:
+        procs.stop_all()
+        await pool.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_trim_a_year_ahead_trims_nothing_by_time(redis: Any, keys: Keys, year_ahead: None) -> None:
+    stream = keys.streams[0]
+    ids = [await redis.xadd(stream, {FIELD: b"x"}) for _ in range(5)]
+    await redis.xgroup_create(stream, GROUP, id="0")
+    await redis.xreadgroup(GROUP, "w", {stream: ">"}, count=10)
+    await redis.xack(stream, GROUP, *ids)  # every group acked: only the retention (an hour) keeps them
+    with capture_logs() as logs:
+        removed = await trim.trim(redis, keys, 3600, exact=True)
+    assert removed == {} and await redis.xlen(stream) == 5
+    assert [e for e in logs if e["event"] == "trim.clock_skewed"]
+    clock.configure(0)
+    assert await trim.trim(redis, keys, 0, exact=True) == {stream: 5}  # a clock that agrees trims
+
+
+async def test_an_edge_a_year_ahead_mints_ids_on_redis_day_and_its_click_counts(
+    procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    await make_world(pg, redis, keys, code="A")
+    base = await procs.start_edge(REFSTREAM_CLOCK_OFFSET_S=str(YEAR_S))
+    async with aiohttp.ClientSession(headers={"User-Agent": BROWSER}) as http:
+        async with http.post(f"{base}/api/v1/referral/click/A") as r:
+            assert r.status == 200
+    stream = keys.stream_for("A")
+    [(entry_id, fields)] = await redis.xrange(stream)
+    event_id = Envelope.from_entry(fields).event_id
+    appended_ms = int(entry_id.split(b"-")[0])  # Redis's clock at the XADD
+    assert abs((event_id.int >> 80) - appended_ms) < 300_000  # minted on Redis's time, not a year ahead
+    await wait_for(lambda: _true(logged(procs, "clock.skewed")), what="the edge's clock.skewed line")  # batched lines
+
+    await drain()
+    today = await pg.fetchval("SELECT (now() AT TIME ZONE 'UTC')::date")
+    assert uuid_day(event_id) == today
+    assert await pg.fetchval("SELECT count(*) FROM events WHERE event_id = $1", event_id) == 1
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'A'") == 1
+    received = await pg.fetchval("SELECT received_at FROM events WHERE event_id = $1", event_id)
+    assert abs(received - datetime.now(UTC)) < timedelta(minutes=5)
+
+
+async def test_an_archiver_a_year_ahead_sweeps_no_write_in_progress(tmp_path: Path, year_ahead: None) -> None:
+    """A crashed write's temporary file goes once ten minutes old by the disk's clock (its
+    mtime beside the segment just written), never by this process's: another archiver's
+    write in progress stays."""
+    store = LocalStore(str(tmp_path))
+    (tmp_path / "p").mkdir()
+    in_progress = tmp_path / "p" / f"{TMP}abc-seg-2"
+    in_progress.write_bytes(b"half a segment")
+    crashed = tmp_path / "p" / f"{TMP}def-seg-0"
+    crashed.write_bytes(b"left by a crash")
+    old = time.time() - 3600
+    os.utime(crashed, (old, old))
+    await store.put("p/seg-1", b"a segment")
+    assert in_progress.exists() and not crashed.exists()

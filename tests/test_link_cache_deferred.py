@@ -1,0 +1,38 @@
+"""A management write that committed is never refused for its link cache: with Redis gone
+after the commit, creating a link answers with the link (no exception, so no 503 whose
+retry would meet "code taken"), and the cache write lands once Redis is back."""
+
+from __future__ import annotations
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from ingest import admin, links
+from ingest.keys import Keys
+
+from ._redis import PrivateRedis
+from .conftest import wait_for
+
+
+async def test_a_committed_link_is_answered_and_cached_once_redis_returns(
+    pg: asyncpg.Pool, keys: Keys, private_redis: PrivateRedis
+) -> None:
+    client = aioredis.Redis.from_url(private_redis.url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        async with pg.acquire() as conn:
+            ws = await admin.create_workspace(conn, "T")
+            private_redis.kill()  # after the workspace, before the link: the cache write fails
+            made = await admin.create_link(conn, client, keys, workspace_id=ws["workspace_id"], code="later")
+            assert made["code"] == "later"
+            assert await conn.fetchval("SELECT count(*) FROM links WHERE code = 'later'") == 1
+        private_redis.start()  # the same port: the retry in the background finds it
+
+        async def cached() -> bool:
+            try:
+                return isinstance(links.decode(await client.get(keys.link("later"))), links.LinkInfo)
+            except (aioredis.ConnectionError, aioredis.TimeoutError):
+                return False
+
+        await wait_for(cached, timeout=30, what="the deferred link cache write")
+    finally:
+        await client.aclose()

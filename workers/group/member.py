@@ -1,0 +1,353 @@
+"""The member loop: the group on every partition, one reader per partition, settling what
+its user's part holds through outages, housekeeping and state (see ``workers/group``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import structlog
+from redis.exceptions import ResponseError
+
+from ingest.connections import Redis
+from ingest.keys import Keys, parse_id
+from ingest.settings import Settings
+
+from .. import presence
+from ..errors import Outage, redis_outage
+from ..gate import Backoff, Gate
+from .claims import Claims, text
+from .part import Chore, Entry, Part
+
+log = structlog.get_logger("workers.group")
+
+
+class Member:
+    """One member of ``group`` on every partition, named ``name``; ``part`` makes the user's
+    part for a partition. ``role`` names its log lines (``consumer.start``, ...) and
+    ``presence_name`` its row in ``refstream status``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        *,
+        group: str,
+        name: str,
+        part: Callable[[int, str], Part],
+        role: str,
+        presence_name: str | None = None,
+        reclaim_count: int | None = None,
+        linger: tuple[int, float] | None = None,
+        chores: Iterable[Chore] = (),
+        totals: Callable[[], dict[str, Any]] = dict,
+        on_gate: Callable[[Gate], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.stream_prefix, settings.partitions)
+        self.redis = redis
+        self.group, self.name, self.role = group, name, role
+        self.presence_name = presence_name or name
+        self.reclaim_count = reclaim_count or settings.batch_size
+        # a fresh read returning fewer than linger[0] entries waits linger[1] s once and
+        # takes what arrived meanwhile (no BLOCK) into the same read: see workers/consume.py
+        self.linger = linger
+        self.chores = list(chores)
+        self.totals = totals
+        self._on_gate = on_gate
+        self.gate = Gate(on_change=self._gate_changed)
+        self.claims = Claims(redis, group, name, settings.claim_idle_ms)
+        self._part = part
+        self.parts: dict[int, Part] = {}
+        self._backlog = [True] * settings.partitions
+        self._cursor = ["0"] * settings.partitions  # the last own pending entry read again
+        self._joined = [False] * settings.partitions
+        self._stopping = False
+        self._publish_now = asyncio.Event()
+
+    # -- the group ----------------------------------------------------------------------
+
+    async def ensure_groups(self) -> None:
+        """The group on every partition (raises what Redis refuses, see ``_ensure``)."""
+        for stream in self.keys.streams:
+            await self._ensure(stream)
+
+    async def _ensure(self, stream: str) -> None:
+        """Create the group on ``stream`` from id 0. A full or read-only Redis refuses the
+        creation even when the group exists: then it is enough that it exists."""
+        try:
+            await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" in str(exc):
+                return
+            if redis_outage(exc) in ("redis_oom", "redis_readonly") and await self._group_exists(stream):
+                return
+            raise
+
+    async def _group_exists(self, stream: str) -> bool:
+        try:
+            groups = await self.redis.xinfo_groups(stream)
+        except ResponseError:
+            return False  # no such key
+        return any(text(g["name"]) == self.group for g in groups)
+
+    async def _join(self, p: int, stream: str) -> bool:
+        """The group on partition ``p``, waited for through outages (the partition shown as
+        blocked meanwhile); False when stopped first."""
+        backoff, waiting = Backoff(first=0.5, cap=5.0), None
+        while True:
+            try:
+                await self._ensure(stream)
+            except Exception as exc:
+                if (reason := redis_outage(exc)) is None:
+                    raise
+                if reason != waiting:  # one line per state, not per retry
+                    log.warning("group.waiting", group=self.group, stream=stream, reason=reason, error=repr(exc))
+                    waiting = reason
+                    self.gate.block(p, reason)
+                if self._stopping:
+                    self.gate.clear(p)
+                    return False
+                await backoff.sleep()
+                continue
+            if waiting is not None:
+                log.info("group.ready", group=self.group, stream=stream)
+                self.gate.clear(p)
+            self._joined[p] = True
+            return True
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self, *, drain: bool = False) -> None:
+        """Read every partition until ``stop()``; with ``drain``, until the group has read
+        and acked everything in every partition."""
+        log.info(f"{self.role}.start", consumer=self.name, group=self.group, partitions=self.keys.partitions,
+                 drain=drain)  # fmt: skip
+        background = [asyncio.create_task(self._keep_claims())]
+        if not drain:
+            background.append(asyncio.create_task(self._housekeeping()))
+        readers = [asyncio.create_task(self._partition(p, drain)) for p in range(self.keys.partitions)]
+        try:
+            await asyncio.gather(*readers)
+        except BaseException:
+            # a reader died of a bug: the others finish what they hold (or hand it back)
+            # before the process exits for a restart, rather than have their pools closed
+            self._stopping = True
+            await asyncio.gather(*readers, return_exceptions=True)
+            raise
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+        await self._leave()
+        log.info(f"{self.role}.stop", consumer=self.name, **self.totals())
+
+    def stop(self) -> None:
+        """Stop reading; each partition settles what it holds (or hands it back when an
+        outage holds it) and returns within one block time."""
+        self._stopping = True
+
+    async def _partition(self, p: int, drain: bool) -> None:
+        stream = self.keys.stream(p)
+        if not await self._join(p, stream):
+            return
+        part = self.parts[p] = self._part(p, stream)
+        backoff, failure = Backoff(), None
+        while True:
+            room = part.room()
+            if part.held() and (room == 0 or self._stopping):
+                if not await self._settle(p, stream, part):
+                    return  # stopping during an outage: handed back
+                backoff.reset()
+                continue
+            if self._stopping:
+                return
+            if self.gate.closed:  # Postgres is out: reading more would only pile up entries
+                await self.gate.wait_open(self.settings.block_ms / 1000)
+                continue
+            try:
+                try:
+                    entries, again = await self._read(p, stream, part, room)
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    await self._ensure(stream)  # the stream was deleted under us: from id 0 again
+                    self._backlog[p], self._cursor[p] = True, "0"
+                    continue
+            except Exception as exc:
+                reason = redis_outage(exc) or "error"
+                if reason != failure:
+                    log.warning(f"{self.role}.read_failed", stream=stream, reason=reason, error=repr(exc))
+                    failure = reason
+                self._backlog[p], self._cursor[p] = True, "0"  # a read may have been delivered, its reply lost
+                await backoff.sleep()
+                continue
+            if failure is not None:
+                log.info(f"{self.role}.read_resumed", stream=stream)
+                failure = None
+            backoff.reset()
+            part.take(entries, again)
+            if drain and not entries and not self._backlog[p]:
+                if not part.held():
+                    if await self._drained(stream):
+                        return
+                else:
+                    part.quiet()
+
+    async def _settle(self, p: int, stream: str, part: Part) -> bool:
+        """``part.settle()`` until it succeeds; False when stopping during an outage, the
+        entries handed back instead."""
+        backoff, failure = Backoff(), None
+        while True:
+            try:
+                await part.settle()
+            except Outage as exc:
+                if exc.reason != failure:
+                    log.warning(f"{self.role}.held", stream=stream, reason=exc.reason, error=str(exc)[:300])
+                    failure = exc.reason
+                self.gate.block(p, exc.reason)
+                if self._stopping:
+                    await self._hand_back(p, stream, part.held())
+                    self.gate.clear(p)
+                    return False
+                await backoff.sleep()
+                continue
+            if failure is not None:
+                log.info(f"{self.role}.resumed", stream=stream)
+            self.gate.clear(p)
+            return True
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def _read(self, p: int, stream: str, part: Part, count: int) -> tuple[list[Entry], bool]:
+        """(entries, read again): this member's own pending entries first, then new ones."""
+        if self._backlog[p]:
+            count = await part.backlog_count(self._cursor[p], count)
+            reply = await self.redis.xreadgroup(self.group, self.name, {stream: self._cursor[p]}, count=count)
+            entries: list[Entry] = reply[0][1] if reply else []
+            if not entries:
+                self._backlog[p], self._cursor[p] = False, "0"
+                return [], True
+            self._cursor[p] = text(entries[-1][0])
+            return entries, True
+        block = part.block_ms()
+        block = self.settings.block_ms if block is None else max(10, min(block, self.settings.block_ms))
+        reply = await self.redis.xreadgroup(self.group, self.name, {stream: ">"}, count=count, block=block)
+        entries = reply[0][1] if reply else []
+        if self.linger and entries and len(entries) < min(self.linger[0], count) and not self._stopping:
+            await asyncio.sleep(self.linger[1])
+            more = await self.redis.xreadgroup(self.group, self.name, {stream: ">"}, count=count - len(entries))
+            entries += more[0][1] if more else []
+        return entries, False
+
+    async def _drained(self, stream: str) -> bool:
+        """Everything appended has been delivered and acked, by anyone. Entries pending in
+        another member are claimed once idle long enough (that member may be dead)."""
+        groups = await self.redis.xinfo_groups(stream)
+        group = next((g for g in groups if text(g["name"]) == self.group), None)
+        if group is None:
+            return False
+        if group["pending"]:
+            await self.reclaim()
+            return False
+        info = await self.redis.xinfo_stream(stream)
+        return parse_id(group["last-delivered-id"]) >= parse_id(info["last-generated-id"])
+
+    # -- claims -------------------------------------------------------------------------
+
+    async def reclaim(self) -> int:
+        """Claim entries idle longer than ``claim_idle_ms`` in other (dead) members; the
+        backlog read then takes them."""
+        claimed = 0
+        for p, stream in enumerate(self.keys.streams):
+            if self._joined[p] and (n := await self.claims.reclaim(stream, self.reclaim_count)):
+                self._backlog[p], self._cursor[p] = True, "0"
+                claimed += n
+        if claimed:
+            log.info(f"{self.role}.reclaimed", consumer=self.name, entries=claimed)
+        return claimed
+
+    async def _keep_claims(self) -> None:
+        """Every ``claim_idle_ms / 3``: what each part holds stays this member's."""
+        while True:
+            await asyncio.sleep(self.settings.claim_idle_ms / 3000)
+            for p, part in list(self.parts.items()):
+                if ids := part.held():
+                    stream = self.keys.stream(p)
+                    if lost := await self.claims.keep(stream, ids):
+                        log.warning(f"{self.role}.claims_lost", stream=stream, consumer=self.name, entries=len(lost))
+                        part.drop(lost)
+
+    async def _hand_back(self, p: int, stream: str, ids: list[str]) -> None:
+        self._backlog[p], self._cursor[p] = True, "0"
+        await self.claims.hand_back(stream, ids)
+        log.info(f"{self.role}.handed_back", stream=stream, entries=len(ids))
+
+    # -- housekeeping -------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        """Reclaim, the user's chores and the state on their own timers, each failure logged
+        and survived; the state also at once on a change. Reclaiming waits while Postgres is
+        out (nothing could be processed) and once stopping (it would take back what was just
+        handed back)."""
+        chores = [Chore("reclaim", self.settings.reclaim_every_s, self.reclaim, needs_postgres=True), *self.chores]
+        due = [0.0] * len(chores)
+        next_state = 0.0
+        while True:
+            for i, chore in enumerate(chores):
+                now = time.monotonic()
+                if now < due[i]:
+                    continue
+                if (chore.needs_postgres and self.gate.closed) or (chore.name == "reclaim" and self._stopping):
+                    due[i] = now + min(1.0, chore.every_s)
+                    continue
+                due[i] = now + chore.every_s
+                await self._safely(chore.name, chore.step())
+            now = time.monotonic()
+            if now >= next_state or self._publish_now.is_set():
+                self._publish_now.clear()
+                next_state = now + presence.EVERY_S
+                await self._safely("state", presence.publish(self.redis, self.keys, self.presence_name, self.state()))
+            try:
+                await asyncio.wait_for(self._publish_now.wait(), max(0.05, min([*due, next_state]) - time.monotonic()))
+            except TimeoutError:
+                pass
+
+    async def _safely(self, what: str, step: Awaitable[Any]) -> None:
+        try:
+            await step
+        except Exception as exc:
+            log.warning("housekeeping.failed", task=what, error=repr(exc))
+
+    def state(self) -> dict[str, Any]:
+        """What ``refstream status`` shows in its workers table under ``presence_name``."""
+        return {
+            "consumer": self.name,
+            "group": self.group,
+            "state": "blocked" if self.gate.blocked else "running",
+            "reasons": self.gate.reasons,
+            "since": self.gate.since,
+            **self.totals(),
+        }
+
+    def _gate_changed(self, gate: Gate) -> None:
+        if self._on_gate is not None:
+            self._on_gate(gate)
+        self._publish_now.set()
+
+    async def _leave(self) -> None:
+        """A clean stop: remove this member's state, and it from the group where it holds
+        nothing (names are per process: they would pile up)."""
+        try:
+            await presence.forget(self.redis, self.keys, self.presence_name)
+            for p, stream in enumerate(self.keys.streams):
+                if not self._joined[p]:
+                    continue
+                consumers = await self.redis.xinfo_consumers(stream, self.group)
+                mine = next((c for c in consumers if text(c["name"]) == self.name), None)
+                if mine is not None and int(mine["pending"]) == 0:
+                    await self.redis.xgroup_delconsumer(stream, self.group, self.name)
+        except Exception as exc:
+            log.warning(f"{self.role}.leave_failed", error=repr(exc))
