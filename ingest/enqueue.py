@@ -93,23 +93,30 @@ def appended(edge: Edge, envelope: Envelope) -> None:
 async def to_spool(
     edge: Edge, envelope: Envelope, routing_key: str, extra: Iterable[Command] = (), *,
     once: Once | None = None, maybe_applied: BaseException | None = None,
-) -> None:  # fmt: skip
-    """Keep ``envelope`` (with its extra commands, and a keyed event's check) in the spool.
+) -> bytes | None:  # fmt: skip
+    """Keep ``envelope`` (with its extra commands, and a keyed event's check) in the spool;
+    for a keyed event whose key a copy spooled first, that copy's answer instead (this one
+    is not kept), else None.
 
     ``maybe_applied``: the Redis error after which Redis may hold the event already. Then a
     spool that cannot keep it raises ``OutcomeUnknown``; otherwise what the spool raised
     (``SpoolFull``, ``SpoolError``: the event is nowhere, a refusal)."""
     try:
-        await edge.spool.append(edge.keys.stream_for(routing_key), envelope.encode(), extra, once)
+        first = await edge.spool.append(edge.keys.stream_for(routing_key), envelope.encode(), extra, once)
     except OSError as exc:  # SpoolError, SpoolFull: what Spool.append raises
         if maybe_applied is None:
             raise
         log.warning("append.outcome_unknown", event_id=str(envelope.event_id), error=repr(maybe_applied),
                     spool=repr(exc))  # fmt: skip
         raise OutcomeUnknown(envelope.event_id, maybe_applied) from exc
+    if first is not None:
+        if maybe_applied is not None:  # this copy may be in Redis, under its own answer
+            raise OutcomeUnknown(envelope.event_id, maybe_applied)
+        return first
     if maybe_applied is not None:
         log.info("append.settled_in_spool", event_id=str(envelope.event_id), error=repr(maybe_applied))
     edge.metrics.accepted.labels(envelope.dialect, "spool").inc()
+    return None
 
 
 def first_reply(exc: BaseException) -> tuple[bool, Any]:

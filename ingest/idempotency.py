@@ -195,9 +195,10 @@ class Idempotency:
         record = self.keys.idempotent(claim.digest, self.keys.partition_for(routing_key))
         return Once(record, answer.encode(), self.window_ms)
 
-    def spooled(self, claim: Claim, answer: Answer) -> None:
+    def spooled(self, claim: Claim, answer: Answer) -> Answer:
         """This process answered ``answer`` from its spool: repeats get it from memory."""
         self._remember(claim, answer)
+        return answer
 
     def _remember(self, claim: Claim, answer: Answer) -> None:
         self._spooled[claim.digest] = (time.monotonic() + self.window_ms / 1000, answer)

@@ -27,16 +27,20 @@ async def append_keyed(
     (the primary short of the level, a timeout) is spooled whatever ``spool`` says;
     what it certainly does not hold is spooled only with ``spool`` (public routes: fail
     open, a click is worth more than the check, which the drain makes), else raised.
-    A spooled copy keeps the check and the key's dedupe value, and this process
-    answers a repeat from memory. ``OutcomeUnknown`` when the spool fails a copy Redis
-    may hold, or when Redis found the key's record but could not confirm it at the
-    level (its first copy may not survive: the client retries with the key).
+    A spooled copy keeps the check and the key's dedupe value, and this process answers
+    a repeat from memory. The spool keeps the key's record too: a copy that finds one
+    there (spooled first, by any process sharing the spool) gets that copy's answer.
+    ``OutcomeUnknown`` when the spool fails a copy Redis may hold, or when Redis found
+    the key's record but could not confirm it at the level (its first copy may not
+    survive: the client retries with the key).
     """
     if (remembered := edge.idem.remembered(claim)) is not None:
         return remembered
+    check = edge.idem.check(claim, routing_key, answer)
+    if (waiting := await edge.spool.first_answer(check.record)) is not None:
+        return edge.idem.spooled(claim, Answer.decode(waiting))  # a copy waits in the spool
     note_event(envelope.event_id)
     command = edge.idem.append_command(claim, routing_key, envelope, answer)
-    check = edge.idem.check(claim, routing_key, answer)
     try:
         replies = await edge.batcher.execute(command, *extra, durable=True)
     except REDIS_ERRORS as exc:
@@ -44,15 +48,15 @@ async def append_keyed(
         if known and isinstance(first, bytes):
             raise OutcomeUnknown(None, exc) from exc
         if known and first is None:  # appended in the primary, short of the level
-            await to_spool(edge, envelope, routing_key, extra, once=check, maybe_applied=exc)
+            spooled = await to_spool(edge, envelope, routing_key, extra, once=check, maybe_applied=exc)
         elif known or never_sent(exc):  # the script refused, or nothing was sent
             if not spool:
                 if known:
                     raise first from exc  # Redis's refusal of the command
                 raise
-            await to_spool(edge, envelope, routing_key, extra, once=check)
+            spooled = await to_spool(edge, envelope, routing_key, extra, once=check)
         else:  # a timeout, a lost connection: it may run yet
-            await to_spool(edge, envelope, routing_key, extra, once=check, maybe_applied=exc)
+            spooled = await to_spool(edge, envelope, routing_key, extra, once=check, maybe_applied=exc)
     else:
         first = replies[0]
         if isinstance(first, bytes):
@@ -60,9 +64,11 @@ async def append_keyed(
         if isinstance(first, Exception):  # refused as a whole (OOM under noeviction): not written
             if not spool:
                 raise first
-            await to_spool(edge, envelope, routing_key, extra, once=check)
+            spooled = await to_spool(edge, envelope, routing_key, extra, once=check)
         else:
             edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
             return None
+    if spooled is not None:  # a copy of the key was spooled first: its answer stands
+        return edge.idem.spooled(claim, Answer.decode(spooled))
     edge.idem.spooled(claim, answer)
     return None

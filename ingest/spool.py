@@ -13,6 +13,9 @@ check (``spool_store.Once``) and is replayed through the edge's own script
 (``ingest.idempotency.APPEND_ONCE``): appended only if Redis holds no record of its key, so
 a copy of the same key that reached Redis another way (another edge, or this request's own
 append whose outcome was unknown) is not appended twice, and the first answer is recorded.
+While it is spooled, the key's record lives in the spool too (the first copy's answer, for
+the key's window): a second copy spooled by any process sharing the directory, or a repeat
+that reaches Redis before the drain does, gets the first copy's answer and stores nothing.
 
 A drain loop, while there is something to drain and Redis answers, replays the oldest rows
 with pipelined XADDs and deletes, in one transaction, every row whose XADD Redis confirmed;
@@ -35,6 +38,7 @@ import fcntl
 import functools
 import os
 import sqlite3
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -71,13 +75,15 @@ class Spool:
         self.dir = Path(directory)
         self.max_bytes = max_bytes
         self.durability = durability or Durability()  # what a drained row must reach before its delete
-        self._pending: list[tuple[str, bytes, bytes | None, asyncio.Future[None]]] = []
+        self._pending: list[tuple[str, bytes, bytes | None, store.Once | None, asyncio.Future[bytes | None]]] = []
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._wconn: sqlite3.Connection | None = None  # the writer's (its task only)
         self._dconn: sqlite3.Connection | None = None  # the drainer's (its task only)
+        self._rconn: sqlite3.Connection | None = None  # keyed requests' look-ups, under _rlock
+        self._rlock = threading.Lock()
         self._lock_fd: int | None = None
         self._replayed: set[int] = set()  # rows in Redis whose delete failed: never sent again
         self._entries = 0  # as of this process's last transaction or look
@@ -107,20 +113,39 @@ class Spool:
 
     async def append(
         self, stream: str, envelope: bytes, extra: Iterable[tuple[Any, ...]] = (), once: store.Once | None = None
-    ) -> None:
+    ) -> bytes | None:
         """Durably record one event (and the commands to replay with it, and a keyed event's
-        check); returns once it is committed. Raises ``SpoolFull`` at the cap, ``SpoolError``
-        when the disk refuses."""
+        check); returns once it is committed: None, or for a keyed event whose key a copy
+        spooled first (by any process sharing the spool), that copy's answer, and this one
+        is not kept. Raises ``SpoolFull`` at the cap, ``SpoolError`` when the disk refuses."""
         if self._stop.is_set():
             raise SpoolError("edge shutting down")
         if self._bytes >= self.max_bytes:
             raise SpoolFull(f"spool at {self.max_bytes} bytes")
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_loop(), name="spool-writer")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((stream, envelope, store.encode_extra(extra, once), fut))
+        fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((stream, envelope, store.encode_extra(extra, once), once, fut))
         self._wake.set()
-        await fut
+        return await fut
+
+    async def first_answer(self, record: str) -> bytes | None:
+        """The answer a keyed copy spooled under ``record`` was given, while the spool holds
+        entries (after an outage, until drained: a repeat that reaches Redis before its
+        spooled copy does must get that copy's answer); None otherwise, or unreadable."""
+        if self._entries == 0 or not store.path_in(self.dir).exists():
+            return None
+        try:
+            return await asyncio.to_thread(self._first_answer_sync, record)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("spool.read_failed", error=store.describe(exc))
+            return None  # the key's record in Redis still answers
+
+    def _first_answer_sync(self, record: str) -> bytes | None:
+        with self._rlock:  # one connection for every request's thread
+            if self._rconn is None:
+                self._rconn = store.connect(self.dir)
+            return store.first_answer(self._rconn, record)
 
     async def _write_loop(self) -> None:
         while True:
@@ -132,10 +157,12 @@ class Spool:
             if self._stop.is_set():
                 return
 
-    async def _flush(self, batch: list[tuple[str, bytes, bytes | None, asyncio.Future[None]]]) -> None:
+    async def _flush(
+        self, batch: list[tuple[str, bytes, bytes | None, store.Once | None, asyncio.Future[bytes | None]]]
+    ) -> None:
         try:
             kept, (self._entries, self._bytes) = await asyncio.to_thread(
-                self._insert_sync, [(s, e, x) for s, e, x, _ in batch]
+                self._insert_sync, [(s, e, x, o) for s, e, x, o, _ in batch]
             )
         except (sqlite3.Error, OSError) as exc:
             self._failed("append", exc)
@@ -147,13 +174,17 @@ class Spool:
         for ok, (*_, fut) in zip(kept, batch, strict=True):
             if fut.done():
                 continue  # the request went away; its event is kept all the same
-            if ok:
+            if isinstance(ok, bytes):
+                fut.set_result(ok)  # a copy of its key was spooled first
+            elif ok:
                 fut.set_result(None)
             else:
                 fut.set_exception(SpoolFull(f"spool at {self.max_bytes} bytes"))
-        self.spooled += sum(kept)
+        self.spooled += sum(1 for ok in kept if ok is True)
 
-    def _insert_sync(self, rows: list[tuple[str, bytes, bytes | None]]) -> tuple[list[bool], tuple[int, int]]:
+    def _insert_sync(
+        self, rows: list[tuple[str, bytes, bytes | None, store.Once | None]]
+    ) -> tuple[list[bool | bytes], tuple[int, int]]:
         try:
             if self._wconn is None:
                 self._wconn = store.connect(self.dir)
@@ -329,10 +360,11 @@ class Spool:
             if not fut.done():
                 fut.set_exception(SpoolError("edge shutting down"))
         self._pending.clear()
-        for conn in (self._wconn, self._dconn):
-            if conn is not None:
-                conn.close()
-        self._wconn = self._dconn = None
+        with self._rlock:
+            for conn in (self._wconn, self._dconn, self._rconn):
+                if conn is not None:
+                    conn.close()
+            self._wconn = self._dconn = self._rconn = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the drain lock
             self._lock_fd = None

@@ -56,7 +56,18 @@ _SCHEMA = (
         error_at_ms INTEGER
     )""",
     "INSERT OR IGNORE INTO totals (one, entries, bytes) VALUES (1, 0, 0)",
+    # a keyed event's record while it is spooled, as Redis keeps it (``Once``): the first
+    # copy's answer, for ``window_ms``. Two edges that share the spool and both spool one key
+    # while Redis is down answer the first copy's answer, as Redis's script would have.
+    # Bound: what was spooled within one idempotency window (each insert deletes the expired)
+    """CREATE TABLE IF NOT EXISTS records (
+        record TEXT PRIMARY KEY,
+        answer BLOB NOT NULL,
+        expires_ms INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS records_expiry ON records (expires_ms)",
 )
+_TABLES = ("totals", "records")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +105,8 @@ def connect(directory: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA journal_size_limit = 16777216")  # the WAL is truncated back to this
         conn.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES}")
-        if conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0] == 0:
+        have = conn.execute(f"SELECT count(*) FROM sqlite_master WHERE name IN {_TABLES}").fetchone()[0]
+        if have < len(_TABLES):  # a new spool, or one an older edge created
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 conn.execute(statement)
@@ -136,24 +148,34 @@ def totals(conn: sqlite3.Connection) -> tuple[int, int]:
 
 
 def insert(
-    conn: sqlite3.Connection, rows: Sequence[tuple[str, bytes, bytes | None]], max_bytes: int, clear_error: bool
-) -> tuple[list[bool], tuple[int, int]]:
-    """Append ``rows`` (stream, envelope, encoded extra) in one transaction, each only while
-    the spool stays within ``max_bytes``; (which were kept, the totals after). Raises what
-    SQLite raised, the transaction rolled back: then nothing of the batch is kept."""
+    conn: sqlite3.Connection, rows: Sequence[tuple[str, bytes, bytes | None, Once | None]], max_bytes: int,
+    clear_error: bool,
+) -> tuple[list[bool | bytes], tuple[int, int]]:  # fmt: skip
+    """Append ``rows`` (stream, envelope, encoded extra, a keyed event's check) in one
+    transaction, each only while the spool stays within ``max_bytes``; (for each row: kept,
+    or the answer a copy of its key spooled first, the totals after). A keyed row whose key
+    has a live record is not kept: the first copy stands. Raises what SQLite raised, the
+    transaction rolled back: then nothing of the batch is kept."""
     now_ms = clock.now_ms()
     try:
         conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM records WHERE expires_ms <= ?", (now_ms,))
         entries, n_bytes = totals(conn)
-        kept: list[bool] = []
+        kept: list[bool | bytes] = []
         values = []
-        for stream, envelope, extra in rows:
+        for stream, envelope, extra, once in rows:
+            if once is not None and (first := first_answer(conn, once.record)) is not None:
+                kept.append(first)
+                continue
             size = len(stream) + len(envelope) + len(extra or b"")
             ok = n_bytes + size <= max_bytes
             kept.append(ok)
             if ok:
                 values.append((now_ms, stream, envelope, extra, size))
                 entries, n_bytes = entries + 1, n_bytes + size
+                if once is not None:
+                    conn.execute("INSERT OR REPLACE INTO records (record, answer, expires_ms) VALUES (?, ?, ?)",
+                                 (once.record, once.answer, now_ms + once.window_ms))  # fmt: skip
         conn.executemany("INSERT INTO entries (at_ms, stream, envelope, extra, size) VALUES (?, ?, ?, ?, ?)", values)
         sql = "UPDATE totals SET entries = ?, bytes = ?" + (", error_op = NULL, error = NULL" if clear_error else "")
         conn.execute(sql, (entries, n_bytes))
@@ -162,6 +184,13 @@ def insert(
         rollback(conn)
         raise
     return kept, (entries, n_bytes)
+
+
+def first_answer(conn: sqlite3.Connection, record: str) -> bytes | None:
+    """The answer a keyed copy spooled under ``record`` was given, while it lives."""
+    row = conn.execute("SELECT answer FROM records WHERE record = ? AND expires_ms > ?", (record, clock.now_ms()))
+    found = row.fetchone()
+    return bytes(found[0]) if found is not None else None
 
 
 def oldest(conn: sqlite3.Connection, limit: int, after: int = 0) -> list[Row]:

@@ -278,7 +278,10 @@ async def test_a_gzip_bomb_is_refused_without_stalling_anyone(edge_with, world: 
     assert await closed(reader, within=5)
     await sender
     writer.close()
-    assert max(latencies) < 0.1, latencies
+    # inflating the whole bomb in one go holds a core for seconds (about 4 s on the 2-core
+    # machine the suite is run on); a health check that waits on it would show. Under the
+    # suite's load a fresh connection alone can take a tenth of a second.
+    assert max(latencies) < 1.0, latencies
 
 
 async def test_slowloris_connections_are_closed_and_stall_no_one(edge_with, world: World):

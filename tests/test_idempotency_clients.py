@@ -6,6 +6,8 @@ sent to an edge that spools and to one that reaches Redis (stored once)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -21,6 +23,7 @@ from aiohttp import web
 
 from ingest import spool_store
 from ingest.settings import Settings
+from ingest.state import EDGE
 from workers.worker import drain as drain_streams
 
 from ._procs import Procs, free_port
@@ -125,6 +128,13 @@ async def test_keyed_repeats_through_the_real_processes(procs: Procs, pg: asyncp
             pair = [await call("POST", f"{base}/v1/track/click", **req) for _ in range(2)]
         assert pair[0][:2] == pair[1][:2] and pair[0][0] == 200, pair
         sent.append(pair[0][1]["visitor_id"])
+
+    # an append that missed the edge's deadline (a loaded machine) was spooled and answered:
+    # nothing is pending until the edge's spool has drained into the streams too
+    async def spool_empty() -> bool:
+        return spool_store.usage(Path(procs.settings.spool_dir)).entries == 0
+
+    await wait_for(spool_empty, timeout=30, what="the edge's spool to drain")
     await procs.cli("work", "--drain")
     rows = await pg.fetch("SELECT visitor_id FROM events")
     assert sorted(r["visitor_id"] for r in rows) == sorted(sent)
@@ -207,6 +217,52 @@ async def test_one_key_through_a_spool_and_redis_is_stored_once(
     # (B had answered its own click id, which is not stored); "two": B's copy, as answered
     stored = sorted("clk_" + r["event_id"].hex for r in rows)
     assert stored == sorted([on_redis_1[1]["click_id"], spooled_2[1]["click_id"]])
+
+
+async def test_edges_sharing_a_spool_answer_one_key_with_its_first_copy(
+    settings: Settings, world: World, pg: asyncpg.Pool, private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    # found by the generative test: a keyed click timed out on one edge (stalled) and its
+    # retry went to the other; both spooled it while Redis was down, and the retry's 200
+    # named a click id the drain did not store (the first copy's was)
+    server = await private_fault_redis()
+    road = Proxy(server.port)  # both edges' way to Redis: nothing listens there until it starts
+    shared = tmp_path / "spool"
+    a, base_a = await start_edge(_edge_settings(settings, road.url, shared))
+    b, base_b = await start_edge(_edge_settings(settings, road.url, shared))
+
+    async def click(base: str, key: str) -> tuple[int, Any, dict[str, str]]:
+        return await call("POST", f"{base}/api/v1/track/click", json=AFFITOR_CLICK, headers={"Idempotency-Key": key})
+
+    async def a_sees_the_spool() -> bool:
+        return a.app[EDGE].spool.entries() > 0
+
+    try:
+        first = await click(base_a, "one")
+        again = await click(base_b, "one")  # the same key, spooled by the other edge
+        assert first[0] == 200 and again[:2] == first[:2] and again[2]["Idempotent-Replayed"] == "true"
+        assert spool_store.usage(shared).entries == 1
+        # "two": spooled by B; once Redis is back, a repeat reaches A before the drain does
+        spooled = await click(base_b, "two")
+        fd = os.open(shared / spool_store.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # no edge drains while this test holds the lock
+        try:
+            await road.start()
+            await wait_for(a_sees_the_spool, timeout=30, what="edge A to read the spool's totals")
+            late = await click(base_a, "two")
+            assert late[:2] == spooled[:2] and late[2]["Idempotent-Replayed"] == "true"
+        finally:
+            os.close(fd)
+        await wait_for(lambda: _empty(shared), timeout=30, what="the spool to drain")
+    finally:
+        await a.cleanup()
+        await b.cleanup()
+        await road.close()
+    await drain_streams(_edge_settings(settings, server.url, shared))
+    rows = await pg.fetch("SELECT event_id FROM events WHERE dialect = 'affitor'")
+    stored = sorted("clk_" + r["event_id"].hex for r in rows)
+    assert stored == sorted([first[1]["click_id"], spooled[1]["click_id"]])
 
 
 def _edge_settings(settings: Settings, redis_url: str, spool: Path) -> Settings:

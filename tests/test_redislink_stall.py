@@ -114,7 +114,9 @@ def test_a_round_trip_its_caller_gave_up_on_never_answers_the_next(loop: str, pr
 def test_every_request_gets_its_own_reply_through_a_stall(loop: str, private_redis: PrivateRedis):
     async def main() -> None:
         client = await up(private_redis.url)
-        batcher = RedisBatcher(client, deadline_s=0.3)
+        # the probe must be seen in flight before its own deadline ends it: on a loaded
+        # machine a 0.3 s window was missed, so the deadline is long enough to watch for
+        batcher = RedisBatcher(client, deadline_s=1.5)
         wrong: list[tuple[str, object]] = []
 
         async def echo(token: str, task: asyncio.Task[list[Any]] | None = None) -> bool:

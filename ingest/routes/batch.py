@@ -225,6 +225,7 @@ async def _accept(
     appends: list[Any] = []
     sent: list[_Sent] = []  # the item behind each append, in order
     firsts: dict[str, tuple[int, Claim]] = {}  # a key's first item in this batch
+    spool_replays = 0  # items whose key a copy waiting in the spool answered
     repeats: list[tuple[int, int]] = []  # (item, the earlier item of this batch with its key)
     for index, p in enumerate(parsed):
         if isinstance(p, ItemResult):
@@ -256,9 +257,14 @@ async def _accept(
             answer = Answer(
                 200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint
             )
+            record = edge.idem.check(claim, envelope.payload["code"], answer).record
+            if (waiting := await edge.spool.first_answer(record)) is not None:  # a copy waits in the spool
+                results[-1] = _replayed(index, claim, Answer.decode(waiting))
+                spool_replays += 1
+                continue
             appends.append(edge.idem.append_command(claim, envelope.payload["code"], envelope, answer))
         sent.append(_Sent(result, envelope, claim if isinstance(claim, Claim) else None, answer))
-    fresh = replays = 0
+    fresh, replays = 0, spool_replays
     if appends:
         try:
             written = await edge.batcher.execute(*appends, durable=True)
@@ -307,9 +313,9 @@ async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any
         code = item.envelope.payload["code"]
         check = edge.idem.check(item.claim, code, item.answer) if item.claim and item.answer else None
         try:
-            await to_spool(edge, item.envelope, code, once=check, maybe_applied=exc)
+            await to_spool(edge, item.envelope, code, once=check, maybe_applied=exc)  # None: kept
         except OutcomeUnknown as unknown:
-            return unknown
+            return unknown  # also where a copy of the key waits in the spool (Redis may hold this one)
         if item.claim is not None and item.answer is not None:
             edge.idem.spooled(item.claim, item.answer)
         return None
