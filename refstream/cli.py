@@ -35,7 +35,8 @@ from ingest.settings import Settings
 from workers import partitions
 
 from . import __version__, services
-from .runner import RefstreamGroup, json_flag, load_settings, open_connections, open_database, print_data, run_command
+from . import ops_output as out
+from .runner import RefstreamGroup, load_settings, open_connections, open_database, print_data, run_command
 
 log = structlog.get_logger("refstream.cli")
 
@@ -178,7 +179,7 @@ def serve(host: str, port: int, processes: int | None) -> None:
 
 
 @main.command()
-@json_flag
+@out.json_option
 @click.option("--drain", is_flag=True, help="Process until every stream is read and acked, then exit.")
 def work(drain: bool) -> None:
     """Run a worker (arq): consume the event streams into Postgres.
@@ -207,7 +208,7 @@ def work(drain: bool) -> None:
 
 
 @main.command()
-@json_flag
+@out.json_option
 def migrate() -> None:
     """Apply schema.sql (idempotent; creates the database if it is missing)."""
 
@@ -237,7 +238,7 @@ def workspace() -> None:
 
 
 @workspace.command("create")
-@json_flag
+@out.json_option
 @click.argument("name")
 def workspace_create(name: str) -> None:
     """Create a workspace and its first API key (scope *); the key is shown once."""
@@ -258,7 +259,7 @@ def link() -> None:
 
 
 @link.command("create")
-@json_flag
+@out.json_option
 @click.option("--workspace", "workspace_id", required=True)
 @click.option("--code", required=True)
 @click.option("--url", default=None, help="Destination; defaults to the program's URL.")
@@ -291,7 +292,7 @@ def link_create(
 
 
 @link.command("show")
-@json_flag
+@out.json_option
 @click.argument("code")
 def link_show(code: str) -> None:
     """A link with its counters; per day of the last 30, what counted, what was dropped
@@ -310,7 +311,7 @@ _SCOPES_HELP = "read (stats, links, events), write (programs, affiliates, links,
 
 
 @keys.command("create")
-@json_flag
+@out.json_option
 @click.option("--workspace", "workspace_id", required=True)
 @click.option("--scopes", default=None, help=f"Comma-separated, required for a workspace key: {_SCOPES_HELP}.")
 @click.option("--affiliate", "affiliate_id", default=None, help="A read-only key for this affiliate only.")
@@ -345,7 +346,7 @@ def keys_create(workspace_id: str, scopes: str | None, affiliate_id: str | None,
 
 
 @keys.command("revoke")
-@json_flag
+@out.json_option
 @click.argument("prefix")
 def keys_revoke(prefix: str) -> None:
     """Revoke a key by its display prefix; every edge refuses it within seconds."""
@@ -378,7 +379,7 @@ def _feature(name: str, enabled: bool) -> None:
 
 
 @feature.command("disable")
-@json_flag
+@out.json_option
 @click.argument("name", type=click.Choice(flags.FEATURES))
 def feature_disable(name: str) -> None:
     """Turn a feature off (its routes answer 503)."""
@@ -386,7 +387,7 @@ def feature_disable(name: str) -> None:
 
 
 @feature.command("enable")
-@json_flag
+@out.json_option
 @click.argument("name", type=click.Choice(flags.FEATURES))
 def feature_enable(name: str) -> None:
     """Turn a feature back on."""

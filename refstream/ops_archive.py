@@ -18,8 +18,9 @@ from ingest.connections import connect_redis
 from ingest.logs import configure_logging
 from ingest.settings import Settings
 
+from . import ops_output as out
 from . import services
-from .runner import json_flag, load_settings, print_data, run_command
+from .runner import load_settings, print_data, run_command
 
 
 async def run_archiver(settings: Settings, *, drain: bool) -> dict[str, Any]:
@@ -44,7 +45,7 @@ async def run_archiver(settings: Settings, *, drain: bool) -> dict[str, Any]:
 
 
 @click.command()
-@json_flag
+@out.json_option
 @click.option("--drain", is_flag=True, help="Archive until every stream is read and acked, then exit.")
 def archive(drain: bool) -> None:
     """Run an archiver: every accepted entry into compressed hourly segments at

@@ -6,13 +6,11 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-import click
-
 from ingest import admin, stats
 from ingest.settings import Settings
 
 from . import ops_output as out
-from .runner import JSON_META, open_database, print_data, run_command
+from .runner import open_database, print_data, run_command
 
 
 def _reasons(counts: dict[str, int]) -> str:
@@ -31,8 +29,7 @@ def show_link(code: str) -> None:
             await conn.close()
 
     data = run_command(go)
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and ctx.meta.get(JSON_META):
+    if out.wants_json():
         print_data(data)
         return
     per_day = data.pop("stats")

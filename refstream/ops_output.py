@@ -25,9 +25,25 @@ F = TypeVar("F", bound=Callable[..., Any])
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 
+JSON_META = "refstream.json"  # in click's ctx.meta: --json was given
+
+
 def json_option(fn: F) -> F:
-    """The ``--json`` flag (parameter ``as_json``) every data-printing command takes."""
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
+    """The ``--json`` flag every data-printing command takes; ``wants_json()`` reads it."""
+
+    def remember(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+        ctx.meta[JSON_META] = value
+        return value
+
+    return click.option(
+        "--json", is_flag=True, expose_value=False, callback=remember, help="Print JSON instead of a table."
+    )(fn)
+
+
+def wants_json() -> bool:
+    """The running command was given ``--json``."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(JSON_META))
 
 
 def print_json(data: Any) -> None:

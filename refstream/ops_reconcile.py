@@ -35,7 +35,7 @@ def _day(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dat
 @click.option("--chunk", type=click.IntRange(1, 100_000), default=100, show_default=True,
               help="Links per transaction (with --fix, per lock).")  # fmt: skip
 @out.json_option
-def reconcile(fix: bool, since: date | None, until: date | None, chunk: int, as_json: bool) -> None:
+def reconcile(fix: bool, since: date | None, until: date | None, chunk: int) -> None:
     """Recount the counters of the retained window from the event rows; report the drift.
 
     Days before the retention's horizon are never recounted (their events are gone; their
@@ -56,7 +56,7 @@ def reconcile(fix: bool, since: date | None, until: date | None, chunk: int, as_
             await pool.close()
 
     drift = run_reading(go())
-    if as_json:
+    if out.wants_json():
         out.print_json({"drift": drift, "fixed": fix})
     else:
         render_drift(drift, fix, out.console())

@@ -58,7 +58,6 @@ def replay(
     until: str | None,
     partitions: tuple[int, ...],
     dry_run: bool,
-    as_json: bool,
 ) -> None:
     """Replay a stream range into Postgres; what is stored already counts nothing twice.
 
@@ -109,7 +108,7 @@ def replay(
     if result["totals"]["entries"] == 0:
         raise RangeUsageError(f"the range {described(result['range'])} holds no entries")
     result["dry_run"] = dry_run
-    if as_json:
+    if out.wants_json():
         out.print_json(result)
     else:
         render_replay(result, keys, out.console())

@@ -138,7 +138,7 @@ def _spool_cell(s: status_mod.Spool) -> str:
 @click.option("--max-pending-age", default=300.0, show_default=True, type=click.FloatRange(min=0), help="Seconds.")
 @click.option("--max-dead", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--spool-dir", envvar="REFSTREAM_SPOOL_DIR", default=None, help="[env: REFSTREAM_SPOOL_DIR]")
-def status(as_json: bool, max_lag: int, max_pending_age: float, max_dead: int, spool_dir: str | None) -> None:
+def status(max_lag: int, max_pending_age: float, max_dead: int, spool_dir: str | None) -> None:
     """Streams, lag and pending per group and consumer, dead letters, the edge spool and
     the last minute's throughput, in one snapshot.
 
@@ -177,7 +177,7 @@ def status(as_json: bool, max_lag: int, max_pending_age: float, max_dead: int, s
             await redis.aclose()
 
     snap, keys = run_command(go)
-    if as_json:
+    if out.wants_json():
         out.print_json(snap)
     else:
         render_status(snap, keys, out.console())
@@ -257,14 +257,14 @@ def render_letter(d: dict[str, Any], keys: Keys, console: Console) -> None:
 @dead.command("list")
 @out.json_option
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1), help="Oldest first.")
-def dead_list(as_json: bool, limit: int) -> None:
+def dead_list(limit: int) -> None:
     """Dead letters, oldest first: where each came from, why, and what it was."""
 
     async def go(redis: Any, keys: Keys) -> list[dict[str, Any]]:
         return [letter.summary() async for letter in dead_mod.scan(redis, keys, limit=limit)]
 
     rows, keys = _redis_call(go)
-    if as_json:
+    if out.wants_json():
         out.print_json(rows)
     else:
         render_letters(rows, keys, out.console())
@@ -273,7 +273,7 @@ def dead_list(as_json: bool, limit: int) -> None:
 @dead.command("show")
 @click.argument("dead_id")
 @out.json_option
-def dead_show(dead_id: str, as_json: bool) -> None:
+def dead_show(dead_id: str) -> None:
     """One dead letter in full: its decoded envelope, or its raw bytes, escaped."""
 
     async def go(redis: Any, keys: Keys) -> dict[str, Any] | None:
@@ -283,7 +283,7 @@ def dead_show(dead_id: str, as_json: bool) -> None:
     found, keys = _redis_call(go)
     if found is None:
         raise click.ClickException(f"no dead letter {dead_id}")
-    if as_json:
+    if out.wants_json():
         out.print_json(found)
     else:
         render_letter(found, keys, out.console())
@@ -323,9 +323,9 @@ def _stream_key(keys: Keys, flt: dead_mod.Filter | None) -> dead_mod.Filter | No
     return flt
 
 
-def _outcome(title: str, result: dict[str, Any], as_json: bool) -> None:
+def _outcome(title: str, result: dict[str, Any]) -> None:
     """What a requeue or drop did: one row of counts (``skipped`` by reason)."""
-    if as_json:
+    if out.wants_json():
         out.print_json(result)
         return
     table = _table(title, *({"to": "kept in"}.get(k, k) for k in result))
@@ -337,7 +337,7 @@ def _outcome(title: str, result: dict[str, Any], as_json: bool) -> None:
 @dead.command("requeue")
 @_selectors
 def dead_requeue(
-    dead_id: str | None, all_: bool, error_contains: str | None, code: str | None, stream: str | None, as_json: bool
+    dead_id: str | None, all_: bool, error_contains: str | None, code: str | None, stream: str | None
 ) -> None:
     """Put dead letters back on their partitions (after fixing the cause), then delete them.
 
@@ -349,7 +349,7 @@ def dead_requeue(
         done = await dead_mod.requeue(redis, keys, ids=ids, flt=_stream_key(keys, flt))
         return {"matched": done.matched, "requeued": done.done, "missing": done.missing, "skipped": done.skipped}
 
-    _outcome("requeued to their partitions", _redis_call(go)[0], as_json)
+    _outcome("requeued to their partitions", _redis_call(go)[0])
 
 
 @dead.command("drop")
@@ -361,7 +361,6 @@ def dead_drop(
     error_contains: str | None,
     code: str | None,
     stream: str | None,
-    as_json: bool,
     reason: str,
 ) -> None:
     """Set dead letters aside for good: moved, with the reason, to {prefix}:dead:dropped."""
@@ -372,4 +371,4 @@ def dead_drop(
         to = dead_mod.dropped_key(keys)
         return {"matched": done.matched, "dropped": done.done, "missing": done.missing, "to": to}
 
-    _outcome("dropped", _redis_call(go)[0], as_json)
+    _outcome("dropped", _redis_call(go)[0])

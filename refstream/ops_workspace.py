@@ -24,7 +24,7 @@ from .runner import run_command
 @click.argument("workspace_id")
 @click.argument("policy", type=click.Choice(admin.BOT_POLICIES))
 @out.json_option
-def set_bot_policy(workspace_id: str, policy: str, as_json: bool) -> None:
+def set_bot_policy(workspace_id: str, policy: str) -> None:
     """How the workers count this workspace's bot clicks (crawlers, HTTP clients such as
     curl, headless browsers, datacenter networks):
 
@@ -44,7 +44,7 @@ def set_bot_policy(workspace_id: str, policy: str, as_json: bool) -> None:
             await conn.close()
 
     ws = run_command(go)
-    if as_json:
+    if out.wants_json():
         out.print_json(ws)
         return
     table = out.table("workspace", "field", "value", left=("field", "value"))
@@ -58,7 +58,7 @@ def set_bot_policy(workspace_id: str, policy: str, as_json: bool) -> None:
 @click.argument("rule", type=click.Choice(FRAUD_RULES))
 @click.argument("policy", type=click.Choice(FRAUD_POLICIES))
 @out.json_option
-def set_fraud_policy(workspace_id: str, rule: str, policy: str, as_json: bool) -> None:
+def set_fraud_policy(workspace_id: str, rule: str, policy: str) -> None:
     """What a fraud flag under RULE does to the event (see docs/operations.md, Fraud flags):
 
     \b
@@ -76,7 +76,7 @@ def set_fraud_policy(workspace_id: str, rule: str, policy: str, as_json: bool) -
             await conn.close()
 
     ws = run_command(go)
-    if as_json:
+    if out.wants_json():
         out.print_json(ws)
         return
     table = out.table("workspace", "field", "value", left=("field", "value"))

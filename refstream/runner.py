@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -60,29 +59,14 @@ def _explain(exc: BaseException) -> str | None:
     return services.explain(exc, redis_url=settings.redis_url, database_url=settings.database_url)
 
 
-JSON_META = "refstream.json"  # in click's ctx.meta: --json was given
-
-
-def json_flag(fn: F) -> F:
-    """``--json``: print the command's data as JSON (for scripts) instead of a table."""
-
-    def remember(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
-        ctx.meta[JSON_META] = value
-        return value
-
-    return click.option(
-        "--json", is_flag=True, expose_value=False, callback=remember, help="Print JSON instead of a table."
-    )(fn)
-
-
 def print_data(data: Any) -> None:
     """The command's data: a table for people, or JSON with ``--json``."""
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and ctx.meta.get(JSON_META):
-        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
-        sys.stdout.flush()
+    from .ops_output import cell, console, print_json, table, wants_json
+
+    if wants_json():
+        print_json(data)
         return
-    from .ops_output import cell, console, table
+    ctx = click.get_current_context(silent=True)
 
     rows = data if isinstance(data, list) else [data]
     t = table(ctx.command_path if ctx is not None else "refstream", "field", "value", left=("field", "value"))
