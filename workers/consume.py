@@ -3,7 +3,7 @@ reads taken through the pipeline (decode → store → commit → dead-letter �
 
 The loop itself (one reader per partition, own pending entries first, reclaim, claims kept
 while a batch is in flight, hand-back on SIGTERM, outages waited out, state published) is
-``workers/group.py``'s ``Member``, which the archiver shares. What is the consumer's own:
+``workers/group``'s ``Member``, which the archiver shares. What is the consumer's own:
 
 - One batch at a time per partition. A batch an outage stopped is held in memory and
   retried (``Pipeline.process`` resumes at the stage that failed), never read again from
