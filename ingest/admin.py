@@ -130,21 +130,34 @@ async def create_link(
         aid = affiliate_id or await _default_affiliate(conn, workspace_id, pid)
         if url is None:
             url = await conn.fetchval("SELECT url FROM programs WHERE id = $1", pid) or "https://example.com/"
-        row = await conn.fetchrow(
-            f"INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain)"
-            f" VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_LINK_COLUMNS}",
-            workspace_id,
-            pid,
-            aid,
-            code,
-            url,
-            hostname(url),
+        link_id = await insert_link(
+            conn, workspace_id=workspace_id, program_id=pid, affiliate_id=aid, code=code, url=url
         )
-    # after the commit: a cached "unknown code" from before must not outlive the link
+    await link_written(conn, redis, keys, code)
+    return _row_json(await conn.fetchrow(f"SELECT {_LINK_COLUMNS} FROM links WHERE id = $1", link_id))
+
+
+async def insert_link(
+    conn: asyncpg.Connection, *, workspace_id: str, program_id: Any, affiliate_id: Any, code: str, url: str,
+    domain: str | None = None, status: str = "active",
+) -> UUID:  # fmt: skip
+    """The one way a link is made (the CLI's, ``refstream dev``'s and the management API's):
+    its row, its id back; ``asyncpg.UniqueViolationError`` when the code is taken. Once
+    committed, ``link_written`` puts it in the edge's cache."""
+    link_id: UUID = await conn.fetchval(
+        "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain, status)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        workspace_id, program_id, affiliate_id, code, url, domain or hostname(url), status,
+    )  # fmt: skip
+    return link_id
+
+
+async def link_written(conn: asyncpg.Connection, redis: Redis, keys: Keys, code: str) -> None:
+    """After the commit of a link's create or change: the edges see it at once (a cached
+    "unknown code" from before must not outlive a new link)."""
     cached = await links.fetch(conn, code)
     if cached is not None:
         await links.put_committed(redis, keys, cached)
-    return _row_json(row)
 
 
 async def show_link(conn: asyncpg.Connection, code: str) -> dict[str, Any]:

@@ -9,8 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from . import links
-from .admin import NotFound, readable_code
+from .admin import NotFound, insert_link, link_written, readable_code
 from .connections import Redis
 from .events import EventType
 from .fields import hostname
@@ -94,11 +93,9 @@ async def create_link(
     for _ in range(10):
         code = f.get("code") or readable_code(affiliate["external_id"])
         try:
-            row = await conn.fetchrow(
-                "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain, status)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-                workspace_id, affiliate["program_id"], affiliate["id"], code, url,
-                f.get("domain") or hostname(url), f.get("status") or "active",
+            link_id = await insert_link(
+                conn, workspace_id=workspace_id, program_id=affiliate["program_id"], affiliate_id=affiliate["id"],
+                code=code, url=url, domain=f.get("domain"), status=f.get("status") or "active",
             )  # fmt: skip
             break
         except asyncpg.UniqueViolationError:
@@ -106,7 +103,7 @@ async def create_link(
                 raise Conflict(f"code {code!r} is taken") from None
     else:
         raise Conflict("no free code found")
-    return await _link_written(conn, redis, keys, row["id"])
+    return await _link_written(conn, redis, keys, link_id)
 
 
 async def update_link(
@@ -126,9 +123,7 @@ async def update_link(
 
 async def _link_written(conn: asyncpg.Connection, redis: Redis, keys: Keys, link_id: uuid.UUID) -> dict[str, Any]:
     row = await conn.fetchrow(_LINK + " WHERE id = $1", link_id)
-    cached = await links.fetch(conn, row["code"])
-    if cached is not None:
-        await links.put_committed(redis, keys, cached)  # the edge sees a new or deactivated link at once
+    await link_written(conn, redis, keys, row["code"])  # the edge sees a new or deactivated link at once
     return _json(row)
 
 

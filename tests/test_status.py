@@ -69,7 +69,7 @@ def _spool(path: Path) -> None:
     """Two events in an edge spool (150 bytes: stream key and envelope), and a file that is not one."""
     conn = spool_store.connect(path)
     try:
-        spool_store.insert(conn, [("s:0", b"a" * 97, None), ("s:1", b"b" * 47, None)], 1 << 20, False)
+        spool_store.insert(conn, [("s:0", b"a" * 97, None, None), ("s:1", b"b" * 47, None, None)], 1 << 20, False)
     finally:
         conn.close()
     (path / "notes.txt").write_bytes(b"not a segment")
