@@ -30,7 +30,6 @@ import base64
 import hashlib
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +51,6 @@ _KEY = re.compile(r"[\x20-\x7e]{1,255}")
 PENDING = 0  # the status of a reservation whose request is still running
 RESERVATION_MS = 60_000  # a reservation outlives any request; a crashed edge's expires
 WAIT_FOR_FIRST_S = 2.0  # a management repeat waits this long for the first copy's answer
-SPOOLED_MEMORY = 100_000  # answers given from the spool, remembered by this process
 
 # KEYS[1] the key's record, KEYS[2] the stream (one hash tag); ARGV: answer, window ms, then
 # the envelope's fields and values (``Envelope.entry``). The XADD comes first: if it fails
@@ -170,7 +168,6 @@ class Idempotency:
         self._append_sha = batcher.script(APPEND_ONCE)
         self._reserve_sha = batcher.script(RESERVE)
         self._release_sha = batcher.script(RELEASE)
-        self._spooled: OrderedDict[str, tuple[float, Answer]] = OrderedDict()
 
     # -- event routes: one script instead of the XADD ---------------------------------
 
@@ -194,27 +191,6 @@ class Idempotency:
         """What a spooled copy keeps to be drained through the same script."""
         record = self.keys.idempotent(claim.digest, self.keys.partition_for(routing_key))
         return Once(record, answer.encode(), self.window_ms)
-
-    def spooled(self, claim: Claim, answer: Answer) -> Answer:
-        """This process answered ``answer`` from its spool: repeats get it from memory."""
-        self._remember(claim, answer)
-        return answer
-
-    def _remember(self, claim: Claim, answer: Answer) -> None:
-        self._spooled[claim.digest] = (time.monotonic() + self.window_ms / 1000, answer)
-        self._spooled.move_to_end(claim.digest)
-        while len(self._spooled) > SPOOLED_MEMORY:
-            self._spooled.popitem(last=False)
-
-    def remembered(self, claim: Claim) -> Answer | None:
-        """The answer this process gave ``claim`` from its spool, within the window."""
-        held = self._spooled.get(claim.digest)
-        if held is None:
-            return None
-        if held[0] < time.monotonic():
-            del self._spooled[claim.digest]
-            return None
-        return held[1]
 
     # -- management writes: reserve, run, store -----------------------------------------
 

@@ -12,6 +12,7 @@ from .enqueue import OutcomeUnknown, first_reply, never_sent, to_spool
 from .events import Envelope
 from .idempotency import Answer, Claim
 from .logs import note_event
+from .spool import SpoolError
 
 if TYPE_CHECKING:
     from .state import Edge
@@ -27,18 +28,22 @@ async def append_keyed(
     (the primary short of the level, a timeout) is spooled whatever ``spool`` says;
     what it certainly does not hold is spooled only with ``spool`` (public routes: fail
     open, a click is worth more than the check, which the drain makes), else raised.
-    A spooled copy keeps the check and the key's dedupe value, and this process answers
-    a repeat from memory. The spool keeps the key's record too: a copy that finds one
-    there (spooled first, by any process sharing the spool) gets that copy's answer.
+    A spooled copy keeps the check and the key's dedupe value, and the spool keeps the
+    key's record until the key's window ends: a copy that finds one there (spooled first,
+    by any process sharing the spool) gets that copy's answer, or Redis's once the drain
+    found another copy there first.
     ``OutcomeUnknown`` when the spool fails a copy Redis may hold, or when Redis found
     the key's record but could not confirm it at the level (its first copy may not
     survive: the client retries with the key).
     """
-    if (remembered := edge.idem.remembered(claim)) is not None:
-        return remembered
     check = edge.idem.check(claim, routing_key, answer)
-    if (waiting := await edge.spool.first_answer(check.record)) is not None:
-        return edge.idem.spooled(claim, Answer.decode(waiting))  # a copy waits in the spool
+    try:
+        waiting = await edge.spool.first_answer(check.record)
+    except SpoolError:  # a copy may wait there, unseen by Redis: the spool's insert decides
+        spooled = await to_spool(edge, envelope, routing_key, extra, once=check)
+        return Answer.decode(spooled) if spooled is not None else None
+    if waiting is not None:  # a copy waits in the spool: its answer, unless Redis holds another
+        return Answer.decode(await redis_record(edge, check.record) or waiting)
     note_event(envelope.event_id)
     command = edge.idem.append_command(claim, routing_key, envelope, answer)
     try:
@@ -69,6 +74,15 @@ async def append_keyed(
             edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
             return None
     if spooled is not None:  # a copy of the key was spooled first: its answer stands
-        return edge.idem.spooled(claim, Answer.decode(spooled))
-    edge.idem.spooled(claim, answer)
+        return Answer.decode(spooled)
     return None
+
+
+async def redis_record(edge: Edge, record: str) -> bytes | None:
+    """The key's record in Redis (a copy that reached it before the spooled one drained is
+    the one stored), None when it has none or cannot say."""
+    try:
+        reply = (await edge.batcher.execute(("GET", record)))[0]
+    except REDIS_ERRORS:
+        return None
+    return reply if isinstance(reply, bytes) else None

@@ -133,19 +133,25 @@ class Spool:
         """The answer a keyed copy spooled under ``record`` was given, while the spool holds
         entries (after an outage, until drained: a repeat that reaches Redis before its
         spooled copy does must get that copy's answer); None otherwise, or unreadable."""
-        if self._entries == 0 or not store.path_in(self.dir).exists():
+        if self._stop.is_set() or not store.may_hold(self.dir):
             return None
         try:
             return await asyncio.to_thread(self._first_answer_sync, record)
         except (sqlite3.Error, OSError) as exc:
             log.warning("spool.read_failed", error=store.describe(exc))
-            return None  # the key's record in Redis still answers
+            # Redis has no record of a copy still spooled: the spool's insert decides instead
+            raise SpoolError(f"spool read failed: {store.describe(exc)}") from exc
 
     def _first_answer_sync(self, record: str) -> bytes | None:
         with self._rlock:  # one connection for every request's thread
             if self._rconn is None:
                 self._rconn = store.connect(self.dir)
-            return store.first_answer(self._rconn, record)
+            try:
+                return store.first_answer(self._rconn, record)
+            except sqlite3.Error:
+                self._rconn.close()  # opened afresh next time
+                self._rconn = None
+                raise
 
     async def _write_loop(self) -> None:
         while True:
@@ -189,7 +195,9 @@ class Spool:
             if self._wconn is None:
                 self._wconn = store.connect(self.dir)
                 store.take_reserve(self.dir)
+            store.mark_nonempty(self.dir)  # before: a drain that empties the spool meanwhile
             out = store.insert(self._wconn, rows, self.max_bytes, clear_error=self._error_recorded)
+            store.mark_nonempty(self.dir)  # and after (see spool_store.NONEMPTY)
             self._error_recorded = False
             return out
         except (sqlite3.Error, OSError) as exc:
@@ -231,7 +239,12 @@ class Spool:
                 rows = await self._store("drain_read", self._oldest_sync)
                 if not rows:
                     break
-                sent, error = await _replay(redis, [r for r in rows if r.id not in self._replayed], self.durability)
+                sent, error, answers = await _replay(
+                    redis, [r for r in rows if r.id not in self._replayed], self.durability
+                )
+                if answers:
+                    await self._store("drain_delete", self._guarded, "drain_delete",
+                                      functools.partial(store.correct_records, answers=answers))  # fmt: skip
                 self._replayed.update(sent)
                 n += len(sent)
                 ids = [r.id for r in rows if r.id in self._replayed]
@@ -240,6 +253,9 @@ class Spool:
                     self._replayed.difference_update(ids)
                 if error is not None:
                     raise error
+            if self._entries == 0:
+                await self._store("drain_read", self._guarded, "drain_read",
+                                  functools.partial(store.unmark_if_empty, directory=self.dir))  # fmt: skip
             if self._entries == 0 and n:
                 await self._store("vacuum", self._vacuum_sync)
         finally:
@@ -376,16 +392,17 @@ def _delete(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, int]:
 
 async def _replay(
     redis: Redis, rows: list[store.Row], durability: Durability
-) -> tuple[list[int], BaseException | None]:
+) -> tuple[list[int], BaseException | None, list[tuple[str, bytes]]]:
     """XADD ``rows`` (and their extra commands) in one pipeline, ended by the durability
     level's WAIT when it has one: (ids Redis confirmed, the first error). A keyed row goes
     through ``APPEND_ONCE`` instead of its XADD: done whether it appended or found its key's
     record (a copy is in Redis already). A row whose append was refused (a full Redis)
     stays; the others go, unless the WAIT fell short: then all stay. A row keeps its
     envelope as the version-1 blob (``Envelope.encode``); it goes on the stream as
-    version-2 fields."""
+    version-2 fields. Also: the keyed rows whose key Redis held under another answer
+    (record, Redis's answer), for the spool's records."""
     if not rows:
-        return [], None
+        return [], None, []
     pipe = redis.pipeline(transaction=False)
     for r in rows:
         entry = entry_from_blob(r.envelope)
@@ -402,10 +419,11 @@ async def _replay(
     try:
         replies = await pipe.execute(raise_on_error=False)
     except REDIS_ERRORS as exc:
-        return [], exc  # lost mid-pipeline: what landed is sent again next time (same event ids)
+        return [], exc, []  # lost mid-pipeline: what landed is sent again next time (same event ids)
     if durability.waits and (short := durability.failure(replies[-1])) is not None:
-        return [], short  # in the primary, not yet where the level says: sent again next time
+        return [], short, []  # in the primary, not yet where the level says: sent again next time
     sent: list[int] = []
+    answers: list[tuple[str, bytes]] = []
     error: BaseException | None = None
     i = 0
     for r in rows:
@@ -413,6 +431,8 @@ async def _replay(
         i += 1 + len(r.extra)
         if isinstance(reply, Exception):
             error = error or reply
-        else:
-            sent.append(r.id)
-    return sent, error
+            continue
+        sent.append(r.id)
+        if r.once is not None and isinstance(reply, bytes) and reply != r.once.answer:
+            answers.append((r.once.record, reply))  # another copy reached Redis first: it stands
+    return sent, error, answers

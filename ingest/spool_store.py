@@ -56,10 +56,14 @@ _SCHEMA = (
         error_at_ms INTEGER
     )""",
     "INSERT OR IGNORE INTO totals (one, entries, bytes) VALUES (1, 0, 0)",
-    # a keyed event's record while it is spooled, as Redis keeps it (``Once``): the first
-    # copy's answer, for ``window_ms``. Two edges that share the spool and both spool one key
-    # while Redis is down answer the first copy's answer, as Redis's script would have.
-    # Bound: what was spooled within one idempotency window (each insert deletes the expired)
+)
+# a keyed event's record while it is spooled, as Redis keeps it (``Once``): the first copy's
+# answer, for ``window_ms``, corrected by the drain to Redis's when Redis held another. Edges
+# that share the spool and spool one key while Redis is down answer the first copy's answer,
+# as Redis's script would have. Bound: what was spooled within one idempotency window (each
+# insert and each vacuum delete the expired). Made with the first insert that needs it, so
+# opening a spool an older edge made writes nothing (on a full disk it must still open).
+_RECORDS = (
     """CREATE TABLE IF NOT EXISTS records (
         record TEXT PRIMARY KEY,
         answer BLOB NOT NULL,
@@ -67,7 +71,10 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS records_expiry ON records (expires_ms)",
 )
-_TABLES = ("totals", "records")
+# present while the spool may hold entries: a keyed request that reaches Redis looks for its
+# key's record in the spool only then (one stat, no SQLite read, on the hot path). Made before
+# and after each insert, removed by a drain that left the spool empty (then checked again)
+NONEMPTY = "nonempty"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +112,9 @@ def connect(directory: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA journal_size_limit = 16777216")  # the WAL is truncated back to this
         conn.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES}")
-        have = conn.execute(f"SELECT count(*) FROM sqlite_master WHERE name IN {_TABLES}").fetchone()[0]
-        if have < len(_TABLES):  # a new spool, or one an older edge created
+        if conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0] == 0:
             conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
+            for statement in (*_SCHEMA, *_RECORDS):
                 conn.execute(statement)
             conn.execute("COMMIT")
     except sqlite3.Error:
@@ -159,6 +165,8 @@ def insert(
     now_ms = clock.now_ms()
     try:
         conn.execute("BEGIN IMMEDIATE")
+        for statement in _RECORDS:  # a spool an older edge made has none yet
+            conn.execute(statement)
         conn.execute("DELETE FROM records WHERE expires_ms <= ?", (now_ms,))
         entries, n_bytes = totals(conn)
         kept: list[bool | bytes] = []
@@ -188,9 +196,35 @@ def insert(
 
 def first_answer(conn: sqlite3.Connection, record: str) -> bytes | None:
     """The answer a keyed copy spooled under ``record`` was given, while it lives."""
-    row = conn.execute("SELECT answer FROM records WHERE record = ? AND expires_ms > ?", (record, clock.now_ms()))
+    try:
+        row = conn.execute("SELECT answer FROM records WHERE record = ? AND expires_ms > ?", (record, clock.now_ms()))
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None  # a spool an older edge made, no keyed copy in it since
+        raise
     found = row.fetchone()
     return bytes(found[0]) if found is not None else None
+
+
+def correct_records(conn: sqlite3.Connection, answers: Sequence[tuple[str, bytes]]) -> None:
+    """The drain found Redis holding another answer for these records (another copy reached
+    it first, and is the one stored): repeats get Redis's answer from the spool too."""
+    conn.executemany("UPDATE records SET answer = ? WHERE record = ?", [(a, r) for r, a in answers])
+
+
+def mark_nonempty(directory: Path) -> None:
+    (directory / NONEMPTY).touch()
+
+
+def may_hold(directory: Path) -> bool:
+    return (directory / NONEMPTY).exists()
+
+
+def unmark_if_empty(conn: sqlite3.Connection, directory: Path) -> None:
+    """After a drain that left no entry: the mark goes, unless an insert came meanwhile."""
+    (directory / NONEMPTY).unlink(missing_ok=True)
+    if totals(conn)[0] > 0:
+        mark_nonempty(directory)
 
 
 def oldest(conn: sqlite3.Connection, limit: int, after: int = 0) -> list[Row]:
@@ -223,6 +257,11 @@ def delete(conn: sqlite3.Connection, ids: Sequence[int]) -> tuple[int, int]:
 def vacuum_free(conn: sqlite3.Connection) -> None:
     """Give the disk back once the spool is empty after an outage: VACUUM rebuilds the file
     from what it holds (nothing, or what another edge appended meanwhile: kept)."""
+    try:
+        conn.execute("DELETE FROM records WHERE expires_ms <= ?", (clock.now_ms(),))
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
     conn.execute("VACUUM")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 

@@ -32,7 +32,9 @@ from ..enqueue import OutcomeUnknown, never_sent, to_spool, xadd
 from ..events import Dialect, Envelope, EventType
 from ..fields import NoNul
 from ..idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
+from ..keyed import redis_record
 from ..lookup import ClickPending, Unavailable, lookup, resolve_click, resolve_link
+from ..spool import SpoolError
 from ..state import EDGE, Edge
 from .affixo import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
 from .bricqs import BricqsConvert
@@ -258,8 +260,13 @@ async def _accept(
                 200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint
             )
             record = edge.idem.check(claim, envelope.payload["code"], answer).record
-            if (waiting := await edge.spool.first_answer(record)) is not None:  # a copy waits in the spool
-                results[-1] = _replayed(index, claim, Answer.decode(waiting))
+            try:
+                waiting = await edge.spool.first_answer(record)
+            except SpoolError:  # a copy may wait there, unseen by Redis: refused, the client retries
+                results[-1] = ItemResult(index=index, ok=False, error="unavailable")
+                continue
+            if waiting is not None:  # a copy waits in the spool: its answer, unless Redis holds another
+                results[-1] = _replayed(index, claim, Answer.decode(await redis_record(edge, record) or waiting))
                 spool_replays += 1
                 continue
             appends.append(edge.idem.append_command(claim, envelope.payload["code"], envelope, answer))
@@ -316,8 +323,6 @@ async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any
             await to_spool(edge, item.envelope, code, once=check, maybe_applied=exc)  # None: kept
         except OutcomeUnknown as unknown:
             return unknown  # also where a copy of the key waits in the spool (Redis may hold this one)
-        if item.claim is not None and item.answer is not None:
-            edge.idem.spooled(item.claim, item.answer)
         return None
 
     return list(await asyncio.gather(*(one(item, reply) for item, reply in zip(sent, replies, strict=True))))
