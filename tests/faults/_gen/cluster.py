@@ -176,10 +176,17 @@ class Cluster:
             slot.name = f"a{self._gen}"
             slot.proc = self.st.procs.start("archive", REFSTREAM_CONSUMER_NAME=slot.name, **env)
         else:
-            port = free_port()
-            slot.name, slot.base = f"e{self._gen}", f"http://127.0.0.1:{port}"
-            slot.proc = self.st.procs.start("serve", "--port", str(port), **env)
-            await self._healthy(slot)
+            for attempt in range(5):
+                port = free_port()  # free when asked, maybe not when bound: another port then
+                slot.name, slot.base = f"e{self._gen}", f"http://127.0.0.1:{port}"
+                slot.proc = self.st.procs.start("serve", "--port", str(port), **env)
+                try:
+                    await self._healthy(slot)
+                    break
+                except AssertionError as exc:
+                    if attempt == 4 or f"port {port} on 127.0.0.1 is in use" not in str(exc):
+                        raise
+                    self._gen += 1
         self.started.append((f"{role} {slot.name}", slot.proc))
         return slot
 
