@@ -11,8 +11,9 @@ counted):
 - the primary applied it short of the durability level (``Unconfirmed``), or the outcome is
   unknown (a timeout, a connection lost after the write: the command may still run when a
   stalled Redis resumes): the event may be counted, so it is never refused. It is spooled
-  under the same ``event_id`` and answered as accepted; the workers store one copy. When the
-  spool cannot keep it either, ``OutcomeUnknown``: the route answers 503 with
+  under the same ``event_id`` and answered as accepted; the workers store one copy (a keyed
+  copy whose script Redis did not run is answered "may be stored" instead: ``ingest.keyed``).
+  When the spool cannot keep it either, ``OutcomeUnknown``: the route answers 503 with
   ``Refstream-Outcome: unknown`` (``retry_headers``), which the README defines as "may be
   stored": a retry with the same ``Idempotency-Key`` counts once.
 """
@@ -109,9 +110,7 @@ async def to_spool(
         log.warning("append.outcome_unknown", event_id=str(envelope.event_id), error=repr(maybe_applied),
                     spool=repr(exc))  # fmt: skip
         raise OutcomeUnknown(envelope.event_id, maybe_applied) from exc
-    if first is not None:
-        if maybe_applied is not None:  # this copy may be in Redis, under its own answer
-            raise OutcomeUnknown(envelope.event_id, maybe_applied)
+    if first is not None:  # not kept: the key's first copy waits in the spool
         return first
     if maybe_applied is not None:
         log.info("append.settled_in_spool", event_id=str(envelope.event_id), error=repr(maybe_applied))

@@ -12,10 +12,10 @@ entry) are stored with it and replayed with its XADD. A keyed event keeps its id
 check (``spool_store.Once``) and is replayed through the edge's own script
 (``ingest.idempotency.APPEND_ONCE``): appended only if Redis holds no record of its key, so
 a copy of the same key that reached Redis another way (another edge, or this request's own
-append whose outcome was unknown) is not appended twice, and the first answer is recorded.
-While it is spooled, the key's record lives in the spool too (the first copy's answer, for
-the key's window): a second copy spooled by any process sharing the directory, or a repeat
-that reaches Redis before the drain does, gets the first copy's answer and stores nothing.
+append whose outcome was unknown) is not appended twice. While it is spooled, the key's
+record lives in the spool too, for the key's window: a second copy spooled by any process
+sharing the directory is not kept. (A spooled keyed copy is answered "may be stored",
+never with its own answer: ``ingest.keyed``.)
 
 A drain loop, while there is something to drain and Redis answers, replays the oldest rows
 with pipelined XADDs and deletes, in one transaction, every row whose XADD Redis confirmed;
@@ -38,7 +38,6 @@ import fcntl
 import functools
 import os
 import sqlite3
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -82,8 +81,6 @@ class Spool:
         self._drainer: asyncio.Task[None] | None = None
         self._wconn: sqlite3.Connection | None = None  # the writer's (its task only)
         self._dconn: sqlite3.Connection | None = None  # the drainer's (its task only)
-        self._rconn: sqlite3.Connection | None = None  # keyed requests' look-ups, under _rlock
-        self._rlock = threading.Lock()
         self._lock_fd: int | None = None
         self._replayed: set[int] = set()  # rows in Redis whose delete failed: never sent again
         self._entries = 0  # as of this process's last transaction or look
@@ -129,30 +126,6 @@ class Spool:
         self._wake.set()
         return await fut
 
-    async def first_answer(self, record: str) -> bytes | None:
-        """The answer a keyed copy spooled under ``record`` was given, while the spool holds
-        entries (after an outage, until drained: a repeat that reaches Redis before its
-        spooled copy does must get that copy's answer); None otherwise, or unreadable."""
-        if self._stop.is_set() or not store.may_hold(self.dir):
-            return None
-        try:
-            return await asyncio.to_thread(self._first_answer_sync, record)
-        except (sqlite3.Error, OSError) as exc:
-            log.warning("spool.read_failed", error=store.describe(exc))
-            # Redis has no record of a copy still spooled: the spool's insert decides instead
-            raise SpoolError(f"spool read failed: {store.describe(exc)}") from exc
-
-    def _first_answer_sync(self, record: str) -> bytes | None:
-        with self._rlock:  # one connection for every request's thread
-            if self._rconn is None:
-                self._rconn = store.connect(self.dir)
-            try:
-                return store.first_answer(self._rconn, record)
-            except sqlite3.Error:
-                self._rconn.close()  # opened afresh next time
-                self._rconn = None
-                raise
-
     async def _write_loop(self) -> None:
         while True:
             await self._wake.wait()
@@ -195,9 +168,7 @@ class Spool:
             if self._wconn is None:
                 self._wconn = store.connect(self.dir)
                 store.take_reserve(self.dir)
-            store.mark_nonempty(self.dir)  # before: a drain that empties the spool meanwhile
             out = store.insert(self._wconn, rows, self.max_bytes, clear_error=self._error_recorded)
-            store.mark_nonempty(self.dir)  # and after (see spool_store.NONEMPTY)
             self._error_recorded = False
             return out
         except (sqlite3.Error, OSError) as exc:
@@ -239,12 +210,7 @@ class Spool:
                 rows = await self._store("drain_read", self._oldest_sync)
                 if not rows:
                     break
-                sent, error, answers = await _replay(
-                    redis, [r for r in rows if r.id not in self._replayed], self.durability
-                )
-                if answers:
-                    await self._store("drain_delete", self._guarded, "drain_delete",
-                                      functools.partial(store.correct_records, answers=answers))  # fmt: skip
+                sent, error = await _replay(redis, [r for r in rows if r.id not in self._replayed], self.durability)
                 self._replayed.update(sent)
                 n += len(sent)
                 ids = [r.id for r in rows if r.id in self._replayed]
@@ -253,9 +219,6 @@ class Spool:
                     self._replayed.difference_update(ids)
                 if error is not None:
                     raise error
-            if self._entries == 0:
-                await self._store("drain_read", self._guarded, "drain_read",
-                                  functools.partial(store.unmark_if_empty, directory=self.dir))  # fmt: skip
             if self._entries == 0 and n:
                 await self._store("vacuum", self._vacuum_sync)
         finally:
@@ -376,11 +339,10 @@ class Spool:
             if not fut.done():
                 fut.set_exception(SpoolError("edge shutting down"))
         self._pending.clear()
-        with self._rlock:
-            for conn in (self._wconn, self._dconn, self._rconn):
-                if conn is not None:
-                    conn.close()
-            self._wconn = self._dconn = self._rconn = None
+        for conn in (self._wconn, self._dconn):
+            if conn is not None:
+                conn.close()
+        self._wconn = self._dconn = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the drain lock
             self._lock_fd = None
@@ -392,17 +354,16 @@ def _delete(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, int]:
 
 async def _replay(
     redis: Redis, rows: list[store.Row], durability: Durability
-) -> tuple[list[int], BaseException | None, list[tuple[str, bytes]]]:
+) -> tuple[list[int], BaseException | None]:
     """XADD ``rows`` (and their extra commands) in one pipeline, ended by the durability
     level's WAIT when it has one: (ids Redis confirmed, the first error). A keyed row goes
     through ``APPEND_ONCE`` instead of its XADD: done whether it appended or found its key's
     record (a copy is in Redis already). A row whose append was refused (a full Redis)
     stays; the others go, unless the WAIT fell short: then all stay. A row keeps its
     envelope as the version-1 blob (``Envelope.encode``); it goes on the stream as
-    version-2 fields. Also: the keyed rows whose key Redis held under another answer
-    (record, Redis's answer), for the spool's records."""
+    version-2 fields."""
     if not rows:
-        return [], None, []
+        return [], None
     pipe = redis.pipeline(transaction=False)
     for r in rows:
         entry = entry_from_blob(r.envelope)
@@ -419,11 +380,10 @@ async def _replay(
     try:
         replies = await pipe.execute(raise_on_error=False)
     except REDIS_ERRORS as exc:
-        return [], exc, []  # lost mid-pipeline: what landed is sent again next time (same event ids)
+        return [], exc  # lost mid-pipeline: what landed is sent again next time (same event ids)
     if durability.waits and (short := durability.failure(replies[-1])) is not None:
-        return [], short, []  # in the primary, not yet where the level says: sent again next time
+        return [], short  # in the primary, not yet where the level says: sent again next time
     sent: list[int] = []
-    answers: list[tuple[str, bytes]] = []
     error: BaseException | None = None
     i = 0
     for r in rows:
@@ -433,6 +393,4 @@ async def _replay(
             error = error or reply
             continue
         sent.append(r.id)
-        if r.once is not None and isinstance(reply, bytes) and reply != r.once.answer:
-            answers.append((r.once.record, reply))  # another copy reached Redis first: it stands
-    return sent, error, answers
+    return sent, error

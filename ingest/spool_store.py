@@ -57,11 +57,10 @@ _SCHEMA = (
     )""",
     "INSERT OR IGNORE INTO totals (one, entries, bytes) VALUES (1, 0, 0)",
 )
-# a keyed event's record while it is spooled, as Redis keeps it (``Once``): the first copy's
-# answer, for ``window_ms``, corrected by the drain to Redis's when Redis held another. Edges
-# that share the spool and spool one key while Redis is down answer the first copy's answer,
-# as Redis's script would have. Bound: what was spooled within one idempotency window (each
-# insert and each vacuum delete the expired). Made with the first insert that needs it, so
+# a keyed event's record while it is spooled, as Redis keeps it (``Once``), for ``window_ms``:
+# processes that share the spool keep one copy of a key spooled while Redis is down. Bound:
+# what was spooled within one idempotency window (each insert and each vacuum delete the
+# expired). Made with the first insert that needs it, so
 # opening a spool an older edge made writes nothing (on a full disk it must still open).
 _RECORDS = (
     """CREATE TABLE IF NOT EXISTS records (
@@ -71,10 +70,6 @@ _RECORDS = (
     )""",
     "CREATE INDEX IF NOT EXISTS records_expiry ON records (expires_ms)",
 )
-# present while the spool may hold entries: a keyed request that reaches Redis looks for its
-# key's record in the spool only then (one stat, no SQLite read, on the hot path). Made before
-# and after each insert, removed by a drain that left the spool empty (then checked again)
-NONEMPTY = "nonempty"
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +190,7 @@ def insert(
 
 
 def first_answer(conn: sqlite3.Connection, record: str) -> bytes | None:
-    """The answer a keyed copy spooled under ``record`` was given, while it lives."""
+    """The answer the key's first spooled copy carries (its record), while it lives."""
     try:
         row = conn.execute("SELECT answer FROM records WHERE record = ? AND expires_ms > ?", (record, clock.now_ms()))
     except sqlite3.OperationalError as exc:
@@ -204,27 +199,6 @@ def first_answer(conn: sqlite3.Connection, record: str) -> bytes | None:
         raise
     found = row.fetchone()
     return bytes(found[0]) if found is not None else None
-
-
-def correct_records(conn: sqlite3.Connection, answers: Sequence[tuple[str, bytes]]) -> None:
-    """The drain found Redis holding another answer for these records (another copy reached
-    it first, and is the one stored): repeats get Redis's answer from the spool too."""
-    conn.executemany("UPDATE records SET answer = ? WHERE record = ?", [(a, r) for r, a in answers])
-
-
-def mark_nonempty(directory: Path) -> None:
-    (directory / NONEMPTY).touch()
-
-
-def may_hold(directory: Path) -> bool:
-    return (directory / NONEMPTY).exists()
-
-
-def unmark_if_empty(conn: sqlite3.Connection, directory: Path) -> None:
-    """After a drain that left no entry: the mark goes, unless an insert came meanwhile."""
-    (directory / NONEMPTY).unlink(missing_ok=True)
-    if totals(conn)[0] > 0:
-        mark_nonempty(directory)
 
 
 def oldest(conn: sqlite3.Connection, limit: int, after: int = 0) -> list[Row]:

@@ -32,9 +32,8 @@ from ..enqueue import OutcomeUnknown, never_sent, to_spool, xadd
 from ..events import Dialect, Envelope, EventType
 from ..fields import NoNul
 from ..idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
-from ..keyed import redis_record
+from ..keyed import spool_or_unknown
 from ..lookup import ClickPending, Unavailable, lookup, resolve_click, resolve_link
-from ..spool import SpoolError
 from ..state import EDGE, Edge
 from .affixo import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
 from .bricqs import BricqsConvert
@@ -227,7 +226,6 @@ async def _accept(
     appends: list[Any] = []
     sent: list[_Sent] = []  # the item behind each append, in order
     firsts: dict[str, tuple[int, Claim]] = {}  # a key's first item in this batch
-    spool_replays = 0  # items whose key a copy waiting in the spool answered
     repeats: list[tuple[int, int]] = []  # (item, the earlier item of this batch with its key)
     for index, p in enumerate(parsed):
         if isinstance(p, ItemResult):
@@ -259,19 +257,9 @@ async def _accept(
             answer = Answer(
                 200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint
             )
-            record = edge.idem.check(claim, envelope.payload["code"], answer).record
-            try:
-                waiting = await edge.spool.first_answer(record)
-            except SpoolError:  # a copy may wait there, unseen by Redis: refused, the client retries
-                results[-1] = ItemResult(index=index, ok=False, error="unavailable")
-                continue
-            if waiting is not None:  # a copy waits in the spool: its answer, unless Redis holds another
-                results[-1] = _replayed(index, claim, Answer.decode(await redis_record(edge, record) or waiting))
-                spool_replays += 1
-                continue
             appends.append(edge.idem.append_command(claim, envelope.payload["code"], envelope, answer))
         sent.append(_Sent(result, envelope, claim if isinstance(claim, Claim) else None, answer))
-    fresh, replays = 0, spool_replays
+    fresh, replays = 0, 0
     if appends:
         try:
             written = await edge.batcher.execute(*appends, durable=True)
@@ -318,12 +306,21 @@ async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any
         if isinstance(reply, bytes) and item.claim is not None:  # the key's record, unconfirmed
             return OutcomeUnknown(None, exc)
         code = item.envelope.payload["code"]
-        check = edge.idem.check(item.claim, code, item.answer) if item.claim and item.answer else None
-        try:
-            await to_spool(edge, item.envelope, code, once=check, maybe_applied=exc)  # None: kept
+        if item.claim is None or item.answer is None:
+            try:
+                await to_spool(edge, item.envelope, code, maybe_applied=exc)
+            except OutcomeUnknown as unknown:
+                return unknown
+            return None  # kept: accepted
+        check = edge.idem.check(item.claim, code, item.answer)
+        try:  # a keyed item: its answer stands only where its script appended (ingest.keyed)
+            if isinstance(exc, Unconfirmed):  # it did, in the primary
+                await to_spool(edge, item.envelope, code, once=check, maybe_applied=exc)
+                return None
+            await spool_or_unknown(edge, item.envelope, code, (), check, exc)
         except OutcomeUnknown as unknown:
-            return unknown  # also where a copy of the key waits in the spool (Redis may hold this one)
-        return None
+            return unknown
+        return OutcomeUnknown(None, exc)
 
     return list(await asyncio.gather(*(one(item, reply) for item, reply in zip(sent, replies, strict=True))))
 
