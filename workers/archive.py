@@ -19,7 +19,10 @@ No line is archived twice:
   them (the member resets their idle time every ``claim_idle_ms / 3``), so no other
   archiver reclaims them meanwhile; ``refstream archive`` refuses a claim idle time at or
   below the segment age (``Settings.archive_conflict``).
-- Before each write every entry of the segment is looked up in the archive, and those a
+- Before each write the segment keeps only the entries still pending in this archiver:
+  a failover that lost their delivery (Redis Sentinel promoting a replica that had not
+  seen it) hands them to the group afresh, and whichever archiver reads them writes them.
+- Then every entry of the segment is looked up in the archive, and those a
   segment holds already are acked without being written again: an archiver may have died
   after its upload and before its XACK, or stalled past ``claim_idle_ms`` while another
   took its entries over. A segment rewritten with the same entries has the same name and
@@ -95,9 +98,17 @@ class Archiver:
         return _Segment(self, p, stream)
 
     async def write(self, p: int, stream: str, entries: list[Entry]) -> None:
-        """One segment of ``entries`` (one partition, one hour), less those the archive
+        """One segment of ``entries`` (one partition, one hour), less those no longer
+        pending in this archiver (another holds them: it writes them) and those the archive
         holds already, then every one of them acked."""
         ids = [sid for sid, _ in entries]
+        mine = await self.member.claims.owned(stream, ids)
+        if lost := len(ids) - len(mine):
+            log.warning("archive.claims_lost", stream=stream, consumer=self.name, entries=lost)
+            entries = [e for e in entries if e[0] in mine]
+            ids = [sid for sid, _ in entries]
+            if not ids:
+                return
         found = await self._archived(p, ids)
         fresh = [e for e in entries if e[0] not in found]
         if fresh:

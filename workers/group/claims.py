@@ -42,21 +42,23 @@ class Claims:
 
     async def keep(self, stream: str, ids: list[str]) -> set[str]:
         """Reset the idle time of those of ``ids`` still pending in this member (JUSTID: no
-        delivery counted), and return those another member took meanwhile (this one stalled
-        past ``claim_idle_ms``). Never takes an entry back: the other may be writing it."""
+        delivery counted), and return the others: another member took them meanwhile (this
+        one stalled past ``claim_idle_ms``), or they are pending nowhere (a failover lost
+        their delivery, so the group delivers them afresh), or this member acked them while
+        settling. Never takes an entry back: another member may be writing it."""
         try:
-            want = set(ids)
-            mine = {i for i, _ in await self._owners(stream, ids, self.name)} & want
+            mine = await self.owned(stream, ids)
             owned: list[Any] = [i for i in ids if i in mine]
             for i in range(0, len(owned), CHUNK):
                 await self.redis.xclaim(stream, self.group, self.name, 0, owned[i : i + CHUNK], justid=True)
-            missing = [i for i in ids if i not in mine]  # acked (settled meanwhile), or taken
-            if not missing:
-                return set()
-            return {i for i, owner in await self._owners(stream, missing) if owner != self.name} & set(missing)
+            return set(ids) - mine
         except Exception as exc:
             log.debug("claim_refresh_failed", stream=stream, error=repr(exc))
             return set()
+
+    async def owned(self, stream: str, ids: list[str]) -> set[str]:
+        """Those of ``ids`` pending in this member."""
+        return {i for i, _ in await self._owners(stream, ids, self.name)} & set(ids)
 
     async def hand_back(self, stream: str, ids: list[str]) -> None:
         """Leave ``ids`` pending, marked idle for ever, so the next reclaim (by any member)

@@ -37,7 +37,8 @@ class Part(ABC):
         return None
 
     def drop(self, ids: set[str]) -> None:  # noqa: B027 (a hook: most parts have nothing to do)
-        """Another member took these entries (this one stalled past ``claim_idle_ms``)."""
+        """These entries are no longer pending in this member (``Claims.keep``): another
+        took them, a failover lost their delivery, or this member acked them meanwhile."""
 
     def quiet(self) -> None:  # noqa: B027
         """Draining, and nothing more to read: settle what is held without waiting."""
