@@ -17,6 +17,7 @@ from ingest.settings import Settings
 from workers import presence
 from workers.archive import GROUP, Archiver
 from workers.archive_store import open_store
+from workers.group.claims import Claims
 
 from .conftest import wait_for
 from .test_archive import archived, read_archive
@@ -74,3 +75,35 @@ async def test_a_group_a_full_redis_will_not_create_is_waited_for_and_shown(
 
 async def _blocked(archiver: Archiver) -> bool:
     return bool(archiver.member.state()["state"] == "blocked")
+
+
+async def test_hold_keeps_only_its_own_entries_and_no_reclaim_takes_them_after(
+    private_fault_redis, settings: Settings
+) -> None:
+    """``Claims.hold``: of a segment's entries, those pending in this member come back with
+    their idle time reset in the same script, so another member's reclaim right after takes
+    none of them (found by the generative test, seed 1672224041: at a Redis stall's thaw a
+    reclaim ran between an archiver's look at its claims and its upload, and both archivers
+    wrote the entries); an entry another member took, or one pending nowhere, is not held.
+    On a full Redis too: the script calls no deny-OOM command."""
+    server = await private_fault_redis("--maxmemory", str(4 << 20), "--maxmemory-policy", "noeviction")
+    redis = aioredis.Redis.from_url(server.url)
+    stream = "test:hold"
+    try:
+        ids = [(await redis.xadd(stream, {b"e": b"%d" % i})).decode() for i in range(6)]
+        await redis.xgroup_create(stream, "g", id="0")
+        await redis.xreadgroup("g", "a", {stream: ">"}, count=4)  # a holds 0-3
+        await redis.xreadgroup("g", "b", {stream: ">"}, count=1)  # b holds 4; 5 is pending nowhere
+        await redis.xclaim(stream, "g", "a", 0, ids[:4], idle=60_000, justid=True)  # a stalled a minute
+        await fill(redis)
+        a, b = Claims(redis, "g", "a", 30_000), Claims(redis, "g", "b", 30_000)
+        assert await a.hold(stream, ids) == set(ids[:4])
+        assert await b.reclaim(stream, 100) == 0  # idle reset: nothing of a's is b's to take
+        assert await a.keep(stream, ids) == set(ids[4:])  # not a's: dropped from what it holds
+        rows = await redis.xpending_range(stream, "g", "-", "+", 10)
+        assert {(r["message_id"].decode(), r["consumer"].decode()) for r in rows} == {
+            *((i, "a") for i in ids[:4]),
+            (ids[4], "b"),
+        }
+    finally:
+        await redis.aclose()

@@ -19,9 +19,14 @@ No line is archived twice:
   them (the member resets their idle time every ``claim_idle_ms / 3``), so no other
   archiver reclaims them meanwhile; ``refstream archive`` refuses a claim idle time at or
   below the segment age (``Settings.archive_conflict``).
-- Before each write the segment keeps only the entries still pending in this archiver:
-  a failover that lost their delivery (Redis Sentinel promoting a replica that had not
-  seen it) hands them to the group afresh, and whichever archiver reads them writes them.
+- Before each write the segment keeps only the entries still pending in this archiver,
+  and their claims are reset in the same script (``Claims.hold``): no other archiver can
+  reclaim them during the next ``claim_idle_ms``, which the write must fit in (a Redis
+  stall that let another's reclaim run first leaves them to that one). A failover that
+  lost their delivery (Sentinel promoting a replica that had not seen it) hands them to
+  the group afresh, and whichever archiver reads them writes them. An archiver stopped
+  for longer than ``claim_idle_ms`` between that script and its upload's landing can
+  still leave a second copy.
 - Then every entry of the segment is looked up in the archive, and those a
   segment holds already are acked without being written again: an archiver may have died
   after its upload and before its XACK, or stalled past ``claim_idle_ms`` while another
@@ -102,7 +107,7 @@ class Archiver:
         pending in this archiver (another holds them: it writes them) and those the archive
         holds already, then every one of them acked."""
         ids = [sid for sid, _ in entries]
-        mine = await self.member.claims.owned(stream, ids)
+        mine = await self.member.claims.hold(stream, ids)  # theirs alone for claim_idle_ms
         if lost := len(ids) - len(mine):
             log.warning("archive.claims_lost", stream=stream, consumer=self.name, entries=lost)
             entries = [e for e in entries if e[0] in mine]

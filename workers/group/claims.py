@@ -18,6 +18,26 @@ log = structlog.get_logger("workers.group")
 
 HAND_BACK_IDLE_MS = 10**12  # "idle since forever": any reclaim takes it
 CHUNK = 10_000  # ids per XACK / XCLAIM / XPENDING page
+HOLD_CHUNK = 1_000  # ids per HOLD script
+
+# KEYS[1] the stream; ARGV: the group, this member, then ids. Those of the ids pending in this
+# member have their idle time reset (XCLAIM JUSTID: no delivery counted) and come back; the
+# others are left alone. One script: no reclaim by another member can come between the look
+# and the reset, so for ``claim_idle_ms`` after it the entries returned are this member's
+# alone. XPENDING and XCLAIM are not deny-OOM: it runs under a full Redis too.
+HOLD = """
+local mine = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #p > 0 then mine[#mine + 1] = ARGV[i] end
+end
+if #mine > 0 then
+  mine[#mine + 1] = 'JUSTID'
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
+  mine[#mine] = nil
+end
+return mine
+"""
 
 
 class Claims:
@@ -47,18 +67,21 @@ class Claims:
         their delivery, so the group delivers them afresh), or this member acked them while
         settling. Never takes an entry back: another member may be writing it."""
         try:
-            mine = await self.owned(stream, ids)
-            owned: list[Any] = [i for i in ids if i in mine]
-            for i in range(0, len(owned), CHUNK):
-                await self.redis.xclaim(stream, self.group, self.name, 0, owned[i : i + CHUNK], justid=True)
-            return set(ids) - mine
+            return set(ids) - await self.hold(stream, ids)
         except Exception as exc:
             log.debug("claim_refresh_failed", stream=stream, error=repr(exc))
             return set()
 
-    async def owned(self, stream: str, ids: list[str]) -> set[str]:
-        """Those of ``ids`` pending in this member."""
-        return {i for i, _ in await self._owners(stream, ids, self.name)} & set(ids)
+    async def hold(self, stream: str, ids: list[str]) -> set[str]:
+        """Those of ``ids`` pending in this member, their idle time reset at once (``HOLD``):
+        no other member's reclaim takes them for ``claim_idle_ms`` from then."""
+        mine: set[str] = set()
+        for i in range(0, len(ids), HOLD_CHUNK):
+            reply: Any = await self.redis.eval(  # type: ignore[misc]
+                HOLD, 1, stream, self.group, self.name, *ids[i : i + HOLD_CHUNK]
+            )
+            mine.update(text(x) for x in reply)
+        return mine
 
     async def hand_back(self, stream: str, ids: list[str]) -> None:
         """Leave ``ids`` pending, marked idle for ever, so the next reclaim (by any member)
@@ -69,20 +92,6 @@ class Claims:
                 await self.redis.xclaim(stream, self.group, self.name, 0, chunk, idle=HAND_BACK_IDLE_MS, justid=True)
         except Exception as exc:
             log.warning("hand_back_failed", stream=stream, error=repr(exc))
-
-    async def _owners(self, stream: str, ids: list[str], consumer: str | None = None) -> list[tuple[str, str]]:
-        """(id, consumer) of every pending entry in the range of ``ids`` (of ``consumer``'s only)."""
-        last = max(ids, key=parse_id)
-        start = min(ids, key=parse_id)
-        out: list[tuple[str, str]] = []
-        while True:
-            rows = await self.redis.xpending_range(
-                stream, self.group, min=start, max=last, count=CHUNK, consumername=consumer
-            )
-            out.extend((text(r["message_id"]), text(r["consumer"])) for r in rows)
-            if len(rows) < CHUNK:
-                return out
-            start = id_after(rows[-1]["message_id"])
 
 
 def id_after(stream_id: Any) -> str:

@@ -91,12 +91,14 @@ async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult
 
 
 def _keep(result: SeedResult, history: History, tmp: Path) -> Path:
-    """The failing seed's logs, history, schedule and anomalies, kept past the stage's end."""
+    """The failing seed's logs, history, schedule, archive and anomalies, kept past the stage's end."""
     kept = Path(tempfile.gettempdir()) / f"refstream-gen-{result.seed}"
     shutil.rmtree(kept, ignore_errors=True)
     kept.mkdir(parents=True)
     for log in tmp.glob("*.log"):
         shutil.copy(log, kept / log.name)
+    if (tmp / "archive").is_dir():  # the segments, for an archive anomaly
+        shutil.copytree(tmp / "archive", kept / "archive")
     (kept / "history.txt").write_text(history.dump())
     (kept / "schedule.txt").write_text(f"seed {result.seed} {result.schedule.topology}\n{result.schedule.describe()}\n")
     (kept / "anomalies.txt").write_text(result.line() + "\n" + result.anomalies.report(limit=None) + "\n")
