@@ -24,10 +24,7 @@ No line is archived twice:
   reclaim them during the next ``claim_idle_ms``, which the write must fit in (a Redis
   stall that let another's reclaim run first leaves them to that one). A failover that
   lost their delivery (Sentinel promoting a replica that had not seen it) hands them to
-  the group afresh, and whichever archiver reads them writes them. At
-  ``REFSTREAM_ACK_DURABILITY=replicas:N`` the script's claims must reach N replicas before
-  the write: a primary a failover left behind, answering for a moment after a stall, has
-  none, and the archiver waits as for any outage. An archiver stopped
+  the group afresh, and whichever archiver reads them writes them. An archiver stopped
   for longer than ``claim_idle_ms`` between that script and its upload's landing can
   still leave a second copy.
 - Then every entry of the segment is looked up in the archive, and those a
@@ -46,7 +43,6 @@ from dataclasses import dataclass
 import structlog
 
 from ingest.connections import Redis
-from ingest.durability import Durability, Unconfirmed
 from ingest.keys import Keys, parse_id
 from ingest.settings import Settings
 
@@ -77,7 +73,6 @@ class Archiver:
         self.store = store
         self.name = name
         self.totals = Totals()
-        self.durability = Durability.of(settings)
         self.member = Member(
             settings, redis, group=GROUP, name=name, part=self._part, role="archive",
             presence_name=self.presence_name, reclaim_count=settings.archive_segment_entries,
@@ -112,10 +107,7 @@ class Archiver:
         pending in this archiver (another holds them: it writes them) and those the archive
         holds already, then every one of them acked."""
         ids = [sid for sid, _ in entries]
-        try:  # this archiver's alone for claim_idle_ms, on a primary that has its replicas
-            mine = await self.member.claims.hold(stream, ids, self.durability)
-        except Unconfirmed as exc:
-            raise Outage("redis_unavailable", exc) from exc
+        mine = await self.member.claims.hold(stream, ids)  # theirs alone for claim_idle_ms
         if lost := len(ids) - len(mine):
             log.warning("archive.claims_lost", stream=stream, consumer=self.name, entries=lost)
             entries = [e for e in entries if e[0] in mine]

@@ -10,10 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from redis.asyncio.cluster import RedisCluster
 
 from ingest.connections import Redis
-from ingest.durability import Durability
 from ingest.keys import parse_id
 
 log = structlog.get_logger("workers.group")
@@ -74,27 +72,16 @@ class Claims:
             log.debug("claim_refresh_failed", stream=stream, error=repr(exc))
             return set()
 
-    async def hold(self, stream: str, ids: list[str], replicas: Durability | None = None) -> set[str]:
+    async def hold(self, stream: str, ids: list[str]) -> set[str]:
         """Those of ``ids`` pending in this member, their idle time reset at once (``HOLD``):
-        no other member's reclaim takes them for ``claim_idle_ms`` from then.
-
-        ``replicas`` (``replicas:N``): the scripts' writes must reach N replicas too (a WAIT
-        on the same connection), else ``Unconfirmed``: a primary that a failover left behind
-        (Sentinel promoted a replica while it was stopped, and it answers for a moment after
-        it resumes) has no replica, so what it says this member holds is not trusted."""
-        waits = replicas is not None and replicas.replicas > 0 and not isinstance(self.redis, RedisCluster)
-        pipe = self.redis.pipeline(transaction=False)
+        no other member's reclaim takes them for ``claim_idle_ms`` from then."""
+        mine: set[str] = set()
         for i in range(0, len(ids), HOLD_CHUNK):
-            pipe.eval(HOLD, 1, stream, self.group, self.name, *ids[i : i + HOLD_CHUNK])
-        if waits:
-            assert replicas is not None
-            pipe.execute_command("WAIT", replicas.replicas, replicas.wait_ms)
-        replies: list[Any] = await pipe.execute()
-        if waits:
-            assert replicas is not None
-            if (short := replicas.failure(replies.pop())) is not None:
-                raise short
-        return {text(x) for reply in replies for x in reply}
+            reply: Any = await self.redis.eval(  # type: ignore[misc]
+                HOLD, 1, stream, self.group, self.name, *ids[i : i + HOLD_CHUNK]
+            )
+            mine.update(text(x) for x in reply)
+        return mine
 
     async def hand_back(self, stream: str, ids: list[str]) -> None:
         """Leave ``ids`` pending, marked idle for ever, so the next reclaim (by any member)

@@ -157,7 +157,7 @@ class Cluster:
         if f"{near}-redis" in self.proxies:
             env["REDIS_URL"] = self.proxies[f"{near}-redis"].url
         env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{self.proxies[f'{near}-pg'].port}/{st.database}"
-        if self.sentinel is not None:  # one setting for every process, as operators set it
+        if role == "edge" and self.sentinel is not None:
             env["REFSTREAM_ACK_DURABILITY"] = "replicas:1"
         if role == "worker":
             env["REFSTREAM_BATCH_SIZE"] = "200"
