@@ -33,10 +33,11 @@ async def append_keyed(
     """Append ``envelope`` unless ``claim`` has an answer: None when this request's
     ``answer`` stands (Redis's script appended it), else the first request's answer.
 
-    At ``REFSTREAM_ACK_DURABILITY``'s level, as ``enqueue.append``: when the script appended
-    on the primary short of the level, the copy is spooled too and this answer stands.
-    ``OutcomeUnknown`` (503, "may be stored") when Redis may run the script yet (a timeout,
-    a lost connection: the copy is spooled), when Redis certainly did not run it but the
+    At ``REFSTREAM_ACK_DURABILITY``'s level, as ``enqueue.append``; the answer stands only
+    once the script's run is confirmed at the level. ``OutcomeUnknown`` (503, "may be
+    stored") when it appended on the primary short of the level (a failover may lose it;
+    the copy is spooled), when Redis may run the script yet (a timeout, a lost connection:
+    the copy is spooled), when Redis certainly did not run it but the
     route spools (``spool``: public routes fail open; the copy is spooled), and when Redis
     found the key's record but could not confirm it at the level. What Redis certainly did
     not run, on a route that does not spool, is raised (a refusal, 503). ``SpoolFull`` /
@@ -51,10 +52,10 @@ async def append_keyed(
         known, first = first_reply(exc)
         if known and isinstance(first, bytes):
             raise OutcomeUnknown(None, exc) from exc
-        if known and first is None:  # appended in the primary, short of the level: ours
-            await to_spool(edge, envelope, routing_key, extra, once=check, maybe_applied=exc)
-            return None
-        if known or never_sent(exc):  # the script refused, or nothing was sent
+        if known and first is None:  # appended in the primary, short of the level: a failover
+            # may lose it and let another copy of the key be the one stored
+            await spool_or_unknown(edge, envelope, routing_key, extra, check, exc)
+        elif known or never_sent(exc):  # the script refused, or nothing was sent
             if not spool:
                 if known:
                     raise first from exc  # Redis's refusal of the command

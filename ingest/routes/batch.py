@@ -313,10 +313,7 @@ async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any
                 return unknown
             return None  # kept: accepted
         check = edge.idem.check(item.claim, code, item.answer)
-        try:  # a keyed item: its answer stands only where its script appended (ingest.keyed)
-            if isinstance(exc, Unconfirmed):  # it did, in the primary
-                await to_spool(edge, item.envelope, code, once=check, maybe_applied=exc)
-                return None
+        try:  # a keyed item's answer stands only where its script's run is confirmed (ingest.keyed)
             await spool_or_unknown(edge, item.envelope, code, (), check, exc)
         except OutcomeUnknown as unknown:
             return unknown
