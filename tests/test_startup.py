@@ -177,7 +177,11 @@ async def test_serve_starts_while_postgres_is_unreachable_and_readyz_says_why(
     base = await procs.start_edge(DATABASE_URL=url, REFSTREAM_LOG_FLUSH_MS="0")
     status, body, _ = await call("POST", f"{base}/api/v1/referral/click/somecode")
     assert (status, body) == (200, TRACKED)
-    assert sum([await redis.xlen(s) for s in keys.streams]) == 1  # accepted, so appended
+
+    async def appended() -> bool:  # accepted: in Redis, or in the edge's spool until it drains
+        return sum([await redis.xlen(s) for s in keys.streams]) == 1
+
+    await wait_for(appended, timeout=30, what="the click in its stream")
     status, body, _ = await call("GET", f"{base}/readyz")
     assert status == 503 and body["redis"] == "ok", body
     assert body["postgres"].startswith("error: unreachable ("), body
