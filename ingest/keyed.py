@@ -52,17 +52,16 @@ async def append_keyed(
         known, first = first_reply(exc)
         if known and isinstance(first, bytes):
             raise OutcomeUnknown(None, exc) from exc
-        if known and first is None:  # appended in the primary, short of the level: a failover
-            # may lose it and let another copy of the key be the one stored
+        # Redis may hold it: appended in the primary short of the level (a failover may lose
+        # it), or a timeout, a lost connection (it may run yet); else refused, or never sent
+        if first is None if known else not never_sent(exc):
             await spool_or_unknown(edge, envelope, routing_key, extra, check, exc)
-        elif known or never_sent(exc):  # the script refused, or nothing was sent
-            if not spool:
-                if known:
-                    raise first from exc  # Redis's refusal of the command
-                raise
+        elif not spool:
+            if known:
+                raise first from exc  # Redis's refusal of the command
+            raise
+        else:
             await to_spool(edge, envelope, routing_key, extra, once=check)
-        else:  # a timeout, a lost connection: it may run yet
-            await spool_or_unknown(edge, envelope, routing_key, extra, check, exc)
         raise OutcomeUnknown(None, exc) from exc
     first = replies[0]
     if isinstance(first, bytes):

@@ -297,7 +297,8 @@ async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any
     """The appends' round trip failed after it was sent: what Redis may hold is spooled under
     its event id (and a keyed item with its check), never refused (``ingest.enqueue``). One
     reply per item, as the round trip's would have been: None or a stream id once spooled,
-    the error of an item Redis refused, ``OutcomeUnknown`` where neither is known."""
+    the error of an item Redis refused, ``OutcomeUnknown`` for a keyed item (spooled) and
+    where the spool could not keep one."""
     replies: list[Any] = list(exc.replies) if isinstance(exc, Unconfirmed) else [None] * len(sent)
 
     async def one(item: _Sent, reply: Any) -> Any:
@@ -306,18 +307,15 @@ async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any
         if isinstance(reply, bytes) and item.claim is not None:  # the key's record, unconfirmed
             return OutcomeUnknown(None, exc)
         code = item.envelope.payload["code"]
-        if item.claim is None or item.answer is None:
-            try:
-                await to_spool(edge, item.envelope, code, maybe_applied=exc)
-            except OutcomeUnknown as unknown:
-                return unknown
-            return None  # kept: accepted
-        check = edge.idem.check(item.claim, code, item.answer)
-        try:  # a keyed item's answer stands only where its script's run is confirmed (ingest.keyed)
-            await spool_or_unknown(edge, item.envelope, code, (), check, exc)
+        claim, answer = item.claim, item.answer
+        try:
+            if claim is not None and answer is not None:  # stands only where its script's run is confirmed
+                await spool_or_unknown(edge, item.envelope, code, (), edge.idem.check(claim, code, answer), exc)
+                return OutcomeUnknown(None, exc)  # (ingest.keyed)
+            await to_spool(edge, item.envelope, code, maybe_applied=exc)
         except OutcomeUnknown as unknown:
             return unknown
-        return OutcomeUnknown(None, exc)
+        return None  # kept: accepted
 
     return list(await asyncio.gather(*(one(item, reply) for item, reply in zip(sent, replies, strict=True))))
 
