@@ -101,7 +101,7 @@ CREATE INDEX IF NOT EXISTS customers_external
 -- redelivered or replayed entry is a no-op (ON CONFLICT DO NOTHING), and ids sort by time:
 -- the table is range-partitioned on it, one partition per UTC day (bounds are the UUIDs of
 -- the day's first millisecond, xxxxxxxx-xxxx-7000-8000-000000000000), created ahead and
--- dropped after REFSTREAM_EVENT_RETENTION days by the worker (workers/partitions.py), with a
+-- dropped after REFSTREAM_EVENT_RETENTION days by the worker (workers/consumer/partitions.py), with a
 -- default partition for anything outside them. No foreign keys on this hot table: the
 -- worker resolves links itself and a per-row FK check would cost every insert.
 CREATE TABLE IF NOT EXISTS events (
@@ -415,7 +415,7 @@ ALTER TABLE programs ADD COLUMN IF NOT EXISTS fraud_thresholds jsonb NOT NULL DE
 -- ---------------------------------------------------------------------------------------
 -- Schema version 6: one clock, and a bound on every table.
 --
--- The link cache's version (ingest/links.py) is a sequence, never a clock: the cache keeps
+-- The link cache's version (ingest/contract/links.py) is a sequence, never a clock: the cache keeps
 -- an entry only for a version at least as new, and now() can step back. Each row the cached
 -- link is made of carries the sequence's value of its last change that the cache shows; a
 -- link's version is the greatest of its link's, workspace's, program's and affiliate's. The
@@ -457,7 +457,7 @@ CREATE OR REPLACE TRIGGER affiliates_cache_version BEFORE UPDATE ON affiliates F
     EXECUTE FUNCTION link_cache_bump();
 
 -- Every table's bound. Retention runs in the workers' partition maintenance
--- (workers/partitions.py, workers/retention.py), on Postgres's day, under its advisory lock:
+-- (workers/consumer/partitions.py, workers/consumer/retention.py), on Postgres's day, under its advisory lock:
 --   events, link_visitor_days   daily partitions, dropped after REFSTREAM_EVENT_RETENTION days
 --   event_dedupe                 purged after REFSTREAM_DEDUPE_RETENTION days (received_at)
 --   event_flags, event_drops     purged with the events: every row below the horizon (event id)
@@ -465,7 +465,7 @@ CREATE OR REPLACE TRIGGER affiliates_cache_version BEFORE UPDATE ON affiliates F
 --                                after they were made; pending ones are kept until delivered
 --   webhook_attempts             at most the job's tries per delivery, deleted with it (cascade)
 --   affiliate_ips                an address not seen for REFSTREAM_EVENT_RETENTION days is purged
---   drop_folds                   purged after 7 days (workers/drops.py)
+--   drop_folds                   purged after 7 days (workers/consumer/drops.py)
 --   event_retention, refstream_schema   one row each
 --   daily_stats, drop_stats      the durable history: at most one row per link and UTC day with
 --                                activity (drop_stats: per reason and source); daily_stats

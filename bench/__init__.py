@@ -40,8 +40,8 @@ def bench(
     as_json: bool, json_out: Path | None,
 ) -> None:  # fmt: skip
     """Measure the edge, the workers and the pipeline against their baselines."""
-    from ingest.logs import configure_logging
-    from ingest.settings import Settings
+    from ingest.contract.logs import configure_logging
+    from ingest.contract.settings import Settings
 
     from . import report, runner
 

@@ -16,10 +16,10 @@ import random
 import time
 from pathlib import Path
 
-from ingest.events import Envelope
-from ingest.keys import Keys
-from workers import trim
-from workers.archive import GROUP as ARCHIVE
+from ingest.contract.events import Envelope
+from ingest.contract.keys import Keys
+from workers.archive.archiver import GROUP as ARCHIVE
+from workers.consumer import trim
 
 from .context import Ctx
 from .pipeline_parts import _until

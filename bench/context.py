@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ingest.connections import Redis
-from ingest.keys import Keys
+from ingest.contract.connections import Redis
+from ingest.contract.keys import Keys
 
 from . import wrk
 from .procs import Proc, Procs

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from ingest.keys import Keys
+from ingest.contract.keys import Keys
 
 from . import requests as reqs
 from .context import Ctx
@@ -18,7 +18,7 @@ from .wrk import Request
 
 def processes() -> int:
     """N of part (n): what ``refstream serve`` runs by default (the CPU count)."""
-    from ingest.prefork import cpu_count
+    from ingest.host.prefork import cpu_count
 
     return cpu_count()
 

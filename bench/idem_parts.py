@@ -5,7 +5,7 @@ a few keys (answered from their records, nothing appended)."""
 
 from __future__ import annotations
 
-from ingest.idempotency import HEADER
+from ingest.edge.idempotency import HEADER
 
 from . import requests as reqs
 from .context import Ctx

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from redis.exceptions import ResponseError
 
-from ingest.keys import Keys
+from ingest.contract.keys import Keys
 from refstream.embedded import free_port
 
 from . import openloop

@@ -11,8 +11,8 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
-from ingest.keys import Keys
-from workers.partitions import day_uuid, drop, maintain
+from ingest.contract.keys import Keys
+from workers.consumer.partitions import day_uuid, drop, maintain
 
 from .context import Ctx
 from .pipeline_parts import _drained, _until

@@ -13,12 +13,12 @@ from contextlib import contextmanager
 
 import asyncpg
 
-from ingest.connections import create_pg_pool
-from ingest.events import Envelope
-from ingest.keys import Keys
-from ingest.settings import Settings
-from workers.store import write_batch
-from workers.worker import settle_heap
+from ingest.contract.connections import create_pg_pool
+from ingest.contract.events import Envelope
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from workers.consumer.store import write_batch
+from workers.consumer.worker import settle_heap
 
 from . import openloop
 from . import requests as reqs

@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from ingest.connections import connect_redis
-from ingest.settings import Settings
+from ingest.contract.connections import connect_redis
+from ingest.contract.settings import Settings
 from refstream import services
 
 from . import report, world

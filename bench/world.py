@@ -14,12 +14,13 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingest import admin, clicks, links
-from ingest.connections import Redis, create_pg_pool
-from ingest.db import ensure_database, migrate
-from ingest.events import Dialect, Envelope, EventType, uuid7
-from ingest.keys import GROUP, Keys
-from ingest.settings import Settings
+from ingest.contract import clicks, links
+from ingest.contract.connections import Redis, create_pg_pool
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.keys import GROUP, Keys
+from ingest.contract.settings import Settings
+from ingest.manage import admin
+from ingest.manage.db import ensure_database, migrate
 from refstream.services import with_database
 
 BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"

@@ -6,7 +6,7 @@ data print JSON on stdout; diagnostics go to stderr.
 Every failure is one line on stderr, ``Error: <what is wrong>; <what to do>``, and a
 non-zero exit: a setting under the environment variable that sets it, a Redis or Postgres
 under its ``host:port/db`` (never its password), a database that is missing or behind
-with the command that fixes it (``ingest.schema_check`` words those). ``--debug`` (or
+with the command that fixes it (``ingest.manage.schema_check`` words those). ``--debug`` (or
 ``REFSTREAM_DEBUG=1``) adds the traceback.
 """
 
@@ -25,14 +25,15 @@ import structlog
 import uvloop
 from click.core import ParameterSource
 
-from ingest import admin, apikeys, durability, flags, schema_check
-from ingest.connections import REDIS_ERRORS, connect_redis
-from ingest.db import ensure_database
-from ingest.db import migrate as apply_schema
-from ingest.keys import Keys
-from ingest.logs import configure_logging
-from ingest.settings import Settings
-from workers import partitions
+from ingest.contract.connections import REDIS_ERRORS, connect_redis
+from ingest.contract.keys import Keys
+from ingest.contract.logs import configure_logging
+from ingest.contract.settings import Settings
+from ingest.edge import apikeys, durability, flags
+from ingest.manage import admin, schema_check
+from ingest.manage.db import ensure_database
+from ingest.manage.db import migrate as apply_schema
+from workers.consumer import partitions
 
 from . import __version__, services
 from . import ops_output as out
@@ -53,7 +54,7 @@ def main(debug: bool) -> None:
 async def _check_database(settings: Settings, *, wait: bool) -> None:
     """The startup check of ``serve`` and ``work``: the database is there and migrated to
     ``SCHEMA_VERSION``, else one line naming server, database, what is wrong and what to
-    run, and a non-zero exit (``ingest.schema_check`` sorts the cases).
+    run, and a non-zero exit (``ingest.manage.schema_check`` sorts the cases).
 
     Postgres being unreachable is an outage, not a mistake, so neither command refuses to
     start over it: ``work`` waits for it, logging once per change of state, as its loop
@@ -153,7 +154,7 @@ def serve(host: str, port: int, processes: int | None) -> None:
 
     Refuses to start on a database that is missing or not migrated; starts while Postgres
     is unreachable (/readyz answers 503 with the reason until it answers)."""
-    from ingest import prefork, server
+    from ingest.host import prefork, server
 
     settings = load_settings()
     n = processes or prefork.cpu_count()
@@ -186,8 +187,8 @@ def work(drain: bool) -> None:
 
     Waits for an unreachable Postgres (``--drain``: at most REFSTREAM_CONNECT_TIMEOUT_S,
     Redis too); refuses a database that is missing or not migrated."""
-    from workers.worker import build_worker
-    from workers.worker import drain as drain_streams
+    from workers.consumer.worker import build_worker
+    from workers.consumer.worker import drain as drain_streams
 
     if drain:
 
@@ -398,7 +399,7 @@ def feature_enable(name: str) -> None:
 def secret_key() -> None:
     """Print a new key for REFSTREAM_SECRET_KEY (Fernet), which encrypts webhook signing
     secrets at rest. To rotate: put the new key first, keep the old one after a comma."""
-    from ingest import secretbox
+    from ingest.manage import secretbox
 
     click.echo(secretbox.generate_key())
 

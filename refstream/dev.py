@@ -27,13 +27,13 @@ import asyncpg
 import click
 from pydantic import ValidationError
 
-from ingest import admin, secretbox
-from ingest import settings as settings_mod
-from ingest.connections import REDIS_ERRORS, connect_redis
-from ingest.db import ensure_database, migrate
-from ingest.keys import Keys
-from ingest.settings import Settings
-from workers import partitions
+from ingest.contract import settings as settings_mod
+from ingest.contract.connections import REDIS_ERRORS, connect_redis
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.manage import admin, secretbox
+from ingest.manage.db import ensure_database, migrate
+from workers.consumer import partitions
 
 from . import dev_tour, services
 from .embedded import die_with_parent

@@ -19,10 +19,10 @@ from typing import Any
 
 import asyncpg
 
-from ingest import admin
-from ingest.connections import REDIS_ERRORS, Redis, connect_redis
-from ingest.keys import Keys
-from ingest.settings import Settings
+from ingest.contract.connections import REDIS_ERRORS, Redis, connect_redis
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.manage import admin
 
 TOUR_FILE = ".refstream-dev.env"
 KEY_NAME = "refstream dev tour"

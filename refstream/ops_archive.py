@@ -1,4 +1,4 @@
-"""``refstream archive``: the archiver process (``workers/archive.py``), run and stopped like
+"""``refstream archive``: the archiver process (``workers/archive/archiver.py``), run and stopped like
 a worker: several share the ``archive`` group, SIGTERM or SIGINT drains (the segment in
 hand is written and acked, or handed back when an outage holds it), Redis and object-store
 outages are waited out."""
@@ -14,9 +14,9 @@ from typing import Any
 import click
 import uvloop
 
-from ingest.connections import connect_redis
-from ingest.logs import configure_logging
-from ingest.settings import Settings
+from ingest.contract.connections import connect_redis
+from ingest.contract.logs import configure_logging
+from ingest.contract.settings import Settings
 
 from . import ops_output as out
 from . import services
@@ -24,8 +24,8 @@ from .runner import load_settings, print_data, run_command
 
 
 async def run_archiver(settings: Settings, *, drain: bool) -> dict[str, Any]:
-    from workers.archive import Archiver
-    from workers.archive_store import open_store
+    from workers.archive.archiver import Archiver
+    from workers.archive.store import open_store
 
     if drain:  # a one-shot command: waits at most REFSTREAM_CONNECT_TIMEOUT_S, then says why
         await services.wait_for_redis(settings)

@@ -1,13 +1,13 @@
 """``refstream link show``: a link with its counters, and per day of the last 30 what
-counted, what was dropped and why, and what was flagged (``ingest.stats``)."""
+counted, what was dropped and why, and what was flagged (``ingest.manage.stats``)."""
 
 from __future__ import annotations
 
 from typing import Any
 from uuid import UUID
 
-from ingest import admin, stats
-from ingest.settings import Settings
+from ingest.contract.settings import Settings
+from ingest.manage import admin, stats
 
 from . import ops_output as out
 from .runner import open_database, print_data, run_command

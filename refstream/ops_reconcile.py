@@ -1,5 +1,5 @@
 """``refstream reconcile``: recount a time window's counters from the event rows, report the
-drift, and with ``--fix`` repair it, a chunk of links at a time (workers/reconcile.py).
+drift, and with ``--fix`` repair it, a chunk of links at a time (workers/ops/reconcile.py).
 Results go to stdout (a table, or JSON with ``--json``)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from ingest.connections import create_pg_pool
+from ingest.contract.connections import create_pg_pool
 
 from . import ops_output as out
 from .runner import run_reading, settings_and_logging
@@ -42,7 +42,7 @@ def reconcile(fix: bool, since: date | None, until: date | None, chunk: int) -> 
     daily stats are the history). Exit 0 when there is no drift (or --fix repaired it), 1
     when drift was found and left.
     """
-    from workers.reconcile import reconcile as recount
+    from workers.ops.reconcile import reconcile as recount
 
     if since is not None and until is not None and until <= since:
         raise click.BadParameter("--until must come after --since", param_hint="--until")

@@ -15,8 +15,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ingest.connections import connect_redis, create_pg_pool
-from ingest.keys import Keys
+from ingest.contract.connections import connect_redis, create_pg_pool
+from ingest.contract.keys import Keys
 
 from . import ops_output as out
 from .runner import run_reading, settings_and_logging
@@ -67,9 +67,9 @@ def replay(
     "repeats" (a repeated lead or conversion) and "skipped" (an unknown code, an inactive
     link) produce no row by design.
     """
-    from workers import replay as rp
-    from workers.archive_store import open_store
-    from workers.enrich import Enricher
+    from workers.archive.store import open_store
+    from workers.consumer.enrich import Enricher
+    from workers.ops import replay as rp
 
     rng = rp.Range(
         from_id, to_id, parse_time(since) if since else None, parse_time(until) if until else None, partitions or None
@@ -116,7 +116,7 @@ def replay(
 
 def described(rng: dict[str, str]) -> str:
     """A range as people read it: ``from 1712345678901-0 to the end``, not the largest id."""
-    from workers.replay_source import MAX_SEQ
+    from workers.ops.replay_source import MAX_SEQ
 
     start = "the start" if rng["from"] == "0-0" else rng["from"]
     end = "the end" if rng["to"] == f"{MAX_SEQ}-{MAX_SEQ}" else rng["to"]

@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ingest.connections import connect_redis
-from ingest.keys import Keys
-from ingest.settings import Settings
-from workers import dead as dead_mod
-from workers import status as status_mod
+from ingest.contract.connections import connect_redis
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from workers.ops import dead as dead_mod
+from workers.ops import status as status_mod
 
 from . import ops_output as out
 from .runner import run_command

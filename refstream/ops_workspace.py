@@ -12,9 +12,9 @@ from typing import Any
 import asyncpg
 import click
 
-from ingest import admin
-from ingest.drops import FRAUD_POLICIES, FRAUD_RULES
-from ingest.settings import Settings
+from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
+from ingest.contract.settings import Settings
+from ingest.manage import admin
 
 from . import ops_output as out
 from .runner import run_command

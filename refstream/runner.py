@@ -19,11 +19,12 @@ import orjson
 import uvloop
 from pydantic import ValidationError
 
-from ingest import admin, clock, schema_check
-from ingest import settings as settings_mod
-from ingest.connections import REDIS_ERRORS, Redis, connect_redis
-from ingest.logs import configure_logging
-from ingest.settings import Settings
+from ingest.contract import clock
+from ingest.contract import settings as settings_mod
+from ingest.contract.connections import REDIS_ERRORS, Redis, connect_redis
+from ingest.contract.logs import configure_logging
+from ingest.contract.settings import Settings
+from ingest.manage import admin, schema_check
 
 from . import services
 from .embedded import EmbeddedError
@@ -108,8 +109,8 @@ def settings_and_logging() -> Settings:
 def run_reading(coro: Coroutine[Any, Any, T]) -> T:
     """``coro`` to its end, for a command that reads the archive and the database: what
     they raise becomes one line."""
-    from workers.archive_segment import SegmentError
-    from workers.archive_store import ArchiveUnavailable
+    from workers.archive.segment import SegmentError
+    from workers.archive.store import ArchiveUnavailable
 
     try:
         return uvloop.run(coro)

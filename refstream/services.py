@@ -3,7 +3,7 @@
 Only `refstream dev` and the test suite fall back to embedded servers; `serve` and `work`
 use what is configured and wait for it.
 
-"Answers" means a real session: a Postgres connection (``ingest.schema_check`` sorts what
+"Answers" means a real session: a Postgres connection (``ingest.manage.schema_check`` sorts what
 the server says) and a Redis PING, not an open port. A server that listens but refuses us
 is no server to use: on the default address (a stock Postgres with a password on 5432, a
 Redis with ``requirepass``) it is replaced by an embedded one, with a one-line note saying
@@ -32,10 +32,10 @@ import redis
 import structlog
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 
-from ingest import schema_check
-from ingest.connections import connect_redis
-from ingest.sentinel_url import sentinel_target
-from ingest.settings import Settings
+from ingest.contract.connections import connect_redis
+from ingest.contract.sentinel_url import sentinel_target
+from ingest.contract.settings import Settings
+from ingest.manage import schema_check
 
 from .embedded import EmbeddedServers
 
@@ -150,7 +150,7 @@ def _raised_in(exc: BaseException, package: str) -> bool:
 
 
 def postgres_line(exc: BaseException, url: str) -> str:
-    """``ingest.schema_check``'s line for an error from Postgres; a query that a missing or
+    """``ingest.manage.schema_check``'s line for an error from Postgres; a query that a missing or
     older schema refused is called what it is, with what to run."""
     status = schema_check.classify(exc)
     if status.kind is schema_check.Kind.FAILED and isinstance(exc, asyncpg.PostgresError):

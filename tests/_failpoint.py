@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from refstream.cli import main
-from workers.archive_store import LocalStore, ObjectStore
-from workers.pipeline import Pipeline
+from workers.archive.store import LocalStore, ObjectStore
+from workers.consumer.pipeline import Pipeline
 
 
 def _die() -> NoReturn:

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ingest.settings import Settings
+from ingest.contract.settings import Settings
 from refstream.embedded import free_port
 
 REFSTREAM = str(Path(sys.executable).parent / "refstream")
@@ -41,6 +41,10 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         # edges start as fast as they did, and their pid is the process that serves
         REFSTREAM_PROCESSES="1",
     )
+    if settings.redis_cluster:
+        env["REFSTREAM_REDIS_CLUSTER"] = "true"
+    if settings.arq_redis_url:
+        env["REFSTREAM_ARQ_REDIS_URL"] = settings.arq_redis_url
     env.update(extra)
     return env
 

@@ -12,9 +12,10 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ingest import admin, server
-from ingest.keys import Keys
-from ingest.settings import Settings
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.host import server
+from ingest.manage import admin
 
 from ._procs import free_port
 

@@ -24,13 +24,13 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from ingest import secretbox
-from ingest.db import migrate
-from ingest.keys import Keys
-from ingest.settings import Settings
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.manage import secretbox
+from ingest.manage.db import migrate
 from refstream import services as svc_mod
 from refstream.embedded import EmbeddedError
-from workers import partitions
+from workers.consumer import partitions
 
 from ._procs import Procs
 from ._redis import PrivateRedis
@@ -204,7 +204,7 @@ async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 async def pg(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    from ingest.connections import create_pg_pool
+    from ingest.contract.connections import create_pg_pool
 
     pool = await create_pg_pool(settings, min_size=1, max_size=10)
     await pool.execute(f"TRUNCATE {_TABLES} CASCADE")
@@ -259,7 +259,7 @@ async def world(pg: asyncpg.Pool, redis: aioredis.Redis, keys: Keys) -> Any:
 @pytest.fixture
 def drain(settings: Settings) -> Callable[[], Awaitable[dict[str, int]]]:
     """Run the worker's consumer until every partition is read and acked."""
-    from workers.worker import drain as drain_streams
+    from workers.consumer.worker import drain as drain_streams
 
     return lambda: drain_streams(settings)
 

@@ -23,14 +23,14 @@ import orjson
 import pytest
 from redis.exceptions import ResponseError
 
-from ingest.events import FIELD
-from ingest.keys import Keys
-from ingest.settings import Settings
-from workers import archive_segment as seg
-from workers import partitions, trim
-from workers.archive import GROUP, Archiver
-from workers.archive_store import LocalStore, Store, open_store
-from workers.reconcile import reconcile
+from ingest.contract.events import FIELD
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from workers.archive import segment as seg
+from workers.archive.archiver import GROUP, Archiver
+from workers.archive.store import LocalStore, Store, open_store
+from workers.consumer import partitions, trim
+from workers.ops.reconcile import reconcile
 
 from ._procs import Procs, env_for, free_port, run_command
 from .conftest import wait_for
@@ -194,10 +194,10 @@ async def test_the_archive_on_s3_holds_every_entry_and_replays(
     assert_exactly_once((await read_archive(store, keys.prefix))[1], entries)
 
     # Redis trimmed (every group acked: retention 0), then the archive alone replays it
-    from workers.replay import Range, Source, replay
+    from workers.ops.replay import Range, Source, replay
 
     await Archiver(settings, redis, store, name="x").ensure_groups()
-    from workers.worker import drain
+    from workers.consumer.worker import drain
 
     await drain(settings)
     before = await snapshot(pg)
@@ -306,8 +306,8 @@ async def test_sigterm_writes_and_acks_the_segment_in_hand(
 async def test_an_hour_replays_from_the_archive_after_redis_trimmed_it_and_its_partition_was_dropped(
     settings: Settings, redis: Any, keys: Keys, pg: asyncpg.Pool, tmp_path: Path
 ) -> None:
-    from workers.replay import Range, Source, replay
-    from workers.worker import drain
+    from workers.consumer.worker import drain
+    from workers.ops.replay import Range, Source, replay
 
     settings = archived(settings, tmp_path, archive_segment_entries=500)
     codes = await make_links(pg, redis, keys, 3)

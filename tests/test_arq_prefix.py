@@ -1,5 +1,5 @@
 """Every Redis key refstream writes carries REFSTREAM_STREAM_PREFIX, arq's own included
-(job, in-progress, result, retry and abort keys: ``workers.arq_redis``)."""
+(job, in-progress, result, retry and abort keys: ``workers.consumer.arq_redis``)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from arq.jobs import JobStatus
 
-from ingest.events import FIELD, Dialect, Envelope, EventType
-from ingest.keys import Keys
-from ingest.settings import Settings
+from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
 from refstream.embedded import free_port
-from workers import webhooks
-from workers.arq_redis import UnprefixedKey, connect_arq, prefixed
+from workers.consumer import webhooks
+from workers.consumer.arq_redis import UnprefixedKey, connect_arq, prefixed
 
 from ._procs import Procs
 from ._redis import PrivateRedis

@@ -7,10 +7,10 @@ import time
 
 import asyncpg
 
-from ingest import clicks
-from ingest.events import Dialect, Envelope, EventType, uuid7
-from ingest.keys import Keys
-from workers.store import write_batch
+from ingest.contract import clicks
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.keys import Keys
+from workers.consumer.store import write_batch
 
 from ._world import make_world
 

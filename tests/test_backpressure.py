@@ -19,8 +19,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ingest.batcher import Backpressure, RedisBatcher, RedisDown
-from ingest.settings import Settings
+from ingest.contract.settings import Settings
+from ingest.edge.batcher import Backpressure, RedisBatcher, RedisDown
 
 from ._procs import Procs
 from ._proxy import Proxy

@@ -8,8 +8,8 @@ import gzip
 import asyncpg
 import orjson
 
-from ingest import admin
-from ingest.keys import Keys
+from ingest.contract.keys import Keys
+from ingest.manage import admin
 
 from ._world import World, call
 from .test_seed_002_affitor import EXAMPLE as CLICK

@@ -11,10 +11,10 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingest import admin
-from ingest.keys import Keys
-from ingest.settings import Settings
-from workers.reconcile import reconcile
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.manage import admin
+from workers.ops.reconcile import reconcile
 
 from ._procs import env_for
 from ._world import World, call, make_world

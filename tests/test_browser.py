@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from ingest import admin
-from ingest.keys import Keys
+from ingest.contract.keys import Keys
+from ingest.manage import admin
 
 from ._procs import free_port
 from ._world import World

@@ -1,4 +1,4 @@
-"""Seed 000's click appended in its lookup's own round trip (``ingest.lookup.CHECKED_APPEND``):
+"""Seed 000's click appended in its lookup's own round trip (``ingest.edge.lookup.CHECKED_APPEND``):
 once the edge has read a link, a click on it is one script that counts the limit, reads the
 link and the kill switch, and appends only if they still hold what the edge read. What a
 link, a kill switch or a limit says must win exactly as with a read, then an append."""
@@ -11,11 +11,12 @@ import orjson
 import pytest
 from aiohttp import web
 
-from ingest import clicks, flags, links
-from ingest.app import METRICS
-from ingest.keys import Keys
-from ingest.settings import Settings
-from ingest.state import EDGE
+from ingest.contract import clicks, links
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.edge import flags
+from ingest.edge.state import EDGE
+from ingest.host.app import METRICS
 
 from ._world import World, call, start_edge
 from .test_e2e import TRACKED
@@ -139,8 +140,8 @@ async def test_keyed_routes_take_one_round_trip_once_warm(settings: Settings, re
 def test_hand_built_answers_are_the_documented_models():
     """Seeds 002 and 003 dump their answers from dicts, not through their pydantic models:
     the bytes must stay the models' (the OpenAPI document is made from the models)."""
-    from ingest.routes.affitor import AffitorClickResponse
-    from ingest.routes.affixo import AffixoClickRecorded, recorded
+    from ingest.edge.routes.affitor import AffitorClickResponse
+    from ingest.edge.routes.affixo import AffixoClickRecorded, recorded
 
     for visitor, method, confidence in (("v_1", "cookie", 1.0), ("v_2", "new", 0.0), ("v_3", "fingerprint", 0.8)):
         model = AffixoClickRecorded(visitor_id=visitor, match_method=method, match_confidence=confidence)

@@ -31,8 +31,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from ingest.db import SCHEMA_VERSION
-from ingest.settings import Settings
+from ingest.contract.settings import Settings
+from ingest.manage.db import SCHEMA_VERSION
 from refstream import services as services_mod
 from refstream.embedded import _pg_install, die_with_parent, free_port
 from refstream.services import Services, with_database

@@ -17,13 +17,13 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from ingest import clock
-from ingest.events import FIELD, Dialect, Envelope, EventType, uuid7
-from ingest.keys import GROUP, Keys
-from ingest.settings import Settings
-from workers import trim
-from workers.archive_store import TMP, LocalStore
-from workers.partitions import day_uuid, uuid_day
+from ingest.contract import clock
+from ingest.contract.events import FIELD, Dialect, Envelope, EventType, uuid7
+from ingest.contract.keys import GROUP, Keys
+from ingest.contract.settings import Settings
+from workers.archive.store import TMP, LocalStore
+from workers.consumer import trim
+from workers.consumer.partitions import day_uuid, uuid_day
 
 from ._procs import Procs
 from ._world import BROWSER, make_world

@@ -15,8 +15,8 @@ import asyncpg
 import pytest
 import redis
 
-from ingest.keys import Keys
-from ingest.settings import Settings
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
 from refstream.embedded import _package_dir
 
 from ._procs import Procs

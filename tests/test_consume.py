@@ -7,9 +7,9 @@ import asyncio
 
 import asyncpg
 
-from ingest.events import FIELD, FIELDS, Dialect, Envelope, EventType
-from ingest.keys import GROUP, Keys
-from workers import trim
+from ingest.contract.events import FIELD, FIELDS, Dialect, Envelope, EventType
+from ingest.contract.keys import GROUP, Keys
+from workers.consumer import trim
 
 from ._procs import Procs
 from .test_e2e import TRACKED, fire

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ingest.events import FIELD, Dialect, Envelope, EventType
-from ingest.keys import GROUP, Keys
-from workers.dead import dropped_key
+from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract.keys import GROUP, Keys
+from workers.ops.dead import dropped_key
 
 from ._procs import REFSTREAM, Procs, env_for
 from ._world import BROWSER

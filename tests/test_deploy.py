@@ -23,8 +23,8 @@ import jsonschema
 import pytest
 import yaml
 
-from ingest.metrics import EdgeMetrics
-from workers.metrics import WorkerMetrics
+from ingest.edge.metrics import EdgeMetrics
+from workers.consumer.metrics import WorkerMetrics
 
 # the same in either pass (no server-specific behaviour): scripts/test runs it in the first only
 pytestmark = pytest.mark.once

@@ -23,8 +23,8 @@ from typing import Any
 import orjson
 import pytest
 
-from ingest.keys import Keys
-from ingest.settings import Settings
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
 from refstream.services import Services, with_database
 
 from ._procs import REFSTREAM, Procs, env_for, free_port

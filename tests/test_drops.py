@@ -11,15 +11,15 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ingest import admin
-from ingest.batcher import RedisBatcher
-from ingest.drops import NO_ID, DropTally, field, fold_key, folds_key, live_key
-from ingest.events import Dialect, Envelope, EventType
-from ingest.keys import Keys
-from ingest.settings import Settings
-from workers import drops
-from workers.reconcile import reconcile
-from workers.store import write_batch
+from ingest.contract.drops import NO_ID, DropTally, field, fold_key, folds_key, live_key
+from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.edge.batcher import RedisBatcher
+from ingest.manage import admin
+from workers.consumer import drops
+from workers.consumer.store import write_batch
+from workers.ops.reconcile import reconcile
 
 WS = "5f0e8a52-5d2b-4c36-9a57-1c2d3e4f5a6b"
 LINK = "0b7c1f4e-2a3d-4e5f-8a9b-0c1d2e3f4a5b"

@@ -17,11 +17,11 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from ingest import clicks
-from ingest.events import Envelope, EventType, uuid7
-from ingest.keys import Keys
+from ingest.contract import clicks
+from ingest.contract.events import Envelope, EventType, uuid7
+from ingest.contract.keys import Keys
 from refstream.embedded import free_port
-from workers.webhooks import verify_signature
+from workers.consumer.webhooks import verify_signature
 
 from ._procs import Procs, env_for, run_command
 from ._world import BROWSER

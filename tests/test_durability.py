@@ -20,13 +20,13 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from ingest.batcher import RedisBatcher
-from ingest.connections import connect_redis
-from ingest.durability import Durability, NotDurable, startup_problem
-from ingest.redislink import DirectLink, link_for
-from ingest.sentinel_url import sentinel_target
-from ingest.settings import Settings, explain, parse_durability
-from ingest.spool import Spool
+from ingest.contract.connections import connect_redis
+from ingest.contract.sentinel_url import sentinel_target
+from ingest.contract.settings import Settings, explain, parse_durability
+from ingest.edge.batcher import RedisBatcher
+from ingest.edge.durability import Durability, NotDurable, startup_problem
+from ingest.edge.redislink import DirectLink, link_for
+from ingest.spool.spool import Spool
 
 from ._procs import Procs, env_for, run_command
 from .conftest import wait_for

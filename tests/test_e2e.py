@@ -9,7 +9,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from ingest.keys import GROUP, Keys
+from ingest.contract.keys import GROUP, Keys
 
 from ._procs import Procs
 from ._world import BROWSER

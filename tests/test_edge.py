@@ -8,9 +8,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from ingest import links
-from ingest.keys import Keys
-from ingest.settings import Settings
+from ingest.contract import links
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
 
 from ._procs import Procs
 from ._world import BROWSER, start_edge
@@ -51,8 +51,8 @@ async def test_61st_request_in_a_minute_is_throttled_other_ips_are_not(edge: str
 
 
 async def test_sliding_window_admits_again_once_the_oldest_request_leaves(settings: Settings, redis):
-    from ingest.batcher import RedisBatcher
-    from ingest.ratelimit import RateLimiter
+    from ingest.edge.batcher import RedisBatcher
+    from ingest.edge.ratelimit import RateLimiter
 
     from .conftest import wait_for
 
@@ -122,7 +122,7 @@ async def test_known_unknown_and_inactive_codes_are_answered_but_not_enqueued(ed
 async def test_redis_down_public_clicks_are_spooled_keyed_routes_refused(settings: Settings, pg, redis, keys: Keys):
     from pathlib import Path
 
-    from ingest import spool_store
+    from ingest.spool import store as spool_store
 
     await make_links(pg, redis, keys, "alice")  # found through Postgres while Redis is down
     down = settings.model_copy(

@@ -1,4 +1,4 @@
-"""workers.enrich against the real bundled data (geoip2fast GeoLite2 snapshot, ua-parser regexes).
+"""workers.consumer.enrich against the real bundled data (geoip2fast GeoLite2 snapshot, ua-parser regexes).
 
 No Redis or Postgres: none of conftest's fixtures are used. The expected countries and AS
 names come from the GeoLite2 snapshot bundled in geoip2fast 1.2.2 (2024-06-18); a geoip2fast
@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from workers.enrich import EnrichConfigError, Enricher, Enrichment
+from workers.consumer.enrich import EnrichConfigError, Enricher, Enrichment
 
 CHROME_WIN = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36"
@@ -411,7 +411,9 @@ def test_loading_leaves_the_environment_alone() -> None:
     # geoip2fast writes PYTHONWARNINGS=ignore into os.environ on import; a fresh process shows
     # whether Enricher() puts it back (this test process has imported geoip2fast already).
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    code = "import os; from workers.enrich import Enricher; Enricher(); print(os.environ.get('PYTHONWARNINGS'))"
+    code = (
+        "import os; from workers.consumer.enrich import Enricher; Enricher(); print(os.environ.get('PYTHONWARNINGS'))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, check=True
     )
@@ -421,7 +423,7 @@ def test_loading_leaves_the_environment_alone() -> None:
 def test_missing_city_db_fails_at_construction(tmp_path: Path) -> None:
     with pytest.raises(EnrichConfigError, match="no such file") as err:
         Enricher(city_db=str(tmp_path / "GeoLite2-City.mmdb"))
-    # not an OSError: workers.errors would take that for transient and retry forever
+    # not an OSError: workers.group.errors would take that for transient and retry forever
     assert not isinstance(err.value, OSError)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncpg
 import pytest
 from redis import exceptions as r
+from redis.asyncio.connection import Connection
 
-from ingest.connections import pg_unavailable
-from workers.errors import postgres_outage, redis_outage
+from ingest.contract.connections import pg_unavailable
+from workers.group.errors import postgres_outage, redis_outage
 
 
 def _pg(cls: type[asyncpg.PostgresError]) -> asyncpg.PostgresError:
@@ -60,6 +61,8 @@ def test_postgres_errors_by_sqlstate_class(exc: BaseException, reason: str | Non
         (r.ResponseError("MASTERDOWN Link with MASTER is down"), "redis_unavailable"),
         (r.SlotNotCoveredError("All slots are not covered"), "redis_unavailable"),  # a cluster failover
         (r.RedisClusterException("Redis Cluster cannot be connected"), "redis_unavailable"),
+        # a connection the cluster client closed under a command writing to it (a primary SIGKILLed)
+        (RuntimeError("a bug of our own"), None),
         (KeyError("x"), None),
     ],
 )
@@ -68,7 +71,7 @@ def test_every_redis_refusal_is_an_outage(exc: BaseException, reason: str | None
 
 
 async def test_the_gate_reopens_when_no_partition_waits_for_postgres_any_more() -> None:
-    from workers.gate import Gate
+    from workers.group.gate import Gate
 
     gate = Gate()
     gate.block(0, "postgres_unavailable")
@@ -99,3 +102,17 @@ async def test_a_partition_constraint_is_contention_and_a_named_check_the_entry(
             await conn.execute("INSERT INTO part_t VALUES (5000)")
     assert postgres_outage(partition.value) == "postgres_contention"
     assert postgres_outage(named.value) is None  # the entry's own data: set aside
+
+
+async def test_a_connection_closed_under_a_command_is_an_outage_and_our_own_errors_are_not() -> None:
+    """A primary failing over: redis-py closes every node's connections at once, and a
+    command already using one finds no writer (AttributeError) or a closed transport
+    (RuntimeError), raised inside redis-py's connection code: an outage, not a crash."""
+    conn = Connection(host="127.0.0.1", port=1)
+    conn._writer = None  # as redis-py's disconnect leaves it, under a command still writing
+    with pytest.raises(AttributeError) as caught:
+        await conn._send_packed_command([b"PING"])
+    assert redis_outage(caught.value) == "redis_unavailable"
+    ours = AttributeError("'NoneType' object has no attribute 'writelines'")  # the same words, not redis-py's
+    assert redis_outage(ours) is None
+    assert redis_outage(RuntimeError("unable to perform operation on <TCPTransport closed=True>")) is None

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from ingest.events import FIELD, FIELDS, Dialect, Envelope, EnvelopeError, EventType, unique_token, uuid7
-from ingest.keys import Keys
+from ingest.contract.events import FIELD, FIELDS, Dialect, Envelope, EnvelopeError, EventType, unique_token, uuid7
+from ingest.contract.keys import Keys
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),

@@ -11,8 +11,8 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest import manage, stats
-from workers.partitions import maintain
+from ingest.manage import manage, stats
+from workers.consumer.partitions import maintain
 
 # the planner over generated rows: the same Postgres either way:
 # the same whichever servers the suite uses, so scripts/test runs it in its first pass only

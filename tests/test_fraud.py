@@ -11,12 +11,12 @@ import aiohttp
 import asyncpg
 from structlog.testing import capture_logs
 
-from ingest import admin
-from ingest.events import Dialect, Envelope, EventType
-from ingest.keys import Keys
-from workers.fraud import is_disposable
-from workers.reconcile import Drift, reconcile
-from workers.store import write_batch
+from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.contract.keys import Keys
+from ingest.manage import admin
+from workers.consumer.fraud import is_disposable
+from workers.consumer.store import write_batch
+from workers.ops.reconcile import Drift, reconcile
 
 from ._world import BROWSER, World, call
 

@@ -1,4 +1,4 @@
-"""workers.geo: geoip2fast's tables held compactly answer as geoip2fast itself does.
+"""workers.consumer.geo: geoip2fast's tables held compactly answer as geoip2fast itself does.
 
 No Redis or Postgres. geoip2fast is loaded here (in this test process) as the reference.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from workers import geo
+from workers.consumer import geo
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_the_worker_process_never_holds_geoip2fast() -> None:
     # geoip2fast's lists (~110 MB resident) are unpickled in a child only: a fresh process
     # that builds an Enricher has the tables without ever importing geoip2fast
     code = (
-        "import sys; from workers.enrich import Enricher; e = Enricher();"
+        "import sys; from workers.consumer.enrich import Enricher; e = Enricher();"
         "assert e.enrich('8.8.8.8', None, None).country == 'US';"
         "print(sorted(m for m in sys.modules if m.startswith('geoip2fast')))"
     )

@@ -12,11 +12,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
-from ingest.keys import Keys
-from ingest.settings import Settings
-from workers import presence
-from workers.archive import GROUP, Archiver
-from workers.archive_store import open_store
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from workers.archive.archiver import GROUP, Archiver
+from workers.archive.store import open_store
+from workers.group import presence
 from workers.group.claims import Claims
 
 from .conftest import wait_for

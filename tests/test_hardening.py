@@ -11,10 +11,10 @@ import orjson
 import redis.asyncio as aioredis
 from multidict import CIMultiDict
 
-from ingest import flags
-from ingest.batcher import RedisBatcher
-from ingest.keys import Keys
-from ingest.settings import Settings
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.edge import flags
+from ingest.edge.batcher import RedisBatcher
 
 from ._world import World, call, start_edge
 from .test_seed_002_affitor import EXAMPLE as CLICK

@@ -22,11 +22,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from ingest import secretbox
-from ingest.keys import Keys
-from ingest.settings import Settings
-from ingest.targets import PrivateAddress, PublicResolver, literal, refusal
-from workers import webhooks
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.manage import secretbox
+from ingest.manage.targets import PrivateAddress, PublicResolver, literal, refusal
+from workers.consumer import webhooks
 
 from ._procs import free_port
 from ._world import World, call, start_edge
@@ -215,7 +215,7 @@ async def test_seed_000_caps_its_body(edge: str, world: World, redis, keys: Keys
 
 
 async def test_seed_000_enforces_allowed_origins(edge: str, world: World, pg: asyncpg.Pool, redis, keys: Keys):
-    from ingest import links
+    from ingest.contract import links
 
     await pg.execute("UPDATE workspaces SET allowed_origins = '{https://good.example}' WHERE id = $1",
                      world.workspace_id)  # fmt: skip

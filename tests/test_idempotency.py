@@ -12,7 +12,7 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.settings import Settings
+from ingest.contract.settings import Settings
 
 from ._world import World, call, start_edge
 from .conftest import wait_for

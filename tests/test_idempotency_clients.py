@@ -21,9 +21,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from ingest import spool_store
-from ingest.settings import Settings
-from workers.worker import drain as drain_streams
+from ingest.contract.settings import Settings
+from ingest.spool import store as spool_store
+from workers.consumer.worker import drain as drain_streams
 
 from ._procs import Procs, free_port
 from ._proxy import Proxy

@@ -8,8 +8,8 @@ from ipaddress import ip_network
 
 import asyncpg
 
-from ingest.keys import Keys
-from ingest.settings import Settings
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
 
 from ._procs import Procs
 from ._world import World, call, make_world, start_edge
@@ -94,7 +94,7 @@ def test_secret_key_prints_a_key_that_encrypts_and_decrypts() -> None:
     import subprocess
     import tempfile
 
-    from ingest import secretbox
+    from ingest.manage import secretbox
 
     from ._procs import REFSTREAM
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncpg
 import redis.asyncio as aioredis
 
-from ingest import admin, links
-from ingest.keys import Keys
+from ingest.contract import links
+from ingest.contract.keys import Keys
+from ingest.manage import admin
 
 from ._redis import PrivateRedis
 from .conftest import wait_for

@@ -8,8 +8,8 @@ from typing import Any
 
 import asyncpg
 
-from ingest import links
-from ingest.keys import Keys
+from ingest.contract import links
+from ingest.contract.keys import Keys
 
 from ._world import make_world
 

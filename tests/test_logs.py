@@ -18,7 +18,7 @@ from .conftest import wait_for
 SCRIPT = """
 import logging, sys, time
 import structlog
-from ingest.logs import configure_logging
+from ingest.contract.logs import configure_logging
 configure_logging("info", flush_ms=int(sys.argv[1]))
 log = structlog.get_logger("t")
 std = logging.getLogger("lib")
@@ -66,7 +66,7 @@ async def test_a_line_is_written_within_the_interval_while_running(tmp_path: Pat
 
 
 def test_flushes_cut_at_line_ends_within_pipe_buf():
-    from ingest.logs import PIPE_BUF, _chunks
+    from ingest.contract.logs import PIPE_BUF, _chunks
 
     lines = [b"x" * (i * 37 % 900) + b"\n" for i in range(400)] + [b"y" * 9000 + b"\n", b"z\n"]
     data = b"".join(lines)
@@ -91,7 +91,7 @@ def test_level_and_timestamp_fields(tmp_path: Path):
 
 @pytest.mark.once
 def test_access_log_setting():
-    from ingest.logs import AccessLog
+    from ingest.contract.logs import AccessLog
 
     errors, every, none = AccessLog.parse("errors"), AccessLog.parse("ALL"), AccessLog.parse("sample:0")
     assert [errors.wants(s) for s in (200, 302, 399, 400, 429, 503)] == [False] * 3 + [True] * 3
@@ -112,7 +112,7 @@ def test_the_request_id_and_event_id_on_every_line_while_it_runs():
     import structlog
     from structlog.testing import capture_logs
 
-    from ingest.logs import CURRENT_REQUEST, RequestLog, _merge_request, note_event
+    from ingest.contract.logs import CURRENT_REQUEST, RequestLog, _merge_request, note_event
 
     with capture_logs(processors=[_merge_request]) as lines:
         log = structlog.get_logger("t")

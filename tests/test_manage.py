@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from ingest import admin
-from ingest.keys import Keys
+from ingest.contract.keys import Keys
+from ingest.manage import admin
 
 from ._world import World, call, make_world
 

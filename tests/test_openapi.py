@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openapi_spec_validator import validate
 
-from ingest.app import create_app
-from ingest.openapi import OPERATIONS
-from ingest.settings import Settings
+from ingest.contract.settings import Settings
+from ingest.host.app import create_app
+from ingest.host.openapi import OPERATIONS
 
 from ._world import World, call
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import asyncpg
 
-from ingest.events import FIELD, Dialect, Envelope, EventType
-from ingest.keys import Keys
-from ingest.settings import Settings
+from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
 
 from ._procs import Procs
 from ._redis import PrivateRedis

@@ -12,10 +12,10 @@ import click
 import orjson
 from rich.console import Console
 
-from ingest.events import FIELD, Dialect, Envelope, EventType
-from ingest.keys import Keys
+from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract.keys import Keys
 from refstream import ops_reconcile, ops_replay, ops_status, ops_workspace
-from workers import status as st
+from workers.ops import status as st
 
 from ._procs import REFSTREAM, Procs, env_for
 

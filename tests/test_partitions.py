@@ -10,11 +10,11 @@ from typing import Any
 
 import asyncpg
 
-from ingest.events import Dialect, Envelope, EventType, uuid7
-from ingest.keys import Keys
-from workers.partitions import day_uuid, maintain
-from workers.reconcile import reconcile
-from workers.store import write_batch
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.keys import Keys
+from workers.consumer.partitions import day_uuid, maintain
+from workers.consumer.store import write_batch
+from workers.ops.reconcile import reconcile
 
 from ._procs import Procs
 from ._world import make_world

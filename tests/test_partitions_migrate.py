@@ -11,13 +11,14 @@ from typing import Any
 
 import asyncpg
 
-from ingest import links, schema_check
-from ingest.connections import create_pg_pool
-from ingest.db import SCHEMA_VERSION, ensure_database, migrate
-from ingest.events import Dialect, Envelope, EventType, uuid7
-from ingest.settings import Settings
-from workers.partitions import day_uuid, maintain
-from workers.store import write_batch
+from ingest.contract import links
+from ingest.contract.connections import create_pg_pool
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.settings import Settings
+from ingest.manage import schema_check
+from ingest.manage.db import SCHEMA_VERSION, ensure_database, migrate
+from workers.consumer.partitions import day_uuid, maintain
+from workers.consumer.store import write_batch
 
 V3 = Path(__file__).parent / "data" / "schema_v3.sql"
 V4 = Path(__file__).parent / "data" / "schema_v4.sql"

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ingest.keys import Keys
-from ingest.siblings import merge
+from ingest.contract.keys import Keys
+from ingest.host.siblings import merge
 
 from ._procs import Procs
 from ._world import BROWSER
@@ -228,7 +228,7 @@ sys.exit(1)
 
 _SUPERVISE = """
 import sys
-from ingest.prefork import Supervisor
+from ingest.host.prefork import Supervisor
 s = Supervisor("127.0.0.1", 0, 1, print=print, child=[sys.executable, sys.argv[1]])
 code = s.run()
 print("failed:", s.failed, file=sys.stderr)

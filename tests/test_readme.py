@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.settings import Settings
+from ingest.contract.settings import Settings
 from refstream.embedded import free_port
 from refstream.services import Services, with_database
 

@@ -11,11 +11,11 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingest.events import Dialect, Envelope, EventType
-from ingest.keys import Keys
-from ingest.settings import Settings
-from workers.reconcile import Drift, reconcile
-from workers.store import write_batch
+from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from workers.consumer.store import write_batch
+from workers.ops.reconcile import Drift, reconcile
 
 from ._procs import REFSTREAM, env_for
 from ._world import make_world

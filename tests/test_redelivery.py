@@ -7,7 +7,7 @@ import asyncio
 
 import asyncpg
 
-from ingest.keys import GROUP, Keys
+from ingest.contract.keys import GROUP, Keys
 
 from ._procs import Procs
 from .test_e2e import TRACKED, fire

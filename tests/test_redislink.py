@@ -1,4 +1,4 @@
-"""The micro-batcher's own Redis connection (``ingest.redislink``) against real Redis
+"""The micro-batcher's own Redis connection (``ingest.edge.redislink``) against real Redis
 servers: raw replies in order, error replies in their slots, AUTH and SELECT, a timeout
 that must not leave replies owed to the next batch, and a server that dies and comes back.
 Each case runs on asyncio's loop and on uvloop's (the edge's), whose transports differ."""
@@ -16,10 +16,10 @@ from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ingest import redislink
-from ingest.batcher import RedisBatcher
-from ingest.redislink import DirectLink, PipelineLink, link_for, pack
-from ingest.settings import Settings
+from ingest.contract.settings import Settings
+from ingest.edge import redislink
+from ingest.edge.batcher import RedisBatcher
+from ingest.edge.redislink import DirectLink, PipelineLink, link_for, pack
 
 from ._redis import PrivateRedis
 

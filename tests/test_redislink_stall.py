@@ -23,10 +23,10 @@ import uvloop
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ingest.batcher import RedisBatcher, RedisDown
-from ingest.durability import Durability, Unconfirmed
-from ingest.ratelimit import RateLimiter, well_formed
-from ingest.redislink import DirectLink, ImpossibleReply
+from ingest.edge.batcher import RedisBatcher, RedisDown
+from ingest.edge.durability import Durability, Unconfirmed
+from ingest.edge.ratelimit import RateLimiter, well_formed
+from ingest.edge.redislink import DirectLink, ImpossibleReply
 
 from ._redis import PrivateRedis
 

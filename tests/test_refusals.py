@@ -18,10 +18,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ingest import spool_store
-from ingest.settings import Settings
-from ingest.spool import Spool
-from workers.worker import drain as drain_streams
+from ingest.contract.settings import Settings
+from ingest.spool import store as spool_store
+from ingest.spool.spool import Spool
+from workers.consumer.worker import drain as drain_streams
 
 from ._world import World, call, start_edge
 from .conftest import wait_for

@@ -12,13 +12,13 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.events import FIELD, Dialect, Envelope, EventType, uuid7
-from ingest.keys import Keys
-from ingest.settings import Settings
+from ingest.contract.events import FIELD, Dialect, Envelope, EventType, uuid7
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
 from refstream.ops_replay import RangeUsageError, parse_time
-from workers.reconcile import reconcile
-from workers.replay import MAX_SEQ, Range, RangeError, replay_job
-from workers.worker import consumer
+from workers.consumer.worker import consumer
+from workers.ops.reconcile import reconcile
+from workers.ops.replay import MAX_SEQ, Range, RangeError, replay_job
 
 from ._procs import REFSTREAM, Procs, env_for
 from ._world import BROWSER, make_world

@@ -10,12 +10,12 @@ import asyncpg
 import pytest
 import redis as sync_redis
 
-from ingest.events import Dialect, Envelope, EventType, uuid7
-from ingest.keys import Keys
-from ingest.settings import Settings
-from workers.archive import Archiver
-from workers.archive_store import open_store
-from workers.replay import Range, Source, replay
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from workers.archive.archiver import Archiver
+from workers.archive.store import open_store
+from workers.ops.replay import Range, Source, replay
 
 from ._world import make_world
 from .test_replay import T0, append

@@ -13,13 +13,14 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from ingest.keys import Keys
-from ingest.settings import Settings
-from workers import status, trim
-from workers.archive import GROUP as ARCHIVE
-from workers.archive import Archiver
-from workers.archive_store import open_store
-from workers.worker import drain
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from workers.archive.archiver import GROUP as ARCHIVE
+from workers.archive.archiver import Archiver
+from workers.archive.store import open_store
+from workers.consumer import trim
+from workers.consumer.worker import drain
+from workers.ops import status
 
 from ._redis import PrivateRedis
 from .test_archive import archived, assert_exactly_once, read_archive, run_archiver, stream_entries

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.settings import Settings
+from ingest.contract.settings import Settings
 
 from ._procs import Procs
 from ._world import World

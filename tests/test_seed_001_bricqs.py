@@ -9,8 +9,8 @@ import re
 import asyncpg
 import pytest
 
-from ingest import admin
-from ingest.keys import Keys
+from ingest.contract.keys import Keys
+from ingest.manage import admin
 
 from ._world import World, call, make_world
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from ingest.keys import Keys
+from ingest.contract.keys import Keys
 
 from ._world import World, call
 
@@ -92,7 +92,7 @@ async def test_400_rows(edge: str, world: World, redis, keys: Keys, body, messag
 
 
 async def test_misconfigured_link_is_a_400(edge: str, world: World, pg: asyncpg.Pool, redis, keys: Keys):
-    from ingest import links
+    from ingest.contract import links
 
     await pg.execute("DELETE FROM affiliates WHERE id = $1", world.affiliate_id)  # the link loses its partner
     await pg.execute("UPDATE links SET updated_at = now()")
@@ -108,7 +108,7 @@ async def test_misconfigured_link_is_a_400(edge: str, world: World, pg: asyncpg.
 
 
 async def test_inactive_link_is_200_success_false(edge: str, world: World, pg: asyncpg.Pool, redis, keys: Keys):
-    from ingest import links
+    from ingest.contract import links
 
     await pg.execute("UPDATE links SET status = 'inactive', updated_at = now() WHERE code = 'PARTNER123'")
     await links.put(redis, keys, await links.fetch(pg, "PARTNER123"))

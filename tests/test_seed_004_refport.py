@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from ingest import admin
-from ingest.keys import Keys
-from ingest.settings import Settings
+from ingest.contract import clicks, clock
+from ingest.contract.events import uuid7
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.manage import admin
 
+from ._procs import Procs
 from ._world import World, call, make_world, start_edge
 from .test_seed_002_affitor import EXAMPLE as CLICK
 
@@ -80,6 +83,26 @@ async def test_an_old_click_is_found_in_postgres(edge: str, world: World, redis,
     assert status == 200 and out["click"]["id"] == click_id
     await drain()
     assert await pg.fetchval("SELECT leads FROM links WHERE code = 'PARTNER123'") == 1
+
+
+async def test_a_click_minted_a_moment_ago_is_pending_on_an_edge_whose_clock_runs_ahead(
+    settings: Settings, world: World, tmp_path
+):
+    """Whether an unknown click id may still be on its way (in a spool, a stream) is judged on
+    Postgres's clock: an edge four days ahead answered 400 INVALID_CLICK_ID for it (found by
+    the generative test, seed 176492717)."""
+    procs = Procs(settings, tmp_path)
+    try:
+        # four days ahead, and told to trust its clock that far (it would follow Redis's time otherwise)
+        edge = await procs.start_edge(REFSTREAM_CLOCK_OFFSET_S="345600", REFSTREAM_CLOCK_SKEW_MAX_S="1000000")
+        recent = clicks.mint(uuid7())  # minted now, known nowhere yet
+        status, out, headers = await lead(edge, world.api_key, lead_body(recent))
+        assert (status, out["error"]["code"]) == (503, "SERVICE_UNAVAILABLE") and headers["Retry-After"] == "1"
+        old = clicks.mint(uuid7(clock.now_ms() - 3 * 86400 * 1000))  # three days old, by any clock here
+        status, out, _ = await lead(edge, world.api_key, lead_body(old))
+        assert (status, out["error"]["code"]) == (400, "INVALID_CLICK_ID")
+    finally:
+        procs.stop_all()
 
 
 async def test_invalid_click_id(edge: str, world: World, pg, redis, keys: Keys):

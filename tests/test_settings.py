@@ -8,7 +8,7 @@ from ipaddress import ip_network
 import pytest
 from pydantic import ValidationError
 
-from ingest.settings import Settings, env_var
+from ingest.contract.settings import Settings, env_var
 
 
 def test_block_time_must_stay_below_the_socket_timeout():

@@ -1,4 +1,4 @@
-"""A keyed copy's record in the spool (``ingest.spool_store``: ``records``): every process
+"""A keyed copy's record in the spool (``ingest.spool.store``: ``records``): every process
 sharing the spool keeps one copy of a key, the drain appends none when another copy reached
 Redis first, and a spool an older edge made (no such table) opens and takes keyed copies."""
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import orjson
 import redis.asyncio as aioredis
 
-from ingest import spool_store
-from ingest.keys import Keys
-from ingest.spool import Spool
-from ingest.spool_store import Once
+from ingest.contract.keys import Keys
+from ingest.spool import store as spool_store
+from ingest.spool.spool import Spool
+from ingest.spool.store import Once
 
 WINDOW_MS = 60_000
 

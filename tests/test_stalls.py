@@ -22,13 +22,13 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from ingest import spool_store
-from ingest.idempotency import APPEND_ONCE
-from ingest.lookup import CHECKED_APPEND
-from ingest.settings import Settings
-from ingest.state import EDGE
+from ingest.contract.settings import Settings
+from ingest.edge.idempotency import APPEND_ONCE
+from ingest.edge.lookup import CHECKED_APPEND
+from ingest.edge.state import EDGE
+from ingest.spool import store as spool_store
 from refstream.embedded import free_port
-from workers.worker import drain as drain_streams
+from workers.consumer.worker import drain as drain_streams
 
 from ._world import World, call, start_edge
 from .conftest import wait_for

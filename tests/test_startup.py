@@ -26,12 +26,12 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from ingest import schema_check
-from ingest.db import SCHEMA_VERSION, migrate
-from ingest.events import FIELD, Dialect, Envelope, EventType
-from ingest.keys import Keys
-from ingest.schema_check import DbStatus, Kind, SchemaProbe, check_url
-from ingest.settings import Settings
+from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.manage import schema_check
+from ingest.manage.db import SCHEMA_VERSION, migrate
+from ingest.manage.schema_check import DbStatus, Kind, SchemaProbe, check_url
 from refstream.embedded import free_port
 from refstream.services import Services, with_database
 
@@ -394,8 +394,8 @@ async def test_a_database_outage_a_route_did_not_expect_is_503_never_500() -> No
     other error stays a bare 500, and neither shows a trace."""
     from aiohttp import web
 
-    from ingest.app import edge_middleware
-    from ingest.metrics import EdgeMetrics
+    from ingest.edge.metrics import EdgeMetrics
+    from ingest.host.app import edge_middleware
 
     raised: dict[str, BaseException] = {
         "/read-only": asyncpg.exceptions.ReadOnlySQLTransactionError(
@@ -423,3 +423,19 @@ async def test_a_database_outage_a_route_did_not_expect_is_503_never_500() -> No
             assert "Traceback" not in orjson.dumps(body).decode()
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:secret@db.internal:6543/app", "db.internal:6543/app"),
+        ("postgresql://u:secret@[::1]/app", "[::1]:5432/app"),
+        # a primary and its standby (libpq's multi-host form, target_session_attrs=read-write)
+        (
+            "postgresql://u:secret@10.0.0.1:5432,10.0.0.2:5433/app?target_session_attrs=read-write",
+            "10.0.0.1:5432,10.0.0.2:5433/app",
+        ),
+    ],
+)
+def test_logs_name_the_database_without_its_credentials(url: str, shown: str) -> None:
+    assert schema_check.target(url) == shown

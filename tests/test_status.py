@@ -11,10 +11,10 @@ from typing import Any
 
 import orjson
 
-from ingest import spool_store
-from ingest.events import FIELD
-from ingest.keys import GROUP, Keys
-from workers import status
+from ingest.contract.events import FIELD
+from ingest.contract.keys import GROUP, Keys
+from ingest.spool import store as spool_store
+from workers.ops import status
 
 from ._procs import REFSTREAM, Procs, env_for
 

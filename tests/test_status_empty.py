@@ -8,8 +8,8 @@ import re
 import time
 from typing import Any
 
-from ingest.events import FIELD
-from ingest.keys import GROUP, Keys
+from ingest.contract.events import FIELD
+from ingest.contract.keys import GROUP, Keys
 
 from ._procs import Procs
 from .test_status import _status

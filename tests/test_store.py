@@ -8,10 +8,10 @@ import random
 import asyncpg
 import structlog
 
-from ingest import admin
-from ingest.events import Dialect, Envelope, EventType
-from ingest.keys import Keys
-from workers.store import write_batch
+from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.contract.keys import Keys
+from ingest.manage import admin
+from workers.consumer.store import write_batch
 
 
 def clicks(code: str, n: int, ms: int | None = None) -> list[Envelope]:

@@ -17,10 +17,10 @@ from uuid import UUID
 
 import asyncpg
 
-from ingest import admin
-from ingest.events import Dialect, Envelope, EventType, uuid7
-from ingest.keys import Keys
-from workers.store import BatchResult, _write, write_batch
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.keys import Keys
+from ingest.manage import admin
+from workers.consumer.store import BatchResult, _write, write_batch
 
 from ._world import World
 

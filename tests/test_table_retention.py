@@ -9,9 +9,9 @@ from typing import Any
 
 import asyncpg
 
-from ingest.events import uuid7
-from ingest.keys import Keys
-from workers.partitions import maintain
+from ingest.contract.events import uuid7
+from ingest.contract.keys import Keys
+from workers.consumer.partitions import maintain
 
 from ._world import make_world
 

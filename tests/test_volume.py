@@ -10,8 +10,8 @@ import signal
 import asyncpg
 import pytest
 
-from ingest.events import FIELD, Dialect, Envelope, EventType
-from ingest.keys import GROUP, Keys
+from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract.keys import GROUP, Keys
 
 from ._procs import Procs
 from ._world import make_world

@@ -21,11 +21,11 @@ import pytest
 from aiohttp import web
 from arq.connections import RedisSettings, create_pool
 
-from ingest.events import FIELD
-from ingest.keys import GROUP, Keys
+from ingest.contract.events import FIELD
+from ingest.contract.keys import GROUP, Keys
 from refstream.embedded import free_port
-from workers import trim
-from workers.arq_redis import connect_arq
+from workers.consumer import trim
+from workers.consumer.arq_redis import connect_arq
 
 from ._procs import REFSTREAM, Procs, env_for
 from .conftest import wait_for
@@ -181,7 +181,7 @@ class _Hanging:
 async def test_reclaim_never_waits_behind_webhook_jobs(procs: Procs, pg: asyncpg.Pool, redis, keys: Keys):
     """Every arq job slot hangs on a webhook receiver; the entries a dead consumer left are
     still reclaimed and stored, before any of those deliveries has given up."""
-    from workers import webhooks
+    from workers.consumer import webhooks
 
     from .test_webhooks import lead, make_webhook, record
 
@@ -229,14 +229,14 @@ async def test_shutdown_runs_when_sigterm_cancelled_a_job_before_it_started(sett
     just enqueued, say) made arq's own close raise CancelledError and skip ``on_shutdown``,
     so the consumer's batch in flight was abandoned and the process exited 1 (found by
     tests/faults' SIGTERM scenario). The worker's close must run the shutdown regardless."""
-    from workers.worker import ResilientWorker
+    from workers.consumer.worker import ResilientWorker
 
     shut: list[bool] = []
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         shut.append(True)
 
-    from workers import webhooks
+    from workers.consumer import webhooks
 
     worker = ResilientWorker(
         functions=[webhooks.deliver_webhook_job],
@@ -269,14 +269,14 @@ class _BrokenEnricher:
     def enrich(self, ip: Any, ua: Any, referrer: Any, policy: str) -> Any:
         if self.only_ua is None or ua == self.only_ua:
             raise TypeError("a bug")
-        from workers.enrich import Enricher
+        from workers.consumer.enrich import Enricher
 
         return Enricher().enrich(ip, ua, referrer, policy)
 
     def enrich_row(self, ip: Any, ua: Any, referrer: Any, policy: str) -> Any:  # what the store calls
         if self.only_ua is None or ua == self.only_ua:
             raise TypeError("a bug")
-        from workers.enrich import Enricher
+        from workers.consumer.enrich import Enricher
 
         return Enricher().enrich_row(ip, ua, referrer, policy)
 
@@ -284,9 +284,9 @@ class _BrokenEnricher:
 async def test_a_bug_failing_every_entry_holds_the_batch_instead_of_dead_lettering_it(
     settings, redis, pg: asyncpg.Pool, keys: Keys, world
 ):
-    from ingest.events import Dialect, Envelope, EventType
-    from workers.errors import Outage
-    from workers.pipeline import Batch, Pipeline
+    from ingest.contract.events import Dialect, Envelope, EventType
+    from workers.consumer.pipeline import Batch, Pipeline
+    from workers.group.errors import Outage
 
     def click(ua: str) -> Envelope:
         return Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"}, user_agent=ua)
@@ -322,8 +322,8 @@ async def test_a_batch_that_keeps_meeting_outages_is_stored_in_smaller_parts(
 ):
     """A batch too big for a statement timeout would meet the same "outage" for ever: after
     a few, it is stored in halves, quarters, ..., each part its own transaction."""
-    from ingest.events import Dialect, Envelope, EventType
-    from workers.pipeline import SHRINK_AFTER, Batch, Pipeline
+    from ingest.contract.events import Dialect, Envelope, EventType
+    from workers.consumer.pipeline import SHRINK_AFTER, Batch, Pipeline
 
     stream = keys.stream_for("PARTNER123")
     envelopes = [
@@ -343,8 +343,8 @@ async def test_a_batch_that_keeps_meeting_outages_is_stored_in_smaller_parts(
 async def test_an_event_read_twice_in_one_tracked_batch_is_counted_one_attempt(
     settings, redis, pg: asyncpg.Pool, keys: Keys, world
 ):
-    from ingest.events import Dialect, Envelope, EventType
-    from workers.pipeline import Batch, Pipeline
+    from ingest.contract.events import Dialect, Envelope, EventType
+    from workers.consumer.pipeline import Batch, Pipeline
 
     stream = keys.stream_for("PARTNER123")
     e = Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"}, user_agent="Mozilla/5.0")

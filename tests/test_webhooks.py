@@ -14,11 +14,12 @@ from aiohttp import web
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker
 
-from ingest import secretbox, server
-from ingest.routes import webhooks as webhook_routes
-from ingest.settings import Settings
-from workers import webhooks
-from workers.webhooks import WebhookEvent
+from ingest.contract.settings import Settings
+from ingest.host import server
+from ingest.manage import secretbox
+from ingest.manage.routes import webhooks as webhook_routes
+from workers.consumer import webhooks
+from workers.consumer.webhooks import WebhookEvent
 
 from ._procs import free_port
 from ._world import call, make_world

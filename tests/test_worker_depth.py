@@ -10,11 +10,11 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ingest.events import Dialect, Envelope, EventType
-from ingest.keys import Keys
-from ingest.settings import Settings
-from workers.store import write_batch
-from workers.webhooks import verify_signature
+from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from workers.consumer.store import write_batch
+from workers.consumer.webhooks import verify_signature
 
 from ._procs import Procs, free_port
 from ._world import BROWSER, World, call, make_world, start_edge

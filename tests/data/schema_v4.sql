@@ -101,7 +101,7 @@ CREATE INDEX IF NOT EXISTS customers_external
 -- redelivered or replayed entry is a no-op (ON CONFLICT DO NOTHING), and ids sort by time:
 -- the table is range-partitioned on it, one partition per UTC day (bounds are the UUIDs of
 -- the day's first millisecond, xxxxxxxx-xxxx-7000-8000-000000000000), created ahead and
--- dropped after REFSTREAM_EVENT_RETENTION days by the worker (workers/partitions.py), with a
+-- dropped after REFSTREAM_EVENT_RETENTION days by the worker (workers/consumer/partitions.py), with a
 -- default partition for anything outside them. No foreign keys on this hot table: the
 -- worker resolves links itself and a per-row FK check would cost every insert.
 CREATE TABLE IF NOT EXISTS events (

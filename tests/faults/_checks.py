@@ -3,7 +3,7 @@
 - I1: every event the edge answered 2xx for is stored exactly once: its marker appears once
   in ``events``; none missing, none twice.
 - I2: every counter equals its event rows (the SQL is written here, independently of
-  workers/counters.py and workers/reconcile.py): per link clicks (non-bot), bot clicks,
+  workers/consumer/counters.py and workers/ops/reconcile.py): per link clicks (non-bot), bot clicks,
   leads, conversions and last_clicked_at over events with test_mode and out_of_window
   false; unique clicks = the link's ``link_visitor_days`` rows, which are exactly the
   distinct (link, UTC day, visitor key) of those clicks; the same per link and day in
@@ -29,8 +29,8 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
-from ingest import spool_store
-from ingest.keys import Keys
+from ingest.contract.keys import Keys
+from ingest.spool import store as spool_store
 
 from ._load import MARKER_SQL
 from ._sentinel import client as redis_client
@@ -148,9 +148,11 @@ class Figures:
 class Checker:
     """Reads Postgres (a fresh session per look: the server may have restarted) and Redis."""
 
-    def __init__(self, database_url: str, redis_url: str, keys: Keys, spool_dir: Path) -> None:
+    def __init__(
+        self, database_url: str, redis_url: str, keys: Keys, spool_dir: Path, *, cluster: bool = False
+    ) -> None:
         self.database_url = database_url
-        self.redis = redis_client(redis_url, timeout=5)  # a sentinel URL: the current primary
+        self.redis = redis_client(redis_url, timeout=5, cluster=cluster)  # a sentinel URL: the current primary
         self.keys = keys
         self.spool_dir = spool_dir
 
@@ -312,6 +314,11 @@ class Checker:
         if wrong := await self.milestone_problems():
             p.append(f"I2: {len(wrong)} milestones wrong, e.g. {wrong[:3]}")
         return p
+
+    async def missing(self, accepted: dict[str, str]) -> set[str]:
+        """The accepted markers no event row carries."""
+        stored = {r["marker"] for r in await self.fetch(f"SELECT DISTINCT {MARKER_SQL} AS marker FROM events e")}
+        return set(accepted) - stored
 
     async def verify(
         self,

@@ -52,6 +52,7 @@ class Record:
     shed: int = 0
     first_2xx_at: float | None = None
     answers: list[tuple[float, float, str, int]] = field(default_factory=list)  # (sent at, seconds, kind, status)
+    answered_at: dict[str, float] = field(default_factory=dict)  # marker -> when its 2xx came (monotonic)
 
     def answer_times(self, since: float, until: float) -> list[float]:
         """Seconds to the answer of each request sent between ``since`` and ``until``."""
@@ -59,6 +60,7 @@ class Record:
 
     def accept(self, kind: str, marker: str) -> None:
         self.accepted[marker] = kind
+        self.answered_at[marker] = time.monotonic()
         if self.first_2xx_at is None:
             self.first_2xx_at = time.monotonic()
 

@@ -17,7 +17,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
-from ingest.sentinel_url import sentinel_target
+from ingest.contract.connections import Cluster
+from ingest.contract.sentinel_url import sentinel_target
 from refstream.embedded import _package_dir, die_with_parent, free_port
 
 from ._servers import FaultRedis
@@ -25,8 +26,11 @@ from ._servers import FaultRedis
 MASTER = "refstream"
 
 
-def client(url: str, timeout: float = 5) -> Any:
-    """A client of ``url``; of the current primary for a ``redis+sentinel://`` URL."""
+def client(url: str, timeout: float = 5, *, cluster: bool = False) -> Any:
+    """A client of ``url``; of the current primary for a ``redis+sentinel://`` URL; a cluster
+    client (``url`` one of its nodes) with ``cluster``."""
+    if cluster:
+        return Cluster.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     target = sentinel_target(url)
     if target is None:
         return aioredis.Redis.from_url(url, socket_timeout=timeout)

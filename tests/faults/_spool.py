@@ -8,7 +8,7 @@ import asyncio
 import subprocess
 from collections.abc import Awaitable, Callable
 
-from ingest import spool_store
+from ingest.spool import store as spool_store
 
 from ._servers import FaultRedis
 from ._stage import Stage

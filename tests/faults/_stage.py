@@ -27,8 +27,8 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
-from ingest.keys import GROUP, Keys
-from ingest.settings import Settings
+from ingest.contract.keys import GROUP, Keys
+from ingest.contract.settings import Settings
 
 from .._procs import Procs
 from ..conftest import SECRET_KEY
@@ -89,10 +89,15 @@ def code_on(keys: Keys, partition: int, prefix: str, start: int = 0) -> tuple[st
 
 
 class Stage:
-    def __init__(self, name: str, pg: PgServer, redis_url: str, plan: Plan, check_url: str | None = None) -> None:
+    def __init__(
+        self, name: str, pg: PgServer, redis_url: str, plan: Plan, check_url: str | None = None,
+        *, cluster_arq_url: str | None = None, database_url: str | None = None,
+    ) -> None:  # fmt: skip
         """``check_url``: where the test itself reads Redis, when the processes' ``redis_url``
         goes through something the test breaks (a proxy); a ``redis+sentinel://`` URL is read
-        at the primary Sentinel names."""
+        at the primary Sentinel names. ``cluster_arq_url``: ``redis_url`` is a node of a Redis
+        Cluster, and arq's queue is on this plain Redis. ``database_url``: another way to
+        ``pg`` (several hosts, say), with ``{database}`` where the stage's database goes."""
         n = next(_n)
         self.name = name
         self.pg = pg
@@ -101,7 +106,7 @@ class Stage:
         self.database = f"faults_{RUN}_{n}"
         self.settings = Settings(
             redis_url=redis_url,
-            database_url=pg.url_for(self.database),
+            database_url=database_url.format(database=self.database) if database_url else pg.url_for(self.database),
             stream_prefix=f"faults:{RUN}:{n}",
             partitions=4,
             block_ms=200,
@@ -112,12 +117,19 @@ class Stage:
             secret_key=SECRET_KEY,
             spool_dir=str(self.tmp / "spool"),
             spool_drain_every_s=0.2,
+            redis_cluster=cluster_arq_url is not None,
+            arq_redis_url=cluster_arq_url,
         )
         self.keys = Keys(self.settings.stream_prefix, self.settings.partitions)
         self.procs = Procs(self.settings, self.tmp)
-        self.redis = redis_client(check_url or redis_url, timeout=10)
+        cluster = cluster_arq_url is not None
+        self.redis = redis_client(check_url or redis_url, timeout=10, cluster=cluster)
         self.check = Checker(
-            self.settings.database_url, check_url or redis_url, self.keys, Path(self.settings.spool_dir)
+            self.settings.database_url,
+            check_url or redis_url,
+            self.keys,
+            Path(self.settings.spool_dir),
+            cluster=cluster,
         )
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.killed: set[int] = set()  # pids this test stopped on purpose

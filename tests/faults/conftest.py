@@ -63,12 +63,15 @@ async def fault_redis() -> AsyncIterator[FaultRedis]:
 async def make_stage(
     request: pytest.FixtureRequest, pg_server: PgServer, fault_redis: FaultRedis, plan: Plan
 ) -> AsyncIterator[Callable[..., Stage]]:
-    """``make_stage(redis_url=None, check_url=None)``: a Stage on the suite's servers (or
-    another Redis; ``check_url``: the test's own way to it, past a proxy it breaks)."""
+    """``make_stage(redis_url=None, check_url=None, cluster=False)``: a Stage on the suite's
+    servers (or another Redis; ``check_url``: the test's own way to it, past a proxy it
+    breaks; ``cluster``: ``redis_url`` is a Redis Cluster node)."""
     stages: list[Stage] = []
 
-    def make(redis_url: str | None = None, check_url: str | None = None) -> Stage:
-        stage = Stage(request.node.name, pg_server, redis_url or fault_redis.url, plan, check_url)
+    def make(redis_url: str | None = None, check_url: str | None = None, *, cluster: bool = False) -> Stage:
+        # a Redis Cluster's node: arq's queue on the suite's plain fault Redis
+        arq = fault_redis.url if cluster else None
+        stage = Stage(request.node.name, pg_server, redis_url or fault_redis.url, plan, check_url, cluster_arq_url=arq)
         stages.append(stage)
         return stage
 

@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from ingest.events import FIELD, EnvelopeError
-from workers import archive_segment as seg
-from workers import status
-from workers.archive import GROUP as ARCHIVE
-from workers.archive_store import LocalStore, ObjectStore, Store
+from ingest.contract.events import FIELD, EnvelopeError
+from workers.archive import segment as seg
+from workers.archive.archiver import GROUP as ARCHIVE
+from workers.archive.store import LocalStore, ObjectStore, Store
+from workers.ops import status
 
 from .._procs import free_port
 from ._plan import Plan
@@ -210,11 +210,18 @@ async def test_an_object_store_outage_under_load(stage: Stage, plan: Plan, moto:
     async with stage.load(world) as load:
         await asyncio.sleep(plan.warmup_s)
         moto.stop()
-        await asyncio.sleep(outage)
-        snap = await status.snapshot(stage.redis, None, stage.keys, status.Thresholds(), retention_s=0)
+        down_at = time.monotonic()
+        # at least the outage; then until both archivers say so in status (a loaded machine
+        # may take a while to reach a segment's upload), within a bound the assertions tell
+        while True:
+            snap = await status.snapshot(stage.redis, None, stage.keys, status.Thresholds(), retention_s=0)
+            blocked = {w.consumer for w in snap.workers if w.state == "blocked" and "archive_unavailable" in w.reasons}
+            waited = time.monotonic() - down_at
+            if waited >= outage and (blocked == {"archive:a1", "archive:a2"} or waited > outage + 60):
+                break
+            await asyncio.sleep(0.5)
         holders = {p.trim_held_by for p in snap.partitions}
         held = sum(p.trim_held_entries for p in snap.partitions)
-        blocked = {w.consumer for w in snap.workers if w.state == "blocked" and "archive_unavailable" in w.reasons}
         moto.start()
         fault_end = await stage.fault_over()
         await asyncio.sleep(plan.tail_s)

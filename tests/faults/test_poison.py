@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ingest.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract.events import FIELD, Dialect, Envelope, EventType
 
 from .._world import BROWSER
 from ._load import referer_marker

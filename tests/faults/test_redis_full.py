@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from ingest.keys import GROUP
-from workers import status
-from workers.archive import GROUP as ARCHIVE
-from workers.archive_store import LocalStore
+from ingest.contract.keys import GROUP
+from workers.archive.archiver import GROUP as ARCHIVE
+from workers.archive.store import LocalStore
+from workers.ops import status
 
 from ..conftest import wait_for
 from ._plan import Plan

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 import pytest
 import redis.asyncio as aioredis
 
-from ingest.events import Dialect, Envelope, EnvelopeError
-from ingest.keys import Keys
+from ingest.contract.events import Dialect, Envelope, EnvelopeError
+from ingest.contract.keys import Keys
 
 from ..conftest import wait_for
 from ._plan import Plan

@@ -6,8 +6,8 @@ per partition (a multi-stream read would be a cross-slot command on a Redis Clus
 reclaims what dead members left, keeps its own claims fresh, hands back what an outage
 holds when it stops, publishes its state for ``refstream status``, and waits out outages.
 What it does with the entries it reads belongs to its user, through one ``Part`` per
-partition: the consumer stores a batch in Postgres (``workers/consume.py``), the archiver
-gathers a segment and writes it (``workers/archive.py``).
+partition: the consumer stores a batch in Postgres (``workers/consumer/consume.py``), the archiver
+gathers a segment and writes it (``workers/archive/archiver.py``).
 
 A reader first re-reads the member's own pending entries (from id ``0``: what a previous
 run under the same name read and never acked, or what ``reclaim`` claimed from a dead
@@ -32,8 +32,8 @@ Outages are waited out, never counted against the entries:
 what a user supplies (``Part``, ``Chore``).
 """
 
-from .claims import CHUNK, HAND_BACK_IDLE_MS, id_after, text
-from .member import Member
-from .part import Chore, Entry, Part
+from workers.group.claims import CHUNK, HAND_BACK_IDLE_MS, id_after, text
+from workers.group.member import Member
+from workers.group.part import Chore, Entry, Part
 
 __all__ = ["CHUNK", "HAND_BACK_IDLE_MS", "Chore", "Entry", "Member", "Part", "id_after", "text"]

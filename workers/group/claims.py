@@ -11,8 +11,8 @@ from typing import Any
 
 import structlog
 
-from ingest.connections import Redis
-from ingest.keys import parse_id
+from ingest.contract.connections import Redis
+from ingest.contract.keys import parse_id
 
 log = structlog.get_logger("workers.group")
 

@@ -11,15 +11,14 @@ from typing import Any
 import structlog
 from redis.exceptions import ResponseError
 
-from ingest.connections import Redis
-from ingest.keys import Keys, parse_id
-from ingest.settings import Settings
-
-from .. import presence
-from ..errors import Outage, redis_outage
-from ..gate import Backoff, Gate
-from .claims import Claims, text
-from .part import Chore, Entry, Part
+from ingest.contract.connections import Redis
+from ingest.contract.keys import Keys, parse_id
+from ingest.contract.settings import Settings
+from workers.group import presence
+from workers.group.claims import Claims, text
+from workers.group.errors import Outage, redis_outage
+from workers.group.gate import Backoff, Gate
+from workers.group.part import Chore, Entry, Part
 
 log = structlog.get_logger("workers.group")
 
@@ -52,7 +51,7 @@ class Member:
         self.presence_name = presence_name or name
         self.reclaim_count = reclaim_count or settings.batch_size
         # a fresh read returning fewer than linger[0] entries waits linger[1] s once and
-        # takes what arrived meanwhile (no BLOCK) into the same read: see workers/consume.py
+        # takes what arrived meanwhile (no BLOCK) into the same read: see workers/consumer/consume.py
         self.linger = linger
         self.chores = list(chores)
         self.totals = totals

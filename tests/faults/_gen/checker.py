@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ingest.events import FIELD, Envelope, EnvelopeError
-from workers import archive_segment as seg
-from workers.archive_store import LocalStore
+from ingest.contract.events import FIELD, Envelope, EnvelopeError
+from workers.archive import segment as seg
+from workers.archive.store import LocalStore
 
 from .._checks import Checker
 from .history import History, Op, Unit

@@ -23,7 +23,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from workers.archive import GROUP as ARCHIVE
+from workers.archive.archiver import GROUP as ARCHIVE
 
 from ..._procs import env_for, free_port, run_command
 from ..._proxy import Proxy

@@ -1,0 +1,189 @@
+"""Opening Redis and Postgres: called from startup hooks, never at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisClusterException, RedisError
+
+from ingest.contract.sentinel_url import sentinel_target
+from ingest.contract.settings import Settings
+
+Redis = aioredis.Redis | RedisCluster
+Command = tuple[Any, ...]  # one Redis command: its name, then its arguments
+
+# what "Redis is not answering" looks like (cluster errors are not RedisErrors)
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+# what "Postgres is not answering" looks like, to a request that asked it something (SQLSTATE
+# classes 08, 53, 57; a closed connection), and what "Postgres will not give us a session"
+# looks like when a pool opens a connection (3D000: the database is gone; class 28: the
+# credentials are refused): to the request, the same outage. Anything else is a bug, not
+# an outage (and ``ingest.manage.schema_check`` tells the operator which of these it is).
+PG_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+)
+
+# SQLSTATE class (or full code) -> why the database cannot serve anyone right now; the
+# request or batch is not at fault and is retried. The worker reports these reasons.
+PG_OUTAGES: tuple[tuple[str, str], ...] = (
+    ("25006", "postgres_read_only"),  # read_only_sql_transaction: a standby, or read-only mode
+    ("08", "postgres_unavailable"),  # connection exception
+    ("53", "postgres_resources"),  # disk full, out of memory, too many connections
+    ("57", "postgres_shutdown"),  # admin shutdown, crash shutdown, cannot connect now, cancelled
+    ("58", "postgres_system"),  # I/O error
+    ("42", "postgres_schema"),  # undefined table or column, permissions: the schema, not the data
+    ("3D", "postgres_schema"),  # the database does not exist
+    ("28", "postgres_auth"),  # invalid authorization (a rotated password)
+    ("40", "postgres_contention"),  # deadlock or serialization failure past the in-place retries
+    ("55", "postgres_contention"),  # lock not available, object in use
+    ("0A000", "postgres_schema"),  # a cached statement the schema changed under: fresh connections
+    ("XX001", "postgres_corrupt"),  # data corrupted: an operator's matter, not the entry's
+    ("XX002", "postgres_corrupt"),  # index corrupted
+)
+
+
+def pg_outage(exc: BaseException) -> str | None:
+    """The outage reason for an error raised while talking to Postgres, or None when the
+    error is about the data sent (or a bug)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        if state == "23514" and not getattr(exc, "constraint_name", None):
+            # a partition constraint (it has no name; every CHECK of ours has one): the row
+            # was routed by a partition map that a concurrent ATTACH PARTITION changed (a day
+            # made while batches insert into the default partition); routed again, it fits
+            return "postgres_contention"
+        return next((reason for prefix, reason in PG_OUTAGES if state.startswith(prefix)), None)
+    if isinstance(exc, ValueError):
+        return None  # asyncpg's client-side DataError is an InterfaceError and a ValueError
+    if isinstance(exc, asyncpg.InterfaceError | OSError | asyncio.TimeoutError | ConnectionError):
+        return "postgres_unavailable"  # connection closed under us, refused, timed out
+    if isinstance(exc, asyncpg.InternalClientError):
+        # the driver's own state, e.g. "cannot switch to state 15; another operation is in
+        # progress" when the server shuts down in the middle of a batch: not the data's
+        return "postgres_unavailable"
+    return None
+
+
+def pg_unavailable(exc: BaseException) -> bool:
+    """``exc``, raised by Postgres or its driver, means "not now" rather than a bug."""
+    return isinstance(exc, PG_ERRORS) or pg_outage(exc) is not None
+
+
+class SentinelRedis(aioredis.Redis):
+    """The client of a Sentinel-managed primary: each new connection asks the sentinels
+    where the primary is (and READONLY on a connection drops it, see redis-py's
+    ``SentinelManagedConnection``). Closing it closes the sentinels' connections too."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        await super().aclose(close_connection_pool)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
+
+
+class Cluster(RedisCluster):
+    """redis-py's cluster client that never runs out of nodes to ask.
+
+    On a connection error redis-py drops the failing node from its startup nodes and closes
+    every node's connections; the blocked reads on healthy nodes then fail too and drop
+    theirs, until none is left and every command raises "at least one reachable node" for
+    good (a primary SIGKILLed under load did it: redis-py #3693). Before each
+    re-initialisation, every node this client was given or has seen goes back on the list,
+    so it finds the promoted replica and the nodes that never failed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seeds = dict(self.nodes_manager.startup_nodes)
+
+    async def initialize(self) -> Cluster:
+        if self._initialize:
+            nodes = self.nodes_manager
+            for name, node in (*self._seeds.items(), *nodes.nodes_cache.items()):
+                nodes.startup_nodes.setdefault(name, node)
+        await super().initialize()
+        return self
+
+
+_CLIENT_CODE = tuple(os.path.join("redis", "asyncio", f) for f in ("connection.py", "cluster.py"))
+
+
+def client_fault(exc: BaseException) -> bool:
+    """A RuntimeError or AttributeError raised inside redis-py's connection or cluster code,
+    not ours: a connection or node closed under a command still using it (a Cluster primary
+    failing over makes redis-py close every node's connections at once: the transport is
+    closed, the writer or the default node is None). It is an outage, like a refused
+    connection; callers raise ``ConnectionError`` from it or count it as one."""
+    if not isinstance(exc, RuntimeError | AttributeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(_CLIENT_CODE):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def connect_redis(settings: Settings, *, url: str | None = None, **kwargs: Any) -> Redis:
+    """A Redis client: a cluster client when ``REFSTREAM_REDIS_CLUSTER`` is set, the
+    primary's through Sentinel for a ``redis+sentinel://`` URL, else a plain one.
+
+    Replies stay bytes: the stream entries are bytes and decoding is the caller's choice.
+    The socket timeout bounds every call, so a blocking XREADGROUP must block for less.
+    """
+    opts: dict[str, Any] = {
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": settings.redis_socket_timeout,
+        "health_check_interval": 30,
+        **kwargs,
+    }
+    target = sentinel_target(url or settings.redis_url)
+    if target is not None:
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            target.sentinels,
+            sentinel_kwargs={k: v for k, v in opts.items() if k.startswith("socket_")},
+        )
+        client: aioredis.Redis = sentinel.master_for(
+            target.master, redis_class=SentinelRedis, db=target.db, username=target.username,
+            password=target.password, **opts,
+        )  # fmt: skip
+        return client
+    if settings.redis_cluster and url is None:
+        cluster: RedisCluster = Cluster.from_url(settings.redis_url, **opts)
+        return cluster
+    plain: aioredis.Redis = aioredis.Redis.from_url(url or settings.redis_url, **opts)
+    return plain
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+
+
+async def create_pg_pool(settings: Settings, *, min_size: int = 1, max_size: int | None = None) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=min_size,
+        max_size=max_size or settings.pg_pool_size,
+        init=_init_connection,
+        command_timeout=60,
+    )
+    assert pool is not None
+    return pool

@@ -1,0 +1,90 @@
+"""Every Redis key refstream uses, in one place.
+
+Keys that a multi-key command, transaction or script touches together must share a hash
+tag (the part in braces) so that they land in one Redis Cluster slot. Each stream
+partition carries its own tag so the partitions spread over the cluster's nodes; the one
+multi-key script, an idempotent append, touches a stream and a record of its tag.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+GROUP = "workers"  # the consumer group every worker joins
+
+
+def parse_id(raw: object) -> tuple[int, int]:
+    """A stream entry id (``b"1700000000000-3"``) as (milliseconds, sequence), for ordering."""
+    s = raw.decode() if isinstance(raw, bytes) else str(raw)
+    ms, _, seq = s.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Keys:
+    __slots__ = ("partitions", "prefix", "streams")
+
+    def __init__(self, prefix: str, partitions: int) -> None:
+        self.prefix = prefix
+        self.partitions = partitions
+        self.streams: tuple[str, ...] = tuple(self.stream(p) for p in range(partitions))
+
+    def stream(self, partition: int) -> str:
+        return f"{self.prefix}:events:{{{partition}}}"
+
+    def partition_for(self, routing_key: str) -> int:
+        """Stable partition for a routing key (a link code), so one link's events stay in order."""
+        return zlib.crc32(routing_key.encode()) % self.partitions
+
+    def stream_for(self, routing_key: str) -> str:
+        return self.streams[self.partition_for(routing_key)]
+
+    def attempts(self, partition: int) -> str:
+        """Per partition: how many times each pending entry was taken into a batch after its
+        first delivery and not finished (a worker crashed on it). Beside its stream's tag."""
+        return f"{self.prefix}:attempts:{{{partition}}}"
+
+    @property
+    def workers(self) -> str:
+        """Each worker's state (running, or blocked and why), for ``refstream status``."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    def ratelimit(self, route: str, subject: str) -> str:
+        return f"{self.prefix}:rl:{route}:{subject}"
+
+    def link(self, code: str) -> str:
+        return f"{self.prefix}:link:{code}"
+
+    @property
+    def links_warm(self) -> str:
+        """Set once the link cache holds every link: a miss then means "no such code"."""
+        return f"{self.prefix}:links:warm"
+
+    def flag(self, feature: str) -> str:
+        return f"{self.prefix}:flag:{feature}"
+
+    def apikey(self, sha256_hex: str) -> str:
+        return f"{self.prefix}:apikey:{sha256_hex}"
+
+    def click(self, click_id: str) -> str:
+        return f"{self.prefix}:click:{click_id}"
+
+    def fingerprint(self, workspace_id: str, fingerprint_hash: str) -> str:
+        return f"{self.prefix}:fp:{workspace_id}:{fingerprint_hash}"
+
+    def idempotency(self, scope: str, key: str) -> str:
+        return f"{self.prefix}:idem:{scope}:{key}"
+
+    def idempotent(self, digest: str, partition: int | None = None) -> str:
+        """A client idempotency key's record (ingest/edge/idempotency.py). With a partition it
+        carries that stream's tag: the script that appends the event touches both."""
+        if partition is None:
+            return f"{self.prefix}:idk:{digest}"
+        return f"{self.prefix}:idk:{{{partition}}}:{digest}"
+
+    @property
+    def arq_queue(self) -> str:
+        return f"{self.prefix}:arq:queue"

@@ -1,0 +1,145 @@
+"""API-key authentication at the edge.
+
+A key is looked up by its sha256 (the key itself is never stored): first in a small
+in-process cache (a hot key costs no round trip), then in Redis
+(``{prefix}:apikey:{sha256 hex}``, written when a key is created or revoked), and only when
+Redis does not know it, in Postgres (which refills Redis). In-process entries live
+``key_cache_s`` seconds, so a revocation reaches every edge within that time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Final
+
+import asyncpg
+import orjson
+
+from ingest.contract.connections import Redis
+from ingest.contract.keys import Keys
+from ingest.edge.apikeys import hash_key
+
+_UNKNOWN: Final = b"-"
+REDIS_TTL_S: Final = 24 * 3600
+NEGATIVE_TTL_S: Final = 60
+_MAX_SECRET: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a valid key speaks for."""
+
+    key_id: str
+    workspace_id: str
+    kind: str  # "workspace" | "affiliate"
+    scopes: tuple[str, ...]
+    prefix: str
+    affiliate_id: str | None = None
+
+    def allows(self, scope: str) -> bool:
+        if self.kind == "affiliate":
+            return scope == "read"  # affiliate keys are read-only, whatever they carry
+        return "*" in self.scopes or scope in self.scopes
+
+    def encode(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Principal | None:
+        if raw == _UNKNOWN:
+            return None
+        d = orjson.loads(raw)
+        d["scopes"] = tuple(d["scopes"])
+        return cls(**d)
+
+
+def bearer(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header."""
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer":
+        return None
+    return plausible(token)
+
+
+def plausible(secret: str | None) -> str | None:
+    """A key-shaped string, or None: nothing else is worth a lookup (undecodable bytes,
+    control characters, absurd lengths answer 401 without touching Redis or Postgres)."""
+    if not secret or len(secret) > _MAX_SECRET or not secret.isascii() or not secret.isprintable() or " " in secret:
+        return None
+    return secret
+
+
+_SELECT_KEY = """
+SELECT id, workspace_id, kind, scopes, prefix, affiliate_id
+FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL
+"""
+
+
+class Authenticator:
+    def __init__(self, redis: Redis, keys: Keys, pg: asyncpg.Pool, *, ttl_s: float, max_entries: int = 10_000):
+        self.redis = redis
+        self.keys = keys
+        self.pg = pg
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._local: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
+
+    def cached(self, secret: str) -> tuple[bytes, Principal | None, bool]:
+        """(digest, principal, hit). On a miss, ``redis_key(digest)`` is what to GET."""
+        digest = hash_key(secret)
+        entry = self._local.get(digest)
+        if entry is not None and entry[0] > time.monotonic():
+            self._local.move_to_end(digest)
+            return digest, entry[1], True
+        return digest, None, False
+
+    def redis_key(self, digest: bytes) -> str:
+        return self.keys.apikey(digest.hex())
+
+    async def resolve(self, digest: bytes, reply: object) -> Principal | None:
+        """Finish a lookup with the Redis reply to ``GET redis_key(digest)``."""
+        if isinstance(reply, bytes):
+            principal = Principal.decode(reply)
+        else:
+            principal = await self._from_postgres(digest)
+        self._remember(digest, principal)
+        return principal
+
+    async def _from_postgres(self, digest: bytes) -> Principal | None:
+        row = await self.pg.fetchrow(_SELECT_KEY, digest)
+        principal = principal_from_row(row) if row else None
+        # NX: a revocation's tombstone written since our read must win over our fill
+        await cache_key(self.redis, self.keys, digest, principal, only_if_absent=True)
+        return principal
+
+    def _remember(self, digest: bytes, principal: Principal | None) -> None:
+        self._local[digest] = (time.monotonic() + self.ttl_s, principal)
+        self._local.move_to_end(digest)
+        while len(self._local) > self.max_entries:
+            self._local.popitem(last=False)
+
+
+def principal_from_row(row: asyncpg.Record) -> Principal:
+    return Principal(
+        key_id=str(row["id"]),
+        workspace_id=str(row["workspace_id"]),
+        kind=row["kind"],
+        scopes=tuple(row["scopes"]),
+        prefix=row["prefix"],
+        affiliate_id=str(row["affiliate_id"]) if row["affiliate_id"] else None,
+    )
+
+
+async def cache_key(
+    redis: Redis, keys: Keys, digest: bytes, principal: Principal | None, *, only_if_absent: bool = False
+) -> None:
+    """Write (or, for a revoked or unknown key, negate) a key's Redis entry."""
+    if principal is None:
+        await redis.set(keys.apikey(digest.hex()), _UNKNOWN, ex=NEGATIVE_TTL_S, nx=only_if_absent)
+    else:
+        await redis.set(keys.apikey(digest.hex()), principal.encode(), ex=REDIS_TTL_S, nx=only_if_absent)

@@ -1,0 +1,327 @@
+"""Micro-batching: the Redis commands of concurrent requests share one round trip.
+
+Each request hands its commands to ``RedisBatcher.execute`` and awaits its own results.
+One flusher task sends everything queued so far as one non-transactional pipeline; while
+that round trip is in flight the next requests queue up, so batches grow with load and
+an idle edge adds no delay. A pipeline is not a transaction: commands may touch keys in
+different cluster slots (the cluster client splits the pipeline by node).
+
+Backpressure: nothing waits on Redis for longer than the deadline
+(``REFSTREAM_REDIS_DEADLINE_MS``): a request's wait (queue and round trip), a round trip
+(a blackholed connection that never resets), a connect. Past ``REFSTREAM_REDIS_MAX_QUEUED``
+queued commands a request fails at once. After a round trip fails, Redis is taken for down
+(``RedisDown``): requests fail at once, except one every probe interval (50 ms, doubling to
+1 s) whose round trip tells whether it is back. Every one of these errors is a redis-py
+``ConnectionError`` or ``TimeoutError``: to a route, Redis being unavailable (public routes
+spool, keyed routes answer 503).
+
+Durability (``ingest.edge.durability``): a round trip holding a request that wrote an event
+(``durable=True``) ends with WAIT / WAITAOF; when that is not confirmed those requests get
+``Unconfirmed`` holding their own replies (the primary ran them), and, as for a Redis that
+is down, durable requests then fail at once (``NotDurable``, nothing sent) but one per
+probe interval until a confirmation comes back.
+
+Scripts the server forgot (NOSCRIPT: a restart, SCRIPT FLUSH): a NOSCRIPT reply means the
+script did not run, so the batcher loads its scripts and sends exactly those commands again,
+in a round trip of their own that ends with its own WAIT / WAITAOF when any of them belongs
+to a durable request: an event a rerun appends is confirmed as any other, and a rerun short
+of the level fails the batch's durable requests with ``Unconfirmed``.
+
+What a failed ``execute`` tells its caller (a route decides from it what to answer):
+
+- nothing was sent to Redis: ``NotSent`` and its kinds ``RedisDown`` (the breaker is open)
+  and ``Backpressure`` (the queue cap), and ``NotDurable`` itself (not ``Unconfirmed``: the
+  durability breaker refused before sending). The request's commands never ran.
+- sent, outcome unknown: anything else, notably ``RedisTimeoutError`` (the deadline, or the
+  link's socket timeout: the commands may still run when a stalled Redis resumes, even on a
+  connection the edge closed), ``RedisConnectionError`` (lost after the write, or a connect
+  that failed), ``ImpossibleReply`` (a reply of the wrong shape: see ``execute``'s
+  ``check``) and ``Unconfirmed`` (ran on the primary, short of the durability level).
+
+Every reply handed to a request is its own (docs/guarantees.md): the link never reuses a
+connection whose round trip ended early (``ingest.edge.redislink``), a reply list of the wrong
+length fails the whole batch, and each request's slice is cut at its own commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ingest.contract.connections import Command, Redis
+from ingest.edge.durability import Durability, NotDurable, Unconfirmed
+from ingest.edge.redislink import ImpossibleReply, Link, link_for
+
+log = structlog.get_logger("ingest.batcher")
+PROBE_FIRST_S = 0.05
+PROBE_CAP_S = 1.0
+
+
+class NotSent(RedisConnectionError):
+    """Refused before anything of the request was sent to Redis: its commands never ran."""
+
+
+class Backpressure(NotSent):
+    """More commands wait for Redis than ``REFSTREAM_REDIS_MAX_QUEUED``: refused at once."""
+
+
+class RedisDown(NotSent):
+    """The last round trip failed and no probe has succeeded since: refused at once."""
+
+
+Check = Callable[[list[Any]], bool]
+
+
+class Breaker:
+    """Open after a failure; while open, ``allow`` lets one caller through per probe
+    interval (50 ms doubling to 1 s): its outcome closes the breaker or keeps it open."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cause: BaseException | None = None  # None: closed
+        self._retry_at = 0.0
+        self._delay = PROBE_FIRST_S
+
+    @property
+    def open(self) -> bool:
+        return self.cause is not None
+
+    def allow(self) -> bool:
+        if self.cause is None:
+            return True
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False
+        self._retry_at = now + self._delay  # one probe per interval
+        self._delay = min(PROBE_CAP_S, self._delay * 2)
+        return True
+
+    def failed(self, exc: BaseException) -> bool:
+        """Record a failure; True when it opened the breaker (it was closed)."""
+        opened = self.cause is None
+        if opened:
+            self._retry_at = time.monotonic() + PROBE_FIRST_S
+            self._delay = PROBE_FIRST_S * 2
+            log.warning(f"{self.name}.open", error=repr(exc))
+        self.cause = exc
+        return opened
+
+    def succeeded(self) -> None:
+        if self.cause is not None:
+            log.info(f"{self.name}.closed")
+            self.cause = None
+            self._delay = PROBE_FIRST_S
+
+
+class _Item:
+    __slots__ = ("check", "commands", "due", "durable", "fut")
+
+    def __init__(
+        self, commands: tuple[Command, ...], durable: bool, fut: asyncio.Future[list[Any]], due: float,
+        check: Check | None,
+    ) -> None:  # fmt: skip
+        self.commands = commands
+        self.durable = durable
+        self.fut = fut
+        self.due = due  # loop time past which its caller stops waiting
+        self.check = check
+
+
+# what makes a round trip fail as a whole: the connection, not a command's reply
+_LINK_FAILURES = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+
+
+class RedisBatcher:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        max_commands: int = 2048,
+        deadline_s: float = 1.0,
+        max_queued: int = 20_000,
+        durability: Durability | None = None,
+        observe: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self._link: Link = link_for(redis)
+        self._max = max_commands
+        self._deadline = deadline_s
+        self._max_queued = max_queued
+        self._durability = durability or Durability()
+        self._observe = observe  # (commands, seconds) of each round trip
+        self._queue: deque[_Item] = deque()
+        self._queued = 0  # commands in the queue
+        # every caller still waiting, by due time (the deadline is the same for all: so in
+        # the order they came), and the one timer that fails the overdue ones: one timer for
+        # all of them, not one armed and cancelled per request
+        self._waiting: deque[_Item] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._scripts: dict[str, str] = {}
+        self.down = Breaker("redis.down")
+        self.undurable = Breaker("redis.not_durable")
+
+    def script(self, source: str) -> str:
+        """Register a Lua script; returns the sha to use in ``("EVALSHA", sha, ...)``."""
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        self._scripts[sha] = source
+        return sha
+
+    async def execute(self, *commands: Command, durable: bool = False, check: Check | None = None) -> list[Any]:
+        """Run ``commands`` in the next round trip; a failed command's slot holds its error.
+
+        ``durable``: the commands write an event, acknowledged at the configured durability
+        level or not at all (``NotDurable``). Within the deadline or ``RedisTimeoutError``.
+        ``check``: False for replies (this request's, in order) that cannot answer its
+        commands; then the connection is taken for out of step: dropped, and every request
+        of the round trip fails with ``ImpossibleReply`` (outcome unknown), never handed
+        replies that may be another's. The module doc lists what each error means."""
+        if not self.down.allow():
+            raise RedisDown(f"Redis is unavailable ({self.down.cause}); probing")
+        if durable and self._durability.waits and not self.undurable.allow():
+            raise NotDurable(f"writes are not confirmed at the durability level ({self.undurable.cause}); probing")
+        if self._queued + len(commands) > self._max_queued:
+            raise Backpressure(f"{self._queued} Redis commands queued already (REFSTREAM_REDIS_MAX_QUEUED)")
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="redis-batcher")
+        loop = asyncio.get_running_loop()
+        item = _Item(commands, durable, loop.create_future(), loop.time() + self._deadline, check)
+        self._queue.append(item)
+        self._queued += len(commands)
+        self._waiting.append(item)
+        if self._timer is None:
+            self._timer = loop.call_at(item.due, self._expire)
+        self._wake.set()
+        return await item.fut  # failed by _expire when overdue: the flusher then skips it
+
+    def _expire(self) -> None:
+        """Fail the callers whose deadline passed; wake again at the next one's."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        waiting = self._waiting
+        while waiting and (waiting[0].fut.done() or waiting[0].due <= now):
+            item = waiting.popleft()
+            if not item.fut.done():
+                item.fut.set_exception(RedisTimeoutError(f"Redis did not answer within {self._deadline * 1000:.0f} ms"))
+        if waiting:
+            self._timer = loop.call_at(waiting[0].due, self._expire)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self._link.close()
+        self._fail_queued(NotSent("edge shutting down"))
+
+    def _fail_queued(self, exc: Exception) -> None:
+        for item in self._queue:
+            if not item.fut.done():
+                item.fut.set_exception(exc)
+        self._queue.clear()
+        self._queued = 0
+        if not any(not item.fut.done() for item in self._waiting):
+            self._waiting.clear()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch: list[_Item] = []
+                n = 0
+                while self._queue and (not batch or n + len(self._queue[0].commands) <= self._max):
+                    item = self._queue.popleft()
+                    self._queued -= len(item.commands)
+                    if not item.fut.done():  # else its caller gave up waiting
+                        batch.append(item)
+                        n += len(item.commands)
+                if batch:
+                    await self._flush(batch)
+
+    async def _flush(self, batch: list[_Item]) -> None:
+        # nothing may escape: the flusher must outlive any failure, and every caller of
+        # this batch must hear the outcome (connection lost, timeout, a failed reload)
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._deadline):
+                results, unconfirmed = await self._send(batch)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                exc = RedisTimeoutError(f"no reply from Redis within {self._deadline * 1000:.0f} ms")
+            for item in batch:
+                if not item.fut.done():
+                    item.fut.set_exception(exc)
+            if isinstance(exc, _LINK_FAILURES) and self.down.failed(exc):
+                # queued behind a dead round trip: each would wait out its own deadline
+                self._fail_queued(RedisDown(f"Redis is unavailable ({exc})"))
+            return
+        self.down.succeeded()
+        if self._observe is not None:
+            self._observe(sum(len(item.commands) for item in batch), time.perf_counter() - start)
+        if unconfirmed is not None:
+            self.undurable.failed(unconfirmed)
+        elif self._durability.waits and any(item.durable for item in batch):
+            self.undurable.succeeded()
+        i = 0
+        for item in batch:
+            if not item.fut.done():
+                if item.durable and unconfirmed is not None:  # with what the primary did of it
+                    item.fut.set_exception(unconfirmed.for_request(results[i : i + len(item.commands)]))
+                else:
+                    item.fut.set_result(results[i : i + len(item.commands)])
+            i += len(item.commands)
+            item.commands = ()  # it waits in _waiting until the timer passes: not its payload
+
+    async def _send(self, batch: list[_Item]) -> tuple[list[Any], Unconfirmed | None]:
+        flat = [cmd for item in batch for cmd in item.commands]
+        waits = self._durability.waits
+        results, unconfirmed = await self._round_trip(flat, waits and any(item.durable for item in batch))
+        retry = [i for i, r in enumerate(results) if _is_noscript(r)]
+        if retry:
+            # Redis restarted or flushed its script cache; NOSCRIPT: the script did not run
+            await self._link.load_scripts(list(self._scripts.values()))
+            durable = [item.durable for item in batch for _ in item.commands]
+            again, short = await self._round_trip([flat[i] for i in retry], waits and any(durable[i] for i in retry))
+            for i, r in zip(retry, again, strict=True):
+                results[i] = r
+            unconfirmed = unconfirmed or short
+        i = 0
+        for item in batch:
+            n = len(item.commands)
+            if item.check is not None and not item.check(results[i : i + n]):
+                await self._link.close()  # out of step, or worse: nothing more on that connection
+                name = item.commands[0][0] if item.commands else "?"
+                raise ImpossibleReply(f"a reply of the wrong shape to {name}: connection dropped")
+            i += n
+        return results, unconfirmed
+
+    async def _round_trip(self, commands: list[Command], wait: bool) -> tuple[list[Any], Unconfirmed | None]:
+        """One round trip; with ``wait``, ended by the durability command (after the writes,
+        on the same connection), whose failure is returned beside the replies."""
+        sent = [*commands, self._durability.command()] if wait else commands
+        results = list(await self._link.send(sent))
+        if len(results) != len(sent):
+            await self._link.close()
+            raise ImpossibleReply(f"{len(results)} replies to {len(sent)} commands: connection dropped")
+        return results, (self._durability.failure(results.pop()) if wait else None)
+
+
+def _is_noscript(r: object) -> bool:
+    return isinstance(r, NoScriptError) or (isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT"))

@@ -1,0 +1,130 @@
+"""What "accepted" means: the acknowledgement level of the edge's writes
+(``REFSTREAM_ACK_DURABILITY``).
+
+- ``primary``: the primary executed the XADD. Survives a restart of that Redis process as
+  far as its own AOF/RDB configuration goes; not an asynchronous failover, whose promoted
+  replica may lack the last writes (the unreplicated tail).
+- ``replicas:N``: one ``WAIT N timeout`` ends every micro-batch round trip that holds an
+  event: the 2xx waits until N replicas have the batch (they acknowledge the connection's
+  replication offset, so everything sent before on it). Survives the loss of the primary
+  when a replica that acknowledged is the one promoted (Sentinel promotes the replica with
+  the largest offset).
+- ``fsync``: ``WAITAOF 1 0 timeout`` (Redis >= 7.2 with ``appendonly yes``): the primary has
+  fsynced its AOF up to the batch. Survives a power loss of the primary.
+
+Short of the level there are two cases, and they differ in what Redis holds:
+
+- ``NotDurable`` itself: refused before anything was sent (the batcher's breaker is open
+  after an unconfirmed round trip; one probe per interval goes through). Nothing of the
+  request is in Redis: a refusal.
+- ``Unconfirmed`` (a ``NotDurable``): the round trip ran on the primary, the confirmation
+  did not come in time. Its ``replies`` are what the primary answered to the request's own
+  commands, so the caller knows what the primary holds (an event appended, a record found).
+  The event is in the primary and may or may not survive it: the edge spools it under the
+  same ``event_id`` (``ingest.edge.enqueue``), and the workers store it once whichever copy
+  arrives first. Never answered as a refusal while it may be counted (docs/guarantees.md, what an answer means).
+
+The spool is an fsynced SQLite file on the edge's own disk, so an event accepted through it
+at ``replicas:N`` survives what that file survives: the edge crashing or losing power, and
+any loss of Redis servers (the primary and every replica); not the loss of the edge's disk
+before it is drained. The drain deletes a row only once N replicas acknowledged it, so from
+then on the event has the level's own guarantee.
+
+The workers' own writes wait for nothing: the replication stream and the AOF are both a
+prefix of the primary's history, so a dead-letter XADD that precedes the XACK of its entry
+is never lost while that XACK survives; losing both redelivers the entry, which the
+``event_id`` dedupes; a lost XACK alone redelivers too. Nothing a worker writes answers a
+client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from ingest.contract.settings import Settings
+
+WAITAOF_SINCE = (7, 2, 0)
+
+
+class NotDurable(RedisError):
+    """Not confirmed at the configured level. Raised as itself before anything was sent
+    (the batcher's breaker); as ``Unconfirmed`` after the primary ran the commands."""
+
+
+class Unconfirmed(NotDurable):
+    """The primary executed the round trip; the level's confirmation did not come in time.
+    ``replies``: the primary's replies to the failed request's own commands (empty until
+    the batcher hands the error to one request, ``for_request``)."""
+
+    def __init__(self, message: str, replies: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.replies = list(replies)
+
+    def for_request(self, replies: Sequence[Any]) -> Unconfirmed:
+        return Unconfirmed(str(self), replies)
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    replicas: int = 0
+    fsync: bool = False
+    wait_ms: int = 500
+
+    @classmethod
+    def of(cls, settings: Settings) -> Durability:
+        return cls(settings.ack_replicas, settings.ack_fsync, settings.ack_wait_ms)
+
+    @property
+    def waits(self) -> bool:
+        return bool(self.replicas or self.fsync)
+
+    def command(self) -> tuple[Any, ...]:
+        """The command that ends a round trip holding a write (only when ``waits``)."""
+        if self.fsync:
+            return ("WAITAOF", 1, 0, self.wait_ms)
+        return ("WAIT", self.replicas, self.wait_ms)
+
+    def failure(self, reply: object) -> Unconfirmed | None:
+        """None when ``reply`` (to ``command()``) confirms the round trip's writes."""
+        if isinstance(reply, Exception):
+            return Unconfirmed(f"{self.command()[0]} failed: {reply}")
+        if self.fsync:
+            local = reply[0] if isinstance(reply, list) and reply else 0
+            if isinstance(local, int) and local >= 1:
+                return None
+            return Unconfirmed(f"the primary did not fsync its AOF within {self.wait_ms} ms")
+        if isinstance(reply, int) and reply >= self.replicas:
+            return None
+        return Unconfirmed(f"{reply} of {self.replicas} replicas acknowledged within {self.wait_ms} ms")
+
+
+def version(info: dict[str, Any]) -> tuple[int, ...]:
+    raw = info.get("redis_version", "0")
+    raw = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return tuple(int(p) for p in raw.split(".")[:3] if p.isdigit())
+
+
+async def startup_problem(redis: Any, settings: Settings) -> str | None:
+    """Why this Redis cannot give the configured level at all (one line), else None.
+
+    ``fsync`` needs WAITAOF (Redis >= 7.2) and the AOF on; waiting would never fix either.
+    ``replicas:N`` is not checked here: replicas come and go, and while fewer than N answer
+    the edge spools what the primary holds and refuses what it never sent (503)."""
+    if not settings.ack_fsync:
+        return None
+    info = await redis.info("server")
+    have = version(info)
+    if have < WAITAOF_SINCE:
+        shown = ".".join(map(str, have)) or "unknown"
+        return (
+            f"REFSTREAM_ACK_DURABILITY=fsync needs WAITAOF, Redis >= 7.2, and this Redis is {shown};"
+            " upgrade Redis or choose primary or replicas:N"
+        )
+    persistence = await redis.info("persistence")
+    if str(persistence.get("aof_enabled", "0")) != "1":
+        return "REFSTREAM_ACK_DURABILITY=fsync needs the AOF on the primary; set appendonly yes"
+    return None

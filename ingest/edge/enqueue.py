@@ -1,0 +1,164 @@
+"""Appending envelopes to their stream partition, through the micro-batcher, or to the
+local spool: for public routes while Redis is unreachable, and for every route when the
+outcome of an append is not known.
+
+What a failed append did decides the answer (docs/guarantees.md: a refusal is never
+counted):
+
+- nothing was sent (``never_sent``: the batcher's breakers, its queue cap) or Redis refused
+  the command (an error reply: a script refuses as a whole, an XADD is not applied): the
+  event is not in Redis. Keyed routes refuse (503); public routes spool.
+- the primary applied it short of the durability level (``Unconfirmed``), or the outcome is
+  unknown (a timeout, a connection lost after the write: the command may still run when a
+  stalled Redis resumes): the event may be counted, so it is never refused. It is spooled
+  under the same ``event_id`` and answered as accepted; the workers store one copy (a keyed
+  copy whose script Redis did not run is answered "may be stored" instead: ``ingest.edge.keyed``).
+  When the spool cannot keep it either, ``OutcomeUnknown``: the route answers 503 with
+  ``Refstream-Outcome: unknown`` (``retry_headers``), which the README defines as "may be
+  stored": a retry with the same ``Idempotency-Key`` counts once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import structlog
+from redis.exceptions import RedisError
+
+from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.events import Envelope
+from ingest.contract.keys import Keys
+from ingest.contract.logs import note_event
+from ingest.edge.batcher import Backpressure, RedisDown
+from ingest.edge.durability import NotDurable, Unconfirmed
+from ingest.spool.store import Once
+
+if TYPE_CHECKING:
+    from ingest.edge.state import Edge
+
+log = structlog.get_logger("ingest.enqueue")
+
+OUTCOME = "Refstream-Outcome"  # "unknown" on a 503 whose event may be stored
+EVENT_ID = "Refstream-Event-Id"  # the event_id of that event
+
+
+class OutcomeUnknown(RedisError):
+    """The append may have been applied and the spool could not keep a copy: neither
+    accepted nor refused. Routes answer 503 with ``retry_headers``."""
+
+    def __init__(self, event_id: UUID | None, cause: BaseException) -> None:
+        super().__init__(f"event {event_id or '(a repeat)'} may be stored: {cause!r}")
+        self.event_id = event_id  # None for a repeat whose first copy Redis could not confirm
+
+
+def never_sent(exc: BaseException) -> bool:
+    """True when ``exc`` proves the request's commands never reached Redis: the breakers
+    (Redis down, a durability level not confirmed: both fail at once, before sending) and
+    the queue cap. Anything else from the batcher may follow a write (a timeout, a lost
+    connection): its outcome is unknown."""
+    if isinstance(exc, Unconfirmed):
+        return False
+    return isinstance(exc, RedisDown | Backpressure | NotDurable)
+
+
+def retry_headers(exc: BaseException | None = None) -> dict[str, str]:
+    """A 503's headers: ``Retry-After``, and for ``OutcomeUnknown`` the two that say the
+    event may be stored (``Refstream-Outcome: unknown``) and which event it is."""
+    headers = {"Retry-After": "1"}
+    if isinstance(exc, OutcomeUnknown):
+        headers[OUTCOME] = "unknown"
+        if exc.event_id is not None:
+            headers[EVENT_ID] = str(exc.event_id)
+    return headers
+
+
+def xadd(keys: Keys, envelope: Envelope, routing_key: str) -> Command:
+    """XADD with an auto id and no MAXLEN: trimming is the workers' job, by MINID below
+    every group's oldest pending entry, so nothing is trimmed before it is acked."""
+    return ("XADD", keys.stream_for(routing_key), "*", *envelope.entry())
+
+
+def check(reply: object) -> None:
+    if isinstance(reply, Exception):
+        raise reply
+
+
+def appended(edge: Edge, envelope: Envelope) -> None:
+    """``envelope`` went into Redis another way (``ingest.edge.lookup.CHECKED_APPEND``): count it."""
+    note_event(envelope.event_id)
+    edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
+
+
+async def to_spool(
+    edge: Edge, envelope: Envelope, routing_key: str, extra: Iterable[Command] = (), *,
+    once: Once | None = None, maybe_applied: BaseException | None = None,
+) -> bytes | None:  # fmt: skip
+    """Keep ``envelope`` (with its extra commands, and a keyed event's check) in the spool;
+    for a keyed event whose key a copy spooled first, that copy's answer instead (this one
+    is not kept), else None.
+
+    ``maybe_applied``: the Redis error after which Redis may hold the event already. Then a
+    spool that cannot keep it raises ``OutcomeUnknown``; otherwise what the spool raised
+    (``SpoolFull``, ``SpoolError``: the event is nowhere, a refusal)."""
+    try:
+        first = await edge.spool.append(edge.keys.stream_for(routing_key), envelope.encode(), extra, once)
+    except OSError as exc:  # SpoolError, SpoolFull: what Spool.append raises
+        if maybe_applied is None:
+            raise
+        log.warning("append.outcome_unknown", event_id=str(envelope.event_id), error=repr(maybe_applied),
+                    spool=repr(exc))  # fmt: skip
+        raise OutcomeUnknown(envelope.event_id, maybe_applied) from exc
+    if first is not None:  # not kept: the key's first copy waits in the spool
+        return first
+    if maybe_applied is not None:
+        log.info("append.settled_in_spool", event_id=str(envelope.event_id), error=repr(maybe_applied))
+    edge.metrics.accepted.labels(envelope.dialect, "spool").inc()
+    return None
+
+
+def first_reply(exc: BaseException) -> tuple[bool, Any]:
+    """What a failed round trip tells of its first command: (known, reply). Known only for
+    ``Unconfirmed``, whose replies are the primary's."""
+    if isinstance(exc, Unconfirmed) and exc.replies:
+        return True, exc.replies[0]
+    return False, None
+
+
+async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Command, spool: bool) -> bool:
+    """Make ``envelope`` durable: True once it is in Redis, False once it is in the spool.
+
+    ``extra`` commands ride in the same round trip (a click cache entry, say); when the
+    event is spooled they are stored with it and replayed with its XADD.
+
+    ``spool``: the route spools what Redis does not take (public routes). Without it, what
+    Redis certainly did not take raises (the route refuses); what Redis may hold, at the
+    primary short of ``REFSTREAM_ACK_DURABILITY``'s level or after a timeout, is spooled all
+    the same, under the same ``event_id``, which the workers store once. Raises
+    ``OutcomeUnknown`` when that spool fails, ``SpoolFull`` / ``SpoolError`` (OSErrors)
+    when the spool refuses an event that is nowhere else: the caller must not answer 2xx.
+    """
+    note_event(envelope.event_id)  # the request's lines name its event
+    try:
+        replies = await edge.batcher.execute(xadd(edge.keys, envelope, routing_key), *extra, durable=True)
+    except REDIS_ERRORS as exc:
+        known, reply = first_reply(exc)
+        if known and not isinstance(reply, Exception):  # in the primary, short of the level
+            await to_spool(edge, envelope, routing_key, extra, maybe_applied=exc)
+        elif known or never_sent(exc):  # refused by Redis, or never sent: nowhere
+            if not spool:
+                if known:
+                    raise reply from exc  # Redis's refusal of the command
+                raise
+            await to_spool(edge, envelope, routing_key, extra)
+        else:  # a timeout, a lost connection: it may be applied yet
+            await to_spool(edge, envelope, routing_key, extra, maybe_applied=exc)
+        return False
+    if isinstance(replies[0], Exception):  # refused (e.g. OOM under noeviction): not written
+        if not spool:
+            raise replies[0]
+        await to_spool(edge, envelope, routing_key, extra)
+        return False
+    edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
+    return True

@@ -1,0 +1,261 @@
+"""Idempotency keys: a retried request counts once (docs/guarantees.md).
+
+A client names a request with a key (``Idempotency-Key`` header, a batch item's
+``idempotency_key``, tracker.js's ``dedupe``); a repeat of the key within the window gets
+the first answer, byte for byte, and appends nothing.
+
+Event routes: the answer is known before the event is appended (ids are minted at the
+edge), so one script, in the same round trip as the XADD would have been, either finds the
+key's record and returns it, or appends the event and stores the answer under the key.
+An event that goes to the spool instead (Redis unreachable on a public route, or an append
+whose outcome is unknown on any route: ``ingest.edge.enqueue``) keeps that check, and the drain
+runs the same script. Every copy also carries the key's dedupe value (``dedupe``): the
+digest and the window the copy was received in, so the workers store one event per key
+whichever copies reach them, and a key used again a window later is a new event.
+The record carries its stream partition's hash tag (the routing key picks the partition,
+and a retry has the routing key of its first), so the script is legal on a Redis Cluster;
+and being one script it is atomic: of two copies in flight at once, one appends, the other
+gets its answer. Management writes change Postgres, which no script can join: a reservation
+(a script: the record, or a reservation made), then the answer stored once the handler returned 2xx, or the reservation
+dropped when it did not (a refused request moved nothing, and is evaluated afresh).
+
+Each record holds a fingerprint of the request: the same key with another body is refused
+(422), never answered with the other request's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from cryptography.fernet import Fernet, InvalidToken
+
+from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.events import Envelope, unique_token
+from ingest.contract.keys import Keys
+from ingest.edge.batcher import RedisBatcher
+from ingest.spool.store import Once
+
+HEADER = "Idempotency-Key"
+REPLAYED = "Idempotent-Replayed"  # set on an answer that is a repeat's
+KEY_RULE = "1-255 printable ASCII characters"
+_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+PENDING = 0  # the status of a reservation whose request is still running
+RESERVATION_MS = 60_000  # a reservation outlives any request; a crashed edge's expires
+WAIT_FOR_FIRST_S = 2.0  # a management repeat waits this long for the first copy's answer
+
+# KEYS[1] the key's record, KEYS[2] the stream (one hash tag); ARGV: answer, window ms, then
+# the envelope's fields and values (``Envelope.entry``). The XADD comes first: if it fails
+# (OOM), nothing was written, and no answer is stored for an event that was never appended.
+APPEND_ONCE = """
+local first = redis.call('GET', KEYS[1])
+if first then return first end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+# KEYS[1] the key's record; ARGV: a reservation, its ms. The record if there is one, else
+# the reservation is made (a script, not SET NX GET: one reply shape on every client)
+RESERVE = """
+local first = redis.call('GET', KEYS[1])
+if first then return first end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+# drop a reservation only if it is still ours (ARGV[1]): never another request's record
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class InvalidKey(ValueError):
+    """A key that is not 1-255 printable ASCII characters: the route answers 400."""
+
+
+def valid_key(value: object) -> str:
+    if isinstance(value, str) and _KEY.fullmatch(value):
+        return value
+    raise InvalidKey(f"{HEADER}: {KEY_RULE}")
+
+
+def header_key(request: web.Request) -> str | None:
+    """The request's ``Idempotency-Key``, None without one; ``InvalidKey`` when malformed."""
+    values = request.headers.getall(HEADER, [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidKey(f"{HEADER}: send one")
+    return valid_key(values[0])
+
+
+def request_claim(request: web.Request, key: str, workspace: str, raw: bytes) -> Claim:
+    """A whole request's claim: scoped by workspace, method and route; asking its path and
+    its body (``raw``; JSON key order aside)."""
+    try:
+        asked: Any = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        asked = raw.hex()
+    resource = request.match_info.route.resource
+    route = f"{request.method} {resource.canonical if resource else request.path}"
+    return Claim.of(key, route, workspace, fingerprint(request.method, request.path, asked))
+
+
+def fingerprint(*parts: Any) -> str:
+    """What a request asked, order of JSON keys aside: a repeat must ask the same."""
+    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A key in its scope (route, workspace, and for public routes the link), digested: the
+    key itself is never stored."""
+
+    digest: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, key: str, route: str, workspace: str | None, fp: str, link: str = "") -> Claim:
+        scope = "\x00".join((route, workspace or "", link, key))
+        return cls(hashlib.sha256(scope.encode()).hexdigest()[:32], fp)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    fingerprint: str
+
+    def encode(self) -> bytes:
+        return f"{self.fingerprint}{self.status:03d}".encode() + self.body
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Answer:
+        return cls(int(raw[32:35]), raw[35:], raw[:32].decode())
+
+    def response(self, headers: dict[str, str] | None = None) -> web.Response:
+        return web.Response(body=self.body, status=self.status, content_type="application/json",
+                            headers={**(headers or {}), REPLAYED: "true"})  # fmt: skip
+
+
+Refuse = Callable[[int, str, str], web.Response]  # (status, code, message) in the route's shape
+REUSED = "This Idempotency-Key was used with another request"
+
+
+def replay(first: Answer, claim: Claim, refuse: Refuse, headers: dict[str, str] | None = None) -> web.Response:
+    """The first request's answer for a repeat; 422 when the repeat asked something else."""
+    if first.fingerprint != claim.fingerprint:
+        return refuse(422, "idempotency_key_reused", REUSED)
+    return first.response(headers)
+
+
+class Idempotency:
+    """Held by the edge: the scripts, the window, and the answers it gave from its spool."""
+
+    def __init__(self, batcher: RedisBatcher, keys: Keys, *, window_s: int) -> None:
+        self.keys = keys
+        self.window_ms = window_s * 1000
+        self._append_sha = batcher.script(APPEND_ONCE)
+        self._reserve_sha = batcher.script(RESERVE)
+        self._release_sha = batcher.script(RELEASE)
+
+    # -- event routes: one script instead of the XADD ---------------------------------
+
+    def dedupe(self, claim: Claim, envelope: Envelope) -> str:
+        """The key's dedupe value for ``envelope``: its digest and the window it came in.
+        Copies a window apart never share it (the key is new again); two copies in one
+        window share it unless they straddle a window's edge, where the key's record (the
+        script, the drain's check) still keeps one while it lives."""
+        return f"idem:{claim.digest}:{envelope.received_at_ms // self.window_ms}"
+
+    def append_command(self, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer) -> Command:
+        """The script that appends ``envelope`` unless the key has a record. Marks the
+        envelope with the key's dedupe value first (a conversion keeps its own)."""
+        envelope.payload.setdefault("dedupe", self.dedupe(claim, envelope))
+        partition = self.keys.partition_for(routing_key)
+        record = self.keys.idempotent(claim.digest, partition)
+        return ("EVALSHA", self._append_sha, 2, record, self.keys.streams[partition],
+                answer.encode(), self.window_ms, *envelope.entry())  # fmt: skip
+
+    def check(self, claim: Claim, routing_key: str, answer: Answer) -> Once:
+        """What a spooled copy keeps to be drained through the same script."""
+        record = self.keys.idempotent(claim.digest, self.keys.partition_for(routing_key))
+        return Once(record, answer.encode(), self.window_ms)
+
+    # -- management writes: reserve, run, store -----------------------------------------
+
+    async def once(
+        self, batcher: RedisBatcher, claim: Claim, secret: str, key: str,
+        run: Callable[[], Awaitable[web.Response]], refuse: Refuse,
+    ) -> web.Response:  # fmt: skip
+        """Run ``run`` once per claim in the window. Its 2xx answer is stored encrypted
+        under a key derived from the caller's API key and idempotency key (a created API
+        key or webhook secret is in it), and replayed to a repeat. ``refuse(status, code,
+        message)`` renders this route's errors. Raises what Redis raised."""
+        record = self.keys.idempotent(claim.digest)
+        token = f"{claim.fingerprint}{PENDING:03d}{unique_token()}".encode()
+        (first,) = await batcher.execute(("EVALSHA", self._reserve_sha, 1, record, token, RESERVATION_MS))
+        if isinstance(first, Exception):
+            raise first
+        if first is not None:
+            return await self._repeat(batcher, record, first, claim, secret, key, refuse)
+        try:
+            response = await run()
+        except BaseException:
+            await _quietly(batcher.execute(("EVALSHA", self._release_sha, 1, record, token)))
+            raise
+        if 200 <= response.status < 300 and isinstance(response.body, bytes):
+            sealed = _box(secret, key).encrypt(response.body)
+            answer = Answer(response.status, sealed, claim.fingerprint).encode()
+            await _quietly(batcher.execute(("SET", record, answer, "PX", self.window_ms)))
+        else:
+            await _quietly(batcher.execute(("EVALSHA", self._release_sha, 1, record, token)))
+        return response
+
+    async def _repeat(
+        self, batcher: RedisBatcher, record: str, first: bytes, claim: Claim, secret: str, key: str,
+        refuse: Refuse,
+    ) -> web.Response:  # fmt: skip
+        deadline = time.monotonic() + WAIT_FOR_FIRST_S
+        while first[32:35] == b"%03d" % PENDING and first[:32].decode() == claim.fingerprint:
+            if time.monotonic() > deadline:
+                return refuse(409, "idempotency_in_progress", "A request with this Idempotency-Key is in progress")
+            await asyncio.sleep(0.02)  # the first copy is running: its answer is the answer
+            (first,) = await batcher.execute(("GET", record))
+            if isinstance(first, Exception):
+                raise first
+            if first is None:  # the first copy failed and let go: this one may run
+                return refuse(409, "idempotency_in_progress", "Retry: the first request with this key failed")
+        answer = Answer.decode(first)
+        if answer.fingerprint != claim.fingerprint:
+            return refuse(422, "idempotency_key_reused", REUSED)
+        try:
+            return web.Response(body=_box(secret, key).decrypt(answer.body), status=answer.status,
+                                content_type="application/json", headers={REPLAYED: "true"})  # fmt: skip
+        except InvalidToken:  # unreachable for the same API key; a defence, not a path
+            return refuse(422, "idempotency_key_reused", "This Idempotency-Key was used with another API key")
+
+
+def _box(secret: str, key: str) -> Fernet:
+    # neither the API key nor the idempotency key is stored: Redis alone cannot open it
+    raw = hashlib.sha256(b"refstream idempotency\x00" + secret.encode() + b"\x00" + key.encode()).digest()
+    return Fernet(base64.urlsafe_b64encode(raw))
+
+
+async def _quietly(call: Awaitable[Any]) -> None:
+    """Bookkeeping after the effect: its failure must not turn a done write into an error
+    (a lost record only means a repeat runs again, as without a key)."""
+    try:
+        await call
+    except REDIS_ERRORS:
+        pass

@@ -1,0 +1,108 @@
+"""Sliding-window rate limits in Redis: exactly N requests in any rolling window.
+
+One sorted set per subject (client IP or API key) holds the times of the requests
+admitted in the window; a Lua script prunes, counts and admits atomically, on one key, so
+it runs unchanged on a Redis Cluster. Time is Redis's own, so every edge agrees. Refused
+requests are not recorded: a client that keeps hammering is let in again as soon as its
+oldest admitted request leaves the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ingest.contract.connections import Command
+from ingest.edge.batcher import RedisBatcher
+from ingest.edge.redislink import ImpossibleReply
+
+# KEYS[1] the subject's set; ARGV[1] window ms, ARGV[2] limit, ARGV[3] a unique member.
+# Leaves ``verdict`` = {admitted (1/0), remaining, retry after ms}: scripts that go on
+# from it (``ingest.edge.lookup.CHECKED_APPEND``) start with this text.
+WINDOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local n = redis.call('ZCARD', KEYS[1])
+local verdict
+if n < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window)
+  verdict = {1, limit - n - 1, 0}
+else
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  verdict = {0, 0, tonumber(oldest[2]) + window - now}
+end
+"""
+SLIDING_WINDOW = WINDOW + "return verdict\n"
+
+
+def well_formed(reply: object, *, flags: int = 0, values: int = 0) -> bool:
+    """Whether ``reply`` can be what a script built on ``WINDOW`` answered: an error reply,
+    or the verdict's three integers, then ``flags`` integers, then exactly ``values`` values
+    (bytes or nil). Anything else answers another command (``RedisBatcher.execute``'s
+    ``check``)."""
+    if isinstance(reply, Exception):
+        return True
+    if not isinstance(reply, list) or len(reply) != 3 + flags + values:
+        return False
+    head = 3 + flags
+    return all(type(v) is int for v in reply[:head]) and all(v is None or type(v) is bytes for v in reply[head:])
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after_ms: int
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The rate-limit headers of the answer: one shared dict per (limit, remaining,
+        Retry-After), made once (the callers hand it to a response, which copies it; never
+        change it)."""
+        retry = 0 if self.allowed else max(1, -(-self.retry_after_ms // 1000))
+        key = (self.limit, self.remaining, retry)
+        h = _HEADERS.get(key)
+        if h is None:
+            if len(_HEADERS) >= HEADER_CACHE:
+                _HEADERS.clear()
+            h = {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": str(self.remaining)}
+            if not self.allowed:
+                h["Retry-After"] = str(retry)
+            _HEADERS[key] = h
+        return h
+
+
+HEADER_CACHE = 8192  # (limit, remaining, retry) triples: a few limits, each up to its size
+_HEADERS: dict[tuple[int, int, int], dict[str, str]] = {}
+
+
+class RateLimiter:
+    def __init__(self, batcher: RedisBatcher, name: str, *, limit: int, window_ms: int = 60_000) -> None:
+        self.name = name  # the route family: part of the key, so families count apart
+        self.limit = limit
+        self.window_ms = window_ms
+        self._sha = batcher.script(SLIDING_WINDOW)
+
+    def command(self, key: str, member: str) -> Command:
+        """The script call, to be sent in the same round trip as the request's other reads."""
+        return ("EVALSHA", self._sha, 1, key, self.window_ms, self.limit, member)
+
+    def verdict(self, reply: Any) -> Verdict:
+        """From the script's reply (its first three elements: a longer one may follow it).
+        An error reply is raised; a reply that no such script gives raises ``ImpossibleReply``
+        (a Redis error: never an IndexError, never another request's numbers taken for a verdict)."""
+        if isinstance(reply, Exception):
+            raise reply
+        if not isinstance(reply, list) or len(reply) < 3 or not all(type(v) is int for v in reply[:3]):
+            raise ImpossibleReply(f"not a rate-limit verdict: a {type(reply).__name__}")
+        return Verdict(bool(reply[0]), self.limit, reply[1], reply[2])
+
+    @staticmethod
+    def check(replies: list[Any]) -> bool:
+        """``RedisBatcher.execute``'s ``check`` for a round trip led by ``command()``."""
+        return well_formed(replies[0])

@@ -1,0 +1,254 @@
+"""Seed 002 (Affitor): ``POST /api/v1/track/click``.
+
+Public: the referral link inside ``affiliate_url`` (its ``?aff=`` value) is the only
+credential. Answers ``{"success": true, "click_id", "partner_code", "cookie_window_days"}``;
+a 400 for each of the seed's error rows, and ``200 {"success": false}`` for an inactive
+link. ``existing_click_id`` keeps the visitor's earlier click id (and so its customer).
+``additional_data.test_mode`` stores a test event that never moves production counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from ingest.contract import clicks
+from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.links import LinkInfo
+from ingest.edge import accept
+from ingest.edge.body import BodyError, parse
+from ingest.edge.fields import NO_NUL, NoNul
+from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key, valid_key
+from ingest.edge.lookup import ClickPending, Guess, Unavailable, resolve_click, seen_link
+from ingest.edge.state import EDGE, Edge
+
+routes = web.RouteTableDef()
+
+S = 2048  # cap of every free-text field
+
+
+class AffitorAdditionalData(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    test_mode: bool = False
+    program_id: int | NoNul | None = None
+
+
+def _affiliate_url_required(schema: dict[str, Any]) -> None:
+    # the route answers the seed's own 400 ("affiliate_url is required") when it is missing,
+    # so the model takes it optional; the document says what a client must send
+    schema.setdefault("required", []).append("affiliate_url")
+    schema["properties"]["affiliate_url"] = {"type": "string", "minLength": 1, "maxLength": S, "pattern": NO_NUL}
+
+
+class AffitorClick(BaseModel):
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_affiliate_url_required)
+    affiliate_url: NoNul | None = Field(None, max_length=S)
+    page_url: NoNul | None = Field(None, max_length=S)
+    page_title: NoNul | None = Field(None, max_length=512)
+    referrer_url: NoNul | None = Field(None, max_length=S)
+    session_id: NoNul | None = Field(None, max_length=256)
+    user_agent: NoNul | None = Field(None, max_length=S)
+    screen_resolution: NoNul | None = Field(None, max_length=32)
+    viewport_size: NoNul | None = Field(None, max_length=32)
+    language: NoNul | None = Field(None, max_length=64)
+    timezone: NoNul | None = Field(None, max_length=64)
+    existing_click_id: NoNul | None = Field(None, max_length=128)
+    additional_data: AffitorAdditionalData | None = None
+    dedupe: str | None = Field(
+        None, max_length=255, description="An idempotency key (tracker.js sends one per page view's click)"
+    )
+
+
+class AffitorClickResponse(BaseModel):
+    success: bool = True
+    click_id: str
+    partner_code: str
+    cookie_window_days: int
+
+
+class AffitorTestModeData(BaseModel):
+    eventId: str
+    programId: int | str | None
+    test_mode: bool = True
+
+
+class AffitorTestModeResponse(BaseModel):
+    success: bool = True
+    message: str = "Test click event tracked successfully"
+    data: AffitorTestModeData
+
+
+class AffitorFailure(BaseModel):
+    success: bool = False
+    error: str
+
+
+def reply(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def fail(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return reply(status, {"success": False, "error": message}, headers)
+
+
+VOICE = accept.Voice(
+    "affitor_click", lambda status, code, message: fail(status, message),
+    lambda headers: fail(503, "Service temporarily unavailable", headers),
+)  # fmt: skip
+
+
+def aff_code(affiliate_url: str) -> str | web.Response:
+    """The ``aff`` value of the URL, or the seed's 400 for why there is none."""
+    try:
+        parts = urlsplit(affiliate_url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok:
+        return fail(400, "affiliate_url is not a valid URL")
+    values = [v for v in parse_qs(parts.query).get("aff", []) if v.strip()]
+    if not values:
+        return fail(400, "No aff parameter found in affiliate_url")
+    return values[0].strip()
+
+
+@dataclass(frozen=True, slots=True)
+class _Made:
+    envelope: Envelope
+    extra: tuple[Command, ...]
+    resp: bytes
+
+
+def _make(
+    request: web.Request,
+    edge: Edge,
+    body: AffitorClick,
+    code: str,
+    link: LinkInfo,
+    prior: clicks.ClickRef | None,
+    ip: str | None,
+    test_mode: bool,
+) -> _Made:
+    """The event, the click cache entry that goes with it, and the answer."""
+    event_id = uuid7()
+    click_id = prior.click_id if prior else clicks.mint(event_id)
+    payload: dict[str, Any] = {
+        "code": code,
+        "click_id": click_id,
+        "visitor_id": prior.visitor_id if prior else click_id,
+    }
+    for name in ("page_url", "page_title", "session_id", "screen_resolution", "viewport_size", "language", "timezone"):
+        if (value := getattr(body, name)) is not None:
+            payload[name] = value
+    if body.referrer_url:
+        payload["referrer"] = body.referrer_url
+    if test_mode:
+        payload["test_mode"] = True
+    envelope = accept.event(
+        request, edge, EventType.CLICK, Dialect.AFFITOR, link.workspace_id, payload,
+        ip=ip, event_id=event_id, user_agent=body.user_agent,
+    )  # fmt: skip
+    extra: list[Command] = []
+    if not test_mode and prior is None:
+        ref = clicks.ClickRef(click_id, code, link.workspace_id, payload["visitor_id"], envelope.received_at_ms)
+        extra.append(ref.cache_command(edge.keys, link.cookie_window_days * 86400))
+    if test_mode:
+        program = body.additional_data.program_id if body.additional_data else None
+        data = AffitorTestModeData(eventId=str(event_id), programId=program if program is not None else link.program_id)
+        resp = orjson.dumps(AffitorTestModeResponse(data=data).model_dump())
+    else:
+        # AffitorClickResponse's fields, in its order (the model documents it; a dict is cheaper to dump)
+        resp = orjson.dumps(
+            {"success": True, "click_id": click_id, "partner_code": code, "cookie_window_days": link.cookie_window_days}
+        )
+    return _Made(envelope, tuple(extra), resp)
+
+
+@routes.post("/api/v1/track/click")
+async def track_click(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    ip = edge.client_ip(request)
+    try:
+        body = await parse(request, AffitorClick)
+    except BodyError as exc:
+        return fail(exc.status, "Invalid JSON body" if exc.kind == "invalid_json" else exc.message)
+    if not body.affiliate_url:
+        return fail(400, "affiliate_url is required")
+    try:  # the header for servers; tracker.js sends it in the body (a header costs a CORS preflight)
+        idem_key = header_key(request) or (valid_key(body.dedupe) if body.dedupe is not None else None)
+    except InvalidKey as exc:
+        return fail(400, str(exc).replace("Idempotency-Key", "Idempotency-Key (or dedupe)"))
+    code = aff_code(body.affiliate_url)
+    if isinstance(code, web.Response):
+        return code
+    test_mode = bool(body.additional_data and body.additional_data.test_mode)
+    existing = body.existing_click_id if body.existing_click_id and clicks.parse(body.existing_click_id) else None
+
+    made = guess = None
+    if idem_key is None and existing is None:
+        # what this edge last read says "accept": append in the lookup's own round trip
+        known = seen_link(edge, code)
+        if known is not None and known.configured and known.active:
+            if known.allows_origin(request.headers.get("Origin")):
+                made = _make(request, edge, body, code, known, None, ip, test_mode)
+                guess = Guess(made.envelope, code, made.extra)
+    found = await accept.look(
+        edge,
+        VOICE,
+        edge.public_limiter,
+        ip or "-",
+        code=code,
+        extra=(("GET", edge.keys.click(existing)),) if existing else (),
+        degraded=True,  # public: with Redis down, the link from Postgres and the event to the spool
+        guess=guess,
+    )
+    if isinstance(found, web.Response):
+        return found
+    link = found.link
+    headers = found.verdict.headers
+    if not found.verdict.allowed:
+        edge.drops.note(link.workspace_id if link else None, link.id if link else None, "rate_limited")
+        return fail(429, "Too many requests", headers)
+    if found.link_unresolved:
+        return VOICE.down()
+    if link is None:
+        edge.drops.note(None, None, "unknown_code")
+        return fail(400, f"No referral link found for aff={code}")
+    if not link.configured:
+        return fail(400, "Referral link configuration is invalid (missing partner or program)")
+    if not link.active:
+        edge.drops.note(link.workspace_id, link.id, "inactive_link")
+        return fail(200, "Referral link is inactive")
+    if not link.allows_origin(request.headers.get("Origin")):
+        return fail(403, "Origin not allowed for this workspace")
+    prior = None
+    if existing:
+        try:
+            prior = await resolve_click(edge, existing, found.extra[0])
+        except ClickPending:
+            prior = None  # not known yet (still spooled?): this click gets a new id, never a 503
+        except Unavailable:
+            return VOICE.down()
+        except REDIS_ERRORS as exc:
+            return VOICE.down(exc)
+        if prior is not None and prior.workspace_id != link.workspace_id:
+            prior = None  # another workspace's click id: not this visitor
+
+    if found.appended:  # what was read held what the guess was made from: it went in
+        assert made is not None
+        return accept.accepted(made.resp, headers)
+    if made is None or made.envelope.workspace_id != link.workspace_id or prior is not None:
+        made = _make(request, edge, body, code, link, prior, ip, test_mode)
+    claim = None
+    if idem_key is not None:  # public: scoped by the link's workspace and the link
+        asked = fingerprint(body.model_dump(exclude={"dedupe"}))
+        claim = Claim.of(idem_key, "affitor-click", link.workspace_id, asked, link=code)
+    return await accept.append(
+        edge, VOICE, made.envelope, code, made.resp, headers, *made.extra, claim=claim, spool=True
+    )

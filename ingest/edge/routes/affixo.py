@@ -1,0 +1,190 @@
+"""Seed 003 (Affixo): ``POST /v1/track/click``, server to server.
+
+``Authorization: Bearer`` workspace key with scope ``track`` (or ``*``); 600 requests a
+minute per key. Errors are the OpenAPI's: 400 ``invalid_json``, 401 ``unauthorized``,
+403 ``insufficient_scope`` with ``need``, 404 ``link_not_found`` (missing, inactive, or in
+another workspace).
+
+Visitor matching: a given ``visitor_id`` is the visitor (``cookie``, 1.0); else a
+``fingerprint`` already seen in this workspace gives its visitor (``fingerprint``, 0.8);
+else a new visitor id is minted (``new``, 0.0). A fingerprint is remembered for the first
+visitor it was seen with (SET NX), for ``FINGERPRINT_TTL_S``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.links import LinkInfo
+from ingest.edge import accept
+from ingest.edge.body import code as body_code
+from ingest.edge.fields import NoNul
+from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
+from ingest.edge.lookup import Guess, seen_link
+from ingest.edge.state import Edge
+
+routes = web.RouteTableDef()
+
+FINGERPRINT_TTL_S = 90 * 86400
+FINGERPRINT_CONFIDENCE = 0.8
+
+
+class AffixoClick(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    ref: NoNul = Field(min_length=1, max_length=128, description="Referral code / ref_param.")
+    visitor_id: NoNul | None = Field(None, max_length=128)
+    fingerprint: NoNul | None = Field(None, max_length=1024)
+    url: NoNul | None = Field(None, max_length=2048)
+    referrer: NoNul | None = Field(None, max_length=2048)
+
+
+class AffixoClickRecorded(BaseModel):
+    ok: bool = True
+    visitor_id: str
+    match_method: str
+    match_confidence: float
+
+
+class AffixoError(BaseModel):
+    error: str
+    need: str | None = None
+    detail: str | None = None
+
+
+def error(status: int, code: str, headers: dict[str, str] | None = None, **extra: str) -> web.Response:
+    return web.Response(
+        body=orjson.dumps({"error": code, **extra}), status=status, content_type="application/json", headers=headers
+    )
+
+
+def recorded(visitor: str, method: str, confidence: float) -> bytes:
+    """The answer: AffixoClickRecorded's fields, in its order (the model documents it; a
+    dict is cheaper to dump)."""
+    return orjson.dumps({"ok": True, "visitor_id": visitor, "match_method": method, "match_confidence": confidence})
+
+
+def new_visitor_id() -> str:
+    return "v_" + uuid7().hex
+
+
+@dataclass(frozen=True, slots=True)
+class _Made:
+    envelope: Envelope
+    remember: tuple[Command, ...]
+    resp: bytes
+
+
+def _make(request: web.Request, edge: Edge, body: AffixoClick, link: LinkInfo) -> _Made:
+    """The event and the answer when no round trip decides the visitor (a visitor id, or
+    no fingerprint to look up)."""
+    fp_key = (
+        edge.keys.fingerprint(link.workspace_id, hashlib.sha256(body.fingerprint.encode()).hexdigest()[:32])
+        if body.fingerprint
+        else None
+    )
+    remember: tuple[Command, ...] = ()
+    if body.visitor_id:
+        visitor, method, confidence = body.visitor_id, "cookie", 1.0
+        if fp_key:
+            remember = (("SET", fp_key, visitor, "NX", "EX", FINGERPRINT_TTL_S),)
+    else:
+        visitor, method, confidence = new_visitor_id(), "new", 0.0
+    return _Made(_click(request, edge, body, link, visitor, method), remember, recorded(visitor, method, confidence))
+
+
+def _click(request: web.Request, edge: Edge, body: AffixoClick, link: LinkInfo, visitor: str, method: str) -> Envelope:
+    payload: dict[str, Any] = {"code": link.code, "visitor_id": visitor, "match": method}
+    if body.url:
+        payload["page_url"] = body.url
+    if body.referrer:
+        payload["referrer"] = body.referrer
+    return accept.event(
+        request, edge, EventType.CLICK, Dialect.AFFIXO, link.workspace_id, payload, ip=edge.client_ip(request)
+    )
+
+
+VOICE = accept.Voice(
+    "affixo_click", lambda status, code, message: error(status, code, detail=message),
+    lambda headers: error(503, "unavailable", headers),
+)  # fmt: skip
+
+
+@routes.post("/v1/track/click")
+async def track_click(request: web.Request) -> web.Response:
+    edge, secret = accept.keyed(request)
+    if secret is None:
+        return error(401, "unauthorized")
+    body, problem = await accept.parsed(request, AffixoClick)
+    made = guess = None
+    if body is not None and HEADER not in request.headers and (body.visitor_id or not body.fingerprint):
+        # what this edge last read says "accept": append in the lookup's own round trip
+        _, known_key, _ = edge.auth.cached(secret)
+        known = seen_link(edge, body.ref)
+        if known_key is not None and known_key.allows("track") and known is not None and known.active:
+            if known.workspace_id == known_key.workspace_id:
+                made = _make(request, edge, body, known)
+                guess = Guess(made.envelope, known.code, made.remember)
+    found = await accept.look(
+        edge, VOICE, edge.key_limiter, "", secret=secret, code=body.ref if body else None, guess=guess
+    )
+    if isinstance(found, web.Response):
+        return found
+    principal = found.principal
+    if principal is None:
+        return error(401, "unauthorized")
+    if not principal.allows("track"):
+        return error(403, "insufficient_scope", need="track")
+    link = found.link
+    mine = link if link is not None and link.workspace_id == principal.workspace_id else None
+    if not found.verdict.allowed:
+        edge.drops.note(principal.workspace_id, mine.id if mine else None, "rate_limited")
+        return error(429, "rate_limited", found.verdict.headers, detail="600 requests per minute per key")
+    if problem is not None or body is None:
+        edge.drops.note(principal.workspace_id, None, "invalid")
+        if problem is None:
+            return error(400, "invalid_json", detail="invalid body")
+        return error(problem.status, body_code(problem, "invalid_json"), detail=problem.message)
+    try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        edge.drops.note(principal.workspace_id, None, "invalid")
+        return error(400, "invalid_idempotency_key", detail=str(exc))
+    if found.link_unresolved:
+        return VOICE.down()
+    if mine is None or not mine.active:
+        edge.drops.note(principal.workspace_id, mine.id if mine else None, "inactive_link" if mine else "unknown_code")
+        return error(404, "link_not_found")
+    link = mine
+    headers = found.verdict.headers
+    if found.appended:  # what was read held what the guess was made from: it went in
+        assert made is not None
+        return accept.accepted(made.resp, headers)
+    if body.visitor_id or not body.fingerprint:
+        made = _make(request, edge, body, link)
+    else:  # a fingerprint to match: one round trip decides the visitor
+        fp_key = edge.keys.fingerprint(link.workspace_id, hashlib.sha256(body.fingerprint.encode()).hexdigest()[:32])
+        candidate = new_visitor_id()
+        try:
+            _, seen = await edge.batcher.execute(
+                ("SET", fp_key, candidate, "NX", "EX", FINGERPRINT_TTL_S), ("GET", fp_key)
+            )
+        except REDIS_ERRORS as exc:
+            return VOICE.down(exc)
+        if isinstance(seen, bytes) and seen.decode() != candidate:
+            visitor, method, confidence = seen.decode(), "fingerprint", FINGERPRINT_CONFIDENCE
+        else:
+            visitor, method, confidence = candidate, "new", 0.0
+        made = _Made(_click(request, edge, body, link, visitor, method), (), recorded(visitor, method, confidence))
+    claim = Claim.of(idem_key, "affixo-click", link.workspace_id, fingerprint(body.model_dump())) if idem_key else None
+    # keyed: Redis down is a 503 (spool=False)
+    return await accept.append(
+        edge, VOICE, made.envelope, link.code, made.resp, headers, *made.remember, claim=claim, spool=False
+    )

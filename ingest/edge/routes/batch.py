@@ -1,0 +1,373 @@
+"""``POST /v1/events/batch``: up to 500 events in one request, for high-volume trackers.
+
+Bearer workspace key, scope ``track``. The body is a JSON array or NDJSON
+(``Content-Type: application/x-ndjson``), gzip accepted (``Content-Encoding: gzip``). Each
+item names its ``type`` and is validated by the same model as its single-event route:
+``click`` as Affixo's ``/v1/track/click`` (plus the visitor's ``ip`` and ``user_agent``,
+which a server forwarding clicks knows), ``lead`` as Refport's ``/api/track/lead``,
+``conversion`` as Bricqs' ``/convert``. The answer lists one result per item, in order; a
+bad item never fails the others. All lookups of the batch share one Redis round trip, and
+all its appends another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, Field, RootModel, ValidationError
+
+from ingest.contract import clicks, links
+from ingest.contract.connections import REDIS_ERRORS
+from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.edge import accept
+from ingest.edge.body import BodyError, describe, read
+from ingest.edge.body import code as body_code
+from ingest.edge.durability import Unconfirmed
+from ingest.edge.enqueue import OutcomeUnknown, never_sent, to_spool, xadd
+from ingest.edge.fields import NoNul
+from ingest.edge.idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
+from ingest.edge.keyed import spool_or_unknown
+from ingest.edge.lookup import ClickPending, Unavailable, lookup, resolve_click, resolve_link
+from ingest.edge.routes.affixo import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
+from ingest.edge.routes.bricqs import BricqsConvert
+from ingest.edge.routes.refport import RefportLead
+from ingest.edge.state import Edge
+
+log = structlog.get_logger("ingest.batch")
+routes = web.RouteTableDef()
+
+MAX_EVENTS = 500
+
+
+class BatchClick(AffixoClick):
+    ip: NoNul | None = Field(None, max_length=64, description="The visitor's address, as your server saw it")
+    user_agent: NoNul | None = Field(None, max_length=2048, description="The visitor's User-Agent")
+
+
+MODELS: dict[str, type[BaseModel]] = {"click": BatchClick, "lead": RefportLead, "conversion": BricqsConvert}
+
+
+class BatchClickItem(BatchClick):
+    type: Literal["click"]
+
+
+class BatchLeadItem(RefportLead):
+    type: Literal["lead"]
+
+
+class BatchConversionItem(BricqsConvert):
+    type: Literal["conversion"]
+
+
+BatchItem = Annotated[BatchClickItem | BatchLeadItem | BatchConversionItem, Field(discriminator="type")]
+
+
+class BatchBody(RootModel[Annotated[list[BatchItem], Field(min_length=1, max_length=MAX_EVENTS)]]):
+    """For the documentation: each item names its ``type`` and has the fields of that type."""
+
+
+class ItemResult(BaseModel):
+    index: int
+    ok: bool
+    event_id: str | None = None
+    visitor_id: str | None = None
+    match_method: str | None = None
+    match_confidence: float | None = None
+    error: str | None = None
+    detail: str | None = None
+
+
+class BatchResult(BaseModel):
+    accepted: int
+    rejected: int
+    results: list[ItemResult]
+
+
+def error(status: int, code: str, detail: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": code, **({"detail": detail} if detail else {})}
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def parse_items(raw: bytes, ndjson: bool) -> list[Any]:
+    try:
+        if ndjson:
+            return [orjson.loads(line) for line in raw.splitlines() if line.strip()]
+        items = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BodyError(400, "invalid_json", "not a JSON array, nor NDJSON") from None
+    if not isinstance(items, list):
+        raise BodyError(400, "invalid_json", "a JSON array of events (or NDJSON)")
+    return items
+
+
+@routes.post("/v1/events/batch")
+async def batch(request: web.Request) -> web.Response:
+    edge, secret = accept.keyed(request)
+    if secret is None:
+        return error(401, "unauthorized")
+    try:
+        found = await lookup(edge, edge.key_limiter, "", secret=secret)
+    except (Unavailable, *REDIS_ERRORS):
+        return web.Response(status=503, headers={"Retry-After": "1"}, body=b'{"error":"unavailable"}')
+    principal = found.principal
+    if principal is None:
+        return error(401, "unauthorized")
+    if not principal.allows("track"):
+        return web.Response(body=orjson.dumps({"error": "insufficient_scope", "need": "track"}), status=403,
+                            content_type="application/json")  # fmt: skip
+    if not found.verdict.allowed:
+        edge.drops.note(principal.workspace_id, None, "rate_limited")  # one per refused request
+        return error(429, "rate_limited", headers=found.verdict.headers)
+    try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        return error(400, "invalid_idempotency_key", str(exc))
+    try:
+        # read once the key is known: a stranger's body is never read (nor inflated); the cap
+        # counts the body both as sent and decompressed
+        raw = await read(request, edge.settings.batch_max_bytes)
+        items = parse_items(raw, "ndjson" in request.headers.get("Content-Type", ""))
+    except BodyError as exc:
+        return error(exc.status, body_code(exc, "invalid_json"), exc.message)
+    if not items:
+        return error(400, "invalid_json", "no events")
+    if len(items) > MAX_EVENTS:
+        return error(413, "too_many_events", f"at most {MAX_EVENTS} events per request")
+    try:
+        results, replayed = await _accept(edge, principal.workspace_id, items, idem_key)
+    except (Unavailable, *REDIS_ERRORS) as exc:
+        log.warning("batch.unavailable", error=repr(exc))
+        return web.Response(status=503, headers={"Retry-After": "1"}, body=b'{"error":"unavailable"}')
+    accepted = sum(r.ok for r in results)
+    out = BatchResult(accepted=accepted, rejected=len(results) - accepted, results=results)
+    headers = {**found.verdict.headers, **({REPLAYED: "true"} if replayed else {})}
+    return web.Response(body=orjson.dumps(out.model_dump(exclude_none=True)), content_type="application/json",
+                        headers=headers)  # fmt: skip
+
+
+def _validate(index: int, item: Any) -> BaseModel | ItemResult:
+    kind = item.get("type") if isinstance(item, dict) else None
+    model = MODELS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        return ItemResult(index=index, ok=False, error="invalid", detail="type: one of click, lead, conversion")
+    if isinstance(item, dict) and b"\\u0000" in orjson.dumps(item):
+        return ItemResult(index=index, ok=False, error="invalid", detail="NUL characters are not allowed")
+    try:
+        return model.model_validate(item)
+    except ValidationError as exc:
+        return ItemResult(index=index, ok=False, error="invalid", detail=describe(exc))
+
+
+def _claim(index: int, item: Any, workspace: str, idem_key: str | None) -> Claim | ItemResult | None:
+    """An item's own ``idempotency_key``, else one derived from the request's header and
+    the item's place (a retried batch is the same list); None without either."""
+    own = item.get("idempotency_key") if isinstance(item, dict) else None
+    if own is None and idem_key is None:
+        return None
+    asked = fingerprint({k: v for k, v in item.items() if k != "idempotency_key"} if isinstance(item, dict) else item)
+    if own is None:
+        assert idem_key is not None
+        return Claim.of(f"{idem_key}\x00{index}", "batch", workspace, asked)
+    try:
+        return Claim.of(valid_key(own), "batch-item", workspace, asked)
+    except InvalidKey:
+        return ItemResult(index=index, ok=False, error="invalid", detail="idempotency_key: 1-255 printable ASCII")
+
+
+async def _accept(
+    edge: Edge, workspace: str, items: list[Any], idem_key: str | None = None
+) -> tuple[list[ItemResult], bool]:
+    """Each item's result; and whether the batch is a repeat (``Idempotent-Replayed``):
+    some item answered from an earlier request's record, and nothing appended anew."""
+    parsed = [_validate(i, item) for i, item in enumerate(items)]
+    claims = [_claim(i, item, workspace, idem_key) for i, item in enumerate(items)]
+    parsed = [c if isinstance(c, ItemResult) and not isinstance(p, ItemResult) else p
+              for p, c in zip(parsed, claims, strict=True)]  # fmt: skip
+    codes = sorted({p.ref if isinstance(p, BatchClick) else p.code for p in parsed
+                    if isinstance(p, BatchClick | BricqsConvert)})  # fmt: skip
+    click_ids = sorted({p.clickId for p in parsed if isinstance(p, RefportLead)})
+    fingerprints = {
+        p.fingerprint: edge.keys.fingerprint(workspace, hashlib.sha256(p.fingerprint.encode()).hexdigest()[:32])
+        for p in parsed
+        if isinstance(p, BatchClick) and p.fingerprint and not p.visitor_id
+    }
+    candidates = {fp: new_visitor_id() for fp in fingerprints}
+
+    # every lookup of the batch in one round trip: links, the warm flag, clicks, fingerprints
+    commands: list[Any] = [("GET", edge.keys.link(c)) for c in codes] + [("GET", edge.keys.links_warm)]
+    commands += [("GET", edge.keys.click(c)) for c in click_ids]
+    for fp, key in fingerprints.items():
+        commands += [("SET", key, candidates[fp], "NX", "EX", FINGERPRINT_TTL_S), ("GET", key)]
+    replies = await edge.batcher.execute(*commands)
+    warm = replies[len(codes)]
+    by_code = {
+        code: await resolve_link(edge, code, reply, warm)
+        for code, reply in zip(codes, replies[: len(codes)], strict=True)
+    }
+    offset = len(codes) + 1
+    by_click: dict[str, clicks.ClickRef | None] = {}
+    pending: set[str] = set()  # recent click ids not known yet: those leads are "unavailable" (retry)
+    for cid, reply in zip(click_ids, replies[offset : offset + len(click_ids)], strict=True):
+        try:
+            by_click[cid] = await resolve_click(edge, cid, reply)
+        except ClickPending:
+            pending.add(cid)
+    offset += len(click_ids)
+    seen = {fp: replies[offset + 2 * i + 1] for i, fp in enumerate(fingerprints)}
+
+    results: list[ItemResult] = []
+    appends: list[Any] = []
+    sent: list[_Sent] = []  # the item behind each append, in order
+    firsts: dict[str, tuple[int, Claim]] = {}  # a key's first item in this batch
+    repeats: list[tuple[int, int]] = []  # (item, the earlier item of this batch with its key)
+    for index, p in enumerate(parsed):
+        if isinstance(p, ItemResult):
+            edge.drops.note(workspace, None, "invalid")
+            results.append(p)
+            continue
+        if isinstance(p, RefportLead) and p.clickId in pending:
+            results.append(ItemResult(index=index, ok=False, error="unavailable"))
+            continue
+        envelope, result = _envelope(index, p, workspace, by_code, by_click, candidates, seen)
+        results.append(result)
+        if not result.ok:  # refused items: why, for the workspace's stats
+            edge.drops.note(workspace, None, "invalid" if result.error == "invalid" else "unknown_code")
+        if envelope is None:
+            continue
+        claim = claims[index]
+        answer = None
+        if not isinstance(claim, Claim):
+            appends.append(xadd(edge.keys, envelope, envelope.payload["code"]))
+        elif claim.digest in firsts:  # repeated within the batch: answered as its first, not sent
+            first, first_claim = firsts[claim.digest]
+            if first_claim.fingerprint == claim.fingerprint:
+                repeats.append((index, first))
+            else:
+                results[-1] = ItemResult(index=index, ok=False, error="idempotency_key_reused", detail=REUSED)
+            continue
+        else:
+            firsts[claim.digest] = (index, claim)
+            answer = Answer(
+                200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint
+            )
+            appends.append(edge.idem.append_command(claim, envelope.payload["code"], envelope, answer))
+        sent.append(_Sent(result, envelope, claim if isinstance(claim, Claim) else None, answer))
+    fresh, replays = 0, 0
+    if appends:
+        try:
+            written = await edge.batcher.execute(*appends, durable=True)
+        except REDIS_ERRORS as exc:
+            if never_sent(exc):
+                raise  # nothing of the batch is in Redis: the route refuses it (503)
+            written = await _settle(edge, sent, exc)
+        for reply, item in zip(written, sent, strict=True):
+            result, claim = item.result, item.claim
+            if isinstance(reply, OutcomeUnknown):  # neither accepted nor refused
+                result.ok, result.error = False, "outcome_unknown"
+                result.event_id = str(reply.event_id) if reply.event_id else None
+                result.detail = "may be stored: retry with the same idempotency key to count it once"
+            elif isinstance(reply, Exception):
+                result.ok, result.error, result.event_id = False, "unavailable", None
+            elif claim is not None and isinstance(reply, bytes):  # a repeat of an earlier batch's item
+                results[result.index] = _replayed(result.index, claim, Answer.decode(reply))
+                replays += 1
+            else:
+                fresh += 1
+    for index, first in repeats:
+        results[index] = results[first].model_copy(update={"index": index})
+    return results, replays > 0 and fresh == 0
+
+
+@dataclass(slots=True)
+class _Sent:
+    result: ItemResult
+    envelope: Envelope
+    claim: Claim | None
+    answer: Answer | None
+
+
+async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any]:
+    """The appends' round trip failed after it was sent: what Redis may hold is spooled under
+    its event id (and a keyed item with its check), never refused (``ingest.edge.enqueue``). One
+    reply per item, as the round trip's would have been: None or a stream id once spooled,
+    the error of an item Redis refused, ``OutcomeUnknown`` for a keyed item (spooled) and
+    where the spool could not keep one."""
+    replies: list[Any] = list(exc.replies) if isinstance(exc, Unconfirmed) else [None] * len(sent)
+
+    async def one(item: _Sent, reply: Any) -> Any:
+        if isinstance(reply, Exception):
+            return reply  # Redis refused it: not written
+        if isinstance(reply, bytes) and item.claim is not None:  # the key's record, unconfirmed
+            return OutcomeUnknown(None, exc)
+        code = item.envelope.payload["code"]
+        claim, answer = item.claim, item.answer
+        try:
+            if claim is not None and answer is not None:  # stands only where its script's run is confirmed
+                await spool_or_unknown(edge, item.envelope, code, (), edge.idem.check(claim, code, answer), exc)
+                return OutcomeUnknown(None, exc)  # (ingest.edge.keyed)
+            await to_spool(edge, item.envelope, code, maybe_applied=exc)
+        except OutcomeUnknown as unknown:
+            return unknown
+        return None  # kept: accepted
+
+    return list(await asyncio.gather(*(one(item, reply) for item, reply in zip(sent, replies, strict=True))))
+
+
+def _replayed(index: int, claim: Claim, first: Answer) -> ItemResult:
+    if first.fingerprint != claim.fingerprint:
+        return ItemResult(index=index, ok=False, error="idempotency_key_reused", detail=REUSED)
+    return ItemResult(index=index, **orjson.loads(first.body))
+
+
+def _known(seen: object, candidate: str) -> bool:
+    """The fingerprint was already mapped to another visitor (our SET NX lost)."""
+    return isinstance(seen, bytes) and seen.decode() != candidate
+
+
+def _envelope(
+    index: int, p: BaseModel, workspace: str, by_code: dict[str, links.LinkInfo | None],
+    by_click: dict[str, clicks.ClickRef | None], candidates: dict[str, str], seen: dict[str, Any],
+) -> tuple[Envelope | None, ItemResult]:  # fmt: skip
+    if isinstance(p, RefportLead):
+        click = by_click.get(p.clickId)
+        if click is None or click.workspace_id != workspace:
+            return None, ItemResult(index=index, ok=False, error="invalid_click_id")
+        payload: dict[str, Any] = {"code": click.code, "click_id": click.click_id, "visitor_id": click.visitor_id,
+                                   "name": p.eventName, "external_id": p.customerExternalId}  # fmt: skip
+        for field, value in (("email", p.customerEmail), ("customer_name", p.customerName),
+                             ("avatar", p.customerAvatar), ("metadata", p.metadata)):  # fmt: skip
+            if value is not None:
+                payload[field] = value
+        e = Envelope(type=EventType.LEAD, dialect=Dialect.NATIVE, workspace_id=workspace, payload=payload)
+        return e, ItemResult(index=index, ok=True, event_id=str(e.event_id))
+    code = p.ref if isinstance(p, BatchClick) else p.code  # type: ignore[attr-defined]
+    link = by_code.get(code)
+    if link is None or link.workspace_id != workspace or not link.active:
+        return None, ItemResult(index=index, ok=False, error="link_not_found")
+    if isinstance(p, BricqsConvert):
+        payload = {"code": code, "visitor_id": p.referred_session_id, "dedupe": f"{code}:{p.referred_session_id}"}
+        e = Envelope(type=EventType.CONVERSION, dialect=Dialect.NATIVE, workspace_id=workspace, payload=payload)
+        return e, ItemResult(index=index, ok=True, event_id=str(e.event_id))
+    assert isinstance(p, BatchClick)
+    if p.visitor_id:
+        visitor, method = p.visitor_id, "cookie"
+    elif p.fingerprint and _known(seen.get(p.fingerprint), candidates[p.fingerprint]):
+        visitor, method = seen[p.fingerprint].decode(), "fingerprint"
+    else:
+        visitor, method = candidates.get(p.fingerprint or "", None) or new_visitor_id(), "new"
+    payload = {"code": code, "visitor_id": visitor, "match": method}
+    if p.url:
+        payload["page_url"] = p.url
+    if p.referrer:
+        payload["referrer"] = p.referrer
+    e = Envelope(type=EventType.CLICK, dialect=Dialect.NATIVE, workspace_id=workspace, payload=payload,
+                 ip=p.ip, user_agent=p.user_agent)  # fmt: skip
+    confidence = {"cookie": 1.0, "fingerprint": FINGERPRINT_CONFIDENCE}.get(method, 0.0)
+    return e, ItemResult(index=index, ok=True, event_id=str(e.event_id), visitor_id=visitor,
+                         match_method=method, match_confidence=confidence)  # fmt: skip

@@ -1,0 +1,145 @@
+"""Seed 000 (bio.re): ``POST /api/v1/referral/click/{code}``.
+
+Public; 60 requests/minute per client IP; a kill switch answers 503
+``features.referral_disabled``. Every other outcome is ``200 {"success":true,"data":
+{"tracked":true}}``: unknown and inactive codes included (a warn log, nothing counted),
+because landing pages must never block on tracking. Beyond the seed, in its error shape:
+a body (the seed sends none) past ``REFSTREAM_MAX_BODY_BYTES`` is 413 ``payload_too_large``,
+and an ``Origin`` the link's workspace does not list in ``allowed_origins`` is 403
+``origin_not_allowed``.
+"""
+
+from __future__ import annotations
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import BaseModel
+
+from ingest.contract.connections import REDIS_ERRORS
+from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.contract.links import LinkInfo
+from ingest.edge import accept, flags
+from ingest.edge.body import BodyError, header, plain, read
+from ingest.edge.body import code as body_code
+from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
+from ingest.edge.lookup import Guess, seen, seen_link
+from ingest.edge.state import EDGE, Edge
+
+log = structlog.get_logger("ingest.biore")
+routes = web.RouteTableDef()
+
+MAX_CODE = 128
+
+
+class BioreTracked(BaseModel):
+    tracked: bool = True
+
+
+class BioreTrackResponse(BaseModel):
+    success: bool = True
+    data: BioreTracked
+
+
+class BioreErrorBody(BaseModel):
+    statusCode: int
+    code: str
+    message: str
+
+
+class BioreError(BaseModel):
+    success: bool = False
+    error: BioreErrorBody
+
+
+TRACKED = orjson.dumps({"success": True, "data": {"tracked": True}})
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """bio.re's error shape: ApiResponse with success false and an i18n key as code."""
+    body = {"success": False, "error": {"statusCode": status, "code": code, "message": message}}
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+# not durable, so not accepted: refuse rather than answer 2xx for a lost event (or, when
+# Redis may hold it and the spool cannot, say so: ``retry_headers``)
+VOICE = accept.Voice(
+    "biore_click", error, lambda headers: error(503, "service_unavailable", "Try again shortly", headers)
+)
+
+
+def _envelope(request: web.Request, edge: Edge, code: str, ip: str | None, link: LinkInfo | None) -> Envelope:
+    payload = {"code": code}
+    if referrer := header(request, "Referer", edge.settings.max_string_length):
+        payload["referrer"] = referrer
+    return accept.event(
+        request, edge, EventType.CLICK, Dialect.BIORE, link.workspace_id if link else None, payload, ip=ip
+    )
+
+
+@routes.post("/api/v1/referral/click/{code}")
+async def track_click(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    code = request.match_info["code"]
+    ip = edge.client_ip(request)
+    sane = plain(code, MAX_CODE)
+    try:
+        await read(request)  # the seed sends no body; one sent anyway is capped like any other
+    except BodyError as exc:
+        return error(exc.status, "bad_request" if exc.status == 400 else body_code(exc), exc.message)
+    flag = edge.keys.flag("referral")
+    envelope = guess = None
+    if sane and HEADER not in request.headers and seen(edge, flag) not in (False, flags.DISABLED):
+        # what this edge last read says "accept": append in the lookup's own round trip
+        known = seen_link(edge, code)
+        if known is not None and known.active and known.allows_origin(request.headers.get("Origin")):
+            envelope = _envelope(request, edge, code, ip, known)
+            guess = Guess(envelope, code)
+    found = await accept.look(
+        edge,
+        VOICE,
+        edge.click_limiter,
+        ip or "-",
+        code=code if sane else None,
+        extra=(("GET", flag),),
+        degraded=True,  # public: with Redis down, accept into the spool
+        guess=guess,
+    )
+    if isinstance(found, web.Response):
+        return found
+    try:
+        disabled = flags.is_disabled(found.extra[0])
+    except REDIS_ERRORS as exc:  # the kill switch could not be read (its node failing over)
+        return VOICE.down(exc)
+
+    if disabled:
+        return error(503, "features.referral_disabled", "The referral feature is disabled")
+    headers = found.verdict.headers
+    link = found.link
+    if not found.verdict.allowed:
+        edge.drops.note(link.workspace_id if link else None, link.id if link else None, "rate_limited")
+        return error(429, "throttle", "Too Many Requests", headers)
+    try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        return error(400, "validation.idempotency_key", str(exc), headers)
+    # Postgres down while the link cache is cold: accept, and let the worker decide
+    if not sane or (link is None and not found.link_unresolved):
+        log.warning("click.unknown_code", code=code[:MAX_CODE].encode("utf-8", "replace").decode(), ip=ip)
+        edge.drops.note(None, None, "unknown_code")
+        return accept.accepted(TRACKED, headers)
+    if link is not None and not link.active:
+        log.warning("click.inactive_link", code=code, link_id=link.id)
+        edge.drops.note(link.workspace_id, link.id, "inactive_link")
+        return accept.accepted(TRACKED, headers)
+    if link is not None and not link.allows_origin(request.headers.get("Origin")):
+        # the workspace lists the sites that may send its clicks: as Affitor and Bricqs answer
+        return error(403, "origin_not_allowed", "Origin not allowed for this workspace", headers)
+
+    if found.appended:  # what was read held what the guess was made from: it went in
+        return accept.accepted(TRACKED, headers)
+    if envelope is None or envelope.workspace_id != (link.workspace_id if link else None):
+        envelope = _envelope(request, edge, code, ip, link)
+    # public: a key is scoped by the link (whose code names its workspace: known or not, the same scope)
+    claim = Claim.of(idem_key, "biore-click", None, fingerprint(code), link=code) if idem_key else None
+    return await accept.append(edge, VOICE, envelope, code, TRACKED, headers, claim=claim, spool=True)

@@ -1,0 +1,107 @@
+"""What browsers load: ``/tracker.js``, redirect links ``/r/{code}``, and ``/``.
+
+``GET /r/{code}`` records the click server-side (no JavaScript needed; bots are told apart
+by the worker and counted as bot clicks), sets the click-id cookie and answers 302 to the
+link's destination with the click id appended. An unknown or inactive code, or any
+failure, redirects to ``REFSTREAM_FALLBACK_URL``: never an error page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import structlog
+from aiohttp import web
+
+from ingest.contract import clicks
+from ingest.contract.connections import REDIS_ERRORS
+from ingest.contract.events import Dialect, EventType, uuid7
+from ingest.edge import accept
+from ingest.edge.body import header, plain
+from ingest.edge.enqueue import append
+from ingest.edge.lookup import lookup
+from ingest.edge.state import EDGE
+from ingest.spool.spool import SpoolFull
+
+log = structlog.get_logger("ingest.browser")
+routes = web.RouteTableDef()
+
+TRACKER = resources.files("ingest").joinpath("static/tracker.js").read_bytes()
+TRACKER_ETAG = '"' + hashlib.sha256(TRACKER).hexdigest()[:16] + '"'
+HOME = b"<!doctype html><title>refstream</title><p>Nothing to see here.</p>"
+
+
+@routes.get("/tracker.js")
+async def tracker(request: web.Request) -> web.Response:
+    headers = {"ETag": TRACKER_ETAG, "Cache-Control": "public, max-age=3600"}
+    if request.headers.get("If-None-Match") == TRACKER_ETAG:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=TRACKER, content_type="application/javascript", charset="utf-8", headers=headers)
+
+
+@routes.get("/")
+async def home(request: web.Request) -> web.Response:
+    return web.Response(body=HOME, content_type="text/html")
+
+
+def moved(url: str) -> web.Response:
+    return web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
+
+
+def with_param(url: str, name: str, value: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a URL stored before URLs were checked: left as it is
+        return url
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != name]
+    return urlunsplit(parts._replace(query=urlencode([*query, (name, value)])))
+
+
+@routes.get("/r/{code}")
+async def redirect(request: web.Request) -> web.Response:
+    edge = request.app[EDGE]
+    settings = edge.settings
+    fallback = moved(settings.fallback_url)
+    code = request.match_info["code"]
+    if not plain(code, 128):
+        return fallback
+    ip = edge.client_ip(request)
+    try:
+        found = await lookup(edge, edge.public_limiter, ip or "-", code=code, degraded=True)
+    except REDIS_ERRORS:
+        return fallback
+    link = found.link
+    if link is None or not link.active or not link.configured:
+        log.warning("redirect.unknown_code", code=code, unresolved=found.link_unresolved)
+        if link is not None:
+            edge.drops.note(link.workspace_id, link.id, "inactive_link")
+        elif not found.link_unresolved:
+            edge.drops.note(None, None, "unknown_code")
+        return fallback
+    if not found.verdict.allowed:
+        edge.drops.note(link.workspace_id, link.id, "rate_limited")
+        return moved(link.url)  # over the limit: the visitor still gets there, uncounted
+
+    event_id = uuid7()
+    click_id = clicks.mint(event_id)
+    payload = {"code": code, "click_id": click_id, "visitor_id": click_id}
+    if referrer := header(request, "Referer", settings.max_string_length):
+        payload["referrer"] = referrer
+    envelope = accept.event(
+        request, edge, EventType.CLICK, Dialect.REDIRECT, link.workspace_id, payload, ip=ip, event_id=event_id
+    )
+    window_s = link.cookie_window_days * 86400
+    ref = clicks.ClickRef(click_id, code, link.workspace_id, click_id, envelope.received_at_ms)
+    try:
+        await append(edge, envelope, code, ref.cache_command(edge.keys, window_s), spool=True)
+    except (*REDIS_ERRORS, SpoolFull) as exc:
+        log.warning("redirect.not_recorded", code=code, error=str(exc))
+        return moved(link.url)
+    response = moved(with_param(link.url, settings.click_id_param, click_id))
+    response.set_cookie(
+        settings.cookie_name, click_id, max_age=window_s, path="/", samesite="Lax",
+        domain=settings.cookie_domain, secure=request.secure or None,
+    )  # fmt: skip
+    return response

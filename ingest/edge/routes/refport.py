@@ -1,0 +1,215 @@
+"""Seed 004 (Refport): ``POST /api/track/lead``.
+
+``Authorization: Bearer`` workspace key (scope ``track`` or ``*``). The lead is attributed
+to the click named by ``clickId``: any click id refstream minted, found in the click cache
+(written when the click was accepted) or, for older clicks, in Postgres. The answer echoes
+the event name, the click, its link and the customer. A lead is idempotent on (customer
+external id, event name): a second one is accepted and counts nothing.
+Errors: 400 ``INVALID_CLICK_ID`` / ``VALIDATION_ERROR``, 401 ``UNAUTHORIZED``,
+429 ``RATE_LIMIT_EXCEEDED``; always ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from ingest.contract import clicks, links
+from ingest.contract.clicks import ClickRef
+from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.edge import accept
+from ingest.edge.body import code as body_code
+from ingest.edge.fields import NoNul, no_nul_inside
+from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
+from ingest.edge.lookup import Guess, Unavailable, fallback, remember, resolve_click, seen, seen_link
+from ingest.edge.state import Edge
+
+log = structlog.get_logger("ingest.refport")
+routes = web.RouteTableDef()
+
+
+class RefportLead(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    clickId: NoNul = Field(min_length=1, max_length=128)
+    eventName: NoNul = Field(min_length=1, max_length=256)
+    customerExternalId: NoNul = Field(min_length=1, max_length=256)
+    customerEmail: str | None = Field(None, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$")
+    customerName: NoNul | None = Field(None, max_length=256)
+    customerAvatar: NoNul | None = Field(None, max_length=2048)
+    metadata: Annotated[dict[str, Any], AfterValidator(no_nul_inside)] | None = Field(None, max_length=100)
+
+
+class RefportClick(BaseModel):
+    id: str
+
+
+class RefportLink(BaseModel):
+    id: str
+    domain: str | None
+    key: str
+    url: str
+    programId: str | None
+
+
+class RefportCustomer(BaseModel):
+    externalId: str
+    email: str | None
+    name: str | None
+
+
+class RefportLeadTracked(BaseModel):
+    eventName: str
+    click: RefportClick
+    link: RefportLink
+    customer: RefportCustomer
+
+
+class RefportErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class RefportError(BaseModel):
+    error: RefportErrorBody
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"code": code, "message": message}}
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+VOICE = accept.Voice(
+    "refport_lead", lambda status, code, message: error(status, code.upper(), message),
+    lambda headers: error(503, "SERVICE_UNAVAILABLE", "Try again shortly", headers),
+)  # fmt: skip
+
+
+@routes.post("/api/track/lead")
+async def track_lead(request: web.Request) -> web.Response:
+    edge, secret = accept.keyed(request)
+    if secret is None:
+        return error(401, "UNAUTHORIZED", "Invalid or missing API key")
+    body, problem = await accept.parsed(request, RefportLead)
+    click_id = body.clickId if body else None
+    reads: tuple[Command, ...] = (("GET", edge.keys.click(click_id)),) if click_id else ()
+    made = guess = None
+    if body is not None and click_id and HEADER not in request.headers:
+        # what this edge last read (the click, its link) says "accept": append in the
+        # lookup's own round trip, the link read there too
+        _, known_key, _ = edge.auth.cached(secret)
+        raw = seen(edge, edge.keys.click(click_id))
+        known_click = clicks.decode(click_id, raw) if isinstance(raw, bytes) else None
+        if known_key is not None and known_key.allows("track") and known_click is not None:
+            known_link = seen_link(edge, known_click.code)
+            if known_click.workspace_id == known_key.workspace_id and known_link is not None:
+                made = _make(request, edge, body, known_click, known_link)
+                guess = Guess(made.envelope, known_click.code)
+                reads += (("GET", edge.keys.link(known_click.code)),)
+    found = await accept.look(edge, VOICE, edge.key_limiter, "", secret=secret, extra=reads, guess=guess)
+    if isinstance(found, web.Response):
+        return found
+    principal = found.principal
+    if principal is None or not principal.allows("track"):
+        return error(401, "UNAUTHORIZED", "Invalid or missing API key")
+    if not found.verdict.allowed:
+        edge.drops.note(principal.workspace_id, None, "rate_limited")
+        return error(429, "RATE_LIMIT_EXCEEDED", "Too many requests", found.verdict.headers)
+    if problem is not None or body is None:
+        edge.drops.note(principal.workspace_id, None, "invalid")
+        if problem is None or problem.status == 400:
+            return error(400, "VALIDATION_ERROR", problem.message if problem else "invalid body")
+        return error(problem.status, body_code(problem).upper(), problem.message)
+    try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        edge.drops.note(principal.workspace_id, None, "invalid")
+        return error(400, "VALIDATION_ERROR", str(exc))
+
+    click_id = body.clickId
+    try:
+        click = await resolve_click(edge, click_id, found.extra[0])
+    except Unavailable:
+        return VOICE.down()
+    if click is None or click.workspace_id != principal.workspace_id:
+        edge.drops.note(principal.workspace_id, None, "unknown_code")
+        return error(400, "INVALID_CLICK_ID", "The clickId does not match any recorded click")
+
+    headers = found.verdict.headers
+    if found.appended:  # what was read held what the guess was made from: it went in
+        assert made is not None
+        return accept.accepted(made.resp, headers)
+    # the link to echo is found before the lead is appended: nothing can fail after a 2xx is due
+    try:
+        if len(found.extra) > 1 and made is not None and made.envelope.payload["code"] == click.code:
+            cached = found.extra[1]  # read with the click, for the guess
+        else:
+            (cached,) = await edge.batcher.execute(("GET", edge.keys.link(click.code)))
+            remember(edge, edge.keys.link(click.code), cached)
+        link = links.decode(cached)
+        if not isinstance(link, links.LinkInfo):
+            code = click.code
+            link = await fallback(edge, lambda: links.fetch(edge.pg, code))
+    except Unavailable:
+        return VOICE.down()
+    except REDIS_ERRORS as exc:
+        return VOICE.down(exc)
+    resp = orjson.dumps(_tracked(body, click, link).model_dump())
+    claim = (
+        Claim.of(idem_key, "refport-lead", principal.workspace_id, fingerprint(body.model_dump())) if idem_key else None
+    )
+    # keyed: Redis down is a 503 (spool=False)
+    return await accept.append(
+        edge, VOICE, _envelope(request, edge, body, click), click.code, resp, headers, claim=claim, spool=False
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Made:
+    envelope: Envelope
+    resp: bytes
+
+
+def _envelope(request: web.Request, edge: Edge, body: RefportLead, click: ClickRef) -> Envelope:
+    payload: dict[str, Any] = {
+        "code": click.code,
+        "click_id": click.click_id,
+        "visitor_id": click.visitor_id,
+        "name": body.eventName,
+        "external_id": body.customerExternalId,
+    }
+    for field, value in (
+        ("email", body.customerEmail),
+        ("customer_name", body.customerName),
+        ("avatar", body.customerAvatar),
+        ("metadata", body.metadata),
+    ):
+        if value is not None:
+            payload[field] = value
+    return accept.event(
+        request, edge, EventType.LEAD, Dialect.REFPORT, click.workspace_id, payload, ip=edge.client_ip(request)
+    )
+
+
+def _make(request: web.Request, edge: Edge, body: RefportLead, click: ClickRef, link: links.LinkInfo) -> _Made:
+    return _Made(_envelope(request, edge, body, click), orjson.dumps(_tracked(body, click, link).model_dump()))
+
+
+def _tracked(body: RefportLead, click: ClickRef, link: links.LinkInfo | None) -> RefportLeadTracked:
+    if link is None:  # the click's link was deleted after the click: the lead is stored all the same
+        link = links.LinkInfo(
+            id="", workspace_id=click.workspace_id, program_id=None, affiliate_id=None,
+            affiliate_external_id=None, code=click.code, url="", domain=None, status="inactive",
+            cookie_window_days=0, attribution="last_click",
+        )  # fmt: skip
+    return RefportLeadTracked(
+        eventName=body.eventName,
+        click=RefportClick(id=click.click_id),
+        link=RefportLink(id=link.id, domain=link.domain, key=link.code, url=link.url, programId=link.program_id),
+        customer=RefportCustomer(externalId=body.customerExternalId, email=body.customerEmail, name=body.customerName),
+    )

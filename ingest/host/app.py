@@ -1,0 +1,194 @@
+"""The edge's aiohttp application factory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ingest.contract import clock, links
+from ingest.contract.connections import connect_redis, create_pg_pool, pg_unavailable
+from ingest.contract.drops import DropTally
+from ingest.contract.events import unique_token
+from ingest.contract.keys import Keys
+from ingest.contract.logs import CURRENT_REQUEST, DEFAULT_ACCESS_LOG, AccessLog, RequestLog
+from ingest.contract.settings import Settings
+from ingest.edge import lookup
+from ingest.edge.auth import Authenticator
+from ingest.edge.batcher import RedisBatcher
+from ingest.edge.body import CLOSE
+from ingest.edge.durability import Durability
+from ingest.edge.idempotency import Idempotency
+from ingest.edge.metrics import EdgeMetrics
+from ingest.edge.ratelimit import RateLimiter
+from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, browser, refport
+from ingest.edge.state import EDGE, Edge
+from ingest.host import cors, health, openapi
+from ingest.host.guard import GUARD, ConnectionGuard
+from ingest.host.siblings import SIBLINGS
+from ingest.manage.routes import manage, stats, webhooks
+from ingest.spool.spool import Spool
+
+log = structlog.get_logger("ingest.app")
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID", "")
+    if 0 < len(given) <= 64 and given.isascii() and given.isprintable():
+        return given
+    return unique_token()
+
+
+def _unexpected(request: web.Request, exc: Exception) -> web.Response:
+    if pg_unavailable(exc):
+        # a route's own handling missed a database outage (read-only, not migrated, ...):
+        # "try again", never a 500 for what is not the request's fault
+        log.warning("request.postgres_unavailable", path=request.path, error=type(exc).__name__)
+        return web.Response(body=UNAVAILABLE, status=503, content_type="application/json", headers={"Retry-After": "1"})
+    log.exception("request.failed", method=request.method, path=request.path)
+    return web.Response(body=INTERNAL, status=500, content_type="application/json")
+
+
+UNAVAILABLE = orjson.dumps({"error": "service_unavailable"})
+INTERNAL = orjson.dumps({"error": "internal_error"})
+
+
+def edge_middleware(
+    metrics: EdgeMetrics, access: AccessLog = DEFAULT_ACCESS_LOG, guard: ConnectionGuard | None = None
+) -> Middleware:
+    """The edge's one middleware, around every request: its id (from ``X-Request-ID`` when
+    the client sent a sane one, else minted; echoed, and on every line logged while it
+    runs), CORS on the public routes (``ingest.host.cors``), the connection guard, metrics by
+    route and status for every request, the access line as ``access`` says, and an
+    unexpected error as a bare 500 (503 for a database outage), never a trace. A request
+    whose body was refused (too large, too slow, unreadable) closes its connection once
+    answered. One middleware, not a chain: each layer costs a call per request."""
+    observe = metrics.requests.observe
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        status = 500
+        rid = _request_id(request)
+        if guard is not None:
+            guard.busy(request.protocol)
+        token = CURRENT_REQUEST.set(RequestLog(rid))
+        public = cors.is_public(request.path)
+        try:
+            if public and request.method == "OPTIONS":  # a preflight (tracker.js sends text/plain: it needs none)
+                response: web.StreamResponse = cors.preflight()
+            else:
+                try:
+                    response = await handler(request)
+                except web.HTTPException as exc:
+                    status = exc.status
+                    raise
+                except Exception as exc:
+                    response = _unexpected(request, exc)
+                else:
+                    if public:
+                        response.headers.update(cors.HEADERS)
+                    # a refused body is always answered 4xx: only then is the flag looked up
+                    if response.status >= 400 and request.get(CLOSE) and not response.prepared:
+                        response.force_close()
+            status = response.status
+            response.headers["X-Request-ID"] = rid
+            return response
+        finally:
+            seconds = time.perf_counter() - start
+            resource = request.match_info.route.resource
+            observe(resource.canonical if resource else "unmatched", status, seconds)
+            if access.wants(status):
+                ms = round(seconds * 1000, 3)
+                log.info("request", method=request.method, path=request.path, status=status, ms=ms)
+            CURRENT_REQUEST.reset(token)  # what the connection logs next is not this request's
+            if guard is not None:
+                guard.idle(request.protocol)
+
+    return middleware
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    redis = connect_redis(settings)
+    metrics = app[METRICS]
+
+    def observe(commands: int, seconds: float) -> None:
+        metrics.redis_batch.observe(commands)
+        metrics.redis_seconds.observe(seconds)
+
+    # the event ids minted here, and so their days, follow Redis's clock when ours is off
+    following = await clock.start_following(redis, settings.clock_skew_max_s)
+    durability = Durability.of(settings)
+    batcher = RedisBatcher(
+        redis, max_commands=settings.pipeline_max_commands, deadline_s=settings.redis_deadline_ms / 1000,
+        max_queued=settings.redis_max_queued, durability=durability, observe=observe,
+    )  # fmt: skip
+    # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
+    pg = await create_pg_pool(settings, min_size=0, max_size=4)
+    keys = Keys(settings.stream_prefix, settings.partitions)
+    spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, durability=durability)
+    spool.start(redis, every_s=settings.spool_drain_every_s)  # also drains what a previous run left
+    metrics.watch_spool(spool)
+    app[EDGE] = Edge(
+        settings=settings,
+        keys=keys,
+        redis=redis,
+        batcher=batcher,
+        pg=pg,
+        auth=Authenticator(redis, keys, pg, ttl_s=settings.key_cache_s),
+        spool=spool,
+        metrics=metrics,
+        link_sha=batcher.script(links.SET_IF_NEWER),
+        click_limiter=RateLimiter(batcher, "click", limit=settings.click_rate_limit),
+        public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit),
+        key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit),
+        drops=(drops := DropTally(batcher, settings.stream_prefix)),
+        idem=Idempotency(batcher, keys, window_s=settings.idempotency_window_s),
+        checked_append=None if settings.redis_cluster or durability.waits else batcher.script(lookup.CHECKED_APPEND),
+    )
+    drops.start()
+    try:
+        yield
+    finally:
+        following.cancel()
+        await drops.close()
+        await spool.close()
+        await batcher.close()
+        await pg.close()
+        await redis.aclose()
+
+
+async def metrics_route(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    siblings = request.app.get(SIBLINGS)  # serve --processes N: the whole server's figures
+    if siblings is not None:
+        body = await siblings.gather(body)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", EdgeMetrics)
+
+
+def create_app(settings: Settings) -> web.Application:
+    # the batch route takes the largest bodies; every other route checks its own, smaller cap
+    cap = max(settings.max_body_bytes, settings.batch_max_bytes)
+    metrics = EdgeMetrics()
+    guard = ConnectionGuard(settings.header_timeout_s, settings.keepalive_timeout_s)
+    app = web.Application(
+        client_max_size=cap, middlewares=[edge_middleware(metrics, AccessLog.parse(settings.access_log), guard)]
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[GUARD] = guard
+    app.cleanup_ctx.append(_resources)
+    for module in (health, biore, bricqs, affitor, affixo, refport, batch, manage, stats, webhooks, browser, openapi):
+        app.add_routes(module.routes)
+    app.router.add_get("/metrics", metrics_route)
+    return app

@@ -1,0 +1,222 @@
+"""``GET /openapi.json``: every route, its request and response models, from pydantic.
+
+``OPERATIONS`` is the one list of documented routes; a test checks that it and the app's
+router name the same routes, so neither can drift from the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, refport
+from ingest.host import health
+from ingest.manage.routes import manage, webhooks
+from ingest.manage.routes import stats as S
+
+routes = web.RouteTableDef()
+
+Body = type[BaseModel] | tuple[type[BaseModel], ...] | None
+
+
+@dataclass(frozen=True)
+class Op:
+    method: str
+    path: str
+    summary: str
+    tag: str
+    responses: dict[int, Body]
+    request: type[BaseModel] | None = None
+    security: str | None = None  # "bearer" | "apiKey" | None (public)
+    query: dict[str, dict[str, Any]] = field(default_factory=dict)  # name: JSON schema
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+M = manage
+A, B, F, R, X = affitor.AffitorFailure, bricqs.BricqsError, affixo.AffixoError, refport.RefportError, biore.BioreError
+
+
+def errors(model: Body, *codes: int) -> dict[int, Body]:
+    return {code: model for code in codes}
+
+
+# every route with a body: unreadable (400), too slow (408), too large (413), an encoding
+# other than gzip, deflate or identity (415); every route: rate limited (429, Retry-After)
+# and unavailable (503, Retry-After)
+BODY = (400, 408, 413, 415)
+MANAGE = errors(M.ManageError, 400, 401, 403, 404, 429, 503)
+MANAGE_BODY = {**MANAGE, **errors(M.ManageError, *BODY)}
+LIMIT = {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}
+DAY = {"type": "string", "format": "date", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}  # a UTC day, YYYY-MM-DD
+
+OPERATIONS: tuple[Op, ...] = (
+    Op("get", "/healthz", "The process is up", "Operations", {200: health.Health}),
+    Op("get", "/readyz", "Redis and Postgres answer", "Operations", {200: health.Ready, 503: health.Ready}),
+    Op("get", "/openapi.json", "This document", "Operations", {200: None}),
+    Op("get", "/metrics", "Prometheus metrics (text exposition format)", "Operations", {200: None}),
+    Op("get", "/", "A plain page (the default fallback of redirect links)", "Browser", {200: None}),
+    Op("get", "/tracker.js", "The tracker script a site owner pastes", "Browser", {200: None, 304: None}),
+    Op("get", "/r/{code}", "Redirect link: records the click, sets the cookie, 302 to the destination with the "
+       "click id; unknown codes 302 to the fallback URL", "Browser", {302: None}),
+    Op("post", "/api/v1/referral/click/{code}", "Track a referral click (bio.re, seed 000); no body (one sent "
+       "anyway is capped: 413); an Origin the workspace does not allow: 403", "bio.re",
+       {200: biore.BioreTrackResponse, **errors(X, 403, 429, 503, *BODY)}),
+    Op("post", "/api/v1/referrals/generate", "Generate a referral code (Bricqs, seed 001)", "Bricqs",
+       {200: bricqs.BricqsGenerated, **errors(B, 401, 403, 404, 429, 503, *BODY)}, bricqs.BricqsGenerate, "apiKey"),
+    Op("get", "/api/v1/referrals/validate/{code}", "Validate a referral code", "Bricqs",
+       {200: bricqs.BricqsValidated, **errors(B, 429, 503)}),
+    Op("post", "/api/v1/referrals/convert", "Convert a referral", "Bricqs",
+       {200: bricqs.BricqsConverted, **errors(B, 403, 404, 429, 503, *BODY)}, bricqs.BricqsConvert),
+    Op("get", "/api/v1/referrals/stats/{participant_id}", "Referral statistics of a participant", "Bricqs",
+       {200: bricqs.BricqsStats, **errors(B, 401, 403, 404, 429, 503)}, security="apiKey"),
+    Op("post", "/api/v1/track/click", "Track an affiliate click (Affitor, seed 002)", "Affitor",
+       {200: (affitor.AffitorClickResponse, affitor.AffitorTestModeResponse, A), **errors(A, 403, 429, 503, *BODY)},
+       affitor.AffitorClick),
+    Op("post", "/v1/track/click", "Track a click, server to server (Affixo, seed 003)", "Affixo",
+       {200: affixo.AffixoClickRecorded, **errors(F, 401, 403, 404, 429, 503, *BODY)}, affixo.AffixoClick, "bearer"),
+    Op("post", "/api/track/lead", "Track a lead (Refport, seed 004)", "Refport",
+       {200: refport.RefportLeadTracked, **errors(R, 401, 429, 503, *BODY)}, refport.RefportLead, "bearer"),
+    Op("post", "/v1/events/batch", "Up to 500 events in one request (JSON array or NDJSON, gzip accepted), each "
+       "validated like its single-event route; one result per event, a bad event never fails the others", "Batch",
+       {200: batch.BatchResult, **errors(M.ManageError, 401, 403, 429, 503, *BODY)}, batch.BatchBody, "bearer"),
+    Op("post", "/v1/programs", "Create a program", "Management", {201: M.Program, **MANAGE_BODY},
+       M.NewProgram, "bearer"),
+    Op("post", "/v1/affiliates", "Create an affiliate", "Management",
+       {201: M.Affiliate, 409: M.ManageError, **MANAGE_BODY}, M.NewAffiliate, "bearer"),
+    Op("post", "/v1/links", "Create a link", "Management", {201: M.Link, 409: M.ManageError, **MANAGE_BODY},
+       M.NewLink, "bearer"),
+    Op("post", "/v1/keys", "Create an API key (scope *); the key is shown once", "Management",
+       {201: M.CreatedKey, **MANAGE_BODY}, M.NewKey, "bearer"),
+    Op("delete", "/v1/keys/{prefix}", "Revoke an API key (scope *)", "Management",
+       {200: M.RevokedKey, **MANAGE}, security="bearer"),
+    Op("patch", "/v1/workspace", "Change the calling key's workspace: bot_policy (exclude | count), fraud_policy "
+       "(per rule: flag | exclude)", "Management", {200: M.Workspace, **MANAGE_BODY}, M.WorkspacePatch, "bearer"),
+    Op("patch", "/v1/links/{id}", "Change a link's status or URL", "Management", {200: M.Link, **MANAGE_BODY},
+       M.LinkPatch, "bearer"),
+    Op("get", "/v1/links/{id}", "A link with its counters", "Management", {200: M.Link, **MANAGE},
+       security="bearer"),
+    Op("get", "/v1/links/{id}/stats", "A link's counted events, dropped events by reason and fraud flags by rule, "
+       "per UTC day (from, to: YYYY-MM-DD, at most 366 days; default the last 30)", "Management",
+       {200: M.LinkStats, **MANAGE}, security="bearer", query={"from": DAY, "to": DAY}),
+    Op("patch", "/v1/programs/{id}/fraud", "Change a program's fraud thresholds (burst_clicks, burst_seconds, "
+       "fast_conversion_seconds)", "Management", {200: S.ProgramFraud, **MANAGE_BODY}, S.FraudThresholds,
+       "bearer"),
+    Op("get", "/v1/events", "Recent events with their enrichment", "Management",
+       {200: M.EventList, **MANAGE}, security="bearer",
+       query={"link_id": {"type": "string"}, "type": {"type": "string", "enum": ["click", "lead", "conversion"]},
+              "limit": LIMIT}),
+    Op("get", "/v1/customers/{external_id}", "A customer by your external id", "Management",
+       {200: M.Customer, **MANAGE}, security="bearer"),
+    Op("post", "/v1/webhooks", "Create a webhook (lead.created, conversion.created, milestone.reached, "
+       "fraud.flagged) to a public address; its signing secret is shown once", "Webhooks",
+       {201: webhooks.Webhook, 409: M.ManageError, **MANAGE_BODY}, webhooks.NewWebhook, "bearer"),
+    Op("get", "/v1/webhooks/{id}/deliveries", "A webhook's deliveries with every attempt", "Webhooks",
+       {200: webhooks.DeliveryList, **MANAGE}, security="bearer", query={"limit": LIMIT}),
+    Op("get", "/v1/affiliate/links", "The calling affiliate's links (affiliate key)", "Affiliate",
+       {200: M.LinkList, **MANAGE}, security="bearer"),
+    Op("get", "/v1/affiliate/stats", "The calling affiliate's stats, its own links only: counted, dropped by "
+       "reason, flagged by rule, per UTC day (affiliate key; from, to as a link's stats)", "Affiliate",
+       {200: M.AffiliateStats, **MANAGE}, security="bearer", query={"from": DAY, "to": DAY}),
+)  # fmt: skip
+
+
+_UNKEYED = frozenset({"/api/v1/referrals/convert"})  # idempotent on (code, session) by itself
+# keyed writes that change Postgres: a key is reserved while the first copy runs (409 meanwhile)
+_RESERVED = frozenset({"/api/v1/referrals/generate"})
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
+    "description": "A repeat within REFSTREAM_IDEMPOTENCY_WINDOW_S gets the first answer and changes nothing;"
+    " the same key with another body: 422",
+}  # fmt: skip
+# a 503 is a refusal (nothing stored, a retry is safe) unless it says its event may be stored
+_UNAVAILABLE = {
+    "description": "Unavailable: refused, nothing was stored, retry after Retry-After; except with"
+    " Refstream-Outcome: unknown, whose event may be stored (retry with the same Idempotency-Key to count once)",
+    "headers": {
+        "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"},
+        "Refstream-Outcome": {"schema": {"type": "string", "enum": ["unknown"]},
+                              "description": "present when the event may be stored"},
+        "Refstream-Event-Id": {"schema": {"type": "string", "format": "uuid"},
+                               "description": "the event that may be stored"},
+    },
+}  # fmt: skip
+
+
+def _models() -> list[type[BaseModel]]:
+    seen: dict[str, type[BaseModel]] = {}
+    for op in OPERATIONS:
+        bodies = [op.request, *op.responses.values()]
+        for body in bodies:
+            for model in body if isinstance(body, tuple) else (body,):
+                if model is not None:
+                    seen[model.__name__] = model
+    return list(seen.values())
+
+
+def document() -> dict[str, Any]:
+    models = _models()
+    _, top = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+    schemas = top.get("$defs", {})
+
+    def ref(model: type[BaseModel]) -> dict[str, str]:
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    def content(body: Body) -> dict[str, Any]:
+        if body is None:
+            return {}
+        schema = {"oneOf": [ref(m) for m in body]} if isinstance(body, tuple) else ref(body)
+        return {"content": {"application/json": {"schema": schema}}}
+
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        params = [
+            {"name": seg[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+            for seg in op.path.split("/")
+            if seg.startswith("{")
+        ] + [{"name": q, "in": "query", "required": False, "schema": schema} for q, schema in op.query.items()]
+        responses = dict(op.responses)
+        if op.method in ("post", "patch", "delete") and op.path not in _UNKEYED:
+            params.append(_IDEMPOTENCY_KEY)
+            error_body = op.responses.get(400, op.responses.get(401))
+            responses.setdefault(422, error_body)  # idempotency_key_reused: the key with another request
+            if op.path in _RESERVED or op.tag in ("Management", "Webhooks"):
+                responses.setdefault(409, error_body)  # idempotency_in_progress: the first copy still runs
+        operation: dict[str, Any] = {
+            "summary": op.summary,
+            "tags": [op.tag],
+            "responses": {
+                str(code): {"description": str(code), **(_UNAVAILABLE if code == 503 else {}), **content(body)}
+                for code, body in responses.items()
+            },
+        }
+        if params:
+            operation["parameters"] = params
+        if op.request is not None:
+            operation["requestBody"] = {"required": True, **content(op.request)}
+        if op.security:
+            operation["security"] = [{op.security: []}]
+        paths.setdefault(op.path, {})[op.method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "refstream", "version": "0.1.0",
+                 "description": "Referral and affiliate event ingestion: five dialects, one pipeline."},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "Workspace or affiliate API key"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+    }  # fmt: skip
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=orjson.dumps(document()), content_type="application/json")

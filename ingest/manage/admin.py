@@ -1,0 +1,342 @@
+"""Workspaces and links, as the CLI (and later the management API) create and read them.
+
+Postgres is the truth; after each commit the link cache in Redis is written so the edge
+sees the change without asking Postgres.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from ingest.contract import links
+from ingest.contract.connections import Redis
+from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
+from ingest.contract.keys import Keys
+from ingest.edge import apikeys, auth
+from ingest.edge.fields import hostname
+
+DEFAULT_PROGRAM = "Default program"
+DEFAULT_AFFILIATE = "default"
+
+
+class NotFound(LookupError):
+    pass
+
+
+async def create_workspace(conn: asyncpg.Connection, name: str) -> dict[str, str]:
+    """A workspace and its first key, scope ``*``; the key is in the result only."""
+    key = apikeys.mint("workspace")
+    async with conn.transaction():
+        ws = await conn.fetchval("INSERT INTO workspaces (name) VALUES ($1) RETURNING id", name)
+        await conn.execute(
+            "INSERT INTO api_keys (workspace_id, kind, key_hash, prefix, scopes, name)"
+            " VALUES ($1, 'workspace', $2, $3, '{*}', 'default')",
+            ws,
+            key.digest,
+            key.prefix,
+        )
+    return {"workspace_id": str(ws), "api_key": key.secret}
+
+
+BOT_POLICIES = ("exclude", "count")
+_WORKSPACE_COLUMNS = "id, name, ip_policy, bot_policy, fraud_policy::text AS fraud_policy, allowed_origins, created_at"
+
+
+async def update_workspace(
+    conn: asyncpg.Connection, workspace_id: str, *, bot_policy: str | None, fraud_policy: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Change a workspace's settings (those given); the workspace as it is now.
+
+    ``bot_policy``: ``exclude`` counts bots' clicks apart, in ``bot_clicks`` only; ``count``
+    counts them as clicks too (bio.re's behaviour). The workers read it for every batch,
+    so it applies to the clicks they store from then on; stored clicks keep what was
+    decided for them (``events.bot_counted``), and ``refstream reconcile`` agrees.
+
+    ``fraud_policy``: per fraud rule, ``flag`` (the default: flagged, still counted) or
+    ``exclude`` (flagged and not counted); merged into the rules set before."""
+    if bot_policy is not None and bot_policy not in BOT_POLICIES:
+        raise ValueError(f"bot_policy: one of {', '.join(BOT_POLICIES)}")
+    for rule, policy in (fraud_policy or {}).items():
+        if rule not in FRAUD_RULES or policy not in FRAUD_POLICIES:
+            raise ValueError(f"fraud_policy: rules {', '.join(FRAUD_RULES)}; each {' or '.join(FRAUD_POLICIES)}")
+    try:
+        wid = UUID(workspace_id)
+    except ValueError:
+        raise NotFound(f"workspace {workspace_id} not found") from None
+    row = await conn.fetchrow(
+        "UPDATE workspaces SET bot_policy = coalesce($2, bot_policy),"
+        " fraud_policy = fraud_policy || coalesce($3::text::jsonb, '{}') WHERE id = $1"
+        f" RETURNING {_WORKSPACE_COLUMNS}",
+        wid,
+        bot_policy,
+        orjson.dumps(fraud_policy).decode() if fraud_policy else None,
+    )
+    if row is None:
+        raise NotFound(f"workspace {workspace_id} not found")
+    return _row_json(row)
+
+
+async def _default_program(conn: asyncpg.Connection, workspace_id: str) -> Any:
+    pid = await conn.fetchval(
+        "SELECT id FROM programs WHERE workspace_id = $1 AND name = $2 ORDER BY created_at LIMIT 1",
+        workspace_id,
+        DEFAULT_PROGRAM,
+    )
+    if pid is None:
+        pid = await conn.fetchval(
+            "INSERT INTO programs (workspace_id, name) VALUES ($1, $2) RETURNING id",
+            workspace_id,
+            DEFAULT_PROGRAM,
+        )
+    return pid
+
+
+async def _default_affiliate(conn: asyncpg.Connection, workspace_id: str, program_id: Any) -> Any:
+    return await conn.fetchval(
+        "INSERT INTO affiliates (workspace_id, program_id, external_id, name) VALUES ($1, $2, $3, $3)"
+        " ON CONFLICT (program_id, external_id) DO UPDATE SET external_id = EXCLUDED.external_id"
+        " RETURNING id",
+        workspace_id,
+        program_id,
+        DEFAULT_AFFILIATE,
+    )
+
+
+_LINK_COLUMNS = (
+    "id, workspace_id, program_id, affiliate_id, code, url, domain, status,"
+    " clicks, unique_clicks, bot_clicks, leads, conversions, last_clicked_at, created_at"
+)
+
+
+async def create_link(
+    conn: asyncpg.Connection,
+    redis: Redis,
+    keys: Keys,
+    *,
+    workspace_id: str,
+    code: str,
+    url: str | None = None,
+    program_id: str | None = None,
+    affiliate_id: str | None = None,
+) -> dict[str, Any]:
+    """A link; a default program and affiliate are created when none are given."""
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT 1 FROM workspaces WHERE id = $1", workspace_id):
+            raise NotFound(f"workspace {workspace_id} not found")
+        pid = program_id or await _default_program(conn, workspace_id)
+        aid = affiliate_id or await _default_affiliate(conn, workspace_id, pid)
+        if url is None:
+            url = await conn.fetchval("SELECT url FROM programs WHERE id = $1", pid) or "https://example.com/"
+        link_id = await insert_link(
+            conn, workspace_id=workspace_id, program_id=pid, affiliate_id=aid, code=code, url=url
+        )
+    await link_written(conn, redis, keys, code)
+    return _row_json(await conn.fetchrow(f"SELECT {_LINK_COLUMNS} FROM links WHERE id = $1", link_id))
+
+
+async def insert_link(
+    conn: asyncpg.Connection, *, workspace_id: str, program_id: Any, affiliate_id: Any, code: str, url: str,
+    domain: str | None = None, status: str = "active",
+) -> UUID:  # fmt: skip
+    """The one way a link is made (the CLI's, ``refstream dev``'s and the management API's):
+    its row, its id back; ``asyncpg.UniqueViolationError`` when the code is taken. Once
+    committed, ``link_written`` puts it in the edge's cache."""
+    link_id: UUID = await conn.fetchval(
+        "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain, status)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        workspace_id, program_id, affiliate_id, code, url, domain or hostname(url), status,
+    )  # fmt: skip
+    return link_id
+
+
+async def link_written(conn: asyncpg.Connection, redis: Redis, keys: Keys, code: str) -> None:
+    """After the commit of a link's create or change: the edges see it at once (a cached
+    "unknown code" from before must not outlive a new link)."""
+    cached = await links.fetch(conn, code)
+    if cached is not None:
+        await links.put_committed(redis, keys, cached)
+
+
+async def show_link(conn: asyncpg.Connection, code: str) -> dict[str, Any]:
+    row = await conn.fetchrow(f"SELECT {_LINK_COLUMNS} FROM links WHERE code = $1", code)
+    if row is None:
+        raise NotFound(f"link {code!r} not found")
+    return _row_json(row)
+
+
+def _row_json(row: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if isinstance(v, UUID):
+            v = str(v)
+        elif hasattr(v, "isoformat"):
+            v = v.isoformat()
+        elif k == "fraud_policy" and isinstance(v, str):
+            v = orjson.loads(v)
+        out[k] = v
+    return out
+
+
+# -- seed 001: participants (affiliates) and their referral codes -----------------------
+
+_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: read aloud, typed by hand
+
+
+def readable_code(seed: str) -> str:
+    """``ALEX`` + 4 characters: the participant's letters first, so codes read as names."""
+    import secrets
+
+    letters = "".join(c for c in seed.upper() if c.isascii() and c.isalpha())[:8] or "REF"
+    return letters + "".join(secrets.choice(_CODE_ALPHABET) for _ in range(4))
+
+
+def with_ref(url: str, code: str) -> str:
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a program URL stored before URLs were checked: the default page's
+        parts = urlsplit("https://example.com/")
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "ref"]
+    return urlunsplit(parts._replace(query=urlencode([*query, ("ref", code)])))
+
+
+async def referral_code(
+    conn: asyncpg.Connection, redis: Redis, keys: Keys, *, workspace_id: str, program_id: str, participant_id: str
+) -> dict[str, Any]:
+    """The participant's code in the campaign, created on first call (idempotent, race-safe:
+    concurrent calls for one participant serialise on an advisory lock)."""
+    async with conn.transaction():
+        program = await conn.fetchrow(
+            "SELECT id, url FROM programs WHERE id = $1 AND workspace_id = $2", program_id, workspace_id
+        )
+        if program is None:
+            raise NotFound(f"campaign {program_id} not found")
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{program_id}/{participant_id}")
+        affiliate = await conn.fetchval(
+            "INSERT INTO affiliates (workspace_id, program_id, external_id) VALUES ($1, $2, $3)"
+            " ON CONFLICT (program_id, external_id) DO UPDATE SET external_id = EXCLUDED.external_id RETURNING id",
+            workspace_id,
+            program_id,
+            participant_id,
+        )
+        row = await conn.fetchrow(
+            "SELECT code, created_at FROM links WHERE affiliate_id = $1 AND program_id = $2"
+            " ORDER BY created_at LIMIT 1",
+            affiliate,
+            program_id,
+        )
+        created = None
+        if row is None:
+            url = program["url"] or "https://example.com/"
+            for _ in range(10):
+                code = readable_code(participant_id)
+                try:
+                    async with conn.transaction():  # a savepoint: a taken code is retried
+                        row = await conn.fetchrow(
+                            "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain)"
+                            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING code, created_at",
+                            workspace_id, program_id, affiliate, code, url, hostname(url),
+                        )  # fmt: skip
+                    created = code
+                    break
+                except asyncpg.UniqueViolationError:
+                    continue
+            if row is None:
+                raise RuntimeError("could not find a free referral code")
+    if created:
+        link = await links.fetch(conn, created)
+        if link:
+            await links.put_committed(redis, keys, link)
+    return {
+        "code": row["code"],
+        "referral_url": with_ref(program["url"] or "https://example.com/", row["code"]),
+        "participant_id": participant_id,
+        "created_at": row["created_at"].isoformat().replace("+00:00", "Z"),
+    }
+
+
+async def participant_stats(conn: asyncpg.Connection, *, workspace_id: str, participant_id: str) -> dict[str, Any]:
+    """total_referrals = conversions + pending, where pending are leads not yet converted."""
+    row = await conn.fetchrow(
+        """
+        SELECT count(l.id) AS links, coalesce(sum(l.conversions), 0)::bigint AS conversions,
+               coalesce(sum(l.leads), 0)::bigint AS leads,
+               (array_agg(l.code ORDER BY l.created_at) FILTER (WHERE l.id IS NOT NULL))[1] AS code
+        FROM affiliates a LEFT JOIN links l ON l.affiliate_id = a.id
+        WHERE a.workspace_id = $1 AND a.external_id = $2
+        HAVING count(a.id) > 0
+        """,
+        workspace_id,
+        participant_id,
+    )
+    if row is None:
+        raise NotFound(f"participant {participant_id!r} not found")
+    conversions = row["conversions"]
+    pending = max(row["leads"] - conversions, 0)
+    reached = await conn.fetch(
+        "SELECT m.name, m.threshold, am.reached_at FROM affiliate_milestones am"
+        " JOIN milestones m ON m.id = am.milestone_id JOIN affiliates a ON a.id = am.affiliate_id"
+        " WHERE a.workspace_id = $1 AND a.external_id = $2 ORDER BY m.threshold",
+        workspace_id,
+        participant_id,
+    )
+    return {
+        "participant_id": participant_id,
+        "total_referrals": conversions + pending,
+        "conversions": conversions,
+        "pending": pending,
+        "referral_code": row["code"],
+        # beyond the seed's fields: the milestones reached ("Refer 5 friends"), each once
+        "milestones": [
+            {"name": r["name"], "threshold": r["threshold"], "reached_at": r["reached_at"].isoformat()} for r in reached
+        ],
+    }
+
+
+# -- API keys ----------------------------------------------------------------------------
+
+
+async def create_key(
+    conn: asyncpg.Connection,
+    redis: Redis,
+    keys: Keys,
+    *,
+    workspace_id: str,
+    scopes: list[str],
+    affiliate_id: str | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """A workspace key with ``scopes``, or a read-only affiliate key; shown once."""
+    kind = "affiliate" if affiliate_id else "workspace"
+    scopes = ["read"] if kind == "affiliate" else apikeys.check_scopes(scopes)
+    key = apikeys.mint(kind)
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT 1 FROM workspaces WHERE id = $1", workspace_id):
+            raise NotFound(f"workspace {workspace_id} not found")
+        if affiliate_id and not await conn.fetchval(
+            "SELECT 1 FROM affiliates WHERE id = $1 AND workspace_id = $2", affiliate_id, workspace_id
+        ):
+            raise NotFound(f"affiliate {affiliate_id} not found in workspace {workspace_id}")
+        row = await conn.fetchrow(
+            "INSERT INTO api_keys (workspace_id, affiliate_id, kind, key_hash, prefix, scopes, name)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id, workspace_id, kind, scopes, prefix, affiliate_id",
+            workspace_id, affiliate_id, kind, key.digest, key.prefix, scopes, name,
+        )  # fmt: skip
+    await auth.cache_key(redis, keys, key.digest, auth.principal_from_row(row))
+    return {"api_key": key.secret, "prefix": key.prefix, "kind": kind, "scopes": scopes}
+
+
+async def revoke_key(conn: asyncpg.Connection, redis: Redis, keys: Keys, prefix: str) -> dict[str, Any]:
+    digest = await conn.fetchval(
+        "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL RETURNING key_hash", prefix
+    )
+    if digest is None:
+        raise NotFound(f"no active key with prefix {prefix!r}")
+    # edges drop their in-process copy within REFSTREAM_KEY_CACHE_S
+    await auth.cache_key(redis, keys, bytes(digest), None)
+    return {"revoked": prefix}

@@ -1,0 +1,101 @@
+"""Schema migration: apply schema.sql, idempotently, under an advisory lock, and record the
+schema version it brings the database to.
+
+``SCHEMA_VERSION`` is the version this code needs. Version 1 is the baseline schema.sql
+(everything up to and including the ``refstream_schema`` table itself). A change to the
+schema appends idempotent statements to schema.sql (``ADD COLUMN IF NOT EXISTS``, ...) and
+bumps ``SCHEMA_VERSION`` by one, in the same commit: ``refstream serve`` and
+``refstream work`` then refuse a database that ``refstream migrate`` has not brought there
+(see ``ingest.manage.schema_check``).
+
+The version lives in ``refstream_schema``, one row, written only by ``migrate`` and only
+upwards: an older build migrating a newer database leaves the newer version in place
+(its statements are a subset of the newer file's, so nothing is undone either).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+
+# 1: the baseline tables; 2: customers' per-field event times and first event
+# 3: workspaces.bot_policy (exclude | count) and events.bot_counted
+# 4: events and link_visitor_days partitioned by day (a plain table becomes the legacy
+#    partition), event_dedupe, event_retention, the management API's indexes
+# 5: drop_stats, event_drops, drop_folds, event_flags, affiliate_ips, fraud policy and thresholds
+# 6: the link cache's version from a sequence (link_cache_version, cache_version columns and
+#    their triggers); the retention's indexes on webhook_deliveries and affiliate_ips
+SCHEMA_VERSION = 6
+
+# any constant will do: it only has to be the same for every concurrent `refstream migrate`
+_MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"
+
+# the migration's own bookkeeping, not the application's schema: kept beside the code that
+# writes it, so schema.sql stays the application's tables only
+_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS refstream_schema (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    version     integer NOT NULL CHECK (version >= 1),
+    migrated_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+# only upwards, and a repeat changes nothing (not even migrated_at)
+_RECORD_VERSION = """
+INSERT INTO refstream_schema (version) VALUES ($1)
+ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version, migrated_at = now()
+WHERE refstream_schema.version < EXCLUDED.version
+"""
+
+
+def schema_sql() -> str:
+    """schema.sql: packaged in the wheel, or at the repository root in a checkout."""
+    packaged = resources.files("refstream").joinpath("schema.sql")
+    if packaged.is_file():
+        return packaged.read_text()
+    return (Path(__file__).resolve().parents[2] / "schema.sql").read_text()
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Apply schema.sql and record ``SCHEMA_VERSION``, in one transaction under the advisory
+    lock (concurrent runs queue; a failed run changes nothing). The recorded version comes
+    back: ``SCHEMA_VERSION``, or a newer one a newer build recorded."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
+        await conn.execute(schema_sql())
+        await conn.execute(_VERSION_TABLE)
+        await conn.execute(_RECORD_VERSION, SCHEMA_VERSION)
+        version: int = await conn.fetchval("SELECT version FROM refstream_schema")
+    return version
+
+
+async def schema_version(conn: asyncpg.Connection) -> int:
+    """The version ``migrate`` recorded; 0 when it never ran (or ran before versions were
+    recorded). Must not run inside a transaction: the missing table aborts it."""
+    try:
+        version: int | None = await conn.fetchval("SELECT version FROM refstream_schema")
+    except asyncpg.UndefinedTableError:  # 42P01: never migrated
+        return 0
+    return version or 0
+
+
+async def ensure_database(url: str) -> bool:
+    """Create the database ``url`` names when it does not exist; True if it was created."""
+    try:
+        conn = await asyncpg.connect(url)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return False
+    name = urlsplit(url).path.lstrip("/")
+    server = await asyncpg.connect(url, database="postgres")
+    try:
+        await server.execute('CREATE DATABASE "{}"'.format(name.replace('"', '""')))
+    except asyncpg.DuplicateDatabaseError:
+        return False  # created by a concurrent migrate
+    finally:
+        await server.close()
+    return True

@@ -1,0 +1,1 @@
+"""The management API's routes: objects, stats and fraud settings, webhooks."""

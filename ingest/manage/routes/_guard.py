@@ -1,0 +1,120 @@
+"""What every management route shares: the ``Authorization: Bearer`` key, its kind, scope
+and rate limit, ``Idempotency-Key`` on writes, and the data layer's errors in this API's
+shape (``{"error": code, "detail": text}``), through the ``guarded`` decorator."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS
+from ingest.edge.auth import Principal, bearer
+from ingest.edge.body import BodyError, plain, read
+from ingest.edge.body import code as body_code
+from ingest.edge.idempotency import Claim, InvalidKey, header_key, request_claim
+from ingest.edge.lookup import Unavailable, lookup
+from ingest.edge.state import EDGE, Edge
+from ingest.manage import manage, stats
+from ingest.manage.admin import NotFound
+
+
+def json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def error(status: int, code: str, detail: str | None = None, **extra: str) -> web.Response:
+    return json(status, {"error": code, **({"detail": detail} if detail else {}), **extra})
+
+
+def segment(request: web.Request, name: str) -> str:
+    """A path segment to look up; one no row can hold (control characters, NUL) is not found."""
+    value = request.match_info[name]
+    if not plain(value, 256):
+        raise NotFound(f"{name} not found")
+    return value
+
+
+def limit_param(request: web.Request, default: int = 50, most: int = 500) -> int | web.Response:
+    """``?limit=``: digits only (the document says integer), 1 to ``most``."""
+    given = request.query.get("limit")
+    if given is None:
+        return default
+    if not (given.isascii() and given.isdigit()):
+        return error(400, "invalid_request", "limit: an integer")
+    if not 1 <= int(given) <= most:
+        return error(400, "invalid_request", f"limit: between 1 and {most}")
+    return int(given)
+
+
+Handler = Callable[[web.Request, Edge, Principal], Awaitable[web.Response]]
+WRITES = frozenset({"POST", "PATCH", "DELETE"})  # these honour Idempotency-Key
+
+
+async def _claim(request: web.Request, key: str, workspace: str) -> Claim:
+    raw = await read(request)  # kept on the request: the handler's parse reads it again for free
+    return request_claim(request, key, workspace, raw)
+
+
+def guarded(
+    scope: str, *, affiliate: bool = False
+) -> Callable[[Handler], Callable[[web.Request], Awaitable[web.Response]]]:
+    """Bearer key, kind, scope and the per-key rate limit; then the handler, with the
+    errors of the data layer turned into this API's shapes."""
+
+    def wrap(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def route(request: web.Request) -> web.Response:
+            edge = request.app[EDGE]
+            secret = bearer(request.headers.get("Authorization"))
+            if secret is None:
+                return error(401, "unauthorized")
+            try:
+                found = await lookup(edge, edge.key_limiter, "", secret=secret)
+            except (Unavailable, *REDIS_ERRORS):
+                return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
+            principal = found.principal
+            if principal is None:
+                return error(401, "unauthorized")
+            if (principal.kind == "affiliate") != affiliate:
+                return error(403, "insufficient_scope", need="affiliate key" if affiliate else "workspace key")
+            if not principal.allows(scope):
+                return error(403, "insufficient_scope", need=scope)
+            if not found.verdict.allowed:
+                return json(429, {"error": "rate_limited"}, found.verdict.headers)
+            caller: Principal = principal
+            try:
+                idem_key = header_key(request) if request.method in WRITES else None
+            except InvalidKey as exc:
+                return error(400, "invalid_idempotency_key", str(exc))
+
+            async def run() -> web.Response:
+                try:
+                    if caller.affiliate_id is not None:  # where the affiliate's own actions come from
+                        async with edge.pg.acquire() as conn:
+                            await stats.affiliate_seen(conn, caller.affiliate_id, edge.client_ip(request))
+                    return await handler(request, edge, caller)
+                except BodyError as exc:
+                    return error(exc.status, body_code(exc), exc.message)
+                except NotFound as exc:
+                    return error(404, "not_found", str(exc))
+                except manage.Conflict as exc:
+                    return error(409, "conflict", str(exc))
+                except (*PG_ERRORS, *REDIS_ERRORS):
+                    return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
+
+            if idem_key is None:
+                return await run()
+            assert secret is not None
+            try:
+                claim = await _claim(request, idem_key, caller.workspace_id)
+                return await edge.idem.once(edge.batcher, claim, secret, idem_key, run, lambda s, c, m: error(s, c, m))
+            except BodyError as exc:
+                return error(exc.status, body_code(exc), exc.message)
+            except REDIS_ERRORS:
+                return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
+
+        return route
+
+    return wrap

@@ -1,0 +1,356 @@
+"""The management API, ``/v1``: JSON, ``Authorization: Bearer`` workspace key, scope
+``write`` for changes and ``read`` for reads, everything scoped to the key's workspace.
+Affiliate keys (read-only) reach ``/v1/affiliate/*`` and see only their own links and stats.
+Errors: ``{"error": code, "detail": text}``, as the Affixo API (seed 003) answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from ingest.contract.fraud import FraudPolicy, FraudRule
+from ingest.edge.auth import Principal
+from ingest.edge.body import parse
+from ingest.edge.fields import Ident, Integer, Text, Url
+from ingest.edge.state import Edge
+from ingest.manage import admin, manage, stats
+from ingest.manage.admin import NotFound
+from ingest.manage.routes._guard import error, guarded, json, limit_param, segment
+
+routes = web.RouteTableDef()
+
+
+class NewMilestone(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Text = Field(min_length=1, max_length=200)
+    threshold: Integer = Field(ge=1, le=1_000_000, description="Conversions an affiliate needs to reach it")
+
+
+class NewProgram(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Text = Field(min_length=1, max_length=200)
+    url: Url | None = Field(None, max_length=2048)
+    cookie_window_days: Integer = Field(30, ge=1, le=3650)
+    attribution: Literal["first_click", "last_click"] = "last_click"
+    milestones: list[NewMilestone] = Field(default_factory=list, max_length=50)
+
+
+class NewAffiliate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    program_id: Ident = Field(max_length=64)
+    external_id: Ident = Field(min_length=1, max_length=256)
+    name: Text | None = Field(None, max_length=256)
+    email: Ident | None = Field(None, max_length=320)
+
+
+class NewLink(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    affiliate_id: Ident = Field(max_length=64)
+    code: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: Url = Field(min_length=1, max_length=2048)
+    domain: str | None = Field(None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.-]+$")
+    status: Literal["active", "inactive"] = "active"
+
+
+Scope = Literal["read", "write", "track", "*"]
+
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["track"]), max_length=4)
+    affiliate_id: Ident | None = Field(None, max_length=64, description="A read-only key for this affiliate")
+    name: Text | None = Field(None, max_length=200)
+
+
+class CreatedKey(BaseModel):
+    api_key: str = Field(description="Shown once; only its sha256 is stored")
+    prefix: str
+    kind: str
+    scopes: list[str]
+
+
+class RevokedKey(BaseModel):
+    revoked: str
+
+
+class WorkspacePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bot_policy: Literal["exclude", "count"] | None = Field(
+        None,
+        description="exclude (the default): bots' clicks are counted apart, in bot_clicks only; count: as clicks too"
+        " (unique clicks included), as bio.re counts them. Either way the event is flagged is_bot. Applies to the"
+        " clicks the workers store from then on.",
+    )
+    fraud_policy: dict[FraudRule, FraudPolicy] | None = Field(
+        None,
+        description="Per fraud rule: flag (the default: the event is flagged and still counts) or exclude (flagged,"
+        " and it moves no counter and credits no affiliate). Rules not given keep their policy.",
+    )
+
+
+class Workspace(BaseModel):
+    id: str
+    name: str
+    ip_policy: str
+    bot_policy: str
+    fraud_policy: dict[str, str]
+    allowed_origins: list[str]
+    created_at: str
+
+
+class LinkPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["active", "inactive"] | None = None
+    url: Url | None = Field(None, min_length=1, max_length=2048)
+
+
+class Program(BaseModel):
+    id: str
+    workspace_id: str
+    name: str
+    url: str | None
+    cookie_window_days: int
+    attribution: str
+    created_at: str
+    milestones: list[NewMilestone]
+
+
+class Affiliate(BaseModel):
+    id: str
+    workspace_id: str
+    program_id: str
+    external_id: str
+    name: str | None
+    email: str | None
+    created_at: str
+
+
+class Link(BaseModel):
+    id: str
+    workspace_id: str
+    program_id: str | None
+    affiliate_id: str | None
+    code: str
+    url: str
+    domain: str | None
+    status: str
+    clicks: int
+    unique_clicks: int
+    bot_clicks: int
+    leads: int
+    conversions: int
+    last_clicked_at: str | None
+    created_at: str
+    updated_at: str
+
+
+class LinkList(BaseModel):
+    data: list[Link]
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    event_id: str
+    type: Literal["click", "lead", "conversion"]
+    link_id: str | None
+    received_at: str
+    payload: dict[str, Any]
+
+
+class EventList(BaseModel):
+    data: list[Event]
+
+
+class Customer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    external_id: str | None
+    visitor_id: str
+    status: Literal["click", "lead", "converted"]
+
+
+class DailyStats(BaseModel):
+    day: str = Field(description="A UTC day (YYYY-MM-DD); in totals, absent")
+    clicks: int
+    unique_clicks: int
+    bot_clicks: int
+    leads: int
+    conversions: int
+    dropped: dict[str, int] = Field(
+        description="Events not counted, by reason: bot, unknown_code, inactive_link, rate_limited, out_of_window,"
+        " test_mode, duplicate, invalid, fraud (excluded by the fraud policy)"
+    )
+    dropped_detail: dict[str, dict[str, int]] = Field(description="By reason, by detail: a bot's sub-reason, a rule")
+    flagged: dict[str, int] = Field(description="Fraud flags by rule, whether the event was counted or excluded")
+
+
+class StatsTotals(BaseModel):
+    clicks: int
+    unique_clicks: int
+    bot_clicks: int
+    leads: int
+    conversions: int
+    dropped: dict[str, int]
+    dropped_detail: dict[str, dict[str, int]]
+    flagged: dict[str, int]
+
+
+class LinkStats(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    link_id: str
+    from_: str = Field(alias="from", description="First UTC day (default: 29 days before to)")
+    to: str = Field(description="Last UTC day (default: today)")
+    totals: StatsTotals
+    daily: list[DailyStats] = Field(description="Days with anything in them, in order")
+
+
+class AffiliateStats(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    affiliate_id: str
+    links: int
+    clicks: int = Field(description="The affiliate's links' counters now (all time)")
+    unique_clicks: int
+    leads: int
+    conversions: int
+    from_: str = Field(alias="from")
+    to: str
+    totals: StatsTotals = Field(description="Over from..to")
+    daily: list[DailyStats]
+
+
+class ManageError(BaseModel):
+    error: str
+    detail: str | None = None
+    need: str | None = None
+
+
+@routes.post("/v1/programs")
+@guarded("write")
+async def create_program(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    body = await parse(request, NewProgram)
+    async with edge.pg.acquire() as conn:
+        return json(201, await manage.create_program(conn, p.workspace_id, **body.model_dump()))
+
+
+@routes.post("/v1/affiliates")
+@guarded("write")
+async def create_affiliate(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    body = await parse(request, NewAffiliate)
+    async with edge.pg.acquire() as conn:
+        return json(201, await manage.create_affiliate(conn, p.workspace_id, **body.model_dump()))
+
+
+@routes.post("/v1/links")
+@guarded("write")
+async def create_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    body = await parse(request, NewLink)
+    async with edge.pg.acquire() as conn:
+        return json(201, await manage.create_link(conn, edge.redis, edge.keys, p.workspace_id, **body.model_dump()))
+
+
+@routes.post("/v1/keys")
+@guarded("*")
+async def create_key(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    # minting keys takes "*": a "write" key must not be able to make itself a "*" key
+    body = await parse(request, NewKey)
+    if body.affiliate_id is not None:
+        manage.as_uuid(body.affiliate_id)
+    async with edge.pg.acquire() as conn:
+        created = await admin.create_key(
+            conn, edge.redis, edge.keys, workspace_id=p.workspace_id, scopes=list(body.scopes),
+            affiliate_id=body.affiliate_id, name=body.name,
+        )  # fmt: skip
+    return json(201, created)
+
+
+@routes.delete("/v1/keys/{prefix}")
+@guarded("*")
+async def revoke_key(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with edge.pg.acquire() as conn:
+        owned = await conn.fetchval(
+            "SELECT 1 FROM api_keys WHERE prefix = $1 AND workspace_id = $2",
+            segment(request, "prefix"),
+            p.workspace_id,
+        )
+        if not owned:
+            raise NotFound("key not found")
+        return json(200, await admin.revoke_key(conn, edge.redis, edge.keys, request.match_info["prefix"]))
+
+
+@routes.patch("/v1/workspace")
+@guarded("write")
+async def patch_workspace(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    body = await parse(request, WorkspacePatch)
+    async with edge.pg.acquire() as conn:
+        return json(
+            200,
+            await admin.update_workspace(
+                conn,
+                p.workspace_id,
+                bot_policy=body.bot_policy,
+                fraud_policy={str(k): str(v) for k, v in body.fraud_policy.items()} if body.fraud_policy else None,
+            ),
+        )
+
+
+@routes.patch("/v1/links/{id}")
+@guarded("write")
+async def patch_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    body = await parse(request, LinkPatch)
+    async with edge.pg.acquire() as conn:
+        link = await manage.update_link(
+            conn, edge.redis, edge.keys, p.workspace_id, request.match_info["id"], **body.model_dump()
+        )
+    return json(200, link)
+
+
+@routes.get("/v1/links/{id}")
+@guarded("read")
+async def get_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with edge.pg.acquire() as conn:
+        return json(200, await manage.get_link(conn, p.workspace_id, request.match_info["id"]))
+
+
+@routes.get("/v1/events")
+@guarded("read")
+async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    q = request.query
+    type_ = q.get("type")
+    if type_ is not None and type_ not in ("click", "lead", "conversion"):
+        return error(400, "invalid_request", "type: one of click, lead, conversion")
+    limit = limit_param(request)
+    if isinstance(limit, web.Response):
+        return limit
+    async with edge.pg.acquire() as conn:
+        events = await manage.list_events(conn, p.workspace_id, link_id=q.get("link_id"), type_=type_, limit=limit)
+    return json(200, {"data": events})
+
+
+@routes.get("/v1/customers/{external_id}")
+@guarded("read")
+async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with edge.pg.acquire() as conn:
+        return json(200, await manage.get_customer(conn, p.workspace_id, segment(request, "external_id")))
+
+
+@routes.get("/v1/affiliate/links")
+@guarded("read", affiliate=True)
+async def affiliate_links(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    assert p.affiliate_id is not None
+    async with edge.pg.acquire() as conn:
+        return json(200, {"data": await manage.affiliate_links(conn, p.workspace_id, p.affiliate_id)})
+
+
+@routes.get("/v1/affiliate/stats")
+@guarded("read", affiliate=True)
+async def affiliate_stats(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    assert p.affiliate_id is not None
+    try:
+        start, to = stats.day_range(request.query.get("from"), request.query.get("to"))
+    except stats.BadRange as exc:
+        return error(400, "invalid_request", str(exc))
+    async with edge.pg.acquire() as conn:
+        return json(200, await stats.affiliate_stats(conn, p.workspace_id, p.affiliate_id, start, to))

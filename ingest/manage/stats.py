@@ -1,0 +1,146 @@
+"""Counted and dropped events per day, for a link or an affiliate's links (the stats routes
+and ``refstream link show``); and the addresses an affiliate's key is used from.
+
+Counted events come from ``daily_stats``, dropped ones from ``drop_stats`` (why they did
+not count: ``ingest.contract.drops.REASONS``), flagged ones (``fraud``) from its ``flagged`` rows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from datetime import date
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from ingest.contract import clock
+from ingest.contract.drops import FLAGGED
+
+COUNTED = ("clicks", "unique_clicks", "bot_clicks", "leads", "conversions")
+MAX_DAYS = 366
+DEFAULT_DAYS = 30
+
+
+class BadRange(ValueError):
+    """``from``/``to`` that are not dates, or not a range of at most ``MAX_DAYS``."""
+
+
+def day_range(given_from: str | None, given_to: str | None) -> tuple[date, date]:
+    """(from, to), both inclusive, UTC days; by default the last 30 days."""
+    try:
+        to = _day(given_to) if given_to is not None else clock.utcnow().date()
+        start = _day(given_from) if given_from is not None else _days_before(to, DEFAULT_DAYS - 1)
+    except ValueError:
+        raise BadRange("from, to: dates as YYYY-MM-DD") from None
+    if start > to:
+        raise BadRange("from: on or before to")
+    if (to - start).days >= MAX_DAYS:
+        raise BadRange(f"from, to: at most {MAX_DAYS} days apart")
+    return start, to
+
+
+def _days_before(day: date, days: int) -> date:
+    return date.fromordinal(max(1, day.toordinal() - days))
+
+
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _day(given: str) -> date:
+    """YYYY-MM-DD only (``date.fromisoformat`` takes other ISO forms too, which the
+    document does not allow)."""
+    if not _DAY.fullmatch(given):
+        raise ValueError(given)
+    return date.fromisoformat(given)
+
+
+# each served by an index (tests/test_explain.py): daily_stats' and drop_stats_link's
+# (link_id, day), links_affiliate, links' primary key
+COUNTED_SQL = """
+SELECT day, sum(clicks)::bigint AS clicks, sum(unique_clicks)::bigint AS unique_clicks,
+       sum(bot_clicks)::bigint AS bot_clicks, sum(leads)::bigint AS leads, sum(conversions)::bigint AS conversions
+FROM daily_stats WHERE link_id = ANY($1::uuid[]) AND day BETWEEN $2 AND $3 GROUP BY day
+"""
+DROPPED_SQL = """
+SELECT day, reason, detail, sum(n)::bigint AS n
+FROM drop_stats WHERE link_id = ANY($1::uuid[]) AND day BETWEEN $2 AND $3 GROUP BY day, reason, detail
+"""
+LINK_OWNED_SQL = "SELECT id FROM links WHERE id = $1 AND workspace_id = $2"
+AFFILIATE_LINKS_SQL = (
+    "SELECT id, clicks, unique_clicks, leads, conversions FROM links WHERE workspace_id = $1 AND affiliate_id = $2"
+)
+
+
+async def per_day(conn: asyncpg.Connection, link_ids: list[UUID], start: date, to: date) -> dict[str, Any]:
+    """Totals and one entry per day with anything in it: counted, dropped by reason (with
+    the detail, e.g. the bot's sub-reason), flagged by rule."""
+    days: dict[date, dict[str, Any]] = defaultdict(_empty_day)
+    for r in await conn.fetch(COUNTED_SQL, link_ids, start, to):
+        days[r["day"]].update({k: r[k] for k in COUNTED})
+    for r in await conn.fetch(DROPPED_SQL, link_ids, start, to):
+        d = days[r["day"]]
+        if r["reason"] == FLAGGED:
+            d["flagged"][r["detail"]] = d["flagged"].get(r["detail"], 0) + r["n"]
+            continue
+        d["dropped"][r["reason"]] = d["dropped"].get(r["reason"], 0) + r["n"]
+        if r["detail"]:
+            by = d["dropped_detail"].setdefault(r["reason"], {})
+            by[r["detail"]] = by.get(r["detail"], 0) + r["n"]
+    totals = _empty_day()
+    for d in days.values():
+        for k in COUNTED:
+            totals[k] += d[k]
+        for group in ("dropped", "flagged"):
+            for k, n in d[group].items():
+                totals[group][k] = totals[group].get(k, 0) + n
+        for reason, by in d["dropped_detail"].items():
+            for k, n in by.items():
+                totals["dropped_detail"].setdefault(reason, {})
+                totals["dropped_detail"][reason][k] = totals["dropped_detail"][reason].get(k, 0) + n
+    return {
+        "from": start.isoformat(),
+        "to": to.isoformat(),
+        "totals": totals,
+        "daily": [{"day": day.isoformat(), **days[day]} for day in sorted(days)],
+    }
+
+
+def _empty_day() -> dict[str, Any]:
+    return {**dict.fromkeys(COUNTED, 0), "dropped": {}, "dropped_detail": {}, "flagged": {}}
+
+
+async def link_stats(
+    conn: asyncpg.Connection, workspace_id: str, link_id: UUID, start: date, to: date
+) -> dict[str, Any] | None:
+    owned = await conn.fetchval(LINK_OWNED_SQL, link_id, UUID(workspace_id))
+    if owned is None:
+        return None
+    return {"link_id": str(link_id), **await per_day(conn, [link_id], start, to)}
+
+
+async def affiliate_stats(
+    conn: asyncpg.Connection, workspace_id: str, affiliate_id: str, start: date, to: date
+) -> dict[str, Any]:
+    """The affiliate's own links only: their counters now, and per day in the range."""
+    rows = await conn.fetch(AFFILIATE_LINKS_SQL, UUID(workspace_id), UUID(affiliate_id))
+    out: dict[str, Any] = {"affiliate_id": affiliate_id, "links": len(rows)}
+    for k in ("clicks", "unique_clicks", "leads", "conversions"):
+        out[k] = sum(r[k] for r in rows)
+    return {**out, **await per_day(conn, [r["id"] for r in rows], start, to)}
+
+
+# one row per (affiliate, address), its last_seen moved at most hourly: a cheap write on a
+# low-volume route, and what the fraud rule affiliate_ip reads
+_SEEN = """
+INSERT INTO affiliate_ips AS a (affiliate_id, ip) VALUES ($1, $2::inet)
+ON CONFLICT (affiliate_id, ip) DO UPDATE SET last_seen = now()
+WHERE a.last_seen < now() - interval '1 hour'
+"""
+
+
+async def affiliate_seen(conn: asyncpg.Connection, affiliate_id: str, ip: str | None) -> None:
+    """Remember that the affiliate's key was used from ``ip``."""
+    if ip:
+        await conn.execute(_SEEN, UUID(affiliate_id), ip)

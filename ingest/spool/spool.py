@@ -1,0 +1,396 @@
+"""The edge's local spool: where accepted events wait while Redis is unreachable, or while
+it is not known whether Redis took them (``ingest.edge.enqueue``: a timeout, a durability level
+not confirmed; the copy in Redis, if any, has the same event id).
+
+The store is one SQLite database in WAL mode (``ingest.spool.store``), in ``<dir>``.
+Appends from concurrent requests are committed together, one transaction per batch, off
+the event loop (group commit); a request's 2xx waits for the commit, fsynced, of its own
+event. A failed transaction (disk full, file too large) rolls back: every request of that
+batch is refused (503) and nothing of it is drained later. The size is the totals row kept
+in the same transactions: O(1), never a scan. An event's extra commands (the click cache
+entry) are stored with it and replayed with its XADD. A keyed event keeps its idempotency
+check (``spool_store.Once``) and is replayed through the edge's own script
+(``ingest.edge.idempotency.APPEND_ONCE``): appended only if Redis holds no record of its key, so
+a copy of the same key that reached Redis another way (another edge, or this request's own
+append whose outcome was unknown) is not appended twice. While it is spooled, the key's
+record lives in the spool too, for the key's window: a second copy spooled by any process
+sharing the directory is not kept. (A spooled keyed copy is answered "may be stored",
+never with its own answer: ``ingest.edge.keyed``.)
+
+A drain loop, while there is something to drain and Redis answers, replays the oldest rows
+with pipelined XADDs and deletes, in one transaction, every row whose XADD Redis confirmed;
+a drain that stops halfway resumes after the last row it deleted. One drainer at a time over
+every process sharing the directory (an ``flock`` on ``drain.lock``, released by the kernel
+if the process dies), so several edges can share a spool and no row is replayed by two.
+A crash between an XADD and its delete replays that batch (at most ``DRAIN_BATCH`` rows)
+once more: the copies carry the same event ids and the workers store each event once.
+While Redis is down the loop asks it one PING per tick and touches nothing else.
+
+A drained row is deleted only once Redis confirmed it at ``REFSTREAM_ACK_DURABILITY``'s
+level (``ingest.edge.durability``): the WAIT (or WAITAOF) ends each drain step's pipeline, and
+a step short of it deletes nothing and is sent again (same event ids) on the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import functools
+import os
+import sqlite3
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from ingest.contract.connections import REDIS_ERRORS, Redis
+from ingest.contract.events import entry_from_blob
+from ingest.edge.durability import Durability
+from ingest.edge.idempotency import APPEND_ONCE
+from ingest.spool import store as store
+
+log = structlog.get_logger("ingest.spool")
+
+DRAIN_BATCH = 500
+T = TypeVar("T")
+
+
+class SpoolError(OSError):
+    """The spool could not keep an event: the caller must not answer 2xx (routes answer 503)."""
+
+
+class SpoolFull(SpoolError):
+    """The spool is at its cap (``REFSTREAM_SPOOL_MAX_BYTES``)."""
+
+
+class SpoolDrainFailed(Exception):
+    """A file-system step of the drain failed; already logged and counted."""
+
+
+class Spool:
+    def __init__(self, directory: str | Path, *, max_bytes: int, durability: Durability | None = None) -> None:
+        self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self.durability = durability or Durability()  # what a drained row must reach before its delete
+        self._pending: list[tuple[str, bytes, bytes | None, store.Once | None, asyncio.Future[bytes | None]]] = []
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._drainer: asyncio.Task[None] | None = None
+        self._wconn: sqlite3.Connection | None = None  # the writer's (its task only)
+        self._dconn: sqlite3.Connection | None = None  # the drainer's (its task only)
+        self._lock_fd: int | None = None
+        self._replayed: set[int] = set()  # rows in Redis whose delete failed: never sent again
+        self._entries = 0  # as of this process's last transaction or look
+        self._bytes = 0
+        self._redis_error: str | None = None  # the drain waits for Redis (logged once)
+        self._failing: dict[str, str] = {}  # op -> error, while it fails (logged once per change)
+        self._error_recorded = False
+        self.errors: Counter[str] = Counter()  # failed file-system operations by op, for /metrics
+        self.spooled = 0
+        self.drained = 0
+        self.ticks = 0  # drain loop iterations
+
+    # -- what it holds: O(1) -------------------------------------------------------------
+
+    def size(self) -> int:
+        """Bytes of pending rows, as of the last transaction or drain tick."""
+        return self._bytes
+
+    def entries(self) -> int:
+        return self._entries
+
+    def failing(self) -> dict[str, str]:
+        """The operations failing now, with their error."""
+        return dict(self._failing)
+
+    # -- writing -------------------------------------------------------------------------
+
+    async def append(
+        self, stream: str, envelope: bytes, extra: Iterable[tuple[Any, ...]] = (), once: store.Once | None = None
+    ) -> bytes | None:
+        """Durably record one event (and the commands to replay with it, and a keyed event's
+        check); returns once it is committed: None, or for a keyed event whose key a copy
+        spooled first (by any process sharing the spool), that copy's answer, and this one
+        is not kept. Raises ``SpoolFull`` at the cap, ``SpoolError`` when the disk refuses."""
+        if self._stop.is_set():
+            raise SpoolError("edge shutting down")
+        if self._bytes >= self.max_bytes:
+            raise SpoolFull(f"spool at {self.max_bytes} bytes")
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop(), name="spool-writer")
+        fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((stream, envelope, store.encode_extra(extra, once), once, fut))
+        self._wake.set()
+        return await fut
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._flush(batch)
+            if self._stop.is_set():
+                return
+
+    async def _flush(
+        self, batch: list[tuple[str, bytes, bytes | None, store.Once | None, asyncio.Future[bytes | None]]]
+    ) -> None:
+        try:
+            kept, (self._entries, self._bytes) = await asyncio.to_thread(
+                self._insert_sync, [(s, e, x, o) for s, e, x, o, _ in batch]
+            )
+        except (sqlite3.Error, OSError) as exc:
+            self._failed("append", exc)
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(SpoolError(f"spool write failed: {store.describe(exc)}"))
+            return
+        self._recovered("append")
+        for ok, (*_, fut) in zip(kept, batch, strict=True):
+            if fut.done():
+                continue  # the request went away; its event is kept all the same
+            if isinstance(ok, bytes):
+                fut.set_result(ok)  # a copy of its key was spooled first
+            elif ok:
+                fut.set_result(None)
+            else:
+                fut.set_exception(SpoolFull(f"spool at {self.max_bytes} bytes"))
+        self.spooled += sum(1 for ok in kept if ok is True)
+
+    def _insert_sync(
+        self, rows: list[tuple[str, bytes, bytes | None, store.Once | None]]
+    ) -> tuple[list[bool | bytes], tuple[int, int]]:
+        try:
+            if self._wconn is None:
+                self._wconn = store.connect(self.dir)
+                store.take_reserve(self.dir)
+            out = store.insert(self._wconn, rows, self.max_bytes, clear_error=self._error_recorded)
+            self._error_recorded = False
+            return out
+        except (sqlite3.Error, OSError) as exc:
+            self._note_error(self._wconn, "append", exc)
+            raise
+
+    def _note_error(self, conn: sqlite3.Connection | None, op: str, exc: BaseException) -> None:
+        """Where `refstream status` reads it, if the disk lets us. The connection stays open:
+        closing the last one would checkpoint, and on a full disk opening one can fail."""
+        if conn is not None:
+            store.record_error(conn, op, store.describe(exc))
+            self._error_recorded = True
+
+    # -- draining ------------------------------------------------------------------------
+
+    async def drain(self, redis: Redis) -> int:
+        """Replay what is spooled (by any process sharing the directory), oldest first, unless
+        another process is draining it. Returns the entries replayed. Raises what Redis
+        raised; file-system failures are logged and counted, and end this drain."""
+        if not store.path_in(self.dir).exists():
+            self._entries = self._bytes = 0
+            return 0
+        self._entries, self._bytes = await self._store("drain_read", self._totals_sync)
+        if self._entries == 0 and not self._replayed:
+            return 0
+        if not await self._store("drain_lock", self._lock_sync):
+            return 0  # another process drains it
+        try:
+            await redis.ping()  # while Redis is down: nothing read, nothing written
+            return await self._drain_locked(redis)
+        finally:
+            if not self._replayed:  # else held: nobody may send those rows again
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+
+    async def _drain_locked(self, redis: Redis) -> int:
+        n = 0
+        try:
+            while not self._stop.is_set():
+                rows = await self._store("drain_read", self._oldest_sync)
+                if not rows:
+                    break
+                sent, error = await _replay(redis, [r for r in rows if r.id not in self._replayed], self.durability)
+                self._replayed.update(sent)
+                n += len(sent)
+                ids = [r.id for r in rows if r.id in self._replayed]
+                if ids:
+                    self._entries, self._bytes = await self._store("drain_delete", self._delete_sync, ids)
+                    self._replayed.difference_update(ids)
+                if error is not None:
+                    raise error
+            if self._entries == 0 and n:
+                await self._store("vacuum", self._vacuum_sync)
+        finally:
+            if n:
+                self.drained += n
+                log.info("spool.drained", entries=n, left=self._entries)
+        return n
+
+    async def _store(self, op: str, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            result = await asyncio.to_thread(fn, *args)
+        except (sqlite3.Error, OSError) as exc:
+            self._failed(op, exc)
+            raise SpoolDrainFailed(op) from exc
+        self._recovered(op)
+        return result
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._dconn is None:
+            self._dconn = store.connect(self.dir)
+        return self._dconn
+
+    def _guarded(self, op: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return fn(self._conn())
+        except (sqlite3.Error, OSError) as exc:
+            self._note_error(self._dconn, op, exc)
+            raise
+
+    def _totals_sync(self) -> tuple[int, int]:
+        return self._guarded("drain_read", store.totals)
+
+    def _oldest_sync(self) -> list[store.Row]:
+        return self._guarded("drain_read", lambda c: store.oldest(c, DRAIN_BATCH))
+
+    def _delete_sync(self, ids: list[int]) -> tuple[int, int]:
+        try:
+            return store.delete(self._conn(), ids)
+        except sqlite3.Error as exc:
+            if not (store.is_full(exc) and store.give_reserve(self.dir)):
+                self._note_error(self._dconn, "drain_delete", exc)
+                raise
+        # the disk is full: the reserve is free now, delete in small steps, each checkpointed
+        log.warning("spool.reserve_released", dir=str(self.dir), reason="a delete met a full disk")
+        after = (self._entries, self._bytes)
+        for start in range(0, len(ids), 50):
+            after = self._guarded("drain_delete", functools.partial(_delete, ids=ids[start : start + 50]))
+        return after
+
+    def _vacuum_sync(self) -> None:
+        self._guarded("vacuum", store.vacuum_free)
+        store.take_reserve(self.dir)
+
+    def _lock_sync(self) -> bool:
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self.dir / store.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    async def _drain_loop(self, redis: Redis, every_s: float) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), every_s)
+                return
+            except TimeoutError:
+                pass
+            self.ticks += 1
+            try:
+                await self.drain(redis)
+            except SpoolDrainFailed:
+                continue  # logged once when it started failing; retried next tick
+            except REDIS_ERRORS as exc:
+                if self._redis_error is None:
+                    log.warning("spool.drain_waiting", error=repr(exc), entries=self._entries)
+                self._redis_error = repr(exc)
+                continue
+            except Exception:
+                log.exception("spool.drain_failed")
+                continue
+            if self._redis_error is not None:
+                log.info("spool.drain_resumed", entries=self._entries)
+                self._redis_error = None
+
+    # -- state changes, logged once each -------------------------------------------------
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self.errors[op] += 1
+        if op not in self._failing:
+            log.error("spool.failing", op=op, error=store.describe(exc), dir=str(self.dir))
+        self._failing[op] = store.describe(exc)
+
+    def _recovered(self, op: str) -> None:
+        if self._failing.pop(op, None) is not None:
+            log.info("spool.recovered", op=op, failures=self.errors[op])
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self, redis: Redis, *, every_s: float = 1.0) -> None:
+        self._drainer = asyncio.create_task(self._drain_loop(redis, every_s), name="spool-drainer")
+
+    async def close(self) -> None:
+        """Commit what is queued, let a drain step finish (a bounded wait), close the store."""
+        self._stop.set()
+        self._wake.set()
+        for task, wait_s in ((self._writer, 30.0), (self._drainer, 10.0)):
+            if task is None:
+                continue
+            try:
+                await asyncio.wait_for(asyncio.shield(task), wait_s)
+            except TimeoutError:
+                task.cancel()
+            except Exception:
+                log.exception("spool.close_failed")
+        for *_, fut in self._pending:
+            if not fut.done():
+                fut.set_exception(SpoolError("edge shutting down"))
+        self._pending.clear()
+        for conn in (self._wconn, self._dconn):
+            if conn is not None:
+                conn.close()
+        self._wconn = self._dconn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the drain lock
+            self._lock_fd = None
+
+
+def _delete(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, int]:
+    return store.delete(conn, ids)
+
+
+async def _replay(
+    redis: Redis, rows: list[store.Row], durability: Durability
+) -> tuple[list[int], BaseException | None]:
+    """XADD ``rows`` (and their extra commands) in one pipeline, ended by the durability
+    level's WAIT when it has one: (ids Redis confirmed, the first error). A keyed row goes
+    through ``APPEND_ONCE`` instead of its XADD: done whether it appended or found its key's
+    record (a copy is in Redis already). A row whose append was refused (a full Redis)
+    stays; the others go, unless the WAIT fell short: then all stay. A row keeps its
+    envelope as the version-1 blob (``Envelope.encode``); it goes on the stream as
+    version-2 fields."""
+    if not rows:
+        return [], None
+    pipe = redis.pipeline(transaction=False)
+    for r in rows:
+        entry = entry_from_blob(r.envelope)
+        if r.once is None:
+            pipe.xadd(r.stream, entry)  # type: ignore[arg-type]
+        else:  # EVAL, not EVALSHA: no script cache to miss; the drain is not the hot path
+            fields = [x for pair in entry.items() for x in pair]
+            o = r.once
+            pipe.execute_command("EVAL", APPEND_ONCE, 2, o.record, r.stream, o.answer, o.window_ms, *fields)
+        for cmd in r.extra:
+            pipe.execute_command(*cmd)
+    if durability.waits:
+        pipe.execute_command(*durability.command())
+    try:
+        replies = await pipe.execute(raise_on_error=False)
+    except REDIS_ERRORS as exc:
+        return [], exc  # lost mid-pipeline: what landed is sent again next time (same event ids)
+    if durability.waits and (short := durability.failure(replies[-1])) is not None:
+        return [], short  # in the primary, not yet where the level says: sent again next time
+    sent: list[int] = []
+    error: BaseException | None = None
+    i = 0
+    for r in rows:
+        reply = replies[i]
+        i += 1 + len(r.extra)
+        if isinstance(reply, Exception):
+            error = error or reply
+            continue
+        sent.append(r.id)
+    return sent, error

@@ -1,0 +1,190 @@
+"""Where the archive's segments live: a local directory, or any S3-compatible object store.
+
+``REFSTREAM_ARCHIVE_URL`` picks one: ``file://path`` (or a plain path; the default is
+``file://.refstream-archive``) or ``s3://bucket/prefix`` (through obstore, the Python
+binding of Rust's object_store crate: small, async-native, no botocore;
+``REFSTREAM_ARCHIVE_S3_ENDPOINT`` for MinIO, R2, Ceph or an emulator, credentials from the
+usual ``AWS_*`` variables).
+
+A ``put`` returns only once the segment is durable: locally a temporary file written,
+fsynced, renamed into place, and the directory fsynced; on S3 the PUT completed. Readers
+never see part of a segment: a crash leaves at most a ``.tmp-*`` file, which ``list``
+skips and a later write to the same directory removes once it is ten minutes old.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+import secrets
+from datetime import timedelta
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from ingest.contract.settings import Settings
+
+TMP = ".tmp-"
+STALE_S = 600
+
+
+class ArchiveUnavailable(Exception):
+    """The object store (or the disk) refused or failed an operation: an outage, waited out."""
+
+
+class Store(Protocol):
+    url: str
+
+    async def put(self, key: str, data: bytes) -> None: ...
+
+    async def get(self, key: str) -> bytes: ...
+
+    async def head(self, key: str, n: int) -> bytes: ...
+
+    async def list(self, prefix: str) -> list[str]: ...
+
+
+class LocalStore:
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+        self.url = f"file://{root}"
+
+    async def put(self, key: str, data: bytes) -> None:
+        try:
+            await asyncio.to_thread(self._put, key, data)
+        except OSError as exc:
+            raise ArchiveUnavailable(f"{self.url}: {exc}") from exc
+
+    def _put(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{TMP}{secrets.token_hex(6)}-{path.name}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+        _sweep(path.parent, path.stat().st_mtime)
+
+    async def get(self, key: str) -> bytes:
+        try:
+            return await asyncio.to_thread((self.root / key).read_bytes)
+        except OSError as exc:
+            raise ArchiveUnavailable(f"{self.url}: {exc}") from exc
+
+    async def head(self, key: str, n: int) -> bytes:
+        """The first ``n`` bytes (fewer when the segment is shorter)."""
+
+        def read() -> bytes:
+            with open(self.root / key, "rb") as f:
+                return f.read(n)
+
+        try:
+            return await asyncio.to_thread(read)
+        except OSError as exc:
+            raise ArchiveUnavailable(f"{self.url}: {exc}") from exc
+
+    async def list(self, prefix: str) -> list[str]:
+        try:
+            return await asyncio.to_thread(self._list, prefix)
+        except OSError as exc:
+            raise ArchiveUnavailable(f"{self.url}: {exc}") from exc
+
+    def _list(self, prefix: str) -> builtins.list[str]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, _, files in os.walk(base):
+            for f in files:
+                if not f.startswith(TMP):
+                    out.append(str(Path(dirpath, f).relative_to(self.root)))
+        return sorted(out)
+
+
+def _sweep(directory: Path, now: float) -> None:
+    """Remove what a crashed write left behind: temporary files older than ``STALE_S`` (a
+    younger one may be another archiver's write in progress). ``now`` is the disk's clock
+    (the mtime of the segment just written), as the leftovers' mtimes are: never this
+    process's, which may be off (docs/guarantees.md: one clock decides)."""
+    for leftover in directory.glob(f"{TMP}*"):
+        try:
+            if now - leftover.stat().st_mtime > STALE_S:
+                leftover.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class ObjectStore:
+    """An S3-compatible bucket (and optional key prefix) through obstore."""
+
+    def __init__(self, url: str, *, endpoint: str | None, region: str) -> None:
+        from obstore.store import S3Store
+
+        self.url = url
+        config: dict[str, object] = {"region": region}
+        if endpoint:
+            config["endpoint"] = endpoint
+        client = {"timeout": timedelta(seconds=30), "connect_timeout": timedelta(seconds=5),
+                  "allow_http": bool(endpoint and endpoint.startswith("http://"))}  # fmt: skip
+        # a few quick retries inside obstore; a longer outage is the archiver's to wait out
+        retry = {"max_retries": 2, "retry_timeout": timedelta(seconds=10)}
+        self._store = S3Store.from_url(url, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]
+
+    async def put(self, key: str, data: bytes) -> None:
+        import obstore
+
+        try:
+            await obstore.put_async(self._store, key, data)
+        except Exception as exc:
+            raise ArchiveUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+
+    async def get(self, key: str) -> bytes:
+        import obstore
+
+        try:
+            result = await obstore.get_async(self._store, key)
+            return bytes(await result.bytes_async())
+        except Exception as exc:
+            raise ArchiveUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+
+    async def head(self, key: str, n: int) -> bytes:
+        import obstore
+
+        try:
+            meta = await obstore.head_async(self._store, key)
+            return bytes(await obstore.get_range_async(self._store, key, start=0, end=min(n, int(meta["size"]))))
+        except Exception as exc:
+            raise ArchiveUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+
+    async def list(self, prefix: str) -> list[str]:
+        import obstore
+
+        out: list[str] = []
+        try:
+            async for chunk in obstore.list(self._store, prefix, chunk_size=1000):
+                out.extend(str(meta["path"]) for meta in chunk)
+        except Exception as exc:
+            raise ArchiveUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+        return sorted(out)
+
+
+def open_store(settings: Settings) -> Store:
+    """The store ``REFSTREAM_ARCHIVE_URL`` names."""
+    url = settings.archive_url
+    scheme = urlparse(url).scheme
+    if scheme == "s3":
+        return ObjectStore(url, endpoint=settings.archive_s3_endpoint, region=settings.archive_s3_region)
+    if scheme in ("", "file"):
+        return LocalStore(url.removeprefix("file://"))
+    raise ValueError(f"REFSTREAM_ARCHIVE_URL: file://path, a path or s3://bucket/prefix, not {url!r}")

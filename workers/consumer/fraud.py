@@ -1,0 +1,262 @@
+"""Fraud flags: rules over a batch's newly stored events, in its transaction.
+
+A flag never deletes anything: it is stored on the event (``event_flags``: rule and
+evidence), counted per link and day like the drops, and announced (``fraud.flagged``).
+Whether a flagged event still counts is the workspace's policy per rule
+(``workspaces.fraud_policy``: ``flag``, the default, counts it; ``exclude`` moves no
+counter, credits no affiliate and makes no customer for it). The decision is recorded on
+the flag (``excluded``), so a recount reads what was decided.
+
+Rules, thresholds per program (``programs.fraud_thresholds``, defaults below):
+
+- ``self_referral``: a lead's customer email is its affiliate's, or shares its domain
+  when that domain is not a public mail provider's;
+- ``affiliate_ip``: a lead or conversion came from, or its click came from, an address
+  the affiliate's own key was used from (``affiliate_ips``, kept by the affiliate API);
+- ``click_burst``: more than ``burst_clicks`` clicks from one IP on one link within
+  ``burst_seconds`` (the click that crosses the line, and each one after it, is flagged);
+- ``fast_conversion``: a conversion within ``fast_conversion_seconds`` of its click;
+- ``disposable_email``: a lead's customer email is at a disposable-mail domain (the list
+  shipped in ``workers/data``, see the README for its source).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import structlog
+
+from ingest.contract import clicks
+from ingest.contract.events import EventType
+from ingest.contract.fraud import FRAUD_THRESHOLDS as DEFAULT_THRESHOLDS
+from workers.consumer import jsonrows
+from workers.consumer.stored import Stored
+from workers.consumer.webhooks import WebhookEvent
+
+log = structlog.get_logger("workers.fraud")
+
+PUBLIC_MAIL = frozenset(
+    "gmail.com googlemail.com yahoo.com yahoo.co.uk ymail.com outlook.com hotmail.com hotmail.co.uk live.com msn.com"
+    " icloud.com me.com mac.com aol.com proton.me protonmail.com pm.me gmx.com gmx.de gmx.net web.de yandex.ru"
+    " yandex.com mail.ru qq.com 163.com 126.com zoho.com fastmail.com hey.com tutanota.com orange.fr free.fr"
+    " t-online.de libero.it naver.com".split()
+)
+
+# materialized: the subquery's fields as plain values (not expressions over the document),
+# else the planner took the (link, received_at) index and filtered by IP, every click of the
+# link in the window, rather than the partial index of clicks by link and IP
+_BURSTS = f"""
+WITH d (event_id, link_id, ip, at, secs, n_max) AS MATERIALIZED (
+    {jsonrows.select(("uuid", "uuid", "inet", "timestamptz", "float8", "int"))}
+)
+SELECT d.event_id, d.n_max,
+       (SELECT count(*) FROM events e
+         WHERE e.link_id = d.link_id AND e.type = 1 AND e.ip = d.ip AND e.ip IS NOT NULL AND NOT e.test_mode
+           AND e.received_at > d.at - make_interval(secs => d.secs)
+           AND (e.received_at, e.event_id) <= (d.at, d.event_id)) AS n
+FROM d
+"""
+
+_FLAGS = f"""
+INSERT INTO event_flags (event_id, rule, workspace_id, link_id, affiliate_id, type, excluded, evidence, received_at)
+{jsonrows.select(("uuid", "text", "uuid", "uuid", "uuid", "smallint", "boolean", "jsonb", "timestamptz"))}
+ORDER BY 1, 2
+ON CONFLICT DO NOTHING
+"""
+
+
+@cache
+def disposable_domains() -> frozenset[str]:
+    text = resources.files("workers").joinpath("data/disposable_email_domains.txt").read_text()
+    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def is_disposable(domain: str) -> bool:
+    parts = domain.split(".")
+    listed = disposable_domains()
+    return any(".".join(parts[i:]) in listed for i in range(len(parts) - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    stored: Stored
+    rule: str
+    evidence: dict[str, Any]
+    excluded: bool
+
+
+@dataclass(slots=True)
+class Found:
+    flags: list[Flag] = field(default_factory=list)
+    excluded: set[UUID] = field(default_factory=set)
+
+    def counted(self, events: list[Stored]) -> list[Stored]:
+        return [s for s in events if s.envelope.event_id not in self.excluded]
+
+
+def _email(s: Stored) -> str | None:
+    v = s.text("email")
+    return v.strip().lower() if v and "@" in v else None
+
+
+def _click_ms(s: Stored) -> int | None:
+    for key in ("click_id", "visitor_id"):
+        if (v := s.text(key)) and (c := clicks.parse(v)) is not None:
+            return int(c.int >> 80)
+    return None
+
+
+def _thresholds(program: str, raw: object) -> dict[str, int]:
+    """A program's thresholds, the default for each one missing or unusable: the API
+    refuses a bad value, but one written by hand must not fail every batch of the program."""
+    given = raw if isinstance(raw, dict) else {}
+    out = {}
+    for name, default in DEFAULT_THRESHOLDS.items():
+        value = given.get(name, default)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out[name] = value
+        else:
+            out[name] = default
+            log.warning("fraud.bad_threshold", program_id=program, threshold=name, value=repr(value)[:100])
+    return out
+
+
+async def detect(
+    conn: asyncpg.Connection,
+    events: list[Stored],
+    fraud_policy: dict[str, dict[str, str]],
+    program_thresholds: dict[str, object],
+) -> Found:
+    """Flag ``events`` (newly inserted, live), store the flags; what to leave uncounted.
+    ``fraud_policy``: per workspace id, rule -> ``flag`` | ``exclude``;
+    ``program_thresholds``: per program id, its ``fraud_thresholds`` as stored (read with
+    the batch's links, in its transaction)."""
+    found = Found()
+    if not events:
+        return found
+    raw: list[tuple[Stored, str, dict[str, Any]]] = []
+    people = [s for s in events if s.type is not EventType.CLICK]
+    burst_candidates = [s for s in events if s.type is EventType.CLICK and s.ip and not s.is_bot]
+    fast = [(s, ms) for s in events if s.type is EventType.CONVERSION and (ms := _click_ms(s)) is not None]
+
+    thresholds = {program: _thresholds(program, raw) for program, raw in program_thresholds.items()}
+
+    def limits(s: Stored) -> dict[str, int]:
+        return thresholds.get(s.link.program_id or "", DEFAULT_THRESHOLDS)
+
+    for s, ms in fast:
+        seconds = (s.envelope.received_at_ms - ms) / 1000
+        if 0 <= seconds < limits(s)["fast_conversion_seconds"]:
+            evidence = {
+                "seconds_after_click": round(seconds, 3),
+                "threshold_seconds": limits(s)["fast_conversion_seconds"],
+            }
+            raw.append((s, "fast_conversion", evidence))
+
+    if burst_candidates:
+        counted = await conn.fetch(
+            _BURSTS,
+            jsonrows.doc([(s.envelope.event_id, s.link.id, s.ip, s.at, float(limits(s)["burst_seconds"]),
+                           limits(s)["burst_clicks"]) for s in burst_candidates]),
+        )  # fmt: skip
+        by_id = {s.envelope.event_id: s for s in burst_candidates}
+        for r in counted:
+            if r["n"] > r["n_max"]:
+                s = by_id[r["event_id"]]
+                raw.append((s, "click_burst", {"ip": s.ip, "clicks": r["n"], "threshold_clicks": r["n_max"],
+                                               "window_seconds": limits(s)["burst_seconds"]}))  # fmt: skip
+
+    if people:
+        raw += await _people(conn, people)
+
+    for s, rule, evidence in raw:
+        excluded = fraud_policy.get(s.link.workspace_id, {}).get(rule) == "exclude"
+        found.flags.append(Flag(s, rule, evidence, excluded))
+        if excluded:
+            found.excluded.add(s.envelope.event_id)
+    if found.flags:
+        f = sorted(found.flags, key=lambda f: (f.stored.envelope.event_id, f.rule))
+        await conn.execute(
+            _FLAGS,
+            jsonrows.doc([(x.stored.envelope.event_id, x.rule, x.stored.link.workspace_id, x.stored.link.id,
+                           x.stored.link.affiliate_id, int(x.stored.type), x.excluded, x.evidence, x.stored.at)
+                          for x in f]),
+        )  # fmt: skip
+    return found
+
+
+async def _people(conn: asyncpg.Connection, people: list[Stored]) -> list[tuple[Stored, str, dict[str, Any]]]:
+    """self_referral, affiliate_ip and disposable_email over leads and conversions."""
+    out: list[tuple[Stored, str, dict[str, Any]]] = []
+    affiliates = sorted({s.link.affiliate_id for s in people if s.link.affiliate_id})
+    emails: dict[str, str] = {}
+    ips: dict[str, set[str]] = {}
+    click_ips: dict[UUID, str] = {}
+    if affiliates:
+        for r in await conn.fetch("SELECT id, email FROM affiliates WHERE id = ANY($1::uuid[])", affiliates):
+            if r["email"] and "@" in r["email"]:
+                emails[str(r["id"])] = r["email"].strip().lower()
+        for r in await conn.fetch(
+            "SELECT affiliate_id, host(ip) AS ip FROM affiliate_ips WHERE affiliate_id = ANY($1::uuid[])", affiliates
+        ):
+            ips.setdefault(str(r["affiliate_id"]), set()).add(r["ip"])
+        wanted = sorted({c for s in people if s.link.affiliate_id in ips and (c := _click_of(s)) is not None})
+        if wanted:
+            rows = await conn.fetch(
+                "SELECT event_id, host(ip) AS ip FROM events WHERE event_id = ANY($1::uuid[]) AND type = 1"
+                " AND ip IS NOT NULL",
+                wanted,
+            )
+            click_ips = {r["event_id"]: r["ip"] for r in rows}
+    for s in people:
+        email = _email(s)
+        aff = s.link.affiliate_id
+        if email is not None:
+            domain = email.rsplit("@", 1)[1]
+            if is_disposable(domain):
+                out.append((s, "disposable_email", {"email": email, "domain": domain}))
+            mine = emails.get(aff or "")
+            if mine is not None:
+                if email == mine:
+                    out.append((s, "self_referral", {"email": email, "affiliate_email": mine, "match": "email"}))
+                elif domain == mine.rsplit("@", 1)[1] and domain not in PUBLIC_MAIL and not is_disposable(domain):
+                    out.append((s, "self_referral", {"email": email, "affiliate_email": mine, "match": "domain"}))
+        known = ips.get(aff or "")
+        if known:
+            seen = {"event": s.ip, "click": click_ips.get(_click_of(s) or UUID(int=0))}
+            hits = {k: v for k, v in seen.items() if v and v in known}
+            if hits:
+                out.append((s, "affiliate_ip", {"ip": next(iter(hits.values())), "from": sorted(hits)}))
+    return out
+
+
+def _click_of(s: Stored) -> UUID | None:
+    v = s.text("click_id")
+    return clicks.parse(v) if v else None
+
+
+def notices(found: Found) -> list[WebhookEvent]:
+    """``fraud.flagged``: one per flagged event, with every rule it met and the evidence."""
+    by_event: dict[UUID, list[Flag]] = {}
+    for f in found.flags:
+        by_event.setdefault(f.stored.envelope.event_id, []).append(f)
+    out = []
+    for event_id, flags in sorted(by_event.items()):
+        s = flags[0].stored
+        data = {
+            "event_id": str(event_id),
+            "type": s.type.name.lower(),
+            "received_at": s.at.isoformat(),
+            "link": {"id": s.link.id, "code": s.link.code, "program_id": s.link.program_id,
+                     "affiliate_id": s.link.affiliate_id},
+            "excluded": any(f.excluded for f in flags),
+            "flags": [{"rule": f.rule, "evidence": f.evidence, "excluded": f.excluded}
+                      for f in sorted(flags, key=lambda f: f.rule)],
+        }  # fmt: skip
+        out.append(WebhookEvent(s.link.workspace_id, "fraud.flagged", event_id, "", data))
+    return out

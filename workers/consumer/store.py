@@ -1,0 +1,313 @@
+"""One Postgres transaction per batch: events in, counters moved, exactly once in effect.
+
+The event rows are inserted with ON CONFLICT DO NOTHING RETURNING, and counters move only
+from the rows that came back: a redelivered, reclaimed or replayed entry inserts nothing
+and so moves nothing. Every write is set-based (the batch's rows as one jsonb document,
+see ``jsonrows``), one statement per table, and sorted so that concurrent batches take their
+locks in one order and cannot deadlock one another. The order, phase by phase, each phase
+in key order: event_dedupe (by dedupe key), events (by event id), event_flags,
+link_visitor_days, links (by id), daily_stats, affiliates (by id), affiliate_milestones,
+customers, webhook_deliveries, event_drops, drop_stats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import structlog
+
+from ingest.contract import clicks
+from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.contract.links import LINK_SELECT, LinkInfo
+from workers.consumer import counters, customers, drops, event_row, fraud, jsonrows, notices, webhooks
+from workers.consumer.enrich import Enricher, Found
+from workers.consumer.event_row import EventRow
+from workers.consumer.stored import Stored, ts
+from workers.group.errors import is_retryable_in_place
+
+log = structlog.get_logger("workers.store")
+
+# the batch's links with what the batch needs of their workspace (policies) and program
+# (fraud thresholds): one round trip, where three queries took three
+_RESOLVE_LINKS = f"""
+SELECT x.*, w.ip_policy, w.bot_policy, w.fraud_policy, p.fraud_thresholds
+FROM ({LINK_SELECT} WHERE l.code = ANY($1::text[])) x
+JOIN workspaces w ON w.id = x.workspace_id
+LEFT JOIN programs p ON p.id = x.program_id
+"""
+VISITOR_DIALECTS = frozenset({Dialect.BIORE, Dialect.AFFITOR, Dialect.REDIRECT})
+
+# A lead's or conversion's dedupe key (one lead per customer and event name, one conversion
+# per code and referred session) is claimed first, in key order; only the events whose key
+# came back (or that have none) are inserted, in event-id order. A key lives in
+# event_dedupe, not in a unique index on events: an index on the partitioned table would
+# have to hold the partition key, and a key must outlive its event's partition.
+_CLAIM_KEYS = f"""
+INSERT INTO event_dedupe (workspace_id, type, dedupe_key, event_id, received_at)
+{jsonrows.select(("uuid", "smallint", "text", "uuid", "timestamptz"))}
+ORDER BY 1, 2, 3, 4  -- the lowest event id takes a key repeated within the batch
+ON CONFLICT DO NOTHING
+RETURNING event_id
+"""
+_INSERT_EVENTS = f"""
+INSERT INTO events ({", ".join(name for name, _ in event_row.COLUMNS)})
+{jsonrows.select([t for _, t in event_row.COLUMNS])}
+ORDER BY 1
+ON CONFLICT (event_id) DO NOTHING
+-- below the retention's horizon, its partition may have been dropped: a copy of an event
+-- counted long ago cannot be told from a first delivery, so it is stored and moves nothing
+RETURNING event_id, (event_id < (SELECT horizon_id FROM event_retention)) IS TRUE AS expired
+"""
+# Why that order. An insert waits when another open transaction holds the same key: a
+# dedupe key in event_dedupe, or an event id in events. Keys are all claimed (statement
+# one) before any event row is inserted (statement two), each statement in one global
+# order, so a wait in statement one is on a batch in statement one or later, holding keys
+# only behind ours in that order or no longer waiting on keys at all; and a wait in
+# statement two is on an event id: an event with a key is inserted only by the batch that
+# claimed its key (the same id always carries the same key), so that wait is on a copy
+# without a key, at its place in event-id order. None is circular. (Advisory locks per key
+# would also do, but cost a round trip and a lock-table entry per key: a 10,000-event batch
+# is more than the default table holds.)
+
+_IN_PLACE_RETRIES = 5
+
+
+@dataclass(slots=True)
+class BatchResult:
+    inserted: int = 0
+    duplicates: int = 0
+    unknown_codes: list[str] = field(default_factory=list)
+    inactive_codes: list[str] = field(default_factory=list)
+    milestones: int = 0
+    expired: int = 0  # stored below the retention's horizon: counted nothing
+    deliveries: list[str] = field(default_factory=list)  # webhook outbox rows to enqueue after COMMIT
+
+
+def _inet(ip: str | None) -> str | None:
+    # the edge sends what the socket said; anything else is not stored rather than failing
+    if ip is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return None
+
+
+async def write_batch(pool: asyncpg.Pool, envelopes: list[Envelope], enricher: Enricher | None = None) -> BatchResult:
+    """Store a batch in one transaction; deadlocks and serialization failures retried."""
+    for attempt in range(1, _IN_PLACE_RETRIES + 1):
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                return await _write(conn, envelopes, enricher)
+        except Exception as exc:
+            if not is_retryable_in_place(exc) or attempt == _IN_PLACE_RETRIES:
+                raise
+            log.warning("batch.retry", attempt=attempt, error=type(exc).__name__)
+            await asyncio.sleep(0.01 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+async def _claim_keys(conn: asyncpg.Connection, batch: list[EventRow]) -> tuple[list[EventRow], list[UUID]]:
+    """Claim the batch's dedupe keys; the event rows to insert come back: those without a
+    key, and those whose key this batch now holds (in event-id order still); and the ids of
+    the events whose key was held already (by another event, or by their own earlier copy)."""
+    keyed = [r for r in batch if r.dedupe_key is not None]
+    if not keyed:
+        return batch, []
+    claims = [(r.workspace_id, r.type, r.dedupe_key, r.event_id, r.received_at) for r in keyed]
+    claimed = {r["event_id"] for r in await conn.fetch(_CLAIM_KEYS, jsonrows.doc(claims))}
+    keep = [r for r in batch if r.dedupe_key is None or r.event_id in claimed]
+    lost = [r.event_id for r in keyed if r.event_id not in claimed]
+    return keep, lost
+
+
+def _opt(v: object) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _dedupe_key(e: Envelope) -> str | None:
+    if e.type is EventType.LEAD and isinstance(e.payload.get("external_id"), str):
+        return f"lead\x1f{e.payload['external_id']}\x1f{e.payload.get('name') or ''}"
+    # a conversion per (code, session); a click spooled under an idempotency key per key
+    # (the edge could not check the key without Redis: ingest/edge/idempotency.py)
+    return _opt(e.payload.get("dedupe"))
+
+
+def _visitor_key(e: Envelope) -> str | None:
+    if visitor := _opt(e.payload.get("visitor_id")):
+        return visitor
+    if e.ip or e.user_agent:  # seed 000 sends no visitor: the browser is what we have
+        return "h:" + hashlib.sha256(f"{e.ip}|{e.user_agent}".encode()).hexdigest()[:24]
+    return None
+
+
+def _out_of_window(e: Envelope, link: LinkInfo) -> bool:
+    """A lead or conversion whose click (its click id carries the click's UUIDv7 time) is
+    older than the program's cookie window."""
+    if e.type is EventType.CLICK:
+        return False
+    click = clicks.parse(c) if isinstance(c := e.payload.get("click_id"), str) else None
+    if click is None:
+        return False  # no click to measure from (a Bricqs conversion by code)
+    clicked_ms = click.int >> 80
+    return e.received_at_ms - clicked_ms > link.cookie_window_days * 86_400_000
+
+
+def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | None, Found | None]:
+    """(ip to store, enrichment). Only browser-facing dialects carry the visitor's IP and
+    User-Agent; a server-to-server call's are its server's, not worth a geo or bot verdict."""
+    if enricher is None:
+        return _inet(e.ip) if policy == "full" else None, None
+    # a batch click carries its visitor's IP and User-Agent when the forwarding server knew them
+    visitor = e.dialect in VISITOR_DIALECTS or (e.dialect == Dialect.NATIVE and e.user_agent is not None)
+    if visitor and e.type is EventType.CLICK:
+        found = enricher.enrich_row(e.ip, e.user_agent, _opt(e.payload.get("referrer")), policy)
+        return found.ip, found
+    return enricher.enrich_row(e.ip, None, None, policy).ip, None
+
+
+async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: Enricher | None) -> BatchResult:
+    result = BatchResult()
+    # a requeued or spooled copy beside its original: one row per event id, the copy is a duplicate
+    unique: dict[UUID, Envelope] = {}
+    for e in envelopes:
+        unique.setdefault(e.event_id, e)
+    result.duplicates = len(envelopes) - len(unique)
+    envelopes = list(unique.values())
+    codes = sorted({c for e in envelopes if isinstance(c := e.payload.get("code"), str)})
+    by_code: dict[str, LinkInfo] = {}
+    policies: dict[str, Any] = {}  # workspace id -> its row (ip_policy, bot_policy, fraud_policy)
+    thresholds: dict[str, object] = {}  # program id -> its fraud_thresholds as stored
+    for r in await conn.fetch(_RESOLVE_LINKS, codes):
+        info = by_code[r["code"]] = LinkInfo.from_record(r)
+        policies[info.workspace_id] = r
+        if info.program_id is not None:
+            thresholds[info.program_id] = r["fraud_thresholds"]
+    # bot_policy "count": a bot's click is a click too (still is_bot, still in bot_clicks).
+    # Decided here, once per batch, and recorded on the row (bot_counted) for reconcile
+    counting = {ws for ws, r in policies.items() if r["bot_policy"] == "count"}
+
+    batch: list[EventRow] = []
+    kept: dict[UUID, Stored] = {}
+    no_row: list[drops.NoRow] = []  # dropped with no event row: counted once by event id
+    for e in sorted(envelopes, key=lambda e: e.event_id):
+        code = e.payload.get("code")
+        link = by_code.get(code) if isinstance(code, str) else None
+        if link is None or (e.workspace_id is not None and e.workspace_id != link.workspace_id):
+            result.unknown_codes.append(str(code))
+            no_row.append(drops.NoRow(e.event_id, e.workspace_id, None, "unknown_code", ts(e.received_at_ms)))
+            continue
+        if e.type is EventType.CLICK and not link.active:
+            result.inactive_codes.append(link.code)
+            no_row.append(drops.NoRow(e.event_id, link.workspace_id, link.id, "inactive_link", ts(e.received_at_ms)))
+            continue
+        ws = policies.get(link.workspace_id)
+        ip, found = _enrich(e, enricher, ws["ip_policy"] if ws else "full")
+        is_bot = found is not None and found.is_bot
+        click_id = e.payload.get("click_id")
+        at = ts(e.received_at_ms)
+        row = EventRow(
+            event_id=e.event_id,
+            type=int(e.type),
+            workspace_id=link.workspace_id,
+            link_id=link.id,
+            program_id=link.program_id,
+            affiliate_id=link.affiliate_id,
+            click_id=clicks.parse(click_id) if isinstance(click_id, str) else None,
+            visitor_id=_opt(e.payload.get("visitor_id")),
+            customer_external_id=_opt(e.payload.get("external_id")),
+            name=_opt(e.payload.get("name")),
+            dedupe_key=_dedupe_key(e),
+            dialect=e.dialect,
+            test_mode=e.payload.get("test_mode") is True,
+            is_bot=is_bot,
+            received_at=at,
+            ip=ip,
+            user_agent=e.user_agent,
+            referrer=_opt(e.payload.get("referrer")),
+            country=found.country if found else None,
+            asn=found.asn if found else None,
+            enrichment=found.doc if found else None,
+            visitor_key=_visitor_key(e),
+            out_of_window=_out_of_window(e, link),
+            payload=e.payload,
+            bot_counted=is_bot and link.workspace_id in counting,
+        )
+        batch.append(row)
+        kept[e.event_id] = Stored(
+            e, link, at, is_bot, row.visitor_key, row.out_of_window, ip, found.bot_reason if found else None
+        )
+
+    if not kept:
+        await drops.settle(conn, inserted=[], no_row=no_row)
+        return result
+    batch, lost = await _claim_keys(conn, batch)
+    returned = {
+        r["event_id"]: r["expired"] for r in await conn.fetch(_INSERT_EVENTS, jsonrows.doc(event_row.plain(batch)))
+    }
+    inserted = [s for event_id, s in kept.items() if event_id in returned]  # in event-id order
+    result.inserted = len(inserted)
+    result.duplicates += len(kept) - len(inserted)
+    no_row += await _duplicates(conn, [kept[event_id] for event_id in lost])
+    result.expired = sum(returned.values())
+    # test-mode, out-of-window and expired events are stored, and that is all: no counter,
+    # no customer, no attribution, no webhook
+    live = [
+        s for s in inserted
+        if s.envelope.payload.get("test_mode") is not True and not s.out_of_window
+        and not returned[s.envelope.event_id]
+    ]  # fmt: skip
+    policy = {ws: r["fraud_policy"] or {} for ws, r in policies.items()}
+    flagged = await fraud.detect(conn, live, policy, thresholds)
+    counted = flagged.counted(live)  # a flag the workspace excludes: stored and flagged, nothing more
+    if counted:
+        reached = await counters.apply(conn, counted, count_bots=counting)
+        await customers.upsert(conn, counted)
+        result.milestones = len(reached)
+        events = notices.for_events(counted) + await notices.for_milestones(conn, counted, reached)
+    else:
+        events = []
+    events += fraud.notices(flagged)
+    if events:
+        result.deliveries = await webhooks.record_deliveries(conn, events)
+    await drops.settle(  # an expired event moves no counter, and no drop either
+        conn, inserted=[s for s in inserted if not returned[s.envelope.event_id]], no_row=no_row, counting=counting,
+        flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags],
+    )  # fmt: skip
+    return result
+
+
+# of the events whose dedupe key was held already, those it is held by another event for
+_HELD_BY_ANOTHER = f"""
+SELECT x.event_id
+FROM {jsonrows.table(("uuid", "smallint", "text", "uuid"), "x(workspace_id, type, dedupe_key, event_id)")}
+JOIN event_dedupe d USING (workspace_id, type, dedupe_key)
+WHERE d.event_id <> x.event_id
+"""
+
+
+async def _duplicates(conn: asyncpg.Connection, lost: list[Stored]) -> list[drops.NoRow]:
+    """Of the leads and conversions that lost their dedupe key's claim, those whose key
+    another event holds (a second lead of one customer and name, a second conversion of
+    one code and session): duplicates. A key held by the event's own id is a copy of an
+    event stored already (a redelivery, a replay): not a drop; nor is a click's key (an
+    idempotency key's, the client's own retry)."""
+    keyed = [s for s in lost if s.type in (EventType.LEAD, EventType.CONVERSION)]
+    if not keyed:
+        return []
+    found = await conn.fetch(
+        _HELD_BY_ANOTHER,
+        jsonrows.doc([(s.link.workspace_id, int(s.type), _dedupe_key(s.envelope), s.envelope.event_id) for s in keyed]),
+    )
+    others = {r["event_id"] for r in found}
+    return [
+        drops.NoRow(s.envelope.event_id, s.link.workspace_id, s.link.id, "duplicate", s.at)
+        for s in keyed
+        if s.envelope.event_id in others
+    ]

@@ -1,0 +1,251 @@
+"""The arq worker process: startup opens Redis and Postgres and starts the XREADGROUP loop;
+shutdown (SIGTERM, SIGINT) stops reading, lets the batch in flight commit and ack, closes.
+
+arq hosts the process, runs the cron jobs that may wait (link cache refresh, webhook
+sweep) and low-volume jobs with retries (webhook deliveries, replays). Its own queue is a
+polled sorted set, so the event path is our consumer, not arq jobs, and the consumer's
+housekeeping (reclaim, trim) runs on the consumer's own timers: one sweep can queue a
+thousand webhook deliveries, and nothing the streams need may wait behind them. arq jobs
+are serialized as JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import orjson
+import structlog
+from arq import Worker, cron
+from arq.connections import create_pool
+
+from ingest.contract import clock, links
+from ingest.contract.connections import connect_redis, create_pg_pool
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from workers.consumer import arq_redis, drops, webhooks
+from workers.consumer.consume import Consumer
+from workers.consumer.enrich import Enricher
+from workers.consumer.metrics import WorkerMetrics, refresh_stream_gauges, serve
+from workers.consumer.pipeline import Pipeline
+from workers.group.errors import redis_outage
+from workers.group.gate import Backoff
+from workers.ops import replay
+
+log = structlog.get_logger("workers.worker")
+
+
+def consumer_name(settings: Settings) -> str:
+    return settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+@asynccontextmanager
+async def consumer(settings: Settings) -> AsyncIterator[Consumer]:
+    """A consumer with its own connections, closed on exit even when cancelled."""
+    # blocking reads hold a connection each: one per partition, plus acks and claims
+    redis = connect_redis(settings, max_connections=settings.partitions * 2 + 4)
+    try:
+        # min_size=0: a worker starts while Postgres is down and its loop backs off until it is up
+        pg = await create_pg_pool(settings, min_size=0)
+    except BaseException:
+        await redis.aclose()
+        raise
+    enricher = Enricher(city_db=settings.city_db)  # geo data and UA regexes: loaded once per process
+    _settle_heap_once(settings.batch_size)
+    # webhook signatures and dead letters' times follow Redis's clock when ours is off
+    # (destructive steps never read this process's clock: see ingest/contract/clock.py)
+    following = await clock.start_following(redis, settings.clock_skew_max_s)
+    try:
+        yield Consumer(settings, redis, Pipeline(settings, redis, pg, enricher), name=consumer_name(settings))
+    finally:
+        following.cancel()
+        enricher.close()
+        await asyncio.shield(_close(redis, pg))
+
+
+def settle_heap(batch_size: int) -> None:
+    """Tune the cyclic garbage collector for a batch pipeline (the worker: once per process).
+
+    What startup built (the geo tables, the UA regexes, the modules: ~10^5 container
+    objects that live as long as the process) is moved out of the collector's sight: every
+    full collection walked all of it, ~150 ms each on the bench machine, several times a
+    drain: a quarter of the worker's CPU, and a stall of every partition at once (the
+    accept→commit p99). And the youngest generation is collected after 20 new containers
+    per event of a batch rather than after 700: a batch keeps that many alive until it
+    commits, so at 700 each batch paid several collections that found nothing but the
+    batch itself (and promoted it, to be walked again). Cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(max(700, 20 * batch_size), older, oldest)
+
+
+_settle_heap_once = functools.cache(settle_heap)
+
+
+async def _close(redis: Any, pg: Any) -> None:
+    await pg.close()
+    await redis.aclose()
+
+
+async def drain(settings: Settings) -> dict[str, int]:
+    """``refstream work --drain``: process until every partition is read and acked, exit."""
+    async with consumer(settings) as c:
+        await c.run(drain=True)
+        totals = c.pipeline.totals
+        return {k: getattr(totals, k) for k in totals.__slots__}
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    cm = consumer(settings)
+    c = await cm.__aenter__()
+    ctx["consumer_cm"], ctx["consumer"] = cm, c
+    c.pipeline.arq = ctx["redis"]  # arq's own pool: JSON serializer, our queue
+    ctx["pg"] = c.pipeline.pg
+    await webhooks.webhook_startup(ctx)
+    ctx["metrics_stack"] = await _metrics(settings, c)
+    task = asyncio.create_task(c.run(), name="consumer")
+
+    def crashed(t: asyncio.Task[None]) -> None:
+        # the loop only returns when stopped; anything else is a bug: exit for a restart
+        if not t.cancelled() and t.exception() is not None:
+            log.error("consumer.crashed", error=repr(t.exception()), exc_info=t.exception())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    task.add_done_callback(crashed)
+    ctx["consumer_task"] = task
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    c: Consumer | None = ctx.pop("consumer", None)
+    if c is None:
+        return  # never started, or shut down already
+    c.stop()
+    try:
+        await asyncio.shield(ctx["consumer_task"])
+    finally:
+        await ctx["metrics_stack"].aclose()
+        await webhooks.webhook_shutdown(ctx)
+        await ctx["consumer_cm"].__aexit__(None, None, None)
+
+
+async def _metrics(settings: Settings, c: Consumer) -> AsyncExitStack:
+    """Metrics for this process, and their listener when ``REFSTREAM_METRICS_PORT`` is set."""
+    metrics = c.pipeline.metrics = WorkerMetrics()
+    enricher = c.pipeline.enricher
+    if enricher is not None:
+        metrics.watch_cache(lambda: (enricher.ua_cache_info().hits, enricher.ua_cache_info().misses))
+    stack = AsyncExitStack()
+    if settings.metrics_port is not None:
+
+        async def before_scrape() -> None:
+            await refresh_stream_gauges(metrics, c.redis, c.keys)
+
+        port = await stack.enter_async_context(
+            serve(metrics, settings.metrics_host, settings.metrics_port, before_scrape)
+        )
+        log.info("metrics.listening", host=settings.metrics_host, port=port)
+    return stack
+
+
+async def refresh_links(ctx: dict[str, Any]) -> int:
+    """arq cron: write every link into the Redis cache and mark it warm, so the edge never
+    asks Postgres about a code (and a Redis restart heals within one period)."""
+    c: Consumer = ctx["consumer"]
+    return await links.refresh_all(c.pipeline.pg, c.redis, c.keys)
+
+
+async def fold_drops(ctx: dict[str, Any]) -> int:
+    """arq cron: the edges' refusal tallies into ``drop_stats`` (``workers.consumer.drops``)."""
+    c: Consumer = ctx["consumer"]
+    return await drops.fold(c.redis, c.pipeline.pg, c.keys.prefix)
+
+
+class ResilientWorker(Worker):
+    """arq's worker, except that Redis going away, filling up (``noeviction``) or turning
+    read-only is waited out with a backoff instead of ending the process: arq's own
+    bookkeeping (health key, cron enqueues, job state) writes to Redis on every poll, and
+    the consumer beside it must keep acking and trimming, which is what frees a full Redis."""
+
+    def __init__(self, *args: Any, key_prefix: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.key_prefix = key_prefix
+        self._outage = Backoff(first=0.5, cap=10.0)
+        self._outage_reason: str | None = None
+
+    async def main(self) -> None:
+        """arq's, on a pool that keeps arq's keys under ``key_prefix`` too (``build_worker``
+        gives ``REFSTREAM_STREAM_PREFIX``; see ``workers.consumer.arq_redis``): the pool is made
+        here, so arq's ``main`` uses it. Without a prefix, arq's own global keys."""
+        if self._pool is None and self.key_prefix is not None:
+            pool = await create_pool(
+                self.redis_settings, job_serializer=self.job_serializer, job_deserializer=self.job_deserializer,
+                default_queue_name=self.queue_name, expires_extra_ms=self.expires_extra_ms,
+            )  # fmt: skip
+            self._pool = arq_redis.wrap(pool, self.key_prefix)
+        await super().main()
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except Exception as exc:
+            reason = redis_outage(exc)
+            if reason is None:
+                raise
+            if reason != self._outage_reason:  # one line per state, not per poll
+                log.warning("arq.redis_unavailable", reason=reason, error=repr(exc))
+                self._outage_reason = reason
+            await self._outage.sleep()
+        else:
+            if self._outage_reason is not None:
+                log.info("arq.redis_available")
+                self._outage_reason = None
+            self._outage.reset()
+
+    async def close(self) -> None:
+        """Make sure ``on_shutdown`` runs, so the consumer commits and acks its batch in
+        flight: arq's own close re-raises the CancelledError of a job it cancelled on
+        SIGTERM (a webhook delivery, a cron), and deletes its health key first, which fails
+        with Redis away; either would skip our shutdown."""
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.tasks.clear()
+        try:
+            await super().close()
+        except Exception as exc:
+            if redis_outage(exc) is None:
+                raise
+            log.warning("arq.close_failed", error=repr(exc))
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+
+
+def build_worker(settings: Settings) -> Worker:
+    keys = Keys(settings.stream_prefix, settings.partitions)
+    return ResilientWorker(
+        functions=[webhooks.deliver_webhook_job, replay.REPLAY_JOB],
+        cron_jobs=[
+            cron(refresh_links, minute=set(range(0, 60, 10)), second=7, run_at_startup=True, timeout=600),
+            cron(webhooks.sweep_webhooks, second=30, run_at_startup=True, timeout=60),
+            cron(fold_drops, second=set(range(0, 60, settings.drops_fold_every_s)), timeout=60),
+        ],
+        # at start too: wait for Redis as long as it takes, never give up and exit
+        redis_settings=arq_redis.redis_settings(settings, wait=True),
+        key_prefix=settings.stream_prefix,  # arq's job, result, retry, in-progress and abort keys
+        queue_name=keys.arq_queue,
+        health_check_key=f"{keys.arq_queue}:health-check",
+        on_startup=startup,
+        on_shutdown=shutdown,
+        ctx={"settings": settings},
+        job_serializer=orjson.dumps,
+        job_deserializer=orjson.loads,
+        handle_signals=True,
+        keep_result=0,
+    )

@@ -1,0 +1,1 @@
+"""The operators' tools: replay, dead letters, status and reconcile."""

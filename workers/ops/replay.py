@@ -1,0 +1,289 @@
+"""Replay a stream range into Postgres after an outage or a restore, idempotent by event id.
+
+Each partition is read from two tiers (``workers/ops/replay_source.py``): the archive for
+what lies before the oldest entry Redis still holds, Redis for the rest. Redis is read
+with XRANGE, never XREADGROUP: the consumer group (pending entries, last-delivered id,
+lag) is left exactly as it was, so a replay can run beside live workers. Every page goes
+through the worker's own ``store.write_batch``: an event already
+stored inserts nothing and moves nothing, so replaying a range twice, or one the workers
+are still on, never double counts. Webhook outbox rows for events that turn out to be new
+are written by ``write_batch`` in the same transaction; a replay enqueues no job, the
+workers' sweep cron delivers them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import structlog
+from arq.worker import func
+
+from ingest.contract.connections import Redis
+from ingest.contract.events import Envelope, EnvelopeError
+from ingest.contract.keys import Keys
+from workers.archive.store import open_store
+from workers.consumer import store
+from workers.consumer.enrich import Enricher
+from workers.group.errors import is_transient
+from workers.ops.replay_source import MAX_SEQ, RangeError, Source, StreamId, count, format_id, parse_id
+
+__all__ = ["MAX_SEQ", "Range", "RangeError", "ReplayPlan", "ReplayResult", "Source", "count", "format_id",
+           "parse_id", "plan", "replay", "replay_job"]  # fmt: skip
+
+if TYPE_CHECKING:
+    from workers.consumer.consume import Consumer
+
+log = structlog.get_logger("workers.replay")
+
+Progress = Callable[[int, int], None]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _ms(at: datetime) -> int:
+    at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    return (at - _EPOCH) // timedelta(milliseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """Which entries to replay: stream ids ``from_id``..``to_id`` (both inclusive) and/or
+    append times ``since`` (inclusive) .. ``until`` (exclusive, so consecutive windows
+    tile); given both, their intersection. A stream id's ms part is its append time; a
+    naive datetime is UTC. ``partitions`` None means all of them."""
+
+    from_id: str | None = None
+    to_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    partitions: tuple[int, ...] | None = None
+
+    def bounds(self) -> tuple[StreamId, StreamId]:
+        lo, hi = (0, 0), (MAX_SEQ, MAX_SEQ)
+        if self.from_id is not None:
+            lo = max(lo, parse_id(self.from_id))
+        if self.since is not None:
+            lo = max(lo, (_ms(self.since), 0))
+        if self.to_id is not None:
+            hi = min(hi, parse_id(self.to_id, end=True))
+        if self.until is not None:
+            hi = min(hi, (_ms(self.until) - 1, MAX_SEQ))
+        if lo > hi:
+            raise RangeError(f"empty range: its start {format_id(lo)} is after its end {format_id(hi)}")
+        return lo, hi
+
+    def streams(self, keys: Keys) -> list[tuple[int, str]]:
+        chosen = range(keys.partitions) if self.partitions is None else sorted(set(self.partitions))
+        if bad := [p for p in chosen if not 0 <= p < keys.partitions]:
+            raise RangeError(f"no such partition: {bad} (there are {keys.partitions}: 0..{keys.partitions - 1})")
+        return [(p, keys.stream(p)) for p in chosen]
+
+
+@dataclass(slots=True)
+class PartitionPlan:
+    """What a replay would do, found by doing it in a transaction that is rolled back."""
+
+    entries: int = 0
+    archived: int = 0  # of the entries, read from the archive (the rest from Redis)
+    new: int = 0  # would be stored
+    stored: int = 0  # their event id is in Postgres already
+    repeats: int = 0  # by design no row: a repeated lead or conversion (same dedupe key)
+    skipped: int = 0  # by design no row: an unknown code, or a click on an inactive link
+    undecodable: int = 0
+    failed: int = 0  # refused by Postgres for its data (the workers dead-lettered it)
+
+
+@dataclass(slots=True)
+class PartitionResult:
+    entries: int = 0
+    archived: int = 0  # of the entries, read from the archive (the rest from Redis)
+    inserted: int = 0
+    duplicates: int = 0  # already stored (by event id, or a repeated lead or conversion)
+    skipped: int = 0  # unknown code, or a click on an inactive link: stored by no one
+    undecodable: int = 0
+    failed: int = 0  # refused by Postgres for its data (the workers dead-lettered it)
+
+
+@dataclass(slots=True)
+class _Report:
+    start: StreamId
+    end: StreamId
+    partitions: dict[int, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the range, counts per partition (keys are strings) and totals."""
+        parts = {str(p): asdict(c) for p, c in sorted(self.partitions.items())}
+        totals: dict[str, int] = {}
+        for counts in parts.values():
+            for k, v in counts.items():
+                totals[k] = totals.get(k, 0) + v
+        return {"range": {"from": format_id(self.start), "to": format_id(self.end)}, "partitions": parts,
+                "totals": totals}  # fmt: skip
+
+    def total(self, name: str) -> int:
+        return sum(int(getattr(c, name)) for c in self.partitions.values())
+
+
+class ReplayPlan(_Report):
+    """The dry run: per partition, entries in range and how many are stored already."""
+
+
+class ReplayResult(_Report):
+    """What a replay did, per partition."""
+
+
+def _decode(page: list[Any]) -> tuple[list[Envelope], int]:
+    good, bad = [], 0
+    for _, fields in page:
+        try:
+            good.append(Envelope.from_entry(fields or {}))
+        except EnvelopeError:
+            bad += 1
+    return good, bad
+
+
+class _Within:
+    """A pool whose one connection is inside the dry run's transaction: ``write_batch``'s own
+    transaction becomes a savepoint, and everything is rolled back at the end."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        yield self.conn
+
+
+async def plan(
+    source: Source | Redis,
+    pg: asyncpg.Pool,
+    keys: Keys,
+    rng: Range,
+    *,
+    enricher: Enricher | None = None,
+    page_size: int = 1000,
+) -> ReplayPlan:
+    """The dry run: the replay itself, per partition in one transaction that is rolled back,
+    so the counts are what a replay would do (a repeat of an entry earlier in the range is a
+    repeat, an unknown code skipped), not a guess. Its row locks are held until the
+    partition is counted: workers writing the same links wait that long."""
+    src = source if isinstance(source, Source) else Source(source)
+    start, end = rng.bounds()
+    result = ReplayPlan(start, end)
+    for p, stream in rng.streams(keys):
+        part = result.partitions[p] = PartitionPlan()
+        async with pg.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                async for page in src.pages(p, stream, start, end, page_size, part):
+                    envelopes, bad = _decode(page)
+                    part.entries += len(page)
+                    part.undecodable += bad
+                    if not envelopes:
+                        continue
+                    ids = [e.event_id for e in envelopes]
+                    stored = await conn.fetchval("SELECT count(*) FROM events WHERE event_id = ANY($1::uuid[])", ids)
+                    done = PartitionResult()
+                    await _write(_Within(conn), envelopes, enricher, done)
+                    part.new += done.inserted
+                    part.stored += stored
+                    part.repeats += max(0, done.duplicates - stored)
+                    part.skipped += done.skipped
+                    part.failed += done.failed
+            finally:
+                await tx.rollback()
+    return result
+
+
+async def replay(
+    source: Source | Redis,
+    pool: asyncpg.Pool,
+    keys: Keys,
+    rng: Range,
+    *,
+    enricher: Enricher | None = None,
+    batch_size: int = 500,
+    progress: Progress | None = None,
+) -> ReplayResult:
+    """Store every entry of the range that Postgres lacks, one transaction per page.
+
+    Pass the worker's ``enricher``: bot verdicts come from it, and without one a bot's
+    click would be counted as a click. ``progress(done, total)`` is called after each page.
+    """
+    src = source if isinstance(source, Source) else Source(source)
+    start, end = rng.bounds()
+    streams = rng.streams(keys)
+    total = sum([await src.count(p, stream, start, end) for p, stream in streams])
+    result, done = ReplayResult(start, end), 0
+    if progress:
+        progress(0, total)
+    for p, stream in streams:
+        part = result.partitions[p] = PartitionResult()
+        async for page in src.pages(p, stream, start, end, batch_size, part):
+            envelopes, bad = _decode(page)
+            if envelopes:
+                await _write(pool, envelopes, enricher, part)
+            part.entries += len(page)
+            part.undecodable += bad
+            done += len(page)
+            if progress:
+                progress(done, max(total, done))  # the range may be open-ended: entries still arrive
+    if progress:
+        progress(done, done)  # an archive segment straddling an end of the range counted whole
+    log.info("replay", start=format_id(start), end=format_id(end), **result.to_dict()["totals"])
+    return result
+
+
+async def _write(
+    pool: asyncpg.Pool, envelopes: list[Envelope], enricher: Enricher | None, part: PartitionResult
+) -> None:
+    try:
+        batch = await store.write_batch(pool, envelopes, enricher)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        # poison the workers met (and dead-lettered) before: halve until it fails alone
+        if len(envelopes) == 1:
+            log.error("replay.refused", event_id=str(envelopes[0].event_id), error=repr(exc))
+            part.failed += 1
+            return
+        mid = len(envelopes) // 2
+        await _write(pool, envelopes[:mid], enricher, part)
+        await _write(pool, envelopes[mid:], enricher, part)
+        return
+    part.inserted += batch.inserted
+    part.duplicates += batch.duplicates
+    part.skipped += len(batch.unknown_codes) + len(batch.inactive_codes)
+
+
+def _iso(v: str | None) -> datetime | None:
+    return datetime.fromisoformat(v) if v is not None else None
+
+
+async def replay_job(
+    ctx: dict[str, Any],
+    from_id: str | None = None,
+    to_id: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    partitions: list[int] | None = None,
+) -> dict[str, Any]:
+    """arq job: ``replay`` with the worker's connections and enricher. Arguments are JSON:
+    stream ids as strings, times as ISO 8601 strings. Returns ``ReplayResult.to_dict()``."""
+    c: Consumer = ctx["consumer"]
+    rng = Range(from_id, to_id, _iso(since), _iso(until), tuple(partitions) if partitions is not None else None)
+    source = Source(c.redis, open_store(c.settings), c.keys.prefix)
+    result = await replay(
+        source, c.pipeline.pg, c.keys, rng, enricher=c.pipeline.enricher, batch_size=c.settings.batch_size
+    )
+    return result.to_dict()
+
+
+# what the worker registers: a long range outlives arq's default 300 s job timeout, and a
+# failed replay is rerun by its operator (it is idempotent), not retried in a loop
+REPLAY_JOB = func(replay_job, name="replay", timeout=6 * 3600, max_tries=1)
