@@ -105,6 +105,13 @@ class Breaker:
         self._delay = min(PROBE_CAP_S, self._delay * 2)
         return True
 
+    def probe_now(self) -> None:
+        """Something else reached the server (the spool's drain): the next caller probes,
+        rather than the one after the interval, which may have grown to a second."""
+        if self.cause is not None:
+            self._retry_at = 0.0
+            self._delay = PROBE_FIRST_S
+
     def failed(self, exc: BaseException) -> bool:
         """Record a failure; True when it opened the breaker (it was closed)."""
         opened = self.cause is None

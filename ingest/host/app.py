@@ -133,7 +133,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     pg = await create_pg_pool(settings, min_size=0, max_size=4)
     keys = Keys(settings.stream_prefix, settings.partitions)
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, durability=durability)
-    spool.start(redis, every_s=settings.spool_drain_every_s)  # also drains what a previous run left
+    spool.start(
+        redis, every_s=settings.spool_drain_every_s, reached=batcher.down.probe_now
+    )  # also drains what a previous run left
     metrics.watch_spool(spool)
     app[EDGE] = Edge(
         settings=settings,

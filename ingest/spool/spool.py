@@ -86,6 +86,7 @@ class Spool:
         self._entries = 0  # as of this process's last transaction or look
         self._bytes = 0
         self._redis_error: str | None = None  # the drain waits for Redis (logged once)
+        self._reached: Callable[[], None] | None = None  # called when a drain reaches Redis again
         self._failing: dict[str, str] = {}  # op -> error, while it fails (logged once per change)
         self._error_recorded = False
         self.errors: Counter[str] = Counter()  # failed file-system operations by op, for /metrics
@@ -198,6 +199,8 @@ class Spool:
             return 0  # another process drains it
         try:
             await redis.ping()  # while Redis is down: nothing read, nothing written
+            if self._redis_error is not None and self._reached is not None:
+                self._reached()  # before a row is replayed: so before the spool empties
             return await self._drain_locked(redis)
         finally:
             if not self._replayed:  # else held: nobody may send those rows again
@@ -319,7 +322,10 @@ class Spool:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def start(self, redis: Redis, *, every_s: float = 1.0) -> None:
+    def start(self, redis: Redis, *, every_s: float = 1.0, reached: Callable[[], None] | None = None) -> None:
+        """Drain every ``every_s``; ``reached`` is called when a drain reaches Redis again
+        after failing to (the edge's breaker may probe at once rather than at its interval)."""
+        self._reached = reached
         self._drainer = asyncio.create_task(self._drain_loop(redis, every_s), name="spool-drainer")
 
     async def close(self) -> None:
