@@ -74,6 +74,23 @@ async def test_a_blackholed_redis_is_answered_within_the_deadline(settings: Sett
 
         await wait_for(back, timeout=10, what="a probe to find Redis back")
         assert not batcher.down.open
+
+        # something else reached Redis (the spool's drain): the next call probes at once,
+        # rather than after an interval that has grown to a second
+        proxy.blackhole()
+        while not batcher.down.open:
+            await timed(batcher.execute(("GET", key)))
+
+        async def slot() -> bool:
+            return batcher.down.allow()
+
+        for _ in range(3):  # grow the interval to 0.8 s: these probe slots go unused
+            await wait_for(slot, timeout=5, what="a probe slot")
+        proxy.heal()
+        assert isinstance((await timed(batcher.execute(("GET", key))))[1], RedisDown)
+        batcher.down.probe_now()
+        assert await batcher.execute(("GET", key)) == [None]
+        assert not batcher.down.open
     finally:
         await batcher.close()
         await client.aclose()
