@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from ._cluster import new_node
 from ._plan import Plan
 from ._plan import plan as _plan
 from ._servers import FaultRedis, PgServer
@@ -85,3 +86,17 @@ async def make_stage(
 @pytest.fixture
 def stage(make_stage: Callable[..., Stage]) -> Stage:
     return make_stage()
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[list[FaultRedis]]:
+    """Six cluster-enabled redis-servers, not yet a cluster; a test may append more."""
+    made: list[FaultRedis] = []
+    try:
+        for _ in range(6):
+            made.append(new_node())
+            await made[-1].ready()
+        yield made
+    finally:
+        for node in made:
+            node.destroy()

