@@ -18,10 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# they use no Redis or Postgres: once is enough, in scripts/test's first pass
-pytestmark = pytest.mark.skipif(
-    os.environ.get("REFSTREAM_TEST_SERVICES") == "embedded", reason="needs no services: runs in the first pass"
-)
+# they use no Redis or Postgres: scripts/test runs them once, in its embedded pass (its
+# shorter one) where there is one, else in the first
 HIDE_EMBEDDED = """\
 import importlib.util as _util
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MAY_IMPORT: dict[str, set[str]] = {
     "ingest.contract": set(),
     "ingest.edge": {"ingest.contract", "ingest.spool"},
-    "ingest.spool": {"ingest.contract", "ingest.edge.idempotency", "ingest.edge.durability"},
+    "ingest.spool": {"ingest.contract", "ingest.edge.idempotency", "ingest.edge.durability", "ingest.edge.redislink"},
     "ingest.host": {"ingest.contract", "ingest.edge", "ingest.spool", "ingest.manage"},
     "ingest.manage": {"ingest.contract", "ingest.edge"},
     "workers.group": {"ingest.contract"},

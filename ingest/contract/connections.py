@@ -117,6 +117,13 @@ class Cluster(RedisCluster):
         await super().initialize()
         return self
 
+    async def refresh(self) -> None:
+        """Read the slots again from every node known (a slot answered MOVED, a node was
+        lost): what redis-py does after a connection error, for a caller with its own
+        connections (the edge's ``ClusterLink``)."""
+        self._initialize = True
+        await self.initialize()
+
 
 _CLIENT_CODE = tuple(os.path.join("redis", "asyncio", f) for f in ("connection.py", "cluster.py"))
 

@@ -293,10 +293,10 @@ class Settings(BaseSettings):
         replicas, fsync = parse_durability(self.ack_durability)
         if not (replicas or fsync):
             return self
-        if self.redis_cluster:
+        if self.redis_cluster and fsync:
             raise ValueError(
-                "a durability other than primary (REFSTREAM_ACK_DURABILITY) is not supported on a Redis Cluster"
-                " (WAIT counts one node's replicas, and a pipeline spans nodes)"
+                "REFSTREAM_ACK_DURABILITY=fsync is not supported on a Redis Cluster (the check for WAITAOF and the"
+                " AOF reads one node); use replicas:N, which waits on every primary written"
             )
         if self.ack_wait_ms >= self.redis_deadline_ms:
             raise ValueError(

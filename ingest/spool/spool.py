@@ -45,10 +45,11 @@ from typing import Any, TypeVar
 
 import structlog
 
-from ingest.contract.connections import REDIS_ERRORS, Redis
+from ingest.contract.connections import REDIS_ERRORS, Command, Redis
 from ingest.contract.events import entry_from_blob
 from ingest.edge.durability import Durability
 from ingest.edge.idempotency import APPEND_ONCE
+from ingest.edge.redislink import Link, link_for
 from ingest.spool import store as store
 
 log = structlog.get_logger("ingest.spool")
@@ -86,7 +87,8 @@ class Spool:
         self._entries = 0  # as of this process's last transaction or look
         self._bytes = 0
         self._redis_error: str | None = None  # the drain waits for Redis (logged once)
-        self._reached: Callable[[], None] | None = None  # called when a drain reaches Redis again
+        self._link: tuple[Redis, Link] | None = None  # the drain's way to Redis, and for which client
+        self._reached: Callable[[], None] | None = None  # called when a drain with rows reaches Redis
         self._failing: dict[str, str] = {}  # op -> error, while it fails (logged once per change)
         self._error_recorded = False
         self.errors: Counter[str] = Counter()  # failed file-system operations by op, for /metrics
@@ -199,8 +201,8 @@ class Spool:
             return 0  # another process drains it
         try:
             await redis.ping()  # while Redis is down: nothing read, nothing written
-            if self._redis_error is not None and self._reached is not None:
-                self._reached()  # before a row is replayed: so before the spool empties
+            if self._reached is not None:  # before a row is replayed: so before the spool empties
+                self._reached()
             return await self._drain_locked(redis)
         finally:
             if not self._replayed:  # else held: nobody may send those rows again
@@ -213,7 +215,8 @@ class Spool:
                 rows = await self._store("drain_read", self._oldest_sync)
                 if not rows:
                     break
-                sent, error = await _replay(redis, [r for r in rows if r.id not in self._replayed], self.durability)
+                sent, error = await _replay(self._link_to(redis), [r for r in rows if r.id not in self._replayed],
+                                            self.durability)  # fmt: skip
                 self._replayed.update(sent)
                 n += len(sent)
                 ids = [r.id for r in rows if r.id in self._replayed]
@@ -229,6 +232,13 @@ class Spool:
                 self.drained += n
                 log.info("spool.drained", entries=n, left=self._entries)
         return n
+
+    def _link_to(self, redis: Redis) -> Link:
+        """The edge's kind of link to ``redis`` (one per spool): on a Redis Cluster each
+        primary's share of a drain step ends with its own WAIT (``ClusterLink``)."""
+        if self._link is None or self._link[0] is not redis:
+            self._link = (redis, link_for(redis))
+        return self._link[1]
 
     async def _store(self, op: str, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -323,8 +333,9 @@ class Spool:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self, redis: Redis, *, every_s: float = 1.0, reached: Callable[[], None] | None = None) -> None:
-        """Drain every ``every_s``; ``reached`` is called when a drain reaches Redis again
-        after failing to (the edge's breaker may probe at once rather than at its interval)."""
+        """Drain every ``every_s``; ``reached`` is called when a drain with rows to send
+        reaches Redis (the edge's breaker, if open, may probe at once rather than at its
+        interval: the edge's own requests learn that Redis is back no later than the spool)."""
         self._reached = reached
         self._drainer = asyncio.create_task(self._drain_loop(redis, every_s), name="spool-drainer")
 
@@ -349,6 +360,9 @@ class Spool:
             if conn is not None:
                 conn.close()
         self._wconn = self._dconn = None
+        if self._link is not None:
+            await self._link[1].close()
+            self._link = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the drain lock
             self._lock_fd = None
@@ -358,10 +372,8 @@ def _delete(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, int]:
     return store.delete(conn, ids)
 
 
-async def _replay(
-    redis: Redis, rows: list[store.Row], durability: Durability
-) -> tuple[list[int], BaseException | None]:
-    """XADD ``rows`` (and their extra commands) in one pipeline, ended by the durability
+async def _replay(link: Link, rows: list[store.Row], durability: Durability) -> tuple[list[int], BaseException | None]:
+    """XADD ``rows`` (and their extra commands) in one round trip, ended by the durability
     level's WAIT when it has one: (ids Redis confirmed, the first error). A keyed row goes
     through ``APPEND_ONCE`` instead of its XADD: done whether it appended or found its key's
     record (a copy is in Redis already). A row whose append was refused (a full Redis)
@@ -370,21 +382,19 @@ async def _replay(
     version-2 fields."""
     if not rows:
         return [], None
-    pipe = redis.pipeline(transaction=False)
+    commands: list[Command] = []
     for r in rows:
-        entry = entry_from_blob(r.envelope)
+        fields = [x for pair in entry_from_blob(r.envelope).items() for x in pair]
         if r.once is None:
-            pipe.xadd(r.stream, entry)  # type: ignore[arg-type]
+            commands.append(("XADD", r.stream, "*", *fields))
         else:  # EVAL, not EVALSHA: no script cache to miss; the drain is not the hot path
-            fields = [x for pair in entry.items() for x in pair]
             o = r.once
-            pipe.execute_command("EVAL", APPEND_ONCE, 2, o.record, r.stream, o.answer, o.window_ms, *fields)
-        for cmd in r.extra:
-            pipe.execute_command(*cmd)
+            commands.append(("EVAL", APPEND_ONCE, 2, o.record, r.stream, o.answer, o.window_ms, *fields))
+        commands.extend(r.extra)
     if durability.waits:
-        pipe.execute_command(*durability.command())
+        commands.append(durability.command())
     try:
-        replies = await pipe.execute(raise_on_error=False)
+        replies = await link.send(commands)
     except REDIS_ERRORS as exc:
         return [], exc  # lost mid-pipeline: what landed is sent again next time (same event ids)
     if durability.waits and (short := durability.failure(replies[-1])) is not None:
