@@ -169,6 +169,77 @@ async def test_sighup_replaces_every_child_with_no_failed_request(procs: Procs, 
     assert sup.poll() is None
 
 
+class KeepAlive:
+    """A client holding a pool of keep-alive connections, as a load balancer or a tracker's
+    server does, sending without pause; each outcome: a status, or the error it failed with."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.results: list[int | str] = []
+        self.stop = asyncio.Event()
+
+    async def run(self, senders: int = 8) -> None:
+        conn = aiohttp.TCPConnector(limit=senders)  # keep-alive: connections are reused
+        async with aiohttp.ClientSession(connector=conn, headers={"User-Agent": BROWSER}) as http:
+
+            async def sender() -> None:
+                while not self.stop.is_set():
+                    try:
+                        async with http.post(f"{self.base}/api/v1/referral/click/alice") as r:
+                            await r.read()
+                            self.results.append(r.status)
+                    except aiohttp.ClientConnectorError as exc:
+                        self.results.append(f"not connected: {exc!r}")  # nothing was sent
+                        await asyncio.sleep(0.01)
+                    except aiohttp.ClientError as exc:
+                        self.results.append(repr(exc))
+
+            await asyncio.gather(*(sender() for _ in range(senders)))
+
+    def unanswered(self) -> list[int | str]:
+        """Requests sent and not answered 200 (a connection that was never made sent nothing)."""
+        return [r for r in self.results if r != 200 and not str(r).startswith("not connected")]
+
+
+async def test_sighup_with_keep_alive_clients_answers_every_request(procs: Procs, pg):
+    # a reload must not cut a keep-alive connection under a request its client just sent:
+    # the draining process answers each connection's next request with Connection: close
+    base, sup = await start(procs)
+    old = children(sup.pid)
+    client = KeepAlive(base)
+    loader = asyncio.create_task(client.run())
+    await wait_for(lambda: asyncio.sleep(0, len(client.results) > 50), what="the load to start")
+    sup.send_signal(signal.SIGHUP)
+
+    def replaced() -> bool:
+        now = children(sup.pid)
+        return len(now) == N and not (now & old) and all(gone(p) for p in old)
+
+    await wait_for(lambda: asyncio.to_thread(replaced), timeout=60, what="every child replaced")
+    seen = len(client.results)
+    await wait_for(lambda: asyncio.sleep(0, len(client.results) > seen + 50), what="the new children answering")
+    client.stop.set()
+    await loader
+    assert client.unanswered() == [], client.unanswered()[:5]
+    assert [r for r in client.results if r != 200] == []  # the sockets stayed open throughout
+
+
+async def test_a_drain_answers_every_request_sent_on_a_keep_alive_connection(procs: Procs, pg):
+    # one process, drained by SIGTERM under keep-alive load, as an edge behind a balancer
+    # (before: requests sent on idle keep-alive connections as the drain began got none)
+    base = await procs.start_edge(REFSTREAM_PROCESSES="1", REFSTREAM_CLICK_RATE_LIMIT="1000000")
+    edge = procs.running[-1]
+    client = KeepAlive(base)
+    loader = asyncio.create_task(client.run())
+    await wait_for(lambda: asyncio.sleep(0, len(client.results) > 200), what="the load to start")
+    edge.send_signal(signal.SIGTERM)
+    assert await exited(edge) == 0
+    client.stop.set()
+    await loader
+    answered = client.results.count(200)
+    assert answered > 200 and client.unanswered() == [], client.unanswered()[:5]
+
+
 async def test_metrics_sum_every_child(procs: Procs, pg):
     base, _ = await start(procs)
     n = 60

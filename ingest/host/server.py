@@ -26,6 +26,25 @@ LINGER_S = 2.0
 # a drain waits this long for the requests in flight (then aiohttp's shutdown cancels them)
 DRAIN_S = 30.0
 DRAIN_POLL_S = 0.02
+# then keep-alive connections stay open this long, each next request answered with
+# "Connection: close", so a client sending on one as the drain starts is answered
+KEEPALIVE_GRACE_S = 1.0
+
+
+class Draining:
+    """Set when the edge drains: every answer from then on says ``Connection: close``."""
+
+    on = False
+
+
+DRAINING = web.AppKey("draining", Draining)
+
+
+async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    if request.app[DRAINING].on:
+        response.force_close()  # the server closes after it...
+        # ...and the client must know: aiohttp wrote its Connection header before this hook
+        response.headers["Connection"] = "close"
 
 
 def make_runner(settings: Settings, app: web.Application | None = None) -> web.AppRunner:
@@ -33,6 +52,8 @@ def make_runner(settings: Settings, app: web.Application | None = None) -> web.A
     are inflated under the cap in ``ingest.edge.body``)."""
     app = create_app(settings) if app is None else app
     app[RAW_BODIES] = True
+    app[DRAINING] = Draining()
+    app.on_response_prepare.append(_close_when_draining)
     return web.AppRunner(
         app,
         access_log=None,  # the app logs one canonical line per request itself
@@ -51,13 +72,23 @@ class Served:
     url: str
 
     async def close(self) -> None:
-        """A drain: stop accepting, let the requests in flight finish, then aiohttp's own
-        shutdown (idle connections closed) and the app's cleanup (micro-batcher, spool,
-        drops tally flushed)."""
+        """A drain: stop accepting; let the requests in flight finish; keep idle keep-alive
+        connections open ``KEEPALIVE_GRACE_S``, each one's next request answered with
+        ``Connection: close`` (a client may be sending on one as the drain starts); let
+        those finish too; then aiohttp's own shutdown (what is left idle is closed) and the
+        app's cleanup (micro-batcher, spool, drops tally flushed)."""
         for site in list(self.runner.sites):
             await site.stop()
+        self.runner.app[DRAINING].on = True
+        # a connection accepted just before the stop gets its protocol on a later turn of
+        # the loop (uvloop calls connection_made soon after the accept): count it in
+        await asyncio.sleep(DRAIN_POLL_S)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(DRAIN_S):
+                await _in_flight_done(self.runner)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(KEEPALIVE_GRACE_S):
+                        await _connections_closed(self.runner)
                 await _in_flight_done(self.runner)
         self.guard.cancel()
         await asyncio.gather(self.guard, return_exceptions=True)
@@ -73,6 +104,13 @@ async def _in_flight_done(runner: web.AppRunner) -> None:
     on ``_request_in_progress`` too)."""
     while (server := runner.server) is not None and any(_busy(c) for c in server.connections):  # noqa: ASYNC110
         await asyncio.sleep(DRAIN_POLL_S)  # aiohttp has no event for "a request finished" outside the app
+
+
+async def _connections_closed(runner: web.AppRunner) -> None:
+    """Until every connection is closed: each closes after its next answer (``Connection:
+    close``), so a client that keeps sending leaves none open."""
+    while (server := runner.server) is not None and server.connections:  # noqa: ASYNC110
+        await asyncio.sleep(DRAIN_POLL_S)
 
 
 def _busy(conn: object) -> bool:
