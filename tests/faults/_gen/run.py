@@ -36,6 +36,7 @@ class SeedResult:
     stored: int = 0  # event rows
     archived: int = 0  # archive segment lines
     copied: tuple[int, int] = (0, 0)  # events in more than one line (stream entry), most lines of one
+    lost_with_redis: int = 0  # stored, never 2xx'd, in no line: a failover lost the entry (checker.py)
     kept: Path | None = None
 
     def reproduce(self) -> str:
@@ -49,7 +50,8 @@ class SeedResult:
 
         return (f"GENERATIVE[{self.mode}] seed={self.seed} topology={self.schedule.topology} wall={self.wall_s:.0f}s"
                 f" ops={sum(self.ops.values())} ({fmt(self.ops)}) attempts ({fmt(self.attempts)})"
-                f" stored={self.stored} archived={self.archived}"
+                f" stored={self.stored} archived={self.archived} (unarchived, never 2xx'd, lost in a failover:"
+                f" {self.lost_with_redis})"
                 f" (events in 2+ lines: {self.copied[0]}, at most {self.copied[1]})"
                 f" faults={sum(self.faults.values())} ({fmt(self.faults)})"
                 f" anomalies={sum(self.anomalies.counts().values())} ({fmt(self.anomalies.counts())})")  # fmt: skip
@@ -77,6 +79,10 @@ async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult
         checker = GenChecker(history, world, st.check, st.tmp / "archive", st.keys.prefix)
         result.anomalies = await checker.run(extra)
         result.stored, result.archived = checker.stored, checker.archived_lines
+        result.lost_with_redis = len(checker.lost_with_redis)
+        if checker.lost_with_redis:
+            print(f"seed {seed}: stored, never answered 2xx, lost from Redis in a failover before it was"
+                  f" archived: {checker.lost_with_redis}")  # fmt: skip
         many = [n for n in checker.copies.values() if n > 1]
         result.copied = (len(many), max(many, default=0))
         result.ops, result.attempts = history.ops_by_kind(), history.attempts_by_outcome()
