@@ -21,8 +21,10 @@ from .context import DEFAULT_PARTS, PARTS, Options
 @click.option("--quick", is_flag=True, help="Short durations, a small drain and backlog: a smoke run.")
 @click.option("--runs", type=int, default=3, show_default=True, help="Repeat everything; medians are reported.")
 @click.option("--only", default=",".join(DEFAULT_PARTS), show_default=True,
-              help="Comma-separated parts to run; also, only when named: h (replicas:1 against primary),"
-              " i (idempotency keys' cost), p (a full events table against an empty one), r (the archiver"
+              help="Comma-separated parts to run; also, only when named: cap (capacity: CPU per event of the"
+              " edge, workers, Redis and Postgres; 1 and 2 edges and workers), h (replicas:1 against primary),"
+              " i (idempotency keys' cost), m (the MIGRATE pause of one partition at 8, 64 and 256 MB),"
+              " p (a full events table against an empty one), r (the archiver"
               " against the worker, Redis bytes across retention cycles).")  # fmt: skip
 @click.option("--connections", type=int, default=32, show_default=True, help="wrk connections (one thread).")
 @click.option("--backlog-seconds", type=float, default=None, help="(f) workers stopped this long [60; --quick: 5].")

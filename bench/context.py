@@ -18,10 +18,12 @@ from .procs import Proc, Procs
 from .world import World
 
 # n: (a) and each (b) dialect again with N processes (serve --processes N, N = the CPU count)
-PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "d", "e", "f", "g", "h", "i", "n", "p", "r")
-# only when named in --only: (h) starts Redis servers of its own, (i) idempotency keys' cost,
-# (p) fills an events table with millions of rows, (r) the archiver and retention
-DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("h", "i", "p", "r"))
+PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "cap", "d", "e", "f", "g", "h", "i", "m", "n", "p", "r")
+# only when named in --only: (cap) capacity, CPU per event of each kind of process (minutes, a
+# Redis of its own), (h) starts Redis servers of its own, (i) idempotency keys' cost, (m) a
+# partition's MIGRATE between two Redis servers of its own, (p) fills an events table with
+# millions of rows, (r) the archiver and retention
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("cap", "h", "i", "m", "p", "r"))
 
 
 def _py_spy() -> str:

@@ -123,8 +123,17 @@ class Procs:
 
     def server(self, name: str, argv: list[str], port: int, **env: str) -> Proc:
         """Start a server and wait until its /healthz answers."""
+        return self.healthy(self.start_server(name, argv, port, **env))
+
+    def start_server(self, name: str, argv: list[str], port: int, **env: str) -> Proc:
+        """Start a server without waiting for it (``healthy`` waits), so several start at once."""
         proc = self.start(name, argv, **env)
         proc.base_url = f"http://127.0.0.1:{port}"
+        return proc
+
+    def healthy(self, proc: Proc) -> Proc:
+        """Wait until a server's /healthz answers (60 s at most)."""
+        name = proc.name
         deadline = time.monotonic() + 60
         while True:
             if not proc.alive():
@@ -140,8 +149,11 @@ class Procs:
             time.sleep(0.05)
 
     def edge(self, **env: str) -> Proc:
+        return self.healthy(self.start_edge(**env))
+
+    def start_edge(self, name: str = "edge", **env: str) -> Proc:
         port = free_port()
-        return self.server("edge", [REFSTREAM, "serve", "--port", str(port)], port, **env)
+        return self.start_server(name, [REFSTREAM, "serve", "--port", str(port)], port, **env)
 
     def app(self, which: str, *args: str) -> Proc:
         port = free_port()

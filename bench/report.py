@@ -62,8 +62,16 @@ SECTIONS = {
     "h_primary": "(h) edge, seed 000, REFSTREAM_ACK_DURABILITY=primary (own primary + replica)",
     "h_replicas1": "(h) edge, seed 000, REFSTREAM_ACK_DURABILITY=replicas:1 (same Redis)",
     "h": "(h) replicas:1 / primary",
+    "m": "(m) MIGRATE of one partition (a stream of the bench's envelopes) against a string of its size",
     "r": "(r) archiver vs worker; Redis bytes across retention cycles (--only r)",
     "p": "(p) worker into a full events table vs an empty one; dropping a day",
+    "cap_edge1": "(cap) the edge alone, 1 process, seed 000 (the part's own Redis)",
+    "cap_edge2": "(cap) the edge alone, 2 processes (REFSTREAM_PROCESSES=2); scale = 2 / 1",
+    "cap_w1": "(cap) 1 worker alone, on the backlog the 1-process edge left",
+    "cap_w2": "(cap) 2 workers alone, on the backlog the 2-process edge left; scale = 2 / 1",
+    "cap_idle": "(cap) 1 edge and 1 worker, no load: cores each kind spends doing nothing",
+    "cap_full": "(cap) 1 edge and 1 worker under wrk's full load: CPU per event",
+    "cap": "(cap) the steady run: 1 edge and 1 worker at half that load, open loop: CPU per event",
 }
 
 
@@ -124,6 +132,7 @@ def table(result: dict[str, Any], console: Console) -> None:
             t.add_row("  " + k, _fmt(figures[k]), spread)
     console.print(t)
     side_by_side(figures, console)
+    capacity(figures, int(result.get("machine", {}).get("nproc") or 0), console)
     g = Table(title="goals (from the issue)")
     for col in ("goal", "median", "target", "status"):
         g.add_column(col)
@@ -156,6 +165,45 @@ def side_by_side(figures: dict[str, float], console: Console) -> None:
         t.add_row(f"seed {s} (b)", _fmt(one), _fmt(many), _fmt(figures[f"b{s}_n.scale"]),
                   _fmt(figures.get(f"b{s}.ratio_a", 0.0)), _fmt(figures.get(f"b{s}_n.ratio_a_n", 0.0)))  # fmt: skip
     console.print(t)
+
+
+_KINDS = (("edge", "edge"), ("worker", "worker"), ("redis", "Redis"), ("pg", "Postgres"),
+          ("pg_bg", "Postgres bg"), ("total", "total"))  # fmt: skip
+
+
+def capacity(figures: dict[str, float], nproc: int, console: Console) -> None:
+    """Part (cap): CPU µs per event of each kind of process, and 1 against 2 processes."""
+    if "cap.accepted" not in figures:
+        return
+    t = Table(title="(cap) CPU µs per event accepted (acc) and stored (sto), and cores used: in the steady run"
+              " (half load), at full load, idle; Postgres: the database's backends; bg: its background writer,"
+              " walwriter and checkpointer (the whole server's); total: without bg")  # fmt: skip
+    cols = ("", "half µs/acc", "µs/sto", "cores", "full µs/acc", "µs/sto", "cores", "idle")
+    for col in cols:
+        t.add_column(col, justify="right" if col else "left")
+    for kind, label in _KINDS:
+        row = [label]
+        for phase in ("cap", "cap_full"):
+            row += [_fmt(figures.get(f"{phase}.{kind}_us_per_accepted", 0.0)),
+                    _fmt(figures.get(f"{phase}.{kind}_us_per_stored", 0.0))]  # fmt: skip
+            row.append(_fmt(figures[f"{phase}.{kind}_cores"]) if f"{phase}.{kind}_cores" in figures else "")
+        row.append(_fmt(figures[f"cap_idle.{kind}_cores"]) if f"cap_idle.{kind}_cores" in figures else "")
+        t.add_row(*row)
+    console.print(t)
+    s = Table(title="(cap) 1 process and 2, side by side (each ratio against the 1-process figure of the same run)")
+    for col in ("", "1", "2", "2 / 1"):
+        s.add_column(col, justify="right" if col else "left")
+    for label, one, two, scale in (
+        ("edge alone, accepted/s", "cap_edge1.accepted_per_s", "cap_edge2.accepted_per_s", "cap_edge2.scale"),
+        ("workers alone, stored/s", "cap_w1.stored_per_s", "cap_w2.stored_per_s", "cap_w2.scale"),
+    ):
+        if one in figures and two in figures:
+            s.add_row(label, _fmt(figures[one]), _fmt(figures[two]), _fmt(figures.get(scale, 0.0)))
+    console.print(s)
+    # 2 edge processes share the cores with wrk and Redis; 2 workers with Redis and Postgres
+    if nproc and nproc < 2 + 2:
+        console.print(f"On this {nproc}-core machine 2 processes and what they drive (the load generator, Redis,"
+                      " Postgres) need more cores than there are: 2 / 1 measures contention, not scaling.")  # fmt: skip
 
 
 def top_frames(raw_path: str, n: int = 10) -> list[tuple[float, str]]:

@@ -22,10 +22,12 @@ from refstream import services
 
 from . import report, world
 from .archive_parts import part_r
+from .capacity_parts import part_cap
 from .context import Ctx, Options
 from .durability_part import part_h
 from .edge_parts import part_a, part_b
 from .idem_parts import part_i
+from .migrate_part import part_m
 from .naive_part import part_c
 from .partition_parts import part_p
 from .pipeline_parts import part_d, part_e_f
@@ -71,9 +73,11 @@ async def _one_run(ctx: Ctx) -> None:
         ("d", part_d, ctx.wants("d")),
         ("e/f", part_e_f, ctx.wants("e") or ctx.wants("f")),
         ("h", part_h, ctx.wants("h")),
+        ("m", part_m, ctx.wants("m")),
         ("r", part_r, ctx.wants("r")),
         ("i", part_i, ctx.wants("i")),
         ("p", part_p, ctx.wants("p")),
+        ("cap", part_cap, ctx.wants("cap")),
     ]
     for name, fn, wanted in steps:
         if wanted:
@@ -182,6 +186,18 @@ NOTES = [
     "i: seed 003 (Affixo click, Bearer) without a key, with a fresh Idempotency-Key per request (the atomic"
     " append-or-answer script instead of the XADD), and repeats of 256 keys (answered from their records);"
     " all three format each request in wrk's Lua at send time, so wrk's cost is the same",
+    "cap: seed 000 on a Redis of the part's own (redis-server from PATH, no RDB, no AOF; cap.redis_own 0: the"
+    " bench's shared Redis, whose CPU then counts other clients too). cap_edge1/2: the edge alone under wrk at"
+    " REFSTREAM_PROCESSES 1 and 2, each into its own prefix; cap_w1/2: 1 and 2 `refstream work` alone on those"
+    " backlogs, stored (acked) per second from every worker having read every partition until a tenth is left;"
+    " cap_idle: 1 edge and 1 worker without load; cap_full (wrk, full load) and cap (open loop at half what"
+    " cap_full sustained): windows opened with nothing pending and closed once all is stored; CPU from"
+    " /proc/<pid>/stat for the edge and worker (children included), INFO cpu for Redis, /proc/<pid>/stat of the"
+    " pg_stat_activity backends of the bench's database for Postgres (pg), its background writer, walwriter and"
+    " checkpointer apart (pg_bg: they serve the whole server); per accepted = per 2xx the load generator counted,"
+    " per stored = per row the window added to events (under wrk, requests in flight at either end make the two"
+    " differ by up to the connections); db_bytes_per_stored: the growth of pg_database_size per stored event,"
+    " events_bytes_per_stored that of the events table's partitions (indexes included)",
     "c1ms: Postgres through the bench's own TCP proxy (bench/proxy.py, its own process, 0.5 ms each way"
     " per chunk, in order): the naive app's pool, the edge's and the workers' DATABASE_URL alike; c1ms.rtt_ms is"
     " the SELECT 1 round trip it really gives, proxy_cpu the cores it used (warm-up included); the goals take the"

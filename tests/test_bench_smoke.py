@@ -1,6 +1,6 @@
 """`refstream bench` end to end, in miniature: the bare aiohttp baseline and the seed 000
 route, one run of one second each, as JSON with every figure positive; part (c) likewise,
-locally and through its latency proxy."""
+locally and through its latency proxy; part (cap), CPU per event of each kind of process."""
 
 from __future__ import annotations
 
@@ -62,3 +62,27 @@ def test_bench_part_c_measures_through_its_latency_proxy():
     assert figures["c1ms_half.naive_failed"] == figures["c1ms_half.edge_failed"] == 0
     for key in ("c1ms_edge.tput_ratio", "c1ms_edge.p99_ratio", "c1ms_half.p99_ratio", "c1ms_e2e.committed_per_s"):
         assert figures[key] > 0, key
+
+
+@pytest.mark.timeout(150)
+def test_bench_part_cap_measures_cpu_per_event_of_each_kind_of_process():
+    figures = _bench_json("cap", timeout=140)["figures"]
+    assert figures["cap.accepted"] > 0 and figures["cap.stored"] > 0
+    assert figures["cap.failed"] == 0
+    for kind in ("edge", "worker", "redis", "pg"):
+        assert figures[f"cap.{kind}_us_per_accepted"] > 0, kind
+        assert figures[f"cap.{kind}_us_per_stored"] > 0, kind
+    # the scaling phases, each against its 1-process figure of the same run
+    for key in ("cap_edge1.accepted_per_s", "cap_edge2.accepted_per_s", "cap_edge2.scale",
+                "cap_w1.stored_per_s", "cap_w2.stored_per_s", "cap_w2.scale"):  # fmt: skip
+        assert figures[key] > 0, key
+
+
+@pytest.mark.timeout(120)
+def test_bench_part_m_times_a_partitions_migrate_against_a_string_of_its_size():
+    figures = _bench_json("m", timeout=110)["figures"]
+    for mb in (1, 8):  # --quick's sizes
+        assert figures[f"m.{mb}mb_entries"] > 0
+        assert figures[f"m.{mb}mb_pause_ms"] > 0 and figures[f"m.{mb}mb_string_ms"] > 0
+        assert figures[f"m.{mb}mb_ratio"] > 0
+    assert figures["m.8mb_entries"] > figures["m.1mb_entries"]
