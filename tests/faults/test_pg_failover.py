@@ -34,7 +34,7 @@ import pytest
 
 from ..conftest import wait_for
 from ._plan import Plan
-from ._servers import PgServer
+from ._servers import FaultRedis, PgServer
 from ._stage import Stage
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
@@ -108,11 +108,23 @@ async def _streaming(primary: PgServer, state: str) -> bool:
         await conn.close()
 
 
-async def test_primary_stopped_synchronous_standby_promoted(pair, fault_redis, plan: Plan, request):
-    primary, standby = pair
+def _stage(
+    primary: PgServer, standby: PgServer, fault_redis: FaultRedis, plan: Plan, request: pytest.FixtureRequest
+) -> Stage:
+    """A stage whose processes' DATABASE_URL names both servers, libpq's way."""
     dsn = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{{database}}"
            "?target_session_attrs=read-write")  # fmt: skip
-    stage = Stage(request.node.name, primary, fault_redis.url, plan, database_url=dsn)
+    return Stage(request.node.name, primary, fault_redis.url, plan, database_url=dsn)
+
+
+def _promote(standby: PgServer) -> None:
+    done = standby._as_server_user(str(standby.bin / "pg_ctl"), "promote", "-D", str(standby.data), "-w")
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+
+
+async def test_primary_stopped_synchronous_standby_promoted(pair, fault_redis, plan: Plan, request):
+    primary, standby = pair
+    stage = _stage(primary, standby, fault_redis, plan, request)
     try:
         world = await stage.prepare(workers=2)
         async with stage.load(world) as load:
@@ -121,8 +133,7 @@ async def test_primary_stopped_synchronous_standby_promoted(pair, fault_redis, p
             before = await stage.check.event_count()
             stopped_at = time.monotonic()
             primary.stop("immediate")  # a crash: no shutdown checkpoint, sessions cut
-            done = standby._as_server_user(str(standby.bin / "pg_ctl"), "promote", "-D", str(standby.data), "-w")
-            assert done.returncode == 0, done.stderr.decode(errors="replace")
+            _promote(standby)
             promoted_in = time.monotonic() - stopped_at
             await wait_for(lambda: _grows(stage, before), timeout=60, what="commits on the promoted standby")
             resumed_in = time.monotonic() - stopped_at
@@ -148,9 +159,7 @@ async def _grows(stage: Stage, before: int) -> bool:
 async def test_primary_stopped_asynchronous_standby_promoted_and_the_gap_replayed(async_pair, fault_redis,
                                                                                  plan: Plan, request):  # fmt: skip
     primary, standby = async_pair
-    dsn = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{{database}}"
-           "?target_session_attrs=read-write")  # fmt: skip
-    stage = Stage(request.node.name, primary, fault_redis.url, plan, database_url=dsn)
+    stage = _stage(primary, standby, fault_redis, plan, request)
     try:
         world = await stage.prepare(workers=2)
         async with stage.load(world) as load:
@@ -167,8 +176,7 @@ async def test_primary_stopped_asynchronous_standby_promoted_and_the_gap_replaye
             finally:
                 os.kill(sender, signal.SIGKILL)
             primary.stop("immediate")
-            done = standby._as_server_user(str(standby.bin / "pg_ctl"), "promote", "-D", str(standby.data), "-w")
-            assert done.returncode == 0, done.stderr.decode(errors="replace")
+            _promote(standby)
             after = await wait_for(lambda: _count(stage), timeout=60, what="the promoted standby to answer")
             await wait_for(lambda: _grows(stage, after), timeout=60, what="commits on the promoted standby")
             fault_end = await stage.fault_over()
