@@ -184,7 +184,7 @@ def _all_groups(ctx: Ctx, keys: Keys) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         for s in keys.streams:
             try:
-                if not await ctx.redis.xinfo_groups(s):
+                if not any(g["consumers"] for g in await ctx.redis.xinfo_groups(s)):  # a worker reads it
                     return False
             except Exception:
                 return False

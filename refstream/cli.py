@@ -438,6 +438,9 @@ main.add_command(archive)
 
 main.add_command(ops_status.status)
 main.add_command(ops_status.dead)
+from . import ops_partitions  # noqa: E402
+
+main.add_command(ops_partitions.partitions)
 from . import ops_workspace  # noqa: E402
 
 workspace.add_command(ops_workspace.set_bot_policy)

@@ -78,14 +78,20 @@ def replay(
     keys = Keys(settings.stream_prefix, settings.partitions)
     try:
         rng.bounds()
-        rng.streams(keys)
+        rng.streams(keys, 1024)  # the partitions there were are checked against the layout in Redis
     except rp.RangeError as exc:
         raise RangeUsageError(str(exc)) from None
 
     async def go() -> dict[str, Any]:
         redis = connect_redis(settings)
         pool = await create_pg_pool(settings, min_size=1, max_size=2)
-        source = rp.Source(redis, open_store(settings), keys.prefix)  # Redis, and the archive for the rest
+        source = rp.Source(  # Redis, and the archive for the rest; what a failover may lose: not yet
+            redis,
+            open_store(settings),
+            keys.prefix,
+            replicas=0 if settings.redis_cluster else settings.ack_replicas,
+            wait_ms=settings.ack_wait_ms,
+        )
         enricher = Enricher(city_db=settings.city_db)  # bot verdicts, as the workers make them
         try:
             if dry_run:
@@ -104,7 +110,10 @@ def replay(
             await pool.close()
             await redis.aclose()
 
-    result = run_reading(go())
+    try:
+        result = run_reading(go())
+    except rp.RangeError as exc:  # a partition past every count there was (the layout in Redis)
+        raise RangeUsageError(str(exc)) from None
     if result["totals"]["entries"] == 0:
         raise RangeUsageError(f"the range {described(result['range'])} holds no entries")
     result["dry_run"] = dry_run

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ingest.contract import layout
 from ingest.contract.connections import connect_redis
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
@@ -75,7 +76,8 @@ def render_status(snap: status_mod.Snapshot, keys: Keys, console: Console) -> No
     groups = _table("groups", "p", "group", "lag", "pending", "oldest pending", "last delivered")
     consumers = _table("consumers", "p", "group", "consumer", "pending", "idle")
     for p in snap.partitions:
-        parts.add_row(str(p.partition), str(p.length), _bytes(p.memory_bytes), _age(p.first_entry_age_s),
+        number = f"{p.partition} (retiring)" if p.retiring else str(p.partition)
+        parts.add_row(number, str(p.length), _bytes(p.memory_bytes), _age(p.first_entry_age_s),
                       _age(p.last_entry_age_s))  # fmt: skip
         if p.trim_held_by is not None:
             held.add_row(str(p.partition), out.cell(p.trim_held_by), str(p.trim_held_entries), _age(p.trim_held_age_s))
@@ -159,6 +161,8 @@ def status(max_lag: int, max_pending_age: float, max_dead: int, spool_dir: str |
         conn: asyncpg.Connection | None = None
         pg_error = None
         try:
+            lay = await layout.load(redis, keys, settings.partitions)  # refstream partitions set N
+            keys.resize(lay.count)
             # during a Postgres outage the snapshot is what the operator needs most: without
             # Postgres, it says so and shows the rest (workers blocked, and why)
             try:
@@ -168,7 +172,7 @@ def status(max_lag: int, max_pending_age: float, max_dead: int, spool_dir: str |
             # the edge's spool on this machine: as configured, unless given
             snap = await status_mod.snapshot(
                 redis, conn, keys, thresholds, spool_dir=spool_dir or settings.spool_dir, pg_error=pg_error,
-                retention_s=settings.stream_retention, max_bytes=settings.stream_max_bytes,
+                retention_s=settings.stream_retention, max_bytes=settings.stream_max_bytes, retiring=lay.retiring,
             )  # fmt: skip
             return snap, keys
         finally:

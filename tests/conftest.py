@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -97,6 +98,43 @@ def pytest_runtest_makereport(
     if line:
         _one_line(report, line)
     return report
+
+
+DUMP_BEFORE_TIMEOUT_S = 8.0
+
+
+def _dump_tasks(nodeid: str) -> None:
+    """Every asyncio task's stack, on stderr (captured into the failing test's report): a
+    test about to hit its timeout shows what each task waits on, which pytest-timeout's own
+    dump (the threads') does not."""
+    lines = [f"== {nodeid}: still running {DUMP_BEFORE_TIMEOUT_S:.0f}s before its timeout; asyncio tasks:"]
+    for task in list(asyncio.tasks._all_tasks):  # the other thread's loop: a diagnostic read
+        if task.done():
+            continue
+        chain, coro = [], task.get_coro()
+        while coro is not None and len(chain) < 40:  # the chain of awaits, outermost first
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                chain.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno})")
+            coro = getattr(coro, "cr_await", None)
+        lines.append(f"  {task.get_name()} cancelling={task.cancelling()}: {' -> '.join(chain)}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    marker = item.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else float(item.config.getini("timeout") or 0)
+    timer = None
+    if timeout > DUMP_BEFORE_TIMEOUT_S * 2:
+        timer = threading.Timer(timeout - DUMP_BEFORE_TIMEOUT_S, _dump_tasks, args=(item.nodeid,))
+        timer.daemon = True
+        timer.start()
+    try:
+        return (yield)
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 @pytest.fixture(scope="session")

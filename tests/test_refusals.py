@@ -7,6 +7,7 @@ which a retry with the same key resolves to one event."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog.testing
 
 from ingest.contract.settings import Settings
 from ingest.spool import store as spool_store
@@ -172,3 +174,53 @@ async def test_a_may_be_stored_answer_retried_with_its_key_counts_once(
             await runner.cleanup()
     await drain_streams(mine)
     assert await stored(pg) == Counter(["maybe"])  # the first copy's, once
+
+
+async def test_short_of_replicas_a_worker_stores_nothing_a_failover_could_lose(
+    settings: Settings, world: World, pg: asyncpg.Pool, private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    # issue 24, the generative test's seed 127853501: a keyed click the primary held short of
+    # replicas:1 (answered "may be stored") was read and stored by a worker; the failover lost
+    # it from Redis, the client's retry to another edge made a new copy, answered 200 with its
+    # own click id, and the workers kept the first copy under the key: the 200 named an event
+    # that was never stored
+    primary = await private_fault_redis()
+    one = replicas_1(settings, primary, tmp_path / "spool-1", spool_max_bytes=FULL)
+    other = replicas_1(settings, primary, tmp_path / "spool-2")
+    runner_one, base_one = await start_edge(one)
+    runner_other, base_other = await start_edge(other)
+    click = {"affiliate_url": "https://yoursite.com/?aff=PARTNER123", "referrer_url": "https://a.test/once"}
+    headers = {"Idempotency-Key": "the-key"}
+    with structlog.testing.capture_logs() as logs:
+        worker = asyncio.create_task(drain_streams(one))
+        try:
+            async with full_spool(tmp_path / "spool-1"):  # the copy is in the primary only
+                first = await call("POST", f"{base_one}/api/v1/track/click", json=click, headers=headers)
+            assert first[0] == 503 and first[2].get(OUTCOME) == "unknown", first
+            await wait_for(lambda: _unreplicated(logs), what="the worker to find what it read unreplicated")
+            assert await pg.fetchval("SELECT count(*) FROM events WHERE dialect = 'affitor'") == 0
+            # the failover: a replica that had none of it takes the primary's place
+            primary.kill()
+            primary.start()
+            await primary.ready()
+            await private_fault_redis("--replicaof", "127.0.0.1", str(primary.port))
+            await wait_in_sync(primary, 1)
+
+            async def retried() -> tuple[int, Any, dict[str, str]] | None:  # the client, to the other edge
+                answer = await call("POST", f"{base_other}/api/v1/track/click", json=click, headers=headers)
+                return answer if answer[0] == 200 else None
+
+            again = await wait_for(retried, what="the retry to be accepted")
+            await asyncio.wait_for(worker, 60)
+        finally:
+            worker.cancel()
+            await runner_one.cleanup()
+            await runner_other.cleanup()
+    await drain_streams(other)
+    rows = await pg.fetch("SELECT event_id FROM events WHERE dialect = 'affitor'")
+    assert [f"clk_{r['event_id'].hex}" for r in rows] == [again[1]["click_id"]], (rows, again)  # the 200's event
+
+
+async def _unreplicated(logs: list[dict[str, Any]]) -> bool:
+    return any(e.get("event") == "consumer.read_failed" and "Unreplicated" in e.get("error", "") for e in logs)

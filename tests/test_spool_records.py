@@ -61,6 +61,7 @@ async def test_a_spool_an_older_edge_made_opens_and_keeps_keyed_copies(
         stream, blob, once = keyed(keys, b"an-answer")
         assert await spool.append(stream, blob, once=once) is None
         assert await spool.append(stream, blob, once=Once(once.record, b"another", WINDOW_MS)) == b"an-answer"
+        await redis.xgroup_create(stream, "workers", id="0", mkstream=True)  # as an edge makes its streams
         assert await spool.drain(redis) == 1
         assert await redis.get(once.record) == b"an-answer"
     finally:

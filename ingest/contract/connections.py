@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -36,6 +39,55 @@ PG_ERRORS = (
     asyncpg.InvalidCatalogNameError,
     asyncpg.InvalidAuthorizationSpecificationError,
 )
+
+
+class CommitUnknown(OSError):
+    """Postgres went away while a COMMIT was in flight: the write may be committed. An
+    ``OSError``, so every outage handler still answers it as one; the management routes
+    answer it 503 with ``Refstream-Outcome: unknown``, never as a plain refusal."""
+
+
+class ConnectionLost(OSError):
+    """Postgres's connection was lost in a write's body: nothing was committed."""
+
+
+@contextlib.asynccontextmanager
+async def write(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """``conn.transaction()``, with a COMMIT lost with its connection raised as
+    ``CommitUnknown``; the body's own errors (rolled back: nothing written) pass unchanged."""
+    body_done = False
+    try:
+        async with conn.transaction():
+            yield
+            body_done = True
+    except (*PG_ERRORS, asyncpg.InterfaceError) as exc:
+        if body_done and not isinstance(exc, CommitUnknown):
+            raise CommitUnknown(f"the commit's outcome is unknown: {exc!r}") from exc
+        if isinstance(exc, asyncpg.InterfaceError) and _LOST.search(str(exc)):
+            # the body lost the connection (the pool detaches a terminated one), or then its
+            # rollback could not run: nothing was committed, an outage and not a bug
+            raise ConnectionLost(f"the connection was lost in a write: {exc!r}") from exc
+        raise
+
+
+@contextlib.asynccontextmanager
+async def acquired(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """``pool.acquire()``, without the release's own failure: asyncpg resets a connection
+    as it goes back and raises what the reset met (Postgres gone just after a commit), which
+    would turn a write that committed into a refusal. The pool closes such a connection."""
+    conn = await pool.acquire()
+    try:
+        yield conn
+    finally:
+        try:
+            await pool.release(conn)
+        except (*PG_ERRORS, asyncpg.InterfaceError, asyncpg.PostgresError):
+            pass
+
+
+# asyncpg's words for a connection that is gone (an InterfaceError, not an outage's class)
+_LOST = re.compile(r"connection is closed|connection has been released back to the pool")
+
 
 # SQLSTATE class (or full code) -> why the database cannot serve anyone right now; the
 # request or batch is not at fault and is retried. The worker reports these reasons.
@@ -191,6 +243,9 @@ async def create_pg_pool(settings: Settings, *, min_size: int = 1, max_size: int
         max_size=max_size or settings.pg_pool_size,
         init=_init_connection,
         command_timeout=60,
+        # a process frozen inside a transaction (a stop, a stall) would hold its row locks, and
+        # every other worker behind them, until it runs again: Postgres ends its session instead
+        server_settings={"idle_in_transaction_session_timeout": str(settings.pg_idle_in_transaction_ms)},
     )
     assert pool is not None
     return pool

@@ -21,6 +21,9 @@ def parse_id(raw: object) -> tuple[int, int]:
 
 
 class Keys:
+    """``partitions`` is the number the edges write (``ingest.contract.layout``: it may change
+    while a process runs, through ``resize``)."""
+
     __slots__ = ("partitions", "prefix", "streams")
 
     def __init__(self, prefix: str, partitions: int) -> None:
@@ -28,12 +31,25 @@ class Keys:
         self.partitions = partitions
         self.streams: tuple[str, ...] = tuple(self.stream(p) for p in range(partitions))
 
+    def resize(self, partitions: int) -> None:
+        """Route by ``partitions`` from now on (a live change of the partition count)."""
+        if partitions != self.partitions:
+            self.partitions = partitions
+            self.streams = tuple(self.stream(p) for p in range(partitions))
+
     def stream(self, partition: int) -> str:
         return f"{self.prefix}:events:{{{partition}}}"
 
-    def partition_for(self, routing_key: str) -> int:
-        """Stable partition for a routing key (a link code), so one link's events stay in order."""
-        return zlib.crc32(routing_key.encode()) % self.partitions
+    def partition_for(self, routing_key: str, partitions: int | None = None) -> int:
+        """Stable partition for a routing key (a link code), so one link's events stay in
+        order; among ``partitions`` (default: the current count)."""
+        return zlib.crc32(routing_key.encode()) % (partitions or self.partitions)
+
+    @staticmethod
+    def partition_of(stream: str) -> int | None:
+        """The partition a stream key names (``...:events:{3}`` is 3), None for another key."""
+        head, _, tag = stream.rpartition(":events:{")
+        return int(tag[:-1]) if head and tag.endswith("}") and tag[:-1].isdigit() else None
 
     def stream_for(self, routing_key: str) -> str:
         return self.streams[self.partition_for(routing_key)]
@@ -42,6 +58,17 @@ class Keys:
         """Per partition: how many times each pending entry was taken into a batch after its
         first delivery and not finished (a worker crashed on it). Beside its stream's tag."""
         return f"{self.prefix}:attempts:{{{partition}}}"
+
+    @property
+    def layout(self) -> str:
+        """The partition layout (``ingest.contract.layout``): how many the edges write, which
+        ones the workers read."""
+        return f"{self.prefix}:layout"
+
+    def retired(self, partition: int) -> str:
+        """Set when partition ``partition`` was retired (drained and deleted): no append and
+        no group creation may make its stream again. Beside its stream's tag."""
+        return f"{self.prefix}:retired:{{{partition}}}"
 
     @property
     def workers(self) -> str:

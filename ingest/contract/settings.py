@@ -64,6 +64,9 @@ class Settings(BaseSettings):
         30.0, gt=0, description="One-shot commands (work --drain, dev): how long to wait for Redis or Postgres."
     )
     pg_pool_size: int = Field(4, ge=1, le=100)
+    pg_idle_in_transaction_ms: int = Field(
+        10_000, ge=0, description="Postgres ends a session of ours idle this long inside a transaction (0: never)."
+    )
 
     # streams -------------------------------------------------------------------------
     stream_prefix: str = Field("refstream", description="Prefix of every Redis key refstream owns.")

@@ -58,6 +58,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest.contract.connections import Command, Redis
+from ingest.contract.layout import PartitionGone
 from ingest.edge.durability import Durability, NotDurable, Unconfirmed
 from ingest.edge.redislink import ImpossibleReply, Link, link_for
 
@@ -174,6 +175,8 @@ class RedisBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._scripts: dict[str, str] = {}
+        # told the stream of each append that found its partition gone (the layout's watch)
+        self.gone: Callable[[str | None], None] | None = None
         self.down = Breaker("redis.down")
         self.undurable = Breaker("redis.not_durable")
 
@@ -309,6 +312,17 @@ class RedisBatcher:
             for i, r in zip(retry, again, strict=True):
                 results[i] = r
             unconfirmed = unconfirmed or short
+        for i, r in enumerate(results):
+            if (r is None and flat[i][0] == "XADD") or (isinstance(r, ResponseError) and str(r).startswith("GONE ")):
+                stream = str(flat[i][1]) if r is None else str(r)[5:]
+                results[i] = PartitionGone(f"GONE {stream}")
+                if self.gone is not None:
+                    self.gone(stream)
+            elif isinstance(r, ResponseError) and str(r).startswith("STALE "):
+                # routed by a partition count that changed since: refused, and read again now
+                results[i] = PartitionGone(str(r))
+                if self.gone is not None:
+                    self.gone(None)
         i = 0
         for item in batch:
             n = len(item.commands)

@@ -27,7 +27,7 @@ from uuid import UUID
 import structlog
 from redis.exceptions import RedisError
 
-from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.connections import REDIS_ERRORS, Command, CommitUnknown
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.logs import note_event
@@ -71,13 +71,17 @@ def retry_headers(exc: BaseException | None = None) -> dict[str, str]:
         headers[OUTCOME] = "unknown"
         if exc.event_id is not None:
             headers[EVENT_ID] = str(exc.event_id)
+    elif isinstance(exc, CommitUnknown):  # a management write's commit lost with Postgres
+        headers[OUTCOME] = "unknown"
     return headers
 
 
 def xadd(keys: Keys, envelope: Envelope, routing_key: str) -> Command:
     """XADD with an auto id and no MAXLEN: trimming is the workers' job, by MINID below
-    every group's oldest pending entry, so nothing is trimmed before it is acked."""
-    return ("XADD", keys.stream_for(routing_key), "*", *envelope.entry())
+    every group's oldest pending entry, so nothing is trimmed before it is acked. NOMKSTREAM:
+    a partition that was retired is never made again (``ingest.contract.layout``); the batcher
+    turns its empty reply into ``PartitionGone``, a refusal."""
+    return ("XADD", keys.stream_for(routing_key), "NOMKSTREAM", "*", *envelope.entry())
 
 
 def check(reply: object) -> None:

@@ -41,6 +41,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.events import Envelope, unique_token
 from ingest.contract.keys import Keys
+from ingest.contract.layout import Layout
 from ingest.edge.batcher import RedisBatcher
 from ingest.spool.store import Once
 
@@ -52,13 +53,35 @@ PENDING = 0  # the status of a reservation whose request is still running
 RESERVATION_MS = 60_000  # a reservation outlives any request; a crashed edge's expires
 WAIT_FOR_FIRST_S = 2.0  # a management repeat waits this long for the first copy's answer
 
-# KEYS[1] the key's record, KEYS[2] the stream (one hash tag); ARGV: answer, window ms, then
-# the envelope's fields and values (``Envelope.entry``). The XADD comes first: if it fails
-# (OOM), nothing was written, and no answer is stored for an event that was never appended.
+# KEYS[1] the key's record, KEYS[2] the stream (one hash tag); on a single Redis or Sentinel
+# KEYS[3] the partition layout and KEYS[4..] the key's records in the partitions an earlier
+# partition count gave it (``ingest.contract.layout``; on a Redis Cluster they sit in other
+# slots: neither is passed, ``Idempotency.earlier``). ARGV: answer, window ms, the count the
+# caller routed by ('' on a Cluster), then the envelope's fields and values
+# (``Envelope.entry``). A caller that routed by another count than the layout's now is
+# refused (STALE): its copy would sit where a copy routed by the current count is not looked
+# for. The XADD comes first: if it fails (OOM), nothing was written, and no answer is stored
+# for an event that was never appended. A stream that does not exist (a retired partition)
+# is not made: GONE.
 APPEND_ONCE = """
+local routed = tonumber(ARGV[3])
+local from = 3
+if routed then
+  local raw = redis.call('GET', KEYS[3])
+  if raw and cjson.decode(raw)['count'] ~= routed then
+    return redis.error_reply('STALE ' .. KEYS[2])
+  end
+  from = 4
+end
 local first = redis.call('GET', KEYS[1])
 if first then return first end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+for i = from, #KEYS do
+  first = redis.call('GET', KEYS[i])
+  if first then return first end
+end
+if not redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 4)) then
+  return redis.error_reply('GONE ' .. KEYS[2])
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
@@ -162,9 +185,14 @@ def replay(first: Answer, claim: Claim, refuse: Refuse, headers: dict[str, str] 
 class Idempotency:
     """Held by the edge: the scripts, the window, and the answers it gave from its spool."""
 
-    def __init__(self, batcher: RedisBatcher, keys: Keys, *, window_s: int) -> None:
+    def __init__(
+        self, batcher: RedisBatcher, keys: Keys, *, window_s: int, cluster: bool = False,
+        layout: Callable[[], Layout] | None = None,
+    ) -> None:  # fmt: skip
         self.keys = keys
         self.window_ms = window_s * 1000
+        self.cluster = cluster
+        self._layout = layout  # the edge's current partition layout
         self._append_sha = batcher.script(APPEND_ONCE)
         self._reserve_sha = batcher.script(RESERVE)
         self._release_sha = batcher.script(RELEASE)
@@ -184,8 +212,37 @@ class Idempotency:
         envelope.payload.setdefault("dedupe", self.dedupe(claim, envelope))
         partition = self.keys.partition_for(routing_key)
         record = self.keys.idempotent(claim.digest, partition)
-        return ("EVALSHA", self._append_sha, 2, record, self.keys.streams[partition],
-                answer.encode(), self.window_ms, *envelope.entry())  # fmt: skip
+        if self.cluster:
+            return ("EVALSHA", self._append_sha, 2, record, self.keys.stream(partition), answer.encode(),
+                    self.window_ms, "", *envelope.entry())  # fmt: skip
+        earlier = self.earlier(claim, routing_key)
+        return ("EVALSHA", self._append_sha, 3 + len(earlier), record, self.keys.stream(partition),
+                self.keys.layout, *earlier, answer.encode(), self.window_ms, self.keys.partitions,
+                *envelope.entry())  # fmt: skip
+
+    def earlier(self, claim: Claim, routing_key: str) -> tuple[str, ...]:
+        """The key's records in the partitions that counts of the last window gave it (a
+        partition count changed: ``ingest.contract.layout``), other than its current one."""
+        if self._layout is None or not (counts := self._layout().earlier(int(time.time() * 1000))):
+            return ()
+        now = self.keys.partition_for(routing_key)
+        ps = {self.keys.partition_for(routing_key, c) for c in counts} - {now}
+        return tuple(self.keys.idempotent(claim.digest, p) for p in sorted(ps))
+
+    async def found_earlier(self, batcher: RedisBatcher, claim: Claim, routing_key: str) -> bytes | None:
+        """On a Redis Cluster, where one script cannot read them: the first answer among the
+        key's records from earlier partition counts, read in a round trip of its own before
+        the append (two copies of one key sent at once across a count change may then both
+        be appended; the workers store one: their dedupe value is the key's)."""
+        if not self.cluster or not (records := self.earlier(claim, routing_key)):
+            return None
+        replies = await batcher.execute(*(("GET", r) for r in records))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+            if reply is not None:
+                return bytes(reply)
+        return None
 
     def check(self, claim: Claim, routing_key: str, answer: Answer) -> Once:
         """What a spooled copy keeps to be drained through the same script."""

@@ -44,6 +44,12 @@ async def append_keyed(
     """
     check = edge.idem.check(claim, routing_key, answer)
     note_event(envelope.event_id)
+    if edge.idem.cluster:  # a count changed within the window: the key's earlier records first
+        try:
+            if (earlier := await edge.idem.found_earlier(edge.batcher, claim, routing_key)) is not None:
+                return Answer.decode(earlier)
+        except REDIS_ERRORS:
+            pass  # the append below meets the same trouble, and says what it means
     command = edge.idem.append_command(claim, routing_key, envelope, answer)
     try:
         replies = await edge.batcher.execute(command, *extra, durable=True)

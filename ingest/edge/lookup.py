@@ -44,8 +44,9 @@ FALLBACK_WAIT_S = 1.0
 # arguments, ARGV[5..E+4] the entry's fields and values (``Envelope.entry``); ARGV[E+5] = R,
 # the number of keys the request reads, KEYS[3..R+2], each expected to hold
 # ARGV[E+6..E+R+5] ('' for no value, else '=' and the value); the entry is appended to the
-# stream KEYS[2] only if the request was admitted and every key holds what was expected,
-# and then each write that rides with it runs: one per remaining key, as (argc, name, args
+# stream KEYS[2] only if the request was admitted, every key holds what was expected and the
+# stream exists (a retired partition is never made again: the route's own append then meets
+# ``PartitionGone``), and then each write that rides with it runs: one per remaining key, as (argc, name, args
 # after the key...) in the remaining ARGV. Reply: the verdict's three numbers, 1 if
 # appended else 0, each read value.
 CHECKED_APPEND = (
@@ -65,8 +66,7 @@ for i = 1, reads do
     same = same and ARGV[r0 + i] == ''
   end
 end
-if verdict[1] == 1 and same then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5, 4 + e))
+if verdict[1] == 1 and same and redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 5, 4 + e)) then
   verdict[4] = 1
   local a = r0 + 1 + reads
   for k = 3 + reads, #KEYS do

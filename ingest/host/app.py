@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -16,6 +17,7 @@ from ingest.contract.connections import connect_redis, create_pg_pool, pg_unavai
 from ingest.contract.drops import DropTally
 from ingest.contract.events import unique_token
 from ingest.contract.keys import Keys
+from ingest.contract.layout import Watch
 from ingest.contract.logs import CURRENT_REQUEST, DEFAULT_ACCESS_LOG, AccessLog, RequestLog
 from ingest.contract.settings import Settings
 from ingest.edge import lookup
@@ -35,6 +37,7 @@ from ingest.manage.routes import manage, stats, webhooks
 from ingest.spool.spool import Spool
 
 log = structlog.get_logger("ingest.app")
+PG_CLOSE_S = 10.0  # a stopping edge waits this long for its Postgres connections to come back
 
 
 def _request_id(request: web.Request) -> str:
@@ -132,9 +135,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
     pg = await create_pg_pool(settings, min_size=0, max_size=4)
     keys = Keys(settings.stream_prefix, settings.partitions)
+    # the partition count the edge writes, read live (refstream partitions set N)
+    watch = Watch(redis, keys, settings.partitions)
+    batcher.gone = watch.poke
+    watch.start(make=True)
+    await watch.ready()
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, durability=durability)
     spool.start(
-        redis, every_s=settings.spool_drain_every_s, reached=batcher.down.probe_now
+        redis, every_s=settings.spool_drain_every_s, reached=batcher.down.probe_now, layout=watch
     )  # also drains what a previous run left
     metrics.watch_spool(spool)
     app[EDGE] = Edge(
@@ -151,7 +159,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit),
         key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit),
         drops=(drops := DropTally(batcher, settings.stream_prefix)),
-        idem=Idempotency(batcher, keys, window_s=settings.idempotency_window_s),
+        idem=Idempotency(
+            batcher,
+            keys,
+            window_s=settings.idempotency_window_s,
+            cluster=settings.redis_cluster,
+            layout=lambda: watch.layout,
+        ),
         checked_append=None if settings.redis_cluster or durability.waits else batcher.script(lookup.CHECKED_APPEND),
     )
     drops.start()
@@ -161,8 +175,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         following.cancel()
         await drops.close()
         await spool.close()
+        await watch.close()
         await batcher.close()
-        await pg.close()
+        try:  # a connection never released would hold close() for good: terminated instead
+            async with asyncio.timeout(PG_CLOSE_S):
+                await pg.close()
+        except TimeoutError:
+            log.warning("edge.pg_close_timeout", after_s=PG_CLOSE_S)
         await redis.aclose()
 
 

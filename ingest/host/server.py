@@ -25,6 +25,9 @@ from ingest.host.siblings import SIBLINGS, Siblings
 LINGER_S = 2.0
 # a drain waits this long for the requests in flight (then aiohttp's shutdown cancels them)
 DRAIN_S = 30.0
+# aiohttp's own shutdown, after the drain: a handler still running then is cancelled after
+# this long (aiohttp's default, 60 s, twice over, held a stopping edge two minutes)
+SHUTDOWN_S = 5.0
 DRAIN_POLL_S = 0.02
 # then keep-alive connections stay open this long, each next request answered with
 # "Connection: close", so a client sending on one as the drain starts is answered
@@ -61,6 +64,7 @@ def make_runner(settings: Settings, app: web.Application | None = None) -> web.A
         max_line_size=settings.max_header_bytes,
         max_field_size=settings.max_header_bytes,
         lingering_time=min(LINGER_S, settings.body_timeout_s),
+        shutdown_timeout=SHUTDOWN_S,
         auto_decompress=False,
     )
 

@@ -13,7 +13,7 @@ import asyncpg
 import orjson
 
 from ingest.contract import links
-from ingest.contract.connections import Redis
+from ingest.contract.connections import Redis, write
 from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
 from ingest.contract.keys import Keys
 from ingest.edge import apikeys, auth
@@ -30,7 +30,7 @@ class NotFound(LookupError):
 async def create_workspace(conn: asyncpg.Connection, name: str) -> dict[str, str]:
     """A workspace and its first key, scope ``*``; the key is in the result only."""
     key = apikeys.mint("workspace")
-    async with conn.transaction():
+    async with write(conn):
         ws = await conn.fetchval("INSERT INTO workspaces (name) VALUES ($1) RETURNING id", name)
         await conn.execute(
             "INSERT INTO api_keys (workspace_id, kind, key_hash, prefix, scopes, name)"
@@ -124,7 +124,7 @@ async def create_link(
     affiliate_id: str | None = None,
 ) -> dict[str, Any]:
     """A link; a default program and affiliate are created when none are given."""
-    async with conn.transaction():
+    async with write(conn):
         if not await conn.fetchval("SELECT 1 FROM workspaces WHERE id = $1", workspace_id):
             raise NotFound(f"workspace {workspace_id} not found")
         pid = program_id or await _default_program(conn, workspace_id)
@@ -210,7 +210,7 @@ async def referral_code(
 ) -> dict[str, Any]:
     """The participant's code in the campaign, created on first call (idempotent, race-safe:
     concurrent calls for one participant serialise on an advisory lock)."""
-    async with conn.transaction():
+    async with write(conn):
         program = await conn.fetchrow(
             "SELECT id, url FROM programs WHERE id = $1 AND workspace_id = $2", program_id, workspace_id
         )
@@ -248,10 +248,11 @@ async def referral_code(
                     continue
             if row is None:
                 raise RuntimeError("could not find a free referral code")
-    if created:
-        link = await links.fetch(conn, created)
-        if link:
-            await links.put_committed(redis, keys, link)
+        # read before the commit: nothing asks Postgres after it (a failure then would be
+        # answered as a refusal of a link that exists)
+        link = await links.fetch(conn, created) if created else None
+    if link:
+        await links.put_committed(redis, keys, link)
     return {
         "code": row["code"],
         "referral_url": with_ref(program["url"] or "https://example.com/", row["code"]),
@@ -315,7 +316,7 @@ async def create_key(
     kind = "affiliate" if affiliate_id else "workspace"
     scopes = ["read"] if kind == "affiliate" else apikeys.check_scopes(scopes)
     key = apikeys.mint(kind)
-    async with conn.transaction():
+    async with write(conn):
         if not await conn.fetchval("SELECT 1 FROM workspaces WHERE id = $1", workspace_id):
             raise NotFound(f"workspace {workspace_id} not found")
         if affiliate_id and not await conn.fetchval(

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from ingest.contract import links
-from ingest.contract.connections import Redis
+from ingest.contract.connections import Redis, write
 from ingest.contract.events import EventType
 from ingest.contract.keys import Keys
 from ingest.edge.fields import hostname
@@ -45,7 +45,7 @@ async def create_program(conn: asyncpg.Connection, workspace_id: str, **fields: 
     """A program and its milestones (seed 001's "refer 5 friends": thresholds on conversions)."""
     by_threshold = {m["threshold"]: m for m in fields.get("milestones") or []}
     milestones = [by_threshold[t] for t in sorted(by_threshold)]
-    async with conn.transaction():
+    async with write(conn):
         row = await conn.fetchrow(
             "INSERT INTO programs (workspace_id, name, url, cookie_window_days, attribution)"
             " VALUES ($1, $2, $3, $4, $5)"
@@ -83,7 +83,7 @@ _LINK = (
 async def create_link(
     conn: asyncpg.Connection, redis: Redis, keys: Keys, workspace_id: str, **f: Any
 ) -> dict[str, Any]:
-    async with conn.transaction():  # the answer and the cache entry read before the commit: see _link_written
+    async with write(conn):  # the answer and the cache entry read before the commit: see _link_written
         affiliate = await conn.fetchrow(
             "SELECT id, program_id, external_id FROM affiliates WHERE id = $1 AND workspace_id = $2",
             as_uuid(f["affiliate_id"]),
@@ -114,7 +114,7 @@ async def create_link(
 async def update_link(
     conn: asyncpg.Connection, redis: Redis, keys: Keys, workspace_id: str, link_id: str, **f: Any
 ) -> dict[str, Any]:
-    async with conn.transaction():
+    async with write(conn):
         row = await conn.fetchrow(
             "UPDATE links SET status = coalesce($3, status), url = coalesce($4, url),"
             " domain = CASE WHEN $4::text IS NULL THEN domain ELSE $5 END, updated_at = now()"

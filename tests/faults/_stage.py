@@ -173,11 +173,12 @@ class Stage:
                 if p.poll() is not None and p.pid not in self.killed]  # fmt: skip
 
     async def groups_ready(self, timeout: float = 60) -> None:
-        """Until the workers' group exists on every partition (a worker has started)."""
+        """Until the workers' group has a consumer on every partition (a worker reads it; an
+        edge makes the group too, so its being there says nothing of the workers)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                ready = [any(g["name"] == GROUP.encode() for g in await self.redis.xinfo_groups(s))
+                ready = [any(g["name"] == GROUP.encode() and g["consumers"] for g in await self.redis.xinfo_groups(s))
                          for s in self.keys.streams]  # fmt: skip
             except aioredis.ResponseError:
                 ready = [False]  # no stream yet

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ingest.contract import layout
 from ingest.contract.connections import Redis
-from ingest.contract.keys import GROUP, Keys
+from ingest.contract.keys import GROUP
 from ingest.contract.settings import Settings
 from workers.consumer import partitions, trim
 from workers.consumer.pipeline import Batch, Pipeline
@@ -37,6 +38,7 @@ from workers.group.gate import Gate
 # without, ~200 with; Postgres's 175-205 µs, ~125; p50 +4 ms.
 LINGER_BELOW = 32
 LINGER_S = 0.004
+RETIRE_EVERY_S = 2.0  # how often a retiring partition is looked at (empty: retired)
 
 
 class Consumer:
@@ -45,7 +47,6 @@ class Consumer:
 
     def __init__(self, settings: Settings, redis: Redis, pipeline: Pipeline, *, name: str) -> None:
         self.settings = settings
-        self.keys = Keys(settings.stream_prefix, settings.partitions)
         self.redis = redis
         self.pipeline = pipeline
         self.name = name
@@ -56,9 +57,11 @@ class Consumer:
                 Chore("trim", settings.trim_every_s, self._trim),
                 Chore("memory", settings.trim_every_s, self._warn_memory),
                 Chore("partitions", settings.partition_every_s, self._partitions, needs_postgres=True),
+                Chore("retire", RETIRE_EVERY_S, self._retire),
             ],
             totals=lambda: vars_of(pipeline.totals), on_gate=self._gate_changed,
         )  # fmt: skip
+        self.keys = self.member.keys  # sized by the layout the member reads
 
     async def run(self, *, drain: bool = False) -> None:
         """Consume every partition until ``stop()``; with ``drain``, until the group has
@@ -75,7 +78,15 @@ class Consumer:
 
     async def _trim(self) -> None:
         s = self.settings
-        await trim.trim(self.redis, self.keys, s.stream_retention, s.stream_max_bytes, skew_max_s=s.clock_skew_max_s)
+        await trim.trim(self.redis, self.keys, s.stream_retention, s.stream_max_bytes, skew_max_s=s.clock_skew_max_s,
+                        retiring=self.member.watch.layout.retiring)  # fmt: skip
+
+    async def _retire(self) -> None:
+        """Retire the retiring partitions that are empty (``ingest.contract.layout``)."""
+        s = self.settings
+        if self.member.watch.layout.retiring:
+            await layout.retire(self.redis, self.keys, s.partitions, replicas=0 if s.redis_cluster else s.ack_replicas,
+                                wait_ms=s.ack_wait_ms)  # fmt: skip
 
     async def _warn_memory(self) -> None:
         await trim.warn_memory(self.redis, self.settings.memory_warn_ratio)

@@ -159,16 +159,19 @@ async def trim(
     now_ms: int | None = None,
     exact: bool = False,
     skew_max_s: float = clock.SKEW_MAX_S,
+    retiring: range = range(0),
 ) -> dict[str, int]:
     """Trim every partition (and the dead-letter streams, by retention only). Approximate
     by default (``~``: whole radix-tree nodes only, cheap, never past the cut). The
     retention runs on Redis's ``TIME`` (``now_ms``, for tests), and not at all while this
-    process's clock is more than ``skew_max_s`` off it."""
+    process's clock is more than ``skew_max_s`` off it. ``retiring`` partitions (a shrink:
+    ``ingest.contract.layout``) are trimmed too, exactly, so that each empties and is retired."""
     if now_ms is None:
         now_ms = await _redis_now_ms(redis, skew_max_s)
     budget = max_bytes // keys.partitions if max_bytes else 0
     removed: dict[str, int] = {}
-    for stream in keys.streams:
+    retired = {keys.stream(p) for p in retiring}
+    for stream in (*keys.streams, *sorted(retired)):
         try:
             hb = await holdback(redis, stream, retention_s, budget, now_ms=now_ms)
             if hb is None or (minid := hb.minid) is None:
@@ -176,7 +179,7 @@ async def trim(
             if hb.held_by is not None:
                 log.info("trim.held_back", stream=stream, group=hb.held_by, entries=hb.held_entries,
                          memory_bytes=hb.memory_bytes)  # fmt: skip
-            n = await _xtrim(redis, stream, _fmt(minid), exact)
+            n = await _xtrim(redis, stream, _fmt(minid), exact or stream in retired)
         except ResponseError as exc:
             # one partition's trouble is not the round's: the others are still trimmed
             log.warning("trim.failed", stream=stream, error=str(exc))

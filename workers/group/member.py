@@ -1,16 +1,23 @@
 """The member loop: the group on every partition, one reader per partition, settling what
-its user's part holds through outages, housekeeping and state (see ``workers/group``)."""
+its user's part holds through outages, housekeeping and state (see ``workers/group``).
+
+The partitions are the layout's (``ingest.contract.layout``), read live: a partition added by
+``refstream partitions set`` gets its reader within a second, and a retiring one keeps its
+reader until it is retired (deleted when empty), when the reader ends."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
+from ingest.contract import layout
 from ingest.contract.connections import Redis
 from ingest.contract.keys import Keys, parse_id
 from ingest.contract.settings import Settings
@@ -21,6 +28,10 @@ from workers.group.gate import Backoff, Gate
 from workers.group.part import Chore, Entry, Part
 
 log = structlog.get_logger("workers.group")
+
+
+class Unreplicated(RedisError):
+    """Entries read that fewer replicas than ``REFSTREAM_ACK_DURABILITY`` names have yet."""
 
 
 class Member:
@@ -60,24 +71,40 @@ class Member:
         self.claims = Claims(redis, group, name, settings.claim_idle_ms)
         self._part = part
         self.parts: dict[int, Part] = {}
-        self._backlog = [True] * settings.partitions
-        self._cursor = ["0"] * settings.partitions  # the last own pending entry read again
-        self._joined = [False] * settings.partitions
+        self._backlog: defaultdict[int, bool] = defaultdict(lambda: True)
+        self._cursor: defaultdict[int, str] = defaultdict(lambda: "0")  # the last own pending entry read again
+        self._joined: defaultdict[int, bool] = defaultdict(bool)
+        self.watch = layout.Watch(redis, self.keys, settings.partitions, changed=self._layout_changed)
+        self._readers: dict[int, asyncio.Task[None]] = {}
+        self._drain = False
         self._stopping = False
+        # a Redis Cluster client cannot send a keyless WAIT after the read on its connection
+        self._replicas = 0 if settings.redis_cluster else settings.ack_replicas
         self._publish_now = asyncio.Event()
 
     # -- the group ----------------------------------------------------------------------
 
     async def ensure_groups(self) -> None:
-        """The group on every partition (raises what Redis refuses, see ``_ensure``)."""
-        for stream in self.keys.streams:
-            await self._ensure(stream)
+        """The group on every partition the layout has (raises what Redis refuses, see
+        ``_ensure``; a partition retired meanwhile is skipped)."""
+        for p in range((await self.watch.read()).span):
+            try:
+                await self._ensure(self.keys.stream(p))
+            except layout.Retired:
+                continue
 
     async def _ensure(self, stream: str) -> None:
         """Create the group on ``stream`` from id 0. A full or read-only Redis refuses the
-        creation even when the group exists: then it is enough that it exists."""
+        creation even when the group exists: then it is enough that it exists. ``Retired``
+        when the partition was retired: its stream is never made again."""
+        p = Keys.partition_of(stream)
         try:
-            await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            if p is None:
+                await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            else:
+                await layout.ensure(self.redis, self.keys, p, (self.group,))
+        except layout.Retired:
+            raise
         except ResponseError as exc:
             if "BUSYGROUP" in str(exc):
                 return
@@ -99,6 +126,8 @@ class Member:
         while True:
             try:
                 await self._ensure(stream)
+            except layout.Retired:
+                return False
             except Exception as exc:
                 if (reason := redis_outage(exc)) is None:
                     raise
@@ -122,26 +151,51 @@ class Member:
     async def run(self, *, drain: bool = False) -> None:
         """Read every partition until ``stop()``; with ``drain``, until the group has read
         and acked everything in every partition."""
-        log.info(f"{self.role}.start", consumer=self.name, group=self.group, partitions=self.keys.partitions,
-                 drain=drain)  # fmt: skip
+        try:
+            span = (await self.watch.read()).span
+        except Exception as exc:  # Redis away: REFSTREAM_PARTITIONS until it answers
+            log.warning(f"{self.role}.layout_unread", error=repr(exc))
+            span = self.watch.layout.span
+        log.info(f"{self.role}.start", consumer=self.name, group=self.group, partitions=span, drain=drain)
+        self._drain = drain
         background = [asyncio.create_task(self._keep_claims())]
         if not drain:
             background.append(asyncio.create_task(self._housekeeping()))
-        readers = [asyncio.create_task(self._partition(p, drain)) for p in range(self.keys.partitions)]
+        for p in range(span):
+            self._spawn(p)
+        self.watch.start()
         try:
-            await asyncio.gather(*readers)
+            while pending := [t for t in self._readers.values() if not t.done()]:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    if not task.cancelled() and (died := task.exception()) is not None:
+                        raise died
         except BaseException:
             # a reader died of a bug: the others finish what they hold (or hand it back)
             # before the process exits for a restart, rather than have their pools closed
             self._stopping = True
-            await asyncio.gather(*readers, return_exceptions=True)
+            await asyncio.gather(*self._readers.values(), return_exceptions=True)
             raise
         finally:
+            await self.watch.close()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
         await self._leave()
         log.info(f"{self.role}.stop", consumer=self.name, **self.totals())
+
+    def _spawn(self, p: int) -> None:
+        """A reader for partition ``p``, unless one runs (or the member stops)."""
+        task = self._readers.get(p)
+        if self._stopping or (task is not None and not task.done()):
+            return
+        self._readers[p] = asyncio.create_task(self._partition(p, self._drain), name=f"{self.role}-{p}")
+
+    async def _layout_changed(self, now: layout.Layout) -> None:
+        """A partition the layout added gets its reader; a retiring one keeps its own."""
+        if self._readers:  # started
+            for p in range(now.span):
+                self._spawn(p)
 
     def stop(self) -> None:
         """Stop reading; each partition settles what it holds (or hands it back when an
@@ -151,7 +205,15 @@ class Member:
     async def _partition(self, p: int, drain: bool) -> None:
         stream = self.keys.stream(p)
         if not await self._join(p, stream):
-            return
+            return  # stopped first, or the partition was retired
+        try:
+            await self._read_partition(p, stream, drain)
+        except layout.Retired:
+            log.info(f"{self.role}.partition_retired", stream=stream, consumer=self.name)
+        finally:
+            self.parts.pop(p, None)
+
+    async def _read_partition(self, p: int, stream: str, drain: bool) -> None:
         part = self.parts[p] = self._part(p, stream)
         backoff, failure = Backoff(), None
         while True:
@@ -170,11 +232,14 @@ class Member:
                 try:
                     entries, again = await self._read(p, stream, part, room)
                 except ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
+                    if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                         raise
-                    await self._ensure(stream)  # the stream was deleted under us: from id 0 again
+                    # the stream was deleted under us: from id 0 again, or retired: the end
+                    await self._ensure(stream)
                     self._backlog[p], self._cursor[p] = True, "0"
                     continue
+            except layout.Retired:
+                raise
             except Exception as exc:
                 reason = redis_outage(exc) or "error"
                 if reason != failure:
@@ -220,11 +285,33 @@ class Member:
 
     # -- reading ------------------------------------------------------------------------
 
+    async def _xreadgroup(self, streams: dict[Any, Any], count: int, block: int | None = None) -> Any:
+        """XREADGROUP; at ``REFSTREAM_ACK_DURABILITY=replicas:N``, followed on the same
+        connection by a WAIT for N replicas, so that what this member acts on (stores,
+        archives) is where a failover cannot lose it. The read is itself a write (it moves
+        the group's pending list), replicated after the entries it delivers: once N replicas
+        have it, they have those entries. Short of N, ``Unreplicated`` (an outage): the
+        entries stay pending here and are read again, and waited for, from the backlog; a
+        failover meanwhile loses them with the primary, and Postgres never saw them."""
+        if not self._replicas:
+            return await self.redis.xreadgroup(self.group, self.name, streams, count=count, block=block)
+        pipe: Any = self.redis.pipeline(transaction=False)
+        pipe.xreadgroup(self.group, self.name, streams, count=count, block=block)
+        pipe.execute_command("WAIT", self._replicas, self.settings.ack_wait_ms)
+        reply, acked = await pipe.execute(raise_on_error=False)
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(acked, Exception):
+            raise acked
+        if reply and int(acked) < self._replicas:
+            raise Unreplicated(f"{acked} of {self._replicas} replicas have the entries read")
+        return reply
+
     async def _read(self, p: int, stream: str, part: Part, count: int) -> tuple[list[Entry], bool]:
         """(entries, read again): this member's own pending entries first, then new ones."""
         if self._backlog[p]:
             count = await part.backlog_count(self._cursor[p], count)
-            reply = await self.redis.xreadgroup(self.group, self.name, {stream: self._cursor[p]}, count=count)
+            reply = await self._xreadgroup({stream: self._cursor[p]}, count)
             entries: list[Entry] = reply[0][1] if reply else []
             if not entries:
                 self._backlog[p], self._cursor[p] = False, "0"
@@ -233,11 +320,11 @@ class Member:
             return entries, True
         block = part.block_ms()
         block = self.settings.block_ms if block is None else max(10, min(block, self.settings.block_ms))
-        reply = await self.redis.xreadgroup(self.group, self.name, {stream: ">"}, count=count, block=block)
+        reply = await self._xreadgroup({stream: ">"}, count, block)
         entries = reply[0][1] if reply else []
         if self.linger and entries and len(entries) < min(self.linger[0], count) and not self._stopping:
             await asyncio.sleep(self.linger[1])
-            more = await self.redis.xreadgroup(self.group, self.name, {stream: ">"}, count=count - len(entries))
+            more = await self._xreadgroup({stream: ">"}, count - len(entries))
             entries += more[0][1] if more else []
         return entries, False
 
@@ -260,8 +347,9 @@ class Member:
         """Claim entries idle longer than ``claim_idle_ms`` in other (dead) members; the
         backlog read then takes them."""
         claimed = 0
-        for p, stream in enumerate(self.keys.streams):
-            if self._joined[p] and (n := await self.claims.reclaim(stream, self.reclaim_count)):
+        for p in [p for p, joined in self._joined.items() if joined and p in self.parts]:
+            stream = self.keys.stream(p)
+            if n := await self.claims.reclaim(stream, self.reclaim_count):
                 self._backlog[p], self._cursor[p] = True, "0"
                 claimed += n
         if claimed:
@@ -309,10 +397,10 @@ class Member:
                 self._publish_now.clear()
                 next_state = now + presence.EVERY_S
                 await self._safely("state", presence.publish(self.redis, self.keys, self.presence_name, self.state()))
-            try:
-                await asyncio.wait_for(self._publish_now.wait(), max(0.05, min([*due, next_state]) - time.monotonic()))
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel (see layout.Watch)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.05, min([*due, next_state]) - time.monotonic())):
+                    await self._publish_now.wait()
 
     async def _safely(self, what: str, step: Awaitable[Any]) -> None:
         try:
@@ -341,9 +429,8 @@ class Member:
         nothing (names are per process: they would pile up)."""
         try:
             await presence.forget(self.redis, self.keys, self.presence_name)
-            for p, stream in enumerate(self.keys.streams):
-                if not self._joined[p]:
-                    continue
+            for p in [p for p, joined in self._joined.items() if joined]:
+                stream = self.keys.stream(p)
                 consumers = await self.redis.xinfo_consumers(stream, self.group)
                 mine = next((c for c in consumers if text(c["name"]) == self.name), None)
                 if mine is not None and int(mine["pending"]) == 0:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingest.contract import clock
+from ingest.contract import clock, layout
 from ingest.contract.connections import Redis
 from ingest.contract.events import FIELD, FIELDS, Envelope, EnvelopeError, entry_of
 from ingest.contract.keys import Keys
@@ -213,11 +213,29 @@ def target_stream(keys: Keys, letter: DeadLetter) -> str | None:
     return keys.stream_for(letter.code) if letter.code is not None else None
 
 
+async def _append(redis: Redis, keys: Keys, stream: str, letter: DeadLetter) -> bool:
+    """XADD NOMKSTREAM: never into a partition retired meanwhile (``ingest.contract.layout``);
+    a written partition whose stream does not exist yet is made first, with its groups."""
+    for _ in range(2):
+        if await redis.xadd(stream, letter.entry, nomkstream=True) is not None:  # type: ignore[arg-type]
+            return True
+        p = Keys.partition_of(stream)
+        if p is None or p >= keys.partitions:
+            return False
+        try:
+            await layout.ensure(redis, keys, p, await layout.groups_of(redis, keys, range(keys.partitions)))
+        except layout.Retired:
+            return False
+    return False
+
+
 async def requeue(redis: Redis, keys: Keys, *, ids: list[str] | None = None, flt: Filter | None = None) -> Outcome:
     """Put the selected letters' envelopes back on their partitions (see the module doc for
     the crash trade-off). Letters that cannot be decoded are skipped: the worker would
     dead-letter them again at once; drop them instead."""
     out = Outcome()
+    now = await layout.load(redis, keys, keys.partitions)  # the count the edges write now
+    keys = Keys(keys.prefix, now.count)
     for letter in await _select(redis, keys, ids, flt, out):
         if letter.envelope is None:
             out.skip("undecodable")
@@ -226,7 +244,9 @@ async def requeue(redis: Redis, keys: Keys, *, ids: list[str] | None = None, flt
         if stream is None:
             out.skip("no_partition")
             continue
-        await redis.xadd(stream, letter.entry)  # type: ignore[arg-type]
+        if not await _append(redis, keys, stream, letter):
+            out.skip("partition_gone")
+            continue
         # 0 deleted: a concurrent requeue won the race; its copy and ours count once
         out.done += await redis.xdel(keys.dead, letter.dead_id)
     return out

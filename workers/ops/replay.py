@@ -23,6 +23,7 @@ import asyncpg
 import structlog
 from arq.worker import func
 
+from ingest.contract import layout
 from ingest.contract.connections import Redis
 from ingest.contract.events import Envelope, EnvelopeError
 from ingest.contract.keys import Keys
@@ -76,11 +77,19 @@ class Range:
             raise RangeError(f"empty range: its start {format_id(lo)} is after its end {format_id(hi)}")
         return lo, hi
 
-    def streams(self, keys: Keys) -> list[tuple[int, str]]:
-        chosen = range(keys.partitions) if self.partitions is None else sorted(set(self.partitions))
-        if bad := [p for p in chosen if not 0 <= p < keys.partitions]:
-            raise RangeError(f"no such partition: {bad} (there are {keys.partitions}: 0..{keys.partitions - 1})")
+    def streams(self, keys: Keys, high: int | None = None) -> list[tuple[int, str]]:
+        """The chosen partitions: of the ``high`` there ever were (a partition count changed:
+        ``ingest.contract.layout``; a retired one's entries are in the archive), default
+        ``keys.partitions``."""
+        n = high or keys.partitions
+        chosen = range(n) if self.partitions is None else sorted(set(self.partitions))
+        if bad := [p for p in chosen if not 0 <= p < n]:
+            raise RangeError(f"no such partition: {bad} (there are {n}: 0..{n - 1})")
         return [(p, keys.stream(p)) for p in chosen]
+
+
+async def _streams(src: Source, keys: Keys, rng: Range) -> list[tuple[int, str]]:
+    return rng.streams(keys, (await layout.load(src.redis, keys, keys.partitions)).high)
 
 
 @dataclass(slots=True)
@@ -174,7 +183,7 @@ async def plan(
     src = source if isinstance(source, Source) else Source(source)
     start, end = rng.bounds()
     result = ReplayPlan(start, end)
-    for p, stream in rng.streams(keys):
+    for p, stream in await _streams(src, keys, rng):
         part = result.partitions[p] = PartitionPlan()
         async with pg.acquire() as conn:
             tx = conn.transaction()
@@ -217,7 +226,7 @@ async def replay(
     """
     src = source if isinstance(source, Source) else Source(source)
     start, end = rng.bounds()
-    streams = rng.streams(keys)
+    streams = await _streams(src, keys, rng)
     total = sum([await src.count(p, stream, start, end) for p, stream in streams])
     result, done = ReplayResult(start, end), 0
     if progress:
@@ -277,7 +286,9 @@ async def replay_job(
     stream ids as strings, times as ISO 8601 strings. Returns ``ReplayResult.to_dict()``."""
     c: Consumer = ctx["consumer"]
     rng = Range(from_id, to_id, _iso(since), _iso(until), tuple(partitions) if partitions is not None else None)
-    source = Source(c.redis, open_store(c.settings), c.keys.prefix)
+    s = c.settings
+    source = Source(c.redis, open_store(s), c.keys.prefix, replicas=0 if s.redis_cluster else s.ack_replicas,
+                    wait_ms=s.ack_wait_ms)  # fmt: skip
     result = await replay(
         source, c.pipeline.pg, c.keys, rng, enricher=c.pipeline.enricher, batch_size=c.settings.batch_size
     )

@@ -18,6 +18,7 @@ from typing import Any
 from ingest.contract.connections import Redis
 from workers.archive import read as archive_read
 from workers.archive.store import Store
+from workers.group.member import Unreplicated
 
 MAX_SEQ = 2**64 - 1
 StreamId = tuple[int, int]
@@ -79,8 +80,12 @@ class Source:
     """Where a range's entries are: Redis, and the archive (``store``, under ``prefix``) for
     what Redis no longer holds. Without a store, Redis alone."""
 
-    def __init__(self, redis: Redis, archive: Store | None = None, prefix: str = "") -> None:
+    def __init__(
+        self, redis: Redis, archive: Store | None = None, prefix: str = "", *, replicas: int = 0, wait_ms: int = 1000
+    ) -> None:
         self.redis, self.archive, self.prefix = redis, archive, prefix
+        # REFSTREAM_ACK_DURABILITY=replicas:N: a page is used only once N replicas have it
+        self.replicas, self.wait_ms = replicas, wait_ms
 
     async def count(self, p: int, stream: str, start: StreamId, end: StreamId) -> int:
         first = await _first(self.redis, stream)
@@ -104,7 +109,7 @@ class Source:
             return
         lo = max(start, first)
         while True:
-            page = await self.redis.xrange(stream, min=format_id(lo), max=format_id(end), count=size)
+            page = await self._xrange(stream, lo, end, size)
             head = parse_id(_s(page[0][0])) if page else None
             # checked at every page: the trim may run between any two of them, and what it
             # took from [lo, head) is in the archive (it trims only what every group acked)
@@ -116,6 +121,23 @@ class Source:
             if len(page) < size or (last := parse_id(_s(page[-1][0]))) >= end:
                 return
             lo = _after(last)
+
+    async def _xrange(self, stream: str, lo: StreamId, end: StreamId, size: int) -> Any:
+        """A page from Redis. With ``replicas``, a write and a WAIT follow the read on its
+        connection: once N replicas have that write they have every entry the page holds
+        (replication keeps the primary's order), so a replay never stores what a failover
+        can still lose (the edge answered it "may be stored" at most). Short of N:
+        ``Unreplicated``; run the replay again once the replicas are back."""
+        if not self.replicas:
+            return await self.redis.xrange(stream, min=format_id(lo), max=format_id(end), count=size)
+        pipe: Any = self.redis.pipeline(transaction=False)
+        pipe.xrange(stream, min=format_id(lo), max=format_id(end), count=size)
+        pipe.set(f"{self.prefix}:replay:fence", b"1", px=60_000)
+        pipe.execute_command("WAIT", self.replicas, self.wait_ms)
+        page, _, acked = await pipe.execute()
+        if int(acked) < self.replicas:
+            raise Unreplicated(f"{acked} of {self.replicas} replicas have the entries read within {self.wait_ms} ms")
+        return page
 
     async def _trimmed_past(self, stream: str, sid: StreamId) -> bool:
         """Whether the trim has removed entries at or after ``sid`` since the first look

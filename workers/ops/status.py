@@ -58,6 +58,7 @@ class Partition:
     trim_held_by: str | None = None  # the group whose unacked entries keep the trim from its mark
     trim_held_entries: int = 0  # entries kept past the retention and memory marks for it
     trim_held_age_s: float | None = None  # age of the oldest entry that group still needs
+    retiring: bool = False  # past the partition count the edges write: read until empty, then retired
 
 
 @dataclass(slots=True)
@@ -244,17 +245,23 @@ async def snapshot(
     pg_error: str | None = None,
     retention_s: int | None = None,
     max_bytes: int = 0,
+    retiring: range = range(0),
 ) -> Snapshot:
     """Read everything once (Redis per partition, one Postgres count) and judge it. Without
     ``pg`` (Postgres unreachable: ``pg_error`` says why), everything but the out-throughput.
     With ``retention_s`` (and ``max_bytes``, the streams' memory budget) each partition says
-    which group, if any, holds its trim back and by how many entries."""
+    which group, if any, holds its trim back and by how many entries. ``keys`` has the
+    partition count the edges write; the ``retiring`` ones (``ingest.contract.layout``) are
+    shown after them until they are retired."""
     secs, micros = await redis.time()
     now_ms = int(secs) * 1000 + int(micros) // 1000
     budget = max_bytes // keys.partitions if max_bytes else 0
     partitions = [
         await _partition(redis, p, stream, now_ms, retention_s, budget) for p, stream in enumerate(keys.streams)
     ]
+    for p in retiring:
+        partitions.append(await _partition(redis, p, keys.stream(p), now_ms, retention_s, budget))
+        partitions[-1].retiring = True
     memory = await trim.redis_memory(redis, thresholds.memory_ratio)
 
     dead_len = await redis.xlen(keys.dead)
@@ -263,7 +270,7 @@ async def snapshot(
 
     since = f"{now_ms - WINDOW_S * 1000}-0"
     in_events, in_capped = 0, False
-    for stream in keys.streams:
+    for stream in [p.stream for p in partitions]:
         n, capped = await _count_after(redis, stream, since, COUNT_CAP)
         in_events, in_capped = in_events + n, in_capped or capped
     # a sequential scan unless events has an index on processed_at (a BRIN index fits)

@@ -226,6 +226,7 @@ async def _accept(
     sent: list[_Sent] = []  # the item behind each append, in order
     firsts: dict[str, tuple[int, Claim]] = {}  # a key's first item in this batch
     repeats: list[tuple[int, int]] = []  # (item, the earlier item of this batch with its key)
+    early = 0  # items answered from their key's record under an earlier partition count
     for index, p in enumerate(parsed):
         if isinstance(p, ItemResult):
             edge.drops.note(workspace, None, "invalid")
@@ -253,12 +254,16 @@ async def _accept(
             continue
         else:
             firsts[claim.digest] = (index, claim)
+            if edge.idem.cluster and (found := await _earlier(edge, claim, envelope.payload["code"])) is not None:
+                results[-1] = _replayed(index, claim, Answer.decode(found))  # the count changed since
+                early += 1
+                continue
             answer = Answer(
                 200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint
             )
             appends.append(edge.idem.append_command(claim, envelope.payload["code"], envelope, answer))
         sent.append(_Sent(result, envelope, claim if isinstance(claim, Claim) else None, answer))
-    fresh, replays = 0, 0
+    fresh, replays = 0, early
     if appends:
         try:
             written = await edge.batcher.execute(*appends, durable=True)
@@ -282,6 +287,15 @@ async def _accept(
     for index, first in repeats:
         results[index] = results[first].model_copy(update={"index": index})
     return results, replays > 0 and fresh == 0
+
+
+async def _earlier(edge: Edge, claim: Claim, code: str) -> bytes | None:
+    """A Redis Cluster's check of a key's records from earlier partition counts
+    (``Idempotency.found_earlier``); the append meets any Redis trouble and says it."""
+    try:
+        return await edge.idem.found_earlier(edge.batcher, claim, code)
+    except REDIS_ERRORS:
+        return None
 
 
 @dataclass(slots=True)

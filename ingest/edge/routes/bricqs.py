@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS
+from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
 from ingest.contract.events import Dialect, EventType, uuid7
 from ingest.edge import accept
 from ingest.edge.auth import Principal, plausible
@@ -140,7 +140,7 @@ async def generate(request: web.Request) -> web.Response:
 
     async def run() -> web.Response:
         try:
-            async with edge.pg.acquire() as conn:
+            async with acquired(edge.pg) as conn:
                 out = await admin.referral_code(
                     conn,
                     edge.redis,
@@ -151,8 +151,8 @@ async def generate(request: web.Request) -> web.Response:
                 )
         except admin.NotFound as exc:
             return error(404, "campaign_not_found", str(exc))
-        except (*PG_ERRORS, *REDIS_ERRORS):
-            return unavailable()
+        except (*PG_ERRORS, *REDIS_ERRORS) as exc:
+            return unavailable(exc)  # a lost commit: Refstream-Outcome: unknown
         return json(200, BricqsGenerated(**out).model_dump())
 
     if idem_key is None:
@@ -265,7 +265,7 @@ async def stats(request: web.Request) -> web.Response:
     if not plain(participant, 128):
         return error(404, "participant_not_found", "participant not found")
     try:
-        async with edge.pg.acquire() as conn:
+        async with acquired(edge.pg) as conn:
             out = await admin.participant_stats(conn, workspace_id=principal.workspace_id, participant_id=participant)
     except admin.NotFound as exc:
         return error(404, "participant_not_found", str(exc))

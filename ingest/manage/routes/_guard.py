@@ -10,10 +10,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS
+from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
 from ingest.edge.auth import Principal, bearer
 from ingest.edge.body import BodyError, plain, read
 from ingest.edge.body import code as body_code
+from ingest.edge.enqueue import OUTCOME
 from ingest.edge.idempotency import Claim, InvalidKey, header_key, request_claim
 from ingest.edge.lookup import Unavailable, lookup
 from ingest.edge.state import EDGE, Edge
@@ -92,7 +93,7 @@ def guarded(
             async def run() -> web.Response:
                 try:
                     if caller.affiliate_id is not None:  # where the affiliate's own actions come from
-                        async with edge.pg.acquire() as conn:
+                        async with acquired(edge.pg) as conn:
                             await stats.affiliate_seen(conn, caller.affiliate_id, edge.client_ip(request))
                     return await handler(request, edge, caller)
                 except BodyError as exc:
@@ -101,6 +102,8 @@ def guarded(
                     return error(404, "not_found", str(exc))
                 except manage.Conflict as exc:
                     return error(409, "conflict", str(exc))
+                except CommitUnknown:  # the write may be done: not a refusal
+                    return json(503, {"error": "unavailable"}, {"Retry-After": "1", OUTCOME: "unknown"})
                 except (*PG_ERRORS, *REDIS_ERRORS):
                     return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from ingest.contract.connections import acquired
 from ingest.contract.fraud import FraudPolicy, FraudRule
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
@@ -231,7 +232,7 @@ class ManageError(BaseModel):
 @guarded("write")
 async def create_program(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, NewProgram)
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         return json(201, await manage.create_program(conn, p.workspace_id, **body.model_dump()))
 
 
@@ -239,7 +240,7 @@ async def create_program(request: web.Request, edge: Edge, p: Principal) -> web.
 @guarded("write")
 async def create_affiliate(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, NewAffiliate)
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         return json(201, await manage.create_affiliate(conn, p.workspace_id, **body.model_dump()))
 
 
@@ -247,7 +248,7 @@ async def create_affiliate(request: web.Request, edge: Edge, p: Principal) -> we
 @guarded("write")
 async def create_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, NewLink)
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         return json(201, await manage.create_link(conn, edge.redis, edge.keys, p.workspace_id, **body.model_dump()))
 
 
@@ -258,7 +259,7 @@ async def create_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
     body = await parse(request, NewKey)
     if body.affiliate_id is not None:
         manage.as_uuid(body.affiliate_id)
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         created = await admin.create_key(
             conn, edge.redis, edge.keys, workspace_id=p.workspace_id, scopes=list(body.scopes),
             affiliate_id=body.affiliate_id, name=body.name,
@@ -269,7 +270,7 @@ async def create_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
 @routes.delete("/v1/keys/{prefix}")
 @guarded("*")
 async def revoke_key(request: web.Request, edge: Edge, p: Principal) -> web.Response:
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         owned = await conn.fetchval(
             "SELECT 1 FROM api_keys WHERE prefix = $1 AND workspace_id = $2",
             segment(request, "prefix"),
@@ -284,7 +285,7 @@ async def revoke_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
 @guarded("write")
 async def patch_workspace(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, WorkspacePatch)
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         return json(
             200,
             await admin.update_workspace(
@@ -300,7 +301,7 @@ async def patch_workspace(request: web.Request, edge: Edge, p: Principal) -> web
 @guarded("write")
 async def patch_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, LinkPatch)
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         link = await manage.update_link(
             conn, edge.redis, edge.keys, p.workspace_id, request.match_info["id"], **body.model_dump()
         )
@@ -310,7 +311,7 @@ async def patch_link(request: web.Request, edge: Edge, p: Principal) -> web.Resp
 @routes.get("/v1/links/{id}")
 @guarded("read")
 async def get_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         return json(200, await manage.get_link(conn, p.workspace_id, request.match_info["id"]))
 
 
@@ -324,7 +325,7 @@ async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Res
     limit = limit_param(request)
     if isinstance(limit, web.Response):
         return limit
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         events = await manage.list_events(conn, p.workspace_id, link_id=q.get("link_id"), type_=type_, limit=limit)
     return json(200, {"data": events})
 
@@ -332,7 +333,7 @@ async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Res
 @routes.get("/v1/customers/{external_id}")
 @guarded("read")
 async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         return json(200, await manage.get_customer(conn, p.workspace_id, segment(request, "external_id")))
 
 
@@ -340,7 +341,7 @@ async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Re
 @guarded("read", affiliate=True)
 async def affiliate_links(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     assert p.affiliate_id is not None
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         return json(200, {"data": await manage.affiliate_links(conn, p.workspace_id, p.affiliate_id)})
 
 
@@ -352,5 +353,5 @@ async def affiliate_stats(request: web.Request, edge: Edge, p: Principal) -> web
         start, to = stats.day_range(request.query.get("from"), request.query.get("to"))
     except stats.BadRange as exc:
         return error(400, "invalid_request", str(exc))
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         return json(200, await stats.affiliate_stats(conn, p.workspace_id, p.affiliate_id, start, to))

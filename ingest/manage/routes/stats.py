@@ -12,6 +12,7 @@ from uuid import UUID
 from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from ingest.contract.connections import acquired
 from ingest.contract.fraud import FRAUD_THRESHOLDS
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
@@ -56,7 +57,7 @@ async def link_stats(request: web.Request, edge: Edge, p: Principal) -> web.Resp
         start, to = stats.day_range(request.query.get("from"), request.query.get("to"))
     except stats.BadRange as exc:
         return error(400, "invalid_request", str(exc))
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         found = await stats.link_stats(conn, p.workspace_id, _uuid(request.match_info["id"], "link"), start, to)
     if found is None:
         raise NotFound("link not found")
@@ -68,7 +69,7 @@ async def link_stats(request: web.Request, edge: Edge, p: Principal) -> web.Resp
 async def patch_fraud_thresholds(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, FraudThresholds)
     given = body.model_dump(exclude_none=True)
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         row = await conn.fetchrow(
             "UPDATE programs SET fraud_thresholds = fraud_thresholds || $3::jsonb WHERE id = $1 AND workspace_id = $2"
             " RETURNING id, fraud_thresholds",

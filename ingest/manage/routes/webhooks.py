@@ -15,6 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
+from ingest.contract.connections import acquired
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
 from ingest.edge.fields import Url
@@ -114,7 +115,7 @@ async def create_webhook(request: web.Request, edge: Edge, p: Principal) -> web.
         token = secretbox.encrypt(key, secret)
     except secretbox.SecretKeyError as exc:
         return _unconfigured(str(exc))
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         row = await conn.fetchrow(
             "INSERT INTO webhooks (workspace_id, url, events, secret_encrypted, secret_prefix)"
             " VALUES ($1, $2, $3, $4, $5) RETURNING id, url, events, created_at",
@@ -145,7 +146,7 @@ async def list_deliveries(request: web.Request, edge: Edge, p: Principal) -> web
     if isinstance(limit, web.Response):
         return limit
     webhook = as_uuid(request.match_info["id"])
-    async with edge.pg.acquire() as conn:
+    async with acquired(edge.pg) as conn:
         if not await conn.fetchval(
             "SELECT 1 FROM webhooks WHERE id = $1 AND workspace_id = $2", webhook, p.workspace_id
         ):

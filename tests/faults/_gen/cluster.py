@@ -157,7 +157,7 @@ class Cluster:
         if f"{near}-redis" in self.proxies:
             env["REDIS_URL"] = self.proxies[f"{near}-redis"].url
         env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{self.proxies[f'{near}-pg'].port}/{st.database}"
-        if role == "edge" and self.sentinel is not None:
+        if self.sentinel is not None:  # one setting for every process, as a deployment has it
             env["REFSTREAM_ACK_DURABILITY"] = "replicas:1"
         if role == "worker":
             env["REFSTREAM_BATCH_SIZE"] = "200"
@@ -240,7 +240,11 @@ class Cluster:
 
     async def command(self, *args: str, within_s: float = 120) -> tuple[int, str, str]:
         """``refstream *args`` as an operator runs it, straight to the servers."""
-        env = env_for(self.st.settings, REFSTREAM_ARCHIVE_URL=f"file://{self.st.tmp / 'archive'}")
+        env = env_for(
+            self.st.settings,
+            REFSTREAM_ARCHIVE_URL=f"file://{self.st.tmp / 'archive'}",
+            **({"REFSTREAM_ACK_DURABILITY": "replicas:1"} if self.sentinel is not None else {}),
+        )
         return await run_command(*args, env=env, within_s=within_s)
 
     # -- the run ---------------------------------------------------------------------

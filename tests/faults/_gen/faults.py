@@ -3,18 +3,20 @@
 duration, while the clients run. Whatever a fault leaves behind, ``Cluster.heal`` puts back
 before the final drain.
 
-Kinds (``schedule.FAULTS``): Redis stalled (SIGSTOP), killed, restarted (SIGTERM) or full
+Kinds (``schedule.ALL_FAULTS``): Redis stalled (SIGSTOP), killed, restarted (SIGTERM) or full
 (``maxmemory`` at its used memory, ``noeviction``); a Sentinel failover (``SENTINEL
 FAILOVER``, replicas:1); Postgres killed (``-m immediate``), read-only or slow (a delay on
 every chunk of its links); an edge, worker or archiver SIGKILLed (and replaced) or
 SIGSTOPped; one process restarted with its clock offset (``REFSTREAM_CLOCK_OFFSET_S``); a
 network partition that blackholes one direction of one link; a worker trimming every second
-with no retention and a tiny memory budget; ``refstream replay`` racing the workers.
+with no retention and a tiny memory budget; ``refstream replay`` racing the workers; the
+partition count changed live (``refstream partitions set``) and changed back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from abc import ABC, abstractmethod
 from typing import ClassVar
@@ -27,7 +29,7 @@ from .._sentinel import MASTER
 from .._servers import FaultRedis
 from .cluster import Cluster, Slot
 from .history import FaultRecord, History
-from .schedule import FAULTS, FaultStep
+from .schedule import ALL_FAULTS, FaultStep
 
 
 class Fault(ABC):
@@ -115,6 +117,10 @@ class RedisFull(Fault):
             await self.admin.aclose()
 
 
+RETRY_FAILOVER_S = 12.0  # past Sentinel's failover-timeout (5 s) twice: it takes a new one
+FAILOVER_TRIES = 3
+
+
 class SentinelFailover(Fault):
     kind = "sentinel-failover"
 
@@ -131,14 +137,28 @@ class SentinelFailover(Fault):
     async def stop(self) -> None:
         assert self.c.sentinel is not None
         if not self.record.note:
-            old = self.old
+            old, tries = self.old, 1
 
             async def moved() -> bool:
                 assert self.c.sentinel is not None
                 return await self.c.sentinel.master_port() not in (old, None)
 
-            await wait_for(moved, timeout=30, what="Sentinel to name another primary")
-            self.record.note = f"to redis:{await self.c.sentinel.master_port()}"
+            # Sentinel gives up a failover whose replica does not report itself primary within
+            # its failover-timeout (5 s: a starved machine), and takes a new one 10 s later
+            while True:
+                try:
+                    await wait_for(moved, timeout=RETRY_FAILOVER_S, what="Sentinel to name another primary")
+                    break
+                except AssertionError:
+                    if tries == FAILOVER_TRIES:
+                        raise
+                tries += 1
+                async with aioredis.Redis(port=self.c.sentinel.port, socket_timeout=5) as s:
+                    with contextlib.suppress(RedisError):
+                        await s.execute_command("SENTINEL", "FAILOVER", MASTER)
+            self.record.note = f"to redis:{await self.c.sentinel.master_port()}" + (
+                f" (asked {tries} times)" if tries > 1 else ""
+            )
         await self.c.settle()
 
 
@@ -252,9 +272,35 @@ class Replay(Fault):
         self.record.note = f"exit {code}" + (f": {err.strip().splitlines()[-1][:200]}" if code and err.strip() else "")
 
 
+class PartitionCount(Fault):
+    """``refstream partitions set N`` while edges and workers run, then back to the stage's
+    count: the new partitions are written and read, the old ones retire once empty."""
+
+    kind = "partition-count"
+
+    async def start(self) -> None:
+        self.record.target = f"partitions {int(self.step.param)}"
+        await self._set(int(self.step.param))
+
+    async def stop(self) -> None:
+        await self._set(self.c.st.settings.partitions)
+
+    async def _set(self, n: int) -> None:
+        """As an operator would: again until it is done (Redis may be down or stalled by
+        another fault meanwhile; every step of the change is idempotent)."""
+        deadline = asyncio.get_running_loop().time() + 90
+        while True:
+            code, _, err = await self.c.command("partitions", "set", str(n), "--json", within_s=30)
+            if not code:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"refstream partitions set {n} exited {code}: {err.strip()[-300:]}")
+            await asyncio.sleep(0.5)  # an operator's pause before trying again
+
+
 KINDS: dict[str, type[Fault]] = {f.kind: f for f in (
     RedisStall, RedisKill, RedisRestart, RedisFull, SentinelFailover, PgKill, PgReadOnly, PgSlow, ProcessKill,
-    ProcessStop, ClockSkew, Partition, TrimStorm, Replay,
+    ProcessStop, ClockSkew, Partition, TrimStorm, Replay, PartitionCount,
 )}  # fmt: skip
 
 
@@ -264,13 +310,13 @@ async def nemesis(steps: list[FaultStep], cluster: Cluster, history: History) ->
     problems: list[str] = []
     # a heal may take longer than the schedule allowed for (a failover settling): the next
     # fault on the same resource waits for it, so two never overlap
-    locks = {resource: asyncio.Lock() for resource, _ in FAULTS.values()}
+    locks = {resource: asyncio.Lock() for resource, _ in ALL_FAULTS.values()}
 
     async def one(step: FaultStep) -> None:
         delay = step.at - history.now()
         if delay > 0:
             await asyncio.sleep(delay)  # the schedule's time, not a synchronisation
-        async with locks[FAULTS[step.kind][0]]:
+        async with locks[ALL_FAULTS[step.kind][0]]:
             record = FaultRecord(step.kind, step.target, history.now())
             history.faults.append(record)
             fault = KINDS[step.kind](step, cluster, record)

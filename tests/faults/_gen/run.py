@@ -89,19 +89,21 @@ async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult
         result.faults = history.faults_by_kind()
         result.wall_s = time.monotonic() - started
         if result.anomalies.found:
-            result.kept = _keep(result, history, st.tmp)
+            servers = [s.log for s in cluster.servers] + ([cluster.sentinel.log] if cluster.sentinel else [])
+            result.kept = _keep(result, history, st.tmp, servers)
     finally:
         await cluster.close()
     result.wall_s = time.monotonic() - started
     return result
 
 
-def _keep(result: SeedResult, history: History, tmp: Path) -> Path:
-    """The failing seed's logs, history, schedule, archive and anomalies, kept past the stage's end."""
+def _keep(result: SeedResult, history: History, tmp: Path, server_logs: list[Path]) -> Path:
+    """The failing seed's logs (its processes', Redis's and Sentinel's), history, schedule,
+    archive and anomalies, kept past the stage's end."""
     kept = Path(tempfile.gettempdir()) / f"refstream-gen-{result.seed}"
     shutil.rmtree(kept, ignore_errors=True)
     kept.mkdir(parents=True)
-    for log in tmp.glob("*.log"):
+    for log in [*tmp.glob("*.log"), *(p for p in server_logs if p.exists())]:
         shutil.copy(log, kept / log.name)
     if (tmp / "archive").is_dir():  # the segments, for an archive anomaly
         shutil.copytree(tmp / "archive", kept / "archive")

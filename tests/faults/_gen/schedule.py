@@ -45,6 +45,14 @@ FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "trim-storm": ("trim", TOPOLOGIES),
     "replay": ("replay", TOPOLOGIES),
 }
+# kinds that joined after seeds were published: drawn from a stream of their own, so that
+# an older seed keeps the schedule it was reported with (docs/testing.md)
+LATER_FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "partition-count": ("layout", TOPOLOGIES),
+}
+ALL_FAULTS = {**FAULTS, **LATER_FAULTS}
+LATER_SPACING = 4.0  # their gaps, in the main deck's: a few per seed, not one after another
+PARTITION_COUNTS = (1, 2, 3, 6, 8)  # what a partition-count fault changes the stage's 4 to, and back
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,7 @@ class FaultStep:
     hold: float
     kind: str
     target: str  # a role and index (worker/1), a proxy and direction (edge-redis/down), or ""
-    param: float = 0.0  # clock offset, delay
+    param: float = 0.0  # clock offset, delay, partition count
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,9 @@ def draw(seed: int, mode: str, only: frozenset[str] = frozenset()) -> Schedule:
     rng = random.Random(seed)
     topo = topology_of(seed)
     ln = lengths(mode)
-    return Schedule(seed, topo, ln, _ops(rng, ln), _faults(rng, ln, topo, only))
+    ops, faults = _ops(rng, ln), _faults(rng, ln, topo, only, FAULTS)
+    later = _faults(random.Random(f"{seed}:later"), ln, topo, only, LATER_FAULTS, spacing=LATER_SPACING)
+    return Schedule(seed, topo, ln, ops, sorted(faults + later, key=lambda f: f.at))
 
 
 def _ops(rng: random.Random, ln: Lengths) -> list[OpStep]:
@@ -167,11 +177,20 @@ def _target(rng: random.Random, kind: str, topo: str) -> tuple[str, float]:
         return f"{rng.choice(PROXIES[topo])}/{rng.choice(('up', 'down'))}", 0.0
     if kind == "pg-slow":
         return "edge-pg+worker-pg", rng.choice((0.05, 0.15, 0.4))
+    if kind == "partition-count":
+        return "", float(rng.choice(PARTITION_COUNTS))
     return "", 0.0
 
 
-def _faults(rng: random.Random, ln: Lengths, topo: str, only: frozenset[str]) -> list[FaultStep]:
-    kinds = sorted(k for k, (_, topos) in FAULTS.items() if topo in topos and (not only or k in only))
+def _faults(
+    rng: random.Random,
+    ln: Lengths,
+    topo: str,
+    only: frozenset[str],
+    table: dict[str, tuple[str, tuple[str, ...]]],
+    spacing: float = 1.0,
+) -> list[FaultStep]:
+    kinds = sorted(k for k, (_, topos) in table.items() if topo in topos and (not only or k in only))
     if not kinds:
         return []
     deck: list[str] = []
@@ -183,7 +202,7 @@ def _faults(rng: random.Random, ln: Lengths, topo: str, only: frozenset[str]) ->
             deck = kinds[:]
             rng.shuffle(deck)
         kind = deck.pop()
-        resource = FAULTS[kind][0]
+        resource = table[kind][0]
         at = max(t, busy.get(resource, 0.0) + 0.3)
         hold = rng.uniform(*ln.hold)
         if at + hold > ln.load_s - ln.tail_s:
@@ -191,7 +210,7 @@ def _faults(rng: random.Random, ln: Lengths, topo: str, only: frozenset[str]) ->
         target, param = _target(rng, kind, topo)
         out.append(FaultStep(round(at, 2), round(hold, 2), kind, target, param))
         busy[resource] = at + hold
-        t = at + rng.uniform(*ln.every)
+        t = at + rng.uniform(*ln.every) * spacing
 
 
 def seed_from_env() -> int | None:
@@ -202,8 +221,8 @@ def seed_from_env() -> int | None:
 def only_from_env() -> frozenset[str]:
     """``REFSTREAM_GEN_FAULTS``: a comma-separated list of fault kinds, the only ones drawn."""
     only = frozenset(k.strip() for k in os.environ.get("REFSTREAM_GEN_FAULTS", "").split(",") if k.strip())
-    if unknown := only - set(FAULTS):
-        raise ValueError(f"REFSTREAM_GEN_FAULTS: no such fault kind {sorted(unknown)}; the kinds: {sorted(FAULTS)}")
+    if unknown := only - set(ALL_FAULTS):
+        raise ValueError(f"REFSTREAM_GEN_FAULTS: no such fault kind {sorted(unknown)}; the kinds: {sorted(ALL_FAULTS)}")
     return only
 
 
