@@ -5,6 +5,7 @@ work unchanged, with the stream partitions spread over the nodes."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import time
@@ -68,9 +69,14 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
                     time.sleep(0.05)
         subprocess.run([str(BIN / "redis-cli"), "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True)  # fmt: skip
-        for _ in range(200):
-            if b"cluster_state:ok" in redis.Redis(port=ports[0]).execute_command("CLUSTER", "INFO"):
-                break
+        from .faults._cluster import agreed  # it imports _free_pair from here
+
+        # every node ok and of one mind on all 16384 slots: one node's "ok" alone left
+        # another answering CLUSTERDOWN to a test's first command (CI)
+        deadline = time.monotonic() + 30
+        while not asyncio.run(agreed(ports)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster on {ports} did not agree on its slots within 30 s")
             time.sleep(0.05)
         yield ports
     finally:
