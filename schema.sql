@@ -477,3 +477,59 @@ CREATE OR REPLACE TRIGGER affiliates_cache_version BEFORE UPDATE ON affiliates F
 --                                most affiliates x milestones), deleted with their owner
 CREATE INDEX IF NOT EXISTS webhook_deliveries_created ON webhook_deliveries (created_at) WHERE status <> 'pending';
 CREATE INDEX IF NOT EXISTS affiliate_ips_last_seen ON affiliate_ips (last_seen);
+
+-- ---------------------------------------------------------------------------------------
+-- Schema version 7: sales. One row per counted sale, its amount an exact integer in the
+-- currency's minor unit. Kept as the revenue ledger: deleted with its workspace, never by
+-- the event retention. The primary key is the edge-minted event id (a redelivery or a
+-- replay inserts nothing); an invoice is unique per workspace, for any number of copies
+-- at any distance apart, so the first copy counts and the others count nothing.
+CREATE TABLE IF NOT EXISTS sales (
+    event_id             uuid PRIMARY KEY,
+    workspace_id         uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    invoice_id           text,
+    customer_external_id text NOT NULL,
+    amount               bigint NOT NULL CHECK (amount >= 0),
+    currency             text NOT NULL CHECK (currency ~ '^[a-z]{3}$'),
+    event_name           text NOT NULL,
+    payment_processor    text NOT NULL,
+    lead_event_name      text,
+    -- the customer's lead this sale is attributed to, and through it the click, link,
+    -- affiliate and program; all NULL when unattributed, and `unattributed` says why:
+    -- no_lead (no lead of the customer received before the sale, within the program's
+    -- attribution window). A lead stored after its sale (processed out of order) attributes
+    -- it then: the outcome depends on when each was received, never on processing order
+    lead_event_id        uuid,
+    click_id             uuid,
+    link_id              uuid,
+    affiliate_id         uuid,
+    program_id           uuid,
+    unattributed         text CHECK (unattributed IN ('no_lead')),
+    dialect              text NOT NULL,
+    received_at          timestamptz NOT NULL,
+    processed_at         timestamptz NOT NULL DEFAULT now(),
+    metadata             jsonb,
+    CHECK ((link_id IS NULL) = (unattributed IS NOT NULL))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS sales_invoice ON sales (workspace_id, invoice_id) WHERE invoice_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sales_customer ON sales (workspace_id, customer_external_id, received_at);
+CREATE INDEX IF NOT EXISTS sales_link ON sales (link_id, received_at);
+-- a sale's lead: the customer's newest lead received before it
+CREATE INDEX IF NOT EXISTS events_lead_customer ON events (workspace_id, customer_external_id, received_at)
+    WHERE type = 2;
+
+-- sales and revenue per link (the nil uuid: unattributed), UTC day and currency; currencies
+-- are kept apart, never converted. Moved in the sale's transaction from the rows it
+-- inserted, and recounted from `sales` by `refstream reconcile`: the durable history, at
+-- most one row per link, day and currency with a sale
+CREATE TABLE IF NOT EXISTS sale_stats (
+    workspace_id uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    link_id      uuid NOT NULL,
+    day          date NOT NULL,
+    currency     text NOT NULL,
+    sales        bigint NOT NULL DEFAULT 0,
+    amount       bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (workspace_id, link_id, day, currency)
+);
+--   sales, sale_stats            the revenue ledger and its daily sums: kept, deleted with
+--                                their workspace

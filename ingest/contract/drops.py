@@ -28,10 +28,11 @@ from ingest.contract.connections import REDIS_ERRORS, Command
 
 log = structlog.get_logger("ingest.drops")
 
-# the reasons an event is not counted (``fraud``: excluded by the workspace's fraud policy)
+# the reasons an event is not counted (``fraud``: excluded by the workspace's fraud policy;
+# ``no_lead``: a sale stored and counted as revenue, but credited to no affiliate)
 REASONS: Final = (
     "bot", "unknown_code", "inactive_link", "rate_limited", "out_of_window", "test_mode", "duplicate", "invalid",
-    "fraud",
+    "fraud", "no_lead",
 )  # fmt: skip
 FLAGGED: Final = "flagged"  # not a drop: every fraud flag, counted by rule beside the drops
 NO_ID: Final = "00000000-0000-0000-0000-000000000000"

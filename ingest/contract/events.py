@@ -58,6 +58,7 @@ class EventType(IntEnum):
     CLICK = 1
     LEAD = 2
     CONVERSION = 3
+    SALE = 4  # stored in `sales`, not `events` (workers/consumer/sales.py)
 
 
 class Dialect:
@@ -104,6 +105,11 @@ _entropy = _Entropy()
 random_bytes = _entropy.take
 
 
+def sale_routing_key(workspace_id: str | None, customer_external_id: str) -> str:
+    """A sale's routing key: never a link code (codes cannot hold the unit separator)."""
+    return f"sale\x1f{workspace_id or ''}\x1f{customer_external_id}"
+
+
 def uuid7(ms: int | None = None) -> uuid.UUID:
     """A UUIDv7 (RFC 9562): 48-bit Unix ms timestamp, then 74 random bits."""
     if ms is None:
@@ -148,6 +154,16 @@ class Envelope:
                 self.payload,
             ]
         )
+
+    def routing_key(self) -> str | None:
+        """What the event's partition follows (``Keys.partition_for``): its link's code, so
+        one link's events stay in order; a sale's customer, so one customer's sales (and
+        every copy of one invoice) meet in one partition. None: neither is known."""
+        if self.type is EventType.SALE:
+            customer = self.payload.get("external_id")
+            return sale_routing_key(self.workspace_id, customer) if isinstance(customer, str) else None
+        code = self.payload.get("code")
+        return code if isinstance(code, str) else None
 
     def entry(self) -> tuple[bytes | int, ...]:
         """The version-2 stream fields, as XADD's name/value arguments."""

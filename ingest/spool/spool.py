@@ -402,7 +402,7 @@ async def _reroute(link: Link, rows: list[store.Row], keys: Keys, layout: Layout
         if p is None or (r.once is None and p < layout.count):
             out.append(r)  # written by the edges, and read: it may stay
             continue
-        code = Envelope.decode(r.envelope).payload.get("code")
+        code = Envelope.decode(r.envelope).routing_key()
         q = keys.partition_for(code, layout.count) if isinstance(code, str) else p % layout.count
         once, earlier = r.once, r.earlier
         if once is not None:

@@ -114,6 +114,24 @@ def reason(s: Stored, counting: Collection[str], excluded: dict[uuid.UUID, str])
     return None
 
 
+_TAKE_BACK = f"""
+DELETE FROM event_drops d
+USING {jsonrows.table(("uuid", "text"), "x(event_id, reason)")}
+WHERE d.event_id = x.event_id AND d.reason = x.reason
+RETURNING d.event_id, d.workspace_id, d.link_id, d.reason, d.received_at
+"""
+
+
+async def take_back(conn: asyncpg.Connection, rows: list[NoRow], counts: Counter[Key]) -> None:
+    """Drops recorded without an event row that no longer hold (a sale its lead, stored
+    after it, attributes): removed, and their counts taken back."""
+    if not rows:
+        return
+    rows = sorted({r.event_id: r for r in rows}.values(), key=lambda r: r.event_id)
+    for r in await conn.fetch(_TAKE_BACK, jsonrows.doc([(r.event_id, r.reason) for r in rows])):
+        counts[(str(r["workspace_id"]), str(r["link_id"]), r["received_at"].date(), r["reason"], "")] -= 1
+
+
 async def settle(
     conn: asyncpg.Connection,
     *,
@@ -121,10 +139,12 @@ async def settle(
     no_row: list[NoRow],
     counting: Collection[str] = (),
     flags: Collection[tuple[Stored, str, bool]] = (),
+    taken_back: list[NoRow] | None = None,
 ) -> None:
     """A batch's drops and flags into ``drop_stats``, in its transaction (last: key order)."""
     counts: Counter[Key] = Counter()
     await record(conn, no_row, counts)
+    await take_back(conn, taken_back or [], counts)
     excluded: dict[uuid.UUID, str] = {}
     for s, rule, was_excluded in sorted(flags, key=lambda f: f[1]):
         counts[(s.link.workspace_id, s.link.id, s.at.date(), FLAGGED, rule)] += 1

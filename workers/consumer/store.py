@@ -7,7 +7,7 @@ see ``jsonrows``), one statement per table, and sorted so that concurrent batche
 locks in one order and cannot deadlock one another. The order, phase by phase, each phase
 in key order: event_dedupe (by dedupe key), events (by event id), event_flags,
 link_visitor_days, links (by id), daily_stats, affiliates (by id), affiliate_milestones,
-customers, webhook_deliveries, event_drops, drop_stats.
+customers, webhook_deliveries, sales and sale_stats (``sales``), event_drops, drop_stats.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import structlog
 from ingest.contract import clicks
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LINK_SELECT, LinkInfo
-from workers.consumer import counters, customers, drops, event_row, fraud, jsonrows, notices, webhooks
+from workers.consumer import counters, customers, drops, event_row, fraud, jsonrows, notices, sales, webhooks
 from workers.consumer.enrich import Enricher, Found
 from workers.consumer.event_row import EventRow
 from workers.consumer.stored import Stored, ts
@@ -179,7 +179,8 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     for e in envelopes:
         unique.setdefault(e.event_id, e)
     result.duplicates = len(envelopes) - len(unique)
-    envelopes = list(unique.values())
+    envelopes = [e for e in unique.values() if e.type is not EventType.SALE]
+    sold = [e for e in unique.values() if e.type is EventType.SALE]  # stored last (workers/consumer/sales.py)
     codes = sorted({c for e in envelopes if isinstance(c := e.payload.get("code"), str)})
     by_code: dict[str, LinkInfo] = {}
     policies: dict[str, Any] = {}  # workspace id -> its row (ip_policy, bot_policy, fraud_policy)
@@ -245,7 +246,8 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
         )
 
     if not kept:
-        await drops.settle(conn, inserted=[], no_row=no_row)
+        sold_out = await _sales(conn, sold, [], result)
+        await drops.settle(conn, inserted=[], no_row=no_row + sold_out.drops, taken_back=sold_out.undrops)
         return result
     batch, lost = await _claim_keys(conn, batch)
     returned = {
@@ -276,11 +278,23 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     events += fraud.notices(flagged)
     if events:
         result.deliveries = await webhooks.record_deliveries(conn, events)
+    sold_out = await _sales(conn, sold, [s for s in live if s.type is EventType.LEAD], result)
     await drops.settle(  # an expired event moves no counter, and no drop either
-        conn, inserted=[s for s in inserted if not returned[s.envelope.event_id]], no_row=no_row, counting=counting,
-        flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags],
+        conn, inserted=[s for s in inserted if not returned[s.envelope.event_id]], no_row=no_row + sold_out.drops,
+        counting=counting, flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags], taken_back=sold_out.undrops,
     )  # fmt: skip
     return result
+
+
+async def _sales(
+    conn: asyncpg.Connection, sold: list[Envelope], leads: list[Stored], result: BatchResult
+) -> sales.Settled:
+    """The batch's sales, and the earlier ones its leads attribute, after its events
+    (the lock order in the module's doc); a sale's copy counts as a duplicate."""
+    out = await sales.settle(conn, sold, leads)
+    result.inserted += out.inserted
+    result.duplicates += len(sold) - out.inserted
+    return out
 
 
 # of the events whose dedupe key was held already, those it is held by another event for

@@ -1,4 +1,5 @@
-"""Seed 003 (Affixo): ``POST /v1/track/click``, server to server.
+"""Seed 003 (Affixo): ``POST /v1/track/click`` and ``POST /v1/track/conversion`` (a sale:
+``ingest.edge.sale``), server to server.
 
 ``Authorization: Bearer`` workspace key with scope ``track`` (or ``*``); 600 requests a
 minute per key. Errors are the OpenAPI's: 400 ``invalid_json``, 401 ``unauthorized``,
@@ -24,11 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.links import LinkInfo
-from ingest.edge import accept
+from ingest.edge import accept, sale
 from ingest.edge.body import code as body_code
 from ingest.edge.fields import NoNul
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Guess, seen_link
+from ingest.edge.sale import AffixoConversion
 from ingest.edge.state import Edge
 
 routes = web.RouteTableDef()
@@ -51,6 +53,15 @@ class AffixoClickRecorded(BaseModel):
     visitor_id: str
     match_method: str
     match_confidence: float
+
+
+class AffixoConversionRecorded(BaseModel):
+    ok: bool = True
+    conversion_id: str
+    customer_id: str
+    amount: int
+    currency: str
+    invoice_id: str | None
 
 
 class AffixoError(BaseModel):
@@ -188,3 +199,50 @@ async def track_click(request: web.Request) -> web.Response:
     return await accept.append(
         edge, VOICE, made.envelope, link.code, made.resp, headers, *made.remember, claim=claim, spool=False
     )
+
+
+CONVERSION_VOICE = accept.Voice("affixo_conversion", VOICE.refuse, VOICE.unavailable)
+
+
+@routes.post("/v1/track/conversion")
+async def track_conversion(request: web.Request) -> web.Response:
+    edge, secret = accept.keyed(request)
+    if secret is None:
+        return error(401, "unauthorized")
+    body, problem = await accept.parsed(request, AffixoConversion)
+    found = await accept.look(edge, CONVERSION_VOICE, edge.key_limiter, "", secret=secret)
+    if isinstance(found, web.Response):
+        return found
+    principal = found.principal
+    if principal is None:
+        return error(401, "unauthorized")
+    if not principal.allows("track"):
+        return error(403, "insufficient_scope", need="track")
+    if not found.verdict.allowed:
+        edge.drops.note(principal.workspace_id, None, "rate_limited")
+        return error(429, "rate_limited", found.verdict.headers, detail="600 requests per minute per key")
+    if problem is not None or body is None:
+        edge.drops.note(principal.workspace_id, None, "invalid")
+        if problem is None:
+            return error(400, "invalid_json", detail="invalid body")
+        return error(problem.status, body_code(problem, "invalid_json"), detail=problem.message)
+    try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        edge.drops.note(principal.workspace_id, None, "invalid")
+        return error(400, "invalid_idempotency_key", detail=str(exc))
+    payload = sale.from_affixo(body)
+    event = sale.envelope(Dialect.AFFIXO, principal.workspace_id, payload)
+    answer = AffixoConversionRecorded(
+        conversion_id=str(event.event_id),
+        customer_id=body.customer_id,
+        amount=body.amount,
+        currency=body.currency,
+        invoice_id=body.invoice_id,
+    )
+    route = event.routing_key()
+    assert route is not None
+    return await accept.append(
+        edge, CONVERSION_VOICE, event, route, orjson.dumps(answer.model_dump()), found.verdict.headers,
+        claim=sale.claim("affixo-conversion", principal.workspace_id, idem_key, payload), spool=False,
+    )  # fmt: skip

@@ -5,9 +5,10 @@ Bearer workspace key, scope ``track``. The body is a JSON array or NDJSON
 item names its ``type`` and is validated by the same model as its single-event route:
 ``click`` as Affixo's ``/v1/track/click`` (plus the visitor's ``ip`` and ``user_agent``,
 which a server forwarding clicks knows), ``lead`` as Refport's ``/api/track/lead``,
-``conversion`` as Bricqs' ``/convert``. The answer lists one result per item, in order; a
-bad item never fails the others. All lookups of the batch share one Redis round trip, and
-all its appends another.
+``conversion`` as Bricqs' ``/convert``, ``sale`` as Refport's ``/api/track/sale`` (its
+invoice the item's idempotency key when it has none of its own: ``ingest.edge.sale``).
+The answer lists one result per item, in order; a bad item never fails the others. All
+lookups of the batch share one Redis round trip, and all its appends another.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydantic import BaseModel, Field, RootModel, ValidationError
 from ingest.contract import clicks, links
 from ingest.contract.connections import REDIS_ERRORS
 from ingest.contract.events import Dialect, Envelope, EventType
-from ingest.edge import accept
+from ingest.edge import accept, sale
 from ingest.edge.body import BodyError, describe, read
 from ingest.edge.body import code as body_code
 from ingest.edge.durability import Unconfirmed
@@ -37,6 +38,7 @@ from ingest.edge.lookup import ClickPending, Unavailable, lookup, resolve_click,
 from ingest.edge.routes.affixo import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
 from ingest.edge.routes.bricqs import BricqsConvert
 from ingest.edge.routes.refport import RefportLead
+from ingest.edge.sale import RefportSale
 from ingest.edge.state import Edge
 
 log = structlog.get_logger("ingest.batch")
@@ -50,7 +52,9 @@ class BatchClick(AffixoClick):
     user_agent: NoNul | None = Field(None, max_length=2048, description="The visitor's User-Agent")
 
 
-MODELS: dict[str, type[BaseModel]] = {"click": BatchClick, "lead": RefportLead, "conversion": BricqsConvert}
+MODELS: dict[str, type[BaseModel]] = {
+    "click": BatchClick, "lead": RefportLead, "conversion": BricqsConvert, "sale": RefportSale,
+}  # fmt: skip
 
 
 class BatchClickItem(BatchClick):
@@ -65,7 +69,11 @@ class BatchConversionItem(BricqsConvert):
     type: Literal["conversion"]
 
 
-BatchItem = Annotated[BatchClickItem | BatchLeadItem | BatchConversionItem, Field(discriminator="type")]
+class BatchSaleItem(RefportSale):
+    type: Literal["sale"]
+
+
+BatchItem = Annotated[BatchClickItem | BatchLeadItem | BatchConversionItem | BatchSaleItem, Field(discriminator="type")]
 
 
 class BatchBody(RootModel[Annotated[list[BatchItem], Field(min_length=1, max_length=MAX_EVENTS)]]):
@@ -155,7 +163,7 @@ def _validate(index: int, item: Any) -> BaseModel | ItemResult:
     kind = item.get("type") if isinstance(item, dict) else None
     model = MODELS.get(kind) if isinstance(kind, str) else None
     if model is None:
-        return ItemResult(index=index, ok=False, error="invalid", detail="type: one of click, lead, conversion")
+        return ItemResult(index=index, ok=False, error="invalid", detail="type: one of click, lead, conversion, sale")
     if isinstance(item, dict) and b"\\u0000" in orjson.dumps(item):
         return ItemResult(index=index, ok=False, error="invalid", detail="NUL characters are not allowed")
     try:
@@ -166,10 +174,12 @@ def _validate(index: int, item: Any) -> BaseModel | ItemResult:
 
 def _claim(index: int, item: Any, workspace: str, idem_key: str | None) -> Claim | ItemResult | None:
     """An item's own ``idempotency_key``, else one derived from the request's header and
-    the item's place (a retried batch is the same list); None without either."""
+    the item's place (a retried batch is the same list), else a sale's invoice; None
+    without any."""
     own = item.get("idempotency_key") if isinstance(item, dict) else None
     if own is None and idem_key is None:
-        return None
+        invoice = item.get("invoiceId") if isinstance(item, dict) and item.get("type") == "sale" else None
+        return sale.claim("batch-sale", workspace, None, {"invoice": invoice}) if isinstance(invoice, str) else None
     asked = fingerprint({k: v for k, v in item.items() if k != "idempotency_key"} if isinstance(item, dict) else item)
     if own is None:
         assert idem_key is not None
@@ -244,7 +254,7 @@ async def _accept(
         claim = claims[index]
         answer = None
         if not isinstance(claim, Claim):
-            appends.append(xadd(edge.keys, envelope, envelope.payload["code"]))
+            appends.append(xadd(edge.keys, envelope, _route(envelope)))
         elif claim.digest in firsts:  # repeated within the batch: answered as its first, not sent
             first, first_claim = firsts[claim.digest]
             if first_claim.fingerprint == claim.fingerprint:
@@ -254,14 +264,14 @@ async def _accept(
             continue
         else:
             firsts[claim.digest] = (index, claim)
-            if edge.idem.cluster and (found := await _earlier(edge, claim, envelope.payload["code"])) is not None:
+            if edge.idem.cluster and (found := await _earlier(edge, claim, _route(envelope))) is not None:
                 results[-1] = _replayed(index, claim, Answer.decode(found))  # the count changed since
                 early += 1
                 continue
             answer = Answer(
                 200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint
             )
-            appends.append(edge.idem.append_command(claim, envelope.payload["code"], envelope, answer))
+            appends.append(edge.idem.append_command(claim, _route(envelope), envelope, answer))
         sent.append(_Sent(result, envelope, claim if isinstance(claim, Claim) else None, answer))
     fresh, replays = 0, early
     if appends:
@@ -298,6 +308,12 @@ async def _earlier(edge: Edge, claim: Claim, code: str) -> bytes | None:
         return None
 
 
+def _route(envelope: Envelope) -> str:
+    route = envelope.routing_key()
+    assert route is not None  # every item's envelope has a code or a customer
+    return route
+
+
 @dataclass(slots=True)
 class _Sent:
     result: ItemResult
@@ -319,7 +335,7 @@ async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any
             return reply  # Redis refused it: not written
         if isinstance(reply, bytes) and item.claim is not None:  # the key's record, unconfirmed
             return OutcomeUnknown(None, exc)
-        code = item.envelope.payload["code"]
+        code = _route(item.envelope)
         claim, answer = item.claim, item.answer
         try:
             if claim is not None and answer is not None:  # stands only where its script's run is confirmed
@@ -348,6 +364,9 @@ def _envelope(
     index: int, p: BaseModel, workspace: str, by_code: dict[str, links.LinkInfo | None],
     by_click: dict[str, clicks.ClickRef | None], candidates: dict[str, str], seen: dict[str, Any],
 ) -> tuple[Envelope | None, ItemResult]:  # fmt: skip
+    if isinstance(p, RefportSale):
+        e = sale.envelope(Dialect.NATIVE, workspace, sale.from_refport(p))
+        return e, ItemResult(index=index, ok=True, event_id=str(e.event_id))
     if isinstance(p, RefportLead):
         click = by_click.get(p.clickId)
         if click is None or click.workspace_id != workspace:

@@ -1,10 +1,12 @@
-"""Seed 004 (Refport): ``POST /api/track/lead``.
+"""Seed 004 (Refport): ``POST /api/track/lead``, and ``POST /api/track/sale``.
 
 ``Authorization: Bearer`` workspace key (scope ``track`` or ``*``). The lead is attributed
 to the click named by ``clickId``: any click id refstream minted, found in the click cache
 (written when the click was accepted) or, for older clicks, in Postgres. The answer echoes
 the event name, the click, its link and the customer. A lead is idempotent on (customer
 external id, event name): a second one is accepted and counts nothing.
+A sale (``ingest.edge.sale``) names the customer by the external id its lead gave; the
+answer echoes the event name, the customer and the sale.
 Errors: 400 ``INVALID_CLICK_ID`` / ``VALIDATION_ERROR``, 401 ``UNAUTHORIZED``,
 429 ``RATE_LIMIT_EXCEEDED``; always ``{"error": {"code", "message"}}``.
 """
@@ -23,11 +25,13 @@ from ingest.contract import clicks, links
 from ingest.contract.clicks import ClickRef
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.events import Dialect, Envelope, EventType
-from ingest.edge import accept
+from ingest.edge import accept, sale
+from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
 from ingest.edge.fields import NoNul, no_nul_inside
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
-from ingest.edge.lookup import Guess, Unavailable, fallback, remember, resolve_click, seen, seen_link
+from ingest.edge.lookup import Found, Guess, Unavailable, fallback, remember, resolve_click, seen, seen_link
+from ingest.edge.sale import RefportSale
 from ingest.edge.state import Edge
 
 log = structlog.get_logger("ingest.refport")
@@ -70,6 +74,24 @@ class RefportLeadTracked(BaseModel):
     customer: RefportCustomer
 
 
+class RefportSaleCustomer(BaseModel):
+    externalId: str
+
+
+class RefportSaleEcho(BaseModel):
+    amount: int
+    currency: str
+    paymentProcessor: str
+    invoiceId: str | None
+    metadata: dict[str, Any] | None
+
+
+class RefportSaleTracked(BaseModel):
+    eventName: str
+    customer: RefportSaleCustomer
+    sale: RefportSaleEcho
+
+
 class RefportErrorBody(BaseModel):
     code: str
     message: str
@@ -88,6 +110,59 @@ VOICE = accept.Voice(
     "refport_lead", lambda status, code, message: error(status, code.upper(), message),
     lambda headers: error(503, "SERVICE_UNAVAILABLE", "Try again shortly", headers),
 )  # fmt: skip
+
+
+SALE_VOICE = accept.Voice("refport_sale", VOICE.refuse, VOICE.unavailable)
+
+
+def _refused(edge: Edge, found: Found, problem: BodyError | None, body: BaseModel | None) -> web.Response | None:
+    """A keyed route's refusals, in their order: the key, its rate limit, the body."""
+    principal = found.principal
+    if principal is None or not principal.allows("track"):
+        return error(401, "UNAUTHORIZED", "Invalid or missing API key")
+    if not found.verdict.allowed:
+        edge.drops.note(principal.workspace_id, None, "rate_limited")
+        return error(429, "RATE_LIMIT_EXCEEDED", "Too many requests", found.verdict.headers)
+    if problem is not None or body is None:
+        edge.drops.note(principal.workspace_id, None, "invalid")
+        if problem is None or problem.status == 400:
+            return error(400, "VALIDATION_ERROR", problem.message if problem else "invalid body")
+        return error(problem.status, body_code(problem).upper(), problem.message)
+    return None
+
+
+@routes.post("/api/track/sale")
+async def track_sale(request: web.Request) -> web.Response:
+    edge, secret = accept.keyed(request)
+    if secret is None:
+        return error(401, "UNAUTHORIZED", "Invalid or missing API key")
+    body, problem = await accept.parsed(request, RefportSale)
+    found = await accept.look(edge, SALE_VOICE, edge.key_limiter, "", secret=secret)
+    if isinstance(found, web.Response):
+        return found
+    if (refused := _refused(edge, found, problem, body)) is not None:
+        return refused
+    assert body is not None and found.principal is not None
+    workspace = found.principal.workspace_id
+    try:
+        idem_key = header_key(request)
+    except InvalidKey as exc:
+        edge.drops.note(workspace, None, "invalid")
+        return error(400, "VALIDATION_ERROR", str(exc))
+    payload = sale.from_refport(body)
+    event = sale.envelope(Dialect.REFPORT, workspace, payload)
+    tracked = RefportSaleTracked(
+        eventName=body.eventName,
+        customer=RefportSaleCustomer(externalId=body.customerExternalId),
+        sale=RefportSaleEcho(amount=body.amount, currency=body.currency, paymentProcessor=body.paymentProcessor,
+                             invoiceId=body.invoiceId, metadata=body.metadata),
+    )  # fmt: skip
+    route = event.routing_key()
+    assert route is not None
+    return await accept.append(
+        edge, SALE_VOICE, event, route, orjson.dumps(tracked.model_dump()), found.verdict.headers,
+        claim=sale.claim("refport-sale", workspace, idem_key, payload), spool=False,
+    )  # fmt: skip
 
 
 @routes.post("/api/track/lead")
@@ -114,17 +189,10 @@ async def track_lead(request: web.Request) -> web.Response:
     found = await accept.look(edge, VOICE, edge.key_limiter, "", secret=secret, extra=reads, guess=guess)
     if isinstance(found, web.Response):
         return found
+    if (refused := _refused(edge, found, problem, body)) is not None:
+        return refused
     principal = found.principal
-    if principal is None or not principal.allows("track"):
-        return error(401, "UNAUTHORIZED", "Invalid or missing API key")
-    if not found.verdict.allowed:
-        edge.drops.note(principal.workspace_id, None, "rate_limited")
-        return error(429, "RATE_LIMIT_EXCEEDED", "Too many requests", found.verdict.headers)
-    if problem is not None or body is None:
-        edge.drops.note(principal.workspace_id, None, "invalid")
-        if problem is None or problem.status == 400:
-            return error(400, "VALIDATION_ERROR", problem.message if problem else "invalid body")
-        return error(problem.status, body_code(problem).upper(), problem.message)
+    assert principal is not None and body is not None
     try:
         idem_key = header_key(request)
     except InvalidKey as exc:

@@ -1,0 +1,115 @@
+"""A sale, the same on every route that takes one: Refport's ``POST /api/track/sale``,
+Affixo's ``POST /v1/track/conversion`` and the batch route's type ``sale``.
+
+A sale names its customer by the external id its lead gave (Refport's
+``customerExternalId``), an amount as an exact integer in the currency's minor unit (4900
+is $49.00; never a float), an ISO 4217 currency (default ``usd``), and optionally an
+invoice. The edge looks nothing up: the workers attribute the sale to the customer's lead
+(``workers/consumer/sales.py``). Its partition follows the customer
+(``Envelope.routing_key``), so one customer's sales, and every copy of one invoice, meet in
+one partition.
+
+Counted once, at two levels:
+
+- an invoice is the sale's idempotency key when the request carries no
+  ``Idempotency-Key``: within the key window every copy through one route is answered as
+  the first was (whatever else it asks), and Redis appends one;
+- ``(workspace, invoice)`` is unique in Postgres, for ever: copies that reach the workers
+  by any path (another route, another edge, a spool, weeks apart) count nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from ingest.contract.events import Envelope, EventType
+from ingest.edge.fields import Ident, NoNul, no_nul_inside
+from ingest.edge.idempotency import Claim, fingerprint
+
+PROCESSORS = ("stripe", "shopify", "paddle", "polar", "revenuecat", "custom")
+MAX_AMOUNT = 10**15  # minor units: far above any one sale, far below bigint's bound
+Processor = Literal["stripe", "shopify", "paddle", "polar", "revenuecat", "custom"]
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+# ISO 4217's three letters, in either case; stored lower case, as Stripe writes them
+Currency = Annotated[str, BeforeValidator(_lower), Field(pattern=r"^[a-z]{3}$", description="ISO 4217, e.g. usd")]
+# a JSON integer, never a string or a fraction: money is counted exactly
+Amount = Annotated[
+    int, Field(strict=True, ge=0, le=MAX_AMOUNT, description="In the currency's minor unit: 4900 is 49.00 USD")
+]
+Metadata = Annotated[dict[str, Any], AfterValidator(no_nul_inside)]
+
+
+class RefportSale(BaseModel):
+    """Refport's sale (and the batch route's ``sale`` item): Dub's ``/track/sale`` fields."""
+
+    model_config = ConfigDict(extra="ignore")
+    customerExternalId: Ident = Field(min_length=1, max_length=256)
+    amount: Amount
+    currency: Currency = "usd"
+    eventName: NoNul = Field("Purchase", min_length=1, max_length=256)
+    paymentProcessor: Processor = "custom"
+    invoiceId: Ident | None = Field(None, min_length=1, max_length=256)
+    leadEventName: NoNul | None = Field(None, min_length=1, max_length=256)
+    metadata: Metadata | None = Field(None, max_length=100)
+
+
+class AffixoConversion(BaseModel):
+    """Affixo's conversion: the same sale in Affixo's snake case."""
+
+    model_config = ConfigDict(extra="ignore")
+    customer_id: Ident = Field(min_length=1, max_length=256, description="Your id of the customer its lead named")
+    amount: Amount
+    currency: Currency = "usd"
+    event_name: NoNul = Field("Purchase", min_length=1, max_length=256)
+    payment_processor: Processor = "custom"
+    invoice_id: Ident | None = Field(None, min_length=1, max_length=256)
+    lead_event_name: NoNul | None = Field(None, min_length=1, max_length=256)
+    metadata: Metadata | None = Field(None, max_length=100)
+
+
+def from_refport(body: RefportSale) -> dict[str, Any]:
+    """The sale's payload (the stream entry's), from Refport's fields."""
+    return _payload(body.customerExternalId, body.amount, body.currency, body.eventName, body.paymentProcessor,
+                    body.invoiceId, body.leadEventName, body.metadata)  # fmt: skip
+
+
+def from_affixo(body: AffixoConversion) -> dict[str, Any]:
+    return _payload(body.customer_id, body.amount, body.currency, body.event_name, body.payment_processor,
+                    body.invoice_id, body.lead_event_name, body.metadata)  # fmt: skip
+
+
+def _payload(
+    customer: str, amount: int, currency: str, name: str, processor: str,
+    invoice: str | None, lead_name: str | None, metadata: dict[str, Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    payload: dict[str, Any] = {
+        "external_id": customer, "amount": amount, "currency": currency, "name": name, "processor": processor,
+    }  # fmt: skip
+    for key, value in (("invoice", invoice), ("lead_name", lead_name), ("metadata", metadata)):
+        if value is not None:
+            payload[key] = value
+    return payload
+
+
+def envelope(dialect: str, workspace_id: str, payload: dict[str, Any]) -> Envelope:
+    """A sale is server to server: the caller's address and User-Agent are its server's,
+    neither personal nor worth keeping."""
+    return Envelope(type=EventType.SALE, dialect=dialect, workspace_id=workspace_id, payload=payload)
+
+
+def claim(route: str, workspace_id: str, idem_key: str | None, payload: dict[str, Any]) -> Claim | None:
+    """The request's ``Idempotency-Key`` (a repeat must ask the same), else its invoice:
+    every copy of an invoice is answered as the first, whatever else it asks."""
+    if idem_key is not None:
+        return Claim.of(idem_key, route, workspace_id, fingerprint(payload))
+    invoice = payload.get("invoice")
+    if isinstance(invoice, str):
+        return Claim.of(invoice, f"{route}-invoice", workspace_id, fingerprint(invoice))
+    return None

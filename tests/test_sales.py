@@ -1,0 +1,195 @@
+"""Sales through Refport's ``/api/track/sale``, Affixo's ``/v1/track/conversion`` and the
+batch route's ``sale``, against a real Redis and Postgres: the answers, attribution to the
+customer's lead (and a lead stored after its sale), unattributed sales and their drop, the
+invoice counted once by every path and at any distance, and every refusal in its route's
+shape."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from ingest.contract.events import Dialect
+from ingest.contract.settings import Settings
+from ingest.edge import sale
+from ingest.edge.idempotency import REPLAYED
+from ingest.manage import admin
+from workers.consumer import store
+
+from ._world import World, call, start_edge
+from .test_seed_004_refport import lead, lead_body, new_click
+
+NIL = "00000000-0000-0000-0000-000000000000"
+
+
+def sale_body(**over: object) -> dict:
+    return {"customerExternalId": "user_001", "amount": 4900, "currency": "USD", "eventName": "Purchase",
+            "paymentProcessor": "stripe", "invoiceId": "in_001", "metadata": {"plan": "pro"}, **over}  # fmt: skip
+
+
+async def track_sale(edge: str, key: str | None, body: object, **headers: str) -> tuple[int, dict, dict]:
+    hdrs = {"Authorization": f"Bearer {key}"} if key else {}
+    return await call("POST", f"{edge}/api/track/sale", json=body, headers={**hdrs, **headers})
+
+
+async def test_a_sale_after_its_lead_is_attributed_through_it(edge: str, world: World, pg: asyncpg.Pool, drain):
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    status, out, _ = await track_sale(edge, world.api_key, sale_body())
+    assert status == 200
+    assert out == {
+        "eventName": "Purchase",
+        "customer": {"externalId": "user_001"},
+        "sale": {"amount": 4900, "currency": "usd", "paymentProcessor": "stripe", "invoiceId": "in_001",
+                 "metadata": {"plan": "pro"}},
+    }  # fmt: skip
+    await drain()
+    row = await pg.fetchrow("SELECT * FROM sales")
+    lead_row = await pg.fetchrow("SELECT event_id, click_id FROM events WHERE type = 2")
+    assert (row["amount"], row["currency"], row["invoice_id"], row["payment_processor"]) == (4900, "usd", "in_001",
+                                                                                             "stripe")  # fmt: skip
+    assert (str(row["link_id"]), str(row["affiliate_id"]), str(row["program_id"])) == (
+        world.link["id"], world.affiliate_id, world.program_id)  # fmt: skip
+    assert (row["lead_event_id"], row["click_id"]) == (lead_row["event_id"], lead_row["click_id"])
+    assert row["unattributed"] is None and row["metadata"] == {"plan": "pro"} and row["dialect"] == "refport"
+    # (the sale's partition may be read before its lead's: a nil row moved and moved back)
+    stats = await pg.fetch("SELECT link_id::text, currency, sales, amount FROM sale_stats WHERE sales <> 0")
+    assert [tuple(r) for r in stats] == [(world.link["id"], "usd", 1, 4900)]
+    assert await pg.fetchval("SELECT coalesce(sum(n), 0) FROM drop_stats WHERE reason = 'no_lead'") == 0
+
+
+async def test_a_sale_without_a_lead_is_stored_unattributed_with_a_drop(
+    edge: str, world: World, pg: asyncpg.Pool, drain
+):
+    status, _, _ = await track_sale(edge, world.api_key, sale_body(customerExternalId="nobody", invoiceId=None))
+    assert status == 200
+    await drain()
+    row = await pg.fetchrow("SELECT * FROM sales")
+    assert (row["unattributed"], row["link_id"], row["affiliate_id"]) == ("no_lead", None, None)
+    assert [tuple(r) for r in await pg.fetch("SELECT link_id::text, sales, amount FROM sale_stats")] == [(NIL, 1, 4900)]
+    drop = await pg.fetchrow("SELECT workspace_id::text, link_id::text, n FROM drop_stats WHERE reason = 'no_lead'")
+    assert tuple(drop) == (world.workspace_id, NIL, 1)
+
+
+async def test_a_lead_received_first_but_stored_after_its_sale_attributes_it(
+    edge: str, world: World, pg: asyncpg.Pool, drain
+):
+    """Processing order never decides: the sale is stored first (no lead yet: unattributed,
+    a drop), then its lead, received earlier, attributes it and takes the drop back."""
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200  # in its stream, not stored yet
+    later = sale.envelope(Dialect.REFPORT, world.workspace_id, sale.from_refport(sale.RefportSale(**sale_body())))
+    await store.write_batch(pg, [later])
+    assert await pg.fetchval("SELECT unattributed FROM sales") == "no_lead"
+    assert await pg.fetchval("SELECT n FROM drop_stats WHERE reason = 'no_lead'") == 1
+    await drain()  # the click and the lead
+    row = await pg.fetchrow("SELECT * FROM sales")
+    assert row["unattributed"] is None and str(row["link_id"]) == world.link["id"]
+    assert row["lead_event_id"] == await pg.fetchval("SELECT event_id FROM events WHERE type = 2")
+    assert await pg.fetchval("SELECT n FROM drop_stats WHERE reason = 'no_lead'") == 0
+    assert await pg.fetchval("SELECT count(*) FROM event_drops") == 0
+    stats = {r["link_id"]: (r["sales"], r["amount"]) for r in await pg.fetch(
+        "SELECT link_id::text, sales, amount FROM sale_stats")}  # fmt: skip
+    assert stats == {NIL: (0, 0), world.link["id"]: (1, 4900)}
+
+
+async def test_a_sale_received_before_the_lead_stays_unattributed(edge: str, world: World, pg: asyncpg.Pool, drain):
+    early = sale.envelope(Dialect.REFPORT, world.workspace_id, sale.from_refport(sale.RefportSale(**sale_body())))
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await drain()
+    await store.write_batch(pg, [early])  # processed after its lead, received before it
+    assert await pg.fetchval("SELECT unattributed FROM sales") == "no_lead"
+
+
+async def test_one_invoice_counts_once_by_every_route_and_weeks_apart(edge: str, world: World, pg: asyncpg.Pool, drain):
+    first = await track_sale(edge, world.api_key, sale_body())
+    again = await track_sale(edge, world.api_key, sale_body(amount=1))  # answered as the first
+    assert first[0] == again[0] == 200 and again[1] == first[1] and again[2].get(REPLAYED) == "true"
+    bearer = {"Authorization": f"Bearer {world.api_key}"}
+    status, out, _ = await call("POST", f"{edge}/v1/track/conversion", headers=bearer,
+                                json={"customer_id": "user_001", "amount": 4900, "invoice_id": "in_001"})  # fmt: skip
+    assert status == 200 and out["ok"] is True and out["invoice_id"] == "in_001"
+    status, out, _ = await call("POST", f"{edge}/v1/events/batch", headers=bearer,
+                                json=[{"type": "sale", **sale_body()}, {"type": "sale", **sale_body()}])  # fmt: skip
+    assert status == 200 and out["accepted"] == 2
+    assert out["results"][1]["event_id"] == out["results"][0]["event_id"]  # a repeat within the batch
+    totals = await drain()
+    assert totals["inserted"] == 1
+    # weeks later, past any key window: Postgres still holds the invoice
+    weeks = sale.envelope(Dialect.REFPORT, world.workspace_id, sale.from_refport(sale.RefportSale(**sale_body())))
+    weeks.received_at_ms += int(timedelta(days=40).total_seconds() * 1000)
+    assert (await store.write_batch(pg, [weeks])).inserted == 0
+    assert await pg.fetchval("SELECT count(*) FROM sales") == 1
+    assert await pg.fetchval("SELECT amount FROM sales") == 4900
+    assert await pg.fetchval("SELECT sum(sales) FROM sale_stats") == 1
+    # Affixo's copy, the batch's (its second item was its first's repeat) and the one weeks later
+    assert await pg.fetchval("SELECT sum(n) FROM drop_stats WHERE reason = 'duplicate'") == 3
+
+
+async def test_eight_copies_at_once_to_two_edges_one_without_redis_count_once(
+    settings: Settings, world: World, pg: asyncpg.Pool, drain
+):
+    dead = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0", "spool_dir": settings.spool_dir + "-b"})
+    up, up_url = await start_edge(settings)
+    down, down_url = await start_edge(dead)
+    try:
+        answers = await asyncio.gather(*(track_sale(url, world.api_key, sale_body())
+                                         for url in [up_url, down_url] * 4))  # fmt: skip
+        ups, downs = answers[0::2], answers[1::2]
+        assert {a[0] for a in ups} == {200} and len({repr(a[1]) for a in ups}) == 1
+        assert {a[0] for a in downs} == {503}  # refused: Redis down and a keyed route does not spool
+        assert all(a[2].get("Retry-After") == "1" for a in downs)
+        # the refused copies retried where Redis answers: the first answer, nothing new
+        for _ in range(4):
+            status, out, headers = await track_sale(up_url, world.api_key, sale_body())
+            assert (status, out, headers.get(REPLAYED)) == (200, ups[0][1], "true")
+    finally:
+        await up.cleanup()
+        await down.cleanup()
+    assert (await drain())["inserted"] == 1
+    assert await pg.fetchval("SELECT count(*) FROM sales") == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"amount": 49.99}, "amount"),
+        ({"amount": "4900"}, "amount"),
+        ({"amount": -1}, "amount"),
+        ({"amount": True}, "amount"),
+        ({"currency": "dollars"}, "currency"),
+        ({"paymentProcessor": "cash"}, "paymentProcessor"),
+        ({"customerExternalId": ""}, "customerExternalId"),
+        ({"customerExternalId": "a\x00b"}, "customerExternalId"),
+    ],
+)
+async def test_a_bad_sale_is_refports_400(edge: str, world: World, body: dict, needle: str, pg, drain):
+    status, out, _ = await track_sale(edge, world.api_key, sale_body(**body))
+    assert status == 400 and out["error"]["code"] == "VALIDATION_ERROR" and needle in out["error"]["message"]
+
+
+async def test_refusals_in_each_routes_shape(edge: str, world: World, pg: asyncpg.Pool, redis, keys, drain):
+    status, out, _ = await track_sale(edge, None, sale_body())
+    assert (status, out) == (401, {"error": {"code": "UNAUTHORIZED", "message": "Invalid or missing API key"}})
+    async with pg.acquire() as conn:
+        read_only = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"])
+    url = f"{edge}/v1/track/conversion"
+    status, out, _ = await call(
+        "POST", url, headers=bearer(read_only["api_key"]), json={"customer_id": "u", "amount": 1}
+    )
+    assert (status, out) == (403, {"error": "insufficient_scope", "need": "track"})
+    status, out, _ = await call("POST", url, headers=bearer(world.api_key), json={"customer_id": "u", "amount": 1.5})
+    assert status == 400 and out["error"] == "invalid_json" and "amount" in out["detail"]
+    batch = [{"type": "sale", "customerExternalId": "u"}]
+    status, out, _ = await call("POST", f"{edge}/v1/events/batch", headers=bearer(world.api_key), json=batch)
+    assert status == 200 and out["results"][0]["ok"] is False and out["results"][0]["error"] == "invalid"
+    await drain()
+    assert await pg.fetchval("SELECT count(*) FROM sales") == 0
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

@@ -1,0 +1,233 @@
+"""Sales: one row per counted sale in ``sales``, in the batch's transaction, exactly once.
+
+A sale is attributed to its customer's lead: the newest lead of that customer (its
+external id, in the sale's workspace; of ``leadEventName`` when the sale names one) that
+was received before the sale and within its program's window (the program's
+``cookie_window_days``, 30 without a program), not in test mode nor out of its own window.
+Through the lead it has the click, the link, the affiliate and the program. A sale with no
+such lead is stored and counted as unattributed (``unattributed = 'no_lead'``, and a
+``no_lead`` drop the tenant sees in its drop stats).
+
+The outcome depends on when the lead and the sale were received, never on the order the
+workers process them in: a lead stored after a sale it precedes (the two sit in different
+partitions) attributes that sale then, in the lead's transaction, and takes its drop back.
+Both paths hold a transaction-scoped advisory lock per customer while they look, so a sale
+and its lead committed at the same moment cannot each miss the other.
+
+Exactly once: the row's key is the event id (a redelivery or a replay inserts nothing),
+and ``(workspace, invoice)`` is unique: a second sale of one invoice, by any path, inserts
+nothing and is a ``duplicate`` drop. Counters move only from the rows an insert or the
+late attribution returned: ``sale_stats`` per link (the nil uuid: unattributed), UTC day
+and currency.
+
+Lock order, after the batch's events, links, stats and customers: the customers' advisory
+locks (sorted), ``sales`` (late attribution, then the new rows, each by event id),
+``sale_stats`` (one statement, key order); the drops follow in ``drops.settle``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from ingest.contract import clicks
+from ingest.contract.events import Envelope, EventType
+from workers.consumer import jsonrows
+from workers.consumer.drops import NO_LINK, NoRow
+from workers.consumer.stored import Stored, ts
+
+UNATTRIBUTED = "no_lead"
+
+# x: the batch's sales (index, workspace, customer, received, lead event name)
+_LEADS = f"""
+SELECT x.i, l.event_id, l.click_id, l.link_id, l.affiliate_id, l.program_id
+FROM {jsonrows.table(("int", "uuid", "text", "timestamptz", "text"), "x(i, workspace_id, customer, at, lead_name)")}
+CROSS JOIN LATERAL (
+    SELECT e.event_id, e.click_id, e.link_id, e.affiliate_id, e.program_id
+    FROM events e
+    LEFT JOIN programs p ON p.id = e.program_id
+    WHERE e.type = 2 AND e.workspace_id = x.workspace_id AND e.customer_external_id = x.customer
+      AND e.received_at <= x.at AND NOT e.test_mode AND NOT e.out_of_window
+      AND (x.lead_name IS NULL OR e.name = x.lead_name)
+      AND x.at - e.received_at <= make_interval(days => coalesce(p.cookie_window_days, 30))
+    ORDER BY e.received_at DESC, e.event_id DESC
+    LIMIT 1
+) l
+"""
+
+_COLUMNS = (
+    ("event_id", "uuid"), ("workspace_id", "uuid"), ("invoice_id", "text"), ("customer_external_id", "text"),
+    ("amount", "bigint"), ("currency", "text"), ("event_name", "text"), ("payment_processor", "text"),
+    ("lead_event_name", "text"), ("lead_event_id", "uuid"), ("click_id", "uuid"), ("link_id", "uuid"),
+    ("affiliate_id", "uuid"), ("program_id", "uuid"), ("unattributed", "text"), ("dialect", "text"),
+    ("received_at", "timestamptz"), ("metadata", "jsonb"),
+)  # fmt: skip
+_INSERT = f"""
+INSERT INTO sales ({", ".join(name for name, _ in _COLUMNS)})
+{jsonrows.select([t for _, t in _COLUMNS])}
+ORDER BY 1
+ON CONFLICT DO NOTHING
+RETURNING event_id
+"""
+# of the sales that inserted nothing, those whose invoice another sale holds (not a copy of themselves)
+_INVOICE_HELD = f"""
+SELECT x.event_id
+FROM {jsonrows.table(("uuid", "uuid", "text"), "x(event_id, workspace_id, invoice_id)")}
+JOIN sales s ON s.workspace_id = x.workspace_id AND s.invoice_id = x.invoice_id
+WHERE s.event_id <> x.event_id
+"""
+
+# the unattributed sales a batch's new leads precede, within the lead's program window:
+# attributed to the newest such lead, in event-id order
+_LATE = f"""
+WITH lead AS (
+    SELECT l.event_id, l.workspace_id, l.customer, l.name, l.at, l.click_id, l.link_id, l.affiliate_id,
+           l.program_id, coalesce(p.cookie_window_days, 30) AS window_days
+    FROM {
+    jsonrows.table(
+        ("uuid", "uuid", "text", "text", "timestamptz", "uuid", "uuid", "uuid", "uuid"),
+        "l(event_id, workspace_id, customer, name, at, click_id, link_id, affiliate_id, program_id)",
+    )
+}
+    LEFT JOIN programs p ON p.id = l.program_id
+), picked AS (
+    SELECT DISTINCT ON (s.event_id) s.event_id, lead.event_id AS lead_event_id, lead.click_id, lead.link_id,
+           lead.affiliate_id, lead.program_id
+    FROM sales s
+    JOIN lead ON s.workspace_id = lead.workspace_id AND s.customer_external_id = lead.customer
+    WHERE s.unattributed = 'no_lead' AND s.received_at >= lead.at
+      AND s.received_at - lead.at <= make_interval(days => lead.window_days)
+      AND (s.lead_event_name IS NULL OR s.lead_event_name = lead.name)
+    ORDER BY s.event_id, lead.at DESC, lead.event_id DESC
+), locked AS (
+    SELECT s.event_id FROM sales s JOIN picked USING (event_id) ORDER BY s.event_id FOR UPDATE OF s
+)
+UPDATE sales s
+SET lead_event_id = picked.lead_event_id, click_id = picked.click_id, link_id = picked.link_id,
+    affiliate_id = picked.affiliate_id, program_id = picked.program_id, unattributed = NULL
+FROM picked JOIN locked USING (event_id)
+WHERE s.event_id = picked.event_id AND s.unattributed = 'no_lead'
+RETURNING s.event_id, s.workspace_id, s.link_id, s.currency, s.amount, s.received_at
+"""
+
+_STATS = f"""
+INSERT INTO sale_stats AS t (workspace_id, link_id, day, currency, sales, amount)
+{jsonrows.select(("uuid", "uuid", "date", "text", "bigint", "bigint"))}
+ORDER BY 1, 2, 3, 4
+ON CONFLICT (workspace_id, link_id, day, currency)
+DO UPDATE SET sales = t.sales + EXCLUDED.sales, amount = t.amount + EXCLUDED.amount
+"""
+
+StatKey = tuple[str, str, date, str]  # workspace, link (nil: unattributed), day, currency
+
+
+@dataclass(slots=True)
+class Settled:
+    """What a batch did to sales: rows inserted, copies of a sale held already, and the
+    drops to settle with the batch's (new ones; those taken back by a late attribution)."""
+
+    inserted: int = 0
+    attributed_late: int = 0
+    drops: list[NoRow] = field(default_factory=list)
+    undrops: list[NoRow] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Row:
+    envelope: Envelope
+    at: datetime
+    lead: asyncpg.Record | None = None
+
+    def values(self) -> tuple[Any, ...]:
+        p, lead = self.envelope.payload, self.lead
+        return (
+            self.envelope.event_id, self.envelope.workspace_id, _text(p.get("invoice")), p["external_id"],
+            p["amount"], p["currency"], p["name"], p["processor"], _text(p.get("lead_name")),
+            lead["event_id"] if lead else None, lead["click_id"] if lead else None, lead["link_id"] if lead else None,
+            lead["affiliate_id"] if lead else None, lead["program_id"] if lead else None,
+            None if lead else UNATTRIBUTED, self.envelope.dialect, self.at, p.get("metadata"),
+        )  # fmt: skip
+
+
+def _text(v: object) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+async def _lock_customers(conn: asyncpg.Connection, customers: Iterable[tuple[str, str]]) -> None:
+    """One advisory lock per (workspace, customer), for this transaction, in key order."""
+    keys = sorted({int.from_bytes(hashlib.sha256(f"{w}\x1f{c}".encode()).digest()[:8], "big", signed=True)
+                   for w, c in customers})  # fmt: skip
+    if keys:
+        await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k ORDER BY k", keys)
+
+
+async def settle(conn: asyncpg.Connection, sales: list[Envelope], leads: list[Stored]) -> Settled:
+    """Store the batch's new ``sales`` and attribute earlier sales its newly counted
+    ``leads`` precede; move ``sale_stats`` from what came back."""
+    out = Settled()
+    leads = [s for s in leads if s.type is EventType.LEAD and isinstance(s.envelope.payload.get("external_id"), str)]
+    if not sales and not leads:
+        return out
+    await _lock_customers(conn, [(e.workspace_id or "", e.payload["external_id"]) for e in sales]
+                          + [(s.link.workspace_id, s.envelope.payload["external_id"]) for s in leads])  # fmt: skip
+    stats: Counter[StatKey] = Counter()
+    amounts: Counter[StatKey] = Counter()
+
+    if leads:
+        for r in await conn.fetch(_LATE, jsonrows.doc([
+            (s.envelope.event_id, s.link.workspace_id, s.envelope.payload["external_id"], s.text("name"), s.at,
+             _click(s), s.link.id, s.link.affiliate_id, s.link.program_id)
+            for s in sorted(leads, key=lambda s: s.envelope.event_id)
+        ])):  # fmt: skip
+            ws, day, cur = str(r["workspace_id"]), r["received_at"].date(), r["currency"]
+            stats[(ws, str(NO_LINK), day, cur)] -= 1
+            amounts[(ws, str(NO_LINK), day, cur)] -= r["amount"]
+            stats[(ws, str(r["link_id"]), day, cur)] += 1
+            amounts[(ws, str(r["link_id"]), day, cur)] += r["amount"]
+            out.undrops.append(NoRow(r["event_id"], ws, None, UNATTRIBUTED, r["received_at"]))
+            out.attributed_late += 1
+
+    if sales:
+        rows = [_Row(e, ts(e.received_at_ms)) for e in sorted(sales, key=lambda e: e.event_id)]
+        for r in await conn.fetch(_LEADS, jsonrows.doc([
+            (i, row.envelope.workspace_id, row.envelope.payload["external_id"], row.at,
+             _text(row.envelope.payload.get("lead_name")))
+            for i, row in enumerate(rows)
+        ])):  # fmt: skip
+            rows[r["i"]].lead = r
+        inserted = {r["event_id"] for r in await conn.fetch(_INSERT, jsonrows.doc([row.values() for row in rows]))}
+        out.inserted = len(inserted)
+        for row in rows:
+            if row.envelope.event_id not in inserted:
+                continue
+            e, ws = row.envelope, row.envelope.workspace_id or ""
+            link = str(row.lead["link_id"]) if row.lead else str(NO_LINK)
+            stats[(ws, link, row.at.date(), e.payload["currency"])] += 1
+            amounts[(ws, link, row.at.date(), e.payload["currency"])] += e.payload["amount"]
+            if row.lead is None:
+                out.drops.append(NoRow(e.event_id, ws, None, UNATTRIBUTED, row.at))
+        missed = [row for row in rows if row.envelope.event_id not in inserted and row.envelope.payload.get("invoice")]
+        if missed:
+            held = await conn.fetch(_INVOICE_HELD, jsonrows.doc([
+                (row.envelope.event_id, row.envelope.workspace_id, row.envelope.payload["invoice"]) for row in missed
+            ]))  # fmt: skip
+            others = {r["event_id"] for r in held}
+            out.drops += [NoRow(row.envelope.event_id, row.envelope.workspace_id, None, "duplicate", row.at)
+                          for row in missed if row.envelope.event_id in others]  # fmt: skip
+
+    moved = sorted(k for k in stats if stats[k] or amounts[k])
+    if moved:
+        await conn.execute(_STATS, jsonrows.doc([(*k, stats[k], amounts[k]) for k in moved]))
+    return out
+
+
+def _click(s: Stored) -> UUID | None:
+    click_id = s.envelope.payload.get("click_id")
+    return clicks.parse(click_id) if isinstance(click_id, str) else None
