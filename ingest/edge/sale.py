@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ingest.contract.events import Envelope, EventType
-from ingest.edge.fields import Ident, NoNul, no_nul_inside
+from ingest.edge.fields import Ident, Integer, NoNul, no_nul_inside
 from ingest.edge.idempotency import Claim, fingerprint
 
 PROCESSORS = ("stripe", "shopify", "paddle", "polar", "revenuecat", "custom")
@@ -33,16 +33,11 @@ MAX_AMOUNT = 10**15  # minor units: far above any one sale, far below bigint's b
 Processor = Literal["stripe", "shopify", "paddle", "polar", "revenuecat", "custom"]
 
 
-def _lower(value: object) -> object:
-    return value.lower() if isinstance(value, str) else value
-
-
 # ISO 4217's three letters, in either case; stored lower case, as Stripe writes them
-Currency = Annotated[str, BeforeValidator(_lower), Field(pattern=r"^[a-z]{3}$", description="ISO 4217, e.g. usd")]
-# a JSON integer, never a string or a fraction: money is counted exactly
-Amount = Annotated[
-    int, Field(strict=True, ge=0, le=MAX_AMOUNT, description="In the currency's minor unit: 4900 is 49.00 USD")
+Currency = Annotated[
+    str, Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217, e.g. usd (kept lower case)"), AfterValidator(str.lower)
 ]
+AMOUNT = "In the currency's minor unit (4900 is 49.00 USD): a JSON integer, never a string or a fraction"
 Metadata = Annotated[dict[str, Any], AfterValidator(no_nul_inside)]
 
 
@@ -51,7 +46,7 @@ class RefportSale(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     customerExternalId: Ident = Field(min_length=1, max_length=256)
-    amount: Amount
+    amount: Integer = Field(ge=0, le=MAX_AMOUNT, description=AMOUNT)
     currency: Currency = "usd"
     eventName: NoNul = Field("Purchase", min_length=1, max_length=256)
     paymentProcessor: Processor = "custom"
@@ -65,7 +60,7 @@ class AffixoConversion(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     customer_id: Ident = Field(min_length=1, max_length=256, description="Your id of the customer its lead named")
-    amount: Amount
+    amount: Integer = Field(ge=0, le=MAX_AMOUNT, description=AMOUNT)
     currency: Currency = "usd"
     event_name: NoNul = Field("Purchase", min_length=1, max_length=256)
     payment_processor: Processor = "custom"

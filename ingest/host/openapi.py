@@ -14,6 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from ingest.edge import sale
 from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, refport
 from ingest.host import health
 from ingest.manage.routes import manage, webhooks
@@ -81,6 +82,13 @@ OPERATIONS: tuple[Op, ...] = (
        {200: affixo.AffixoClickRecorded, **errors(F, 401, 403, 404, 429, 503, *BODY)}, affixo.AffixoClick, "bearer"),
     Op("post", "/api/track/lead", "Track a lead (Refport, seed 004)", "Refport",
        {200: refport.RefportLeadTracked, **errors(R, 401, 429, 503, *BODY)}, refport.RefportLead, "bearer"),
+    Op("post", "/api/track/sale", "Track a sale (Refport): attributed to the customer's lead; an invoice counts "
+       "once, a repeat answered as the first", "Refport",
+       {200: refport.RefportSaleTracked, **errors(R, 401, 422, 429, 503, *BODY)}, sale.RefportSale, "bearer"),
+    Op("post", "/v1/track/conversion", "Track a conversion (a sale), server to server (Affixo): attributed to the "
+       "customer's lead; an invoice counts once, a repeat answered as the first", "Affixo",
+       {200: affixo.AffixoConversionRecorded, **errors(F, 401, 403, 422, 429, 503, *BODY)}, sale.AffixoConversion,
+       "bearer"),
     Op("post", "/v1/events/batch", "Up to 500 events in one request (JSON array or NDJSON, gzip accepted), each "
        "validated like its single-event route; one result per event, a bad event never fails the others", "Batch",
        {200: batch.BatchResult, **errors(M.ManageError, 401, 403, 429, 503, *BODY)}, batch.BatchBody, "bearer"),
