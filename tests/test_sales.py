@@ -18,6 +18,7 @@ from ingest.edge import sale
 from ingest.edge.idempotency import REPLAYED
 from ingest.manage import admin
 from workers.consumer import store
+from workers.ops.reconcile import reconcile
 
 from ._world import World, call, start_edge
 from .test_seed_004_refport import lead, lead_body, new_click
@@ -193,3 +194,26 @@ async def test_refusals_in_each_routes_shape(edge: str, world: World, pg: asyncp
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+async def test_reconcile_recounts_sales_and_revenue_per_currency(edge: str, world: World, pg: asyncpg.Pool, drain):
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await drain()
+    for body in (sale_body(), sale_body(invoiceId="in_2", amount=100, currency="eur"),
+                 sale_body(invoiceId="in_3", customerExternalId="nobody", amount=7)):  # fmt: skip
+        assert (await track_sale(edge, world.api_key, body))[0] == 200
+    await drain()
+    assert await reconcile(pg, fix=False) == []
+    await pg.execute("UPDATE sale_stats SET sales = sales + 2, amount = amount - 50 WHERE currency = 'usd'")
+    await pg.execute("DELETE FROM sale_stats WHERE currency = 'eur'")
+    found = {(d.code, d.counter): (d.stored, d.recomputed) for d in await reconcile(pg, fix=True)}
+    assert found == {
+        ("PARTNER123", "sales.usd"): (3, 1), ("PARTNER123", "revenue.usd"): (4850, 4900),
+        ("PARTNER123", "sales.eur"): (0, 1), ("PARTNER123", "revenue.eur"): (0, 100),
+        ("(unattributed)", "sales.usd"): (3, 1), ("(unattributed)", "revenue.usd"): (-43, 7),
+    }  # fmt: skip
+    assert await reconcile(pg, fix=False) == []
+    totals = {tuple(r) for r in await pg.fetch(
+        "SELECT link_id::text, currency, sum(sales), sum(amount) FROM sale_stats GROUP BY 1, 2")}  # fmt: skip
+    assert totals == {(world.link["id"], "usd", 1, 4900), (world.link["id"], "eur", 1, 100), (NIL, "usd", 1, 7)}
