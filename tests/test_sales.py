@@ -217,3 +217,24 @@ async def test_reconcile_recounts_sales_and_revenue_per_currency(edge: str, worl
     totals = {tuple(r) for r in await pg.fetch(
         "SELECT link_id::text, currency, sum(sales), sum(amount) FROM sale_stats GROUP BY 1, 2")}  # fmt: skip
     assert totals == {(world.link["id"], "usd", 1, 4900), (world.link["id"], "eur", 1, 100), (NIL, "usd", 1, 7)}
+
+
+async def test_the_fault_checkers_counter_check_sees_sale_stats_drift(
+    edge: str, world: World, pg: asyncpg.Pool, settings: Settings, keys, drain, tmp_path
+):
+    """The checker the fault suite and the generative test use (tests/faults/_checks.py),
+    SQL of its own, against the rows the worker wrote, and against a hand edit."""
+    from .faults._checks import Checker
+
+    assert (await track_sale(edge, world.api_key, sale_body(customerExternalId="nobody")))[0] == 200
+    await drain()
+    check = Checker(settings.database_url, settings.redis_url, keys, tmp_path)
+    try:
+        assert [p for p in await check.counter_problems() if "sale_stats" in p] == []
+        await pg.execute("UPDATE sale_stats SET amount = amount + 1")
+        assert [p for p in await check.counter_problems() if "sale_stats" in p] == [
+            f"I2: sale_stats {NIL} {await pg.fetchval('SELECT day FROM sale_stats')} usd: stored (1,4901), from sales"
+            " (1,4900)"
+        ]
+    finally:
+        await check.close()

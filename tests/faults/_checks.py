@@ -94,6 +94,21 @@ WHERE (coalesce(s.clicks, 0), coalesce(s.bot_clicks, 0), coalesce(s.leads, 0), c
 LIMIT 20
 """
 
+# sales and revenue per link (nil: unattributed), UTC day and currency, from the sale rows
+_SALES = """
+WITH counted AS (
+    SELECT coalesce(link_id, '00000000-0000-0000-0000-000000000000'::uuid) AS link_id,
+           (received_at AT TIME ZONE 'UTC')::date AS day, currency, count(*) AS n, sum(amount) AS total
+    FROM sales GROUP BY 1, 2, 3
+), stored AS (
+    SELECT link_id, day, currency, sum(sales) AS n, sum(amount) AS total FROM sale_stats GROUP BY 1, 2, 3
+)
+SELECT link_id, day, currency, (s.n, s.total)::text AS stored, (c.n, c.total)::text AS from_rows
+FROM counted c FULL JOIN stored s USING (link_id, day, currency)
+WHERE (coalesce(s.n, 0), coalesce(s.total, 0)) IS DISTINCT FROM (coalesce(c.n, 0), coalesce(c.total, 0))
+LIMIT 20
+"""
+
 MILESTONES = """
 WITH conv AS (
     SELECT l.affiliate_id, count(*) AS n
@@ -317,6 +332,9 @@ class Checker:
             p.append(f"I2: link_visitor_days {r['problem']}: {r['link_id']} {r['day']} {r['visitor_key']}")
         for r in await self.fetch(_DAILY):
             p.append(f"I2: daily_stats {r['link_id']} {r['day']}: stored {r['stored']}, from events {r['from_events']}")
+        for r in await self.fetch(_SALES):
+            p.append(f"I2: sale_stats {r['link_id']} {r['day']} {r['currency']}: stored {r['stored']}, from sales"
+                     f" {r['from_rows']}")  # fmt: skip
         if wrong := await self.milestone_problems():
             p.append(f"I2: {len(wrong)} milestones wrong, e.g. {wrong[:3]}")
         return p

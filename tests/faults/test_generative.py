@@ -157,3 +157,38 @@ def test_the_checker_flags_a_lead_stored_on_another_click_and_a_500() -> None:
     op = _op("lead", [("error", 500, None), ("unknown", None, None)], what="lead", once=True,
              expect={"click_id": click.hex})  # fmt: skip
     assert _judge(op, [_row("g1-0", click_id=uuid.uuid4())]) == {"5xx": 1, "foreign_answer": 1}
+
+
+def _sale(outcomes: list[tuple[str, int | None, Any]], *, invoice: str | None, route: str = "refport") -> Op:
+    op = _op("sale", outcomes, key=f"invoice:{invoice}" if invoice else None, what="sale", once=invoice is not None)
+    op.units[0].code = None  # the workers attribute a sale: any link, or none
+    op.echo = {"customer": "g1-0", "amount": 4900, "invoice": invoice, "route": route}
+    return op
+
+
+def _sold(amount: int = 4900, invoice: str | None = "inv-g1-0", customer: str = "g1-0") -> dict[str, Any]:
+    sale = {"amount": amount, "currency": "usd", "paymentProcessor": "stripe", "invoiceId": invoice}
+    return {"eventName": "Purchase", "customer": {"externalId": customer}, "sale": sale}
+
+
+def test_the_checker_flags_an_invoice_stored_twice() -> None:
+    op = _sale([("unknown", None, None), ("ok", 200, _sold())], invoice="inv-g1-0")
+    assert _judge(op, [_row("g1-0", code=None)]) == {}
+    assert _judge(op, [_row("g1-0", code=None), _row("g1-0", code="c0")]) == {"duplicate": 1}
+
+
+def test_the_checker_flags_a_sale_answer_of_another_request_and_a_refused_sale_counted() -> None:
+    foreign = _sale([("ok", 200, _sold(amount=1, customer="g1-9"))], invoice=None)
+    assert _judge(foreign, [_row("g1-0", code=None)]) == {"foreign_answer": 1}
+    refused = _sale([("refused", 503, None), ("refused", 503, None)], invoice="inv-g1-0")
+    assert _judge(refused, [_row("g1-0", code=None)]) == {"refusal_counted": 1}
+    answer = {
+        "ok": True,
+        "conversion_id": str(uuid.uuid4()),
+        "customer_id": "g1-0",
+        "amount": 4900,
+        "currency": "usd",
+        "invoice_id": None,
+    }
+    affixo = _sale([("ok", 200, answer)], invoice=None, route="affixo")
+    assert _judge(affixo, [_row("g1-0", code=None)]) == {"lost": 1}  # the event it names is not the stored one

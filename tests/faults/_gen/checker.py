@@ -1,7 +1,7 @@
 """The checker over one seed's whole history, once everything is healed and drained.
 
-For every event an operation may store (a unit: a click, a lead, a conversion, each found
-by its token), from the outcomes of the operation's attempts:
+For every event an operation may store (a unit: a click, a lead, a conversion, a sale, each
+found by its token), from the outcomes of the operation's attempts:
 - ``lost``: accepted (2xx) and not stored, or an accepted answer names an event id that is
   not in Postgres (a lead's or conversion's natural key aside: its first event stands);
 - ``duplicate``: stored more often than its attempts allow (a key or a natural key: once;
@@ -43,7 +43,9 @@ from .history import History, Op, Unit
 from .ops import EXPECTED_REFUSALS, ITEM_UNKNOWN, TOKEN_SQL, World, answer_problems, named_events
 
 ROWS = f"""SELECT e.event_id, e.type, l.code, e.click_id, e.visitor_id, {TOKEN_SQL} AS token
-FROM events e LEFT JOIN links l ON l.id = e.link_id"""
+FROM events e LEFT JOIN links l ON l.id = e.link_id
+UNION ALL
+SELECT s.event_id, 4, l.code, s.click_id, NULL, s.metadata->>'gen' FROM sales s LEFT JOIN links l ON l.id = s.link_id"""
 # management writes, by the token: a participant's generated code, a link created by code
 GENERATED = """SELECT a.external_id AS token, count(DISTINCT l.id) AS links, min(l.code) AS code
 FROM affiliates a LEFT JOIN links l ON l.affiliate_id = a.id WHERE a.external_id LIKE 'g%' GROUP BY 1"""
@@ -160,7 +162,7 @@ class GenChecker:
             row = by_event.get(named)
             if row is not None and row["token"] != unit.token:
                 self._say("foreign_answer", op, f"answer names event {named}, the row of {row['token']!r}")
-            elif row is None and outcome == "ok" and (unit.kind == "click" or n == 0):
+            elif row is None and outcome == "ok" and (unit.kind == "click" or not unit.once or n == 0):
                 self._say("lost", op, f"the answer's event {named} is not stored ({what})")
         for row in rows:
             bad = {k: row[k] for k, v in unit.expect.items() if v is not None and _norm(row[k]) != v}

@@ -43,7 +43,7 @@ class Unit:
     """One event an operation may store, found in Postgres by its ``token``."""
 
     token: str
-    kind: str  # click, lead, conversion
+    kind: str  # click, lead, conversion, sale
     code: str | None  # the link the event must be on (None: a lead's click decides)
     once: bool  # an idempotency key or a natural key: at most one row whatever the retries
     expect: dict[str, Any] = field(default_factory=dict)  # columns its row must hold (click_id, visitor_id)
@@ -54,7 +54,7 @@ class Op:
     n: int
     kind: str
     token: str
-    key: str | None  # the Idempotency-Key (header, or Affitor's ``dedupe``), same on every retry
+    key: str | None  # the Idempotency-Key (header, or Affitor's ``dedupe``; a sale's invoice), same on every retry
     method: str
     path: str
     headers: dict[str, str]

@@ -3,7 +3,8 @@ must look like.
 
 Every operation carries a token of its own (``g<seed>-<n>``; a batch item ``…-<n>.<i>``)
 where Postgres keeps it: a click's referrer (``https://gen.test/<token>``), a lead's
-``customerExternalId``, a conversion's ``referred_session_id`` (the row's visitor id). So
+``customerExternalId``, a conversion's ``referred_session_id`` (the row's visitor id), a
+sale's metadata (``{"gen": token}``; its customer is its lead's token, or its own). So
 each row maps back to the one request that asked for it (``TOKEN_SQL``), and each answer is
 checked against its own request: the code, customer, click and visitor it echoes, and the
 event ids it names, whose rows must carry this request's token.
@@ -32,7 +33,7 @@ KEPT_HEADERS = ("Retry-After", REPLAYED, MAY_BE_STORED[0], EVENT_ID, "Location")
 # management write still in flight (409)
 EXPECTED_REFUSALS = {503, 409}
 REFERRER = "https://gen.test/"
-TOKEN_SQL = (
+TOKEN_SQL = (  # an event row's token (a sale's: its metadata's ``gen``)
     r"CASE e.type WHEN 2 THEN e.customer_external_id WHEN 3 THEN e.visitor_id"
     r" ELSE substring(e.referrer from '^https://gen\.test/(.+)$') END"
 )
@@ -93,7 +94,9 @@ def make(step: OpStep, world: World, history: History) -> Op:
     ref = REFERRER + token
 
     def op(method: str, path: str, headers: dict[str, str], body: Any, units: list[Unit], **echo: Any) -> Op:
-        return Op(step.n, step.kind, token, key, method, path, headers, body, units, echo)
+        # a sale's invoice is its key when it has none: every 2xx of it is the first's answer
+        once = key or (f"invoice:{echo['invoice']}" if echo.get("invoice") else None)
+        return Op(step.n, step.kind, token, once, method, path, headers, body, units, echo)
 
     if step.kind == "biore":
         ua = GOOGLEBOT if "bot" in step.flags else BROWSER
@@ -145,6 +148,9 @@ def make(step: OpStep, world: World, history: History) -> Op:
                  participant_id=on.token, referral_code=code_of)  # fmt: skip
         out.skipped = None if code_of else f"its participant (op {on.n}) was never generated"
         return out
+    customer = on.token if on is not None and on.kind == "lead" else None  # a sale's
+    if step.kind == "sale":
+        return _sale(step, token, customer or f"c-{token}", {**bearer, **idem}, bool(key), op)
     click = click_id_of(on) if on is not None else None
     lead_code = on.units[0].code if on is not None and on.units else None
     lead_expect = {"click_id": _hex(click, "clk_")} if click else {}
@@ -169,6 +175,9 @@ def make(step: OpStep, world: World, history: History) -> Op:
         elif kind == "conversion":
             item = {"type": "conversion", "code": c, "referred_session_id": t}
             unit = Unit(t, "conversion", c, True)
+        elif kind == "sale":
+            item = {"type": "sale", **_refport_sale(step, t, customer or f"c-{t}")}
+            unit = Unit(t, "sale", None, bool(key) or "item_keys" in step.flags or "invoiceId" in item)
         else:
             item = {"type": "lead", "clickId": click, "eventName": "Sign Up", "customerExternalId": t}
             unit = Unit(t, "lead", lead_code, True, dict(lead_expect))
@@ -179,6 +188,31 @@ def make(step: OpStep, world: World, history: History) -> Op:
     out = op("POST", "/v1/events/batch", {**bearer, **idem}, items, units)
     # only leads, on a click never accepted: an empty batch, which the route rightly refuses
     out.skipped = None if items else f"its items' click (op {step.on}) was never accepted"
+    return out
+
+
+def _refport_sale(step: OpStep, token: str, customer: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"customerExternalId": customer, "amount": 100 + step.code % 10_000,
+                            "currency": ("usd", "EUR")[step.code % 2], "paymentProcessor": "stripe",
+                            "metadata": {"gen": token}}  # fmt: skip
+    if "invoice" in step.flags:
+        body["invoiceId"] = f"inv-{token}"
+    return body
+
+
+def _sale(step: OpStep, token: str, customer: str, headers: dict[str, str], keyed: bool, op: Any) -> Op:
+    """A sale through Refport's route or Affixo's: found by its token (metadata), counted
+    once when it has a key or an invoice; attributed by the workers, not checked here."""
+    body = _refport_sale(step, token, customer)
+    invoice = body.get("invoiceId")
+    unit = Unit(token, "sale", None, keyed or invoice is not None)
+    echo = {"customer": customer, "amount": body["amount"], "invoice": invoice}
+    if "affixo" in step.flags:
+        affixo = {"customer_id": customer, "amount": body["amount"], "currency": body["currency"],
+                  "metadata": body["metadata"], **({"invoice_id": invoice} if invoice else {})}  # fmt: skip
+        out: Op = op("POST", "/v1/track/conversion", headers, affixo, [unit], route="affixo", **echo)
+        return out
+    out = op("POST", "/api/track/sale", headers, body, [unit], route="refport", **echo)
     return out
 
 
@@ -230,6 +264,9 @@ def named_events(op: Op, attempt: Attempt) -> dict[int, str]:
     if op.kind == "convert" and isinstance(body, dict):
         found = _hex(body.get("conversion_id"), "conv_")
         return {0: found} if found else {}
+    if op.kind == "sale" and isinstance(body, dict):  # Affixo's names it; Refport's, as Dub's, does not
+        found = _hex(body.get("conversion_id"))
+        return {0: found} if found else {}
     if op.kind == "redirect":
         found = _hex(_redirect_click(body), "clk_")
         return {0: found} if found else {}
@@ -263,6 +300,13 @@ def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
         return [f"{k}: {got[k]!r}, not {v!r}" for k, v in wanted.items() if got[k] != v]
     elif op.kind == "convert":
         want = {"converted": True, "referrer_id": world.referrer_id}
+    elif op.kind == "sale" and e["route"] == "affixo":
+        want = {"ok": True, "customer_id": e["customer"], "amount": e["amount"], "invoice_id": e["invoice"]}
+    elif op.kind == "sale":
+        sale = b.get("sale") or {}
+        got = {"customer": (b.get("customer") or {}).get("externalId"), "amount": sale.get("amount"),
+               "invoice": sale.get("invoiceId")}  # fmt: skip
+        return [f"{k}: {got[k]!r}, not {e[k]!r}" for k in got if got[k] != e[k]]
     elif op.kind in ("generate", "stats", "validate", "link"):
         want = dict(e)
         if op.kind == "validate":

@@ -51,6 +51,12 @@ LATER_FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "partition-count": ("layout", TOPOLOGIES),
 }
 ALL_FAULTS = {**FAULTS, **LATER_FAULTS}
+# operations that joined after seeds were published, drawn the same way (a stream of their
+# own, numbered from LATER_OPS_FROM so the others keep their numbers and tokens): sales,
+# through Refport, Affixo or the batch route, on an earlier lead's customer or a new one
+LATER_OPS_SHARE = 0.08  # of the main rate
+LATER_OPS_FROM = 100_000
+SALE_ROUTES = {"refport": 0.5, "affixo": 0.3, "batch": 0.2}
 LATER_SPACING = 4.0  # their gaps, in the main deck's: a few per seed, not one after another
 PARTITION_COUNTS = (1, 2, 3, 6, 8)  # what a partition-count fault changes the stage's 4 to, and back
 
@@ -81,9 +87,10 @@ class OpStep:
     kind: str
     keyed: bool
     code: int  # index into the run's link codes
-    flags: frozenset[str] = frozenset()  # bot, test_mode, dedupe_body, fingerprint, item_keys
+    flags: frozenset[str] = frozenset()  # bot, test_mode, dedupe_body, fingerprint, item_keys; a sale's
+    # route (refport, affixo) and invoice
     items: tuple[str, ...] = ()  # a batch's item types
-    on: int | None = None  # a lead's click operation; stats' generate operation
+    on: int | None = None  # a lead's click operation; stats' generate operation; a sale's lead
 
 
 @dataclass(frozen=True)
@@ -119,7 +126,27 @@ def draw(seed: int, mode: str, only: frozenset[str] = frozenset()) -> Schedule:
     ln = lengths(mode)
     ops, faults = _ops(rng, ln), _faults(rng, ln, topo, only, FAULTS)
     later = _faults(random.Random(f"{seed}:later"), ln, topo, only, LATER_FAULTS, spacing=LATER_SPACING)
+    ops = sorted(ops + _later_ops(random.Random(f"{seed}:later-ops"), ln, ops), key=lambda o: (o.at, o.n))
     return Schedule(seed, topo, ln, ops, sorted(faults + later, key=lambda f: f.at))
+
+
+def _later_ops(rng: random.Random, ln: Lengths, main: list[OpStep]) -> list[OpStep]:
+    """Sales: each on an earlier lead's customer (its attribution) or a customer of its own
+    (unattributed); with an invoice or not, keyed or not; one to three per batch."""
+    leads = [(o.at, o.n) for o in main if o.kind == "lead"]
+    out: list[OpStep] = []
+    t = 0.0
+    while True:
+        t += rng.expovariate(ln.rate * LATER_OPS_SHARE)
+        if t >= ln.load_s:
+            return out
+        earlier = [n for at, n in leads if at < t]
+        on = rng.choice(earlier[-30:]) if earlier and rng.random() < 0.7 else None
+        route = rng.choices(list(SALE_ROUTES), list(SALE_ROUTES.values()))[0]
+        flags = {route} | ({"invoice"} if rng.random() < 0.6 else set())
+        kind, items = ("batch", ("sale",) * rng.randint(1, 3)) if route == "batch" else ("sale", ())
+        out.append(OpStep(LATER_OPS_FROM + len(out), t, kind, rng.random() < 0.4, rng.randrange(1 << 16),
+                          frozenset(flags), items, on))  # fmt: skip
 
 
 def _ops(rng: random.Random, ln: Lengths) -> list[OpStep]:
