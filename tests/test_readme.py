@@ -99,6 +99,17 @@ async def test_the_readme_tour_runs_as_written_against_refstream_dev(
 
         await wait_for(counted, timeout=30, what="the tour's events in the demo link's counters")
 
+        async def sold() -> Any:  # the tour's sale, attributed through its lead to the demo link
+            conn = await asyncpg.connect(db)
+            try:
+                return await conn.fetch("SELECT s.amount, s.currency, s.invoice_id, l.code FROM sales s"
+                                        " LEFT JOIN links l ON l.id = s.link_id")  # fmt: skip
+            finally:
+                await conn.close()
+
+        sales = await wait_for(sold, timeout=30, what="the tour's sale")
+        assert [tuple(r) for r in sales] == [(4900, "usd", "in_001", "demo")]
+
         examples = bash_under(ROOT / "docs" / "http-api.md", EXAMPLES)
         ran = await shell("source .refstream-dev.env\n" + examples)
         assert ran.returncode == 0, f"{ran.stderr.decode()[-5000:]}\n== dev:\n{errors.read_text()[-5000:]}"
