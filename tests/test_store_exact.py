@@ -156,6 +156,7 @@ async def test_crossing_duplicate_leads_never_deadlock(pg: asyncpg.Pool, world: 
     assert await pg.fetchval("SELECT leads FROM links WHERE code = 'PARTNER123'") == 2 * rounds
 
 
+_CUSTOMER_TYPES = (EventType.CLICK, EventType.LEAD, EventType.CONVERSION)  # what a customer is made of (not sales)
 _CONTACT = {"external_id": "external_id", "email": "email", "name": "customer_name", "avatar_url": "avatar"}
 
 
@@ -165,7 +166,7 @@ def _journey(rng: random.Random, world: World, seed: int) -> list[Envelope]:
     events = []
     for i in range(rng.randint(2, 9)):
         ms = base + rng.randint(0, 3) * 1000
-        etype = rng.choice(list(EventType))
+        etype = rng.choice(_CUSTOMER_TYPES)
         payload: dict[str, Any] = {"code": rng.choice(["PARTNER123", "OTHER"]), "visitor_id": "vis"}
         for key in _CONTACT.values():
             if rng.random() < 0.4:
