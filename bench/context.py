@@ -18,7 +18,10 @@ from .procs import Proc, Procs
 from .world import World
 
 # n: (a) and each (b) dialect again with N processes (serve --processes N, N = the CPU count)
-PARTS = ("a", "b000", "b002", "b003", "b004", "batch", "c", "cap", "d", "e", "f", "g", "h", "i", "m", "n", "p", "r")
+PARTS = (
+    "a", "b000", "b002", "b003", "b004", "b004sale", "batch", "c", "cap", "d", "e", "f", "g", "h", "i", "m", "n", "p",
+    "r",
+)  # fmt: skip
 # only when named in --only: (cap) capacity, CPU per event of each kind of process (minutes, a
 # Redis of its own), (h) starts Redis servers of its own, (i) idempotency keys' cost, (m) a
 # partition's MIGRATE between two Redis servers of its own, (p) fills an events table with

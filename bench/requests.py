@@ -80,6 +80,22 @@ def seed_004(world: World) -> list[Request]:
     return out
 
 
+def seed_004_sale(world: World) -> list[Request]:
+    """Refport's sale, without an invoice (a distinct invoice per request is what a real
+    shop sends; a replayed set of requests would measure its repeats' replay instead)."""
+    out = []
+    for i in range(VARIANTS):
+        body = {
+            "customerExternalId": f"user_{i:06d}",
+            "amount": 4900 + i,
+            "currency": "usd",
+            "paymentProcessor": "stripe",
+            "metadata": {"plan": "pro"},
+        }
+        out.append(Request("/api/track/sale", dumps(body), _headers(i, world.api_key)))
+    return out
+
+
 def batch(world: World, variants: int = 4) -> list[Request]:
     """``POST /v1/events/batch`` with 500 clicks each, as Affixo's route gets them one by one."""
     out = []
@@ -92,4 +108,4 @@ def batch(world: World, variants: int = 4) -> list[Request]:
     return out
 
 
-ROUTES = {"b000": seed_000, "b002": seed_002, "b003": seed_003, "b004": seed_004}
+ROUTES = {"b000": seed_000, "b002": seed_002, "b003": seed_003, "b004": seed_004, "b004sale": seed_004_sale}

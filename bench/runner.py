@@ -68,7 +68,7 @@ def _env(svc: services.Services, opts: Options, spool: str) -> dict[str, str]:
 async def _one_run(ctx: Ctx) -> None:
     steps = [
         ("a", part_a, ctx.wants("a")),
-        ("b", part_b, any(ctx.wants(p) for p in ("b000", "b002", "b003", "b004", "batch", "g"))),
+        ("b", part_b, any(ctx.wants(p) for p in ("b000", "b002", "b003", "b004", "b004sale", "batch", "g"))),
         ("c", part_c, ctx.wants("c")),
         ("d", part_d, ctx.wants("d")),
         ("e/f", part_e_f, ctx.wants("e") or ctx.wants("f")),

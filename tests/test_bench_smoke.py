@@ -1,5 +1,5 @@
 """`refstream bench` end to end, in miniature: the bare aiohttp baseline and the seed 000
-route, one run of one second each, as JSON with every figure positive; part (c) likewise,
+route and the sale route, one run of one second each, as JSON with every figure positive; part (c) likewise,
 locally and through its latency proxy; part (cap), CPU per event of each kind of process."""
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ def _bench_json(only: str, timeout: float) -> dict[str, Any]:
 
 @pytest.mark.timeout(120)
 def test_bench_quick_prints_positive_figures_as_json():
-    result = _bench_json("a,b000", timeout=110)
+    result = _bench_json("a,b000,b004sale", timeout=110)
     figures = result["figures"]
     for key in ("a.rps", "a.p50_ms", "a.p99_ms", "b000.rps", "b000.p50_ms", "b000.p99_ms", "b000.ratio_a",
-                "g.edge_rss_mb"):  # fmt: skip
+                "b004sale.rps", "b004sale.ratio_a", "g.edge_rss_mb"):  # fmt: skip
         assert figures[key] > 0, key
-    assert figures["b000.errors"] == 0
+    assert figures["b000.errors"] == figures["b004sale.errors"] == 0
     assert result["runs"] == 1 and result["machine"]["nproc"] >= 1
     assert any(g["figure"] == "b000.ratio_a" and g["met"] is not None for g in result["goals"])
 
