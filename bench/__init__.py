@@ -12,6 +12,8 @@ import click
 import orjson
 import uvloop
 
+from refstream.ops_output import json_option, wants_json
+
 from .context import DEFAULT_PARTS, PARTS, Options
 
 
@@ -34,12 +36,12 @@ from .context import DEFAULT_PARTS, PARTS, Options
 @click.option("--workers", type=int, default=1, show_default=True, help="(e, f) worker processes.")
 @click.option("--profile", "profile_dir", type=click.Path(path_type=Path), default=None,
               help="py-spy the edge during (b 000) and the worker during (d); output in this directory.")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print every figure as one JSON object, no table.")
+@json_option
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 def bench(
     duration: float | None, warmup: float | None, quick: bool, runs: int, only: str, connections: int,
     backlog_seconds: float | None, drain_events: int | None, fill_rows: int, workers: int, profile_dir: Path | None,
-    as_json: bool, json_out: Path | None,
+    json_out: Path | None,
 ) -> None:  # fmt: skip
     """Measure the edge, the workers and the pipeline against their baselines."""
     from ingest.contract.logs import configure_logging
@@ -73,7 +75,7 @@ def bench(
     data = orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n"
     if json_out is not None:
         json_out.write_bytes(data)
-    if as_json:
+    if wants_json():  # every figure as one JSON object, no table
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:

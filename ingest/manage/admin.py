@@ -237,15 +237,13 @@ async def referral_code(
                 code = readable_code(participant_id)
                 try:
                     async with conn.transaction():  # a savepoint: a taken code is retried
-                        row = await conn.fetchrow(
-                            "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain)"
-                            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING code, created_at",
-                            workspace_id, program_id, affiliate, code, url, hostname(url),
-                        )  # fmt: skip
-                    created = code
-                    break
+                        link_id = await insert_link(conn, workspace_id=workspace_id, program_id=program_id,
+                                                    affiliate_id=affiliate, code=code, url=url)  # fmt: skip
                 except asyncpg.UniqueViolationError:
                     continue
+                row = await conn.fetchrow("SELECT code, created_at FROM links WHERE id = $1", link_id)
+                created = code
+                break
             if row is None:
                 raise RuntimeError("could not find a free referral code")
         # read before the commit: nothing asks Postgres after it (a failure then would be
