@@ -531,5 +531,6 @@ CREATE TABLE IF NOT EXISTS sale_stats (
     amount       bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (workspace_id, link_id, day, currency)
 );
+CREATE INDEX IF NOT EXISTS sale_stats_link ON sale_stats (link_id, day);
 --   sales, sale_stats            the revenue ledger and its daily sums: kept, deleted with
 --                                their workspace

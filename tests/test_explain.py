@@ -56,7 +56,11 @@ _FILL = [
     """INSERT INTO drop_stats (workspace_id, link_id, day, reason, source, n)
        SELECT l.workspace_id, l.id, current_date - d, r, 'worker', 1
        FROM links l CROSS JOIN generate_series(0, 1) d CROSS JOIN unnest('{bot,duplicate}'::text[]) r""",
-    "ANALYZE workspaces, programs, affiliates, links, events, customers, daily_stats, drop_stats",
+    # a sale per link on two days, in two currencies
+    """INSERT INTO sale_stats (workspace_id, link_id, day, currency, sales, amount)
+       SELECT l.workspace_id, l.id, current_date - d, c, 1, 4900
+       FROM links l CROSS JOIN generate_series(0, 1) d CROSS JOIN unnest('{usd,eur}'::text[]) c""",
+    "ANALYZE workspaces, programs, affiliates, links, events, customers, daily_stats, drop_stats, sale_stats",
 ]
 
 
@@ -116,6 +120,7 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
             ],
             "daily_stats": [(stats.COUNTED_SQL, links, since, today)],
             "drop_stats": [(stats.DROPPED_SQL, links, since, today)],
+            "sale_stats": [(stats.SOLD_SQL, links, since, today)],
         }
         holding = {
             r["relname"] for r in await conn.fetch(
@@ -123,7 +128,7 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
                 " AND relnamespace = 'public'::regnamespace"
             )
         }  # fmt: skip
-        tables = {"links", "customers", "daily_stats", "drop_stats"}
+        tables = {"links", "customers", "daily_stats", "drop_stats", "sale_stats"}
         assert {f"events_p2033010{d}" for d in range(4, 9)} | tables <= holding
         for table, queries in reads.items():
             for sql, *args in queries:

@@ -238,3 +238,61 @@ async def test_the_fault_checkers_counter_check_sees_sale_stats_drift(
         ]
     finally:
         await check.close()
+
+
+async def test_link_and_affiliate_stats_count_sales_and_revenue_per_currency(
+    edge: str, world: World, pg: asyncpg.Pool, redis, keys, drain
+):
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    for body in (
+        sale_body(),
+        sale_body(invoiceId="in_2", amount=100, currency="eur"),
+        sale_body(invoiceId="in_3", amount=51),
+        sale_body(invoiceId="in_4", customerExternalId="nobody"),
+    ):
+        assert (await track_sale(edge, world.api_key, body))[0] == 200  # fmt: skip
+    await drain()
+    status, out, _ = await call("GET", f"{edge}/v1/links/{world.link['id']}/stats", headers=bearer(world.api_key))
+    assert status == 200
+    assert (out["totals"]["sales"], out["totals"]["revenue"]) == ({"usd": 2, "eur": 1}, {"usd": 4951, "eur": 100})
+    assert [(d["sales"], d["revenue"]) for d in out["daily"]] == [({"usd": 2, "eur": 1}, {"usd": 4951, "eur": 100})]
+    async with pg.acquire() as conn:
+        mine = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
+                                      affiliate_id=world.affiliate_id)  # fmt: skip
+        other = await conn.fetchval(
+            "INSERT INTO affiliates (workspace_id, program_id, external_id) VALUES ($1, $2, 'other') RETURNING id",
+            world.workspace_id, world.program_id,
+        )  # fmt: skip
+        theirs = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
+                                        affiliate_id=str(other))  # fmt: skip
+    status, out, _ = await call("GET", f"{edge}/v1/affiliate/stats", headers=bearer(mine["api_key"]))
+    assert status == 200 and out["totals"]["revenue"] == {"usd": 4951, "eur": 100}
+    status, out, _ = await call("GET", f"{edge}/v1/affiliate/stats", headers=bearer(theirs["api_key"]))
+    assert status == 200 and out["totals"]["sales"] == {} and out["totals"]["revenue"] == {}
+
+
+async def test_each_stored_sale_is_one_sale_created_webhook(edge: str, world: World, pg: asyncpg.Pool, drain):
+    from ingest.manage import secretbox
+
+    from .test_webhooks import make_webhook
+
+    hook, _ = await make_webhook(pg, world.workspace_id, "https://hooks.example/h", secretbox.generate_key(),
+                                 events=["sale.created"])  # fmt: skip
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await drain()
+    for body in (sale_body(), sale_body(), sale_body(invoiceId=None, customerExternalId="nobody", amount=7)):
+        assert (await track_sale(edge, world.api_key, body))[0] == 200
+    await drain()
+    rows = await pg.fetch(
+        "SELECT webhook_id::text, event_type, payload FROM webhook_deliveries ORDER BY (payload->>'amount')::int"
+    )
+    assert [(r["webhook_id"], r["event_type"]) for r in rows] == [(hook, "sale.created")] * 2  # the invoice once
+    unattributed, attributed = (r["payload"] for r in rows)
+    assert (unattributed["amount"], unattributed["link"]) == (7, None)
+    assert unattributed["customer"] == {"external_id": "nobody"}
+    assert (attributed["amount"], attributed["currency"], attributed["invoice_id"]) == (4900, "usd", "in_001")
+    assert attributed["link"] == {"id": world.link["id"], "program_id": world.program_id,
+                                  "affiliate_id": world.affiliate_id}  # fmt: skip
+    assert attributed["lead_event_id"] == str(await pg.fetchval("SELECT event_id FROM events WHERE type = 2"))

@@ -67,6 +67,10 @@ DROPPED_SQL = """
 SELECT day, reason, detail, sum(n)::bigint AS n
 FROM drop_stats WHERE link_id = ANY($1::uuid[]) AND day BETWEEN $2 AND $3 GROUP BY day, reason, detail
 """
+SOLD_SQL = """
+SELECT day, currency, sum(sales)::bigint AS sales, sum(amount)::bigint AS revenue
+FROM sale_stats WHERE link_id = ANY($1::uuid[]) AND day BETWEEN $2 AND $3 GROUP BY day, currency
+"""
 LINK_OWNED_SQL = "SELECT id FROM links WHERE id = $1 AND workspace_id = $2"
 AFFILIATE_LINKS_SQL = (
     "SELECT id, clicks, unique_clicks, leads, conversions FROM links WHERE workspace_id = $1 AND affiliate_id = $2"
@@ -74,11 +78,17 @@ AFFILIATE_LINKS_SQL = (
 
 
 async def per_day(conn: asyncpg.Connection, link_ids: list[UUID], start: date, to: date) -> dict[str, Any]:
-    """Totals and one entry per day with anything in it: counted, dropped by reason (with
-    the detail, e.g. the bot's sub-reason), flagged by rule."""
+    """Totals and one entry per day with anything in it: counted, sales and revenue per
+    currency (minor units), dropped by reason (with the detail, e.g. the bot's sub-reason),
+    flagged by rule."""
     days: dict[date, dict[str, Any]] = defaultdict(_empty_day)
     for r in await conn.fetch(COUNTED_SQL, link_ids, start, to):
         days[r["day"]].update({k: r[k] for k in COUNTED})
+    for r in await conn.fetch(SOLD_SQL, link_ids, start, to):
+        if r["sales"] or r["revenue"]:  # a day's sale attributed later elsewhere nets to nothing
+            d = days[r["day"]]
+            d["sales"][r["currency"]] = r["sales"]
+            d["revenue"][r["currency"]] = r["revenue"]
     for r in await conn.fetch(DROPPED_SQL, link_ids, start, to):
         d = days[r["day"]]
         if r["reason"] == FLAGGED:
@@ -92,7 +102,7 @@ async def per_day(conn: asyncpg.Connection, link_ids: list[UUID], start: date, t
     for d in days.values():
         for k in COUNTED:
             totals[k] += d[k]
-        for group in ("dropped", "flagged"):
+        for group in ("dropped", "flagged", "sales", "revenue"):
             for k, n in d[group].items():
                 totals[group][k] = totals[group].get(k, 0) + n
         for reason, by in d["dropped_detail"].items():
@@ -108,7 +118,7 @@ async def per_day(conn: asyncpg.Connection, link_ids: list[UUID], start: date, t
 
 
 def _empty_day() -> dict[str, Any]:
-    return {**dict.fromkeys(COUNTED, 0), "dropped": {}, "dropped_detail": {}, "flagged": {}}
+    return {**dict.fromkeys(COUNTED, 0), "sales": {}, "revenue": {}, "dropped": {}, "dropped_detail": {}, "flagged": {}}
 
 
 async def link_stats(

@@ -20,9 +20,12 @@ nothing and is a ``duplicate`` drop. Counters move only from the rows an insert 
 late attribution returned: ``sale_stats`` per link (the nil uuid: unattributed), UTC day
 and currency.
 
+Each new row is a ``sale.created`` webhook (its link as attributed when stored; null when
+not yet), recorded with the batch's other deliveries.
+
 Lock order, after the batch's events, links, stats and customers: the customers' advisory
 locks (sorted), ``sales`` (late attribution, then the new rows, each by event id),
-``sale_stats`` (one statement, key order); the drops follow in ``drops.settle``.
+``sale_stats`` (one statement, key order); the webhook deliveries and the drops follow.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ingest.contract.events import Envelope, EventType
 from workers.consumer import jsonrows
 from workers.consumer.drops import NO_LINK, NoRow
 from workers.consumer.stored import Stored, ts
+from workers.consumer.webhooks import WebhookEvent
 
 UNATTRIBUTED = "no_lead"
 
@@ -137,6 +141,7 @@ class Settled:
     attributed_late: int = 0
     drops: list[NoRow] = field(default_factory=list)
     undrops: list[NoRow] = field(default_factory=list)
+    notices: list[WebhookEvent] = field(default_factory=list)  # sale.created, one per new row
 
 
 @dataclass(slots=True)
@@ -154,6 +159,23 @@ class _Row:
             lead["affiliate_id"] if lead else None, lead["program_id"] if lead else None,
             None if lead else UNATTRIBUTED, self.envelope.dialect, self.at, p.get("metadata"),
         )  # fmt: skip
+
+    def notice(self) -> WebhookEvent:
+        """``sale.created``: the sale as stored; its link as attributed then (null: none yet)."""
+        e, lead, p = self.envelope, self.lead, self.envelope.payload
+        link = ({"id": str(lead["link_id"]), "program_id": _str(lead["program_id"]),
+                 "affiliate_id": _str(lead["affiliate_id"])} if lead else None)  # fmt: skip
+        data = {
+            "event_id": str(e.event_id), "received_at": self.at.isoformat(), "invoice_id": _text(p.get("invoice")),
+            "customer": {"external_id": p["external_id"]}, "amount": p["amount"], "currency": p["currency"],
+            "event_name": p["name"], "payment_processor": p["processor"], "link": link,
+            "lead_event_id": _str(lead["event_id"]) if lead else None,
+        }  # fmt: skip
+        return WebhookEvent(e.workspace_id or "", "sale.created", e.event_id, "", data)
+
+
+def _str(v: object) -> str | None:
+    return None if v is None else str(v)
 
 
 def _text(v: object) -> str | None:
@@ -213,6 +235,7 @@ async def settle(conn: asyncpg.Connection, sales: list[Envelope], leads: list[St
             amounts[(ws, link, row.at.date(), e.payload["currency"])] += e.payload["amount"]
             if row.lead is None:
                 out.drops.append(NoRow(e.event_id, ws, None, UNATTRIBUTED, row.at))
+            out.notices.append(row.notice())
         missed = [row for row in rows if row.envelope.event_id not in inserted and row.envelope.payload.get("invoice")]
         if missed:
             held = await conn.fetch(_INVOICE_HELD, jsonrows.doc([

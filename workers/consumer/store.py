@@ -7,7 +7,7 @@ see ``jsonrows``), one statement per table, and sorted so that concurrent batche
 locks in one order and cannot deadlock one another. The order, phase by phase, each phase
 in key order: event_dedupe (by dedupe key), events (by event id), event_flags,
 link_visitor_days, links (by id), daily_stats, affiliates (by id), affiliate_milestones,
-customers, webhook_deliveries, sales and sale_stats (``sales``), event_drops, drop_stats.
+customers, sales and sale_stats (``sales``), webhook_deliveries, event_drops, drop_stats.
 """
 
 from __future__ import annotations
@@ -247,6 +247,8 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
 
     if not kept:
         sold_out = await _sales(conn, sold, [], result)
+        if sold_out.notices:
+            result.deliveries = await webhooks.record_deliveries(conn, sold_out.notices)
         await drops.settle(conn, inserted=[], no_row=no_row + sold_out.drops, taken_back=sold_out.undrops)
         return result
     batch, lost = await _claim_keys(conn, batch)
@@ -276,9 +278,10 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     else:
         events = []
     events += fraud.notices(flagged)
+    sold_out = await _sales(conn, sold, [s for s in live if s.type is EventType.LEAD], result)
+    events += sold_out.notices
     if events:
         result.deliveries = await webhooks.record_deliveries(conn, events)
-    sold_out = await _sales(conn, sold, [s for s in live if s.type is EventType.LEAD], result)
     await drops.settle(  # an expired event moves no counter, and no drop either
         conn, inserted=[s for s in inserted if not returned[s.envelope.event_id]], no_row=no_row + sold_out.drops,
         counting=counting, flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags], taken_back=sold_out.undrops,

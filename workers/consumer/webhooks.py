@@ -53,7 +53,7 @@ from workers.consumer import jsonrows
 
 log = structlog.get_logger("workers.webhooks")
 
-EVENT_TYPES = ("lead.created", "conversion.created", "milestone.reached", "fraud.flagged")
+EVENT_TYPES = ("lead.created", "conversion.created", "milestone.reached", "fraud.flagged", "sale.created")
 JOB = "deliver_webhook"
 MAX_ATTEMPTS = 8
 BACKOFF_S = 10.0  # first retry; doubles each time (ctx["webhook_backoff_s"] overrides)

@@ -180,9 +180,12 @@ class DailyStats(BaseModel):
     bot_clicks: int
     leads: int
     conversions: int
+    sales: dict[str, int] = Field(description="Sales attributed to the link(s), per currency (ISO 4217, lower case)")
+    revenue: dict[str, int] = Field(description="Their amounts per currency, in its minor unit (never converted)")
     dropped: dict[str, int] = Field(
         description="Events not counted, by reason: bot, unknown_code, inactive_link, rate_limited, out_of_window,"
-        " test_mode, duplicate, invalid, fraud (excluded by the fraud policy)"
+        " test_mode, duplicate, invalid, fraud (excluded by the fraud policy), no_lead (a sale credited to no"
+        " affiliate)"
     )
     dropped_detail: dict[str, dict[str, int]] = Field(description="By reason, by detail: a bot's sub-reason, a rule")
     flagged: dict[str, int] = Field(description="Fraud flags by rule, whether the event was counted or excluded")
@@ -194,6 +197,8 @@ class StatsTotals(BaseModel):
     bot_clicks: int
     leads: int
     conversions: int
+    sales: dict[str, int]
+    revenue: dict[str, int]
     dropped: dict[str, int]
     dropped_detail: dict[str, dict[str, int]]
     flagged: dict[str, int]

@@ -27,7 +27,7 @@ from ingest.manage.routes._guard import error, guarded, json, limit_param
 
 routes = web.RouteTableDef()
 
-EventType = Literal["lead.created", "conversion.created", "milestone.reached", "fraud.flagged"]
+EventType = Literal["lead.created", "conversion.created", "milestone.reached", "fraud.flagged", "sale.created"]
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 
@@ -38,7 +38,7 @@ class NewWebhook(BaseModel):
         description="Receives a signed POST; a public address (see REFSTREAM_WEBHOOK_ALLOW_PRIVATE)",
     )  # fmt: skip
     events: list[EventType] = Field(
-        default_factory=lambda: list(EVENT_TYPES), min_length=1, max_length=4, description="Default: all four"
+        default_factory=lambda: list(EVENT_TYPES), min_length=1, max_length=len(EVENT_TYPES), description="Default: all"
     )
 
     @field_validator("url")
