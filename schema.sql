@@ -532,5 +532,7 @@ CREATE TABLE IF NOT EXISTS sale_stats (
     PRIMARY KEY (workspace_id, link_id, day, currency)
 );
 CREATE INDEX IF NOT EXISTS sale_stats_link ON sale_stats (link_id, day);
+-- a workspace's stats (GET /v1/stats)
+CREATE INDEX IF NOT EXISTS daily_stats_workspace ON daily_stats (workspace_id, day);
 --   sales, sale_stats            the revenue ledger and its daily sums: kept, deleted with
 --                                their workspace

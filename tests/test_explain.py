@@ -120,8 +120,10 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
             ],
             "daily_stats": [(stats.COUNTED_SQL, links, since, today)],
             "drop_stats": [(stats.DROPPED_SQL, links, since, today)],
-            "sale_stats": [(stats.SOLD_SQL, links, since, today)],
+            "sale_stats": [(stats.SOLD_SQL, links, since, today), (stats.WORKSPACE_SQL[1], ws, since, today)],
         }
+        reads["daily_stats"].append((stats.WORKSPACE_SQL[0], ws, since, today))
+        reads["drop_stats"].append((stats.WORKSPACE_SQL[2], ws, since, today))
         holding = {
             r["relname"] for r in await conn.fetch(
                 "SELECT relname FROM pg_class WHERE relkind = 'r' AND reltuples >= 1000"

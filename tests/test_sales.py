@@ -296,3 +296,21 @@ async def test_each_stored_sale_is_one_sale_created_webhook(edge: str, world: Wo
     assert attributed["link"] == {"id": world.link["id"], "program_id": world.program_id,
                                   "affiliate_id": world.affiliate_id}  # fmt: skip
     assert attributed["lead_event_id"] == str(await pg.fetchval("SELECT event_id FROM events WHERE type = 2"))
+
+
+async def test_the_workspace_stats_show_unattributed_sales_and_their_drop(
+    edge: str, world: World, pg: asyncpg.Pool, redis, keys, drain
+):
+    from .test_seed_003_affixo import make_world
+
+    other = await make_world(pg, redis, keys, code="THEIRS", name="Other")
+    for key, body in ((world.api_key, sale_body(customerExternalId="nobody")),
+                      (other.api_key, sale_body(customerExternalId="nobody", amount=1))):  # fmt: skip
+        assert (await track_sale(edge, key, body))[0] == 200
+    await drain()
+    status, out, _ = await call("GET", f"{edge}/v1/stats", headers=bearer(world.api_key))
+    assert status == 200 and out["workspace_id"] == world.workspace_id
+    assert (out["totals"]["sales"], out["totals"]["revenue"]) == ({"usd": 1}, {"usd": 4900})  # its own only
+    assert out["totals"]["dropped"] == {"no_lead": 1}
+    status, out, _ = await call("GET", f"{edge}/v1/stats?from=2020-01-01&to=2019-01-01", headers=bearer(world.api_key))
+    assert status == 400 and out["error"] == "invalid_request"

@@ -108,9 +108,14 @@ OPERATIONS: tuple[Op, ...] = (
        M.LinkPatch, "bearer"),
     Op("get", "/v1/links/{id}", "A link with its counters", "Management", {200: M.Link, **MANAGE},
        security="bearer"),
-    Op("get", "/v1/links/{id}/stats", "A link's counted events, dropped events by reason and fraud flags by rule, "
+    Op("get", "/v1/links/{id}/stats", "A link's counted events, sales and revenue per currency, dropped events by "
+       "reason and fraud flags by rule, "
        "per UTC day (from, to: YYYY-MM-DD, at most 366 days; default the last 30)", "Management",
        {200: M.LinkStats, **MANAGE}, security="bearer", query={"from": DAY, "to": DAY}),
+    Op("get", "/v1/stats", "The workspace's counted events, sales and revenue per currency, dropped events by "
+       "reason (with those no link resolved for: unknown codes, sales credited to no affiliate) and fraud flags by "
+       "rule, per UTC day (from, to as a link's)", "Management",
+       {200: M.WorkspaceStats, **MANAGE}, security="bearer", query={"from": DAY, "to": DAY}),
     Op("patch", "/v1/programs/{id}/fraud", "Change a program's fraud thresholds (burst_clicks, burst_seconds, "
        "fast_conversion_seconds)", "Management", {200: S.ProgramFraud, **MANAGE_BODY}, S.FraudThresholds,
        "bearer"),

@@ -28,7 +28,8 @@ import asyncpg
 # 5: drop_stats, event_drops, drop_folds, event_flags, affiliate_ips, fraud policy and thresholds
 # 6: the link cache's version from a sequence (link_cache_version, cache_version columns and
 #    their triggers); the retention's indexes on webhook_deliveries and affiliate_ips
-# 7: sales (unique invoice per workspace) and sale_stats; events' index of leads by customer
+# 7: sales (unique invoice per workspace) and sale_stats; events' index of leads by customer;
+#    daily_stats by workspace
 SCHEMA_VERSION = 7
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`

@@ -71,25 +71,39 @@ SOLD_SQL = """
 SELECT day, currency, sum(sales)::bigint AS sales, sum(amount)::bigint AS revenue
 FROM sale_stats WHERE link_id = ANY($1::uuid[]) AND day BETWEEN $2 AND $3 GROUP BY day, currency
 """
+
+
+# the same over a whole workspace ($1), the rows no link resolved for included (unknown
+# codes, unattributed sales: the nil link): daily_stats_workspace, and the primary keys of
+# drop_stats and sale_stats, which lead with the workspace
+def _of_workspace(sql: str) -> str:
+    return sql.replace("link_id = ANY($1::uuid[])", "workspace_id = $1::uuid")
+
+
+WORKSPACE_SQL = (_of_workspace(COUNTED_SQL), _of_workspace(SOLD_SQL), _of_workspace(DROPPED_SQL))
 LINK_OWNED_SQL = "SELECT id FROM links WHERE id = $1 AND workspace_id = $2"
 AFFILIATE_LINKS_SQL = (
     "SELECT id, clicks, unique_clicks, leads, conversions FROM links WHERE workspace_id = $1 AND affiliate_id = $2"
 )
 
 
-async def per_day(conn: asyncpg.Connection, link_ids: list[UUID], start: date, to: date) -> dict[str, Any]:
+async def per_day(
+    conn: asyncpg.Connection, of: list[UUID] | UUID, start: date, to: date,
+    sql: tuple[str, str, str] = (COUNTED_SQL, SOLD_SQL, DROPPED_SQL),
+) -> dict[str, Any]:  # fmt: skip
     """Totals and one entry per day with anything in it: counted, sales and revenue per
     currency (minor units), dropped by reason (with the detail, e.g. the bot's sub-reason),
-    flagged by rule."""
+    flagged by rule; of the links ``of`` (or, with ``WORKSPACE_SQL``, the workspace ``of``)."""
+    counted_sql, sold_sql, dropped_sql = sql
     days: dict[date, dict[str, Any]] = defaultdict(_empty_day)
-    for r in await conn.fetch(COUNTED_SQL, link_ids, start, to):
+    for r in await conn.fetch(counted_sql, of, start, to):
         days[r["day"]].update({k: r[k] for k in COUNTED})
-    for r in await conn.fetch(SOLD_SQL, link_ids, start, to):
+    for r in await conn.fetch(sold_sql, of, start, to):
         if r["sales"] or r["revenue"]:  # a day's sale attributed later elsewhere nets to nothing
             d = days[r["day"]]
             d["sales"][r["currency"]] = r["sales"]
             d["revenue"][r["currency"]] = r["revenue"]
-    for r in await conn.fetch(DROPPED_SQL, link_ids, start, to):
+    for r in await conn.fetch(dropped_sql, of, start, to):
         d = days[r["day"]]
         if r["reason"] == FLAGGED:
             d["flagged"][r["detail"]] = d["flagged"].get(r["detail"], 0) + r["n"]
@@ -128,6 +142,12 @@ async def link_stats(
     if owned is None:
         return None
     return {"link_id": str(link_id), **await per_day(conn, [link_id], start, to)}
+
+
+async def workspace_stats(conn: asyncpg.Connection, workspace_id: str, start: date, to: date) -> dict[str, Any]:
+    """The whole workspace: every link's, and what no link resolved for (unknown codes,
+    sales credited to no affiliate: ``no_lead``)."""
+    return {"workspace_id": workspace_id, **await per_day(conn, UUID(workspace_id), start, to, WORKSPACE_SQL)}
 
 
 async def affiliate_stats(

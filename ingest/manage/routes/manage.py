@@ -213,6 +213,15 @@ class LinkStats(BaseModel):
     daily: list[DailyStats] = Field(description="Days with anything in them, in order")
 
 
+class WorkspaceStats(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    workspace_id: str
+    from_: str = Field(alias="from")
+    to: str
+    totals: StatsTotals
+    daily: list[DailyStats]
+
+
 class AffiliateStats(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
     affiliate_id: str

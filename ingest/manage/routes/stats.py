@@ -1,5 +1,6 @@
 """Stats and fraud settings of the management API: ``GET /v1/links/{id}/stats`` (counted
-and dropped events by reason, flagged ones by rule, per day) and ``PATCH
+and dropped events by reason, flagged ones by rule, sales and revenue, per day), ``GET
+/v1/stats`` (the same over the workspace, with what no link resolved for), and ``PATCH
 /v1/programs/{id}/fraud`` (a program's fraud thresholds). The affiliate's own view is
 ``GET /v1/affiliate/stats`` (in ``manage``, beside the other affiliate routes).
 """
@@ -62,6 +63,17 @@ async def link_stats(request: web.Request, edge: Edge, p: Principal) -> web.Resp
     if found is None:
         raise NotFound("link not found")
     return json(200, found)
+
+
+@routes.get("/v1/stats")
+@guarded("read")
+async def workspace_stats(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    try:
+        start, to = stats.day_range(request.query.get("from"), request.query.get("to"))
+    except stats.BadRange as exc:
+        return error(400, "invalid_request", str(exc))
+    async with acquired(edge.pg) as conn:
+        return json(200, await stats.workspace_stats(conn, p.workspace_id, start, to))
 
 
 @routes.patch("/v1/programs/{id}/fraud")
