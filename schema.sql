@@ -514,6 +514,10 @@ CREATE TABLE IF NOT EXISTS sales (
 CREATE UNIQUE INDEX IF NOT EXISTS sales_invoice ON sales (workspace_id, invoice_id) WHERE invoice_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS sales_customer ON sales (workspace_id, customer_external_id, received_at);
 CREATE INDEX IF NOT EXISTS sales_link ON sales (link_id, received_at);
+-- GET /v1/conversions: newest first, of a workspace or an affiliate (of a link or a
+-- customer: the two above)
+CREATE INDEX IF NOT EXISTS sales_workspace ON sales (workspace_id, event_id);
+CREATE INDEX IF NOT EXISTS sales_affiliate ON sales (affiliate_id, event_id);
 -- a sale's lead: the customer's newest lead received before it
 CREATE INDEX IF NOT EXISTS events_lead_customer ON events (workspace_id, customer_external_id, received_at)
     WHERE type = 2;

@@ -56,11 +56,19 @@ _FILL = [
     """INSERT INTO drop_stats (workspace_id, link_id, day, reason, source, n)
        SELECT l.workspace_id, l.id, current_date - d, r, 'worker', 1
        FROM links l CROSS JOIN generate_series(0, 1) d CROSS JOIN unnest('{bot,duplicate}'::text[]) r""",
+    # 40,000 sales: two per link, one of them unattributed
+    """INSERT INTO sales (event_id, workspace_id, customer_external_id, amount, currency, event_name,
+                          payment_processor, link_id, affiliate_id, program_id, unattributed, dialect, received_at)
+       SELECT gen_random_uuid(), l.workspace_id, 'c' || (i % 50000), 100, 'usd', 'Purchase', 'stripe',
+              CASE WHEN i % 2 = 0 THEN l.id END, CASE WHEN i % 2 = 0 THEN l.affiliate_id END,
+              CASE WHEN i % 2 = 0 THEN l.program_id END, CASE WHEN i % 2 = 1 THEN 'no_lead' END, 'native', now()
+       FROM generate_series(0, 39999) i
+       JOIN links l ON l.id = ('00000000-0000-4000-b000-' || lpad(to_hex(i % 20000 + 1), 12, '0'))::uuid""",
     # a sale per link on two days, in two currencies
     """INSERT INTO sale_stats (workspace_id, link_id, day, currency, sales, amount)
        SELECT l.workspace_id, l.id, current_date - d, c, 1, 4900
        FROM links l CROSS JOIN generate_series(0, 1) d CROSS JOIN unnest('{usd,eur}'::text[]) c""",
-    "ANALYZE workspaces, programs, affiliates, links, events, customers, daily_stats, drop_stats, sale_stats",
+    "ANALYZE workspaces, programs, affiliates, links, events, customers, daily_stats, drop_stats, sale_stats, sales",
 ]
 
 
@@ -123,6 +131,13 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
             "sale_stats": [(stats.SOLD_SQL, links, since, today), (stats.WORKSPACE_SQL[1], ws, since, today)],
         }
         reads["daily_stats"].append((stats.WORKSPACE_SQL[0], ws, since, today))
+        reads["sales"] = [
+            (manage.sales_query((), before=False), ws, 50),
+            (manage.sales_query((), before=True), ws, link, 50),
+            (manage.sales_query(("link_id",), before=False), ws, link, 50),
+            (manage.sales_query(("affiliate_id",), before=True), ws, affiliate, link, 50),
+            (manage.sales_query(("customer_id",), before=False), ws, "c77", 50),
+        ]
         reads["drop_stats"].append((stats.WORKSPACE_SQL[2], ws, since, today))
         holding = {
             r["relname"] for r in await conn.fetch(
@@ -130,7 +145,7 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
                 " AND relnamespace = 'public'::regnamespace"
             )
         }  # fmt: skip
-        tables = {"links", "customers", "daily_stats", "drop_stats", "sale_stats"}
+        tables = {"links", "customers", "daily_stats", "drop_stats", "sale_stats", "sales"}
         assert {f"events_p2033010{d}" for d in range(4, 9)} | tables <= holding
         for table, queries in reads.items():
             for sql, *args in queries:

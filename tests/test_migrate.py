@@ -16,7 +16,7 @@ SNAPSHOT = [
        ORDER BY 1, 2""",
     f"""SELECT indexname, indexdef FROM pg_indexes
        WHERE schemaname = 'public' AND tablename NOT IN ({PARTITIONS}) ORDER BY 1""",
-    f"""SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+    """SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
        FROM pg_constraint WHERE connamespace = 'public'::regnamespace
        AND conrelid NOT IN (SELECT oid FROM pg_class WHERE relispartition) ORDER BY 1, 2""",
 ]

@@ -314,3 +314,36 @@ async def test_the_workspace_stats_show_unattributed_sales_and_their_drop(
     assert out["totals"]["dropped"] == {"no_lead": 1}
     status, out, _ = await call("GET", f"{edge}/v1/stats?from=2020-01-01&to=2019-01-01", headers=bearer(world.api_key))
     assert status == 400 and out["error"] == "invalid_request"
+
+
+async def test_conversions_list_newest_first_by_page_and_filter(edge: str, world: World, pg, redis, keys, drain):
+    from .test_seed_003_affixo import make_world
+
+    other = await make_world(pg, redis, keys, code="THEIRS", name="Other")
+    assert (await track_sale(edge, other.api_key, sale_body(customerExternalId="theirs")))[0] == 200
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await drain()
+    for i in range(5):
+        customer = "user_001" if i % 2 == 0 else "nobody"
+        body = sale_body(invoiceId=f"in_{i}", amount=100 + i, customerExternalId=customer)
+        assert (await track_sale(edge, world.api_key, body))[0] == 200
+    await drain()
+    url = f"{edge}/v1/conversions"
+    seen, before = [], None
+    while True:
+        status, out, _ = await call("GET", url + "?limit=2" + (f"&before={before}" if before else ""),
+                                    headers=bearer(world.api_key))  # fmt: skip
+        assert status == 200
+        seen += out["data"]
+        if (before := out["next"]) is None:
+            break
+    assert [s["invoice_id"] for s in seen] == ["in_4", "in_3", "in_2", "in_1", "in_0"]  # never another workspace's
+    assert seen[0]["amount"] == 104 and seen[0]["link_id"] == world.link["id"] and seen[1]["unattributed"] == "no_lead"
+    for query, invoices in ((f"link_id={world.link['id']}", ["in_4", "in_2", "in_0"]),
+                            (f"affiliate_id={world.affiliate_id}", ["in_4", "in_2", "in_0"]),
+                            ("customer_id=nobody", ["in_3", "in_1"])):  # fmt: skip
+        status, out, _ = await call("GET", f"{url}?{query}", headers=bearer(world.api_key))
+        assert status == 200 and [s["invoice_id"] for s in out["data"]] == invoices, query
+    status, out, _ = await call("GET", f"{url}?limit=0", headers=bearer(world.api_key))
+    assert status == 400 and out["error"] == "invalid_request"

@@ -112,6 +112,11 @@ OPERATIONS: tuple[Op, ...] = (
        "reason and fraud flags by rule, "
        "per UTC day (from, to: YYYY-MM-DD, at most 366 days; default the last 30)", "Management",
        {200: M.LinkStats, **MANAGE}, security="bearer", query={"from": DAY, "to": DAY}),
+    Op("get", "/v1/conversions", "The workspace's sales, newest first: of a link, an affiliate or a customer "
+       "(its external id); `before` is the `next` of the page before", "Management",
+       {200: M.SaleList, **MANAGE}, security="bearer",
+       query={"link_id": {"type": "string"}, "affiliate_id": {"type": "string"}, "customer_id": {"type": "string"},
+              "before": {"type": "string"}, "limit": LIMIT}),
     Op("get", "/v1/stats", "The workspace's counted events, sales and revenue per currency, dropped events by "
        "reason (with those no link resolved for: unknown codes, sales credited to no affiliate) and fraud flags by "
        "rule, per UTC day (from, to as a link's)", "Management",

@@ -192,6 +192,40 @@ async def list_events(
     return out
 
 
+_SALE_COLUMNS = (
+    "event_id, invoice_id, customer_external_id, amount, currency, event_name, payment_processor, lead_event_name,"
+    " link_id, affiliate_id, program_id, lead_event_id, click_id, unattributed, dialect, received_at, metadata"
+)
+SALE_FILTERS = {"link_id": "link_id", "affiliate_id": "affiliate_id", "customer_id": "customer_external_id"}
+
+
+def sales_query(filters: tuple[str, ...], *, before: bool) -> str:
+    """GET /v1/conversions: a workspace's sales, newest first (by event id, a UUIDv7: its
+    time), optionally of one link, affiliate or customer, before a cursor. One statement per
+    combination of filters, as ``events_query``: sales_workspace, sales_link, sales_affiliate
+    or sales_customer serves it."""
+    where = ["workspace_id = $1"] + [f"{SALE_FILTERS[f]} = ${i + 2}" for i, f in enumerate(filters)]
+    if before:
+        where.append(f"event_id < ${len(where) + 1}::uuid")
+    return (
+        f"SELECT {_SALE_COLUMNS} FROM sales WHERE {' AND '.join(where)} ORDER BY event_id DESC LIMIT ${len(where) + 1}"
+    )
+
+
+async def list_sales(
+    conn: asyncpg.Connection, workspace_id: str, filters: dict[str, str], before: str | None, limit: int
+) -> dict[str, Any]:
+    """A page of sales and the cursor of the next (None: the last page)."""
+    names = tuple(f for f in SALE_FILTERS if f in filters)
+    args: list[Any] = [workspace_id]
+    args += [as_uuid(filters[f]) if f != "customer_id" else filters[f] for f in names]
+    if before is not None:
+        args.append(as_uuid(before))
+    rows = await conn.fetch(sales_query(names, before=before is not None), *args, limit + 1)
+    page = [_json(r) for r in rows[:limit]]
+    return {"data": page, "next": page[-1]["event_id"] if len(rows) > limit else None}
+
+
 # the other reads, each served by an index (tests/test_explain.py): customers_external,
 # links_affiliate, and links' primary key for GET /v1/links/{id} (the stats routes' reads
 # are ingest.manage.stats')

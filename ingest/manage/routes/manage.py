@@ -165,6 +165,24 @@ class EventList(BaseModel):
     data: list[Event]
 
 
+class Sale(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    event_id: str
+    invoice_id: str | None
+    customer_external_id: str
+    amount: int = Field(description="In the currency's minor unit")
+    currency: str
+    link_id: str | None = Field(description="The link it is attributed to; null: unattributed")
+    affiliate_id: str | None
+    unattributed: str | None = Field(description="Why it is credited to no affiliate: no_lead")
+    received_at: str
+
+
+class SaleList(BaseModel):
+    data: list[Sale]
+    next: str | None = Field(description="The next page's `before`; null on the last page")
+
+
 class Customer(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str
@@ -342,6 +360,18 @@ async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Res
     async with acquired(edge.pg) as conn:
         events = await manage.list_events(conn, p.workspace_id, link_id=q.get("link_id"), type_=type_, limit=limit)
     return json(200, {"data": events})
+
+
+@routes.get("/v1/conversions")
+@guarded("read")
+async def list_conversions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    q = request.query
+    limit = limit_param(request)
+    if isinstance(limit, web.Response):
+        return limit
+    filters = {f: q[f] for f in manage.SALE_FILTERS if f in q}
+    async with acquired(edge.pg) as conn:
+        return json(200, await manage.list_sales(conn, p.workspace_id, filters, q.get("before"), limit))
 
 
 @routes.get("/v1/customers/{external_id}")
