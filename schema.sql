@@ -538,5 +538,36 @@ CREATE TABLE IF NOT EXISTS sale_stats (
 CREATE INDEX IF NOT EXISTS sale_stats_link ON sale_stats (link_id, day);
 -- a workspace's stats (GET /v1/stats)
 CREATE INDEX IF NOT EXISTS daily_stats_workspace ON daily_stats (workspace_id, day);
---   sales, sale_stats            the revenue ledger and its daily sums: kept, deleted with
---                                their workspace
+
+-- Commissions (schema version 7 too). A program's rules (ingest/contract/commission.py) as
+-- set through the management API; each counted sale or lead of one of its affiliates earns
+-- a commission row, in the transaction that counts it, exactly once (UNIQUE (kind, source)).
+-- The ledger is never edited but for its status: a sale's commission that no longer holds
+-- (duration first_sale, and an earlier sale of the customer arrived) is taken back by a
+-- reversal row of the opposite amount. Status: pending until approve_after (the program's
+-- hold), then approved (the workers' cron, on Postgres's clock), paid in a payout.
+ALTER TABLE programs ADD COLUMN IF NOT EXISTS commission jsonb NOT NULL DEFAULT '{}';
+CREATE TABLE IF NOT EXISTS commissions (
+    id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    seq           bigint GENERATED ALWAYS AS IDENTITY,  -- newest first, and the lists' cursor
+    workspace_id  uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    program_id    uuid NOT NULL,
+    affiliate_id  uuid NOT NULL,
+    link_id       uuid,
+    kind          text NOT NULL CHECK (kind IN ('sale', 'lead', 'reversal')),
+    -- the sale's or the lead's event id; a reversal's: the sale whose commission it takes back
+    source_id     uuid NOT NULL,
+    customer_external_id text,
+    amount        bigint NOT NULL,  -- minor units; a reversal's is negative
+    currency      text NOT NULL,
+    status        text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'approved', 'paid')),
+    earned_at     timestamptz NOT NULL,  -- when its sale or lead was received
+    approve_after timestamptz NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (kind, source_id)
+);
+CREATE INDEX IF NOT EXISTS commissions_workspace ON commissions (workspace_id, seq);
+CREATE INDEX IF NOT EXISTS commissions_affiliate ON commissions (affiliate_id, seq);
+CREATE INDEX IF NOT EXISTS commissions_pending ON commissions (approve_after) WHERE status = 'pending';
+--   sales, sale_stats,           the revenue ledger, its daily sums and the commission ledger:
+--   commissions                  kept, deleted with their workspace

@@ -33,7 +33,7 @@ from ingest.edge.state import EDGE, Edge
 from ingest.host import cors, health, openapi
 from ingest.host.guard import GUARD, ConnectionGuard
 from ingest.host.siblings import SIBLINGS
-from ingest.manage.routes import manage, stats, webhooks
+from ingest.manage.routes import commissions, manage, stats, webhooks
 from ingest.spool.spool import Spool
 
 log = structlog.get_logger("ingest.app")
@@ -209,7 +209,21 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = metrics
     app[GUARD] = guard
     app.cleanup_ctx.append(_resources)
-    for module in (health, biore, bricqs, affitor, affixo, refport, batch, manage, stats, webhooks, browser, openapi):
+    for module in (
+        health,
+        biore,
+        bricqs,
+        affitor,
+        affixo,
+        refport,
+        batch,
+        manage,
+        stats,
+        commissions,
+        webhooks,
+        browser,
+        openapi,
+    ):
         app.add_routes(module.routes)
     app.router.add_get("/metrics", metrics_route)
     return app

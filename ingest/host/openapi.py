@@ -17,6 +17,7 @@ from pydantic.json_schema import models_json_schema
 from ingest.edge import sale
 from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, refport
 from ingest.host import health
+from ingest.manage.routes import commissions as C
 from ingest.manage.routes import manage, webhooks
 from ingest.manage.routes import stats as S
 
@@ -117,6 +118,18 @@ OPERATIONS: tuple[Op, ...] = (
        {200: M.SaleList, **MANAGE}, security="bearer",
        query={"link_id": {"type": "string"}, "affiliate_id": {"type": "string"}, "customer_id": {"type": "string"},
               "before": {"type": "string"}, "limit": LIMIT}),
+    Op("patch", "/v1/programs/{id}/commission", "Change a program's commission rules (the others kept): sale_bps, "
+       "sale_flat, lead_flat, lead_currency, duration (lifetime, months, first_sale), duration_months, hold_days",
+       "Management", {200: C.ProgramCommission, **MANAGE_BODY}, C.CommissionRules, "bearer"),
+    Op("get", "/v1/commissions", "The commission ledger, newest first: by affiliate, program, status or currency; "
+       "`before` is the `next` of the page before", "Management", {200: C.CommissionList, **MANAGE},
+       security="bearer", query={"affiliate_id": {"type": "string"}, "program_id": {"type": "string"},
+                                 "status": {"type": "string", "enum": ["pending", "approved", "paid"]},
+                                 "currency": {"type": "string"}, "before": {"type": "string"}, "limit": LIMIT}),
+    Op("get", "/v1/affiliate/commissions", "The calling affiliate's own commissions (an affiliate key)", "Affiliate",
+       {200: C.CommissionList, **MANAGE}, security="bearer",
+       query={"program_id": {"type": "string"}, "status": {"type": "string", "enum": ["pending", "approved", "paid"]},
+              "currency": {"type": "string"}, "before": {"type": "string"}, "limit": LIMIT}),
     Op("get", "/v1/stats", "The workspace's counted events, sales and revenue per currency, dropped events by "
        "reason (with those no link resolved for: unknown codes, sales credited to no affiliate) and fraud flags by "
        "rule, per UTC day (from, to as a link's)", "Management",

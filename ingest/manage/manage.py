@@ -28,7 +28,7 @@ def as_uuid(value: str) -> uuid.UUID:
         raise NotFound(f"{value!r} not found") from None
 
 
-def _json(row: Any) -> dict[str, Any]:
+def row_json(row: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in row.items():
         if isinstance(v, uuid.UUID):
@@ -56,7 +56,7 @@ async def create_program(conn: asyncpg.Connection, workspace_id: str, **fields: 
             "INSERT INTO milestones (program_id, name, threshold) VALUES ($1, $2, $3)",
             [(row["id"], m["name"], m["threshold"]) for m in milestones],
         )
-    return {**_json(row), "milestones": [{"name": m["name"], "threshold": m["threshold"]} for m in milestones]}
+    return {**row_json(row), "milestones": [{"name": m["name"], "threshold": m["threshold"]} for m in milestones]}
 
 
 async def create_affiliate(conn: asyncpg.Connection, workspace_id: str, **fields: Any) -> dict[str, Any]:
@@ -71,7 +71,7 @@ async def create_affiliate(conn: asyncpg.Connection, workspace_id: str, **fields
         )  # fmt: skip
     except asyncpg.UniqueViolationError:
         raise Conflict(f"affiliate {fields['external_id']!r} exists in this program") from None
-    return _json(row)
+    return row_json(row)
 
 
 _LINK = (
@@ -140,14 +140,14 @@ async def _link_read(conn: asyncpg.Connection, link_id: uuid.UUID) -> tuple[Any,
 async def _link_written(redis: Redis, keys: Keys, row: Any, cached: links.LinkInfo | None) -> dict[str, Any]:
     if cached is not None:  # the edge sees a new or deactivated link at once; Redis down: retried
         await links.put_committed(redis, keys, cached)
-    return _json(row)
+    return row_json(row)
 
 
 async def get_link(conn: asyncpg.Connection, workspace_id: str, link_id: str) -> dict[str, Any]:
     row = await conn.fetchrow(LINK_BY_ID, as_uuid(link_id), workspace_id)
     if row is None:
         raise NotFound("link not found")
-    return _json(row)
+    return row_json(row)
 
 
 _EVENT_COLUMNS = (
@@ -186,7 +186,7 @@ async def list_events(
     rows = await conn.fetch(events_query(link=bool(link_id), type_=bool(type_)), *args, limit)
     out = []
     for r in rows:
-        d = _json(r)
+        d = row_json(r)
         d["type"] = EventType(r["type"]).name.lower()
         out.append(d)
     return out
@@ -222,7 +222,7 @@ async def list_sales(
     if before is not None:
         args.append(as_uuid(before))
     rows = await conn.fetch(sales_query(names, before=before is not None), *args, limit + 1)
-    page = [_json(r) for r in rows[:limit]]
+    page = [row_json(r) for r in rows[:limit]]
     return {"data": page, "next": page[-1]["event_id"] if len(rows) > limit else None}
 
 
@@ -242,11 +242,11 @@ async def get_customer(conn: asyncpg.Connection, workspace_id: str, external_id:
     row = await conn.fetchrow(CUSTOMER, workspace_id, external_id)
     if row is None:
         raise NotFound("customer not found")
-    d = _json(row)
+    d = row_json(row)
     d["status"] = {1: "click", 2: "lead", 3: "converted"}[row["status"]]
     return d
 
 
 async def affiliate_links(conn: asyncpg.Connection, workspace_id: str, affiliate_id: str) -> list[dict[str, Any]]:
     rows = await conn.fetch(AFFILIATE_LINKS, workspace_id, affiliate_id)
-    return [_json(r) for r in rows]
+    return [row_json(r) for r in rows]

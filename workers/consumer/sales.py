@@ -25,7 +25,8 @@ not yet), recorded with the batch's other deliveries.
 
 Lock order, after the batch's events, links, stats and customers: the customers' advisory
 locks (sorted), ``sales`` (late attribution, then the new rows, each by event id),
-``sale_stats`` (one statement, key order); the webhook deliveries and the drops follow.
+``sale_stats`` (one statement, key order), ``commissions``; the webhook deliveries and the
+drops follow.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import asyncpg
 
 from ingest.contract import clicks
 from ingest.contract.events import Envelope, EventType
-from workers.consumer import jsonrows
+from workers.consumer import commissions, jsonrows
 from workers.consumer.drops import NO_LINK, NoRow
 from workers.consumer.stored import Stored, ts
 from workers.consumer.webhooks import WebhookEvent
@@ -51,10 +52,10 @@ UNATTRIBUTED = "no_lead"
 
 # x: the batch's sales (index, workspace, customer, received, lead event name)
 _LEADS = f"""
-SELECT x.i, l.event_id, l.click_id, l.link_id, l.affiliate_id, l.program_id
+SELECT x.i, l.event_id, l.click_id, l.link_id, l.affiliate_id, l.program_id, l.received_at AS lead_at
 FROM {jsonrows.table(("int", "uuid", "text", "timestamptz", "text"), "x(i, workspace_id, customer, at, lead_name)")}
 CROSS JOIN LATERAL (
-    SELECT e.event_id, e.click_id, e.link_id, e.affiliate_id, e.program_id
+    SELECT e.event_id, e.click_id, e.link_id, e.affiliate_id, e.program_id, e.received_at
     FROM events e
     LEFT JOIN programs p ON p.id = e.program_id
     WHERE e.type = 2 AND e.workspace_id = x.workspace_id AND e.customer_external_id = x.customer
@@ -103,7 +104,7 @@ WITH lead AS (
     LEFT JOIN programs p ON p.id = l.program_id
 ), picked AS (
     SELECT DISTINCT ON (s.event_id) s.event_id, lead.event_id AS lead_event_id, lead.click_id, lead.link_id,
-           lead.affiliate_id, lead.program_id
+           lead.affiliate_id, lead.program_id, lead.at AS lead_at
     FROM sales s
     JOIN lead ON s.workspace_id = lead.workspace_id AND s.customer_external_id = lead.customer
     WHERE s.unattributed = 'no_lead' AND s.received_at >= lead.at
@@ -118,7 +119,8 @@ SET lead_event_id = picked.lead_event_id, click_id = picked.click_id, link_id = 
     affiliate_id = picked.affiliate_id, program_id = picked.program_id, unattributed = NULL
 FROM picked JOIN locked USING (event_id)
 WHERE s.event_id = picked.event_id AND s.unattributed = 'no_lead'
-RETURNING s.event_id, s.workspace_id, s.link_id, s.currency, s.amount, s.received_at
+RETURNING s.event_id, s.workspace_id, s.link_id, s.currency, s.amount, s.received_at, s.customer_external_id,
+          s.affiliate_id, s.program_id, picked.lead_at
 """
 
 _STATS = f"""
@@ -190,17 +192,22 @@ async def _lock_customers(conn: asyncpg.Connection, customers: Iterable[tuple[st
         await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k ORDER BY k", keys)
 
 
-async def settle(conn: asyncpg.Connection, sales: list[Envelope], leads: list[Stored]) -> Settled:
-    """Store the batch's new ``sales`` and attribute earlier sales its newly counted
-    ``leads`` precede; move ``sale_stats`` from what came back."""
+async def settle(
+    conn: asyncpg.Connection, sales: list[Envelope], leads: list[Stored], counted: list[Stored] | None = None
+) -> Settled:
+    """Store the batch's new ``sales`` and attribute earlier sales its newly stored
+    ``leads`` precede; move ``sale_stats`` from what came back; the commissions the
+    attributed sales and the ``counted`` leads earn (``workers.consumer.commissions``)."""
     out = Settled()
     leads = [s for s in leads if s.type is EventType.LEAD and isinstance(s.envelope.payload.get("external_id"), str)]
-    if not sales and not leads:
+    counted = [s for s in counted or [] if s.type is EventType.LEAD]
+    if not sales and not leads and not counted:
         return out
     await _lock_customers(conn, [(e.workspace_id or "", e.payload["external_id"]) for e in sales]
                           + [(s.link.workspace_id, s.envelope.payload["external_id"]) for s in leads])  # fmt: skip
     stats: Counter[StatKey] = Counter()
     amounts: Counter[StatKey] = Counter()
+    earned: list[commissions.Sold] = []
 
     if leads:
         for r in await conn.fetch(_LATE, jsonrows.doc([
@@ -215,6 +222,9 @@ async def settle(conn: asyncpg.Connection, sales: list[Envelope], leads: list[St
             amounts[(ws, str(r["link_id"]), day, cur)] += r["amount"]
             out.undrops.append(NoRow(r["event_id"], ws, None, UNATTRIBUTED, r["received_at"]))
             out.attributed_late += 1
+            earned.append(commissions.Sold(r["event_id"], ws, r["customer_external_id"], r["program_id"],
+                                           r["affiliate_id"], r["link_id"], r["amount"], cur, r["received_at"],
+                                           r["lead_at"]))  # fmt: skip
 
     if sales:
         rows = [_Row(e, ts(e.received_at_ms)) for e in sorted(sales, key=lambda e: e.event_id)]
@@ -235,6 +245,11 @@ async def settle(conn: asyncpg.Connection, sales: list[Envelope], leads: list[St
             amounts[(ws, link, row.at.date(), e.payload["currency"])] += e.payload["amount"]
             if row.lead is None:
                 out.drops.append(NoRow(e.event_id, ws, None, UNATTRIBUTED, row.at))
+            else:
+                lead = row.lead
+                earned.append(commissions.Sold(e.event_id, ws, e.payload["external_id"], lead["program_id"],
+                                               lead["affiliate_id"], lead["link_id"], e.payload["amount"],
+                                               e.payload["currency"], row.at, lead["lead_at"]))  # fmt: skip
             out.notices.append(row.notice())
         missed = [row for row in rows if row.envelope.event_id not in inserted and row.envelope.payload.get("invoice")]
         if missed:
@@ -248,6 +263,7 @@ async def settle(conn: asyncpg.Connection, sales: list[Envelope], leads: list[St
     moved = sorted(k for k in stats if stats[k] or amounts[k])
     if moved:
         await conn.execute(_STATS, jsonrows.doc([(*k, stats[k], amounts[k]) for k in moved]))
+    out.notices += await commissions.settle(conn, earned, counted)
     return out
 
 

@@ -278,7 +278,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     else:
         events = []
     events += fraud.notices(flagged)
-    sold_out = await _sales(conn, sold, [s for s in live if s.type is EventType.LEAD], result)
+    sold_out = await _sales(conn, sold, [s for s in live if s.type is EventType.LEAD], result, counted)
     events += sold_out.notices
     if events:
         result.deliveries = await webhooks.record_deliveries(conn, events)
@@ -290,11 +290,13 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
 
 
 async def _sales(
-    conn: asyncpg.Connection, sold: list[Envelope], leads: list[Stored], result: BatchResult
-) -> sales.Settled:
-    """The batch's sales, and the earlier ones its leads attribute, after its events
-    (the lock order in the module's doc); a sale's copy counts as a duplicate."""
-    out = await sales.settle(conn, sold, leads)
+    conn: asyncpg.Connection, sold: list[Envelope], leads: list[Stored], result: BatchResult,
+    counted: list[Stored] | None = None,
+) -> sales.Settled:  # fmt: skip
+    """The batch's sales, the earlier ones its leads attribute, and the commissions they and
+    its counted leads earn, after its events (the lock order in the module's doc); a sale's
+    copy counts as a duplicate."""
+    out = await sales.settle(conn, sold, leads, counted)
     result.inserted += out.inserted
     result.duplicates += len(sold) - out.inserted
     return out

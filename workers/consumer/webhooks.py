@@ -53,7 +53,14 @@ from workers.consumer import jsonrows
 
 log = structlog.get_logger("workers.webhooks")
 
-EVENT_TYPES = ("lead.created", "conversion.created", "milestone.reached", "fraud.flagged", "sale.created")
+EVENT_TYPES = (
+    "lead.created",
+    "conversion.created",
+    "milestone.reached",
+    "fraud.flagged",
+    "sale.created",
+    "commission.created",
+)
 JOB = "deliver_webhook"
 MAX_ATTEMPTS = 8
 BACKOFF_S = 10.0  # first retry; doubles each time (ctx["webhook_backoff_s"] overrides)

@@ -30,7 +30,7 @@ from ingest.contract import clock, links
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from workers.consumer import arq_redis, drops, webhooks
+from workers.consumer import arq_redis, commissions, drops, webhooks
 from workers.consumer.consume import Consumer
 from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics, refresh_stream_gauges, serve
@@ -169,6 +169,14 @@ async def fold_drops(ctx: dict[str, Any]) -> int:
     return await drops.fold(c.redis, c.pipeline.pg, c.keys.prefix)
 
 
+async def approve_commissions(ctx: dict[str, Any]) -> int:
+    """arq cron: commissions past their program's hold move pending -> approved, on
+    Postgres's clock (``workers.consumer.commissions``). Idempotent: any worker may run it."""
+    c: Consumer = ctx["consumer"]
+    done: str = await c.pipeline.pg.execute(commissions.APPROVE)
+    return int(done.rpartition(" ")[2] or 0)
+
+
 class ResilientWorker(Worker):
     """arq's worker, except that Redis going away, filling up (``noeviction``) or turning
     read-only is waited out with a backoff instead of ending the process: arq's own
@@ -235,6 +243,7 @@ def build_worker(settings: Settings) -> Worker:
             cron(refresh_links, minute=set(range(0, 60, 10)), second=7, run_at_startup=True, timeout=600),
             cron(webhooks.sweep_webhooks, second=30, run_at_startup=True, timeout=60),
             cron(fold_drops, second=set(range(0, 60, settings.drops_fold_every_s)), timeout=60),
+            cron(approve_commissions, second=45, run_at_startup=True, timeout=60),
         ],
         # at start too: wait for Redis as long as it takes, never give up and exit
         redis_settings=arq_redis.redis_settings(settings, wait=True),

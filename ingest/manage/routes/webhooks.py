@@ -27,7 +27,9 @@ from ingest.manage.routes._guard import error, guarded, json, limit_param
 
 routes = web.RouteTableDef()
 
-EventType = Literal["lead.created", "conversion.created", "milestone.reached", "fraud.flagged", "sale.created"]
+EventType = Literal[
+    "lead.created", "conversion.created", "milestone.reached", "fraud.flagged", "sale.created", "commission.created"
+]
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 

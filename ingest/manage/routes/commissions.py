@@ -1,0 +1,98 @@
+"""Commissions in the management API: a program's rules (``PATCH
+/v1/programs/{id}/commission``), the workspace's ledger (``GET /v1/commissions``) and an
+affiliate's own (``GET /v1/affiliate/commissions``, an affiliate key: never another's)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from ingest.contract.connections import acquired
+from ingest.edge.auth import Principal
+from ingest.edge.body import parse
+from ingest.edge.fields import json_integer
+from ingest.edge.sale import MAX_AMOUNT
+from ingest.edge.state import Edge
+from ingest.manage import ledger
+from ingest.manage.routes._guard import error, guarded, json, limit_param
+
+routes = web.RouteTableDef()
+
+Bps = Annotated[int, Field(ge=0, le=10_000), BeforeValidator(json_integer)]
+Minor = Annotated[int, Field(ge=0, le=MAX_AMOUNT), BeforeValidator(json_integer)]
+Months = Annotated[int, Field(ge=1, le=120), BeforeValidator(json_integer)]
+Days = Annotated[int, Field(ge=0, le=3650), BeforeValidator(json_integer)]
+
+
+class CommissionRules(BaseModel):
+    """The rules to change; the others are kept (all default to earning nothing)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sale_bps: Bps | None = Field(None, description="A share of each sale, in basis points: 2000 is 20%")
+    sale_flat: Minor | None = Field(None, description="A flat amount per sale, in the sale's currency's minor unit")
+    lead_flat: Minor | None = Field(None, description="A flat amount per counted lead, in lead_currency")
+    lead_currency: str | None = Field(None, pattern=r"^[a-z]{3}$", description="ISO 4217, lower case")
+    duration: Literal["lifetime", "months", "first_sale"] | None = Field(
+        None, description="Which sales of a customer earn: all, those within duration_months of the lead, the first"
+    )
+    duration_months: Months | None = None
+    hold_days: Days | None = Field(None, description="Pending this long after the sale or lead, then approved")
+
+
+class ProgramCommission(BaseModel):
+    program_id: str
+    commission: dict[str, object]
+
+
+class Commission(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    kind: Literal["sale", "lead", "reversal"]
+    source_id: str = Field(description="The sale's or lead's event id (a reversal: the sale it takes back)")
+    affiliate_id: str
+    amount: int = Field(description="Minor units; negative for a reversal")
+    currency: str
+    status: Literal["pending", "approved", "paid"]
+
+
+class CommissionList(BaseModel):
+    data: list[Commission]
+    next: str | None = Field(description="The next page's `before`; null on the last page")
+
+
+@routes.patch("/v1/programs/{id}/commission")
+@guarded("write")
+async def set_rules(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    body = await parse(request, CommissionRules)
+    async with acquired(edge.pg) as conn:
+        out = await ledger.set_rules(conn, p.workspace_id, request.match_info["id"], body.model_dump(exclude_none=True))
+    return json(200, out)
+
+
+async def _page(request: web.Request, edge: Edge, p: Principal, affiliate_id: str | None) -> web.Response:
+    limit = limit_param(request)
+    if isinstance(limit, web.Response):
+        return limit
+    q = request.query
+    status = q.get("status")
+    if status is not None and status not in ("pending", "approved", "paid"):
+        return error(400, "invalid_request", "status: one of pending, approved, paid")
+    filters = {f: q[f] for f in ledger.FILTERS if f in q}
+    async with acquired(edge.pg) as conn:
+        return json(200, await ledger.list_commissions(conn, p.workspace_id, filters, q.get("before"), limit,
+                                                       affiliate_id=affiliate_id))  # fmt: skip
+
+
+@routes.get("/v1/commissions")
+@guarded("read")
+async def list_commissions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    return await _page(request, edge, p, None)
+
+
+@routes.get("/v1/affiliate/commissions")
+@guarded("read", affiliate=True)
+async def affiliate_commissions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    assert p.affiliate_id is not None
+    return await _page(request, edge, p, p.affiliate_id)

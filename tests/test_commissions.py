@@ -1,0 +1,163 @@
+"""The commission ledger against a real Redis and Postgres: rules through the management API,
+a commission per counted sale and lead exactly once (redeliveries, replays, a sale stored
+before its lead), each duration, the hold, and an affiliate key that reads only its own.
+The expected sums are computed in SQL of this file's own over the sales rows."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import asyncpg
+
+from ingest.contract.events import Dialect, Envelope
+from ingest.edge import sale
+from ingest.manage import admin
+from workers.consumer import commissions, store
+
+from ._world import World, call
+from .test_sales import bearer, sale_body, track_sale
+from .test_seed_004_refport import lead, lead_body, new_click
+
+# each affiliate's commission per currency as the rules say, from the sales rows alone
+# ($1 the affiliate, $2 basis points, $3 the flat amount per sale)
+EXPECTED = """
+SELECT currency, sum(amount * $2::bigint / 10000 + $3::bigint) AS total
+FROM sales WHERE affiliate_id = $1 GROUP BY 1 ORDER BY 1
+"""
+LEDGER = """
+SELECT currency, sum(amount) AS total FROM commissions WHERE affiliate_id = $1 AND kind <> 'lead' GROUP BY 1 ORDER BY 1
+"""
+
+
+async def rules(edge: str, world: World, **given: object) -> tuple[int, dict]:
+    status, out, _ = await call("PATCH", f"{edge}/v1/programs/{world.program_id}/commission",
+                                headers=bearer(world.api_key), json=given)  # fmt: skip
+    return status, out
+
+
+def made(world: World, **over: object) -> Envelope:
+    return sale.envelope(Dialect.REFPORT, world.workspace_id, sale.from_refport(sale.RefportSale(**sale_body(**over))))
+
+
+async def test_rules_are_set_kept_and_checked(edge: str, world: World):
+    status, out = await rules(edge, world, sale_bps=2000, hold_days=0)
+    assert status == 200 and out["commission"]["sale_bps"] == 2000 and out["commission"]["hold_days"] == 0
+    status, out = await rules(edge, world, lead_flat=500)  # the others kept
+    assert status == 200 and (out["commission"]["sale_bps"], out["commission"]["lead_flat"]) == (2000, 500)
+    for bad in ({"sale_bps": 10_001}, {"sale_bps": "20"}, {"duration": "forever"}, {"percent": 20},
+                {"lead_currency": "USD"}, {"hold_days": -1}):  # fmt: skip
+        status, out = await rules(edge, world, **bad)
+        assert status == 400, bad
+    status, _, _ = await call("PATCH", f"{edge}/v1/programs/{world.link['id']}/commission",
+                              headers=bearer(world.api_key), json={"sale_bps": 1})  # fmt: skip
+    assert status == 404
+
+
+async def test_each_counted_sale_and_lead_earns_once_by_the_rules(edge: str, world: World, pg: asyncpg.Pool, drain):
+    assert (await rules(edge, world, sale_bps=2000, sale_flat=100, lead_flat=500, hold_days=30))[0] == 200
+    click_id = await new_click(edge)
+    for body in (lead_body(click_id), lead_body(click_id)):  # the second is no new lead: it earns nothing
+        assert (await lead(edge, world.api_key, body))[0] == 200
+    await drain()
+    for body in (
+        sale_body(amount=4900),
+        sale_body(invoiceId="in_2", amount=1001, currency="eur"),
+        sale_body(invoiceId="in_2", amount=1001, currency="eur"),  # a repeat of an invoice
+        sale_body(invoiceId="in_3", customerExternalId="nobody"),
+    ):  # unattributed: nobody earns
+        assert (await track_sale(edge, world.api_key, body))[0] == 200  # fmt: skip
+    await drain()
+    ledger = [tuple(r) for r in await pg.fetch(LEDGER, world.affiliate_id)]
+    assert ledger == [tuple(r) for r in await pg.fetch(EXPECTED, world.affiliate_id, 2000, 100)]
+    assert ledger == [("eur", 300), ("usd", 1080)]  # 20% rounded down, plus 1.00
+    assert await pg.fetchval("SELECT sum(amount) FROM commissions WHERE kind = 'lead'") == 500
+    assert {r["status"] for r in await pg.fetch("SELECT status FROM commissions")} == {"pending"}
+    # a copy of in_001 under a new event id, then a new sale delivered twice: one row more
+    before = await pg.fetchval("SELECT count(*) FROM commissions")
+    await store.write_batch(pg, [made(world, amount=4900)])
+    assert await pg.fetchval("SELECT count(*) FROM commissions") == before
+    twice = made(world, invoiceId="in_4", amount=10)
+    for _ in range(2):
+        await store.write_batch(pg, [twice])
+    assert await pg.fetchval("SELECT count(*) FROM commissions") == before + 1
+
+
+async def test_a_sale_stored_before_its_lead_earns_when_the_lead_attributes_it(
+    edge: str, world: World, pg: asyncpg.Pool, drain
+):
+    assert (await rules(edge, world, sale_bps=1000))[0] == 200
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await store.write_batch(pg, [made(world, amount=5000)])  # received after the lead, stored before it
+    assert await pg.fetchval("SELECT count(*) FROM commissions") == 0
+    await drain()
+    assert [tuple(r) for r in await pg.fetch("SELECT kind, amount FROM commissions")] == [("sale", 500)]
+
+
+async def test_first_sale_only_whatever_order_they_are_stored_in(edge: str, world: World, pg: asyncpg.Pool, drain):
+    assert (await rules(edge, world, sale_bps=1000, duration="first_sale"))[0] == 200
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await drain()
+    first = made(world, invoiceId="in_a", amount=1000)
+    later = made(world, invoiceId="in_b", amount=9000)
+    later.received_at_ms = first.received_at_ms + 60_000
+    await store.write_batch(pg, [later])  # stored first: the customer's only sale so far, it earns
+    assert await pg.fetchval("SELECT sum(amount) FROM commissions") == 900
+    await store.write_batch(pg, [first])  # the first sale after all: it earns, the later one's is taken back
+    rows = {(r["kind"], r["amount"]) for r in await pg.fetch("SELECT kind, amount FROM commissions")}
+    assert rows == {("sale", 900), ("reversal", -900), ("sale", 100)}
+    assert await pg.fetchval("SELECT sum(amount) FROM commissions") == 100
+    await store.write_batch(pg, [first, later])  # replayed: nothing more
+    assert await pg.fetchval("SELECT count(*) FROM commissions") == 3
+
+
+async def test_months_bound_which_sales_earn(edge: str, world: World, pg: asyncpg.Pool, drain):
+    assert (await rules(edge, world, sale_bps=1000, duration="months", duration_months=1))[0] == 200
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await drain()
+    within, past = made(world, invoiceId="in_a", amount=1000), made(world, invoiceId="in_b", amount=2000)
+    past.received_at_ms += int(timedelta(days=31).total_seconds() * 1000)  # the program's window is 60 days
+    await store.write_batch(pg, [within, past])
+    assert await pg.fetchval("SELECT count(*) FROM sales WHERE link_id IS NOT NULL") == 2
+    assert [tuple(r) for r in await pg.fetch("SELECT kind, amount FROM commissions")] == [("sale", 100)]
+
+
+async def test_held_then_approved_and_an_affiliate_reads_only_its_own(
+    edge: str, world: World, pg: asyncpg.Pool, redis, keys, drain
+):
+    assert (await rules(edge, world, sale_bps=1000, hold_days=0))[0] == 200
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await drain()
+    assert (await track_sale(edge, world.api_key, sale_body(amount=1000)))[0] == 200
+    await drain()
+    assert await pg.fetchval("SELECT status FROM commissions") == "pending"
+    assert await pg.execute(commissions.APPROVE) == "UPDATE 1"  # the workers' cron, on Postgres's clock
+    await pg.execute("UPDATE programs SET commission = commission || '{\"hold_days\": 30}'")
+    assert (await track_sale(edge, world.api_key, sale_body(invoiceId="in_2", amount=2000)))[0] == 200
+    await drain()
+    assert await pg.execute(commissions.APPROVE) == "UPDATE 0"  # held 30 days
+    status, out, _ = await call("GET", f"{edge}/v1/commissions?status=approved", headers=bearer(world.api_key))
+    assert status == 200 and [(c["amount"], c["status"]) for c in out["data"]] == [(100, "approved")]
+    async with pg.acquire() as conn:
+        mine = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
+                                      affiliate_id=world.affiliate_id)  # fmt: skip
+        other = await conn.fetchval(
+            "INSERT INTO affiliates (workspace_id, program_id, external_id) VALUES ($1, $2, 'other') RETURNING id",
+            world.workspace_id, world.program_id,
+        )  # fmt: skip
+        theirs = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
+                                        affiliate_id=str(other))  # fmt: skip
+    status, out, _ = await call("GET", f"{edge}/v1/affiliate/commissions?limit=1", headers=bearer(mine["api_key"]))
+    assert status == 200 and [c["amount"] for c in out["data"]] == [200] and out["next"]
+    status, out, _ = await call("GET", f"{edge}/v1/affiliate/commissions?before={out['next']}",
+                                headers=bearer(mine["api_key"]))  # fmt: skip
+    assert status == 200 and [c["amount"] for c in out["data"]] == [100] and out["next"] is None
+    # another affiliate's key, even naming this affiliate: nothing of it
+    status, out, _ = await call("GET", f"{edge}/v1/affiliate/commissions?affiliate_id={world.affiliate_id}",
+                                headers=bearer(theirs["api_key"]))  # fmt: skip
+    assert status == 200 and out["data"] == []
+    status, out, _ = await call("GET", f"{edge}/v1/commissions", headers=bearer(mine["api_key"]))
+    assert status == 403  # the workspace's ledger takes a workspace key
