@@ -438,9 +438,10 @@ main.add_command(archive)
 
 main.add_command(ops_status.status)
 main.add_command(ops_status.dead)
-from . import ops_partitions  # noqa: E402
+from . import ops_commissions, ops_partitions  # noqa: E402
 
 main.add_command(ops_partitions.partitions)
+main.add_command(ops_commissions.commission)
 from . import ops_workspace  # noqa: E402
 
 workspace.add_command(ops_workspace.set_bot_policy)

@@ -161,3 +161,21 @@ async def test_held_then_approved_and_an_affiliate_reads_only_its_own(
     assert status == 200 and out["data"] == []
     status, out, _ = await call("GET", f"{edge}/v1/commissions", headers=bearer(mine["api_key"]))
     assert status == 403  # the workspace's ledger takes a workspace key
+
+
+async def test_the_cli_sets_rules_and_lists_the_ledger(procs, world: World, pg: asyncpg.Pool):
+    from ._procs import CliError
+
+    ws = ("--workspace", world.workspace_id)
+    out = await procs.cli("commission", "set", world.program_id, *ws, "--sale-bps", "1500", "--duration", "first_sale")
+    assert out["commission"]["sale_bps"] == 1500 and out["commission"]["duration"] == "first_sale"
+    out = await procs.cli("commission", "set", world.program_id, *ws, "--hold-days", "7")  # the others kept
+    assert (out["commission"]["sale_bps"], out["commission"]["hold_days"]) == (1500, 7)
+    assert await pg.fetchval("SELECT commission->>'sale_bps' FROM programs WHERE id = $1", world.program_id) == "1500"
+    try:
+        await procs.cli("commission", "set", world.program_id, *ws, "--sale-bps", "20000")
+        raise AssertionError("20000 basis points were taken")
+    except CliError as exc:
+        assert "sale_bps" in str(exc) and "Traceback" not in str(exc)
+    await store.write_batch(pg, [made(world, customerExternalId="nobody")])  # unattributed: no commission
+    assert (await procs.cli("commission", "list", *ws))["data"] == []

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+
 DURATIONS = ("lifetime", "months", "first_sale")
 BPS = 10_000
 
@@ -37,7 +39,10 @@ class Rules:
 
     @classmethod
     def from_json(cls, raw: Any) -> Rules:
-        """The stored rules; anything missing takes its default (earning nothing)."""
+        """The stored rules (a dict, or its JSON text where a connection has no jsonb codec);
+        anything missing takes its default (earning nothing)."""
+        if isinstance(raw, str | bytes):
+            raw = orjson.loads(raw)
         if not isinstance(raw, dict):
             return cls()
         known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}

@@ -11,6 +11,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import orjson
 
 from ingest.contract.commission import Rules
 from ingest.contract.connections import write
@@ -19,8 +20,8 @@ from ingest.manage.manage import as_uuid, row_json
 
 # the given rules over the stored ones, in one statement: two changes at once both apply
 _SET_RULES = (
-    "UPDATE programs SET commission = commission || $3::jsonb WHERE id = $1 AND workspace_id = $2"
-    " RETURNING id, commission"
+    "UPDATE programs SET commission = commission || $3::text::jsonb WHERE id = $1 AND workspace_id = $2"
+    " RETURNING id, commission::text"
 )
 _COLUMNS = (
     "id, seq, program_id, affiliate_id, link_id, kind, source_id, customer_external_id, amount, currency, status,"
@@ -34,10 +35,11 @@ async def set_rules(
 ) -> dict[str, Any]:
     """Change the rules ``given``, the others kept; the program's id and its rules back."""
     async with write(conn):
-        row = await conn.fetchrow(_SET_RULES, as_uuid(program_id), UUID(workspace_id), given)
+        # as text both ways: the same whether the connection has a jsonb codec (the edge's pool) or not
+        row = await conn.fetchrow(_SET_RULES, as_uuid(program_id), UUID(workspace_id), orjson.dumps(given).decode())
     if row is None:
         raise NotFound(f"program {program_id} not found")
-    return {"program_id": str(row["id"]), "commission": Rules.from_json(row["commission"]).as_json()}
+    return {"program_id": str(row["id"]), "commission": Rules.from_json(orjson.loads(row["commission"])).as_json()}
 
 
 def commissions_query(filters: tuple[str, ...], *, affiliate: bool, after: bool) -> str:
