@@ -569,5 +569,26 @@ CREATE TABLE IF NOT EXISTS commissions (
 CREATE INDEX IF NOT EXISTS commissions_workspace ON commissions (workspace_id, seq);
 CREATE INDEX IF NOT EXISTS commissions_affiliate ON commissions (affiliate_id, seq);
 CREATE INDEX IF NOT EXISTS commissions_pending ON commissions (approve_after) WHERE status = 'pending';
---   sales, sale_stats,           the revenue ledger, its daily sums and the commission ledger:
---   commissions                  kept, deleted with their workspace
+-- a payout: an affiliate's approved, unpaid commissions in one currency (reversals too: a
+-- commission taken back after it was paid carries into the next one), made through the
+-- management API; marked paid when the money went out, and its commissions with it
+CREATE TABLE IF NOT EXISTS payouts (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    seq          bigint GENERATED ALWAYS AS IDENTITY,
+    workspace_id uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    affiliate_id uuid NOT NULL,
+    currency     text NOT NULL,
+    amount       bigint NOT NULL CHECK (amount > 0),
+    commissions  integer NOT NULL,
+    status       text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'paid')),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    paid_at      timestamptz
+);
+CREATE INDEX IF NOT EXISTS payouts_workspace ON payouts (workspace_id, seq);
+CREATE INDEX IF NOT EXISTS payouts_affiliate ON payouts (affiliate_id, seq);
+ALTER TABLE commissions ADD COLUMN IF NOT EXISTS payout_id uuid REFERENCES payouts (id);
+CREATE INDEX IF NOT EXISTS commissions_unpaid ON commissions (affiliate_id, currency) WHERE status = 'approved'
+    AND payout_id IS NULL;
+CREATE INDEX IF NOT EXISTS commissions_payout ON commissions (payout_id) WHERE payout_id IS NOT NULL;
+--   sales, sale_stats,           the revenue ledger, its daily sums, the commission ledger
+--   commissions, payouts         and its payouts: kept, deleted with their workspace

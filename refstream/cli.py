@@ -442,6 +442,7 @@ from . import ops_commissions, ops_partitions  # noqa: E402
 
 main.add_command(ops_partitions.partitions)
 main.add_command(ops_commissions.commission)
+main.add_command(ops_commissions.payouts)
 from . import ops_workspace  # noqa: E402
 
 workspace.add_command(ops_workspace.set_bot_policy)

@@ -1,5 +1,6 @@
-"""``refstream commission``: a program's commission rules, shown and changed (as ``PATCH
-/v1/programs/{id}/commission`` does), and the ledger's newest rows."""
+"""``refstream commission``: a program's commission rules, changed (as ``PATCH
+/v1/programs/{id}/commission`` does), and the ledger's newest rows; ``refstream payouts``:
+an affiliate's approved commissions paid out, as the management API does."""
 
 from __future__ import annotations
 
@@ -16,6 +17,22 @@ from ingest.manage.routes.commissions import CommissionRules
 
 from . import ops_output as out
 from .runner import open_database, print_data, run_command
+
+
+def _ledger(work: Any) -> None:
+    async def go(settings: Settings) -> dict[str, Any]:
+        conn = await open_database(settings)
+        try:
+            result: dict[str, Any] = await work(conn)
+            return result
+        except NotFound as exc:
+            raise click.ClickException(str(exc)) from None
+        except ledger.NothingToPay as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            await conn.close()
+
+    print_data(run_command(go))
 
 
 @click.group()
@@ -42,16 +59,7 @@ def commission_set(program_id: str, workspace_id: str, **given: Any) -> None:
         first = exc.errors()[0]
         raise click.BadParameter(f"{first['loc'][0]}: {first['msg']}") from None
 
-    async def go(settings: Settings) -> dict[str, Any]:
-        conn = await open_database(settings)
-        try:
-            return await ledger.set_rules(conn, workspace_id, program_id, rules.model_dump(exclude_none=True))
-        except NotFound as exc:
-            raise click.ClickException(str(exc)) from None
-        finally:
-            await conn.close()
-
-    print_data(run_command(go))
+    _ledger(lambda conn: ledger.set_rules(conn, workspace_id, program_id, rules.model_dump(exclude_none=True)))
 
 
 @commission.command("list")
@@ -64,13 +72,39 @@ def commission_list(workspace_id: str, affiliate_id: str | None, status: str | N
     """The ledger's newest rows (a reversal takes back a sale's commission: negative)."""
     filters = {k: v for k, v in (("affiliate_id", affiliate_id), ("status", status)) if v is not None}
 
-    async def go(settings: Settings) -> dict[str, Any]:
-        conn = await open_database(settings)
-        try:
-            return await ledger.list_commissions(conn, workspace_id, filters, None, limit)
-        except NotFound as exc:
-            raise click.ClickException(str(exc)) from None
-        finally:
-            await conn.close()
+    _ledger(lambda conn: ledger.page(conn, "commissions", workspace_id, filters, None, limit))
 
-    print_data(run_command(go))
+
+@click.group()
+def payouts() -> None:
+    """Payouts: an affiliate's approved commissions in one currency, made and marked paid."""
+
+
+@payouts.command("create")
+@out.json_option
+@click.option("--workspace", "workspace_id", required=True)
+@click.option("--affiliate", "affiliate_id", required=True)
+@click.option("--currency", required=True, help="ISO 4217, lower case.")
+def payouts_create(workspace_id: str, affiliate_id: str, currency: str) -> None:
+    """A payout of the affiliate's approved, unpaid commissions in the currency."""
+    _ledger(lambda conn: ledger.create_payout(conn, workspace_id, affiliate_id, currency))
+
+
+@payouts.command("paid")
+@out.json_option
+@click.argument("payout_id")
+@click.option("--workspace", "workspace_id", required=True)
+def payouts_paid(payout_id: str, workspace_id: str) -> None:
+    """Mark a payout, and its commissions, paid."""
+    _ledger(lambda conn: ledger.mark_paid(conn, workspace_id, payout_id))
+
+
+@payouts.command("list")
+@out.json_option
+@click.option("--workspace", "workspace_id", required=True)
+@click.option("--affiliate", "affiliate_id", default=None)
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+def payouts_list(workspace_id: str, affiliate_id: str | None, limit: int) -> None:
+    """The newest payouts."""
+    filters = {"affiliate_id": affiliate_id} if affiliate_id else {}
+    _ledger(lambda conn: ledger.page(conn, "payouts", workspace_id, filters, None, limit))

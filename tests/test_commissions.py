@@ -179,3 +179,64 @@ async def test_the_cli_sets_rules_and_lists_the_ledger(procs, world: World, pg: 
         assert "sale_bps" in str(exc) and "Traceback" not in str(exc)
     await store.write_batch(pg, [made(world, customerExternalId="nobody")])  # unattributed: no commission
     assert (await procs.cli("commission", "list", *ws))["data"] == []
+
+
+async def test_payouts_take_approved_commissions_once_and_carry_a_later_reversal(
+    edge: str, world: World, pg: asyncpg.Pool, redis, keys, procs, drain
+):
+    assert (await rules(edge, world, sale_bps=1000, duration="first_sale", hold_days=0))[0] == 200
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await drain()
+    first, later = made(world, invoiceId="in_a", amount=1000), made(world, invoiceId="in_b", amount=9000)
+    eur = made(world, invoiceId="in_c", amount=5000, currency="eur")
+    lead_ms = int((await pg.fetchval("SELECT received_at FROM events WHERE type = 2")).timestamp() * 1000)
+    for n, e in enumerate((first, later, eur), start=1):  # received after the lead in this order, all past their hold
+        e.received_at_ms = lead_ms + n
+    await store.write_batch(pg, [later])  # earns 900, for now
+    await pg.execute(commissions.APPROVE)
+    url, body = f"{edge}/v1/payouts", {"affiliate_id": world.affiliate_id, "currency": "usd"}
+    status, paid, _ = await call("POST", url, headers=bearer(world.api_key), json=body)
+    assert status == 201 and (paid["amount"], paid["commissions"], paid["status"]) == (900, 1, "pending")
+    status, again, _ = await call("POST", url, headers=bearer(world.api_key), json=body)
+    assert (status, again["error"]) == (409, "conflict")  # nothing left to pay: never paid twice
+    status, out, _ = await call("POST", f"{url}/{paid['id']}/paid", headers=bearer(world.api_key))
+    assert status == 200 and out["status"] == "paid" and out["paid_at"]
+    assert {r["status"] for r in await pg.fetch("SELECT status FROM commissions")} == {"paid"}
+    # the first sale arrives after the payout: it earns 100, and the paid 900 is taken back
+    await store.write_batch(pg, [first, eur])
+    await pg.execute(commissions.APPROVE)
+    status, out, _ = await call("POST", url, headers=bearer(world.api_key), json=body)
+    assert (status, out["error"]) == (409, "conflict")  # 100 - 900: the reversal waits for more
+    unpaid = await pg.fetchval("SELECT sum(amount) FROM commissions WHERE payout_id IS NULL AND currency = 'usd'")
+    assert unpaid == -800
+    # the currencies apart: the eur commission (the first_sale rule is per customer, across currencies) is none
+    assert await pg.fetchval("SELECT count(*) FROM commissions WHERE currency = 'eur'") == 0
+    # an affiliate reads its own payouts; the CLI lists the same
+    async with pg.acquire() as conn:
+        mine = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
+                                      affiliate_id=world.affiliate_id)  # fmt: skip
+    status, out, _ = await call("GET", f"{edge}/v1/affiliate/payouts", headers=bearer(mine["api_key"]))
+    assert status == 200 and [p["id"] for p in out["data"]] == [paid["id"]]
+    listed = await procs.cli("payouts", "list", "--workspace", world.workspace_id)
+    assert [p["amount"] for p in listed["data"]] == [900]
+
+
+async def test_the_cli_makes_and_pays_a_payout(procs, edge: str, world: World, pg: asyncpg.Pool, drain):
+    from ._procs import CliError
+
+    assert (await rules(edge, world, sale_bps=500, hold_days=0))[0] == 200
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await drain()
+    await store.write_batch(pg, [made(world, amount=2000)])
+    await pg.execute(commissions.APPROVE)
+    ws = ("--workspace", world.workspace_id)
+    made_ = await procs.cli("payouts", "create", *ws, "--affiliate", world.affiliate_id, "--currency", "usd")
+    assert made_["amount"] == 100
+    assert (await procs.cli("payouts", "paid", made_["id"], *ws))["status"] == "paid"
+    try:
+        await procs.cli("payouts", "create", *ws, "--affiliate", world.affiliate_id, "--currency", "usd")
+        raise AssertionError("a second payout of nothing was made")
+    except CliError as exc:
+        assert "no approved commission" in str(exc) and "Traceback" not in str(exc)

@@ -130,6 +130,19 @@ OPERATIONS: tuple[Op, ...] = (
        {200: C.CommissionList, **MANAGE}, security="bearer",
        query={"program_id": {"type": "string"}, "status": {"type": "string", "enum": ["pending", "approved", "paid"]},
               "currency": {"type": "string"}, "before": {"type": "string"}, "limit": LIMIT}),
+    Op("post", "/v1/payouts", "A payout of an affiliate's approved, unpaid commissions in one currency (reversals "
+       "included); 409 when they sum to nothing", "Management",
+       {201: C.Payout, 409: M.ManageError, **MANAGE_BODY}, C.NewPayout, "bearer"),
+    Op("post", "/v1/payouts/{id}/paid", "Mark a payout, and its commissions, paid", "Management",
+       {200: C.Payout, **MANAGE}, security="bearer"),
+    Op("get", "/v1/payouts", "Payouts, newest first: by affiliate, status or currency", "Management",
+       {200: C.PayoutList, **MANAGE}, security="bearer",
+       query={"affiliate_id": {"type": "string"}, "status": {"type": "string", "enum": ["pending", "paid"]},
+              "currency": {"type": "string"}, "before": {"type": "string"}, "limit": LIMIT}),
+    Op("get", "/v1/affiliate/payouts", "The calling affiliate's own payouts (an affiliate key)", "Affiliate",
+       {200: C.PayoutList, **MANAGE}, security="bearer",
+       query={"status": {"type": "string", "enum": ["pending", "paid"]}, "currency": {"type": "string"},
+              "before": {"type": "string"}, "limit": LIMIT}),
     Op("get", "/v1/stats", "The workspace's counted events, sales and revenue per currency, dropped events by "
        "reason (with those no link resolved for: unknown codes, sales credited to no affiliate) and fraud flags by "
        "rule, per UTC day (from, to as a link's)", "Management",

@@ -1,6 +1,8 @@
 """Commissions in the management API: a program's rules (``PATCH
 /v1/programs/{id}/commission``), the workspace's ledger (``GET /v1/commissions``) and an
-affiliate's own (``GET /v1/affiliate/commissions``, an affiliate key: never another's)."""
+affiliate's own (``GET /v1/affiliate/commissions``, an affiliate key: never another's);
+payouts, made (``POST /v1/payouts``), marked paid (``POST /v1/payouts/{id}/paid``) and read
+(``GET /v1/payouts``, ``GET /v1/affiliate/payouts``)."""
 
 from __future__ import annotations
 
@@ -71,28 +73,81 @@ async def set_rules(request: web.Request, edge: Edge, p: Principal) -> web.Respo
     return json(200, out)
 
 
-async def _page(request: web.Request, edge: Edge, p: Principal, affiliate_id: str | None) -> web.Response:
+STATUSES = {"commissions": ("pending", "approved", "paid"), "payouts": ("pending", "paid")}
+
+
+async def _page(request: web.Request, edge: Edge, p: Principal, table: str, affiliate_id: str | None) -> web.Response:
     limit = limit_param(request)
     if isinstance(limit, web.Response):
         return limit
     q = request.query
     status = q.get("status")
-    if status is not None and status not in ("pending", "approved", "paid"):
-        return error(400, "invalid_request", "status: one of pending, approved, paid")
-    filters = {f: q[f] for f in ledger.FILTERS if f in q}
+    if status is not None and status not in STATUSES[table]:
+        return error(400, "invalid_request", f"status: one of {', '.join(STATUSES[table])}")
+    filters = {f: q[f] for f in ledger.FILTERS if f in q and (table == "commissions" or f != "program_id")}
     async with acquired(edge.pg) as conn:
-        return json(200, await ledger.list_commissions(conn, p.workspace_id, filters, q.get("before"), limit,
-                                                       affiliate_id=affiliate_id))  # fmt: skip
+        return json(200, await ledger.page(conn, table, p.workspace_id, filters, q.get("before"), limit,
+                                           affiliate_id=affiliate_id))  # fmt: skip
 
 
 @routes.get("/v1/commissions")
 @guarded("read")
 async def list_commissions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
-    return await _page(request, edge, p, None)
+    return await _page(request, edge, p, "commissions", None)
 
 
 @routes.get("/v1/affiliate/commissions")
 @guarded("read", affiliate=True)
 async def affiliate_commissions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     assert p.affiliate_id is not None
-    return await _page(request, edge, p, p.affiliate_id)
+    return await _page(request, edge, p, "commissions", p.affiliate_id)
+
+
+class NewPayout(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    affiliate_id: str = Field(min_length=1, max_length=64)
+    currency: str = Field(pattern=r"^[a-z]{3}$", description="ISO 4217, lower case: one payout per currency")
+
+
+class Payout(BaseModel):
+    id: str
+    affiliate_id: str
+    currency: str
+    amount: int = Field(description="The sum of its commissions (reversals included), minor units, above 0")
+    commissions: int
+    status: Literal["pending", "paid"]
+    created_at: str
+    paid_at: str | None
+
+
+class PayoutList(BaseModel):
+    data: list[Payout]
+    next: str | None
+
+
+@routes.post("/v1/payouts")
+@guarded("write")
+async def create_payout(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    body = await parse(request, NewPayout)
+    async with acquired(edge.pg) as conn:
+        return json(201, await ledger.create_payout(conn, p.workspace_id, body.affiliate_id, body.currency))
+
+
+@routes.post("/v1/payouts/{id}/paid")
+@guarded("write")
+async def mark_paid(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with acquired(edge.pg) as conn:
+        return json(200, await ledger.mark_paid(conn, p.workspace_id, request.match_info["id"]))
+
+
+@routes.get("/v1/payouts")
+@guarded("read")
+async def list_payouts(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    return await _page(request, edge, p, "payouts", None)
+
+
+@routes.get("/v1/affiliate/payouts")
+@guarded("read", affiliate=True)
+async def affiliate_payouts(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    assert p.affiliate_id is not None
+    return await _page(request, edge, p, "payouts", p.affiliate_id)
