@@ -569,6 +569,9 @@ CREATE TABLE IF NOT EXISTS commissions (
 CREATE INDEX IF NOT EXISTS commissions_workspace ON commissions (workspace_id, seq);
 CREATE INDEX IF NOT EXISTS commissions_affiliate ON commissions (affiliate_id, seq);
 CREATE INDEX IF NOT EXISTS commissions_pending ON commissions (approve_after) WHERE status = 'pending';
+-- the stats' commission per day and currency: of links, of a workspace
+CREATE INDEX IF NOT EXISTS commissions_link ON commissions (link_id, earned_at);
+CREATE INDEX IF NOT EXISTS commissions_earned ON commissions (workspace_id, earned_at);
 -- a payout: an affiliate's approved, unpaid commissions in one currency (reversals too: a
 -- commission taken back after it was paid carries into the next one), made through the
 -- management API; marked paid when the money went out, and its commissions with it

@@ -71,6 +71,10 @@ async def test_each_counted_sale_and_lead_earns_once_by_the_rules(edge: str, wor
     assert ledger == [tuple(r) for r in await pg.fetch(EXPECTED, world.affiliate_id, 2000, 100)]
     assert ledger == [("eur", 300), ("usd", 1080)]  # 20% rounded down, plus 1.00
     assert await pg.fetchval("SELECT sum(amount) FROM commissions WHERE kind = 'lead'") == 500
+    status, out, _ = await call("GET", f"{edge}/v1/links/{world.link['id']}/stats", headers=bearer(world.api_key))
+    assert status == 200 and out["totals"]["commission"] == {"eur": 300, "usd": 1580}  # the lead's 500 too
+    status, out, _ = await call("GET", f"{edge}/v1/stats", headers=bearer(world.api_key))
+    assert status == 200 and out["totals"]["commission"] == {"eur": 300, "usd": 1580}
     assert {r["status"] for r in await pg.fetch("SELECT status FROM commissions")} == {"pending"}
     # a copy of in_001 under a new event id, then a new sale delivered twice: one row more
     before = await pg.fetchval("SELECT count(*) FROM commissions")

@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.manage import manage, stats
+from ingest.manage import ledger, manage, stats
 from workers.consumer.partitions import maintain
 
 # the planner over generated rows: the same Postgres either way:
@@ -64,11 +64,21 @@ _FILL = [
               CASE WHEN i % 2 = 0 THEN l.program_id END, CASE WHEN i % 2 = 1 THEN 'no_lead' END, 'native', now()
        FROM generate_series(0, 39999) i
        JOIN links l ON l.id = ('00000000-0000-4000-b000-' || lpad(to_hex(i % 20000 + 1), 12, '0'))::uuid""",
+    # 40,000 commissions, and a payout per affiliate
+    """INSERT INTO commissions (workspace_id, program_id, affiliate_id, link_id, kind, source_id, amount, currency,
+                                status, earned_at, approve_after)
+       SELECT l.workspace_id, l.program_id, l.affiliate_id, l.id, 'sale', gen_random_uuid(), 10, 'usd',
+              (ARRAY['pending', 'approved', 'paid'])[i % 3 + 1], now() - make_interval(days => i % 60), now()
+       FROM generate_series(0, 39999) i
+       JOIN links l ON l.id = ('00000000-0000-4000-b000-' || lpad(to_hex(i % 20000 + 1), 12, '0'))::uuid""",
+    """INSERT INTO payouts (workspace_id, affiliate_id, currency, amount, commissions)
+       SELECT workspace_id, id, 'usd', 100, 1 FROM affiliates""",
     # a sale per link on two days, in two currencies
     """INSERT INTO sale_stats (workspace_id, link_id, day, currency, sales, amount)
        SELECT l.workspace_id, l.id, current_date - d, c, 1, 4900
        FROM links l CROSS JOIN generate_series(0, 1) d CROSS JOIN unnest('{usd,eur}'::text[]) c""",
-    "ANALYZE workspaces, programs, affiliates, links, events, customers, daily_stats, drop_stats, sale_stats, sales",
+    "ANALYZE workspaces, programs, affiliates, links, events, customers, daily_stats, drop_stats, sale_stats, sales,"
+    " commissions, payouts",
 ]
 
 
@@ -131,6 +141,16 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
             "sale_stats": [(stats.SOLD_SQL, links, since, today), (stats.WORKSPACE_SQL[1], ws, since, today)],
         }
         reads["daily_stats"].append((stats.WORKSPACE_SQL[0], ws, since, today))
+        reads["commissions"] = [
+            (stats.EARNED_SQL, links, since, today),
+            (stats.WORKSPACE_SQL[3], ws, since, today),
+            (ledger.page_query("commissions", (), affiliate=False, after=False), ws, 50),
+            (ledger.page_query("commissions", ("status",), affiliate=True, after=True), ws, affiliate, "paid", 9, 50),
+        ]
+        reads["payouts"] = [
+            (ledger.page_query("payouts", (), affiliate=True, after=False), ws, affiliate, 50),
+            (ledger.page_query("payouts", ("currency",), affiliate=False, after=True), ws, "usd", 9, 50),
+        ]
         reads["sales"] = [
             (manage.sales_query((), before=False), ws, 50),
             (manage.sales_query((), before=True), ws, link, 50),
@@ -145,7 +165,7 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
                 " AND relnamespace = 'public'::regnamespace"
             )
         }  # fmt: skip
-        tables = {"links", "customers", "daily_stats", "drop_stats", "sale_stats", "sales"}
+        tables = {"links", "customers", "daily_stats", "drop_stats", "sale_stats", "sales", "commissions", "payouts"}
         assert {f"events_p2033010{d}" for d in range(4, 9)} | tables <= holding
         for table, queries in reads.items():
             for sql, *args in queries:

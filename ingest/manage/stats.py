@@ -73,6 +73,16 @@ FROM sale_stats WHERE link_id = ANY($1::uuid[]) AND day BETWEEN $2 AND $3 GROUP 
 """
 
 
+# commissions earned per day and currency (reversals subtracted), from the ledger itself
+EARNED_SQL = """
+SELECT (earned_at AT TIME ZONE 'UTC')::date AS day, currency, sum(amount)::bigint AS commission
+FROM commissions
+WHERE link_id = ANY($1::uuid[]) AND earned_at >= ($2::date AT TIME ZONE 'UTC')
+  AND earned_at < (($3::date + 1) AT TIME ZONE 'UTC')
+GROUP BY 1, 2
+"""
+
+
 # the same over a whole workspace ($1), the rows no link resolved for included (unknown
 # codes, unattributed sales: the nil link): daily_stats_workspace, and the primary keys of
 # drop_stats and sale_stats, which lead with the workspace
@@ -80,7 +90,12 @@ def _of_workspace(sql: str) -> str:
     return sql.replace("link_id = ANY($1::uuid[])", "workspace_id = $1::uuid")
 
 
-WORKSPACE_SQL = (_of_workspace(COUNTED_SQL), _of_workspace(SOLD_SQL), _of_workspace(DROPPED_SQL))
+WORKSPACE_SQL = (
+    _of_workspace(COUNTED_SQL),
+    _of_workspace(SOLD_SQL),
+    _of_workspace(DROPPED_SQL),
+    _of_workspace(EARNED_SQL),
+)
 LINK_OWNED_SQL = "SELECT id FROM links WHERE id = $1 AND workspace_id = $2"
 AFFILIATE_LINKS_SQL = (
     "SELECT id, clicks, unique_clicks, leads, conversions FROM links WHERE workspace_id = $1 AND affiliate_id = $2"
@@ -89,12 +104,12 @@ AFFILIATE_LINKS_SQL = (
 
 async def per_day(
     conn: asyncpg.Connection, of: list[UUID] | UUID, start: date, to: date,
-    sql: tuple[str, str, str] = (COUNTED_SQL, SOLD_SQL, DROPPED_SQL),
+    sql: tuple[str, str, str, str] = (COUNTED_SQL, SOLD_SQL, DROPPED_SQL, EARNED_SQL),
 ) -> dict[str, Any]:  # fmt: skip
-    """Totals and one entry per day with anything in it: counted, sales and revenue per
-    currency (minor units), dropped by reason (with the detail, e.g. the bot's sub-reason),
+    """Totals and one entry per day with anything in it: counted, sales, revenue and
+    commission per currency (minor units), dropped by reason (with the detail, e.g. the bot's sub-reason),
     flagged by rule; of the links ``of`` (or, with ``WORKSPACE_SQL``, the workspace ``of``)."""
-    counted_sql, sold_sql, dropped_sql = sql
+    counted_sql, sold_sql, dropped_sql, earned_sql = sql
     days: dict[date, dict[str, Any]] = defaultdict(_empty_day)
     for r in await conn.fetch(counted_sql, of, start, to):
         days[r["day"]].update({k: r[k] for k in COUNTED})
@@ -103,6 +118,9 @@ async def per_day(
             d = days[r["day"]]
             d["sales"][r["currency"]] = r["sales"]
             d["revenue"][r["currency"]] = r["revenue"]
+    for r in await conn.fetch(earned_sql, of, start, to):
+        if r["commission"]:
+            days[r["day"]]["commission"][r["currency"]] = r["commission"]
     for r in await conn.fetch(dropped_sql, of, start, to):
         d = days[r["day"]]
         if r["reason"] == FLAGGED:
@@ -116,7 +134,7 @@ async def per_day(
     for d in days.values():
         for k in COUNTED:
             totals[k] += d[k]
-        for group in ("dropped", "flagged", "sales", "revenue"):
+        for group in ("dropped", "flagged", "sales", "revenue", "commission"):
             for k, n in d[group].items():
                 totals[group][k] = totals[group].get(k, 0) + n
         for reason, by in d["dropped_detail"].items():
@@ -132,7 +150,8 @@ async def per_day(
 
 
 def _empty_day() -> dict[str, Any]:
-    return {**dict.fromkeys(COUNTED, 0), "sales": {}, "revenue": {}, "dropped": {}, "dropped_detail": {}, "flagged": {}}
+    groups = ("sales", "revenue", "commission", "dropped", "dropped_detail", "flagged")
+    return {**dict.fromkeys(COUNTED, 0), **{g: {} for g in groups}}
 
 
 async def link_stats(

@@ -200,6 +200,7 @@ class DailyStats(BaseModel):
     conversions: int
     sales: dict[str, int] = Field(description="Sales attributed to the link(s), per currency (ISO 4217, lower case)")
     revenue: dict[str, int] = Field(description="Their amounts per currency, in its minor unit (never converted)")
+    commission: dict[str, int] = Field(description="Commissions earned per currency, reversals subtracted")
     dropped: dict[str, int] = Field(
         description="Events not counted, by reason: bot, unknown_code, inactive_link, rate_limited, out_of_window,"
         " test_mode, duplicate, invalid, fraud (excluded by the fraud policy), no_lead (a sale credited to no"
@@ -217,6 +218,7 @@ class StatsTotals(BaseModel):
     conversions: int
     sales: dict[str, int]
     revenue: dict[str, int]
+    commission: dict[str, int]
     dropped: dict[str, int]
     dropped_detail: dict[str, dict[str, int]]
     flagged: dict[str, int]
