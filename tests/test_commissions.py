@@ -244,3 +244,27 @@ async def test_the_cli_makes_and_pays_a_payout(procs, edge: str, world: World, p
         raise AssertionError("a second payout of nothing was made")
     except CliError as exc:
         assert "no approved commission" in str(exc) and "Traceback" not in str(exc)
+
+
+async def test_the_fault_checkers_ledger_check_sees_a_wrong_or_missing_row(
+    edge: str, world: World, pg: asyncpg.Pool, settings, keys, drain, tmp_path
+):
+    """The generative test's ledger check (tests/faults/_checks.py), SQL of its own."""
+    from .faults._checks import Checker
+    from .faults._gen.ops import COMMISSION as C
+
+    assert (await rules(edge, world, **C))[0] == 200
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    assert (await track_sale(edge, world.api_key, sale_body(amount=1234)))[0] == 200
+    await drain()
+    check = Checker(settings.database_url, settings.redis_url, keys, tmp_path)
+    args = (C["sale_bps"], C["sale_flat"], C["lead_flat"], C["lead_currency"])
+    try:
+        assert await check.ledger_problems(*args) == []
+        await pg.execute("UPDATE commissions SET amount = amount + 1 WHERE kind = 'sale'")
+        await pg.execute("DELETE FROM commissions WHERE kind = 'lead'")
+        found = await check.ledger_problems(*args)
+        assert len(found) == 2 and any("(210,usd)" in p for p in found), found  # 1234 * 15% + 25 = 210
+    finally:
+        await check.close()

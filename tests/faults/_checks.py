@@ -109,6 +109,27 @@ WHERE (coalesce(s.n, 0), coalesce(s.total, 0)) IS DISTINCT FROM (coalesce(c.n, 0
 LIMIT 20
 """
 
+# the commission ledger against its rules ($1 basis points, $2 flat per sale, $3 flat per
+# lead, $4 the lead's currency; duration lifetime), from the sale and event rows alone: every
+# attributed sale and every counted lead of an affiliate earns one row, and nothing else does
+_LEDGER = """
+WITH expected AS (
+    SELECT 'sale' AS kind, s.event_id AS source_id, s.amount * $1::bigint / 10000 + $2::bigint AS amount, s.currency
+    FROM sales s WHERE s.link_id IS NOT NULL AND s.affiliate_id IS NOT NULL
+    UNION ALL
+    SELECT 'lead', e.event_id, $3::bigint, $4::text
+    FROM events e
+    WHERE e.type = 2 AND e.affiliate_id IS NOT NULL AND NOT e.test_mode AND NOT e.out_of_window
+      AND e.event_id >= coalesce((SELECT horizon_id FROM event_retention), '00000000-0000-0000-0000-000000000000')
+      AND NOT EXISTS (SELECT 1 FROM event_flags f WHERE f.event_id = e.event_id AND f.excluded)
+)
+SELECT coalesce(x.kind, c.kind) AS kind, coalesce(x.source_id, c.source_id) AS source_id,
+       (x.amount, x.currency)::text AS expected, (c.amount, c.currency)::text AS stored
+FROM expected x FULL JOIN commissions c USING (kind, source_id)
+WHERE (x.amount, x.currency) IS DISTINCT FROM (c.amount, c.currency)
+LIMIT 20
+"""
+
 MILESTONES = """
 WITH conv AS (
     SELECT l.affiliate_id, count(*) AS n
@@ -338,6 +359,11 @@ class Checker:
         if wrong := await self.milestone_problems():
             p.append(f"I2: {len(wrong)} milestones wrong, e.g. {wrong[:3]}")
         return p
+
+    async def ledger_problems(self, bps: int, flat: int, lead_flat: int, lead_currency: str) -> list[str]:
+        """The commission ledger against its rules (lifetime), each row that differs a sentence."""
+        return [f"ledger: {r['kind']} {r['source_id']}: stored {r['stored']}, by the rules {r['expected']}"
+                for r in await self.fetch(_LEDGER, bps, flat, lead_flat, lead_currency)]  # fmt: skip
 
     async def missing(self, accepted: dict[str, str]) -> set[str]:
         """The accepted markers no event row carries."""

@@ -15,7 +15,9 @@ found by its token), from the outcomes of the operation's attempts:
 - ``5xx`` (a 5xx other than a 503 with Retry-After), ``wrong_refusal`` (a 4xx, or a batch
   item refused, for a request that is well formed and whose link and click exist);
 - ``unasked_row``: a row no request of the history asked for;
-- ``counters`` (every counter equals its rows: ``Checker.counter_problems``), ``pending``
+- ``counters`` (every counter equals its rows: ``Checker.counter_problems``), ``ledger``
+  (every attributed sale and counted lead earned one commission by the world's rules, and
+  nothing else did: ``Checker.ledger_problems``), ``pending``
   (anything pending or undelivered in any group, or spooled), ``dead_letter`` (none is
   planted), ``archive_twice`` (a stream entry in two segment lines), ``archive_missing`` (a
   stored event in no line); ``process_exit``, ``replay_failed``, ``nemesis`` (the run's own).
@@ -40,7 +42,7 @@ from workers.archive.store import LocalStore
 
 from .._checks import Checker
 from .history import History, Op, Unit
-from .ops import EXPECTED_REFUSALS, ITEM_UNKNOWN, TOKEN_SQL, World, answer_problems, named_events
+from .ops import COMMISSION, EXPECTED_REFUSALS, ITEM_UNKNOWN, TOKEN_SQL, World, answer_problems, named_events
 
 ROWS = f"""SELECT e.event_id, e.type, l.code, e.click_id, e.visitor_id, {TOKEN_SQL} AS token
 FROM events e LEFT JOIN links l ON l.id = e.link_id
@@ -109,6 +111,9 @@ class GenChecker:
         await self._generated()
         for text in await self.check.counter_problems():
             self.a.add("counters", text)
+        c = COMMISSION
+        for text in await self.check.ledger_problems(c["sale_bps"], c["sale_flat"], c["lead_flat"], c["lead_currency"]):
+            self.a.add("ledger", text)
         for text in await self.check.unsettled():
             self.a.add("pending", text)
         for stream, entry, error in await self.check.dead_letters():

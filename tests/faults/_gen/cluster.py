@@ -32,7 +32,7 @@ from .._sentinel import MASTER, SentinelServer, wait_in_sync
 from .._servers import FaultRedis, PgServer
 from .._stage import EDGE_ENV, Stage, codes_covering
 from .._stage import World as StageWorld
-from .ops import World
+from .ops import COMMISSION, World
 
 AOF = ("--appendonly", "yes", "--appendfsync", "always")  # a killed Redis keeps what it acknowledged
 SEGMENTS = {"REFSTREAM_ARCHIVE_SEGMENT_ENTRIES": "150", "REFSTREAM_ARCHIVE_SEGMENT_S": "0.5"}
@@ -274,7 +274,8 @@ class Cluster:
         sw = StageWorld(ws["workspace_id"], ws["api_key"], first["program_id"], first["affiliate_id"], codes)
         await asyncio.gather(*(st.api("POST", "/v1/links", {"affiliate_id": sw.affiliate_id, "code": c,
                                                             "url": f"https://shop.test/{c}"}, sw)
-                               for c in codes[1:]))  # fmt: skip
+                               for c in codes[1:]),
+                             st.api("PATCH", f"/v1/programs/{sw.program_id}/commission", COMMISSION, sw))  # fmt: skip
         await st.groups_ready()
         async with aiohttp.ClientSession() as http, http.get(f"{st.base}/api/v1/referrals/validate/{codes[0]}") as r:
             referrer_id = (await r.json()).get("referrer_id")

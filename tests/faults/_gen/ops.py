@@ -38,6 +38,9 @@ TOKEN_SQL = (  # an event row's token (a sale's: its metadata's ``gen``)
     r" ELSE substring(e.referrer from '^https://gen\.test/(.+)$') END"
 )
 TRACKED = {"success": True, "data": {"tracked": True}}
+# the program's commission rules, set when the world is made; the checker holds the ledger to them
+COMMISSION = {"sale_bps": 1500, "sale_flat": 25, "lead_flat": 100, "lead_currency": "usd", "duration": "lifetime",
+              "hold_days": 0}  # fmt: skip
 
 
 @dataclass(frozen=True)
