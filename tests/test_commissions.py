@@ -11,12 +11,13 @@ import asyncpg
 
 from ingest.contract.events import Dialect, Envelope
 from ingest.edge import sale
-from ingest.manage import admin
+from ingest.manage import admin, secretbox
 from workers.consumer import commissions, store
 
 from ._world import World, call
 from .test_sales import bearer, sale_body, track_sale
 from .test_seed_004_refport import lead, lead_body, new_click
+from .test_webhooks import make_webhook
 
 # each affiliate's commission per currency as the rules say, from the sales rows alone
 # ($1 the affiliate, $2 basis points, $3 the flat amount per sale)
@@ -204,8 +205,13 @@ async def test_payouts_take_approved_commissions_once_and_carry_a_later_reversal
     assert status == 201 and (paid["amount"], paid["commissions"], paid["status"]) == (900, 1, "pending")
     status, again, _ = await call("POST", url, headers=bearer(world.api_key), json=body)
     assert (status, again["error"]) == (409, "conflict")  # nothing left to pay: never paid twice
-    status, out, _ = await call("POST", f"{url}/{paid['id']}/paid", headers=bearer(world.api_key))
-    assert status == 200 and out["status"] == "paid" and out["paid_at"]
+    hook, _ = await make_webhook(pg, world.workspace_id, "https://hooks.example/h", secretbox.generate_key(),
+                                 events=["payout.paid"])  # fmt: skip
+    for _ in range(2):  # marked paid twice: answered the same, one webhook
+        status, out, _ = await call("POST", f"{url}/{paid['id']}/paid", headers=bearer(world.api_key))
+        assert status == 200 and out["status"] == "paid" and out["paid_at"]
+    hooks = await pg.fetch("SELECT webhook_id::text, payload FROM webhook_deliveries WHERE event_type = 'payout.paid'")
+    assert [(h["webhook_id"], h["payload"]["id"], h["payload"]["amount"]) for h in hooks] == [(hook, paid["id"], 900)]
     assert {r["status"] for r in await pg.fetch("SELECT status FROM commissions")} == {"paid"}
     # the first sale arrives after the payout: it earns 100, and the paid 900 is taken back
     await store.write_batch(pg, [first, eur])

@@ -26,6 +26,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "ingest.edge.metrics",  # the latency buckets, so the edge's and the workers' histograms compare
         "ingest.manage.secretbox",  # webhook signing secrets, sealed by the management API
         "ingest.manage.targets",  # the webhook target check, the management API's own
+        "ingest.manage.outbox",  # the webhook outbox, which the management API's writes use too
         "workers.ops.replay",  # the arq worker hosts the replay job
     },
     "workers.archive": {"ingest.contract", "workers.group"},

@@ -16,10 +16,10 @@ from arq.worker import Worker
 
 from ingest.contract.settings import Settings
 from ingest.host import server
-from ingest.manage import secretbox
+from ingest.manage import outbox, secretbox
+from ingest.manage.outbox import WebhookEvent
 from ingest.manage.routes import webhooks as webhook_routes
 from workers.consumer import webhooks
-from workers.consumer.webhooks import WebhookEvent
 
 from ._procs import free_port
 from ._world import call, make_world
@@ -135,7 +135,7 @@ async def make_webhook(
         " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         workspace_id,
         url,
-        events or list(webhooks.EVENT_TYPES),
+        events or list(outbox.EVENT_TYPES),
         secretbox.encrypt(key, secret),
         secretbox.display_prefix(secret),
         active,
@@ -150,7 +150,7 @@ def lead(workspace_id: str, **payload: Any) -> WebhookEvent:
 
 async def record(pg: asyncpg.Pool, events: list[WebhookEvent]) -> list[str]:
     async with pg.acquire() as conn, conn.transaction():
-        return await webhooks.record_deliveries(conn, events)
+        return await outbox.record_deliveries(conn, events)
 
 
 async def attempts(pg: asyncpg.Pool, delivery_id: str) -> list[asyncpg.Record]:
@@ -361,7 +361,7 @@ async def test_routes_create_and_list(
         assert (status, body["error"]) == (400, "invalid_request"), bad
     status, created, _ = await call("POST", url, json={"url": hook.url}, headers=bearer(world.api_key))
     assert status == 201 and created["url"] == hook.url and created["secret"].startswith("whsec_")
-    assert created["events"] == list(webhook_routes.EVENT_TYPES) == list(webhooks.EVENT_TYPES)
+    assert created["events"] == list(webhook_routes.EVENT_TYPES) == list(outbox.EVENT_TYPES)
     webhook_routes.Webhook.model_validate(created)
     stored = await pg.fetchval("SELECT secret_encrypted FROM webhooks WHERE id = $1", uuid.UUID(created["id"]))
     assert secretbox.decrypt(secret_key, stored) == created["secret"]

@@ -15,8 +15,10 @@ import orjson
 
 from ingest.contract.commission import Rules
 from ingest.contract.connections import write
+from ingest.manage import outbox
 from ingest.manage.admin import NotFound
 from ingest.manage.manage import Conflict, as_uuid, row_json
+from ingest.manage.outbox import WebhookEvent
 
 # the given rules over the stored ones, in one statement: two changes at once both apply
 _SET_RULES = (
@@ -119,6 +121,9 @@ async def mark_paid(conn: asyncpg.Connection, workspace_id: str, payout_id: str)
         payout = await conn.fetchrow(_PAID, as_uuid(payout_id), UUID(workspace_id))
         if payout is not None:
             await conn.execute("UPDATE commissions SET status = 'paid' WHERE payout_id = $1", payout["id"])
+            # in the write's transaction; the workers' sweep enqueues its delivery within a minute or two
+            await outbox.record_deliveries(conn, [WebhookEvent(workspace_id, "payout.paid", payout["id"], "",
+                                                               _payout(payout))])  # fmt: skip
         else:
             payout = await conn.fetchrow(f"SELECT {_PAYOUT_COLUMNS} FROM payouts WHERE id = $1 AND workspace_id = $2",
                                          as_uuid(payout_id), UUID(workspace_id))  # fmt: skip

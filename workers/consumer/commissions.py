@@ -25,11 +25,11 @@ from uuid import UUID
 
 import asyncpg
 
+from ingest.contract import jsonrows
 from ingest.contract.commission import Rules
 from ingest.contract.events import EventType
-from workers.consumer import jsonrows
+from ingest.manage.outbox import WebhookEvent
 from workers.consumer.stored import Stored
-from workers.consumer.webhooks import WebhookEvent
 
 _RULES = "SELECT id, commission FROM programs WHERE id = ANY($1::uuid[])"
 

@@ -24,9 +24,9 @@ from uuid import UUID
 
 import asyncpg
 
+from ingest.contract import jsonrows
 from ingest.contract.events import EventType
 from ingest.contract.links import LinkInfo
-from workers.consumer import jsonrows
 from workers.consumer.stored import Stored
 
 # NO KEY UPDATE: the foreign-key checks of customer, link and milestone rows (KEY SHARE) pass

@@ -19,8 +19,8 @@ from uuid import UUID
 
 import asyncpg
 
+from ingest.contract import jsonrows
 from ingest.contract.events import EventType
-from workers.consumer import jsonrows
 from workers.consumer.stored import Stored
 
 # column -> the payload key that carries it

@@ -28,9 +28,9 @@ from uuid import UUID
 import asyncpg
 import structlog
 
+from ingest.contract import jsonrows
 from ingest.contract.drops import FLAGGED, NO_ID, fold_key, folds_key, live_key, parse_field
 from ingest.contract.events import EventType
-from workers.consumer import jsonrows
 from workers.consumer.stored import Stored
 
 log = structlog.get_logger("workers.drops")

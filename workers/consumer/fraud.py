@@ -31,12 +31,11 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from ingest.contract import clicks
+from ingest.contract import clicks, jsonrows
 from ingest.contract.events import EventType
 from ingest.contract.fraud import FRAUD_THRESHOLDS as DEFAULT_THRESHOLDS
-from workers.consumer import jsonrows
+from ingest.manage.outbox import WebhookEvent
 from workers.consumer.stored import Stored
-from workers.consumer.webhooks import WebhookEvent
 
 log = structlog.get_logger("workers.fraud")
 

@@ -8,9 +8,9 @@ from typing import Any
 import asyncpg
 
 from ingest.contract.events import EventType
+from ingest.manage.outbox import WebhookEvent
 from workers.consumer.counters import MilestoneReached
 from workers.consumer.stored import Stored
-from workers.consumer.webhooks import WebhookEvent
 
 _MILESTONE_NAMES = "SELECT id, name, threshold FROM milestones WHERE id = ANY($1::uuid[])"
 

@@ -41,12 +41,12 @@ from uuid import UUID
 
 import asyncpg
 
-from ingest.contract import clicks
+from ingest.contract import clicks, jsonrows
 from ingest.contract.events import Envelope, EventType
-from workers.consumer import commissions, jsonrows
+from ingest.manage.outbox import WebhookEvent
+from workers.consumer import commissions
 from workers.consumer.drops import NO_LINK, NoRow
 from workers.consumer.stored import Stored, ts
-from workers.consumer.webhooks import WebhookEvent
 
 UNATTRIBUTED = "no_lead"
 

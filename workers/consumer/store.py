@@ -22,10 +22,11 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from ingest.contract import clicks
+from ingest.contract import clicks, jsonrows
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LINK_SELECT, LinkInfo
-from workers.consumer import counters, customers, drops, event_row, fraud, jsonrows, notices, sales, webhooks
+from ingest.manage import outbox
+from workers.consumer import counters, customers, drops, event_row, fraud, notices, sales
 from workers.consumer.enrich import Enricher, Found
 from workers.consumer.event_row import EventRow
 from workers.consumer.stored import Stored, ts
@@ -248,7 +249,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     if not kept:
         sold_out = await _sales(conn, sold, [], result)
         if sold_out.notices:
-            result.deliveries = await webhooks.record_deliveries(conn, sold_out.notices)
+            result.deliveries = await outbox.record_deliveries(conn, sold_out.notices)
         await drops.settle(conn, inserted=[], no_row=no_row + sold_out.drops, taken_back=sold_out.undrops)
         return result
     batch, lost = await _claim_keys(conn, batch)
@@ -281,7 +282,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     sold_out = await _sales(conn, sold, [s for s in live if s.type is EventType.LEAD], result, counted)
     events += sold_out.notices
     if events:
-        result.deliveries = await webhooks.record_deliveries(conn, events)
+        result.deliveries = await outbox.record_deliveries(conn, events)
     await drops.settle(  # an expired event moves no counter, and no drop either
         conn, inserted=[s for s in inserted if not returned[s.envelope.event_id]], no_row=no_row + sold_out.drops,
         counting=counting, flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags], taken_back=sold_out.undrops,

@@ -1,6 +1,7 @@
 """Webhook delivery: an outbox in Postgres, arq jobs with retries, Stripe-style signatures.
 
-1. ``record_deliveries`` runs inside the worker's batch transaction and writes one
+1. ``record_deliveries`` (``ingest.manage.outbox``) runs inside the worker's batch
+   transaction (or a management write's) and writes one
    ``webhook_deliveries`` row per (subscribed, active webhook, event): the outbox commits or
    rolls back with the events themselves, and its unique key makes a redelivered or
    replayed event a no-op.
@@ -32,7 +33,6 @@ import asyncio
 import hashlib
 import hmac
 import time
-from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -49,18 +49,9 @@ from arq.worker import Function, func
 
 from ingest.contract import clock
 from ingest.manage import secretbox, targets
-from workers.consumer import jsonrows
 
 log = structlog.get_logger("workers.webhooks")
 
-EVENT_TYPES = (
-    "lead.created",
-    "conversion.created",
-    "milestone.reached",
-    "fraud.flagged",
-    "sale.created",
-    "commission.created",
-)
 JOB = "deliver_webhook"
 MAX_ATTEMPTS = 8
 BACKOFF_S = 10.0  # first retry; doubles each time (ctx["webhook_backoff_s"] overrides)
@@ -69,50 +60,6 @@ TIMEOUT_S = 10.0
 SWEEP_AFTER_S = 60  # pending this long and no live job: the enqueue after COMMIT was lost
 SWEEP_LIMIT = 1000
 USER_AGENT = "refstream-webhooks/1"
-
-
-@dataclass(slots=True)
-class WebhookEvent:
-    """Something a webhook can subscribe to; ``subject_id``/``subject_key`` identify it
-    (the event id and ``""``; for ``milestone.reached`` the milestone and the affiliate)."""
-
-    workspace_id: str
-    event_type: str
-    subject_id: UUID
-    subject_key: str
-    payload: dict[str, Any]
-
-
-_DELIVERY_ROWS = jsonrows.table(
-    ("uuid", "text", "uuid", "text", "jsonb"), "e (workspace_id, event_type, subject_id, subject_key, payload)"
-)
-_RECORD_DELIVERIES = f"""
-INSERT INTO webhook_deliveries (webhook_id, event_type, subject_id, subject_key, payload)
-SELECT w.id, e.event_type, e.subject_id, e.subject_key, e.payload
-  FROM {_DELIVERY_ROWS}
-  JOIN webhooks w ON w.workspace_id = e.workspace_id AND w.active AND e.event_type = ANY (w.events)
- ORDER BY w.id, e.event_type, e.subject_id, e.subject_key
-ON CONFLICT (webhook_id, event_type, subject_id, subject_key) DO NOTHING
-RETURNING id
-"""
-
-
-async def record_deliveries(conn: asyncpg.Connection, events: list[WebhookEvent]) -> list[str]:
-    """Outbox rows for ``events``, inside the caller's transaction; the ids of the new rows.
-
-    Set-based: one INSERT ... SELECT joins the events to the active webhooks of their
-    workspace that subscribe to their type. Rows go in key order, so concurrent batches
-    touching the same keys wait for each other instead of deadlocking.
-    """
-    if not events:
-        return []
-    unique = {(e.workspace_id, e.event_type, e.subject_id, e.subject_key): e for e in events}
-    rows = [unique[k] for k in sorted(unique, key=lambda k: (k[0], k[1], str(k[2]), k[3]))]
-    ids = await conn.fetch(
-        _RECORD_DELIVERIES,
-        jsonrows.doc([(e.workspace_id, e.event_type, e.subject_id, e.subject_key, e.payload) for e in rows]),
-    )
-    return sorted(str(r["id"]) for r in ids)
 
 
 # arq's enqueue_job, for many jobs in one round trip: each job whose job key and result key

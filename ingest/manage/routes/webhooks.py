@@ -28,8 +28,9 @@ from ingest.manage.routes._guard import error, guarded, json, limit_param
 routes = web.RouteTableDef()
 
 EventType = Literal[
-    "lead.created", "conversion.created", "milestone.reached", "fraud.flagged", "sale.created", "commission.created"
-]
+    "lead.created", "conversion.created", "milestone.reached", "fraud.flagged", "sale.created", "commission.created",
+    "payout.paid",
+]  # fmt: skip  # ingest.manage.outbox.EVENT_TYPES, in its order
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 
