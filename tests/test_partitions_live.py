@@ -275,3 +275,32 @@ async def test_edge_and_worker_follow_2_4_1_partitions_under_requests_and_lose_n
     assert clicks == stored
     assert set(answers) <= {200, 503}, answers  # a refusal (503, Retry-After) is never counted
     assert answers.get(200, 0) > 50, answers
+
+
+async def test_a_retire_that_read_the_layout_before_a_grow_leaves_the_partitions_it_made(
+    redis: aioredis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's retire that loaded the layout while partitions were retiring, then ran its
+    scripts after a grow made them again, deleted written partitions and marked them retired:
+    every append there was GONE for good, and an edge's spool could not drain (the generative
+    test's seed 1349964483: 4 -> 1 -> 4 around a worker's housekeeping)."""
+    keys = Keys(settings.stream_prefix, 4)
+    for p in range(4):
+        await layout.ensure(redis, keys, p, (GROUP, ARCHIVE))
+    await layout.set_count(redis, keys, 4, 1, window_ms=WINDOW_MS)
+    stale = await layout.load(redis, keys, 4)  # partitions 1-3 retiring, all empty
+    assert list(stale.retiring) == [1, 2, 3]
+    await layout.set_count(redis, keys, 4, 4, window_ms=WINDOW_MS)  # grown back before the retire ran
+    real_load = layout.load
+
+    async def as_the_worker_read_it(*args: object, **kw: object) -> layout.Layout:
+        monkeypatch.setattr(layout, "load", real_load)
+        return stale
+
+    monkeypatch.setattr(layout, "load", as_the_worker_read_it)
+    assert await layout.retire(redis, keys, 4, grace_ms=0) == []
+    for p in range(4):  # every written partition still takes appends
+        assert await redis.execute_command("XADD", keys.stream(p), "NOMKSTREAM", "*", "e", "x") is not None
+    assert not any([await redis.exists(keys.retired(p)) for p in range(4)])
+    # and a later retire, on the layout as it is, finds nothing retiring
+    assert await layout.retire(redis, keys, 4, grace_ms=0) == []

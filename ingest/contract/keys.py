@@ -70,6 +70,11 @@ class Keys:
         no group creation may make its stream again. Beside its stream's tag."""
         return f"{self.prefix}:retired:{{{partition}}}"
 
+    def revived(self, partition: int) -> str:
+        """When a grow last made partition ``partition`` (Redis's ms): a retire that read the
+        layout before that time leaves it. Beside its stream's tag."""
+        return f"{self.prefix}:revived:{{{partition}}}"
+
     @property
     def workers(self) -> str:
         """Each worker's state (running, or blocked and why), for ``refstream status``."""

@@ -51,11 +51,14 @@ class Retired(ResponseError):
     """A group or stream asked for on a retired partition."""
 
 
-# KEYS[1] the stream, KEYS[2] its retired mark; ARGV[1] '1' to bring a retired partition
-# back (a grow), ARGV[2..] the groups to make (from id 0, with the stream). 1, or an error.
+# KEYS[1] the stream, KEYS[2] its retired mark, KEYS[3] its revived time; ARGV[1] '1' to
+# bring a retired partition back (a grow: the time is noted), ARGV[2..] the groups to make
+# (from id 0, with the stream). 1, or an error.
 ENSURE = """
 if ARGV[1] == '1' then
   redis.call('DEL', KEYS[2])
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[3], t[1] * 1000 + math.floor(t[2] / 1000))
 elseif redis.call('EXISTS', KEYS[2]) == 1 then
   return redis.error_reply('RETIRED partition ' .. KEYS[1] .. ' was retired')
 end
@@ -66,10 +69,14 @@ end
 return 1
 """
 
-# KEYS[1] the stream, KEYS[2] its attempts, KEYS[3] its retired mark. An empty stream (the
-# trim removed only what every group acked, so nothing is pending either) is deleted and
-# marked retired: 1; 2 when it was retired already; else 0.
+# KEYS[1] the stream, KEYS[2] its attempts, KEYS[3] its retired mark, KEYS[4] its revived
+# time; ARGV[1] when the layout the caller read (which has it retiring) changed. An empty
+# stream (the trim removed only what every group acked, so nothing is pending either) is
+# deleted and marked retired: 1; 2 when it was retired already; 3 when a grow made it again
+# after that layout (a retire racing a grow would delete a written partition); else 0.
 RETIRE = """
+local revived = tonumber(redis.call('GET', KEYS[4]) or '0')
+if revived >= tonumber(ARGV[1]) then return 3 end
 if redis.call('XLEN', KEYS[1]) > 0 then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 redis.call('DEL', KEYS[1], KEYS[2])
@@ -141,7 +148,8 @@ async def ensure(redis: Redis, keys: Keys, partition: int, groups: tuple[str, ..
     """Partition ``partition``'s stream with ``groups`` (from id 0); ``Retired`` if it was
     retired (unless ``revive``). Raises what Redis refuses (a full Redis: OOM)."""
     try:
-        await _eval(redis, ENSURE, 2, keys.stream(partition), keys.retired(partition), "1" if revive else "0", *groups)
+        await _eval(redis, ENSURE, 3, keys.stream(partition), keys.retired(partition), keys.revived(partition),
+                    "1" if revive else "0", *groups)  # fmt: skip
     except ResponseError as exc:
         said = str(exc)
         if "was retired" in said:
@@ -215,7 +223,8 @@ async def set_count(
         if count > before.count:
             groups = await groups_of(redis, keys, range(before.span))
             for p in range(before.count, count):
-                await _durable(redis, replicas, wait_ms, ENSURE, 2, keys.stream(p), keys.retired(p), "1", *groups)
+                await _durable(redis, replicas, wait_ms, ENSURE, 3, keys.stream(p), keys.retired(p), keys.revived(p),
+                               "1", *groups)  # fmt: skip
         now = await _now_ms(redis)
         kept = tuple((c, u) for c, u in before.previous if u > now and c not in (count, before.count))
         previous = ((before.count, now + window_ms), *kept)
@@ -235,9 +244,13 @@ async def retire(
     layout = await load(redis, keys, partitions)
     if not layout.retiring or await _now_ms(redis) < layout.changed_ms + grace_ms:
         return []
-    done, left = [], False
+    done: list[int] = []
+    left = False
     for p in layout.retiring:
-        retired = await _durable(redis, replicas, wait_ms, RETIRE, 3, keys.stream(p), keys.attempts(p), keys.retired(p))
+        retired = await _durable(redis, replicas, wait_ms, RETIRE, 4, keys.stream(p), keys.attempts(p),
+                                 keys.retired(p), keys.revived(p), layout.changed_ms)  # fmt: skip
+        if retired == 3:  # written again: the layout read here is stale, the next call reads anew
+            return done
         if retired == 1:
             done.append(p)
         left = left or retired == 0
