@@ -274,3 +274,15 @@ async def test_the_fault_checkers_ledger_check_sees_a_wrong_or_missing_row(
         assert len(found) == 2 and any("(210,usd)" in p for p in found), found  # 1234 * 15% + 25 = 210
     finally:
         await check.close()
+
+
+async def test_the_ledgers_lists_refuse_what_they_cannot_read_in_their_shape(edge: str, world: World):
+    h = bearer(world.api_key)
+    for query, status in (("before=%C2%B2", 404), ("before=99999999999999999999", 404), ("currency=%00", 400),
+                          ("status=lost", 400), ("affiliate_id=nope", 404)):  # fmt: skip
+        got, out, _ = await call("GET", f"{edge}/v1/commissions?{query}", headers=h)
+        assert (got, "error" in out) == (status, True), query
+    got, out, _ = await call("GET", f"{edge}/v1/conversions?customer_id=a%00b", headers=h)
+    assert (got, out["error"]) == (400, "invalid_request")
+    got, out, _ = await call("GET", f"{edge}/v1/payouts?before=%C2%B2", headers=h)
+    assert got == 404

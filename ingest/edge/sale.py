@@ -29,7 +29,9 @@ from ingest.edge.fields import Ident, Integer, NoNul, no_nul_inside
 from ingest.edge.idempotency import Claim, fingerprint
 
 PROCESSORS = ("stripe", "shopify", "paddle", "polar", "revenuecat", "custom")
-MAX_AMOUNT = 10**15  # minor units: far above any one sale, far below bigint's bound
+# minor units: far above any one sale (10 billion dollars), and 9 million of them on one
+# link, day and currency still fit sale_stats' bigint sums
+MAX_AMOUNT = 10**12
 Processor = Literal["stripe", "shopify", "paddle", "polar", "revenuecat", "custom"]
 
 

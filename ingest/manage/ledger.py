@@ -17,7 +17,7 @@ from ingest.contract.commission import Rules
 from ingest.contract.connections import write
 from ingest.manage import outbox
 from ingest.manage.admin import NotFound
-from ingest.manage.manage import Conflict, as_uuid, row_json
+from ingest.manage.manage import Conflict, as_uuid, query_value, row_json
 from ingest.manage.outbox import WebhookEvent
 
 # the given rules over the stored ones, in one statement: two changes at once both apply
@@ -63,10 +63,10 @@ async def page(
     """A page of ``commissions`` or ``payouts`` and the next page's cursor (None: the last)."""
     names = tuple(f for f in FILTERS if f in filters and not (affiliate_id and f == "affiliate_id"))
     args: list[Any] = [UUID(workspace_id)] + ([as_uuid(affiliate_id)] if affiliate_id else [])
-    args += [as_uuid(filters[f]) if f.endswith("_id") else filters[f] for f in names]
+    args += [as_uuid(filters[f]) if f.endswith("_id") else query_value(f, filters[f]) for f in names]
     if before is not None:
-        if not before.isdigit():
-            raise NotFound(f"cursor {before!r} not found")
+        if not (before.isascii() and before.isdigit() and len(before) <= 18):
+            raise NotFound(f"cursor {before[:40]!r} not found")
         args.append(int(before))
     query = page_query(table, names, affiliate=bool(affiliate_id), after=before is not None)
     rows = await conn.fetch(query, *args, limit + 1)

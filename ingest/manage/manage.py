@@ -13,6 +13,7 @@ from ingest.contract import links
 from ingest.contract.connections import Redis, write
 from ingest.contract.events import EventType
 from ingest.contract.keys import Keys
+from ingest.edge.body import BodyError
 from ingest.edge.fields import hostname
 from ingest.manage.admin import NotFound, insert_link, readable_code
 
@@ -199,6 +200,14 @@ _SALE_COLUMNS = (
 SALE_FILTERS = {"link_id": "link_id", "affiliate_id": "affiliate_id", "customer_id": "customer_external_id"}
 
 
+def query_value(name: str, value: str) -> str:
+    """A list's filter or cursor as given: no control character (Postgres takes no NUL) and
+    at most 256 characters, else the route's 400."""
+    if len(value) > 256 or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise BodyError(400, "invalid", f"{name}: at most 256 characters, none a control character")
+    return value
+
+
 def sales_query(filters: tuple[str, ...], *, before: bool) -> str:
     """GET /v1/conversions: a workspace's sales, newest first (by event id, a UUIDv7: its
     time), optionally of one link, affiliate or customer, before a cursor. One statement per
@@ -218,7 +227,7 @@ async def list_sales(
     """A page of sales and the cursor of the next (None: the last page)."""
     names = tuple(f for f in SALE_FILTERS if f in filters)
     args: list[Any] = [workspace_id]
-    args += [as_uuid(filters[f]) if f != "customer_id" else filters[f] for f in names]
+    args += [as_uuid(filters[f]) if f != "customer_id" else query_value(f, filters[f]) for f in names]
     if before is not None:
         args.append(as_uuid(before))
     rows = await conn.fetch(sales_query(names, before=before is not None), *args, limit + 1)

@@ -77,8 +77,8 @@ FROM sale_stats WHERE link_id = ANY($1::uuid[]) AND day BETWEEN $2 AND $3 GROUP 
 EARNED_SQL = """
 SELECT (earned_at AT TIME ZONE 'UTC')::date AS day, currency, sum(amount)::bigint AS commission
 FROM commissions
-WHERE link_id = ANY($1::uuid[]) AND earned_at >= ($2::date AT TIME ZONE 'UTC')
-  AND earned_at < (($3::date + 1) AT TIME ZONE 'UTC')
+WHERE link_id = ANY($1::uuid[]) AND earned_at >= ($2::date::timestamp AT TIME ZONE 'UTC')
+  AND earned_at < (($3::date + 1)::timestamp AT TIME ZONE 'UTC')
 GROUP BY 1, 2
 """
 

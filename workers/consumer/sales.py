@@ -3,7 +3,8 @@
 A sale is attributed to its customer's lead: the newest lead of that customer (its
 external id, in the sale's workspace; of ``leadEventName`` when the sale names one) that
 was received before the sale and within its program's window (the program's
-``cookie_window_days``, 30 without a program), not in test mode nor out of its own window.
+``cookie_window_days``, 30 without a program), counted (not in test mode, out of its own
+window, or excluded by the workspace's fraud policy).
 Through the lead it has the click, the link, the affiliate and the program. A sale with no
 such lead is stored and counted as unattributed (``unattributed = 'no_lead'``, and a
 ``no_lead`` drop the tenant sees in its drop stats).
@@ -60,6 +61,7 @@ CROSS JOIN LATERAL (
     LEFT JOIN programs p ON p.id = e.program_id
     WHERE e.type = 2 AND e.workspace_id = x.workspace_id AND e.customer_external_id = x.customer
       AND e.received_at <= x.at AND NOT e.test_mode AND NOT e.out_of_window
+      AND NOT EXISTS (SELECT 1 FROM event_flags f WHERE f.event_id = e.event_id AND f.excluded)
       AND (x.lead_name IS NULL OR e.name = x.lead_name)
       AND x.at - e.received_at <= make_interval(days => coalesce(p.cookie_window_days, 30))
     ORDER BY e.received_at DESC, e.event_id DESC

@@ -279,7 +279,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     else:
         events = []
     events += fraud.notices(flagged)
-    sold_out = await _sales(conn, sold, [s for s in live if s.type is EventType.LEAD], result, counted)
+    sold_out = await _sales(conn, sold, [s for s in counted if s.type is EventType.LEAD], result, counted)
     events += sold_out.notices
     if events:
         result.deliveries = await outbox.record_deliveries(conn, events)

@@ -207,10 +207,12 @@ async def _select(
 
 def target_stream(keys: Keys, letter: DeadLetter) -> str | None:
     """The partition the letter came from, when it is still one of ours; else the one its
-    link code routes to now (the partition count may have changed since)."""
+    routing key (a link code; a sale's customer) routes to now (the partition count may
+    have changed since)."""
     if letter.stream in keys.streams:
         return letter.stream
-    return keys.stream_for(letter.code) if letter.code is not None else None
+    route = letter.envelope.routing_key() if letter.envelope else None
+    return keys.stream_for(route) if route is not None else None
 
 
 async def _append(redis: Redis, keys: Keys, stream: str, letter: DeadLetter) -> bool:
