@@ -347,3 +347,13 @@ async def test_conversions_list_newest_first_by_page_and_filter(edge: str, world
         assert status == 200 and [s["invoice_id"] for s in out["data"]] == invoices, query
     status, out, _ = await call("GET", f"{url}?limit=0", headers=bearer(world.api_key))
     assert status == 400 and out["error"] == "invalid_request"
+
+
+async def test_a_copy_of_an_invoice_naming_another_customer_is_answered_as_the_first(
+    edge: str, world: World, pg: asyncpg.Pool, drain
+):
+    first = await track_sale(edge, world.api_key, sale_body(customerExternalId="user_001"))
+    other = await track_sale(edge, world.api_key, sale_body(customerExternalId="someone_else", amount=1))
+    assert first[0] == other[0] == 200 and other[1] == first[1] and other[2].get(REPLAYED) == "true"
+    await drain()
+    assert [tuple(r) for r in await pg.fetch("SELECT customer_external_id, amount FROM sales")] == [("user_001", 4900)]

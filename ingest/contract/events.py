@@ -105,9 +105,10 @@ _entropy = _Entropy()
 random_bytes = _entropy.take
 
 
-def sale_routing_key(workspace_id: str | None, customer_external_id: str) -> str:
-    """A sale's routing key: never a link code (codes cannot hold the unit separator)."""
-    return f"sale\x1f{workspace_id or ''}\x1f{customer_external_id}"
+def sale_routing_key(workspace_id: str | None, by: str, value: str) -> str:
+    """A sale's routing key, by its invoice or its customer: never a link code (codes cannot
+    hold the unit separator)."""
+    return f"sale\x1f{workspace_id or ''}\x1f{by}\x1f{value}"
 
 
 def uuid7(ms: int | None = None) -> uuid.UUID:
@@ -157,11 +158,14 @@ class Envelope:
 
     def routing_key(self) -> str | None:
         """What the event's partition follows (``Keys.partition_for``): its link's code, so
-        one link's events stay in order; a sale's customer, so one customer's sales (and
-        every copy of one invoice) meet in one partition. None: neither is known."""
+        one link's events stay in order; a sale's invoice, so every copy of one invoice (and
+        its idempotency record) meets in one partition whatever else it says, else its
+        customer. None: neither is known."""
         if self.type is EventType.SALE:
-            customer = self.payload.get("external_id")
-            return sale_routing_key(self.workspace_id, customer) if isinstance(customer, str) else None
+            invoice, customer = self.payload.get("invoice"), self.payload.get("external_id")
+            if isinstance(invoice, str):
+                return sale_routing_key(self.workspace_id, "invoice", invoice)
+            return sale_routing_key(self.workspace_id, "customer", customer) if isinstance(customer, str) else None
         code = self.payload.get("code")
         return code if isinstance(code, str) else None
 

@@ -5,9 +5,9 @@ A sale names its customer by the external id its lead gave (Refport's
 ``customerExternalId``), an amount as an exact integer in the currency's minor unit (4900
 is $49.00; never a float), an ISO 4217 currency (default ``usd``), and optionally an
 invoice. The edge looks nothing up: the workers attribute the sale to the customer's lead
-(``workers/consumer/sales.py``). Its partition follows the customer
-(``Envelope.routing_key``), so one customer's sales, and every copy of one invoice, meet in
-one partition.
+(``workers/consumer/sales.py``). Its partition follows its invoice, else its customer
+(``Envelope.routing_key``): every copy of one invoice, and its key's record, meet in one
+partition.
 
 Counted once, at two levels:
 
