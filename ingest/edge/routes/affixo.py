@@ -26,10 +26,12 @@ from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.links import LinkInfo
 from ingest.edge import accept, sale
+from ingest.edge.auth import Principal
+from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
 from ingest.edge.fields import NoNul
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
-from ingest.edge.lookup import Guess, seen_link
+from ingest.edge.lookup import Found, Guess, seen_link
 from ingest.edge.sale import AffixoConversion
 from ingest.edge.state import Edge
 
@@ -122,6 +124,34 @@ def _click(request: web.Request, edge: Edge, body: AffixoClick, link: LinkInfo, 
     )
 
 
+def _caller(
+    request: web.Request, edge: Edge, found: Found, problem: BodyError | None, body: BaseModel | None
+) -> web.Response | tuple[Principal, LinkInfo | None, str | None]:
+    """The refusals of Affixo's keyed routes, in their order (the key, its scope, its rate
+    limit, the body, the ``Idempotency-Key``); else the caller, the link the lookup found in
+    its workspace, and its key."""
+    principal = found.principal
+    if principal is None:
+        return error(401, "unauthorized")
+    if not principal.allows("track"):
+        return error(403, "insufficient_scope", need="track")
+    link = found.link
+    mine = link if link is not None and link.workspace_id == principal.workspace_id else None
+    if not found.verdict.allowed:
+        edge.drops.note(principal.workspace_id, mine.id if mine else None, "rate_limited")
+        return error(429, "rate_limited", found.verdict.headers, detail="600 requests per minute per key")
+    if problem is not None or body is None:
+        edge.drops.note(principal.workspace_id, None, "invalid")
+        if problem is None:
+            return error(400, "invalid_json", detail="invalid body")
+        return error(problem.status, body_code(problem, "invalid_json"), detail=problem.message)
+    try:
+        return principal, mine, header_key(request)
+    except InvalidKey as exc:
+        edge.drops.note(principal.workspace_id, None, "invalid")
+        return error(400, "invalid_idempotency_key", detail=str(exc))
+
+
 VOICE = accept.Voice(
     "affixo_click", lambda status, code, message: error(status, code, detail=message),
     lambda headers: error(503, "unavailable", headers),
@@ -148,26 +178,11 @@ async def track_click(request: web.Request) -> web.Response:
     )
     if isinstance(found, web.Response):
         return found
-    principal = found.principal
-    if principal is None:
-        return error(401, "unauthorized")
-    if not principal.allows("track"):
-        return error(403, "insufficient_scope", need="track")
-    link = found.link
-    mine = link if link is not None and link.workspace_id == principal.workspace_id else None
-    if not found.verdict.allowed:
-        edge.drops.note(principal.workspace_id, mine.id if mine else None, "rate_limited")
-        return error(429, "rate_limited", found.verdict.headers, detail="600 requests per minute per key")
-    if problem is not None or body is None:
-        edge.drops.note(principal.workspace_id, None, "invalid")
-        if problem is None:
-            return error(400, "invalid_json", detail="invalid body")
-        return error(problem.status, body_code(problem, "invalid_json"), detail=problem.message)
-    try:
-        idem_key = header_key(request)
-    except InvalidKey as exc:
-        edge.drops.note(principal.workspace_id, None, "invalid")
-        return error(400, "invalid_idempotency_key", detail=str(exc))
+    caller = _caller(request, edge, found, problem, body)
+    if isinstance(caller, web.Response):
+        return caller
+    principal, mine, idem_key = caller
+    assert body is not None
     if found.link_unresolved:
         return VOICE.down()
     if mine is None or not mine.active:
@@ -213,24 +228,11 @@ async def track_conversion(request: web.Request) -> web.Response:
     found = await accept.look(edge, CONVERSION_VOICE, edge.key_limiter, "", secret=secret)
     if isinstance(found, web.Response):
         return found
-    principal = found.principal
-    if principal is None:
-        return error(401, "unauthorized")
-    if not principal.allows("track"):
-        return error(403, "insufficient_scope", need="track")
-    if not found.verdict.allowed:
-        edge.drops.note(principal.workspace_id, None, "rate_limited")
-        return error(429, "rate_limited", found.verdict.headers, detail="600 requests per minute per key")
-    if problem is not None or body is None:
-        edge.drops.note(principal.workspace_id, None, "invalid")
-        if problem is None:
-            return error(400, "invalid_json", detail="invalid body")
-        return error(problem.status, body_code(problem, "invalid_json"), detail=problem.message)
-    try:
-        idem_key = header_key(request)
-    except InvalidKey as exc:
-        edge.drops.note(principal.workspace_id, None, "invalid")
-        return error(400, "invalid_idempotency_key", detail=str(exc))
+    caller = _caller(request, edge, found, problem, body)
+    if isinstance(caller, web.Response):
+        return caller
+    principal, _, idem_key = caller
+    assert body is not None
     payload = sale.from_affixo(body)
     event = sale.envelope(Dialect.AFFIXO, principal.workspace_id, payload)
     answer = AffixoConversionRecorded(

@@ -115,8 +115,11 @@ VOICE = accept.Voice(
 SALE_VOICE = accept.Voice("refport_sale", VOICE.refuse, VOICE.unavailable)
 
 
-def _refused(edge: Edge, found: Found, problem: BodyError | None, body: BaseModel | None) -> web.Response | None:
-    """A keyed route's refusals, in their order: the key, its rate limit, the body."""
+def _caller(
+    request: web.Request, edge: Edge, found: Found, problem: BodyError | None, body: BaseModel | None
+) -> web.Response | tuple[str, str | None]:
+    """A keyed route's refusals, in their order (the key, its rate limit, the body, the
+    ``Idempotency-Key``); else the caller's workspace and key."""
     principal = found.principal
     if principal is None or not principal.allows("track"):
         return error(401, "UNAUTHORIZED", "Invalid or missing API key")
@@ -128,7 +131,11 @@ def _refused(edge: Edge, found: Found, problem: BodyError | None, body: BaseMode
         if problem is None or problem.status == 400:
             return error(400, "VALIDATION_ERROR", problem.message if problem else "invalid body")
         return error(problem.status, body_code(problem).upper(), problem.message)
-    return None
+    try:
+        return principal.workspace_id, header_key(request)
+    except InvalidKey as exc:
+        edge.drops.note(principal.workspace_id, None, "invalid")
+        return error(400, "VALIDATION_ERROR", str(exc))
 
 
 @routes.post("/api/track/sale")
@@ -140,15 +147,11 @@ async def track_sale(request: web.Request) -> web.Response:
     found = await accept.look(edge, SALE_VOICE, edge.key_limiter, "", secret=secret)
     if isinstance(found, web.Response):
         return found
-    if (refused := _refused(edge, found, problem, body)) is not None:
-        return refused
-    assert body is not None and found.principal is not None
-    workspace = found.principal.workspace_id
-    try:
-        idem_key = header_key(request)
-    except InvalidKey as exc:
-        edge.drops.note(workspace, None, "invalid")
-        return error(400, "VALIDATION_ERROR", str(exc))
+    caller = _caller(request, edge, found, problem, body)
+    if isinstance(caller, web.Response):
+        return caller
+    assert body is not None
+    workspace, idem_key = caller
     payload = sale.from_refport(body)
     event = sale.envelope(Dialect.REFPORT, workspace, payload)
     tracked = RefportSaleTracked(
@@ -189,15 +192,12 @@ async def track_lead(request: web.Request) -> web.Response:
     found = await accept.look(edge, VOICE, edge.key_limiter, "", secret=secret, extra=reads, guess=guess)
     if isinstance(found, web.Response):
         return found
-    if (refused := _refused(edge, found, problem, body)) is not None:
-        return refused
+    caller = _caller(request, edge, found, problem, body)
+    if isinstance(caller, web.Response):
+        return caller
     principal = found.principal
     assert principal is not None and body is not None
-    try:
-        idem_key = header_key(request)
-    except InvalidKey as exc:
-        edge.drops.note(principal.workspace_id, None, "invalid")
-        return error(400, "VALIDATION_ERROR", str(exc))
+    idem_key = caller[1]
 
     click_id = body.clickId
     try:
