@@ -20,14 +20,18 @@ Counted once, at two levels:
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
+from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ingest.contract.events import Envelope, EventType
+from ingest.edge import accept
 from ingest.edge.fields import Ident, Integer, NoNul, no_nul_inside
 from ingest.edge.idempotency import Claim, fingerprint
 
+M = TypeVar("M", bound=BaseModel)
 PROCESSORS = ("stripe", "shopify", "paddle", "polar", "revenuecat", "custom")
 # minor units: far above any one sale (10 billion dollars), and 9 million of them on one
 # link, day and currency still fit sale_stats' bigint sums
@@ -110,3 +114,36 @@ def claim(route: str, workspace_id: str, idem_key: str | None, payload: dict[str
     if isinstance(invoice, str):
         return Claim.of(invoice, f"{route}-invoice", workspace_id, fingerprint(invoice))
     return None
+
+
+Caller = Callable[..., "web.Response | tuple[Any, ...]"]
+
+
+async def track(
+    request: web.Request, voice: accept.Voice, model: type[M], refusals: Caller, dialect: str,
+    payload_of: Callable[[M], dict[str, Any]], answer_of: Callable[[M, Envelope], bytes],
+) -> web.Response:  # fmt: skip
+    """A dialect's sale route, all but what it says: its ``voice``, its body's ``model``, its
+    keyed ``refusals`` (``(request, edge, found, problem, body)`` -> its refusal, or a tuple
+    of the caller's principal or workspace first and the ``Idempotency-Key`` last), the
+    sale's payload from its body and its answer."""
+    edge, secret = accept.keyed(request)
+    if secret is None:
+        return voice.refuse(401, "unauthorized", "Invalid or missing API key")
+    body, problem = await accept.parsed(request, model)
+    found = await accept.look(edge, voice, edge.key_limiter, "", secret=secret)
+    if isinstance(found, web.Response):
+        return found
+    caller = refusals(request, edge, found, problem, body)
+    if isinstance(caller, web.Response):
+        return caller
+    assert body is not None and found.principal is not None
+    workspace, idem_key = found.principal.workspace_id, caller[-1]
+    payload = payload_of(body)
+    event = envelope(dialect, workspace, payload)
+    route = event.routing_key()
+    assert route is not None
+    return await accept.append(
+        edge, voice, event, route, answer_of(body, event), found.verdict.headers,
+        claim=claim(voice.route, workspace, idem_key, payload), spool=False,
+    )  # fmt: skip

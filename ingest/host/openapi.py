@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from ingest.edge import sale
+from ingest.edge.fields import IDENT
 from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, refport
 from ingest.host import health
 from ingest.manage.routes import commissions as C
@@ -55,6 +56,9 @@ MANAGE = errors(M.ManageError, 400, 401, 403, 404, 429, 503)
 MANAGE_BODY = {**MANAGE, **errors(M.ManageError, *BODY)}
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}
 DAY = {"type": "string", "format": "date", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}  # a UTC day, YYYY-MM-DD
+CURRENCY = {"type": "string", "pattern": "^[a-z]{3}$"}  # ISO 4217, lower case
+CUSTOMER = {"type": "string", "maxLength": 256, "pattern": IDENT}  # an external id
+SEQ = {"type": "string", "pattern": "^[0-9]{1,18}$"}  # a ledger list's cursor
 
 OPERATIONS: tuple[Op, ...] = (
     Op("get", "/healthz", "The process is up", "Operations", {200: health.Health}),
@@ -116,7 +120,7 @@ OPERATIONS: tuple[Op, ...] = (
     Op("get", "/v1/conversions", "The workspace's sales, newest first: of a link, an affiliate or a customer "
        "(its external id); `before` is the `next` of the page before", "Management",
        {200: M.SaleList, **MANAGE}, security="bearer",
-       query={"link_id": {"type": "string"}, "affiliate_id": {"type": "string"}, "customer_id": {"type": "string"},
+       query={"link_id": {"type": "string"}, "affiliate_id": {"type": "string"}, "customer_id": CUSTOMER,
               "before": {"type": "string"}, "limit": LIMIT}),
     Op("patch", "/v1/programs/{id}/commission", "Change a program's commission rules (the others kept): sale_bps, "
        "sale_flat, lead_flat, lead_currency, duration (lifetime, months, first_sale), duration_months, hold_days",
@@ -125,11 +129,11 @@ OPERATIONS: tuple[Op, ...] = (
        "`before` is the `next` of the page before", "Management", {200: C.CommissionList, **MANAGE},
        security="bearer", query={"affiliate_id": {"type": "string"}, "program_id": {"type": "string"},
                                  "status": {"type": "string", "enum": ["pending", "approved", "paid"]},
-                                 "currency": {"type": "string"}, "before": {"type": "string"}, "limit": LIMIT}),
+                                 "currency": CURRENCY, "before": SEQ, "limit": LIMIT}),
     Op("get", "/v1/affiliate/commissions", "The calling affiliate's own commissions (an affiliate key)", "Affiliate",
        {200: C.CommissionList, **MANAGE}, security="bearer",
        query={"program_id": {"type": "string"}, "status": {"type": "string", "enum": ["pending", "approved", "paid"]},
-              "currency": {"type": "string"}, "before": {"type": "string"}, "limit": LIMIT}),
+              "currency": CURRENCY, "before": SEQ, "limit": LIMIT}),
     Op("post", "/v1/payouts", "A payout of an affiliate's approved, unpaid commissions in one currency (reversals "
        "included); 409 when they sum to nothing", "Management",
        {201: C.Payout, 409: M.ManageError, **MANAGE_BODY}, C.NewPayout, "bearer"),
@@ -138,11 +142,11 @@ OPERATIONS: tuple[Op, ...] = (
     Op("get", "/v1/payouts", "Payouts, newest first: by affiliate, status or currency", "Management",
        {200: C.PayoutList, **MANAGE}, security="bearer",
        query={"affiliate_id": {"type": "string"}, "status": {"type": "string", "enum": ["pending", "paid"]},
-              "currency": {"type": "string"}, "before": {"type": "string"}, "limit": LIMIT}),
+              "currency": CURRENCY, "before": SEQ, "limit": LIMIT}),
     Op("get", "/v1/affiliate/payouts", "The calling affiliate's own payouts (an affiliate key)", "Affiliate",
        {200: C.PayoutList, **MANAGE}, security="bearer",
-       query={"status": {"type": "string", "enum": ["pending", "paid"]}, "currency": {"type": "string"},
-              "before": {"type": "string"}, "limit": LIMIT}),
+       query={"status": {"type": "string", "enum": ["pending", "paid"]}, "currency": CURRENCY,
+              "before": SEQ, "limit": LIMIT}),
     Op("get", "/v1/stats", "The workspace's counted events, sales and revenue per currency, dropped events by "
        "reason (with those no link resolved for: unknown codes, sales credited to no affiliate) and fraud flags by "
        "rule, per UTC day (from, to as a link's)", "Management",

@@ -201,9 +201,12 @@ SALE_FILTERS = {"link_id": "link_id", "affiliate_id": "affiliate_id", "customer_
 
 
 def query_value(name: str, value: str) -> str:
-    """A list's filter or cursor as given: no control character (Postgres takes no NUL) and
-    at most 256 characters, else the route's 400."""
-    if len(value) > 256 or any(ord(c) < 32 or ord(c) == 127 for c in value):
+    """A list's filter as given: a currency's three lower-case letters; else no control
+    character (Postgres takes no NUL) and at most 256 characters. Otherwise the route's 400."""
+    if name == "currency":
+        if not (len(value) == 3 and value.isascii() and value.isalpha() and value.islower()):
+            raise BodyError(400, "invalid", "currency: ISO 4217, three lower-case letters")
+    elif len(value) > 256 or any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise BodyError(400, "invalid", f"{name}: at most 256 characters, none a control character")
     return value
 

@@ -221,30 +221,12 @@ CONVERSION_VOICE = accept.Voice("affixo_conversion", VOICE.refuse, VOICE.unavail
 
 @routes.post("/v1/track/conversion")
 async def track_conversion(request: web.Request) -> web.Response:
-    edge, secret = accept.keyed(request)
-    if secret is None:
-        return error(401, "unauthorized")
-    body, problem = await accept.parsed(request, AffixoConversion)
-    found = await accept.look(edge, CONVERSION_VOICE, edge.key_limiter, "", secret=secret)
-    if isinstance(found, web.Response):
-        return found
-    caller = _caller(request, edge, found, problem, body)
-    if isinstance(caller, web.Response):
-        return caller
-    principal, _, idem_key = caller
-    assert body is not None
-    payload = sale.from_affixo(body)
-    event = sale.envelope(Dialect.AFFIXO, principal.workspace_id, payload)
-    answer = AffixoConversionRecorded(
-        conversion_id=str(event.event_id),
-        customer_id=body.customer_id,
-        amount=body.amount,
-        currency=body.currency,
+    return await sale.track(request, CONVERSION_VOICE, AffixoConversion, _caller, Dialect.AFFIXO, sale.from_affixo,
+                            _recorded)  # fmt: skip
+
+
+def _recorded(body: AffixoConversion, event: Envelope) -> bytes:
+    return orjson.dumps(AffixoConversionRecorded(
+        conversion_id=str(event.event_id), customer_id=body.customer_id, amount=body.amount, currency=body.currency,
         invoice_id=body.invoice_id,
-    )
-    route = event.routing_key()
-    assert route is not None
-    return await accept.append(
-        edge, CONVERSION_VOICE, event, route, orjson.dumps(answer.model_dump()), found.verdict.headers,
-        claim=sale.claim("affixo-conversion", principal.workspace_id, idem_key, payload), spool=False,
-    )  # fmt: skip
+    ).model_dump())  # fmt: skip

@@ -140,32 +140,17 @@ def _caller(
 
 @routes.post("/api/track/sale")
 async def track_sale(request: web.Request) -> web.Response:
-    edge, secret = accept.keyed(request)
-    if secret is None:
-        return error(401, "UNAUTHORIZED", "Invalid or missing API key")
-    body, problem = await accept.parsed(request, RefportSale)
-    found = await accept.look(edge, SALE_VOICE, edge.key_limiter, "", secret=secret)
-    if isinstance(found, web.Response):
-        return found
-    caller = _caller(request, edge, found, problem, body)
-    if isinstance(caller, web.Response):
-        return caller
-    assert body is not None
-    workspace, idem_key = caller
-    payload = sale.from_refport(body)
-    event = sale.envelope(Dialect.REFPORT, workspace, payload)
-    tracked = RefportSaleTracked(
+    return await sale.track(request, SALE_VOICE, RefportSale, _caller, Dialect.REFPORT, sale.from_refport,
+                            _sale_tracked)  # fmt: skip
+
+
+def _sale_tracked(body: RefportSale, event: Envelope) -> bytes:
+    return orjson.dumps(RefportSaleTracked(
         eventName=body.eventName,
         customer=RefportSaleCustomer(externalId=body.customerExternalId),
         sale=RefportSaleEcho(amount=body.amount, currency=body.currency, paymentProcessor=body.paymentProcessor,
                              invoiceId=body.invoiceId, metadata=body.metadata),
-    )  # fmt: skip
-    route = event.routing_key()
-    assert route is not None
-    return await accept.append(
-        edge, SALE_VOICE, event, route, orjson.dumps(tracked.model_dump()), found.verdict.headers,
-        claim=sale.claim("refport-sale", workspace, idem_key, payload), spool=False,
-    )  # fmt: skip
+    ).model_dump())  # fmt: skip
 
 
 @routes.post("/api/track/lead")
