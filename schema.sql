@@ -555,6 +555,9 @@ CREATE TABLE IF NOT EXISTS commissions (
     affiliate_id  uuid NOT NULL,
     link_id       uuid,
     kind          text NOT NULL CHECK (kind IN ('sale', 'lead', 'reversal')),
+    -- the duration it was earned under (lifetime, months, first_sale; lead): a first_sale
+    -- reversal takes back only what first_sale granted, never what earlier rules did
+    rule          text,
     -- the sale's or the lead's event id; a reversal's: the sale whose commission it takes back
     source_id     uuid NOT NULL,
     customer_external_id text,

@@ -286,3 +286,21 @@ async def test_the_ledgers_lists_refuse_what_they_cannot_read_in_their_shape(edg
     assert (got, out["error"]) == (400, "invalid_request")
     got, out, _ = await call("GET", f"{edge}/v1/payouts?before=%C2%B2", headers=h)
     assert got == 404
+
+
+async def test_a_change_to_first_sale_takes_back_nothing_earlier_rules_granted(
+    edge: str, world: World, pg: asyncpg.Pool, drain
+):
+    assert (await rules(edge, world, sale_bps=1000, duration="lifetime"))[0] == 200
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await drain()
+    lead_ms = int((await pg.fetchval("SELECT received_at FROM events WHERE type = 2")).timestamp() * 1000)
+    s1, s2, s3 = (made(world, invoiceId=f"in_{n}", amount=1000 * n) for n in (1, 2, 3))
+    for n, e in enumerate((s1, s2, s3), start=1):
+        e.received_at_ms = lead_ms + n
+    await store.write_batch(pg, [s1, s2])  # lifetime: both earn
+    assert (await rules(edge, world, duration="first_sale"))[0] == 200
+    await store.write_batch(pg, [s3])  # not the first: nothing; and what lifetime granted stands
+    rows = sorted((r["kind"], r["amount"], r["rule"]) for r in await pg.fetch("SELECT * FROM commissions"))
+    assert rows == [("sale", 100, "lifetime"), ("sale", 200, "lifetime")]

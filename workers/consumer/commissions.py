@@ -36,7 +36,7 @@ _RULES = "SELECT id, commission FROM programs WHERE id = ANY($1::uuid[])"
 _COLUMNS = (
     ("workspace_id", "uuid"), ("program_id", "uuid"), ("affiliate_id", "uuid"), ("link_id", "uuid"),
     ("kind", "text"), ("source_id", "uuid"), ("customer_external_id", "text"), ("amount", "bigint"),
-    ("currency", "text"), ("earned_at", "timestamptz"), ("approve_after", "timestamptz"),
+    ("currency", "text"), ("earned_at", "timestamptz"), ("approve_after", "timestamptz"), ("rule", "text"),
 )  # fmt: skip
 _INSERT = f"""
 INSERT INTO commissions ({", ".join(n for n, _ in _COLUMNS)})
@@ -46,10 +46,12 @@ ON CONFLICT (kind, source_id) DO NOTHING
 RETURNING id, workspace_id, program_id, affiliate_id, link_id, kind, source_id, customer_external_id, amount,
           currency, earned_at
 """
-# a first_sale customer's attributed sales in the program, oldest first, with their commission held
+# a first_sale customer's attributed sales in the program, oldest first, and whether first_sale
+# granted one a commission that still stands
 _FIRSTS = """
 SELECT s.event_id, s.received_at, s.amount, s.currency, s.link_id, s.affiliate_id,
-       EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'sale' AND c.source_id = s.event_id)
+       EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'sale' AND c.rule = 'first_sale'
+                                             AND c.source_id = s.event_id)
        AND NOT EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'reversal' AND c.source_id = s.event_id) AS earning,
        (SELECT c.amount FROM commissions c WHERE c.kind = 'sale' AND c.source_id = s.event_id) AS earned
 FROM sales s
@@ -77,7 +79,8 @@ class Sold:
 
 def _row(ws: str, program: Any, affiliate: Any, link: Any, kind: str, source: UUID, customer: str | None,
          amount: int, currency: str, at: datetime, rules: Rules) -> tuple[Any, ...]:  # fmt: skip
-    return (ws, program, affiliate, link, kind, source, customer, amount, currency, at, rules.approve_after(at))
+    rule = "lead" if kind == "lead" else rules.duration
+    return (ws, program, affiliate, link, kind, source, customer, amount, currency, at, rules.approve_after(at), rule)
 
 
 async def settle(conn: asyncpg.Connection, sold: list[Sold], leads: list[Stored]) -> list[WebhookEvent]:
@@ -106,22 +109,25 @@ async def settle(conn: asyncpg.Connection, sold: list[Sold], leads: list[Stored]
             rows.append(_row(sale.workspace_id, sale.program_id, sale.affiliate_id, sale.link_id, "sale",
                              sale.event_id, sale.customer, r.for_sale(sale.amount), sale.currency, sale.at,
                              r))  # fmt: skip
+    new = {sale.event_id for sale in sold}
     for (ws, customer, program), r in sorted(firsts.items()):
-        rows += await _first_sale(conn, ws, customer, program, r)
+        rows += await _first_sale(conn, ws, customer, program, r, new)
     if not rows:
         return []
     return [_notice(r) for r in await conn.fetch(_INSERT, jsonrows.doc(rows))]
 
 
 async def _first_sale(
-    conn: asyncpg.Connection, ws: str, customer: str, program: str, r: Rules
+    conn: asyncpg.Connection, ws: str, customer: str, program: str, r: Rules, new: set[UUID]
 ) -> list[tuple[Any, ...]]:
-    """The customer's first attributed sale earns; any other that earned is taken back."""
+    """The customer's first attributed sale earns, when it is one this batch stores or
+    attributes (a sale stored before these rules earns nothing after the fact); any later
+    one that first_sale made earn is taken back (what other rules granted stands)."""
     found = await conn.fetch(_FIRSTS, UUID(ws), customer, UUID(program))
     if not found:
         return []
     first, out = found[0], []
-    if not first["earning"] and r.for_sale(first["amount"]) > 0:
+    if first["event_id"] in new and not first["earning"] and r.for_sale(first["amount"]) > 0:
         out.append(_row(ws, program, first["affiliate_id"], first["link_id"], "sale", first["event_id"], customer,
                         r.for_sale(first["amount"]), first["currency"], first["received_at"], r))  # fmt: skip
     for later in found[1:]:
