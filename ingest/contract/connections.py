@@ -180,6 +180,16 @@ class Cluster(RedisCluster):
 _CLIENT_CODE = tuple(os.path.join("redis", "asyncio", f) for f in ("connection.py", "cluster.py"))
 
 
+def cancelled_meanwhile() -> None:
+    """Raise ``CancelledError`` if the running task was asked to stop. A client library's own
+    timeout can turn a cancel that lands as it fires into its timeout error (redis-py's
+    reads do); a loop that waits out errors would then wait on for ever, and a close that
+    awaits it with it. Call it where such a loop catches an error and goes on."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def client_fault(exc: BaseException) -> bool:
     """A RuntimeError or AttributeError raised inside redis-py's connection or cluster code,
     not ours: a connection or node closed under a command still using it (a Cluster primary

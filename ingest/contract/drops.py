@@ -24,7 +24,7 @@ from typing import Any, Final, Protocol
 import structlog
 
 from ingest.contract import clock
-from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.connections import REDIS_ERRORS, Command, cancelled_meanwhile
 
 log = structlog.get_logger("ingest.drops")
 
@@ -129,4 +129,5 @@ class DropTally:
             try:
                 await self.flush()
             except Exception:  # the timer must outlive any failure
+                cancelled_meanwhile()
                 log.exception("drops.flush_crashed")

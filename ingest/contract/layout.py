@@ -31,7 +31,7 @@ import orjson
 import structlog
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
-from ingest.contract.connections import Redis
+from ingest.contract.connections import Redis, cancelled_meanwhile
 from ingest.contract.keys import GROUP, Keys
 
 log = structlog.get_logger("ingest.layout")
@@ -326,6 +326,7 @@ class Watch:
                     log.info("layout.streams_made", partitions=mend)
                 self._gone.clear()
             except Exception as exc:  # Redis away: the last layout stands
+                cancelled_meanwhile()
                 if not failing:
                     log.warning("layout.unread", error=repr(exc))
                 failing = True

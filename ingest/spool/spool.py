@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from ingest.contract.connections import REDIS_ERRORS, Command, Redis
+from ingest.contract.connections import REDIS_ERRORS, Command, Redis, cancelled_meanwhile
 from ingest.contract.events import Envelope, entry_from_blob
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Layout, PartitionGone, Watch
@@ -317,6 +317,7 @@ class Spool:
             except SpoolDrainFailed:
                 continue  # logged once when it started failing; retried next tick
             except REDIS_ERRORS as exc:
+                cancelled_meanwhile()
                 if self._redis_error is None:
                     log.warning("spool.drain_waiting", error=repr(exc), entries=self._entries)
                 self._redis_error = repr(exc)

@@ -18,7 +18,7 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from ingest.contract import layout
-from ingest.contract.connections import Redis
+from ingest.contract.connections import Redis, cancelled_meanwhile
 from ingest.contract.keys import Keys, parse_id
 from ingest.contract.settings import Settings
 from workers.group import presence
@@ -131,6 +131,7 @@ class Member:
             except Exception as exc:
                 if (reason := redis_outage(exc)) is None:
                     raise
+                cancelled_meanwhile()
                 if reason != waiting:  # one line per state, not per retry
                     log.warning("group.waiting", group=self.group, stream=stream, reason=reason, error=repr(exc))
                     waiting = reason
@@ -241,6 +242,7 @@ class Member:
             except layout.Retired:
                 raise
             except Exception as exc:
+                cancelled_meanwhile()
                 reason = redis_outage(exc) or "error"
                 if reason != failure:
                     log.warning(f"{self.role}.read_failed", stream=stream, reason=reason, error=repr(exc))
