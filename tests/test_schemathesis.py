@@ -50,7 +50,9 @@ async def test_every_operation_conforms_to_the_document(procs: Procs, world: Wor
         "-H", f"Authorization: Bearer {world.api_key}", "-H", f"X-API-Key: {world.api_key}",
         "--max-examples", "200" if FULL else "10",
         "--phases", "examples,coverage,fuzzing,stateful" if FULL else "examples,coverage,fuzzing",
-        "--workers", "2", "--request-timeout", "10", "--seed", os.environ.get("REFSTREAM_FUZZ_SEED", "15"),
+        # one worker: hypothesis parsing lambdas' source in two threads at once made CPython 3.11's
+        # ast.parse fail now and then ("AST constructor recursion depth mismatch", CI)
+        "--workers", "1", "--request-timeout", "10", "--seed", os.environ.get("REFSTREAM_FUZZ_SEED", "15"),
         "--report", "junit", "--report-dir", str(tmp_path),
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
