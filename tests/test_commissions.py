@@ -15,7 +15,7 @@ from ingest.manage import admin, secretbox
 from workers.consumer import commissions, store
 
 from ._world import World, call
-from .test_sales import bearer, sale_body, track_sale
+from .test_sales import affiliate_keys, bearer, sale_body, track_sale
 from .test_seed_004_refport import lead, lead_body, new_click
 from .test_webhooks import make_webhook
 
@@ -146,15 +146,7 @@ async def test_held_then_approved_and_an_affiliate_reads_only_its_own(
     assert await pg.execute(commissions.APPROVE) == "UPDATE 0"  # held 30 days
     status, out, _ = await call("GET", f"{edge}/v1/commissions?status=approved", headers=bearer(world.api_key))
     assert status == 200 and [(c["amount"], c["status"]) for c in out["data"]] == [(100, "approved")]
-    async with pg.acquire() as conn:
-        mine = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
-                                      affiliate_id=world.affiliate_id)  # fmt: skip
-        other = await conn.fetchval(
-            "INSERT INTO affiliates (workspace_id, program_id, external_id) VALUES ($1, $2, 'other') RETURNING id",
-            world.workspace_id, world.program_id,
-        )  # fmt: skip
-        theirs = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
-                                        affiliate_id=str(other))  # fmt: skip
+    mine, theirs = await affiliate_keys(pg, redis, keys, world)
     status, out, _ = await call("GET", f"{edge}/v1/affiliate/commissions?limit=1", headers=bearer(mine["api_key"]))
     assert status == 200 and [c["amount"] for c in out["data"]] == [200] and out["next"]
     status, out, _ = await call("GET", f"{edge}/v1/affiliate/commissions?before={out['next']}",

@@ -257,15 +257,7 @@ async def test_link_and_affiliate_stats_count_sales_and_revenue_per_currency(
     assert status == 200
     assert (out["totals"]["sales"], out["totals"]["revenue"]) == ({"usd": 2, "eur": 1}, {"usd": 4951, "eur": 100})
     assert [(d["sales"], d["revenue"]) for d in out["daily"]] == [({"usd": 2, "eur": 1}, {"usd": 4951, "eur": 100})]
-    async with pg.acquire() as conn:
-        mine = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
-                                      affiliate_id=world.affiliate_id)  # fmt: skip
-        other = await conn.fetchval(
-            "INSERT INTO affiliates (workspace_id, program_id, external_id) VALUES ($1, $2, 'other') RETURNING id",
-            world.workspace_id, world.program_id,
-        )  # fmt: skip
-        theirs = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
-                                        affiliate_id=str(other))  # fmt: skip
+    mine, theirs = await affiliate_keys(pg, redis, keys, world)
     status, out, _ = await call("GET", f"{edge}/v1/affiliate/stats", headers=bearer(mine["api_key"]))
     assert status == 200 and out["totals"]["revenue"] == {"usd": 4951, "eur": 100}
     status, out, _ = await call("GET", f"{edge}/v1/affiliate/stats", headers=bearer(theirs["api_key"]))
@@ -357,3 +349,17 @@ async def test_a_copy_of_an_invoice_naming_another_customer_is_answered_as_the_f
     assert first[0] == other[0] == 200 and other[1] == first[1] and other[2].get(REPLAYED) == "true"
     await drain()
     assert [tuple(r) for r in await pg.fetch("SELECT customer_external_id, amount FROM sales")] == [("user_001", 4900)]
+
+
+async def affiliate_keys(pg: asyncpg.Pool, redis, keys, world: World) -> tuple[dict, dict]:
+    """Read keys of the world's affiliate and of another affiliate of its program."""
+    async with pg.acquire() as conn:
+        mine = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
+                                      affiliate_id=world.affiliate_id)  # fmt: skip
+        other = await conn.fetchval(
+            "INSERT INTO affiliates (workspace_id, program_id, external_id) VALUES ($1, $2, 'other') RETURNING id",
+            world.workspace_id, world.program_id,
+        )  # fmt: skip
+        theirs = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
+                                        affiliate_id=str(other))  # fmt: skip
+    return mine, theirs
