@@ -596,5 +596,109 @@ ALTER TABLE commissions ADD COLUMN IF NOT EXISTS payout_id uuid REFERENCES payou
 CREATE INDEX IF NOT EXISTS commissions_unpaid ON commissions (affiliate_id, currency) WHERE status = 'approved'
     AND payout_id IS NULL;
 CREATE INDEX IF NOT EXISTS commissions_payout ON commissions (payout_id) WHERE payout_id IS NOT NULL;
+
+-- ---------------------------------------------------------------------------------------
+-- Schema version 8: refunds. Each refund of a sale is a row of its own, never an edit of
+-- the sale: its amount positive, in the sale's currency. A refund is idempotent on its key
+-- (the client's refundId, or its Idempotency-Key digested), per workspace, for ever. The
+-- sale carries the running totals its refunds' transaction moves under the sale's row lock,
+-- so the refunded total can never exceed the sale's amount (the CHECK holds it besides).
+-- Written by the edge in one transaction (ingest/manage/refunds.py): kept as the revenue
+-- ledger, deleted with its workspace.
+ALTER TABLE sales ADD COLUMN IF NOT EXISTS refunded bigint NOT NULL DEFAULT 0;
+ALTER TABLE sales ADD COLUMN IF NOT EXISTS refunds integer NOT NULL DEFAULT 0;
+DO $$ BEGIN
+    ALTER TABLE sales ADD CONSTRAINT sales_refunded_within CHECK (refunded >= 0 AND refunded <= amount);
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+CREATE TABLE IF NOT EXISTS refunds (
+    id            uuid PRIMARY KEY,  -- minted by the edge, like an event id
+    seq           bigint GENERATED ALWAYS AS IDENTITY,
+    workspace_id  uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    refund_key    text NOT NULL,     -- 'id:' + the refundId, or 'idem:' + the Idempotency-Key's digest
+    fingerprint   text NOT NULL,     -- what its request asked: a repeat must ask the same
+    sale_id       uuid NOT NULL REFERENCES sales (event_id) ON DELETE CASCADE,
+    invoice_id    text NOT NULL,
+    amount        bigint NOT NULL CHECK (amount > 0),
+    currency      text NOT NULL,
+    reason        text,
+    dialect       text NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (workspace_id, refund_key)
+);
+CREATE INDEX IF NOT EXISTS refunds_sale ON refunds (sale_id, seq);
+CREATE INDEX IF NOT EXISTS refunds_workspace ON refunds (workspace_id, seq);
+-- refunds and the refunded amount per link, day and currency of the sale they refund (a
+-- late attribution moves them with it): recounted from `refunds` by reconcile
+ALTER TABLE sale_stats ADD COLUMN IF NOT EXISTS refunds bigint NOT NULL DEFAULT 0;
+ALTER TABLE sale_stats ADD COLUMN IF NOT EXISTS refunded bigint NOT NULL DEFAULT 0;
+-- a clawback: what a refund takes back of its sale's commission, pro rata, as a row of its
+-- own (negative); its source the refund, `sale_id` the sale. Pending until the sale's
+-- commission would be approved (at once if it is), and then carried into the next payout
+-- like any approved row: a clawback of a paid commission lowers the next one
+ALTER TABLE commissions ADD COLUMN IF NOT EXISTS sale_id uuid;
+ALTER TABLE commissions DROP CONSTRAINT IF EXISTS commissions_kind_check;
+DO $$ BEGIN
+    ALTER TABLE commissions ADD CONSTRAINT commissions_kind_known
+        CHECK (kind IN ('sale', 'lead', 'reversal', 'clawback'));
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+CREATE INDEX IF NOT EXISTS commissions_sale ON commissions (sale_id) WHERE sale_id IS NOT NULL;
+
+-- ---------------------------------------------------------------------------------------
+-- Schema version 9: erasure. The ledger of erased people holds no personal data: keyed
+-- digests (HMAC-SHA256 under `erasure_salt`, random and made once) of an erased
+-- customer's external id, visitor ids and click ids, and what each place still holds.
+-- Every writer checks it (ingest/contract/erasure.py): an erased person's events that
+-- arrive later (late, replayed, drained from a spool, imported) are stored scrubbed.
+CREATE TABLE IF NOT EXISTS erasure_salt (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    salt      bytea NOT NULL CHECK (length(salt) = 32)
+);
+-- made once, here: two 122-bit random UUIDs (gen_random_uuid is core; pgcrypto is not needed)
+INSERT INTO erasure_salt (salt)
+SELECT decode(replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', ''), 'hex')
+ON CONFLICT (singleton) DO NOTHING;
+CREATE TABLE IF NOT EXISTS erasures (
+    id              uuid PRIMARY KEY,
+    workspace_id    uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    subject         bytea NOT NULL,  -- the external id's digest, never the id
+    requested_at    timestamptz NOT NULL DEFAULT now(),
+    requested_by    text NOT NULL,   -- an API key's prefix, or "cli"
+    -- the earliest of the person's events: where the archive pass begins (NULL: no event)
+    since           timestamptz,
+    -- the archive's segments are rewritten by then (REFSTREAM_ERASE_ARCHIVE_DAYS)
+    archive_due     timestamptz NOT NULL,
+    postgres_at     timestamptz,     -- each place done: Postgres, Redis, the archive
+    redis_at        timestamptz,
+    archive_at      timestamptz,
+    done            jsonb NOT NULL DEFAULT '{}',  -- counts of what each pass changed
+    UNIQUE (workspace_id, subject)
+);
+CREATE INDEX IF NOT EXISTS erasures_pending ON erasures (requested_at) WHERE archive_at IS NULL;
+CREATE TABLE IF NOT EXISTS erased_ids (
+    digest     bytea PRIMARY KEY,
+    erasure_id uuid NOT NULL REFERENCES erasures (id) ON DELETE CASCADE,
+    kind       text NOT NULL CHECK (kind IN ('x', 'v', 'i'))  -- external id, visitor id, event id
+);
+CREATE INDEX IF NOT EXISTS erased_ids_erasure ON erased_ids (erasure_id);
+
+-- Schema version 10: do-not-track lists. A workspace's visitors, customers and addresses
+-- whose events the edge answers as usual and stores nowhere (a drop, `suppressed`); keyed
+-- digests (the erasure salt), never the values (ingest/contract/suppression.py)
+CREATE TABLE IF NOT EXISTS suppressions (
+    workspace_id uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    kind         text NOT NULL CHECK (kind IN ('visitor', 'customer', 'ip')),
+    digest       bytea NOT NULL CHECK (length(digest) = 16),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    created_by   text NOT NULL,  -- the key's prefix, or "cli"
+    PRIMARY KEY (workspace_id, digest)
+);
+
 --   sales, sale_stats,           the revenue ledger, its daily sums, the commission ledger
 --   commissions, payouts         and its payouts: kept, deleted with their workspace
+--   refunds                      the refunds of sales: kept, deleted with their workspace
+--   erasures, erased_ids         the erasure ledger: one row per erased person, and one per
+--                                identifier of theirs; kept (a later event must still find it),
+--                                deleted with their workspace; erasure_salt one row
+--   suppressions                 what a workspace lists: deleted by it, or with the workspace

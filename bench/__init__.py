@@ -26,6 +26,7 @@ from .context import DEFAULT_PARTS, PARTS, Options
               help="Comma-separated parts to run; also, only when named: cap (capacity: CPU per event of the"
               " edge, workers, Redis and Postgres; 1 and 2 edges and workers), h (replicas:1 against primary),"
               " i (idempotency keys' cost), m (the MIGRATE pause of one partition at 8, 64 and 256 MB),"
+              " imp (an import of --import-events rows beside live load: live p99 with and without it),"
               " p (a full events table against an empty one), r (the archiver"
               " against the worker, Redis bytes across retention cycles).")  # fmt: skip
 @click.option("--connections", type=int, default=32, show_default=True, help="wrk connections (one thread).")
@@ -33,6 +34,11 @@ from .context import DEFAULT_PARTS, PARTS, Options
 @click.option("--drain-events", type=int, default=None, help="(d) pre-filled events [50000; --quick: 5000].")
 @click.option("--fill-rows", type=int, default=20_000_000, show_default=True,
               help="(p, only with --only p) rows already in the events table the worker writes into.")  # fmt: skip
+@click.option("--import-events", type=int, default=None, help="(imp) rows imported [1000000; --quick: 5000].")
+@click.option("--import-live-rate", type=float, default=500.0, show_default=True,
+              help="(imp) live seed 000 clicks per second, open loop, beside the import.")  # fmt: skip
+@click.option("--import-args", default="", help="(imp) more `refstream import` options for the run beside live load,"
+              " e.g. '--batch-size 100 --share 0.3'.")  # fmt: skip
 @click.option("--workers", type=int, default=1, show_default=True, help="(e, f) worker processes.")
 @click.option("--profile", "profile_dir", type=click.Path(path_type=Path), default=None,
               help="py-spy the edge during (b 000) and the worker during (d); output in this directory.")  # fmt: skip
@@ -40,8 +46,8 @@ from .context import DEFAULT_PARTS, PARTS, Options
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 def bench(
     duration: float | None, warmup: float | None, quick: bool, runs: int, only: str, connections: int,
-    backlog_seconds: float | None, drain_events: int | None, fill_rows: int, workers: int, profile_dir: Path | None,
-    json_out: Path | None,
+    backlog_seconds: float | None, drain_events: int | None, fill_rows: int, import_events: int | None,
+    import_live_rate: float, import_args: str, workers: int, profile_dir: Path | None, json_out: Path | None,
 ) -> None:  # fmt: skip
     """Measure the edge, the workers and the pipeline against their baselines."""
     from ingest.contract.logs import configure_logging
@@ -69,6 +75,9 @@ def bench(
         batch_size=settings.batch_size,
         profile_dir=profile_dir,
         fill_rows=fill_rows,
+        import_events=import_events or (5000 if quick else 1_000_000),
+        import_live_rate=import_live_rate,
+        import_args=tuple(import_args.split()),
     )
     with ExitStack() as stack:
         result = uvloop.run(runner.bench(opts, stack))

@@ -19,14 +19,14 @@ from .world import World
 
 # n: (a) and each (b) dialect again with N processes (serve --processes N, N = the CPU count)
 PARTS = (
-    "a", "b000", "b002", "b003", "b004", "b004sale", "batch", "c", "cap", "d", "e", "f", "g", "h", "i", "m", "n", "p",
-    "r",
+    "a", "b000", "b002", "b003", "b004", "b004sale", "batch", "c", "cap", "d", "e", "f", "g", "h", "i", "imp", "m", "n",
+    "p", "r",
 )  # fmt: skip
 # only when named in --only: (cap) capacity, CPU per event of each kind of process (minutes, a
 # Redis of its own), (h) starts Redis servers of its own, (i) idempotency keys' cost, (m) a
 # partition's MIGRATE between two Redis servers of its own, (p) fills an events table with
-# millions of rows, (r) the archiver and retention
-DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("cap", "h", "i", "m", "p", "r"))
+# millions of rows, (r) the archiver and retention, (imp) a million-row import beside live load
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("cap", "h", "i", "imp", "m", "p", "r"))
 
 
 def _py_spy() -> str:
@@ -50,6 +50,9 @@ class Options:
     batch_size: int
     profile_dir: Path | None
     fill_rows: int = 20_000_000
+    import_events: int = 1_000_000
+    import_live_rate: float = 500.0
+    import_args: tuple[str, ...] = ()  # more `refstream import` options, for the first run
 
 
 @dataclass(slots=True)

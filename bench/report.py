@@ -41,6 +41,8 @@ GOALS = (
     Goal("(g) edge peak RSS per process, MB", "g.edge_rss_mb", "<=", 150.0),
     Goal("(g) worker peak RSS, MB", "g.worker_rss_mb", "<=", 300.0),
     Goal("(g) Redis bytes per pending event", "g.redis_bytes_per_event", "<=", 300.0),
+    Goal("(imp) live p99 accept→commit while importing / without", "imp.p99_ratio", "<=", 1.5),
+    Goal("(imp) rows a second import of the same file stores", "imp.second_stored", "<=", 0.0),
 )
 
 SECTIONS = {
@@ -73,6 +75,7 @@ SECTIONS = {
     "cap_idle": "(cap) 1 edge and 1 worker, no load: cores each kind spends doing nothing",
     "cap_full": "(cap) 1 edge and 1 worker under wrk's full load: CPU per event",
     "cap": "(cap) the steady run: 1 edge and 1 worker at half that load, open loop: CPU per event",
+    "imp": "(imp) refstream import of --import-events rows beside live seed 000 clicks: live p99 with / without",
 }
 
 

@@ -27,6 +27,7 @@ from .context import Ctx, Options
 from .durability_part import part_h
 from .edge_parts import part_a, part_b
 from .idem_parts import part_i
+from .import_part import part_imp
 from .migrate_part import part_m
 from .naive_part import part_c
 from .partition_parts import part_p
@@ -78,6 +79,7 @@ async def _one_run(ctx: Ctx) -> None:
         ("i", part_i, ctx.wants("i")),
         ("p", part_p, ctx.wants("p")),
         ("cap", part_cap, ctx.wants("cap")),
+        ("imp", part_imp, ctx.wants("imp")),
     ]
     for name, fn, wanted in steps:
         if wanted:
@@ -160,6 +162,10 @@ def _opts(opts: Options) -> dict[str, Any]:
 
 
 NOTES = [
+    "imp: an edge and --workers workers under --import-live-rate seed 000 clicks/s (open loop); live p99 ="
+    " processed_at - received_at of the live rows of each window: before (warm-up + duration), while"
+    " `refstream import` runs (its defaults: --share 0.5, --yield-backlog 1000), after; imp.p99_ratio = during /"
+    " mean(before, after); then the same file imported again (imp.second_stored must be 0)",
     "n: hello-world (python -m bench.apps hello --processes N, SO_REUSEPORT) and each (b) route"
     " (refstream serve --processes N) with N = the CPU count, same wrk settings, each N run right after its"
     " one-process run; server_cpu sums the supervisor and its children; on a 2-core machine wrk takes"

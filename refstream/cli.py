@@ -443,7 +443,12 @@ from . import ops_commissions, ops_partitions  # noqa: E402
 main.add_command(ops_partitions.partitions)
 main.add_command(ops_commissions.commission)
 main.add_command(ops_commissions.payouts)
-from . import ops_workspace  # noqa: E402
+from . import ops_erase, ops_workspace  # noqa: E402
+
+main.add_command(ops_erase.erase)
+from .ops_import import import_  # noqa: E402
+
+main.add_command(import_)
 
 workspace.add_command(ops_workspace.set_bot_policy)
 workspace.add_command(ops_workspace.set_fraud_policy)

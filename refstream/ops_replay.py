@@ -89,7 +89,7 @@ def replay(
             redis,
             open_store(settings),
             keys.prefix,
-            replicas=0 if settings.redis_cluster else settings.ack_replicas,
+            replicas=settings.ack_replicas,
             wait_ms=settings.ack_wait_ms,
         )
         enricher = Enricher(city_db=settings.city_db)  # bot verdicts, as the workers make them
@@ -107,6 +107,7 @@ def replay(
             return result.to_dict()
         finally:
             enricher.close()
+            await source.aclose()
             await pool.close()
             await redis.aclose()
 
@@ -136,7 +137,8 @@ def render_replay(result: dict[str, Any], keys: Keys, console: Console) -> None:
     """Counts per partition and in total, the range in the title. How many entries came
     from the archive is a line below, not a column: nine columns do not fit 80."""
     totals = result["totals"]
-    fields = [f for f in totals if f != "archived"]
+    lines = ("archived", "refunds_not_restored")  # lines below the table: more columns do not fit 80
+    fields = [f for f in totals if f not in lines]
     title = f"replay{' (dry run)' if result['dry_run'] else ''}: {described(result['range'])}"
     table = out.table(title, "p", *fields)
     for p, counts in result["partitions"].items():
@@ -146,3 +148,6 @@ def render_replay(result: dict[str, Any], keys: Keys, console: Console) -> None:
     console.print(table)
     if "archived" in totals:
         console.print(f"read from the archive (Redis no longer held them): {totals['archived']} of the entries")
+    if totals.get("refunds_not_restored"):
+        console.print(f"refunds not restored (their sale is not in Postgres, or they would pass it): "
+                      f"{totals['refunds_not_restored']}")  # fmt: skip

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 from refstream.embedded import _package_dir
@@ -29,6 +31,23 @@ class PrivateRedis:
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
+        self._wait_listening()
+
+    def _wait_listening(self, timeout: float = 10.0) -> None:
+        """Return once the server accepts connections: a test that talks to it right after
+        ``start()`` must not race its start-up (a refused connect failed CI once)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis-server on port {self.port} not listening after {timeout}s") from None
+                time.sleep(0.02)
 
     def kill(self) -> None:
         assert self.proc is not None

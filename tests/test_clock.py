@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from ingest.contract import clock
@@ -26,6 +27,7 @@ from workers.consumer import trim
 from workers.consumer.partitions import day_uuid, uuid_day
 
 from ._procs import Procs
+from ._redis import PrivateRedis
 from ._world import BROWSER, make_world
 from .conftest import wait_for
 from .test_replay import append
@@ -147,6 +149,56 @@ async def test_an_edge_a_year_ahead_mints_ids_on_redis_day_and_its_click_counts(
     assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'A'") == 1
     received = await pg.fetchval("SELECT received_at FROM events WHERE event_id = $1", event_id)
     assert abs(received - datetime.now(UTC)) < timedelta(minutes=5)
+
+
+async def test_an_edge_started_while_redis_is_down_mints_ids_on_postgres_day(
+    procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, private_redis: PrivateRedis, tmp_path: Path
+) -> None:
+    """An edge three days behind, started while its Redis is dead, measures Postgres's clock
+    instead: the click it spools is minted on today's date, so the lead that later names it
+    is judged by its true age (generative seed 1115168296: such an id made a batch lead
+    naming it ``invalid_click_id``, a refusal, instead of ``unavailable``)."""
+    await make_world(pg, redis, keys, code="A")
+    private_redis.kill()
+    base = await procs.start_edge(
+        REDIS_URL=private_redis.url, REFSTREAM_CLOCK_OFFSET_S=str(-3 * 86400),
+        REFSTREAM_SPOOL_DIR=str(tmp_path / "spool"), REFSTREAM_SPOOL_DRAIN_EVERY_S="0.2",
+    )  # fmt: skip
+    await wait_for(lambda: _true(re.search(r'"following":\s*"postgres"', procs.logs()) is not None),
+                   what="the edge following Postgres's clock")  # fmt: skip
+    async with aiohttp.ClientSession(headers={"User-Agent": BROWSER}) as http:
+        async with http.post(f"{base}/api/v1/referral/click/A") as r:
+            assert r.status == 200, await r.text()  # spooled
+    private_redis.start()
+    own = aioredis.Redis.from_url(private_redis.url)
+    try:
+        entries = await wait_for(lambda: own.xrange(keys.stream_for("A")), what="the spooled click drained")
+    finally:
+        await own.aclose()
+    [(_, fields)] = entries
+    minted_ms = Envelope.from_entry(fields).event_id.int >> 80
+    assert abs(minted_ms - time.time() * 1000) < 300_000  # today's, not three days ago
+
+
+async def test_a_clock_unmeasured_at_start_is_measured_within_seconds_of_redis_coming_back(
+    private_redis: PrivateRedis,
+) -> None:
+    """Neither Redis nor a pool at start: the measurement is retried every second, not left
+    to the next ``FOLLOW_EVERY_S`` (30 s) while ids are minted on a clock three days off."""
+    private_redis.kill()
+    client = aioredis.Redis.from_url(private_redis.url)
+    clock.configure(-3 * 86400)
+    following = await clock.start_following(client, 300)
+    try:
+        assert clock.following_s() == 0  # unmeasured: its own clock
+        private_redis.start()
+        await wait_for(lambda: _true(clock.following_s() > 2 * 86400), timeout=10, what="the clock measured")
+        assert abs(clock.now() - time.time()) < 300
+    finally:
+        following.cancel()
+        clock.configure(0)
+        clock._set_following(0.0, 300)  # this test process follows nothing afterwards
+        await client.aclose()
 
 
 async def test_an_archiver_a_year_ahead_sweeps_no_write_in_progress(tmp_path: Path, year_ahead: None) -> None:

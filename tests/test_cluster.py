@@ -20,8 +20,9 @@ from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from refstream.embedded import _package_dir
 
-from ._procs import Procs
+from ._procs import CliError, Procs
 from ._world import BROWSER, call
+from .conftest import wait_for
 from .test_seed_002_affitor import EXAMPLE as CLICK
 
 # a Redis Cluster of its own:
@@ -85,17 +86,25 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
             p.wait()
 
 
-async def test_the_pipeline_on_a_redis_cluster(cluster: list[int], settings: Settings, pg: asyncpg.Pool,
-                                               tmp_path: Path):  # fmt: skip
+def _on_the_cluster(
+    cluster: list[int], settings: Settings, tmp_path: Path, *, per_partition: int
+) -> tuple[Settings, Procs, dict[str, str], list[str]]:
+    """Settings, processes and their environment on ``cluster`` (arq's queue on the plain
+    Redis), and ``per_partition`` link codes of each partition."""
     own = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{cluster[0]}/0", "redis_cluster": True,
                                       "arq_redis_url": settings.redis_url})  # fmt: skip
-    procs = Procs(own, tmp_path)
     env = {"REFSTREAM_REDIS_CLUSTER": "true", "REFSTREAM_ARQ_REDIS_URL": settings.redis_url}
     keys = Keys(own.stream_prefix, own.partitions)
-    # two codes per partition, so every partition (and so every node holding one) gets events
     pool = [f"code{i}" for i in range(200)]
-    codes = [c for p in range(own.partitions) for c in [c for c in pool if keys.partition_for(c) == p][:2]]
-    assert len(codes) == 2 * own.partitions
+    codes = [c for p in range(own.partitions) for c in [c for c in pool if keys.partition_for(c) == p][:per_partition]]
+    assert len(codes) == per_partition * own.partitions
+    return own, Procs(own, tmp_path), env, codes
+
+
+async def test_the_pipeline_on_a_redis_cluster(cluster: list[int], settings: Settings, pg: asyncpg.Pool,
+                                               tmp_path: Path):  # fmt: skip
+    # two codes per partition, so every partition (and so every node holding one) gets events
+    own, procs, env, codes = _on_the_cluster(cluster, settings, tmp_path, per_partition=2)
     try:
         ws = await procs.cli("workspace", "create", "Acme", **env)
         for code in codes:
@@ -138,3 +147,84 @@ async def test_the_pipeline_on_a_redis_cluster(cluster: list[int], settings: Set
     # the partitions really are spread over the nodes
     homes = {p: [k for k in redis.Redis(port=p).keys(f"{own.stream_prefix}:events:*")] for p in cluster}
     assert sum(1 for found in homes.values() if found) >= 2, homes
+
+
+def _start_node(tmp_path: Path) -> tuple[int, subprocess.Popen[bytes]]:
+    port = _free_pair()
+    d = tmp_path / f"replica-{port}"
+    d.mkdir()
+    proc = subprocess.Popen(
+        [str(BIN / "redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+         "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(d)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return port, proc
+
+
+async def _replicated(port: int) -> bool:
+    info = redis.Redis(port=port).info("replication")
+    return info.get("connected_slaves") == 1 and info.get("slave0", {}).get("state") == "online"
+
+
+async def test_a_worker_at_replicas_1_on_a_cluster_stores_only_what_each_primary_replicated(
+    cluster: list[int], settings: Settings, pg: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # issue 28: on a Redis Cluster the workers read without the WAIT that REFSTREAM_ACK_DURABILITY
+    # =replicas:N asks of them elsewhere (redis-py's cluster pipeline sends a keyless WAIT to
+    # any node), so a worker could store an entry a failover then lost from Redis: the edge's
+    # "may be stored" copy, whose key a retry elsewhere then answers with another event
+    own, procs, env, codes = _on_the_cluster(cluster, settings, tmp_path, per_partition=1)
+    replicas: list[subprocess.Popen[bytes]] = []
+    try:
+        ws = await procs.cli("workspace", "create", "Acme", **env)
+        for code in codes:
+            await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", code, **env)
+        edge = await procs.start_edge(**env)  # at the default level: the entries are on the primaries only
+        for code in codes:
+            status, _, _ = await call("POST", f"{edge}/api/v1/referral/click/{code}", headers={"User-Agent": BROWSER})
+            assert status == 200
+        procs.start("work", REFSTREAM_ACK_DURABILITY="replicas:1", REFSTREAM_ACK_WAIT_MS="100", **env)
+
+        async def refused() -> bool:
+            return procs.logs().count("replicas have the entries read") >= own.partitions
+
+        await wait_for(refused, timeout=60, what="the worker to find every partition's read unreplicated")
+        assert await pg.fetchval("SELECT count(*) FROM events") == 0, "stored before a replica had it"
+        waited = {"REFSTREAM_ACK_DURABILITY": "replicas:1", "REFSTREAM_ACK_WAIT_MS": "100", **env}
+        with pytest.raises(CliError, match="replicas have the entries read"):  # a replay waits the same way
+            await procs.cli("replay", "--since", "30m", **waited)
+        assert await pg.fetchval("SELECT count(*) FROM events") == 0
+
+        for primary in cluster:  # a replica for each primary: the reads are waited for and stored
+            port, proc = _start_node(tmp_path)
+            replicas.append(proc)
+            for _ in range(100):
+                try:
+                    redis.Redis(port=port).ping()
+                    break
+                except redis.ConnectionError:
+                    await asyncio.sleep(0.05)
+            node_id = redis.Redis(port=primary).execute_command("CLUSTER", "MYID").decode()
+            subprocess.run([str(BIN / "redis-cli"), "--cluster", "add-node", f"127.0.0.1:{port}",
+                            f"127.0.0.1:{primary}", "--cluster-slave", "--cluster-master-id", node_id],
+                           check=True, capture_output=True)  # fmt: skip
+        for primary in cluster:
+            await wait_for(lambda p=primary: _replicated(p), timeout=60, what=f"{primary}'s replica to sync")
+
+        async def stored() -> bool:
+            return await pg.fetchval("SELECT count(*) FROM events") == len(codes)
+
+        await wait_for(stored, timeout=60, what="every click stored once replicated")
+        replayed = await procs.cli("replay", "--since", "30m", **waited)
+        assert replayed["totals"]["entries"] == len(codes), replayed
+        assert await pg.fetchval("SELECT count(*) FROM events") == len(codes)  # nothing counted twice
+        # each WAIT went to the primary that holds the stream it followed
+        homes = {p for p in cluster if redis.Redis(port=p).keys(f"{own.stream_prefix}:events:*")}
+        waits = {p: redis.Redis(port=p).info("commandstats").get("cmdstat_wait", {}).get("calls", 0) for p in homes}
+        assert homes and all(waits.values()), waits
+    finally:
+        print(procs.logs()[-6000:])
+        procs.stop_all()
+        for proc in replicas:
+            proc.kill()
+            proc.wait()

@@ -9,13 +9,11 @@ from datetime import timedelta
 
 import asyncpg
 
-from ingest.contract.events import Dialect, Envelope
-from ingest.edge import sale
 from ingest.manage import admin, secretbox
 from workers.consumer import commissions, store
 
 from ._world import World, call
-from .test_sales import affiliate_keys, bearer, sale_body, track_sale
+from .test_sales import affiliate_keys, bearer, made, sale_body, track_sale
 from .test_seed_004_refport import lead, lead_body, new_click
 from .test_webhooks import make_webhook
 
@@ -34,10 +32,6 @@ async def rules(edge: str, world: World, **given: object) -> tuple[int, dict]:
     status, out, _ = await call("PATCH", f"{edge}/v1/programs/{world.program_id}/commission",
                                 headers=bearer(world.api_key), json=given)  # fmt: skip
     return status, out
-
-
-def made(world: World, **over: object) -> Envelope:
-    return sale.envelope(Dialect.REFPORT, world.workspace_id, sale.from_refport(sale.RefportSale(**sale_body(**over))))
 
 
 async def test_rules_are_set_kept_and_checked(edge: str, world: World):

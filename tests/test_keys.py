@@ -7,6 +7,7 @@ import hashlib
 from ipaddress import ip_network
 
 import asyncpg
+import pytest
 
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
@@ -104,3 +105,34 @@ def test_secret_key_prints_a_key_that_encrypts_and_decrypts() -> None:
     assert secretbox.decrypt(key, secretbox.encrypt(key, "whsec_x")) == "whsec_x"
     again = subprocess.run([REFSTREAM, "secret-key"], capture_output=True, timeout=60, check=True)
     assert again.stdout.decode().strip() != key
+
+
+async def test_a_revocation_redis_cannot_take_is_no_revocation(pg: asyncpg.Pool, redis, keys: Keys):
+    """Redis away when a key is revoked: the revocation is refused as a whole (the key's
+    Redis entry, which lives a day, would otherwise keep letting it in), and its retry
+    revokes it, the entry with it."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from ingest.edge import auth
+    from ingest.manage import admin
+    from refstream.embedded import free_port
+
+    world = await make_world(pg, redis, keys, code="REVOKE1")
+    async with pg.acquire() as conn:
+        made = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["track"])
+    digest = hashlib.sha256(made["api_key"].encode()).digest()
+    entry = keys.apikey(digest.hex())
+    assert await redis.get(entry) not in (None, auth._UNKNOWN)  # the key's entry: it lets the key in
+    away = aioredis.Redis(port=free_port(), socket_connect_timeout=1)
+    try:
+        async with pg.acquire() as conn:
+            with pytest.raises(RedisConnectionError):
+                await admin.revoke_key(conn, away, keys, made["prefix"])
+    finally:
+        await away.aclose()
+    assert await pg.fetchval("SELECT revoked_at FROM api_keys WHERE prefix = $1", made["prefix"]) is None
+    async with pg.acquire() as conn:
+        assert await admin.revoke_key(conn, redis, keys, made["prefix"]) == {"revoked": made["prefix"]}
+    assert await redis.get(entry) == auth._UNKNOWN
+    assert await pg.fetchval("SELECT revoked_at FROM api_keys WHERE prefix = $1", made["prefix"]) is not None

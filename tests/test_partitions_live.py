@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -76,21 +77,23 @@ async def test_a_grow_makes_each_stream_with_every_group_and_a_retired_partition
     # the fence: an append by an edge still routing by 4, the script's, a worker's group
     assert await redis.execute_command("XADD", keys.stream(3), "NOMKSTREAM", "*", "e", "late") is None
     with pytest.raises(aioredis.ResponseError, match="GONE"):
-        await redis.eval(APPEND_ONCE, 2, keys.idempotent("d", 3), keys.stream(3), b"a", WINDOW_MS, "", "e", "late")
+        await redis.eval(APPEND_ONCE, 2, keys.idempotent("d", 3), keys.stream(3), b"a", WINDOW_MS, "", "", "e", "late")
     with pytest.raises(layout.Retired):
         await layout.ensure(redis, keys, 3, (GROUP,))
     assert not await redis.exists(keys.stream(3), keys.idempotent("d", 3))
 
     # a keyed append routed by another count than the layout's is refused, even into a
     # partition that is still written: its copy would sit where no current copy looks
-    for routed, key in ((4, "stale"), (3, "other")):
+    # (or by the same count read from an earlier layout: 2 -> 4 -> 2 left after.changed_ms)
+    for routed, changed, key in ((4, shrunk.changed_ms, "stale"), (3, shrunk.changed_ms, "other"),
+                                 (2, after.changed_ms, "earlier")):  # fmt: skip
         with pytest.raises(aioredis.ResponseError, match="STALE"):
             await redis.eval(APPEND_ONCE, 3, keys.idempotent(key, 1), keys.stream(1), keys.layout, b"a", WINDOW_MS,
-                             routed, "e", key)  # fmt: skip
+                             routed, changed, "e", key)  # fmt: skip
         assert not await redis.exists(keys.idempotent(key, 1))
     length = await redis.xlen(keys.stream(1))
     assert await redis.eval(APPEND_ONCE, 3, keys.idempotent("now", 1), keys.stream(1), keys.layout, b"a", WINDOW_MS,
-                            2, "e", "now") is None  # fmt: skip
+                            2, shrunk.changed_ms, "e", "now") is None  # fmt: skip
     assert await redis.xlen(keys.stream(1)) == length + 1 and await redis.get(keys.idempotent("now", 1)) == b"a"
 
     await layout.set_count(redis, keys, 2, 4, window_ms=WINDOW_MS)  # a grow brings 3 back
@@ -101,17 +104,33 @@ def _envelope(code: str, workspace: str) -> Envelope:
     return Envelope(EventType.CLICK, Dialect.AFFIXO, {"code": code, "visitor_id": "v"}, workspace_id=workspace)
 
 
+async def _streams(redis: aioredis.Redis, settings: Settings, n: int) -> Keys:
+    """``n`` partitions, each stream made with the workers' group."""
+    keys = Keys(settings.stream_prefix, n)
+    for p in range(n):
+        await layout.ensure(redis, keys, p, (GROUP,))
+    return keys
+
+
+async def _drain(spool: Spool, redis: aioredis.Redis, settings: Settings, n: int, rows: int) -> None:
+    """Start ``spool``'s drain, following the layout from ``n`` partitions, and wait until it
+    has sent (or found done) ``rows`` rows."""
+    spool.start(redis, every_s=0.05, layout=layout.Watch(redis, Keys(settings.stream_prefix, n), n))
+
+    async def drained() -> bool:
+        return spool.drained >= rows
+
+    await wait_for(drained, what="the spool to drain")
+
+
 async def test_spooled_rows_of_a_retired_partition_drain_into_the_current_count(
     redis: aioredis.Redis, settings: Settings, tmp_path: Path
 ) -> None:
-    keys = Keys(settings.stream_prefix, 4)
-    for p in range(4):
-        await layout.ensure(redis, keys, p, (GROUP,))
+    keys = await _streams(redis, settings, 4)
     code = _code_moving(4, 2, keys)
     old = keys.partition_for(code, 4)
     plain, fresh, copied = (_envelope(code, "w") for _ in range(3))
     spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
-    watch = layout.Watch(redis, Keys(settings.stream_prefix, 4), 4)
     try:
         # spooled while 4 partitions were written: one unkeyed, two keyed, one of whose key
         # a copy reached Redis meanwhile (its record where 4 partitions put it)
@@ -122,12 +141,7 @@ async def test_spooled_rows_of_a_retired_partition_drain_into_the_current_count(
         await redis.set(keys.idempotent("k2", old), b"first-copy", px=WINDOW_MS)
         await layout.set_count(redis, keys, 4, 2, window_ms=WINDOW_MS)
         assert await layout.retire(redis, keys, 4, grace_ms=0) == [2, 3]
-        spool.start(redis, every_s=0.05, layout=watch)
-
-        async def drained() -> bool:
-            return spool.drained >= 3  # the copied row counts as done: its key's copy is in Redis
-
-        await wait_for(drained, what="the spool to drain")
+        await _drain(spool, redis, settings, 4, 3)  # the copied row counts as done: its key's copy is in Redis
     finally:
         await spool.close()
     new = keys.partition_for(code, 2)
@@ -148,28 +162,44 @@ async def test_a_spooled_keyed_row_is_checked_where_an_earlier_count_put_its_key
     # while 8 partitions were written (its record where 8 put it); the count went back to 4;
     # a retry was spooled by an edge routing by 4, and its drain appended a second copy
     # without looking where 8 had put the key's record
-    keys = Keys(settings.stream_prefix, 8)
-    for p in range(8):
-        await layout.ensure(redis, keys, p, (GROUP,))
+    keys = await _streams(redis, settings, 8)
     code = _code_moving(8, 4, keys)
     by8, by4 = keys.partition_for(code, 8), keys.partition_for(code, 4)
     await redis.set(keys.idempotent("k", by8), b"the-first-copy", px=WINDOW_MS)  # its script's record
     await layout.set_count(redis, keys, 8, 4, window_ms=WINDOW_MS)
     spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
-    watch = layout.Watch(redis, Keys(settings.stream_prefix, 8), 8)
     try:
         once = Once(keys.idempotent("k", by4), b"the-second-copy", WINDOW_MS)
         assert await spool.append(keys.stream(by4), _envelope(code, "w").encode(), once=once) is None
-        spool.start(redis, every_s=0.05, layout=watch)
-
-        async def drained() -> bool:
-            return spool.drained >= 1  # done: its key's first copy is in Redis
-
-        await wait_for(drained, what="the spool to drain")
+        await _drain(spool, redis, settings, 8, 1)  # done: its key's first copy is in Redis
     finally:
         await spool.close()
     assert await redis.xlen(keys.stream(by4)) == 0, "a second copy of the key was appended"
     assert await redis.get(keys.idempotent("k", by4)) is None
+
+
+async def test_a_spooled_keyed_row_whose_record_and_stream_disagree_is_checked_where_both_put_its_key(
+    redis: aioredis.Redis, settings: Settings, tmp_path: Path
+) -> None:
+    # issue 24, the hour-long generative run's seed 1419696670: an edge started during a Redis
+    # stall made a keyed click's check by the default count (4: its record where 4 puts the
+    # key), read the layout (1) before the append came back refused (STALE), and spooled the
+    # row under the stream of count 1. The drain looked for the key only where the row's
+    # stream said (partition 0 by count 1, from the record's tag it did not carry), missed
+    # the first copy another edge had stored there, and appended a second
+    keys = await _streams(redis, settings, 4)
+    code = next(f"SKEW{i}" for i in range(1000) if keys.partition_for(f"SKEW{i}", 4) != 0)
+    by4 = keys.partition_for(code, 4)
+    await layout.set_count(redis, keys, 4, 1, window_ms=WINDOW_MS)
+    await redis.set(keys.idempotent("k", 0), b"the-first-copy", px=WINDOW_MS)  # the other edge's, by 1
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    try:
+        once = Once(keys.idempotent("k", by4), b"the-second-copy", WINDOW_MS)  # checked by 4, spooled by 1
+        assert await spool.append(keys.stream(0), _envelope(code, "w").encode(), once=once) is None
+        await _drain(spool, redis, settings, 4, 1)  # done: its key's first copy is in Redis
+    finally:
+        await spool.close()
+    assert await redis.xlen(keys.stream(0)) == 0, "a second copy of the key was appended"
 
 
 async def _click(edge: str, world: World, code: str, key: str | None = None) -> tuple[int, Any, dict[str, str]]:
@@ -177,17 +207,25 @@ async def _click(edge: str, world: World, code: str, key: str | None = None) -> 
     return await call("POST", f"{edge}{AFFIXO}", json={"ref": code, "url": "https://a.test/"}, headers=headers)
 
 
+async def _two_edges_at_4(
+    pg: asyncpg.Pool, redis: aioredis.Redis, settings: Settings, tmp_path: Path, then: int
+) -> tuple[Keys, str, World, tuple[Any, str], tuple[Any, str]]:
+    """Four partitions, a world whose link's code moves between 4 and ``then``, and two edges."""
+    keys = Keys(settings.stream_prefix, 4)
+    code = _code_moving(4, then, keys)
+    world = await make_world(pg, redis, keys, code=code)
+    four = settings.model_copy(update={"partitions": 4, "key_rate_limit": 1_000_000})
+    a = await start_edge(four.model_copy(update={"spool_dir": str(tmp_path / "a")}))
+    b = await start_edge(four.model_copy(update={"spool_dir": str(tmp_path / "b")}))
+    return keys, code, world, a, b
+
+
 async def test_an_edge_that_has_not_read_a_change_is_refused_a_keyed_append(
     pg: asyncpg.Pool, redis: aioredis.Redis, settings: Settings, tmp_path: Path
 ) -> None:
     # issue 24, the generative test's seed 621014955: an edge frozen across a shrink appended
     # a keyed copy by the old count after another edge had answered the key's first copy
-    keys = Keys(settings.stream_prefix, 4)
-    code = _code_moving(4, 2, keys)
-    world = await make_world(pg, redis, keys, code=code)
-    four = settings.model_copy(update={"partitions": 4, "key_rate_limit": 1_000_000})
-    runner_a, a = await start_edge(four.model_copy(update={"spool_dir": str(tmp_path / "a")}))
-    runner_b, b = await start_edge(four.model_copy(update={"spool_dir": str(tmp_path / "b")}))
+    keys, code, world, (runner_a, a), (runner_b, b) = await _two_edges_at_4(pg, redis, settings, tmp_path, 2)
     try:
         await layout.set_count(redis, keys, 4, 2, window_ms=WINDOW_MS)
 
@@ -206,6 +244,43 @@ async def test_an_edge_that_has_not_read_a_change_is_refused_a_keyed_append(
         again = await _click(a, world, code, "k-across")
         assert again[:2] == (200, first) and again[2].get("Idempotent-Replayed") == "true", again
     finally:
+        await runner_a.cleanup()
+        await runner_b.cleanup()
+    lengths = [await redis.xlen(keys.stream(p)) for p in range(4)]
+    assert sum(lengths) == 1, lengths  # the key's first copy, once
+
+
+async def test_an_edge_that_slept_through_a_change_and_back_is_refused_a_keyed_append(
+    pg: asyncpg.Pool, redis: aioredis.Redis, settings: Settings, tmp_path: Path
+) -> None:
+    # issue 24, the generative test's seed 1378581526: an edge frozen while the count went
+    # 4 -> 3 (another edge answered a keyed copy by 3 meanwhile) and back to 4 routed the
+    # key's retry by 4, the count of the layout in Redis, and looked for no record where 3
+    # had put it: a second copy appended, and answered 200 with its own event id
+    keys, code, world, (runner_a, a), (runner_b, b) = await _two_edges_at_4(pg, redis, settings, tmp_path, 3)
+    edge_a = runner_a.app[EDGE]
+    reads = edge_a.idem._layout
+    try:
+        assert reads is not None
+        asleep = reads()  # edge A's layout stays the one it read before the changes (frozen)
+        edge_a.idem._layout = lambda: asleep
+
+        async def read(count: int) -> bool:
+            return all(r.app[EDGE].idem.keys.partitions == count for r in (runner_a, runner_b))
+
+        await layout.set_count(redis, keys, 4, 3, window_ms=WINDOW_MS)
+        await wait_for(lambda: read(3), what="both edges to route by 3")
+        status, first, _ = await _click(b, world, code, "k-there-and-back")
+        assert status == 200, first
+        await layout.set_count(redis, keys, 4, 4, window_ms=WINDOW_MS)
+        await wait_for(lambda: read(4), what="both edges to route by 4 again")
+        refused = await _click(a, world, code, "k-there-and-back")
+        assert refused[0] == 503 and OUTCOME not in refused[2], refused  # a refusal: nothing appended
+        edge_a.idem._layout = reads  # edge A reads the layout: 3 is among its earlier counts
+        again = await _click(a, world, code, "k-there-and-back")
+        assert again[:2] == (200, first) and again[2].get("Idempotent-Replayed") == "true", again
+    finally:
+        edge_a.idem._layout = reads
         await runner_a.cleanup()
         await runner_b.cleanup()
     lengths = [await redis.xlen(keys.stream(p)) for p in range(4)]
@@ -304,3 +379,68 @@ async def test_a_retire_that_read_the_layout_before_a_grow_leaves_the_partitions
     assert not any([await redis.exists(keys.retired(p)) for p in range(4)])
     # and a later retire, on the layout as it is, finds nothing retiring
     assert await layout.retire(redis, keys, 4, grace_ms=0) == []
+
+
+async def test_status_shows_a_retiring_partition_until_it_is_retired(
+    redis: aioredis.Redis, settings: Settings, pg: asyncpg.Pool
+) -> None:
+    """After a shrink, ``refstream status`` lists the partitions past the count as retiring
+    while they hold entries, with their length; once retired, not at all."""
+    from ._procs import env_for, run_command
+
+    keys = Keys(settings.stream_prefix, 4)
+    for p in range(4):
+        await layout.ensure(redis, keys, p, (GROUP, ARCHIVE))
+    await redis.xadd(keys.stream(3), {"e": "x"})
+    await layout.set_count(redis, keys, 4, 2, window_ms=WINDOW_MS)
+
+    async def shown() -> dict[int, dict[str, Any]]:
+        code, out, err = await run_command("status", "--json", env=env_for(settings))
+        assert code in (0, 1, 3), err  # (a group with no consumer is a finding, not a failure)
+        return {p["partition"]: p for p in orjson.loads(out)["partitions"]}
+
+    listed = await shown()
+    assert sorted(listed) == [0, 1, 2, 3]
+    assert listed[3]["retiring"] and listed[3]["length"] == 1 and not listed[1]["retiring"]
+    await redis.xtrim(keys.stream(3), maxlen=0)
+    assert sorted(await layout.retire(redis, keys, 2, grace_ms=0)) == [2, 3]
+    assert sorted(await shown()) == [0, 1]
+
+
+async def test_a_replay_reads_a_retired_partitions_entries_from_the_archive(
+    redis: aioredis.Redis, settings: Settings, pg: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """A partition retired by a shrink is gone from Redis; its entries are in the archive,
+    and a replay of the range (into a Postgres that lacks them: restored from before)
+    reads them there and stores them once."""
+    from datetime import UTC, datetime, timedelta
+
+    from workers.archive.store import open_store
+    from workers.ops.replay import Range, Source, replay
+
+    from .test_archive import archived, run_archiver
+
+    settings = archived(settings.model_copy(update={"partitions": 4}), tmp_path)
+    keys = Keys(settings.stream_prefix, 4)
+    code = next(c for c in (f"RET{i}" for i in range(1000)) if keys.partition_for(c) == 3)
+    world = await make_world(pg, redis, keys, code=code)
+    for p in range(4):
+        await layout.ensure(redis, keys, p, (GROUP, ARCHIVE))
+    started = datetime.now(UTC) - timedelta(minutes=1)
+    e = _envelope(code, world.workspace_id)
+    await redis.xadd(keys.stream(3), e.entry_dict())  # type: ignore[arg-type]
+    await run_archiver(settings, redis)
+    # the workers' group read and acknowledged it (stored, then lost with a restore of Postgres)
+    read = await redis.xreadgroup(GROUP, "w1", {keys.stream(3): ">"})
+    await redis.xack(keys.stream(3), GROUP, *[i for i, _ in read[0][1]])
+    await layout.set_count(redis, keys, 4, 2, window_ms=WINDOW_MS)
+    await redis.xtrim(keys.stream(3), maxlen=0)
+    assert sorted(await layout.retire(redis, keys, 2, grace_ms=0)) == [2, 3]
+    assert not await redis.exists(keys.stream(3))
+
+    now = Keys(settings.stream_prefix, 2)
+    done = await replay(Source(redis, open_store(settings), now.prefix), pg, now, Range(since=started))
+    assert (done.total("archived"), done.total("inserted")) == (1, 1), done.to_dict()
+    assert await pg.fetchval("SELECT count(*) FROM events WHERE event_id = $1", e.event_id) == 1
+    again = await replay(Source(redis, open_store(settings), now.prefix), pg, now, Range(since=started))
+    assert again.total("inserted") == 0

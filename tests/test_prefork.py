@@ -240,6 +240,19 @@ async def test_a_drain_answers_every_request_sent_on_a_keep_alive_connection(pro
     assert answered > 200 and client.unanswered() == [], client.unanswered()[:5]
 
 
+async def test_sighup_to_a_single_process_edge_is_logged_and_it_goes_on_serving(procs: Procs, pg):
+    # no supervisor to reload it: SIGHUP's default would end the process on the spot
+    base = await procs.start_edge(REFSTREAM_PROCESSES="1")
+    edge = procs.running[-1]
+    edge.send_signal(signal.SIGHUP)
+    await wait_for(lambda: asyncio.sleep(0, "serve.sighup_ignored" in procs.logs()), what="the SIGHUP's log line")
+    assert edge.poll() is None
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/healthz") as r:
+        assert r.status == 200
+    edge.send_signal(signal.SIGTERM)
+    assert await exited(edge) == 0
+
+
 async def test_metrics_sum_every_child(procs: Procs, pg):
     base, _ = await start(procs)
     n = 60

@@ -12,7 +12,7 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from ingest.contract.events import Dialect
+from ingest.contract.events import Dialect, Envelope
 from ingest.contract.settings import Settings
 from ingest.edge import sale
 from ingest.edge.idempotency import REPLAYED
@@ -29,6 +29,11 @@ NIL = "00000000-0000-0000-0000-000000000000"
 def sale_body(**over: object) -> dict:
     return {"customerExternalId": "user_001", "amount": 4900, "currency": "USD", "eventName": "Purchase",
             "paymentProcessor": "stripe", "invoiceId": "in_001", "metadata": {"plan": "pro"}, **over}  # fmt: skip
+
+
+def made(world: World, **over: object) -> Envelope:
+    """A sale as the edge makes it from Refport's body, to store with ``store.write_batch``."""
+    return sale.envelope(Dialect.REFPORT, world.workspace_id, sale.from_refport(sale.RefportSale(**sale_body(**over))))
 
 
 async def track_sale(edge: str, key: str | None, body: object, **headers: str) -> tuple[int, dict, dict]:
@@ -104,6 +109,73 @@ async def test_a_sale_received_before_the_lead_stays_unattributed(edge: str, wor
     await drain()
     await store.write_batch(pg, [early])  # processed after its lead, received before it
     assert await pg.fetchval("SELECT unattributed FROM sales") == "no_lead"
+
+
+DAY_MS = 86_400_000
+
+
+async def test_a_sale_past_its_programs_window_after_the_lead_is_stored_unattributed(
+    edge: str, world: World, pg: asyncpg.Pool, drain
+):
+    """The program's cookie window (60 days here, the default 30 without a program) bounds
+    how long after its lead a sale is attributed, whichever of the two is stored first."""
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await drain()
+    lead_ms = int((await pg.fetchval("SELECT received_at FROM events WHERE type = 2")).timestamp() * 1000)
+    within, past = made(world, invoiceId="in_45", amount=45), made(world, invoiceId="in_61", amount=61)
+    within.received_at_ms, past.received_at_ms = lead_ms + 45 * DAY_MS, lead_ms + 61 * DAY_MS
+    await store.write_batch(pg, [within, past])
+    # and a lead stored after its sales: the same bound when it attributes them late
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id, customerExternalId="user_002")))[0] == 200
+    late = [made(world, invoiceId=f"in_late_{days}", customerExternalId="user_002", amount=days)
+            for days in (45, 61)]  # fmt: skip
+    for e in late:  # made after the lead was received, on the edge's clock
+        e.received_at_ms += e.payload["amount"] * DAY_MS
+    await store.write_batch(pg, late)
+    await drain()  # the lead of user_002
+    rows = {r["invoice_id"]: (r["unattributed"], r["link_id"] and str(r["link_id"])) for r in await pg.fetch(
+        "SELECT invoice_id, unattributed, link_id FROM sales")}  # fmt: skip
+    assert rows == {"in_45": (None, world.link["id"]), "in_61": ("no_lead", None),
+                    "in_late_45": (None, world.link["id"]), "in_late_61": ("no_lead", None)}  # fmt: skip
+    assert await pg.fetchval("SELECT sum(n) FROM drop_stats WHERE reason = 'no_lead'") == 2
+    stats = {r["link_id"]: (r["sales"], r["amount"]) for r in await pg.fetch(
+        "SELECT link_id::text, sum(sales) AS sales, sum(amount) AS amount FROM sale_stats GROUP BY 1")}  # fmt: skip
+    assert stats == {NIL: (2, 61 + 61), world.link["id"]: (2, 45 + 45)}
+
+
+async def test_a_sale_naming_its_lead_event_is_attributed_to_that_lead_only(
+    edge: str, world: World, pg: asyncpg.Pool, drain
+):
+    """``leadEventName`` picks the customer's lead of that name, never a newer one of another
+    name, whether the leads are stored before the sale or after it."""
+    click_id = await new_click(edge)
+    for name in ("Sign Up", "Trial"):  # Trial the newer: stored after Sign Up was
+        assert (await lead(edge, world.api_key, lead_body(click_id, eventName=name)))[0] == 200
+        await drain()
+    for body in (sale_body(invoiceId="in_named", leadEventName="Sign Up"), sale_body(invoiceId="in_any"),
+                 sale_body(invoiceId="in_other", leadEventName="Demo")):  # fmt: skip
+        assert (await track_sale(edge, world.api_key, body))[0] == 200
+    # user_002's sale, naming Sign Up, stored before both its leads (received after them)
+    early = made(world, invoiceId="in_early", customerExternalId="user_002", leadEventName="Sign Up")
+    early.received_at_ms += 10 * 60_000
+    await store.write_batch(pg, [early])
+    for name in ("Sign Up", "Trial"):
+        body = lead_body(click_id, eventName=name, customerExternalId="user_002")
+        assert (await lead(edge, world.api_key, body))[0] == 200
+    await drain()
+    leads = {(r["customer_external_id"], r["name"]): r["event_id"] for r in await pg.fetch(
+        "SELECT customer_external_id, name, event_id FROM events WHERE type = 2")}  # fmt: skip
+    assert len(leads) == 4
+    rows = {r["invoice_id"]: (r["lead_event_id"], r["unattributed"]) for r in await pg.fetch(
+        "SELECT invoice_id, lead_event_id, unattributed FROM sales")}  # fmt: skip
+    assert rows == {
+        "in_named": (leads[("user_001", "Sign Up")], None),
+        "in_any": (leads[("user_001", "Trial")], None),  # naming none: the newest
+        "in_other": (None, "no_lead"),  # naming one the customer has not
+        "in_early": (leads[("user_002", "Sign Up")], None),
+    }
 
 
 async def test_one_invoice_counts_once_by_every_route_and_weeks_apart(edge: str, world: World, pg: asyncpg.Pool, drain):
@@ -233,8 +305,8 @@ async def test_the_fault_checkers_counter_check_sees_sale_stats_drift(
         assert [p for p in await check.counter_problems() if "sale_stats" in p] == []
         await pg.execute("UPDATE sale_stats SET amount = amount + 1")
         assert [p for p in await check.counter_problems() if "sale_stats" in p] == [
-            f"I2: sale_stats {NIL} {await pg.fetchval('SELECT day FROM sale_stats')} usd: stored (1,4901), from sales"
-            " (1,4900)"
+            f"I2: sale_stats {NIL} {await pg.fetchval('SELECT day FROM sale_stats')} usd: stored (1,4901,0,0), from"
+            " sales (1,4900,0,0)"  # sales, revenue, refunds, refunded
         ]
     finally:
         await check.close()

@@ -6,10 +6,15 @@ Two adjustments, both one integer added to ``time.time_ns()`` (no syscall more):
 - ``REFSTREAM_CLOCK_OFFSET_S``, for fault tests only: shifts this process's clock, as a
   host whose clock is wrong would be (``configure``, at the entrypoint);
 - following Redis: a long-running process (the edge, the worker) compares its clock with
-  Redis's ``TIME`` now and then (``follow``). Beyond ``REFSTREAM_CLOCK_SKEW_MAX_S`` it logs
-  ``clock.skewed`` and reads Redis's time from then on (its own plus the difference
+  Redis's ``TIME`` now and then (``start_following``). Beyond ``REFSTREAM_CLOCK_SKEW_MAX_S``
+  it logs ``clock.skewed`` and reads Redis's time from then on (its own plus the difference
   measured), so the event ids an edge mints, and so the day their rows fall in, are
   Redis's days, whatever the host's clock says. Within the bound, nothing is corrected.
+  While Redis cannot answer (an edge started during an outage, spooling), Postgres's
+  ``clock_timestamp()`` is measured instead, and until one of them answers the measurement
+  is tried again a second after each attempt, not ``FOLLOW_EVERY_S`` later: an edge must
+  not spool ids minted on a skewed clock for half a minute because Redis was away when it
+  started.
 
 What is destructive or ordering-sensitive trusts no process's clock at all (docs/guarantees.md,
 one clock decides): partition drops and event retention follow Postgres's, the stream trim
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,11 +35,12 @@ import structlog
 log = structlog.get_logger("ingest.clock")
 
 FOLLOW_EVERY_S = 30.0
-FIRST_WAIT_S = 1.0
+FIRST_WAIT_S = 1.0  # per reference, at start and at each retry
+RETRY_EVERY_S = 1.0  # while no reference has answered
 SKEW_MAX_S = 300.0  # REFSTREAM_CLOCK_SKEW_MAX_S's default
 
 _offset_ns = 0  # REFSTREAM_CLOCK_OFFSET_S
-_follow_ns = 0  # Redis's clock minus this process's, while beyond the bound
+_follow_ns = 0  # the reference's clock minus this process's, while beyond the bound
 _shift_ns = 0  # the two together: one addition per read
 
 
@@ -103,40 +110,72 @@ def check(reference: str, skew_s: float, bound_s: float) -> None:
         raise Skewed(reference, skew_s, bound_s)
 
 
-def _set_following(skew_s: float, bound_s: float) -> None:
+def _set_following(skew_s: float, bound_s: float, reference: str = "redis") -> None:
     global _follow_ns, _shift_ns
     was = _follow_ns
     _follow_ns = -int(skew_s * 1e9) if abs(skew_s) > bound_s else 0
     _shift_ns = _offset_ns + _follow_ns
     if _follow_ns and not was:
-        log.warning("clock.skewed", skew_s=round(skew_s, 3), bound_s=bound_s, following="redis")
+        log.warning("clock.skewed", skew_s=round(skew_s, 3), bound_s=bound_s, following=reference)
     elif was and not _follow_ns:
-        log.info("clock.agrees", skew_s=round(skew_s, 3), bound_s=bound_s)
+        log.info("clock.agrees", skew_s=round(skew_s, 3), bound_s=bound_s, reference=reference)
 
 
-async def follow_once(redis: Any, bound_s: float) -> float:
-    """Measure this process's clock against Redis's and follow Redis's while they differ by
-    more than ``bound_s``; the skew measured comes back."""
-    _, measured = await redis_skew(redis)
-    _set_following(measured, bound_s)
+async def follow_once(redis: Any, bound_s: float, postgres: Any = None) -> float:
+    """Measure this process's clock against Redis's (Postgres's when Redis does not answer
+    within ``FIRST_WAIT_S`` and a pool is given) and follow it while they differ by more than
+    ``bound_s``; the skew measured comes back. Raises when neither answers."""
+    try:
+        _, measured = await asyncio.wait_for(redis_skew(redis), FIRST_WAIT_S)
+        reference = "redis"
+    except Exception:
+        if postgres is None:
+            raise
+        measured = await _uncancelled(_pool_skew(postgres), FIRST_WAIT_S)
+        reference = "postgres"
+    _set_following(measured, bound_s, reference)
     return measured
 
 
-async def start_following(redis: Any, bound_s: float, *, every_s: float = FOLLOW_EVERY_S) -> asyncio.Task[None]:
-    """Measure once now (a second at most: a process starts while Redis is away, and then
-    reads its own clock until a measurement succeeds), then every ``every_s`` in a task,
-    until it is cancelled. An outage keeps the last answer."""
+async def _uncancelled(measuring: Coroutine[Any, Any, float], within_s: float) -> float:
+    """``measuring``'s result within ``within_s``, else ``TimeoutError``, and the measurement
+    left to end on its own: cancelling a query asyncpg has sent waits, with no bound, for
+    the server to take the cancel, which a slow or cut-off Postgres may never do."""
+    task = asyncio.ensure_future(measuring)
+    done, _ = await asyncio.wait({task}, timeout=within_s)
+    if not done:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its outcome read, not raised
+        raise TimeoutError(f"Postgres did not answer within {within_s:g}s")
+    return task.result()
+
+
+async def _pool_skew(pool: Any) -> float:
+    async with pool.acquire() as conn:
+        _, measured = await postgres_skew(conn)
+    return measured
+
+
+async def start_following(
+    redis: Any, bound_s: float, *, postgres: Any = None, every_s: float = FOLLOW_EVERY_S
+) -> asyncio.Task[None]:
+    """Measure once now (a second or two at most: a process starts while Redis and Postgres
+    are away, and then reads its own clock until a measurement succeeds, retried every
+    ``RETRY_EVERY_S``), then every ``every_s`` in a task, until it is cancelled. Once one
+    measurement has succeeded, an outage of both keeps its answer."""
+    measured = True
     try:
-        await asyncio.wait_for(follow_once(redis, bound_s), FIRST_WAIT_S)
+        await follow_once(redis, bound_s, postgres)
     except Exception as exc:
+        measured = False
         log.info("clock.unmeasured", error=repr(exc))
-    return asyncio.create_task(_follow(redis, bound_s, every_s), name="clock-follow")
+    return asyncio.create_task(_follow(redis, bound_s, every_s, postgres, measured), name="clock-follow")
 
 
-async def _follow(redis: Any, bound_s: float, every_s: float) -> None:
+async def _follow(redis: Any, bound_s: float, every_s: float, postgres: Any, measured: bool) -> None:
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(every_s if measured else RETRY_EVERY_S)
         try:
-            await follow_once(redis, bound_s)
+            await follow_once(redis, bound_s, postgres)
+            measured = True
         except Exception as exc:  # an outage: the spool and the gate deal with it, not the clock
-            log.debug("clock.unmeasured", error=repr(exc))
+            log.debug("clock.unmeasured", error=repr(exc))  # a measurement made before still holds

@@ -32,7 +32,7 @@ log = structlog.get_logger("ingest.drops")
 # ``no_lead``: a sale stored and counted as revenue, but credited to no affiliate)
 REASONS: Final = (
     "bot", "unknown_code", "inactive_link", "rate_limited", "out_of_window", "test_mode", "duplicate", "invalid",
-    "fraud", "no_lead",
+    "fraud", "no_lead", "suppressed",
 )  # fmt: skip
 FLAGGED: Final = "flagged"  # not a drop: every fraud flag, counted by rule beside the drops
 NO_ID: Final = "00000000-0000-0000-0000-000000000000"

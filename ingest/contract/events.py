@@ -59,6 +59,9 @@ class EventType(IntEnum):
     LEAD = 2
     CONVERSION = 3
     SALE = 4  # stored in `sales`, not `events` (workers/consumer/sales.py)
+    # recorded by the edge in `refunds` (ingest/manage/refunds.py); its stream copy is what
+    # the archive and a replay carry, restored once by its key (workers/consumer/refunds.py)
+    REFUND = 5
 
 
 class Dialect:
@@ -160,7 +163,10 @@ class Envelope:
         """What the event's partition follows (``Keys.partition_for``): its link's code, so
         one link's events stay in order; a sale's invoice, so every copy of one invoice (and
         its idempotency record) meets in one partition whatever else it says, else its
-        customer. None: neither is known."""
+        customer; a refund's sale's invoice. None: neither is known."""
+        if self.type is EventType.REFUND:  # beside its sale: a replay restores the sale first
+            invoice = self.payload.get("invoice")
+            return sale_routing_key(self.workspace_id, "invoice", invoice) if isinstance(invoice, str) else None
         if self.type is EventType.SALE:
             invoice, customer = self.payload.get("invoice"), self.payload.get("external_id")
             if isinstance(invoice, str):

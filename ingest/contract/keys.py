@@ -117,6 +117,13 @@ class Keys:
             return f"{self.prefix}:idk:{digest}"
         return f"{self.prefix}:idk:{{{partition}}}:{digest}"
 
+    @staticmethod
+    def record_partition(record: str) -> int | None:
+        """The partition whose tag an idempotency record carries (``...:idk:{3}:...`` is 3)."""
+        _, found, rest = record.rpartition(":idk:{")
+        tag = rest.partition("}")[0]
+        return int(tag) if found and tag.isdigit() else None
+
     @property
     def arq_queue(self) -> str:
         return f"{self.prefix}:arq:queue"

@@ -24,8 +24,9 @@ from typing import Any, Final
 import asyncpg
 import orjson
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ingest.contract.connections import REDIS_ERRORS, Redis
+from ingest.contract.connections import REDIS_ERRORS, Redis, client_fault
 from ingest.contract.keys import Keys
 
 log = structlog.get_logger("ingest.links")
@@ -161,8 +162,16 @@ async def _write(redis: Redis, keys: Keys, items: list[LinkInfo | str]) -> None:
 
 
 async def put(redis: Redis, keys: Keys, *links: LinkInfo) -> None:
-    """After a commit: the edge sees the new or changed link at once."""
-    await _write(redis, keys, list(links))
+    """After a commit: the edge sees the new or changed link at once. A connection redis-py
+    closed under the write (a RuntimeError or AttributeError of its own: Redis killed
+    mid-command) is raised as the outage it is, a ``ConnectionError``: a management write
+    that committed was answered 500 for it (the generative test's seed 2026520494)."""
+    try:
+        await _write(redis, keys, list(links))
+    except (RuntimeError, AttributeError) as exc:
+        if not client_fault(exc):
+            raise
+        raise RedisConnectionError(f"a connection closed under the link cache's write: {exc!r}") from exc
 
 
 async def put_committed(redis: Redis, keys: Keys, *links: LinkInfo) -> None:

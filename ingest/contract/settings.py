@@ -192,6 +192,23 @@ class Settings(BaseSettings):
         " archive_conflict).",
     )  # fmt: skip
 
+    # erasure -------------------------------------------------------------------------
+    erase_archive_days: int = Field(
+        30, ge=1, le=365,
+        description="An erasure's archive segments are rewritten within this many days (its stated deadline;"
+        " `refstream erase --status` flags one overdue).",
+    )  # fmt: skip
+    erase_sweep_every_s: int = Field(
+        10, ge=1, le=3600,
+        description="How often the workers finish pending erasures in Redis and the archive.",
+    )  # fmt: skip
+
+    suppression_refresh_s: float = Field(
+        5.0, gt=0, le=3600,
+        description="How often each edge reads the do-not-track lists: a visitor, customer or address listed is"
+        " suppressed within this long.",
+    )  # fmt: skip
+
     # logging -------------------------------------------------------------------------
     log_level: str = "info"
     log_json: bool = True

@@ -4,8 +4,11 @@ dialect differs in (its body, its event, its refusals, and how it says them: its
 1. ``look``: one Redis round trip (``ingest.edge.lookup``) for the key, the rate limit, the
    link and, when the route made a ``Guess`` from what this edge last read, the append
    itself; an unreachable Redis or Postgres becomes the route's own 503.
-2. The route's refusals, in its own shape, from what the lookup found.
-3. ``accepted`` when the guess went in with the lookup; otherwise ``append``: the event
+2. The route's refusals, in its own shape, from what the lookup found: on a public route
+   ``refusal`` says which of the link's refusals applies (and accounts its drop), and the
+   route says it in its own words.
+3. ``accepted`` when the guess went in with the lookup; otherwise ``append`` (or ``put``,
+   for a route that answers after the append): the event
    with or without an idempotency key (``ingest.edge.keyed``), to the spool where the route
    may (a public route's click), and the answer. An append Redis may hold but cannot
    confirm is the route's 503 with ``Refstream-Outcome: unknown`` (``retry_headers``).
@@ -16,6 +19,7 @@ same way on every route.
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +37,7 @@ from ingest.edge.enqueue import append as append_event
 from ingest.edge.enqueue import retry_headers
 from ingest.edge.idempotency import Answer, Claim, Refuse, replay
 from ingest.edge.keyed import append_keyed
-from ingest.edge.lookup import Found, Unavailable, lookup
+from ingest.edge.lookup import Found, Unavailable, lookup, seen_link
 from ingest.edge.ratelimit import RateLimiter
 from ingest.edge.state import EDGE, Edge
 from ingest.spool.spool import SpoolFull
@@ -99,6 +103,30 @@ def event(
     )
 
 
+Refusals = Callable[..., "web.Response | tuple[Any, ...]"]  # (request, edge, found, problem, body)
+
+
+async def caller(
+    request: web.Request, voice: Voice, model: type[M], refusals: Refusals
+) -> tuple[Edge, Found, M, tuple[Any, ...]] | web.Response:
+    """A keyed route's start when it guesses nothing: the Bearer key (401), the body as
+    ``model``, the lookup of the key and its rate limit, and the route's ``refusals`` in
+    its own order (a refusal, or what it says of the caller: its workspace or principal
+    first, the ``Idempotency-Key`` last). Else (the edge, the lookup, the body, the caller)."""
+    edge, secret = keyed(request)
+    if secret is None:
+        return voice.refuse(401, "unauthorized", "Invalid or missing API key")
+    body, problem = await parsed(request, model)
+    found = await look(edge, voice, edge.key_limiter, "", secret=secret)
+    if isinstance(found, web.Response):
+        return found
+    said = refusals(request, edge, found, problem, body)
+    if isinstance(said, web.Response):
+        return said
+    assert body is not None
+    return edge, found, body, said
+
+
 async def look(edge: Edge, voice: Voice, limiter: RateLimiter, key: str, **kw: Any) -> Found | web.Response:
     """``lookup``, or the route's 503 when Redis (or, for a cold link, Postgres) cannot say."""
     try:
@@ -109,8 +137,72 @@ async def look(edge: Edge, voice: Voice, limiter: RateLimiter, key: str, **kw: A
         return voice.down(exc)
 
 
+class Refusal(enum.Enum):
+    """Why a public route does not take an event for the link the lookup found."""
+
+    RATE_LIMITED = "rate_limited"
+    UNRESOLVED = "unresolved"  # Postgres down while the link cache is cold: the link is unknown
+    UNKNOWN_CODE = "unknown_code"
+    UNCONFIGURED = "unconfigured"  # the link lost its partner or program
+    INACTIVE = "inactive_link"
+    ORIGIN = "origin_not_allowed"  # an Origin the link's workspace does not list
+
+
+def refusal(edge: Edge, found: Found, origin: str | None, *, configured: bool = True) -> Refusal | None:
+    """The first refusal that applies to a public request for ``found.link``, in the order
+    every public route keeps (the rate limit, a link nobody could look up, an unknown code,
+    one that lost its partner or program, an inactive one, the ``Origin``); None when the
+    event is to be taken. The refused event is accounted as a drop (``ingest.contract.drops``;
+    not ``UNRESOLVED``: the link is not known to be wrong). ``configured=False``: a route
+    that takes clicks on a link without partner or program (the worker decides)."""
+    link = found.link
+    if not found.verdict.allowed:
+        edge.drops.note(link.workspace_id if link else None, link.id if link else None, "rate_limited")
+        return Refusal.RATE_LIMITED
+    if found.link_unresolved:
+        return Refusal.UNRESOLVED
+    if link is None:
+        edge.drops.note(None, None, "unknown_code")
+        return Refusal.UNKNOWN_CODE
+    if configured and not link.configured:
+        edge.drops.note(link.workspace_id, link.id, "inactive_link")
+        return Refusal.UNCONFIGURED
+    if not link.active:
+        edge.drops.note(link.workspace_id, link.id, "inactive_link")
+        return Refusal.INACTIVE
+    if not link.allows_origin(origin):
+        return Refusal.ORIGIN
+    return None
+
+
+def suppressed(edge: Edge, envelope: Envelope) -> bool:
+    """The event names a visitor, customer or address its workspace does not track: it is
+    counted as a drop (``suppressed``) and appended nowhere (``ingest.edge.suppress``)."""
+    if not edge.suppress.names(envelope):
+        return False
+    code = envelope.payload.get("code")
+    link = seen_link(edge, code) if isinstance(code, str) else None
+    edge.drops.note(envelope.workspace_id, link.id if link else None, "suppressed")
+    return True
+
+
 def accepted(body: bytes, headers: dict[str, str] | None) -> web.Response:
     return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+async def put(
+    edge: Edge, voice: Voice, envelope: Envelope, code: str, *extra: Command, spool: bool
+) -> bool | web.Response:
+    """Append an event without an idempotency key (with ``extra`` in its round trip): True
+    once it is in Redis, False once in the spool (``spool``: a public route's event; without
+    it Redis down is the route's 503), else the route's 503. For a route whose answer is
+    made after the append (a redirect, an id remembered in Redis); the others ``append``."""
+    if suppressed(edge, envelope):
+        return True  # answered as it would be, appended nowhere
+    try:
+        return await append_event(edge, envelope, code, *extra, spool=spool)
+    except (*REDIS_ERRORS, SpoolFull) as exc:
+        return voice.down(exc)
 
 
 async def append(
@@ -128,15 +220,17 @@ async def append(
     ``claim``, a repeat of the key gets the first request's answer (422 if it asked
     something else). ``spool``: Redis down, the event goes to the spool (a public route's
     click); otherwise that is the route's 503."""
+    if claim is None:
+        where = await put(edge, voice, envelope, code, *extra, spool=spool)
+        return where if isinstance(where, web.Response) else accepted(answer, headers)
+    if suppressed(edge, envelope):
+        return accepted(answer, headers)
     try:
-        if claim is None:
-            await append_event(edge, envelope, code, *extra, spool=spool)
-        else:
-            first = await append_keyed(
-                edge, claim, envelope, code, Answer(200, answer, claim.fingerprint), *extra, spool=spool
-            )
-            if first is not None:
-                return replay(first, claim, voice.refuse, headers)
+        first = await append_keyed(
+            edge, claim, envelope, code, Answer(200, answer, claim.fingerprint), *extra, spool=spool
+        )
     except (*REDIS_ERRORS, SpoolFull) as exc:
         return voice.down(exc)
+    if first is not None:
+        return replay(first, claim, voice.refuse, headers)
     return accepted(answer, headers)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 WORKSPACE_KEY_PREFIX = "rs_live_"
 AFFILIATE_KEY_PREFIX = "rsa_live_"
-SCOPES = frozenset({"read", "write", "track", "*"})
+SCOPES = frozenset({"read", "write", "track", "erase", "*"})  # "erase": only by name (auth.EXPLICIT)
 _DISPLAY_RANDOM_CHARS = 6
 
 

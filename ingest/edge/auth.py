@@ -25,6 +25,7 @@ _UNKNOWN: Final = b"-"
 REDIS_TTL_S: Final = 24 * 3600
 NEGATIVE_TTL_S: Final = 60
 _MAX_SECRET: Final = 256
+EXPLICIT: Final = frozenset({"erase"})  # scopes that "*" does not grant: what cannot be undone
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,8 @@ class Principal:
     def allows(self, scope: str) -> bool:
         if self.kind == "affiliate":
             return scope == "read"  # affiliate keys are read-only, whatever they carry
+        if scope in EXPLICIT:
+            return scope in self.scopes  # granted by name only: never by "*"
         return "*" in self.scopes or scope in self.scopes
 
     def encode(self) -> bytes:

@@ -57,19 +57,24 @@ WAIT_FOR_FIRST_S = 2.0  # a management repeat waits this long for the first copy
 # KEYS[3] the partition layout and KEYS[4..] the key's records in the partitions an earlier
 # partition count gave it (``ingest.contract.layout``; on a Redis Cluster they sit in other
 # slots: neither is passed, ``Idempotency.earlier``). ARGV: answer, window ms, the count the
-# caller routed by ('' on a Cluster), then the envelope's fields and values
-# (``Envelope.entry``). A caller that routed by another count than the layout's now is
-# refused (STALE): its copy would sit where a copy routed by the current count is not looked
-# for. The XADD comes first: if it fails (OOM), nothing was written, and no answer is stored
-# for an event that was never appended. A stream that does not exist (a retired partition)
-# is not made: GONE.
+# caller routed by and the change time (``Layout.changed_ms``) of the layout it read (both ''
+# on a Cluster), then the envelope's fields and values (``Envelope.entry``). A caller that
+# routed by another layout than the one in Redis now is refused (STALE): its copy would sit
+# where a copy routed by the current count is not looked for, or its earlier-count records
+# would miss a count the layout has had since (4 -> 3 -> 4: the same count, another
+# layout). The XADD comes first: if it fails (OOM), nothing was written, and no answer is
+# stored for an event that was never appended. A stream that does not exist (a retired
+# partition) is not made: GONE.
 APPEND_ONCE = """
 local routed = tonumber(ARGV[3])
 local from = 3
 if routed then
   local raw = redis.call('GET', KEYS[3])
-  if raw and cjson.decode(raw)['count'] ~= routed then
-    return redis.error_reply('STALE ' .. KEYS[2])
+  if raw then
+    local now = cjson.decode(raw)
+    if now['count'] ~= routed or (tonumber(now['changed_ms']) or 0) ~= tonumber(ARGV[4]) then
+      return redis.error_reply('STALE ' .. KEYS[2])
+    end
   end
   from = 4
 end
@@ -79,7 +84,7 @@ for i = from, #KEYS do
   first = redis.call('GET', KEYS[i])
   if first then return first end
 end
-if not redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 4)) then
+if not redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 5)) then
   return redis.error_reply('GONE ' .. KEYS[2])
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -214,10 +219,11 @@ class Idempotency:
         record = self.keys.idempotent(claim.digest, partition)
         if self.cluster:
             return ("EVALSHA", self._append_sha, 2, record, self.keys.stream(partition), answer.encode(),
-                    self.window_ms, "", *envelope.entry())  # fmt: skip
+                    self.window_ms, "", "", *envelope.entry())  # fmt: skip
         earlier = self.earlier(claim, routing_key)
+        changed = self._layout().changed_ms if self._layout is not None else 0
         return ("EVALSHA", self._append_sha, 3 + len(earlier), record, self.keys.stream(partition),
-                self.keys.layout, *earlier, answer.encode(), self.window_ms, self.keys.partitions,
+                self.keys.layout, *earlier, answer.encode(), self.window_ms, self.keys.partitions, changed,
                 *envelope.entry())  # fmt: skip
 
     def earlier(self, claim: Claim, routing_key: str) -> tuple[str, ...]:

@@ -217,6 +217,8 @@ async def lookup(
     reads: list[str] = []
     if code is not None:
         reads += [edge.keys.link(code), edge.keys.links_warm]
+    if guess is not None and edge.suppress.names(guess.envelope):
+        guess = None  # a suppressed event is appended nowhere: the route's own path says so
     if guess is not None and edge.checked_append is not None and not key_miss:
         checked = _checked(edge, limiter, rl_key, guess, reads, extra)
         if checked is not None:

@@ -116,28 +116,19 @@ def claim(route: str, workspace_id: str, idem_key: str | None, payload: dict[str
     return None
 
 
-Caller = Callable[..., "web.Response | tuple[Any, ...]"]
-
-
 async def track(
-    request: web.Request, voice: accept.Voice, model: type[M], refusals: Caller, dialect: str,
+    request: web.Request, voice: accept.Voice, model: type[M], refusals: accept.Refusals, dialect: str,
     payload_of: Callable[[M], dict[str, Any]], answer_of: Callable[[M, Envelope], bytes],
 ) -> web.Response:  # fmt: skip
     """A dialect's sale route, all but what it says: its ``voice``, its body's ``model``, its
     keyed ``refusals`` (``(request, edge, found, problem, body)`` -> its refusal, or a tuple
     of the caller's principal or workspace first and the ``Idempotency-Key`` last), the
     sale's payload from its body and its answer."""
-    edge, secret = accept.keyed(request)
-    if secret is None:
-        return voice.refuse(401, "unauthorized", "Invalid or missing API key")
-    body, problem = await accept.parsed(request, model)
-    found = await accept.look(edge, voice, edge.key_limiter, "", secret=secret)
-    if isinstance(found, web.Response):
-        return found
-    caller = refusals(request, edge, found, problem, body)
-    if isinstance(caller, web.Response):
-        return caller
-    assert body is not None and found.principal is not None
+    started = await accept.caller(request, voice, model, refusals)
+    if isinstance(started, web.Response):
+        return started
+    edge, found, body, caller = started
+    assert found.principal is not None
     workspace, idem_key = found.principal.workspace_id, caller[-1]
     payload = payload_of(body)
     event = envelope(dialect, workspace, payload)

@@ -19,6 +19,7 @@ from ingest.edge.batcher import RedisBatcher
 from ingest.edge.idempotency import Idempotency
 from ingest.edge.metrics import EdgeMetrics
 from ingest.edge.ratelimit import RateLimiter
+from ingest.edge.suppress import Suppressed
 from ingest.spool.spool import Spool
 
 CLIENT_IP_CACHE = 10_000  # (peer, X-Forwarded-For) pairs; cleared when full
@@ -50,6 +51,7 @@ class Edge:
     # what a lookup.Guess is made from, and checked against in Redis (lookup.SEEN_MAX)
     seen: dict[str, bytes | None] = field(default_factory=dict)
     link_memo: dict[bytes, LinkInfo] = field(default_factory=dict)  # a link cache entry, parsed
+    suppress: Suppressed = field(default_factory=Suppressed)  # the do-not-track lists
     _client_ips: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def client_ip(self, request: web.Request) -> str | None:

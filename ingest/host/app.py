@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ingest.contract import clock, links
+from ingest.contract import clock, erasure, links
 from ingest.contract.connections import connect_redis, create_pg_pool, pg_unavailable
 from ingest.contract.drops import DropTally
 from ingest.contract.events import unique_token
@@ -125,15 +125,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         metrics.redis_batch.observe(commands)
         metrics.redis_seconds.observe(seconds)
 
+    # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
+    pg = await create_pg_pool(settings, min_size=0, max_size=4)
     # the event ids minted here, and so their days, follow Redis's clock when ours is off
-    following = await clock.start_following(redis, settings.clock_skew_max_s)
+    # (Postgres's while Redis is away: what a restarted edge spools is on the right day too)
+    following = await clock.start_following(redis, settings.clock_skew_max_s, postgres=pg)
     durability = Durability.of(settings)
     batcher = RedisBatcher(
         redis, max_commands=settings.pipeline_max_commands, deadline_s=settings.redis_deadline_ms / 1000,
         max_queued=settings.redis_max_queued, durability=durability, observe=observe,
     )  # fmt: skip
-    # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
-    pg = await create_pg_pool(settings, min_size=0, max_size=4)
     keys = Keys(settings.stream_prefix, settings.partitions)
     # the partition count the edge writes, read live (refstream partitions set N)
     watch = Watch(redis, keys, settings.partitions)
@@ -141,9 +142,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     watch.start(make=True)
     await watch.ready()
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, durability=durability)
-    spool.start(
-        redis, every_s=settings.spool_drain_every_s, reached=batcher.down.probe_now, layout=watch
-    )  # also drains what a previous run left
+    spool.start(  # also drains what a previous run left; an erased person's rows go scrubbed
+        redis, every_s=settings.spool_drain_every_s, reached=batcher.down.probe_now, layout=watch,
+        ledger=lambda: erasure.held(pg),
+    )  # fmt: skip
     metrics.watch_spool(spool)
     app[EDGE] = Edge(
         settings=settings,
@@ -169,9 +171,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         checked_append=None if settings.redis_cluster or durability.waits else batcher.script(lookup.CHECKED_APPEND),
     )
     drops.start()
+    app[EDGE].suppress.start(pg, settings.suppression_refresh_s)
     try:
         yield
     finally:
+        await app[EDGE].suppress.close()
         following.cancel()
         await drops.close()
         await spool.close()

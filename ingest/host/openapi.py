@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from ingest.edge import sale
+from ingest.edge import refund, sale
 from ingest.edge.fields import IDENT
 from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, refport
 from ingest.host import health
@@ -90,6 +90,9 @@ OPERATIONS: tuple[Op, ...] = (
     Op("post", "/api/track/sale", "Track a sale (Refport): attributed to the customer's lead; an invoice counts "
        "once, a repeat answered as the first", "Refport",
        {200: refport.RefportSaleTracked, **errors(R, 401, 422, 429, 503, *BODY)}, sale.RefportSale, "bearer"),
+    Op("post", "/api/track/refund", "Refund a sale (Refport), in full or in part: a row of its own, idempotent on "
+       "its refundId (or Idempotency-Key), never past the sale's amount (409)", "Refport",
+       {200: refund.RefundRecorded, **errors(R, 401, 404, 409, 422, 429, 503, *BODY)}, refund.RefportRefund, "bearer"),
     Op("post", "/v1/track/conversion", "Track a conversion (a sale), server to server (Affixo): attributed to the "
        "customer's lead; an invoice counts once, a repeat answered as the first", "Affixo",
        {200: affixo.AffixoConversionRecorded, **errors(F, 401, 403, 422, 429, 503, *BODY)}, sale.AffixoConversion,
@@ -160,6 +163,18 @@ OPERATIONS: tuple[Op, ...] = (
               "limit": LIMIT}),
     Op("get", "/v1/customers/{external_id}", "A customer by your external id", "Management",
        {200: M.Customer, **MANAGE}, security="bearer"),
+    Op("delete", "/v1/customers/{external_id}", "Erase a customer's personal data everywhere (scope erase, "
+       "which * does not grant): Postgres at once, Redis and the archive by the workers; counters keep their "
+       "numbers", "Management", {202: M.Erasure, **MANAGE}, security="bearer"),
+    Op("post", "/v1/suppressions", "Do not track a visitor, customer or address: their events are answered as "
+       "usual, stored nowhere and counted as suppressed drops (the list keeps digests, never values)",
+       "Management", {201: M.Suppression, **MANAGE_BODY}, M.NewSuppression, "bearer"),
+    Op("get", "/v1/suppressions", "The workspace's do-not-track list (kinds and dates; no values)", "Management",
+       {200: M.SuppressionList, **MANAGE}, security="bearer"),
+    Op("delete", "/v1/suppressions/{id}", "Track a listed visitor, customer or address again", "Management",
+       {204: None, **MANAGE}, security="bearer"),
+    Op("get", "/v1/erasures/{id}", "An erasure: what is still pending, and its archive deadline (scope erase)",
+       "Management", {200: M.Erasure, **MANAGE}, security="bearer"),
     Op("post", "/v1/webhooks", "Create a webhook (lead.created, conversion.created, milestone.reached, "
        "fraud.flagged) to a public address; its signing secret is shown once", "Webhooks",
        {201: webhooks.Webhook, 409: M.ManageError, **MANAGE_BODY}, webhooks.NewWebhook, "bearer"),
@@ -168,7 +183,8 @@ OPERATIONS: tuple[Op, ...] = (
     Op("get", "/v1/affiliate/links", "The calling affiliate's links (affiliate key)", "Affiliate",
        {200: M.LinkList, **MANAGE}, security="bearer"),
     Op("get", "/v1/affiliate/stats", "The calling affiliate's stats, its own links only: counted, dropped by "
-       "reason, flagged by rule, per UTC day (affiliate key; from, to as a link's stats)", "Affiliate",
+       "reason, flagged by rule, sales, revenue, refunds and commission per currency, per UTC day (affiliate key;"
+       " from, to as a link's stats)", "Affiliate",
        {200: M.AffiliateStats, **MANAGE}, security="bearer", query={"from": DAY, "to": DAY}),
 )  # fmt: skip
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 from aiohttp import web
 
 from ingest.contract.settings import Settings
@@ -19,6 +20,8 @@ from ingest.edge.body import RAW_BODIES
 from ingest.host.app import METRICS, create_app
 from ingest.host.guard import GUARD
 from ingest.host.siblings import SIBLINGS, Siblings
+
+log = structlog.get_logger("ingest.serve")
 
 # after a refused body, what the client still sends is read (raw, never inflated) this long
 # and dropped, so it reads our answer rather than a reset; then the connection closes
@@ -142,10 +145,18 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+def _no_reload() -> None:
+    log.warning("serve.sighup_ignored", why="one process, no supervisor: a reload needs --processes 2 or more",
+                do="restart it behind a balancer, or run more processes")  # fmt: skip
+
+
 async def serve(settings: Settings, host: str, port: int, print: Callable[[str], None]) -> None:
-    """``refstream serve`` (one process): until SIGINT or SIGTERM, then a graceful shutdown."""
+    """``refstream serve`` (one process): until SIGINT or SIGTERM, then a graceful shutdown.
+    SIGHUP, which reloads under a supervisor, is logged and ignored: its default would end
+    the process at once, its requests in flight unanswered."""
     served = await start(settings, host, port)
     stop = _stop_event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _no_reload)
     print(f"======== Running on {served.url} ========\n(Press CTRL+C to quit)")
     try:
         await stop.wait()

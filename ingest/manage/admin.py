@@ -11,9 +11,10 @@ from uuid import UUID
 
 import asyncpg
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ingest.contract import links
-from ingest.contract.connections import Redis, write
+from ingest.contract.connections import Redis, client_fault, write
 from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
 from ingest.contract.keys import Keys
 from ingest.edge import apikeys, auth
@@ -331,11 +332,23 @@ async def create_key(
 
 
 async def revoke_key(conn: asyncpg.Connection, redis: Redis, keys: Keys, prefix: str) -> dict[str, Any]:
-    digest = await conn.fetchval(
-        "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL RETURNING key_hash", prefix
-    )
-    if digest is None:
-        raise NotFound(f"no active key with prefix {prefix!r}")
-    # edges drop their in-process copy within REFSTREAM_KEY_CACHE_S
-    await auth.cache_key(redis, keys, bytes(digest), None)
+    """Revoke a key: its row and its Redis entry, the entry written before the row commits.
+    The entry lives a day, so a revocation committed with the entry unwritten (Redis away)
+    would let the key in for that day, and its retry would find no active key to revoke:
+    here a Redis that cannot take the entry (an outage, a connection redis-py closed under
+    the write) rolls the revocation back, a refusal whose retry is safe (a commit lost with
+    Postgres is ``CommitUnknown``: a retry answers 404 if it was done). An edge refilling the
+    entry meanwhile reads the key as still active, and writes only where no entry is."""
+    async with write(conn):
+        digest = await conn.fetchval(
+            "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL RETURNING key_hash", prefix
+        )
+        if digest is None:
+            raise NotFound(f"no active key with prefix {prefix!r}")
+        try:  # edges drop their in-process copy within REFSTREAM_KEY_CACHE_S
+            await auth.cache_key(redis, keys, bytes(digest), None)
+        except (RuntimeError, AttributeError) as exc:
+            if not client_fault(exc):
+                raise
+            raise RedisConnectionError(f"a connection closed under the key cache's write: {exc!r}") from exc
     return {"revoked": prefix}

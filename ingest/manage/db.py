@@ -30,7 +30,11 @@ import asyncpg
 #    their triggers); the retention's indexes on webhook_deliveries and affiliate_ips
 # 7: sales (unique invoice per workspace) and sale_stats; events' index of leads by customer;
 #    daily_stats by workspace
-SCHEMA_VERSION = 7
+# 8: refunds (a row each, the sale's running refunded total), sale_stats' refunds, and
+#    commissions' clawbacks
+# 9: erasure: the ledger (erasures, erased_ids) and its salt
+# 10: do-not-track lists (suppressions)
+SCHEMA_VERSION = 10
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

@@ -195,7 +195,8 @@ async def list_events(
 
 _SALE_COLUMNS = (
     "event_id, invoice_id, customer_external_id, amount, currency, event_name, payment_processor, lead_event_name,"
-    " link_id, affiliate_id, program_id, lead_event_id, click_id, unattributed, dialect, received_at, metadata"
+    " link_id, affiliate_id, program_id, lead_event_id, click_id, unattributed, dialect, received_at, metadata,"
+    " refunds, refunded"
 )
 SALE_FILTERS = {"link_id": "link_id", "affiliate_id": "affiliate_id", "customer_id": "customer_external_id"}
 

@@ -17,7 +17,7 @@ from ingest.contract import jsonrows
 # every type a webhook may subscribe to
 EVENT_TYPES = (
     "lead.created", "conversion.created", "milestone.reached", "fraud.flagged", "sale.created", "commission.created",
-    "payout.paid",
+    "payout.paid", "refund.created",
 )  # fmt: skip
 
 

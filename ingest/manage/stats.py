@@ -68,7 +68,8 @@ SELECT day, reason, detail, sum(n)::bigint AS n
 FROM drop_stats WHERE link_id = ANY($1::uuid[]) AND day BETWEEN $2 AND $3 GROUP BY day, reason, detail
 """
 SOLD_SQL = """
-SELECT day, currency, sum(sales)::bigint AS sales, sum(amount)::bigint AS revenue
+SELECT day, currency, sum(sales)::bigint AS sales, sum(amount)::bigint AS revenue,
+       sum(refunds)::bigint AS refunds, sum(refunded)::bigint AS refunded
 FROM sale_stats WHERE link_id = ANY($1::uuid[]) AND day BETWEEN $2 AND $3 GROUP BY day, currency
 """
 
@@ -106,18 +107,19 @@ async def per_day(
     conn: asyncpg.Connection, of: list[UUID] | UUID, start: date, to: date,
     sql: tuple[str, str, str, str] = (COUNTED_SQL, SOLD_SQL, DROPPED_SQL, EARNED_SQL),
 ) -> dict[str, Any]:  # fmt: skip
-    """Totals and one entry per day with anything in it: counted, sales, revenue and
-    commission per currency (minor units), dropped by reason (with the detail, e.g. the bot's sub-reason),
+    """Totals and one entry per day with anything in it: counted, sales, revenue, the
+    refunds of those sales (their number and amount) and commission (net of reversals and
+    clawbacks) per currency (minor units), dropped by reason (with the detail, e.g. the bot's sub-reason),
     flagged by rule; of the links ``of`` (or, with ``WORKSPACE_SQL``, the workspace ``of``)."""
     counted_sql, sold_sql, dropped_sql, earned_sql = sql
     days: dict[date, dict[str, Any]] = defaultdict(_empty_day)
     for r in await conn.fetch(counted_sql, of, start, to):
         days[r["day"]].update({k: r[k] for k in COUNTED})
     for r in await conn.fetch(sold_sql, of, start, to):
-        if r["sales"] or r["revenue"]:  # a day's sale attributed later elsewhere nets to nothing
+        if r["sales"] or r["revenue"] or r["refunds"]:  # a day's sale attributed later elsewhere nets to nothing
             d = days[r["day"]]
-            d["sales"][r["currency"]] = r["sales"]
-            d["revenue"][r["currency"]] = r["revenue"]
+            for group in ("sales", "revenue", "refunds", "refunded"):  # refunds: of the day's sales
+                d[group][r["currency"]] = r[group]
     for r in await conn.fetch(earned_sql, of, start, to):
         if r["commission"]:
             days[r["day"]]["commission"][r["currency"]] = r["commission"]
@@ -134,7 +136,7 @@ async def per_day(
     for d in days.values():
         for k in COUNTED:
             totals[k] += d[k]
-        for group in ("dropped", "flagged", "sales", "revenue", "commission"):
+        for group in ("dropped", "flagged", "sales", "revenue", "refunds", "refunded", "commission"):
             for k, n in d[group].items():
                 totals[group][k] = totals[group].get(k, 0) + n
         for reason, by in d["dropped_detail"].items():
@@ -150,7 +152,7 @@ async def per_day(
 
 
 def _empty_day() -> dict[str, Any]:
-    groups = ("sales", "revenue", "commission", "dropped", "dropped_detail", "flagged")
+    groups = ("sales", "revenue", "refunds", "refunded", "commission", "dropped", "dropped_detail", "flagged")
     return {**dict.fromkeys(COUNTED, 0), **{g: {} for g in groups}}
 
 

@@ -41,14 +41,16 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 
+from ingest.contract import erasure
 from ingest.contract.connections import REDIS_ERRORS, Command, Redis, cancelled_meanwhile
-from ingest.contract.events import Envelope, entry_from_blob
+from ingest.contract.events import Envelope, EnvelopeError, entry_from_blob
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Layout, PartitionGone, Watch
 from ingest.edge.durability import Durability
@@ -94,6 +96,9 @@ class Spool:
         self._link: tuple[Redis, Link] | None = None  # the drain's way to Redis, and for which client
         self._reached: Callable[[], None] | None = None  # called when a drain with rows reaches Redis
         self._layout: Watch | None = None  # the partition layout rows are routed by when drained
+        # the erasure ledger (``ingest.contract.erasure.held``): rows of an erased person go
+        # to Redis scrubbed; set by the edge (it reads the ledger in Postgres)
+        self._ledger: Ledger | None = None
         self._failing: dict[str, str] = {}  # op -> error, while it fails (logged once per change)
         self._error_recorded = False
         self.errors: Counter[str] = Counter()  # failed file-system operations by op, for /metrics
@@ -226,7 +231,12 @@ class Spool:
                     routed = await self._layout.read()
                     todo, found = await _reroute(link, todo, self._layout.keys, routed)
                     self._replayed.update(found)
-                sent, error = await _replay(link, todo, self.durability, self._layout, routed)
+                if self._ledger is None:
+                    sent, error = await _replay(link, todo, self.durability, self._layout, routed)
+                else:  # raises while the ledger cannot be read: drained later, never unchecked
+                    async with self._ledger() as check:
+                        todo = await _scrubbed(check, todo)
+                        sent, error = await _replay(link, todo, self.durability, self._layout, routed)
                 self._replayed.update(sent)
                 n += len(sent)
                 ids = [r.id for r in rows if r.id in self._replayed]
@@ -316,6 +326,11 @@ class Spool:
                 await self.drain(redis)
             except SpoolDrainFailed:
                 continue  # logged once when it started failing; retried next tick
+            except erasure.LedgerUnavailable as exc:  # Postgres away: nothing goes unchecked
+                if self._redis_error is None:
+                    log.warning("spool.drain_waiting", error=repr(exc.__cause__), entries=self._entries)
+                self._redis_error = repr(exc)
+                continue
             except REDIS_ERRORS as exc:
                 cancelled_meanwhile()
                 if self._redis_error is None:
@@ -345,15 +360,17 @@ class Spool:
 
     def start(
         self, redis: Redis, *, every_s: float = 1.0, reached: Callable[[], None] | None = None,
-        layout: Watch | None = None,
+        layout: Watch | None = None, ledger: Ledger | None = None,
     ) -> None:  # fmt: skip
         """Drain every ``every_s``; ``reached`` is called when a drain with rows to send
         reaches Redis (the edge's breaker, if open, may probe at once rather than at its
         interval: the edge's own requests learn that Redis is back no later than the spool).
         ``layout``: the edge's partition layout, read before each drain step; a row whose
-        partition is no longer written goes to its code's partition now (``_reroute``)."""
+        partition is no longer written goes to its code's partition now (``_reroute``).
+        ``ledger``: the erasure ledger, checked for each step's envelopes (``_scrubbed``)."""
         self._reached = reached
         self._layout = layout
+        self._ledger = ledger
         self._drainer = asyncio.create_task(self._drain_loop(redis, every_s), name="spool-drainer")
 
     async def close(self) -> None:
@@ -409,9 +426,13 @@ async def _reroute(link: Link, rows: list[store.Row], keys: Keys, layout: Layout
         if once is not None:
             # a keyed row goes where a copy routed by the current count looks for its key, and
             # is checked against its key's records wherever an earlier count put them (an
-            # edge's append by that count may have stored the key's first copy there)
-            tag = f":idk:{{{p}}}:"
-            others = {p, *(keys.partition_for(code, c) for c in counts)} if isinstance(code, str) else {p}
+            # edge's append by that count may have stored the key's first copy there). Its
+            # record's own partition, not its stream's: the two differ when the edge read a
+            # new count between the check and the spooling (generative seed 1419696670)
+            rp = Keys.record_partition(once.record)
+            rp = p if rp is None else rp
+            tag = f":idk:{{{rp}}}:"
+            others = {p, rp, *(keys.partition_for(code, c) for c in counts)} if isinstance(code, str) else {p, rp}
             records = {x: once.record.replace(tag, f":idk:{{{x}}}:") for x in {*others, q}}
             earlier = tuple(sorted({*earlier, *(records[x] for x in others)} - {records[q]}))
             once = store.Once(records[q], once.answer, once.window_ms)
@@ -428,6 +449,34 @@ async def _reroute(link: Link, rows: list[store.Row], keys: Keys, layout: Layout
     if moved_n := sum(1 for a, b in zip(rows, out, strict=False) if a.stream != b.stream):
         log.info("spool.rerouted", rows=moved_n, count=layout.count)
     return out, done
+
+
+# a drain step's hold on the erasure ledger (``ingest.contract.erasure.held`` on the edge's pool)
+Ledger = Callable[[], AbstractAsyncContextManager[erasure.Check]]
+
+
+async def _scrubbed(scrub: erasure.Check, rows: list[store.Row]) -> list[store.Row]:
+    """``rows`` with an erased person's envelopes scrubbed, and the answer a keyed row stores
+    for its key's repeats without the values the scrub took out (``erasure.redact``)."""
+    envelopes, where = [], []
+    for i, r in enumerate(rows):
+        try:
+            envelopes.append(Envelope.decode(r.envelope))
+            where.append(i)
+        except EnvelopeError:
+            continue  # the workers dead-letter it, as they would have
+    found = await scrub(envelopes) if envelopes else {}
+    if not found:
+        return rows
+    out = list(rows)
+    for j, scrubbed in found.items():
+        i, before = where[j], envelopes[j]
+        once = rows[i].once
+        if once is not None:
+            once = replace(once, answer=erasure.scrub_answer(once.answer, before, scrubbed))
+        out[i] = replace(rows[i], envelope=scrubbed.encode(), once=once)
+    log.info("spool.scrubbed", rows=len(found))
+    return out
 
 
 async def _replay(
@@ -451,11 +500,11 @@ async def _replay(
             commands.append(("XADD", r.stream, *nomk, "*", *fields))
         elif layout is None or routed is None or isinstance(link, ClusterLink):  # EVAL: not the hot path
             o = r.once
-            commands.append(("EVAL", APPEND_ONCE, 2, o.record, r.stream, o.answer, o.window_ms, "", *fields))
+            commands.append(("EVAL", APPEND_ONCE, 2, o.record, r.stream, o.answer, o.window_ms, "", "", *fields))
         else:  # checked against the count it was routed by (``_reroute``): STALE if it changed since
             o, earlier = r.once, r.earlier
             commands.append(("EVAL", APPEND_ONCE, 3 + len(earlier), o.record, r.stream, layout.keys.layout,
-                             *earlier, o.answer, o.window_ms, routed.count, *fields))  # fmt: skip
+                             *earlier, o.answer, o.window_ms, routed.count, routed.changed_ms, *fields))  # fmt: skip
         commands.extend(r.extra)
     if durability.waits:
         commands.append(durability.command())

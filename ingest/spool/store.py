@@ -107,6 +107,9 @@ def connect(directory: Path) -> sqlite3.Connection:
         # nothing here writes to an existing database: on a full disk it must still open
         _to_wal(conn)
         conn.execute("PRAGMA synchronous = FULL")
+        # a drained row's bytes are zeroed, not left in a free page: the spool holds no
+        # personal data once it is drained (docs/privacy.md)
+        conn.execute("PRAGMA secure_delete = ON")
         conn.execute("PRAGMA journal_size_limit = 16777216")  # the WAL is truncated back to this
         conn.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES}")
         if conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0] == 0:

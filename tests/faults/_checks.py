@@ -94,18 +94,35 @@ WHERE (coalesce(s.clicks, 0), coalesce(s.bot_clicks, 0), coalesce(s.leads, 0), c
 LIMIT 20
 """
 
-# sales and revenue per link (nil: unattributed), UTC day and currency, from the sale rows
+# sales, revenue and their refunds per link (nil: unattributed), UTC day and currency of the
+# sale, from the sale and refund rows
 _SALES = """
-WITH counted AS (
-    SELECT coalesce(link_id, '00000000-0000-0000-0000-000000000000'::uuid) AS link_id,
-           (received_at AT TIME ZONE 'UTC')::date AS day, currency, count(*) AS n, sum(amount) AS total
-    FROM sales GROUP BY 1, 2, 3
+WITH refunded AS (
+    SELECT sale_id, count(*) AS n, sum(amount) AS total FROM refunds GROUP BY 1
+), counted AS (
+    SELECT coalesce(s.link_id, '00000000-0000-0000-0000-000000000000'::uuid) AS link_id,
+           (s.received_at AT TIME ZONE 'UTC')::date AS day, s.currency, count(*) AS n, sum(s.amount) AS total,
+           coalesce(sum(r.n), 0) AS refunds, coalesce(sum(r.total), 0) AS refunded
+    FROM sales s LEFT JOIN refunded r ON r.sale_id = s.event_id GROUP BY 1, 2, 3
 ), stored AS (
-    SELECT link_id, day, currency, sum(sales) AS n, sum(amount) AS total FROM sale_stats GROUP BY 1, 2, 3
+    SELECT link_id, day, currency, sum(sales) AS n, sum(amount) AS total, sum(refunds) AS refunds,
+           sum(refunded) AS refunded
+    FROM sale_stats GROUP BY 1, 2, 3
 )
-SELECT link_id, day, currency, (s.n, s.total)::text AS stored, (c.n, c.total)::text AS from_rows
+SELECT link_id, day, currency, (s.n, s.total, s.refunds, s.refunded)::text AS stored,
+       (c.n, c.total, c.refunds, c.refunded)::text AS from_rows
 FROM counted c FULL JOIN stored s USING (link_id, day, currency)
-WHERE (coalesce(s.n, 0), coalesce(s.total, 0)) IS DISTINCT FROM (coalesce(c.n, 0), coalesce(c.total, 0))
+WHERE (coalesce(s.n, 0), coalesce(s.total, 0), coalesce(s.refunds, 0), coalesce(s.refunded, 0))
+      IS DISTINCT FROM (coalesce(c.n, 0), coalesce(c.total, 0), coalesce(c.refunds, 0), coalesce(c.refunded, 0))
+LIMIT 20
+"""
+# each sale's running refund totals against its refund rows, and never past its amount
+_REFUNDED = """
+SELECT s.event_id, s.amount, s.refunds, s.refunded, count(r.id) AS rows_n, coalesce(sum(r.amount), 0) AS rows_total
+FROM sales s LEFT JOIN refunds r ON r.sale_id = s.event_id
+GROUP BY s.event_id
+HAVING (s.refunds, s.refunded) IS DISTINCT FROM (count(r.id), coalesce(sum(r.amount), 0))
+    OR coalesce(sum(r.amount), 0) > s.amount
 LIMIT 20
 """
 
@@ -122,11 +139,20 @@ WITH expected AS (
     WHERE e.type = 2 AND e.affiliate_id IS NOT NULL AND NOT e.test_mode AND NOT e.out_of_window
       AND e.event_id >= coalesce((SELECT horizon_id FROM event_retention), '00000000-0000-0000-0000-000000000000')
       AND NOT EXISTS (SELECT 1 FROM event_flags f WHERE f.event_id = e.event_id AND f.excluded)
+), claws AS (  -- each sale's clawbacks: its commission by the rules times its refunded share, rounded down
+    SELECT s.event_id,
+           CASE WHEN s.link_id IS NULL OR s.affiliate_id IS NULL THEN 0
+                ELSE (s.amount * $1::bigint / 10000 + $2::bigint) * s.refunded / s.amount END AS expected,
+           coalesce((SELECT -sum(k.amount) FROM commissions k WHERE k.kind = 'clawback' AND k.sale_id = s.event_id),
+                    0) AS stored
+    FROM sales s WHERE s.amount > 0
 )
 SELECT coalesce(x.kind, c.kind) AS kind, coalesce(x.source_id, c.source_id) AS source_id,
        (x.amount, x.currency)::text AS expected, (c.amount, c.currency)::text AS stored
-FROM expected x FULL JOIN commissions c USING (kind, source_id)
+FROM expected x FULL JOIN (SELECT * FROM commissions WHERE kind <> 'clawback') c USING (kind, source_id)
 WHERE (x.amount, x.currency) IS DISTINCT FROM (c.amount, c.currency)
+UNION ALL
+SELECT 'clawback', event_id, expected::text, stored::text FROM claws WHERE expected <> stored
 LIMIT 20
 """
 
@@ -356,6 +382,9 @@ class Checker:
         for r in await self.fetch(_SALES):
             p.append(f"I2: sale_stats {r['link_id']} {r['day']} {r['currency']}: stored {r['stored']}, from sales"
                      f" {r['from_rows']}")  # fmt: skip
+        for r in await self.fetch(_REFUNDED):
+            p.append(f"I2: sale {r['event_id']} of {r['amount']}: refunds {r['refunds']}/{r['refunded']} stored,"
+                     f" {r['rows_n']}/{r['rows_total']} in its refund rows")  # fmt: skip
         if wrong := await self.milestone_problems():
             p.append(f"I2: {len(wrong)} milestones wrong, e.g. {wrong[:3]}")
         return p

@@ -14,6 +14,12 @@ What each kind sends, what its answer must echo, and its marker (``_load.MARKER_
 - ``batch`` (``/v1/events/batch``): a click, a conversion and (given a click) a lead; one
   result per item, in order, the click's ``visitor_id`` its own, each ``event_id`` new;
   marker the event id. An item may fail as ``unavailable`` or ``outcome_unknown``.
+- ``redirect`` (``GET /r/{code}``): a 302 to its own link's URL carrying a click id no
+  other answer carries; marker the click id. A 302 without one is the route's refusal.
+- ``sale`` (Refport's ``/api/track/sale``) and ``conversion`` (Affixo's
+  ``/v1/track/conversion``), each with an invoice of its own: the customer, amount and
+  invoice echoed; checked apart (``sales_stored_once``): every invoice answered 2xx in
+  ``sales`` once, none answered only a refusal (a 503 not marked "may be stored").
 Every request is valid and rate limits are off: any 4xx is a wrong answer, and so is any 5xx
 but a 503. ``code_of`` keeps the link each accepted event names (its marker, an Affixo
 visitor id): stored on another link, it was resolved from another request's reply.
@@ -21,17 +27,24 @@ visitor id): stored on another link, it was resolved from another request's repl
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import orjson
 
 from .._world import BROWSER
 from ._checks import Checker
 from ._load import CHROME, MARKER_SQL, Load, referer_marker
 
-MIX = {"biore": 0.25, "affitor": 0.2, "lead": 0.1, "convert": 0.15, "affixo": 0.15, "batch": 0.15}
+MIX = {
+    "biore": 0.2, "affitor": 0.15, "lead": 0.1, "convert": 0.1, "affixo": 0.1, "batch": 0.1, "redirect": 0.1,
+    "sale": 0.1, "conversion": 0.05,
+}  # fmt: skip
+MAY_BE_STORED = ("Refstream-Outcome", "unknown")
 TRACKED = {"success": True, "data": {"tracked": True}}
 ITEM_FAILURES = ("unavailable", "outcome_unknown")  # a batch item's answers to an outage
 
@@ -46,6 +59,8 @@ class EchoLoad(Load):
         self.affixo: set[str] = set()  # visitor ids of accepted Affixo clicks
         self.code_of: dict[str, str] = {}  # marker (or Affixo visitor id) -> the code its request named
         self._pairs: list[tuple[str, str]] = []  # accepted Affitor clicks: (click id, code)
+        self.sales: set[str] = set()  # invoices of the sales answered 2xx
+        self.sales_refused: set[str] = set()  # invoices answered only a refusal
 
     def problems(self) -> list[str]:
         out = [f"wrong answer: {w}" for w in self.wrong[:20]]
@@ -151,6 +166,62 @@ class EchoLoad(Load):
             self.affixo.add(visitor)
             self.code_of[visitor] = code
 
+    async def _echo_redirect(self, code: str) -> None:
+        assert self._http is not None
+        sent = time.monotonic()
+        async with self._http.get(f"{self.base}/r/{code}", allow_redirects=False) as r:
+            await r.read()
+            location = r.headers.get("Location", "")
+        self.record.answers.append((sent, time.monotonic() - sent, "redirect", r.status))
+        self.record.statuses[f"redirect {r.status}"] += 1
+        click = (parse_qs(urlsplit(location).query).get("refstream_click_id") or [""])[0]
+        if r.status != 302 or not click:
+            return
+        # the load's first link was made by the CLI with its default URL; the others with their own
+        self._expect(code == self.codes[0] or location.startswith(f"https://shop.test/{code}"), "redirect", code,
+                     location)  # fmt: skip
+        self._mint(click)
+        marker = click.removeprefix("clk_")
+        self.record.attempted.add(marker)
+        self.record.accept("redirect", marker)
+        self.code_of[marker] = code
+
+    async def _sold(self, kind: str, path: str, body: dict[str, Any], invoice: str) -> dict[str, Any] | None:
+        """The sale's answer when 2xx; a refusal's invoice remembered."""
+        assert self._http is not None
+        sent = time.monotonic()
+        async with self._http.post(self.base + path, json=body, headers=self._auth()) as r:
+            raw = await r.read()
+            unknown = r.headers.get(MAY_BE_STORED[0], "").lower() == MAY_BE_STORED[1]
+        self.record.answers.append((sent, time.monotonic() - sent, kind, r.status))
+        self.record.statuses[f"{kind} {r.status}"] += 1
+        if r.status != 200:
+            if not unknown:
+                self.sales_refused.add(invoice)
+            return None
+        self.sales.add(invoice)
+        out = orjson.loads(raw) if raw else None
+        return out if isinstance(out, dict) else {"not an object": out}
+
+    async def _echo_sale(self, _code: str) -> None:
+        invoice, customer = f"inv-{uuid.uuid4().hex}", f"sc-{uuid.uuid4().hex}"
+        amount = self.rng.randrange(100, 100_000)
+        body = {"customerExternalId": customer, "amount": amount, "invoiceId": invoice, "paymentProcessor": "stripe"}
+        out = await self._sold("sale", "/api/track/sale", body, invoice)
+        if out is not None:
+            sale = out.get("sale") or {}
+            got = ((out.get("customer") or {}).get("externalId"), sale.get("amount"), sale.get("invoiceId"))
+            self._expect(got == (customer, amount, invoice), "sale", body, out)
+
+    async def _echo_conversion(self, _code: str) -> None:
+        invoice, customer = f"inv-{uuid.uuid4().hex}", f"cc-{uuid.uuid4().hex}"
+        amount = self.rng.randrange(100, 100_000)
+        body = {"customer_id": customer, "amount": amount, "invoice_id": invoice}
+        out = await self._sold("conversion", "/v1/track/conversion", body, invoice)
+        if out is not None:
+            got = (out.get("ok"), out.get("customer_id"), out.get("amount"), out.get("invoice_id"))
+            self._expect(got == (True, customer, amount, invoice), "conversion", body, out)
+
     async def _echo_batch(self, code: str) -> None:
         visitor = f"vb-{uuid.uuid4().hex}"
         items: list[dict[str, Any]] = [
@@ -186,6 +257,20 @@ class EchoLoad(Load):
             self.record.attempted.add(marker)
             self.record.accept("batch", marker)
             self.code_of[marker] = item_code
+
+
+async def sales_stored_once(check: Checker, load: EchoLoad) -> list[str]:
+    """Every invoice answered 2xx stored once; none answered only a refusal stored."""
+    stored = {r["invoice_id"]: r["n"] for r in await check.fetch(
+        "SELECT invoice_id, count(*) AS n FROM sales GROUP BY 1")}  # fmt: skip
+    problems = []
+    if missing := [i for i in load.sales if i not in stored]:
+        problems.append(f"I1: {len(missing)} sales answered 2xx not stored, e.g. {missing[:3]}")
+    if twice := {i: n for i, n in stored.items() if n > 1}:
+        problems.append(f"I1: {len(twice)} invoices stored more than once, e.g. {list(twice.items())[:3]}")
+    if kept := [i for i in load.sales_refused if i in stored]:
+        problems.append(f"refused and stored: {len(kept)} sales, e.g. {kept[:3]}")
+    return problems
 
 
 async def misattributed(check: Checker, code_of: dict[str, str]) -> list[str]:

@@ -20,9 +20,10 @@ import time
 from collections import Counter
 
 import pytest
+import redis
 
 from ..conftest import wait_for
-from ._cluster import agreed, cli, form, move_slot, new_node, owner, primaries, slot_of
+from ._cluster import agreed, cli, form, move_slot, new_node, owner, primaries, slot_of, synced
 from ._plan import Plan
 from ._servers import FaultRedis
 from ._stage import Stage
@@ -30,10 +31,16 @@ from ._stage import Stage
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
 
 
-async def test_partitions_moved_and_a_primary_added_under_load(nodes: list[FaultRedis], make_stage, plan: Plan):
+@pytest.mark.parametrize("durability", ["primary", "replicas:1"])
+async def test_partitions_moved_and_a_primary_added_under_load(
+    nodes: list[FaultRedis], make_stage, plan: Plan, durability: str
+):
     await form(nodes)
     stage: Stage = make_stage(f"redis://127.0.0.1:{nodes[0].port}/0", cluster=True)
-    world = await stage.prepare(workers=2)
+    # at replicas:1 the edges' appends and the workers' reads follow a moving slot with their
+    # WAIT on the primary that serves it (MOVED, ASK: ``ClusterLink``, ``Member._read_waited``)
+    level = {"REFSTREAM_ACK_DURABILITY": durability}
+    world = await stage.prepare(workers=2, edge_env=level, **level)
     async with stage.load(world) as load:
         await asyncio.sleep(plan.warmup_s)
         await stage.storing()
@@ -57,6 +64,16 @@ async def test_partitions_moved_and_a_primary_added_under_load(nodes: list[Fault
         cli("--cluster", "add-node", f"127.0.0.1:{joined.port}", f"127.0.0.1:{nodes[0].port}")
         ports.append(joined.port)
         await wait_for(lambda: agreed(ports), timeout=30, what="the new node to join")
+        if durability != "primary":  # a primary joins with its replica, or WAIT 1 is never met there
+            replica = new_node()
+            nodes.append(replica)
+            await replica.ready()
+            joined_id = redis.Redis(port=joined.port).execute_command("CLUSTER", "MYID").decode()
+            cli("--cluster", "add-node", f"127.0.0.1:{replica.port}", f"127.0.0.1:{joined.port}",
+                "--cluster-slave", "--cluster-master-id", joined_id)  # fmt: skip
+            ports.append(replica.port)
+            await wait_for(lambda: agreed(ports), timeout=30, what="the new replica to join")
+            await wait_for(lambda: synced(nodes), timeout=60, what="the new replica in sync")
         cli("--cluster", "rebalance", f"127.0.0.1:{nodes[0].port}", "--cluster-use-empty-masters")
         await wait_for(lambda: agreed(ports), timeout=60, what="every node to agree after the rebalance")
         done = time.monotonic()
@@ -71,5 +88,5 @@ async def test_partitions_moved_and_a_primary_added_under_load(nodes: list[Fault
           f" slots now {shares}; answers meanwhile: {dict(answers)}")  # fmt: skip
     problems = [f"{n} {k.split()[0]} answered {k.split()[1]}" for k, n in answers.items()
                 if k.split()[1] not in ("200", "503")]  # fmt: skip
-    await stage.finish(f"redis cluster reshard (longest MIGRATE {longest:.0f} ms)", load.record.accepted,
+    await stage.finish(f"redis cluster reshard ({durability}, longest MIGRATE {longest:.0f} ms)", load.record.accepted,
                        fault_end=fault_end, refused=load.record.refused(), problems=problems)  # fmt: skip

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from ._gen import erased
 from ._gen.checker import GenChecker
 from ._gen.history import Attempt, History, Op, Unit
 from ._gen.ops import World
@@ -192,3 +193,22 @@ def test_the_checker_flags_a_sale_answer_of_another_request_and_a_refused_sale_c
     }
     affixo = _sale([("ok", 200, answer)], invoice=None, route="affixo")
     assert _judge(affixo, [_row("g1-0", code=None)]) == {"lost": 1}  # the event it names is not the stored one
+
+
+def test_the_checker_reads_an_erased_lead_and_its_click_back_to_their_requests() -> None:
+    """An erase answered 202 makes its customer ``done``, one with no answer ``maybe``, one
+    only refused neither; the lead's click is found by the event id its answers named."""
+    history = History(1)
+    click_event = uuid.uuid4()
+    click = _op("affitor", [("ok", 200, {"success": True, "click_id": f"clk_{click_event.hex}"})], once=False)
+    click.n, click.token = 1, "g1-1"
+    lead = _op("lead", [("ok", 200, {})], what="lead", once=True)
+    lead.n, lead.token, lead.echo = 2, "g1-2", {"click": f"clk_{click_event.hex}"}
+    history.ops = {1: click, 2: lead}
+    for n, outcome in ((3, "ok"), (4, "unknown"), (5, "refused")):
+        erase = _op("erase", [(outcome, {"ok": 202, "refused": 503}.get(outcome), None)], once=False)
+        erase.n, erase.kind, erase.units, erase.echo = n, "erase", [], {"customer": f"c{n}", "lead": 2}
+        history.ops[n] = erase
+    found = erased.erasures(history)
+    assert (found.done, found.maybe) == ({"c3"}, {"c4"})
+    assert found.clicks == {click_event.hex: "g1-1"} and found.referrers["c3"] == "https://gen.test/g1-1"

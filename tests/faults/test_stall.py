@@ -1,4 +1,5 @@
-"""Redis frozen (SIGSTOP) under load on every event route, then resumed (SIGCONT): 5 s in
+"""Redis frozen (SIGSTOP) under load on every event route (the five dialects, the batch
+route, the redirect, Refport's sale and Affixo's conversion), then resumed (SIGCONT): 5 s in
 short mode; 5, 15 and 25 s in full mode.
 
 A frozen Redis is the nastiest outage for a client: the kernel still completes handshakes
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from ._echo import EchoLoad, misattributed
+from ._echo import EchoLoad, misattributed, sales_stored_once
 from ._plan import Plan
 from ._plan import plan as _plan
 from ._servers import FaultRedis
@@ -83,6 +84,8 @@ async def test_redis_stalled_under_load_on_every_route(private_fault_redis, make
     # drained by now: the Affixo clicks, which MARKER_SQL finds by event id, by their visitor ids
     assert not (affixo := await stored_once(stage, load.affixo)), affixo
     assert not (elsewhere := await misattributed(stage.check, load.code_of)), elsewhere
-    kinds = set(record.accepted.values()) | ({"affixo"} if load.affixo else set())
-    assert kinds == {"biore", "affitor", "lead", "convert", "affixo", "batch"}, f"routes never accepted: {kinds}"
+    assert not (sales := await sales_stored_once(stage.check, load)), sales
+    kinds = set(record.accepted.values()) | ({"affixo"} if load.affixo else set()) | ({"sale"} if load.sales else set())
+    routes = {"biore", "affitor", "lead", "convert", "affixo", "batch", "redirect", "sale"}
+    assert kinds == routes, f"routes never accepted: {routes - kinds}"
     assert figures.accepted

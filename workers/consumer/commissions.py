@@ -28,7 +28,9 @@ import asyncpg
 from ingest.contract import jsonrows
 from ingest.contract.commission import Rules
 from ingest.contract.events import EventType
+from ingest.manage import refunds
 from ingest.manage.outbox import WebhookEvent
+from ingest.manage.refunds import commission_notice
 from workers.consumer.stored import Stored
 
 _RULES = "SELECT id, commission FROM programs WHERE id = ANY($1::uuid[])"
@@ -53,7 +55,9 @@ SELECT s.event_id, s.received_at, s.amount, s.currency, s.link_id, s.affiliate_i
        EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'sale' AND c.rule = 'first_sale'
                                              AND c.source_id = s.event_id)
        AND NOT EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'reversal' AND c.source_id = s.event_id) AS earning,
-       (SELECT c.amount FROM commissions c WHERE c.kind = 'sale' AND c.source_id = s.event_id) AS earned
+       (SELECT sum(c.amount) FROM commissions c
+        WHERE (c.kind = 'sale' AND c.source_id = s.event_id) OR (c.kind = 'clawback' AND c.sale_id = s.event_id))
+           AS earned  -- what still stands of it: its refunds' clawbacks took the rest
 FROM sales s
 WHERE s.workspace_id = $1 AND s.customer_external_id = $2 AND s.program_id = $3 AND s.unattributed IS NULL
 ORDER BY s.received_at, s.event_id
@@ -114,7 +118,12 @@ async def settle(conn: asyncpg.Connection, sold: list[Sold], leads: list[Stored]
         rows += await _first_sale(conn, ws, customer, program, r, new)
     if not rows:
         return []
-    return [_notice(r) for r in await conn.fetch(_INSERT, jsonrows.doc(rows))]
+    made = await conn.fetch(_INSERT, jsonrows.doc(rows))
+    notices = [commission_notice(r) for r in made]
+    # a sale refunded before it earned (attributed late): its refunds' clawbacks now
+    if earning := sorted(r["source_id"] for r in made if r["kind"] == "sale"):
+        notices += await refunds.clawbacks(conn, earning)
+    return notices
 
 
 async def _first_sale(
@@ -133,16 +142,5 @@ async def _first_sale(
     for later in found[1:]:
         if later["earning"]:
             out.append(_row(ws, program, later["affiliate_id"], later["link_id"], "reversal", later["event_id"],
-                            customer, -later["earned"], later["currency"], later["received_at"], r))  # fmt: skip
+                            customer, -(later["earned"] or 0), later["currency"], later["received_at"], r))  # fmt: skip
     return out
-
-
-def _notice(r: asyncpg.Record) -> WebhookEvent:
-    data = {
-        "id": str(r["id"]), "kind": r["kind"], "source_event_id": str(r["source_id"]),
-        "program_id": str(r["program_id"]), "affiliate_id": str(r["affiliate_id"]),
-        "link_id": str(r["link_id"]) if r["link_id"] else None, "customer_external_id": r["customer_external_id"],
-        "amount": r["amount"], "currency": r["currency"], "earned_at": r["earned_at"].isoformat(),
-        "status": "pending",
-    }  # fmt: skip
-    return WebhookEvent(str(r["workspace_id"]), "commission.created", r["id"], "", data)

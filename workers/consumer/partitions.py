@@ -78,6 +78,11 @@ def day_ms(day: date) -> int:
     return (day - _EPOCH).days * DAY_MS
 
 
+def ms_day(ms: int) -> date:
+    """The UTC day of a Unix millisecond."""
+    return _EPOCH + timedelta(days=ms // DAY_MS)
+
+
 def day_uuid(day: date) -> UUID:
     """The lower bound of ``day`` in ``events``: the smallest UUIDv7 of its first millisecond
     (of 1970-01-01 for any day before it: a UUIDv7 has no earlier time)."""
@@ -147,6 +152,29 @@ async def create_day(conn: asyncpg.Connection, table: _Table, day: date) -> str:
         lo_sql, hi_sql = (f"'{v}'" for v in (lo, hi))
         await conn.execute(f"ALTER TABLE {table.name} ATTACH PARTITION {name} FOR VALUES FROM ({lo_sql}) TO ({hi_sql})")
     return name
+
+
+async def ensure_days(conn: asyncpg.Connection, days: set[date], first_kept: date) -> list[str]:
+    """The partitions of ``days`` (those on or after ``first_kept``) that no partition covers
+    yet, in both tables, made as ``maintain`` makes them and under its lock, waited for: an
+    import's past days (``workers.ops.imports``), so that history lands in its own day."""
+    days = {d for d in days if d >= first_kept}
+    if not days:
+        return []
+    made = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK)
+    try:
+        for table in (EVENTS, VISITS):
+            ranges = _ranges(await conn.fetch(_PARTITIONS, table.name), table)
+            for day in sorted(d for d in days if not _covered(d, ranges)):
+                name = await create_day(conn, table, day)
+                ranges[name] = (day, day + timedelta(days=1))
+                made.append(name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK)
+    if made:
+        log.info("partitions", created=made)
+    return made
 
 
 async def drop(conn: asyncpg.Connection, name: str) -> None:

@@ -332,6 +332,7 @@ class Pipeline:
             inserted=result.inserted,
             duplicates=result.duplicates,
             unknown=len(result.unknown_codes),
+            refunds_not_restored=len(result.refunds_not_restored),
             dead=len(batch.dead),
             outages=batch.failures,
             ms=round(seconds * 1000, 2),
@@ -363,3 +364,4 @@ def _merge(total: store.BatchResult, r: store.BatchResult) -> None:
     total.inactive_codes += r.inactive_codes
     total.milestones += r.milestones
     total.deliveries += r.deliveries
+    total.refunds_not_restored += r.refunds_not_restored

@@ -32,9 +32,7 @@ drops follow.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -44,6 +42,7 @@ import asyncpg
 
 from ingest.contract import clicks, jsonrows
 from ingest.contract.events import Envelope, EventType
+from ingest.manage import refunds
 from ingest.manage.outbox import WebhookEvent
 from workers.consumer import commissions
 from workers.consumer.drops import NO_LINK, NoRow
@@ -122,15 +121,16 @@ SET lead_event_id = picked.lead_event_id, click_id = picked.click_id, link_id = 
 FROM picked JOIN locked USING (event_id)
 WHERE s.event_id = picked.event_id AND s.unattributed = 'no_lead'
 RETURNING s.event_id, s.workspace_id, s.link_id, s.currency, s.amount, s.received_at, s.customer_external_id,
-          s.affiliate_id, s.program_id, picked.lead_at
+          s.affiliate_id, s.program_id, picked.lead_at, s.refunds, s.refunded
 """
 
 _STATS = f"""
-INSERT INTO sale_stats AS t (workspace_id, link_id, day, currency, sales, amount)
-{jsonrows.select(("uuid", "uuid", "date", "text", "bigint", "bigint"))}
+INSERT INTO sale_stats AS t (workspace_id, link_id, day, currency, sales, amount, refunds, refunded)
+{jsonrows.select(("uuid", "uuid", "date", "text", "bigint", "bigint", "bigint", "bigint"))}
 ORDER BY 1, 2, 3, 4
 ON CONFLICT (workspace_id, link_id, day, currency)
-DO UPDATE SET sales = t.sales + EXCLUDED.sales, amount = t.amount + EXCLUDED.amount
+DO UPDATE SET sales = t.sales + EXCLUDED.sales, amount = t.amount + EXCLUDED.amount,
+              refunds = t.refunds + EXCLUDED.refunds, refunded = t.refunded + EXCLUDED.refunded
 """
 
 StatKey = tuple[str, str, date, str]  # workspace, link (nil: unattributed), day, currency
@@ -186,29 +186,25 @@ def _text(v: object) -> str | None:
     return v if isinstance(v, str) else None
 
 
-async def _lock_customers(conn: asyncpg.Connection, customers: Iterable[tuple[str, str]]) -> None:
-    """One advisory lock per (workspace, customer), for this transaction, in key order."""
-    keys = sorted({int.from_bytes(hashlib.sha256(f"{w}\x1f{c}".encode()).digest()[:8], "big", signed=True)
-                   for w, c in customers})  # fmt: skip
-    if keys:
-        await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k ORDER BY k", keys)
-
-
 async def settle(
-    conn: asyncpg.Connection, sales: list[Envelope], leads: list[Stored], counted: list[Stored] | None = None
-) -> Settled:
+    conn: asyncpg.Connection, sales: list[Envelope], leads: list[Stored], counted: list[Stored] | None = None,
+    *, earn: bool = True,
+) -> Settled:  # fmt: skip
     """Store the batch's new ``sales`` and attribute earlier sales its newly stored
     ``leads`` precede; move ``sale_stats`` from what came back; the commissions the
-    attributed sales and the ``counted`` leads earn (``workers.consumer.commissions``)."""
+    attributed sales and the ``counted`` leads earn (``workers.consumer.commissions``;
+    none unless ``earn``: an import's history earns only when asked)."""
     out = Settled()
     leads = [s for s in leads if s.type is EventType.LEAD and isinstance(s.envelope.payload.get("external_id"), str)]
     counted = [s for s in counted or [] if s.type is EventType.LEAD]
     if not sales and not leads and not counted:
         return out
-    await _lock_customers(conn, [(e.workspace_id or "", e.payload["external_id"]) for e in sales]
+    await refunds.lock_customers(conn, [(e.workspace_id or "", e.payload["external_id"]) for e in sales]
                           + [(s.link.workspace_id, s.envelope.payload["external_id"]) for s in leads])  # fmt: skip
     stats: Counter[StatKey] = Counter()
     amounts: Counter[StatKey] = Counter()
+    refunded: Counter[StatKey] = Counter()  # refunds, and then their amount, of a sale attributed late
+    refund_amounts: Counter[StatKey] = Counter()
     earned: list[commissions.Sold] = []
 
     if leads:
@@ -222,6 +218,9 @@ async def settle(
             amounts[(ws, str(NO_LINK), day, cur)] -= r["amount"]
             stats[(ws, str(r["link_id"]), day, cur)] += 1
             amounts[(ws, str(r["link_id"]), day, cur)] += r["amount"]
+            for link, sign in ((str(NO_LINK), -1), (str(r["link_id"]), 1)):  # its refunds move with it
+                refunded[(ws, link, day, cur)] += sign * r["refunds"]
+                refund_amounts[(ws, link, day, cur)] += sign * r["refunded"]
             out.undrops.append(NoRow(r["event_id"], ws, None, UNATTRIBUTED, r["received_at"]))
             out.attributed_late += 1
             earned.append(commissions.Sold(r["event_id"], ws, r["customer_external_id"], r["program_id"],
@@ -262,10 +261,14 @@ async def settle(
             out.drops += [NoRow(row.envelope.event_id, row.envelope.workspace_id, None, "duplicate", row.at)
                           for row in missed if row.envelope.event_id in others]  # fmt: skip
 
-    moved = sorted(k for k in stats if stats[k] or amounts[k])
+    moved = sorted(k for k in stats.keys() | refunded.keys()
+                   if stats[k] or amounts[k] or refunded[k] or refund_amounts[k])  # fmt: skip
     if moved:
-        await conn.execute(_STATS, jsonrows.doc([(*k, stats[k], amounts[k]) for k in moved]))
-    out.notices += await commissions.settle(conn, earned, counted)
+        await conn.execute(_STATS, jsonrows.doc([
+            (*k, stats[k], amounts[k], refunded[k], refund_amounts[k]) for k in moved
+        ]))  # fmt: skip
+    if earn:
+        out.notices += await commissions.settle(conn, earned, counted)
     return out
 
 
@@ -282,17 +285,23 @@ _DRIFT = """
 SELECT coalesce(s.workspace_id, r.workspace_id) AS workspace_id, coalesce(s.link_id, r.link_id) AS link_id,
        coalesce(s.day, r.day) AS day, coalesce(s.currency, r.currency) AS currency,
        coalesce(s.sales, 0) AS stored_sales, coalesce(s.amount, 0) AS stored_amount,
-       coalesce(r.sales, 0) AS sales, coalesce(r.amount, 0) AS amount
+       coalesce(s.refunds, 0) AS stored_refunds, coalesce(s.refunded, 0) AS stored_refunded,
+       coalesce(r.sales, 0) AS sales, coalesce(r.amount, 0) AS amount,
+       coalesce(r.refunds, 0) AS refunds, coalesce(r.refunded, 0) AS refunded
 FROM (SELECT * FROM sale_stats WHERE link_id = ANY($1::uuid[]) AND day >= $2 AND day < $3) s
 FULL JOIN (
-    SELECT workspace_id, coalesce(link_id, '00000000-0000-0000-0000-000000000000'::uuid) AS link_id,
-           (received_at AT TIME ZONE 'UTC')::date AS day, currency, count(*)::bigint AS sales,
-           sum(amount)::bigint AS amount
-    FROM sales
-    WHERE (link_id = ANY($1::uuid[]) OR ($6 AND link_id IS NULL)) AND received_at >= $4 AND received_at < $5
+    SELECT x.workspace_id, coalesce(x.link_id, '00000000-0000-0000-0000-000000000000'::uuid) AS link_id,
+           (x.received_at AT TIME ZONE 'UTC')::date AS day, x.currency, count(*)::bigint AS sales,
+           sum(x.amount)::bigint AS amount, sum(f.n)::bigint AS refunds, sum(f.total)::bigint AS refunded
+    FROM sales x
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n, coalesce(sum(amount), 0) AS total FROM refunds WHERE sale_id = x.event_id
+    ) f
+    WHERE (x.link_id = ANY($1::uuid[]) OR ($6 AND x.link_id IS NULL)) AND x.received_at >= $4 AND x.received_at < $5
     GROUP BY 1, 2, 3, 4
 ) r USING (workspace_id, link_id, day, currency)
-WHERE (coalesce(s.sales, 0), coalesce(s.amount, 0)) <> (coalesce(r.sales, 0), coalesce(r.amount, 0))
+WHERE (coalesce(s.sales, 0), coalesce(s.amount, 0), coalesce(s.refunds, 0), coalesce(s.refunded, 0))
+   <> (coalesce(r.sales, 0), coalesce(r.amount, 0), coalesce(r.refunds, 0), coalesce(r.refunded, 0))
 ORDER BY 2, 3, 4, 1
 """
 
@@ -311,6 +320,46 @@ async def repair(conn: asyncpg.Connection, found: list[asyncpg.Record]) -> None:
     if found:
         await conn.execute(_STATS, jsonrows.doc([
             (r["workspace_id"], r["link_id"], r["day"], r["currency"], r["sales"] - r["stored_sales"],
-             r["amount"] - r["stored_amount"])
+             r["amount"] - r["stored_amount"], r["refunds"] - r["stored_refunds"], r["refunded"] - r["stored_refunded"])
             for r in sorted(found, key=lambda r: (str(r["workspace_id"]), str(r["link_id"]), r["day"], r["currency"]))
         ]))  # fmt: skip
+
+
+# ``refstream reconcile``: each sale's refund totals (``refunds``, ``refunded``: the running
+# totals a refund's 409 reads) recounted from its ``refunds`` rows; the chunk's sales as
+# ``_DRIFT`` takes them ($1 link ids, $2/$3 the window's edges, $4 whether the chunk holds
+# the nil link). One statement: the totals and the rows read in one snapshot, as a refund's
+# transaction moves them together.
+_RECOUNT = "SELECT count(*)::int AS refunds, coalesce(sum(amount), 0)::bigint AS refunded FROM refunds WHERE sale_id = "
+_REFUNDS_DRIFT = f"""
+SELECT s.event_id, s.link_id, (s.received_at AT TIME ZONE 'UTC')::date AS day, s.amount,
+       s.refunds AS stored_refunds, s.refunded AS stored_refunded, r.refunds, r.refunded
+FROM sales s CROSS JOIN LATERAL ({_RECOUNT} s.event_id) r
+WHERE (s.link_id = ANY($1::uuid[]) OR ($4 AND s.link_id IS NULL)) AND s.received_at >= $2 AND s.received_at < $3
+  AND (s.refunds, s.refunded) <> (r.refunds, r.refunded)
+ORDER BY s.event_id
+"""
+# the repair: the sales' rows locked first, in a statement of their own, so the recount's
+# snapshot (the next statement's) holds every refund committed before the lock, and none
+# can be under way (a refund moves the totals under the same row lock); never past the
+# sale's amount (its CHECK): such refunds rows are reported, not repaired
+_LOCK_SALES = "SELECT 1 FROM sales WHERE event_id = ANY($1::uuid[]) ORDER BY event_id FOR UPDATE"
+_SET_REFUNDS = f"""
+UPDATE sales s SET refunds = r.refunds, refunded = r.refunded
+FROM unnest($1::uuid[]) AS x(event_id) CROSS JOIN LATERAL ({_RECOUNT} x.event_id) r
+WHERE s.event_id = x.event_id AND r.refunded <= s.amount AND (s.refunds, s.refunded) <> (r.refunds, r.refunded)
+"""
+
+
+async def refund_drift(
+    conn: asyncpg.Connection, ids: list[UUID], edges: tuple[datetime, datetime], *, fix: bool
+) -> list[asyncpg.Record]:
+    """Each sale of the links ``ids`` received in the window whose refund totals differ from
+    its refunds rows: the stored and the recounted ``refunds`` and ``refunded``. With ``fix``,
+    set from the rows (before ``sale_stats`` is repaired: the lock order a refund keeps)."""
+    found = list(await conn.fetch(_REFUNDS_DRIFT, ids, *edges, NO_LINK in ids))
+    if fix and found:
+        sale_ids = [r["event_id"] for r in found]
+        await conn.execute(_LOCK_SALES, sale_ids)
+        await conn.execute(_SET_REFUNDS, sale_ids)
+    return found

@@ -5,14 +5,14 @@ from the rows that came back: a redelivered, reclaimed or replayed entry inserts
 and so moves nothing. Every write is set-based (the batch's rows as one jsonb document,
 see ``jsonrows``), one statement per table, and sorted so that concurrent batches take their
 locks in one order and cannot deadlock one another. The order, phase by phase, each phase
-in key order: event_dedupe (by dedupe key), events (by event id), event_flags,
+in key order: the erasure ledger's advisory lock (shared; an erased person's events are
+stored scrubbed: ``ingest.contract.erasure``), event_dedupe (by dedupe key), events (by event id), event_flags,
 link_visitor_days, links (by id), daily_stats, affiliates (by id), affiliate_milestones,
 customers, sales and sale_stats (``sales``), webhook_deliveries, event_drops, drop_stats.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
@@ -22,15 +22,15 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from ingest.contract import clicks, jsonrows
+from ingest.contract import clicks, erasure, jsonrows
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LINK_SELECT, LinkInfo
-from ingest.manage import outbox
-from workers.consumer import counters, customers, drops, event_row, fraud, notices, sales
+from ingest.manage import erasure_late, outbox
+from workers.consumer import counters, customers, drops, event_row, fraud, notices, refunds, sales
 from workers.consumer.enrich import Enricher, Found
 from workers.consumer.event_row import EventRow
 from workers.consumer.stored import Stored, ts
-from workers.group.errors import is_retryable_in_place
+from workers.group.errors import retried_in_place
 
 log = structlog.get_logger("workers.store")
 
@@ -76,7 +76,20 @@ RETURNING event_id, (event_id < (SELECT horizon_id FROM event_retention)) IS TRU
 # would also do, but cost a round trip and a lock-table entry per key: a 10,000-event batch
 # is more than the default table holds.)
 
-_IN_PLACE_RETRIES = 5
+
+@dataclass(frozen=True, slots=True)
+class Effects:
+    """What a batch does besides storing rows and moving counters. The workers do it all;
+    an import (``workers.ops.imports``) of history sends no webhooks, flags no fraud and
+    earns no commissions unless asked to: its events happened long ago, and were paid for
+    (or flagged) in the system they come from."""
+
+    webhooks: bool = True  # outbox deliveries (sale.created, commission.created, milestones, ...)
+    fraud: bool = True  # fraud rules run, flags stored (and an excluding policy applied)
+    commissions: bool = True  # the commission ledger's rows for counted leads and sales
+
+
+LIVE = Effects()
 
 
 @dataclass(slots=True)
@@ -88,6 +101,9 @@ class BatchResult:
     milestones: int = 0
     expired: int = 0  # stored below the retention's horizon: counted nothing
     deliveries: list[str] = field(default_factory=list)  # webhook outbox rows to enqueue after COMMIT
+    # refunds' copies not restored: their sale is missing, or past (workers.consumer.refunds)
+    refunds_not_restored: list[Envelope] = field(default_factory=list)
+    scrubbed: int = 0  # events of erased people, stored without their personal data
 
 
 def _inet(ip: str | None) -> str | None:
@@ -100,18 +116,32 @@ def _inet(ip: str | None) -> str | None:
         return None
 
 
-async def write_batch(pool: asyncpg.Pool, envelopes: list[Envelope], enricher: Enricher | None = None) -> BatchResult:
-    """Store a batch in one transaction; deadlocks and serialization failures retried."""
-    for attempt in range(1, _IN_PLACE_RETRIES + 1):
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                return await _write(conn, envelopes, enricher)
-        except Exception as exc:
-            if not is_retryable_in_place(exc) or attempt == _IN_PLACE_RETRIES:
-                raise
-            log.warning("batch.retry", attempt=attempt, error=type(exc).__name__)
-            await asyncio.sleep(0.01 * 2**attempt)
-    raise AssertionError("unreachable")
+async def write_batch(
+    pool: asyncpg.Pool, envelopes: list[Envelope], enricher: Enricher | None = None, effects: Effects = LIVE
+) -> BatchResult:
+    """Store a batch in one transaction; deadlocks and serialization failures retried.
+    Refunds' copies follow, each in a transaction of its own (``workers.consumer.refunds``):
+    after the batch, whose sales they may refund."""
+    copies = [e for e in envelopes if e.type is EventType.REFUND]
+    if copies:
+        envelopes = [e for e in envelopes if e.type is not EventType.REFUND]
+    result = await _write_retried(pool, envelopes, enricher, effects) if envelopes or not copies else BatchResult()
+    if copies:
+        restored = await refunds.restore(pool, copies)
+        result.inserted += restored.restored
+        result.duplicates += restored.duplicates
+        result.refunds_not_restored = restored.not_restored
+    return result
+
+
+async def _write_retried(
+    pool: asyncpg.Pool, envelopes: list[Envelope], enricher: Enricher | None, effects: Effects
+) -> BatchResult:
+    async def run() -> BatchResult:
+        async with pool.acquire() as conn, conn.transaction():
+            return await _write(conn, envelopes, enricher, effects)
+
+    return await retried_in_place(run, "batch")
 
 
 async def _claim_keys(conn: asyncpg.Connection, batch: list[EventRow]) -> tuple[list[EventRow], list[UUID]]:
@@ -173,16 +203,20 @@ def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | 
     return enricher.enrich_row(e.ip, None, None, policy).ip, None
 
 
-async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: Enricher | None) -> BatchResult:
+async def _write(
+    conn: asyncpg.Connection, envelopes: list[Envelope], enricher: Enricher | None, effects: Effects = LIVE
+) -> BatchResult:
     result = BatchResult()
     # a requeued or spooled copy beside its original: one row per event id, the copy is a duplicate
     unique: dict[UUID, Envelope] = {}
     for e in envelopes:
         unique.setdefault(e.event_id, e)
     result.duplicates = len(envelopes) - len(unique)
-    envelopes = [e for e in unique.values() if e.type is not EventType.SALE]
-    sold = [e for e in unique.values() if e.type is EventType.SALE]  # stored last (workers/consumer/sales.py)
-    codes = sorted({c for e in envelopes if isinstance(c := e.payload.get("code"), str)})
+    everything = list(unique.values())
+    ledger = await erasure.Ledger.read(conn, everything)  # before anything is read: the module's doc
+    codes = sorted(
+        {c for e in everything if e.type is not EventType.SALE and isinstance(c := e.payload.get("code"), str)}
+    )
     by_code: dict[str, LinkInfo] = {}
     policies: dict[str, Any] = {}  # workspace id -> its row (ip_policy, bot_policy, fraud_policy)
     thresholds: dict[str, object] = {}  # program id -> its fraud_thresholds as stored
@@ -191,6 +225,23 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
         policies[info.workspace_id] = r
         if info.program_id is not None:
             thresholds[info.program_id] = r["fraud_thresholds"]
+    if ledger.erased:  # an erased person's events are stored scrubbed (ingest.contract.erasure)
+        workspaces = {
+            id(e): by_code[c].workspace_id for e in everything
+            if isinstance(c := e.payload.get("code"), str) and c in by_code
+        }  # fmt: skip
+        originals = ledger.scrubbed(everything, workspaces)
+        result.scrubbed = len(originals)
+        # one that links the person to a visitor or a click their erasure could not know (a
+        # lead that arrives late): those join the ledger, and their rows are scrubbed now
+        # what they teach the ledger (a late lead's click is the person's), and the erasure
+        # pending again for the sweep; the click's row scrubbed now, and this batch's copy
+        if await erasure.learn(conn, ledger.key, originals):
+            await erasure_late.follow(conn, ledger.key, originals)
+            again = await erasure.Ledger.read(conn, everything)
+            result.scrubbed += len(again.scrubbed(everything, workspaces))
+    envelopes = [e for e in everything if e.type is not EventType.SALE]
+    sold = [e for e in everything if e.type is EventType.SALE]  # stored last (workers/consumer/sales.py)
     # bot_policy "count": a bot's click is a click too (still is_bot, still in bot_clicks).
     # Decided here, once per batch, and recorded on the row (bot_counted) for reconcile
     counting = {ws for ws, r in policies.items() if r["bot_policy"] == "count"}
@@ -247,8 +298,8 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
         )
 
     if not kept:
-        sold_out = await _sales(conn, sold, [], result)
-        if sold_out.notices:
+        sold_out = await _sales(conn, sold, [], result, effects=effects)
+        if sold_out.notices and effects.webhooks:
             result.deliveries = await outbox.record_deliveries(conn, sold_out.notices)
         await drops.settle(conn, inserted=[], no_row=no_row + sold_out.drops, taken_back=sold_out.undrops)
         return result
@@ -269,7 +320,7 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
         and not returned[s.envelope.event_id]
     ]  # fmt: skip
     policy = {ws: r["fraud_policy"] or {} for ws, r in policies.items()}
-    flagged = await fraud.detect(conn, live, policy, thresholds)
+    flagged = await fraud.detect(conn, live, policy, thresholds) if effects.fraud else fraud.Found()
     counted = flagged.counted(live)  # a flag the workspace excludes: stored and flagged, nothing more
     if counted:
         reached = await counters.apply(conn, counted, count_bots=counting)
@@ -279,9 +330,9 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
     else:
         events = []
     events += fraud.notices(flagged)
-    sold_out = await _sales(conn, sold, [s for s in counted if s.type is EventType.LEAD], result, counted)
+    sold_out = await _sales(conn, sold, [s for s in counted if s.type is EventType.LEAD], result, counted, effects)
     events += sold_out.notices
-    if events:
+    if events and effects.webhooks:
         result.deliveries = await outbox.record_deliveries(conn, events)
     await drops.settle(  # an expired event moves no counter, and no drop either
         conn, inserted=[s for s in inserted if not returned[s.envelope.event_id]], no_row=no_row + sold_out.drops,
@@ -292,12 +343,12 @@ async def _write(conn: asyncpg.Connection, envelopes: list[Envelope], enricher: 
 
 async def _sales(
     conn: asyncpg.Connection, sold: list[Envelope], leads: list[Stored], result: BatchResult,
-    counted: list[Stored] | None = None,
+    counted: list[Stored] | None = None, effects: Effects = LIVE,
 ) -> sales.Settled:  # fmt: skip
     """The batch's sales, the earlier ones its leads attribute, and the commissions they and
     its counted leads earn, after its events (the lock order in the module's doc); a sale's
     copy counts as a duplicate."""
-    out = await sales.settle(conn, sold, leads, counted)
+    out = await sales.settle(conn, sold, leads, counted, earn=effects.commissions)
     result.inserted += out.inserted
     result.duplicates += len(sold) - out.inserted
     return out

@@ -30,6 +30,7 @@ from ingest.contract import clock, links
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from workers.archive.store import open_store
 from workers.consumer import arq_redis, commissions, drops, webhooks
 from workers.consumer.consume import Consumer
 from workers.consumer.enrich import Enricher
@@ -37,7 +38,7 @@ from workers.consumer.metrics import WorkerMetrics, refresh_stream_gauges, serve
 from workers.consumer.pipeline import Pipeline
 from workers.group.errors import redis_outage
 from workers.group.gate import Backoff
-from workers.ops import replay
+from workers.ops import erasure, replay
 
 log = structlog.get_logger("workers.worker")
 
@@ -61,7 +62,7 @@ async def consumer(settings: Settings) -> AsyncIterator[Consumer]:
     _settle_heap_once(settings.batch_size)
     # webhook signatures and dead letters' times follow Redis's clock when ours is off
     # (destructive steps never read this process's clock: see ingest/contract/clock.py)
-    following = await clock.start_following(redis, settings.clock_skew_max_s)
+    following = await clock.start_following(redis, settings.clock_skew_max_s, postgres=pg)
     try:
         yield Consumer(settings, redis, Pipeline(settings, redis, pg, enricher), name=consumer_name(settings))
     finally:
@@ -177,6 +178,14 @@ async def approve_commissions(ctx: dict[str, Any]) -> int:
     return int(done.rpartition(" ")[2] or 0)
 
 
+async def sweep_erasures(ctx: dict[str, Any]) -> int:
+    """arq cron: pending erasures finished in Redis and the archive (``workers.ops.erasure``);
+    nothing to do is one query."""
+    c: Consumer = ctx["consumer"]
+    done = await erasure.sweep(c.pipeline.pg, c.redis, c.keys, open_store(ctx["settings"]))
+    return len(done.archive_done)
+
+
 class ResilientWorker(Worker):
     """arq's worker, except that Redis going away, filling up (``noeviction``) or turning
     read-only is waited out with a backoff instead of ending the process: arq's own
@@ -244,6 +253,7 @@ def build_worker(settings: Settings) -> Worker:
             cron(webhooks.sweep_webhooks, second=30, run_at_startup=True, timeout=60),
             cron(fold_drops, second=set(range(0, 60, settings.drops_fold_every_s)), timeout=60),
             cron(approve_commissions, second=45, run_at_startup=True, timeout=60),
+            cron(sweep_erasures, second=set(range(3, 60, settings.erase_sweep_every_s)), timeout=3600),
         ],
         # at start too: wait for Redis as long as it takes, never give up and exit
         redis_settings=arq_redis.redis_settings(settings, wait=True),

@@ -14,11 +14,17 @@ Postgres errors are told apart by SQLSTATE class, never by message text.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
+import structlog
 from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, RedisClusterException, RedisError
 
 from ingest.contract.connections import PG_OUTAGES, client_fault, pg_outage
+
+log = structlog.get_logger("workers.errors")
+T = TypeVar("T")
 
 # worker_error: every entry of a batch failed in the worker's own code (a bug, a broken
 # deploy): held like an outage rather than dead-lettering every event it meets
@@ -70,3 +76,23 @@ def is_transient(exc: BaseException) -> bool:
 def is_retryable_in_place(exc: BaseException) -> bool:
     """Deadlock or serialization failure: retry the same transaction at once."""
     return isinstance(exc, asyncpg.exceptions.TransactionRollbackError)
+
+
+IN_PLACE_RETRIES = 5
+
+
+async def retried_in_place(
+    run: Callable[[], Awaitable[T]], what: str, *, base_s: float = 0.01, tries: int = IN_PLACE_RETRIES
+) -> T:
+    """``run()``, run again after a short backoff while it fails with a deadlock or a
+    serialization failure (``is_retryable_in_place``), ``tries`` times at most; each retry
+    logged as ``{what}.retry``. Anything else, and the last failure, is raised."""
+    for attempt in range(1, tries + 1):
+        try:
+            return await run()
+        except Exception as exc:
+            if not is_retryable_in_place(exc) or attempt == tries:
+                raise
+            log.warning(f"{what}.retry", attempt=attempt, error=type(exc).__name__)
+            await asyncio.sleep(base_s * 2**attempt)
+    raise AssertionError("unreachable")

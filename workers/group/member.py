@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from ingest.contract import layout
@@ -26,6 +27,7 @@ from workers.group.claims import Claims, text
 from workers.group.errors import Outage, redis_outage
 from workers.group.gate import Backoff, Gate
 from workers.group.part import Chore, Entry, Part
+from workers.group.primaries import Primaries
 
 log = structlog.get_logger("workers.group")
 
@@ -78,8 +80,10 @@ class Member:
         self._readers: dict[int, asyncio.Task[None]] = {}
         self._drain = False
         self._stopping = False
-        # a Redis Cluster client cannot send a keyless WAIT after the read on its connection
-        self._replicas = 0 if settings.redis_cluster else settings.ack_replicas
+        self._replicas = settings.ack_replicas
+        # on a Redis Cluster at replicas:N: the read and its WAIT on one connection to the
+        # primary of the stream's slot (``_read_waited``)
+        self._primaries: Primaries | None = None
         self._publish_now = asyncio.Event()
 
     # -- the group ----------------------------------------------------------------------
@@ -182,6 +186,8 @@ class Member:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if self._primaries is not None:
+                await self._primaries.aclose()
         await self._leave()
         log.info(f"{self.role}.stop", consumer=self.name, **self.totals())
 
@@ -297,10 +303,13 @@ class Member:
         failover meanwhile loses them with the primary, and Postgres never saw them."""
         if not self._replicas:
             return await self.redis.xreadgroup(self.group, self.name, streams, count=count, block=block)
-        pipe: Any = self.redis.pipeline(transaction=False)
-        pipe.xreadgroup(self.group, self.name, streams, count=count, block=block)
-        pipe.execute_command("WAIT", self._replicas, self.settings.ack_wait_ms)
-        reply, acked = await pipe.execute(raise_on_error=False)
+        if isinstance(self.redis, RedisCluster):
+            reply, acked = await self._read_waited(streams, count, block)
+        else:
+            pipe: Any = self.redis.pipeline(transaction=False)
+            pipe.xreadgroup(self.group, self.name, streams, count=count, block=block)
+            pipe.execute_command("WAIT", self._replicas, self.settings.ack_wait_ms)
+            reply, acked = await pipe.execute(raise_on_error=False)
         if isinstance(reply, Exception):
             raise reply
         if isinstance(acked, Exception):
@@ -308,6 +317,20 @@ class Member:
         if reply and int(acked) < self._replicas:
             raise Unreplicated(f"{acked} of {self._replicas} replicas have the entries read")
         return reply
+
+    async def _read_waited(self, streams: dict[Any, Any], count: int, block: int | None) -> tuple[Any, Any]:
+        """On a Redis Cluster: (the XREADGROUP's reply, the WAIT's), on one connection to
+        the primary that serves the stream's slot (``Primaries``)."""
+        if self._primaries is None:
+            self._primaries = Primaries(self.redis)
+        (stream,) = streams
+
+        def read(pipe: Any) -> None:
+            pipe.xreadgroup(self.group, self.name, streams, count=count, block=block)
+            pipe.execute_command("WAIT", self._replicas, self.settings.ack_wait_ms)
+
+        reply, acked = await self._primaries.send(stream, read)
+        return reply, acked
 
     async def _read(self, p: int, stream: str, part: Part, count: int) -> tuple[list[Entry], bool]:
         """(entries, read again): this member's own pending entries first, then new ones."""

@@ -115,6 +115,9 @@ class PartitionResult:
     skipped: int = 0  # unknown code, or a click on an inactive link: stored by no one
     undecodable: int = 0
     failed: int = 0  # refused by Postgres for its data (the workers dead-lettered it)
+    # refunds' copies not restored: their sale is not in Postgres even once every partition
+    # was read, or they would pass it (workers.consumer.refunds)
+    refunds_not_restored: int = 0
 
 
 @dataclass(slots=True)
@@ -153,6 +156,14 @@ def _decode(page: list[Any]) -> tuple[list[Envelope], int]:
         except EnvelopeError:
             bad += 1
     return good, bad
+
+
+# of a page's ids, those stored already: events, sales and refunds (a refund's copy's id is the refund's)
+_STORED = """
+SELECT (SELECT count(*) FROM events WHERE event_id = ANY($1::uuid[]))
+     + (SELECT count(*) FROM sales WHERE event_id = ANY($1::uuid[]))
+     + (SELECT count(*) FROM refunds WHERE id = ANY($1::uuid[]))
+"""
 
 
 class _Within:
@@ -196,7 +207,7 @@ async def plan(
                     if not envelopes:
                         continue
                     ids = [e.event_id for e in envelopes]
-                    stored = await conn.fetchval("SELECT count(*) FROM events WHERE event_id = ANY($1::uuid[])", ids)
+                    stored = await conn.fetchval(_STORED, ids)
                     done = PartitionResult()
                     await _write(_Within(conn), envelopes, enricher, done)
                     part.new += done.inserted
@@ -231,17 +242,20 @@ async def replay(
     result, done = ReplayResult(start, end), 0
     if progress:
         progress(0, total)
+    held: list[tuple[int, Envelope]] = []  # refunds' copies read before their sale
     for p, stream in streams:
         part = result.partitions[p] = PartitionResult()
         async for page in src.pages(p, stream, start, end, batch_size, part):
             envelopes, bad = _decode(page)
             if envelopes:
-                await _write(pool, envelopes, enricher, part)
+                held += [(p, e) for e in await _write(pool, envelopes, enricher, part)]
             part.entries += len(page)
             part.undecodable += bad
             done += len(page)
             if progress:
                 progress(done, max(total, done))  # the range may be open-ended: entries still arrive
+    if held:  # every partition read: their sales are in now, if the range held them
+        await _again(pool, held, result)
     if progress:
         progress(done, done)  # an archive segment straddling an end of the range counted whole
     log.info("replay", start=format_id(start), end=format_id(end), **result.to_dict()["totals"])
@@ -250,7 +264,8 @@ async def replay(
 
 async def _write(
     pool: asyncpg.Pool, envelopes: list[Envelope], enricher: Enricher | None, part: PartitionResult
-) -> None:
+) -> list[Envelope]:
+    """Store a page (poison halved out); the refunds' copies it could not restore come back."""
     try:
         batch = await store.write_batch(pool, envelopes, enricher)
     except Exception as exc:
@@ -260,14 +275,26 @@ async def _write(
         if len(envelopes) == 1:
             log.error("replay.refused", event_id=str(envelopes[0].event_id), error=repr(exc))
             part.failed += 1
-            return
+            return []
         mid = len(envelopes) // 2
-        await _write(pool, envelopes[:mid], enricher, part)
-        await _write(pool, envelopes[mid:], enricher, part)
-        return
+        return [
+            *await _write(pool, envelopes[:mid], enricher, part),
+            *await _write(pool, envelopes[mid:], enricher, part),
+        ]
     part.inserted += batch.inserted
     part.duplicates += batch.duplicates
     part.skipped += len(batch.unknown_codes) + len(batch.inactive_codes)
+    part.refunds_not_restored += len(batch.refunds_not_restored)
+    return batch.refunds_not_restored
+
+
+async def _again(pool: asyncpg.Pool, held: list[tuple[int, Envelope]], result: ReplayResult) -> None:
+    """The refunds' copies read before their sale, once every partition is read (a change of
+    the partition count between a sale and its refund puts them in two partitions)."""
+    for p, e in held:
+        part = result.partitions[p]
+        part.refunds_not_restored -= 1  # counted when it was held; this _write counts it again if need be
+        await _write(pool, [e], None, part)
 
 
 def _iso(v: str | None) -> datetime | None:
@@ -287,11 +314,13 @@ async def replay_job(
     c: Consumer = ctx["consumer"]
     rng = Range(from_id, to_id, _iso(since), _iso(until), tuple(partitions) if partitions is not None else None)
     s = c.settings
-    source = Source(c.redis, open_store(s), c.keys.prefix, replicas=0 if s.redis_cluster else s.ack_replicas,
-                    wait_ms=s.ack_wait_ms)  # fmt: skip
-    result = await replay(
-        source, c.pipeline.pg, c.keys, rng, enricher=c.pipeline.enricher, batch_size=c.settings.batch_size
-    )
+    source = Source(c.redis, open_store(s), c.keys.prefix, replicas=s.ack_replicas, wait_ms=s.ack_wait_ms)
+    try:
+        result = await replay(
+            source, c.pipeline.pg, c.keys, rng, enricher=c.pipeline.enricher, batch_size=c.settings.batch_size
+        )
+    finally:
+        await source.aclose()
     return result.to_dict()
 
 

@@ -15,10 +15,14 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from ingest.contract.connections import Redis
+from ingest.contract.keys import Keys
 from workers.archive import read as archive_read
 from workers.archive.store import Store
 from workers.group.member import Unreplicated
+from workers.group.primaries import Primaries
 
 MAX_SEQ = 2**64 - 1
 StreamId = tuple[int, int]
@@ -86,6 +90,12 @@ class Source:
         self.redis, self.archive, self.prefix = redis, archive, prefix
         # REFSTREAM_ACK_DURABILITY=replicas:N: a page is used only once N replicas have it
         self.replicas, self.wait_ms = replicas, wait_ms
+        self._primaries: Primaries | None = None  # on a Redis Cluster: the page and its WAIT on one connection
+
+    async def aclose(self) -> None:
+        if self._primaries is not None:
+            await self._primaries.aclose()
+            self._primaries = None
 
     async def count(self, p: int, stream: str, start: StreamId, end: StreamId) -> int:
         first = await _first(self.redis, stream)
@@ -130,11 +140,25 @@ class Source:
         ``Unreplicated``; run the replay again once the replicas are back."""
         if not self.replicas:
             return await self.redis.xrange(stream, min=format_id(lo), max=format_id(end), count=size)
-        pipe: Any = self.redis.pipeline(transaction=False)
-        pipe.xrange(stream, min=format_id(lo), max=format_id(end), count=size)
-        pipe.set(f"{self.prefix}:replay:fence", b"1", px=60_000)
-        pipe.execute_command("WAIT", self.replicas, self.wait_ms)
-        page, _, acked = await pipe.execute()
+        p = Keys.partition_of(stream)
+        fence = f"{self.prefix}:replay:fence" if p is None else f"{self.prefix}:replay:fence:{{{p}}}"  # its tag
+
+        def read(pipe: Any) -> None:
+            pipe.xrange(stream, min=format_id(lo), max=format_id(end), count=size)
+            pipe.set(fence, b"1", px=60_000)
+            pipe.execute_command("WAIT", self.replicas, self.wait_ms)
+
+        if isinstance(self.redis, RedisCluster):  # on the connection to the stream's primary
+            if self._primaries is None:
+                self._primaries = Primaries(self.redis)
+            replies = await self._primaries.send(stream, read)
+        else:
+            pipe: Any = self.redis.pipeline(transaction=False)
+            read(pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        if error := next((r for r in replies if isinstance(r, Exception)), None):
+            raise error
+        page, _, acked = replies
         if int(acked) < self.replicas:
             raise Unreplicated(f"{acked} of {self.replicas} replicas have the entries read within {self.wait_ms} ms")
         return page

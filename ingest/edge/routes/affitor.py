@@ -103,6 +103,23 @@ VOICE = accept.Voice(
 )  # fmt: skip
 
 
+def _refuse(refused: accept.Refusal, code: str, headers: dict[str, str]) -> web.Response:
+    """The seed's answer for each of the link's refusals."""
+    match refused:
+        case accept.Refusal.RATE_LIMITED:
+            return fail(429, "Too many requests", headers)
+        case accept.Refusal.UNRESOLVED:
+            return VOICE.down()
+        case accept.Refusal.UNKNOWN_CODE:
+            return fail(400, f"No referral link found for aff={code}")
+        case accept.Refusal.UNCONFIGURED:
+            return fail(400, "Referral link configuration is invalid (missing partner or program)")
+        case accept.Refusal.INACTIVE:
+            return fail(200, "Referral link is inactive")
+        case accept.Refusal.ORIGIN:
+            return fail(403, "Origin not allowed for this workspace")
+
+
 def aff_code(affiliate_url: str) -> str | web.Response:
     """The ``aff`` value of the URL, or the seed's 400 for why there is none."""
     try:
@@ -210,23 +227,12 @@ async def track_click(request: web.Request) -> web.Response:
     )
     if isinstance(found, web.Response):
         return found
-    link = found.link
     headers = found.verdict.headers
-    if not found.verdict.allowed:
-        edge.drops.note(link.workspace_id if link else None, link.id if link else None, "rate_limited")
-        return fail(429, "Too many requests", headers)
-    if found.link_unresolved:
-        return VOICE.down()
-    if link is None:
-        edge.drops.note(None, None, "unknown_code")
-        return fail(400, f"No referral link found for aff={code}")
-    if not link.configured:
-        return fail(400, "Referral link configuration is invalid (missing partner or program)")
-    if not link.active:
-        edge.drops.note(link.workspace_id, link.id, "inactive_link")
-        return fail(200, "Referral link is inactive")
-    if not link.allows_origin(request.headers.get("Origin")):
-        return fail(403, "Origin not allowed for this workspace")
+    refused = accept.refusal(edge, found, request.headers.get("Origin"))
+    if refused is not None:
+        return _refuse(refused, code, headers)
+    link = found.link
+    assert link is not None
     prior = None
     if existing:
         try:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, RootModel, ValidationError
 from ingest.contract import clicks, links
 from ingest.contract.connections import REDIS_ERRORS
 from ingest.contract.events import Dialect, Envelope, EventType
-from ingest.edge import accept, sale
+from ingest.edge import accept, refund, sale
 from ingest.edge.body import BodyError, describe, read
 from ingest.edge.body import code as body_code
 from ingest.edge.durability import Unconfirmed
@@ -34,7 +34,8 @@ from ingest.edge.enqueue import OutcomeUnknown, never_sent, to_spool, xadd
 from ingest.edge.fields import NoNul
 from ingest.edge.idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
 from ingest.edge.keyed import spool_or_unknown
-from ingest.edge.lookup import ClickPending, Unavailable, lookup, resolve_click, resolve_link
+from ingest.edge.lookup import ClickPending, Unavailable, resolve_click, resolve_link
+from ingest.edge.refund import RefportRefund
 from ingest.edge.routes.affixo import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
 from ingest.edge.routes.bricqs import BricqsConvert
 from ingest.edge.routes.refport import RefportLead
@@ -54,6 +55,7 @@ class BatchClick(AffixoClick):
 
 MODELS: dict[str, type[BaseModel]] = {
     "click": BatchClick, "lead": RefportLead, "conversion": BricqsConvert, "sale": RefportSale,
+    "refund": RefportRefund,
 }  # fmt: skip
 
 
@@ -73,7 +75,17 @@ class BatchSaleItem(RefportSale):
     type: Literal["sale"]
 
 
-BatchItem = Annotated[BatchClickItem | BatchLeadItem | BatchConversionItem | BatchSaleItem, Field(discriminator="type")]
+class BatchRefundItem(RefportRefund):
+    """Recorded in Postgres at once, in its turn (``ingest.edge.refund``); ``event_id`` is the
+    refund's id. Its key: its ``refundId``, else its ``idempotency_key``, else the request's
+    ``Idempotency-Key`` and its place."""
+
+    type: Literal["refund"]
+
+
+BatchItem = Annotated[
+    BatchClickItem | BatchLeadItem | BatchConversionItem | BatchSaleItem | BatchRefundItem, Field(discriminator="type")
+]
 
 
 class BatchBody(RootModel[Annotated[list[BatchItem], Field(min_length=1, max_length=MAX_EVENTS)]]):
@@ -102,6 +114,14 @@ def error(status: int, code: str, detail: str | None = None, headers: dict[str, 
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
+# one lookup for the caller's key (``accept.look``); the items' lookups and appends are the
+# batch's own: each shares one round trip with the other items' (``_accept``)
+VOICE = accept.Voice(
+    "batch", lambda status, code, message: error(status, code, message),
+    lambda headers: error(503, "unavailable", headers=headers),
+)  # fmt: skip
+
+
 def parse_items(raw: bytes, ndjson: bool) -> list[Any]:
     try:
         if ndjson:
@@ -119,10 +139,9 @@ async def batch(request: web.Request) -> web.Response:
     edge, secret = accept.keyed(request)
     if secret is None:
         return error(401, "unauthorized")
-    try:
-        found = await lookup(edge, edge.key_limiter, "", secret=secret)
-    except (Unavailable, *REDIS_ERRORS):
-        return web.Response(status=503, headers={"Retry-After": "1"}, body=b'{"error":"unavailable"}')
+    found = await accept.look(edge, VOICE, edge.key_limiter, "", secret=secret)
+    if isinstance(found, web.Response):
+        return found
     principal = found.principal
     if principal is None:
         return error(401, "unauthorized")
@@ -149,9 +168,10 @@ async def batch(request: web.Request) -> web.Response:
         return error(413, "too_many_events", f"at most {MAX_EVENTS} events per request")
     try:
         results, replayed = await _accept(edge, principal.workspace_id, items, idem_key)
-    except (Unavailable, *REDIS_ERRORS) as exc:
-        log.warning("batch.unavailable", error=repr(exc))
-        return web.Response(status=503, headers={"Retry-After": "1"}, body=b'{"error":"unavailable"}')
+    except Unavailable:
+        return VOICE.down()
+    except REDIS_ERRORS as exc:
+        return VOICE.down(exc)
     accepted = sum(r.ok for r in results)
     out = BatchResult(accepted=accepted, rejected=len(results) - accepted, results=results)
     headers = {**found.verdict.headers, **({REPLAYED: "true"} if replayed else {})}
@@ -163,7 +183,8 @@ def _validate(index: int, item: Any) -> BaseModel | ItemResult:
     kind = item.get("type") if isinstance(item, dict) else None
     model = MODELS.get(kind) if isinstance(kind, str) else None
     if model is None:
-        return ItemResult(index=index, ok=False, error="invalid", detail="type: one of click, lead, conversion, sale")
+        return ItemResult(index=index, ok=False, error="invalid",
+                          detail="type: one of click, lead, conversion, sale, refund")  # fmt: skip
     if isinstance(item, dict) and b"\\u0000" in orjson.dumps(item):
         return ItemResult(index=index, ok=False, error="invalid", detail="NUL characters are not allowed")
     try:
@@ -237,10 +258,18 @@ async def _accept(
     firsts: dict[str, tuple[int, Claim]] = {}  # a key's first item in this batch
     repeats: list[tuple[int, int]] = []  # (item, the earlier item of this batch with its key)
     early = 0  # items answered from their key's record under an earlier partition count
+    fresh = refunds_replayed = 0  # refunds made, and answered as an earlier request's
     for index, p in enumerate(parsed):
         if isinstance(p, ItemResult):
             edge.drops.note(workspace, None, "invalid")
             results.append(p)
+            continue
+        if isinstance(p, RefportRefund):  # recorded now, in its turn: no append
+            own = items[index].get("idempotency_key") if isinstance(items[index], dict) else None
+            item_key = own if isinstance(own, str) else f"{idem_key}\x00{index}" if idem_key is not None else None
+            result, made = await _refund(edge, workspace, index, p, item_key)
+            results.append(result)
+            fresh, refunds_replayed = fresh + made, refunds_replayed + (result.ok and not made)
             continue
         if isinstance(p, RefportLead) and p.clickId in pending:
             results.append(ItemResult(index=index, ok=False, error="unavailable"))
@@ -249,7 +278,7 @@ async def _accept(
         results.append(result)
         if not result.ok:  # refused items: why, for the workspace's stats
             edge.drops.note(workspace, None, "invalid" if result.error == "invalid" else "unknown_code")
-        if envelope is None:
+        if envelope is None or accept.suppressed(edge, envelope):  # suppressed: answered ok, sent nowhere
             continue
         claim = claims[index]
         answer = None
@@ -273,7 +302,7 @@ async def _accept(
             )
             appends.append(edge.idem.append_command(claim, _route(envelope), envelope, answer))
         sent.append(_Sent(result, envelope, claim if isinstance(claim, Claim) else None, answer))
-    fresh, replays = 0, early
+    replays = early + refunds_replayed
     if appends:
         try:
             written = await edge.batcher.execute(*appends, durable=True)
@@ -297,6 +326,17 @@ async def _accept(
     for index, first in repeats:
         results[index] = results[first].model_copy(update={"index": index})
     return results, replays > 0 and fresh == 0
+
+
+async def _refund(edge: Edge, workspace: str, index: int, p: RefportRefund, key: str | None) -> tuple[ItemResult, bool]:
+    """A refund item's result, and whether it made a refund (False: refused, or a repeat)."""
+    out = await refund.record(edge, workspace, p, key, Dialect.NATIVE)
+    if out.refund is not None:
+        return ItemResult(index=index, ok=True, event_id=out.refund["refund_id"]), not out.replayed
+    if out.unknown:
+        return ItemResult(index=index, ok=False, error="outcome_unknown",
+                          detail="may be recorded: retry with the same refundId or key"), False  # fmt: skip
+    return ItemResult(index=index, ok=False, error=out.code, detail=out.message), False
 
 
 async def _earlier(edge: Edge, claim: Claim, code: str) -> bytes | None:

@@ -116,25 +116,25 @@ async def track_click(request: web.Request) -> web.Response:
         return error(503, "features.referral_disabled", "The referral feature is disabled")
     headers = found.verdict.headers
     link = found.link
-    if not found.verdict.allowed:
-        edge.drops.note(link.workspace_id if link else None, link.id if link else None, "rate_limited")
+    # a link without partner or program is taken: the worker decides
+    refused = accept.refusal(edge, found, request.headers.get("Origin"), configured=False)
+    if refused is accept.Refusal.RATE_LIMITED:
         return error(429, "throttle", "Too Many Requests", headers)
     try:
         idem_key = header_key(request)
     except InvalidKey as exc:
         return error(400, "validation.idempotency_key", str(exc), headers)
-    # Postgres down while the link cache is cold: accept, and let the worker decide
-    if not sane or (link is None and not found.link_unresolved):
+    # landing pages never block on tracking: an unknown or inactive code is "tracked"
+    if refused is accept.Refusal.UNKNOWN_CODE:
         log.warning("click.unknown_code", code=code[:MAX_CODE].encode("utf-8", "replace").decode(), ip=ip)
-        edge.drops.note(None, None, "unknown_code")
         return accept.accepted(TRACKED, headers)
-    if link is not None and not link.active:
-        log.warning("click.inactive_link", code=code, link_id=link.id)
-        edge.drops.note(link.workspace_id, link.id, "inactive_link")
+    if refused is accept.Refusal.INACTIVE:
+        log.warning("click.inactive_link", code=code, link_id=link.id if link else None)
         return accept.accepted(TRACKED, headers)
-    if link is not None and not link.allows_origin(request.headers.get("Origin")):
+    if refused is accept.Refusal.ORIGIN:
         # the workspace lists the sites that may send its clicks: as Affitor and Bricqs answer
         return error(403, "origin_not_allowed", "Origin not allowed for this workspace", headers)
+    # UNRESOLVED (Postgres down while the link cache is cold): taken, and the worker decides
 
     if found.appended:  # what was read held what the guess was made from: it went in
         return accept.accepted(TRACKED, headers)

@@ -26,13 +26,12 @@ from ingest.edge import accept
 from ingest.edge.auth import Principal, plausible
 from ingest.edge.body import BodyError, parse, plain
 from ingest.edge.body import code as body_code
-from ingest.edge.enqueue import append, retry_headers
+from ingest.edge.enqueue import retry_headers
 from ingest.edge.fields import NoNul
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Found, Unavailable, lookup
 from ingest.edge.state import EDGE, Edge
 from ingest.manage import admin
-from ingest.spool.spool import SpoolFull
 
 log = structlog.get_logger("ingest.bricqs")
 routes = web.RouteTableDef()
@@ -199,6 +198,11 @@ async def validate(request: web.Request) -> web.Response:
     return json(200, out.model_dump(), found.verdict.headers)
 
 
+CONVERT_VOICE = accept.Voice(
+    "bricqs_convert", error, lambda headers: error(503, "unavailable", "Try again shortly", headers)
+)
+
+
 @routes.post("/api/v1/referrals/convert")
 async def convert(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
@@ -206,20 +210,24 @@ async def convert(request: web.Request) -> web.Response:
         body = await parse(request, BricqsConvert)
     except BodyError as exc:
         return error(exc.status, "validation_error" if exc.status == 400 else body_code(exc), exc.message)
-    event_id = uuid7()
-    conversion_id = "conv_" + event_id.hex
-    session = hashlib.sha256(body.referred_session_id.encode()).hexdigest()[:32]
-    idem = edge.keys.idempotency("bricqs-convert", f"{body.code}:{session}")
-    found = await _public(request, body.code)
+    ip = edge.client_ip(request)
+    found = await accept.look(edge, CONVERT_VOICE, edge.public_limiter, ip or "-", code=body.code, degraded=True)
     if isinstance(found, web.Response):
         return found
+    headers = found.verdict.headers
+    match accept.refusal(edge, found, request.headers.get("Origin")):
+        case accept.Refusal.RATE_LIMITED:
+            return error(429, "rate_limited", "Too many requests", headers)
+        case accept.Refusal.UNRESOLVED:
+            return CONVERT_VOICE.down()
+        case accept.Refusal.UNKNOWN_CODE | accept.Refusal.UNCONFIGURED | accept.Refusal.INACTIVE:
+            return error(404, "invalid_code", f"Referral code {body.code!r} is not valid")
+        case accept.Refusal.ORIGIN:
+            return error(403, "origin_not_allowed", "Origin not allowed for this workspace")
     link = found.link
-    if link is None or not link.active or not link.configured:
-        edge.drops.note(link.workspace_id if link else None, link.id if link else None,
-                        "inactive_link" if link else "unknown_code")  # fmt: skip
-        return error(404, "invalid_code", f"Referral code {body.code!r} is not valid")
-    if not link.allows_origin(request.headers.get("Origin")):
-        return error(403, "origin_not_allowed", "Origin not allowed for this workspace")
+    assert link is not None
+    event_id = uuid7()
+    conversion_id = "conv_" + event_id.hex
     payload = {
         "code": link.code,
         "visitor_id": body.referred_session_id,
@@ -227,20 +235,19 @@ async def convert(request: web.Request) -> web.Response:
         "dedupe": f"{link.code}:{body.referred_session_id}",
     }
     envelope = accept.event(
-        request, edge, EventType.CONVERSION, Dialect.BRICQS, link.workspace_id, payload,
-        ip=edge.client_ip(request), event_id=event_id,
-    )  # fmt: skip
+        request, edge, EventType.CONVERSION, Dialect.BRICQS, link.workspace_id, payload, ip=ip, event_id=event_id
+    )
+    session = hashlib.sha256(body.referred_session_id.encode()).hexdigest()[:32]
+    idem = edge.keys.idempotency("bricqs-convert", f"{body.code}:{session}")
+
     # appended first, then the conversion_id remembered: an id is never handed out for an
     # event that was not appended. A repeat keeps the first id; its own event is appended
     # too, and the worker's dedupe key makes it count nothing.
+    in_redis = await accept.put(edge, CONVERT_VOICE, envelope, link.code, spool=True)
+    if isinstance(in_redis, web.Response):
+        return in_redis
     first: object = None
-    try:
-        in_redis = await append(edge, envelope, link.code, spool=True)
-    except (*REDIS_ERRORS, SpoolFull) as exc:
-        log.warning("redis.unavailable", route="bricqs_convert", error=str(exc))
-        return unavailable(exc)
-    # spooled (Redis down): this conversion_id stands; the dedupe key still counts it once
-    if in_redis:
+    if in_redis:  # spooled (Redis down): this conversion_id stands; the dedupe key still counts it once
         try:
             _, first = await edge.batcher.execute(
                 ("SET", idem, conversion_id, "NX", "EX", IDEMPOTENCY_TTL_S), ("GET", idem)
@@ -252,7 +259,7 @@ async def convert(request: web.Request) -> web.Response:
         referrer_id=link.affiliate_external_id,
         conversion_id=first.decode() if isinstance(first, bytes) else conversion_id,
     )
-    return json(200, out.model_dump(), found.verdict.headers)
+    return json(200, out.model_dump(), headers)
 
 
 @routes.get("/api/v1/referrals/stats/{participant_id}")

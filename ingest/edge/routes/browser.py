@@ -16,14 +16,10 @@ import structlog
 from aiohttp import web
 
 from ingest.contract import clicks
-from ingest.contract.connections import REDIS_ERRORS
 from ingest.contract.events import Dialect, EventType, uuid7
 from ingest.edge import accept
 from ingest.edge.body import header, plain
-from ingest.edge.enqueue import append
-from ingest.edge.lookup import lookup
 from ingest.edge.state import EDGE
-from ingest.spool.spool import SpoolFull
 
 log = structlog.get_logger("ingest.browser")
 routes = web.RouteTableDef()
@@ -68,21 +64,19 @@ async def redirect(request: web.Request) -> web.Response:
     if not plain(code, 128):
         return fallback
     ip = edge.client_ip(request)
-    try:
-        found = await lookup(edge, edge.public_limiter, ip or "-", code=code, degraded=True)
-    except REDIS_ERRORS:
-        return fallback
+    # a redirect never shows an error page: whatever cannot be looked up goes to the fallback
+    voice = accept.Voice("redirect", lambda status, code, message: fallback, lambda headers: fallback)
+    found = await accept.look(edge, voice, edge.public_limiter, ip or "-", code=code, degraded=True)
+    if isinstance(found, web.Response):
+        return found
     link = found.link
-    if link is None or not link.active or not link.configured:
-        log.warning("redirect.unknown_code", code=code, unresolved=found.link_unresolved)
-        if link is not None:
-            edge.drops.note(link.workspace_id, link.id, "inactive_link")
-        elif not found.link_unresolved:
-            edge.drops.note(None, None, "unknown_code")
-        return fallback
-    if not found.verdict.allowed:
-        edge.drops.note(link.workspace_id, link.id, "rate_limited")
+    # a redirect link is followed from any site (a navigation sends no Origin): no Origin check
+    refused = accept.refusal(edge, found, None)
+    if refused is accept.Refusal.RATE_LIMITED and link is not None and link.active and link.configured:
         return moved(link.url)  # over the limit: the visitor still gets there, uncounted
+    if refused is not None or link is None:
+        log.warning("redirect.unknown_code", code=code, refused=refused.value if refused else None)
+        return fallback
 
     event_id = uuid7()
     click_id = clicks.mint(event_id)
@@ -94,11 +88,11 @@ async def redirect(request: web.Request) -> web.Response:
     )
     window_s = link.cookie_window_days * 86400
     ref = clicks.ClickRef(click_id, code, link.workspace_id, click_id, envelope.received_at_ms)
-    try:
-        await append(edge, envelope, code, ref.cache_command(edge.keys, window_s), spool=True)
-    except (*REDIS_ERRORS, SpoolFull) as exc:
-        log.warning("redirect.not_recorded", code=code, error=str(exc))
-        return moved(link.url)
+    to_link = moved(link.url)  # not recorded: the visitor still gets there
+    recorded = accept.Voice("redirect", voice.refuse, lambda headers: to_link)
+    where = await accept.put(edge, recorded, envelope, code, ref.cache_command(edge.keys, window_s), spool=True)
+    if isinstance(where, web.Response):
+        return where
     response = moved(with_param(link.url, settings.click_id_param, click_id))
     response.set_cookie(
         settings.cookie_name, click_id, max_age=window_s, path="/", samesite="Lax",

@@ -1,4 +1,5 @@
-"""Seed 004 (Refport): ``POST /api/track/lead``, and ``POST /api/track/sale``.
+"""Seed 004 (Refport): ``POST /api/track/lead``, and ``POST /api/track/sale`` and
+``POST /api/track/refund``.
 
 ``Authorization: Bearer`` workspace key (scope ``track`` or ``*``). The lead is attributed
 to the click named by ``clickId``: any click id refstream minted, found in the click cache
@@ -6,7 +7,9 @@ to the click named by ``clickId``: any click id refstream minted, found in the c
 the event name, the click, its link and the customer. A lead is idempotent on (customer
 external id, event name): a second one is accepted and counts nothing.
 A sale (``ingest.edge.sale``) names the customer by the external id its lead gave; the
-answer echoes the event name, the customer and the sale.
+answer echoes the event name, the customer and the sale. A refund (``ingest.edge.refund``)
+names its sale's invoice; the answer is the refund as recorded (404 ``SALE_NOT_FOUND``,
+409 ``REFUND_EXCEEDS_SALE``, 422 ``IDEMPOTENCY_KEY_REUSED`` or ``REFUND_KEY_REQUIRED``).
 Errors: 400 ``INVALID_CLICK_ID`` / ``VALIDATION_ERROR``, 401 ``UNAUTHORIZED``,
 429 ``RATE_LIMIT_EXCEEDED``; always ``{"error": {"code", "message"}}``.
 """
@@ -23,14 +26,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ingest.contract import clicks, links
 from ingest.contract.clicks import ClickRef
-from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.connections import REDIS_ERRORS, Command, CommitUnknown
 from ingest.contract.events import Dialect, Envelope, EventType
-from ingest.edge import accept, sale
+from ingest.edge import accept, refund, sale
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
 from ingest.edge.fields import NoNul, no_nul_inside
-from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
+from ingest.edge.idempotency import HEADER, REPLAYED, Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Found, Guess, Unavailable, fallback, remember, resolve_click, seen, seen_link
+from ingest.edge.refund import RefportRefund
 from ingest.edge.sale import RefportSale
 from ingest.edge.state import Edge
 
@@ -151,6 +155,26 @@ def _sale_tracked(body: RefportSale, event: Envelope) -> bytes:
         sale=RefportSaleEcho(amount=body.amount, currency=body.currency, paymentProcessor=body.paymentProcessor,
                              invoiceId=body.invoiceId, metadata=body.metadata),
     ).model_dump())  # fmt: skip
+
+
+REFUND_VOICE = accept.Voice("refport_refund", VOICE.refuse, VOICE.unavailable)
+
+
+@routes.post("/api/track/refund")
+async def track_refund(request: web.Request) -> web.Response:
+    started = await accept.caller(request, REFUND_VOICE, RefportRefund, _caller)
+    if isinstance(started, web.Response):
+        return started
+    edge, found, body, (workspace, idem_key) = started
+    out = await refund.record(edge, workspace, body, idem_key, Dialect.REFPORT)
+    headers = dict(found.verdict.headers)
+    if out.status == 503:
+        return REFUND_VOICE.down(CommitUnknown("the refund's commit") if out.unknown else None)
+    if out.refund is None:
+        return error(out.status, out.code.upper(), out.message, headers)
+    if out.replayed:
+        headers[REPLAYED] = "true"
+    return web.Response(body=orjson.dumps(out.refund), content_type="application/json", headers=headers)
 
 
 @routes.post("/api/track/lead")

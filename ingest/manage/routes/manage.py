@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import asyncpg
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from ingest.contract.connections import acquired
+from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
 from ingest.contract.fraud import FraudPolicy, FraudRule
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
 from ingest.edge.fields import Ident, Integer, Text, Url
 from ingest.edge.state import Edge
-from ingest.manage import admin, manage, stats
+from ingest.manage import admin, erasure, manage, stats, suppressions
 from ingest.manage.admin import NotFound
 from ingest.manage.routes._guard import error, guarded, json, limit_param, segment
 
@@ -176,6 +177,8 @@ class Sale(BaseModel):
     affiliate_id: str | None
     unattributed: str | None = Field(description="Why it is credited to no affiliate: no_lead")
     received_at: str
+    refunds: int = Field(description="How many refunds it has had")
+    refunded: int = Field(description="Their total, in the currency's minor unit: never more than amount")
 
 
 class SaleList(BaseModel):
@@ -191,6 +194,40 @@ class Customer(BaseModel):
     status: Literal["click", "lead", "converted"]
 
 
+class NewSuppression(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["visitor", "customer", "ip"] = Field(
+        description="A visitor id, a customer's external id, or a client address"
+    )
+    value: Text = Field(min_length=1, max_length=256)
+
+
+class Suppression(BaseModel):
+    id: str = Field(description="The entry's digest: the list never holds the value")
+    kind: Literal["visitor", "customer", "ip"]
+    created_at: str
+    created_by: str | None = None
+
+
+class SuppressionList(BaseModel):
+    data: list[Suppression]
+
+
+class Erasure(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    erasure_id: str
+    workspace_id: str
+    status: Literal["pending", "done"]
+    pending: list[Literal["postgres", "redis", "archive"]] = Field(
+        description="Places still holding the person: Redis and the archive are finished by the workers' sweep"
+    )
+    requested_at: str
+    requested_by: str = Field(description="The prefix of the key that asked, or cli")
+    archive_due: str = Field(description="The archive's segments are rewritten by then (REFSTREAM_ERASE_ARCHIVE_DAYS)")
+    overdue: bool
+    done: dict[str, Any] = Field(description="What each place's pass changed: counts of rows, entries, segments")
+
+
 class DailyStats(BaseModel):
     day: str = Field(description="A UTC day (YYYY-MM-DD); in totals, absent")
     clicks: int
@@ -200,7 +237,11 @@ class DailyStats(BaseModel):
     conversions: int
     sales: dict[str, int] = Field(description="Sales attributed to the link(s), per currency (ISO 4217, lower case)")
     revenue: dict[str, int] = Field(description="Their amounts per currency, in its minor unit (never converted)")
-    commission: dict[str, int] = Field(description="Commissions earned per currency, reversals subtracted")
+    refunds: dict[str, int] = Field(description="Refunds of the day's sales, per currency")
+    refunded: dict[str, int] = Field(description="Their amounts per currency, in its minor unit")
+    commission: dict[str, int] = Field(
+        description="Commissions earned per currency, reversals and refunds' clawbacks subtracted"
+    )
     dropped: dict[str, int] = Field(
         description="Events not counted, by reason: bot, unknown_code, inactive_link, rate_limited, out_of_window,"
         " test_mode, duplicate, invalid, fraud (excluded by the fraud policy), no_lead (a sale credited to no"
@@ -218,6 +259,8 @@ class StatsTotals(BaseModel):
     conversions: int
     sales: dict[str, int]
     revenue: dict[str, int]
+    refunds: dict[str, int]
+    refunded: dict[str, int]
     commission: dict[str, int]
     dropped: dict[str, int]
     dropped_detail: dict[str, dict[str, int]]
@@ -381,6 +424,60 @@ async def list_conversions(request: web.Request, edge: Edge, p: Principal) -> we
 async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     async with acquired(edge.pg) as conn:
         return json(200, await manage.get_customer(conn, p.workspace_id, segment(request, "external_id")))
+
+
+@routes.delete("/v1/customers/{external_id}")
+@guarded("erase")
+async def erase_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    """Forget a customer everywhere (docs/privacy.md): Postgres now, Redis and the archive
+    by the workers; 202 with what is pending, and GET /v1/erasures/{id} follows it."""
+    external_id = segment(request, "external_id")
+    try:  # from here on, a failure may leave it begun: 503 "outcome unknown", and a retry finishes it
+        done = await erasure.erase(
+            edge.pg, p.workspace_id, external_id, by=p.prefix, archive_days=edge.settings.erase_archive_days
+        )
+        async with acquired(edge.pg) as conn:
+            shown = await erasure.show(conn, p.workspace_id, str(done.id))
+    except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # a read-only one too
+        raise CommitUnknown("the erasure") from exc
+    if deletes := erasure.redis_deletes(edge.keys, done):
+        try:
+            await edge.batcher.execute(*deletes)
+        except REDIS_ERRORS:
+            pass  # the click cache's entries and rate-limit windows expire by themselves
+    return json(202, shown)
+
+
+@routes.post("/v1/suppressions")
+@guarded("write")
+async def add_suppression(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    """Do not track a visitor, customer or address: the edges answer their events as usual
+    and store nothing, within REFSTREAM_SUPPRESSION_REFRESH_S."""
+    body = await parse(request, NewSuppression)
+    async with acquired(edge.pg) as conn:
+        return json(201, await suppressions.add(conn, p.workspace_id, body.kind, body.value, by=p.prefix))
+
+
+@routes.get("/v1/suppressions")
+@guarded("read")
+async def list_suppressions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with acquired(edge.pg) as conn:
+        return json(200, await suppressions.listing(conn, p.workspace_id))
+
+
+@routes.delete("/v1/suppressions/{id}")
+@guarded("write")
+async def remove_suppression(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with acquired(edge.pg) as conn:
+        await suppressions.remove(conn, p.workspace_id, segment(request, "id"))
+    return web.Response(status=204)
+
+
+@routes.get("/v1/erasures/{id}")
+@guarded("erase")
+async def get_erasure(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with acquired(edge.pg) as conn:
+        return json(200, await erasure.show(conn, p.workspace_id, segment(request, "id")))
 
 
 @routes.get("/v1/affiliate/links")

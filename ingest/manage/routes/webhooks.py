@@ -29,7 +29,7 @@ routes = web.RouteTableDef()
 
 EventType = Literal[
     "lead.created", "conversion.created", "milestone.reached", "fraud.flagged", "sale.created", "commission.created",
-    "payout.paid",
+    "payout.paid", "refund.created",
 ]  # fmt: skip  # ingest.manage.outbox.EVENT_TYPES, in its order
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 

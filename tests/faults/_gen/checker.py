@@ -20,7 +20,11 @@ found by its token), from the outcomes of the operation's attempts:
   nothing else did: ``Checker.ledger_problems``), ``pending``
   (anything pending or undelivered in any group, or spooled), ``dead_letter`` (none is
   planted), ``archive_twice`` (a stream entry in two segment lines), ``archive_missing`` (a
-  stored event in no line); ``process_exit``, ``replay_failed``, ``nemesis`` (the run's own).
+  stored event, or a refund answered 2xx, in no line); ``erased_kept``, ``erasure_pending``
+  (an erased customer still somewhere: ``erased.py``); ``suppressed_stored`` (a click of a
+  visitor on the do-not-track list, sent once every edge must have read the list, stored:
+  ``_surely_suppressed``); ``process_exit``, ``replay_failed``,
+  ``nemesis`` (the run's own).
 
 One stored event may be in no line and be no anomaly: an event never answered 2xx (every
 attempt 503 "may be stored"), in a run whose Redis failed over (Sentinel), whose stream
@@ -41,6 +45,7 @@ from workers.archive import segment as seg
 from workers.archive.store import LocalStore
 
 from .._checks import Checker
+from . import erased
 from .history import History, Op, Unit
 from .ops import COMMISSION, EXPECTED_REFUSALS, ITEM_UNKNOWN, TOKEN_SQL, World, answer_problems, named_events
 
@@ -54,6 +59,8 @@ FROM affiliates a LEFT JOIN links l ON l.affiliate_id = a.id WHERE a.external_id
 CREATED = "SELECT code AS token, count(*) AS links, min(code) AS code FROM links WHERE code LIKE 'g%' GROUP BY 1"
 OUTAGES = ("redis", "pg", "partition", "sentinel")  # fault kinds a one-shot command may fail under
 EXAMPLES = 4
+SUPPRESSION_REFRESH_S = 5.0  # REFSTREAM_SUPPRESSION_REFRESH_S's default, which the stage keeps
+REFRESH_SLACK_S = 1.5  # the read itself, under load
 
 
 @dataclass
@@ -82,6 +89,7 @@ class GenChecker:
         self.archived_lines = 0
         self.stored = 0
         self.copies: Counter[str] = Counter()  # archive lines per event id (a spool's re-sends)
+        self.refunds_accepted: set[str] = set()  # the ids of the refunds answered 2xx
         self.lost_with_redis: list[str] = []  # stored, unarchived, never 2xx'd, Redis failed over
 
     def _say(self, kind: str, op: Op, why: str) -> None:
@@ -93,7 +101,8 @@ class GenChecker:
         for kind, texts in extra.items():
             for text in texts:
                 self.a.add(kind, text)
-        rows = await self.check.fetch(ROWS)
+        forgotten = erased.erasures(self.h)  # an erased person's rows, read back to their tokens
+        rows = await erased.read_back(self.check, forgotten, await self.check.fetch(ROWS))
         self.stored = len(rows)
         by_token: dict[str, list[Any]] = defaultdict(list)
         by_event = {r["event_id"].hex: r for r in rows}
@@ -109,6 +118,7 @@ class GenChecker:
             if token not in tokens:
                 self.a.add("unasked_row", f"{len(found)} row(s) with token {token!r}: {dict(found[0])}")
         await self._generated()
+        await self._refunds()
         for text in await self.check.counter_problems():
             self.a.add("counters", text)
         c = COMMISSION
@@ -118,18 +128,51 @@ class GenChecker:
             self.a.add("pending", text)
         for stream, entry, error in await self.check.dead_letters():
             self.a.add("dead_letter", f"{stream} {entry}: {error[:300]}")
+        leads = {r["token"] for r in rows if r["type"] == 2}
+        erasure_problems = await erased.problems(self.check, forgotten, self.archive_root, self.prefix, leads)
+        for kind, texts in erasure_problems.items():
+            for text in texts:
+                self.a.add(kind, text)
         accepted = {u.token for op in self.h.ops.values() for i, u in enumerate(op.units)
                     if any(o == "ok" for o, _ in op.unit_outcomes(i))}  # fmt: skip
-        await self._archive({r["event_id"].hex for r in rows},
+        # imported rows never pass through a stream (workers/ops/imports.py): no archive line
+        imported = {u.token for op in self.h.ops.values() if op.kind == "import" for u in op.units}
+        # a refund answered 2xx has its stream copy archived as well (ingest/edge/refund.py)
+        await self._archive({r["event_id"].hex for r in rows if r["token"] not in imported} | self.refunds_accepted,
                             {r["event_id"].hex for r in rows if r["token"] not in accepted})  # fmt: skip
         self._replays()
         return self.a
+
+    async def _refunds(self) -> None:
+        """Each refund answered 2xx is recorded once, and is the one its answers name; one
+        only ever refused is not recorded; no refund was recorded that no request asked for.
+        (That a sale's refunds never pass it, and the stats and clawbacks they move:
+        ``Checker.counter_problems``, ``Checker.ledger_problems``.)"""
+        rows = {r["refund_key"]: r for r in await self.check.fetch("SELECT refund_key, id FROM refunds")}
+        asked: set[str] = set()
+        for op in self.h.ops.values():
+            if op.kind != "refund" or op.skipped is not None:
+                continue
+            key = "id:" + op.body["refundId"]
+            asked.add(key)
+            row, oks = rows.get(key), [a for a in op.attempts if a.outcome == "ok"]
+            if oks and row is not None:
+                self.refunds_accepted.add(row["id"].hex)
+            if oks and row is None:
+                self._say("lost", op, "a refund answered 2xx is not recorded")
+            elif row is not None and any(a.body.get("refund_id") != str(row["id"]) for a in oks):
+                self._say("foreign_answer", op, f"a 2xx names another refund than the one recorded ({row['id']})")
+            elif row is not None and all(a.outcome == "refused" for a in op.attempts):
+                self._say("refused_write_kept", op, f"refused every time, and recorded ({row['id']})")
+        for key in sorted(rows.keys() - asked):
+            self.a.add("unasked_row", f"a refund no request asked for: {key}")
 
     def _answers(self, op: Op) -> None:
         for a in op.attempts:
             if a.outcome == "error":
                 self._say("5xx", op, f"answered {a.status} {a.headers}")
-            elif a.outcome == "refused" and a.status not in EXPECTED_REFUSALS and op.kind != "redirect":
+            elif (a.outcome == "refused" and a.status not in EXPECTED_REFUSALS and op.kind != "redirect"
+                  and not (op.kind == "refund" and a.status == 404)):  # fmt: skip  # its sale not stored yet
                 self._say("wrong_refusal", op, f"a {a.status} for a well-formed request")
             elif a.outcome == "ok":
                 if problems := answer_problems(op, a, self.world):
@@ -155,6 +198,13 @@ class GenChecker:
         n = len(rows)
         need, most = (min(ok, 1), 1 if ok or unknown else 0) if unit.once else (ok, ok + unknown)
         what = f"{unit.kind} {unit.token}: {n} row(s), attempts ok={ok} unknown={unknown} refused={refused}"
+        if unit.listed_by is not None:  # a listed visitor's: stored nowhere once every edge has read the list
+            surely = self._surely_suppressed(op, unit.listed_by)
+            if surely is not None:
+                need = 0
+                if surely and n:
+                    self._say("suppressed_stored", op, f"sent past the edges' refresh of the list: {what}")
+                    return
         if n < need:
             self._say("lost", op, f"accepted and not stored: {what}")
         elif n > most:
@@ -180,6 +230,31 @@ class GenChecker:
             for _, a in (x for x in op.unit_outcomes(i) if x[0] == "ok"):
                 if isinstance(a.body, dict) and a.body.get("visitor_id") not in visitors:
                     self._say("foreign_answer", op, f"visitor {a.body.get('visitor_id')!r} is not its row's {visitors}")
+
+    def _surely_suppressed(self, op: Op, listing_n: int) -> bool | None:
+        """None: the visitor was never listed (every listing refused); False: it may have
+        been when the click was sent; True: every attempt was sent after the listing's 2xx
+        plus the edges' refresh period, with no fault in between that could keep an edge
+        from reading the list (an edge killed, frozen or restarted with a clock offset
+        reads it again first; Postgres away or cut off from the edges)."""
+        listing = self.h.op(listing_n)
+        if listing is None or not any(a.outcome in ("ok", "unknown") for a in listing.attempts):
+            return None
+        oks = [a for a in listing.attempts if a.outcome == "ok"]
+        if not oks or not op.attempts:
+            return False
+        listed_at = oks[0].at + (oks[0].took or 0.0)
+        first = min(a.at for a in op.attempts)
+        if first < listed_at + SUPPRESSION_REFRESH_S + REFRESH_SLACK_S:
+            return False
+        for f in self.h.faults:
+            healed = f.healed if f.healed is not None else 1e9
+            if f.started > first or healed < listed_at - REFRESH_SLACK_S:
+                continue
+            edge_process = f.kind in ("process-kill", "process-stop", "clock-skew") and f.target.startswith("edge")
+            if edge_process or f.kind == "pg-kill" or (f.kind == "partition" and f.target.startswith("edge-pg")):
+                return False
+        return True
 
     async def _generated(self) -> None:
         """A management write: once if answered 2xx (the code it answered), never if refused."""

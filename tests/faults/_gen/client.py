@@ -12,27 +12,34 @@ from __future__ import annotations
 
 import asyncio
 import random
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import orjson
 
 from .history import Attempt, History, Op
-from .ops import KEPT_HEADERS, World, classify, make, retryable
+from .ops import IMPORT_SOURCE, KEPT_HEADERS, World, classify, make, retryable
 from .schedule import OpStep
 
+Command = Callable[..., Awaitable[tuple[int, str, str]]]
 ATTEMPTS = 4
+IMPORT_TIMEOUT_S = 30.0
 BACKOFF_S = (0.3, 0.7, 1.5)
 TIMEOUT_S = 4.0  # past the edge's own 1 s Redis deadline, a Postgres fallback, a replicas wait
 
 
 class Clients:
-    def __init__(self, history: History, world: World, edges: Callable[[], list[tuple[str, str]]]) -> None:
-        """``edges()``: (name, base URL) of the edges a client may reach now."""
+    def __init__(
+        self, history: History, world: World, edges: Callable[[], list[tuple[str, str]]], command: Command | None = None
+    ) -> None:
+        """``edges()``: (name, base URL) of the edges a client may reach now; ``command``:
+        ``refstream *args`` as an operator runs it (an import)."""
         self.history = history
         self.world = world
         self.edges = edges
+        self.command = command
         self.http: aiohttp.ClientSession | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.done: dict[int, asyncio.Event] = {}
@@ -75,6 +82,8 @@ class Clients:
                 await asyncio.sleep(BACKOFF_S[n] * rng.uniform(0.8, 1.2))  # a client's backoff
 
     async def _attempt(self, op: Op, name: str, base: str) -> Attempt:
+        if op.kind == "import":
+            return await self._import(op)
         assert self.http is not None
         attempt = Attempt(edge=name, at=self.history.now())
         started = time.monotonic()
@@ -98,4 +107,28 @@ class Clients:
             attempt.error = type(exc).__name__
         attempt.took = time.monotonic() - started
         classify(op, attempt)
+        return attempt
+
+    async def _import(self, op: Op) -> Attempt:
+        """``refstream import`` of the operation's rows: its summary on exit 0 (accepted:
+        every row stored once); otherwise it may have stored some of them (unknown), and an
+        operator runs it again, whole."""
+        assert self.command is not None
+        attempt = Attempt(edge="cli", at=self.history.now())
+        started = time.monotonic()
+        with tempfile.NamedTemporaryFile("wb", suffix=".ndjson", prefix=f"import-{op.n}-") as f:
+            f.write(b"".join(orjson.dumps(r) + b"\n" for r in op.body))
+            f.flush()
+            try:
+                code, out, err = await self.command(
+                    "import", f.name, "--workspace", self.world.workspace_id, "--source", IMPORT_SOURCE,
+                    "--commissions", "--yield-backlog", "5000", "--json", within_s=IMPORT_TIMEOUT_S,
+                )  # fmt: skip
+            except TimeoutError:
+                code, out, err = -1, "", "timed out"
+        attempt.took = time.monotonic() - started
+        if code == 0:
+            attempt.status, attempt.outcome, attempt.body = 200, "ok", orjson.loads(out)
+        else:
+            attempt.error = f"exit {code}: {(err.strip().splitlines() or [''])[-1][:200]}"
         return attempt

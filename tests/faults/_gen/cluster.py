@@ -279,7 +279,9 @@ class Cluster:
         await st.groups_ready()
         async with aiohttp.ClientSession() as http, http.get(f"{st.base}/api/v1/referrals/validate/{codes[0]}") as r:
             referrer_id = (await r.json()).get("referrer_id")
-        return World(codes, ws["api_key"], first["program_id"], first["affiliate_id"], referrer_id)
+        eraser = await st.cli("keys", "create", "--workspace", ws["workspace_id"], "--scopes", "erase")
+        return World(codes, ws["api_key"], first["program_id"], first["affiliate_id"], referrer_id, eraser["api_key"],
+                     ws["workspace_id"])  # fmt: skip
 
     async def heal(self) -> list[str]:
         """Everything back: servers running and answering, links forwarding, every slot's

@@ -12,6 +12,7 @@ event ids it names, whose rows must carry this request's token.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,8 @@ class World:
     program_id: str
     affiliate_id: str
     referrer_id: str | None  # the links' affiliate, as Bricqs' answers name it
+    erase_key: str = ""  # a key with the erase scope (which "*" does not grant)
+    workspace_id: str = ""
 
     def url(self, code: str) -> str:
         return f"https://shop.test/{code}"
@@ -116,6 +119,16 @@ def make(step: OpStep, world: World, history: History) -> Op:
             headers.update(idem)
         return op("POST", "/api/v1/track/click", headers, body, [Unit(token, "click", code, bool(key))],
                   partner_code=code)  # fmt: skip
+    if step.kind == "affixo" and "listed" in step.flags:  # a visitor on the do-not-track list
+        listing = history.op(step.on) if step.on is not None else None
+        assert listing is not None and listing.kind == "suppress"
+        visitor = listing.echo["visitor"]
+        body = {"ref": code, "referrer": ref, "visitor_id": visitor}
+        unit = Unit(token, "click", code, False, {"visitor_id": visitor}, listed_by=listing.n)
+        return op("POST", "/v1/track/click", {**bearer, "User-Agent": BROWSER}, body, [unit], visitor_id=visitor)
+    if step.kind == "suppress":
+        visitor = f"v-listed-{token}"
+        return op("POST", "/v1/suppressions", bearer, {"kind": "visitor", "value": visitor}, [], visitor=visitor)
     if step.kind == "affixo":
         body = {"ref": code, "referrer": ref}
         expect = {}
@@ -151,6 +164,15 @@ def make(step: OpStep, world: World, history: History) -> Op:
                  participant_id=on.token, referral_code=code_of)  # fmt: skip
         out.skipped = None if code_of else f"its participant (op {on.n}) was never generated"
         return out
+    if step.kind == "refund":
+        return _refund(step, token, on, bearer)
+    if step.kind == "import":
+        return _import(step, token, world)
+    if step.kind == "erase":  # the lead's customer, everywhere (docs/privacy.md)
+        assert on is not None and on.kind == "lead"
+        eraser = {"Authorization": f"Bearer {world.erase_key}"}
+        echo = {"customer": on.token, "lead": on.n}
+        return Op(step.n, "erase", token, None, "DELETE", f"/v1/customers/{on.token}", eraser, None, [], echo)
     customer = on.token if on is not None and on.kind == "lead" else None  # a sale's
     if step.kind == "sale":
         return _sale(step, token, customer or f"c-{token}", {**bearer, **idem}, bool(key), op)
@@ -219,6 +241,48 @@ def _sale(step: OpStep, token: str, customer: str, headers: dict[str, str], keye
     return out
 
 
+def _refund(step: OpStep, token: str, sale: Op | None, bearer: dict[str, str]) -> Op:
+    """A refund of a sale's invoice by ``refundId`` (its key): a third of it, or all of it
+    (no amount). Recorded in Postgres at once; a sale not stored yet is a 404."""
+    assert sale is not None and sale.echo.get("invoice")
+    body: dict[str, Any] = {"invoiceId": sale.echo["invoice"], "refundId": f"rf-{token}"}
+    if "partial" in step.flags:
+        body["amount"] = max(1, sale.echo["amount"] // 3)
+    echo = {"invoice": sale.echo["invoice"], "amount": body.get("amount", sale.echo["amount"])}
+    out = Op(step.n, "refund", token, f"refund:rf-{token}", "POST", "/api/track/refund", bearer, body, [], echo)
+    if not any(a.outcome == "ok" for a in sale.attempts):
+        out.skipped = f"its sale (op {sale.n}) was never accepted"
+    return out
+
+
+IMPORT_SOURCE = "gen"
+
+
+def _import(step: OpStep, token: str, world: World) -> Op:
+    """``refstream import`` of a file of four rows two days back: two clicks, a lead naming
+    the first, a sale of the lead's customer (by invoice). Each row's event id derives from
+    its source id (``workers.ops.imports.event_id``): the units' answers name them."""
+    from workers.ops.imports import event_id
+
+    now_ms = int(time.time() * 1000) - 2 * 86_400_000
+    t = [f"{token}.{i}" for i in range(4)]
+    codes = [world.codes[(step.code + i) % len(world.codes)] for i in range(2)]
+    rows: list[dict[str, Any]] = [
+        {"type": "click", "id": t[0], "timestamp": now_ms, "link": codes[0], "referrer": REFERRER + t[0],
+         "ip": f"198.51.100.{step.n % 250 + 1}", "user_agent": BROWSER},
+        {"type": "click", "id": t[1], "timestamp": now_ms + 1000, "link": codes[1], "referrer": REFERRER + t[1]},
+        {"type": "lead", "id": t[2], "timestamp": now_ms + 60_000, "click": t[0], "customer_id": t[2]},
+        {"type": "sale", "id": t[3], "timestamp": now_ms + 120_000, "customer_id": t[2], "amount": 1000 + step.code,
+         "currency": "usd", "invoice_id": f"inv-{t[3]}", "metadata": {"gen": t[3]}},
+    ]  # fmt: skip
+    ids = [event_id(world.workspace_id, IMPORT_SOURCE, r["type"], r["id"], r["timestamp"]).hex for r in rows]
+    units = [
+        Unit(t[0], "click", codes[0], True), Unit(t[1], "click", codes[1], True),
+        Unit(t[2], "lead", codes[0], True, {"click_id": ids[0]}), Unit(t[3], "sale", None, True),
+    ]  # fmt: skip
+    return Op(step.n, "import", token, None, "IMPORT", "refstream import", {}, rows, units, {"ids": ids})
+
+
 def classify(op: Op, attempt: Attempt) -> None:
     """Set the attempt's outcome (and each batch item's) from its answer."""
     status, headers = attempt.status, attempt.headers
@@ -273,6 +337,8 @@ def named_events(op: Op, attempt: Attempt) -> dict[int, str]:
     if op.kind == "redirect":
         found = _hex(_redirect_click(body), "clk_")
         return {0: found} if found else {}
+    if op.kind == "import" and attempt.outcome == "ok":  # its ids derive from the rows' source ids
+        return dict(enumerate(op.echo["ids"]))
     if op.kind == "batch" and isinstance(body, dict):
         return {i: h for i, r in enumerate(body.get("results") or [])
                 if isinstance(r, dict) and r.get("ok") and (h := _hex(r.get("event_id")))}  # fmt: skip
@@ -303,6 +369,15 @@ def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
         return [f"{k}: {got[k]!r}, not {v!r}" for k, v in wanted.items() if got[k] != v]
     elif op.kind == "convert":
         want = {"converted": True, "referrer_id": world.referrer_id}
+    elif op.kind == "refund":
+        want = {"invoice_id": e["invoice"], "amount": e["amount"]}
+    elif op.kind == "suppress":
+        return [] if b.get("kind") == "visitor" and isinstance(b.get("id"), str) else [f"{b!r}"[:200]]
+    elif op.kind == "import":
+        counts = (b.get("read"), b.get("stored", 0) + b.get("duplicates", 0), b.get("refused_total"))
+        return [] if counts == (len(op.units), len(op.units), 0) else [f"read, stored or known, refused: {counts}"]
+    elif op.kind == "erase":
+        return [] if isinstance(b.get("erasure_id"), str) and b.get("status") in ("pending", "done") else [f"{b!r}"]
     elif op.kind == "sale" and e["route"] == "affixo":
         want = {"ok": True, "customer_id": e["customer"], "amount": e["amount"], "invoice_id": e["invoice"]}
     elif op.kind == "sale":

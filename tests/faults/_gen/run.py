@@ -66,7 +66,7 @@ async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult
         world = await cluster.up()
         st = cluster.st
         history = History(seed)
-        clients = Clients(history, world, cluster.edges)
+        clients = Clients(history, world, cluster.edges, cluster.command)
         nemesis_run = asyncio.create_task(nemesis(schedule.faults, cluster, history))
         try:
             await clients.run(schedule.ops)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 TOPOLOGIES = ("single", "sentinel")  # one Redis behind proxies / a primary, a replica and Sentinel at replicas:1
@@ -58,6 +59,26 @@ LATER_OPS_SHARE = 0.08  # of the main rate
 LATER_OPS_FROM = 100_000
 SALE_ROUTES = {"refport": 0.5, "affixo": 0.3, "batch": 0.2}
 LATER_SPACING = 4.0  # their gaps, in the main deck's: a few per seed, not one after another
+# refunds, drawn from a stream of their own too: of half the sales with an invoice through
+# Refport's or Affixo's route, a few seconds after the sale, in part or in full
+REFUND_SHARE = 0.5
+REFUNDS_FROM = 200_000
+# erasures, from a stream of their own too: of some leads whose click no other lead names and
+# whose customer no sale names (the checker finds an erased event by what erasure keeps), the
+# customer erased a few seconds after the lead's last attempt
+ERASE_SHARE = 0.3
+ERASES_FROM = 300_000
+# imports of history (``refstream import``), from a stream of their own too: a small file of
+# two clicks, a lead naming one and a sale of its customer, dated days back, run as an
+# operator runs it (again, whole, when it fails)
+IMPORT_EVERY_S = (8.0, 16.0)
+IMPORTS_FROM = 400_000
+# do-not-track lists, a stream of their own too: a fresh visitor put on the list, then an
+# Affixo click of that visitor (``on``: the listing) some seconds later, past the edges'
+# refresh of the lists (REFSTREAM_SUPPRESSION_REFRESH_S): answered as usual, stored nowhere
+SUPPRESS_EVERY_S = (10.0, 20.0)
+SUPPRESS_AFTER_S = (6.6, 9.0)
+SUPPRESSES_FROM = 500_000
 PARTITION_COUNTS = (1, 2, 3, 6, 8)  # what a partition-count fault changes the stage's 4 to, and back
 
 
@@ -126,7 +147,12 @@ def draw(seed: int, mode: str, only: frozenset[str] = frozenset()) -> Schedule:
     ln = lengths(mode)
     ops, faults = _ops(rng, ln), _faults(rng, ln, topo, only, FAULTS)
     later = _faults(random.Random(f"{seed}:later"), ln, topo, only, LATER_FAULTS, spacing=LATER_SPACING)
-    ops = sorted(ops + _later_ops(random.Random(f"{seed}:later-ops"), ln, ops), key=lambda o: (o.at, o.n))
+    later_ops = _later_ops(random.Random(f"{seed}:later-ops"), ln, ops)
+    refunds = _refunds(random.Random(f"{seed}:refunds"), ln, later_ops)
+    erasures = _erasures(random.Random(f"{seed}:erasures"), ln, ops, later_ops)
+    imports = _imports(random.Random(f"{seed}:imports"), ln)
+    listed = _suppressions(random.Random(f"{seed}:suppressions"), ln)
+    ops = sorted(ops + later_ops + refunds + erasures + imports + listed, key=lambda o: (o.at, o.n))
     return Schedule(seed, topo, ln, ops, sorted(faults + later, key=lambda f: f.at))
 
 
@@ -147,6 +173,60 @@ def _later_ops(rng: random.Random, ln: Lengths, main: list[OpStep]) -> list[OpSt
         kind, items = ("batch", ("sale",) * rng.randint(1, 3)) if route == "batch" else ("sale", ())
         out.append(OpStep(LATER_OPS_FROM + len(out), t, kind, rng.random() < 0.4, rng.randrange(1 << 16),
                           frozenset(flags), items, on))  # fmt: skip
+
+
+def _refunds(rng: random.Random, ln: Lengths, sales: list[OpStep]) -> list[OpStep]:
+    """A refund of some sales with an invoice (``on``: the sale), by ``refundId``: a third of
+    the sale (``partial``) or all of it."""
+    out: list[OpStep] = []
+    for sale in sales:
+        if sale.kind != "sale" or "invoice" not in sale.flags or rng.random() >= REFUND_SHARE:
+            continue
+        t = sale.at + rng.uniform(2.0, 6.0)
+        flags = frozenset({"partial"} if rng.random() < 0.6 else ())
+        if t < ln.load_s:
+            out.append(OpStep(REFUNDS_FROM + len(out), t, "refund", False, rng.randrange(1 << 16), flags, (), sale.n))
+    return out
+
+
+def _erasures(rng: random.Random, ln: Lengths, main: list[OpStep], later: list[OpStep]) -> list[OpStep]:
+    """``DELETE /v1/customers/{the lead's token}`` (``on``: the lead)."""
+    named = Counter(o.on for o in main if (o.kind == "lead" or "lead" in o.items) and o.on is not None)
+    sold = {o.on for o in later if o.on is not None}
+    out: list[OpStep] = []
+    for lead in main:
+        if lead.kind != "lead" or lead.on is None or named[lead.on] > 1 or lead.n in sold:
+            continue
+        if rng.random() >= ERASE_SHARE:
+            continue
+        t = lead.at + rng.uniform(1.0, 5.0)
+        if t < ln.load_s:
+            n = ERASES_FROM + len(out)
+            out.append(OpStep(n, t, "erase", False, rng.randrange(1 << 16), frozenset(), (), lead.n))
+    return out
+
+
+def _imports(rng: random.Random, ln: Lengths) -> list[OpStep]:
+    out: list[OpStep] = []
+    t = rng.uniform(*IMPORT_EVERY_S) / 2
+    while t < ln.load_s:
+        out.append(OpStep(IMPORTS_FROM + len(out), t, "import", False, rng.randrange(1 << 16)))
+        t += rng.uniform(*IMPORT_EVERY_S)
+    return out
+
+
+def _suppressions(rng: random.Random, ln: Lengths) -> list[OpStep]:
+    """A visitor listed, then a click of theirs (``listed``; ``on``: the listing)."""
+    out: list[OpStep] = []
+    t = rng.uniform(2.0, 5.0)
+    while True:
+        click_at = t + rng.uniform(*SUPPRESS_AFTER_S)
+        if click_at >= ln.load_s:
+            return out
+        n = SUPPRESSES_FROM + len(out)
+        out.append(OpStep(n, t, "suppress", False, rng.randrange(1 << 16)))
+        out.append(OpStep(n + 1, click_at, "affixo", False, rng.randrange(1 << 16), frozenset({"listed"}), (), n))
+        t += rng.uniform(*SUPPRESS_EVERY_S)
 
 
 def _ops(rng: random.Random, ln: Lengths) -> list[OpStep]:

@@ -1,0 +1,270 @@
+"""Erasure: the ledger of erased people, and what an event of one looks like once scrubbed.
+
+An erasure (``refstream erase``, ``DELETE /v1/customers/{external_id}``) first writes the
+ledger: keyed digests (BLAKE2b under a random salt kept in the database) of the
+person's external id, visitor ids and click ids, never the values themselves. From its
+commit on, every event of the person that reaches a writer is scrubbed before it is
+stored or appended: by the workers (``workers.consumer.store``, and so by a replay, which
+stores through it), by an edge's spool drain, by an import. Every batch reads the ledger holding an
+advisory lock shared until it commits; an erasure, its ledger committed, takes the lock
+exclusive once, and so waits out every batch that read the ledger before; only then does
+it scrub what is stored.
+
+Scrubbing is the same function everywhere (``scrub``): the visitor's IP and User-Agent go,
+so do the payload's contact and browsing fields (``PERSONAL``), and the external and
+visitor ids become pseudonyms (``pseudonym``) that are a function of their digest. The
+function makes every copy of an event the same scrubbed event, wherever and whenever it
+is met: a replayed lead keeps its dedupe key (``lead`` + pseudonym + name), a later sale
+of the person attributes to their scrubbed lead, a later click of an erased visitor is not
+a new unique visitor. Counters never move for an erasure: it changes who, never how many.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ingest.contract import clicks
+from ingest.contract.connections import PG_ERRORS
+from ingest.contract.events import Envelope
+
+# pg_advisory_xact_lock key: an erasure's ledger write takes it exclusive, a batch shared
+LOCK = 0x72_65_66_65_72_61_73_65  # "referase"
+
+EXTERNAL = "x"  # a customer's external id, per workspace
+VISITOR = "v"  # a visitor id (a click id, a tracker's visitor id, a referred session)
+EVENT = "i"  # the id of one of the person's events (a click a lead named)
+PREFIX = "erased-"
+
+# the payload's fields that describe a person or their browser; an erased person's are removed
+PERSONAL = frozenset({
+    "email", "customer_name", "avatar", "referrer", "page_url", "page_title", "metadata", "session_id",
+    "screen_resolution", "viewport_size", "language", "timezone",
+})  # fmt: skip
+# an enrichment's fields that the IP or the browser's build told, kept as None once erased
+ENRICHMENT_PERSONAL = ("ip", "asn", "as_name", "city", "region", "latitude", "longitude")
+
+_salt: bytes | None = None
+# a batch's look at the ledger, holding the lock shared until its commit: an erasure, once
+# its ledger is in, takes the lock exclusive and so waits for every batch that looked
+# before (``ingest.manage.erasure``); one statement, one round trip per batch
+_READ = """
+SELECT array(SELECT digest FROM erased_ids WHERE digest = ANY($2::bytea[]))
+FROM (SELECT pg_advisory_xact_lock_shared($1)) l
+"""
+
+
+async def salt(conn: asyncpg.Connection) -> bytes:
+    """The ledger's key: made at random by the migration (schema.sql), once per database."""
+    global _salt
+    if _salt is None:
+        found = await conn.fetchval("SELECT salt FROM erasure_salt")
+        if found is None:
+            raise RuntimeError("erasure_salt is empty: run `refstream migrate`")
+        _salt = bytes(found)
+    return _salt
+
+
+def forget_salt() -> None:
+    """For a process that moves to another database (a test harness checking one seed's
+    database after another's): the salt is cached for the process's one database."""
+    global _salt
+    _salt = None
+
+
+def digest(key: bytes, kind: str, value: str, workspace_id: str | None = None) -> bytes:
+    """The ledger's entry for one identifier: keyed BLAKE2b (a MAC, and a few hundred
+    nanoseconds: the workers take one per identifier of every event). An external id is
+    one per workspace; visitor and click ids are random, one in the world."""
+    scope = (workspace_id or "") if kind == EXTERNAL else ""
+    return hashlib.blake2b(f"{kind}\x1f{scope}\x1f{value}".encode(), key=key, digest_size=16).digest()
+
+
+def pseudonym(key: bytes, kind: str, value: str, workspace_id: str | None = None) -> str:
+    """What an identifier of an erased person becomes: the same for every copy of it, and
+    nothing that leads back to it without the salt and a guess."""
+    d = digest(key, kind, value, workspace_id)
+    return PREFIX + hashlib.blake2b(d, key=key, digest_size=8, person=b"pseudonym").hexdigest()
+
+
+def is_pseudonym(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(PREFIX) and len(value) == len(PREFIX) + 16
+
+
+@dataclass(frozen=True, slots=True)
+class Ledger:
+    """The ledger's entries that a set of events named (``Ledger.read``)."""
+
+    key: bytes
+    erased: frozenset[bytes]
+
+    @classmethod
+    async def read(
+        cls,
+        conn: asyncpg.Connection,
+        envelopes: Iterable[Envelope],
+        workspace_of: Mapping[int, str | None] | None = None,
+    ) -> Ledger:
+        """The entries that name any of ``envelopes``. ``workspace_of`` (by ``id()`` of an
+        envelope) gives a workspace where the envelope has none (a click's, from its link)."""
+        key = await salt(conn)
+        wanted = {d for e in envelopes for d in _digests(key, e, (workspace_of or {}).get(id(e)))}
+        found = await conn.fetchval(_READ, LOCK, list(wanted))
+        return cls(key, frozenset(bytes(d) for d in found))
+
+    def names(self, e: Envelope, workspace_id: str | None = None) -> bool:
+        return bool(self.erased) and any(d in self.erased for d in _digests(self.key, e, workspace_id))
+
+    def scrubbed(
+        self, envelopes: list[Envelope], workspace_of: Mapping[int, str | None] | None = None
+    ) -> list[tuple[Envelope, str | None]]:
+        """Scrub, in place, each envelope the ledger names that still holds personal data; the
+        originals, with their workspace (a replayed copy scrubbed before is not one)."""
+        out = []
+        for i, e in enumerate(envelopes):
+            ws = (workspace_of or {}).get(id(e))
+            if self.names(e, ws) and (scrubbed := scrub(self.key, e, ws)) != e:
+                envelopes[i] = scrubbed
+                out.append((e, e.workspace_id or ws))
+        return out
+
+
+def _digests(key: bytes, e: Envelope, workspace_id: str | None) -> list[bytes]:
+    p = e.payload
+    out = [digest(key, EVENT, e.event_id.hex)]
+    if isinstance(x := p.get("external_id"), str) and not is_pseudonym(x):
+        out.append(digest(key, EXTERNAL, x, e.workspace_id or workspace_id))
+    if isinstance(v := p.get("visitor_id"), str) and not is_pseudonym(v):
+        out.append(digest(key, VISITOR, v))
+    if isinstance(c := p.get("click_id"), str) and (cid := clicks.parse(c)) is not None:
+        out.append(digest(key, EVENT, cid.hex))
+    return out
+
+
+def scrub(key: bytes, e: Envelope, workspace_id: str | None = None) -> Envelope:
+    """``e`` without its person: no IP, no User-Agent, no contact or browsing fields, ids
+    as pseudonyms. The event id, type, link, time and amounts stay: it still counts."""
+    ws = e.workspace_id or workspace_id
+    payload: dict[str, Any] = {k: v for k, v in e.payload.items() if k not in PERSONAL}
+    x = payload.get("external_id")
+    if isinstance(x, str) and not is_pseudonym(x):
+        payload["external_id"] = pseudonym(key, EXTERNAL, x, ws)
+    v = payload.get("visitor_id")
+    if isinstance(v, str) and not is_pseudonym(v):
+        payload["visitor_id"] = pseudonym(key, VISITOR, v)
+        d = payload.get("dedupe")
+        if isinstance(d, str) and d.endswith(":" + v):  # a conversion's: code and referred session
+            payload["dedupe"] = d[: -len(v)] + payload["visitor_id"]
+    return Envelope(e.type, e.dialect, payload, e.workspace_id, None, None, e.event_id, e.received_at_ms)
+
+
+class LedgerUnavailable(Exception):
+    """The ledger could not be read (Postgres away): whatever was to be checked waits."""
+
+
+_LEARN = """
+INSERT INTO erased_ids (digest, erasure_id, kind)
+SELECT d, $1, k FROM unnest($2::bytea[], $3::text[]) AS x(d, k)
+ON CONFLICT (digest) DO NOTHING
+RETURNING digest
+"""
+_AGAIN = "UPDATE erasures SET since = least(since, $2), redis_at = NULL, archive_at = NULL WHERE id = $1"
+
+
+async def learn(conn: asyncpg.Connection, key: bytes, originals: list[tuple[Envelope, str | None]]) -> bool:
+    """What an erased person's event (unscrubbed, with its workspace) teaches the ledger,
+    where a writer meets one after the erasure: the visitor and the click it names join the
+    erasure's entries (a lead's click is the person's), and the erasure is pending again
+    from the event's time on, so that the sweep finds its raw copies in Redis and the
+    archive, and its rows and its click's behind the fence (``recheck``). Whether any
+    visitor or click joined."""
+    joined = False
+    touched: dict[Any, int] = {}
+    for e, ws in originals:
+        found = await conn.fetchval(
+            "SELECT erasure_id FROM erased_ids WHERE digest = ANY($1::bytea[]) LIMIT 1", _digests(key, e, ws)
+        )
+        if found is None:
+            continue
+        touched[found] = min(touched.get(found, e.received_at_ms), e.received_at_ms)
+        more = []
+        if isinstance(v := e.payload.get("visitor_id"), str) and not is_pseudonym(v):
+            more.append((digest(key, VISITOR, v), VISITOR))
+        if isinstance(c := e.payload.get("click_id"), str) and (cid := clicks.parse(c)) is not None:
+            more.append((digest(key, EVENT, cid.hex), EVENT))
+        if more and await conn.fetch(_LEARN, found, [d for d, _ in more], [k for _, k in more]):
+            joined = True
+    for erasure_id, ms in sorted(touched.items(), key=lambda t: str(t[0])):
+        await conn.execute(_AGAIN, erasure_id, datetime.fromtimestamp(ms / 1000, UTC))
+    return joined
+
+
+Check = Callable[[list[Envelope]], Awaitable[dict[int, Envelope]]]
+
+
+@asynccontextmanager
+async def held(pool: asyncpg.Pool) -> AsyncIterator[Check]:
+    """The ledger's check for a writer outside the workers (a spool's drain, an import): in
+    a transaction holding the ledger's lock shared until the block ends, so that what the
+    block appends is in Redis before an erasure's fence returns, and found by its sweep.
+    Raises ``LedgerUnavailable`` while Postgres is away."""
+    try:
+        conn = await pool.acquire()
+    except PG_ERRORS as exc:
+        raise LedgerUnavailable(repr(exc)) from exc
+    try:
+        async with conn.transaction():
+
+            async def check(envelopes: list[Envelope]) -> dict[int, Envelope]:
+                try:
+                    ledger = await Ledger.read(conn, envelopes)
+                    named = [(i, e) for i, e in enumerate(envelopes) if ledger.names(e)]
+                    if named:  # what these teach the ledger (a spooled lead's click)
+                        await learn(conn, ledger.key, [(e, e.workspace_id) for _, e in named])
+                except (*PG_ERRORS, asyncpg.PostgresError) as exc:
+                    raise LedgerUnavailable(repr(exc)) from exc
+                return {i: scrub(ledger.key, e) for i, e in named}
+
+            yield check
+    except PG_ERRORS as exc:  # the commit of a read-only transaction: nothing was written
+        raise LedgerUnavailable(repr(exc)) from exc
+    finally:
+        try:
+            await pool.release(conn)
+        except (*PG_ERRORS, asyncpg.InterfaceError):
+            pass
+
+
+def scrub_answer(answer: bytes, before: Envelope, after: Envelope) -> bytes:
+    """An idempotency answer (fingerprint, status, JSON body: ``ingest.edge.idempotency``)
+    for ``before``, without what its scrub (``after``) took out: a repeat of the request
+    is still answered, and appends nothing."""
+    head, body = answer[:35], answer[35:]
+    values: dict[str, str | None] = {v: None for v in (before.ip, before.user_agent) if v}
+    for k, v in before.payload.items():
+        if isinstance(v, str) and v and after.payload.get(k) != v:
+            values[v] = after.payload.get(k) if isinstance(after.payload.get(k), str) else None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return answer
+    return head + orjson.dumps(redact(doc, values))
+
+
+def redact(doc: Any, values: Mapping[str, str | None]) -> Any:
+    """A JSON document with every string that is a key of ``values`` replaced by its value
+    (a pseudonym, or None), at any depth (webhook payloads, fraud evidence, answers)."""
+    if isinstance(doc, str):
+        return values.get(doc, doc) if doc in values else doc
+    if isinstance(doc, list):
+        return [redact(v, values) for v in doc]
+    if isinstance(doc, dict):
+        return {k: redact(v, values) for k, v in doc.items()}
+    return doc

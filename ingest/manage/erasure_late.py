@@ -1,0 +1,93 @@
+"""An erased person met again, after their erasure (``ingest.manage.erasure`` erases).
+
+``follow``: in a worker's batch, the rows of the visitor and click that an erased person's
+late lead names (``erasure.learn`` put them in the ledger) are scrubbed at once. ``recheck``:
+the sweep's look at Postgres, behind the ledger's fence, for rows a batch stored beside the
+one that taught the ledger (``workers.ops.erasure``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from ingest.contract import clicks as erasure_clicks
+from ingest.contract import erasure
+from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
+from ingest.contract.events import Envelope, EventType
+from ingest.manage.erasure import scrub_rows, uuid_floor
+
+
+async def follow(conn: asyncpg.Connection, key: bytes, originals: list[tuple[Envelope, str | None]]) -> None:
+    """In a worker's batch, once ``erasure.learn`` took in what an erased person's late lead
+    names: the rows of its visitor and click scrubbed as the erasure would have. (A batch
+    beside this one may store that click before this commits: the sweep's ``recheck``,
+    behind its fence, finds it.)"""
+    for e, ws in originals:
+        x = e.payload.get("external_id")
+        v = e.payload.get("visitor_id")
+        c = erasure_clicks.parse(cl) if isinstance(cl := e.payload.get("click_id"), str) else None
+        visitors = [v] if isinstance(v, str) and not erasure.is_pseudonym(v) else []
+        clicks = [c] if c is not None else []
+        if ws is None or not (visitors or clicks):
+            continue
+        external = x if isinstance(x, str) and not erasure.is_pseudonym(x) else None
+        since = min([datetime.fromtimestamp(e.received_at_ms / 1000, UTC), *(_uuid_time(k) for k in clicks)])
+        await scrub_rows(conn, key, ws, external, visitors, clicks, since)
+
+
+async def recheck(pool: asyncpg.Pool, key: bytes, since: datetime) -> int:
+    """The sweep's look at Postgres: behind the ledger's fence, every event row from a month
+    before ``since`` whose visitor, click or customer the ledger names and that still holds
+    personal data is scrubbed (a row a batch stored beside the one that taught the ledger
+    its visitor or click). The rows scrubbed."""
+    floor = uuid_floor(since - timedelta(days=31))
+    scrubbed = 0
+    async with pool.acquire() as conn:
+        async with conn.transaction():  # the fence: batches that read the ledger before have committed
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", erasure.LOCK)
+        rows = await conn.fetch(_RAW, floor)
+        for i in range(0, len(rows), _CHUNK):
+            chunk = rows[i : i + _CHUNK]
+            probes: dict[bytes, list[asyncpg.Record]] = {}
+            for r in chunk:
+                for d in _row_digests(key, r):
+                    probes.setdefault(d, []).append(r)
+            found = await conn.fetch("SELECT digest FROM erased_ids WHERE digest = ANY($1::bytea[])", list(probes))
+            hit = {r["event_id"]: r for d in found for r in probes[bytes(d["digest"])]}
+            for r in hit.values():
+                x = r["customer_external_id"]
+                external = x if isinstance(x, str) and not erasure.is_pseudonym(x) else None
+                visitors = [v] if isinstance(v := r["visitor_id"], str) and not erasure.is_pseudonym(v) else []
+                clicks = [c for c in (r["click_id"], r["event_id"] if r["type"] == EventType.CLICK else None) if c]
+                async with conn.transaction():
+                    await scrub_rows(conn, key, r["ws"], external, visitors, clicks, since)
+                scrubbed += 1
+    return scrubbed
+
+
+# rows that may still hold personal data (an erased person's scrubbed ones hold none of these)
+_RAW = """
+SELECT event_id, type, workspace_id::text AS ws, visitor_id, click_id, customer_external_id FROM events
+WHERE event_id >= $1 AND (ip IS NOT NULL OR user_agent IS NOT NULL OR referrer IS NOT NULL
+    OR (visitor_id IS NOT NULL AND visitor_id NOT LIKE 'erased-%')
+    OR (customer_external_id IS NOT NULL AND customer_external_id NOT LIKE 'erased-%'))
+"""
+_CHUNK = 5000
+
+
+def _row_digests(key: bytes, r: asyncpg.Record) -> list[bytes]:
+    out = [erasure.digest(key, EVENT, r["event_id"].hex)]
+    if r["click_id"] is not None:
+        out.append(erasure.digest(key, EVENT, r["click_id"].hex))
+    if isinstance(v := r["visitor_id"], str):
+        out.append(erasure.digest(key, VISITOR, v))
+    if isinstance(x := r["customer_external_id"], str):
+        out.append(erasure.digest(key, EXTERNAL, x, r["ws"]))
+    return out
+
+
+def _uuid_time(u: uuid.UUID) -> datetime:
+    return datetime.fromtimestamp((u.int >> 80) / 1000, UTC)

@@ -1,0 +1,96 @@
+"""``refstream erase``: forget a customer everywhere (docs/privacy.md), and see what is pending.
+
+``--customer ID --workspace W`` erases in Postgres at once (``ingest.manage.erasure``), then
+runs one sweep of Redis and the archive (``workers.ops.erasure``) and says what is left
+for the workers' later sweeps: entries a consumer group has yet to read, typically.
+``--status`` lists every erasure with a place pending; ``--sweep`` runs a sweep now."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import click
+
+from ingest.contract.connections import connect_redis, create_pg_pool
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.manage import erasure as pg_erasure
+
+from . import ops_output as out
+from .runner import print_data, run_command
+
+
+async def _erase(settings: Settings, external_id: str | None, workspace: str | None, sweep: bool) -> dict[str, Any]:
+    from workers.archive.store import open_store
+    from workers.ops import erasure
+
+    keys = Keys(settings.stream_prefix, settings.partitions)
+    pool = await create_pg_pool(settings, min_size=1, max_size=2)
+    redis = connect_redis(settings)
+    try:
+        result: dict[str, Any] = {}
+        if external_id is not None:
+            assert workspace is not None
+            if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", uuid.UUID(workspace)):
+                raise click.ClickException(f"no workspace {workspace}")
+            done = await pg_erasure.erase(
+                pool, workspace, external_id, by="cli", archive_days=settings.erase_archive_days
+            )
+            for command in pg_erasure.redis_deletes(keys, done):
+                await redis.execute_command(*command)
+            result["erasure"] = done.to_dict()
+        if external_id is not None or sweep:
+            result["sweep"] = (await erasure.sweep(pool, redis, keys, open_store(settings))).to_dict()
+        result["pending"] = await erasure.status(pool)
+        return result
+    finally:
+        await pool.close()
+        await redis.aclose()
+
+
+def _workspace(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a workspace id (a UUID)", param_hint="--workspace") from None
+
+
+@click.command()
+@out.json_option
+@click.option("--customer", "external_id", metavar="ID", help="The customer's external id (as the trackers sent it).")
+@click.option("--workspace", metavar="W", help="The workspace id the customer belongs to.")
+@click.option("--status", "show_status", is_flag=True, help="List the erasures with a place still pending.")
+@click.option("--sweep", is_flag=True, help="Finish pending erasures in Redis and the archive now.")
+def erase(external_id: str | None, workspace: str | None, show_status: bool, sweep: bool) -> None:
+    """Erase a customer's personal data everywhere: Postgres, Redis (streams, dead letters,
+    the click cache, idempotency answers), spools as they drain, and the archive.
+
+    Counters keep their numbers; the erasure ledger (keyed digests, no personal data) makes
+    every later copy of the person's events (late, replayed, imported) stored scrubbed."""
+    if external_id is not None and workspace is None:
+        raise click.UsageError("--customer needs --workspace")
+    if external_id is None and workspace is not None:
+        raise click.UsageError("--workspace goes with --customer")
+    if external_id is None and not show_status and not sweep:
+        raise click.UsageError("say what to do: --customer ID --workspace W, --status or --sweep")
+    ws = _workspace(workspace)
+    data = run_command(lambda settings: _erase(settings, external_id, ws, sweep))
+    if out.wants_json():
+        out.print_json(data)
+        return
+    if "erasure" in data:
+        e = data["erasure"]
+        print_data(
+            {"erasure": e["erasure_id"], "postgres rows scrubbed": e["postgres"], "archive due": e["archive_due"]}
+        )
+    if "sweep" in data:
+        print_data({"sweep": {k: v for k, v in data["sweep"].items() if v}})
+    t = out.table("erasures pending", "erasure", "workspace", "requested", "pending", "archive due",
+                  left=("erasure", "workspace", "pending"))  # fmt: skip
+    for p in data["pending"]:
+        due = p["archive_due"] + (" OVERDUE" if p["overdue"] else "")
+        t.add_row(p["erasure_id"], p["workspace_id"], p["requested_at"], ", ".join(p["pending"]), due)
+    out.console().print(t if data["pending"] else "no erasure pending")

@@ -1,0 +1,152 @@
+"""``refstream import FILE``: history from another system, each row once, in a lane that gives
+way to live traffic (``workers.ops.imports``; docs/import.md).
+
+Progress (rows, rate, and for a file its bytes and the time left) goes to stderr; the
+summary (read, stored, duplicates, refused by reason) to stdout, a table or ``--json``.
+Exit 0 whatever was refused: a refusal is a row's outcome, listed with its line."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+from ingest.contract.connections import connect_redis, create_pg_pool
+from ingest.contract.keys import Keys
+
+from . import ops_output as out
+from .runner import run_reading, settings_and_logging
+
+
+class _Counted:
+    """A text file's lines, with how many bytes have been read (for the bar)."""
+
+    def __init__(self, f: IO[str]) -> None:
+        self.f, self.bytes = f, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self.f:
+            self.bytes += len(line.encode()) if not line.isascii() else len(line)
+            yield line
+
+
+def _workspace(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a workspace id (a UUID)", param_hint="--workspace") from None
+
+
+@click.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--workspace", required=True, metavar="W", help="The workspace id the rows belong to.")
+@click.option("--format", "fmt", type=click.Choice(["ndjson", "csv", "dub"]), default=None,
+              help="ndjson, csv, or an export reader (dub); default: csv for a .csv file, else ndjson.")  # fmt: skip
+@click.option(
+    "--source",
+    default=None,
+    help="The system the rows come from, part of each row's id (default: refstream, or the reader).",
+)
+@click.option("--commissions", is_flag=True, help="Earn commissions for imported leads and sales by today's rules.")
+@click.option("--webhooks", is_flag=True, help="Send webhooks for what the import stores (off: history).")
+@click.option("--fraud", is_flag=True, help="Run the fraud rules on imported clicks and leads (off: history).")
+@click.option("--batch-size", type=click.IntRange(1, 10_000), default=500, show_default=True)
+@click.option("--yield-backlog", type=click.IntRange(0), default=1000, show_default=True,
+              help="Wait while more live entries than this wait for the workers.")  # fmt: skip
+@click.option("--share", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
+              help="At most this share of the wall clock spent writing (1: as fast as Postgres takes it).")  # fmt: skip
+@click.option("--nice", "niceness", type=click.IntRange(0, 19), default=10, show_default=True,
+              help="Lower this process's CPU priority by this much (0: as any other process).")  # fmt: skip
+@out.json_option
+def import_(
+    file: str, workspace: str, fmt: str | None, source: str | None, commissions: bool, webhooks: bool, fraud: bool,
+    batch_size: int, yield_backlog: int, share: float, niceness: int,
+) -> None:  # fmt: skip
+    """Import clicks, leads, sales and refunds from FILE (NDJSON or CSV; - for stdin).
+
+    Each row's event id derives from its source id, so a second run of the same file, or a
+    run stopped and started again, stores nothing twice. Rows go to Postgres through the
+    workers' own batch transaction, not through the live streams, and wait while live work
+    is waiting. No webhooks, fraud flags or commissions unless asked."""
+    from workers.consumer.enrich import Enricher
+    from workers.ops import import_formats, imports
+
+    ws = _workspace(workspace)
+    if niceness:
+        os.nice(niceness)
+    fmt = fmt or import_formats.guess(file)
+    settings = settings_and_logging()
+    opts = imports.Options(
+        ws, source or ("refstream" if fmt in ("ndjson", "csv") else fmt), webhooks=webhooks, fraud=fraud,
+        commissions=commissions, batch_size=batch_size, yield_backlog=yield_backlog, share=share,
+        retention_days=settings.event_retention, partitions=settings.partitions,
+    )  # fmt: skip
+    if file == "-":
+        stream: IO[str] = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="")
+        size = None
+    else:
+        path = Path(file)
+        if not path.is_file():
+            raise click.BadParameter(f"no file {file}", param_hint="FILE")
+        stream, size = path.open(encoding="utf-8", errors="replace", newline=""), path.stat().st_size
+    lines = _Counted(stream)
+
+    async def go() -> dict[str, Any]:
+        pool = await create_pg_pool(settings, min_size=1, max_size=2)
+        redis = connect_redis(settings)
+        enricher = Enricher(city_db=settings.city_db)
+        keys = Keys(settings.stream_prefix, settings.partitions)
+        if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", uuid.UUID(ws)):
+            raise click.ClickException(f"no workspace {ws}")
+        console = Console(stderr=True)
+        columns = (TextColumn("import"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[rows]:,} rows"),
+                   TextColumn("{task.fields[rate]:,.0f}/s"), TimeRemainingColumn())  # fmt: skip
+        try:
+            with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
+                task: TaskID = bar.add_task("import", total=size, rows=0, rate=0.0)
+
+                def progress(s: imports.Summary) -> None:
+                    elapsed = bar.tasks[0].elapsed or 0.0
+                    bar.update(task, completed=lines.bytes, rows=s.read, rate=s.read / elapsed if elapsed else 0.0)
+
+                importer = imports.Importer(pool, opts, imports.LiveBacklog(redis, keys, settings.partitions),
+                                            enricher, progress)  # fmt: skip
+                summary = await importer.run(import_formats.READERS[fmt](lines))
+            return summary.to_dict() | {"file": file, "format": fmt, "source": opts.source, "workspace": ws}
+        finally:
+            enricher.close()
+            await pool.close()
+            await redis.aclose()
+            stream.close()
+
+    result = run_reading(go())
+    if out.wants_json():
+        out.print_json(result)
+    else:
+        render(result, out.console())
+
+
+def render(result: dict[str, Any], console: Console) -> None:
+    console.print(f"import of {result['file']} ({result['format']}, source {result['source']})", markup=False,
+                  highlight=False)  # fmt: skip
+    table = out.table("rows", "", "count", left=("",))
+    for name in ("read", "stored", "duplicates"):
+        table.add_row(name, f"{result[name]:,}")
+    if result["scrubbed"]:
+        table.add_row("  of the stored, scrubbed (erased people)", f"{result['scrubbed']:,}")
+    table.add_row("refused", f"{result['refused_total']:,}", style="bold" if result["refused_total"] else None)
+    for reason, n in result["refused"].items():
+        table.add_row(f"  {reason}", f"{n:,}")
+    console.print(table)
+    for reason, shown in result["examples"].items():
+        console.print(f"{reason}: " + "; ".join(shown), markup=False, highlight=False)
+    console.print(f"{result['seconds']:.1f} s, of which {result['waited_s']:.1f} s giving way to live work and "
+                  f"{result['rested_s']:.1f} s resting to keep to its share")  # fmt: skip

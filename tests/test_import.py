@@ -1,0 +1,265 @@
+"""Historical import (docs/import.md) against a real Redis and Postgres: ``refstream import``
+run as a user runs it, twice, over clicks, leads, a sale and refunds of days ago with bad
+rows among them; each row is stored once with its own time, the second run stores
+nothing, every refusal is counted by its reason, and no webhook, fraud flag or commission
+comes of it unless asked. The lane gives way while live entries wait; an erased person's
+rows are stored scrubbed and a listed one's refused; CSV and Dub's export read alike."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from ingest.contract import clicks
+from ingest.contract import erasure as ledger
+from ingest.contract.keys import GROUP, Keys
+from ingest.contract.settings import Settings
+from ingest.manage import erasure as pg_erasure
+from ingest.manage import suppressions
+from ingest.manage.outbox import EVENT_TYPES
+from workers.ops import import_formats, imports
+from workers.ops.reconcile import reconcile
+
+from ._procs import env_for, run_command
+from ._world import World
+from .conftest import SECRET_KEY, wait_for
+
+
+def _at(days_ago: float, minutes: int = 0) -> str:
+    return (datetime.now(UTC) - timedelta(days=days_ago) + timedelta(minutes=minutes)).isoformat()
+
+
+def history(code: str) -> list[dict[str, Any]]:
+    """Three clicks, two leads naming two of them, a sale and two refunds of it, days ago."""
+    return [
+        {"type": "click", "id": "c1", "timestamp": _at(5), "link": code, "ip": "203.0.113.7", "visitor_id": "v-1",
+         "user_agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0", "referrer": "https://blog.example/post"},
+        {"type": "click", "id": "c2", "timestamp": _at(4), "link": code, "ip": "203.0.113.8"},
+        {"type": "click", "id": "c3", "timestamp": _at(3), "link": code},
+        {"type": "lead", "id": "l1", "timestamp": _at(5, 10), "click": "c1", "customer_id": "cust-1",
+         "email": "one@example.com", "customer_name": "One"},
+        {"type": "lead", "id": "l2", "timestamp": _at(4, 10), "click": "c2", "customer_id": "cust-2"},
+        {"type": "sale", "id": "s1", "timestamp": _at(2), "customer_id": "cust-1", "amount": 4900,
+         "invoice_id": "inv-1", "payment_processor": "stripe"},
+        {"type": "refund", "id": "r1", "timestamp": _at(1), "invoice_id": "inv-1", "amount": 900},
+        {"type": "refund", "id": "r2", "timestamp": _at(1, 5), "invoice_id": "inv-1", "amount": 9000},
+    ]  # fmt: skip
+
+
+def bad_rows(code: str) -> list[str]:
+    """One row per refusal the import makes before Postgres (and one it makes after)."""
+    rows = [
+        {"type": "click", "id": "x1", "timestamp": _at(45), "link": code},  # past_retention (30 days)
+        {"type": "click", "id": "x2", "timestamp": _at(-2), "link": code},  # future
+        {"type": "click", "id": "x3", "timestamp": _at(2), "link": "no-such-link"},  # unknown_link
+        {"type": "lead", "id": "x4", "timestamp": _at(2), "click": "c-elsewhere", "customer_id": "c"},  # unknown_click
+        {"type": "lead", "id": "x5", "timestamp": _at(2), "customer_id": "c"},  # no_link
+        {"type": "sale", "id": "x6", "timestamp": _at(2), "customer_id": "c", "amount": 49.99},  # invalid
+        {"type": "refund", "id": "x7", "timestamp": _at(1), "invoice_id": "inv-none"},  # sale_not_found
+    ]  # fmt: skip
+    return [orjson.dumps(r).decode() for r in rows] + ["{not json", '{"type": "purchase", "id": "x9"}']
+
+
+PARTITIONS = """
+SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'events'::regclass
+"""
+
+
+async def import_cli(settings: Settings, path: Path | str, world: World, *args: str, **env: str) -> dict[str, Any]:
+    code, out, err = await run_command(
+        "import", str(path), "--workspace", world.workspace_id, "--json", *args,
+        env=env_for(settings, **env), within_s=120,
+    )  # fmt: skip
+    assert code == 0, err
+    return orjson.loads(out)
+
+
+async def counters(pg: asyncpg.Pool) -> list[tuple[Any, ...]]:
+    links = [tuple(r) for r in await pg.fetch("SELECT id, clicks, unique_clicks, leads FROM links ORDER BY id")]
+    sales = [tuple(r) for r in await pg.fetch("SELECT * FROM sale_stats ORDER BY 1, 2, 3, 4")]
+    return links + sales
+
+
+async def test_an_import_run_twice_stores_each_row_once_and_counts_every_refusal(
+    world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, tmp_path: Path
+) -> None:
+    from .test_webhooks import make_webhook
+
+    await make_webhook(pg, world.workspace_id, "http://127.0.0.1:9/hook", SECRET_KEY, events=list(EVENT_TYPES))
+    await pg.execute('UPDATE programs SET commission = \'{"sale_bps": 1000, "lead_flat": 300}\'')
+    path = tmp_path / "history.ndjson"
+    good = history(world.link["code"])
+    path.write_text("\n".join([*(orjson.dumps(r).decode() for r in good), *bad_rows(world.link["code"])]) + "\n")
+
+    first = await import_cli(settings, path, world, REFSTREAM_EVENT_RETENTION="30")
+    assert first["read"] == len(good) + 9
+    assert first["stored"] == 7, first  # 3 clicks, 2 leads, the sale, the first refund
+    assert first["refused"] == {
+        "future": 1, "invalid": 3, "no_link": 1, "past_retention": 1, "refund_exceeds_sale": 1,
+        "sale_not_found": 1, "unknown_click": 1, "unknown_link": 1,
+    }, first  # fmt: skip
+    assert first["read"] == first["stored"] + first["duplicates"] + first["refused_total"]
+    assert any("line 11" in shown for shown in first["examples"]["unknown_link"])
+
+    # each row at its own time, in its own day's partition, through the link and the click
+    rows = await pg.fetch("SELECT type, received_at, click_id, visitor_id, dialect, host(ip) AS ip FROM events"
+                          " ORDER BY received_at")  # fmt: skip
+    assert [r["type"] for r in rows] == [1, 2, 1, 2, 1] and {r["dialect"] for r in rows} == {"import"}
+    stamp = datetime.fromisoformat(good[0]["timestamp"])
+    assert abs((rows[0]["received_at"] - stamp).total_seconds()) < 0.002 and rows[0]["ip"] == "203.0.113.7"
+    assert rows[1]["click_id"] is not None and rows[1]["visitor_id"] == "v-1"
+    parts = {r["relname"] for r in await pg.fetch(PARTITIONS)}
+    assert f"events_p{stamp:%Y%m%d}" in parts
+    default_rows = await pg.fetchval("SELECT count(*) FROM events_default")
+    assert default_rows == 0
+    link = await pg.fetchrow("SELECT clicks, unique_clicks, leads FROM links WHERE id = $1", world.link["id"])
+    assert tuple(link) == (3, 3, 2)
+    sale = await pg.fetchrow("SELECT link_id, refunded, received_at FROM sales WHERE invoice_id = 'inv-1'")
+    assert str(sale["link_id"]) == world.link["id"] and sale["refunded"] == 900  # attributed through cust-1's lead
+    # history: no webhook, no commission, no fraud flag
+    assert await pg.fetchval("SELECT count(*) FROM webhook_deliveries") == 0
+    assert await pg.fetchval("SELECT count(*) FROM commissions") == 0
+    assert await pg.fetchval("SELECT count(*) FROM event_flags") == 0
+    before = await counters(pg)
+    assert not await reconcile(pg, fix=False)
+
+    again = await import_cli(settings, path, world, REFSTREAM_EVENT_RETENTION="30")
+    assert again["stored"] == 0 and again["duplicates"] == 7, again
+    assert again["refused"] == first["refused"]
+    assert await pg.fetchval("SELECT count(*) FROM events") == 5
+    assert await pg.fetchval("SELECT count(*) FROM refunds") == 1
+    assert await counters(pg) == before
+
+
+async def test_commissions_and_webhooks_follow_their_flags(
+    world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys
+) -> None:
+    from .test_webhooks import make_webhook
+
+    await make_webhook(pg, world.workspace_id, "http://127.0.0.1:9/hook", SECRET_KEY, events=list(EVENT_TYPES))
+    await pg.execute('UPDATE programs SET commission = \'{"sale_bps": 1000, "lead_flat": 300}\'')
+    rows = [import_formats.row(n, r) for n, r in enumerate(history(world.link["code"]), 1)]
+    opts = imports.Options(world.workspace_id, "test", commissions=True, webhooks=True, share=1.0)
+    done = await imports.Importer(pg, opts, imports.LiveBacklog(redis, keys, 4)).run(rows)
+    assert done.stored == 7
+    earned = sorted((r["kind"], r["amount"]) for r in await pg.fetch("SELECT kind, amount FROM commissions"))
+    assert earned == [("clawback", -90), ("lead", 300), ("lead", 300), ("sale", 490)]
+    kinds = {r["event_type"] for r in await pg.fetch("SELECT event_type FROM webhook_deliveries")}
+    assert {"sale.created", "commission.created", "refund.created"} <= kinds
+
+
+class Polled(imports.LiveBacklog):
+    """The live backlog, counting how often the import asked."""
+
+    polls = 0
+
+    async def entries(self) -> int:
+        self.polls += 1
+        return await super().entries()
+
+
+async def test_the_import_waits_while_live_entries_wait(
+    world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys
+) -> None:
+    """Entries in a live partition that the workers have not acknowledged hold the import
+    back; once they are acknowledged it goes on."""
+    stream = keys.stream(0)
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    for i in range(30):
+        await redis.xadd(stream, {"i": str(i)})
+    backlog = Polled(redis, keys, 4)
+    assert await backlog.entries() == 30
+    rows = [import_formats.row(n, r) for n, r in enumerate(history(world.link["code"])[:3], 1)]
+    opts = imports.Options(world.workspace_id, "test", yield_backlog=10, share=1.0)
+    read = await redis.xreadgroup(GROUP, "w1", {stream: ">"}, count=15)  # half read, none acknowledged
+    assert await backlog.entries() == 30  # read but pending counts as waiting
+    polls = backlog.polls
+    task = asyncio.create_task(imports.Importer(pg, opts, backlog).run(rows))
+    await wait_for(lambda: asyncio.sleep(0, result=backlog.polls >= polls + 3), what="the import to poll thrice")
+    assert not task.done() and await pg.fetchval("SELECT count(*) FROM events") == 0
+    await redis.xack(stream, GROUP, *[i for i, _ in read[0][1]])
+    rest = await redis.xreadgroup(GROUP, "w1", {stream: ">"})
+    await redis.xack(stream, GROUP, *[i for i, _ in rest[0][1]])
+    done = await asyncio.wait_for(task, 30)
+    assert done.stored == 3 and done.waited_s > 0
+
+
+async def test_an_erased_persons_rows_are_imported_scrubbed_and_a_listed_ones_refused(
+    world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys
+) -> None:
+    token = secrets.token_hex(4)
+    erased, listed = f"gone-{token}", f"listed-{token}"
+    await pg_erasure.erase(pg, world.workspace_id, erased, by="test", archive_days=30)
+    async with pg.acquire() as conn:
+        await suppressions.add(conn, world.workspace_id, "customer", listed, by="test")
+        await suppressions.add(conn, world.workspace_id, "visitor", f"v-{listed}", by="test")
+    code = world.link["code"]
+    raw = [
+        {"type": "click", "id": "c1", "timestamp": _at(3), "link": code, "ip": "198.51.100.9"},
+        {"type": "lead", "id": "l1", "timestamp": _at(3, 5), "click": "c1", "customer_id": erased,
+         "email": f"{erased}@example.com", "customer_name": "Gone Person"},
+        {"type": "lead", "id": "l2", "timestamp": _at(3, 6), "link": code, "customer_id": listed},
+        {"type": "click", "id": "c2", "timestamp": _at(3), "link": code, "visitor_id": f"v-{listed}"},
+        {"type": "lead", "id": "l3", "timestamp": _at(3, 7), "click": "c2", "customer_id": f"x-{token}"},
+    ]  # fmt: skip
+    rows = [import_formats.row(n, r) for n, r in enumerate(raw, 1)]
+    done = await imports.Importer(pg, imports.Options(world.workspace_id, "test", share=1.0),
+                                  imports.LiveBacklog(None, keys, 4)).run(rows)  # fmt: skip
+    # the listed visitor's click kept nowhere: a lead naming it names an unknown click
+    assert (done.stored, dict(done.refused)) == (2, {"suppressed": 2, "unknown_click": 1}), done
+    assert done.scrubbed >= 1
+    lead = await pg.fetchrow("SELECT customer_external_id, ip, payload FROM events WHERE type = 2")
+    assert ledger.is_pseudonym(lead["customer_external_id"]) and lead["ip"] is None
+    dumped = orjson.dumps(dict(lead)).decode() if lead else ""
+    assert erased not in dumped and "Gone Person" not in dumped
+
+
+async def test_csv_and_dubs_export_read_as_the_native_rows(
+    world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, tmp_path: Path
+) -> None:
+    code = world.link["code"]
+    csv_text = (
+        "type,id,timestamp,link,click,customer_id,amount,invoice_id,metadata\n"
+        f"click,c1,{_at(3)},{code},,,,,\n"
+        f"lead,l1,{_at(3, 1)},,c1,cust-9,,,\n"
+        f'sale,s1,{_at(2)},,,cust-9,1500,inv-9,"{{""plan"": ""pro""}}"\n'
+        f"sale,s2,{_at(2)},,,cust-9,15.00,inv-10,\n"
+    )
+    parsed = list(import_formats.csv_rows(csv_text.splitlines(keepends=True)))
+    assert [type(r).__name__ for r in parsed] == ["Row", "Row", "Row", "Bad"]
+    sale = parsed[2]
+    assert isinstance(sale, import_formats.Row) and sale.fields["metadata"] == {"plan": "pro"}
+    assert isinstance(parsed[3], import_formats.Bad) and parsed[3].line == 5 and "amount" in parsed[3].detail
+
+    dub = [
+        {"event": "click", "timestamp": _at(3), "click": {"id": "dclk1", "ip": "192.0.2.1"}, "link": {"key": code}},
+        {"event": "lead", "timestamp": _at(3, 2), "eventName": "Sign Up", "click": {"id": "dclk1"},
+         "link": {"key": code}, "customer": {"externalId": "dub-cust", "email": "d@example.com"}},
+        {"event": "sale", "timestamp": _at(2), "eventName": "Purchase", "click": {"id": "dclk1"},
+         "link": {"key": code}, "customer": {"externalId": "dub-cust"},
+         "sale": {"amount": 2500, "invoiceId": "dub-inv", "paymentProcessor": "stripe"}},
+    ]  # fmt: skip
+    path = tmp_path / "dub.ndjson"
+    path.write_text("\n".join(orjson.dumps(e).decode() for e in dub) + "\n")
+    out = await import_cli(settings, path, world, "--format", "dub")
+    assert (out["stored"], out["refused_total"], out["source"]) == (3, 0, "dub"), out
+    lead = await pg.fetchrow("SELECT click_id, customer_external_id FROM events WHERE type = 2")
+    click = await pg.fetchval("SELECT event_id FROM events WHERE type = 1")
+    assert lead["click_id"] == click and lead["customer_external_id"] == "dub-cust"
+    assert clicks.parse(clicks.mint(click)) == click
+    assert await pg.fetchval("SELECT link_id FROM sales WHERE invoice_id = 'dub-inv'") is not None
+
+
+@pytest.mark.parametrize("text", ["", "\n\n"])
+async def test_an_empty_file_reads_nothing(text: str, world: World, settings: Settings, tmp_path: Path) -> None:
+    path = tmp_path / "empty.ndjson"
+    path.write_text(text)
+    out = await import_cli(settings, path, world)
+    assert (out["read"], out["stored"], out["refused_total"]) == (0, 0, 0)

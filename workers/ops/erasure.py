@@ -1,0 +1,325 @@
+"""An erasure outside Postgres: Redis and the archive (``ingest.manage.erasure`` does Postgres).
+
+``sweep`` runs in the workers (an arq cron) and from ``refstream erase``; it finishes
+every erasure the ledger holds as pending, all of them in one pass over each place:
+
+- Postgres, again, behind the ledger's fence (``ingest.manage.erasure_late.recheck``): an event
+  row whose visitor, click or customer the ledger names and that still holds personal data
+  (a batch stored it beside the one whose late lead taught the ledger that visitor).
+
+- Redis: every stream entry (each partition the layout ever had, the dead letters and the
+  dropped ones) that names an erased person and still holds their data. An entry every
+  consumer group has read and acked is deleted (XDEL: what a trim would do later); one a
+  group has yet to read or ack is left to it (the workers store it scrubbed) and found
+  again by the next sweep. A dead letter is replaced by its scrubbed copy. The
+  idempotency answers that name the person are rewritten in place, keeping their status
+  and fingerprint, so a client's retry still gets its answer and appends nothing.
+- The archive, once Redis holds none of their unread entries: every segment from the hour
+  of the person's first event on that holds one of their entries is rewritten, under the
+  same name (same ids, same count, a new checksum), with the entries scrubbed.
+
+Each erasure records the time each place was done (``erasures.redis_at``, ``archive_at``);
+``status`` lists what is pending, and an archive past its ``archive_due`` is overdue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+
+from ingest.contract import clicks, erasure, layout
+from ingest.contract.connections import Redis
+from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
+from ingest.contract.events import FIELD, FIELDS, Envelope, EnvelopeError
+from ingest.contract.keys import Keys, parse_id
+from ingest.manage import erasure as manage_erasure
+from ingest.manage import erasure_late
+from workers.archive import read as archive_read
+from workers.archive import segment as seg
+from workers.archive.store import Store
+
+log = structlog.get_logger("workers.erasure")
+
+_PAGE = 1000
+_PENDING = manage_erasure.ROW + " WHERE archive_at IS NULL ORDER BY requested_at"
+# an idempotency answer's objects that name the person: their other fields of these names go
+_PERSONAL_KEYS = ("email", "name", "avatar", "ip", "agent", "referrer", "phone", "address")
+
+
+@dataclass(slots=True)
+class SweepResult:
+    erasures: int = 0  # pending when the sweep began
+    rows_rechecked: int = 0  # event rows of theirs that still held personal data, scrubbed now
+    entries_deleted: int = 0  # stream entries read and acked by every group: deleted
+    entries_waiting: int = 0  # stream entries a group has yet to read or ack: next sweep
+    letters_replaced: int = 0
+    answers_rewritten: int = 0
+    segments_read: int = 0
+    segments_rewritten: int = 0
+    redis_done: list[str] = field(default_factory=list)
+    archive_done: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+async def status(pg: asyncpg.Pool) -> list[dict[str, Any]]:
+    """Every erasure with a place still pending, oldest first: ``refstream erase --status``."""
+    return [manage_erasure.describe(r) for r in await pg.fetch(_PENDING)]
+
+
+async def sweep(pg: asyncpg.Pool, redis: Redis, keys: Keys, store: Store | None) -> SweepResult:
+    """One pass over Redis, and where Redis is clear, over the archive (the module's doc).
+    ``store`` None: no archive is configured, and there is none to rewrite."""
+    result = SweepResult()
+    rows = await pg.fetch(_PENDING)
+    rows = [r for r in rows if r["postgres_at"] is not None]  # the ledger and Postgres first
+    result.erasures = len(rows)
+    if not rows:
+        return result
+    async with pg.acquire() as conn:
+        key = await erasure.salt(conn)
+    check = _Check(pg, key)
+    since = [r["since"] for r in rows if r["since"] is not None]
+    if since:  # Postgres first: a row a batch stored beside the one that taught the ledger its visitor
+        result.rows_rechecked = await erasure_late.recheck(pg, key, min(since))
+    high = (await layout.load(redis, keys, keys.partitions)).high
+    streams = [keys.stream(p) for p in range(high)]
+    for s in streams:
+        await _stream(redis, s, check, result)
+    for s in (keys.dead, keys.dead + ":dropped"):
+        await _letters(redis, s, check, result)
+    await _answers(redis, keys, check, result)
+    if result.entries_waiting:
+        log.info("erasure.redis_waiting", entries=result.entries_waiting)
+        return result
+    redis_pending = [r for r in rows if r["redis_at"] is None]
+    if redis_pending:
+        await pg.execute(
+            "UPDATE erasures SET redis_at = now() WHERE id = ANY($1::uuid[])", [r["id"] for r in redis_pending]
+        )
+        result.redis_done = [str(r["id"]) for r in redis_pending]
+    if store is not None and since:
+        await _archive(store, keys, high, min(since), check, result)
+    await pg.execute("UPDATE erasures SET archive_at = now() WHERE id = ANY($1::uuid[])", [r["id"] for r in rows])
+    result.archive_done = [str(r["id"]) for r in rows]
+    log.info("erasure.sweep", **{k: v for k, v in result.to_dict().items() if isinstance(v, int)})
+    return result
+
+
+class _Check:
+    """Which envelopes the ledger names and that still hold personal data: a page at a time."""
+
+    def __init__(self, pg: asyncpg.Pool, key: bytes) -> None:
+        self.pg = pg
+        self.key = key
+
+    async def personal(self, envelopes: list[Envelope]) -> set[int]:
+        """Indexes of ``envelopes`` to scrub."""
+        if not envelopes:
+            return set()
+        async with self.pg.acquire() as conn:
+            ledger = await erasure.Ledger.read(conn, envelopes)
+        return {i for i, e in enumerate(envelopes) if ledger.names(e) and erasure.scrub(self.key, e) != e}
+
+    def scrub(self, e: Envelope) -> Envelope:
+        return erasure.scrub(self.key, e)
+
+
+def _decoded(entries: list[tuple[Any, dict[bytes, bytes] | None]]) -> list[tuple[int, Envelope]]:
+    out = []
+    for i, (_, fields) in enumerate(entries):
+        if not fields:
+            continue
+        try:
+            out.append((i, Envelope.from_entry(fields)))
+        except EnvelopeError:
+            continue
+    return out
+
+
+async def _personal_pages(
+    redis: Redis, stream: str, check: _Check
+) -> AsyncIterator[list[tuple[Any, dict[bytes, bytes], Envelope]]]:
+    """``stream`` a page at a time: its entries that name an erased person and still hold
+    their data, as (stream id, fields, envelope)."""
+    start = "-"
+    while True:
+        page = await redis.xrange(stream, min=start, max="+", count=_PAGE)
+        if not page:
+            return
+        decoded = _decoded(page)
+        hits = await check.personal([e for _, e in decoded])
+        yield [(page[decoded[j][0]][0], page[decoded[j][0]][1], decoded[j][1]) for j in sorted(hits)]
+        if len(page) < _PAGE:
+            return
+        last = page[-1][0].decode() if isinstance(page[-1][0], bytes) else page[-1][0]
+        start = "(" + last
+
+
+async def _stream(redis: Redis, stream: str, check: _Check, result: SweepResult) -> None:
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except Exception as exc:  # no such stream: nothing in it
+        if "no such key" in str(exc).lower():
+            return
+        raise
+    async for hits in _personal_pages(redis, stream, check):
+        for sid, _, _ in hits:
+            if await _read_by_all(redis, stream, groups, sid):
+                result.entries_deleted += await redis.xdel(stream, sid)
+            else:
+                result.entries_waiting += 1
+
+
+async def _read_by_all(redis: Redis, stream: str, groups: list[dict[str, Any]], sid: Any) -> bool:
+    """Every group of ``stream`` has read ``sid`` and acked it (none: nobody will read it)."""
+    if not groups:
+        return False
+    at = parse_id(sid)
+    for g in groups:
+        if parse_id(g["last-delivered-id"]) < at:
+            return False
+        if await redis.xpending_range(stream, g["name"], min=sid, max=sid, count=1):
+            return False
+    return True
+
+
+async def _letters(redis: Redis, stream: str, check: _Check, result: SweepResult) -> None:
+    """Dead letters are read by operators, not groups: each of the person's is replaced by its
+    scrubbed copy (the letter's own fields kept) at the end of the stream."""
+    async for hits in _personal_pages(redis, stream, check):
+        for sid, fields, e in hits:
+            copy: dict[Any, Any] = {k: v for k, v in fields.items() if k not in FIELDS and k != FIELD}
+            if FIELD in fields:
+                copy[FIELD] = check.scrub(e).encode()
+            else:
+                copy.update(_fields(check.scrub(e)))
+            await redis.xadd(stream, copy)
+            await redis.xdel(stream, sid)
+            result.letters_replaced += 1
+
+
+def _fields(e: Envelope) -> dict[bytes, bytes]:
+    return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in e.entry_dict().items()}
+
+
+async def _answers(redis: Redis, keys: Keys, check: _Check, result: SweepResult) -> None:
+    """The idempotency answers (``ingest.edge.idempotency.Answer``: fingerprint, status, JSON
+    body) whose body names an erased person, rewritten without them where unchanged since."""
+    # an answer does not say its workspace: each with an erasure is tried (read once a sweep)
+    spaces = await check.pg.fetchval("SELECT array_agg(DISTINCT workspace_id::text) FROM erasures") or []
+    async for name in redis.scan_iter(match=f"{keys.prefix}:idk:*", count=_PAGE):
+        raw = await redis.get(name)
+        if raw is None or len(raw) < 35 or raw[35:36] not in (b"{", b"["):
+            continue  # a reservation, or an answer sealed for a management write (never in clear)
+        try:
+            body = orjson.loads(raw[35:])
+        except orjson.JSONDecodeError:
+            continue
+        new = await _redacted(body, check, spaces)
+        if new is None:
+            continue
+        changed = raw[:35] + orjson.dumps(new)
+        # only if unchanged since it was read; the record keeps its expiry
+        if await redis.eval(_SWAP, 1, name, raw, changed):  # type: ignore[misc]
+            result.answers_rewritten += 1
+
+
+_SWAP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  return 1
+end
+return 0
+"""
+
+
+async def _redacted(body: Any, check: _Check, spaces: list[str]) -> Any:
+    """``body`` with the objects that name an erased person scrubbed; None: it names none."""
+    strings = sorted(set(_strings(body)))
+    if not strings:
+        return None
+    key = check.key
+    async with check.pg.acquire() as conn:
+        probes: dict[bytes, tuple[str, str | None]] = {}  # digest -> (the string, what it becomes)
+        for s in strings:
+            for ws in spaces:
+                probes[erasure.digest(key, EXTERNAL, s, ws)] = (s, erasure.pseudonym(key, EXTERNAL, s, ws))
+            probes[erasure.digest(key, VISITOR, s)] = (s, erasure.pseudonym(key, VISITOR, s))
+            if (click := clicks.parse(s)) is not None:
+                probes[erasure.digest(key, EVENT, click.hex)] = (s, s)  # an id, not personal: kept
+        found = await conn.fetch("SELECT digest FROM erased_ids WHERE digest = ANY($1::bytea[])", list(probes))
+    named = dict(probes[bytes(r["digest"])] for r in found)
+    if not named:
+        return None
+    new = _without_metadata(_scrub_objects(body, named))  # free-form, wherever the answer echoes it
+    return None if new == body else new
+
+
+def _without_metadata(doc: Any) -> Any:
+    if isinstance(doc, list):
+        return [_without_metadata(v) for v in doc]
+    if isinstance(doc, dict):
+        return {k: None if k == "metadata" else _without_metadata(v) for k, v in doc.items()}
+    return doc
+
+
+def _strings(doc: Any) -> list[str]:
+    if isinstance(doc, str):
+        return [doc]
+    if isinstance(doc, list):
+        return [s for v in doc for s in _strings(v)]
+    if isinstance(doc, dict):
+        return [s for v in doc.values() for s in _strings(v)]
+    return []
+
+
+def _scrub_objects(doc: Any, named: dict[str, str | None]) -> Any:
+    """Each object holding a named value: that value as its pseudonym, and its fields whose
+    name speaks of a person (``_PERSONAL_KEYS``) emptied; the rest as it was."""
+    if isinstance(doc, list):
+        return [_scrub_objects(v, named) for v in doc]
+    if not isinstance(doc, dict):
+        return named.get(doc, doc) if isinstance(doc, str) else doc
+    holds = any(isinstance(v, str) and v in named for v in doc.values())
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        if holds and isinstance(v, str) and v not in named and any(p in k.lower() for p in _PERSONAL_KEYS):
+            out[k] = None
+        else:
+            out[k] = _scrub_objects(v, named)
+    return out
+
+
+async def _archive(store: Store, keys: Keys, high: int, since: datetime, check: _Check, result: SweepResult) -> None:
+    start = (int(since.timestamp() * 1000) - 3_600_000, 0)  # the hour before: appended after received
+    end = (2**63 - 1, 2**63 - 1)
+    for p in range(high):
+        for name in await archive_read.segments(store, keys.prefix, p, start, end):
+            data = await store.get(name)
+            manifest, entries = await asyncio.to_thread(seg.read, data)
+            result.segments_read += 1
+            rows = [(e.id, e.fields if e.fields is not None else {FIELD: e.envelope}) for e in entries]
+            decoded = _decoded(rows)  # type: ignore[arg-type]
+            hits = await check.personal([e for _, e in decoded])
+            if not hits:
+                continue
+            for j in hits:
+                i, e = decoded[j]
+                sid, fields = rows[i]
+                scrubbed = check.scrub(e)
+                rows[i] = (
+                    sid,
+                    {FIELD: scrubbed.encode()} if FIELD in fields and len(fields) == 1 else _fields(scrubbed),
+                )
+            again, body = await asyncio.to_thread(seg.build, manifest.partition, rows)  # type: ignore[arg-type]
+            await store.put(seg.name(keys.prefix, p, again.first_id, again.last_id), body)
+            result.segments_rewritten += 1

@@ -1,0 +1,239 @@
+"""What ``refstream import`` reads: rows of history, each a ``Row`` or a ``Bad`` one.
+
+refstream's own form is one object per row, as NDJSON (one JSON object a line) or CSV (a
+header row, then one row a line; empty cells are absent, ``metadata`` is JSON text). Every
+row has a ``type`` (``click``, ``lead``, ``sale`` or ``refund``), an ``id`` (the source's
+own id of the row: the event id is derived from it, so the same row imported twice is
+stored once) and a ``timestamp`` (ISO 8601, naive means UTC, or Unix milliseconds); then,
+by type:
+
+- click: ``link`` (the link's code), ``ip``, ``user_agent``, ``referrer``, ``visitor_id``;
+- lead: ``customer_id``, ``event_name`` (``Sign Up``), ``click`` (the source id of a click
+  the same source imported: its link, click id and visitor follow) or ``link``, ``email``,
+  ``customer_name``, ``avatar``, ``metadata``;
+- sale: ``customer_id``, ``amount`` (an integer in the currency's minor unit), ``currency``
+  (``usd``), ``invoice_id``, ``event_name`` (``Purchase``), ``payment_processor``
+  (``custom``), ``lead_event_name``, ``metadata``;
+- refund: ``invoice_id``, ``amount`` (none: what is left of the sale), ``refund_id`` (its
+  key; else the row's ``id``), ``reason``.
+
+Another system's export is read by a reader: a function from the file's lines to rows in
+this form (``READERS``; ``dub`` is one, docs/import.md). A converter plugs in by adding one.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ingest.edge.fields import Ident, Integer, NoNul
+from ingest.edge.sale import MAX_AMOUNT, Currency, Metadata, Processor
+
+KINDS = ("click", "lead", "sale", "refund")
+MAX_LINE = 64 * 1024  # a row longer than this is refused, not read into memory whole
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    line: int  # where it was read (1 is the first line; a CSV's header is line 1)
+    kind: str
+    id: str  # the source's id of the row
+    at_ms: int
+    fields: dict[str, Any]  # the type's fields, validated; absent ones left out
+
+
+@dataclass(frozen=True, slots=True)
+class Bad:
+    line: int
+    reason: str  # "invalid": a row that cannot be read as any type
+    detail: str
+
+
+Reader = Callable[[Iterable[str]], Iterator[Row | Bad]]
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: Ident = Field(min_length=1, max_length=256)
+
+
+class _Click(_Common):
+    link: Ident = Field(min_length=1, max_length=256)
+    ip: NoNul | None = Field(None, max_length=64)
+    user_agent: NoNul | None = Field(None, max_length=1024)
+    referrer: NoNul | None = Field(None, max_length=2048)
+    visitor_id: Ident | None = Field(None, min_length=1, max_length=256)
+
+
+class _Lead(_Common):
+    customer_id: Ident = Field(min_length=1, max_length=256)
+    event_name: NoNul = Field("Sign Up", min_length=1, max_length=256)
+    click: Ident | None = Field(None, min_length=1, max_length=256)
+    link: Ident | None = Field(None, min_length=1, max_length=256)
+    email: NoNul | None = Field(None, max_length=320)
+    customer_name: NoNul | None = Field(None, max_length=256)
+    avatar: NoNul | None = Field(None, max_length=2048)
+    metadata: Metadata | None = Field(None, max_length=100)
+
+
+class _Sale(_Common):
+    customer_id: Ident = Field(min_length=1, max_length=256)
+    amount: Integer = Field(ge=0, le=MAX_AMOUNT)
+    currency: Currency = "usd"
+    invoice_id: Ident | None = Field(None, min_length=1, max_length=256)
+    event_name: NoNul = Field("Purchase", min_length=1, max_length=256)
+    payment_processor: Processor = "custom"
+    lead_event_name: NoNul | None = Field(None, min_length=1, max_length=256)
+    metadata: Metadata | None = Field(None, max_length=100)
+
+
+class _Refund(_Common):
+    invoice_id: Ident = Field(min_length=1, max_length=256)
+    amount: Integer | None = Field(None, ge=1, le=MAX_AMOUNT)
+    refund_id: Ident | None = Field(None, min_length=1, max_length=256)
+    reason: NoNul | None = Field(None, max_length=512)
+
+
+_MODELS: dict[str, type[_Common]] = {"click": _Click, "lead": _Lead, "sale": _Sale, "refund": _Refund}
+
+
+def timestamp_ms(value: Any) -> int:
+    """ISO 8601 (naive: UTC) or Unix milliseconds, as an integer or its digits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    if not isinstance(value, str):
+        raise ValueError("timestamp: an ISO 8601 datetime or Unix milliseconds")
+    try:
+        at = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"timestamp: not ISO 8601: {value[:40]!r}") from None
+    at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    return int(at.timestamp() * 1000)
+
+
+def row(line: int, d: Any) -> Row | Bad:
+    """One object in refstream's form, validated by its type."""
+    if not isinstance(d, dict):
+        return Bad(line, "invalid", "not an object")
+    kind = d.get("type")
+    model = _MODELS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        return Bad(line, "invalid", f"type: one of {', '.join(KINDS)}")
+    try:
+        at_ms = timestamp_ms(d.get("timestamp"))
+        fields = model.model_validate(d).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "row"
+        return Bad(line, "invalid", f"{where}: {first['msg']}")
+    except ValueError as exc:
+        return Bad(line, "invalid", str(exc))
+    source_id = fields.pop("id")
+    return Row(line, kind, source_id, at_ms, fields)  # type: ignore[arg-type]
+
+
+def ndjson(lines: Iterable[str]) -> Iterator[Row | Bad]:
+    for n, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        if len(text) > MAX_LINE:
+            yield Bad(n, "invalid", f"longer than {MAX_LINE} characters")
+            continue
+        try:
+            d = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            yield Bad(n, "invalid", f"not JSON: {exc}")
+            continue
+        yield row(n, d)
+
+
+_CSV_INTS = ("amount",)
+
+
+def csv_rows(lines: Iterable[str]) -> Iterator[Row | Bad]:
+    """A header row, then rows; an empty cell is an absent field; ``amount`` is digits and
+    ``metadata`` JSON text."""
+    reader = csv.DictReader(iter(lines), strict=True)
+    n = 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield Bad(reader.line_num, "invalid", f"CSV: {exc}")
+            return  # the reader cannot go on past a broken quote
+        n = reader.line_num
+        if None in cells:
+            yield Bad(n, "invalid", "more cells than the header names")
+            continue
+        d: dict[str, Any] = {k: v for k, v in cells.items() if k and v not in (None, "")}
+        try:
+            for k in _CSV_INTS:
+                if k in d:
+                    if not str(d[k]).strip().isdigit():
+                        raise ValueError(f"{k}: an integer in the currency's minor unit, not {d[k][:20]!r}")
+                    d[k] = int(d[k])
+            if "metadata" in d:
+                d["metadata"] = orjson.loads(d["metadata"])
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            yield Bad(n, "invalid", str(exc))
+            continue
+        yield row(n, d)
+
+
+def dub(lines: Iterable[str]) -> Iterator[Row | Bad]:
+    """Dub's events export (which Refport's API follows): NDJSON of the event objects its
+    events API lists, ``{"event": "click" | "lead" | "sale", "timestamp", "click": {...},
+    "link": {...}, "customer": {...}, "sale": {...}}``. A click's id is ``click.id``; a lead
+    names its click by ``click.id`` and its customer by ``customer.externalId``; a sale is
+    ``sale.amount`` (cents), ``sale.invoiceId``, ``sale.paymentProcessor``."""
+    for n, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            e = orjson.loads(text)
+            yield row(n, _from_dub(e))
+        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
+            yield Bad(n, "invalid", f"not a Dub event: {type(exc).__name__}: {exc}")
+
+
+def _from_dub(e: dict[str, Any]) -> dict[str, Any]:
+    kind = e["event"]
+    click, link, customer = e.get("click") or {}, e.get("link") or {}, e.get("customer") or {}
+    out: dict[str, Any] = {"timestamp": e.get("timestamp")}
+    if kind == "click":
+        out.update(type="click", id=click["id"], link=link.get("key"), ip=click.get("ip"),
+                   user_agent=click.get("ua"), referrer=click.get("refererUrl") or click.get("referer"))  # fmt: skip
+    elif kind == "lead":
+        out.update(type="lead", id=e.get("eventId") or f"{click.get('id')}:{customer.get('externalId')}",
+                   customer_id=customer.get("externalId"), event_name=e.get("eventName") or "Sign Up",
+                   click=click.get("id"), link=link.get("key"), email=customer.get("email"),
+                   customer_name=customer.get("name"), avatar=customer.get("avatar"),
+                   metadata=e.get("metadata"))  # fmt: skip
+    elif kind == "sale":
+        sale = e["sale"]
+        out.update(type="sale", id=e.get("eventId") or sale.get("invoiceId"), customer_id=customer.get("externalId"),
+                   amount=sale.get("amount"), currency=sale.get("currency") or "usd",
+                   invoice_id=sale.get("invoiceId"), event_name=e.get("eventName") or "Purchase",
+                   payment_processor=sale.get("paymentProcessor") or "custom", metadata=e.get("metadata"))  # fmt: skip
+    else:
+        return {"type": kind}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+READERS: dict[str, Reader] = {"ndjson": ndjson, "csv": csv_rows, "dub": dub}
+Format = Literal["ndjson", "csv", "dub"]
+
+
+def guess(name: str) -> str:
+    """The format a file's name suggests: ``.csv`` is CSV, anything else NDJSON."""
+    return "csv" if name.lower().endswith(".csv") else "ndjson"
