@@ -673,6 +673,9 @@ CREATE TABLE IF NOT EXISTS erasures (
     redis_at        timestamptz,
     archive_at      timestamptz,
     done            jsonb NOT NULL DEFAULT '{}',  -- counts of what each pass changed
+    -- moved on by whatever makes the erasure pending again (a second erasure of the person, a
+    -- writer that met a copy of theirs): a sweep marks a place done only where it is unchanged
+    generation      bigint NOT NULL DEFAULT 0,
     UNIQUE (workspace_id, subject)
 );
 CREATE INDEX IF NOT EXISTS erasures_pending ON erasures (requested_at) WHERE archive_at IS NULL;

@@ -25,7 +25,7 @@ import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -175,17 +175,25 @@ SELECT d, $1, k FROM unnest($2::bytea[], $3::text[]) AS x(d, k)
 ON CONFLICT (digest) DO NOTHING
 RETURNING digest
 """
-_AGAIN = "UPDATE erasures SET since = least(since, $2), redis_at = NULL, archive_at = NULL WHERE id = $1"
+# a click minted longer before the lead that names it than this: its id's time is not trusted
+CLICK_BEFORE = timedelta(days=400)
+_AGAIN = """
+UPDATE erasures SET since = least(since, $2), redis_at = NULL, archive_at = NULL, generation = generation + 1
+WHERE id = $1
+"""
 
 
-async def learn(conn: asyncpg.Connection, key: bytes, originals: list[tuple[Envelope, str | None]]) -> bool:
+async def learn(
+    conn: asyncpg.Connection, key: bytes, originals: list[tuple[Envelope, str | None]], *, met: bool = True
+) -> bool:
     """What an erased person's event (unscrubbed, with its workspace) teaches the ledger,
     where a writer meets one after the erasure: the visitor and the click it names join the
     erasure's entries (a lead's click is the person's), and the erasure is pending again
-    from the event's time on, so that the sweep finds its raw copies in Redis and the
-    archive, and its rows and its click's behind the fence (``recheck``). Whether any
-    visitor or click joined."""
-    joined = False
+    from the event's time (or its click's, if earlier) on, so that the sweep finds its raw
+    copies in Redis and the archive, and its rows and its click's behind the fence
+    (``recheck``). ``met`` False (the sweep, which scrubs the copy it met itself): pending
+    again only where a visitor or a click joined. Whether any joined."""
+    joined: set[Any] = set()
     touched: dict[Any, int] = {}
     for e, ws in originals:
         found = await conn.fetchval(
@@ -193,17 +201,21 @@ async def learn(conn: asyncpg.Connection, key: bytes, originals: list[tuple[Enve
         )
         if found is None:
             continue
-        touched[found] = min(touched.get(found, e.received_at_ms), e.received_at_ms)
+        at = e.received_at_ms
         more = []
         if isinstance(v := e.payload.get("visitor_id"), str) and not is_pseudonym(v):
             more.append((digest(key, VISITOR, v), VISITOR))
         if isinstance(c := e.payload.get("click_id"), str) and (cid := clicks.parse(c)) is not None:
             more.append((digest(key, EVENT, cid.hex), EVENT))
+            if 0 < at - (t := cid.int >> 80) <= CLICK_BEFORE / timedelta(milliseconds=1):
+                at = t  # the archive pass starts at its click
+        touched[found] = min(touched.get(found, at), at)
         if more and await conn.fetch(_LEARN, found, [d for d, _ in more], [k for _, k in more]):
-            joined = True
+            joined.add(found)
     for erasure_id, ms in sorted(touched.items(), key=lambda t: str(t[0])):
-        await conn.execute(_AGAIN, erasure_id, datetime.fromtimestamp(ms / 1000, UTC))
-    return joined
+        if met or erasure_id in joined:
+            await conn.execute(_AGAIN, erasure_id, datetime.fromtimestamp(ms / 1000, UTC))
+    return bool(joined)
 
 
 Check = Callable[[list[Envelope]], Awaitable[dict[int, Envelope]]]

@@ -57,7 +57,7 @@ INSERT INTO erasures (id, workspace_id, subject, requested_by, since, archive_du
 VALUES ($1, $2, $3, $4, $5, now() + make_interval(days => $6))
 ON CONFLICT (workspace_id, subject) DO UPDATE
     SET since = least(erasures.since, EXCLUDED.since), postgres_at = NULL, redis_at = NULL, archive_at = NULL,
-        archive_due = least(erasures.archive_due, EXCLUDED.archive_due)
+        archive_due = least(erasures.archive_due, EXCLUDED.archive_due), generation = erasures.generation + 1
 RETURNING id, (xmax = 0) AS created, requested_at, archive_due
 """
 _IDS = """
@@ -69,7 +69,7 @@ ON CONFLICT (digest) DO NOTHING
 # (their visitors' clicks may precede it), or of every partition when none is known
 _EVENTS = """
 SELECT event_id, type, link_id, received_at, dialect, visitor_id, visitor_key, customer_external_id,
-       dedupe_key, enrichment, payload, host(ip) AS ip, user_agent, referrer
+       dedupe_key, enrichment, payload, host(ip) AS ip, user_agent, referrer, click_id
 FROM events
 WHERE workspace_id = $1 AND event_id >= $5
   AND (customer_external_id = $2 OR visitor_id = ANY($3::text[]) OR event_id = ANY($4::uuid[])
@@ -155,9 +155,10 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
             who = await conn.fetchrow(_IDENTIFY, workspace_id, external_id)
             visitors = [v for v in who["visitors"] if not erasure.is_pseudonym(v)]
             clicks = list(who["clicks"])
+            since = _first(who["since"], clicks)
             made = await conn.fetchrow(
                 _LEDGER, uuid.uuid4(), workspace_id, erasure.digest(key, EXTERNAL, external_id, workspace_id), by,
-                who["since"], archive_days,
+                since, archive_days,
             )  # fmt: skip
             ids = [(erasure.digest(key, EXTERNAL, external_id, workspace_id), EXTERNAL)]
             ids += [(erasure.digest(key, VISITOR, v), VISITOR) for v in visitors]
@@ -169,7 +170,7 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", erasure.LOCK)
             async with conn.transaction():  # 3. the rows
                 rows, more_visitors, more_clicks, ips = await scrub_rows(
-                    conn, key, workspace_id, external_id, visitors, clicks, who["since"]
+                    conn, key, workspace_id, external_id, visitors, clicks, since
                 )
                 out.ips = sorted(set(out.ips) | set(ips))
                 # what the scan found beyond step 1's indexes (a click of one of the visitors)
@@ -191,8 +192,18 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
     return out
 
 
+def _first(since: datetime | None, clicks: list[uuid.UUID]) -> datetime | None:
+    """The person's first event: their rows' earliest, or a click their leads named, if
+    earlier (the click was stored, or is still on its way; the archive pass starts there)."""
+    times = [datetime.fromtimestamp((c.int >> 80) / 1000, UTC) for c in clicks]
+    if since is not None:  # a click id minted long before (or after) its lead is no time to trust
+        times = [t for t in times if timedelta(0) <= since - t <= erasure.CLICK_BEFORE]
+    return min([t for t in (since, *times) if t is not None], default=None)
+
+
 ROW = """
-SELECT id, workspace_id, requested_at, requested_by, since, archive_due, postgres_at, redis_at, archive_at, done
+SELECT id, workspace_id, requested_at, requested_by, since, archive_due, postgres_at, redis_at, archive_at, done,
+       generation
 FROM erasures
 """
 
@@ -261,6 +272,8 @@ async def scrub_rows(
                 more_visitors.add(visitor)
         if r["type"] == EventType.CLICK and r["event_id"] not in clicks:
             more_clicks.add(r["event_id"])
+        if (named := r["click_id"]) is not None and named not in clicks:  # a lead of one of their visitors
+            more_clicks.add(named)
         for name in (*erasure.PERSONAL, "external_id"):
             if isinstance(v := payload.get(name), str) and v:
                 values.setdefault(v, scrubbed.payload.get(name) if name == "external_id" else None)

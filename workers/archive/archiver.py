@@ -13,6 +13,11 @@ time: ``workers/archive/segment.py``), writes it durably (``archive_store.py``),
 then XACKs its entries. An outage of the object store is waited out with the entries held;
 on SIGTERM the segment in hand is written and acked, or handed back if an outage holds it.
 
+The entries of an erased person are the one exception to "byte for byte": the archiver
+reads the erasure ledger in Postgres before each upload and after it, and writes them
+scrubbed (``workers/archive/erased.py``); while Postgres is away it holds the segment, as
+it holds one while the store is away.
+
 No line is archived twice:
 
 - The entries a segment gathers stay claimed by this archiver while it gathers and writes
@@ -40,11 +45,13 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+import asyncpg
 import structlog
 
-from ingest.contract.connections import Redis
+from ingest.contract.connections import Redis, create_pg_pool, pg_outage
 from ingest.contract.keys import Keys, parse_id
 from ingest.contract.settings import Settings
+from workers.archive import erased
 from workers.archive import segment as seg
 from workers.archive.store import ArchiveUnavailable, Store
 from workers.group import CHUNK, Member, Part, text
@@ -72,6 +79,7 @@ class Archiver:
         self.store = store
         self.name = name
         self.totals = Totals()
+        self._pg: asyncpg.Pool | None = None  # the erasure ledger's (made at the first segment)
         self.member = Member(
             settings, redis, group=GROUP, name=name, part=self._part, role="archive",
             presence_name=self.presence_name, reclaim_count=settings.archive_segment_entries,
@@ -92,7 +100,10 @@ class Archiver:
         """Archive every partition until ``stop()``; with ``drain``, until the group has
         read and acked everything."""
         log.info("archive.store", consumer=self.name, store=self.store.url)
-        await self.member.run(drain=drain)
+        try:
+            await self.member.run(drain=drain)
+        finally:
+            await asyncio.shield(self.close())
 
     def stop(self) -> None:
         """Stop reading; each partition writes and acks the segment in hand, then returns."""
@@ -115,9 +126,14 @@ class Archiver:
                 return
         found = await self._archived(p, ids)
         fresh = [e for e in entries if e[0] not in found]
-        if fresh:
-            manifest, data = await asyncio.to_thread(seg.build, p, fresh)
+        rows, written = fresh, None
+        while rows:  # the ledger looked at before the upload and after it (workers/archive/erased.py)
+            rows = await self._checked(rows)
+            if rows == written:
+                break
+            manifest, data = await asyncio.to_thread(seg.build, p, rows)
             await self.store.put(seg.name(self.keys.prefix, p, manifest.first_id, manifest.last_id), data)
+            written = rows
         for i in range(0, len(ids), CHUNK):
             await self.redis.xack(stream, GROUP, *ids[i : i + CHUNK])
         self.totals.segments += 1 if fresh else 0
@@ -125,6 +141,28 @@ class Archiver:
         self.totals.already += len(found)
         if found:
             log.info("archive.already_written", stream=stream, entries=len(found))
+
+    async def _checked(self, rows: list[Entry]) -> list[Entry]:
+        """``rows`` with an erased person's entries scrubbed; an outage while Postgres is away
+        (the segment is held: nothing is archived unchecked)."""
+        try:
+            if self._pg is None:
+                self._pg = await create_pg_pool(self.settings, min_size=1, max_size=2)
+            async with self._pg.acquire() as conn:
+                out, n = await erased.scrubbed(conn, rows, met=True)
+        except Exception as exc:
+            if (reason := pg_outage(exc)) is None:
+                raise
+            raise Outage(reason, exc) from exc
+        if n:
+            log.info("archive.scrubbed", entries=n)
+        return out
+
+    async def close(self) -> None:
+        """Let go of the ledger's connections."""
+        if self._pg is not None:
+            await self._pg.close()
+            self._pg = None
 
     async def _archived(self, p: int, ids: list[str]) -> set[str]:
         """Which of ``ids`` (of partition ``p``) some segment holds already: the segments of

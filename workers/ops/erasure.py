@@ -16,7 +16,13 @@ every erasure the ledger holds as pending, all of them in one pass over each pla
   and fingerprint, so a client's retry still gets its answer and appends nothing.
 - The archive, once Redis holds none of their unread entries: every segment from the hour
   of the person's first event on that holds one of their entries is rewritten, under the
-  same name (same ids, same count, a new checksum), with the entries scrubbed.
+  same name (same ids, same count, a new checksum), with the entries scrubbed. (A segment
+  uploaded after the erasure was scrubbed by its archiver: ``workers.archive.erased``.)
+
+What a copy the sweep scrubs teaches the ledger (a dead-lettered lead's click) is learned
+as a worker would learn it, and the erasure is pending again. A place is marked done only
+if nothing made the erasure pending again while the sweep ran (``erasures.generation``):
+a worker that met a late copy of the person meanwhile has its copies found by the next.
 
 Each erasure records the time each place was done (``erasures.redis_at``, ``archive_at``);
 ``status`` lists what is pending, and an archive past its ``archive_due`` is overdue.
@@ -37,10 +43,11 @@ import structlog
 from ingest.contract import clicks, erasure, layout
 from ingest.contract.connections import Redis
 from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
-from ingest.contract.events import FIELD, FIELDS, Envelope, EnvelopeError
+from ingest.contract.events import FIELD, FIELDS, Envelope
 from ingest.contract.keys import Keys, parse_id
 from ingest.manage import erasure as manage_erasure
 from ingest.manage import erasure_late
+from workers.archive import erased
 from workers.archive import read as archive_read
 from workers.archive import segment as seg
 from workers.archive.store import Store
@@ -100,18 +107,25 @@ async def sweep(pg: asyncpg.Pool, redis: Redis, keys: Keys, store: Store | None)
     if result.entries_waiting:
         log.info("erasure.redis_waiting", entries=result.entries_waiting)
         return result
-    redis_pending = [r for r in rows if r["redis_at"] is None]
-    if redis_pending:
-        await pg.execute(
-            "UPDATE erasures SET redis_at = now() WHERE id = ANY($1::uuid[])", [r["id"] for r in redis_pending]
-        )
-        result.redis_done = [str(r["id"]) for r in redis_pending]
+    if redis_pending := [r for r in rows if r["redis_at"] is None]:
+        result.redis_done = await _done(pg, "redis_at", redis_pending)
     if store is not None and since:
         await _archive(store, keys, high, min(since), check, result)
-    await pg.execute("UPDATE erasures SET archive_at = now() WHERE id = ANY($1::uuid[])", [r["id"] for r in rows])
-    result.archive_done = [str(r["id"]) for r in rows]
+    result.archive_done = await _done(pg, "archive_at", rows)
     log.info("erasure.sweep", **{k: v for k, v in result.to_dict().items() if isinstance(v, int)})
     return result
+
+
+async def _done(pg: asyncpg.Pool, place: str, rows: list[asyncpg.Record]) -> list[str]:
+    """Mark ``place`` done for the erasures of ``rows``, each only if nothing made it pending
+    again since the sweep read it (a worker that met a late copy of theirs, a second erasure,
+    this sweep's own lesson: ``erasure.learn``); those the next sweep takes again."""
+    done = await pg.fetch(
+        f"UPDATE erasures e SET {place} = now() FROM unnest($1::uuid[], $2::bigint[]) AS x(id, generation) "
+        "WHERE e.id = x.id AND e.generation = x.generation RETURNING e.id",
+        [r["id"] for r in rows], [r["generation"] for r in rows],
+    )  # fmt: skip
+    return sorted(str(r["id"]) for r in done)
 
 
 class _Check:
@@ -127,22 +141,16 @@ class _Check:
             return set()
         async with self.pg.acquire() as conn:
             ledger = await erasure.Ledger.read(conn, envelopes)
-        return {i for i, e in enumerate(envelopes) if ledger.names(e) and erasure.scrub(self.key, e) != e}
+            hits = {i for i, e in enumerate(envelopes) if ledger.names(e) and erasure.scrub(self.key, e) != e}
+            # what a copy the sweep scrubs teaches (a dead-lettered or archived lead's click):
+            # the ledger learns it as a worker storing it would have, and the erasure is
+            # pending again where something joined
+            await erasure.learn(conn, self.key, [(envelopes[i], envelopes[i].workspace_id) for i in sorted(hits)],
+                                met=False)  # fmt: skip
+        return hits
 
     def scrub(self, e: Envelope) -> Envelope:
         return erasure.scrub(self.key, e)
-
-
-def _decoded(entries: list[tuple[Any, dict[bytes, bytes] | None]]) -> list[tuple[int, Envelope]]:
-    out = []
-    for i, (_, fields) in enumerate(entries):
-        if not fields:
-            continue
-        try:
-            out.append((i, Envelope.from_entry(fields)))
-        except EnvelopeError:
-            continue
-    return out
 
 
 async def _personal_pages(
@@ -155,7 +163,7 @@ async def _personal_pages(
         page = await redis.xrange(stream, min=start, max="+", count=_PAGE)
         if not page:
             return
-        decoded = _decoded(page)
+        decoded = erased.decoded(page)
         hits = await check.personal([e for _, e in decoded])
         yield [(page[decoded[j][0]][0], page[decoded[j][0]][1], decoded[j][1]) for j in sorted(hits)]
         if len(page) < _PAGE:
@@ -201,14 +209,10 @@ async def _letters(redis: Redis, stream: str, check: _Check, result: SweepResult
             if FIELD in fields:
                 copy[FIELD] = check.scrub(e).encode()
             else:
-                copy.update(_fields(check.scrub(e)))
+                copy.update(erased.fields_of(check.scrub(e)))
             await redis.xadd(stream, copy)
             await redis.xdel(stream, sid)
             result.letters_replaced += 1
-
-
-def _fields(e: Envelope) -> dict[bytes, bytes]:
-    return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in e.entry_dict().items()}
 
 
 async def _answers(redis: Redis, keys: Keys, check: _Check, result: SweepResult) -> None:
@@ -307,19 +311,12 @@ async def _archive(store: Store, keys: Keys, high: int, since: datetime, check: 
             data = await store.get(name)
             manifest, entries = await asyncio.to_thread(seg.read, data)
             result.segments_read += 1
-            rows = [(e.id, e.fields if e.fields is not None else {FIELD: e.envelope}) for e in entries]
-            decoded = _decoded(rows)  # type: ignore[arg-type]
-            hits = await check.personal([e for _, e in decoded])
-            if not hits:
+            rows: list[erased.Row] = [(e.id, e.fields if e.fields is not None else {FIELD: e.envelope or b""})
+                                      for e in entries]  # fmt: skip
+            async with check.pg.acquire() as conn:
+                rows, n = await erased.scrubbed(conn, rows, met=False)
+            if not n:
                 continue
-            for j in hits:
-                i, e = decoded[j]
-                sid, fields = rows[i]
-                scrubbed = check.scrub(e)
-                rows[i] = (
-                    sid,
-                    {FIELD: scrubbed.encode()} if FIELD in fields and len(fields) == 1 else _fields(scrubbed),
-                )
-            again, body = await asyncio.to_thread(seg.build, manifest.partition, rows)  # type: ignore[arg-type]
+            again, body = await asyncio.to_thread(seg.build, manifest.partition, rows)
             await store.put(seg.name(keys.prefix, p, again.first_id, again.last_id), body)
             result.segments_rewritten += 1
