@@ -149,7 +149,14 @@ def _processes(ctx: click.Context, value: str | None) -> int | None:
     " reloads on SIGHUP and drains on SIGTERM; 1 runs the edge alone. [default: the CPU count;"
     " env: REFSTREAM_PROCESSES]",
 )
-def serve(host: str, port: int, processes: int | None) -> None:
+@click.option(
+    "--take-over",
+    is_flag=True,
+    help="Take the listening sockets of the refstream serve running on this host and port (2 or more"
+    " processes), serve on them, then let it drain: a rolling restart of the supervisor itself, with no"
+    " connection reset. Runs one process per socket taken.",
+)
+def serve(host: str, port: int, processes: int | None, take_over: bool) -> None:
     """Run the HTTP edge.
 
     Refuses to start on a database that is missing or not migrated; starts while Postgres
@@ -158,21 +165,26 @@ def serve(host: str, port: int, processes: int | None) -> None:
 
     settings = load_settings()
     n = processes or prefork.cpu_count()
-    _listen_check(host, port, "serve")
+    if not take_over:
+        _listen_check(host, port, "serve")
     # the supervisor logs a few lines: unbuffered (its children buffer their own)
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms if n == 1 else 0)
     uvloop.run(_check_database(settings, wait=False))
     uvloop.run(_check_durability(settings))
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     try:
-        if n == 1:
+        if n == 1 and not take_over:
             # the runner carries the timeouts and limits of REFSTREAM_*_TIMEOUT_S and
             # REFSTREAM_MAX_HEADER_BYTES, and the guard that closes connections sending no request
             uvloop.run(server.serve(settings, host, port, print=say))
             return
-        supervisor = prefork.Supervisor(host, port, n, print=say)
+        supervisor = prefork.Supervisor(host, port, n, print=say, take_over=take_over)
         if supervisor.run() != 0:
             raise click.ClickException(supervisor.failed or "the edge processes failed")
+    except prefork.NothingToTakeOver as exc:
+        raise click.ClickException(
+            f"{exc}: --take-over needs a refstream serve of 2 or more processes running on {host}:{port}"
+        ) from exc
     except OSError as exc:  # taken since the check: a race
         if exc.errno != errno.EADDRINUSE:
             raise

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from ingest.contract.keys import Keys
 from ingest.host.siblings import merge
+from refstream.embedded import free_port
 
 from ._procs import Procs
 from ._world import BROWSER
@@ -238,6 +239,52 @@ async def test_a_drain_answers_every_request_sent_on_a_keep_alive_connection(pro
     await loader
     answered = client.results.count(200)
     assert answered > 200 and client.unanswered() == [], client.unanswered()[:5]
+
+
+async def test_a_new_supervisor_takes_over_the_sockets_with_no_request_unanswered(procs: Procs, pg):
+    """``refstream serve --take-over`` beside a running ``serve``: the new supervisor gets the
+    listening sockets, serves on them, and the old one drains and exits; a keep-alive client
+    and a client opening a connection per request, sending throughout, get every request
+    answered 200 (the sockets never close, so nothing queued in them is reset). Then the
+    new one can be taken over in turn (it holds the control socket now)."""
+    base, old = await start(procs)
+    port = base.rsplit(":", 1)[1]
+    first = children(old.pid)
+    client = KeepAlive(base)
+    loader = asyncio.create_task(client.run())
+    fresh: list[int | str] = []
+    stop = asyncio.Event()
+
+    async def connections() -> None:
+        while not stop.is_set():
+            fresh.extend(await clicks(base, 16))
+
+    opener = asyncio.create_task(connections())
+    await wait_for(lambda: asyncio.sleep(0, len(client.results) > 50 and len(fresh) > 16), what="the load to start")
+    new = procs.start("serve", "--port", port, "--take-over", REFSTREAM_PROCESSES=str(N),
+                      REFSTREAM_CLICK_RATE_LIMIT="1000000")  # fmt: skip
+    assert await exited(old) == 0  # drained once the new one served: its children with it
+    assert all(gone(p) for p in first)
+    seen = len(client.results), len(fresh)
+    await wait_for(lambda: asyncio.sleep(0, len(client.results) > seen[0] + 50 and len(fresh) > seen[1] + 16),
+                   what="the new supervisor's children answering")  # fmt: skip
+    stop.set()
+    client.stop.set()
+    await asyncio.gather(loader, opener)
+    assert new.poll() is None and len(children(new.pid)) == N
+    assert client.unanswered() == [], client.unanswered()[:5]
+    assert fresh and set(fresh) == {200}, [r for r in fresh if r != 200][:5]
+    # the control socket is the new one's now: a third takes over from it
+    third = procs.start("serve", "--port", port, "--take-over", REFSTREAM_PROCESSES=str(N))
+    assert await exited(new) == 0
+    await wait_for(lambda: processes(base, N), what="the third supervisor's children answering /metrics")
+    assert third.poll() is None
+
+
+async def test_take_over_with_nothing_to_take_names_what_it_needs(procs: Procs, pg):
+    proc = procs.start("serve", "--port", str(free_port()), "--take-over")
+    assert await exited(proc) == 1
+    assert "--take-over needs a refstream serve of 2 or more processes" in procs.logs()
 
 
 async def test_sighup_to_a_single_process_edge_is_logged_and_it_goes_on_serving(procs: Procs, pg):

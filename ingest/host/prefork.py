@@ -21,6 +21,14 @@ configuration the children refuse is not fixed by restarting them.
 
 **SIGHUP** reloads: a new child per slot (same socket); as each is ready, the slot's old
 child gets SIGTERM and drains. No request fails: old and new share the slot's queue.
+
+**Taking over** (``refstream serve --take-over``): a new supervisor, of a new version, takes
+the running one's sockets. Every supervisor listens on a control socket named by its port
+(``control_path``); the new one connects, is sent the listening sockets (SCM_RIGHTS),
+starts its children on them, and once each slot has a ready child says so: the old one
+then drains as on SIGTERM and exits, and the new one takes the control socket's name. The
+sockets never close, so no connection waiting in their queues is reset: the rolling
+restart of the supervisor itself, without a balancer.
 **SIGTERM / SIGINT** drain: every child stops accepting, finishes its requests in flight,
 flushes its micro-batcher, spool and drops tally, and exits; the supervisor exits once all
 have. Connections still queued then (none, behind a load balancer that stopped sending)
@@ -62,6 +70,45 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def control_path(host: str, port: int) -> Path:
+    """Where the supervisor serving ``host:port`` listens for a successor (``--take-over``)."""
+    where = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(where) / f"refstream-serve-{''.join(c if c.isalnum() else '_' for c in host)}-{port}.sock"
+
+
+class NothingToTakeOver(Exception):
+    """No supervisor answers on the control socket of that host and port."""
+
+
+def take_over(path: Path, timeout_s: float = 10.0) -> tuple[socket.socket, list[list[socket.socket]]]:
+    """Ask the supervisor listening on ``path`` for its sockets: (the control connection,
+    kept open until that supervisor has exited, and the listening sockets of each slot)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout_s)
+    try:
+        conn.connect(str(path))
+        conn.sendall(b"take-over\n")
+        data, fds, _, _ = socket.recv_fds(conn, 4096, 256)
+    except OSError as exc:
+        conn.close()
+        raise NothingToTakeOver(f"no refstream serve answers on {path}: {exc}") from exc
+    counts = [int(n) for n in data.decode().split(",") if n]
+    if not counts or sum(counts) != len(fds):
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        raise NothingToTakeOver(f"the supervisor on {path} sent {len(fds)} sockets for slots {counts}")
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    for s in socks:
+        s.set_inheritable(True)
+    slots, i = [], 0
+    for n in counts:
+        slots.append(socks[i : i + n])
+        i += n
+    conn.settimeout(None)
+    return conn, slots
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -112,11 +159,19 @@ class Slot:
 
 class Supervisor:
     def __init__(
-        self, host: str, port: int, processes: int, print: Callable[[str], None], child: Sequence[str] = ()
-    ) -> None:
+        self, host: str, port: int, processes: int, print: Callable[[str], None], child: Sequence[str] = (),
+        take_over: bool = False,
+    ) -> None:  # fmt: skip
         """``child``: the command of a child (default: this interpreter's ``-m ingest.host.prefork
-        --child``), given ``--fds``, ``--ready``, ``--rundir`` and ``--parent``."""
+        --child``), given ``--fds``, ``--ready``, ``--rundir`` and ``--parent``. ``take_over``:
+        the sockets of the supervisor running on ``host:port``, rather than sockets of its own
+        (the module's doc); raises ``NothingToTakeOver`` from ``run`` where none runs."""
         self.host, self.port, self.processes = host, port, processes
+        self.take_over = take_over
+        self.control: socket.socket | None = None  # the listener a successor connects to
+        self.control_at: Path | None = None
+        self.predecessor: socket.socket | None = None  # taking over: open until it has exited
+        self.successor: socket.socket | None = None  # taken over: the new supervisor's connection
         self.print = print
         self.child = list(child) or [sys.executable, "-m", "ingest.host.prefork", "--child"]
         self.slots: list[Slot] = []
@@ -132,10 +187,21 @@ class Supervisor:
         """Bind, start the children, supervise until SIGTERM/SIGINT; the exit code (1 with
         ``failed`` saying why)."""
         try:
-            first = bind(self.host, self.port)
-            port = first[0].getsockname()[1]  # --port 0: every slot on the port slot 0 got
+            if self.take_over:
+                self.predecessor, taken = take_over(control_path(self.host, self.port))
+                if len(taken) != self.processes:
+                    log.warning("prefork.slots_taken", asked=self.processes, taken=len(taken),
+                                why="a take-over serves the sockets it is given: one process each")  # fmt: skip
+                self.processes = len(taken)
+                self.slots = [Slot(i, socks) for i, socks in enumerate(taken)]
+                port = self.slots[0].socks[0].getsockname()[1]
+            else:
+                first = bind(self.host, self.port)
+                port = first[0].getsockname()[1]  # --port 0: every slot on the port slot 0 got
+                self.slots = [Slot(0, first)] + [Slot(i, bind(self.host, port)) for i in range(1, self.processes)]
             self.port = port
-            self.slots = [Slot(0, first)] + [Slot(i, bind(self.host, port)) for i in range(1, self.processes)]
+            if self.predecessor is None:
+                self._listen_for_successor()
         except BaseException:
             self._cleanup()
             raise
@@ -146,6 +212,8 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
         self.sel.register(wake_r, selectors.EVENT_READ)
+        if self.predecessor is not None:
+            self.sel.register(self.predecessor, selectors.EVENT_READ, "predecessor")
         try:
             for slot in self.slots:
                 self._spawn(slot)
@@ -173,6 +241,12 @@ class Supervisor:
             if key.fd == wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 512)
+            elif key.data == "control":
+                self._on_successor()
+            elif key.data == "successor":
+                self._on_successor_said()
+            elif key.data == "predecessor":
+                self._on_predecessor_gone()
             else:
                 self._on_ready(key.data, key.fd)
         pending, self._signals = self._signals, []
@@ -235,6 +309,94 @@ class Supervisor:
             self.serving = True
             url = f"http://{self.host}:{self.port}"
             self.print(f"======== Running on {url} ({self.processes} processes) ========\n(Press CTRL+C to quit)")
+            if self.predecessor is not None:  # taking over: the old supervisor may drain now
+                with contextlib.suppress(OSError):
+                    self.predecessor.sendall(b"ready\n")
+                log.info("prefork.took_over", port=self.port)
+
+    # -- taking over, and being taken over ------------------------------------------------
+    def _listen_for_successor(self) -> None:
+        path = control_path(self.host, self.port)
+        if path.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+                alive = True
+            except OSError:
+                alive = False  # left by a supervisor that was killed
+            finally:
+                probe.close()
+            if alive:
+                log.warning("prefork.control_taken", path=str(path), why="another supervisor serves this port")
+                return
+            path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(path))
+            os.chmod(path, 0o600)  # its owner alone may take the sockets
+            listener.listen(4)
+        except OSError as exc:
+            listener.close()
+            log.warning("prefork.control_unavailable", path=str(path), error=str(exc))
+            return
+        listener.setblocking(False)
+        self.control, self.control_at = listener, path
+        self.sel.register(listener, selectors.EVENT_READ, "control")
+
+    def _on_successor(self) -> None:
+        """A new supervisor asks for the sockets: they are sent, and it says when it serves."""
+        assert self.control is not None
+        try:
+            conn, _ = self.control.accept()
+        except BlockingIOError:
+            return
+        conn.settimeout(5.0)
+        try:
+            if conn.recv(64).strip() != b"take-over" or self.stopping or self.successor is not None:
+                conn.close()
+                return
+            socks = [s for slot in self.slots for s in slot.socks]
+            counts = ",".join(str(len(slot.socks)) for slot in self.slots).encode()
+            socket.send_fds(conn, [counts], [s.fileno() for s in socks])
+        except OSError as exc:
+            log.warning("prefork.take_over_failed", error=str(exc))
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.successor = conn
+        self.sel.register(conn, selectors.EVENT_READ, "successor")
+        log.info("prefork.taking_over", slots=len(self.slots))
+
+    def _on_successor_said(self) -> None:
+        assert self.successor is not None
+        try:
+            said = self.successor.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            said = b""
+        if said.startswith(b"ready"):
+            self._stop("taken over")  # the sockets stay open in the successor: nothing queued is reset
+            return
+        # it went away before it served: this one serves on, and may be taken over again
+        log.warning("prefork.take_over_abandoned")
+        self.sel.unregister(self.successor)
+        self.successor.close()
+        self.successor = None
+
+    def _on_predecessor_gone(self) -> None:
+        assert self.predecessor is not None
+        try:
+            if self.predecessor.recv(64):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.sel.unregister(self.predecessor)  # it has exited (its end closed): the name is ours now
+        self.predecessor.close()
+        self.predecessor = None
+        self._listen_for_successor()
 
     def _retire(self, child: Child) -> None:
         child.retiring = True
@@ -301,6 +463,13 @@ class Supervisor:
         for slot in self.slots:
             for s in slot.socks:
                 s.close()
+        if self.control is not None:  # the name first: a successor binds it once we are gone
+            self.control.close()
+            if self.control_at is not None:
+                self.control_at.unlink(missing_ok=True)
+        for conn in (self.successor, self.predecessor):
+            if conn is not None:
+                conn.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
 
 
