@@ -75,6 +75,40 @@ async def _import(ctx: Ctx, env: dict[str, str], path: Path, *args: str) -> tupl
     return orjson.loads(out), time.monotonic() - t0
 
 
+# what Postgres's client backends are doing, sampled: running (no wait event), waiting for a
+# lock (by kind: ``transactionid``, a row another transaction wrote; ``advisory``, ...), for
+# the WAL, for I/O
+_WAITS = """
+SELECT CASE WHEN wait_event_type = 'Lock' THEN 'lock_' || wait_event ELSE coalesce(wait_event_type, 'Running') END
+       AS kind, count(*) AS n FROM pg_stat_activity
+WHERE backend_type = 'client backend' AND state = 'active' AND pid <> pg_backend_pid()
+GROUP BY 1
+"""
+
+
+class Waits:
+    """The mean number of active backends per wait event type while ``sample`` runs."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.samples = 0
+        self.totals: dict[str, int] = {}
+
+    async def sample(self, stop: asyncio.Event, every_s: float = 0.02) -> None:
+        conn = await asyncpg.connect(self.url)
+        try:
+            while not stop.is_set():
+                for r in await conn.fetch(_WAITS):
+                    self.totals[r["kind"]] = self.totals.get(r["kind"], 0) + r["n"]
+                self.samples += 1
+                await asyncio.sleep(every_s)
+        finally:
+            await conn.close()
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.samples, 1) for k, v in sorted(self.totals.items())}
+
+
 async def _p99(conn: asyncpg.Connection, since: float, until: float) -> float:
     row = await conn.fetchrow(_LATENCY, since, until)
     return float(row["p99"] or 0.0) * 1000
@@ -96,25 +130,33 @@ async def part_imp(ctx: Ctx) -> None:
     try:
         await _until("the workers to start", _all_groups(ctx, keys), 60, every=0.2)
 
-        async def baseline() -> float:
-            start = time.time()
-            await openloop.run(edge.base_url, requests, rate=rate, seconds=o.warmup + o.duration)
+        async def baseline(waits: Waits) -> float:
+            start, done = time.time(), asyncio.Event()
+            sampler = asyncio.create_task(waits.sample(done))
+            try:
+                await openloop.run(edge.base_url, requests, rate=rate, seconds=o.warmup + o.duration)
+            finally:
+                done.set()
+                await sampler
             await _drained(ctx, keys)
             return await _p99(conn, start + o.warmup, start + o.warmup + o.duration)
 
-        before = await baseline()
+        quiet, importing = Waits(ctx.world.url(db)), Waits(ctx.world.url(db))
+        before = await baseline(quiet)
         stop = asyncio.Event()
         start = time.time()
         load = asyncio.create_task(openloop.run(edge.base_url, requests, rate=rate, seconds=86400, stop=stop))
+        sampler = asyncio.create_task(importing.sample(stop))
         try:
             first, seconds = await _import(ctx, env, path, *ctx.opts.import_args)
         finally:
             stop.set()
             sent = await load
+            await sampler
         end = time.time()
         await _drained(ctx, keys)
         during = await _p99(conn, start + min(o.warmup, seconds / 4), end)
-        after = await baseline()
+        after = await baseline(Waits(ctx.world.url(db)))
         second, seconds2 = await _import(ctx, env, path, "--share", "1")  # no live load: as fast as it goes
         ctx.note("imp.rows", float(first["read"]))  # type: ignore[arg-type]
         ctx.note("imp.stored", float(first["stored"]))  # type: ignore[arg-type]
@@ -134,6 +176,9 @@ async def part_imp(ctx: Ctx) -> None:
         ctx.note("imp.second_rows_per_s", float(second["read"]) / seconds2)  # type: ignore[arg-type]
         for kind, n in kinds.items():
             ctx.note(f"imp.rows_{kind}", float(n))
+        for phase, waits in (("before", quiet), ("during", importing)):  # mean backends in each state
+            for kind, mean in waits.means().items():
+                ctx.note(f"imp.backends_{kind.lower()}_{phase}", mean)
     finally:
         await conn.close()
         edge.stop()

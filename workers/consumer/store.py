@@ -87,6 +87,12 @@ class Effects:
     webhooks: bool = True  # outbox deliveries (sale.created, commission.created, milestones, ...)
     fraud: bool = True  # fraud rules run, flags stored (and an excluding policy applied)
     commissions: bool = True  # the commission ledger's rows for counted leads and sales
+    # the counters (links, daily stats, affiliates: the rows every live batch of those links
+    # writes too) moved last, just before the commit, so that a live batch waits for them
+    # only that long (an import's batch: its customers, sales and drops are of other days).
+    # Its lock order is then not the live one's; a deadlock between the two, possible only
+    # where both name one customer or one day's drop row, is detected and retried in place
+    counters_last: bool = False
 
 
 LIVE = Effects()
@@ -322,22 +328,31 @@ async def _write(
     policy = {ws: r["fraud_policy"] or {} for ws, r in policies.items()}
     flagged = await fraud.detect(conn, live, policy, thresholds) if effects.fraud else fraud.Found()
     counted = flagged.counted(live)  # a flag the workspace excludes: stored and flagged, nothing more
-    if counted:
+    reached: list[counters.MilestoneReached] = []
+    if counted and not effects.counters_last:
         reached = await counters.apply(conn, counted, count_bots=counting)
+    if counted:
         await customers.upsert(conn, counted)
-        result.milestones = len(reached)
-        events = notices.for_events(counted) + await notices.for_milestones(conn, counted, reached)
-    else:
-        events = []
-    events += fraud.notices(flagged)
     sold_out = await _sales(conn, sold, [s for s in counted if s.type is EventType.LEAD], result, counted, effects)
-    events += sold_out.notices
+
+    async def settle() -> None:  # an expired event moves no counter, and no drop either
+        await drops.settle(
+            conn, inserted=[s for s in inserted if not returned[s.envelope.event_id]], no_row=no_row + sold_out.drops,
+            counting=counting, flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags],
+            taken_back=sold_out.undrops,
+        )  # fmt: skip
+
+    if effects.counters_last:
+        await settle()
+        if counted:
+            reached = await counters.apply(conn, counted, count_bots=counting)
+    events = notices.for_events(counted) + await notices.for_milestones(conn, counted, reached) if counted else []
+    result.milestones = len(reached)
+    events += fraud.notices(flagged) + sold_out.notices
     if events and effects.webhooks:
         result.deliveries = await outbox.record_deliveries(conn, events)
-    await drops.settle(  # an expired event moves no counter, and no drop either
-        conn, inserted=[s for s in inserted if not returned[s.envelope.event_id]], no_row=no_row + sold_out.drops,
-        counting=counting, flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags], taken_back=sold_out.undrops,
-    )  # fmt: skip
+    if not effects.counters_last:
+        await settle()
     return result
 
 

@@ -81,7 +81,7 @@ class Options:
     partitions: int = 4  # REFSTREAM_PARTITIONS, where Redis holds no layout
 
     def effects(self) -> store.Effects:
-        return store.Effects(webhooks=self.webhooks, fraud=self.fraud, commissions=self.commissions)
+        return store.Effects(webhooks=self.webhooks, fraud=self.fraud, commissions=self.commissions, counters_last=True)
 
 
 @dataclass(slots=True)
