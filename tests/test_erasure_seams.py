@@ -8,6 +8,7 @@ the sweep reaches. Each was a way for the person's data to stay after ``erase`` 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -18,6 +19,7 @@ from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import erasure as pg_erasure
+from ingest.manage import erasure_late
 from workers.archive.store import Store, open_store
 from workers.ops import erasure
 
@@ -217,3 +219,33 @@ async def test_the_archive_pass_starts_at_a_click_hours_before_the_late_lead_tha
     assert len(await store.list(keys.prefix + "/")) == 2  # two hours, two segments
     await asyncio.wait_for(sweep_until_done(pg, redis, keys, store), 60)
     assert not found_in(await archive_bytes(store, keys.prefix), needles(p))
+
+
+async def test_the_sweeps_recheck_learns_the_click_of_a_raw_lead_it_scrubs(
+    world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    """A raw lead row the ledger names only by its customer (stored by a batch the erasure's
+    own look did not see): the re-check scrubs it and its click, and the click joins the
+    ledger, so that its copies elsewhere (a stream entry, an archive line) are found too."""
+    p = Person()
+    click = click_of(world, "v-seam-6")
+    stream = keys.stream_for(world.link["code"])
+    await redis.xadd(stream, click.entry_dict())
+    await redis.xadd(stream, lead_of(world, p, click).entry_dict())
+    await drain()
+    async with pg.acquire() as conn:
+        key = await ledger.salt(conn)
+        erasure_id = await conn.fetchval(
+            "INSERT INTO erasures (id, workspace_id, subject, requested_by, archive_due, postgres_at)"
+            " VALUES (gen_random_uuid(), $1, $2, 'test', now() + interval '30 days', now()) RETURNING id",
+            world.workspace_id, ledger.digest(key, ledger.EXTERNAL, p.external_id, world.workspace_id),
+        )  # fmt: skip
+        await conn.execute(
+            "INSERT INTO erased_ids (digest, erasure_id, kind) VALUES ($1, $2, 'x')",
+            ledger.digest(key, ledger.EXTERNAL, p.external_id, world.workspace_id), erasure_id,
+        )  # fmt: skip
+    assert not await in_ledger(pg, ledger.EVENT, click.event_id.hex)
+    assert await erasure_late.recheck(pg, key, datetime.now(UTC) - timedelta(hours=1)) >= 1
+    assert await in_ledger(pg, ledger.EVENT, click.event_id.hex)
+    row = await pg.fetchrow("SELECT ip, referrer, visitor_id FROM events WHERE event_id = $1", click.event_id)
+    assert row["ip"] is None and row["referrer"] is None and ledger.is_pseudonym(row["visitor_id"])

@@ -63,6 +63,10 @@ async def recheck(pool: asyncpg.Pool, key: bytes, since: datetime) -> int:
                 visitors = [v] if isinstance(v := r["visitor_id"], str) and not erasure.is_pseudonym(v) else []
                 clicks = [c for c in (r["click_id"], r["event_id"] if r["type"] == EventType.CLICK else None) if c]
                 async with conn.transaction():
+                    # what the raw row teaches (its visitor, the click a lead names), as a
+                    # writer meeting it would have learned: their copies in Redis and the
+                    # archive are the sweep's to find too
+                    await erasure.learn(conn, key, [(_as_met(r, external), r["ws"])], met=False)
                     await scrub_rows(conn, key, r["ws"], external, visitors, clicks, since)
                 scrubbed += 1
     return scrubbed
@@ -87,6 +91,19 @@ def _row_digests(key: bytes, r: asyncpg.Record) -> list[bytes]:
     if isinstance(x := r["customer_external_id"], str):
         out.append(erasure.digest(key, EXTERNAL, x, r["ws"]))
     return out
+
+
+def _as_met(r: asyncpg.Record, external: str | None) -> Envelope:
+    """An event row as the envelope a writer would have met: its ids, nothing else."""
+    payload: dict[str, object] = {}
+    if isinstance(v := r["visitor_id"], str) and not erasure.is_pseudonym(v):
+        payload["visitor_id"] = v
+    if r["click_id"] is not None:
+        payload["click_id"] = erasure_clicks.mint(r["click_id"])
+    if external is not None:
+        payload["external_id"] = external
+    at_ms = r["event_id"].int >> 80
+    return Envelope(EventType(r["type"]), "", payload, r["ws"], event_id=r["event_id"], received_at_ms=at_ms)
 
 
 def _uuid_time(u: uuid.UUID) -> datetime:
