@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 
 from ingest.contract import clicks
 from ingest.contract import erasure as ledger
@@ -249,3 +250,24 @@ async def test_the_sweeps_recheck_learns_the_click_of_a_raw_lead_it_scrubs(
     assert await in_ledger(pg, ledger.EVENT, click.event_id.hex)
     row = await pg.fetchrow("SELECT ip, referrer, visitor_id FROM events WHERE event_id = $1", click.event_id)
     assert row["ip"] is None and row["referrer"] is None and ledger.is_pseudonym(row["visitor_id"])
+
+
+async def test_a_ledger_hold_whose_connection_is_cut_is_unavailable_not_an_error(
+    settings: Settings, pg: asyncpg.Pool
+) -> None:
+    """A spool's drain holds the ledger in a transaction; Postgres ending that session (a
+    restart, a failover) fails its commit with the driver's InterfaceError: the drain must
+    take it for "Postgres away" and wait, as it does for a refused connect (CI's hour run
+    logged ``spool.drain_failed`` with a traceback here)."""
+    own = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        with pytest.raises(ledger.LedgerUnavailable):
+            async with ledger.held(own) as check:
+                assert await check([]) == {}
+                ended = await pg.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND state = 'idle in transaction' AND pid <> pg_backend_pid()"
+                )  # fmt: skip
+                assert ended == 1
+    finally:
+        await own.close()

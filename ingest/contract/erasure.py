@@ -21,6 +21,7 @@ a new unique visitor. Counters never move for an erasure: it changes who, never 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -32,7 +33,7 @@ import asyncpg
 import orjson
 
 from ingest.contract import clicks
-from ingest.contract.connections import PG_ERRORS
+from ingest.contract.connections import PG_ERRORS, pg_unavailable
 from ingest.contract.events import Envelope
 
 # pg_advisory_xact_lock key: an erasure's ledger write takes it exclusive, a batch shared
@@ -231,22 +232,37 @@ async def held(pool: asyncpg.Pool) -> AsyncIterator[Check]:
         conn = await pool.acquire()
     except PG_ERRORS as exc:
         raise LedgerUnavailable(repr(exc)) from exc
+    tr = conn.transaction()
     try:
-        async with conn.transaction():
+        try:
+            await tr.start()
+        except Exception as exc:
+            if not pg_unavailable(exc):
+                raise
+            raise LedgerUnavailable(repr(exc)) from exc
 
-            async def check(envelopes: list[Envelope]) -> dict[int, Envelope]:
-                try:
-                    ledger = await Ledger.read(conn, envelopes)
-                    named = [(i, e) for i, e in enumerate(envelopes) if ledger.names(e)]
-                    if named:  # what these teach the ledger (a spooled lead's click)
-                        await learn(conn, ledger.key, [(e, e.workspace_id) for _, e in named])
-                except (*PG_ERRORS, asyncpg.PostgresError) as exc:
-                    raise LedgerUnavailable(repr(exc)) from exc
-                return {i: scrub(ledger.key, e) for i, e in named}
+        async def check(envelopes: list[Envelope]) -> dict[int, Envelope]:
+            try:
+                ledger = await Ledger.read(conn, envelopes)
+                named = [(i, e) for i, e in enumerate(envelopes) if ledger.names(e)]
+                if named:  # what these teach the ledger (a spooled lead's click)
+                    await learn(conn, ledger.key, [(e, e.workspace_id) for _, e in named])
+            except (*PG_ERRORS, asyncpg.PostgresError) as exc:
+                raise LedgerUnavailable(repr(exc)) from exc
+            return {i: scrub(ledger.key, e) for i, e in named}
 
+        try:
             yield check
-    except PG_ERRORS as exc:  # the commit of a read-only transaction: nothing was written
-        raise LedgerUnavailable(repr(exc)) from exc
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await tr.rollback()
+            raise
+        try:
+            await tr.commit()
+        except Exception as exc:  # read-only, the session ended, the connection closed
+            if not pg_unavailable(exc):
+                raise
+            raise LedgerUnavailable(repr(exc)) from exc
     finally:
         try:
             await pool.release(conn)
