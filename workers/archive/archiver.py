@@ -117,6 +117,9 @@ class Archiver:
         pending in this archiver (another holds them: it writes them) and those the archive
         holds already, then every one of them acked."""
         ids = [sid for sid, _ in entries]
+        # the ledger's first look, before the claims are held: the hold to the upload stays
+        # as short as it was (a second copy is possible only if this archiver stops in it)
+        entries = await self._checked(entries)
         mine = await self.member.claims.hold(stream, ids)  # theirs alone for claim_idle_ms
         if lost := len(ids) - len(mine):
             log.warning("archive.claims_lost", stream=stream, consumer=self.name, entries=lost)
@@ -126,14 +129,13 @@ class Archiver:
                 return
         found = await self._archived(p, ids)
         fresh = [e for e in entries if e[0] not in found]
-        rows, written = fresh, None
-        while rows:  # the ledger looked at before the upload and after it (workers/archive/erased.py)
-            rows = await self._checked(rows)
-            if rows == written:
-                break
+        rows = fresh
+        while rows:  # and its look after the upload: an erasure committed meanwhile (workers/archive/erased.py)
             manifest, data = await asyncio.to_thread(seg.build, p, rows)
             await self.store.put(seg.name(self.keys.prefix, p, manifest.first_id, manifest.last_id), data)
-            written = rows
+            written, rows = rows, await self._checked(rows)
+            if rows == written:
+                break
         for i in range(0, len(ids), CHUNK):
             await self.redis.xack(stream, GROUP, *ids[i : i + CHUNK])
         self.totals.segments += 1 if fresh else 0
