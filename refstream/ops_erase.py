@@ -41,7 +41,9 @@ async def _erase(settings: Settings, external_id: str | None, workspace: str | N
                 await redis.execute_command(*command)
             result["erasure"] = done.to_dict()
         if external_id is not None or sweep:
-            result["sweep"] = (await erasure.sweep(pool, redis, keys, open_store(settings))).to_dict()
+            swept = await erasure.sweep(pool, redis, keys, open_store(settings), replicas=settings.ack_replicas,
+                                        wait_ms=settings.ack_wait_ms)  # fmt: skip
+            result["sweep"] = swept.to_dict()
         result["pending"] = await erasure.status(pool)
         return result
     finally:

@@ -271,3 +271,25 @@ async def test_a_ledger_hold_whose_connection_is_cut_is_unavailable_not_an_error
                 assert ended == 1
     finally:
         await own.close()
+
+
+async def test_a_sweep_at_replicas_1_marks_redis_done_only_once_a_replica_holds_its_deletes(
+    world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    """At ``replicas:1`` the sweep's deletes and rewrites in Redis count once a replica holds
+    them: a failover onto one that lacks them would bring the person back, with the erasure
+    marked done (the generative test's seed 1029314941). This Redis has no replica: the
+    sweep deletes, says why it cannot mark Redis done, and the erasure stays pending."""
+    p = Person()
+    click = click_of(world, "v-seam-8")
+    stream = keys.stream_for(world.link["code"])
+    await redis.xadd(stream, click.entry_dict())
+    await redis.xadd(stream, lead_of(world, p, click).entry_dict())
+    await drain()
+    await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
+    assert await redis.info("replication") and (await redis.info("replication"))["connected_slaves"] == 0
+    swept = await erasure.sweep(pg, redis, keys, None, replicas=1, wait_ms=50)
+    assert swept.entries_deleted >= 2 and swept.redis_done == [] and swept.archive_done == []
+    assert [e["pending"] for e in await erasure.status(pg)] == [["redis", "archive"]]
+    assert not found_in(await redis_bytes(redis, keys), needles(p))  # deleted all the same
+    assert await sweep_until_done(pg, redis, keys, None) == 1  # at the primary level: done

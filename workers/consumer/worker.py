@@ -182,7 +182,9 @@ async def sweep_erasures(ctx: dict[str, Any]) -> int:
     """arq cron: pending erasures finished in Redis and the archive (``workers.ops.erasure``);
     nothing to do is one query."""
     c: Consumer = ctx["consumer"]
-    done = await erasure.sweep(c.pipeline.pg, c.redis, c.keys, open_store(ctx["settings"]))
+    settings = ctx["settings"]
+    done = await erasure.sweep(c.pipeline.pg, c.redis, c.keys, open_store(settings), replicas=settings.ack_replicas,
+                               wait_ms=settings.ack_wait_ms)  # fmt: skip
     return len(done.archive_done)
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import asyncpg
 import orjson
 import structlog
+from redis.asyncio.cluster import RedisCluster
 
 from ingest.contract import clicks, erasure, layout
 from ingest.contract.connections import Redis
@@ -51,6 +52,7 @@ from workers.archive import erased
 from workers.archive import read as archive_read
 from workers.archive import segment as seg
 from workers.archive.store import Store
+from workers.group.primaries import Primaries
 
 log = structlog.get_logger("workers.erasure")
 
@@ -82,9 +84,13 @@ async def status(pg: asyncpg.Pool) -> list[dict[str, Any]]:
     return [manage_erasure.describe(r) for r in await pg.fetch(_PENDING)]
 
 
-async def sweep(pg: asyncpg.Pool, redis: Redis, keys: Keys, store: Store | None) -> SweepResult:
+async def sweep(
+    pg: asyncpg.Pool, redis: Redis, keys: Keys, store: Store | None, *, replicas: int = 0, wait_ms: int = 500
+) -> SweepResult:
     """One pass over Redis, and where Redis is clear, over the archive (the module's doc).
-    ``store`` None: no archive is configured, and there is none to rewrite."""
+    ``store`` None: no archive is configured, and there is none to rewrite. ``replicas``
+    (``REFSTREAM_ACK_DURABILITY=replicas:N``): Redis is marked done only once N replicas
+    hold what the pass deleted and rewrote there (``_fenced``)."""
     result = SweepResult()
     rows = await pg.fetch(_PENDING)
     rows = [r for r in rows if r["postgres_at"] is not None]  # the ledger and Postgres first
@@ -107,6 +113,9 @@ async def sweep(pg: asyncpg.Pool, redis: Redis, keys: Keys, store: Store | None)
     if result.entries_waiting:
         log.info("erasure.redis_waiting", entries=result.entries_waiting)
         return result
+    if (short := await _fenced(redis, keys, high, replicas, wait_ms)) is not None:
+        log.info("erasure.redis_unreplicated", why=short)  # a failover could bring back what it removed
+        return result
     if redis_pending := [r for r in rows if r["redis_at"] is None]:
         result.redis_done = await _done(pg, "redis_at", redis_pending)
     if store is not None and since:
@@ -126,6 +135,44 @@ async def _done(pg: asyncpg.Pool, place: str, rows: list[asyncpg.Record]) -> lis
         [r["id"] for r in rows], [r["generation"] for r in rows],
     )  # fmt: skip
     return sorted(str(r["id"]) for r in done)
+
+
+async def _fenced(redis: Redis, keys: Keys, high: int, replicas: int, wait_ms: int) -> str | None:
+    """None once ``replicas`` replicas hold every write this sweep made in Redis; else why
+    not. A fence key written then a WAIT, on one connection: replication is in order, so a
+    replica that has the fence has every write made before it, by any connection. (Without
+    this, a Sentinel failover right after a sweep promoted a replica that lacked its XDELs
+    and answer rewrites, and the erasure, marked done, left the person in Redis: the
+    generative test's seed 1029314941.) On a Redis Cluster, one fence per partition's slot
+    (the entries and answers a sweep touches carry its tag) and one for the dead letters."""
+    if not replicas:
+        return None
+    keys_and_fences = [(keys.stream(p), f"{keys.prefix}:erasure:fence:{{{p}}}") for p in range(high)]
+    keys_and_fences.append((keys.dead, f"{{{keys.dead}}}:erasure:fence"))
+    if not isinstance(redis, RedisCluster):
+        keys_and_fences = keys_and_fences[:1]
+    primaries = Primaries(redis) if isinstance(redis, RedisCluster) else None
+    try:
+        for key, fence in keys_and_fences:
+
+            def fenced(pipe: Any, fence: str = fence) -> None:
+                pipe.set(fence, b"1", px=60_000)
+                pipe.execute_command("WAIT", replicas, wait_ms)
+
+            if primaries is not None:
+                replies = await primaries.send(key, fenced)
+            else:
+                pipe: Any = redis.pipeline(transaction=False)
+                fenced(pipe)
+                replies = await pipe.execute(raise_on_error=False)
+            if error := next((r for r in replies if isinstance(r, Exception)), None):
+                return f"{type(error).__name__}: {error}"
+            if int(replies[-1]) < replicas:
+                return f"{replies[-1]} of {replicas} replicas within {wait_ms} ms ({key})"
+    finally:
+        if primaries is not None:
+            await primaries.aclose()
+    return None
 
 
 class _Check:

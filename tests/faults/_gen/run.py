@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .._plan import Plan
 from .._servers import PgServer
@@ -91,10 +92,33 @@ async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult
         if result.anomalies.found:
             servers = [s.log for s in cluster.servers] + ([cluster.sentinel.log] if cluster.sentinel else [])
             result.kept = _keep(result, history, st.tmp, servers)
+            (result.kept / "state.txt").write_text(await _state(st.check))
     finally:
         await cluster.close()
     result.wall_s = time.monotonic() - started
     return result
+
+
+async def _state(check: Any) -> str:
+    """What the checker read the end state from, for a failing seed: the erasures' records
+    (digests and times, nothing personal), each stream's length and groups."""
+    out = ["erasures:"]
+    try:
+        for r in await check.fetch("SELECT id, requested_at, since, postgres_at, redis_at, archive_at, generation,"
+                                   " done FROM erasures ORDER BY requested_at"):  # fmt: skip
+            out.append("  " + " ".join(f"{k}={r[k]}" for k in r.keys()))
+        async for name in check.redis.scan_iter(match=f"{check.keys.prefix}:events*", count=1000):
+            groups = await check.redis.xinfo_groups(name)
+            out.append(
+                f"{name.decode()} length={await check.redis.xlen(name)} groups="
+                + "; ".join(
+                    f"{g['name'].decode()} last={g['last-delivered-id'].decode()} pending={g['pending']}"
+                    for g in groups
+                )
+            )
+    except Exception as exc:  # the state is for reading; a failure to read it says so
+        out.append(f"(not read: {exc!r})")
+    return "\n".join(out) + "\n"
 
 
 def _keep(result: SeedResult, history: History, tmp: Path, server_logs: list[Path]) -> Path:
