@@ -72,6 +72,16 @@ def lead_of(world: World, p: Person, click: Envelope) -> Envelope:
         world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
 
 
+async def appended(redis: Any, keys: Keys, world: World, p: Person, visitor: str) -> Envelope:
+    """A click of ``visitor`` and ``p``'s lead naming it, appended as an edge appends them
+    (no ledger checked): the click."""
+    click = click_of(world, visitor)
+    stream = keys.stream_for(world.link["code"])
+    await redis.xadd(stream, click.entry_dict())
+    await redis.xadd(stream, lead_of(world, p, click).entry_dict())
+    return click
+
+
 def needles(p: Person) -> dict[str, bytes]:
     return {**p.needles, "referrer": REFERRER.encode()}
 
@@ -104,10 +114,7 @@ async def test_an_archiver_writes_an_erased_persons_entries_scrubbed_and_learns_
     p = Person()
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
     await sweep_until_done(pg, redis, keys, store)
-    click = click_of(world, "v-seam-1")
-    stream = keys.stream_for(world.link["code"])
-    await redis.xadd(stream, click.entry_dict())
-    await redis.xadd(stream, lead_of(world, p, click).entry_dict())
+    click = await appended(redis, keys, world, p, "v-seam-1")
     assert found_in(await redis_bytes(redis, keys), needles(p))  # the test can fail
     await run_archiver(settings, redis, store)
     assert not found_in(await archive_bytes(store, keys.prefix), needles(p))
@@ -128,10 +135,7 @@ async def test_an_erasure_committed_during_an_upload_is_met_by_the_archivers_sec
     the erasure's sweep already past): its second look rewrites the segment scrubbed."""
     settings = archived(settings, tmp_path)
     p = Person()
-    click = click_of(world, "v-seam-2")
-    stream = keys.stream_for(world.link["code"])
-    await redis.xadd(stream, click.entry_dict())
-    await redis.xadd(stream, lead_of(world, p, click).entry_dict())
+    await appended(redis, keys, world, p, "v-seam-2")
 
     async def erase() -> None:
         await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
@@ -173,17 +177,12 @@ async def test_a_late_copy_met_by_a_worker_while_a_sweep_runs_leaves_the_erasure
     settings = archived(settings, tmp_path)
     p = Person()
     await customer(pg, world, "v-seam-4", p)
-    first = click_of(world, "v-seam-4")
-    stream = keys.stream_for(world.link["code"])
-    await redis.xadd(stream, first.entry_dict())
-    await redis.xadd(stream, lead_of(world, p, first).entry_dict())
+    await appended(redis, keys, world, p, "v-seam-4")
     await drain()
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
-    late_click = click_of(world, "v-seam-4b")
 
     async def worker_meets_a_late_copy() -> None:
-        await redis.xadd(stream, late_click.entry_dict())
-        await redis.xadd(stream, lead_of(world, p, late_click).entry_dict())
+        await appended(redis, keys, world, p, "v-seam-4b")
         await drain()
 
     store = Hooked(open_store(settings), "list", worker_meets_a_late_copy)
@@ -229,10 +228,7 @@ async def test_the_sweeps_recheck_learns_the_click_of_a_raw_lead_it_scrubs(
     own look did not see): the re-check scrubs it and its click, and the click joins the
     ledger, so that its copies elsewhere (a stream entry, an archive line) are found too."""
     p = Person()
-    click = click_of(world, "v-seam-6")
-    stream = keys.stream_for(world.link["code"])
-    await redis.xadd(stream, click.entry_dict())
-    await redis.xadd(stream, lead_of(world, p, click).entry_dict())
+    click = await appended(redis, keys, world, p, "v-seam-6")
     await drain()
     async with pg.acquire() as conn:
         key = await ledger.salt(conn)
@@ -281,10 +277,7 @@ async def test_a_sweep_at_replicas_1_marks_redis_done_only_once_a_replica_holds_
     marked done (the generative test's seed 1029314941). This Redis has no replica: the
     sweep deletes, says why it cannot mark Redis done, and the erasure stays pending."""
     p = Person()
-    click = click_of(world, "v-seam-8")
-    stream = keys.stream_for(world.link["code"])
-    await redis.xadd(stream, click.entry_dict())
-    await redis.xadd(stream, lead_of(world, p, click).entry_dict())
+    await appended(redis, keys, world, p, "v-seam-8")
     await drain()
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
     assert await redis.info("replication") and (await redis.info("replication"))["connected_slaves"] == 0
