@@ -39,6 +39,9 @@ SEGMENTS = {"REFSTREAM_ARCHIVE_SEGMENT_ENTRIES": "150", "REFSTREAM_ARCHIVE_SEGME
 PER_ROLE = 2
 
 
+SUPERVISED_EDGE = 1  # the edge slot run as `serve --processes 2` (the other runs one process, no supervisor)
+
+
 @dataclass
 class Slot:
     role: str
@@ -169,6 +172,8 @@ class Cluster:
         slot.extra, slot.stopped = dict(extra), False
         self._gen += 1
         env = {**self.env(role), **extra}
+        if role == "edge" and index == SUPERVISED_EDGE:
+            env["REFSTREAM_PROCESSES"] = "2"  # a supervisor and two processes: what a take-over replaces
         if role == "worker":
             slot.name = self.st.start_worker(**env)
             slot.proc = self.st.workers[slot.name]
@@ -230,6 +235,29 @@ class Cluster:
         except subprocess.TimeoutExpired:
             self.send(slot, signal.SIGKILL)
             await asyncio.to_thread(slot.proc.wait, 10)
+
+    async def take_over(self, slot: Slot, timeout: float = 60) -> str:
+        """``refstream serve --take-over`` on an edge slot's port, as an operator rolls the
+        supervisor itself: the new one takes the old one's sockets, serves, and the old one
+        drains and exits. The old process's name."""
+        assert slot.proc is not None and slot.base
+        old, old_name = slot.proc, slot.name
+        self.killed.add(old.pid)  # it exits on purpose
+        self.st.killed.add(old.pid)
+        self._gen += 1
+        env = {**self.env("edge"), **slot.extra, "REFSTREAM_PROCESSES": "2"}
+        new = self.st.procs.start("serve", "--port", slot.base.rsplit(":", 1)[1], "--take-over", **env)
+        self.started.append((f"edge e{self._gen} (took over {old_name})", new))
+        deadline = time.monotonic() + timeout
+        while old.poll() is None:  # the old one exits once the new one serves
+            if new.poll() is not None:
+                raise AssertionError(f"the take-over exited with {new.returncode}:\n{self.st.log_tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"edge {old_name} still running {timeout}s after a take-over")
+            await asyncio.sleep(0.05)
+        slot.proc, slot.name = new, f"e{self._gen}"
+        await self._healthy(slot)
+        return old_name
 
     async def replace(self, slot: Slot, **extra: str) -> Slot:
         await self.end(slot)

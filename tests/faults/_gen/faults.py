@@ -10,7 +10,8 @@ every chunk of its links); an edge, worker or archiver SIGKILLed (and replaced) 
 SIGSTOPped; one process restarted with its clock offset (``REFSTREAM_CLOCK_OFFSET_S``); a
 network partition that blackholes one direction of one link; a worker trimming every second
 with no retention and a tiny memory budget; ``refstream replay`` racing the workers; the
-partition count changed live (``refstream partitions set``) and changed back.
+partition count changed live (``refstream partitions set``) and changed back; an edge's
+supervisor replaced by ``refstream serve --take-over``.
 """
 
 from __future__ import annotations
@@ -308,9 +309,27 @@ class PartitionCount(Fault):
             await asyncio.sleep(0.5)  # an operator's pause before trying again
 
 
+class EdgeTakeOver(Fault):
+    """``refstream serve --take-over`` beside an edge: its supervisor replaced, its sockets
+    never closed (no request may go unanswered, none may be answered twice)."""
+
+    kind = "edge-takeover"
+
+    async def start(self) -> None:
+        slot = self.slot()
+        if slot.proc is None or slot.proc.poll() is not None or slot.stopped:
+            self.record.note = "skipped: the edge was not running"
+            return
+        old = await self.c.take_over(slot)
+        self.record.target = f"edge {old} -> {slot.name}"
+
+    async def stop(self) -> None:
+        pass  # nothing to heal: the new supervisor serves on
+
+
 KINDS: dict[str, type[Fault]] = {f.kind: f for f in (
     RedisStall, RedisKill, RedisRestart, RedisFull, SentinelFailover, PgKill, PgReadOnly, PgSlow, ProcessKill,
-    ProcessStop, ClockSkew, Partition, TrimStorm, Replay, PartitionCount,
+    ProcessStop, ClockSkew, Partition, TrimStorm, Replay, PartitionCount, EdgeTakeOver,
 )}  # fmt: skip
 
 

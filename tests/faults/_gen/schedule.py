@@ -51,7 +51,12 @@ FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
 LATER_FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "partition-count": ("layout", TOPOLOGIES),
 }
-ALL_FAULTS = {**FAULTS, **LATER_FAULTS}
+# an edge's supervisor replaced (``refstream serve --take-over``): a stream of its own too
+TAKEOVER_FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "edge-takeover": ("procs", TOPOLOGIES),
+}
+TAKEOVER_SPACING = 6.0  # one or two a seed
+ALL_FAULTS = {**FAULTS, **LATER_FAULTS, **TAKEOVER_FAULTS}
 # operations that joined after seeds were published, drawn the same way (a stream of their
 # own, numbered from LATER_OPS_FROM so the others keep their numbers and tokens): sales,
 # through Refport, Affixo or the batch route, on an earlier lead's customer or a new one
@@ -147,6 +152,7 @@ def draw(seed: int, mode: str, only: frozenset[str] = frozenset()) -> Schedule:
     ln = lengths(mode)
     ops, faults = _ops(rng, ln), _faults(rng, ln, topo, only, FAULTS)
     later = _faults(random.Random(f"{seed}:later"), ln, topo, only, LATER_FAULTS, spacing=LATER_SPACING)
+    later += _faults(random.Random(f"{seed}:takeover"), ln, topo, only, TAKEOVER_FAULTS, spacing=TAKEOVER_SPACING)
     later_ops = _later_ops(random.Random(f"{seed}:later-ops"), ln, ops)
     refunds = _refunds(random.Random(f"{seed}:refunds"), ln, later_ops)
     erasures = _erasures(random.Random(f"{seed}:erasures"), ln, ops, later_ops)
@@ -286,6 +292,8 @@ def _target(rng: random.Random, kind: str, topo: str) -> tuple[str, float]:
         return "edge-pg+worker-pg", rng.choice((0.05, 0.15, 0.4))
     if kind == "partition-count":
         return "", float(rng.choice(PARTITION_COUNTS))
+    if kind == "edge-takeover":
+        return "edge/1", 0.0  # the supervised one (cluster.SUPERVISED_EDGE)
     return "", 0.0
 
 
