@@ -100,10 +100,7 @@ def import_(
     lines = _Counted(stream)
 
     async def go() -> dict[str, Any]:
-        # its commits do not wait for the WAL's flush (the live batches' fsyncs do not queue
-        # behind its own): a crash may lose the import's last few hundred milliseconds of
-        # batches, whole, and the same import run again stores exactly those
-        pool = await create_pg_pool(settings, min_size=1, max_size=2, server_settings={"synchronous_commit": "off"})
+        pool = await create_pg_pool(settings, min_size=1, max_size=2)
         redis = connect_redis(settings)
         enricher = Enricher(city_db=settings.city_db)
         keys = Keys(settings.stream_prefix, settings.partitions)

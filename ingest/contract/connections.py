@@ -246,10 +246,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def create_pg_pool(
-    settings: Settings, *, min_size: int = 1, max_size: int | None = None, server_settings: dict[str, str] | None = None
-) -> asyncpg.Pool:
-    """``server_settings``: more of Postgres's settings for this pool's sessions."""
+async def create_pg_pool(settings: Settings, *, min_size: int = 1, max_size: int | None = None) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         settings.database_url,
         min_size=min_size,
@@ -258,10 +255,7 @@ async def create_pg_pool(
         command_timeout=60,
         # a process frozen inside a transaction (a stop, a stall) would hold its row locks, and
         # every other worker behind them, until it runs again: Postgres ends its session instead
-        server_settings={
-            "idle_in_transaction_session_timeout": str(settings.pg_idle_in_transaction_ms),
-            **(server_settings or {}),
-        },
+        server_settings={"idle_in_transaction_session_timeout": str(settings.pg_idle_in_transaction_ms)},
     )
     assert pool is not None
     return pool
