@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -177,7 +178,20 @@ ON CONFLICT (digest) DO NOTHING
 RETURNING digest
 """
 # a click minted longer before the lead that names it than this: its id's time is not trusted
-CLICK_BEFORE = timedelta(days=400)
+CLICK_BEFORE_MS = 400 * 86_400_000
+
+
+def first_ms(at_ms: int | None, named: Iterable[uuid.UUID]) -> int | None:
+    """The earliest of ``at_ms`` (an event's time) and the times of the clicks it names: where
+    the archive pass over a person's copies begins. A click's id time is its edge's word,
+    so one minted after the event, or more than ``CLICK_BEFORE_MS`` before it, is not taken
+    (with no ``at_ms``, every click's is)."""
+    times = [c.int >> 80 for c in named]
+    if at_ms is not None:
+        times = [t for t in times if 0 <= at_ms - t <= CLICK_BEFORE_MS]
+    return min([t for t in (at_ms, *times) if t is not None], default=None)
+
+
 _AGAIN = """
 UPDATE erasures SET since = least(since, $2), redis_at = NULL, archive_at = NULL, generation = generation + 1
 WHERE id = $1
@@ -202,14 +216,14 @@ async def learn(
         )
         if found is None:
             continue
-        at = e.received_at_ms
         more = []
         if isinstance(v := e.payload.get("visitor_id"), str) and not is_pseudonym(v):
             more.append((digest(key, VISITOR, v), VISITOR))
-        if isinstance(c := e.payload.get("click_id"), str) and (cid := clicks.parse(c)) is not None:
+        cid = clicks.parse(c) if isinstance(c := e.payload.get("click_id"), str) else None
+        if cid is not None:
             more.append((digest(key, EVENT, cid.hex), EVENT))
-            if 0 < at - (t := cid.int >> 80) <= CLICK_BEFORE / timedelta(milliseconds=1):
-                at = t  # the archive pass starts at its click
+        at = first_ms(e.received_at_ms, [cid] if cid is not None else [])
+        assert at is not None
         touched[found] = min(touched.get(found, at), at)
         if more and await conn.fetch(_LEARN, found, [d for d, _ in more], [k for _, k in more]):
             joined.add(found)

@@ -195,10 +195,8 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
 def _first(since: datetime | None, clicks: list[uuid.UUID]) -> datetime | None:
     """The person's first event: their rows' earliest, or a click their leads named, if
     earlier (the click was stored, or is still on its way; the archive pass starts there)."""
-    times = [datetime.fromtimestamp((c.int >> 80) / 1000, UTC) for c in clicks]
-    if since is not None:  # a click id minted long before (or after) its lead is no time to trust
-        times = [t for t in times if timedelta(0) <= since - t <= erasure.CLICK_BEFORE]
-    return min([t for t in (since, *times) if t is not None], default=None)
+    ms = erasure.first_ms(int(since.timestamp() * 1000) if since is not None else None, clicks)
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
 ROW = """
