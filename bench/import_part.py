@@ -165,6 +165,10 @@ async def part_imp(ctx: Ctx) -> None:
         ctx.note("imp.rows_per_s", float(first["read"]) / seconds)  # type: ignore[arg-type]
         ctx.note("imp.waited_s", float(first["waited_s"]))  # type: ignore[arg-type]
         ctx.note("imp.rested_s", float(first["rested_s"]))  # type: ignore[arg-type]
+        ctx.note("imp.behind", float(first["behind"]))  # type: ignore[arg-type]
+        ctx.note("imp.share_low", float(first["share_low"]))  # type: ignore[arg-type]
+        niced = first["backend_nice"]  # its Postgres backends reniced (of those it opened)
+        ctx.note("imp.backends_reniced", float(niced["lowered"]) / max(float(niced["of"]), 1.0))  # type: ignore[index]
         ctx.note("imp.live_rate_per_s", sent.rate)
         ctx.note("imp.live_failed", sent.failed)
         ctx.note("imp.p99_before_ms", before)

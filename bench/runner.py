@@ -164,8 +164,9 @@ def _opts(opts: Options) -> dict[str, Any]:
 NOTES = [
     "imp: an edge and --workers workers under --import-live-rate seed 000 clicks/s (open loop); live p99 ="
     " processed_at - received_at of the live rows of each window: before (warm-up + duration), while"
-    " `refstream import` runs (its defaults: --share 0.5, --yield-backlog 1000), after; imp.p99_ratio = during /"
-    " mean(before, after); then the same file imported again (imp.second_stored must be 0)",
+    " `refstream import` runs (its defaults: --share 0.5, --yield-backlog 1000, --yield-lag-ms 20, --nice 10),"
+    " after; imp.p99_ratio = during / mean(before, after); then the same file imported again"
+    " (imp.second_stored must be 0)",
     "n: hello-world (python -m bench.apps hello --processes N, SO_REUSEPORT) and each (b) route"
     " (refstream serve --processes N) with N = the CPU count, same wrk settings, each N run right after its"
     " one-process run; server_cpu sums the supervisor and its children; on a 2-core machine wrk takes"

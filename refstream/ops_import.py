@@ -13,9 +13,10 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
+import structlog
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
@@ -24,6 +25,11 @@ from ingest.contract.keys import Keys
 
 from . import ops_output as out
 from .runner import run_reading, settings_and_logging
+
+if TYPE_CHECKING:
+    import asyncpg
+
+log = structlog.get_logger("refstream.import")
 
 
 class _Counted:
@@ -61,14 +67,18 @@ def _workspace(value: str) -> str:
 @click.option("--batch-size", type=click.IntRange(1, 10_000), default=500, show_default=True)
 @click.option("--yield-backlog", type=click.IntRange(0), default=1000, show_default=True,
               help="Wait while more live entries than this wait for the workers.")  # fmt: skip
+@click.option("--yield-lag-ms", type=click.IntRange(0), default=20, show_default=True,
+              help="Wait while the oldest live entry has waited longer than this, and lower the share "
+                   "(0: never).")  # fmt: skip
 @click.option("--share", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
               help="At most this share of the wall clock spent writing (1: as fast as Postgres takes it).")  # fmt: skip
 @click.option("--nice", "niceness", type=click.IntRange(0, 19), default=10, show_default=True,
-              help="Lower this process's CPU priority by this much (0: as any other process).")  # fmt: skip
+              help="Lower the CPU priority of this process, and of its Postgres backends where Postgres "
+                   "verifiably runs on this machine, by this much (0: as any other process).")  # fmt: skip
 @out.json_option
 def import_(
     file: str, workspace: str, fmt: str | None, source: str | None, commissions: bool, webhooks: bool, fraud: bool,
-    batch_size: int, yield_backlog: int, share: float, niceness: int,
+    batch_size: int, yield_backlog: int, yield_lag_ms: int, share: float, niceness: int,
 ) -> None:  # fmt: skip
     """Import clicks, leads, sales and refunds from FILE (NDJSON or CSV; - for stdin).
 
@@ -77,7 +87,7 @@ def import_(
     workers' own batch transaction, not through the live streams, and wait while live work
     is waiting. No webhooks, fraud flags or commissions unless asked."""
     from workers.consumer.enrich import Enricher
-    from workers.ops import import_formats, imports
+    from workers.ops import backend_nice, import_formats, imports
 
     ws = _workspace(workspace)
     if niceness:
@@ -86,7 +96,8 @@ def import_(
     settings = settings_and_logging()
     opts = imports.Options(
         ws, source or ("refstream" if fmt in ("ndjson", "csv") else fmt), webhooks=webhooks, fraud=fraud,
-        commissions=commissions, batch_size=batch_size, yield_backlog=yield_backlog, share=share,
+        commissions=commissions, batch_size=batch_size, yield_backlog=yield_backlog, yield_lag_ms=yield_lag_ms,
+        share=share,
         retention_days=settings.event_retention, partitions=settings.partitions,
     )  # fmt: skip
     if file == "-":
@@ -100,7 +111,16 @@ def import_(
     lines = _Counted(stream)
 
     async def go() -> dict[str, Any]:
-        pool = await create_pg_pool(settings, min_size=1, max_size=2)
+        niced: list[backend_nice.Outcome] = []
+
+        async def lower_backend(conn: asyncpg.Connection) -> None:
+            outcome = await backend_nice.lower(conn, niceness)
+            if not niced or outcome.applied != niced[-1].applied:  # said once, and again on a change
+                log.info("import.backend_nice", pid=outcome.pid, applied=outcome.applied, niceness=niceness,
+                         why=outcome.why or None)  # fmt: skip
+            niced.append(outcome)
+
+        pool = await create_pg_pool(settings, min_size=1, max_size=2, init=lower_backend)
         redis = connect_redis(settings)
         enricher = Enricher(city_db=settings.city_db)
         keys = Keys(settings.stream_prefix, settings.partitions)
@@ -120,7 +140,10 @@ def import_(
                 importer = imports.Importer(pool, opts, imports.LiveBacklog(redis, keys, settings.partitions),
                                             enricher, progress)  # fmt: skip
                 summary = await importer.run(import_formats.READERS[fmt](lines))
-            return summary.to_dict() | {"file": file, "format": fmt, "source": opts.source, "workspace": ws}
+            backends = {"niceness": niceness, "lowered": sum(o.applied for o in niced), "of": len(niced),
+                        "why_not": sorted({o.why for o in niced if not o.applied})}  # fmt: skip
+            return summary.to_dict() | {"file": file, "format": fmt, "source": opts.source, "workspace": ws,
+                                        "backend_nice": backends}  # fmt: skip
         finally:
             enricher.close()
             await pool.close()

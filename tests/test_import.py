@@ -107,6 +107,9 @@ async def test_an_import_run_twice_stores_each_row_once_and_counts_every_refusal
     }, first  # fmt: skip
     assert first["read"] == first["stored"] + first["duplicates"] + first["refused_total"]
     assert any("line 11" in shown for shown in first["examples"]["unknown_link"])
+    niced = first["backend_nice"]  # each backend it opened: reniced, or why not
+    assert niced["niceness"] == 10 and niced["of"] >= 1 and 0 <= niced["lowered"] <= niced["of"], niced
+    assert niced["lowered"] == niced["of"] or niced["why_not"], niced
 
     # each row at its own time, in its own day's partition, through the link and the click
     rows = await pg.fetch("SELECT type, received_at, click_id, visitor_id, dialect, host(ip) AS ip FROM events"
@@ -160,9 +163,9 @@ class Polled(imports.LiveBacklog):
 
     polls = 0
 
-    async def entries(self) -> int:
+    async def waiting(self) -> imports.Waiting:
         self.polls += 1
-        return await super().entries()
+        return await super().waiting()
 
 
 async def test_the_import_waits_while_live_entries_wait(
@@ -177,7 +180,7 @@ async def test_the_import_waits_while_live_entries_wait(
     backlog = Polled(redis, keys, 4)
     assert await backlog.entries() == 30
     rows = [import_formats.row(n, r) for n, r in enumerate(history(world.link["code"])[:3], 1)]
-    opts = imports.Options(world.workspace_id, "test", yield_backlog=10, share=1.0)
+    opts = imports.Options(world.workspace_id, "test", yield_backlog=10, yield_lag_ms=0, share=1.0)
     read = await redis.xreadgroup(GROUP, "w1", {stream: ">"}, count=15)  # half read, none acknowledged
     assert await backlog.entries() == 30  # read but pending counts as waiting
     polls = backlog.polls
@@ -189,6 +192,35 @@ async def test_the_import_waits_while_live_entries_wait(
     await redis.xack(stream, GROUP, *[i for i, _ in rest[0][1]])
     done = await asyncio.wait_for(task, 30)
     assert done.stored == 3 and done.waited_s > 0
+
+
+async def test_one_live_entry_waiting_longer_than_the_lag_bound_holds_the_import_back(
+    world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys
+) -> None:
+    """Fewer waiting entries than ``yield_backlog`` still hold the import back when the oldest
+    has waited longer than ``yield_lag_ms`` (by Redis's clock), unread or read and pending;
+    the share is halved after a batch that had to wait."""
+    stream = keys.stream(1)
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    secs, _ = await redis.time()
+    old = f"{(int(secs) - 5) * 1000}-0"  # an entry five seconds old by Redis's clock
+    await redis.xadd(stream, {"i": "old"}, id=old)
+    backlog = Polled(redis, keys, 4)
+    waiting = await backlog.waiting()
+    assert waiting.entries == 1 and 4_000 < waiting.oldest_ms < 60_000, waiting
+    await redis.xreadgroup(GROUP, "w1", {stream: ">"})  # read, not acknowledged: still waiting
+    assert (await backlog.waiting()).oldest_ms > 4_000
+    rows = [import_formats.row(n, r) for n, r in enumerate(history(world.link["code"])[:3], 1)]
+    opts = imports.Options(world.workspace_id, "test", batch_size=1, yield_backlog=1000, yield_lag_ms=200, share=0.8)
+    importer = imports.Importer(pg, opts, backlog)
+    task = asyncio.create_task(importer.run(rows))
+    await wait_for(lambda: asyncio.sleep(0, result=backlog.polls >= 3), what="the import to poll thrice")
+    assert not task.done() and await pg.fetchval("SELECT count(*) FROM events") == 0
+    await redis.xack(stream, GROUP, old)
+    assert await backlog.waiting() == imports.Waiting(0, 0)
+    done = await asyncio.wait_for(task, 30)
+    assert (done.stored, done.behind) == (3, 1), done
+    assert done.share_low == pytest.approx(0.4)  # halved once, then regained a step a batch
 
 
 async def test_an_erased_persons_rows_are_imported_scrubbed_and_a_listed_ones_refused(

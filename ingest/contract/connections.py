@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -246,12 +246,22 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def create_pg_pool(settings: Settings, *, min_size: int = 1, max_size: int | None = None) -> asyncpg.Pool:
+async def create_pg_pool(
+    settings: Settings, *, min_size: int = 1, max_size: int | None = None,
+    init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+) -> asyncpg.Pool:  # fmt: skip
+    """The pool every process uses; ``init`` runs on each new connection after the codecs."""
+
+    async def setup(conn: asyncpg.Connection) -> None:
+        await _init_connection(conn)
+        if init is not None:
+            await init(conn)
+
     pool = await asyncpg.create_pool(
         settings.database_url,
         min_size=min_size,
         max_size=max_size or settings.pg_pool_size,
-        init=_init_connection,
+        init=setup,
         command_timeout=60,
         # a process frozen inside a transaction (a stop, a stall) would hold its row locks, and
         # every other worker behind them, until it runs again: Postgres ends its session instead

@@ -50,7 +50,7 @@ from redis.exceptions import ResponseError
 from ingest.contract import clicks, layout
 from ingest.contract.connections import REDIS_ERRORS, Redis
 from ingest.contract.events import Envelope, EventType
-from ingest.contract.keys import GROUP, Keys
+from ingest.contract.keys import GROUP, Keys, parse_id
 from ingest.edge.suppress import Suppressed
 from ingest.manage import refunds
 from workers.consumer import partitions, store
@@ -65,6 +65,9 @@ log = structlog.get_logger("workers.imports")
 DIALECT = "import"
 FUTURE_SLACK_MS = 300_000  # a row this far ahead of Postgres's clock is refused
 EXAMPLES = 5  # refused rows shown per reason
+MIN_SHARE = 0.02  # the least share the import comes down to while live work waits
+SHARE_STEP = 0.02  # the share regained after each batch that did not wait
+TELL_AFTER_S = 5.0  # a wait for live work this long is logged (once per wait)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,7 @@ class Options:
     commissions: bool = False
     batch_size: int = 500
     yield_backlog: int = 1000  # live entries waiting above which the import waits
+    yield_lag_ms: int = 20  # the oldest live entry waiting longer than this makes it wait (0: never)
     share: float = 0.5  # of the wall clock, at most, spent in the import's transactions
     retention_days: int = 90
     partitions: int = 4  # REFSTREAM_PARTITIONS, where Redis holds no layout
@@ -94,6 +98,8 @@ class Summary:
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> "line N: detail"
     waited_s: float = 0.0  # given way to live work
     rested_s: float = 0.0  # kept to its share
+    behind: int = 0  # batches held back because live work waited
+    share_low: float = 1.0  # the least share it came down to
     seconds: float = 0.0
 
     def refuse(self, reason: str, line: int, detail: str = "") -> None:
@@ -107,6 +113,7 @@ class Summary:
             "read": self.read, "stored": self.stored, "duplicates": self.duplicates, "scrubbed": self.scrubbed,
             "refused": dict(sorted(self.refused.items())), "refused_total": sum(self.refused.values()),
             "examples": self.examples, "waited_s": round(self.waited_s, 3), "rested_s": round(self.rested_s, 3),
+            "behind": self.behind, "share_low": round(self.share_low, 3),
             "seconds": round(self.seconds, 3),
         }  # fmt: skip
 
@@ -133,6 +140,15 @@ class _Click:
     visitor: str
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Live work waiting for the workers: entries (not yet read, or read and not acknowledged)
+    and the age of the oldest of them, by Redis's clock (0 when none waits)."""
+
+    entries: int = 0
+    oldest_ms: int = 0
+
+
 class LiveBacklog:
     """The live partitions' backlog in the ``workers`` group: what the import gives way to.
     Redis unreachable counts as none (the edges spool, the workers wait: nothing to give way
@@ -143,11 +159,16 @@ class LiveBacklog:
         self._failing = False
 
     async def entries(self) -> int:
+        return (await self.waiting()).entries
+
+    async def waiting(self) -> Waiting:
         if self.redis is None:
-            return 0
+            return Waiting()
         try:
             shape = await layout.load(self.redis, self.keys, self.partitions)
-            total = 0
+            secs, micros = await self.redis.time()
+            now_ms = int(secs) * 1000 + int(micros) // 1000
+            total, oldest = 0, now_ms
             for p in range(shape.span):
                 stream = self.keys.stream(p)
                 try:
@@ -162,13 +183,23 @@ class LiveBacklog:
                     last = (await self.redis.xinfo_stream(stream))["last-generated-id"] if g.get("lag") is None else 0
                     lag, _ = await group_lag(self.redis, stream, g, last)
                     total += lag + int(g["pending"])
+                    if int(g["pending"]):
+                        first = (await self.redis.xpending(stream, GROUP))["min"]
+                        oldest = min(oldest, parse_id(first)[0]) if first is not None else oldest
+                    if lag:
+                        unread = await self.redis.xrange(stream, min="(" + _text(g["last-delivered-id"]), count=1)
+                        oldest = min(oldest, parse_id(unread[0][0])[0]) if unread else oldest
         except (*REDIS_ERRORS, KeyError) as exc:
             if not self._failing:
                 log.warning("import.backlog_unread", error=repr(exc))
             self._failing = True
-            return 0
+            return Waiting()
         self._failing = False
-        return total
+        return Waiting(total, max(0, now_ms - oldest))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Importer:
@@ -186,6 +217,7 @@ class Importer:
         self._first_kept_ms = 0
         self._now_ms = 0
         self._since_rest = time.monotonic()  # the duty cycle counts reading and writing alike
+        self._share = opts.share  # the duty cycle now (``_give_way``)
 
     async def run(self, rows: Iterable[Row | Bad]) -> Summary:
         started = time.monotonic()
@@ -261,20 +293,37 @@ class Importer:
         if self.progress is not None:
             self.progress(self.summary)
 
+    def _held_back(self, w: Waiting) -> bool:
+        o = self.opts
+        return w.entries > o.yield_backlog or (o.yield_lag_ms > 0 and w.oldest_ms > o.yield_lag_ms)
+
     async def _give_way(self) -> None:
-        """Wait while live work is waiting (``yield_backlog``)."""
+        """Wait while live work waits: more entries than ``yield_backlog``, or one older than
+        ``yield_lag_ms``. The share follows (additive increase, multiplicative decrease, as
+        TCP's window): halved after a batch that had to wait, grown by ``SHARE_STEP`` after
+        one that did not, never above ``opts.share``."""
         waited = time.monotonic()
-        pause = 0.02
-        while await self.backlog.entries() > self.opts.yield_backlog:
+        pause, behind, told = 0.01, False, False
+        while self._held_back(w := await self.backlog.waiting()):
+            behind = True
+            if not told and time.monotonic() - waited > TELL_AFTER_S:  # a bar standing still says why
+                log.info("import.giving_way", entries=w.entries, oldest_ms=w.oldest_ms,
+                         yield_backlog=self.opts.yield_backlog, yield_lag_ms=self.opts.yield_lag_ms)  # fmt: skip
+                told = True
             await asyncio.sleep(pause)  # a poll of Redis's backlog: nothing to await
             pause = min(pause * 2, 0.5)
-        if (spent := time.monotonic() - waited) > pause:  # a wait is no work: the cycle starts after it
-            self._since_rest = time.monotonic()
-        self.summary.waited_s += spent
+        if behind:
+            self.summary.behind += 1
+            self._share = max(MIN_SHARE, self._share / 2)
+            self._since_rest = time.monotonic()  # a wait is no work: the cycle starts after it
+        else:
+            self._share = min(self.opts.share, self._share + SHARE_STEP)
+        self.summary.share_low = min(self.summary.share_low, self._share)
+        self.summary.waited_s += time.monotonic() - waited
 
     async def _rest(self, busy_s: float) -> None:
-        if self.opts.share < 1.0 and busy_s > 0:
-            rest = busy_s * (1 - self.opts.share) / self.opts.share
+        if self._share < 1.0 and busy_s > 0:
+            rest = busy_s * (1 - self._share) / self._share
             await asyncio.sleep(rest)  # the duty cycle itself, not a synchronisation
             self.summary.rested_s += rest
 

@@ -122,7 +122,8 @@ class Clients:
             try:
                 code, out, err = await self.command(
                     "import", f.name, "--workspace", self.world.workspace_id, "--source", IMPORT_SOURCE,
-                    "--commissions", "--yield-backlog", "5000", "--json", within_s=IMPORT_TIMEOUT_S,
+                    "--commissions", "--yield-backlog", "5000", "--yield-lag-ms", "0", "--json",
+                    within_s=IMPORT_TIMEOUT_S,
                 )  # fmt: skip
             except TimeoutError:
                 code, out, err = -1, "", "timed out"
