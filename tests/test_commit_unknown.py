@@ -63,3 +63,39 @@ async def test_a_connection_lost_as_it_goes_back_leaves_the_write_answered(
     finally:
         pool.terminate()
     assert await pg.fetchval("SELECT count(*) FROM workspaces WHERE name = $1", name) == 1
+
+
+class _DriverBreaksAtCommit(asyncpg.Connection):  # type: ignore[misc]
+    """A real connection whose driver raises its own ``InternalClientError`` right after a
+    COMMIT that Postgres carried out (or before the body's next statement): as asyncpg does
+    when the server shuts down in the middle of an exchange."""
+
+    at = "COMMIT;"
+
+    async def execute(self, query: str, *args: object, **kw: object) -> str:
+        done = await super().execute(query, *args, **kw)
+        if query == self.at:
+            raise asyncpg.InternalClientError("cannot switch to state 15; another operation is in progress")
+        return done
+
+
+@pytest.mark.parametrize("where", ["at the commit", "in the body"])
+async def test_the_drivers_own_error_in_a_write_is_an_outage_and_at_the_commit_unknown(
+    pg: asyncpg.Pool, settings: Settings, where: str
+) -> None:
+    # the generative test's seed 1404771603: Postgres killed as a Bricqs referral code's
+    # COMMIT went out; asyncpg raised InternalClientError, which write() let through, and the
+    # route answered a plain 503 (a refusal) for a link it had made
+    name = f"driver-{uuid.uuid4().hex}"
+    conn = await asyncpg.connect(settings.database_url, connection_class=_DriverBreaksAtCommit)
+    conn.at = "COMMIT;" if where == "at the commit" else "SELECT 1"
+    try:
+        with pytest.raises(PG_ERRORS) as raised:  # an outage for every handler either way
+            async with write(conn):
+                await conn.execute("INSERT INTO workspaces (name) VALUES ($1)", name)
+                await conn.execute("SELECT 1")
+        assert isinstance(raised.value, CommitUnknown) == (where == "at the commit"), repr(raised.value)
+    finally:
+        await conn.close()
+    stored = await pg.fetchval("SELECT count(*) FROM workspaces WHERE name = $1", name)
+    assert stored == (1 if where == "at the commit" else 0)

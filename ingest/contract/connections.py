@@ -60,10 +60,14 @@ async def write(conn: asyncpg.Connection) -> AsyncIterator[None]:
         async with conn.transaction():
             yield
             body_done = True
-    except (*PG_ERRORS, asyncpg.InterfaceError) as exc:
+    except (*PG_ERRORS, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+        # InternalClientError: the driver's own state broken by a server going away
+        # ("cannot switch to state ...; another operation is in progress")
         if body_done and not isinstance(exc, CommitUnknown):
             raise CommitUnknown(f"the commit's outcome is unknown: {exc!r}") from exc
-        if isinstance(exc, asyncpg.InterfaceError) and _LOST.search(str(exc)):
+        if isinstance(exc, asyncpg.InternalClientError) or (
+            isinstance(exc, asyncpg.InterfaceError) and _LOST.search(str(exc))
+        ):
             # the body lost the connection (the pool detaches a terminated one), or then its
             # rollback could not run: nothing was committed, an outage and not a bug
             raise ConnectionLost(f"the connection was lost in a write: {exc!r}") from exc
