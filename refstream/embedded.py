@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -87,12 +88,36 @@ class EmbeddedServers:
 # -- the supervisor --------------------------------------------------------------------
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 nothing listens on (for a moment: bind it soon)."""
+    """A TCP port on 127.0.0.1 nothing listens on (for a moment: bind it soon).
+
+    Drawn at random from below the kernel's ephemeral range: a port the kernel hands out
+    itself (bind to 0) may be given to some client's outgoing connection between this
+    check and the server's bind, and the server then finds it in use. Below that range
+    only another explicit bind can take it."""
+    low = min(_ephemeral_low(), 32768)
+    if low > 10_000:
+        rng = random.SystemRandom()
+        for _ in range(50):
+            port = rng.randrange(10_000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 # what to do about it, the one line `refstream dev` and the test suite show: the packages

@@ -218,3 +218,15 @@ async def test_arq_job_lines_are_debug_lines(procs: Procs, redis: Any, keys: Key
     else:
         assert arq == [], arq
         assert any(line["event"] == "consumer.start" for line in lines)  # the worker's own lines stay
+
+
+def test_free_ports_come_from_below_the_kernels_ephemeral_range() -> None:
+    # a port from the ephemeral range can be handed to some client's outgoing connection
+    # before the server binds it (CI once saw an edge refuse to start so)
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1
+    for port in ports:
+        assert 10_000 <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # nothing holds it

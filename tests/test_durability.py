@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from ingest.contract.connections import connect_redis
 from ingest.contract.sentinel_url import sentinel_target
 from ingest.contract.settings import Settings, explain, parse_durability
+from ingest.edge import batcher as batcher_module
 from ingest.edge.batcher import RedisBatcher
 from ingest.edge.durability import Durability, NotDurable, startup_problem
 from ingest.edge.redislink import DirectLink, link_for
@@ -123,7 +124,10 @@ async def test_replicas_wait_confirms_each_round_trip(servers):
         await on_replica.aclose()
 
 
-async def test_an_unconfirmed_batch_is_not_accepted_until_replicas_return(servers):
+async def test_an_unconfirmed_batch_is_not_accepted_until_replicas_return(servers, monkeypatch):
+    # the first probe 2 s after the failure, not 50 ms: the "refused at once" step below
+    # must come before it, on a machine that may pause this process for tens of ms
+    monkeypatch.setattr(batcher_module, "PROBE_FIRST_S", 2.0)
     primary = await servers()
     client = aioredis.Redis.from_url(primary.url)
     batcher = RedisBatcher(client, durability=Durability(replicas=1, wait_ms=100))
