@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest.contract.settings import Settings
+from ingest.edge import batcher as batcher_module
 from ingest.edge.batcher import Backpressure, RedisBatcher, RedisDown
 
 from ._procs import Procs
@@ -44,7 +45,11 @@ async def timed(coro) -> tuple[float, object]:
     return time.monotonic() - start, out
 
 
-async def test_a_blackholed_redis_is_answered_within_the_deadline(settings: Settings):
+async def test_a_blackholed_redis_is_answered_within_the_deadline(settings: Settings, monkeypatch):
+    # the first probe 0.5 s after the breaker opens, not 50 ms: the twenty refusals below
+    # must come before it on a machine that may pause this process for tens of ms (a probe
+    # into the blackhole waits out the deadline, and the next caller may probe again)
+    monkeypatch.setattr(batcher_module, "PROBE_FIRST_S", 0.5)
     port = aioredis.Redis.from_url(settings.redis_url).connection_pool.connection_kwargs["port"]
     proxy = Proxy(port)
     await proxy.start()
@@ -84,7 +89,7 @@ async def test_a_blackholed_redis_is_answered_within_the_deadline(settings: Sett
         async def slot() -> bool:
             return batcher.down.allow()
 
-        for _ in range(3):  # grow the interval to 0.8 s: these probe slots go unused
+        for _ in range(3):  # grow the interval to its cap, a second: these probe slots go unused
             await wait_for(slot, timeout=5, what="a probe slot")
         proxy.heal()
         assert isinstance((await timed(batcher.execute(("GET", key))))[1], RedisDown)
