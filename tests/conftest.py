@@ -24,6 +24,8 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
@@ -36,6 +38,11 @@ from workers.consumer import partitions
 from ._procs import Procs
 from ._redis import PrivateRedis
 from .faults._servers import FaultRedis
+
+# property tests judge what the code answers, not how fast: on a loaded machine an example
+# past Hypothesis's 200 ms deadline, or a slow data draw, failed a correct test
+hypothesis_settings.register_profile("refstream", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile("refstream")
 
 TEST_RETENTION_DAYS = 36500  # tests write events dated years ago: no partition is ever dropped under them
 RUN_ID = secrets.token_hex(4)

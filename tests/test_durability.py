@@ -161,7 +161,8 @@ async def test_an_unconfirmed_batch_is_not_accepted_until_replicas_return(server
 async def test_the_spool_keeps_what_replicas_have_not_confirmed(servers, tmp_path: Path):
     primary = await servers()
     client = aioredis.Redis.from_url(primary.url)
-    spool = Spool(tmp_path, max_bytes=1 << 20, durability=Durability(replicas=1, wait_ms=100))
+    # WAIT's 1 s: time for a replica in sync to confirm, on a loaded machine
+    spool = Spool(tmp_path, max_bytes=1 << 20, durability=Durability(replicas=1, wait_ms=1000))
     try:
         for n in range(3):
             await spool.append("durability:test", b'{"n":%d}' % n)

@@ -312,8 +312,10 @@ async def test_slowloris_connections_are_closed_and_stall_no_one(edge_with, worl
     finally:
         dripper.cancel()
     assert all(results), f"{results.count(False)} of {len(results)} still open"
-    assert elapsed < 1.5 + 2, elapsed  # the longest deadline (keep-alive) plus the sweep and slack
-    assert max(latencies) < 0.1, latencies
+    assert elapsed < 1.5 + 3, elapsed  # the longest deadline (keep-alive) plus the sweep and slack
+    # a stall would hold a health check for a header deadline (1 s); under the suite's load a
+    # fresh connection alone can take a tenth of a second, so the bound is half the deadline
+    assert max(latencies) < 0.5, latencies
     for _, w in [*conns, *dripping, *bodies, kept]:
         w.close()
 

@@ -19,7 +19,8 @@ async def test_a_session_idle_in_a_transaction_is_ended_and_its_locks_released(
 ) -> None:
     name = f"locked-{uuid.uuid4().hex}"
     ws = await pg.fetchval("INSERT INTO workspaces (name) VALUES ($1) RETURNING id", name)
-    frozen_pool = await create_pg_pool(settings.model_copy(update={"pg_idle_in_transaction_ms": 300}), min_size=1)
+    # 2 s: the session must not be ended between BEGIN and the UPDATE, on a loaded machine
+    frozen_pool = await create_pg_pool(settings.model_copy(update={"pg_idle_in_transaction_ms": 2000}), min_size=1)
     try:
         frozen = await frozen_pool.acquire()
         pid = frozen.get_server_pid()
@@ -31,7 +32,7 @@ async def test_a_session_idle_in_a_transaction_is_ended_and_its_locks_released(
         async def ended() -> bool:
             return not await pg.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
 
-        await wait_for(ended, timeout=10, what="Postgres to end the session idle in its transaction")
+        await wait_for(ended, timeout=20, what="Postgres to end the session idle in its transaction")
         async with pg.acquire() as other, other.transaction():
             await other.execute("SET LOCAL lock_timeout = '2s'")  # would fail if the lock were still held
             await other.execute("UPDATE workspaces SET name = $2 WHERE id = $1", ws, name + "-next")

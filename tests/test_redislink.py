@@ -120,11 +120,12 @@ def test_a_timeout_leaves_nothing_owed_to_the_next_batch(loop: str, settings: Se
     key = f"{settings.stream_prefix}:never"
 
     async def main() -> None:
-        client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=0.3)
+        # a timeout of 1 s, also the reconnect's and the PING's: the suite's Redis is shared
+        client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=1.0)
         link = link_for(client)
         try:
             with pytest.raises(RedisTimeoutError):
-                await link.send([("BLPOP", key, 2)])  # blocks past the 0.3 s timeout
+                await link.send([("BLPOP", key, 4)])  # blocks past the 1 s timeout
             # the BLPOP's late nil must not be taken for this PING's reply
             assert await link.send([("PING",), ("ECHO", "after")]) == [b"PONG", b"after"]
         finally:
