@@ -464,6 +464,7 @@ main.add_command(import_)
 
 workspace.add_command(ops_workspace.set_bot_policy)
 workspace.add_command(ops_workspace.set_fraud_policy)
+workspace.add_command(ops_workspace.delete)
 
 if importlib.util.find_spec("bench") is not None:  # the source tree's bench/, beside ingest/ and workers/
     from bench import bench

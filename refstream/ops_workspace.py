@@ -1,5 +1,6 @@
 """``refstream workspace set-bot-policy``: how the workers count a workspace's bot clicks;
-``set-fraud-policy``: what a fraud flag does to the event it is on.
+``set-fraud-policy``: what a fraud flag does to the event it is on; ``delete``: a workspace
+and everything it owns.
 
 ``refstream.cli`` adds these commands to its ``workspace`` group, so this module imports
 it lazily (inside the command): a top-level import would be circular.
@@ -14,10 +15,31 @@ import click
 
 from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
 from ingest.contract.settings import Settings
-from ingest.manage import admin
+from ingest.contract.keys import Keys
+from ingest.manage import admin, deletion
 
 from . import ops_output as out
-from .runner import run_command
+from .runner import open_connections, print_data, run_command
+
+
+@click.command("delete")
+@click.argument("workspace_id")
+@click.option("--yes", is_flag=True, help="Delete without asking (scripts).")
+@out.json_option
+def delete(workspace_id: str, yes: bool) -> None:
+    """Delete a workspace and everything it owns: programs, affiliates, links, keys, events,
+    customers, sales, commissions, its erasure ledger and its do-not-track lists; its keys
+    and links are refused by every edge at once. Another workspace's data, erasures of
+    people with the same ids included, is untouched. There is no undo."""
+    if not yes:
+        click.confirm(f"Delete workspace {workspace_id} and all its data, for good?", abort=True)
+
+    async def go(settings: Settings) -> dict[str, Any]:
+        async with open_connections(settings) as (conn, redis):
+            return await deletion.delete_workspace(conn, redis, Keys(settings.stream_prefix, settings.partitions),
+                                                   workspace_id)  # fmt: skip
+
+    print_data(run_command(go))
 
 
 @click.command("set-bot-policy")

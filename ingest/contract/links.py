@@ -215,6 +215,19 @@ async def put_missing(redis: Redis, keys: Keys, *codes: str) -> None:
     await _write(redis, keys, list(codes))
 
 
+async def put_deleted(redis: Redis, keys: Keys, versions: dict[str, int]) -> None:
+    """Links deleted (with their workspace): each code known not to exist, at a version
+    newer than its link's entry (``versions``: code -> a version drawn from
+    ``link_cache_version`` at the deletion), so the entry is replaced, not kept as newer."""
+    if not versions:
+        return
+    sha = await redis.script_load(SET_IF_NEWER)
+    pipe = redis.pipeline(transaction=False)
+    for code, version in versions.items():
+        pipe.execute_command("EVALSHA", sha, 1, keys.link(code), version, _MISSING, NEGATIVE_TTL_S)
+    await pipe.execute()
+
+
 async def fetch(conn: asyncpg.Connection | asyncpg.Pool, code: str) -> LinkInfo | None:
     row = await conn.fetchrow(LINK_SELECT + " WHERE l.code = $1", code)
     return LinkInfo.from_record(row) if row else None

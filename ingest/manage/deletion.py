@@ -1,0 +1,70 @@
+"""Deleting a workspace: every row it owns, in one transaction, and the caches that name it.
+
+Tables whose ``workspace_id`` references ``workspaces`` go with it by ``ON DELETE CASCADE``;
+the others (events, their dedupe keys and flags, the drop tallies: written per event, where
+a foreign key would cost a lookup on every insert) are deleted first, by workspace. Which
+tables those are is read from the catalogue, so a table added later is never left behind.
+
+After the commit, each of its keys' cache entries becomes a tombstone and each of its links'
+an unknown code, so the edges refuse them at once rather than when the entries expire. An
+event already in a stream for a deleted link is dropped by the workers (``unknown_link``).
+
+What the erasure ledger held for the workspace goes with it, and only that: another
+workspace's erasure of a person with the same client-chosen id keeps its own entries.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+
+from ingest.contract import links
+from ingest.contract.connections import Redis, write
+from ingest.contract.keys import Keys
+from ingest.edge import auth
+from ingest.manage.admin import NotFound
+
+# base tables (a partitioned table, not its partitions) with a workspace_id column that no
+# foreign key ties to workspaces: the cascade does not reach them
+UNTIED = """
+SELECT c.relname AS name
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE a.attname = 'workspace_id' AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND n.nspname = current_schema()
+  AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'f'
+                  AND k.confrelid = 'workspaces'::regclass AND a.attnum = ANY (k.conkey))
+ORDER BY 1
+"""
+
+
+async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, workspace_id: str) -> dict[str, Any]:
+    """Delete the workspace and everything it owns; what was deleted, by table (the tables
+    the cascade reached are counted as one figure, ``cascaded``)."""
+    try:
+        ws = uuid.UUID(workspace_id)
+    except ValueError:
+        raise NotFound(f"workspace {workspace_id[:64]!r} not found (not a workspace id)") from None
+    async with write(conn):
+        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE)", ws):
+            raise NotFound(f"workspace {workspace_id} not found")
+        # each link's cache entry is replaced by "unknown" at a version newer than its own
+        codes = {r["code"]: r["v"] for r in await conn.fetch(
+            "SELECT code, nextval('link_cache_version') AS v FROM links WHERE workspace_id = $1", ws)}  # fmt: skip
+        digests = [bytes(r["key_hash"]) for r in await conn.fetch(
+            "SELECT key_hash FROM api_keys WHERE workspace_id = $1", ws)]  # fmt: skip
+        deleted: dict[str, int] = {}
+        for r in await conn.fetch(UNTIED):
+            status = await conn.execute(f'DELETE FROM "{r["name"]}" WHERE workspace_id = $1', ws)
+            if n := int(status.rsplit(" ", 1)[-1]):
+                deleted[r["name"]] = n
+        await conn.execute("DELETE FROM workspaces WHERE id = $1", ws)
+    # the caches, after the commit (before it, an edge could refill them from a row still there)
+    for digest in digests:
+        await auth.cache_key(redis, keys, digest, None)
+    await links.put_deleted(redis, keys, codes)
+    # Affixo's fingerprints of its visitors (``fp:<workspace>:<hash>``)
+    async for name in redis.scan_iter(match=keys.fingerprint(workspace_id, "*"), count=1000):
+        await redis.delete(name)
+    return {"workspace_id": workspace_id, "deleted": deleted, "links": len(codes), "keys": len(digests)}
