@@ -39,7 +39,7 @@ def check(doc: Any, *, max_depth: int = MAX_DEPTH, max_values: int = MAX_VALUES)
 
     A level at a time, without recursion (a document as deep as orjson parses must not
     meet Python's recursion limit either), and only containers are walked: a flat body of
-    ten fields costs one ``len`` and one scan of its values, a few microseconds."""
+    ten fields costs one ``len`` and one scan of its values, about a microsecond."""
     level = [doc] if type(doc) is dict or type(doc) is list else []
     depth = values = 0
     while level:
@@ -49,7 +49,9 @@ def check(doc: Any, *, max_depth: int = MAX_DEPTH, max_values: int = MAX_VALUES)
         below: list[Any] = []
         for c in level:
             values += len(c)
-            below += [v for v in (c.values() if type(c) is dict else c) if type(v) is dict or type(v) is list]
+            for v in c.values() if type(c) is dict else c:
+                if type(v) is dict or type(v) is list:  # what orjson.loads makes: no subclasses
+                    below.append(v)
         if values > max_values:
             raise BoundsError(f"JSON holding more than {max_values} values")
         level = below

@@ -124,9 +124,7 @@ VOICE = accept.Voice(
 
 def parse_items(raw: bytes, ndjson: bool) -> list[Any]:
     try:
-        if ndjson:
-            return [orjson.loads(line) for line in raw.splitlines() if line.strip()]
-        items = orjson.loads(raw)
+        items = [orjson.loads(line) for line in raw.splitlines() if line.strip()] if ndjson else orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BodyError(400, "invalid_json", "not a JSON array, nor NDJSON") from None
     if not isinstance(items, list):
