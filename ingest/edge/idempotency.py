@@ -145,7 +145,9 @@ def request_claim(request: web.Request, key: str, workspace: str, raw: bytes) ->
 
 
 def fingerprint(*parts: Any) -> str:
-    """What a request asked, order of JSON keys aside: a repeat must ask the same."""
+    """What a request asked, order of JSON keys aside: a repeat must ask the same. The parts
+    nest a body one level down: within ``ingest.contract.bounds`` (the routes fingerprint
+    what they parsed and checked; ``request_claim`` checks first), far from orjson's 255."""
     return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
