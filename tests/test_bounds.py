@@ -235,3 +235,19 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+async def test_a_replay_counts_an_entry_past_the_bound_as_undecodable_and_stores_the_rest(
+    procs: Procs, world: World, pg: asyncpg.Pool, redis, keys: Keys
+):
+    """A replay stores straight into Postgres: it keeps the bound the workers keep, so it
+    never stores what they dead-letter, nor fails on what orjson cannot write."""
+    stream = keys.stream_for("PARTNER123")
+    for levels in (DEEP, MAX_DEPTH):
+        await redis.xadd(stream, _click(world).entry_dict())
+        await redis.xadd(stream, {**_click(world).entry_dict(),  # type: ignore[dict-item]
+                                  b"p": b'{"c":"PARTNER123","M":' + nested(levels) + b"}"})  # fmt: skip
+    done = await procs.cli("replay", "--since", "1h", "--json")
+    totals = done["totals"]
+    assert (totals["entries"], totals["inserted"], totals["undecodable"], totals["failed"]) == (4, 2, 2, 0), totals
+    assert await pg.fetchval("SELECT count(*) FROM events") == 2
