@@ -22,7 +22,7 @@ import pytest
 from ingest.contract.bounds import MAX_DEPTH, MAX_VALUES, BoundsError, check
 from ingest.contract.events import FIELD, FIELDS, Dialect, Envelope, EventType
 from ingest.contract.keys import GROUP, Keys
-from workers.ops import import_formats
+from workers.ops import dead, import_formats
 
 from ._procs import Procs
 from ._world import World, call
@@ -223,6 +223,13 @@ async def test_an_entry_too_deep_in_its_stream_is_dead_lettered_as_its_bytes_and
         assert letter[b"stream"] == stream.encode()
         assert {k: v for k, v in letter.items() if k in (FIELD, *FIELDS)} == fields  # the bytes as read
     assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'PARTNER123'") == 4
+    # an operator's view shows them as bytes (a terminal, orjson: both can write it), and a
+    # requeue leaves them where they are: the worker would set them aside again at once
+    shown = [letter.detail() async for letter in dead.scan(redis, keys)]
+    assert all(d["envelope"] is None and "deeper than" in d["decode_error"] for d in shown)
+    orjson.dumps(shown)
+    out = await dead.requeue(redis, keys)
+    assert (out.done, out.skipped) == (0, {"undecodable": 3})
 
 
 async def _acked(redis: Any, stream: str) -> bool:
