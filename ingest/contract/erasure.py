@@ -297,6 +297,7 @@ def scrub_answer(answer: bytes, before: Envelope, after: Envelope) -> bytes:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return answer
+    # as deep as the answer orjson wrote at the edge (redaction replaces strings only)
     return head + orjson.dumps(redact(doc, values))
 
 

@@ -145,6 +145,8 @@ class Envelope:
 
     def encode(self) -> bytes:
         """The version-1 blob (the spool's form; ``entry`` is what goes on a stream)."""
+        # the payload one level down: within ``ingest.contract.bounds`` (every door checks
+        # it) that is at most 33 levels, and orjson writes 255
         return orjson.dumps(
             [
                 BLOB_VERSION,
@@ -176,7 +178,10 @@ class Envelope:
         return code if isinstance(code, str) else None
 
     def entry(self) -> tuple[bytes | int, ...]:
-        """The version-2 stream fields, as XADD's name/value arguments."""
+        """The version-2 stream fields, as XADD's name/value arguments. The payload keeps to
+        ``ingest.contract.bounds`` (every door checks what the client sent), so orjson, which
+        writes 255 levels, always writes it; an entry in a stream was written here once, so
+        a rewrite of it (an erasure's scrub) is as deep as what orjson wrote already."""
         return (
             b"i", self.event_id.bytes,
             b"t", int(self.type),

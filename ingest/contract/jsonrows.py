@@ -27,7 +27,11 @@ import orjson
 def doc(rows: Sequence[Sequence[Any]]) -> str:
     """The parameter: ``rows`` (a list of tuples) as one JSON text (a ``text`` parameter, cast to jsonb in SQL,
     so the pool's jsonb codec is not involved). Anything orjson does not know natively
-    (asyncpg's own UUID type, as queries return it) is written as its ``str``."""
+    (asyncpg's own UUID type, as queries return it) is written as its ``str``.
+
+    A client's document in a row (a sale's ``metadata``) is two levels down: it keeps to
+    ``ingest.contract.bounds`` (checked by every door, and by the worker on each entry it
+    decodes), so the whole is at most ``MAX_DEPTH`` + 2 levels, and orjson writes 255."""
     return orjson.dumps(rows, default=str).decode()
 
 

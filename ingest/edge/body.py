@@ -2,7 +2,8 @@
 
 ``read`` takes the body under a cap and a deadline; ``json_object`` and ``parse`` turn it
 into a validated model. Each failure is a ``BodyError`` the route answers in its own
-dialect's shape: 400 (unreadable: broken framing, not gzip, not JSON, invalid), 408 (not in
+dialect's shape: 400 (unreadable: broken framing, not gzip, not JSON, invalid; JSON past
+the bounds of ``ingest.contract.bounds``: nested too deep, too many values), 408 (not in
 full within ``REFSTREAM_BODY_TIMEOUT_S``), 413 (over the route's cap), 415 (a
 ``Content-Encoding`` other than gzip, deflate or identity). A body refused for its size,
 its framing or its slowness also closes the connection: what the client still sends is
@@ -24,6 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
+from ingest.contract import bounds
 from ingest.edge.state import EDGE
 
 M = TypeVar("M", bound=BaseModel)
@@ -144,9 +146,19 @@ async def json_object(request: web.Request, limit: int | None = None) -> dict[st
         raise BodyError(400, "invalid_json", "body is not valid JSON") from None
     if not isinstance(data, dict):
         raise BodyError(400, "invalid_json", "body must be a JSON object")
+    bounded(data)
     # NUL (which Postgres text and jsonb refuse) is refused by the models, in the fields they
     # keep (ingest.edge.fields): one in a field they ignore is dropped with it
     return data
+
+
+def bounded(doc: Any, where: str = "body") -> None:
+    """``doc`` within the bounds of client JSON (``ingest.contract.bounds``), else the
+    route's 400 (kind ``invalid``: each dialect's validation error), saying which bound."""
+    try:
+        bounds.check(doc)
+    except bounds.BoundsError as exc:
+        raise BodyError(400, "invalid", f"{where}: {exc}") from None
 
 
 def validate(model: type[M], data: dict[str, Any]) -> M:

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from ingest.contract.bounds import MAX_KEYS
 from ingest.contract.events import Envelope, EventType
 from ingest.edge import accept
 from ingest.edge.fields import Ident, Integer, NoNul, no_nul_inside
@@ -58,7 +59,7 @@ class RefportSale(BaseModel):
     paymentProcessor: Processor = "custom"
     invoiceId: Ident | None = Field(None, min_length=1, max_length=256)
     leadEventName: NoNul | None = Field(None, min_length=1, max_length=256)
-    metadata: Metadata | None = Field(None, max_length=100)
+    metadata: Metadata | None = Field(None, max_length=MAX_KEYS)
 
 
 class AffixoConversion(BaseModel):
@@ -72,7 +73,7 @@ class AffixoConversion(BaseModel):
     payment_processor: Processor = "custom"
     invoice_id: Ident | None = Field(None, min_length=1, max_length=256)
     lead_event_name: NoNul | None = Field(None, min_length=1, max_length=256)
-    metadata: Metadata | None = Field(None, max_length=100)
+    metadata: Metadata | None = Field(None, max_length=MAX_KEYS)
 
 
 def from_refport(body: RefportSale) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from ingest.contract import bounds
 from ingest.edge import refund, sale
 from ingest.edge.fields import IDENT
 from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, refport
@@ -48,7 +49,8 @@ def errors(model: Body, *codes: int) -> dict[int, Body]:
     return {code: model for code in codes}
 
 
-# every route with a body: unreadable (400), too slow (408), too large (413), an encoding
+# every route with a body: unreadable or past the bounds of client JSON (400:
+# ingest.contract.bounds), too slow (408), too large (413), an encoding
 # other than gzip, deflate or identity (415); every route: rate limited (429, Retry-After)
 # and unavailable (503, Retry-After)
 BODY = (400, 408, 413, 415)
@@ -269,7 +271,9 @@ def document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "refstream", "version": "0.1.0",
-                 "description": "Referral and affiliate event ingestion: five dialects, one pipeline."},
+                 "description": "Referral and affiliate event ingestion: five dialects, one pipeline. A JSON body"
+                                f" (and each batch item) nests at most {bounds.MAX_DEPTH} levels and holds at most"
+                                f" {bounds.MAX_VALUES} values: 400 past them."},
         "paths": paths,
         "components": {
             "schemas": schemas,

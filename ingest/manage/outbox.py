@@ -56,6 +56,8 @@ async def record_deliveries(conn: asyncpg.Connection, events: list[WebhookEvent]
     """
     if not events:
         return []
+    # a payload is built by the worker from an event's fixed fields (text, numbers, its
+    # link), never holding a client's document (no ``metadata``): its depth is ours, a few levels
     unique = {(e.workspace_id, e.event_type, e.subject_id, e.subject_key): e for e in events}
     rows = [unique[k] for k in sorted(unique, key=lambda k: (k[0], k[1], str(k[2]), k[3]))]
     ids = await conn.fetch(

@@ -93,6 +93,7 @@ def line(stream_id: str, fields: dict[bytes, bytes]) -> bytes:
     if env is not None and len(fields) == 1 and env[:1] == b"{" and b"\n" not in env:
         return b'{"id":"' + stream_id.encode() + b'","e":' + env + b"}\n"
     b64 = {base64.b64encode(k).decode(): base64.b64encode(v).decode() for k, v in (fields or {}).items()}
+    # the entry as bytes (base64), never its decoded payload: no client document's depth reaches orjson here
     return orjson.dumps({"id": stream_id, "b64": b64}) + b"\n"
 
 

@@ -85,7 +85,7 @@ def is_disposable(domain: str) -> bool:
 class Flag:
     stored: Stored
     rule: str
-    evidence: dict[str, Any]
+    evidence: dict[str, Any]  # numbers the rules computed, never a client's document: a level deep
     excluded: bool
 
 

@@ -32,7 +32,8 @@ import structlog
 from arq.connections import ArqRedis
 from asyncpg import PostgresError
 
-from ingest.contract import clock
+from ingest.contract import bounds, clock
+from ingest.contract.bounds import BoundsError
 from ingest.contract.connections import Redis
 from ingest.contract.events import FIELD, Envelope, EnvelopeError, entry_of
 from ingest.contract.keys import GROUP, Keys
@@ -61,11 +62,14 @@ class Totals:
 
 @dataclass(slots=True)
 class Dead:
+    """An entry set aside: its fields as read from the stream, never written again from a
+    decoded envelope (a document orjson parsed may be one it cannot write: the letter must
+    never fail for what the entry holds)."""
+
     entry_id: bytes
-    raw: bytes
     error: str
+    fields: dict[bytes, bytes]
     attempts: int = 1
-    fields: dict[bytes, bytes] = field(default_factory=dict)  # an entry without an envelope: what it had
 
 
 @dataclass(slots=True)
@@ -89,6 +93,12 @@ class Batch:
     @property
     def ids(self) -> list[bytes]:
         return [eid for eid, _ in self.entries]
+
+    def letter(self, envelope: Envelope, error: str, attempts: int = 1) -> Dead:
+        """The dead letter of the entry ``envelope`` was decoded from: its fields as read."""
+        eid = self.stream_ids[envelope.event_id]
+        fields = next((f for i, f in self.entries if i == eid and f is not None), {})
+        return Dead(eid, error, fields, attempts)
 
 
 class Pipeline:
@@ -135,9 +145,7 @@ class Pipeline:
             except Outage:
                 await self._refund(batch, counted)
                 raise
-            batch.dead.extend(
-                Dead(batch.stream_ids[e.event_id], e.encode(), f"store: {type(x).__name__}: {x}") for e, x in failed
-            )
+            batch.dead.extend(batch.letter(e, f"store: {type(x).__name__}: {x}") for e, x in failed)
             batch.result = result
         if batch.dead and not batch.dead_lettered:
             await self._redis(self._dead_letter(batch.stream, batch.dead))
@@ -156,11 +164,16 @@ class Pipeline:
                 continue
             try:
                 envelope = Envelope.from_entry(fields)
-            except EnvelopeError as exc:
+                # past the bounds every door keeps (an older edge wrote it, or a replay of
+                # the archive, or a foreign producer): what no later step may be asked to
+                # write again (ingest.contract.bounds)
+                bounds.check(envelope.payload)
+            except Exception as exc:
                 # poison, a foreign producer, or a bug: one entry in, one outcome out (the
-                # letter keeps the entry's fields)
-                raw = fields.get(FIELD)
-                batch.dead.append(Dead(eid, raw or b"", f"decode: {exc}", fields={} if raw else fields))
+                # letter keeps the entry's fields, as read). Whatever decoding raises is the
+                # entry's own: it is pure computation on the entry's bytes, no I/O
+                error = str(exc) if isinstance(exc, EnvelopeError | BoundsError) else f"{type(exc).__name__}: {exc}"
+                batch.dead.append(Dead(eid, f"decode: {error}", fields))
                 continue
             # the same event twice in one read (a requeued or spooled copy) goes to the store
             # as it is: stored once, counted once as a duplicate, both entries acked
@@ -216,8 +229,8 @@ class Pipeline:
             n = by_id[eid]
             if int(n) - 1 >= limit:
                 batch.dead.append(
-                    Dead(eid, e.encode(), f"a worker stopped while processing it {int(n) - 1} times (limit {limit})",
-                         attempts=int(n) - 1)
+                    batch.letter(e, f"a worker stopped while processing it {int(n) - 1} times (limit {limit})",
+                                 attempts=int(n) - 1)
                 )  # fmt: skip
                 log.error("event.poison", event_id=str(e.event_id), attempts=int(n) - 1)
             else:
@@ -286,21 +299,25 @@ class Pipeline:
             raise Outage(reason, exc) from exc
 
     async def _dead_letter(self, stream: str, dead: list[Dead]) -> None:
+        """One XADD per letter, of bytes only: nothing in it is encoded from what the entry
+        decoded to, so no entry can make its own letter fail (a letter that could not be
+        written would stop its partition)."""
         pipe = self.redis.pipeline(transaction=False)
         now = clock.now_ms()
         for d in dead:
             fields: dict[Any, Any] = {
                 "stream": stream,
                 "id": d.entry_id,
-                "error": d.error[:1000],
+                # an exception's text may quote the entry (lone surrogates included): as bytes
+                "error": d.error[:1000].encode("utf-8", "backslashreplace"),
                 "deliveries": d.attempts,
                 "at": now,
             }
             # the envelope's own fields verbatim (version 1's ``e``, or version 2's), so the
             # letter can be decoded and requeued; anything else under ``field:``
             entry = entry_of(d.fields)
-            if d.raw or not entry:
-                fields[FIELD] = d.raw
+            if not entry:
+                fields[FIELD] = b""  # no envelope at all: the letter still has the field
             fields.update(entry)
             for k, v in [(k, v) for k, v in d.fields.items() if k not in entry][:16]:
                 fields[b"field:" + k[:64]] = v[:4096]

@@ -1,10 +1,13 @@
 """Dead letters: list, show, requeue and drop what the pipeline set aside in ``{prefix}:dead``.
 
 A dead letter carries the fields the pipeline wrote (``stream``, ``id``, ``error``,
-``deliveries``, ``at``) and the original entry's envelope fields verbatim: version 2's
-(``ingest.contract.events.FIELDS``), or version 1's ``e`` (letters from before the upgrade, and
-events the store refused, which the worker writes as the version-1 blob). Other fields of
-an entry without an envelope are kept under ``field:<name>``.
+``deliveries``, ``at``) and the original entry's envelope fields verbatim, as read from its
+stream: version 2's (``ingest.contract.events.FIELDS``), or version 1's ``e`` (entries and
+letters from before the upgrade; letters of events the store refused, written before the
+worker kept the entry's own bytes, hold the version-1 blob). Other fields of an entry
+without an envelope are kept under ``field:<name>``. A letter whose envelope is past the
+bounds of client JSON (``ingest.contract.bounds``) is shown as its bytes, like one that does
+not decode, and never requeued: the worker would set it aside again at once.
 
 Requeue is XADD to the partition, then XDEL of the letter. A crash in between leaves the
 event both requeued and still dead; requeuing it again adds a second copy to the stream,
@@ -21,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingest.contract import clock, layout
+from ingest.contract import bounds, clock, layout
 from ingest.contract.connections import Redis
 from ingest.contract.events import FIELD, FIELDS, Envelope, EnvelopeError, entry_of
 from ingest.contract.keys import Keys
@@ -57,9 +60,12 @@ class DeadLetter:
     def parse(cls, dead_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         letter = cls(dead_id.decode(), fields)
         try:
-            letter.envelope = Envelope.from_entry(fields)
-        except EnvelopeError as exc:
+            envelope = Envelope.from_entry(fields)
+            bounds.check(envelope.payload)  # as the worker does: nested too deep to write again
+        except (EnvelopeError, bounds.BoundsError) as exc:
             letter.decode_error = str(exc)
+        else:
+            letter.envelope = envelope
         return letter
 
     @property

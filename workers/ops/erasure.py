@@ -278,7 +278,7 @@ async def _answers(redis: Redis, keys: Keys, check: _Check, result: SweepResult)
         new = await _redacted(body, check, spaces)
         if new is None:
             continue
-        changed = raw[:35] + orjson.dumps(new)
+        changed = raw[:35] + orjson.dumps(new)  # as deep as the answer orjson wrote at the edge
         # only if unchanged since it was read; the record keeps its expiry
         if await redis.eval(_SWAP, 1, name, raw, changed):  # type: ignore[misc]
             result.answers_rewritten += 1

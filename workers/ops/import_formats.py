@@ -32,6 +32,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ingest.contract.bounds import MAX_KEYS, BoundsError, check
 from ingest.edge.fields import Ident, Integer, NoNul
 from ingest.edge.sale import MAX_AMOUNT, Currency, Metadata, Processor
 
@@ -79,7 +80,7 @@ class _Lead(_Common):
     email: NoNul | None = Field(None, max_length=320)
     customer_name: NoNul | None = Field(None, max_length=256)
     avatar: NoNul | None = Field(None, max_length=2048)
-    metadata: Metadata | None = Field(None, max_length=100)
+    metadata: Metadata | None = Field(None, max_length=MAX_KEYS)
 
 
 class _Sale(_Common):
@@ -90,7 +91,7 @@ class _Sale(_Common):
     event_name: NoNul = Field("Purchase", min_length=1, max_length=256)
     payment_processor: Processor = "custom"
     lead_event_name: NoNul | None = Field(None, min_length=1, max_length=256)
-    metadata: Metadata | None = Field(None, max_length=100)
+    metadata: Metadata | None = Field(None, max_length=MAX_KEYS)
 
 
 class _Refund(_Common):
@@ -123,6 +124,10 @@ def row(line: int, d: Any) -> Row | Bad:
     """One object in refstream's form, validated by its type."""
     if not isinstance(d, dict):
         return Bad(line, "invalid", "not an object")
+    try:
+        check(d)  # the bounds every door keeps (ingest.contract.bounds)
+    except BoundsError as exc:
+        return Bad(line, "invalid", str(exc))
     kind = d.get("type")
     model = _MODELS.get(kind) if isinstance(kind, str) else None
     if model is None:

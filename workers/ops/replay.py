@@ -23,7 +23,7 @@ import asyncpg
 import structlog
 from arq.worker import func
 
-from ingest.contract import layout
+from ingest.contract import bounds, layout
 from ingest.contract.connections import Redis
 from ingest.contract.events import Envelope, EnvelopeError
 from ingest.contract.keys import Keys
@@ -149,12 +149,17 @@ class ReplayResult(_Report):
 
 
 def _decode(page: list[Any]) -> tuple[list[Envelope], int]:
+    """The page's envelopes, and how many entries are not: undecodable, or past the bounds
+    of client JSON (``ingest.contract.bounds``), which the workers dead-letter too."""
     good, bad = [], 0
     for _, fields in page:
         try:
-            good.append(Envelope.from_entry(fields or {}))
-        except EnvelopeError:
+            envelope = Envelope.from_entry(fields or {})
+            bounds.check(envelope.payload)
+        except (EnvelopeError, bounds.BoundsError):
             bad += 1
+        else:
+            good.append(envelope)
     return good, bad
 
 

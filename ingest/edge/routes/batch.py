@@ -27,7 +27,7 @@ from ingest.contract import clicks, links
 from ingest.contract.connections import REDIS_ERRORS
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.edge import accept, refund, sale
-from ingest.edge.body import BodyError, describe, read
+from ingest.edge.body import BodyError, bounded, describe, read
 from ingest.edge.body import code as body_code
 from ingest.edge.durability import Unconfirmed
 from ingest.edge.enqueue import OutcomeUnknown, never_sent, to_spool, xadd
@@ -124,13 +124,15 @@ VOICE = accept.Voice(
 
 def parse_items(raw: bytes, ndjson: bool) -> list[Any]:
     try:
-        if ndjson:
-            return [orjson.loads(line) for line in raw.splitlines() if line.strip()]
-        items = orjson.loads(raw)
+        items = [orjson.loads(line) for line in raw.splitlines() if line.strip()] if ndjson else orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BodyError(400, "invalid_json", "not a JSON array, nor NDJSON") from None
     if not isinstance(items, list):
         raise BodyError(400, "invalid_json", "a JSON array of events (or NDJSON)")
+    # each item is a document like a single event's body: the same bounds, and one past
+    # them refuses the request whole, as a body past the byte cap or not JSON does
+    for i, item in enumerate(items[: MAX_EVENTS + 1]):
+        bounded(item, f"events[{i}]")
     return items
 
 

@@ -25,6 +25,7 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ingest.contract import clicks, links
+from ingest.contract.bounds import MAX_KEYS
 from ingest.contract.clicks import ClickRef
 from ingest.contract.connections import REDIS_ERRORS, Command, CommitUnknown
 from ingest.contract.events import Dialect, Envelope, EventType
@@ -50,7 +51,7 @@ class RefportLead(BaseModel):
     customerEmail: str | None = Field(None, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$")
     customerName: NoNul | None = Field(None, max_length=256)
     customerAvatar: NoNul | None = Field(None, max_length=2048)
-    metadata: Annotated[dict[str, Any], AfterValidator(no_nul_inside)] | None = Field(None, max_length=100)
+    metadata: Annotated[dict[str, Any], AfterValidator(no_nul_inside)] | None = Field(None, max_length=MAX_KEYS)
 
 
 class RefportClick(BaseModel):
