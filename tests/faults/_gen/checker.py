@@ -45,14 +45,15 @@ from workers.archive import segment as seg
 from workers.archive.store import LocalStore
 
 from .._checks import Checker
-from . import erased
+from . import erased, walls
 from .history import History, Op, Unit
 from .ops import COMMISSION, EXPECTED_REFUSALS, ITEM_UNKNOWN, TOKEN_SQL, World, answer_problems, named_events
 
-ROWS = f"""SELECT e.event_id, e.type, l.code, e.click_id, e.visitor_id, {TOKEN_SQL} AS token
+ROWS = f"""SELECT e.event_id, e.type, l.code, e.click_id, e.visitor_id, {TOKEN_SQL} AS token, e.workspace_id
 FROM events e LEFT JOIN links l ON l.id = e.link_id
 UNION ALL
-SELECT s.event_id, 4, l.code, s.click_id, NULL, s.metadata->>'gen' FROM sales s LEFT JOIN links l ON l.id = s.link_id"""
+SELECT s.event_id, 4, l.code, s.click_id, NULL, s.metadata->>'gen', s.workspace_id
+FROM sales s LEFT JOIN links l ON l.id = s.link_id"""
 # management writes, by the token: a participant's generated code, a link created by code
 GENERATED = """SELECT a.external_id AS token, count(DISTINCT l.id) AS links, min(l.code) AS code
 FROM affiliates a LEFT JOIN links l ON l.affiliate_id = a.id WHERE a.external_id LIKE 'g%' GROUP BY 1"""
@@ -82,9 +83,14 @@ class Anomalies:
 
 
 class GenChecker:
-    def __init__(self, history: History, world: World, check: Checker, archive_root: Path, prefix: str) -> None:
+    def __init__(
+        self, history: History, world: World, check: Checker, archive_root: Path, prefix: str,
+        logs: list[Path] | None = None, outputs: list[str] | None = None,
+    ) -> None:  # fmt: skip
+        """``logs``: every process's log file; ``outputs``: what the commands printed."""
         self.h, self.world, self.check = history, world, check
         self.archive_root, self.prefix = archive_root, prefix
+        self.logs, self.outputs = logs or [], outputs or []
         self.a = Anomalies()
         self.archived_lines = 0
         self.stored = 0
@@ -102,7 +108,8 @@ class GenChecker:
             for text in texts:
                 self.a.add(kind, text)
         forgotten = erased.erasures(self.h)  # an erased person's rows, read back to their tokens
-        rows = await erased.read_back(self.check, forgotten, await self.check.fetch(ROWS))
+        spaces = self.world.spaces()
+        rows = await erased.read_back(self.check, forgotten, await self.check.fetch(ROWS), spaces)
         self.stored = len(rows)
         by_token: dict[str, list[Any]] = defaultdict(list)
         by_event = {r["event_id"].hex: r for r in rows}
@@ -129,7 +136,7 @@ class GenChecker:
         for stream, entry, error in await self.check.dead_letters():
             self.a.add("dead_letter", f"{stream} {entry}: {error[:300]}")
         leads = {r["token"] for r in rows if r["type"] == 2}
-        erasure_problems = await erased.problems(self.check, forgotten, self.archive_root, self.prefix, leads)
+        erasure_problems = await erased.problems(self.check, forgotten, self.archive_root, self.prefix, leads, spaces)
         for kind, texts in erasure_problems.items():
             for text in texts:
                 self.a.add(kind, text)
@@ -141,6 +148,11 @@ class GenChecker:
         await self._archive({r["event_id"].hex for r in rows if r["token"] not in imported} | self.refunds_accepted,
                             {r["event_id"].hex for r in rows if r["token"] not in accepted})  # fmt: skip
         self._replays()
+        found = {**await walls.problems(self.check, self.h, self.world),
+                 **walls.scan_logs(self.logs, self.outputs, walls.personal(self.h))}  # fmt: skip
+        for kind, texts in found.items():
+            for text in texts:
+                self.a.add(kind, text)
         return self.a
 
     async def _refunds(self) -> None:
@@ -164,10 +176,21 @@ class GenChecker:
                 self._say("foreign_answer", op, f"a 2xx names another refund than the one recorded ({row['id']})")
             elif row is not None and all(a.outcome == "refused" for a in op.attempts):
                 self._say("refused_write_kept", op, f"refused every time, and recorded ({row['id']})")
+        for op in self.h.ops.values():  # a refund imported (``tenants.py``): its key, its own
+            if op.kind == "import" and op.echo.get("refund") and op.skipped is None:
+                asked.add("id:" + op.echo["refund"])
         for key in sorted(rows.keys() - asked):
             self.a.add("unasked_row", f"a refund no request asked for: {key}")
 
     def _answers(self, op: Op) -> None:
+        if op.echo.get("refuse"):  # past a bound every door keeps: a 4xx each time, never stored
+            for a in op.attempts:
+                items_ok = op.kind == "batch" and "ok" in a.items
+                if a.outcome == "error":
+                    self._say("5xx", op, f"answered {a.status} {a.headers}")
+                elif a.outcome == "ok" and (op.kind != "batch" or items_ok):
+                    self._say("bound_not_enforced", op, f"past the bound, answered {a.status}")
+            return
         for a in op.attempts:
             if a.outcome == "error":
                 self._say("5xx", op, f"answered {a.status} {a.headers}")

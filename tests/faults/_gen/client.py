@@ -15,6 +15,7 @@ import random
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -43,6 +44,7 @@ class Clients:
         self.http: aiohttp.ClientSession | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.done: dict[int, asyncio.Event] = {}
+        self.outputs: list[str] = []  # what the commands printed on stderr (the checker reads it for personal data)
 
     async def run(self, steps: list[OpStep]) -> None:
         """Start every operation at its time; return once all of them are done."""
@@ -84,6 +86,8 @@ class Clients:
     async def _attempt(self, op: Op, name: str, base: str) -> Attempt:
         if op.kind == "import":
             return await self._import(op)
+        if op.kind == "t-workspace":
+            return await self._workspace(op)
         assert self.http is not None
         attempt = Attempt(edge=name, at=self.history.now())
         started = time.monotonic()
@@ -116,20 +120,57 @@ class Clients:
         assert self.command is not None
         attempt = Attempt(edge="cli", at=self.history.now())
         started = time.monotonic()
+        workspace = op.echo.get("workspace", self.world.workspace_id)
+        flags = op.echo.get("flags", ("--commissions",))
         with tempfile.NamedTemporaryFile("wb", suffix=".ndjson", prefix=f"import-{op.n}-") as f:
             f.write(b"".join(orjson.dumps(r) + b"\n" for r in op.body))
             f.flush()
             try:
                 code, out, err = await self.command(
-                    "import", f.name, "--workspace", self.world.workspace_id, "--source", IMPORT_SOURCE,
-                    "--commissions", "--yield-backlog", "5000", "--yield-lag-ms", "0", "--json",
-                    within_s=IMPORT_TIMEOUT_S,
+                    "import", f.name, "--workspace", workspace, "--source", IMPORT_SOURCE, *flags,
+                    "--yield-backlog", "5000", "--yield-lag-ms", "0", "--json", within_s=IMPORT_TIMEOUT_S,
                 )  # fmt: skip
             except TimeoutError:
                 code, out, err = -1, "", "timed out"
+        self.outputs.append(err)
         attempt.took = time.monotonic() - started
         if code == 0:
             attempt.status, attempt.outcome, attempt.body = 200, "ok", orjson.loads(out)
         else:
             attempt.error = f"exit {code}: {(err.strip().splitlines() or [''])[-1][:200]}"
         return attempt
+
+    async def _workspace(self, op: Op) -> Attempt:
+        """An operator's afternoon with a third workspace: made, a link, the pair's rows
+        imported, the customer erased there (``refstream erase``), the workspace deleted.
+        Each step runs once: a failed one ends the attempt (``unknown``: the checker asks
+        nothing of workspace c but that it is gone and changed no other)."""
+        assert self.command is not None
+        attempt = Attempt(edge="cli", at=self.history.now())
+        started = time.monotonic()
+        try:
+            ws = await self._cli("workspace", "create", "gen-c")
+            self.world.gone[ws["workspace_id"]] = "c"
+            await self._cli("link", "create", "--workspace", ws["workspace_id"], "--code", op.echo["code"],
+                            "--url", f"https://shop.test/{op.echo['code']}")  # fmt: skip
+            with tempfile.NamedTemporaryFile("wb", suffix=".ndjson", prefix=f"import-{op.n}-") as f:
+                f.write(b"".join(orjson.dumps(r) + b"\n" for r in op.body))
+                f.flush()
+                await self._cli("import", f.name, "--workspace", ws["workspace_id"], "--source", IMPORT_SOURCE,
+                                "--yield-lag-ms", "0")  # fmt: skip
+            await self._cli("erase", "--customer", op.echo["customer"], "--workspace", ws["workspace_id"])
+            await self._cli("workspace", "delete", ws["workspace_id"], "--yes")
+            attempt.status, attempt.outcome = 200, "ok"
+        except (AssertionError, TimeoutError, orjson.JSONDecodeError) as exc:
+            attempt.error = str(exc)[:300]
+        attempt.took = time.monotonic() - started
+        return attempt
+
+    async def _cli(self, *args: str) -> dict[str, Any]:
+        assert self.command is not None
+        code, out, err = await self.command(*args, "--json", within_s=IMPORT_TIMEOUT_S)
+        self.outputs.append(err)
+        if code != 0:
+            raise AssertionError(f"refstream {args[0]} {args[1] if len(args) > 1 else ''}: exit {code}: {err[-200:]}")
+        parsed: dict[str, Any] = orjson.loads(out)
+        return parsed

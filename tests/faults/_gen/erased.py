@@ -34,28 +34,36 @@ from workers.ops import erasure
 from .._checks import Checker
 from .history import History
 from .ops import REFERRER, named_events
+from .tenants import suffix
 
 SWEEPS = 5  # each after a drained run: the first finds nothing waiting; a few more for a worker's in flight
 
 
 @dataclass
 class Erased:
-    """Customer tokens whose erasure was answered 2xx (``done``) or may have happened."""
+    """Customer tokens (a customer's id, with ``@b`` for another workspace's: ``tenants.py``)
+    whose erasure was answered 2xx (``done``) or may have happened (``maybe``)."""
 
     done: set[str] = field(default_factory=set)
     maybe: set[str] = field(default_factory=set)
+    person: dict[str, tuple[str, str]] = field(default_factory=dict)  # token -> (external id, workspace tag)
     clicks: dict[str, str] = field(default_factory=dict)  # event id (hex) of an erased lead's click -> its token
     referrers: dict[str, str] = field(default_factory=dict)  # customer token -> their click's referrer
-    aliases: dict[str, str] = field(default_factory=dict)  # pseudonym -> customer token
+    aliases: dict[tuple[str, str], str] = field(default_factory=dict)  # (pseudonym, workspace tag) -> token
+    tokens: dict[str, str] = field(default_factory=dict)  # event id (hex) -> its request's token, whatever it holds
 
 
 def erasures(history: History) -> Erased:
     out = Erased()
     for op in history.ops.values():
+        if op.echo.get("again") and op.skipped is None:  # a lead of an erased person, imported again
+            out.tokens[op.echo["ids"][0]] = op.units[0].token
         if op.kind != "erase" or op.skipped is not None:
             continue
         outcomes = {a.outcome for a in op.attempts}
-        customer = op.echo["customer"]
+        tag = op.echo.get("tag", "a")
+        customer = op.echo["customer"] + suffix(tag)
+        out.person[customer] = (op.echo["customer"], tag)
         if "ok" in outcomes:
             out.done.add(customer)
         elif outcomes & {"unknown", "error"}:
@@ -63,6 +71,8 @@ def erasures(history: History) -> Erased:
         else:
             continue
         lead = history.ops.get(op.echo["lead"])
+        if lead is not None and lead.kind == "import":  # the person's lead, imported: no click op to follow
+            continue
         click = lead.echo.get("click") if lead is not None else None
         if not isinstance(click, str):
             continue
@@ -76,31 +86,42 @@ def erasures(history: History) -> Erased:
     return out
 
 
-async def read_back(check: Checker, found: Erased, rows: list[Any]) -> list[dict[str, Any]]:
-    """``rows`` (the checker's: event_id, token, ...) with an erased person's token restored."""
-    if not (found.done or found.maybe):
-        return [dict(r) for r in rows]
-    salt = (await check.fetch("SELECT salt FROM erasure_salt"))[0]["salt"]
-    spaces = [str(r["id"]) for r in await check.fetch("SELECT id FROM workspaces")]
-    for customer in found.done | found.maybe:
-        for ws in spaces:
-            found.aliases[ledger.pseudonym(bytes(salt), EXTERNAL, customer, ws)] = customer
+async def read_back(check: Checker, found: Erased, rows: list[Any], spaces: dict[str, str]) -> list[dict[str, Any]]:
+    """``rows`` (the checker's: event_id, token, workspace_id, ...) with each token its
+    request's: an erased person's restored (their pseudonym in their own workspace only), and
+    another workspace's with its tag (``spaces``: workspace id -> tag; ``tenants.suffix``)."""
+    if found.done or found.maybe:
+        salt = bytes((await check.fetch("SELECT salt FROM erasure_salt"))[0]["salt"])
+        ids = {tag: ws for ws, tag in spaces.items()}
+        for token in found.done | found.maybe:
+            external, tag = found.person[token]
+            if tag in ids:
+                found.aliases[(ledger.pseudonym(salt, EXTERNAL, external, ids[tag]), tag)] = token
     out = []
     for r in rows:
         row = dict(r)
-        if row["token"] in found.aliases:
-            row["token"] = found.aliases[row["token"]]
-        elif row["token"] is None and row["event_id"].hex in found.clicks:
-            row["token"] = found.clicks[row["event_id"].hex]
+        tag = spaces.get(str(row["workspace_id"]), "?")
+        event = row["event_id"].hex
+        if event in found.tokens:
+            row["token"] = found.tokens[event]
+        elif (row["token"], tag) in found.aliases:
+            row["token"] = found.aliases[(row["token"], tag)]
+        elif row["token"] is None and event in found.clicks:
+            row["token"] = found.clicks[event]
+        elif row["token"] is not None:
+            row["token"] += suffix(tag)
         out.append(row)
     return out
 
 
 async def problems(
-    check: Checker, found: Erased, archive_root: Path, prefix: str, leads: set[str]
+    check: Checker, found: Erased, archive_root: Path, prefix: str, leads: set[str], spaces: dict[str, str]
 ) -> dict[str, list[str]]:
     """``leads``: the customers whose lead is stored (read back): only a stored lead makes
-    its click the person's (a lead never stored leaves its click nobody's in particular)."""
+    its click the person's (a lead never stored leaves its click nobody's in particular).
+    ``spaces``: workspace id -> tag. A person is looked for in their own workspace's rows and
+    entries, and in whatever belongs to no workspace: another workspace's customer of the
+    same id is theirs to keep (``walls.py`` judges that they kept it)."""
     out: dict[str, list[str]] = {"erased_kept": [], "erasure_pending": []}
     if not (found.done or found.maybe):
         return out
@@ -116,12 +137,14 @@ async def problems(
         else:
             out["erasure_pending"] = [f"{p['erasure_id']}: {p['pending']} after {SWEEPS} sweeps" for p in left]
         # the external id as a whole JSON string (a token is the prefix of others: g1-22 of
-        # g1-220), anywhere
-        needles = {c: f'"{c}"'.encode() for c in found.done}
+        # g1-220), anywhere in the person's workspace or in no workspace's
         places, entries = await _places(check, pool, store, prefix)
-        for where, data in places:
+        tags = {tag: ws for ws, tag in spaces.items()}
+        for c in found.done:
+            external, tag = found.person[c]
+            needle = f'"{external}"'.encode()
             out["erased_kept"] += [f"customer {c}: their external id is still in {where}"
-                                   for c, needle in needles.items() if needle in data]  # fmt: skip
+                                   for where, ws, data in places if ws in (None, tags.get(tag)) and needle in data]  # fmt: skip
         # the referrer of their click (its event, by id: a retry of the click op that got no
         # answer may have stored another click, another visitor's, with the same referrer)
         clicks = {event: c for c in found.done if c in leads
@@ -139,34 +162,55 @@ async def problems(
     return out
 
 
+# the tables that may hold a person's data; those with a workspace_id column are read per workspace
+TABLES = ("customers", "events", "event_dedupe", "sales", "commissions", "webhook_deliveries", "event_flags")
+
+
 async def _places(
     check: Checker, pool: asyncpg.Pool, store: LocalStore, prefix: str
-) -> tuple[list[tuple[str, bytes]], list[tuple[str, Envelope]]]:
-    """Every place's bytes (Postgres's rows as JSON text, every Redis key of the run's
-    prefix, every archive segment's entries), and every stream entry's and archived line's
-    envelope."""
-    places, entries = [], []
-    for table in ("customers", "events", "event_dedupe", "sales", "commissions", "webhook_deliveries", "event_flags"):
-        rows = await pool.fetch(f"SELECT row_to_json(t)::text AS j FROM {table} t")
-        places.append((f"postgres {table}", "\n".join(r["j"] for r in rows).encode()))
+) -> tuple[list[tuple[str, str | None, bytes]], list[tuple[str, Envelope]]]:
+    """Every place's bytes with the workspace it belongs to (None: no one's, or not known):
+    Postgres's rows as JSON text, per workspace where the table has one; every Redis key of
+    the run's prefix (a stream entry and an archived line: its envelope's workspace, or its
+    link's); and every stream entry's and archived line's envelope."""
+    places: list[tuple[str, str | None, bytes]] = []
+    entries: list[tuple[str, Envelope]] = []
+    for table in TABLES:
+        scoped = await pool.fetchval("SELECT EXISTS (SELECT 1 FROM information_schema.columns"
+                                     " WHERE table_name = $1 AND column_name = 'workspace_id')", table)  # fmt: skip
+        ws = "workspace_id::text" if scoped else "NULL::text"
+        rows = await pool.fetch(f"SELECT {ws} AS ws, string_agg(row_to_json(t)::text, E'\\n') AS j"
+                                f" FROM {table} t GROUP BY 1")  # fmt: skip
+        places += [(f"postgres {table}", r["ws"], (r["j"] or "").encode()) for r in rows]
+    link_ws = {r["code"]: str(r["workspace_id"]) for r in await pool.fetch("SELECT code, workspace_id FROM links")}
+
+    def owner(e: Envelope | None) -> str | None:
+        if e is None:
+            return None
+        code = e.payload.get("code") or e.payload.get("ref") or e.payload.get("link")
+        return e.workspace_id or (link_ws.get(code) if isinstance(code, str) else None)
+
     redis = check.redis
     async for name in redis.scan_iter(match=f"{check.keys.prefix}*", count=1000):
         kind = (await redis.type(name)).decode()
+        where = f"redis {name.decode()}"
         if kind == "string":
-            held = [await redis.get(name) or b""]
+            places.append((where, None, await redis.get(name) or b""))
         elif kind == "stream":
-            found = await redis.xrange(name)
-            held = [v for _, fields in found for kv in (fields or {}).items() for v in kv]
-            entries += [(f"redis {name.decode()}", e) for _, fields in found if (e := _envelope(fields))]
-        else:
-            continue  # hashes (drop tallies), sets and zsets (rate limits, presence): no event data
-        places.append((f"redis {name.decode()}", b"\x00".join(h for h in held if isinstance(h, bytes))))
+            for _, fields in await redis.xrange(name):
+                e = _envelope(fields)
+                held = [v for kv in (fields or {}).items() for v in kv if isinstance(v, bytes)]
+                places.append((where, owner(e), b"\x00".join(held)))
+                if e is not None:
+                    entries.append((where, e))
+        # hashes (drop tallies), sets and zsets (rate limits, presence): no event data
     for key in await store.list(prefix + "/"):
         _, lines = seg.read(await store.get(key))
-        held = [e.envelope or b"" for e in lines] + [v for e in lines for v in (e.fields or {}).values()]
-        places.append((f"archive {key}", b"\x00".join(held)))
         for line in lines:
-            if e := _envelope(line.fields if line.fields is not None else {FIELD: line.envelope or b""}):
+            e = _envelope(line.fields if line.fields is not None else {FIELD: line.envelope or b""})
+            held = [line.envelope or b""] + list((line.fields or {}).values())
+            places.append((f"archive {key}", owner(e), b"\x00".join(held)))
+            if e is not None:
                 entries.append((f"archive {key}", e))
     return places, entries
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -46,7 +46,8 @@ COMMISSION = {"sale_bps": 1500, "sale_flat": 25, "lead_flat": 100, "lead_currenc
 
 @dataclass(frozen=True)
 class World:
-    """What the run's operations need to know of its workspace."""
+    """What the run's operations need to know of its workspace (``others``: the other
+    workspaces' by tag, ``tenants.py``; ``tag``: this one's)."""
 
     codes: list[str]
     api_key: str
@@ -55,6 +56,16 @@ class World:
     referrer_id: str | None  # the links' affiliate, as Bricqs' answers name it
     erase_key: str = ""  # a key with the erase scope (which "*" does not grant)
     workspace_id: str = ""
+    tag: str = "a"
+    others: dict[str, World] = field(default_factory=dict)
+    gone: dict[str, str] = field(default_factory=dict)  # workspaces made and deleted in the run: id -> tag
+
+    def tenant(self, tag: str) -> World:
+        return self if tag == self.tag else self.others[tag]
+
+    def spaces(self) -> dict[str, str]:
+        """Workspace id -> tag, for every workspace of the run."""
+        return {self.workspace_id: self.tag, **{w.workspace_id: t for t, w in self.others.items()}, **self.gone}
 
     def url(self, code: str) -> str:
         return f"https://shop.test/{code}"
@@ -92,6 +103,12 @@ def _redirect_click(location: Any) -> str | None:
 def make(step: OpStep, world: World, history: History) -> Op:
     """The request of ``step`` (a lead's click id and stats' participant are read from the
     operations they name, which must be done)."""
+    from . import careless, tenants  # they build on this module's shapes
+
+    if tenants.TENANTS_FROM <= step.n < careless.CARELESS_FROM:
+        return tenants.make(step, world, history)
+    if step.n >= careless.CARELESS_FROM:
+        return careless.make(step, world, history)
     token = f"g{history.seed}-{step.n}"
     key = f"k-{token}" if step.keyed else None
     code = world.codes[step.code % len(world.codes)]
@@ -348,6 +365,8 @@ def named_events(op: Op, attempt: Attempt) -> dict[int, str]:
 def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
     """What in an accepted answer is not this request's: each a sentence."""
     b, e = attempt.body, op.echo
+    if op.kind == "t-workspace":  # an operator's commands: judged by what they leave (walls.py)
+        return []
     if op.kind == "redirect":
         return [] if isinstance(b, str) and b.startswith(world.url(op.units[0].code or "")) else [f"Location {b!r}"]
     if not isinstance(b, dict):
@@ -375,7 +394,8 @@ def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
         return [] if b.get("kind") == "visitor" and isinstance(b.get("id"), str) else [f"{b!r}"[:200]]
     elif op.kind == "import":
         counts = (b.get("read"), b.get("stored", 0) + b.get("duplicates", 0), b.get("refused_total"))
-        return [] if counts == (len(op.units), len(op.units), 0) else [f"read, stored or known, refused: {counts}"]
+        rows = len(op.body)
+        return [] if counts == (rows, rows, 0) else [f"read, stored or known, refused: {counts}"]
     elif op.kind == "erase":
         return [] if isinstance(b.get("erasure_id"), str) and b.get("status") in ("pending", "done") else [f"{b!r}"]
     elif op.kind == "sale" and e["route"] == "affixo":

@@ -77,7 +77,8 @@ async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult
         drained, left = await st.check.wait_drained(time.monotonic(), plan.drain_timeout_s)
         if drained is None:
             extra["not_drained"] = [f"not drained {plan.drain_timeout_s:.0f}s after the heal: {left[:6]}"]
-        checker = GenChecker(history, world, st.check, st.tmp / "archive", st.keys.prefix)
+        checker = GenChecker(history, world, st.check, st.tmp / "archive", st.keys.prefix,
+                             sorted(st.tmp.glob("*.log")), clients.outputs)  # fmt: skip
         result.anomalies = await checker.run(extra)
         result.stored, result.archived = checker.stored, checker.archived_lines
         result.lost_with_redis = len(checker.lost_with_redis)

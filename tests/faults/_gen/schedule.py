@@ -84,6 +84,9 @@ IMPORTS_FROM = 400_000
 SUPPRESS_EVERY_S = (10.0, 20.0)
 SUPPRESS_AFTER_S = (6.6, 9.0)
 SUPPRESSES_FROM = 500_000
+# other tenants (``tenants.py``: a second workspace sharing customer and visitor ids, a third
+# made and deleted) and careless input (``careless.py``: metadata at and past the JSON bound,
+# the visitor "undefined"), streams of their own too
 PARTITION_COUNTS = (1, 2, 3, 6, 8)  # what a partition-count fault changes the stage's 4 to, and back
 
 
@@ -158,7 +161,11 @@ def draw(seed: int, mode: str, only: frozenset[str] = frozenset()) -> Schedule:
     erasures = _erasures(random.Random(f"{seed}:erasures"), ln, ops, later_ops)
     imports = _imports(random.Random(f"{seed}:imports"), ln)
     listed = _suppressions(random.Random(f"{seed}:suppressions"), ln)
-    ops = sorted(ops + later_ops + refunds + erasures + imports + listed, key=lambda o: (o.at, o.n))
+    from . import careless, tenants  # they make OpSteps of this module
+
+    others = tenants.draw(random.Random(f"{seed}:tenants"), ln.load_s)
+    others += careless.draw(random.Random(f"{seed}:careless"), ln.load_s)
+    ops = sorted(ops + later_ops + refunds + erasures + imports + listed + others, key=lambda o: (o.at, o.n))
     return Schedule(seed, topo, ln, ops, sorted(faults + later, key=lambda f: f.at))
 
 

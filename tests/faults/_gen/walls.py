@@ -1,0 +1,116 @@
+"""The checker's part for other tenants and for what the processes wrote (``tenants.py``):
+
+- ``tenant_wall``: a workspace's customer of a shared id that the workspace never erased is
+  whole once the run is over: their row with their email, whatever another workspace erased;
+  workspace ``c`` (made, erased in, deleted) left no row anywhere;
+- ``unattributed``: a sale of a customer whose lead (60 days old, past the cookie window) is
+  stored, under a ``lifetime`` rule, not attributed to the lead's link;
+- ``crash``: a crash line in any process's log (a traceback, ``consumer.crashed``, an
+  ``internal_error`` answer);
+- ``personal_in_log``: a customer id, an email or a client's address in any process's log or
+  any command's output.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+from .._checks import Checker
+from .history import History, Op
+from .ops import World
+from .tenants import email_of
+
+# each a line that says a process failed where it should have classified and gone on
+CRASH = re.compile(rb"Traceback \(most recent call last\)|consumer\.crashed|internal_error")
+# tables with a workspace_id: a deleted workspace leaves none of its rows in any of them
+SCOPED = """SELECT table_name FROM information_schema.columns
+WHERE column_name = 'workspace_id' AND table_schema = 'public'
+  AND table_name IN (SELECT tablename FROM pg_tables WHERE schemaname = 'public')"""
+
+
+def _erased(history: History) -> set[tuple[str, str]]:
+    """(customer, tag) of every erase that may have happened (answered or not)."""
+    return {(op.echo["customer"], op.echo.get("tag", "a")) for op in history.ops.values()
+            if op.kind == "erase" and op.skipped is None and any(a.outcome != "refused" for a in op.attempts)}  # fmt: skip
+
+
+async def problems(check: Checker, history: History, world: World) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {"tenant_wall": [], "unattributed": []}
+    erased = _erased(history)
+    for op in history.ops.values():
+        if op.n < 600_000 or op.skipped is not None or not any(a.outcome == "ok" for a in op.attempts):
+            continue
+        tag = op.echo.get("tag")
+        if op.kind == "import" and "ids" in op.echo and op.units and not op.echo.get("again") and tag:
+            customer = op.echo["customer"]
+            if (customer, tag) in erased:
+                continue
+            ws = uuid.UUID(world.tenant(tag).workspace_id)
+            row = await check.fetch("SELECT email FROM customers WHERE workspace_id = $1 AND external_id = $2",
+                                    ws, customer)  # fmt: skip
+            want = email_of(customer, tag)
+            if not row or row[0]["email"] != want:
+                got = row[0]["email"] if row else "no customer row"
+                out["tenant_wall"].append(f"workspace {tag}'s customer {customer} (never erased there): {got!r}, "
+                                          f"not {want!r}; erased elsewhere: {_elsewhere(erased, customer, tag)}")  # fmt: skip
+        elif op.kind == "sale" and "invoice" in op.echo and op.n < 700_000:
+            out["unattributed"] += await _attributed(check, history, op)
+    for ws, tag in world.gone.items():
+        for t in await check.fetch(SCOPED):
+            n = (await check.fetch(f"SELECT count(*) AS n FROM {t['table_name']} WHERE workspace_id = $1",
+                                   uuid.UUID(ws)))[0]["n"]  # fmt: skip
+            if n:
+                out["tenant_wall"].append(f"workspace {tag}, deleted, still has {n} row(s) in {t['table_name']}")
+    return out
+
+
+def _elsewhere(erased: set[tuple[str, str]], customer: str, tag: str) -> list[str]:
+    return sorted(t for c, t in erased if c == customer and t != tag)
+
+
+async def _attributed(check: Checker, history: History, op: Op) -> list[str]:
+    """A tenant sale (``t-sale``) on a lead imported 60 days back: on that lead's link."""
+    lead = next((o for o in history.ops.values() if o.kind == "import" and o.echo.get("customer") ==
+                 op.echo["customer"] and o.echo.get("tag") == "b" and "code" in o.echo), None)  # fmt: skip
+    if lead is None or not any(a.outcome == "ok" for a in lead.attempts):
+        return []
+    rows = await check.fetch("SELECT l.code FROM sales s LEFT JOIN links l ON l.id = s.link_id"
+                             " WHERE s.metadata->>'gen' = $1", op.token)  # fmt: skip
+    return [f"sale {op.token} of {op.echo['customer']} (lead 60 days old, lifetime): on {r['code']!r},"
+            f" not {lead.echo['code']!r}" for r in rows if r["code"] != lead.echo["code"]]  # fmt: skip
+
+
+def personal(history: History) -> list[bytes]:
+    """What a log must never hold: every customer id, email and client address the run sent."""
+    values: set[str] = set()
+    for op in history.ops.values():
+        body = op.body
+        items = body if isinstance(body, list) else [body] if isinstance(body, dict) else []
+        for item in items:
+            for key in ("customerExternalId", "customer_id", "customerEmail", "email", "ip"):
+                v = item.get(key)
+                if isinstance(v, str) and len(v) >= 6:
+                    values.add(v)
+        if op.kind == "erase":
+            values.add(op.echo["customer"])
+    return sorted(v.encode() for v in values)
+
+
+def scan_logs(paths: list[Path], outputs: list[str], values: list[bytes]) -> dict[str, list[str]]:
+    """``crash`` and ``personal_in_log`` over every log file and command output."""
+    out: dict[str, list[str]] = {"crash": [], "personal_in_log": []}
+    # a referrer (https://gen.test/<token>) names a request, not a person
+    needles = re.compile(rb"(?<![\w.@-])(?<!gen\.test/)(?:" + b"|".join(re.escape(v) for v in values) + rb")(?![\w@-]|\.\w)")
+    texts: list[tuple[str, bytes]] = [(p.name, p.read_bytes()) for p in paths if p.exists()]
+    texts += [(f"command output {i}", o.encode()) for i, o in enumerate(outputs)]
+    for name, data in texts:
+        for line in data.splitlines():
+            if CRASH.search(line):
+                out["crash"].append(f"{name}: {line[:300].decode(errors='replace')}")
+            if values and (m := needles.search(line)):
+                out["personal_in_log"].append(f"{name}: {m.group().decode(errors='replace')!r} in "
+                                              f"{line[:200].decode(errors='replace')}")  # fmt: skip
+    return out
+
