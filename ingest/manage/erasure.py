@@ -60,10 +60,12 @@ ON CONFLICT (workspace_id, subject) DO UPDATE
         archive_due = least(erasures.archive_due, EXCLUDED.archive_due), generation = erasures.generation + 1
 RETURNING id, (xmax = 0) AS created, requested_at, archive_due
 """
+# the person's identifiers, in their workspace's ledger: another workspace's visitor of the
+# same id is another person (DESIGN.md 15)
 _IDS = """
-INSERT INTO erased_ids (digest, erasure_id, kind)
-SELECT d, $1, k FROM unnest($2::bytea[], $3::text[]) AS x(d, k)
-ON CONFLICT (digest) DO NOTHING
+INSERT INTO erased_ids (digest, erasure_id, kind, workspace_id)
+SELECT d, $1, k, $4 FROM unnest($2::bytea[], $3::text[]) AS x(d, k)
+ON CONFLICT (digest, workspace_id) DO NOTHING
 """
 # the person's events: a scan of the partitions from a month before their first event
 # (their visitors' clicks may precede it), or of every partition when none is known
@@ -163,7 +165,7 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
             ids = [(erasure.digest(key, EXTERNAL, external_id, workspace_id), EXTERNAL)]
             ids += [(erasure.digest(key, VISITOR, v), VISITOR) for v in visitors]
             ids += [(erasure.digest(key, EVENT, c.hex), EVENT) for c in clicks]
-            await conn.execute(_IDS, made["id"], [d for d, _ in ids], [k for _, k in ids])
+            await conn.execute(_IDS, made["id"], [d for d, _ in ids], [k for _, k in ids], workspace_id)
         out = Erased(made["id"], made["created"], made["requested_at"], made["archive_due"])
         for _ in range(_PASSES):
             async with conn.transaction():  # 2. the fence
@@ -178,7 +180,7 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
                 more = [(erasure.digest(key, VISITOR, v), VISITOR) for v in more_visitors]
                 more += [(erasure.digest(key, EVENT, c.hex), EVENT) for c in more_clicks]
                 if more:
-                    await conn.execute(_IDS, made["id"], [d for d, _ in more], [k for _, k in more])
+                    await conn.execute(_IDS, made["id"], [d for d, _ in more], [k for _, k in more], workspace_id)
                 out.rows = {k: max(v, out.rows.get(k, 0)) for k, v in rows.items()}
                 if not more:
                     await conn.execute(
@@ -201,7 +203,7 @@ def _first(since: datetime | None, clicks: list[uuid.UUID]) -> datetime | None:
 
 ROW = """
 SELECT id, workspace_id, requested_at, requested_by, since, archive_due, postgres_at, redis_at, archive_at, done,
-       generation
+       generation, rechecked
 FROM erasures
 """
 
