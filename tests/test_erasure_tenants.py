@@ -208,3 +208,46 @@ async def test_deleting_a_workspace_leaves_anothers_erasure_of_the_same_id_honou
     )
     assert len(rows) == 2
     assert all(ledger.is_pseudonym(r["visitor_id"]) and r["ip"] is None and r["referrer"] is None for r in rows), rows
+
+
+async def test_an_entry_of_the_global_ledger_keeps_protecting_after_the_migration(
+    world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, tmp_path: Path
+) -> None:
+    """A database of schema 10: one global entry of visitor ``undefined``, held by A's erasure
+    (B's erasure of its own person of that visitor found it held and wrote none). Migrated,
+    the entry protects A and B each (B's erasure still holds for an import into B) and goes
+    with A's erasure only for A; a workspace with no erasure is not B's or A's to scrub."""
+    from ingest.manage.db import migrate
+
+    third = await make_world(pg, redis, keys, code="THIRDWS", name="Third")
+    async with pg.acquire() as conn:
+        key = await ledger.salt(conn)
+        await conn.execute(
+            "ALTER TABLE erased_ids DROP CONSTRAINT erased_ids_pkey; ALTER TABLE erased_ids DROP COLUMN workspace_id;"
+            " ALTER TABLE erased_ids ADD PRIMARY KEY (digest)"
+        )
+        ids = {}
+        for w, who in ((world, "alice"), (other, "bob")):
+            subject = ledger.digest(key, ledger.EXTERNAL, who, w.workspace_id)
+            ids[w.workspace_id] = await conn.fetchval(
+                "INSERT INTO erasures (id, workspace_id, subject, requested_by, archive_due, postgres_at)"
+                " VALUES (gen_random_uuid(), $1, $2, 'test', now() + interval '30 days', now()) RETURNING id",
+                w.workspace_id, subject,
+            )  # fmt: skip
+            await conn.execute("INSERT INTO erased_ids (digest, erasure_id, kind) VALUES ($1, $2, 'x')",
+                               subject, ids[w.workspace_id])  # fmt: skip
+        shared = ledger.digest(key, ledger.VISITOR, SHARED)
+        await conn.execute("INSERT INTO erased_ids (digest, erasure_id, kind) VALUES ($1, $2, 'v')",
+                           shared, ids[world.workspace_id])  # fmt: skip
+        await migrate(conn)
+        await migrate(conn)  # a second run changes nothing
+        held = {(str(r["workspace_id"]), r["erasure_id"]) for r in await conn.fetch(
+            "SELECT workspace_id, erasure_id FROM erased_ids WHERE digest = $1", shared)}  # fmt: skip
+    assert held == {(world.workspace_id, ids[world.workspace_id]), (other.workspace_id, ids[other.workspace_id])}
+    late = {"type": "click", "id": "c9", "timestamp": _at(1), "link": other.link["code"], "ip": "203.0.113.10",
+            "visitor_id": SHARED, "referrer": REFERRER}  # fmt: skip
+    await _import(settings, tmp_path, other, [late])
+    await _import(settings, tmp_path, third, [{**late, "link": third.link["code"]}])
+    rows = {str(r["workspace_id"]): r for r in await pg.fetch("SELECT workspace_id, visitor_id, ip FROM events")}
+    assert ledger.is_pseudonym(rows[other.workspace_id]["visitor_id"]) and rows[other.workspace_id]["ip"] is None
+    assert rows[third.workspace_id]["visitor_id"] == SHARED
