@@ -734,3 +734,11 @@ END $$;
 -- the sweep's re-check of Postgres, once per generation of an erasure (not every sweep):
 -- the generation it last re-checked (ingest/manage/erasure_late.py)
 ALTER TABLE erasures ADD COLUMN IF NOT EXISTS rechecked bigint;
+-- an erasure's look for the person's events (ingest/manage/erasure.py _EVENTS): by customer,
+-- by visitor, by the click a lead names, each an index range in the workspace, not a scan of
+-- its events (only leads and sales carry a customer, only leads and conversions a click)
+CREATE INDEX IF NOT EXISTS events_workspace_visitor ON events (workspace_id, visitor_id, event_id);
+CREATE INDEX IF NOT EXISTS events_workspace_customer ON events (workspace_id, customer_external_id, event_id)
+    WHERE customer_external_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_workspace_click ON events (workspace_id, click_id, event_id)
+    WHERE click_id IS NOT NULL;
