@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from ingest.contract import erasure as ledger
+from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import admin
@@ -161,6 +162,16 @@ async def _bricqs(edge: str, world: World, visitor: str, again: bool) -> None:
     assert status == 200 and out["converted"] is True, out
 
 
+async def _entries(redis: Any, keys: Keys, world: World) -> list[tuple[Any, bytes]]:
+    """The workspace's stream entries, read and acked by the workers and not yet trimmed."""
+    out = []
+    for s in keys.streams:
+        for sid, fields in await redis.xrange(s):
+            if Envelope.from_entry(fields).workspace_id == world.workspace_id:
+                out.append((sid, orjson.dumps({k.decode(): v.decode(errors="replace") for k, v in fields.items()})))
+    return out
+
+
 @pytest.mark.parametrize("door", [_affixo, _batch, _bricqs], ids=["affixo", "batch", "bricqs"])
 async def test_a_shared_client_chosen_id_erased_in_one_workspace_stays_in_another(
     door: Any, edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any,
@@ -175,9 +186,12 @@ async def test_a_shared_client_chosen_id_erased_in_one_workspace_stays_in_anothe
     await drain()
     before = await _state(pg, other)
     assert [c[1] for c in before["customers"]] == [SHARED] and before["events"], before
+    entries = await _entries(redis, keys, other)
+    assert entries and all(SHARED.encode() in e for _, e in entries)
     await _erase(edge, pg, redis, keys, world, "alice")
     await _sweep(pg, redis, keys)
     assert await _state(pg, other) == before
+    assert await _entries(redis, keys, other) == entries  # the sweep's Redis pass left B's entries as they were
     await _alice_gone(pg, world, "alice@a.example")
     await door(edge, other, SHARED, True)  # after the erasure: B's, stored as sent
     await drain()
