@@ -21,9 +21,12 @@ from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import admin
+from workers.archive.store import open_store
 from workers.ops import erasure
 
 from ._world import World, call, make_world
+from .test_archive import archived, run_archiver
+from .test_erasure import archive_bytes
 from .test_import import import_cli
 from .test_sales import sale_body
 from .test_seed_001_bricqs import generate
@@ -265,3 +268,24 @@ async def test_an_entry_of_the_global_ledger_keeps_protecting_after_the_migratio
     rows = {str(r["workspace_id"]): r for r in await pg.fetch("SELECT workspace_id, visitor_id, ip FROM events")}
     assert ledger.is_pseudonym(rows[other.workspace_id]["visitor_id"]) and rows[other.workspace_id]["ip"] is None
     assert rows[third.workspace_id]["visitor_id"] == SHARED
+
+
+async def test_the_archive_pass_leaves_another_workspaces_entries_of_a_shared_visitor_id(
+    edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys,
+    drain: Any, tmp_path: Path,
+) -> None:  # fmt: skip
+    """B's Affixo click of visitor ``undefined``, archived; A erases its Alice of that visitor
+    id, and the sweep's archive pass runs to done: B's segment is as it was."""
+    settings = archived(settings, tmp_path)
+    store = open_store(settings)
+    await _import(settings, tmp_path, world, _history(world.link["code"], "alice", "alice@a.example"))
+    await _affixo(edge, other, SHARED, False)
+    await drain()
+    await run_archiver(settings, redis, store)
+    before = await archive_bytes(store, keys.prefix)
+    assert before and any(REFERRER.encode() in held for _, held in before)  # the test can fail
+    await _erase(edge, pg, redis, keys, world, "alice")
+    for _ in range(3):
+        await erasure.sweep(pg, redis, keys, store)
+    assert await erasure.status(pg) == []  # the archive pass ran, and is done
+    assert await archive_bytes(store, keys.prefix) == before
