@@ -17,10 +17,11 @@ import orjson
 import pytest
 
 from ingest.contract import erasure as ledger
-from ingest.contract.events import Envelope
+from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import admin
+from ingest.spool.spool import Spool
 from workers.archive.store import open_store
 from workers.ops import erasure
 
@@ -289,3 +290,25 @@ async def test_the_archive_pass_leaves_another_workspaces_entries_of_a_shared_vi
         await erasure.sweep(pg, redis, keys, store)
     assert await erasure.status(pg) == []  # the archive pass ran, and is done
     assert await archive_bytes(store, keys.prefix) == before
+
+
+async def test_a_spool_drained_after_an_erasure_elsewhere_appends_the_other_workspaces_event_as_sent(
+    edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """B's click of visitor ``undefined`` spooled while Redis was away drains after A erased
+    its Alice of that visitor id: the drain's ledger check appends it as it was sent."""
+    await _import(settings, tmp_path, world, _history(world.link["code"], "alice", "alice@a.example"))
+    await _erase(edge, pg, redis, keys, world, "alice")
+    click = Envelope(EventType.CLICK, Dialect.AFFIXO, {"code": other.link["code"], "visitor_id": SHARED,
+                     "referrer": REFERRER}, other.workspace_id, "127.0.0.9", "Mozilla/5.0")  # fmt: skip
+    offline = tmp_path / "offline-spool"  # not the edge fixture's (settings.spool_dir): its drainer would race
+    spool = Spool(offline, max_bytes=10_000_000)
+    await spool.append(keys.stream_for(other.link["code"]), click.encode())
+    await spool.close()
+    again = Spool(offline, max_bytes=10_000_000)
+    again._ledger = lambda: ledger.held(pg)
+    assert await again.drain(redis) == 1
+    await again.close()
+    (entry,) = await redis.xrange(keys.stream_for(other.link["code"]))
+    assert Envelope.from_entry(entry[1]) == click
