@@ -705,3 +705,40 @@ CREATE TABLE IF NOT EXISTS suppressions (
 --                                identifier of theirs; kept (a later event must still find it),
 --                                deleted with their workspace; erasure_salt one row
 --   suppressions                 what a workspace lists: deleted by it, or with the workspace
+
+-- Schema version 11: the erasure ledger per workspace (DESIGN.md 15: tenants are walls). An
+-- entry of `erased_ids` protects one workspace: a visitor id, a click id or an import's id
+-- that two workspaces' clients chose alike is erased in one and stays in the other, and a
+-- workspace's deletion takes only its own entries (with its erasures). An entry written
+-- before (digest alone, one for every workspace) keeps protecting where it could have been
+-- relied on: its own erasure's workspace, and every other workspace with an erasure then
+-- (its own erasure of the same id found the entry held and wrote none: ON CONFLICT DO
+-- NOTHING), each copy under that workspace's first erasure, so it goes with that workspace.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()
+                   AND table_name = 'erased_ids' AND column_name = 'workspace_id') THEN
+        ALTER TABLE erased_ids ADD COLUMN workspace_id uuid;
+        UPDATE erased_ids i SET workspace_id = e.workspace_id FROM erasures e WHERE e.id = i.erasure_id;
+        ALTER TABLE erased_ids DROP CONSTRAINT erased_ids_pkey;
+        INSERT INTO erased_ids (digest, erasure_id, kind, workspace_id)
+        SELECT i.digest, w.id, i.kind, w.workspace_id
+        FROM erased_ids i
+        CROSS JOIN (SELECT DISTINCT ON (workspace_id) id, workspace_id FROM erasures
+                    ORDER BY workspace_id, requested_at, id) w
+        WHERE i.kind <> 'x' AND w.workspace_id <> i.workspace_id;
+        ALTER TABLE erased_ids ALTER COLUMN workspace_id SET NOT NULL;
+        ALTER TABLE erased_ids ADD PRIMARY KEY (digest, workspace_id);
+    END IF;
+END $$;
+-- the sweep's re-check of Postgres, once per generation of an erasure (not every sweep):
+-- the generation it last re-checked (ingest/manage/erasure_late.py)
+ALTER TABLE erasures ADD COLUMN IF NOT EXISTS rechecked bigint;
+-- an erasure's look for the person's events (ingest/manage/erasure.py _EVENTS): by customer,
+-- by visitor, by the click a lead names, each an index range in the workspace, not a scan of
+-- its events (only leads and sales carry a customer, only leads and conversions a click)
+CREATE INDEX IF NOT EXISTS events_workspace_visitor ON events (workspace_id, visitor_id, event_id);
+CREATE INDEX IF NOT EXISTS events_workspace_customer ON events (workspace_id, customer_external_id, event_id)
+    WHERE customer_external_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_workspace_click ON events (workspace_id, click_id, event_id)
+    WHERE click_id IS NOT NULL;

@@ -238,11 +238,11 @@ async def test_the_sweeps_recheck_learns_the_click_of_a_raw_lead_it_scrubs(
             world.workspace_id, ledger.digest(key, ledger.EXTERNAL, p.external_id, world.workspace_id),
         )  # fmt: skip
         await conn.execute(
-            "INSERT INTO erased_ids (digest, erasure_id, kind) VALUES ($1, $2, 'x')",
-            ledger.digest(key, ledger.EXTERNAL, p.external_id, world.workspace_id), erasure_id,
+            "INSERT INTO erased_ids (digest, erasure_id, kind, workspace_id) VALUES ($1, $2, 'x', $3)",
+            ledger.digest(key, ledger.EXTERNAL, p.external_id, world.workspace_id), erasure_id, world.workspace_id,
         )  # fmt: skip
     assert not await in_ledger(pg, ledger.EVENT, click.event_id.hex)
-    assert await erasure_late.recheck(pg, key, datetime.now(UTC) - timedelta(hours=1)) >= 1
+    assert await erasure_late.recheck(pg, key, world.workspace_id, datetime.now(UTC) - timedelta(hours=1)) >= 1
     assert await in_ledger(pg, ledger.EVENT, click.event_id.hex)
     row = await pg.fetchrow("SELECT ip, referrer, visitor_id FROM events WHERE event_id = $1", click.event_id)
     assert row["ip"] is None and row["referrer"] is None and ledger.is_pseudonym(row["visitor_id"])

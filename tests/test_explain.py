@@ -4,14 +4,16 @@ daily rows, analyzed; the plans name index scans and no sequential scan of the t
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+import uuid
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 
-from ingest.manage import ledger, manage, stats
+from ingest.manage import erasure as pg_erasure
+from ingest.manage import erasure_late, ledger, manage, stats
 from workers.consumer.partitions import maintain
 
 # the planner over generated rows: the same Postgres either way:
@@ -89,6 +91,13 @@ def _nodes(plan: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _indexes(plan: dict[str, Any]) -> list[str]:
+    out = [plan["Index Name"]] if "Index Name" in plan else []
+    for child in plan.get("Plans", []):
+        out += _indexes(child)
+    return out
+
+
 async def plan(conn: asyncpg.Connection, sql: str, *args: Any) -> list[tuple[str, str]]:
     # a generic plan, as a prepared statement gets after a few runs, and the custom one
     found = []
@@ -121,6 +130,7 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
         )  # fmt: skip
         links = [r["id"] for r in await conn.fetch(stats.AFFILIATE_LINKS_SQL, ws, affiliate)]
         today = await conn.fetchval("SELECT current_date")
+        first = datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC) + timedelta(days=2)  # a person's first event
         since = today - timedelta(days=29)
         reads = {
             "events": [
@@ -130,6 +140,11 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
                 (manage.events_query(link=True, type_=True), ws, link, 3, 50),
             ],
             "customers": [(manage.CUSTOMER, ws, "c77")],
+            # an erasure's look for the person's events, and the sweep's re-check of one workspace
+            "events_erasure": [
+                (pg_erasure._EVENTS, ws, "c77", ["v77", "v20077"], [uuid.uuid4()], pg_erasure.uuid_floor(first)),
+                (erasure_late._RAW, ws, pg_erasure.uuid_floor(first), 5000),
+            ],
             "links": [
                 (manage.LINK_BY_ID, link, ws),
                 (manage.AFFILIATE_LINKS, ws, affiliate),
@@ -168,9 +183,20 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
         tables = {"links", "customers", "daily_stats", "drop_stats", "sale_stats", "sales", "commissions", "payouts"}
         assert {f"events_p2033010{d}" for d in range(4, 9)} | tables <= holding
         for table, queries in reads.items():
+            table = table.removesuffix("_erasure")
             for sql, *args in queries:
                 nodes = await plan(conn, sql, *args)
                 assert uses_an_index(nodes, {t for t in holding if t.startswith(table)}), f"{table}: {sql}\n{nodes}"
+        # the erasure's look goes by the person's visitor (and customer, and click), the re-check
+        # by the workspace's event ids: index names, not just index scans
+        wanted = (("_pkey", "_visitor_id_event_id_idx", "_customer_external_id_event_id_idx", "_click_id_event_id_idx"),
+                  ("_workspace_id_event_id_idx",))  # fmt: skip
+        for (sql, *args), names in zip(reads["events_erasure"], wanted, strict=True):
+            for mode in ("force_generic_plan", "force_custom_plan"):
+                await conn.execute(f"SET plan_cache_mode = {mode}")
+                raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
+                used = set(_indexes((orjson.loads(raw) if isinstance(raw, str | bytes) else raw)[0]["Plan"]))
+                assert used and all(u.endswith(names) for u in used), (sql, mode, used)
         # and the answer is the newest first, across partitions
         rows = await manage.list_events(conn, str(ws), link_id=None, type_=None, limit=5)
         newest = await conn.fetch("SELECT event_id FROM events WHERE workspace_id = $1 ORDER BY 1 DESC LIMIT 5", ws)

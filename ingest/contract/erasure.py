@@ -26,7 +26,7 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -57,10 +57,15 @@ _salt: bytes | None = None
 # a batch's look at the ledger, holding the lock shared until its commit: an erasure, once
 # its ledger is in, takes the lock exclusive and so waits for every batch that looked
 # before (``ingest.manage.erasure``); one statement, one round trip per batch
+# before. Each entry is one workspace's (DESIGN.md 15): the digests come back with theirs
 _READ = """
-SELECT array(SELECT digest FROM erased_ids WHERE digest = ANY($2::bytea[]))
+SELECT array(SELECT workspace_id::text FROM erased_ids WHERE digest = ANY($2::bytea[]) ORDER BY digest, workspace_id),
+       array(SELECT digest FROM erased_ids WHERE digest = ANY($2::bytea[]) ORDER BY digest, workspace_id)
 FROM (SELECT pg_advisory_xact_lock_shared($1)) l
 """
+# an envelope with no workspace of its own (an entry written before envelopes carried one):
+# its link's
+_CODES = "SELECT code, workspace_id::text AS ws FROM links WHERE code = ANY($1::text[])"
 
 
 async def salt(conn: asyncpg.Connection) -> bytes:
@@ -83,8 +88,11 @@ def forget_salt() -> None:
 
 def digest(key: bytes, kind: str, value: str, workspace_id: str | None = None) -> bytes:
     """The ledger's entry for one identifier: keyed BLAKE2b (a MAC, and a few hundred
-    nanoseconds: the workers take one per identifier of every event). An external id is
-    one per workspace; visitor and click ids are random, one in the world."""
+    nanoseconds: the workers take one per identifier of every event). An external id's
+    digest is one per workspace; a visitor's or a click's is the same in every workspace
+    (so a pseudonym made before the ledger was per workspace stays what it was), and the
+    ledger holds it per workspace (``erased_ids.workspace_id``): a client chooses those
+    ids, and two workspaces' clients may choose alike."""
     scope = (workspace_id or "") if kind == EXTERNAL else ""
     return hashlib.blake2b(f"{kind}\x1f{scope}\x1f{value}".encode(), key=key, digest_size=16).digest()
 
@@ -102,10 +110,12 @@ def is_pseudonym(value: object) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Ledger:
-    """The ledger's entries that a set of events named (``Ledger.read``)."""
+    """The ledger's entries that a set of events named (``Ledger.read``): each a workspace's
+    (its id, the digest), and a workspace for a link code where an envelope has none."""
 
     key: bytes
-    erased: frozenset[bytes]
+    erased: frozenset[tuple[str, bytes]]
+    codes: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     async def read(
@@ -117,12 +127,27 @@ class Ledger:
         """The entries that name any of ``envelopes``. ``workspace_of`` (by ``id()`` of an
         envelope) gives a workspace where the envelope has none (a click's, from its link)."""
         key = await salt(conn)
+        envelopes = list(envelopes)
         wanted = {d for e in envelopes for d in _digests(key, e, (workspace_of or {}).get(id(e)))}
-        found = await conn.fetchval(_READ, LOCK, list(wanted))
-        return cls(key, frozenset(bytes(d) for d in found))
+        spaces, found = await conn.fetchrow(_READ, LOCK, list(wanted))
+        erased = frozenset((w, bytes(d)) for w, d in zip(spaces, found, strict=True))
+        unplaced = {
+            c for e in envelopes
+            if not (e.workspace_id or (workspace_of or {}).get(id(e))) and isinstance(c := e.payload.get("code"), str)
+        }  # fmt: skip
+        codes = {r["code"]: r["ws"] for r in await conn.fetch(_CODES, sorted(unplaced))} if erased and unplaced else {}
+        return cls(key, erased, codes)
+
+    def workspace(self, e: Envelope, workspace_id: str | None = None) -> str | None:
+        """``e``'s workspace: its own, else ``workspace_id`` (the caller's), else its link's."""
+        code = e.payload.get("code")
+        return e.workspace_id or workspace_id or (self.codes.get(code) if isinstance(code, str) else None)
 
     def names(self, e: Envelope, workspace_id: str | None = None) -> bool:
-        return bool(self.erased) and any(d in self.erased for d in _digests(self.key, e, workspace_id))
+        """Whether the ledger names ``e`` in its workspace (an event of no workspace: never)."""
+        if not self.erased or (ws := self.workspace(e, workspace_id)) is None:
+            return False
+        return any((ws, d) in self.erased for d in _digests(self.key, e, ws))
 
     def scrubbed(
         self, envelopes: list[Envelope], workspace_of: Mapping[int, str | None] | None = None
@@ -131,10 +156,10 @@ class Ledger:
         originals, with their workspace (a replayed copy scrubbed before is not one)."""
         out = []
         for i, e in enumerate(envelopes):
-            ws = (workspace_of or {}).get(id(e))
+            ws = self.workspace(e, (workspace_of or {}).get(id(e)))
             if self.names(e, ws) and (scrubbed := scrub(self.key, e, ws)) != e:
                 envelopes[i] = scrubbed
-                out.append((e, e.workspace_id or ws))
+                out.append((e, ws))
         return out
 
 
@@ -172,9 +197,9 @@ class LedgerUnavailable(Exception):
 
 
 _LEARN = """
-INSERT INTO erased_ids (digest, erasure_id, kind)
-SELECT d, $1, k FROM unnest($2::bytea[], $3::text[]) AS x(d, k)
-ON CONFLICT (digest) DO NOTHING
+INSERT INTO erased_ids (digest, erasure_id, kind, workspace_id)
+SELECT d, $1, k, $4 FROM unnest($2::bytea[], $3::text[]) AS x(d, k)
+ON CONFLICT (digest, workspace_id) DO NOTHING
 RETURNING digest
 """
 # a click minted longer before the lead that names it than this: its id's time is not trusted
@@ -211,9 +236,13 @@ async def learn(
     joined: set[Any] = set()
     touched: dict[Any, int] = {}
     for e, ws in originals:
+        ws = e.workspace_id or ws
+        if ws is None:
+            continue  # no workspace, no ledger names it
         found = await conn.fetchval(
-            "SELECT erasure_id FROM erased_ids WHERE digest = ANY($1::bytea[]) LIMIT 1", _digests(key, e, ws)
-        )
+            "SELECT erasure_id FROM erased_ids WHERE digest = ANY($1::bytea[]) AND workspace_id = $2 LIMIT 1",
+            _digests(key, e, ws), ws,
+        )  # fmt: skip
         if found is None:
             continue
         more = []
@@ -225,7 +254,7 @@ async def learn(
         at = first_ms(e.received_at_ms, [cid] if cid is not None else [])
         assert at is not None
         touched[found] = min(touched.get(found, at), at)
-        if more and await conn.fetch(_LEARN, found, [d for d, _ in more], [k for _, k in more]):
+        if more and await conn.fetch(_LEARN, found, [d for d, _ in more], [k for _, k in more], ws):
             joined.add(found)
     for erasure_id, ms in sorted(touched.items(), key=lambda t: str(t[0])):
         if met or erasure_id in joined:
@@ -260,10 +289,10 @@ async def held(pool: asyncpg.Pool) -> AsyncIterator[Check]:
                 ledger = await Ledger.read(conn, envelopes)
                 named = [(i, e) for i, e in enumerate(envelopes) if ledger.names(e)]
                 if named:  # what these teach the ledger (a spooled lead's click)
-                    await learn(conn, ledger.key, [(e, e.workspace_id) for _, e in named])
+                    await learn(conn, ledger.key, [(e, ledger.workspace(e)) for _, e in named])
             except (*PG_ERRORS, asyncpg.PostgresError) as exc:
                 raise LedgerUnavailable(repr(exc)) from exc
-            return {i: scrub(ledger.key, e) for i, e in named}
+            return {i: scrub(ledger.key, e, ledger.workspace(e)) for i, e in named}
 
         try:
             yield check

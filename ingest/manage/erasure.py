@@ -58,22 +58,29 @@ VALUES ($1, $2, $3, $4, $5, now() + make_interval(days => $6))
 ON CONFLICT (workspace_id, subject) DO UPDATE
     SET since = least(erasures.since, EXCLUDED.since), postgres_at = NULL, redis_at = NULL, archive_at = NULL,
         archive_due = least(erasures.archive_due, EXCLUDED.archive_due), generation = erasures.generation + 1
-RETURNING id, (xmax = 0) AS created, requested_at, archive_due
+RETURNING id, (xmax = 0) AS created, requested_at, archive_due, generation
 """
+# the person's identifiers, in their workspace's ledger: another workspace's visitor of the
+# same id is another person (DESIGN.md 15)
 _IDS = """
-INSERT INTO erased_ids (digest, erasure_id, kind)
-SELECT d, $1, k FROM unnest($2::bytea[], $3::text[]) AS x(d, k)
-ON CONFLICT (digest) DO NOTHING
+INSERT INTO erased_ids (digest, erasure_id, kind, workspace_id)
+SELECT d, $1, k, $4 FROM unnest($2::bytea[], $3::text[]) AS x(d, k)
+ON CONFLICT (digest, workspace_id) DO NOTHING
 """
-# the person's events: a scan of the partitions from a month before their first event
-# (their visitors' clicks may precede it), or of every partition when none is known
+# the person's events, from a month before their first event (their visitors' clicks may
+# precede it), or from the first when none is known: each way of naming them an index range
+# of its own (events_workspace_customer, _visitor, _click, the primary key), never a scan of
+# the workspace's events
 _EVENTS = """
 SELECT event_id, type, link_id, received_at, dialect, visitor_id, visitor_key, customer_external_id,
        dedupe_key, enrichment, payload, host(ip) AS ip, user_agent, referrer, click_id
 FROM events
-WHERE workspace_id = $1 AND event_id >= $5
-  AND (customer_external_id = $2 OR visitor_id = ANY($3::text[]) OR event_id = ANY($4::uuid[])
-       OR click_id = ANY($4::uuid[]))
+WHERE workspace_id = $1 AND event_id >= $5 AND event_id = ANY(ARRAY(
+    SELECT event_id FROM events WHERE workspace_id = $1 AND customer_external_id = $2 AND event_id >= $5
+    UNION SELECT event_id FROM events WHERE workspace_id = $1 AND visitor_id = ANY($3::text[]) AND event_id >= $5
+    UNION SELECT event_id FROM events WHERE event_id = ANY($4::uuid[]) AND workspace_id = $1 AND event_id >= $5
+    UNION SELECT event_id FROM events WHERE workspace_id = $1 AND click_id = ANY($4::uuid[]) AND event_id >= $5
+))
 """
 _SHARED_KEYS = """
 SELECT DISTINCT link_id, (received_at AT TIME ZONE 'UTC')::date AS day, visitor_key FROM events
@@ -163,7 +170,7 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
             ids = [(erasure.digest(key, EXTERNAL, external_id, workspace_id), EXTERNAL)]
             ids += [(erasure.digest(key, VISITOR, v), VISITOR) for v in visitors]
             ids += [(erasure.digest(key, EVENT, c.hex), EVENT) for c in clicks]
-            await conn.execute(_IDS, made["id"], [d for d, _ in ids], [k for _, k in ids])
+            await conn.execute(_IDS, made["id"], [d for d, _ in ids], [k for _, k in ids], workspace_id)
         out = Erased(made["id"], made["created"], made["requested_at"], made["archive_due"])
         for _ in range(_PASSES):
             async with conn.transaction():  # 2. the fence
@@ -178,12 +185,16 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
                 more = [(erasure.digest(key, VISITOR, v), VISITOR) for v in more_visitors]
                 more += [(erasure.digest(key, EVENT, c.hex), EVENT) for c in more_clicks]
                 if more:
-                    await conn.execute(_IDS, made["id"], [d for d, _ in more], [k for _, k in more])
+                    await conn.execute(_IDS, made["id"], [d for d, _ in more], [k for _, k in more], workspace_id)
                 out.rows = {k: max(v, out.rows.get(k, 0)) for k, v in rows.items()}
                 if not more:
+                    # its own generation re-checked: these passes, behind their fences, found
+                    # every row the ledger names (the sweep's re-check is for what a writer
+                    # teaches the ledger later, which moves the generation on)
                     await conn.execute(
-                        "UPDATE erasures SET postgres_at = now(), done = done || $2::text::jsonb WHERE id = $1",
-                        made["id"], orjson.dumps({"postgres": out.rows}).decode(),
+                        "UPDATE erasures SET postgres_at = now(), done = done || $2::text::jsonb, rechecked = $3"
+                        " WHERE id = $1",
+                        made["id"], orjson.dumps({"postgres": out.rows}).decode(), made["generation"],
                     )  # fmt: skip
                     break
             visitors += more_visitors
@@ -201,7 +212,7 @@ def _first(since: datetime | None, clicks: list[uuid.UUID]) -> datetime | None:
 
 ROW = """
 SELECT id, workspace_id, requested_at, requested_by, since, archive_due, postgres_at, redis_at, archive_at, done,
-       generation
+       generation, rechecked
 FROM erasures
 """
 

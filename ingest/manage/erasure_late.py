@@ -38,26 +38,30 @@ async def follow(conn: asyncpg.Connection, key: bytes, originals: list[tuple[Env
         await scrub_rows(conn, key, ws, external, visitors, clicks, since)
 
 
-async def recheck(pool: asyncpg.Pool, key: bytes, since: datetime) -> int:
-    """The sweep's look at Postgres: behind the ledger's fence, every event row from a month
-    before ``since`` whose visitor, click or customer the ledger names and that still holds
-    personal data is scrubbed (a row a batch stored beside the one that taught the ledger
-    its visitor or click). The rows scrubbed."""
-    floor = uuid_floor(since - timedelta(days=31))
+async def recheck(pool: asyncpg.Pool, key: bytes, workspace_id: str, since: datetime) -> int:
+    """The sweep's look at one workspace's rows in Postgres: behind the ledger's fence, each
+    event row of ``workspace_id`` from a month before ``since`` whose visitor, click or
+    customer that workspace's ledger names and that still holds personal data is scrubbed
+    (a row a batch stored beside the one that taught the ledger its visitor or click).
+    Another workspace's rows are never read: its visitor of the same id is someone else
+    (DESIGN.md 15). Read a page at a time by ``events_workspace_id``. The rows scrubbed."""
+    after = uuid.UUID(int=max(uuid_floor(since - timedelta(days=31)).int - 1, 0))  # pages: event_id > after
     scrubbed = 0
     async with pool.acquire() as conn:
         async with conn.transaction():  # the fence: batches that read the ledger before have committed
             await conn.execute("SELECT pg_advisory_xact_lock($1)", erasure.LOCK)
-        rows = await conn.fetch(_RAW, floor)
-        for i in range(0, len(rows), _CHUNK):
-            chunk = rows[i : i + _CHUNK]
+        while True:
+            chunk = await conn.fetch(_RAW, workspace_id, after, _CHUNK)
+            if not chunk:
+                break
+            after = chunk[-1]["event_id"]
             probes: dict[bytes, list[asyncpg.Record]] = {}
             for r in chunk:
-                for d in _row_digests(key, r):
+                for d in _row_digests(key, r, workspace_id):
                     probes.setdefault(d, []).append(r)
-            found = await conn.fetch("SELECT digest FROM erased_ids WHERE digest = ANY($1::bytea[])", list(probes))
+            found = await conn.fetch(_NAMED, list(probes), workspace_id)
             hit = {r["event_id"]: r for d in found for r in probes[bytes(d["digest"])]}
-            for r in hit.values():
+            for r in sorted(hit.values(), key=lambda r: r["event_id"]):
                 x = r["customer_external_id"]
                 external = x if isinstance(x, str) and not erasure.is_pseudonym(x) else None
                 visitors = [v] if isinstance(v := r["visitor_id"], str) and not erasure.is_pseudonym(v) else []
@@ -66,34 +70,42 @@ async def recheck(pool: asyncpg.Pool, key: bytes, since: datetime) -> int:
                     # what the raw row teaches (its visitor, the click a lead names), as a
                     # writer meeting it would have learned: their copies in Redis and the
                     # archive are the sweep's to find too
-                    await erasure.learn(conn, key, [(_as_met(r, external), r["ws"])], met=False)
-                    await scrub_rows(conn, key, r["ws"], external, visitors, clicks, since)
+                    await erasure.learn(conn, key, [(_as_met(r, external, workspace_id), workspace_id)], met=False)
+                    await scrub_rows(conn, key, workspace_id, external, visitors, clicks, since)
                 scrubbed += 1
+            if len(chunk) < _CHUNK:
+                break
     return scrubbed
 
 
-# rows that may still hold personal data (an erased person's scrubbed ones hold none of these)
+# one workspace's rows that may still hold personal data (an erased person's scrubbed ones
+# hold none of these), a page at a time in event id order: an index range of
+# events_workspace_id (workspace_id, event_id) in each partition from the floor on
 _RAW = """
-SELECT event_id, type, workspace_id::text AS ws, visitor_id, click_id, customer_external_id FROM events
-WHERE event_id >= $1 AND (ip IS NOT NULL OR user_agent IS NOT NULL OR referrer IS NOT NULL
+SELECT event_id, type, visitor_id, click_id, customer_external_id FROM events
+WHERE workspace_id = $1 AND event_id > $2
+  AND (ip IS NOT NULL OR user_agent IS NOT NULL OR referrer IS NOT NULL
     OR (visitor_id IS NOT NULL AND visitor_id NOT LIKE 'erased-%')
     OR (customer_external_id IS NOT NULL AND customer_external_id NOT LIKE 'erased-%'))
+ORDER BY event_id
+LIMIT $3
 """
+_NAMED = "SELECT digest FROM erased_ids WHERE digest = ANY($1::bytea[]) AND workspace_id = $2"
 _CHUNK = 5000
 
 
-def _row_digests(key: bytes, r: asyncpg.Record) -> list[bytes]:
+def _row_digests(key: bytes, r: asyncpg.Record, workspace_id: str) -> list[bytes]:
     out = [erasure.digest(key, EVENT, r["event_id"].hex)]
     if r["click_id"] is not None:
         out.append(erasure.digest(key, EVENT, r["click_id"].hex))
     if isinstance(v := r["visitor_id"], str):
         out.append(erasure.digest(key, VISITOR, v))
     if isinstance(x := r["customer_external_id"], str):
-        out.append(erasure.digest(key, EXTERNAL, x, r["ws"]))
+        out.append(erasure.digest(key, EXTERNAL, x, workspace_id))
     return out
 
 
-def _as_met(r: asyncpg.Record, external: str | None) -> Envelope:
+def _as_met(r: asyncpg.Record, external: str | None, workspace_id: str) -> Envelope:
     """An event row as the envelope a writer would have met: its ids, nothing else."""
     payload: dict[str, object] = {}
     if isinstance(v := r["visitor_id"], str) and not erasure.is_pseudonym(v):
@@ -103,7 +115,7 @@ def _as_met(r: asyncpg.Record, external: str | None) -> Envelope:
     if external is not None:
         payload["external_id"] = external
     at_ms = r["event_id"].int >> 80
-    return Envelope(EventType(r["type"]), "", payload, r["ws"], event_id=r["event_id"], received_at_ms=at_ms)
+    return Envelope(EventType(r["type"]), "", payload, workspace_id, event_id=r["event_id"], received_at_ms=at_ms)
 
 
 def _uuid_time(u: uuid.UUID) -> datetime:

@@ -55,10 +55,13 @@ async def scrubbed(conn: asyncpg.Connection, rows: list[Row], *, met: bool) -> t
     ledger = await erasure.Ledger.read(conn, [e for _, e in found])
     if not ledger.erased:
         return rows, 0
-    hits = [(i, e, s) for i, e in found if ledger.names(e) and (s := erasure.scrub(ledger.key, e)) != e]
+    hits = [
+        (i, e, s) for i, e in found
+        if ledger.names(e) and (s := erasure.scrub(ledger.key, e, ledger.workspace(e))) != e
+    ]  # fmt: skip
     if not hits:
         return rows, 0
-    await erasure.learn(conn, ledger.key, [(e, e.workspace_id) for _, e, _ in hits], met=met)
+    await erasure.learn(conn, ledger.key, [(e, ledger.workspace(e)) for _, e, _ in hits], met=met)
     out = list(rows)
     for i, _, s in hits:
         sid, before = rows[i]

@@ -101,8 +101,8 @@ async def sweep(
         key = await erasure.salt(conn)
     check = _Check(pg, key)
     since = [r["since"] for r in rows if r["since"] is not None]
-    if since:  # Postgres first: a row a batch stored beside the one that taught the ledger its visitor
-        result.rows_rechecked = await erasure_late.recheck(pg, key, min(since))
+    # Postgres first: a row a batch stored beside the one that taught the ledger its visitor
+    result.rows_rechecked = await _recheck(pg, key, rows)
     high = (await layout.load(redis, keys, keys.partitions)).high
     streams = [keys.stream(p) for p in range(high)]
     for s in streams:
@@ -123,6 +123,28 @@ async def sweep(
     result.archive_done = await _done(pg, "archive_at", rows)
     log.info("erasure.sweep", **{k: v for k, v in result.to_dict().items() if isinstance(v, int)})
     return result
+
+
+async def _recheck(pg: asyncpg.Pool, key: bytes, rows: list[asyncpg.Record]) -> int:
+    """Postgres again, behind the fence (``erasure_late.recheck``): each workspace with an
+    erasure whose generation it has not re-checked yet, from that workspace's earliest, and
+    only its rows. What made an erasure pending again (a writer that learned something: its
+    generation moved) is what a re-check looks for; an erasure pending for its archive alone
+    is not re-read every sweep. Each erasure's generation read before the fence is the one
+    re-checked: a lesson learned meanwhile moves it on, and the next sweep looks again."""
+    due: dict[str, list[asyncpg.Record]] = {}
+    for r in rows:
+        if r["since"] is not None and r["rechecked"] != r["generation"]:
+            due.setdefault(str(r["workspace_id"]), []).append(r)
+    scrubbed = 0
+    for ws, mine in sorted(due.items()):
+        scrubbed += await erasure_late.recheck(pg, key, ws, min(r["since"] for r in mine))
+        await pg.execute(
+            "UPDATE erasures e SET rechecked = x.generation FROM unnest($1::uuid[], $2::bigint[]) AS x(id, generation) "
+            "WHERE e.id = x.id",
+            [r["id"] for r in mine], [r["generation"] for r in mine],
+        )  # fmt: skip
+    return scrubbed
 
 
 async def _done(pg: asyncpg.Pool, place: str, rows: list[asyncpg.Record]) -> list[str]:
@@ -188,11 +210,14 @@ class _Check:
             return set()
         async with self.pg.acquire() as conn:
             ledger = await erasure.Ledger.read(conn, envelopes)
-            hits = {i for i, e in enumerate(envelopes) if ledger.names(e) and erasure.scrub(self.key, e) != e}
+            hits = {
+                i for i, e in enumerate(envelopes)
+                if ledger.names(e) and erasure.scrub(self.key, e, ledger.workspace(e)) != e
+            }  # fmt: skip
             # what a copy the sweep scrubs teaches (a dead-lettered or archived lead's click):
             # the ledger learns it as a worker storing it would have, and the erasure is
             # pending again where something joined
-            await erasure.learn(conn, self.key, [(envelopes[i], envelopes[i].workspace_id) for i in sorted(hits)],
+            await erasure.learn(conn, self.key, [(envelopes[i], ledger.workspace(envelopes[i])) for i in sorted(hits)],
                                 met=False)  # fmt: skip
         return hits
 
