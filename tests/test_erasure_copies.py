@@ -1,0 +1,104 @@
+"""Erasure reaching every copy of a person (docs/privacy.md, DESIGN.md invariant 12): the
+stream entries of a person erased while the workers were stopped, the webhook outbox,
+Affixo's fingerprint cache, a spool's click-cache entry, a ledger lost to a restore, and
+the affiliates and participants themselves."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ingest.contract import erasure as ledger
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.manage import erasure as pg_erasure
+
+from ._procs import Procs
+from ._world import World, call
+from .conftest import wait_for
+from .test_erasure import IP, Person, erase_key
+from .test_seed_002_affitor import EXAMPLE as CLICK
+from .test_seed_004_refport import lead_body
+
+
+def _doc(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+async def _holding(redis: Any, keys: Keys, needle: bytes) -> list[str]:
+    """The stream entries of every partition that hold ``needle`` in any field."""
+    out = []
+    for s in keys.streams:
+        for sid, fields in await redis.xrange(s):
+            if any(needle in v for v in fields.values()):
+                out.append(f"{s} {sid!r} {sorted(k for k, v in fields.items() if needle in v)}")
+    return out
+
+
+async def test_a_person_erased_while_the_workers_were_stopped_leaves_no_stream_entry(
+    procs: Procs, world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, tmp_path: Path
+) -> None:
+    """The reproduction: the worker stopped, the person clicks (Affitor) and signs up
+    (Refport); they are erased through the API, a second person through ``refstream
+    erase``; the worker starts. Once nothing is pending, no stream entry holds their address."""
+    archive = {"REFSTREAM_ARCHIVE_URL": f"file://{tmp_path / 'archive'}"}  # as compose.yaml deploys it
+    edge = await procs.start_edge(**archive)
+    await procs.cli("work", "--drain", **archive)  # the workers ran before: their groups are there
+    procs.start("archive", **archive)
+    p, q = Person(), Person()
+    status, out, _ = await call("POST", f"{edge}/api/v1/track/click", json=CLICK, source_ip=IP)
+    assert status == 200, out
+    body = lead_body(out["click_id"], customerExternalId=p.external_id, customerEmail=p.email, customerName=p.name)
+    status, out, _ = await call("POST", f"{edge}/api/track/lead", json=body,
+                                headers={"Authorization": f"Bearer {world.api_key}"}, source_ip=IP)  # fmt: skip
+    assert status == 200, out
+    assert len(await _holding(redis, keys, IP.encode())) == 2  # the test can fail
+    eraser = await erase_key(pg, redis, keys, world, ["erase"])
+    status, out, _ = await call("DELETE", f"{edge}/v1/customers/{p.external_id}",
+                                headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    assert status == 202, out
+    await procs.cli("erase", "--customer", q.external_id, "--workspace", world.workspace_id, **archive)
+    procs.start("work", **archive)
+
+    async def settled() -> bool:
+        return (await procs.cli("erase", "--status", **archive))["pending"] == []
+
+    await wait_for(settled, timeout=90, what="every erasure done")
+    assert await _holding(redis, keys, IP.encode()) == []
+    assert await _holding(redis, keys, p.email.encode()) == []
+
+
+async def test_an_erasure_scrubs_the_commission_created_payloads_in_the_outbox(
+    edge: str, world: World, pg: asyncpg.Pool, drain: Any
+) -> None:
+    """``commission.created`` is the commission's (its subject the ledger row, not an
+    event): its payload's external id becomes the pseudonym, its amount stays."""
+    from ingest.manage import secretbox
+
+    from .test_commissions import rules
+    from .test_refunds import sold
+    from .test_seed_004_refport import lead, new_click
+    from .test_webhooks import make_webhook
+
+    assert (await rules(edge, world, sale_bps=1000, hold_days=0))[0] == 200
+    await make_webhook(pg, world.workspace_id, "https://hooks.example/h", secretbox.generate_key(),
+                       events=["commission.created", "sale.created"])  # fmt: skip
+    p = Person()
+    click_id = await new_click(edge)
+    body = lead_body(click_id, customerExternalId=p.external_id, customerEmail=p.email, customerName=p.name)
+    assert (await lead(edge, world.api_key, body))[0] == 200
+    await drain()
+    await sold(edge, world, drain, invoiceId="in_erased", amount=5000, customerExternalId=p.external_id)
+    held = await pg.fetch("SELECT payload FROM webhook_deliveries WHERE event_type = 'commission.created'")
+    assert [_doc(r["payload"])["customer_external_id"] for r in held] == [p.external_id]  # can fail
+    await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
+    alias = await pg.fetchval("SELECT customer_external_id FROM commissions")
+    assert ledger.is_pseudonym(alias)
+    kept = [_doc(r["payload"]) for r in await pg.fetch("SELECT payload FROM webhook_deliveries")]
+    assert kept and not [d for d in kept if p.external_id in orjson.dumps(d).decode()], kept
+    (made,) = [d for d in kept if "kind" in d]
+    assert made["customer_external_id"] == alias and made["amount"] == 500
