@@ -20,7 +20,7 @@ from ingest.manage import erasure as pg_erasure
 from ._procs import Procs
 from ._world import World, call
 from .conftest import wait_for
-from .test_erasure import IP, Person, erase_key
+from .test_erasure import IP, Person, customer, erase_key, found_in, redis_bytes
 from .test_seed_002_affitor import EXAMPLE as CLICK
 from .test_seed_004_refport import lead_body
 
@@ -102,3 +102,38 @@ async def test_an_erasure_scrubs_the_commission_created_payloads_in_the_outbox(
     assert kept and not [d for d in kept if p.external_id in orjson.dumps(d).decode()], kept
     (made,) = [d for d in kept if "kind" in d]
     assert made["customer_external_id"] == alias and made["amount"] == 500
+
+
+async def test_a_spool_drained_after_the_erasure_keeps_no_raw_click_cache_entry(
+    world: World, pg: asyncpg.Pool, redis: Any, keys: Keys, tmp_path: Path
+) -> None:
+    """A click spooled while Redis was away carries its click-cache entry (and an Affixo
+    click its fingerprint's visitor) as extra commands: drained after its visitor was
+    erased, the entry holds the visitor's pseudonym and the fingerprint is not remembered."""
+    from ingest.contract import clicks
+    from ingest.contract.events import Dialect, Envelope, EventType
+    from ingest.spool.spool import Spool
+
+    p = Person()
+    visitor = f"v-spooled-{secrets.token_hex(4)}"
+    await customer(pg, world, visitor, p)
+    click = Envelope(EventType.CLICK, Dialect.AFFIXO, {"code": world.link["code"], "visitor_id": visitor},
+                     world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
+    click_id = clicks.mint(click.event_id)
+    click.payload["click_id"] = click_id
+    ref = clicks.ClickRef(click_id, world.link["code"], world.workspace_id, visitor, click.received_at_ms)
+    fp = keys.fingerprint(world.workspace_id, "ab" * 16)
+    offline = tmp_path / "offline-spool"
+    spool = Spool(offline, max_bytes=10_000_000)
+    await spool.append(keys.stream_for(world.link["code"]), click.encode(),
+                       extra=[ref.cache_command(keys, 3600), ("SET", fp, visitor, "NX", "EX", 3600)])  # fmt: skip
+    await spool.close()
+    await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
+    again = Spool(offline, max_bytes=10_000_000)
+    again._ledger = lambda: ledger.held(pg)
+    assert await again.drain(redis) == 1
+    await again.close()
+    cached = clicks.decode(click_id, await redis.get(keys.click(click_id)))
+    assert cached is not None and ledger.is_pseudonym(cached.visitor_id), cached
+    assert await redis.get(fp) is None
+    assert not found_in(await redis_bytes(redis, keys), {"visitor": visitor.encode(), **p.needles})
