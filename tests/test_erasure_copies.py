@@ -137,3 +137,32 @@ async def test_a_spool_drained_after_the_erasure_keeps_no_raw_click_cache_entry(
     assert cached is not None and ledger.is_pseudonym(cached.visitor_id), cached
     assert await redis.get(fp) is None
     assert not found_in(await redis_bytes(redis, keys), {"visitor": visitor.encode(), **p.needles})
+
+
+async def test_affixos_fingerprint_cache_hands_no_later_click_an_erased_visitor(
+    edge: str, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    """A fingerprint remembers its first visitor for 90 days: once that visitor is erased,
+    the sweep removes the entry, and the next click of the fingerprint is a new visitor."""
+    from workers.ops import erasure
+
+    from .test_seed_003_affixo import click
+
+    fp = f"fp-{secrets.token_hex(4)}"
+    _, first, _ = await click(edge, world.api_key, {"ref": "PARTNER123", "fingerprint": fp})
+    visitor = first["visitor_id"]
+    _, again, _ = await click(edge, world.api_key, {"ref": "PARTNER123", "fingerprint": fp})
+    assert again["visitor_id"] == visitor  # the test can fail
+    await drain()
+    p = Person()  # the visitor signs up (their customers row, as a lead would make it)
+    await pg.execute("UPDATE customers SET external_id = $2, email = $3 WHERE visitor_id = $1", visitor,
+                     p.external_id, p.email)  # fmt: skip
+    eraser = await erase_key(pg, redis, keys, world, ["erase"])
+    status, out, _ = await call("DELETE", f"{edge}/v1/customers/{p.external_id}",
+                                headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    assert status == 202, out
+    swept = await erasure.sweep(pg, redis, keys, None)
+    assert swept.fingerprints_deleted == 1, swept
+    assert not found_in(await redis_bytes(redis, keys), {"visitor": visitor.encode()})
+    _, later, _ = await click(edge, world.api_key, {"ref": "PARTNER123", "fingerprint": fp})
+    assert later["match_method"] == "new" and later["visitor_id"] != visitor

@@ -70,6 +70,7 @@ class SweepResult:
     entries_waiting: int = 0  # stream entries a group has yet to read or ack: next sweep
     letters_replaced: int = 0
     answers_rewritten: int = 0
+    fingerprints_deleted: int = 0
     segments_read: int = 0
     segments_rewritten: int = 0
     redis_done: list[str] = field(default_factory=list)
@@ -110,6 +111,7 @@ async def sweep(
     for s in (keys.dead, keys.dead + ":dropped"):
         await _letters(redis, s, check, result)
     await _answers(redis, keys, check, result)
+    await _fingerprints(redis, keys, check, result)
     if result.entries_waiting:
         log.info("erasure.redis_waiting", entries=result.entries_waiting)
         return result
@@ -284,6 +286,33 @@ async def _answers(redis: Redis, keys: Keys, check: _Check, result: SweepResult)
             result.answers_rewritten += 1
 
 
+async def _fingerprints(redis: Redis, keys: Keys, check: _Check, result: SweepResult) -> None:
+    """Affixo's fingerprint cache (``ingest.edge.routes.affixo``: a fingerprint's first
+    visitor, for 90 days) names an erased visitor: the entry goes (only if unchanged since
+    it was read), so no later click of that fingerprint is handed the erased visitor."""
+    spaces = await check.pg.fetchval("SELECT array_agg(DISTINCT workspace_id::text) FROM erasures") or []
+    for ws in spaces:
+        names, values = [], []
+        async for name in redis.scan_iter(match=f"{keys.prefix}:fp:{ws}:*", count=_PAGE):
+            value = await redis.get(name)
+            if isinstance(value, bytes) and not erasure.is_pseudonym(v := value.decode(errors="replace")):
+                names.append(name)
+                values.append((value, erasure.digest(check.key, VISITOR, v)))
+        if not names:
+            continue
+        found = {bytes(d) for d in await check.pg.fetchval(
+            "SELECT array(SELECT digest FROM erased_ids WHERE digest = ANY($1::bytea[]))", [d for _, d in values])}
+        for name, (value, d) in zip(names, values, strict=True):
+            if d in found and await redis.eval(_DROP, 1, name, value):  # type: ignore[misc]
+                result.fingerprints_deleted += 1
+
+
+_DROP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 _SWAP = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
