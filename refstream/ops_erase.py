@@ -16,6 +16,7 @@ from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import erasure as pg_erasure
+from ingest.manage import erasure_copy
 
 from . import ops_output as out
 from .runner import print_data, run_command
@@ -37,6 +38,7 @@ async def _erase(settings: Settings, external_id: str | None, workspace: str | N
             done = await pg_erasure.erase(
                 pool, workspace, external_id, by="cli", archive_days=settings.erase_archive_days
             )
+            await erasure_copy.keep(pool, redis, keys, [done.id])  # outside Postgres: a restore gets it back
             for command in pg_erasure.redis_deletes(keys, done):
                 await redis.execute_command(*command)
             result["erasure"] = done.to_dict()

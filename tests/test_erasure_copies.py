@@ -166,3 +166,46 @@ async def test_affixos_fingerprint_cache_hands_no_later_click_an_erased_visitor(
     assert not found_in(await redis_bytes(redis, keys), {"visitor": visitor.encode()})
     _, later, _ = await click(edge, world.api_key, {"ref": "PARTNER123", "fingerprint": fp})
     assert later["match_method"] == "new" and later["visitor_id"] != visitor
+
+
+async def test_an_erasure_a_restore_of_postgres_lost_is_honoured_by_the_replay(
+    edge: str, world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    """The ledger lives in Postgres; a restore of a backup from before the erasure loses it,
+    and ``replay --since`` would store the person raw again. The erasure's copy in Redis is
+    restored into Postgres before the replay stores anything: the person is stored scrubbed."""
+    from datetime import UTC, datetime, timedelta
+
+    from workers.ops.replay import Range, Source, replay
+
+    from .test_erasure import pg_dump_text
+
+    started = datetime.now(UTC) - timedelta(minutes=1)
+    p = Person()
+    status, out, _ = await call("POST", f"{edge}/api/v1/track/click", json=CLICK, source_ip=IP)
+    assert status == 200, out
+    body = lead_body(out["click_id"], customerExternalId=p.external_id, customerEmail=p.email, customerName=p.name)
+    status, out, _ = await call("POST", f"{edge}/api/track/lead", json=body,
+                                headers={"Authorization": f"Bearer {world.api_key}"}, source_ip=IP)  # fmt: skip
+    assert status == 200, out
+    await drain()
+    eraser = await erase_key(pg, redis, keys, world, ["erase"])
+    status, done, _ = await call("DELETE", f"{edge}/v1/customers/{p.external_id}",
+                                 headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    assert status == 202, done
+    assert await redis.hlen(f"{keys.prefix}:erasure:ledger") == 1
+    # the restore: a backup from before the erasure (and before the person's rows) is back
+    ids = [r["event_id"] for r in await pg.fetch("SELECT event_id FROM events")]
+    await pg.execute("DELETE FROM event_dedupe WHERE event_id = ANY($1::uuid[])", ids)
+    await pg.execute("DELETE FROM events WHERE event_id = ANY($1::uuid[])", ids)
+    await pg.execute("DELETE FROM customers")
+    await pg.execute("DELETE FROM erasures")  # and so its digests (erased_ids)
+    assert await pg.fetchval("SELECT count(*) FROM erased_ids") == 0
+    replayed = await replay(Source(redis), pg, keys, Range(since=started))
+    assert replayed.total("inserted") == 2, replayed
+    assert await pg.fetchval("SELECT count(*) FROM erasures WHERE id = $1::uuid", done["erasure_id"]) == 1
+    rows = await pg.fetch("SELECT host(ip) AS ip, visitor_id, customer_external_id FROM events ORDER BY type")
+    assert [r["ip"] for r in rows] == [None, None], rows
+    assert all(ledger.is_pseudonym(r["visitor_id"]) for r in rows)
+    assert ledger.is_pseudonym(rows[1]["customer_external_id"])
+    assert not found_in([("postgres", pg_dump_text(settings.database_url))], p.needles)

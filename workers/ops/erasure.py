@@ -47,7 +47,7 @@ from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
 from ingest.contract.events import FIELD, FIELDS, Envelope
 from ingest.contract.keys import Keys, parse_id
 from ingest.manage import erasure as manage_erasure
-from ingest.manage import erasure_late
+from ingest.manage import erasure_copy, erasure_late
 from workers.archive import erased
 from workers.archive import read as archive_read
 from workers.archive import segment as seg
@@ -100,6 +100,9 @@ async def sweep(
         return result
     async with pg.acquire() as conn:
         key = await erasure.salt(conn)
+    # the ledger's copy outside Postgres, as it stands now (what writers taught it since):
+    # before Redis can be marked done, and before the fence that replicates it
+    await erasure_copy.keep(pg, redis, keys, [r["id"] for r in rows])
     check = _Check(pg, key)
     since = [r["since"] for r in rows if r["since"] is not None]
     if since:  # Postgres first: a row a batch stored beside the one that taught the ledger its visitor

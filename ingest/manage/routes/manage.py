@@ -18,7 +18,7 @@ from ingest.edge.auth import Principal
 from ingest.edge.body import parse
 from ingest.edge.fields import Ident, Integer, Text, Url
 from ingest.edge.state import Edge
-from ingest.manage import admin, erasure, manage, stats, suppressions
+from ingest.manage import admin, erasure, erasure_copy, manage, stats, suppressions
 from ingest.manage.admin import NotFound
 from ingest.manage.routes._guard import error, guarded, json, limit_param, segment
 
@@ -438,13 +438,16 @@ async def erase_customer(request: web.Request, edge: Edge, p: Principal) -> web.
         )
         async with acquired(edge.pg) as conn:
             shown = await erasure.show(conn, p.workspace_id, str(done.id))
+            copy = await erasure_copy.commands(conn, edge.keys, [done.id])
     except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # a read-only one too
         raise CommitUnknown("the erasure") from exc
-    if deletes := erasure.redis_deletes(edge.keys, done):
+    # the ledger's copy outside Postgres (a restore that loses the erasure gets it back); the
+    # sweep writes it too, and marks Redis done only once it is there
+    if deletes := [*copy, *erasure.redis_deletes(edge.keys, done)]:
         try:
             await edge.batcher.execute(*deletes)
         except REDIS_ERRORS:
-            pass  # the click cache's entries and rate-limit windows expire by themselves
+            pass  # the click cache's entries and rate-limit windows expire by themselves; the sweep copies
     return json(202, shown)
 
 
