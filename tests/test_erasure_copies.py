@@ -209,3 +209,88 @@ async def test_an_erasure_a_restore_of_postgres_lost_is_honoured_by_the_replay(
     assert all(ledger.is_pseudonym(r["visitor_id"]) for r in rows)
     assert ledger.is_pseudonym(rows[1]["customer_external_id"])
     assert not found_in([("postgres", pg_dump_text(settings.database_url))], p.needles)
+
+
+async def test_an_affiliate_and_a_participant_are_erased_everywhere_their_money_stays(
+    edge: str, procs: Procs, world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    """``DELETE /v1/affiliates/{id}`` (scope ``erase``) and ``refstream erase --participant``:
+    the affiliate's name, email, external id and addresses leave their row, ``affiliate_ips``,
+    fraud evidence, webhook payloads and the link cache; their commission keeps its amount."""
+    from ingest.manage import secretbox
+
+    from .test_commissions import rules
+    from .test_erasure import pg_dump_text
+    from .test_refunds import sold
+    from .test_seed_004_refport import lead, new_click
+    from .test_webhooks import make_webhook
+
+    affiliate_ip = "127.0.0.77"
+    email = f"partner.{secrets.token_hex(4)}@example.com"
+    await pg.execute("UPDATE affiliates SET email = $2, name = 'Alex Partnerson' WHERE id = $1::uuid",
+                     world.affiliate_id, email)  # fmt: skip
+    await pg.execute("INSERT INTO affiliate_ips (affiliate_id, ip) VALUES ($1::uuid, $2::inet)", world.affiliate_id,
+                     affiliate_ip)  # fmt: skip
+    assert (await rules(edge, world, sale_bps=1000, hold_days=0))[0] == 200
+    hook, _ = await make_webhook(pg, world.workspace_id, "https://hooks.example/h", secretbox.generate_key(),
+                                 events=["fraud.flagged", "commission.created"])  # fmt: skip
+    click_id = await new_click(edge)
+    assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
+    await drain()
+    await sold(edge, world, drain, invoiceId="in_aff", amount=5000)
+    lead_id = await pg.fetchval("SELECT event_id FROM events WHERE type = 2")
+    evidence = {"email": "alice@example.com", "affiliate_email": email, "match": "email"}
+    await pg.execute(
+        "INSERT INTO event_flags (event_id, rule, workspace_id, link_id, affiliate_id, type, excluded, evidence,"
+        " received_at) VALUES ($1, 'self_referral', $2::uuid, $3::uuid, $4::uuid, 2, false, $5::text::jsonb, now())"
+        " ON CONFLICT (event_id, rule) DO UPDATE SET evidence = EXCLUDED.evidence",
+        lead_id, world.workspace_id, world.link["id"], world.affiliate_id, orjson.dumps(evidence).decode(),
+    )  # fmt: skip
+    flagged = {"event_id": str(lead_id), "affiliate_id": world.affiliate_id, "rule": "self_referral",
+               "evidence": evidence}  # fmt: skip
+    await pg.execute(
+        "INSERT INTO webhook_deliveries (webhook_id, event_type, subject_id, payload) VALUES ($1::uuid,"
+        " 'fraud.flagged', $2, $3::text::jsonb) ON CONFLICT (webhook_id, event_type, subject_id, subject_key)"
+        " DO UPDATE SET payload = EXCLUDED.payload", hook, lead_id, orjson.dumps(flagged).decode(),
+    )  # fmt: skip
+    # a participant of the same workspace, in a second campaign
+    program2 = await pg.fetchval("INSERT INTO programs (workspace_id, name) VALUES ($1::uuid, 'Second') RETURNING id",
+                                 world.workspace_id)  # fmt: skip
+    participant = f"part-{secrets.token_hex(4)}"
+    await pg.execute("INSERT INTO affiliates (workspace_id, program_id, external_id, name, email) VALUES ($1::uuid,"
+                     " $2, $3, $3, $4)", world.workspace_id, program2, participant, f"{participant}@example.com")
+    await call("GET", f"{edge}/v1/links/{world.link['id']}", headers={"Authorization": f"Bearer {world.api_key}"})
+    needles = {"email": email.encode(), "external id": b"user_123", "IP": affiliate_ip.encode(),
+               "name": b"Alex Partnerson"}  # fmt: skip
+    assert found_in([("postgres", pg_dump_text(settings.database_url))], needles)  # the test can fail
+    commission = await pg.fetchrow("SELECT id, affiliate_id, amount FROM commissions")
+
+    everything = await erase_key(pg, redis, keys, world, ["*"])
+    path = f"{edge}/v1/affiliates/{world.affiliate_id}"
+    status, out, _ = await call("DELETE", path, headers={"Authorization": f"Bearer {everything}"})
+    assert (status, out) == (403, {"error": "insufficient_scope", "need": "erase"})
+    eraser = await erase_key(pg, redis, keys, world, ["erase"])
+    status, out, _ = await call("DELETE", path, headers={"Authorization": f"Bearer {eraser}"})
+    assert status == 202, out
+    (made,) = out["erasures"]
+    assert made["done"]["postgres"]["affiliate_ips"] == 1 and made["done"]["postgres"]["webhook_deliveries"] >= 1
+    status, shown, _ = await call("GET", f"{edge}/v1/erasures/{made['erasure_id']}",
+                                  headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    assert status == 200 and shown["erasure_id"] == made["erasure_id"]
+    status, out, _ = await call("DELETE", f"{edge}/v1/affiliates/{secrets.token_hex(4)}",
+                                headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    assert status == 404, out
+    row = await pg.fetchrow("SELECT external_id, name, email FROM affiliates WHERE id = $1::uuid", world.affiliate_id)
+    assert ledger.is_pseudonym(row["external_id"]) and row["name"] is None and row["email"] is None
+    assert tuple(await pg.fetchrow("SELECT id, affiliate_id, amount FROM commissions")) == tuple(commission)
+    places = [("postgres", pg_dump_text(settings.database_url)), *await redis_bytes(redis, keys)]
+    assert not found_in(places, needles)
+    # the link still resolves (a click is still the affiliate's), under the pseudonym
+    status, _, _ = await call("POST", f"{edge}/api/v1/track/click", json=CLICK)
+    assert status == 200
+
+    out = await procs.cli("erase", "--participant", participant, "--workspace", world.workspace_id)
+    assert len(out["erasures"]) == 1
+    gone = await pg.fetchrow("SELECT external_id, name, email FROM affiliates WHERE program_id = $1", program2)
+    assert ledger.is_pseudonym(gone["external_id"]) and gone["name"] is None and gone["email"] is None
+    assert not found_in([("postgres", pg_dump_text(settings.database_url))], {"participant": participant.encode()})
