@@ -12,10 +12,10 @@ from typing import Any
 
 import click
 
+from ingest.contract import links
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from ingest.contract import links
 from ingest.manage import erasure as pg_erasure
 from ingest.manage import erasure_affiliate as affiliate_erasure
 from ingest.manage import erasure_copy
@@ -82,16 +82,29 @@ def _workspace(value: str | None) -> str | None:
 @click.command()
 @out.json_option
 @click.option("--customer", "external_id", metavar="ID", help="The customer's external id (as the trackers sent it).")
-@click.option("--affiliate", "affiliate_id", metavar="ID", help="An affiliate's id: their name, email, external id"
-              " and addresses go; their links, commissions and payouts stay.")
-@click.option("--participant", "participant_id", metavar="ID", help="A Bricqs participant's id: the affiliate of"
-              " that external id in every campaign, erased as --affiliate.")
+@click.option(
+    "--affiliate",
+    "affiliate_id",
+    metavar="ID",
+    help="An affiliate's id: their name, email, external id"
+    " and addresses go; their links, commissions and payouts stay.",
+)
+@click.option(
+    "--participant",
+    "participant_id",
+    metavar="ID",
+    help="A Bricqs participant's id: the affiliate of that external id in every campaign, erased as --affiliate.",
+)
 @click.option("--workspace", metavar="W", help="The workspace id the customer (or affiliate) belongs to.")
 @click.option("--status", "show_status", is_flag=True, help="List the erasures with a place still pending.")
 @click.option("--sweep", is_flag=True, help="Finish pending erasures in Redis and the archive now.")
 def erase(
-    external_id: str | None, affiliate_id: str | None, participant_id: str | None, workspace: str | None,
-    show_status: bool, sweep: bool,
+    external_id: str | None,
+    affiliate_id: str | None,
+    participant_id: str | None,
+    workspace: str | None,
+    show_status: bool,
+    sweep: bool,
 ) -> None:
     """Erase a customer's personal data everywhere: Postgres, Redis (streams, dead letters,
     the click cache, idempotency answers), spools as they drain, and the archive.
@@ -102,7 +115,9 @@ def erase(
     if len(partner) + (external_id is not None) > 1:
         raise click.UsageError("one of --customer, --affiliate, --participant at a time")
     if (external_id is not None or partner) and workspace is None:
-        raise click.UsageError(f"--{'customer' if external_id is not None else next(iter(partner))[:-3]} needs --workspace")
+        raise click.UsageError(
+            f"--{'customer' if external_id is not None else next(iter(partner))[:-3]} needs --workspace"
+        )
     if external_id is None and not partner and workspace is not None:
         raise click.UsageError("--workspace goes with --customer, --affiliate or --participant")
     if external_id is None and not partner and not show_status and not sweep:

@@ -257,8 +257,13 @@ async def test_an_affiliate_and_a_participant_are_erased_everywhere_their_money_
     program2 = await pg.fetchval("INSERT INTO programs (workspace_id, name) VALUES ($1::uuid, 'Second') RETURNING id",
                                  world.workspace_id)  # fmt: skip
     participant = f"part-{secrets.token_hex(4)}"
-    await pg.execute("INSERT INTO affiliates (workspace_id, program_id, external_id, name, email) VALUES ($1::uuid,"
-                     " $2, $3, $3, $4)", world.workspace_id, program2, participant, f"{participant}@example.com")
+    await pg.execute(
+        "INSERT INTO affiliates (workspace_id, program_id, external_id, name, email) VALUES ($1::uuid, $2, $3, $3, $4)",
+        world.workspace_id,
+        program2,
+        participant,
+        f"{participant}@example.com",
+    )
     await call("GET", f"{edge}/v1/links/{world.link['id']}", headers={"Authorization": f"Bearer {world.api_key}"})
     needles = {"email": email.encode(), "external id": b"user_123", "IP": affiliate_ip.encode(),
                "name": b"Alex Partnerson"}  # fmt: skip

@@ -101,14 +101,20 @@ async def erase(
     return out
 
 
-async def _scrub(conn: asyncpg.Connection, key: bytes, workspace_id: str, a: asyncpg.Record) -> tuple[dict[str, int], list[str]]:
+async def _scrub(
+    conn: asyncpg.Connection, key: bytes, workspace_id: str, a: asyncpg.Record
+) -> tuple[dict[str, int], list[str]]:
     x = a["external_id"]
     alias = x if erasure.is_pseudonym(x) else erasure.pseudonym(key, AFFILIATE, f"{a['program_id']}\x1f{x}")
-    ips = [r["ip"] for r in await conn.fetch("SELECT host(ip) AS ip FROM affiliate_ips WHERE affiliate_id = $1", a["id"])]
+    ips = [
+        r["ip"] for r in await conn.fetch("SELECT host(ip) AS ip FROM affiliate_ips WHERE affiliate_id = $1", a["id"])
+    ]
     values: dict[str, str | None] = {v: None for v in (a["name"], a["email"], *ips) if v}
     if x != alias:
         values[x] = alias
-    await conn.execute("UPDATE affiliates SET external_id = $2, name = NULL, email = NULL WHERE id = $1", a["id"], alias)
+    await conn.execute(
+        "UPDATE affiliates SET external_id = $2, name = NULL, email = NULL WHERE id = $1", a["id"], alias
+    )
     rows = {"affiliates": 1, "affiliate_ips": len(ips)}
     await conn.execute("DELETE FROM affiliate_ips WHERE affiliate_id = $1", a["id"])
     rows["event_flags"] = 0
@@ -129,8 +135,8 @@ async def _scrub(conn: asyncpg.Connection, key: bytes, workspace_id: str, a: asy
     rows["webhook_deliveries"] = 0
     needles = sorted({str(a["id"]), *values})
     held = await conn.fetch(
-        "SELECT d.id, d.payload FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
-        " WHERE w.workspace_id = $1 AND EXISTS (SELECT 1 FROM unnest($2::text[]) n WHERE strpos(d.payload::text, n) > 0)",
+        "SELECT d.id, d.payload FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id WHERE"
+        " w.workspace_id = $1 AND EXISTS (SELECT 1 FROM unnest($2::text[]) n WHERE strpos(d.payload::text, n) > 0)",
         workspace_id, needles,
     )  # fmt: skip
     for r in held:

@@ -136,8 +136,8 @@ async def restore(pool: asyncpg.Pool, redis: Redis, keys: Keys) -> int:
     if not restored:
         return 0
     log.warning("erasure.restored", erasures=len(restored))  # Postgres had lost them: a restore, a failover
-    since = [s for s in restored.values() if s is not None]
-    if since:  # behind the fence: every row they name that still holds personal data
-        await erasure_late.recheck(pool, salt, min(since))
+    earliest = [s for s in restored.values() if s is not None]
+    if earliest:  # behind the fence: every row they name that still holds personal data
+        await erasure_late.recheck(pool, salt, min(earliest))
     await pool.execute("UPDATE erasures SET postgres_at = now() WHERE id = ANY($1::uuid[])", list(restored))
     return len(restored)

@@ -303,10 +303,14 @@ async def _fingerprints(redis: Redis, keys: Keys, check: _Check, result: SweepRe
                 values.append((value, erasure.digest(check.key, VISITOR, v)))
         if not names:
             continue
-        found = {bytes(d) for d in await check.pg.fetchval(
-            "SELECT array(SELECT digest FROM erased_ids WHERE digest = ANY($1::bytea[]))", [d for _, d in values])}
+        found = {
+            bytes(d)
+            for d in await check.pg.fetchval(
+                "SELECT array(SELECT digest FROM erased_ids WHERE digest = ANY($1::bytea[]))", [d for _, d in values]
+            )
+        }
         for name, (value, d) in zip(names, values, strict=True):
-            if d in found and await redis.eval(_DROP, 1, name, value):  # type: ignore[misc]
+            if d in found and await redis.eval(_DROP, 1, name, value):  # type: ignore[misc,arg-type]
                 result.fingerprints_deleted += 1
 
 
