@@ -299,3 +299,25 @@ async def test_an_affiliate_and_a_participant_are_erased_everywhere_their_money_
     gone = await pg.fetchrow("SELECT external_id, name, email FROM affiliates WHERE program_id = $1", program2)
     assert ledger.is_pseudonym(gone["external_id"]) and gone["name"] is None and gone["email"] is None
     assert not found_in([("postgres", pg_dump_text(settings.database_url))], {"participant": participant.encode()})
+
+
+async def test_an_affiliates_erasure_a_restore_lost_is_put_back_from_its_copy(
+    world: World, pg: asyncpg.Pool, redis: Any, keys: Keys
+) -> None:
+    """A restore of Postgres from before an affiliate's erasure brings their row back raw and
+    the erasure gone: its copy in Redis puts the erasure back and scrubs the row again."""
+    import uuid
+
+    from ingest.manage import erasure_affiliate, erasure_copy
+
+    done = await erasure_affiliate.erase(pg, world.workspace_id, affiliate_id=world.affiliate_id, by="test",
+                                         archive_days=30)  # fmt: skip
+    made = [uuid.UUID(e["erasure_id"]) for e in done.erasures]
+    assert await erasure_copy.keep(pg, redis, keys, made) == 1
+    # the restore: the erasure gone, the row as it was before
+    await pg.execute("DELETE FROM erasures")
+    await pg.execute("UPDATE affiliates SET external_id = 'user_123', name = 'Alex', email = 'alex@example.com'")
+    assert await erasure_copy.restore(pg, redis, keys) == 0  # no event row to scrub: the affiliate alone
+    row = await pg.fetchrow("SELECT external_id, name, email FROM affiliates WHERE id = $1::uuid", world.affiliate_id)
+    assert ledger.is_pseudonym(row["external_id"]) and row["name"] is None and row["email"] is None
+    assert await pg.fetchval("SELECT postgres_at IS NOT NULL FROM erasures WHERE id = $1", made[0])

@@ -150,6 +150,22 @@ async def _scrub(
     return rows, ips
 
 
+async def again(conn: asyncpg.Connection, key: bytes, workspace_id: str, erased: bytes) -> bool:
+    """An affiliate's erasure that a restore of Postgres lost, put back from its copy
+    (``ingest.manage.erasure_copy``): the affiliate its subject names scrubbed again (their
+    links' cache entries follow at the workers' refresh). Whether one was found."""
+    for a in await conn.fetch("SELECT * FROM affiliates WHERE workspace_id = $1 FOR UPDATE", workspace_id):
+        if subject(key, a["id"]) == erased:
+            rows, _ = await _scrub(conn, key, workspace_id, a)
+            await conn.execute(
+                "UPDATE erasures SET postgres_at = now(), done = $3::text::jsonb"
+                " WHERE workspace_id = $1 AND subject = $2",
+                workspace_id, erased, orjson.dumps({"postgres": rows}).decode(),
+            )  # fmt: skip
+            return True
+    return False
+
+
 def _redact_affiliate(doc: Any, values: dict[str, str | None], affiliate_id: str) -> Any:
     """``erasure.redact``, and the ``name`` and ``email`` of an object that is this affiliate
     (its ``id`` or ``affiliate_id``) emptied, whatever their value was when it was sent."""

@@ -12,10 +12,11 @@ and an erasure's Redis is done only once its copy is there (``workers.ops.erasur
 
 ``restore`` puts back into Postgres what the copy holds and Postgres lacks, before anything
 is stored from a replay (``workers.ops.replay``) and when a worker starts: the erasure's
-row and its digests; then, behind the ledger's fence, every event row they name that
-still holds personal data is scrubbed (``erasure_late.recheck``), and the erasure is
-pending again in Redis and the archive for the sweep. A copy made under another salt (a
-database made anew, not restored) names nobody there: it is left as it is, and logged.
+row and its digests (an affiliate's: its row, and the affiliate scrubbed again); then,
+behind the ledger's fence, every event row they name that still holds personal data is
+scrubbed (``erasure_late.recheck``), and the erasure is pending again in Redis and the
+archive for the sweep. A copy made under another salt (a database made anew, not
+restored) names nobody there: it is left as it is, and logged.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import structlog
 from ingest.contract import erasure
 from ingest.contract.connections import Command, Redis
 from ingest.contract.keys import Keys
-from ingest.manage import erasure_late
+from ingest.manage import erasure_affiliate, erasure_late
 
 log = structlog.get_logger("erasure.copy")
 
@@ -86,6 +87,7 @@ _RESTORE_ROW = """
 INSERT INTO erasures (id, workspace_id, subject, requested_at, requested_by, since, archive_due)
 SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM workspaces WHERE id = $2)
 ON CONFLICT DO NOTHING
+RETURNING id
 """
 _RESTORE_IDS = """
 INSERT INTO erased_ids (digest, erasure_id, kind)
@@ -116,7 +118,7 @@ async def restore(pool: asyncpg.Pool, redis: Redis, keys: Keys) -> int:
                 continue
             since = datetime.fromisoformat(doc["since"]) if doc["since"] else None
             async with conn.transaction():
-                await conn.execute(
+                made = await conn.fetchval(
                     _RESTORE_ROW, uuid.UUID(doc["id"]), uuid.UUID(doc["workspace_id"]), bytes.fromhex(doc["subject"]),
                     datetime.fromisoformat(doc["requested_at"]), doc["requested_by"], since,
                     datetime.fromisoformat(doc["archive_due"]),
@@ -129,6 +131,10 @@ async def restore(pool: asyncpg.Pool, redis: Redis, keys: Keys) -> int:
                 if at is None:  # its workspace is gone: nothing of it to scrub
                     continue
                 ids = doc["ids"]
+                if made is not None and not ids:  # an affiliate's (a customer's has its external id's digest)
+                    await erasure_affiliate.again(conn, salt, doc["workspace_id"], bytes.fromhex(doc["subject"]))
+                    log.warning("erasure.restored", erasures=1)
+                    continue
                 added = await conn.fetch(_RESTORE_IDS, at, [bytes.fromhex(d) for d, _ in ids], [k for _, k in ids])
                 if added:
                     await conn.execute(_AGAIN, at, since)

@@ -230,6 +230,10 @@ class Erasure(BaseModel):
     done: dict[str, Any] = Field(description="What each place's pass changed: counts of rows, entries, segments")
 
 
+class AffiliateErasures(BaseModel):
+    erasures: list[Erasure] = Field(description="One per affiliate erased (a participant: one per campaign)")
+
+
 class DailyStats(BaseModel):
     day: str = Field(description="A UTC day (YYYY-MM-DD); in totals, absent")
     clicks: int
