@@ -321,3 +321,29 @@ async def test_an_affiliates_erasure_a_restore_lost_is_put_back_from_its_copy(
     row = await pg.fetchrow("SELECT external_id, name, email FROM affiliates WHERE id = $1::uuid", world.affiliate_id)
     assert ledger.is_pseudonym(row["external_id"]) and row["name"] is None and row["email"] is None
     assert await pg.fetchval("SELECT postgres_at IS NOT NULL FROM erasures WHERE id = $1", made[0])
+
+
+async def test_a_worker_restores_the_erasures_postgres_lost_before_its_first_batch(
+    world: World, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    """After a restore that lost an erasure, a worker's first batch waits for the ledger's
+    copy: a lead of the person still in the stream is stored scrubbed."""
+    import uuid
+
+    from ingest.contract.events import Dialect, Envelope, EventType
+    from ingest.manage import erasure_copy
+
+    p = Person()
+    await customer(pg, world, "v-restored", p)
+    done = await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
+    assert await erasure_copy.keep(pg, redis, keys, [done.id]) == 1
+    await pg.execute("DELETE FROM erasures")  # the restore
+    lead = Envelope(EventType.LEAD, Dialect.REFPORT, {
+        "code": world.link["code"], "visitor_id": "v-restored", "external_id": p.external_id, "email": p.email,
+        "customer_name": p.name, "name": "Sign Up"}, world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
+    await redis.xadd(keys.stream_for(world.link["code"]), lead.entry_dict())
+    await drain()
+    row = await pg.fetchrow("SELECT host(ip) AS ip, customer_external_id, payload FROM events WHERE event_id = $1",
+                            lead.event_id)  # fmt: skip
+    assert row["ip"] is None and ledger.is_pseudonym(row["customer_external_id"]), row
+    assert await pg.fetchval("SELECT count(*) FROM erasures WHERE id = $1", uuid.UUID(str(done.id))) == 1

@@ -31,7 +31,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "workers.ops.replay",  # the arq worker hosts the replay job
         "workers.ops.erasure",  # ... and the erasure sweep,
         "ingest.manage.erasure_late",  # an erased person's late lead scrubs what it links them to
-        "ingest.manage.erasure_copy",  # a worker starting restores the erasures Postgres lost
+        "ingest.manage.erasure_copy",  # a worker's first batch waits for the erasures Postgres lost
         "workers.archive.store",  # ... which rewrites the archive's segments
     },
     "workers.archive": {"ingest.contract", "workers.group"},

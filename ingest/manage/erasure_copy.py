@@ -11,11 +11,11 @@ sweep for each pending erasure (what a writer taught the ledger since: a late le
 and an erasure's Redis is done only once its copy is there (``workers.ops.erasure``).
 
 ``restore`` puts back into Postgres what the copy holds and Postgres lacks, before anything
-is stored from a replay (``workers.ops.replay``) and when a worker starts: the erasure's
-row and its digests (an affiliate's: its row, and the affiliate scrubbed again); then,
-behind the ledger's fence, every event row they name that still holds personal data is
-scrubbed (``erasure_late.recheck``), and the erasure is pending again in Redis and the
-archive for the sweep. A copy made under another salt (a database made anew, not
+is stored from a replay (``workers.ops.replay``) and by a worker before its first batch
+(``workers.consumer.pipeline``): the erasure's row and its digests (an affiliate's: its
+row, and the affiliate scrubbed again); then, behind the ledger's fence, every event row
+they name that still holds personal data is scrubbed (``erasure_late.recheck``), and the
+erasure is pending again in Redis and the archive for the sweep. A copy made under another salt (a database made anew, not
 restored) names nobody there: it is left as it is, and logged.
 """
 

@@ -30,7 +30,6 @@ from ingest.contract import clock, links
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from ingest.manage import erasure_copy
 from workers.archive.store import open_store
 from workers.consumer import arq_redis, commissions, drops, webhooks
 from workers.consumer.consume import Consumer
@@ -112,9 +111,6 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["consumer_cm"], ctx["consumer"] = cm, c
     c.pipeline.arq = ctx["redis"]  # arq's own pool: JSON serializer, our queue
     ctx["pg"] = c.pipeline.pg
-    # before the first batch: the erasures Postgres lost (a restore, a failover) are back, and
-    # what the streams hold of those people is stored scrubbed (ingest.manage.erasure_copy)
-    await erasure_copy.restore(c.pipeline.pg, c.redis, c.keys)
     await webhooks.webhook_startup(ctx)
     ctx["metrics_stack"] = await _metrics(settings, c)
     task = asyncio.create_task(c.run(), name="consumer")
