@@ -70,6 +70,13 @@ async def test_a_person_erased_while_the_workers_were_stopped_leaves_no_stream_e
     await wait_for(settled, timeout=90, what="every erasure done")
     assert await _holding(redis, keys, IP.encode()) == []
     assert await _holding(redis, keys, p.email.encode()) == []
+    # nor any other key: the click's cache entry names the visitor the lead linked to the person
+    visitor = await pg.fetchval("SELECT visitor_id FROM events WHERE type = 1")
+    assert ledger.is_pseudonym(visitor)
+    raw = await pg.fetchval("SELECT payload->>'click_id' FROM events WHERE type = 2")
+    cached = await redis.get(keys.click(raw))
+    assert cached is None or ledger.is_pseudonym(orjson.loads(cached)["v"]), cached
+    assert not found_in(await redis_bytes(redis, keys), p.needles)
 
 
 async def test_an_erasure_scrubs_the_commission_created_payloads_in_the_outbox(

@@ -44,7 +44,7 @@ from redis.asyncio.cluster import RedisCluster
 from ingest.contract import clicks, erasure, layout
 from ingest.contract.connections import Redis
 from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
-from ingest.contract.events import FIELD, FIELDS, Envelope
+from ingest.contract.events import FIELD, FIELDS, Envelope, EventType
 from ingest.contract.keys import Keys, parse_id
 from ingest.manage import erasure as manage_erasure
 from ingest.manage import erasure_copy, erasure_late
@@ -71,6 +71,7 @@ class SweepResult:
     letters_replaced: int = 0
     answers_rewritten: int = 0
     fingerprints_deleted: int = 0
+    clicks_uncached: int = 0  # click cache entries of the person's clicks met in the streams
     segments_read: int = 0
     segments_rewritten: int = 0
     redis_done: list[str] = field(default_factory=list)
@@ -110,7 +111,7 @@ async def sweep(
     high = (await layout.load(redis, keys, keys.partitions)).high
     streams = [keys.stream(p) for p in range(high)]
     for s in streams:
-        await _stream(redis, s, check, result)
+        await _stream(redis, keys, s, check, result)
     for s in (keys.dead, keys.dead + ":dropped"):
         await _letters(redis, s, check, result)
     await _answers(redis, keys, check, result)
@@ -224,7 +225,7 @@ async def _personal_pages(
         start = "(" + last
 
 
-async def _stream(redis: Redis, stream: str, check: _Check, result: SweepResult) -> None:
+async def _stream(redis: Redis, keys: Keys, stream: str, check: _Check, result: SweepResult) -> None:
     try:
         groups = await redis.xinfo_groups(stream)
     except Exception as exc:  # no such stream: nothing in it
@@ -232,11 +233,30 @@ async def _stream(redis: Redis, stream: str, check: _Check, result: SweepResult)
             return
         raise
     async for hits in _personal_pages(redis, stream, check):
+        await _uncache(redis, keys, [e for _, _, e in hits], result)
         for sid, _, _ in hits:
             if await _read_by_all(redis, stream, groups, sid):
                 result.entries_deleted += await redis.xdel(stream, sid)
             else:
                 result.entries_waiting += 1
+
+
+async def _uncache(redis: Redis, keys: Keys, met: list[Envelope], result: SweepResult) -> None:
+    """The click cache's entries of the clicks these copies are or name (an entry keeps the
+    visitor for the cookie window), and the rate limiter's windows of their addresses:
+    deleted, as the erasure deletes those it knows at once. A click (and its address) the
+    erasure could not know then, because the lead that names it came later, is met here."""
+    ids = set()
+    for ip in sorted({e.ip for e in met if e.ip}):
+        for limiter in ("click", "public", "key"):
+            await redis.delete(keys.ratelimit(limiter, ip))
+    for e in met:
+        if e.type is EventType.CLICK:
+            ids.add(clicks.mint(e.event_id))
+        if isinstance(c := e.payload.get("click_id"), str) and clicks.parse(c) is not None:
+            ids.add(c)
+    for c in sorted(ids):
+        result.clicks_uncached += await redis.delete(keys.click(c))
 
 
 async def _read_by_all(redis: Redis, stream: str, groups: list[dict[str, Any]], sid: Any) -> bool:
