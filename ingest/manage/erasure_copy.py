@@ -15,8 +15,9 @@ is stored from a replay (``workers.ops.replay``) and by a worker before its firs
 (``workers.consumer.pipeline``): the erasure's row and its digests (an affiliate's: its
 row, and the affiliate scrubbed again); then, behind the ledger's fence, every event row
 they name that still holds personal data is scrubbed (``erasure_late.recheck``), and the
-erasure is pending again in Redis and the archive for the sweep. A copy made under another salt (a database made anew, not
-restored) names nobody there: it is left as it is, and logged.
+erasure is pending again in Redis and the archive for the sweep. A copy made under another
+salt (a database made anew, not restored) names nobody there: it is left as it is, and
+logged.
 """
 
 from __future__ import annotations
