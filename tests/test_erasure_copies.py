@@ -345,6 +345,7 @@ async def test_a_worker_restores_the_erasures_postgres_lost_before_its_first_bat
     done = await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
     assert await erasure_copy.keep(pg, redis, keys, [done.id]) == 1
     await pg.execute("DELETE FROM erasures")  # the restore
+    await redis.hset(erasure_copy.key(keys), "junk", b"not a copy")  # names nobody, stops nothing
     lead = Envelope(EventType.LEAD, Dialect.REFPORT, {
         "code": world.link["code"], "visitor_id": "v-restored", "external_id": p.external_id, "email": p.email,
         "customer_name": p.name, "name": "Sign Up"}, world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
