@@ -12,16 +12,22 @@ from typing import Any
 
 import click
 
+from ingest.contract import links
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import erasure as pg_erasure
+from ingest.manage import erasure_affiliate as affiliate_erasure
+from ingest.manage import erasure_copy
+from ingest.manage.admin import NotFound
 
 from . import ops_output as out
 from .runner import print_data, run_command
 
 
-async def _erase(settings: Settings, external_id: str | None, workspace: str | None, sweep: bool) -> dict[str, Any]:
+async def _erase(
+    settings: Settings, external_id: str | None, workspace: str | None, sweep: bool, partner: dict[str, str]
+) -> dict[str, Any]:
     from workers.archive.store import open_store
     from workers.ops import erasure
 
@@ -37,10 +43,23 @@ async def _erase(settings: Settings, external_id: str | None, workspace: str | N
             done = await pg_erasure.erase(
                 pool, workspace, external_id, by="cli", archive_days=settings.erase_archive_days
             )
+            await erasure_copy.keep(pool, redis, keys, [done.id])  # outside Postgres: a restore gets it back
             for command in pg_erasure.redis_deletes(keys, done):
                 await redis.execute_command(*command)
             result["erasure"] = done.to_dict()
-        if external_id is not None or sweep:
+        if partner:  # an affiliate, or a participant (every campaign's)
+            assert workspace is not None
+            try:
+                gone = await affiliate_erasure.erase(pool, workspace, by="cli",
+                                                     archive_days=settings.erase_archive_days, **partner)  # fmt: skip
+            except NotFound as exc:
+                raise click.ClickException(str(exc)) from None
+            await erasure_copy.keep(pool, redis, keys, [uuid.UUID(e["erasure_id"]) for e in gone.erasures])
+            await links.put(redis, keys, *gone.cache)
+            for command in affiliate_erasure.redis_commands(keys, gone):
+                await redis.execute_command(*command)
+            result.update(gone.to_dict())
+        if external_id is not None or partner or sweep:
             swept = await erasure.sweep(pool, redis, keys, open_store(settings), replicas=settings.ack_replicas,
                                         wait_ms=settings.ack_wait_ms)  # fmt: skip
             result["sweep"] = swept.to_dict()
@@ -63,23 +82,49 @@ def _workspace(value: str | None) -> str | None:
 @click.command()
 @out.json_option
 @click.option("--customer", "external_id", metavar="ID", help="The customer's external id (as the trackers sent it).")
-@click.option("--workspace", metavar="W", help="The workspace id the customer belongs to.")
+@click.option(
+    "--affiliate",
+    "affiliate_id",
+    metavar="ID",
+    help="An affiliate's id: their name, email, external id"
+    " and addresses go; their links, commissions and payouts stay.",
+)
+@click.option(
+    "--participant",
+    "participant_id",
+    metavar="ID",
+    help="A Bricqs participant's id: the affiliate of that external id in every campaign, erased as --affiliate.",
+)
+@click.option("--workspace", metavar="W", help="The workspace id the customer (or affiliate) belongs to.")
 @click.option("--status", "show_status", is_flag=True, help="List the erasures with a place still pending.")
 @click.option("--sweep", is_flag=True, help="Finish pending erasures in Redis and the archive now.")
-def erase(external_id: str | None, workspace: str | None, show_status: bool, sweep: bool) -> None:
+def erase(
+    external_id: str | None,
+    affiliate_id: str | None,
+    participant_id: str | None,
+    workspace: str | None,
+    show_status: bool,
+    sweep: bool,
+) -> None:
     """Erase a customer's personal data everywhere: Postgres, Redis (streams, dead letters,
     the click cache, idempotency answers), spools as they drain, and the archive.
 
     Counters keep their numbers; the erasure ledger (keyed digests, no personal data) makes
     every later copy of the person's events (late, replayed, imported) stored scrubbed."""
-    if external_id is not None and workspace is None:
-        raise click.UsageError("--customer needs --workspace")
-    if external_id is None and workspace is not None:
-        raise click.UsageError("--workspace goes with --customer")
-    if external_id is None and not show_status and not sweep:
-        raise click.UsageError("say what to do: --customer ID --workspace W, --status or --sweep")
+    partner = {k: v for k, v in (("affiliate_id", affiliate_id), ("participant_id", participant_id)) if v is not None}
+    if len(partner) + (external_id is not None) > 1:
+        raise click.UsageError("one of --customer, --affiliate, --participant at a time")
+    if (external_id is not None or partner) and workspace is None:
+        raise click.UsageError(
+            f"--{'customer' if external_id is not None else next(iter(partner))[:-3]} needs --workspace"
+        )
+    if external_id is None and not partner and workspace is not None:
+        raise click.UsageError("--workspace goes with --customer, --affiliate or --participant")
+    if external_id is None and not partner and not show_status and not sweep:
+        raise click.UsageError("say what to do: --customer ID --workspace W, --affiliate ID --workspace W, --status or"
+                               " --sweep")  # fmt: skip
     ws = _workspace(workspace)
-    data = run_command(lambda settings: _erase(settings, external_id, ws, sweep))
+    data = run_command(lambda settings: _erase(settings, external_id, ws, sweep, partner))
     if out.wants_json():
         out.print_json(data)
         return
@@ -88,6 +133,8 @@ def erase(external_id: str | None, workspace: str | None, show_status: bool, swe
         print_data(
             {"erasure": e["erasure_id"], "postgres rows scrubbed": e["postgres"], "archive due": e["archive_due"]}
         )
+    for e in data.get("erasures", []):
+        print_data({"erasure": e["erasure_id"], "postgres rows scrubbed": e["done"].get("postgres")})
     if "sweep" in data:
         print_data({"sweep": {k: v for k, v in data["sweep"].items() if v}})
     t = out.table("erasures pending", "erasure", "workspace", "requested", "pending", "archive due",

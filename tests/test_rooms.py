@@ -31,6 +31,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "workers.ops.replay",  # the arq worker hosts the replay job
         "workers.ops.erasure",  # ... and the erasure sweep,
         "ingest.manage.erasure_late",  # an erased person's late lead scrubs what it links them to
+        "ingest.manage.erasure_copy",  # a worker's first batch waits for the erasures Postgres lost
         "workers.archive.store",  # ... which rewrites the archive's segments
     },
     "workers.archive": {"ingest.contract", "workers.group"},
@@ -42,6 +43,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "workers.archive",
         "ingest.manage.erasure",  # an erasure's record, as the management API shows it
         "ingest.manage.erasure_late",  # ... and its re-check of Postgres
+        "ingest.manage.erasure_copy",  # ... and its copy in Redis, kept by the sweep, restored by a replay
         "ingest.manage.refunds",  # an imported refund, recorded as the edge records one
         "ingest.edge.suppress",  # the do-not-track lists, as the edges read them, for an import
         "ingest.edge.fields",  # an import's rows checked by the routes' own field types

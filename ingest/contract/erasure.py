@@ -313,15 +313,50 @@ async def held(pool: asyncpg.Pool) -> AsyncIterator[Check]:
             pass
 
 
+def _changed(before: Envelope, after: Envelope) -> dict[str, str | None]:
+    """What ``after`` (the scrub of ``before``) took out: each value, and what it became."""
+    values: dict[str, str | None] = {v: None for v in (before.ip, before.user_agent) if v}
+    for k, v in before.payload.items():
+        if isinstance(v, str) and v and after.payload.get(k) != v:
+            values[v] = after.payload.get(k) if isinstance(after.payload.get(k), str) else None
+    return values
+
+
+def scrub_commands(commands: Iterable[tuple[Any, ...]], before: Envelope, after: Envelope) -> list[tuple[Any, ...]]:
+    """An event's extra commands (a spooled click's cache entry, an Affixo fingerprint's
+    visitor: ``ingest.spool``) fit for ``after``, the scrub of ``before``: a JSON argument
+    (the click cache's entry) has the values the scrub took out as they became (the visitor
+    as its pseudonym); a command holding one of them bare (the fingerprint cache, which would
+    hand the erased visitor to the next click) is not sent."""
+    values = _changed(before, after)
+    out = []
+    for command in commands:
+        args: list[Any] = []
+        for a in command:
+            text = a.decode(errors="replace") if isinstance(a, bytes) else a
+            if isinstance(text, str) and text in values:
+                break
+            if isinstance(a, bytes | str) and text[:1] in ("{", "["):
+                try:
+                    doc = orjson.loads(a)
+                except orjson.JSONDecodeError:
+                    args.append(a)
+                    continue
+                new = orjson.dumps(redact(doc, values))
+                args.append(new if isinstance(a, bytes) else new.decode())
+                continue
+            args.append(a)
+        else:
+            out.append(tuple(args))
+    return out
+
+
 def scrub_answer(answer: bytes, before: Envelope, after: Envelope) -> bytes:
     """An idempotency answer (fingerprint, status, JSON body: ``ingest.edge.idempotency``)
     for ``before``, without what its scrub (``after``) took out: a repeat of the request
     is still answered, and appends nothing."""
     head, body = answer[:35], answer[35:]
-    values: dict[str, str | None] = {v: None for v in (before.ip, before.user_agent) if v}
-    for k, v in before.payload.items():
-        if isinstance(v, str) and v and after.payload.get(k) != v:
-            values[v] = after.payload.get(k) if isinstance(after.payload.get(k), str) else None
+    values = _changed(before, after)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:

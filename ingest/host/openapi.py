@@ -168,6 +168,12 @@ OPERATIONS: tuple[Op, ...] = (
     Op("delete", "/v1/customers/{external_id}", "Erase a customer's personal data everywhere (scope erase, "
        "which * does not grant): Postgres at once, Redis and the archive by the workers; counters keep their "
        "numbers", "Management", {202: M.Erasure, **MANAGE}, security="bearer"),
+    Op("delete", "/v1/affiliates/{id}", "Erase an affiliate's personal data everywhere (scope erase): name, email, "
+       "external id and addresses; their links, commissions and payouts stay", "Management",
+       {202: M.AffiliateErasures, **MANAGE}, security="bearer"),
+    Op("delete", "/v1/participants/{participant_id}", "Erase a Bricqs participant (the affiliate of that external id "
+       "in every campaign) as an affiliate (scope erase)", "Management", {202: M.AffiliateErasures, **MANAGE},
+       security="bearer"),
     Op("post", "/v1/suppressions", "Do not track a visitor, customer or address: their events are answered as "
        "usual, stored nowhere and counted as suppressed drops (the list keeps digests, never values)",
        "Management", {201: M.Suppression, **MANAGE_BODY}, M.NewSuppression, "bearer"),

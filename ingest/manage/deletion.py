@@ -19,11 +19,13 @@ import uuid
 from typing import Any
 
 import asyncpg
+import orjson
 
 from ingest.contract import links
 from ingest.contract.connections import Redis, write
 from ingest.contract.keys import Keys
 from ingest.edge import auth
+from ingest.manage import erasure_copy
 from ingest.manage.admin import NotFound
 
 # base tables (a partitioned table, not its partitions) with a workspace_id column that no
@@ -64,6 +66,12 @@ async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, w
     for digest in digests:
         await auth.cache_key(redis, keys, digest, None)
     await links.put_deleted(redis, keys, codes)
+    # its erasures' copy outside Postgres (``erasure_copy``: digests, nothing personal, and a
+    # restore skips a deleted workspace's anyway): gone with it
+    gone = [f async for f, raw in redis.hscan_iter(erasure_copy.key(keys))
+            if orjson.loads(raw).get("workspace_id") == str(ws)]  # fmt: skip
+    if gone:
+        await redis.hdel(erasure_copy.key(keys), *gone)
     # Affixo's fingerprints of its visitors (``fp:<workspace>:<hash>``)
     async for name in redis.scan_iter(match=keys.fingerprint(workspace_id, "*"), count=1000):
         await redis.delete(name)

@@ -339,7 +339,12 @@ async def scrub_rows(
     sales = await conn.fetch(
         "SELECT event_id FROM sales WHERE workspace_id = $1 AND customer_external_id = $2", workspace_id, x_alias
     )
-    rows["webhook_deliveries"] = await _redact_deliveries(conn, ids + [r["event_id"] for r in sales], values)
+    subjects = ids + [r["event_id"] for r in sales]
+    # a commission.created delivery's subject is the ledger row, not an event: the person's
+    # rows (renamed above) and those their events earned
+    earned = await conn.fetch(_COMMISSIONS, workspace_id, x_alias, subjects)
+    subjects += [r["id"] for r in earned]
+    rows["webhook_deliveries"] = await _redact_deliveries(conn, subjects, values)
     ips = sorted({r["ip"] for r in found if r["ip"]})
     rows["affiliate_ips"] = _count(await conn.execute(
         "DELETE FROM affiliate_ips a USING affiliates f WHERE a.affiliate_id = f.id AND f.workspace_id = $1 "
@@ -348,6 +353,10 @@ async def scrub_rows(
     return rows, sorted(more_visitors), sorted(more_clicks), ips
 
 
+_COMMISSIONS = """
+SELECT id FROM commissions
+WHERE workspace_id = $1 AND (customer_external_id = $2 OR source_id = ANY($3::uuid[]))
+"""
 _TWIN = "SELECT id FROM customers WHERE workspace_id = $1 AND visitor_id = $2 AND id <> $3"
 
 

@@ -457,7 +457,8 @@ Ledger = Callable[[], AbstractAsyncContextManager[erasure.Check]]
 
 async def _scrubbed(scrub: erasure.Check, rows: list[store.Row]) -> list[store.Row]:
     """``rows`` with an erased person's envelopes scrubbed, and the answer a keyed row stores
-    for its key's repeats without the values the scrub took out (``erasure.redact``)."""
+    for its key's repeats, and its extra commands (the click cache's entry), without the
+    values the scrub took out (``erasure.redact``)."""
     envelopes, where = [], []
     for i, r in enumerate(rows):
         try:
@@ -474,7 +475,8 @@ async def _scrubbed(scrub: erasure.Check, rows: list[store.Row]) -> list[store.R
         once = rows[i].once
         if once is not None:
             once = replace(once, answer=erasure.scrub_answer(once.answer, before, scrubbed))
-        out[i] = replace(rows[i], envelope=scrubbed.encode(), once=once)
+        extra = erasure.scrub_commands(rows[i].extra, before, scrubbed)  # the click cache's entry
+        out[i] = replace(rows[i], envelope=scrubbed.encode(), once=once, extra=extra)
     log.info("spool.scrubbed", rows=len(found))
     return out
 

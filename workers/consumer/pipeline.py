@@ -38,6 +38,7 @@ from ingest.contract.connections import Redis
 from ingest.contract.events import FIELD, Envelope, EnvelopeError, entry_of
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
+from ingest.manage import erasure_copy
 from workers.consumer import store, webhooks
 from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics
@@ -111,6 +112,7 @@ class Pipeline:
         self.arq: ArqRedis | None = None  # set by the arq worker; --drain leaves it to the sweep
         self.metrics: WorkerMetrics | None = None
         self.totals = Totals()
+        self.ledger_restored = False  # the erasures Postgres lost, put back before the first batch
 
     async def process(self, batch: Batch) -> None:
         """Take ``batch`` through its remaining stages. Raises ``Outage`` when Postgres or
@@ -258,6 +260,8 @@ class Pipeline:
         ever (each part commits on its own, exactly once in effect)."""
         if not envelopes:
             return store.BatchResult(), []
+        if not self.ledger_restored:
+            await self._restore_ledger()
         size = len(envelopes) if failures < SHRINK_AFTER else max(1, len(envelopes) >> (failures - SHRINK_AFTER + 1))
         total, failed = store.BatchResult(), []
         for i in range(0, len(envelopes), size):
@@ -265,6 +269,18 @@ class Pipeline:
             _merge(total, r)
             failed += f
         return total, failed
+
+    async def _restore_ledger(self) -> None:
+        """Once per process, before it stores anything: the erasures a restore of Postgres (or a
+        failover) lost, back from their copy in Redis, so the person's events in the streams
+        are stored scrubbed (``ingest.manage.erasure_copy``). An outage: the batch waits."""
+        try:
+            await erasure_copy.restore(self.pg, self.redis, self.keys)
+        except Exception as exc:
+            await self._raise_if_outage(exc)
+            await self._redis(_raising(exc))
+            raise
+        self.ledger_restored = True
 
     async def _store(self, envelopes: list[Envelope]) -> tuple[store.BatchResult, list[tuple[Envelope, Exception]]]:
         try:
@@ -382,3 +398,7 @@ def _merge(total: store.BatchResult, r: store.BatchResult) -> None:
     total.milestones += r.milestones
     total.deliveries += r.deliveries
     total.refunds_not_restored += r.refunds_not_restored
+
+
+async def _raising(exc: Exception) -> None:
+    raise exc

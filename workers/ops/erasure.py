@@ -31,6 +31,7 @@ Each erasure records the time each place was done (``erasures.redis_at``, ``arch
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,10 +45,10 @@ from redis.asyncio.cluster import RedisCluster
 from ingest.contract import clicks, erasure, layout
 from ingest.contract.connections import Redis
 from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
-from ingest.contract.events import FIELD, FIELDS, Envelope
+from ingest.contract.events import FIELD, FIELDS, Envelope, EventType
 from ingest.contract.keys import Keys, parse_id
 from ingest.manage import erasure as manage_erasure
-from ingest.manage import erasure_late
+from ingest.manage import erasure_copy, erasure_late
 from workers.archive import erased
 from workers.archive import read as archive_read
 from workers.archive import segment as seg
@@ -70,6 +71,8 @@ class SweepResult:
     entries_waiting: int = 0  # stream entries a group has yet to read or ack: next sweep
     letters_replaced: int = 0
     answers_rewritten: int = 0
+    fingerprints_deleted: int = 0
+    clicks_uncached: int = 0  # click cache entries of the person's clicks met in the streams
     segments_read: int = 0
     segments_rewritten: int = 0
     redis_done: list[str] = field(default_factory=list)
@@ -99,6 +102,9 @@ async def sweep(
         return result
     async with pg.acquire() as conn:
         key = await erasure.salt(conn)
+    # the ledger's copy outside Postgres, as it stands now (what writers taught it since):
+    # before Redis can be marked done, and before the fence that replicates it
+    await erasure_copy.keep(pg, redis, keys, [r["id"] for r in rows])
     check = _Check(pg, key)
     since = [r["since"] for r in rows if r["since"] is not None]
     # Postgres first: a row a batch stored beside the one that taught the ledger its visitor
@@ -106,10 +112,11 @@ async def sweep(
     high = (await layout.load(redis, keys, keys.partitions)).high
     streams = [keys.stream(p) for p in range(high)]
     for s in streams:
-        await _stream(redis, s, check, result)
+        await _stream(redis, keys, s, check, result)
     for s in (keys.dead, keys.dead + ":dropped"):
         await _letters(redis, s, check, result)
     await _answers(redis, keys, check, result)
+    await _fingerprints(redis, keys, check, result)
     if result.entries_waiting:
         log.info("erasure.redis_waiting", entries=result.entries_waiting)
         return result
@@ -244,7 +251,7 @@ async def _personal_pages(
         start = "(" + last
 
 
-async def _stream(redis: Redis, stream: str, check: _Check, result: SweepResult) -> None:
+async def _stream(redis: Redis, keys: Keys, stream: str, check: _Check, result: SweepResult) -> None:
     try:
         groups = await redis.xinfo_groups(stream)
     except Exception as exc:  # no such stream: nothing in it
@@ -252,11 +259,30 @@ async def _stream(redis: Redis, stream: str, check: _Check, result: SweepResult)
             return
         raise
     async for hits in _personal_pages(redis, stream, check):
+        await _uncache(redis, keys, [e for _, _, e in hits], result)
         for sid, _, _ in hits:
             if await _read_by_all(redis, stream, groups, sid):
                 result.entries_deleted += await redis.xdel(stream, sid)
             else:
                 result.entries_waiting += 1
+
+
+async def _uncache(redis: Redis, keys: Keys, met: list[Envelope], result: SweepResult) -> None:
+    """The click cache's entries of the clicks these copies are or name (an entry keeps the
+    visitor for the cookie window), and the rate limiter's windows of their addresses:
+    deleted, as the erasure deletes those it knows at once. A click (and its address) the
+    erasure could not know then, because the lead that names it came later, is met here."""
+    ids = set()
+    for ip in sorted({e.ip for e in met if e.ip}):
+        for limiter in ("click", "public", "key"):
+            await redis.delete(keys.ratelimit(limiter, ip))
+    for e in met:
+        if e.type is EventType.CLICK:
+            ids.add(clicks.mint(e.event_id))
+        if isinstance(c := e.payload.get("click_id"), str) and clicks.parse(c) is not None:
+            ids.add(c)
+    for c in sorted(ids):
+        result.clicks_uncached += await redis.delete(keys.click(c))
 
 
 async def _read_by_all(redis: Redis, stream: str, groups: list[dict[str, Any]], sid: Any) -> bool:
@@ -309,6 +335,38 @@ async def _answers(redis: Redis, keys: Keys, check: _Check, result: SweepResult)
             result.answers_rewritten += 1
 
 
+async def _fingerprints(redis: Redis, keys: Keys, check: _Check, result: SweepResult) -> None:
+    """Affixo's fingerprint cache (``ingest.edge.routes.affixo``: a fingerprint's first
+    visitor, for 90 days) names an erased visitor: the entry goes (only if unchanged since
+    it was read), so no later click of that fingerprint is handed the erased visitor."""
+    spaces = await check.pg.fetchval("SELECT array_agg(DISTINCT workspace_id::text) FROM erasures") or []
+    for ws in spaces:
+        names, values = [], []
+        async for name in redis.scan_iter(match=f"{keys.prefix}:fp:{ws}:*", count=_PAGE):
+            value = await redis.get(name)
+            if isinstance(value, bytes) and not erasure.is_pseudonym(v := value.decode(errors="replace")):
+                names.append(name)
+                values.append((value, erasure.digest(check.key, VISITOR, v)))
+        if not names:
+            continue
+        found = {
+            bytes(d)
+            for d in await check.pg.fetchval(
+                "SELECT array(SELECT digest FROM erased_ids WHERE digest = ANY($1::bytea[]) AND workspace_id = $2)",
+                [d for _, d in values], uuid.UUID(ws),
+            )  # fmt: skip
+        }
+        for name, (value, d) in zip(names, values, strict=True):
+            if d in found and await redis.eval(_DROP, 1, name, value):  # type: ignore[misc,arg-type]
+                result.fingerprints_deleted += 1
+
+
+_DROP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 _SWAP = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')

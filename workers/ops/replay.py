@@ -27,6 +27,7 @@ from ingest.contract import bounds, layout
 from ingest.contract.connections import Redis
 from ingest.contract.events import Envelope, EnvelopeError
 from ingest.contract.keys import Keys
+from ingest.manage import erasure_copy
 from workers.archive.store import open_store
 from workers.consumer import store
 from workers.consumer.enrich import Enricher
@@ -241,6 +242,9 @@ async def replay(
     click would be counted as a click. ``progress(done, total)`` is called after each page.
     """
     src = source if isinstance(source, Source) else Source(source)
+    # the erasures a restore of Postgres lost, back before anything is stored: what the
+    # replay brings of an erased person is stored scrubbed (ingest.manage.erasure_copy)
+    await erasure_copy.restore(pool, src.redis, keys)
     start, end = rng.bounds()
     streams = await _streams(src, keys, rng)
     total = sum([await src.count(p, stream, start, end) for p, stream in streams])

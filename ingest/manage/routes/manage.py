@@ -6,19 +6,21 @@ Errors: ``{"error": code, "detail": text}``, as the Affixo API (seed 003) answer
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Literal
 
 import asyncpg
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from ingest.contract import links
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
 from ingest.contract.fraud import FraudPolicy, FraudRule
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
 from ingest.edge.fields import Ident, Integer, Text, Url
 from ingest.edge.state import Edge
-from ingest.manage import admin, erasure, manage, stats, suppressions
+from ingest.manage import admin, erasure, erasure_affiliate, erasure_copy, manage, stats, suppressions
 from ingest.manage.admin import NotFound
 from ingest.manage.routes._guard import error, guarded, json, limit_param, segment
 
@@ -226,6 +228,10 @@ class Erasure(BaseModel):
     archive_due: str = Field(description="The archive's segments are rewritten by then (REFSTREAM_ERASE_ARCHIVE_DAYS)")
     overdue: bool
     done: dict[str, Any] = Field(description="What each place's pass changed: counts of rows, entries, segments")
+
+
+class AffiliateErasures(BaseModel):
+    erasures: list[Erasure] = Field(description="One per affiliate erased (a participant: one per campaign)")
 
 
 class DailyStats(BaseModel):
@@ -438,14 +444,51 @@ async def erase_customer(request: web.Request, edge: Edge, p: Principal) -> web.
         )
         async with acquired(edge.pg) as conn:
             shown = await erasure.show(conn, p.workspace_id, str(done.id))
+            copy = await erasure_copy.commands(conn, edge.keys, [done.id])
     except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # a read-only one too
         raise CommitUnknown("the erasure") from exc
-    if deletes := erasure.redis_deletes(edge.keys, done):
+    # the ledger's copy outside Postgres (a restore that loses the erasure gets it back); the
+    # sweep writes it too, and marks Redis done only once it is there
+    if deletes := [*copy, *erasure.redis_deletes(edge.keys, done)]:
         try:
             await edge.batcher.execute(*deletes)
         except REDIS_ERRORS:
-            pass  # the click cache's entries and rate-limit windows expire by themselves
+            pass  # the click cache's entries and rate-limit windows expire by themselves; the sweep copies
     return json(202, shown)
+
+
+@routes.delete("/v1/affiliates/{id}")
+@guarded("erase")
+async def erase_affiliate(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    """Forget an affiliate (a partner, a person): their name, email, external id and
+    addresses, wherever they are held; their links, commissions and payouts stay
+    (docs/privacy.md). 202 with the erasure, as a customer's."""
+    return await _erase_affiliates(edge, p, affiliate_id=segment(request, "id"))
+
+
+@routes.delete("/v1/participants/{participant_id}")
+@guarded("erase")
+async def erase_participant(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    """A Bricqs participant (an affiliate by external id, in every campaign): as above;
+    202 with one erasure per campaign they were in."""
+    return await _erase_affiliates(edge, p, participant_id=segment(request, "participant_id"))
+
+
+async def _erase_affiliates(edge: Edge, p: Principal, **which: str) -> web.Response:
+    try:  # as a customer's: a failure may leave it begun, and a retry finishes it
+        done = await erasure_affiliate.erase(
+            edge.pg, p.workspace_id, by=p.prefix, archive_days=edge.settings.erase_archive_days, **which
+        )
+        async with acquired(edge.pg) as conn:
+            copy = await erasure_copy.commands(conn, edge.keys, [uuid.UUID(e["erasure_id"]) for e in done.erasures])
+    except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise CommitUnknown("the erasure") from exc
+    try:
+        await links.put_committed(edge.redis, edge.keys, *done.cache)  # their external id, as a pseudonym
+        await edge.batcher.execute(*copy, *erasure_affiliate.redis_commands(edge.keys, done))
+    except REDIS_ERRORS:
+        pass  # the sweep copies the ledger; the link cache is put again by the workers' refresh; windows expire
+    return json(202, done.to_dict())
 
 
 @routes.post("/v1/suppressions")
