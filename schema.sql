@@ -705,3 +705,16 @@ CREATE TABLE IF NOT EXISTS suppressions (
 --                                identifier of theirs; kept (a later event must still find it),
 --                                deleted with their workspace; erasure_salt one row
 --   suppressions                 what a workspace lists: deleted by it, or with the workspace
+
+-- Commission rules per currency (DESIGN.md invariant 16): a program's flat amount per sale
+-- is a mapping of currency to that currency's minor units, stored as `sale_flats`
+-- (ingest/contract/commission.py). The older single number (`sale_flat`, applied to every
+-- currency alike: 500 was $5.00 and ¥500 and 0.500 KWD) was meant in the program's
+-- currency, lead_currency (usd unless set): rewritten so, once; a worker of an older build
+-- then reads no flat amount, never a wrong one.
+UPDATE programs
+SET commission = (commission - 'sale_flat') || jsonb_build_object('sale_flats', CASE
+    WHEN (commission->>'sale_flat')::numeric > 0
+    THEN jsonb_build_object(lower(coalesce(commission->>'lead_currency', 'usd')), commission->'sale_flat')
+    ELSE '{}'::jsonb END)
+WHERE jsonb_typeof(commission->'sale_flat') = 'number';
