@@ -37,10 +37,13 @@ from uuid import UUID
 from ingest.contract.commission import Rules
 
 IMPORT_DIALECT = "import"  # the dialect of rows brought in by ``refstream import``
-# a lead that counted (the workers' ``counted``): what attribution and the ledger read; ``e`` is events
+# a lead that counted (the workers' ``counted``: not test mode, credited to its click within
+# the cookie window, not excluded by a fraud rule, not stored below the retention's horizon):
+# what attribution and the ledger read; ``e`` is events
 COUNTED_LEAD = (
     "NOT e.test_mode AND NOT e.out_of_window"
     " AND NOT EXISTS (SELECT 1 FROM event_flags f WHERE f.event_id = e.event_id AND f.excluded)"
+    " AND e.event_id >= coalesce((SELECT horizon_id FROM event_retention), '00000000-0000-0000-0000-000000000000')"
 )
 
 
