@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
 from ingest.contract import currency, earnings
@@ -233,3 +234,35 @@ def test_major_units_become_each_currencys_minor_units(major: str, code: str, mi
 def test_an_amount_finer_than_its_currencys_minor_unit_is_refused(major: str, code: str):
     with pytest.raises(ValueError):
         currency.to_minor(major, code)
+
+
+async def test_the_cli_sets_flat_amounts_per_currency_and_checks_the_ledger(
+    procs, settings, world: World, pg: asyncpg.Pool
+):
+    from ._procs import CliError, env_for, run_command
+
+    ws = ("--workspace", world.workspace_id)
+    out = await procs.cli("commission", "set", world.program_id, *ws, "--sale-flat", "usd=5.00", "--sale-flat",
+                          "JPY=500", "--sale-flat", "kwd=0.5", "--lead-event", "Sign Up")  # fmt: skip
+    assert out["commission"]["sale_flat"] == {"jpy": 500, "kwd": 500, "usd": 500}
+    assert out["commission"]["lead_events"] == ["Sign Up"]
+    for bad in ("jpy=0.5", "usd", "usd=-1"):
+        try:
+            await procs.cli("commission", "set", world.program_id, *ws, "--sale-flat", bad)
+            raise AssertionError(f"--sale-flat {bad} was taken")
+        except CliError as exc:
+            assert "sale" in str(exc).replace("-", "_") and "Traceback" not in str(exc), bad
+    assert (await procs.cli("commission", "check", *ws)) == {"differences": []}
+    await store.write_batch(pg, [made(world, customerExternalId="nobody")])
+    await pg.execute("""INSERT INTO commissions (workspace_id, program_id, affiliate_id, kind, rule, source_id,
+                                                 amount, currency, earned_at, approve_after)
+                        SELECT workspace_id, $1, $2, 'sale', 'lifetime', event_id, 99, 'usd', now(), now()
+                        FROM sales""", world.program_id, world.affiliate_id)  # fmt: skip
+    code, out, _ = await run_command("commission", "check", *ws, "--json", env=env_for(settings), within_s=120)
+    [wrong] = orjson.loads(out)["differences"]
+    assert (code, wrong["kind"], wrong["expected"], wrong["stored"]) == (
+        1,
+        "sale",
+        None,
+        {"amount": 99, "currency": "usd"},
+    )
