@@ -88,6 +88,35 @@ async def test_months_count_from_the_customers_first_lead(edge: str, world: Worl
     assert await check(pg) == []
 
 
+async def test_an_older_lead_stored_after_a_months_sale_takes_it_back_when_it_is_now_past(
+    edge: str, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys, drain
+):
+    """``months: 1``: the customer's second lead (day 20) is stored first, a sale on day 40
+    earns (20 days from the only lead known); the first lead (day 0) stored last makes the
+    sale 40 days from the first lead: its commission, less its clawback, is taken back."""
+    assert (await rules(edge, world, sale_bps=1000, duration="months", duration_months=1))[0] == 200
+    for name in ("Sign Up", "Trial"):
+        assert (await lead(edge, world.api_key, lead_body(await new_click(edge), eventName=name)))[0] == 200
+    entries = [Envelope.from_entry(f) for s in keys.streams for _, f in await redis.xrange(s)]
+    first, second = sorted((e for e in entries if e.payload.get("name") in ("Sign Up", "Trial")),
+                           key=lambda e: e.received_at_ms)  # fmt: skip
+    second.received_at_ms = first.received_at_ms + 20 * DAY_MS
+    await store.write_batch(pg, [second])
+    sale = made(world, invoiceId="in_40", amount=2000)
+    sale.received_at_ms = first.received_at_ms + 40 * DAY_MS
+    await store.write_batch(pg, [sale])
+    assert await _earned(pg) == [("sale", 200, "usd")]
+    await pg.execute("UPDATE sales SET refunded = 500")  # as if refunded in part: its clawback
+    await pg.execute("""INSERT INTO commissions (workspace_id, program_id, affiliate_id, kind, rule, source_id, sale_id,
+                                                 amount, currency, earned_at, approve_after)
+                        SELECT workspace_id, program_id, affiliate_id, 'clawback', 'refund', gen_random_uuid(),
+                               source_id, -50, currency, now(), now() FROM commissions""")  # fmt: skip
+    await store.write_batch(pg, [first])
+    await drain()  # the stream's copies: duplicates
+    assert sorted(await _earned(pg)) == [("clawback", -50, "usd"), ("reversal", -150, "usd"), ("sale", 200, "usd")]
+    assert await check(pg) == []
+
+
 async def test_flat_amounts_are_per_currency_in_each_currencys_minor_unit(
     edge: str, world: World, pg: asyncpg.Pool, drain
 ):

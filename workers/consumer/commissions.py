@@ -3,7 +3,9 @@ program's rules (``ingest.contract.commission``), in the transaction that counts
 
 - A sale earns when it is attributed (on insert, or when its lead is stored after it) to
   an affiliate of a program with rules, and its duration says so: ``lifetime``, for ever;
-  ``months``, within the rules' span of the customer's FIRST counted lead in the program;
+  ``months``, within the rules' span of the customer's FIRST counted lead in the program
+  (a lead stored after a sale that earned, and older than the lead it was timed from,
+  takes it back by a ``reversal`` where it is now past the span);
   ``first_sale``, the customer's first attributed sale in the program by received time,
   whatever order the workers store them in: a sale stored after a later one that had
   earned makes that one's commission taken back (a ``reversal`` row), and earns instead.
@@ -94,6 +96,25 @@ SELECT x.i, (SELECT min(e.received_at) FROM events e
            AS first_at
 FROM {jsonrows.table(("int", "uuid", "text", "uuid"), "x(i, workspace_id, customer, program_id)")}
 """
+# a months customer's sales that months made earn, not taken back, received past the span
+# ($4 days) from the customer's first counted lead in the program; what each still stands at
+_MONTHS_PAST = f"""
+WITH first AS (
+    SELECT min(e.received_at) AS at FROM events e
+    WHERE e.type = 2 AND e.workspace_id = $1 AND e.customer_external_id = $2 AND e.program_id = $3
+      AND e.affiliate_id IS NOT NULL AND {COUNTED_LEAD}
+)
+SELECT s.event_id, s.received_at, s.currency, s.link_id, s.affiliate_id,
+       (SELECT sum(c.amount) FROM commissions c
+        WHERE (c.kind = 'sale' AND c.source_id = s.event_id) OR (c.kind = 'clawback' AND c.sale_id = s.event_id))
+           AS earned
+FROM sales s, first
+WHERE s.workspace_id = $1 AND s.customer_external_id = $2 AND s.program_id = $3 AND s.unattributed IS NULL
+  AND s.received_at - first.at > make_interval(days => $4)
+  AND EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'sale' AND c.rule = 'months' AND c.source_id = s.event_id)
+  AND NOT EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'reversal' AND c.source_id = s.event_id)
+ORDER BY s.event_id
+"""
 APPROVE = "UPDATE commissions SET status = 'approved' WHERE status = 'pending' AND approve_after <= now()"
 
 
@@ -139,9 +160,12 @@ async def settle(
     rules = {str(r["id"]): Rules.from_json(r["commission"]) for r in await conn.fetch(_RULES, programs)}
     rows: list[tuple[Any, ...]] = []
     groups: dict[tuple[str, str, str, str], Rules] = {}  # (workspace, customer, program, lead group)
+    timed: dict[tuple[str, str, str], Rules] = {}  # a months program's customers whose first lead may be new
     for lead in leads:
         r = rules.get(str(lead.link.program_id), Rules())
         group, customer = r.lead_group(lead.text("name")), lead.text("external_id")
+        if r.duration == "months" and customer is not None:
+            timed[(lead.link.workspace_id, customer, str(lead.link.program_id))] = r
         if r.lead_flat <= 0 or group is None:
             continue
         if customer is None:  # no customer to earn once for: the lead alone
@@ -171,6 +195,8 @@ async def settle(
     batch = {lead.envelope.event_id for lead in leads}
     for (ws, customer, program, group), r in sorted(groups.items()):
         rows += await _first_lead(conn, ws, customer, program, group, r, batch, earns)
+    for (ws, customer, program), r in sorted(timed.items()):
+        rows += await _months_past(conn, ws, customer, program, r)
     if not rows:
         return []
     made = await conn.fetch(_INSERT, jsonrows.doc(rows))
@@ -209,6 +235,17 @@ async def _first_lead(
             out.append(_row(ws, program, later["affiliate_id"], later["link_id"], "reversal", later["event_id"],
                             customer, -later["earning"], r.lead_currency, later["received_at"], r, "lead"))  # fmt: skip
     return out
+
+
+async def _months_past(
+    conn: asyncpg.Connection, ws: str, customer: str, program: str, r: Rules
+) -> list[tuple[Any, ...]]:
+    """A lead stored after the customer's sales that is older than the lead they were timed
+    from moves ``months``' start earlier: a sale ``months`` made earn that is now past the
+    span is taken back (what it still stands at). What other rules granted stands."""
+    found = await conn.fetch(_MONTHS_PAST, UUID(ws), customer, UUID(program), 30 * r.duration_months)
+    return [_row(ws, program, x["affiliate_id"], x["link_id"], "reversal", x["event_id"], customer, -x["earned"],
+                 x["currency"], x["received_at"], r) for x in found if x["earned"]]  # fmt: skip
 
 
 async def _first_sale(
