@@ -148,6 +148,13 @@ async def test_an_older_single_flat_amount_reads_and_migrates_as_the_programs_cu
     currency (lead_currency), and ``refstream migrate`` rewrites them so, once."""
     await pg.execute("""UPDATE programs SET commission = '{"sale_bps": 0, "sale_flat": 25, "lead_currency": "jpy"}'""")
     assert Rules.from_json({"sale_flat": 25, "lead_currency": "jpy"}).sale_flat == {"jpy": 25}
+    legacy = """UPDATE programs SET commission = '{"sale_bps": 0, "sale_flat": 25, "lead_currency": "jpy"}'"""
+    status, out = await rules(edge, world, hold_days=1)  # not migrated yet: a change keeps it, as it reads
+    assert status == 200 and out["commission"]["sale_flat"] == {"jpy": 25}, out
+    await pg.execute(legacy)
+    status, out = await rules(edge, world, sale_flat={"usd": 3})  # the mapping given replaces it
+    assert status == 200 and out["commission"]["sale_flat"] == {"usd": 3}, out
+    await pg.execute(legacy)
     async with pg.acquire() as conn:
         await db.migrate(conn)
         stored = await conn.fetchval("SELECT commission::text FROM programs WHERE id = $1", world.program_id)

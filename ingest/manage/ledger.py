@@ -20,19 +20,25 @@ from ingest.manage.admin import NotFound
 from ingest.manage.manage import Conflict, as_uuid, query_value, row_json
 from ingest.manage.outbox import WebhookEvent
 
+
+def _flats(c: str) -> str:
+    """SQL: the rules ``c`` with an older single ``sale_flat`` number as ``sale_flats``, in
+    the program's currency (none when it is 0)."""
+    return f"""CASE WHEN jsonb_typeof({c}->'sale_flat') IS DISTINCT FROM 'number' THEN {c} - 'sale_flat'
+        ELSE ({c} - 'sale_flat') || jsonb_build_object('sale_flats', CASE
+            WHEN ({c}->>'sale_flat')::numeric > 0
+            THEN jsonb_build_object(lower(coalesce({c}->>'lead_currency', 'usd')), {c}->'sale_flat')
+            ELSE '{{}}'::jsonb END) END"""
+
+
 # the given rules over the stored ones, in one statement: two changes at once both apply.
 # sale_flat, a mapping of currency to minor units, is stored as sale_flats (an older
-# worker reads no flat amount from it, never a wrong one); one number given (the rules'
-# older form) is taken in the program's currency (lead_currency), as schema.sql rewrote the
-# stored ones
-_SET_RULES = """
-UPDATE programs SET commission = (
-    SELECT CASE WHEN jsonb_typeof(m.c->'sale_flat') IS DISTINCT FROM 'number' THEN m.c - 'sale_flat'
-                ELSE (m.c - 'sale_flat') || jsonb_build_object('sale_flats', CASE
-                    WHEN (m.c->>'sale_flat')::numeric > 0
-                    THEN jsonb_build_object(coalesce(m.c->>'lead_currency', 'usd'), m.c->'sale_flat')
-                    ELSE '{}'::jsonb END) END
-    FROM (SELECT commission || $3::text::jsonb AS c) m)
+# worker reads no flat amount from it, never a wrong one); an older single number, stored
+# (where migrate has not rewritten it yet) or given, is in the program's currency
+# (lead_currency), as schema.sql rewrote the stored ones
+_SET_RULES = f"""
+UPDATE programs
+SET commission = (SELECT {_flats("m.c")} FROM (SELECT ({_flats("commission")}) || $3::text::jsonb AS c) m)
 WHERE id = $1 AND workspace_id = $2
 RETURNING id, commission::text
 """
