@@ -62,6 +62,16 @@ async def test_lifetime_pays_for_a_sale_long_past_the_cookie_window(edge: str, w
     assert attributed == {"in_60": None, "in_3y": None, "in_late": None}
     assert sorted(await _earned(pg)) == [("sale", 500, "usd"), ("sale", 1000, "usd"), ("sale", 2000, "usd")]
     assert await check(pg) == []
+    # past the event retention: the lead's event row is gone (its day's partition dropped),
+    # the customer is still the affiliate's, and a sale four years on still earns
+    await pg.execute("DELETE FROM events WHERE type = 2")
+    later = made(world, invoiceId="in_4y", amount=30_000)
+    later.received_at_ms = lead_ms + 4 * 365 * DAY_MS
+    await store.write_batch(pg, [later])
+    assert await pg.fetchval("SELECT unattributed FROM sales WHERE invoice_id = 'in_4y'") is None
+    assert await pg.fetchval("SELECT c.amount FROM commissions c JOIN sales s ON s.event_id = c.source_id"
+                             " WHERE s.invoice_id = 'in_4y'") == 3000  # fmt: skip
+    assert await check(pg) == []
 
 
 async def test_months_count_from_the_customers_first_lead(edge: str, world: World, pg: asyncpg.Pool, drain):
@@ -74,10 +84,11 @@ async def test_months_count_from_the_customers_first_lead(edge: str, world: Worl
     second = lead_body(await new_click(edge), eventName="Trial")
     assert (await lead(edge, world.api_key, second))[0] == 200
     await drain()
-    await pg.execute(
-        "UPDATE events SET received_at = $1::timestamptz + interval '20 days' WHERE type = 2 AND name = 'Trial'",
-        await pg.fetchval("SELECT min(received_at) FROM events WHERE type = 2"),
-    )
+    for table in ("events", "customer_leads"):  # the second lead 20 days after the first
+        await pg.execute(
+            f"UPDATE {table} SET received_at = $1::timestamptz + interval '20 days' WHERE name = 'Trial'",
+            await pg.fetchval("SELECT min(received_at) FROM events WHERE type = 2"),
+        )
     within, past = made(world, invoiceId="in_25", amount=1000), made(world, invoiceId="in_40", amount=2000)
     within.received_at_ms, past.received_at_ms = first_ms + 25 * DAY_MS, first_ms + 40 * DAY_MS
     await store.write_batch(pg, [within, past])

@@ -23,8 +23,7 @@ The rules, once more, as applied here (docs/http-api.md has worked examples):
   sale all the same.
 
 It assumes each program's rules did not change over the history (the workers apply the
-rules in force when a row is stored), and sees only the leads still in ``events`` (within
-the event retention).
+rules in force when a row is stored).
 """
 
 from __future__ import annotations
@@ -37,19 +36,11 @@ from uuid import UUID
 from ingest.contract.commission import Rules
 
 IMPORT_DIALECT = "import"  # the dialect of rows brought in by ``refstream import``
-# a lead that counted (the workers' ``counted``: not test mode, credited to its click within
-# the cookie window, not excluded by a fraud rule, not stored below the retention's horizon):
-# what attribution and the ledger read; ``e`` is events
-COUNTED_LEAD = (
-    "NOT e.test_mode AND NOT e.out_of_window"
-    " AND NOT EXISTS (SELECT 1 FROM event_flags f WHERE f.event_id = e.event_id AND f.excluded)"
-    " AND e.event_id >= coalesce((SELECT horizon_id FROM event_retention), '00000000-0000-0000-0000-000000000000')"
-)
 
 
 @dataclass(frozen=True, slots=True)
 class Lead:
-    """A counted lead of an affiliate's link (``events``, type 2, ``COUNTED_LEAD``)."""
+    """A customer's counted lead on an affiliate's link (``customer_leads``)."""
 
     event_id: UUID
     workspace_id: str
@@ -168,12 +159,11 @@ def differences(want: Mapping[Key, Owed], have: Mapping[Key, Owed]) -> list[tupl
 
 
 # the rows ``expected`` and ``standing`` take, as SQL (``$1``: the workspace, or NULL for all)
-LEADS_SQL = f"""
+LEADS_SQL = """
 SELECT e.event_id, e.workspace_id::text, e.customer_external_id AS customer, e.name, e.program_id::text,
        e.received_at, e.dialect
-FROM events e
-WHERE e.type = 2 AND e.program_id IS NOT NULL AND e.affiliate_id IS NOT NULL AND {COUNTED_LEAD}
-  AND ($1::uuid IS NULL OR e.workspace_id = $1)
+FROM customer_leads e
+WHERE e.program_id IS NOT NULL AND e.affiliate_id IS NOT NULL AND ($1::uuid IS NULL OR e.workspace_id = $1)
 """
 SALES_SQL = """
 SELECT s.event_id, s.workspace_id::text, s.customer_external_id AS customer,

@@ -41,7 +41,7 @@ import asyncpg
 
 from ingest.contract import jsonrows
 from ingest.contract.commission import Rules
-from ingest.contract.earnings import COUNTED_LEAD, IMPORT_DIALECT
+from ingest.contract.earnings import IMPORT_DIALECT
 from ingest.contract.events import EventType
 from ingest.manage import refunds
 from ingest.manage.outbox import WebhookEvent
@@ -79,30 +79,27 @@ ORDER BY s.received_at, s.event_id
 """
 # a customer's counted leads in a program, oldest first, and what each one's lead commission
 # still stands at (None: it has none, or it was taken back)
-_LEADS_OF = f"""
+_LEADS_OF = """
 SELECT e.event_id, e.received_at, e.name, e.dialect, e.link_id, e.affiliate_id,
        (SELECT sum(c.amount) FROM commissions c WHERE c.source_id = e.event_id AND c.kind IN ('lead', 'reversal')
         HAVING bool_and(c.kind = 'lead')) AS earning
-FROM events e
-WHERE e.type = 2 AND e.workspace_id = $1 AND e.customer_external_id = $2 AND e.program_id = $3
-  AND e.affiliate_id IS NOT NULL AND {COUNTED_LEAD}
+FROM customer_leads e
+WHERE e.workspace_id = $1 AND e.customer_external_id = $2 AND e.program_id = $3 AND e.affiliate_id IS NOT NULL
 ORDER BY e.received_at, e.event_id
 """
 # the customers' first counted lead in each program (``months`` counts from it)
 _FIRST_LEADS = f"""
-SELECT x.i, (SELECT min(e.received_at) FROM events e
-             WHERE e.type = 2 AND e.workspace_id = x.workspace_id AND e.customer_external_id = x.customer
-               AND e.program_id = x.program_id AND e.affiliate_id IS NOT NULL AND {COUNTED_LEAD})
-           AS first_at
+SELECT x.i, (SELECT min(e.received_at) FROM customer_leads e
+             WHERE e.workspace_id = x.workspace_id AND e.customer_external_id = x.customer
+               AND e.program_id = x.program_id AND e.affiliate_id IS NOT NULL) AS first_at
 FROM {jsonrows.table(("int", "uuid", "text", "uuid"), "x(i, workspace_id, customer, program_id)")}
 """
 # a months customer's sales that months made earn, not taken back, received past the span
 # ($4 days) from the customer's first counted lead in the program; what each still stands at
-_MONTHS_PAST = f"""
+_MONTHS_PAST = """
 WITH first AS (
-    SELECT min(e.received_at) AS at FROM events e
-    WHERE e.type = 2 AND e.workspace_id = $1 AND e.customer_external_id = $2 AND e.program_id = $3
-      AND e.affiliate_id IS NOT NULL AND {COUNTED_LEAD}
+    SELECT min(e.received_at) AS at FROM customer_leads e
+    WHERE e.workspace_id = $1 AND e.customer_external_id = $2 AND e.program_id = $3 AND e.affiliate_id IS NOT NULL
 )
 SELECT s.event_id, s.received_at, s.currency, s.link_id, s.affiliate_id,
        (SELECT sum(c.amount) FROM commissions c

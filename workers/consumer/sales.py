@@ -3,13 +3,15 @@
 A sale is attributed to its customer's lead: the newest lead of that customer (its
 external id, in the sale's workspace; of ``leadEventName`` when the sale names one) that
 was received before the sale and counted (not in test mode, out of its own window, or
-excluded by the workspace's fraud policy), however long before the sale. The program's
+excluded by the workspace's fraud policy), however long before the sale. Each counted
+lead is kept as its customer's in ``customer_leads``, in the batch that counts it, past the
+event retention (the events' partitions are dropped after it; the customer stays the
+affiliate's). The program's
 cookie window decided whether that lead was credited to its click (a lead past it is
 ``out_of_window`` and attributes nothing); a customer the lead credited stays the
 affiliate's for every later sale, and the program's commission rules (their duration:
 ``lifetime``, ``months`` from the customer's first lead, ``first_sale``) decide which of
-those sales earn (``workers.consumer.commissions``). Only leads still in ``events`` (the
-event retention, 90 days by default) are found.
+those sales earn (``workers.consumer.commissions``).
 Through the lead it has the click, the link, the affiliate and the program. A sale with no
 such lead is stored and counted as unattributed (``unattributed = 'no_lead'``, and a
 ``no_lead`` drop the tenant sees in its drop stats).
@@ -30,7 +32,7 @@ Each new row is a ``sale.created`` webhook (its link as attributed when stored; 
 not yet), recorded with the batch's other deliveries.
 
 Lock order, after the batch's events, links, stats and customers: the customers' advisory
-locks (sorted), ``sales`` (late attribution, then the new rows, each by event id),
+locks (sorted), ``customer_leads`` (by event id), ``sales`` (late attribution, then the new rows, each by event id),
 ``sale_stats`` (one statement, key order), ``commissions``; the webhook deliveries and the
 drops follow.
 """
@@ -46,7 +48,6 @@ from uuid import UUID
 import asyncpg
 
 from ingest.contract import clicks, jsonrows
-from ingest.contract.earnings import COUNTED_LEAD
 from ingest.contract.events import Envelope, EventType
 from ingest.manage import refunds
 from ingest.manage.outbox import WebhookEvent
@@ -56,15 +57,23 @@ from workers.consumer.stored import Stored, ts
 
 UNATTRIBUTED = "no_lead"
 
+# the batch's counted leads, kept as their customers' (``customer_leads``: past the event
+# retention, what attributes the customers' sales and times the commission rules)
+_KEEP_LEADS = f"""
+INSERT INTO customer_leads (event_id, workspace_id, customer_external_id, name, link_id, click_id, affiliate_id,
+                            program_id, dialect, received_at)
+{jsonrows.select(("uuid", "uuid", "text", "text", "uuid", "uuid", "uuid", "uuid", "text", "timestamptz"))}
+ORDER BY 1
+ON CONFLICT (event_id) DO NOTHING
+"""
 # x: the batch's sales (index, workspace, customer, received, lead event name)
 _LEADS = f"""
 SELECT x.i, l.event_id, l.click_id, l.link_id, l.affiliate_id, l.program_id, l.received_at AS lead_at
 FROM {jsonrows.table(("int", "uuid", "text", "timestamptz", "text"), "x(i, workspace_id, customer, at, lead_name)")}
 CROSS JOIN LATERAL (
     SELECT e.event_id, e.click_id, e.link_id, e.affiliate_id, e.program_id, e.received_at
-    FROM events e
-    WHERE e.type = 2 AND e.workspace_id = x.workspace_id AND e.customer_external_id = x.customer
-      AND e.received_at <= x.at AND {COUNTED_LEAD}
+    FROM customer_leads e
+    WHERE e.workspace_id = x.workspace_id AND e.customer_external_id = x.customer AND e.received_at <= x.at
       AND (x.lead_name IS NULL OR e.name = x.lead_name)
     ORDER BY e.received_at DESC, e.event_id DESC
     LIMIT 1
@@ -204,6 +213,12 @@ async def settle(
     await refunds.lock_customers(conn, [(e.workspace_id or "", e.payload["external_id"]) for e in sales]
                           + [(s.link.workspace_id, s.envelope.payload["external_id"]) for s in leads]
                           + [(s.link.workspace_id, c) for s in counted if (c := s.text("external_id"))])  # fmt: skip
+    if leads:
+        await conn.execute(_KEEP_LEADS, jsonrows.doc([
+            (s.envelope.event_id, s.link.workspace_id, s.envelope.payload["external_id"], s.text("name"), s.link.id,
+             _click(s), s.link.affiliate_id, s.link.program_id, s.envelope.dialect, s.at)
+            for s in sorted(leads, key=lambda s: s.envelope.event_id)
+        ]))  # fmt: skip
     stats: Counter[StatKey] = Counter()
     amounts: Counter[StatKey] = Counter()
     refunded: Counter[StatKey] = Counter()  # refunds, and then their amount, of a sale attributed late
