@@ -708,7 +708,7 @@ CREATE TABLE IF NOT EXISTS suppressions (
 --   customer_leads               a customer's counted leads (what attributes their sales and
 --                                times the commission rules): kept, deleted with their workspace
 
--- Schema version 11: money holds for the life of the rule (DESIGN.md invariant 16).
+-- Schema version 12: money holds for the life of the rule (DESIGN.md invariant 16).
 -- A program's flat amount per sale is a mapping of currency to that currency's minor units,
 -- stored as `sale_flats` (ingest/contract/commission.py). The older single number
 -- (`sale_flat`, applied to every currency alike: 500 was $5.00 and ¥500 and 0.500 KWD) was
