@@ -705,6 +705,8 @@ CREATE TABLE IF NOT EXISTS suppressions (
 --                                identifier of theirs; kept (a later event must still find it),
 --                                deleted with their workspace; erasure_salt one row
 --   suppressions                 what a workspace lists: deleted by it, or with the workspace
+--   customer_leads               a customer's counted leads (what attributes their sales and
+--                                times the commission rules): kept, deleted with their workspace
 
 -- Schema version 11: the erasure ledger per workspace (DESIGN.md 15: tenants are walls). An
 -- entry of `erased_ids` protects one workspace: a visitor id, a click id or an import's id
@@ -742,3 +744,48 @@ CREATE INDEX IF NOT EXISTS events_workspace_customer ON events (workspace_id, cu
     WHERE customer_external_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_workspace_click ON events (workspace_id, click_id, event_id)
     WHERE click_id IS NOT NULL;
+
+-- Schema version 12: money holds for the life of the rule (DESIGN.md invariant 16).
+-- A program's flat amount per sale is a mapping of currency to that currency's minor units,
+-- stored as `sale_flats` (ingest/contract/commission.py). The older single number
+-- (`sale_flat`, applied to every currency alike: 500 was $5.00 and ¥500 and 0.500 KWD) was
+-- meant in the program's currency, lead_currency (usd unless set): rewritten so, once; a
+-- worker of an older build then reads no flat amount, never a wrong one.
+UPDATE programs
+SET commission = (commission - 'sale_flat') || jsonb_build_object('sale_flats', CASE
+    WHEN (commission->>'sale_flat')::numeric > 0
+    THEN jsonb_build_object(lower(coalesce(commission->>'lead_currency', 'usd')), commission->'sale_flat')
+    ELSE '{}'::jsonb END)
+WHERE jsonb_typeof(commission->'sale_flat') = 'number';
+-- a customer's counted leads (not test mode, within their cookie window, not excluded by a
+-- fraud rule), one row each, written by the batch that counts the lead
+-- (workers/consumer/sales.py) and kept past the event retention, like the sales they
+-- attribute: a sale is its customer's newest lead's however long after ("lifetime" means
+-- lifetime), `months` counts from the first, and `lead_flat` is earned once. Kept, deleted
+-- with the workspace; an erasure renames the customer as it does in sales and commissions
+CREATE TABLE IF NOT EXISTS customer_leads (
+    event_id             uuid PRIMARY KEY,  -- the lead's event id
+    workspace_id         uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    customer_external_id text NOT NULL,
+    name                 text,
+    link_id              uuid,
+    click_id             uuid,
+    affiliate_id         uuid,
+    program_id           uuid,
+    dialect              text NOT NULL,
+    received_at          timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS customer_leads_customer ON customer_leads (workspace_id, customer_external_id, received_at);
+-- the counted leads still in `events`, once for each migrate (a lead that a worker of an
+-- older build stored after the last one is brought in by the next: run migrate again once
+-- every worker runs this build)
+INSERT INTO customer_leads (event_id, workspace_id, customer_external_id, name, link_id, click_id, affiliate_id,
+                            program_id, dialect, received_at)
+SELECT e.event_id, e.workspace_id, e.customer_external_id, e.name, e.link_id, e.click_id, e.affiliate_id,
+       e.program_id, e.dialect, e.received_at
+FROM events e
+WHERE e.type = 2 AND e.customer_external_id IS NOT NULL AND NOT e.test_mode AND NOT e.out_of_window
+  AND NOT EXISTS (SELECT 1 FROM event_flags f WHERE f.event_id = e.event_id AND f.excluded)
+  AND e.event_id >= coalesce((SELECT horizon_id FROM event_retention), '00000000-0000-0000-0000-000000000000')
+ORDER BY e.event_id
+ON CONFLICT (event_id) DO NOTHING;

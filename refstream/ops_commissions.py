@@ -4,12 +4,14 @@ an affiliate's approved commissions paid out, as the management API does."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
 from pydantic import ValidationError
 
 from ingest.contract.commission import DURATIONS
+from ingest.contract.connections import create_pg_pool
 from ingest.contract.settings import Settings
 from ingest.manage import ledger
 from ingest.manage.admin import NotFound
@@ -45,14 +47,38 @@ def commission() -> None:
 @click.argument("program_id")
 @click.option("--workspace", "workspace_id", required=True)
 @click.option("--sale-bps", type=int, default=None, help="A share of each sale in basis points (2000 is 20%).")
-@click.option("--sale-flat", type=int, default=None, help="A flat amount per sale, in the sale's minor unit.")
-@click.option("--lead-flat", type=int, default=None, help="A flat amount per counted lead, in --lead-currency.")
+@click.option(
+    "--sale-flat",
+    "sale_flat",
+    multiple=True,
+    metavar="CUR=AMOUNT",
+    help="A flat amount per sale in one currency: usd=500 (minor units) or usd=5.00 (major units);"
+    " repeat per currency (the given ones replace the mapping); a sale in another currency earns none.",
+)
+@click.option(
+    "--lead-flat",
+    type=int,
+    default=None,
+    help="A customer's lead's flat amount, once per customer, in --lead-currency's minor unit.",
+)
+@click.option(
+    "--lead-event",
+    "lead_events",
+    multiple=True,
+    help="A lead event name that earns --lead-flat once per customer (repeat); none: the first lead.",
+)
 @click.option("--lead-currency", default=None, help="ISO 4217, lower case (default usd).")
 @click.option("--duration", type=click.Choice(DURATIONS), default=None, help="Which of a customer's sales earn.")
 @click.option("--duration-months", type=int, default=None, help="With --duration months: within this of the lead.")
 @click.option("--hold-days", type=int, default=None, help="Pending this long, then approved (default 30).")
 def commission_set(program_id: str, workspace_id: str, **given: Any) -> None:
     """Change a program's commission rules; the ones not given are kept."""
+    flats: tuple[str, ...] = given.pop("sale_flat")
+    events: tuple[str, ...] = given.pop("lead_events")
+    if flats:
+        given["sale_flat"] = dict(_flat(f) for f in flats)
+    if events:
+        given["lead_events"] = list(events)
     try:
         rules = CommissionRules.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
@@ -60,6 +86,14 @@ def commission_set(program_id: str, workspace_id: str, **given: Any) -> None:
         raise click.BadParameter(f"{first['loc'][0]}: {first['msg']}") from None
 
     _ledger(lambda conn: ledger.set_rules(conn, workspace_id, program_id, rules.model_dump(exclude_none=True)))
+
+
+def _flat(given: str) -> tuple[str, int | str]:
+    """``usd=500`` (minor units) or ``usd=5.00`` (major units, checked by the currency's exponent)."""
+    code, sep, amount = given.partition("=")
+    if not sep or not amount:
+        raise click.BadParameter(f"{given!r}: CUR=AMOUNT, e.g. usd=500 or usd=5.00", param_hint="--sale-flat")
+    return code.strip().lower(), int(amount) if amount.isdigit() else amount
 
 
 @commission.command("list")
@@ -73,6 +107,29 @@ def commission_list(workspace_id: str, affiliate_id: str | None, status: str | N
     filters = {k: v for k, v in (("affiliate_id", affiliate_id), ("status", status)) if v is not None}
 
     _ledger(lambda conn: ledger.page(conn, "commissions", workspace_id, filters, None, limit))
+
+
+@commission.command("check")
+@out.json_option
+@click.option("--workspace", "workspace_id", default=None, help="One workspace's ledger [every workspace's].")
+@click.option("--import-earns", is_flag=True, help="The imports ran with --commissions (their rows earn).")
+def commission_check(workspace_id: str | None, import_earns: bool) -> None:
+    """The ledger against the rules applied to the whole history: each sale or lead whose
+    net commission differs. Exit 0 when none does, 1 otherwise. Reads only."""
+    from workers.ops.ledger_check import check
+
+    async def go(settings: Settings) -> dict[str, Any]:
+        pool = await create_pg_pool(settings, min_size=1, max_size=1)
+        try:
+            found = await check(pool, workspace_id, import_earns=import_earns)
+        finally:
+            await pool.close()
+        return {"differences": [d.to_dict() for d in found]}
+
+    result = run_command(go)
+    print_data(result)
+    if result["differences"]:
+        sys.exit(1)
 
 
 @click.group()

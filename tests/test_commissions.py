@@ -49,7 +49,8 @@ async def test_rules_are_set_kept_and_checked(edge: str, world: World):
 
 
 async def test_each_counted_sale_and_lead_earns_once_by_the_rules(edge: str, world: World, pg: asyncpg.Pool, drain):
-    assert (await rules(edge, world, sale_bps=2000, sale_flat=100, lead_flat=500, hold_days=30))[0] == 200
+    assert (await rules(edge, world, sale_bps=2000, sale_flat={"usd": 100, "eur": 100}, lead_flat=500,
+                        hold_days=30))[0] == 200  # fmt: skip
     click_id = await new_click(edge)
     for body in (lead_body(click_id), lead_body(click_id)):  # the second is no new lead: it earns nothing
         assert (await lead(edge, world.api_key, body))[0] == 200

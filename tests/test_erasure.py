@@ -207,6 +207,7 @@ async def test_an_erased_customer_is_nowhere_after_the_sweep_and_a_full_replay(
     alias = await pg.fetchval("SELECT customer_external_id FROM events WHERE type = 2")
     assert ledger.is_pseudonym(alias)
     assert await pg.fetchval("SELECT customer_external_id FROM sales") == alias
+    assert await pg.fetchval("SELECT customer_external_id FROM customer_leads") == alias  # the lead, kept
     assert await pg.fetchval("SELECT external_id FROM customers") == alias
     # a retry of the lead under its key is answered, without the person, and appends nothing
     status, again, headers = await call("POST", f"{edge}/api/track/lead", json=body, headers=lead_headers)

@@ -158,6 +158,57 @@ async def test_commissions_and_webhooks_follow_their_flags(
     assert {"sale.created", "commission.created", "refund.created"} <= kinds
 
 
+async def test_an_imported_refund_claws_back_a_live_sales_commission_without_the_flag(
+    edge: str, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys, drain
+) -> None:
+    """A live sale earns 1,000 of 10,000; its full refund, imported without --commissions,
+    takes the 1,000 back (on main it stood): a clawback follows the sale's commission,
+    never an import's flags (DESIGN.md invariant 16)."""
+    from .test_commissions import rules
+    from .test_sales import sale_body, track_sale
+    from .test_seed_004_refport import lead, lead_body, new_click
+
+    assert (await rules(edge, world, sale_bps=1000))[0] == 200
+    assert (await lead(edge, world.api_key, lead_body(await new_click(edge))))[0] == 200
+    await drain()
+    assert (await track_sale(edge, world.api_key, sale_body(invoiceId="inv-live", amount=10_000)))[0] == 200
+    await drain()
+    assert await pg.fetchval("SELECT sum(amount) FROM commissions") == 1000
+    refund = {"type": "refund", "id": "r-live", "timestamp": _at(0, -1), "invoice_id": "inv-live"}
+    opts = imports.Options(world.workspace_id, "test", share=1.0)  # no --commissions, no --webhooks
+    done = await imports.Importer(pg, opts, imports.LiveBacklog(redis, keys, 4)).run([import_formats.row(1, refund)])
+    assert done.stored == 1
+    earned = sorted((r["kind"], r["amount"]) for r in await pg.fetch("SELECT kind, amount FROM commissions"))
+    assert earned == [("clawback", -1000), ("sale", 1000)]
+    assert await pg.fetchval("SELECT count(*) FROM webhook_deliveries WHERE event_type = 'refund.created'") == 0
+
+
+async def test_a_live_sale_an_imported_lead_attributes_earns(
+    edge: str, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys, drain
+) -> None:
+    """A live sale with no lead yet; an import (no --commissions) brings the customer's click
+    and lead of yesterday: the sale is attributed, and earns (on main it never could). The
+    imported lead itself earns nothing: it is history, paid for where it came from."""
+    from .test_commissions import rules
+    from .test_sales import sale_body, track_sale
+
+    assert (await rules(edge, world, sale_bps=1000, lead_flat=300))[0] == 200
+    body = sale_body(invoiceId="inv-live", customerExternalId="cust-9", amount=10_000)
+    assert (await track_sale(edge, world.api_key, body))[0] == 200
+    await drain()
+    assert await pg.fetchval("SELECT unattributed FROM sales") == "no_lead"
+    rows = [{"type": "click", "id": "c9", "timestamp": _at(1), "link": world.link["code"]},
+            {"type": "lead", "id": "l9", "timestamp": _at(1, 10), "click": "c9", "customer_id": "cust-9"}]  # fmt: skip
+    opts = imports.Options(world.workspace_id, "test", share=1.0)
+    done = await imports.Importer(pg, opts, imports.LiveBacklog(redis, keys, 4)).run(
+        [import_formats.row(n, r) for n, r in enumerate(rows, 1)]
+    )
+    assert done.stored == 2
+    assert await pg.fetchval("SELECT unattributed FROM sales") is None
+    earned = [tuple(r) for r in await pg.fetch("SELECT kind, amount FROM commissions")]
+    assert earned == [("sale", 1000)]
+
+
 class Polled(imports.LiveBacklog):
     """The live backlog, counting how often the import asked."""
 

@@ -131,7 +131,7 @@ async def test_one_sale_refunded_at_once_through_two_edges_never_past_its_amount
 async def test_clawbacks_take_back_the_refunded_share_of_the_commission(
     edge: str, world: World, pg: asyncpg.Pool, drain
 ) -> None:
-    assert (await rules(edge, world, sale_bps=2000, sale_flat=33, hold_days=0))[0] == 200
+    assert (await rules(edge, world, sale_bps=2000, sale_flat={"usd": 33, "eur": 33}, hold_days=0))[0] == 200
     click_id = await new_click(edge)
     assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
     await drain()
@@ -416,7 +416,7 @@ NET = "SELECT affiliate_id::text, currency, sum(amount)::bigint AS net FROM comm
 async def test_each_affiliates_net_commission_is_the_rules_less_the_refunded_shares(
     edge: str, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys, drain
 ) -> None:
-    assert (await rules(edge, world, sale_bps=1250, sale_flat=7))[0] == 200
+    assert (await rules(edge, world, sale_bps=1250, sale_flat={"usd": 7, "eur": 7}))[0] == 200
     async with pg.acquire() as conn:  # a second affiliate of the program, with a link of its own
         other = await conn.fetchval(
             "INSERT INTO affiliates (workspace_id, program_id, external_id) VALUES ($1, $2, 'second') RETURNING id",

@@ -128,7 +128,8 @@ OPERATIONS: tuple[Op, ...] = (
        query={"link_id": {"type": "string"}, "affiliate_id": {"type": "string"}, "customer_id": CUSTOMER,
               "before": {"type": "string"}, "limit": LIMIT}),
     Op("patch", "/v1/programs/{id}/commission", "Change a program's commission rules (the others kept): sale_bps, "
-       "sale_flat, lead_flat, lead_currency, duration (lifetime, months, first_sale), duration_months, hold_days",
+       "sale_flat (per currency), lead_flat, lead_currency, lead_events, duration (lifetime, months, first_sale), "
+       "duration_months, hold_days",
        "Management", {200: C.ProgramCommission, **MANAGE_BODY}, C.CommissionRules, "bearer"),
     Op("get", "/v1/commissions", "The commission ledger, newest first: by affiliate, program, status or currency; "
        "`before` is the `next` of the page before", "Management", {200: C.CommissionList, **MANAGE},

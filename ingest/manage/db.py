@@ -35,7 +35,9 @@ import asyncpg
 # 9: erasure: the ledger (erasures, erased_ids) and its salt
 # 10: do-not-track lists (suppressions)
 # 11: the erasure ledger per workspace (erased_ids.workspace_id), erasures.rechecked
-SCHEMA_VERSION = 11
+# 12: money for the life of the rule: customer_leads (a customer's counted leads, kept past
+#     the event retention), commission rules' sale_flat per currency (sale_flats)
+SCHEMA_VERSION = 12
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

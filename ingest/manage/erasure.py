@@ -11,8 +11,8 @@ Three steps (``erase``), each a transaction:
    the ledger before step 1 committed holds it shared until it commits, so once this
    returns, each of their rows is in, and every later batch scrubs by itself.
 3. The rows: events (of those visitors, those clicks, that external id), their dedupe
-   keys, unique-visitor keys and fraud evidence, customers, sales, commissions, webhook
-   payloads, and the affiliates' per-IP rows holding one of the person's addresses. Each
+   keys, unique-visitor keys and fraud evidence, customers, their leads (``customer_leads``),
+   sales, commissions, webhook payloads, and the affiliates' per-IP rows holding one of the person's addresses. Each
    value becomes what the workers would have stored for the scrubbed event, so a replay of
    any copy changes nothing, and no counter moves: reconcile agrees before and after.
 
@@ -330,6 +330,10 @@ async def scrub_rows(
     rows["sales"] = _count(await conn.execute(
         "UPDATE sales SET customer_external_id = $3, metadata = NULL "
         "WHERE workspace_id = $1 AND customer_external_id = $2", workspace_id, external_id, x_alias,
+    ))  # fmt: skip
+    rows["customer_leads"] = _count(await conn.execute(
+        "UPDATE customer_leads SET customer_external_id = $3 WHERE workspace_id = $1 AND customer_external_id = $2",
+        workspace_id, external_id, x_alias,
     ))  # fmt: skip
     rows["commissions"] = _count(await conn.execute(
         "UPDATE commissions SET customer_external_id = $3 WHERE workspace_id = $1 AND customer_external_id = $2",

@@ -20,11 +20,28 @@ from ingest.manage.admin import NotFound
 from ingest.manage.manage import Conflict, as_uuid, query_value, row_json
 from ingest.manage.outbox import WebhookEvent
 
-# the given rules over the stored ones, in one statement: two changes at once both apply
-_SET_RULES = (
-    "UPDATE programs SET commission = commission || $3::text::jsonb WHERE id = $1 AND workspace_id = $2"
-    " RETURNING id, commission::text"
-)
+
+def _flats(c: str) -> str:
+    """SQL: the rules ``c`` with an older single ``sale_flat`` number as ``sale_flats``, in
+    the program's currency (none when it is 0)."""
+    return f"""CASE WHEN jsonb_typeof({c}->'sale_flat') IS DISTINCT FROM 'number' THEN {c} - 'sale_flat'
+        ELSE ({c} - 'sale_flat') || jsonb_build_object('sale_flats', CASE
+            WHEN ({c}->>'sale_flat')::numeric > 0
+            THEN jsonb_build_object(lower(coalesce({c}->>'lead_currency', 'usd')), {c}->'sale_flat')
+            ELSE '{{}}'::jsonb END) END"""
+
+
+# the given rules over the stored ones, in one statement: two changes at once both apply.
+# sale_flat, a mapping of currency to minor units, is stored as sale_flats (an older
+# worker reads no flat amount from it, never a wrong one); an older single number, stored
+# (where migrate has not rewritten it yet) or given, is in the program's currency
+# (lead_currency), as schema.sql rewrote the stored ones
+_SET_RULES = f"""
+UPDATE programs
+SET commission = (SELECT {_flats("m.c")} FROM (SELECT ({_flats("commission")}) || $3::text::jsonb AS c) m)
+WHERE id = $1 AND workspace_id = $2
+RETURNING id, commission::text
+"""
 _COLUMNS = (
     "id, seq, program_id, affiliate_id, link_id, kind, source_id, customer_external_id, amount, currency, status,"
     " earned_at, approve_after, created_at"
@@ -37,6 +54,8 @@ async def set_rules(
     conn: asyncpg.Connection, workspace_id: str, program_id: str, given: dict[str, Any]
 ) -> dict[str, Any]:
     """Change the rules ``given``, the others kept; the program's id and its rules back."""
+    if isinstance(given.get("sale_flat"), dict):
+        given = {**{k: v for k, v in given.items() if k != "sale_flat"}, "sale_flats": given["sale_flat"]}
     async with write(conn):
         # as text both ways: the same whether the connection has a jsonb codec (the edge's pool) or not
         row = await conn.fetchrow(_SET_RULES, as_uuid(program_id), UUID(workspace_id), orjson.dumps(given).decode())

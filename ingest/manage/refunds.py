@@ -116,13 +116,14 @@ class Refunded:
 
 async def record(
     conn: asyncpg.Connection, asked: Asked, *, refund_id: UUID | None = None, at: datetime | None = None,
-    notify: bool = True, claw_back: bool = True,
+    notify: bool = True,
 ) -> Refunded:  # fmt: skip
     """Record the refund ``asked`` for (one transaction; raises ``SaleNotFound``,
     ``RefundTooLarge``, ``KeyReused``, and what Postgres raised: ``CommitUnknown`` when the
     commit's outcome is unknown, and a retry with the same key is safe). ``refund_id`` and
     ``at``: a stream copy's, restored as the edge first recorded it (else minted now).
-    ``notify`` and ``claw_back`` off: an import's, no webhook and no clawback in the ledger."""
+    ``notify`` off: an import's, no webhook. The clawback is never optional: a sale with a
+    commission gives back its refunded share, whoever records the refund."""
     ws = UUID(asked.workspace_id)
     first = await conn.fetchrow(_FIRST, ws, asked.key)
     if first is not None:
@@ -131,7 +132,7 @@ async def record(
     if sale is None:
         raise SaleNotFound(f"no sale of invoice {asked.invoice_id!r}")
     try:
-        return await _record(conn, asked, ws, sale, refund_id or uuid7(), at, notify, claw_back)
+        return await _record(conn, asked, ws, sale, refund_id or uuid7(), at, notify)
     except asyncpg.UniqueViolationError:  # its key, recorded meanwhile for another sale's refund
         first = await conn.fetchrow(_FIRST, ws, asked.key)
         if first is None:
@@ -141,7 +142,7 @@ async def record(
 
 async def _record(
     conn: asyncpg.Connection, asked: Asked, ws: UUID, sale: asyncpg.Record, refund_id: UUID, at: datetime | None,
-    notify: bool = True, claw_back: bool = True,
+    notify: bool = True,
 ) -> Refunded:  # fmt: skip
     async with write(conn):
         await lock_customers(conn, [(asked.workspace_id, sale["customer_external_id"])])
@@ -160,8 +161,7 @@ async def _record(
         day = locked["received_at"].date()
         await conn.execute(_STATS, ws, locked["link_id"] or NIL, day, locked["currency"], amount)
         notices = [WebhookEvent(asked.workspace_id, "refund.created", row["id"], "", answer(row))]
-        if claw_back:
-            notices += await clawbacks(conn, [locked["event_id"]])
+        notices += await clawbacks(conn, [locked["event_id"]])
         if notify:
             await outbox.record_deliveries(conn, notices)
     return Refunded(answer(row), True)

@@ -126,35 +126,10 @@ HAVING (s.refunds, s.refunded) IS DISTINCT FROM (count(r.id), coalesce(sum(r.amo
 LIMIT 20
 """
 
-# the commission ledger against its rules ($1 basis points, $2 flat per sale, $3 flat per
-# lead, $4 the lead's currency; duration lifetime), from the sale and event rows alone: every
-# attributed sale and every counted lead of an affiliate earns one row, and nothing else does
-_LEDGER = """
-WITH expected AS (
-    SELECT 'sale' AS kind, s.event_id AS source_id, s.amount * $1::bigint / 10000 + $2::bigint AS amount, s.currency
-    FROM sales s WHERE s.link_id IS NOT NULL AND s.affiliate_id IS NOT NULL
-    UNION ALL
-    SELECT 'lead', e.event_id, $3::bigint, $4::text
-    FROM events e
-    WHERE e.type = 2 AND e.affiliate_id IS NOT NULL AND NOT e.test_mode AND NOT e.out_of_window
-      AND e.event_id >= coalesce((SELECT horizon_id FROM event_retention), '00000000-0000-0000-0000-000000000000')
-      AND NOT EXISTS (SELECT 1 FROM event_flags f WHERE f.event_id = e.event_id AND f.excluded)
-), claws AS (  -- each sale's clawbacks: its commission by the rules times its refunded share, rounded down
-    SELECT s.event_id,
-           CASE WHEN s.link_id IS NULL OR s.affiliate_id IS NULL THEN 0
-                ELSE (s.amount * $1::bigint / 10000 + $2::bigint) * s.refunded / s.amount END AS expected,
-           coalesce((SELECT -sum(k.amount) FROM commissions k WHERE k.kind = 'clawback' AND k.sale_id = s.event_id),
-                    0) AS stored
-    FROM sales s WHERE s.amount > 0
-)
-SELECT coalesce(x.kind, c.kind) AS kind, coalesce(x.source_id, c.source_id) AS source_id,
-       (x.amount, x.currency)::text AS expected, (c.amount, c.currency)::text AS stored
-FROM expected x FULL JOIN (SELECT * FROM commissions WHERE kind <> 'clawback') c USING (kind, source_id)
-WHERE (x.amount, x.currency) IS DISTINCT FROM (c.amount, c.currency)
-UNION ALL
-SELECT 'clawback', event_id, expected::text, stored::text FROM claws WHERE expected <> stored
-LIMIT 20
-"""
+
+def _owed(v: tuple[int, str] | None) -> str:
+    return "nothing" if v is None else f"({v[0]},{v[1]})"
+
 
 MILESTONES = """
 WITH conv AS (
@@ -389,10 +364,27 @@ class Checker:
             p.append(f"I2: {len(wrong)} milestones wrong, e.g. {wrong[:3]}")
         return p
 
-    async def ledger_problems(self, bps: int, flat: int, lead_flat: int, lead_currency: str) -> list[str]:
-        """The commission ledger against its rules (lifetime), each row that differs a sentence."""
-        return [f"ledger: {r['kind']} {r['source_id']}: stored {r['stored']}, by the rules {r['expected']}"
-                for r in await self.fetch(_LEDGER, bps, flat, lead_flat, lead_currency)]  # fmt: skip
+    async def ledger_problems(
+        self, bps: int, flat: int | dict[str, int], lead_flat: int, lead_currency: str, *, import_earns: bool = True
+    ) -> list[str]:
+        """The commission ledger against its rules (lifetime, every program alike), each sale
+        or lead whose net standing differs a sentence: the rules applied to the whole history
+        by ``ingest.contract.earnings`` (the generative run imports with ``--commissions``)."""
+        from ingest.contract import earnings
+        from ingest.contract.commission import Rules
+        from workers.ops.ledger_check import history
+
+        given = {"sale_bps": bps, "sale_flat": flat, "lead_flat": lead_flat, "lead_currency": lead_currency}
+        conn = await asyncpg.connect(self.database_url, timeout=5)
+        try:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                stored, leads, sales, rows = await history(conn)
+        finally:
+            await conn.close()
+        rules = {program: Rules.from_json(given) for program in stored}
+        want = earnings.expected(rules, leads, sales, import_earns=import_earns)
+        return [f"ledger: {k[0]} {k[1]}: stored {_owed(s)}, by the rules {_owed(x)}"
+                for k, x, s in earnings.differences(want, earnings.standing(rows))]  # fmt: skip
 
     async def missing(self, accepted: dict[str, str]) -> set[str]:
         """The accepted markers no event row carries."""

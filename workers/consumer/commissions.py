@@ -2,22 +2,36 @@
 program's rules (``ingest.contract.commission``), in the transaction that counts it.
 
 - A sale earns when it is attributed (on insert, or when its lead is stored after it) to
-  an affiliate of a program with rules, and its duration says so: ``lifetime``; ``months``
-  within the rules' span of its lead; ``first_sale``, the customer's first attributed sale
-  in the program by received time, whatever order the workers store them in: a sale stored
-  after a later one that had earned makes that one's commission taken back (a ``reversal``
-  row), and earns instead.
-- A counted lead earns the program's ``lead_flat``, in ``lead_currency``.
+  an affiliate of a program with rules, and its duration says so: ``lifetime``, for ever;
+  ``months``, within the rules' span of the customer's FIRST counted lead in the program
+  (a lead stored after a sale that earned, and older than the lead it was timed from,
+  takes it back by a ``reversal`` where it is now past the span);
+  ``first_sale``, the customer's first attributed sale in the program by received time,
+  whatever order the workers store them in: a sale stored after a later one that had
+  earned makes that one's commission taken back (a ``reversal`` row), and earns instead.
+  Its flat part is the rules' ``sale_flat`` in the sale's currency, none in a currency
+  the rules have no flat amount for.
+- A customer's leads earn the program's ``lead_flat`` (in ``lead_currency``) once: the
+  customer's first counted lead in the program earns it (``lead_events`` set: the first of
+  each named event), by received time, whatever order they are stored in: a lead stored
+  after a later one that had earned takes that one's back, and earns instead.
+- History imported without ``--commissions`` (rows of the ``import`` dialect) earns
+  nothing, and is history all the same: an imported lead is the customer's first lead, an
+  imported sale its first sale. A live sale that an imported lead attributes earns.
+
+``ingest.contract.earnings`` is the same rules as a pure function of the whole history,
+which ``refstream reconcile`` and the tests compare the ledger with.
 
 Exactly once: a row per (kind, source event), ``ON CONFLICT DO NOTHING``; a redelivery,
 a replay or a second lead of one customer and name (not counted) earns nothing more. The
 rules are those in force when the sale or lead is stored. Runs under the customers'
-advisory locks (``workers.consumer.sales``), so a customer's sales are settled one batch at
-a time; writes ``commissions`` in (kind, source) order.
+advisory locks (``workers.consumer.sales``), so a customer's sales and leads are settled
+one batch at a time; writes ``commissions`` in (kind, source) order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,6 +41,7 @@ import asyncpg
 
 from ingest.contract import jsonrows
 from ingest.contract.commission import Rules
+from ingest.contract.earnings import IMPORT_DIALECT
 from ingest.contract.events import EventType
 from ingest.manage import refunds
 from ingest.manage.outbox import WebhookEvent
@@ -51,7 +66,7 @@ RETURNING id, workspace_id, program_id, affiliate_id, link_id, kind, source_id, 
 # a first_sale customer's attributed sales in the program, oldest first, and whether first_sale
 # granted one a commission that still stands
 _FIRSTS = """
-SELECT s.event_id, s.received_at, s.amount, s.currency, s.link_id, s.affiliate_id,
+SELECT s.event_id, s.received_at, s.amount, s.currency, s.link_id, s.affiliate_id, s.dialect,
        EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'sale' AND c.rule = 'first_sale'
                                              AND c.source_id = s.event_id)
        AND NOT EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'reversal' AND c.source_id = s.event_id) AS earning,
@@ -61,6 +76,41 @@ SELECT s.event_id, s.received_at, s.amount, s.currency, s.link_id, s.affiliate_i
 FROM sales s
 WHERE s.workspace_id = $1 AND s.customer_external_id = $2 AND s.program_id = $3 AND s.unattributed IS NULL
 ORDER BY s.received_at, s.event_id
+"""
+# a customer's counted leads in a program, oldest first, and what each one's lead commission
+# still stands at (None: it has none, or it was taken back)
+_LEADS_OF = """
+SELECT e.event_id, e.received_at, e.name, e.dialect, e.link_id, e.affiliate_id,
+       (SELECT sum(c.amount) FROM commissions c WHERE c.source_id = e.event_id AND c.kind IN ('lead', 'reversal')
+        HAVING bool_and(c.kind = 'lead')) AS earning
+FROM customer_leads e
+WHERE e.workspace_id = $1 AND e.customer_external_id = $2 AND e.program_id = $3 AND e.affiliate_id IS NOT NULL
+ORDER BY e.received_at, e.event_id
+"""
+# the customers' first counted lead in each program (``months`` counts from it)
+_FIRST_LEADS = f"""
+SELECT x.i, (SELECT min(e.received_at) FROM customer_leads e
+             WHERE e.workspace_id = x.workspace_id AND e.customer_external_id = x.customer
+               AND e.program_id = x.program_id AND e.affiliate_id IS NOT NULL) AS first_at
+FROM {jsonrows.table(("int", "uuid", "text", "uuid"), "x(i, workspace_id, customer, program_id)")}
+"""
+# a months customer's sales that months made earn, not taken back, received past the span
+# ($4 days) from the customer's first counted lead in the program; what each still stands at
+_MONTHS_PAST = """
+WITH first AS (
+    SELECT min(e.received_at) AS at FROM customer_leads e
+    WHERE e.workspace_id = $1 AND e.customer_external_id = $2 AND e.program_id = $3 AND e.affiliate_id IS NOT NULL
+)
+SELECT s.event_id, s.received_at, s.currency, s.link_id, s.affiliate_id,
+       (SELECT sum(c.amount) FROM commissions c
+        WHERE (c.kind = 'sale' AND c.source_id = s.event_id) OR (c.kind = 'clawback' AND c.sale_id = s.event_id))
+           AS earned
+FROM sales s, first
+WHERE s.workspace_id = $1 AND s.customer_external_id = $2 AND s.program_id = $3 AND s.unattributed IS NULL
+  AND s.received_at - first.at > make_interval(days => $4)
+  AND EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'sale' AND c.rule = 'months' AND c.source_id = s.event_id)
+  AND NOT EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'reversal' AND c.source_id = s.event_id)
+ORDER BY s.event_id
 """
 APPROVE = "UPDATE commissions SET status = 'approved' WHERE status = 'pending' AND approve_after <= now()"
 
@@ -78,18 +128,27 @@ class Sold:
     amount: int
     currency: str
     at: datetime
-    lead_at: datetime
+    dialect: str
 
 
 def _row(ws: str, program: Any, affiliate: Any, link: Any, kind: str, source: UUID, customer: str | None,
-         amount: int, currency: str, at: datetime, rules: Rules) -> tuple[Any, ...]:  # fmt: skip
-    rule = "lead" if kind == "lead" else rules.duration
+         amount: int, currency: str, at: datetime, rules: Rules, rule: str | None = None,
+         ) -> tuple[Any, ...]:  # fmt: skip
+    rule = rule or ("lead" if kind == "lead" else rules.duration)
     return (ws, program, affiliate, link, kind, source, customer, amount, currency, at, rules.approve_after(at), rule)
 
 
-async def settle(conn: asyncpg.Connection, sold: list[Sold], leads: list[Stored]) -> list[WebhookEvent]:
+async def settle(
+    conn: asyncpg.Connection, sold: list[Sold], leads: list[Stored], *, import_earns: bool = False
+) -> list[WebhookEvent]:
     """The ledger rows the batch's newly attributed sales and counted leads earn (and the
-    reversals ``first_sale`` calls for); a ``commission.created`` notice for each new row."""
+    reversals ``first_sale`` and the once-per-customer lead call for); a
+    ``commission.created`` notice for each new row. ``import_earns``: an import run with
+    ``--commissions``, whose rows earn (the ``import`` dialect's rows otherwise earn nothing)."""
+
+    def earns(dialect: str) -> bool:
+        return dialect != IMPORT_DIALECT or import_earns
+
     sold = [s for s in sold if s.program_id is not None and s.affiliate_id is not None]
     leads = [s for s in leads if s.type is EventType.LEAD and s.link.program_id and s.link.affiliate_id]
     programs = sorted({str(s.program_id) for s in sold} | {str(s.link.program_id) for s in leads})
@@ -97,25 +156,44 @@ async def settle(conn: asyncpg.Connection, sold: list[Sold], leads: list[Stored]
         return []
     rules = {str(r["id"]): Rules.from_json(r["commission"]) for r in await conn.fetch(_RULES, programs)}
     rows: list[tuple[Any, ...]] = []
+    groups: dict[tuple[str, str, str, str], Rules] = {}  # (workspace, customer, program, lead group)
+    timed: dict[tuple[str, str, str], Rules] = {}  # a months program's customers whose first lead may be new
     for lead in leads:
         r = rules.get(str(lead.link.program_id), Rules())
-        if r.lead_flat > 0:
-            link = lead.link
-            rows.append(_row(link.workspace_id, link.program_id, link.affiliate_id, link.id, "lead",
-                             lead.envelope.event_id, lead.text("external_id"), r.lead_flat, r.lead_currency,
-                             lead.at, r))  # fmt: skip
+        group, customer = r.lead_group(lead.text("name")), lead.text("external_id")
+        if r.duration == "months" and customer is not None:
+            timed[(lead.link.workspace_id, customer, str(lead.link.program_id))] = r
+        if r.lead_flat <= 0 or group is None:
+            continue
+        if customer is None:  # no customer to earn once for: the lead alone
+            if earns(lead.envelope.dialect):
+                link = lead.link
+                rows.append(_row(link.workspace_id, link.program_id, link.affiliate_id, link.id, "lead",
+                                 lead.envelope.event_id, None, r.lead_flat, r.lead_currency, lead.at, r))  # fmt: skip
+            continue
+        groups[(lead.link.workspace_id, customer, str(lead.link.program_id), group)] = r
     firsts: dict[tuple[str, str, str], Rules] = {}
+    months: list[tuple[Sold, Rules]] = []
     for sale in sold:
         r = rules.get(str(sale.program_id), Rules())
         if r.duration == "first_sale":
             firsts[(sale.workspace_id, sale.customer, str(sale.program_id))] = r
-        elif r.for_sale(sale.amount) > 0 and r.within(sale.at, sale.lead_at):
+        elif r.for_sale(sale.amount, sale.currency) > 0 and earns(sale.dialect):
+            months.append((sale, r))
+    first_lead = await _first_leads(conn, [s for s, r in months if r.duration == "months"])
+    for sale, r in months:
+        if r.within(sale.at, first_lead.get(sale.event_id)):
             rows.append(_row(sale.workspace_id, sale.program_id, sale.affiliate_id, sale.link_id, "sale",
-                             sale.event_id, sale.customer, r.for_sale(sale.amount), sale.currency, sale.at,
-                             r))  # fmt: skip
+                             sale.event_id, sale.customer, r.for_sale(sale.amount, sale.currency), sale.currency,
+                             sale.at, r))  # fmt: skip
     new = {sale.event_id for sale in sold}
     for (ws, customer, program), r in sorted(firsts.items()):
-        rows += await _first_sale(conn, ws, customer, program, r, new)
+        rows += await _first_sale(conn, ws, customer, program, r, new, earns)
+    batch = {lead.envelope.event_id for lead in leads}
+    for (ws, customer, program, group), r in sorted(groups.items()):
+        rows += await _first_lead(conn, ws, customer, program, group, r, batch, earns)
+    for (ws, customer, program), r in sorted(timed.items()):
+        rows += await _months_past(conn, ws, customer, program, r)
     if not rows:
         return []
     made = await conn.fetch(_INSERT, jsonrows.doc(rows))
@@ -126,8 +204,55 @@ async def settle(conn: asyncpg.Connection, sold: list[Sold], leads: list[Stored]
     return notices
 
 
+async def _first_leads(conn: asyncpg.Connection, sold: list[Sold]) -> dict[UUID, datetime]:
+    """Each sale's customer's first counted lead in the sale's program, by the sale's id."""
+    if not sold:
+        return {}
+    found = await conn.fetch(_FIRST_LEADS, jsonrows.doc([(i, s.workspace_id, s.customer, s.program_id)
+                                                         for i, s in enumerate(sold)]))  # fmt: skip
+    return {sold[r["i"]].event_id: r["first_at"] for r in found if r["first_at"] is not None}
+
+
+async def _first_lead(
+    conn: asyncpg.Connection, ws: str, customer: str, program: str, group: str, r: Rules, batch: set[UUID],
+    earns: Callable[[str], bool],
+) -> list[tuple[Any, ...]]:  # fmt: skip
+    """The customer's first counted lead of the group earns ``lead_flat``, when it is one
+    this batch counts; any later one of the group that had earned is taken back."""
+    leads = await conn.fetch(_LEADS_OF, UUID(ws), customer, UUID(program))
+    found = [x for x in leads if r.lead_group(x["name"]) == group]
+    if not found:
+        return []
+    first, out = found[0], []
+    if first["event_id"] in batch and first["earning"] is None and earns(first["dialect"]):
+        out.append(_row(ws, program, first["affiliate_id"], first["link_id"], "lead", first["event_id"], customer,
+                        r.lead_flat, r.lead_currency, first["received_at"], r))  # fmt: skip
+    for later in found[1:]:
+        if later["earning"]:
+            out.append(_row(ws, program, later["affiliate_id"], later["link_id"], "reversal", later["event_id"],
+                            customer, -later["earning"], r.lead_currency, later["received_at"], r, "lead"))  # fmt: skip
+    return out
+
+
+async def _months_past(
+    conn: asyncpg.Connection, ws: str, customer: str, program: str, r: Rules
+) -> list[tuple[Any, ...]]:
+    """A lead stored after the customer's sales that is older than the lead they were timed
+    from moves ``months``' start earlier: a sale ``months`` made earn that is now past the
+    span is taken back (what it still stands at). What other rules granted stands."""
+    found = await conn.fetch(_MONTHS_PAST, UUID(ws), customer, UUID(program), 30 * r.duration_months)
+    return [_row(ws, program, x["affiliate_id"], x["link_id"], "reversal", x["event_id"], customer, -x["earned"],
+                 x["currency"], x["received_at"], r) for x in found if x["earned"]]  # fmt: skip
+
+
 async def _first_sale(
-    conn: asyncpg.Connection, ws: str, customer: str, program: str, r: Rules, new: set[UUID]
+    conn: asyncpg.Connection,
+    ws: str,
+    customer: str,
+    program: str,
+    r: Rules,
+    new: set[UUID],
+    earns: Callable[[str], bool],
 ) -> list[tuple[Any, ...]]:
     """The customer's first attributed sale earns, when it is one this batch stores or
     attributes (a sale stored before these rules earns nothing after the fact); any later
@@ -136,9 +261,10 @@ async def _first_sale(
     if not found:
         return []
     first, out = found[0], []
-    if first["event_id"] in new and not first["earning"] and r.for_sale(first["amount"]) > 0:
+    earned = r.for_sale(first["amount"], first["currency"])
+    if first["event_id"] in new and not first["earning"] and earned > 0 and earns(first["dialect"]):
         out.append(_row(ws, program, first["affiliate_id"], first["link_id"], "sale", first["event_id"], customer,
-                        r.for_sale(first["amount"]), first["currency"], first["received_at"], r))  # fmt: skip
+                        earned, first["currency"], first["received_at"], r))  # fmt: skip
     for later in found[1:]:
         if later["earning"]:
             out.append(_row(ws, program, later["affiliate_id"], later["link_id"], "reversal", later["event_id"],

@@ -2,9 +2,16 @@
 
 A sale is attributed to its customer's lead: the newest lead of that customer (its
 external id, in the sale's workspace; of ``leadEventName`` when the sale names one) that
-was received before the sale and within its program's window (the program's
-``cookie_window_days``, 30 without a program), counted (not in test mode, out of its own
-window, or excluded by the workspace's fraud policy).
+was received before the sale and counted (not in test mode, out of its own window, or
+excluded by the workspace's fraud policy), however long before the sale. Each counted
+lead is kept as its customer's in ``customer_leads``, in the batch that counts it, past the
+event retention (the events' partitions are dropped after it; the customer stays the
+affiliate's). The program's
+cookie window decided whether that lead was credited to its click (a lead past it is
+``out_of_window`` and attributes nothing); a customer the lead credited stays the
+affiliate's for every later sale, and the program's commission rules (their duration:
+``lifetime``, ``months`` from the customer's first lead, ``first_sale``) decide which of
+those sales earn (``workers.consumer.commissions``).
 Through the lead it has the click, the link, the affiliate and the program. A sale with no
 such lead is stored and counted as unattributed (``unattributed = 'no_lead'``, and a
 ``no_lead`` drop the tenant sees in its drop stats).
@@ -25,7 +32,7 @@ Each new row is a ``sale.created`` webhook (its link as attributed when stored; 
 not yet), recorded with the batch's other deliveries.
 
 Lock order, after the batch's events, links, stats and customers: the customers' advisory
-locks (sorted), ``sales`` (late attribution, then the new rows, each by event id),
+locks (sorted), ``customer_leads`` (by event id), ``sales`` (late attribution, then the new rows, each by event id),
 ``sale_stats`` (one statement, key order), ``commissions``; the webhook deliveries and the
 drops follow.
 """
@@ -50,19 +57,24 @@ from workers.consumer.stored import Stored, ts
 
 UNATTRIBUTED = "no_lead"
 
+# the batch's counted leads, kept as their customers' (``customer_leads``: past the event
+# retention, what attributes the customers' sales and times the commission rules)
+_KEEP_LEADS = f"""
+INSERT INTO customer_leads (event_id, workspace_id, customer_external_id, name, link_id, click_id, affiliate_id,
+                            program_id, dialect, received_at)
+{jsonrows.select(("uuid", "uuid", "text", "text", "uuid", "uuid", "uuid", "uuid", "text", "timestamptz"))}
+ORDER BY 1
+ON CONFLICT (event_id) DO NOTHING
+"""
 # x: the batch's sales (index, workspace, customer, received, lead event name)
 _LEADS = f"""
 SELECT x.i, l.event_id, l.click_id, l.link_id, l.affiliate_id, l.program_id, l.received_at AS lead_at
 FROM {jsonrows.table(("int", "uuid", "text", "timestamptz", "text"), "x(i, workspace_id, customer, at, lead_name)")}
 CROSS JOIN LATERAL (
     SELECT e.event_id, e.click_id, e.link_id, e.affiliate_id, e.program_id, e.received_at
-    FROM events e
-    LEFT JOIN programs p ON p.id = e.program_id
-    WHERE e.type = 2 AND e.workspace_id = x.workspace_id AND e.customer_external_id = x.customer
-      AND e.received_at <= x.at AND NOT e.test_mode AND NOT e.out_of_window
-      AND NOT EXISTS (SELECT 1 FROM event_flags f WHERE f.event_id = e.event_id AND f.excluded)
+    FROM customer_leads e
+    WHERE e.workspace_id = x.workspace_id AND e.customer_external_id = x.customer AND e.received_at <= x.at
       AND (x.lead_name IS NULL OR e.name = x.lead_name)
-      AND x.at - e.received_at <= make_interval(days => coalesce(p.cookie_window_days, 30))
     ORDER BY e.received_at DESC, e.event_id DESC
     LIMIT 1
 ) l
@@ -90,26 +102,24 @@ JOIN sales s ON s.workspace_id = x.workspace_id AND s.invoice_id = x.invoice_id
 WHERE s.event_id <> x.event_id
 """
 
-# the unattributed sales a batch's new leads precede, within the lead's program window:
-# attributed to the newest such lead, in event-id order
+# the unattributed sales a batch's new leads precede (however long after): attributed to
+# the newest such lead, in event-id order
 _LATE = f"""
 WITH lead AS (
     SELECT l.event_id, l.workspace_id, l.customer, l.name, l.at, l.click_id, l.link_id, l.affiliate_id,
-           l.program_id, coalesce(p.cookie_window_days, 30) AS window_days
+           l.program_id
     FROM {
     jsonrows.table(
         ("uuid", "uuid", "text", "text", "timestamptz", "uuid", "uuid", "uuid", "uuid"),
         "l(event_id, workspace_id, customer, name, at, click_id, link_id, affiliate_id, program_id)",
     )
 }
-    LEFT JOIN programs p ON p.id = l.program_id
 ), picked AS (
     SELECT DISTINCT ON (s.event_id) s.event_id, lead.event_id AS lead_event_id, lead.click_id, lead.link_id,
            lead.affiliate_id, lead.program_id, lead.at AS lead_at
     FROM sales s
     JOIN lead ON s.workspace_id = lead.workspace_id AND s.customer_external_id = lead.customer
     WHERE s.unattributed = 'no_lead' AND s.received_at >= lead.at
-      AND s.received_at - lead.at <= make_interval(days => lead.window_days)
       AND (s.lead_event_name IS NULL OR s.lead_event_name = lead.name)
     ORDER BY s.event_id, lead.at DESC, lead.event_id DESC
 ), locked AS (
@@ -121,7 +131,7 @@ SET lead_event_id = picked.lead_event_id, click_id = picked.click_id, link_id = 
 FROM picked JOIN locked USING (event_id)
 WHERE s.event_id = picked.event_id AND s.unattributed = 'no_lead'
 RETURNING s.event_id, s.workspace_id, s.link_id, s.currency, s.amount, s.received_at, s.customer_external_id,
-          s.affiliate_id, s.program_id, picked.lead_at, s.refunds, s.refunded
+          s.affiliate_id, s.program_id, s.dialect, s.refunds, s.refunded
 """
 
 _STATS = f"""
@@ -188,19 +198,27 @@ def _text(v: object) -> str | None:
 
 async def settle(
     conn: asyncpg.Connection, sales: list[Envelope], leads: list[Stored], counted: list[Stored] | None = None,
-    *, earn: bool = True,
+    *, import_earns: bool = False,
 ) -> Settled:  # fmt: skip
     """Store the batch's new ``sales`` and attribute earlier sales its newly stored
     ``leads`` precede; move ``sale_stats`` from what came back; the commissions the
-    attributed sales and the ``counted`` leads earn (``workers.consumer.commissions``;
-    none unless ``earn``: an import's history earns only when asked)."""
+    attributed sales and the ``counted`` leads earn (``workers.consumer.commissions``: an
+    imported row earns only where ``import_earns``, an import run with ``--commissions``;
+    a live sale an imported lead attributes earns all the same)."""
     out = Settled()
     leads = [s for s in leads if s.type is EventType.LEAD and isinstance(s.envelope.payload.get("external_id"), str)]
     counted = [s for s in counted or [] if s.type is EventType.LEAD]
     if not sales and not leads and not counted:
         return out
     await refunds.lock_customers(conn, [(e.workspace_id or "", e.payload["external_id"]) for e in sales]
-                          + [(s.link.workspace_id, s.envelope.payload["external_id"]) for s in leads])  # fmt: skip
+                          + [(s.link.workspace_id, s.envelope.payload["external_id"]) for s in leads]
+                          + [(s.link.workspace_id, c) for s in counted if (c := s.text("external_id"))])  # fmt: skip
+    if leads:
+        await conn.execute(_KEEP_LEADS, jsonrows.doc([
+            (s.envelope.event_id, s.link.workspace_id, s.envelope.payload["external_id"], s.text("name"), s.link.id,
+             _click(s), s.link.affiliate_id, s.link.program_id, s.envelope.dialect, s.at)
+            for s in sorted(leads, key=lambda s: s.envelope.event_id)
+        ]))  # fmt: skip
     stats: Counter[StatKey] = Counter()
     amounts: Counter[StatKey] = Counter()
     refunded: Counter[StatKey] = Counter()  # refunds, and then their amount, of a sale attributed late
@@ -225,7 +243,7 @@ async def settle(
             out.attributed_late += 1
             earned.append(commissions.Sold(r["event_id"], ws, r["customer_external_id"], r["program_id"],
                                            r["affiliate_id"], r["link_id"], r["amount"], cur, r["received_at"],
-                                           r["lead_at"]))  # fmt: skip
+                                           r["dialect"]))  # fmt: skip
 
     if sales:
         rows = [_Row(e, ts(e.received_at_ms)) for e in sorted(sales, key=lambda e: e.event_id)]
@@ -250,7 +268,7 @@ async def settle(
                 lead = row.lead
                 earned.append(commissions.Sold(e.event_id, ws, e.payload["external_id"], lead["program_id"],
                                                lead["affiliate_id"], lead["link_id"], e.payload["amount"],
-                                               e.payload["currency"], row.at, lead["lead_at"]))  # fmt: skip
+                                               e.payload["currency"], row.at, e.dialect))  # fmt: skip
             out.notices.append(row.notice())
         missed = [row for row in rows if row.envelope.event_id not in inserted and row.envelope.payload.get("invoice")]
         if missed:
@@ -267,8 +285,7 @@ async def settle(
         await conn.execute(_STATS, jsonrows.doc([
             (*k, stats[k], amounts[k], refunded[k], refund_amounts[k]) for k in moved
         ]))  # fmt: skip
-    if earn:
-        out.notices += await commissions.settle(conn, earned, counted)
+    out.notices += await commissions.settle(conn, earned, counted, import_earns=import_earns)
     return out
 
 

@@ -86,7 +86,11 @@ class Effects:
 
     webhooks: bool = True  # outbox deliveries (sale.created, commission.created, milestones, ...)
     fraud: bool = True  # fraud rules run, flags stored (and an excluding policy applied)
-    commissions: bool = True  # the commission ledger's rows for counted leads and sales
+    # an import's rows (the ``import`` dialect) earn commissions: an import run with
+    # --commissions. Live rows always do, and so does a live sale an imported lead attributes;
+    # the ledger's clawbacks and reversals follow whatever the flag
+    commissions: bool = True
+    imported: bool = False  # an import's batch (``commissions`` then says whether its rows earn)
     # the counters (links, daily stats, affiliates: the rows every live batch of those links
     # writes too) moved last, just before the commit, so that a live batch waits for them
     # only that long (an import's batch: its customers, sales and drops are of other days).
@@ -363,7 +367,7 @@ async def _sales(
     """The batch's sales, the earlier ones its leads attribute, and the commissions they and
     its counted leads earn, after its events (the lock order in the module's doc); a sale's
     copy counts as a duplicate."""
-    out = await sales.settle(conn, sold, leads, counted, earn=effects.commissions)
+    out = await sales.settle(conn, sold, leads, counted, import_earns=effects.imported and effects.commissions)
     result.inserted += out.inserted
     result.duplicates += len(sold) - out.inserted
     return out

@@ -16,8 +16,11 @@ lane of their own (docs/import.md).
   ``share`` of the wall clock (after a batch that took t, it rests t * (1 - share) / share);
   and the command lowers its own CPU priority (``nice``), so that the edge's and the
   workers' processes on the same machine come first.
-- **No side effects** unless asked: no webhooks, no fraud rules, no commissions (its
-  events were paid for, flagged or not, in the system they come from).
+- **No side effects** unless asked: no webhooks, no fraud rules, and its rows earn no
+  commissions (its events were paid for, flagged or not, in the system they come from).
+  The ledger still follows the rules whatever the flags: an imported refund of a live
+  sale claws its commission back, a live sale an imported lead attributes earns, and an
+  imported lead or sale is the customer's first all the same (``workers.consumer.commissions``).
 - **Refusals, counted by reason**, never stored: rows that do not read (``invalid``),
   clicks and leads before the retention's first day (``past_retention``: their days'
   partitions are gone) or ahead of Postgres's clock (``future``), a link the workspace lacks
@@ -49,6 +52,7 @@ from redis.exceptions import ResponseError
 
 from ingest.contract import clicks, layout
 from ingest.contract.connections import REDIS_ERRORS, Redis
+from ingest.contract.earnings import IMPORT_DIALECT
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.keys import GROUP, Keys, parse_id
 from ingest.edge.suppress import Suppressed
@@ -62,7 +66,7 @@ from workers.ops.status import group_lag
 
 log = structlog.get_logger("workers.imports")
 
-DIALECT = "import"
+DIALECT = IMPORT_DIALECT
 FUTURE_SLACK_MS = 300_000  # a row this far ahead of Postgres's clock is refused
 EXAMPLES = 5  # refused rows shown per reason
 MIN_SHARE = 0.02  # the least share the import comes down to while live work waits
@@ -85,7 +89,9 @@ class Options:
     partitions: int = 4  # REFSTREAM_PARTITIONS, where Redis holds no layout
 
     def effects(self) -> store.Effects:
-        return store.Effects(webhooks=self.webhooks, fraud=self.fraud, commissions=self.commissions, counters_last=True)
+        return store.Effects(
+            webhooks=self.webhooks, fraud=self.fraud, commissions=self.commissions, imported=True, counters_last=True
+        )
 
 
 @dataclass(slots=True)
@@ -391,8 +397,8 @@ class Importer:
 
         async def record() -> refunds.Refunded:
             async with self.pool.acquire() as conn:
-                return await refunds.record(conn, asked, refund_id=eid, at=ts(r.at_ms), notify=o.webhooks,
-                                            claw_back=o.commissions)  # fmt: skip
+                # its clawback whatever --commissions says: a sale that earned gives back the refunded share
+                return await refunds.record(conn, asked, refund_id=eid, at=ts(r.at_ms), notify=o.webhooks)
 
         try:
             done = await retried_in_place(record, "refund")

@@ -16,7 +16,8 @@ revenue per currency (``sale_stats``, from the ``sales`` rows: ``workers.consume
 and each sale's refund totals (the running ``refunds`` and ``refunded`` on its row that a
 refund's 409 reads, from its ``refunds`` rows). The commission ledger is rows, never a
 counter (its sums are read from ``commissions`` whenever asked), so there is none of it
-to recount.
+to recount; whether its rows are what the rules call for is ``refstream commission check``
+(``workers.ops.ledger_check``).
 
 Event rows are kept for the retention only; ``daily_stats`` is the durable history. So the
 window defaults to the retained one (from the horizon in ``event_retention``, or everything

@@ -6,11 +6,12 @@ payouts, made (``POST /v1/payouts``), marked paid (``POST /v1/payouts/{id}/paid`
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from ingest.contract import currency
 from ingest.contract.connections import acquired
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
@@ -26,6 +27,32 @@ Bps = Annotated[int, Field(ge=0, le=10_000), BeforeValidator(json_integer)]
 Minor = Annotated[int, Field(ge=0, le=MAX_AMOUNT), BeforeValidator(json_integer)]
 Months = Annotated[int, Field(ge=1, le=120), BeforeValidator(json_integer)]
 Days = Annotated[int, Field(ge=0, le=3650), BeforeValidator(json_integer)]
+MAX_FLATS = 64  # currencies in one sale_flat
+
+
+def flat_amounts(value: Any) -> Any:
+    """``sale_flat``: a mapping of ISO 4217 code (lower case) to an amount of that currency,
+    in minor units (a JSON integer: ``{"usd": 500}`` is $5.00) or in major units (a decimal
+    text: ``{"usd": "5.00", "jpy": "500", "kwd": "0.500"}``), turned into minor units by the
+    currency's ISO 4217 exponent. One number (the rules' older form): in the program's
+    currency (``lead_currency``), as the ledger reads it."""
+    if not isinstance(value, dict):
+        return json_integer(value)
+    if len(value) > MAX_FLATS:
+        raise ValueError(f"at most {MAX_FLATS} currencies")
+    out: dict[str, int] = {}
+    for code, amount in value.items():
+        if not currency.valid_code(code):
+            raise ValueError(f"{code[:8]!r}: a currency is ISO 4217, lower case (usd)")
+        minor = currency.to_minor(amount, code) if isinstance(amount, str) else json_integer(amount)
+        if not 0 <= minor <= MAX_AMOUNT:
+            raise ValueError(f"{code}: from 0 to {MAX_AMOUNT} minor units")
+        out[code] = minor
+    return out
+
+
+Flat = Annotated[Minor | dict[str, int], BeforeValidator(flat_amounts)]
+EventName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")]
 
 
 class CommissionRules(BaseModel):
@@ -33,11 +60,23 @@ class CommissionRules(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     sale_bps: Bps | None = Field(None, description="A share of each sale, in basis points: 2000 is 20%")
-    sale_flat: Minor | None = Field(None, description="A flat amount per sale, in the sale's currency's minor unit")
-    lead_flat: Minor | None = Field(None, description="A flat amount per counted lead, in lead_currency")
+    sale_flat: Flat | None = Field(
+        None,
+        description="A flat amount per sale, per currency: {currency: minor units (500) or major units as a decimal"
+        ' text ("5.00")}; a sale in a currency not listed earns no flat amount. Replaces the whole mapping.',
+    )
+    lead_flat: Minor | None = Field(None, description="A customer's lead's flat amount, in lead_currency's minor unit")
     lead_currency: str | None = Field(None, pattern=r"^[a-z]{3}$", description="ISO 4217, lower case")
+    lead_events: list[EventName] | None = Field(
+        None,
+        max_length=32,
+        description="Lead event names that each earn lead_flat once per customer; empty (the default): the"
+        " customer's first lead earns it, once per program",
+    )
     duration: Literal["lifetime", "months", "first_sale"] | None = Field(
-        None, description="Which sales of a customer earn: all, those within duration_months of the lead, the first"
+        None,
+        description="Which sales of a customer earn: all, for ever; those within duration_months of the customer's"
+        " first lead; the first",
     )
     duration_months: Months | None = None
     hold_days: Days | None = Field(None, description="Pending this long after the sale or lead, then approved")
