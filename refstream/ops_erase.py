@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from ingest.contract import ids
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
@@ -34,12 +35,12 @@ async def _erase(settings: Settings, external_id: str | None, workspace: str | N
             assert workspace is not None
             if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", uuid.UUID(workspace)):
                 raise click.ClickException(f"no workspace {workspace}")
-            done = await pg_erasure.erase(
-                pool, workspace, external_id, by="cli", archive_days=settings.erase_archive_days
-            )
-            for command in pg_erasure.redis_deletes(keys, done):
-                await redis.execute_command(*command)
-            result["erasure"] = done.to_dict()
+            # the id as every door stores it, and as given where it differs (rows stored before the rule)
+            for form, name in zip(ids.stored_forms(external_id), ("erasure", "erasure_as_given"), strict=False):
+                done = await pg_erasure.erase(pool, workspace, form, by="cli", archive_days=settings.erase_archive_days)
+                for command in pg_erasure.redis_deletes(keys, done):
+                    await redis.execute_command(*command)
+                result[name] = done.to_dict()
         if external_id is not None or sweep:
             swept = await erasure.sweep(pool, redis, keys, open_store(settings), replicas=settings.ack_replicas,
                                         wait_ms=settings.ack_wait_ms)  # fmt: skip
@@ -62,7 +63,7 @@ def _workspace(value: str | None) -> str | None:
 
 @click.command()
 @out.json_option
-@click.option("--customer", "external_id", metavar="ID", help="The customer's external id (as the trackers sent it).")
+@click.option("--customer", "external_id", metavar="ID", help="The customer's external id (as the trackers sent it; normalized as every route does).")
 @click.option("--workspace", metavar="W", help="The workspace id the customer belongs to.")
 @click.option("--status", "show_status", is_flag=True, help="List the erasures with a place still pending.")
 @click.option("--sweep", is_flag=True, help="Finish pending erasures in Redis and the archive now.")
@@ -79,6 +80,11 @@ def erase(external_id: str | None, workspace: str | None, show_status: bool, swe
     if external_id is None and not show_status and not sweep:
         raise click.UsageError("say what to do: --customer ID --workspace W, --status or --sweep")
     ws = _workspace(workspace)
+    if external_id is not None:
+        try:
+            ids.stored_forms(external_id)
+        except ids.InvalidId as exc:
+            raise click.BadParameter(str(exc), param_hint="--customer") from None
     data = run_command(lambda settings: _erase(settings, external_id, ws, sweep))
     if out.wants_json():
         out.print_json(data)

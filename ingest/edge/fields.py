@@ -5,6 +5,10 @@ here, at the model boundary, so a bad value is the route's 400 and never a 500 l
   newline.
 - ``Ident``: an identifier (external id, code, name of a thing): no control character at
   all, no surrogate.
+- ``ExternalId``: an id a client chose for a person (a customer's external id, a Bricqs
+  participant or session), normalized by ``ingest.contract.ids`` (NFC, whitespace and
+  invisible characters at the ends dropped; empty or control/format characters inside
+  refused), so every door, the erasure's included, names the person the same way.
 - ``Integer``: a JSON integer (``30`` or ``30.0``), never a string such as ``"30"``.
 - ``Url``: an absolute http(s) URL that ``urllib.parse.urlsplit`` parses, with a host, a
   valid port and no whitespace or control character.
@@ -21,6 +25,8 @@ from pydantic import AfterValidator, BeforeValidator, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from ingest.contract import ids
+
 # what each check refuses, one character class each (a regex scans in C: a per-character
 # loop in Python was a quarter of the batch route's CPU); surrogates (lone halves of a
 # UTF-16 pair, which no UTF-8 encoder takes) are refused by every check
@@ -34,6 +40,12 @@ _IDENT_BAD = re.compile(f"[\x00-\x1f\x7f{_SURROGATES}]")
 NO_NUL = r"^[^\x00]*$"
 TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
 IDENT = r"^[^\x00-\x1f\x7f]*$"
+# an external id (ingest.contract.ids): whitespace and format characters at the ends, at
+# least one other character, and no control, format or line-separator character inside
+_CF = "\\u00ad\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u180e\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u206f\\ufeff\\ufff9-\\ufffb"
+_ID_EDGE = f"[\\s{_CF}]"
+_ID_BAD = f"\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029{_CF}"
+EXTERNAL_ID = f"^{_ID_EDGE}*[^\\s{_ID_BAD}](?:[^{_ID_BAD}]*[^\\s{_ID_BAD}])?{_ID_EDGE}*$"
 _PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 # an absolute http(s) URL with a host name or IPv4 address (IPv6 literals are not taken),
 # optional user info and port, and no whitespace or control character anywhere
@@ -72,6 +84,13 @@ def check_ident(value: str) -> str:
     if _IDENT_BAD.search(value):
         raise ValueError("control characters (NUL included) are not allowed")
     return value
+
+
+def external_id(value: str) -> str:
+    try:
+        return ids.normalize(value)
+    except ids.InvalidId as exc:
+        raise ValueError(str(exc)) from None
 
 
 def no_nul_inside(value: Any) -> Any:
@@ -122,4 +141,5 @@ Integer = Annotated[int, BeforeValidator(json_integer)]
 NoNul = Annotated[str, AfterValidator(check_no_nul), _Documented(NO_NUL)]
 Text = Annotated[str, AfterValidator(check_text), _Documented(TEXT)]
 Ident = Annotated[str, AfterValidator(check_ident), _Documented(IDENT)]
+ExternalId = Annotated[str, AfterValidator(external_id), _Documented(EXTERNAL_ID)]
 Url = Annotated[str, AfterValidator(check_url), _Documented(URL)]

@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
 from ingest.contract.events import Dialect, EventType, uuid7
 from ingest.edge import accept
@@ -27,7 +28,7 @@ from ingest.edge.auth import Principal, plausible
 from ingest.edge.body import BodyError, parse, plain
 from ingest.edge.body import code as body_code
 from ingest.edge.enqueue import retry_headers
-from ingest.edge.fields import NoNul
+from ingest.edge.fields import ExternalId, NoNul
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Found, Unavailable, lookup
 from ingest.edge.state import EDGE, Edge
@@ -41,7 +42,7 @@ IDEMPOTENCY_TTL_S = 30 * 86400
 
 class BricqsGenerate(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    participant_id: NoNul = Field(min_length=1, max_length=128)
+    participant_id: ExternalId = Field(min_length=1, max_length=128)
     campaign_id: uuid.UUID
 
 
@@ -62,7 +63,7 @@ class BricqsValidated(BaseModel):
 class BricqsConvert(BaseModel):
     model_config = ConfigDict(extra="ignore")
     code: NoNul = Field(min_length=1, max_length=128)
-    referred_session_id: NoNul = Field(min_length=1, max_length=256)
+    referred_session_id: ExternalId = Field(min_length=1, max_length=256)
 
 
 class BricqsConverted(BaseModel):
@@ -268,8 +269,8 @@ async def stats(request: web.Request) -> web.Response:
     if isinstance(keyed, web.Response):
         return keyed
     edge, principal = keyed
-    participant = request.match_info["participant_id"]
-    if not plain(participant, 128):
+    participant = ids.normalized_or_none(request.match_info["participant_id"], max_length=128)
+    if participant is None:  # no participant holds it: the generate route refuses such an id
         return error(404, "participant_not_found", "participant not found")
     try:
         async with acquired(edge.pg) as conn:

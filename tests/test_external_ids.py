@@ -1,0 +1,133 @@
+"""External ids (``ingest.contract.ids``, docs/http-api.md "External ids"): one rule at
+every door, so whatever a lead route accepted can be erased through
+``DELETE /v1/customers/{external_id}``, however the id was written (a tab or NBSP at an
+end, a zero-width space, combining characters, percent-encoded in the path); ids the rule
+refuses are the route's 400; rows stored before the rule keep matching."""
+
+from __future__ import annotations
+
+import secrets
+import unicodedata
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ingest.contract import erasure as ledger
+from ingest.contract import ids
+from ingest.contract.keys import Keys
+
+from ._world import World, call
+from .test_erasure import erase_key
+from .test_sales import sale_body
+from .test_seed_004_refport import lead_body, new_click
+
+# (the id a lead sends, the id the DELETE names): each pair is one person
+TRICKY = {
+    "tab": ("cust-{t}\t", "cust-{t}\t"),
+    "nbsp": ("\u00a0cust-{t}", "\u00a0cust-{t}"),
+    "nbsp-erased-plain": ("cust-{t}\u00a0", "cust-{t}"),
+    "zwsp": ("\u200bcust-{t}\u200b", "\u200bcust-{t}\u200b"),
+    "bom-and-newline": ("\ufeffcust-{t}\r\n", "cust-{t}"),
+    "combining": ("cafe\u0301-{t}", "cafe\u0301-{t}"),
+    "combining-erased-composed": ("cafe\u0301-{t}", "caf\u00e9-{t}"),
+    "composed-erased-combining": ("caf\u00e9-{t}", "cafe\u0301-{t}"),
+    "inner-space-and-slash": ("Ann Lee/{t}", "Ann Lee/{t}"),
+}
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def held(pg: asyncpg.Pool, *forms: str) -> list[Any]:
+    """Rows of any table a lead or sale writes that still name one of ``forms``."""
+    return [tuple(r) for r in await pg.fetch(
+        "SELECT 'customers', external_id FROM customers WHERE external_id = ANY($1::text[])"
+        " UNION ALL SELECT 'events', customer_external_id FROM events WHERE customer_external_id = ANY($1::text[])"
+        " UNION ALL SELECT 'sales', customer_external_id FROM sales WHERE customer_external_id = ANY($1::text[])",
+        list(forms))]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TRICKY))
+async def test_whatever_a_lead_route_accepted_is_erased_through_the_api(
+    case: str, edge: str, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    token = secrets.token_hex(3)
+    sent, named = (form.format(t=token) for form in TRICKY[case])
+    normal = ids.normalize(sent)
+    status, out, _ = await call("POST", f"{edge}/api/track/lead", json=lead_body(await new_click(edge),
+                                customerExternalId=sent), headers=auth(world.api_key))  # fmt: skip
+    assert status == 200, out
+    assert out["customer"]["externalId"] == normal  # stored and echoed as the rule writes it
+    status, out, _ = await call("POST", f"{edge}/api/track/sale", json=sale_body(customerExternalId=sent),
+                                headers=auth(world.api_key))  # fmt: skip
+    assert status == 200, out
+    await drain()
+    assert await held(pg, sent, normal, named)  # the test can fail: the person is stored
+    status, out, _ = await call("GET", f"{edge}/v1/customers/{quote(named, safe='')}", headers=auth(world.api_key))
+    assert (status, out.get("external_id")) == (200, normal), out
+
+    eraser = await erase_key(pg, redis, keys, world, ["erase"])
+    status, done, _ = await call("DELETE", f"{edge}/v1/customers/{quote(named, safe='')}", headers=auth(eraser))
+    assert status == 202, done
+    assert done["done"]["postgres"]["customers"] == 1 and done["done"]["postgres"]["sales"] == 1
+    assert await held(pg, sent, normal, named) == []
+    (row,) = await pg.fetch("SELECT external_id, email FROM customers")
+    assert ledger.is_pseudonym(row["external_id"]) and row["email"] is None
+    status, _, _ = await call("GET", f"{edge}/v1/customers/{quote(named, safe='')}", headers=auth(world.api_key))
+    assert status == 404
+
+
+@pytest.mark.parametrize("refused", ["a\tb", "a\u200bb", "a\u2028b", " \u00a0\t", "\u200b"])
+async def test_an_id_the_rule_refuses_is_each_routes_400(refused: str, edge: str, world: World) -> None:
+    status, out, _ = await call("POST", f"{edge}/api/track/lead", json=lead_body(await new_click(edge),
+                                customerExternalId=refused), headers=auth(world.api_key))  # fmt: skip
+    assert (status, out["error"]["code"]) == (400, "VALIDATION_ERROR"), out
+    status, out, _ = await call("POST", f"{edge}/api/track/sale", json=sale_body(customerExternalId=refused),
+                                headers=auth(world.api_key))  # fmt: skip
+    assert (status, out["error"]["code"]) == (400, "VALIDATION_ERROR"), out
+    status, out, _ = await call("POST", f"{edge}/v1/track/conversion", json={"customer_id": refused, "amount": 1},
+                                headers=auth(world.api_key))  # fmt: skip
+    assert status == 400, out
+    status, out, _ = await call("POST", f"{edge}/v1/events/batch", headers=auth(world.api_key), json=[
+        {"type": "lead", **lead_body(await new_click(edge), customerExternalId=refused)},
+        {"type": "conversion", "code": "PARTNER123", "referred_session_id": refused}])  # fmt: skip
+    assert status == 200 and [r.get("error") for r in out["results"]] == ["invalid", "invalid"], out
+    status, out, _ = await call("POST", f"{edge}/api/v1/referrals/convert",
+                                json={"code": "PARTNER123", "referred_session_id": refused})  # fmt: skip
+    assert (status, out["error"]) == (400, "validation_error"), out
+
+
+async def test_rows_stored_before_the_rule_are_still_erased_by_the_id_as_given(
+    edge: str, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys
+) -> None:
+    """An earlier version stored ids as sent (a trailing NBSP, a tab inside): the erasure
+    names them as given too, so changing the rule un-erases nobody."""
+    eraser = await erase_key(pg, redis, keys, world, ["erase"])
+    for i, stored in enumerate(["old\u00a0", "old\tone", "e\u0301t\u00e9"]):
+        await pg.execute(
+            "INSERT INTO customers (workspace_id, visitor_id, external_id, email, first_seen_at, last_seen_at)"
+            " VALUES ($1, $2, $3, 'x@example.com', now(), now())", world.workspace_id, f"v-old-{i}", stored,
+        )  # fmt: skip
+        status, out, _ = await call("GET", f"{edge}/v1/customers/{quote(stored, safe='')}", headers=auth(world.api_key))
+        assert (status, out.get("external_id")) == (200, stored), out
+        status, done, _ = await call("DELETE", f"{edge}/v1/customers/{quote(stored, safe='')}", headers=auth(eraser))
+        assert status == 202, done
+        assert await held(pg, stored) == [], stored
+    status, out, _ = await call("DELETE", f"{edge}/v1/customers/%00", headers=auth(eraser))
+    assert (status, out["error"]) == (400, "invalid_request"), out
+
+
+@given(st.text(max_size=40))
+def test_the_rule_is_idempotent_and_leaves_nothing_it_refuses(value: str) -> None:
+    try:
+        once = ids.normalize(value)
+    except ids.InvalidId:
+        return
+    assert ids.normalize(once) == once
+    assert once == unicodedata.normalize("NFC", once) and once == once.strip()
+    assert not any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in once)
