@@ -24,6 +24,7 @@ import random
 import sys
 import threading
 import time
+import traceback
 from collections.abc import MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -37,6 +38,26 @@ from ingest.contract import clock
 
 _LEVEL_NAMES = {"warn": "warning", "exception": "error"}
 _second: tuple[int, str] = (0, "")
+
+
+def error_fields(exc: BaseException) -> dict[str, Any]:
+    """An error as a log line may say it: its kind, its SQLSTATE, and the frames it was
+    raised through (file, line, function), never its message. A database error's message
+    quotes the value it refused, and a value may be a person's id, email or address; no
+    log line holds one (docs/privacy.md)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-_FRAMES:]
+    out: dict[str, Any] = {
+        "error": type(exc).__name__,
+        "at": [f"{'/'.join(f.filename.rsplit('/', 2)[-2:])}:{f.lineno}:{f.name}" for f in frames],
+    }
+    if sqlstate := getattr(exc, "sqlstate", None):
+        out["sqlstate"] = sqlstate
+    if exc.__cause__ is not None:
+        out["cause"] = type(exc.__cause__).__name__
+    return out
+
+
+_FRAMES = 12
 
 
 def _level_and_time(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
