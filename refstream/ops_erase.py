@@ -63,7 +63,10 @@ def _workspace(value: str | None) -> str | None:
 
 @click.command()
 @out.json_option
-@click.option("--customer", "external_id", metavar="ID", help="The customer's external id (as the trackers sent it; normalized as every route does).")
+@click.option(
+    "--customer", "external_id", metavar="ID",
+    help="The customer's external id (as the trackers sent it; normalized as every route does).",
+)  # fmt: skip
 @click.option("--workspace", metavar="W", help="The workspace id the customer belongs to.")
 @click.option("--status", "show_status", is_flag=True, help="List the erasures with a place still pending.")
 @click.option("--sweep", is_flag=True, help="Finish pending erasures in Redis and the archive now.")

@@ -88,8 +88,12 @@ async def test_no_personal_datum_reaches_any_log_line(
     fwd = {"X-Forwarded-For": p.ip}
     cli_err = ""
     try:
-        status, out, _ = await call("POST", f"{edge}/api/v1/track/click", headers=fwd,
-                                    json={**CLICK, "session_id": p.session, "page_url": f"https://x.example/?e={p.email}"})
+        status, out, _ = await call(
+            "POST",
+            f"{edge}/api/v1/track/click",
+            headers=fwd,
+            json={**CLICK, "session_id": p.session, "page_url": f"https://x.example/?e={p.email}"},
+        )
         assert status == 200, out
         lead = lead_body(out["click_id"], customerExternalId=p.customer, customerEmail=p.email, customerName=p.name,
                          metadata={"note": p.meta})  # fmt: skip
@@ -128,7 +132,8 @@ async def test_no_personal_datum_reaches_any_log_line(
         poison = lead_body(lead["clickId"], customerExternalId=p.poison, customerEmail=p.poison_email)
         status, out, _ = await call("POST", f"{edge}/api/track/lead", json=poison, headers={**key, **fwd})
         assert status == 200, out
-        await wait_for(lambda: _said(procs, "event.poison", "batch.worker_error"), timeout=60, what="the worker's refusal")
+        refused = ("event.poison", "batch.worker_error")
+        await wait_for(lambda: _said(procs, *refused), timeout=60, what="the worker's refusal")
         await pg.execute(UNTRIGGER)
 
         # the erasures: through the API, and through the CLI

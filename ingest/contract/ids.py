@@ -58,9 +58,7 @@ def normalize(value: str, *, max_length: int = MAX_LENGTH) -> str:
     for c in text:
         if not c.isascii() or not c.isprintable():
             if unicodedata.category(c) in _REFUSED_CATEGORIES:
-                raise InvalidId(
-                    f"an id may not hold a control or invisible character (U+{ord(c):04X}) inside it"
-                )
+                raise InvalidId(f"an id may not hold a control or invisible character (U+{ord(c):04X}) inside it")
     return text
 
 

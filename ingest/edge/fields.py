@@ -42,7 +42,10 @@ TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
 IDENT = r"^[^\x00-\x1f\x7f]*$"
 # an external id (ingest.contract.ids): whitespace and format characters at the ends, at
 # least one other character, and no control, format or line-separator character inside
-_CF = "\\u00ad\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u180e\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u206f\\ufeff\\ufff9-\\ufffb"
+_CF = (
+    "\\u00ad\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u180e\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u206f"
+    "\\ufeff\\ufff9-\\ufffb"
+)
 _ID_EDGE = f"[\\s{_CF}]"
 _ID_BAD = f"\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029{_CF}"
 EXTERNAL_ID = f"^{_ID_EDGE}*[^\\s{_ID_BAD}](?:[^{_ID_BAD}]*[^\\s{_ID_BAD}])?{_ID_EDGE}*$"

@@ -35,8 +35,8 @@ from asyncpg import PostgresError
 from ingest.contract import clock
 from ingest.contract.connections import Redis
 from ingest.contract.events import FIELD, Envelope, EnvelopeError, entry_of
-from ingest.contract.logs import error_fields
 from ingest.contract.keys import GROUP, Keys
+from ingest.contract.logs import error_fields
 from ingest.contract.settings import Settings
 from workers.consumer import store, webhooks
 from workers.consumer.enrich import Enricher
@@ -131,7 +131,9 @@ class Pipeline:
                     # worker's own (a bug, a broken deploy), not each entry's. Nothing was
                     # committed; hold the batch for a while (a fixed worker may take it),
                     # then set its entries aside like any poison, each with its error
-                    log.error("batch.worker_error", stream=batch.stream, entries=len(todo), **error_fields(failed[0][1]))
+                    log.error(
+                        "batch.worker_error", stream=batch.stream, entries=len(todo), **error_fields(failed[0][1])
+                    )
                     raise Outage("worker_error", failed[0][1])
             except Outage:
                 await self._refund(batch, counted)

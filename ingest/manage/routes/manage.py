@@ -433,11 +433,9 @@ async def erase_customer(request: web.Request, edge: Edge, p: Principal) -> web.
     """Forget a customer everywhere (docs/privacy.md): Postgres now, Redis and the archive
     by the workers; 202 with what is pending, and GET /v1/erasures/{id} follows it."""
     forms = id_forms(request, "external_id")  # the normalized id, and as given for rows stored before the rule
+    days = edge.settings.erase_archive_days
     try:  # from here on, a failure may leave it begun: 503 "outcome unknown", and a retry finishes it
-        erased = [
-            await erasure.erase(edge.pg, p.workspace_id, form, by=p.prefix, archive_days=edge.settings.erase_archive_days)
-            for form in forms
-        ]
+        erased = [await erasure.erase(edge.pg, p.workspace_id, form, by=p.prefix, archive_days=days) for form in forms]
         async with acquired(edge.pg) as conn:
             shown = await erasure.show(conn, p.workspace_id, str(erased[0].id))
     except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # a read-only one too
