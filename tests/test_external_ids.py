@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import secrets
 import unicodedata
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import asyncpg
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,9 +22,12 @@ from hypothesis import strategies as st
 from ingest.contract import erasure as ledger
 from ingest.contract import ids
 from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
 
+from ._procs import Procs, env_for, run_command
 from ._world import World, call
 from .test_erasure import erase_key
+from .test_import import import_cli
 from .test_sales import sale_body
 from .test_seed_004_refport import lead_body, new_click
 
@@ -131,3 +137,70 @@ def test_the_rule_is_idempotent_and_leaves_nothing_it_refuses(value: str) -> Non
     assert ids.normalize(once) == once
     assert once == unicodedata.normalize("NFC", once) and once == once.strip()
     assert not any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in once)
+
+
+async def test_refstream_erase_normalizes_as_the_routes_do(
+    procs: Procs, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys
+) -> None:
+    token = secrets.token_hex(3)
+    stored = {
+        f"cust-{token}": "v-new",
+        f"old-{token}\u00a0": "v-old",
+    }  # as a route stores it; as an earlier version did
+    for external_id, visitor in stored.items():
+        await pg.execute(
+            "INSERT INTO customers (workspace_id, visitor_id, external_id, first_seen_at, last_seen_at)"
+            " VALUES ($1, $2, $3, now(), now())", world.workspace_id, visitor, external_id,
+        )  # fmt: skip
+    out = await procs.cli("erase", "--customer", f"\u200bcust-{token}\t", "--workspace", world.workspace_id)
+    assert out["erasure"]["postgres"]["customers"] == 1 and "erasure_as_given" in out
+    out = await procs.cli("erase", "--customer", f"old-{token}\u00a0", "--workspace", world.workspace_id)
+    assert out["erasure_as_given"]["postgres"]["customers"] == 1
+    assert await held(pg, *stored, f"old-{token}") == []
+    code, _, err = await run_command("erase", "--customer", "", "--workspace", world.workspace_id,
+                                     env=env_for(procs.settings))  # fmt: skip
+    assert code == 2 and "may not be empty" in err
+
+
+async def test_a_bricqs_participant_is_one_however_its_id_is_written(edge: str, world: World) -> None:
+    token = secrets.token_hex(3)
+    key = {"X-API-Key": world.api_key}
+    status, first, _ = await call(
+        "POST",
+        f"{edge}/api/v1/referrals/generate",
+        headers=key,
+        json={"participant_id": f"\u00a0Bob-{token}", "campaign_id": world.program_id},
+    )
+    assert (status, first["participant_id"]) == (200, f"Bob-{token}"), first
+    status, again, _ = await call(
+        "POST",
+        f"{edge}/api/v1/referrals/generate",
+        headers=key,
+        json={"participant_id": f"Bob-{token}\u200b", "campaign_id": world.program_id},
+    )
+    assert (status, again["code"]) == (200, first["code"])  # the same participant: the same code back
+    status, out, _ = await call("GET", f"{edge}/api/v1/referrals/stats/{quote(f'Bob-{token}%09', safe='%')}",
+                                headers=key)  # fmt: skip
+    assert (status, out.get("participant_id")) == (200, f"Bob-{token}"), out
+
+
+async def test_an_imported_id_is_normalized_and_erased_through_the_api(
+    edge: str, world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, tmp_path: Path
+) -> None:
+    token = secrets.token_hex(3)
+    at = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    rows = [
+        {"type": "click", "id": "c1", "timestamp": at, "link": world.link["code"]},
+        {"type": "lead", "id": "l1", "timestamp": at, "click": "c1", "customer_id": f"\u00a0Imp-{token}\t"},
+        {"type": "sale", "id": "s1", "timestamp": at, "customer_id": f"Imp-{token}\u200b", "amount": 100},
+        {"type": "lead", "id": "l2", "timestamp": at, "click": "c1", "customer_id": "a\tb"},
+    ]  # fmt: skip
+    path = tmp_path / "history.ndjson"
+    path.write_text("\n".join(orjson.dumps(r).decode() for r in rows) + "\n")
+    out = await import_cli(settings, path, world)
+    assert out["stored"] == 3 and out["refused"] == {"invalid": 1}, out
+    assert await pg.fetchval("SELECT link_id FROM sales WHERE customer_external_id = $1", f"Imp-{token}")
+    eraser = await erase_key(pg, redis, keys, world, ["erase"])
+    status, done, _ = await call("DELETE", f"{edge}/v1/customers/Imp-{token}%C2%A0", headers=auth(eraser))
+    assert (status, done["done"]["postgres"]["customers"]) == (202, 1), done
+    assert await held(pg, f"Imp-{token}") == []

@@ -269,14 +269,23 @@ async def stats(request: web.Request) -> web.Response:
     if isinstance(keyed, web.Response):
         return keyed
     edge, principal = keyed
-    participant = ids.normalized_or_none(request.match_info["participant_id"], max_length=128)
-    if participant is None:  # no participant holds it: the generate route refuses such an id
+    try:  # the id as generate stores it, then as given (a participant stored before the rule)
+        forms = ids.stored_forms(request.match_info["participant_id"], max_length=128)
+    except ids.InvalidId:  # nothing can hold it
         return error(404, "participant_not_found", "participant not found")
+    out = None
     try:
         async with acquired(edge.pg) as conn:
-            out = await admin.participant_stats(conn, workspace_id=principal.workspace_id, participant_id=participant)
-    except admin.NotFound as exc:
-        return error(404, "participant_not_found", str(exc))
+            for participant in forms:
+                try:
+                    out = await admin.participant_stats(
+                        conn, workspace_id=principal.workspace_id, participant_id=participant
+                    )
+                    break
+                except admin.NotFound:
+                    continue
     except PG_ERRORS:
         return unavailable()
+    if out is None:
+        return error(404, "participant_not_found", f"participant {forms[0]!r} not found")
     return json(200, BricqsStats(**out).model_dump())
