@@ -6,6 +6,7 @@ refuses are the route's 400; rows stored before the rule keep matching."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import unicodedata
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from ingest.contract import erasure as ledger
 from ingest.contract import ids
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.edge import fields
 
 from ._procs import Procs, env_for, run_command
 from ._world import World, call
@@ -204,3 +206,32 @@ async def test_an_imported_id_is_normalized_and_erased_through_the_api(
     status, done, _ = await call("DELETE", f"{edge}/v1/customers/Imp-{token}%C2%A0", headers=auth(eraser))
     assert (status, done["done"]["postgres"]["customers"]) == (202, 1), done
     assert await held(pg, f"Imp-{token}") == []
+
+
+def _ranges(pred: Any) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for cp in range(0x110000):
+        if not 0xD800 <= cp <= 0xDFFF and pred(chr(cp)):
+            if out and out[-1][1] == cp - 1:
+                out[-1] = (out[-1][0], cp)
+            else:
+                out.append((cp, cp))
+    return tuple(out)
+
+
+def test_the_documented_pattern_knows_the_characters_the_rule_knows() -> None:
+    """/openapi.json's pattern lists Unicode's format and space characters: the Python that
+    runs the rule must agree (a newer Unicode adds some: update fields.FORMAT_RANGES)."""
+    assert fields.FORMAT_RANGES == _ranges(lambda c: unicodedata.category(c) == "Cf")
+    assert fields.SPACE_RANGES == _ranges(str.isspace)
+
+
+@given(st.text(max_size=24))
+def test_the_documented_pattern_says_what_the_rule_takes(value: str) -> None:
+    takes = ids.normalized_or_none(value) is not None
+    assert takes == bool(re.match(fields.EXTERNAL_ID, value)) or "\x00" in value
+
+
+@given(st.from_regex(fields.EXTERNAL_ID, fullmatch=True))
+def test_what_the_pattern_matches_the_rule_takes(value: str) -> None:
+    assert ids.normalized_or_none(value, max_length=max(len(value), 1)) is not None

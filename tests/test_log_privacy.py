@@ -10,6 +10,7 @@ each value in every spelling a line could carry it (``tests/_logscan.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Any
 from urllib.parse import quote
@@ -122,6 +123,10 @@ async def test_no_personal_datum_reaches_any_log_line(
             async with http.get(f"{edge}/nowhere/{quote(p.customer)}?email={quote(p.email)}", headers=fwd) as r:
                 assert r.status == 404
 
+        # refused before any route: a request aiohttp cannot parse (its message quotes the bytes)
+        assert (await _raw(edge, f"GET /v1/customers/{p.customer} HTTP/1.1\r\nHost: x\r\n"
+                                 f"X-Note: {p.email}\x01\r\n\r\n")).split(b" ")[1] == b"400"  # fmt: skip
+
         # failing: the database refuses the participant with a message that quotes it
         status, out, _ = await call("POST", f"{edge}/api/v1/referrals/generate",
                                     json={"participant_id": p.participant, "campaign_id": world.program_id},
@@ -159,3 +164,15 @@ async def test_no_personal_datum_reaches_any_log_line(
 async def _said(procs: Procs, *events: str) -> bool:
     text = logs_of(procs)
     return any(f'"event":"{e}"' in text for e in events)
+
+
+async def _raw(base: str, request: str) -> bytes:
+    """One request as raw bytes (one no HTTP client would send); the answer's first bytes."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request.encode())
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(200), 10)
+    finally:
+        writer.close()

@@ -8,7 +8,8 @@ The rule (docs/http-api.md, "External ids"):
 2. Leading and trailing whitespace (Unicode's, so NBSP and the ideographic space too) and
    format characters (category Cf, invisible: zero-width space, joiners, word joiner, BOM,
    bidi marks) are dropped: ``" cust_1\\t"``, ``"cust_1\\u00a0"`` and ``"\\u200bcust_1"`` are ``cust_1``.
-3. What is left is refused when it is empty, longer than the door allows, or holds a
+3. It is refused when it is longer than the door allows as sent, or when what is left is
+   empty or holds a
    control character (tab, newline, NUL, ...), a format character, a line or paragraph
    separator or a lone surrogate anywhere inside: such an id looks like another one it is
    not, and no door could be sure to name it again.
@@ -42,6 +43,8 @@ def normalize(value: str, *, max_length: int = MAX_LENGTH) -> str:
     """The id as every door stores and looks it up; ``InvalidId`` for one the rule refuses."""
     if len(value) <= max_length and _PLAIN_ASCII.match(value):
         return value
+    if len(value) > max_length:  # as sent, as the request's schema says (NFC may lengthen a few)
+        raise InvalidId(f"an id is at most {max_length} characters")
     if any("\ud800" <= c <= "\udfff" for c in value):
         raise InvalidId("an id may not hold a lone surrogate")
     text = unicodedata.normalize("NFC", value)
@@ -53,8 +56,6 @@ def normalize(value: str, *, max_length: int = MAX_LENGTH) -> str:
     text = text[start:end]
     if not text:
         raise InvalidId("an id may not be empty or only whitespace")
-    if len(text) > max_length:
-        raise InvalidId(f"an id is at most {max_length} characters")
     for c in text:
         if not c.isascii() or not c.isprintable():
             if unicodedata.category(c) in _REFUSED_CATEGORIES:

@@ -299,6 +299,23 @@ class _Demote(logging.Filter):
         return True
 
 
+class _Private(logging.Filter):
+    """aiohttp's server logs a request it cannot read (a bad header, a bad request line) with
+    the client's address and the parser's message, which quotes the bytes it refused (a path,
+    a header): such a line keeps its kind only, as every line of ours does (``error_fields``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("aiohttp."):
+            exc = record.exc_info[1] if record.exc_info else None
+            if record.args or exc is not None:
+                what = str(record.msg).split(" from ", 1)[0]  # "Error handling request from %s"
+                record.msg = f"{what}: {type(exc).__name__}" if exc is not None else what
+                record.args = ()
+                record.exc_info = None
+                record.exc_text = None
+        return True
+
+
 def configure_logging(level: str = "info", *, json: bool = True, flush_ms: int = 0) -> None:
     """``flush_ms`` > 0 buffers lines for that long (long-running processes only)."""
     lvl = logging.getLevelName(level.upper())
@@ -327,6 +344,7 @@ def configure_logging(level: str = "info", *, json: bool = True, flush_ms: int =
         )
     )
     handler.addFilter(_Demote(lvl))
+    handler.addFilter(_Private())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(lvl)
