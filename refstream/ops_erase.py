@@ -17,6 +17,7 @@ from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import erasure as pg_erasure
+from ingest.manage import external_ids
 
 from . import ops_output as out
 from .runner import print_data, run_command
@@ -35,12 +36,16 @@ async def _erase(settings: Settings, external_id: str | None, workspace: str | N
             assert workspace is not None
             if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", uuid.UUID(workspace)):
                 raise click.ClickException(f"no workspace {workspace}")
-            # the id as every door stores it, and as given where it differs (rows stored before the rule)
-            for form, name in zip(ids.stored_forms(external_id), ("erasure", "erasure_as_given"), strict=False):
+            async with pool.acquire() as conn:
+                forms = await external_ids.subjects(conn, workspace, external_id)
+            for i, form in enumerate(forms):
                 done = await pg_erasure.erase(pool, workspace, form, by="cli", archive_days=settings.erase_archive_days)
                 for command in pg_erasure.redis_deletes(keys, done):
                     await redis.execute_command(*command)
-                result[name] = done.to_dict()
+                if i == 0:
+                    result["erasure"] = done.to_dict()
+                else:  # the id as given, and as an earlier version stored it
+                    result.setdefault("also_erased", []).append(done.to_dict())
         if external_id is not None or sweep:
             swept = await erasure.sweep(pool, redis, keys, open_store(settings), replicas=settings.ack_replicas,
                                         wait_ms=settings.ack_wait_ms)  # fmt: skip

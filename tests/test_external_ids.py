@@ -126,6 +126,20 @@ async def test_rows_stored_before_the_rule_are_still_erased_by_the_id_as_given(
         status, done, _ = await call("DELETE", f"{edge}/v1/customers/{quote(stored, safe='')}", headers=auth(eraser))
         assert status == 202, done
         assert await held(pg, stored) == [], stored
+    # and asked for by the spelling every door now writes
+    for stored in ["new-old\u00a0", "cafe\u0301-old", "\ufeffbom-old"]:
+        await pg.execute(
+            "INSERT INTO customers (workspace_id, visitor_id, external_id, email, first_seen_at, last_seen_at)"
+            " VALUES ($1, $2, $3, 'x@example.com', now(), now())", world.workspace_id, f"v-{stored}", stored,
+        )  # fmt: skip
+        await pg.execute("INSERT INTO sales (event_id, workspace_id, customer_external_id, amount, currency,"
+                         " event_name, payment_processor, unattributed, dialect, received_at) VALUES"
+                         " (gen_random_uuid(), $1, $2, 1, 'usd', 'Purchase', 'custom', 'no_lead', 'refport', now())",
+                         world.workspace_id, stored)  # fmt: skip
+        normal = quote(ids.normalize(stored), safe="")
+        status, done, _ = await call("DELETE", f"{edge}/v1/customers/{normal}", headers=auth(eraser))
+        assert status == 202, done
+        assert await held(pg, stored) == [], stored
     status, out, _ = await call("DELETE", f"{edge}/v1/customers/%00", headers=auth(eraser))
     assert (status, out["error"]) == (400, "invalid_request"), out
 
@@ -145,20 +159,20 @@ async def test_refstream_erase_normalizes_as_the_routes_do(
     procs: Procs, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys
 ) -> None:
     token = secrets.token_hex(3)
-    stored = {
-        f"cust-{token}": "v-new",
-        f"old-{token}\u00a0": "v-old",
-    }  # as a route stores it; as an earlier version did
+    # as a route stores it; as earlier versions did (asked for as stored, and as normalized)
+    stored = {f"cust-{token}": "v-new", f"old-{token}\u00a0": "v-old", f"\u200bolder-{token}": "v-older"}
     for external_id, visitor in stored.items():
         await pg.execute(
             "INSERT INTO customers (workspace_id, visitor_id, external_id, first_seen_at, last_seen_at)"
             " VALUES ($1, $2, $3, now(), now())", world.workspace_id, visitor, external_id,
         )  # fmt: skip
     out = await procs.cli("erase", "--customer", f"\u200bcust-{token}\t", "--workspace", world.workspace_id)
-    assert out["erasure"]["postgres"]["customers"] == 1 and "erasure_as_given" in out
+    assert out["erasure"]["postgres"]["customers"] == 1 and len(out["also_erased"]) == 1
     out = await procs.cli("erase", "--customer", f"old-{token}\u00a0", "--workspace", world.workspace_id)
-    assert out["erasure_as_given"]["postgres"]["customers"] == 1
-    assert await held(pg, *stored, f"old-{token}") == []
+    assert out["also_erased"][0]["postgres"]["customers"] == 1
+    out = await procs.cli("erase", "--customer", f"older-{token}", "--workspace", world.workspace_id)
+    assert out["also_erased"][0]["postgres"]["customers"] == 1
+    assert await held(pg, *stored, f"old-{token}", f"older-{token}") == []
     code, _, err = await run_command("erase", "--customer", "", "--workspace", world.workspace_id,
                                      env=env_for(procs.settings))  # fmt: skip
     assert code == 2 and "may not be empty" in err

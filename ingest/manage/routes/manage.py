@@ -19,7 +19,7 @@ from ingest.edge.auth import Principal
 from ingest.edge.body import parse
 from ingest.edge.fields import ExternalId, Ident, Integer, Text, Url
 from ingest.edge.state import Edge
-from ingest.manage import admin, erasure, manage, stats, suppressions
+from ingest.manage import admin, erasure, external_ids, manage, stats, suppressions
 from ingest.manage.admin import NotFound
 from ingest.manage.routes._guard import error, guarded, id_forms, json, limit_param, segment
 
@@ -432,7 +432,9 @@ async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Re
 async def erase_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """Forget a customer everywhere (docs/privacy.md): Postgres now, Redis and the archive
     by the workers; 202 with what is pending, and GET /v1/erasures/{id} follows it."""
-    forms = id_forms(request, "external_id")  # the normalized id, and as given for rows stored before the rule
+    id_forms(request, "external_id")  # 400 for one that can name nobody
+    async with acquired(edge.pg) as conn:  # the normalized id, as given, and as stored before the rule
+        forms = await external_ids.subjects(conn, p.workspace_id, request.match_info["external_id"])
     days = edge.settings.erase_archive_days
     try:  # from here on, a failure may leave it begun: 503 "outcome unknown", and a retry finishes it
         erased = [await erasure.erase(edge.pg, p.workspace_id, form, by=p.prefix, archive_days=days) for form in forms]
