@@ -12,13 +12,13 @@ from typing import Any
 
 import click
 
-from ingest.contract import links
+from ingest.contract import ids, links
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import erasure as pg_erasure
 from ingest.manage import erasure_affiliate as affiliate_erasure
-from ingest.manage import erasure_copy
+from ingest.manage import erasure_copy, external_ids
 from ingest.manage.admin import NotFound
 
 from . import ops_output as out
@@ -40,13 +40,17 @@ async def _erase(
             assert workspace is not None
             if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", uuid.UUID(workspace)):
                 raise click.ClickException(f"no workspace {workspace}")
-            done = await pg_erasure.erase(
-                pool, workspace, external_id, by="cli", archive_days=settings.erase_archive_days
-            )
-            await erasure_copy.keep(pool, redis, keys, [done.id])  # outside Postgres: a restore gets it back
-            for command in pg_erasure.redis_deletes(keys, done):
-                await redis.execute_command(*command)
-            result["erasure"] = done.to_dict()
+            async with pool.acquire() as conn:
+                forms = await external_ids.subjects(conn, workspace, external_id)
+            for i, form in enumerate(forms):
+                done = await pg_erasure.erase(pool, workspace, form, by="cli", archive_days=settings.erase_archive_days)
+                await erasure_copy.keep(pool, redis, keys, [done.id])  # outside Postgres: a restore gets it back
+                for command in pg_erasure.redis_deletes(keys, done):
+                    await redis.execute_command(*command)
+                if i == 0:
+                    result["erasure"] = done.to_dict()
+                else:  # the id as given, and as an earlier version stored it
+                    result.setdefault("also_erased", []).append(done.to_dict())
         if partner:  # an affiliate, or a participant (every campaign's)
             assert workspace is not None
             try:
@@ -81,7 +85,12 @@ def _workspace(value: str | None) -> str | None:
 
 @click.command()
 @out.json_option
-@click.option("--customer", "external_id", metavar="ID", help="The customer's external id (as the trackers sent it).")
+@click.option(
+    "--customer",
+    "external_id",
+    metavar="ID",
+    help="The customer's external id (as the trackers sent it; normalized as every route does).",
+)
 @click.option(
     "--affiliate",
     "affiliate_id",
@@ -124,6 +133,11 @@ def erase(
         raise click.UsageError("say what to do: --customer ID --workspace W, --affiliate ID --workspace W, --status or"
                                " --sweep")  # fmt: skip
     ws = _workspace(workspace)
+    if external_id is not None:
+        try:
+            ids.stored_forms(external_id)
+        except ids.InvalidId as exc:
+            raise click.BadParameter(str(exc), param_hint="--customer") from None
     data = run_command(lambda settings: _erase(settings, external_id, ws, sweep, partner))
     if out.wants_json():
         out.print_json(data)

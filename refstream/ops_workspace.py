@@ -14,8 +14,8 @@ import asyncpg
 import click
 
 from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
-from ingest.contract.settings import Settings
 from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
 from ingest.manage import admin, deletion
 
 from . import ops_output as out

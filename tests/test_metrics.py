@@ -67,7 +67,7 @@ async def test_edge_and_worker_metrics_and_ids_in_the_logs(procs: Procs, pg):
     mine = [line for line in lines if line.get("request_id") == "req-abc-123"]
     assert [line["event"] for line in mine] == ["request"]
     assert re.fullmatch(r"[0-9a-f-]{36}", mine[0]["event_id"])  # the event it accepted
-    assert mine[0]["path"] == "/api/v1/referral/click/alice" and mine[0]["status"] == 200
+    assert mine[0]["route"] == "/api/v1/referral/click/{code}" and mine[0]["status"] == 200  # never the path
 
 
 @pytest.mark.once

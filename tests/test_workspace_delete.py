@@ -86,4 +86,3 @@ async def test_deleting_a_workspace_that_is_not_there_says_so(settings: Settings
     for missing in (str(uuid.uuid4()), "not-a-uuid"):
         code, _, err = await run_command("workspace", "delete", missing, "--yes", env=env_for(settings))
         assert code == 1 and "not found" in err and "Traceback" not in err, err
-

@@ -24,6 +24,7 @@ import random
 import sys
 import threading
 import time
+import traceback
 from collections.abc import MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -37,6 +38,26 @@ from ingest.contract import clock
 
 _LEVEL_NAMES = {"warn": "warning", "exception": "error"}
 _second: tuple[int, str] = (0, "")
+
+
+def error_fields(exc: BaseException) -> dict[str, Any]:
+    """An error as a log line may say it: its kind, its SQLSTATE, and the frames it was
+    raised through (file, line, function), never its message. A database error's message
+    quotes the value it refused, and a value may be a person's id, email or address; no
+    log line holds one (docs/privacy.md)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-_FRAMES:]
+    out: dict[str, Any] = {
+        "error": type(exc).__name__,
+        "at": [f"{'/'.join(f.filename.rsplit('/', 2)[-2:])}:{f.lineno}:{f.name}" for f in frames],
+    }
+    if sqlstate := getattr(exc, "sqlstate", None):
+        out["sqlstate"] = sqlstate
+    if exc.__cause__ is not None:
+        out["cause"] = type(exc.__cause__).__name__
+    return out
+
+
+_FRAMES = 12
 
 
 def _level_and_time(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -278,6 +299,23 @@ class _Demote(logging.Filter):
         return True
 
 
+class _Private(logging.Filter):
+    """aiohttp's server logs a request it cannot read (a bad header, a bad request line) with
+    the client's address and the parser's message, which quotes the bytes it refused (a path,
+    a header): such a line keeps its kind only, as every line of ours does (``error_fields``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("aiohttp."):
+            exc = record.exc_info[1] if record.exc_info else None
+            if record.args or exc is not None:
+                what = str(record.msg).split(" from ", 1)[0]  # "Error handling request from %s"
+                record.msg = f"{what}: {type(exc).__name__}" if exc is not None else what
+                record.args = ()
+                record.exc_info = None
+                record.exc_text = None
+        return True
+
+
 def configure_logging(level: str = "info", *, json: bool = True, flush_ms: int = 0) -> None:
     """``flush_ms`` > 0 buffers lines for that long (long-running processes only)."""
     lvl = logging.getLevelName(level.upper())
@@ -306,6 +344,7 @@ def configure_logging(level: str = "info", *, json: bool = True, flush_ms: int =
         )
     )
     handler.addFilter(_Demote(lvl))
+    handler.addFilter(_Private())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(lvl)

@@ -5,6 +5,10 @@ here, at the model boundary, so a bad value is the route's 400 and never a 500 l
   newline.
 - ``Ident``: an identifier (external id, code, name of a thing): no control character at
   all, no surrogate.
+- ``ExternalId``: an id a client chose for a person (a customer's external id, a Bricqs
+  participant or session), normalized by ``ingest.contract.ids`` (NFC, whitespace and
+  invisible characters at the ends dropped; empty or control/format characters inside
+  refused), so every door, the erasure's included, names the person the same way.
 - ``Integer``: a JSON integer (``30`` or ``30.0``), never a string such as ``"30"``.
 - ``Url``: an absolute http(s) URL that ``urllib.parse.urlsplit`` parses, with a host, a
   valid port and no whitespace or control character.
@@ -21,6 +25,8 @@ from pydantic import AfterValidator, BeforeValidator, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from ingest.contract import ids
+
 # what each check refuses, one character class each (a regex scans in C: a per-character
 # loop in Python was a quarter of the batch route's CPU); surrogates (lone halves of a
 # UTF-16 pair, which no UTF-8 encoder takes) are refused by every check
@@ -34,6 +40,34 @@ _IDENT_BAD = re.compile(f"[\x00-\x1f\x7f{_SURROGATES}]")
 NO_NUL = r"^[^\x00]*$"
 TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
 IDENT = r"^[^\x00-\x1f\x7f]*$"
+# an external id (ingest.contract.ids): whitespace and format characters at the ends, at
+# least one other character, and no control, format or line-separator character inside.
+# The classes are Unicode's (14.0, Python 3.11's unicodedata; tests/test_external_ids.py
+# holds them to it): format characters (Cf), and whitespace as str.isspace says
+FORMAT_RANGES = (
+    (0xAD, 0xAD), (0x600, 0x605), (0x61C, 0x61C), (0x6DD, 0x6DD), (0x70F, 0x70F), (0x890, 0x891), (0x8E2, 0x8E2),
+    (0x180E, 0x180E), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x2064), (0x2066, 0x206F), (0xFEFF, 0xFEFF),
+    (0xFFF9, 0xFFFB), (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x13438), (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A), (0xE0001, 0xE0001), (0xE0020, 0xE007F),
+)  # fmt: skip
+SPACE_RANGES = (
+    (0x9, 0xD), (0x1C, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A), (0x2028, 0x2029),
+    (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000),
+)  # fmt: skip
+
+
+def _class(ranges: tuple[tuple[int, int], ...]) -> str:
+    # BMP characters escaped; astral ones as themselves (a JSON Schema pattern is ECMA's)
+    def one(cp: int) -> str:
+        return f"\\u{cp:04x}" if cp <= 0xFFFF else chr(cp)
+
+    return "".join(one(a) if a == b else f"{one(a)}-{one(b)}" for a, b in ranges)
+
+
+_ID_EDGE = f"[{_class(SPACE_RANGES)}{_class(FORMAT_RANGES)}]"
+_ID_BAD = f"\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029{_class(FORMAT_RANGES)}"
+_ID_END = f"[^{_class(SPACE_RANGES)}{_ID_BAD}]"
+EXTERNAL_ID = f"^{_ID_EDGE}*{_ID_END}(?:[^{_ID_BAD}]*{_ID_END})?{_ID_EDGE}*$"
 _PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 # an absolute http(s) URL with a host name or IPv4 address (IPv6 literals are not taken),
 # optional user info and port, and no whitespace or control character anywhere
@@ -72,6 +106,13 @@ def check_ident(value: str) -> str:
     if _IDENT_BAD.search(value):
         raise ValueError("control characters (NUL included) are not allowed")
     return value
+
+
+def external_id(value: str) -> str:
+    try:
+        return ids.normalize(value)
+    except ids.InvalidId as exc:
+        raise ValueError(str(exc)) from None
 
 
 def no_nul_inside(value: Any) -> Any:
@@ -122,4 +163,5 @@ Integer = Annotated[int, BeforeValidator(json_integer)]
 NoNul = Annotated[str, AfterValidator(check_no_nul), _Documented(NO_NUL)]
 Text = Annotated[str, AfterValidator(check_text), _Documented(TEXT)]
 Ident = Annotated[str, AfterValidator(check_ident), _Documented(IDENT)]
+ExternalId = Annotated[str, AfterValidator(external_id), _Documented(EXTERNAL_ID)]
 Url = Annotated[str, AfterValidator(check_url), _Documented(URL)]

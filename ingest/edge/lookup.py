@@ -406,6 +406,6 @@ async def resolve_click(edge: Edge, click_id: str, cached: object) -> clicks.Cli
         return found
     now_ms = clock.now_ms() if pg_now_ms is None else pg_now_ms  # the database's time, not this edge's
     if not found and clicks.may_be_pending(click_id, now_ms, edge.settings.click_pending_s):
-        log.info("click.pending", click_id=click_id)
+        log.info("click.pending")  # not its id: a click id names a visitor (docs/privacy.md)
         raise ClickPending(click_id)
     return None

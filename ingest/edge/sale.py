@@ -29,7 +29,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from ingest.contract.bounds import MAX_KEYS
 from ingest.contract.events import Envelope, EventType
 from ingest.edge import accept
-from ingest.edge.fields import Ident, Integer, NoNul, no_nul_inside
+from ingest.edge.fields import ExternalId, Ident, Integer, NoNul, no_nul_inside
 from ingest.edge.idempotency import Claim, fingerprint
 
 M = TypeVar("M", bound=BaseModel)
@@ -52,7 +52,7 @@ class RefportSale(BaseModel):
     """Refport's sale (and the batch route's ``sale`` item): Dub's ``/track/sale`` fields."""
 
     model_config = ConfigDict(extra="ignore")
-    customerExternalId: Ident = Field(min_length=1, max_length=256)
+    customerExternalId: ExternalId = Field(min_length=1, max_length=256)
     amount: Integer = Field(ge=0, le=MAX_AMOUNT, description=AMOUNT)
     currency: Currency = "usd"
     eventName: NoNul = Field("Purchase", min_length=1, max_length=256)
@@ -66,7 +66,7 @@ class AffixoConversion(BaseModel):
     """Affixo's conversion: the same sale in Affixo's snake case."""
 
     model_config = ConfigDict(extra="ignore")
-    customer_id: Ident = Field(min_length=1, max_length=256, description="Your id of the customer its lead named")
+    customer_id: ExternalId = Field(min_length=1, max_length=256, description="Your id of the customer its lead named")
     amount: Integer = Field(ge=0, le=MAX_AMOUNT, description=AMOUNT)
     currency: Currency = "usd"
     event_name: NoNul = Field("Purchase", min_length=1, max_length=256)

@@ -18,7 +18,7 @@ from ingest.contract.drops import DropTally
 from ingest.contract.events import unique_token
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Watch
-from ingest.contract.logs import CURRENT_REQUEST, DEFAULT_ACCESS_LOG, AccessLog, RequestLog
+from ingest.contract.logs import CURRENT_REQUEST, DEFAULT_ACCESS_LOG, AccessLog, RequestLog, error_fields
 from ingest.contract.settings import Settings
 from ingest.edge import lookup
 from ingest.edge.auth import Authenticator
@@ -47,13 +47,22 @@ def _request_id(request: web.Request) -> str:
     return unique_token()
 
 
+def route_of(request: web.Request) -> str:
+    """What a log line says of a request's target: the route's template
+    (``/v1/customers/{external_id}``), never its path or query, which may name a person."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
 def _unexpected(request: web.Request, exc: Exception) -> web.Response:
     if pg_unavailable(exc):
         # a route's own handling missed a database outage (read-only, not migrated, ...):
         # "try again", never a 500 for what is not the request's fault
-        log.warning("request.postgres_unavailable", path=request.path, error=type(exc).__name__)
+        log.warning("request.postgres_unavailable", route=route_of(request), error=type(exc).__name__)
         return web.Response(body=UNAVAILABLE, status=503, content_type="application/json", headers={"Retry-After": "1"})
-    log.exception("request.failed", method=request.method, path=request.path)
+    # the error's kind and where it was raised, never its message: a database error's text
+    # quotes the value it refused, which may be a person's id, address or email
+    log.error("request.failed", method=request.method, route=route_of(request), **error_fields(exc))
     return web.Response(body=INTERNAL, status=500, content_type="application/json")
 
 
@@ -104,11 +113,11 @@ def edge_middleware(
             return response
         finally:
             seconds = time.perf_counter() - start
-            resource = request.match_info.route.resource
-            observe(resource.canonical if resource else "unmatched", status, seconds)
+            route = route_of(request)
+            observe(route, status, seconds)
             if access.wants(status):
                 ms = round(seconds * 1000, 3)
-                log.info("request", method=request.method, path=request.path, status=status, ms=ms)
+                log.info("request", method=request.method, route=route, status=status, ms=ms)
             CURRENT_REQUEST.reset(token)  # what the connection logs next is not this request's
             if guard is not None:
                 guard.idle(request.protocol)

@@ -16,7 +16,7 @@ from pydantic.json_schema import models_json_schema
 
 from ingest.contract import bounds
 from ingest.edge import refund, sale
-from ingest.edge.fields import IDENT
+from ingest.edge.fields import IDENT, NO_NUL
 from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, refport
 from ingest.host import health
 from ingest.manage.routes import commissions as C
@@ -61,6 +61,9 @@ DAY = {"type": "string", "format": "date", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{
 CURRENCY = {"type": "string", "pattern": "^[a-z]{3}$"}  # ISO 4217, lower case
 CUSTOMER = {"type": "string", "maxLength": 256, "pattern": IDENT}  # an external id
 SEQ = {"type": "string", "pattern": "^[0-9]{1,18}$"}  # a ledger list's cursor
+# a path's external id (ingest.contract.ids): normalized, or as given for a row stored before
+# the rule; one that can name neither (empty, too long, a NUL) is the route's 400
+PATH_PARAMS = {"external_id": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": NO_NUL}}
 
 OPERATIONS: tuple[Op, ...] = (
     Op("get", "/healthz", "The process is up", "Operations", {200: health.Health}),
@@ -249,7 +252,12 @@ def document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         params = [
-            {"name": seg[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+            {
+                "name": seg[1:-1],
+                "in": "path",
+                "required": True,
+                "schema": PATH_PARAMS.get(seg[1:-1], {"type": "string"}),
+            }
             for seg in op.path.split("/")
             if seg.startswith("{")
         ] + [{"name": q, "in": "query", "required": False, "schema": schema} for q, schema in op.query.items()]

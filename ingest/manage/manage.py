@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from ingest.contract import links
+from ingest.contract import ids, links
 from ingest.contract.connections import Redis, write
 from ingest.contract.events import EventType
 from ingest.contract.keys import Keys
@@ -225,13 +225,18 @@ def sales_query(filters: tuple[str, ...], *, before: bool) -> str:
     )
 
 
+def _customer(value: str) -> str:
+    """A customer filter: the external id as every door stores it (``ingest.contract.ids``)."""
+    return ids.normalized_or_none(value) or query_value("customer_id", value)
+
+
 async def list_sales(
     conn: asyncpg.Connection, workspace_id: str, filters: dict[str, str], before: str | None, limit: int
 ) -> dict[str, Any]:
     """A page of sales and the cursor of the next (None: the last page)."""
     names = tuple(f for f in SALE_FILTERS if f in filters)
     args: list[Any] = [workspace_id]
-    args += [as_uuid(filters[f]) if f != "customer_id" else query_value(f, filters[f]) for f in names]
+    args += [as_uuid(filters[f]) if f != "customer_id" else _customer(filters[f]) for f in names]
     if before is not None:
         args.append(as_uuid(before))
     rows = await conn.fetch(sales_query(names, before=before is not None), *args, limit + 1)
@@ -251,9 +256,13 @@ LINK_BY_ID = _LINK + " WHERE id = $1 AND workspace_id = $2"
 AFFILIATE_LINKS = _LINK + " WHERE workspace_id = $1 AND affiliate_id = $2 ORDER BY created_at"
 
 
-async def get_customer(conn: asyncpg.Connection, workspace_id: str, external_id: str) -> dict[str, Any]:
-    row = await conn.fetchrow(CUSTOMER, workspace_id, external_id)
-    if row is None:
+async def get_customer(conn: asyncpg.Connection, workspace_id: str, forms: list[str]) -> dict[str, Any]:
+    """The customer named by the first of ``forms`` (``ingest.contract.ids.stored_forms``) that one holds."""
+    for external_id in forms:
+        row = await conn.fetchrow(CUSTOMER, workspace_id, external_id)
+        if row is not None:
+            break
+    else:
         raise NotFound("customer not found")
     d = row_json(row)
     d["status"] = {1: "click", 2: "lead", 3: "converted"}[row["status"]]

@@ -37,6 +37,7 @@ from ingest.contract.bounds import BoundsError
 from ingest.contract.connections import Redis
 from ingest.contract.events import FIELD, Envelope, EnvelopeError, entry_of
 from ingest.contract.keys import GROUP, Keys
+from ingest.contract.logs import error_fields
 from ingest.contract.settings import Settings
 from ingest.manage import erasure_copy
 from workers.consumer import store, webhooks
@@ -142,7 +143,9 @@ class Pipeline:
                     # worker's own (a bug, a broken deploy), not each entry's. Nothing was
                     # committed; hold the batch for a while (a fixed worker may take it),
                     # then set its entries aside like any poison, each with its error
-                    log.error("batch.worker_error", stream=batch.stream, entries=len(todo), error=repr(failed[0][1]))
+                    log.error(
+                        "batch.worker_error", stream=batch.stream, entries=len(todo), **error_fields(failed[0][1])
+                    )
                     raise Outage("worker_error", failed[0][1])
             except Outage:
                 await self._refund(batch, counted)
@@ -288,7 +291,8 @@ class Pipeline:
         except Exception as exc:
             await self._raise_if_outage(exc)
             if len(envelopes) == 1:
-                log.error("event.poison", event_id=str(envelopes[0].event_id), error=repr(exc))
+                # the error's kind, not its text: a database error quotes the value it refused
+                log.error("event.poison", event_id=str(envelopes[0].event_id), **error_fields(exc))
                 return store.BatchResult(), [(envelopes[0], exc)]
         # isolate the poison: halves commit on their own, each exactly once in effect
         mid = len(envelopes) // 2
@@ -339,7 +343,10 @@ class Pipeline:
                 fields[b"field:" + k[:64]] = v[:4096]
             pipe.xadd(self.keys.dead, fields)
         await pipe.execute()
-        log.warning("dead_letter", stream=stream, count=len(dead), errors=sorted({d.error[:80] for d in dead})[:5])
+        # the dead letters hold each error in full; the line says only where each failed
+        # (decode, store, ...): an error's text may quote a person's id or address
+        kinds = sorted({d.error.split(":", 1)[0][:80] for d in dead})[:5]
+        log.warning("dead_letter", stream=stream, count=len(dead), errors=kinds)
 
     async def _ack(self, batch: Batch) -> None:
         pipe = self.redis.pipeline(transaction=False)

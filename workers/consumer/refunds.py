@@ -66,7 +66,7 @@ async def restore(pool: asyncpg.Pool, copies: list[Envelope]) -> Restored:
             done = await _record(pool, e)
         except (refunds.SaleNotFound, refunds.RefundTooLarge, refunds.KeyReused) as exc:
             out.not_restored.append(e)
-            log.warning("refund.not_restored", refund_id=str(e.event_id), why=type(exc).__name__, error=str(exc))
+            log.warning("refund.not_restored", refund_id=str(e.event_id), why=type(exc).__name__)
             continue
         if done.made:
             out.restored += 1

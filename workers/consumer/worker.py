@@ -29,6 +29,7 @@ from arq.connections import create_pool
 from ingest.contract import clock, links
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
+from ingest.contract.logs import error_fields
 from ingest.contract.settings import Settings
 from workers.archive.store import open_store
 from workers.consumer import arq_redis, commissions, drops, webhooks
@@ -117,8 +118,9 @@ async def startup(ctx: dict[str, Any]) -> None:
 
     def crashed(t: asyncio.Task[None]) -> None:
         # the loop only returns when stopped; anything else is a bug: exit for a restart
-        if not t.cancelled() and t.exception() is not None:
-            log.error("consumer.crashed", error=repr(t.exception()), exc_info=t.exception())
+        if not t.cancelled() and (exc := t.exception()) is not None:
+            # its kind and frames, not its message: an entry's value may be quoted there
+            log.error("consumer.crashed", **error_fields(exc))
             os.kill(os.getpid(), signal.SIGTERM)
 
     task.add_done_callback(crashed)

@@ -353,8 +353,9 @@ async def _fingerprints(redis: Redis, keys: Keys, check: _Check, result: SweepRe
             bytes(d)
             for d in await check.pg.fetchval(
                 "SELECT array(SELECT digest FROM erased_ids WHERE digest = ANY($1::bytea[]) AND workspace_id = $2)",
-                [d for _, d in values], uuid.UUID(ws),
-            )  # fmt: skip
+                [d for _, d in values],
+                uuid.UUID(ws),
+            )
         }
         for name, (value, d) in zip(names, values, strict=True):
             if d in found and await redis.eval(_DROP, 1, name, value):  # type: ignore[misc,arg-type]

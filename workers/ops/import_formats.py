@@ -33,7 +33,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ingest.contract.bounds import MAX_KEYS, BoundsError, check
-from ingest.edge.fields import Ident, Integer, NoNul
+from ingest.edge.fields import ExternalId, Ident, Integer, NoNul
 from ingest.edge.sale import MAX_AMOUNT, Currency, Metadata, Processor
 
 KINDS = ("click", "lead", "sale", "refund")
@@ -73,7 +73,7 @@ class _Click(_Common):
 
 
 class _Lead(_Common):
-    customer_id: Ident = Field(min_length=1, max_length=256)
+    customer_id: ExternalId = Field(min_length=1, max_length=256)
     event_name: NoNul = Field("Sign Up", min_length=1, max_length=256)
     click: Ident | None = Field(None, min_length=1, max_length=256)
     link: Ident | None = Field(None, min_length=1, max_length=256)
@@ -84,7 +84,7 @@ class _Lead(_Common):
 
 
 class _Sale(_Common):
-    customer_id: Ident = Field(min_length=1, max_length=256)
+    customer_id: ExternalId = Field(min_length=1, max_length=256)
     amount: Integer = Field(ge=0, le=MAX_AMOUNT)
     currency: Currency = "usd"
     invoice_id: Ident | None = Field(None, min_length=1, max_length=256)

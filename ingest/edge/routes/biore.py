@@ -126,7 +126,7 @@ async def track_click(request: web.Request) -> web.Response:
         return error(400, "validation.idempotency_key", str(exc), headers)
     # landing pages never block on tracking: an unknown or inactive code is "tracked"
     if refused is accept.Refusal.UNKNOWN_CODE:
-        log.warning("click.unknown_code", code=code[:MAX_CODE].encode("utf-8", "replace").decode(), ip=ip)
+        log.warning("click.unknown_code", code=code[:MAX_CODE].encode("utf-8", "replace").decode())
         return accept.accepted(TRACKED, headers)
     if refused is accept.Refusal.INACTIVE:
         log.warning("click.inactive_link", code=code, link_id=link.id if link else None)

@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
 from ingest.contract.events import Dialect, EventType, uuid7
 from ingest.edge import accept
@@ -27,7 +28,7 @@ from ingest.edge.auth import Principal, plausible
 from ingest.edge.body import BodyError, parse, plain
 from ingest.edge.body import code as body_code
 from ingest.edge.enqueue import retry_headers
-from ingest.edge.fields import NoNul
+from ingest.edge.fields import ExternalId, NoNul
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Found, Unavailable, lookup
 from ingest.edge.state import EDGE, Edge
@@ -41,7 +42,7 @@ IDEMPOTENCY_TTL_S = 30 * 86400
 
 class BricqsGenerate(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    participant_id: NoNul = Field(min_length=1, max_length=128)
+    participant_id: ExternalId = Field(min_length=1, max_length=128)
     campaign_id: uuid.UUID
 
 
@@ -62,7 +63,7 @@ class BricqsValidated(BaseModel):
 class BricqsConvert(BaseModel):
     model_config = ConfigDict(extra="ignore")
     code: NoNul = Field(min_length=1, max_length=128)
-    referred_session_id: NoNul = Field(min_length=1, max_length=256)
+    referred_session_id: ExternalId = Field(min_length=1, max_length=256)
 
 
 class BricqsConverted(BaseModel):
@@ -268,14 +269,23 @@ async def stats(request: web.Request) -> web.Response:
     if isinstance(keyed, web.Response):
         return keyed
     edge, principal = keyed
-    participant = request.match_info["participant_id"]
-    if not plain(participant, 128):
+    try:  # the id as generate stores it, then as given (a participant stored before the rule)
+        forms = ids.stored_forms(request.match_info["participant_id"], max_length=128)
+    except ids.InvalidId:  # nothing can hold it
         return error(404, "participant_not_found", "participant not found")
+    out = None
     try:
         async with acquired(edge.pg) as conn:
-            out = await admin.participant_stats(conn, workspace_id=principal.workspace_id, participant_id=participant)
-    except admin.NotFound as exc:
-        return error(404, "participant_not_found", str(exc))
+            for participant in forms:
+                try:
+                    out = await admin.participant_stats(
+                        conn, workspace_id=principal.workspace_id, participant_id=participant
+                    )
+                    break
+                except admin.NotFound:
+                    continue
     except PG_ERRORS:
         return unavailable()
+    if out is None:
+        return error(404, "participant_not_found", f"participant {forms[0]!r} not found")
     return json(200, BricqsStats(**out).model_dump())

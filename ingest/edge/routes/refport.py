@@ -32,7 +32,7 @@ from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.edge import accept, refund, sale
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
-from ingest.edge.fields import NoNul, no_nul_inside
+from ingest.edge.fields import ExternalId, NoNul, no_nul_inside
 from ingest.edge.idempotency import HEADER, REPLAYED, Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Found, Guess, Unavailable, fallback, remember, resolve_click, seen, seen_link
 from ingest.edge.refund import RefportRefund
@@ -47,7 +47,7 @@ class RefportLead(BaseModel):
     model_config = ConfigDict(extra="ignore")
     clickId: NoNul = Field(min_length=1, max_length=128)
     eventName: NoNul = Field(min_length=1, max_length=256)
-    customerExternalId: NoNul = Field(min_length=1, max_length=256)
+    customerExternalId: ExternalId = Field(min_length=1, max_length=256)
     customerEmail: str | None = Field(None, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$")
     customerName: NoNul | None = Field(None, max_length=256)
     customerAvatar: NoNul | None = Field(None, max_length=2048)

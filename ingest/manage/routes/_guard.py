@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
 from ingest.edge.auth import Principal, bearer
 from ingest.edge.body import BodyError, plain, read
@@ -36,6 +37,16 @@ def segment(request: web.Request, name: str) -> str:
     if not plain(value, 256):
         raise NotFound(f"{name} not found")
     return value
+
+
+def id_forms(request: web.Request, name: str) -> list[str]:
+    """A path segment that names a person by an external id (``ingest.contract.ids``): the
+    normalized id, then the segment as given where it differs (a row stored before the rule
+    holds it so). One that names nothing either way is the route's 400."""
+    try:
+        return ids.stored_forms(request.match_info[name])
+    except ids.InvalidId as exc:
+        raise BodyError(400, "invalid", f"{name}: {exc}") from None
 
 
 def limit_param(request: web.Request, default: int = 50, most: int = 500) -> int | web.Response:

@@ -13,16 +13,16 @@ import asyncpg
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from ingest.contract import links
+from ingest.contract import ids, links
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
 from ingest.contract.fraud import FraudPolicy, FraudRule
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
-from ingest.edge.fields import Ident, Integer, Text, Url
+from ingest.edge.fields import ExternalId, Ident, Integer, Text, Url
 from ingest.edge.state import Edge
-from ingest.manage import admin, erasure, erasure_affiliate, erasure_copy, manage, stats, suppressions
+from ingest.manage import admin, erasure, erasure_affiliate, erasure_copy, external_ids, manage, stats, suppressions
 from ingest.manage.admin import NotFound
-from ingest.manage.routes._guard import error, guarded, json, limit_param, segment
+from ingest.manage.routes._guard import error, guarded, id_forms, json, limit_param, segment
 
 routes = web.RouteTableDef()
 
@@ -45,7 +45,7 @@ class NewProgram(BaseModel):
 class NewAffiliate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     program_id: Ident = Field(max_length=64)
-    external_id: Ident = Field(min_length=1, max_length=256)
+    external_id: ExternalId = Field(min_length=1, max_length=256)
     name: Text | None = Field(None, max_length=256)
     email: Ident | None = Field(None, max_length=320)
 
@@ -429,7 +429,7 @@ async def list_conversions(request: web.Request, edge: Edge, p: Principal) -> we
 @guarded("read")
 async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     async with acquired(edge.pg) as conn:
-        return json(200, await manage.get_customer(conn, p.workspace_id, segment(request, "external_id")))
+        return json(200, await manage.get_customer(conn, p.workspace_id, id_forms(request, "external_id")))
 
 
 @routes.delete("/v1/customers/{external_id}")
@@ -437,19 +437,20 @@ async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Re
 async def erase_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """Forget a customer everywhere (docs/privacy.md): Postgres now, Redis and the archive
     by the workers; 202 with what is pending, and GET /v1/erasures/{id} follows it."""
-    external_id = segment(request, "external_id")
+    id_forms(request, "external_id")  # 400 for one that can name nobody
+    async with acquired(edge.pg) as conn:  # the normalized id, as given, and as stored before the rule
+        forms = await external_ids.subjects(conn, p.workspace_id, request.match_info["external_id"])
+    days = edge.settings.erase_archive_days
     try:  # from here on, a failure may leave it begun: 503 "outcome unknown", and a retry finishes it
-        done = await erasure.erase(
-            edge.pg, p.workspace_id, external_id, by=p.prefix, archive_days=edge.settings.erase_archive_days
-        )
+        erased = [await erasure.erase(edge.pg, p.workspace_id, form, by=p.prefix, archive_days=days) for form in forms]
         async with acquired(edge.pg) as conn:
-            shown = await erasure.show(conn, p.workspace_id, str(done.id))
-            copy = await erasure_copy.commands(conn, edge.keys, [done.id])
+            shown = await erasure.show(conn, p.workspace_id, str(erased[0].id))
+            copy = await erasure_copy.commands(conn, edge.keys, [done.id for done in erased])
     except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # a read-only one too
         raise CommitUnknown("the erasure") from exc
     # the ledger's copy outside Postgres (a restore that loses the erasure gets it back); the
     # sweep writes it too, and marks Redis done only once it is there
-    if deletes := [*copy, *erasure.redis_deletes(edge.keys, done)]:
+    if deletes := [*copy, *(d for done in erased for d in erasure.redis_deletes(edge.keys, done))]:
         try:
             await edge.batcher.execute(*deletes)
         except REDIS_ERRORS:
@@ -497,8 +498,14 @@ async def add_suppression(request: web.Request, edge: Edge, p: Principal) -> web
     """Do not track a visitor, customer or address: the edges answer their events as usual
     and store nothing, within REFSTREAM_SUPPRESSION_REFRESH_S."""
     body = await parse(request, NewSuppression)
+    value = body.value
+    if body.kind == "customer":  # as the lead routes store it (ingest.contract.ids)
+        try:
+            value = ids.normalize(value)
+        except ids.InvalidId as exc:
+            return error(400, "invalid_request", f"value: {exc}")
     async with acquired(edge.pg) as conn:
-        return json(201, await suppressions.add(conn, p.workspace_id, body.kind, body.value, by=p.prefix))
+        return json(201, await suppressions.add(conn, p.workspace_id, body.kind, value, by=p.prefix))
 
 
 @routes.get("/v1/suppressions")

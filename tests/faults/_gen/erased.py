@@ -143,8 +143,12 @@ async def problems(
         for c in found.done:
             external, tag = found.person[c]
             needle = f'"{external}"'.encode()
-            out["erased_kept"] += [f"customer {c}: their external id is still in {where}"
-                                   for where, ws, data in places if ws in (None, tags.get(tag)) and needle in data]  # fmt: skip
+            mine = (None, tags.get(tag))
+            out["erased_kept"] += [
+                f"customer {c}: their external id is still in {where}"
+                for where, ws, data in places
+                if ws in mine and needle in data
+            ]
         # the referrer of their click (its event, by id: a retry of the click op that got no
         # answer may have stored another click, another visitor's, with the same referrer)
         clicks = {event: c for c in found.done if c in leads
@@ -163,7 +167,16 @@ async def problems(
 
 
 # the tables that may hold a person's data; those with a workspace_id column are read per workspace
-TABLES = ("customers", "events", "event_dedupe", "sales", "commissions", "webhook_deliveries", "event_flags")
+TABLES = (
+    "customers",
+    "customer_leads",
+    "events",
+    "event_dedupe",
+    "sales",
+    "commissions",
+    "webhook_deliveries",
+    "event_flags",
+)
 
 
 async def _places(
@@ -208,7 +221,7 @@ async def _places(
         _, lines = seg.read(await store.get(key))
         for line in lines:
             e = _envelope(line.fields if line.fields is not None else {FIELD: line.envelope or b""})
-            held = [line.envelope or b""] + list((line.fields or {}).values())
+            held = [line.envelope or b"", *(line.fields or {}).values()]
             places.append((f"archive {key}", owner(e), b"\x00".join(held)))
             if e is not None:
                 entries.append((f"archive {key}", e))

@@ -72,9 +72,9 @@ def draw(rng: random.Random, load_s: float) -> list[Any]:
         old = scenario == "a-erases"
         base = frozenset({f"pair:{k}", scenario} | ({"old"} if old else set()))
 
-        def step(at: float, kind: str, tag: str, on: int | None = None, *more: str) -> int:
+        def step(at: float, kind: str, tag: str, on: int | None = None, flags: frozenset[str] = base) -> int:
             out.append(OpStep(TENANTS_FROM + len(out), at, kind, False, rng.randrange(1 << 16),
-                              base | {f"ws:{tag}", *more}, (), on))  # fmt: skip
+                              flags | {f"ws:{tag}"}, (), on))  # fmt: skip
             return out[-1].n
 
         in_a = step(t, "t-import", "a")

@@ -32,8 +32,11 @@ WHERE column_name = 'workspace_id' AND table_schema = 'public'
 
 def _erased(history: History) -> set[tuple[str, str]]:
     """(customer, tag) of every erase that may have happened (answered or not)."""
-    return {(op.echo["customer"], op.echo.get("tag", "a")) for op in history.ops.values()
-            if op.kind == "erase" and op.skipped is None and any(a.outcome != "refused" for a in op.attempts)}  # fmt: skip
+    return {
+        (op.echo["customer"], op.echo.get("tag", "a"))
+        for op in history.ops.values()
+        if op.kind == "erase" and op.skipped is None and any(a.outcome != "refused" for a in op.attempts)
+    }
 
 
 async def problems(check: Checker, history: History, world: World) -> dict[str, list[str]]:
@@ -53,8 +56,11 @@ async def problems(check: Checker, history: History, world: World) -> dict[str, 
             want = email_of(customer, tag)
             if not row or row[0]["email"] != want:
                 got = row[0]["email"] if row else "no customer row"
-                out["tenant_wall"].append(f"workspace {tag}'s customer {customer} (never erased there): {got!r}, "
-                                          f"not {want!r}; erased elsewhere: {_elsewhere(erased, customer, tag)}")  # fmt: skip
+                elsewhere = _elsewhere(erased, customer, tag)
+                out["tenant_wall"].append(
+                    f"workspace {tag}'s customer {customer} (never erased there): {got!r}, not {want!r};"
+                    f" erased elsewhere: {elsewhere}"
+                )
         elif op.kind == "sale" and "invoice" in op.echo and op.n < 700_000:
             out["unattributed"] += await _attributed(check, history, op)
     for ws, tag in world.gone.items():
@@ -102,7 +108,9 @@ def scan_logs(paths: list[Path], outputs: list[str], values: list[bytes]) -> dic
     """``crash`` and ``personal_in_log`` over every log file and command output."""
     out: dict[str, list[str]] = {"crash": [], "personal_in_log": []}
     # a referrer (https://gen.test/<token>) names a request, not a person
-    needles = re.compile(rb"(?<![\w.@-])(?<!gen\.test/)(?:" + b"|".join(re.escape(v) for v in values) + rb")(?![\w@-]|\.\w)")
+    needles = re.compile(
+        rb"(?<![\w.@-])(?<!gen\.test/)(?:" + b"|".join(re.escape(v) for v in values) + rb")(?![\w@-]|\.\w)"
+    )
     texts: list[tuple[str, bytes]] = [(p.name, p.read_bytes()) for p in paths if p.exists()]
     texts += [(f"command output {i}", o.encode()) for i, o in enumerate(outputs)]
     for name, data in texts:
@@ -113,4 +121,3 @@ def scan_logs(paths: list[Path], outputs: list[str], values: list[bytes]) -> dic
                 out["personal_in_log"].append(f"{name}: {m.group().decode(errors='replace')!r} in "
                                               f"{line[:200].decode(errors='replace')}")  # fmt: skip
     return out
-
