@@ -71,6 +71,11 @@ def erasures(history: History) -> Erased:
         else:
             continue
         lead = history.ops.get(op.echo["lead"])
+        if lead is not None and lead.kind == "sale":  # a customer of a sale (``careless.py``): its metadata, the
+            for a in lead.attempts:  # token's home, is scrubbed with them; its event id, answered, finds it
+                if (event := named_events(lead, a).get(0)) is not None:
+                    out.tokens[event] = lead.token
+            continue
         if lead is not None and lead.kind == "import":  # the person's lead, imported: no click op to follow
             continue
         click = lead.echo.get("click") if lead is not None else None

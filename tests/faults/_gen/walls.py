@@ -17,13 +17,12 @@ import re
 import uuid
 from pathlib import Path
 
+from ..._logscan import find_crashes, spellings
 from .._checks import Checker
 from .history import History, Op
 from .ops import World
 from .tenants import email_of
 
-# each a line that says a process failed where it should have classified and gone on
-CRASH = re.compile(rb"Traceback \(most recent call last\)|consumer\.crashed|internal_error")
 # tables with a workspace_id: a deleted workspace leaves none of its rows in any of them
 SCOPED = """SELECT table_name FROM information_schema.columns
 WHERE column_name = 'workspace_id' AND table_schema = 'public'
@@ -88,7 +87,7 @@ async def _attributed(check: Checker, history: History, op: Op) -> list[str]:
             f" not {lead.echo['code']!r}" for r in rows if r["code"] != lead.echo["code"]]  # fmt: skip
 
 
-def personal(history: History) -> list[bytes]:
+def personal(history: History) -> list[str]:
     """What a log must never hold: every customer id, email and client address the run sent."""
     values: set[str] = set()
     for op in history.ops.values():
@@ -101,23 +100,25 @@ def personal(history: History) -> list[bytes]:
                     values.add(v)
         if op.kind == "erase":
             values.add(op.echo["customer"])
-    return sorted(v.encode() for v in values)
+    return sorted(values)
 
 
-def scan_logs(paths: list[Path], outputs: list[str], values: list[bytes]) -> dict[str, list[str]]:
-    """``crash`` and ``personal_in_log`` over every log file and command output."""
+def scan_logs(paths: list[Path], outputs: list[str], values: list[str]) -> dict[str, list[str]]:
+    """``crash`` (``_logscan.find_crashes``) and ``personal_in_log`` over every log file and
+    command output: each value in every spelling a line may carry it (``_logscan.spellings``),
+    as a whole word (a token is the prefix of others: g1-22 of g1-220), and not as part of a
+    referrer (``https://gen.test/<token>`` names a request, not a person)."""
     out: dict[str, list[str]] = {"crash": [], "personal_in_log": []}
-    # a referrer (https://gen.test/<token>) names a request, not a person
+    forms = sorted({f for v in values for f in spellings(v)}, key=len, reverse=True)
     needles = re.compile(
-        rb"(?<![\w.@-])(?<!gen\.test/)(?:" + b"|".join(re.escape(v) for v in values) + rb")(?![\w@-]|\.\w)"
+        r"(?<![\w.@-])(?<!gen\.test/)(?:" + "|".join(re.escape(f) for f in forms) + r")(?![\w@-]|\.\w)",
+        re.IGNORECASE,
     )
-    texts: list[tuple[str, bytes]] = [(p.name, p.read_bytes()) for p in paths if p.exists()]
-    texts += [(f"command output {i}", o.encode()) for i, o in enumerate(outputs)]
-    for name, data in texts:
-        for line in data.splitlines():
-            if CRASH.search(line):
-                out["crash"].append(f"{name}: {line[:300].decode(errors='replace')}")
-            if values and (m := needles.search(line)):
-                out["personal_in_log"].append(f"{name}: {m.group().decode(errors='replace')!r} in "
-                                              f"{line[:200].decode(errors='replace')}")  # fmt: skip
+    texts = [(p.name, p.read_text(errors="replace")) for p in paths if p.exists()]
+    texts += [(f"command output {i}", o) for i, o in enumerate(outputs)]
+    for name, text in texts:
+        out["crash"] += [f"{name}: {line[:300]}" for line in find_crashes(text)]
+        if forms:
+            out["personal_in_log"] += [f"{name}: {m.group()!r} in {line[:200]}" for line in text.splitlines()
+                                       if (m := needles.search(line))]  # fmt: skip
     return out
