@@ -211,9 +211,10 @@ class ResilientWorker(Worker):
     bookkeeping (health key, cron enqueues, job state) writes to Redis on every poll, and
     the consumer beside it must keep acking and trimming, which is what frees a full Redis."""
 
-    def __init__(self, *args: Any, key_prefix: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, key_prefix: str | None = None, drain_timeout_s: float = 20.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.key_prefix = key_prefix
+        self.drain_timeout_s = drain_timeout_s
         self._outage = Backoff(first=0.5, cap=10.0)
         self._outage_reason: str | None = None
         self._signalled_at: float | None = None  # the loop's time of SIGTERM/SIGINT
@@ -229,10 +230,9 @@ class ResilientWorker(Worker):
         super().handle_sig(signum)
 
     def _left_of_bound(self) -> float:
-        settings: Settings = self.ctx["settings"]
         if self._signalled_at is None:
-            return settings.drain_timeout_s
-        return settings.drain_timeout_s - (asyncio.get_running_loop().time() - self._signalled_at)
+            return self.drain_timeout_s
+        return self.drain_timeout_s - (asyncio.get_running_loop().time() - self._signalled_at)
 
     async def main(self) -> None:
         """arq's, on a pool that keeps arq's keys under ``key_prefix`` too (``build_worker``
@@ -302,6 +302,7 @@ def build_worker(settings: Settings) -> Worker:
         # at start too: wait for Redis as long as it takes, never give up and exit
         redis_settings=arq_redis.redis_settings(settings, wait=True),
         key_prefix=settings.stream_prefix,  # arq's job, result, retry, in-progress and abort keys
+        drain_timeout_s=settings.drain_timeout_s,
         queue_name=keys.arq_queue,
         health_check_key=f"{keys.arq_queue}:health-check",
         on_startup=startup,
