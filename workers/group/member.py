@@ -31,7 +31,7 @@ from workers.group.primaries import Primaries
 
 log = structlog.get_logger("workers.group")
 
-LEAVE_WITHIN_S = 5.0  # a clean stop's goodbye (state forgotten, empty member deleted): best effort
+LEAVE_WITHIN_S = 5.0  # a stop's hand-back, and its goodbye (state forgotten, empty member deleted): best effort
 
 
 class Unreplicated(RedisError):
@@ -222,9 +222,15 @@ class Member:
         whoever takes them: nothing counts twice, nothing is lost."""
         held = {p: part.held() for p, part in self.parts.items()}  # a cancelled reader forgets its part
         await stopping.end(readers, f"{self.role} readers")
-        for p, ids in held.items():
-            if ids:
-                await self._hand_back(p, self.keys.stream(p), ids)
+        try:
+            # each a Redis call within the socket timeout; all of them bounded too: entries
+            # not marked idle are still pending here, reclaimed after claim_idle_ms instead
+            async with asyncio.timeout(LEAVE_WITHIN_S):
+                for p, ids in held.items():
+                    if ids:
+                        await self._hand_back(p, self.keys.stream(p), ids)
+        except TimeoutError:
+            log.warning(f"{self.role}.hand_back_timeout", within_s=LEAVE_WITHIN_S)
         log.warning(f"{self.role}.drain_cut_short", consumer=self.name, drain_timeout_s=self.settings.drain_timeout_s,
                     handed_back=sum(len(ids) for ids in held.values()))  # fmt: skip
 
