@@ -37,6 +37,7 @@ from ingest.contract.keys import GROUP, Keys
 log = structlog.get_logger("ingest.layout")
 
 EVERY_S = 1.0  # how often a running process reads the layout
+CLOSE_WITHIN_S = 2.0  # a closing watch waits this long at most for its loop (its Redis call in flight)
 # a retiring partition is deleted no sooner than this after the change: every process has
 # read the new count by then (a slower one is refused, never lost: see the module doc)
 GRACE_MS = 5_000
@@ -316,6 +317,9 @@ class Watch:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(EVERY_S):
                     await self._poke.wait()
+            # the close's cancel may be lost in a Redis call that then succeeded (redis-py's
+            # send under 3.11's wait_for): the loop would go on for ever, the close with it
+            cancelled_meanwhile()
             self._poke.clear()
             try:
                 layout = await self.read()
@@ -336,7 +340,12 @@ class Watch:
             self._first.set()
 
     async def close(self) -> None:
+        """Stop the loop: at most ``CLOSE_WITHIN_S`` waiting for it, never for ever."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            done, _ = await asyncio.wait({self._task}, timeout=CLOSE_WITHIN_S)
+            if not done:
+                log.error("layout.watch_stuck", within_s=CLOSE_WITHIN_S)
+            elif not self._task.cancelled():
+                self._task.exception()  # read, never raised: the watch's end is not the closer's error
             self._task = None

@@ -120,6 +120,14 @@ class Settings(BaseSettings):
     block_ms: int = Field(1000, ge=10, description="XREADGROUP block time.")
     claim_idle_ms: int = Field(60_000, ge=100, description="Reclaim entries idle this long.")
     reclaim_every_s: int = Field(15, ge=1, le=60)
+    drain_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="Worker, archiver: on SIGTERM the batches in flight get this long to commit and ack; what is"
+        " still held then is handed back (left pending, marked idle: any worker takes it at once) and the process"
+        " exits. Give the deployment a grace period about 10 s beyond it.",
+    )
     max_deliveries: int = Field(
         5,
         ge=1,

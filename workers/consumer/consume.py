@@ -70,7 +70,8 @@ class Consumer:
 
     def stop(self) -> None:
         """Stop reading; each reader finishes the batch in flight (commit, ack) and returns
-        within one block time. A batch held by an outage is handed back instead."""
+        within one block time. A batch held by an outage, or unfinished after
+        ``REFSTREAM_DRAIN_TIMEOUT_S``, is handed back instead."""
         self.member.stop()
 
     def _part(self, p: int, stream: str) -> Part:

@@ -37,11 +37,14 @@ from workers.consumer.consume import Consumer
 from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics, refresh_stream_gauges, serve
 from workers.consumer.pipeline import Pipeline
+from workers.group import stopping
 from workers.group.errors import redis_outage
 from workers.group.gate import Backoff
 from workers.ops import erasure, replay
 
 log = structlog.get_logger("workers.worker")
+
+CLOSE_WITHIN_S = 5.0  # closing the pools, after the consumer stopped (or was given up)
 
 
 def consumer_name(settings: Settings) -> str:
@@ -93,7 +96,14 @@ _settle_heap_once = functools.cache(settle_heap)
 
 
 async def _close(redis: Any, pg: Any) -> None:
-    await pg.close()
+    # asyncpg's close waits, without a bound, for every connection to come back: one still
+    # held by a task that did not end (an arq job whose cancel was lost) would hold the exit
+    try:
+        async with asyncio.timeout(CLOSE_WITHIN_S):
+            await pg.close()
+    except TimeoutError:
+        log.warning("postgres.close_timeout", within_s=CLOSE_WITHIN_S)
+        pg.terminate()
     await redis.aclose()
 
 
@@ -131,9 +141,16 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     c: Consumer | None = ctx.pop("consumer", None)
     if c is None:
         return  # never started, or shut down already
-    c.stop()
+    c.stop()  # the signal stopped it already (ResilientWorker.handle_sig): its bound runs from then
     try:
-        await asyncio.shield(ctx["consumer_task"])
+        # the consumer ends within its drain bound and a few seconds of goodbye; a second
+        # bound here so that nothing it waits on can keep the process
+        task = ctx["consumer_task"]
+        done, _ = await asyncio.wait({task}, timeout=c.settings.drain_timeout_s + stopping.CANCEL_GRACE_S * 4)
+        if not done:
+            log.error("consumer.stop_overdue", task=stopping.waiting_at(task))
+        elif not task.cancelled() and (died := task.exception()) is not None:
+            raise died
     finally:
         await ctx["metrics_stack"].aclose()
         await webhooks.webhook_shutdown(ctx)
@@ -196,11 +213,28 @@ class ResilientWorker(Worker):
     bookkeeping (health key, cron enqueues, job state) writes to Redis on every poll, and
     the consumer beside it must keep acking and trimming, which is what frees a full Redis."""
 
-    def __init__(self, *args: Any, key_prefix: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, key_prefix: str | None = None, drain_timeout_s: float = 20.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.key_prefix = key_prefix
+        self.drain_timeout_s = drain_timeout_s
         self._outage = Backoff(first=0.5, cap=10.0)
         self._outage_reason: str | None = None
+        self._signalled_at: float | None = None  # the loop's time of SIGTERM/SIGINT
+
+    def handle_sig(self, signum: Any) -> None:
+        """arq's, after stopping the consumer at once: its batches in flight settle while
+        arq winds its jobs down, and its drain bound counts from the signal."""
+        if self._signalled_at is None:
+            self._signalled_at = asyncio.get_running_loop().time()
+        consumer: Consumer | None = self.ctx.get("consumer")
+        if consumer is not None:
+            consumer.stop()
+        super().handle_sig(signum)
+
+    def _left_of_bound(self) -> float:
+        if self._signalled_at is None:
+            return self.drain_timeout_s
+        return self.drain_timeout_s - (asyncio.get_running_loop().time() - self._signalled_at)
 
     async def main(self) -> None:
         """arq's, on a pool that keeps arq's keys under ``key_prefix`` too (``build_worker``
@@ -215,6 +249,10 @@ class ResilientWorker(Worker):
         await super().main()
 
     async def _poll_iteration(self) -> None:
+        # arq ends its poll loop by cancelling it on SIGTERM; a cancel lost in one of its Redis
+        # calls (workers/group/stopping.py) would have it poll on, and the process never close
+        if self._signalled_at is not None:
+            raise asyncio.CancelledError
         try:
             await super()._poll_iteration()
         except Exception as exc:
@@ -236,7 +274,11 @@ class ResilientWorker(Worker):
         flight: arq's own close re-raises the CancelledError of a job it cancelled on
         SIGTERM (a webhook delivery, a cron), and deletes its health key first, which fails
         with Redis away; either would skip our shutdown."""
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        # the jobs arq cancelled on the signal, waited for within the drain bound (one whose
+        # cancel was lost runs to its end, which may be far): the consumer's shutdown next
+        unfinished = await stopping.settle(self.tasks.values(), max(self._left_of_bound(), stopping.CANCEL_GRACE_S))
+        if unfinished:
+            log.warning("arq.jobs_unfinished", jobs=[stopping.waiting_at(t) for t in unfinished])
         self.tasks.clear()
         try:
             await super().close()
@@ -262,6 +304,7 @@ def build_worker(settings: Settings) -> Worker:
         # at start too: wait for Redis as long as it takes, never give up and exit
         redis_settings=arq_redis.redis_settings(settings, wait=True),
         key_prefix=settings.stream_prefix,  # arq's job, result, retry, in-progress and abort keys
+        drain_timeout_s=settings.drain_timeout_s,
         queue_name=keys.arq_queue,
         health_check_key=f"{keys.arq_queue}:health-check",
         on_startup=startup,

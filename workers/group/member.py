@@ -22,7 +22,7 @@ from ingest.contract import layout
 from ingest.contract.connections import Redis, cancelled_meanwhile
 from ingest.contract.keys import Keys, parse_id
 from ingest.contract.settings import Settings
-from workers.group import presence
+from workers.group import presence, stopping
 from workers.group.claims import Claims, text
 from workers.group.errors import Outage, redis_outage
 from workers.group.gate import Backoff, Gate
@@ -30,6 +30,8 @@ from workers.group.part import Chore, Entry, Part
 from workers.group.primaries import Primaries
 
 log = structlog.get_logger("workers.group")
+
+LEAVE_WITHIN_S = 5.0  # a stop's hand-back, and its goodbye (state forgotten, empty member deleted): best effort
 
 
 class Unreplicated(RedisError):
@@ -80,6 +82,9 @@ class Member:
         self._readers: dict[int, asyncio.Task[None]] = {}
         self._drain = False
         self._stopping = False
+        self._stopped = asyncio.Event()  # set by stop(): the readers' wait starts counting the bound
+        self._stop_by: float | None = None  # the loop's time by which the readers must have ended
+        self._handed_back = 0  # entries handed back at the stop (an outage, or the bound passed)
         self._replicas = settings.ack_replicas
         # on a Redis Cluster at replicas:N: the read and its WAIT on one connection to the
         # primary of the stream's slot (``_read_waited``)
@@ -169,27 +174,65 @@ class Member:
         for p in range(span):
             self._spawn(p)
         self.watch.start()
+        cut_short = False
         try:
-            while pending := [t for t in self._readers.values() if not t.done()]:
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-                for task in done:
-                    if not task.cancelled() and (died := task.exception()) is not None:
-                        raise died
+            cut_short = await self._readers_done()
         except BaseException:
-            # a reader died of a bug: the others finish what they hold (or hand it back)
-            # before the process exits for a restart, rather than have their pools closed
-            self._stopping = True
-            await asyncio.gather(*self._readers.values(), return_exceptions=True)
+            # a reader died of a bug: the others finish what they hold (or hand it back),
+            # within the stop's bound, before the process exits for a restart, rather than
+            # have their pools closed
+            self.stop()
+            await self._readers_done()
             raise
         finally:
+            # a cancel alone may not end these (see workers/group/stopping.py): bounded
             await self.watch.close()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await stopping.end(background, f"{self.role} housekeeping")
             if self._primaries is not None:
                 await self._primaries.aclose()
         await self._leave()
-        log.info(f"{self.role}.stop", consumer=self.name, **self.totals())
+        log.info(f"{self.role}.stop", consumer=self.name, handed_back=self._handed_back, cut_short=cut_short,
+                 **self.totals())  # fmt: skip
+
+    async def _readers_done(self) -> bool:
+        """Until every reader has ended (a reader's death raised); once stopped, at most
+        ``drain_timeout_s``: then the readers still settling are cancelled and what their
+        parts hold is handed back. True when the bound cut the stop short."""
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            while pending := [t for t in self._readers.values() if not t.done()]:
+                left = None if self._stop_by is None else self._stop_by - loop.time()
+                if left is not None and left <= 0:
+                    await self._cut_short(pending)
+                    return True
+                waiting = pending if stopped.done() else [*pending, stopped]
+                done, _ = await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is not stopped and not task.cancelled() and (died := task.exception()) is not None:
+                        raise died
+            return False
+        finally:
+            stopped.cancel()
+
+    async def _cut_short(self, readers: list[asyncio.Task[None]]) -> None:
+        """The stop's bound passed with ``readers`` still settling (a batch stuck behind a
+        lock, a call that never answers): cancel them, and hand back what their parts held.
+        Entries whose batch committed before the cut are stored again as duplicates by
+        whoever takes them: nothing counts twice, nothing is lost."""
+        held = {p: part.held() for p, part in self.parts.items()}  # a cancelled reader forgets its part
+        await stopping.end(readers, f"{self.role} readers")
+        try:
+            # each a Redis call within the socket timeout; all of them bounded too: entries
+            # not marked idle are still pending here, reclaimed after claim_idle_ms instead
+            async with asyncio.timeout(LEAVE_WITHIN_S):
+                for p, ids in held.items():
+                    if ids:
+                        await self._hand_back(p, self.keys.stream(p), ids)
+        except TimeoutError:
+            log.warning(f"{self.role}.hand_back_timeout", within_s=LEAVE_WITHIN_S)
+        log.warning(f"{self.role}.drain_cut_short", consumer=self.name, drain_timeout_s=self.settings.drain_timeout_s,
+                    handed_back=sum(len(ids) for ids in held.values()))  # fmt: skip
 
     def _spawn(self, p: int) -> None:
         """A reader for partition ``p``, unless one runs (or the member stops)."""
@@ -206,8 +249,12 @@ class Member:
 
     def stop(self) -> None:
         """Stop reading; each partition settles what it holds (or hands it back when an
-        outage holds it) and returns within one block time."""
+        outage holds it) and returns within one block time; ``run`` returns within
+        ``drain_timeout_s`` (and a few seconds to close) whatever happens."""
         self._stopping = True
+        if self._stop_by is None:
+            self._stop_by = asyncio.get_running_loop().time() + self.settings.drain_timeout_s
+        self._stopped.set()
 
     async def _partition(self, p: int, drain: bool) -> None:
         stream = self.keys.stream(p)
@@ -224,6 +271,7 @@ class Member:
         part = self.parts[p] = self._part(p, stream)
         backoff, failure = Backoff(), None
         while True:
+            cancelled_meanwhile()  # cut short by the stop's bound, the cancel lost in a client call
             room = part.room()
             if part.held() and (room == 0 or self._stopping):
                 if not await self._settle(p, stream, part):
@@ -386,6 +434,7 @@ class Member:
         while True:
             await asyncio.sleep(self.settings.claim_idle_ms / 3000)
             for p, part in list(self.parts.items()):
+                cancelled_meanwhile()  # the stop's cancel, lost in a Redis call (workers/group/stopping.py)
                 if ids := part.held():
                     stream = self.keys.stream(p)
                     if lost := await self.claims.keep(stream, ids):
@@ -395,6 +444,7 @@ class Member:
     async def _hand_back(self, p: int, stream: str, ids: list[str]) -> None:
         self._backlog[p], self._cursor[p] = True, "0"
         await self.claims.hand_back(stream, ids)
+        self._handed_back += len(ids)
         log.info(f"{self.role}.handed_back", stream=stream, entries=len(ids))
 
     # -- housekeeping -------------------------------------------------------------------
@@ -409,6 +459,9 @@ class Member:
         next_state = 0.0
         while True:
             for i, chore in enumerate(chores):
+                # the stop's cancel, lost in a Redis call, would leave this loop running for
+                # ever and the stop waiting on it (workers/group/stopping.py)
+                cancelled_meanwhile()
                 now = time.monotonic()
                 if now < due[i]:
                     continue
@@ -422,6 +475,7 @@ class Member:
                 self._publish_now.clear()
                 next_state = now + presence.EVERY_S
                 await self._safely("state", presence.publish(self.redis, self.keys, self.presence_name, self.state()))
+                cancelled_meanwhile()
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel (see layout.Watch)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.05, min([*due, next_state]) - time.monotonic())):
@@ -453,12 +507,16 @@ class Member:
         """A clean stop: remove this member's state, and it from the group where it holds
         nothing (names are per process: they would pile up)."""
         try:
-            await presence.forget(self.redis, self.keys, self.presence_name)
-            for p in [p for p, joined in self._joined.items() if joined]:
-                stream = self.keys.stream(p)
-                consumers = await self.redis.xinfo_consumers(stream, self.group)
-                mine = next((c for c in consumers if text(c["name"]) == self.name), None)
-                if mine is not None and int(mine["pending"]) == 0:
-                    await self.redis.xgroup_delconsumer(stream, self.group, self.name)
+            async with asyncio.timeout(LEAVE_WITHIN_S):
+                await self._forget()
         except Exception as exc:
             log.warning(f"{self.role}.leave_failed", error=repr(exc))
+
+    async def _forget(self) -> None:
+        await presence.forget(self.redis, self.keys, self.presence_name)
+        for p in [p for p, joined in self._joined.items() if joined]:
+            stream = self.keys.stream(p)
+            consumers = await self.redis.xinfo_consumers(stream, self.group)
+            mine = next((c for c in consumers if text(c["name"]) == self.name), None)
+            if mine is not None and int(mine["pending"]) == 0:
+                await self.redis.xgroup_delconsumer(stream, self.group, self.name)
