@@ -131,3 +131,4 @@ class DropTally:
             except Exception:  # the timer must outlive any failure
                 cancelled_meanwhile()
                 log.exception("drops.flush_crashed")
+            cancelled_meanwhile()  # a flush that returned although its task was cancelled (close awaits it)

@@ -57,7 +57,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ingest.contract.connections import Command, Redis
+from ingest.contract.connections import Command, Redis, cancelled_meanwhile
 from ingest.contract.layout import PartitionGone
 from ingest.edge.durability import Durability, NotDurable, Unconfirmed
 from ingest.edge.redislink import ImpossibleReply, Link, link_for
@@ -264,6 +264,7 @@ class RedisBatcher:
                         n += len(item.commands)
                 if batch:
                     await self._flush(batch)
+                    cancelled_meanwhile()  # a cancel a client library lost must still end the loop (close awaits it)
 
     async def _flush(self, batch: list[_Item]) -> None:
         # nothing may escape: the flusher must outlive any failure, and every caller of

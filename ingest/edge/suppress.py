@@ -13,7 +13,7 @@ import asyncpg
 import structlog
 
 from ingest.contract import suppression
-from ingest.contract.connections import PG_ERRORS
+from ingest.contract.connections import PG_ERRORS, cancelled_meanwhile
 from ingest.contract.events import Envelope
 
 log = structlog.get_logger("ingest.suppress")
@@ -66,4 +66,5 @@ class Suppressed:
                 if not self._failing:
                     log.warning("suppressions.unread", error=repr(exc), kept=len(self.lists))
                 self._failing = True
+            cancelled_meanwhile()  # a cancel a driver's timeout lost must still end the loop (close awaits it)
             await asyncio.sleep(every_s)  # a period, not a synchronisation
