@@ -705,3 +705,17 @@ CREATE TABLE IF NOT EXISTS suppressions (
 --                                identifier of theirs; kept (a later event must still find it),
 --                                deleted with their workspace; erasure_salt one row
 --   suppressions                 what a workspace lists: deleted by it, or with the workspace
+
+-- Schema version 11: the import of history (workers/ops/import_clicks.py). The clicks an
+-- import stored, by the workspace, the source and a digest of the source's own id of the
+-- click, so that a lead naming its click by that id finds it in any later batch, a later
+-- run, or a run resumed past the click (the import keeps no map in memory). Only the event
+-- id: the click's link and visitor are read from the click's own row (an erasure scrubs
+-- them there). Deleted with their workspace.
+CREATE TABLE IF NOT EXISTS import_clicks (
+    workspace_id  uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    source        text NOT NULL,
+    source_digest bytea NOT NULL CHECK (length(source_digest) = 12),
+    event_id      uuid NOT NULL,
+    PRIMARY KEY (workspace_id, source, source_digest)
+);

@@ -34,7 +34,8 @@ import asyncpg
 #    commissions' clawbacks
 # 9: erasure: the ledger (erasures, erased_ids) and its salt
 # 10: do-not-track lists (suppressions)
-SCHEMA_VERSION = 10
+# 11: the import's map of the clicks it imported (import_clicks)
+SCHEMA_VERSION = 11
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"
