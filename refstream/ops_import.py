@@ -122,7 +122,7 @@ def import_(
             if not stop.is_set():
                 stop.set()
                 console.print("import: stopping after the batch in flight (Ctrl-C again to stop at once)",
-                              markup=False, highlight=False)  # fmt: skip
+                              markup=False, highlight=False, soft_wrap=True)  # fmt: skip
             else:
                 for t in running:
                     t.cancel()
@@ -154,7 +154,7 @@ def import_(
                     bar.update(task, completed=lines.bytes, rows=s.read, rate=s.read / elapsed if elapsed else 0.0)
 
                 def tell(t: imports.Told) -> None:
-                    console.print(giving_way(t, importer.summary), markup=False, highlight=False)
+                    console.print(giving_way(t, importer.summary), markup=False, highlight=False, soft_wrap=True)
 
                 importer = imports.Importer(pool, opts, imports.LiveBacklog(redis, keys, settings.partitions),
                                             enricher, progress, stop, tell)  # fmt: skip
