@@ -18,7 +18,7 @@ import signal
 import sys
 import uuid
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
 import structlog
@@ -74,7 +74,8 @@ def _workspace(value: str) -> str:
               help="Lower the CPU priority of this process, and of its Postgres backends where Postgres "
                    "verifiably runs on this machine, by this much (0: as any other process).")  # fmt: skip
 @click.option("--start-line", type=click.IntRange(1), default=1, show_default=True,
-              help="Go on from this line of FILE (the line a stopped import printed); earlier rows are skipped.")  # fmt: skip
+              help="Go on from this line of FILE (the line a stopped import printed); earlier rows "
+                   "are skipped.")  # fmt: skip
 @out.json_option
 def import_(
     file: str, workspace: str, fmt: str | None, source: str | None, commissions: bool, webhooks: bool, fraud: bool,
@@ -103,7 +104,7 @@ def import_(
         share=share, retention_days=settings.event_retention, partitions=settings.partitions, start_line=start_line,
     )  # fmt: skip
     if file == "-":
-        stream: IO[bytes] = sys.stdin.buffer
+        stream: BinaryIO = sys.stdin.buffer
         size = None
     else:
         path = Path(file)
@@ -194,8 +195,10 @@ def giving_way(t: Told, s: Summary) -> str:
     lag = (f"the oldest live entry has waited {w.oldest_ms:,} ms (threshold {t.lag_limit_ms:,} ms"
            + (f": {t.floor_ms:,} ms live work keeps alone + --yield-lag-ms" if t.floor_ms else ", --yield-lag-ms")
            + ")") if t.lag_limit_ms else "the lag is not waited on (--yield-lag-ms 0)"  # fmt: skip
-    return (f"import: giving way to live work for {t.waited_s:.0f} s: {lag}; {w.entries:,} live entries wait "
-            f"(threshold {t.backlog_limit:,}, --yield-backlog); {s.stored:,} rows stored so far")
+    return (
+        f"import: giving way to live work for {t.waited_s:.0f} s: {lag}; {w.entries:,} live entries wait "
+        f"(threshold {t.backlog_limit:,}, --yield-backlog); {s.stored:,} rows stored so far"
+    )
 
 
 def render(result: dict[str, Any], console: Console) -> None:

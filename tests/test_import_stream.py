@@ -31,7 +31,7 @@ import orjson
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
 
-from ._procs import REFSTREAM, env_for, run_command
+from ._procs import REFSTREAM, env_for
 from ._world import World
 from .conftest import wait_for
 from .test_import import import_cli

@@ -174,7 +174,8 @@ def csv_rows(lines: Iterable[Line | Bad]) -> Iterator[Row | Bad]:
         if isinstance(r, Bad):
             yield r
             continue
-        n, d = r
+        n, cells = r
+        d: dict[str, Any] = dict(cells)
         try:
             if "amount" in d:
                 if not str(d["amount"]).strip().isdigit():
@@ -188,7 +189,7 @@ def csv_rows(lines: Iterable[Line | Bad]) -> Iterator[Row | Bad]:
         yield row(n, d)
 
 
-def dub(lines: Iterable[str]) -> Iterator[Row | Bad]:
+def dub(lines: Iterable[Line | Bad]) -> Iterator[Row | Bad]:
     """Dub's events export (which Refport's API follows): NDJSON of the event objects its
     events API lists, ``{"event": "click" | "lead" | "sale", "timestamp", "click": {...},
     "link": {...}, "customer": {...}, "sale": {...}}``. A click's id is ``click.id``; a lead

@@ -126,8 +126,8 @@ class Gate:
         self, backlog: LiveBacklog, yield_backlog: int, yield_lag_ms: int, share: float,
         tell: Callable[[Told], None] | None = None,
     ) -> None:  # fmt: skip
-        self.backlog, self.yield_backlog, self.yield_lag_ms, self.share_max = backlog, yield_backlog, yield_lag_ms, share
-        self.tell = tell
+        self.backlog, self.tell = backlog, tell
+        self.yield_backlog, self.yield_lag_ms, self.share_max = yield_backlog, yield_lag_ms, share
         self.share = share
         self.floor_ms, self._floor_at = 0, 0.0
 
@@ -163,7 +163,8 @@ class Gate:
                 told_at = now
                 told = Told(now - started, w, self.lag_limit_ms(), self.floor_ms, self.yield_backlog)
                 log.info("import.giving_way", waited_s=round(told.waited_s, 1), entries=w.entries,
-                         oldest_ms=w.oldest_ms, lag_limit_ms=told.lag_limit_ms, yield_backlog=self.yield_backlog)  # fmt: skip
+                         oldest_ms=w.oldest_ms, lag_limit_ms=told.lag_limit_ms,
+                         yield_backlog=self.yield_backlog)  # fmt: skip
                 if self.tell is not None:
                     self.tell(told)
             await _pause(stop, pause)  # a poll of Redis's backlog: nothing to await but the stop

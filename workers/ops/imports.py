@@ -21,12 +21,13 @@ lane of their own (docs/import.md).
   events were paid for, flagged or not, in the system they come from).
 - **Refusals, counted by reason**, never stored: rows that do not read (``invalid``),
   clicks, leads and sales before the retention's first day (``past_retention``: their
-  days' partitions are gone, and a sale of 1970 is a timestamp's wrong unit) or ahead of Postgres's clock (``future``), a link the workspace lacks
-  (``unknown_link``), a lead naming neither a click the source imported nor a link
-  (``unknown_click``, ``no_link``), a listed visitor, customer or address
-  (``suppressed``), a refund of a sale not stored (``sale_not_found``) or past its amount
-  (``refund_exceeds_sale``), a refund id used for another refund (``refund_id_reused``);
-  and, from the batch itself, clicks on an inactive link (``inactive_link``).
+  days' partitions are gone, and a sale of 1970 is a timestamp's wrong unit) or ahead of
+  Postgres's clock (``future``), a link the workspace lacks (``unknown_link``), a lead
+  naming neither a click the source imported nor a link (``unknown_click``, ``no_link``),
+  a listed visitor, customer or address (``suppressed``), a refund of a sale not stored
+  (``sale_not_found``) or past its amount (``refund_exceeds_sale``), a refund id used for
+  another refund (``refund_id_reused``); and, from the batch itself, clicks on an
+  inactive link (``inactive_link``).
 - **Bounded memory, whatever the file**: one batch of rows in memory; what must outlive a
   batch, the clicks a later lead names, is in Postgres (``import_clicks``).
 - **Stopped, it says where to go on**: ``stop`` ends the run after the batch in flight;
