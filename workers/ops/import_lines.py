@@ -48,8 +48,9 @@ class Lines:
         held = bytearray()  # the current line's bytes so far, never more than max_line
         over = False  # the current line passed max_line: the rest of it is skipped
         first = True
+        read = getattr(self.f, "read1", self.f.read)  # a pipe's rows as they come, not 64 KiB at a time
         while True:
-            chunk = self.f.read(self.chunk)
+            chunk = read(self.chunk)
             if not chunk:
                 break
             self.bytes += len(chunk)

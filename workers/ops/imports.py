@@ -104,6 +104,7 @@ class Summary:
     rested_s: float = 0.0  # kept to its share
     behind: int = 0  # batches held back because live work waited
     share_low: float = 1.0  # the least share it came down to
+    live_floor_ms: int = 0  # the highest lag live work kept alone, measured while it waited (0: none)
     seconds: float = 0.0
     skipped: int = 0  # rows before ``start_line``: not read again
     resume_line: int = 1  # every row before this line is done (stored, known or refused)
@@ -120,7 +121,7 @@ class Summary:
             "read": self.read, "stored": self.stored, "duplicates": self.duplicates, "scrubbed": self.scrubbed,
             "refused": dict(sorted(self.refused.items())), "refused_total": sum(self.refused.values()),
             "examples": self.examples, "waited_s": round(self.waited_s, 3), "rested_s": round(self.rested_s, 3),
-            "behind": self.behind, "share_low": round(self.share_low, 3),
+            "behind": self.behind, "share_low": round(self.share_low, 3), "live_floor_ms": self.live_floor_ms,
             "seconds": round(self.seconds, 3), "skipped": self.skipped, "finished": self.finished,
             "resume_line": None if self.finished else self.resume_line,
         }  # fmt: skip
@@ -213,6 +214,7 @@ class Importer:
         s.waited_s += waited_s
         s.behind += behind
         s.share_low = min(s.share_low, self.gate.share)
+        s.live_floor_ms = max(s.live_floor_ms, self.gate.floor_ms)
         if behind:
             self._since_rest = time.monotonic()  # a wait is no work: the cycle starts after it
         if self.stop.is_set():
