@@ -189,21 +189,33 @@ async def test_csv_refusals_carry_their_true_lines_and_the_rows_after_them_are_r
     assert referrer == "https://a.example/\nsecond line of a quoted cell"
 
 
-async def test_ndjson_with_a_bom_bad_utf8_and_a_line_with_no_end_is_read_in_bounded_memory(
+async def test_a_bom_is_accepted_and_a_line_not_utf8_is_refused_with_its_number(
+    world: World, settings: Settings, tmp_path: Path
+) -> None:
+    code = world.link["code"]
+    path = tmp_path / "excel.ndjson"
+    rows = _clicks(code, 3)
+    path.write_bytes(
+        b"\xef\xbb\xbf" + rows[0] + b"\n" + b'{"type": "click", "id": "caf\xe9"}\n' + rows[1] + b"\n" + rows[2]
+    )
+    out = await import_cli(settings, path, world, exit_code=EXIT_REFUSED)
+    assert (out["stored"], out["refused"]) == (3, {"invalid": 1}), out
+    assert out["examples"]["invalid"] == ["line 2: not UTF-8 (byte 29 of the line)"], out
+
+
+async def test_a_line_with_no_end_is_refused_without_being_read_whole(
     world: World, settings: Settings, tmp_path: Path
 ) -> None:
     """A 96 MiB last line with no newline is refused with its line number; the process's
     peak memory is that of a small file's import, not the line's."""
     code = world.link["code"]
     small = tmp_path / "small.ndjson"
-    small.write_bytes(b"\xef\xbb\xbf" + b"\n".join(_clicks(code, 2)) + b"\n")
+    small.write_bytes(b"\n".join(_clicks(code, 2)) + b"\n")
     big = tmp_path / "big.ndjson"
     with big.open("wb") as f:
-        f.write(b"\xef\xbb\xbf" + b"\n".join(_clicks(code, 2, first=2)) + b"\n")  # lines 1-2
-        f.write(b'{"type": "click", "id": "\xff"}\n')  # 3: not UTF-8
-        f.write(_clicks(code, 1, first=4)[0] + b"\n")  # 4
+        f.write(b"\n".join(_clicks(code, 2, first=2)) + b"\n")  # lines 1-2
         chunk = b"x" * (1 << 20)
-        for _ in range(96):  # 5: 96 MiB, no newline
+        for _ in range(96):  # 3: 96 MiB, no newline
             f.write(chunk)
 
     async def run(path: Path, code_wanted: int) -> tuple[dict[str, Any], int]:
@@ -224,10 +236,10 @@ async def test_ndjson_with_a_bom_bad_utf8_and_a_line_with_no_end_is_read_in_boun
         return orjson.loads(out_path.read_bytes()), int(usage.ru_maxrss)
 
     base, base_kib = await run(small, 0)
-    assert (base["stored"], base["refused_total"]) == (2, 0), base  # the BOM is no row's problem
+    assert (base["stored"], base["refused_total"]) == (2, 0), base
     out, peak_kib = await run(big, EXIT_REFUSED)
-    assert (out["stored"], out["refused"]) == (3, {"invalid": 2}), out
-    assert [s.split(":")[0] for s in out["examples"]["invalid"]] == ["line 3", "line 5"], out
+    assert (out["stored"], out["refused"]) == (2, {"invalid": 1}), out
+    assert [s.split(":")[0] for s in out["examples"]["invalid"]] == ["line 3"], out
     assert peak_kib - base_kib < 32 * 1024, (peak_kib, base_kib)  # not the line's 96 MiB
 
 
