@@ -789,3 +789,17 @@ WHERE e.type = 2 AND e.customer_external_id IS NOT NULL AND NOT e.test_mode AND 
   AND e.event_id >= coalesce((SELECT horizon_id FROM event_retention), '00000000-0000-0000-0000-000000000000')
 ORDER BY e.event_id
 ON CONFLICT (event_id) DO NOTHING;
+
+-- Schema version 13: the import of history (workers/ops/import_clicks.py). The clicks an
+-- import stored, by the workspace, the source and a digest of the source's own id of the
+-- click, so that a lead naming its click by that id finds it in any later batch, a later
+-- run, or a run resumed past the click (the import keeps no map in memory). Only the event
+-- id: the click's link and visitor are read from the click's own row (an erasure scrubs
+-- them there). Deleted with their workspace.
+CREATE TABLE IF NOT EXISTS import_clicks (
+    workspace_id  uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    source        text NOT NULL,
+    source_digest bytea NOT NULL CHECK (length(source_digest) = 12),
+    event_id      uuid NOT NULL,
+    PRIMARY KEY (workspace_id, source, source_digest)
+);

@@ -70,7 +70,7 @@ async def _import(ctx: Ctx, env: dict[str, str], path: Path, *args: str) -> tupl
         env={**ctx.procs.env, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await proc.communicate()
-    if proc.returncode != 0:
+    if proc.returncode not in (0, 3):  # 3: it read to the end, and refused some rows (counted in the summary)
         raise RuntimeError(f"refstream import failed ({proc.returncode}): {err.decode()[-1000:]}")
     return orjson.loads(out), time.monotonic() - t0
 
@@ -167,6 +167,7 @@ async def part_imp(ctx: Ctx) -> None:
         ctx.note("imp.rested_s", float(first["rested_s"]))  # type: ignore[arg-type]
         ctx.note("imp.behind", float(first["behind"]))  # type: ignore[arg-type]
         ctx.note("imp.share_low", float(first["share_low"]))  # type: ignore[arg-type]
+        ctx.note("imp.live_floor_ms", float(first.get("live_floor_ms", 0)))  # type: ignore[arg-type]
         niced = first["backend_nice"]  # its Postgres backends reniced (of those it opened)
         ctx.note("imp.backends_reniced", float(niced["lowered"]) / max(float(niced["of"]), 1.0))  # type: ignore[index]
         ctx.note("imp.live_rate_per_s", sent.rate)

@@ -1,19 +1,24 @@
 """``refstream import FILE``: history from another system, each row once, in a lane that gives
 way to live traffic (``workers.ops.imports``; docs/import.md).
 
-Progress (rows, rate, and for a file its bytes and the time left) goes to stderr; the
-summary (read, stored, duplicates, refused by reason) to stdout, a table or ``--json``.
-Exit 0 whatever was refused: a refusal is a row's outcome, listed with its line."""
+Progress (rows, rate, and for a file its bytes and the time left) goes to stderr, and so
+does each wait for live work longer than 2 s, with the figures it waits on; the summary
+(read, stored, duplicates, refused by reason) to stdout, a table or ``--json``.
+
+Ctrl-C stops it after the batch in flight (a second one at once) and prints the summary so
+far, with the line to go on from (``--start-line``). The exit code: 0 every row stored or
+known, 3 some refused (listed with their lines), 130 stopped before the end."""
 
 from __future__ import annotations
 
-import io
+import asyncio
+import contextlib
 import os
+import signal
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
 import structlog
@@ -29,19 +34,12 @@ from .runner import run_reading, settings_and_logging
 if TYPE_CHECKING:
     import asyncpg
 
+    from workers.ops.imports import Summary, Told
+
 log = structlog.get_logger("refstream.import")
 
-
-class _Counted:
-    """A text file's lines, with how many bytes have been read (for the bar)."""
-
-    def __init__(self, f: IO[str]) -> None:
-        self.f, self.bytes = f, 0
-
-    def __iter__(self) -> Iterator[str]:
-        for line in self.f:
-            self.bytes += len(line.encode()) if not line.isascii() else len(line)
-            yield line
+EXIT_REFUSED = 3  # the import read to the end; some rows were refused
+EXIT_STOPPED = 130  # stopped (Ctrl-C) before the end: the summary says where to go on
 
 
 def _workspace(value: str) -> str:
@@ -75,19 +73,25 @@ def _workspace(value: str) -> str:
 @click.option("--nice", "niceness", type=click.IntRange(0, 19), default=10, show_default=True,
               help="Lower the CPU priority of this process, and of its Postgres backends where Postgres "
                    "verifiably runs on this machine, by this much (0: as any other process).")  # fmt: skip
+@click.option("--start-line", type=click.IntRange(1), default=1, show_default=True,
+              help="Go on from this line of FILE (the line a stopped import printed); earlier rows "
+                   "are skipped.")  # fmt: skip
 @out.json_option
 def import_(
     file: str, workspace: str, fmt: str | None, source: str | None, commissions: bool, webhooks: bool, fraud: bool,
-    batch_size: int, yield_backlog: int, yield_lag_ms: int, share: float, niceness: int,
+    batch_size: int, yield_backlog: int, yield_lag_ms: int, share: float, niceness: int, start_line: int,
 ) -> None:  # fmt: skip
     """Import clicks, leads, sales and refunds from FILE (NDJSON or CSV; - for stdin).
 
     Each row's event id derives from its source id, so a second run of the same file, or a
     run stopped and started again, stores nothing twice. Rows go to Postgres through the
     workers' own batch transaction, not through the live streams, and wait while live work
-    is waiting. No webhooks, fraud flags or commissions unless asked."""
+    is waiting. No webhooks, fraud flags or commissions unless asked.
+
+    Exit 0: every row stored (or stored before); 3: some rows refused; 130: stopped by
+    Ctrl-C, the summary saying which --start-line goes on."""
     from workers.consumer.enrich import Enricher
-    from workers.ops import backend_nice, import_formats, imports
+    from workers.ops import backend_nice, import_formats, import_lines, imports
 
     ws = _workspace(workspace)
     if niceness:
@@ -97,21 +101,35 @@ def import_(
     opts = imports.Options(
         ws, source or ("refstream" if fmt in ("ndjson", "csv") else fmt), webhooks=webhooks, fraud=fraud,
         commissions=commissions, batch_size=batch_size, yield_backlog=yield_backlog, yield_lag_ms=yield_lag_ms,
-        share=share,
-        retention_days=settings.event_retention, partitions=settings.partitions,
+        share=share, retention_days=settings.event_retention, partitions=settings.partitions, start_line=start_line,
     )  # fmt: skip
     if file == "-":
-        stream: IO[str] = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="")
+        stream: BinaryIO = sys.stdin.buffer
         size = None
     else:
         path = Path(file)
         if not path.is_file():
             raise click.BadParameter(f"no file {file}", param_hint="FILE")
-        stream, size = path.open(encoding="utf-8", errors="replace", newline=""), path.stat().st_size
-    lines = _Counted(stream)
+        stream, size = path.open("rb"), path.stat().st_size
+    lines = import_lines.Lines(stream)  # read in chunks, a line at a time: never the file whole
 
     async def go() -> dict[str, Any]:
         niced: list[backend_nice.Outcome] = []
+        console = Console(stderr=True)
+        stop = asyncio.Event()
+        running: list[asyncio.Task[imports.Summary]] = []
+
+        def interrupted() -> None:  # Ctrl-C: the batch in flight ends; a second one, at once
+            if not stop.is_set():
+                stop.set()
+                console.print("import: stopping after the batch in flight (Ctrl-C again to stop at once)",
+                              markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+            else:
+                for t in running:
+                    t.cancel()
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, interrupted)
 
         async def lower_backend(conn: asyncpg.Connection) -> None:
             outcome = await backend_nice.lower(conn, niceness)
@@ -126,7 +144,6 @@ def import_(
         keys = Keys(settings.stream_prefix, settings.partitions)
         if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", uuid.UUID(ws)):
             raise click.ClickException(f"no workspace {ws}")
-        console = Console(stderr=True)
         columns = (TextColumn("import"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[rows]:,} rows"),
                    TextColumn("{task.fields[rate]:,.0f}/s"), TimeRemainingColumn())  # fmt: skip
         try:
@@ -137,24 +154,51 @@ def import_(
                     elapsed = bar.tasks[0].elapsed or 0.0
                     bar.update(task, completed=lines.bytes, rows=s.read, rate=s.read / elapsed if elapsed else 0.0)
 
+                def tell(t: imports.Told) -> None:
+                    console.print(giving_way(t, importer.summary), markup=False, highlight=False, soft_wrap=True)
+
                 importer = imports.Importer(pool, opts, imports.LiveBacklog(redis, keys, settings.partitions),
-                                            enricher, progress)  # fmt: skip
-                summary = await importer.run(import_formats.READERS[fmt](lines))
+                                            enricher, progress, stop, tell)  # fmt: skip
+                running.append(asyncio.ensure_future(importer.run(import_formats.READERS[fmt](lines))))
+                try:
+                    summary = await running[0]
+                except asyncio.CancelledError:
+                    if not running[0].cancelled():
+                        raise
+                    summary = importer.summary  # the second Ctrl-C: what committed before it
             backends = {"niceness": niceness, "lowered": sum(o.applied for o in niced), "of": len(niced),
                         "why_not": sorted({o.why for o in niced if not o.applied})}  # fmt: skip
             return summary.to_dict() | {"file": file, "format": fmt, "source": opts.source, "workspace": ws,
                                         "backend_nice": backends}  # fmt: skip
         finally:
+            loop.remove_signal_handler(signal.SIGINT)
             enricher.close()
             await pool.close()
             await redis.aclose()
-            stream.close()
+            with contextlib.suppress(OSError):
+                stream.close()
 
     result = run_reading(go())
     if out.wants_json():
         out.print_json(result)
     else:
         render(result, out.console())
+    if not result["finished"]:
+        sys.exit(EXIT_STOPPED)
+    if result["refused_total"]:
+        sys.exit(EXIT_REFUSED)
+
+
+def giving_way(t: Told, s: Summary) -> str:
+    """The line a long wait for live work says on stderr: the figures it waits on."""
+    w = t.waiting
+    lag = (f"the oldest live entry has waited {w.oldest_ms:,} ms (threshold {t.lag_limit_ms:,} ms"
+           + (f": {t.floor_ms:,} ms live work keeps alone + --yield-lag-ms" if t.floor_ms else ", --yield-lag-ms")
+           + ")") if t.lag_limit_ms else "the lag is not waited on (--yield-lag-ms 0)"  # fmt: skip
+    return (
+        f"import: giving way to live work for {t.waited_s:.0f} s: {lag}; {w.entries:,} live entries wait "
+        f"(threshold {t.backlog_limit:,}, --yield-backlog); {s.stored:,} rows stored so far"
+    )
 
 
 def render(result: dict[str, Any], console: Console) -> None:
@@ -173,3 +217,7 @@ def render(result: dict[str, Any], console: Console) -> None:
         console.print(f"{reason}: " + "; ".join(shown), markup=False, highlight=False)
     console.print(f"{result['seconds']:.1f} s, of which {result['waited_s']:.1f} s giving way to live work and "
                   f"{result['rested_s']:.1f} s resting to keep to its share")  # fmt: skip
+    if not result["finished"]:
+        console.print(f"stopped before the end: every row before line {result['resume_line']:,} is done; to go on, "
+                      f"run the same command with --start-line {result['resume_line']}", markup=False,
+                      highlight=False)  # fmt: skip

@@ -8,6 +8,7 @@ rows are stored scrubbed and a listed one's refused; CSV and Dub's export read a
 from __future__ import annotations
 
 import asyncio
+import io
 import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from ingest.contract.settings import Settings
 from ingest.manage import erasure as pg_erasure
 from ingest.manage import suppressions
 from ingest.manage.outbox import EVENT_TYPES
-from workers.ops import import_formats, imports
+from workers.ops import import_formats, import_lines, imports
 from workers.ops.reconcile import reconcile
 
 from ._procs import env_for, run_command
@@ -72,12 +73,14 @@ SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE 
 """
 
 
-async def import_cli(settings: Settings, path: Path | str, world: World, *args: str, **env: str) -> dict[str, Any]:
+async def import_cli(
+    settings: Settings, path: Path | str, world: World, *args: str, exit_code: int = 0, **env: str
+) -> dict[str, Any]:
     code, out, err = await run_command(
         "import", str(path), "--workspace", world.workspace_id, "--json", *args,
         env=env_for(settings, **env), within_s=120,
     )  # fmt: skip
-    assert code == 0, err
+    assert code == exit_code, err
     return orjson.loads(out)
 
 
@@ -98,7 +101,7 @@ async def test_an_import_run_twice_stores_each_row_once_and_counts_every_refusal
     good = history(world.link["code"])
     path.write_text("\n".join([*(orjson.dumps(r).decode() for r in good), *bad_rows(world.link["code"])]) + "\n")
 
-    first = await import_cli(settings, path, world, REFSTREAM_EVENT_RETENTION="30")
+    first = await import_cli(settings, path, world, exit_code=3, REFSTREAM_EVENT_RETENTION="30")
     assert first["read"] == len(good) + 9
     assert first["stored"] == 7, first  # 3 clicks, 2 leads, the sale, the first refund
     assert first["refused"] == {
@@ -133,7 +136,7 @@ async def test_an_import_run_twice_stores_each_row_once_and_counts_every_refusal
     before = await counters(pg)
     assert not await reconcile(pg, fix=False)
 
-    again = await import_cli(settings, path, world, REFSTREAM_EVENT_RETENTION="30")
+    again = await import_cli(settings, path, world, exit_code=3, REFSTREAM_EVENT_RETENTION="30")
     assert again["stored"] == 0 and again["duplicates"] == 7, again
     assert again["refused"] == first["refused"]
     assert await pg.fetchval("SELECT count(*) FROM events") == 5
@@ -315,7 +318,7 @@ async def test_csv_and_dubs_export_read_as_the_native_rows(
         f'sale,s1,{_at(2)},,,cust-9,1500,inv-9,"{{""plan"": ""pro""}}"\n'
         f"sale,s2,{_at(2)},,,cust-9,15.00,inv-10,\n"
     )
-    parsed = list(import_formats.csv_rows(csv_text.splitlines(keepends=True)))
+    parsed = list(import_formats.csv_rows(import_lines.Lines(io.BytesIO(csv_text.encode()))))
     assert [type(r).__name__ for r in parsed] == ["Row", "Row", "Row", "Bad"]
     sale = parsed[2]
     assert isinstance(sale, import_formats.Row) and sale.fields["metadata"] == {"plan": "pro"}

@@ -37,7 +37,8 @@ import asyncpg
 # 11: the erasure ledger per workspace (erased_ids.workspace_id), erasures.rechecked
 # 12: money for the life of the rule: customer_leads (a customer's counted leads, kept past
 #     the event retention), commission rules' sale_flat per currency (sale_flats)
-SCHEMA_VERSION = 12
+# 13: the import's map of the clicks it imported (import_clicks)
+SCHEMA_VERSION = 13
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

@@ -4,8 +4,8 @@ refstream's own form is one object per row, as NDJSON (one JSON object a line) o
 header row, then one row a line; empty cells are absent, ``metadata`` is JSON text). Every
 row has a ``type`` (``click``, ``lead``, ``sale`` or ``refund``), an ``id`` (the source's
 own id of the row: the event id is derived from it, so the same row imported twice is
-stored once) and a ``timestamp`` (ISO 8601, naive means UTC, or Unix milliseconds); then,
-by type:
+stored once) and a ``timestamp`` (ISO 8601, naive means UTC, or Unix time in seconds,
+milliseconds, microseconds or nanoseconds, told apart by magnitude); then, by type:
 
 - click: ``link`` (the link's code), ``ip``, ``user_agent``, ``referrer``, ``visitor_id``;
 - lead: ``customer_id``, ``event_name`` (``Sign Up``), ``click`` (the source id of a click
@@ -17,13 +17,15 @@ by type:
 - refund: ``invoice_id``, ``amount`` (none: what is left of the sale), ``refund_id`` (its
   key; else the row's ``id``), ``reason``.
 
-Another system's export is read by a reader: a function from the file's lines to rows in
-this form (``READERS``; ``dub`` is one, docs/import.md). A converter plugs in by adding one.
+Another system's export is read by a reader: a function from the file's lines
+(``import_lines``: numbered, bounded, UTF-8) to rows in this form (``READERS``; ``dub`` is
+one, docs/import.md). A converter plugs in by adding one. Every reader goes on past a row it
+refuses, and every refusal names the line its row starts on.
 """
 
 from __future__ import annotations
 
-import csv
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,9 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ingest.contract.bounds import MAX_KEYS, BoundsError, check
 from ingest.edge.fields import ExternalId, Ident, Integer, NoNul
 from ingest.edge.sale import MAX_AMOUNT, Currency, Metadata, Processor
+from workers.ops import import_csv
+from workers.ops.import_lines import MAX_LINE, Bad, Line
+
+__all__ = ["KINDS", "MAX_LINE", "READERS", "Bad", "Row", "guess", "row", "timestamp_ms"]
 
 KINDS = ("click", "lead", "sale", "refund")
-MAX_LINE = 64 * 1024  # a row longer than this is refused, not read into memory whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,14 +54,7 @@ class Row:
     fields: dict[str, Any]  # the type's fields, validated; absent ones left out
 
 
-@dataclass(frozen=True, slots=True)
-class Bad:
-    line: int
-    reason: str  # "invalid": a row that cannot be read as any type
-    detail: str
-
-
-Reader = Callable[[Iterable[str]], Iterator[Row | Bad]]
+Reader = Callable[[Iterable[Line | Bad]], Iterator["Row | Bad"]]
 
 
 class _Common(BaseModel):
@@ -104,14 +102,28 @@ class _Refund(_Common):
 _MODELS: dict[str, type[_Common]] = {"click": _Click, "lead": _Lead, "sale": _Sale, "refund": _Refund}
 
 
+# Unix time's unit told by its magnitude: below 1e11 seconds (up to the year 5138), below 1e14
+# milliseconds, below 1e17 microseconds, below 1e20 nanoseconds (each up to the same year)
+_UNITS = ((1e11, 1000, 1), (1e14, 1, 1), (1e17, 1, 1000), (1e20, 1, 1_000_000))  # below, times, divided by
+
+
 def timestamp_ms(value: Any) -> int:
-    """ISO 8601 (naive: UTC) or Unix milliseconds, as an integer or its digits."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    if not isinstance(value, str):
-        raise ValueError("timestamp: an ISO 8601 datetime or Unix milliseconds")
+    """Milliseconds since the epoch of ISO 8601 (naive: UTC) or Unix time in s, ms, µs or
+    ns (a number or its digits), its unit told by its magnitude; ValueError otherwise."""
+    number: float | int | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    elif not isinstance(value, str):
+        raise ValueError("timestamp: an ISO 8601 datetime or Unix time (s, ms, µs or ns)")
+    if number is not None:
+        if not math.isfinite(number) or number <= 0:
+            raise ValueError(f"timestamp: {str(value)[:40]} is not a time after 1970")
+        for below, times, divided_by in _UNITS:
+            if number < below:
+                return int(number * times) // divided_by
+        raise ValueError(f"timestamp: {str(value)[:40]} is too large for Unix time in s, ms, µs or ns")
     try:
         at = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -145,48 +157,35 @@ def row(line: int, d: Any) -> Row | Bad:
     return Row(line, kind, source_id, at_ms, fields)  # type: ignore[arg-type]
 
 
-def ndjson(lines: Iterable[str]) -> Iterator[Row | Bad]:
-    for n, text in enumerate(lines, 1):
-        if not text.strip():
+def ndjson(lines: Iterable[Line | Bad]) -> Iterator[Row | Bad]:
+    for line in lines:
+        if isinstance(line, Bad):
+            yield line
             continue
-        if len(text) > MAX_LINE:
-            yield Bad(n, "invalid", f"longer than {MAX_LINE} characters")
+        if not line.text.strip():
             continue
         try:
-            d = orjson.loads(text)
+            d = orjson.loads(line.text)
         except orjson.JSONDecodeError as exc:
-            yield Bad(n, "invalid", f"not JSON: {exc}")
+            yield Bad(line.number, "invalid", f"not JSON: {exc}")
             continue
-        yield row(n, d)
+        yield row(line.number, d)
 
 
-_CSV_INTS = ("amount",)
-
-
-def csv_rows(lines: Iterable[str]) -> Iterator[Row | Bad]:
-    """A header row, then rows; an empty cell is an absent field; ``amount`` is digits and
-    ``metadata`` JSON text."""
-    reader = csv.DictReader(iter(lines), strict=True)
-    n = 1
-    while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            yield Bad(reader.line_num, "invalid", f"CSV: {exc}")
-            return  # the reader cannot go on past a broken quote
-        n = reader.line_num
-        if None in cells:
-            yield Bad(n, "invalid", "more cells than the header names")
+def csv_rows(lines: Iterable[Line | Bad]) -> Iterator[Row | Bad]:
+    """A header row, then rows (``import_csv``); an empty cell is an absent field; ``amount``
+    is digits and ``metadata`` JSON text."""
+    for r in import_csv.records(lines):
+        if isinstance(r, Bad):
+            yield r
             continue
-        d: dict[str, Any] = {k: v for k, v in cells.items() if k and v not in (None, "")}
+        n, cells = r
+        d: dict[str, Any] = dict(cells)
         try:
-            for k in _CSV_INTS:
-                if k in d:
-                    if not str(d[k]).strip().isdigit():
-                        raise ValueError(f"{k}: an integer in the currency's minor unit, not {d[k][:20]!r}")
-                    d[k] = int(d[k])
+            if "amount" in d:
+                if not str(d["amount"]).strip().isdigit():
+                    raise ValueError(f"amount: an integer in the currency's minor unit, not {d['amount'][:20]!r}")
+                d["amount"] = int(d["amount"])
             if "metadata" in d:
                 d["metadata"] = orjson.loads(d["metadata"])
         except (ValueError, orjson.JSONDecodeError) as exc:
@@ -195,17 +194,21 @@ def csv_rows(lines: Iterable[str]) -> Iterator[Row | Bad]:
         yield row(n, d)
 
 
-def dub(lines: Iterable[str]) -> Iterator[Row | Bad]:
+def dub(lines: Iterable[Line | Bad]) -> Iterator[Row | Bad]:
     """Dub's events export (which Refport's API follows): NDJSON of the event objects its
     events API lists, ``{"event": "click" | "lead" | "sale", "timestamp", "click": {...},
     "link": {...}, "customer": {...}, "sale": {...}}``. A click's id is ``click.id``; a lead
     names its click by ``click.id`` and its customer by ``customer.externalId``; a sale is
     ``sale.amount`` (cents), ``sale.invoiceId``, ``sale.paymentProcessor``."""
-    for n, text in enumerate(lines, 1):
-        if not text.strip():
+    for line in lines:
+        if isinstance(line, Bad):
+            yield line
             continue
+        if not line.text.strip():
+            continue
+        n = line.number
         try:
-            e = orjson.loads(text)
+            e = orjson.loads(line.text)
             yield row(n, _from_dub(e))
         except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
             yield Bad(n, "invalid", f"not a Dub event: {type(exc).__name__}: {exc}")
