@@ -1,6 +1,6 @@
 """Erasure between workspaces (DESIGN.md 15, docs/privacy.md): a visitor id, a session id or
 an import's id is chosen by a workspace's client, and two workspaces' clients choose alike
-(``undefined``, a tracker's default). One workspace's erasure never touches the other's
+(``v-1001`` in two workspaces' trackers). One workspace's erasure never touches the other's
 person: not their customer row, their email, their lead, their sale's attribution or their
 commission, not through the erasure, the sweep's re-check, the workers' ledger check or an
 import; and deleting one workspace leaves the other's erasure standing for a later import."""
@@ -32,7 +32,7 @@ from .test_import import import_cli
 from .test_sales import sale_body
 from .test_seed_001_bricqs import generate
 
-SHARED = "undefined"  # what a careless tracker sends as everyone's visitor id
+SHARED = "v-1001"  # a visitor id two workspaces' trackers chose alike ("undefined" is no id: a placeholder)
 REFERRER = "https://blog.example/shared-post"
 
 
@@ -112,7 +112,7 @@ async def test_an_erasure_in_one_workspace_leaves_anothers_person_of_the_same_vi
     edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys,
     drain: Any, tmp_path: Path,
 ) -> None:  # fmt: skip
-    """Alice in A and Bob in B, each imported on a click of visitor ``undefined``, a live sale
+    """Alice in A and Bob in B, each imported on a click of visitor ``v-1001``, a live sale
     of Bob's in B; Alice's erasure in A, the sweep, then another sale of Bob's: Bob's rows,
     attribution and commissions in B are as they were, the new sale his too; Alice is gone."""
     await pg.execute('UPDATE programs SET commission = \'{"sale_bps": 1000, "lead_flat": 300}\'')
@@ -181,7 +181,7 @@ async def test_a_shared_client_chosen_id_erased_in_one_workspace_stays_in_anothe
     door: Any, edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any,
     keys: Keys, drain: Any, tmp_path: Path,
 ) -> None:  # fmt: skip
-    """B's visitor ``undefined`` (an Affixo ``visitor_id``, a batch click's ``visitor_id``, a
+    """B's visitor ``v-1001`` (an Affixo ``visitor_id``, a batch click's ``visitor_id``, a
     Bricqs ``referred_session_id``) before and after A erases its Alice of the same visitor
     id: B's rows are untouched by the erasure and its sweep, and B's later event of that
     visitor is stored as sent, not scrubbed by the workers' ledger check."""
@@ -209,7 +209,7 @@ async def test_deleting_a_workspace_leaves_anothers_erasure_of_the_same_id_honou
     edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys,
     drain: Any, tmp_path: Path,
 ) -> None:  # fmt: skip
-    """A and B each erase their person of visitor ``undefined`` (A first). A is deleted; a later
+    """A and B each erase their person of visitor ``v-1001`` (A first). A is deleted; a later
     import into B of a click of that visitor is stored scrubbed: B's erasure still holds."""
     await _import(settings, tmp_path, world, _history(world.link["code"], "alice", "alice@a.example"))
     await _import(settings, tmp_path, other, _history(other.link["code"], "bob", "bob@b.example"))
@@ -231,7 +231,7 @@ async def test_deleting_a_workspace_leaves_anothers_erasure_of_the_same_id_honou
 async def test_an_entry_of_the_global_ledger_keeps_protecting_after_the_migration(
     world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, tmp_path: Path
 ) -> None:
-    """A database of schema 10: one global entry of visitor ``undefined``, held by A's erasure
+    """A database of schema 10: one global entry of visitor ``v-1001``, held by A's erasure
     (B's erasure of its own person of that visitor found it held and wrote none). Migrated,
     the entry protects A and B each (B's erasure still holds for an import into B) and goes
     with A's erasure only for A; a workspace with no erasure is not B's or A's to scrub."""
@@ -275,7 +275,7 @@ async def test_the_archive_pass_leaves_another_workspaces_entries_of_a_shared_vi
     edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys,
     drain: Any, tmp_path: Path,
 ) -> None:  # fmt: skip
-    """B's Affixo click of visitor ``undefined``, archived; A erases its Alice of that visitor
+    """B's Affixo click of visitor ``v-1001``, archived; A erases its Alice of that visitor
     id, and the sweep's archive pass runs to done: B's segment is as it was."""
     settings = archived(settings, tmp_path)
     store = open_store(settings)
@@ -296,7 +296,7 @@ async def test_a_spool_drained_after_an_erasure_elsewhere_appends_the_other_work
     edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    """B's click of visitor ``undefined`` spooled while Redis was away drains after A erased
+    """B's click of visitor ``v-1001`` spooled while Redis was away drains after A erased
     its Alice of that visitor id: the drain's ledger check appends it as it was sent."""
     await _import(settings, tmp_path, world, _history(world.link["code"], "alice", "alice@a.example"))
     await _erase(edge, pg, redis, keys, world, "alice")

@@ -85,3 +85,20 @@ def stored_forms(value: str, *, max_length: int = MAX_LENGTH) -> list[str]:
     if not forms:
         normalize(value, max_length=max_length)  # raises, saying why
     return forms
+
+
+# What careless trackers send when they hold no id for the visitor: a JavaScript value
+# printed as text, a default left in a template. Everyone who sends one is a different
+# person, so none of them is anyone's id: taken as one, it would make one customer of every
+# visitor it reached, and an erasure of any of them would erase them all. (PostHog keeps a
+# list like it of ids it never merges people on.) Compared case-folded, without the ends'
+# whitespace.
+PLACEHOLDERS = frozenset(
+    {"undefined", "null", "none", "nil", "nan", "[object object]", "true", "false", "0", "-1",
+     "anonymous", "unknown", "guest", "visitor", "visitor_id", "distinct_id", "user_id", "id"}
+)  # fmt: skip
+
+
+def placeholder(value: str) -> bool:
+    """Whether a client-chosen visitor or session id is no one's (``PLACEHOLDERS``)."""
+    return value.strip().casefold() in PLACEHOLDERS

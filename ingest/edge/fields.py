@@ -9,6 +9,9 @@ here, at the model boundary, so a bad value is the route's 400 and never a 500 l
   participant or session), normalized by ``ingest.contract.ids`` (NFC, whitespace and
   invisible characters at the ends dropped; empty or control/format characters inside
   refused), so every door, the erasure's included, names the person the same way.
+- ``VisitorId``: a visitor id a client chose, None where it is a placeholder such as
+  ``undefined`` (``ingest.contract.ids.PLACEHOLDERS``); ``SessionId``: an ``ExternalId``
+  that keys an event, a placeholder refused.
 - ``Integer``: a JSON integer (``30`` or ``30.0``), never a string such as ``"30"``.
 - ``Url``: an absolute http(s) URL that ``urllib.parse.urlsplit`` parses, with a host, a
   valid port and no whitespace or control character.
@@ -90,6 +93,17 @@ class _Documented:
         return schema
 
 
+@dataclass(frozen=True)
+class _NoPlaceholder:
+    """Adds ``not: {enum: PLACEHOLDERS}`` to a type's JSON schema (the validator refuses them
+    in any case and with spaces at the ends too)."""
+
+    def __get_pydantic_json_schema__(self, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema: dict[str, Any] = handler(core)
+        schema["not"] = {"enum": sorted(ids.PLACEHOLDERS)}
+        return schema
+
+
 def check_no_nul(value: str) -> str:
     if _NUL_BAD.search(value):
         raise ValueError("NUL characters (\\u0000) are not allowed")
@@ -113,6 +127,21 @@ def external_id(value: str) -> str:
         return ids.normalize(value)
     except ids.InvalidId as exc:
         raise ValueError(str(exc)) from None
+
+
+def visitor_id(value: str | None) -> str | None:
+    """A client-chosen visitor id, or None where it is a placeholder (``ids.PLACEHOLDERS``:
+    ``undefined``, ``null``, ...): the door then does what it does for a visitor it was not
+    told, mints one or matches a fingerprint."""
+    return None if value is None or ids.placeholder(value) else value
+
+
+def session_id(value: str) -> str:
+    """A visitor's session id that keys an event (Bricqs' ``referred_session_id``): a
+    placeholder is refused, as it would make one event of everyone's."""
+    if ids.placeholder(value):
+        raise ValueError("a placeholder (such as 'undefined' or 'null') is no one's session id")
+    return value
 
 
 def no_nul_inside(value: Any) -> Any:
@@ -164,4 +193,9 @@ NoNul = Annotated[str, AfterValidator(check_no_nul), _Documented(NO_NUL)]
 Text = Annotated[str, AfterValidator(check_text), _Documented(TEXT)]
 Ident = Annotated[str, AfterValidator(check_ident), _Documented(IDENT)]
 ExternalId = Annotated[str, AfterValidator(external_id), _Documented(EXTERNAL_ID)]
+# a visitor id a client chose: a placeholder is taken as none (``visitor_id``)
+VisitorId = Annotated[NoNul | None, AfterValidator(visitor_id)]
+SessionId = Annotated[
+    str, AfterValidator(external_id), AfterValidator(session_id), _Documented(EXTERNAL_ID), _NoPlaceholder()
+]
 Url = Annotated[str, AfterValidator(check_url), _Documented(URL)]

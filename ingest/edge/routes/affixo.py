@@ -29,7 +29,7 @@ from ingest.edge import accept, sale
 from ingest.edge.auth import Principal
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
-from ingest.edge.fields import NoNul
+from ingest.edge.fields import NoNul, VisitorId
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Found, Guess, seen_link
 from ingest.edge.sale import AffixoConversion
@@ -44,7 +44,7 @@ FINGERPRINT_CONFIDENCE = 0.8
 class AffixoClick(BaseModel):
     model_config = ConfigDict(extra="ignore")
     ref: NoNul = Field(min_length=1, max_length=128, description="Referral code / ref_param.")
-    visitor_id: NoNul | None = Field(None, max_length=128)
+    visitor_id: VisitorId = Field(None, max_length=128)
     fingerprint: NoNul | None = Field(None, max_length=1024)
     url: NoNul | None = Field(None, max_length=2048)
     referrer: NoNul | None = Field(None, max_length=2048)

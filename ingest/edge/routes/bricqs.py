@@ -28,7 +28,7 @@ from ingest.edge.auth import Principal, plausible
 from ingest.edge.body import BodyError, parse, plain
 from ingest.edge.body import code as body_code
 from ingest.edge.enqueue import retry_headers
-from ingest.edge.fields import ExternalId, NoNul
+from ingest.edge.fields import ExternalId, NoNul, SessionId
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Found, Unavailable, lookup
 from ingest.edge.state import EDGE, Edge
@@ -63,7 +63,7 @@ class BricqsValidated(BaseModel):
 class BricqsConvert(BaseModel):
     model_config = ConfigDict(extra="ignore")
     code: NoNul = Field(min_length=1, max_length=128)
-    referred_session_id: ExternalId = Field(min_length=1, max_length=256)
+    referred_session_id: SessionId = Field(min_length=1, max_length=256)
 
 
 class BricqsConverted(BaseModel):

@@ -1,9 +1,12 @@
 """What careless clients send, beside the well-formed traffic: sales whose metadata nests at
 the JSON bound and one level past it (``deep``), through Refport's route, Affixo's and the
-batch route; clicks of the visitor ``"undefined"`` in two workspaces at once (``shared``);
+batch route; clicks of the visitor ``"undefined"`` in two workspaces at once (``shared``:
+a placeholder is no one's id, so each is answered a visitor of its own, ``new``);
 a customer id sent with a no-break space and a zero-width space around it, and erased a
 moment later by another spelling of it, percent-encoded in the path (``odd``): whatever a
-route accepted, the API erases (``ingest/contract/ids.py``).
+route accepted, the API erases (``ingest/contract/ids.py``); a CSV file as a spreadsheet
+writes it, with a byte-order mark, times in seconds and a row with a broken quote
+(``csv``): the broken row refused by its line, the others stored once.
 
 At the bound a request is a sale like any other: stored once (it has an invoice). Past it,
 it is refused with a 400 in its route's own shape, and never stored: the checker counts any
@@ -14,6 +17,7 @@ other answer as ``bound_not_enforced`` (a 2xx) or ``5xx``, and a stored row as
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 from .history import History, Op, Unit
@@ -34,10 +38,12 @@ def draw(rng: random.Random, load_s: float) -> list[Any]:
         roll = rng.random()
         if roll < 0.45:
             flags = {"deep", rng.choice(DEEP_ROUTES), rng.choice(("at", "past"))}
-        elif roll < 0.8:
+        elif roll < 0.75:
             flags = {"shared", f"ws:{rng.choice('ab')}"}
-        else:
+        elif roll < 0.9:
             flags = {"odd"}
+        else:
+            flags = {"csv"}
         out.append(OpStep(CARELESS_FROM + len(out), t, "careless", False, rng.randrange(1 << 16), frozenset(flags)))
         if "odd" in flags and t + 3.0 < load_s:
             on = out[-1].n
@@ -85,15 +91,17 @@ def make(step: Any, world: World, history: History) -> Op:
         unit = Unit(token, "sale", None, True)
         return Op(step.n, "sale", token, f"invoice:{invoice}", "POST", "/v1/track/conversion", bearer, body, [unit],
                   echo)  # fmt: skip
+    if "csv" in step.flags:
+        return _csv(step, token, world)
     if "shared" in step.flags:
         tag = next(f[3:] for f in step.flags if f.startswith("ws:"))
         w = world.tenant(tag)
         code = w.codes[step.code % len(w.codes)]
         body = {"ref": code, "referrer": REFERRER + token, "visitor_id": UNDEFINED}
         headers = {"Authorization": f"Bearer {w.api_key}", "User-Agent": BROWSER}
-        unit = Unit(token + suffix(tag), "click", code, False, {"visitor_id": UNDEFINED})
+        unit = Unit(token + suffix(tag), "click", code, False)
         return Op(step.n, "affixo", token, None, "POST", "/v1/track/click", headers, body, [unit],
-                  {"visitor_id": UNDEFINED})  # fmt: skip
+                  {"placeholder": UNDEFINED})  # fmt: skip
     past = "past" in step.flags
     route = next(r for r in DEEP_ROUTES if r in step.flags)
     # the body is level 1, its metadata 2 (a batch: the list 1, an item 2, its metadata 3);
@@ -119,3 +127,30 @@ def make(step: Any, world: World, history: History) -> Op:
                   echo)  # fmt: skip
     return Op(step.n, "sale", token, f"invoice:{invoice}", "POST", "/api/track/sale", bearer, sale, [unit],
               {**echo, "route": "refport"})  # fmt: skip
+
+
+def _csv(step: Any, token: str, world: World) -> Op:
+    """Three clicks and a sale in a CSV file with a BOM, times in Unix seconds two days back;
+    the second click's referrer has a quote closed too early (``"…"x``): refused, line 3."""
+    from workers.ops.imports import event_id
+
+    from .ops import IMPORT_SOURCE
+
+    at_s = int(time.time()) - 2 * 86_400
+    code = world.codes[step.code % len(world.codes)]
+    t = [f"{token}.{i}" for i in range(4)]
+    lines = [
+        "type,id,timestamp,link,referrer,visitor_id,customer_id,amount,currency,invoice_id,metadata",
+        f"click,{t[0]},{at_s},{code},{REFERRER}{t[0]},v-{t[0]},,,,,",
+        f'click,{t[1]},{at_s + 1},{code},"{REFERRER}{t[1]}"x,v-{t[1]},,,,,',
+        f"click,{t[2]},{at_s + 2},{code},{REFERRER}{t[2]},v-{t[2]},,,,,",
+        f'sale,{t[3]},{at_s + 3},,,,c-{t[3]},{1000 + step.code},usd,inv-{t[3]},"{{""gen"": ""{t[3]}""}}"',
+    ]
+    data = "\ufeff" + "\r\n".join(lines) + "\r\n"
+    kinds = {0: "click", 2: "click", 3: "sale"}
+    ids = [event_id(world.workspace_id, IMPORT_SOURCE, kinds[i], t[i], (at_s + i) * 1000).hex for i in (0, 2, 3)]
+    units = [Unit(t[0], "click", code, True, {"visitor_id": f"v-{t[0]}"}),
+             Unit(t[2], "click", code, True, {"visitor_id": f"v-{t[2]}"}), Unit(t[3], "sale", None, True)]  # fmt: skip
+    flags = ("--commissions", "--format", "csv")
+    echo = {"ids": ids, "csv": data.encode(), "refused_rows": 1, "flags": flags}
+    return Op(step.n, "import", token, None, "IMPORT", "refstream import", {}, lines[1:], units, echo)

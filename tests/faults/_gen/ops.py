@@ -378,6 +378,10 @@ def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
         want = {"success": True, "partner_code": e["partner_code"]}
         if _hex(b.get("click_id"), "clk_") is None:
             want["click_id"] = "clk_<32 hex>"
+    elif op.kind == "affixo" and "placeholder" in e:  # no one's id: a visitor of its own
+        if b.get("visitor_id") == e["placeholder"]:
+            return [f"visitor {e['placeholder']!r} taken as an id"]
+        want = {"ok": True, "match_method": "new"}
     elif op.kind == "affixo":
         want = {"ok": True, **({"visitor_id": e["visitor_id"], "match_method": "cookie"} if "visitor_id" in e else {})}
     elif op.kind == "lead":
@@ -394,8 +398,9 @@ def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
         return [] if b.get("kind") == "visitor" and isinstance(b.get("id"), str) else [f"{b!r}"[:200]]
     elif op.kind == "import":
         counts = (b.get("read"), b.get("stored", 0) + b.get("duplicates", 0), b.get("refused_total"))
-        rows = len(op.body)
-        return [] if counts == (rows, rows, 0) else [f"read, stored or known, refused: {counts}"]
+        rows, refused = len(op.body), op.echo.get("refused_rows", 0)
+        want = (rows, rows - refused, refused)
+        return [] if counts == want else [f"read, stored or known, refused: {counts}, not {want}"]
     elif op.kind == "erase":
         return [] if isinstance(b.get("erasure_id"), str) and b.get("status") in ("pending", "done") else [f"{b!r}"]
     elif op.kind == "sale" and e["route"] == "affixo":

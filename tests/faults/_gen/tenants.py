@@ -35,7 +35,7 @@ PAIR_TAKES_S = 6.0  # from a pair's imports to its last step
 MAX_PAIRS = 6  # each pair runs two to four commands (imports): a seed's machine has two cores
 SCENARIOS = ("a-erases", "b-erases", "both-erase", "c-deleted")
 OLD_DAYS = 60  # the lead's age for a lifetime sale: past the program's 30-day cookie window
-UNDEFINED = "undefined"  # the visitor id careless trackers send
+UNDEFINED = "undefined"  # the visitor id careless trackers send: no one's (ingest.contract.ids.PLACEHOLDERS)
 DAY_MS = 86_400_000
 
 
@@ -109,12 +109,17 @@ def import_op(n: int, kind: str, token: str, workspace: str, rows: list[dict[str
               {"ids": ids, "workspace": workspace, "flags": flags, **echo})  # fmt: skip
 
 
+def visitor_of(customer: str) -> str:
+    """The pair's visitor id, the same in every workspace (two trackers that chose alike)."""
+    return customer.replace("-s", "-v", 1)
+
+
 def pair_rows(token: str, customer: str, tag: str, code: str, days_back: int, n: int) -> list[dict[str, Any]]:
-    """A click of visitor ``"undefined"`` and a lead on it naming ``customer``, ``days_back`` ago."""
+    """A click of the pair's shared visitor id and a lead on it naming ``customer``, ``days_back`` ago."""
     at = int(time.time() * 1000) - days_back * DAY_MS
     return [
         {"type": "click", "id": f"{token}.0", "timestamp": at, "link": code, "referrer": REFERRER + f"{token}.0",
-         "visitor_id": UNDEFINED, "ip": f"198.51.100.{n % 250 + 1}"},
+         "visitor_id": visitor_of(customer), "ip": f"198.51.100.{n % 250 + 1}"},
         {"type": "lead", "id": f"{token}.1", "timestamp": at + 60_000, "click": f"{token}.0", "customer_id": customer,
          "email": email_of(customer, tag)},
     ]  # fmt: skip
@@ -131,7 +136,7 @@ def make(step: Any, world: World, history: History) -> Op:
     if step.kind == "t-import":
         code = w.codes[step.code % len(w.codes)]
         rows = pair_rows(token, customer, tag, code, OLD_DAYS if "old" in step.flags else 2, step.n)
-        units = [Unit(f"{token}.0{sfx}", "click", code, True, {"visitor_id": UNDEFINED}),
+        units = [Unit(f"{token}.0{sfx}", "click", code, True, {"visitor_id": visitor_of(customer)}),
                  Unit(customer + sfx, "lead", code, True)]  # fmt: skip
         out = import_op(step.n, "import", token, w.workspace_id, rows, units, "--commissions", customer=customer,
                         tag=tag, code=code)  # fmt: skip
