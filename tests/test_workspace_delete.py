@@ -56,6 +56,7 @@ async def test_a_deleted_workspace_leaves_no_row_and_the_other_keeps_all_of_its(
     await drain()
     before_a, before_b = await _rows(pg, a.workspace_id), await _rows(pg, b.workspace_id)
     assert {"events", "customers", "links", "api_keys"} <= before_a.keys(), before_a
+    assert await pg.fetchval("SELECT count(*) FROM link_visitor_days WHERE link_id = $1", uuid.UUID(a.link["id"]))
     # an erasure in A of the id B shares: B's person stays (the deletion takes only A's ledger)
     code, out, err = await run_command("erase", "--customer", "shared-1", "--workspace", a.workspace_id, "--json",
                                        env=env_for(settings))  # fmt: skip
@@ -66,6 +67,7 @@ async def test_a_deleted_workspace_leaves_no_row_and_the_other_keeps_all_of_its(
     assert code == 0, err
     assert orjson.loads(out)["deleted"].get("events") == before_a["events"]
     assert await _rows(pg, a.workspace_id) == {}
+    assert not await pg.fetchval("SELECT count(*) FROM link_visitor_days WHERE link_id = $1", uuid.UUID(a.link["id"]))
     assert await _rows(pg, b.workspace_id) == before_b
     kept = await pg.fetchrow("SELECT email FROM customers WHERE workspace_id = $1 AND external_id = 'shared-1'",
                              uuid.UUID(b.workspace_id))  # fmt: skip

@@ -102,3 +102,13 @@ PLACEHOLDERS = frozenset(
 def placeholder(value: str) -> bool:
     """Whether a client-chosen visitor or session id is no one's (``PLACEHOLDERS``)."""
     return value.strip().casefold() in PLACEHOLDERS
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
+
+
+_ENDS = r"[\s\u200b-\u200f\u2060-\u2064\ufeff]*"
+# ``placeholder`` as a JSON Schema (ECMA-262) pattern, for /openapi.json: what a client that
+# keeps to the document never sends where a placeholder is refused
+PLACEHOLDER_PATTERN = f"^{_ENDS}(?:{'|'.join(_any_case(p) for p in sorted(PLACEHOLDERS))}){_ENDS}$"

@@ -95,12 +95,12 @@ class _Documented:
 
 @dataclass(frozen=True)
 class _NoPlaceholder:
-    """Adds ``not: {enum: PLACEHOLDERS}`` to a type's JSON schema (the validator refuses them
-    in any case and with spaces at the ends too)."""
+    """Adds ``not: {pattern: PLACEHOLDER_PATTERN}`` to a type's JSON schema: the placeholders,
+    in any case and with whitespace at the ends, as the validator refuses them."""
 
     def __get_pydantic_json_schema__(self, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         schema: dict[str, Any] = handler(core)
-        schema["not"] = {"enum": sorted(ids.PLACEHOLDERS)}
+        schema["not"] = {"pattern": ids.PLACEHOLDER_PATTERN}
         return schema
 
 

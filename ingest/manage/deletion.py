@@ -2,8 +2,9 @@
 
 Tables whose ``workspace_id`` references ``workspaces`` go with it by ``ON DELETE CASCADE``;
 the others (events, their dedupe keys and flags, the drop tallies: written per event, where
-a foreign key would cost a lookup on every insert) are deleted first, by workspace. Which
-tables those are is read from the catalogue, so a table added later is never left behind.
+a foreign key would cost a lookup on every insert) are deleted first, by workspace, and
+those keyed by a link alone (unique visitors per day) by its links. Which tables those are
+is read from the catalogue, so a table added later is never left behind.
 
 After the commit, each of its keys' cache entries becomes a tombstone and each of its links'
 an unknown code, so the edges refuse them at once rather than when the entries expire. An
@@ -39,6 +40,19 @@ WHERE a.attname = 'workspace_id' AND NOT a.attisdropped AND c.relkind IN ('r', '
                   AND k.confrelid = 'workspaces'::regclass AND a.attnum = ANY (k.conkey))
 ORDER BY 1
 """
+# and those keyed by a link only (link_visitor_days: one row per link, day and visitor), which
+# neither a workspace_id nor a foreign key ties to the workspace
+BY_LINK = """
+SELECT c.relname AS name
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE a.attname = 'link_id' AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND n.nspname = current_schema()
+  AND NOT EXISTS (SELECT 1 FROM pg_attribute w WHERE w.attrelid = c.oid AND w.attname = 'workspace_id'
+                  AND NOT w.attisdropped)
+  AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'f'
+                  AND k.confrelid = 'links'::regclass)
+ORDER BY 1
+"""
 
 
 async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, workspace_id: str) -> dict[str, Any]:
@@ -59,6 +73,12 @@ async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, w
         deleted: dict[str, int] = {}
         for r in await conn.fetch(UNTIED):
             status = await conn.execute(f'DELETE FROM "{r["name"]}" WHERE workspace_id = $1', ws)
+            if n := int(status.rsplit(" ", 1)[-1]):
+                deleted[r["name"]] = n
+        for r in await conn.fetch(BY_LINK):
+            status = await conn.execute(
+                f'DELETE FROM "{r["name"]}" WHERE link_id IN (SELECT id FROM links WHERE workspace_id = $1)', ws
+            )
             if n := int(status.rsplit(" ", 1)[-1]):
                 deleted[r["name"]] = n
         await conn.execute("DELETE FROM workspaces WHERE id = $1", ws)

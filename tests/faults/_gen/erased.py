@@ -76,7 +76,9 @@ def erasures(history: History) -> Erased:
                 if (event := named_events(lead, a).get(0)) is not None:
                     out.tokens[event] = lead.token
             continue
-        if lead is not None and lead.kind == "import":  # the person's lead, imported: no click op to follow
+        if lead is not None and lead.kind == "import":  # the person's lead and click, imported: their click's
+            if lead.units and lead.units[0].kind == "click":  # referrer goes, its event id (derived) finds it
+                out.tokens[lead.echo["ids"][0]] = lead.units[0].token
             continue
         click = lead.echo.get("click") if lead is not None else None
         if not isinstance(click, str):

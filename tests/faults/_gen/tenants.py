@@ -136,7 +136,7 @@ def make(step: Any, world: World, history: History) -> Op:
     if step.kind == "t-import":
         code = w.codes[step.code % len(w.codes)]
         rows = pair_rows(token, customer, tag, code, OLD_DAYS if "old" in step.flags else 2, step.n)
-        units = [Unit(f"{token}.0{sfx}", "click", code, True, {"visitor_id": visitor_of(customer)}),
+        units = [Unit(f"{token}.0{sfx}", "click", code, True),  # its visitor: scrubbed where the pair is erased
                  Unit(customer + sfx, "lead", code, True)]  # fmt: skip
         out = import_op(step.n, "import", token, w.workspace_id, rows, units, "--commissions", customer=customer,
                         tag=tag, code=code)  # fmt: skip
@@ -171,7 +171,8 @@ def make(step: Any, world: World, history: History) -> Op:
                   {"customer": customer, "code": f"c{step.n}"})  # fmt: skip
     assert step.kind == "t-again", step.kind  # a new lead naming b's erased customer, after c's deletion
     rows = [{"type": "lead", "id": token, "timestamp": int(time.time() * 1000) - DAY_MS, "customer_id": customer,
-             "email": email_of(customer, tag), "link": w.codes[step.code % len(w.codes)]}]  # fmt: skip
+             "event_name": "Upgraded", "email": email_of(customer, tag),
+             "link": w.codes[step.code % len(w.codes)]}]  # fmt: skip  # (a second "Sign Up" of theirs is their first's)
     unit = Unit(token + sfx, "lead", rows[0]["link"], True)
     return import_op(step.n, "import", token, w.workspace_id, rows, [unit], "--commissions", customer=customer,
                      tag=tag, again=True)  # fmt: skip

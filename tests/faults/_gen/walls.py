@@ -94,6 +94,8 @@ def personal(history: History) -> list[str]:
         body = op.body
         items = body if isinstance(body, list) else [body] if isinstance(body, dict) else []
         for item in items:
+            if not isinstance(item, dict):  # a CSV file's lines (careless.py): its rows hold no person
+                continue
             for key in ("customerExternalId", "customer_id", "customerEmail", "email", "ip"):
                 v = item.get(key)
                 if isinstance(v, str) and len(v) >= 6:
