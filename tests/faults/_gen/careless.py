@@ -104,11 +104,10 @@ def make(step: Any, world: World, history: History) -> Op:
                   {"placeholder": UNDEFINED})  # fmt: skip
     past = "past" in step.flags
     route = next(r for r in DEEP_ROUTES if r in step.flags)
-    # the body is level 1, its metadata 2 (a batch: the list 1, an item 2, its metadata 3);
-    # arrays fill the levels below, the innermost holding a string
+    # the body is level 1, its metadata 2 (a batch's item is a document of its own: the item 1,
+    # its metadata 2); arrays fill the levels below, the innermost holding a string
     depth = depth_bound() + (1 if past else 0)
-    top = 3 if route == "batch" else 2
-    meta = {"gen": token, "deep": nested(depth - top, "leaf")}
+    meta = {"gen": token, "deep": nested(depth - 2, "leaf")}
     customer = f"c-{token}"
     amount = 100 + step.code % 10_000
     invoice = f"inv-{token}"
