@@ -23,6 +23,7 @@ from ingest.contract.bounds import MAX_DEPTH, MAX_VALUES, BoundsError, check
 from ingest.contract.events import FIELD, FIELDS, Dialect, Envelope, EventType
 from ingest.contract.keys import GROUP, Keys
 from workers.ops import dead, import_formats
+from workers.ops.import_lines import Line
 
 from ._procs import Procs
 from ._world import World, call
@@ -162,15 +163,15 @@ def test_the_import_refuses_a_row_past_the_bound_by_its_line():
                        "link": "PARTNER123"})  # fmt: skip
     deep = with_metadata(orjson.loads(ok), MAX_DEPTH + 1)
     at_bound = with_metadata({**orjson.loads(ok), "id": "l2"}, MAX_DEPTH)
-    rows = list(import_formats.ndjson([ok.decode(), deep.decode(), with_metadata(orjson.loads(ok), DEEP).decode(),
-                                       at_bound.decode()]))  # fmt: skip
+    texts = [ok.decode(), deep.decode(), with_metadata(orjson.loads(ok), DEEP).decode(), at_bound.decode()]
+    rows = list(import_formats.ndjson(Line(i, t) for i, t in enumerate(texts, 1)))
     assert [type(r).__name__ for r in rows] == ["Row", "Bad", "Bad", "Row"]
     assert [(r.line, r.reason) for r in rows if isinstance(r, import_formats.Bad)] == [(2, "invalid"), (3, "invalid")]
     assert all(f"deeper than {MAX_DEPTH}" in r.detail for r in rows if isinstance(r, import_formats.Bad))
     # CSV: metadata is JSON text in its cell (the row is one level, its metadata the rest)
     cell = nested(MAX_DEPTH).decode().replace('"', '""')
     csv = ["type,id,timestamp,customer_id,link,metadata", f'lead,l3,1700000000000,c1,PARTNER123,"{cell}"']
-    (bad,) = import_formats.csv_rows(csv)
+    (bad,) = import_formats.csv_rows(Line(i, t) for i, t in enumerate(csv, 1))
     assert isinstance(bad, import_formats.Bad) and bad.line == 2 and f"deeper than {MAX_DEPTH}" in bad.detail
 
 

@@ -213,7 +213,7 @@ async def test_an_imported_id_is_normalized_and_erased_through_the_api(
     ]  # fmt: skip
     path = tmp_path / "history.ndjson"
     path.write_text("\n".join(orjson.dumps(r).decode() for r in rows) + "\n")
-    out = await import_cli(settings, path, world)
+    out = await import_cli(settings, path, world, exit_code=3)  # 3: it refused a row, and stored the rest
     assert out["stored"] == 3 and out["refused"] == {"invalid": 1}, out
     assert await pg.fetchval("SELECT link_id FROM sales WHERE customer_external_id = $1", f"Imp-{token}")
     eraser = await erase_key(pg, redis, keys, world, ["erase"])

@@ -76,7 +76,15 @@ async def full_spool(directory: Path) -> AsyncIterator[None]:
     await filler.append("filler", b"x" * (FULL - 32))
     await filler.close()
     fd = os.open(directory / spool_store.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+
+    async def locked() -> bool:  # never a blocking flock: an edge's drainer in this loop may hold it for a moment
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    await wait_for(locked, what="the spool's drain lock")
     try:
         yield
     finally:
