@@ -56,8 +56,8 @@ ORDER BY 1
 
 
 async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, workspace_id: str) -> dict[str, Any]:
-    """Delete the workspace and everything it owns; what was deleted, by table (the tables
-    the cascade reached are counted as one figure, ``cascaded``)."""
+    """Delete the workspace and everything it owns; what was deleted from the tables its
+    foreign keys' cascade does not reach, by table, and how many links and keys it had."""
     try:
         ws = uuid.UUID(workspace_id)
     except ValueError:
@@ -92,9 +92,9 @@ async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, w
     if gone:
         await redis.hdel(erasure_copy.key(keys), *gone)  # type: ignore[misc]
     # Affixo's fingerprints of its visitors (``fp:<workspace>:<hash>``)
-    async for name in redis.scan_iter(match=keys.fingerprint(workspace_id, "*"), count=1000):
+    async for name in redis.scan_iter(match=keys.fingerprint(str(ws), "*"), count=1000):
         await redis.delete(name)
-    return {"workspace_id": workspace_id, "deleted": deleted, "links": len(codes), "keys": len(digests)}
+    return {"workspace_id": str(ws), "deleted": deleted, "links": len(codes), "keys": len(digests)}
 
 
 def _of(raw: bytes, workspace_id: str) -> bool:
