@@ -26,6 +26,7 @@ from .schedule import OpStep
 
 Command = Callable[..., Awaitable[tuple[int, str, str]]]
 ATTEMPTS = 4
+DELETE_ATTEMPTS = 12  # a workspace's deletion: retried past the longest fault (10 s)
 IMPORT_TIMEOUT_S = 30.0
 BACKOFF_S = (0.3, 0.7, 1.5)
 TIMEOUT_S = 4.0  # past the edge's own 1 s Redis deadline, a Postgres fallback, a replicas wait
@@ -143,28 +144,47 @@ class Clients:
     async def _workspace(self, op: Op) -> Attempt:
         """An operator's afternoon with a third workspace: made, a link, the pair's rows
         imported, the customer erased there (``refstream erase``), the workspace deleted.
-        Each step runs once: a failed one ends the attempt (``unknown``: the checker asks
-        nothing of workspace c but that it is gone and changed no other)."""
+        A step that fails under a fault ends the afternoon early, but the workspace made is
+        deleted all the same (retried, as an operator would: a second delete of a deleted
+        workspace says "not found"). ``op.echo["deleted"]``: the workspaces whose deletion
+        was answered; the checker holds only those to leaving no row (``walls.py``)."""
         assert self.command is not None
         attempt = Attempt(edge="cli", at=self.history.now())
         started = time.monotonic()
+        made = None
         try:
             ws = await self._cli("workspace", "create", "gen-c")
-            self.world.gone[ws["workspace_id"]] = "c"
-            await self._cli("link", "create", "--workspace", ws["workspace_id"], "--code", op.echo["code"],
+            made = ws["workspace_id"]
+            self.world.gone[made] = "c"
+            await self._cli("link", "create", "--workspace", made, "--code", op.echo["code"],
                             "--url", f"https://shop.test/{op.echo['code']}")  # fmt: skip
             with tempfile.NamedTemporaryFile("wb", suffix=".ndjson", prefix=f"import-{op.n}-") as f:
                 f.write(b"".join(orjson.dumps(r) + b"\n" for r in op.body))
                 f.flush()
-                await self._cli("import", f.name, "--workspace", ws["workspace_id"], "--source", IMPORT_SOURCE,
+                await self._cli("import", f.name, "--workspace", made, "--source", IMPORT_SOURCE,
                                 "--yield-lag-ms", "0")  # fmt: skip
-            await self._cli("erase", "--customer", op.echo["customer"], "--workspace", ws["workspace_id"])
-            await self._cli("workspace", "delete", ws["workspace_id"], "--yes")
+            await self._cli("erase", "--customer", op.echo["customer"], "--workspace", made)
             attempt.status, attempt.outcome = 200, "ok"
         except (AssertionError, TimeoutError, orjson.JSONDecodeError) as exc:
             attempt.error = str(exc)[:300]
+        finally:
+            if made is not None and await self._delete(made):
+                op.echo.setdefault("deleted", []).append(made)
+            elif made is not None:
+                attempt.status, attempt.outcome = None, "unknown"
         attempt.took = time.monotonic() - started
         return attempt
+
+    async def _delete(self, workspace: str) -> bool:
+        """Until it is answered, for as long as a fault may last (an operator's persistence)."""
+        for n in range(DELETE_ATTEMPTS):
+            code, _, err = await self.command("workspace", "delete", workspace, "--yes", "--json",
+                                              within_s=IMPORT_TIMEOUT_S)  # fmt: skip
+            self.outputs.append(err)
+            if code == 0 or (n and "not found" in err):
+                return True
+            await asyncio.sleep(BACKOFF_S[-1])  # an operator's pause before trying again
+        return False
 
     async def _cli(self, *args: str) -> dict[str, Any]:
         assert self.command is not None
