@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import secrets
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ingest.manage import erasure as pg_erasure
 from ingest.manage import suppressions
 from ingest.manage.outbox import EVENT_TYPES
 from workers.ops import import_formats, import_lines, imports
+from workers.ops.import_lane import HALVE_AFTER_S
 from workers.ops.reconcile import reconcile
 
 from ._procs import env_for, run_command
@@ -253,7 +255,8 @@ async def test_one_live_entry_waiting_longer_than_the_lag_bound_holds_the_import
 ) -> None:
     """Fewer waiting entries than ``yield_backlog`` still hold the import back when the oldest
     has waited longer than ``yield_lag_ms`` (by Redis's clock), unread or read and pending;
-    the share is halved after a batch that had to wait."""
+    the share is halved after a batch that had to wait ``HALVE_AFTER_S`` (the entry keeps
+    ageing: no floor is measured)."""
     stream = keys.stream(1)
     await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
     secs, _ = await redis.time()
@@ -268,7 +271,9 @@ async def test_one_live_entry_waiting_longer_than_the_lag_bound_holds_the_import
     opts = imports.Options(world.workspace_id, "test", batch_size=1, yield_backlog=1000, yield_lag_ms=200, share=0.8)
     importer = imports.Importer(pg, opts, backlog)
     task = asyncio.create_task(importer.run(rows))
-    await wait_for(lambda: asyncio.sleep(0, result=backlog.polls >= 3), what="the import to poll thrice")
+    held = time.monotonic()
+    await wait_for(lambda: asyncio.sleep(0, result=backlog.polls >= 3 and time.monotonic() - held > HALVE_AFTER_S),
+                   what="the import to wait past the halving bound")  # fmt: skip
     assert not task.done() and await pg.fetchval("SELECT count(*) FROM events") == 0
     await redis.xack(stream, GROUP, old)
     assert await backlog.waiting() == imports.Waiting(0, 0)
