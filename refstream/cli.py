@@ -29,7 +29,8 @@ from ingest.contract.connections import REDIS_ERRORS, connect_redis
 from ingest.contract.keys import Keys
 from ingest.contract.logs import configure_logging
 from ingest.contract.settings import Settings
-from ingest.edge import apikeys, durability, flags
+from ingest.edge import apikeys, flags
+from ingest.link import durability
 from ingest.manage import admin, schema_check
 from ingest.manage.db import ensure_database
 from ingest.manage.db import migrate as apply_schema

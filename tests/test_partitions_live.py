@@ -23,8 +23,8 @@ from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
 from ingest.edge.enqueue import OUTCOME
-from ingest.edge.idempotency import APPEND_ONCE
 from ingest.edge.state import EDGE
+from ingest.link.once import APPEND_ONCE
 from ingest.manage import admin
 from ingest.spool.spool import Spool
 from ingest.spool.store import Once

@@ -32,7 +32,8 @@ from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.edge.metrics import EdgeMetrics
 from ingest.spool import store as spool_store
-from ingest.spool.spool import Spool, SpoolDrainFailed, SpoolFull
+from ingest.spool.drain import SpoolDrainFailed
+from ingest.spool.spool import Spool, SpoolFull
 from refstream.embedded import free_port
 from workers.ops import status
 

@@ -32,7 +32,7 @@ from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.logs import note_event
 from ingest.edge.batcher import Backpressure, RedisDown
-from ingest.edge.durability import NotDurable, Unconfirmed
+from ingest.link.durability import NotDurable, Unconfirmed
 from ingest.spool.store import Once
 
 if TYPE_CHECKING:
