@@ -38,6 +38,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from ingest.contract import erasure as ledger
+from ingest.contract import wire
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.manage import erasure as pg_erasure
@@ -151,7 +152,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await redis.xgroup_create(keys.stream(0), "workers", id="0", mkstream=True)
             entry = Envelope(EventType.CLICK, "native", {"code": "L1", "visitor_id": "gone-visitor-0"}, _ws(1),
                              ip="10.0.0.1")  # fmt: skip
-            await redis.xadd(keys.stream(0), entry.entry_dict())
+            await redis.xadd(keys.stream(0), wire.to_entry_dict(entry))
             sweeps = []
             for _ in range(args.sweeps):
                 t0 = time.perf_counter()

@@ -162,7 +162,7 @@ def serve(host: str, port: int, processes: int | None, take_over: bool) -> None:
 
     Refuses to start on a database that is missing or not migrated; starts while Postgres
     is unreachable (/readyz answers 503 with the reason until it answers)."""
-    from ingest.host import prefork, server
+    from ingest.host import prefork, server, takeover
 
     settings = load_settings()
     n = processes or prefork.cpu_count()
@@ -182,7 +182,7 @@ def serve(host: str, port: int, processes: int | None, take_over: bool) -> None:
         supervisor = prefork.Supervisor(host, port, n, print=say, take_over=take_over)
         if supervisor.run() != 0:
             raise click.ClickException(supervisor.failed or "the edge processes failed")
-    except prefork.NothingToTakeOver as exc:
+    except takeover.NothingToTakeOver as exc:
         raise click.ClickException(
             f"{exc}: --take-over needs a refstream serve of 2 or more processes running on {host}:{port}"
         ) from exc

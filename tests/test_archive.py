@@ -23,9 +23,9 @@ import orjson
 import pytest
 from redis.exceptions import ResponseError
 
-from ingest.contract.events import FIELD
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.contract.wire import FIELD
 from workers.archive import segment as seg
 from workers.archive.archiver import GROUP, Archiver
 from workers.archive.store import LocalStore, Store, open_store

@@ -13,6 +13,7 @@ import asyncpg
 import orjson
 
 from ingest.contract import erasure as ledger
+from ingest.contract import wire
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import erasure as pg_erasure
@@ -132,7 +133,7 @@ async def test_a_spool_drained_after_the_erasure_keeps_no_raw_click_cache_entry(
     fp = keys.fingerprint(world.workspace_id, "ab" * 16)
     offline = tmp_path / "offline-spool"
     spool = Spool(offline, max_bytes=10_000_000)
-    await spool.append(keys.stream_for(world.link["code"]), click.encode(),
+    await spool.append(keys.stream_for(world.link["code"]), wire.to_blob(click),
                        extra=[ref.cache_command(keys, 3600), ("SET", fp, visitor, "NX", "EX", 3600)])  # fmt: skip
     await spool.close()
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
@@ -349,7 +350,7 @@ async def test_a_worker_restores_the_erasures_postgres_lost_before_its_first_bat
     lead = Envelope(EventType.LEAD, Dialect.REFPORT, {
         "code": world.link["code"], "visitor_id": "v-restored", "external_id": p.external_id, "email": p.email,
         "customer_name": p.name, "name": "Sign Up"}, world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
-    await redis.xadd(keys.stream_for(world.link["code"]), lead.entry_dict())
+    await redis.xadd(keys.stream_for(world.link["code"]), wire.to_entry_dict(lead))
     await drain()
     row = await pg.fetchrow("SELECT host(ip) AS ip, customer_external_id, payload FROM events WHERE event_id = $1",
                             lead.event_id)  # fmt: skip

@@ -101,8 +101,8 @@ def test_request_series_in_the_text_format():
 async def test_worker_gauges_for_the_oldest_pending_entry_and_the_dead_letters(redis, keys):
     """What the alert rules in deploy/prometheus need: the age of the oldest entry delivered
     and not acked (from its id, on Redis's clock), and how many dead letters wait."""
-    from ingest.contract.events import FIELD
     from ingest.contract.keys import GROUP
+    from ingest.contract.wire import FIELD
     from workers.consumer.metrics import WorkerMetrics, refresh_stream_gauges
 
     stream, idle = keys.streams[0], keys.streams[1]

@@ -27,9 +27,10 @@ import structlog
 from prometheus_client import generate_latest
 
 from ingest.contract import clicks
-from ingest.contract.events import FIELD, uuid7
+from ingest.contract.events import uuid7
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.contract.wire import FIELD
 from ingest.edge.metrics import EdgeMetrics
 from ingest.spool import store as spool_store
 from ingest.spool.drain import SpoolDrainFailed

@@ -38,7 +38,7 @@ import orjson
 from aiohttp import web
 from cryptography.fernet import Fernet, InvalidToken
 
-from ingest.contract import bounds
+from ingest.contract import bounds, wire
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.events import Envelope, unique_token
 from ingest.contract.keys import Keys
@@ -189,12 +189,12 @@ class Idempotency:
         record = self.keys.idempotent(claim.digest, partition)
         if self.cluster:
             return ("EVALSHA", self._append_sha, 2, record, self.keys.stream(partition), answer.encode(),
-                    self.window_ms, "", "", *envelope.entry())  # fmt: skip
+                    self.window_ms, "", "", *wire.to_entry(envelope))  # fmt: skip
         earlier = self.earlier(claim, routing_key)
         changed = self._layout().changed_ms if self._layout is not None else 0
         return ("EVALSHA", self._append_sha, 3 + len(earlier), record, self.keys.stream(partition),
                 self.keys.layout, *earlier, answer.encode(), self.window_ms, self.keys.partitions, changed,
-                *envelope.entry())  # fmt: skip
+                *wire.to_entry(envelope))  # fmt: skip
 
     def earlier(self, claim: Claim, routing_key: str) -> tuple[str, ...]:
         """The key's records in the partitions that counts of the last window gave it (a

@@ -34,11 +34,11 @@ from typing import Any, TypeVar
 
 import structlog
 
-from ingest.contract import erasure
+from ingest.contract import erasure, wire
 from ingest.contract.connections import REDIS_ERRORS, Command, Redis, cancelled_meanwhile
-from ingest.contract.events import Envelope, EnvelopeError, entry_from_blob
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Layout, PartitionGone, Watch
+from ingest.contract.wire import EnvelopeError, entry_from_blob
 from ingest.link.choice import link_for
 from ingest.link.cluster import ClusterLink
 from ingest.link.durability import Durability
@@ -293,7 +293,7 @@ async def _reroute(link: Link, rows: list[store.Row], keys: Keys, layout: Layout
         if p is None or (r.once is None and p < layout.count):
             out.append(r)  # written by the edges, and read: it may stay
             continue
-        code = Envelope.decode(r.envelope).routing_key()
+        code = wire.from_blob(r.envelope).routing_key()
         q = keys.partition_for(code, layout.count) if isinstance(code, str) else p % layout.count
         once, earlier = r.once, r.earlier
         if once is not None:
@@ -331,7 +331,7 @@ async def _scrubbed(scrub: erasure.Check, rows: list[store.Row]) -> list[store.R
     envelopes, where = [], []
     for i, r in enumerate(rows):
         try:
-            envelopes.append(Envelope.decode(r.envelope))
+            envelopes.append(wire.from_blob(r.envelope))
             where.append(i)
         except EnvelopeError:
             continue  # the workers dead-letter it, as they would have
@@ -345,7 +345,7 @@ async def _scrubbed(scrub: erasure.Check, rows: list[store.Row]) -> list[store.R
         if once is not None:
             once = replace(once, answer=erasure.scrub_answer(once.answer, before, scrubbed))
         extra = erasure.scrub_commands(rows[i].extra, before, scrubbed)  # the click cache's entry
-        out[i] = replace(rows[i], envelope=scrubbed.encode(), once=once, extra=extra)
+        out[i] = replace(rows[i], envelope=wire.to_blob(scrubbed), once=once, extra=extra)
     log.info("spool.scrubbed", rows=len(found))
     return out
 
@@ -359,7 +359,7 @@ async def _replay(
     through ``APPEND_ONCE`` instead of its XADD: done whether it appended or found its key's
     record (a copy is in Redis already). A row whose append was refused (a full Redis)
     stays; the others go, unless the WAIT fell short: then all stay. A row keeps its
-    envelope as the version-1 blob (``Envelope.encode``); it goes on the stream as
+    envelope as the version-1 blob (``wire.to_blob``); it goes on the stream as
     version-2 fields."""
     if not rows:
         return [], None

@@ -42,11 +42,12 @@ import orjson
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
-from ingest.contract import clicks, erasure, layout
+from ingest.contract import clicks, erasure, layout, wire
 from ingest.contract.connections import Redis
 from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
-from ingest.contract.events import FIELD, FIELDS, Envelope, EventType
+from ingest.contract.events import Envelope, EventType
 from ingest.contract.keys import Keys, parse_id
+from ingest.contract.wire import FIELD, FIELDS
 from ingest.manage import erasure as manage_erasure
 from ingest.manage import erasure_copy, erasure_late
 from workers.archive import erased
@@ -305,7 +306,7 @@ async def _letters(redis: Redis, stream: str, check: _Check, result: SweepResult
         for sid, fields, e in hits:
             copy: dict[Any, Any] = {k: v for k, v in fields.items() if k not in FIELDS and k != FIELD}
             if FIELD in fields:
-                copy[FIELD] = check.scrub(e).encode()
+                copy[FIELD] = wire.to_blob(check.scrub(e))
             else:
                 copy.update(erased.fields_of(check.scrub(e)))
             await redis.xadd(stream, copy)

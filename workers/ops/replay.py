@@ -23,10 +23,11 @@ import asyncpg
 import structlog
 from arq.worker import func
 
-from ingest.contract import bounds, layout
+from ingest.contract import bounds, layout, wire
 from ingest.contract.connections import Redis
-from ingest.contract.events import Envelope, EnvelopeError
+from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
+from ingest.contract.wire import EnvelopeError
 from ingest.manage import erasure_copy
 from workers.archive.store import open_store
 from workers.consumer import store
@@ -155,7 +156,7 @@ def _decode(page: list[Any]) -> tuple[list[Envelope], int]:
     good, bad = [], 0
     for _, fields in page:
         try:
-            envelope = Envelope.from_entry(fields or {})
+            envelope = wire.from_entry(fields or {})
             bounds.check(envelope.payload)
         except (EnvelopeError, bounds.BoundsError):
             bad += 1
