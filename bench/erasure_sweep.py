@@ -15,7 +15,7 @@ is Postgres's):
 - ``sweep 2..n``: the next ones (``--sweeps``, default 3), as the workers run them every
   ``REFSTREAM_ERASE_SWEEP_EVERY_S`` while the erasures stay pending (an archive not yet
   rewritten, an entry not yet read);
-- ``erase``: one ``DELETE /v1/customers/{id}`` in Postgres (``ingest.manage.erasure.erase``)
+- ``erase``: one ``DELETE /v1/customers/{id}`` in Postgres (``ingest.privacy.erasure.erase``)
   of a customer with a lead, in a workspace of ``events / workspaces`` rows.
 
 It runs against whichever code the checkout holds, so the figures before and after a
@@ -41,8 +41,8 @@ from ingest.contract import erasure as ledger
 from ingest.contract import wire
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.keys import Keys
-from ingest.manage import erasure as pg_erasure
 from ingest.manage.db import migrate
+from ingest.privacy import erasure as pg_erasure
 from workers.consumer.partitions import maintain
 from workers.ops import erasure
 

@@ -19,7 +19,7 @@ from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from workers.consumer.store import write_batch
-from workers.consumer.worker import settle_heap
+from workers.host.worker import settle_heap
 
 from . import openloop
 from . import requests as reqs

@@ -200,8 +200,8 @@ def work(drain: bool) -> None:
 
     Waits for an unreachable Postgres (``--drain``: at most REFSTREAM_CONNECT_TIMEOUT_S,
     Redis too); refuses a database that is missing or not migrated."""
-    from workers.consumer.worker import build_worker
-    from workers.consumer.worker import drain as drain_streams
+    from workers.host.worker import build_worker
+    from workers.host.worker import drain as drain_streams
 
     if drain:
 
@@ -412,7 +412,7 @@ def feature_enable(name: str) -> None:
 def secret_key() -> None:
     """Print a new key for REFSTREAM_SECRET_KEY (Fernet), which encrypts webhook signing
     secrets at rest. To rotate: put the new key first, keep the old one after a comma."""
-    from ingest.manage import secretbox
+    from ingest.ledger import secretbox
 
     click.echo(secretbox.generate_key())
 

@@ -1,5 +1,5 @@
 """Every Redis key refstream writes carries REFSTREAM_STREAM_PREFIX, arq's own included
-(job, in-progress, result, retry and abort keys: ``workers.consumer.arq_redis``)."""
+(job, in-progress, result, retry and abort keys: ``workers.host.arq_redis``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ingest.contract.settings import Settings
 from ingest.contract.wire import FIELD
 from refstream.embedded import free_port
 from workers.consumer import webhooks
-from workers.consumer.arq_redis import UnprefixedKey, connect_arq, prefixed
+from workers.host.arq_redis import UnprefixedKey, connect_arq, prefixed
 
 from ._procs import Procs
 from ._redis import PrivateRedis

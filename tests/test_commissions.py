@@ -9,7 +9,8 @@ from datetime import timedelta
 
 import asyncpg
 
-from ingest.manage import admin, secretbox
+from ingest.ledger import secretbox
+from ingest.manage import admin
 from workers.consumer import commissions, store
 
 from ._world import World, call

@@ -27,7 +27,7 @@ from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.edge.idempotency import REPLAYED
 from ingest.manage import admin
-from ingest.manage import erasure as pg_erasure
+from ingest.privacy import erasure as pg_erasure
 from ingest.spool.spool import Spool
 from ingest.spool.store import Once
 from workers.archive import segment as seg

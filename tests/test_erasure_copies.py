@@ -16,7 +16,7 @@ from ingest.contract import erasure as ledger
 from ingest.contract import wire
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from ingest.manage import erasure as pg_erasure
+from ingest.privacy import erasure as pg_erasure
 
 from ._procs import Procs
 from ._world import World, call
@@ -85,7 +85,7 @@ async def test_an_erasure_scrubs_the_commission_created_payloads_in_the_outbox(
 ) -> None:
     """``commission.created`` is the commission's (its subject the ledger row, not an
     event): its payload's external id becomes the pseudonym, its amount stays."""
-    from ingest.manage import secretbox
+    from ingest.ledger import secretbox
 
     from .test_commissions import rules
     from .test_refunds import sold
@@ -225,7 +225,7 @@ async def test_an_affiliate_and_a_participant_are_erased_everywhere_their_money_
     """``DELETE /v1/affiliates/{id}`` (scope ``erase``) and ``refstream erase --participant``:
     the affiliate's name, email, external id and addresses leave their row, ``affiliate_ips``,
     fraud evidence, webhook payloads and the link cache; their commission keeps its amount."""
-    from ingest.manage import secretbox
+    from ingest.ledger import secretbox
 
     from .test_commissions import rules
     from .test_erasure import pg_dump_text
@@ -316,7 +316,7 @@ async def test_an_affiliates_erasure_a_restore_lost_is_put_back_from_its_copy(
     the erasure gone: its copy in Redis puts the erasure back and scrubs the row again."""
     import uuid
 
-    from ingest.manage import erasure_affiliate, erasure_copy
+    from ingest.privacy import erasure_affiliate, erasure_copy
 
     done = await erasure_affiliate.erase(pg, world.workspace_id, affiliate_id=world.affiliate_id, by="test",
                                          archive_days=30)  # fmt: skip
@@ -339,7 +339,7 @@ async def test_a_worker_restores_the_erasures_postgres_lost_before_its_first_bat
     import uuid
 
     from ingest.contract.events import Dialect, Envelope, EventType
-    from ingest.manage import erasure_copy
+    from ingest.privacy import erasure_copy
 
     p = Person()
     await customer(pg, world, "v-restored", p)

@@ -19,8 +19,8 @@ from ingest.contract import erasure as ledger
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from ingest.manage import erasure as pg_erasure
-from ingest.manage import erasure_late
+from ingest.privacy import erasure as pg_erasure
+from ingest.privacy import erasure_late
 from workers.archive.store import Store, open_store
 from workers.ops import erasure
 

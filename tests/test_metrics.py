@@ -75,7 +75,8 @@ def test_request_series_in_the_text_format():
     """The per-request series are plain counters folded in at scrape time: the text is
     Prometheus's (parsed back by prometheus_client's parser), buckets cumulative, every
     request counted once whatever the access log keeps."""
-    from ingest.edge.metrics import LATENCY_BUCKETS, EdgeMetrics
+    from ingest.contract.latency import LATENCY_BUCKETS
+    from ingest.edge.metrics import EdgeMetrics
 
     m = EdgeMetrics()
     for seconds in (0.0002, 0.0005, 0.003, 0.003, 9.0):

@@ -21,7 +21,8 @@ from ingest.contract.events import EventType, uuid7
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
 from ingest.edge import refund as refund_edge
-from ingest.manage import admin, refunds, secretbox
+from ingest.ledger import refunds, secretbox
+from ingest.manage import admin
 from workers.consumer import commissions, store
 from workers.ops import replay
 from workers.ops.reconcile import reconcile

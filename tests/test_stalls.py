@@ -28,7 +28,7 @@ from ingest.edge.state import EDGE
 from ingest.link.once import APPEND_ONCE
 from ingest.spool import store as spool_store
 from refstream.embedded import free_port
-from workers.consumer.worker import drain as drain_streams
+from workers.host.worker import drain as drain_streams
 
 from ._world import World, call, start_edge
 from .conftest import wait_for

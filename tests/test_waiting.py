@@ -26,7 +26,7 @@ from ingest.contract.keys import GROUP, Keys
 from ingest.contract.wire import FIELD
 from refstream.embedded import free_port
 from workers.consumer import trim
-from workers.consumer.arq_redis import connect_arq
+from workers.host.arq_redis import connect_arq
 
 from ._procs import REFSTREAM, Procs, env_for
 from .conftest import wait_for
@@ -230,7 +230,7 @@ async def test_shutdown_runs_when_sigterm_cancelled_a_job_before_it_started(sett
     just enqueued, say) made arq's own close raise CancelledError and skip ``on_shutdown``,
     so the consumer's batch in flight was abandoned and the process exited 1 (found by
     tests/faults' SIGTERM scenario). The worker's close must run the shutdown regardless."""
-    from workers.consumer.worker import ResilientWorker
+    from workers.host.worker import ResilientWorker
 
     shut: list[bool] = []
 

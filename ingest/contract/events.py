@@ -25,7 +25,7 @@ class EventType(IntEnum):
     LEAD = 2
     CONVERSION = 3
     SALE = 4  # stored in `sales`, not `events` (workers/consumer/sales.py)
-    # recorded by the edge in `refunds` (ingest/manage/refunds.py); its stream copy is what
+    # recorded by the edge in `refunds` (ingest/ledger/refunds.py); its stream copy is what
     # the archive and a replay carry, restored once by its key (workers/consumer/refunds.py)
     REFUND = 5
 

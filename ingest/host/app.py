@@ -33,6 +33,7 @@ from ingest.host import cors, health, openapi
 from ingest.host.guard import GUARD, ConnectionGuard
 from ingest.host.siblings import SIBLINGS
 from ingest.link.durability import Durability
+from ingest.manage.routes import bricqs as bricqs_manage
 from ingest.manage.routes import commissions, manage, stats, webhooks
 from ingest.spool.spool import Spool
 
@@ -226,6 +227,7 @@ def create_app(settings: Settings) -> web.Application:
         health,
         biore,
         bricqs,
+        bricqs_manage,
         affitor,
         affixo,
         refport,

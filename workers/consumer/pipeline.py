@@ -40,7 +40,7 @@ from ingest.contract.keys import GROUP, Keys
 from ingest.contract.logs import error_fields
 from ingest.contract.settings import Settings
 from ingest.contract.wire import FIELD, EnvelopeError, entry_of
-from ingest.manage import erasure_copy
+from ingest.privacy import erasure_copy
 from workers.consumer import store, webhooks
 from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics
@@ -277,7 +277,7 @@ class Pipeline:
     async def _restore_ledger(self) -> None:
         """Once per process, before it stores anything: the erasures a restore of Postgres (or a
         failover) lost, back from their copy in Redis, so the person's events in the streams
-        are stored scrubbed (``ingest.manage.erasure_copy``). An outage: the batch waits."""
+        are stored scrubbed (``ingest.privacy.erasure_copy``). An outage: the batch waits."""
         try:
             await erasure_copy.restore(self.pg, self.redis, self.keys)
         except Exception as exc:

@@ -28,7 +28,7 @@ from ingest.contract.connections import Redis
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.wire import EnvelopeError
-from ingest.manage import erasure_copy
+from ingest.privacy import erasure_copy
 from workers.archive.store import open_store
 from workers.consumer import store
 from workers.consumer.enrich import Enricher
@@ -244,7 +244,7 @@ async def replay(
     """
     src = source if isinstance(source, Source) else Source(source)
     # the erasures a restore of Postgres lost, back before anything is stored: what the
-    # replay brings of an erased person is stored scrubbed (ingest.manage.erasure_copy)
+    # replay brings of an erased person is stored scrubbed (ingest.privacy.erasure_copy)
     await erasure_copy.restore(pool, src.redis, keys)
     start, end = rng.bounds()
     streams = await _streams(src, keys, rng)
