@@ -21,10 +21,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ingest.contract import erasure as ledger
-from ingest.contract import ids
+from ingest.contract import fields, ids
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from ingest.edge import fields
 
 from ._procs import Procs, env_for, run_command
 from ._world import World, call

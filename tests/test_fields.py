@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest.edge.fields import check_ident, check_no_nul, check_text
+from ingest.contract.fields import check_ident, check_no_nul, check_text
 
 pytestmark = pytest.mark.once
 

@@ -18,7 +18,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "ingest.link": {"ingest.contract"},
     "ingest.ledger": {"ingest.contract"},
     "ingest.privacy": {"ingest.contract"},
-    "ingest.edge": {"ingest.contract", "ingest.link", "ingest.spool", "ingest.ledger"},
+    "ingest.edge": {"ingest.contract", "ingest.link", "ingest.spool", "ingest.ledger", "ingest.privacy"},
     "ingest.spool": {"ingest.contract", "ingest.link"},
     "ingest.host": {"ingest.contract", "ingest.link", "ingest.edge", "ingest.spool", "ingest.manage"},
     "ingest.manage": {"ingest.contract", "ingest.edge", "ingest.ledger", "ingest.privacy"},
@@ -33,13 +33,9 @@ MAY_IMPORT: dict[str, set[str]] = {
         "workers.group",
         "workers.consumer",
         "workers.archive",
-        "ingest.edge.suppress",  # the do-not-track lists, as the edges read them, for an import
-        "ingest.edge.fields",  # an import's rows checked by the routes' own field types
-        "ingest.edge.sale",  # ... and a sale's
     },
     "workers.host": {"ingest.contract", "workers.group", "workers.consumer", "workers.archive", "workers.ops"},
 }
-EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:
@@ -73,7 +69,7 @@ def _room(module: str) -> str:
 
 
 def _allowed(src: str, dst: str) -> bool:
-    if _room(src) == _room(dst) or (src, dst) in EXCEPTIONS:
+    if _room(src) == _room(dst):
         return True
     return any(dst == ok or dst.startswith(ok + ".") for ok in MAY_IMPORT[_room(src)])
 

@@ -4,7 +4,7 @@ refstream answers as usual and never stores (docs/privacy.md).
 The list holds keyed digests (the erasure ledger's salt, ``ingest.contract.erasure``), never
 a value: ``digest`` is what the management API stores and what every edge compares. An edge
 reads its workspaces' lists from Postgres every ``REFSTREAM_SUPPRESSION_REFRESH_S``
-(``ingest.edge.suppress``); an event naming a listed visitor id (``visitor_id``), customer
+(``ingest.privacy.suppressed``); an event naming a listed visitor id (``visitor_id``), customer
 (``external_id``) or client address is answered as its route answers, appended nowhere,
 and counted as a drop with the reason ``suppressed``.
 """

@@ -199,7 +199,7 @@ def refusal(edge: Edge, found: Found, origin: str | None, *, configured: bool = 
 
 def suppressed(edge: Edge, envelope: Envelope) -> bool:
     """The event names a visitor, customer or address its workspace does not track: it is
-    counted as a drop (``suppressed``) and appended nowhere (``ingest.edge.suppress``)."""
+    counted as a drop (``suppressed``) and appended nowhere (``ingest.privacy.suppressed``)."""
     if not edge.suppress.names(envelope):
         return False
     code = envelope.payload.get("code")

@@ -148,7 +148,7 @@ async def json_object(request: web.Request, limit: int | None = None) -> dict[st
         raise BodyError(400, "invalid_json", "body must be a JSON object")
     bounded(data)
     # NUL (which Postgres text and jsonb refuse) is refused by the models, in the fields they
-    # keep (ingest.edge.fields): one in a field they ignore is dropped with it
+    # keep (ingest.contract.fields): one in a field they ignore is dropped with it
     return data
 
 

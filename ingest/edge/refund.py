@@ -30,9 +30,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
 from ingest.contract.events import Envelope, EventType
+from ingest.contract.fields import MAX_AMOUNT, Ident, NoNul, json_integer
 from ingest.edge import enqueue
-from ingest.edge.fields import Ident, NoNul, json_integer
-from ingest.edge.sale import MAX_AMOUNT
 from ingest.edge.state import Edge
 from ingest.ledger import refunds
 

@@ -22,31 +22,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aiohttp import web
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract.bounds import MAX_KEYS
 from ingest.contract.events import Envelope, EventType
+from ingest.contract.fields import AMOUNT, MAX_AMOUNT, Currency, ExternalId, Ident, Integer, Metadata, NoNul, Processor
 from ingest.edge import accept
-from ingest.edge.fields import ExternalId, Ident, Integer, NoNul, no_nul_inside
 from ingest.edge.idempotency import Claim, fingerprint
 
 M = TypeVar("M", bound=BaseModel)
-PROCESSORS = ("stripe", "shopify", "paddle", "polar", "revenuecat", "custom")
-# minor units: far above any one sale (10 billion dollars), and 9 million of them on one
-# link, day and currency still fit sale_stats' bigint sums
-MAX_AMOUNT = 10**12
-Processor = Literal["stripe", "shopify", "paddle", "polar", "revenuecat", "custom"]
-
-
-# ISO 4217's three letters, in either case; stored lower case, as Stripe writes them
-Currency = Annotated[
-    str, Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217, e.g. usd (kept lower case)"), AfterValidator(str.lower)
-]
-AMOUNT = "In the currency's minor unit (4900 is 49.00 USD): a JSON integer, never a string or a fraction"
-Metadata = Annotated[dict[str, Any], AfterValidator(no_nul_inside)]
 
 
 class RefportSale(BaseModel):

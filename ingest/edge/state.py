@@ -19,7 +19,7 @@ from ingest.edge.batcher import RedisBatcher
 from ingest.edge.idempotency import Idempotency
 from ingest.edge.metrics import EdgeMetrics
 from ingest.edge.ratelimit import RateLimiter
-from ingest.edge.suppress import Suppressed
+from ingest.privacy.suppressed import Suppressed
 from ingest.spool.spool import Spool
 
 CLIENT_IP_CACHE = 10_000  # (peer, X-Forwarded-For) pairs; cleared when full

@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from ingest.contract import bounds
+from ingest.contract.fields import IDENT, NO_NUL
 from ingest.edge import refund, sale
-from ingest.edge.fields import IDENT, NO_NUL
 from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, refport
 from ingest.host import health
 from ingest.manage.routes import bricqs as bricqs_manage

@@ -35,9 +35,8 @@ import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ingest.contract.bounds import MAX_KEYS, BoundsError, check
-from ingest.edge.fields import ExternalId, Ident, Integer, NoNul
-from ingest.edge.fields import visitor_id as no_placeholder
-from ingest.edge.sale import MAX_AMOUNT, Currency, Metadata, Processor
+from ingest.contract.fields import MAX_AMOUNT, Currency, ExternalId, Ident, Integer, Metadata, NoNul, Processor
+from ingest.contract.fields import visitor_id as no_placeholder
 from workers.ops import import_csv
 from workers.ops.import_lines import MAX_LINE, Bad, Line
 

@@ -57,8 +57,8 @@ import structlog
 from ingest.contract import clicks
 from ingest.contract.earnings import IMPORT_DIALECT
 from ingest.contract.events import Envelope, EventType
-from ingest.edge.suppress import Suppressed
 from ingest.ledger import refunds
+from ingest.privacy.suppressed import Suppressed
 from workers.consumer import partitions, store
 from workers.consumer.enrich import Enricher
 from workers.consumer.stored import ts

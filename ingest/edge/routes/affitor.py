@@ -20,10 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ingest.contract import clicks
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.fields import NO_NUL, NoNul
 from ingest.contract.links import LinkInfo
 from ingest.edge import accept
 from ingest.edge.body import BodyError, parse
-from ingest.edge.fields import NO_NUL, NoNul
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key, valid_key
 from ingest.edge.lookup import ClickPending, Guess, Unavailable, resolve_click, seen_link
 from ingest.edge.state import EDGE, Edge

@@ -24,11 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.fields import NoNul, VisitorId
 from ingest.contract.links import LinkInfo
 from ingest.edge import accept, sale
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
-from ingest.edge.fields import NoNul, VisitorId
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Found, Guess, seen_link
 from ingest.edge.sale import AffixoConversion

@@ -26,11 +26,11 @@ from pydantic import BaseModel, Field, RootModel, ValidationError
 from ingest.contract import clicks, links
 from ingest.contract.connections import REDIS_ERRORS
 from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.contract.fields import NoNul
 from ingest.edge import accept, refund, sale
 from ingest.edge.body import BodyError, bounded, describe, read
 from ingest.edge.body import code as body_code
 from ingest.edge.enqueue import OutcomeUnknown, never_sent, to_spool, xadd
-from ingest.edge.fields import NoNul
 from ingest.edge.idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
 from ingest.edge.keyed import spool_or_unknown
 from ingest.edge.lookup import ClickPending, Unavailable, resolve_click, resolve_link

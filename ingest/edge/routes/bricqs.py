@@ -20,11 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract.connections import REDIS_ERRORS
 from ingest.contract.events import Dialect, EventType, uuid7
+from ingest.contract.fields import NoNul, SessionId
 from ingest.edge import accept
 from ingest.edge.body import BodyError, parse, plain
 from ingest.edge.body import code as body_code
 from ingest.edge.enqueue import retry_headers
-from ingest.edge.fields import NoNul, SessionId
 from ingest.edge.lookup import Found, Unavailable, lookup
 from ingest.edge.state import EDGE
 

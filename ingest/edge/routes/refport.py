@@ -29,10 +29,10 @@ from ingest.contract.bounds import MAX_KEYS
 from ingest.contract.clicks import ClickRef
 from ingest.contract.connections import REDIS_ERRORS, Command, CommitUnknown
 from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.contract.fields import ExternalId, NoNul, no_nul_inside
 from ingest.edge import accept, refund, sale
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
-from ingest.edge.fields import ExternalId, NoNul, no_nul_inside
 from ingest.edge.idempotency import HEADER, REPLAYED, Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Found, Guess, Unavailable, fallback, remember, resolve_click, seen, seen_link
 from ingest.edge.refund import RefportRefund

@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
 from ingest.contract.errors import NotFound
+from ingest.contract.fields import ExternalId
 from ingest.edge.auth import Principal, plausible
 from ingest.edge.body import BodyError, parse
 from ingest.edge.body import code as body_code
-from ingest.edge.fields import ExternalId
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Unavailable, lookup
 from ingest.edge.routes.bricqs import error, json, unavailable

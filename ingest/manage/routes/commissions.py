@@ -13,10 +13,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ingest.contract import currency
 from ingest.contract.connections import acquired
+from ingest.contract.fields import MAX_AMOUNT, json_integer
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
-from ingest.edge.fields import json_integer
-from ingest.edge.sale import MAX_AMOUNT
 from ingest.edge.state import Edge
 from ingest.manage import ledger
 from ingest.manage.routes._guard import error, guarded, json, limit_param

@@ -15,16 +15,16 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ingest.contract.connections import acquired
 from ingest.contract.errors import NotFound
+from ingest.contract.fields import json_integer
 from ingest.contract.fraud import FRAUD_THRESHOLDS
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
-from ingest.edge.fields import json_integer
 from ingest.edge.state import Edge
 from ingest.manage import stats
 from ingest.manage.routes._guard import error, guarded, json
 
 routes = web.RouteTableDef()
-# JSON integers (ingest.edge.fields.json_integer) within bounds; the bounds on the integer
+# JSON integers (ingest.contract.fields.json_integer) within bounds; the bounds on the integer
 # itself, before the validator, so that the document's schema says them (minimum, maximum)
 Clicks = Annotated[int, Field(ge=1, le=100_000), BeforeValidator(json_integer)]
 Seconds = Annotated[int, Field(ge=1, le=86_400), BeforeValidator(json_integer)]

@@ -17,9 +17,9 @@ from yarl import URL
 
 from ingest.contract.connections import acquired
 from ingest.contract.errors import NotFound
+from ingest.contract.fields import Url
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
-from ingest.edge.fields import Url
 from ingest.edge.state import Edge
 from ingest.ledger import secretbox, targets
 from ingest.manage.manage import as_uuid

@@ -1,8 +1,9 @@
-"""The edge's copy of the do-not-track lists (``ingest.contract.suppression``): every
-workspace's digests, read from Postgres at start and every ``REFSTREAM_SUPPRESSION_REFRESH_S``.
-An event whose workspace lists nothing costs a dictionary look; one whose workspace lists
-something, a digest per identifier it carries. While Postgres is away the last list read
-stays in force; before the first read, nothing is suppressed."""
+"""A process's copy of the do-not-track lists (``ingest.contract.suppression``), as an edge
+and an import keep it: every workspace's digests, read from Postgres at start and every
+``REFSTREAM_SUPPRESSION_REFRESH_S``. An event whose workspace lists nothing costs a
+dictionary look; one whose workspace lists something, a digest per identifier it carries.
+While Postgres is away the last list read stays in force; before the first read, nothing
+is suppressed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ingest.contract import suppression
 from ingest.contract.connections import PG_ERRORS, cancelled_meanwhile
 from ingest.contract.events import Envelope
 
-log = structlog.get_logger("ingest.suppress")
+log = structlog.get_logger("ingest.suppressed")
 _READ = "SELECT workspace_id::text AS ws, digest FROM suppressions"
 
 

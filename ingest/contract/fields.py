@@ -13,6 +13,8 @@ here, at the model boundary, so a bad value is the route's 400 and never a 500 l
   ``undefined`` (``ingest.contract.ids.PLACEHOLDERS``); ``SessionId``: an ``ExternalId``
   that keys an event, a placeholder refused.
 - ``Integer``: a JSON integer (``30`` or ``30.0``), never a string such as ``"30"``.
+- A sale's: ``Currency`` (ISO 4217's three letters, kept lower case), ``Processor``,
+  ``Metadata`` (a JSON object with no NUL inside) and ``MAX_AMOUNT``.
 - ``Url``: an absolute http(s) URL that ``urllib.parse.urlsplit`` parses, with a host, a
   valid port and no whitespace or control character.
 """
@@ -21,10 +23,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, GetJsonSchemaHandler
+from pydantic import AfterValidator, BeforeValidator, Field, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
@@ -191,3 +193,19 @@ SessionId = Annotated[
     str, AfterValidator(external_id), AfterValidator(session_id), _Documented(EXTERNAL_ID), _NoPlaceholder()
 ]
 Url = Annotated[str, AfterValidator(check_url), _Documented(URL)]
+
+
+# a sale's fields, shared by every route that takes one and by the import
+PROCESSORS = ("stripe", "shopify", "paddle", "polar", "revenuecat", "custom")
+# minor units: far above any one sale (10 billion dollars), and 9 million of them on one
+# link, day and currency still fit sale_stats' bigint sums
+MAX_AMOUNT = 10**12
+Processor = Literal["stripe", "shopify", "paddle", "polar", "revenuecat", "custom"]
+
+
+# ISO 4217's three letters, in either case; stored lower case, as Stripe writes them
+Currency = Annotated[
+    str, Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217, e.g. usd (kept lower case)"), AfterValidator(str.lower)
+]
+AMOUNT = "In the currency's minor unit (4900 is 49.00 USD): a JSON integer, never a string or a fraction"
+Metadata = Annotated[dict[str, Any], AfterValidator(no_nul_inside)]
