@@ -157,3 +157,37 @@ def test_tracking_routes_append_and_refuse_through_the_accept_pipeline() -> None
             notes.append(path.name)
     assert direct == []
     assert notes == [], "a route accounts the link's refusals itself: accept.refusal does"
+
+
+def test_every_error_is_in_the_one_tree() -> None:
+    """Every exception class the project defines is a ``RefstreamError``, under the branch
+    that says what its caller does next (``ingest/contract/errors.py``): one spelling of
+    "outcome unknown", one of "not sent", one of each."""
+    import importlib
+    import inspect
+
+    from ingest.contract import errors
+
+    branches = (errors.NotSent, errors.OutcomeUnknown, errors.Outage, errors.Refused, errors.Misconfigured)
+    outside: list[str] = []
+    rootless: list[str] = []
+    for top in ("ingest", "workers", "refstream"):
+        for f in sorted((ROOT / top).rglob("*.py")):
+            name = ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            module = importlib.import_module(name)
+            for cls_name, cls in inspect.getmembers(module, inspect.isclass):
+                if cls.__module__ != name or not issubclass(cls, BaseException):
+                    continue
+                if not issubclass(cls, errors.RefstreamError):
+                    outside.append(f"{name}.{cls_name}")
+                elif name != errors.__name__ and not issubclass(cls, branches):
+                    rootless.append(f"{name}.{cls_name}")
+    assert outside == [], "errors outside ingest.contract.errors' tree"
+    assert rootless == [], "errors on the tree's root, not on a branch that says what to do next"
+
+
+def test_the_batch_route_imports_no_sibling_route() -> None:
+    routes = ROOT / "ingest" / "edge" / "routes"
+    siblings = {f"ingest.edge.routes.{p.stem}" for p in routes.glob("*.py")}
+    batch = _imports(routes / "batch.py", top_level_only=False)
+    assert sorted(batch & siblings) == []

@@ -287,7 +287,7 @@ async def test_a_bug_failing_every_entry_holds_the_batch_instead_of_dead_letteri
 ):
     from ingest.contract.events import Dialect, Envelope, EventType
     from workers.consumer.pipeline import Batch, Pipeline
-    from workers.group.errors import Outage
+    from workers.group.errors import BatchOutage
 
     def click(ua: str) -> Envelope:
         return Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"}, user_agent=ua)
@@ -298,7 +298,7 @@ async def test_a_bug_failing_every_entry_holds_the_batch_instead_of_dead_letteri
 
     broken = Pipeline(settings, redis, pg, _BrokenEnricher())  # type: ignore[arg-type]
     batch = Batch(keys.partition_for("PARTNER123"), stream, list(entries))
-    with pytest.raises(Outage) as caught:
+    with pytest.raises(BatchOutage) as caught:
         await broken.process(batch)
     assert caught.value.reason == "worker_error"
     assert await redis.xlen(keys.dead) == 0 and await pg.fetchval("SELECT count(*) FROM events") == 0

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from ingest.contract.errors import Refused
+
 MAX_DEPTH = 32  # levels of objects and arrays in one document, the document itself the first
 MAX_VALUES = 10_000  # members of every object and array in one document, at every level, together
 MAX_KEYS = 100  # keys at the top of a free-form object (``metadata``)
 
 
-class BoundsError(ValueError):
+class BoundsError(Refused, ValueError):
     """A document past a bound: the door's 400 (its message says which bound), the worker's dead letter."""
 
 

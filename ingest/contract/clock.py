@@ -32,6 +32,8 @@ from typing import Any
 
 import structlog
 
+from ingest.contract.errors import Misconfigured
+
 log = structlog.get_logger("ingest.clock")
 
 FOLLOW_EVERY_S = 30.0
@@ -75,7 +77,7 @@ def following_s() -> float:
     return _follow_ns / 1e9
 
 
-class Skewed(Exception):
+class Skewed(Misconfigured):
     """This process's clock differs from the reference clock by more than the bound."""
 
     def __init__(self, reference: str, skew_s: float, bound_s: float) -> None:

@@ -16,6 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisClusterException, RedisError
 
+from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.sentinel_url import sentinel_target
 from ingest.contract.settings import Settings
 
@@ -41,13 +42,13 @@ PG_ERRORS = (
 )
 
 
-class CommitUnknown(OSError):
+class CommitUnknown(OutcomeUnknown, OSError):
     """Postgres went away while a COMMIT was in flight: the write may be committed. An
     ``OSError``, so every outage handler still answers it as one; the management routes
     answer it 503 with ``Refstream-Outcome: unknown``, never as a plain refusal."""
 
 
-class ConnectionLost(OSError):
+class ConnectionLost(NotSent, OSError):
     """Postgres's connection was lost in a write's body: nothing was committed."""
 
 

@@ -35,6 +35,7 @@ import orjson
 
 from ingest.contract import clicks
 from ingest.contract.connections import PG_ERRORS, pg_unavailable
+from ingest.contract.errors import Outage
 from ingest.contract.events import Envelope
 
 # pg_advisory_xact_lock key: an erasure's ledger write takes it exclusive, a batch shared
@@ -192,7 +193,7 @@ def scrub(key: bytes, e: Envelope, workspace_id: str | None = None) -> Envelope:
     return Envelope(e.type, e.dialect, payload, e.workspace_id, None, None, e.event_id, e.received_at_ms)
 
 
-class LedgerUnavailable(Exception):
+class LedgerUnavailable(Outage):
     """The ledger could not be read (Postgres away): whatever was to be checked waits."""
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from ingest.contract.errors import Refused
+
 MAX_LENGTH = 256
 
 _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
@@ -35,7 +37,7 @@ def _edge(c: str) -> bool:
     return c.isspace() or unicodedata.category(c) == "Cf"
 
 
-class InvalidId(ValueError):
+class InvalidId(Refused, ValueError):
     """An id no door takes; its message says why, without the id."""
 
 

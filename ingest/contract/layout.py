@@ -32,6 +32,7 @@ import structlog
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 from ingest.contract.connections import Redis, cancelled_meanwhile
+from ingest.contract.errors import NotSent, Unreplicated
 from ingest.contract.keys import GROUP, Keys
 
 log = structlog.get_logger("ingest.layout")
@@ -43,12 +44,12 @@ CLOSE_WITHIN_S = 2.0  # a closing watch waits this long at most for its loop (it
 GRACE_MS = 5_000
 
 
-class PartitionGone(ResponseError):
+class PartitionGone(NotSent, ResponseError):
     """An append to a partition whose stream does not exist (``NOMKSTREAM``): it was retired,
     or Redis lost it. Nothing was written: a refusal, as Redis's error replies are."""
 
 
-class Retired(ResponseError):
+class Retired(NotSent, ResponseError):
     """A group or stream asked for on a retired partition."""
 
 
@@ -178,11 +179,6 @@ async def groups_of(redis: Redis, keys: Keys, partitions: range) -> tuple[str, .
 async def _eval(redis: Redis, script: str, keys: int, *args: str | bytes | int) -> Any:
     reply: Any = redis.eval(script, keys, *args)  # type: ignore[arg-type]
     return await reply
-
-
-class Unreplicated(ResponseError):
-    """A layout change the primary made and fewer replicas than asked confirmed: it may be
-    lost to a failover. Run it again (every step is idempotent)."""
 
 
 async def _durable(redis: Redis, replicas: int, wait_ms: int, script: str, keys: int, *args: str | bytes | int) -> Any:

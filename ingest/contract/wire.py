@@ -43,6 +43,7 @@ from typing import Any
 
 import orjson
 
+from ingest.contract.errors import Refused
 from ingest.contract.events import Dialect, Envelope, EventType
 
 WIRE_VERSION = 2  # the stream entry's layout: fixed fields (the module doc)
@@ -51,7 +52,7 @@ FIELD = b"e"  # version 1's one field
 FIELDS: tuple[bytes, ...] = (b"i", b"t", b"w", b"r", b"a", b"u", b"d", b"p")  # version 2, in order
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(Refused, ValueError):
     """An entry that can never be decoded: permanent, dead-letter it."""
 
 

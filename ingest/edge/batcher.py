@@ -18,7 +18,7 @@ route, Redis being unavailable (public routes spool, keyed routes answer 503).
 Durability (``ingest.link.durability``): a round trip holding a request that wrote an event
 (``durable=True``) ends with WAIT / WAITAOF; when that is not confirmed those requests get
 ``Unconfirmed`` holding their own replies (the primary ran them), and, as for a Redis that
-is down, durable requests then fail at once (``NotDurable``, nothing sent) but one per
+is down, durable requests then fail at once (``Undurable``, nothing sent) but one per
 probe interval until a confirmation comes back.
 
 Scripts the server forgot (NOSCRIPT: a restart, SCRIPT FLUSH): a NOSCRIPT reply means the
@@ -27,16 +27,18 @@ in a round trip of their own that ends with its own WAIT / WAITAOF when any of t
 to a durable request: an event a rerun appends is confirmed as any other, and a rerun short
 of the level fails the batch's durable requests with ``Unconfirmed``.
 
-What a failed ``execute`` tells its caller (a route decides from it what to answer):
+What a failed ``execute`` tells its caller (a route decides from it what to answer; the
+branches are ``ingest.contract.errors``'):
 
-- nothing was sent to Redis: ``NotSent`` and its kinds ``RedisDown`` (the breaker is open)
-  and ``Backpressure`` (the queue cap), and ``NotDurable`` itself (not ``Unconfirmed``: the
-  durability breaker refused before sending). The request's commands never ran.
+- nothing was sent to Redis (``errors.NotSent``): ``RedisNotSent`` and its kinds
+  ``RedisDown`` (the breaker is open) and ``Backpressure`` (the queue cap), and
+  ``Undurable`` (the durability breaker refused before sending). The commands never ran.
 - sent, outcome unknown: anything else, notably ``RedisTimeoutError`` (the deadline, or the
   link's socket timeout: the commands may still run when a stalled Redis resumes, even on a
   connection the edge closed), ``RedisConnectionError`` (lost after the write, or a connect
-  that failed), ``ImpossibleReply`` (a reply of the wrong shape: see ``execute``'s
-  ``check``) and ``Unconfirmed`` (ran on the primary, short of the durability level).
+  that failed), and the ``errors.OutcomeUnknown`` kinds ``ImpossibleReply`` (a reply of
+  the wrong shape: see ``execute``'s ``check``) and ``Unconfirmed`` (ran on the primary,
+  short of the durability level).
 
 Every reply handed to a request is its own (docs/guarantees.md): the link never reuses a
 connection whose round trip ended early (``ingest.link.resp``), a reply list of the wrong
@@ -57,22 +59,23 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest.contract.connections import Command, Redis, cancelled_meanwhile
+from ingest.contract.errors import NotSent
 from ingest.contract.layout import PartitionGone
 from ingest.link.breaker import Breaker
 from ingest.link.choice import link_for
-from ingest.link.durability import Durability, NotDurable, Unconfirmed
+from ingest.link.durability import Durability, Unconfirmed, Undurable
 from ingest.link.resp import ImpossibleReply, Link
 
 
-class NotSent(RedisConnectionError):
+class RedisNotSent(NotSent, RedisConnectionError):
     """Refused before anything of the request was sent to Redis: its commands never ran."""
 
 
-class Backpressure(NotSent):
+class Backpressure(RedisNotSent):
     """More commands wait for Redis than ``REFSTREAM_REDIS_MAX_QUEUED``: refused at once."""
 
 
-class RedisDown(NotSent):
+class RedisDown(RedisNotSent):
     """The last round trip failed and no probe has succeeded since: refused at once."""
 
 
@@ -147,7 +150,7 @@ class RedisBatcher:
         if not self.down.allow():
             raise RedisDown(f"Redis is unavailable ({self.down.cause}); probing")
         if durable and self._durability.waits and not self.undurable.allow():
-            raise NotDurable(f"writes are not confirmed at the durability level ({self.undurable.cause}); probing")
+            raise Undurable(f"writes are not confirmed at the durability level ({self.undurable.cause}); probing")
         if self._queued + len(commands) > self._max_queued:
             raise Backpressure(f"{self._queued} Redis commands queued already (REFSTREAM_REDIS_MAX_QUEUED)")
         if self._task is None or self._task.done():
@@ -187,7 +190,7 @@ class RedisBatcher:
                 pass
             self._task = None
         await self._link.close()
-        self._fail_queued(NotSent("edge shutting down"))
+        self._fail_queued(RedisNotSent("edge shutting down"))
 
     def _fail_queued(self, exc: Exception) -> None:
         for item in self._queue:

@@ -26,6 +26,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
 from ingest.contract import bounds
+from ingest.contract.errors import Refused
 from ingest.edge.state import EDGE
 
 M = TypeVar("M", bound=BaseModel)
@@ -37,7 +38,7 @@ RAW_BODIES = web.AppKey("raw_bodies", bool)
 CLOSE: Any = web.RequestKey("refstream_close", bool) if hasattr(web, "RequestKey") else "refstream_close"
 
 
-class BodyError(Exception):
+class BodyError(Refused):
     def __init__(self, status: int, kind: str, message: str) -> None:
         super().__init__(message)
         self.status = status

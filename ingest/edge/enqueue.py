@@ -13,7 +13,7 @@ counted):
   stalled Redis resumes): the event may be counted, so it is never refused. It is spooled
   under the same ``event_id`` and answered as accepted; the workers store one copy (a keyed
   copy whose script Redis did not run is answered "may be stored" instead: ``ingest.edge.keyed``).
-  When the spool cannot keep it either, ``OutcomeUnknown``: the route answers 503 with
+  When the spool cannot keep it either, ``AppendUnknown``: the route answers 503 with
   ``Refstream-Outcome: unknown`` (``retry_headers``), which the README defines as "may be
   stored": a retry with the same ``Idempotency-Key`` counts once.
 """
@@ -29,11 +29,12 @@ from redis.exceptions import RedisError
 
 from ingest.contract import wire
 from ingest.contract.connections import REDIS_ERRORS, Command, CommitUnknown
+from ingest.contract.errors import OutcomeUnknown
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.logs import note_event
 from ingest.edge.batcher import Backpressure, RedisDown
-from ingest.link.durability import NotDurable, Unconfirmed
+from ingest.link.durability import Unconfirmed, Undurable
 from ingest.spool.store import Once
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ OUTCOME = "Refstream-Outcome"  # "unknown" on a 503 whose event may be stored
 EVENT_ID = "Refstream-Event-Id"  # the event_id of that event
 
 
-class OutcomeUnknown(RedisError):
+class AppendUnknown(OutcomeUnknown, RedisError):
     """The append may have been applied and the spool could not keep a copy: neither
     accepted nor refused. Routes answer 503 with ``retry_headers``."""
 
@@ -59,16 +60,14 @@ def never_sent(exc: BaseException) -> bool:
     (Redis down, a durability level not confirmed: both fail at once, before sending) and
     the queue cap. Anything else from the batcher may follow a write (a timeout, a lost
     connection): its outcome is unknown."""
-    if isinstance(exc, Unconfirmed):
-        return False
-    return isinstance(exc, RedisDown | Backpressure | NotDurable)
+    return isinstance(exc, RedisDown | Backpressure | Undurable)
 
 
 def retry_headers(exc: BaseException | None = None) -> dict[str, str]:
-    """A 503's headers: ``Retry-After``, and for ``OutcomeUnknown`` the two that say the
+    """A 503's headers: ``Retry-After``, and for ``AppendUnknown`` the two that say the
     event may be stored (``Refstream-Outcome: unknown``) and which event it is."""
     headers = {"Retry-After": "1"}
-    if isinstance(exc, OutcomeUnknown):
+    if isinstance(exc, AppendUnknown):
         headers[OUTCOME] = "unknown"
         if exc.event_id is not None:
             headers[EVENT_ID] = str(exc.event_id)
@@ -105,7 +104,7 @@ async def to_spool(
     is not kept), else None.
 
     ``maybe_applied``: the Redis error after which Redis may hold the event already. Then a
-    spool that cannot keep it raises ``OutcomeUnknown``; otherwise what the spool raised
+    spool that cannot keep it raises ``AppendUnknown``; otherwise what the spool raised
     (``SpoolFull``, ``SpoolError``: the event is nowhere, a refusal)."""
     try:
         first = await edge.spool.append(edge.keys.stream_for(routing_key), wire.to_blob(envelope), extra, once)
@@ -114,7 +113,7 @@ async def to_spool(
             raise
         log.warning("append.outcome_unknown", event_id=str(envelope.event_id), error=repr(maybe_applied),
                     spool=repr(exc))  # fmt: skip
-        raise OutcomeUnknown(envelope.event_id, maybe_applied) from exc
+        raise AppendUnknown(envelope.event_id, maybe_applied) from exc
     if first is not None:  # not kept: the key's first copy waits in the spool
         return first
     if maybe_applied is not None:
@@ -141,7 +140,7 @@ async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Comma
     Redis certainly did not take raises (the route refuses); what Redis may hold, at the
     primary short of ``REFSTREAM_ACK_DURABILITY``'s level or after a timeout, is spooled all
     the same, under the same ``event_id``, which the workers store once. Raises
-    ``OutcomeUnknown`` when that spool fails, ``SpoolFull`` / ``SpoolError`` (OSErrors)
+    ``AppendUnknown`` when that spool fails, ``SpoolFull`` / ``SpoolError`` (OSErrors)
     when the spool refuses an event that is nowhere else: the caller must not answer 2xx.
     """
     note_event(envelope.event_id)  # the request's lines name its event

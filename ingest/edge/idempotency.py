@@ -40,6 +40,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from ingest.contract import bounds, wire
 from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.errors import Refused
 from ingest.contract.events import Envelope, unique_token
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Layout
@@ -71,7 +72,7 @@ return 0
 """
 
 
-class InvalidKey(ValueError):
+class InvalidKey(Refused, ValueError):
     """A key that is not 1-255 printable ASCII characters: the route answers 400."""
 
 

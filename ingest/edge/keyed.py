@@ -7,7 +7,7 @@ first: a copy whose script Redis did not run (a timeout, a stall, Redis unreacha
 full) is never answered as accepted with its own answer, since another copy of the key,
 sent earlier to this edge or another, may run first when Redis resumes. Such a copy is
 spooled (with the key's check, so it is stored only if no copy is in Redis when it drains)
-and answered "may be stored" (``OutcomeUnknown``): the client's retry with the key gets
+and answered "may be stored" (``AppendUnknown``): the client's retry with the key gets
 the stored copy's answer once Redis can say.
 """
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.events import Envelope
 from ingest.contract.logs import note_event
-from ingest.edge.enqueue import OutcomeUnknown, first_reply, never_sent, to_spool
+from ingest.edge.enqueue import AppendUnknown, first_reply, never_sent, to_spool
 from ingest.edge.idempotency import Answer, Claim
 from ingest.spool.store import Once
 
@@ -33,7 +33,7 @@ async def append_keyed(
     ``answer`` stands (Redis's script appended it), else the first request's answer.
 
     At ``REFSTREAM_ACK_DURABILITY``'s level, as ``enqueue.append``; the answer stands only
-    once the script's run is confirmed at the level. ``OutcomeUnknown`` (503, "may be
+    once the script's run is confirmed at the level. ``AppendUnknown`` (503, "may be
     stored") when it appended on the primary short of the level (a failover may lose it;
     the copy is spooled), when Redis may run the script yet (a timeout, a lost connection:
     the copy is spooled), when Redis certainly did not run it but the
@@ -56,7 +56,7 @@ async def append_keyed(
     except REDIS_ERRORS as exc:
         known, first = first_reply(exc)
         if known and isinstance(first, bytes):
-            raise OutcomeUnknown(None, exc) from exc
+            raise AppendUnknown(None, exc) from exc
         # Redis may hold it: appended in the primary short of the level (a failover may lose
         # it), or a timeout, a lost connection (it may run yet); else refused, or never sent
         if first is None if known else not never_sent(exc):
@@ -67,7 +67,7 @@ async def append_keyed(
             raise
         else:
             await to_spool(edge, envelope, routing_key, extra, once=check)
-        raise OutcomeUnknown(None, exc) from exc
+        raise AppendUnknown(None, exc) from exc
     first = replies[0]
     if isinstance(first, bytes):
         return Answer.decode(first)
@@ -75,7 +75,7 @@ async def append_keyed(
         if not spool:
             raise first
         await to_spool(edge, envelope, routing_key, extra, once=check)
-        raise OutcomeUnknown(None, first)
+        raise AppendUnknown(None, first)
     edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
     return None
 
@@ -84,9 +84,9 @@ async def spool_or_unknown(
     edge: Edge, envelope: Envelope, routing_key: str, extra: tuple[Command, ...], check: Once, exc: BaseException
 ) -> None:
     """Spool a keyed copy Redis may hold (kept unless a copy of its key waits there);
-    ``OutcomeUnknown``, naming no event (the key's stored copy may be another's), when the
+    ``AppendUnknown``, naming no event (the key's stored copy may be another's), when the
     spool cannot keep it."""
     try:
         await to_spool(edge, envelope, routing_key, extra, once=check, maybe_applied=exc)
-    except OutcomeUnknown as unknown:
-        raise OutcomeUnknown(None, exc) from unknown
+    except AppendUnknown as unknown:
+        raise AppendUnknown(None, exc) from unknown

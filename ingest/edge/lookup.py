@@ -28,6 +28,7 @@ import structlog
 
 from ingest.contract import clicks, clock, links, wire
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, Command
+from ingest.contract.errors import Outage
 from ingest.contract.events import Envelope, unique_token
 from ingest.edge.auth import Principal
 from ingest.edge.enqueue import appended, never_sent, to_spool
@@ -85,7 +86,7 @@ return verdict
 SEEN_MAX = 65_536  # keys whose last value this edge remembers (links, flags); cleared when full
 
 
-class Unavailable(Exception):
+class Unavailable(Outage):
     """Postgres was needed and did not answer (or too many requests were already asking)."""
 
 

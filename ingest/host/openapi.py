@@ -16,7 +16,7 @@ from pydantic.json_schema import models_json_schema
 
 from ingest.contract import bounds
 from ingest.contract.fields import IDENT, NO_NUL
-from ingest.edge import refund, sale
+from ingest.edge import bodies, refund, sale
 from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, refport
 from ingest.host import health
 from ingest.manage.routes import bricqs as bricqs_manage
@@ -84,16 +84,16 @@ OPERATIONS: tuple[Op, ...] = (
     Op("get", "/api/v1/referrals/validate/{code}", "Validate a referral code", "Bricqs",
        {200: bricqs.BricqsValidated, **errors(B, 429, 503)}),
     Op("post", "/api/v1/referrals/convert", "Convert a referral", "Bricqs",
-       {200: bricqs.BricqsConverted, **errors(B, 403, 404, 429, 503, *BODY)}, bricqs.BricqsConvert),
+       {200: bricqs.BricqsConverted, **errors(B, 403, 404, 429, 503, *BODY)}, bodies.BricqsConvert),
     Op("get", "/api/v1/referrals/stats/{participant_id}", "Referral statistics of a participant", "Bricqs",
        {200: bricqs_manage.BricqsStats, **errors(B, 401, 403, 404, 429, 503)}, security="apiKey"),
     Op("post", "/api/v1/track/click", "Track an affiliate click (Affitor, seed 002)", "Affitor",
        {200: (affitor.AffitorClickResponse, affitor.AffitorTestModeResponse, A), **errors(A, 403, 429, 503, *BODY)},
        affitor.AffitorClick),
     Op("post", "/v1/track/click", "Track a click, server to server (Affixo, seed 003)", "Affixo",
-       {200: affixo.AffixoClickRecorded, **errors(F, 401, 403, 404, 429, 503, *BODY)}, affixo.AffixoClick, "bearer"),
+       {200: affixo.AffixoClickRecorded, **errors(F, 401, 403, 404, 429, 503, *BODY)}, bodies.AffixoClick, "bearer"),
     Op("post", "/api/track/lead", "Track a lead (Refport, seed 004)", "Refport",
-       {200: refport.RefportLeadTracked, **errors(R, 401, 429, 503, *BODY)}, refport.RefportLead, "bearer"),
+       {200: refport.RefportLeadTracked, **errors(R, 401, 429, 503, *BODY)}, bodies.RefportLead, "bearer"),
     Op("post", "/api/track/sale", "Track a sale (Refport): attributed to the customer's lead; an invoice counts "
        "once, a repeat answered as the first", "Refport",
        {200: refport.RefportSaleTracked, **errors(R, 401, 422, 429, 503, *BODY)}, sale.RefportSale, "bearer"),

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import structlog
 
+from ingest.contract.errors import Refused
+
 log = structlog.get_logger("ingest.takeover")
 
 
@@ -32,7 +34,7 @@ def control_path(host: str, port: int) -> Path:
     return Path(where) / f"refstream-serve-{''.join(c if c.isalnum() else '_' for c in host)}-{port}.sock"
 
 
-class NothingToTakeOver(Exception):
+class NothingToTakeOver(Refused):
     """No supervisor answers on the control socket of that host and port."""
 
 

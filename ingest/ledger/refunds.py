@@ -30,6 +30,7 @@ from uuid import UUID
 import asyncpg
 
 from ingest.contract.connections import write
+from ingest.contract.errors import NotFound, Refused
 from ingest.contract.events import uuid7
 from ingest.ledger import outbox
 from ingest.ledger.outbox import WebhookEvent
@@ -58,11 +59,11 @@ DO UPDATE SET refunds = t.refunds + 1, refunded = t.refunded + EXCLUDED.refunded
 """
 
 
-class SaleNotFound(LookupError):
+class SaleNotFound(NotFound):
     """No sale of that invoice in the workspace (yet: a sale still on its way is not)."""
 
 
-class RefundTooLarge(ValueError):
+class RefundTooLarge(Refused, ValueError):
     """The refund would take the sale's refunded total past its amount (or refunds nothing)."""
 
     def __init__(self, amount: int, refunded: int, left: int) -> None:
@@ -70,7 +71,7 @@ class RefundTooLarge(ValueError):
         self.left = left
 
 
-class KeyReused(ValueError):
+class KeyReused(Refused, ValueError):
     """The refund's key names a refund that asked something else."""
 
 

@@ -15,11 +15,13 @@ import secrets
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from ingest.contract.errors import Misconfigured
+
 SECRET_PREFIX = "whsec_"
 DISPLAY_CHARS = 10  # "whsec_" and four characters: enough to recognise, useless to sign
 
 
-class SecretKeyError(RuntimeError):
+class SecretKeyError(Misconfigured, RuntimeError):
     """The secret key is missing or malformed, or does not open a stored token.
 
     A configuration problem, not a transient one: retrying will not help until an operator

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from ingest.contract.errors import Refused
 from ingest.contract.urls import hostname
 
 Address = IPv4Address | IPv6Address
@@ -64,7 +65,7 @@ def url_refusal(url: str) -> str | None:
     return refusal(addr) if addr is not None else None
 
 
-class PrivateAddress(OSError):
+class PrivateAddress(Refused, OSError):
     """A webhook host resolved to an address deliveries may not go to."""
 
     def __init__(self, message: str) -> None:

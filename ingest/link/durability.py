@@ -45,17 +45,23 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from ingest.contract.errors import NotSent, OutcomeUnknown, RefstreamError
 from ingest.contract.settings import Settings
 
 WAITAOF_SINCE = (7, 2, 0)
 
 
-class NotDurable(RedisError):
-    """Not confirmed at the configured level. Raised as itself before anything was sent
-    (the batcher's breaker); as ``Unconfirmed`` after the primary ran the commands."""
+class NotDurable(RefstreamError, RedisError):
+    """Not confirmed at the configured level: ``Undurable`` before anything was sent (the
+    batcher's breaker), ``Unconfirmed`` after the primary ran the commands."""
 
 
-class Unconfirmed(NotDurable):
+class Undurable(NotDurable, NotSent):
+    """Refused before sending: writes are known not to reach the level now (the breaker is
+    open); nothing ran."""
+
+
+class Unconfirmed(NotDurable, OutcomeUnknown):
     """The primary executed the round trip; the level's confirmation did not come in time.
     ``replies``: the primary's replies to the failed request's own commands (empty until
     the batcher hands the error to one request, ``for_request``)."""

@@ -54,6 +54,7 @@ from redis.exceptions import InvalidResponse, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest.contract.connections import Redis, client_fault
+from ingest.contract.errors import OutcomeUnknown
 
 Command = tuple[Any, ...]
 HEALTH_CHECK_S = 30.0  # idle this long: PING before the next batch
@@ -101,7 +102,7 @@ def _encode(arg: object) -> bytes:
     raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
 
 
-class ImpossibleReply(RedisConnectionError):
+class ImpossibleReply(OutcomeUnknown, RedisConnectionError):
     """A reply that cannot be the answer to the command it came for (its shape is wrong):
     the connection is out of step with its commands, or the server misbehaves. Whatever was
     sent may have run: an outcome unknown, as for a timeout."""

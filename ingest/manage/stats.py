@@ -17,13 +17,14 @@ import asyncpg
 
 from ingest.contract import clock
 from ingest.contract.drops import FLAGGED
+from ingest.contract.errors import Refused
 
 COUNTED = ("clicks", "unique_clicks", "bot_clicks", "leads", "conversions")
 MAX_DAYS = 366
 DEFAULT_DAYS = 30
 
 
-class BadRange(ValueError):
+class BadRange(Refused, ValueError):
     """``from``/``to`` that are not dates, or not a range of at most ``MAX_DAYS``."""
 
 

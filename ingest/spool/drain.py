@@ -36,6 +36,7 @@ import structlog
 
 from ingest.contract import erasure, wire
 from ingest.contract.connections import REDIS_ERRORS, Command, Redis, cancelled_meanwhile
+from ingest.contract.errors import Outage
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Layout, PartitionGone, Watch
 from ingest.contract.wire import EnvelopeError, entry_from_blob
@@ -52,7 +53,7 @@ DRAIN_BATCH = 500
 T = TypeVar("T")
 
 
-class SpoolDrainFailed(Exception):
+class SpoolDrainFailed(Outage):
     """A file-system step of the drain failed; already logged and counted."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from ingest.contract.errors import Outage
 from ingest.link.durability import Durability
 from ingest.spool import store as store
 from ingest.spool.drain import Drain
@@ -35,7 +36,7 @@ from ingest.spool.drain import Drain
 log = structlog.get_logger("ingest.spool")
 
 
-class SpoolError(OSError):
+class SpoolError(Outage, OSError):
     """The spool could not keep an event: the caller must not answer 2xx (routes answer 503)."""
 
 

@@ -56,7 +56,7 @@ from workers.archive import segment as seg
 from workers.archive.store import ArchiveUnavailable, Store
 from workers.group import CHUNK, Member, Part, text
 from workers.group import Entry as Read
-from workers.group.errors import Outage, redis_outage
+from workers.group.errors import BatchOutage, redis_outage
 
 log = structlog.get_logger("workers.archive")
 
@@ -155,7 +155,7 @@ class Archiver:
         except Exception as exc:
             if (reason := pg_outage(exc)) is None:
                 raise
-            raise Outage(reason, exc) from exc
+            raise BatchOutage(reason, exc) from exc
         if n:
             log.info("archive.scrubbed", entries=n)
         return out
@@ -227,11 +227,11 @@ class _Segment(Part):
             try:
                 await self.a.write(self.p, self.stream, chunk)
             except ArchiveUnavailable as exc:
-                raise Outage("archive_unavailable", exc) from exc
+                raise BatchOutage("archive_unavailable", exc) from exc
             except Exception as exc:
                 if (reason := redis_outage(exc)) is None:
                     raise
-                raise Outage(reason, exc) from exc
+                raise BatchOutage(reason, exc) from exc
             for sid, _ in chunk:
                 self.buf.pop(sid, None)
         self.final = False

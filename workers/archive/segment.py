@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 import zstandard
 
+from ingest.contract.errors import Refused
 from ingest.contract.keys import parse_id
 from ingest.contract.wire import FIELD
 
@@ -43,7 +44,7 @@ _NAME = re.compile(r"(?:^|/)(\d+)-(\d+-\d+)-(\d+-\d+)\.jsonl\.zst$")
 StreamId = tuple[int, int]
 
 
-class SegmentError(ValueError):
+class SegmentError(Refused, ValueError):
     """A segment that does not decode, or whose checksum does not match its lines."""
 
 

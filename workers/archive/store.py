@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
+from ingest.contract.errors import Outage
 from ingest.contract.settings import Settings
 
 TMP = ".tmp-"
 STALE_S = 600
 
 
-class ArchiveUnavailable(Exception):
+class ArchiveUnavailable(Outage):
     """The object store (or the disk) refused or failed an operation: an outage, waited out."""
 
 

@@ -26,7 +26,7 @@ from ingest.contract.settings import Settings
 from workers.consumer import partitions, trim
 from workers.consumer.pipeline import Batch, Pipeline
 from workers.group import Chore, Entry, Member, Part, id_after, text
-from workers.group.errors import Outage
+from workers.group.errors import BatchOutage
 from workers.group.gate import Gate
 
 # A batch costs about a dozen statements and a commit whatever its size, so under a steady
@@ -123,7 +123,7 @@ class _Batches(Part):
         assert self.batch is not None
         try:
             await self.c.pipeline.process(self.batch)
-        except Outage:
+        except BatchOutage:
             self.batch.failures += 1
             raise
         self.batch = None

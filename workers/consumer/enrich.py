@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import maxminddb
 
+from ingest.contract.errors import Misconfigured
 from workers.consumer import device, geo
 
 # Well-known cloud/datacenter networks: AS number → organisation name(s) as spelled in the
@@ -47,7 +48,7 @@ _IP_POLICIES = ("full", "truncated", "none")
 _T = TypeVar("_T")
 
 
-class EnrichConfigError(ValueError):
+class EnrichConfigError(Misconfigured, ValueError):
     """The enricher's configuration is wrong (e.g. `city_db` points at nothing): fix and restart.
 
     Deliberately not an OSError: workers.group.errors treats OSError as transient and would retry.

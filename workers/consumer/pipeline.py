@@ -5,7 +5,7 @@ Ack after commit, always: a crash between the two redelivers the batch, and the 
 makes the second pass a no-op. The opposite order would lose events on a crash.
 
 A batch is carried by a ``Batch`` that remembers which stages are done. When an outage
-stops a stage (``Outage``: Postgres or Redis, never the entries), the consumer holds the
+stops a stage (``BatchOutage``: Postgres or Redis, never the entries), the consumer holds the
 ``Batch`` in memory and calls ``process`` again after a backoff; the stages already done
 are not repeated, and the entries are never read again from Redis, so an outage, however
 long, adds nothing to their delivery history.
@@ -44,7 +44,7 @@ from ingest.privacy import erasure_copy
 from workers.consumer import store, webhooks
 from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics
-from workers.group.errors import Outage, postgres_outage, redis_outage
+from workers.group.errors import BatchOutage, postgres_outage, redis_outage
 
 log = structlog.get_logger("workers.pipeline")
 
@@ -117,7 +117,7 @@ class Pipeline:
         self.ledger_restored = False  # the erasures Postgres lost, put back before the first batch
 
     async def process(self, batch: Batch) -> None:
-        """Take ``batch`` through its remaining stages. Raises ``Outage`` when Postgres or
+        """Take ``batch`` through its remaining stages. Raises ``BatchOutage`` when Postgres or
         Redis stopped it: call again with the same ``batch`` once the cause may be gone."""
         if batch.good is None:
             self._decode(batch)
@@ -147,8 +147,8 @@ class Pipeline:
                     log.error(
                         "batch.worker_error", stream=batch.stream, entries=len(todo), **error_fields(failed[0][1])
                     )
-                    raise Outage("worker_error", failed[0][1])
-            except Outage:
+                    raise BatchOutage("worker_error", failed[0][1])
+            except BatchOutage:
                 await self._refund(batch, counted)
                 raise
             batch.dead.extend(batch.letter(e, f"store: {type(x).__name__}: {x}") for e, x in failed)
@@ -198,14 +198,14 @@ class Pipeline:
             raise
 
     async def _raise_if_outage(self, exc: Exception) -> None:
-        """``Outage`` when ``exc`` says Postgres cannot serve anyone now; else return."""
+        """``BatchOutage`` when ``exc`` says Postgres cannot serve anyone now; else return."""
         reason = postgres_outage(exc)
         if reason is not None:
             # the pool's idle connections may all be dead (a restart), still on the old host
             # or still read-only (settings read at connect), or hold statements prepared for
             # the old schema: the retry gets fresh ones
             await self.pg.expire_connections()
-            raise Outage(reason, exc) from exc
+            raise BatchOutage(reason, exc) from exc
 
     async def _count_attempts(self, batch: Batch, todo: list[Envelope], counted: list[bytes]) -> list[Envelope]:
         """One more attempt for each tracked entry (their ids added to ``counted``); those
@@ -317,7 +317,7 @@ class Pipeline:
                 pool = getattr(self.redis, "connection_pool", None)
                 if pool is not None:
                     await pool.disconnect()
-            raise Outage(reason, exc) from exc
+            raise BatchOutage(reason, exc) from exc
 
     async def _dead_letter(self, stream: str, dead: list[Dead]) -> None:
         """One XADD per letter, of bytes only: nothing in it is encoded from what the entry

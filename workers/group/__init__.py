@@ -19,7 +19,7 @@ Outages are waited out, never counted against the entries:
   (under ``noeviction`` it is a deny-OOM command; XREADGROUP, XACK, XCLAIM and XAUTOCLAIM
   are not): a group that exists is enough. A group that does not exist is waited for, the
   partition shown as blocked, and created once Redis takes writes again.
-- A part whose settling meets an ``Outage`` keeps what it holds and retries with a backoff.
+- A part whose settling meets an ``BatchOutage`` keeps what it holds and retries with a backoff.
   While Postgres is the cause, no partition reads anything new (``Gate``).
 - Everything a part holds (a batch in flight, a segment being gathered) stays claimed by
   this member: every ``claim_idle_ms / 3`` its idle time is reset (XCLAIM JUSTID: no

@@ -22,6 +22,7 @@ import structlog
 from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, RedisClusterException, RedisError
 
 from ingest.contract.connections import PG_OUTAGES, client_fault, pg_outage
+from ingest.contract.errors import Outage
 
 log = structlog.get_logger("workers.errors")
 T = TypeVar("T")
@@ -33,7 +34,7 @@ REASONS = tuple(
 )
 
 
-class Outage(Exception):
+class BatchOutage(Outage):
     """A batch could not be stored or acked for a reason that is not its own."""
 
     def __init__(self, reason: str, cause: BaseException) -> None:

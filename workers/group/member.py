@@ -16,15 +16,16 @@ from typing import Any
 
 import structlog
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from ingest.contract import layout
 from ingest.contract.connections import Redis, cancelled_meanwhile
+from ingest.contract.errors import Unreplicated
 from ingest.contract.keys import Keys, parse_id
 from ingest.contract.settings import Settings
 from workers.group import presence, stopping
 from workers.group.claims import Claims, text
-from workers.group.errors import Outage, redis_outage
+from workers.group.errors import BatchOutage, redis_outage
 from workers.group.gate import Backoff, Gate
 from workers.group.part import Chore, Entry, Part
 from workers.group.primaries import Primaries
@@ -32,10 +33,6 @@ from workers.group.primaries import Primaries
 log = structlog.get_logger("workers.group")
 
 LEAVE_WITHIN_S = 5.0  # a stop's hand-back, and its goodbye (state forgotten, empty member deleted): best effort
-
-
-class Unreplicated(RedisError):
-    """Entries read that fewer replicas than ``REFSTREAM_ACK_DURABILITY`` names have yet."""
 
 
 class Member:
@@ -323,7 +320,7 @@ class Member:
         while True:
             try:
                 await part.settle()
-            except Outage as exc:
+            except BatchOutage as exc:
                 if exc.reason != failure:
                     log.warning(f"{self.role}.held", stream=stream, reason=exc.reason, error=str(exc)[:300])
                     failure = exc.reason

@@ -14,7 +14,7 @@ Entry = tuple[bytes, dict[bytes, bytes] | None]  # as XREADGROUP returns it (fie
 class Part(ABC):
     """What a member's user holds on one partition, and what it does with it. The member
     reads while ``room()`` is above 0 and settles what is held when it is 0 (or when
-    stopping); ``settle`` raises ``Outage`` to be called again after a backoff."""
+    stopping); ``settle`` raises ``BatchOutage`` to be called again after a backoff."""
 
     @abstractmethod
     def room(self) -> int:

@@ -32,6 +32,7 @@ import orjson
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio.client import Pipeline
 
+from ingest.contract.errors import Misconfigured
 from ingest.contract.keys import Keys
 from ingest.contract.sentinel_url import sentinel_target
 from ingest.contract.settings import Settings
@@ -48,7 +49,7 @@ _ALL_KEYS = frozenset("DEL UNLINK EXISTS WATCH MGET".split())
 _SCRIPTS = frozenset("EVAL EVALSHA".split())
 
 
-class UnprefixedKey(RuntimeError):
+class UnprefixedKey(Misconfigured, RuntimeError):
     """arq sent a command this client cannot put under the prefix (a newer arq?)."""
 
 

@@ -23,12 +23,13 @@ import csv
 from collections import deque
 from collections.abc import Iterable, Iterator
 
+from ingest.contract.errors import Refused
 from workers.ops.import_lines import MAX_LINE, Bad, Line
 
 csv.field_size_limit(max(csv.field_size_limit(), 4 * MAX_LINE))  # the record's bound decides, not the cell's
 
 
-class _Unclosed(Exception):
+class _Unclosed(Refused):
     """The record's quote did not close within the bound, or before a line that is refused
     (``bad``) or the end of the file."""
 

@@ -18,10 +18,10 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 
 from ingest.contract.connections import Redis
+from ingest.contract.errors import Refused, Unreplicated
 from ingest.contract.keys import Keys
 from workers.archive import read as archive_read
 from workers.archive.store import Store
-from workers.group.member import Unreplicated
 from workers.group.primaries import Primaries
 
 MAX_SEQ = 2**64 - 1
@@ -35,7 +35,7 @@ return {#rows, rows[#rows][1]}
 """
 
 
-class RangeError(ValueError):
+class RangeError(Refused, ValueError):
     """A range that cannot be parsed, or that selects nothing by construction."""
 
 

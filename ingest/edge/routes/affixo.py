@@ -20,13 +20,13 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from ingest.contract.connections import REDIS_ERRORS, Command
-from ingest.contract.events import Dialect, Envelope, EventType, uuid7
-from ingest.contract.fields import NoNul, VisitorId
+from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LinkInfo
 from ingest.edge import accept, sale
+from ingest.edge.bodies import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
@@ -35,18 +35,6 @@ from ingest.edge.sale import AffixoConversion
 from ingest.edge.state import Edge
 
 routes = web.RouteTableDef()
-
-FINGERPRINT_TTL_S = 90 * 86400
-FINGERPRINT_CONFIDENCE = 0.8
-
-
-class AffixoClick(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    ref: NoNul = Field(min_length=1, max_length=128, description="Referral code / ref_param.")
-    visitor_id: VisitorId = Field(None, max_length=128)
-    fingerprint: NoNul | None = Field(None, max_length=1024)
-    url: NoNul | None = Field(None, max_length=2048)
-    referrer: NoNul | None = Field(None, max_length=2048)
 
 
 class AffixoClickRecorded(BaseModel):
@@ -81,10 +69,6 @@ def recorded(visitor: str, method: str, confidence: float) -> bytes:
     """The answer: AffixoClickRecorded's fields, in its order (the model documents it; a
     dict is cheaper to dump)."""
     return orjson.dumps({"ok": True, "visitor_id": visitor, "match_method": method, "match_confidence": confidence})
-
-
-def new_visitor_id() -> str:
-    return "v_" + uuid7().hex
 
 
 @dataclass(frozen=True, slots=True)

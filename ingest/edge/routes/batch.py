@@ -28,16 +28,21 @@ from ingest.contract.connections import REDIS_ERRORS
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.fields import NoNul
 from ingest.edge import accept, refund, sale
+from ingest.edge.bodies import (
+    FINGERPRINT_CONFIDENCE,
+    FINGERPRINT_TTL_S,
+    AffixoClick,
+    BricqsConvert,
+    RefportLead,
+    new_visitor_id,
+)
 from ingest.edge.body import BodyError, bounded, describe, read
 from ingest.edge.body import code as body_code
-from ingest.edge.enqueue import OutcomeUnknown, never_sent, to_spool, xadd
+from ingest.edge.enqueue import AppendUnknown, never_sent, to_spool, xadd
 from ingest.edge.idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
 from ingest.edge.keyed import spool_or_unknown
 from ingest.edge.lookup import ClickPending, Unavailable, resolve_click, resolve_link
 from ingest.edge.refund import RefportRefund
-from ingest.edge.routes.affixo import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
-from ingest.edge.routes.bricqs import BricqsConvert
-from ingest.edge.routes.refport import RefportLead
 from ingest.edge.sale import RefportSale
 from ingest.edge.state import Edge
 from ingest.link.durability import Unconfirmed
@@ -314,7 +319,7 @@ async def _accept(
             written = await _settle(edge, sent, exc)
         for reply, item in zip(written, sent, strict=True):
             result, claim = item.result, item.claim
-            if isinstance(reply, OutcomeUnknown):  # neither accepted nor refused
+            if isinstance(reply, AppendUnknown):  # neither accepted nor refused
                 result.ok, result.error = False, "outcome_unknown"
                 result.event_id = str(reply.event_id) if reply.event_id else None
                 result.detail = "may be stored: retry with the same idempotency key to count it once"
@@ -368,7 +373,7 @@ async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any
     """The appends' round trip failed after it was sent: what Redis may hold is spooled under
     its event id (and a keyed item with its check), never refused (``ingest.edge.enqueue``). One
     reply per item, as the round trip's would have been: None or a stream id once spooled,
-    the error of an item Redis refused, ``OutcomeUnknown`` for a keyed item (spooled) and
+    the error of an item Redis refused, ``AppendUnknown`` for a keyed item (spooled) and
     where the spool could not keep one."""
     replies: list[Any] = list(exc.replies) if isinstance(exc, Unconfirmed) else [None] * len(sent)
 
@@ -376,15 +381,15 @@ async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any
         if isinstance(reply, Exception):
             return reply  # Redis refused it: not written
         if isinstance(reply, bytes) and item.claim is not None:  # the key's record, unconfirmed
-            return OutcomeUnknown(None, exc)
+            return AppendUnknown(None, exc)
         code = _route(item.envelope)
         claim, answer = item.claim, item.answer
         try:
             if claim is not None and answer is not None:  # stands only where its script's run is confirmed
                 await spool_or_unknown(edge, item.envelope, code, (), edge.idem.check(claim, code, answer), exc)
-                return OutcomeUnknown(None, exc)  # (ingest.edge.keyed)
+                return AppendUnknown(None, exc)  # (ingest.edge.keyed)
             await to_spool(edge, item.envelope, code, maybe_applied=exc)
-        except OutcomeUnknown as unknown:
+        except AppendUnknown as unknown:
             return unknown
         return None  # kept: accepted
 

@@ -16,12 +16,12 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from ingest.contract.connections import REDIS_ERRORS
 from ingest.contract.events import Dialect, EventType, uuid7
-from ingest.contract.fields import NoNul, SessionId
 from ingest.edge import accept
+from ingest.edge.bodies import BricqsConvert
 from ingest.edge.body import BodyError, parse, plain
 from ingest.edge.body import code as body_code
 from ingest.edge.enqueue import retry_headers
@@ -39,12 +39,6 @@ class BricqsValidated(BaseModel):
     code: str
     referrer_id: str | None = None
     campaign_id: str | None = None
-
-
-class BricqsConvert(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    code: NoNul = Field(min_length=1, max_length=128)
-    referred_session_id: SessionId = Field(min_length=1, max_length=256)
 
 
 class BricqsConverted(BaseModel):

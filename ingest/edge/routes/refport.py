@@ -17,20 +17,19 @@ Errors: 400 ``INVALID_CLICK_ID`` / ``VALIDATION_ERROR``, 401 ``UNAUTHORIZED``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from ingest.contract import clicks, links
-from ingest.contract.bounds import MAX_KEYS
 from ingest.contract.clicks import ClickRef
 from ingest.contract.connections import REDIS_ERRORS, Command, CommitUnknown
 from ingest.contract.events import Dialect, Envelope, EventType
-from ingest.contract.fields import ExternalId, NoNul, no_nul_inside
 from ingest.edge import accept, refund, sale
+from ingest.edge.bodies import RefportLead
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
 from ingest.edge.idempotency import HEADER, REPLAYED, Claim, InvalidKey, fingerprint, header_key
@@ -41,17 +40,6 @@ from ingest.edge.state import Edge
 
 log = structlog.get_logger("ingest.refport")
 routes = web.RouteTableDef()
-
-
-class RefportLead(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    clickId: NoNul = Field(min_length=1, max_length=128)
-    eventName: NoNul = Field(min_length=1, max_length=256)
-    customerExternalId: ExternalId = Field(min_length=1, max_length=256)
-    customerEmail: str | None = Field(None, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$")
-    customerName: NoNul | None = Field(None, max_length=256)
-    customerAvatar: NoNul | None = Field(None, max_length=2048)
-    metadata: Annotated[dict[str, Any], AfterValidator(no_nul_inside)] | None = Field(None, max_length=MAX_KEYS)
 
 
 class RefportClick(BaseModel):

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
-from ingest.contract.errors import NotFound
+from ingest.contract.errors import Conflict, NotFound
 from ingest.edge.auth import Principal, bearer
 from ingest.edge.body import BodyError, plain, read
 from ingest.edge.body import code as body_code
@@ -20,7 +20,7 @@ from ingest.edge.enqueue import OUTCOME
 from ingest.edge.idempotency import Claim, InvalidKey, header_key, request_claim
 from ingest.edge.lookup import Unavailable, lookup
 from ingest.edge.state import EDGE, Edge
-from ingest.manage import manage, stats
+from ingest.manage import stats
 
 
 def json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -111,7 +111,7 @@ def guarded(
                     return error(exc.status, body_code(exc), exc.message)
                 except NotFound as exc:
                     return error(404, "not_found", str(exc))
-                except manage.Conflict as exc:
+                except Conflict as exc:
                     return error(409, "conflict", str(exc))
                 except CommitUnknown:  # the write may be done: not a refusal
                     return json(503, {"error": "unavailable"}, {"Retry-After": "1", OUTCOME: "unknown"})
