@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 
 from ingest.contract.settings import Settings
-from refstream.embedded import free_port
+from refstream.embedded import free_port as free_port  # the tests take it from here, with the processes
 
 REFSTREAM = str(Path(sys.executable).parent / "refstream")
 _ROOT = Path(__file__).resolve().parent.parent  # where `python -m tests._failpoint` finds tests/

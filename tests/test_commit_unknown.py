@@ -73,7 +73,7 @@ class _DriverBreaksAtCommit(asyncpg.Connection):  # type: ignore[misc]
     at = "COMMIT;"
 
     async def execute(self, query: str, *args: object, **kw: object) -> str:
-        done = await super().execute(query, *args, **kw)
+        done: str = await super().execute(query, *args, **kw)
         if query == self.at:
             raise asyncpg.InternalClientError("cannot switch to state 15; another operation is in progress")
         return done

@@ -158,8 +158,11 @@ async def test_a_dead_lettered_lead_teaches_the_sweep_its_click(
     await drain()
     assert await pg.fetchval("SELECT referrer FROM events WHERE event_id = $1", click.event_id) == REFERRER
     lead = lead_of(world, p, click)
-    await redis.xadd(keys.dead, {"stream": keys.stream_for(world.link["code"]), "id": "1-0", "error": "a test's",
-                                 "deliveries": 5, "at": 0, **lead.entry_dict()})  # fmt: skip
+    letter: dict[Any, str | bytes | int] = {  # str and bytes names, as xadd takes them
+        "stream": keys.stream_for(world.link["code"]), "id": "1-0", "error": "a test's", "deliveries": 5, "at": 0,
+        **lead.entry_dict(),
+    }
+    await redis.xadd(keys.dead, letter)
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
     assert await pg.fetchval("SELECT referrer FROM events WHERE event_id = $1", click.event_id) == REFERRER
     assert await sweep_until_done(pg, redis, keys, None) >= 2  # the lesson leaves it pending once
