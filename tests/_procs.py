@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import aiohttp
 import orjson
@@ -126,6 +126,15 @@ class Procs:
                     raise AssertionError(f"edge not healthy: {self.logs()}")
                 await asyncio.sleep(0.05)
 
+    # A test passes its environment as ``**env`` (a ``dict[str, str]``) and at most one of
+    # ``check`` and ``timeout``: one signature per shape, so that no ``dict[str, str]`` is
+    # taken to fill a ``bool`` or ``float``.
+    @overload
+    async def cli(self, *args: str, **env: str) -> Any: ...
+    @overload
+    async def cli(self, *args: str, check: bool, **env: str) -> Any: ...
+    @overload
+    async def cli(self, *args: str, timeout: float, **env: str) -> Any: ...
     async def cli(self, *args: str, check: bool = True, timeout: float = 120, **env: str) -> Any:
         """Run a command to completion with ``--json``; its stdout parsed."""
         if "--json" not in args:

@@ -206,7 +206,7 @@ async def test_an_entry_too_deep_in_its_stream_is_dead_lettered_as_its_bytes_and
         async def settled() -> bool:
             if worker.poll() is not None:
                 raise AssertionError(f"the worker exited with {worker.returncode}: {procs.logs()}")
-            stored = await pg.fetchval("SELECT count(*) FROM events")
+            stored: int = await pg.fetchval("SELECT count(*) FROM events")
             return stored == 4 and await redis.xlen(keys.dead) == 3
 
         await wait_for(settled, timeout=60, what="the clicks stored and the deep entries dead-lettered")
@@ -234,7 +234,8 @@ async def test_an_entry_too_deep_in_its_stream_is_dead_lettered_as_its_bytes_and
 
 
 async def _acked(redis: Any, stream: str) -> bool:
-    return (await redis.xpending(stream, GROUP))["pending"] == 0
+    pending: int = (await redis.xpending(stream, GROUP))["pending"]
+    return pending == 0
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

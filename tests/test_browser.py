@@ -177,7 +177,8 @@ async def test_tracker_cookie_attribution_signup_and_redirect(
 
     async def counted() -> bool:
         await drain()
-        return await pg.fetchval("SELECT clicks FROM links WHERE code = 'SIGNUP'") == 1
+        clicks: int = await pg.fetchval("SELECT clicks FROM links WHERE code = 'SIGNUP'")
+        return clicks == 1
 
     await wait_for(counted, timeout=30, what="the browser's clicks to be counted")
     rows = {r["code"]: (r["clicks"], r["leads"]) for r in await pg.fetch("SELECT code, clicks, leads FROM links")}

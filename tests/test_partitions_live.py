@@ -319,7 +319,8 @@ async def test_edge_and_worker_follow_2_4_1_partitions_under_requests_and_lose_n
             i += 1
 
     async def lands_in(p: int) -> bool:
-        return await redis.xlen(keys.stream(p)) > 0
+        length: int = await redis.xlen(keys.stream(p))
+        return length > 0
 
     sender = asyncio.create_task(load())
     try:

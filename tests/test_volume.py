@@ -163,7 +163,8 @@ async def test_two_workers_one_killed_mid_run(procs: Procs, pg, redis, keys: Key
     procs.start("work", REFSTREAM_CONSUMER_NAME="survivor", **env)
 
     async def progressed() -> bool:
-        return await pg.fetchval("SELECT count(*) FROM events") > 3000
+        events: int = await pg.fetchval("SELECT count(*) FROM events")
+        return events > 3000
 
     await wait_for(progressed, timeout=120, what="the workers to get going")
     victim.send_signal(signal.SIGKILL)

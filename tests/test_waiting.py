@@ -212,7 +212,8 @@ async def test_reclaim_never_waits_behind_webhook_jobs(procs: Procs, pg: asyncpg
         procs.start("work", REFSTREAM_WEBHOOK_ALLOW_PRIVATE="true")  # its receiver is on loopback
 
         async def stored() -> bool:
-            return await pg.fetchval("SELECT count(*) FROM events") == 25
+            events: int = await pg.fetchval("SELECT count(*) FROM events")
+            return events == 25
 
         await wait_for(stored, timeout=60, what="the ghost's entries to be reclaimed and stored")
         # arq's every job slot (10) was taken by a delivery that never finished meanwhile

@@ -47,7 +47,7 @@ async def test_a_primary_killed_under_load_its_replica_promoted(
     stage: Stage = make_stage(f"redis://127.0.0.1:{nodes[0].port}/0", cluster=True)
     # the workers at the edges' level: at replicas:N they store only what N replicas hold
     level = {"REFSTREAM_ACK_DURABILITY": durability}
-    world = await stage.prepare(workers=2, edge_env=level, **level)
+    world = await stage.prepare(workers=2, edge_env=level, REFSTREAM_ACK_DURABILITY=durability)
     # the primary to kill: not the one the stage's URL names, so every process must find its
     # way through the others
     victim = next(n for n in nodes if primaries(nodes[0].port).get(n.port) and n.port != nodes[0].port)
