@@ -196,7 +196,7 @@ async def test_an_entry_too_deep_in_its_stream_is_dead_lettered_as_its_bytes_and
     planted = [deep_v2, past_v2, deep_v1]
     ids = [await redis.xadd(stream, _click(world).entry_dict())]
     for fields in planted:
-        ids.append(await redis.xadd(stream, fields))  # type: ignore[arg-type]
+        ids.append(await redis.xadd(stream, fields))
         ids.append(await redis.xadd(stream, _click(world).entry_dict()))
 
     as_read = {entry_id: fields for entry_id, fields in await redis.xrange(stream)}
@@ -254,7 +254,7 @@ async def test_a_replay_counts_an_entry_past_the_bound_as_undecodable_and_stores
     stream = keys.stream_for("PARTNER123")
     for levels in (DEEP, MAX_DEPTH):
         await redis.xadd(stream, _click(world).entry_dict())
-        await redis.xadd(stream, {**_click(world).entry_dict(),  # type: ignore[dict-item]
+        await redis.xadd(stream, {**_click(world).entry_dict(),
                                   b"p": b'{"c":"PARTNER123","M":' + nested(levels) + b"}"})  # fmt: skip
     done = await procs.cli("replay", "--since", "1h", "--json")
     totals = done["totals"]

@@ -150,7 +150,7 @@ async def test_the_pipeline_on_a_redis_cluster(cluster: list[int], settings: Set
         procs.stop_all()
 
     # the partitions really are spread over the nodes
-    # a synchronous client's replies (redis-py's types say "maybe awaitable", for both clients)
+    # a sync client: a list, where redis-py types the replies of both clients as "maybe awaitable"
     homes = {p: cast(list[bytes], redis.Redis(port=p).keys(f"{own.stream_prefix}:events:*")) for p in cluster}
     assert sum(1 for found in homes.values() if found) >= 2, homes
 
@@ -168,7 +168,7 @@ def _start_node(tmp_path: Path) -> tuple[int, subprocess.Popen[bytes]]:
 
 
 async def _replicated(port: int) -> bool:
-    info = cast(dict[str, Any], redis.Redis(port=port).info("replication"))  # a synchronous client's reply
+    info = cast(dict[str, Any], redis.Redis(port=port).info("replication"))  # sync client: a dict
     return info.get("connected_slaves") == 1 and info.get("slave0", {}).get("state") == "online"
 
 
@@ -227,7 +227,7 @@ async def test_a_worker_at_replicas_1_on_a_cluster_stores_only_what_each_primary
         assert await pg.fetchval("SELECT count(*) FROM events") == len(codes)  # nothing counted twice
         # each WAIT went to the primary that holds the stream it followed
         homes = {p for p in cluster if redis.Redis(port=p).keys(f"{own.stream_prefix}:events:*")}
-        stats = {p: cast(dict[str, Any], redis.Redis(port=p).info("commandstats")) for p in homes}  # synchronous
+        stats = {p: cast(dict[str, Any], redis.Redis(port=p).info("commandstats")) for p in homes}  # sync client: a dict
         waits = {p: stats[p].get("cmdstat_wait", {}).get("calls", 0) for p in homes}
         assert homes and all(waits.values()), waits
     finally:

@@ -60,7 +60,7 @@ def mixed(codes: dict[str, str], n: int, rng: random.Random) -> list[Envelope]:
         visitor = f"v{rng.randrange(3000)}"
         kind = rng.random()
         if kind < 0.55:
-            payload = {"code": code, "visitor_id": visitor}
+            payload: dict[str, object] = {"code": code, "visitor_id": visitor}
             if rng.random() < 0.03:
                 payload["test_mode"] = True
             out.append(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from typing import Any, cast
 
 import pytest
 import redis
@@ -67,8 +68,9 @@ async def test_a_primary_killed_under_load_its_replica_promoted(
         await asyncio.sleep(plan.tail_s)
 
     if durability != "primary":  # every primary written was asked to WAIT, on its own connection
-        waits = {port: redis.Redis(port=port).info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+        stats = {port: cast(dict[str, Any], redis.Redis(port=port).info("commandstats"))  # sync client: a dict
                  for port in primaries(nodes[0].port)}  # fmt: skip
+        waits = {port: s.get("cmdstat_wait", {}).get("calls", 0) for port, s in stats.items()}
         assert all(waits.values()), f"WAIT calls by primary: {waits}"
     answers = load.record.answers
     during = Counter(f"{k} {s}" for at, _, k, s in answers if killed_at <= at < promoted_at)

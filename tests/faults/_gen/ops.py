@@ -399,8 +399,8 @@ def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
     elif op.kind == "import":
         counts = (b.get("read"), b.get("stored", 0) + b.get("duplicates", 0), b.get("refused_total"))
         rows, refused = len(op.body), op.echo.get("refused_rows", 0)
-        want = (rows, rows - refused, refused)
-        return [] if counts == want else [f"read, stored or known, refused: {counts}, not {want}"]
+        expected = (rows, rows - refused, refused)
+        return [] if counts == expected else [f"read, stored or known, refused: {counts}, not {expected}"]
     elif op.kind == "erase":
         return [] if isinstance(b.get("erasure_id"), str) and b.get("status") in ("pending", "done") else [f"{b!r}"]
     elif op.kind == "sale" and e["route"] == "affixo":
