@@ -227,7 +227,7 @@ async def test_a_worker_at_replicas_1_on_a_cluster_stores_only_what_each_primary
         assert await pg.fetchval("SELECT count(*) FROM events") == len(codes)  # nothing counted twice
         # each WAIT went to the primary that holds the stream it followed
         homes = {p for p in cluster if redis.Redis(port=p).keys(f"{own.stream_prefix}:events:*")}
-        stats = {p: cast(dict[str, Any], redis.Redis(port=p).info("commandstats")) for p in homes}  # sync client: a dict
+        stats = {p: cast(dict[str, Any], redis.Redis(port=p).info("commandstats")) for p in homes}  # sync: a dict
         waits = {p: stats[p].get("cmdstat_wait", {}).get("calls", 0) for p in homes}
         assert homes and all(waits.values()), waits
     finally:

@@ -164,7 +164,11 @@ async def test_a_version_2_letter_is_shown_and_requeued_verbatim(procs: Procs, p
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "later")
     event = _click("later")
     fields: dict[str, str | int] = {
-        "stream": keys.stream_for("later"), "id": "1-1", "error": "store: boom", "deliveries": 1, "at": 1
+        "stream": keys.stream_for("later"),
+        "id": "1-1",
+        "error": "store: boom",
+        "deliveries": 1,
+        "at": 1,
     }
     letter: dict[Any, str | bytes | int] = {**fields, **event.entry_dict()}  # str and bytes names, as xadd takes them
     dead_id = (await redis.xadd(keys.dead, letter)).decode()

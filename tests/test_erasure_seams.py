@@ -159,7 +159,11 @@ async def test_a_dead_lettered_lead_teaches_the_sweep_its_click(
     assert await pg.fetchval("SELECT referrer FROM events WHERE event_id = $1", click.event_id) == REFERRER
     lead = lead_of(world, p, click)
     letter: dict[Any, str | bytes | int] = {  # str and bytes names, as xadd takes them
-        "stream": keys.stream_for(world.link["code"]), "id": "1-0", "error": "a test's", "deliveries": 5, "at": 0,
+        "stream": keys.stream_for(world.link["code"]),
+        "id": "1-0",
+        "error": "a test's",
+        "deliveries": 5,
+        "at": 0,
         **lead.entry_dict(),
     }
     await redis.xadd(keys.dead, letter)

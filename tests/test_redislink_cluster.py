@@ -46,7 +46,7 @@ async def test_a_round_trip_split_by_slot_answers_in_order_and_waits_on_every_pr
         assert replies[: len(keys)] == [b"OK"] * len(keys)
         assert replies[len(keys) : -1] == [f"v{i}".encode() for i in reversed(range(len(keys)))]
         assert replies[-1] == 0  # no replicas: each primary's WAIT 0 answers 0
-        stats = {p: cast(dict[str, Any], redis.Redis(port=p).info("commandstats")) for p in cluster}  # sync client: a dict
+        stats = {p: cast(dict[str, Any], redis.Redis(port=p).info("commandstats")) for p in cluster}  # sync: a dict
         calls = {p: s.get("cmdstat_wait", {}).get("calls", 0) for p, s in stats.items()}
         assert all(calls.values()), calls  # one WAIT per primary written, none skipped
         # more replicas than any primary has: the least confirmed is short of it

@@ -37,7 +37,9 @@ def made(world: World, **over: object) -> Envelope:
     return sale.envelope(Dialect.REFPORT, world.workspace_id, sale.from_refport(sale.RefportSale(**sale_body(**over))))
 
 
-async def track_sale(edge: str, key: str | None, body: object, **headers: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+async def track_sale(
+    edge: str, key: str | None, body: object, **headers: str
+) -> tuple[int, dict[str, Any], dict[str, str]]:
     hdrs = {"Authorization": f"Bearer {key}"} if key else {}
     return await call("POST", f"{edge}/api/track/sale", json=body, headers={**hdrs, **headers})
 

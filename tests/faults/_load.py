@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Self
 
 import aiohttp
 import orjson
@@ -99,7 +100,7 @@ class Load:
         self._inflight: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> Load:
+    async def __aenter__(self) -> Self:
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=20), connector=aiohttp.TCPConnector(limit=0)
         )
