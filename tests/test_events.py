@@ -146,7 +146,7 @@ async def test_entry_round_trip_through_redis(redis, keys: Keys, envelope: Envel
     same envelope; the fields are always the same names in the same order, so every entry
     shares its listpack node's master fields."""
     assert envelope.entry()[::2] == FIELDS
-    assert len(envelope.entry_dict()[b"i"]) == 16  # type: ignore[arg-type]
+    assert len(envelope.entry_dict()[b"i"]) == 16  # type: ignore[arg-type]  # the id: bytes, never an int
     sid = await redis.xadd(keys.stream(0), envelope.entry_dict())
     [(got_id, fields)] = await redis.xrange(keys.stream(0))
     assert got_id == sid and list(fields) == list(FIELDS)

@@ -431,7 +431,7 @@ async def test_a_replay_reads_a_retired_partitions_entries_from_the_archive(
         await layout.ensure(redis, keys, p, (GROUP, ARCHIVE))
     started = datetime.now(UTC) - timedelta(minutes=1)
     e = _envelope(code, world.workspace_id)
-    await redis.xadd(keys.stream(3), e.entry_dict())  # type: ignore[arg-type]
+    await redis.xadd(keys.stream(3), e.entry_dict())  # type: ignore[arg-type]  # redis-py's dict is invariant
     await run_archiver(settings, redis)
     # the workers' group read and acknowledged it (stored, then lost with a restore of Postgres)
     read = await redis.xreadgroup(GROUP, "w1", {keys.stream(3): ">"})

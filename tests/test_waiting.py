@@ -155,9 +155,8 @@ async def test_the_trim_survives_pending_entries_acked_between_its_reads(redis, 
     await redis.xack(other, GROUP, *other_ids)
 
     later = int(other_ids[-1].split(b"-")[0]) + 1000  # past every entry: only the groups hold the cut
-    racing = _AckBetweenReads(redis, stream, ids)
-    # a stand-in for the client: every command but XPENDING goes to it
-    removed = await trim.trim(racing, keys, retention_s=0, now_ms=later, exact=True)  # type: ignore[arg-type]
+    racing = _AckBetweenReads(redis, stream, ids)  # every command but XPENDING goes to the client
+    removed = await trim.trim(racing, keys, retention_s=0, now_ms=later, exact=True)  # type: ignore[arg-type]  # a stand-in
     # the round went on past the race: both partitions trimmed up to what the group needs
     assert removed == {stream: 10, other: 3}
     assert await redis.xlen(stream) == 0 and await redis.xlen(other) == 0
@@ -298,7 +297,7 @@ async def test_a_bug_failing_every_entry_holds_the_batch_instead_of_dead_letteri
     envelopes = [click(f"Mozilla/5.0 (X11; Linux x86_64) Firefox/{100 + i}.0") for i in range(5)]
     entries: list[Entry] = [(await redis.xadd(stream, {FIELD: e.encode()}), {FIELD: e.encode()}) for e in envelopes]
 
-    broken = Pipeline(settings, redis, pg, _BrokenEnricher())  # type: ignore[arg-type]
+    broken = Pipeline(settings, redis, pg, _BrokenEnricher())  # type: ignore[arg-type]  # an Enricher's stand-in
     batch = Batch(keys.partition_for("PARTNER123"), stream, list(entries))
     with pytest.raises(Outage) as caught:
         await broken.process(batch)
@@ -306,14 +305,14 @@ async def test_a_bug_failing_every_entry_holds_the_batch_instead_of_dead_letteri
     assert await redis.xlen(keys.dead) == 0 and await pg.fetchval("SELECT count(*) FROM events") == 0
 
     # the fixed worker takes the same held batch: all stored
-    await Pipeline(settings, redis, pg, _BrokenEnricher(only_ua="nobody")).process(batch)  # type: ignore[arg-type]
+    await Pipeline(settings, redis, pg, _BrokenEnricher(only_ua="nobody")).process(batch)  # type: ignore[arg-type]  # a stand-in
     assert await pg.fetchval("SELECT count(*) FROM events") == 5 and await redis.xlen(keys.dead) == 0
 
     # one entry the code cannot handle, among good ones: that one is poison, alone
     odd = click("an odd agent")
     more = [click("Mozilla/5.0 (X11; Linux x86_64) Firefox/125.0"), odd]
     entries = [(await redis.xadd(stream, {FIELD: e.encode()}), {FIELD: e.encode()}) for e in more]
-    selective = Pipeline(settings, redis, pg, _BrokenEnricher(only_ua="an odd agent"))  # type: ignore[arg-type]
+    selective = Pipeline(settings, redis, pg, _BrokenEnricher(only_ua="an odd agent"))  # type: ignore[arg-type]  # a stand-in
     await selective.process(Batch(keys.partition_for("PARTNER123"), stream, entries))
     (dead,) = await redis.xrange(keys.dead)
     assert dead[1][b"error"].startswith(b"store: TypeError") and dead[1][FIELD] == odd.encode()
