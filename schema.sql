@@ -603,7 +603,7 @@ CREATE INDEX IF NOT EXISTS commissions_payout ON commissions (payout_id) WHERE p
 -- (the client's refundId, or its Idempotency-Key digested), per workspace, for ever. The
 -- sale carries the running totals its refunds' transaction moves under the sale's row lock,
 -- so the refunded total can never exceed the sale's amount (the CHECK holds it besides).
--- Written by the edge in one transaction (ingest/manage/refunds.py): kept as the revenue
+-- Written by the edge in one transaction (ingest/ledger/refunds.py): kept as the revenue
 -- ledger, deleted with its workspace.
 ALTER TABLE sales ADD COLUMN IF NOT EXISTS refunded bigint NOT NULL DEFAULT 0;
 ALTER TABLE sales ADD COLUMN IF NOT EXISTS refunds integer NOT NULL DEFAULT 0;
@@ -734,9 +734,9 @@ BEGIN
     END IF;
 END $$;
 -- the sweep's re-check of Postgres, once per generation of an erasure (not every sweep):
--- the generation it last re-checked (ingest/manage/erasure_late.py)
+-- the generation it last re-checked (ingest/privacy/erasure_late.py)
 ALTER TABLE erasures ADD COLUMN IF NOT EXISTS rechecked bigint;
--- an erasure's look for the person's events (ingest/manage/erasure.py _EVENTS): by customer,
+-- an erasure's look for the person's events (ingest/privacy/erasure.py _EVENTS): by customer,
 -- by visitor, by the click a lead names, each an index range in the workspace, not a scan of
 -- its events (only leads and sales carry a customer, only leads and conversions a click)
 CREATE INDEX IF NOT EXISTS events_workspace_visitor ON events (workspace_id, visitor_id, event_id);

@@ -16,6 +16,7 @@ import random
 import time
 from pathlib import Path
 
+from ingest.contract import wire
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from workers.archive.archiver import GROUP as ARCHIVE
@@ -62,7 +63,7 @@ async def _append(ctx: Ctx, keys: Keys, envelopes: list[Envelope]) -> None:
     for start in range(0, len(envelopes), 5000):
         pipe = ctx.redis.pipeline(transaction=False)
         for e in envelopes[start : start + 5000]:
-            pipe.xadd(keys.stream_for(e.payload["code"]), e.entry_dict())  # type: ignore[arg-type]
+            pipe.xadd(keys.stream_for(e.payload["code"]), wire.to_entry_dict(e))  # type: ignore[arg-type]
         await pipe.execute()
 
 

@@ -15,7 +15,7 @@ is Postgres's):
 - ``sweep 2..n``: the next ones (``--sweeps``, default 3), as the workers run them every
   ``REFSTREAM_ERASE_SWEEP_EVERY_S`` while the erasures stay pending (an archive not yet
   rewritten, an entry not yet read);
-- ``erase``: one ``DELETE /v1/customers/{id}`` in Postgres (``ingest.manage.erasure.erase``)
+- ``erase``: one ``DELETE /v1/customers/{id}`` in Postgres (``ingest.privacy.erasure.erase``)
   of a customer with a lead, in a workspace of ``events / workspaces`` rows.
 
 It runs against whichever code the checkout holds, so the figures before and after a
@@ -38,10 +38,11 @@ import orjson
 import redis.asyncio as aioredis
 
 from ingest.contract import erasure as ledger
+from ingest.contract import wire
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.keys import Keys
-from ingest.manage import erasure as pg_erasure
 from ingest.manage.db import migrate
+from ingest.privacy import erasure as pg_erasure
 from workers.consumer.partitions import maintain
 from workers.ops import erasure
 
@@ -151,7 +152,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await redis.xgroup_create(keys.stream(0), "workers", id="0", mkstream=True)
             entry = Envelope(EventType.CLICK, "native", {"code": "L1", "visitor_id": "gone-visitor-0"}, _ws(1),
                              ip="10.0.0.1")  # fmt: skip
-            await redis.xadd(keys.stream(0), entry.entry_dict())
+            await redis.xadd(keys.stream(0), wire.to_entry_dict(entry))
             sweeps = []
             for _ in range(args.sweeps):
                 t0 = time.perf_counter()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from ingest.contract import wire
 from refstream.embedded import free_port
 
 from .context import Ctx
@@ -50,7 +51,7 @@ async def _migrate(source: aioredis.Redis, target_port: int, key: str) -> float:
 async def part_m(ctx: Ctx) -> None:
     """(m) MIGRATE of a partition-sized stream, against a string of the same size."""
     sizes = QUICK_SIZES_MB if ctx.opts.duration <= 1.0 else SIZES_MB
-    payloads = [e.entry_dict() for e in mixed(ctx.world, 2000, random.Random(ctx.run))]
+    payloads = [wire.to_entry_dict(e) for e in mixed(ctx.world, 2000, random.Random(ctx.run))]
     with tempfile.TemporaryDirectory(prefix="refstream-bench-migrate-") as tmp:
         ports = (free_port(), free_port())
         procs = [_redis(Path(tmp), port) for port in ports]

@@ -13,12 +13,13 @@ from contextlib import contextmanager
 
 import asyncpg
 
+from ingest.contract import wire
 from ingest.contract.connections import create_pg_pool
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from workers.consumer.store import write_batch
-from workers.consumer.worker import settle_heap
+from workers.host.worker import settle_heap
 
 from . import openloop
 from . import requests as reqs
@@ -71,7 +72,7 @@ async def part_d(ctx: Ctx) -> None:
 
     # the ceiling: the same transactions from this process, one writer per partition, as the worker has
     ceiling_db = await copy_database(ctx.world, f"{ctx.world.database}_r{ctx.run}_dc")
-    decoded = [Envelope.decode(e.encode()) for e in envelopes]
+    decoded = [wire.from_blob(wire.to_blob(e)) for e in envelopes]
     parts: list[list[Envelope]] = [[] for _ in range(ctx.opts.partitions)]
     for e in decoded:
         parts[keys.partition_for(e.payload["code"])].append(e)

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingest.contract import clicks, links
+from ingest.contract import clicks, links, wire
 from ingest.contract.connections import Redis, create_pg_pool
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import GROUP, Keys
@@ -179,7 +179,7 @@ async def fill(redis: Redis, keys: Keys, envelopes: list[Envelope]) -> None:
     for start in range(0, len(envelopes), 5000):
         pipe = redis.pipeline(transaction=False)
         for e in envelopes[start : start + 5000]:
-            pipe.xadd(keys.stream_for(e.payload["code"]), e.entry_dict())  # type: ignore[arg-type]
+            pipe.xadd(keys.stream_for(e.payload["code"]), wire.to_entry_dict(e))  # type: ignore[arg-type]
         await pipe.execute()
 
 

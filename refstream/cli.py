@@ -29,7 +29,8 @@ from ingest.contract.connections import REDIS_ERRORS, connect_redis
 from ingest.contract.keys import Keys
 from ingest.contract.logs import configure_logging
 from ingest.contract.settings import Settings
-from ingest.edge import apikeys, durability, flags
+from ingest.edge import apikeys, flags
+from ingest.link import durability
 from ingest.manage import admin, schema_check
 from ingest.manage.db import ensure_database
 from ingest.manage.db import migrate as apply_schema
@@ -161,7 +162,7 @@ def serve(host: str, port: int, processes: int | None, take_over: bool) -> None:
 
     Refuses to start on a database that is missing or not migrated; starts while Postgres
     is unreachable (/readyz answers 503 with the reason until it answers)."""
-    from ingest.host import prefork, server
+    from ingest.host import prefork, server, takeover
 
     settings = load_settings()
     n = processes or prefork.cpu_count()
@@ -181,7 +182,7 @@ def serve(host: str, port: int, processes: int | None, take_over: bool) -> None:
         supervisor = prefork.Supervisor(host, port, n, print=say, take_over=take_over)
         if supervisor.run() != 0:
             raise click.ClickException(supervisor.failed or "the edge processes failed")
-    except prefork.NothingToTakeOver as exc:
+    except takeover.NothingToTakeOver as exc:
         raise click.ClickException(
             f"{exc}: --take-over needs a refstream serve of 2 or more processes running on {host}:{port}"
         ) from exc
@@ -199,8 +200,8 @@ def work(drain: bool) -> None:
 
     Waits for an unreachable Postgres (``--drain``: at most REFSTREAM_CONNECT_TIMEOUT_S,
     Redis too); refuses a database that is missing or not migrated."""
-    from workers.consumer.worker import build_worker
-    from workers.consumer.worker import drain as drain_streams
+    from workers.host.worker import build_worker
+    from workers.host.worker import drain as drain_streams
 
     if drain:
 
@@ -411,7 +412,7 @@ def feature_enable(name: str) -> None:
 def secret_key() -> None:
     """Print a new key for REFSTREAM_SECRET_KEY (Fernet), which encrypts webhook signing
     secrets at rest. To rotate: put the new key first, keep the old one after a comma."""
-    from ingest.manage import secretbox
+    from ingest.ledger import secretbox
 
     click.echo(secretbox.generate_key())
 

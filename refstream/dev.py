@@ -29,9 +29,11 @@ from pydantic import ValidationError
 
 from ingest.contract import settings as settings_mod
 from ingest.contract.connections import REDIS_ERRORS, connect_redis
+from ingest.contract.errors import NotFound
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from ingest.manage import admin, secretbox
+from ingest.ledger import secretbox
+from ingest.manage import admin
 from ingest.manage.db import ensure_database, migrate
 from workers.consumer import partitions
 
@@ -71,7 +73,7 @@ async def _setup(settings: Settings, key_file: Path | None) -> dict[str, Any]:
                                   skew_max_s=s.clock_skew_max_s, webhook_days=s.webhook_retention)  # fmt: skip
         try:
             link = await admin.show_link(conn, DEMO_CODE)
-        except admin.NotFound:
+        except NotFound:
             pass
         else:
             kept = _kept(key_file)

@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from ingest.contract.connections import REDIS_ERRORS, Redis, connect_redis
+from ingest.contract.errors import NotFound
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import admin
@@ -109,7 +110,7 @@ async def revoke(settings: Settings, tour: Tour) -> None:
         for prefix in tour.prefixes:
             try:
                 await admin.revoke_key(conn, redis, Keys(settings.stream_prefix, settings.partitions), prefix)
-            except admin.NotFound:  # revoked by hand meanwhile
+            except NotFound:  # revoked by hand meanwhile
                 pass
     finally:
         await conn.close()

@@ -12,9 +12,9 @@ from pydantic import ValidationError
 
 from ingest.contract.commission import DURATIONS
 from ingest.contract.connections import create_pg_pool
+from ingest.contract.errors import NotFound
 from ingest.contract.settings import Settings
 from ingest.manage import ledger
-from ingest.manage.admin import NotFound
 from ingest.manage.routes.commissions import CommissionRules
 
 from . import ops_output as out

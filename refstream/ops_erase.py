@@ -1,6 +1,6 @@
 """``refstream erase``: forget a customer everywhere (docs/privacy.md), and see what is pending.
 
-``--customer ID --workspace W`` erases in Postgres at once (``ingest.manage.erasure``), then
+``--customer ID --workspace W`` erases in Postgres at once (``ingest.privacy.erasure``), then
 runs one sweep of Redis and the archive (``workers.ops.erasure``) and says what is left
 for the workers' later sweeps: entries a consumer group has yet to read, typically.
 ``--status`` lists every erasure with a place pending; ``--sweep`` runs a sweep now."""
@@ -14,12 +14,12 @@ import click
 
 from ingest.contract import ids, links
 from ingest.contract.connections import connect_redis, create_pg_pool
+from ingest.contract.errors import NotFound
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from ingest.manage import erasure as pg_erasure
-from ingest.manage import erasure_affiliate as affiliate_erasure
-from ingest.manage import erasure_copy, external_ids
-from ingest.manage.admin import NotFound
+from ingest.privacy import erasure as pg_erasure
+from ingest.privacy import erasure_affiliate as affiliate_erasure
+from ingest.privacy import erasure_copy, external_ids
 
 from . import ops_output as out
 from .runner import print_data, run_command

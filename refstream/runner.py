@@ -22,9 +22,10 @@ from pydantic import ValidationError
 from ingest.contract import clock
 from ingest.contract import settings as settings_mod
 from ingest.contract.connections import REDIS_ERRORS, Redis, connect_redis
+from ingest.contract.errors import NotFound
 from ingest.contract.logs import configure_logging
 from ingest.contract.settings import Settings
-from ingest.manage import admin, schema_check
+from ingest.manage import schema_check
 
 from . import services
 from .embedded import EmbeddedError
@@ -51,7 +52,7 @@ def _explain(exc: BaseException) -> str | None:
     (a bug: the caller says so)."""
     if isinstance(exc, ValidationError):
         return settings_mod.explain(exc)
-    if isinstance(exc, admin.NotFound | services.ServiceError | EmbeddedError):
+    if isinstance(exc, NotFound | services.ServiceError | EmbeddedError):
         return str(exc)
     ctx = click.get_current_context(silent=True)
     settings: Settings | None = ctx.meta.get(_SETTINGS) if ctx is not None else None
@@ -85,7 +86,7 @@ def run_command(fn: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
     configure_logging(settings.log_level, json=settings.log_json)
     try:
         return uvloop.run(fn(settings))
-    except (*REDIS_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, admin.NotFound) as exc:
+    except (*REDIS_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, NotFound) as exc:
         line = _explain(exc)
         if line is None:
             raise

@@ -29,7 +29,7 @@ from hypothesis import settings as hypothesis_settings
 
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from ingest.manage import secretbox
+from ingest.ledger import secretbox
 from ingest.manage.db import migrate
 from refstream import services as svc_mod
 from refstream.embedded import EmbeddedError
@@ -306,7 +306,7 @@ async def world(pg: asyncpg.Pool, redis: aioredis.Redis, keys: Keys) -> Any:
 @pytest.fixture
 def drain(settings: Settings) -> Callable[[], Awaitable[dict[str, int]]]:
     """Run the worker's consumer until every partition is read and acked."""
-    from workers.consumer.worker import drain as drain_streams
+    from workers.host.worker import drain as drain_streams
 
     return lambda: drain_streams(settings)
 

@@ -23,9 +23,9 @@ import orjson
 import pytest
 from redis.exceptions import ResponseError
 
-from ingest.contract.events import FIELD
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.contract.wire import FIELD
 from workers.archive import segment as seg
 from workers.archive.archiver import GROUP, Archiver
 from workers.archive.store import LocalStore, Store, open_store
@@ -198,7 +198,7 @@ async def test_the_archive_on_s3_holds_every_entry_and_replays(
     from workers.ops.replay import Range, Source, replay
 
     await Archiver(settings, redis, store, name="x").ensure_groups()
-    from workers.consumer.worker import drain
+    from workers.host.worker import drain
 
     await drain(settings)
     before = await snapshot(pg)
@@ -307,7 +307,7 @@ async def test_sigterm_writes_and_acks_the_segment_in_hand(
 async def test_an_hour_replays_from_the_archive_after_redis_trimmed_it_and_its_partition_was_dropped(
     settings: Settings, redis: Any, keys: Keys, pg: asyncpg.Pool, tmp_path: Path
 ) -> None:
-    from workers.consumer.worker import drain
+    from workers.host.worker import drain
     from workers.ops.replay import Range, Source, replay
 
     settings = archived(settings, tmp_path, archive_segment_entries=500)

@@ -1,5 +1,5 @@
 """Every Redis key refstream writes carries REFSTREAM_STREAM_PREFIX, arq's own included
-(job, in-progress, result, retry and abort keys: ``workers.consumer.arq_redis``)."""
+(job, in-progress, result, retry and abort keys: ``workers.host.arq_redis``)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from arq.jobs import JobStatus
 
-from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract import wire
+from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.contract.wire import FIELD
 from refstream.embedded import free_port
 from workers.consumer import webhooks
-from workers.consumer.arq_redis import UnprefixedKey, connect_arq, prefixed
+from workers.host.arq_redis import UnprefixedKey, connect_arq, prefixed
 
 from ._procs import Procs
 from ._redis import PrivateRedis
@@ -61,7 +63,7 @@ async def test_a_worker_and_its_enqueuers_write_no_key_outside_the_prefix(
         procs.start("work", REFSTREAM_WEBHOOK_ALLOW_PRIVATE="true")  # its receiver is on loopback
         lead = {"code": "PARTNER123", "visitor_id": "v1", "external_id": "c1", "name": "Sign Up"}
         entry = await redis.xadd(
-            keys.stream_for("PARTNER123"), {FIELD: Envelope(EventType.LEAD, Dialect.REFPORT, lead).encode()}
+            keys.stream_for("PARTNER123"), {FIELD: wire.to_blob(Envelope(EventType.LEAD, Dialect.REFPORT, lead))}
         )
 
         # the webhook job: enqueued by the worker after its batch's COMMIT, run by its arq

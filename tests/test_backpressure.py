@@ -20,8 +20,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest.contract.settings import Settings
-from ingest.edge import batcher as batcher_module
 from ingest.edge.batcher import Backpressure, RedisBatcher, RedisDown
+from ingest.link import breaker as breaker_module
 
 from ._procs import Procs
 from ._proxy import Proxy
@@ -49,7 +49,7 @@ async def test_a_blackholed_redis_is_answered_within_the_deadline(settings: Sett
     # the first probe 0.5 s after the breaker opens, not 50 ms: the twenty refusals below
     # must come before it on a machine that may pause this process for tens of ms (a probe
     # into the blackhole waits out the deadline, and the next caller may probe again)
-    monkeypatch.setattr(batcher_module, "PROBE_FIRST_S", 0.5)
+    monkeypatch.setattr(breaker_module, "PROBE_FIRST_S", 0.5)
     port = aioredis.Redis.from_url(settings.redis_url).connection_pool.connection_kwargs["port"]
     proxy = Proxy(port)
     await proxy.start()

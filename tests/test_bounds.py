@@ -19,9 +19,11 @@ import asyncpg
 import orjson
 import pytest
 
+from ingest.contract import wire
 from ingest.contract.bounds import MAX_DEPTH, MAX_VALUES, BoundsError, check
-from ingest.contract.events import FIELD, FIELDS, Dialect, Envelope, EventType
+from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import GROUP, Keys
+from ingest.contract.wire import FIELD, FIELDS
 from workers.ops import dead, import_formats
 from workers.ops.import_lines import Line
 
@@ -188,16 +190,16 @@ async def test_an_entry_too_deep_in_its_stream_is_dead_lettered_as_its_bytes_and
     clicks around them in the same read are stored; the worker (``refstream work``, as
     deployed) never logs ``consumer.crashed``."""
     stream = keys.stream_for("PARTNER123")
-    v2 = _click(world).entry_dict()
+    v2 = wire.to_entry_dict(_click(world))
     deep_v2 = {**v2, b"p": b'{"c":"PARTNER123","M":' + nested(DEEP) + b"}"}
-    past_v2 = {**_click(world).entry_dict(), b"p": b'{"c":"PARTNER123","M":' + nested(MAX_DEPTH) + b"}"}
-    blob = _click(world).encode()  # version 1: [1, id, type, ws, at, ip, ua, dialect, payload]
+    past_v2 = {**wire.to_entry_dict(_click(world)), b"p": b'{"c":"PARTNER123","M":' + nested(MAX_DEPTH) + b"}"}
+    blob = wire.to_blob(_click(world))  # version 1: [1, id, type, ws, at, ip, ua, dialect, payload]
     deep_v1 = {FIELD: blob[: blob.rindex(b"}")] + b',"metadata":' + nested(DEEP) + b"}]"}
     planted = [deep_v2, past_v2, deep_v1]
-    ids = [await redis.xadd(stream, _click(world).entry_dict())]
+    ids = [await redis.xadd(stream, wire.to_entry_dict(_click(world)))]
     for fields in planted:
         ids.append(await redis.xadd(stream, fields))
-        ids.append(await redis.xadd(stream, _click(world).entry_dict()))
+        ids.append(await redis.xadd(stream, wire.to_entry_dict(_click(world))))
 
     as_read = {entry_id: fields for entry_id, fields in await redis.xrange(stream)}
     worker = procs.start("work", REFSTREAM_CONSUMER_NAME="bounds")
@@ -253,8 +255,8 @@ async def test_a_replay_counts_an_entry_past_the_bound_as_undecodable_and_stores
     never stores what they dead-letter, nor fails on what orjson cannot write."""
     stream = keys.stream_for("PARTNER123")
     for levels in (DEEP, MAX_DEPTH):
-        await redis.xadd(stream, _click(world).entry_dict())
-        await redis.xadd(stream, {**_click(world).entry_dict(),
+        await redis.xadd(stream, wire.to_entry_dict(_click(world)))
+        await redis.xadd(stream, {**wire.to_entry_dict(_click(world)),
                                   b"p": b'{"c":"PARTNER123","M":' + nested(levels) + b"}"})  # fmt: skip
     done = await procs.cli("replay", "--since", "1h", "--json")
     totals = done["totals"]

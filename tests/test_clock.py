@@ -18,10 +18,11 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from ingest.contract import clock
-from ingest.contract.events import FIELD, Dialect, Envelope, EventType, uuid7
+from ingest.contract import clock, wire
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
+from ingest.contract.wire import FIELD
 from workers.archive.store import TMP, LocalStore
 from workers.consumer import trim
 from workers.consumer.partitions import day_uuid, uuid_day
@@ -138,7 +139,7 @@ async def test_an_edge_a_year_ahead_mints_ids_on_redis_day_and_its_click_counts(
             assert r.status == 200
     stream = keys.stream_for("A")
     [(entry_id, fields)] = await redis.xrange(stream)
-    event_id = Envelope.from_entry(fields).event_id
+    event_id = wire.from_entry(fields).event_id
     appended_ms = int(entry_id.split(b"-")[0])  # Redis's clock at the XADD
     assert abs((event_id.int >> 80) - appended_ms) < 300_000  # minted on Redis's time, not a year ahead
     await wait_for(lambda: _true(logged(procs, "clock.skewed")), what="the edge's clock.skewed line")  # batched lines
@@ -177,7 +178,7 @@ async def test_an_edge_started_while_redis_is_down_mints_ids_on_postgres_day(
     finally:
         await own.aclose()
     [(_, fields)] = entries
-    minted_ms = Envelope.from_entry(fields).event_id.int >> 80
+    minted_ms = wire.from_entry(fields).event_id.int >> 80
     assert abs(minted_ms - time.time() * 1000) < 300_000  # today's, not three days ago
 
 

@@ -13,9 +13,8 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.contract import currency, earnings
+from ingest.contract import currency, earnings, wire
 from ingest.contract.commission import Rules
-from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.manage import db
 from workers.consumer import store
@@ -108,7 +107,7 @@ async def test_an_older_lead_stored_after_a_months_sale_takes_it_back_when_it_is
     assert (await rules(edge, world, sale_bps=1000, duration="months", duration_months=1))[0] == 200
     for name in ("Sign Up", "Trial"):
         assert (await lead(edge, world.api_key, lead_body(await new_click(edge), eventName=name)))[0] == 200
-    entries = [Envelope.from_entry(f) for s in keys.streams for _, f in await redis.xrange(s)]
+    entries = [wire.from_entry(f) for s in keys.streams for _, f in await redis.xrange(s)]
     first, second = sorted((e for e in entries if e.payload.get("name") in ("Sign Up", "Trial")),
                            key=lambda e: e.received_at_ms)  # fmt: skip
     second.received_at_ms = first.received_at_ms + 20 * DAY_MS
@@ -191,7 +190,7 @@ async def test_a_customers_lead_earns_lead_flat_once_whatever_order_its_leads_ar
     assert (await rules(edge, world, lead_flat=300, lead_currency="usd"))[0] == 200
     for name in ("Sign Up", "Trial"):
         assert (await lead(edge, world.api_key, lead_body(await new_click(edge), eventName=name)))[0] == 200
-    entries = [Envelope.from_entry(f) for s in keys.streams for _, f in await redis.xrange(s)]
+    entries = [wire.from_entry(f) for s in keys.streams for _, f in await redis.xrange(s)]
     first, later = sorted((e for e in entries if e.payload.get("name") in ("Sign Up", "Trial")),
                           key=lambda e: e.received_at_ms)  # fmt: skip
     assert first.payload["name"] == "Sign Up"

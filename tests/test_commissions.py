@@ -10,7 +10,8 @@ from typing import Any
 
 import asyncpg
 
-from ingest.manage import admin, secretbox
+from ingest.ledger import secretbox
+from ingest.manage import admin
 from workers.consumer import commissions, store
 
 from ._world import World, call

@@ -7,8 +7,10 @@ import asyncio
 
 import asyncpg
 
-from ingest.contract.events import FIELD, FIELDS, Dialect, Envelope, EventType
+from ingest.contract import wire
+from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import GROUP, Keys
+from ingest.contract.wire import FIELD, FIELDS
 from workers.consumer import trim
 
 from ._procs import Procs
@@ -108,9 +110,9 @@ async def test_version_1_entries_still_decode_and_a_broken_version_2_one_is_dead
     def click() -> Envelope:
         return Envelope(EventType.CLICK, Dialect.BIORE, {"code": "alice"}, ws["workspace_id"], "203.0.113.7", "ü")
 
-    await redis.xadd(stream, {FIELD: click().encode()})  # version 1, as the edge wrote before
-    await redis.xadd(stream, click().entry_dict())
-    broken = {**click().entry_dict(), b"p": b"{not json"}
+    await redis.xadd(stream, {FIELD: wire.to_blob(click())})  # version 1, as the edge wrote before
+    await redis.xadd(stream, wire.to_entry_dict(click()))
+    broken = {**wire.to_entry_dict(click()), b"p": b"{not json"}
     bad = await redis.xadd(stream, broken)
     totals = await procs.cli("work", "--drain")
     assert (totals["inserted"], totals["dead"]) == (2, 1)

@@ -7,8 +7,10 @@ import asyncio
 import time
 from typing import Any
 
-from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract import wire
+from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import GROUP, Keys
+from ingest.contract.wire import FIELD
 from workers.ops.dead import dropped_key
 
 from ._procs import REFSTREAM, Procs, env_for
@@ -34,12 +36,12 @@ async def test_a_requeued_dead_letter_is_counted_once(procs: Procs, pg, redis, k
     ws = await procs.cli("workspace", "create", "Acme")
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
     event = _click("later")
-    await _letter(redis, keys, event.encode(), stream=keys.stream_for("later"), error="store: link not there yet")
+    await _letter(redis, keys, wire.to_blob(event), stream=keys.stream_for("later"), error="store: link not there yet")
     # a second one without its stream recorded: routed by its code; and an earlier requeue
     # that crashed between XADD and XDEL: the same event on the stream already
     twin = _click("later")
-    await _letter(redis, keys, twin.encode(), stream=None)
-    await redis.xadd(keys.stream_for("later"), {FIELD: twin.encode()})
+    await _letter(redis, keys, wire.to_blob(twin), stream=None)
+    await redis.xadd(keys.stream_for("later"), {FIELD: wire.to_blob(twin)})
 
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "later")
     assert await procs.cli("dead", "requeue", "--json", "--all") == {
@@ -60,7 +62,7 @@ async def test_a_requeued_dead_letter_is_counted_once(procs: Procs, pg, redis, k
     }
     # re-delivering the very same envelopes (a replay) counts nothing either
     for e in (event, twin):
-        await redis.xadd(keys.stream_for("later"), {FIELD: e.encode()})
+        await redis.xadd(keys.stream_for("later"), {FIELD: wire.to_blob(e)})
     await procs.cli("work", "--drain")
     assert (await procs.cli("link", "show", "later"))["clicks"] == 2
     assert (await procs.cli("link", "show", "alice"))["clicks"] == 0
@@ -69,13 +71,13 @@ async def test_a_requeued_dead_letter_is_counted_once(procs: Procs, pg, redis, k
 
 async def test_requeue_by_id_and_filters_is_idempotent(procs: Procs, pg, redis, keys: Keys):
     ea = _click("a")
-    a = await _letter(redis, keys, ea.encode(), stream=keys.streams[0], error="store: X")
-    b = await _letter(redis, keys, _click("b").encode(), stream=keys.streams[1], error="store: Y")
+    a = await _letter(redis, keys, wire.to_blob(ea), stream=keys.streams[0], error="store: X")
+    b = await _letter(redis, keys, wire.to_blob(_click("b")), stream=keys.streams[1], error="store: Y")
     junk = await _letter(redis, keys, b"\xff\x00junk", stream=keys.streams[1], error="decode: not JSON")
 
     assert (await procs.cli("dead", "requeue", "--json", a))["requeued"] == 1
     assert await procs.cli("dead", "requeue", "--json", a) == {"matched": 0, "requeued": 0, "missing": 1, "skipped": {}}
-    assert [f[FIELD] for _, f in await redis.xrange(keys.streams[0])] == [ea.encode()]
+    assert [f[FIELD] for _, f in await redis.xrange(keys.streams[0])] == [wire.to_blob(ea)]
     out = await procs.cli("dead", "requeue", "--json", "--stream", "1")
     assert out == {"matched": 2, "requeued": 1, "missing": 0, "skipped": {"undecodable": 1}}
     assert [i.decode() for i, _ in await redis.xrange(keys.dead)] == [junk]
@@ -89,7 +91,7 @@ async def test_requeue_by_id_and_filters_is_idempotent(procs: Procs, pg, redis, 
 
 async def test_drop_records_the_reason_and_list_and_show_describe_letters(procs: Procs, pg, redis, keys: Keys):
     event = _click("gone")
-    good = await _letter(redis, keys, event.encode(), stream=keys.stream_for("gone"), error="store: refused")
+    good = await _letter(redis, keys, wire.to_blob(event), stream=keys.stream_for("gone"), error="store: refused")
     junk = await _letter(redis, keys, b"\x1b[31m\xff not an envelope", stream=keys.streams[0], error="decode: bad")
 
     rows = await procs.cli("dead", "list", "--json")
@@ -170,13 +172,14 @@ async def test_a_version_2_letter_is_shown_and_requeued_verbatim(procs: Procs, p
         "deliveries": 1,
         "at": 1,
     }
-    letter: dict[Any, str | bytes | int] = {**fields, **event.entry_dict()}  # str and bytes names, as xadd takes them
+    # str and bytes names, as xadd takes them
+    letter: dict[Any, str | bytes | int] = {**fields, **wire.to_entry_dict(event)}
     dead_id = (await redis.xadd(keys.dead, letter)).decode()
     shown = await procs.cli("dead", "show", dead_id)
     assert shown["envelope"]["event_id"] == event.event_id.hex and shown["envelope"]["user_agent"] == BROWSER
     assert shown["other_fields"] == {} and shown["code"] == "later"
     assert (await procs.cli("dead", "requeue", "--all"))["requeued"] == 1
     [(_, appended)] = await redis.xrange(keys.stream_for("later"))
-    assert appended == {k: str(v).encode() if isinstance(v, int) else v for k, v in event.entry_dict().items()}
+    assert appended == {k: str(v).encode() if isinstance(v, int) else v for k, v in wire.to_entry_dict(event).items()}
     await procs.cli("work", "--drain")
     assert (await procs.cli("link", "show", "later"))["clicks"] == 1

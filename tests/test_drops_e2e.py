@@ -17,8 +17,8 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from ingest.contract import clicks
-from ingest.contract.events import Envelope, EventType, uuid7
+from ingest.contract import clicks, wire
+from ingest.contract.events import EventType, uuid7
 from ingest.contract.keys import Keys
 from refstream.embedded import free_port
 from workers.consumer.webhooks import verify_signature
@@ -172,7 +172,7 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
         # redeliveries (copies of stored entries, the self-referral's lead and its client's
         # repeat among them): not duplicates, nothing moves
         stream = keys.stream_for("alice")
-        leads = [f for _, f in await redis.xrange(stream) if Envelope.from_entry(f).type is EventType.LEAD]
+        leads = [f for _, f in await redis.xrange(stream) if wire.from_entry(f).type is EventType.LEAD]
         assert len(leads) == 2
         for fields in leads:
             await redis.xadd(stream, fields)

@@ -23,10 +23,11 @@ from pydantic import ValidationError
 from ingest.contract.connections import connect_redis
 from ingest.contract.sentinel_url import sentinel_target
 from ingest.contract.settings import Settings, explain, parse_durability
-from ingest.edge import batcher as batcher_module
 from ingest.edge.batcher import RedisBatcher
-from ingest.edge.durability import Durability, NotDurable, startup_problem
-from ingest.edge.redislink import DirectLink, link_for
+from ingest.link import breaker as breaker_module
+from ingest.link.choice import link_for
+from ingest.link.durability import Durability, NotDurable, startup_problem
+from ingest.link.resp import DirectLink
 from ingest.spool.spool import Spool
 
 from ._procs import Procs, env_for, run_command
@@ -127,7 +128,7 @@ async def test_replicas_wait_confirms_each_round_trip(servers):
 async def test_an_unconfirmed_batch_is_not_accepted_until_replicas_return(servers, monkeypatch):
     # the first probe 2 s after the failure, not 50 ms: the "refused at once" step below
     # must come before it, on a machine that may pause this process for tens of ms
-    monkeypatch.setattr(batcher_module, "PROBE_FIRST_S", 2.0)
+    monkeypatch.setattr(breaker_module, "PROBE_FIRST_S", 2.0)
     primary = await servers()
     client = aioredis.Redis.from_url(primary.url)
     batcher = RedisBatcher(client, durability=Durability(replicas=1, wait_ms=100))

@@ -20,14 +20,14 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.contract import clicks
+from ingest.contract import clicks, wire
 from ingest.contract import erasure as ledger
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.edge.idempotency import REPLAYED
 from ingest.manage import admin
-from ingest.manage import erasure as pg_erasure
+from ingest.privacy import erasure as pg_erasure
 from ingest.spool.spool import Spool
 from ingest.spool.store import Once
 from workers.archive import segment as seg
@@ -166,7 +166,7 @@ async def test_an_erased_customer_is_nowhere_after_the_sweep_and_a_full_replay(
     (stream,) = [s for s in keys.streams if await redis.xlen(s)][:1] or [keys.streams[0]]
     for s in keys.streams:
         for _, fields in await redis.xrange(s):
-            e = Envelope.from_entry(fields)
+            e = wire.from_entry(fields)
             if e.type is EventType.LEAD:
                 await redis.xadd(s, fields)
                 stream = s
@@ -232,7 +232,7 @@ async def test_a_spool_drained_after_the_erasure_appends_the_event_scrubbed(
     spool = Spool(offline, max_bytes=10_000_000)
     record = keys.idempotent("d" * 32, keys.partition_for(world.link["code"]))
     answer = b"f" * 32 + b"200" + orjson.dumps({"customer": {"externalId": p.external_id, "email": p.email}})
-    await spool.append(keys.stream_for(world.link["code"]), lead.encode(), once=Once(record, answer, 60_000))
+    await spool.append(keys.stream_for(world.link["code"]), wire.to_blob(lead), once=Once(record, answer, 60_000))
     await spool.close()
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
     again = Spool(offline, max_bytes=10_000_000)
@@ -240,7 +240,7 @@ async def test_a_spool_drained_after_the_erasure_appends_the_event_scrubbed(
     assert await again.drain(redis) == 1
     await again.close()
     (entry,) = await redis.xrange(keys.stream_for(world.link["code"]))  # (the edge made the streams)
-    e = Envelope.from_entry(entry[1])
+    e = wire.from_entry(entry[1])
     assert e.event_id == lead.event_id and e.ip is None and e.user_agent is None
     assert ledger.is_pseudonym(e.payload["external_id"]) and "email" not in e.payload
     kept = orjson.loads((await redis.get(record))[35:])  # the key's answer, for its repeats
@@ -260,7 +260,7 @@ async def test_a_late_event_of_an_erased_person_is_stored_scrubbed_by_the_worker
     late = Envelope(EventType.LEAD, Dialect.REFPORT, {
         "code": world.link["code"], "visitor_id": "v-late", "external_id": p.external_id, "email": p.email,
         "customer_name": p.name, "name": "Sign Up"}, world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
-    await redis.xadd(keys.stream_for(world.link["code"]), late.entry_dict())
+    await redis.xadd(keys.stream_for(world.link["code"]), wire.to_entry_dict(late))
     await drain()
     row = await pg.fetchrow("SELECT * FROM events WHERE event_id = $1", late.event_id)
     alias = await pg.fetchval("SELECT external_id FROM customers")
@@ -276,13 +276,13 @@ async def test_a_late_event_of_an_erased_person_is_stored_scrubbed_by_the_worker
     click = Envelope(EventType.CLICK, Dialect.AFFITOR, {"code": world.link["code"], "visitor_id": "v-unknown",
                      "referrer": "https://ref.test/unknown-click"}, world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
     click.payload["click_id"] = clicks.mint(click.event_id)
-    await redis.xadd(keys.stream_for(world.link["code"]), click.entry_dict())
+    await redis.xadd(keys.stream_for(world.link["code"]), wire.to_entry_dict(click))
     await drain()
     assert await pg.fetchval("SELECT host(ip) FROM events WHERE event_id = $1", click.event_id) == IP
     later = Envelope(EventType.LEAD, Dialect.REFPORT, {
         "code": world.link["code"], "visitor_id": "v-unknown", "click_id": click.payload["click_id"],
         "external_id": p.external_id, "name": "Upgrade"}, world.workspace_id, IP)  # fmt: skip
-    await redis.xadd(keys.stream_for(world.link["code"]), later.entry_dict())
+    await redis.xadd(keys.stream_for(world.link["code"]), wire.to_entry_dict(later))
     await drain()
     row = await pg.fetchrow("SELECT ip, referrer, visitor_id FROM events WHERE event_id = $1", click.event_id)
     assert row["ip"] is None and row["referrer"] is None and ledger.is_pseudonym(row["visitor_id"])

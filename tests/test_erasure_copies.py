@@ -13,9 +13,10 @@ import asyncpg
 import orjson
 
 from ingest.contract import erasure as ledger
+from ingest.contract import wire
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from ingest.manage import erasure as pg_erasure
+from ingest.privacy import erasure as pg_erasure
 
 from ._procs import Procs
 from ._world import World, call
@@ -85,7 +86,7 @@ async def test_an_erasure_scrubs_the_commission_created_payloads_in_the_outbox(
 ) -> None:
     """``commission.created`` is the commission's (its subject the ledger row, not an
     event): its payload's external id becomes the pseudonym, its amount stays."""
-    from ingest.manage import secretbox
+    from ingest.ledger import secretbox
 
     from .test_commissions import rules
     from .test_refunds import sold
@@ -133,7 +134,7 @@ async def test_a_spool_drained_after_the_erasure_keeps_no_raw_click_cache_entry(
     fp = keys.fingerprint(world.workspace_id, "ab" * 16)
     offline = tmp_path / "offline-spool"
     spool = Spool(offline, max_bytes=10_000_000)
-    await spool.append(keys.stream_for(world.link["code"]), click.encode(),
+    await spool.append(keys.stream_for(world.link["code"]), wire.to_blob(click),
                        extra=[ref.cache_command(keys, 3600), ("SET", fp, visitor, "NX", "EX", 3600)])  # fmt: skip
     await spool.close()
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
@@ -225,7 +226,7 @@ async def test_an_affiliate_and_a_participant_are_erased_everywhere_their_money_
     """``DELETE /v1/affiliates/{id}`` (scope ``erase``) and ``refstream erase --participant``:
     the affiliate's name, email, external id and addresses leave their row, ``affiliate_ips``,
     fraud evidence, webhook payloads and the link cache; their commission keeps its amount."""
-    from ingest.manage import secretbox
+    from ingest.ledger import secretbox
 
     from .test_commissions import rules
     from .test_erasure import pg_dump_text
@@ -316,7 +317,7 @@ async def test_an_affiliates_erasure_a_restore_lost_is_put_back_from_its_copy(
     the erasure gone: its copy in Redis puts the erasure back and scrubs the row again."""
     import uuid
 
-    from ingest.manage import erasure_affiliate, erasure_copy
+    from ingest.privacy import erasure_affiliate, erasure_copy
 
     done = await erasure_affiliate.erase(pg, world.workspace_id, affiliate_id=world.affiliate_id, by="test",
                                          archive_days=30)  # fmt: skip
@@ -339,7 +340,7 @@ async def test_a_worker_restores_the_erasures_postgres_lost_before_its_first_bat
     import uuid
 
     from ingest.contract.events import Dialect, Envelope, EventType
-    from ingest.manage import erasure_copy
+    from ingest.privacy import erasure_copy
 
     p = Person()
     await customer(pg, world, "v-restored", p)
@@ -350,7 +351,7 @@ async def test_a_worker_restores_the_erasures_postgres_lost_before_its_first_bat
     lead = Envelope(EventType.LEAD, Dialect.REFPORT, {
         "code": world.link["code"], "visitor_id": "v-restored", "external_id": p.external_id, "email": p.email,
         "customer_name": p.name, "name": "Sign Up"}, world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
-    await redis.xadd(keys.stream_for(world.link["code"]), lead.entry_dict())
+    await redis.xadd(keys.stream_for(world.link["code"]), wire.to_entry_dict(lead))
     await drain()
     row = await pg.fetchrow("SELECT host(ip) AS ip, customer_external_id, payload FROM events WHERE event_id = $1",
                             lead.event_id)  # fmt: skip

@@ -14,13 +14,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ingest.contract import clicks
+from ingest.contract import clicks, wire
 from ingest.contract import erasure as ledger
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from ingest.manage import erasure as pg_erasure
-from ingest.manage import erasure_late
+from ingest.privacy import erasure as pg_erasure
+from ingest.privacy import erasure_late
 from workers.archive.store import Store, open_store
 from workers.ops import erasure
 
@@ -77,8 +77,8 @@ async def appended(redis: Any, keys: Keys, world: World, p: Person, visitor: str
     (no ledger checked): the click."""
     click = click_of(world, visitor)
     stream = keys.stream_for(world.link["code"])
-    await redis.xadd(stream, click.entry_dict())
-    await redis.xadd(stream, lead_of(world, p, click).entry_dict())
+    await redis.xadd(stream, wire.to_entry_dict(click))
+    await redis.xadd(stream, wire.to_entry_dict(lead_of(world, p, click)))
     return click
 
 
@@ -154,7 +154,7 @@ async def test_a_dead_lettered_lead_teaches_the_sweep_its_click(
     teaches the ledger that click, and the next sweep scrubs its row."""
     p = Person()
     click = click_of(world, "v-seam-3")
-    await redis.xadd(keys.stream_for(world.link["code"]), click.entry_dict())
+    await redis.xadd(keys.stream_for(world.link["code"]), wire.to_entry_dict(click))
     await drain()
     assert await pg.fetchval("SELECT referrer FROM events WHERE event_id = $1", click.event_id) == REFERRER
     lead = lead_of(world, p, click)
@@ -164,7 +164,7 @@ async def test_a_dead_lettered_lead_teaches_the_sweep_its_click(
         "error": "a test's",
         "deliveries": 5,
         "at": 0,
-        **lead.entry_dict(),
+        **wire.to_entry_dict(lead),
     }
     await redis.xadd(keys.dead, letter)
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
@@ -214,13 +214,13 @@ async def test_the_archive_pass_starts_at_a_click_hours_before_the_late_lead_tha
     stream = keys.stream_for(world.link["code"])
     now_ms = int((await redis.time())[0]) * 1000
     click = click_of(world, "v-seam-5", ms=now_ms - 3 * 3_600_000)
-    await redis.xadd(stream, click.entry_dict(), id=f"{click.received_at_ms}-0")
+    await redis.xadd(stream, wire.to_entry_dict(click), id=f"{click.received_at_ms}-0")
     await drain()
     await run_archiver(settings, redis, store)
     assert found_in(await archive_bytes(store, keys.prefix), {"referrer": REFERRER.encode()})  # the test can fail
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
     await sweep_until_done(pg, redis, keys, store)
-    await redis.xadd(stream, lead_of(world, p, click).entry_dict())
+    await redis.xadd(stream, wire.to_entry_dict(lead_of(world, p, click)))
     await drain()
     await run_archiver(settings, redis, store)
     assert len(await store.list(keys.prefix + "/")) == 2  # two hours, two segments

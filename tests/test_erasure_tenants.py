@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from ingest.contract import erasure as ledger
+from ingest.contract import wire
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
@@ -171,7 +172,7 @@ async def _entries(redis: Any, keys: Keys, world: World) -> list[tuple[Any, byte
     out = []
     for s in keys.streams:
         for sid, fields in await redis.xrange(s):
-            if Envelope.from_entry(fields).workspace_id == world.workspace_id:
+            if wire.from_entry(fields).workspace_id == world.workspace_id:
                 out.append((sid, orjson.dumps({k.decode(): v.decode(errors="replace") for k, v in fields.items()})))
     return out
 
@@ -304,11 +305,11 @@ async def test_a_spool_drained_after_an_erasure_elsewhere_appends_the_other_work
                      "referrer": REFERRER}, other.workspace_id, "127.0.0.9", "Mozilla/5.0")  # fmt: skip
     offline = tmp_path / "offline-spool"  # not the edge fixture's (settings.spool_dir): its drainer would race
     spool = Spool(offline, max_bytes=10_000_000)
-    await spool.append(keys.stream_for(other.link["code"]), click.encode())
+    await spool.append(keys.stream_for(other.link["code"]), wire.to_blob(click))
     await spool.close()
     again = Spool(offline, max_bytes=10_000_000)
     again._ledger = lambda: ledger.held(pg)
     assert await again.drain(redis) == 1
     await again.close()
     (entry,) = await redis.xrange(keys.stream_for(other.link["code"]))
-    assert Envelope.from_entry(entry[1]) == click
+    assert wire.from_entry(entry[1]) == click

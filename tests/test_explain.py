@@ -12,8 +12,9 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.manage import erasure as pg_erasure
-from ingest.manage import erasure_late, ledger, manage, stats
+from ingest.manage import ledger, manage, stats
+from ingest.privacy import erasure as pg_erasure
+from ingest.privacy import erasure_late
 from workers.consumer.partitions import maintain
 
 # the planner over generated rows: the same Postgres either way:

@@ -24,8 +24,8 @@ from aiohttp import web
 
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from ingest.manage import secretbox
-from ingest.manage.targets import PrivateAddress, PublicResolver, literal, refusal
+from ingest.ledger import secretbox
+from ingest.ledger.targets import PrivateAddress, PublicResolver, literal, refusal
 from workers.consumer import webhooks
 
 from ._procs import free_port

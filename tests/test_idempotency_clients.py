@@ -23,7 +23,7 @@ from aiohttp import web
 
 from ingest.contract.settings import Settings
 from ingest.spool import store as spool_store
-from workers.consumer.worker import drain as drain_streams
+from workers.host.worker import drain as drain_streams
 
 from ._procs import Procs, free_port
 from ._proxy import Proxy

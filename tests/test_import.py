@@ -23,9 +23,9 @@ from ingest.contract import clicks
 from ingest.contract import erasure as ledger
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
-from ingest.manage import erasure as pg_erasure
+from ingest.ledger.outbox import EVENT_TYPES
 from ingest.manage import suppressions
-from ingest.manage.outbox import EVENT_TYPES
+from ingest.privacy import erasure as pg_erasure
 from workers.ops import import_formats, import_lines, imports
 from workers.ops.import_lane import HALVE_AFTER_S
 from workers.ops.reconcile import reconcile

@@ -95,7 +95,7 @@ def test_secret_key_prints_a_key_that_encrypts_and_decrypts() -> None:
     import subprocess
     import tempfile
 
-    from ingest.manage import secretbox
+    from ingest.ledger import secretbox
 
     from ._procs import REFSTREAM
 

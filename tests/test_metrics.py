@@ -75,7 +75,8 @@ def test_request_series_in_the_text_format():
     """The per-request series are plain counters folded in at scrape time: the text is
     Prometheus's (parsed back by prometheus_client's parser), buckets cumulative, every
     request counted once whatever the access log keeps."""
-    from ingest.edge.metrics import LATENCY_BUCKETS, EdgeMetrics
+    from ingest.contract.latency import LATENCY_BUCKETS
+    from ingest.edge.metrics import EdgeMetrics
 
     m = EdgeMetrics()
     for seconds in (0.0002, 0.0005, 0.003, 0.003, 9.0):
@@ -101,8 +102,8 @@ def test_request_series_in_the_text_format():
 async def test_worker_gauges_for_the_oldest_pending_entry_and_the_dead_letters(redis, keys):
     """What the alert rules in deploy/prometheus need: the age of the oldest entry delivered
     and not acked (from its id, on Redis's clock), and how many dead letters wait."""
-    from ingest.contract.events import FIELD
     from ingest.contract.keys import GROUP
+    from ingest.contract.wire import FIELD
     from workers.consumer.metrics import WorkerMetrics, refresh_stream_gauges
 
     stream, idle = keys.streams[0], keys.streams[1]

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import asyncpg
 
-from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract import wire
+from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.contract.wire import FIELD
 
 from ._procs import Procs
 from ._redis import PrivateRedis
@@ -51,7 +53,7 @@ async def test_worker_rides_out_a_redis_outage(settings: Settings, private_redis
                         payload={"code": "alice"},
                         user_agent="Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0",
                     )
-                    await client.xadd(keys.stream_for("alice"), {FIELD: e.encode()})
+                    await client.xadd(keys.stream_for("alice"), {FIELD: wire.to_blob(e)})
             finally:
                 await client.aclose()
 

@@ -12,8 +12,10 @@ import click
 import orjson
 from rich.console import Console
 
-from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract import wire
+from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
+from ingest.contract.wire import FIELD
 from refstream import ops_reconcile, ops_replay, ops_status, ops_workspace
 from workers.group.presence import WorkerState
 from workers.ops import status as st
@@ -147,7 +149,7 @@ def test_every_command_that_prints_data_takes_json() -> None:
 
 
 async def test_dead_commands_print_a_table_and_json_on_request(procs: Procs, redis: Any, keys: Keys) -> None:
-    envelope = Envelope(EventType.CLICK, Dialect.BIORE, {"code": "gone"}).encode()
+    envelope = wire.to_blob(Envelope(EventType.CLICK, Dialect.BIORE, {"code": "gone"}))
     fields = {FIELD: envelope, b"stream": keys.streams[1].encode(), b"id": b"1-1", b"error": b"store: [/] refused"}
     dead_id = (await redis.xadd(keys.dead, fields)).decode()
 

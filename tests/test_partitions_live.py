@@ -18,13 +18,13 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from ingest.contract import layout
+from ingest.contract import layout, wire
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
 from ingest.edge.enqueue import OUTCOME
-from ingest.edge.idempotency import APPEND_ONCE
 from ingest.edge.state import EDGE
+from ingest.link.once import APPEND_ONCE
 from ingest.manage import admin
 from ingest.spool.spool import Spool
 from ingest.spool.store import Once
@@ -136,10 +136,10 @@ async def test_spooled_rows_of_a_retired_partition_drain_into_the_current_count(
     try:
         # spooled while 4 partitions were written: one unkeyed, two keyed, one of whose key
         # a copy reached Redis meanwhile (its record where 4 partitions put it)
-        assert await spool.append(keys.stream(old), plain.encode()) is None
+        assert await spool.append(keys.stream(old), wire.to_blob(plain)) is None
         for envelope, key in ((fresh, "k1"), (copied, "k2")):
             once = Once(keys.idempotent(key, old), f"answer-{key}".encode(), WINDOW_MS)
-            assert await spool.append(keys.stream(old), envelope.encode(), once=once) is None
+            assert await spool.append(keys.stream(old), wire.to_blob(envelope), once=once) is None
         await redis.set(keys.idempotent("k2", old), b"first-copy", px=WINDOW_MS)
         await layout.set_count(redis, keys, 4, 2, window_ms=WINDOW_MS)
         assert await layout.retire(redis, keys, 4, grace_ms=0) == [2, 3]
@@ -172,7 +172,7 @@ async def test_a_spooled_keyed_row_is_checked_where_an_earlier_count_put_its_key
     spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
     try:
         once = Once(keys.idempotent("k", by4), b"the-second-copy", WINDOW_MS)
-        assert await spool.append(keys.stream(by4), _envelope(code, "w").encode(), once=once) is None
+        assert await spool.append(keys.stream(by4), wire.to_blob(_envelope(code, "w")), once=once) is None
         await _drain(spool, redis, settings, 8, 1)  # done: its key's first copy is in Redis
     finally:
         await spool.close()
@@ -197,7 +197,7 @@ async def test_a_spooled_keyed_row_whose_record_and_stream_disagree_is_checked_w
     spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
     try:
         once = Once(keys.idempotent("k", by4), b"the-second-copy", WINDOW_MS)  # checked by 4, spooled by 1
-        assert await spool.append(keys.stream(0), _envelope(code, "w").encode(), once=once) is None
+        assert await spool.append(keys.stream(0), wire.to_blob(_envelope(code, "w")), once=once) is None
         await _drain(spool, redis, settings, 4, 1)  # done: its key's first copy is in Redis
     finally:
         await spool.close()
@@ -431,7 +431,7 @@ async def test_a_replay_reads_a_retired_partitions_entries_from_the_archive(
         await layout.ensure(redis, keys, p, (GROUP, ARCHIVE))
     started = datetime.now(UTC) - timedelta(minutes=1)
     e = _envelope(code, world.workspace_id)
-    await redis.xadd(keys.stream(3), e.entry_dict())  # type: ignore[arg-type]  # redis-py's dict is invariant
+    await redis.xadd(keys.stream(3), wire.to_entry_dict(e))  # type: ignore[arg-type]  # redis-py's dict is invariant
     await run_archiver(settings, redis)
     # the workers' group read and acknowledged it (stored, then lost with a restore of Postgres)
     read = await redis.xreadgroup(GROUP, "w1", {keys.stream(3): ">"})

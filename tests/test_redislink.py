@@ -1,4 +1,4 @@
-"""The micro-batcher's own Redis connection (``ingest.edge.redislink``) against real Redis
+"""The micro-batcher's own Redis connection (``ingest.link.resp``) against real Redis
 servers: raw replies in order, error replies in their slots, AUTH and SELECT, a timeout
 that must not leave replies owed to the next batch, and a server that dies and comes back.
 Each case runs on asyncio's loop and on uvloop's (the edge's), whose transports differ."""
@@ -17,9 +17,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest.contract.settings import Settings
-from ingest.edge import redislink
 from ingest.edge.batcher import RedisBatcher
-from ingest.edge.redislink import DirectLink, PipelineLink, link_for, pack
+from ingest.link import resp
+from ingest.link.choice import link_for
+from ingest.link.resp import DirectLink, PipelineLink, pack
 
 from ._redis import PrivateRedis
 
@@ -194,7 +195,7 @@ def test_an_idle_connection_is_checked_with_a_ping(private_redis: PrivateRedis, 
             await link.send([("GET", "a")])  # busy: no check
             await client.config_resetstat()
             assert await pings(client) == 0
-            monkeypatch.setattr(redislink, "HEALTH_CHECK_S", 0.0)  # from now on, every batch follows an idle spell
+            monkeypatch.setattr(resp, "HEALTH_CHECK_S", 0.0)  # from now on, every batch follows an idle spell
             assert await link.send([("GET", "a")]) == [b"1"]
             assert await pings(client) == 1
         finally:

@@ -14,7 +14,8 @@ import redis
 from redis.crc import key_slot
 
 from ingest.contract.connections import Cluster
-from ingest.edge.redislink import ClusterLink, link_for
+from ingest.link.choice import link_for
+from ingest.link.cluster import ClusterLink
 
 from .faults._cluster import move_slot, owner
 from .test_cluster import cluster as cluster  # the fixture

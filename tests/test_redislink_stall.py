@@ -24,9 +24,9 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest.edge.batcher import RedisBatcher, RedisDown
-from ingest.edge.durability import Durability, Unconfirmed
 from ingest.edge.ratelimit import RateLimiter, well_formed
-from ingest.edge.redislink import DirectLink, ImpossibleReply
+from ingest.link.durability import Durability, Unconfirmed
+from ingest.link.resp import DirectLink, ImpossibleReply
 
 from ._redis import PrivateRedis
 

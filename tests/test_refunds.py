@@ -16,11 +16,13 @@ import asyncpg
 from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
-from ingest.contract.events import Envelope, EventType, uuid7
+from ingest.contract import wire
+from ingest.contract.events import EventType, uuid7
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
 from ingest.edge import refund as refund_edge
-from ingest.manage import admin, refunds, secretbox
+from ingest.ledger import refunds, secretbox
+from ingest.manage import admin
 from workers.consumer import commissions, store
 from workers.ops import replay
 from workers.ops.reconcile import reconcile
@@ -231,7 +233,7 @@ async def test_a_refunds_copy_rides_beside_its_sale_and_restores_it_once_where_p
     assert status == 200, first
     assert (await refund(edge, world.api_key, body))[:2] == (200, first)  # a repeat: its copy too
     envelopes = {
-        stream: [Envelope.from_entry(fields) for _, fields in await redis.xrange(stream)] for stream in keys.streams
+        stream: [wire.from_entry(fields) for _, fields in await redis.xrange(stream)] for stream in keys.streams
     }
     copies = [(s, e) for s, es in envelopes.items() for e in es if e.type is EventType.REFUND]
     assert [e.event_id for _, e in copies] == [UUID(first["refund_id"])] * 2
@@ -280,8 +282,8 @@ async def test_a_replay_restores_a_refund_whose_copy_it_reads_before_its_sale(
         {"refund_id": str(uuid7()), "invoice_id": "in_apart", "amount": 700, "currency": "usd", "reason": None,
          "created_at": "2026-11-25T07:00:00.123456+00:00"},
     )  # fmt: skip
-    await redis.xadd(keys.streams[0], copy.entry_dict())  # the copy in the first partition read
-    await redis.xadd(keys.streams[-1], sale_env.entry_dict())  # its sale in the last
+    await redis.xadd(keys.streams[0], wire.to_entry_dict(copy))  # the copy in the first partition read
+    await redis.xadd(keys.streams[-1], wire.to_entry_dict(sale_env))  # its sale in the last
     result = await replay.replay(redis, pg, keys, replay.Range())
     assert result.total("refunds_not_restored") == 0, result.to_dict()
     assert result.total("inserted") == 2
@@ -316,7 +318,7 @@ async def test_a_refund_whose_copy_cannot_be_kept_is_answered_may_be_recorded(
     status, first, _ = await refund(edge, world.api_key, body)  # the retry
     assert status == 200 and first["amount"] == 400, first
     [(_, fields)] = await redis.xrange(stream)
-    assert Envelope.from_entry(fields).event_id == UUID(first["refund_id"])
+    assert wire.from_entry(fields).event_id == UUID(first["refund_id"])
 
 
 async def test_a_refund_is_one_refund_created_delivery_and_its_clawback_one_commission_created(

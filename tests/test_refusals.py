@@ -23,7 +23,7 @@ import structlog.testing
 from ingest.contract.settings import Settings
 from ingest.spool import store as spool_store
 from ingest.spool.spool import Spool
-from workers.consumer.worker import drain as drain_streams
+from workers.host.worker import drain as drain_streams
 
 from ._world import World, call, start_edge
 from .conftest import wait_for

@@ -12,11 +12,13 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.contract.events import FIELD, Dialect, Envelope, EventType, uuid7
+from ingest.contract import wire
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.contract.wire import FIELD
 from refstream.ops_replay import RangeUsageError, parse_time
-from workers.consumer.worker import consumer
+from workers.host.worker import consumer
 from workers.ops.reconcile import reconcile
 from workers.ops.replay import MAX_SEQ, Range, RangeError, replay_job
 
@@ -118,7 +120,7 @@ async def append(redis: Any, keys: Keys, envelopes: list[Envelope], garbage: int
         sid = (e.received_at_ms, prev[1] + 1 if prev[0] == e.received_at_ms else 0)
         last[stream] = sid
         ids[stream].append(f"{sid[0]}-{sid[1]}")
-        pipe.xadd(stream, {FIELD: e.encode()}, id=ids[stream][-1])
+        pipe.xadd(stream, {FIELD: wire.to_blob(e)}, id=ids[stream][-1])
     for _ in range(garbage):
         pipe.xadd(keys.stream(0), {FIELD: b"not an envelope"})
     await pipe.execute()

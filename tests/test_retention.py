@@ -19,7 +19,7 @@ from workers.archive.archiver import GROUP as ARCHIVE
 from workers.archive.archiver import Archiver
 from workers.archive.store import open_store
 from workers.consumer import trim
-from workers.consumer.worker import drain
+from workers.host.worker import drain
 from workers.ops import status
 
 from ._redis import PrivateRedis

@@ -15,44 +15,31 @@ ROOT = Path(__file__).resolve().parent.parent
 # room -> the rooms (or single modules) it may import; ARCHITECTURE.md's "May import" column
 MAY_IMPORT: dict[str, set[str]] = {
     "ingest.contract": set(),
-    "ingest.edge": {"ingest.contract", "ingest.spool"},
-    "ingest.spool": {"ingest.contract", "ingest.edge.idempotency", "ingest.edge.durability", "ingest.edge.redislink"},
-    "ingest.host": {"ingest.contract", "ingest.edge", "ingest.spool", "ingest.manage"},
-    "ingest.manage": {"ingest.contract", "ingest.edge"},
+    "ingest.link": {"ingest.contract"},
+    "ingest.ledger": {"ingest.contract"},
+    "ingest.privacy": {"ingest.contract"},
+    "ingest.edge": {"ingest.contract", "ingest.link", "ingest.spool", "ingest.ledger"},
+    "ingest.spool": {"ingest.contract", "ingest.link"},
+    "ingest.host": {"ingest.contract", "ingest.link", "ingest.edge", "ingest.spool", "ingest.manage"},
+    "ingest.manage": {"ingest.contract", "ingest.edge", "ingest.ledger", "ingest.privacy"},
     "workers.group": {"ingest.contract"},
-    "workers.consumer": {
-        "ingest.contract",
-        "workers.group",
-        "ingest.edge.metrics",  # the latency buckets, so the edge's and the workers' histograms compare
-        "ingest.manage.secretbox",  # webhook signing secrets, sealed by the management API
-        "ingest.manage.targets",  # the webhook target check, the management API's own
-        "ingest.manage.outbox",  # the webhook outbox, which the management API's writes use too
-        "ingest.manage.refunds",  # a refunded sale that earns late gets its refunds' clawbacks
-        "workers.ops.replay",  # the arq worker hosts the replay job
-        "workers.ops.erasure",  # ... and the erasure sweep,
-        "ingest.manage.erasure_late",  # an erased person's late lead scrubs what it links them to
-        "ingest.manage.erasure_copy",  # a worker's first batch waits for the erasures Postgres lost
-        "workers.archive.store",  # ... which rewrites the archive's segments
-    },
+    "workers.consumer": {"ingest.contract", "workers.group", "ingest.ledger", "ingest.privacy"},
     "workers.archive": {"ingest.contract", "workers.group"},
     "workers.ops": {
         "ingest.contract",
         "ingest.spool",
+        "ingest.ledger",
+        "ingest.privacy",
         "workers.group",
         "workers.consumer",
         "workers.archive",
-        "ingest.manage.erasure",  # an erasure's record, as the management API shows it
-        "ingest.manage.erasure_late",  # ... and its re-check of Postgres
-        "ingest.manage.erasure_copy",  # ... and its copy in Redis, kept by the sweep, restored by a replay
-        "ingest.manage.refunds",  # an imported refund, recorded as the edge records one
         "ingest.edge.suppress",  # the do-not-track lists, as the edges read them, for an import
         "ingest.edge.fields",  # an import's rows checked by the routes' own field types
         "ingest.edge.sale",  # ... and a sale's
     },
+    "workers.host": {"ingest.contract", "workers.group", "workers.consumer", "workers.archive", "workers.ops"},
 }
-# a dialect's own management calls: Bricqs' referral codes and participant stats; a refund,
-# recorded in Postgres at once (its 409 depends on the refunds before it)
-EXCEPTIONS = {("ingest.edge.routes.bricqs", "ingest.manage.admin"), ("ingest.edge.refund", "ingest.manage.refunds")}
+EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

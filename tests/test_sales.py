@@ -340,7 +340,7 @@ async def test_link_and_affiliate_stats_count_sales_and_revenue_per_currency(
 
 
 async def test_each_stored_sale_is_one_sale_created_webhook(edge: str, world: World, pg: asyncpg.Pool, drain):
-    from ingest.manage import secretbox
+    from ingest.ledger import secretbox
 
     from .test_webhooks import make_webhook
 

@@ -27,12 +27,14 @@ import structlog
 from prometheus_client import generate_latest
 
 from ingest.contract import clicks
-from ingest.contract.events import FIELD, uuid7
+from ingest.contract.events import uuid7
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.contract.wire import FIELD
 from ingest.edge.metrics import EdgeMetrics
 from ingest.spool import store as spool_store
-from ingest.spool.spool import Spool, SpoolDrainFailed, SpoolFull
+from ingest.spool.drain import SpoolDrainFailed
+from ingest.spool.spool import Spool, SpoolFull
 from refstream.embedded import free_port
 from workers.ops import status
 

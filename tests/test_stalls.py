@@ -23,12 +23,12 @@ import pytest
 from aiohttp import web
 
 from ingest.contract.settings import Settings
-from ingest.edge.idempotency import APPEND_ONCE
 from ingest.edge.lookup import CHECKED_APPEND
 from ingest.edge.state import EDGE
+from ingest.link.once import APPEND_ONCE
 from ingest.spool import store as spool_store
 from refstream.embedded import free_port
-from workers.consumer.worker import drain as drain_streams
+from workers.host.worker import drain as drain_streams
 
 from ._world import World, call, start_edge
 from .conftest import wait_for

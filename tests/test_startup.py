@@ -26,9 +26,11 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract import wire
+from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.contract.wire import FIELD
 from ingest.manage import schema_check
 from ingest.manage.db import SCHEMA_VERSION, migrate
 from ingest.manage.schema_check import DbStatus, Kind, SchemaProbe, check_url
@@ -264,7 +266,7 @@ async def test_work_waits_for_an_unreachable_postgres_logging_once_then_works(
         await wait_for(ready, what="the worker to find Postgres")
         envelope = Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"},
                             user_agent=BROWSER)  # fmt: skip
-        await redis.xadd(keys.stream_for("PARTNER123"), {FIELD: envelope.encode()})
+        await redis.xadd(keys.stream_for("PARTNER123"), {FIELD: wire.to_blob(envelope)})
 
         async def counted() -> bool:
             return bool(await pg.fetchval("SELECT clicks FROM links WHERE code = 'PARTNER123'") == 1)

@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from ingest.contract.events import FIELD
 from ingest.contract.keys import GROUP, Keys
+from ingest.contract.wire import FIELD
 from ingest.spool import store as spool_store
 from workers.ops import status
 

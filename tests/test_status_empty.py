@@ -8,8 +8,8 @@ import re
 import time
 from typing import Any
 
-from ingest.contract.events import FIELD
 from ingest.contract.keys import GROUP, Keys
+from ingest.contract.wire import FIELD
 
 from ._procs import Procs
 from .test_status import _status

@@ -10,8 +10,10 @@ import signal
 import asyncpg
 import pytest
 
-from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract import wire
+from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import GROUP, Keys
+from ingest.contract.wire import FIELD
 
 from ._procs import Procs
 from ._world import make_world
@@ -117,7 +119,7 @@ async def append(redis, keys: Keys, envelopes: list[Envelope]) -> None:
     for start in range(0, len(envelopes), 5000):
         pipe = redis.pipeline(transaction=False)
         for e in envelopes[start : start + 5000]:
-            pipe.xadd(keys.stream_for(e.payload["code"]), {FIELD: e.encode()})
+            pipe.xadd(keys.stream_for(e.payload["code"]), {FIELD: wire.to_blob(e)})
         await pipe.execute()
 
 

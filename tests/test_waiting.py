@@ -21,11 +21,12 @@ import pytest
 from aiohttp import web
 from arq.connections import RedisSettings, create_pool
 
-from ingest.contract.events import FIELD
+from ingest.contract import wire
 from ingest.contract.keys import GROUP, Keys
+from ingest.contract.wire import FIELD
 from refstream.embedded import free_port
 from workers.consumer import trim
-from workers.consumer.arq_redis import connect_arq
+from workers.host.arq_redis import connect_arq
 
 from ._procs import REFSTREAM, Procs, env_for
 from .conftest import wait_for
@@ -231,7 +232,7 @@ async def test_shutdown_runs_when_sigterm_cancelled_a_job_before_it_started(sett
     just enqueued, say) made arq's own close raise CancelledError and skip ``on_shutdown``,
     so the consumer's batch in flight was abandoned and the process exited 1 (found by
     tests/faults' SIGTERM scenario). The worker's close must run the shutdown regardless."""
-    from workers.consumer.worker import ResilientWorker
+    from workers.host.worker import ResilientWorker
 
     shut: list[bool] = []
 
@@ -295,7 +296,9 @@ async def test_a_bug_failing_every_entry_holds_the_batch_instead_of_dead_letteri
 
     stream = keys.stream_for("PARTNER123")
     envelopes = [click(f"Mozilla/5.0 (X11; Linux x86_64) Firefox/{100 + i}.0") for i in range(5)]
-    entries: list[Entry] = [(await redis.xadd(stream, {FIELD: e.encode()}), {FIELD: e.encode()}) for e in envelopes]
+    entries: list[Entry] = [
+        (await redis.xadd(stream, {FIELD: wire.to_blob(e)}), {FIELD: wire.to_blob(e)}) for e in envelopes
+    ]
 
     broken = Pipeline(settings, redis, pg, _BrokenEnricher())  # type: ignore[arg-type]  # an Enricher's stand-in
     batch = Batch(keys.partition_for("PARTNER123"), stream, list(entries))
@@ -311,11 +314,11 @@ async def test_a_bug_failing_every_entry_holds_the_batch_instead_of_dead_letteri
     # one entry the code cannot handle, among good ones: that one is poison, alone
     odd = click("an odd agent")
     more = [click("Mozilla/5.0 (X11; Linux x86_64) Firefox/125.0"), odd]
-    entries = [(await redis.xadd(stream, {FIELD: e.encode()}), {FIELD: e.encode()}) for e in more]
+    entries = [(await redis.xadd(stream, {FIELD: wire.to_blob(e)}), {FIELD: wire.to_blob(e)}) for e in more]
     selective = Pipeline(settings, redis, pg, _BrokenEnricher(only_ua="an odd agent"))  # type: ignore[arg-type]  # a stand-in
     await selective.process(Batch(keys.partition_for("PARTNER123"), stream, entries))
     (dead,) = await redis.xrange(keys.dead)
-    assert dead[1][b"error"].startswith(b"store: TypeError") and dead[1][FIELD] == odd.encode()
+    assert dead[1][b"error"].startswith(b"store: TypeError") and dead[1][FIELD] == wire.to_blob(odd)
     assert await pg.fetchval("SELECT count(*) FROM events") == 6
 
 
@@ -332,7 +335,9 @@ async def test_a_batch_that_keeps_meeting_outages_is_stored_in_smaller_parts(
         Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"}, user_agent="Mozilla/5.0")
         for _ in range(8)
     ]
-    entries: list[Entry] = [(await redis.xadd(stream, {FIELD: e.encode()}), {FIELD: e.encode()}) for e in envelopes]
+    entries: list[Entry] = [
+        (await redis.xadd(stream, {FIELD: wire.to_blob(e)}), {FIELD: wire.to_blob(e)}) for e in envelopes
+    ]
     batch = Batch(keys.partition_for("PARTNER123"), stream, entries)
     batch.failures = SHRINK_AFTER + 1  # as the consumer counts them: 8 entries in parts of 2
     await Pipeline(settings, redis, pg).process(batch)
@@ -350,7 +355,9 @@ async def test_an_event_read_twice_in_one_tracked_batch_is_counted_one_attempt(
 
     stream = keys.stream_for("PARTNER123")
     e = Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"}, user_agent="Mozilla/5.0")
-    entries: list[Entry] = [(await redis.xadd(stream, {FIELD: e.encode()}), {FIELD: e.encode()}) for _ in range(2)]
+    entries: list[Entry] = [
+        (await redis.xadd(stream, {FIELD: wire.to_blob(e)}), {FIELD: wire.to_blob(e)}) for _ in range(2)
+    ]
     p = keys.partition_for("PARTNER123")
     batch = Batch(p, stream, entries, tracked=True)
     pipeline = Pipeline(settings, redis, pg)

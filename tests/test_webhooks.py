@@ -16,8 +16,8 @@ from arq.worker import Worker
 
 from ingest.contract.settings import Settings
 from ingest.host import server
-from ingest.manage import outbox, secretbox
-from ingest.manage.outbox import WebhookEvent
+from ingest.ledger import outbox, secretbox
+from ingest.ledger.outbox import WebhookEvent
 from ingest.manage.routes import webhooks as webhook_routes
 from workers.consumer import webhooks
 

@@ -56,7 +56,7 @@ ENRICHMENT_PERSONAL = ("ip", "asn", "as_name", "city", "region", "latitude", "lo
 _salt: bytes | None = None
 # a batch's look at the ledger, holding the lock shared until its commit: an erasure, once
 # its ledger is in, takes the lock exclusive and so waits for every batch that looked
-# before (``ingest.manage.erasure``); one statement, one round trip per batch
+# before (``ingest.privacy.erasure``); one statement, one round trip per batch
 # before. Each entry is one workspace's (DESIGN.md 15): the digests come back with theirs
 _READ = """
 SELECT array(SELECT workspace_id::text FROM erased_ids WHERE digest = ANY($2::bytea[]) ORDER BY digest, workspace_id),

@@ -23,7 +23,7 @@ import enum
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 from aiohttp import web
@@ -31,7 +31,8 @@ from pydantic import BaseModel
 
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.events import Envelope, EventType, uuid7
-from ingest.edge.auth import bearer
+from ingest.contract.links import LinkInfo
+from ingest.edge.auth import Principal, bearer
 from ingest.edge.body import BodyError, header, parse
 from ingest.edge.enqueue import append as append_event
 from ingest.edge.enqueue import retry_headers
@@ -103,16 +104,37 @@ def event(
     )
 
 
-Refusals = Callable[..., "web.Response | tuple[Any, ...]"]  # (request, edge, found, problem, body)
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """Who a keyed route's refusals let through: the caller's key, the request's
+    ``Idempotency-Key``, and for a route that looks for a link in the caller's workspace,
+    the one the lookup found there (None: none, or not looked for)."""
+
+    principal: Principal
+    idem_key: str | None
+    link: LinkInfo | None = None
 
 
-async def caller(
-    request: web.Request, voice: Voice, model: type[M], refusals: Refusals
-) -> tuple[Edge, Found, M, tuple[Any, ...]] | web.Response:
+# a keyed route's refusals, in its own order and shape: (request, edge, found, the body's
+# problem, the body) -> its refusal, or whom it admits
+Refusals = Callable[[web.Request, Edge, Found, BodyError | None, BaseModel | None], "web.Response | Admitted"]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller(Generic[M]):
+    """A keyed route's start that refused nothing: the edge, the lookup, the body as its
+    model, and whom the route's refusals admitted."""
+
+    edge: Edge
+    found: Found
+    body: M
+    admitted: Admitted
+
+
+async def caller(request: web.Request, voice: Voice, model: type[M], refusals: Refusals) -> Caller[M] | web.Response:
     """A keyed route's start when it guesses nothing: the Bearer key (401), the body as
     ``model``, the lookup of the key and its rate limit, and the route's ``refusals`` in
-    its own order (a refusal, or what it says of the caller: its workspace or principal
-    first, the ``Idempotency-Key`` last). Else (the edge, the lookup, the body, the caller)."""
+    its own order. Else the ``Caller``."""
     edge, secret = keyed(request)
     if secret is None:
         return voice.refuse(401, "unauthorized", "Invalid or missing API key")
@@ -120,11 +142,11 @@ async def caller(
     found = await look(edge, voice, edge.key_limiter, "", secret=secret)
     if isinstance(found, web.Response):
         return found
-    said = refusals(request, edge, found, problem, body)
-    if isinstance(said, web.Response):
-        return said
+    admitted = refusals(request, edge, found, problem, body)
+    if isinstance(admitted, web.Response):
+        return admitted
     assert body is not None
-    return edge, found, body, said
+    return Caller(edge, found, body, admitted)
 
 
 async def look(edge: Edge, voice: Voice, limiter: RateLimiter, key: str, **kw: Any) -> Found | web.Response:

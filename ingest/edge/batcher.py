@@ -10,12 +10,12 @@ Backpressure: nothing waits on Redis for longer than the deadline
 (``REFSTREAM_REDIS_DEADLINE_MS``): a request's wait (queue and round trip), a round trip
 (a blackholed connection that never resets), a connect. Past ``REFSTREAM_REDIS_MAX_QUEUED``
 queued commands a request fails at once. After a round trip fails, Redis is taken for down
-(``RedisDown``): requests fail at once, except one every probe interval (50 ms, doubling to
-1 s) whose round trip tells whether it is back. Every one of these errors is a redis-py
-``ConnectionError`` or ``TimeoutError``: to a route, Redis being unavailable (public routes
-spool, keyed routes answer 503).
+(``RedisDown``; the breaker: ``ingest.link.breaker``): requests fail at once, except one
+every probe interval (50 ms, doubling to 1 s) whose round trip tells whether it is back.
+Every one of these errors is a redis-py ``ConnectionError`` or ``TimeoutError``: to a
+route, Redis being unavailable (public routes spool, keyed routes answer 503).
 
-Durability (``ingest.edge.durability``): a round trip holding a request that wrote an event
+Durability (``ingest.link.durability``): a round trip holding a request that wrote an event
 (``durable=True``) ends with WAIT / WAITAOF; when that is not confirmed those requests get
 ``Unconfirmed`` holding their own replies (the primary ran them), and, as for a Redis that
 is down, durable requests then fail at once (``NotDurable``, nothing sent) but one per
@@ -39,7 +39,7 @@ What a failed ``execute`` tells its caller (a route decides from it what to answ
   ``check``) and ``Unconfirmed`` (ran on the primary, short of the durability level).
 
 Every reply handed to a request is its own (docs/guarantees.md): the link never reuses a
-connection whose round trip ended early (``ingest.edge.redislink``), a reply list of the wrong
+connection whose round trip ended early (``ingest.link.resp``), a reply list of the wrong
 length fails the whole batch, and each request's slice is cut at its own commands.
 """
 
@@ -52,19 +52,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest.contract.connections import Command, Redis, cancelled_meanwhile
 from ingest.contract.layout import PartitionGone
-from ingest.edge.durability import Durability, NotDurable, Unconfirmed
-from ingest.edge.redislink import ImpossibleReply, Link, link_for
-
-log = structlog.get_logger("ingest.batcher")
-PROBE_FIRST_S = 0.05
-PROBE_CAP_S = 1.0
+from ingest.link.breaker import Breaker
+from ingest.link.choice import link_for
+from ingest.link.durability import Durability, NotDurable, Unconfirmed
+from ingest.link.resp import ImpossibleReply, Link
 
 
 class NotSent(RedisConnectionError):
@@ -80,54 +77,6 @@ class RedisDown(NotSent):
 
 
 Check = Callable[[list[Any]], bool]
-
-
-class Breaker:
-    """Open after a failure; while open, ``allow`` lets one caller through per probe
-    interval (50 ms doubling to 1 s): its outcome closes the breaker or keeps it open."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.cause: BaseException | None = None  # None: closed
-        self._retry_at = 0.0
-        self._delay = PROBE_FIRST_S
-
-    @property
-    def open(self) -> bool:
-        return self.cause is not None
-
-    def allow(self) -> bool:
-        if self.cause is None:
-            return True
-        now = time.monotonic()
-        if now < self._retry_at:
-            return False
-        self._retry_at = now + self._delay  # one probe per interval
-        self._delay = min(PROBE_CAP_S, self._delay * 2)
-        return True
-
-    def probe_now(self) -> None:
-        """Something else reached the server (the spool's drain): the next caller probes,
-        rather than the one after the interval, which may have grown to a second."""
-        if self.cause is not None:
-            self._retry_at = 0.0
-            self._delay = PROBE_FIRST_S
-
-    def failed(self, exc: BaseException) -> bool:
-        """Record a failure; True when it opened the breaker (it was closed)."""
-        opened = self.cause is None
-        if opened:
-            self._retry_at = time.monotonic() + PROBE_FIRST_S
-            self._delay = PROBE_FIRST_S * 2
-            log.warning(f"{self.name}.open", error=repr(exc))
-        self.cause = exc
-        return opened
-
-    def succeeded(self) -> None:
-        if self.cause is not None:
-            log.info(f"{self.name}.closed")
-            self.cause = None
-            self._delay = PROBE_FIRST_S
 
 
 class _Item:

@@ -27,12 +27,13 @@ from uuid import UUID
 import structlog
 from redis.exceptions import RedisError
 
+from ingest.contract import wire
 from ingest.contract.connections import REDIS_ERRORS, Command, CommitUnknown
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.logs import note_event
 from ingest.edge.batcher import Backpressure, RedisDown
-from ingest.edge.durability import NotDurable, Unconfirmed
+from ingest.link.durability import NotDurable, Unconfirmed
 from ingest.spool.store import Once
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def xadd(keys: Keys, envelope: Envelope, routing_key: str) -> Command:
     every group's oldest pending entry, so nothing is trimmed before it is acked. NOMKSTREAM:
     a partition that was retired is never made again (``ingest.contract.layout``); the batcher
     turns its empty reply into ``PartitionGone``, a refusal."""
-    return ("XADD", keys.stream_for(routing_key), "NOMKSTREAM", "*", *envelope.entry())
+    return ("XADD", keys.stream_for(routing_key), "NOMKSTREAM", "*", *wire.to_entry(envelope))
 
 
 def check(reply: object) -> None:
@@ -107,7 +108,7 @@ async def to_spool(
     spool that cannot keep it raises ``OutcomeUnknown``; otherwise what the spool raised
     (``SpoolFull``, ``SpoolError``: the event is nowhere, a refusal)."""
     try:
-        first = await edge.spool.append(edge.keys.stream_for(routing_key), envelope.encode(), extra, once)
+        first = await edge.spool.append(edge.keys.stream_for(routing_key), wire.to_blob(envelope), extra, once)
     except OSError as exc:  # SpoolError, SpoolFull: what Spool.append raises
         if maybe_applied is None:
             raise

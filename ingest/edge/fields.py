@@ -158,14 +158,6 @@ def no_nul_inside(value: Any) -> Any:
     return value
 
 
-def hostname(url: str) -> str | None:
-    """The URL's host, or None where there is none or the URL does not parse."""
-    try:
-        return urlsplit(url).hostname
-    except ValueError:
-        return None
-
-
 def check_url(value: str) -> str:
     if not _URL_RE.match(value):
         raise ValueError("an absolute http(s) URL with a host, without whitespace or control characters")

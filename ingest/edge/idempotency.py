@@ -9,7 +9,7 @@ edge), so one script, in the same round trip as the XADD would have been, either
 key's record and returns it, or appends the event and stores the answer under the key.
 An event that goes to the spool instead (Redis unreachable on a public route, or an append
 whose outcome is unknown on any route: ``ingest.edge.enqueue``) keeps that check, and the drain
-runs the same script. Every copy also carries the key's dedupe value (``dedupe``): the
+runs the same script (``ingest.link.once``). Every copy also carries the key's dedupe value (``dedupe``): the
 digest and the window the copy was received in, so the workers store one event per key
 whichever copies reach them, and a key used again a window later is a new event.
 The record carries its stream partition's hash tag (the routing key picks the partition,
@@ -38,12 +38,13 @@ import orjson
 from aiohttp import web
 from cryptography.fernet import Fernet, InvalidToken
 
-from ingest.contract import bounds
+from ingest.contract import bounds, wire
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.events import Envelope, unique_token
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Layout
 from ingest.edge.batcher import RedisBatcher
+from ingest.link.once import APPEND_ONCE
 from ingest.spool.store import Once
 
 HEADER = "Idempotency-Key"
@@ -53,44 +54,6 @@ _KEY = re.compile(r"[\x20-\x7e]{1,255}")
 PENDING = 0  # the status of a reservation whose request is still running
 RESERVATION_MS = 60_000  # a reservation outlives any request; a crashed edge's expires
 WAIT_FOR_FIRST_S = 2.0  # a management repeat waits this long for the first copy's answer
-
-# KEYS[1] the key's record, KEYS[2] the stream (one hash tag); on a single Redis or Sentinel
-# KEYS[3] the partition layout and KEYS[4..] the key's records in the partitions an earlier
-# partition count gave it (``ingest.contract.layout``; on a Redis Cluster they sit in other
-# slots: neither is passed, ``Idempotency.earlier``). ARGV: answer, window ms, the count the
-# caller routed by and the change time (``Layout.changed_ms``) of the layout it read (both ''
-# on a Cluster), then the envelope's fields and values (``Envelope.entry``). A caller that
-# routed by another layout than the one in Redis now is refused (STALE): its copy would sit
-# where a copy routed by the current count is not looked for, or its earlier-count records
-# would miss a count the layout has had since (4 -> 3 -> 4: the same count, another
-# layout). The XADD comes first: if it fails (OOM), nothing was written, and no answer is
-# stored for an event that was never appended. A stream that does not exist (a retired
-# partition) is not made: GONE.
-APPEND_ONCE = """
-local routed = tonumber(ARGV[3])
-local from = 3
-if routed then
-  local raw = redis.call('GET', KEYS[3])
-  if raw then
-    local now = cjson.decode(raw)
-    if now['count'] ~= routed or (tonumber(now['changed_ms']) or 0) ~= tonumber(ARGV[4]) then
-      return redis.error_reply('STALE ' .. KEYS[2])
-    end
-  end
-  from = 4
-end
-local first = redis.call('GET', KEYS[1])
-if first then return first end
-for i = from, #KEYS do
-  first = redis.call('GET', KEYS[i])
-  if first then return first end
-end
-if not redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 5)) then
-  return redis.error_reply('GONE ' .. KEYS[2])
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false
-"""
 
 # KEYS[1] the key's record; ARGV: a reservation, its ms. The record if there is one, else
 # the reservation is made (a script, not SET NX GET: one reply shape on every client)
@@ -226,12 +189,12 @@ class Idempotency:
         record = self.keys.idempotent(claim.digest, partition)
         if self.cluster:
             return ("EVALSHA", self._append_sha, 2, record, self.keys.stream(partition), answer.encode(),
-                    self.window_ms, "", "", *envelope.entry())  # fmt: skip
+                    self.window_ms, "", "", *wire.to_entry(envelope))  # fmt: skip
         earlier = self.earlier(claim, routing_key)
         changed = self._layout().changed_ms if self._layout is not None else 0
         return ("EVALSHA", self._append_sha, 3 + len(earlier), record, self.keys.stream(partition),
                 self.keys.layout, *earlier, answer.encode(), self.window_ms, self.keys.partitions, changed,
-                *envelope.entry())  # fmt: skip
+                *wire.to_entry(envelope))  # fmt: skip
 
     def earlier(self, claim: Claim, routing_key: str) -> tuple[str, ...]:
         """The key's records in the partitions that counts of the last window gave it (a

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import asyncpg
 import structlog
 
-from ingest.contract import clicks, clock, links
+from ingest.contract import clicks, clock, links, wire
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, Command
 from ingest.contract.events import Envelope, unique_token
 from ingest.edge.auth import Principal
@@ -298,7 +298,7 @@ def _checked(
             return None  # never read here: nothing to guess from
         expected.append(b"" if value is None else b"=" + value)  # type: ignore[operator]
     stream = edge.keys.stream_for(guess.routing_key)
-    entry = guess.envelope.entry()
+    entry = wire.to_entry(guess.envelope)
     writes: list[Any] = []
     for name, _key, *args in guess.also:
         writes += [1 + len(args), name, *args]

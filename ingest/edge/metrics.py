@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ingest.contract.latency import LATENCY_BUCKETS
+
 # the spool's file-system operations, each exported from the start (a rate needs its zero)
 SPOOL_OPS = ("append", "drain_read", "drain_delete", "drain_lock", "vacuum")
 
@@ -29,7 +31,6 @@ class SpoolView(Protocol):
     def failing(self) -> dict[str, str]: ...
 
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
 
 

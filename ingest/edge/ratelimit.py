@@ -14,7 +14,7 @@ from typing import Any
 
 from ingest.contract.connections import Command
 from ingest.edge.batcher import RedisBatcher
-from ingest.edge.redislink import ImpossibleReply
+from ingest.link.resp import ImpossibleReply
 
 # KEYS[1] the subject's set; ARGV[1] window ms, ARGV[2] limit, ARGV[3] a unique member.
 # Leaves ``verdict`` = {admitted (1/0), remaining, retry after ms}: scripts that go on

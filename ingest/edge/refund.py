@@ -5,7 +5,7 @@ A refund names its sale's ``invoiceId``, and takes an amount (in the sale's curr
 minor unit; none: all that is left of the sale), a ``refundId`` and a ``reason``. Unlike
 the events it is not stored by the workers: its answer depends on the refunds before it
 (the refunded total may never pass the sale's amount: 409), so the edge records it in
-Postgres at once (``ingest.manage.refunds``): 200 once committed, 503 when Postgres cannot
+Postgres at once (``ingest.ledger.refunds``): 200 once committed, 503 when Postgres cannot
 say (``Refstream-Outcome: unknown`` when its commit's outcome is unknown: a retry with the
 same ``refundId`` or ``Idempotency-Key`` is answered as the first, never refunded twice).
 
@@ -34,7 +34,7 @@ from ingest.edge import enqueue
 from ingest.edge.fields import Ident, NoNul, json_integer
 from ingest.edge.sale import MAX_AMOUNT
 from ingest.edge.state import Edge
-from ingest.manage import refunds
+from ingest.ledger import refunds
 
 log = structlog.get_logger("ingest.refund")
 

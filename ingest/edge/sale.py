@@ -21,7 +21,8 @@ Counted once, at two levels:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -117,25 +118,33 @@ def claim(route: str, workspace_id: str, idem_key: str | None, payload: dict[str
     return None
 
 
-async def track(
-    request: web.Request, voice: accept.Voice, model: type[M], refusals: accept.Refusals, dialect: str,
-    payload_of: Callable[[M], dict[str, Any]], answer_of: Callable[[M, Envelope], bytes],
-) -> web.Response:  # fmt: skip
-    """A dialect's sale route, all but what it says: its ``voice``, its body's ``model``, its
-    keyed ``refusals`` (``(request, edge, found, problem, body)`` -> its refusal, or a tuple
-    of the caller's principal or workspace first and the ``Idempotency-Key`` last), the
-    sale's payload from its body and its answer."""
-    started = await accept.caller(request, voice, model, refusals)
+@dataclass(frozen=True, slots=True)
+class SaleDialect(Generic[M]):
+    """A dialect's sale route, all it says of its own: the envelope's ``dialect``, its
+    ``voice``, its body's ``model``, its keyed ``refusals`` (``accept.Refusals``), the
+    sale's ``payload`` from its body, and its ``answer`` to the body and event."""
+
+    dialect: str
+    voice: accept.Voice
+    model: type[M]
+    refusals: accept.Refusals
+    payload: Callable[[M], dict[str, Any]]
+    answer: Callable[[M, Envelope], bytes]
+
+
+async def track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
+    """A dialect's sale route: the keyed start, the sale's event, and its append with its
+    claim (the ``Idempotency-Key``, else the invoice); Redis down is the route's 503."""
+    voice = dialect.voice
+    started = await accept.caller(request, voice, dialect.model, dialect.refusals)
     if isinstance(started, web.Response):
         return started
-    edge, found, body, caller = started
-    assert found.principal is not None
-    workspace, idem_key = found.principal.workspace_id, caller[-1]
-    payload = payload_of(body)
-    event = envelope(dialect, workspace, payload)
+    workspace, idem_key = started.admitted.principal.workspace_id, started.admitted.idem_key
+    payload = dialect.payload(started.body)
+    event = envelope(dialect.dialect, workspace, payload)
     route = event.routing_key()
     assert route is not None
     return await accept.append(
-        edge, voice, event, route, answer_of(body, event), found.verdict.headers,
+        started.edge, voice, event, route, dialect.answer(started.body, event), started.found.verdict.headers,
         claim=claim(voice.route, workspace, idem_key, payload), spool=False,
     )  # fmt: skip

@@ -24,7 +24,6 @@ from ingest.edge import lookup
 from ingest.edge.auth import Authenticator
 from ingest.edge.batcher import RedisBatcher
 from ingest.edge.body import CLOSE
-from ingest.edge.durability import Durability
 from ingest.edge.idempotency import Idempotency
 from ingest.edge.metrics import EdgeMetrics
 from ingest.edge.ratelimit import RateLimiter
@@ -33,6 +32,8 @@ from ingest.edge.state import EDGE, Edge
 from ingest.host import cors, health, openapi
 from ingest.host.guard import GUARD, ConnectionGuard
 from ingest.host.siblings import SIBLINGS
+from ingest.link.durability import Durability
+from ingest.manage.routes import bricqs as bricqs_manage
 from ingest.manage.routes import commissions, manage, stats, webhooks
 from ingest.spool.spool import Spool
 
@@ -226,6 +227,7 @@ def create_app(settings: Settings) -> web.Application:
         health,
         biore,
         bricqs,
+        bricqs_manage,
         affitor,
         affixo,
         refport,

@@ -19,6 +19,7 @@ from ingest.edge import refund, sale
 from ingest.edge.fields import IDENT, NO_NUL
 from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, refport
 from ingest.host import health
+from ingest.manage.routes import bricqs as bricqs_manage
 from ingest.manage.routes import commissions as C
 from ingest.manage.routes import manage, webhooks
 from ingest.manage.routes import stats as S
@@ -78,13 +79,14 @@ OPERATIONS: tuple[Op, ...] = (
        "anyway is capped: 413); an Origin the workspace does not allow: 403", "bio.re",
        {200: biore.BioreTrackResponse, **errors(X, 403, 429, 503, *BODY)}),
     Op("post", "/api/v1/referrals/generate", "Generate a referral code (Bricqs, seed 001)", "Bricqs",
-       {200: bricqs.BricqsGenerated, **errors(B, 401, 403, 404, 429, 503, *BODY)}, bricqs.BricqsGenerate, "apiKey"),
+       {200: bricqs_manage.BricqsGenerated, **errors(B, 401, 403, 404, 429, 503, *BODY)},
+       bricqs_manage.BricqsGenerate, "apiKey"),
     Op("get", "/api/v1/referrals/validate/{code}", "Validate a referral code", "Bricqs",
        {200: bricqs.BricqsValidated, **errors(B, 429, 503)}),
     Op("post", "/api/v1/referrals/convert", "Convert a referral", "Bricqs",
        {200: bricqs.BricqsConverted, **errors(B, 403, 404, 429, 503, *BODY)}, bricqs.BricqsConvert),
     Op("get", "/api/v1/referrals/stats/{participant_id}", "Referral statistics of a participant", "Bricqs",
-       {200: bricqs.BricqsStats, **errors(B, 401, 403, 404, 429, 503)}, security="apiKey"),
+       {200: bricqs_manage.BricqsStats, **errors(B, 401, 403, 404, 429, 503)}, security="apiKey"),
     Op("post", "/api/v1/track/click", "Track an affiliate click (Affitor, seed 002)", "Affitor",
        {200: (affitor.AffitorClickResponse, affitor.AffitorTestModeResponse, A), **errors(A, 403, 429, 503, *BODY)},
        affitor.AffitorClick),

@@ -23,12 +23,10 @@ configuration the children refuse is not fixed by restarting them.
 child gets SIGTERM and drains. No request fails: old and new share the slot's queue.
 
 **Taking over** (``refstream serve --take-over``): a new supervisor, of a new version, takes
-the running one's sockets. Every supervisor listens on a control socket named by its port
-(``control_path``); the new one connects, is sent the listening sockets (SCM_RIGHTS),
-starts its children on them, and once each slot has a ready child says so: the old one
-then drains as on SIGTERM and exits, and the new one takes the control socket's name. The
-sockets never close, so no connection waiting in their queues is reset: the rolling
-restart of the supervisor itself, without a balancer.
+the running one's sockets over a control socket, and the old one drains once the new one
+serves (``ingest.host.takeover``). The sockets never close, so no connection waiting in
+their queues is reset.
+
 **SIGTERM / SIGINT** drain: every child stops accepting, finishes its requests in flight,
 flushes its micro-batcher, spool and drops tally, and exits; the supervisor exits once all
 have. Connections still queued then (none, behind a load balancer that stopped sending)
@@ -55,6 +53,8 @@ from pathlib import Path
 
 import structlog
 
+from ingest.host import takeover
+
 log = structlog.get_logger("ingest.prefork")
 
 FIRST_BACKOFF_S = 0.25
@@ -70,45 +70,6 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         return os.cpu_count() or 1
-
-
-def control_path(host: str, port: int) -> Path:
-    """Where the supervisor serving ``host:port`` listens for a successor (``--take-over``)."""
-    where = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(where) / f"refstream-serve-{''.join(c if c.isalnum() else '_' for c in host)}-{port}.sock"
-
-
-class NothingToTakeOver(Exception):
-    """No supervisor answers on the control socket of that host and port."""
-
-
-def take_over(path: Path, timeout_s: float = 10.0) -> tuple[socket.socket, list[list[socket.socket]]]:
-    """Ask the supervisor listening on ``path`` for its sockets: (the control connection,
-    kept open until that supervisor has exited, and the listening sockets of each slot)."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(timeout_s)
-    try:
-        conn.connect(str(path))
-        conn.sendall(b"take-over\n")
-        data, fds, _, _ = socket.recv_fds(conn, 4096, 256)
-    except OSError as exc:
-        conn.close()
-        raise NothingToTakeOver(f"no refstream serve answers on {path}: {exc}") from exc
-    counts = [int(n) for n in data.decode().split(",") if n]
-    if not counts or sum(counts) != len(fds):
-        for fd in fds:
-            os.close(fd)
-        conn.close()
-        raise NothingToTakeOver(f"the supervisor on {path} sent {len(fds)} sockets for slots {counts}")
-    socks = [socket.socket(fileno=fd) for fd in fds]
-    for s in socks:
-        s.set_inheritable(True)
-    slots, i = [], 0
-    for n in counts:
-        slots.append(socks[i : i + n])
-        i += n
-    conn.settimeout(None)
-    return conn, slots
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -165,7 +126,7 @@ class Supervisor:
         """``child``: the command of a child (default: this interpreter's ``-m ingest.host.prefork
         --child``), given ``--fds``, ``--ready``, ``--rundir`` and ``--parent``. ``take_over``:
         the sockets of the supervisor running on ``host:port``, rather than sockets of its own
-        (the module's doc); raises ``NothingToTakeOver`` from ``run`` where none runs."""
+        (the module's doc); raises ``takeover.NothingToTakeOver`` from ``run`` where none runs."""
         self.host, self.port, self.processes = host, port, processes
         self.take_over = take_over
         self.control: socket.socket | None = None  # the listener a successor connects to
@@ -188,7 +149,7 @@ class Supervisor:
         ``failed`` saying why)."""
         try:
             if self.take_over:
-                self.predecessor, taken = take_over(control_path(self.host, self.port))
+                self.predecessor, taken = takeover.take_over(takeover.control_path(self.host, self.port))
                 if len(taken) != self.processes:
                     log.warning("prefork.slots_taken", asked=self.processes, taken=len(taken),
                                 why="a take-over serves the sockets it is given: one process each")  # fmt: skip
@@ -310,72 +271,34 @@ class Supervisor:
             url = f"http://{self.host}:{self.port}"
             self.print(f"======== Running on {url} ({self.processes} processes) ========\n(Press CTRL+C to quit)")
             if self.predecessor is not None:  # taking over: the old supervisor may drain now
-                with contextlib.suppress(OSError):
-                    self.predecessor.sendall(b"ready\n")
+                takeover.say_ready(self.predecessor)
                 log.info("prefork.took_over", port=self.port)
 
     # -- taking over, and being taken over ------------------------------------------------
     def _listen_for_successor(self) -> None:
-        path = control_path(self.host, self.port)
-        if path.exists():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-                alive = True
-            except OSError:
-                alive = False  # left by a supervisor that was killed
-            finally:
-                probe.close()
-            if alive:
-                log.warning("prefork.control_taken", path=str(path), why="another supervisor serves this port")
-                return
-            path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(str(path))
-            os.chmod(path, 0o600)  # its owner alone may take the sockets
-            listener.listen(4)
-        except OSError as exc:
-            listener.close()
-            log.warning("prefork.control_unavailable", path=str(path), error=str(exc))
-            return
-        listener.setblocking(False)
-        self.control, self.control_at = listener, path
-        self.sel.register(listener, selectors.EVENT_READ, "control")
+        path = takeover.control_path(self.host, self.port)
+        listener = takeover.listen(path)
+        if listener is not None:
+            self.control, self.control_at = listener, path
+            self.sel.register(listener, selectors.EVENT_READ, "control")
 
     def _on_successor(self) -> None:
         """A new supervisor asks for the sockets: they are sent, and it says when it serves."""
         assert self.control is not None
-        try:
-            conn, _ = self.control.accept()
-        except BlockingIOError:
+        slots = [slot.socks for slot in self.slots]
+        conn = takeover.hand_over(self.control, slots, refuse=self.stopping or self.successor is not None)
+        if conn is None:
             return
-        conn.settimeout(5.0)
-        try:
-            if conn.recv(64).strip() != b"take-over" or self.stopping or self.successor is not None:
-                conn.close()
-                return
-            socks = [s for slot in self.slots for s in slot.socks]
-            counts = ",".join(str(len(slot.socks)) for slot in self.slots).encode()
-            socket.send_fds(conn, [counts], [s.fileno() for s in socks])
-        except OSError as exc:
-            log.warning("prefork.take_over_failed", error=str(exc))
-            conn.close()
-            return
-        conn.setblocking(False)
         self.successor = conn
         self.sel.register(conn, selectors.EVENT_READ, "successor")
         log.info("prefork.taking_over", slots=len(self.slots))
 
     def _on_successor_said(self) -> None:
         assert self.successor is not None
-        try:
-            said = self.successor.recv(64)
-        except BlockingIOError:
+        said = takeover.successor_said(self.successor)
+        if said is None:
             return
-        except OSError:
-            said = b""
-        if said.startswith(b"ready"):
+        if said:
             self._stop("taken over")  # the sockets stay open in the successor: nothing queued is reset
             return
         # it went away before it served: this one serves on, and may be taken over again
@@ -386,13 +309,8 @@ class Supervisor:
 
     def _on_predecessor_gone(self) -> None:
         assert self.predecessor is not None
-        try:
-            if self.predecessor.recv(64):
-                return
-        except BlockingIOError:
+        if not takeover.predecessor_gone(self.predecessor):
             return
-        except OSError:
-            pass
         self.sel.unregister(self.predecessor)  # it has exited (its end closed): the name is ours now
         self.predecessor.close()
         self.predecessor = None

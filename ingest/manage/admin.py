@@ -15,17 +15,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ingest.contract import links
 from ingest.contract.connections import Redis, client_fault, write
+from ingest.contract.errors import NotFound
 from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
 from ingest.contract.keys import Keys
+from ingest.contract.urls import hostname
 from ingest.edge import apikeys, auth
-from ingest.edge.fields import hostname
 
 DEFAULT_PROGRAM = "Default program"
 DEFAULT_AFFILIATE = "default"
-
-
-class NotFound(LookupError):
-    pass
 
 
 async def create_workspace(conn: asyncpg.Connection, name: str) -> dict[str, str]:

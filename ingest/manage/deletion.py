@@ -24,10 +24,10 @@ import orjson
 
 from ingest.contract import links
 from ingest.contract.connections import Redis, write
+from ingest.contract.errors import NotFound
 from ingest.contract.keys import Keys
 from ingest.edge import auth
-from ingest.manage import erasure_copy
-from ingest.manage.admin import NotFound
+from ingest.privacy import erasure_copy
 
 # base tables (a partitioned table, not its partitions) with a workspace_id column that no
 # foreign key ties to workspaces: the cascade does not reach them

@@ -15,10 +15,10 @@ import orjson
 
 from ingest.contract.commission import Rules
 from ingest.contract.connections import write
-from ingest.manage import outbox
-from ingest.manage.admin import NotFound
+from ingest.contract.errors import NotFound
+from ingest.ledger import outbox
+from ingest.ledger.outbox import WebhookEvent
 from ingest.manage.manage import Conflict, as_uuid, query_value, row_json
-from ingest.manage.outbox import WebhookEvent
 
 
 def _flats(c: str) -> str:

@@ -11,11 +11,12 @@ import asyncpg
 
 from ingest.contract import ids, links
 from ingest.contract.connections import Redis, write
+from ingest.contract.errors import NotFound
 from ingest.contract.events import EventType
 from ingest.contract.keys import Keys
+from ingest.contract.urls import hostname
 from ingest.edge.body import BodyError
-from ingest.edge.fields import hostname
-from ingest.manage.admin import NotFound, insert_link, readable_code
+from ingest.manage.admin import insert_link, readable_code
 
 
 class Conflict(Exception):

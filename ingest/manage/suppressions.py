@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from ingest.contract import erasure, suppression
-from ingest.manage.admin import NotFound
+from ingest.contract.errors import NotFound
 
 
 async def add(conn: asyncpg.Connection, workspace_id: str, kind: str, value: str, *, by: str) -> dict[str, Any]:

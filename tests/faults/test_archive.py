@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from ingest.contract.events import FIELD, EnvelopeError
+from ingest.contract.wire import FIELD, EnvelopeError
 from workers.archive import segment as seg
 from workers.archive.archiver import GROUP as ARCHIVE
 from workers.archive.store import LocalStore, ObjectStore, Store

@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from ingest.contract.events import FIELD, Dialect, Envelope, EventType
+from ingest.contract import wire
+from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.contract.wire import FIELD
 
 from .._world import BROWSER
 from ._load import referer_marker
@@ -39,7 +41,7 @@ def _poison(world: World, code: str, i: int) -> tuple[str, dict[bytes, bytes]]:
         ("no envelope field", {b"x": b"1"}),
         ("no envelope field, other fields", {b"event": b"click", b"code": code.encode()}),
         # decodes, and Postgres refuses it: a NUL in a text column (SQLSTATE class 22)
-        ("NUL in the referrer", {FIELD: _click(world, code, referer_marker() + "\x00").encode()}),
+        ("NUL in the referrer", {FIELD: wire.to_blob(_click(world, code, referer_marker() + "\x00"))}),
     ]
     return kinds[i % len(kinds)]
 
@@ -61,7 +63,7 @@ async def test_poison_amid_good_traffic(stage: Stage, plan: Plan):
             planted.add((stream, entry.decode()))
             kinds[kind] = kinds.get(kind, 0) + 1
             marker = referer_marker()  # and a good entry planted the same way, right after it
-            await stage.redis.xadd(stream, {FIELD: _click(world, code, marker).encode()})
+            await stage.redis.xadd(stream, {FIELD: wire.to_blob(_click(world, code, marker))})
             good[marker] = "planted"
             i += 1
             await asyncio.sleep(0.1)  # the planting rhythm: poison spread over many batches

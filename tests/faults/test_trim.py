@@ -11,8 +11,10 @@ from collections.abc import Mapping
 import pytest
 import redis.asyncio as aioredis
 
-from ingest.contract.events import Dialect, Envelope, EnvelopeError
+from ingest.contract import wire
+from ingest.contract.events import Dialect
 from ingest.contract.keys import Keys
+from ingest.contract.wire import EnvelopeError
 
 from ..conftest import wait_for
 from ._plan import Plan
@@ -25,7 +27,7 @@ LAGGING = "lagging"
 
 def marker_of(fields: Mapping[bytes, bytes]) -> str:
     """The load's marker of an entry's envelope (as MARKER_SQL finds it in Postgres)."""
-    e = Envelope.from_entry(fields)
+    e = wire.from_entry(fields)
     if e.dialect == Dialect.BIORE:
         return str(e.payload.get("referrer"))
     if e.dialect == Dialect.REFPORT:

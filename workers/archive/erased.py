@@ -15,8 +15,9 @@ from typing import Any
 
 import asyncpg
 
-from ingest.contract import erasure
-from ingest.contract.events import FIELD, Envelope, EnvelopeError
+from ingest.contract import erasure, wire
+from ingest.contract.events import Envelope
+from ingest.contract.wire import FIELD, EnvelopeError
 
 Row = tuple[str, dict[bytes, bytes]]  # a stream id and an entry's fields
 
@@ -28,7 +29,7 @@ def decoded(rows: list[Row] | list[tuple[Any, dict[bytes, bytes] | None]]) -> li
         if not fields:
             continue
         try:
-            out.append((i, Envelope.from_entry(fields)))
+            out.append((i, wire.from_entry(fields)))
         except EnvelopeError:
             continue  # not an event (a poison entry): nobody stores it, it names nobody
     return out
@@ -36,12 +37,12 @@ def decoded(rows: list[Row] | list[tuple[Any, dict[bytes, bytes] | None]]) -> li
 
 def fields_of(e: Envelope) -> dict[bytes, bytes]:
     """``e`` as a stream entry's version-2 fields."""
-    return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in e.entry_dict().items()}
+    return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in wire.to_entry_dict(e).items()}
 
 
 def as_entry(before: dict[bytes, bytes], e: Envelope) -> dict[bytes, bytes]:
     """``e`` in the form of the entry it replaces: a version-1 blob stays a blob."""
-    return {FIELD: e.encode()} if FIELD in before and len(before) == 1 else fields_of(e)
+    return {FIELD: wire.to_blob(e)} if FIELD in before and len(before) == 1 else fields_of(e)
 
 
 async def scrubbed(conn: asyncpg.Connection, rows: list[Row], *, met: bool) -> tuple[list[Row], int]:

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ingest.contract.events import FIELD
 from ingest.contract.keys import parse_id
+from ingest.contract.wire import FIELD
 from workers.archive import segment as seg
 from workers.archive.store import Store
 

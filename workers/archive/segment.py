@@ -14,7 +14,7 @@ the entry's envelope exactly as it was in the stream::
 
 (the envelope is compact JSON: no newline in it). Every other entry keeps all its fields,
 verbatim, base64-encoded under ``"b64"``: the edge's version-2 entries (fixed fields, some
-binary: ``ingest.contract.events``), version-1 entries (their ``e`` is a JSON array, not an object),
+binary: ``ingest.contract.wire``), version-1 entries (their ``e`` is a JSON array, not an object),
 and poison the edge never wrote but another producer might. Names are deterministic, ``<prefix>/dt=<day>/hour=<hh>/
 <partition>-<first id>-<last id>.jsonl.zst``: a segment written twice (an archiver died
 after the upload and before its XACK) is the same object, overwritten with the same bytes.
@@ -33,8 +33,8 @@ from typing import Any
 import orjson
 import zstandard
 
-from ingest.contract.events import FIELD
 from ingest.contract.keys import parse_id
+from ingest.contract.wire import FIELD
 
 FORMAT = 1
 SUFFIX = ".jsonl.zst"

@@ -43,9 +43,9 @@ from ingest.contract import jsonrows
 from ingest.contract.commission import Rules
 from ingest.contract.earnings import IMPORT_DIALECT
 from ingest.contract.events import EventType
-from ingest.manage import refunds
-from ingest.manage.outbox import WebhookEvent
-from ingest.manage.refunds import commission_notice
+from ingest.ledger import refunds
+from ingest.ledger.outbox import WebhookEvent
+from ingest.ledger.refunds import commission_notice
 from workers.consumer.stored import Stored
 
 _RULES = "SELECT id, commission FROM programs WHERE id = ANY($1::uuid[])"

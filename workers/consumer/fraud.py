@@ -34,7 +34,7 @@ import structlog
 from ingest.contract import clicks, jsonrows
 from ingest.contract.events import EventType
 from ingest.contract.fraud import FRAUD_THRESHOLDS as DEFAULT_THRESHOLDS
-from ingest.manage.outbox import WebhookEvent
+from ingest.ledger.outbox import WebhookEvent
 from workers.consumer.stored import Stored
 
 log = structlog.get_logger("workers.fraud")

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from ingest.contract.connections import Redis
 from ingest.contract.keys import GROUP, Keys, parse_id
-from ingest.edge.metrics import LATENCY_BUCKETS
+from ingest.contract.latency import LATENCY_BUCKETS
 from workers.group.errors import REASONS
 
 

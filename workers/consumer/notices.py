@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 
 from ingest.contract.events import EventType
-from ingest.manage.outbox import WebhookEvent
+from ingest.ledger.outbox import WebhookEvent
 from workers.consumer.counters import MilestoneReached
 from workers.consumer.stored import Stored
 

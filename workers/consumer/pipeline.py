@@ -32,14 +32,15 @@ import structlog
 from arq.connections import ArqRedis
 from asyncpg import PostgresError
 
-from ingest.contract import bounds, clock
+from ingest.contract import bounds, clock, wire
 from ingest.contract.bounds import BoundsError
 from ingest.contract.connections import Redis
-from ingest.contract.events import FIELD, Envelope, EnvelopeError, entry_of
+from ingest.contract.events import Envelope
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.logs import error_fields
 from ingest.contract.settings import Settings
-from ingest.manage import erasure_copy
+from ingest.contract.wire import FIELD, EnvelopeError, entry_of
+from ingest.privacy import erasure_copy
 from workers.consumer import store, webhooks
 from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics
@@ -168,7 +169,7 @@ class Pipeline:
                 gone += 1
                 continue
             try:
-                envelope = Envelope.from_entry(fields)
+                envelope = wire.from_entry(fields)
                 # past the bounds every door keeps (an older edge wrote it, or a replay of
                 # the archive, or a foreign producer): what no later step may be asked to
                 # write again (ingest.contract.bounds)
@@ -276,7 +277,7 @@ class Pipeline:
     async def _restore_ledger(self) -> None:
         """Once per process, before it stores anything: the erasures a restore of Postgres (or a
         failover) lost, back from their copy in Redis, so the person's events in the streams
-        are stored scrubbed (``ingest.manage.erasure_copy``). An outage: the batch waits."""
+        are stored scrubbed (``ingest.privacy.erasure_copy``). An outage: the batch waits."""
         try:
             await erasure_copy.restore(self.pg, self.redis, self.keys)
         except Exception as exc:

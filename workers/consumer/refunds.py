@@ -1,6 +1,6 @@
 """Refunds' stream copies: what the archive and a replay carry of a refund, restored once.
 
-The edge records a refund in Postgres itself (``ingest.manage.refunds``: its answer depends
+The edge records a refund in Postgres itself (``ingest.ledger.refunds``: its answer depends
 on the refunds before it) and then appends a copy of the refund as recorded to its sale's
 partition (``ingest.edge.refund.copy``). A worker reading a copy looks its key up: where
 the refund is recorded, which is every time but after a restore of Postgres that lacks it,
@@ -26,7 +26,7 @@ import asyncpg
 import structlog
 
 from ingest.contract.events import Envelope
-from ingest.manage import refunds
+from ingest.ledger import refunds
 from workers.consumer.stored import ts
 from workers.group.errors import retried_in_place
 

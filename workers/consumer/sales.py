@@ -49,8 +49,8 @@ import asyncpg
 
 from ingest.contract import clicks, jsonrows
 from ingest.contract.events import Envelope, EventType
-from ingest.manage import refunds
-from ingest.manage.outbox import WebhookEvent
+from ingest.ledger import refunds
+from ingest.ledger.outbox import WebhookEvent
 from workers.consumer import commissions
 from workers.consumer.drops import NO_LINK, NoRow
 from workers.consumer.stored import Stored, ts

@@ -25,7 +25,8 @@ import structlog
 from ingest.contract import clicks, erasure, jsonrows
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LINK_SELECT, LinkInfo
-from ingest.manage import erasure_late, outbox
+from ingest.ledger import outbox
+from ingest.privacy import erasure_late
 from workers.consumer import counters, customers, drops, event_row, fraud, notices, refunds, sales
 from workers.consumer.enrich import Enricher, Found
 from workers.consumer.event_row import EventRow

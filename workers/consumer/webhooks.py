@@ -1,6 +1,6 @@
 """Webhook delivery: an outbox in Postgres, arq jobs with retries, Stripe-style signatures.
 
-1. ``record_deliveries`` (``ingest.manage.outbox``) runs inside the worker's batch
+1. ``record_deliveries`` (``ingest.ledger.outbox``) runs inside the worker's batch
    transaction (or a management write's) and writes one
    ``webhook_deliveries`` row per (subscribed, active webhook, event): the outbox commits or
    rolls back with the events themselves, and its unique key makes a redelivered or
@@ -48,7 +48,7 @@ from arq.utils import timestamp_ms
 from arq.worker import Function, func
 
 from ingest.contract import clock
-from ingest.manage import secretbox, targets
+from ingest.ledger import secretbox, targets
 
 log = structlog.get_logger("workers.webhooks")
 
@@ -191,7 +191,7 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> str:
     error: str | None
     started = time.perf_counter()
     # an address literal never reaches the resolver, so it is checked here; a name is
-    # checked by the session's resolver on the addresses it has now (ingest.manage.targets)
+    # checked by the session's resolver on the addresses it has now (ingest.ledger.targets)
     refused = None if _allow_private(ctx) else targets.url_refusal(row["url"])
     if refused:
         error = f"refused: {refused}; webhooks are delivered to public addresses only"

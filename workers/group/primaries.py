@@ -2,7 +2,7 @@
 the read's key: what ``REFSTREAM_ACK_DURABILITY=replicas:N`` asks of the workers, the
 archivers and ``refstream replay`` (their reads are used only once N replicas hold them).
 redis-py's cluster pipeline cannot do it: it sends a keyless WAIT to any node. The edge
-does the same for its appends with its own links (``ingest.edge.redislink.ClusterLink``)."""
+does the same for its appends with its own links (``ingest.link.cluster.ClusterLink``)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A dead letter carries the fields the pipeline wrote (``stream``, ``id``, ``error``,
 ``deliveries``, ``at``) and the original entry's envelope fields verbatim, as read from its
-stream: version 2's (``ingest.contract.events.FIELDS``), or version 1's ``e`` (entries and
+stream: version 2's (``ingest.contract.wire.FIELDS``), or version 1's ``e`` (entries and
 letters from before the upgrade; letters of events the store refused, written before the
 worker kept the entry's own bytes, hold the version-1 blob). Other fields of an entry
 without an envelope are kept under ``field:<name>``. A letter whose envelope is past the
@@ -24,10 +24,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingest.contract import bounds, clock, layout
+from ingest.contract import bounds, clock, layout, wire
 from ingest.contract.connections import Redis
-from ingest.contract.events import FIELD, FIELDS, Envelope, EnvelopeError, entry_of
+from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
+from ingest.contract.wire import FIELD, FIELDS, EnvelopeError, entry_of
 
 _ID_RE = re.compile(r"^\d+(-\d+)?$")
 _PAGE = 500
@@ -60,7 +61,7 @@ class DeadLetter:
     def parse(cls, dead_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         letter = cls(dead_id.decode(), fields)
         try:
-            envelope = Envelope.from_entry(fields)
+            envelope = wire.from_entry(fields)
             bounds.check(envelope.payload)  # as the worker does: nested too deep to write again
         except (EnvelopeError, bounds.BoundsError) as exc:
             letter.decode_error = str(exc)

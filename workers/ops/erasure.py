@@ -1,9 +1,9 @@
-"""An erasure outside Postgres: Redis and the archive (``ingest.manage.erasure`` does Postgres).
+"""An erasure outside Postgres: Redis and the archive (``ingest.privacy.erasure`` does Postgres).
 
 ``sweep`` runs in the workers (an arq cron) and from ``refstream erase``; it finishes
 every erasure the ledger holds as pending, all of them in one pass over each place:
 
-- Postgres, again, behind the ledger's fence (``ingest.manage.erasure_late.recheck``): an event
+- Postgres, again, behind the ledger's fence (``ingest.privacy.erasure_late.recheck``): an event
   row whose visitor, click or customer the ledger names and that still holds personal data
   (a batch stored it beside the one whose late lead taught the ledger that visitor).
 
@@ -42,13 +42,14 @@ import orjson
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
-from ingest.contract import clicks, erasure, layout
+from ingest.contract import clicks, erasure, layout, wire
 from ingest.contract.connections import Redis
 from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
-from ingest.contract.events import FIELD, FIELDS, Envelope, EventType
+from ingest.contract.events import Envelope, EventType
 from ingest.contract.keys import Keys, parse_id
-from ingest.manage import erasure as manage_erasure
-from ingest.manage import erasure_copy, erasure_late
+from ingest.contract.wire import FIELD, FIELDS
+from ingest.privacy import erasure as pg_erasure
+from ingest.privacy import erasure_copy, erasure_late
 from workers.archive import erased
 from workers.archive import read as archive_read
 from workers.archive import segment as seg
@@ -58,7 +59,7 @@ from workers.group.primaries import Primaries
 log = structlog.get_logger("workers.erasure")
 
 _PAGE = 1000
-_PENDING = manage_erasure.ROW + " WHERE archive_at IS NULL ORDER BY requested_at"
+_PENDING = pg_erasure.ROW + " WHERE archive_at IS NULL ORDER BY requested_at"
 # an idempotency answer's objects that name the person: their other fields of these names go
 _PERSONAL_KEYS = ("email", "name", "avatar", "ip", "agent", "referrer", "phone", "address")
 
@@ -84,7 +85,7 @@ class SweepResult:
 
 async def status(pg: asyncpg.Pool) -> list[dict[str, Any]]:
     """Every erasure with a place still pending, oldest first: ``refstream erase --status``."""
-    return [manage_erasure.describe(r) for r in await pg.fetch(_PENDING)]
+    return [pg_erasure.describe(r) for r in await pg.fetch(_PENDING)]
 
 
 async def sweep(
@@ -305,7 +306,7 @@ async def _letters(redis: Redis, stream: str, check: _Check, result: SweepResult
         for sid, fields, e in hits:
             copy: dict[Any, Any] = {k: v for k, v in fields.items() if k not in FIELDS and k != FIELD}
             if FIELD in fields:
-                copy[FIELD] = check.scrub(e).encode()
+                copy[FIELD] = wire.to_blob(check.scrub(e))
             else:
                 copy.update(erased.fields_of(check.scrub(e)))
             await redis.xadd(stream, copy)

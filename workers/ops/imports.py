@@ -58,7 +58,7 @@ from ingest.contract import clicks
 from ingest.contract.earnings import IMPORT_DIALECT
 from ingest.contract.events import Envelope, EventType
 from ingest.edge.suppress import Suppressed
-from ingest.manage import refunds
+from ingest.ledger import refunds
 from workers.consumer import partitions, store
 from workers.consumer.enrich import Enricher
 from workers.consumer.stored import ts

@@ -23,11 +23,12 @@ import asyncpg
 import structlog
 from arq.worker import func
 
-from ingest.contract import bounds, layout
+from ingest.contract import bounds, layout, wire
 from ingest.contract.connections import Redis
-from ingest.contract.events import Envelope, EnvelopeError
+from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
-from ingest.manage import erasure_copy
+from ingest.contract.wire import EnvelopeError
+from ingest.privacy import erasure_copy
 from workers.archive.store import open_store
 from workers.consumer import store
 from workers.consumer.enrich import Enricher
@@ -155,7 +156,7 @@ def _decode(page: list[Any]) -> tuple[list[Envelope], int]:
     good, bad = [], 0
     for _, fields in page:
         try:
-            envelope = Envelope.from_entry(fields or {})
+            envelope = wire.from_entry(fields or {})
             bounds.check(envelope.payload)
         except (EnvelopeError, bounds.BoundsError):
             bad += 1
@@ -243,7 +244,7 @@ async def replay(
     """
     src = source if isinstance(source, Source) else Source(source)
     # the erasures a restore of Postgres lost, back before anything is stored: what the
-    # replay brings of an erased person is stored scrubbed (ingest.manage.erasure_copy)
+    # replay brings of an erased person is stored scrubbed (ingest.privacy.erasure_copy)
     await erasure_copy.restore(pool, src.redis, keys)
     start, end = rng.bounds()
     streams = await _streams(src, keys, rng)

@@ -26,7 +26,6 @@ from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.links import LinkInfo
 from ingest.edge import accept, sale
-from ingest.edge.auth import Principal
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
 from ingest.edge.fields import NoNul, VisitorId
@@ -126,7 +125,7 @@ def _click(request: web.Request, edge: Edge, body: AffixoClick, link: LinkInfo, 
 
 def _caller(
     request: web.Request, edge: Edge, found: Found, problem: BodyError | None, body: BaseModel | None
-) -> web.Response | tuple[Principal, LinkInfo | None, str | None]:
+) -> web.Response | accept.Admitted:
     """The refusals of Affixo's keyed routes, in their order (the key, its scope, its rate
     limit, the body, the ``Idempotency-Key``); else the caller, the link the lookup found in
     its workspace, and its key."""
@@ -146,7 +145,7 @@ def _caller(
             return error(400, "invalid_json", detail="invalid body")
         return error(problem.status, body_code(problem, "invalid_json"), detail=problem.message)
     try:
-        return principal, mine, header_key(request)
+        return accept.Admitted(principal, header_key(request), mine)
     except InvalidKey as exc:
         edge.drops.note(principal.workspace_id, None, "invalid")
         return error(400, "invalid_idempotency_key", detail=str(exc))
@@ -178,10 +177,10 @@ async def track_click(request: web.Request) -> web.Response:
     )
     if isinstance(found, web.Response):
         return found
-    caller = _caller(request, edge, found, problem, body)
-    if isinstance(caller, web.Response):
-        return caller
-    principal, mine, idem_key = caller
+    admitted = _caller(request, edge, found, problem, body)
+    if isinstance(admitted, web.Response):
+        return admitted
+    principal, mine, idem_key = admitted.principal, admitted.link, admitted.idem_key
     assert body is not None
     if found.link_unresolved:
         return VOICE.down()
@@ -219,14 +218,16 @@ async def track_click(request: web.Request) -> web.Response:
 CONVERSION_VOICE = accept.Voice("affixo_conversion", VOICE.refuse, VOICE.unavailable)
 
 
-@routes.post("/v1/track/conversion")
-async def track_conversion(request: web.Request) -> web.Response:
-    return await sale.track(request, CONVERSION_VOICE, AffixoConversion, _caller, Dialect.AFFIXO, sale.from_affixo,
-                            _recorded)  # fmt: skip
-
-
 def _recorded(body: AffixoConversion, event: Envelope) -> bytes:
     return orjson.dumps(AffixoConversionRecorded(
         conversion_id=str(event.event_id), customer_id=body.customer_id, amount=body.amount, currency=body.currency,
         invoice_id=body.invoice_id,
     ).model_dump())  # fmt: skip
+
+
+CONVERSION = sale.SaleDialect(Dialect.AFFIXO, CONVERSION_VOICE, AffixoConversion, _caller, sale.from_affixo, _recorded)
+
+
+@routes.post("/v1/track/conversion")
+async def track_conversion(request: web.Request) -> web.Response:
+    return await sale.track(request, CONVERSION)

@@ -29,7 +29,6 @@ from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.edge import accept, refund, sale
 from ingest.edge.body import BodyError, bounded, describe, read
 from ingest.edge.body import code as body_code
-from ingest.edge.durability import Unconfirmed
 from ingest.edge.enqueue import OutcomeUnknown, never_sent, to_spool, xadd
 from ingest.edge.fields import NoNul
 from ingest.edge.idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
@@ -41,6 +40,7 @@ from ingest.edge.routes.bricqs import BricqsConvert
 from ingest.edge.routes.refport import RefportLead
 from ingest.edge.sale import RefportSale
 from ingest.edge.state import Edge
+from ingest.link.durability import Unconfirmed
 
 log = structlog.get_logger("ingest.batch")
 routes = web.RouteTableDef()

@@ -122,9 +122,9 @@ SALE_VOICE = accept.Voice("refport_sale", VOICE.refuse, VOICE.unavailable)
 
 def _caller(
     request: web.Request, edge: Edge, found: Found, problem: BodyError | None, body: BaseModel | None
-) -> web.Response | tuple[str, str | None]:
+) -> web.Response | accept.Admitted:
     """A keyed route's refusals, in their order (the key, its rate limit, the body, the
-    ``Idempotency-Key``); else the caller's workspace and key."""
+    ``Idempotency-Key``); else the caller and its key."""
     principal = found.principal
     if principal is None or not principal.allows("track"):
         return error(401, "UNAUTHORIZED", "Invalid or missing API key")
@@ -137,16 +137,10 @@ def _caller(
             return error(400, "VALIDATION_ERROR", problem.message if problem else "invalid body")
         return error(problem.status, body_code(problem).upper(), problem.message)
     try:
-        return principal.workspace_id, header_key(request)
+        return accept.Admitted(principal, header_key(request))
     except InvalidKey as exc:
         edge.drops.note(principal.workspace_id, None, "invalid")
         return error(400, "VALIDATION_ERROR", str(exc))
-
-
-@routes.post("/api/track/sale")
-async def track_sale(request: web.Request) -> web.Response:
-    return await sale.track(request, SALE_VOICE, RefportSale, _caller, Dialect.REFPORT, sale.from_refport,
-                            _sale_tracked)  # fmt: skip
 
 
 def _sale_tracked(body: RefportSale, event: Envelope) -> bytes:
@@ -158,6 +152,14 @@ def _sale_tracked(body: RefportSale, event: Envelope) -> bytes:
     ).model_dump())  # fmt: skip
 
 
+SALE = sale.SaleDialect(Dialect.REFPORT, SALE_VOICE, RefportSale, _caller, sale.from_refport, _sale_tracked)
+
+
+@routes.post("/api/track/sale")
+async def track_sale(request: web.Request) -> web.Response:
+    return await sale.track(request, SALE)
+
+
 REFUND_VOICE = accept.Voice("refport_refund", VOICE.refuse, VOICE.unavailable)
 
 
@@ -166,9 +168,9 @@ async def track_refund(request: web.Request) -> web.Response:
     started = await accept.caller(request, REFUND_VOICE, RefportRefund, _caller)
     if isinstance(started, web.Response):
         return started
-    edge, found, body, (workspace, idem_key) = started
-    out = await refund.record(edge, workspace, body, idem_key, Dialect.REFPORT)
-    headers = dict(found.verdict.headers)
+    workspace, idem_key = started.admitted.principal.workspace_id, started.admitted.idem_key
+    out = await refund.record(started.edge, workspace, started.body, idem_key, Dialect.REFPORT)
+    headers = dict(started.found.verdict.headers)
     if out.status == 503:
         return REFUND_VOICE.down(CommitUnknown("the refund's commit") if out.unknown else None)
     if out.refund is None:
@@ -202,12 +204,11 @@ async def track_lead(request: web.Request) -> web.Response:
     found = await accept.look(edge, VOICE, edge.key_limiter, "", secret=secret, extra=reads, guess=guess)
     if isinstance(found, web.Response):
         return found
-    caller = _caller(request, edge, found, problem, body)
-    if isinstance(caller, web.Response):
-        return caller
-    principal = found.principal
-    assert principal is not None and body is not None
-    idem_key = caller[1]
+    admitted = _caller(request, edge, found, problem, body)
+    if isinstance(admitted, web.Response):
+        return admitted
+    assert body is not None
+    principal, idem_key = admitted.principal, admitted.idem_key
 
     click_id = body.clickId
     try:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
+from ingest.contract.errors import NotFound
 from ingest.edge.auth import Principal, bearer
 from ingest.edge.body import BodyError, plain, read
 from ingest.edge.body import code as body_code
@@ -20,7 +21,6 @@ from ingest.edge.idempotency import Claim, InvalidKey, header_key, request_claim
 from ingest.edge.lookup import Unavailable, lookup
 from ingest.edge.state import EDGE, Edge
 from ingest.manage import manage, stats
-from ingest.manage.admin import NotFound
 
 
 def json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:

@@ -15,14 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import ids, links
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
+from ingest.contract.errors import NotFound
 from ingest.contract.fraud import FraudPolicy, FraudRule
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
 from ingest.edge.fields import ExternalId, Ident, Integer, Text, Url
 from ingest.edge.state import Edge
-from ingest.manage import admin, erasure, erasure_affiliate, erasure_copy, external_ids, manage, stats, suppressions
-from ingest.manage.admin import NotFound
+from ingest.manage import admin, manage, stats, suppressions
 from ingest.manage.routes._guard import error, guarded, id_forms, json, limit_param, segment
+from ingest.privacy import erasure, erasure_affiliate, erasure_copy, external_ids
 
 routes = web.RouteTableDef()
 

@@ -14,13 +14,13 @@ from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ingest.contract.connections import acquired
+from ingest.contract.errors import NotFound
 from ingest.contract.fraud import FRAUD_THRESHOLDS
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
 from ingest.edge.fields import json_integer
 from ingest.edge.state import Edge
 from ingest.manage import stats
-from ingest.manage.admin import NotFound
 from ingest.manage.routes._guard import error, guarded, json
 
 routes = web.RouteTableDef()

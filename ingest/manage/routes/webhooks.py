@@ -16,12 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
 from ingest.contract.connections import acquired
+from ingest.contract.errors import NotFound
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
 from ingest.edge.fields import Url
 from ingest.edge.state import Edge
-from ingest.manage import secretbox, targets
-from ingest.manage.admin import NotFound
+from ingest.ledger import secretbox, targets
 from ingest.manage.manage import as_uuid
 from ingest.manage.routes._guard import error, guarded, json, limit_param
 
@@ -30,7 +30,7 @@ routes = web.RouteTableDef()
 EventType = Literal[
     "lead.created", "conversion.created", "milestone.reached", "fraud.flagged", "sale.created", "commission.created",
     "payout.paid", "refund.created",
-]  # fmt: skip  # ingest.manage.outbox.EVENT_TYPES, in its order
+]  # fmt: skip  # ingest.ledger.outbox.EVENT_TYPES, in its order
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 

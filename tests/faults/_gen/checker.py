@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ingest.contract.events import FIELD, Envelope, EnvelopeError
+from ingest.contract import wire
+from ingest.contract.wire import FIELD, EnvelopeError
 from workers.archive import segment as seg
 from workers.archive.store import LocalStore
 
@@ -304,7 +305,7 @@ class GenChecker:
             for e in entries:
                 lines[(manifest.partition, e.id)] += 1
                 try:
-                    events[Envelope.from_entry(e.fields if e.fields is not None else {FIELD: e.envelope or b""})
+                    events[wire.from_entry(e.fields if e.fields is not None else {FIELD: e.envelope or b""})
                            .event_id.hex] += 1  # fmt: skip
                 except EnvelopeError:
                     self.a.add("archive_missing", f"an archived line that is no envelope: {manifest.partition} {e.id}")

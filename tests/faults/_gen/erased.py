@@ -25,8 +25,10 @@ from typing import Any
 import asyncpg
 
 from ingest.contract import erasure as ledger
+from ingest.contract import wire
 from ingest.contract.erasure import EXTERNAL
-from ingest.contract.events import FIELD, Envelope, EnvelopeError
+from ingest.contract.events import Envelope
+from ingest.contract.wire import FIELD, EnvelopeError
 from workers.archive import segment as seg
 from workers.archive.store import LocalStore
 from workers.ops import erasure
@@ -237,6 +239,6 @@ async def _places(
 
 def _envelope(fields: dict[bytes, bytes] | None) -> Envelope | None:
     try:
-        return Envelope.from_entry(fields or {})
+        return wire.from_entry(fields or {})
     except EnvelopeError:
         return None

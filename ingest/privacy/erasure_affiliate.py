@@ -13,7 +13,7 @@ function of the program, the id and the ledger's salt), its name and email go; t
 addresses go; the evidence and payloads that hold any of those values are redacted. An
 ``erasures`` row records it (its subject the digest of the affiliate's id, never a value),
 so ``GET /v1/erasures/{id}`` and ``refstream erase --status`` follow it, and the ledger's
-copy outside Postgres (``ingest.manage.erasure_copy``) brings it back after a restore.
+copy outside Postgres (``ingest.privacy.erasure_copy``) brings it back after a restore.
 The caller puts the links' cache entries (``cache``) and deletes the windows (``ips``).
 """
 
@@ -28,9 +28,9 @@ import orjson
 
 from ingest.contract import erasure, links
 from ingest.contract.connections import Command
+from ingest.contract.errors import NotFound
 from ingest.contract.keys import Keys
-from ingest.manage.admin import NotFound
-from ingest.manage.erasure import ROW, describe
+from ingest.privacy.erasure import ROW, describe
 
 AFFILIATE = "a"  # the ledger's kind for an affiliate's id (a subject, never in erased_ids)
 
@@ -152,7 +152,7 @@ async def _scrub(
 
 async def again(conn: asyncpg.Connection, key: bytes, workspace_id: str, erased: bytes) -> bool:
     """An affiliate's erasure that a restore of Postgres lost, put back from its copy
-    (``ingest.manage.erasure_copy``): the affiliate its subject names scrubbed again (their
+    (``ingest.privacy.erasure_copy``): the affiliate its subject names scrubbed again (their
     links' cache entries follow at the workers' refresh). Whether one was found."""
     for a in await conn.fetch("SELECT * FROM affiliates WHERE workspace_id = $1 FOR UPDATE", workspace_id):
         if subject(key, a["id"]) == erased:

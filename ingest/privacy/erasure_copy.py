@@ -35,7 +35,7 @@ import structlog
 from ingest.contract import erasure
 from ingest.contract.connections import Command, Redis
 from ingest.contract.keys import Keys
-from ingest.manage import erasure_affiliate, erasure_late
+from ingest.privacy import erasure_affiliate, erasure_late
 
 log = structlog.get_logger("erasure.copy")
 

@@ -34,9 +34,9 @@ from ingest.contract import clicks as erasure_clicks
 from ingest.contract import erasure, jsonrows
 from ingest.contract.connections import Command
 from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
+from ingest.contract.errors import NotFound
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.keys import Keys
-from ingest.manage.admin import NotFound
 
 _PASSES = 5  # a person whose visitors keep turning up more: each pass fences and scans again
 

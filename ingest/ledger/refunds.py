@@ -31,8 +31,8 @@ import asyncpg
 
 from ingest.contract.connections import write
 from ingest.contract.events import uuid7
-from ingest.manage import outbox
-from ingest.manage.outbox import WebhookEvent
+from ingest.ledger import outbox
+from ingest.ledger.outbox import WebhookEvent
 
 NIL = UUID(int=0)  # sale_stats' link of the unattributed
 

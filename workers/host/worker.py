@@ -32,7 +32,7 @@ from ingest.contract.keys import Keys
 from ingest.contract.logs import error_fields
 from ingest.contract.settings import Settings
 from workers.archive.store import open_store
-from workers.consumer import arq_redis, commissions, drops, webhooks
+from workers.consumer import commissions, drops, webhooks
 from workers.consumer.consume import Consumer
 from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics, refresh_stream_gauges, serve
@@ -40,6 +40,7 @@ from workers.consumer.pipeline import Pipeline
 from workers.group import stopping
 from workers.group.errors import redis_outage
 from workers.group.gate import Backoff
+from workers.host import arq_redis
 from workers.ops import erasure, replay
 
 log = structlog.get_logger("workers.worker")
@@ -238,7 +239,7 @@ class ResilientWorker(Worker):
 
     async def main(self) -> None:
         """arq's, on a pool that keeps arq's keys under ``key_prefix`` too (``build_worker``
-        gives ``REFSTREAM_STREAM_PREFIX``; see ``workers.consumer.arq_redis``): the pool is made
+        gives ``REFSTREAM_STREAM_PREFIX``; see ``workers.host.arq_redis``): the pool is made
         here, so arq's ``main`` uses it. Without a prefix, arq's own global keys."""
         if self._pool is None and self.key_prefix is not None:
             pool = await create_pool(

@@ -75,7 +75,7 @@ def prefixed(prefix: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
         n = int(args[2])
         return (*args[:3], *(_under(prefix, k) for k in args[3 : 3 + n]), *args[3 + n :])
     if any(_is_arq(a) for a in args[1:]):
-        raise UnprefixedKey(f"arq sent {name} with an arq: key; add the command to workers/consumer/arq_redis.py")
+        raise UnprefixedKey(f"arq sent {name} with an arq: key; add the command to workers/host/arq_redis.py")
     return args
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from ingest.edge.fields import hostname
+from ingest.contract.urls import hostname
 
 Address = IPv4Address | IPv6Address
 

@@ -1,4 +1,4 @@
-"""An erased person met again, after their erasure (``ingest.manage.erasure`` erases).
+"""An erased person met again, after their erasure (``ingest.privacy.erasure`` erases).
 
 ``follow``: in a worker's batch, the rows of the visitor and click that an erased person's
 late lead names (``erasure.learn`` put them in the ledger) are scrubbed at once. ``recheck``:
@@ -17,7 +17,7 @@ from ingest.contract import clicks as erasure_clicks
 from ingest.contract import erasure
 from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
 from ingest.contract.events import Envelope, EventType
-from ingest.manage.erasure import scrub_rows, uuid_floor
+from ingest.privacy.erasure import scrub_rows, uuid_floor
 
 
 async def follow(conn: asyncpg.Connection, key: bytes, originals: list[tuple[Envelope, str | None]]) -> None:

@@ -1,0 +1,150 @@
+"""Seed 001 (Bricqs): the dialect's management calls, under ``/api/v1/referrals`` with the
+tracking ones (``ingest/edge/routes/bricqs.py``: ``validate``, ``convert``, the error shape).
+
+- ``POST /generate`` (``X-API-Key``, scope ``write``): the participant's code in the
+  campaign (participant = affiliate by external id, campaign = program), created once;
+- ``GET /stats/{participant_id}`` (``X-API-Key``, scope ``read``).
+Both read and write Postgres through the management API (``ingest.manage.admin``), so they
+live in its room; they answer in Bricqs' shape: ``{"error": code, "message": text}``.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from ingest.contract import ids
+from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
+from ingest.contract.errors import NotFound
+from ingest.edge.auth import Principal, plausible
+from ingest.edge.body import BodyError, parse
+from ingest.edge.body import code as body_code
+from ingest.edge.fields import ExternalId
+from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key
+from ingest.edge.lookup import Unavailable, lookup
+from ingest.edge.routes.bricqs import error, json, unavailable
+from ingest.edge.state import EDGE, Edge
+from ingest.manage import admin
+
+routes = web.RouteTableDef()
+
+
+class BricqsGenerate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    participant_id: ExternalId = Field(min_length=1, max_length=128)
+    campaign_id: uuid.UUID
+
+
+class BricqsGenerated(BaseModel):
+    code: str
+    referral_url: str
+    participant_id: str
+    created_at: str
+
+
+class BricqsMilestone(BaseModel):
+    name: str
+    threshold: int
+    reached_at: str
+
+
+class BricqsStats(BaseModel):
+    participant_id: str
+    total_referrals: int
+    conversions: int
+    pending: int
+    referral_code: str | None
+    milestones: list[BricqsMilestone] = []
+
+
+async def _keyed(request: web.Request, scope: str) -> tuple[Edge, Principal] | web.Response:
+    """X-API-Key authentication and the per-key rate limit."""
+    edge = request.app[EDGE]
+    secret = plausible(request.headers.get("X-API-Key", "").strip())
+    if secret is None:
+        return error(401, "unauthorized", "Invalid or missing API key")
+    try:
+        found = await lookup(edge, edge.key_limiter, "", secret=secret)
+    except (Unavailable, *REDIS_ERRORS):
+        return unavailable()
+    if found.principal is None:
+        return error(401, "unauthorized", "Invalid or missing API key")
+    if not found.principal.allows(scope) or found.principal.kind != "workspace":
+        return error(403, "insufficient_scope", f"This key lacks the {scope} scope")
+    if not found.verdict.allowed:
+        edge.drops.note(found.principal.workspace_id, None, "rate_limited")
+        return error(429, "rate_limited", "Too many requests", found.verdict.headers)
+    return edge, found.principal
+
+
+@routes.post("/api/v1/referrals/generate")
+async def generate(request: web.Request) -> web.Response:
+    keyed = await _keyed(request, "write")
+    if isinstance(keyed, web.Response):
+        return keyed
+    edge, principal = keyed
+    try:
+        body = await parse(request, BricqsGenerate)
+        idem_key = header_key(request)
+    except BodyError as exc:
+        return error(exc.status, "validation_error" if exc.status == 400 else body_code(exc), exc.message)
+    except InvalidKey as exc:
+        return error(400, "validation_error", str(exc))
+
+    async def run() -> web.Response:
+        try:
+            async with acquired(edge.pg) as conn:
+                out = await admin.referral_code(
+                    conn,
+                    edge.redis,
+                    edge.keys,
+                    workspace_id=principal.workspace_id,
+                    program_id=str(body.campaign_id),
+                    participant_id=body.participant_id,
+                )
+        except NotFound as exc:
+            return error(404, "campaign_not_found", str(exc))
+        except (*PG_ERRORS, *REDIS_ERRORS) as exc:
+            return unavailable(exc)  # a lost commit: Refstream-Outcome: unknown
+        return json(200, BricqsGenerated(**out).model_dump())
+
+    if idem_key is None:
+        return await run()
+    # already idempotent per (participant, campaign); the key is honoured like everywhere
+    # else: a repeat gets the stored answer, the key with another body a 422
+    claim = Claim.of(idem_key, "bricqs-generate", principal.workspace_id, fingerprint(body.model_dump(mode="json")))
+    secret = request.headers.get("X-API-Key", "").strip()
+    try:
+        return await edge.idem.once(edge.batcher, claim, secret, idem_key, run, error)
+    except REDIS_ERRORS:
+        return unavailable()
+
+
+@routes.get("/api/v1/referrals/stats/{participant_id}")
+async def stats(request: web.Request) -> web.Response:
+    keyed = await _keyed(request, "read")
+    if isinstance(keyed, web.Response):
+        return keyed
+    edge, principal = keyed
+    try:  # the id as generate stores it, then as given (a participant stored before the rule)
+        forms = ids.stored_forms(request.match_info["participant_id"], max_length=128)
+    except ids.InvalidId:  # nothing can hold it
+        return error(404, "participant_not_found", "participant not found")
+    out = None
+    try:
+        async with acquired(edge.pg) as conn:
+            for participant in forms:
+                try:
+                    out = await admin.participant_stats(
+                        conn, workspace_id=principal.workspace_id, participant_id=participant
+                    )
+                    break
+                except NotFound:
+                    continue
+    except PG_ERRORS:
+        return unavailable()
+    if out is None:
+        return error(404, "participant_not_found", f"participant {forms[0]!r} not found")
+    return json(200, BricqsStats(**out).model_dump())
