@@ -8,13 +8,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import aiohttp
 import orjson
 
 from ingest.contract.settings import Settings
-from refstream.embedded import free_port
+from refstream.embedded import free_port as free_port  # the tests take it from here, with the processes
 
 REFSTREAM = str(Path(sys.executable).parent / "refstream")
 _ROOT = Path(__file__).resolve().parent.parent  # where `python -m tests._failpoint` finds tests/
@@ -126,8 +126,21 @@ class Procs:
                     raise AssertionError(f"edge not healthy: {self.logs()}")
                 await asyncio.sleep(0.05)
 
-    async def cli(self, *args: str, check: bool = True, timeout: float = 120, **env: str) -> Any:
-        """Run a command to completion with ``--json``; its stdout parsed."""
+    # A test passes its environment as ``**env`` (often a ``dict[str, str]``) and at most one
+    # of ``check`` and ``timeout``: one signature per shape, so that no ``dict[str, str]`` is
+    # taken to fill the ``bool`` or the ``float``.
+    @overload
+    async def cli(self, *args: str, **env: str) -> Any: ...
+    @overload
+    async def cli(self, *args: str, check: bool, **env: str) -> Any: ...
+    @overload
+    async def cli(self, *args: str, timeout: float, **env: str) -> Any: ...
+    async def cli(self, *args: str, **options: Any) -> Any:
+        """Run a command to completion with ``--json``; its stdout parsed. Fails on a nonzero
+        exit unless ``check=False``, and after ``timeout`` seconds (120)."""
+        check: bool = options.pop("check", True)
+        timeout: float = options.pop("timeout", 120)
+        env: dict[str, str] = options
         if "--json" not in args:
             args = (*args, "--json")
         proc = await asyncio.create_subprocess_exec(

@@ -115,10 +115,12 @@ def _dump_tasks(nodeid: str) -> None:
     test about to hit its timeout shows what each task waits on, which pytest-timeout's own
     dump (the threads') does not."""
     lines = [f"== {nodeid}: still running {DUMP_BEFORE_TIMEOUT_S:.0f}s before its timeout; asyncio tasks:"]
-    for task in list(asyncio.tasks._all_tasks):  # the other thread's loop: a diagnostic read
+    # the other thread's loop: a diagnostic read of asyncio's private set of every loop's tasks
+    for task in list(asyncio.tasks._all_tasks):  # type: ignore[attr-defined]  # private: not in typeshed
         if task.done():
             continue
-        chain, coro = [], task.get_coro()
+        chain: list[str] = []
+        coro = task.get_coro()
         while coro is not None and len(chain) < 40:  # the chain of awaits, outermost first
             frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
             if frame is not None:

@@ -51,7 +51,8 @@ async def run_archiver(settings: Settings, redis: Any, store: Store | None = Non
 
 async def read_archive(store: Store, prefix: str) -> tuple[list[seg.Manifest], list[tuple[int, seg.Entry]]]:
     """Every segment's manifest (checked by ``read``) and every line, with its partition."""
-    manifests, lines = [], []
+    manifests: list[seg.Manifest] = []
+    lines: list[tuple[int, seg.Entry]] = []
     for key in await store.list(prefix + "/"):
         manifest, entries = seg.read(await store.get(key))
         assert key.startswith(f"{prefix}/{seg.hour_of(manifest.first_id)}/"), key  # one hour per segment

@@ -198,7 +198,7 @@ async def test_an_entry_too_deep_in_its_stream_is_dead_lettered_as_its_bytes_and
     planted = [deep_v2, past_v2, deep_v1]
     ids = [await redis.xadd(stream, wire.to_entry_dict(_click(world)))]
     for fields in planted:
-        ids.append(await redis.xadd(stream, fields))  # type: ignore[arg-type]
+        ids.append(await redis.xadd(stream, fields))
         ids.append(await redis.xadd(stream, wire.to_entry_dict(_click(world))))
 
     as_read = {entry_id: fields for entry_id, fields in await redis.xrange(stream)}
@@ -208,7 +208,7 @@ async def test_an_entry_too_deep_in_its_stream_is_dead_lettered_as_its_bytes_and
         async def settled() -> bool:
             if worker.poll() is not None:
                 raise AssertionError(f"the worker exited with {worker.returncode}: {procs.logs()}")
-            stored = await pg.fetchval("SELECT count(*) FROM events")
+            stored: int = await pg.fetchval("SELECT count(*) FROM events")
             return stored == 4 and await redis.xlen(keys.dead) == 3
 
         await wait_for(settled, timeout=60, what="the clicks stored and the deep entries dead-lettered")
@@ -236,7 +236,8 @@ async def test_an_entry_too_deep_in_its_stream_is_dead_lettered_as_its_bytes_and
 
 
 async def _acked(redis: Any, stream: str) -> bool:
-    return (await redis.xpending(stream, GROUP))["pending"] == 0
+    pending: int = (await redis.xpending(stream, GROUP))["pending"]
+    return pending == 0
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
@@ -255,7 +256,7 @@ async def test_a_replay_counts_an_entry_past_the_bound_as_undecodable_and_stores
     stream = keys.stream_for("PARTNER123")
     for levels in (DEEP, MAX_DEPTH):
         await redis.xadd(stream, wire.to_entry_dict(_click(world)))
-        await redis.xadd(stream, {**wire.to_entry_dict(_click(world)),  # type: ignore[dict-item]
+        await redis.xadd(stream, {**wire.to_entry_dict(_click(world)),
                                   b"p": b'{"c":"PARTNER123","M":' + nested(levels) + b"}"})  # fmt: skip
     done = await procs.cli("replay", "--since", "1h", "--json")
     totals = done["totals"]

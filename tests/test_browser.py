@@ -34,7 +34,7 @@ if not shutil.which(CHROMIUM):
     print(f"\nSKIPPING the browser test: {reason}", file=sys.stderr)
     pytest.skip(reason, allow_module_level=True)
 
-from playwright.async_api import Browser, BrowserContext, async_playwright  # noqa: E402
+from playwright.async_api import Browser, BrowserContext, Cookie, async_playwright  # noqa: E402
 
 PAGE = """<!doctype html><html><head><title>Landing</title>
 <script>
@@ -113,8 +113,15 @@ async def links(pg: asyncpg.Pool, redis: Any, keys: Keys, world: World, site: st
                                     affiliate_id=world.affiliate_id)  # fmt: skip
 
 
-async def cookie(context: BrowserContext, url: str) -> dict[str, Any] | None:
+async def cookie(context: BrowserContext, url: str) -> Cookie | None:
     return next((c for c in await context.cookies(url) if c["name"] == "refstream_click"), None)
+
+
+async def cookie_value(context: BrowserContext, url: str) -> str:
+    """The click cookie's value, where the test knows there is one."""
+    c = await cookie(context, url)
+    assert c is not None, f"no refstream_click cookie for {url}"
+    return c["value"]
 
 
 async def land(context: BrowserContext, url: str) -> str:
@@ -140,13 +147,13 @@ async def test_tracker_cookie_attribution_signup_and_redirect(
     assert abs(c["expires"] - (time.time() + 60 * 86400)) < 300
     assert c["sameSite"] == "Lax" and not c["httpOnly"]
     second_id = await land(last, f"{site}/last_click?aff=SECOND")
-    assert second_id != first_id and (await cookie(last, site))["value"] == second_id
+    assert second_id != first_id and await cookie_value(last, site) == second_id
 
     # first click: the second landing is recorded, the cookie keeps the first click id
     first = await browser.new_context(user_agent=VISITOR_UA)
     kept = await land(first, f"{site}/first_click?via=FIRST")
     assert await land(first, f"{site}/first_click?ref=SECOND") == kept
-    assert (await cookie(first, site))["value"] == kept
+    assert await cookie_value(first, site) == kept
 
     # the page hands the click id to the site's own server, which calls the lead route
     signup = await browser.new_context(user_agent=VISITOR_UA)
@@ -163,7 +170,7 @@ async def test_tracker_cookie_attribution_signup_and_redirect(
     await page.goto(f"{edge}/r/REDIR")
     assert page.url.startswith(f"{site}/pricing?refstream_click_id=clk_")
     redirect_id = page.url.split("refstream_click_id=")[1]
-    assert (await cookie(redirect, edge))["value"] == redirect_id
+    assert await cookie_value(redirect, edge) == redirect_id
     await page.goto(f"{edge}/r/NOPE")  # unknown: the fallback page, never an error
     assert page.url == f"{edge}/" and await page.title() == "refstream"
 
@@ -177,7 +184,8 @@ async def test_tracker_cookie_attribution_signup_and_redirect(
 
     async def counted() -> bool:
         await drain()
-        return await pg.fetchval("SELECT clicks FROM links WHERE code = 'SIGNUP'") == 1
+        clicks: int = await pg.fetchval("SELECT clicks FROM links WHERE code = 'SIGNUP'")
+        return clicks == 1
 
     await wait_for(counted, timeout=30, what="the browser's clicks to be counted")
     rows = {r["code"]: (r["clicks"], r["leads"]) for r in await pg.fetch("SELECT code, clicks, leads FROM links")}

@@ -58,7 +58,8 @@ async def test_a_link_deactivated_since_it_was_read_is_not_appended(settings: Se
         # is answered as one on an inactive link (the seed's 200, nothing enqueued)
         assert (await click(base, "alice"))[:2] == (200, TRACKED)
         assert await stream_total(redis, keys) == 1
-        assert links.decode(edge.seen[keys.link("alice")]).status == "inactive"  # type: ignore[union-attr]
+        seen = links.decode(edge.seen[keys.link("alice")])
+        assert isinstance(seen, links.LinkInfo) and seen.status == "inactive"
         assert (await click(base, "alice"))[:2] == (200, TRACKED)  # no guess now: read, then refused
         assert await stream_total(redis, keys) == 1
     finally:

@@ -80,7 +80,8 @@ async def test_a_worker_a_year_ahead_drops_nothing_and_counting_goes_on(
         procs.start("work", REFSTREAM_CLOCK_OFFSET_S=str(YEAR_S))
 
         async def stored(n: int) -> bool:
-            return await pool.fetchval("SELECT count(*) FROM events") == n
+            events: int = await pool.fetchval("SELECT count(*) FROM events")
+            return events == n
 
         await wait_for(lambda: stored(5), timeout=60, what="the first five clicks stored")
         today = await pool.fetchval("SELECT (now() AT TIME ZONE 'UTC')::date")

@@ -6,12 +6,14 @@ work unchanged, with the stream partitions spread over the nodes."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -148,7 +150,8 @@ async def test_the_pipeline_on_a_redis_cluster(cluster: list[int], settings: Set
         procs.stop_all()
 
     # the partitions really are spread over the nodes
-    homes = {p: [k for k in redis.Redis(port=p).keys(f"{own.stream_prefix}:events:*")] for p in cluster}
+    # a sync client: a list, where redis-py types the replies of both clients as "maybe awaitable"
+    homes = {p: cast(list[bytes], redis.Redis(port=p).keys(f"{own.stream_prefix}:events:*")) for p in cluster}
     assert sum(1 for found in homes.values() if found) >= 2, homes
 
 
@@ -165,7 +168,7 @@ def _start_node(tmp_path: Path) -> tuple[int, subprocess.Popen[bytes]]:
 
 
 async def _replicated(port: int) -> bool:
-    info = redis.Redis(port=port).info("replication")
+    info = cast(dict[str, Any], redis.Redis(port=port).info("replication"))  # sync client: a dict
     return info.get("connected_slaves") == 1 and info.get("slave0", {}).get("state") == "online"
 
 
@@ -212,10 +215,11 @@ async def test_a_worker_at_replicas_1_on_a_cluster_stores_only_what_each_primary
                             f"127.0.0.1:{primary}", "--cluster-slave", "--cluster-master-id", node_id],
                            check=True, capture_output=True)  # fmt: skip
         for primary in cluster:
-            await wait_for(lambda p=primary: _replicated(p), timeout=60, what=f"{primary}'s replica to sync")
+            await wait_for(functools.partial(_replicated, primary), timeout=60, what=f"{primary}'s replica to sync")
 
         async def stored() -> bool:
-            return await pg.fetchval("SELECT count(*) FROM events") == len(codes)
+            events: int = await pg.fetchval("SELECT count(*) FROM events")
+            return events == len(codes)
 
         await wait_for(stored, timeout=60, what="every click stored once replicated")
         replayed = await procs.cli("replay", "--since", "30m", **waited)
@@ -223,7 +227,8 @@ async def test_a_worker_at_replicas_1_on_a_cluster_stores_only_what_each_primary
         assert await pg.fetchval("SELECT count(*) FROM events") == len(codes)  # nothing counted twice
         # each WAIT went to the primary that holds the stream it followed
         homes = {p for p in cluster if redis.Redis(port=p).keys(f"{own.stream_prefix}:events:*")}
-        waits = {p: redis.Redis(port=p).info("commandstats").get("cmdstat_wait", {}).get("calls", 0) for p in homes}
+        stats = {p: cast(dict[str, Any], redis.Redis(port=p).info("commandstats")) for p in homes}  # sync: a dict
+        waits = {p: stats[p].get("cmdstat_wait", {}).get("calls", 0) for p in homes}
         assert homes and all(waits.values()), waits
     finally:
         print(procs.logs()[-6000:])

@@ -6,6 +6,7 @@ The expected sums are computed in SQL of this file's own over the sales rows."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 
@@ -29,7 +30,7 @@ SELECT currency, sum(amount) AS total FROM commissions WHERE affiliate_id = $1 A
 """
 
 
-async def rules(edge: str, world: World, **given: object) -> tuple[int, dict]:
+async def rules(edge: str, world: World, **given: object) -> tuple[int, dict[str, Any]]:
     status, out, _ = await call("PATCH", f"{edge}/v1/programs/{world.program_id}/commission",
                                 headers=bearer(world.api_key), json=given)  # fmt: skip
     return status, out

@@ -65,7 +65,7 @@ async def test_a_connection_lost_as_it_goes_back_leaves_the_write_answered(
     assert await pg.fetchval("SELECT count(*) FROM workspaces WHERE name = $1", name) == 1
 
 
-class _DriverBreaksAtCommit(asyncpg.Connection):  # type: ignore[misc]
+class _DriverBreaksAtCommit(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped: Any
     """A real connection whose driver raises its own ``InternalClientError`` right after a
     COMMIT that Postgres carried out (or before the body's next statement): as asyncpg does
     when the server shuts down in the middle of an exchange."""
@@ -73,7 +73,7 @@ class _DriverBreaksAtCommit(asyncpg.Connection):  # type: ignore[misc]
     at = "COMMIT;"
 
     async def execute(self, query: str, *args: object, **kw: object) -> str:
-        done = await super().execute(query, *args, **kw)
+        done: str = await super().execute(query, *args, **kw)
         if query == self.at:
             raise asyncpg.InternalClientError("cannot switch to state 15; another operation is in progress")
         return done

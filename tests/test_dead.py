@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from ingest.contract import wire
 from ingest.contract.events import Dialect, Envelope, EventType
@@ -27,7 +28,8 @@ async def _letter(redis, keys: Keys, raw: bytes, *, stream: str | None, error: s
     fields = {"id": "1-1", "error": error, "deliveries": 1, "at": int(time.time() * 1000), FIELD: raw}
     if stream is not None:
         fields["stream"] = stream
-    return (await redis.xadd(keys.dead, fields)).decode()
+    entry_id: bytes = await redis.xadd(keys.dead, fields)
+    return entry_id.decode()
 
 
 async def test_a_requeued_dead_letter_is_counted_once(procs: Procs, pg, redis, keys: Keys):
@@ -163,8 +165,16 @@ async def test_a_version_2_letter_is_shown_and_requeued_verbatim(procs: Procs, p
     ws = await procs.cli("workspace", "create", "Acme")
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "later")
     event = _click("later")
-    fields = {"stream": keys.stream_for("later"), "id": "1-1", "error": "store: boom", "deliveries": 1, "at": 1}
-    dead_id = (await redis.xadd(keys.dead, {**fields, **wire.to_entry_dict(event)})).decode()
+    fields: dict[str, str | int] = {
+        "stream": keys.stream_for("later"),
+        "id": "1-1",
+        "error": "store: boom",
+        "deliveries": 1,
+        "at": 1,
+    }
+    # str and bytes names, as xadd takes them
+    letter: dict[Any, str | bytes | int] = {**fields, **wire.to_entry_dict(event)}
+    dead_id = (await redis.xadd(keys.dead, letter)).decode()
     shown = await procs.cli("dead", "show", dead_id)
     assert shown["envelope"]["event_id"] == event.event_id.hex and shown["envelope"]["user_agent"] == BROWSER
     assert shown["other_fields"] == {} and shown["code"] == "later"

@@ -114,7 +114,8 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
         async def redirect(code: str, ip: str) -> str:
             status, _, headers = await call(http, "GET", f"{base}/r/{code}", headers={"X-Forwarded-For": ip})
             assert status == 302
-            return parse_qs(urlsplit(headers["Location"]).query)["refstream_click_id"][0]
+            click_id: str = parse_qs(urlsplit(headers["Location"]).query)["refstream_click_id"][0]
+            return click_id
 
         # humans, bots, unknown codes, an inactive link, one IP over the limit (and bursting)
         sent = [click("alice", f"10.1.0.{i}") for i in range(12)]
@@ -192,8 +193,8 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
             shown["clicks"], shown["leads"], shown["conversions"])  # fmt: skip
         assert (shown["clicks"], shown["leads"], shown["conversions"]) == (12 + RATE + 2, 1, 0)
         assert shown["stats"]["totals"]["dropped"] == expected
-        code, table, err = await run_command("link", "show", "alice", env=env_for(procs.settings, COLUMNS="250"))
-        assert code == 0, err
+        exit_code, table, err = await run_command("link", "show", "alice", env=env_for(procs.settings, COLUMNS="250"))
+        assert exit_code == 0, err
         assert "bot 4, duplicate 1, fraud 1, rate_limited 3, test_mode 2" in table, table
         assert f"click_burst {RATE - BURST}, fast_conversion 1, self_referral 1" in table, table
         _, bob, _ = await call(http, "GET", f"{base}/v1/links/{link['bob']['id']}/stats", headers=h)

@@ -306,7 +306,8 @@ async def test_sentinel_client_and_link_follow_a_failover(settings: Settings, se
 
             async def demoted() -> bool:
                 try:
-                    return (await old.info("replication"))["role"] == "slave"
+                    role: str = (await old.info("replication"))["role"]
+                    return role == "slave"
                 except aioredis.ConnectionError:
                     return False  # Sentinel kills the clients of the server it reconfigures
 

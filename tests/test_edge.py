@@ -4,6 +4,8 @@ with real Redis and Postgres. Requests come from distinct loopback addresses (12
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 import orjson
 from aiohttp import web
@@ -22,7 +24,7 @@ async def start(settings: Settings) -> tuple[web.AppRunner, str]:
     return await start_edge(settings)
 
 
-async def click(base: str, code: str, *, source_ip: str = "127.0.0.1") -> tuple[int, dict, dict]:
+async def click(base: str, code: str, *, source_ip: str = "127.0.0.1") -> tuple[int, dict[str, Any], dict[str, str]]:
     connector = aiohttp.TCPConnector(local_addr=(source_ip, 0))
     async with aiohttp.ClientSession(connector=connector, headers={"User-Agent": BROWSER}) as http:
         async with http.post(f"{base}/api/v1/referral/click/{code}") as r:

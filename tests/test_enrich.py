@@ -363,7 +363,7 @@ def test_versions(enricher: Enricher) -> None:
     assert "CountryASN-IPv4IPv6" in versions["geoip2fast_data"]
     assert versions["ua-parser"].startswith("1.")
     with pytest.raises(TypeError):
-        versions["geoip2fast"] = "tampered"  # type: ignore[index]
+        versions["geoip2fast"] = "tampered"  # type: ignore[index]  # the write the test expects refused
 
 
 def test_to_json(enricher: Enricher) -> None:
@@ -373,7 +373,7 @@ def test_to_json(enricher: Enricher) -> None:
     assert type(doc["versions"]) is dict
     assert orjson.loads(orjson.dumps(doc)) == doc
     with pytest.raises(dataclasses.FrozenInstanceError):
-        e.country = "FR"  # type: ignore[misc]
+        e.country = "FR"  # type: ignore[misc]  # the write the test expects refused
 
 
 def test_ua_cache_is_used() -> None:

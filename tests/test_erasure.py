@@ -64,7 +64,9 @@ class Person:
 
 async def erase_key(pg: asyncpg.Pool, redis: Any, keys: Keys, world: World, scopes: list[str]) -> str:
     async with pg.acquire() as conn:
-        return (await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=scopes))["api_key"]
+        made = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=scopes)
+    api_key: str = made["api_key"]
+    return api_key
 
 
 async def customer(pg: asyncpg.Pool, world: World, visitor: str, p: Person) -> None:

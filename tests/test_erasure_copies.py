@@ -66,7 +66,8 @@ async def test_a_person_erased_while_the_workers_were_stopped_leaves_no_stream_e
     procs.start("work", **archive)
 
     async def settled() -> bool:
-        return (await procs.cli("erase", "--status", **archive))["pending"] == []
+        pending: list[Any] = (await procs.cli("erase", "--status", **archive))["pending"]
+        return pending == []
 
     await wait_for(settled, timeout=90, what="every erasure done")
     assert await _holding(redis, keys, IP.encode()) == []

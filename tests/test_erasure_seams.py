@@ -141,7 +141,7 @@ async def test_an_erasure_committed_during_an_upload_is_met_by_the_archivers_sec
         await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
 
     store = Hooked(open_store(settings), "put", erase)
-    await run_archiver(settings, redis, store)  # type: ignore[arg-type]
+    await run_archiver(settings, redis, store)  # type: ignore[arg-type]  # Hooked: a Store's stand-in
     assert store.fired
     assert not found_in(await archive_bytes(store.inner, keys.prefix), needles(p))
 
@@ -158,8 +158,15 @@ async def test_a_dead_lettered_lead_teaches_the_sweep_its_click(
     await drain()
     assert await pg.fetchval("SELECT referrer FROM events WHERE event_id = $1", click.event_id) == REFERRER
     lead = lead_of(world, p, click)
-    await redis.xadd(keys.dead, {"stream": keys.stream_for(world.link["code"]), "id": "1-0", "error": "a test's",
-                                 "deliveries": 5, "at": 0, **wire.to_entry_dict(lead)})  # fmt: skip
+    letter: dict[Any, str | bytes | int] = {  # str and bytes names, as xadd takes them
+        "stream": keys.stream_for(world.link["code"]),
+        "id": "1-0",
+        "error": "a test's",
+        "deliveries": 5,
+        "at": 0,
+        **wire.to_entry_dict(lead),
+    }
+    await redis.xadd(keys.dead, letter)
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
     assert await pg.fetchval("SELECT referrer FROM events WHERE event_id = $1", click.event_id) == REFERRER
     assert await sweep_until_done(pg, redis, keys, None) >= 2  # the lesson leaves it pending once
@@ -186,7 +193,7 @@ async def test_a_late_copy_met_by_a_worker_while_a_sweep_runs_leaves_the_erasure
         await drain()
 
     store = Hooked(open_store(settings), "list", worker_meets_a_late_copy)
-    swept = await erasure.sweep(pg, redis, keys, store)  # type: ignore[arg-type]
+    swept = await erasure.sweep(pg, redis, keys, store)  # type: ignore[arg-type]  # Hooked: a Store's stand-in
     assert store.fired and swept.archive_done == []
     assert [e["pending"] for e in await erasure.status(pg)] == [["redis", "archive"]]
     await run_archiver(settings, redis, store.inner)

@@ -148,7 +148,7 @@ async def test_entry_round_trip_through_redis(redis, keys: Keys, envelope: Envel
     same envelope; the fields are always the same names in the same order, so every entry
     shares its listpack node's master fields."""
     assert wire.to_entry(envelope)[::2] == FIELDS
-    assert len(wire.to_entry_dict(envelope)[b"i"]) == 16  # type: ignore[arg-type]
+    assert len(wire.to_entry_dict(envelope)[b"i"]) == 16  # type: ignore[arg-type]  # the id: bytes, never an int
     sid = await redis.xadd(keys.stream(0), wire.to_entry_dict(envelope))
     [(got_id, fields)] = await redis.xrange(keys.stream(0))
     assert got_id == sid and list(fields) == list(FIELDS)

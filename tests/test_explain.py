@@ -133,7 +133,7 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
         today = await conn.fetchval("SELECT current_date")
         first = datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC) + timedelta(days=2)  # a person's first event
         since = today - timedelta(days=29)
-        reads = {
+        reads: dict[str, list[tuple[Any, ...]]] = {
             "events": [
                 (manage.events_query(link=False, type_=False), ws, 50),
                 (manage.events_query(link=True, type_=False), ws, link, 50),

@@ -4,6 +4,8 @@ against a per-character definition, over strings mixing every kind of character
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,7 +23,7 @@ def _control(c: str) -> bool:
     return ord(c) < 0x20 or c == "\x7f"
 
 
-REFUSES = {
+REFUSES: dict[Callable[[str], str], Callable[[str], bool]] = {
     check_no_nul: lambda c: c == "\x00" or _surrogate(c),
     check_text: lambda c: (_control(c) and c not in "\t\n\r") or _surrogate(c),
     check_ident: lambda c: _control(c) or _surrogate(c),

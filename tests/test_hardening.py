@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from ipaddress import ip_network
+from typing import Any
 
 import asyncpg
 import orjson
@@ -20,7 +21,7 @@ from ._world import World, call, start_edge
 from .test_seed_002_affitor import EXAMPLE as CLICK
 
 
-async def raw_request(base: str, request: bytes) -> tuple[int, dict]:
+async def raw_request(base: str, request: bytes) -> tuple[int, dict[str, Any]]:
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(request)

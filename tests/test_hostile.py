@@ -222,7 +222,9 @@ async def test_seed_000_enforces_allowed_origins(edge: str, world: World, pg: as
 
     await pg.execute("UPDATE workspaces SET allowed_origins = '{https://good.example}' WHERE id = $1",
                      world.workspace_id)  # fmt: skip
-    await links.put(redis, keys, await links.fetch(pg, "PARTNER123"))
+    info = await links.fetch(pg, "PARTNER123")
+    assert info is not None
+    await links.put(redis, keys, info)
     url = f"{edge}/api/v1/referral/click/PARTNER123"
     status, out, headers = await call("POST", url, headers={"Origin": "https://evil.example"})
     assert (status, out) == (
@@ -394,7 +396,7 @@ async def test_webhooks_to_our_own_network_are_not_delivered(pg: asyncpg.Pool, w
     await web.TCPSite(runner, "0.0.0.0", port).start()
     key = secretbox.generate_key()
     here = socket.gethostname()  # a name, not a literal: only the resolver can refuse it
-    addresses = {info[4][0] for info in socket.getaddrinfo(here, port, type=socket.SOCK_STREAM)}
+    addresses = {str(info[4][0]) for info in socket.getaddrinfo(here, port, type=socket.SOCK_STREAM)}
     assert addresses and not any(_public(a) for a in addresses), (
         f"{here} resolves to {addresses}: this test needs a name of this machine that is not public"
     )

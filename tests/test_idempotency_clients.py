@@ -120,11 +120,13 @@ async def test_keyed_repeats_through_the_real_processes(procs: Procs, pg: asyncp
     auth = {"Authorization": f"Bearer {ws['api_key']}"}
     sent = []
     for n in range(10):  # each key sent twice, some at once, some after the first answer
-        req = {"json": {"ref": "alice", "url": f"https://a.test/{n}"}, "headers": {**auth, "Idempotency-Key": f"k{n}"}}
+        body, headers = {"ref": "alice", "url": f"https://a.test/{n}"}, {**auth, "Idempotency-Key": f"k{n}"}
         if n % 2:
-            pair = await asyncio.gather(*(call("POST", f"{base}/v1/track/click", **req) for _ in range(2)))
+            pair = await asyncio.gather(
+                *(call("POST", f"{base}/v1/track/click", json=body, headers=headers) for _ in range(2))
+            )
         else:
-            pair = [await call("POST", f"{base}/v1/track/click", **req) for _ in range(2)]
+            pair = [await call("POST", f"{base}/v1/track/click", json=body, headers=headers) for _ in range(2)]
         assert pair[0][:2] == pair[1][:2] and pair[0][0] == 200, pair
         sent.append(pair[0][1]["visitor_id"])
 

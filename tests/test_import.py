@@ -83,7 +83,8 @@ async def import_cli(
         env=env_for(settings, **env), within_s=120,
     )  # fmt: skip
     assert code == exit_code, err
-    return orjson.loads(out)
+    summary: dict[str, Any] = orjson.loads(out)
+    return summary
 
 
 async def counters(pg: asyncpg.Pool) -> list[tuple[Any, ...]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -22,14 +23,14 @@ from workers.ops.import_lane import FLOOR_QUANTILE, MIN_SHARE, SHARE_STEP, Gate,
 class Scripted(LiveBacklog):
     """Live work's waiting as ``age(read number)`` says, with ``entries`` waiting."""
 
-    def __init__(self, age: object, entries: int = 5) -> None:
+    def __init__(self, age: Callable[[int], int], entries: int = 5) -> None:
         super().__init__(None, Keys("unused", 1), 1)
         self.age, self.entries_waiting, self.reads = age, entries, 0
         self.ages: list[int] = []  # what each read answered
 
     async def waiting(self) -> Waiting:
         self.reads += 1
-        self.ages.append(self.age(self.reads))  # type: ignore[operator]
+        self.ages.append(self.age(self.reads))
         return Waiting(self.entries_waiting, self.ages[-1])
 
 

@@ -40,19 +40,26 @@ async def test_a_change_made_while_the_clock_stood_earlier_wins_and_stays(
     assert after.version > before.version
 
 
+async def version(pg: asyncpg.Pool, code: str) -> int:
+    """The cache version of the link ``code``, which the test has made."""
+    link = await links.fetch(pg, code)
+    assert link is not None
+    return link.version
+
+
 async def test_a_change_of_what_the_link_shows_from_its_program_or_workspace_moves_its_version(
     pg: asyncpg.Pool, redis: Any, keys: Keys
 ) -> None:
     world = await make_world(pg, redis, keys, code="A")
-    v0 = (await links.fetch(pg, "A")).version  # type: ignore[union-attr]
+    v0 = await version(pg, "A")
     await pg.execute("UPDATE links SET clicks = clicks + 1 WHERE code = 'A'")  # a counter: not in the cache
-    assert (await links.fetch(pg, "A")).version == v0  # type: ignore[union-attr]
+    assert await version(pg, "A") == v0
     await pg.execute("UPDATE programs SET cookie_window_days = 7 WHERE id = $1", world.program_id)
-    v1 = (await links.fetch(pg, "A")).version  # type: ignore[union-attr]
+    v1 = await version(pg, "A")
     await pg.execute("UPDATE workspaces SET allowed_origins = '{https://a.test}' WHERE id = $1", world.workspace_id)
-    v2 = (await links.fetch(pg, "A")).version  # type: ignore[union-attr]
+    v2 = await version(pg, "A")
     await pg.execute("UPDATE affiliates SET external_id = 'user_9' WHERE id = $1", world.affiliate_id)
-    v3 = (await links.fetch(pg, "A")).version  # type: ignore[union-attr]
+    v3 = await version(pg, "A")
     assert v0 < v1 < v2 < v3
     await links.refresh_all(pg, redis, keys)
     now = await cached(redis, keys, "A")

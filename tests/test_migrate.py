@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 
 from ._procs import Procs
@@ -22,7 +24,7 @@ SNAPSHOT = [
 ]
 
 
-async def snapshot(pg: asyncpg.Pool) -> list[list[tuple]]:
+async def snapshot(pg: asyncpg.Pool) -> list[list[tuple[Any, ...]]]:
     return [[tuple(r) for r in await pg.fetch(q)] for q in SNAPSHOT]
 
 

@@ -58,7 +58,8 @@ async def test_worker_rides_out_a_redis_outage(settings: Settings, private_redis
                 await client.aclose()
 
         async def counted(n: int) -> bool:
-            return await pg.fetchval("SELECT clicks FROM links WHERE code = 'alice'") == n
+            clicks: int = await pg.fetchval("SELECT clicks FROM links WHERE code = 'alice'")
+            return clicks == n
 
         await click(5)
         await wait_for(lambda: counted(5), timeout=60, what="the first clicks")

@@ -17,6 +17,7 @@ from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.contract.wire import FIELD
 from refstream import ops_reconcile, ops_replay, ops_status, ops_workspace
+from workers.group.presence import WorkerState
 from workers.ops import status as st
 
 from ._procs import REFSTREAM, Procs, env_for
@@ -56,7 +57,7 @@ def snapshot(keys: Keys) -> st.Snapshot:
     return st.Snapshot(
         0, True, [], st.Thresholds(), parts, st.Dead(2, 30.0), st.Spool("/var/lib/refstream/spool", True, 2, 150),
         st.Throughput(60, 100, False, 1.6, 90, 1.5),
-        [st.WorkerState(HOST, "blocked", ["postgres_unavailable", "redis_oom"], 12.0, 1.0, False)],
+        [WorkerState(HOST, "blocked", ["postgres_unavailable", "redis_oom"], 12.0, 1.0, False)],
     )  # fmt: skip
 
 

@@ -175,7 +175,8 @@ async def test_a_schema_4_database_takes_schema_5_and_on(scratch_url: str, setti
         cached_version = await conn.fetchval("SELECT (extract(epoch FROM updated_at) * 1000000)::bigint FROM links")
         assert await migrate(conn) == SCHEMA_VERSION
         # schema 6: a link's cache version (a sequence) outranks what an older build cached (updated_at's µs)
-        assert (await links.fetch(conn, "OLD")).version > cached_version  # type: ignore[union-attr]
+        old_link = await links.fetch(conn, "OLD")
+        assert old_link is not None and old_link.version > cached_version
         tables = {r["relname"] for r in await conn.fetch("SELECT relname FROM pg_class WHERE relkind = 'r'")}
         assert {"drop_stats", "event_drops", "drop_folds", "event_flags", "affiliate_ips"} <= tables
         # the click_burst index: on the partitioned table, so on each partition, old and new

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from ingest.contract import ids
+from ingest.contract.settings import Settings
 
 from ._procs import env_for, run_command
 from ._world import World, call
@@ -21,7 +22,7 @@ def bearer(key: str) -> dict[str, str]:
 
 
 async def test_two_visitors_who_send_undefined_are_two_customers_and_one_erasure_leaves_the_other(
-    edge: str, world: World, pg: asyncpg.Pool, settings: object, drain: Callable[[], Awaitable[dict[str, int]]]
+    edge: str, world: World, pg: asyncpg.Pool, settings: Settings, drain: Callable[[], Awaitable[dict[str, int]]]
 ) -> None:
     answers = []
     for visitor in ("undefined", " NULL "):
@@ -50,7 +51,7 @@ async def test_two_visitors_who_send_undefined_are_two_customers_and_one_erasure
     await drain()
     assert await pg.fetchval("SELECT count(*) FROM customers WHERE external_id LIKE 'person-%'") == 2
     code, _, err = await run_command("erase", "--customer", "person-0", "--workspace", world.workspace_id,
-                                     env=env_for(settings))  # type: ignore[arg-type]  # fmt: skip
+                                     env=env_for(settings))  # fmt: skip
     assert code == 0, err
     kept = await pg.fetchrow("SELECT email FROM customers WHERE external_id = 'person-1'")
     assert kept is not None and kept["email"] == "p1@example.com"

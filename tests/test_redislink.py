@@ -6,7 +6,7 @@ Each case runs on asyncio's loop and on uvloop's (the edge's), whose transports 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -27,7 +27,7 @@ from ._redis import PrivateRedis
 LOOPS = ["asyncio", "uvloop"]
 
 
-def run(loop: str, main: Callable[[], Awaitable[Any]]) -> Any:
+def run(loop: str, main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     if loop == "uvloop":
         return uvloop.run(main())
     return asyncio.run(main())

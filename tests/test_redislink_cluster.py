@@ -7,6 +7,7 @@ so the caller gets the value, not the redirection."""
 from __future__ import annotations
 
 import secrets
+from typing import Any, cast
 
 import pytest
 import redis
@@ -46,7 +47,8 @@ async def test_a_round_trip_split_by_slot_answers_in_order_and_waits_on_every_pr
         assert replies[: len(keys)] == [b"OK"] * len(keys)
         assert replies[len(keys) : -1] == [f"v{i}".encode() for i in reversed(range(len(keys)))]
         assert replies[-1] == 0  # no replicas: each primary's WAIT 0 answers 0
-        calls = {p: redis.Redis(port=p).info("commandstats").get("cmdstat_wait", {}).get("calls", 0) for p in cluster}
+        stats = {p: cast(dict[str, Any], redis.Redis(port=p).info("commandstats")) for p in cluster}  # sync: a dict
+        calls = {p: s.get("cmdstat_wait", {}).get("calls", 0) for p, s in stats.items()}
         assert all(calls.values()), calls  # one WAIT per primary written, none skipped
         # more replicas than any primary has: the least confirmed is short of it
         assert (await link.send([("SET", keys[0], "x"), ("WAIT", 1, 20)]))[-1] == 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,7 +34,7 @@ LOOPS = ["asyncio", "uvloop"]
 LONG_SOCKET_TIMEOUT = 30  # the link's own timeout never fires here: the caller's deadline does
 
 
-def run(loop: str, main: Callable[[], Awaitable[Any]]) -> Any:
+def run(loop: str, main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     if loop == "uvloop":
         return uvloop.run(main())
     return asyncio.run(main())
@@ -67,7 +67,7 @@ def in_flight(link: object) -> bool:
 
 
 async def up(url: str) -> aioredis.Redis:
-    client = aioredis.Redis.from_url(url, socket_timeout=LONG_SOCKET_TIMEOUT)
+    client: aioredis.Redis = aioredis.Redis.from_url(url, socket_timeout=LONG_SOCKET_TIMEOUT)
     for _ in range(200):
         try:
             await client.ping()

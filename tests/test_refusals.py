@@ -12,7 +12,7 @@ import contextlib
 import fcntl
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -230,5 +230,5 @@ async def test_short_of_replicas_a_worker_stores_nothing_a_failover_could_lose(
     assert [f"clk_{r['event_id'].hex}" for r in rows] == [again[1]["click_id"]], (rows, again)  # the 200's event
 
 
-async def _unreplicated(logs: list[dict[str, Any]]) -> bool:
+async def _unreplicated(logs: list[MutableMapping[str, Any]]) -> bool:
     return any(e.get("event") == "consumer.read_failed" and "Unreplicated" in e.get("error", "") for e in logs)

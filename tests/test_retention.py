@@ -41,7 +41,7 @@ async def test_the_memory_budget_bounds_redis_and_the_archive_keeps_everything(
     codes = await make_links(pg, redis, keys, 4)
     await Archiver(settings, redis, open_store(settings), name="a").ensure_groups()  # the group, before any entry
     events = sorted(history(codes, 2400, random.Random(2), hours=1), key=lambda e: e.received_at_ms)
-    everything: dict[str, Any] = {}
+    everything: dict[tuple[int, str], dict[bytes, bytes]] = {}
     after_trim = []
     for round_ in range(4):  # four fills, each past the budget: the trim holds Redis at it
         added = await append(redis, keys, events[round_ * 600 : (round_ + 1) * 600])

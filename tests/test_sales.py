@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -26,7 +27,7 @@ from .test_seed_004_refport import lead, lead_body, new_click
 NIL = "00000000-0000-0000-0000-000000000000"
 
 
-def sale_body(**over: object) -> dict:
+def sale_body(**over: object) -> dict[str, Any]:
     return {"customerExternalId": "user_001", "amount": 4900, "currency": "USD", "eventName": "Purchase",
             "paymentProcessor": "stripe", "invoiceId": "in_001", "metadata": {"plan": "pro"}, **over}  # fmt: skip
 
@@ -36,7 +37,9 @@ def made(world: World, **over: object) -> Envelope:
     return sale.envelope(Dialect.REFPORT, world.workspace_id, sale.from_refport(sale.RefportSale(**sale_body(**over))))
 
 
-async def track_sale(edge: str, key: str | None, body: object, **headers: str) -> tuple[int, dict, dict]:
+async def track_sale(
+    edge: str, key: str | None, body: object, **headers: str
+) -> tuple[int, dict[str, Any], dict[str, str]]:
     hdrs = {"Authorization": f"Bearer {key}"} if key else {}
     return await call("POST", f"{edge}/api/track/sale", json=body, headers={**hdrs, **headers})
 
@@ -240,7 +243,7 @@ async def test_eight_copies_at_once_to_two_edges_one_without_redis_count_once(
         ({"customerExternalId": "a\x00b"}, "customerExternalId"),
     ],
 )
-async def test_a_bad_sale_is_refports_400(edge: str, world: World, body: dict, needle: str, pg, drain):
+async def test_a_bad_sale_is_refports_400(edge: str, world: World, body: dict[str, Any], needle: str, pg, drain):
     status, out, _ = await track_sale(edge, world.api_key, sale_body(**body))
     assert status == 400 and out["error"]["code"] == "VALIDATION_ERROR" and needle in out["error"]["message"]
 
@@ -365,7 +368,7 @@ async def test_each_stored_sale_is_one_sale_created_webhook(edge: str, world: Wo
 async def test_the_workspace_stats_show_unattributed_sales_and_their_drop(
     edge: str, world: World, pg: asyncpg.Pool, redis, keys, drain
 ):
-    from .test_seed_003_affixo import make_world
+    from ._world import make_world
 
     other = await make_world(pg, redis, keys, code="THEIRS", name="Other")
     for key, body in ((world.api_key, sale_body(customerExternalId="nobody")),
@@ -381,7 +384,7 @@ async def test_the_workspace_stats_show_unattributed_sales_and_their_drop(
 
 
 async def test_conversions_list_newest_first_by_page_and_filter(edge: str, world: World, pg, redis, keys, drain):
-    from .test_seed_003_affixo import make_world
+    from ._world import make_world
 
     other = await make_world(pg, redis, keys, code="THEIRS", name="Other")
     assert (await track_sale(edge, other.api_key, sale_body(customerExternalId="theirs")))[0] == 200
@@ -423,7 +426,7 @@ async def test_a_copy_of_an_invoice_naming_another_customer_is_answered_as_the_f
     assert [tuple(r) for r in await pg.fetch("SELECT customer_external_id, amount FROM sales")] == [("user_001", 4900)]
 
 
-async def affiliate_keys(pg: asyncpg.Pool, redis, keys, world: World) -> tuple[dict, dict]:
+async def affiliate_keys(pg: asyncpg.Pool, redis, keys, world: World) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read keys of the world's affiliate and of another affiliate of its program."""
     async with pg.acquire() as conn:
         mine = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,7 +20,7 @@ def api_key(key: str) -> dict[str, str]:
     return {"X-API-Key": key}
 
 
-async def generate(edge: str, key: str, participant: str, campaign: str) -> tuple[int, dict, dict]:
+async def generate(edge: str, key: str, participant: str, campaign: str) -> tuple[int, dict[str, Any], dict[str, str]]:
     return await call("POST", f"{edge}/api/v1/referrals/generate", headers=api_key(key),
                       json={"participant_id": participant, "campaign_id": campaign})  # fmt: skip
 

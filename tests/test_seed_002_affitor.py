@@ -111,7 +111,9 @@ async def test_inactive_link_is_200_success_false(edge: str, world: World, pg: a
     from ingest.contract import links
 
     await pg.execute("UPDATE links SET status = 'inactive', updated_at = now() WHERE code = 'PARTNER123'")
-    await links.put(redis, keys, await links.fetch(pg, "PARTNER123"))
+    info = await links.fetch(pg, "PARTNER123")
+    assert info is not None
+    await links.put(redis, keys, info)
     status, out, _ = await call("POST", f"{edge}/api/v1/track/click", json=EXAMPLE)
     assert (status, out) == (200, {"success": False, "error": "Referral link is inactive"})
     assert await stream_total(redis, keys) == 0

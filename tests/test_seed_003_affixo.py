@@ -3,6 +3,8 @@ codes, the per-key rate limit, visitor matching, and what a drain stores."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 import pytest
 
@@ -17,7 +19,7 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-async def click(edge: str, key: str | None, body: object, **kw) -> tuple[int, dict, dict]:
+async def click(edge: str, key: str | None, body: object, **kw) -> tuple[int, dict[str, Any], dict[str, str]]:
     headers = bearer(key) if key else {}
     return await call("POST", f"{edge}/v1/track/click", json=body, headers=headers, **kw)
 

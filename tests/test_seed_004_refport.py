@@ -3,6 +3,8 @@ click cache and its Postgres fallback, and every error row."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 import pytest
 
@@ -17,7 +19,7 @@ from ._world import World, call, make_world, start_edge
 from .test_seed_002_affitor import EXAMPLE as CLICK
 
 
-def lead_body(click_id: str, **over: object) -> dict:
+def lead_body(click_id: str, **over: object) -> dict[str, Any]:
     return {
         "clickId": click_id,
         "eventName": "Sign Up",
@@ -33,10 +35,11 @@ def lead_body(click_id: str, **over: object) -> dict:
 async def new_click(edge: str) -> str:
     status, out, _ = await call("POST", f"{edge}/api/v1/track/click", json=CLICK)
     assert status == 200
-    return out["click_id"]
+    click_id: str = out["click_id"]
+    return click_id
 
 
-async def lead(edge: str, key: str | None, body: object, **kw) -> tuple[int, dict, dict]:
+async def lead(edge: str, key: str | None, body: object, **kw) -> tuple[int, dict[str, Any], dict[str, str]]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return await call("POST", f"{edge}/api/track/lead", json=body, headers=headers, **kw)
 

@@ -391,7 +391,8 @@ async def test_spool_through_a_redis_outage_and_an_edge_restart(
         procs.start("work")
 
         async def counted(n: int) -> bool:
-            return await pg.fetchval("SELECT clicks FROM links WHERE code = 'alice'") == n
+            clicks: int = await pg.fetchval("SELECT clicks FROM links WHERE code = 'alice'")
+            return clicks == n
 
         assert await clicks_to(edge, 20) == [200] * 20
         await wait_for(lambda: counted(20), timeout=60, what="the first clicks")

@@ -181,7 +181,8 @@ async def test_serve_starts_while_postgres_is_unreachable_and_readyz_says_why(
     assert (status, body) == (200, TRACKED)
 
     async def appended() -> bool:  # accepted: in Redis, or in the edge's spool until it drains
-        return sum([await redis.xlen(s) for s in keys.streams]) == 1
+        lengths: list[int] = [await redis.xlen(s) for s in keys.streams]
+        return sum(lengths) == 1
 
     await wait_for(appended, timeout=30, what="the click in its stream")
     status, body, _ = await call("GET", f"{base}/readyz")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import asyncpg
 import structlog
@@ -15,13 +16,14 @@ from workers.consumer.store import write_batch
 
 
 def clicks(code: str, n: int, ms: int | None = None) -> list[Envelope]:
+    at: dict[str, Any] = {"received_at_ms": ms} if ms else {}  # else the envelope's own clock
     return [
         Envelope(
             type=EventType.CLICK,
             dialect=Dialect.BIORE,
             payload={"code": code},
             ip="203.0.113.7",
-            **({"received_at_ms": ms} if ms else {}),
+            **at,
         )
         for _ in range(n)
     ]

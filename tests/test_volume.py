@@ -62,7 +62,7 @@ def mixed(codes: dict[str, str], n: int, rng: random.Random) -> list[Envelope]:
         visitor = f"v{rng.randrange(3000)}"
         kind = rng.random()
         if kind < 0.55:
-            payload = {"code": code, "visitor_id": visitor}
+            payload: dict[str, object] = {"code": code, "visitor_id": visitor}
             if rng.random() < 0.03:
                 payload["test_mode"] = True
             out.append(
@@ -165,7 +165,8 @@ async def test_two_workers_one_killed_mid_run(procs: Procs, pg, redis, keys: Key
     procs.start("work", REFSTREAM_CONSUMER_NAME="survivor", **env)
 
     async def progressed() -> bool:
-        return await pg.fetchval("SELECT count(*) FROM events") > 3000
+        events: int = await pg.fetchval("SELECT count(*) FROM events")
+        return events > 3000
 
     await wait_for(progressed, timeout=120, what="the workers to get going")
     victim.send_signal(signal.SIGKILL)

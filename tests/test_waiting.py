@@ -156,7 +156,8 @@ async def test_the_trim_survives_pending_entries_acked_between_its_reads(redis, 
     await redis.xack(other, GROUP, *other_ids)
 
     later = int(other_ids[-1].split(b"-")[0]) + 1000  # past every entry: only the groups hold the cut
-    removed = await trim.trim(_AckBetweenReads(redis, stream, ids), keys, retention_s=0, now_ms=later, exact=True)
+    racing = _AckBetweenReads(redis, stream, ids)  # every command but XPENDING goes to the client
+    removed = await trim.trim(racing, keys, retention_s=0, now_ms=later, exact=True)  # type: ignore[arg-type]  # a stand-in
     # the round went on past the race: both partitions trimmed up to what the group needs
     assert removed == {stream: 10, other: 3}
     assert await redis.xlen(stream) == 0 and await redis.xlen(other) == 0
@@ -213,7 +214,8 @@ async def test_reclaim_never_waits_behind_webhook_jobs(procs: Procs, pg: asyncpg
         procs.start("work", REFSTREAM_WEBHOOK_ALLOW_PRIVATE="true")  # its receiver is on loopback
 
         async def stored() -> bool:
-            return await pg.fetchval("SELECT count(*) FROM events") == 25
+            events: int = await pg.fetchval("SELECT count(*) FROM events")
+            return events == 25
 
         await wait_for(stored, timeout=60, what="the ghost's entries to be reclaimed and stored")
         # arq's every job slot (10) was taken by a delivery that never finished meanwhile
@@ -286,7 +288,7 @@ async def test_a_bug_failing_every_entry_holds_the_batch_instead_of_dead_letteri
     settings, redis, pg: asyncpg.Pool, keys: Keys, world
 ):
     from ingest.contract.events import Dialect, Envelope, EventType
-    from workers.consumer.pipeline import Batch, Pipeline
+    from workers.consumer.pipeline import Batch, Entry, Pipeline
     from workers.group.errors import BatchOutage
 
     def click(ua: str) -> Envelope:
@@ -294,9 +296,11 @@ async def test_a_bug_failing_every_entry_holds_the_batch_instead_of_dead_letteri
 
     stream = keys.stream_for("PARTNER123")
     envelopes = [click(f"Mozilla/5.0 (X11; Linux x86_64) Firefox/{100 + i}.0") for i in range(5)]
-    entries = [(await redis.xadd(stream, {FIELD: wire.to_blob(e)}), {FIELD: wire.to_blob(e)}) for e in envelopes]
+    entries: list[Entry] = [
+        (await redis.xadd(stream, {FIELD: wire.to_blob(e)}), {FIELD: wire.to_blob(e)}) for e in envelopes
+    ]
 
-    broken = Pipeline(settings, redis, pg, _BrokenEnricher())  # type: ignore[arg-type]
+    broken = Pipeline(settings, redis, pg, _BrokenEnricher())  # type: ignore[arg-type]  # an Enricher's stand-in
     batch = Batch(keys.partition_for("PARTNER123"), stream, list(entries))
     with pytest.raises(BatchOutage) as caught:
         await broken.process(batch)
@@ -304,14 +308,14 @@ async def test_a_bug_failing_every_entry_holds_the_batch_instead_of_dead_letteri
     assert await redis.xlen(keys.dead) == 0 and await pg.fetchval("SELECT count(*) FROM events") == 0
 
     # the fixed worker takes the same held batch: all stored
-    await Pipeline(settings, redis, pg, _BrokenEnricher(only_ua="nobody")).process(batch)  # type: ignore[arg-type]
+    await Pipeline(settings, redis, pg, _BrokenEnricher(only_ua="nobody")).process(batch)  # type: ignore[arg-type]  # a stand-in
     assert await pg.fetchval("SELECT count(*) FROM events") == 5 and await redis.xlen(keys.dead) == 0
 
     # one entry the code cannot handle, among good ones: that one is poison, alone
     odd = click("an odd agent")
     more = [click("Mozilla/5.0 (X11; Linux x86_64) Firefox/125.0"), odd]
     entries = [(await redis.xadd(stream, {FIELD: wire.to_blob(e)}), {FIELD: wire.to_blob(e)}) for e in more]
-    selective = Pipeline(settings, redis, pg, _BrokenEnricher(only_ua="an odd agent"))  # type: ignore[arg-type]
+    selective = Pipeline(settings, redis, pg, _BrokenEnricher(only_ua="an odd agent"))  # type: ignore[arg-type]  # a stand-in
     await selective.process(Batch(keys.partition_for("PARTNER123"), stream, entries))
     (dead,) = await redis.xrange(keys.dead)
     assert dead[1][b"error"].startswith(b"store: TypeError") and dead[1][FIELD] == wire.to_blob(odd)
@@ -324,14 +328,16 @@ async def test_a_batch_that_keeps_meeting_outages_is_stored_in_smaller_parts(
     """A batch too big for a statement timeout would meet the same "outage" for ever: after
     a few, it is stored in halves, quarters, ..., each part its own transaction."""
     from ingest.contract.events import Dialect, Envelope, EventType
-    from workers.consumer.pipeline import SHRINK_AFTER, Batch, Pipeline
+    from workers.consumer.pipeline import SHRINK_AFTER, Batch, Entry, Pipeline
 
     stream = keys.stream_for("PARTNER123")
     envelopes = [
         Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"}, user_agent="Mozilla/5.0")
         for _ in range(8)
     ]
-    entries = [(await redis.xadd(stream, {FIELD: wire.to_blob(e)}), {FIELD: wire.to_blob(e)}) for e in envelopes]
+    entries: list[Entry] = [
+        (await redis.xadd(stream, {FIELD: wire.to_blob(e)}), {FIELD: wire.to_blob(e)}) for e in envelopes
+    ]
     batch = Batch(keys.partition_for("PARTNER123"), stream, entries)
     batch.failures = SHRINK_AFTER + 1  # as the consumer counts them: 8 entries in parts of 2
     await Pipeline(settings, redis, pg).process(batch)
@@ -345,11 +351,13 @@ async def test_an_event_read_twice_in_one_tracked_batch_is_counted_one_attempt(
     settings, redis, pg: asyncpg.Pool, keys: Keys, world
 ):
     from ingest.contract.events import Dialect, Envelope, EventType
-    from workers.consumer.pipeline import Batch, Pipeline
+    from workers.consumer.pipeline import Batch, Entry, Pipeline
 
     stream = keys.stream_for("PARTNER123")
     e = Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"}, user_agent="Mozilla/5.0")
-    entries = [(await redis.xadd(stream, {FIELD: wire.to_blob(e)}), {FIELD: wire.to_blob(e)}) for _ in range(2)]
+    entries: list[Entry] = [
+        (await redis.xadd(stream, {FIELD: wire.to_blob(e)}), {FIELD: wire.to_blob(e)}) for _ in range(2)
+    ]
     p = keys.partition_for("PARTNER123")
     batch = Batch(p, stream, entries, tracked=True)
     pipeline = Pipeline(settings, redis, pg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import orjson
@@ -154,10 +154,11 @@ async def record(pg: asyncpg.Pool, events: list[WebhookEvent]) -> list[str]:
 
 
 async def attempts(pg: asyncpg.Pool, delivery_id: str) -> list[asyncpg.Record]:
-    return await pg.fetch(
+    rows: list[asyncpg.Record] = await pg.fetch(
         "SELECT attempt, status_code, error, duration_ms FROM webhook_attempts WHERE delivery_id = $1 ORDER BY attempt",
         uuid.UUID(delivery_id),
     )
+    return rows
 
 
 async def test_retries_until_delivered_and_signs(pg, world, receiver, arq_pool, run_worker, secret_key) -> None:
@@ -409,11 +410,12 @@ async def test_enqueue_writes_the_jobs_arq_would_and_refuses_live_ids(arq_pool, 
         queued = {m.decode(): s for m, s in await arq_pool.zrange(queue, 0, -1, withscores=True)}
         assert sorted(queued) == sorted(f"webhook:{i}" for i in (theirs, *ours))
         reference = deserialize_job(await arq_pool.get(f"{job_key_prefix}webhook:{theirs}"), deserializer=orjson.loads)
-        assert reference.args == [theirs]
+        # orjson decodes a job's args as a list, where arq's types say tuple
+        assert cast(list[Any], reference.args) == [theirs]
         reference_ttl = await arq_pool.pttl(f"{job_key_prefix}webhook:{theirs}")
         for i in ours:
             job = deserialize_job(await arq_pool.get(f"{job_key_prefix}webhook:{i}"), deserializer=orjson.loads)
-            assert (job.function, job.args, job.kwargs, job.job_try) == (
+            assert (job.function, cast(list[Any], job.args), job.kwargs, job.job_try) == (
                 reference.function, [*reference.args[:-1], i], reference.kwargs, reference.job_try
             )  # fmt: skip
             assert abs((job.enqueue_time - reference.enqueue_time).total_seconds()) < 60

@@ -4,6 +4,7 @@ that do not depend on processing order, milestones reached once, webhooks."""
 from __future__ import annotations
 
 from ipaddress import ip_network
+from typing import Any
 
 import asyncpg
 import orjson
@@ -24,13 +25,14 @@ CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, l
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 
 
-async def proxied_click(edge: str, client_ip: str, ua: str, **body: object) -> dict:
+async def proxied_click(edge: str, client_ip: str, ua: str, **body: object) -> dict[str, Any]:
     headers = CIMultiDict({"X-Forwarded-For": client_ip, "User-Agent": ua})
     payload = {"affiliate_url": "https://yoursite.com/?aff=PARTNER123", "referrer_url": "https://www.news.example/a",
                **body}  # fmt: skip
     status, out, _ = await call("POST", f"{edge}/api/v1/track/click", json=payload, headers=headers)
     assert status == 200, out
-    return out
+    answer: dict[str, Any] = out
+    return answer
 
 
 async def test_enrichment_bots_and_unique_clicks(settings: Settings, world: World, pg: asyncpg.Pool, drain):
@@ -174,7 +176,7 @@ async def test_milestones_are_reached_once_and_notified(edge: str, world: World,
 
 
 async def test_a_lead_reaches_a_webhook_receiver_through_the_worker(procs: Procs, world: World, pg, settings: Settings):
-    received: list[tuple[dict, str, bytes]] = []
+    received: list[tuple[dict[str, Any], str, bytes]] = []
 
     async def receive(request: web.Request) -> web.Response:
         body = await request.read()

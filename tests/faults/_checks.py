@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,8 @@ class Checker:
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         conn = await asyncpg.connect(self.database_url, timeout=5)
         try:
-            return await conn.fetch(sql, *args)
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+            return rows
         finally:
             await conn.close()
 
@@ -396,7 +398,7 @@ class Checker:
         figures: Figures,
         accepted: dict[str, str],
         *,
-        planted_dead: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
+        planted_dead: AbstractSet[tuple[str, str]] = frozenset(),
     ) -> Figures:
         """Check I1-I3; every violation is added to ``figures.problems`` (not raised)."""
         p = figures.problems

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from typing import Any, cast
 
 import redis
 from redis.crc import key_slot
@@ -115,7 +116,7 @@ async def agreed(ports: list[int]) -> bool:
 
 async def synced(nodes: list[FaultRedis]) -> bool:
     for n in nodes:
-        info = redis.Redis(port=n.port).info("replication")
+        info = cast(dict[str, Any], redis.Redis(port=n.port).info("replication"))  # sync client: a dict
         if info["role"] == "slave" and info.get("master_link_status") != "up":
             return False
     return True

@@ -238,7 +238,11 @@ class EchoLoad(Load):
         if status != 200:
             return
         results = out.get("results") if isinstance(out, dict) else None
-        if not isinstance(results, list) or [r.get("index") for r in results] != list(range(len(items))):
+        if (
+            not isinstance(out, dict)  # and so no results
+            or not isinstance(results, list)
+            or [r.get("index") for r in results] != list(range(len(items)))
+        ):
             self._expect(False, "batch", items, out)
             return
         self._expect(out.get("accepted") == sum(bool(r.get("ok")) for r in results), "batch", items, out)

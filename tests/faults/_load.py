@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Self
 
 import aiohttp
 import orjson
@@ -99,7 +100,7 @@ class Load:
         self._inflight: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> Load:
+    async def __aenter__(self) -> Self:
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=20), connector=aiohttp.TCPConnector(limit=0)
         )
@@ -182,12 +183,12 @@ class Load:
         except (TimeoutError, aiohttp.ClientError) as exc:
             self.record.statuses[f"{kind} {type(exc).__name__}"] += 1
 
-    async def _post(self, kind: str, path: str, marker: str | None, **kw: object) -> tuple[int, object]:
+    async def _post(self, kind: str, path: str, marker: str | None, **kw: Any) -> tuple[int, object]:
         assert self._http is not None
         if marker is not None:
             self.record.attempted.add(marker)
         sent = time.monotonic()
-        async with self._http.post(self.base + path, **kw) as r:  # type: ignore[arg-type]
+        async with self._http.post(self.base + path, **kw) as r:
             raw = await r.read()
             self.record.answers.append((sent, time.monotonic() - sent, kind, r.status))
             self.record.statuses[f"{kind} {r.status}"] += 1

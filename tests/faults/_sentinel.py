@@ -34,7 +34,7 @@ def client(url: str, timeout: float = 5, *, cluster: bool = False) -> Any:
     target = sentinel_target(url)
     if target is None:
         return aioredis.Redis.from_url(url, socket_timeout=timeout)
-    sentinel = Sentinel(list(target.sentinels), socket_timeout=timeout)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(list(target.sentinels), socket_timeout=timeout)
     return sentinel.master_for(target.master, db=target.db, socket_timeout=timeout)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from ingest.spool import store as spool_store
 
@@ -30,7 +31,8 @@ async def redis_up(server: FaultRedis) -> None:
 
 
 def edges(stage: Stage) -> list[subprocess.Popen[bytes]]:
-    return [p for p in stage.procs.running if p.args[1] == "serve" and p.poll() is None]  # type: ignore[index]
+    # Procs.start's processes: each started from a list, ``refstream`` and its arguments
+    return [p for p in stage.procs.running if cast(list[str], p.args)[1] == "serve" and p.poll() is None]
 
 
 async def kill_edge(stage: Stage, proc: subprocess.Popen[bytes]) -> None:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,7 +281,7 @@ class Stage:
         *,
         fault_end: FaultEnd,
         refused: int = 0,
-        planted_dead: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
+        planted_dead: AbstractSet[tuple[str, str]] = frozenset(),
         problems: list[str] | None = None,
         recover_bound: float | None = None,
     ) -> Figures:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from typing import Any, cast
 
 import pytest
 import redis
@@ -47,7 +48,7 @@ async def test_a_primary_killed_under_load_its_replica_promoted(
     stage: Stage = make_stage(f"redis://127.0.0.1:{nodes[0].port}/0", cluster=True)
     # the workers at the edges' level: at replicas:N they store only what N replicas hold
     level = {"REFSTREAM_ACK_DURABILITY": durability}
-    world = await stage.prepare(workers=2, edge_env=level, **level)
+    world = await stage.prepare(workers=2, edge_env=level, REFSTREAM_ACK_DURABILITY=durability)
     # the primary to kill: not the one the stage's URL names, so every process must find its
     # way through the others
     victim = next(n for n in nodes if primaries(nodes[0].port).get(n.port) and n.port != nodes[0].port)
@@ -67,8 +68,9 @@ async def test_a_primary_killed_under_load_its_replica_promoted(
         await asyncio.sleep(plan.tail_s)
 
     if durability != "primary":  # every primary written was asked to WAIT, on its own connection
-        waits = {port: redis.Redis(port=port).info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+        stats = {port: cast(dict[str, Any], redis.Redis(port=port).info("commandstats"))  # sync client: a dict
                  for port in primaries(nodes[0].port)}  # fmt: skip
+        waits = {port: s.get("cmdstat_wait", {}).get("calls", 0) for port, s in stats.items()}
         assert all(waits.values()), f"WAIT calls by primary: {waits}"
     answers = load.record.answers
     during = Counter(f"{k} {s}" for at, _, k, s in answers if killed_at <= at < promoted_at)

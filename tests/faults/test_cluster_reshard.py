@@ -40,7 +40,7 @@ async def test_partitions_moved_and_a_primary_added_under_load(
     # at replicas:1 the edges' appends and the workers' reads follow a moving slot with their
     # WAIT on the primary that serves it (MOVED, ASK: ``ClusterLink``, ``Member._read_waited``)
     level = {"REFSTREAM_ACK_DURABILITY": durability}
-    world = await stage.prepare(workers=2, edge_env=level, **level)
+    world = await stage.prepare(workers=2, edge_env=level, REFSTREAM_ACK_DURABILITY=durability)
     async with stage.load(world) as load:
         await asyncio.sleep(plan.warmup_s)
         await stage.storing()

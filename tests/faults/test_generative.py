@@ -119,7 +119,7 @@ def _row(token: str, event: uuid.UUID | None = None, **cols: Any) -> dict[str, A
 
 
 def _judge(op: Op, rows: list[dict[str, Any]]) -> Counter[str]:
-    checker = GenChecker(History(1), WORLD, None, Path("."), "")  # type: ignore[arg-type]
+    checker = GenChecker(History(1), WORLD, None, Path("."), "")  # type: ignore[arg-type]  # judging reads no database
     checker._answers(op)
     by_event = {r["event_id"].hex: r for r in rows}
     for i, unit in enumerate(op.units):

@@ -41,8 +41,8 @@ async def test_two_workers_race_a_milestone_threshold(stage: Stage, plan: Plan):
     async with stage.load(world, rate=0) as load:
         for k in range(1, rounds + 1):
             await asyncio.gather(*(load.send("convert", code) for pair in pairs for code in pair))
-            settled, left = await stage.check.wait_drained(time.monotonic(), plan.drain_timeout_s)
-            assert settled is not None, f"round {k} never drained: {left}"
+            settled, undrained = await stage.check.wait_drained(time.monotonic(), plan.drain_timeout_s)
+            assert settled is not None, f"round {k} never drained: {undrained}"
             missed = await stage.check.milestone_problems()
             if missed:
                 problems.append(f"round {k} (threshold {2 * k}): {len(missed)} of {n} affiliates wrong: {missed[:2]}")

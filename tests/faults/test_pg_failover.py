@@ -103,7 +103,8 @@ def _asynchronous(server: PgServer) -> None:
 async def _streaming(primary: PgServer, state: str) -> bool:
     conn = await asyncpg.connect(primary.url)
     try:
-        return await conn.fetchval("SELECT count(*) FROM pg_stat_replication WHERE sync_state = $1", state) == 1
+        streaming: int = await conn.fetchval("SELECT count(*) FROM pg_stat_replication WHERE sync_state = $1", state)
+        return streaming == 1
     finally:
         await conn.close()
 

@@ -95,8 +95,7 @@ class Retries:
             answers = await asyncio.gather(self.send(kind, a, path, body, headers),
                                            self.send(kind, b, path, body, headers))  # fmt: skip
         else:
-            answers = [await self.send(kind, a, path, body, headers)]
-            answers.append(await self.send(kind, b, path, body, headers))
+            answers = (await self.send(kind, a, path, body, headers), await self.send(kind, b, path, body, headers))
         got = [sorted(markers(out)) for out in answers if out is not None]
         if len(got) == 2 and got[0] != got[1]:
             self.problems.append(f"{kind}: the two copies answered {got[0]} and {got[1]}")

@@ -48,8 +48,11 @@ async def test_spool_two_edges_share_a_directory(private_fault_redis, make_stage
     world = await stage.prepare(workers=2)
     first = stage.base
     second = await stage.start_edge()  # the same settings: the same spool directory
-    half = {"rate": plan.rate / 2, "api_key": world.api_key}
-    async with Load(first, world.codes, seed=1, **half) as a, Load(second, world.codes, seed=2, **half) as b:
+    half = plan.rate / 2
+    async with (
+        Load(first, world.codes, seed=1, rate=half, api_key=world.api_key) as a,
+        Load(second, world.codes, seed=2, rate=half, api_key=world.api_key) as b,
+    ):
         await asyncio.sleep(plan.warmup_s)
         await stage.storing()
         redis_down(server)

@@ -95,7 +95,8 @@ async def test_lagging_group_survives_aggressive_trimming(stage: Stage, plan: Pl
         reading.cancel()
 
     async def trimmed() -> bool:  # the trim cron has run past what both groups acked
-        return sum([await stage.redis.xlen(s) for s in stage.keys.streams]) < reader.read
+        lengths: list[int] = [await stage.redis.xlen(s) for s in stage.keys.streams]
+        return sum(lengths) < reader.read
 
     try:
         await wait_for(trimmed, timeout=30, what="the trim")

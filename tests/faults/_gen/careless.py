@@ -20,8 +20,9 @@ import random
 import time
 from typing import Any
 
+from ..._world import BROWSER
 from .history import History, Op, Unit
-from .ops import BROWSER, REFERRER, World
+from .ops import REFERRER, World
 from .tenants import UNDEFINED, suffix
 
 CARELESS_FROM = 700_000
@@ -78,13 +79,13 @@ def make(step: Any, world: World, history: History) -> Op:
         assert sale is not None
         customer = sale.echo["customer"]
         eraser = {"Authorization": f"Bearer {world.erase_key}"}
-        echo = {"customer": customer, "lead": sale.n}
+        echo: dict[str, Any] = {"customer": customer, "lead": sale.n}
         return Op(step.n, "erase", token, None, "DELETE", "/v1/customers/" + ODD_PATH.format(customer), eraser, None,
                   [], echo)  # fmt: skip
     if "odd" in step.flags:  # a conversion through Affixo's route, its answer naming its event
         customer = f"c-{token}"
         invoice = f"inv-{token}"
-        body = {"customer_id": ODD.format(customer), "amount": 100 + step.code % 10_000, "currency": "usd",
+        body: Any = {"customer_id": ODD.format(customer), "amount": 100 + step.code % 10_000, "currency": "usd",
                 "metadata": {"gen": token}, "invoice_id": invoice}  # fmt: skip
         echo = {"customer": customer, "amount": body["amount"], "invoice": invoice, "route": "affixo"}
         bearer = {"Authorization": f"Bearer {world.api_key}"}
@@ -113,18 +114,18 @@ def make(step: Any, world: World, history: History) -> Op:
     invoice = f"inv-{token}"
     bearer = {"Authorization": f"Bearer {world.api_key}"}
     unit = Unit(token, "sale", None, True)
-    echo: dict[str, Any] = {"customer": customer, "amount": amount, "invoice": invoice, "refuse": past}
+    echo = {"customer": customer, "amount": amount, "invoice": invoice, "refuse": past}
     if route == "affixo":
-        body: Any = {"customer_id": customer, "amount": amount, "currency": "usd", "metadata": meta,
-                     "invoice_id": invoice}  # fmt: skip
+        body = {"customer_id": customer, "amount": amount, "currency": "usd", "metadata": meta,
+                "invoice_id": invoice}  # fmt: skip
         return Op(step.n, "sale", token, f"invoice:{invoice}", "POST", "/v1/track/conversion", bearer, body, [unit],
                   {**echo, "route": "affixo"})  # fmt: skip
-    sale = {"customerExternalId": customer, "amount": amount, "currency": "usd", "paymentProcessor": "stripe",
-            "invoiceId": invoice, "metadata": meta}  # fmt: skip
+    sale_body = {"customerExternalId": customer, "amount": amount, "currency": "usd", "paymentProcessor": "stripe",
+                 "invoiceId": invoice, "metadata": meta}  # fmt: skip
     if route == "batch":
-        return Op(step.n, "batch", token, None, "POST", "/v1/events/batch", bearer, [{"type": "sale", **sale}], [unit],
-                  echo)  # fmt: skip
-    return Op(step.n, "sale", token, f"invoice:{invoice}", "POST", "/api/track/sale", bearer, sale, [unit],
+        return Op(step.n, "batch", token, None, "POST", "/v1/events/batch", bearer, [{"type": "sale", **sale_body}],
+                  [unit], echo)  # fmt: skip
+    return Op(step.n, "sale", token, f"invoice:{invoice}", "POST", "/api/track/sale", bearer, sale_body, [unit],
               {**echo, "route": "refport"})  # fmt: skip
 
 

@@ -150,9 +150,9 @@ class GenChecker:
         await self._archive({r["event_id"].hex for r in rows if r["token"] not in imported} | self.refunds_accepted,
                             {r["event_id"].hex for r in rows if r["token"] not in accepted})  # fmt: skip
         self._replays()
-        found = {**await walls.problems(self.check, self.h, self.world),
-                 **walls.scan_logs(self.logs, self.outputs, walls.personal(self.h))}  # fmt: skip
-        for kind, texts in found.items():
+        wall_problems = {**await walls.problems(self.check, self.h, self.world),
+                         **walls.scan_logs(self.logs, self.outputs, walls.personal(self.h))}  # fmt: skip
+        for kind, texts in wall_problems.items():
             for text in texts:
                 self.a.add(kind, text)
         return self.a

@@ -177,6 +177,7 @@ class Clients:
 
     async def _delete(self, workspace: str) -> bool:
         """Until it is answered, for as long as a fault may last (an operator's persistence)."""
+        assert self.command is not None
         for n in range(DELETE_ATTEMPTS):
             code, _, err = await self.command("workspace", "delete", workspace, "--yes", "--json",
                                               within_s=IMPORT_TIMEOUT_S)  # fmt: skip

@@ -192,6 +192,7 @@ class Cluster:
                     if attempt == 4 or f"port {port} on 127.0.0.1 is in use" not in str(exc):
                         raise
                     self._gen += 1
+        assert slot.proc is not None  # the loop ends with a process started, or raises
         self.started.append((f"{role} {slot.name}", slot.proc))
         return slot
 

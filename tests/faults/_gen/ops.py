@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import parse_qs, urlsplit
 
 from ..._world import BROWSER
@@ -39,9 +39,20 @@ TOKEN_SQL = (  # an event row's token (a sale's: its metadata's ``gen``)
     r" ELSE substring(e.referrer from '^https://gen\.test/(.+)$') END"
 )
 TRACKED = {"success": True, "data": {"tracked": True}}
+
+
+class Commission(TypedDict):
+    sale_bps: int
+    sale_flat: int
+    lead_flat: int
+    lead_currency: str
+    duration: str
+    hold_days: int
+
+
 # the program's commission rules, set when the world is made; the checker holds the ledger to them
-COMMISSION = {"sale_bps": 1500, "sale_flat": 25, "lead_flat": 100, "lead_currency": "usd", "duration": "lifetime",
-              "hold_days": 0}  # fmt: skip
+COMMISSION: Commission = {"sale_bps": 1500, "sale_flat": 25, "lead_flat": 100, "lead_currency": "usd",
+                          "duration": "lifetime", "hold_days": 0}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -399,8 +410,8 @@ def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
     elif op.kind == "import":
         counts = (b.get("read"), b.get("stored", 0) + b.get("duplicates", 0), b.get("refused_total"))
         rows, refused = len(op.body), op.echo.get("refused_rows", 0)
-        want = (rows, rows - refused, refused)
-        return [] if counts == want else [f"read, stored or known, refused: {counts}, not {want}"]
+        expected = (rows, rows - refused, refused)
+        return [] if counts == expected else [f"read, stored or known, refused: {counts}, not {expected}"]
     elif op.kind == "erase":
         return [] if isinstance(b.get("erasure_id"), str) and b.get("status") in ("pending", "done") else [f"{b!r}"]
     elif op.kind == "sale" and e["route"] == "affixo":

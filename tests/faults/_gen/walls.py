@@ -49,9 +49,9 @@ async def problems(check: Checker, history: History, world: World) -> dict[str, 
             customer = op.echo["customer"]
             if (customer, tag) in erased:
                 continue
-            ws = uuid.UUID(world.tenant(tag).workspace_id)
+            workspace_id = uuid.UUID(world.tenant(tag).workspace_id)
             row = await check.fetch("SELECT email FROM customers WHERE workspace_id = $1 AND external_id = $2",
-                                    ws, customer)  # fmt: skip
+                                    workspace_id, customer)  # fmt: skip
             want = email_of(customer, tag)
             if not row or row[0]["email"] != want:
                 got = row[0]["email"] if row else "no customer row"
