@@ -1,5 +1,6 @@
-"""One ``refstream bench``: services, a throwaway database and key prefix, the selected
-parts ``runs`` times, medians, and everything stopped and deleted at the end (Ctrl-C too)."""
+"""One run of the bench (``python -m bench``): services, a throwaway database and key
+prefix, the selected parts ``runs`` times, medians, and everything stopped and deleted at
+the end (Ctrl-C too)."""
 
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ async def bench(opts: Options, stack: ExitStack) -> dict[str, Any]:
     for r in runs:
         report.finish(r)
     return {
-        "command": " ".join(["refstream", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "machine": machine(),
         "options": _opts(opts),
         "runs": len(runs),

@@ -15,7 +15,7 @@ import pytest
 from ingest.contract.events import FIELD, Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from refstream.ops_replay import RangeUsageError, parse_time
+from refstream.commands.replay import RangeUsageError, parse_time
 from workers.consumer.worker import consumer
 from workers.ops.reconcile import reconcile
 from workers.ops.replay import MAX_SEQ, Range, RangeError, replay_job

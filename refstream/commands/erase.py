@@ -20,9 +20,8 @@ from ingest.manage import erasure as pg_erasure
 from ingest.manage import erasure_affiliate as affiliate_erasure
 from ingest.manage import erasure_copy, external_ids
 from ingest.manage.admin import NotFound
-
-from . import ops_output as out
-from .runner import print_data, run_command
+from refstream import output as out
+from refstream.runner import print_data, run_command
 
 
 async def _erase(

@@ -27,9 +27,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
-
-from . import ops_output as out
-from .runner import run_reading, settings_and_logging
+from refstream import output as out
+from refstream.runner import run_reading, settings_and_logging
 
 if TYPE_CHECKING:
     import asyncpg

@@ -1,8 +1,5 @@
 """``refstream status`` and ``refstream dead``: what operators look at, and what they do
 about dead letters. Tables (rich) for people, ``--json`` for scripts.
-
-``refstream.cli`` registers these commands at its end, so this module imports it lazily
-(inside the commands): a top-level import would be circular.
 """
 
 from __future__ import annotations
@@ -22,11 +19,10 @@ from ingest.contract import layout
 from ingest.contract.connections import connect_redis
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from refstream import output as out
+from refstream.runner import run_command
 from workers.ops import dead as dead_mod
 from workers.ops import status as status_mod
-
-from . import ops_output as out
-from .runner import run_command
 
 EXIT_UNHEALTHY = 3
 _LEFT = (
