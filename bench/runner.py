@@ -55,9 +55,9 @@ def _env(svc: services.Services, opts: Options, spool: str) -> dict[str, str]:
         REDIS_URL=svc.redis_url,
         REFSTREAM_PARTITIONS=str(opts.partitions),
         REFSTREAM_BATCH_SIZE=str(opts.batch_size),
-        REFSTREAM_CLICK_RATE_LIMIT=HUGE_LIMIT,
-        REFSTREAM_PUBLIC_RATE_LIMIT=HUGE_LIMIT,
-        REFSTREAM_KEY_RATE_LIMIT=HUGE_LIMIT,
+        REFSTREAM_CLICK_RATE_LIMIT_PER_MIN=HUGE_LIMIT,
+        REFSTREAM_PUBLIC_RATE_LIMIT_PER_MIN=HUGE_LIMIT,
+        REFSTREAM_KEY_RATE_LIMIT_PER_MIN=HUGE_LIMIT,
         # wrk sends X-Forwarded-For from 127.0.0.1, as a load balancer would
         REFSTREAM_TRUSTED_PROXIES="127.0.0.1/32",
         REFSTREAM_SPOOL_DIR=spool,

@@ -55,7 +55,7 @@ async def _check_durability(settings: Settings) -> None:
         return
     redis = connect_redis(settings)
     try:
-        async with asyncio.timeout(settings.redis_socket_timeout):
+        async with asyncio.timeout(settings.redis_socket_timeout_s):
             problem = await durability.startup_problem(redis, settings)
     except (*REDIS_ERRORS, TimeoutError) as exc:
         log.warning("durability.unchecked", reason=repr(exc))

@@ -168,7 +168,7 @@ def status(max_lag: int, max_pending_age: float, max_dead: int, spool_dir: str |
             # the edge's spool on this machine: as configured, unless given
             snap = await status_mod.snapshot(
                 redis, conn, keys, thresholds, spool_dir=spool_dir or settings.spool_dir, pg_error=pg_error,
-                retention_s=settings.stream_retention, max_bytes=settings.stream_max_bytes, retiring=lay.retiring,
+                retention_s=settings.stream_retention_s, max_bytes=settings.stream_max_bytes, retiring=lay.retiring,
             )  # fmt: skip
             return snap, keys
         finally:
