@@ -101,7 +101,7 @@ CREATE INDEX IF NOT EXISTS customers_external
 -- redelivered or replayed entry is a no-op (ON CONFLICT DO NOTHING), and ids sort by time:
 -- the table is range-partitioned on it, one partition per UTC day (bounds are the UUIDs of
 -- the day's first millisecond, xxxxxxxx-xxxx-7000-8000-000000000000), created ahead and
--- dropped after REFSTREAM_EVENT_RETENTION days by the worker (workers/consumer/partitions.py), with a
+-- dropped after REFSTREAM_EVENT_RETENTION_DAYS days by the worker (workers/consumer/partitions.py), with a
 -- default partition for anything outside them. No foreign keys on this hot table: the
 -- worker resolves links itself and a per-row FK check would cost every insert.
 CREATE TABLE IF NOT EXISTS events (
@@ -260,7 +260,7 @@ ALTER TABLE events ADD COLUMN IF NOT EXISTS bot_counted boolean NOT NULL DEFAULT
 
 -- the global dedupe keys: one lead per (customer, event name), one conversion per (code,
 -- referred session). A table of its own, so a key outlives its event's partition: purged
--- after REFSTREAM_DEDUPE_RETENTION days (at least the event retention) by received time
+-- after REFSTREAM_DEDUPE_RETENTION_DAYS days (at least the event retention) by received time
 CREATE TABLE IF NOT EXISTS event_dedupe (
     workspace_id uuid NOT NULL,
     type         smallint NOT NULL,
@@ -458,13 +458,13 @@ CREATE OR REPLACE TRIGGER affiliates_cache_version BEFORE UPDATE ON affiliates F
 
 -- Every table's bound. Retention runs in the workers' partition maintenance
 -- (workers/consumer/partitions.py, workers/consumer/retention.py), on Postgres's day, under its advisory lock:
---   events, link_visitor_days   daily partitions, dropped after REFSTREAM_EVENT_RETENTION days
---   event_dedupe                 purged after REFSTREAM_DEDUPE_RETENTION days (received_at)
+--   events, link_visitor_days   daily partitions, dropped after REFSTREAM_EVENT_RETENTION_DAYS days
+--   event_dedupe                 purged after REFSTREAM_DEDUPE_RETENTION_DAYS days (received_at)
 --   event_flags, event_drops     purged with the events: every row below the horizon (event id)
---   webhook_deliveries           delivered or failed ones purged REFSTREAM_WEBHOOK_RETENTION days
+--   webhook_deliveries           delivered or failed ones purged REFSTREAM_WEBHOOK_RETENTION_DAYS days
 --                                after they were made; pending ones are kept until delivered
 --   webhook_attempts             at most the job's tries per delivery, deleted with it (cascade)
---   affiliate_ips                an address not seen for REFSTREAM_EVENT_RETENTION days is purged
+--   affiliate_ips                an address not seen for REFSTREAM_EVENT_RETENTION_DAYS days is purged
 --   drop_folds                   purged after 7 days (workers/consumer/drops.py)
 --   event_retention, refstream_schema   one row each
 --   daily_stats, drop_stats      the durable history: at most one row per link and UTC day with

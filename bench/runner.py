@@ -1,5 +1,6 @@
-"""One ``refstream bench``: services, a throwaway database and key prefix, the selected
-parts ``runs`` times, medians, and everything stopped and deleted at the end (Ctrl-C too)."""
+"""One run of the bench (``python -m bench``): services, a throwaway database and key
+prefix, the selected parts ``runs`` times, medians, and everything stopped and deleted at
+the end (Ctrl-C too)."""
 
 from __future__ import annotations
 
@@ -54,9 +55,9 @@ def _env(svc: services.Services, opts: Options, spool: str) -> dict[str, str]:
         REDIS_URL=svc.redis_url,
         REFSTREAM_PARTITIONS=str(opts.partitions),
         REFSTREAM_BATCH_SIZE=str(opts.batch_size),
-        REFSTREAM_CLICK_RATE_LIMIT=HUGE_LIMIT,
-        REFSTREAM_PUBLIC_RATE_LIMIT=HUGE_LIMIT,
-        REFSTREAM_KEY_RATE_LIMIT=HUGE_LIMIT,
+        REFSTREAM_CLICK_RATE_LIMIT_PER_MIN=HUGE_LIMIT,
+        REFSTREAM_PUBLIC_RATE_LIMIT_PER_MIN=HUGE_LIMIT,
+        REFSTREAM_KEY_RATE_LIMIT_PER_MIN=HUGE_LIMIT,
         # wrk sends X-Forwarded-For from 127.0.0.1, as a load balancer would
         REFSTREAM_TRUSTED_PROXIES="127.0.0.1/32",
         REFSTREAM_SPOOL_DIR=spool,
@@ -141,7 +142,7 @@ async def bench(opts: Options, stack: ExitStack) -> dict[str, Any]:
     for r in runs:
         report.finish(r)
     return {
-        "command": " ".join(["refstream", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "machine": machine(),
         "options": _opts(opts),
         "runs": len(runs),

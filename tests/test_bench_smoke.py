@@ -1,4 +1,4 @@
-"""`refstream bench` end to end, in miniature: the bare aiohttp baseline and the seed 000
+"""`python -m bench` (scripts/bench) end to end, in miniature: the bare aiohttp baseline and the seed 000
 route and the sale route, one run of one second each, as JSON with every figure positive; part (c) likewise,
 locally and through its latency proxy; part (cap), CPU per event of each kind of process."""
 
@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from typing import Any
 
 import orjson
 import pytest
-
-from ._procs import REFSTREAM
 
 # the same in either pass (no server-specific behaviour): scripts/test runs it in the first only
 pytestmark = pytest.mark.once
@@ -28,7 +27,7 @@ def _bench_json(only: str, timeout: float) -> dict[str, Any]:
         print("\nSKIPPING the bench smoke test: wrk is missing and cannot be installed here")
         pytest.skip("wrk is missing and cannot be installed here (apt-get install -y wrk)")
     out = subprocess.run(
-        [REFSTREAM, "bench", "--quick", "--runs", "1", "--json", "--only", only, "--duration", "1"],
+        [sys.executable, "-m", "bench", "--quick", "--runs", "1", "--json", "--only", only, "--duration", "1"],
         capture_output=True,
         timeout=timeout,
         check=False,

@@ -43,7 +43,7 @@ async def events(pg: asyncpg.Pool, code: str) -> list[tuple[bool, bool]]:
 
 async def set_policy(settings: Settings, workspace_id: str, policy: str) -> dict[str, Any]:
     """``refstream workspace set-bot-policy ID POLICY --json``, as a process."""
-    command = "from refstream.ops_workspace import set_bot_policy; set_bot_policy()"
+    command = "from refstream.commands.workspace import set_bot_policy; set_bot_policy()"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", command, workspace_id, policy, "--json",
         env=env_for(settings), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -119,7 +119,7 @@ async def test_the_policy_is_refused_outside_its_values_and_needs_write(
 
 def test_set_bot_policy_is_a_workspace_command() -> None:
     from refstream.cli import main
-    from refstream.ops_workspace import set_bot_policy
+    from refstream.commands.workspace import set_bot_policy
 
     group: Any = main.commands["workspace"]
     assert group.commands.get("set-bot-policy") is set_bot_policy

@@ -68,7 +68,7 @@ async def test_a_link_deactivated_since_it_was_read_is_not_appended(settings: Se
 
 async def test_the_kill_switch_and_the_limit_win_over_what_the_edge_read(settings: Settings, redis, keys: Keys, pg):
     await make_links(pg, redis, keys, "alice")
-    runner, base = await start_edge(settings.model_copy(update={"click_rate_limit": 4}))
+    runner, base = await start_edge(settings.model_copy(update={"click_rate_limit_per_min": 4}))
     try:
         assert (await click(base, "alice"))[:2] == (200, TRACKED)
         await redis.set(keys.flag("referral"), flags.DISABLED)

@@ -85,7 +85,8 @@ def nowhere() -> str:
         (
             ["dev"],
             {"REFSTREAM_BLOCK_MS": "9000"},
-            "block_ms must stay below redis_socket_timeout (REFSTREAM_BLOCK_MS=9000, REFSTREAM_REDIS_SOCKET_TIMEOUT=5)",
+            "block_ms must stay below redis_socket_timeout_s"
+            " (REFSTREAM_BLOCK_MS=9000, REFSTREAM_REDIS_SOCKET_TIMEOUT_S=5)",
         ),
         (
             ["serve"],
@@ -105,8 +106,9 @@ def nowhere() -> str:
         ),
         (
             ["status"],
-            {"REFSTREAM_STREAM_RETENTION": "1hour"},
-            "REFSTREAM_STREAM_RETENTION: seconds, or a number with s, m, h or d: 3600, 90s, 30m, 1h, 2d (got '1hour')",
+            {"REFSTREAM_STREAM_RETENTION_S": "1hour"},
+            "REFSTREAM_STREAM_RETENTION_S: seconds, or a number with s, m, h or d: 3600, 90s, 30m, 1h, 2d"
+            " (got '1hour')",
         ),
         (
             ["work", "--drain"],

@@ -70,7 +70,9 @@ def logged(procs: Procs, event: str) -> bool:
 async def test_a_worker_a_year_ahead_drops_nothing_and_counting_goes_on(
     settings: Settings, redis: Any, keys: Keys, tmp_path: Path, scratch_url: str
 ) -> None:
-    s = settings.model_copy(update={"database_url": scratch_url, "event_retention": 30, "dedupe_retention": 30})
+    s = settings.model_copy(
+        update={"database_url": scratch_url, "event_retention_days": 30, "dedupe_retention_days": 30}
+    )
     procs = Procs(s, tmp_path)
     await procs.cli("migrate")  # today's partitions, on Postgres's day
     pool = await asyncpg.create_pool(scratch_url, min_size=1, max_size=2)

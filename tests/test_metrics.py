@@ -33,7 +33,7 @@ async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
 async def test_edge_and_worker_metrics_and_ids_in_the_logs(procs: Procs, pg):
     ws = await procs.cli("workspace", "create", "Acme")
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
-    edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="1000", REFSTREAM_ACCESS_LOG="all")
+    edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000", REFSTREAM_ACCESS_LOG="all")
     port = free_port()
     procs.start("work", REFSTREAM_METRICS_PORT=str(port))
     assert all(status == 200 for status, _ in await fire(edge, ["alice"] * 7))

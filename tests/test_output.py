@@ -16,7 +16,10 @@ from ingest.contract import wire
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.contract.wire import FIELD
-from refstream import ops_reconcile, ops_replay, ops_status, ops_workspace
+from refstream.commands import reconcile as reconcile_cmd
+from refstream.commands import replay as replay_cmd
+from refstream.commands import status as status_cmd
+from refstream.commands import workspace as workspace_cmd
 from workers.group.presence import WorkerState
 from workers.ops import status as st
 
@@ -63,7 +66,7 @@ def snapshot(keys: Keys) -> st.Snapshot:
 
 def test_status_reads_at_80_columns_with_partitions_by_number() -> None:
     for keys in (Keys(LONG, 4), Keys("acme-production-eu-west-1:tenant-0042", 4)):
-        text = render(ops_status.render_status, snapshot(keys), keys)
+        text = render(status_cmd.render_status, snapshot(keys), keys)
         assert "…" not in text  # nothing cut short: long values fold onto a second line
         assert f"{keys.prefix}:events:{{p}}" in text  # the stream key, said once
         assert keys.streams[0] not in text
@@ -81,7 +84,7 @@ def test_dead_letters_read_at_80_columns_and_never_as_markup() -> None:
     letter = {"dead_id": "1712345678901-0", "stream": keys.streams[2], "entry_id": "1712345678000-3",
               "error": hostile, "deliveries": 6, "at_ms": 1712345678901, "event_id": "ab" * 16, "type": "click",
               "dialect": "biore", "code": "[link]"}  # fmt: skip
-    text = render(ops_status.render_letters, [letter], keys)
+    text = render(status_cmd.render_letters, [letter], keys)
     (dead_id, p, entry_id, *_), *wrapped = cells = rows(text, "dead letters, oldest first")
     assert (dead_id, p, entry_id) == ("1712345678901-0", "2", "1712345678000-3")  # ids whole, on one line
     assert all(r[:3] == ["", "", ""] for r in wrapped)  # the error wrapped beside them
@@ -91,7 +94,7 @@ def test_dead_letters_read_at_80_columns_and_never_as_markup() -> None:
 
     detail = letter | {"envelope": None, "decode_error": "not JSON", "raw": "\x1b[2J\\xff", "raw_bytes": 9,
                        "other_fields": {"via": "[b]x"}}  # fmt: skip
-    text = render(ops_status.render_letter, detail, keys)
+    text = render(status_cmd.render_letter, detail, keys)
     assert "\x1b" not in text and "\\x1b[2J\\xff" in text and "[b]x" in text
     assert f"2 ({keys.streams[2]})" in text and "2024-04-05T19:34:38.901+00:00" in text
 
@@ -101,15 +104,15 @@ def test_replay_and_drift_tables() -> None:
     counts = {"entries": 3, "inserted": 1, "duplicates": 2, "skipped": 0, "undecodable": 0, "failed": 0}
     result = {"range": {"from": "1-0", "to": "9-0"}, "dry_run": False, "partitions": {"0": counts, "3": counts},
               "totals": {k: 2 * v for k, v in counts.items()}}  # fmt: skip
-    text = render(ops_replay.render_replay, result, keys)
+    text = render(replay_cmd.render_replay, result, keys)
     replayed = rows(text, "replay: from 1-0 to 9-0")
     assert [r[:3] for r in replayed] == [["0", "3", "1"], ["3", "3", "1"], ["all", "6", "2"]]
     drift = [{"code": "A[b]", "counter": "last_clicked_at", "stored": None, "recomputed": "2024-03-02T10:00:00+00:00"}]
-    text = render(ops_reconcile.render_drift, drift, False)
+    text = render(reconcile_cmd.render_drift, drift, False)
     assert rows(text, "drift (--fix repairs it)") == [
         ["A[b]", "-", "last_clicked_at", "-", "2024-03-02T10:00:00+00:00"]
     ]
-    assert "no drift" in render(ops_reconcile.render_drift, [], False)
+    assert "no drift" in render(reconcile_cmd.render_drift, [], False)
 
 
 def test_replay_tables_fit_80_columns_with_whole_headers_and_an_open_end() -> None:
@@ -126,7 +129,7 @@ def test_replay_tables_fit_80_columns_with_whole_headers_and_an_open_end() -> No
         end = "18446744073709551615-18446744073709551615"
         result = {"range": {"from": "1712345678901-0", "to": end}, "dry_run": dry_run,
                   "partitions": {str(p): counts for p in range(4)}, "totals": counts | {"archived": 12}}  # fmt: skip
-        text = render(ops_replay.render_replay, result, keys)  # asserts 80 columns
+        text = render(replay_cmd.render_replay, result, keys)  # asserts 80 columns
         title = f"replay{' (dry run)' if dry_run else ''}: from 1712345678901-0 to the end"
         table = rows(text, title)
         assert end not in text
@@ -134,13 +137,13 @@ def test_replay_tables_fit_80_columns_with_whole_headers_and_an_open_end() -> No
         assert [c.strip() for c in header.strip("┃").split("┃")] == ["p"] + [f for f in fields if f != "archived"]
         assert table[0][:2] == ["0", str(big)] and table[-1][0] == "all"
         assert "read from the archive (Redis no longer held them): 12 of the entries" in text
-    assert ops_replay.described({"from": "0-0", "to": "5-1"}) == "from the start to 5-1"
+    assert replay_cmd.described({"from": "0-0", "to": "5-1"}) == "from the start to 5-1"
 
 
 def test_every_command_that_prints_data_takes_json() -> None:
     commands: list[click.Command] = [
-        ops_status.status, ops_replay.replay, ops_reconcile.reconcile, ops_workspace.set_bot_policy,
-        *ops_status.dead.commands.values(),
+        status_cmd.status, replay_cmd.replay, reconcile_cmd.reconcile, workspace_cmd.set_bot_policy,
+        *status_cmd.dead.commands.values(),
     ]  # fmt: skip
     assert {c.name for c in commands} >= {"list", "show", "requeue", "drop"}
     for c in commands:

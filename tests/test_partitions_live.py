@@ -216,7 +216,7 @@ async def _two_edges_at_4(
     keys = Keys(settings.stream_prefix, 4)
     code = _code_moving(4, then, keys)
     world = await make_world(pg, redis, keys, code=code)
-    four = settings.model_copy(update={"partitions": 4, "key_rate_limit": 1_000_000})
+    four = settings.model_copy(update={"partitions": 4, "key_rate_limit_per_min": 1_000_000})
     a = await start_edge(four.model_copy(update={"spool_dir": str(tmp_path / "a")}))
     b = await start_edge(four.model_copy(update={"spool_dir": str(tmp_path / "b")}))
     return keys, code, world, a, b
@@ -293,8 +293,8 @@ async def test_an_edge_that_slept_through_a_change_and_back_is_refused_a_keyed_a
 async def test_edge_and_worker_follow_2_4_1_partitions_under_requests_and_lose_nothing(
     procs: Procs, pg: asyncpg.Pool, redis: aioredis.Redis, keys: Keys, settings: Settings
 ) -> None:
-    env = {"REFSTREAM_PARTITIONS": "2", "REFSTREAM_STREAM_RETENTION": "1", "REFSTREAM_TRIM_EVERY_S": "1",
-           "REFSTREAM_KEY_RATE_LIMIT": "1000000"}  # fmt: skip
+    env = {"REFSTREAM_PARTITIONS": "2", "REFSTREAM_STREAM_RETENTION_S": "1", "REFSTREAM_TRIM_EVERY_S": "1",
+           "REFSTREAM_KEY_RATE_LIMIT_PER_MIN": "1000000"}  # fmt: skip
     keys = Keys(settings.stream_prefix, 2)
     code = _code_moving(2, 4, keys)
     world = await make_world(pg, redis, keys, code=code)

@@ -56,7 +56,7 @@ def gone(pid: int) -> bool:
 
 
 async def start(procs: Procs) -> tuple[str, subprocess.Popen[bytes]]:
-    base = await procs.start_edge(REFSTREAM_PROCESSES=str(N), REFSTREAM_CLICK_RATE_LIMIT="1000000")
+    base = await procs.start_edge(REFSTREAM_PROCESSES=str(N), REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")
     await wait_for(lambda: processes(base, N), what=f"{N} edge processes answering /metrics")
     return base, procs.running[-1]
 
@@ -228,7 +228,7 @@ async def test_sighup_with_keep_alive_clients_answers_every_request(procs: Procs
 async def test_a_drain_answers_every_request_sent_on_a_keep_alive_connection(procs: Procs, pg):
     # one process, drained by SIGTERM under keep-alive load, as an edge behind a balancer
     # (before: requests sent on idle keep-alive connections as the drain began got none)
-    base = await procs.start_edge(REFSTREAM_PROCESSES="1", REFSTREAM_CLICK_RATE_LIMIT="1000000")
+    base = await procs.start_edge(REFSTREAM_PROCESSES="1", REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")
     edge = procs.running[-1]
     client = KeepAlive(base)
     loader = asyncio.create_task(client.run())
@@ -262,7 +262,7 @@ async def test_a_new_supervisor_takes_over_the_sockets_with_no_request_unanswere
     opener = asyncio.create_task(connections())
     await wait_for(lambda: asyncio.sleep(0, len(client.results) > 50 and len(fresh) > 16), what="the load to start")
     new = procs.start("serve", "--port", port, "--take-over", REFSTREAM_PROCESSES=str(N),
-                      REFSTREAM_CLICK_RATE_LIMIT="1000000")  # fmt: skip
+                      REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")  # fmt: skip
     assert await exited(old) == 0  # drained once the new one served: its children with it
     assert all(gone(p) for p in first)
     seen = len(client.results), len(fresh)

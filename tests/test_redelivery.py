@@ -16,7 +16,7 @@ from .test_e2e import TRACKED, fire
 async def _setup(procs: Procs, n: int) -> None:
     ws = await procs.cli("workspace", "create", "Acme")
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
-    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="100000")
+    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="100000")
     assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * n))
 
 

@@ -17,7 +17,7 @@ from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.contract.wire import FIELD
-from refstream.ops_replay import RangeUsageError, parse_time
+from refstream.commands.replay import RangeUsageError, parse_time
 from workers.host.worker import consumer
 from workers.ops.reconcile import reconcile
 from workers.ops.replay import MAX_SEQ, Range, RangeError, replay_job

@@ -96,13 +96,13 @@ async def test_retention_trims_only_what_every_group_acked(settings: Settings, r
 
 
 def test_retention_settings_and_their_former_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().stream_retention == 3600
+    assert Settings().stream_retention_s == 3600
     monkeypatch.setenv("REFSTREAM_RETENTION_S", "604800")
-    assert Settings().stream_retention == 604800
+    assert Settings().stream_retention_s == 604800
     monkeypatch.delenv("REFSTREAM_RETENTION_S")
-    monkeypatch.setenv("REFSTREAM_STREAM_RETENTION", "30m")
+    monkeypatch.setenv("REFSTREAM_STREAM_RETENTION_S", "30m")
     monkeypatch.setenv("REFSTREAM_STREAM_MAX_BYTES", "64mb")
-    assert (Settings().stream_retention, Settings().stream_max_bytes) == (1800, 64 << 20)
+    assert (Settings().stream_retention_s, Settings().stream_max_bytes) == (1800, 64 << 20)
     for good in ("file://.refstream-archive", "/var/lib/archive", "s3://bucket/prefix"):
         assert Settings(archive_url=good).archive_url == good
     for bad in ("gs://bucket", "s3://", "ftp://x"):

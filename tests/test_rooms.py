@@ -95,6 +95,42 @@ def test_each_room_imports_only_what_it_may() -> None:
     ]
 
 
+def _project_imports(path: Path) -> list[tuple[str, str | None]]:
+    """Every (module, name) ``path`` imports from the project's packages or the bench: the
+    name is None for ``import module``."""
+    found: list[tuple[str, str | None]] = []
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.Import):
+            found += [(a.name, None) for a in n.names]
+        elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+            found += [(n.module, a.name) for a in n.names]
+    return [(m, name) for m, name in found if m.split(".")[0] in ("ingest", "workers", "refstream", "bench")]
+
+
+def test_the_command_line_imports_nothing_of_the_bench() -> None:
+    # the bench sits on top: it runs the command line's processes, never the other way
+    wrong = sorted(
+        (str(f.relative_to(ROOT)), m)
+        for f in (ROOT / "refstream").rglob("*.py")
+        for m, _ in _project_imports(f)
+        if m == "bench" or m.startswith("bench.")
+    )
+    assert wrong == []
+
+
+def test_the_bench_imports_only_public_names() -> None:
+    # a private name (``_x``) is its module's own business: the bench measures what the
+    # others may call, and renaming a private helper must not break it
+    wrong = sorted(
+        (str(f.relative_to(ROOT)), m, name)
+        for f in (ROOT / "bench").rglob("*.py")
+        for m, name in _project_imports(f)
+        if not m.startswith("bench")
+        and any(part.startswith("_") for part in [*m.split("."), *([name] if name else [])])
+    )
+    assert wrong == []
+
+
 def test_no_import_circles() -> None:
     modules = MODULES
     graph = {m: {d for d in _imports(p, top_level_only=True) if d in modules and d != m} for m, p in modules.items()}

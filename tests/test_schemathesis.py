@@ -41,7 +41,8 @@ async def test_every_operation_conforms_to_the_document(procs: Procs, world: Wor
     # never trip here (their 429s are declared and tested elsewhere)
     many = str(10**9)
     edge = await procs.start_edge(
-        REFSTREAM_KEY_RATE_LIMIT=many, REFSTREAM_PUBLIC_RATE_LIMIT=many, REFSTREAM_CLICK_RATE_LIMIT=many,
+        REFSTREAM_KEY_RATE_LIMIT_PER_MIN=many, REFSTREAM_PUBLIC_RATE_LIMIT_PER_MIN=many,
+        REFSTREAM_CLICK_RATE_LIMIT_PER_MIN=many,
         REFSTREAM_LOG_LEVEL="warning",
     )  # fmt: skip
     args = [

@@ -157,7 +157,7 @@ async def test_bad_bodies_get_the_dialects_4xx(edge: str, world: World, data, st
 async def test_public_routes_are_limited_per_client_ip(settings, world: World):
     from ._world import start_edge
 
-    runner, edge = await start_edge(settings.model_copy(update={"public_rate_limit": 3}))
+    runner, edge = await start_edge(settings.model_copy(update={"public_rate_limit_per_min": 3}))
     try:
         for _ in range(3):
             assert (await call("POST", f"{edge}/api/v1/track/click", json=EXAMPLE))[0] == 200

@@ -96,7 +96,7 @@ async def test_link_not_found_missing_or_in_another_workspace(edge: str, world: 
 
 
 async def test_rate_limit_per_key(settings: Settings, world: World, pg, redis, keys: Keys):
-    runner, edge = await start_edge(settings.model_copy(update={"key_rate_limit": 5}))
+    runner, edge = await start_edge(settings.model_copy(update={"key_rate_limit_per_min": 5}))
     try:
         async with pg.acquire() as conn:
             second = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["track"])

@@ -152,7 +152,7 @@ async def test_unauthorized(edge: str, world: World, pg, redis, keys: Keys):
 
 
 async def test_rate_limit_exceeded(settings: Settings, world: World, pg, redis, keys: Keys):
-    runner, edge = await start_edge(settings.model_copy(update={"key_rate_limit": 3}))
+    runner, edge = await start_edge(settings.model_copy(update={"key_rate_limit_per_min": 3}))
     try:
         click_id = await new_click(edge)
         for i in range(3):

@@ -6,15 +6,58 @@ import re
 from ipaddress import ip_network
 
 import pytest
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 
 from ingest.contract.settings import Settings, env_var
 
 
 def test_block_time_must_stay_below_the_socket_timeout():
     with pytest.raises(ValidationError, match="block_ms"):
-        Settings(block_ms=5000, redis_socket_timeout=5.0)
-    assert Settings(block_ms=4999, redis_socket_timeout=5.0).block_ms == 4999
+        Settings(block_ms=5000, redis_socket_timeout_s=5.0)
+    assert Settings(block_ms=4999, redis_socket_timeout_s=5.0).block_ms == 4999
+
+
+# issue 38: each setting's unit in its name; (setting, a former name, a value, a new value)
+RENAMED = [
+    ("redis_socket_timeout_s", "REFSTREAM_REDIS_SOCKET_TIMEOUT", "7", "8"),
+    ("click_rate_limit_per_min", "REFSTREAM_CLICK_RATE_LIMIT", "61", "62"),
+    ("public_rate_limit_per_min", "REFSTREAM_PUBLIC_RATE_LIMIT", "601", "602"),
+    ("key_rate_limit_per_min", "REFSTREAM_KEY_RATE_LIMIT", "603", "604"),
+    ("stream_retention_s", "REFSTREAM_STREAM_RETENTION", "120", "240"),
+    ("stream_retention_s", "REFSTREAM_RETENTION_S", "360", "480"),
+    ("event_retention_days", "REFSTREAM_EVENT_RETENTION", "10", "20"),
+    ("dedupe_retention_days", "REFSTREAM_DEDUPE_RETENTION", "500", "600"),
+    ("webhook_retention_days", "REFSTREAM_WEBHOOK_RETENTION", "31", "32"),
+]
+
+
+@pytest.mark.parametrize(("field", "former", "old", "new"), RENAMED)
+def test_a_former_name_still_sets_its_setting_and_the_new_name_wins(monkeypatch, field, former, old, new):
+    monkeypatch.setenv(former, old)
+    assert getattr(Settings(), field) == float(old)
+    monkeypatch.setenv(f"REFSTREAM_{field.upper()}", new)
+    assert getattr(Settings(), field) == float(new)
+    monkeypatch.delenv(former)
+    assert getattr(Settings(), field) == float(new)
+    # errors name the new variable; in code the setting is set by its own name
+    assert env_var(field) == f"REFSTREAM_{field.upper()}"
+    assert getattr(Settings(**{field: new}), field) == float(new)
+
+
+def test_every_former_name_is_in_the_configuration_doc() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    table = doc[doc.index("## Former names") :]
+    former = {
+        str(name)
+        for field in Settings.model_fields.values()
+        if isinstance(field.validation_alias, AliasChoices)
+        for name in field.validation_alias.choices[1:]
+        if str(name).startswith("REFSTREAM_")
+    }
+    assert former == {r[1] for r in RENAMED}
+    assert [f for f in sorted(former) if f"`{f}`" not in table] == []
 
 
 @pytest.mark.parametrize("prefix", ["a{b}", "", "x" * 65, "sp ace"])

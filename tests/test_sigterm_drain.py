@@ -113,7 +113,7 @@ async def test_sigterm_mid_batch_always_ends_the_worker_within_its_drain_bound(
 ) -> None:
     ws = await procs.cli("workspace", "create", "Acme")
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
-    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="1000000")
+    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")
     problems: list[str] = []
     async with Load(base, "alice") as load:
         for r in range(ROUNDS):
@@ -172,7 +172,7 @@ async def test_a_batch_stuck_past_the_drain_bound_is_handed_back_and_the_worker_
     ``consumer.stop`` with what it handed back; the next worker stores it, exactly once."""
     ws = await procs.cli("workspace", "create", "Acme")
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
-    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="1000000")
+    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")
     n = 60
     assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * n))
 

@@ -381,13 +381,13 @@ async def test_spool_through_a_redis_outage_and_an_edge_restart(
     """Redis goes away under a running edge: public clicks are still accepted (into the
     spool), authenticated routes answer 503; an edge restart loses nothing spooled; when
     Redis is back the spool drains and the worker counts every click exactly once."""
-    own = settings.model_copy(update={"redis_url": private_redis.url, "click_rate_limit": 1000})
+    own = settings.model_copy(update={"redis_url": private_redis.url, "click_rate_limit_per_min": 1000})
     procs = Procs(own, tmp_path)
     spool = Path(own.spool_dir)
     try:
         ws = await procs.cli("workspace", "create", "Acme")
         await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
-        edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="1000")
+        edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000")
         procs.start("work")
 
         async def counted(n: int) -> bool:
@@ -407,7 +407,7 @@ async def test_spool_through_a_redis_outage_and_an_edge_restart(
         # the edge restarts while Redis is still down: the spool survives, and grows
         procs.running[0].terminate()
         assert procs.running[0].wait(20) == 0
-        edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="1000")
+        edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000")
         assert await clicks_to(edge, 10) == [200] * 10
         assert spool_store.usage(spool).entries == 40
 

@@ -24,7 +24,7 @@ async def test_an_empty_partition_has_no_age_and_a_group_that_read_nothing_holds
     for i in range(3):
         await redis.xadd(held, {FIELD: b"x"}, id=f"{now_ms - 120_000 + i}-0")
     await redis.xgroup_create(held, "archive", id="0")  # it has read nothing yet
-    env = {"REFSTREAM_STREAM_RETENTION": "60"}  # the entries are two minutes old: past the retention
+    env = {"REFSTREAM_STREAM_RETENTION_S": "60"}  # the entries are two minutes old: past the retention
 
     _, snap = await _status(procs, "--json", "--max-dead", "10", **env)
     p0, p1 = snap["partitions"][:2]

@@ -17,7 +17,7 @@ from ._world import make_world
 
 TODAY = date(2033, 6, 1)
 RETENTION = 30  # days: the horizon is 2033-05-02
-WEBHOOK_DAYS = 30  # REFSTREAM_WEBHOOK_RETENTION's default
+WEBHOOK_DAYS = 30  # REFSTREAM_WEBHOOK_RETENTION_DAYS's default
 
 
 def at(days_ago: int) -> datetime:

@@ -68,7 +68,7 @@ async def _blocked_then_resumed(procs: Procs, pg: asyncpg.Pool, redis: Any, keys
     """Clicks accepted while the worker is held by ``reason``; ``fix`` ends the outage."""
     metrics_port = free_port()
     procs.start("work", REFSTREAM_METRICS_PORT=str(metrics_port), REFSTREAM_BATCH_SIZE="7")
-    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="100000")
+    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="100000")
     assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * 40))
 
     async def blocked() -> Any:
@@ -207,7 +207,7 @@ async def test_reclaim_never_waits_behind_webhook_jobs(procs: Procs, pg: asyncpg
         # a consumer that read 25 clicks and died before acking them
         stream = keys.stream_for("alice")
         await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-        base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT="100000")
+        base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="100000")
         assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * 25))
         await redis.xreadgroup(GROUP, "ghost", {stream: ">"}, count=100)
 

@@ -219,8 +219,8 @@ def connect_redis(settings: Settings, *, url: str | None = None, **kwargs: Any) 
     The socket timeout bounds every call, so a blocking XREADGROUP must block for less.
     """
     opts: dict[str, Any] = {
-        "socket_timeout": settings.redis_socket_timeout,
-        "socket_connect_timeout": settings.redis_socket_timeout,
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_socket_timeout_s,
         "health_check_interval": 30,
         **kwargs,
     }

@@ -25,6 +25,14 @@ _SIZE_SHIFT = {"b": 0, "kb": 10, "k": 10, "mb": 20, "m": 20, "gb": 30, "g": 30}
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
 
 
+def _renamed(field: str, *former: str) -> AliasChoices:
+    """The environment names of a setting whose name changed (issue 38 put the unit in
+    every name): ``REFSTREAM_<FIELD>`` first, so it wins where both are given; then the
+    former names, still read; then the field's own name, for ``Settings(field=...)``.
+    docs/configuration.md lists each former name beside its new one."""
+    return AliasChoices(f"REFSTREAM_{field.upper()}", *former, field)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REFSTREAM_", extra="ignore", frozen=True)
 
@@ -43,7 +51,12 @@ class Settings(BaseSettings):
         "postgresql://postgres@127.0.0.1:5432/refstream",
         validation_alias=AliasChoices("DATABASE_URL", "database_url"),
     )
-    redis_socket_timeout: float = Field(5.0, gt=0, description="Seconds before a Redis call fails.")
+    redis_socket_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        validation_alias=_renamed("redis_socket_timeout_s", "REFSTREAM_REDIS_SOCKET_TIMEOUT"),
+        description="Seconds before a Redis call fails.",
+    )
     redis_deadline_ms: int = Field(
         1000, ge=50, le=60_000,
         description="Edge: the longest a request waits on Redis (queue, connect and round trip); then public"
@@ -76,9 +89,24 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     batch_max_bytes: int = Field(1 << 20, ge=1024, description="Body cap of the batch endpoint (after gzip).")
     max_string_length: int = Field(2048, ge=64)
-    click_rate_limit: int = Field(60, ge=1, description="seed 000 route: requests/minute per IP")
-    public_rate_limit: int = Field(600, ge=1, description="other public routes: requests/minute per IP")
-    key_rate_limit: int = Field(600, ge=1, description="authenticated routes: requests/minute per API key")
+    click_rate_limit_per_min: int = Field(
+        60,
+        ge=1,
+        validation_alias=_renamed("click_rate_limit_per_min", "REFSTREAM_CLICK_RATE_LIMIT"),
+        description="seed 000 route: requests/minute per IP",
+    )
+    public_rate_limit_per_min: int = Field(
+        600,
+        ge=1,
+        validation_alias=_renamed("public_rate_limit_per_min", "REFSTREAM_PUBLIC_RATE_LIMIT"),
+        description="other public routes: requests/minute per IP",
+    )
+    key_rate_limit_per_min: int = Field(
+        600,
+        ge=1,
+        validation_alias=_renamed("key_rate_limit_per_min", "REFSTREAM_KEY_RATE_LIMIT"),
+        description="authenticated routes: requests/minute per API key",
+    )
     key_cache_s: float = Field(5.0, ge=0, description="in-process API key cache: revocations land within this")
     trusted_proxies: Annotated[list[IPv4Network | IPv6Network], NoDecode] = Field(
         default_factory=list,
@@ -134,12 +162,12 @@ class Settings(BaseSettings):
         description="An entry that a worker stopped while processing (a crash) this many times is dead-lettered;"
         " outages never count.",
     )
-    stream_retention: int = Field(
+    stream_retention_s: int = Field(
         3600,
         ge=0,
-        validation_alias=AliasChoices("REFSTREAM_STREAM_RETENTION", "REFSTREAM_RETENTION_S", "stream_retention"),
+        validation_alias=_renamed("stream_retention_s", "REFSTREAM_STREAM_RETENTION", "REFSTREAM_RETENTION_S"),
         description="Seconds (or 90s, 30m, 1h, 2d) acked entries stay in the streams; older ones are read from the"
-        " archive. REFSTREAM_RETENTION_S is its former name.",
+        " archive. REFSTREAM_STREAM_RETENTION and REFSTREAM_RETENTION_S are its former names.",
     )
     stream_max_bytes: int = Field(
         256 << 20,
@@ -154,15 +182,27 @@ class Settings(BaseSettings):
     drops_fold_every_s: int = Field(
         5, ge=1, le=60, description="Worker: fold the edges' refusal tallies (drops) into Postgres this often."
     )
-    event_retention: int = Field(
-        90, ge=2, le=36500, description="Days of event rows Postgres keeps (daily partitions; daily stats stay)."
+    event_retention_days: int = Field(
+        90,
+        ge=2,
+        le=36500,
+        validation_alias=_renamed("event_retention_days", "REFSTREAM_EVENT_RETENTION"),
+        description="Days of event rows Postgres keeps (daily partitions; daily stats stay).",
     )
-    dedupe_retention: int = Field(
-        400, ge=2, le=36500, description="Days a lead's or conversion's dedupe key is kept (>= event_retention)."
+    dedupe_retention_days: int = Field(
+        400,
+        ge=2,
+        le=36500,
+        validation_alias=_renamed("dedupe_retention_days", "REFSTREAM_DEDUPE_RETENTION"),
+        description="Days a lead's or conversion's dedupe key is kept (>= event_retention_days).",
     )
     partition_every_s: int = Field(600, ge=10, le=86400, description="Worker: partition maintenance period.")
-    webhook_retention: int = Field(
-        30, ge=1, le=36500, description="Days a delivered or failed webhook delivery (and its attempts) is kept."
+    webhook_retention_days: int = Field(
+        30,
+        ge=1,
+        le=36500,
+        validation_alias=_renamed("webhook_retention_days", "REFSTREAM_WEBHOOK_RETENTION"),
+        description="Days a delivered or failed webhook delivery (and its attempts) is kept.",
     )
     consumer_name: str | None = Field(None, description="Defaults to hostname-pid.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker: serve /metrics on this port.")
@@ -244,7 +284,7 @@ class Settings(BaseSettings):
         AccessLog.parse(v)  # fail fast, at startup
         return v
 
-    @field_validator("stream_retention", mode="before")
+    @field_validator("stream_retention_s", mode="before")
     @classmethod
     def _duration(cls, v: object) -> object:
         if isinstance(v, str):
@@ -295,10 +335,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _block_below_socket_timeout(self) -> Settings:
         # a blocking XREADGROUP longer than the socket timeout would look like a dead socket
-        if self.block_ms >= self.redis_socket_timeout * 1000:
+        if self.block_ms >= self.redis_socket_timeout_s * 1000:
             raise ValueError(
-                "block_ms must stay below redis_socket_timeout (REFSTREAM_BLOCK_MS="
-                f"{self.block_ms}, REFSTREAM_REDIS_SOCKET_TIMEOUT={self.redis_socket_timeout:g})"
+                "block_ms must stay below redis_socket_timeout_s (REFSTREAM_BLOCK_MS="
+                f"{self.block_ms}, REFSTREAM_REDIS_SOCKET_TIMEOUT_S={self.redis_socket_timeout_s:g})"
             )
         return self
 
@@ -345,10 +385,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _dedupe_outlives_events(self) -> Settings:
         # a key dropped before its event would let a repeat in while the first is still counted
-        if self.dedupe_retention < self.event_retention:
+        if self.dedupe_retention_days < self.event_retention_days:
             raise ValueError(
-                f"dedupe_retention must be at least event_retention (REFSTREAM_DEDUPE_RETENTION="
-                f"{self.dedupe_retention}, REFSTREAM_EVENT_RETENTION={self.event_retention})"
+                f"dedupe_retention_days must be at least event_retention_days (REFSTREAM_DEDUPE_RETENTION_DAYS="
+                f"{self.dedupe_retention_days}, REFSTREAM_EVENT_RETENTION_DAYS={self.event_retention_days})"
             )
         return self
 

@@ -167,9 +167,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         spool=spool,
         metrics=metrics,
         link_sha=batcher.script(links.SET_IF_NEWER),
-        click_limiter=RateLimiter(batcher, "click", limit=settings.click_rate_limit),
-        public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit),
-        key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit),
+        click_limiter=RateLimiter(batcher, "click", limit=settings.click_rate_limit_per_min),
+        public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit_per_min),
+        key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit_per_min),
         drops=(drops := DropTally(batcher, settings.stream_prefix)),
         idem=Idempotency(
             batcher,

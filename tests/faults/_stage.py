@@ -44,7 +44,7 @@ FIGURES: list[str] = []  # every scenario's figure line, for the terminal summar
 _n = iter(range(1, 1_000_000))
 
 # the edge must never be the bottleneck of a fault test: rate limits out of the way
-EDGE_ENV = {"REFSTREAM_PUBLIC_RATE_LIMIT": "100000000", "REFSTREAM_KEY_RATE_LIMIT": "100000000"}
+EDGE_ENV = {"REFSTREAM_PUBLIC_RATE_LIMIT_PER_MIN": "100000000", "REFSTREAM_KEY_RATE_LIMIT_PER_MIN": "100000000"}
 # workers: batches of 200, so that steady load makes many batches to break (block 200 ms,
 # reclaim after 5 s idle, every second: set in Settings below, passed on by env_for)
 WORKER_ENV = {"REFSTREAM_BATCH_SIZE": "200"}
@@ -114,7 +114,7 @@ class Stage:
             claim_idle_ms=5000,
             archive_segment_s=1.0,  # below the claim idle time (an archiver refuses otherwise)
             reclaim_every_s=1,
-            click_rate_limit=100_000_000,
+            click_rate_limit_per_min=100_000_000,
             secret_key=SECRET_KEY,
             spool_dir=str(self.tmp / "spool"),
             spool_drain_every_s=0.2,

@@ -202,7 +202,7 @@ async def test_an_object_store_outage_under_load(stage: Stage, plan: Plan, moto:
     # the archive group exists before the first entry: the trim keeps everything for it
     for stream in stage.keys.streams:
         await stage.redis.xgroup_create(stream, ARCHIVE, id="0", mkstream=True)
-    world = await stage.prepare(workers=2, REFSTREAM_TRIM_EVERY_S="1", REFSTREAM_STREAM_RETENTION="0")
+    world = await stage.prepare(workers=2, REFSTREAM_TRIM_EVERY_S="1", REFSTREAM_STREAM_RETENTION_S="0")
     stage.procs.start("archive", REFSTREAM_CONSUMER_NAME="a1", **env)
     stage.procs.start("archive", REFSTREAM_CONSUMER_NAME="a2", **env)
     problems: list[str] = []

@@ -26,7 +26,7 @@ from ._stage import Stage, codes_covering
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
 
 # the workers trim every second and keep nothing acked: a retired partition empties soon
-ENV = {"REFSTREAM_STREAM_RETENTION": "1", "REFSTREAM_TRIM_EVERY_S": "1"}
+ENV = {"REFSTREAM_STREAM_RETENTION_S": "1", "REFSTREAM_TRIM_EVERY_S": "1"}
 # a frozen worker's entries are reclaimed after 15 s, well after the retire's grace (5 s):
 # the retire meets a partition whose only entries are pending, and must wait for them
 WORKER_ENV = {**ENV, "REFSTREAM_CLAIM_IDLE_MS": "15000"}

@@ -114,7 +114,7 @@ async def test_an_archiver_started_while_redis_is_full_frees_it(private_fault_re
     for stream in keys.streams:
         await redis.xgroup_create(stream, ARCHIVE, id="0")  # nothing archived yet
         await redis.xgroup_create(stream, GROUP, id="$")  # the workers are done with all of it
-    stage.start_worker(REFSTREAM_TRIM_EVERY_S="1", REFSTREAM_STREAM_RETENTION="0")
+    stage.start_worker(REFSTREAM_TRIM_EVERY_S="1", REFSTREAM_STREAM_RETENTION_S="0")
     admin = aioredis.Redis.from_url(server.url)
     try:
         await fill(admin)

@@ -80,7 +80,7 @@ class SlowReader:
 async def test_lagging_group_survives_aggressive_trimming(stage: Stage, plan: Plan):
     for stream in stage.keys.streams:  # from the very first entry on
         await stage.redis.xgroup_create(stream, LAGGING, id="0", mkstream=True)
-    world = await stage.prepare(workers=2, REFSTREAM_TRIM_EVERY_S="1", REFSTREAM_STREAM_RETENTION="0")
+    world = await stage.prepare(workers=2, REFSTREAM_TRIM_EVERY_S="1", REFSTREAM_STREAM_RETENTION_S="0")
     reader = SlowReader(stage.redis, stage.keys)
     reading = asyncio.create_task(reader.run())
     problems = []

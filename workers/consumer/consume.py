@@ -79,7 +79,7 @@ class Consumer:
 
     async def _trim(self) -> None:
         s = self.settings
-        await trim.trim(self.redis, self.keys, s.stream_retention, s.stream_max_bytes, skew_max_s=s.clock_skew_max_s,
+        await trim.trim(self.redis, self.keys, s.stream_retention_s, s.stream_max_bytes, skew_max_s=s.clock_skew_max_s,
                         retiring=self.member.watch.layout.retiring)  # fmt: skip
 
     async def _retire(self) -> None:
@@ -94,8 +94,9 @@ class Consumer:
 
     async def _partitions(self) -> None:
         s = self.settings
-        await partitions.maintain(self.pipeline.pg, retention_days=s.event_retention, dedupe_days=s.dedupe_retention,
-                                  skew_max_s=s.clock_skew_max_s, webhook_days=s.webhook_retention)  # fmt: skip
+        await partitions.maintain(self.pipeline.pg, retention_days=s.event_retention_days,
+                                  dedupe_days=s.dedupe_retention_days, skew_max_s=s.clock_skew_max_s,
+                                  webhook_days=s.webhook_retention_days)  # fmt: skip
 
     def _gate_changed(self, gate: Gate) -> None:
         if self.pipeline.metrics is not None:

@@ -6,7 +6,7 @@ only when this process's clock agrees with Postgres's.
   events' own retention (their events' rows are gone or going with their partitions, and
   the worker counts nothing below it, so a redelivery cannot count a drop twice);
 - ``webhook_deliveries``: delivered or failed ones made more than
-  ``REFSTREAM_WEBHOOK_RETENTION`` days ago (pending ones stay until delivered or failed);
+  ``REFSTREAM_WEBHOOK_RETENTION_DAYS`` days ago (pending ones stay until delivered or failed);
   their ``webhook_attempts`` go with them (ON DELETE CASCADE);
 - ``affiliate_ips``: an address the affiliate's key was not used from for the event
   retention (an address of long ago is no evidence for a lead of today).

@@ -3,7 +3,7 @@
 Redis is a buffer, the archive (``workers/archive/archiver.py``) the history. Per partition the
 trim wants to cut at the higher of two marks, keeping whichever is smaller:
 
-- the retention mark: entries older than ``retention_s`` (``REFSTREAM_STREAM_RETENTION``);
+- the retention mark: entries older than ``retention_s`` (``REFSTREAM_STREAM_RETENTION_S``);
 - the memory mark: the oldest entries beyond the partition's share of ``max_bytes``
   (``REFSTREAM_STREAM_MAX_BYTES`` is a total over the event partitions: each gets
   ``max_bytes / partitions``), measured with ``MEMORY USAGE`` on the stream key (sampled).

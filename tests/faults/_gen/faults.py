@@ -258,7 +258,7 @@ class Partition(Fault):
 class TrimStorm(Fault):
     kind = "trim-storm"
     ENV: ClassVar[dict[str, str]] = {
-        "REFSTREAM_TRIM_EVERY_S": "1", "REFSTREAM_STREAM_RETENTION": "0", "REFSTREAM_STREAM_MAX_BYTES": "64kb",
+        "REFSTREAM_TRIM_EVERY_S": "1", "REFSTREAM_STREAM_RETENTION_S": "0", "REFSTREAM_STREAM_MAX_BYTES": "64kb",
     }  # fmt: skip
 
     async def start(self) -> None:

@@ -12,9 +12,8 @@ import click
 from rich.console import Console
 
 from ingest.contract.connections import create_pg_pool
-
-from . import ops_output as out
-from .runner import run_reading, settings_and_logging
+from refstream import output as out
+from refstream.runner import run_reading, settings_and_logging
 
 
 def _day(_ctx: click.Context, _param: click.Parameter, value: str | None) -> date | None:

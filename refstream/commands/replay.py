@@ -17,9 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
-
-from . import ops_output as out
-from .runner import run_reading, settings_and_logging
+from refstream import output as out
+from refstream.runner import run_reading, settings_and_logging
 
 T = TypeVar("T")
 _DURATION = re.compile(r"^(\d+)\s*([smhdw])$")

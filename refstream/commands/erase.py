@@ -20,9 +20,8 @@ from ingest.contract.settings import Settings
 from ingest.privacy import erasure as pg_erasure
 from ingest.privacy import erasure_affiliate as affiliate_erasure
 from ingest.privacy import erasure_copy, external_ids
-
-from . import ops_output as out
-from .runner import print_data, run_command
+from refstream import output as out
+from refstream.runner import print_data, run_command
 
 
 async def _erase(

@@ -13,9 +13,8 @@ from ingest.contract import layout
 from ingest.contract.connections import Redis, connect_redis
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-
-from . import ops_output as out
-from .runner import print_data, run_command
+from refstream import output as out
+from refstream.runner import print_data, run_command
 
 WAIT_EVERY_S = 1.0
 

@@ -27,9 +27,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
-
-from . import ops_output as out
-from .runner import run_reading, settings_and_logging
+from refstream import output as out
+from refstream.runner import run_reading, settings_and_logging
 
 if TYPE_CHECKING:
     import asyncpg
@@ -101,7 +100,8 @@ def import_(
     opts = imports.Options(
         ws, source or ("refstream" if fmt in ("ndjson", "csv") else fmt), webhooks=webhooks, fraud=fraud,
         commissions=commissions, batch_size=batch_size, yield_backlog=yield_backlog, yield_lag_ms=yield_lag_ms,
-        share=share, retention_days=settings.event_retention, partitions=settings.partitions, start_line=start_line,
+        share=share, retention_days=settings.event_retention_days, partitions=settings.partitions,
+        start_line=start_line,
     )  # fmt: skip
     if file == "-":
         stream: BinaryIO = sys.stdin.buffer

@@ -17,10 +17,9 @@ import uvloop
 from ingest.contract.connections import connect_redis
 from ingest.contract.logs import configure_logging
 from ingest.contract.settings import Settings
-
-from . import ops_output as out
-from . import services
-from .runner import load_settings, print_data, run_command
+from refstream import output as out
+from refstream import services
+from refstream.runner import load_settings, print_data, run_command
 
 
 async def run_archiver(settings: Settings, *, drain: bool) -> dict[str, Any]:

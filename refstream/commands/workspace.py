@@ -1,9 +1,7 @@
-"""``refstream workspace set-bot-policy``: how the workers count a workspace's bot clicks;
-``set-fraud-policy``: what a fraud flag does to the event it is on; ``delete``: a workspace
-and everything it owns.
-
-``refstream.cli`` adds these commands to its ``workspace`` group, so this module imports
-it lazily (inside the command): a top-level import would be circular.
+"""``refstream workspace``: ``create``, a workspace and its first API key;
+``set-bot-policy``: how the workers count a workspace's bot clicks; ``set-fraud-policy``:
+what a fraud flag does to the event it is on; ``delete``: a workspace and everything it
+owns.
 """
 
 from __future__ import annotations
@@ -17,12 +15,32 @@ from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import admin, deletion
+from refstream import output as out
+from refstream.runner import open_connections, open_database, print_data, run_command
 
-from . import ops_output as out
-from .runner import open_connections, print_data, run_command
+
+@click.group()
+def workspace() -> None:
+    """Workspaces."""
 
 
-@click.command("delete")
+@workspace.command("create")
+@out.json_option
+@click.argument("name")
+def workspace_create(name: str) -> None:
+    """Create a workspace and its first API key (scope *); the key is shown once."""
+
+    async def go(settings: Settings) -> dict[str, str]:
+        conn = await open_database(settings)
+        try:
+            return await admin.create_workspace(conn, name)
+        finally:
+            await conn.close()
+
+    print_data(run_command(go))
+
+
+@workspace.command("delete")
 @click.argument("workspace_id")
 @click.option("--yes", is_flag=True, help="Delete without asking (scripts).")
 @out.json_option
@@ -42,7 +60,7 @@ def delete(workspace_id: str, yes: bool) -> None:
     print_data(run_command(go))
 
 
-@click.command("set-bot-policy")
+@workspace.command("set-bot-policy")
 @click.argument("workspace_id")
 @click.argument("policy", type=click.Choice(admin.BOT_POLICIES))
 @out.json_option
@@ -75,7 +93,7 @@ def set_bot_policy(workspace_id: str, policy: str) -> None:
     out.console().print(table)
 
 
-@click.command("set-fraud-policy")
+@workspace.command("set-fraud-policy")
 @click.argument("workspace_id")
 @click.argument("rule", type=click.Choice(FRAUD_RULES))
 @click.argument("policy", type=click.Choice(FRAUD_POLICIES))

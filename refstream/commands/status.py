@@ -1,8 +1,5 @@
 """``refstream status`` and ``refstream dead``: what operators look at, and what they do
 about dead letters. Tables (rich) for people, ``--json`` for scripts.
-
-``refstream.cli`` registers these commands at its end, so this module imports it lazily
-(inside the commands): a top-level import would be circular.
 """
 
 from __future__ import annotations
@@ -22,11 +19,10 @@ from ingest.contract import layout
 from ingest.contract.connections import connect_redis
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from refstream import output as out
+from refstream.runner import run_command
 from workers.ops import dead as dead_mod
 from workers.ops import status as status_mod
-
-from . import ops_output as out
-from .runner import run_command
 
 EXIT_UNHEALTHY = 3
 _LEFT = (
@@ -172,7 +168,7 @@ def status(max_lag: int, max_pending_age: float, max_dead: int, spool_dir: str |
             # the edge's spool on this machine: as configured, unless given
             snap = await status_mod.snapshot(
                 redis, conn, keys, thresholds, spool_dir=spool_dir or settings.spool_dir, pg_error=pg_error,
-                retention_s=settings.stream_retention, max_bytes=settings.stream_max_bytes, retiring=lay.retiring,
+                retention_s=settings.stream_retention_s, max_bytes=settings.stream_max_bytes, retiring=lay.retiring,
             )  # fmt: skip
             return snap, keys
         finally:

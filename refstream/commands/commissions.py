@@ -16,9 +16,8 @@ from ingest.contract.errors import NotFound
 from ingest.contract.settings import Settings
 from ingest.manage import ledger
 from ingest.manage.routes.commissions import CommissionRules
-
-from . import ops_output as out
-from .runner import open_database, print_data, run_command
+from refstream import output as out
+from refstream.runner import open_database, print_data, run_command
 
 
 def _ledger(work: Any) -> None:
