@@ -32,12 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from ingest.contract.errors import Misconfigured
+
 START_TIMEOUT_S = 60.0
 _PR_SET_PDEATHSIG = 1
 
 
-class EmbeddedError(RuntimeError):
-    pass
+class EmbeddedError(Misconfigured, RuntimeError):
+    """The embedded servers cannot start here (no package for this platform, a port or a directory that fails)."""
 
 
 @dataclass(frozen=True, slots=True)

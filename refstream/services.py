@@ -33,6 +33,7 @@ import structlog
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 
 from ingest.contract.connections import connect_redis
+from ingest.contract.errors import Misconfigured
 from ingest.contract.sentinel_url import sentinel_target
 from ingest.contract.settings import Settings
 from ingest.manage import schema_check
@@ -48,7 +49,7 @@ log = structlog.get_logger("refstream.services")
 T = TypeVar("T")
 
 
-class ServiceError(RuntimeError):
+class ServiceError(Misconfigured, RuntimeError):
     """A configured service that cannot be used; the message is the one line to print."""
 
 

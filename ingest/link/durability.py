@@ -45,15 +45,17 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from ingest.contract.errors import NotSent, OutcomeUnknown, RefstreamError
+from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.contract.settings import Settings
 
 WAITAOF_SINCE = (7, 2, 0)
 
 
-class NotDurable(RefstreamError, RedisError):
-    """Not confirmed at the configured level: ``Undurable`` before anything was sent (the
-    batcher's breaker), ``Unconfirmed`` after the primary ran the commands."""
+class NotDurable(Outage, RedisError):
+    """Not confirmed at the configured level: the replicas or the AOF the level names are
+    out, an outage that ends when they are back. For the request itself, ``Undurable``
+    (refused before anything was sent: the batcher's breaker) or ``Unconfirmed`` (after the
+    primary ran its commands: may be stored)."""
 
 
 class Undurable(NotDurable, NotSent):

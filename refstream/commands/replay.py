@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ingest.contract.connections import connect_redis, create_pg_pool
+from ingest.contract.errors import Refused
 from ingest.contract.keys import Keys
 from refstream import output as out
 from refstream.runner import run_reading, settings_and_logging
@@ -25,7 +26,7 @@ _DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-class RangeUsageError(click.ClickException):
+class RangeUsageError(Refused, click.ClickException):
     """An empty or invalid range: exit 2, like any other usage error."""
 
     exit_code = 2
