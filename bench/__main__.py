@@ -21,33 +21,67 @@ from refstream.output import json_option, wants_json
 @click.option("--warmup", type=float, default=None, help="Warm-up seconds before each measurement [3; --quick: 1].")
 @click.option("--quick", is_flag=True, help="Short durations, a small drain and backlog: a smoke run.")
 @click.option("--runs", type=int, default=3, show_default=True, help="Repeat everything; medians are reported.")
-@click.option("--only", default=",".join(DEFAULT_PARTS), show_default=True,
-              help="Comma-separated parts to run; also, only when named: cap (capacity: CPU per event of the"
-              " edge, workers, Redis and Postgres; 1 and 2 edges and workers), h (replicas:1 against primary),"
-              " i (idempotency keys' cost), m (the MIGRATE pause of one partition at 8, 64 and 256 MB),"
-              " imp (an import of --import-events rows beside live load: live p99 with and without it),"
-              " p (a full events table against an empty one), r (the archiver"
-              " against the worker, Redis bytes across retention cycles).")  # fmt: skip
+@click.option(
+    "--only",
+    default=",".join(DEFAULT_PARTS),
+    show_default=True,
+    help="Comma-separated parts to run; also, only when named: cap (capacity: CPU per event of the"
+    " edge, workers, Redis and Postgres; 1 and 2 edges and workers), h (replicas:1 against primary),"
+    " i (idempotency keys' cost), m (the MIGRATE pause of one partition at 8, 64 and 256 MB),"
+    " imp (an import of --import-events rows beside live load: live p99 with and without it),"
+    " p (a full events table against an empty one), r (the archiver"
+    " against the worker, Redis bytes across retention cycles).",
+)
 @click.option("--connections", type=int, default=32, show_default=True, help="wrk connections (one thread).")
 @click.option("--backlog-seconds", type=float, default=None, help="(f) workers stopped this long [60; --quick: 5].")
 @click.option("--drain-events", type=int, default=None, help="(d) pre-filled events [50000; --quick: 5000].")
-@click.option("--fill-rows", type=int, default=20_000_000, show_default=True,
-              help="(p, only with --only p) rows already in the events table the worker writes into.")  # fmt: skip
+@click.option(
+    "--fill-rows",
+    type=int,
+    default=20_000_000,
+    show_default=True,
+    help="(p, only with --only p) rows already in the events table the worker writes into.",
+)
 @click.option("--import-events", type=int, default=None, help="(imp) rows imported [1000000; --quick: 5000].")
-@click.option("--import-live-rate", type=float, default=500.0, show_default=True,
-              help="(imp) live seed 000 clicks per second, open loop, beside the import.")  # fmt: skip
-@click.option("--import-args", default="", help="(imp) more `refstream import` options for the run beside live load,"
-              " e.g. '--batch-size 100 --share 0.3'.")  # fmt: skip
+@click.option(
+    "--import-live-rate",
+    type=float,
+    default=500.0,
+    show_default=True,
+    help="(imp) live seed 000 clicks per second, open loop, beside the import.",
+)
+@click.option(
+    "--import-args",
+    default="",
+    help="(imp) more `refstream import` options for the run beside live load, e.g. '--batch-size 100 --share 0.3'.",
+)
 @click.option("--workers", type=int, default=1, show_default=True, help="(e, f) worker processes.")
-@click.option("--profile", "profile_dir", type=click.Path(path_type=Path), default=None,
-              help="py-spy the edge during (b 000) and the worker during (d); output in this directory.")  # fmt: skip
+@click.option(
+    "--profile",
+    "profile_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="py-spy the edge during (b 000) and the worker during (d); output in this directory.",
+)
 @json_option
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 def bench(
-    duration: float | None, warmup: float | None, quick: bool, runs: int, only: str, connections: int,
-    backlog_seconds: float | None, drain_events: int | None, fill_rows: int, import_events: int | None,
-    import_live_rate: float, import_args: str, workers: int, profile_dir: Path | None, json_out: Path | None,
-) -> None:  # fmt: skip
+    duration: float | None,
+    warmup: float | None,
+    quick: bool,
+    runs: int,
+    only: str,
+    connections: int,
+    backlog_seconds: float | None,
+    drain_events: int | None,
+    fill_rows: int,
+    import_events: int | None,
+    import_live_rate: float,
+    import_args: str,
+    workers: int,
+    profile_dir: Path | None,
+    json_out: Path | None,
+) -> None:
     """Measure the edge, the workers and the pipeline against their baselines."""
     from bench import report, runner
     from ingest.contract.logs import configure_logging

@@ -117,8 +117,15 @@ def main() -> None:
     if args.app == "hello" and args.processes > 1:
 
         def serve() -> None:
-            web.run_app(hello_app(), host="127.0.0.1", port=args.port, access_log=None, print=None,
-                        reuse_port=True, loop=uvloop.new_event_loop())  # fmt: skip
+            web.run_app(
+                hello_app(),
+                host="127.0.0.1",
+                port=args.port,
+                access_log=None,
+                print=None,
+                reuse_port=True,
+                loop=uvloop.new_event_loop(),
+            )
 
         _processes(args.processes, serve)
         return

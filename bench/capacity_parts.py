@@ -126,8 +126,10 @@ class Meter:
         return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
     def _proc_cpu(self) -> dict[str, float]:
-        return {"edge": sum(proc_cpu_seconds(p.pid) for p in self.edges),
-                "worker": sum(proc_cpu_seconds(p.pid) for p in self.workers)}  # fmt: skip
+        return {
+            "edge": sum(proc_cpu_seconds(p.pid) for p in self.edges),
+            "worker": sum(proc_cpu_seconds(p.pid) for p in self.workers),
+        }
 
     async def _sample_pg(self) -> None:
         assert self._conn is not None
@@ -300,9 +302,12 @@ async def part_cap(ctx: Ctx) -> None:
 
         def start_workers(keys: Keys, n: int, tag: str) -> tuple[list[Proc], list[str]]:
             names = [f"bench-{ctx.run}-{tag}{i}" for i in range(n)]
-            procs = [ctx.procs.refstream(f"worker-{tag}{i}", "work", REFSTREAM_CONSUMER_NAME=name,
-                                         REFSTREAM_STREAM_PREFIX=keys.prefix, **env)
-                     for i, name in enumerate(names)]  # fmt: skip
+            procs = [
+                ctx.procs.refstream(
+                    f"worker-{tag}{i}", "work", REFSTREAM_CONSUMER_NAME=name, REFSTREAM_STREAM_PREFIX=keys.prefix, **env
+                )
+                for i, name in enumerate(names)
+            ]
             started.extend(procs)
             return procs, names
 
@@ -356,8 +361,9 @@ async def part_cap(ctx: Ctx) -> None:
             await m.start()
             mark["t0"] = time.monotonic()
 
-        r = await ctx.wrk("cap_full", edge1.base_url, requests, connections=o.connections, server_pid=edge1.pid,
-                          on_start=open_window)  # fmt: skip
+        r = await ctx.wrk(
+            "cap_full", edge1.base_url, requests, connections=o.connections, server_pid=edge1.pid, on_start=open_window
+        )
         t1, rows1 = time.monotonic(), await rows()
         ctx.note("cap_full.accepted_per_s", r.rps * _accepted(r) / r.requests if r.requests else 0.0)
         ctx.note("cap_full.stored_per_s", (rows1 - mark["rows0"]) / (t1 - mark["t0"]))

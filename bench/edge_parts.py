@@ -28,8 +28,9 @@ async def part_a(ctx: Ctx) -> None:
     part (n), also N processes of it on the port (SO_REUSEPORT), the ceiling at N."""
     hello = ctx.procs.app("hello")
     try:
-        await ctx.wrk("a", hello.base_url, reqs.seed_000(ctx.world), connections=ctx.opts.connections,
-                      server_pid=hello.pid)  # fmt: skip
+        await ctx.wrk(
+            "a", hello.base_url, reqs.seed_000(ctx.world), connections=ctx.opts.connections, server_pid=hello.pid
+        )
     finally:
         hello.stop()
     if not ctx.wants("n"):
@@ -37,8 +38,9 @@ async def part_a(ctx: Ctx) -> None:
     n = processes()
     hello = ctx.procs.app("hello", "--processes", str(n))
     try:
-        r = await ctx.wrk("a_n", hello.base_url, reqs.seed_000(ctx.world), connections=ctx.opts.connections,
-                          server_pid=hello.pid)  # fmt: skip
+        r = await ctx.wrk(
+            "a_n", hello.base_url, reqs.seed_000(ctx.world), connections=ctx.opts.connections, server_pid=hello.pid
+        )
     finally:
         hello.stop()
     ctx.note("a_n.processes", n)
@@ -63,14 +65,23 @@ async def part_b(ctx: Ctx) -> None:
     await warm(ctx.world, ctx.redis, keys)
     edge = ctx.procs.edge(REFSTREAM_STREAM_PREFIX=keys.prefix)
     # part (n): the same routes on N processes, measured right after each one-process run
-    edge_n = ctx.procs.edge(REFSTREAM_STREAM_PREFIX=keys.prefix, REFSTREAM_PROCESSES=str(processes())) \
-        if ctx.wants("n") else None  # fmt: skip
+    edge_n = (
+        ctx.procs.edge(REFSTREAM_STREAM_PREFIX=keys.prefix, REFSTREAM_PROCESSES=str(processes()))
+        if ctx.wants("n")
+        else None
+    )
     try:
         for name, build in reqs.ROUTES.items():
             if ctx.wants(name) or (name == "b003" and ctx.wants("batch")):
                 async with _redis_cpu(ctx, name):
-                    await ctx.wrk(name, edge.base_url, build(ctx.world), connections=ctx.opts.connections,
-                                  server_pid=edge.pid, profile="edge" if name == "b000" else None)  # fmt: skip
+                    await ctx.wrk(
+                        name,
+                        edge.base_url,
+                        build(ctx.world),
+                        connections=ctx.opts.connections,
+                        server_pid=edge.pid,
+                        profile="edge" if name == "b000" else None,
+                    )
                 if "a.rps" in ctx.figures:
                     ctx.note(f"{name}.ratio_a", ctx.figures[f"{name}.rps"] / ctx.figures["a.rps"])
                 if edge_n is not None and ctx.wants(name):
@@ -78,8 +89,13 @@ async def part_b(ctx: Ctx) -> None:
         if edge_n is not None:
             edge_n.stop()
         if ctx.wants("batch"):
-            r = await ctx.wrk("batch", edge.base_url, reqs.batch(ctx.world), connections=ctx.opts.batch_connections,
-                              server_pid=edge.pid)  # fmt: skip
+            r = await ctx.wrk(
+                "batch",
+                edge.base_url,
+                reqs.batch(ctx.world),
+                connections=ctx.opts.batch_connections,
+                server_pid=edge.pid,
+            )
             events = r.rps * reqs.BATCH_EVENTS
             ctx.note("batch.events_per_s", events)
             ctx.note("batch.events_per_edge_core", events)  # one edge process

@@ -110,8 +110,10 @@ async def _fill(conn: asyncpg.Connection, events: int, workspaces: int, erasures
         eid = await conn.fetchval(
             "INSERT INTO erasures (id, workspace_id, subject, requested_by, since, archive_due, postgres_at)"
             " VALUES (gen_random_uuid(), $1, $2, 'bench', $3, now() + interval '30 days', now()) RETURNING id",
-            ws, subject, since,
-        )  # fmt: skip
+            ws,
+            subject,
+            since,
+        )
         ids = [(subject, ledger.EXTERNAL), (ledger.digest(key, ledger.VISITOR, f"gone-visitor-{n}"), ledger.VISITOR)]
         for d, kind in ids:
             if scoped:
@@ -125,7 +127,7 @@ async def _fill(conn: asyncpg.Connection, events: int, workspaces: int, erasures
         "SELECT workspace_id::text AS ws, customer_external_id AS x FROM events"
         " WHERE type = 2 AND NOT (workspace_id = ANY($1::uuid[])) ORDER BY event_id LIMIT 1 OFFSET 100",
         [_ws(w) for w in range(1, erasing + 1)],
-    )  # fmt: skip
+    )
     return str(found["ws"]), str(found["x"])
 
 
@@ -136,8 +138,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     base = args.postgres.rsplit("/", 1)[0]
     redis = aioredis.Redis.from_url(args.redis)
     keys = Keys(f"bench-erasure-{secrets.token_hex(4)}", 4)
-    out: dict[str, Any] = {"events": args.events, "workspaces": args.workspaces, "erasures": args.erasures,
-                           "erasing_workspaces": args.erasing}  # fmt: skip
+    out: dict[str, Any] = {
+        "events": args.events,
+        "workspaces": args.workspaces,
+        "erasures": args.erasures,
+        "erasing_workspaces": args.erasing,
+    }
     try:
         pool = await asyncpg.create_pool(f"{base}/{name}", min_size=1, max_size=4)
         try:
@@ -150,15 +156,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # what keeps the erasures pending, sweep after sweep: a stream entry of an erased
             # visitor that the workers' group has yet to read (the sweep leaves it to them)
             await redis.xgroup_create(keys.stream(0), "workers", id="0", mkstream=True)
-            entry = Envelope(EventType.CLICK, "native", {"code": "L1", "visitor_id": "gone-visitor-0"}, _ws(1),
-                             ip="10.0.0.1")  # fmt: skip
+            entry = Envelope(
+                EventType.CLICK, "native", {"code": "L1", "visitor_id": "gone-visitor-0"}, _ws(1), ip="10.0.0.1"
+            )
             await redis.xadd(keys.stream(0), wire.to_entry_dict(entry))
             sweeps = []
             for _ in range(args.sweeps):
                 t0 = time.perf_counter()
                 done = await erasure.sweep(pool, redis, keys, None)
-                sweeps.append({"s": round(time.perf_counter() - t0, 3), "erasures": done.erasures,
-                               "rows_rechecked": done.rows_rechecked})  # fmt: skip
+                sweeps.append(
+                    {
+                        "s": round(time.perf_counter() - t0, 3),
+                        "erasures": done.erasures,
+                        "rows_rechecked": done.rows_rechecked,
+                    }
+                )
             out["sweeps"] = sweeps
             t0 = time.perf_counter()
             erased = await pg_erasure.erase(pool, ws, customer, by="bench", archive_days=30)

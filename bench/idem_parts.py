@@ -24,8 +24,7 @@ async def part_i(ctx: Ctx) -> None:
     try:
         base = await ctx.wrk("i.plain", edge.base_url, plain, connections=c, server_pid=edge.pid, per_request=True)
         keyed = await ctx.wrk("i.keyed", edge.base_url, plain, connections=c, server_pid=edge.pid, unique=HEADER)
-        again = await ctx.wrk("i.replay", edge.base_url, repeated, connections=c, server_pid=edge.pid,
-                              per_request=True)  # fmt: skip
+        again = await ctx.wrk("i.replay", edge.base_url, repeated, connections=c, server_pid=edge.pid, per_request=True)
         ctx.note("i.ratio_keyed", keyed.rps / base.rps)
         ctx.note("i.ratio_replay", again.rps / base.rps)
         if base.server_cpu and keyed.server_cpu:  # edge CPU per request, keyed over plain

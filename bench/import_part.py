@@ -47,17 +47,35 @@ def write_history(path: Path, codes: list[str], n: int, seed: int = 7) -> dict[s
             roll = rng.random()
             if roll < 0.7 or not clicks:
                 clicks.append(i)
-                row = {"type": "click", "id": f"c{i}", "timestamp": at, "link": codes[i % len(codes)],
-                       "ip": f"198.51.{i % 250}.{(i // 250) % 250}", "user_agent": UA}  # fmt: skip
+                row = {
+                    "type": "click",
+                    "id": f"c{i}",
+                    "timestamp": at,
+                    "link": codes[i % len(codes)],
+                    "ip": f"198.51.{i % 250}.{(i // 250) % 250}",
+                    "user_agent": UA,
+                }
             elif roll < 0.9 or not customers:
                 customer = f"cust{i}"
                 customers.append(customer)
                 click = rng.choice(clicks[-5000:])
-                row = {"type": "lead", "id": f"l{i}", "timestamp": at, "click": f"c{click}", "customer_id": customer,
-                       "email": f"{customer}@example.com"}  # fmt: skip
+                row = {
+                    "type": "lead",
+                    "id": f"l{i}",
+                    "timestamp": at,
+                    "click": f"c{click}",
+                    "customer_id": customer,
+                    "email": f"{customer}@example.com",
+                }
             else:
-                row = {"type": "sale", "id": f"s{i}", "timestamp": at, "customer_id": rng.choice(customers[-2000:]),
-                       "amount": rng.randrange(500, 20_000), "invoice_id": f"inv{i}"}  # fmt: skip
+                row = {
+                    "type": "sale",
+                    "id": f"s{i}",
+                    "timestamp": at,
+                    "customer_id": rng.choice(customers[-2000:]),
+                    "amount": rng.randrange(500, 20_000),
+                    "invoice_id": f"inv{i}",
+                }
             kinds[str(row["type"])] += 1
             f.write(orjson.dumps(row) + b"\n")
     return kinds
@@ -66,9 +84,17 @@ def write_history(path: Path, codes: list[str], n: int, seed: int = 7) -> dict[s
 async def _import(ctx: Ctx, env: dict[str, str], path: Path, *args: str) -> tuple[dict[str, object], float]:
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        REFSTREAM, "import", str(path), "--workspace", ctx.world.workspace_id, "--json", *args,
-        env={**ctx.procs.env, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        REFSTREAM,
+        "import",
+        str(path),
+        "--workspace",
+        ctx.world.workspace_id,
+        "--json",
+        *args,
+        env={**ctx.procs.env, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     if proc.returncode not in (0, 3):  # 3: it read to the end, and refused some rows (counted in the summary)
         raise RuntimeError(f"refstream import failed ({proc.returncode}): {err.decode()[-1000:]}")
@@ -122,8 +148,10 @@ async def part_imp(ctx: Ctx) -> None:
     path = Path(ctx.procs.logdir).parent / f"history-{ctx.run}.ndjson"
     kinds = write_history(path, ctx.world.codes, ctx.opts.import_events)
     edge = ctx.procs.edge(**env)
-    workers = [ctx.procs.refstream(f"imp-worker{i}", "work", REFSTREAM_CONSUMER_NAME=f"bench-imp-{ctx.run}-{i}", **env)
-               for i in range(ctx.opts.workers)]  # fmt: skip
+    workers = [
+        ctx.procs.refstream(f"imp-worker{i}", "work", REFSTREAM_CONSUMER_NAME=f"bench-imp-{ctx.run}-{i}", **env)
+        for i in range(ctx.opts.workers)
+    ]
     conn = await asyncpg.connect(ctx.world.url(db))
     requests = reqs.seed_000(ctx.world)
     rate, o = ctx.opts.import_live_rate, ctx.opts

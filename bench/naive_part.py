@@ -83,8 +83,17 @@ async def _round_trip_ms(url: str, n: int = 200) -> float:
 
 async def _start_proxy(ctx: Ctx) -> tuple[Proc, int]:
     port = free_port()
-    argv = [sys.executable, "-m", "bench.proxy", "--port", str(port),
-            "--upstream", _upstream(ctx.world.server_url), "--delay-ms", str(DELAY_MS)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.proxy",
+        "--port",
+        str(port),
+        "--upstream",
+        _upstream(ctx.world.server_url),
+        "--delay-ms",
+        str(DELAY_MS),
+    ]
     proxy = ctx.procs.start("proxy", argv)
     deadline = time.monotonic() + 30
     while True:
@@ -127,8 +136,11 @@ async def part_c(ctx: Ctx) -> None:
         ctx.note("c1ms.rtt_direct_ms", await _round_trip_ms(ctx.world.url()))
         ctx.note("c1ms.rtt_ms", await _round_trip_ms(through(ctx.world.url(), port)))
         dsn = through(ctx.world.url(), port)
-        variants = {"c1ms": (requests, ()), "c1ms_1rt": (requests, ("--no-reset",)),
-                    "c1ms_50": (reqs.seed_000(ctx.world), ("--no-reset",))}  # fmt: skip
+        variants = {
+            "c1ms": (requests, ()),
+            "c1ms_1rt": (requests, ("--no-reset",)),
+            "c1ms_50": (reqs.seed_000(ctx.world), ("--no-reset",)),
+        }
         for name, (load, args) in variants.items():
             cpu = _CpuOf(proxy.pid)
             await _naive(ctx, name, dsn, load, *args)
@@ -151,8 +163,9 @@ async def part_c(ctx: Ctx) -> None:
         proxy.stop()
 
 
-async def _naive(ctx: Ctx, name: str | None, dsn: str, requests: list[Request], *args: str,
-                 half: float | None = None) -> None:  # fmt: skip
+async def _naive(
+    ctx: Ctx, name: str | None, dsn: str, requests: list[Request], *args: str, half: float | None = None
+) -> None:
     """wrk's closed loop against the naive app (figures under ``name``), or with ``half``,
     the open loop at that rate (figures under ``c1ms_half.naive_*``)."""
     naive = ctx.procs.app("naive", "--dsn", dsn, *args)
@@ -174,8 +187,9 @@ async def _edge(ctx: Ctx, port: int, half: float) -> None:
     try:
         # the open loop first, as the naive app meets it: on a fresh process
         await _open_loop(ctx, "edge", edge.base_url, reqs.seed_000(ctx.world), half)
-        await ctx.wrk("c1ms_edge", edge.base_url, reqs.seed_000(ctx.world), connections=ctx.opts.connections,
-                      server_pid=edge.pid)  # fmt: skip
+        await ctx.wrk(
+            "c1ms_edge", edge.base_url, reqs.seed_000(ctx.world), connections=ctx.opts.connections, server_pid=edge.pid
+        )
     finally:
         edge.stop()
         await delete_keys(ctx.redis, keys.prefix)
@@ -184,8 +198,9 @@ async def _edge(ctx: Ctx, port: int, half: float) -> None:
 async def _open_loop(ctx: Ctx, who: str, base_url: str, requests: list[Request], rate: float) -> None:
     """Warm-up and measurement at ``rate``; p50/p99 of the answers to requests sent after the warm-up."""
     latencies: list[tuple[float, float]] = []
-    sent = await openloop.run(base_url, requests, rate=rate, seconds=ctx.opts.warmup + ctx.opts.duration,
-                              latencies=latencies)  # fmt: skip
+    sent = await openloop.run(
+        base_url, requests, rate=rate, seconds=ctx.opts.warmup + ctx.opts.duration, latencies=latencies
+    )
     measured = sorted(lat for at, lat in latencies if at >= ctx.opts.warmup)
     if not measured:
         raise RuntimeError(f"part c: no answer from the {who} at {rate:.0f} requests/s")
@@ -201,8 +216,10 @@ async def _end_to_end(ctx: Ctx, proxy: Proc, port: int) -> None:
     await warm(ctx.world, ctx.redis, keys, database=db)
     env = {"DATABASE_URL": through(ctx.world.url(db), port), "REFSTREAM_STREAM_PREFIX": keys.prefix}
     edge = ctx.procs.edge(**env)
-    workers = [ctx.procs.refstream(f"worker{i}", "work", REFSTREAM_CONSUMER_NAME=f"bench-{ctx.run}-c{i}", **env)
-               for i in range(ctx.opts.workers)]  # fmt: skip
+    workers = [
+        ctx.procs.refstream(f"worker{i}", "work", REFSTREAM_CONSUMER_NAME=f"bench-{ctx.run}-c{i}", **env)
+        for i in range(ctx.opts.workers)
+    ]
     conn = await asyncpg.connect(ctx.world.url(db))  # the bench's own count: not through the proxy
     marks: list[tuple[int, float]] = []
 
@@ -212,8 +229,14 @@ async def _end_to_end(ctx: Ctx, proxy: Proc, port: int) -> None:
     try:
         await _until_groups(ctx, keys)
         cpu = _CpuOf(proxy.pid)
-        await ctx.wrk("c1ms_e2e", edge.base_url, reqs.seed_000(ctx.world), connections=ctx.opts.connections,
-                      server_pid=edge.pid, on_start=count)  # fmt: skip
+        await ctx.wrk(
+            "c1ms_e2e",
+            edge.base_url,
+            reqs.seed_000(ctx.world),
+            connections=ctx.opts.connections,
+            server_pid=edge.pid,
+            on_start=count,
+        )
         await count()
         cpu.note(ctx, "c1ms_e2e.proxy_cpu")
         left, _ = await backlog(ctx.redis, keys)

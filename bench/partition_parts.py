@@ -126,10 +126,13 @@ async def part_p(ctx: Ctx) -> None:
         ctx.note(f"p.{label}_events_per_s", sum(found) / len(found))
     conn = await asyncpg.connect(ctx.world.url(full))
     try:
-        ctx.note("p.rows_before", await conn.fetchval(
-            "SELECT sum(reltuples)::bigint FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid"
-            " WHERE i.inhparent = 'events'::regclass"
-        ))  # fmt: skip
+        ctx.note(
+            "p.rows_before",
+            await conn.fetchval(
+                "SELECT sum(reltuples)::bigint FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid"
+                " WHERE i.inhparent = 'events'::regclass"
+            ),
+        )
         oldest = await conn.fetchrow(
             "SELECT c.relname, c.reltuples::bigint AS n FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
             " WHERE i.inhparent = 'events'::regclass AND c.relname LIKE 'events_p%' AND c.reltuples > 0"

@@ -53,8 +53,9 @@ async def part_d(ctx: Ctx) -> None:
     keys = ctx.keys("d")
     db = await copy_database(ctx.world, f"{ctx.world.database}_r{ctx.run}_d")
     await fill(ctx.redis, keys, envelopes)
-    worker = ctx.procs.refstream("worker-drain", "work", "--drain", DATABASE_URL=ctx.world.url(db),
-                                 REFSTREAM_STREAM_PREFIX=keys.prefix)  # fmt: skip
+    worker = ctx.procs.refstream(
+        "worker-drain", "work", "--drain", DATABASE_URL=ctx.world.url(db), REFSTREAM_STREAM_PREFIX=keys.prefix
+    )
     spies = ctx.profile("worker", worker.pid, None)
 
     async def started() -> bool:
@@ -128,8 +129,10 @@ async def part_e_f(ctx: Ctx) -> None:
     conn = await asyncpg.connect(ctx.world.url(db))
 
     def start_workers() -> list[Proc]:
-        return [ctx.procs.refstream(f"worker{i}", "work", REFSTREAM_CONSUMER_NAME=f"bench-{ctx.run}-{i}", **env)
-                for i in range(ctx.opts.workers)]  # fmt: skip
+        return [
+            ctx.procs.refstream(f"worker{i}", "work", REFSTREAM_CONSUMER_NAME=f"bench-{ctx.run}-{i}", **env)
+            for i in range(ctx.opts.workers)
+        ]
 
     workers = start_workers()
     requests = reqs.seed_000(ctx.world)
@@ -142,8 +145,7 @@ async def part_e_f(ctx: Ctx) -> None:
         async def count() -> None:
             mark.append((await conn.fetchval("SELECT count(*) FROM events"), time.monotonic()))
 
-        await ctx.wrk("e_full", edge.base_url, requests, connections=o.connections, server_pid=edge.pid,
-                      on_start=count)  # fmt: skip
+        await ctx.wrk("e_full", edge.base_url, requests, connections=o.connections, server_pid=edge.pid, on_start=count)
         await count()
         (n0, t0), (n1, t1) = mark
         accepted, committed = ctx.figures["e_full.rps"], (n1 - n0) / (t1 - t0)
@@ -194,8 +196,9 @@ def _all_groups(ctx: Ctx, keys: Keys) -> Callable[[], Awaitable[bool]]:
     return check
 
 
-async def _part_f(ctx: Ctx, keys: Keys, base_url: str, requests: list[Request], rate: float,
-                  start_workers: Callable[[], list[Proc]]) -> None:  # fmt: skip
+async def _part_f(
+    ctx: Ctx, keys: Keys, base_url: str, requests: list[Request], rate: float, start_workers: Callable[[], list[Proc]]
+) -> None:
     for w in [p for p in ctx.procs.running if p.name.startswith("worker")]:
         w.stop()
         ctx.rss("worker", w)

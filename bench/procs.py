@@ -111,9 +111,13 @@ class Procs:
         self._n += 1
         with open(self.logdir / f"{self._n:02d}-{name}.log", "wb") as log:
             popen = subprocess.Popen(
-                argv, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                argv,
+                env={**self.env, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 preexec_fn=lambda: die_with_parent(signal.SIGTERM),
-            )  # fmt: skip
+            )
         proc = Proc(name, popen)
         self.running.append(proc)
         return proc

@@ -88,8 +88,9 @@ _C1MS_SECTIONS = {
     "c1ms_half": "(c) through the proxy: fastest naive and edge at the same open-loop rate (half the slowest naive's)",
     "c1ms_e2e": "(c) through the proxy: edge and workers under full load (wrk, seed 000)",
 }
-SECTIONS = {k: v for key, title in SECTIONS.items()
-            for k, v in ((key, title), *(_C1MS_SECTIONS.items() if key == "c" else ()))}  # fmt: skip
+SECTIONS = {
+    k: v for key, title in SECTIONS.items() for k, v in ((key, title), *(_C1MS_SECTIONS.items() if key == "c" else ()))
+}
 
 
 def medians(runs: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -108,8 +109,15 @@ def goals(figures: dict[str, float]) -> list[dict[str, Any]]:
     out = []
     for g in GOALS:
         value = figures.get(g.figure)
-        out.append({"goal": g.label, "figure": g.figure, "value": value, "target": f"{g.op} {g.target:g}",
-                    "met": None if value is None else g.met(value)})  # fmt: skip
+        out.append(
+            {
+                "goal": g.label,
+                "figure": g.figure,
+                "value": value,
+                "target": f"{g.op} {g.target:g}",
+                "met": None if value is None else g.met(value),
+            }
+        )
     return out
 
 
@@ -166,30 +174,46 @@ def side_by_side(figures: dict[str, float], console: Console) -> None:
         one, many = figures.get(f"b{s}.rps"), figures.get(f"b{s}_n.rps")
         if one is None or many is None:
             continue
-        t.add_row(f"seed {s} (b)", _fmt(one), _fmt(many), _fmt(figures[f"b{s}_n.scale"]),
-                  _fmt(figures.get(f"b{s}.ratio_a", 0.0)), _fmt(figures.get(f"b{s}_n.ratio_a_n", 0.0)))  # fmt: skip
+        t.add_row(
+            f"seed {s} (b)",
+            _fmt(one),
+            _fmt(many),
+            _fmt(figures[f"b{s}_n.scale"]),
+            _fmt(figures.get(f"b{s}.ratio_a", 0.0)),
+            _fmt(figures.get(f"b{s}_n.ratio_a_n", 0.0)),
+        )
     console.print(t)
 
 
-_KINDS = (("edge", "edge"), ("worker", "worker"), ("redis", "Redis"), ("pg", "Postgres"),
-          ("pg_bg", "Postgres bg"), ("total", "total"))  # fmt: skip
+_KINDS = (
+    ("edge", "edge"),
+    ("worker", "worker"),
+    ("redis", "Redis"),
+    ("pg", "Postgres"),
+    ("pg_bg", "Postgres bg"),
+    ("total", "total"),
+)
 
 
 def capacity(figures: dict[str, float], nproc: int, console: Console) -> None:
     """Part (cap): CPU µs per event of each kind of process, and 1 against 2 processes."""
     if "cap.accepted" not in figures:
         return
-    t = Table(title="(cap) CPU µs per event accepted (acc) and stored (sto), and cores used: in the steady run"
-              " (half load), at full load, idle; Postgres: the database's backends; bg: its background writer,"
-              " walwriter and checkpointer (the whole server's); total: without bg")  # fmt: skip
+    t = Table(
+        title="(cap) CPU µs per event accepted (acc) and stored (sto), and cores used: in the steady run"
+        " (half load), at full load, idle; Postgres: the database's backends; bg: its background writer,"
+        " walwriter and checkpointer (the whole server's); total: without bg"
+    )
     cols = ("", "half µs/acc", "µs/sto", "cores", "full µs/acc", "µs/sto", "cores", "idle")
     for col in cols:
         t.add_column(col, justify="right" if col else "left")
     for kind, label in _KINDS:
         row = [label]
         for phase in ("cap", "cap_full"):
-            row += [_fmt(figures.get(f"{phase}.{kind}_us_per_accepted", 0.0)),
-                    _fmt(figures.get(f"{phase}.{kind}_us_per_stored", 0.0))]  # fmt: skip
+            row += [
+                _fmt(figures.get(f"{phase}.{kind}_us_per_accepted", 0.0)),
+                _fmt(figures.get(f"{phase}.{kind}_us_per_stored", 0.0)),
+            ]
             row.append(_fmt(figures[f"{phase}.{kind}_cores"]) if f"{phase}.{kind}_cores" in figures else "")
         row.append(_fmt(figures[f"cap_idle.{kind}_cores"]) if f"cap_idle.{kind}_cores" in figures else "")
         t.add_row(*row)
@@ -206,8 +230,10 @@ def capacity(figures: dict[str, float], nproc: int, console: Console) -> None:
     console.print(s)
     # 2 edge processes share the cores with wrk and Redis; 2 workers with Redis and Postgres
     if nproc and nproc < 2 + 2:
-        console.print(f"On this {nproc}-core machine 2 processes and what they drive (the load generator, Redis,"
-                      " Postgres) need more cores than there are: 2 / 1 measures contention, not scaling.")  # fmt: skip
+        console.print(
+            f"On this {nproc}-core machine 2 processes and what they drive (the load generator, Redis,"
+            " Postgres) need more cores than there are: 2 / 1 measures contention, not scaling."
+        )
 
 
 def top_frames(raw_path: str, n: int = 10) -> list[tuple[float, str]]:

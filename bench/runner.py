@@ -44,8 +44,12 @@ def _say(msg: str) -> None:
 
 def machine() -> dict[str, Any]:
     free = subprocess.run(["free", "-g"], capture_output=True, text=True, check=False).stdout
-    return {"nproc": os.cpu_count(), "free_g": free.strip(), "python": sys.version.split()[0],
-            "platform": platform.platform()}  # fmt: skip
+    return {
+        "nproc": os.cpu_count(),
+        "free_g": free.strip(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
 
 
 def _env(svc: services.Services, opts: Options, spool: str) -> dict[str, str]:

@@ -74,8 +74,9 @@ async def create(server_url: str, database: str) -> World:
         affiliate = await conn.fetchval(
             "INSERT INTO affiliates (workspace_id, program_id, external_id, name, email)"
             " VALUES ($1, $2, 'user_123', 'Alex', 'alex@example.com') RETURNING id",
-            ws["workspace_id"], program,
-        )  # fmt: skip
+            ws["workspace_id"],
+            program,
+        )
         codes = [f"BENCH{i:03d}" for i in range(LINKS)]
         await conn.executemany(
             "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain)"
@@ -152,19 +153,55 @@ def mixed(world: World, n: int, rng: random.Random) -> list[Envelope]:
         kind = rng.random()
         if kind < 0.5:
             cid = clicks.mint(eid := uuid7())
-            payload: dict[str, Any] = {"code": code, "click_id": cid, "visitor_id": visitor,
-                                       "page_url": "https://yoursite.com/pricing", "referrer": REFERRER}  # fmt: skip
-            out.append(Envelope(type=EventType.CLICK, dialect=Dialect.AFFITOR, workspace_id=ws, ip=ip,
-                                user_agent=ua, payload=payload, event_id=eid))  # fmt: skip
+            payload: dict[str, Any] = {
+                "code": code,
+                "click_id": cid,
+                "visitor_id": visitor,
+                "page_url": "https://yoursite.com/pricing",
+                "referrer": REFERRER,
+            }
+            out.append(
+                Envelope(
+                    type=EventType.CLICK,
+                    dialect=Dialect.AFFITOR,
+                    workspace_id=ws,
+                    ip=ip,
+                    user_agent=ua,
+                    payload=payload,
+                    event_id=eid,
+                )
+            )
         elif kind < 0.7:
-            out.append(Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, workspace_id=ws, ip=ip, user_agent=ua,
-                                payload={"code": code, "referrer": "https://bio.re/alex"}))  # fmt: skip
+            out.append(
+                Envelope(
+                    type=EventType.CLICK,
+                    dialect=Dialect.BIORE,
+                    workspace_id=ws,
+                    ip=ip,
+                    user_agent=ua,
+                    payload={"code": code, "referrer": "https://bio.re/alex"},
+                )
+            )
         elif kind < 0.8:
-            out.append(Envelope(type=EventType.CLICK, dialect=Dialect.NATIVE, workspace_id=ws, ip=ip, user_agent=ua,
-                                payload={"code": code, "visitor_id": visitor, "match": "cookie"}))  # fmt: skip
+            out.append(
+                Envelope(
+                    type=EventType.CLICK,
+                    dialect=Dialect.NATIVE,
+                    workspace_id=ws,
+                    ip=ip,
+                    user_agent=ua,
+                    payload={"code": code, "visitor_id": visitor, "match": "cookie"},
+                )
+            )
         elif kind < 0.95:
-            payload = {"code": code, "click_id": rng.choice(world.click_ids), "visitor_id": visitor,
-                       "name": "Sign Up", "external_id": f"{run}-u{i}", "email": f"u{i}@example.com"}  # fmt: skip
+            payload = {
+                "code": code,
+                "click_id": rng.choice(world.click_ids),
+                "visitor_id": visitor,
+                "name": "Sign Up",
+                "external_id": f"{run}-u{i}",
+                "email": f"u{i}@example.com",
+            }
             out.append(Envelope(type=EventType.LEAD, dialect=Dialect.REFPORT, workspace_id=ws, ip=ip, payload=payload))
         else:
             payload = {"code": code, "visitor_id": visitor, "dedupe": f"{code}:{run}-{i}"}

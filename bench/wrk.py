@@ -62,8 +62,13 @@ def lua_script(requests: Sequence[Request], *, per_request: bool = False, unique
 
 
 def _lua_per_request(requests: Sequence[Request], unique: str | None) -> str:
-    lines = ["local reqs = {}", "local i, n = 0, 0", f"local name = {_long(unique or '')}",
-             f"local run = {_long(os.urandom(8).hex())}", "init = function(args)"]  # fmt: skip
+    lines = [
+        "local reqs = {}",
+        "local i, n = 0, 0",
+        f"local name = {_long(unique or '')}",
+        f"local run = {_long(os.urandom(8).hex())}",
+        "init = function(args)",
+    ]
     for r in requests:
         hdrs = ", ".join(f"[ {_long(k)} ] = {_long(v)}" for k, v in r.headers.items())
         lines.append(f"  reqs[#reqs + 1] = {{ {_long(r.path)}, {{{hdrs}}}, {_long(r.body)} }}")
@@ -152,10 +157,24 @@ def run(
             cpu0 = proc_cpu_seconds(server_pid) if server_pid else 0.0
             start = time.monotonic()
             proc = subprocess.Popen(
-                ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{secs}s",
-                 "--timeout", f"{timeout_s}s", "--latency", "-s", str(script), url],
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                [
+                    "wrk",
+                    "-t",
+                    str(threads),
+                    "-c",
+                    str(connections),
+                    "-d",
+                    f"{secs}s",
+                    "--timeout",
+                    f"{timeout_s}s",
+                    "--latency",
+                    "-s",
+                    str(script),
+                    url,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
             try:
                 _, status, usage = os.wait4(proc.pid, 0)
             except BaseException:
@@ -170,6 +189,11 @@ def run(
         raise RuntimeError(f"wrk exited {proc.returncode}: {text[-2000:]}")
     rps, p50, p99, total, errors = parse(text)
     return WrkResult(
-        rps=rps, p50_ms=p50, p99_ms=p99, requests=total, errors=errors,
-        wrk_cpu=(usage.ru_utime + usage.ru_stime) / wall, server_cpu=(cpu1 - cpu0) / wall,
-    )  # fmt: skip
+        rps=rps,
+        p50_ms=p50,
+        p99_ms=p99,
+        requests=total,
+        errors=errors,
+        wrk_cpu=(usage.ru_utime + usage.ru_stime) / wall,
+        server_cpu=(cpu1 - cpu0) / wall,
+    )

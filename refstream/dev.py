@@ -69,8 +69,13 @@ async def _setup(settings: Settings, key_file: Path | None) -> dict[str, Any]:
     try:
         await migrate(conn)
         s = settings
-        await partitions.maintain(conn, retention_days=s.event_retention_days, dedupe_days=s.dedupe_retention_days,
-                                  skew_max_s=s.clock_skew_max_s, webhook_days=s.webhook_retention_days)  # fmt: skip
+        await partitions.maintain(
+            conn,
+            retention_days=s.event_retention_days,
+            dedupe_days=s.dedupe_retention_days,
+            skew_max_s=s.clock_skew_max_s,
+            webhook_days=s.webhook_retention_days,
+        )
         try:
             link = await admin.show_link(conn, DEMO_CODE)
         except NotFound:

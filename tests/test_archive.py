@@ -220,9 +220,12 @@ async def copy_config(src: asyncpg.Pool, url: str) -> None:
     # jsonb columns (a workspace's fraud policy) come back from the pool decoded: COPY them
     # back in jsonb's binary form (a version byte, 1, then the text)
     await conn.set_type_codec(
-        "jsonb", encoder=lambda v: b"\x01" + orjson.dumps(v), decoder=lambda b: orjson.loads(b[1:]),
-        schema="pg_catalog", format="binary",
-    )  # fmt: skip
+        "jsonb",
+        encoder=lambda v: b"\x01" + orjson.dumps(v),
+        decoder=lambda b: orjson.loads(b[1:]),
+        schema="pg_catalog",
+        format="binary",
+    )
     try:
         for table in CONFIG_TABLES:
             rows = await src.fetch(f"SELECT * FROM {table}")
@@ -277,8 +280,12 @@ async def test_sigterm_writes_and_acks_the_segment_in_hand(
     entries = await stream_entries(redis, keys)
     procs = Procs(settings, tmp_path)
     # segments sealed only after a minute: SIGTERM finds every entry read and held
-    proc = procs.start("archive", REFSTREAM_ARCHIVE_URL=settings.archive_url, REFSTREAM_ARCHIVE_SEGMENT_S="60",
-                       REFSTREAM_CLAIM_IDLE_MS="120000")  # fmt: skip
+    proc = procs.start(
+        "archive",
+        REFSTREAM_ARCHIVE_URL=settings.archive_url,
+        REFSTREAM_ARCHIVE_SEGMENT_S="60",
+        REFSTREAM_CLAIM_IDLE_MS="120000",
+    )
     try:
 
         async def holding_all() -> bool:

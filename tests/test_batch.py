@@ -49,7 +49,8 @@ async def test_mixed_batch_with_per_event_results(edge: str, world: World, pg: a
     link = await pg.fetchrow("SELECT clicks, leads, conversions FROM links WHERE code = 'PARTNER123'")
     assert tuple(link) == (4, 1, 1)  # the Affitor click and three batch clicks
     assert {str(e["event_id"]) for e in await pg.fetch("SELECT event_id FROM events WHERE dialect = 'native'")} == {
-        x["event_id"] for x in r[:5]}  # fmt: skip
+        x["event_id"] for x in r[:5]
+    }
     enriched = await pg.fetchrow("SELECT country, enrichment FROM events WHERE visitor_id = 'v1'")
     assert enriched["country"] == "GB" and enriched["enrichment"]["browser"] == "Chrome"
 
@@ -59,8 +60,12 @@ async def test_ndjson_gzip_and_the_fingerprint_across_requests(edge: str, world:
     headers = auth(world.api_key, **{"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"})
     status, out, _ = await call("POST", f"{edge}/v1/events/batch", data=gzip.compress(lines), headers=headers)
     assert status == 200 and out["accepted"] == 2
-    status, again, _ = await call("POST", f"{edge}/v1/events/batch", headers=auth(world.api_key),
-                                  json=[{"type": "click", "ref": "PARTNER123", "fingerprint": "fp-9"}])  # fmt: skip
+    status, again, _ = await call(
+        "POST",
+        f"{edge}/v1/events/batch",
+        headers=auth(world.api_key),
+        json=[{"type": "click", "ref": "PARTNER123", "fingerprint": "fp-9"}],
+    )
     assert again["results"][0]["match_method"] == "fingerprint"
     assert again["results"][0]["visitor_id"] == out["results"][0]["visitor_id"]
 

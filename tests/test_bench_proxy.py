@@ -44,9 +44,18 @@ async def test_proxy_passes_bytes_in_order_both_ways_after_the_delay():
     echo_port = echo.sockets[0].getsockname()[1]
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.proxy", "--port", str(port),
-         "--upstream", f"127.0.0.1:{echo_port}", "--delay-ms", str(DELAY_MS)],
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench.proxy",
+            "--port",
+            str(port),
+            "--upstream",
+            f"127.0.0.1:{echo_port}",
+            "--delay-ms",
+            str(DELAY_MS),
+        ],
+    )
     try:
         reader, writer = await _connect(port, proc)
         # one round trip: two delays at least

@@ -41,8 +41,18 @@ def _bench_json(only: str, timeout: float) -> dict[str, Any]:
 def test_bench_quick_prints_positive_figures_as_json():
     result = _bench_json("a,b000,b004sale", timeout=110)
     figures = result["figures"]
-    for key in ("a.rps", "a.p50_ms", "a.p99_ms", "b000.rps", "b000.p50_ms", "b000.p99_ms", "b000.ratio_a",
-                "b004sale.rps", "b004sale.ratio_a", "g.edge_rss_mb"):  # fmt: skip
+    for key in (
+        "a.rps",
+        "a.p50_ms",
+        "a.p99_ms",
+        "b000.rps",
+        "b000.p50_ms",
+        "b000.p99_ms",
+        "b000.ratio_a",
+        "b004sale.rps",
+        "b004sale.ratio_a",
+        "g.edge_rss_mb",
+    ):
         assert figures[key] > 0, key
     assert figures["b000.errors"] == figures["b004sale.errors"] == 0
     assert result["runs"] == 1 and result["machine"]["nproc"] >= 1
@@ -72,8 +82,14 @@ def test_bench_part_cap_measures_cpu_per_event_of_each_kind_of_process():
         assert figures[f"cap.{kind}_us_per_accepted"] > 0, kind
         assert figures[f"cap.{kind}_us_per_stored"] > 0, kind
     # the scaling phases, each against its 1-process figure of the same run
-    for key in ("cap_edge1.accepted_per_s", "cap_edge2.accepted_per_s", "cap_edge2.scale",
-                "cap_w1.stored_per_s", "cap_w2.stored_per_s", "cap_w2.scale"):  # fmt: skip
+    for key in (
+        "cap_edge1.accepted_per_s",
+        "cap_edge2.accepted_per_s",
+        "cap_edge2.scale",
+        "cap_w1.stored_per_s",
+        "cap_w2.stored_per_s",
+        "cap_w2.scale",
+    ):
         assert figures[key] > 0, key
 
 

@@ -45,9 +45,16 @@ async def set_policy(settings: Settings, workspace_id: str, policy: str) -> dict
     """``refstream workspace set-bot-policy ID POLICY --json``, as a process."""
     command = "from refstream.commands.workspace import set_bot_policy; set_bot_policy()"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", command, workspace_id, policy, "--json",
-        env=env_for(settings), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-c",
+        command,
+        workspace_id,
+        policy,
+        "--json",
+        env=env_for(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     shown: dict[str, Any] = orjson.loads(out)
@@ -110,9 +117,11 @@ async def test_the_policy_is_refused_outside_its_values_and_needs_write(
     async with pg.acquire() as conn:
         reader = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"])
     status, out, _ = await call(
-        "PATCH", f"{edge}/v1/workspace", headers={"Authorization": f"Bearer {reader['api_key']}"},
+        "PATCH",
+        f"{edge}/v1/workspace",
+        headers={"Authorization": f"Bearer {reader['api_key']}"},
         json={"bot_policy": "count"},
-    )  # fmt: skip
+    )
     assert (status, out) == (403, {"error": "insufficient_scope", "need": "write"})
     assert await pg.fetchval("SELECT bot_policy FROM workspaces WHERE id = $1", world.workspace_id) == "exclude"
 

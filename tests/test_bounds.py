@@ -79,17 +79,20 @@ async def test_deep_metadata_is_each_routes_400_and_nothing_is_stored(
     edge: str, world: World, pg: asyncpg.Pool, drain, levels: int
 ):
     lead = await _lead(edge)
-    status, out, _ = await call("POST", f"{edge}/api/track/lead", data=with_metadata(lead, levels),
-                                headers=bearer(world))  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/api/track/lead", data=with_metadata(lead, levels), headers=bearer(world)
+    )
     assert status == 400 and out["error"]["code"] == "VALIDATION_ERROR", (status, out)
     assert f"deeper than {MAX_DEPTH} levels" in out["error"]["message"]
 
-    status, out, _ = await call("POST", f"{edge}/api/track/sale", data=with_metadata(SALE, levels),
-                                headers=bearer(world))  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/api/track/sale", data=with_metadata(SALE, levels), headers=bearer(world)
+    )
     assert status == 400 and out["error"]["code"] == "VALIDATION_ERROR", (status, out)
 
-    status, out, _ = await call("POST", f"{edge}/v1/track/conversion", data=with_metadata(CONVERSION, levels),
-                                headers=bearer(world))  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/v1/track/conversion", data=with_metadata(CONVERSION, levels), headers=bearer(world)
+    )
     assert status == 400 and out["error"] == "invalid_json" and f"deeper than {MAX_DEPTH}" in out["detail"]
 
     # the batch: each item is a document like a body; one past the bound refuses the request
@@ -104,8 +107,9 @@ async def test_deep_metadata_is_each_routes_400_and_nothing_is_stored(
     body = orjson.dumps({"affiliate_url": "https://x.example/?aff=PARTNER123"})[:-1] + b',"extra":'
     status, out, _ = await call("POST", f"{edge}/api/v1/track/click", data=body + nested(levels - 1) + b"}")
     assert status == 400 and out["success"] is False and f"deeper than {MAX_DEPTH}" in out["error"], out
-    status, out, _ = await call("POST", f"{edge}/v1/programs", data=with_metadata({"name": "P"}, levels),
-                                headers=bearer(world))  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/v1/programs", data=with_metadata({"name": "P"}, levels), headers=bearer(world)
+    )
     assert status == 400 and out["error"] == "invalid_request", out
 
     await drain()
@@ -122,15 +126,15 @@ async def test_a_keyed_request_with_deep_metadata_is_400_not_500(edge: str, worl
     assert status == 400 and out["error"]["code"] == "VALIDATION_ERROR", (status, out)
     status, out, _ = await call("POST", f"{edge}/api/track/sale", data=with_metadata(SALE, DEEP), headers=keyed)
     assert status == 400 and out["error"]["code"] == "VALIDATION_ERROR", (status, out)
-    status, out, _ = await call("POST", f"{edge}/v1/track/conversion", data=with_metadata(CONVERSION, DEEP),
-                                headers=keyed)  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/v1/track/conversion", data=with_metadata(CONVERSION, DEEP), headers=keyed
+    )
     assert status == 400 and out["error"] == "invalid_json", (status, out)
     item = with_metadata({"type": "lead", "idempotency_key": "deep-item", **lead}, DEEP)
     status, out, _ = await call("POST", f"{edge}/v1/events/batch", data=_batch(item), headers=keyed)
     assert status == 400 and out["error"] == "invalid_json", (status, out)
     # the management API fingerprints the body before its handler parses it
-    status, out, _ = await call("POST", f"{edge}/v1/programs", data=with_metadata({"name": "P"}, DEEP),
-                                headers=keyed)  # fmt: skip
+    status, out, _ = await call("POST", f"{edge}/v1/programs", data=with_metadata({"name": "P"}, DEEP), headers=keyed)
     assert status == 400 and out["error"] == "invalid_request", (status, out)
 
 
@@ -138,14 +142,20 @@ async def test_metadata_at_the_bound_is_accepted_and_stored_end_to_end(
     edge: str, world: World, pg: asyncpg.Pool, redis, keys: Keys, drain
 ):
     lead = await _lead(edge)
-    status, out, _ = await call("POST", f"{edge}/api/track/lead", data=with_metadata(lead, MAX_DEPTH),
-                                headers=bearer(world))  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/api/track/lead", data=with_metadata(lead, MAX_DEPTH), headers=bearer(world)
+    )
     assert status == 200, out
-    status, out, _ = await call("POST", f"{edge}/api/track/sale", data=with_metadata(SALE, MAX_DEPTH),
-                                headers=bearer(world, **{"Idempotency-Key": "at-bound"}))  # fmt: skip
+    status, out, _ = await call(
+        "POST",
+        f"{edge}/api/track/sale",
+        data=with_metadata(SALE, MAX_DEPTH),
+        headers=bearer(world, **{"Idempotency-Key": "at-bound"}),
+    )
     assert status == 200, out
-    status, out, _ = await call("POST", f"{edge}/v1/track/conversion", data=with_metadata(CONVERSION, MAX_DEPTH),
-                                headers=bearer(world))  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/v1/track/conversion", data=with_metadata(CONVERSION, MAX_DEPTH), headers=bearer(world)
+    )
     assert status == 200, out
     item = with_metadata({"type": "sale", **SALE, "invoiceId": "in_batch"}, MAX_DEPTH)
     status, out, _ = await call("POST", f"{edge}/v1/events/batch", data=_batch(item), headers=bearer(world))
@@ -161,8 +171,9 @@ async def test_metadata_at_the_bound_is_accepted_and_stored_end_to_end(
 
 
 def test_the_import_refuses_a_row_past_the_bound_by_its_line():
-    ok = orjson.dumps({"type": "lead", "id": "l1", "timestamp": 1_700_000_000_000, "customer_id": "c1",
-                       "link": "PARTNER123"})  # fmt: skip
+    ok = orjson.dumps(
+        {"type": "lead", "id": "l1", "timestamp": 1_700_000_000_000, "customer_id": "c1", "link": "PARTNER123"}
+    )
     deep = with_metadata(orjson.loads(ok), MAX_DEPTH + 1)
     at_bound = with_metadata({**orjson.loads(ok), "id": "l2"}, MAX_DEPTH)
     texts = [ok.decode(), deep.decode(), with_metadata(orjson.loads(ok), DEEP).decode(), at_bound.decode()]
@@ -256,8 +267,9 @@ async def test_a_replay_counts_an_entry_past_the_bound_as_undecodable_and_stores
     stream = keys.stream_for("PARTNER123")
     for levels in (DEEP, MAX_DEPTH):
         await redis.xadd(stream, wire.to_entry_dict(_click(world)))
-        await redis.xadd(stream, {**wire.to_entry_dict(_click(world)),
-                                  b"p": b'{"c":"PARTNER123","M":' + nested(levels) + b"}"})  # fmt: skip
+        await redis.xadd(
+            stream, {**wire.to_entry_dict(_click(world)), b"p": b'{"c":"PARTNER123","M":' + nested(levels) + b"}"}
+        )
     done = await procs.cli("replay", "--since", "1h", "--json")
     totals = done["totals"]
     assert (totals["entries"], totals["inserted"], totals["undecodable"], totals["failed"]) == (4, 2, 2, 0), totals

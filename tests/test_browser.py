@@ -65,8 +65,12 @@ async def site(edge: str, world: World) -> AsyncIterator[str]:
 
     async def signup(request: web.Request) -> web.Response:
         body = await request.json()
-        lead = {"clickId": body["clickId"], "eventName": "Sign Up", "customerExternalId": "user_77",
-                "customerEmail": body["email"]}  # fmt: skip
+        lead = {
+            "clickId": body["clickId"],
+            "eventName": "Sign Up",
+            "customerExternalId": "user_77",
+            "customerEmail": body["email"],
+        }
         async with (
             aiohttp.ClientSession() as http,
             http.post(f"{edge}/api/track/lead", json=lead, headers={"Authorization": f"Bearer {world.api_key}"}) as r,
@@ -96,9 +100,16 @@ async def browser() -> AsyncIterator[Browser]:
         b = await p.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                  "--disable-background-networking", "--disable-component-update"],
-        )  # fmt: skip
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-sync",
+                "--disable-background-networking",
+                "--disable-component-update",
+            ],
+        )
         try:
             yield b
         finally:
@@ -108,9 +119,16 @@ async def browser() -> AsyncIterator[Browser]:
 async def links(pg: asyncpg.Pool, redis: Any, keys: Keys, world: World, site: str, *codes: str) -> None:
     async with pg.acquire() as conn:
         for code in codes:
-            await admin.create_link(conn, redis, keys, workspace_id=world.workspace_id, code=code,
-                                    url=f"{site}/pricing", program_id=world.program_id,
-                                    affiliate_id=world.affiliate_id)  # fmt: skip
+            await admin.create_link(
+                conn,
+                redis,
+                keys,
+                workspace_id=world.workspace_id,
+                code=code,
+                url=f"{site}/pricing",
+                program_id=world.program_id,
+                affiliate_id=world.affiliate_id,
+            )
 
 
 async def cookie(context: BrowserContext, url: str) -> Cookie | None:
@@ -191,8 +209,9 @@ async def test_tracker_cookie_attribution_signup_and_redirect(
     rows = {r["code"]: (r["clicks"], r["leads"]) for r in await pg.fetch("SELECT code, clicks, leads FROM links")}
     assert rows["SIGNUP"] == (1, 1) and rows["REDIR"] == (1, 0) and rows["DNT"] == (0, 0)
     assert rows["FIRST"] == (2, 0) and rows["SECOND"] == (2, 0)
-    customer = await pg.fetchrow("SELECT c.*, l.code FROM customers c JOIN links l ON l.id = c.link_id"
-                                 " WHERE c.external_id = 'user_77'")  # fmt: skip
+    customer = await pg.fetchrow(
+        "SELECT c.*, l.code FROM customers c JOIN links l ON l.id = c.link_id WHERE c.external_id = 'user_77'"
+    )
     assert customer["code"] == "SIGNUP" and customer["status"] == 2 and customer["email"] == "new@example.com"
     event = await pg.fetchrow("SELECT enrichment, payload FROM events WHERE dialect = 'affitor' LIMIT 1")
     assert event["enrichment"]["browser"] == "Chrome" and event["payload"]["screen_resolution"]

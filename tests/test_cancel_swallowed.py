@@ -75,9 +75,14 @@ async def test_a_member_stops_when_its_housekeeping_loses_the_cancel(redis: aior
             lost.set()  # returns as redis-py's wait_for does: cancelling() stays 1, nothing raised
 
     member = Member(
-        settings, redis, group="g", name="m", part=lambda p, stream: _Idle(), role="test",
+        settings,
+        redis,
+        group="g",
+        name="m",
+        part=lambda p, stream: _Idle(),
+        role="test",
         chores=[Chore("lossy", 0.01, loses_its_cancel)],
-    )  # fmt: skip
+    )
     running = asyncio.create_task(member.run())
     await asyncio.wait_for(in_chore.wait(), 10)
     member.stop()

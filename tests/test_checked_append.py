@@ -128,8 +128,9 @@ async def test_keyed_routes_take_one_round_trip_once_warm(settings: Settings, re
         lead = {"clickId": clicked[1]["click_id"], "eventName": "Sign Up", "customerExternalId": "u1"}
         assert (await call("POST", f"{base}/api/track/lead", json=lead, headers=auth))[0] == 200
         before = round_trips(runner)
-        status, body, _ = await call("POST", f"{base}/api/track/lead", json={**lead, "customerExternalId": "u2"},
-                                     headers=auth)  # fmt: skip
+        status, body, _ = await call(
+            "POST", f"{base}/api/track/lead", json={**lead, "customerExternalId": "u2"}, headers=auth
+        )
         assert status == 200 and body["link"]["key"] == "PARTNER123" and body["customer"]["externalId"] == "u2"
         assert round_trips(runner) - before == 1
         assert await stream_total(redis, keys) == 5

@@ -176,8 +176,10 @@ async def test_a_database_missing_or_behind_is_named_with_the_command_that_fixes
     env = env_for(settings, DATABASE_URL=scratch_url)
     for command in commands:
         line = one_line(*await run(*command, env=env))
-        assert line == f"Error: postgres at {where(scratch_url)}: database does not exist; run: refstream migrate" \
-            " (it creates the database)", (command, line)  # fmt: skip
+        assert (
+            line == f"Error: postgres at {where(scratch_url)}: database does not exist; run: refstream migrate"
+            " (it creates the database)"
+        ), (command, line)
     server = await asyncpg.connect(with_database(services.postgres_url, "postgres"))
     try:
         await server.execute(f'CREATE DATABASE "{urlsplit(scratch_url).path.lstrip("/")}"')
@@ -222,17 +224,48 @@ class PasswordPostgres:
             for p in (data, pwfile):
                 os.chown(p, self.uid, self.gid)
         done = subprocess.run(
-            [str(self.bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=scram-sha-256",
-             f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync", "--no-instructions"],
-            capture_output=True, user=self.uid, group=self.gid, cwd=self.base, check=False,
-        )  # fmt: skip
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            capture_output=True,
+            user=self.uid,
+            group=self.gid,
+            cwd=self.base,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr.decode(errors="replace")
         self.proc = subprocess.Popen(
-            [str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
-             "-c", "unix_socket_directories=", "-c", "fsync=off"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-            preexec_fn=lambda: die_with_parent(signal.SIGQUIT), user=self.uid, group=self.gid, cwd=self.base,
-        )  # fmt: skip
+            [
+                str(self.bin / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "fsync=off",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: die_with_parent(signal.SIGQUIT),
+            user=self.uid,
+            group=self.gid,
+            cwd=self.base,
+        )
 
     async def ready(self) -> None:
         for _ in range(600):
@@ -386,9 +419,16 @@ async def test_a_command_run_as_a_module_says_refstream_in_its_usage_line() -> N
     """``refstream dev`` runs its edge as ``python -m refstream.cli serve``: a usage error
     there names the command a person types."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "refstream.cli", "serve", "--processes", "x",
-        env=bare_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "refstream.cli",
+        "serve",
+        "--processes",
+        "x",
+        env=bare_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2 and out == b"", err
     assert err.decode().splitlines()[0] == "Usage: refstream serve [OPTIONS]", err

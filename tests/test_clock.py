@@ -92,8 +92,11 @@ async def test_a_worker_a_year_ahead_drops_nothing_and_counting_goes_on(
         assert f"events_p{today:%Y%m%d}" in names
 
         # the worker's partition maintenance ran (at its start) and refused to drop a thing
-        await wait_for(lambda: _true(logged(procs, "partitions.clock_skewed") or logged(procs, "partitions")),
-                       timeout=60, what="the worker's partition maintenance")  # fmt: skip
+        await wait_for(
+            lambda: _true(logged(procs, "partitions.clock_skewed") or logged(procs, "partitions")),
+            timeout=60,
+            what="the worker's partition maintenance",
+        )
         assert await pool.fetchval("SELECT count(*) FROM events") == 5
         assert logged(procs, "partitions.clock_skewed"), procs.logs()
         assert (
@@ -165,11 +168,15 @@ async def test_an_edge_started_while_redis_is_down_mints_ids_on_postgres_day(
     await make_world(pg, redis, keys, code="A")
     private_redis.kill()
     base = await procs.start_edge(
-        REDIS_URL=private_redis.url, REFSTREAM_CLOCK_OFFSET_S=str(-3 * 86400),
-        REFSTREAM_SPOOL_DIR=str(tmp_path / "spool"), REFSTREAM_SPOOL_DRAIN_EVERY_S="0.2",
-    )  # fmt: skip
-    await wait_for(lambda: _true(re.search(r'"following":\s*"postgres"', procs.logs()) is not None),
-                   what="the edge following Postgres's clock")  # fmt: skip
+        REDIS_URL=private_redis.url,
+        REFSTREAM_CLOCK_OFFSET_S=str(-3 * 86400),
+        REFSTREAM_SPOOL_DIR=str(tmp_path / "spool"),
+        REFSTREAM_SPOOL_DRAIN_EVERY_S="0.2",
+    )
+    await wait_for(
+        lambda: _true(re.search(r'"following":\s*"postgres"', procs.logs()) is not None),
+        what="the edge following Postgres's clock",
+    )
     async with aiohttp.ClientSession(headers={"User-Agent": BROWSER}) as http:
         async with http.post(f"{base}/api/v1/referral/click/A") as r:
             assert r.status == 200, await r.text()  # spooled

@@ -60,11 +60,28 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
     for port in ports:
         d = tmp_path / str(port)
         d.mkdir()
-        procs.append(subprocess.Popen(
-            [str(BIN / "redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-             "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(d)],
-            stdout=subprocess.DEVNULL,
-        ))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "redis-server"),
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(d),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        )
     try:
         for port in ports:  # each node up before the cluster is formed
             for _ in range(100):
@@ -73,8 +90,19 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
                     break
                 except redis.ConnectionError:
                     time.sleep(0.05)
-        subprocess.run([str(BIN / "redis-cli"), "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                str(BIN / "redis-cli"),
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{p}" for p in ports],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+        )
         from .faults._cluster import agreed  # it imports _free_pair from here
 
         # every node ok and of one mind on all 16384 slots: one node's "ok" alone left
@@ -96,8 +124,13 @@ def _on_the_cluster(
 ) -> tuple[Settings, Procs, dict[str, str], list[str]]:
     """Settings, processes and their environment on ``cluster`` (arq's queue on the plain
     Redis), and ``per_partition`` link codes of each partition."""
-    own = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{cluster[0]}/0", "redis_cluster": True,
-                                      "arq_redis_url": settings.redis_url})  # fmt: skip
+    own = settings.model_copy(
+        update={
+            "redis_url": f"redis://127.0.0.1:{cluster[0]}/0",
+            "redis_cluster": True,
+            "arq_redis_url": settings.redis_url,
+        }
+    )
     env = {"REFSTREAM_REDIS_CLUSTER": "true", "REFSTREAM_ARQ_REDIS_URL": settings.redis_url}
     keys = Keys(own.stream_prefix, own.partitions)
     pool = [f"code{i}" for i in range(200)]
@@ -106,8 +139,9 @@ def _on_the_cluster(
     return own, Procs(own, tmp_path), env, codes
 
 
-async def test_the_pipeline_on_a_redis_cluster(cluster: list[int], settings: Settings, pg: asyncpg.Pool,
-                                               tmp_path: Path):  # fmt: skip
+async def test_the_pipeline_on_a_redis_cluster(
+    cluster: list[int], settings: Settings, pg: asyncpg.Pool, tmp_path: Path
+):
     # two codes per partition, so every partition (and so every node holding one) gets events
     own, procs, env, codes = _on_the_cluster(cluster, settings, tmp_path, per_partition=2)
     try:
@@ -123,15 +157,18 @@ async def test_the_pipeline_on_a_redis_cluster(cluster: list[int], settings: Set
                     "POST", f"{edge}/api/v1/referral/click/{code}", headers={"User-Agent": BROWSER}
                 )
                 assert status == 200
-        status, click, _ = await call("POST", f"{edge}/api/v1/track/click",
-                                      json={**CLICK, "affiliate_url": f"https://x.test/?aff={codes[0]}"})  # fmt: skip
+        status, click, _ = await call(
+            "POST", f"{edge}/api/v1/track/click", json={**CLICK, "affiliate_url": f"https://x.test/?aff={codes[0]}"}
+        )
         assert status == 200
         lead = {"clickId": click["click_id"], "eventName": "Sign Up", "customerExternalId": "u1"}
         bearer = {"Authorization": f"Bearer {ws['api_key']}"}
         assert (await call("POST", f"{edge}/api/track/lead", json=lead, headers=bearer))[0] == 200  # click cache
         keyed = {**bearer, "Idempotency-Key": "k1"}  # the append-or-answer script: a stream and its record
-        affixo = [await call("POST", f"{edge}/v1/track/click", json={"ref": codes[1], "fingerprint": "fp"},
-                             headers=keyed) for _ in range(2)]  # fmt: skip
+        affixo = [
+            await call("POST", f"{edge}/v1/track/click", json={"ref": codes[1], "fingerprint": "fp"}, headers=keyed)
+            for _ in range(2)
+        ]
         assert affixo[0][0] == 200 and affixo[1][:2] == affixo[0][:2]
         batch = [{"type": "click", "ref": c, "visitor_id": "v"} for c in codes]
         answers = [await call("POST", f"{edge}/v1/events/batch", json=batch, headers=keyed) for _ in range(2)]
@@ -160,10 +197,25 @@ def _start_node(tmp_path: Path) -> tuple[int, subprocess.Popen[bytes]]:
     d = tmp_path / f"replica-{port}"
     d.mkdir()
     proc = subprocess.Popen(
-        [str(BIN / "redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-         "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(d)],
+        [
+            str(BIN / "redis-server"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(d),
+        ],
         stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     return port, proc
 
 
@@ -211,9 +263,20 @@ async def test_a_worker_at_replicas_1_on_a_cluster_stores_only_what_each_primary
                 except redis.ConnectionError:
                     await asyncio.sleep(0.05)
             node_id = redis.Redis(port=primary).execute_command("CLUSTER", "MYID").decode()
-            subprocess.run([str(BIN / "redis-cli"), "--cluster", "add-node", f"127.0.0.1:{port}",
-                            f"127.0.0.1:{primary}", "--cluster-slave", "--cluster-master-id", node_id],
-                           check=True, capture_output=True)  # fmt: skip
+            subprocess.run(
+                [
+                    str(BIN / "redis-cli"),
+                    "--cluster",
+                    "add-node",
+                    f"127.0.0.1:{port}",
+                    f"127.0.0.1:{primary}",
+                    "--cluster-slave",
+                    "--cluster-master-id",
+                    node_id,
+                ],
+                check=True,
+                capture_output=True,
+            )
         for primary in cluster:
             await wait_for(functools.partial(_replicated, primary), timeout=60, what=f"{primary}'s replica to sync")
 

@@ -68,8 +68,12 @@ async def test_lifetime_pays_for_a_sale_long_past_the_cookie_window(edge: str, w
     later.received_at_ms = lead_ms + 4 * 365 * DAY_MS
     await store.write_batch(pg, [later])
     assert await pg.fetchval("SELECT unattributed FROM sales WHERE invoice_id = 'in_4y'") is None
-    assert await pg.fetchval("SELECT c.amount FROM commissions c JOIN sales s ON s.event_id = c.source_id"
-                             " WHERE s.invoice_id = 'in_4y'") == 3000  # fmt: skip
+    assert (
+        await pg.fetchval(
+            "SELECT c.amount FROM commissions c JOIN sales s ON s.event_id = c.source_id WHERE s.invoice_id = 'in_4y'"
+        )
+        == 3000
+    )
     assert await check(pg) == []
 
 
@@ -91,8 +95,12 @@ async def test_months_count_from_the_customers_first_lead(edge: str, world: Worl
     within, past = made(world, invoiceId="in_25", amount=1000), made(world, invoiceId="in_40", amount=2000)
     within.received_at_ms, past.received_at_ms = first_ms + 25 * DAY_MS, first_ms + 40 * DAY_MS
     await store.write_batch(pg, [within, past])
-    lead_of = {r["invoice_id"]: r["name"] for r in await pg.fetch(
-        "SELECT s.invoice_id, e.name FROM sales s JOIN events e ON e.event_id = s.lead_event_id")}  # fmt: skip
+    lead_of = {
+        r["invoice_id"]: r["name"]
+        for r in await pg.fetch(
+            "SELECT s.invoice_id, e.name FROM sales s JOIN events e ON e.event_id = s.lead_event_id"
+        )
+    }
     assert lead_of == {"in_25": "Trial", "in_40": "Trial"}  # the newest lead attributes; the first one times
     assert await _earned(pg) == [("sale", 100, "usd")]
     assert await check(pg) == []
@@ -108,8 +116,9 @@ async def test_an_older_lead_stored_after_a_months_sale_takes_it_back_when_it_is
     for name in ("Sign Up", "Trial"):
         assert (await lead(edge, world.api_key, lead_body(await new_click(edge), eventName=name)))[0] == 200
     entries = [wire.from_entry(f) for s in keys.streams for _, f in await redis.xrange(s)]
-    first, second = sorted((e for e in entries if e.payload.get("name") in ("Sign Up", "Trial")),
-                           key=lambda e: e.received_at_ms)  # fmt: skip
+    first, second = sorted(
+        (e for e in entries if e.payload.get("name") in ("Sign Up", "Trial")), key=lambda e: e.received_at_ms
+    )
     second.received_at_ms = first.received_at_ms + 20 * DAY_MS
     await store.write_batch(pg, [second])
     sale = made(world, invoiceId="in_40", amount=2000)
@@ -120,7 +129,7 @@ async def test_an_older_lead_stored_after_a_months_sale_takes_it_back_when_it_is
     await pg.execute("""INSERT INTO commissions (workspace_id, program_id, affiliate_id, kind, rule, source_id, sale_id,
                                                  amount, currency, earned_at, approve_after)
                         SELECT workspace_id, program_id, affiliate_id, 'clawback', 'refund', gen_random_uuid(),
-                               source_id, -50, currency, now(), now() FROM commissions""")  # fmt: skip
+                               source_id, -50, currency, now(), now() FROM commissions""")
     await store.write_batch(pg, [first])
     await drain()  # the stream's copies: duplicates
     assert sorted(await _earned(pg)) == [("clawback", -50, "usd"), ("reversal", -150, "usd"), ("sale", 200, "usd")]
@@ -135,15 +144,26 @@ async def test_flat_amounts_are_per_currency_in_each_currencys_minor_unit(
     main one number was every currency's: 500 was $5.00, ¥500 and 0.500 KWD alike)."""
     status, out = await rules(edge, world, sale_bps=1000, sale_flat={"usd": "5.00", "jpy": "500", "kwd": "0.500"})
     assert status == 200 and out["commission"]["sale_flat"] == {"jpy": 500, "kwd": 500, "usd": 500}, out
-    for bad in ({"jpy": "5.5"}, {"kwd": "0.0005"}, {"usd": "5.001"}, {"USD": 500}, {"usd": -1}, {"usd": True},
-                {"usd": "five"}, {"usd": 10**13}, "500", [500]):  # fmt: skip
+    for bad in (
+        {"jpy": "5.5"},
+        {"kwd": "0.0005"},
+        {"usd": "5.001"},
+        {"USD": 500},
+        {"usd": -1},
+        {"usd": True},
+        {"usd": "five"},
+        {"usd": 10**13},
+        "500",
+        [500],
+    ):
         status, out = await rules(edge, world, sale_flat=bad)
         assert status == 400 and "error" in out, bad
     assert (await lead(edge, world.api_key, lead_body(await new_click(edge))))[0] == 200
     await drain()
     for n, cur in enumerate(("usd", "jpy", "kwd", "eur")):
-        assert (await track_sale(edge, world.api_key, sale_body(invoiceId=f"in_{cur}", amount=10_000 + n,
-                                                                 currency=cur)))[0] == 200  # fmt: skip
+        assert (
+            await track_sale(edge, world.api_key, sale_body(invoiceId=f"in_{cur}", amount=10_000 + n, currency=cur))
+        )[0] == 200
     await drain()
     earned = {r["currency"]: r["amount"] for r in await pg.fetch("SELECT currency, amount FROM commissions")}
     # 10% of $100.00 + $5.00; of ¥10,001 + ¥500; of 10.002 KWD + 0.500 KWD; of €100.03, no flat part
@@ -191,8 +211,9 @@ async def test_a_customers_lead_earns_lead_flat_once_whatever_order_its_leads_ar
     for name in ("Sign Up", "Trial"):
         assert (await lead(edge, world.api_key, lead_body(await new_click(edge), eventName=name)))[0] == 200
     entries = [wire.from_entry(f) for s in keys.streams for _, f in await redis.xrange(s)]
-    first, later = sorted((e for e in entries if e.payload.get("name") in ("Sign Up", "Trial")),
-                          key=lambda e: e.received_at_ms)  # fmt: skip
+    first, later = sorted(
+        (e for e in entries if e.payload.get("name") in ("Sign Up", "Trial")), key=lambda e: e.received_at_ms
+    )
     assert first.payload["name"] == "Sign Up"
     await store.write_batch(pg, [later])
     assert [(k, a) for k, a, _ in await _earned(pg)] == [("lead", 300)]  # the only lead so far
@@ -236,47 +257,83 @@ def test_the_pure_rules_over_a_history():
 
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     life, months, first = "p-life", "p-months", "p-first"
-    rules_ = {life: Rules.from_json({"sale_bps": 1000, "sale_flat": {"jpy": 50}, "lead_flat": 300}),
-              months: Rules.from_json({"sale_bps": 1000, "duration": "months", "duration_months": 1}),
-              first: Rules.from_json({"sale_bps": 1000, "duration": "first_sale"})}  # fmt: skip
+    rules_ = {
+        life: Rules.from_json({"sale_bps": 1000, "sale_flat": {"jpy": 50}, "lead_flat": 300}),
+        months: Rules.from_json({"sale_bps": 1000, "duration": "months", "duration_months": 1}),
+        first: Rules.from_json({"sale_bps": 1000, "duration": "first_sale"}),
+    }
     ids = [uuid4() for _ in range(12)]
 
     def lead_(i: int, program: str, days: int, name: str = "signup", dialect: str = "refport") -> earnings.Lead:
         return earnings.Lead(ids[i], "w", "c", name, program, t0 + timedelta(days=days), dialect)
 
-    def sale_(i: int, program: str | None, days: int, amount: int = 10_000, cur: str = "usd", refunded: int = 0,
-              dialect: str = "refport") -> earnings.Sale:  # fmt: skip
+    def sale_(
+        i: int,
+        program: str | None,
+        days: int,
+        amount: int = 10_000,
+        cur: str = "usd",
+        refunded: int = 0,
+        dialect: str = "refport",
+    ) -> earnings.Sale:
         return earnings.Sale(ids[i], "w", "c", program, amount, cur, refunded, t0 + timedelta(days=days), dialect)
 
-    leads = [lead_(0, life, 0), lead_(1, life, 5, "trial"), lead_(2, months, 0), lead_(3, months, 20, "trial"),
-             lead_(4, first, 0, dialect="import")]  # fmt: skip
-    sales = [sale_(5, life, 900, refunded=2_500), sale_(6, life, 1, amount=1000, cur="jpy"),
-             sale_(7, months, 25), sale_(8, months, 40), sale_(9, first, 3, dialect="import"), sale_(10, first, 4),
-             sale_(11, None, 1)]  # fmt: skip
+    leads = [
+        lead_(0, life, 0),
+        lead_(1, life, 5, "trial"),
+        lead_(2, months, 0),
+        lead_(3, months, 20, "trial"),
+        lead_(4, first, 0, dialect="import"),
+    ]
+    sales = [
+        sale_(5, life, 900, refunded=2_500),
+        sale_(6, life, 1, amount=1000, cur="jpy"),
+        sale_(7, months, 25),
+        sale_(8, months, 40),
+        sale_(9, first, 3, dialect="import"),
+        sale_(10, first, 4),
+        sale_(11, None, 1),
+    ]
     got = earnings.expected(rules_, leads, sales)
-    assert got == {("lead", ids[0]): (300, "usd"), ("sale", ids[5]): (1000 - 250, "usd"),
-                   ("sale", ids[6]): (150, "jpy"), ("sale", ids[7]): (1000, "usd")}  # fmt: skip
+    assert got == {
+        ("lead", ids[0]): (300, "usd"),
+        ("sale", ids[5]): (1000 - 250, "usd"),
+        ("sale", ids[6]): (150, "jpy"),
+        ("sale", ids[7]): (1000, "usd"),
+    }
     assert earnings.expected(rules_, leads, sales, import_earns=True)[("sale", ids[9])] == (1000, "usd")
-    rows = [earnings.Row("lead", ids[1], None, 300, "usd"), earnings.Row("reversal", ids[1], None, -300, "usd", "lead"),
-            earnings.Row("lead", ids[0], None, 300, "usd"), earnings.Row("sale", ids[5], None, 1000, "usd"),
-            earnings.Row("clawback", uuid4(), ids[5], -250, "usd"), earnings.Row("sale", ids[6], None, 150, "jpy"),
-            earnings.Row("sale", ids[7], None, 1000, "usd")]  # fmt: skip
+    rows = [
+        earnings.Row("lead", ids[1], None, 300, "usd"),
+        earnings.Row("reversal", ids[1], None, -300, "usd", "lead"),
+        earnings.Row("lead", ids[0], None, 300, "usd"),
+        earnings.Row("sale", ids[5], None, 1000, "usd"),
+        earnings.Row("clawback", uuid4(), ids[5], -250, "usd"),
+        earnings.Row("sale", ids[6], None, 150, "jpy"),
+        earnings.Row("sale", ids[7], None, 1000, "usd"),
+    ]
     assert earnings.differences(got, earnings.standing(rows)) == []
     assert earnings.differences(got, earnings.standing(rows[:-1])) == [(("sale", ids[7]), (1000, "usd"), None)]
 
 
 @pytest.mark.parametrize(
     ("major", "code", "minor"),
-    [("5.00", "usd", 500), ("5", "usd", 500), ("500", "jpy", 500), ("0.500", "kwd", 500), ("0.5", "kwd", 500),
-     ("1.2345", "clf", 12345)],
-)  # fmt: skip
+    [
+        ("5.00", "usd", 500),
+        ("5", "usd", 500),
+        ("500", "jpy", 500),
+        ("0.500", "kwd", 500),
+        ("0.5", "kwd", 500),
+        ("1.2345", "clf", 12345),
+    ],
+)
 def test_major_units_become_each_currencys_minor_units(major: str, code: str, minor: int):
     assert currency.to_minor(major, code) == minor
     assert currency.to_minor(currency.to_major(minor, code), code) == minor
 
 
-@pytest.mark.parametrize(("major", "code"), [("5.5", "jpy"), ("0.0005", "kwd"), ("1.001", "usd"), ("-1", "usd"),
-                                             ("1e3", "usd"), ("", "usd")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("major", "code"), [("5.5", "jpy"), ("0.0005", "kwd"), ("1.001", "usd"), ("-1", "usd"), ("1e3", "usd"), ("", "usd")]
+)
 def test_an_amount_finer_than_its_currencys_minor_unit_is_refused(major: str, code: str):
     with pytest.raises(ValueError):
         currency.to_minor(major, code)
@@ -288,8 +345,20 @@ async def test_the_cli_sets_flat_amounts_per_currency_and_checks_the_ledger(
     from ._procs import CliError, env_for, run_command
 
     ws = ("--workspace", world.workspace_id)
-    out = await procs.cli("commission", "set", world.program_id, *ws, "--sale-flat", "usd=5.00", "--sale-flat",
-                          "JPY=500", "--sale-flat", "kwd=0.5", "--lead-event", "Sign Up")  # fmt: skip
+    out = await procs.cli(
+        "commission",
+        "set",
+        world.program_id,
+        *ws,
+        "--sale-flat",
+        "usd=5.00",
+        "--sale-flat",
+        "JPY=500",
+        "--sale-flat",
+        "kwd=0.5",
+        "--lead-event",
+        "Sign Up",
+    )
     assert out["commission"]["sale_flat"] == {"jpy": 500, "kwd": 500, "usd": 500}
     assert out["commission"]["lead_events"] == ["Sign Up"]
     for bad in ("jpy=0.5", "usd", "usd=-1"):
@@ -300,10 +369,14 @@ async def test_the_cli_sets_flat_amounts_per_currency_and_checks_the_ledger(
             assert "sale" in str(exc).replace("-", "_") and "Traceback" not in str(exc), bad
     assert (await procs.cli("commission", "check", *ws)) == {"differences": []}
     await store.write_batch(pg, [made(world, customerExternalId="nobody")])
-    await pg.execute("""INSERT INTO commissions (workspace_id, program_id, affiliate_id, kind, rule, source_id,
+    await pg.execute(
+        """INSERT INTO commissions (workspace_id, program_id, affiliate_id, kind, rule, source_id,
                                                  amount, currency, earned_at, approve_after)
                         SELECT workspace_id, $1, $2, 'sale', 'lifetime', event_id, 99, 'usd', now(), now()
-                        FROM sales""", world.program_id, world.affiliate_id)  # fmt: skip
+                        FROM sales""",
+        world.program_id,
+        world.affiliate_id,
+    )
     code, out, _ = await run_command("commission", "check", *ws, "--json", env=env_for(settings), within_s=120)
     [wrong] = orjson.loads(out)["differences"]
     assert (code, wrong["kind"], wrong["expected"], wrong["stored"]) == (

@@ -31,8 +31,9 @@ SELECT currency, sum(amount) AS total FROM commissions WHERE affiliate_id = $1 A
 
 
 async def rules(edge: str, world: World, **given: object) -> tuple[int, dict[str, Any]]:
-    status, out, _ = await call("PATCH", f"{edge}/v1/programs/{world.program_id}/commission",
-                                headers=bearer(world.api_key), json=given)  # fmt: skip
+    status, out, _ = await call(
+        "PATCH", f"{edge}/v1/programs/{world.program_id}/commission", headers=bearer(world.api_key), json=given
+    )
     return status, out
 
 
@@ -41,18 +42,29 @@ async def test_rules_are_set_kept_and_checked(edge: str, world: World):
     assert status == 200 and out["commission"]["sale_bps"] == 2000 and out["commission"]["hold_days"] == 0
     status, out = await rules(edge, world, lead_flat=500)  # the others kept
     assert status == 200 and (out["commission"]["sale_bps"], out["commission"]["lead_flat"]) == (2000, 500)
-    for bad in ({"sale_bps": 10_001}, {"sale_bps": "20"}, {"duration": "forever"}, {"percent": 20},
-                {"lead_currency": "USD"}, {"hold_days": -1}):  # fmt: skip
+    for bad in (
+        {"sale_bps": 10_001},
+        {"sale_bps": "20"},
+        {"duration": "forever"},
+        {"percent": 20},
+        {"lead_currency": "USD"},
+        {"hold_days": -1},
+    ):
         status, out = await rules(edge, world, **bad)
         assert status == 400, bad
-    status, _, _ = await call("PATCH", f"{edge}/v1/programs/{world.link['id']}/commission",
-                              headers=bearer(world.api_key), json={"sale_bps": 1})  # fmt: skip
+    status, _, _ = await call(
+        "PATCH",
+        f"{edge}/v1/programs/{world.link['id']}/commission",
+        headers=bearer(world.api_key),
+        json={"sale_bps": 1},
+    )
     assert status == 404
 
 
 async def test_each_counted_sale_and_lead_earns_once_by_the_rules(edge: str, world: World, pg: asyncpg.Pool, drain):
-    assert (await rules(edge, world, sale_bps=2000, sale_flat={"usd": 100, "eur": 100}, lead_flat=500,
-                        hold_days=30))[0] == 200  # fmt: skip
+    assert (await rules(edge, world, sale_bps=2000, sale_flat={"usd": 100, "eur": 100}, lead_flat=500, hold_days=30))[
+        0
+    ] == 200
     click_id = await new_click(edge)
     for body in (lead_body(click_id), lead_body(click_id)):  # the second is no new lead: it earns nothing
         assert (await lead(edge, world.api_key, body))[0] == 200
@@ -63,7 +75,7 @@ async def test_each_counted_sale_and_lead_earns_once_by_the_rules(edge: str, wor
         sale_body(invoiceId="in_2", amount=1001, currency="eur"),  # a repeat of an invoice
         sale_body(invoiceId="in_3", customerExternalId="nobody"),
     ):  # unattributed: nobody earns
-        assert (await track_sale(edge, world.api_key, body))[0] == 200  # fmt: skip
+        assert (await track_sale(edge, world.api_key, body))[0] == 200
     await drain()
     ledger = [tuple(r) for r in await pg.fetch(LEDGER, world.affiliate_id)]
     assert ledger == [tuple(r) for r in await pg.fetch(EXPECTED, world.affiliate_id, 2000, 100)]
@@ -146,12 +158,14 @@ async def test_held_then_approved_and_an_affiliate_reads_only_its_own(
     mine, theirs = await affiliate_keys(pg, redis, keys, world)
     status, out, _ = await call("GET", f"{edge}/v1/affiliate/commissions?limit=1", headers=bearer(mine["api_key"]))
     assert status == 200 and [c["amount"] for c in out["data"]] == [200] and out["next"]
-    status, out, _ = await call("GET", f"{edge}/v1/affiliate/commissions?before={out['next']}",
-                                headers=bearer(mine["api_key"]))  # fmt: skip
+    status, out, _ = await call(
+        "GET", f"{edge}/v1/affiliate/commissions?before={out['next']}", headers=bearer(mine["api_key"])
+    )
     assert status == 200 and [c["amount"] for c in out["data"]] == [100] and out["next"] is None
     # another affiliate's key, even naming this affiliate: nothing of it
-    status, out, _ = await call("GET", f"{edge}/v1/affiliate/commissions?affiliate_id={world.affiliate_id}",
-                                headers=bearer(theirs["api_key"]))  # fmt: skip
+    status, out, _ = await call(
+        "GET", f"{edge}/v1/affiliate/commissions?affiliate_id={world.affiliate_id}", headers=bearer(theirs["api_key"])
+    )
     assert status == 200 and out["data"] == []
     status, out, _ = await call("GET", f"{edge}/v1/commissions", headers=bearer(mine["api_key"]))
     assert status == 403  # the workspace's ledger takes a workspace key
@@ -194,8 +208,9 @@ async def test_payouts_take_approved_commissions_once_and_carry_a_later_reversal
     assert status == 201 and (paid["amount"], paid["commissions"], paid["status"]) == (900, 1, "pending")
     status, again, _ = await call("POST", url, headers=bearer(world.api_key), json=body)
     assert (status, again["error"]) == (409, "conflict")  # nothing left to pay: never paid twice
-    hook, _ = await make_webhook(pg, world.workspace_id, "https://hooks.example/h", secretbox.generate_key(),
-                                 events=["payout.paid"])  # fmt: skip
+    hook, _ = await make_webhook(
+        pg, world.workspace_id, "https://hooks.example/h", secretbox.generate_key(), events=["payout.paid"]
+    )
     for _ in range(2):  # marked paid twice: answered the same, one webhook
         status, out, _ = await call("POST", f"{url}/{paid['id']}/paid", headers=bearer(world.api_key))
         assert status == 200 and out["status"] == "paid" and out["paid_at"]
@@ -213,8 +228,9 @@ async def test_payouts_take_approved_commissions_once_and_carry_a_later_reversal
     assert await pg.fetchval("SELECT count(*) FROM commissions WHERE currency = 'eur'") == 0
     # an affiliate reads its own payouts; the CLI lists the same
     async with pg.acquire() as conn:
-        mine = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
-                                      affiliate_id=world.affiliate_id)  # fmt: skip
+        mine = await admin.create_key(
+            conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"], affiliate_id=world.affiliate_id
+        )
     status, out, _ = await call("GET", f"{edge}/v1/affiliate/payouts", headers=bearer(mine["api_key"]))
     assert status == 200 and [p["id"] for p in out["data"]] == [paid["id"]]
     listed = await procs.cli("payouts", "list", "--workspace", world.workspace_id)
@@ -267,8 +283,13 @@ async def test_the_fault_checkers_ledger_check_sees_a_wrong_or_missing_row(
 
 async def test_the_ledgers_lists_refuse_what_they_cannot_read_in_their_shape(edge: str, world: World):
     h = bearer(world.api_key)
-    for query, status in (("before=%C2%B2", 404), ("before=99999999999999999999", 404), ("currency=%00", 400),
-                          ("status=lost", 400), ("affiliate_id=nope", 404)):  # fmt: skip
+    for query, status in (
+        ("before=%C2%B2", 404),
+        ("before=99999999999999999999", 404),
+        ("currency=%00", 400),
+        ("status=lost", 400),
+        ("affiliate_id=nope", 404),
+    ):
         got, out, _ = await call("GET", f"{edge}/v1/commissions?{query}", headers=h)
         assert (got, "error" in out) == (status, True), query
     got, out, _ = await call("GET", f"{edge}/v1/conversions?customer_id=a%00b", headers=h)

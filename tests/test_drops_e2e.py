@@ -77,39 +77,55 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
     ws = await procs.cli("workspace", "create", "Acme")
     wid, key = ws["workspace_id"], ws["api_key"]
     base = await procs.start_edge(  # the webhook's receiver is on loopback
-        REFSTREAM_CLICK_RATE_LIMIT_PER_MIN=str(RATE), REFSTREAM_TRUSTED_PROXIES="127.0.0.1/32",
+        REFSTREAM_CLICK_RATE_LIMIT_PER_MIN=str(RATE),
+        REFSTREAM_TRUSTED_PROXIES="127.0.0.1/32",
         REFSTREAM_WEBHOOK_ALLOW_PRIVATE="true",
-    )  # fmt: skip
+    )
     procs.start("work", REFSTREAM_DROPS_FOLD_EVERY_S="1", REFSTREAM_WEBHOOK_ALLOW_PRIVATE="true")
     async with aiohttp.ClientSession(headers={"User-Agent": BROWSER}) as http:
         h = auth(key)
         _, program, _ = await call(http, "POST", f"{base}/v1/programs", headers=h, json={"name": "Spring"})
-        status, _, _ = await call(http, "PATCH", f"{base}/v1/programs/{program['id']}/fraud", headers=h,
-                                  json={"burst_clicks": BURST})  # fmt: skip
+        status, _, _ = await call(
+            http, "PATCH", f"{base}/v1/programs/{program['id']}/fraud", headers=h, json={"burst_clicks": BURST}
+        )
         assert status == 200
         aff = {}
         for name in ("alice", "bob"):
-            _, aff[name], _ = await call(http, "POST", f"{base}/v1/affiliates", headers=h, json={
-                "program_id": program["id"], "external_id": name, "email": f"{name}@{name}-media.test"})  # fmt: skip
+            _, aff[name], _ = await call(
+                http,
+                "POST",
+                f"{base}/v1/affiliates",
+                headers=h,
+                json={"program_id": program["id"], "external_id": name, "email": f"{name}@{name}-media.test"},
+            )
         link = {}
         for code, owner in (("alice", "alice"), ("bob", "bob"), ("carol", "bob")):
-            status, link[code], _ = await call(http, "POST", f"{base}/v1/links", headers=h, json={
-                "affiliate_id": aff[owner]["id"], "code": code, "url": "https://acme.test/"})  # fmt: skip
+            status, link[code], _ = await call(
+                http,
+                "POST",
+                f"{base}/v1/links",
+                headers=h,
+                json={"affiliate_id": aff[owner]["id"], "code": code, "url": "https://acme.test/"},
+            )
             assert status == 201, link[code]
         await call(http, "PATCH", f"{base}/v1/links/{link['carol']['id']}", headers=h, json={"status": "inactive"})
-        status, ws_now, _ = await call(http, "PATCH", f"{base}/v1/workspace", headers=h,
-                                       json={"fraud_policy": {"fast_conversion": "exclude"}})  # fmt: skip
+        status, ws_now, _ = await call(
+            http, "PATCH", f"{base}/v1/workspace", headers=h, json={"fraud_policy": {"fast_conversion": "exclude"}}
+        )
         assert ws_now["fraud_policy"] == {"fast_conversion": "exclude"}
-        status, webhook, _ = await call(http, "POST", f"{base}/v1/webhooks", headers=h,
-                                        json={"url": hook_url, "events": ["fraud.flagged"]})  # fmt: skip
+        status, webhook, _ = await call(
+            http, "POST", f"{base}/v1/webhooks", headers=h, json={"url": hook_url, "events": ["fraud.flagged"]}
+        )
         assert status == 201, webhook
-        _, made, _ = await call(http, "POST", f"{base}/v1/keys", headers=h,
-                                json={"affiliate_id": aff["alice"]["id"], "scopes": ["read"]})  # fmt: skip
+        _, made, _ = await call(
+            http, "POST", f"{base}/v1/keys", headers=h, json={"affiliate_id": aff["alice"]["id"], "scopes": ["read"]}
+        )
         alice_key = made["api_key"]
 
         def click(code: str, ip: str, ua: str = BROWSER) -> Any:
-            return call(http, "POST", f"{base}/api/v1/referral/click/{code}",
-                        headers={"X-Forwarded-For": ip, "User-Agent": ua})  # fmt: skip
+            return call(
+                http, "POST", f"{base}/api/v1/referral/click/{code}", headers={"X-Forwarded-For": ip, "User-Agent": ua}
+            )
 
         async def redirect(code: str, ip: str) -> str:
             status, _, headers = await call(http, "GET", f"{base}/r/{code}", headers={"X-Forwarded-For": ip})
@@ -129,16 +145,24 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
 
         # test events (Affitor's test mode) on alice's link
         for i in range(2):
-            status, _, _ = await call(http, "POST", f"{base}/api/v1/track/click", json={
-                "affiliate_url": "https://acme.test/?aff=alice", "additional_data": {"test_mode": True}},
-                headers={"X-Forwarded-For": f"10.5.0.{i}"})  # fmt: skip
+            status, _, _ = await call(
+                http,
+                "POST",
+                f"{base}/api/v1/track/click",
+                json={"affiliate_url": "https://acme.test/?aff=alice", "additional_data": {"test_mode": True}},
+                headers={"X-Forwarded-For": f"10.5.0.{i}"},
+            )
             assert status == 200
 
         # leads: a self-referral, a client's repeat (same customer and event name), and a
         # lead whose click is older than the cookie window (30 days)
         visitor = await redirect("alice", "10.6.0.1")
-        lead = {"clickId": visitor, "eventName": "signup", "customerExternalId": "cust-1",
-                "customerEmail": "alice@alice-media.test"}  # fmt: skip
+        lead = {
+            "clickId": visitor,
+            "eventName": "signup",
+            "customerExternalId": "cust-1",
+            "customerEmail": "alice@alice-media.test",
+        }
         for _ in range(2):
             status, body, _ = await call(http, "POST", f"{base}/api/track/lead", headers=h, json=lead)
             assert status == 200, body
@@ -146,24 +170,33 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
         await pg.execute(
             "INSERT INTO events (event_id, type, workspace_id, link_id, click_id, dialect, received_at)"
             " VALUES ($1, 1, $2, $3, $1, 'redirect', now() - interval '40 days')",
-            old, wid, link["bob"]["id"],
-        )  # fmt: skip
+            old,
+            wid,
+            link["bob"]["id"],
+        )
         await procs.cli("reconcile", "--fix", check=False)  # bob's counters: as if that click had been counted
-        status, body, _ = await call(http, "POST", f"{base}/api/track/lead", headers=h, json={
-            "clickId": clicks.mint(old), "eventName": "signup", "customerExternalId": "cust-old"})  # fmt: skip
+        status, body, _ = await call(
+            http,
+            "POST",
+            f"{base}/api/track/lead",
+            headers=h,
+            json={"clickId": clicks.mint(old), "eventName": "signup", "customerExternalId": "cust-old"},
+        )
         assert status == 200, body
         status, body, _ = await call(http, "POST", f"{base}/api/track/lead", headers=h, json={"eventName": "x"})
         assert status == 400, body  # invalid: the workspace is known, no link
 
         # a conversion right after its click: flagged fast_conversion, excluded by the policy
         fast = await redirect("alice", "10.6.0.2")
-        status, body, _ = await call(http, "POST", f"{base}/api/v1/referrals/convert",
-                                     json={"code": "alice", "referred_session_id": fast})  # fmt: skip
+        status, body, _ = await call(
+            http, "POST", f"{base}/api/v1/referrals/convert", json={"code": "alice", "referred_session_id": fast}
+        )
         assert status == 200, body
 
         # the affiliate's key, from its own address: its stats, its links only
-        status, mine, _ = await call(http, "GET", f"{base}/v1/affiliate/stats",
-                                     headers={**auth(alice_key), "X-Forwarded-For": "10.8.0.1"})  # fmt: skip
+        status, mine, _ = await call(
+            http, "GET", f"{base}/v1/affiliate/stats", headers={**auth(alice_key), "X-Forwarded-For": "10.8.0.1"}
+        )
         assert status == 200 and mine["links"] == 1, mine
         status, _, _ = await call(http, "GET", f"{base}/v1/links/{link['bob']['id']}/stats", headers=auth(alice_key))
         assert status == 403
@@ -190,7 +223,10 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
         assert totals["flagged"] == {"click_burst": RATE - BURST, "self_referral": 1, "fast_conversion": 1}
         shown = await procs.cli("link", "show", "alice")
         assert (totals["clicks"], totals["leads"], totals["conversions"]) == (
-            shown["clicks"], shown["leads"], shown["conversions"])  # fmt: skip
+            shown["clicks"],
+            shown["leads"],
+            shown["conversions"],
+        )
         assert (shown["clicks"], shown["leads"], shown["conversions"]) == (12 + RATE + 2, 1, 0)
         assert shown["stats"]["totals"]["dropped"] == expected
         exit_code, table, err = await run_command("link", "show", "alice", env=env_for(procs.settings, COLUMNS="250"))
@@ -201,16 +237,19 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
         assert bob["totals"]["dropped"] == {"out_of_window": 1}
 
         async def edge_drops() -> Any:
-            rows = await pg.fetch("SELECT link_id, reason, sum(n)::int AS n FROM drop_stats WHERE source = 'edge'"
-                                  " GROUP BY 1, 2")  # fmt: skip
+            rows = await pg.fetch(
+                "SELECT link_id, reason, sum(n)::int AS n FROM drop_stats WHERE source = 'edge' GROUP BY 1, 2"
+            )
             got = {(str(r["link_id"]), r["reason"]): r["n"] for r in rows}
             return got if len(got) == 4 else None
 
         no_link = "00000000-0000-0000-0000-000000000000"
         assert await until(edge_drops, "the edge's refusals folded") == {
-            (no_link, "unknown_code"): 3, (link["carol"]["id"], "inactive_link"): 2,
-            (link["alice"]["id"], "rate_limited"): 3, (no_link, "invalid"): 1,
-        }  # fmt: skip
+            (no_link, "unknown_code"): 3,
+            (link["carol"]["id"], "inactive_link"): 2,
+            (link["alice"]["id"], "rate_limited"): 3,
+            (no_link, "invalid"): 1,
+        }
 
         # the affiliate sees its own link's numbers, and nobody else's
         _, mine, _ = await call(http, "GET", f"{base}/v1/affiliate/stats", headers=auth(alice_key))

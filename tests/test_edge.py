@@ -140,12 +140,16 @@ async def test_redis_down_public_clicks_are_spooled_keyed_routes_refused(setting
         conn.close()
         assert len(spooled) == 1 and b'"code":"alice"' in spooled[0].envelope
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{base}/v1/track/click", json={"ref": "alice"},
-                                 headers={"Authorization": "Bearer rs_live_x"}) as r:  # fmt: skip
+            async with http.post(
+                f"{base}/v1/track/click", json={"ref": "alice"}, headers={"Authorization": "Bearer rs_live_x"}
+            ) as r:
                 assert (r.status, r.headers["Retry-After"]) == (503, "1")
             # the batch route's 503 in its own shape (it had no JSON content type)
-            async with http.post(f"{base}/v1/events/batch", json=[{"type": "click", "code": "alice"}],
-                                 headers={"Authorization": "Bearer rs_live_x"}) as r:  # fmt: skip
+            async with http.post(
+                f"{base}/v1/events/batch",
+                json=[{"type": "click", "code": "alice"}],
+                headers={"Authorization": "Bearer rs_live_x"},
+            ) as r:
                 assert (r.status, r.headers["Retry-After"], r.content_type) == (503, "1", "application/json")
                 assert await r.json() == {"error": "unavailable"}
         async with aiohttp.ClientSession() as http:

@@ -525,8 +525,12 @@ def test_enrich_row_is_enrich(
         assert row.doc == full.to_json()
         assert list(row.doc) == list(full.to_json())
         assert (row.ip, row.country, row.asn, row.is_bot, row.bot_reason) == (
-            full.ip, full.country, full.asn, full.is_bot, full.bot_reason,
-        )  # fmt: skip
+            full.ip,
+            full.country,
+            full.asn,
+            full.is_bot,
+            full.bot_reason,
+        )
     # the cached parts are never handed out: changing one row's doc changes no other
     row.doc["country"] = "XX"
     row.doc["versions"]["geoip2fast"] = "tampered"

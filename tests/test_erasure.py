@@ -58,8 +58,12 @@ class Person:
 
     @property
     def needles(self) -> dict[str, bytes]:
-        return {"email": self.email.encode(), "name": self.name.encode(), "external id": self.external_id.encode(),
-                "IP": IP.encode()}  # fmt: skip
+        return {
+            "email": self.email.encode(),
+            "name": self.name.encode(),
+            "external id": self.external_id.encode(),
+            "IP": IP.encode(),
+        }
 
 
 async def erase_key(pg: asyncpg.Pool, redis: Any, keys: Keys, world: World, scopes: list[str]) -> str:
@@ -73,15 +77,22 @@ async def customer(pg: asyncpg.Pool, world: World, visitor: str, p: Person) -> N
     """A customers row of ``p`` (as the workers would have made it from a lead)."""
     await pg.execute(
         "INSERT INTO customers (workspace_id, visitor_id, external_id, email, name, first_seen_at, last_seen_at)"
-        " VALUES ($1, $2, $3, $4, $5, now(), now())", world.workspace_id, visitor, p.external_id, p.email, p.name,
-    )  # fmt: skip
+        " VALUES ($1, $2, $3, $4, $5, now(), now())",
+        world.workspace_id,
+        visitor,
+        p.external_id,
+        p.email,
+        p.name,
+    )
 
 
 async def counters(pg: asyncpg.Pool) -> dict[str, Any]:
     out = await snapshot(pg)
     out.pop("visitors")  # its keys are renamed (pseudonyms); their number is in unique_clicks
-    out["sales"] = [tuple(r) for r in await pg.fetch(
-        "SELECT link_id, day, currency, sales, amount FROM sale_stats ORDER BY 1, 2, 3")]  # fmt: skip
+    out["sales"] = [
+        tuple(r)
+        for r in await pg.fetch("SELECT link_id, day, currency, sales, amount FROM sale_stats ORDER BY 1, 2, 3")
+    ]
     out["visitor_days"] = await pg.fetchval("SELECT count(*) FROM link_visitor_days")
     out["customers"] = await pg.fetchval("SELECT count(*) FROM customers")
     return out
@@ -135,13 +146,22 @@ def found_in(places: list[tuple[str, bytes]], needles: dict[str, bytes]) -> list
 
 @pytest.mark.parametrize("archive", ["directory", "s3"])
 async def test_an_erased_customer_is_nowhere_after_the_sweep_and_a_full_replay(
-    archive: str, request: pytest.FixtureRequest, edge: str, world: World, settings: Settings, pg: asyncpg.Pool,
-    redis: Any, keys: Keys, drain: Any, tmp_path: Path,
-) -> None:  # fmt: skip
+    archive: str,
+    request: pytest.FixtureRequest,
+    edge: str,
+    world: World,
+    settings: Settings,
+    pg: asyncpg.Pool,
+    redis: Any,
+    keys: Keys,
+    drain: Any,
+    tmp_path: Path,
+) -> None:
     if archive == "s3":
         endpoint = request.getfixturevalue("s3")
-        settings = settings.model_copy(update={
-            "archive_url": f"s3://refstream-archive/{keys.prefix}", "archive_s3_endpoint": endpoint})  # fmt: skip
+        settings = settings.model_copy(
+            update={"archive_url": f"s3://refstream-archive/{keys.prefix}", "archive_s3_endpoint": endpoint}
+        )
     else:
         settings = archived(settings, tmp_path)
     store = open_store(settings)
@@ -157,8 +177,9 @@ async def test_an_erased_customer_is_nowhere_after_the_sweep_and_a_full_replay(
     assert status == 200 and answer["customer"]["email"] == p.email
     invoice = f"in-{secrets.token_hex(4)}"
     sale = sale_body(customerExternalId=p.external_id, invoiceId=invoice, metadata={"note": p.name})
-    status, _, _ = await call("POST", f"{edge}/api/track/sale", json=sale, headers={"Authorization": f"Bearer {key}"},
-                              source_ip=IP)  # fmt: skip
+    status, _, _ = await call(
+        "POST", f"{edge}/api/track/sale", json=sale, headers={"Authorization": f"Bearer {key}"}, source_ip=IP
+    )
     assert status == 200
     await drain()
     await run_archiver(settings, redis, store)
@@ -178,8 +199,9 @@ async def test_an_erased_customer_is_nowhere_after_the_sweep_and_a_full_replay(
     assert found_in([("postgres", pg_dump_text(settings.database_url))], p.needles)  # the test can fail
 
     eraser = await erase_key(pg, redis, keys, world, ["erase"])
-    status, done, _ = await call("DELETE", f"{edge}/v1/customers/{p.external_id}",
-                                 headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    status, done, _ = await call(
+        "DELETE", f"{edge}/v1/customers/{p.external_id}", headers={"Authorization": f"Bearer {eraser}"}
+    )
     assert status == 202, done
     rows = done["done"]["postgres"]
     assert done["pending"] == ["redis", "archive"] and rows["events"] == 2  # the click and the lead
@@ -192,8 +214,9 @@ async def test_an_erased_customer_is_nowhere_after_the_sweep_and_a_full_replay(
     swept = await erasure.sweep(pg, redis, keys, store)
     assert swept.archive_done == [done["erasure_id"]] and swept.segments_rewritten >= 1, swept
     assert await erasure.status(pg) == []
-    status, shown, _ = await call("GET", f"{edge}/v1/erasures/{done['erasure_id']}",
-                                  headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    status, shown, _ = await call(
+        "GET", f"{edge}/v1/erasures/{done['erasure_id']}", headers={"Authorization": f"Bearer {eraser}"}
+    )
     assert status == 200 and shown["status"] == "done" and shown["pending"] == []
 
     # a full replay from the archive, Redis trimmed: every event is there, scrubbed, once
@@ -202,8 +225,11 @@ async def test_an_erased_customer_is_nowhere_after_the_sweep_and_a_full_replay(
     assert replayed.total("archived") >= 4 and replayed.total("inserted") == 0
     assert await counters(pg) == before
     assert not await reconcile(pg, fix=False)
-    places = [("postgres", pg_dump_text(settings.database_url)), *await redis_bytes(redis, keys),
-              *await archive_bytes(store, keys.prefix)]  # fmt: skip
+    places = [
+        ("postgres", pg_dump_text(settings.database_url)),
+        *await redis_bytes(redis, keys),
+        *await archive_bytes(store, keys.prefix),
+    ]
     assert not found_in(places, p.needles)
     # the rows are still there, as pseudonyms: the lead, its customer, the sale
     alias = await pg.fetchval("SELECT customer_external_id FROM events WHERE type = 2")
@@ -225,9 +251,21 @@ async def test_a_spool_drained_after_the_erasure_appends_the_event_scrubbed(
     erased: its stream entry, and the answer its key keeps, hold none of them."""
     p = Person()
     await customer(pg, world, "v-1", p)
-    lead = Envelope(EventType.LEAD, Dialect.REFPORT, {
-        "code": world.link["code"], "visitor_id": "v-1", "external_id": p.external_id, "email": p.email,
-        "customer_name": p.name, "name": "Sign Up"}, world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
+    lead = Envelope(
+        EventType.LEAD,
+        Dialect.REFPORT,
+        {
+            "code": world.link["code"],
+            "visitor_id": "v-1",
+            "external_id": p.external_id,
+            "email": p.email,
+            "customer_name": p.name,
+            "name": "Sign Up",
+        },
+        world.workspace_id,
+        IP,
+        "Mozilla/5.0",
+    )
     offline = tmp_path / "offline-spool"  # not the edge fixture's (settings.spool_dir): its drainer would race
     spool = Spool(offline, max_bytes=10_000_000)
     record = keys.idempotent("d" * 32, keys.partition_for(world.link["code"]))
@@ -257,9 +295,21 @@ async def test_a_late_event_of_an_erased_person_is_stored_scrubbed_by_the_worker
     p = Person()
     await customer(pg, world, "v-late", p)
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
-    late = Envelope(EventType.LEAD, Dialect.REFPORT, {
-        "code": world.link["code"], "visitor_id": "v-late", "external_id": p.external_id, "email": p.email,
-        "customer_name": p.name, "name": "Sign Up"}, world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
+    late = Envelope(
+        EventType.LEAD,
+        Dialect.REFPORT,
+        {
+            "code": world.link["code"],
+            "visitor_id": "v-late",
+            "external_id": p.external_id,
+            "email": p.email,
+            "customer_name": p.name,
+            "name": "Sign Up",
+        },
+        world.workspace_id,
+        IP,
+        "Mozilla/5.0",
+    )
     await redis.xadd(keys.stream_for(world.link["code"]), wire.to_entry_dict(late))
     await drain()
     row = await pg.fetchrow("SELECT * FROM events WHERE event_id = $1", late.event_id)
@@ -273,15 +323,31 @@ async def test_a_late_event_of_an_erased_person_is_stored_scrubbed_by_the_worker
 
     # a click the erasure could not know (no lead named it then), and a late lead naming it
     # as the person's: the click's row is scrubbed too, and its visitor joins the ledger
-    click = Envelope(EventType.CLICK, Dialect.AFFITOR, {"code": world.link["code"], "visitor_id": "v-unknown",
-                     "referrer": "https://ref.test/unknown-click"}, world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
+    click = Envelope(
+        EventType.CLICK,
+        Dialect.AFFITOR,
+        {"code": world.link["code"], "visitor_id": "v-unknown", "referrer": "https://ref.test/unknown-click"},
+        world.workspace_id,
+        IP,
+        "Mozilla/5.0",
+    )
     click.payload["click_id"] = clicks.mint(click.event_id)
     await redis.xadd(keys.stream_for(world.link["code"]), wire.to_entry_dict(click))
     await drain()
     assert await pg.fetchval("SELECT host(ip) FROM events WHERE event_id = $1", click.event_id) == IP
-    later = Envelope(EventType.LEAD, Dialect.REFPORT, {
-        "code": world.link["code"], "visitor_id": "v-unknown", "click_id": click.payload["click_id"],
-        "external_id": p.external_id, "name": "Upgrade"}, world.workspace_id, IP)  # fmt: skip
+    later = Envelope(
+        EventType.LEAD,
+        Dialect.REFPORT,
+        {
+            "code": world.link["code"],
+            "visitor_id": "v-unknown",
+            "click_id": click.payload["click_id"],
+            "external_id": p.external_id,
+            "name": "Upgrade",
+        },
+        world.workspace_id,
+        IP,
+    )
     await redis.xadd(keys.stream_for(world.link["code"]), wire.to_entry_dict(later))
     await drain()
     row = await pg.fetchrow("SELECT ip, referrer, visitor_id FROM events WHERE event_id = $1", click.event_id)
@@ -303,8 +369,10 @@ async def test_a_visitors_raw_row_and_the_one_the_workers_made_under_its_pseudon
         alias = ledger.pseudonym(key, ledger.VISITOR, "v-twin")
         await conn.execute(
             "INSERT INTO customers (workspace_id, visitor_id, status, first_seen_at, last_seen_at)"
-            " VALUES ($1, $2, 3, now() + interval '1 minute', now() + interval '2 minutes')", world.workspace_id, alias,
-        )  # fmt: skip
+            " VALUES ($1, $2, 3, now() + interval '1 minute', now() + interval '2 minutes')",
+            world.workspace_id,
+            alias,
+        )
         first = await conn.fetchval("SELECT id FROM customers WHERE visitor_id = 'v-twin'")
         async with conn.transaction():
             await pg_erasure.scrub_rows(conn, key, world.workspace_id, None, ["v-twin"], [], None)
@@ -318,15 +386,18 @@ async def test_the_ledger_holds_no_personal_data_and_erase_needs_its_own_scope(
 ) -> None:
     p = Person()
     everything = await erase_key(pg, redis, keys, world, ["*"])
-    status, out, _ = await call("DELETE", f"{edge}/v1/customers/{p.external_id}",
-                                headers={"Authorization": f"Bearer {everything}"})  # fmt: skip
+    status, out, _ = await call(
+        "DELETE", f"{edge}/v1/customers/{p.external_id}", headers={"Authorization": f"Bearer {everything}"}
+    )
     assert (status, out) == (403, {"error": "insufficient_scope", "need": "erase"})
     eraser = await erase_key(pg, redis, keys, world, ["erase"])
-    status, out, _ = await call("DELETE", f"{edge}/v1/customers/{p.external_id}",
-                                headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    status, out, _ = await call(
+        "DELETE", f"{edge}/v1/customers/{p.external_id}", headers={"Authorization": f"Bearer {eraser}"}
+    )
     assert status == 202 and out["done"]["postgres"]["events"] == 0  # nobody by that id: recorded all the same
     rows = [tuple(r) for r in await pg.fetch("SELECT * FROM erasures")] + [
-        tuple(r) for r in await pg.fetch("SELECT * FROM erased_ids")]  # fmt: skip
+        tuple(r) for r in await pg.fetch("SELECT * FROM erased_ids")
+    ]
     assert rows and not any(p.external_id in repr(r) for r in rows)
     prefix = eraser.split("_live_")[0] + "_live_"
     assert await pg.fetchval("SELECT requested_by FROM erasures") == eraser[: len(prefix) + 6]
@@ -360,9 +431,18 @@ async def test_an_erasure_whose_pseudonymous_dedupe_key_is_held_already_keeps_on
     from workers.consumer import store
 
     p = Person()
-    lead = Envelope(EventType.LEAD, Dialect.REFPORT, {
-        "code": world.link["code"], "visitor_id": "v-held", "external_id": p.external_id, "email": p.email,
-        "name": "Sign Up"}, world.workspace_id)  # fmt: skip
+    lead = Envelope(
+        EventType.LEAD,
+        Dialect.REFPORT,
+        {
+            "code": world.link["code"],
+            "visitor_id": "v-held",
+            "external_id": p.external_id,
+            "email": p.email,
+            "name": "Sign Up",
+        },
+        world.workspace_id,
+    )
     assert (await store.write_batch(pg, [lead])).inserted == 1
     async with pg.acquire() as conn:
         key = await ledger.salt(conn)
@@ -370,8 +450,9 @@ async def test_an_erasure_whose_pseudonymous_dedupe_key_is_held_already_keeps_on
     await pg.execute(
         "INSERT INTO event_dedupe (workspace_id, type, dedupe_key, event_id, received_at) SELECT workspace_id, type,"
         " $2, event_id, received_at FROM event_dedupe WHERE event_id = $1",
-        lead.event_id, f"lead\x1f{alias}\x1fSign Up",
-    )  # fmt: skip
+        lead.event_id,
+        f"lead\x1f{alias}\x1fSign Up",
+    )
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
     keys_left = [r["dedupe_key"] for r in await pg.fetch("SELECT dedupe_key FROM event_dedupe WHERE type = 2")]
     assert keys_left == [f"lead\x1f{alias}\x1fSign Up"]

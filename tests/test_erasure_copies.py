@@ -54,13 +54,15 @@ async def test_a_person_erased_while_the_workers_were_stopped_leaves_no_stream_e
     status, out, _ = await call("POST", f"{edge}/api/v1/track/click", json=CLICK, source_ip=IP)
     assert status == 200, out
     body = lead_body(out["click_id"], customerExternalId=p.external_id, customerEmail=p.email, customerName=p.name)
-    status, out, _ = await call("POST", f"{edge}/api/track/lead", json=body,
-                                headers={"Authorization": f"Bearer {world.api_key}"}, source_ip=IP)  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/api/track/lead", json=body, headers={"Authorization": f"Bearer {world.api_key}"}, source_ip=IP
+    )
     assert status == 200, out
     assert len(await _holding(redis, keys, IP.encode())) == 2  # the test can fail
     eraser = await erase_key(pg, redis, keys, world, ["erase"])
-    status, out, _ = await call("DELETE", f"{edge}/v1/customers/{p.external_id}",
-                                headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    status, out, _ = await call(
+        "DELETE", f"{edge}/v1/customers/{p.external_id}", headers={"Authorization": f"Bearer {eraser}"}
+    )
     assert status == 202, out
     await procs.cli("erase", "--customer", q.external_id, "--workspace", world.workspace_id, **archive)
     procs.start("work", **archive)
@@ -94,8 +96,13 @@ async def test_an_erasure_scrubs_the_commission_created_payloads_in_the_outbox(
     from .test_webhooks import make_webhook
 
     assert (await rules(edge, world, sale_bps=1000, hold_days=0))[0] == 200
-    await make_webhook(pg, world.workspace_id, "https://hooks.example/h", secretbox.generate_key(),
-                       events=["commission.created", "sale.created"])  # fmt: skip
+    await make_webhook(
+        pg,
+        world.workspace_id,
+        "https://hooks.example/h",
+        secretbox.generate_key(),
+        events=["commission.created", "sale.created"],
+    )
     p = Person()
     click_id = await new_click(edge)
     body = lead_body(click_id, customerExternalId=p.external_id, customerEmail=p.email, customerName=p.name)
@@ -126,16 +133,25 @@ async def test_a_spool_drained_after_the_erasure_keeps_no_raw_click_cache_entry(
     p = Person()
     visitor = f"v-spooled-{secrets.token_hex(4)}"
     await customer(pg, world, visitor, p)
-    click = Envelope(EventType.CLICK, Dialect.AFFIXO, {"code": world.link["code"], "visitor_id": visitor},
-                     world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
+    click = Envelope(
+        EventType.CLICK,
+        Dialect.AFFIXO,
+        {"code": world.link["code"], "visitor_id": visitor},
+        world.workspace_id,
+        IP,
+        "Mozilla/5.0",
+    )
     click_id = clicks.mint(click.event_id)
     click.payload["click_id"] = click_id
     ref = clicks.ClickRef(click_id, world.link["code"], world.workspace_id, visitor, click.received_at_ms)
     fp = keys.fingerprint(world.workspace_id, "ab" * 16)
     offline = tmp_path / "offline-spool"
     spool = Spool(offline, max_bytes=10_000_000)
-    await spool.append(keys.stream_for(world.link["code"]), wire.to_blob(click),
-                       extra=[ref.cache_command(keys, 3600), ("SET", fp, visitor, "NX", "EX", 3600)])  # fmt: skip
+    await spool.append(
+        keys.stream_for(world.link["code"]),
+        wire.to_blob(click),
+        extra=[ref.cache_command(keys, 3600), ("SET", fp, visitor, "NX", "EX", 3600)],
+    )
     await spool.close()
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
     again = Spool(offline, max_bytes=10_000_000)
@@ -164,11 +180,13 @@ async def test_affixos_fingerprint_cache_hands_no_later_click_an_erased_visitor(
     assert again["visitor_id"] == visitor  # the test can fail
     await drain()
     p = Person()  # the visitor signs up (their customers row, as a lead would make it)
-    await pg.execute("UPDATE customers SET external_id = $2, email = $3 WHERE visitor_id = $1", visitor,
-                     p.external_id, p.email)  # fmt: skip
+    await pg.execute(
+        "UPDATE customers SET external_id = $2, email = $3 WHERE visitor_id = $1", visitor, p.external_id, p.email
+    )
     eraser = await erase_key(pg, redis, keys, world, ["erase"])
-    status, out, _ = await call("DELETE", f"{edge}/v1/customers/{p.external_id}",
-                                headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    status, out, _ = await call(
+        "DELETE", f"{edge}/v1/customers/{p.external_id}", headers={"Authorization": f"Bearer {eraser}"}
+    )
     assert status == 202, out
     swept = await erasure.sweep(pg, redis, keys, None)
     assert swept.fingerprints_deleted == 1, swept
@@ -194,13 +212,15 @@ async def test_an_erasure_a_restore_of_postgres_lost_is_honoured_by_the_replay(
     status, out, _ = await call("POST", f"{edge}/api/v1/track/click", json=CLICK, source_ip=IP)
     assert status == 200, out
     body = lead_body(out["click_id"], customerExternalId=p.external_id, customerEmail=p.email, customerName=p.name)
-    status, out, _ = await call("POST", f"{edge}/api/track/lead", json=body,
-                                headers={"Authorization": f"Bearer {world.api_key}"}, source_ip=IP)  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/api/track/lead", json=body, headers={"Authorization": f"Bearer {world.api_key}"}, source_ip=IP
+    )
     assert status == 200, out
     await drain()
     eraser = await erase_key(pg, redis, keys, world, ["erase"])
-    status, done, _ = await call("DELETE", f"{edge}/v1/customers/{p.external_id}",
-                                 headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    status, done, _ = await call(
+        "DELETE", f"{edge}/v1/customers/{p.external_id}", headers={"Authorization": f"Bearer {eraser}"}
+    )
     assert status == 202, done
     assert await redis.hlen(f"{keys.prefix}:erasure:ledger") == 1
     # the restore: a backup from before the erasure (and before the person's rows) is back
@@ -236,13 +256,20 @@ async def test_an_affiliate_and_a_participant_are_erased_everywhere_their_money_
 
     affiliate_ip = "127.0.0.77"
     email = f"partner.{secrets.token_hex(4)}@example.com"
-    await pg.execute("UPDATE affiliates SET email = $2, name = 'Alex Partnerson' WHERE id = $1::uuid",
-                     world.affiliate_id, email)  # fmt: skip
-    await pg.execute("INSERT INTO affiliate_ips (affiliate_id, ip) VALUES ($1::uuid, $2::inet)", world.affiliate_id,
-                     affiliate_ip)  # fmt: skip
+    await pg.execute(
+        "UPDATE affiliates SET email = $2, name = 'Alex Partnerson' WHERE id = $1::uuid", world.affiliate_id, email
+    )
+    await pg.execute(
+        "INSERT INTO affiliate_ips (affiliate_id, ip) VALUES ($1::uuid, $2::inet)", world.affiliate_id, affiliate_ip
+    )
     assert (await rules(edge, world, sale_bps=1000, hold_days=0))[0] == 200
-    hook, _ = await make_webhook(pg, world.workspace_id, "https://hooks.example/h", secretbox.generate_key(),
-                                 events=["fraud.flagged", "commission.created"])  # fmt: skip
+    hook, _ = await make_webhook(
+        pg,
+        world.workspace_id,
+        "https://hooks.example/h",
+        secretbox.generate_key(),
+        events=["fraud.flagged", "commission.created"],
+    )
     click_id = await new_click(edge)
     assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
     await drain()
@@ -253,18 +280,30 @@ async def test_an_affiliate_and_a_participant_are_erased_everywhere_their_money_
         "INSERT INTO event_flags (event_id, rule, workspace_id, link_id, affiliate_id, type, excluded, evidence,"
         " received_at) VALUES ($1, 'self_referral', $2::uuid, $3::uuid, $4::uuid, 2, false, $5::text::jsonb, now())"
         " ON CONFLICT (event_id, rule) DO UPDATE SET evidence = EXCLUDED.evidence",
-        lead_id, world.workspace_id, world.link["id"], world.affiliate_id, orjson.dumps(evidence).decode(),
-    )  # fmt: skip
-    flagged = {"event_id": str(lead_id), "affiliate_id": world.affiliate_id, "rule": "self_referral",
-               "evidence": evidence}  # fmt: skip
+        lead_id,
+        world.workspace_id,
+        world.link["id"],
+        world.affiliate_id,
+        orjson.dumps(evidence).decode(),
+    )
+    flagged = {
+        "event_id": str(lead_id),
+        "affiliate_id": world.affiliate_id,
+        "rule": "self_referral",
+        "evidence": evidence,
+    }
     await pg.execute(
         "INSERT INTO webhook_deliveries (webhook_id, event_type, subject_id, payload) VALUES ($1::uuid,"
         " 'fraud.flagged', $2, $3::text::jsonb) ON CONFLICT (webhook_id, event_type, subject_id, subject_key)"
-        " DO UPDATE SET payload = EXCLUDED.payload", hook, lead_id, orjson.dumps(flagged).decode(),
-    )  # fmt: skip
+        " DO UPDATE SET payload = EXCLUDED.payload",
+        hook,
+        lead_id,
+        orjson.dumps(flagged).decode(),
+    )
     # a participant of the same workspace, in a second campaign
-    program2 = await pg.fetchval("INSERT INTO programs (workspace_id, name) VALUES ($1::uuid, 'Second') RETURNING id",
-                                 world.workspace_id)  # fmt: skip
+    program2 = await pg.fetchval(
+        "INSERT INTO programs (workspace_id, name) VALUES ($1::uuid, 'Second') RETURNING id", world.workspace_id
+    )
     participant = f"part-{secrets.token_hex(4)}"
     await pg.execute(
         "INSERT INTO affiliates (workspace_id, program_id, external_id, name, email) VALUES ($1::uuid, $2, $3, $3, $4)",
@@ -274,8 +313,12 @@ async def test_an_affiliate_and_a_participant_are_erased_everywhere_their_money_
         f"{participant}@example.com",
     )
     await call("GET", f"{edge}/v1/links/{world.link['id']}", headers={"Authorization": f"Bearer {world.api_key}"})
-    needles = {"email": email.encode(), "external id": b"user_123", "IP": affiliate_ip.encode(),
-               "name": b"Alex Partnerson"}  # fmt: skip
+    needles = {
+        "email": email.encode(),
+        "external id": b"user_123",
+        "IP": affiliate_ip.encode(),
+        "name": b"Alex Partnerson",
+    }
     assert found_in([("postgres", pg_dump_text(settings.database_url))], needles)  # the test can fail
     commission = await pg.fetchrow("SELECT id, affiliate_id, amount FROM commissions")
 
@@ -288,11 +331,13 @@ async def test_an_affiliate_and_a_participant_are_erased_everywhere_their_money_
     assert status == 202, out
     (made,) = out["erasures"]
     assert made["done"]["postgres"]["affiliate_ips"] == 1 and made["done"]["postgres"]["webhook_deliveries"] >= 1
-    status, shown, _ = await call("GET", f"{edge}/v1/erasures/{made['erasure_id']}",
-                                  headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    status, shown, _ = await call(
+        "GET", f"{edge}/v1/erasures/{made['erasure_id']}", headers={"Authorization": f"Bearer {eraser}"}
+    )
     assert status == 200 and shown["erasure_id"] == made["erasure_id"]
-    status, out, _ = await call("DELETE", f"{edge}/v1/affiliates/{secrets.token_hex(4)}",
-                                headers={"Authorization": f"Bearer {eraser}"})  # fmt: skip
+    status, out, _ = await call(
+        "DELETE", f"{edge}/v1/affiliates/{secrets.token_hex(4)}", headers={"Authorization": f"Bearer {eraser}"}
+    )
     assert status == 404, out
     row = await pg.fetchrow("SELECT external_id, name, email FROM affiliates WHERE id = $1::uuid", world.affiliate_id)
     assert ledger.is_pseudonym(row["external_id"]) and row["name"] is None and row["email"] is None
@@ -319,8 +364,9 @@ async def test_an_affiliates_erasure_a_restore_lost_is_put_back_from_its_copy(
 
     from ingest.privacy import erasure_affiliate, erasure_copy
 
-    done = await erasure_affiliate.erase(pg, world.workspace_id, affiliate_id=world.affiliate_id, by="test",
-                                         archive_days=30)  # fmt: skip
+    done = await erasure_affiliate.erase(
+        pg, world.workspace_id, affiliate_id=world.affiliate_id, by="test", archive_days=30
+    )
     made = [uuid.UUID(e["erasure_id"]) for e in done.erasures]
     assert await erasure_copy.keep(pg, redis, keys, made) == 1
     # the restore: the erasure gone, the row as it was before
@@ -348,12 +394,25 @@ async def test_a_worker_restores_the_erasures_postgres_lost_before_its_first_bat
     assert await erasure_copy.keep(pg, redis, keys, [done.id]) == 1
     await pg.execute("DELETE FROM erasures")  # the restore
     await redis.hset(erasure_copy.key(keys), "junk", b"not a copy")  # names nobody, stops nothing
-    lead = Envelope(EventType.LEAD, Dialect.REFPORT, {
-        "code": world.link["code"], "visitor_id": "v-restored", "external_id": p.external_id, "email": p.email,
-        "customer_name": p.name, "name": "Sign Up"}, world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
+    lead = Envelope(
+        EventType.LEAD,
+        Dialect.REFPORT,
+        {
+            "code": world.link["code"],
+            "visitor_id": "v-restored",
+            "external_id": p.external_id,
+            "email": p.email,
+            "customer_name": p.name,
+            "name": "Sign Up",
+        },
+        world.workspace_id,
+        IP,
+        "Mozilla/5.0",
+    )
     await redis.xadd(keys.stream_for(world.link["code"]), wire.to_entry_dict(lead))
     await drain()
-    row = await pg.fetchrow("SELECT host(ip) AS ip, customer_external_id, payload FROM events WHERE event_id = $1",
-                            lead.event_id)  # fmt: skip
+    row = await pg.fetchrow(
+        "SELECT host(ip) AS ip, customer_external_id, payload FROM events WHERE event_id = $1", lead.event_id
+    )
     assert row["ip"] is None and ledger.is_pseudonym(row["customer_external_id"]), row
     assert await pg.fetchval("SELECT count(*) FROM erasures WHERE id = $1", uuid.UUID(str(done.id))) == 1

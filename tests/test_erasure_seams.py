@@ -57,8 +57,15 @@ class Hooked:
 
 
 def click_of(world: World, visitor: str, ms: int | None = None) -> Envelope:
-    e = Envelope(EventType.CLICK, Dialect.AFFITOR, {"code": world.link["code"], "visitor_id": visitor,
-                 "referrer": REFERRER}, world.workspace_id, IP, "Mozilla/5.0", event_id=uuid7(ms))  # fmt: skip
+    e = Envelope(
+        EventType.CLICK,
+        Dialect.AFFITOR,
+        {"code": world.link["code"], "visitor_id": visitor, "referrer": REFERRER},
+        world.workspace_id,
+        IP,
+        "Mozilla/5.0",
+        event_id=uuid7(ms),
+    )
     if ms is not None:
         e.received_at_ms = ms
     e.payload["click_id"] = clicks.mint(e.event_id)
@@ -66,10 +73,22 @@ def click_of(world: World, visitor: str, ms: int | None = None) -> Envelope:
 
 
 def lead_of(world: World, p: Person, click: Envelope) -> Envelope:
-    return Envelope(EventType.LEAD, Dialect.REFPORT, {
-        "code": world.link["code"], "visitor_id": click.payload["visitor_id"], "click_id": click.payload["click_id"],
-        "external_id": p.external_id, "email": p.email, "customer_name": p.name, "name": "Sign Up"},
-        world.workspace_id, IP, "Mozilla/5.0")  # fmt: skip
+    return Envelope(
+        EventType.LEAD,
+        Dialect.REFPORT,
+        {
+            "code": world.link["code"],
+            "visitor_id": click.payload["visitor_id"],
+            "click_id": click.payload["click_id"],
+            "external_id": p.external_id,
+            "email": p.email,
+            "customer_name": p.name,
+            "name": "Sign Up",
+        },
+        world.workspace_id,
+        IP,
+        "Mozilla/5.0",
+    )
 
 
 async def appended(redis: Any, keys: Keys, world: World, p: Person, visitor: str) -> Envelope:
@@ -242,12 +261,15 @@ async def test_the_sweeps_recheck_learns_the_click_of_a_raw_lead_it_scrubs(
         erasure_id = await conn.fetchval(
             "INSERT INTO erasures (id, workspace_id, subject, requested_by, archive_due, postgres_at)"
             " VALUES (gen_random_uuid(), $1, $2, 'test', now() + interval '30 days', now()) RETURNING id",
-            world.workspace_id, ledger.digest(key, ledger.EXTERNAL, p.external_id, world.workspace_id),
-        )  # fmt: skip
+            world.workspace_id,
+            ledger.digest(key, ledger.EXTERNAL, p.external_id, world.workspace_id),
+        )
         await conn.execute(
             "INSERT INTO erased_ids (digest, erasure_id, kind, workspace_id) VALUES ($1, $2, 'x', $3)",
-            ledger.digest(key, ledger.EXTERNAL, p.external_id, world.workspace_id), erasure_id, world.workspace_id,
-        )  # fmt: skip
+            ledger.digest(key, ledger.EXTERNAL, p.external_id, world.workspace_id),
+            erasure_id,
+            world.workspace_id,
+        )
     assert not await in_ledger(pg, ledger.EVENT, click.event_id.hex)
     assert await erasure_late.recheck(pg, key, world.workspace_id, datetime.now(UTC) - timedelta(hours=1)) >= 1
     assert await in_ledger(pg, ledger.EVENT, click.event_id.hex)
@@ -270,7 +292,7 @@ async def test_a_ledger_hold_whose_connection_is_cut_is_unavailable_not_an_error
                 ended = await pg.fetchval(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
                     " AND state = 'idle in transaction' AND pid <> pg_backend_pid()"
-                )  # fmt: skip
+                )
                 assert ended == 1
     finally:
         await own.close()

@@ -44,10 +44,17 @@ def _at(days_ago: float, minutes: int = 0) -> str:
 def _history(code: str, customer: str, email: str, visitor: str = SHARED) -> list[dict[str, Any]]:
     """A click under ``visitor`` and a lead of ``customer`` on it, days ago."""
     return [
-        {"type": "click", "id": "c1", "timestamp": _at(3), "link": code, "ip": "203.0.113.9", "visitor_id": visitor,
-         "referrer": REFERRER},
+        {
+            "type": "click",
+            "id": "c1",
+            "timestamp": _at(3),
+            "link": code,
+            "ip": "203.0.113.9",
+            "visitor_id": visitor,
+            "referrer": REFERRER,
+        },
         {"type": "lead", "id": "l1", "timestamp": _at(3, 5), "click": "c1", "customer_id": customer, "email": email},
-    ]  # fmt: skip
+    ]
 
 
 async def _import(settings: Settings, tmp_path: Path, world: World, rows: list[dict[str, Any]]) -> None:
@@ -65,8 +72,9 @@ async def _eraser(pg: asyncpg.Pool, redis: Any, keys: Keys, world: World) -> str
 
 async def _erase(edge: str, pg: asyncpg.Pool, redis: Any, keys: Keys, world: World, external_id: str) -> None:
     key = await _eraser(pg, redis, keys, world)
-    status, out, _ = await call("DELETE", f"{edge}/v1/customers/{external_id}",
-                                headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+    status, out, _ = await call(
+        "DELETE", f"{edge}/v1/customers/{external_id}", headers={"Authorization": f"Bearer {key}"}
+    )
     assert status == 202, out
 
 
@@ -80,18 +88,37 @@ async def _state(pg: asyncpg.Pool, world: World) -> dict[str, Any]:
     """Everything of a workspace an erasure elsewhere must leave as it is."""
     ws = world.workspace_id
     return {
-        "customers": [tuple(r) for r in await pg.fetch(
-            "SELECT external_id, visitor_id, email, status FROM customers WHERE workspace_id = $1 ORDER BY id", ws)],
-        "events": [tuple(r) for r in await pg.fetch(
-            "SELECT event_id, type, visitor_id, customer_external_id, host(ip), referrer, payload::text FROM events"
-            " WHERE workspace_id = $1 ORDER BY event_id", ws)],
-        "sales": [tuple(r) for r in await pg.fetch(
-            "SELECT event_id, customer_external_id, link_id, affiliate_id, metadata::text FROM sales"
-            " WHERE workspace_id = $1 ORDER BY event_id", ws)],
-        "commissions": [tuple(r) for r in await pg.fetch(
-            "SELECT c.* FROM commissions c JOIN affiliates a ON a.id = c.affiliate_id WHERE a.workspace_id = $1"
-            " ORDER BY 1", ws)],
-    }  # fmt: skip
+        "customers": [
+            tuple(r)
+            for r in await pg.fetch(
+                "SELECT external_id, visitor_id, email, status FROM customers WHERE workspace_id = $1 ORDER BY id", ws
+            )
+        ],
+        "events": [
+            tuple(r)
+            for r in await pg.fetch(
+                "SELECT event_id, type, visitor_id, customer_external_id, host(ip), referrer, payload::text FROM events"
+                " WHERE workspace_id = $1 ORDER BY event_id",
+                ws,
+            )
+        ],
+        "sales": [
+            tuple(r)
+            for r in await pg.fetch(
+                "SELECT event_id, customer_external_id, link_id, affiliate_id, metadata::text FROM sales"
+                " WHERE workspace_id = $1 ORDER BY event_id",
+                ws,
+            )
+        ],
+        "commissions": [
+            tuple(r)
+            for r in await pg.fetch(
+                "SELECT c.* FROM commissions c JOIN affiliates a ON a.id = c.affiliate_id WHERE a.workspace_id = $1"
+                " ORDER BY 1",
+                ws,
+            )
+        ],
+    }
 
 
 async def _alice_gone(pg: asyncpg.Pool, world: World, email: str) -> None:
@@ -100,8 +127,11 @@ async def _alice_gone(pg: asyncpg.Pool, world: World, email: str) -> None:
     assert ledger.is_pseudonym(row["external_id"]) and ledger.is_pseudonym(row["visitor_id"]) and row["email"] is None
     assert not await pg.fetchval(
         "SELECT count(*) FROM events WHERE workspace_id = $1 AND (visitor_id = $2 OR referrer IS NOT NULL"
-        " OR ip IS NOT NULL OR payload::text LIKE '%' || $3 || '%')", ws, SHARED, email,
-    )  # fmt: skip
+        " OR ip IS NOT NULL OR payload::text LIKE '%' || $3 || '%')",
+        ws,
+        SHARED,
+        email,
+    )
 
 
 @pytest.fixture
@@ -110,17 +140,28 @@ async def other(pg: asyncpg.Pool, redis: Any, keys: Keys) -> World:
 
 
 async def test_an_erasure_in_one_workspace_leaves_anothers_person_of_the_same_visitor_id(
-    edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys,
-    drain: Any, tmp_path: Path,
-) -> None:  # fmt: skip
+    edge: str,
+    world: World,
+    other: World,
+    settings: Settings,
+    pg: asyncpg.Pool,
+    redis: Any,
+    keys: Keys,
+    drain: Any,
+    tmp_path: Path,
+) -> None:
     """Alice in A and Bob in B, each imported on a click of visitor ``v-1001``, a live sale
     of Bob's in B; Alice's erasure in A, the sweep, then another sale of Bob's: Bob's rows,
     attribution and commissions in B are as they were, the new sale his too; Alice is gone."""
     await pg.execute('UPDATE programs SET commission = \'{"sale_bps": 1000, "lead_flat": 300}\'')
     await _import(settings, tmp_path, world, _history(world.link["code"], "alice", "alice@a.example"))
     await _import(settings, tmp_path, other, _history(other.link["code"], "bob", "bob@b.example"))
-    status, _, _ = await call("POST", f"{edge}/api/track/sale", headers={"Authorization": f"Bearer {other.api_key}"},
-                              json=sale_body(customerExternalId="bob", invoiceId="inv-b1"))  # fmt: skip
+    status, _, _ = await call(
+        "POST",
+        f"{edge}/api/track/sale",
+        headers={"Authorization": f"Bearer {other.api_key}"},
+        json=sale_body(customerExternalId="bob", invoiceId="inv-b1"),
+    )
     assert status == 200
     await drain()
     before = await _state(pg, other)
@@ -133,8 +174,12 @@ async def test_an_erasure_in_one_workspace_leaves_anothers_person_of_the_same_vi
     await _alice_gone(pg, world, "alice@a.example")
 
     # Bob's next sale still finds his lead: attributed, and a commission of its own
-    status, _, _ = await call("POST", f"{edge}/api/track/sale", headers={"Authorization": f"Bearer {other.api_key}"},
-                              json=sale_body(customerExternalId="bob", invoiceId="inv-b2"))  # fmt: skip
+    status, _, _ = await call(
+        "POST",
+        f"{edge}/api/track/sale",
+        headers={"Authorization": f"Bearer {other.api_key}"},
+        json=sale_body(customerExternalId="bob", invoiceId="inv-b2"),
+    )
     assert status == 200
     await drain()
     after = await _state(pg, other)
@@ -145,16 +190,25 @@ async def test_an_erasure_in_one_workspace_leaves_anothers_person_of_the_same_vi
 
 async def _affixo(edge: str, world: World, visitor: str, again: bool) -> None:
     body = {"ref": world.link["code"], "visitor_id": visitor, "url": "https://yoursite.com/", "referrer": REFERRER}
-    status, out, _ = await call("POST", f"{edge}/v1/track/click", json=body,
-                                headers={"Authorization": f"Bearer {world.api_key}"})  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/v1/track/click", json=body, headers={"Authorization": f"Bearer {world.api_key}"}
+    )
     assert status == 200, out
 
 
 async def _batch(edge: str, world: World, visitor: str, again: bool) -> None:
-    items = [{"type": "click", "ref": world.link["code"], "visitor_id": visitor, "ip": "81.2.69.160",
-              "user_agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0"}]  # fmt: skip
-    status, out, _ = await call("POST", f"{edge}/v1/events/batch", json=items,
-                                headers={"Authorization": f"Bearer {world.api_key}"})  # fmt: skip
+    items = [
+        {
+            "type": "click",
+            "ref": world.link["code"],
+            "visitor_id": visitor,
+            "ip": "81.2.69.160",
+            "user_agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0",
+        }
+    ]
+    status, out, _ = await call(
+        "POST", f"{edge}/v1/events/batch", json=items, headers={"Authorization": f"Bearer {world.api_key}"}
+    )
     assert status == 200 and out["accepted"] == 1, out
 
 
@@ -179,9 +233,17 @@ async def _entries(redis: Any, keys: Keys, world: World) -> list[tuple[Any, byte
 
 @pytest.mark.parametrize("door", [_affixo, _batch, _bricqs], ids=["affixo", "batch", "bricqs"])
 async def test_a_shared_client_chosen_id_erased_in_one_workspace_stays_in_another(
-    door: Any, edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any,
-    keys: Keys, drain: Any, tmp_path: Path,
-) -> None:  # fmt: skip
+    door: Any,
+    edge: str,
+    world: World,
+    other: World,
+    settings: Settings,
+    pg: asyncpg.Pool,
+    redis: Any,
+    keys: Keys,
+    drain: Any,
+    tmp_path: Path,
+) -> None:
     """B's visitor ``v-1001`` (an Affixo ``visitor_id``, a batch click's ``visitor_id``, a
     Bricqs ``referred_session_id``) before and after A erases its Alice of the same visitor
     id: B's rows are untouched by the erasure and its sweep, and B's later event of that
@@ -207,9 +269,16 @@ async def test_a_shared_client_chosen_id_erased_in_one_workspace_stays_in_anothe
 
 
 async def test_deleting_a_workspace_leaves_anothers_erasure_of_the_same_id_honoured(
-    edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys,
-    drain: Any, tmp_path: Path,
-) -> None:  # fmt: skip
+    edge: str,
+    world: World,
+    other: World,
+    settings: Settings,
+    pg: asyncpg.Pool,
+    redis: Any,
+    keys: Keys,
+    drain: Any,
+    tmp_path: Path,
+) -> None:
     """A and B each erase their person of visitor ``v-1001`` (A first). A is deleted; a later
     import into B of a click of that visitor is stored scrubbed: B's erasure still holds."""
     await _import(settings, tmp_path, world, _history(world.link["code"], "alice", "alice@a.example"))
@@ -219,8 +288,15 @@ async def test_deleting_a_workspace_leaves_anothers_erasure_of_the_same_id_honou
     await _sweep(pg, redis, keys)
     await pg.execute("DELETE FROM workspaces WHERE id = $1", world.workspace_id)
     assert not await pg.fetchval("SELECT count(*) FROM erasures WHERE workspace_id = $1", world.workspace_id)
-    late = {"type": "click", "id": "c9", "timestamp": _at(1), "link": other.link["code"], "ip": "203.0.113.10",
-            "visitor_id": SHARED, "referrer": REFERRER}  # fmt: skip
+    late = {
+        "type": "click",
+        "id": "c9",
+        "timestamp": _at(1),
+        "link": other.link["code"],
+        "ip": "203.0.113.10",
+        "visitor_id": SHARED,
+        "referrer": REFERRER,
+    }
     await _import(settings, tmp_path, other, [late])
     rows = await pg.fetch(
         "SELECT visitor_id, ip, referrer FROM events WHERE workspace_id = $1 AND type = 1", other.workspace_id
@@ -251,20 +327,32 @@ async def test_an_entry_of_the_global_ledger_keeps_protecting_after_the_migratio
             ids[w.workspace_id] = await conn.fetchval(
                 "INSERT INTO erasures (id, workspace_id, subject, requested_by, archive_due, postgres_at)"
                 " VALUES (gen_random_uuid(), $1, $2, 'test', now() + interval '30 days', now()) RETURNING id",
-                w.workspace_id, subject,
-            )  # fmt: skip
-            await conn.execute("INSERT INTO erased_ids (digest, erasure_id, kind) VALUES ($1, $2, 'x')",
-                               subject, ids[w.workspace_id])  # fmt: skip
+                w.workspace_id,
+                subject,
+            )
+            await conn.execute(
+                "INSERT INTO erased_ids (digest, erasure_id, kind) VALUES ($1, $2, 'x')", subject, ids[w.workspace_id]
+            )
         shared = ledger.digest(key, ledger.VISITOR, SHARED)
-        await conn.execute("INSERT INTO erased_ids (digest, erasure_id, kind) VALUES ($1, $2, 'v')",
-                           shared, ids[world.workspace_id])  # fmt: skip
+        await conn.execute(
+            "INSERT INTO erased_ids (digest, erasure_id, kind) VALUES ($1, $2, 'v')", shared, ids[world.workspace_id]
+        )
         await migrate(conn)
         await migrate(conn)  # a second run changes nothing
-        held = {(str(r["workspace_id"]), r["erasure_id"]) for r in await conn.fetch(
-            "SELECT workspace_id, erasure_id FROM erased_ids WHERE digest = $1", shared)}  # fmt: skip
+        held = {
+            (str(r["workspace_id"]), r["erasure_id"])
+            for r in await conn.fetch("SELECT workspace_id, erasure_id FROM erased_ids WHERE digest = $1", shared)
+        }
     assert held == {(world.workspace_id, ids[world.workspace_id]), (other.workspace_id, ids[other.workspace_id])}
-    late = {"type": "click", "id": "c9", "timestamp": _at(1), "link": other.link["code"], "ip": "203.0.113.10",
-            "visitor_id": SHARED, "referrer": REFERRER}  # fmt: skip
+    late = {
+        "type": "click",
+        "id": "c9",
+        "timestamp": _at(1),
+        "link": other.link["code"],
+        "ip": "203.0.113.10",
+        "visitor_id": SHARED,
+        "referrer": REFERRER,
+    }
     await _import(settings, tmp_path, other, [late])
     await _import(settings, tmp_path, third, [{**late, "link": third.link["code"]}])
     rows = {str(r["workspace_id"]): r for r in await pg.fetch("SELECT workspace_id, visitor_id, ip FROM events")}
@@ -273,9 +361,16 @@ async def test_an_entry_of_the_global_ledger_keeps_protecting_after_the_migratio
 
 
 async def test_the_archive_pass_leaves_another_workspaces_entries_of_a_shared_visitor_id(
-    edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys,
-    drain: Any, tmp_path: Path,
-) -> None:  # fmt: skip
+    edge: str,
+    world: World,
+    other: World,
+    settings: Settings,
+    pg: asyncpg.Pool,
+    redis: Any,
+    keys: Keys,
+    drain: Any,
+    tmp_path: Path,
+) -> None:
     """B's Affixo click of visitor ``v-1001``, archived; A erases its Alice of that visitor
     id, and the sweep's archive pass runs to done: B's segment is as it was."""
     settings = archived(settings, tmp_path)
@@ -294,15 +389,27 @@ async def test_the_archive_pass_leaves_another_workspaces_entries_of_a_shared_vi
 
 
 async def test_a_spool_drained_after_an_erasure_elsewhere_appends_the_other_workspaces_event_as_sent(
-    edge: str, world: World, other: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys,
+    edge: str,
+    world: World,
+    other: World,
+    settings: Settings,
+    pg: asyncpg.Pool,
+    redis: Any,
+    keys: Keys,
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     """B's click of visitor ``v-1001`` spooled while Redis was away drains after A erased
     its Alice of that visitor id: the drain's ledger check appends it as it was sent."""
     await _import(settings, tmp_path, world, _history(world.link["code"], "alice", "alice@a.example"))
     await _erase(edge, pg, redis, keys, world, "alice")
-    click = Envelope(EventType.CLICK, Dialect.AFFIXO, {"code": other.link["code"], "visitor_id": SHARED,
-                     "referrer": REFERRER}, other.workspace_id, "127.0.0.9", "Mozilla/5.0")  # fmt: skip
+    click = Envelope(
+        EventType.CLICK,
+        Dialect.AFFIXO,
+        {"code": other.link["code"], "visitor_id": SHARED, "referrer": REFERRER},
+        other.workspace_id,
+        "127.0.0.9",
+        "Mozilla/5.0",
+    )
     offline = tmp_path / "offline-spool"  # not the edge fixture's (settings.spool_dir): its drainer would race
     spool = Spool(offline, max_bytes=10_000_000)
     await spool.append(keys.stream_for(other.link["code"]), wire.to_blob(click))

@@ -31,8 +31,10 @@ def _pg(cls: type[asyncpg.PostgresError]) -> asyncpg.PostgresError:
         (_pg(asyncpg.exceptions.DeadlockDetectedError), "postgres_contention"),  # 40P01
         (_pg(asyncpg.exceptions.LockNotAvailableError), "postgres_contention"),  # 55P03
         (asyncpg.exceptions.ConnectionDoesNotExistError("closed"), "postgres_unavailable"),
-        (asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"),
-         "postgres_unavailable"),
+        (
+            asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"),
+            "postgres_unavailable",
+        ),
         (ConnectionRefusedError(111, "refused"), "postgres_unavailable"),
         (TimeoutError(), "postgres_unavailable"),
         # the entry's own data: set aside, never waited for
@@ -43,7 +45,7 @@ def _pg(cls: type[asyncpg.PostgresError]) -> asyncpg.PostgresError:
         (asyncpg.exceptions.DataError("invalid input for query argument"), None),  # client-side, a ValueError
         (ValueError("bad"), None),
     ],
-)  # fmt: skip
+)
 def test_postgres_errors_by_sqlstate_class(exc: BaseException, reason: str | None) -> None:
     assert postgres_outage(exc) == reason
     # the edge's middleware agrees: an outage is 503 "try again", the data's fault is not

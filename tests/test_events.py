@@ -104,8 +104,19 @@ def test_stream_keys_are_hash_tagged_per_partition():
     assert {keys.partition_for(f"code{i}") for i in range(200)} == {0, 1, 2, 3}
 
 
-UA_PARTS = ["Mozilla/5.0 (", ") AppleWebKit/537.36 (KHTML, like Gecko) Chrome/", "124", ".0.0.0", " Safari/537.36",
-            "Mozilla/5.0", "\x01", "\x00", "é", " ", ";"]  # fmt: skip
+UA_PARTS = [
+    "Mozilla/5.0 (",
+    ") AppleWebKit/537.36 (KHTML, like Gecko) Chrome/",
+    "124",
+    ".0.0.0",
+    " Safari/537.36",
+    "Mozilla/5.0",
+    "\x01",
+    "\x00",
+    "é",
+    " ",
+    ";",
+]
 
 
 PAYLOAD_KEYS = ["code", "c", "~", "~c", "~~", "", "visitor_id", "v", "referrer", "metadata", "Code"]
@@ -164,9 +175,23 @@ def test_entry_layout():
     chrome += " Chrome/124.0.0.0 Safari/537.36"
     e = Envelope(EventType.LEAD, Dialect.REFPORT, {"code": "a"}, ws, "203.0.113.7", chrome)
     assert wire.to_entry(e) == (
-        b"i", e.event_id.bytes, b"t", 2, b"w", uuid.UUID(ws).bytes, b"r", e.received_at_ms, b"a", b"203.0.113.7",
-        b"u", b"\x01\x05\x02124\x15\x04", b"d", 5, b"p", b'{"c":"a"}',
-    )  # fmt: skip
+        b"i",
+        e.event_id.bytes,
+        b"t",
+        2,
+        b"w",
+        uuid.UUID(ws).bytes,
+        b"r",
+        e.received_at_ms,
+        b"a",
+        b"203.0.113.7",
+        b"u",
+        b"\x01\x05\x02124\x15\x04",
+        b"d",
+        5,
+        b"p",
+        b'{"c":"a"}',
+    )
     bot = "Mozilla/5.0 (compatible; Googlebot/2.1)\t"  # a control byte: verbatim, behind a NUL
     assert (
         wire.to_entry_dict(Envelope(EventType.CLICK, Dialect.BIORE, {}, user_agent=bot))[b"u"] == b"\x00" + bot.encode()

@@ -126,9 +126,7 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
             await (conn.execute(statement, start_ms) if "$1" in statement else conn.execute(statement))
         assert await conn.fetchval("SELECT count(*) FROM events") == 200_000
         assert await conn.fetchval("SELECT count(*) FROM events_default") == 0
-        ws, link, affiliate = await conn.fetchrow(
-            "SELECT workspace_id, id, affiliate_id FROM links WHERE code = 'L77'"
-        )  # fmt: skip
+        ws, link, affiliate = await conn.fetchrow("SELECT workspace_id, id, affiliate_id FROM links WHERE code = 'L77'")
         links = [r["id"] for r in await conn.fetch(stats.AFFILIATE_LINKS_SQL, ws, affiliate)]
         today = await conn.fetchval("SELECT current_date")
         first = datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC) + timedelta(days=2)  # a person's first event
@@ -176,11 +174,12 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
         ]
         reads["drop_stats"].append((stats.WORKSPACE_SQL[2], ws, since, today))
         holding = {
-            r["relname"] for r in await conn.fetch(
+            r["relname"]
+            for r in await conn.fetch(
                 "SELECT relname FROM pg_class WHERE relkind = 'r' AND reltuples >= 1000"
                 " AND relnamespace = 'public'::regnamespace"
             )
-        }  # fmt: skip
+        }
         tables = {"links", "customers", "daily_stats", "drop_stats", "sale_stats", "sales", "commissions", "payouts"}
         assert {f"events_p2033010{d}" for d in range(4, 9)} | tables <= holding
         for table, queries in reads.items():
@@ -190,8 +189,10 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
                 assert uses_an_index(nodes, {t for t in holding if t.startswith(table)}), f"{table}: {sql}\n{nodes}"
         # the erasure's look goes by the person's visitor (and customer, and click), the re-check
         # by the workspace's event ids: index names, not just index scans
-        wanted = (("_pkey", "_visitor_id_event_id_idx", "_customer_external_id_event_id_idx", "_click_id_event_id_idx"),
-                  ("_workspace_id_event_id_idx",))  # fmt: skip
+        wanted = (
+            ("_pkey", "_visitor_id_event_id_idx", "_customer_external_id_event_id_idx", "_click_id_event_id_idx"),
+            ("_workspace_id_event_id_idx",),
+        )
         for (sql, *args), names in zip(reads["events_erasure"], wanted, strict=True):
             for mode in ("force_generic_plan", "force_custom_plan"):
                 await conn.execute(f"SET plan_cache_mode = {mode}")

@@ -52,11 +52,15 @@ def auth(key: str) -> dict[str, str]:
 
 async def held(pg: asyncpg.Pool, *forms: str) -> list[Any]:
     """Rows of any table a lead or sale writes that still name one of ``forms``."""
-    return [tuple(r) for r in await pg.fetch(
-        "SELECT 'customers', external_id FROM customers WHERE external_id = ANY($1::text[])"
-        " UNION ALL SELECT 'events', customer_external_id FROM events WHERE customer_external_id = ANY($1::text[])"
-        " UNION ALL SELECT 'sales', customer_external_id FROM sales WHERE customer_external_id = ANY($1::text[])",
-        list(forms))]  # fmt: skip
+    return [
+        tuple(r)
+        for r in await pg.fetch(
+            "SELECT 'customers', external_id FROM customers WHERE external_id = ANY($1::text[])"
+            " UNION ALL SELECT 'events', customer_external_id FROM events WHERE customer_external_id = ANY($1::text[])"
+            " UNION ALL SELECT 'sales', customer_external_id FROM sales WHERE customer_external_id = ANY($1::text[])",
+            list(forms),
+        )
+    ]
 
 
 @pytest.mark.parametrize("case", sorted(TRICKY))
@@ -66,12 +70,17 @@ async def test_whatever_a_lead_route_accepted_is_erased_through_the_api(
     token = secrets.token_hex(3)
     sent, named = (form.format(t=token) for form in TRICKY[case])
     normal = ids.normalize(sent)
-    status, out, _ = await call("POST", f"{edge}/api/track/lead", json=lead_body(await new_click(edge),
-                                customerExternalId=sent), headers=auth(world.api_key))  # fmt: skip
+    status, out, _ = await call(
+        "POST",
+        f"{edge}/api/track/lead",
+        json=lead_body(await new_click(edge), customerExternalId=sent),
+        headers=auth(world.api_key),
+    )
     assert status == 200, out
     assert out["customer"]["externalId"] == normal  # stored and echoed as the rule writes it
-    status, out, _ = await call("POST", f"{edge}/api/track/sale", json=sale_body(customerExternalId=sent),
-                                headers=auth(world.api_key))  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/api/track/sale", json=sale_body(customerExternalId=sent), headers=auth(world.api_key)
+    )
     assert status == 200, out
     await drain()
     assert await held(pg, sent, normal, named)  # the test can fail: the person is stored
@@ -91,21 +100,34 @@ async def test_whatever_a_lead_route_accepted_is_erased_through_the_api(
 
 @pytest.mark.parametrize("refused", ["a\tb", "a\u200bb", "a\u2028b", " \u00a0\t", "\u200b"])
 async def test_an_id_the_rule_refuses_is_each_routes_400(refused: str, edge: str, world: World) -> None:
-    status, out, _ = await call("POST", f"{edge}/api/track/lead", json=lead_body(await new_click(edge),
-                                customerExternalId=refused), headers=auth(world.api_key))  # fmt: skip
+    status, out, _ = await call(
+        "POST",
+        f"{edge}/api/track/lead",
+        json=lead_body(await new_click(edge), customerExternalId=refused),
+        headers=auth(world.api_key),
+    )
     assert (status, out["error"]["code"]) == (400, "VALIDATION_ERROR"), out
-    status, out, _ = await call("POST", f"{edge}/api/track/sale", json=sale_body(customerExternalId=refused),
-                                headers=auth(world.api_key))  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/api/track/sale", json=sale_body(customerExternalId=refused), headers=auth(world.api_key)
+    )
     assert (status, out["error"]["code"]) == (400, "VALIDATION_ERROR"), out
-    status, out, _ = await call("POST", f"{edge}/v1/track/conversion", json={"customer_id": refused, "amount": 1},
-                                headers=auth(world.api_key))  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/v1/track/conversion", json={"customer_id": refused, "amount": 1}, headers=auth(world.api_key)
+    )
     assert status == 400, out
-    status, out, _ = await call("POST", f"{edge}/v1/events/batch", headers=auth(world.api_key), json=[
-        {"type": "lead", **lead_body(await new_click(edge), customerExternalId=refused)},
-        {"type": "conversion", "code": "PARTNER123", "referred_session_id": refused}])  # fmt: skip
+    status, out, _ = await call(
+        "POST",
+        f"{edge}/v1/events/batch",
+        headers=auth(world.api_key),
+        json=[
+            {"type": "lead", **lead_body(await new_click(edge), customerExternalId=refused)},
+            {"type": "conversion", "code": "PARTNER123", "referred_session_id": refused},
+        ],
+    )
     assert status == 200 and [r.get("error") for r in out["results"]] == ["invalid", "invalid"], out
-    status, out, _ = await call("POST", f"{edge}/api/v1/referrals/convert",
-                                json={"code": "PARTNER123", "referred_session_id": refused})  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/api/v1/referrals/convert", json={"code": "PARTNER123", "referred_session_id": refused}
+    )
     assert (status, out["error"]) == (400, "validation_error"), out
 
 
@@ -118,8 +140,11 @@ async def test_rows_stored_before_the_rule_are_still_erased_by_the_id_as_given(
     for i, stored in enumerate(["old\u00a0", "old\tone", "e\u0301t\u00e9"]):
         await pg.execute(
             "INSERT INTO customers (workspace_id, visitor_id, external_id, email, first_seen_at, last_seen_at)"
-            " VALUES ($1, $2, $3, 'x@example.com', now(), now())", world.workspace_id, f"v-old-{i}", stored,
-        )  # fmt: skip
+            " VALUES ($1, $2, $3, 'x@example.com', now(), now())",
+            world.workspace_id,
+            f"v-old-{i}",
+            stored,
+        )
         status, out, _ = await call("GET", f"{edge}/v1/customers/{quote(stored, safe='')}", headers=auth(world.api_key))
         assert (status, out.get("external_id")) == (200, stored), out
         status, done, _ = await call("DELETE", f"{edge}/v1/customers/{quote(stored, safe='')}", headers=auth(eraser))
@@ -129,12 +154,18 @@ async def test_rows_stored_before_the_rule_are_still_erased_by_the_id_as_given(
     for stored in ["new-old\u00a0", "cafe\u0301-old", "\ufeffbom-old"]:
         await pg.execute(
             "INSERT INTO customers (workspace_id, visitor_id, external_id, email, first_seen_at, last_seen_at)"
-            " VALUES ($1, $2, $3, 'x@example.com', now(), now())", world.workspace_id, f"v-{stored}", stored,
-        )  # fmt: skip
-        await pg.execute("INSERT INTO sales (event_id, workspace_id, customer_external_id, amount, currency,"
-                         " event_name, payment_processor, unattributed, dialect, received_at) VALUES"
-                         " (gen_random_uuid(), $1, $2, 1, 'usd', 'Purchase', 'custom', 'no_lead', 'refport', now())",
-                         world.workspace_id, stored)  # fmt: skip
+            " VALUES ($1, $2, $3, 'x@example.com', now(), now())",
+            world.workspace_id,
+            f"v-{stored}",
+            stored,
+        )
+        await pg.execute(
+            "INSERT INTO sales (event_id, workspace_id, customer_external_id, amount, currency,"
+            " event_name, payment_processor, unattributed, dialect, received_at) VALUES"
+            " (gen_random_uuid(), $1, $2, 1, 'usd', 'Purchase', 'custom', 'no_lead', 'refport', now())",
+            world.workspace_id,
+            stored,
+        )
         normal = quote(ids.normalize(stored), safe="")
         status, done, _ = await call("DELETE", f"{edge}/v1/customers/{normal}", headers=auth(eraser))
         assert status == 202, done
@@ -163,8 +194,11 @@ async def test_refstream_erase_normalizes_as_the_routes_do(
     for external_id, visitor in stored.items():
         await pg.execute(
             "INSERT INTO customers (workspace_id, visitor_id, external_id, first_seen_at, last_seen_at)"
-            " VALUES ($1, $2, $3, now(), now())", world.workspace_id, visitor, external_id,
-        )  # fmt: skip
+            " VALUES ($1, $2, $3, now(), now())",
+            world.workspace_id,
+            visitor,
+            external_id,
+        )
     out = await procs.cli("erase", "--customer", f"\u200bcust-{token}\t", "--workspace", world.workspace_id)
     assert out["erasure"]["postgres"]["customers"] == 1 and len(out["also_erased"]) == 1
     out = await procs.cli("erase", "--customer", f"old-{token}\u00a0", "--workspace", world.workspace_id)
@@ -172,8 +206,9 @@ async def test_refstream_erase_normalizes_as_the_routes_do(
     out = await procs.cli("erase", "--customer", f"older-{token}", "--workspace", world.workspace_id)
     assert out["also_erased"][0]["postgres"]["customers"] == 1
     assert await held(pg, *stored, f"old-{token}", f"older-{token}") == []
-    code, _, err = await run_command("erase", "--customer", "", "--workspace", world.workspace_id,
-                                     env=env_for(procs.settings))  # fmt: skip
+    code, _, err = await run_command(
+        "erase", "--customer", "", "--workspace", world.workspace_id, env=env_for(procs.settings)
+    )
     assert code == 2 and "may not be empty" in err
 
 
@@ -194,8 +229,9 @@ async def test_a_bricqs_participant_is_one_however_its_id_is_written(edge: str, 
         json={"participant_id": f"Bob-{token}\u200b", "campaign_id": world.program_id},
     )
     assert (status, again["code"]) == (200, first["code"])  # the same participant: the same code back
-    status, out, _ = await call("GET", f"{edge}/api/v1/referrals/stats/{quote(f'Bob-{token}%09', safe='%')}",
-                                headers=key)  # fmt: skip
+    status, out, _ = await call(
+        "GET", f"{edge}/api/v1/referrals/stats/{quote(f'Bob-{token}%09', safe='%')}", headers=key
+    )
     assert (status, out.get("participant_id")) == (200, f"Bob-{token}"), out
 
 
@@ -209,7 +245,7 @@ async def test_an_imported_id_is_normalized_and_erased_through_the_api(
         {"type": "lead", "id": "l1", "timestamp": at, "click": "c1", "customer_id": f"\u00a0Imp-{token}\t"},
         {"type": "sale", "id": "s1", "timestamp": at, "customer_id": f"Imp-{token}\u200b", "amount": 100},
         {"type": "lead", "id": "l2", "timestamp": at, "click": "c1", "customer_id": "a\tb"},
-    ]  # fmt: skip
+    ]
     path = tmp_path / "history.ndjson"
     path.write_text("\n".join(orjson.dumps(r).decode() for r in rows) + "\n")
     out = await import_cli(settings, path, world, exit_code=3)  # 3: it refused a row, and stored the rest

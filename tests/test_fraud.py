@@ -39,12 +39,14 @@ async def test_lead_rules_and_an_excluding_policy(
     edge: str, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
 ) -> None:
     h = {"Authorization": f"Bearer {world.api_key}"}
-    status, ws, _ = await call("PATCH", f"{edge}/v1/workspace", headers=h,
-                               json={"fraud_policy": {"self_referral": "exclude"}})  # fmt: skip
+    status, ws, _ = await call(
+        "PATCH", f"{edge}/v1/workspace", headers=h, json={"fraud_policy": {"self_referral": "exclude"}}
+    )
     assert (status, ws["fraud_policy"]) == (200, {"self_referral": "exclude"})
     async with pg.acquire() as conn:
-        mine = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
-                                      affiliate_id=world.affiliate_id)  # fmt: skip
+        mine = await admin.create_key(
+            conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"], affiliate_id=world.affiliate_id
+        )
     # the affiliate looks at its links from 127.0.0.7: that address is now the affiliate's
     affiliate = {"Authorization": f"Bearer {mine['api_key']}"}
     status, _, _ = await call("GET", f"{edge}/v1/affiliate/links", headers=affiliate, source_ip="127.0.0.7")
@@ -58,7 +60,10 @@ async def test_lead_rules_and_an_excluding_policy(
     flags = {r["rule"]: r for r in await pg.fetch("SELECT rule, evidence, excluded FROM event_flags")}
     assert set(flags) == {"self_referral", "affiliate_ip", "disposable_email"}
     assert flags["self_referral"]["evidence"] == {
-        "email": "someone@example.com", "affiliate_email": "alex@example.com", "match": "domain"}  # fmt: skip
+        "email": "someone@example.com",
+        "affiliate_email": "alex@example.com",
+        "match": "domain",
+    }
     assert flags["self_referral"]["excluded"] and not flags["affiliate_ip"]["excluded"]
     assert flags["affiliate_ip"]["evidence"] == {"ip": "127.0.0.7", "from": ["click"]}
     assert flags["disposable_email"]["evidence"]["domain"] == "mailinator.com"
@@ -84,11 +89,13 @@ async def test_settings_and_ranges_refuse_bad_input(edge: str, world: World) -> 
     for body in ({"fraud_policy": {"self_referral": "delete"}}, {"fraud_policy": {"astrology": "flag"}}):
         status, out, _ = await call("PATCH", f"{edge}/v1/workspace", headers=h, json=body)
         assert (status, out["error"]) == (400, "invalid_request"), body
-    status, out, _ = await call("PATCH", f"{edge}/v1/programs/{world.program_id}/fraud", headers=h,
-                                json={"burst_clicks": 0})  # fmt: skip
+    status, out, _ = await call(
+        "PATCH", f"{edge}/v1/programs/{world.program_id}/fraud", headers=h, json={"burst_clicks": 0}
+    )
     assert (status, out["error"]) == (400, "invalid_request")
-    status, out, _ = await call("PATCH", f"{edge}/v1/programs/{world.program_id}/fraud", headers=h,
-                                json={"fast_conversion_seconds": 30})  # fmt: skip
+    status, out, _ = await call(
+        "PATCH", f"{edge}/v1/programs/{world.program_id}/fraud", headers=h, json={"fast_conversion_seconds": 30}
+    )
     assert status == 200
     assert out["fraud_thresholds"] == {"burst_clicks": 20, "burst_seconds": 60, "fast_conversion_seconds": 30}
     status, out, _ = await call("PATCH", f"{edge}/v1/programs/not-a-uuid/fraud", headers=h, json={})
@@ -171,11 +178,15 @@ async def test_thresholds_written_by_hand_fall_back_to_the_defaults(pg: asyncpg.
         )
     clicks = [
         Envelope(
-            EventType.CLICK, Dialect.BIORE, {"code": "byhand"}, workspace_id=ws["workspace_id"],
-            ip="198.51.100.8", user_agent=BROWSER,
+            EventType.CLICK,
+            Dialect.BIORE,
+            {"code": "byhand"},
+            workspace_id=ws["workspace_id"],
+            ip="198.51.100.8",
+            user_agent=BROWSER,
         )
         for _ in range(21)
-    ]  # fmt: skip
+    ]
     with capture_logs() as logs:
         await write_batch(pg, clicks)
     assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'byhand'") == 21

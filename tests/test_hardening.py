@@ -34,13 +34,19 @@ async def raw_request(base: str, request: bytes) -> tuple[int, dict[str, Any]]:
 
 async def test_undecodable_header_bytes(edge: str, world: World, pg: asyncpg.Pool, drain):
     body = orjson.dumps({"ref": "PARTNER123"})
-    status, out = await raw_request(edge, b"POST /v1/track/click HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                                          b"Authorization: Bearer \xff\xfe\r\nContent-Type: application/json\r\n"
-                                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    status, out = await raw_request(
+        edge,
+        b"POST /v1/track/click HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: Bearer \xff\xfe\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+    )
     assert (status, out) == (401, {"error": "unauthorized"})
-    status, out = await raw_request(edge, b"POST /api/v1/referral/click/PARTNER123 HTTP/1.1\r\nHost: x\r\n"
-                                          b"Connection: close\r\nUser-Agent: Mozilla\xff/5.0\r\n"
-                                          b"Referer: https://a.test/\xc3\r\nContent-Length: 0\r\n\r\n")  # fmt: skip
+    status, out = await raw_request(
+        edge,
+        b"POST /api/v1/referral/click/PARTNER123 HTTP/1.1\r\nHost: x\r\n"
+        b"Connection: close\r\nUser-Agent: Mozilla\xff/5.0\r\n"
+        b"Referer: https://a.test/\xc3\r\nContent-Length: 0\r\n\r\n",
+    )
     assert status == 200 and out["success"] is True
     totals = await drain()
     assert totals["inserted"] == 1 and totals["dead"] == 0
@@ -51,8 +57,9 @@ async def test_nul_characters_are_refused_not_accepted_and_lost(edge: str, world
     status, out, _ = await call("POST", f"{edge}/api/v1/track/click", json={**CLICK, "page_title": "a\x00b"})
     assert status == 400 and "NUL" in out["error"]
     lead = {"clickId": "clk_" + "0" * 32, "eventName": "x", "customerExternalId": "u", "metadata": {"k\x00": 1}}
-    status, out, _ = await call("POST", f"{edge}/api/track/lead", json=lead,
-                                headers={"Authorization": f"Bearer {world.api_key}"})  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/api/track/lead", json=lead, headers={"Authorization": f"Bearer {world.api_key}"}
+    )
     assert (status, out["error"]["code"]) == (400, "VALIDATION_ERROR")
     status, out, _ = await call("GET", f"{edge}/api/v1/referrals/stats/a%00b", headers={"X-API-Key": world.api_key})
     assert (status, out["error"]) == (404, "participant_not_found")
@@ -80,16 +87,18 @@ async def test_postgres_down_and_cache_cold_keeps_the_limit_and_the_kill_switch(
         statuses = [(await call("POST", f"{edge}/api/v1/referral/click/somecode"))[0] for _ in range(60)]
         assert statuses.count(429) == 2  # 60 a minute, 62 sent in all (one was refused by the switch)
         # key routes cannot check an unknown key: 503, never a 5xx body with a trace
-        status, out, _ = await call("POST", f"{edge}/v1/track/click", json={"ref": "x"},
-                                    headers={"Authorization": "Bearer rs_live_unknown"})  # fmt: skip
+        status, out, _ = await call(
+            "POST", f"{edge}/v1/track/click", json={"ref": "x"}, headers={"Authorization": "Bearer rs_live_unknown"}
+        )
         assert (status, out) == (503, {"error": "unavailable"})
     finally:
         await runner.cleanup()
 
 
 async def test_every_forwarded_for_line_is_read(settings: Settings, world: World):
-    runner, edge = await start_edge(settings.model_copy(update={"trusted_proxies": [ip_network("127.0.0.1/32")],
-                                                                "click_rate_limit_per_min": 2}))  # fmt: skip
+    runner, edge = await start_edge(
+        settings.model_copy(update={"trusted_proxies": [ip_network("127.0.0.1/32")], "click_rate_limit_per_min": 2})
+    )
     try:
         # the client forged the first line; the proxy added its own second line
         for i in range(3):
@@ -105,8 +114,9 @@ async def test_a_lead_on_a_test_mode_click_is_refused(edge: str, world: World, d
     event_id = (await call("POST", f"{edge}/api/v1/track/click", json=body))[1]["data"]["eventId"]
     await drain()
     lead = {"clickId": "clk_" + event_id.replace("-", ""), "eventName": "x", "customerExternalId": "u"}
-    status, out, _ = await call("POST", f"{edge}/api/track/lead", json=lead,
-                                headers={"Authorization": f"Bearer {world.api_key}"})  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/api/track/lead", json=lead, headers={"Authorization": f"Bearer {world.api_key}"}
+    )
     assert (status, out["error"]["code"]) == (400, "INVALID_CLICK_ID")
 
 

@@ -112,8 +112,10 @@ async def test_a_wrong_content_encoding_is_each_routes_400(edge: str, world: Wor
     status, out, _ = await call("POST", f"{edge}/v1/programs", data=b"{}", headers={**not_gzip, **bearer(world)})
     assert status == 400 and out["error"] == "invalid_json"
     status, out, _ = await call("POST", f"{edge}/api/v1/referral/click/PARTNER123", data=b"{}", headers={**not_gzip})
-    assert status == 400 and out == {"success": False, "error": {"statusCode": 400, "code": "bad_request",
-                                                                 "message": out["error"]["message"]}}  # fmt: skip
+    assert status == 400 and out == {
+        "success": False,
+        "error": {"statusCode": 400, "code": "bad_request", "message": out["error"]["message"]},
+    }
     # an encoding we do not speak: 415, in the route's shape
     status, out, _ = await call(
         "POST", f"{edge}/v1/track/click", data=body, headers={"Content-Encoding": "br", **JSON, **bearer(world)}
@@ -148,8 +150,9 @@ async def test_chunked_framing_that_breaks_after_the_headers_is_answered(edge_wi
 async def test_urls_that_do_not_parse_are_400(edge: str, world: World, pg: asyncpg.Pool, redis, keys: Keys):
     h = bearer(world)
     bad = "http://[::1"
-    status, out, _ = await call("POST", f"{edge}/v1/links", json={"affiliate_id": world.affiliate_id, "url": bad},
-                                headers=h)  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/v1/links", json={"affiliate_id": world.affiliate_id, "url": bad}, headers=h
+    )
     assert status == 400 and out["error"] == "invalid_request" and out["detail"].startswith("url:")
     link_id = world.link["id"]
     status, out, _ = await call("PATCH", f"{edge}/v1/links/{link_id}", json={"url": bad}, headers=h)
@@ -161,17 +164,21 @@ async def test_urls_that_do_not_parse_are_400(edge: str, world: World, pg: async
     program = await pg.fetchval(
         "INSERT INTO programs (workspace_id, name, url) VALUES ($1, 'Old', $2) RETURNING id", world.workspace_id, bad
     )
-    status, out, _ = await call("POST", f"{edge}/api/v1/referrals/generate",
-                                json={"participant_id": "p1", "campaign_id": str(program)},
-                                headers={"X-API-Key": world.api_key})  # fmt: skip
+    status, out, _ = await call(
+        "POST",
+        f"{edge}/api/v1/referrals/generate",
+        json={"participant_id": "p1", "campaign_id": str(program)},
+        headers={"X-API-Key": world.api_key},
+    )
     assert status == 200 and out["referral_url"].startswith("https://example.com/?ref="), out
 
 
 async def test_nul_in_the_aff_value_and_in_path_segments(edge: str, world: World, redis, keys: Keys):
     await redis.delete(keys.links_warm)  # the link cache is cold: unknown codes would ask Postgres
     for aff in ("%00", "A%00B", "%01", "%C0"):
-        status, out, _ = await call("POST", f"{edge}/api/v1/track/click",
-                                    json={"affiliate_url": f"https://x.example/?aff={aff}"})  # fmt: skip
+        status, out, _ = await call(
+            "POST", f"{edge}/api/v1/track/click", json={"affiliate_url": f"https://x.example/?aff={aff}"}
+        )
         assert status == 400 and out["success"] is False, (aff, status, out)
     h = bearer(world)
     # an external id with a NUL can name no one (docs/http-api.md "External ids"): the route's 400;
@@ -220,8 +227,9 @@ async def test_seed_000_caps_its_body(edge: str, world: World, redis, keys: Keys
 async def test_seed_000_enforces_allowed_origins(edge: str, world: World, pg: asyncpg.Pool, redis, keys: Keys):
     from ingest.contract import links
 
-    await pg.execute("UPDATE workspaces SET allowed_origins = '{https://good.example}' WHERE id = $1",
-                     world.workspace_id)  # fmt: skip
+    await pg.execute(
+        "UPDATE workspaces SET allowed_origins = '{https://good.example}' WHERE id = $1", world.workspace_id
+    )
     info = await links.fetch(pg, "PARTNER123")
     assert info is not None
     await links.put(redis, keys, info)
@@ -328,8 +336,10 @@ async def test_slowloris_connections_are_closed_and_stall_no_one(edge_with, worl
 async def test_a_slow_body_gets_408_in_the_routes_shape(edge_with, world: World):
     base = await edge_with(body_timeout_s=0.5)
     reader, writer = await raw(base)
-    writer.write(b"POST /v1/track/click HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Authorization: Bearer " + world.api_key.encode() + b"\r\nContent-Length: 50\r\n\r\n{")  # fmt: skip
+    writer.write(
+        b"POST /v1/track/click HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + world.api_key.encode() + b"\r\nContent-Length: 50\r\n\r\n{"
+    )
     status, headers, out = await answer(reader)
     assert (status, out["error"]) == (408, "request_timeout")
     assert headers.get("connection", "").lower() == "close"
@@ -364,11 +374,21 @@ async def test_the_batch_429_says_when_to_retry(edge_with, world: World):
 # webhooks -----------------------------------------------------------------------------------
 
 OUR_NETWORK = [
-    "http://127.0.0.1:9/h", "http://localhost:9/h", "http://[::1]:9/h", "http://0.0.0.0:9/h",
-    "http://2130706433:9/h", "http://127.1:9/h", "http://0x7f.1:9/h", "http://[::ffff:127.0.0.1]:9/h",
-    "http://10.0.0.1/h", "http://169.254.169.254/latest/meta-data", "http://[fe80::1]/h", "http://224.0.0.1/h",
-    "http://foo.localhost/h", "http://100.64.0.1/h",
-]  # fmt: skip
+    "http://127.0.0.1:9/h",
+    "http://localhost:9/h",
+    "http://[::1]:9/h",
+    "http://0.0.0.0:9/h",
+    "http://2130706433:9/h",
+    "http://127.1:9/h",
+    "http://0x7f.1:9/h",
+    "http://[::ffff:127.0.0.1]:9/h",
+    "http://10.0.0.1/h",
+    "http://169.254.169.254/latest/meta-data",
+    "http://[fe80::1]/h",
+    "http://224.0.0.1/h",
+    "http://foo.localhost/h",
+    "http://100.64.0.1/h",
+]
 
 
 async def test_webhooks_to_our_own_network_are_refused_at_creation(edge: str, world: World, pg: asyncpg.Pool):
@@ -376,8 +396,9 @@ async def test_webhooks_to_our_own_network_are_refused_at_creation(edge: str, wo
         status, out, _ = await call("POST", f"{edge}/v1/webhooks", json={"url": url}, headers=bearer(world))
         assert status == 400 and out["error"] == "invalid_request" and out["detail"].startswith("url: "), (url, out)
     assert await pg.fetchval("SELECT count(*) FROM webhooks") == 0
-    status, out, _ = await call("POST", f"{edge}/v1/webhooks", json={"url": "https://hooks.example.com/h"},
-                                headers=bearer(world))  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/v1/webhooks", json={"url": "https://hooks.example.com/h"}, headers=bearer(world)
+    )
     assert status == 201
 
 
@@ -409,12 +430,16 @@ async def test_webhooks_to_our_own_network_are_not_delivered(pg: asyncpg.Pool, w
             wid = await pg.fetchval(
                 "INSERT INTO webhooks (workspace_id, url, events, secret_encrypted, secret_prefix)"
                 " VALUES ($1, $2, '{lead.created}', $3, 'whsec_x') RETURNING id",
-                world.workspace_id, url, secretbox.encrypt(key, secretbox.new_secret()),
-            )  # fmt: skip
+                world.workspace_id,
+                url,
+                secretbox.encrypt(key, secretbox.new_secret()),
+            )
             delivery = await pg.fetchval(
                 "INSERT INTO webhook_deliveries (webhook_id, event_type, subject_id, subject_key, payload)"
-                " VALUES ($1, 'lead.created', $2, '', '{}') RETURNING id", wid, uuid.uuid4(),
-            )  # fmt: skip
+                " VALUES ($1, 'lead.created', $2, '', '{}') RETURNING id",
+                wid,
+                uuid.uuid4(),
+            )
             try:
                 outcome = await webhooks.deliver_webhook(ctx, str(delivery))
             except Exception as exc:  # arq.Retry: a resolver refusal is retried like any failure

@@ -32,19 +32,31 @@ async def first_click_id(edge: str) -> str:
 def requests(edge: str, world: World, click_id: str, key: str) -> dict[str, tuple[str, str, Any, dict[str, str]]]:
     """One keyed request per event route: (method, url, body, headers)."""
     return {
-        "affixo": ("POST", f"{edge}/v1/track/click", {"ref": "PARTNER123", "url": "https://a.test/"},
-                   bearer(world.api_key, key)),
-        "refport": ("POST", f"{edge}/api/track/lead",
-                    {"clickId": click_id, "eventName": f"Sign Up {key}", "customerExternalId": f"u-{key}"},
-                    bearer(world.api_key, key)),
+        "affixo": (
+            "POST",
+            f"{edge}/v1/track/click",
+            {"ref": "PARTNER123", "url": "https://a.test/"},
+            bearer(world.api_key, key),
+        ),
+        "refport": (
+            "POST",
+            f"{edge}/api/track/lead",
+            {"clickId": click_id, "eventName": f"Sign Up {key}", "customerExternalId": f"u-{key}"},
+            bearer(world.api_key, key),
+        ),
         "affitor-header": ("POST", f"{edge}/api/v1/track/click", AFFITOR_CLICK, {"Idempotency-Key": key}),
         "affitor-dedupe": ("POST", f"{edge}/api/v1/track/click", {**AFFITOR_CLICK, "dedupe": f"d-{key}"}, {}),
         "biore": ("POST", f"{edge}/api/v1/referral/click/PARTNER123", None, {"Idempotency-Key": key}),
-        "batch": ("POST", f"{edge}/v1/events/batch",
-                  [{"type": "click", "ref": "PARTNER123", "visitor_id": "v1"},
-                   {"type": "conversion", "code": "PARTNER123", "referred_session_id": f"s-{key}"}],
-                  bearer(world.api_key, key)),
-    }  # fmt: skip
+        "batch": (
+            "POST",
+            f"{edge}/v1/events/batch",
+            [
+                {"type": "click", "ref": "PARTNER123", "visitor_id": "v1"},
+                {"type": "conversion", "code": "PARTNER123", "referred_session_id": f"s-{key}"},
+            ],
+            bearer(world.api_key, key),
+        ),
+    }
 
 
 async def send(req: tuple[str, str, Any, dict[str, str]]) -> tuple[int, Any, dict[str, str]]:
@@ -133,14 +145,22 @@ async def test_a_malformed_key_is_a_400_in_each_routes_shape(edge: str, world: W
     h = bearer(world.api_key, bad)
     cases = [
         (f"{edge}/v1/track/click", {"ref": "PARTNER123"}, h, {"error": "invalid_idempotency_key"}),
-        (f"{edge}/api/track/lead", {"clickId": "clk_x", "eventName": "e", "customerExternalId": "c"}, h,
-         {"error": {"code": "VALIDATION_ERROR"}}),
+        (
+            f"{edge}/api/track/lead",
+            {"clickId": "clk_x", "eventName": "e", "customerExternalId": "c"},
+            h,
+            {"error": {"code": "VALIDATION_ERROR"}},
+        ),
         (f"{edge}/v1/events/batch", [{"type": "click", "ref": "PARTNER123"}], h, {"error": "invalid_idempotency_key"}),
         (f"{edge}/v1/programs", {"name": "P"}, h, {"error": "invalid_idempotency_key"}),
         (f"{edge}/api/v1/track/click", AFFITOR_CLICK, {"Idempotency-Key": bad}, {"success": False}),
-        (f"{edge}/api/v1/referral/click/PARTNER123", None, {"Idempotency-Key": bad},
-         {"success": False, "error": {"statusCode": 400, "code": "validation.idempotency_key"}}),
-    ]  # fmt: skip
+        (
+            f"{edge}/api/v1/referral/click/PARTNER123",
+            None,
+            {"Idempotency-Key": bad},
+            {"success": False, "error": {"statusCode": 400, "code": "validation.idempotency_key"}},
+        ),
+    ]
     for url, body, headers, shape in cases:
         status, out, _ = await call("POST", url, json=body, headers=headers)
         assert status == 400, (url, out)
@@ -165,15 +185,29 @@ async def test_a_key_reused_for_another_request_is_a_422(edge: str, world: World
     click_id = await first_click_id(edge)
     h = bearer(world.api_key, "reused")
     cases = [
-        (f"{edge}/v1/track/click", {"ref": "PARTNER123", "url": "https://a.test/1"},
-         {"ref": "PARTNER123", "url": "https://a.test/2"}, h, {"error": "idempotency_key_reused"}),
-        (f"{edge}/api/track/lead", {"clickId": click_id, "eventName": "A", "customerExternalId": "c"},
-         {"clickId": click_id, "eventName": "B", "customerExternalId": "c"}, h,
-         {"error": {"code": "IDEMPOTENCY_KEY_REUSED"}}),
-        (f"{edge}/api/v1/track/click", {**AFFITOR_CLICK, "dedupe": "d"},
-         {**AFFITOR_CLICK, "dedupe": "d", "page_title": "Another page"}, {}, {"success": False}),
+        (
+            f"{edge}/v1/track/click",
+            {"ref": "PARTNER123", "url": "https://a.test/1"},
+            {"ref": "PARTNER123", "url": "https://a.test/2"},
+            h,
+            {"error": "idempotency_key_reused"},
+        ),
+        (
+            f"{edge}/api/track/lead",
+            {"clickId": click_id, "eventName": "A", "customerExternalId": "c"},
+            {"clickId": click_id, "eventName": "B", "customerExternalId": "c"},
+            h,
+            {"error": {"code": "IDEMPOTENCY_KEY_REUSED"}},
+        ),
+        (
+            f"{edge}/api/v1/track/click",
+            {**AFFITOR_CLICK, "dedupe": "d"},
+            {**AFFITOR_CLICK, "dedupe": "d", "page_title": "Another page"},
+            {},
+            {"success": False},
+        ),
         (f"{edge}/v1/programs", {"name": "P1"}, {"name": "P2"}, h, {"error": "idempotency_key_reused"}),
-    ]  # fmt: skip
+    ]
     for url, body, other, headers, shape in cases:
         assert (await call("POST", url, json=body, headers=headers))[0] in (200, 201), url
         status, out, _ = await call("POST", url, json=other, headers=headers)
@@ -233,8 +267,10 @@ async def test_management_writes(edge: str, world: World, pg: asyncpg.Pool, redi
     # a revocation retried: the first answer, not a 404
     h4 = bearer(world.api_key, "mgmt-4")
     revoked = await call("DELETE", f"{edge}/v1/keys/{made[1]['prefix']}", headers=h4)
-    assert revoked[0] == 200 and (await call("DELETE", f"{edge}/v1/keys/{made[1]['prefix']}", headers=h4))[:2] == (
-        revoked[:2])  # fmt: skip
+    assert (
+        revoked[0] == 200
+        and (await call("DELETE", f"{edge}/v1/keys/{made[1]['prefix']}", headers=h4))[:2] == (revoked[:2])
+    )
 
     # a refused request is not remembered: once fixed (the affiliate exists), the key runs
     h5 = bearer(world.api_key, "mgmt-5")
@@ -250,8 +286,9 @@ async def test_bricqs_generate_honours_the_key(edge: str, world: World):
     assert first[0] == 200, first
     again = await call("POST", f"{edge}/api/v1/referrals/generate", json=body, headers=headers)
     assert again[:2] == first[:2] and again[2]["Idempotent-Replayed"] == "true"
-    other = await call("POST", f"{edge}/api/v1/referrals/generate", json={**body, "participant_id": "p2"},
-                       headers=headers)  # fmt: skip
+    other = await call(
+        "POST", f"{edge}/api/v1/referrals/generate", json={**body, "participant_id": "p2"}, headers=headers
+    )
     assert other[0] == 422 and other[1]["error"] == "idempotency_key_reused" and other[1]["message"]
     bad = await call("POST", f"{edge}/api/v1/referrals/generate", json=body, headers={**headers, "Idempotency-Key": ""})
     assert bad[0] == 400 and bad[1]["error"] == "validation_error"

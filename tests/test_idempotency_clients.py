@@ -80,8 +80,10 @@ async def test_tracker_retries_a_lost_answer_with_its_key_and_counts_once(
     async def lossy(request: web.Request) -> web.Response:
         body = await request.read()
         seen.append(body)
-        async with aiohttp.ClientSession() as http, http.post(f"{edge}/api/v1/track/click", data=body,
-                                                              headers={"Content-Type": "text/plain"}) as r:  # fmt: skip
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{edge}/api/v1/track/click", data=body, headers={"Content-Type": "text/plain"}) as r,
+        ):
             answer = await r.read()
         if len(seen) == 1:
             return web.Response(status=502, text="bad gateway")
@@ -187,9 +189,12 @@ async def test_redis_down_spools_without_the_check_and_the_worker_counts_one(
 
 
 async def test_one_key_through_a_spool_and_redis_is_stored_once(
-    settings: Settings, world: World, pg: asyncpg.Pool, private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+    settings: Settings,
+    world: World,
+    pg: asyncpg.Pool,
+    private_fault_redis: Callable[..., Awaitable[FaultRedis]],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     # issue 24, defect 3: edge B spools while edge A reaches Redis; one key sent to both
     server = await private_fault_redis()
     road = Proxy(server.port)  # B's way to Redis: nothing listens there until it starts
@@ -228,9 +233,12 @@ async def test_one_key_through_a_spool_and_redis_is_stored_once(
 
 
 async def test_a_key_no_script_ran_for_is_never_answered_as_accepted(
-    settings: Settings, world: World, pg: asyncpg.Pool, private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+    settings: Settings,
+    world: World,
+    pg: asyncpg.Pool,
+    private_fault_redis: Callable[..., Awaitable[FaultRedis]],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     # found by the generative test (seed 1505720785): a keyed click's first copy reached a
     # stalled Redis (its edge was stopped meanwhile) and its retry, to the other edge, was
     # spooled and answered 200 with its own click id; at the thaw Redis ran the first copy's

@@ -42,18 +42,40 @@ def _at(days_ago: float, minutes: int = 0) -> str:
 def history(code: str) -> list[dict[str, Any]]:
     """Three clicks, two leads naming two of them, a sale and two refunds of it, days ago."""
     return [
-        {"type": "click", "id": "c1", "timestamp": _at(5), "link": code, "ip": "203.0.113.7", "visitor_id": "v-1",
-         "user_agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0", "referrer": "https://blog.example/post"},
+        {
+            "type": "click",
+            "id": "c1",
+            "timestamp": _at(5),
+            "link": code,
+            "ip": "203.0.113.7",
+            "visitor_id": "v-1",
+            "user_agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0",
+            "referrer": "https://blog.example/post",
+        },
         {"type": "click", "id": "c2", "timestamp": _at(4), "link": code, "ip": "203.0.113.8"},
         {"type": "click", "id": "c3", "timestamp": _at(3), "link": code},
-        {"type": "lead", "id": "l1", "timestamp": _at(5, 10), "click": "c1", "customer_id": "cust-1",
-         "email": "one@example.com", "customer_name": "One"},
+        {
+            "type": "lead",
+            "id": "l1",
+            "timestamp": _at(5, 10),
+            "click": "c1",
+            "customer_id": "cust-1",
+            "email": "one@example.com",
+            "customer_name": "One",
+        },
         {"type": "lead", "id": "l2", "timestamp": _at(4, 10), "click": "c2", "customer_id": "cust-2"},
-        {"type": "sale", "id": "s1", "timestamp": _at(2), "customer_id": "cust-1", "amount": 4900,
-         "invoice_id": "inv-1", "payment_processor": "stripe"},
+        {
+            "type": "sale",
+            "id": "s1",
+            "timestamp": _at(2),
+            "customer_id": "cust-1",
+            "amount": 4900,
+            "invoice_id": "inv-1",
+            "payment_processor": "stripe",
+        },
         {"type": "refund", "id": "r1", "timestamp": _at(1), "invoice_id": "inv-1", "amount": 900},
         {"type": "refund", "id": "r2", "timestamp": _at(1, 5), "invoice_id": "inv-1", "amount": 9000},
-    ]  # fmt: skip
+    ]
 
 
 def bad_rows(code: str) -> list[str]:
@@ -66,7 +88,7 @@ def bad_rows(code: str) -> list[str]:
         {"type": "lead", "id": "x5", "timestamp": _at(2), "customer_id": "c"},  # no_link
         {"type": "sale", "id": "x6", "timestamp": _at(2), "customer_id": "c", "amount": 49.99},  # invalid
         {"type": "refund", "id": "x7", "timestamp": _at(1), "invoice_id": "inv-none"},  # sale_not_found
-    ]  # fmt: skip
+    ]
     return [orjson.dumps(r).decode() for r in rows] + ["{not json", '{"type": "purchase", "id": "x9"}']
 
 
@@ -79,9 +101,15 @@ async def import_cli(
     settings: Settings, path: Path | str, world: World, *args: str, exit_code: int = 0, **env: str
 ) -> dict[str, Any]:
     code, out, err = await run_command(
-        "import", str(path), "--workspace", world.workspace_id, "--json", *args,
-        env=env_for(settings, **env), within_s=120,
-    )  # fmt: skip
+        "import",
+        str(path),
+        "--workspace",
+        world.workspace_id,
+        "--json",
+        *args,
+        env=env_for(settings, **env),
+        within_s=120,
+    )
     assert code == exit_code, err
     summary: dict[str, Any] = orjson.loads(out)
     return summary
@@ -108,9 +136,15 @@ async def test_an_import_run_twice_stores_each_row_once_and_counts_every_refusal
     assert first["read"] == len(good) + 9
     assert first["stored"] == 7, first  # 3 clicks, 2 leads, the sale, the first refund
     assert first["refused"] == {
-        "future": 1, "invalid": 3, "no_link": 1, "past_retention": 1, "refund_exceeds_sale": 1,
-        "sale_not_found": 1, "unknown_click": 1, "unknown_link": 1,
-    }, first  # fmt: skip
+        "future": 1,
+        "invalid": 3,
+        "no_link": 1,
+        "past_retention": 1,
+        "refund_exceeds_sale": 1,
+        "sale_not_found": 1,
+        "unknown_click": 1,
+        "unknown_link": 1,
+    }, first
     assert first["read"] == first["stored"] + first["duplicates"] + first["refused_total"]
     assert any("line 11" in shown for shown in first["examples"]["unknown_link"])
     niced = first["backend_nice"]  # each backend it opened: reniced, or why not
@@ -118,8 +152,9 @@ async def test_an_import_run_twice_stores_each_row_once_and_counts_every_refusal
     assert niced["lowered"] == niced["of"] or niced["why_not"], niced
 
     # each row at its own time, in its own day's partition, through the link and the click
-    rows = await pg.fetch("SELECT type, received_at, click_id, visitor_id, dialect, host(ip) AS ip FROM events"
-                          " ORDER BY received_at")  # fmt: skip
+    rows = await pg.fetch(
+        "SELECT type, received_at, click_id, visitor_id, dialect, host(ip) AS ip FROM events ORDER BY received_at"
+    )
     assert [r["type"] for r in rows] == [1, 2, 1, 2, 1] and {r["dialect"] for r in rows} == {"import"}
     stamp = datetime.fromisoformat(good[0]["timestamp"])
     assert abs((rows[0]["received_at"] - stamp).total_seconds()) < 0.002 and rows[0]["ip"] == "203.0.113.7"
@@ -203,8 +238,10 @@ async def test_a_live_sale_an_imported_lead_attributes_earns(
     assert (await track_sale(edge, world.api_key, body))[0] == 200
     await drain()
     assert await pg.fetchval("SELECT unattributed FROM sales") == "no_lead"
-    rows = [{"type": "click", "id": "c9", "timestamp": _at(1), "link": world.link["code"]},
-            {"type": "lead", "id": "l9", "timestamp": _at(1, 10), "click": "c9", "customer_id": "cust-9"}]  # fmt: skip
+    rows = [
+        {"type": "click", "id": "c9", "timestamp": _at(1), "link": world.link["code"]},
+        {"type": "lead", "id": "l9", "timestamp": _at(1, 10), "click": "c9", "customer_id": "cust-9"},
+    ]
     opts = imports.Options(world.workspace_id, "test", share=1.0)
     done = await imports.Importer(pg, opts, imports.LiveBacklog(redis, keys, 4)).run(
         [import_formats.row(n, r) for n, r in enumerate(rows, 1)]
@@ -273,8 +310,10 @@ async def test_one_live_entry_waiting_longer_than_the_lag_bound_holds_the_import
     importer = imports.Importer(pg, opts, backlog)
     task = asyncio.create_task(importer.run(rows))
     held = time.monotonic()
-    await wait_for(lambda: asyncio.sleep(0, result=backlog.polls >= 3 and time.monotonic() - held > HALVE_AFTER_S),
-                   what="the import to wait past the halving bound")  # fmt: skip
+    await wait_for(
+        lambda: asyncio.sleep(0, result=backlog.polls >= 3 and time.monotonic() - held > HALVE_AFTER_S),
+        what="the import to wait past the halving bound",
+    )
     assert not task.done() and await pg.fetchval("SELECT count(*) FROM events") == 0
     await redis.xack(stream, GROUP, old)
     assert await backlog.waiting() == imports.Waiting(0, 0)
@@ -295,15 +334,23 @@ async def test_an_erased_persons_rows_are_imported_scrubbed_and_a_listed_ones_re
     code = world.link["code"]
     raw = [
         {"type": "click", "id": "c1", "timestamp": _at(3), "link": code, "ip": "198.51.100.9"},
-        {"type": "lead", "id": "l1", "timestamp": _at(3, 5), "click": "c1", "customer_id": erased,
-         "email": f"{erased}@example.com", "customer_name": "Gone Person"},
+        {
+            "type": "lead",
+            "id": "l1",
+            "timestamp": _at(3, 5),
+            "click": "c1",
+            "customer_id": erased,
+            "email": f"{erased}@example.com",
+            "customer_name": "Gone Person",
+        },
         {"type": "lead", "id": "l2", "timestamp": _at(3, 6), "link": code, "customer_id": listed},
         {"type": "click", "id": "c2", "timestamp": _at(3), "link": code, "visitor_id": f"v-{listed}"},
         {"type": "lead", "id": "l3", "timestamp": _at(3, 7), "click": "c2", "customer_id": f"x-{token}"},
-    ]  # fmt: skip
+    ]
     rows = [import_formats.row(n, r) for n, r in enumerate(raw, 1)]
-    done = await imports.Importer(pg, imports.Options(world.workspace_id, "test", share=1.0),
-                                  imports.LiveBacklog(None, keys, 4)).run(rows)  # fmt: skip
+    done = await imports.Importer(
+        pg, imports.Options(world.workspace_id, "test", share=1.0), imports.LiveBacklog(None, keys, 4)
+    ).run(rows)
     # the listed visitor's click kept nowhere: a lead naming it names an unknown click
     assert (done.stored, dict(done.refused)) == (2, {"suppressed": 2, "unknown_click": 1}), done
     assert done.scrubbed >= 1
@@ -332,12 +379,24 @@ async def test_csv_and_dubs_export_read_as_the_native_rows(
 
     dub = [
         {"event": "click", "timestamp": _at(3), "click": {"id": "dclk1", "ip": "192.0.2.1"}, "link": {"key": code}},
-        {"event": "lead", "timestamp": _at(3, 2), "eventName": "Sign Up", "click": {"id": "dclk1"},
-         "link": {"key": code}, "customer": {"externalId": "dub-cust", "email": "d@example.com"}},
-        {"event": "sale", "timestamp": _at(2), "eventName": "Purchase", "click": {"id": "dclk1"},
-         "link": {"key": code}, "customer": {"externalId": "dub-cust"},
-         "sale": {"amount": 2500, "invoiceId": "dub-inv", "paymentProcessor": "stripe"}},
-    ]  # fmt: skip
+        {
+            "event": "lead",
+            "timestamp": _at(3, 2),
+            "eventName": "Sign Up",
+            "click": {"id": "dclk1"},
+            "link": {"key": code},
+            "customer": {"externalId": "dub-cust", "email": "d@example.com"},
+        },
+        {
+            "event": "sale",
+            "timestamp": _at(2),
+            "eventName": "Purchase",
+            "click": {"id": "dclk1"},
+            "link": {"key": code},
+            "customer": {"externalId": "dub-cust"},
+            "sale": {"amount": 2500, "invoiceId": "dub-inv", "paymentProcessor": "stripe"},
+        },
+    ]
     path = tmp_path / "dub.ndjson"
     path.write_text("\n".join(orjson.dumps(e).decode() for e in dub) + "\n")
     out = await import_cli(settings, path, world, "--format", "dub")

@@ -48,8 +48,10 @@ def _iso(days_ago: float) -> str:
 
 
 def _clicks(code: str, n: int, first: int = 0) -> list[bytes]:
-    return [orjson.dumps({"type": "click", "id": f"c{i}", "timestamp": _iso(2), "link": code})
-            for i in range(first, first + n)]  # fmt: skip
+    return [
+        orjson.dumps({"type": "click", "id": f"c{i}", "timestamp": _iso(2), "link": code})
+        for i in range(first, first + n)
+    ]
 
 
 async def _steady_live_work(redis: Any, stream: str, stop: asyncio.Event, every_s: float, batch_s: float) -> int:
@@ -122,10 +124,22 @@ async def test_giving_way_is_said_and_ctrl_c_prints_what_was_stored_and_where_to
     stream = keys.stream(0)
     await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
     proc = await asyncio.create_subprocess_exec(
-        REFSTREAM, "import", str(path), "--workspace", world.workspace_id, "--json", "--batch-size", "1",
-        "--share", "0.05", "--yield-backlog", "5", env=env_for(settings),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        REFSTREAM,
+        "import",
+        str(path),
+        "--workspace",
+        world.workspace_id,
+        "--json",
+        "--batch-size",
+        "1",
+        "--share",
+        "0.05",
+        "--yield-backlog",
+        "5",
+        env=env_for(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     try:
         count = "SELECT count(*) FROM events WHERE dialect = 'import'"
@@ -224,8 +238,10 @@ async def test_a_line_with_no_end_is_refused_without_being_read_whole(
         with out_path.open("wb") as out_f, err_path.open("wb") as err_f:
             proc = subprocess.Popen(
                 [REFSTREAM, "import", str(path), "--workspace", world.workspace_id, "--json", "--share", "1"],
-                env=env_for(settings), stdout=out_f, stderr=err_f,
-            )  # fmt: skip
+                env=env_for(settings),
+                stdout=out_f,
+                stderr=err_f,
+            )
         try:  # os.wait4: this child's own peak, where Popen.wait would reap it without one
             _, status, usage = await asyncio.wait_for(asyncio.to_thread(os.wait4, proc.pid, 0), 120)
         except TimeoutError:
@@ -254,17 +270,26 @@ async def test_timestamps_by_magnitude_and_a_sale_gets_the_date_checks(
         {"type": "click", "id": "ns", "timestamp": str(at * 1_000_000), "link": code},  # 4: as digits
         {"type": "click", "id": "big", "timestamp": str(at * 10**9), "link": code},  # 5: no unit that large
         {"type": "lead", "id": "l", "timestamp": at // 1000 + 60, "link": code, "customer_id": "cust-ts"},  # 6
-        {"type": "sale", "id": "sale-s", "timestamp": at // 1000 + 120, "customer_id": "cust-ts", "amount": 900,
-         "invoice_id": "inv-ts"},  # 7: seconds: attributed through the lead
+        {
+            "type": "sale",
+            "id": "sale-s",
+            "timestamp": at // 1000 + 120,
+            "customer_id": "cust-ts",
+            "amount": 900,
+            "invoice_id": "inv-ts",
+        },  # 7: seconds: attributed through the lead
         {"type": "sale", "id": "sale-70", "timestamp": 86_400, "customer_id": "cust-ts", "amount": 100},  # 8: 1970
         {"type": "sale", "id": "sale-fut", "timestamp": _ms(-3), "customer_id": "cust-ts", "amount": 100},  # 9
-    ]  # fmt: skip
+    ]
     path = tmp_path / "times.ndjson"
     path.write_bytes(b"\n".join(orjson.dumps(r) for r in rows) + b"\n")
     out = await import_cli(settings, path, world, exit_code=EXIT_REFUSED, REFSTREAM_EVENT_RETENTION_DAYS="30")
     assert out["refused"] == {"future": 1, "invalid": 1, "past_retention": 1}, out
     assert [out["examples"][k][0].split(":")[0] for k in ("invalid", "past_retention", "future")] == [
-        "line 5", "line 8", "line 9"]  # fmt: skip
+        "line 5",
+        "line 8",
+        "line 9",
+    ]
     assert out["stored"] == 6, out
     times = [r["received_at"] for r in await pg.fetch("SELECT received_at FROM events WHERE type = 1")]
     assert len(times) == 4 and all(abs(t.timestamp() * 1000 - at) < 1000 for t in times), times
@@ -282,8 +307,10 @@ async def test_a_lead_finds_a_click_an_earlier_run_imported(
     code = world.link["code"]
     clicks_file, leads_file = tmp_path / "clicks.ndjson", tmp_path / "leads.ndjson"
     clicks_file.write_bytes(b"\n".join(_clicks(code, 3)) + b"\n")
-    leads = [{"type": "lead", "id": f"l{i}", "timestamp": _iso(1), "click": f"c{i}", "customer_id": f"cust-{i}"}
-             for i in range(3)]  # fmt: skip
+    leads = [
+        {"type": "lead", "id": f"l{i}", "timestamp": _iso(1), "click": f"c{i}", "customer_id": f"cust-{i}"}
+        for i in range(3)
+    ]
     leads_file.write_bytes(b"\n".join(orjson.dumps(r) for r in leads) + b"\n")
     await import_cli(settings, clicks_file, world, "--batch-size", "2")
     elsewhere = await import_cli(settings, leads_file, world, "--source", "other", exit_code=EXIT_REFUSED)

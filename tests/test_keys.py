@@ -26,8 +26,9 @@ async def test_keys_are_hashed_revocable_and_never_logged(procs: Procs, pg: asyn
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
     edge = await procs.start_edge()
 
-    status, _, _ = await call("POST", f"{edge}/v1/track/click", json={"ref": "alice"},
-                              headers={"Authorization": f"Bearer {secret}"})  # fmt: skip
+    status, _, _ = await call(
+        "POST", f"{edge}/v1/track/click", json={"ref": "alice"}, headers={"Authorization": f"Bearer {secret}"}
+    )
     assert status == 200
 
     row = await pg.fetchrow("SELECT * FROM api_keys WHERE prefix = $1", created["prefix"])
@@ -40,8 +41,9 @@ async def test_keys_are_hashed_revocable_and_never_logged(procs: Procs, pg: asyn
     await procs.cli("keys", "revoke", created["prefix"])
 
     async def refused() -> bool:
-        got = await call("POST", f"{edge}/v1/track/click", json={"ref": "alice"},
-                         headers={"Authorization": f"Bearer {secret}"})  # fmt: skip
+        got = await call(
+            "POST", f"{edge}/v1/track/click", json={"ref": "alice"}, headers={"Authorization": f"Bearer {secret}"}
+        )
         return got[:2] == (401, {"error": "unauthorized"})
 
     await wait_for(refused, timeout=30, what="the revoked key to be refused")  # the edge caches keys for 5 s
@@ -55,9 +57,12 @@ async def test_one_workspace_never_sees_another(edge: str, world: World, pg: asy
     other = await make_world(pg, redis, keys, code="THEIRS", name="Other")
     mine = {"Authorization": f"Bearer {world.api_key}"}
     assert (await call("POST", f"{edge}/v1/track/click", json={"ref": "THEIRS"}, headers=mine))[:2] == (
-        404, {"error": "link_not_found"})  # fmt: skip
-    theirs = (await call("POST", f"{edge}/api/v1/track/click",
-                         json={**CLICK, "affiliate_url": "https://x.test/?aff=THEIRS"}))[1]["click_id"]  # fmt: skip
+        404,
+        {"error": "link_not_found"},
+    )
+    theirs = (
+        await call("POST", f"{edge}/api/v1/track/click", json={**CLICK, "affiliate_url": "https://x.test/?aff=THEIRS"})
+    )[1]["click_id"]
     lead = {"clickId": theirs, "eventName": "Sign Up", "customerExternalId": "u1"}
     status, out, _ = await call("POST", f"{edge}/api/track/lead", json=lead, headers=mine)
     assert (status, out["error"]["code"]) == (400, "INVALID_CLICK_ID")
@@ -70,8 +75,14 @@ async def test_one_workspace_never_sees_another(edge: str, world: World, pg: asy
 
 
 async def _hammer(edge: str, n: int, xff: list[str]) -> list[int]:
-    return [(await call("POST", f"{edge}/api/v1/referral/click/PARTNER123",
-                        headers={"X-Forwarded-For": xff[i % len(xff)]}))[0] for i in range(n)]  # fmt: skip
+    return [
+        (
+            await call(
+                "POST", f"{edge}/api/v1/referral/click/PARTNER123", headers={"X-Forwarded-For": xff[i % len(xff)]}
+            )
+        )[0]
+        for i in range(n)
+    ]
 
 
 async def test_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored(edge: str, world: World):

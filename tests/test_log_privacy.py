@@ -68,8 +68,17 @@ class People:
 
     @property
     def values(self) -> list[str]:
-        return [self.customer, self.email, self.name, self.ip, self.meta, self.session, self.participant,
-                self.poison, self.poison_email]  # fmt: skip
+        return [
+            self.customer,
+            self.email,
+            self.name,
+            self.ip,
+            self.meta,
+            self.session,
+            self.participant,
+            self.poison,
+            self.poison_email,
+        ]
 
 
 def logs_of(procs: Procs) -> str:
@@ -81,8 +90,12 @@ async def test_no_personal_datum_reaches_any_log_line(
 ) -> None:
     p = People()
     await pg.execute(TRIGGERS.format(participant=p.participant, poison=p.poison))
-    env = {"REFSTREAM_LOG_LEVEL": "debug", "REFSTREAM_ACCESS_LOG": "all", "REFSTREAM_TRUSTED_PROXIES": "127.0.0.0/8",
-           "REFSTREAM_ERASE_SWEEP_EVERY_S": "1"}  # fmt: skip
+    env = {
+        "REFSTREAM_LOG_LEVEL": "debug",
+        "REFSTREAM_ACCESS_LOG": "all",
+        "REFSTREAM_TRUSTED_PROXIES": "127.0.0.0/8",
+        "REFSTREAM_ERASE_SWEEP_EVERY_S": "1",
+    }
     edge = await procs.start_edge(**env)
     procs.start("work", **env)
     key = {"Authorization": f"Bearer {world.api_key}"}
@@ -96,41 +109,60 @@ async def test_no_personal_datum_reaches_any_log_line(
             json={**CLICK, "session_id": p.session, "page_url": f"https://x.example/?e={p.email}"},
         )
         assert status == 200, out
-        lead = lead_body(out["click_id"], customerExternalId=p.customer, customerEmail=p.email, customerName=p.name,
-                         metadata={"note": p.meta})  # fmt: skip
+        lead = lead_body(
+            out["click_id"],
+            customerExternalId=p.customer,
+            customerEmail=p.email,
+            customerName=p.name,
+            metadata={"note": p.meta},
+        )
         status, out, _ = await call("POST", f"{edge}/api/track/lead", json=lead, headers={**key, **fwd})
         assert status == 200, out
         sale = sale_body(customerExternalId=p.customer, invoiceId=f"in-{p.meta}", metadata={"note": p.meta})
         status, out, _ = await call("POST", f"{edge}/api/track/sale", json=sale, headers={**key, **fwd})
         assert status == 200, out
-        status, out, _ = await call("POST", f"{edge}/api/v1/referrals/convert", headers=fwd,
-                                    json={"code": "PARTNER123", "referred_session_id": p.session})  # fmt: skip
+        status, out, _ = await call(
+            "POST",
+            f"{edge}/api/v1/referrals/convert",
+            headers=fwd,
+            json={"code": "PARTNER123", "referred_session_id": p.session},
+        )
         assert status == 200, out
-        await wait_for(lambda: pg.fetchval("SELECT count(*) FROM customers WHERE external_id = $1", p.customer),
-                       what="the lead stored")  # fmt: skip
-        status, out, _ = await call("GET", f"{edge}/v1/customers/{quote(p.customer)}?email={quote(p.email)}",
-                                    headers={**key, **fwd})  # fmt: skip
+        await wait_for(
+            lambda: pg.fetchval("SELECT count(*) FROM customers WHERE external_id = $1", p.customer),
+            what="the lead stored",
+        )
+        status, out, _ = await call(
+            "GET", f"{edge}/v1/customers/{quote(p.customer)}?email={quote(p.email)}", headers={**key, **fwd}
+        )
         assert (status, out["email"]) == (200, p.email), out
 
         # refused: an id the rule refuses, a key that is no key, a route that is not there
         bad = lead_body(lead["clickId"], customerExternalId=f"{p.customer}\tx", customerEmail=p.email)
         status, out, _ = await call("POST", f"{edge}/api/track/lead", json=bad, headers={**key, **fwd})
         assert status == 400, out
-        status, _, _ = await call("GET", f"{edge}/v1/customers/{quote(p.customer)}?ip={p.ip}",
-                                  headers={"Authorization": f"Bearer {p.email}", **fwd})  # fmt: skip
+        status, _, _ = await call(
+            "GET",
+            f"{edge}/v1/customers/{quote(p.customer)}?ip={p.ip}",
+            headers={"Authorization": f"Bearer {p.email}", **fwd},
+        )
         assert status == 401
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{edge}/nowhere/{quote(p.customer)}?email={quote(p.email)}", headers=fwd) as r:
                 assert r.status == 404
 
         # refused before any route: a request aiohttp cannot parse (its message quotes the bytes)
-        assert (await _raw(edge, f"GET /v1/customers/{p.customer} HTTP/1.1\r\nHost: x\r\n"
-                                 f"X-Note: {p.email}\x01\r\n\r\n")).split(b" ")[1] == b"400"  # fmt: skip
+        assert (
+            await _raw(edge, f"GET /v1/customers/{p.customer} HTTP/1.1\r\nHost: x\r\nX-Note: {p.email}\x01\r\n\r\n")
+        ).split(b" ")[1] == b"400"
 
         # failing: the database refuses the participant with a message that quotes it
-        status, out, _ = await call("POST", f"{edge}/api/v1/referrals/generate",
-                                    json={"participant_id": p.participant, "campaign_id": world.program_id},
-                                    headers={"X-API-Key": world.api_key, **fwd})  # fmt: skip
+        status, out, _ = await call(
+            "POST",
+            f"{edge}/api/v1/referrals/generate",
+            json={"participant_id": p.participant, "campaign_id": world.program_id},
+            headers={"X-API-Key": world.api_key, **fwd},
+        )
         assert status == 500, out
 
         # an entry the worker cannot store, for a reason that quotes the customer and their email
@@ -143,14 +175,24 @@ async def test_no_personal_datum_reaches_any_log_line(
 
         # the erasures: through the API, and through the CLI
         eraser = await erase_key(pg, redis, keys, world, ["erase"])
-        status, out, _ = await call("DELETE", f"{edge}/v1/customers/{quote(p.customer)}",
-                                    headers={"Authorization": f"Bearer {eraser}", **fwd})  # fmt: skip
+        status, out, _ = await call(
+            "DELETE", f"{edge}/v1/customers/{quote(p.customer)}", headers={"Authorization": f"Bearer {eraser}", **fwd}
+        )
         assert status == 202, out
-        code, _, cli_err = await run_command("erase", "--customer", p.poison, "--workspace", world.workspace_id,
-                                             env=env_for(procs.settings, REFSTREAM_LOG_LEVEL="debug"))  # fmt: skip
+        code, _, cli_err = await run_command(
+            "erase",
+            "--customer",
+            p.poison,
+            "--workspace",
+            world.workspace_id,
+            env=env_for(procs.settings, REFSTREAM_LOG_LEVEL="debug"),
+        )
         assert code == 0, cli_err
-        await wait_for(lambda: pg.fetchval("SELECT bool_and(redis_at IS NOT NULL) FROM erasures"), timeout=60,
-                       what="the workers' sweep")  # fmt: skip
+        await wait_for(
+            lambda: pg.fetchval("SELECT bool_and(redis_at IS NOT NULL) FROM erasures"),
+            timeout=60,
+            what="the workers' sweep",
+        )
     finally:
         await pg.execute(UNTRIGGER)
         procs.stop_all()  # their buffered lines written out

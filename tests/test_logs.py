@@ -124,4 +124,7 @@ def test_the_request_id_and_event_id_on_every_line_while_it_runs():
         CURRENT_REQUEST.reset(token)
         log.info("outside")
     assert [(x["event"], x.get("request_id"), x.get("event_id")) for x in lines] == [
-        ("before", "rid-1", None), ("after", "rid-1", "e-1"), ("outside", None, None)]  # fmt: skip
+        ("before", "rid-1", None),
+        ("after", "rid-1", "e-1"),
+        ("outside", None, None),
+    ]

@@ -20,21 +20,30 @@ async def test_create_program_affiliate_link_then_track_and_read(edge: str, worl
     spring = {"name": "Spring", "cookie_window_days": 45, "attribution": "first_click"}
     status, program, _ = await call("POST", f"{edge}/v1/programs", headers=h, json=spring)
     assert status == 201 and program["cookie_window_days"] == 45 and program["attribution"] == "first_click"
-    status, affiliate, _ = await call("POST", f"{edge}/v1/affiliates", headers=h,
-                                      json={"program_id": program["id"], "external_id": "jane", "name": "Jane",
-                                            "email": "jane@example.com"})  # fmt: skip
+    status, affiliate, _ = await call(
+        "POST",
+        f"{edge}/v1/affiliates",
+        headers=h,
+        json={"program_id": program["id"], "external_id": "jane", "name": "Jane", "email": "jane@example.com"},
+    )
     assert status == 201 and affiliate["program_id"] == program["id"]
-    status, link, _ = await call("POST", f"{edge}/v1/links", headers=h,
-                                 json={"affiliate_id": affiliate["id"], "url": "https://shop.test/spring"})  # fmt: skip
+    status, link, _ = await call(
+        "POST", f"{edge}/v1/links", headers=h, json={"affiliate_id": affiliate["id"], "url": "https://shop.test/spring"}
+    )
     assert status == 201 and link["code"].startswith("JANE") and link["domain"] == "shop.test"
     assert link["program_id"] == program["id"] and link["status"] == "active"
 
     # the edge knows the new link at once, with its program's cookie window
-    status, click, _ = await call("POST", f"{edge}/api/v1/track/click",
-                                  json={"affiliate_url": f"https://shop.test/?aff={link['code']}"})  # fmt: skip
+    status, click, _ = await call(
+        "POST", f"{edge}/api/v1/track/click", json={"affiliate_url": f"https://shop.test/?aff={link['code']}"}
+    )
     assert status == 200 and click["cookie_window_days"] == 45
-    lead = {"clickId": click["click_id"], "eventName": "Sign Up", "customerExternalId": "cust_9",
-            "customerEmail": "c9@example.com"}  # fmt: skip
+    lead = {
+        "clickId": click["click_id"],
+        "eventName": "Sign Up",
+        "customerExternalId": "cust_9",
+        "customerEmail": "c9@example.com",
+    }
     assert (await call("POST", f"{edge}/api/track/lead", json=lead, headers=h))[0] == 200
     await drain()
 
@@ -55,14 +64,20 @@ async def test_patch_link_deactivates_at_the_edge(edge: str, world: World, redis
     h = auth(world.api_key)
     status, link, _ = await call("PATCH", f"{edge}/v1/links/{world.link['id']}", headers=h, json={"status": "inactive"})
     assert status == 200 and link["status"] == "inactive"
-    status, out, _ = await call("POST", f"{edge}/api/v1/track/click",
-                                json={"affiliate_url": "https://x.test/?aff=PARTNER123"})  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/api/v1/track/click", json={"affiliate_url": "https://x.test/?aff=PARTNER123"}
+    )
     assert (status, out) == (200, {"success": False, "error": "Referral link is inactive"})
-    status, link, _ = await call("PATCH", f"{edge}/v1/links/{world.link['id']}", headers=h,
-                                 json={"status": "active", "url": "https://new.test/landing"})  # fmt: skip
+    status, link, _ = await call(
+        "PATCH",
+        f"{edge}/v1/links/{world.link['id']}",
+        headers=h,
+        json={"status": "active", "url": "https://new.test/landing"},
+    )
     assert (link["status"], link["url"], link["domain"]) == ("active", "https://new.test/landing", "new.test")
-    assert (await call("POST", f"{edge}/api/v1/track/click",
-                       json={"affiliate_url": "https://x.test/?aff=PARTNER123"}))[1]["success"] is True  # fmt: skip
+    assert (await call("POST", f"{edge}/api/v1/track/click", json={"affiliate_url": "https://x.test/?aff=PARTNER123"}))[
+        1
+    ]["success"] is True
 
 
 async def test_scopes_and_errors(edge: str, world: World, pg: asyncpg.Pool, redis, keys: Keys):
@@ -81,12 +96,17 @@ async def test_scopes_and_errors(edge: str, world: World, pg: asyncpg.Pool, redi
         ("POST", "/v1/affiliates", {"program_id": "nope", "external_id": "a"}, 404, "not_found"),
         ("POST", "/v1/affiliates", {"program_id": world.program_id, "external_id": "user_123"}, 409, "conflict"),
         ("POST", "/v1/links", {"affiliate_id": world.affiliate_id, "url": "ftp://x"}, 400, "invalid_request"),
-        ("POST", "/v1/links", {"affiliate_id": world.affiliate_id, "url": "https://x.test", "code": "PARTNER123"},
-         409, "conflict"),
+        (
+            "POST",
+            "/v1/links",
+            {"affiliate_id": world.affiliate_id, "url": "https://x.test", "code": "PARTNER123"},
+            409,
+            "conflict",
+        ),
         ("PATCH", "/v1/links/not-a-uuid", {"status": "inactive"}, 404, "not_found"),
         ("PATCH", f"/v1/links/{world.link['id']}", {"status": "paused"}, 400, "invalid_request"),
         ("GET", "/v1/customers/nobody", None, 404, "not_found"),
-    ]  # fmt: skip
+    ]
     for method, path, body, status, code in cases:
         got, out, _ = await call(method, f"{edge}{path}", headers=h, json=body)
         assert (got, out["error"]) == (status, code), (method, path, body, out)
@@ -103,10 +123,16 @@ async def test_another_workspaces_objects_are_not_found(edge: str, world: World,
     assert (await call("PATCH", f"{edge}/v1/links/{other.link['id']}", headers=h, json={"status": "inactive"}))[
         0
     ] == 404
-    assert (await call("POST", f"{edge}/v1/links", headers=h,
-                       json={"affiliate_id": other.affiliate_id, "url": "https://x.test"}))[0] == 404  # fmt: skip
-    assert (await call("POST", f"{edge}/v1/affiliates", headers=h,
-                       json={"program_id": other.program_id, "external_id": "z"}))[0] == 404  # fmt: skip
+    assert (
+        await call(
+            "POST", f"{edge}/v1/links", headers=h, json={"affiliate_id": other.affiliate_id, "url": "https://x.test"}
+        )
+    )[0] == 404
+    assert (
+        await call(
+            "POST", f"{edge}/v1/affiliates", headers=h, json={"program_id": other.program_id, "external_id": "z"}
+        )
+    )[0] == 404
     assert await pg.fetchval("SELECT status FROM links WHERE code = 'THEIRS'") == "active"
 
 
@@ -114,12 +140,21 @@ async def test_affiliate_keys_see_only_their_own(edge: str, world: World, pg: as
     async with pg.acquire() as conn:
         second = await conn.fetchval(
             "INSERT INTO affiliates (workspace_id, program_id, external_id) VALUES ($1, $2, 'other') RETURNING id",
-            world.workspace_id, world.program_id,
-        )  # fmt: skip
-        await admin.create_link(conn, redis, keys, workspace_id=world.workspace_id, code="NOTMINE",
-                                program_id=world.program_id, affiliate_id=str(second))  # fmt: skip
-        mine = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["*"],
-                                      affiliate_id=world.affiliate_id)  # fmt: skip
+            world.workspace_id,
+            world.program_id,
+        )
+        await admin.create_link(
+            conn,
+            redis,
+            keys,
+            workspace_id=world.workspace_id,
+            code="NOTMINE",
+            program_id=world.program_id,
+            affiliate_id=str(second),
+        )
+        mine = await admin.create_key(
+            conn, redis, keys, workspace_id=world.workspace_id, scopes=["*"], affiliate_id=world.affiliate_id
+        )
     for code in ("PARTNER123", "PARTNER123", "NOTMINE"):
         await call("POST", f"{edge}/api/v1/referral/click/{code}")
     await drain()
@@ -153,7 +188,9 @@ async def test_keys_through_the_api(edge: str, world: World, pg: asyncpg.Pool, r
     theirs = (await call("POST", f"{edge}/v1/keys", headers=auth(other.api_key), json={}))[1]
     assert (await call("DELETE", f"{edge}/v1/keys/{theirs['prefix']}", headers=h))[0] == 404
     assert (await call("DELETE", f"{edge}/v1/keys/{created['prefix']}", headers=h))[:2] == (
-        200, {"revoked": created["prefix"]})  # fmt: skip
+        200,
+        {"revoked": created["prefix"]},
+    )
 
     async def refused() -> bool:
         got = await call("POST", f"{edge}/v1/track/click", headers=tracker, json={"ref": "PARTNER123"})

@@ -37,8 +37,9 @@ async def test_edge_and_worker_metrics_and_ids_in_the_logs(procs: Procs, pg):
     port = free_port()
     procs.start("work", REFSTREAM_METRICS_PORT=str(port))
     assert all(status == 200 for status, _ in await fire(edge, ["alice"] * 7))
-    status, _, headers = await call("POST", f"{edge}/api/v1/referral/click/alice",
-                                    headers={"X-Request-ID": "req-abc-123", "User-Agent": BROWSER})  # fmt: skip
+    status, _, headers = await call(
+        "POST", f"{edge}/api/v1/referral/click/alice", headers={"X-Request-ID": "req-abc-123", "User-Agent": BROWSER}
+    )
     assert status == 200 and headers["X-Request-ID"] == "req-abc-123"
     assert re.fullmatch(r"[0-9a-f]{32}", (await call("GET", f"{edge}/healthz"))[2]["X-Request-ID"])
 

@@ -24,8 +24,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-async def test_worker_rides_out_a_redis_outage(settings: Settings, private_redis: PrivateRedis, pg: asyncpg.Pool,
-                                               tmp_path: Path):  # fmt: skip
+async def test_worker_rides_out_a_redis_outage(
+    settings: Settings, private_redis: PrivateRedis, pg: asyncpg.Pool, tmp_path: Path
+):
     import redis.asyncio as aioredis
 
     own = settings.model_copy(update={"redis_url": private_redis.url})

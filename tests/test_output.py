@@ -51,17 +51,30 @@ def rows(text: str, title: str) -> list[list[str]]:
 
 def snapshot(keys: Keys) -> st.Snapshot:
     parts = [
-        st.Partition(p, stream, 1_234_567, 3600.0, 0.5, [
-            st.Group("workers", 12, False, 3, 4.2, "1712345678901-12", [st.Consumer(HOST, 3, 1.5)]),
-            st.Group("analytics", 99_999, True, 0, None, "1712345678901-0", []),
-        ])
+        st.Partition(
+            p,
+            stream,
+            1_234_567,
+            3600.0,
+            0.5,
+            [
+                st.Group("workers", 12, False, 3, 4.2, "1712345678901-12", [st.Consumer(HOST, 3, 1.5)]),
+                st.Group("analytics", 99_999, True, 0, None, "1712345678901-0", []),
+            ],
+        )
         for p, stream in enumerate(keys.streams)
-    ]  # fmt: skip
+    ]
     return st.Snapshot(
-        0, True, [], st.Thresholds(), parts, st.Dead(2, 30.0), st.Spool("/var/lib/refstream/spool", True, 2, 150),
+        0,
+        True,
+        [],
+        st.Thresholds(),
+        parts,
+        st.Dead(2, 30.0),
+        st.Spool("/var/lib/refstream/spool", True, 2, 150),
         st.Throughput(60, 100, False, 1.6, 90, 1.5),
         [WorkerState(HOST, "blocked", ["postgres_unavailable", "redis_oom"], 12.0, 1.0, False)],
-    )  # fmt: skip
+    )
 
 
 def test_status_reads_at_80_columns_with_partitions_by_number() -> None:
@@ -81,9 +94,18 @@ def test_status_reads_at_80_columns_with_partitions_by_number() -> None:
 def test_dead_letters_read_at_80_columns_and_never_as_markup() -> None:
     keys = Keys(LONG, 4)
     hostile = "store: refused [/bold] [red]x \x1b[31m\x07"
-    letter = {"dead_id": "1712345678901-0", "stream": keys.streams[2], "entry_id": "1712345678000-3",
-              "error": hostile, "deliveries": 6, "at_ms": 1712345678901, "event_id": "ab" * 16, "type": "click",
-              "dialect": "biore", "code": "[link]"}  # fmt: skip
+    letter = {
+        "dead_id": "1712345678901-0",
+        "stream": keys.streams[2],
+        "entry_id": "1712345678000-3",
+        "error": hostile,
+        "deliveries": 6,
+        "at_ms": 1712345678901,
+        "event_id": "ab" * 16,
+        "type": "click",
+        "dialect": "biore",
+        "code": "[link]",
+    }
     text = render(status_cmd.render_letters, [letter], keys)
     (dead_id, p, entry_id, *_), *wrapped = cells = rows(text, "dead letters, oldest first")
     assert (dead_id, p, entry_id) == ("1712345678901-0", "2", "1712345678000-3")  # ids whole, on one line
@@ -92,8 +114,13 @@ def test_dead_letters_read_at_80_columns_and_never_as_markup() -> None:
     assert "".join(r[3] for r in cells) == "store:refused[/bold][red]x\\x1b[31m\\x07"  # as text, escaped
     assert cells[0][6] == "[link]"
 
-    detail = letter | {"envelope": None, "decode_error": "not JSON", "raw": "\x1b[2J\\xff", "raw_bytes": 9,
-                       "other_fields": {"via": "[b]x"}}  # fmt: skip
+    detail = letter | {
+        "envelope": None,
+        "decode_error": "not JSON",
+        "raw": "\x1b[2J\\xff",
+        "raw_bytes": 9,
+        "other_fields": {"via": "[b]x"},
+    }
     text = render(status_cmd.render_letter, detail, keys)
     assert "\x1b" not in text and "\\x1b[2J\\xff" in text and "[b]x" in text
     assert f"2 ({keys.streams[2]})" in text and "2024-04-05T19:34:38.901+00:00" in text
@@ -102,8 +129,12 @@ def test_dead_letters_read_at_80_columns_and_never_as_markup() -> None:
 def test_replay_and_drift_tables() -> None:
     keys = Keys(LONG, 4)
     counts = {"entries": 3, "inserted": 1, "duplicates": 2, "skipped": 0, "undecodable": 0, "failed": 0}
-    result = {"range": {"from": "1-0", "to": "9-0"}, "dry_run": False, "partitions": {"0": counts, "3": counts},
-              "totals": {k: 2 * v for k, v in counts.items()}}  # fmt: skip
+    result = {
+        "range": {"from": "1-0", "to": "9-0"},
+        "dry_run": False,
+        "partitions": {"0": counts, "3": counts},
+        "totals": {k: 2 * v for k, v in counts.items()},
+    }
     text = render(replay_cmd.render_replay, result, keys)
     replayed = rows(text, "replay: from 1-0 to 9-0")
     assert [r[:3] for r in replayed] == [["0", "3", "1"], ["3", "3", "1"], ["all", "6", "2"]]
@@ -127,8 +158,12 @@ def test_replay_tables_fit_80_columns_with_whole_headers_and_an_open_end() -> No
     ):
         counts = dict.fromkeys(fields, 0) | {"entries": big, fields[2]: big // 2, fields[3]: big // 2}
         end = "18446744073709551615-18446744073709551615"
-        result = {"range": {"from": "1712345678901-0", "to": end}, "dry_run": dry_run,
-                  "partitions": {str(p): counts for p in range(4)}, "totals": counts | {"archived": 12}}  # fmt: skip
+        result = {
+            "range": {"from": "1712345678901-0", "to": end},
+            "dry_run": dry_run,
+            "partitions": {str(p): counts for p in range(4)},
+            "totals": counts | {"archived": 12},
+        }
         text = render(replay_cmd.render_replay, result, keys)  # asserts 80 columns
         title = f"replay{' (dry run)' if dry_run else ''}: from 1712345678901-0 to the end"
         table = rows(text, title)
@@ -142,9 +177,12 @@ def test_replay_tables_fit_80_columns_with_whole_headers_and_an_open_end() -> No
 
 def test_every_command_that_prints_data_takes_json() -> None:
     commands: list[click.Command] = [
-        status_cmd.status, replay_cmd.replay, reconcile_cmd.reconcile, workspace_cmd.set_bot_policy,
+        status_cmd.status,
+        replay_cmd.replay,
+        reconcile_cmd.reconcile,
+        workspace_cmd.set_bot_policy,
         *status_cmd.dead.commands.values(),
-    ]  # fmt: skip
+    ]
     assert {c.name for c in commands} >= {"list", "show", "requeue", "drop"}
     for c in commands:
         flags = {o for p in c.params for o in p.opts}
@@ -158,9 +196,12 @@ async def test_dead_commands_print_a_table_and_json_on_request(procs: Procs, red
 
     async def run(*args: str) -> str:
         proc = await asyncio.create_subprocess_exec(
-            REFSTREAM, *args, env=env_for(procs.settings), stdout=asyncio.subprocess.PIPE,
+            REFSTREAM,
+            *args,
+            env=env_for(procs.settings),
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
         return out.decode()

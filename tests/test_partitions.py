@@ -64,9 +64,10 @@ async def test_partitions_are_made_ahead_and_take_what_the_default_held(pg: asyn
     bounds = await partitions(pg, "events")
     assert bounds["events_p20300110"] == f"FOR VALUES FROM ('{day_uuid(today)}') TO ('{day_uuid(days[2])}')"
     assert str(day_uuid(today)) == "01b9091e-f000-7000-8000-000000000000"  # 2030-01-10T00:00Z in ms
-    assert await pg.fetchval(
-        "SELECT tableoid::regclass::text FROM link_visitor_days WHERE visitor_key = 'v1'"
-    ) == "link_visitor_days_p20300110"  # fmt: skip
+    assert (
+        await pg.fetchval("SELECT tableoid::regclass::text FROM link_visitor_days WHERE visitor_key = 'v1'")
+        == "link_visitor_days_p20300110"
+    )
 
     later = click("A", "v2", ms(today + timedelta(days=3)))
     await write_batch(pg, [later])

@@ -87,15 +87,45 @@ async def test_a_grow_makes_each_stream_with_every_group_and_a_retired_partition
     # a keyed append routed by another count than the layout's is refused, even into a
     # partition that is still written: its copy would sit where no current copy looks
     # (or by the same count read from an earlier layout: 2 -> 4 -> 2 left after.changed_ms)
-    for routed, changed, key in ((4, shrunk.changed_ms, "stale"), (3, shrunk.changed_ms, "other"),
-                                 (2, after.changed_ms, "earlier")):  # fmt: skip
+    for routed, changed, key in (
+        (4, shrunk.changed_ms, "stale"),
+        (3, shrunk.changed_ms, "other"),
+        (2, after.changed_ms, "earlier"),
+    ):
         with pytest.raises(aioredis.ResponseError, match="STALE"):
-            await layout._eval(redis, APPEND_ONCE, 3, keys.idempotent(key, 1), keys.stream(1), keys.layout, b"a",
-                               WINDOW_MS, routed, changed, "e", key)  # fmt: skip
+            await layout._eval(
+                redis,
+                APPEND_ONCE,
+                3,
+                keys.idempotent(key, 1),
+                keys.stream(1),
+                keys.layout,
+                b"a",
+                WINDOW_MS,
+                routed,
+                changed,
+                "e",
+                key,
+            )
         assert not await redis.exists(keys.idempotent(key, 1))
     length = await redis.xlen(keys.stream(1))
-    assert await layout._eval(redis, APPEND_ONCE, 3, keys.idempotent("now", 1), keys.stream(1), keys.layout, b"a",
-                              WINDOW_MS, 2, shrunk.changed_ms, "e", "now") is None  # fmt: skip
+    assert (
+        await layout._eval(
+            redis,
+            APPEND_ONCE,
+            3,
+            keys.idempotent("now", 1),
+            keys.stream(1),
+            keys.layout,
+            b"a",
+            WINDOW_MS,
+            2,
+            shrunk.changed_ms,
+            "e",
+            "now",
+        )
+        is None
+    )
     assert await redis.xlen(keys.stream(1)) == length + 1 and await redis.get(keys.idempotent("now", 1)) == b"a"
 
     await layout.set_count(redis, keys, 2, 4, window_ms=WINDOW_MS)  # a grow brings 3 back
@@ -293,8 +323,12 @@ async def test_an_edge_that_slept_through_a_change_and_back_is_refused_a_keyed_a
 async def test_edge_and_worker_follow_2_4_1_partitions_under_requests_and_lose_nothing(
     procs: Procs, pg: asyncpg.Pool, redis: aioredis.Redis, keys: Keys, settings: Settings
 ) -> None:
-    env = {"REFSTREAM_PARTITIONS": "2", "REFSTREAM_STREAM_RETENTION_S": "1", "REFSTREAM_TRIM_EVERY_S": "1",
-           "REFSTREAM_KEY_RATE_LIMIT_PER_MIN": "1000000"}  # fmt: skip
+    env = {
+        "REFSTREAM_PARTITIONS": "2",
+        "REFSTREAM_STREAM_RETENTION_S": "1",
+        "REFSTREAM_TRIM_EVERY_S": "1",
+        "REFSTREAM_KEY_RATE_LIMIT_PER_MIN": "1000000",
+    }
     keys = Keys(settings.stream_prefix, 2)
     code = _code_moving(2, 4, keys)
     world = await make_world(pg, redis, keys, code=code)
@@ -302,9 +336,15 @@ async def test_edge_and_worker_follow_2_4_1_partitions_under_requests_and_lose_n
     async with pg.acquire() as conn:
         for c in codes[1:]:
             await admin.create_link(
-                conn, redis, keys, workspace_id=world.workspace_id, code=c, url="https://yoursite.com/",
-                program_id=world.program_id, affiliate_id=world.affiliate_id,
-            )  # fmt: skip
+                conn,
+                redis,
+                keys,
+                workspace_id=world.workspace_id,
+                code=c,
+                url="https://yoursite.com/",
+                program_id=world.program_id,
+                affiliate_id=world.affiliate_id,
+            )
     edge = await procs.start_edge(**env)
     procs.start("work", **env)
     accepted: list[str] = []  # the event ids answered 200

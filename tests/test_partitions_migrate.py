@@ -60,14 +60,22 @@ async def at_v3(url: str) -> tuple[Any, Any, list[Any]]:
         for i, (event_id, type_, at) in enumerate(zip(ids, (1, 2, 1), (DAY1, DAY1 + 1000, now_ms), strict=True)):
             lead = type_ == 2
             await conn.execute(
-                _OLD_EVENT, event_id, type_, link["workspace_id"], link["id"], f"v{i}",
-                "c1" if lead else None, "Sign Up" if lead else None, "lead\x1fc1\x1fSign Up" if lead else None,
+                _OLD_EVENT,
+                event_id,
+                type_,
+                link["workspace_id"],
+                link["id"],
+                f"v{i}",
+                "c1" if lead else None,
+                "Sign Up" if lead else None,
+                "lead\x1fc1\x1fSign Up" if lead else None,
                 datetime.fromtimestamp(at / 1000, UTC),
-            )  # fmt: skip
+            )
         await conn.execute(
             "INSERT INTO link_visitor_days VALUES ($1, '2024-03-01', 'v0'), ($1, $2, 'v2')",
-            link["id"], datetime.now(UTC).date(),
-        )  # fmt: skip
+            link["id"],
+            datetime.now(UTC).date(),
+        )
         return link["id"], link["workspace_id"], ids
     finally:
         await conn.close()
@@ -167,9 +175,17 @@ async def test_a_schema_4_database_takes_schema_5_and_on(scratch_url: str, setti
         link = await conn.fetchrow(_OLD_WORLD)
         old = uuid7(DAY1)
         await conn.execute(
-            _OLD_EVENT, old, 1, link["workspace_id"], link["id"], "v0", None, None, None,
+            _OLD_EVENT,
+            old,
+            1,
+            link["workspace_id"],
+            link["id"],
+            "v0",
+            None,
+            None,
+            None,
             datetime.fromtimestamp(DAY1 / 1000, UTC),
-        )  # fmt: skip
+        )
         assert (await schema_check.check_url(scratch_url)).version == 4
 
         cached_version = await conn.fetchval("SELECT (extract(epoch FROM updated_at) * 1000000)::bigint FROM links")
@@ -181,7 +197,10 @@ async def test_a_schema_4_database_takes_schema_5_and_on(scratch_url: str, setti
         assert {"drop_stats", "event_drops", "drop_folds", "event_flags", "affiliate_ips"} <= tables
         # the click_burst index: on the partitioned table, so on each partition, old and new
         assert [r["relname"] for r in await conn.fetch(_CLICK_IP_INDEXES)] == [
-            "events", "events_default", "events_p20240301"]  # fmt: skip
+            "events",
+            "events_default",
+            "events_p20240301",
+        ]
         assert await conn.fetchval("SELECT fraud_policy::text FROM workspaces") == "{}"
         assert await conn.fetchval("SELECT count(*) FROM events") == 1
         assert await migrate(conn) == SCHEMA_VERSION  # a second run changes nothing

@@ -26,8 +26,12 @@ async def test_two_visitors_who_send_undefined_are_two_customers_and_one_erasure
 ) -> None:
     answers = []
     for visitor in ("undefined", " NULL "):
-        status, out, _ = await call("POST", f"{edge}/v1/track/click", json={"ref": "PARTNER123", "visitor_id": visitor},
-                                    headers=bearer(world.api_key))  # fmt: skip
+        status, out, _ = await call(
+            "POST",
+            f"{edge}/v1/track/click",
+            json={"ref": "PARTNER123", "visitor_id": visitor},
+            headers=bearer(world.api_key),
+        )
         assert status == 200, out
         answers.append(out)
     assert all(a["match_method"] == "new" and not ids.placeholder(a["visitor_id"]) for a in answers), answers
@@ -50,8 +54,9 @@ async def test_two_visitors_who_send_undefined_are_two_customers_and_one_erasure
         assert status == 200, out
     await drain()
     assert await pg.fetchval("SELECT count(*) FROM customers WHERE external_id LIKE 'person-%'") == 2
-    code, _, err = await run_command("erase", "--customer", "person-0", "--workspace", world.workspace_id,
-                                     env=env_for(settings))  # fmt: skip
+    code, _, err = await run_command(
+        "erase", "--customer", "person-0", "--workspace", world.workspace_id, env=env_for(settings)
+    )
     assert code == 0, err
     kept = await pg.fetchrow("SELECT email FROM customers WHERE external_id = 'person-1'")
     assert kept is not None and kept["email"] == "p1@example.com"
@@ -59,6 +64,7 @@ async def test_two_visitors_who_send_undefined_are_two_customers_and_one_erasure
 
 async def test_bricqs_refuses_a_placeholder_as_the_session_a_conversion_is_keyed_by(edge: str, world: World) -> None:
     for session in ("undefined", "null", "[object Object]"):
-        status, out, _ = await call("POST", f"{edge}/api/v1/referrals/convert",
-                                    json={"code": "PARTNER123", "referred_session_id": session})  # fmt: skip
+        status, out, _ = await call(
+            "POST", f"{edge}/api/v1/referrals/convert", json={"code": "PARTNER123", "referred_session_id": session}
+        )
         assert (status, out["error"]) == (400, "validation_error"), out

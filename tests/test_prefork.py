@@ -102,8 +102,9 @@ async def test_a_killed_child_is_replaced_and_requests_keep_being_answered(procs
     await wait_for(lambda: asyncio.to_thread(gone, victim), what="the killed child to be reaped")
     # while its slot waits for a new child, connections to it queue: answered, not refused
     assert await clicks(base, 40) == [200] * 40
-    after = await wait_for(lambda: asyncio.to_thread(lambda: len(c := children(sup.pid)) == N and c),
-                           what="a replacement child")  # fmt: skip
+    after = await wait_for(
+        lambda: asyncio.to_thread(lambda: len(c := children(sup.pid)) == N and c), what="a replacement child"
+    )
     assert victim not in after and len(after & before) == N - 1
     await wait_for(lambda: processes(base, N), what="the replacement answering /metrics")
     assert await clicks(base, 40) == [200] * 40
@@ -117,8 +118,10 @@ async def test_sigterm_drains_a_request_in_flight_and_every_process_exits(procs:
     kids = children(sup.pid)
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    head = (f"POST /api/v1/referral/click/alice HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {BROWSER}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")  # fmt: skip
+    head = (
+        f"POST /api/v1/referral/click/alice HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {BROWSER}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
     writer.write(head.encode())
     await writer.drain()
     # the child answers 100 Continue from inside its request handling: the request is in flight
@@ -126,8 +129,10 @@ async def test_sigterm_drains_a_request_in_flight_and_every_process_exits(procs:
 
     sup.send_signal(signal.SIGTERM)
     log = sorted(procs.logdir.glob("*-serve.log"))[-1]
-    await wait_for(lambda: asyncio.to_thread(lambda: b"prefork.draining" in log.read_bytes()),
-                   what="the supervisor to start the drain")  # fmt: skip
+    await wait_for(
+        lambda: asyncio.to_thread(lambda: b"prefork.draining" in log.read_bytes()),
+        what="the supervisor to start the drain",
+    )
     writer.write(b"{}")
     await writer.drain()
     status_line = await reader.readline()
@@ -261,13 +266,16 @@ async def test_a_new_supervisor_takes_over_the_sockets_with_no_request_unanswere
 
     opener = asyncio.create_task(connections())
     await wait_for(lambda: asyncio.sleep(0, len(client.results) > 50 and len(fresh) > 16), what="the load to start")
-    new = procs.start("serve", "--port", port, "--take-over", REFSTREAM_PROCESSES=str(N),
-                      REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")  # fmt: skip
+    new = procs.start(
+        "serve", "--port", port, "--take-over", REFSTREAM_PROCESSES=str(N), REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000"
+    )
     assert await exited(old) == 0  # drained once the new one served: its children with it
     assert all(gone(p) for p in first)
     seen = len(client.results), len(fresh)
-    await wait_for(lambda: asyncio.sleep(0, len(client.results) > seen[0] + 50 and len(fresh) > seen[1] + 16),
-                   what="the new supervisor's children answering")  # fmt: skip
+    await wait_for(
+        lambda: asyncio.sleep(0, len(client.results) > seen[0] + 50 and len(fresh) > seen[1] + 16),
+        what="the new supervisor's children answering",
+    )
     stop.set()
     client.stop.set()
     await asyncio.gather(loader, opener)
@@ -384,8 +392,10 @@ def _starts(path: Path) -> list[float]:
 async def test_a_child_crashing_at_start_is_restarted_with_a_growing_delay(tmp_path: Path):
     sup, starts = _supervise(tmp_path, ready=1)
     try:
-        times = await wait_for(lambda: asyncio.to_thread(lambda: len(t := _starts(starts)) >= 4 and t),
-                               what="four starts of the crashing child")  # fmt: skip
+        times = await wait_for(
+            lambda: asyncio.to_thread(lambda: len(t := _starts(starts)) >= 4 and t),
+            what="four starts of the crashing child",
+        )
         gaps = [b - a for a, b in itertools.pairwise(times)][:3]
         # the scheduled backoff is a floor: 0.25 s, then 0.5 s, then 1 s (never a spin)
         assert [g >= d for g, d in zip(gaps, (0.25, 0.5, 1.0), strict=True)] == [True] * 3, gaps

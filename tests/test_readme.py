@@ -72,9 +72,13 @@ async def test_the_readme_tour_runs_as_written_against_refstream_dev(
 
     async def shell(script: str) -> subprocess.CompletedProcess[bytes]:
         return await asyncio.to_thread(
-            subprocess.run, ["bash", "-euo", "pipefail", "-x", "-c", script],
-            cwd=here, env=env, capture_output=True, timeout=120,
-        )  # fmt: skip
+            subprocess.run,
+            ["bash", "-euo", "pipefail", "-x", "-c", script],
+            cwd=here,
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
 
     async def demo() -> dict[str, Any]:
         shown = await shell("source .refstream-dev.env && refstream link show demo --json")
@@ -102,8 +106,10 @@ async def test_the_readme_tour_runs_as_written_against_refstream_dev(
         async def sold() -> Any:  # the tour's sale, attributed through its lead to the demo link
             conn = await asyncpg.connect(db)
             try:
-                return await conn.fetch("SELECT s.amount, s.currency, s.invoice_id, l.code FROM sales s"
-                                        " LEFT JOIN links l ON l.id = s.link_id")  # fmt: skip
+                return await conn.fetch(
+                    "SELECT s.amount, s.currency, s.invoice_id, l.code FROM sales s"
+                    " LEFT JOIN links l ON l.id = s.link_id"
+                )
             finally:
                 await conn.close()
 

@@ -141,8 +141,9 @@ async def test_the_window_leaves_the_days_outside_it_as_they_are(
     )
     await pg.execute("UPDATE links SET clicks = clicks + 3 WHERE code = 'A'")
     assert (await run(settings, "reconcile", "--since", "2024-03-02", "--json"))[:2] == (
-        0, {"drift": [], "fixed": False},
-    )  # fmt: skip
+        0,
+        {"drift": [], "fixed": False},
+    )
     code, out, _ = await run(settings, "reconcile", "--until", "2024-03-02", "--json")
     assert code == 1 and out["drift"] == [
         {"code": "A", "counter": "clicks", "stored": 10, "recomputed": 7},

@@ -79,8 +79,9 @@ async def test_moved_and_ask_are_followed(cluster: list[int]) -> None:
         src.execute_command("MIGRATE", "127.0.0.1", other, "", 0, 5000, "KEYS", key)
         assert await link.send([("GET", key), ("WAIT", 0, 0)]) == [b"after", 0]  # ASK, ASKING, GET
         for port in cluster:  # finish the move
-            redis.Redis(port=port).execute_command("CLUSTER", "SETSLOT", slot, "NODE",
-                                                   dst.execute_command("CLUSTER", "MYID"))  # fmt: skip
+            redis.Redis(port=port).execute_command(
+                "CLUSTER", "SETSLOT", slot, "NODE", dst.execute_command("CLUSTER", "MYID")
+            )
         assert await link.send([("GET", key)]) == [b"after"]
     finally:
         await link.close()

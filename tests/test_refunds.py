@@ -84,8 +84,11 @@ async def test_refunds_are_rows_of_their_own_and_never_pass_the_sale(
     assert (status, out["error"]["code"]) == (404, "SALE_NOT_FOUND"), out
     status, out, _ = await refund(edge, world.api_key, {"invoiceId": "in_r1", "amount": 1})
     assert (status, out["error"]["code"]) == (422, "REFUND_KEY_REQUIRED"), out
-    for bad in ({"invoiceId": "in_r1", "amount": 1.5, "refundId": "x"}, {"amount": 1, "refundId": "x"},
-                {"invoiceId": "in_r1", "amount": 0, "refundId": "x"}):  # fmt: skip
+    for bad in (
+        {"invoiceId": "in_r1", "amount": 1.5, "refundId": "x"},
+        {"amount": 1, "refundId": "x"},
+        {"invoiceId": "in_r1", "amount": 0, "refundId": "x"},
+    ):
         status, out, _ = await refund(edge, world.api_key, bad)
         assert status == 400 and out["error"]["code"] == "VALIDATION_ERROR", (bad, out)
     status, _, _ = await call("POST", f"{edge}{REFUND}", json={"invoiceId": "in_r1", "refundId": "x"})
@@ -109,15 +112,19 @@ async def test_one_sale_refunded_at_once_through_two_edges_never_past_its_amount
     try:
         # 16 refunds of 100 each (ids r0..r7 sent twice each), half to each edge, all at once:
         # 8 distinct refunds fit the sale (800), their repeats are answered as the first
-        answers = await asyncio.gather(*(
-            refund(base, world.api_key, {"invoiceId": "in_race", "amount": 100, "refundId": f"r{i % 8}"})
-            for i, base in enumerate([edge, other] * 8)
-        ))  # fmt: skip
+        answers = await asyncio.gather(
+            *(
+                refund(base, world.api_key, {"invoiceId": "in_race", "amount": 100, "refundId": f"r{i % 8}"})
+                for i, base in enumerate([edge, other] * 8)
+            )
+        )
         # and 8 more of 100 each under new ids: only 2 fit what is left
-        more = await asyncio.gather(*(
-            refund(base, world.api_key, {"invoiceId": "in_race", "amount": 100, "refundId": f"more{i}"})
-            for i, base in enumerate([edge, other] * 4)
-        ))  # fmt: skip
+        more = await asyncio.gather(
+            *(
+                refund(base, world.api_key, {"invoiceId": "in_race", "amount": 100, "refundId": f"more{i}"})
+                for i, base in enumerate([edge, other] * 4)
+            )
+        )
     finally:
         await runner.cleanup()
     assert [a[0] for a in answers] == [200] * 16, answers
@@ -141,9 +148,11 @@ async def test_clawbacks_take_back_the_refunded_share_of_the_commission(
     await sold(edge, world, drain, invoiceId="in_c2", amount=4000, currency="eur")
     earned = {r["currency"]: r["amount"] for r in await pg.fetch("SELECT currency, amount FROM commissions")}
     assert earned == {"usd": 999 * 2000 // 10000 + 33, "eur": 800 + 33}
-    for body in ({"invoiceId": "in_c1", "amount": 333, "refundId": "a"},
-                 {"invoiceId": "in_c1", "amount": 1, "refundId": "b"},
-                 {"invoiceId": "in_c2", "amount": 1000, "refundId": "c"}):  # fmt: skip
+    for body in (
+        {"invoiceId": "in_c1", "amount": 333, "refundId": "a"},
+        {"invoiceId": "in_c1", "amount": 1, "refundId": "b"},
+        {"invoiceId": "in_c2", "amount": 1000, "refundId": "c"},
+    ):
         assert (await refund(edge, world.api_key, body))[0] == 200
     assert [tuple(r) for r in await pg.fetch(CLAWED, world.affiliate_id)] == [
         tuple(r) for r in await pg.fetch(EXPECTED_CLAWED, world.affiliate_id, 2000, 33)
@@ -184,8 +193,9 @@ async def test_the_batch_route_takes_refunds_each_in_its_turn(edge: str, world: 
         {"type": "refund", "invoiceId": "in_none", "refundId": "b4"},
         {"type": "refund", "invoiceId": "in_b", "amount": 1},  # no key at all
     ]
-    answers = [await call("POST", f"{edge}/v1/events/batch", json=items, headers=bearer(world.api_key))
-               for _ in range(2)]  # fmt: skip
+    answers = [
+        await call("POST", f"{edge}/v1/events/batch", json=items, headers=bearer(world.api_key)) for _ in range(2)
+    ]
     status, out, headers = answers[0]
     assert status == 200 and (out["accepted"], out["rejected"]) == (2, 3), out
     assert [r.get("error") for r in out["results"]] == [
@@ -212,10 +222,12 @@ async def test_one_refund_id_for_two_sales_at_once_is_one_refund_and_a_422(
         assert (await track_sale(edge, world.api_key, body))[0] == 200
     await drain()
     for n in range(3):
-        answers = await asyncio.gather(*(
-            refund(edge, world.api_key, {"invoiceId": invoice, "amount": 1, "refundId": f"same-{n}"})
-            for invoice in ("in_x", "in_y")
-        ))  # fmt: skip
+        answers = await asyncio.gather(
+            *(
+                refund(edge, world.api_key, {"invoiceId": invoice, "amount": 1, "refundId": f"same-{n}"})
+                for invoice in ("in_x", "in_y")
+            )
+        )
         assert sorted(a[0] for a in answers) == [200, 422], answers  # never a 503 for the key's race
     assert await pg.fetchval("SELECT count(*) FROM refunds") == 3
 
@@ -279,9 +291,15 @@ async def test_a_replay_restores_a_refund_whose_copy_it_reads_before_its_sale(
     sale_env = made(world, invoiceId="in_apart", amount=3000)
     copy = refund_edge.envelope(
         refunds.Asked(world.workspace_id, "id:apart", invoice_id="in_apart", amount=700, reason=None, dialect="native"),
-        {"refund_id": str(uuid7()), "invoice_id": "in_apart", "amount": 700, "currency": "usd", "reason": None,
-         "created_at": "2026-11-25T07:00:00.123456+00:00"},
-    )  # fmt: skip
+        {
+            "refund_id": str(uuid7()),
+            "invoice_id": "in_apart",
+            "amount": 700,
+            "currency": "usd",
+            "reason": None,
+            "created_at": "2026-11-25T07:00:00.123456+00:00",
+        },
+    )
     await redis.xadd(keys.streams[0], wire.to_entry_dict(copy))  # the copy in the first partition read
     await redis.xadd(keys.streams[-1], wire.to_entry_dict(sale_env))  # its sale in the last
     result = await replay.replay(redis, pg, keys, replay.Range())
@@ -289,7 +307,10 @@ async def test_a_replay_restores_a_refund_whose_copy_it_reads_before_its_sale(
     assert result.total("inserted") == 2
     row = await pg.fetchrow("SELECT id, amount, created_at FROM refunds WHERE refund_key = 'id:apart'")
     assert (row["id"], row["amount"], row["created_at"].isoformat()) == (
-        copy.event_id, 700, "2026-11-25T07:00:00.123456+00:00")  # fmt: skip
+        copy.event_id,
+        700,
+        "2026-11-25T07:00:00.123456+00:00",
+    )
     assert await pg.fetchval("SELECT refunded FROM sales WHERE invoice_id = 'in_apart'") == 700
     again = await replay.replay(redis, pg, keys, replay.Range())  # a second replay: nothing new
     assert (again.total("inserted"), again.total("duplicates")) == (0, 2)
@@ -325,8 +346,13 @@ async def test_a_refund_is_one_refund_created_delivery_and_its_clawback_one_comm
     edge: str, world: World, pg: asyncpg.Pool, drain
 ) -> None:
     assert (await rules(edge, world, sale_bps=1000, hold_days=0))[0] == 200
-    hook, _ = await make_webhook(pg, world.workspace_id, "https://hooks.example/h", secretbox.generate_key(),
-                                 events=["refund.created", "commission.created"])  # fmt: skip
+    hook, _ = await make_webhook(
+        pg,
+        world.workspace_id,
+        "https://hooks.example/h",
+        secretbox.generate_key(),
+        events=["refund.created", "commission.created"],
+    )
     click_id = await new_click(edge)
     assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
     await drain()
@@ -341,21 +367,28 @@ async def test_a_refund_is_one_refund_created_delivery_and_its_clawback_one_comm
     assert claw["amount"] == -(500 * 1500 // 5000)
     got = [h for h in await deliveries(pg) if h["payload"].get("kind") != "sale"]
     assert [(h["webhook_id"], h["event_type"], h["subject_id"]) for h in got] == [
-        (hook, "commission.created", claw["id"]), (hook, "refund.created", UUID(made_["refund_id"]))
-    ]  # fmt: skip
+        (hook, "commission.created", claw["id"]),
+        (hook, "refund.created", UUID(made_["refund_id"])),
+    ]
     clawed, refunded = (h["payload"] for h in got)
     assert refunded == made_  # the refund as its answer said
     assert (clawed["kind"], clawed["amount"], clawed["currency"], clawed["source_event_id"]) == (
-        "clawback", -150, "usd", made_["refund_id"])  # fmt: skip
+        "clawback",
+        -150,
+        "usd",
+        made_["refund_id"],
+    )
     assert (clawed["affiliate_id"], clawed["link_id"]) == (world.affiliate_id, world.link["id"])
 
 
 async def deliveries(pg: asyncpg.Pool) -> list[asyncpg.Record]:
     """The outbox's rows, by type and then amount (the deliveries the workers send)."""
-    return list(await pg.fetch(
-        "SELECT webhook_id::text, event_type, subject_id, payload FROM webhook_deliveries"
-        " ORDER BY event_type, (payload->>'amount')::bigint"
-    ))  # fmt: skip
+    return list(
+        await pg.fetch(
+            "SELECT webhook_id::text, event_type, subject_id, payload FROM webhook_deliveries"
+            " ORDER BY event_type, (payload->>'amount')::bigint"
+        )
+    )
 
 
 async def test_a_clawback_of_a_paid_commission_is_carried_into_the_next_payout(
@@ -422,28 +455,50 @@ async def test_each_affiliates_net_commission_is_the_rules_less_the_refunded_sha
     async with pg.acquire() as conn:  # a second affiliate of the program, with a link of its own
         other = await conn.fetchval(
             "INSERT INTO affiliates (workspace_id, program_id, external_id) VALUES ($1, $2, 'second') RETURNING id",
-            world.workspace_id, world.program_id,
-        )  # fmt: skip
-        await admin.create_link(conn, redis, keys, workspace_id=world.workspace_id, code="OTHER",
-                                url="https://yoursite.com/pricing", program_id=world.program_id,
-                                affiliate_id=str(other))  # fmt: skip
+            world.workspace_id,
+            world.program_id,
+        )
+        await admin.create_link(
+            conn,
+            redis,
+            keys,
+            workspace_id=world.workspace_id,
+            code="OTHER",
+            url="https://yoursite.com/pricing",
+            program_id=world.program_id,
+            affiliate_id=str(other),
+        )
     theirs = {**CLICK, "affiliate_url": "https://yoursite.com/pricing?aff=OTHER", "session_id": "sess_other"}
     status, click, _ = await call("POST", f"{edge}/api/v1/track/click", json=theirs)
     assert status == 200
     for click_id, customer in ((await new_click(edge), "user_001"), (click["click_id"], "user_002")):
         assert (await lead(edge, world.api_key, lead_body(click_id, customerExternalId=customer)))[0] == 200
     await drain()
-    sales = (("in_n1", "user_001", 999, "usd"), ("in_n2", "user_001", 4000, "eur"), ("in_n3", "user_001", 1001, "usd"),
-             ("in_n4", "user_002", 777, "usd"), ("in_n5", "user_002", 2000, "usd"),
-             ("in_n6", "nobody", 500, "usd"))  # fmt: skip
+    sales = (
+        ("in_n1", "user_001", 999, "usd"),
+        ("in_n2", "user_001", 4000, "eur"),
+        ("in_n3", "user_001", 1001, "usd"),
+        ("in_n4", "user_002", 777, "usd"),
+        ("in_n5", "user_002", 2000, "usd"),
+        ("in_n6", "nobody", 500, "usd"),
+    )
     for invoice, customer, amount, currency in sales:
         body = sale_body(invoiceId=invoice, customerExternalId=customer, amount=amount, currency=currency)
         assert (await track_sale(edge, world.api_key, body))[0] == 200
     await drain()
     # two partial refunds of one sale (clawed back on their running total, not each rounded),
     # one of another currency, one in full in two steps, one of a sale no affiliate earns on
-    for n, (invoice, amount) in enumerate((("in_n1", 333), ("in_n1", 333), ("in_n2", 1000), ("in_n4", 500),
-                                           ("in_n5", 1500), ("in_n5", 500), ("in_n6", 100))):  # fmt: skip
+    for n, (invoice, amount) in enumerate(
+        (
+            ("in_n1", 333),
+            ("in_n1", 333),
+            ("in_n2", 1000),
+            ("in_n4", 500),
+            ("in_n5", 1500),
+            ("in_n5", 500),
+            ("in_n6", 100),
+        )
+    ):
         body = {"invoiceId": invoice, "amount": amount, "refundId": f"n{n}"}
         status, out, _ = await refund(edge, world.api_key, body)
         assert status == 200, out
@@ -452,13 +507,16 @@ async def test_each_affiliates_net_commission_is_the_rules_less_the_refunded_sha
     # by hand: 999 earns 131 and gives back 87 (131 * 666 // 999), not 43 + 43; 1001 earns 132;
     # 4000 eur earns 507 and gives back 126; 777 earns 104 and gives back 66; 2000 earns 257, all given back
     assert sorted((a == world.affiliate_id, c, n) for a, c, n in net) == [
-        (False, "usd", 104 - 66), (True, "eur", 507 - 126), (True, "usd", 131 - 87 + 132)
-    ]  # fmt: skip
+        (False, "usd", 104 - 66),
+        (True, "eur", 507 - 126),
+        (True, "usd", 131 - 87 + 132),
+    ]
     # and what each affiliate reads in its stats: its own net, per currency
     for affiliate in (world.affiliate_id, str(other)):
         async with pg.acquire() as conn:
-            key = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
-                                         affiliate_id=affiliate)  # fmt: skip
+            key = await admin.create_key(
+                conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"], affiliate_id=affiliate
+            )
         status, out, _ = await call("GET", f"{edge}/v1/affiliate/stats", headers=bearer(key["api_key"]))
         assert status == 200 and out["totals"]["commission"] == {c: n for a, c, n in net if a == affiliate}, out
 
@@ -483,9 +541,11 @@ async def test_reconcile_recounts_each_sales_refund_totals_from_its_refunds(
     sale = {r["invoice_id"]: r for r in await pg.fetch("SELECT invoice_id, event_id, received_at FROM sales")}
     one, two = sale["in_rc1"]["event_id"], sale["in_rc2"]["event_id"]
     expected = {
-        ("PARTNER123", f"sale.{one}.refunds"): (1, 2), ("PARTNER123", f"sale.{one}.refunded"): (4000, 1500),
-        ("(unattributed)", f"sale.{two}.refunds"): (0, 1), ("(unattributed)", f"sale.{two}.refunded"): (0, 300),
-    }  # fmt: skip
+        ("PARTNER123", f"sale.{one}.refunds"): (1, 2),
+        ("PARTNER123", f"sale.{one}.refunded"): (4000, 1500),
+        ("(unattributed)", f"sale.{two}.refunds"): (0, 1),
+        ("(unattributed)", f"sale.{two}.refunded"): (0, 300),
+    }
     found = await reconcile(pg, fix=False)
     assert {(d.code, d.counter): (d.stored, d.recomputed) for d in found} == expected
     assert {d.day for d in found} == {s["received_at"].date() for s in sale.values()}  # each sale's day
@@ -494,8 +554,10 @@ async def test_reconcile_recounts_each_sales_refund_totals_from_its_refunds(
     assert status == 409, out
     assert {(d.code, d.counter): (d.stored, d.recomputed) for d in await reconcile(pg, fix=True)} == expected
     assert await reconcile(pg, fix=False) == []
-    totals = {r["invoice_id"]: (r["refunded"], r["refunds"]) for r in await pg.fetch(
-        "SELECT invoice_id, refunded, refunds FROM sales")}  # fmt: skip
+    totals = {
+        r["invoice_id"]: (r["refunded"], r["refunds"])
+        for r in await pg.fetch("SELECT invoice_id, refunded, refunds FROM sales")
+    }
     assert totals == {"in_rc1": (1500, 2), "in_rc2": (300, 1)}
     # and the cap reads the repaired total: what is left fits, and not a unit more
     status, out, _ = await refund(edge, world.api_key, {"invoiceId": "in_rc1", "amount": 3501, "refundId": "rc9"})
@@ -509,12 +571,14 @@ async def test_reconcile_recounts_each_sales_refund_totals_from_its_refunds(
         " dialect) SELECT $1, workspace_id, 'id:stray', '', event_id, invoice_id, amount, currency, 'native'"
         " FROM sales WHERE invoice_id = 'in_rc2'",
         uuid7(),
-    )  # fmt: skip
+    )
     with capture_logs() as logs:
         found = await reconcile(pg, fix=True)
     assert {(d.counter, d.stored, d.recomputed) for d in found} == {
-        (f"sale.{two}.refunds", 1, 2), (f"sale.{two}.refunded", 300, 300 + 900),
-        ("refunds.usd", 1, 2), ("refunded.usd", 300, 300 + 900),  # sale_stats: set from the rows, as ever
-    }  # fmt: skip
+        (f"sale.{two}.refunds", 1, 2),
+        (f"sale.{two}.refunded", 300, 300 + 900),
+        ("refunds.usd", 1, 2),
+        ("refunded.usd", 300, 300 + 900),  # sale_stats: set from the rows, as ever
+    }
     assert [e["sales"] for e in logs if e["event"] == "reconcile.refunds_past_their_sale"] == [[str(two)]]
     assert await pg.fetchval("SELECT refunded FROM sales WHERE invoice_id = 'in_rc2'") == 300

@@ -49,8 +49,9 @@ def replicas_1(settings: Settings, primary: FaultRedis, spool: Path, **update: A
 async def affixo(base: str, world: World, visitor: str, key: str | None = None) -> tuple[int, Any, dict[str, str]]:
     """An Affixo click naming its visitor (the row it makes is found by it); keyed or not."""
     headers = {"Authorization": f"Bearer {world.api_key}", **({"Idempotency-Key": key} if key else {})}
-    return await call("POST", f"{base}/v1/track/click", json={"ref": "PARTNER123", "visitor_id": visitor},
-                      headers=headers)  # fmt: skip
+    return await call(
+        "POST", f"{base}/v1/track/click", json={"ref": "PARTNER123", "visitor_id": visitor}, headers=headers
+    )
 
 
 async def stored(pg: asyncpg.Pool) -> Counter[str]:
@@ -61,8 +62,13 @@ async def stored(pg: asyncpg.Pool) -> Counter[str]:
 def accepted(answers: Answers) -> Counter[str]:
     """What the rows must be: one per 2xx, and here (one copy of each key, kept in the spool)
     one per "may be stored"; none for a refusal."""
-    return Counter({visitor: 1 for visitor, (status, _, headers) in answers.items()
-                    if status == 200 or headers.get(OUTCOME) == "unknown"})  # fmt: skip
+    return Counter(
+        {
+            visitor: 1
+            for visitor, (status, _, headers) in answers.items()
+            if status == 200 or headers.get(OUTCOME) == "unknown"
+        }
+    )
 
 
 async def spool_empty(directory: Path) -> bool:
@@ -110,9 +116,12 @@ async def send_both_kinds(base: str, world: World, rounds: int) -> Answers:
 
 
 async def test_short_of_replicas_what_is_refused_is_never_stored(
-    settings: Settings, world: World, pg: asyncpg.Pool, private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+    settings: Settings,
+    world: World,
+    pg: asyncpg.Pool,
+    private_fault_redis: Callable[..., Awaitable[FaultRedis]],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     # issue 24, defect 4: a 503 whose XADD the primary had applied was counted all the same
     primary = await private_fault_redis()
     mine = replicas_1(settings, primary, tmp_path / "spool")
@@ -130,9 +139,12 @@ async def test_short_of_replicas_what_is_refused_is_never_stored(
 
 
 async def test_short_of_replicas_every_2xx_survives_the_loss_of_the_primary(
-    settings: Settings, world: World, pg: asyncpg.Pool, private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+    settings: Settings,
+    world: World,
+    pg: asyncpg.Pool,
+    private_fault_redis: Callable[..., Awaitable[FaultRedis]],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     # issue 24, defect 2: a keyed click was answered 200 without the durability wait
     primary = await private_fault_redis()
     mine = replicas_1(settings, primary, tmp_path / "spool")
@@ -154,9 +166,12 @@ async def test_short_of_replicas_every_2xx_survives_the_loss_of_the_primary(
 
 
 async def test_a_may_be_stored_answer_retried_with_its_key_counts_once(
-    settings: Settings, world: World, pg: asyncpg.Pool, private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+    settings: Settings,
+    world: World,
+    pg: asyncpg.Pool,
+    private_fault_redis: Callable[..., Awaitable[FaultRedis]],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     primary = await private_fault_redis()
     mine = replicas_1(settings, primary, tmp_path / "spool", spool_max_bytes=FULL)
     async with full_spool(tmp_path / "spool"):
@@ -185,9 +200,12 @@ async def test_a_may_be_stored_answer_retried_with_its_key_counts_once(
 
 
 async def test_short_of_replicas_a_worker_stores_nothing_a_failover_could_lose(
-    settings: Settings, world: World, pg: asyncpg.Pool, private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+    settings: Settings,
+    world: World,
+    pg: asyncpg.Pool,
+    private_fault_redis: Callable[..., Awaitable[FaultRedis]],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     # issue 24, the generative test's seed 127853501: a keyed click the primary held short of
     # replicas:1 (answered "may be stored") was read and stored by a worker; the failover lost
     # it from Redis, the client's retry to another edge made a new copy, answered 200 with its

@@ -49,8 +49,11 @@ async def make_links(pg: asyncpg.Pool, redis: Any, keys: Keys, per_workspace: in
         for i in range(1, per_workspace):
             await pg.execute(
                 "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url) VALUES ($1, $2, $3, $4, 'https://x.test')",
-                world.workspace_id, world.program_id, world.affiliate_id, f"W{w}L{i}",
-            )  # fmt: skip
+                world.workspace_id,
+                world.program_id,
+                world.affiliate_id,
+                f"W{w}L{i}",
+            )
             codes[f"W{w}L{i}"] = world.workspace_id
     return codes
 
@@ -129,15 +132,23 @@ async def append(redis: Any, keys: Keys, envelopes: list[Envelope], garbage: int
 
 async def snapshot(pg: asyncpg.Pool) -> dict[str, Any]:
     return {
-        "links": [tuple(r) for r in await pg.fetch(
-            "SELECT code, clicks, unique_clicks, bot_clicks, leads, conversions, last_clicked_at"
-            " FROM links ORDER BY code")],
-        "daily": [tuple(r) for r in await pg.fetch(
-            "SELECT link_id, day, workspace_id, program_id, affiliate_id, clicks, unique_clicks, bot_clicks, leads,"
-            " conversions FROM daily_stats ORDER BY link_id, day")],
+        "links": [
+            tuple(r)
+            for r in await pg.fetch(
+                "SELECT code, clicks, unique_clicks, bot_clicks, leads, conversions, last_clicked_at"
+                " FROM links ORDER BY code"
+            )
+        ],
+        "daily": [
+            tuple(r)
+            for r in await pg.fetch(
+                "SELECT link_id, day, workspace_id, program_id, affiliate_id, clicks, unique_clicks, bot_clicks, leads,"
+                " conversions FROM daily_stats ORDER BY link_id, day"
+            )
+        ],
         "visitors": [tuple(r) for r in await pg.fetch("SELECT * FROM link_visitor_days ORDER BY 1, 2, 3")],
         "events": [r[0] for r in await pg.fetch("SELECT event_id FROM events ORDER BY 1")],
-    }  # fmt: skip
+    }
 
 
 async def groups(redis: Any, keys: Keys) -> list[Any]:
@@ -160,8 +171,16 @@ async def test_replaying_a_processed_range_changes_nothing_and_a_dry_run_counts_
     dry = await procs.cli("replay", "--dry-run", "--json")
     assert dry["dry_run"] is True
     # nothing new; what is not stored by event id produces no row by design, and says so
-    assert dry["totals"] == {"entries": 1506, "archived": 0, "new": 0, "stored": stored, "repeats": 1500 - stored,
-                             "skipped": 5, "undecodable": 1, "failed": 0}  # fmt: skip
+    assert dry["totals"] == {
+        "entries": 1506,
+        "archived": 0,
+        "new": 0,
+        "stored": stored,
+        "repeats": 1500 - stored,
+        "skipped": 5,
+        "undecodable": 1,
+        "failed": 0,
+    }
     assert sum(p["entries"] for p in dry["partitions"].values()) == 1506
     assert await snapshot(pg) == before
 
@@ -205,8 +224,9 @@ async def test_a_range_lost_to_a_postgres_restore_comes_back_exactly(
         # their dedupe keys are in the same backup
         " k AS (DELETE FROM event_dedupe WHERE event_id IN (SELECT event_id FROM d))"
         " SELECT count(*) FROM d",
-        lost_from, lost_to,
-    )  # fmt: skip
+        lost_from,
+        lost_to,
+    )
     assert lost > 400
     code, _, _ = await run(procs.settings, "reconcile", "--fix", "--json")
     assert code == 0

@@ -54,8 +54,14 @@ async def test_a_trim_between_two_pages_of_a_replay_loses_nothing(
             trimmer.xtrim(stream, minid=cut, approximate=False)
 
     try:
-        result = await replay(Source(redis, store, keys.prefix), pg, keys, Range(partitions=(partition,)),
-                              batch_size=10, progress=progress)  # fmt: skip
+        result = await replay(
+            Source(redis, store, keys.prefix),
+            pg,
+            keys,
+            Range(partitions=(partition,)),
+            batch_size=10,
+            progress=progress,
+        )
     finally:
         trimmer.close()
     assert await redis.xlen(stream) == 30 - trimmed  # the trim did happen, mid-replay

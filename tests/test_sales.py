@@ -28,8 +28,16 @@ NIL = "00000000-0000-0000-0000-000000000000"
 
 
 def sale_body(**over: object) -> dict[str, Any]:
-    return {"customerExternalId": "user_001", "amount": 4900, "currency": "USD", "eventName": "Purchase",
-            "paymentProcessor": "stripe", "invoiceId": "in_001", "metadata": {"plan": "pro"}, **over}  # fmt: skip
+    return {
+        "customerExternalId": "user_001",
+        "amount": 4900,
+        "currency": "USD",
+        "eventName": "Purchase",
+        "paymentProcessor": "stripe",
+        "invoiceId": "in_001",
+        "metadata": {"plan": "pro"},
+        **over,
+    }
 
 
 def made(world: World, **over: object) -> Envelope:
@@ -52,16 +60,28 @@ async def test_a_sale_after_its_lead_is_attributed_through_it(edge: str, world: 
     assert out == {
         "eventName": "Purchase",
         "customer": {"externalId": "user_001"},
-        "sale": {"amount": 4900, "currency": "usd", "paymentProcessor": "stripe", "invoiceId": "in_001",
-                 "metadata": {"plan": "pro"}},
-    }  # fmt: skip
+        "sale": {
+            "amount": 4900,
+            "currency": "usd",
+            "paymentProcessor": "stripe",
+            "invoiceId": "in_001",
+            "metadata": {"plan": "pro"},
+        },
+    }
     await drain()
     row = await pg.fetchrow("SELECT * FROM sales")
     lead_row = await pg.fetchrow("SELECT event_id, click_id FROM events WHERE type = 2")
-    assert (row["amount"], row["currency"], row["invoice_id"], row["payment_processor"]) == (4900, "usd", "in_001",
-                                                                                             "stripe")  # fmt: skip
+    assert (row["amount"], row["currency"], row["invoice_id"], row["payment_processor"]) == (
+        4900,
+        "usd",
+        "in_001",
+        "stripe",
+    )
     assert (str(row["link_id"]), str(row["affiliate_id"]), str(row["program_id"])) == (
-        world.link["id"], world.affiliate_id, world.program_id)  # fmt: skip
+        world.link["id"],
+        world.affiliate_id,
+        world.program_id,
+    )
     assert (row["lead_event_id"], row["click_id"]) == (lead_row["event_id"], lead_row["click_id"])
     assert row["unattributed"] is None and row["metadata"] == {"plan": "pro"} and row["dialect"] == "refport"
     # (the sale's partition may be read before its lead's: a nil row moved and moved back)
@@ -100,8 +120,10 @@ async def test_a_lead_received_first_but_stored_after_its_sale_attributes_it(
     assert row["lead_event_id"] == await pg.fetchval("SELECT event_id FROM events WHERE type = 2")
     assert await pg.fetchval("SELECT n FROM drop_stats WHERE reason = 'no_lead'") == 0
     assert await pg.fetchval("SELECT count(*) FROM event_drops") == 0
-    stats = {r["link_id"]: (r["sales"], r["amount"]) for r in await pg.fetch(
-        "SELECT link_id::text, sales, amount FROM sale_stats")}  # fmt: skip
+    stats = {
+        r["link_id"]: (r["sales"], r["amount"])
+        for r in await pg.fetch("SELECT link_id::text, sales, amount FROM sale_stats")
+    }
     assert stats == {NIL: (0, 0), world.link["id"]: (1, 4900)}
 
 
@@ -133,18 +155,23 @@ async def test_a_sale_past_the_cookie_window_is_still_attributed_to_its_customer
     # and a lead stored after its sales: the same when it attributes them late
     click_id = await new_click(edge)
     assert (await lead(edge, world.api_key, lead_body(click_id, customerExternalId="user_002")))[0] == 200
-    late = [made(world, invoiceId=f"in_late_{days}", customerExternalId="user_002", amount=days)
-            for days in (45, 400)]  # fmt: skip
+    late = [made(world, invoiceId=f"in_late_{days}", customerExternalId="user_002", amount=days) for days in (45, 400)]
     for e in late:  # made after the lead was received, on the edge's clock
         e.received_at_ms += e.payload["amount"] * DAY_MS
     await store.write_batch(pg, late)
     await drain()  # the lead of user_002
-    rows = {r["invoice_id"]: (r["unattributed"], r["link_id"] and str(r["link_id"])) for r in await pg.fetch(
-        "SELECT invoice_id, unattributed, link_id FROM sales")}  # fmt: skip
+    rows = {
+        r["invoice_id"]: (r["unattributed"], r["link_id"] and str(r["link_id"]))
+        for r in await pg.fetch("SELECT invoice_id, unattributed, link_id FROM sales")
+    }
     assert rows == {invoice: (None, world.link["id"]) for invoice in ("in_45", "in_400", "in_late_45", "in_late_400")}
     assert not await pg.fetchval("SELECT sum(n) FROM drop_stats WHERE reason = 'no_lead'")
-    stats = {r["link_id"]: (r["sales"], r["amount"]) for r in await pg.fetch(
-        "SELECT link_id::text, sum(sales) AS sales, sum(amount) AS amount FROM sale_stats GROUP BY 1")}  # fmt: skip
+    stats = {
+        r["link_id"]: (r["sales"], r["amount"])
+        for r in await pg.fetch(
+            "SELECT link_id::text, sum(sales) AS sales, sum(amount) AS amount FROM sale_stats GROUP BY 1"
+        )
+    }
     assert stats.get(world.link["id"]) == (4, 45 + 400 + 45 + 400) and stats.get(NIL, (0, 0)) == (0, 0)
 
 
@@ -157,8 +184,11 @@ async def test_a_sale_naming_its_lead_event_is_attributed_to_that_lead_only(
     for name in ("Sign Up", "Trial"):  # Trial the newer: stored after Sign Up was
         assert (await lead(edge, world.api_key, lead_body(click_id, eventName=name)))[0] == 200
         await drain()
-    for body in (sale_body(invoiceId="in_named", leadEventName="Sign Up"), sale_body(invoiceId="in_any"),
-                 sale_body(invoiceId="in_other", leadEventName="Demo")):  # fmt: skip
+    for body in (
+        sale_body(invoiceId="in_named", leadEventName="Sign Up"),
+        sale_body(invoiceId="in_any"),
+        sale_body(invoiceId="in_other", leadEventName="Demo"),
+    ):
         assert (await track_sale(edge, world.api_key, body))[0] == 200
     # user_002's sale, naming Sign Up, stored before both its leads (received after them)
     early = made(world, invoiceId="in_early", customerExternalId="user_002", leadEventName="Sign Up")
@@ -168,11 +198,15 @@ async def test_a_sale_naming_its_lead_event_is_attributed_to_that_lead_only(
         body = lead_body(click_id, eventName=name, customerExternalId="user_002")
         assert (await lead(edge, world.api_key, body))[0] == 200
     await drain()
-    leads = {(r["customer_external_id"], r["name"]): r["event_id"] for r in await pg.fetch(
-        "SELECT customer_external_id, name, event_id FROM events WHERE type = 2")}  # fmt: skip
+    leads = {
+        (r["customer_external_id"], r["name"]): r["event_id"]
+        for r in await pg.fetch("SELECT customer_external_id, name, event_id FROM events WHERE type = 2")
+    }
     assert len(leads) == 4
-    rows = {r["invoice_id"]: (r["lead_event_id"], r["unattributed"]) for r in await pg.fetch(
-        "SELECT invoice_id, lead_event_id, unattributed FROM sales")}  # fmt: skip
+    rows = {
+        r["invoice_id"]: (r["lead_event_id"], r["unattributed"])
+        for r in await pg.fetch("SELECT invoice_id, lead_event_id, unattributed FROM sales")
+    }
     assert rows == {
         "in_named": (leads[("user_001", "Sign Up")], None),
         "in_any": (leads[("user_001", "Trial")], None),  # naming none: the newest
@@ -186,11 +220,19 @@ async def test_one_invoice_counts_once_by_every_route_and_weeks_apart(edge: str,
     again = await track_sale(edge, world.api_key, sale_body(amount=1))  # answered as the first
     assert first[0] == again[0] == 200 and again[1] == first[1] and again[2].get(REPLAYED) == "true"
     bearer = {"Authorization": f"Bearer {world.api_key}"}
-    status, out, _ = await call("POST", f"{edge}/v1/track/conversion", headers=bearer,
-                                json={"customer_id": "user_001", "amount": 4900, "invoice_id": "in_001"})  # fmt: skip
+    status, out, _ = await call(
+        "POST",
+        f"{edge}/v1/track/conversion",
+        headers=bearer,
+        json={"customer_id": "user_001", "amount": 4900, "invoice_id": "in_001"},
+    )
     assert status == 200 and out["ok"] is True and out["invoice_id"] == "in_001"
-    status, out, _ = await call("POST", f"{edge}/v1/events/batch", headers=bearer,
-                                json=[{"type": "sale", **sale_body()}, {"type": "sale", **sale_body()}])  # fmt: skip
+    status, out, _ = await call(
+        "POST",
+        f"{edge}/v1/events/batch",
+        headers=bearer,
+        json=[{"type": "sale", **sale_body()}, {"type": "sale", **sale_body()}],
+    )
     assert status == 200 and out["accepted"] == 2
     assert out["results"][1]["event_id"] == out["results"][0]["event_id"]  # a repeat within the batch
     totals = await drain()
@@ -213,8 +255,7 @@ async def test_eight_copies_at_once_to_two_edges_one_without_redis_count_once(
     up, up_url = await start_edge(settings)
     down, down_url = await start_edge(dead)
     try:
-        answers = await asyncio.gather(*(track_sale(url, world.api_key, sale_body())
-                                         for url in [up_url, down_url] * 4))  # fmt: skip
+        answers = await asyncio.gather(*(track_sale(url, world.api_key, sale_body()) for url in [up_url, down_url] * 4))
         ups, downs = answers[0::2], answers[1::2]
         assert {a[0] for a in ups} == {200} and len({repr(a[1]) for a in ups}) == 1
         assert {a[0] for a in downs} == {503}  # refused: Redis down and a keyed route does not spool
@@ -275,8 +316,11 @@ async def test_reconcile_recounts_sales_and_revenue_per_currency(edge: str, worl
     click_id = await new_click(edge)
     assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
     await drain()
-    for body in (sale_body(), sale_body(invoiceId="in_2", amount=100, currency="eur"),
-                 sale_body(invoiceId="in_3", customerExternalId="nobody", amount=7)):  # fmt: skip
+    for body in (
+        sale_body(),
+        sale_body(invoiceId="in_2", amount=100, currency="eur"),
+        sale_body(invoiceId="in_3", customerExternalId="nobody", amount=7),
+    ):
         assert (await track_sale(edge, world.api_key, body))[0] == 200
     await drain()
     assert await reconcile(pg, fix=False) == []
@@ -284,13 +328,18 @@ async def test_reconcile_recounts_sales_and_revenue_per_currency(edge: str, worl
     await pg.execute("DELETE FROM sale_stats WHERE currency = 'eur'")
     found = {(d.code, d.counter): (d.stored, d.recomputed) for d in await reconcile(pg, fix=True)}
     assert found == {
-        ("PARTNER123", "sales.usd"): (3, 1), ("PARTNER123", "revenue.usd"): (4850, 4900),
-        ("PARTNER123", "sales.eur"): (0, 1), ("PARTNER123", "revenue.eur"): (0, 100),
-        ("(unattributed)", "sales.usd"): (3, 1), ("(unattributed)", "revenue.usd"): (-43, 7),
-    }  # fmt: skip
+        ("PARTNER123", "sales.usd"): (3, 1),
+        ("PARTNER123", "revenue.usd"): (4850, 4900),
+        ("PARTNER123", "sales.eur"): (0, 1),
+        ("PARTNER123", "revenue.eur"): (0, 100),
+        ("(unattributed)", "sales.usd"): (3, 1),
+        ("(unattributed)", "revenue.usd"): (-43, 7),
+    }
     assert await reconcile(pg, fix=False) == []
-    totals = {tuple(r) for r in await pg.fetch(
-        "SELECT link_id::text, currency, sum(sales), sum(amount) FROM sale_stats GROUP BY 1, 2")}  # fmt: skip
+    totals = {
+        tuple(r)
+        for r in await pg.fetch("SELECT link_id::text, currency, sum(sales), sum(amount) FROM sale_stats GROUP BY 1, 2")
+    }
     assert totals == {(world.link["id"], "usd", 1, 4900), (world.link["id"], "eur", 1, 100), (NIL, "usd", 1, 7)}
 
 
@@ -326,7 +375,7 @@ async def test_link_and_affiliate_stats_count_sales_and_revenue_per_currency(
         sale_body(invoiceId="in_3", amount=51),
         sale_body(invoiceId="in_4", customerExternalId="nobody"),
     ):
-        assert (await track_sale(edge, world.api_key, body))[0] == 200  # fmt: skip
+        assert (await track_sale(edge, world.api_key, body))[0] == 200
     await drain()
     status, out, _ = await call("GET", f"{edge}/v1/links/{world.link['id']}/stats", headers=bearer(world.api_key))
     assert status == 200
@@ -344,8 +393,9 @@ async def test_each_stored_sale_is_one_sale_created_webhook(edge: str, world: Wo
 
     from .test_webhooks import make_webhook
 
-    hook, _ = await make_webhook(pg, world.workspace_id, "https://hooks.example/h", secretbox.generate_key(),
-                                 events=["sale.created"])  # fmt: skip
+    hook, _ = await make_webhook(
+        pg, world.workspace_id, "https://hooks.example/h", secretbox.generate_key(), events=["sale.created"]
+    )
     click_id = await new_click(edge)
     assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
     await drain()
@@ -360,8 +410,11 @@ async def test_each_stored_sale_is_one_sale_created_webhook(edge: str, world: Wo
     assert (unattributed["amount"], unattributed["link"]) == (7, None)
     assert unattributed["customer"] == {"external_id": "nobody"}
     assert (attributed["amount"], attributed["currency"], attributed["invoice_id"]) == (4900, "usd", "in_001")
-    assert attributed["link"] == {"id": world.link["id"], "program_id": world.program_id,
-                                  "affiliate_id": world.affiliate_id}  # fmt: skip
+    assert attributed["link"] == {
+        "id": world.link["id"],
+        "program_id": world.program_id,
+        "affiliate_id": world.affiliate_id,
+    }
     assert attributed["lead_event_id"] == str(await pg.fetchval("SELECT event_id FROM events WHERE type = 2"))
 
 
@@ -371,8 +424,10 @@ async def test_the_workspace_stats_show_unattributed_sales_and_their_drop(
     from ._world import make_world
 
     other = await make_world(pg, redis, keys, code="THEIRS", name="Other")
-    for key, body in ((world.api_key, sale_body(customerExternalId="nobody")),
-                      (other.api_key, sale_body(customerExternalId="nobody", amount=1))):  # fmt: skip
+    for key, body in (
+        (world.api_key, sale_body(customerExternalId="nobody")),
+        (other.api_key, sale_body(customerExternalId="nobody", amount=1)),
+    ):
         assert (await track_sale(edge, key, body))[0] == 200
     await drain()
     status, out, _ = await call("GET", f"{edge}/v1/stats", headers=bearer(world.api_key))
@@ -399,17 +454,20 @@ async def test_conversions_list_newest_first_by_page_and_filter(edge: str, world
     url = f"{edge}/v1/conversions"
     seen, before = [], None
     while True:
-        status, out, _ = await call("GET", url + "?limit=2" + (f"&before={before}" if before else ""),
-                                    headers=bearer(world.api_key))  # fmt: skip
+        status, out, _ = await call(
+            "GET", url + "?limit=2" + (f"&before={before}" if before else ""), headers=bearer(world.api_key)
+        )
         assert status == 200
         seen += out["data"]
         if (before := out["next"]) is None:
             break
     assert [s["invoice_id"] for s in seen] == ["in_4", "in_3", "in_2", "in_1", "in_0"]  # never another workspace's
     assert seen[0]["amount"] == 104 and seen[0]["link_id"] == world.link["id"] and seen[1]["unattributed"] == "no_lead"
-    for query, invoices in ((f"link_id={world.link['id']}", ["in_4", "in_2", "in_0"]),
-                            (f"affiliate_id={world.affiliate_id}", ["in_4", "in_2", "in_0"]),
-                            ("customer_id=nobody", ["in_3", "in_1"])):  # fmt: skip
+    for query, invoices in (
+        (f"link_id={world.link['id']}", ["in_4", "in_2", "in_0"]),
+        (f"affiliate_id={world.affiliate_id}", ["in_4", "in_2", "in_0"]),
+        ("customer_id=nobody", ["in_3", "in_1"]),
+    ):
         status, out, _ = await call("GET", f"{url}?{query}", headers=bearer(world.api_key))
         assert status == 200 and [s["invoice_id"] for s in out["data"]] == invoices, query
     status, out, _ = await call("GET", f"{url}?limit=0", headers=bearer(world.api_key))
@@ -429,12 +487,15 @@ async def test_a_copy_of_an_invoice_naming_another_customer_is_answered_as_the_f
 async def affiliate_keys(pg: asyncpg.Pool, redis, keys, world: World) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read keys of the world's affiliate and of another affiliate of its program."""
     async with pg.acquire() as conn:
-        mine = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
-                                      affiliate_id=world.affiliate_id)  # fmt: skip
+        mine = await admin.create_key(
+            conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"], affiliate_id=world.affiliate_id
+        )
         other = await conn.fetchval(
             "INSERT INTO affiliates (workspace_id, program_id, external_id) VALUES ($1, $2, 'other') RETURNING id",
-            world.workspace_id, world.program_id,
-        )  # fmt: skip
-        theirs = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"],
-                                        affiliate_id=str(other))  # fmt: skip
+            world.workspace_id,
+            world.program_id,
+        )
+        theirs = await admin.create_key(
+            conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"], affiliate_id=str(other)
+        )
     return mine, theirs

@@ -41,21 +41,41 @@ async def test_every_operation_conforms_to_the_document(procs: Procs, world: Wor
     # never trip here (their 429s are declared and tested elsewhere)
     many = str(10**9)
     edge = await procs.start_edge(
-        REFSTREAM_KEY_RATE_LIMIT_PER_MIN=many, REFSTREAM_PUBLIC_RATE_LIMIT_PER_MIN=many,
+        REFSTREAM_KEY_RATE_LIMIT_PER_MIN=many,
+        REFSTREAM_PUBLIC_RATE_LIMIT_PER_MIN=many,
         REFSTREAM_CLICK_RATE_LIMIT_PER_MIN=many,
         REFSTREAM_LOG_LEVEL="warning",
-    )  # fmt: skip
+    )
     args = [
-        str(SCHEMATHESIS), "--no-color", "--config-file", str(CONFIG), "run", f"{edge}/openapi.json",
-        "--checks", "all",
-        "-H", f"Authorization: Bearer {world.api_key}", "-H", f"X-API-Key: {world.api_key}",
-        "--max-examples", "200" if FULL else "10",
-        "--phases", "examples,coverage,fuzzing,stateful" if FULL else "examples,coverage,fuzzing",
+        str(SCHEMATHESIS),
+        "--no-color",
+        "--config-file",
+        str(CONFIG),
+        "run",
+        f"{edge}/openapi.json",
+        "--checks",
+        "all",
+        "-H",
+        f"Authorization: Bearer {world.api_key}",
+        "-H",
+        f"X-API-Key: {world.api_key}",
+        "--max-examples",
+        "200" if FULL else "10",
+        "--phases",
+        "examples,coverage,fuzzing,stateful" if FULL else "examples,coverage,fuzzing",
         # one worker: hypothesis parsing lambdas' source in two threads at once made CPython 3.11's
         # ast.parse fail now and then ("AST constructor recursion depth mismatch", CI)
-        "--workers", "1", "--request-timeout", "10", "--seed", os.environ.get("REFSTREAM_FUZZ_SEED", "15"),
-        "--report", "junit", "--report-dir", str(tmp_path),
-    ]  # fmt: skip
+        "--workers",
+        "1",
+        "--request-timeout",
+        "10",
+        "--seed",
+        os.environ.get("REFSTREAM_FUZZ_SEED", "15"),
+        "--report",
+        "junit",
+        "--report-dir",
+        str(tmp_path),
+    ]
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path
     )

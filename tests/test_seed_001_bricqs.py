@@ -21,8 +21,12 @@ def api_key(key: str) -> dict[str, str]:
 
 
 async def generate(edge: str, key: str, participant: str, campaign: str) -> tuple[int, dict[str, Any], dict[str, str]]:
-    return await call("POST", f"{edge}/api/v1/referrals/generate", headers=api_key(key),
-                      json={"participant_id": participant, "campaign_id": campaign})  # fmt: skip
+    return await call(
+        "POST",
+        f"{edge}/api/v1/referrals/generate",
+        headers=api_key(key),
+        json={"participant_id": participant, "campaign_id": campaign},
+    )
 
 
 async def test_generate_is_idempotent_per_participant_and_campaign(edge: str, world: World, pg: asyncpg.Pool):
@@ -71,8 +75,10 @@ async def test_generate_errors(edge: str, world: World, pg, redis, keys: Keys):
 
 async def test_validate(edge: str, world: World):
     status, out, _ = await call("GET", f"{edge}/api/v1/referrals/validate/PARTNER123")
-    assert (status, out) == (200, {"valid": True, "code": "PARTNER123", "referrer_id": "user_123",
-                                   "campaign_id": world.program_id})  # fmt: skip
+    assert (status, out) == (
+        200,
+        {"valid": True, "code": "PARTNER123", "referrer_id": "user_123", "campaign_id": world.program_id},
+    )
     status, out, _ = await call("GET", f"{edge}/api/v1/referrals/validate/NOPE")
     assert (status, out) == (200, {"valid": False, "code": "NOPE", "referrer_id": None, "campaign_id": None})
     # a code generated a moment ago validates at once: the write refreshed the cache
@@ -117,8 +123,17 @@ async def test_stats(edge: str, world: World, pg: asyncpg.Pool, redis, keys: Key
     await drain()
     await pg.execute("UPDATE links SET leads = 5 WHERE code = 'PARTNER123'")  # five sign-ups, three converted
     status, out, _ = await call("GET", f"{edge}/api/v1/referrals/stats/user_123", headers=api_key(world.api_key))
-    assert (status, out) == (200, {"participant_id": "user_123", "total_referrals": 5, "conversions": 3,
-                                   "pending": 2, "referral_code": "PARTNER123", "milestones": []})  # fmt: skip
+    assert (status, out) == (
+        200,
+        {
+            "participant_id": "user_123",
+            "total_referrals": 5,
+            "conversions": 3,
+            "pending": 2,
+            "referral_code": "PARTNER123",
+            "milestones": [],
+        },
+    )
     status, out, _ = await call("GET", f"{edge}/api/v1/referrals/stats/nobody", headers=api_key(world.api_key))
     assert (status, out["error"]) == (404, "participant_not_found")
     other = await make_world(pg, redis, keys, code="THEIRS", name="Other")

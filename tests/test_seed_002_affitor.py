@@ -55,19 +55,22 @@ async def test_example_request(edge: str, world: World, pg: asyncpg.Pool, drain)
 
 
 async def test_body_user_agent_wins_over_the_header(edge: str, world: World, pg: asyncpg.Pool, drain):
-    await call("POST", f"{edge}/api/v1/track/click", json={**EXAMPLE, "user_agent": "Tracker/1.0"},
-               headers={"User-Agent": UA})  # fmt: skip
+    await call(
+        "POST", f"{edge}/api/v1/track/click", json={**EXAMPLE, "user_agent": "Tracker/1.0"}, headers={"User-Agent": UA}
+    )
     await drain()
     assert await pg.fetchval("SELECT user_agent FROM events") == "Tracker/1.0"
 
 
 async def test_existing_click_id_reuses_the_customer(edge: str, world: World, pg: asyncpg.Pool, drain):
     _, first, _ = await call("POST", f"{edge}/api/v1/track/click", json=EXAMPLE)
-    _, second, _ = await call("POST", f"{edge}/api/v1/track/click",
-                              json={**EXAMPLE, "existing_click_id": first["click_id"]})  # fmt: skip
+    _, second, _ = await call(
+        "POST", f"{edge}/api/v1/track/click", json={**EXAMPLE, "existing_click_id": first["click_id"]}
+    )
     assert second["click_id"] == first["click_id"]
-    _, third, _ = await call("POST", f"{edge}/api/v1/track/click",
-                             json={**EXAMPLE, "existing_click_id": "clk_" + "0" * 32})  # fmt: skip
+    _, third, _ = await call(
+        "POST", f"{edge}/api/v1/track/click", json={**EXAMPLE, "existing_click_id": "clk_" + "0" * 32}
+    )
     assert third["click_id"] != first["click_id"]  # unknown to refstream: a new click id
     await drain()
     assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'PARTNER123'") == 3

@@ -70,8 +70,9 @@ async def test_unauthorized(edge: str, world: World, header):
 async def test_insufficient_scope(edge: str, world: World, pg: asyncpg.Pool, redis, keys: Keys):
     async with pg.acquire() as conn:
         read_only = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read", "write"])
-        affiliate = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["*"],
-                                           affiliate_id=world.affiliate_id)  # fmt: skip
+        affiliate = await admin.create_key(
+            conn, redis, keys, workspace_id=world.workspace_id, scopes=["*"], affiliate_id=world.affiliate_id
+        )
         tracker = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["track"])
     for key in (read_only["api_key"], affiliate["api_key"]):
         status, out, _ = await click(edge, key, {"ref": "PARTNER123"})

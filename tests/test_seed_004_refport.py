@@ -51,10 +51,15 @@ async def test_lead_straight_after_its_click_before_any_worker(edge: str, world:
     assert out == {
         "eventName": "Sign Up",
         "click": {"id": click_id},
-        "link": {"id": world.link["id"], "domain": "yoursite.com", "key": "PARTNER123",
-                 "url": "https://yoursite.com/pricing", "programId": world.program_id},
+        "link": {
+            "id": world.link["id"],
+            "domain": "yoursite.com",
+            "key": "PARTNER123",
+            "url": "https://yoursite.com/pricing",
+            "programId": world.program_id,
+        },
         "customer": {"externalId": "user_001", "email": "alice@example.com", "name": "Alice"},
-    }  # fmt: skip
+    }
     await drain()
     link = await pg.fetchrow("SELECT clicks, leads FROM links WHERE code = 'PARTNER123'")
     assert (link["clicks"], link["leads"]) == (1, 1)
@@ -110,8 +115,9 @@ async def test_a_click_minted_a_moment_ago_is_pending_on_an_edge_whose_clock_run
 
 async def test_invalid_click_id(edge: str, world: World, pg, redis, keys: Keys):
     other = await make_world(pg, redis, keys, code="THEIRS", name="Other")
-    theirs = (await call("POST", f"{edge}/api/v1/track/click",
-                         json={**CLICK, "affiliate_url": "https://x.test/?aff=THEIRS"}))[1]["click_id"]  # fmt: skip
+    theirs = (
+        await call("POST", f"{edge}/api/v1/track/click", json={**CLICK, "affiliate_url": "https://x.test/?aff=THEIRS"})
+    )[1]["click_id"]
     for click_id in ("abc123", "clk_" + "0" * 32, theirs):
         status, out, _ = await lead(edge, world.api_key, lead_body(click_id))
         assert status == 400 and out["error"]["code"] == "INVALID_CLICK_ID", click_id
@@ -137,8 +143,9 @@ async def test_validation_error(edge: str, world: World, body):
 
 
 async def test_malformed_json_is_a_validation_error(edge: str, world: World):
-    status, out, _ = await call("POST", f"{edge}/api/track/lead", data=b"{nope",
-                                headers={"Authorization": f"Bearer {world.api_key}"})  # fmt: skip
+    status, out, _ = await call(
+        "POST", f"{edge}/api/track/lead", data=b"{nope", headers={"Authorization": f"Bearer {world.api_key}"}
+    )
     assert status == 400 and out["error"]["code"] == "VALIDATION_ERROR"
 
 

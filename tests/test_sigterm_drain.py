@@ -45,8 +45,12 @@ EXIT_WITHIN_S = DRAIN_TIMEOUT_S + 7.0
 # each worker's housekeeping as busy as the settings allow (trim and reclaim every second),
 # so that the stop finds it in the middle of its Redis calls, as a long-running worker's is
 # now and then; batches of 200 (a few per partition in a backlog)
-WORKER_ENV = {"REFSTREAM_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S), "REFSTREAM_BATCH_SIZE": "200",
-              "REFSTREAM_TRIM_EVERY_S": "1", "REFSTREAM_RECLAIM_EVERY_S": "1"}  # fmt: skip
+WORKER_ENV = {
+    "REFSTREAM_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S),
+    "REFSTREAM_BATCH_SIZE": "200",
+    "REFSTREAM_TRIM_EVERY_S": "1",
+    "REFSTREAM_RECLAIM_EVERY_S": "1",
+}
 
 pytestmark = pytest.mark.timeout(120 + 25 * ROUNDS)
 
@@ -136,7 +140,7 @@ async def test_sigterm_mid_batch_always_ends_the_worker_within_its_drain_bound(
                 problems.append(
                     f"round {r}: {name} (held {held} when signalled) still running {EXIT_WITHIN_S:g}s after"
                     f" SIGTERM, {await pending_in(redis, keys, name)} entries pending in it; its stacks:\n{stacks}"
-                )  # fmt: skip
+                )
                 if os.environ.get("REFSTREAM_TEST_SIGTERM_KEEP_HUNG"):
                     print(f"round {r}: {name} (pid {worker.pid}) hung: left running", flush=True)
                     break
@@ -187,8 +191,12 @@ async def test_a_batch_stuck_past_the_drain_bound_is_handed_back_and_the_worker_
         log = procs.logdir / f"{procs._n:02d}-work.log"
 
         async def waiting_on_the_lock() -> bool:
-            return bool(await pg.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                          " AND datname = current_database()"))  # fmt: skip
+            return bool(
+                await pg.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
+                )
+            )
 
         await wait_for(waiting_on_the_lock, timeout=60, what="the worker's batch to wait on the row lock")
         held = await pending_in(redis, keys, "stuck")

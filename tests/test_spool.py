@@ -69,8 +69,12 @@ async def test_appends_drain_once_with_their_extra_commands(redis, keys: Keys, s
         click = clicks.ClickRef(clicks.mint(uuid7()), "alice", "ws", "v", 1_700_000_000_000)
         far = click.at_ms + 10 * 365 * 86400 * 1000
         sent = [envelope() for _ in range(20)]
-        await asyncio.gather(*(spool.append(stream, e, [click.cache_command(keys, 10 * 365 * 86400)] if i == 0 else [])
-                               for i, (_, e) in enumerate(sent)))  # fmt: skip
+        await asyncio.gather(
+            *(
+                spool.append(stream, e, [click.cache_command(keys, 10 * 365 * 86400)] if i == 0 else [])
+                for i, (_, e) in enumerate(sent)
+            )
+        )
         assert spool.entries() == 20 and spool.size() > 20 * 200
         assert await spool.drain(redis) == 20
         assert sorted(await stored(redis, stream)) == sorted(m for m, _ in sent)
@@ -110,8 +114,15 @@ async def test_size_and_metrics_never_touch_the_disk(stream: str, tmp_path: Path
         def forbidden(*a: object, **kw: object) -> None:
             raise AssertionError("the spool's size must not list, stat or open anything")
 
-        for target, name in ((os, "scandir"), (os, "listdir"), (os, "stat"), (sqlite3, "connect"),
-                             (pathlib.Path, "glob"), (pathlib.Path, "iterdir"), (pathlib.Path, "stat")):  # fmt: skip
+        for target, name in (
+            (os, "scandir"),
+            (os, "listdir"),
+            (os, "stat"),
+            (sqlite3, "connect"),
+            (pathlib.Path, "glob"),
+            (pathlib.Path, "iterdir"),
+            (pathlib.Path, "stat"),
+        ):
             monkeypatch.setattr(target, name, forbidden)
         assert spool.size() == size and spool.entries() == 5
         text = generate_latest(metrics.registry).decode()
@@ -253,10 +264,17 @@ asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
 """
 
 
-async def test_two_processes_on_one_directory_drain_everything_once(redis, settings: Settings, stream: str,
-                                                                    tmp_path: Path):  # fmt: skip
-    procs = [subprocess.Popen([sys.executable, "-c", EDGE_LIKE, str(tmp_path), settings.redis_url, stream, "400"],
-                              stdout=subprocess.PIPE, cwd=REPO) for _ in range(2)]  # fmt: skip
+async def test_two_processes_on_one_directory_drain_everything_once(
+    redis, settings: Settings, stream: str, tmp_path: Path
+):
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", EDGE_LIKE, str(tmp_path), settings.redis_url, stream, "400"],
+            stdout=subprocess.PIPE,
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
     outs = [await asyncio.to_thread(p.communicate, timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     markers = [m for out, _ in outs for m in orjson.loads(out.splitlines()[-1])]  # after the log lines
@@ -292,8 +310,12 @@ def small_disk(path: Path, size: str = "2m") -> Iterator[int]:
     """A tmpfs of ``size`` at ``path`` (yields 0), or, where mounting is refused, an
     RLIMIT_FSIZE for the writer (yields the limit): either way, a disk that fills."""
     path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True, check=False).returncode == 0  # fmt: skip
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
     try:
         yield 0 if mounted else 768 * 1024
     finally:
@@ -305,9 +327,13 @@ async def test_a_full_disk_refuses_requests_and_keeps_nothing_of_them(redis, tmp
     with small_disk(tmp_path / "disk") as fsize:
         directory = tmp_path / "disk" / "spool"
         done = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-c", FULL_DISK_WRITER, str(directory), str(fsize)],
-            capture_output=True, cwd=REPO, timeout=120, check=False,
-        )  # fmt: skip
+            subprocess.run,
+            [sys.executable, "-c", FULL_DISK_WRITER, str(directory), str(fsize)],
+            capture_output=True,
+            cwd=REPO,
+            timeout=120,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr.decode()[-3000:]
         out = orjson.loads(done.stdout.splitlines()[-1])  # after the log lines
         assert len(out["ok"]) > 100 and out["errors"] >= 5
@@ -362,8 +388,10 @@ async def test_a_lead_on_a_click_not_yet_known_is_retryable(edge: str, world, se
             assert headers.get("Retry-After") and out["error"]["code"] == "SERVICE_UNAVAILABLE"
         else:
             assert out["error"]["code"] == "INVALID_CLICK_ID"
-    batch = [{"type": "lead", "clickId": clicks.mint(uuid7()), "eventName": "x", "customerExternalId": "u2"},
-             {"type": "lead", "clickId": old, "eventName": "x", "customerExternalId": "u3"}]  # fmt: skip
+    batch = [
+        {"type": "lead", "clickId": clicks.mint(uuid7()), "eventName": "x", "customerExternalId": "u2"},
+        {"type": "lead", "clickId": old, "eventName": "x", "customerExternalId": "u3"},
+    ]
     status_, out, _ = await call("POST", f"{edge}/v1/events/batch", json=batch, headers=bearer)
     assert status_ == 200 and [r["error"] for r in out["results"]] == ["unavailable", "invalid_click_id"]
 
@@ -399,8 +427,12 @@ async def test_spool_through_a_redis_outage_and_an_edge_restart(
 
         private_redis.kill()
         assert await clicks_to(edge, 30) == [200] * 30  # accepted: committed before each 200
-        status_, out, headers = await call("POST", f"{edge}/v1/track/click", json={"ref": "alice"},
-                                           headers={"Authorization": f"Bearer {ws['api_key']}"})  # fmt: skip
+        status_, out, headers = await call(
+            "POST",
+            f"{edge}/v1/track/click",
+            json={"ref": "alice"},
+            headers={"Authorization": f"Bearer {ws['api_key']}"},
+        )
         assert (status_, headers.get("Retry-After")) == (503, "1"), out
         assert spool_store.usage(spool).entries == 30
 
@@ -444,7 +476,9 @@ def test_processes_opening_one_new_spool_at_once_all_open_it(tmp_path: Path) -> 
     for round_ in range(25):
         directory = tmp_path / f"spool{round_}"
         at = f"{time.time() + 0.4:.6f}"
-        procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, str(directory), at], cwd=REPO,
-                                  stderr=subprocess.PIPE) for _ in range(3)]  # fmt: skip
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _OPEN_AT, str(directory), at], cwd=REPO, stderr=subprocess.PIPE)
+            for _ in range(3)
+        ]
         errors = [p.communicate(timeout=60)[1].decode() for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0], errors

@@ -149,8 +149,10 @@ async def stalled(stall: Stall, runner: web.AppRunner, send: Awaitable[Any]) -> 
 
 async def batch(base: str, world: World, name: str) -> tuple[int, Any, dict[str, str]]:
     """Two batch clicks: ``{name}-0`` without a key, ``{name}-1`` with its own."""
-    items = [{"type": "click", "ref": "PARTNER123", "visitor_id": f"{name}-0"},
-             {"type": "click", "ref": "PARTNER123", "visitor_id": f"{name}-1", "idempotency_key": name}]  # fmt: skip
+    items = [
+        {"type": "click", "ref": "PARTNER123", "visitor_id": f"{name}-0"},
+        {"type": "click", "ref": "PARTNER123", "visitor_id": f"{name}-1", "idempotency_key": name},
+    ]
     auth = {"Authorization": f"Bearer {world.api_key}"}
     return await call("POST", f"{base}/v1/events/batch", json=items, headers=auth)
 
@@ -161,9 +163,12 @@ def _base(runner: web.AppRunner) -> str:
 
 
 async def test_an_append_redis_stalls_on_is_stored_once_whatever_the_answer(
-    settings: Settings, world: World, pg: asyncpg.Pool, private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+    settings: Settings,
+    world: World,
+    pg: asyncpg.Pool,
+    private_fault_redis: Callable[..., Awaitable[FaultRedis]],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     server = await private_fault_redis()
     stall = Stall(server)
     await stall.start()
@@ -180,8 +185,11 @@ async def test_an_append_redis_stalls_on_is_stored_once_whatever_the_answer(
         # each path an append takes: the plain XADD, an idempotency key's script, a guess
         # appended by the lookup's script; the spool takes each, under the same event id. A
         # keyed copy's own answer is only certain where its script ran: "may be stored"
-        for visitor, key, path in (("plain", None, XADD), ("keyed", "k-1", APPEND_ONCE_SHA),
-                                   ("guess", None, CHECKED_SHA)):  # fmt: skip
+        for visitor, key, path in (
+            ("plain", None, XADD),
+            ("keyed", "k-1", APPEND_ONCE_SHA),
+            ("guess", None, CHECKED_SHA),
+        ):
             status, body, headers = await stalled(stall, runner, affixo(base, world, visitor, key))
             if key is None:
                 assert status == 200 and body["visitor_id"] == visitor, (status, body, headers)

@@ -264,8 +264,9 @@ async def test_work_waits_for_an_unreachable_postgres_logging_once_then_works(
             return '"postgres.ready"' in procs.logs()
 
         await wait_for(ready, what="the worker to find Postgres")
-        envelope = Envelope(type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"},
-                            user_agent=BROWSER)  # fmt: skip
+        envelope = Envelope(
+            type=EventType.CLICK, dialect=Dialect.BIORE, payload={"code": "PARTNER123"}, user_agent=BROWSER
+        )
         await redis.xadd(keys.stream_for("PARTNER123"), {FIELD: wire.to_blob(envelope)})
 
         async def counted() -> bool:
@@ -301,13 +302,21 @@ async def not_500(base: str, keys: Keys, redis: Any) -> None:
         ("POST", "/api/v1/referrals/convert", {"code": "somecode", "referred_session_id": "s"}, {}),
         ("POST", "/api/v1/track/click", {"affiliate_url": "https://x.test/?aff=somecode"}, {}),
         ("POST", "/v1/track/click", {"ref": "somecode"}, {"Authorization": "Bearer rs_live_unknown"}),
-        ("POST", "/api/track/lead", {"clickId": "c", "eventName": "e", "customerExternalId": "u"},
-         {"Authorization": "Bearer rs_live_unknown"}),
+        (
+            "POST",
+            "/api/track/lead",
+            {"clickId": "c", "eventName": "e", "customerExternalId": "u"},
+            {"Authorization": "Bearer rs_live_unknown"},
+        ),
         ("POST", "/v1/events/batch", [{"type": "click", "ref": "somecode"}], {"Authorization": "Bearer rs_live_x"}),
         ("GET", "/api/v1/referrals/stats/p1", None, {"X-API-Key": "rs_live_unknown"}),
-        ("POST", "/api/v1/referrals/generate", {"participant_id": "p", "campaign_id": str(uuid.UUID(int=0))},
-         {"X-API-Key": "rs_live_unknown"}),
-    ]  # fmt: skip
+        (
+            "POST",
+            "/api/v1/referrals/generate",
+            {"participant_id": "p", "campaign_id": str(uuid.UUID(int=0))},
+            {"X-API-Key": "rs_live_unknown"},
+        ),
+    ]
     for method, path, payload, headers in unavailable:
         status, body, hdrs = await call(method, f"{base}{path}", json=payload, headers=headers)
         assert (status, hdrs.get("Retry-After")) == (503, "1"), (path, status, body)

@@ -41,9 +41,14 @@ async def _second_link(pg: asyncpg.Pool, redis: Any, keys: Keys, world: World, c
                 )
             )
         await admin.create_link(
-            conn, redis, keys, workspace_id=world.workspace_id, code=code, program_id=world.program_id,
+            conn,
+            redis,
+            keys,
+            workspace_id=world.workspace_id,
+            code=code,
+            program_id=world.program_id,
             affiliate_id=affiliate,
-        )  # fmt: skip
+        )
     return affiliate
 
 
@@ -118,12 +123,17 @@ async def test_crossing_duplicate_leads_never_deadlock(pg: asyncpg.Pool, world: 
         BEGIN PERFORM pg_advisory_xact_lock_shared({_GATE}); RETURN NEW; END $$;
         CREATE TRIGGER test_store_exact_gate BEFORE INSERT ON events FOR EACH ROW
             WHEN (NEW.payload ? 'gate') EXECUTE FUNCTION test_store_exact_gate();
-    """)  # fmt: skip
+    """)
 
     def lead(event_id: UUID, customer: str, gate: bool) -> Envelope:
         payload = {"code": "PARTNER123", "external_id": customer, "name": "Sign Up", **({"gate": 1} if gate else {})}
-        return Envelope(type=EventType.LEAD, dialect=Dialect.REFPORT, workspace_id=world.workspace_id,
-                        payload=payload, event_id=event_id)  # fmt: skip
+        return Envelope(
+            type=EventType.LEAD,
+            dialect=Dialect.REFPORT,
+            workspace_id=world.workspace_id,
+            payload=payload,
+            event_id=event_id,
+        )
 
     async def attempt(conn: asyncpg.Connection, batch: list[Envelope]) -> BatchResult:
         async with conn.transaction():  # no in-place retry: a deadlock would surface here
@@ -149,8 +159,9 @@ async def test_crossing_duplicate_leads_never_deadlock(pg: asyncpg.Pool, world: 
                 assert not errors, f"round {i}: {errors!r}"
                 assert sum(r.inserted for r in results if isinstance(r, BatchResult)) == 2
     finally:
-        await pg.execute("DROP TRIGGER IF EXISTS test_store_exact_gate ON events;"
-                         " DROP FUNCTION IF EXISTS test_store_exact_gate()")  # fmt: skip
+        await pg.execute(
+            "DROP TRIGGER IF EXISTS test_store_exact_gate ON events; DROP FUNCTION IF EXISTS test_store_exact_gate()"
+        )
     keys = await pg.fetch("SELECT dedupe_key, count(*) AS n FROM events GROUP BY dedupe_key")
     assert len(keys) == 2 * rounds and {r["n"] for r in keys} == {1}
     assert await pg.fetchval("SELECT leads FROM links WHERE code = 'PARTNER123'") == 2 * rounds
@@ -176,8 +187,16 @@ def _journey(rng: random.Random, world: World, seed: int) -> list[Envelope]:
         elif etype is EventType.CONVERSION:
             payload["dedupe"] = f"s{seed}-{i}"
         # the UUIDv7 of its own received time, random within the millisecond: ids break ties
-        events.append(Envelope(type=etype, dialect=Dialect.NATIVE, workspace_id=world.workspace_id,
-                               payload=payload, event_id=uuid7(ms), received_at_ms=ms))  # fmt: skip
+        events.append(
+            Envelope(
+                type=etype,
+                dialect=Dialect.NATIVE,
+                workspace_id=world.workspace_id,
+                payload=payload,
+                event_id=uuid7(ms),
+                received_at_ms=ms,
+            )
+        )
     return events
 
 
@@ -221,8 +240,9 @@ async def test_customers_are_the_same_however_events_are_batched(
             assert got[column] == (max(carriers, key=order).payload[key] if carriers else None), (seed, column)
         first = min(events, key=order)
         assert got["link_id"] == links[first.payload["code"]]
-        assert str(got["affiliate_id"]) == (world.affiliate_id if first.payload["code"] == "PARTNER123"
-                                            else other_affiliate)  # fmt: skip
+        assert str(got["affiliate_id"]) == (
+            world.affiliate_id if first.payload["code"] == "PARTNER123" else other_affiliate
+        )
         first_clicks = [e.event_id for e in events if e.type is EventType.CLICK]
         assert got["first_click_id"] == (min(first_clicks) if first_clicks else None)
         assert got["status"] == max(int(e.type) for e in events)

@@ -37,8 +37,9 @@ async def test_a_listed_address_customer_and_visitor_are_answered_and_stored_now
         assert status == 200
         made = []
         for kind, value in (("ip", LISTED_IP), ("customer", "cust-private"), ("visitor", "v-private")):
-            status, out, _ = await call("POST", f"{edge}/v1/suppressions", json={"kind": kind, "value": value},
-                                        headers=auth)  # fmt: skip
+            status, out, _ = await call(
+                "POST", f"{edge}/v1/suppressions", json={"kind": kind, "value": value}, headers=auth
+            )
             assert status == 201 and out["kind"] == kind, out
             made.append(out["id"])
         await wait_for(lambda: _listed(state, world.workspace_id, 3), what="the edge reading the list")
@@ -50,8 +51,10 @@ async def test_a_listed_address_customer_and_visitor_are_answered_and_stored_now
         lead = lead_body(tracked["click_id"], customerExternalId="cust-private")
         status, answer, _ = await call("POST", f"{edge}/api/track/lead", json=lead, headers=auth)
         assert status == 200 and answer["customer"]["externalId"] == "cust-private"
-        items = [{"type": "click", "ref": "PARTNER123", "visitor_id": "v-private"},
-                 {"type": "click", "ref": "PARTNER123", "visitor_id": "v-tracked"}]  # fmt: skip
+        items = [
+            {"type": "click", "ref": "PARTNER123", "visitor_id": "v-private"},
+            {"type": "click", "ref": "PARTNER123", "visitor_id": "v-tracked"},
+        ]
         status, batch, _ = await call("POST", f"{edge}/v1/events/batch", json=items, headers=auth)
         assert status == 200 and [r["ok"] for r in batch["results"]] == [True, True]
         assert await stream_entries(redis, keys) == before + 1  # the tracked batch item alone

@@ -36,18 +36,28 @@ async def test_old_rows_go_and_recent_rows_stay(pg: asyncpg.Pool, redis: Any, ke
         await pg.execute(
             "INSERT INTO event_flags (event_id, rule, workspace_id, link_id, type, excluded, received_at)"
             " VALUES ($1, $2, $3, $4, 1, false, $5)",
-            event_id(age), name, world.workspace_id, link, at(age),
-        )  # fmt: skip
+            event_id(age),
+            name,
+            world.workspace_id,
+            link,
+            at(age),
+        )
         await pg.execute(
             "INSERT INTO event_drops (event_id, workspace_id, link_id, reason, received_at)"
             " VALUES ($1, $2, $3, $4, $5)",
-            event_id(age), world.workspace_id, link, name, at(age),
-        )  # fmt: skip
+            event_id(age),
+            world.workspace_id,
+            link,
+            name,
+            at(age),
+        )
     await pg.execute(
         "INSERT INTO affiliate_ips (affiliate_id, ip, first_seen, last_seen) VALUES"
         " ($1, '10.0.0.1', $2, $2), ($1, '10.0.0.2', $2, $3)",
-        world.affiliate_id, at(RETENTION + 50), at(RETENTION - 5),
-    )  # fmt: skip
+        world.affiliate_id,
+        at(RETENTION + 50),
+        at(RETENTION - 5),
+    )
     hook = await pg.fetchval(
         "INSERT INTO webhooks (workspace_id, url, secret_encrypted, secret_prefix)"
         " VALUES ($1, 'https://hooks.test/', '\\x00', 'whsec_') RETURNING id",
@@ -63,8 +73,10 @@ async def test_old_rows_go_and_recent_rows_stay(pg: asyncpg.Pool, redis: Any, ke
         deliveries[name] = await pg.fetchval(
             "INSERT INTO webhook_deliveries (webhook_id, event_type, subject_id, payload, status, created_at)"
             " VALUES ($1, 'lead.created', gen_random_uuid(), '{}', $2, $3) RETURNING id",
-            hook, status, at(age),
-        )  # fmt: skip
+            hook,
+            status,
+            at(age),
+        )
         await pg.execute("INSERT INTO webhook_attempts (delivery_id, attempt) VALUES ($1, 1)", deliveries[name])
 
     done = await maintain(pg, retention_days=RETENTION, dedupe_days=RETENTION, today=TODAY)

@@ -112,7 +112,7 @@ def mixed(codes: dict[str, str], n: int, rng: random.Random) -> list[Envelope]:
                     payload={"code": code, "visitor_id": visitor, "dedupe": f"{code}:{rng.randrange(2000)}"},
                 )
             )
-    return out  # fmt: skip
+    return out
 
 
 async def append(redis, keys: Keys, envelopes: list[Envelope]) -> None:
@@ -133,8 +133,11 @@ async def links(pg: asyncpg.Pool, redis, keys: Keys, n: int) -> dict[str, str]:
                 await conn.execute(
                     "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url)"
                     " VALUES ($1, $2, $3, $4, 'https://x.test')",
-                    world.workspace_id, world.program_id, world.affiliate_id, f"W{w}L{i}",
-                )  # fmt: skip
+                    world.workspace_id,
+                    world.program_id,
+                    world.affiliate_id,
+                    f"W{w}L{i}",
+                )
                 codes[f"W{w}L{i}"] = world.workspace_id
     return codes
 

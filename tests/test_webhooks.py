@@ -416,8 +416,11 @@ async def test_enqueue_writes_the_jobs_arq_would_and_refuses_live_ids(arq_pool, 
         for i in ours:
             job = deserialize_job(await arq_pool.get(f"{job_key_prefix}webhook:{i}"), deserializer=orjson.loads)
             assert (job.function, cast(list[Any], job.args), job.kwargs, job.job_try) == (
-                reference.function, [*reference.args[:-1], i], reference.kwargs, reference.job_try
-            )  # fmt: skip
+                reference.function,
+                [*reference.args[:-1], i],
+                reference.kwargs,
+                reference.job_try,
+            )
             assert abs((job.enqueue_time - reference.enqueue_time).total_seconds()) < 60
             # scored to run now, as enqueue_job scores a job that is not deferred
             assert queued[f"webhook:{i}"] == pytest.approx(job.enqueue_time.timestamp() * 1000, abs=1)

@@ -27,8 +27,11 @@ GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.
 
 async def proxied_click(edge: str, client_ip: str, ua: str, **body: object) -> dict[str, Any]:
     headers = CIMultiDict({"X-Forwarded-For": client_ip, "User-Agent": ua})
-    payload = {"affiliate_url": "https://yoursite.com/?aff=PARTNER123", "referrer_url": "https://www.news.example/a",
-               **body}  # fmt: skip
+    payload = {
+        "affiliate_url": "https://yoursite.com/?aff=PARTNER123",
+        "referrer_url": "https://www.news.example/a",
+        **body,
+    }
     status, out, _ = await call("POST", f"{edge}/api/v1/track/click", json=payload, headers=headers)
     assert status == 200, out
     answer: dict[str, Any] = out
@@ -125,7 +128,7 @@ def _journey(code: str, workspace: str, visitor: str) -> list[Envelope]:
         received_at_ms=t + 120_000,
         payload={"code": code, "visitor_id": visitor, "dedupe": "s1"},
     )
-    return [click, lead, lead2, conv]  # fmt: skip
+    return [click, lead, lead2, conv]
 
 
 async def test_customers_do_not_depend_on_processing_order(pg: asyncpg.Pool, redis, keys: Keys):
@@ -139,7 +142,11 @@ async def test_customers_do_not_depend_on_processing_order(pg: asyncpg.Pool, red
     rows = [await pg.fetchrow(f"SELECT {cols} FROM customers WHERE workspace_id = $1", w.workspace_id) for w in (a, b)]
     assert rows[0] == rows[1]
     assert (rows[0]["status"], rows[0]["email"], rows[0]["name"], rows[0]["has_click"]) == (
-        3, "new@example.com", "Alice", True)  # fmt: skip
+        3,
+        "new@example.com",
+        "Alice",
+        True,
+    )
     for code in ("INORDER", "REVERSED"):
         link = await pg.fetchrow("SELECT clicks, leads, conversions FROM links WHERE code = $1", code)
         assert tuple(link) == (1, 2, 1)
@@ -150,8 +157,12 @@ async def test_milestones_are_reached_once_and_notified(edge: str, world: World,
     spring = {"name": "Spring", "milestones": [{"name": "First", "threshold": 1}, {"name": "Refer 3", "threshold": 3}]}
     status, program, _ = await call("POST", f"{edge}/v1/programs", headers=h, json=spring)
     assert status == 201 and [m["threshold"] for m in program["milestones"]] == [1, 3]
-    generated = await call("POST", f"{edge}/api/v1/referrals/generate", headers={"X-API-Key": world.api_key},
-                           json={"participant_id": "ally", "campaign_id": program["id"]})  # fmt: skip
+    generated = await call(
+        "POST",
+        f"{edge}/api/v1/referrals/generate",
+        headers={"X-API-Key": world.api_key},
+        json={"participant_id": "ally", "campaign_id": program["id"]},
+    )
     code = generated[1]["code"]
     status, hook, _ = await call("POST", f"{edge}/v1/webhooks", headers=h, json={"url": "https://hooks.test/in"})
     assert status == 201
@@ -197,8 +208,14 @@ async def test_a_lead_reaches_a_webhook_receiver_through_the_worker(procs: Procs
         target = {"url": f"http://127.0.0.1:{port}/hook", "events": ["lead.created"]}
         status, hook, _ = await call("POST", f"{edge}/v1/webhooks", headers=h, json=target)
         assert status == 201
-        click = (await call("POST", f"{edge}/api/v1/track/click", json={"affiliate_url": "https://x/?aff=PARTNER123"},
-                            headers={"User-Agent": BROWSER}))[1]  # fmt: skip
+        click = (
+            await call(
+                "POST",
+                f"{edge}/api/v1/track/click",
+                json={"affiliate_url": "https://x/?aff=PARTNER123"},
+                headers={"User-Agent": BROWSER},
+            )
+        )[1]
         lead = {"clickId": click["click_id"], "eventName": "Sign Up", "customerExternalId": "u7"}
         assert (await call("POST", f"{edge}/api/track/lead", json=lead, headers=h))[0] == 200
 

@@ -26,17 +26,22 @@ async def _traffic(edge: str, w: World, code: str) -> None:
     status, body, _ = await call("POST", f"{edge}/api/v1/track/click", json=click)
     assert status == 200, body
     lead = lead_body(body["click_id"], customerExternalId="shared-1", customerEmail="shared@example.com")
-    status, body, _ = await call("POST", f"{edge}/api/track/lead", json=lead,
-                                 headers={"Authorization": f"Bearer {w.api_key}"})  # fmt: skip
+    status, body, _ = await call(
+        "POST", f"{edge}/api/track/lead", json=lead, headers={"Authorization": f"Bearer {w.api_key}"}
+    )
     assert status == 200, body
 
 
 async def _rows(pg: asyncpg.Pool, ws: str) -> dict[str, int]:
     """Rows of the workspace, by table, in every table with a workspace_id column."""
-    tables = [r["relname"] for r in await pg.fetch(
-        "SELECT c.relname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
-        " WHERE a.attname = 'workspace_id' AND c.relkind IN ('r', 'p') AND NOT c.relispartition"
-        " AND c.relnamespace = current_schema()::regnamespace")]  # fmt: skip
+    tables = [
+        r["relname"]
+        for r in await pg.fetch(
+            "SELECT c.relname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+            " WHERE a.attname = 'workspace_id' AND c.relkind IN ('r', 'p') AND NOT c.relispartition"
+            " AND c.relnamespace = current_schema()::regnamespace"
+        )
+    ]
     out = {}
     for t in tables:
         n = await pg.fetchval(f'SELECT count(*) FROM "{t}" WHERE workspace_id = $1', uuid.UUID(ws))
@@ -46,9 +51,13 @@ async def _rows(pg: asyncpg.Pool, ws: str) -> dict[str, int]:
 
 
 async def test_a_deleted_workspace_leaves_no_row_and_the_other_keeps_all_of_its(
-    settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Any, edge: str,
+    settings: Settings,
+    pg: asyncpg.Pool,
+    redis: Any,
+    keys: Any,
+    edge: str,
     drain: Callable[[], Awaitable[dict[str, int]]],
-) -> None:  # fmt: skip
+) -> None:
     a = await make_world(pg, redis, keys, code="GONE1", name="A")
     b = await make_world(pg, redis, keys, code="KEPT1", name="B")
     await _traffic(edge, a, "GONE1")
@@ -58,29 +67,32 @@ async def test_a_deleted_workspace_leaves_no_row_and_the_other_keeps_all_of_its(
     assert {"events", "customers", "links", "api_keys"} <= before_a.keys(), before_a
     assert await pg.fetchval("SELECT count(*) FROM link_visitor_days WHERE link_id = $1", uuid.UUID(a.link["id"]))
     # an erasure in A of the id B shares: B's person stays (the deletion takes only A's ledger)
-    code, out, err = await run_command("erase", "--customer", "shared-1", "--workspace", a.workspace_id, "--json",
-                                       env=env_for(settings))  # fmt: skip
+    code, out, err = await run_command(
+        "erase", "--customer", "shared-1", "--workspace", a.workspace_id, "--json", env=env_for(settings)
+    )
     assert code == 0, err
 
-    code, out, err = await run_command("workspace", "delete", a.workspace_id, "--yes", "--json",
-                                       env=env_for(settings))  # fmt: skip
+    code, out, err = await run_command("workspace", "delete", a.workspace_id, "--yes", "--json", env=env_for(settings))
     assert code == 0, err
     assert orjson.loads(out)["deleted"].get("events") == before_a["events"]
     assert await _rows(pg, a.workspace_id) == {}
     assert not await pg.fetchval("SELECT count(*) FROM link_visitor_days WHERE link_id = $1", uuid.UUID(a.link["id"]))
     assert await _rows(pg, b.workspace_id) == before_b
-    kept = await pg.fetchrow("SELECT email FROM customers WHERE workspace_id = $1 AND external_id = 'shared-1'",
-                             uuid.UUID(b.workspace_id))  # fmt: skip
+    kept = await pg.fetchrow(
+        "SELECT email FROM customers WHERE workspace_id = $1 AND external_id = 'shared-1'", uuid.UUID(b.workspace_id)
+    )
     assert kept is not None and kept["email"] == "shared@example.com"
 
     async def refused() -> bool:
-        status, _, _ = await call("POST", f"{edge}/api/track/lead", json=lead_body("clk_x"),
-                                  headers={"Authorization": f"Bearer {a.api_key}"})  # fmt: skip
+        status, _, _ = await call(
+            "POST", f"{edge}/api/track/lead", json=lead_body("clk_x"), headers={"Authorization": f"Bearer {a.api_key}"}
+        )
         return status == 401
 
     await wait_for(refused, timeout=30, what="the deleted workspace's key refused")
-    status, body, _ = await call("POST", f"{edge}/api/v1/track/click",
-                                 json={**CLICK, "affiliate_url": "https://yoursite.com/?aff=GONE1"})  # fmt: skip
+    status, body, _ = await call(
+        "POST", f"{edge}/api/v1/track/click", json={**CLICK, "affiliate_url": "https://yoursite.com/?aff=GONE1"}
+    )
     assert (status, body.get("success")) == (400, False), body  # Affitor's answer for a code it does not know
 
 

@@ -109,7 +109,9 @@ def flat_by_currency(raw: Any, program_currency: str) -> dict[str, int]:
     if isinstance(raw, int):
         return {program_currency.lower(): raw} if raw > 0 else {}
     if isinstance(raw, dict):
-        return {k.lower(): v for k, v in raw.items()
-                if isinstance(k, str) and valid_code(k.lower()) and isinstance(v, int) and not isinstance(v, bool)
-                and v > 0}  # fmt: skip
+        return {
+            k.lower(): v
+            for k, v in raw.items()
+            if isinstance(k, str) and valid_code(k.lower()) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+        }
     return {}

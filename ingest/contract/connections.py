@@ -231,9 +231,13 @@ def connect_redis(settings: Settings, *, url: str | None = None, **kwargs: Any) 
             sentinel_kwargs={k: v for k, v in opts.items() if k.startswith("socket_")},
         )
         client: aioredis.Redis = sentinel.master_for(
-            target.master, redis_class=SentinelRedis, db=target.db, username=target.username,
-            password=target.password, **opts,
-        )  # fmt: skip
+            target.master,
+            redis_class=SentinelRedis,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            **opts,
+        )
         return client
     if settings.redis_cluster and url is None:
         cluster: RedisCluster = Cluster.from_url(settings.redis_url, **opts)
@@ -252,9 +256,12 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pg_pool(
-    settings: Settings, *, min_size: int = 1, max_size: int | None = None,
+    settings: Settings,
+    *,
+    min_size: int = 1,
+    max_size: int | None = None,
     init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
-) -> asyncpg.Pool:  # fmt: skip
+) -> asyncpg.Pool:
     """The pool every process uses; ``init`` runs on each new connection after the codecs."""
 
     async def setup(conn: asyncpg.Connection) -> None:

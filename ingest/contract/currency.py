@@ -15,8 +15,25 @@ import re
 from decimal import Decimal, InvalidOperation
 
 # ISO 4217 currencies whose minor unit is not 2 decimals (active codes and funds)
-_ZERO = ("bif", "clp", "djf", "gnf", "isk", "jpy", "kmf", "krw", "pyg", "rwf", "ugx", "uyi", "vnd", "vuv", "xaf",
-         "xof", "xpf")  # fmt: skip
+_ZERO = (
+    "bif",
+    "clp",
+    "djf",
+    "gnf",
+    "isk",
+    "jpy",
+    "kmf",
+    "krw",
+    "pyg",
+    "rwf",
+    "ugx",
+    "uyi",
+    "vnd",
+    "vuv",
+    "xaf",
+    "xof",
+    "xpf",
+)
 _EXPONENTS: dict[str, int] = {
     **dict.fromkeys(_ZERO, 0),
     **dict.fromkeys(("bhd", "iqd", "jod", "kwd", "lyd", "omr", "tnd"), 3),

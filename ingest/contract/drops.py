@@ -31,9 +31,18 @@ log = structlog.get_logger("ingest.drops")
 # the reasons an event is not counted (``fraud``: excluded by the workspace's fraud policy;
 # ``no_lead``: a sale stored and counted as revenue, but credited to no affiliate)
 REASONS: Final = (
-    "bot", "unknown_code", "inactive_link", "rate_limited", "out_of_window", "test_mode", "duplicate", "invalid",
-    "fraud", "no_lead", "suppressed",
-)  # fmt: skip
+    "bot",
+    "unknown_code",
+    "inactive_link",
+    "rate_limited",
+    "out_of_window",
+    "test_mode",
+    "duplicate",
+    "invalid",
+    "fraud",
+    "no_lead",
+    "suppressed",
+)
 FLAGGED: Final = "flagged"  # not a drop: every fraud flag, counted by rule beside the drops
 NO_ID: Final = "00000000-0000-0000-0000-000000000000"
 MAX_FIELDS: Final = 100_000  # a tally Redis cannot take for long stops growing here

@@ -154,8 +154,11 @@ def standing(rows: Iterable[Row]) -> dict[Key, Owed]:
 
 def differences(want: Mapping[Key, Owed], have: Mapping[Key, Owed]) -> list[tuple[Key, Owed | None, Owed | None]]:
     """Each source whose standing differs from what the rules say: (key, expected, stored)."""
-    return [(k, want.get(k), have.get(k)) for k in sorted(want.keys() | have.keys(), key=lambda k: (k[0], str(k[1])))
-            if want.get(k) != have.get(k)]  # fmt: skip
+    return [
+        (k, want.get(k), have.get(k))
+        for k in sorted(want.keys() | have.keys(), key=lambda k: (k[0], str(k[1])))
+        if want.get(k) != have.get(k)
+    ]
 
 
 # the rows ``expected`` and ``standing`` take, as SQL (``$1``: the workspace, or NULL for all)

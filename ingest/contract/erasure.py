@@ -47,10 +47,22 @@ EVENT = "i"  # the id of one of the person's events (a click a lead named)
 PREFIX = "erased-"
 
 # the payload's fields that describe a person or their browser; an erased person's are removed
-PERSONAL = frozenset({
-    "email", "customer_name", "avatar", "referrer", "page_url", "page_title", "metadata", "session_id",
-    "screen_resolution", "viewport_size", "language", "timezone",
-})  # fmt: skip
+PERSONAL = frozenset(
+    {
+        "email",
+        "customer_name",
+        "avatar",
+        "referrer",
+        "page_url",
+        "page_title",
+        "metadata",
+        "session_id",
+        "screen_resolution",
+        "viewport_size",
+        "language",
+        "timezone",
+    }
+)
 # an enrichment's fields that the IP or the browser's build told, kept as None once erased
 ENRICHMENT_PERSONAL = ("ip", "asn", "as_name", "city", "region", "latitude", "longitude")
 
@@ -133,9 +145,10 @@ class Ledger:
         spaces, found = await conn.fetchrow(_READ, LOCK, list(wanted))
         erased = frozenset((w, bytes(d)) for w, d in zip(spaces, found, strict=True))
         unplaced = {
-            c for e in envelopes
+            c
+            for e in envelopes
             if not (e.workspace_id or (workspace_of or {}).get(id(e))) and isinstance(c := e.payload.get("code"), str)
-        }  # fmt: skip
+        }
         codes = {r["code"]: r["ws"] for r in await conn.fetch(_CODES, sorted(unplaced))} if erased and unplaced else {}
         return cls(key, erased, codes)
 
@@ -242,8 +255,9 @@ async def learn(
             continue  # no workspace, no ledger names it
         found = await conn.fetchval(
             "SELECT erasure_id FROM erased_ids WHERE digest = ANY($1::bytea[]) AND workspace_id = $2 LIMIT 1",
-            _digests(key, e, ws), ws,
-        )  # fmt: skip
+            _digests(key, e, ws),
+            ws,
+        )
         if found is None:
             continue
         more = []

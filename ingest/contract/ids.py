@@ -96,9 +96,27 @@ def stored_forms(value: str, *, max_length: int = MAX_LENGTH) -> list[str]:
 # list like it of ids it never merges people on.) Compared case-folded, without the ends'
 # whitespace.
 PLACEHOLDERS = frozenset(
-    {"undefined", "null", "none", "nil", "nan", "[object object]", "true", "false", "0", "-1",
-     "anonymous", "unknown", "guest", "visitor", "visitor_id", "distinct_id", "user_id", "id"}
-)  # fmt: skip
+    {
+        "undefined",
+        "null",
+        "none",
+        "nil",
+        "nan",
+        "[object object]",
+        "true",
+        "false",
+        "0",
+        "-1",
+        "anonymous",
+        "unknown",
+        "guest",
+        "visitor",
+        "visitor_id",
+        "distinct_id",
+        "user_id",
+        "id",
+    }
+)
 
 
 def placeholder(value: str) -> bool:

@@ -117,8 +117,15 @@ class Layout:
         return tuple(c for c, until in self.previous if until > now_ms and c != self.count)
 
     def encode(self) -> bytes:
-        return orjson.dumps({"count": self.count, "span": self.span, "high": self.high,
-                             "changed_ms": self.changed_ms, "previous": [list(p) for p in self.previous]})  # fmt: skip
+        return orjson.dumps(
+            {
+                "count": self.count,
+                "span": self.span,
+                "high": self.high,
+                "changed_ms": self.changed_ms,
+                "previous": [list(p) for p in self.previous],
+            }
+        )
 
     @classmethod
     def decode(cls, raw: bytes, partitions: int) -> Layout:
@@ -136,8 +143,14 @@ class Layout:
         return cls(count, span, high, changed, previous, raw)
 
     def describe(self) -> dict[str, Any]:
-        return {"count": self.count, "span": self.span, "retiring": list(self.retiring), "high": self.high,
-                "changed_ms": self.changed_ms or None, "set": bool(self.raw)}  # fmt: skip
+        return {
+            "count": self.count,
+            "span": self.span,
+            "retiring": list(self.retiring),
+            "high": self.high,
+            "changed_ms": self.changed_ms or None,
+            "set": bool(self.raw),
+        }
 
 
 async def load(redis: Redis, keys: Keys, partitions: int) -> Layout:
@@ -150,8 +163,16 @@ async def ensure(redis: Redis, keys: Keys, partition: int, groups: tuple[str, ..
     """Partition ``partition``'s stream with ``groups`` (from id 0); ``Retired`` if it was
     retired (unless ``revive``). Raises what Redis refuses (a full Redis: OOM)."""
     try:
-        await _eval(redis, ENSURE, 3, keys.stream(partition), keys.retired(partition), keys.revived(partition),
-                    "1" if revive else "0", *groups)  # fmt: skip
+        await _eval(
+            redis,
+            ENSURE,
+            3,
+            keys.stream(partition),
+            keys.retired(partition),
+            keys.revived(partition),
+            "1" if revive else "0",
+            *groups,
+        )
     except ResponseError as exc:
         said = str(exc)
         if "was retired" in said:
@@ -220,8 +241,9 @@ async def set_count(
         if count > before.count:
             groups = await groups_of(redis, keys, range(before.span))
             for p in range(before.count, count):
-                await _durable(redis, replicas, wait_ms, ENSURE, 3, keys.stream(p), keys.retired(p), keys.revived(p),
-                               "1", *groups)  # fmt: skip
+                await _durable(
+                    redis, replicas, wait_ms, ENSURE, 3, keys.stream(p), keys.retired(p), keys.revived(p), "1", *groups
+                )
         now = await _now_ms(redis)
         kept = tuple((c, u) for c, u in before.previous if u > now and c not in (count, before.count))
         previous = ((before.count, now + window_ms), *kept)
@@ -244,8 +266,18 @@ async def retire(
     done: list[int] = []
     left = False
     for p in layout.retiring:
-        retired = await _durable(redis, replicas, wait_ms, RETIRE, 4, keys.stream(p), keys.attempts(p),
-                                 keys.retired(p), keys.revived(p), layout.changed_ms)  # fmt: skip
+        retired = await _durable(
+            redis,
+            replicas,
+            wait_ms,
+            RETIRE,
+            4,
+            keys.stream(p),
+            keys.attempts(p),
+            keys.retired(p),
+            keys.revived(p),
+            layout.changed_ms,
+        )
         if retired == 3:  # written again: the layout read here is stale, the next call reads anew
             return done
         if retired == 1:

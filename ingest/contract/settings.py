@@ -58,10 +58,12 @@ class Settings(BaseSettings):
         description="Seconds before a Redis call fails.",
     )
     redis_deadline_ms: int = Field(
-        1000, ge=50, le=60_000,
+        1000,
+        ge=50,
+        le=60_000,
         description="Edge: the longest a request waits on Redis (queue, connect and round trip); then public"
         " routes spool and keyed routes answer 503.",
-    )  # fmt: skip
+    )
     redis_max_queued: int = Field(
         20_000, ge=1, description="Edge: Redis commands queued at most; past it requests fail fast (spool or 503)."
     )
@@ -214,15 +216,17 @@ class Settings(BaseSettings):
 
     # clock ---------------------------------------------------------------------------
     clock_skew_max_s: float = Field(
-        clock.SKEW_MAX_S, gt=0,
+        clock.SKEW_MAX_S,
+        gt=0,
         description="A process whose clock differs from Redis's or Postgres's by more than this logs it, reads"
         " Redis's time instead (edge, worker) and does no destructive maintenance (partition drops, retention,"
         " trims by time) until they agree again.",
-    )  # fmt: skip
+    )
     clock_offset_s: float = Field(
-        0.0, description="For fault tests only: shifts this process's wall clock by this many seconds, as a host"
+        0.0,
+        description="For fault tests only: shifts this process's wall clock by this many seconds, as a host"
         " whose clock is wrong would be. Never set it in production.",
-    )  # fmt: skip
+    )
 
     # archive -------------------------------------------------------------------------
     archive_url: str = Field(
@@ -235,35 +239,44 @@ class Settings(BaseSettings):
     archive_s3_region: str = Field("us-east-1", description="The bucket's region.")
     archive_segment_entries: int = Field(20_000, ge=1, description="A segment is sealed at this many entries...")
     archive_segment_s: float = Field(
-        30.0, gt=0,
+        30.0,
+        gt=0,
         description="... or once its first entry was read this long ago (below REFSTREAM_CLAIM_IDLE_MS: see"
         " archive_conflict).",
-    )  # fmt: skip
+    )
 
     # erasure -------------------------------------------------------------------------
     erase_archive_days: int = Field(
-        30, ge=1, le=365,
+        30,
+        ge=1,
+        le=365,
         description="An erasure's archive segments are rewritten within this many days (its stated deadline;"
         " `refstream erase --status` flags one overdue).",
-    )  # fmt: skip
+    )
     erase_sweep_every_s: int = Field(
-        10, ge=1, le=3600,
+        10,
+        ge=1,
+        le=3600,
         description="How often the workers finish pending erasures in Redis and the archive.",
-    )  # fmt: skip
+    )
 
     suppression_refresh_s: float = Field(
-        5.0, gt=0, le=3600,
+        5.0,
+        gt=0,
+        le=3600,
         description="How often each edge reads the do-not-track lists: a visitor, customer or address listed is"
         " suppressed within this long.",
-    )  # fmt: skip
+    )
 
     # logging -------------------------------------------------------------------------
     log_level: str = "info"
     log_json: bool = True
     log_flush_ms: int = Field(
-        200, ge=0, le=10_000,
+        200,
+        ge=0,
+        le=10_000,
         description="serve/work: write log lines in batches this often (0: every line at once).",
-    )  # fmt: skip
+    )
     access_log: str = Field(
         "sample:0.01",
         description="Edge: which requests get an access line: errors (every 4xx/5xx), sample:<ratio> (those, and"

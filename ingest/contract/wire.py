@@ -81,15 +81,23 @@ def to_entry(e: Envelope) -> tuple[bytes | int, ...]:
     writes 255 levels, always writes it; an entry in a stream was written here once, so
     a rewrite of it (an erasure's scrub) is as deep as what orjson wrote already."""
     return (
-        b"i", e.event_id.bytes,
-        b"t", int(e.type),
-        b"w", _workspace_bytes(e.workspace_id),
-        b"r", e.received_at_ms,
-        b"a", _text(e.ip),
-        b"u", _ua_bytes(e.user_agent),
-        b"d", _DIALECT_CODES.get(e.dialect) or _text(e.dialect),
-        b"p", orjson.dumps({_PAYLOAD_KEYS.get(k) or _escape_key(k): v for k, v in e.payload.items()}),
-    )  # fmt: skip
+        b"i",
+        e.event_id.bytes,
+        b"t",
+        int(e.type),
+        b"w",
+        _workspace_bytes(e.workspace_id),
+        b"r",
+        e.received_at_ms,
+        b"a",
+        _text(e.ip),
+        b"u",
+        _ua_bytes(e.user_agent),
+        b"d",
+        _DIALECT_CODES.get(e.dialect) or _text(e.dialect),
+        b"p",
+        orjson.dumps({_PAYLOAD_KEYS.get(k) or _escape_key(k): v for k, v in e.payload.items()}),
+    )
 
 
 def to_entry_dict(e: Envelope) -> dict[bytes, bytes | int]:
@@ -170,9 +178,14 @@ def entry_from_blob(raw: bytes) -> dict[bytes, bytes | int]:
 _ENVELOPE_FIELDS = frozenset((FIELD, *FIELDS))
 _TYPES: dict[bytes | int, EventType] = {str(int(t)).encode(): t for t in EventType}  # as Redis returns them
 _DIALECT_CODES: dict[str, int] = {
-    Dialect.BIORE: 1, Dialect.BRICQS: 2, Dialect.AFFITOR: 3, Dialect.AFFIXO: 4, Dialect.REFPORT: 5,
-    Dialect.REDIRECT: 6, Dialect.NATIVE: 7,
-}  # fmt: skip  # never renumber: entries in streams, archives and dead letters hold these
+    Dialect.BIORE: 1,
+    Dialect.BRICQS: 2,
+    Dialect.AFFITOR: 3,
+    Dialect.AFFIXO: 4,
+    Dialect.REFPORT: 5,
+    Dialect.REDIRECT: 6,
+    Dialect.NATIVE: 7,
+}  # never renumber: entries in streams, archives and dead letters hold these
 _DIALECTS: dict[bytes | int, str] = {str(n).encode(): name for name, n in _DIALECT_CODES.items()}
 _DIALECTS.update({n: name for name, n in _DIALECT_CODES.items()})  # ``entry_dict`` not through Redis
 
@@ -191,11 +204,28 @@ def _text(v: str | None) -> bytes:
 # never change one: stream entries, archives and dead letters hold these (a new key may take
 # a free letter: entries written before cannot hold it)
 _PAYLOAD_KEYS: dict[str, str] = {
-    "code": "c", "click_id": "k", "visitor_id": "v", "match": "m", "referrer": "r", "page_url": "u",
-    "page_title": "t", "session_id": "s", "screen_resolution": "x", "viewport_size": "y", "language": "l",
-    "timezone": "z", "test_mode": "T", "name": "n", "external_id": "e", "email": "E", "customer_name": "N",
-    "avatar": "a", "metadata": "M", "conversion_id": "C", "dedupe": "d",
-}  # fmt: skip
+    "code": "c",
+    "click_id": "k",
+    "visitor_id": "v",
+    "match": "m",
+    "referrer": "r",
+    "page_url": "u",
+    "page_title": "t",
+    "session_id": "s",
+    "screen_resolution": "x",
+    "viewport_size": "y",
+    "language": "l",
+    "timezone": "z",
+    "test_mode": "T",
+    "name": "n",
+    "external_id": "e",
+    "email": "E",
+    "customer_name": "N",
+    "avatar": "a",
+    "metadata": "M",
+    "conversion_id": "C",
+    "dedupe": "d",
+}
 _LONG_KEYS = {short: key for key, short in _PAYLOAD_KEYS.items()}
 
 

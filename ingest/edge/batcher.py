@@ -86,9 +86,13 @@ class _Item:
     __slots__ = ("check", "commands", "due", "durable", "fut")
 
     def __init__(
-        self, commands: tuple[Command, ...], durable: bool, fut: asyncio.Future[list[Any]], due: float,
+        self,
+        commands: tuple[Command, ...],
+        durable: bool,
+        fut: asyncio.Future[list[Any]],
+        due: float,
         check: Check | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.commands = commands
         self.durable = durable
         self.fut = fut

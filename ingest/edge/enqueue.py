@@ -96,9 +96,14 @@ def appended(edge: Edge, envelope: Envelope) -> None:
 
 
 async def to_spool(
-    edge: Edge, envelope: Envelope, routing_key: str, extra: Iterable[Command] = (), *,
-    once: Once | None = None, maybe_applied: BaseException | None = None,
-) -> bytes | None:  # fmt: skip
+    edge: Edge,
+    envelope: Envelope,
+    routing_key: str,
+    extra: Iterable[Command] = (),
+    *,
+    once: Once | None = None,
+    maybe_applied: BaseException | None = None,
+) -> bytes | None:
     """Keep ``envelope`` (with its extra commands, and a keyed event's check) in the spool;
     for a keyed event whose key a copy spooled first, that copy's answer instead (this one
     is not kept), else None.
@@ -111,8 +116,9 @@ async def to_spool(
     except OSError as exc:  # SpoolError, SpoolFull: what Spool.append raises
         if maybe_applied is None:
             raise
-        log.warning("append.outcome_unknown", event_id=str(envelope.event_id), error=repr(maybe_applied),
-                    spool=repr(exc))  # fmt: skip
+        log.warning(
+            "append.outcome_unknown", event_id=str(envelope.event_id), error=repr(maybe_applied), spool=repr(exc)
+        )
         raise AppendUnknown(envelope.event_id, maybe_applied) from exc
     if first is not None:  # not kept: the key's first copy waits in the spool
         return first

@@ -143,8 +143,12 @@ class Answer:
         return cls(int(raw[32:35]), raw[35:], raw[:32].decode())
 
     def response(self, headers: dict[str, str] | None = None) -> web.Response:
-        return web.Response(body=self.body, status=self.status, content_type="application/json",
-                            headers={**(headers or {}), REPLAYED: "true"})  # fmt: skip
+        return web.Response(
+            body=self.body,
+            status=self.status,
+            content_type="application/json",
+            headers={**(headers or {}), REPLAYED: "true"},
+        )
 
 
 Refuse = Callable[[int, str, str], web.Response]  # (status, code, message) in the route's shape
@@ -162,9 +166,14 @@ class Idempotency:
     """Held by the edge: the scripts, the window, and the answers it gave from its spool."""
 
     def __init__(
-        self, batcher: RedisBatcher, keys: Keys, *, window_s: int, cluster: bool = False,
+        self,
+        batcher: RedisBatcher,
+        keys: Keys,
+        *,
+        window_s: int,
+        cluster: bool = False,
         layout: Callable[[], Layout] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.keys = keys
         self.window_ms = window_s * 1000
         self.cluster = cluster
@@ -189,13 +198,34 @@ class Idempotency:
         partition = self.keys.partition_for(routing_key)
         record = self.keys.idempotent(claim.digest, partition)
         if self.cluster:
-            return ("EVALSHA", self._append_sha, 2, record, self.keys.stream(partition), answer.encode(),
-                    self.window_ms, "", "", *wire.to_entry(envelope))  # fmt: skip
+            return (
+                "EVALSHA",
+                self._append_sha,
+                2,
+                record,
+                self.keys.stream(partition),
+                answer.encode(),
+                self.window_ms,
+                "",
+                "",
+                *wire.to_entry(envelope),
+            )
         earlier = self.earlier(claim, routing_key)
         changed = self._layout().changed_ms if self._layout is not None else 0
-        return ("EVALSHA", self._append_sha, 3 + len(earlier), record, self.keys.stream(partition),
-                self.keys.layout, *earlier, answer.encode(), self.window_ms, self.keys.partitions, changed,
-                *wire.to_entry(envelope))  # fmt: skip
+        return (
+            "EVALSHA",
+            self._append_sha,
+            3 + len(earlier),
+            record,
+            self.keys.stream(partition),
+            self.keys.layout,
+            *earlier,
+            answer.encode(),
+            self.window_ms,
+            self.keys.partitions,
+            changed,
+            *wire.to_entry(envelope),
+        )
 
     def earlier(self, claim: Claim, routing_key: str) -> tuple[str, ...]:
         """The key's records in the partitions that counts of the last window gave it (a
@@ -229,9 +259,14 @@ class Idempotency:
     # -- management writes: reserve, run, store -----------------------------------------
 
     async def once(
-        self, batcher: RedisBatcher, claim: Claim, secret: str, key: str,
-        run: Callable[[], Awaitable[web.Response]], refuse: Refuse,
-    ) -> web.Response:  # fmt: skip
+        self,
+        batcher: RedisBatcher,
+        claim: Claim,
+        secret: str,
+        key: str,
+        run: Callable[[], Awaitable[web.Response]],
+        refuse: Refuse,
+    ) -> web.Response:
         """Run ``run`` once per claim in the window. Its 2xx answer is stored encrypted
         under a key derived from the caller's API key and idempotency key (a created API
         key or webhook secret is in it), and replayed to a repeat. ``refuse(status, code,
@@ -257,9 +292,15 @@ class Idempotency:
         return response
 
     async def _repeat(
-        self, batcher: RedisBatcher, record: str, first: bytes, claim: Claim, secret: str, key: str,
+        self,
+        batcher: RedisBatcher,
+        record: str,
+        first: bytes,
+        claim: Claim,
+        secret: str,
+        key: str,
         refuse: Refuse,
-    ) -> web.Response:  # fmt: skip
+    ) -> web.Response:
         deadline = time.monotonic() + WAIT_FOR_FIRST_S
         while first[32:35] == b"%03d" % PENDING and first[:32].decode() == claim.fingerprint:
             if time.monotonic() > deadline:
@@ -274,8 +315,12 @@ class Idempotency:
         if answer.fingerprint != claim.fingerprint:
             return refuse(422, "idempotency_key_reused", REUSED)
         try:
-            return web.Response(body=_box(secret, key).decrypt(answer.body), status=answer.status,
-                                content_type="application/json", headers={REPLAYED: "true"})  # fmt: skip
+            return web.Response(
+                body=_box(secret, key).decrypt(answer.body),
+                status=answer.status,
+                content_type="application/json",
+                headers={REPLAYED: "true"},
+            )
         except InvalidToken:  # unreachable for the same API key; a defence, not a path
             return refuse(422, "idempotency_key_reused", "This Idempotency-Key was used with another API key")
 

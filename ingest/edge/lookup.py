@@ -304,10 +304,22 @@ def _checked(
     for name, _key, *args in guess.also:
         writes += [1 + len(args), name, *args]
     return (
-        "EVALSHA", edge.checked_append, 2 + len(keys) + len(guess.also), rl_key, stream, *keys,
-        *(cmd[1] for cmd in guess.also), limiter.window_ms, limiter.limit, unique_token(), len(entry),
-        *entry, len(keys), *expected, *writes,
-    )  # fmt: skip
+        "EVALSHA",
+        edge.checked_append,
+        2 + len(keys) + len(guess.also),
+        rl_key,
+        stream,
+        *keys,
+        *(cmd[1] for cmd in guess.also),
+        limiter.window_ms,
+        limiter.limit,
+        unique_token(),
+        len(entry),
+        *entry,
+        len(keys),
+        *expected,
+        *writes,
+    )
 
 
 async def _answer(
@@ -335,9 +347,15 @@ async def _answer(
 
 
 async def _settled(
-    edge: Edge, limiter: RateLimiter, principal: Principal | None, code: str | None, n_reads: int,
-    held: list[Any], guess: Guess, exc: BaseException,
-) -> Found:  # fmt: skip
+    edge: Edge,
+    limiter: RateLimiter,
+    principal: Principal | None,
+    code: str | None,
+    n_reads: int,
+    held: list[Any],
+    guess: Guess,
+    exc: BaseException,
+) -> Found:
     """The checked append failed after it was sent (a timeout, a lost connection): the
     script may have appended the guess, or may yet. Never refused while it may count: the
     guess's event is spooled under its ``event_id`` (the workers store one copy), and the

@@ -158,9 +158,10 @@ class EdgeMetrics:
             "refstream_events_accepted", "Events accepted, and where they went (redis or spool)", ["dialect", "to"]
         )
         self.redis_seconds = Histogram(
-            "refstream_redis_round_trip_seconds", "One micro-batched pipeline round trip (XADDs, limits, lookups)",
+            "refstream_redis_round_trip_seconds",
+            "One micro-batched pipeline round trip (XADDs, limits, lookups)",
             buckets=LATENCY_BUCKETS,
-        )  # fmt: skip
+        )
         self.redis_batch = Histogram(
             "refstream_redis_batch_commands", "Commands per micro-batched round trip", buckets=BATCH_BUCKETS
         )

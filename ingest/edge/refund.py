@@ -80,9 +80,14 @@ async def record(edge: Edge, workspace_id: str, body: RefportRefund, idem_key: s
     """Record ``body``'s refund for the workspace: the outcome, never an exception."""
     try:
         asked = refunds.Asked.keyed(
-            workspace_id, body.refundId, idem_key, invoice_id=body.invoiceId, amount=body.amount, reason=body.reason,
+            workspace_id,
+            body.refundId,
+            idem_key,
+            invoice_id=body.invoiceId,
+            amount=body.amount,
+            reason=body.reason,
             dialect=dialect,
-        )  # fmt: skip
+        )
     except ValueError:
         return Outcome(status=422, code="refund_key_required", message=KEY_NEEDED)
     try:
@@ -107,12 +112,23 @@ def envelope(asked: refunds.Asked, row: dict[str, Any]) -> Envelope:
     what a restore needs to record it again as it is, the fields of its Postgres row (an
     ``Idempotency-Key`` only as the row keeps it, digested)."""
     payload = {
-        "invoice": row["invoice_id"], "amount": row["amount"], "currency": row["currency"], "reason": row["reason"],
-        "refund_key": asked.key, "fingerprint": asked.fingerprint, "created_at": row["created_at"],
-    }  # fmt: skip
+        "invoice": row["invoice_id"],
+        "amount": row["amount"],
+        "currency": row["currency"],
+        "reason": row["reason"],
+        "refund_key": asked.key,
+        "fingerprint": asked.fingerprint,
+        "created_at": row["created_at"],
+    }
     at_ms = int(datetime.fromisoformat(row["created_at"]).timestamp() * 1000)
-    return Envelope(EventType.REFUND, asked.dialect, payload, asked.workspace_id, event_id=UUID(row["refund_id"]),
-                    received_at_ms=at_ms)  # fmt: skip
+    return Envelope(
+        EventType.REFUND,
+        asked.dialect,
+        payload,
+        asked.workspace_id,
+        event_id=UUID(row["refund_id"]),
+        received_at_ms=at_ms,
+    )
 
 
 async def copy(edge: Edge, asked: refunds.Asked, row: dict[str, Any]) -> bool:

@@ -66,22 +66,48 @@ class AffixoConversion(BaseModel):
 
 def from_refport(body: RefportSale) -> dict[str, Any]:
     """The sale's payload (the stream entry's), from Refport's fields."""
-    return _payload(body.customerExternalId, body.amount, body.currency, body.eventName, body.paymentProcessor,
-                    body.invoiceId, body.leadEventName, body.metadata)  # fmt: skip
+    return _payload(
+        body.customerExternalId,
+        body.amount,
+        body.currency,
+        body.eventName,
+        body.paymentProcessor,
+        body.invoiceId,
+        body.leadEventName,
+        body.metadata,
+    )
 
 
 def from_affixo(body: AffixoConversion) -> dict[str, Any]:
-    return _payload(body.customer_id, body.amount, body.currency, body.event_name, body.payment_processor,
-                    body.invoice_id, body.lead_event_name, body.metadata)  # fmt: skip
+    return _payload(
+        body.customer_id,
+        body.amount,
+        body.currency,
+        body.event_name,
+        body.payment_processor,
+        body.invoice_id,
+        body.lead_event_name,
+        body.metadata,
+    )
 
 
 def _payload(
-    customer: str, amount: int, currency: str, name: str, processor: str,
-    invoice: str | None, lead_name: str | None, metadata: dict[str, Any] | None,
-) -> dict[str, Any]:  # fmt: skip
+    customer: str,
+    amount: int,
+    currency: str,
+    name: str,
+    processor: str,
+    invoice: str | None,
+    lead_name: str | None,
+    metadata: dict[str, Any] | None,
+) -> dict[str, Any]:
     payload: dict[str, Any] = {
-        "external_id": customer, "amount": amount, "currency": currency, "name": name, "processor": processor,
-    }  # fmt: skip
+        "external_id": customer,
+        "amount": amount,
+        "currency": currency,
+        "name": name,
+        "processor": processor,
+    }
     for key, value in (("invoice", invoice), ("lead_name", lead_name), ("metadata", metadata)):
         if value is not None:
             payload[key] = value
@@ -132,6 +158,12 @@ async def track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
     route = event.routing_key()
     assert route is not None
     return await accept.append(
-        started.edge, voice, event, route, dialect.answer(started.body, event), started.found.verdict.headers,
-        claim=claim(voice.route, workspace, idem_key, payload), spool=False,
-    )  # fmt: skip
+        started.edge,
+        voice,
+        event,
+        route,
+        dialect.answer(started.body, event),
+        started.found.verdict.headers,
+        claim=claim(voice.route, workspace, idem_key, payload),
+        spool=False,
+    )

@@ -142,9 +142,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     following = await clock.start_following(redis, settings.clock_skew_max_s, postgres=pg)
     durability = Durability.of(settings)
     batcher = RedisBatcher(
-        redis, max_commands=settings.pipeline_max_commands, deadline_s=settings.redis_deadline_ms / 1000,
-        max_queued=settings.redis_max_queued, durability=durability, observe=observe,
-    )  # fmt: skip
+        redis,
+        max_commands=settings.pipeline_max_commands,
+        deadline_s=settings.redis_deadline_ms / 1000,
+        max_queued=settings.redis_max_queued,
+        durability=durability,
+        observe=observe,
+    )
     keys = Keys(settings.stream_prefix, settings.partitions)
     # the partition count the edge writes, read live (refstream partitions set N)
     watch = Watch(redis, keys, settings.partitions)
@@ -153,9 +157,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await watch.ready()
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, durability=durability)
     spool.start(  # also drains what a previous run left; an erased person's rows go scrubbed
-        redis, every_s=settings.spool_drain_every_s, reached=batcher.down.probe_now, layout=watch,
+        redis,
+        every_s=settings.spool_drain_every_s,
+        reached=batcher.down.probe_now,
+        layout=watch,
         ledger=lambda: erasure.held(pg),
-    )  # fmt: skip
+    )
     metrics.watch_spool(spool)
     app[EDGE] = Edge(
         settings=settings,

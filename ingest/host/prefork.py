@@ -120,9 +120,14 @@ class Slot:
 
 class Supervisor:
     def __init__(
-        self, host: str, port: int, processes: int, print: Callable[[str], None], child: Sequence[str] = (),
+        self,
+        host: str,
+        port: int,
+        processes: int,
+        print: Callable[[str], None],
+        child: Sequence[str] = (),
         take_over: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """``child``: the command of a child (default: this interpreter's ``-m ingest.host.prefork
         --child``), given ``--fds``, ``--ready``, ``--rundir`` and ``--parent``. ``take_over``:
         the sockets of the supervisor running on ``host:port``, rather than sockets of its own
@@ -151,8 +156,12 @@ class Supervisor:
             if self.take_over:
                 self.predecessor, taken = takeover.take_over(takeover.control_path(self.host, self.port))
                 if len(taken) != self.processes:
-                    log.warning("prefork.slots_taken", asked=self.processes, taken=len(taken),
-                                why="a take-over serves the sockets it is given: one process each")  # fmt: skip
+                    log.warning(
+                        "prefork.slots_taken",
+                        asked=self.processes,
+                        taken=len(taken),
+                        why="a take-over serves the sockets it is given: one process each",
+                    )
                 self.processes = len(taken)
                 self.slots = [Slot(i, socks) for i, socks in enumerate(taken)]
                 port = self.slots[0].socks[0].getsockname()[1]
@@ -240,8 +249,17 @@ class Supervisor:
                 return
         ready_r, ready_w = os.pipe()
         fds = [s.fileno() for s in slot.socks]
-        argv = [*self.child, "--fds", ",".join(map(str, fds)),
-                "--ready", str(ready_w), "--rundir", str(self.rundir), "--parent", str(os.getpid())]  # fmt: skip
+        argv = [
+            *self.child,
+            "--fds",
+            ",".join(map(str, fds)),
+            "--ready",
+            str(ready_w),
+            "--rundir",
+            str(self.rundir),
+            "--parent",
+            str(os.getpid()),
+        ]
         try:
             proc = subprocess.Popen(argv, pass_fds=(*fds, ready_w))
         finally:

@@ -146,8 +146,11 @@ def _stop_event() -> asyncio.Event:
 
 
 def _no_reload() -> None:
-    log.warning("serve.sighup_ignored", why="one process, no supervisor: a reload needs --processes 2 or more",
-                do="restart it behind a balancer, or run more processes")  # fmt: skip
+    log.warning(
+        "serve.sighup_ignored",
+        why="one process, no supervisor: a reload needs --processes 2 or more",
+        do="restart it behind a balancer, or run more processes",
+    )
 
 
 async def serve(settings: Settings, host: str, port: int, print: Callable[[str], None]) -> None:

@@ -98,10 +98,13 @@ class Siblings:
             return own
         retired = {n[len("edge-") : -len(".prom")] for n in names if n.startswith("edge-") and n.endswith(".prom")}
         live = [
-            n for n in names
-            if n.startswith("edge-") and n.endswith(".sock") and n != self.socket_path.name
+            n
+            for n in names
+            if n.startswith("edge-")
+            and n.endswith(".sock")
+            and n != self.socket_path.name
             and n[len("edge-") : -len(".sock")] not in retired
-        ]  # fmt: skip
+        ]
         texts = await asyncio.gather(*(_fetch(self.dir / n) for n in live))
         answered = [own.decode()] + [t for t in texts if t is not None]
         finals: list[str] = []

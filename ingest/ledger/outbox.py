@@ -16,9 +16,15 @@ from ingest.contract import jsonrows
 
 # every type a webhook may subscribe to
 EVENT_TYPES = (
-    "lead.created", "conversion.created", "milestone.reached", "fraud.flagged", "sale.created", "commission.created",
-    "payout.paid", "refund.created",
-)  # fmt: skip
+    "lead.created",
+    "conversion.created",
+    "milestone.reached",
+    "fraud.flagged",
+    "sale.created",
+    "commission.created",
+    "payout.paid",
+    "refund.created",
+)
 
 
 @dataclass(slots=True)

@@ -116,9 +116,13 @@ class Refunded:
 
 
 async def record(
-    conn: asyncpg.Connection, asked: Asked, *, refund_id: UUID | None = None, at: datetime | None = None,
+    conn: asyncpg.Connection,
+    asked: Asked,
+    *,
+    refund_id: UUID | None = None,
+    at: datetime | None = None,
     notify: bool = True,
-) -> Refunded:  # fmt: skip
+) -> Refunded:
     """Record the refund ``asked`` for (one transaction; raises ``SaleNotFound``,
     ``RefundTooLarge``, ``KeyReused``, and what Postgres raised: ``CommitUnknown`` when the
     commit's outcome is unknown, and a retry with the same key is safe). ``refund_id`` and
@@ -142,9 +146,14 @@ async def record(
 
 
 async def _record(
-    conn: asyncpg.Connection, asked: Asked, ws: UUID, sale: asyncpg.Record, refund_id: UUID, at: datetime | None,
+    conn: asyncpg.Connection,
+    asked: Asked,
+    ws: UUID,
+    sale: asyncpg.Record,
+    refund_id: UUID,
+    at: datetime | None,
     notify: bool = True,
-) -> Refunded:  # fmt: skip
+) -> Refunded:
     async with write(conn):
         await lock_customers(conn, [(asked.workspace_id, sale["customer_external_id"])])
         first = await conn.fetchrow(_FIRST, ws, asked.key)  # under the locks: a copy at the same moment
@@ -156,8 +165,20 @@ async def _record(
         if amount <= 0 or amount > left:
             raise RefundTooLarge(locked["amount"], locked["refunded"], left)
         sale_id, currency = locked["event_id"], locked["currency"]
-        row = await conn.fetchrow(_INSERT, refund_id, ws, asked.key, asked.fingerprint, sale_id, asked.invoice_id,
-                                  amount, currency, asked.reason, asked.dialect, at)  # fmt: skip
+        row = await conn.fetchrow(
+            _INSERT,
+            refund_id,
+            ws,
+            asked.key,
+            asked.fingerprint,
+            sale_id,
+            asked.invoice_id,
+            amount,
+            currency,
+            asked.reason,
+            asked.dialect,
+            at,
+        )
         await conn.execute(_MOVE, locked["event_id"], amount)
         day = locked["received_at"].date()
         await conn.execute(_STATS, ws, locked["link_id"] or NIL, day, locked["currency"], amount)
@@ -176,17 +197,22 @@ def _repeat(first: asyncpg.Record, asked: Asked) -> Refunded:
 
 def answer(row: asyncpg.Record) -> dict[str, Any]:
     return {
-        "refund_id": str(row["id"]), "sale_event_id": str(row["sale_id"]), "invoice_id": row["invoice_id"],
-        "amount": row["amount"], "currency": row["currency"], "reason": row["reason"],
+        "refund_id": str(row["id"]),
+        "sale_event_id": str(row["sale_id"]),
+        "invoice_id": row["invoice_id"],
+        "amount": row["amount"],
+        "currency": row["currency"],
+        "reason": row["reason"],
         "created_at": row["created_at"].isoformat(),
-    }  # fmt: skip
+    }
 
 
 async def lock_customers(conn: asyncpg.Connection, customers: Sequence[tuple[str, str]]) -> None:
     """One advisory lock per (workspace, customer), for this transaction, in key order: what
     the workers hold while they attribute a customer's sales and write their commissions."""
-    keys = sorted({int.from_bytes(hashlib.sha256(f"{w}\x1f{c}".encode()).digest()[:8], "big", signed=True)
-                   for w, c in customers})  # fmt: skip
+    keys = sorted(
+        {int.from_bytes(hashlib.sha256(f"{w}\x1f{c}".encode()).digest()[:8], "big", signed=True) for w, c in customers}
+    )
     if keys:
         await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k ORDER BY k", keys)
 
@@ -244,9 +270,21 @@ async def clawbacks(conn: asyncpg.Connection, sale_ids: Sequence[UUID]) -> list[
         if take <= 0:
             continue
         clawed[refund["sale_id"]] += take
-        rows.append((e["workspace_id"], e["program_id"], e["affiliate_id"], e["link_id"], refund["id"],
-                     refund["sale_id"], e["customer_external_id"], -take, e["currency"], refund["created_at"],
-                     e["approve_after"]))  # fmt: skip
+        rows.append(
+            (
+                e["workspace_id"],
+                e["program_id"],
+                e["affiliate_id"],
+                e["link_id"],
+                refund["id"],
+                refund["sale_id"],
+                e["customer_external_id"],
+                -take,
+                e["currency"],
+                refund["created_at"],
+                e["approve_after"],
+            )
+        )
     if not rows:
         return []
     done = await conn.fetch(_CLAW, *(list(col) for col in zip(*rows, strict=True)))
@@ -256,11 +294,18 @@ async def clawbacks(conn: asyncpg.Connection, sale_ids: Sequence[UUID]) -> list[
 def commission_notice(r: asyncpg.Record) -> WebhookEvent:
     """``commission.created`` for a ledger row, as the workers' and a refund's are sent."""
     data = {
-        "id": str(r["id"]), "kind": r["kind"], "source_event_id": str(r["source_id"]),
-        "program_id": str(r["program_id"]), "affiliate_id": str(r["affiliate_id"]),
-        "link_id": str(r["link_id"]) if r["link_id"] else None, "customer_external_id": r["customer_external_id"],
-        "amount": r["amount"], "currency": r["currency"], "earned_at": _iso(r["earned_at"]), "status": "pending",
-    }  # fmt: skip
+        "id": str(r["id"]),
+        "kind": r["kind"],
+        "source_event_id": str(r["source_id"]),
+        "program_id": str(r["program_id"]),
+        "affiliate_id": str(r["affiliate_id"]),
+        "link_id": str(r["link_id"]) if r["link_id"] else None,
+        "customer_external_id": r["customer_external_id"],
+        "amount": r["amount"],
+        "currency": r["currency"],
+        "earned_at": _iso(r["earned_at"]),
+        "status": "pending",
+    }
     return WebhookEvent(str(r["workspace_id"]), "commission.created", r["id"], "", data)
 
 

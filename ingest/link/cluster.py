@@ -123,9 +123,12 @@ class ClusterLink:
         return replies
 
     async def _round(
-        self, commands: Sequence[Command], todo: list[tuple[int, tuple[str, int], bool]], wait: Command | None,
+        self,
+        commands: Sequence[Command],
+        todo: list[tuple[int, tuple[str, int], bool]],
+        wait: Command | None,
         replies: list[Any],
-    ) -> list[Any]:  # fmt: skip
+    ) -> list[Any]:
         """Send each primary its share of ``todo`` (index, primary, ASKING first), with
         ``wait`` last; the replies go to their places in ``replies``; returns the waits'."""
         shares: dict[tuple[str, int], list[tuple[int, bool]]] = {}
@@ -137,8 +140,9 @@ class ClusterLink:
             + ([wait] if wait is not None else [])
             for a in addrs
         ]
-        outcomes = await asyncio.gather(*(self._link(a).send(cmds) for a, cmds in zip(addrs, sent, strict=True)),
-                                        return_exceptions=True)  # fmt: skip
+        outcomes = await asyncio.gather(
+            *(self._link(a).send(cmds) for a, cmds in zip(addrs, sent, strict=True)), return_exceptions=True
+        )
         waits: list[Any] = []
         failure: BaseException | None = None
         for addr, out in zip(addrs, outcomes, strict=True):

@@ -137,17 +137,30 @@ async def create_link(
 
 
 async def insert_link(
-    conn: asyncpg.Connection, *, workspace_id: str, program_id: Any, affiliate_id: Any, code: str, url: str,
-    domain: str | None = None, status: str = "active",
-) -> UUID:  # fmt: skip
+    conn: asyncpg.Connection,
+    *,
+    workspace_id: str,
+    program_id: Any,
+    affiliate_id: Any,
+    code: str,
+    url: str,
+    domain: str | None = None,
+    status: str = "active",
+) -> UUID:
     """The one way a link is made (the CLI's, ``refstream dev``'s and the management API's):
     its row, its id back; ``asyncpg.UniqueViolationError`` when the code is taken. Once
     committed, ``link_written`` puts it in the edge's cache."""
     link_id: UUID = await conn.fetchval(
         "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain, status)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-        workspace_id, program_id, affiliate_id, code, url, domain or hostname(url), status,
-    )  # fmt: skip
+        workspace_id,
+        program_id,
+        affiliate_id,
+        code,
+        url,
+        domain or hostname(url),
+        status,
+    )
     return link_id
 
 
@@ -235,8 +248,14 @@ async def referral_code(
                 code = readable_code(participant_id)
                 try:
                     async with conn.transaction():  # a savepoint: a taken code is retried
-                        link_id = await insert_link(conn, workspace_id=workspace_id, program_id=program_id,
-                                                    affiliate_id=affiliate, code=code, url=url)  # fmt: skip
+                        link_id = await insert_link(
+                            conn,
+                            workspace_id=workspace_id,
+                            program_id=program_id,
+                            affiliate_id=affiliate,
+                            code=code,
+                            url=url,
+                        )
                 except asyncpg.UniqueViolationError:
                     continue
                 row = await conn.fetchrow("SELECT code, created_at FROM links WHERE id = $1", link_id)
@@ -322,8 +341,14 @@ async def create_key(
         row = await conn.fetchrow(
             "INSERT INTO api_keys (workspace_id, affiliate_id, kind, key_hash, prefix, scopes, name)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id, workspace_id, kind, scopes, prefix, affiliate_id",
-            workspace_id, affiliate_id, kind, key.digest, key.prefix, scopes, name,
-        )  # fmt: skip
+            workspace_id,
+            affiliate_id,
+            kind,
+            key.digest,
+            key.prefix,
+            scopes,
+            name,
+        )
     await auth.cache_key(redis, keys, key.digest, auth.principal_from_row(row))
     return {"api_key": key.secret, "prefix": key.prefix, "kind": kind, "scopes": scopes}
 

@@ -66,10 +66,15 @@ async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, w
         if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE)", ws):
             raise NotFound(f"workspace {workspace_id} not found")
         # each link's cache entry is replaced by "unknown" at a version newer than its own
-        codes = {r["code"]: r["v"] for r in await conn.fetch(
-            "SELECT code, nextval('link_cache_version') AS v FROM links WHERE workspace_id = $1", ws)}  # fmt: skip
-        digests = [bytes(r["key_hash"]) for r in await conn.fetch(
-            "SELECT key_hash FROM api_keys WHERE workspace_id = $1", ws)]  # fmt: skip
+        codes = {
+            r["code"]: r["v"]
+            for r in await conn.fetch(
+                "SELECT code, nextval('link_cache_version') AS v FROM links WHERE workspace_id = $1", ws
+            )
+        }
+        digests = [
+            bytes(r["key_hash"]) for r in await conn.fetch("SELECT key_hash FROM api_keys WHERE workspace_id = $1", ws)
+        ]
         deleted: dict[str, int] = {}
         for r in await conn.fetch(UNTIED):
             status = await conn.execute(f'DELETE FROM "{r["name"]}" WHERE workspace_id = $1', ws)

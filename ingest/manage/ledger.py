@@ -76,9 +76,15 @@ def page_query(table: str, filters: tuple[str, ...], *, affiliate: bool, after: 
 
 
 async def page(
-    conn: asyncpg.Connection, table: str, workspace_id: str, filters: dict[str, str], before: str | None,
-    limit: int, *, affiliate_id: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    conn: asyncpg.Connection,
+    table: str,
+    workspace_id: str,
+    filters: dict[str, str],
+    before: str | None,
+    limit: int,
+    *,
+    affiliate_id: str | None = None,
+) -> dict[str, Any]:
     """A page of ``commissions`` or ``payouts`` and the next page's cursor (None: the last)."""
     names = tuple(f for f in FILTERS if f in filters and not (affiliate_id and f == "affiliate_id"))
     args: list[Any] = [UUID(workspace_id)] + ([as_uuid(affiliate_id)] if affiliate_id else [])
@@ -129,8 +135,9 @@ async def create_payout(
         if total <= 0:
             raise NothingToPay(f"no approved commission of affiliate {affiliate_id} in {currency} to pay")
         payout = await conn.fetchrow(_NEW_PAYOUT, UUID(workspace_id), as_uuid(affiliate_id), currency, total, len(rows))
-        await conn.execute("UPDATE commissions SET payout_id = $1 WHERE id = ANY($2::uuid[])", payout["id"],
-                           [r["id"] for r in rows])  # fmt: skip
+        await conn.execute(
+            "UPDATE commissions SET payout_id = $1 WHERE id = ANY($2::uuid[])", payout["id"], [r["id"] for r in rows]
+        )
     return _payout(payout)
 
 
@@ -141,11 +148,15 @@ async def mark_paid(conn: asyncpg.Connection, workspace_id: str, payout_id: str)
         if payout is not None:
             await conn.execute("UPDATE commissions SET status = 'paid' WHERE payout_id = $1", payout["id"])
             # in the write's transaction; the workers' sweep enqueues its delivery within a minute or two
-            await outbox.record_deliveries(conn, [WebhookEvent(workspace_id, "payout.paid", payout["id"], "",
-                                                               _payout(payout))])  # fmt: skip
+            await outbox.record_deliveries(
+                conn, [WebhookEvent(workspace_id, "payout.paid", payout["id"], "", _payout(payout))]
+            )
         else:
-            payout = await conn.fetchrow(f"SELECT {_PAYOUT_COLUMNS} FROM payouts WHERE id = $1 AND workspace_id = $2",
-                                         as_uuid(payout_id), UUID(workspace_id))  # fmt: skip
+            payout = await conn.fetchrow(
+                f"SELECT {_PAYOUT_COLUMNS} FROM payouts WHERE id = $1 AND workspace_id = $2",
+                as_uuid(payout_id),
+                UUID(workspace_id),
+            )
     if payout is None:
         raise NotFound(f"payout {payout_id} not found")
     return _payout(payout)

@@ -48,8 +48,12 @@ async def create_program(conn: asyncpg.Connection, workspace_id: str, **fields: 
             "INSERT INTO programs (workspace_id, name, url, cookie_window_days, attribution)"
             " VALUES ($1, $2, $3, $4, $5)"
             " RETURNING id, workspace_id, name, url, cookie_window_days, attribution, created_at",
-            workspace_id, fields["name"], fields.get("url"), fields["cookie_window_days"], fields["attribution"],
-        )  # fmt: skip
+            workspace_id,
+            fields["name"],
+            fields.get("url"),
+            fields["cookie_window_days"],
+            fields["attribution"],
+        )
         await conn.executemany(
             "INSERT INTO milestones (program_id, name, threshold) VALUES ($1, $2, $3)",
             [(row["id"], m["name"], m["threshold"]) for m in milestones],
@@ -65,8 +69,12 @@ async def create_affiliate(conn: asyncpg.Connection, workspace_id: str, **fields
         row = await conn.fetchrow(
             "INSERT INTO affiliates (workspace_id, program_id, external_id, name, email) VALUES ($1, $2, $3, $4, $5)"
             " RETURNING id, workspace_id, program_id, external_id, name, email, created_at",
-            workspace_id, program, fields["external_id"], fields.get("name"), fields.get("email"),
-        )  # fmt: skip
+            workspace_id,
+            program,
+            fields["external_id"],
+            fields.get("name"),
+            fields.get("email"),
+        )
     except asyncpg.UniqueViolationError:
         raise Conflict(f"affiliate {fields['external_id']!r} exists in this program") from None
     return row_json(row)
@@ -95,10 +103,15 @@ async def create_link(
             try:
                 async with conn.transaction():  # a savepoint: a taken code leaves the rest standing
                     link_id = await insert_link(
-                        conn, workspace_id=workspace_id, program_id=affiliate["program_id"],
-                        affiliate_id=affiliate["id"], code=code, url=url, domain=f.get("domain"),
+                        conn,
+                        workspace_id=workspace_id,
+                        program_id=affiliate["program_id"],
+                        affiliate_id=affiliate["id"],
+                        code=code,
+                        url=url,
+                        domain=f.get("domain"),
                         status=f.get("status") or "active",
-                    )  # fmt: skip
+                    )
                 break
             except asyncpg.UniqueViolationError:
                 if f.get("code"):
@@ -117,9 +130,12 @@ async def update_link(
             "UPDATE links SET status = coalesce($3, status), url = coalesce($4, url),"
             " domain = CASE WHEN $4::text IS NULL THEN domain ELSE $5 END, updated_at = now()"
             " WHERE id = $1 AND workspace_id = $2 RETURNING id",
-            as_uuid(link_id), workspace_id, f.get("status"), f.get("url"),
+            as_uuid(link_id),
+            workspace_id,
+            f.get("status"),
+            f.get("url"),
             hostname(f["url"]) if f.get("url") else None,
-        )  # fmt: skip
+        )
         if row is None:
             raise NotFound("link not found")
         written, cached = await _link_read(conn, row["id"])

@@ -240,9 +240,11 @@ async def at_startup(
                 log.warning("postgres.waiting", postgres=where, reason=status.reason, hint=status.hint)
             else:
                 log.warning(
-                    "postgres.unreachable", postgres=where, reason=status.reason,
+                    "postgres.unreachable",
+                    postgres=where,
+                    reason=status.reason,
                     note="starting all the same: /readyz answers 503 until Postgres answers",
-                )  # fmt: skip
+                )
         if not wait:
             return status
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))

@@ -105,9 +105,12 @@ AFFILIATE_LINKS_SQL = (
 
 
 async def per_day(
-    conn: asyncpg.Connection, of: list[UUID] | UUID, start: date, to: date,
+    conn: asyncpg.Connection,
+    of: list[UUID] | UUID,
+    start: date,
+    to: date,
     sql: tuple[str, str, str, str] = (COUNTED_SQL, SOLD_SQL, DROPPED_SQL, EARNED_SQL),
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Totals and one entry per day with anything in it: counted, sales, revenue, the
     refunds of those sales (their number and amount) and commission (net of reversals and
     clawbacks) per currency (minor units), dropped by reason (with the detail, e.g. the bot's sub-reason),

@@ -19,8 +19,11 @@ async def add(conn: asyncpg.Connection, workspace_id: str, kind: str, value: str
         "INSERT INTO suppressions (workspace_id, kind, digest, created_by) VALUES ($1, $2, $3, $4)"
         " ON CONFLICT (workspace_id, digest) DO UPDATE SET kind = suppressions.kind"
         " RETURNING kind, created_at",
-        workspace_id, kind, d, by,
-    )  # fmt: skip
+        workspace_id,
+        kind,
+        d,
+        by,
+    )
     return {"id": d.hex(), "kind": row["kind"], "created_at": row["created_at"].isoformat()}
 
 
@@ -29,8 +32,17 @@ async def listing(conn: asyncpg.Connection, workspace_id: str) -> dict[str, Any]
         "SELECT digest, kind, created_at, created_by FROM suppressions WHERE workspace_id = $1 ORDER BY created_at",
         workspace_id,
     )
-    return {"data": [{"id": bytes(r["digest"]).hex(), "kind": r["kind"], "created_at": r["created_at"].isoformat(),
-                      "created_by": r["created_by"]} for r in rows]}  # fmt: skip
+    return {
+        "data": [
+            {
+                "id": bytes(r["digest"]).hex(),
+                "kind": r["kind"],
+                "created_at": r["created_at"].isoformat(),
+                "created_by": r["created_by"],
+            }
+            for r in rows
+        ]
+    }
 
 
 async def remove(conn: asyncpg.Connection, workspace_id: str, entry: str) -> None:

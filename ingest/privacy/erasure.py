@@ -87,9 +87,14 @@ SELECT DISTINCT link_id, (received_at AT TIME ZONE 'UTC')::date AS day, visitor_
 WHERE link_id = ANY($1::uuid[]) AND visitor_key = ANY($2::text[]) AND NOT (event_id = ANY($3::uuid[]))
 """
 _EVENT_COLUMNS = (
-    ("event_id", "uuid"), ("visitor_id", "text"), ("visitor_key", "text"), ("customer_external_id", "text"),
-    ("dedupe_key", "text"), ("enrichment", "jsonb"), ("payload", "jsonb"),
-)  # fmt: skip
+    ("event_id", "uuid"),
+    ("visitor_id", "text"),
+    ("visitor_key", "text"),
+    ("customer_external_id", "text"),
+    ("dedupe_key", "text"),
+    ("enrichment", "jsonb"),
+    ("payload", "jsonb"),
+)
 _UPDATE_EVENTS = f"""
 UPDATE events e SET visitor_id = x.visitor_id, visitor_key = x.visitor_key,
     customer_external_id = x.customer_external_id, dedupe_key = x.dedupe_key, enrichment = x.enrichment,
@@ -148,9 +153,13 @@ class Erased:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "erasure_id": str(self.id), "status": "pending", "requested_at": self.requested_at.isoformat(),
-            "archive_due": self.archive_due.isoformat(), "postgres": self.rows, "pending": ["redis", "archive"],
-        }  # fmt: skip
+            "erasure_id": str(self.id),
+            "status": "pending",
+            "requested_at": self.requested_at.isoformat(),
+            "archive_due": self.archive_due.isoformat(),
+            "postgres": self.rows,
+            "pending": ["redis", "archive"],
+        }
 
 
 async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: str, archive_days: int) -> Erased:
@@ -164,9 +173,14 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
             clicks = list(who["clicks"])
             since = _first(who["since"], clicks)
             made = await conn.fetchrow(
-                _LEDGER, uuid.uuid4(), workspace_id, erasure.digest(key, EXTERNAL, external_id, workspace_id), by,
-                since, archive_days,
-            )  # fmt: skip
+                _LEDGER,
+                uuid.uuid4(),
+                workspace_id,
+                erasure.digest(key, EXTERNAL, external_id, workspace_id),
+                by,
+                since,
+                archive_days,
+            )
             ids = [(erasure.digest(key, EXTERNAL, external_id, workspace_id), EXTERNAL)]
             ids += [(erasure.digest(key, VISITOR, v), VISITOR) for v in visitors]
             ids += [(erasure.digest(key, EVENT, c.hex), EVENT) for c in clicks]
@@ -194,8 +208,10 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
                     await conn.execute(
                         "UPDATE erasures SET postgres_at = now(), done = done || $2::text::jsonb, rechecked = $3"
                         " WHERE id = $1",
-                        made["id"], orjson.dumps({"postgres": out.rows}).decode(), made["generation"],
-                    )  # fmt: skip
+                        made["id"],
+                        orjson.dumps({"postgres": out.rows}).decode(),
+                        made["generation"],
+                    )
                     break
             visitors += more_visitors
             clicks += more_clicks
@@ -223,13 +239,17 @@ def describe(r: asyncpg.Record) -> dict[str, Any]:
     pending = [p for p, at in places if at is None]
     done = r["done"] if isinstance(r["done"], dict) else orjson.loads(r["done"] or "{}")
     return {
-        "erasure_id": str(r["id"]), "workspace_id": str(r["workspace_id"]),
-        "status": "pending" if pending else "done", "pending": pending,
-        "requested_at": r["requested_at"].isoformat(), "requested_by": r["requested_by"],
+        "erasure_id": str(r["id"]),
+        "workspace_id": str(r["workspace_id"]),
+        "status": "pending" if pending else "done",
+        "pending": pending,
+        "requested_at": r["requested_at"].isoformat(),
+        "requested_by": r["requested_by"],
         "archive_due": r["archive_due"].isoformat(),
         "overdue": bool(pending) and r["archive_due"] < datetime.now(UTC),
-        **{f"{p}_at": at.isoformat() if at else None for p, at in places}, "done": done,
-    }  # fmt: skip
+        **{f"{p}_at": at.isoformat() if at else None for p, at in places},
+        "done": done,
+    }
 
 
 async def show(conn: asyncpg.Connection, workspace_id: str, erasure_id: str) -> dict[str, Any]:
@@ -252,9 +272,14 @@ def redis_deletes(keys: Keys, out: Erased) -> list[Command]:
 
 
 async def scrub_rows(
-    conn: asyncpg.Connection, key: bytes, workspace_id: str, external_id: str | None, visitors: list[str],
-    clicks: list[uuid.UUID], since: datetime | None,
-) -> tuple[dict[str, int], list[str], list[uuid.UUID], list[str]]:  # fmt: skip
+    conn: asyncpg.Connection,
+    key: bytes,
+    workspace_id: str,
+    external_id: str | None,
+    visitors: list[str],
+    clicks: list[uuid.UUID],
+    since: datetime | None,
+) -> tuple[dict[str, int], list[str], list[uuid.UUID], list[str]]:
     floor = uuid_floor(since - timedelta(days=31)) if since is not None else uuid.UUID(int=0)
     found = await conn.fetch(_EVENTS, workspace_id, external_id, visitors, clicks, floor)
     people = await conn.fetch(_CUSTOMERS, workspace_id, external_id, visitors)
@@ -327,18 +352,31 @@ async def scrub_rows(
             continue
         await conn.execute(_UPDATE_CUSTOMER, c["id"], alias, x_row)
     rows["customers"] = len(people)
-    rows["sales"] = _count(await conn.execute(
-        "UPDATE sales SET customer_external_id = $3, metadata = NULL "
-        "WHERE workspace_id = $1 AND customer_external_id = $2", workspace_id, external_id, x_alias,
-    ))  # fmt: skip
-    rows["customer_leads"] = _count(await conn.execute(
-        "UPDATE customer_leads SET customer_external_id = $3 WHERE workspace_id = $1 AND customer_external_id = $2",
-        workspace_id, external_id, x_alias,
-    ))  # fmt: skip
-    rows["commissions"] = _count(await conn.execute(
-        "UPDATE commissions SET customer_external_id = $3 WHERE workspace_id = $1 AND customer_external_id = $2",
-        workspace_id, external_id, x_alias,
-    ))  # fmt: skip
+    rows["sales"] = _count(
+        await conn.execute(
+            "UPDATE sales SET customer_external_id = $3, metadata = NULL "
+            "WHERE workspace_id = $1 AND customer_external_id = $2",
+            workspace_id,
+            external_id,
+            x_alias,
+        )
+    )
+    rows["customer_leads"] = _count(
+        await conn.execute(
+            "UPDATE customer_leads SET customer_external_id = $3 WHERE workspace_id = $1 AND customer_external_id = $2",
+            workspace_id,
+            external_id,
+            x_alias,
+        )
+    )
+    rows["commissions"] = _count(
+        await conn.execute(
+            "UPDATE commissions SET customer_external_id = $3 WHERE workspace_id = $1 AND customer_external_id = $2",
+            workspace_id,
+            external_id,
+            x_alias,
+        )
+    )
     rows["event_flags"] = await _redact_flags(conn, ids, values)
     sales = await conn.fetch(
         "SELECT event_id FROM sales WHERE workspace_id = $1 AND customer_external_id = $2", workspace_id, x_alias
@@ -350,10 +388,14 @@ async def scrub_rows(
     subjects += [r["id"] for r in earned]
     rows["webhook_deliveries"] = await _redact_deliveries(conn, subjects, values)
     ips = sorted({r["ip"] for r in found if r["ip"]})
-    rows["affiliate_ips"] = _count(await conn.execute(
-        "DELETE FROM affiliate_ips a USING affiliates f WHERE a.affiliate_id = f.id AND f.workspace_id = $1 "
-        "AND a.ip = ANY($2::inet[])", workspace_id, ips,
-    ))  # fmt: skip
+    rows["affiliate_ips"] = _count(
+        await conn.execute(
+            "DELETE FROM affiliate_ips a USING affiliates f WHERE a.affiliate_id = f.id AND f.workspace_id = $1 "
+            "AND a.ip = ANY($2::inet[])",
+            workspace_id,
+            ips,
+        )
+    )
     return rows, sorted(more_visitors), sorted(more_clicks), ips
 
 
@@ -377,8 +419,10 @@ async def _merged(conn: asyncpg.Connection, workspace_id: str, row: uuid.UUID, a
     gone = twin if first == row else row
     await conn.execute(
         "UPDATE customers k SET status = greatest(k.status, d.status), last_seen_at = greatest(k.last_seen_at,"
-        " d.last_seen_at) FROM customers d WHERE k.id = $1 AND d.id = $2", first, gone,
-    )  # fmt: skip
+        " d.last_seen_at) FROM customers d WHERE k.id = $1 AND d.id = $2",
+        first,
+        gone,
+    )
     await conn.execute("DELETE FROM customers WHERE id = $1", gone)
     return gone == row
 
@@ -421,8 +465,10 @@ async def _redact_flags(conn: asyncpg.Connection, ids: list[uuid.UUID], values: 
         if (new := erasure.redact(doc, values)) != doc:
             await conn.execute(
                 "UPDATE event_flags SET evidence = $3::text::jsonb WHERE event_id = $1 AND rule = $2",
-                r["event_id"], r["rule"], orjson.dumps(new).decode(),
-            )  # fmt: skip
+                r["event_id"],
+                r["rule"],
+                orjson.dumps(new).decode(),
+            )
             n += 1
     return n
 
@@ -435,7 +481,8 @@ async def _redact_deliveries(conn: asyncpg.Connection, ids: list[uuid.UUID], val
         if (new := erasure.redact(doc, values)) != doc:
             await conn.execute(
                 "UPDATE webhook_deliveries SET payload = $2::text::jsonb WHERE id = $1",
-                r["id"], orjson.dumps(new).decode(),
-            )  # fmt: skip
+                r["id"],
+                orjson.dumps(new).decode(),
+            )
             n += 1
     return n

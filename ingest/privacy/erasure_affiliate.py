@@ -62,9 +62,14 @@ def subject(key: bytes, affiliate_id: uuid.UUID) -> bytes:
 
 
 async def erase(
-    pool: asyncpg.Pool, workspace_id: str, *, affiliate_id: str | None = None, participant_id: str | None = None,
-    by: str, archive_days: int,
-) -> ErasedAffiliates:  # fmt: skip
+    pool: asyncpg.Pool,
+    workspace_id: str,
+    *,
+    affiliate_id: str | None = None,
+    participant_id: str | None = None,
+    by: str,
+    archive_days: int,
+) -> ErasedAffiliates:
     """Erase the affiliate ``affiliate_id`` (refstream's id), or every affiliate of the
     workspace whose external id is ``participant_id`` (a Bricqs participant, one per
     campaign). ``NotFound`` when there is none."""
@@ -81,8 +86,9 @@ async def erase(
         else:
             found = await conn.fetch(
                 "SELECT * FROM affiliates WHERE external_id = $1 AND workspace_id = $2 ORDER BY id FOR UPDATE",
-                participant_id, workspace_id,
-            )  # fmt: skip
+                participant_id,
+                workspace_id,
+            )
         if not found:
             raise NotFound("participant not found" if affiliate_id is None else "affiliate not found")
         key = await erasure.salt(conn)
@@ -90,9 +96,14 @@ async def erase(
             rows, ips = await _scrub(conn, key, workspace_id, a)
             out.ips += ips
             made = await conn.fetchval(
-                _LEDGER, uuid.uuid4(), workspace_id, subject(key, a["id"]), by, archive_days,
+                _LEDGER,
+                uuid.uuid4(),
+                workspace_id,
+                subject(key, a["id"]),
+                by,
+                archive_days,
                 orjson.dumps({"postgres": rows}).decode(),
-            )  # fmt: skip
+            )
             out.erasures.append(describe(await conn.fetchrow(ROW + " WHERE id = $1", made)))
             for code in await conn.fetch("SELECT code FROM links WHERE affiliate_id = $1 ORDER BY code", a["id"]):
                 if (info := await links.fetch(conn, code["code"])) is not None:
@@ -120,15 +131,18 @@ async def _scrub(
     rows["event_flags"] = 0
     flags = await conn.fetch(
         "SELECT event_id, rule, evidence FROM event_flags WHERE workspace_id = $1 AND affiliate_id = $2",
-        workspace_id, a["id"],
-    )  # fmt: skip
+        workspace_id,
+        a["id"],
+    )
     for r in flags:
         doc = _doc(r["evidence"])
         if (new := erasure.redact(doc, values)) != doc:
             await conn.execute(
                 "UPDATE event_flags SET evidence = $3::text::jsonb WHERE event_id = $1 AND rule = $2",
-                r["event_id"], r["rule"], orjson.dumps(new).decode(),
-            )  # fmt: skip
+                r["event_id"],
+                r["rule"],
+                orjson.dumps(new).decode(),
+            )
             rows["event_flags"] += 1
     # every payload of the workspace's webhooks that holds the affiliate's id or one of
     # their values (a payout's, a milestone's, a fraud flag's evidence)
@@ -137,15 +151,17 @@ async def _scrub(
     held = await conn.fetch(
         "SELECT d.id, d.payload FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id WHERE"
         " w.workspace_id = $1 AND EXISTS (SELECT 1 FROM unnest($2::text[]) n WHERE strpos(d.payload::text, n) > 0)",
-        workspace_id, needles,
-    )  # fmt: skip
+        workspace_id,
+        needles,
+    )
     for r in held:
         doc = _doc(r["payload"])
         if (new := _redact_affiliate(doc, values, str(a["id"]))) != doc:
             await conn.execute(
-                "UPDATE webhook_deliveries SET payload = $2::text::jsonb WHERE id = $1", r["id"],
+                "UPDATE webhook_deliveries SET payload = $2::text::jsonb WHERE id = $1",
+                r["id"],
                 orjson.dumps(new).decode(),
-            )  # fmt: skip
+            )
             rows["webhook_deliveries"] += 1
     return rows, ips
 
@@ -160,8 +176,10 @@ async def again(conn: asyncpg.Connection, key: bytes, workspace_id: str, erased:
             await conn.execute(
                 "UPDATE erasures SET postgres_at = now(), done = $3::text::jsonb"
                 " WHERE workspace_id = $1 AND subject = $2",
-                workspace_id, erased, orjson.dumps({"postgres": rows}).decode(),
-            )  # fmt: skip
+                workspace_id,
+                erased,
+                orjson.dumps({"postgres": rows}).decode(),
+            )
             return True
     return False
 
@@ -175,8 +193,9 @@ def _redact_affiliate(doc: Any, values: dict[str, str | None], affiliate_id: str
     if isinstance(doc, dict):
         out = {k: _redact_affiliate(v, values, affiliate_id) for k, v in doc.items()}
         if affiliate_id in (out.get("id"), out.get("affiliate_id")):
-            out = {f: (None if f in ("name", "email", "affiliate_name", "affiliate_email") else v)
-                   for f, v in out.items()}  # fmt: skip
+            out = {
+                f: (None if f in ("name", "email", "affiliate_name", "affiliate_email") else v) for f, v in out.items()
+            }
         return out
     return doc
 

@@ -68,12 +68,16 @@ async def commands(conn: asyncpg.Connection, keys: Keys, ids: Iterable[uuid.UUID
     out: list[Command] = []
     for r in await conn.fetch(_ROWS, wanted):
         doc = {
-            "id": str(r["id"]), "workspace_id": r["ws"], "subject": bytes(r["subject"]).hex(),
-            "requested_at": r["requested_at"].isoformat(), "requested_by": r["requested_by"],
-            "since": r["since"].isoformat() if r["since"] else None, "archive_due": r["archive_due"].isoformat(),
+            "id": str(r["id"]),
+            "workspace_id": r["ws"],
+            "subject": bytes(r["subject"]).hex(),
+            "requested_at": r["requested_at"].isoformat(),
+            "requested_by": r["requested_by"],
+            "since": r["since"].isoformat() if r["since"] else None,
+            "archive_due": r["archive_due"].isoformat(),
             "ids": [[bytes(d).hex(), k, w] for d, k, w in zip(r["digests"], r["kinds"], r["spaces"], strict=True)],
             "salt": check,
-        }  # fmt: skip
+        }
         out.append(("HSET", key(keys), str(r["id"]), orjson.dumps(doc)))
     return out
 
@@ -130,15 +134,21 @@ async def restore(pool: asyncpg.Pool, redis: Redis, keys: Keys) -> int:
             since = datetime.fromisoformat(doc["since"]) if doc["since"] else None
             async with conn.transaction():
                 made = await conn.fetchval(
-                    _RESTORE_ROW, uuid.UUID(doc["id"]), uuid.UUID(doc["workspace_id"]), bytes.fromhex(doc["subject"]),
-                    datetime.fromisoformat(doc["requested_at"]), doc["requested_by"], since,
+                    _RESTORE_ROW,
+                    uuid.UUID(doc["id"]),
+                    uuid.UUID(doc["workspace_id"]),
+                    bytes.fromhex(doc["subject"]),
+                    datetime.fromisoformat(doc["requested_at"]),
+                    doc["requested_by"],
+                    since,
                     datetime.fromisoformat(doc["archive_due"]),
-                )  # fmt: skip
+                )
                 # the row that stands for the person (a second erasure of theirs kept its own id)
                 at = await conn.fetchval(
                     "SELECT id FROM erasures WHERE workspace_id = $1 AND subject = $2",
-                    uuid.UUID(doc["workspace_id"]), bytes.fromhex(doc["subject"]),
-                )  # fmt: skip
+                    uuid.UUID(doc["workspace_id"]),
+                    bytes.fromhex(doc["subject"]),
+                )
                 if at is None:  # its workspace is gone: nothing of it to scrub
                     continue
                 ids = doc["ids"]
@@ -148,8 +158,9 @@ async def restore(pool: asyncpg.Pool, redis: Redis, keys: Keys) -> int:
                     continue
                 # an entry is its workspace's (a copy from before the ledger was per workspace: the erasure's)
                 spaces = [uuid.UUID(i[2] if len(i) > 2 else doc["workspace_id"]) for i in ids]
-                added = await conn.fetch(_RESTORE_IDS, at, [bytes.fromhex(i[0]) for i in ids], [i[1] for i in ids],
-                                         spaces)  # fmt: skip
+                added = await conn.fetch(
+                    _RESTORE_IDS, at, [bytes.fromhex(i[0]) for i in ids], [i[1] for i in ids], spaces
+                )
                 if added:
                     await conn.execute(_AGAIN, at, since)
                     restored[at] = (doc["workspace_id"], since)

@@ -249,9 +249,14 @@ class Drain:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(
-        self, redis: Redis, *, every_s: float = 1.0, reached: Callable[[], None] | None = None,
-        layout: Watch | None = None, ledger: Ledger | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        redis: Redis,
+        *,
+        every_s: float = 1.0,
+        reached: Callable[[], None] | None = None,
+        layout: Watch | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
         """Drain every ``every_s``; ``reached`` is called when a drain with rows to send
         reaches Redis (the edge's breaker, if open, may probe at once rather than at its
         interval: the edge's own requests learn that Redis is back no later than the spool).
@@ -352,9 +357,12 @@ async def _scrubbed(scrub: erasure.Check, rows: list[store.Row]) -> list[store.R
 
 
 async def _replay(
-    link: Link, rows: list[store.Row], durability: Durability, layout: Watch | None = None,
+    link: Link,
+    rows: list[store.Row],
+    durability: Durability,
+    layout: Watch | None = None,
     routed: Layout | None = None,
-) -> tuple[list[int], BaseException | None]:  # fmt: skip
+) -> tuple[list[int], BaseException | None]:
     """XADD ``rows`` (and their extra commands) in one round trip, ended by the durability
     level's WAIT when it has one: (ids Redis confirmed, the first error). A keyed row goes
     through ``APPEND_ONCE`` instead of its XADD: done whether it appended or found its key's
@@ -375,8 +383,22 @@ async def _replay(
             commands.append(("EVAL", APPEND_ONCE, 2, o.record, r.stream, o.answer, o.window_ms, "", "", *fields))
         else:  # checked against the count it was routed by (``_reroute``): STALE if it changed since
             o, earlier = r.once, r.earlier
-            commands.append(("EVAL", APPEND_ONCE, 3 + len(earlier), o.record, r.stream, layout.keys.layout,
-                             *earlier, o.answer, o.window_ms, routed.count, routed.changed_ms, *fields))  # fmt: skip
+            commands.append(
+                (
+                    "EVAL",
+                    APPEND_ONCE,
+                    3 + len(earlier),
+                    o.record,
+                    r.stream,
+                    layout.keys.layout,
+                    *earlier,
+                    o.answer,
+                    o.window_ms,
+                    routed.count,
+                    routed.changed_ms,
+                    *fields,
+                )
+            )
         commands.extend(r.extra)
     if durability.waits:
         commands.append(durability.command())

@@ -154,9 +154,11 @@ def totals(conn: sqlite3.Connection) -> tuple[int, int]:
 
 
 def insert(
-    conn: sqlite3.Connection, rows: Sequence[tuple[str, bytes, bytes | None, Once | None]], max_bytes: int,
+    conn: sqlite3.Connection,
+    rows: Sequence[tuple[str, bytes, bytes | None, Once | None]],
+    max_bytes: int,
     clear_error: bool,
-) -> tuple[list[bool | bytes], tuple[int, int]]:  # fmt: skip
+) -> tuple[list[bool | bytes], tuple[int, int]]:
     """Append ``rows`` (stream, envelope, encoded extra, a keyed event's check) in one
     transaction, each only while the spool stays within ``max_bytes``; (for each row: kept,
     or the answer a copy of its key spooled first, the totals after). A keyed row whose key
@@ -182,8 +184,10 @@ def insert(
                 values.append((now_ms, stream, envelope, extra, size))
                 entries, n_bytes = entries + 1, n_bytes + size
                 if once is not None:
-                    conn.execute("INSERT OR REPLACE INTO records (record, answer, expires_ms) VALUES (?, ?, ?)",
-                                 (once.record, once.answer, now_ms + once.window_ms))  # fmt: skip
+                    conn.execute(
+                        "INSERT OR REPLACE INTO records (record, answer, expires_ms) VALUES (?, ?, ?)",
+                        (once.record, once.answer, now_ms + once.window_ms),
+                    )
         conn.executemany("INSERT INTO entries (at_ms, stream, envelope, extra, size) VALUES (?, ?, ?, ?, ?)", values)
         sql = "UPDATE totals SET entries = ?, bytes = ?" + (", error_op = NULL, error = NULL" if clear_error else "")
         conn.execute(sql, (entries, n_bytes))

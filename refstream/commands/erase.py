@@ -53,8 +53,9 @@ async def _erase(
         if partner:  # an affiliate, or a participant (every campaign's)
             assert workspace is not None
             try:
-                gone = await affiliate_erasure.erase(pool, workspace, by="cli",
-                                                     archive_days=settings.erase_archive_days, **partner)  # fmt: skip
+                gone = await affiliate_erasure.erase(
+                    pool, workspace, by="cli", archive_days=settings.erase_archive_days, **partner
+                )
             except NotFound as exc:
                 raise click.ClickException(str(exc)) from None
             await erasure_copy.keep(pool, redis, keys, [uuid.UUID(e["erasure_id"]) for e in gone.erasures])
@@ -63,8 +64,9 @@ async def _erase(
                 await redis.execute_command(*command)
             result.update(gone.to_dict())
         if external_id is not None or partner or sweep:
-            swept = await erasure.sweep(pool, redis, keys, open_store(settings), replicas=settings.ack_replicas,
-                                        wait_ms=settings.ack_wait_ms)  # fmt: skip
+            swept = await erasure.sweep(
+                pool, redis, keys, open_store(settings), replicas=settings.ack_replicas, wait_ms=settings.ack_wait_ms
+            )
             result["sweep"] = swept.to_dict()
         result["pending"] = await erasure.status(pool)
         return result
@@ -129,8 +131,9 @@ def erase(
     if external_id is None and not partner and workspace is not None:
         raise click.UsageError("--workspace goes with --customer, --affiliate or --participant")
     if external_id is None and not partner and not show_status and not sweep:
-        raise click.UsageError("say what to do: --customer ID --workspace W, --affiliate ID --workspace W, --status or"
-                               " --sweep")  # fmt: skip
+        raise click.UsageError(
+            "say what to do: --customer ID --workspace W, --affiliate ID --workspace W, --status or --sweep"
+        )
     ws = _workspace(workspace)
     if external_id is not None:
         try:
@@ -150,8 +153,15 @@ def erase(
         print_data({"erasure": e["erasure_id"], "postgres rows scrubbed": e["done"].get("postgres")})
     if "sweep" in data:
         print_data({"sweep": {k: v for k, v in data["sweep"].items() if v}})
-    t = out.table("erasures pending", "erasure", "workspace", "requested", "pending", "archive due",
-                  left=("erasure", "workspace", "pending"))  # fmt: skip
+    t = out.table(
+        "erasures pending",
+        "erasure",
+        "workspace",
+        "requested",
+        "pending",
+        "archive due",
+        left=("erasure", "workspace", "pending"),
+    )
     for p in data["pending"]:
         due = p["archive_due"] + (" OVERDUE" if p["overdue"] else "")
         t.add_row(p["erasure_id"], p["workspace_id"], p["requested_at"], ", ".join(p["pending"]), due)

@@ -51,8 +51,13 @@ def _workspace(value: str) -> str:
 @click.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--workspace", required=True, metavar="W", help="The workspace id the rows belong to.")
-@click.option("--format", "fmt", type=click.Choice(["ndjson", "csv", "dub"]), default=None,
-              help="ndjson, csv, or an export reader (dub); default: csv for a .csv file, else ndjson.")  # fmt: skip
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["ndjson", "csv", "dub"]),
+    default=None,
+    help="ndjson, csv, or an export reader (dub); default: csv for a .csv file, else ndjson.",
+)
 @click.option(
     "--source",
     default=None,
@@ -62,24 +67,59 @@ def _workspace(value: str) -> str:
 @click.option("--webhooks", is_flag=True, help="Send webhooks for what the import stores (off: history).")
 @click.option("--fraud", is_flag=True, help="Run the fraud rules on imported clicks and leads (off: history).")
 @click.option("--batch-size", type=click.IntRange(1, 10_000), default=500, show_default=True)
-@click.option("--yield-backlog", type=click.IntRange(0), default=1000, show_default=True,
-              help="Wait while more live entries than this wait for the workers.")  # fmt: skip
-@click.option("--yield-lag-ms", type=click.IntRange(0), default=20, show_default=True,
-              help="Wait while the oldest live entry has waited longer than this, and lower the share "
-                   "(0: never).")  # fmt: skip
-@click.option("--share", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
-              help="At most this share of the wall clock spent writing (1: as fast as Postgres takes it).")  # fmt: skip
-@click.option("--nice", "niceness", type=click.IntRange(0, 19), default=10, show_default=True,
-              help="Lower the CPU priority of this process, and of its Postgres backends where Postgres "
-                   "verifiably runs on this machine, by this much (0: as any other process).")  # fmt: skip
-@click.option("--start-line", type=click.IntRange(1), default=1, show_default=True,
-              help="Go on from this line of FILE (the line a stopped import printed); earlier rows "
-                   "are skipped.")  # fmt: skip
+@click.option(
+    "--yield-backlog",
+    type=click.IntRange(0),
+    default=1000,
+    show_default=True,
+    help="Wait while more live entries than this wait for the workers.",
+)
+@click.option(
+    "--yield-lag-ms",
+    type=click.IntRange(0),
+    default=20,
+    show_default=True,
+    help="Wait while the oldest live entry has waited longer than this, and lower the share (0: never).",
+)
+@click.option(
+    "--share",
+    type=click.FloatRange(0.05, 1.0),
+    default=0.5,
+    show_default=True,
+    help="At most this share of the wall clock spent writing (1: as fast as Postgres takes it).",
+)
+@click.option(
+    "--nice",
+    "niceness",
+    type=click.IntRange(0, 19),
+    default=10,
+    show_default=True,
+    help="Lower the CPU priority of this process, and of its Postgres backends where Postgres "
+    "verifiably runs on this machine, by this much (0: as any other process).",
+)
+@click.option(
+    "--start-line",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Go on from this line of FILE (the line a stopped import printed); earlier rows are skipped.",
+)
 @out.json_option
 def import_(
-    file: str, workspace: str, fmt: str | None, source: str | None, commissions: bool, webhooks: bool, fraud: bool,
-    batch_size: int, yield_backlog: int, yield_lag_ms: int, share: float, niceness: int, start_line: int,
-) -> None:  # fmt: skip
+    file: str,
+    workspace: str,
+    fmt: str | None,
+    source: str | None,
+    commissions: bool,
+    webhooks: bool,
+    fraud: bool,
+    batch_size: int,
+    yield_backlog: int,
+    yield_lag_ms: int,
+    share: float,
+    niceness: int,
+    start_line: int,
+) -> None:
     """Import clicks, leads, sales and refunds from FILE (NDJSON or CSV; - for stdin).
 
     Each row's event id derives from its source id, so a second run of the same file, or a
@@ -98,11 +138,19 @@ def import_(
     fmt = fmt or import_formats.guess(file)
     settings = settings_and_logging()
     opts = imports.Options(
-        ws, source or ("refstream" if fmt in ("ndjson", "csv") else fmt), webhooks=webhooks, fraud=fraud,
-        commissions=commissions, batch_size=batch_size, yield_backlog=yield_backlog, yield_lag_ms=yield_lag_ms,
-        share=share, retention_days=settings.event_retention_days, partitions=settings.partitions,
+        ws,
+        source or ("refstream" if fmt in ("ndjson", "csv") else fmt),
+        webhooks=webhooks,
+        fraud=fraud,
+        commissions=commissions,
+        batch_size=batch_size,
+        yield_backlog=yield_backlog,
+        yield_lag_ms=yield_lag_ms,
+        share=share,
+        retention_days=settings.event_retention_days,
+        partitions=settings.partitions,
         start_line=start_line,
-    )  # fmt: skip
+    )
     if file == "-":
         stream: BinaryIO = sys.stdin.buffer
         size = None
@@ -122,8 +170,12 @@ def import_(
         def interrupted() -> None:  # Ctrl-C: the batch in flight ends; a second one, at once
             if not stop.is_set():
                 stop.set()
-                console.print("import: stopping after the batch in flight (Ctrl-C again to stop at once)",
-                              markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+                console.print(
+                    "import: stopping after the batch in flight (Ctrl-C again to stop at once)",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
             else:
                 for t in running:
                     t.cancel()
@@ -134,8 +186,13 @@ def import_(
         async def lower_backend(conn: asyncpg.Connection) -> None:
             outcome = await backend_nice.lower(conn, niceness)
             if not niced or outcome.applied != niced[-1].applied:  # said once, and again on a change
-                log.info("import.backend_nice", pid=outcome.pid, applied=outcome.applied, niceness=niceness,
-                         why=outcome.why or None)  # fmt: skip
+                log.info(
+                    "import.backend_nice",
+                    pid=outcome.pid,
+                    applied=outcome.applied,
+                    niceness=niceness,
+                    why=outcome.why or None,
+                )
             niced.append(outcome)
 
         pool = await create_pg_pool(settings, min_size=1, max_size=2, init=lower_backend)
@@ -144,8 +201,14 @@ def import_(
         keys = Keys(settings.stream_prefix, settings.partitions)
         if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", uuid.UUID(ws)):
             raise click.ClickException(f"no workspace {ws}")
-        columns = (TextColumn("import"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[rows]:,} rows"),
-                   TextColumn("{task.fields[rate]:,.0f}/s"), TimeRemainingColumn())  # fmt: skip
+        columns = (
+            TextColumn("import"),
+            BarColumn(),
+            DownloadColumn(),
+            TextColumn("{task.fields[rows]:,} rows"),
+            TextColumn("{task.fields[rate]:,.0f}/s"),
+            TimeRemainingColumn(),
+        )
         try:
             with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
                 task: TaskID = bar.add_task("import", total=size, rows=0, rate=0.0)
@@ -157,8 +220,9 @@ def import_(
                 def tell(t: imports.Told) -> None:
                     console.print(giving_way(t, importer.summary), markup=False, highlight=False, soft_wrap=True)
 
-                importer = imports.Importer(pool, opts, imports.LiveBacklog(redis, keys, settings.partitions),
-                                            enricher, progress, stop, tell)  # fmt: skip
+                importer = imports.Importer(
+                    pool, opts, imports.LiveBacklog(redis, keys, settings.partitions), enricher, progress, stop, tell
+                )
                 running.append(asyncio.ensure_future(importer.run(import_formats.READERS[fmt](lines))))
                 try:
                     summary = await running[0]
@@ -166,10 +230,19 @@ def import_(
                     if not running[0].cancelled():
                         raise
                     summary = importer.summary  # the second Ctrl-C: what committed before it
-            backends = {"niceness": niceness, "lowered": sum(o.applied for o in niced), "of": len(niced),
-                        "why_not": sorted({o.why for o in niced if not o.applied})}  # fmt: skip
-            return summary.to_dict() | {"file": file, "format": fmt, "source": opts.source, "workspace": ws,
-                                        "backend_nice": backends}  # fmt: skip
+            backends = {
+                "niceness": niceness,
+                "lowered": sum(o.applied for o in niced),
+                "of": len(niced),
+                "why_not": sorted({o.why for o in niced if not o.applied}),
+            }
+            return summary.to_dict() | {
+                "file": file,
+                "format": fmt,
+                "source": opts.source,
+                "workspace": ws,
+                "backend_nice": backends,
+            }
         finally:
             loop.remove_signal_handler(signal.SIGINT)
             enricher.close()
@@ -192,9 +265,15 @@ def import_(
 def giving_way(t: Told, s: Summary) -> str:
     """The line a long wait for live work says on stderr: the figures it waits on."""
     w = t.waiting
-    lag = (f"the oldest live entry has waited {w.oldest_ms:,} ms (threshold {t.lag_limit_ms:,} ms"
-           + (f": {t.floor_ms:,} ms live work keeps alone + --yield-lag-ms" if t.floor_ms else ", --yield-lag-ms")
-           + ")") if t.lag_limit_ms else "the lag is not waited on (--yield-lag-ms 0)"  # fmt: skip
+    lag = (
+        (
+            f"the oldest live entry has waited {w.oldest_ms:,} ms (threshold {t.lag_limit_ms:,} ms"
+            + (f": {t.floor_ms:,} ms live work keeps alone + --yield-lag-ms" if t.floor_ms else ", --yield-lag-ms")
+            + ")"
+        )
+        if t.lag_limit_ms
+        else "the lag is not waited on (--yield-lag-ms 0)"
+    )
     return (
         f"import: giving way to live work for {t.waited_s:.0f} s: {lag}; {w.entries:,} live entries wait "
         f"(threshold {t.backlog_limit:,}, --yield-backlog); {s.stored:,} rows stored so far"
@@ -202,8 +281,9 @@ def giving_way(t: Told, s: Summary) -> str:
 
 
 def render(result: dict[str, Any], console: Console) -> None:
-    console.print(f"import of {result['file']} ({result['format']}, source {result['source']})", markup=False,
-                  highlight=False)  # fmt: skip
+    console.print(
+        f"import of {result['file']} ({result['format']}, source {result['source']})", markup=False, highlight=False
+    )
     table = out.table("rows", "", "count", left=("",))
     for name in ("read", "stored", "duplicates"):
         table.add_row(name, f"{result[name]:,}")
@@ -215,9 +295,14 @@ def render(result: dict[str, Any], console: Console) -> None:
     console.print(table)
     for reason, shown in result["examples"].items():
         console.print(f"{reason}: " + "; ".join(shown), markup=False, highlight=False)
-    console.print(f"{result['seconds']:.1f} s, of which {result['waited_s']:.1f} s giving way to live work and "
-                  f"{result['rested_s']:.1f} s resting to keep to its share")  # fmt: skip
+    console.print(
+        f"{result['seconds']:.1f} s, of which {result['waited_s']:.1f} s giving way to live work and "
+        f"{result['rested_s']:.1f} s resting to keep to its share"
+    )
     if not result["finished"]:
-        console.print(f"stopped before the end: every row before line {result['resume_line']:,} is done; to go on, "
-                      f"run the same command with --start-line {result['resume_line']}", markup=False,
-                      highlight=False)  # fmt: skip
+        console.print(
+            f"stopped before the end: every row before line {result['resume_line']:,} is done; to go on, "
+            f"run the same command with --start-line {result['resume_line']}",
+            markup=False,
+            highlight=False,
+        )

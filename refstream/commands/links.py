@@ -82,9 +82,23 @@ def link_show(code: str) -> None:
         return
     per_day = data.pop("stats")
     print_data(data)
-    t = out.table(f"{code}: {per_day['from']} to {per_day['to']} (UTC)", "day", "clicks", "leads", "conversions",
-                  "dropped", "flagged", left=("day", "dropped", "flagged"))  # fmt: skip
+    t = out.table(
+        f"{code}: {per_day['from']} to {per_day['to']} (UTC)",
+        "day",
+        "clicks",
+        "leads",
+        "conversions",
+        "dropped",
+        "flagged",
+        left=("day", "dropped", "flagged"),
+    )
     for d in [*per_day["daily"], {"day": "total", **per_day["totals"]}]:
-        t.add_row(out.cell(d["day"]), out.cell(d["clicks"]), out.cell(d["leads"]), out.cell(d["conversions"]),
-                  out.cell(_reasons(d["dropped"])), out.cell(_reasons(d["flagged"])))  # fmt: skip
+        t.add_row(
+            out.cell(d["day"]),
+            out.cell(d["clicks"]),
+            out.cell(d["leads"]),
+            out.cell(d["conversions"]),
+            out.cell(_reasons(d["dropped"])),
+            out.cell(_reasons(d["flagged"])),
+        )
     out.console().print(t)

@@ -32,9 +32,12 @@ def migrate() -> None:
             await apply_schema(conn)
             # the days around today get their partitions now, before any batch inserts
             await partitions.maintain(
-                conn, retention_days=settings.event_retention_days, dedupe_days=settings.dedupe_retention_days,
-                skew_max_s=settings.clock_skew_max_s, webhook_days=settings.webhook_retention_days,
-            )  # fmt: skip
+                conn,
+                retention_days=settings.event_retention_days,
+                dedupe_days=settings.dedupe_retention_days,
+                skew_max_s=settings.clock_skew_max_s,
+                webhook_days=settings.webhook_retention_days,
+            )
         finally:
             await conn.close()
         return {"migrated": True, "database_created": created}

@@ -65,9 +65,14 @@ def set_count(count: int, wait: bool, timeout: float) -> None:
         keys = Keys(settings.stream_prefix, settings.partitions)
         try:
             before, _ = await layout.set_count(
-                redis, keys, settings.partitions, count, window_ms=settings.idempotency_window_s * 1000,
-                replicas=0 if settings.redis_cluster else settings.ack_replicas, wait_ms=settings.ack_wait_ms,
-            )  # fmt: skip
+                redis,
+                keys,
+                settings.partitions,
+                count,
+                window_ms=settings.idempotency_window_s * 1000,
+                replicas=0 if settings.redis_cluster else settings.ack_replicas,
+                wait_ms=settings.ack_wait_ms,
+            )
             deadline = time.monotonic() + timeout
             while wait and (await layout.load(redis, keys, settings.partitions)).retiring:
                 if time.monotonic() > deadline:

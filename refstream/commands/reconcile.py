@@ -27,12 +27,23 @@ def _day(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dat
 
 @click.command()
 @click.option("--fix", is_flag=True, help="Set every counter in the window to its recount, a chunk at a time.")
-@click.option("--since", callback=_day, default=None, metavar="DAY",
-              help="First UTC day recounted (YYYY-MM-DD) [the oldest retained day].")  # fmt: skip
-@click.option("--until", callback=_day, default=None, metavar="DAY",
-              help="Recount the days before this one only (YYYY-MM-DD).")  # fmt: skip
-@click.option("--chunk", type=click.IntRange(1, 100_000), default=100, show_default=True,
-              help="Links per transaction (with --fix, per lock).")  # fmt: skip
+@click.option(
+    "--since",
+    callback=_day,
+    default=None,
+    metavar="DAY",
+    help="First UTC day recounted (YYYY-MM-DD) [the oldest retained day].",
+)
+@click.option(
+    "--until", callback=_day, default=None, metavar="DAY", help="Recount the days before this one only (YYYY-MM-DD)."
+)
+@click.option(
+    "--chunk",
+    type=click.IntRange(1, 100_000),
+    default=100,
+    show_default=True,
+    help="Links per transaction (with --fix, per lock).",
+)
 @out.json_option
 def reconcile(fix: bool, since: date | None, until: date | None, chunk: int) -> None:
     """Recount the counters of the retained window from the event rows; report the drift.
@@ -71,6 +82,7 @@ def render_drift(drift: list[dict[str, Any]], fixed: bool, console: Console) -> 
     title = "drift, fixed: these counters now equal their event rows" if fixed else "drift (--fix repairs it)"
     table = out.table(title, "code", "day", "counter", "stored", "recomputed", left=("code", "day", "counter"))
     for d in drift:
-        table.add_row(out.cell(d["code"]), out.cell(d.get("day")), d["counter"], out.cell(d["stored"]),
-                      out.cell(d["recomputed"]))  # fmt: skip
+        table.add_row(
+            out.cell(d["code"]), out.cell(d.get("day")), d["counter"], out.cell(d["stored"]), out.cell(d["recomputed"])
+        )
     console.print(table)

@@ -101,9 +101,14 @@ def replay(
             with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
                 task = bar.add_task("replay", total=None)
                 result = await rp.replay(
-                    source, pool, keys, rng, enricher=enricher, batch_size=settings.batch_size,
+                    source,
+                    pool,
+                    keys,
+                    rng,
+                    enricher=enricher,
+                    batch_size=settings.batch_size,
                     progress=lambda done, total: bar.update(task, completed=done, total=total),
-                )  # fmt: skip
+                )
             return result.to_dict()
         finally:
             enricher.close()
@@ -149,5 +154,7 @@ def render_replay(result: dict[str, Any], keys: Keys, console: Console) -> None:
     if "archived" in totals:
         console.print(f"read from the archive (Redis no longer held them): {totals['archived']} of the entries")
     if totals.get("refunds_not_restored"):
-        console.print(f"refunds not restored (their sale is not in Postgres, or they would pass it): "
-                      f"{totals['refunds_not_restored']}")  # fmt: skip
+        console.print(
+            f"refunds not restored (their sale is not in Postgres, or they would pass it): "
+            f"{totals['refunds_not_restored']}"
+        )

@@ -67,22 +67,28 @@ def render_status(snap: status_mod.Snapshot, keys: Keys, console: Console) -> No
     """The snapshot as tables. Partitions go by number (their stream key, long with its
     prefix, is said once in the title), so the tables fit 80 columns."""
     parts = _table("partitions", "p", "length", "memory", "first entry age", "last entry age")
-    held = _table("trim held back (entries kept past retention or memory budget)", "p", "group", "entries",
-                  "oldest needed")  # fmt: skip
+    held = _table(
+        "trim held back (entries kept past retention or memory budget)", "p", "group", "entries", "oldest needed"
+    )
     groups = _table("groups", "p", "group", "lag", "pending", "oldest pending", "last delivered")
     consumers = _table("consumers", "p", "group", "consumer", "pending", "idle")
     for p in snap.partitions:
         number = f"{p.partition} (retiring)" if p.retiring else str(p.partition)
-        parts.add_row(number, str(p.length), _bytes(p.memory_bytes), _age(p.first_entry_age_s),
-                      _age(p.last_entry_age_s))  # fmt: skip
+        parts.add_row(
+            number, str(p.length), _bytes(p.memory_bytes), _age(p.first_entry_age_s), _age(p.last_entry_age_s)
+        )
         if p.trim_held_by is not None:
             held.add_row(str(p.partition), out.cell(p.trim_held_by), str(p.trim_held_entries), _age(p.trim_held_age_s))
         for g in p.groups:
             lag = f"≥{g.lag}" if g.lag_capped else str(g.lag)
             groups.add_row(
-                str(p.partition), out.cell(g.name), lag, str(g.pending), _age(g.oldest_pending_age_s),
+                str(p.partition),
+                out.cell(g.name),
+                lag,
+                str(g.pending),
+                _age(g.oldest_pending_age_s),
                 g.last_delivered_id,
-            )  # fmt: skip
+            )
             for c in g.consumers:
                 consumers.add_row(str(p.partition), out.cell(g.name), out.cell(c.name), str(c.pending), _age(c.idle_s))
     t, s = snap.throughput, snap.spool
@@ -101,9 +107,12 @@ def render_status(snap: status_mod.Snapshot, keys: Keys, console: Console) -> No
     for w in snap.workers:
         state = f"{w.state} (stale)" if w.stale else w.state
         workers.add_row(
-            out.cell(w.consumer), out.cell(state), out.cell(", ".join(w.reasons) or "-"), _age(w.blocked_for_s),
+            out.cell(w.consumer),
+            out.cell(state),
+            out.cell(", ".join(w.reasons) or "-"),
+            _age(w.blocked_for_s),
             _age(w.seen_s_ago),
-        )  # fmt: skip
+        )
     console.print(out.streams_line(keys))
     for table in (parts, groups, consumers, workers, other):
         console.print(table)
@@ -167,9 +176,16 @@ def status(max_lag: int, max_pending_age: float, max_dead: int, spool_dir: str |
                 pg_error = f"{type(exc).__name__}: {exc}"
             # the edge's spool on this machine: as configured, unless given
             snap = await status_mod.snapshot(
-                redis, conn, keys, thresholds, spool_dir=spool_dir or settings.spool_dir, pg_error=pg_error,
-                retention_s=settings.stream_retention_s, max_bytes=settings.stream_max_bytes, retiring=lay.retiring,
-            )  # fmt: skip
+                redis,
+                conn,
+                keys,
+                thresholds,
+                spool_dir=spool_dir or settings.spool_dir,
+                pg_error=pg_error,
+                retention_s=settings.stream_retention_s,
+                max_bytes=settings.stream_max_bytes,
+                retiring=lay.retiring,
+            )
             return snap, keys
         finally:
             if conn is not None:
@@ -218,9 +234,14 @@ def render_letters(rows: list[dict[str, Any]], keys: Keys, console: Console) -> 
     table = _table("dead letters, oldest first", "dead id", "p", "entry id", "error", "tries", "type", "code")
     for r in rows:
         table.add_row(
-            r["dead_id"], out.partition(keys, r["stream"]), out.cell(r["entry_id"]), out.cell(r["error"]),
-            out.cell(r["deliveries"]), out.cell(r["type"]), out.cell(r["code"]),
-        )  # fmt: skip
+            r["dead_id"],
+            out.partition(keys, r["stream"]),
+            out.cell(r["entry_id"]),
+            out.cell(r["error"]),
+            out.cell(r["deliveries"]),
+            out.cell(r["type"]),
+            out.cell(r["code"]),
+        )
     if not rows:
         console.print("no dead letters")
         return
@@ -240,10 +261,15 @@ def render_letter(d: dict[str, Any], keys: Keys, console: Console) -> None:
     ]
     if e is not None:
         rows += [
-            ("event id", e["event_id"]), ("type", e["type"]), ("dialect", e["dialect"]),
-            ("workspace id", e["workspace_id"]), ("received at", _when(e["received_at_ms"])), ("ip", e["ip"]),
-            ("user agent", e["user_agent"]), ("payload", orjson.dumps(e["payload"]).decode()),
-        ]  # fmt: skip
+            ("event id", e["event_id"]),
+            ("type", e["type"]),
+            ("dialect", e["dialect"]),
+            ("workspace id", e["workspace_id"]),
+            ("received at", _when(e["received_at_ms"])),
+            ("ip", e["ip"]),
+            ("user agent", e["user_agent"]),
+            ("payload", orjson.dumps(e["payload"]).decode()),
+        ]
     else:
         rows += [("decode error", d["decode_error"]), ("raw", d["raw"]), ("raw bytes", d["raw_bytes"])]
         rows += [(f"raw {k}", v) for k, v in (d.get("raw_fields") or {}).items()]
@@ -329,8 +355,12 @@ def _outcome(title: str, result: dict[str, Any]) -> None:
         out.print_json(result)
         return
     table = _table(title, *({"to": "kept in"}.get(k, k) for k in result))
-    table.add_row(*(out.cell(", ".join(f"{k} {n}" for k, n in v.items()) or "-") if isinstance(v, dict)
-                    else out.cell(v) for v in result.values()))  # fmt: skip
+    table.add_row(
+        *(
+            out.cell(", ".join(f"{k} {n}" for k, n in v.items()) or "-") if isinstance(v, dict) else out.cell(v)
+            for v in result.values()
+        )
+    )
     out.console().print(table)
 
 

@@ -54,8 +54,9 @@ def delete(workspace_id: str, yes: bool) -> None:
 
     async def go(settings: Settings) -> dict[str, Any]:
         async with open_connections(settings) as (conn, redis):
-            return await deletion.delete_workspace(conn, redis, Keys(settings.stream_prefix, settings.partitions),
-                                                   workspace_id)  # fmt: skip
+            return await deletion.delete_workspace(
+                conn, redis, Keys(settings.stream_prefix, settings.partitions), workspace_id
+            )
 
     print_data(run_command(go))
 

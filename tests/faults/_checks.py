@@ -238,8 +238,10 @@ class Checker:
                 if g["pending"]:
                     left.append(f"{stream} group {name}: {g['pending']} pending")
                 if _sid(g["last-delivered-id"]) < last:
-                    left.append(f"{stream} group {name}: undelivered entries (last delivered "
-                                f"{_s(g['last-delivered-id'])} < {_s(info['last-generated-id'])})")  # fmt: skip
+                    left.append(
+                        f"{stream} group {name}: undelivered entries (last delivered "
+                        f"{_s(g['last-delivered-id'])} < {_s(info['last-generated-id'])})"
+                    )
         if spooled := self.spooled():
             left.append(f"edge spool: {spooled} entries not drained")
         return left
@@ -342,26 +344,36 @@ class Checker:
         return out
 
     async def milestone_problems(self) -> list[str]:
-        return [f"milestone {r['problem']}: affiliate {r['affiliate_id']} threshold {r['threshold']}"
-                f" with {r['conversions']} conversions" for r in await self.fetch(MILESTONES)]  # fmt: skip
+        return [
+            f"milestone {r['problem']}: affiliate {r['affiliate_id']} threshold {r['threshold']}"
+            f" with {r['conversions']} conversions"
+            for r in await self.fetch(MILESTONES)
+        ]
 
     async def counter_problems(self) -> list[str]:
         """I2: every counter that differs from what its event rows say, each a sentence."""
         p: list[str] = []
         for r in await self.fetch(_LINKS):
-            diff = {c: (r[c], r[f"want_{c}"]) for c in ("clicks", "bot_clicks", "leads", "conversions",
-                    "unique_clicks", "last_clicked_at") if r[c] != r[f"want_{c}"]}  # fmt: skip
+            diff = {
+                c: (r[c], r[f"want_{c}"])
+                for c in ("clicks", "bot_clicks", "leads", "conversions", "unique_clicks", "last_clicked_at")
+                if r[c] != r[f"want_{c}"]
+            }
             p.append(f"I2: link {r['code']} counters (stored, from events): {diff}")
         for r in await self.fetch(_VISITS):
             p.append(f"I2: link_visitor_days {r['problem']}: {r['link_id']} {r['day']} {r['visitor_key']}")
         for r in await self.fetch(_DAILY):
             p.append(f"I2: daily_stats {r['link_id']} {r['day']}: stored {r['stored']}, from events {r['from_events']}")
         for r in await self.fetch(_SALES):
-            p.append(f"I2: sale_stats {r['link_id']} {r['day']} {r['currency']}: stored {r['stored']}, from sales"
-                     f" {r['from_rows']}")  # fmt: skip
+            p.append(
+                f"I2: sale_stats {r['link_id']} {r['day']} {r['currency']}: stored {r['stored']}, from sales"
+                f" {r['from_rows']}"
+            )
         for r in await self.fetch(_REFUNDED):
-            p.append(f"I2: sale {r['event_id']} of {r['amount']}: refunds {r['refunds']}/{r['refunded']} stored,"
-                     f" {r['rows_n']}/{r['rows_total']} in its refund rows")  # fmt: skip
+            p.append(
+                f"I2: sale {r['event_id']} of {r['amount']}: refunds {r['refunds']}/{r['refunded']} stored,"
+                f" {r['rows_n']}/{r['rows_total']} in its refund rows"
+            )
         if wrong := await self.milestone_problems():
             p.append(f"I2: {len(wrong)} milestones wrong, e.g. {wrong[:3]}")
         return p
@@ -385,8 +397,10 @@ class Checker:
             await conn.close()
         rules = {program: Rules.from_json(given) for program in stored}
         want = earnings.expected(rules, leads, sales, import_earns=import_earns)
-        return [f"ledger: {k[0]} {k[1]}: stored {_owed(s)}, by the rules {_owed(x)}"
-                for k, x, s in earnings.differences(want, earnings.standing(rows))]  # fmt: skip
+        return [
+            f"ledger: {k[0]} {k[1]}: stored {_owed(s)}, by the rules {_owed(x)}"
+            for k, x, s in earnings.differences(want, earnings.standing(rows))
+        ]
 
     async def missing(self, accepted: dict[str, str]) -> set[str]:
         """The accepted markers no event row carries."""
@@ -405,8 +419,12 @@ class Checker:
         figures.accepted = len(accepted)
 
         # I1: exactly once
-        counts = Counter({r["marker"]: r["n"] for r in await self.fetch(
-            f"SELECT {MARKER_SQL} AS marker, count(*) AS n FROM events e GROUP BY 1")})  # fmt: skip
+        counts = Counter(
+            {
+                r["marker"]: r["n"]
+                for r in await self.fetch(f"SELECT {MARKER_SQL} AS marker, count(*) AS n FROM events e GROUP BY 1")
+            }
+        )
         missing = [m for m in accepted if m not in counts]
         twice = {m: n for m, n in counts.items() if n > 1}
         figures.stored = sum(1 for m in accepted if m in counts)
@@ -430,8 +448,10 @@ class Checker:
         unexpected = [(s, i, e) for s, i, e in dead if (s, i) not in planted_dead]
         if unexpected:
             errors = Counter(e.split(":")[0][:60] for _, _, e in unexpected)
-            p.append(f"I3: {len(unexpected)} dead letters that are not planted poison, errors {dict(errors)},"
-                     f" e.g. {unexpected[:2]}")  # fmt: skip
+            p.append(
+                f"I3: {len(unexpected)} dead letters that are not planted poison, errors {dict(errors)},"
+                f" e.g. {unexpected[:2]}"
+            )
         if not_dead := planted_dead - set(where):
             p.append(f"I3: {len(not_dead)} planted poison entries not dead-lettered, e.g. {sorted(not_dead)[:3]}")
         if twice_dead := [k for k, n in where.items() if n > 1]:

@@ -39,8 +39,14 @@ def cli(*args: str) -> str:
 async def form(nodes: list[FaultRedis], replicas: int = 1) -> None:
     """``redis-cli --cluster create`` over ``nodes``; until every node says ok and every
     replica is in sync."""
-    cli("--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-replicas", str(replicas),
-        "--cluster-yes")  # fmt: skip
+    cli(
+        "--cluster",
+        "create",
+        *[f"127.0.0.1:{n.port}" for n in nodes],
+        "--cluster-replicas",
+        str(replicas),
+        "--cluster-yes",
+    )
     await wait_for(lambda: ok(nodes[0].port), timeout=30, what="the cluster to form")
     await wait_for(lambda: synced(nodes), timeout=30, what="every replica in sync")
 

@@ -41,9 +41,16 @@ from ._checks import Checker
 from ._load import CHROME, MARKER_SQL, Load, referer_marker
 
 MIX = {
-    "biore": 0.2, "affitor": 0.15, "lead": 0.1, "convert": 0.1, "affixo": 0.1, "batch": 0.1, "redirect": 0.1,
-    "sale": 0.1, "conversion": 0.05,
-}  # fmt: skip
+    "biore": 0.2,
+    "affitor": 0.15,
+    "lead": 0.1,
+    "convert": 0.1,
+    "affixo": 0.1,
+    "batch": 0.1,
+    "redirect": 0.1,
+    "sale": 0.1,
+    "conversion": 0.05,
+}
 MAY_BE_STORED = ("Refstream-Outcome", "unknown")
 TRACKED = {"success": True, "data": {"tracked": True}}
 ITEM_FAILURES = ("unavailable", "outcome_unknown")  # a batch item's answers to an outage
@@ -178,8 +185,9 @@ class EchoLoad(Load):
         if r.status != 302 or not click:
             return
         # the load's first link was made by the CLI with its default URL; the others with their own
-        self._expect(code == self.codes[0] or location.startswith(f"https://shop.test/{code}"), "redirect", code,
-                     location)  # fmt: skip
+        self._expect(
+            code == self.codes[0] or location.startswith(f"https://shop.test/{code}"), "redirect", code, location
+        )
         self._mint(click)
         marker = click.removeprefix("clk_")
         self.record.attempted.add(marker)
@@ -231,8 +239,14 @@ class EchoLoad(Load):
         codes = [code, items[1]["code"]]
         if self._pairs:
             click_id, click_code = self._pairs.pop(self.rng.randrange(len(self._pairs)))
-            items.append({"type": "lead", "clickId": click_id, "eventName": "Sign Up",
-                          "customerExternalId": f"bl-{uuid.uuid4().hex}"})  # fmt: skip
+            items.append(
+                {
+                    "type": "lead",
+                    "clickId": click_id,
+                    "eventName": "Sign Up",
+                    "customerExternalId": f"bl-{uuid.uuid4().hex}",
+                }
+            )
             codes.append(click_code)
         status, out = await self._post("batch", "/v1/events/batch", None, json=items, headers=self._auth())
         if status != 200:
@@ -265,8 +279,9 @@ class EchoLoad(Load):
 
 async def sales_stored_once(check: Checker, load: EchoLoad) -> list[str]:
     """Every invoice answered 2xx stored once; none answered only a refusal stored."""
-    stored = {r["invoice_id"]: r["n"] for r in await check.fetch(
-        "SELECT invoice_id, count(*) AS n FROM sales GROUP BY 1")}  # fmt: skip
+    stored = {
+        r["invoice_id"]: r["n"] for r in await check.fetch("SELECT invoice_id, count(*) AS n FROM sales GROUP BY 1")
+    }
     problems = []
     if missing := [i for i in load.sales if i not in stored]:
         problems.append(f"I1: {len(missing)} sales answered 2xx not stored, e.g. {missing[:3]}")
@@ -284,8 +299,11 @@ async def misattributed(check: Checker, code_of: dict[str, str]) -> list[str]:
         f"SELECT CASE e.dialect WHEN 'affixo' THEN e.visitor_id ELSE {MARKER_SQL} END AS marker, l.code"
         " FROM events e LEFT JOIN links l ON l.id = e.link_id"
     )
-    wrong = [(r["marker"], code_of[r["marker"]], r["code"]) for r in rows
-             if r["marker"] in code_of and r["code"] != code_of[r["marker"]]]  # fmt: skip
+    wrong = [
+        (r["marker"], code_of[r["marker"]], r["code"])
+        for r in rows
+        if r["marker"] in code_of and r["code"] != code_of[r["marker"]]
+    ]
     if not wrong:
         return []
     return [f"{len(wrong)} events stored on another link than their request's, e.g. (marker, sent, stored) {wrong[:3]}"]

@@ -30,15 +30,40 @@ class Plan:
 
 
 SHORT = Plan(
-    mode="short", rate=80, warmup_s=2, tail_s=1, pg_down_s=10, pg_restarts=2, read_only_s=8, storm_s=20,
-    redis_full_s=8, lagging_load_s=10, sigterm_backlog=1500, poison_load_s=6, milestone_rounds=3,
-    milestone_affiliates=30, drain_timeout_s=60,
-)  # fmt: skip
+    mode="short",
+    rate=80,
+    warmup_s=2,
+    tail_s=1,
+    pg_down_s=10,
+    pg_restarts=2,
+    read_only_s=8,
+    storm_s=20,
+    redis_full_s=8,
+    lagging_load_s=10,
+    sigterm_backlog=1500,
+    poison_load_s=6,
+    milestone_rounds=3,
+    milestone_affiliates=30,
+    drain_timeout_s=60,
+)
 FULL = Plan(
-    mode="full", rate=150, warmup_s=5, tail_s=5, pg_down_s=60, pg_restarts=5, read_only_s=30, storm_s=60,
-    redis_full_s=30, lagging_load_s=40, sigterm_backlog=5000, poison_load_s=20, milestone_rounds=10,
-    milestone_affiliates=60, redis_down_s=30, blackhole_s=30,
-)  # fmt: skip
+    mode="full",
+    rate=150,
+    warmup_s=5,
+    tail_s=5,
+    pg_down_s=60,
+    pg_restarts=5,
+    read_only_s=30,
+    storm_s=60,
+    redis_full_s=30,
+    lagging_load_s=40,
+    sigterm_backlog=5000,
+    poison_load_s=20,
+    milestone_rounds=10,
+    milestone_affiliates=60,
+    redis_down_s=30,
+    blackhole_s=30,
+)
 
 
 def plan() -> Plan:

@@ -112,8 +112,11 @@ async def wait_in_sync(primary: FaultRedis, replicas: int, timeout: float = 60) 
     try:
         while True:
             info = await client.info("replication")
-            online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
-                      and v.get("state") == "online"]  # fmt: skip
+            online = [
+                v
+                for k, v in info.items()
+                if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+            ]
             if len(online) >= replicas:
                 return
             if time.monotonic() > deadline:

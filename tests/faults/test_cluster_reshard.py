@@ -69,8 +69,15 @@ async def test_partitions_moved_and_a_primary_added_under_load(
             nodes.append(replica)
             await replica.ready()
             joined_id = redis.Redis(port=joined.port).execute_command("CLUSTER", "MYID").decode()
-            cli("--cluster", "add-node", f"127.0.0.1:{replica.port}", f"127.0.0.1:{joined.port}",
-                "--cluster-slave", "--cluster-master-id", joined_id)  # fmt: skip
+            cli(
+                "--cluster",
+                "add-node",
+                f"127.0.0.1:{replica.port}",
+                f"127.0.0.1:{joined.port}",
+                "--cluster-slave",
+                "--cluster-master-id",
+                joined_id,
+            )
             ports.append(replica.port)
             await wait_for(lambda: agreed(ports), timeout=30, what="the new replica to join")
             await wait_for(lambda: synced(nodes), timeout=60, what="the new replica in sync")
@@ -84,9 +91,17 @@ async def test_partitions_moved_and_a_primary_added_under_load(
     assert shares.get(joined.port, 0) > 16384 // 8, f"the rebalance gave the new primary {shares}"
     answers = Counter(f"{k} {s}" for at, _, k, s in load.record.answers if at >= started)
     longest = max(m[2] for m in moves)
-    print(f"\nreshard: {done - started:.1f}s; partitions moved (partition, keys, longest MIGRATE ms): {moves};"
-          f" slots now {shares}; answers meanwhile: {dict(answers)}")  # fmt: skip
-    problems = [f"{n} {k.split()[0]} answered {k.split()[1]}" for k, n in answers.items()
-                if k.split()[1] not in ("200", "503")]  # fmt: skip
-    await stage.finish(f"redis cluster reshard ({durability}, longest MIGRATE {longest:.0f} ms)", load.record.accepted,
-                       fault_end=fault_end, refused=load.record.refused(), problems=problems)  # fmt: skip
+    print(
+        f"\nreshard: {done - started:.1f}s; partitions moved (partition, keys, longest MIGRATE ms): {moves};"
+        f" slots now {shares}; answers meanwhile: {dict(answers)}"
+    )
+    problems = [
+        f"{n} {k.split()[0]} answered {k.split()[1]}" for k, n in answers.items() if k.split()[1] not in ("200", "503")
+    ]
+    await stage.finish(
+        f"redis cluster reshard ({durability}, longest MIGRATE {longest:.0f} ms)",
+        load.record.accepted,
+        fault_end=fault_end,
+        refused=load.record.refused(),
+        problems=problems,
+    )

@@ -54,14 +54,22 @@ async def test_primary_killed_replica_promoted(private_fault_redis, make_stage, 
             await asyncio.sleep(plan.tail_s)
         got = Counter(f"{k} {s}" for at, _, k, s in load.record.answers if since <= at < until)
         after = Counter(f"{k} {s}" for at, _, k, s in load.record.answers if at >= until)
-        print(f"\nSentinel promoted the replica {promoted_in:.1f}s after the kill; answers until a replica was"
-              f" back: {dict(got)}; after: {dict(after)}")  # fmt: skip
-        problems = [f"{n} public {k.split()[0]} answered {k.split()[1]} during the failover"
-                    for k, n in got.items() if not k.startswith("lead") and not k.endswith(" 200")]  # fmt: skip
+        print(
+            f"\nSentinel promoted the replica {promoted_in:.1f}s after the kill; answers until a replica was"
+            f" back: {dict(got)}; after: {dict(after)}"
+        )
+        problems = [
+            f"{n} public {k.split()[0]} answered {k.split()[1]} during the failover"
+            for k, n in got.items()
+            if not k.startswith("lead") and not k.endswith(" 200")
+        ]
         await stage.finish(
-            "redis failover (replicas:1)", load.record.accepted, fault_end=fault_end,
-            refused=load.record.refused(), problems=problems,
-        )  # fmt: skip
+            "redis failover (replicas:1)",
+            load.record.accepted,
+            fault_end=fault_end,
+            refused=load.record.refused(),
+            problems=problems,
+        )
     finally:
         sentinel.destroy()
 

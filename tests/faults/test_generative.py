@@ -75,11 +75,13 @@ def _total(results: list[SeedResult]) -> str:
     def fmt(c: Counter[str]) -> str:
         return ",".join(f"{k}={n}" for k, n in sorted(c.items())) or "none"
 
-    return (f"GENERATIVE total: seeds={len(results)} ({','.join(str(r.seed) for r in results)})"
-            f" wall={sum(r.wall_s for r in results):.0f}s ops={sum(ops.values())} ({fmt(ops)})"
-            f" stored={sum(r.stored for r in results)} archived={sum(r.archived for r in results)}"
-            f" faults={sum(faults.values())} ({fmt(faults)})"
-            f" anomalies={sum(anomalies.values())} ({fmt(anomalies)})")  # fmt: skip
+    return (
+        f"GENERATIVE total: seeds={len(results)} ({','.join(str(r.seed) for r in results)})"
+        f" wall={sum(r.wall_s for r in results):.0f}s ops={sum(ops.values())} ({fmt(ops)})"
+        f" stored={sum(r.stored for r in results)} archived={sum(r.archived for r in results)}"
+        f" faults={sum(faults.values())} ({fmt(faults)})"
+        f" anomalies={sum(anomalies.values())} ({fmt(anomalies)})"
+    )
 
 
 @pytest.mark.faults
@@ -96,10 +98,14 @@ async def test_generative(pg_server: PgServer, plan: Plan) -> None:
     print(_total(results), flush=True)
     failed = [r for r in results if r.anomalies.found]
     if failed:
-        raise AssertionError("\n\n".join(
-            f"seed {r.seed} ({r.schedule.topology}): {sum(r.anomalies.counts().values())} anomalies; run it again:"
-            f"\n  {r.reproduce()}\nlogs and history: {r.kept}\nfaults:\n{r.schedule.describe()}\n"
-            f"{r.anomalies.report()}" for r in failed))  # fmt: skip
+        raise AssertionError(
+            "\n\n".join(
+                f"seed {r.seed} ({r.schedule.topology}): {sum(r.anomalies.counts().values())} anomalies; run it again:"
+                f"\n  {r.reproduce()}\nlogs and history: {r.kept}\nfaults:\n{r.schedule.describe()}\n"
+                f"{r.anomalies.report()}"
+                for r in failed
+            )
+        )
 
 
 # -- the checker can fail: histories and rows made by hand (no servers) ----------------
@@ -114,8 +120,14 @@ def _op(kind: str, outcomes: list[tuple[str, int | None, Any]], *, key: str | No
 
 
 def _row(token: str, event: uuid.UUID | None = None, **cols: Any) -> dict[str, Any]:
-    return {"event_id": event or uuid.uuid4(), "token": token, "code": "c0", "click_id": None, "visitor_id": None,
-            **cols}  # fmt: skip
+    return {
+        "event_id": event or uuid.uuid4(),
+        "token": token,
+        "code": "c0",
+        "click_id": None,
+        "visitor_id": None,
+        **cols,
+    }
 
 
 def _judge(op: Op, rows: list[dict[str, Any]]) -> Counter[str]:
@@ -129,7 +141,8 @@ def _judge(op: Op, rows: list[dict[str, Any]]) -> Counter[str]:
 
 def test_the_checker_flags_an_accepted_click_not_stored() -> None:
     assert _judge(_op("biore", [("ok", 200, {"success": True, "data": {"tracked": True}})], once=False), []) == {
-        "lost": 1}  # fmt: skip
+        "lost": 1
+    }
 
 
 def test_the_checker_flags_a_refused_click_stored() -> None:
@@ -140,8 +153,12 @@ def test_the_checker_flags_a_refused_click_stored() -> None:
 def test_the_checker_allows_an_unknown_attempt_stored_beside_the_accepted_one() -> None:
     op = _op("biore", [("unknown", None, None), ("ok", 200, {"success": True, "data": {"tracked": True}})], once=False)
     assert _judge(op, [_row("g1-0"), _row("g1-0")]) == {}
-    keyed = _op("biore", [("unknown", None, None), ("ok", 200, {"success": True, "data": {"tracked": True}})],
-                key="k", once=True)  # fmt: skip
+    keyed = _op(
+        "biore",
+        [("unknown", None, None), ("ok", 200, {"success": True, "data": {"tracked": True}})],
+        key="k",
+        once=True,
+    )
     assert _judge(keyed, [_row("g1-0"), _row("g1-0")]) == {"duplicate": 1}
 
 
@@ -155,8 +172,9 @@ def test_the_checker_flags_an_answer_naming_another_requests_event() -> None:
 
 def test_the_checker_flags_a_lead_stored_on_another_click_and_a_500() -> None:
     click = uuid.uuid4()
-    op = _op("lead", [("error", 500, None), ("unknown", None, None)], what="lead", once=True,
-             expect={"click_id": click.hex})  # fmt: skip
+    op = _op(
+        "lead", [("error", 500, None), ("unknown", None, None)], what="lead", once=True, expect={"click_id": click.hex}
+    )
     assert _judge(op, [_row("g1-0", click_id=uuid.uuid4())]) == {"5xx": 1, "foreign_answer": 1}
 
 

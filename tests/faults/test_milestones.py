@@ -20,19 +20,30 @@ async def test_two_workers_race_a_milestone_threshold(stage: Stage, plan: Plan):
     rounds, n = plan.milestone_rounds, plan.milestone_affiliates
     # round k brings every affiliate from 2k-2 to 2k conversions: threshold 2k is crossed by
     # two conversions committed by two batches at the same moment
-    program = await stage.api("POST", "/v1/programs", {"name": "Race", "milestones": [
-        {"name": f"Refer {2 * k}", "threshold": 2 * k} for k in range(1, rounds + 1)]}, world)  # fmt: skip
-    affiliates = await asyncio.gather(*(stage.api(
-        "POST", "/v1/affiliates", {"program_id": program["id"], "external_id": f"racer-{i}"}, world)
-        for i in range(n)))  # fmt: skip
+    program = await stage.api(
+        "POST",
+        "/v1/programs",
+        {"name": "Race", "milestones": [{"name": f"Refer {2 * k}", "threshold": 2 * k} for k in range(1, rounds + 1)]},
+        world,
+    )
+    affiliates = await asyncio.gather(
+        *(
+            stage.api("POST", "/v1/affiliates", {"program_id": program["id"], "external_id": f"racer-{i}"}, world)
+            for i in range(n)
+        )
+    )
     pairs, a, b = [], 0, 0
     for aff in affiliates:
         left, a = code_on(stage.keys, 0, "ra", a)
         right, b = code_on(stage.keys, 1, "rb", b)
         pairs.append((left, right))
         for code in (left, right):
-            await stage.api("POST", "/v1/links", {"affiliate_id": aff["id"], "code": code,
-                                                  "url": f"https://shop.test/{code}"}, world)  # fmt: skip
+            await stage.api(
+                "POST",
+                "/v1/links",
+                {"affiliate_id": aff["id"], "code": code, "url": f"https://shop.test/{code}"},
+                world,
+            )
     stage.start_worker()
     stage.start_worker()
     await stage.groups_ready()
@@ -50,6 +61,9 @@ async def test_two_workers_race_a_milestone_threshold(stage: Stage, plan: Plan):
     reached = await stage.check.fetchval("SELECT count(*) FROM affiliate_milestones")
     print(f"\nmilestones reached: {reached} of {rounds * n}")
     await stage.finish(
-        f"milestone race, {n} affiliates x {rounds} rounds", load.record.accepted, fault_end=fault_end,
-        refused=load.record.refused(), problems=problems,
-    )  # fmt: skip
+        f"milestone race, {n} affiliates x {rounds} rounds",
+        load.record.accepted,
+        fault_end=fault_end,
+        refused=load.record.refused(),
+        problems=problems,
+    )

@@ -104,6 +104,9 @@ async def test_partition_count_grown_then_shrunk_under_load(stage: Stage, plan: 
     if [p["partition"] for p in status["partitions"]] != [0, 1]:
         problems.append(f"refstream status shows partitions {[p['partition'] for p in status['partitions']]}")
     await stage.finish(
-        f"partition count 4 -> 8 -> 2 under load, w1 frozen holding partition {frozen}", load.record.accepted,
-        fault_end=fault_end, refused=load.record.refused(), problems=problems,
-    )  # fmt: skip
+        f"partition count 4 -> 8 -> 2 under load, w1 frozen holding partition {frozen}",
+        load.record.accepted,
+        fault_end=fault_end,
+        refused=load.record.refused(),
+        problems=problems,
+    )

@@ -74,9 +74,20 @@ async def _pair(*, synchronous: bool) -> AsyncIterator[tuple[PgServer, PgServer]
         standby.log.touch()
         standby._own(standby.log)
         done = standby._as_server_user(
-            str(standby.bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
-            "-D", str(standby.data), "-R", "-X", "stream", "--no-sync",
-        )  # fmt: skip
+            str(standby.bin / "pg_basebackup"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(primary.port),
+            "-U",
+            "postgres",
+            "-D",
+            str(standby.data),
+            "-R",
+            "-X",
+            "stream",
+            "--no-sync",
+        )
         assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
         with open(standby.data / "postgresql.conf", "a") as conf:  # the later line wins
             conf.write(f"\nport = {standby.port}\nunix_socket_directories = '{standby.sock}'\n")
@@ -85,8 +96,9 @@ async def _pair(*, synchronous: bool) -> AsyncIterator[tuple[PgServer, PgServer]
         _asynchronous(standby)
         standby.start()
         await standby.ready()
-        await wait_for(lambda: _streaming(primary, "sync" if synchronous else "async"), timeout=60,
-                       what="the standby to stream")  # fmt: skip
+        await wait_for(
+            lambda: _streaming(primary, "sync" if synchronous else "async"), timeout=60, what="the standby to stream"
+        )
         yield primary, standby
     finally:
         standby.destroy()
@@ -113,8 +125,10 @@ def _stage(
     primary: PgServer, standby: PgServer, fault_redis: FaultRedis, plan: Plan, request: pytest.FixtureRequest
 ) -> Stage:
     """A stage whose processes' DATABASE_URL names both servers, libpq's way."""
-    dsn = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{{database}}"
-           "?target_session_attrs=read-write")  # fmt: skip
+    dsn = (
+        f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{{database}}"
+        "?target_session_attrs=read-write"
+    )
     return Stage(request.node.name, primary, fault_redis.url, plan, database_url=dsn)
 
 
@@ -140,11 +154,17 @@ async def test_primary_stopped_synchronous_standby_promoted(pair, fault_redis, p
             resumed_in = time.monotonic() - stopped_at
             fault_end = await stage.fault_over()
             await asyncio.sleep(plan.tail_s)
-        print(f"\npostgres failover: promoted {promoted_in:.1f}s after the stop; commits resumed"
-              f" {resumed_in:.1f}s after it, by the same worker processes")  # fmt: skip
+        print(
+            f"\npostgres failover: promoted {promoted_in:.1f}s after the stop; commits resumed"
+            f" {resumed_in:.1f}s after it, by the same worker processes"
+        )
         # finish also fails on any worker that exited by itself: the same processes must go on
-        await stage.finish("postgres failover (synchronous standby)", load.record.accepted, fault_end=fault_end,
-                           refused=load.record.refused())  # fmt: skip
+        await stage.finish(
+            "postgres failover (synchronous standby)",
+            load.record.accepted,
+            fault_end=fault_end,
+            refused=load.record.refused(),
+        )
     finally:
         _asynchronous(primary)  # the old primary comes back for the stage's cleanup, alone
         await stage.close()
@@ -157,8 +177,9 @@ async def _grows(stage: Stage, before: int) -> bool:
         return False
 
 
-async def test_primary_stopped_asynchronous_standby_promoted_and_the_gap_replayed(async_pair, fault_redis,
-                                                                                 plan: Plan, request):  # fmt: skip
+async def test_primary_stopped_asynchronous_standby_promoted_and_the_gap_replayed(
+    async_pair, fault_redis, plan: Plan, request
+):
     primary, standby = async_pair
     stage = _stage(primary, standby, fault_redis, plan, request)
     try:
@@ -187,10 +208,16 @@ async def test_primary_stopped_asynchronous_standby_promoted_and_the_gap_replaye
         assert len(lost) >= 50, f"the failover lost {len(lost)} commits: the standby did not lag"
         replayed = await stage.cli("replay", "--since", since.isoformat())
         assert replayed["totals"]["inserted"] == len(lost), replayed["totals"]
-        print(f"\npostgres failover onto an asynchronous standby: {len(lost)} committed events lost,"
-              f" all stored again by refstream replay --since")  # fmt: skip
-        await stage.finish("postgres failover (asynchronous standby, then replay)", load.record.accepted,
-                           fault_end=fault_end, refused=load.record.refused())  # fmt: skip
+        print(
+            f"\npostgres failover onto an asynchronous standby: {len(lost)} committed events lost,"
+            f" all stored again by refstream replay --since"
+        )
+        await stage.finish(
+            "postgres failover (asynchronous standby, then replay)",
+            load.record.accepted,
+            fault_end=fault_end,
+            refused=load.record.refused(),
+        )
     finally:
         await stage.close()
 

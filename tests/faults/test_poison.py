@@ -70,6 +70,9 @@ async def test_poison_amid_good_traffic(stage: Stage, plan: Plan):
         fault_end = await stage.fault_over()
     print(f"\nplanted poison: {kinds}")
     await stage.finish(
-        f"poison x{len(planted)}", {**load.record.accepted, **good}, fault_end=fault_end,
-        refused=load.record.refused(), planted_dead=planted,
-    )  # fmt: skip
+        f"poison x{len(planted)}",
+        {**load.record.accepted, **good},
+        fault_end=fault_end,
+        refused=load.record.refused(),
+        planted_dead=planted,
+    )

@@ -27,9 +27,11 @@ async def test_postgres_down_under_steady_load(stage: Stage, pg_server: PgServer
         fault_end = await stage.fault_over()
         await asyncio.sleep(plan.tail_s)
     await stage.finish(
-        f"postgres down {plan.pg_down_s:.0f}s", load.record.accepted, fault_end=fault_end,
+        f"postgres down {plan.pg_down_s:.0f}s",
+        load.record.accepted,
+        fault_end=fault_end,
         refused=load.record.refused(),
-    )  # fmt: skip
+    )
 
 
 async def test_postgres_restart_immediate_mid_batch(stage: Stage, pg_server: PgServer, plan: Plan):
@@ -45,9 +47,11 @@ async def test_postgres_restart_immediate_mid_batch(stage: Stage, pg_server: PgS
         fault_end = await stage.fault_over()
         await asyncio.sleep(plan.tail_s)
     await stage.finish(
-        f"postgres restart -m immediate x{plan.pg_restarts}", load.record.accepted, fault_end=fault_end,
+        f"postgres restart -m immediate x{plan.pg_restarts}",
+        load.record.accepted,
+        fault_end=fault_end,
         refused=load.record.refused(),
-    )  # fmt: skip
+    )
 
 
 async def test_postgres_read_only(stage: Stage, pg_server: PgServer, plan: Plan):
@@ -61,6 +65,8 @@ async def test_postgres_read_only(stage: Stage, pg_server: PgServer, plan: Plan)
         fault_end = await stage.fault_over()
         await asyncio.sleep(plan.tail_s)
     await stage.finish(
-        f"postgres read-only {plan.read_only_s:.0f}s", load.record.accepted, fault_end=fault_end,
+        f"postgres read-only {plan.read_only_s:.0f}s",
+        load.record.accepted,
+        fault_end=fault_end,
         refused=load.record.refused(),
-    )  # fmt: skip
+    )

@@ -88,9 +88,11 @@ async def test_redis_full_noeviction(private_fault_redis, make_stage, plan: Plan
             await asyncio.sleep(plan.tail_s)
         print(f"\nanswers while Redis was full: {dict(during)}; filler topped up {top_ups} times")
         await stage.finish(
-            f"redis full {plan.redis_full_s:.0f}s", load.record.accepted, fault_end=fault_end,
+            f"redis full {plan.redis_full_s:.0f}s",
+            load.record.accepted,
+            fault_end=fault_end,
             refused=load.record.refused(),
-        )  # fmt: skip
+        )
     finally:
         await admin.aclose()
 
@@ -119,8 +121,12 @@ async def test_an_archiver_started_while_redis_is_full_frees_it(private_fault_re
     try:
         await fill(admin)
         store = LocalStore(str(stage.tmp / "archive"))
-        stage.procs.start("archive", REFSTREAM_CONSUMER_NAME="a1", REFSTREAM_ARCHIVE_URL=f"file://{store.root}",
-                          REFSTREAM_ARCHIVE_SEGMENT_S="1")  # fmt: skip
+        stage.procs.start(
+            "archive",
+            REFSTREAM_CONSUMER_NAME="a1",
+            REFSTREAM_ARCHIVE_URL=f"file://{store.root}",
+            REFSTREAM_ARCHIVE_SEGMENT_S="1",
+        )
         assert await archive_drained(stage, 60), f"nothing archived under a full Redis:\n{stage.log_tail()}"
         lines = await archive_lines(store, keys.prefix)
         assert len(lines) == len({(p, e.id) for p, e in lines}) == ENTRIES

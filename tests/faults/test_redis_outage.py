@@ -83,9 +83,12 @@ async def test_redis_down_under_load(private_fault_redis, make_stage, plan: Plan
         await asyncio.sleep(plan.tail_s)
     print("\n" + figures(load.record, since, until, shed))
     await stage.finish(
-        f"redis down {plan.redis_down_s:.0f}s", load.record.accepted, fault_end=fault_end,
-        refused=load.record.refused(), problems=check_answers(load.record, since, until),
-    )  # fmt: skip
+        f"redis down {plan.redis_down_s:.0f}s",
+        load.record.accepted,
+        fault_end=fault_end,
+        refused=load.record.refused(),
+        problems=check_answers(load.record, since, until),
+    )
 
 
 async def test_redis_blackholed_under_load(private_fault_redis, make_stage, plan: Plan):
@@ -111,8 +114,11 @@ async def test_redis_blackholed_under_load(private_fault_redis, make_stage, plan
         problems = check_answers(load.record, since, until)
         print("\n" + figures(load.record, since, until, shed) + f"; {proxy.dropped} bytes swallowed")
         await stage.finish(
-            f"redis blackholed {plan.blackhole_s:.0f}s", load.record.accepted, fault_end=fault_end,
-            refused=load.record.refused(), problems=problems,
-        )  # fmt: skip
+            f"redis blackholed {plan.blackhole_s:.0f}s",
+            load.record.accepted,
+            fault_end=fault_end,
+            refused=load.record.refused(),
+            problems=problems,
+        )
     finally:
         await proxy.close()

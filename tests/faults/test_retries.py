@@ -68,14 +68,26 @@ class Retries:
             body = {"clickId": self.clicks.pop(), "eventName": "Sign Up", "customerExternalId": marker}
             return kind, "/api/track/lead", body, auth, lambda out: [marker]
         if kind == "batch":
-            items: list[dict[str, Any]] = [{"type": "click", "ref": self.rng.choice(self.world.codes),
-                                            "visitor_id": f"v{i}-{key}"} for i in range(3)]  # fmt: skip
+            items: list[dict[str, Any]] = [
+                {"type": "click", "ref": self.rng.choice(self.world.codes), "visitor_id": f"v{i}-{key}"}
+                for i in range(3)
+            ]
             items[0]["idempotency_key"] = f"own-{key}"  # an item's own key beside the request's
-            return kind, "/v1/events/batch", items, auth, lambda out: [
-                r["event_id"].replace("-", "") for r in out["results"] if r["ok"]]  # fmt: skip
+            return (
+                kind,
+                "/v1/events/batch",
+                items,
+                auth,
+                lambda out: [r["event_id"].replace("-", "") for r in out["results"] if r["ok"]],
+            )
         body = {"affiliate_url": f"https://shop.test/landing?aff={code}", "dedupe": key}
-        return "affitor", "/api/v1/track/click", body, {"User-Agent": BROWSER}, lambda out: (
-            [out["click_id"].removeprefix("clk_")] if out.get("success") else [])  # fmt: skip
+        return (
+            "affitor",
+            "/api/v1/track/click",
+            body,
+            {"User-Agent": BROWSER},
+            lambda out: [out["click_id"].removeprefix("clk_")] if out.get("success") else [],
+        )
 
     async def send(self, kind: str, base: str, path: str, body: Any, headers: dict[str, str]) -> Any:
         assert self.http is not None
@@ -92,8 +104,9 @@ class Retries:
         kind, path, body, headers, markers = self.request(kind)
         a, b = self.rng.sample(self.bases, 2) if len(self.bases) > 1 else self.bases * 2
         if self.rng.random() < 0.5:
-            answers = await asyncio.gather(self.send(kind, a, path, body, headers),
-                                           self.send(kind, b, path, body, headers))  # fmt: skip
+            answers = await asyncio.gather(
+                self.send(kind, a, path, body, headers), self.send(kind, b, path, body, headers)
+            )
         else:
             answers = (await self.send(kind, a, path, body, headers), await self.send(kind, b, path, body, headers))
         got = [sorted(markers(out)) for out in answers if out is not None]
@@ -117,9 +130,12 @@ async def test_every_request_sent_twice_counts_once(stage: Stage, plan: Plan):
     await load.run(seconds)
     fault_end = await stage.fault_over()
     figures = await stage.finish(
-        f"client retries {seconds:.0f}s ({load.keys} keys, each sent twice)", load.record.accepted,
-        fault_end=fault_end, refused=load.record.refused(), problems=load.problems,
-    )  # fmt: skip
+        f"client retries {seconds:.0f}s ({load.keys} keys, each sent twice)",
+        load.record.accepted,
+        fault_end=fault_end,
+        refused=load.record.refused(),
+        problems=load.problems,
+    )
     assert figures.extras == 0, figures.line(plan.mode)
     assert await stage.check.event_count() == load.keys == len(load.record.accepted)
     assert load.record.statuses, "no request sent"

@@ -25,8 +25,9 @@ LIMIT = 1 << 20  # RLIMIT_FSIZE where no tmpfs can be mounted
 
 def mount_small(path: Path) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(path)],
-                          capture_output=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(path)], capture_output=True, check=False
+    )
     return done.returncode == 0
 
 
@@ -48,8 +49,11 @@ async def test_spool_disk_full(private_fault_redis, make_stage, plan: Plan):
             # the outage lasts until the disk refused requests for a while (or the bound)
             deadline = asyncio.get_running_loop().time() + 6 * plan.redis_full_s
             while asyncio.get_running_loop().time() < deadline:
-                refused = sum(n for k, n in (load.record.statuses - before).items() if k.endswith(" 503")
-                              and not k.startswith("lead"))  # fmt: skip
+                refused = sum(
+                    n
+                    for k, n in (load.record.statuses - before).items()
+                    if k.endswith(" 503") and not k.startswith("lead")
+                )
                 if refused >= 20:
                     break
                 await asyncio.sleep(0.2)
@@ -60,14 +64,18 @@ async def test_spool_disk_full(private_fault_redis, make_stage, plan: Plan):
             await redis_up(server)
             fault_end = await stage.fault_over()
             await asyncio.sleep(plan.tail_s)
-        print(f"\n{'tmpfs ' + DISK if mounted else f'RLIMIT_FSIZE {LIMIT}'}: answers while full: {dict(during)};"
-              f" spooled {held}")  # fmt: skip
+        print(
+            f"\n{'tmpfs ' + DISK if mounted else f'RLIMIT_FSIZE {LIMIT}'}: answers while full: {dict(during)};"
+            f" spooled {held}"
+        )
         public_503 = sum(n for k, n in during.items() if k.endswith(" 503") and not k.startswith("lead"))
         assert public_503 >= 20, f"the disk never refused: {dict(during)}"
         figures = await stage.finish(
             f"spool: disk full ({'tmpfs' if mounted else 'RLIMIT_FSIZE'}), {public_503} refused by it",
-            load.record.accepted, fault_end=fault_end, refused=load.record.refused(),
-        )  # fmt: skip
+            load.record.accepted,
+            fault_end=fault_end,
+            refused=load.record.refused(),
+        )
         assert figures.extras == 0, f"{figures.extras} events stored that were refused"
     finally:
         if mounted:

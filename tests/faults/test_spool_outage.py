@@ -37,9 +37,11 @@ async def test_spool_edge_killed_with_a_full_spool(private_fault_redis, make_sta
         await asyncio.sleep(plan.tail_s)
     print(f"\nspooled when the edge was killed: {held}; answers before the kill: {dict(before.record.statuses)}")
     await stage.finish(
-        f"spool: edge SIGKILLed with {held} spooled", merge(before.record.accepted, after.record.accepted),
-        fault_end=fault_end, refused=before.record.refused() + after.record.refused(),
-    )  # fmt: skip
+        f"spool: edge SIGKILLed with {held} spooled",
+        merge(before.record.accepted, after.record.accepted),
+        fault_end=fault_end,
+        refused=before.record.refused() + after.record.refused(),
+    )
 
 
 async def test_spool_two_edges_share_a_directory(private_fault_redis, make_stage, plan: Plan):
@@ -64,6 +66,8 @@ async def test_spool_two_edges_share_a_directory(private_fault_redis, make_stage
     assert held > 0, "nothing was spooled"
     print(f"\nspooled by both edges at the end of the outage: {held}")
     await stage.finish(
-        f"spool: two edges, one directory, {held} spooled", merge(a.record.accepted, b.record.accepted),
-        fault_end=fault_end, refused=a.record.refused() + b.record.refused(),
-    )  # fmt: skip
+        f"spool: two edges, one directory, {held} spooled",
+        merge(a.record.accepted, b.record.accepted),
+        fault_end=fault_end,
+        refused=a.record.refused() + b.record.refused(),
+    )

@@ -75,12 +75,17 @@ async def test_redis_stalled_under_load_on_every_route(private_fault_redis, make
         await asyncio.sleep(plan.tail_s)
     record = load.record
     during = {k: n for k, n in record.statuses.items() if n}
-    print(f"\nanswers: {dict(sorted(during.items()))}; shed {record.shed};"
-          f" {sum(1 for at, *_ in record.answers if at >= stalled_at)} sent from the stall on")  # fmt: skip
+    print(
+        f"\nanswers: {dict(sorted(during.items()))}; shed {record.shed};"
+        f" {sum(1 for at, *_ in record.answers if at >= stalled_at)} sent from the stall on"
+    )
     figures = await stage.finish(
-        f"redis stalled {stall_s:.0f}s", record.accepted, fault_end=fault_end, refused=record.refused(),
+        f"redis stalled {stall_s:.0f}s",
+        record.accepted,
+        fault_end=fault_end,
+        refused=record.refused(),
         problems=load.problems(),
-    )  # fmt: skip
+    )
     # drained by now: the Affixo clicks, which MARKER_SQL finds by event id, by their visitor ids
     assert not (affixo := await stored_once(stage, load.affixo)), affixo
     assert not (elsewhere := await misattributed(stage.check, load.code_of)), elsewhere

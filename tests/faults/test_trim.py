@@ -104,16 +104,22 @@ async def test_lagging_group_survives_aggressive_trimming(stage: Stage, plan: Pl
         pass
     left = sum([await stage.redis.xlen(s) for s in stage.keys.streams])
     if left >= reader.read:
-        problems.append(f"the trim never removed anything ({left} entries left of {reader.read} read):"
-                        " the scenario proved nothing")  # fmt: skip
+        problems.append(
+            f"the trim never removed anything ({left} entries left of {reader.read} read): the scenario proved nothing"
+        )
     unread = [m for m in load.record.accepted if m not in reader.seen]
     if unread:
-        problems.append(f"the lagging group never read {len(unread)} accepted entries (trimmed before it read"
-                        f" them?), e.g. {unread[:3]}")  # fmt: skip
+        problems.append(
+            f"the lagging group never read {len(unread)} accepted entries (trimmed before it read"
+            f" them?), e.g. {unread[:3]}"
+        )
     if reader.fieldless:
         problems.append(f"the lagging group read {reader.fieldless} entries without their envelope")
     print(f"\nlagging group: read {reader.read}, {lag_at_end} behind when the load stopped; {left} entries left")
     await stage.finish(
-        f"lagging group, trim every 1s, retention 0 ({lag_at_end} behind)", load.record.accepted,
-        fault_end=fault_end, refused=load.record.refused(), problems=problems,
-    )  # fmt: skip
+        f"lagging group, trim every 1s, retention 0 ({lag_at_end} behind)",
+        load.record.accepted,
+        fault_end=fault_end,
+        refused=load.record.refused(),
+        problems=problems,
+    )

@@ -35,9 +35,11 @@ async def test_sigkill_storm(stage: Stage, plan: Plan):
         await asyncio.sleep(plan.tail_s)
     print(f"\nkilled (worker, entries it held): {kills}")
     await stage.finish(
-        f"SIGKILL storm {plan.storm_s:.0f}s ({len(kills)} kills)", load.record.accepted, fault_end=fault_end,
+        f"SIGKILL storm {plan.storm_s:.0f}s ({len(kills)} kills)",
+        load.record.accepted,
+        fault_end=fault_end,
         refused=load.record.refused(),
-    )  # fmt: skip
+    )
 
 
 async def test_sigterm_mid_batch(stage: Stage, plan: Plan):
@@ -58,11 +60,16 @@ async def test_sigterm_mid_batch(stage: Stage, plan: Plan):
         if code != 0:
             problems.append(f"SIGTERM: the worker exited {code}, not 0")
         if left := await stage.consumer_pending(victim):
-            problems.append(f"SIGTERM: the worker left {left} entries pending (held {held} when signalled):"
-                            " the batch in flight was not committed and acked")  # fmt: skip
+            problems.append(
+                f"SIGTERM: the worker left {left} entries pending (held {held} when signalled):"
+                " the batch in flight was not committed and acked"
+            )
         stage.start_worker()  # the rest of the backlog, and the steady load
         await asyncio.sleep(plan.tail_s)
     await stage.finish(
-        f"SIGTERM mid-batch (held {held})", load.record.accepted, fault_end=fault_end,
-        refused=load.record.refused(), problems=problems,
-    )  # fmt: skip
+        f"SIGTERM mid-batch (held {held})",
+        load.record.accepted,
+        fault_end=fault_end,
+        refused=load.record.refused(),
+        problems=problems,
+    )

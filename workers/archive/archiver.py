@@ -81,11 +81,20 @@ class Archiver:
         self.totals = Totals()
         self._pg: asyncpg.Pool | None = None  # the erasure ledger's (made at the first segment)
         self.member = Member(
-            settings, redis, group=GROUP, name=name, part=self._part, role="archive",
-            presence_name=self.presence_name, reclaim_count=settings.archive_segment_entries,
-            totals=lambda: {"segments": self.totals.segments, "entries": self.totals.entries,
-                            "already": self.totals.already},
-        )  # fmt: skip
+            settings,
+            redis,
+            group=GROUP,
+            name=name,
+            part=self._part,
+            role="archive",
+            presence_name=self.presence_name,
+            reclaim_count=settings.archive_segment_entries,
+            totals=lambda: {
+                "segments": self.totals.segments,
+                "entries": self.totals.entries,
+                "already": self.totals.already,
+            },
+        )
 
     @property
     def presence_name(self) -> str:

@@ -57,9 +57,8 @@ async def scrubbed(conn: asyncpg.Connection, rows: list[Row], *, met: bool) -> t
     if not ledger.erased:
         return rows, 0
     hits = [
-        (i, e, s) for i, e in found
-        if ledger.names(e) and (s := erasure.scrub(ledger.key, e, ledger.workspace(e))) != e
-    ]  # fmt: skip
+        (i, e, s) for i, e in found if ledger.names(e) and (s := erasure.scrub(ledger.key, e, ledger.workspace(e))) != e
+    ]
     if not hits:
         return rows, 0
     await erasure.learn(conn, ledger.key, [(e, ledger.workspace(e)) for _, e, _ in hits], met=met)

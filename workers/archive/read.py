@@ -53,8 +53,11 @@ async def pages(
     """The archived entries of ``partition`` in [start, end], ``size`` at a time."""
     for key in await segments(store, prefix, partition, start, end):
         _, entries = seg.read(await store.get(key))
-        rows = [(e.id, e.fields if e.fields is not None else {FIELD: e.envelope}) for e in entries
-                if start <= parse_id(e.id) <= end]  # fmt: skip
+        rows = [
+            (e.id, e.fields if e.fields is not None else {FIELD: e.envelope})
+            for e in entries
+            if start <= parse_id(e.id) <= end
+        ]
         for i in range(0, len(rows), size):
             yield rows[i : i + size]
 

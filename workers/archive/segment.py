@@ -115,9 +115,14 @@ def build(partition: int, entries: list[tuple[str, dict[bytes, bytes]]]) -> tupl
     body = b"".join(line(sid, fields) for sid, fields in entries)
     first, last = entries[0][0], entries[-1][0]
     manifest = Manifest(
-        partition, first, last, _iso(parse_id(first)[0]), _iso(parse_id(last)[0]), len(entries),
+        partition,
+        first,
+        last,
+        _iso(parse_id(first)[0]),
+        _iso(parse_id(last)[0]),
+        len(entries),
         hashlib.sha256(body).hexdigest(),
-    )  # fmt: skip
+    )
     head = orjson.dumps({"manifest": asdict(manifest)}) + b"\n"
     z = zstandard.ZstdCompressor(level=LEVEL)
     # two frames: the manifest alone first, so a reader gets it from the segment's first

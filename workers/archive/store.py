@@ -136,8 +136,11 @@ class ObjectStore:
         config: dict[str, object] = {"region": region}
         if endpoint:
             config["endpoint"] = endpoint
-        client = {"timeout": timedelta(seconds=30), "connect_timeout": timedelta(seconds=5),
-                  "allow_http": bool(endpoint and endpoint.startswith("http://"))}  # fmt: skip
+        client = {
+            "timeout": timedelta(seconds=30),
+            "connect_timeout": timedelta(seconds=5),
+            "allow_http": bool(endpoint and endpoint.startswith("http://")),
+        }
         # a few quick retries inside obstore; a longer outage is the archiver's to wait out
         retry = {"max_retries": 2, "retry_timeout": timedelta(seconds=10)}
         self._store = S3Store.from_url(url, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]

@@ -51,10 +51,19 @@ from workers.consumer.stored import Stored
 _RULES = "SELECT id, commission FROM programs WHERE id = ANY($1::uuid[])"
 
 _COLUMNS = (
-    ("workspace_id", "uuid"), ("program_id", "uuid"), ("affiliate_id", "uuid"), ("link_id", "uuid"),
-    ("kind", "text"), ("source_id", "uuid"), ("customer_external_id", "text"), ("amount", "bigint"),
-    ("currency", "text"), ("earned_at", "timestamptz"), ("approve_after", "timestamptz"), ("rule", "text"),
-)  # fmt: skip
+    ("workspace_id", "uuid"),
+    ("program_id", "uuid"),
+    ("affiliate_id", "uuid"),
+    ("link_id", "uuid"),
+    ("kind", "text"),
+    ("source_id", "uuid"),
+    ("customer_external_id", "text"),
+    ("amount", "bigint"),
+    ("currency", "text"),
+    ("earned_at", "timestamptz"),
+    ("approve_after", "timestamptz"),
+    ("rule", "text"),
+)
 _INSERT = f"""
 INSERT INTO commissions ({", ".join(n for n, _ in _COLUMNS)})
 {jsonrows.select([t for _, t in _COLUMNS])}
@@ -131,9 +140,20 @@ class Sold:
     dialect: str
 
 
-def _row(ws: str, program: Any, affiliate: Any, link: Any, kind: str, source: UUID, customer: str | None,
-         amount: int, currency: str, at: datetime, rules: Rules, rule: str | None = None,
-         ) -> tuple[Any, ...]:  # fmt: skip
+def _row(
+    ws: str,
+    program: Any,
+    affiliate: Any,
+    link: Any,
+    kind: str,
+    source: UUID,
+    customer: str | None,
+    amount: int,
+    currency: str,
+    at: datetime,
+    rules: Rules,
+    rule: str | None = None,
+) -> tuple[Any, ...]:
     rule = rule or ("lead" if kind == "lead" else rules.duration)
     return (ws, program, affiliate, link, kind, source, customer, amount, currency, at, rules.approve_after(at), rule)
 
@@ -168,8 +188,21 @@ async def settle(
         if customer is None:  # no customer to earn once for: the lead alone
             if earns(lead.envelope.dialect):
                 link = lead.link
-                rows.append(_row(link.workspace_id, link.program_id, link.affiliate_id, link.id, "lead",
-                                 lead.envelope.event_id, None, r.lead_flat, r.lead_currency, lead.at, r))  # fmt: skip
+                rows.append(
+                    _row(
+                        link.workspace_id,
+                        link.program_id,
+                        link.affiliate_id,
+                        link.id,
+                        "lead",
+                        lead.envelope.event_id,
+                        None,
+                        r.lead_flat,
+                        r.lead_currency,
+                        lead.at,
+                        r,
+                    )
+                )
             continue
         groups[(lead.link.workspace_id, customer, str(lead.link.program_id), group)] = r
     firsts: dict[tuple[str, str, str], Rules] = {}
@@ -183,9 +216,21 @@ async def settle(
     first_lead = await _first_leads(conn, [s for s, r in months if r.duration == "months"])
     for sale, r in months:
         if r.within(sale.at, first_lead.get(sale.event_id)):
-            rows.append(_row(sale.workspace_id, sale.program_id, sale.affiliate_id, sale.link_id, "sale",
-                             sale.event_id, sale.customer, r.for_sale(sale.amount, sale.currency), sale.currency,
-                             sale.at, r))  # fmt: skip
+            rows.append(
+                _row(
+                    sale.workspace_id,
+                    sale.program_id,
+                    sale.affiliate_id,
+                    sale.link_id,
+                    "sale",
+                    sale.event_id,
+                    sale.customer,
+                    r.for_sale(sale.amount, sale.currency),
+                    sale.currency,
+                    sale.at,
+                    r,
+                )
+            )
     new = {sale.event_id for sale in sold}
     for (ws, customer, program), r in sorted(firsts.items()):
         rows += await _first_sale(conn, ws, customer, program, r, new, earns)
@@ -208,15 +253,22 @@ async def _first_leads(conn: asyncpg.Connection, sold: list[Sold]) -> dict[UUID,
     """Each sale's customer's first counted lead in the sale's program, by the sale's id."""
     if not sold:
         return {}
-    found = await conn.fetch(_FIRST_LEADS, jsonrows.doc([(i, s.workspace_id, s.customer, s.program_id)
-                                                         for i, s in enumerate(sold)]))  # fmt: skip
+    found = await conn.fetch(
+        _FIRST_LEADS, jsonrows.doc([(i, s.workspace_id, s.customer, s.program_id) for i, s in enumerate(sold)])
+    )
     return {sold[r["i"]].event_id: r["first_at"] for r in found if r["first_at"] is not None}
 
 
 async def _first_lead(
-    conn: asyncpg.Connection, ws: str, customer: str, program: str, group: str, r: Rules, batch: set[UUID],
+    conn: asyncpg.Connection,
+    ws: str,
+    customer: str,
+    program: str,
+    group: str,
+    r: Rules,
+    batch: set[UUID],
     earns: Callable[[str], bool],
-) -> list[tuple[Any, ...]]:  # fmt: skip
+) -> list[tuple[Any, ...]]:
     """The customer's first counted lead of the group earns ``lead_flat``, when it is one
     this batch counts; any later one of the group that had earned is taken back."""
     leads = await conn.fetch(_LEADS_OF, UUID(ws), customer, UUID(program))
@@ -225,12 +277,39 @@ async def _first_lead(
         return []
     first, out = found[0], []
     if first["event_id"] in batch and first["earning"] is None and earns(first["dialect"]):
-        out.append(_row(ws, program, first["affiliate_id"], first["link_id"], "lead", first["event_id"], customer,
-                        r.lead_flat, r.lead_currency, first["received_at"], r))  # fmt: skip
+        out.append(
+            _row(
+                ws,
+                program,
+                first["affiliate_id"],
+                first["link_id"],
+                "lead",
+                first["event_id"],
+                customer,
+                r.lead_flat,
+                r.lead_currency,
+                first["received_at"],
+                r,
+            )
+        )
     for later in found[1:]:
         if later["earning"]:
-            out.append(_row(ws, program, later["affiliate_id"], later["link_id"], "reversal", later["event_id"],
-                            customer, -later["earning"], r.lead_currency, later["received_at"], r, "lead"))  # fmt: skip
+            out.append(
+                _row(
+                    ws,
+                    program,
+                    later["affiliate_id"],
+                    later["link_id"],
+                    "reversal",
+                    later["event_id"],
+                    customer,
+                    -later["earning"],
+                    r.lead_currency,
+                    later["received_at"],
+                    r,
+                    "lead",
+                )
+            )
     return out
 
 
@@ -241,8 +320,23 @@ async def _months_past(
     from moves ``months``' start earlier: a sale ``months`` made earn that is now past the
     span is taken back (what it still stands at). What other rules granted stands."""
     found = await conn.fetch(_MONTHS_PAST, UUID(ws), customer, UUID(program), 30 * r.duration_months)
-    return [_row(ws, program, x["affiliate_id"], x["link_id"], "reversal", x["event_id"], customer, -x["earned"],
-                 x["currency"], x["received_at"], r) for x in found if x["earned"]]  # fmt: skip
+    return [
+        _row(
+            ws,
+            program,
+            x["affiliate_id"],
+            x["link_id"],
+            "reversal",
+            x["event_id"],
+            customer,
+            -x["earned"],
+            x["currency"],
+            x["received_at"],
+            r,
+        )
+        for x in found
+        if x["earned"]
+    ]
 
 
 async def _first_sale(
@@ -263,10 +357,36 @@ async def _first_sale(
     first, out = found[0], []
     earned = r.for_sale(first["amount"], first["currency"])
     if first["event_id"] in new and not first["earning"] and earned > 0 and earns(first["dialect"]):
-        out.append(_row(ws, program, first["affiliate_id"], first["link_id"], "sale", first["event_id"], customer,
-                        earned, first["currency"], first["received_at"], r))  # fmt: skip
+        out.append(
+            _row(
+                ws,
+                program,
+                first["affiliate_id"],
+                first["link_id"],
+                "sale",
+                first["event_id"],
+                customer,
+                earned,
+                first["currency"],
+                first["received_at"],
+                r,
+            )
+        )
     for later in found[1:]:
         if later["earning"]:
-            out.append(_row(ws, program, later["affiliate_id"], later["link_id"], "reversal", later["event_id"],
-                            customer, -(later["earned"] or 0), later["currency"], later["received_at"], r))  # fmt: skip
+            out.append(
+                _row(
+                    ws,
+                    program,
+                    later["affiliate_id"],
+                    later["link_id"],
+                    "reversal",
+                    later["event_id"],
+                    customer,
+                    -(later["earned"] or 0),
+                    later["currency"],
+                    later["received_at"],
+                    r,
+                )
+            )
     return out

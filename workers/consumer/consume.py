@@ -51,16 +51,23 @@ class Consumer:
         self.pipeline = pipeline
         self.name = name
         self.member = Member(
-            settings, redis, group=GROUP, name=name, part=self._part, role="consumer",
-            reclaim_count=settings.batch_size, linger=(LINGER_BELOW, LINGER_S),
+            settings,
+            redis,
+            group=GROUP,
+            name=name,
+            part=self._part,
+            role="consumer",
+            reclaim_count=settings.batch_size,
+            linger=(LINGER_BELOW, LINGER_S),
             chores=[
                 Chore("trim", settings.trim_every_s, self._trim),
                 Chore("memory", settings.trim_every_s, self._warn_memory),
                 Chore("partitions", settings.partition_every_s, self._partitions, needs_postgres=True),
                 Chore("retire", RETIRE_EVERY_S, self._retire),
             ],
-            totals=lambda: vars_of(pipeline.totals), on_gate=self._gate_changed,
-        )  # fmt: skip
+            totals=lambda: vars_of(pipeline.totals),
+            on_gate=self._gate_changed,
+        )
         self.keys = self.member.keys  # sized by the layout the member reads
 
     async def run(self, *, drain: bool = False) -> None:
@@ -79,24 +86,39 @@ class Consumer:
 
     async def _trim(self) -> None:
         s = self.settings
-        await trim.trim(self.redis, self.keys, s.stream_retention_s, s.stream_max_bytes, skew_max_s=s.clock_skew_max_s,
-                        retiring=self.member.watch.layout.retiring)  # fmt: skip
+        await trim.trim(
+            self.redis,
+            self.keys,
+            s.stream_retention_s,
+            s.stream_max_bytes,
+            skew_max_s=s.clock_skew_max_s,
+            retiring=self.member.watch.layout.retiring,
+        )
 
     async def _retire(self) -> None:
         """Retire the retiring partitions that are empty (``ingest.contract.layout``)."""
         s = self.settings
         if self.member.watch.layout.retiring:
-            await layout.retire(self.redis, self.keys, s.partitions, replicas=0 if s.redis_cluster else s.ack_replicas,
-                                wait_ms=s.ack_wait_ms)  # fmt: skip
+            await layout.retire(
+                self.redis,
+                self.keys,
+                s.partitions,
+                replicas=0 if s.redis_cluster else s.ack_replicas,
+                wait_ms=s.ack_wait_ms,
+            )
 
     async def _warn_memory(self) -> None:
         await trim.warn_memory(self.redis, self.settings.memory_warn_ratio)
 
     async def _partitions(self) -> None:
         s = self.settings
-        await partitions.maintain(self.pipeline.pg, retention_days=s.event_retention_days,
-                                  dedupe_days=s.dedupe_retention_days, skew_max_s=s.clock_skew_max_s,
-                                  webhook_days=s.webhook_retention_days)  # fmt: skip
+        await partitions.maintain(
+            self.pipeline.pg,
+            retention_days=s.event_retention_days,
+            dedupe_days=s.dedupe_retention_days,
+            skew_max_s=s.clock_skew_max_s,
+            webhook_days=s.webhook_retention_days,
+        )
 
     def _gate_changed(self, gate: Gate) -> None:
         if self.pipeline.metrics is not None:

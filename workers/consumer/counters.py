@@ -146,9 +146,12 @@ async def apply(
         per_day[(lid, s.at.date())].add(s, counted)
 
     visits = sorted(
-        {(UUID(s.link.id), s.at.date(), s.visitor_key) for s in events
-         if counts_as_click(s, count_bots) and s.visitor_key}
-    )  # fmt: skip
+        {
+            (UUID(s.link.id), s.at.date(), s.visitor_key)
+            for s in events
+            if counts_as_click(s, count_bots) and s.visitor_key
+        }
+    )
     if visits:
         for r in await conn.fetch(_UNIQUE, jsonrows.doc(visits)):
             per_link[r["link_id"]].unique_clicks += 1
@@ -162,9 +165,20 @@ async def apply(
     days = sorted(per_day)
     await conn.execute(
         _UPSERT_DAILY,
-        jsonrows.doc([(lid, day, links[lid].workspace_id, links[lid].program_id, links[lid].affiliate_id,
-                       *per_day[(lid, day)].counts()) for lid, day in days]),
-    )  # fmt: skip
+        jsonrows.doc(
+            [
+                (
+                    lid,
+                    day,
+                    links[lid].workspace_id,
+                    links[lid].program_id,
+                    links[lid].affiliate_id,
+                    *per_day[(lid, day)].counts(),
+                )
+                for lid, day in days
+            ]
+        ),
+    )
 
     converted = sorted(
         {UUID(s.link.affiliate_id) for s in events if s.type is EventType.CONVERSION and s.link.affiliate_id}

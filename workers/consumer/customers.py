@@ -118,6 +118,18 @@ async def upsert(conn: asyncpg.Connection, events: list[Stored]) -> None:
             held = m.contact.get(column)
             contact += (held[0], held[1].at, held[1].envelope.event_id) if held else (None, None, None)
         first = m.first
-        batch.append((*key, first.link.id, first.link.affiliate_id, first.link.program_id, first.envelope.event_id,
-                      m.first_click, m.status, first.at, m.last_at, *contact))  # fmt: skip
+        batch.append(
+            (
+                *key,
+                first.link.id,
+                first.link.affiliate_id,
+                first.link.program_id,
+                first.envelope.event_id,
+                m.first_click,
+                m.status,
+                first.at,
+                m.last_at,
+                *contact,
+            )
+        )
     await conn.execute(_UPSERT, jsonrows.doc(batch))

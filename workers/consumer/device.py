@@ -49,8 +49,15 @@ def _device(
     device_model: str | None,
     bot_reason: str | None,
 ) -> Device:
-    doc = {"browser": browser, "browser_version": browser_version, "os": os, "os_version": os_version,
-           "device_type": device_type, "device_brand": device_brand, "device_model": device_model}  # fmt: skip
+    doc = {
+        "browser": browser,
+        "browser_version": browser_version,
+        "os": os,
+        "os_version": os_version,
+        "device_type": device_type,
+        "device_brand": device_brand,
+        "device_model": device_model,
+    }
     return Device(browser, browser_version, os, os_version, device_type, device_brand, device_model, bot_reason, doc)
 
 

@@ -265,9 +265,14 @@ _FIX = (
 
 
 async def drift(
-    conn: asyncpg.Connection, ids: list[UUID], edges: tuple[Any, Any], days: tuple[Any, Any], horizon_id: UUID,
-    *, fix: bool,
-) -> list[dict[str, Any]]:  # fmt: skip
+    conn: asyncpg.Connection,
+    ids: list[UUID],
+    edges: tuple[Any, Any],
+    days: tuple[Any, Any],
+    horizon_id: UUID,
+    *,
+    fix: bool,
+) -> list[dict[str, Any]]:
     """In the caller's transaction: each (link, day, reason, detail) of the links ``ids``
     in the window (``edges``: timestamps; ``days``: the same as dates) whose worker count
     differs from its rows, found before any repair."""

@@ -262,8 +262,16 @@ class _Where(NamedTuple):
 
 
 def _where(ip: str | None, country: str | None, as_name: str | None, place: _City) -> _Where:
-    doc = {"ip": ip, "country": country, "asn": place.asn, "as_name": as_name, "city": place.city,
-           "region": place.region, "latitude": place.latitude, "longitude": place.longitude}  # fmt: skip
+    doc = {
+        "ip": ip,
+        "country": country,
+        "asn": place.asn,
+        "as_name": as_name,
+        "city": place.city,
+        "region": place.region,
+        "latitude": place.latitude,
+        "longitude": place.longitude,
+    }
     return _Where(ip, country, as_name, place, doc)
 
 

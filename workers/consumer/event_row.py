@@ -41,13 +41,32 @@ class EventRow(NamedTuple):
 
 
 SQL_TYPES = {
-    "event_id": "uuid", "type": "smallint", "workspace_id": "uuid", "link_id": "uuid", "program_id": "uuid",
-    "affiliate_id": "uuid", "click_id": "uuid", "visitor_id": "text", "customer_external_id": "text",
-    "name": "text", "dedupe_key": "text", "dialect": "text", "test_mode": "boolean", "is_bot": "boolean",
-    "received_at": "timestamptz", "ip": "inet", "user_agent": "text", "referrer": "text", "country": "text",
-    "asn": "integer", "enrichment": "jsonb", "visitor_key": "text", "out_of_window": "boolean",
-    "payload": "jsonb", "bot_counted": "boolean",
-}  # fmt: skip
+    "event_id": "uuid",
+    "type": "smallint",
+    "workspace_id": "uuid",
+    "link_id": "uuid",
+    "program_id": "uuid",
+    "affiliate_id": "uuid",
+    "click_id": "uuid",
+    "visitor_id": "text",
+    "customer_external_id": "text",
+    "name": "text",
+    "dedupe_key": "text",
+    "dialect": "text",
+    "test_mode": "boolean",
+    "is_bot": "boolean",
+    "received_at": "timestamptz",
+    "ip": "inet",
+    "user_agent": "text",
+    "referrer": "text",
+    "country": "text",
+    "asn": "integer",
+    "enrichment": "jsonb",
+    "visitor_key": "text",
+    "out_of_window": "boolean",
+    "payload": "jsonb",
+    "bot_counted": "boolean",
+}
 COLUMNS: tuple[tuple[str, str], ...] = tuple((name, SQL_TYPES[name]) for name in EventRow._fields)
 
 

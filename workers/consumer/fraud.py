@@ -160,15 +160,36 @@ async def detect(
     if burst_candidates:
         counted = await conn.fetch(
             _BURSTS,
-            jsonrows.doc([(s.envelope.event_id, s.link.id, s.ip, s.at, float(limits(s)["burst_seconds"]),
-                           limits(s)["burst_clicks"]) for s in burst_candidates]),
-        )  # fmt: skip
+            jsonrows.doc(
+                [
+                    (
+                        s.envelope.event_id,
+                        s.link.id,
+                        s.ip,
+                        s.at,
+                        float(limits(s)["burst_seconds"]),
+                        limits(s)["burst_clicks"],
+                    )
+                    for s in burst_candidates
+                ]
+            ),
+        )
         by_id = {s.envelope.event_id: s for s in burst_candidates}
         for r in counted:
             if r["n"] > r["n_max"]:
                 s = by_id[r["event_id"]]
-                raw.append((s, "click_burst", {"ip": s.ip, "clicks": r["n"], "threshold_clicks": r["n_max"],
-                                               "window_seconds": limits(s)["burst_seconds"]}))  # fmt: skip
+                raw.append(
+                    (
+                        s,
+                        "click_burst",
+                        {
+                            "ip": s.ip,
+                            "clicks": r["n"],
+                            "threshold_clicks": r["n_max"],
+                            "window_seconds": limits(s)["burst_seconds"],
+                        },
+                    )
+                )
 
     if people:
         raw += await _people(conn, people)
@@ -182,10 +203,23 @@ async def detect(
         f = sorted(found.flags, key=lambda f: (f.stored.envelope.event_id, f.rule))
         await conn.execute(
             _FLAGS,
-            jsonrows.doc([(x.stored.envelope.event_id, x.rule, x.stored.link.workspace_id, x.stored.link.id,
-                           x.stored.link.affiliate_id, int(x.stored.type), x.excluded, x.evidence, x.stored.at)
-                          for x in f]),
-        )  # fmt: skip
+            jsonrows.doc(
+                [
+                    (
+                        x.stored.envelope.event_id,
+                        x.rule,
+                        x.stored.link.workspace_id,
+                        x.stored.link.id,
+                        x.stored.link.affiliate_id,
+                        int(x.stored.type),
+                        x.excluded,
+                        x.evidence,
+                        x.stored.at,
+                    )
+                    for x in f
+                ]
+            ),
+        )
     return found
 
 
@@ -251,11 +285,17 @@ def notices(found: Found) -> list[WebhookEvent]:
             "event_id": str(event_id),
             "type": s.type.name.lower(),
             "received_at": s.at.isoformat(),
-            "link": {"id": s.link.id, "code": s.link.code, "program_id": s.link.program_id,
-                     "affiliate_id": s.link.affiliate_id},
+            "link": {
+                "id": s.link.id,
+                "code": s.link.code,
+                "program_id": s.link.program_id,
+                "affiliate_id": s.link.affiliate_id,
+            },
             "excluded": any(f.excluded for f in flags),
-            "flags": [{"rule": f.rule, "evidence": f.evidence, "excluded": f.excluded}
-                      for f in sorted(flags, key=lambda f: f.rule)],
-        }  # fmt: skip
+            "flags": [
+                {"rule": f.rule, "evidence": f.evidence, "excluded": f.excluded}
+                for f in sorted(flags, key=lambda f: f.rule)
+            ],
+        }
         out.append(WebhookEvent(s.link.workspace_id, "fraud.flagged", event_id, "", data))
     return out

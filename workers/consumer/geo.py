@@ -54,8 +54,9 @@ class _Networks:
 class GeoTable:
     """Country code and AS organisation by address (an int), as geoip2fast looks them up."""
 
-    def __init__(self, source_info: str, countries: list[str], as_names: list[str],
-                 country_nets: _Networks, as_nets: _Networks) -> None:  # fmt: skip
+    def __init__(
+        self, source_info: str, countries: list[str], as_names: list[str], country_nets: _Networks, as_nets: _Networks
+    ) -> None:
         self.source_info = source_info
         self._countries = countries  # "US:United States", indexed by the country networks' ids
         self._as_names = as_names
@@ -128,8 +129,9 @@ def _dump() -> None:
     out.flush()
 
 
-def _flatten(index: list[int], firsts: list[list[int]], ids: list[list[int]], lengths: list[list[int]],
-             id_code: str) -> _Networks:  # fmt: skip
+def _flatten(
+    index: list[int], firsts: list[list[int]], ids: list[list[int]], lengths: list[list[int]], id_code: str
+) -> _Networks:
     # geoip2fast bisects its chunk index, then the chunk: one bisect over the chunks joined
     # finds the same network, as each chunk starts with its index entry and the chunks are in order
     if [c[0] for c in firsts] != index:

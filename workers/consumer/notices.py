@@ -24,9 +24,16 @@ def for_events(events: list[Stored]) -> list[WebhookEvent]:
     for s in events:
         common = {"event_id": str(s.envelope.event_id), "received_at": s.at.isoformat(), "link": _link(s)}
         if s.type is EventType.LEAD:
-            data = {**common, "event_name": s.text("name"), "click_id": s.text("click_id"),
-                    "customer": {"external_id": s.text("external_id"), "email": s.text("email"),
-                                 "name": s.text("customer_name")}}  # fmt: skip
+            data = {
+                **common,
+                "event_name": s.text("name"),
+                "click_id": s.text("click_id"),
+                "customer": {
+                    "external_id": s.text("external_id"),
+                    "email": s.text("email"),
+                    "name": s.text("customer_name"),
+                },
+            }
             out.append(WebhookEvent(s.link.workspace_id, "lead.created", s.envelope.event_id, "", data))
         elif s.type is EventType.CONVERSION:
             data = {**common, "conversion_id": s.text("conversion_id"), "visitor_id": s.text("visitor_id")}
@@ -44,8 +51,14 @@ async def for_milestones(
     out = []
     for m in reached:
         row = names[m.milestone_id]
-        data = {"affiliate_id": str(m.affiliate_id), "milestone_id": str(m.milestone_id), "name": row["name"],
-                "threshold": row["threshold"], "reached_at": m.reached_at.isoformat()}  # fmt: skip
-        out.append(WebhookEvent(workspace[str(m.affiliate_id)], "milestone.reached", m.milestone_id,
-                                str(m.affiliate_id), data))  # fmt: skip
+        data = {
+            "affiliate_id": str(m.affiliate_id),
+            "milestone_id": str(m.milestone_id),
+            "name": row["name"],
+            "threshold": row["threshold"],
+            "reached_at": m.reached_at.isoformat(),
+        }
+        out.append(
+            WebhookEvent(workspace[str(m.affiliate_id)], "milestone.reached", m.milestone_id, str(m.affiliate_id), data)
+        )
     return out

@@ -147,8 +147,9 @@ async def create_day(conn: asyncpg.Connection, table: _Table, day: date) -> str:
         await conn.execute(
             f"WITH moved AS (DELETE FROM {default} WHERE {key} >= $1 AND {key} < $2 RETURNING *)"
             f" INSERT INTO {name} SELECT * FROM moved",
-            lo, hi,
-        )  # fmt: skip
+            lo,
+            hi,
+        )
         lo_sql, hi_sql = (f"'{v}'" for v in (lo, hi))
         await conn.execute(f"ALTER TABLE {table.name} ATTACH PARTITION {name} FOR VALUES FROM ({lo_sql}) TO ({hi_sql})")
     return name
@@ -253,8 +254,13 @@ async def maintain(
                 clock.check("postgres", skew, skew_max_s)
             except clock.Skewed as exc:
                 out.refused = str(exc)
-                log.warning("partitions.clock_skewed", skew_s=round(skew, 3), bound_s=skew_max_s,
-                            postgres_day=today.isoformat(), refused="drops, retention, dedupe purge")  # fmt: skip
+                log.warning(
+                    "partitions.clock_skewed",
+                    skew_s=round(skew, 3),
+                    bound_s=skew_max_s,
+                    postgres_day=today.isoformat(),
+                    refused="drops, retention, dedupe purge",
+                )
         first_kept = today - timedelta(days=retention_days)
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
             out.skipped = True
@@ -279,12 +285,19 @@ async def maintain(
             if out.refused is None:
                 kept_from = datetime.combine(first_kept, time.min, UTC)
                 webhooks_before = datetime.combine(today - timedelta(days=webhook_days), time.min, UTC)
-                done = await retention.purge(conn, horizon_id=day_uuid(first_kept), webhooks_before=webhooks_before,
-                                             ips_before=kept_from)  # fmt: skip
+                done = await retention.purge(
+                    conn, horizon_id=day_uuid(first_kept), webhooks_before=webhooks_before, ips_before=kept_from
+                )
                 out.purged = done.tables
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK)
     if out.created or out.dropped or out.purged_default or out.purged_dedupe or out.purged:
-        log.info("partitions", created=out.created, dropped=out.dropped,
-                 purged_default=out.purged_default, purged_dedupe=out.purged_dedupe, purged=out.purged)  # fmt: skip
+        log.info(
+            "partitions",
+            created=out.created,
+            dropped=out.dropped,
+            purged_default=out.purged_default,
+            purged_dedupe=out.purged_dedupe,
+            purged=out.purged,
+        )
     return out

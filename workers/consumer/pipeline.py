@@ -235,9 +235,12 @@ class Pipeline:
             n = by_id[eid]
             if int(n) - 1 >= limit:
                 batch.dead.append(
-                    batch.letter(e, f"a worker stopped while processing it {int(n) - 1} times (limit {limit})",
-                                 attempts=int(n) - 1)
-                )  # fmt: skip
+                    batch.letter(
+                        e,
+                        f"a worker stopped while processing it {int(n) - 1} times (limit {limit})",
+                        attempts=int(n) - 1,
+                    )
+                )
                 log.error("event.poison", event_id=str(e.event_id), attempts=int(n) - 1)
             else:
                 keep.append(e)

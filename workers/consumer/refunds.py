@@ -46,9 +46,14 @@ def asked(e: Envelope) -> refunds.Asked:
     if e.workspace_id is None:
         raise ValueError("a refund's copy without its workspace")
     return refunds.Asked(
-        e.workspace_id, str(p["refund_key"]), invoice_id=str(p["invoice"]), amount=int(p["amount"]),
-        reason=p.get("reason"), dialect=e.dialect, asked_as=str(p["fingerprint"]),
-    )  # fmt: skip
+        e.workspace_id,
+        str(p["refund_key"]),
+        invoice_id=str(p["invoice"]),
+        amount=int(p["amount"]),
+        reason=p.get("reason"),
+        dialect=e.dialect,
+        asked_as=str(p["fingerprint"]),
+    )
 
 
 def _at(e: Envelope) -> datetime:

@@ -81,12 +81,25 @@ CROSS JOIN LATERAL (
 """
 
 _COLUMNS = (
-    ("event_id", "uuid"), ("workspace_id", "uuid"), ("invoice_id", "text"), ("customer_external_id", "text"),
-    ("amount", "bigint"), ("currency", "text"), ("event_name", "text"), ("payment_processor", "text"),
-    ("lead_event_name", "text"), ("lead_event_id", "uuid"), ("click_id", "uuid"), ("link_id", "uuid"),
-    ("affiliate_id", "uuid"), ("program_id", "uuid"), ("unattributed", "text"), ("dialect", "text"),
-    ("received_at", "timestamptz"), ("metadata", "jsonb"),
-)  # fmt: skip
+    ("event_id", "uuid"),
+    ("workspace_id", "uuid"),
+    ("invoice_id", "text"),
+    ("customer_external_id", "text"),
+    ("amount", "bigint"),
+    ("currency", "text"),
+    ("event_name", "text"),
+    ("payment_processor", "text"),
+    ("lead_event_name", "text"),
+    ("lead_event_id", "uuid"),
+    ("click_id", "uuid"),
+    ("link_id", "uuid"),
+    ("affiliate_id", "uuid"),
+    ("program_id", "uuid"),
+    ("unattributed", "text"),
+    ("dialect", "text"),
+    ("received_at", "timestamptz"),
+    ("metadata", "jsonb"),
+)
 _INSERT = f"""
 INSERT INTO sales ({", ".join(name for name, _ in _COLUMNS)})
 {jsonrows.select([t for _, t in _COLUMNS])}
@@ -167,24 +180,50 @@ class _Row:
     def values(self) -> tuple[Any, ...]:
         p, lead = self.envelope.payload, self.lead
         return (
-            self.envelope.event_id, self.envelope.workspace_id, _text(p.get("invoice")), p["external_id"],
-            p["amount"], p["currency"], p["name"], p["processor"], _text(p.get("lead_name")),
-            lead["event_id"] if lead else None, lead["click_id"] if lead else None, lead["link_id"] if lead else None,
-            lead["affiliate_id"] if lead else None, lead["program_id"] if lead else None,
-            None if lead else UNATTRIBUTED, self.envelope.dialect, self.at, p.get("metadata"),
-        )  # fmt: skip
+            self.envelope.event_id,
+            self.envelope.workspace_id,
+            _text(p.get("invoice")),
+            p["external_id"],
+            p["amount"],
+            p["currency"],
+            p["name"],
+            p["processor"],
+            _text(p.get("lead_name")),
+            lead["event_id"] if lead else None,
+            lead["click_id"] if lead else None,
+            lead["link_id"] if lead else None,
+            lead["affiliate_id"] if lead else None,
+            lead["program_id"] if lead else None,
+            None if lead else UNATTRIBUTED,
+            self.envelope.dialect,
+            self.at,
+            p.get("metadata"),
+        )
 
     def notice(self) -> WebhookEvent:
         """``sale.created``: the sale as stored; its link as attributed then (null: none yet)."""
         e, lead, p = self.envelope, self.lead, self.envelope.payload
-        link = ({"id": str(lead["link_id"]), "program_id": _str(lead["program_id"]),
-                 "affiliate_id": _str(lead["affiliate_id"])} if lead else None)  # fmt: skip
+        link = (
+            {
+                "id": str(lead["link_id"]),
+                "program_id": _str(lead["program_id"]),
+                "affiliate_id": _str(lead["affiliate_id"]),
+            }
+            if lead
+            else None
+        )
         data = {
-            "event_id": str(e.event_id), "received_at": self.at.isoformat(), "invoice_id": _text(p.get("invoice")),
-            "customer": {"external_id": p["external_id"]}, "amount": p["amount"], "currency": p["currency"],
-            "event_name": p["name"], "payment_processor": p["processor"], "link": link,
+            "event_id": str(e.event_id),
+            "received_at": self.at.isoformat(),
+            "invoice_id": _text(p.get("invoice")),
+            "customer": {"external_id": p["external_id"]},
+            "amount": p["amount"],
+            "currency": p["currency"],
+            "event_name": p["name"],
+            "payment_processor": p["processor"],
+            "link": link,
             "lead_event_id": _str(lead["event_id"]) if lead else None,
-        }  # fmt: skip
+        }
         return WebhookEvent(e.workspace_id or "", "sale.created", e.event_id, "", data)
 
 
@@ -197,9 +236,13 @@ def _text(v: object) -> str | None:
 
 
 async def settle(
-    conn: asyncpg.Connection, sales: list[Envelope], leads: list[Stored], counted: list[Stored] | None = None,
-    *, import_earns: bool = False,
-) -> Settled:  # fmt: skip
+    conn: asyncpg.Connection,
+    sales: list[Envelope],
+    leads: list[Stored],
+    counted: list[Stored] | None = None,
+    *,
+    import_earns: bool = False,
+) -> Settled:
     """Store the batch's new ``sales`` and attribute earlier sales its newly stored
     ``leads`` precede; move ``sale_stats`` from what came back; the commissions the
     attributed sales and the ``counted`` leads earn (``workers.consumer.commissions``: an
@@ -210,15 +253,33 @@ async def settle(
     counted = [s for s in counted or [] if s.type is EventType.LEAD]
     if not sales and not leads and not counted:
         return out
-    await refunds.lock_customers(conn, [(e.workspace_id or "", e.payload["external_id"]) for e in sales]
-                          + [(s.link.workspace_id, s.envelope.payload["external_id"]) for s in leads]
-                          + [(s.link.workspace_id, c) for s in counted if (c := s.text("external_id"))])  # fmt: skip
+    await refunds.lock_customers(
+        conn,
+        [(e.workspace_id or "", e.payload["external_id"]) for e in sales]
+        + [(s.link.workspace_id, s.envelope.payload["external_id"]) for s in leads]
+        + [(s.link.workspace_id, c) for s in counted if (c := s.text("external_id"))],
+    )
     if leads:
-        await conn.execute(_KEEP_LEADS, jsonrows.doc([
-            (s.envelope.event_id, s.link.workspace_id, s.envelope.payload["external_id"], s.text("name"), s.link.id,
-             _click(s), s.link.affiliate_id, s.link.program_id, s.envelope.dialect, s.at)
-            for s in sorted(leads, key=lambda s: s.envelope.event_id)
-        ]))  # fmt: skip
+        await conn.execute(
+            _KEEP_LEADS,
+            jsonrows.doc(
+                [
+                    (
+                        s.envelope.event_id,
+                        s.link.workspace_id,
+                        s.envelope.payload["external_id"],
+                        s.text("name"),
+                        s.link.id,
+                        _click(s),
+                        s.link.affiliate_id,
+                        s.link.program_id,
+                        s.envelope.dialect,
+                        s.at,
+                    )
+                    for s in sorted(leads, key=lambda s: s.envelope.event_id)
+                ]
+            ),
+        )
     stats: Counter[StatKey] = Counter()
     amounts: Counter[StatKey] = Counter()
     refunded: Counter[StatKey] = Counter()  # refunds, and then their amount, of a sale attributed late
@@ -226,11 +287,25 @@ async def settle(
     earned: list[commissions.Sold] = []
 
     if leads:
-        for r in await conn.fetch(_LATE, jsonrows.doc([
-            (s.envelope.event_id, s.link.workspace_id, s.envelope.payload["external_id"], s.text("name"), s.at,
-             _click(s), s.link.id, s.link.affiliate_id, s.link.program_id)
-            for s in sorted(leads, key=lambda s: s.envelope.event_id)
-        ])):  # fmt: skip
+        for r in await conn.fetch(
+            _LATE,
+            jsonrows.doc(
+                [
+                    (
+                        s.envelope.event_id,
+                        s.link.workspace_id,
+                        s.envelope.payload["external_id"],
+                        s.text("name"),
+                        s.at,
+                        _click(s),
+                        s.link.id,
+                        s.link.affiliate_id,
+                        s.link.program_id,
+                    )
+                    for s in sorted(leads, key=lambda s: s.envelope.event_id)
+                ]
+            ),
+        ):
             ws, day, cur = str(r["workspace_id"]), r["received_at"].date(), r["currency"]
             stats[(ws, str(NO_LINK), day, cur)] -= 1
             amounts[(ws, str(NO_LINK), day, cur)] -= r["amount"]
@@ -241,17 +316,38 @@ async def settle(
                 refund_amounts[(ws, link, day, cur)] += sign * r["refunded"]
             out.undrops.append(NoRow(r["event_id"], ws, None, UNATTRIBUTED, r["received_at"]))
             out.attributed_late += 1
-            earned.append(commissions.Sold(r["event_id"], ws, r["customer_external_id"], r["program_id"],
-                                           r["affiliate_id"], r["link_id"], r["amount"], cur, r["received_at"],
-                                           r["dialect"]))  # fmt: skip
+            earned.append(
+                commissions.Sold(
+                    r["event_id"],
+                    ws,
+                    r["customer_external_id"],
+                    r["program_id"],
+                    r["affiliate_id"],
+                    r["link_id"],
+                    r["amount"],
+                    cur,
+                    r["received_at"],
+                    r["dialect"],
+                )
+            )
 
     if sales:
         rows = [_Row(e, ts(e.received_at_ms)) for e in sorted(sales, key=lambda e: e.event_id)]
-        for r in await conn.fetch(_LEADS, jsonrows.doc([
-            (i, row.envelope.workspace_id, row.envelope.payload["external_id"], row.at,
-             _text(row.envelope.payload.get("lead_name")))
-            for i, row in enumerate(rows)
-        ])):  # fmt: skip
+        for r in await conn.fetch(
+            _LEADS,
+            jsonrows.doc(
+                [
+                    (
+                        i,
+                        row.envelope.workspace_id,
+                        row.envelope.payload["external_id"],
+                        row.at,
+                        _text(row.envelope.payload.get("lead_name")),
+                    )
+                    for i, row in enumerate(rows)
+                ]
+            ),
+        ):
             rows[r["i"]].lead = r
         inserted = {r["event_id"] for r in await conn.fetch(_INSERT, jsonrows.doc([row.values() for row in rows]))}
         out.inserted = len(inserted)
@@ -266,25 +362,46 @@ async def settle(
                 out.drops.append(NoRow(e.event_id, ws, None, UNATTRIBUTED, row.at))
             else:
                 lead = row.lead
-                earned.append(commissions.Sold(e.event_id, ws, e.payload["external_id"], lead["program_id"],
-                                               lead["affiliate_id"], lead["link_id"], e.payload["amount"],
-                                               e.payload["currency"], row.at, e.dialect))  # fmt: skip
+                earned.append(
+                    commissions.Sold(
+                        e.event_id,
+                        ws,
+                        e.payload["external_id"],
+                        lead["program_id"],
+                        lead["affiliate_id"],
+                        lead["link_id"],
+                        e.payload["amount"],
+                        e.payload["currency"],
+                        row.at,
+                        e.dialect,
+                    )
+                )
             out.notices.append(row.notice())
         missed = [row for row in rows if row.envelope.event_id not in inserted and row.envelope.payload.get("invoice")]
         if missed:
-            held = await conn.fetch(_INVOICE_HELD, jsonrows.doc([
-                (row.envelope.event_id, row.envelope.workspace_id, row.envelope.payload["invoice"]) for row in missed
-            ]))  # fmt: skip
+            held = await conn.fetch(
+                _INVOICE_HELD,
+                jsonrows.doc(
+                    [
+                        (row.envelope.event_id, row.envelope.workspace_id, row.envelope.payload["invoice"])
+                        for row in missed
+                    ]
+                ),
+            )
             others = {r["event_id"] for r in held}
-            out.drops += [NoRow(row.envelope.event_id, row.envelope.workspace_id, None, "duplicate", row.at)
-                          for row in missed if row.envelope.event_id in others]  # fmt: skip
+            out.drops += [
+                NoRow(row.envelope.event_id, row.envelope.workspace_id, None, "duplicate", row.at)
+                for row in missed
+                if row.envelope.event_id in others
+            ]
 
-    moved = sorted(k for k in stats.keys() | refunded.keys()
-                   if stats[k] or amounts[k] or refunded[k] or refund_amounts[k])  # fmt: skip
+    moved = sorted(
+        k for k in stats.keys() | refunded.keys() if stats[k] or amounts[k] or refunded[k] or refund_amounts[k]
+    )
     if moved:
-        await conn.execute(_STATS, jsonrows.doc([
-            (*k, stats[k], amounts[k], refunded[k], refund_amounts[k]) for k in moved
-        ]))  # fmt: skip
+        await conn.execute(
+            _STATS, jsonrows.doc([(*k, stats[k], amounts[k], refunded[k], refund_amounts[k]) for k in moved])
+        )
     out.notices += await commissions.settle(conn, earned, counted, import_earns=import_earns)
     return out
 
@@ -335,11 +452,26 @@ async def repair(conn: asyncpg.Connection, found: list[asyncpg.Record]) -> None:
     """Add each difference ``drift`` found (not set the sum: batches that committed since
     moved their own counts on top, and a difference read in one snapshot stays right)."""
     if found:
-        await conn.execute(_STATS, jsonrows.doc([
-            (r["workspace_id"], r["link_id"], r["day"], r["currency"], r["sales"] - r["stored_sales"],
-             r["amount"] - r["stored_amount"], r["refunds"] - r["stored_refunds"], r["refunded"] - r["stored_refunded"])
-            for r in sorted(found, key=lambda r: (str(r["workspace_id"]), str(r["link_id"]), r["day"], r["currency"]))
-        ]))  # fmt: skip
+        await conn.execute(
+            _STATS,
+            jsonrows.doc(
+                [
+                    (
+                        r["workspace_id"],
+                        r["link_id"],
+                        r["day"],
+                        r["currency"],
+                        r["sales"] - r["stored_sales"],
+                        r["amount"] - r["stored_amount"],
+                        r["refunds"] - r["stored_refunds"],
+                        r["refunded"] - r["stored_refunded"],
+                    )
+                    for r in sorted(
+                        found, key=lambda r: (str(r["workspace_id"]), str(r["link_id"]), r["day"], r["currency"])
+                    )
+                ]
+            ),
+        )
 
 
 # ``refstream reconcile``: each sale's refund totals (``refunds``, ``refunded``: the running

@@ -238,9 +238,10 @@ async def _write(
             thresholds[info.program_id] = r["fraud_thresholds"]
     if ledger.erased:  # an erased person's events are stored scrubbed (ingest.contract.erasure)
         workspaces = {
-            id(e): by_code[c].workspace_id for e in everything
+            id(e): by_code[c].workspace_id
+            for e in everything
             if isinstance(c := e.payload.get("code"), str) and c in by_code
-        }  # fmt: skip
+        }
         originals = ledger.scrubbed(everything, workspaces)
         result.scrubbed = len(originals)
         # one that links the person to a visitor or a click their erasure could not know (a
@@ -326,10 +327,10 @@ async def _write(
     # test-mode, out-of-window and expired events are stored, and that is all: no counter,
     # no customer, no attribution, no webhook
     live = [
-        s for s in inserted
-        if s.envelope.payload.get("test_mode") is not True and not s.out_of_window
-        and not returned[s.envelope.event_id]
-    ]  # fmt: skip
+        s
+        for s in inserted
+        if s.envelope.payload.get("test_mode") is not True and not s.out_of_window and not returned[s.envelope.event_id]
+    ]
     policy = {ws: r["fraud_policy"] or {} for ws, r in policies.items()}
     flagged = await fraud.detect(conn, live, policy, thresholds) if effects.fraud else fraud.Found()
     counted = flagged.counted(live)  # a flag the workspace excludes: stored and flagged, nothing more
@@ -342,10 +343,13 @@ async def _write(
 
     async def settle() -> None:  # an expired event moves no counter, and no drop either
         await drops.settle(
-            conn, inserted=[s for s in inserted if not returned[s.envelope.event_id]], no_row=no_row + sold_out.drops,
-            counting=counting, flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags],
+            conn,
+            inserted=[s for s in inserted if not returned[s.envelope.event_id]],
+            no_row=no_row + sold_out.drops,
+            counting=counting,
+            flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags],
             taken_back=sold_out.undrops,
-        )  # fmt: skip
+        )
 
     if effects.counters_last:
         await settle()
@@ -362,9 +366,13 @@ async def _write(
 
 
 async def _sales(
-    conn: asyncpg.Connection, sold: list[Envelope], leads: list[Stored], result: BatchResult,
-    counted: list[Stored] | None = None, effects: Effects = LIVE,
-) -> sales.Settled:  # fmt: skip
+    conn: asyncpg.Connection,
+    sold: list[Envelope],
+    leads: list[Stored],
+    result: BatchResult,
+    counted: list[Stored] | None = None,
+    effects: Effects = LIVE,
+) -> sales.Settled:
     """The batch's sales, the earlier ones its leads attribute, and the commissions they and
     its counted leads earn, after its events (the lock order in the module's doc); a sale's
     copy counts as a duplicate."""

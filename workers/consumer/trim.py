@@ -177,8 +177,13 @@ async def trim(
             if hb is None or (minid := hb.minid) is None:
                 continue
             if hb.held_by is not None:
-                log.info("trim.held_back", stream=stream, group=hb.held_by, entries=hb.held_entries,
-                         memory_bytes=hb.memory_bytes)  # fmt: skip
+                log.info(
+                    "trim.held_back",
+                    stream=stream,
+                    group=hb.held_by,
+                    entries=hb.held_entries,
+                    memory_bytes=hb.memory_bytes,
+                )
             n = await _xtrim(redis, stream, _fmt(minid), exact or stream in retired)
         except ResponseError as exc:
             # one partition's trouble is not the round's: the others are still trimmed

@@ -188,8 +188,9 @@ class Member:
             if self._primaries is not None:
                 await self._primaries.aclose()
         await self._leave()
-        log.info(f"{self.role}.stop", consumer=self.name, handed_back=self._handed_back, cut_short=cut_short,
-                 **self.totals())  # fmt: skip
+        log.info(
+            f"{self.role}.stop", consumer=self.name, handed_back=self._handed_back, cut_short=cut_short, **self.totals()
+        )
 
     async def _readers_done(self) -> bool:
         """Until every reader has ended (a reader's death raised); once stopped, at most
@@ -228,8 +229,12 @@ class Member:
                         await self._hand_back(p, self.keys.stream(p), ids)
         except TimeoutError:
             log.warning(f"{self.role}.hand_back_timeout", within_s=LEAVE_WITHIN_S)
-        log.warning(f"{self.role}.drain_cut_short", consumer=self.name, drain_timeout_s=self.settings.drain_timeout_s,
-                    handed_back=sum(len(ids) for ids in held.values()))  # fmt: skip
+        log.warning(
+            f"{self.role}.drain_cut_short",
+            consumer=self.name,
+            drain_timeout_s=self.settings.drain_timeout_s,
+            handed_back=sum(len(ids) for ids in held.values()),
+        )
 
     def _spawn(self, p: int) -> None:
         """A reader for partition ``p``, unless one runs (or the member stops)."""

@@ -122,9 +122,13 @@ def redis_settings(settings: Settings, *, wait: bool = False) -> RedisSettings:
         rs = RedisSettings.from_dsn(settings.arq_url)
     else:
         rs = RedisSettings(
-            host=list(target.sentinels), sentinel=True, sentinel_master=target.master, database=target.db,
-            username=target.username, password=target.password,
-        )  # fmt: skip
+            host=list(target.sentinels),
+            sentinel=True,
+            sentinel_master=target.master,
+            database=target.db,
+            username=target.username,
+            password=target.password,
+        )
     if wait:
         rs.conn_retries, rs.conn_retry_delay = 1_000_000, 2
     return rs
@@ -135,10 +139,14 @@ async def connect_arq(settings: Settings, *, wait: bool = False) -> PrefixedArqR
     ``{prefix}:arq:queue``, every arq key under ``{prefix}:``. Close it with ``aclose()``."""
     keys = Keys(settings.stream_prefix, settings.partitions)
     return wrap(
-        await create_pool(redis_settings(settings, wait=wait), job_serializer=orjson.dumps,
-                          job_deserializer=orjson.loads, default_queue_name=keys.arq_queue),
+        await create_pool(
+            redis_settings(settings, wait=wait),
+            job_serializer=orjson.dumps,
+            job_deserializer=orjson.loads,
+            default_queue_name=keys.arq_queue,
+        ),
         settings.stream_prefix,
-    )  # fmt: skip
+    )
 
 
 def wrap(pool: ArqRedis, key_prefix: str) -> PrefixedArqRedis:

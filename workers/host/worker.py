@@ -203,8 +203,14 @@ async def sweep_erasures(ctx: dict[str, Any]) -> int:
     nothing to do is one query."""
     c: Consumer = ctx["consumer"]
     settings = ctx["settings"]
-    done = await erasure.sweep(c.pipeline.pg, c.redis, c.keys, open_store(settings), replicas=settings.ack_replicas,
-                               wait_ms=settings.ack_wait_ms)  # fmt: skip
+    done = await erasure.sweep(
+        c.pipeline.pg,
+        c.redis,
+        c.keys,
+        open_store(settings),
+        replicas=settings.ack_replicas,
+        wait_ms=settings.ack_wait_ms,
+    )
     return len(done.archive_done)
 
 
@@ -243,9 +249,12 @@ class ResilientWorker(Worker):
         here, so arq's ``main`` uses it. Without a prefix, arq's own global keys."""
         if self._pool is None and self.key_prefix is not None:
             pool = await create_pool(
-                self.redis_settings, job_serializer=self.job_serializer, job_deserializer=self.job_deserializer,
-                default_queue_name=self.queue_name, expires_extra_ms=self.expires_extra_ms,
-            )  # fmt: skip
+                self.redis_settings,
+                job_serializer=self.job_serializer,
+                job_deserializer=self.job_deserializer,
+                default_queue_name=self.queue_name,
+                expires_extra_ms=self.expires_extra_ms,
+            )
             self._pool = arq_redis.wrap(pool, self.key_prefix)
         await super().main()
 

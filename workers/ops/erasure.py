@@ -150,8 +150,9 @@ async def _recheck(pg: asyncpg.Pool, key: bytes, rows: list[asyncpg.Record]) -> 
         await pg.execute(
             "UPDATE erasures e SET rechecked = x.generation FROM unnest($1::uuid[], $2::bigint[]) AS x(id, generation) "
             "WHERE e.id = x.id",
-            [r["id"] for r in mine], [r["generation"] for r in mine],
-        )  # fmt: skip
+            [r["id"] for r in mine],
+            [r["generation"] for r in mine],
+        )
     return scrubbed
 
 
@@ -162,8 +163,9 @@ async def _done(pg: asyncpg.Pool, place: str, rows: list[asyncpg.Record]) -> lis
     done = await pg.fetch(
         f"UPDATE erasures e SET {place} = now() FROM unnest($1::uuid[], $2::bigint[]) AS x(id, generation) "
         "WHERE e.id = x.id AND e.generation = x.generation RETURNING e.id",
-        [r["id"] for r in rows], [r["generation"] for r in rows],
-    )  # fmt: skip
+        [r["id"] for r in rows],
+        [r["generation"] for r in rows],
+    )
     return sorted(str(r["id"]) for r in done)
 
 
@@ -219,14 +221,16 @@ class _Check:
         async with self.pg.acquire() as conn:
             ledger = await erasure.Ledger.read(conn, envelopes)
             hits = {
-                i for i, e in enumerate(envelopes)
+                i
+                for i, e in enumerate(envelopes)
                 if ledger.names(e) and erasure.scrub(self.key, e, ledger.workspace(e)) != e
-            }  # fmt: skip
+            }
             # what a copy the sweep scrubs teaches (a dead-lettered or archived lead's click):
             # the ledger learns it as a worker storing it would have, and the erasure is
             # pending again where something joined
-            await erasure.learn(conn, self.key, [(envelopes[i], ledger.workspace(envelopes[i])) for i in sorted(hits)],
-                                met=False)  # fmt: skip
+            await erasure.learn(
+                conn, self.key, [(envelopes[i], ledger.workspace(envelopes[i])) for i in sorted(hits)], met=False
+            )
         return hits
 
     def scrub(self, e: Envelope) -> Envelope:
@@ -443,8 +447,9 @@ async def _archive(store: Store, keys: Keys, high: int, since: datetime, check: 
             data = await store.get(name)
             manifest, entries = await asyncio.to_thread(seg.read, data)
             result.segments_read += 1
-            rows: list[erased.Row] = [(e.id, e.fields if e.fields is not None else {FIELD: e.envelope or b""})
-                                      for e in entries]  # fmt: skip
+            rows: list[erased.Row] = [
+                (e.id, e.fields if e.fields is not None else {FIELD: e.envelope or b""}) for e in entries
+            ]
             async with check.pg.acquire() as conn:
                 rows, n = await erased.scrubbed(conn, rows, met=False)
             if not n:

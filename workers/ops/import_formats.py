@@ -219,20 +219,40 @@ def _from_dub(e: dict[str, Any]) -> dict[str, Any]:
     click, link, customer = e.get("click") or {}, e.get("link") or {}, e.get("customer") or {}
     out: dict[str, Any] = {"timestamp": e.get("timestamp")}
     if kind == "click":
-        out.update(type="click", id=click["id"], link=link.get("key"), ip=click.get("ip"),
-                   user_agent=click.get("ua"), referrer=click.get("refererUrl") or click.get("referer"))  # fmt: skip
+        out.update(
+            type="click",
+            id=click["id"],
+            link=link.get("key"),
+            ip=click.get("ip"),
+            user_agent=click.get("ua"),
+            referrer=click.get("refererUrl") or click.get("referer"),
+        )
     elif kind == "lead":
-        out.update(type="lead", id=e.get("eventId") or f"{click.get('id')}:{customer.get('externalId')}",
-                   customer_id=customer.get("externalId"), event_name=e.get("eventName") or "Sign Up",
-                   click=click.get("id"), link=link.get("key"), email=customer.get("email"),
-                   customer_name=customer.get("name"), avatar=customer.get("avatar"),
-                   metadata=e.get("metadata"))  # fmt: skip
+        out.update(
+            type="lead",
+            id=e.get("eventId") or f"{click.get('id')}:{customer.get('externalId')}",
+            customer_id=customer.get("externalId"),
+            event_name=e.get("eventName") or "Sign Up",
+            click=click.get("id"),
+            link=link.get("key"),
+            email=customer.get("email"),
+            customer_name=customer.get("name"),
+            avatar=customer.get("avatar"),
+            metadata=e.get("metadata"),
+        )
     elif kind == "sale":
         sale = e["sale"]
-        out.update(type="sale", id=e.get("eventId") or sale.get("invoiceId"), customer_id=customer.get("externalId"),
-                   amount=sale.get("amount"), currency=sale.get("currency") or "usd",
-                   invoice_id=sale.get("invoiceId"), event_name=e.get("eventName") or "Purchase",
-                   payment_processor=sale.get("paymentProcessor") or "custom", metadata=e.get("metadata"))  # fmt: skip
+        out.update(
+            type="sale",
+            id=e.get("eventId") or sale.get("invoiceId"),
+            customer_id=customer.get("externalId"),
+            amount=sale.get("amount"),
+            currency=sale.get("currency") or "usd",
+            invoice_id=sale.get("invoiceId"),
+            event_name=e.get("eventName") or "Purchase",
+            payment_processor=sale.get("paymentProcessor") or "custom",
+            metadata=e.get("metadata"),
+        )
     else:
         return {"type": kind}
     return {k: v for k, v in out.items() if v is not None}

@@ -136,9 +136,13 @@ class Gate:
     that did not, never above ``share``."""
 
     def __init__(
-        self, backlog: LiveBacklog, yield_backlog: int, yield_lag_ms: int, share: float,
+        self,
+        backlog: LiveBacklog,
+        yield_backlog: int,
+        yield_lag_ms: int,
+        share: float,
         tell: Callable[[Told], None] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.backlog, self.tell = backlog, tell
         self.yield_backlog, self.yield_lag_ms, self.share_max = yield_backlog, yield_lag_ms, share
         self.share = share
@@ -166,20 +170,32 @@ class Gate:
             now = time.monotonic()
             ages.append(w.oldest_ms)
             if (
-                now - started >= SETTLE_S and self.yield_lag_ms > 0 and w.entries <= self.yield_backlog
+                now - started >= SETTLE_S
+                and self.yield_lag_ms > 0
+                and w.entries <= self.yield_backlog
                 and w.oldest_ms <= min(ages) + self.yield_lag_ms
-            ):  # fmt: skip
+            ):
                 # rested, and the lag does not keep growing: what it is now is live work's own
                 self.floor_ms, self._floor_at, floored = quantile(ages, FLOOR_QUANTILE), now, True
-                log.info("import.live_floor", floor_ms=self.floor_ms, lag_limit_ms=self.lag_limit_ms(),
-                         least_ms=min(ages), reads=len(ages))  # fmt: skip
+                log.info(
+                    "import.live_floor",
+                    floor_ms=self.floor_ms,
+                    lag_limit_ms=self.lag_limit_ms(),
+                    least_ms=min(ages),
+                    reads=len(ages),
+                )
                 break  # now within the bound: the quantile is at least the least age
             if now - told_at >= TELL_EVERY_S:
                 told_at = now
                 told = Told(now - started, w, self.lag_limit_ms(), self.floor_ms, self.yield_backlog)
-                log.info("import.giving_way", waited_s=round(told.waited_s, 1), entries=w.entries,
-                         oldest_ms=w.oldest_ms, lag_limit_ms=told.lag_limit_ms,
-                         yield_backlog=self.yield_backlog)  # fmt: skip
+                log.info(
+                    "import.giving_way",
+                    waited_s=round(told.waited_s, 1),
+                    entries=w.entries,
+                    oldest_ms=w.oldest_ms,
+                    lag_limit_ms=told.lag_limit_ms,
+                    yield_backlog=self.yield_backlog,
+                )
                 if self.tell is not None:
                     self.tell(told)
             await _pause(stop, pause)  # a poll of Redis's backlog: nothing to await but the stop

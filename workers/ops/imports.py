@@ -124,13 +124,23 @@ class Summary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "read": self.read, "stored": self.stored, "duplicates": self.duplicates, "scrubbed": self.scrubbed,
-            "refused": dict(sorted(self.refused.items())), "refused_total": sum(self.refused.values()),
-            "examples": self.examples, "waited_s": round(self.waited_s, 3), "rested_s": round(self.rested_s, 3),
-            "behind": self.behind, "share_low": round(self.share_low, 3), "live_floor_ms": self.live_floor_ms,
-            "seconds": round(self.seconds, 3), "skipped": self.skipped, "finished": self.finished,
+            "read": self.read,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "scrubbed": self.scrubbed,
+            "refused": dict(sorted(self.refused.items())),
+            "refused_total": sum(self.refused.values()),
+            "examples": self.examples,
+            "waited_s": round(self.waited_s, 3),
+            "rested_s": round(self.rested_s, 3),
+            "behind": self.behind,
+            "share_low": round(self.share_low, 3),
+            "live_floor_ms": self.live_floor_ms,
+            "seconds": round(self.seconds, 3),
+            "skipped": self.skipped,
+            "finished": self.finished,
             "resume_line": None if self.finished else self.resume_line,
-        }  # fmt: skip
+        }
 
 
 def event_id(workspace_id: str, source: str, kind: str, source_id: str, at_ms: int) -> UUID:
@@ -153,10 +163,15 @@ class Importer:
     cancelled. ``tell`` hears each long wait for live work."""
 
     def __init__(
-        self, pool: asyncpg.Pool, opts: Options, backlog: LiveBacklog, enricher: Enricher | None = None,
-        progress: Callable[[Summary], None] | None = None, stop: asyncio.Event | None = None,
+        self,
+        pool: asyncpg.Pool,
+        opts: Options,
+        backlog: LiveBacklog,
+        enricher: Enricher | None = None,
+        progress: Callable[[Summary], None] | None = None,
+        stop: asyncio.Event | None = None,
         tell: Callable[[Told], None] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.pool, self.opts, self.backlog, self.enricher = pool, opts, backlog, enricher
         self.progress = progress
         self.stop = stop or asyncio.Event()
@@ -296,8 +311,13 @@ class Importer:
             self.summary.refuse("past_retention", r.line, f"{ts(r.at_ms).isoformat()} is before the retention")
             return None
         if r.kind == "sale":
-            payload = {"external_id": f["customer_id"], "amount": f["amount"], "currency": f["currency"],
-                       "name": f["event_name"], "processor": f["payment_processor"]}  # fmt: skip
+            payload = {
+                "external_id": f["customer_id"],
+                "amount": f["amount"],
+                "currency": f["currency"],
+                "name": f["event_name"],
+                "processor": f["payment_processor"],
+            }
             for key, name in (("invoice", "invoice_id"), ("lead_name", "lead_event_name"), ("metadata", "metadata")):
                 if name in f:
                     payload[key] = f[name]
@@ -311,13 +331,24 @@ class Importer:
             payload = {"code": f["link"], "visitor_id": visitor}
             if "referrer" in f:
                 payload["referrer"] = f["referrer"]
-            return Envelope(EventType.CLICK, DIALECT, payload, o.workspace_id, f.get("ip"), f.get("user_agent"),
-                            event_id=eid, received_at_ms=r.at_ms)  # fmt: skip
+            return Envelope(
+                EventType.CLICK,
+                DIALECT,
+                payload,
+                o.workspace_id,
+                f.get("ip"),
+                f.get("user_agent"),
+                event_id=eid,
+                received_at_ms=r.at_ms,
+            )
         payload = {"name": f["event_name"], "external_id": f["customer_id"]}
         click = known.get(f["click"]) if "click" in f else None
         if click is not None:
-            payload |= {"code": click.code, "click_id": clicks.mint(click.event_id),
-                        "visitor_id": click.visitor or _visitor(click.event_id)}  # fmt: skip
+            payload |= {
+                "code": click.code,
+                "click_id": clicks.mint(click.event_id),
+                "visitor_id": click.visitor or _visitor(click.event_id),
+            }
         elif "link" in f:
             if not self._links.get(f["link"]):
                 self.summary.refuse("unknown_link", r.line, f["link"])
@@ -335,9 +366,14 @@ class Importer:
     async def _refund(self, r: Row) -> None:
         o, f = self.opts, r.fields
         asked = refunds.Asked.keyed(
-            o.workspace_id, f.get("refund_id") or r.id, None, invoice_id=f["invoice_id"], amount=f.get("amount"),
-            reason=f.get("reason"), dialect=DIALECT,
-        )  # fmt: skip
+            o.workspace_id,
+            f.get("refund_id") or r.id,
+            None,
+            invoice_id=f["invoice_id"],
+            amount=f.get("amount"),
+            reason=f.get("reason"),
+            dialect=DIALECT,
+        )
         eid = event_id(o.workspace_id, o.source, "refund", r.id, r.at_ms)
 
         async def record() -> refunds.Refunded:

@@ -37,8 +37,12 @@ class Difference:
         def cell(v: tuple[int, str] | None) -> dict[str, Any] | None:
             return None if v is None else {"amount": v[0], "currency": v[1]}
 
-        return {"kind": self.kind, "source_id": self.source_id, "expected": cell(self.expected),
-                "stored": cell(self.stored)}  # fmt: skip
+        return {
+            "kind": self.kind,
+            "source_id": self.source_id,
+            "expected": cell(self.expected),
+            "stored": cell(self.stored),
+        }
 
 
 async def history(
@@ -59,7 +63,6 @@ async def check(pool: asyncpg.Pool, workspace_id: str | None = None, *, import_e
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         rules, leads, sales, rows = await history(conn, workspace_id)
     want = earnings.expected(rules, leads, sales, import_earns=import_earns)
-    found = [Difference(k[0], str(k[1]), x, s)
-             for k, x, s in earnings.differences(want, earnings.standing(rows))]  # fmt: skip
+    found = [Difference(k[0], str(k[1]), x, s) for k, x, s in earnings.differences(want, earnings.standing(rows))]
     log.info("ledger.check", differences=len(found), sales=len(sales), leads=len(leads), rows=len(rows))
     return found

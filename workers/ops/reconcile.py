@@ -245,8 +245,14 @@ async def reconcile(
     links.sort(key=lambda d: (d.code, order[d.counter]))
     rank = {c: i for i, c in enumerate(COUNTERS)}
     daily.sort(key=lambda d: (d.code, d.day or _FAR_PAST, rank.get(d.counter, len(rank)), d.counter))
-    log.info("reconcile", drift=len(links) + len(daily), chunks=chunks, fixed=fix,
-             since=span.since.isoformat(), until=span.until.isoformat())  # fmt: skip
+    log.info(
+        "reconcile",
+        drift=len(links) + len(daily),
+        chunks=chunks,
+        fixed=fix,
+        since=span.since.isoformat(),
+        until=span.until.isoformat(),
+    )
     return links + daily
 
 
@@ -315,26 +321,32 @@ async def _chunk(
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _SALES_LOCK)
         codes = {r["id"]: r["code"] for r in rows}
         refunded = [
-            Drift(codes.get(r["link_id"], "(unattributed)"), f"sale.{r['event_id']}.{c}", r[f"stored_{c}"], r[c],
-                  r["day"])
+            Drift(
+                codes.get(r["link_id"], "(unattributed)"), f"sale.{r['event_id']}.{c}", r[f"stored_{c}"], r[c], r["day"]
+            )
             for r in await _refund_drift(conn, ids, (start, end), fix)
             for c in ("refunds", "refunded")
             if r[f"stored_{c}"] != r[c]
-        ]  # fmt: skip
+        ]
         found = await sales.drift(conn, ids, (start, end), days[1:])
         if fix:
             await sales.repair(conn, found)
         sold = [
-            Drift(codes.get(r["link_id"], "(unattributed)"), f"{name}.{r['currency']}", r[f"stored_{col}"], r[col],
-                  r["day"])
+            Drift(
+                codes.get(r["link_id"], "(unattributed)"),
+                f"{name}.{r['currency']}",
+                r[f"stored_{col}"],
+                r[col],
+                r["day"],
+            )
             for r in found
             for name, col in SALE_COUNTERS
             if r[f"stored_{col}"] != r[col]
-        ]  # fmt: skip
+        ]
         dropped = [
             Drift(r["code"], _drop_counter(r["reason"], r["detail"]), r["stored"], r["recomputed"], r["day"])
             for r in await drops.drift(conn, ids, (start, end), days[1:], horizon_id, fix=fix)
-        ]  # fmt: skip
+        ]
     return links, daily + refunded + sold + dropped
 
 

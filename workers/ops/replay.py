@@ -35,8 +35,20 @@ from workers.consumer.enrich import Enricher
 from workers.group.errors import is_transient
 from workers.ops.replay_source import MAX_SEQ, RangeError, Source, StreamId, count, format_id, parse_id
 
-__all__ = ["MAX_SEQ", "Range", "RangeError", "ReplayPlan", "ReplayResult", "Source", "count", "format_id",
-           "parse_id", "plan", "replay", "replay_job"]  # fmt: skip
+__all__ = [
+    "MAX_SEQ",
+    "Range",
+    "RangeError",
+    "ReplayPlan",
+    "ReplayResult",
+    "Source",
+    "count",
+    "format_id",
+    "parse_id",
+    "plan",
+    "replay",
+    "replay_job",
+]
 
 if TYPE_CHECKING:
     from workers.consumer.consume import Consumer
@@ -135,8 +147,11 @@ class _Report:
         for counts in parts.values():
             for k, v in counts.items():
                 totals[k] = totals.get(k, 0) + v
-        return {"range": {"from": format_id(self.start), "to": format_id(self.end)}, "partitions": parts,
-                "totals": totals}  # fmt: skip
+        return {
+            "range": {"from": format_id(self.start), "to": format_id(self.end)},
+            "partitions": parts,
+            "totals": totals,
+        }
 
     def total(self, name: str) -> int:
         return sum(int(getattr(c, name)) for c in self.partitions.values())

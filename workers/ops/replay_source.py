@@ -107,8 +107,9 @@ class Source:
             total += await count(self.redis, stream, max(start, first), end)
         return total
 
-    async def pages(self, p: int, stream: str, start: StreamId, end: StreamId, size: int,
-                    part: Any) -> AsyncIterator[list[Any]]:  # fmt: skip
+    async def pages(
+        self, p: int, stream: str, start: StreamId, end: StreamId, size: int, part: Any
+    ) -> AsyncIterator[list[Any]]:
         """Pages of [start, end]: the archive's part first, then Redis's. ``part.archived``
         counts what came from the archive."""
         first = await _first(self.redis, stream)

@@ -98,9 +98,10 @@ def fail(status: int, message: str, headers: dict[str, str] | None = None) -> we
 
 
 VOICE = accept.Voice(
-    "affitor_click", lambda status, code, message: fail(status, message),
+    "affitor_click",
+    lambda status, code, message: fail(status, message),
     lambda headers: fail(503, "Service temporarily unavailable", headers),
-)  # fmt: skip
+)
 
 
 def _refuse(refused: accept.Refusal, code: str, headers: dict[str, str]) -> web.Response:
@@ -168,9 +169,16 @@ def _make(
     if test_mode:
         payload["test_mode"] = True
     envelope = accept.event(
-        request, edge, EventType.CLICK, Dialect.AFFITOR, link.workspace_id, payload,
-        ip=ip, event_id=event_id, user_agent=body.user_agent,
-    )  # fmt: skip
+        request,
+        edge,
+        EventType.CLICK,
+        Dialect.AFFITOR,
+        link.workspace_id,
+        payload,
+        ip=ip,
+        event_id=event_id,
+        user_agent=body.user_agent,
+    )
     extra: list[Command] = []
     if not test_mode and prior is None:
         ref = clicks.ClickRef(click_id, code, link.workspace_id, payload["visitor_id"], envelope.received_at_ms)

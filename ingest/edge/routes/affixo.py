@@ -136,9 +136,10 @@ def _caller(
 
 
 VOICE = accept.Voice(
-    "affixo_click", lambda status, code, message: error(status, code, detail=message),
+    "affixo_click",
+    lambda status, code, message: error(status, code, detail=message),
     lambda headers: error(503, "unavailable", headers),
-)  # fmt: skip
+)
 
 
 @routes.post("/v1/track/click")
@@ -203,10 +204,15 @@ CONVERSION_VOICE = accept.Voice("affixo_conversion", VOICE.refuse, VOICE.unavail
 
 
 def _recorded(body: AffixoConversion, event: Envelope) -> bytes:
-    return orjson.dumps(AffixoConversionRecorded(
-        conversion_id=str(event.event_id), customer_id=body.customer_id, amount=body.amount, currency=body.currency,
-        invoice_id=body.invoice_id,
-    ).model_dump())  # fmt: skip
+    return orjson.dumps(
+        AffixoConversionRecorded(
+            conversion_id=str(event.event_id),
+            customer_id=body.customer_id,
+            amount=body.amount,
+            currency=body.currency,
+            invoice_id=body.invoice_id,
+        ).model_dump()
+    )
 
 
 CONVERSION = sale.SaleDialect(Dialect.AFFIXO, CONVERSION_VOICE, AffixoConversion, _caller, sale.from_affixo, _recorded)

@@ -59,9 +59,12 @@ class BatchClick(AffixoClick):
 
 
 MODELS: dict[str, type[BaseModel]] = {
-    "click": BatchClick, "lead": RefportLead, "conversion": BricqsConvert, "sale": RefportSale,
+    "click": BatchClick,
+    "lead": RefportLead,
+    "conversion": BricqsConvert,
+    "sale": RefportSale,
     "refund": RefportRefund,
-}  # fmt: skip
+}
 
 
 class BatchClickItem(BatchClick):
@@ -122,9 +125,10 @@ def error(status: int, code: str, detail: str | None = None, headers: dict[str, 
 # one lookup for the caller's key (``accept.look``); the items' lookups and appends are the
 # batch's own: each shares one round trip with the other items' (``_accept``)
 VOICE = accept.Voice(
-    "batch", lambda status, code, message: error(status, code, message),
+    "batch",
+    lambda status, code, message: error(status, code, message),
     lambda headers: error(503, "unavailable", headers=headers),
-)  # fmt: skip
+)
 
 
 def parse_items(raw: bytes, ndjson: bool) -> list[Any]:
@@ -153,8 +157,11 @@ async def batch(request: web.Request) -> web.Response:
     if principal is None:
         return error(401, "unauthorized")
     if not principal.allows("track"):
-        return web.Response(body=orjson.dumps({"error": "insufficient_scope", "need": "track"}), status=403,
-                            content_type="application/json")  # fmt: skip
+        return web.Response(
+            body=orjson.dumps({"error": "insufficient_scope", "need": "track"}),
+            status=403,
+            content_type="application/json",
+        )
     if not found.verdict.allowed:
         edge.drops.note(principal.workspace_id, None, "rate_limited")  # one per refused request
         return error(429, "rate_limited", headers=found.verdict.headers)
@@ -182,16 +189,18 @@ async def batch(request: web.Request) -> web.Response:
     accepted = sum(r.ok for r in results)
     out = BatchResult(accepted=accepted, rejected=len(results) - accepted, results=results)
     headers = {**found.verdict.headers, **({REPLAYED: "true"} if replayed else {})}
-    return web.Response(body=orjson.dumps(out.model_dump(exclude_none=True)), content_type="application/json",
-                        headers=headers)  # fmt: skip
+    return web.Response(
+        body=orjson.dumps(out.model_dump(exclude_none=True)), content_type="application/json", headers=headers
+    )
 
 
 def _validate(index: int, item: Any) -> BaseModel | ItemResult:
     kind = item.get("type") if isinstance(item, dict) else None
     model = MODELS.get(kind) if isinstance(kind, str) else None
     if model is None:
-        return ItemResult(index=index, ok=False, error="invalid",
-                          detail="type: one of click, lead, conversion, sale, refund")  # fmt: skip
+        return ItemResult(
+            index=index, ok=False, error="invalid", detail="type: one of click, lead, conversion, sale, refund"
+        )
     if isinstance(item, dict) and b"\\u0000" in orjson.dumps(item):
         return ItemResult(index=index, ok=False, error="invalid", detail="NUL characters are not allowed")
     try:
@@ -225,10 +234,13 @@ async def _accept(
     some item answered from an earlier request's record, and nothing appended anew."""
     parsed = [_validate(i, item) for i, item in enumerate(items)]
     claims = [_claim(i, item, workspace, idem_key) for i, item in enumerate(items)]
-    parsed = [c if isinstance(c, ItemResult) and not isinstance(p, ItemResult) else p
-              for p, c in zip(parsed, claims, strict=True)]  # fmt: skip
-    codes = sorted({p.ref if isinstance(p, BatchClick) else p.code for p in parsed
-                    if isinstance(p, BatchClick | BricqsConvert)})  # fmt: skip
+    parsed = [
+        c if isinstance(c, ItemResult) and not isinstance(p, ItemResult) else p
+        for p, c in zip(parsed, claims, strict=True)
+    ]
+    codes = sorted(
+        {p.ref if isinstance(p, BatchClick) else p.code for p in parsed if isinstance(p, BatchClick | BricqsConvert)}
+    )
     click_ids = sorted({p.clickId for p in parsed if isinstance(p, RefportLead)})
     fingerprints = {
         p.fingerprint: edge.keys.fingerprint(workspace, hashlib.sha256(p.fingerprint.encode()).hexdigest()[:32])
@@ -341,8 +353,12 @@ async def _refund(edge: Edge, workspace: str, index: int, p: RefportRefund, key:
     if out.refund is not None:
         return ItemResult(index=index, ok=True, event_id=out.refund["refund_id"]), not out.replayed
     if out.unknown:
-        return ItemResult(index=index, ok=False, error="outcome_unknown",
-                          detail="may be recorded: retry with the same refundId or key"), False  # fmt: skip
+        return ItemResult(
+            index=index,
+            ok=False,
+            error="outcome_unknown",
+            detail="may be recorded: retry with the same refundId or key",
+        ), False
     return ItemResult(index=index, ok=False, error=out.code, detail=out.message), False
 
 
@@ -408,9 +424,14 @@ def _known(seen: object, candidate: str) -> bool:
 
 
 def _envelope(
-    index: int, p: BaseModel, workspace: str, by_code: dict[str, links.LinkInfo | None],
-    by_click: dict[str, clicks.ClickRef | None], candidates: dict[str, str], seen: dict[str, Any],
-) -> tuple[Envelope | None, ItemResult]:  # fmt: skip
+    index: int,
+    p: BaseModel,
+    workspace: str,
+    by_code: dict[str, links.LinkInfo | None],
+    by_click: dict[str, clicks.ClickRef | None],
+    candidates: dict[str, str],
+    seen: dict[str, Any],
+) -> tuple[Envelope | None, ItemResult]:
     if isinstance(p, RefportSale):
         e = sale.envelope(Dialect.NATIVE, workspace, sale.from_refport(p))
         return e, ItemResult(index=index, ok=True, event_id=str(e.event_id))
@@ -418,10 +439,19 @@ def _envelope(
         click = by_click.get(p.clickId)
         if click is None or click.workspace_id != workspace:
             return None, ItemResult(index=index, ok=False, error="invalid_click_id")
-        payload: dict[str, Any] = {"code": click.code, "click_id": click.click_id, "visitor_id": click.visitor_id,
-                                   "name": p.eventName, "external_id": p.customerExternalId}  # fmt: skip
-        for field, value in (("email", p.customerEmail), ("customer_name", p.customerName),
-                             ("avatar", p.customerAvatar), ("metadata", p.metadata)):  # fmt: skip
+        payload: dict[str, Any] = {
+            "code": click.code,
+            "click_id": click.click_id,
+            "visitor_id": click.visitor_id,
+            "name": p.eventName,
+            "external_id": p.customerExternalId,
+        }
+        for field, value in (
+            ("email", p.customerEmail),
+            ("customer_name", p.customerName),
+            ("avatar", p.customerAvatar),
+            ("metadata", p.metadata),
+        ):
             if value is not None:
                 payload[field] = value
         e = Envelope(type=EventType.LEAD, dialect=Dialect.NATIVE, workspace_id=workspace, payload=payload)
@@ -446,8 +476,20 @@ def _envelope(
         payload["page_url"] = p.url
     if p.referrer:
         payload["referrer"] = p.referrer
-    e = Envelope(type=EventType.CLICK, dialect=Dialect.NATIVE, workspace_id=workspace, payload=payload,
-                 ip=p.ip, user_agent=p.user_agent)  # fmt: skip
+    e = Envelope(
+        type=EventType.CLICK,
+        dialect=Dialect.NATIVE,
+        workspace_id=workspace,
+        payload=payload,
+        ip=p.ip,
+        user_agent=p.user_agent,
+    )
     confidence = {"cookie": 1.0, "fingerprint": FINGERPRINT_CONFIDENCE}.get(method, 0.0)
-    return e, ItemResult(index=index, ok=True, event_id=str(e.event_id), visitor_id=visitor,
-                         match_method=method, match_confidence=confidence)  # fmt: skip
+    return e, ItemResult(
+        index=index,
+        ok=True,
+        event_id=str(e.event_id),
+        visitor_id=visitor,
+        match_method=method,
+        match_confidence=confidence,
+    )

@@ -95,7 +95,12 @@ async def redirect(request: web.Request) -> web.Response:
         return where
     response = moved(with_param(link.url, settings.click_id_param, click_id))
     response.set_cookie(
-        settings.cookie_name, click_id, max_age=window_s, path="/", samesite="Lax",
-        domain=settings.cookie_domain, secure=request.secure or None,
-    )  # fmt: skip
+        settings.cookie_name,
+        click_id,
+        max_age=window_s,
+        path="/",
+        samesite="Lax",
+        domain=settings.cookie_domain,
+        secure=request.secure or None,
+    )
     return response

@@ -100,9 +100,10 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
 
 
 VOICE = accept.Voice(
-    "refport_lead", lambda status, code, message: error(status, code.upper(), message),
+    "refport_lead",
+    lambda status, code, message: error(status, code.upper(), message),
     lambda headers: error(503, "SERVICE_UNAVAILABLE", "Try again shortly", headers),
-)  # fmt: skip
+)
 
 
 SALE_VOICE = accept.Voice("refport_sale", VOICE.refuse, VOICE.unavailable)
@@ -132,12 +133,19 @@ def _caller(
 
 
 def _sale_tracked(body: RefportSale, event: Envelope) -> bytes:
-    return orjson.dumps(RefportSaleTracked(
-        eventName=body.eventName,
-        customer=RefportSaleCustomer(externalId=body.customerExternalId),
-        sale=RefportSaleEcho(amount=body.amount, currency=body.currency, paymentProcessor=body.paymentProcessor,
-                             invoiceId=body.invoiceId, metadata=body.metadata),
-    ).model_dump())  # fmt: skip
+    return orjson.dumps(
+        RefportSaleTracked(
+            eventName=body.eventName,
+            customer=RefportSaleCustomer(externalId=body.customerExternalId),
+            sale=RefportSaleEcho(
+                amount=body.amount,
+                currency=body.currency,
+                paymentProcessor=body.paymentProcessor,
+                invoiceId=body.invoiceId,
+                metadata=body.metadata,
+            ),
+        ).model_dump()
+    )
 
 
 SALE = sale.SaleDialect(Dialect.REFPORT, SALE_VOICE, RefportSale, _caller, sale.from_refport, _sale_tracked)
@@ -270,10 +278,18 @@ def _make(request: web.Request, edge: Edge, body: RefportLead, click: ClickRef, 
 def _tracked(body: RefportLead, click: ClickRef, link: links.LinkInfo | None) -> RefportLeadTracked:
     if link is None:  # the click's link was deleted after the click: the lead is stored all the same
         link = links.LinkInfo(
-            id="", workspace_id=click.workspace_id, program_id=None, affiliate_id=None,
-            affiliate_external_id=None, code=click.code, url="", domain=None, status="inactive",
-            cookie_window_days=0, attribution="last_click",
-        )  # fmt: skip
+            id="",
+            workspace_id=click.workspace_id,
+            program_id=None,
+            affiliate_id=None,
+            affiliate_external_id=None,
+            code=click.code,
+            url="",
+            domain=None,
+            status="inactive",
+            cookie_window_days=0,
+            attribution="last_click",
+        )
     return RefportLeadTracked(
         eventName=body.eventName,
         click=RefportClick(id=click.click_id),

@@ -124,8 +124,10 @@ async def _page(request: web.Request, edge: Edge, p: Principal, table: str, affi
         return error(400, "invalid_request", f"status: one of {', '.join(STATUSES[table])}")
     filters = {f: q[f] for f in ledger.FILTERS if f in q and (table == "commissions" or f != "program_id")}
     async with acquired(edge.pg) as conn:
-        return json(200, await ledger.page(conn, table, p.workspace_id, filters, q.get("before"), limit,
-                                           affiliate_id=affiliate_id))  # fmt: skip
+        return json(
+            200,
+            await ledger.page(conn, table, p.workspace_id, filters, q.get("before"), limit, affiliate_id=affiliate_id),
+        )
 
 
 @routes.get("/v1/commissions")

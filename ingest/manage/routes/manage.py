@@ -345,9 +345,14 @@ async def create_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
         manage.as_uuid(body.affiliate_id)
     async with acquired(edge.pg) as conn:
         created = await admin.create_key(
-            conn, edge.redis, edge.keys, workspace_id=p.workspace_id, scopes=list(body.scopes),
-            affiliate_id=body.affiliate_id, name=body.name,
-        )  # fmt: skip
+            conn,
+            edge.redis,
+            edge.keys,
+            workspace_id=p.workspace_id,
+            scopes=list(body.scopes),
+            affiliate_id=body.affiliate_id,
+            name=body.name,
+        )
     return json(201, created)
 
 

@@ -28,18 +28,25 @@ from ingest.manage.routes._guard import error, guarded, json, limit_param
 routes = web.RouteTableDef()
 
 EventType = Literal[
-    "lead.created", "conversion.created", "milestone.reached", "fraud.flagged", "sale.created", "commission.created",
-    "payout.paid", "refund.created",
-]  # fmt: skip  # ingest.ledger.outbox.EVENT_TYPES, in its order
+    "lead.created",
+    "conversion.created",
+    "milestone.reached",
+    "fraud.flagged",
+    "sale.created",
+    "commission.created",
+    "payout.paid",
+    "refund.created",
+]  # ingest.ledger.outbox.EVENT_TYPES, in its order
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 
 class NewWebhook(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: Url = Field(
-        min_length=1, max_length=2048,
+        min_length=1,
+        max_length=2048,
         description="Receives a signed POST; a public address (see REFSTREAM_WEBHOOK_ALLOW_PRIVATE)",
-    )  # fmt: skip
+    )
     events: list[EventType] = Field(
         default_factory=lambda: list(EVENT_TYPES), min_length=1, max_length=len(EVENT_TYPES), description="Default: all"
     )
@@ -122,8 +129,12 @@ async def create_webhook(request: web.Request, edge: Edge, p: Principal) -> web.
         row = await conn.fetchrow(
             "INSERT INTO webhooks (workspace_id, url, events, secret_encrypted, secret_prefix)"
             " VALUES ($1, $2, $3, $4, $5) RETURNING id, url, events, created_at",
-            p.workspace_id, body.url, events, token, secretbox.display_prefix(secret),
-        )  # fmt: skip
+            p.workspace_id,
+            body.url,
+            events,
+            token,
+            secretbox.display_prefix(secret),
+        )
     assert row is not None
     return json(201, {**{k: _plain(v) for k, v in row.items()}, "secret": secret})
 

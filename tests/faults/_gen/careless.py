@@ -48,8 +48,18 @@ def draw(rng: random.Random, load_s: float) -> list[Any]:
         out.append(OpStep(CARELESS_FROM + len(out), t, "careless", False, rng.randrange(1 << 16), frozenset(flags)))
         if "odd" in flags and t + 3.0 < load_s:
             on = out[-1].n
-            out.append(OpStep(CARELESS_FROM + len(out), t + rng.uniform(2.0, 3.0), "careless", False,
-                              rng.randrange(1 << 16), frozenset({"odd-erase"}), (), on))  # fmt: skip
+            out.append(
+                OpStep(
+                    CARELESS_FROM + len(out),
+                    t + rng.uniform(2.0, 3.0),
+                    "careless",
+                    False,
+                    rng.randrange(1 << 16),
+                    frozenset({"odd-erase"}),
+                    (),
+                    on,
+                )
+            )
         t += rng.uniform(*EVERY_S)
     return out
 
@@ -80,18 +90,25 @@ def make(step: Any, world: World, history: History) -> Op:
         customer = sale.echo["customer"]
         eraser = {"Authorization": f"Bearer {world.erase_key}"}
         echo: dict[str, Any] = {"customer": customer, "lead": sale.n}
-        return Op(step.n, "erase", token, None, "DELETE", "/v1/customers/" + ODD_PATH.format(customer), eraser, None,
-                  [], echo)  # fmt: skip
+        return Op(
+            step.n, "erase", token, None, "DELETE", "/v1/customers/" + ODD_PATH.format(customer), eraser, None, [], echo
+        )
     if "odd" in step.flags:  # a conversion through Affixo's route, its answer naming its event
         customer = f"c-{token}"
         invoice = f"inv-{token}"
-        body: Any = {"customer_id": ODD.format(customer), "amount": 100 + step.code % 10_000, "currency": "usd",
-                "metadata": {"gen": token}, "invoice_id": invoice}  # fmt: skip
+        body: Any = {
+            "customer_id": ODD.format(customer),
+            "amount": 100 + step.code % 10_000,
+            "currency": "usd",
+            "metadata": {"gen": token},
+            "invoice_id": invoice,
+        }
         echo = {"customer": customer, "amount": body["amount"], "invoice": invoice, "route": "affixo"}
         bearer = {"Authorization": f"Bearer {world.api_key}"}
         unit = Unit(token, "sale", None, True)
-        return Op(step.n, "sale", token, f"invoice:{invoice}", "POST", "/v1/track/conversion", bearer, body, [unit],
-                  echo)  # fmt: skip
+        return Op(
+            step.n, "sale", token, f"invoice:{invoice}", "POST", "/v1/track/conversion", bearer, body, [unit], echo
+        )
     if "csv" in step.flags:
         return _csv(step, token, world)
     if "shared" in step.flags:
@@ -101,8 +118,9 @@ def make(step: Any, world: World, history: History) -> Op:
         body = {"ref": code, "referrer": REFERRER + token, "visitor_id": UNDEFINED}
         headers = {"Authorization": f"Bearer {w.api_key}", "User-Agent": BROWSER}
         unit = Unit(token + suffix(tag), "click", code, False)
-        return Op(step.n, "affixo", token, None, "POST", "/v1/track/click", headers, body, [unit],
-                  {"placeholder": UNDEFINED})  # fmt: skip
+        return Op(
+            step.n, "affixo", token, None, "POST", "/v1/track/click", headers, body, [unit], {"placeholder": UNDEFINED}
+        )
     past = "past" in step.flags
     route = next(r for r in DEEP_ROUTES if r in step.flags)
     # the body is level 1, its metadata 2 (a batch's item is a document of its own: the item 1,
@@ -116,17 +134,52 @@ def make(step: Any, world: World, history: History) -> Op:
     unit = Unit(token, "sale", None, True)
     echo = {"customer": customer, "amount": amount, "invoice": invoice, "refuse": past}
     if route == "affixo":
-        body = {"customer_id": customer, "amount": amount, "currency": "usd", "metadata": meta,
-                "invoice_id": invoice}  # fmt: skip
-        return Op(step.n, "sale", token, f"invoice:{invoice}", "POST", "/v1/track/conversion", bearer, body, [unit],
-                  {**echo, "route": "affixo"})  # fmt: skip
-    sale_body = {"customerExternalId": customer, "amount": amount, "currency": "usd", "paymentProcessor": "stripe",
-                 "invoiceId": invoice, "metadata": meta}  # fmt: skip
+        body = {"customer_id": customer, "amount": amount, "currency": "usd", "metadata": meta, "invoice_id": invoice}
+        return Op(
+            step.n,
+            "sale",
+            token,
+            f"invoice:{invoice}",
+            "POST",
+            "/v1/track/conversion",
+            bearer,
+            body,
+            [unit],
+            {**echo, "route": "affixo"},
+        )
+    sale_body = {
+        "customerExternalId": customer,
+        "amount": amount,
+        "currency": "usd",
+        "paymentProcessor": "stripe",
+        "invoiceId": invoice,
+        "metadata": meta,
+    }
     if route == "batch":
-        return Op(step.n, "batch", token, None, "POST", "/v1/events/batch", bearer, [{"type": "sale", **sale_body}],
-                  [unit], echo)  # fmt: skip
-    return Op(step.n, "sale", token, f"invoice:{invoice}", "POST", "/api/track/sale", bearer, sale_body, [unit],
-              {**echo, "route": "refport"})  # fmt: skip
+        return Op(
+            step.n,
+            "batch",
+            token,
+            None,
+            "POST",
+            "/v1/events/batch",
+            bearer,
+            [{"type": "sale", **sale_body}],
+            [unit],
+            echo,
+        )
+    return Op(
+        step.n,
+        "sale",
+        token,
+        f"invoice:{invoice}",
+        "POST",
+        "/api/track/sale",
+        bearer,
+        sale_body,
+        [unit],
+        {**echo, "route": "refport"},
+    )
 
 
 def _csv(step: Any, token: str, world: World) -> Op:
@@ -149,8 +202,11 @@ def _csv(step: Any, token: str, world: World) -> Op:
     data = "\ufeff" + "\r\n".join(lines) + "\r\n"
     kinds = {0: "click", 2: "click", 3: "sale"}
     ids = [event_id(world.workspace_id, IMPORT_SOURCE, kinds[i], t[i], (at_s + i) * 1000).hex for i in (0, 2, 3)]
-    units = [Unit(t[0], "click", code, True, {"visitor_id": f"v-{t[0]}"}),
-             Unit(t[2], "click", code, True, {"visitor_id": f"v-{t[2]}"}), Unit(t[3], "sale", None, True)]  # fmt: skip
+    units = [
+        Unit(t[0], "click", code, True, {"visitor_id": f"v-{t[0]}"}),
+        Unit(t[2], "click", code, True, {"visitor_id": f"v-{t[2]}"}),
+        Unit(t[3], "sale", None, True),
+    ]
     flags = ("--commissions", "--format", "csv")
     echo = {"ids": ids, "csv": data.encode(), "refused_rows": 1, "flags": flags}
     return Op(step.n, "import", token, None, "IMPORT", "refstream import", {}, lines[1:], units, echo)

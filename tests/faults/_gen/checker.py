@@ -85,9 +85,15 @@ class Anomalies:
 
 class GenChecker:
     def __init__(
-        self, history: History, world: World, check: Checker, archive_root: Path, prefix: str,
-        logs: list[Path] | None = None, outputs: list[str] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        history: History,
+        world: World,
+        check: Checker,
+        archive_root: Path,
+        prefix: str,
+        logs: list[Path] | None = None,
+        outputs: list[str] | None = None,
+    ) -> None:
         """``logs``: every process's log file; ``outputs``: what the commands printed."""
         self.h, self.world, self.check = history, world, check
         self.archive_root, self.prefix = archive_root, prefix
@@ -141,17 +147,25 @@ class GenChecker:
         for kind, texts in erasure_problems.items():
             for text in texts:
                 self.a.add(kind, text)
-        accepted = {u.token for op in self.h.ops.values() for i, u in enumerate(op.units)
-                    if any(o == "ok" for o, _ in op.unit_outcomes(i))}  # fmt: skip
+        accepted = {
+            u.token
+            for op in self.h.ops.values()
+            for i, u in enumerate(op.units)
+            if any(o == "ok" for o, _ in op.unit_outcomes(i))
+        }
         # imported rows never pass through a stream (workers/ops/imports.py): no archive line
         imported = {u.token for op in self.h.ops.values() if op.kind == "import" for u in op.units}
         imported |= {r["token"] for r in rows if (r["token"] or "").endswith("@c")}  # c's are imported too
         # a refund answered 2xx has its stream copy archived as well (ingest/edge/refund.py)
-        await self._archive({r["event_id"].hex for r in rows if r["token"] not in imported} | self.refunds_accepted,
-                            {r["event_id"].hex for r in rows if r["token"] not in accepted})  # fmt: skip
+        await self._archive(
+            {r["event_id"].hex for r in rows if r["token"] not in imported} | self.refunds_accepted,
+            {r["event_id"].hex for r in rows if r["token"] not in accepted},
+        )
         self._replays()
-        wall_problems = {**await walls.problems(self.check, self.h, self.world),
-                         **walls.scan_logs(self.logs, self.outputs, walls.personal(self.h))}  # fmt: skip
+        wall_problems = {
+            **await walls.problems(self.check, self.h, self.world),
+            **walls.scan_logs(self.logs, self.outputs, walls.personal(self.h)),
+        }
         for kind, texts in wall_problems.items():
             for text in texts:
                 self.a.add(kind, text)
@@ -196,8 +210,12 @@ class GenChecker:
         for a in op.attempts:
             if a.outcome == "error":
                 self._say("5xx", op, f"answered {a.status} {a.headers}")
-            elif (a.outcome == "refused" and a.status not in EXPECTED_REFUSALS and op.kind != "redirect"
-                  and not (op.kind == "refund" and a.status == 404)):  # fmt: skip  # its sale not stored yet
+            elif (
+                a.outcome == "refused"
+                and a.status not in EXPECTED_REFUSALS
+                and op.kind != "redirect"
+                and not (op.kind == "refund" and a.status == 404)
+            ):  # its sale not stored yet
                 self._say("wrong_refusal", op, f"a {a.status} for a well-formed request")
             elif a.outcome == "ok":
                 if problems := answer_problems(op, a, self.world):
@@ -284,8 +302,10 @@ class GenChecker:
 
     async def _generated(self) -> None:
         """A management write: once if answered 2xx (the code it answered), never if refused."""
-        made = {"generate": {r["token"]: r for r in await self.check.fetch(GENERATED)},
-                "link": {r["token"]: r for r in await self.check.fetch(CREATED)}}  # fmt: skip
+        made = {
+            "generate": {r["token"]: r for r in await self.check.fetch(GENERATED)},
+            "link": {r["token"]: r for r in await self.check.fetch(CREATED)},
+        }
         for op in self.h.ops.values():
             if op.kind not in made:
                 continue
@@ -305,8 +325,9 @@ class GenChecker:
             for e in entries:
                 lines[(manifest.partition, e.id)] += 1
                 try:
-                    events[wire.from_entry(e.fields if e.fields is not None else {FIELD: e.envelope or b""})
-                           .event_id.hex] += 1  # fmt: skip
+                    events[
+                        wire.from_entry(e.fields if e.fields is not None else {FIELD: e.envelope or b""}).event_id.hex
+                    ] += 1
                 except EnvelopeError:
                     self.a.add("archive_missing", f"an archived line that is no envelope: {manifest.partition} {e.id}")
         self.archived_lines = sum(lines.values())
@@ -325,8 +346,11 @@ class GenChecker:
             if f.kind != "replay" or f.note.startswith("exit 0"):
                 continue
             healed = f.healed if f.healed is not None else 1e9
-            outages = [g.line() for g in self.h.faults if g.kind.startswith(OUTAGES)
-                       and g.started <= healed and (g.healed or 1e9) >= f.started]  # fmt: skip
+            outages = [
+                g.line()
+                for g in self.h.faults
+                if g.kind.startswith(OUTAGES) and g.started <= healed and (g.healed or 1e9) >= f.started
+            ]
             if not outages:
                 self.a.add("replay_failed", f"{f.line()} with no outage under way")
 

@@ -128,9 +128,20 @@ class Clients:
             f.flush()
             try:
                 code, out, err = await self.command(
-                    "import", f.name, "--workspace", workspace, "--source", IMPORT_SOURCE, *flags,
-                    "--yield-backlog", "5000", "--yield-lag-ms", "0", "--json", within_s=IMPORT_TIMEOUT_S,
-                )  # fmt: skip
+                    "import",
+                    f.name,
+                    "--workspace",
+                    workspace,
+                    "--source",
+                    IMPORT_SOURCE,
+                    *flags,
+                    "--yield-backlog",
+                    "5000",
+                    "--yield-lag-ms",
+                    "0",
+                    "--json",
+                    within_s=IMPORT_TIMEOUT_S,
+                )
             except TimeoutError:
                 code, out, err = -1, "", "timed out"
         self.outputs.append(err)
@@ -156,13 +167,20 @@ class Clients:
             ws = await self._cli("workspace", "create", "gen-c")
             made = ws["workspace_id"]
             self.world.gone[made] = "c"
-            await self._cli("link", "create", "--workspace", made, "--code", op.echo["code"],
-                            "--url", f"https://shop.test/{op.echo['code']}")  # fmt: skip
+            await self._cli(
+                "link",
+                "create",
+                "--workspace",
+                made,
+                "--code",
+                op.echo["code"],
+                "--url",
+                f"https://shop.test/{op.echo['code']}",
+            )
             with tempfile.NamedTemporaryFile("wb", suffix=".ndjson", prefix=f"import-{op.n}-") as f:
                 f.write(b"".join(orjson.dumps(r) + b"\n" for r in op.body))
                 f.flush()
-                await self._cli("import", f.name, "--workspace", made, "--source", IMPORT_SOURCE,
-                                "--yield-lag-ms", "0")  # fmt: skip
+                await self._cli("import", f.name, "--workspace", made, "--source", IMPORT_SOURCE, "--yield-lag-ms", "0")
             await self._cli("erase", "--customer", op.echo["customer"], "--workspace", made)
             attempt.status, attempt.outcome = 200, "ok"
         except (AssertionError, TimeoutError, orjson.JSONDecodeError) as exc:
@@ -179,8 +197,9 @@ class Clients:
         """Until it is answered, for as long as a fault may last (an operator's persistence)."""
         assert self.command is not None
         for n in range(DELETE_ATTEMPTS):
-            code, _, err = await self.command("workspace", "delete", workspace, "--yes", "--json",
-                                              within_s=IMPORT_TIMEOUT_S)  # fmt: skip
+            code, _, err = await self.command(
+                "workspace", "delete", workspace, "--yes", "--json", within_s=IMPORT_TIMEOUT_S
+            )
             self.outputs.append(err)
             if code == 0 or (n and "not found" in err):
                 return True

@@ -295,38 +295,86 @@ class Cluster:
                 await self.start(role, i)
         ws = await st.cli("workspace", "create", "Generative")
         first, *_ = await asyncio.gather(
-            st.cli("link", "create", "--workspace", ws["workspace_id"], "--code", codes[0],
-                   "--url", f"https://shop.test/{codes[0]}"),
+            st.cli(
+                "link",
+                "create",
+                "--workspace",
+                ws["workspace_id"],
+                "--code",
+                codes[0],
+                "--url",
+                f"https://shop.test/{codes[0]}",
+            ),
             *(self.start("edge", i) for i in range(PER_ROLE)),
-        )  # fmt: skip
+        )
         st.base = self.slots["edge"][0].base
         sw = StageWorld(ws["workspace_id"], ws["api_key"], first["program_id"], first["affiliate_id"], codes)
-        await asyncio.gather(*(st.api("POST", "/v1/links", {"affiliate_id": sw.affiliate_id, "code": c,
-                                                            "url": f"https://shop.test/{c}"}, sw)
-                               for c in codes[1:]),
-                             st.api("PATCH", f"/v1/programs/{sw.program_id}/commission", COMMISSION, sw))  # fmt: skip
+        await asyncio.gather(
+            *(
+                st.api(
+                    "POST",
+                    "/v1/links",
+                    {"affiliate_id": sw.affiliate_id, "code": c, "url": f"https://shop.test/{c}"},
+                    sw,
+                )
+                for c in codes[1:]
+            ),
+            st.api("PATCH", f"/v1/programs/{sw.program_id}/commission", COMMISSION, sw),
+        )
         await st.groups_ready()
         async with aiohttp.ClientSession() as http, http.get(f"{st.base}/api/v1/referrals/validate/{codes[0]}") as r:
             referrer_id = (await r.json()).get("referrer_id")
         eraser = await st.cli("keys", "create", "--workspace", ws["workspace_id"], "--scopes", "erase")
         other = await self._tenant("b", codes_covering(st.keys, per_partition=1, prefix="b"))
-        return World(codes, ws["api_key"], first["program_id"], first["affiliate_id"], referrer_id, eraser["api_key"],
-                     ws["workspace_id"], others={"b": other})  # fmt: skip
+        return World(
+            codes,
+            ws["api_key"],
+            first["program_id"],
+            first["affiliate_id"],
+            referrer_id,
+            eraser["api_key"],
+            ws["workspace_id"],
+            others={"b": other},
+        )
 
     async def _tenant(self, tag: str, codes: list[str]) -> World:
         """Another workspace (``tenants.py``): its links, the same commission rules, its keys."""
         st = self.st
         ws = await st.cli("workspace", "create", f"gen-{tag}")
-        first = await st.cli("link", "create", "--workspace", ws["workspace_id"], "--code", codes[0],
-                             "--url", f"https://shop.test/{codes[0]}")  # fmt: skip
+        first = await st.cli(
+            "link",
+            "create",
+            "--workspace",
+            ws["workspace_id"],
+            "--code",
+            codes[0],
+            "--url",
+            f"https://shop.test/{codes[0]}",
+        )
         sw = StageWorld(ws["workspace_id"], ws["api_key"], first["program_id"], first["affiliate_id"], codes)
-        await asyncio.gather(*(st.api("POST", "/v1/links", {"affiliate_id": sw.affiliate_id, "code": c,
-                                                            "url": f"https://shop.test/{c}"}, sw)
-                               for c in codes[1:]),
-                             st.api("PATCH", f"/v1/programs/{sw.program_id}/commission", COMMISSION, sw))  # fmt: skip
+        await asyncio.gather(
+            *(
+                st.api(
+                    "POST",
+                    "/v1/links",
+                    {"affiliate_id": sw.affiliate_id, "code": c, "url": f"https://shop.test/{c}"},
+                    sw,
+                )
+                for c in codes[1:]
+            ),
+            st.api("PATCH", f"/v1/programs/{sw.program_id}/commission", COMMISSION, sw),
+        )
         eraser = await st.cli("keys", "create", "--workspace", ws["workspace_id"], "--scopes", "erase")
-        return World(codes, ws["api_key"], first["program_id"], first["affiliate_id"], None, eraser["api_key"],
-                     ws["workspace_id"], tag)  # fmt: skip
+        return World(
+            codes,
+            ws["api_key"],
+            first["program_id"],
+            first["affiliate_id"],
+            None,
+            eraser["api_key"],
+            ws["workspace_id"],
+            tag,
+        )
 
     async def heal(self) -> list[str]:
         """Everything back: servers running and answering, links forwarding, every slot's
@@ -360,8 +408,11 @@ class Cluster:
         return exited
 
     def exited(self) -> list[str]:
-        return [f"{what} (pid {p.pid}) exited with {p.returncode}" for what, p in self.started
-                if p.poll() is not None and p.pid not in self.killed]  # fmt: skip
+        return [
+            f"{what} (pid {p.pid}) exited with {p.returncode}"
+            for what, p in self.started
+            if p.poll() is not None and p.pid not in self.killed
+        ]
 
     async def close(self) -> None:
         for slots in self.slots.values():

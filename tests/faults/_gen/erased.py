@@ -160,10 +160,16 @@ async def problems(
             ]
         # the referrer of their click (its event, by id: a retry of the click op that got no
         # answer may have stored another click, another visitor's, with the same referrer)
-        clicks = {event: c for c in found.done if c in leads
-                  for event, token in found.clicks.items() if found.referrers.get(c) == REFERRER + token}  # fmt: skip
-        rows = await pool.fetch("SELECT event_id, referrer FROM events WHERE event_id = ANY($1::uuid[])",
-                                [uuid.UUID(hex=e) for e in clicks])  # fmt: skip
+        clicks = {
+            event: c
+            for c in found.done
+            if c in leads
+            for event, token in found.clicks.items()
+            if found.referrers.get(c) == REFERRER + token
+        }
+        rows = await pool.fetch(
+            "SELECT event_id, referrer FROM events WHERE event_id = ANY($1::uuid[])", [uuid.UUID(hex=e) for e in clicks]
+        )
         for r in rows:
             if r["referrer"] is not None:
                 out["erased_kept"].append(f"customer {clicks[r['event_id'].hex]}: their click's referrer in postgres")
@@ -198,11 +204,15 @@ async def _places(
     places: list[tuple[str, str | None, bytes]] = []
     entries: list[tuple[str, Envelope]] = []
     for table in TABLES:
-        scoped = await pool.fetchval("SELECT EXISTS (SELECT 1 FROM information_schema.columns"
-                                     " WHERE table_name = $1 AND column_name = 'workspace_id')", table)  # fmt: skip
+        scoped = await pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns"
+            " WHERE table_name = $1 AND column_name = 'workspace_id')",
+            table,
+        )
         ws = "workspace_id::text" if scoped else "NULL::text"
-        rows = await pool.fetch(f"SELECT {ws} AS ws, string_agg(row_to_json(t)::text, E'\\n') AS j"
-                                f" FROM {table} t GROUP BY 1")  # fmt: skip
+        rows = await pool.fetch(
+            f"SELECT {ws} AS ws, string_agg(row_to_json(t)::text, E'\\n') AS j FROM {table} t GROUP BY 1"
+        )
         places += [(f"postgres {table}", r["ws"], (r["j"] or "").encode()) for r in rows]
     link_ws = {r["code"]: str(r["workspace_id"]) for r in await pool.fetch("SELECT code, workspace_id FROM links")}
 

@@ -258,8 +258,10 @@ class Partition(Fault):
 class TrimStorm(Fault):
     kind = "trim-storm"
     ENV: ClassVar[dict[str, str]] = {
-        "REFSTREAM_TRIM_EVERY_S": "1", "REFSTREAM_STREAM_RETENTION_S": "0", "REFSTREAM_STREAM_MAX_BYTES": "64kb",
-    }  # fmt: skip
+        "REFSTREAM_TRIM_EVERY_S": "1",
+        "REFSTREAM_STREAM_RETENTION_S": "0",
+        "REFSTREAM_STREAM_MAX_BYTES": "64kb",
+    }
 
     async def start(self) -> None:
         st = self.c.st
@@ -327,10 +329,27 @@ class EdgeTakeOver(Fault):
         pass  # nothing to heal: the new supervisor serves on
 
 
-KINDS: dict[str, type[Fault]] = {f.kind: f for f in (
-    RedisStall, RedisKill, RedisRestart, RedisFull, SentinelFailover, PgKill, PgReadOnly, PgSlow, ProcessKill,
-    ProcessStop, ClockSkew, Partition, TrimStorm, Replay, PartitionCount, EdgeTakeOver,
-)}  # fmt: skip
+KINDS: dict[str, type[Fault]] = {
+    f.kind: f
+    for f in (
+        RedisStall,
+        RedisKill,
+        RedisRestart,
+        RedisFull,
+        SentinelFailover,
+        PgKill,
+        PgReadOnly,
+        PgSlow,
+        ProcessKill,
+        ProcessStop,
+        ClockSkew,
+        Partition,
+        TrimStorm,
+        Replay,
+        PartitionCount,
+        EdgeTakeOver,
+    )
+}
 
 
 async def nemesis(steps: list[FaultStep], cluster: Cluster, history: History) -> list[str]:

@@ -116,12 +116,17 @@ class History:
 
     def faults_around(self, at: float, slack: float = 1.0) -> list[str]:
         """The faults under way near ``at`` (for an anomaly's description)."""
-        return [f.line() for f in self.faults
-                if f.started - slack <= at <= (f.healed if f.healed is not None else 1e9) + slack]  # fmt: skip
+        return [
+            f.line()
+            for f in self.faults
+            if f.started - slack <= at <= (f.healed if f.healed is not None else 1e9) + slack
+        ]
 
     def dump(self) -> str:
         """The whole history as text, for a failing seed's kept directory."""
         lines = [f"seed {self.seed}", "faults:"] + ["  " + f.line() for f in self.faults] + ["operations:"]
-        lines += ["  " + (o.describe() if o.skipped is None else f"op {o.n} {o.kind} skipped: {o.skipped}")
-                  for _, o in sorted(self.ops.items())]  # fmt: skip
+        lines += [
+            "  " + (o.describe() if o.skipped is None else f"op {o.n} {o.kind} skipped: {o.skipped}")
+            for _, o in sorted(self.ops.items())
+        ]
         return "\n".join(lines) + "\n"

@@ -51,8 +51,14 @@ class Commission(TypedDict):
 
 
 # the program's commission rules, set when the world is made; the checker holds the ledger to them
-COMMISSION: Commission = {"sale_bps": 1500, "sale_flat": 25, "lead_flat": 100, "lead_currency": "usd",
-                          "duration": "lifetime", "hold_days": 0}  # fmt: skip
+COMMISSION: Commission = {
+    "sale_bps": 1500,
+    "sale_flat": 25,
+    "lead_flat": 100,
+    "lead_currency": "usd",
+    "duration": "lifetime",
+    "hold_days": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -134,8 +140,13 @@ def make(step: OpStep, world: World, history: History) -> Op:
 
     if step.kind == "biore":
         ua = GOOGLEBOT if "bot" in step.flags else BROWSER
-        return op("POST", f"/api/v1/referral/click/{code}", {"Referer": ref, "User-Agent": ua, **idem}, None,
-                  [Unit(token, "click", code, bool(key))])  # fmt: skip
+        return op(
+            "POST",
+            f"/api/v1/referral/click/{code}",
+            {"Referer": ref, "User-Agent": ua, **idem},
+            None,
+            [Unit(token, "click", code, bool(key))],
+        )
     if step.kind == "affitor":
         body: dict[str, Any] = {"affiliate_url": f"https://shop.test/landing?aff={code}", "referrer_url": ref}
         if "test_mode" in step.flags:
@@ -145,8 +156,9 @@ def make(step: OpStep, world: World, history: History) -> Op:
             body["dedupe"] = key
         else:
             headers.update(idem)
-        return op("POST", "/api/v1/track/click", headers, body, [Unit(token, "click", code, bool(key))],
-                  partner_code=code)  # fmt: skip
+        return op(
+            "POST", "/api/v1/track/click", headers, body, [Unit(token, "click", code, bool(key))], partner_code=code
+        )
     if step.kind == "affixo" and "listed" in step.flags:  # a visitor on the do-not-track list
         listing = history.op(step.on) if step.on is not None else None
         assert listing is not None and listing.kind == "suppress"
@@ -164,8 +176,14 @@ def make(step: OpStep, world: World, history: History) -> Op:
             body["fingerprint"] = f"fp-{token}"
         else:
             body["visitor_id"] = expect["visitor_id"] = f"v-{token}"
-        return op("POST", "/v1/track/click", {**bearer, **idem, "User-Agent": BROWSER}, body,
-                  [Unit(token, "click", code, bool(key), expect)], **expect)  # fmt: skip
+        return op(
+            "POST",
+            "/v1/track/click",
+            {**bearer, **idem, "User-Agent": BROWSER},
+            body,
+            [Unit(token, "click", code, bool(key), expect)],
+            **expect,
+        )
     if step.kind == "redirect":
         return op(
             "GET", f"/r/{code}", {"Referer": ref, "User-Agent": BROWSER}, None, [Unit(token, "click", code, False)]
@@ -177,8 +195,9 @@ def make(step: OpStep, world: World, history: History) -> Op:
         return op("GET", f"/api/v1/referrals/validate/{code}", {}, None, [], code=code)
     if step.kind == "generate":
         body = {"participant_id": token, "campaign_id": world.program_id}
-        return op("POST", "/api/v1/referrals/generate", {"X-API-Key": world.api_key, **idem}, body, [],
-                  participant_id=token)  # fmt: skip
+        return op(
+            "POST", "/api/v1/referrals/generate", {"X-API-Key": world.api_key, **idem}, body, [], participant_id=token
+        )
     if step.kind == "link":  # the management API: a link whose code is the token
         body = {"affiliate_id": world.affiliate_id, "code": token, "url": world.url(token)}
         return op("POST", "/v1/links", {**bearer, **idem}, body, [], code=token, url=world.url(token))
@@ -188,8 +207,15 @@ def make(step: OpStep, world: World, history: History) -> Op:
         code_of = next(
             (a.body.get("code") for a in on.attempts if a.outcome == "ok" and isinstance(a.body, dict)), None
         )
-        out = op("GET", f"/api/v1/referrals/stats/{on.token}", {"X-API-Key": world.api_key}, None, [],
-                 participant_id=on.token, referral_code=code_of)  # fmt: skip
+        out = op(
+            "GET",
+            f"/api/v1/referrals/stats/{on.token}",
+            {"X-API-Key": world.api_key},
+            None,
+            [],
+            participant_id=on.token,
+            referral_code=code_of,
+        )
         out.skipped = None if code_of else f"its participant (op {on.n}) was never generated"
         return out
     if step.kind == "refund":
@@ -222,8 +248,14 @@ def make(step: OpStep, world: World, history: History) -> Op:
         t = f"{token}.{len(items)}"
         c = world.codes[(step.code + i) % len(world.codes)]
         if kind == "click":
-            item: dict[str, Any] = {"type": "click", "ref": c, "visitor_id": f"v-{t}", "referrer": REFERRER + t,
-                                    "ip": f"203.0.113.{step.n % 250 + 1}", "user_agent": BROWSER}  # fmt: skip
+            item: dict[str, Any] = {
+                "type": "click",
+                "ref": c,
+                "visitor_id": f"v-{t}",
+                "referrer": REFERRER + t,
+                "ip": f"203.0.113.{step.n % 250 + 1}",
+                "user_agent": BROWSER,
+            }
             unit = Unit(t, "click", c, bool(key) or "item_keys" in step.flags, {"visitor_id": f"v-{t}"})
         elif kind == "conversion":
             item = {"type": "conversion", "code": c, "referred_session_id": t}
@@ -245,9 +277,13 @@ def make(step: OpStep, world: World, history: History) -> Op:
 
 
 def _refport_sale(step: OpStep, token: str, customer: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"customerExternalId": customer, "amount": 100 + step.code % 10_000,
-                            "currency": ("usd", "EUR")[step.code % 2], "paymentProcessor": "stripe",
-                            "metadata": {"gen": token}}  # fmt: skip
+    body: dict[str, Any] = {
+        "customerExternalId": customer,
+        "amount": 100 + step.code % 10_000,
+        "currency": ("usd", "EUR")[step.code % 2],
+        "paymentProcessor": "stripe",
+        "metadata": {"gen": token},
+    }
     if "invoice" in step.flags:
         body["invoiceId"] = f"inv-{token}"
     return body
@@ -261,8 +297,13 @@ def _sale(step: OpStep, token: str, customer: str, headers: dict[str, str], keye
     unit = Unit(token, "sale", None, keyed or invoice is not None)
     echo = {"customer": customer, "amount": body["amount"], "invoice": invoice}
     if "affixo" in step.flags:
-        affixo = {"customer_id": customer, "amount": body["amount"], "currency": body["currency"],
-                  "metadata": body["metadata"], **({"invoice_id": invoice} if invoice else {})}  # fmt: skip
+        affixo = {
+            "customer_id": customer,
+            "amount": body["amount"],
+            "currency": body["currency"],
+            "metadata": body["metadata"],
+            **({"invoice_id": invoice} if invoice else {}),
+        }
         out: Op = op("POST", "/v1/track/conversion", headers, affixo, [unit], route="affixo", **echo)
         return out
     out = op("POST", "/api/track/sale", headers, body, [unit], route="refport", **echo)
@@ -296,18 +337,35 @@ def _import(step: OpStep, token: str, world: World) -> Op:
     t = [f"{token}.{i}" for i in range(4)]
     codes = [world.codes[(step.code + i) % len(world.codes)] for i in range(2)]
     rows: list[dict[str, Any]] = [
-        {"type": "click", "id": t[0], "timestamp": now_ms, "link": codes[0], "referrer": REFERRER + t[0],
-         "ip": f"198.51.100.{step.n % 250 + 1}", "user_agent": BROWSER},
+        {
+            "type": "click",
+            "id": t[0],
+            "timestamp": now_ms,
+            "link": codes[0],
+            "referrer": REFERRER + t[0],
+            "ip": f"198.51.100.{step.n % 250 + 1}",
+            "user_agent": BROWSER,
+        },
         {"type": "click", "id": t[1], "timestamp": now_ms + 1000, "link": codes[1], "referrer": REFERRER + t[1]},
         {"type": "lead", "id": t[2], "timestamp": now_ms + 60_000, "click": t[0], "customer_id": t[2]},
-        {"type": "sale", "id": t[3], "timestamp": now_ms + 120_000, "customer_id": t[2], "amount": 1000 + step.code,
-         "currency": "usd", "invoice_id": f"inv-{t[3]}", "metadata": {"gen": t[3]}},
-    ]  # fmt: skip
+        {
+            "type": "sale",
+            "id": t[3],
+            "timestamp": now_ms + 120_000,
+            "customer_id": t[2],
+            "amount": 1000 + step.code,
+            "currency": "usd",
+            "invoice_id": f"inv-{t[3]}",
+            "metadata": {"gen": t[3]},
+        },
+    ]
     ids = [event_id(world.workspace_id, IMPORT_SOURCE, r["type"], r["id"], r["timestamp"]).hex for r in rows]
     units = [
-        Unit(t[0], "click", codes[0], True), Unit(t[1], "click", codes[1], True),
-        Unit(t[2], "lead", codes[0], True, {"click_id": ids[0]}), Unit(t[3], "sale", None, True),
-    ]  # fmt: skip
+        Unit(t[0], "click", codes[0], True),
+        Unit(t[1], "click", codes[1], True),
+        Unit(t[2], "lead", codes[0], True, {"click_id": ids[0]}),
+        Unit(t[3], "sale", None, True),
+    ]
     return Op(step.n, "import", token, None, "IMPORT", "refstream import", {}, rows, units, {"ids": ids})
 
 
@@ -368,8 +426,11 @@ def named_events(op: Op, attempt: Attempt) -> dict[int, str]:
     if op.kind == "import" and attempt.outcome == "ok":  # its ids derive from the rows' source ids
         return dict(enumerate(op.echo["ids"]))
     if op.kind == "batch" and isinstance(body, dict):
-        return {i: h for i, r in enumerate(body.get("results") or [])
-                if isinstance(r, dict) and r.get("ok") and (h := _hex(r.get("event_id")))}  # fmt: skip
+        return {
+            i: h
+            for i, r in enumerate(body.get("results") or [])
+            if isinstance(r, dict) and r.get("ok") and (h := _hex(r.get("event_id")))
+        }
     return {}
 
 
@@ -396,9 +457,12 @@ def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
     elif op.kind == "affixo":
         want = {"ok": True, **({"visitor_id": e["visitor_id"], "match_method": "cookie"} if "visitor_id" in e else {})}
     elif op.kind == "lead":
-        got = {"eventName": b.get("eventName"), "click": (b.get("click") or {}).get("id"),
-               "customer": (b.get("customer") or {}).get("externalId"),
-               "link": (b.get("link") or {}).get("key")}  # fmt: skip
+        got = {
+            "eventName": b.get("eventName"),
+            "click": (b.get("click") or {}).get("id"),
+            "customer": (b.get("customer") or {}).get("externalId"),
+            "link": (b.get("link") or {}).get("key"),
+        }
         wanted = {"eventName": "Sign Up", "click": e["click"], "customer": op.token, "link": e["code"]}
         return [f"{k}: {got[k]!r}, not {v!r}" for k, v in wanted.items() if got[k] != v]
     elif op.kind == "convert":
@@ -418,8 +482,11 @@ def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
         want = {"ok": True, "customer_id": e["customer"], "amount": e["amount"], "invoice_id": e["invoice"]}
     elif op.kind == "sale":
         sale = b.get("sale") or {}
-        got = {"customer": (b.get("customer") or {}).get("externalId"), "amount": sale.get("amount"),
-               "invoice": sale.get("invoiceId")}  # fmt: skip
+        got = {
+            "customer": (b.get("customer") or {}).get("externalId"),
+            "amount": sale.get("amount"),
+            "invoice": sale.get("invoiceId"),
+        }
         return [f"{k}: {got[k]!r}, not {e[k]!r}" for k in got if got[k] != e[k]]
     elif op.kind in ("generate", "stats", "validate", "link"):
         want = dict(e)

@@ -42,20 +42,25 @@ class SeedResult:
 
     def reproduce(self) -> str:
         only = ",".join(sorted(only_from_env()))
-        return (f"REFSTREAM_FAULTS={self.mode} REFSTREAM_GEN_SEED={self.seed}"
-                + (f" REFSTREAM_GEN_FAULTS={only}" if only else "") + " scripts/faults -k generative")  # fmt: skip
+        return (
+            f"REFSTREAM_FAULTS={self.mode} REFSTREAM_GEN_SEED={self.seed}"
+            + (f" REFSTREAM_GEN_FAULTS={only}" if only else "")
+            + " scripts/faults -k generative"
+        )
 
     def line(self) -> str:
         def fmt(c: Counter[str]) -> str:
             return ",".join(f"{k}={n}" for k, n in sorted(c.items())) or "none"
 
-        return (f"GENERATIVE[{self.mode}] seed={self.seed} topology={self.schedule.topology} wall={self.wall_s:.0f}s"
-                f" ops={sum(self.ops.values())} ({fmt(self.ops)}) attempts ({fmt(self.attempts)})"
-                f" stored={self.stored} archived={self.archived} (unarchived, never 2xx'd, lost in a failover:"
-                f" {self.lost_with_redis})"
-                f" (events in 2+ lines: {self.copied[0]}, at most {self.copied[1]})"
-                f" faults={sum(self.faults.values())} ({fmt(self.faults)})"
-                f" anomalies={sum(self.anomalies.counts().values())} ({fmt(self.anomalies.counts())})")  # fmt: skip
+        return (
+            f"GENERATIVE[{self.mode}] seed={self.seed} topology={self.schedule.topology} wall={self.wall_s:.0f}s"
+            f" ops={sum(self.ops.values())} ({fmt(self.ops)}) attempts ({fmt(self.attempts)})"
+            f" stored={self.stored} archived={self.archived} (unarchived, never 2xx'd, lost in a failover:"
+            f" {self.lost_with_redis})"
+            f" (events in 2+ lines: {self.copied[0]}, at most {self.copied[1]})"
+            f" faults={sum(self.faults.values())} ({fmt(self.faults)})"
+            f" anomalies={sum(self.anomalies.counts().values())} ({fmt(self.anomalies.counts())})"
+        )
 
 
 async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult:
@@ -77,14 +82,17 @@ async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult
         drained, left = await st.check.wait_drained(time.monotonic(), plan.drain_timeout_s)
         if drained is None:
             extra["not_drained"] = [f"not drained {plan.drain_timeout_s:.0f}s after the heal: {left[:6]}"]
-        checker = GenChecker(history, world, st.check, st.tmp / "archive", st.keys.prefix,
-                             sorted(st.tmp.glob("*.log")), clients.outputs)  # fmt: skip
+        checker = GenChecker(
+            history, world, st.check, st.tmp / "archive", st.keys.prefix, sorted(st.tmp.glob("*.log")), clients.outputs
+        )
         result.anomalies = await checker.run(extra)
         result.stored, result.archived = checker.stored, checker.archived_lines
         result.lost_with_redis = len(checker.lost_with_redis)
         if checker.lost_with_redis:
-            print(f"seed {seed}: stored, never answered 2xx, lost from Redis in a failover before it was"
-                  f" archived: {checker.lost_with_redis}")  # fmt: skip
+            print(
+                f"seed {seed}: stored, never answered 2xx, lost from Redis in a failover before it was"
+                f" archived: {checker.lost_with_redis}"
+            )
         many = [n for n in checker.copies.values() if n > 1]
         result.copied = (len(many), max(many, default=0))
         result.ops, result.attempts = history.ops_by_kind(), history.attempts_by_outcome()
@@ -105,8 +113,10 @@ async def _state(check: Any) -> str:
     (digests and times, nothing personal), each stream's length and groups."""
     out = ["erasures:"]
     try:
-        for r in await check.fetch("SELECT id, requested_at, since, postgres_at, redis_at, archive_at, generation,"
-                                   " done FROM erasures ORDER BY requested_at"):  # fmt: skip
+        for r in await check.fetch(
+            "SELECT id, requested_at, since, postgres_at, redis_at, archive_at, generation,"
+            " done FROM erasures ORDER BY requested_at"
+        ):
             out.append("  " + " ".join(f"{k}={r[k]}" for k in r.keys()))
         async for name in check.redis.scan_iter(match=f"{check.keys.prefix}:events*", count=1000):
             groups = await check.redis.xinfo_groups(name)

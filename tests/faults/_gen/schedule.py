@@ -19,9 +19,18 @@ from dataclasses import dataclass, field
 TOPOLOGIES = ("single", "sentinel")  # one Redis behind proxies / a primary, a replica and Sentinel at replicas:1
 
 OP_WEIGHTS = {
-    "biore": 0.2, "affitor": 0.13, "affixo": 0.12, "redirect": 0.06, "lead": 0.12, "convert": 0.1,
-    "batch": 0.1, "generate": 0.05, "validate": 0.04, "stats": 0.05, "link": 0.03,
-}  # fmt: skip
+    "biore": 0.2,
+    "affitor": 0.13,
+    "affixo": 0.12,
+    "redirect": 0.06,
+    "lead": 0.12,
+    "convert": 0.1,
+    "batch": 0.1,
+    "generate": 0.05,
+    "validate": 0.04,
+    "stats": 0.05,
+    "link": 0.03,
+}
 KEYABLE = {"biore", "affitor", "affixo", "lead", "batch", "generate", "link"}  # routes that take an Idempotency-Key
 CLICKS_WITH_IDS = {"affitor", "redirect"}  # their answer names the click id a lead can use
 
@@ -140,8 +149,9 @@ class Schedule:
     faults: list[FaultStep] = field(default_factory=list)
 
     def describe(self) -> str:
-        return "\n".join(f"  {f.at:6.2f}s +{f.hold:.1f}s {f.kind} {f.target} {f.param or ''}".rstrip()
-                         for f in self.faults)  # fmt: skip
+        return "\n".join(
+            f"  {f.at:6.2f}s +{f.hold:.1f}s {f.kind} {f.target} {f.param or ''}".rstrip() for f in self.faults
+        )
 
 
 def topology_of(seed: int) -> str:
@@ -184,8 +194,18 @@ def _later_ops(rng: random.Random, ln: Lengths, main: list[OpStep]) -> list[OpSt
         route = rng.choices(list(SALE_ROUTES), list(SALE_ROUTES.values()))[0]
         flags = {route} | ({"invoice"} if rng.random() < 0.6 else set())
         kind, items = ("batch", ("sale",) * rng.randint(1, 3)) if route == "batch" else ("sale", ())
-        out.append(OpStep(LATER_OPS_FROM + len(out), t, kind, rng.random() < 0.4, rng.randrange(1 << 16),
-                          frozenset(flags), items, on))  # fmt: skip
+        out.append(
+            OpStep(
+                LATER_OPS_FROM + len(out),
+                t,
+                kind,
+                rng.random() < 0.4,
+                rng.randrange(1 << 16),
+                frozenset(flags),
+                items,
+                on,
+            )
+        )
 
 
 def _refunds(rng: random.Random, ln: Lengths, sales: list[OpStep]) -> list[OpStep]:

@@ -74,8 +74,9 @@ def draw(rng: random.Random, load_s: float) -> list[Any]:
         base = frozenset({f"pair:{k}", scenario} | ({"old"} if old else set()))
 
         def step(at: float, kind: str, tag: str, on: int | None = None, flags: frozenset[str] = base) -> int:
-            out.append(OpStep(TENANTS_FROM + len(out), at, kind, False, rng.randrange(1 << 16),
-                              flags | {f"ws:{tag}"}, (), on))  # fmt: skip
+            out.append(
+                OpStep(TENANTS_FROM + len(out), at, kind, False, rng.randrange(1 << 16), flags | {f"ws:{tag}"}, (), on)
+            )
             return out[-1].n
 
         in_a = step(t, "t-import", "a")
@@ -99,14 +100,32 @@ def draw(rng: random.Random, load_s: float) -> list[Any]:
     return out
 
 
-def import_op(n: int, kind: str, token: str, workspace: str, rows: list[dict[str, Any]], units: list[Unit],
-              *flags: str, **echo: Any) -> Op:  # fmt: skip
+def import_op(
+    n: int,
+    kind: str,
+    token: str,
+    workspace: str,
+    rows: list[dict[str, Any]],
+    units: list[Unit],
+    *flags: str,
+    **echo: Any,
+) -> Op:
     """``refstream import`` of ``rows`` into ``workspace``: ``flags`` go on its command line."""
     from workers.ops.imports import event_id
 
     ids = [event_id(workspace, IMPORT_SOURCE, r["type"], r["id"], r["timestamp"]).hex for r in rows]
-    return Op(n, kind, token, None, "IMPORT", "refstream import", {}, rows, units,
-              {"ids": ids, "workspace": workspace, "flags": flags, **echo})  # fmt: skip
+    return Op(
+        n,
+        kind,
+        token,
+        None,
+        "IMPORT",
+        "refstream import",
+        {},
+        rows,
+        units,
+        {"ids": ids, "workspace": workspace, "flags": flags, **echo},
+    )
 
 
 def visitor_of(customer: str) -> str:
@@ -118,11 +137,24 @@ def pair_rows(token: str, customer: str, tag: str, code: str, days_back: int, n:
     """A click of the pair's shared visitor id and a lead on it naming ``customer``, ``days_back`` ago."""
     at = int(time.time() * 1000) - days_back * DAY_MS
     return [
-        {"type": "click", "id": f"{token}.0", "timestamp": at, "link": code, "referrer": REFERRER + f"{token}.0",
-         "visitor_id": visitor_of(customer), "ip": f"198.51.100.{n % 250 + 1}"},
-        {"type": "lead", "id": f"{token}.1", "timestamp": at + 60_000, "click": f"{token}.0", "customer_id": customer,
-         "email": email_of(customer, tag)},
-    ]  # fmt: skip
+        {
+            "type": "click",
+            "id": f"{token}.0",
+            "timestamp": at,
+            "link": code,
+            "referrer": REFERRER + f"{token}.0",
+            "visitor_id": visitor_of(customer),
+            "ip": f"198.51.100.{n % 250 + 1}",
+        },
+        {
+            "type": "lead",
+            "id": f"{token}.1",
+            "timestamp": at + 60_000,
+            "click": f"{token}.0",
+            "customer_id": customer,
+            "email": email_of(customer, tag),
+        },
+    ]
 
 
 def make(step: Any, world: World, history: History) -> Op:
@@ -136,10 +168,13 @@ def make(step: Any, world: World, history: History) -> Op:
     if step.kind == "t-import":
         code = w.codes[step.code % len(w.codes)]
         rows = pair_rows(token, customer, tag, code, OLD_DAYS if "old" in step.flags else 2, step.n)
-        units = [Unit(f"{token}.0{sfx}", "click", code, True),  # its visitor: scrubbed where the pair is erased
-                 Unit(customer + sfx, "lead", code, True)]  # fmt: skip
-        out = import_op(step.n, "import", token, w.workspace_id, rows, units, "--commissions", customer=customer,
-                        tag=tag, code=code)  # fmt: skip
+        units = [
+            Unit(f"{token}.0{sfx}", "click", code, True),  # its visitor: scrubbed where the pair is erased
+            Unit(customer + sfx, "lead", code, True),
+        ]
+        out = import_op(
+            step.n, "import", token, w.workspace_id, rows, units, "--commissions", customer=customer, tag=tag, code=code
+        )
         out.units[1].expect = {"click_id": out.echo["ids"][0]}
         return out
     if step.kind == "erase":  # the pair's customer, in one workspace
@@ -150,29 +185,69 @@ def make(step: Any, world: World, history: History) -> Op:
     if step.kind == "t-sale":  # attributed through a lead 60 days old, under the lifetime rule
         assert on is not None
         imported = any(a.outcome == "ok" for a in on.attempts)
-        body = {"customerExternalId": customer, "amount": 10_000 + step.code % 1000, "currency": "usd",
-                "paymentProcessor": "stripe", "invoiceId": f"inv-{token}", "metadata": {"gen": token}}  # fmt: skip
+        body = {
+            "customerExternalId": customer,
+            "amount": 10_000 + step.code % 1000,
+            "currency": "usd",
+            "paymentProcessor": "stripe",
+            "invoiceId": f"inv-{token}",
+            "metadata": {"gen": token},
+        }
         unit = Unit(token + sfx, "sale", on.echo["code"] if imported else None, True)
         echo = {"customer": customer, "amount": body["amount"], "invoice": body["invoiceId"], "route": "refport"}
         headers = {"Authorization": f"Bearer {w.api_key}"}
-        return Op(step.n, "sale", token, f"invoice:{body['invoiceId']}", "POST", "/api/track/sale", headers, body,
-                  [unit], echo)  # fmt: skip
+        return Op(
+            step.n,
+            "sale",
+            token,
+            f"invoice:{body['invoiceId']}",
+            "POST",
+            "/api/track/sale",
+            headers,
+            body,
+            [unit],
+            echo,
+        )
     if step.kind == "t-refund":  # the sale's full refund, imported without --commissions
         assert on is not None
-        row = {"type": "refund", "id": token, "timestamp": int(time.time() * 1000), "invoice_id": on.echo["invoice"],
-               "refund_id": f"rf-{token}"}  # fmt: skip
+        row = {
+            "type": "refund",
+            "id": token,
+            "timestamp": int(time.time() * 1000),
+            "invoice_id": on.echo["invoice"],
+            "refund_id": f"rf-{token}",
+        }
         out = import_op(step.n, "import", token, w.workspace_id, [row], [], refund=f"rf-{token}", tag=tag)
         if not any(a.outcome == "ok" for a in on.attempts):
             out.skipped = f"its sale (op {on.n}) was never accepted"
         return out
     if step.kind == "t-workspace":  # made, used, erased in, deleted: by the operator (cluster.Clients)
         rows = pair_rows(token, customer, tag, f"c{step.n}", 2, step.n)
-        return Op(step.n, "t-workspace", token, None, "OPERATOR", "workspace c", {}, rows, [],
-                  {"customer": customer, "code": f"c{step.n}"})  # fmt: skip
+        return Op(
+            step.n,
+            "t-workspace",
+            token,
+            None,
+            "OPERATOR",
+            "workspace c",
+            {},
+            rows,
+            [],
+            {"customer": customer, "code": f"c{step.n}"},
+        )
     assert step.kind == "t-again", step.kind  # a new lead naming b's erased customer, after c's deletion
-    rows = [{"type": "lead", "id": token, "timestamp": int(time.time() * 1000) - DAY_MS, "customer_id": customer,
-             "event_name": "Upgraded", "email": email_of(customer, tag),
-             "link": w.codes[step.code % len(w.codes)]}]  # fmt: skip  # (a second "Sign Up" of theirs is their first's)
+    rows = [
+        {
+            "type": "lead",
+            "id": token,
+            "timestamp": int(time.time() * 1000) - DAY_MS,
+            "customer_id": customer,
+            "event_name": "Upgraded",
+            "email": email_of(customer, tag),
+            "link": w.codes[step.code % len(w.codes)],
+        }
+    ]  # (a second "Sign Up" of theirs is their first's)
     unit = Unit(token + sfx, "lead", rows[0]["link"], True)
-    return import_op(step.n, "import", token, w.workspace_id, rows, [unit], "--commissions", customer=customer,
-                     tag=tag, again=True)  # fmt: skip
+    return import_op(
+        step.n, "import", token, w.workspace_id, rows, [unit], "--commissions", customer=customer, tag=tag, again=True
+    )

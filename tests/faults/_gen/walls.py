@@ -50,8 +50,9 @@ async def problems(check: Checker, history: History, world: World) -> dict[str, 
             if (customer, tag) in erased:
                 continue
             workspace_id = uuid.UUID(world.tenant(tag).workspace_id)
-            row = await check.fetch("SELECT email FROM customers WHERE workspace_id = $1 AND external_id = $2",
-                                    workspace_id, customer)  # fmt: skip
+            row = await check.fetch(
+                "SELECT email FROM customers WHERE workspace_id = $1 AND external_id = $2", workspace_id, customer
+            )
             want = email_of(customer, tag)
             if not row or row[0]["email"] != want:
                 got = row[0]["email"] if row else "no customer row"
@@ -67,8 +68,9 @@ async def problems(check: Checker, history: History, world: World) -> dict[str, 
         if ws not in deleted:  # its deletion never answered (a fault throughout): nothing to hold it to
             continue
         for t in await check.fetch(SCOPED):
-            n = (await check.fetch(f"SELECT count(*) AS n FROM {t['table_name']} WHERE workspace_id = $1",
-                                   uuid.UUID(ws)))[0]["n"]  # fmt: skip
+            n = (
+                await check.fetch(f"SELECT count(*) AS n FROM {t['table_name']} WHERE workspace_id = $1", uuid.UUID(ws))
+            )[0]["n"]
             if n:
                 out["tenant_wall"].append(f"workspace {tag}, deleted, still has {n} row(s) in {t['table_name']}")
     return out
@@ -80,14 +82,28 @@ def _elsewhere(erased: set[tuple[str, str]], customer: str, tag: str) -> list[st
 
 async def _attributed(check: Checker, history: History, op: Op) -> list[str]:
     """A tenant sale (``t-sale``) on a lead imported 60 days back: on that lead's link."""
-    lead = next((o for o in history.ops.values() if o.kind == "import" and o.echo.get("customer") ==
-                 op.echo["customer"] and o.echo.get("tag") == "b" and "code" in o.echo), None)  # fmt: skip
+    lead = next(
+        (
+            o
+            for o in history.ops.values()
+            if o.kind == "import"
+            and o.echo.get("customer") == op.echo["customer"]
+            and o.echo.get("tag") == "b"
+            and "code" in o.echo
+        ),
+        None,
+    )
     if lead is None or not any(a.outcome == "ok" for a in lead.attempts):
         return []
-    rows = await check.fetch("SELECT l.code FROM sales s LEFT JOIN links l ON l.id = s.link_id"
-                             " WHERE s.metadata->>'gen' = $1", op.token)  # fmt: skip
-    return [f"sale {op.token} of {op.echo['customer']} (lead 60 days old, lifetime): on {r['code']!r},"
-            f" not {lead.echo['code']!r}" for r in rows if r["code"] != lead.echo["code"]]  # fmt: skip
+    rows = await check.fetch(
+        "SELECT l.code FROM sales s LEFT JOIN links l ON l.id = s.link_id WHERE s.metadata->>'gen' = $1", op.token
+    )
+    return [
+        f"sale {op.token} of {op.echo['customer']} (lead 60 days old, lifetime): on {r['code']!r},"
+        f" not {lead.echo['code']!r}"
+        for r in rows
+        if r["code"] != lead.echo["code"]
+    ]
 
 
 def personal(history: History) -> list[str]:
@@ -124,6 +140,7 @@ def scan_logs(paths: list[Path], outputs: list[str], values: list[str]) -> dict[
     for name, text in texts:
         out["crash"] += [f"{name}: {line[:300]}" for line in find_crashes(text)]
         if forms:
-            out["personal_in_log"] += [f"{name}: {m.group()!r} in {line[:200]}" for line in text.splitlines()
-                                       if (m := needles.search(line))]  # fmt: skip
+            out["personal_in_log"] += [
+                f"{name}: {m.group()!r} in {line[:200]}" for line in text.splitlines() if (m := needles.search(line))
+            ]
     return out
