@@ -34,7 +34,9 @@ from ingest.host.guard import GUARD, ConnectionGuard
 from ingest.host.siblings import SIBLINGS
 from ingest.link.durability import Durability
 from ingest.manage.routes import bricqs as bricqs_manage
-from ingest.manage.routes import commissions, manage, stats, webhooks
+from ingest.manage.routes import commissions, privacy, reads, stats, webhooks
+from ingest.manage.routes import keys as keys_manage
+from ingest.manage.routes import links as links_manage
 from ingest.spool.spool import Spool
 
 log = structlog.get_logger("ingest.app")
@@ -239,7 +241,10 @@ def create_app(settings: Settings) -> web.Application:
         affixo,
         refport,
         batch,
-        manage,
+        links_manage,
+        keys_manage,
+        reads,
+        privacy,
         stats,
         commissions,
         webhooks,

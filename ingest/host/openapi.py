@@ -21,8 +21,9 @@ from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, refport
 from ingest.host import health
 from ingest.manage.routes import bricqs as bricqs_manage
 from ingest.manage.routes import commissions as C
-from ingest.manage.routes import manage, webhooks
+from ingest.manage.routes import keys, links, privacy, reads, webhooks
 from ingest.manage.routes import stats as S
+from ingest.manage.routes._guard import ManageError
 
 routes = web.RouteTableDef()
 
@@ -42,7 +43,6 @@ class Op:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-M = manage
 A, B, F, R, X = affitor.AffitorFailure, bricqs.BricqsError, affixo.AffixoError, refport.RefportError, biore.BioreError
 
 
@@ -55,8 +55,8 @@ def errors(model: Body, *codes: int) -> dict[int, Body]:
 # other than gzip, deflate or identity (415); every route: rate limited (429, Retry-After)
 # and unavailable (503, Retry-After)
 BODY = (400, 408, 413, 415)
-MANAGE = errors(M.ManageError, 400, 401, 403, 404, 429, 503)
-MANAGE_BODY = {**MANAGE, **errors(M.ManageError, *BODY)}
+MANAGE = errors(ManageError, 400, 401, 403, 404, 429, 503)
+MANAGE_BODY = {**MANAGE, **errors(ManageError, *BODY)}
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}
 DAY = {"type": "string", "format": "date", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}  # a UTC day, YYYY-MM-DD
 CURRENCY = {"type": "string", "pattern": "^[a-z]{3}$"}  # ISO 4217, lower case
@@ -183,7 +183,7 @@ OPERATIONS: tuple[Op, ...] = (
         "Up to 500 events in one request (JSON array or NDJSON, gzip accepted), each "
         "validated like its single-event route; one result per event, a bad event never fails the others",
         "Batch",
-        {200: batch.BatchResult, **errors(M.ManageError, 401, 403, 429, 503, *BODY)},
+        {200: batch.BatchResult, **errors(ManageError, 401, 403, 429, 503, *BODY)},
         batch.BatchBody,
         "bearer",
     ),
@@ -192,8 +192,8 @@ OPERATIONS: tuple[Op, ...] = (
         "/v1/programs",
         "Create a program",
         "Management",
-        {201: M.Program, **MANAGE_BODY},
-        M.NewProgram,
+        {201: links.Program, **MANAGE_BODY},
+        links.NewProgram,
         "bearer",
     ),
     Op(
@@ -201,8 +201,8 @@ OPERATIONS: tuple[Op, ...] = (
         "/v1/affiliates",
         "Create an affiliate",
         "Management",
-        {201: M.Affiliate, 409: M.ManageError, **MANAGE_BODY},
-        M.NewAffiliate,
+        {201: links.Affiliate, 409: ManageError, **MANAGE_BODY},
+        links.NewAffiliate,
         "bearer",
     ),
     Op(
@@ -210,8 +210,8 @@ OPERATIONS: tuple[Op, ...] = (
         "/v1/links",
         "Create a link",
         "Management",
-        {201: M.Link, 409: M.ManageError, **MANAGE_BODY},
-        M.NewLink,
+        {201: links.Link, 409: ManageError, **MANAGE_BODY},
+        links.NewLink,
         "bearer",
     ),
     Op(
@@ -219,8 +219,8 @@ OPERATIONS: tuple[Op, ...] = (
         "/v1/keys",
         "Create an API key (scope *); the key is shown once",
         "Management",
-        {201: M.CreatedKey, **MANAGE_BODY},
-        M.NewKey,
+        {201: keys.CreatedKey, **MANAGE_BODY},
+        keys.NewKey,
         "bearer",
     ),
     Op(
@@ -228,7 +228,7 @@ OPERATIONS: tuple[Op, ...] = (
         "/v1/keys/{prefix}",
         "Revoke an API key (scope *)",
         "Management",
-        {200: M.RevokedKey, **MANAGE},
+        {200: keys.RevokedKey, **MANAGE},
         security="bearer",
     ),
     Op(
@@ -236,8 +236,8 @@ OPERATIONS: tuple[Op, ...] = (
         "/v1/workspace",
         "Change the calling key's workspace: bot_policy (exclude | count), fraud_policy (per rule: flag | exclude)",
         "Management",
-        {200: M.Workspace, **MANAGE_BODY},
-        M.WorkspacePatch,
+        {200: links.Workspace, **MANAGE_BODY},
+        links.WorkspacePatch,
         "bearer",
     ),
     Op(
@@ -245,11 +245,18 @@ OPERATIONS: tuple[Op, ...] = (
         "/v1/links/{id}",
         "Change a link's status or URL",
         "Management",
-        {200: M.Link, **MANAGE_BODY},
-        M.LinkPatch,
+        {200: links.Link, **MANAGE_BODY},
+        links.LinkPatch,
         "bearer",
     ),
-    Op("get", "/v1/links/{id}", "A link with its counters", "Management", {200: M.Link, **MANAGE}, security="bearer"),
+    Op(
+        "get",
+        "/v1/links/{id}",
+        "A link with its counters",
+        "Management",
+        {200: links.Link, **MANAGE},
+        security="bearer",
+    ),
     Op(
         "get",
         "/v1/links/{id}/stats",
@@ -257,7 +264,7 @@ OPERATIONS: tuple[Op, ...] = (
         "reason and fraud flags by rule, "
         "per UTC day (from, to: YYYY-MM-DD, at most 366 days; default the last 30)",
         "Management",
-        {200: M.LinkStats, **MANAGE},
+        {200: S.LinkStats, **MANAGE},
         security="bearer",
         query={"from": DAY, "to": DAY},
     ),
@@ -267,7 +274,7 @@ OPERATIONS: tuple[Op, ...] = (
         "The workspace's sales, newest first: of a link, an affiliate or a customer "
         "(its external id); `before` is the `next` of the page before",
         "Management",
-        {200: M.SaleList, **MANAGE},
+        {200: reads.SaleList, **MANAGE},
         security="bearer",
         query={
             "link_id": {"type": "string"},
@@ -326,7 +333,7 @@ OPERATIONS: tuple[Op, ...] = (
         "A payout of an affiliate's approved, unpaid commissions in one currency (reversals "
         "included); 409 when they sum to nothing",
         "Management",
-        {201: C.Payout, 409: M.ManageError, **MANAGE_BODY},
+        {201: C.Payout, 409: ManageError, **MANAGE_BODY},
         C.NewPayout,
         "bearer",
     ),
@@ -374,7 +381,7 @@ OPERATIONS: tuple[Op, ...] = (
         "reason (with those no link resolved for: unknown codes, sales credited to no affiliate) and fraud flags by "
         "rule, per UTC day (from, to as a link's)",
         "Management",
-        {200: M.WorkspaceStats, **MANAGE},
+        {200: S.WorkspaceStats, **MANAGE},
         security="bearer",
         query={"from": DAY, "to": DAY},
     ),
@@ -392,7 +399,7 @@ OPERATIONS: tuple[Op, ...] = (
         "/v1/events",
         "Recent events with their enrichment",
         "Management",
-        {200: M.EventList, **MANAGE},
+        {200: reads.EventList, **MANAGE},
         security="bearer",
         query={
             "link_id": {"type": "string"},
@@ -405,7 +412,7 @@ OPERATIONS: tuple[Op, ...] = (
         "/v1/customers/{external_id}",
         "A customer by your external id",
         "Management",
-        {200: M.Customer, **MANAGE},
+        {200: reads.Customer, **MANAGE},
         security="bearer",
     ),
     Op(
@@ -415,7 +422,7 @@ OPERATIONS: tuple[Op, ...] = (
         "which * does not grant): Postgres at once, Redis and the archive by the workers; counters keep their "
         "numbers",
         "Management",
-        {202: M.Erasure, **MANAGE},
+        {202: privacy.Erasure, **MANAGE},
         security="bearer",
     ),
     Op(
@@ -424,7 +431,7 @@ OPERATIONS: tuple[Op, ...] = (
         "Erase an affiliate's personal data everywhere (scope erase): name, email, "
         "external id and addresses; their links, commissions and payouts stay",
         "Management",
-        {202: M.AffiliateErasures, **MANAGE},
+        {202: privacy.AffiliateErasures, **MANAGE},
         security="bearer",
     ),
     Op(
@@ -433,7 +440,7 @@ OPERATIONS: tuple[Op, ...] = (
         "Erase a Bricqs participant (the affiliate of that external id "
         "in every campaign) as an affiliate (scope erase)",
         "Management",
-        {202: M.AffiliateErasures, **MANAGE},
+        {202: privacy.AffiliateErasures, **MANAGE},
         security="bearer",
     ),
     Op(
@@ -442,8 +449,8 @@ OPERATIONS: tuple[Op, ...] = (
         "Do not track a visitor, customer or address: their events are answered as "
         "usual, stored nowhere and counted as suppressed drops (the list keeps digests, never values)",
         "Management",
-        {201: M.Suppression, **MANAGE_BODY},
-        M.NewSuppression,
+        {201: privacy.Suppression, **MANAGE_BODY},
+        privacy.NewSuppression,
         "bearer",
     ),
     Op(
@@ -451,7 +458,7 @@ OPERATIONS: tuple[Op, ...] = (
         "/v1/suppressions",
         "The workspace's do-not-track list (kinds and dates; no values)",
         "Management",
-        {200: M.SuppressionList, **MANAGE},
+        {200: privacy.SuppressionList, **MANAGE},
         security="bearer",
     ),
     Op(
@@ -467,7 +474,7 @@ OPERATIONS: tuple[Op, ...] = (
         "/v1/erasures/{id}",
         "An erasure: what is still pending, and its archive deadline (scope erase)",
         "Management",
-        {200: M.Erasure, **MANAGE},
+        {200: privacy.Erasure, **MANAGE},
         security="bearer",
     ),
     Op(
@@ -476,7 +483,7 @@ OPERATIONS: tuple[Op, ...] = (
         "Create a webhook (lead.created, conversion.created, milestone.reached, "
         "fraud.flagged) to a public address; its signing secret is shown once",
         "Webhooks",
-        {201: webhooks.Webhook, 409: M.ManageError, **MANAGE_BODY},
+        {201: webhooks.Webhook, 409: ManageError, **MANAGE_BODY},
         webhooks.NewWebhook,
         "bearer",
     ),
@@ -494,7 +501,7 @@ OPERATIONS: tuple[Op, ...] = (
         "/v1/affiliate/links",
         "The calling affiliate's links (affiliate key)",
         "Affiliate",
-        {200: M.LinkList, **MANAGE},
+        {200: links.LinkList, **MANAGE},
         security="bearer",
     ),
     Op(
@@ -504,7 +511,7 @@ OPERATIONS: tuple[Op, ...] = (
         "reason, flagged by rule, sales, revenue, refunds and commission per currency, per UTC day (affiliate key;"
         " from, to as a link's stats)",
         "Affiliate",
-        {200: M.AffiliateStats, **MANAGE},
+        {200: S.AffiliateStats, **MANAGE},
         security="bearer",
         query={"from": DAY, "to": DAY},
     ),

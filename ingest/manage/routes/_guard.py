@@ -1,6 +1,9 @@
-"""What every management route shares: the ``Authorization: Bearer`` key, its kind, scope
-and rate limit, ``Idempotency-Key`` on writes, and the data layer's errors in this API's
-shape (``{"error": code, "detail": text}``), through the ``guarded`` decorator."""
+"""What every route of the management API, ``/v1``, shares: JSON; the ``Authorization:
+Bearer`` key, its kind, scope (``write`` for changes, ``read`` for reads) and rate limit,
+everything scoped to the key's workspace (affiliate keys, read-only, reach only
+``/v1/affiliate/*`` and see only their own); ``Idempotency-Key`` on writes; and the data
+layer's errors in this API's shape (``ManageError``: ``{"error": code, "detail": text}``,
+as the Affixo API, seed 003, answers), through the ``guarded`` decorator."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from pydantic import BaseModel
 
 from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
@@ -29,6 +33,14 @@ def json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.R
 
 def error(status: int, code: str, detail: str | None = None, **extra: str) -> web.Response:
     return json(status, {"error": code, **({"detail": detail} if detail else {}), **extra})
+
+
+# every error's body, the batch route's too (a docstring would be the document's description);
+# need: the scope or key kind a 403 lacked
+class ManageError(BaseModel):
+    error: str
+    detail: str | None = None
+    need: str | None = None
 
 
 def segment(request: web.Request, name: str) -> str:

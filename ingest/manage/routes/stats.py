@@ -1,8 +1,8 @@
 """Stats and fraud settings of the management API: ``GET /v1/links/{id}/stats`` (counted
 and dropped events by reason, flagged ones by rule, sales and revenue, per day), ``GET
-/v1/stats`` (the same over the workspace, with what no link resolved for), and ``PATCH
-/v1/programs/{id}/fraud`` (a program's fraud thresholds). The affiliate's own view is
-``GET /v1/affiliate/stats`` (in ``manage``, beside the other affiliate routes).
+/v1/stats`` (the same over the workspace, with what no link resolved for), ``GET
+/v1/affiliate/stats`` (the same over an affiliate key's own links), and ``PATCH
+/v1/programs/{id}/fraud`` (a program's fraud thresholds).
 """
 
 from __future__ import annotations
@@ -44,6 +44,77 @@ class ProgramFraud(BaseModel):
     fraud_thresholds: dict[str, int]
 
 
+class DailyStats(BaseModel):
+    day: str = Field(description="A UTC day (YYYY-MM-DD); in totals, absent")
+    clicks: int
+    unique_clicks: int
+    bot_clicks: int
+    leads: int
+    conversions: int
+    sales: dict[str, int] = Field(description="Sales attributed to the link(s), per currency (ISO 4217, lower case)")
+    revenue: dict[str, int] = Field(description="Their amounts per currency, in its minor unit (never converted)")
+    refunds: dict[str, int] = Field(description="Refunds of the day's sales, per currency")
+    refunded: dict[str, int] = Field(description="Their amounts per currency, in its minor unit")
+    commission: dict[str, int] = Field(
+        description="Commissions earned per currency, reversals and refunds' clawbacks subtracted"
+    )
+    dropped: dict[str, int] = Field(
+        description="Events not counted, by reason: bot, unknown_code, inactive_link, rate_limited, out_of_window,"
+        " test_mode, duplicate, invalid, fraud (excluded by the fraud policy), no_lead (a sale credited to no"
+        " affiliate)"
+    )
+    dropped_detail: dict[str, dict[str, int]] = Field(description="By reason, by detail: a bot's sub-reason, a rule")
+    flagged: dict[str, int] = Field(description="Fraud flags by rule, whether the event was counted or excluded")
+
+
+class StatsTotals(BaseModel):
+    clicks: int
+    unique_clicks: int
+    bot_clicks: int
+    leads: int
+    conversions: int
+    sales: dict[str, int]
+    revenue: dict[str, int]
+    refunds: dict[str, int]
+    refunded: dict[str, int]
+    commission: dict[str, int]
+    dropped: dict[str, int]
+    dropped_detail: dict[str, dict[str, int]]
+    flagged: dict[str, int]
+
+
+class LinkStats(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    link_id: str
+    from_: str = Field(alias="from", description="First UTC day (default: 29 days before to)")
+    to: str = Field(description="Last UTC day (default: today)")
+    totals: StatsTotals
+    daily: list[DailyStats] = Field(description="Days with anything in them, in order")
+
+
+class WorkspaceStats(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    workspace_id: str
+    from_: str = Field(alias="from")
+    to: str
+    totals: StatsTotals
+    daily: list[DailyStats]
+
+
+class AffiliateStats(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    affiliate_id: str
+    links: int
+    clicks: int = Field(description="The affiliate's links' counters now (all time)")
+    unique_clicks: int
+    leads: int
+    conversions: int
+    from_: str = Field(alias="from")
+    to: str
+    totals: StatsTotals = Field(description="Over from..to")
+    daily: list[DailyStats]
+
+
 def _uuid(raw: str, what: str) -> UUID:
     try:
         return UUID(raw)
@@ -74,6 +145,18 @@ async def workspace_stats(request: web.Request, edge: Edge, p: Principal) -> web
         return error(400, "invalid_request", str(exc))
     async with acquired(edge.pg) as conn:
         return json(200, await stats.workspace_stats(conn, p.workspace_id, start, to))
+
+
+@routes.get("/v1/affiliate/stats")
+@guarded("read", affiliate=True)
+async def affiliate_stats(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    assert p.affiliate_id is not None
+    try:
+        start, to = stats.day_range(request.query.get("from"), request.query.get("to"))
+    except stats.BadRange as exc:
+        return error(400, "invalid_request", str(exc))
+    async with acquired(edge.pg) as conn:
+        return json(200, await stats.affiliate_stats(conn, p.workspace_id, p.affiliate_id, start, to))
 
 
 @routes.patch("/v1/programs/{id}/fraud")

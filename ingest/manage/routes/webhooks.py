@@ -1,5 +1,5 @@
 """Webhook endpoints in the management API, ``/v1/webhooks``: same auth, scopes and error
-shapes as the rest of ``/v1`` (see ``routes.manage``), scoped to the key's workspace.
+shapes as the rest of ``/v1`` (see ``routes._guard``), scoped to the key's workspace.
 
 The signing secret is answered once, at creation, and stored Fernet-encrypted under
 ``REFSTREAM_SECRET_KEY``; without that key these routes answer 503 ``webhooks_unconfigured``.

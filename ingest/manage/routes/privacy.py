@@ -1,0 +1,162 @@
+"""Privacy in the management API: erasing a customer, an affiliate or a Bricqs participant
+(scope ``erase``, which ``*`` does not grant) and following an erasure (``GET
+/v1/erasures/{id}``), and the do-not-track lists (``/v1/suppressions``). What an erasure
+does, and where: ``ingest.privacy`` and docs/privacy.md.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+import asyncpg
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from ingest.contract import ids, links
+from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
+from ingest.contract.fields import Text
+from ingest.edge.auth import Principal
+from ingest.edge.body import parse
+from ingest.edge.state import Edge
+from ingest.manage import suppressions
+from ingest.manage.routes._guard import error, guarded, id_forms, json, segment
+from ingest.privacy import erasure, erasure_affiliate, erasure_copy, external_ids
+
+routes = web.RouteTableDef()
+
+
+class NewSuppression(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["visitor", "customer", "ip"] = Field(
+        description="A visitor id, a customer's external id, or a client address"
+    )
+    value: Text = Field(min_length=1, max_length=256)
+
+
+class Suppression(BaseModel):
+    id: str = Field(description="The entry's digest: the list never holds the value")
+    kind: Literal["visitor", "customer", "ip"]
+    created_at: str
+    created_by: str | None = None
+
+
+class SuppressionList(BaseModel):
+    data: list[Suppression]
+
+
+class Erasure(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    erasure_id: str
+    workspace_id: str
+    status: Literal["pending", "done"]
+    pending: list[Literal["postgres", "redis", "archive"]] = Field(
+        description="Places still holding the person: Redis and the archive are finished by the workers' sweep"
+    )
+    requested_at: str
+    requested_by: str = Field(description="The prefix of the key that asked, or cli")
+    archive_due: str = Field(description="The archive's segments are rewritten by then (REFSTREAM_ERASE_ARCHIVE_DAYS)")
+    overdue: bool
+    done: dict[str, Any] = Field(description="What each place's pass changed: counts of rows, entries, segments")
+
+
+class AffiliateErasures(BaseModel):
+    erasures: list[Erasure] = Field(description="One per affiliate erased (a participant: one per campaign)")
+
+
+@routes.delete("/v1/customers/{external_id}")
+@guarded("erase")
+async def erase_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    """Forget a customer everywhere (docs/privacy.md): Postgres now, Redis and the archive
+    by the workers; 202 with what is pending, and GET /v1/erasures/{id} follows it."""
+    id_forms(request, "external_id")  # 400 for one that can name nobody
+    async with acquired(edge.pg) as conn:  # the normalized id, as given, and as stored before the rule
+        forms = await external_ids.subjects(conn, p.workspace_id, request.match_info["external_id"])
+    days = edge.settings.erase_archive_days
+    try:  # from here on, a failure may leave it begun: 503 "outcome unknown", and a retry finishes it
+        erased = [await erasure.erase(edge.pg, p.workspace_id, form, by=p.prefix, archive_days=days) for form in forms]
+        async with acquired(edge.pg) as conn:
+            shown = await erasure.show(conn, p.workspace_id, str(erased[0].id))
+            copy = await erasure_copy.commands(conn, edge.keys, [done.id for done in erased])
+    except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # a read-only one too
+        raise CommitUnknown("the erasure") from exc
+    # the ledger's copy outside Postgres (a restore that loses the erasure gets it back); the
+    # sweep writes it too, and marks Redis done only once it is there
+    if deletes := [*copy, *(d for done in erased for d in erasure.redis_deletes(edge.keys, done))]:
+        try:
+            await edge.batcher.execute(*deletes)
+        except REDIS_ERRORS:
+            pass  # the click cache's entries and rate-limit windows expire by themselves; the sweep copies
+    return json(202, shown)
+
+
+@routes.delete("/v1/affiliates/{id}")
+@guarded("erase")
+async def erase_affiliate(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    """Forget an affiliate (a partner, a person): their name, email, external id and
+    addresses, wherever they are held; their links, commissions and payouts stay
+    (docs/privacy.md). 202 with the erasure, as a customer's."""
+    return await _erase_affiliates(edge, p, affiliate_id=segment(request, "id"))
+
+
+@routes.delete("/v1/participants/{participant_id}")
+@guarded("erase")
+async def erase_participant(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    """A Bricqs participant (an affiliate by external id, in every campaign): as above;
+    202 with one erasure per campaign they were in."""
+    return await _erase_affiliates(edge, p, participant_id=segment(request, "participant_id"))
+
+
+async def _erase_affiliates(edge: Edge, p: Principal, **which: str) -> web.Response:
+    try:  # as a customer's: a failure may leave it begun, and a retry finishes it
+        done = await erasure_affiliate.erase(
+            edge.pg, p.workspace_id, by=p.prefix, archive_days=edge.settings.erase_archive_days, **which
+        )
+        async with acquired(edge.pg) as conn:
+            copy = await erasure_copy.commands(conn, edge.keys, [uuid.UUID(e["erasure_id"]) for e in done.erasures])
+    except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise CommitUnknown("the erasure") from exc
+    try:
+        await links.put_committed(edge.redis, edge.keys, *done.cache)  # their external id, as a pseudonym
+        await edge.batcher.execute(*copy, *erasure_affiliate.redis_commands(edge.keys, done))
+    except REDIS_ERRORS:
+        pass  # the sweep copies the ledger; the link cache is put again by the workers' refresh; windows expire
+    return json(202, done.to_dict())
+
+
+@routes.post("/v1/suppressions")
+@guarded("write")
+async def add_suppression(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    """Do not track a visitor, customer or address: the edges answer their events as usual
+    and store nothing, within REFSTREAM_SUPPRESSION_REFRESH_S."""
+    body = await parse(request, NewSuppression)
+    value = body.value
+    if body.kind == "customer":  # as the lead routes store it (ingest.contract.ids)
+        try:
+            value = ids.normalize(value)
+        except ids.InvalidId as exc:
+            return error(400, "invalid_request", f"value: {exc}")
+    async with acquired(edge.pg) as conn:
+        return json(201, await suppressions.add(conn, p.workspace_id, body.kind, value, by=p.prefix))
+
+
+@routes.get("/v1/suppressions")
+@guarded("read")
+async def list_suppressions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with acquired(edge.pg) as conn:
+        return json(200, await suppressions.listing(conn, p.workspace_id))
+
+
+@routes.delete("/v1/suppressions/{id}")
+@guarded("write")
+async def remove_suppression(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with acquired(edge.pg) as conn:
+        await suppressions.remove(conn, p.workspace_id, segment(request, "id"))
+    return web.Response(status=204)
+
+
+@routes.get("/v1/erasures/{id}")
+@guarded("erase")
+async def get_erasure(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    async with acquired(edge.pg) as conn:
+        return json(200, await erasure.show(conn, p.workspace_id, segment(request, "id")))
