@@ -63,10 +63,18 @@ def py_spy_top(raw_path: Path, n: int = TOP) -> str:
         samples += int(count)
     if not samples:
         return f"py-spy recorded no samples in {raw_path}\n"
-    out = [f"{samples} samples (py-spy record --nonblocking, 100/s)", "", "by own time (the leaf frame):"]
+    out = [
+        f"{samples} samples with Python running (py-spy record --nonblocking, 100/s; idle time not sampled)",
+        "",
+        "by own time (the leaf frame; own time in the frame that runs the event loop, Runner.run or arq's"
+        " Worker.run, is the loop's C code: uvloop's I/O, its callbacks and the syscalls below them):",
+    ]
     out += [f"{100 * c / samples:6.1f}%  {f}" for f, c in sorted(own.items(), key=lambda kv: -kv[1])[:n]]
-    out += ["", "by total time (on the stack; the event loop's and the process's own frames come first):"]
-    out += [f"{100 * c / samples:6.1f}%  {f}" for f, c in sorted(total.items(), key=lambda kv: -kv[1])[: n + 10]]
+    # the chain of frames every sample of the main thread holds (the command line, the loop) says nothing
+    entry = max(total.values())
+    out += ["", "by total time (on the stack), the entry chain on every sample left out:"]
+    ranked = [(f, c) for f, c in sorted(total.items(), key=lambda kv: -kv[1]) if c < entry][:n]
+    out += [f"{100 * c / samples:6.1f}%  {f}" for f, c in ranked]
     return "\n".join(out) + "\n"
 
 
@@ -81,16 +89,16 @@ async def redis_top(redis: Redis, stored: int, n: int = TOP) -> str:
     for key, v in stats.items():
         name = key.removeprefix("cmdstat_")
         rows.append((name, int(v["calls"]), float(v["usec"])))
-    usec = sum(u for *_, u in rows) or 1.0
     out = [
-        f"INFO commandstats over the window (reset by CONFIG RESETSTAT as it opened): {usec:,.0f} µs in commands,"
-        f" {stored} events stored; the command's own time, not the event loop's I/O around it",
+        f"INFO commandstats over the window (reset by CONFIG RESETSTAT as it opened), {stored} events stored:"
+        " each command's own execution time, not the server's I/O around it. A command a script calls counts"
+        " both under its own name and within the script's (EVALSHA's) µs, so the rows do not add up",
         "",
-        f"{'command':<24}{'calls':>10}{'µs':>12}{'µs/call':>10}{'µs/stored':>11}{'share':>8}",
+        f"{'command':<24}{'calls':>10}{'µs':>12}{'µs/call':>10}{'µs/stored':>11}",
     ]
     for name, calls, u in sorted(rows, key=lambda r: -r[2])[:n]:
         per_stored = u / stored if stored else 0.0
-        out.append(f"{name:<24}{calls:>10}{u:>12,.0f}{u / calls:>10.2f}{per_stored:>11.2f}{100 * u / usec:>7.1f}%")
+        out.append(f"{name:<24}{calls:>10}{u:>12,.0f}{u / calls:>10.2f}{per_stored:>11.2f}")
     return "\n".join(out) + "\n"
 
 
