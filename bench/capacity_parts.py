@@ -39,7 +39,24 @@ from zero. Postgres's background writer, walwriter and checkpointer are reported
 other work too. Accepted events are the load generator's 2xx answers; stored events the
 rows the window added to ``events``; ``db_bytes_per_stored`` what ``pg_database_size``
 grew by per stored event, ``events_bytes_per_stored`` what the ``events`` table's
-partitions (indexes included) grew by.
+partitions (indexes included) grew by, and ``bytes_per_stored.<relation>`` what each
+relation that grew did (``pg_relation_size`` of its main, free-space and visibility
+forks; a partition under its parent table or index, a TOAST table and its index under
+``<table>_toast``), ``bytes_per_stored.total`` their net sum.
+
+- ``cap_hello``, between ``cap_idle`` and ``cap_full``: bare aiohttp (``bench.apps
+  hello``, one process) under the same wrk at full load, its CPU from
+  ``/proc/<pid>/stat`` over the measured wrk run: ``cap_hello.us_per_request``. Every
+  per-event CPU figure of ``cap_full`` and ``cap`` (each kind, ``pg_bg`` and ``total``,
+  per accepted and per stored) is noted in µs (``<kind>_us_per_<event>``) and in
+  hello-worlds (``<kind>_hw_per_<event>``: µs ÷ that figure), in which the machine's
+  speed cancels out.
+
+With ``--profile DIR`` the steady window is also profiled, tier by tier, each tier's top
+ten written to ``DIR`` as text (``bench.cap_profile``): py-spy on the edge and the
+worker, ``INFO commandstats`` of the part's own Redis (reset as the window opens),
+``pg_stat_statements`` where the server loads it, and ``EXPLAIN (ANALYZE, BUFFERS)`` of
+one worker batch's statements after the window.
 """
 
 from __future__ import annotations
