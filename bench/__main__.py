@@ -61,7 +61,8 @@ from refstream.output import json_option, wants_json
     "profile_dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="py-spy the edge during (b 000) and the worker during (d); output in this directory.",
+    help="py-spy the edge during (b 000) and the worker during (d); (cap): each tier's top ten over the steady"
+    " window (py-spy, Redis commandstats, pg_stat_statements or EXPLAIN); output in this directory.",
 )
 @json_option
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")

@@ -39,7 +39,24 @@ from zero. Postgres's background writer, walwriter and checkpointer are reported
 other work too. Accepted events are the load generator's 2xx answers; stored events the
 rows the window added to ``events``; ``db_bytes_per_stored`` what ``pg_database_size``
 grew by per stored event, ``events_bytes_per_stored`` what the ``events`` table's
-partitions (indexes included) grew by.
+partitions (indexes included) grew by, and ``bytes_per_stored.<relation>`` what each
+relation that grew did (``pg_relation_size`` of its main, free-space and visibility
+forks; a partition under its parent table or index, a TOAST table and its index under
+``<table>_toast``), ``bytes_per_stored.total`` their net sum.
+
+- ``cap_hello``, between ``cap_idle`` and ``cap_full``: bare aiohttp (``bench.apps
+  hello``, one process) under the same wrk at full load, its CPU from
+  ``/proc/<pid>/stat`` over the measured wrk run: ``cap_hello.us_per_request``. Every
+  per-event CPU figure of ``cap_full`` and ``cap`` (each kind, ``pg_bg`` and ``total``,
+  per accepted and per stored) is noted in µs (``<kind>_us_per_<event>``) and in
+  hello-worlds (``<kind>_hw_per_<event>``: µs ÷ that figure), in which the machine's
+  speed cancels out.
+
+With ``--profile DIR`` the steady window is also profiled, tier by tier, each tier's top
+ten written to ``DIR`` as text (``bench.cap_profile``): py-spy on the edge and the
+worker, ``INFO commandstats`` of the part's own Redis (reset as the window opens),
+``pg_stat_statements`` where the server loads it, and ``EXPLAIN (ANALYZE, BUFFERS)`` of
+one worker batch's statements after the window.
 """
 
 from __future__ import annotations
@@ -61,7 +78,7 @@ from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
 from refstream.embedded import free_port
 
-from . import openloop
+from . import cap_profile, openloop
 from . import requests as reqs
 from .context import Ctx
 from .pipeline_parts import _until
@@ -79,6 +96,22 @@ _SIZES = """
 SELECT pg_database_size(current_database()) AS db,
        (SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits
         WHERE inhparent = 'events'::regclass)::bigint AS events
+"""
+# bytes of every relation with storage, by name: a partition's under its parent's (and a
+# partition's index under its parent index's), a TOAST table and its index under
+# ``<table>_toast``; main, free-space and visibility forks
+_RELATIONS = """
+SELECT CASE WHEN owner.oid IS NULL THEN root.relname ELSE oroot.relname || '_toast' END AS name,
+       sum(coalesce(pg_relation_size(c.oid, 'main') + pg_relation_size(c.oid, 'fsm')
+                    + pg_relation_size(c.oid, 'vm'), 0))::bigint AS bytes
+FROM pg_class c
+LEFT JOIN pg_index i ON i.indexrelid = c.oid
+LEFT JOIN pg_class owner ON owner.reltoastrelid <> 0
+     AND owner.reltoastrelid = CASE WHEN c.relkind = 't' THEN c.oid ELSE i.indrelid END
+LEFT JOIN pg_class oroot ON oroot.oid = coalesce(pg_partition_root(owner.oid), owner.oid)
+JOIN pg_class root ON root.oid = coalesce(pg_partition_root(c.oid), c.oid)
+WHERE c.relkind IN ('r', 'i', 't', 'm')
+GROUP BY 1
 """
 _PG_PIDS = """
 SELECT pid, datname IS NOT NULL AS ours FROM pg_stat_activity
@@ -120,6 +153,8 @@ class Meter:
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._sizes0: dict[str, int] = {}
+        self._relations0: dict[str, int] = {}
+        self.relations: dict[str, float] = {}  # name -> bytes grown over the window
 
     async def _redis_cpu(self) -> float:
         info = await self.redis.info("cpu")
@@ -149,6 +184,7 @@ class Meter:
         self._conn = await asyncpg.connect(self.db_url)
         self.exclude.append(await self._conn.fetchval("SELECT pg_backend_pid()"))
         self._sizes0 = dict(await self._conn.fetchrow(_SIZES))
+        self._relations0 = {r["name"]: r["bytes"] for r in await self._conn.fetch(_RELATIONS)}
         await self._sample_pg()
         self.opened = True
         self.start_cpu = {**self._proc_cpu(), "redis": await self._redis_cpu()}
@@ -169,6 +205,7 @@ class Meter:
         try:
             await self._sample_pg()
             sizes = dict(await self._conn.fetchrow(_SIZES))
+            relations = {r["name"]: r["bytes"] for r in await self._conn.fetch(_RELATIONS)}
         finally:
             await self._conn.close()
         out = {k: end[k] - self.start_cpu[k] for k in end}
@@ -178,23 +215,35 @@ class Meter:
         out["seconds"] = seconds
         out["db_bytes"] = float(sizes["db"] - self._sizes0["db"])
         out["events_bytes"] = float(sizes["events"] - self._sizes0["events"])
+        names = set(relations) | set(self._relations0)
+        self.relations = {n: float(relations.get(n, 0) - self._relations0.get(n, 0)) for n in names}
         return out
 
 
-def _note_window(ctx: Ctx, name: str, cpu: dict[str, float], accepted: int, stored: int) -> None:
+def _note_window(
+    ctx: Ctx, name: str, cpu: dict[str, float], accepted: int, stored: int, hello_us: float, relations: dict[str, float]
+) -> None:
+    """Every per-event CPU figure in µs and in hello-worlds (µs ÷ ``hello_us``, the bare
+    aiohttp app's CPU µs per request in the same run), and the bytes per stored event of
+    every relation that grew."""
     ctx.note(f"{name}.accepted", accepted)
     ctx.note(f"{name}.stored", stored)
     ctx.note(f"{name}.window_s", cpu["seconds"])
     ctx.note(f"{name}.pg_backends", cpu["pg_backends"])
     for kind in (*KINDS, "pg_bg"):
         ctx.note(f"{name}.{kind}_cores", cpu[kind] / cpu["seconds"])
+    cpu = {**cpu, "total": sum(cpu[k] for k in KINDS)}
+    for kind in (*KINDS, "pg_bg", "total"):
         for per, n in (("accepted", accepted), ("stored", stored)):
-            ctx.note(f"{name}.{kind}_us_per_{per}", cpu[kind] * 1e6 / n if n else 0.0)
-    total = sum(cpu[k] for k in KINDS)
-    ctx.note(f"{name}.total_us_per_accepted", total * 1e6 / accepted if accepted else 0.0)
-    ctx.note(f"{name}.total_us_per_stored", total * 1e6 / stored if stored else 0.0)
+            us = cpu[kind] * 1e6 / n if n else 0.0
+            ctx.note(f"{name}.{kind}_us_per_{per}", us)
+            ctx.note(f"{name}.{kind}_hw_per_{per}", us / hello_us if hello_us else 0.0)
     ctx.note(f"{name}.db_bytes_per_stored", cpu["db_bytes"] / stored if stored else 0.0)
     ctx.note(f"{name}.events_bytes_per_stored", cpu["events_bytes"] / stored if stored else 0.0)
+    for rel, grown in relations.items():
+        if grown > 0 and stored:
+            ctx.note(f"{name}.bytes_per_stored.{rel}", grown / stored)
+    ctx.note(f"{name}.bytes_per_stored.total", sum(relations.values()) / stored if stored else 0.0)
 
 
 def _accepted(r: WrkResult) -> int:
@@ -281,6 +330,49 @@ async def _edge_phase(ctx: Ctx, name: str, edge: Proc, requests: list[Request]) 
     return accepted_per_s
 
 
+async def _hello_us(ctx: Ctx, requests: list[Request]) -> float:
+    """The bare aiohttp hello-world POST app (``bench.apps hello``, one process) under the
+    same wrk as ``cap_full``: its CPU µs per request, from ``/proc/<pid>/stat`` over the
+    measured wrk run (the warm-up outside it). Every per-event figure divided by it is in
+    hello-worlds, in which the machine's speed cancels out."""
+    hello = ctx.procs.app("hello")
+    mark: dict[str, float] = {}
+
+    async def opened() -> None:
+        mark["cpu0"] = proc_cpu_seconds(hello.pid)
+
+    try:
+        r = await ctx.wrk(
+            "cap_hello",
+            hello.base_url,
+            requests,
+            connections=ctx.opts.connections,
+            server_pid=hello.pid,
+            on_start=opened,
+        )
+        cpu = proc_cpu_seconds(hello.pid) - mark["cpu0"]
+    finally:
+        hello.stop()
+    us = cpu * 1e6 / _accepted(r) if _accepted(r) else 0.0
+    ctx.note("cap_hello.cpu_s", cpu)
+    ctx.note("cap_hello.us_per_request", us)
+    return us
+
+
+def _write_profiles(ctx: Ctx, redis_text: str, pg_text: str) -> None:
+    """The top ten of each tier, as text, in the profile directory (the last run's, as
+    py-spy's own files)."""
+    assert ctx.opts.profile_dir is not None
+    texts = {
+        "edge": cap_profile.py_spy_top(ctx.opts.profile_dir / "cap_edge_profile.txt"),
+        "worker": cap_profile.py_spy_top(ctx.opts.profile_dir / "cap_worker_profile.txt"),
+        "redis": redis_text,
+        "postgres": pg_text,
+    }
+    for tier, text in texts.items():
+        (ctx.opts.profile_dir / f"cap_{tier}_top10.txt").write_text(text)
+
+
 async def part_cap(ctx: Ctx) -> None:
     """(cap) CPU per event of each kind of process over a steady run; 1 and 2 edges, 1 and 2 workers."""
     o = ctx.opts
@@ -351,6 +443,10 @@ async def part_cap(ctx: Ctx) -> None:
         for kind in (*KINDS, "pg_bg"):
             ctx.note(f"cap_idle.{kind}_cores", cpu[kind] / cpu["seconds"])
 
+        # bare aiohttp under the same wrk, between the idle and the loaded windows: the unit
+        # of the hello-world figures, measured as close as can be to what it divides
+        hello_us = await _hello_us(ctx, requests)
+
         # full load, closed loop; the warm-up's events are stored before the window opens
         m = meter()
         mark: dict[str, float] = {}
@@ -369,21 +465,44 @@ async def part_cap(ctx: Ctx) -> None:
         ctx.note("cap_full.stored_per_s", (rows1 - mark["rows0"]) / (t1 - mark["t0"]))
         await _drained(redis, keys1)
         cpu = await m.stop()
-        _note_window(ctx, "cap_full", cpu, _accepted(r), await rows() - int(mark["rows0"]))
+        _note_window(ctx, "cap_full", cpu, _accepted(r), await rows() - int(mark["rows0"]), hello_us, m.relations)
 
         # the steady run: open loop at half what the full load sustained (accepted and stored)
         rate = max(1.0, min(ctx.figures["cap_full.accepted_per_s"], ctx.figures["cap_full.stored_per_s"]) / 2)
         await openloop.run(edge1.base_url, requests, rate=rate, seconds=o.warmup)
         await _drained(redis, keys1)
         rows0 = await rows()
+        profiling = o.profile_dir is not None
+        if profiling:
+            pg_statements, pg_said = await cap_profile.pg_statements_state(conn)
+            if pg_statements:
+                await cap_profile.pg_statements_reset(conn)
+            if own:  # never on a shared Redis
+                await cap_profile.redis_reset(redis)
         m = meter()
         await m.start()
+        spies = ctx.profile("cap_edge", edge1.pid, o.duration) + ctx.profile("cap_worker", workers1[0].pid, o.duration)
         sent = await openloop.run(edge1.base_url, requests, rate=rate, seconds=o.duration)
         await _drained(redis, keys1)
         cpu = await m.stop()
+        stored = await rows() - rows0
         ctx.note("cap.rate_per_s", sent.rate)
         ctx.note("cap.failed", sent.failed)
-        _note_window(ctx, "cap", cpu, sent.ok, await rows() - rows0)
+        _note_window(ctx, "cap", cpu, sent.ok, stored, hello_us, m.relations)
+        if profiling:
+            for spy in spies:
+                await asyncio.to_thread(spy.wait, 60)
+            redis_text = (
+                await cap_profile.redis_top(redis, stored)
+                if own
+                else "the bench's shared Redis (no redis-server on PATH): its commandstats count other clients"
+                " and are not reset by the bench, so none are taken\n"
+            )
+            pg_text = pg_said + "\n\n"
+            if pg_statements:
+                pg_text += await cap_profile.pg_statements_top(conn, stored) + "\n"
+            pg_text += await cap_profile.explain_batch(db_url, ctx.world, o.batch_size)
+            _write_profiles(ctx, redis_text, pg_text)
     finally:
         if conn is not None:
             await conn.close()

@@ -73,6 +73,7 @@ SECTIONS = {
     "cap_w1": "(cap) 1 worker alone, on the backlog the 1-process edge left",
     "cap_w2": "(cap) 2 workers alone, on the backlog the 2-process edge left; scale = 2 / 1",
     "cap_idle": "(cap) 1 edge and 1 worker, no load: cores each kind spends doing nothing",
+    "cap_hello": "(cap) bare aiohttp hello-world POST under the same wrk: CPU µs per request, the hello-world unit",
     "cap_full": "(cap) 1 edge and 1 worker under wrk's full load: CPU per event",
     "cap": "(cap) the steady run: 1 edge and 1 worker at half that load, open loop: CPU per event",
     "imp": "(imp) refstream import of --import-events rows beside live seed 000 clicks: live p99 with / without",
@@ -196,15 +197,18 @@ _KINDS = (
 
 
 def capacity(figures: dict[str, float], nproc: int, console: Console) -> None:
-    """Part (cap): CPU µs per event of each kind of process, and 1 against 2 processes."""
+    """Part (cap): CPU per event of each kind of process in µs and in hello-worlds, Postgres
+    bytes per stored event by relation, and 1 against 2 processes."""
     if "cap.accepted" not in figures:
         return
+    hello = figures.get("cap_hello.us_per_request", 0.0)
     t = Table(
-        title="(cap) CPU µs per event accepted (acc) and stored (sto), and cores used: in the steady run"
+        title="(cap) CPU per event accepted (acc) and stored (sto), in µs and in hello-worlds (hw: µs ÷ the bare"
+        f" aiohttp hello-world's {_fmt(hello)} µs per request in the same run), and cores used: in the steady run"
         " (half load), at full load, idle; Postgres: the database's backends; bg: its background writer,"
         " walwriter and checkpointer (the whole server's); total: without bg"
     )
-    cols = ("", "half µs/acc", "µs/sto", "cores", "full µs/acc", "µs/sto", "cores", "idle")
+    cols = ("", "half µs/acc", "µs/sto", "hw/sto", "cores", "full µs/acc", "µs/sto", "hw/sto", "cores", "idle")
     for col in cols:
         t.add_column(col, justify="right" if col else "left")
     for kind, label in _KINDS:
@@ -213,11 +217,29 @@ def capacity(figures: dict[str, float], nproc: int, console: Console) -> None:
             row += [
                 _fmt(figures.get(f"{phase}.{kind}_us_per_accepted", 0.0)),
                 _fmt(figures.get(f"{phase}.{kind}_us_per_stored", 0.0)),
+                _fmt(figures.get(f"{phase}.{kind}_hw_per_stored", 0.0)),
             ]
             row.append(_fmt(figures[f"{phase}.{kind}_cores"]) if f"{phase}.{kind}_cores" in figures else "")
         row.append(_fmt(figures[f"cap_idle.{kind}_cores"]) if f"cap_idle.{kind}_cores" in figures else "")
         t.add_row(*row)
     console.print(t)
+    relations = sorted(
+        {k.split(".", 2)[2] for k in figures if k.startswith(("cap.bytes_per_stored.", "cap_full.bytes_per_stored."))}
+        - {"total"},
+        key=lambda r: -figures.get(f"cap.bytes_per_stored.{r}", 0.0),
+    )
+    b = Table(
+        title="(cap) Postgres bytes per stored event by relation (partitions under their parent, TOAST under"
+        " <table>_toast; main, free-space and visibility forks), over each window"
+    )
+    for col in ("relation", "half B/sto", "full B/sto"):
+        b.add_column(col, justify="left" if col == "relation" else "right")
+    for rel in (*relations, "total"):
+        b.add_row(
+            rel,
+            *(_fmt(figures.get(f"{phase}.bytes_per_stored.{rel}", 0.0)) for phase in ("cap", "cap_full")),
+        )
+    console.print(b)
     s = Table(title="(cap) 1 process and 2, side by side (each ratio against the 1-process figure of the same run)")
     for col in ("", "1", "2", "2 / 1"):
         s.add_column(col, justify="right" if col else "left")

@@ -209,7 +209,14 @@ NOTES = [
     " checkpointer apart (pg_bg: they serve the whole server); per accepted = per 2xx the load generator counted,"
     " per stored = per row the window added to events (under wrk, requests in flight at either end make the two"
     " differ by up to the connections); db_bytes_per_stored: the growth of pg_database_size per stored event,"
-    " events_bytes_per_stored that of the events table's partitions (indexes included)",
+    " events_bytes_per_stored that of the events table's partitions (indexes included); bytes_per_stored.<relation>"
+    " the growth of each relation that grew (pg_relation_size of its main, fsm and vm forks; partitions summed under"
+    " their parent table or index, a TOAST table and its index under <table>_toast), bytes_per_stored.total their"
+    " net sum. cap_hello: bench.apps hello under the same wrk, its CPU µs per request from /proc/<pid>/stat over"
+    " the measured run (cap_hello.us_per_request); every <kind>_hw_per_<event> is <kind>_us_per_<event> divided"
+    " by it: hello-worlds, in which the machine's speed cancels out. With --profile DIR: py-spy on the edge and the"
+    " worker, INFO commandstats of the part's own Redis, pg_stat_statements where the server loads it and EXPLAIN"
+    " (ANALYZE, BUFFERS) of one worker batch's statements, each tier's top ten in DIR/cap_<tier>_top10.txt",
     "c1ms: Postgres through the bench's own TCP proxy (bench/proxy.py, its own process, 0.5 ms each way"
     " per chunk, in order): the naive app's pool, the edge's and the workers' DATABASE_URL alike; c1ms.rtt_ms is"
     " the SELECT 1 round trip it really gives, proxy_cpu the cores it used (warm-up included); the goals take the"

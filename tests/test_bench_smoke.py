@@ -1,6 +1,7 @@
 """`python -m bench` (scripts/bench) end to end, in miniature: the bare aiohttp baseline and the seed 000
 route and the sale route, one run of one second each, as JSON with every figure positive; part (c) likewise,
-locally and through its latency proxy; part (cap), CPU per event of each kind of process."""
+locally and through its latency proxy; part (cap), CPU per event of each kind of process in µs and
+hello-worlds, and Postgres bytes per stored event by relation."""
 
 from __future__ import annotations
 
@@ -81,6 +82,12 @@ def test_bench_part_cap_measures_cpu_per_event_of_each_kind_of_process():
     for kind in ("edge", "worker", "redis", "pg"):
         assert figures[f"cap.{kind}_us_per_accepted"] > 0, kind
         assert figures[f"cap.{kind}_us_per_stored"] > 0, kind
+        # the same figure in hello-worlds: ÷ bare aiohttp's CPU per request in the same run
+        hw = figures[f"cap.{kind}_us_per_stored"] / figures["cap_hello.us_per_request"]
+        assert figures[f"cap.{kind}_hw_per_stored"] == pytest.approx(hw, rel=0.01, abs=0.002), kind
+    assert figures["cap_hello.us_per_request"] > 0
+    # Postgres bytes per stored event by relation: the events heap grew, and so did the sum
+    assert figures["cap.bytes_per_stored.events"] > 0 and figures["cap.bytes_per_stored.total"] > 0
     # the scaling phases, each against its 1-process figure of the same run
     for key in (
         "cap_edge1.accepted_per_s",
