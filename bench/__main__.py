@@ -4,6 +4,7 @@ Postgres's own ceiling), from one run, with the issue's goals next to the figure
 
 from __future__ import annotations
 
+import shutil
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -92,6 +93,8 @@ def bench(
     if unknown := parts - set(PARTS):
         choose = ", ".join(PARTS)
         raise click.BadParameter(f"unknown parts {sorted(unknown)}; choose from {choose}", param_hint="--only")
+    if profile_dir is not None and not (shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy").exists()):
+        raise click.UsageError("--profile needs py-spy: .venv/bin/pip install py-spy")
     settings = Settings()
     configure_logging("warning", json=settings.log_json)
     opts = Options(

@@ -39,6 +39,25 @@ async def test_an_undecodable_entry_is_dead_lettered_and_its_batch_counts(procs:
     assert (await redis.xpending(stream, GROUP))["pending"] == 0
 
 
+async def test_an_entry_deleted_while_pending_is_acked_not_dead_lettered(procs: Procs, pg, redis, keys: Keys):
+    """An entry a trim or an XDEL removed while a worker held it pending comes back to its
+    reader as its id with no fields (redis-py: an empty dict, not None): nothing is left to
+    store, and it is no poison (the generative test's seed 86656145: a trim storm's)."""
+    ws = await procs.cli("workspace", "create", "Acme")
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
+    base = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000")
+    assert all(r == (200, TRACKED) for r in await fire(base, ["alice"] * 5))
+    stream = keys.stream_for("alice")
+    read = await redis.xreadgroup(GROUP, "w", {stream: ">"})  # pending to w, as a worker stopped mid-batch
+    ids = [sid for sid, _ in read[0][1]]
+    assert len(ids) == 5
+    assert await redis.xdel(stream, ids[2]) == 1
+    totals = await procs.cli("work", "--drain", REFSTREAM_CONSUMER_NAME="w")  # its own pending first
+    assert (totals["inserted"], totals["dead"]) == (4, 0)
+    assert await redis.xlen(keys.dead) == 0
+    assert (await redis.xpending(stream, GROUP))["pending"] == 0
+
+
 def _same_partition(keys: Keys, code: str) -> str:
     return next(c for c in (f"POISON{i}" for i in range(1000)) if keys.partition_for(c) == keys.partition_for(code))
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import structlog
 
 from ingest.contract import erasure, wire
-from ingest.contract.connections import REDIS_ERRORS, Command, Redis, cancelled_meanwhile
+from ingest.contract.connections import REDIS_ERRORS, Command, Redis, cancelled_meanwhile, client_fault
 from ingest.contract.errors import Outage
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Layout, PartitionGone, Watch
@@ -233,14 +233,16 @@ class Drain:
                     log.warning("spool.drain_waiting", error=repr(exc.__cause__), entries=self._entries)
                 self._redis_error = repr(exc)
                 continue
-            except REDIS_ERRORS as exc:
+            except Exception as exc:
+                # a connection redis-py's code closed under a command (a Redis killed while
+                # the client connected: uvloop's "the handler is closed") is Redis away too
+                if not isinstance(exc, REDIS_ERRORS) and not client_fault(exc):
+                    log.exception("spool.drain_failed")
+                    continue
                 cancelled_meanwhile()
                 if self._redis_error is None:
                     log.warning("spool.drain_waiting", error=repr(exc), entries=self._entries)
                 self._redis_error = repr(exc)
-                continue
-            except Exception:
-                log.exception("spool.drain_failed")
                 continue
             if self._redis_error is not None:
                 log.info("spool.drain_resumed", entries=self._entries)

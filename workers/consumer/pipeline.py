@@ -164,8 +164,10 @@ class Pipeline:
         batch.good = []
         gone = 0
         for eid, fields in batch.entries:
-            if fields is None:
-                # deleted while pending (XDEL by an operator): nothing is left to store
+            if not fields:
+                # deleted while pending (a trim, or XDEL by an operator): Redis answers its id
+                # with no fields (redis-py: an empty dict; no entry is ever added without
+                # one), and nothing is left to store
                 gone += 1
                 continue
             try:

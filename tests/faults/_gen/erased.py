@@ -53,6 +53,9 @@ class Erased:
     referrers: dict[str, str] = field(default_factory=dict)  # customer token -> their click's referrer
     aliases: dict[tuple[str, str], str] = field(default_factory=dict)  # (pseudonym, workspace tag) -> token
     tokens: dict[str, str] = field(default_factory=dict)  # event id (hex) -> its request's token, whatever it holds
+    # customer token -> the token of their sale no answer named (every attempt a 503 "may be
+    # stored" for a repeat of its key: no event id); its row is found by the customer instead
+    unnamed_sales: dict[str, str] = field(default_factory=dict)
 
 
 def erasures(history: History) -> Erased:
@@ -74,9 +77,13 @@ def erasures(history: History) -> Erased:
             continue
         lead = history.ops.get(op.echo["lead"])
         if lead is not None and lead.kind == "sale":  # a customer of a sale (``careless.py``): its metadata, the
-            for a in lead.attempts:  # token's home, is scrubbed with them; its event id, answered, finds it
+            named = False  # token's home, is scrubbed with them; its event id, answered, finds it
+            for a in lead.attempts:
                 if (event := named_events(lead, a).get(0)) is not None:
                     out.tokens[event] = lead.token
+                    named = True
+            if not named:  # no answer named it: its customer's pseudonym, in their workspace, does
+                out.unnamed_sales[customer] = lead.token
             continue
         if lead is not None and lead.kind == "import":  # the person's lead and click, imported: their click's
             if lead.units and lead.units[0].kind == "click":  # referrer goes, its event id (derived) finds it
@@ -117,6 +124,9 @@ async def read_back(check: Checker, found: Erased, rows: list[Any], spaces: dict
             row["token"] = found.aliases[(row["token"], tag)]
         elif row["token"] is None and event in found.clicks:
             row["token"] = found.clicks[event]
+        elif row["token"] is None and row.get("customer") and (row["customer"], tag) in found.aliases:
+            customer = found.aliases[(row["customer"], tag)]  # an erased customer's sale no answer named
+            row["token"] = found.unnamed_sales.get(customer)
         elif row["token"] is not None:
             row["token"] += suffix(tag)
         out.append(row)
