@@ -26,6 +26,7 @@ import functools
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
@@ -63,7 +64,8 @@ Ledger = Callable[[], AbstractAsyncContextManager[erasure.Check]]
 
 class Drain:
     """The drain of a spool (``ingest.spool.spool.Spool`` is one): what it sends, when, and
-    the rows it deletes once Redis confirmed them."""
+    the rows it deletes once Redis confirmed them; and the bookkeeping of failing file-system
+    operations the drain and the spool's writer share."""
 
     # kept by the spool, which the writer shares: its directory, its stop, its totals
     dir: Path
@@ -86,16 +88,28 @@ class Drain:
         self._ledger: Ledger | None = None
         self.drained = 0
         self.ticks = 0  # drain loop iterations
+        self._failing: dict[str, str] = {}  # op -> error, while it fails (logged once per change)
+        self._error_recorded = False
+        self.errors: Counter[str] = Counter()  # failed file-system operations by op, for /metrics
 
-    # the spool's bookkeeping of failing file-system operations, shared with its writer
-    def _failed(self, op: str, exc: BaseException) -> None:
-        raise NotImplementedError
-
-    def _recovered(self, op: str) -> None:
-        raise NotImplementedError
+    # -- failing file-system operations, the drain's and the writer's, logged once each ----
 
     def _note_error(self, conn: sqlite3.Connection | None, op: str, exc: BaseException) -> None:
-        raise NotImplementedError
+        """Where `refstream status` reads it, if the disk lets us. The connection stays open:
+        closing the last one would checkpoint, and on a full disk opening one can fail."""
+        if conn is not None:
+            store.record_error(conn, op, store.describe(exc))
+            self._error_recorded = True
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self.errors[op] += 1
+        if op not in self._failing:
+            log.error("spool.failing", op=op, error=store.describe(exc), dir=str(self.dir))
+        self._failing[op] = store.describe(exc)
+
+    def _recovered(self, op: str) -> None:
+        if self._failing.pop(op, None) is not None:
+            log.info("spool.recovered", op=op, failures=self.errors[op])
 
     # -- draining ------------------------------------------------------------------------
 

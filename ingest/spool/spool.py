@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -56,9 +55,6 @@ class Spool(Drain):
         self._wconn: sqlite3.Connection | None = None  # the writer's (its task only)
         self._entries = 0  # as of this process's last transaction or look
         self._bytes = 0
-        self._failing: dict[str, str] = {}  # op -> error, while it fails (logged once per change)
-        self._error_recorded = False
-        self.errors: Counter[str] = Counter()  # failed file-system operations by op, for /metrics
         self.spooled = 0
 
     # -- what it holds: O(1) -------------------------------------------------------------
@@ -142,25 +138,6 @@ class Spool(Drain):
         except (sqlite3.Error, OSError) as exc:
             self._note_error(self._wconn, "append", exc)
             raise
-
-    def _note_error(self, conn: sqlite3.Connection | None, op: str, exc: BaseException) -> None:
-        """Where `refstream status` reads it, if the disk lets us. The connection stays open:
-        closing the last one would checkpoint, and on a full disk opening one can fail."""
-        if conn is not None:
-            store.record_error(conn, op, store.describe(exc))
-            self._error_recorded = True
-
-    # -- state changes, logged once each -------------------------------------------------
-
-    def _failed(self, op: str, exc: BaseException) -> None:
-        self.errors[op] += 1
-        if op not in self._failing:
-            log.error("spool.failing", op=op, error=store.describe(exc), dir=str(self.dir))
-        self._failing[op] = store.describe(exc)
-
-    def _recovered(self, op: str) -> None:
-        if self._failing.pop(op, None) is not None:
-            log.info("spool.recovered", op=op, failures=self.errors[op])
 
     # -- lifecycle -----------------------------------------------------------------------
 
