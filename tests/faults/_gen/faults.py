@@ -303,7 +303,10 @@ class PartitionCount(Fault):
         another fault meanwhile; every step of the change is idempotent)."""
         deadline = asyncio.get_running_loop().time() + 90
         while True:
-            code, _, err = await self.c.command("partitions", "set", str(n), "--json", within_s=30)
+            try:
+                code, _, err = await self.c.command("partitions", "set", str(n), "--json", within_s=30)
+            except TimeoutError:  # hung on a Redis killed or stalled by another fault: ended, run again
+                code, err = -1, "still running after 30 s (killed)"
             if not code:
                 return
             if asyncio.get_running_loop().time() > deadline:
