@@ -132,6 +132,13 @@ class Enricher:
             meta = self._city.metadata()
             versions["city_db"] = f"{meta.database_type}@{meta.build_epoch}"
         self.versions: Mapping[str, str] = MappingProxyType(versions)
+        # Two bounded caches, each keyed by all that its answer depends on, so a hit is what a
+        # parse would give (tests/test_enrich.py). The address cache holds visitors' addresses:
+        # in this process's memory only, never logged, persisted nor sent anywhere, and at
+        # most ``ip_cache_size`` of them, the least recent evicted first; an erased person's
+        # address leaves it as new traffic comes in, or with the process. It cannot be keyed
+        # by a network prefix instead: geo networks are as small as one address, and the
+        # "full" policy stores the address itself.
         self._ua = functools.lru_cache(maxsize=ua_cache_size)(functools.partial(device.parse, device.resolver()))
         self._where = functools.lru_cache(maxsize=ip_cache_size)(self._locate)
 
@@ -195,13 +202,19 @@ class Enricher:
         }
         return Found(where.ip, where.country, where.place.asn, bot_reason, doc)
 
+    def stored_ip(self, ip: str | None, ip_policy: str = "full") -> str | None:
+        """The address as stored under ``ip_policy`` (``enrich(ip, ...).ip``), from the
+        address cache: for an event that gets no enrichment (a server-to-server call's
+        address is its server's), without assembling one."""
+        _check_policy(ip_policy)
+        return self._where(ip, ip_policy).ip if ip else None
+
     def _parts(
         self, ip: str | None, user_agent: str | None, ip_policy: str
     ) -> tuple[_Where, device.Device, str | None]:
-        if ip_policy not in _IP_POLICIES:
-            raise ValueError(f"ip_policy must be one of {_IP_POLICIES}, got {ip_policy!r}")
+        _check_policy(ip_policy)
         where = self._where(ip, ip_policy) if ip else _NOWHERE
-        ua = self._ua(user_agent.strip()) if user_agent and user_agent.strip() else device.NO_UA
+        ua = self._ua(stripped) if user_agent and (stripped := user_agent.strip()) else device.NO_UA
         bot_reason = ua.bot_reason
         if bot_reason is None and (where.place.asn in _DATACENTERS or where.as_name in _DATACENTER_NAMES):
             bot_reason = "datacenter_asn"
@@ -295,6 +308,11 @@ def _of(kind: type[_T], value: object) -> _T | None:
 def _load_geoip() -> geo.GeoTable:
     """One copy of the geo tables per process (~35 MB; geoip2fast's own lists took ~110)."""
     return geo.load()
+
+
+def _check_policy(ip_policy: str) -> None:
+    if ip_policy not in _IP_POLICIES:
+        raise ValueError(f"ip_policy must be one of {_IP_POLICIES}, got {ip_policy!r}")
 
 
 def _parse_ip(ip: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
