@@ -1,12 +1,12 @@
 """The worker's per-event Python before Postgres, alone: decoding a stream entry
-(``wire.from_entry`` and ``bounds.check``, as ``Pipeline._decode``) and enriching it
-(``store._enrich``), per 10,000 events of part (cap)'s traffic, caches warm as in a running
-worker. ``python -m bench.decode_enrich [--base TREE]``.
+(``wire.from_entry`` and ``bounds.check``, as ``Pipeline._decode``) and enriching it (the
+``Enricher`` calls the store makes), per 10,000 events of part (cap)'s traffic, caches
+warm as in a running worker. ``python -m bench.decode_enrich [--base TREE]``.
 
-``--base`` loads another checkout's ``wire``, ``enrich`` and ``store`` modules (main's, in a
-second worktree) beside this tree's, and times the two alternately in one process, so a
-noisy machine slows both alike: the figure to read is the ratio. The other modules are
-this tree's for both.
+``--base`` loads another checkout's ``wire`` and ``enrich`` modules (main's, in a second
+worktree) beside this tree's, and times the two alternately in one process, so a noisy
+machine slows both alike: the figure to read is the ratio. The other modules are this
+tree's for both.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from ingest.contract import bounds, wire
 from ingest.contract.events import Dialect, Envelope, EventType
-from workers.consumer import enrich, store
+from workers.consumer import enrich
 
 from .world import REFERRER, UAS, client_ip
 
@@ -60,10 +60,19 @@ def decoding(w: ModuleType, entries: list[dict[bytes, bytes]]) -> Run:
     return run
 
 
-def enriching(s: ModuleType, enricher: Any, envelopes: list[Envelope]) -> Run:
+def enriching(enricher: Any, envelopes: list[Envelope]) -> Run:
+    """What the store asks the enricher per event: a click's enrichment, else only the
+    address as stored (``stored_ip``; main's store read it off a whole enrichment)."""
+    stored_ip = getattr(enricher, "stored_ip", None) or (
+        lambda ip, policy: enricher.enrich_row(ip, None, None, policy).ip
+    )
+
     def run() -> None:
         for e in envelopes:
-            s._enrich(e, enricher, "full")
+            if e.type is EventType.CLICK:
+                enricher.enrich_row(e.ip, e.user_agent, e.payload.get("referrer"), "full")
+            else:
+                stored_ip(e.ip, "full")
 
     return run
 
@@ -94,23 +103,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.decode_enrich", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, help="another checkout, timed beside this one")
     args = parser.parse_args()
-    trees: dict[str, tuple[ModuleType, ModuleType, ModuleType]] = {"this tree": (wire, enrich, store)}
+    trees: dict[str, tuple[ModuleType, ModuleType]] = {"this tree": (wire, enrich)}
     if args.base is not None:
         base = args.base.resolve()
         trees = {
-            "base": tuple(  # type: ignore[dict-item]  # three modules, as above
-                load(f"base_{m}", base / f"{p}/{m}.py")
-                for p, m in (("ingest/contract", "wire"), ("workers/consumer", "enrich"), ("workers/consumer", "store"))
+            "base": (
+                load("base_wire", base / "ingest/contract/wire.py"),
+                load("base_enrich", base / "workers/consumer/enrich.py"),
             ),
             **trees,
         }
-    enrichers = {name: e.Enricher() for name, (_, e, _) in trees.items()}
+    enrichers = {name: e.Enricher() for name, (_, e) in trees.items()}
     for label, clicks in (("part (cap)'s clicks", 1.0), ("80 % clicks, 20 % leads", 0.8)):
         envelopes = traffic(clicks)
         entries = [as_read(e) for e in envelopes]
         stages = {
-            "decode": {t: decoding(w, entries) for t, (w, _, _) in trees.items()},
-            "enrich": {t: enriching(s, enrichers[t], envelopes) for t, (_, _, s) in trees.items()},
+            "decode": {t: decoding(w, entries) for t, (w, _) in trees.items()},
+            "enrich": {t: enriching(enrichers[t], envelopes) for t in trees},
         }
         for stage, runs in stages.items():
             ms = {t: 1000 * s for t, s in timed(runs).items()}

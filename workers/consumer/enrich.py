@@ -108,7 +108,17 @@ class Found(NamedTuple):
 
 
 class Enricher:
-    """Built once per process at worker startup; `enrich()` is then cheap and does no I/O."""
+    """Built once per process at worker startup; `enrich()` is then cheap and does no I/O.
+
+    Two bounded LRU caches make it cheap, each keyed by all its answer depends on, so a hit
+    is what a parse would give (tests/test_enrich.py): User-Agent parses, and what an
+    address says under an IP policy. The address cache holds visitors' addresses, which is
+    acceptable because it is this process's memory only (never logged, persisted nor sent
+    anywhere) and holds at most ``ip_cache_size`` of them, the least recently seen evicted
+    first: an erased person's address leaves it as new traffic comes in, or with the
+    process. It cannot be keyed by a network prefix instead: the geo data holds networks
+    as small as one address (/32), and the "full" policy stores the address itself.
+    """
 
     def __init__(self, city_db: str | None = None, ua_cache_size: int = 10_000, ip_cache_size: int = 50_000) -> None:
         self._geo = _load_geoip()
@@ -132,13 +142,6 @@ class Enricher:
             meta = self._city.metadata()
             versions["city_db"] = f"{meta.database_type}@{meta.build_epoch}"
         self.versions: Mapping[str, str] = MappingProxyType(versions)
-        # Two bounded caches, each keyed by all that its answer depends on, so a hit is what a
-        # parse would give (tests/test_enrich.py). The address cache holds visitors' addresses:
-        # in this process's memory only, never logged, persisted nor sent anywhere, and at
-        # most ``ip_cache_size`` of them, the least recent evicted first; an erased person's
-        # address leaves it as new traffic comes in, or with the process. It cannot be keyed
-        # by a network prefix instead: geo networks are as small as one address, and the
-        # "full" policy stores the address itself.
         self._ua = functools.lru_cache(maxsize=ua_cache_size)(functools.partial(device.parse, device.resolver()))
         self._where = functools.lru_cache(maxsize=ip_cache_size)(self._locate)
 
