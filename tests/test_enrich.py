@@ -407,6 +407,87 @@ def test_ip_cache_is_per_address_and_policy() -> None:
     assert enricher.ip_cache_info()[:2] == (1, 3)
 
 
+# User-Agents a cache could mix up: browsers, devices, declared and undeclared bots, one
+# padded, one a prefix of another, junk, unicode and control bytes
+VARIED_UAS: list[str | None] = [
+    *(str(p.values[0]) for p in UAS),
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/124.0.0.0 Safari/537.36",
+    "curl/8.5.0",
+    "python-requests/2.31.0",
+    "facebookexternalhit/1.1",
+    f"  {CHROME_WIN}  ",
+    CHROME_WIN[:40],
+    "Mozilla/5.0",
+    "x",
+    "日本語のブラウザ/1.0",
+    "tab\there",
+    None,
+    "   ",
+]
+# addresses a cache could mix up: public v4 and v6, a datacenter, the same address spelled
+# three ways, neighbours in one /24, private, reserved, unallocated and malformed
+VARIED_IPS: list[str | None] = [
+    "8.8.8.8",
+    " 8.8.8.8 ",
+    "::ffff:8.8.8.8",
+    "8.8.8.9",
+    "81.7.13.1",
+    "81.7.13.2",
+    "93.184.216.34",
+    "185.60.216.35",
+    "2a00:1450:4001:80b::200e",
+    "2001:4860:4860::8888",
+    "10.0.0.1",
+    "fe80::1%eth0",
+    "100.64.0.1",
+    "192.88.99.1",
+    "2002::1",
+    "999.1.1.1",
+    "not-an-ip",
+    "",
+    None,
+]
+
+
+def _uncached() -> Enricher:
+    return Enricher(ua_cache_size=0, ip_cache_size=0)  # functools.lru_cache(maxsize=0) keeps nothing
+
+
+def test_a_ua_cache_hit_is_what_a_parse_gives() -> None:
+    cached, uncached = Enricher(), _uncached()
+    for _ in range(2):  # the second round from the cache
+        for ua in VARIED_UAS:
+            assert cached.enrich("81.7.13.1", ua, None) == uncached.enrich("81.7.13.1", ua, None), ua
+            assert cached.enrich_row("81.7.13.1", ua, None).doc == uncached.enrich_row("81.7.13.1", ua, None).doc
+    info = cached.ua_cache_info()
+    assert info.hits >= len(VARIED_UAS) and info.misses <= len(VARIED_UAS)
+    assert uncached.ua_cache_info().currsize == 0
+
+
+@pytest.mark.parametrize("policy", ["full", "truncated", "none"])
+def test_an_ip_cache_hit_is_what_a_lookup_gives(policy: str) -> None:
+    cached, uncached = Enricher(), _uncached()
+    for _ in range(2):
+        for ip in VARIED_IPS:
+            assert cached.enrich(ip, CHROME_WIN, None, policy) == uncached.enrich(ip, CHROME_WIN, None, policy), ip
+            assert cached.stored_ip(ip, policy) == uncached.enrich(ip, None, None, policy).ip
+    assert cached.ip_cache_info().hits >= len(VARIED_IPS)
+
+
+def test_the_caches_keep_their_bound() -> None:
+    enricher = Enricher(ua_cache_size=3, ip_cache_size=3)
+    for i in range(20):
+        enricher.enrich(f"81.7.13.{i + 1}", f"curl/8.{i}.0", None)
+    assert (enricher.ua_cache_info().currsize, enricher.ip_cache_info().currsize) == (3, 3)
+    assert (enricher.ua_cache_info().maxsize, enricher.ip_cache_info().maxsize) == (3, 3)
+
+
+def test_stored_ip_refuses_an_unknown_policy(enricher: Enricher) -> None:
+    with pytest.raises(ValueError, match="ip_policy"):
+        enricher.stored_ip("8.8.8.8", "anonymous")
+
+
 def test_loading_leaves_the_environment_alone() -> None:
     # geoip2fast writes PYTHONWARNINGS=ignore into os.environ on import; a fresh process shows
     # whether Enricher() puts it back (this test process has imported geoip2fast already).

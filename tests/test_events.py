@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import time
 import uuid
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -228,3 +231,23 @@ def test_entry_layout():
 def test_undecodable_version_2_entries_raise_envelope_error(fields):
     with pytest.raises(EnvelopeError):
         wire.from_entry(fields)
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_an_event_id_read_from_an_entry_is_a_uuid_like_any_other(raw):
+    """``from_entry`` makes its ids without ``UUID.__init__`` (``wire._uuid``): each is the
+    same value in every way a reader can look at it."""
+    made, expected = wire._uuid(raw), uuid.UUID(bytes=raw)
+    assert type(made) is uuid.UUID
+    assert made == expected and hash(made) == hash(expected) and not made != expected
+    assert (str(made), made.bytes, made.int, made.version, made.is_safe) == (
+        str(expected),
+        expected.bytes,
+        expected.int,
+        expected.version,
+        expected.is_safe,
+    )
+    assert pickle.loads(pickle.dumps(made)) == expected and copy.deepcopy(made) == expected
+    assert orjson.dumps(made) == orjson.dumps(expected)
+    with pytest.raises(TypeError):
+        made.int = 0  # type: ignore[misc]  # immutable, as UUID is

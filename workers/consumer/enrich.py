@@ -108,7 +108,17 @@ class Found(NamedTuple):
 
 
 class Enricher:
-    """Built once per process at worker startup; `enrich()` is then cheap and does no I/O."""
+    """Built once per process at worker startup; `enrich()` is then cheap and does no I/O.
+
+    Two bounded LRU caches make it cheap, each keyed by all its answer depends on, so a hit
+    is what a parse would give (tests/test_enrich.py): User-Agent parses, and what an
+    address says under an IP policy. The address cache holds visitors' addresses, which is
+    acceptable because it is this process's memory only (never logged, persisted nor sent
+    anywhere) and holds at most ``ip_cache_size`` of them, the least recently seen evicted
+    first: an erased person's address leaves it as new traffic comes in, or with the
+    process. It cannot be keyed by a network prefix instead: the geo data holds networks
+    as small as one address (/32), and the "full" policy stores the address itself.
+    """
 
     def __init__(self, city_db: str | None = None, ua_cache_size: int = 10_000, ip_cache_size: int = 50_000) -> None:
         self._geo = _load_geoip()
@@ -195,13 +205,19 @@ class Enricher:
         }
         return Found(where.ip, where.country, where.place.asn, bot_reason, doc)
 
+    def stored_ip(self, ip: str | None, ip_policy: str = "full") -> str | None:
+        """The address as stored under ``ip_policy`` (``enrich(ip, ...).ip``), from the
+        address cache: for an event that gets no enrichment (a server-to-server call's
+        address is its server's), without assembling one."""
+        _check_policy(ip_policy)
+        return self._where(ip, ip_policy).ip if ip else None
+
     def _parts(
         self, ip: str | None, user_agent: str | None, ip_policy: str
     ) -> tuple[_Where, device.Device, str | None]:
-        if ip_policy not in _IP_POLICIES:
-            raise ValueError(f"ip_policy must be one of {_IP_POLICIES}, got {ip_policy!r}")
+        _check_policy(ip_policy)
         where = self._where(ip, ip_policy) if ip else _NOWHERE
-        ua = self._ua(user_agent.strip()) if user_agent and user_agent.strip() else device.NO_UA
+        ua = self._ua(stripped) if user_agent and (stripped := user_agent.strip()) else device.NO_UA
         bot_reason = ua.bot_reason
         if bot_reason is None and (where.place.asn in _DATACENTERS or where.as_name in _DATACENTER_NAMES):
             bot_reason = "datacenter_asn"
@@ -295,6 +311,11 @@ def _of(kind: type[_T], value: object) -> _T | None:
 def _load_geoip() -> geo.GeoTable:
     """One copy of the geo tables per process (~35 MB; geoip2fast's own lists took ~110)."""
     return geo.load()
+
+
+def _check_policy(ip_policy: str) -> None:
+    if ip_policy not in _IP_POLICIES:
+        raise ValueError(f"ip_policy must be one of {_IP_POLICIES}, got {ip_policy!r}")
 
 
 def _parse_ip(ip: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

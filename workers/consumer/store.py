@@ -211,7 +211,7 @@ def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | 
     if visitor and e.type is EventType.CLICK:
         found = enricher.enrich_row(e.ip, e.user_agent, _opt(e.payload.get("referrer")), policy)
         return found.ip, found
-    return enricher.enrich_row(e.ip, None, None, policy).ip, None
+    return enricher.stored_ip(e.ip, policy), None
 
 
 async def _write(
