@@ -336,6 +336,8 @@ def _uuid(b: bytes) -> uuid.UUID:
     per entry, and ``UUID.__init__`` (pure Python, checking five ways to be called) was a
     quarter of ``from_entry``. Sets what ``__init__`` sets (``int``, ``is_safe``: the
     class's slots), so the value compares, hashes, prints and pickles as one made by it."""
+    if len(b) != 16:  # as ``UUID(bytes=)`` refuses it: a damaged entry is poison, never another id
+        raise ValueError("an event id is 16 bytes")
     u = object.__new__(uuid.UUID)
     object.__setattr__(u, "int", int.from_bytes(b))
     object.__setattr__(u, "is_safe", _UNKNOWN_SAFETY)
