@@ -210,8 +210,9 @@ def test_entry_layout():
         {b"event": b"click"},
         {b"i": b"\x01" * 16, b"t": b"1"},  # incomplete
         {**dict.fromkeys(FIELDS, b""), b"i": b"short"},
-        {**dict.fromkeys(FIELDS, b""), b"i": b"\x01" * 15, b"t": b"1", b"r": b"0", b"d": b"1", b"p": b"{}"},  # a short id
-        {**dict.fromkeys(FIELDS, b""), b"i": b"\x01" * 17, b"t": b"1", b"r": b"0", b"d": b"1", b"p": b"{}"},  # a long one
+        # an id of 15 and of 17 bytes, all else valid
+        {**dict.fromkeys(FIELDS, b""), b"i": b"\x01" * 15, b"t": b"1", b"r": b"0", b"d": b"1", b"p": b"{}"},
+        {**dict.fromkeys(FIELDS, b""), b"i": b"\x01" * 17, b"t": b"1", b"r": b"0", b"d": b"1", b"p": b"{}"},
         {**dict.fromkeys(FIELDS, b""), b"i": b"\x01" * 16, b"t": b"9", b"r": b"0", b"d": b"1", b"p": b"{}"},
         {**dict.fromkeys(FIELDS, b""), b"i": b"\x01" * 16, b"t": b"1", b"r": b"soon", b"d": b"1", b"p": b"{}"},
         {**dict.fromkeys(FIELDS, b""), b"i": b"\x01" * 16, b"t": b"1", b"r": b"0", b"d": b"1", b"p": b"[]"},
