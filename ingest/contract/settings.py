@@ -213,6 +213,11 @@ class Settings(BaseSettings):
     secret_key: str | None = Field(
         None, description="Fernet key(s), comma-separated, encrypting webhook signing secrets at rest."
     )
+    console_token: str | None = Field(
+        None,
+        min_length=16,
+        description="The operator's token for refstream console (a Bearer header); needed off loopback.",
+    )
 
     # clock ---------------------------------------------------------------------------
     clock_skew_max_s: float = Field(
@@ -438,7 +443,7 @@ def parse_durability(level: str) -> tuple[int, bool]:
     raise ValueError("one of primary, replicas:N (N from 1 to 16), fsync")
 
 
-_SECRET = frozenset({"redis_url", "arq_redis_url", "database_url", "secret_key"})  # never echoed
+_SECRET = frozenset({"redis_url", "arq_redis_url", "database_url", "secret_key", "console_token"})  # never echoed
 
 
 def env_var(field: str) -> str:
