@@ -13,6 +13,7 @@ import aiohttp
 import asyncpg
 import pytest
 from click.testing import CliRunner
+from pydantic import ValidationError
 
 from ingest.contract import wire
 from ingest.contract.events import Dialect, Envelope, EventType
@@ -99,6 +100,9 @@ def test_a_console_off_loopback_without_a_token_refuses_to_start() -> None:
     access.check_bind("0.0.0.0", TOKEN)
     access.check_bind("127.0.0.1", None)
     access.check_bind("::1", None)
+    assert Settings(console_token="").console_token is None  # compose's empty default: no token
+    with pytest.raises(ValidationError):
+        Settings(console_token="short")
     env = {"REFSTREAM_CONSOLE_TOKEN": None}
     for host in ("0.0.0.0", "192.0.2.1", "console.example"):
         result = CliRunner().invoke(main, ["console", "--host", host, "--port", str(free_port())], env=env)

@@ -296,6 +296,11 @@ class Settings(BaseSettings):
             raise ValueError("1-64 of A-Z a-z 0-9 _ . : - (no braces)")
         return v
 
+    @field_validator("console_token", mode="before")
+    @classmethod
+    def _no_token(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v  # compose's empty default: none
+
     @field_validator("access_log")
     @classmethod
     def _access_log(cls, v: str) -> str:

@@ -206,9 +206,10 @@ def work(drain: bool) -> None:
     type=click.Path(file_okay=False),
     help="Keep the embedded servers' data, the demo API key and the secret key here, across runs.",
 )
-def dev(port: int, data_dir: str | None) -> None:
+@click.option("--console-port", default=None, type=int, help="The console's port. [default: --port + 10]")
+def dev(port: int, data_dir: str | None, console_port: int | None) -> None:
     """Everything on one machine: embedded servers if none answer (or the default ones
-    refuse us), migrate, demo data, the edge and one worker."""
+    refuse us), migrate, demo data, the edge, one worker, an archiver and the console."""
     from refstream.dev import run_dev
 
     settings = load_settings()  # a bad setting is named before anything starts
@@ -216,4 +217,5 @@ def dev(port: int, data_dir: str | None) -> None:
     # dev's own lines as its children write theirs: JSON on stderr (stdout is the banner)
     configure_logging(settings.log_level, json=settings.log_json)
     listen_check("127.0.0.1", port, "dev")
-    run_dev(port, data_dir)
+    listen_check("127.0.0.1", console_port or port + 10, "dev")
+    run_dev(port, data_dir, console_port)
