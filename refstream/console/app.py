@@ -103,8 +103,9 @@ async def headers(
         response = await handler(request)
     except (*REDIS_ERRORS, *PG_ERRORS) as exc:
         response = _json({"error": "unavailable", "detail": type(exc).__name__}, 503)
-    except web.HTTPException as exc:
-        response = exc
+    except web.HTTPException as exc:  # a route not found, a method not allowed: raised on, with the headers
+        exc.headers.update(HEADERS)
+        raise
     response.headers.update(HEADERS)
     return response
 

@@ -43,7 +43,8 @@ export function seriesOf(samples, name) {
 }
 
 // draw `series` (a Map of name -> [[t, v]]) into `box`: "no data yet" where there is none
-export function draw(box, series, { unit = "" } = {}) {
+// `days`: the times are UTC days (a tenant's stats), labelled as dates
+export function draw(box, series, { unit = "", days = false } = {}) {
   box.replaceChildren();
   const all = [...series.values()].flat();
   if (all.length === 0) {
@@ -55,7 +56,7 @@ export function draw(box, series, { unit = "" } = {}) {
   }
   const t0 = Math.min(...all.map((p) => p[0]));
   const t1 = Math.max(...all.map((p) => p[0]));
-  const top = Math.max(1e-9, ...all.map((p) => p[1]));
+  const top = Math.max(1, ...all.map((p) => p[1])); // a flat line of zeros sits at the bottom
   const x = (t) => PAD.left + ((t - t0) / Math.max(1, t1 - t0)) * (W - PAD.left - PAD.right);
   const y = (v) => H - PAD.bottom - (v / top) * (H - PAD.top - PAD.bottom);
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img" });
@@ -63,8 +64,10 @@ export function draw(box, series, { unit = "" } = {}) {
   chart.append(svg("line", { x1: PAD.left, y1: y(top), x2: W - PAD.right, y2: y(top), class: "grid" }));
   chart.append(text(PAD.left - 4, y(top) + 4, short(top) + unit, "end"));
   chart.append(text(PAD.left - 4, y(0) + 4, "0", "end"));
-  chart.append(text(PAD.left, H - 4, new Date(t0).toLocaleTimeString()));
-  chart.append(text(W - PAD.right, H - 4, new Date(t1).toLocaleTimeString(), "end"));
+  const label = (t) =>
+    days ? new Date(t).toLocaleDateString(undefined, { timeZone: "UTC" }) : new Date(t).toLocaleTimeString();
+  chart.append(text(PAD.left, H - 4, label(t0)));
+  chart.append(text(W - PAD.right, H - 4, label(t1), "end"));
   const legend = document.createElement("ul");
   legend.className = "legend";
   let i = 0;

@@ -21,7 +21,7 @@ function perDay(days) {
 async function refresh() {
   const { data } = await api("/api/tenant/links");
   document.getElementById("workspace").textContent = data.workspace_id;
-  draw(document.getElementById("chart-days"), perDay(data.days));
+  draw(document.getElementById("chart-days"), perDay(data.days), { days: true });
   const body = clear(document.querySelector("#days tbody"));
   for (const d of data.days) {
     const drops = Object.entries(d.drops).map(([why, n]) => `${why} ${n}`).join(", ") || "-";
