@@ -21,7 +21,7 @@ from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import admin
 from refstream.cli import main
-from refstream.console import access
+from refstream.console import access, tail
 from refstream.console.access import REFUSAL
 from workers.ops import replay
 
@@ -49,9 +49,11 @@ async def test_no_key_a_wrong_key_and_a_revoked_key_are_refused_alike(
     read = await _read_key(pg, redis, keys, world, ["read"])
     track = await _read_key(pg, redis, keys, world, ["track"])
     revoked = await _read_key(pg, redis, keys, world, ["read"])
-    async with pg.acquire() as conn:
-        await admin.revoke_key(conn, redis, keys, revoked["prefix"])
     async with running(settings) as base:
+        # a key that worked is refused from the request after its revocation
+        assert (await call(base, "/api/tenant/links", revoked["api_key"]))[0] == 200
+        async with pg.acquire() as conn:
+            await admin.revoke_key(conn, redis, keys, revoked["prefix"])
         wrong = {
             "no key": {},
             "a wrong token": {"Authorization": f"Bearer {TOKEN}x"},
@@ -268,3 +270,24 @@ async def test_the_pipeline_is_sampled_every_2_s(
         assert 1.5 < (samples[-1]["at_ms"] - samples[-2]["at_ms"]) / 1000 < 3
         newer = (await call(base, f"/api/pipeline?since={last['at_ms']}"))[1]["samples"]
         assert all(s["at_ms"] > last["at_ms"] for s in newer)
+
+
+async def test_open_tails_polling_one_filter_share_one_read(
+    settings: Settings, pg: asyncpg.Pool, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = []
+    real = tail.accepted
+
+    async def counted(*args: Any) -> list[dict[str, Any]]:
+        reads.append(args[2])
+        return await real(*args)
+
+    monkeypatch.setattr(tail, "accepted", counted)
+    async with running(settings) as base:
+        answers = await asyncio.gather(*(call(base, "/api/tail?type=click") for _ in range(10)))
+        assert [status for status, _ in answers] == [200] * 10 and len(reads) == 1
+        await call(base, "/api/tail?type=lead")
+        assert len(reads) == 2
+        await asyncio.sleep(0.6)
+        await call(base, "/api/tail?type=click")
+        assert len(reads) == 3

@@ -53,12 +53,13 @@ def check_bind(host: str, token: str | None) -> None:
 
 class Access:
     """The operator's token, and workspace keys through the edge's own lookup
-    (``ingest.edge.auth``: the process's cache, Redis, then Postgres), so a revocation
-    reaches the console as it reaches the edge and the management API."""
+    (``ingest.edge.auth``: Redis, then Postgres). Unlike the edge, the console keeps no key
+    in its process (a page's few requests a second are no hot path): a revocation, which
+    writes its tombstone in Redis before it commits, is refused at the next request."""
 
-    def __init__(self, token: str | None, redis: Redis, keys: Keys, pg: asyncpg.Pool, *, key_cache_s: float) -> None:
+    def __init__(self, token: str | None, redis: Redis, keys: Keys, pg: asyncpg.Pool) -> None:
         self._token = token.encode() if token else None
-        self._keys = Authenticator(redis, keys, pg, ttl_s=key_cache_s)
+        self._keys = Authenticator(redis, keys, pg, ttl_s=0.0)
         self._redis = redis
 
     def operator(self, request: web.Request) -> bool:

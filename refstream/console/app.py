@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
@@ -46,12 +47,14 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
-TAILS_AT_ONCE = 4  # tail reads in flight, over every open page: ten consoles cost four reads
+TAILS_AT_ONCE = 4  # tail reads in flight, over every open page
+TAIL_FRESH_S = 0.5  # pages polling the same filter within this share one read
 
 ACCESS = web.AppKey("access", Access)
 SAMPLER = web.AppKey("sampler", Sampler)
 REPLAYS = web.AppKey("replays", actions.Replays)
 TAILS = web.AppKey("tails", asyncio.Semaphore)
+TAIL_READS = web.AppKey("tail_reads", dict)
 CONTEXT = web.AppKey("context", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -141,11 +144,28 @@ async def tail_route(request: web.Request) -> web.Response:
         flt = tail.Filter.parse(request.query)
     except tail.BadFilter as exc:
         return _bad(str(exc))
-    c = _ctx(request)
-    async with request.app[TAILS]:
-        accepted = await tail.accepted(c["redis"], c["keys"], flt)
-        outcomes = await tail.outcomes(c["pool"], flt)
-    return _json({"accepted": accepted, "outcomes": outcomes})
+    return _json(await _tail(request.app, flt))
+
+
+async def _tail(app: web.Application, flt: tail.Filter) -> dict[str, Any]:
+    """One read per filter per ``TAIL_FRESH_S`` whatever the number of open pages (one in
+    flight is shared too), at most ``TAILS_AT_ONCE`` at once: ten consoles cost one."""
+    reads: dict[tail.Filter, tuple[float, asyncio.Task[dict[str, Any]]]] = app[TAIL_READS]
+    now = time.monotonic()
+    for old in [f for f, (at, _) in reads.items() if now - at >= TAIL_FRESH_S]:
+        del reads[old]  # stale, or a filter no page polls any more
+    if flt not in reads:
+        reads[flt] = (now, asyncio.create_task(_read_tail(app, flt)))
+    return await asyncio.shield(reads[flt][1])
+
+
+async def _read_tail(app: web.Application, flt: tail.Filter) -> dict[str, Any]:
+    c = app[CONTEXT]
+    async with app[TAILS]:
+        return {
+            "accepted": await tail.accepted(c["redis"], c["keys"], flt),
+            "outcomes": await tail.outcomes(c["pool"], flt),
+        }
 
 
 @operator
@@ -238,10 +258,11 @@ def make_app(settings: Settings, *, spool_dirs: list[str]) -> web.Application:
         redis = connect_redis(settings)
         pool = await create_pg_pool(settings, min_size=1, max_size=4)
         app[CONTEXT].update(redis=redis, pool=pool, keys=keys)
-        app[ACCESS] = Access(settings.console_token, redis, keys, pool, key_cache_s=settings.key_cache_s)
+        app[ACCESS] = Access(settings.console_token, redis, keys, pool)
         app[SAMPLER] = Sampler(redis, pool, keys, spool_dirs)
         app[REPLAYS] = actions.Replays(settings, redis, pool, keys)
         app[TAILS] = asyncio.Semaphore(TAILS_AT_ONCE)
+        app[TAIL_READS] = {}
         sampling = asyncio.create_task(app[SAMPLER].run())
         try:
             yield
