@@ -291,3 +291,17 @@ async def test_open_tails_polling_one_filter_share_one_read(
         await asyncio.sleep(0.6)
         await call(base, "/api/tail?type=click")
         assert len(reads) == 3
+
+
+async def test_the_console_starts_and_charts_while_postgres_is_down(settings: Settings, redis: Any) -> None:
+    down = settings.model_copy(update={"database_url": f"postgresql://postgres@127.0.0.1:{free_port()}/x"})
+    async with running(down) as base:
+
+        async def sampled() -> dict[str, Any] | None:
+            samples = (await call(base, "/api/pipeline"))[1]["samples"]
+            return samples[-1] if samples else None
+
+        last = await wait_for(sampled, timeout=10, what="a sample")
+        assert last["reachable"] == {"redis": 1, "postgres": 0} and "lag" in last
+        status, body = await call(base, "/api/erasures")
+        assert status == 503 and body["error"] == "unavailable"

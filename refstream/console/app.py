@@ -256,7 +256,9 @@ def make_app(settings: Settings, *, spool_dirs: list[str]) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         keys = Keys(settings.stream_prefix, settings.partitions)
         redis = connect_redis(settings)
-        pool = await create_pg_pool(settings, min_size=1, max_size=4)
+        # no connection made up front: during an outage of Postgres is when the console is
+        # needed most, and its charts say "postgres 0" until it answers
+        pool = await create_pg_pool(settings, min_size=0, max_size=4)
         app[CONTEXT].update(redis=redis, pool=pool, keys=keys)
         app[ACCESS] = Access(settings.console_token, redis, keys, pool)
         app[SAMPLER] = Sampler(redis, pool, keys, spool_dirs)
