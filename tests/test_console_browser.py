@@ -9,7 +9,6 @@ import asyncio
 import os
 import shutil
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from ingest.manage import admin
 from ingest.privacy import erasure as pg_erasure
 
 from ._console import TOKEN, affitor_click, running
+from ._procs import Procs
 from ._world import BROWSER, World, make_world
 from .conftest import wait_for
 
@@ -149,14 +149,10 @@ async def test_hostile_metadata_shows_as_text_and_runs_nothing(
             assert len(scripts) == 1 and scripts[0].startswith(base + "/static/")
 
 
-async def _traffic(edge: str, drain: Any, stop: asyncio.Event) -> None:
-    """Clicks through the edge and the worker storing them, until ``stop``."""
-    last_drain = 0.0
+async def _traffic(edge: str, stop: asyncio.Event) -> None:
+    """Clicks through the edge, about ten a second, until ``stop``."""
     while not stop.is_set():
         await affitor_click(edge, "PARTNER123")
-        if time.monotonic() - last_drain > 0.5:
-            await drain()
-            last_drain = time.monotonic()
         await asyncio.sleep(0.1)
 
 
@@ -183,10 +179,15 @@ async def test_every_page_works_with_traffic_flowing_each_chart_draws_points(
     keys: Keys,
     world: World,
     edge: str,
-    drain: Any,
+    procs: Procs,
     tmp_path: Path,
 ) -> None:
     where = _shots(tmp_path)
+    # a worker and an archiver, as refstream dev runs them: their presence, groups and lag
+    archive = str(tmp_path / "archive")
+    settings = settings.model_copy(update={"archive_url": archive})
+    procs.start("work", REFSTREAM_ARCHIVE_URL=archive)
+    procs.start("archive", REFSTREAM_ARCHIVE_URL=archive)
     await _hostile_letter(redis, keys, world)
     async with pg.acquire() as conn:
         read = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"])
@@ -194,7 +195,7 @@ async def test_every_page_works_with_traffic_flowing_each_chart_draws_points(
     async with pg.acquire() as conn:
         quiet = await admin.create_key(conn, redis, keys, workspace_id=empty.workspace_id, scopes=["read"])
     stop = asyncio.Event()
-    traffic = asyncio.create_task(_traffic(edge, drain, stop))
+    traffic = asyncio.create_task(_traffic(edge, stop))
     try:
         async with running(settings) as base:
             pipeline = await open_page(browser, base, "pipeline")
@@ -202,6 +203,9 @@ async def test_every_page_works_with_traffic_flowing_each_chart_draws_points(
                 points = pipeline.page.locator(f"#chart-{chart} svg circle.point")
                 await wait_for(points.count, timeout=30, what=f"the {chart} chart's points")
                 assert await pipeline.page.locator(f"#chart-{chart} svg polyline").count() >= 1
+            live = pipeline.page.locator("#chart-live .legend")
+            await live.filter(has_text="workers: 1").filter(has_text="archivers: 1").wait_for(timeout=30_000)
+            await pipeline.page.locator("#chart-lag .legend", has_text="0 archive").wait_for(timeout=10_000)
             # a few more samples, so the picture shows lines
             await asyncio.sleep(6)
             await _screenshot(pipeline.page, "pipeline", where, full=True)

@@ -9,6 +9,7 @@ page polling every second costs the same however busy the pipeline is.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,6 @@ class Filter:
 
     @classmethod
     def parse(cls, query: Any) -> Filter:
-        import uuid
-
         def given(name: str) -> str | None:
             v = query.get(name, "").strip()
             return v[:256] or None
