@@ -305,3 +305,22 @@ async def test_the_console_starts_and_charts_while_postgres_is_down(settings: Se
         assert last["reachable"] == {"redis": 1, "postgres": 0} and "lag" in last
         status, body = await call(base, "/api/erasures")
         assert status == 503 and body["error"] == "unavailable"
+
+
+async def test_the_tail_says_why_an_event_did_not_count(
+    settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, world: World, edge: str, drain: Any
+) -> None:
+    body = {"affiliate_url": "https://yoursite.com/pricing?aff=PARTNER123"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{edge}/api/v1/track/click", json=body, headers={"User-Agent": "curl/8.5.0"}) as r,
+    ):
+        assert r.status == 200
+    # an entry for a code no link has (a link deleted after its click was accepted)
+    await redis.xadd(keys.stream_for("GONE1"), wire.to_entry_dict(_click("GONE1", world.workspace_id)))
+    await drain()
+    async with running(settings) as base:
+        _, answer = await call(base, "/api/tail")
+    reasons = {(row["link"], row["stage"], row["reason"]) for row in answer["outcomes"]}
+    assert ("PARTNER123", "dropped", "bot") in reasons
+    assert (None, "dropped", "unknown_code") in reasons  # no link: event_drops keeps no code
