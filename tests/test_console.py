@@ -288,7 +288,7 @@ async def test_open_tails_polling_one_filter_share_one_read(
         assert [status for status, _ in answers] == [200] * 10 and len(reads) == 1
         await call(base, "/api/tail?type=lead")
         assert len(reads) == 2
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.3)
         await call(base, "/api/tail?type=click")
         assert len(reads) == 3
 

@@ -9,6 +9,7 @@ import asyncio
 import os
 import shutil
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,17 @@ async def test_every_page_works_with_traffic_flowing_each_chart_draws_points(
         read = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["read"])
     empty = await make_world(pg, redis, keys, code="QUIET1", name="Quiet")
     async with pg.acquire() as conn:
+        await admin.create_link(
+            conn,
+            redis,
+            keys,
+            workspace_id=world.workspace_id,
+            code="TAIL2S",
+            url="https://yoursite.com/",
+            program_id=world.program_id,
+            affiliate_id=world.affiliate_id,
+        )
+    async with pg.acquire() as conn:
         quiet = await admin.create_key(conn, redis, keys, workspace_id=empty.workspace_id, scopes=["read"])
     stop = asyncio.Event()
     traffic = asyncio.create_task(_traffic(edge, stop))
@@ -214,6 +226,15 @@ async def test_every_page_works_with_traffic_flowing_each_chart_draws_points(
             await tail.page.locator("#outcomes tbody tr.stored").first.wait_for(timeout=10_000)
             await tail.page.locator("#accepted tbody tr").first.wait_for(timeout=10_000)
             await _screenshot(tail.page, "tail", where)
+            # filtered by a link no click has reached yet: a click shows within 2 s of its request
+            await tail.page.fill("#filter input[name=link]", "TAIL2S")
+            await tail.page.click("#filter button")
+            await tail.page.locator("#status", has_text="updated").wait_for()
+            assert await tail.page.locator("#accepted tbody tr").count() == 0
+            sent = time.monotonic()
+            await affitor_click(edge, "TAIL2S")
+            await tail.page.locator("#accepted tbody tr", has_text="TAIL2S").wait_for(timeout=2_000)
+            assert time.monotonic() - sent < 2
 
             dead = await open_page(browser, base, "dead")
             await dead.page.locator("#letters tbody tr").first.wait_for(timeout=10_000)

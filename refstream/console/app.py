@@ -48,7 +48,7 @@ HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 TAILS_AT_ONCE = 4  # tail reads in flight, over every open page
-TAIL_FRESH_S = 0.5  # pages polling the same filter within this share one read
+TAIL_FRESH_S = 0.25  # pages polling the same filter within this share one read
 
 ACCESS = web.AppKey("access", Access)
 SAMPLER = web.AppKey("sampler", Sampler)

@@ -48,5 +48,5 @@ form.addEventListener("submit", (ev) => {
 let timer = null;
 setupAuth("operator", () => {
   if (timer !== null) clearInterval(timer);
-  timer = every(1000, refresh);
+  timer = every(750, refresh);
 });
