@@ -324,3 +324,11 @@ async def test_the_tail_says_why_an_event_did_not_count(
     reasons = {(row["link"], row["stage"], row["reason"]) for row in answer["outcomes"]}
     assert ("PARTNER123", "dropped", "bot") in reasons
     assert (None, "dropped", "unknown_code") in reasons  # no link: event_drops keeps no code
+
+
+async def test_without_a_token_the_loopback_console_is_the_operators(settings: Settings, redis: Any) -> None:
+    async with running(settings, token=None) as base:
+        assert await call(base, "/api/access", None) == (200, {"operator_token": False})
+        assert (await call(base, "/api/pipeline", None))[0] == 200
+    async with running(settings) as base:
+        assert await call(base, "/api/access", None) == (200, {"operator_token": True})

@@ -39,7 +39,7 @@ if not shutil.which(CHROMIUM):
     print(f"\nSKIPPING the console's browser tests: {reason}", file=sys.stderr)
     pytest.skip(reason, allow_module_level=True)
 
-from playwright.async_api import Browser, ConsoleMessage, Dialog, Error, Page, async_playwright  # noqa: E402
+from playwright.async_api import Browser, ConsoleMessage, Dialog, Error, Page, Request, async_playwright  # noqa: E402
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 CLOSER = "</script><script>alert(2)</script>"
@@ -61,16 +61,21 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 class Watched:
-    """A page's dialogs, script errors and console errors, from when the key is in."""
+    """A page's dialogs, script errors, console errors and API calls."""
 
     def __init__(self, page: Page) -> None:
         self.page = page
         self.dialogs: list[str] = []
         self.errors: list[str] = []
-        self.watching = False
+        self.calls: list[str] = []
         page.on("dialog", self._dialog)
         page.on("pageerror", self._page_error)
         page.on("console", self._console)
+        page.on("request", self._request)
+
+    def _request(self, request: Request) -> None:
+        if "/api/" in request.url:
+            self.calls.append(request.url.split("/api/")[1])
 
     async def _dialog(self, dialog: Dialog) -> None:
         self.dialogs.append(dialog.message)
@@ -80,21 +85,20 @@ class Watched:
         self.errors.append(str(error))
 
     def _console(self, message: ConsoleMessage) -> None:
-        if self.watching and message.type == "error":
+        if message.type == "error":
             self.errors.append(message.text)
 
 
 async def open_page(browser: Browser, base: str, name: str, key: str = TOKEN) -> Watched:
-    """The page, with ``key`` typed into its form as an operator would, then loaded again:
-    the tab keeps the key (the first load's keyless calls were refused, and said so in the
-    console; from the second on, every console error counts)."""
+    """The page, with ``key`` typed into its form as an operator would. Before it, the page
+    asks for a key and calls nothing that needs one."""
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
     watched = Watched(page)
     await page.goto(f"{base}/{name}")
+    await page.locator("#status", has_text="Enter").wait_for()
+    assert watched.calls == (["access"] if name != "links" else []), watched.calls
     await page.fill("#key", key)
     await page.click("#auth button")
-    await page.reload()
-    watched.watching = True
     return watched
 
 

@@ -62,6 +62,10 @@ class Access:
         self._keys = Authenticator(redis, keys, pg, ttl_s=0.0)
         self._redis = redis
 
+    @property
+    def token_needed(self) -> bool:
+        return self._token is not None
+
     def operator(self, request: web.Request) -> bool:
         """The request carries the operator's token (compared in constant time). Without a
         token configured the console listens on loopback only (``check_bind``) and every

@@ -127,6 +127,12 @@ async def page(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(STATIC / f"{name}.html", headers={"Cache-Control": "no-cache"})
 
 
+async def access_route(request: web.Request) -> web.Response:
+    """Whether operator pages need a token, so a page asks for one before it calls; public
+    (a refusal says as much)."""
+    return _json({"operator_token": request.app[ACCESS].token_needed})
+
+
 # -- the operator's API ----------------------------------------------------------------------
 
 
@@ -281,6 +287,7 @@ def make_app(settings: Settings, *, spool_dirs: list[str]) -> web.Application:
     r.add_get("/", page)
     r.add_get("/{page:[a-z]+}", page)
     r.add_static("/static/", STATIC, append_version=False)
+    r.add_get("/api/access", access_route)
     r.add_get("/api/pipeline", pipeline)
     r.add_get("/api/tail", tail_route)
     r.add_get("/api/dead", dead_list)

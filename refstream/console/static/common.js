@@ -62,8 +62,10 @@ export function status(text) {
   if (line) line.textContent = text;
 }
 
-// the key form at the top of each page: the operator's token, or a tenant's read key
-export function setupAuth(pageKind, onKey) {
+// the key form at the top of each page: the operator's token, or a tenant's read key.
+// Nothing is asked of /api/ before there is a key to send, where one is needed: no
+// request is made only to be refused.
+export async function setupAuth(pageKind, onKey) {
   kind = pageKind;
   const form = document.getElementById("auth");
   const input = document.getElementById("key");
@@ -76,23 +78,32 @@ export function setupAuth(pageKind, onKey) {
     document.getElementById("refused").hidden = true;
     onKey();
   });
-  onKey();
+  if (sessionStorage.getItem(STORE[kind]) || (kind === "operator" && !(await tokenNeeded()))) onKey();
+  else status(kind === "operator" ? "Enter the operator token above." : "Enter a workspace key of scope read above.");
 }
 
-// call fn now and every ms, one call at a time; a refusal stops nothing (a key may come)
+async function tokenNeeded() {
+  const response = await fetch("/api/access", { credentials: "omit", cache: "no-store" });
+  return (await response.json()).operator_token !== false;
+}
+
+// call fn now and every ms, one call at a time, until a refusal (a new key starts it again)
 export function every(ms, fn) {
   let busy = false;
+  let timer = null;
   const tick = async () => {
     if (busy) return;
     busy = true;
     try {
       await fn();
     } catch (err) {
-      if (!(err instanceof Refused)) status(`could not read: ${err.message}`);
+      if (err instanceof Refused) clearInterval(timer);
+      else status(`could not read: ${err.message}`);
     } finally {
       busy = false;
     }
   };
+  timer = setInterval(tick, ms);
   tick();
-  return setInterval(tick, ms);
+  return timer;
 }
