@@ -246,8 +246,8 @@ def run_dev(port: int, data: str | None = None, console_port: int | None = None)
             demo["tour"], edge=base, console=console_base, env=env, bin_dir=bin_dir, browser=DEMO_BROWSER
         )
         dev_tour.write(tour_file, exports)
-        banner = _banner(base, svc, db_url, secret, secret_from, demo, data_dir)
-        click.echo("\n".join(_with_console(banner, console_base, env["REFSTREAM_CONSOLE_TOKEN"])))
+        console_at = (console_base, env["REFSTREAM_CONSOLE_TOKEN"])
+        click.echo("\n".join(_banner(base, console_at, svc, db_url, secret, secret_from, demo, data_dir)))
         sys.stdout.flush()
         while not stop["signal"]:
             for name, p in zip(ROLES, children, strict=True):
@@ -258,6 +258,7 @@ def run_dev(port: int, data: str | None = None, console_port: int | None = None)
 
 def _banner(
     base: str,
+    console: tuple[str, str],
     svc: services.Services,
     db_url: str,
     secret: str,
@@ -272,6 +273,9 @@ def _banner(
         "",
         f"refstream dev: edge on {base}, one worker, one archiver"
         + (f"; embedded {' and '.join(emb)} ({kept})" if emb else ""),
+        # the operator's pages ask for the token; Tenant links take a key of scope read
+        f"  console on {console[0]}/ (operator token {console[1]}; Tenant links take a key of scope read:"
+        " $RS_MANAGE_KEY)",
         *(f"  note: {note}" for note in svc.notes),
         f"  REDIS_URL={svc.redis_url}",
         f"  DATABASE_URL={db_url}",
@@ -301,13 +305,3 @@ def _banner(
         "Ctrl-C stops everything.",
     ]
     return lines
-
-
-def _with_console(banner: list[str], console: str, token: str) -> list[str]:
-    """The banner with the console's address and token after its first line: the operator's
-    pages ask for the token; Tenant links take $RS_MANAGE_KEY (scope read)."""
-    return [
-        *banner[:2],
-        f"  console on {console}/ (operator token {token}; Tenant links take a key of scope read: $RS_MANAGE_KEY)",
-        *banner[2:],
-    ]
