@@ -47,7 +47,8 @@ def check_bind(host: str, token: str | None) -> None:
     """Refuse to start where others could reach pages no token guards."""
     if token is None and not is_loopback(host):
         raise OpenConsole(
-            f"refstream console on {host} needs REFSTREAM_CONSOLE_TOKEN: without it, it listens on loopback only"
+            f"refstream console on {host} needs REFSTREAM_CONSOLE_TOKEN (16 characters or more); set it, or"
+            " listen on loopback only (--host 127.0.0.1)"
         )
 
 
