@@ -118,7 +118,7 @@ async def test_the_consoles_sampler_stops_when_a_client_turns_its_cancel_into_a_
         async def fetch(self, *args: object, **kw: object) -> list[object]:
             raise OSError("no postgres in this test")
 
-    sampler = Sampler(redis, NoPostgres(), Keys(settings.stream_prefix, 4), [])
+    sampler = Sampler(redis, NoPostgres(), Keys(settings.stream_prefix, 4), [])  # type: ignore[arg-type]
     sampling = asyncio.create_task(sampler.run())
     await asyncio.wait_for(reading.wait(), 5)
     sampling.cancel()
