@@ -26,7 +26,7 @@ import structlog
 from redis.exceptions import ResponseError
 
 from ingest.contract import layout, wire
-from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, Redis, cancelled_meanwhile
+from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, Redis
 from ingest.contract.keys import Keys
 from workers.consumer import trim
 from workers.group import presence
@@ -77,12 +77,8 @@ class Sampler:
 
     async def run(self) -> None:
         while True:
-            # the close's cancel may be lost in a client call that then failed as a timeout,
-            # which a sample counts as an outage and goes on: the loop, and the close, with it
-            cancelled_meanwhile()
             started = time.monotonic()
             self.ring.add(await self.sample())
-            cancelled_meanwhile()
             await asyncio.sleep(max(0.1, EVERY_S - (time.monotonic() - started)))
 
     async def sample(self) -> Sample:
