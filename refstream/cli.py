@@ -23,7 +23,6 @@ from . import __version__
 from .commands import (
     archive,
     commissions,
-    console,
     erase,
     feature,
     imports,
@@ -70,7 +69,6 @@ for command in (
     commissions.payouts,
     erase.erase,
     imports.import_,
-    console.console,
 ):
     main.add_command(command)
 

@@ -213,11 +213,6 @@ class Settings(BaseSettings):
     secret_key: str | None = Field(
         None, description="Fernet key(s), comma-separated, encrypting webhook signing secrets at rest."
     )
-    console_token: str | None = Field(
-        None,
-        min_length=16,
-        description="The operator's token for refstream console (a Bearer header); needed off loopback.",
-    )
 
     # clock ---------------------------------------------------------------------------
     clock_skew_max_s: float = Field(
@@ -295,11 +290,6 @@ class Settings(BaseSettings):
         if not _PREFIX_RE.match(v):
             raise ValueError("1-64 of A-Z a-z 0-9 _ . : - (no braces)")
         return v
-
-    @field_validator("console_token", mode="before")
-    @classmethod
-    def _no_token(cls, v: object) -> object:
-        return None if isinstance(v, str) and not v.strip() else v  # compose's empty default: none
 
     @field_validator("access_log")
     @classmethod
@@ -448,7 +438,7 @@ def parse_durability(level: str) -> tuple[int, bool]:
     raise ValueError("one of primary, replicas:N (N from 1 to 16), fsync")
 
 
-_SECRET = frozenset({"redis_url", "arq_redis_url", "database_url", "secret_key", "console_token"})  # never echoed
+_SECRET = frozenset({"redis_url", "arq_redis_url", "database_url", "secret_key"})  # never echoed
 
 
 def env_var(field: str) -> str:
