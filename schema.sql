@@ -136,10 +136,10 @@ CREATE TABLE IF NOT EXISTS events (
     enrichment    jsonb,
     payload       jsonb NOT NULL DEFAULT '{}'
 ) PARTITION BY RANGE (event_id);
+-- reconcile's and the drops' recount: a chunk of links' events in a window of received time
 CREATE INDEX IF NOT EXISTS events_link_received ON events (link_id, received_at);
 -- (the dedupe keys live in event_dedupe, below: a unique index on a partitioned table must
 -- hold the partition key, and a key must outlive its event's partition)
-CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
 -- `refstream status` counts what was processed in the last minute; BRIN: tiny, append order
 CREATE INDEX IF NOT EXISTS events_processed_brin ON events USING brin (processed_at);
 
@@ -333,9 +333,9 @@ $convert$;
 CREATE TABLE IF NOT EXISTS events_default PARTITION OF events DEFAULT;
 CREATE TABLE IF NOT EXISTS link_visitor_days_default PARTITION OF link_visitor_days DEFAULT;
 
--- the management API's reads (GET /v1/events: a workspace's newest first, by link or type)
+-- the management API's reads (GET /v1/events: a workspace's newest first, by link or type;
+-- a type other than click by events_workspace_nonclick, schema 14)
 CREATE INDEX IF NOT EXISTS events_workspace_id ON events (workspace_id, event_id);
-CREATE INDEX IF NOT EXISTS events_workspace_type_id ON events (workspace_id, type, event_id);
 CREATE INDEX IF NOT EXISTS events_link_id ON events (link_id, event_id);
 
 -- ---------------------------------------------------------------------------------------
@@ -518,9 +518,7 @@ CREATE INDEX IF NOT EXISTS sales_link ON sales (link_id, received_at);
 -- customer: the two above)
 CREATE INDEX IF NOT EXISTS sales_workspace ON sales (workspace_id, event_id);
 CREATE INDEX IF NOT EXISTS sales_affiliate ON sales (affiliate_id, event_id);
--- a sale's lead: the customer's newest lead received before it
-CREATE INDEX IF NOT EXISTS events_lead_customer ON events (workspace_id, customer_external_id, received_at)
-    WHERE type = 2;
+-- (a sale's lead was read from events by events_lead_customer until schema 12: customer_leads now)
 
 -- sales and revenue per link (the nil uuid: unattributed), UTC day and currency; currencies
 -- are kept apart, never converted. Moved in the sale's transaction from the rows it
@@ -739,7 +737,7 @@ ALTER TABLE erasures ADD COLUMN IF NOT EXISTS rechecked bigint;
 -- an erasure's look for the person's events (ingest/privacy/erasure.py _EVENTS): by customer,
 -- by visitor, by the click a lead names, each an index range in the workspace, not a scan of
 -- its events (only leads and sales carry a customer, only leads and conversions a click)
-CREATE INDEX IF NOT EXISTS events_workspace_visitor ON events (workspace_id, visitor_id, event_id);
+-- (by visitor: events_workspace_visitor_known, schema 14)
 CREATE INDEX IF NOT EXISTS events_workspace_customer ON events (workspace_id, customer_external_id, event_id)
     WHERE customer_external_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_workspace_click ON events (workspace_id, click_id, event_id)
@@ -803,3 +801,77 @@ CREATE TABLE IF NOT EXISTS import_clicks (
     event_id      uuid NOT NULL,
     PRIMARY KEY (workspace_id, source, source_digest)
 );
+
+-- Schema version 14: an index on `events` only where a named read needs it (the table of
+-- reads and indexes: docs/capacity.md). No read asks for events by received time alone
+-- (reconcile's recount goes by link, events_link_received; `refstream status` and the
+-- console by processed time, the BRIN), and a sale's lead is read from customer_leads (an
+-- erasure finds a customer's leads by events_workspace_customer): both are dropped, which
+-- only edits the catalog (and unlinks the files at commit) under the lock this transaction
+-- takes on `events` anyway (its ALTER TABLE ... ADD COLUMN IF NOT EXISTS above).
+DROP INDEX IF EXISTS events_received;
+DROP INDEX IF EXISTS events_lead_customer;
+-- Two narrower indexes replace two that held every click: GET /v1/events?type=lead or
+-- conversion reads events_workspace_nonclick (a click, most rows, is read by
+-- events_workspace_id and its type checked on the row), and an erasure looks for a person's
+-- visitor ids in events_workspace_visitor_known (a row without a visitor id, every bio.re
+-- click's, is never looked for). On a database made before, each is made here on the
+-- partitioned table only (invalid, so no plan uses it yet), and `refstream migrate` builds it
+-- after this transaction on each partition CONCURRENTLY, attaches it, and then drops the one
+-- it replaces (ingest/manage/online.py); a partition created meanwhile gets it at once. On a
+-- new database, with nothing to replace, they are made at once.
+DO $online$
+BEGIN
+    IF to_regclass('events_workspace_nonclick') IS NULL THEN
+        IF to_regclass('events_workspace_type_id') IS NULL THEN
+            CREATE INDEX events_workspace_nonclick ON events (workspace_id, type, event_id) WHERE type <> 1;
+        ELSE
+            CREATE INDEX events_workspace_nonclick ON ONLY events (workspace_id, type, event_id) WHERE type <> 1;
+        END IF;
+    END IF;
+    IF to_regclass('events_workspace_visitor_known') IS NULL THEN
+        IF to_regclass('events_workspace_visitor') IS NULL THEN
+            CREATE INDEX events_workspace_visitor_known ON events (workspace_id, visitor_id, event_id)
+                WHERE visitor_id IS NOT NULL;
+        ELSE
+            CREATE INDEX events_workspace_visitor_known ON ONLY events (workspace_id, visitor_id, event_id)
+                WHERE visitor_id IS NOT NULL;
+        END IF;
+    END IF;
+END
+$online$;
+
+-- Schema version 15: a key may expire (`refstream keys create --expires-in 30d`, `POST
+-- /v1/keys` with `expires_in_s`). Past `expires_at` every edge and the console refuse it
+-- like a revoked key; NULL: it lives until revoked.
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS expires_at timestamptz;
+
+-- Schema version 16: a click's enrichment without what repeats. Of the document the worker
+-- made (workers/consumer/enrich.py), what a User-Agent says (browser, OS, device and their
+-- versions) and the versions of the data and parsers that said it are the same for every
+-- click of one browser build: stored once, in `event_devices`, and named by the row's
+-- `device_id`. The row's `enrichment` keeps only what its address and referrer told and
+-- its columns do not hold (AS name, city, region, coordinates, bot reason, referrer
+-- domain; an IPv6 address as the worker wrote it), and none of the keys whose value is
+-- null. `event_enrichment(...)` gives the document as it was (GET /v1/events reads it
+-- so). A row written before, or by a worker of an older build, has no device_id and its
+-- whole document in `enrichment`: read as it is, never rewritten (its partition goes with
+-- the retention). A device is no one's: an erasure scrubs the row (its `enrichment`, ip,
+-- asn), never the dictionary, as it never scrubbed the device fields. Bounded by the
+-- browser builds seen times the worker builds that parsed them; kept (the retention
+-- keeps no count of references, and a row a day old may name any entry).
+CREATE TABLE IF NOT EXISTS event_devices (
+    id  integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    doc jsonb NOT NULL UNIQUE
+);
+ALTER TABLE events ADD COLUMN IF NOT EXISTS device_id integer;
+CREATE OR REPLACE FUNCTION event_enrichment(doc jsonb, device integer, ip inet, country text, asn integer,
+                                            is_bot boolean) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN device IS NULL THEN doc ELSE jsonb_build_object(
+        'ip', coalesce(doc->'ip', to_jsonb(host(ip))), 'country', country, 'asn', asn,
+        'as_name', doc->'as_name', 'city', doc->'city', 'region', doc->'region',
+        'latitude', doc->'latitude', 'longitude', doc->'longitude', 'is_bot', is_bot,
+        'bot_reason', doc->'bot_reason', 'referrer_domain', doc->'referrer_domain')
+        || (SELECT d.doc FROM event_devices d WHERE d.id = device) END
+$$;

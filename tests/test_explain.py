@@ -15,6 +15,7 @@ import pytest
 from ingest.manage import ledger, manage, stats
 from ingest.privacy import erasure as pg_erasure
 from ingest.privacy import erasure_late
+from refstream.console import ring, tail
 from workers.consumer.partitions import maintain
 
 # the planner over generated rows: the same Postgres either way:
@@ -92,6 +93,26 @@ def _nodes(plan: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _rows_read(plan: dict[str, Any], table: str) -> int:
+    """The rows the scans of ``table``'s partitions returned, as EXPLAIN ANALYZE counted them."""
+    own = (
+        plan.get("Actual Rows", 0) * plan.get("Actual Loops", 1)
+        if plan.get("Relation Name", "").startswith(table)
+        else 0
+    )
+    return own + sum(_rows_read(child, table) for child in plan.get("Plans", []))
+
+
+def _rows_examined(plan: dict[str, Any], table: str) -> int:
+    """The rows the scans of ``table``'s partitions looked at: returned, and removed by a
+    filter or by a bitmap's recheck (a BRIN hands back whole page ranges)."""
+    own = 0
+    if plan.get("Relation Name", "").startswith(table):
+        looked = plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)
+        own = (looked + plan.get("Rows Removed by Index Recheck", 0)) * plan.get("Actual Loops", 1)
+    return own + sum(_rows_examined(child, table) for child in plan.get("Plans", []))
+
+
 def _indexes(plan: dict[str, Any]) -> list[str]:
     out = [plan["Index Name"]] if "Index Name" in plan else []
     for child in plan.get("Plans", []):
@@ -135,8 +156,9 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
             "events": [
                 (manage.events_query(link=False, type_=False), ws, 50),
                 (manage.events_query(link=True, type_=False), ws, link, 50),
-                (manage.events_query(link=False, type_=True), ws, 2, 50),
-                (manage.events_query(link=True, type_=True), ws, link, 3, 50),
+                (manage.events_query(link=False, type_=True), ws, 1, 50),
+                (manage.events_query(link=False, type_=True, clicks=False), ws, 2, 50),
+                (manage.events_query(link=True, type_=True, clicks=False), ws, link, 3, 50),
             ],
             "customers": [(manage.CUSTOMER, ws, "c77")],
             # an erasure's look for the person's events, and the sweep's re-check of one workspace
@@ -155,6 +177,30 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
             "sale_stats": [(stats.SOLD_SQL, links, since, today), (stats.WORKSPACE_SQL[1], ws, since, today)],
         }
         reads["daily_stats"].append((stats.WORKSPACE_SQL[0], ws, since, today))
+        # the console's stored-per-second sample: after its summarizing, a few rows read,
+        # not the 200,000 a BRIN that has not summarized them would hand back
+        await ring.Sampler(None, pg, None, [])._summarize(conn)  # type: ignore[arg-type]  # Postgres only
+        async with conn.transaction():
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + ring._STORED, 3.0, 1.0)
+        examined = _rows_examined((orjson.loads(raw) if isinstance(raw, str | bytes) else raw)[0]["Plan"], "events")
+        assert examined <= 5_000, examined
+        # the console's live tail, each shape of its filter (refstream/console/tail.py): by an
+        # index, and reading no more than its bound of the 200,000 rows it could match
+        floor = pg_erasure.uuid_floor(datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC))
+        for flt in (
+            tail.Filter(),
+            tail.Filter(workspace=str(ws)),
+            tail.Filter(link="L77", dialect="native"),
+            tail.Filter(workspace=str(ws), link="L77", type=2),
+            tail.Filter(dialect="native", type=1),
+            tail.Filter(dialect="none of them"),
+        ):
+            sql, args = tail._stored(flt, floor, link if flt.link else None)
+            reads["events"].append((sql, *args))
+            raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *args)
+            read = _rows_read((orjson.loads(raw) if isinstance(raw, str | bytes) else raw)[0]["Plan"], "events")
+            assert 0 < read <= tail.SCAN_ROWS + tail.SHOWN, (flt, read)
         reads["commissions"] = [
             (stats.EARNED_SQL, links, since, today),
             (stats.WORKSPACE_SQL[3], ws, since, today),
@@ -199,6 +245,14 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
                 raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
                 used = set(_indexes((orjson.loads(raw) if isinstance(raw, str | bytes) else raw)[0]["Plan"]))
                 assert used and all(u.endswith(names) for u in used), (sql, mode, used)
+        # a lead or conversion by the partial index of them, never by a scan of every click
+        for mode in ("force_generic_plan", "force_custom_plan"):
+            await conn.execute(f"SET plan_cache_mode = {mode}")
+            raw = await conn.fetchval(
+                "EXPLAIN (FORMAT JSON) " + manage.events_query(link=False, type_=True, clicks=False), ws, 2, 50
+            )
+            used = set(_indexes((orjson.loads(raw) if isinstance(raw, str | bytes) else raw)[0]["Plan"]))
+            assert used and all(u.endswith("_workspace_id_type_event_id_idx") for u in used), (mode, used)
         # and the answer is the newest first, across partitions
         rows = await manage.list_events(conn, str(ws), link_id=None, type_=None, limit=5)
         newest = await conn.fetch("SELECT event_id FROM events WHERE workspace_id = $1 ORDER BY 1 DESC LIMIT 5", ws)

@@ -18,7 +18,7 @@ from workers.consumer.store import write_batch
 from workers.consumer.webhooks import verify_signature
 
 from ._procs import Procs, free_port
-from ._world import BROWSER, World, call, make_world, start_edge
+from ._world import BROWSER, ENRICHMENT, World, call, make_world, start_edge
 from .conftest import wait_for
 
 CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
@@ -55,14 +55,14 @@ async def test_enrichment_bots_and_unique_clicks(settings: Settings, world: Worl
     assert (day["clicks"], day["unique_clicks"], day["bot_clicks"]) == (3, 2, 2)
     assert await pg.fetchval("SELECT count(*) FROM customers") == 2  # bots make no customer
 
-    row = await pg.fetchrow("SELECT * FROM events WHERE host(ip) = '81.2.69.160' LIMIT 1")
+    row = await pg.fetchrow(f"SELECT *, {ENRICHMENT} AS whole FROM events WHERE host(ip) = '81.2.69.160' LIMIT 1")
     assert (row["country"], row["is_bot"]) == ("GB", False)
-    enrichment = row["enrichment"]
+    enrichment = row["whole"]
     assert (enrichment["browser"], enrichment["os"], enrichment["device_type"]) == ("Chrome", "Windows", "desktop")
     assert enrichment["referrer_domain"] == "news.example" and enrichment["versions"]
-    bot = await pg.fetchrow("SELECT is_bot, enrichment FROM events WHERE user_agent = $1", GOOGLEBOT)
+    bot = await pg.fetchrow(f"SELECT is_bot, {ENRICHMENT} AS enrichment FROM events WHERE user_agent = $1", GOOGLEBOT)
     assert bot["is_bot"] and bot["enrichment"]["bot_reason"] == "ua_spider"
-    dc = await pg.fetchrow("SELECT is_bot, enrichment FROM events WHERE host(ip) = '8.8.8.8'")
+    dc = await pg.fetchrow(f"SELECT is_bot, {ENRICHMENT} AS enrichment FROM events WHERE host(ip) = '8.8.8.8'")
     assert dc["is_bot"] and dc["enrichment"]["bot_reason"] == "datacenter_asn"
 
 

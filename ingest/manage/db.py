@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from ingest.manage import online
+
 # 1: the baseline tables; 2: customers' per-field event times and first event
 # 3: workspaces.bot_policy (exclude | count) and events.bot_counted
 # 4: events and link_visitor_days partitioned by day (a plain table becomes the legacy
@@ -38,7 +40,14 @@ import asyncpg
 # 12: money for the life of the rule: customer_leads (a customer's counted leads, kept past
 #     the event retention), commission rules' sale_flat per currency (sale_flats)
 # 13: the import's map of the clicks it imported (import_clicks)
-SCHEMA_VERSION = 13
+# 14: events' indexes only where a read needs them: events_received and events_lead_customer
+#     dropped; events_workspace_nonclick and events_workspace_visitor_known (partial) replace
+#     events_workspace_type_id and events_workspace_visitor, built online (ingest.manage.online)
+# 15: API keys may expire (api_keys.expires_at)
+# 16: a click's device and the enrichment's versions once per browser build (event_devices,
+#     events.device_id), the row's enrichment only what its address and referrer told;
+#     event_enrichment() reads either form
+SCHEMA_VERSION = 16
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"
@@ -70,14 +79,18 @@ def schema_sql() -> str:
 
 async def migrate(conn: asyncpg.Connection) -> int:
     """Apply schema.sql and record ``SCHEMA_VERSION``, in one transaction under the advisory
-    lock (concurrent runs queue; a failed run changes nothing). The recorded version comes
-    back: ``SCHEMA_VERSION``, or a newer one a newer build recorded."""
+    lock (concurrent runs queue; a failed run changes nothing); then, outside it, build the
+    indexes schema.sql left to be built online (``ingest.manage.online``: on a database that
+    held rows when an index was added; a failed build is taken up again by the next run).
+    The recorded version comes back: ``SCHEMA_VERSION``, or a newer one a newer build
+    recorded. ``conn`` must not be in a transaction."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
         await conn.execute(schema_sql())
         await conn.execute(_VERSION_TABLE)
         await conn.execute(_RECORD_VERSION, SCHEMA_VERSION)
         version: int = await conn.fetchval("SELECT version FROM refstream_schema")
+    await online.build(conn)
     return version
 
 

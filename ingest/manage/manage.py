@@ -167,26 +167,29 @@ async def get_link(conn: asyncpg.Connection, workspace_id: str, link_id: str) ->
 _EVENT_COLUMNS = (
     "event_id, type, link_id, program_id, affiliate_id, click_id, visitor_id, customer_external_id, name,"
     " dialect, test_mode, is_bot, bot_counted, received_at, processed_at, ip, user_agent, referrer, country, asn,"
-    " enrichment, payload"
+    " event_enrichment(enrichment, device_id, ip, country, asn, is_bot) AS enrichment, payload"
 )
 _TYPES = {"click": EventType.CLICK, "lead": EventType.LEAD, "conversion": EventType.CONVERSION}
 
 
-def events_query(*, link: bool, type_: bool) -> str:
+def events_query(*, link: bool, type_: bool, clicks: bool = True) -> str:
     """GET /v1/events: a workspace's newest events first, optionally of one link and one type.
     One statement per combination of filters, never ``($2 IS NULL OR ...)``: a generic plan
     (a prepared statement's, after a few runs) could not use an index for that. Served by
-    ``events_workspace_id``, ``events_workspace_type_id`` or ``events_link_id``, each
-    partition's scan in id order, merged, and stopped at the limit."""
+    ``events_workspace_id`` or ``events_link_id``, each partition's scan in id order, merged,
+    and stopped at the limit; a type other than click (``clicks`` False) by the partial
+    ``events_workspace_nonclick``, which the planner may use only if the statement itself
+    says ``type <> 1`` (a parameter's value does not prove it). Clicks are most rows, so a
+    scan of the workspace's ids meets them soon."""
     where = ["workspace_id = $1"]
     if link:
         where.append(f"link_id = ${len(where) + 1}")
     if type_:
         where.append(f"type = ${len(where) + 1}::smallint")
-    return (
-        f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
-        f" ORDER BY event_id DESC LIMIT ${len(where) + 1}"
-    )
+    limit = f"${len(where) + 1}"
+    if type_ and not clicks:
+        where.append("type <> 1")
+    return f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY event_id DESC LIMIT {limit}"
 
 
 async def list_events(
@@ -197,7 +200,8 @@ async def list_events(
         args.append(as_uuid(link_id))
     if type_:
         args.append(int(_TYPES[type_]))
-    rows = await conn.fetch(events_query(link=bool(link_id), type_=bool(type_)), *args, limit)
+    query = events_query(link=bool(link_id), type_=bool(type_), clicks=type_ in (None, "click"))
+    rows = await conn.fetch(query, *args, limit)
     out = []
     for r in rows:
         d = row_json(r)

@@ -91,6 +91,8 @@ class Enrichment:
 
 
 _ENRICHMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Enrichment))
+# what a User-Agent alone tells (device.Device.doc's keys, in its order)
+DEVICE_FIELDS = tuple(device.NO_UA.doc)
 
 
 class Found(NamedTuple):
@@ -101,6 +103,8 @@ class Found(NamedTuple):
     asn: int | None
     bot_reason: str | None
     doc: dict[str, Any]  # == Enrichment.to_json() of the same input
+    # what the User-Agent said: the values of DEVICE_FIELDS (``Enricher.device_doc``)
+    device: tuple[Any, ...]
 
     @property
     def is_bot(self) -> bool:
@@ -203,7 +207,17 @@ class Enricher:
             "referrer_domain": _referrer_domain(referrer) if referrer else None,
             "versions": dict(self.versions),
         }
-        return Found(where.ip, where.country, where.place.asn, bot_reason, doc)
+        return Found(where.ip, where.country, where.place.asn, bot_reason, doc, tuple(ua.doc.values()))
+
+    def device_of(self, user_agent: str | None) -> tuple[Any, ...]:
+        """``Found.device`` of any enrichment of ``user_agent`` (from the User-Agent cache)."""
+        ua = self._ua(stripped) if user_agent and (stripped := user_agent.strip()) else device.NO_UA
+        return tuple(ua.doc.values())
+
+    def device_doc(self, device: tuple[Any, ...]) -> dict[str, Any]:
+        """A ``Found.device`` as ``event_devices`` holds it: its fields as ``doc`` has them,
+        and the versions of the data and parsers (schema.sql, version 16)."""
+        return {**dict(zip(DEVICE_FIELDS, device, strict=True)), "versions": dict(self.versions)}
 
     def stored_ip(self, ip: str | None, ip_policy: str = "full") -> str | None:
         """The address as stored under ``ip_policy`` (``enrich(ip, ...).ip``), from the

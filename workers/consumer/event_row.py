@@ -33,11 +33,12 @@ class EventRow(NamedTuple):
     referrer: str | None
     country: str | None
     asn: int | None
-    enrichment: dict[str, Any] | None
+    enrichment: dict[str, Any] | None  # what row_enrichment keeps of it (schema 16)
     visitor_key: str | None
     out_of_window: bool
     payload: dict[str, Any]
     bot_counted: bool
+    device_id: int | None  # its event_devices entry: set where enrichment is
 
 
 SQL_TYPES = {
@@ -66,8 +67,27 @@ SQL_TYPES = {
     "out_of_window": "boolean",
     "payload": "jsonb",
     "bot_counted": "boolean",
+    "device_id": "integer",
 }
 COLUMNS: tuple[tuple[str, str], ...] = tuple((name, SQL_TYPES[name]) for name in EventRow._fields)
+
+
+# of an enrichment's document, what the row keeps: what its address and referrer told and
+# no column of the row holds (``ip``, ``country``, ``asn`` and ``is_bot`` are columns, the
+# device and the versions are the ``event_devices`` entry's); event_enrichment() in
+# schema.sql puts the document together again
+ROW_FIELDS = ("as_name", "city", "region", "latitude", "longitude", "bot_reason", "referrer_domain")
+
+
+def row_enrichment(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """What the row stores of ``doc``: ``ROW_FIELDS`` that are not null (a null one is
+    read as null), None for none. An IPv6 address is kept as the worker wrote it: Postgres
+    writes some (``::1.2.3.4``) otherwise than Python does, and the document must read back
+    as it was; an IPv4 address reads back the same from the ``ip`` column."""
+    out = {k: v for k in ROW_FIELDS if (v := doc[k]) is not None}
+    if (ip := doc["ip"]) is not None and ":" in ip:
+        out["ip"] = ip
+    return out or None
 
 
 def plain(rows: list[EventRow]) -> list[tuple[Any, ...]]:

@@ -27,7 +27,7 @@ from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LINK_SELECT, LinkInfo
 from ingest.ledger import outbox
 from ingest.privacy import erasure_late
-from workers.consumer import counters, customers, drops, event_row, fraud, notices, refunds, sales
+from workers.consumer import counters, customers, devices, drops, event_row, fraud, notices, refunds, sales
 from workers.consumer.enrich import Enricher, Found
 from workers.consumer.event_row import EventRow
 from workers.consumer.stored import Stored, ts
@@ -149,8 +149,12 @@ async def _write_retried(
     pool: asyncpg.Pool, envelopes: list[Envelope], enricher: Enricher | None, effects: Effects
 ) -> BatchResult:
     async def run() -> BatchResult:
-        async with pool.acquire() as conn, conn.transaction():
-            return await _write(conn, envelopes, enricher, effects)
+        async with pool.acquire() as conn:
+            # before the batch's transaction: an entry is made once, committed at once, and
+            # held by no batch's lock (a batch rolled back leaves it, unnamed: no one's data)
+            known = await devices.ids(conn, enricher, [e.user_agent for e in envelopes if _enriched(e)])
+            async with conn.transaction():
+                return await _write(conn, envelopes, enricher, effects, known)
 
     return await retried_in_place(run, "batch")
 
@@ -201,21 +205,30 @@ def _out_of_window(e: Envelope, link: LinkInfo) -> bool:
     return e.received_at_ms - clicked_ms > link.cookie_window_days * 86_400_000
 
 
+def _enriched(e: Envelope) -> bool:
+    """A click from a browser: a batch click carries its visitor's IP and User-Agent when the
+    forwarding server knew them."""
+    visitor = e.dialect in VISITOR_DIALECTS or (e.dialect == Dialect.NATIVE and e.user_agent is not None)
+    return visitor and e.type is EventType.CLICK
+
+
 def _enrich(e: Envelope, enricher: Enricher | None, policy: str) -> tuple[str | None, Found | None]:
     """(ip to store, enrichment). Only browser-facing dialects carry the visitor's IP and
     User-Agent; a server-to-server call's are its server's, not worth a geo or bot verdict."""
     if enricher is None:
         return _inet(e.ip) if policy == "full" else None, None
-    # a batch click carries its visitor's IP and User-Agent when the forwarding server knew them
-    visitor = e.dialect in VISITOR_DIALECTS or (e.dialect == Dialect.NATIVE and e.user_agent is not None)
-    if visitor and e.type is EventType.CLICK:
+    if _enriched(e):
         found = enricher.enrich_row(e.ip, e.user_agent, _opt(e.payload.get("referrer")), policy)
         return found.ip, found
     return enricher.stored_ip(e.ip, policy), None
 
 
 async def _write(
-    conn: asyncpg.Connection, envelopes: list[Envelope], enricher: Enricher | None, effects: Effects = LIVE
+    conn: asyncpg.Connection,
+    envelopes: list[Envelope],
+    enricher: Enricher | None,
+    effects: Effects = LIVE,
+    known: devices.Known | None = None,
 ) -> BatchResult:
     result = BatchResult()
     # a requeued or spooled copy beside its original: one row per event id, the copy is a duplicate
@@ -253,6 +266,9 @@ async def _write(
             again = await erasure.Ledger.read(conn, everything)
             result.scrubbed += len(again.scrubbed(everything, workspaces))
     envelopes = [e for e in everything if e.type is not EventType.SALE]
+    # the devices made before the transaction (``known``), and any other made here (held
+    # until the commit): an erased person's click is enriched without its User-Agent
+    known = await devices.ids(conn, enricher, [e.user_agent for e in envelopes if _enriched(e)], known)
     sold = [e for e in everything if e.type is EventType.SALE]  # stored last (workers/consumer/sales.py)
     # bot_policy "count": a bot's click is a click too (still is_bot, still in bot_clicks).
     # Decided here, once per batch, and recorded on the row (bot_counted) for reconcile
@@ -298,11 +314,12 @@ async def _write(
             referrer=_opt(e.payload.get("referrer")),
             country=found.country if found else None,
             asn=found.asn if found else None,
-            enrichment=found.doc if found else None,
+            enrichment=event_row.row_enrichment(found.doc) if found else None,
             visitor_key=_visitor_key(e),
             out_of_window=_out_of_window(e, link),
             payload=e.payload,
             bot_counted=is_bot and link.workspace_id in counting,
+            device_id=known[found.device] if found else None,
         )
         batch.append(row)
         kept[e.event_id] = Stored(
