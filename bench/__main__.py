@@ -27,10 +27,12 @@ from refstream.output import json_option, wants_json
     default=",".join(DEFAULT_PARTS),
     show_default=True,
     help="Comma-separated parts to run; also, only when named: cap (capacity: CPU per event of the"
-    " edge, workers, Redis and Postgres; 1 and 2 edges and workers), h (replicas:1 against primary),"
+    " edge, workers, Redis and Postgres; 1 and 2 edges and workers), con (ten open consoles: the edge's and"
+    " the worker's CPU at (e)'s half load with and without them), h (replicas:1 against primary),"
     " i (idempotency keys' cost), m (the MIGRATE pause of one partition at 8, 64 and 256 MB),"
     " imp (an import of --import-events rows beside live load: live p99 with and without it),"
-    " p (a full events table against an empty one), r (the archiver"
+    " p (a full events table against an empty one), pgbytes (Postgres bytes per stored click, by table and"
+    " index), r (the archiver"
     " against the worker, Redis bytes across retention cycles).",
 )
 @click.option("--connections", type=int, default=32, show_default=True, help="wrk connections (one thread).")
@@ -56,6 +58,13 @@ from refstream.output import json_option, wants_json
     default="",
     help="(imp) more `refstream import` options for the run beside live load, e.g. '--batch-size 100 --share 0.3'.",
 )
+@click.option("--pgbytes-clicks", type=int, default=None, help="(pgbytes) clicks stored [20000; --quick: 2000].")
+@click.option(
+    "--con-rate",
+    type=float,
+    default=None,
+    help="(con) clicks per second through the windows [half of (e)'s full load, measured; --quick: 200].",
+)
 @click.option("--workers", type=int, default=1, show_default=True, help="(e, f) worker processes.")
 @click.option(
     "--profile",
@@ -80,6 +89,8 @@ def bench(
     import_events: int | None,
     import_live_rate: float,
     import_args: str,
+    pgbytes_clicks: int | None,
+    con_rate: float | None,
     workers: int,
     profile_dir: Path | None,
     json_out: Path | None,
@@ -114,6 +125,8 @@ def bench(
         import_events=import_events or (5000 if quick else 1_000_000),
         import_live_rate=import_live_rate,
         import_args=tuple(import_args.split()),
+        pgbytes_clicks=pgbytes_clicks or (2000 if quick else 20_000),
+        con_rate=con_rate or (200.0 if quick else None),
     )
     with ExitStack() as stack:
         result = uvloop.run(runner.bench(opts, stack))

@@ -28,6 +28,7 @@ PARTS = (
     "batch",
     "c",
     "cap",
+    "con",
     "d",
     "e",
     "f",
@@ -38,13 +39,15 @@ PARTS = (
     "m",
     "n",
     "p",
+    "pgbytes",
     "r",
 )
 # only when named in --only: (cap) capacity, CPU per event of each kind of process (minutes, a
-# Redis of its own), (h) starts Redis servers of its own, (i) idempotency keys' cost, (m) a
-# partition's MIGRATE between two Redis servers of its own, (p) fills an events table with
-# millions of rows, (r) the archiver and retention, (imp) a million-row import beside live load
-DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("cap", "h", "i", "imp", "m", "p", "r"))
+# Redis of its own), (con) ten open consoles' cost at half load, (h) starts Redis servers of its
+# own, (i) idempotency keys' cost, (m) a partition's MIGRATE between two Redis servers of its own,
+# (p) fills an events table with millions of rows, (r) the archiver and retention, (imp) a
+# million-row import beside live load, (pgbytes) Postgres bytes per stored click, by table and index
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("cap", "con", "h", "i", "imp", "m", "p", "pgbytes", "r"))
 
 
 def _py_spy() -> str:
@@ -71,6 +74,8 @@ class Options:
     import_events: int = 1_000_000
     import_live_rate: float = 500.0
     import_args: tuple[str, ...] = ()  # more `refstream import` options, for the first run
+    pgbytes_clicks: int = 20_000
+    con_rate: float | None = None  # (con) the windows' load; None: half of (e)'s full load
 
 
 @dataclass(slots=True)

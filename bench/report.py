@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +42,12 @@ GOALS = (
     Goal("(g) edge peak RSS per process, MB", "g.edge_rss_mb", "<=", 150.0),
     Goal("(g) worker peak RSS, MB", "g.worker_rss_mb", "<=", 300.0),
     Goal("(g) Redis bytes per pending event", "g.redis_bytes_per_event", "<=", 300.0),
+    Goal("(con) edge CPU added by ten open consoles at (e)'s half load", "con.edge_added", "<=", 0.02),
+    Goal("(con) worker CPU added by ten open consoles at (e)'s half load", "con.worker_added", "<=", 0.02),
+    # without it the two above compare different loads (fewer clicks, less CPU: "met" for nothing)
+    Goal("(con) the load held with ten consoles open: accepted/s on / off", "con.load_held", ">=", 0.98),
     Goal("(imp) live p99 accept→commit while importing / without", "imp.p99_ratio", "<=", 1.5),
+    Goal("(pgbytes) Postgres bytes per stored click", "pgbytes.per_click.total", "<=", 600.0),
     Goal("(imp) rows a second import of the same file stores", "imp.second_stored", "<=", 0.0),
 )
 
@@ -76,6 +82,9 @@ SECTIONS = {
     "cap_hello": "(cap) bare aiohttp hello-world POST under the same wrk: CPU µs per request, the hello-world unit",
     "cap_full": "(cap) 1 edge and 1 worker under wrk's full load: CPU per event",
     "cap": "(cap) the steady run: 1 edge and 1 worker at half that load, open loop: CPU per event",
+    "pgbytes": "(pgbytes) Postgres bytes per stored click, by relation (work --drain, then VACUUM)",
+    "con_full": "(con) 1 edge, 1 worker and an idle console under wrk's full load (seed 000): the half rate's base",
+    "con": "(con) ten open consoles at half that load, open loop: off and on windows alternating",
     "imp": "(imp) refstream import of --import-events rows beside live seed 000 clicks: live p99 with / without",
 }
 
@@ -92,6 +101,10 @@ _C1MS_SECTIONS = {
 SECTIONS = {
     k: v for key, title in SECTIONS.items() for k, v in ((key, title), *(_C1MS_SECTIONS.items() if key == "c" else ()))
 }
+
+
+# (con)'s figures of each window and pair: in its own table (``consoles``), not the main one
+_CON_WINDOW = re.compile(r"con\.(?:off|on|pair)\d")
 
 
 def medians(runs: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -134,7 +147,7 @@ def table(result: dict[str, Any], console: Console) -> None:
     t.add_column("median", justify="right")
     t.add_column("runs (min … max)", justify="right")
     for section, title in SECTIONS.items():
-        rows = [k for k in figures if k.split(".")[0] == section]
+        rows = [k for k in figures if k.split(".")[0] == section and not _CON_WINDOW.match(k)]
         if not rows:
             continue
         t.add_section()
@@ -146,6 +159,7 @@ def table(result: dict[str, Any], console: Console) -> None:
     console.print(t)
     side_by_side(figures, console)
     capacity(figures, int(result.get("machine", {}).get("nproc") or 0), console)
+    consoles(figures, console)
     g = Table(title="goals (from the issue)")
     for col in ("goal", "median", "target", "status"):
         g.add_column(col)
@@ -256,6 +270,56 @@ def capacity(figures: dict[str, float], nproc: int, console: Console) -> None:
             f"On this {nproc}-core machine 2 processes and what they drive (the load generator, Redis,"
             " Postgres) need more cores than there are: 2 / 1 measures contention, not scaling."
         )
+
+
+def consoles(figures: dict[str, float], console: Console) -> None:
+    """Part (con): each window without consoles and with ten, in the order measured, then
+    each condition over all its windows and what the ten added."""
+    if "con.off.edge_cores" not in figures:
+        return
+    t = Table(
+        title="(con) cores used over each window at half load, without consoles (off) and with ten open (on),"
+        " in the order measured; redis: the bench's Redis (INFO cpu, other clients too), pg: the backends of the"
+        " part's database, generator: the bench's process, browsers: the ten consoles' process;"
+        " acc/s: clicks accepted, sto/s: rows stored, calls/s: the consoles' polls;"
+        " + = on / off - 1, each on against the mean of the offs around it"
+    )
+    procs = ("edge", "worker", "console", "redis", "pg", "generator", "browsers")
+    cols = ("window", *procs, "acc/s", "sto/s", "calls/s", "edge +", "worker +")
+    for col in cols:
+        t.add_column(col, justify="left" if col == "window" else "right")
+
+    def row(label: str, name: str, added: tuple[str, str] = ("", "")) -> None:
+        t.add_row(
+            label,
+            *(_fmt(figures[f"con.{name}.{k}_cores"]) for k in procs),
+            *(_fmt(figures[f"con.{name}.{k}"]) for k in ("accepted_per_s", "stored_per_s", "calls_per_s")),
+            *added,
+        )
+
+    n = 1
+    while f"con.off{n}.edge_cores" in figures:
+        row(f"off {n}", f"off{n}")
+        if f"con.on{n}.edge_cores" in figures:
+            row(f"on {n}", f"on{n}", (_added(figures, f"pair{n}.edge"), _added(figures, f"pair{n}.worker")))
+        n += 1
+    t.add_section()
+    row("off, all", "off")
+    row("on, all", "on", (f"[bold]{_added(figures, 'edge')}[/bold]", f"[bold]{_added(figures, 'worker')}[/bold]"))
+    console.print(t)
+    console.print(
+        f"(con) ten consoles added {_added(figures, 'edge')} to the edge's CPU and {_added(figures, 'worker')} to"
+        f" the worker's (goal ≤ 0.02 each); per event {figures.get('con.edge_added_per_event', 0.0):+.3f} and"
+        f" {figures.get('con.worker_added_per_event', 0.0):+.3f}; the console itself"
+        f" {figures['con.console_added_cores']:+.3f} cores ({figures.get('con.console_added_share', 0.0):+.3f} of the"
+        f" edge's and the worker's without); {_fmt(figures['con.rate_per_s'])} clicks/s asked;"
+        f" load average {figures.get('con.load_1m', 0.0):.2f}; load held (accepted/s on / off)"
+        f" {figures.get('con.load_held', 0.0):.3f}"
+    )
+
+
+def _added(figures: dict[str, float], name: str) -> str:
+    return f"{figures[f'con.{name}_added']:+.3f}"
 
 
 def top_frames(raw_path: str, n: int = 10) -> list[tuple[float, str]]:

@@ -23,7 +23,9 @@ from refstream import services
 
 from . import report, world
 from .archive_parts import part_r
+from .bytes_part import part_pgbytes
 from .capacity_parts import part_cap
+from .console_part import part_con
 from .context import Ctx, Options
 from .durability_part import part_h
 from .edge_parts import part_a, part_b
@@ -84,7 +86,9 @@ async def _one_run(ctx: Ctx) -> None:
         ("i", part_i, ctx.wants("i")),
         ("p", part_p, ctx.wants("p")),
         ("cap", part_cap, ctx.wants("cap")),
+        ("con", part_con, ctx.wants("con")),
         ("imp", part_imp, ctx.wants("imp")),
+        ("pgbytes", part_pgbytes, ctx.wants("pgbytes")),
     ]
     for name, fn, wanted in steps:
         if wanted:
@@ -106,8 +110,13 @@ def ensure_wrk() -> None:
             raise click.ClickException(f"{' '.join(cmd)} failed: {done.stderr[-500:]}")
 
 
+# the parts that never start wrk
+NO_WRK = frozenset({"pgbytes"})
+
+
 async def bench(opts: Options, stack: ExitStack) -> dict[str, Any]:
-    ensure_wrk()
+    if opts.only - NO_WRK:
+        ensure_wrk()
     svc = services.resolve(stack)
     suffix = world.new_suffix()
     database, prefix = f"refstream_bench_{suffix}", f"bench:{suffix}"
@@ -167,6 +176,21 @@ def _opts(opts: Options) -> dict[str, Any]:
 
 
 NOTES = [
+    "pgbytes: --pgbytes-clicks seeded clicks (Affitor 60 %, bio.re 25 %, native 15 %; a returning visitor one"
+    " click in five, addresses from a million, Googlebot 5 %) with leads on 3 %, conversions on 0.5 % and sales on"
+    " 1 % of them, appended to the streams and stored by `refstream work --drain` into a fresh copy of the world's"
+    " database, then VACUUM (ANALYZE); pgbytes.per_click.<relation>: the growth of each relation (pg_relation_size"
+    " of its main, fsm and vm forks; partitions summed under their parent table or index, TOAST under"
+    " <table>_toast) per stored click, the catalogs (pg_*) left out; events_with_indexes: events and its"
+    " indexes; total: every relation; pgbytes.click_column.<column>: avg(pg_column_size) of each column of the"
+    " stored clicks' rows, (row): pg_column_size of the whole row (its header included)",
+    "con: 1 edge, 1 worker and `refstream console` (a token in its environment); (e)'s full load (wrk, seed 000,"
+    " the lower of accepted/s and committed/s), then seed 000 open loop at half of it throughout; windows without"
+    " consoles (off) and with ten (on: 4 pipeline, 3 tail, 1 dead, 1 erasures, 1 replay, each polling what its page"
+    " polls at the page's interval, the token as Bearer) alternate off, on, off, on …; CPU of each process from"
+    " /proc/<pid>/stat over each window (children included); con.<k>_added = on cores / off cores - 1 over all"
+    " windows, con.pairN.<k>_added per pair (the spread is the machine's noise); accepted_per_s = the generator's"
+    " 2xx sent in the window, stored_per_s = rows the window added to events",
     "imp: an edge and --workers workers under --import-live-rate seed 000 clicks/s (open loop); live p99 ="
     " processed_at - received_at of the live rows of each window: before (warm-up + duration), while"
     " `refstream import` runs (its defaults: --share 0.5, --yield-backlog 1000, --yield-lag-ms 20, --nice 10),"

@@ -23,6 +23,7 @@ from . import __version__
 from .commands import (
     archive,
     commissions,
+    console,
     erase,
     feature,
     imports,
@@ -69,6 +70,7 @@ for command in (
     commissions.payouts,
     erase.erase,
     imports.import_,
+    console.console,
 ):
     main.add_command(command)
 

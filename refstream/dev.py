@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -107,7 +108,7 @@ async def _setup(settings: Settings, key_file: Path | None) -> dict[str, Any]:
         await redis.aclose()
 
 
-ROLES = ("edge", "worker", "archiver")  # the processes dev runs, in the order it starts them
+ROLES = ("edge", "worker", "archiver", "console")  # the processes dev runs, in the order it starts them
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -118,18 +119,20 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = HEALTHY_WITHIN_S) -> None:
+def _wait_healthy(
+    url: str, proc: subprocess.Popen[bytes], timeout: float = HEALTHY_WITHIN_S, *, name: str = "edge"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise click.ClickException(f"the edge exited with {proc.returncode} (its error is above)")
+            raise click.ClickException(f"the {name} exited with {proc.returncode} (its error is above)")
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == 200 and proc.poll() is None:  # our edge's answer, not another's
                     return
         except OSError:
             time.sleep(0.1)
-    raise click.ClickException(f"the edge did not answer {url} within {timeout:g} s")
+    raise click.ClickException(f"the {name} did not answer {url} within {timeout:g} s")
 
 
 def refstream_command() -> str:
@@ -163,7 +166,7 @@ def _secret_key(data_dir: Path | None) -> tuple[str, str]:
     return key, "a throwaway: set REFSTREAM_SECRET_KEY, or use --data DIR, to keep it"
 
 
-def run_dev(port: int, data: str | None = None) -> None:
+def run_dev(port: int, data: str | None = None, console_port: int | None = None) -> None:
     data_dir = Path(data).resolve() if data else None
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -174,6 +177,8 @@ def run_dev(port: int, data: str | None = None) -> None:
             db_url = services.with_database(svc.postgres_url, "refstream")
         secret, secret_from = _secret_key(data_dir)
         env = {**os.environ, "REDIS_URL": svc.redis_url, "DATABASE_URL": db_url, "REFSTREAM_SECRET_KEY": secret}
+        # the console's operator token: as given, else a throwaway for this run (printed below)
+        env["REFSTREAM_CONSOLE_TOKEN"] = os.environ.get("REFSTREAM_CONSOLE_TOKEN") or secrets.token_urlsafe(24)
         if data_dir is not None and "REFSTREAM_ARCHIVE_URL" not in os.environ:
             env["REFSTREAM_ARCHIVE_URL"] = str(data_dir / "archive")  # kept with the rest of --data
         try:
@@ -203,7 +208,9 @@ def run_dev(port: int, data: str | None = None) -> None:
         # one edge process unless REFSTREAM_PROCESSES says otherwise: a development box
         # starts faster and reads one process's log lines
         edge = ["serve", "--port", str(port), "--processes", env.get("REFSTREAM_PROCESSES") or "1"]
-        children = [_spawn(edge, env), _spawn(["work"], env), _spawn(["archive"], env)]
+        console_port = console_port or port + 10
+        console = ["console", "--port", str(console_port)]
+        children = [_spawn(edge, env), _spawn(["work"], env), _spawn(["archive"], env), _spawn(console, env)]
 
         def stop_children() -> None:
             for p in children:
@@ -218,6 +225,8 @@ def run_dev(port: int, data: str | None = None) -> None:
         stack.callback(stop_children)
         base = f"http://127.0.0.1:{port}"
         _wait_healthy(f"{base}/healthz", children[0])
+        console_base = f"http://127.0.0.1:{console_port}"
+        _wait_healthy(f"{console_base}/static/console.css", children[3], name="console")
         for name, p in zip(ROLES[1:], children[1:], strict=True):
             if p.poll() is not None:
                 raise click.ClickException(f"the {name} exited with {p.returncode} (its error is above)")
@@ -233,9 +242,12 @@ def run_dev(port: int, data: str | None = None) -> None:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         bin_dir = None if refstream_command() == "refstream" else Path(sys.executable).parent
-        exports = dev_tour.lines(demo["tour"], edge=base, env=env, bin_dir=bin_dir, browser=DEMO_BROWSER)
+        exports = dev_tour.lines(
+            demo["tour"], edge=base, console=console_base, env=env, bin_dir=bin_dir, browser=DEMO_BROWSER
+        )
         dev_tour.write(tour_file, exports)
-        click.echo("\n".join(_banner(base, svc, db_url, secret, secret_from, demo, data_dir)))
+        console_at = (console_base, env["REFSTREAM_CONSOLE_TOKEN"])
+        click.echo("\n".join(_banner(base, console_at, svc, db_url, secret, secret_from, demo, data_dir)))
         sys.stdout.flush()
         while not stop["signal"]:
             for name, p in zip(ROLES, children, strict=True):
@@ -246,6 +258,7 @@ def run_dev(port: int, data: str | None = None) -> None:
 
 def _banner(
     base: str,
+    console: tuple[str, str],
     svc: services.Services,
     db_url: str,
     secret: str,
@@ -260,6 +273,9 @@ def _banner(
         "",
         f"refstream dev: edge on {base}, one worker, one archiver"
         + (f"; embedded {' and '.join(emb)} ({kept})" if emb else ""),
+        # the operator's pages ask for the token; Tenant links take a key of scope read
+        f"  console on {console[0]}/ (operator token {console[1]}; Tenant links take a key of scope read:"
+        " $RS_MANAGE_KEY)",
         *(f"  note: {note}" for note in svc.notes),
         f"  REDIS_URL={svc.redis_url}",
         f"  DATABASE_URL={db_url}",

@@ -31,6 +31,7 @@ _SCOPES = {"RS_KEY": ["track"], "RS_MANAGE_KEY": ["read", "write"]}
 _SAID = {
     "RS_KEY": "scope track: the tracking routes (Affixo, Refport, the batch)",
     "RS_MANAGE_KEY": "scopes read and write: Bricqs' generate and stats, the management API",
+    "RS_CONSOLE": "refstream console: its operator token is REFSTREAM_CONSOLE_TOKEN",
     "RS_UA": "a browser's User-Agent: curl's own is a bot's, and a bot's click counts apart",
 }
 
@@ -58,7 +59,7 @@ async def make_keys(conn: asyncpg.Connection, redis: Redis, keys: Keys, link: di
     return Tour(link, made)
 
 
-def lines(tour: Tour, *, edge: str, env: dict[str, str], bin_dir: Path | None, browser: str) -> list[str]:
+def lines(tour: Tour, *, edge: str, console: str, env: dict[str, str], bin_dir: Path | None, browser: str) -> list[str]:
     """The file's lines: comments, then one ``export`` per value."""
     values: list[tuple[str, str]] = []
     if bin_dir is not None:
@@ -68,6 +69,7 @@ def lines(tour: Tour, *, edge: str, env: dict[str, str], bin_dir: Path | None, b
     link = tour.link
     demo = [
         ("RS_EDGE", edge),
+        ("RS_CONSOLE", console),
         ("RS_CODE", str(link["code"])),
         ("RS_WORKSPACE_ID", str(link["workspace_id"])),
         ("RS_PROGRAM_ID", str(link["program_id"])),

@@ -11,7 +11,7 @@ import orjson
 from ingest.contract.keys import Keys
 from ingest.manage import admin
 
-from ._world import World, call
+from ._world import ENRICHMENT, World, call
 from .test_seed_002_affitor import EXAMPLE as CLICK
 
 CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
@@ -51,7 +51,7 @@ async def test_mixed_batch_with_per_event_results(edge: str, world: World, pg: a
     assert {str(e["event_id"]) for e in await pg.fetch("SELECT event_id FROM events WHERE dialect = 'native'")} == {
         x["event_id"] for x in r[:5]
     }
-    enriched = await pg.fetchrow("SELECT country, enrichment FROM events WHERE visitor_id = 'v1'")
+    enriched = await pg.fetchrow(f"SELECT country, {ENRICHMENT} AS enrichment FROM events WHERE visitor_id = 'v1'")
     assert enriched["country"] == "GB" and enriched["enrichment"]["browser"] == "Chrome"
 
 

@@ -1,7 +1,8 @@
 """`python -m bench` (scripts/bench) end to end, in miniature: the bare aiohttp baseline and the seed 000
 route and the sale route, one run of one second each, as JSON with every figure positive; part (c) likewise,
 locally and through its latency proxy; part (cap), CPU per event of each kind of process in µs and
-hello-worlds, and Postgres bytes per stored event by relation."""
+hello-worlds, and Postgres bytes per stored event by relation; part (con), the CPU of the edge and the
+worker with and without ten simulated open consoles."""
 
 from __future__ import annotations
 
@@ -98,6 +99,32 @@ def test_bench_part_cap_measures_cpu_per_event_of_each_kind_of_process():
         "cap_w2.scale",
     ):
         assert figures[key] > 0, key
+
+
+@pytest.mark.timeout(180)
+def test_bench_part_con_measures_cpu_with_and_without_ten_consoles():
+    # --quick's load is 200 clicks/s (not (e)'s half load): its windows cost seconds, not a backlog
+    figures = _bench_json("con", timeout=170)["figures"]
+    assert figures["con.rate_per_s"] == 200 and "con_full.rps" not in figures
+    # off, on, off, on, off: every window measured each process and carried the same load
+    for window in ("off1", "on1", "off2", "on2", "off3", "off", "on"):
+        for key in ("edge_cores", "worker_cores", "accepted_per_s", "stored_per_s"):
+            assert figures[f"con.{window}.{key}"] > 0, (window, key)
+        # the console's sampler alone (off) may take less than a clock tick in a 3 s window; the pages' calls do not
+        floor = 0 if window.startswith("off") else 1e-9
+        assert figures[f"con.{window}.console_cores"] >= floor, window
+    assert "con.off4.edge_cores" not in figures and figures["con.pairs"] == 2
+    # the consoles polled with the token (a refusal is a failure) only while open
+    assert figures["con.on.calls_per_s"] > 0 and figures["con.off.calls_per_s"] == 0
+    assert figures["con.on.browsers_cores"] > 0 and figures["con.off.browsers_cores"] == 0
+    assert figures["con.console_failed"] == 0 and figures["con.failed"] == 0
+    assert figures["con.load_held"] == pytest.approx(
+        figures["con.on.accepted_per_s"] / figures["con.off.accepted_per_s"], rel=0.01
+    )
+    for k in ("edge", "worker"):  # on / off - 1, from figures rounded to 0.001 core
+        on, off = figures[f"con.on.{k}_cores"], figures[f"con.off.{k}_cores"]
+        rounding = 0.0005 * (1 / off + on / off**2) + 0.0005
+        assert figures[f"con.{k}_added"] == pytest.approx(on / off - 1, abs=rounding), k
 
 
 @pytest.mark.timeout(120)

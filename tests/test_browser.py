@@ -20,7 +20,7 @@ from ingest.contract.keys import Keys
 from ingest.manage import admin
 
 from ._procs import free_port
-from ._world import World
+from ._world import ENRICHMENT, World
 from .conftest import wait_for
 
 CHROMIUM = os.environ.get("REFSTREAM_CHROMIUM", "/usr/bin/chromium")
@@ -213,5 +213,7 @@ async def test_tracker_cookie_attribution_signup_and_redirect(
         "SELECT c.*, l.code FROM customers c JOIN links l ON l.id = c.link_id WHERE c.external_id = 'user_77'"
     )
     assert customer["code"] == "SIGNUP" and customer["status"] == 2 and customer["email"] == "new@example.com"
-    event = await pg.fetchrow("SELECT enrichment, payload FROM events WHERE dialect = 'affitor' LIMIT 1")
+    event = await pg.fetchrow(
+        f"SELECT {ENRICHMENT} AS enrichment, payload FROM events WHERE dialect = 'affitor' LIMIT 1"
+    )
     assert event["enrichment"]["browser"] == "Chrome" and event["payload"]["screen_resolution"]

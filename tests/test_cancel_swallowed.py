@@ -93,3 +93,34 @@ async def test_a_member_stops_when_its_housekeeping_loses_the_cancel(redis: aior
         pytest.fail("the member's stop waited for ever on its housekeeping, its cancel lost")
     assert lost.is_set(), "the chore was never cancelled"
     running.result()
+
+
+async def test_the_consoles_sampler_stops_when_a_client_turns_its_cancel_into_a_timeout(
+    redis: aioredis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console's sampling loop counts a Redis timeout as Redis unreadable and samples on:
+    a cancel turned into that timeout must still end it (a console's close hung on it)."""
+    from refstream.console.ring import Sampler
+
+    reading = asyncio.Event()
+
+    async def time_as_a_stalled_redis() -> tuple[int, int]:
+        reading.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RedisTimeout("Timeout reading from 127.0.0.1:6379") from None  # as redis-py's read does
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(redis, "time", time_as_a_stalled_redis)
+
+    class NoPostgres:
+        async def fetch(self, *args: object, **kw: object) -> list[object]:
+            raise OSError("no postgres in this test")
+
+    sampler = Sampler(redis, NoPostgres(), Keys(settings.stream_prefix, 4), [])
+    sampling = asyncio.create_task(sampler.run())
+    await asyncio.wait_for(reading.wait(), 5)
+    sampling.cancel()
+    done, _ = await asyncio.wait({sampling}, timeout=5)
+    assert sampling in done, "the sampler went on after its cancel (read as a Redis timeout)"

@@ -358,11 +358,11 @@ def someone_on_a_port() -> Iterator[int]:
         server.server_close()
 
 
-async def test_serve_and_dev_on_a_port_in_use_fail_in_one_line_and_claim_nothing(
+async def test_serve_dev_and_console_on_a_port_in_use_fail_in_one_line_and_claim_nothing(
     settings: Settings, someone_on_a_port: int
 ) -> None:
     port = str(someone_on_a_port)
-    for command in ("serve", "dev"):
+    for command in ("serve", "dev", "console"):
         line = one_line(*await run(command, "--port", port, env=env_for(settings, REFSTREAM_LOG_FLUSH_MS="0")))
         assert line == (
             f"Error: port {port} on 127.0.0.1 is in use (another refstream {command}?): stop it, or choose another"

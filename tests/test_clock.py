@@ -226,3 +226,58 @@ async def test_an_archiver_a_year_ahead_sweeps_no_write_in_progress(tmp_path: Pa
     os.utime(crashed, (old, old))
     await store.put("p/seg-1", b"a segment")
     assert in_progress.exists() and not crashed.exists()
+
+
+_TIME_OF_DAY = {
+    ("time", "time"),
+    ("time", "time_ns"),
+    ("datetime", "now"),
+    ("datetime", "utcnow"),
+    ("datetime", "today"),
+}
+_TIME_OF_DAY |= {("date", "today")}
+
+
+def _time_of_day_reads(source: str) -> list[int]:
+    """The lines of ``source`` that read the time of day other than through ``clock``:
+    ``time.time()``, ``datetime.now(...)`` and their kin, however imported."""
+    import ast
+
+    tree = ast.parse(source)
+    names = {  # what a bare name stands for: ``from time import time`` makes ``time`` one
+        alias.asname or alias.name: (node.module or "", alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+            owner = names.get(f.value.id, ("", f.value.id))[1]
+            if (owner, f.attr) in _TIME_OF_DAY:
+                lines.append(node.lineno)
+        elif isinstance(f, ast.Name) and names.get(f.id) in {("time", "time"), ("time", "time_ns")}:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_module_but_the_clock_reads_the_time_of_day() -> None:
+    """Every long-running process's time of day is ``clock``'s (a skewed host follows Redis;
+    the fault tests' offsets apply): a module reading ``time.time()`` itself would see the
+    host's clock, and the fault tests would not see what it does with a wrong one."""
+    assert _time_of_day_reads(
+        "import time\nfrom time import time as t\nfrom datetime import datetime as D\n"
+        "time.time(); t(); D.now(); time.monotonic()\n"
+    ) == [4, 4, 4]
+    root = Path(__file__).resolve().parents[1]
+    found = {
+        f"{path.relative_to(root)}:{line}"
+        for top in ("ingest", "workers", "refstream")
+        for path in (root / top).rglob("*.py")
+        if path != root / "ingest/contract/clock.py"
+        for line in _time_of_day_reads(path.read_text())
+    }
+    assert not found, sorted(found)

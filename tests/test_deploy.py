@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "refstream-rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "refstream.json"
-REFSTREAM_SERVICES = {"migrate", "edge", "worker", "archive"}
+REFSTREAM_SERVICES = {"migrate", "edge", "worker", "archive", "console"}
 
 
 def _compose() -> dict[str, Any]:

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -80,15 +81,24 @@ async def test_dev_prints_a_curl_that_moves_the_counter_and_cleans_up_when_kille
             return res.returncode == 0 and orjson.loads(res.stdout)["clicks"] == 1
 
         await wait_for(clicks, timeout=30, what="the demo link to count the click")
+
+        # the console, at the address and with the token the banner gives
+        m = re.search(r"console on (http://127\.0\.0\.1:\d+)/ \(operator token (\S+);", text)
+        assert m, text
+        console, token = m.group(1), m.group(2)
+        async with aiohttp.ClientSession() as http:
+            for headers, status in (({}, 401), ({"Authorization": f"Bearer {token}"}, 200)):
+                async with http.get(f"{console}/api/pipeline", headers=headers) as r:
+                    assert r.status == status
     finally:
         dev.send_signal(signal.SIGKILL)
         dev.wait()
         log.close()
 
     async def all_gone() -> bool:
-        return not any(listening(u) for u in [*urls, f"http://127.0.0.1:{port}"])
+        return not any(listening(u) for u in [*urls, f"http://127.0.0.1:{port}", console])
 
-    await wait_for(all_gone, timeout=30, what="embedded servers, edge and worker to stop")
+    await wait_for(all_gone, timeout=30, what="embedded servers, edge, worker and console to stop")
 
 
 async def read_banner(dev: subprocess.Popen[bytes], errors: Path) -> list[str]:

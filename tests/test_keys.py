@@ -4,6 +4,7 @@ workspaces never see each other; the trusted-proxy rule for client addresses."""
 from __future__ import annotations
 
 import hashlib
+import time
 from ipaddress import ip_network
 
 import asyncpg
@@ -16,6 +17,8 @@ from ._procs import Procs
 from ._world import World, call, make_world, start_edge
 from .conftest import wait_for
 from .test_seed_002_affitor import EXAMPLE as CLICK
+
+EXPIRES_IN_S = 15  # long enough for a loaded machine's first request, short enough to wait out
 
 
 async def test_keys_are_hashed_revocable_and_never_logged(procs: Procs, pg: asyncpg.Pool, redis, keys: Keys):
@@ -147,3 +150,78 @@ async def test_a_revocation_redis_cannot_take_is_no_revocation(pg: asyncpg.Pool,
         assert await admin.revoke_key(conn, redis, keys, made["prefix"]) == {"revoked": made["prefix"]}
     assert await redis.get(entry) == auth._UNKNOWN
     assert await pg.fetchval("SELECT revoked_at FROM api_keys WHERE prefix = $1", made["prefix"]) is not None
+
+
+async def test_a_key_made_to_expire_is_refused_from_then_on_by_a_running_edge(
+    procs: Procs, pg: asyncpg.Pool, redis, keys: Keys
+):
+    """A key made to expire works, then, with nothing revoked and the edge's caches warm,
+    every request after its expiry is refused as an unknown key is; an expiry not in the
+    future is refused at creation, by ``keys create --expires-in`` and by ``POST /v1/keys``."""
+    from ingest.manage import admin
+
+    ws = await procs.cli("workspace", "create", "Expiring")
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "expiring")
+    # keys held in the edge's memory for ten minutes: only the expiry itself can refuse it
+    edge = await procs.start_edge(REFSTREAM_KEY_CACHE_S="600")
+    made_at = time.monotonic()
+    async with pg.acquire() as conn:  # made here, the edge already up: its first request is seconds early
+        made = await admin.create_key(
+            conn, redis, keys, workspace_id=ws["workspace_id"], scopes=["track"], expires_in_s=EXPIRES_IN_S
+        )
+    assert made["expires_at"] is not None
+
+    async def click(secret: str) -> tuple[int, object]:
+        got = await call(
+            "POST", f"{edge}/v1/track/click", json={"ref": "expiring"}, headers={"Authorization": f"Bearer {secret}"}
+        )
+        return got[0], got[1]
+
+    first = await click(made["api_key"])  # cached by the edge from here on
+    assert first[0] == 200 or time.monotonic() - made_at >= EXPIRES_IN_S, first
+
+    async def refused() -> bool:
+        return await click(made["api_key"]) == (401, {"error": "unauthorized"})
+
+    await wait_for(refused, timeout=60, what="the expired key to be refused")
+    assert await pg.fetchval("SELECT revoked_at FROM api_keys WHERE prefix = $1", made["prefix"]) is None
+    made_by_cli = await procs.cli(
+        "keys", "create", "--workspace", ws["workspace_id"], "--scopes", "track", "--expires-in", "30d"
+    )
+    assert made_by_cli["expires_at"] is not None
+    forever = await procs.cli("keys", "create", "--workspace", ws["workspace_id"], "--scopes", "track")
+    assert forever["expires_at"] is None
+    assert (await click(forever["api_key"]))[0] == 200
+
+    for bad in ("0", "soon", "-5m"):
+        out = await procs.cli(
+            "keys", "create", "--workspace", ws["workspace_id"], "--scopes", "track", "--expires-in", bad, check=False
+        )
+        assert out is None, bad  # refused: nothing printed on stdout
+    admin_key = {"Authorization": f"Bearer {ws['api_key']}"}
+    for bad_s in (0, -1, "tomorrow"):
+        status, body, _ = await call(
+            "POST", f"{edge}/v1/keys", json={"scopes": ["track"], "expires_in_s": bad_s}, headers=admin_key
+        )
+        assert status == 400 and "expires_in_s" in str(body), (bad_s, status, body)
+    status, body, _ = await call(
+        "POST", f"{edge}/v1/keys", json={"scopes": ["track"], "expires_in_s": 3600}, headers=admin_key
+    )
+    assert status == 201 and body["expires_at"] is not None, body
+
+
+def test_a_principal_entry_reads_across_builds() -> None:
+    """A key's Redis entry is read by edges of other builds during a rolling upgrade: a key
+    without an expiry is written as the build before expiries wrote it, and an entry from a
+    newer build with a field this one does not know still reads."""
+    import orjson
+
+    from ingest.edge.auth import Principal
+
+    plain = Principal("k", "w", "workspace", ("track",), "rs_ab")
+    assert "expires_ms" not in orjson.loads(plain.encode())
+    assert Principal.decode(plain.encode()) == plain
+    expiring = Principal("k", "w", "workspace", ("track",), "rs_ab", expires_ms=1_000)
+    assert Principal.decode(expiring.encode()) == expiring and expiring.expired(1_000) and not expiring.expired(999)
+    newer = orjson.dumps({**orjson.loads(plain.encode()), "region": "eu"})
+    assert Principal.decode(newer) == plain

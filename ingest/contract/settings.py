@@ -20,6 +20,15 @@ from ingest.contract.sentinel_url import sentinel_target
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _DURATION_RE = re.compile(r"^(\d+)\s*([smhd])?$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(text: str) -> int:
+    """A duration as settings and commands take it: 3600, 90s, 30m, 1h, 2d."""
+    if not (m := _DURATION_RE.match(text.strip().lower())):
+        raise ValueError("seconds, or a number with s, m, h or d: 3600, 90s, 30m, 1h, 2d")
+    return int(m[1]) * _DURATION_UNITS[m[2] or "s"]
+
+
 _SIZE_RE = re.compile(r"^(\d+)\s*(b|kb|mb|gb|k|m|g)?$")
 _SIZE_SHIFT = {"b": 0, "kb": 10, "k": 10, "mb": 20, "m": 20, "gb": 30, "g": 30}
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
@@ -213,6 +222,11 @@ class Settings(BaseSettings):
     secret_key: str | None = Field(
         None, description="Fernet key(s), comma-separated, encrypting webhook signing secrets at rest."
     )
+    console_token: str | None = Field(
+        None,
+        min_length=16,
+        description="The operator's token for refstream console (a Bearer header); needed off loopback.",
+    )
 
     # clock ---------------------------------------------------------------------------
     clock_skew_max_s: float = Field(
@@ -291,6 +305,11 @@ class Settings(BaseSettings):
             raise ValueError("1-64 of A-Z a-z 0-9 _ . : - (no braces)")
         return v
 
+    @field_validator("console_token", mode="before")
+    @classmethod
+    def _no_token(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v  # compose's empty default: none
+
     @field_validator("access_log")
     @classmethod
     def _access_log(cls, v: str) -> str:
@@ -301,9 +320,7 @@ class Settings(BaseSettings):
     @classmethod
     def _duration(cls, v: object) -> object:
         if isinstance(v, str):
-            if not (m := _DURATION_RE.match(v.strip().lower())):
-                raise ValueError("seconds, or a number with s, m, h or d: 3600, 90s, 30m, 1h, 2d")
-            return int(m[1]) * _DURATION_UNITS[m[2] or "s"]
+            return seconds(v)
         return v
 
     @field_validator("stream_max_bytes", mode="before")
@@ -438,7 +455,7 @@ def parse_durability(level: str) -> tuple[int, bool]:
     raise ValueError("one of primary, replicas:N (N from 1 to 16), fsync")
 
 
-_SECRET = frozenset({"redis_url", "arq_redis_url", "database_url", "secret_key"})  # never echoed
+_SECRET = frozenset({"redis_url", "arq_redis_url", "database_url", "secret_key", "console_token"})  # never echoed
 
 
 def env_var(field: str) -> str:

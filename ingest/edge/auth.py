@@ -5,18 +5,23 @@ in-process cache (a hot key costs no round trip), then in Redis
 (``{prefix}:apikey:{sha256 hex}``, written when a key is created or revoked), and only when
 Redis does not know it, in Postgres (which refills Redis). In-process entries live
 ``key_cache_s`` seconds, so a revocation reaches every edge within that time.
+
+A key made with an expiry carries it in every copy (``Principal.expires_ms``), and each
+lookup, a cache hit included, refuses it from that instant on, on every edge alike: an
+expiry needs no message, so it lands at once, not within ``key_cache_s``.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Final
 
 import asyncpg
 import orjson
 
+from ingest.contract import clock
 from ingest.contract.connections import Redis
 from ingest.contract.keys import Keys
 from ingest.edge.apikeys import hash_key
@@ -38,6 +43,7 @@ class Principal:
     scopes: tuple[str, ...]
     prefix: str
     affiliate_id: str | None = None
+    expires_ms: int | None = None  # None: until revoked
 
     def allows(self, scope: str) -> bool:
         if self.kind == "affiliate":
@@ -46,8 +52,15 @@ class Principal:
             return scope in self.scopes  # granted by name only: never by "*"
         return "*" in self.scopes or scope in self.scopes
 
+    def expired(self, now_ms: int) -> bool:
+        return self.expires_ms is not None and now_ms >= self.expires_ms
+
     def encode(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        # no expiry, no field: an edge of the build before expiries reads the entry too
+        d = asdict(self)
+        if d["expires_ms"] is None:
+            del d["expires_ms"]
+        return orjson.dumps(d)
 
     @classmethod
     def decode(cls, raw: bytes) -> Principal | None:
@@ -55,7 +68,15 @@ class Principal:
             return None
         d = orjson.loads(raw)
         d["scopes"] = tuple(d["scopes"])
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in _FIELDS})  # a newer build's fields: not ours
+
+
+_FIELDS: Final = frozenset(f.name for f in fields(Principal))
+
+
+def live(principal: Principal | None) -> Principal | None:
+    """The principal, or None once its key has expired: refused like a revoked key."""
+    return None if principal is None or principal.expired(clock.now_ms()) else principal
 
 
 def bearer(header: str | None) -> str | None:
@@ -78,7 +99,7 @@ def plausible(secret: str | None) -> str | None:
 
 
 _SELECT_KEY = """
-SELECT id, workspace_id, kind, scopes, prefix, affiliate_id
+SELECT id, workspace_id, kind, scopes, prefix, affiliate_id, expires_at
 FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL
 """
 
@@ -98,7 +119,7 @@ class Authenticator:
         entry = self._local.get(digest)
         if entry is not None and entry[0] > time.monotonic():
             self._local.move_to_end(digest)
-            return digest, entry[1], True
+            return digest, live(entry[1]), True
         return digest, None, False
 
     def redis_key(self, digest: bytes) -> str:
@@ -111,7 +132,7 @@ class Authenticator:
         else:
             principal = await self._from_postgres(digest)
         self._remember(digest, principal)
-        return principal
+        return live(principal)
 
     async def _from_postgres(self, digest: bytes) -> Principal | None:
         row = await self.pg.fetchrow(_SELECT_KEY, digest)
@@ -135,6 +156,7 @@ def principal_from_row(row: asyncpg.Record) -> Principal:
         scopes=tuple(row["scopes"]),
         prefix=row["prefix"],
         affiliate_id=str(row["affiliate_id"]) if row["affiliate_id"] else None,
+        expires_ms=int(row["expires_at"].timestamp() * 1000) if row["expires_at"] else None,
     )
 
 

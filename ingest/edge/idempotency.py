@@ -38,7 +38,7 @@ import orjson
 from aiohttp import web
 from cryptography.fernet import Fernet, InvalidToken
 
-from ingest.contract import bounds, wire
+from ingest.contract import bounds, clock, wire
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.errors import Refused
 from ingest.contract.events import Envelope, unique_token
@@ -230,7 +230,7 @@ class Idempotency:
     def earlier(self, claim: Claim, routing_key: str) -> tuple[str, ...]:
         """The key's records in the partitions that counts of the last window gave it (a
         partition count changed: ``ingest.contract.layout``), other than its current one."""
-        if self._layout is None or not (counts := self._layout().earlier(int(time.time() * 1000))):
+        if self._layout is None or not (counts := self._layout().earlier(clock.now_ms())):
             return ()
         now = self.keys.partition_for(routing_key)
         ps = {self.keys.partition_for(routing_key, c) for c in counts} - {now}

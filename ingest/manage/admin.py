@@ -326,8 +326,12 @@ async def create_key(
     scopes: list[str],
     affiliate_id: str | None = None,
     name: str | None = None,
+    expires_in_s: int | None = None,
 ) -> dict[str, Any]:
-    """A workspace key with ``scopes``, or a read-only affiliate key; shown once."""
+    """A workspace key with ``scopes``, or a read-only affiliate key; shown once. With
+    ``expires_in_s``, refused from that many seconds on (``auth.live``)."""
+    if expires_in_s is not None and expires_in_s <= 0:
+        raise ValueError("a key's expiry must be in the future: expires_in_s > 0")
     kind = "affiliate" if affiliate_id else "workspace"
     scopes = ["read"] if kind == "affiliate" else apikeys.check_scopes(scopes)
     key = apikeys.mint(kind)
@@ -339,8 +343,9 @@ async def create_key(
         ):
             raise NotFound(f"affiliate {affiliate_id} not found in workspace {workspace_id}")
         row = await conn.fetchrow(
-            "INSERT INTO api_keys (workspace_id, affiliate_id, kind, key_hash, prefix, scopes, name)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id, workspace_id, kind, scopes, prefix, affiliate_id",
+            "INSERT INTO api_keys (workspace_id, affiliate_id, kind, key_hash, prefix, scopes, name, expires_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))"
+            " RETURNING id, workspace_id, kind, scopes, prefix, affiliate_id, expires_at",
             workspace_id,
             affiliate_id,
             kind,
@@ -348,9 +353,11 @@ async def create_key(
             key.prefix,
             scopes,
             name,
+            expires_in_s,
         )
     await auth.cache_key(redis, keys, key.digest, auth.principal_from_row(row))
-    return {"api_key": key.secret, "prefix": key.prefix, "kind": kind, "scopes": scopes}
+    expires = row["expires_at"].isoformat() if row["expires_at"] else None
+    return {"api_key": key.secret, "prefix": key.prefix, "kind": kind, "scopes": scopes, "expires_at": expires}
 
 
 async def revoke_key(conn: asyncpg.Connection, redis: Redis, keys: Keys, prefix: str) -> dict[str, Any]:

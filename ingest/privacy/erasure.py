@@ -31,7 +31,7 @@ import asyncpg
 import orjson
 
 from ingest.contract import clicks as erasure_clicks
-from ingest.contract import erasure, jsonrows
+from ingest.contract import clock, erasure, jsonrows
 from ingest.contract.connections import Command
 from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
 from ingest.contract.errors import NotFound
@@ -69,7 +69,7 @@ ON CONFLICT (digest, workspace_id) DO NOTHING
 """
 # the person's events, from a month before their first event (their visitors' clicks may
 # precede it), or from the first when none is known: each way of naming them an index range
-# of its own (events_workspace_customer, _visitor, _click, the primary key), never a scan of
+# of its own (events_workspace_customer, _visitor_known, _click, the primary key), never a scan of
 # the workspace's events
 _EVENTS = """
 SELECT event_id, type, link_id, received_at, dialect, visitor_id, visitor_key, customer_external_id,
@@ -246,7 +246,7 @@ def describe(r: asyncpg.Record) -> dict[str, Any]:
         "requested_at": r["requested_at"].isoformat(),
         "requested_by": r["requested_by"],
         "archive_due": r["archive_due"].isoformat(),
-        "overdue": bool(pending) and r["archive_due"] < datetime.now(UTC),
+        "overdue": bool(pending) and r["archive_due"] < clock.utcnow(),
         **{f"{p}_at": at.isoformat() if at else None for p, at in places},
         "done": done,
     }

@@ -25,7 +25,6 @@ import fcntl
 import functools
 import os
 import sqlite3
-import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -35,7 +34,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from ingest.contract import erasure, wire
+from ingest.contract import clock, erasure, wire
 from ingest.contract.connections import REDIS_ERRORS, Command, Redis, cancelled_meanwhile, client_fault
 from ingest.contract.errors import Outage
 from ingest.contract.keys import Keys
@@ -309,7 +308,7 @@ async def _reroute(link: Link, rows: list[store.Row], keys: Keys, layout: Layout
     a row whose key has a copy there is done)."""
     out: list[store.Row] = []
     done: list[int] = []
-    counts = layout.earlier(int(time.time() * 1000))  # as the edges' keyed appends look
+    counts = layout.earlier(clock.now_ms())  # as the edges' keyed appends look
     for r in rows:
         p = Keys.partition_of(r.stream)
         if p is None or (r.once is None and p < layout.count):

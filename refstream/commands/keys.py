@@ -9,6 +9,7 @@ import click
 
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.contract.settings import seconds as settings_seconds
 from ingest.edge import apikeys
 from ingest.manage import admin
 from refstream import output as out
@@ -29,8 +30,21 @@ _SCOPES_HELP = "read (stats, links, events), write (programs, affiliates, links,
 @click.option("--scopes", default=None, help=f"Comma-separated, required for a workspace key: {_SCOPES_HELP}.")
 @click.option("--affiliate", "affiliate_id", default=None, help="A read-only key for this affiliate only.")
 @click.option("--name", default=None)
-def keys_create(workspace_id: str, scopes: str | None, affiliate_id: str | None, name: str | None) -> None:
+@click.option(
+    "--expires-in",
+    default=None,
+    help="Refused from this long after now on, by every edge and the console: 3600, 90m, 12h, 30d [never].",
+)
+def keys_create(
+    workspace_id: str, scopes: str | None, affiliate_id: str | None, name: str | None, expires_in: str | None
+) -> None:
     """Create a key; prints {"api_key": ...} once: only its sha256 is stored."""
+    try:
+        expires_in_s = None if expires_in is None else settings_seconds(expires_in)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--expires-in") from None
+    if expires_in_s == 0:
+        raise click.BadParameter("a key's expiry must be in the future", param_hint="--expires-in")
     wanted = [s.strip() for s in (scopes or "").split(",") if s.strip()]
     if not affiliate_id:
         # no default: a key gets the powers someone chose for it, and "*" is every power
@@ -50,6 +64,7 @@ def keys_create(workspace_id: str, scopes: str | None, affiliate_id: str | None,
                 scopes=wanted,
                 affiliate_id=affiliate_id,
                 name=name,
+                expires_in_s=expires_in_s,
             )
 
     try:

@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ingest.contract import clock
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.errors import Refused
 from ingest.contract.keys import Keys
@@ -35,7 +36,7 @@ class RangeUsageError(Refused, click.ClickException):
 def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     """``2h``, ``30m``, ``7d`` (now minus that) or an ISO 8601 datetime (naive means UTC)."""
     if m := _DURATION.match(text.strip()):
-        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[m[2]]: int(m[1])})
+        return (now or clock.utcnow()) - timedelta(**{_UNITS[m[2]]: int(m[1])})
     try:
         at = datetime.fromisoformat(text.strip())
     except ValueError:

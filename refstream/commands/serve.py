@@ -66,7 +66,7 @@ async def _check_durability(settings: Settings) -> None:
         raise click.ClickException(problem)
 
 
-def _listen_check(host: str, port: int, command: str) -> None:
+def listen_check(host: str, port: int, command: str) -> None:
     """Fail in one line, before anything starts, when ``host:port`` cannot be listened on:
     a second ``dev`` must not take the first one's answers for its own."""
     try:
@@ -143,7 +143,7 @@ def serve(host: str, port: int, processes: int | None, take_over: bool) -> None:
     settings = load_settings()
     n = processes or prefork.cpu_count()
     if not take_over:
-        _listen_check(host, port, "serve")
+        listen_check(host, port, "serve")
     # the supervisor logs a few lines: unbuffered (its children buffer their own)
     configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms if n == 1 else 0)
     uvloop.run(_check_database(settings, wait=False))
@@ -206,14 +206,16 @@ def work(drain: bool) -> None:
     type=click.Path(file_okay=False),
     help="Keep the embedded servers' data, the demo API key and the secret key here, across runs.",
 )
-def dev(port: int, data_dir: str | None) -> None:
+@click.option("--console-port", default=None, type=int, help="The console's port. [default: --port + 10]")
+def dev(port: int, data_dir: str | None, console_port: int | None) -> None:
     """Everything on one machine: embedded servers if none answer (or the default ones
-    refuse us), migrate, demo data, the edge and one worker."""
+    refuse us), migrate, demo data, the edge, one worker, an archiver and the console."""
     from refstream.dev import run_dev
 
     settings = load_settings()  # a bad setting is named before anything starts
     edge_processes(os.environ.get("REFSTREAM_PROCESSES"))
     # dev's own lines as its children write theirs: JSON on stderr (stdout is the banner)
     configure_logging(settings.log_level, json=settings.log_json)
-    _listen_check("127.0.0.1", port, "dev")
-    run_dev(port, data_dir)
+    listen_check("127.0.0.1", port, "dev")
+    listen_check("127.0.0.1", console_port or port + 10, "dev")
+    run_dev(port, data_dir, console_port)

@@ -230,3 +230,17 @@ def test_the_checker_reads_an_erased_lead_and_its_click_back_to_their_requests()
     found = erased.erasures(history)
     assert (found.done, found.maybe) == ({"c3"}, {"c4"})
     assert found.clicks == {click_event.hex: "g1-1"} and found.referrers["c3"] == "https://gen.test/g1-1"
+
+
+def test_the_checker_flags_a_click_of_an_expired_key_answered_or_stored() -> None:
+    def expired(outcomes: list[tuple[str, int | None, Any]]) -> Op:
+        op = _op("affixo", outcomes, once=False)
+        op.echo = {"refuse": "expired_key_accepted"}
+        return op
+
+    refused: list[tuple[str, int | None, Any]] = [("refused", 401, {"error": "unauthorized"})]
+    assert _judge(expired(refused), []) == {}
+    assert _judge(expired(refused), [_row("g1-0")]) == {"refusal_counted": 1}
+    answer = {"ok": True, "click_id": "x", "visitor_id": "v"}
+    accepted: list[tuple[str, int | None, Any]] = [("ok", 200, answer)]
+    assert _judge(expired(accepted), [_row("g1-0")])["expired_key_accepted"] == 1

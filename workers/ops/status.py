@@ -151,7 +151,9 @@ async def group_lag(redis: Redis, stream: str, info: dict[str, Any], last_genera
     return await _count_after(redis, stream, "(" + _s(last), COUNT_CAP)
 
 
-async def _groups(redis: Redis, stream: str, last_generated_id: Any, now_ms: int) -> list[Group]:
+async def read_groups(redis: Redis, stream: str, last_generated_id: Any, now_ms: int) -> list[Group]:
+    """Each consumer group of ``stream``: its lag, pending, oldest pending age and consumers
+    (``refstream status``, and the console's pipeline page every 2 s)."""
     groups = []
     for g in await redis.xinfo_groups(stream):
         name = _s(g["name"])
@@ -183,7 +185,7 @@ async def _partition(
         int(info["length"]),
         _age(now_ms, first[0]) if first else None,
         _age(now_ms, last[0]) if last else None,
-        await _groups(redis, stream, info["last-generated-id"], now_ms),
+        await read_groups(redis, stream, info["last-generated-id"], now_ms),
     )
     if retention_s is None:
         part.memory_bytes = await trim.memory_usage(redis, stream)

@@ -30,6 +30,9 @@ class NewKey(BaseModel):
     scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["track"]), max_length=4)
     affiliate_id: Ident | None = Field(None, max_length=64, description="A read-only key for this affiliate")
     name: Text | None = Field(None, max_length=200)
+    expires_in_s: int | None = Field(
+        None, gt=0, le=10 * 366 * 86400, description="Refused from this many seconds on; none: until revoked"
+    )
 
 
 class CreatedKey(BaseModel):
@@ -37,6 +40,7 @@ class CreatedKey(BaseModel):
     prefix: str
     kind: str
     scopes: list[str]
+    expires_at: str | None = Field(description="ISO 8601; null: until revoked")
 
 
 class RevokedKey(BaseModel):
@@ -59,6 +63,7 @@ async def create_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
             scopes=list(body.scopes),
             affiliate_id=body.affiliate_id,
             name=body.name,
+            expires_in_s=body.expires_in_s,
         )
     return json(201, created)
 

@@ -6,7 +6,9 @@ a customer id sent with a no-break space and a zero-width space around it, and e
 moment later by another spelling of it, percent-encoded in the path (``odd``): whatever a
 route accepted, the API erases (``ingest/contract/ids.py``); a CSV file as a spreadsheet
 writes it, with a byte-order mark, times in seconds and a row with a broken quote
-(``csv``): the broken row refused by its line, the others stored once.
+(``csv``): the broken row refused by its line, the others stored once; a click sent with a
+key that expired at setup, a second after it was made (``expired``): refused with a 401,
+never stored, an answer 2xx being ``expired_key_accepted``.
 
 At the bound a request is a sale like any other: stored once (it has an invoice). Past it,
 it is refused with a 400 in its route's own shape, and never stored: the checker counts any
@@ -43,8 +45,10 @@ def draw(rng: random.Random, load_s: float) -> list[Any]:
             flags = {"shared", f"ws:{rng.choice('ab')}"}
         elif roll < 0.9:
             flags = {"odd"}
-        else:
+        elif roll < 0.95:
             flags = {"csv"}
+        else:
+            flags = {"expired"}
         out.append(OpStep(CARELESS_FROM + len(out), t, "careless", False, rng.randrange(1 << 16), frozenset(flags)))
         if "odd" in flags and t + 3.0 < load_s:
             on = out[-1].n
@@ -111,6 +115,13 @@ def make(step: Any, world: World, history: History) -> Op:
         )
     if "csv" in step.flags:
         return _csv(step, token, world)
+    if "expired" in step.flags:
+        code = world.codes[step.code % len(world.codes)]
+        body = {"ref": code, "referrer": REFERRER + token}
+        headers = {"Authorization": f"Bearer {world.expired_key}", "User-Agent": BROWSER}
+        unit = Unit(token, "click", code, False)
+        echo = {"refuse": "expired_key_accepted"}
+        return Op(step.n, "affixo", token, None, "POST", "/v1/track/click", headers, body, [unit], echo)
     if "shared" in step.flags:
         tag = next(f[3:] for f in step.flags if f.startswith("ws:"))
         w = world.tenant(tag)

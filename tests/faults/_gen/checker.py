@@ -200,13 +200,14 @@ class GenChecker:
             self.a.add("unasked_row", f"a refund no request asked for: {key}")
 
     def _answers(self, op: Op) -> None:
-        if op.echo.get("refuse"):  # past a bound every door keeps: a 4xx each time, never stored
+        if op.echo.get("refuse"):  # past a bound every door keeps, an expired key: a 4xx each time, never stored
             for a in op.attempts:
                 items_ok = op.kind == "batch" and "ok" in a.items
                 if a.outcome == "error":
                     self._say("5xx", op, f"answered {a.status} {a.headers}")
                 elif a.outcome == "ok" and (op.kind != "batch" or items_ok):
-                    self._say("bound_not_enforced", op, f"past the bound, answered {a.status}")
+                    kind = op.echo["refuse"] if isinstance(op.echo["refuse"], str) else "bound_not_enforced"
+                    self._say(kind, op, f"to be refused, answered {a.status}")
             return
         for a in op.attempts:
             if a.outcome == "error":

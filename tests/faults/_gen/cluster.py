@@ -325,6 +325,9 @@ class Cluster:
         async with aiohttp.ClientSession() as http, http.get(f"{st.base}/api/v1/referrals/validate/{codes[0]}") as r:
             referrer_id = (await r.json()).get("referrer_id")
         eraser = await st.cli("keys", "create", "--workspace", ws["workspace_id"], "--scopes", "erase")
+        expired = await st.cli(
+            "keys", "create", "--workspace", ws["workspace_id"], "--scopes", "track", "--expires-in", "1s"
+        )
         other = await self._tenant("b", codes_covering(st.keys, per_partition=1, prefix="b"))
         return World(
             codes,
@@ -335,6 +338,7 @@ class Cluster:
             eraser["api_key"],
             ws["workspace_id"],
             others={"b": other},
+            expired_key=expired["api_key"],
         )
 
     async def _tenant(self, tag: str, codes: list[str]) -> World:

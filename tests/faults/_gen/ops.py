@@ -76,6 +76,7 @@ class World:
     tag: str = "a"
     others: dict[str, World] = field(default_factory=dict)
     gone: dict[str, str] = field(default_factory=dict)  # workspaces made and deleted in the run: id -> tag
+    expired_key: str = ""  # a track key made at setup to expire a second later (``careless.py``)
 
     def tenant(self, tag: str) -> World:
         return self if tag == self.tag else self.others[tag]
