@@ -14,7 +14,8 @@ Rules, thresholds per program (``programs.fraud_thresholds``, defaults below):
 - ``affiliate_ip``: a lead or conversion came from, or its click came from, an address
   the affiliate's own key was used from (``affiliate_ips``, kept by the affiliate API);
 - ``click_burst``: more than ``burst_clicks`` clicks from one IP on one link within
-  ``burst_seconds`` (the click that crosses the line, and each one after it, is flagged);
+  ``burst_seconds`` (the click that crosses the line, and each one after it, is flagged;
+  its evidence's ``clicks`` is the count up to ``burst_clicks`` + 1, where counting stops);
 - ``fast_conversion``: a conversion within ``fast_conversion_seconds`` of its click;
 - ``disposable_email``: a lead's customer email is at a disposable-mail domain (the list
   shipped in ``workers/data``, see the README for its source).
@@ -57,16 +58,25 @@ PUBLIC_MAIL = frozenset(
 # ``ID_SLACK_MS`` either side, far wider than an id and a time minted together can differ.
 ID_SLACK_MS = 3_600_000
 
+#
+# A count stops at the threshold + 1: whether a click crossed the line is all the rule
+# decides, and a count of every click in the window visited each of them (a heap fetch
+# apiece: a window's rows are too new to be all-visible), so that in a burst sustained at
+# R clicks a second each click cost R x window rows, and the worker's Postgres fell behind
+# as the burst went on. Bounded, a count visits at most threshold + 1 rows, newest first.
 _BURSTS = f"""
 WITH d (event_id, link_id, ip, at, secs, n_max, lo, hi) AS MATERIALIZED (
     {jsonrows.select(("uuid", "uuid", "inet", "timestamptz", "float8", "int", "uuid", "uuid"))}
 )
 SELECT d.event_id, d.n_max,
-       (SELECT count(*) FROM events e
-         WHERE e.link_id = d.link_id AND e.type = 1 AND e.ip = d.ip AND e.ip IS NOT NULL AND NOT e.test_mode
-           AND e.event_id >= d.lo AND e.event_id < d.hi
-           AND e.received_at > d.at - make_interval(secs => d.secs)
-           AND (e.received_at, e.event_id) <= (d.at, d.event_id)) AS n
+       (SELECT count(*) FROM (
+           SELECT 1 FROM events e
+            WHERE e.link_id = d.link_id AND e.type = 1 AND e.ip = d.ip AND e.ip IS NOT NULL AND NOT e.test_mode
+              AND e.event_id >= d.lo AND e.event_id < d.hi
+              AND e.received_at > d.at - make_interval(secs => d.secs) AND e.received_at <= d.at
+              AND (e.received_at, e.event_id) <= (d.at, d.event_id)
+            ORDER BY e.received_at DESC
+            LIMIT d.n_max + 1) c) AS n
 FROM d
 """
 
