@@ -47,9 +47,16 @@ END $$;
 CREATE TRIGGER pytest_refuse_customer BEFORE INSERT ON events
     FOR EACH ROW EXECUTE FUNCTION pytest_refuse_customer();
 """
+# in one transaction, the tables locked first in the order a worker's batch takes them
+# (events, then affiliates): a DROP TRIGGER alone locks the trigger before its table, and
+# the worker, still retrying the poison entry, held the table and waited on the trigger
 UNTRIGGER = """
+BEGIN;
+LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
+LOCK TABLE affiliates IN ACCESS EXCLUSIVE MODE;
 DROP TRIGGER IF EXISTS pytest_refuse_participant ON affiliates;
 DROP TRIGGER IF EXISTS pytest_refuse_customer ON events;
+COMMIT;
 """
 
 
