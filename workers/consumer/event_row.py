@@ -1,7 +1,8 @@
 """An ``events`` row as the worker builds it: named fields, each with its column's SQL type.
 
-A ``NamedTuple``: the code that builds and reads the rows names every field, and a batch
-goes to Postgres as one array per column (``columns``).
+A ``NamedTuple``, so a batch of rows is still a list of tuples for ``jsonrows`` (handed
+over as plain tuples: orjson writes a tuple subclass as its repr) while the code that
+builds and reads them names every field.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
-
-import orjson
 
 
 class EventRow(NamedTuple):
@@ -91,21 +90,6 @@ def row_enrichment(doc: dict[str, Any]) -> dict[str, Any] | None:
     return out or None
 
 
-# ``$n::type[]`` for each column, in order; a jsonb column goes as text (orjson's, as
-# ``jsonrows`` wrote it), so no connection's codec is involved: ``$n::text[]::jsonb[]``
-ARRAY_PARAMS: tuple[str, ...] = tuple(
-    f"${i}::text[]::jsonb[]" if t == "jsonb" else f"${i}::{t}[]" for i, (_, t) in enumerate(COLUMNS, 1)
-)
-_JSONB: tuple[int, ...] = tuple(i for i, (_, t) in enumerate(COLUMNS) if t == "jsonb")
-
-
-def _json(v: dict[str, Any] | None) -> str | None:
-    return None if v is None else orjson.dumps(v, default=str).decode()
-
-
-def columns(rows: list[EventRow]) -> list[list[Any]]:
-    """The rows as one list per column, in column order: ``ARRAY_PARAMS``' arguments."""
-    out = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in COLUMNS]
-    for i in _JSONB:
-        out[i] = [_json(v) for v in out[i]]
-    return out
+def plain(rows: list[EventRow]) -> list[tuple[Any, ...]]:
+    """The rows as plain tuples, in column order, for ``jsonrows.doc``."""
+    return [tuple(r) for r in rows]

@@ -2,8 +2,8 @@
 
 The event rows are inserted with ON CONFLICT DO NOTHING RETURNING, and counters move only
 from the rows that came back: a redelivered, reclaimed or replayed entry inserts nothing
-and so moves nothing. Every write is set-based (the events as one array per column, the
-other tables' rows as one jsonb document, see ``jsonrows``), one statement per table, and sorted so that concurrent batches take their
+and so moves nothing. Every write is set-based (the batch's rows as one jsonb document,
+see ``jsonrows``), one statement per table, and sorted so that concurrent batches take their
 locks in one order and cannot deadlock one another. The order, phase by phase, each phase
 in key order: the erasure ledger's advisory lock (shared; an erased person's events are
 stored scrubbed: ``ingest.contract.erasure``), event_dedupe (by dedupe key), events (by event id), event_flags,
@@ -57,13 +57,9 @@ ORDER BY 1, 2, 3, 4  -- the lowest event id takes a key repeated within the batc
 ON CONFLICT DO NOTHING
 RETURNING event_id
 """
-# The rows as one array per column (``event_row.columns``), sent in asyncpg's binary
-# format: Postgres reads each value as it is stored, where a JSON document of the batch
-# (``jsonrows``) had it parse the document, then every field as text, then each text into
-# its type.
 _INSERT_EVENTS = f"""
 INSERT INTO events ({", ".join(name for name, _ in event_row.COLUMNS)})
-SELECT * FROM unnest({", ".join(event_row.ARRAY_PARAMS)})
+{jsonrows.select([t for _, t in event_row.COLUMNS])}
 ORDER BY 1
 ON CONFLICT (event_id) DO NOTHING
 -- below the retention's horizon, its partition may have been dropped: a copy of an event
@@ -337,7 +333,9 @@ async def _write(
         await drops.settle(conn, inserted=[], no_row=no_row + sold_out.drops, taken_back=sold_out.undrops)
         return result
     batch, lost = await _claim_keys(conn, batch)
-    returned = {r["event_id"]: r["expired"] for r in await conn.fetch(_INSERT_EVENTS, *event_row.columns(batch))}
+    returned = {
+        r["event_id"]: r["expired"] for r in await conn.fetch(_INSERT_EVENTS, jsonrows.doc(event_row.plain(batch)))
+    }
     inserted = [s for event_id, s in kept.items() if event_id in returned]  # in event-id order
     result.inserted = len(inserted)
     result.duplicates += len(kept) - len(inserted)
