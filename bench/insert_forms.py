@@ -1,0 +1,185 @@
+"""The worker's insert of a batch's events, in two forms on the same rows: one jsonb
+document of the rows, parsed in Postgres field by field (``jsonrows``: the worker's form,
+``workers.consumer.store``), against one array per column, ``INSERT … SELECT * FROM
+unnest($1::uuid[], …)``, in asyncpg's binary format (uuid, inet and jsonb columns as text
+arrays cast in Postgres: as uuid and inet objects asyncpg's own encoding cost more).
+``python -m bench.insert_forms [--rows 500] [--rounds 40]``.
+
+Each round inserts the same batch of part (cap)'s bio.re clicks (enrichment and payload as
+the worker writes them) in each form, alternately, each in a transaction rolled back, into
+a fresh database migrated to the current schema (dropped after). Measured per row: the
+Postgres backend's CPU (utime + stime from ``/proc/<pid>/stat``: the server must be local)
+and this process's (encoding the parameter, asyncpg's send and receive). The figure to read
+is the ratio of the two forms, each round's pair measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import secrets
+import statistics
+import uuid
+from datetime import UTC, datetime
+
+import asyncpg
+import orjson
+
+from ingest.contract import jsonrows
+from ingest.contract.events import Dialect
+from ingest.manage.db import ensure_database, migrate
+from refstream.services import with_database
+from workers.consumer import event_row, store
+from workers.consumer.event_row import EventRow
+
+from .world import REFERRER, UAS, client_ip
+
+_AS_TEXT = frozenset({"jsonb", "uuid", "inet"})
+_ARRAYS_FORM = f"""
+INSERT INTO events ({", ".join(name for name, _ in event_row.COLUMNS)})
+SELECT * FROM unnest({
+    ", ".join(
+        f"${i}::text[]::{t}[]" if t in _AS_TEXT else f"${i}::{t}[]" for i, (_, t) in enumerate(event_row.COLUMNS, 1)
+    )
+})
+ORDER BY 1
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id, (event_id < (SELECT horizon_id FROM event_retention)) IS TRUE AS expired
+"""
+_TEXT_AT = tuple(i for i, (_, t) in enumerate(event_row.COLUMNS) if t in ("jsonb", "uuid"))
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def rows(n: int) -> list[EventRow]:
+    """``n`` bio.re clicks as the worker builds them (a Chrome click's enrichment, a device id)."""
+    ws, link, program, affiliate = (str(uuid.uuid4()) for _ in range(4))
+    now = datetime.now(UTC)
+    out = []
+    for i in range(n):
+        ms = int(now.timestamp() * 1000) + i
+        event_id = uuid.UUID(int=(ms << 80) | (0x7 << 76) | (secrets.randbits(62) | (0x2 << 62)))
+        out.append(
+            EventRow(
+                event_id=event_id,
+                type=1,
+                workspace_id=ws,
+                link_id=link,
+                program_id=program,
+                affiliate_id=affiliate,
+                click_id=event_id,
+                visitor_id=None,
+                customer_external_id=None,
+                name=None,
+                dedupe_key=None,
+                dialect=Dialect.BIORE,
+                test_mode=False,
+                is_bot=False,
+                received_at=now,
+                ip=client_ip(i),
+                user_agent=UAS[i % len(UAS)],
+                referrer=REFERRER,
+                country="DE",
+                asn=3320,
+                enrichment={"as_name": "Deutsche Telekom AG", "referrer_domain": "bio.re"},
+                visitor_key=f"ipua:{secrets.token_hex(8)}",
+                out_of_window=False,
+                payload={"code": "c1", "referrer": REFERRER},
+                bot_counted=False,
+                device_id=1,
+            )
+        )
+    return out
+
+
+def _columns(batch: list[EventRow]) -> list[list[object]]:
+    """One list per column; uuids and documents as text (orjson's, as ``jsonrows`` writes them)."""
+    out: list[list[object]] = [list(c) for c in zip(*batch, strict=True)]
+    for i in _TEXT_AT:
+        out[i] = [v if v is None or isinstance(v, str) else _text(v) for v in out[i]]
+    return out
+
+
+def _text(v: object) -> str:
+    return str(v) if isinstance(v, uuid.UUID) else orjson.dumps(v).decode()
+
+
+def _backend_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
+def _own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def _insert(conn: asyncpg.Connection, form: str, batch: list[EventRow]) -> int:
+    async with conn.transaction():
+        if form == "json":
+            got = await conn.fetch(store._INSERT_EVENTS, jsonrows.doc(event_row.plain(batch)))
+        else:
+            got = await conn.fetch(_ARRAYS_FORM, *_columns(batch))
+        raise _Rollback(len(got))
+
+
+class _Rollback(Exception):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+async def measure(url: str, n: int, rounds: int) -> dict[str, dict[str, float]]:
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn)
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        batch = rows(n)
+        per: dict[str, dict[str, list[float]]] = {f: {"pg": [], "py": []} for f in ("json", "arrays")}
+        for r in range(rounds + 2):  # two rounds of warm-up: plans cached, pages in memory
+            for form in ("json", "arrays") if r % 2 else ("arrays", "json"):
+                pg0, py0 = _backend_cpu_s(pid), _own_cpu_s()
+                for _ in range(5):
+                    try:
+                        await _insert(conn, form, batch)
+                    except _Rollback as done:
+                        assert done.n == n, (form, done.n)
+                pg1, py1 = _backend_cpu_s(pid), _own_cpu_s()
+                if r >= 2:
+                    per[form]["pg"].append((pg1 - pg0) / (5 * n) * 1e6)
+                    per[form]["py"].append((py1 - py0) / (5 * n) * 1e6)
+        return {f: {k: statistics.median(v) for k, v in d.items()} for f, d in per.items()}
+    finally:
+        await conn.close()
+
+
+async def main(n: int, rounds: int) -> None:
+    server = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"refstream_insert_forms_{secrets.token_hex(4)}"
+    url = with_database(server, name)
+    await ensure_database(url)
+    try:
+        got = await measure(url, n, rounds)
+    finally:
+        admin = await asyncpg.connect(server)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+    j, a = got["json"], got["arrays"]
+    print(f"{n} rows a batch, {rounds} rounds, medians of µs per row (CPU):")
+    print(f"  Postgres backend: jsonb document {j['pg']:.2f}, arrays {a['pg']:.2f}: ×{a['pg'] / j['pg']:.2f}")
+    print(f"  this process:     jsonb document {j['py']:.2f}, arrays {a['py']:.2f}: ×{a['py'] / j['py']:.2f}")
+
+
+def cli() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=500)
+    p.add_argument("--rounds", type=int, default=40)
+    args = p.parse_args()
+    asyncio.run(main(args.rows, args.rounds))
+
+
+if __name__ == "__main__":
+    cli()
