@@ -21,7 +21,9 @@ found by its token), from the outcomes of the operation's attempts:
   (anything pending or undelivered in any group, or spooled), ``dead_letter`` (none is
   planted), ``archive_twice`` (a stream entry in two segment lines), ``archive_missing`` (a
   stored event, or a refund answered 2xx, in no line); ``erased_kept``, ``erasure_pending``
-  (an erased customer still somewhere: ``erased.py``); ``suppressed_stored`` (a click of a
+  (an erased customer still somewhere: ``erased.py``); ``burst_unearned``, ``burst_evidence``
+  (a click_burst flag whose window does not hold more clicks than its threshold, or whose
+  evidence is not where the count stops: ``_bursts``); ``suppressed_stored`` (a click of a
   visitor on the do-not-track list, sent once every edge must have read the list, stored:
   ``_surely_suppressed``); ``process_exit``, ``replay_failed``,
   ``nemesis`` (the run's own).
@@ -56,6 +58,16 @@ FROM events e LEFT JOIN links l ON l.id = e.link_id
 UNION ALL
 SELECT s.event_id, 4, l.code, s.click_id, NULL, s.metadata->>'gen', s.workspace_id, s.customer_external_id
 FROM sales s LEFT JOIN links l ON l.id = s.link_id"""
+# each click_burst flag of a click whose address is still stored, with the clicks its window
+# holds (those without an address, erased since, counted as the flagged one's)
+BURSTS = f"""SELECT f.event_id, {TOKEN_SQL} AS token, (f.evidence->>'clicks')::int AS clicks,
+       (f.evidence->>'threshold_clicks')::int AS threshold,
+       (SELECT count(*) FROM events o
+         WHERE o.link_id = e.link_id AND o.type = 1 AND NOT o.test_mode AND (o.ip = e.ip OR o.ip IS NULL)
+           AND o.received_at > e.received_at - make_interval(secs => (f.evidence->>'window_seconds')::int)
+           AND (o.received_at, o.event_id) <= (e.received_at, e.event_id)) AS in_window
+FROM event_flags f JOIN events e ON e.event_id = f.event_id
+WHERE f.rule = 'click_burst' AND e.ip IS NOT NULL"""
 # management writes, by the token: a participant's generated code, a link created by code
 GENERATED = """SELECT a.external_id AS token, count(DISTINCT l.id) AS links, min(l.code) AS code
 FROM affiliates a LEFT JOIN links l ON l.affiliate_id = a.id WHERE a.external_id LIKE 'g%' GROUP BY 1"""
@@ -105,6 +117,7 @@ class GenChecker:
         self.copies: Counter[str] = Counter()  # archive lines per event id (a spool's re-sends)
         self.refunds_accepted: set[str] = set()  # the ids of the refunds answered 2xx
         self.lost_with_redis: list[str] = []  # stored, unarchived, never 2xx'd, Redis failed over
+        self.bursts = 0  # click_burst flags judged (``_bursts``)
 
     def _say(self, kind: str, op: Op, why: str) -> None:
         at = op.attempts[0].at if op.attempts else 0.0
@@ -134,6 +147,7 @@ class GenChecker:
                 self.a.add("unasked_row", f"{len(found)} row(s) with token {token!r}: {dict(found[0])}")
         await self._generated()
         await self._refunds()
+        await self._bursts()
         for text in await self.check.counter_problems():
             self.a.add("counters", text)
         c = COMMISSION
@@ -301,6 +315,23 @@ class GenChecker:
             if edge_process or f.kind == "pg-kill" or edge_pg:
                 return False
         return True
+
+    async def _bursts(self) -> None:
+        """Every ``click_burst`` flag is earned: its click's window (the link, the address,
+        ``window_seconds`` up to it, in (time, event id) order, test mode aside) holds more
+        stored clicks than ``threshold_clicks``, and its evidence's ``clicks`` is where the
+        count stops, the threshold + 1. A click erased since (its address scrubbed) may
+        have been counted: the window's clicks without an address count towards it; a
+        flagged click erased itself, whose address is gone, is not judged."""
+        flags = await self.check.fetch(BURSTS)
+        self.bursts = len(flags)
+        for r in flags:
+            flag = f"click_burst flag of {r['event_id']} ({r['token']})"
+            threshold = f"threshold {r['threshold']}"
+            if r["clicks"] != r["threshold"] + 1:
+                self.a.add("burst_evidence", f"{flag}: evidence clicks {r['clicks']}, {threshold}")
+            if r["in_window"] <= r["threshold"]:
+                self.a.add("burst_unearned", f"{flag}: {r['in_window']} clicks in its window, {threshold}")
 
     async def _generated(self) -> None:
         """A management write: once if answered 2xx (the code it answered), never if refused."""
