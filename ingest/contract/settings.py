@@ -157,6 +157,14 @@ class Settings(BaseSettings):
     # worker --------------------------------------------------------------------------
     batch_size: int = Field(500, ge=1, le=10_000)
     block_ms: int = Field(1000, ge=10, description="XREADGROUP block time.")
+    linger_ms: float = Field(
+        4.0,
+        ge=0,
+        le=1000,
+        description="Worker: a read of a partition that returned a short batch waits this long once for more to"
+        " join it (a full read never waits; 0: never): fewer, larger transactions under a trickle, at this much"
+        " latency.",
+    )
     claim_idle_ms: int = Field(60_000, ge=100, description="Reclaim entries idle this long.")
     reclaim_every_s: int = Field(15, ge=1, le=60)
     drain_timeout_s: float = Field(

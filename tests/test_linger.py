@@ -1,0 +1,77 @@
+"""A worker's read of a partition that came back short waits ``REFSTREAM_LINGER_MS`` once for
+more to join the batch; 0 never waits; a full read never waits. Against a real Redis: one
+entry, then four more 100 ms later."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import cast
+
+import redis.asyncio as aioredis
+
+from ingest.contract.keys import GROUP
+from ingest.contract.settings import Settings
+from workers.consumer.consume import LINGER_BELOW, Consumer
+from workers.consumer.pipeline import Pipeline
+from workers.group import Entry, Member, Part
+
+
+class _Reads(Part):
+    """The member's reads alone: nothing is held, no batch settles."""
+
+    def room(self) -> int:
+        return 100
+
+    def take(self, entries: list[Entry], again: bool) -> None:
+        raise AssertionError("the test reads, it never hands a batch over")
+
+    def held(self) -> list[str]:
+        return []
+
+    async def settle(self) -> None:
+        raise AssertionError("holds nothing")
+
+
+async def _read_while_trickling(redis: aioredis.Redis, settings: Settings, count: int = 100) -> tuple[int, float]:
+    """(entries the first read of a fresh partition returned, seconds it took) while one entry
+    is appended at once and four more 100 ms later."""
+    consumer = Consumer(settings, redis, cast(Pipeline, None), name="linger-test")
+    member: Member = consumer.member
+    stream = member.keys.stream(0)
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    member._backlog[0] = False  # nothing of its own pending: straight to new entries
+
+    async def trickle() -> None:
+        await redis.xadd(stream, {"n": "0"})
+        await asyncio.sleep(0.1)
+        for n in range(1, 5):
+            await redis.xadd(stream, {"n": str(n)})
+
+    appending = asyncio.create_task(trickle())
+    started = time.monotonic()
+    entries, again = await member._read(0, stream, _Reads(), count)
+    took = time.monotonic() - started
+    await appending
+    assert not again
+    return len(entries), took
+
+
+async def test_a_short_read_waits_the_linger_once_and_takes_what_arrived(redis: aioredis.Redis, settings: Settings):
+    n, took = await _read_while_trickling(redis, settings.model_copy(update={"linger_ms": 400.0}))
+    assert n == 5, n  # the four that came 100 ms later joined the first
+    assert took < 2.0  # once: not until the batch fills
+
+
+async def test_a_linger_of_0_never_waits(redis: aioredis.Redis, settings: Settings):
+    consumer = Consumer(settings.model_copy(update={"linger_ms": 0.0}), redis, cast(Pipeline, None), name="x")
+    assert consumer.member.linger is None
+    n, _ = await _read_while_trickling(redis, settings.model_copy(update={"linger_ms": 0.0}))
+    assert n == 1, n
+
+
+async def test_a_full_read_never_waits(redis: aioredis.Redis, settings: Settings):
+    # the first read already holds as many as asked for (1): no linger, however long
+    n, took = await _read_while_trickling(redis, settings.model_copy(update={"linger_ms": 1000.0}), count=1)
+    assert n == 1 and took < 0.5, (n, took)
+    assert LINGER_BELOW > 1
