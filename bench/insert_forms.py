@@ -28,7 +28,7 @@ import asyncpg
 import orjson
 
 from ingest.contract import jsonrows
-from ingest.contract.events import Dialect
+from ingest.contract.events import Dialect, uuid7
 from ingest.manage.db import ensure_database, migrate
 from refstream.services import with_database
 from workers.consumer import event_row, store
@@ -58,8 +58,7 @@ def rows(n: int) -> list[EventRow]:
     now = datetime.now(UTC)
     out = []
     for i in range(n):
-        ms = int(now.timestamp() * 1000) + i
-        event_id = uuid.UUID(int=(ms << 80) | (0x7 << 76) | (secrets.randbits(62) | (0x2 << 62)))
+        event_id = uuid7(int(now.timestamp() * 1000) + i)
         out.append(
             EventRow(
                 event_id=event_id,
