@@ -44,7 +44,6 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-import click
 import orjson
 import uvloop
 
@@ -53,7 +52,7 @@ from refstream.embedded import free_port
 from . import openloop
 from . import requests as reqs
 from .capacity_parts import Meter
-from .context import Ctx
+from .context import Ctx, say
 from .pipeline_parts import _all_groups, _drained, _until
 from .procs import REFSTREAM, Proc
 from .world import copy_database, warm
@@ -150,10 +149,6 @@ class Browser:
         except TimeoutError:
             return False
         return True
-
-
-def _log(msg: str) -> None:
-    click.echo(f"[bench {time.strftime('%H:%M:%S')}] {msg}", err=True)
 
 
 def _last_sample(body: bytes, since: int) -> int:
@@ -395,7 +390,7 @@ async def part_con(ctx: Ctx) -> None:
             await _drained(ctx, keys)
         else:  # a load given (--con-rate; --quick: a small one, so a smoke run's backlog stays small)
             rate = o.con_rate
-        _log(f"(con) {rate:.0f} clicks/s through {2 * pairs + 1} windows of {window_s:.0f} s")
+        say(f"(con) {rate:.0f} clicks/s through {2 * pairs + 1} windows of {window_s:.0f} s")
 
         # half load, open loop, through every window; each 2xx counted in the window it was answered in
         requests = reqs.seed_000(ctx.world)
@@ -419,12 +414,12 @@ async def part_con(ctx: Ctx) -> None:
                     consoles = None
                     w.polls, w.poll_s, w.failed = int(said["polls"]), float(said["seconds"]), int(said["failed"])
                 windows.append(w)
-                _log(f"(con) window {n + 1}: {'on' if w.on else 'off'}, {w.stored} stored")
+                say(f"(con) window {n + 1}: {'on' if w.on else 'off'}, {w.stored} stored")
         finally:
             stop.set()
             sent = await load
         await _drained(ctx, keys)
-        _log("(con) drained")
+        say("(con) drained")
         ctx.note("con.rate_per_s", rate)
         ctx.note("con.failed", sent.failed)
         ctx.note("con.consoles", sum(n for n, _, _ in PAGES.values()))

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import click
 
 from ingest.contract.connections import Redis
 from ingest.contract.keys import Keys
@@ -54,6 +57,11 @@ def _py_spy() -> str:
     """py-spy from this venv (pip install py-spy), else from PATH."""
     local = Path(sys.executable).parent / "py-spy"
     return str(local) if local.exists() else "py-spy"
+
+
+def say(msg: str) -> None:
+    """A progress line on stderr, timed: ``[bench 12:34:56] msg``."""
+    click.echo(f"[bench {time.strftime('%H:%M:%S')}] {msg}", err=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import asyncpg
 from ingest.contract.keys import Keys
 from workers.consumer.partitions import day_uuid, drop, maintain
 
-from .context import Ctx
+from .context import Ctx, say
 from .pipeline_parts import _drained, _until
 from .world import backlog, copy_database, fill, mixed
 
@@ -36,12 +36,6 @@ FROM (SELECT i, $1::bigint + (i * $2::bigint) / $3::bigint AS ms, md5(i::text ||
       FROM generate_series(0, $3::bigint - 1) i) g
 JOIN (SELECT row_number() OVER (ORDER BY id) - 1 AS n, * FROM links) l ON l.n = g.i % $4::bigint
 """
-
-
-def _say(msg: str) -> None:
-    import click
-
-    click.echo(f"[bench {time.strftime('%H:%M:%S')}] (p) {msg}", err=True)
 
 
 async def _maintained(url: str, today: date, days: int) -> None:
@@ -75,7 +69,7 @@ async def _fill(url: str, rows: int, today: date) -> float:
                 await conn.execute(_FILL.replace("{table}", name), first, span * n // per_day, n, links, _UA)
             lo, hi = day_uuid(day), day_uuid(day + timedelta(days=1))
             await conn.execute(f"ALTER TABLE events ATTACH PARTITION {name} FOR VALUES FROM ('{lo}') TO ('{hi}')")
-            _say(f"filled {(FILL_DAYS - d) * per_day:,} of {per_day * FILL_DAYS:,} rows")
+            say(f"(p) filled {(FILL_DAYS - d) * per_day:,} of {per_day * FILL_DAYS:,} rows")
         await conn.execute("VACUUM ANALYZE events")
         await conn.execute("CHECKPOINT")  # the fill's dirty pages written before anything is measured
     finally:
@@ -107,7 +101,7 @@ async def part_p(ctx: Ctx) -> None:
         await conn.close()
     if not exists:
         await copy_database(ctx.world, full)
-        _say(f"filling {ctx.opts.fill_rows:,} rows")
+        say(f"(p) filling {ctx.opts.fill_rows:,} rows")
         ctx.note("p.fill_s", await _fill(ctx.world.url(full), ctx.opts.fill_rows, today))
         await _maintained(ctx.world.url(full), today, FILL_DAYS + 5)
     empty = await copy_database(ctx.world, f"{ctx.world.database}_r{ctx.run}_pempty")

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from .archive_parts import part_r
 from .bytes_part import part_pgbytes
 from .capacity_parts import part_cap
 from .console_part import part_con
-from .context import Ctx, Options
+from .context import Ctx, Options, say
 from .durability_part import part_h
 from .edge_parts import part_a, part_b
 from .idem_parts import part_i
@@ -38,10 +37,6 @@ from .pipeline_parts import part_d, part_e_f
 from .procs import Procs
 
 HUGE_LIMIT = "1000000000"  # per minute: the bench measures the edge, not its rate limits
-
-
-def _say(msg: str) -> None:
-    click.echo(f"[bench {time.strftime('%H:%M:%S')}] {msg}", err=True)
 
 
 def machine() -> dict[str, Any]:
@@ -92,7 +87,7 @@ async def _one_run(ctx: Ctx) -> None:
     ]
     for name, fn, wanted in steps:
         if wanted:
-            _say(f"run {ctx.run + 1}: part {name}")
+            say(f"run {ctx.run + 1}: part {name}")
             await fn(ctx)
 
 
@@ -102,7 +97,7 @@ def ensure_wrk() -> None:
         return
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         raise click.ClickException("wrk is not installed and cannot be installed here: apt-get install -y wrk")
-    _say("installing wrk (apt-get install -y wrk)")
+    say("installing wrk (apt-get install -y wrk)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -131,7 +126,7 @@ async def bench(opts: Options, stack: ExitStack) -> dict[str, Any]:
     runs: list[dict[str, float]] = []
     profiles: dict[str, str] = {}
     try:
-        _say(f"database {database}, key prefix {prefix}, logs in {tmp / 'logs'}")
+        say(f"database {database}, key prefix {prefix}, logs in {tmp / 'logs'}")
         w = await world.create(pg_server, database)
         procs.env["DATABASE_URL"] = w.url()
         for run in range(opts.runs):
@@ -149,7 +144,7 @@ async def bench(opts: Options, stack: ExitStack) -> dict[str, Any]:
         await world.delete_keys(redis, prefix)
         await redis.aclose()
         await world.drop_databases(pg_server, database)
-        _say("stopped every process, dropped the databases, deleted the keys")
+        say("stopped every process, dropped the databases, deleted the keys")
     figures = report.medians(runs)
     report.finish(figures)
     for r in runs:
