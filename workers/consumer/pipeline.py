@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -42,6 +43,7 @@ from ingest.contract.settings import Settings
 from ingest.contract.wire import FIELD, EnvelopeError, entry_of
 from ingest.privacy import erasure_copy
 from workers.consumer import store, webhooks
+from workers.consumer.combine import Combiner
 from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics
 from workers.group.errors import BatchOutage, postgres_outage, redis_outage
@@ -115,6 +117,9 @@ class Pipeline:
         self.metrics: WorkerMetrics | None = None
         self.totals = Totals()
         self.ledger_restored = False  # the erasures Postgres lost, put back before the first batch
+        # small batches of several partitions in one transaction (a batch's statements cost
+        # what they cost whatever its size)
+        self.combiner = Combiner(self._write, settings.batch_size)
 
     async def process(self, batch: Batch) -> None:
         """Take ``batch`` through its remaining stages. Raises ``BatchOutage`` when Postgres or
@@ -133,7 +138,7 @@ class Pipeline:
                 # past the limit: dead-lettered below, never attempted again
                 batch.good = todo = await self._count_attempts(batch, todo, counted)
             try:
-                result, failed = await self._store_chunked(todo, batch.failures)
+                result, failed = await self._store_chunked(todo, batch.failures, alone=batch.tracked)
                 if (
                     len(todo) > 1
                     and len(failed) == len(todo)
@@ -262,15 +267,21 @@ class Pipeline:
             log.warning("attempts.not_refunded", stream=batch.stream, entries=len(counted), error=repr(exc))
 
     async def _store_chunked(
-        self, envelopes: list[Envelope], failures: int
+        self, envelopes: list[Envelope], failures: int, *, alone: bool = False
     ) -> tuple[store.BatchResult, list[tuple[Envelope, Exception]]]:
-        """The batch in one transaction; after repeated outages, in halves, quarters, ...: a
-        batch too big for a statement timeout or a lock table must not be retried whole for
-        ever (each part commits on its own, exactly once in effect)."""
+        """The batch in one transaction, with other partitions' small batches where it is
+        small, new and not ``alone`` (``workers.consumer.combine``); after repeated outages, in
+        halves, quarters, ...: a batch too big for a statement timeout or a lock table must
+        not be retried whole for ever (each part commits on its own, exactly once in effect)."""
         if not envelopes:
             return store.BatchResult(), []
         if not self.ledger_restored:
             await self._restore_ledger()
+        if not failures and not alone and self.combiner.joinable(envelopes):
+            combined = await self.combiner.store(envelopes)
+            if combined is not None:
+                return combined, []
+            # the shared write failed: this batch alone, where its own errors are told apart
         size = len(envelopes) if failures < SHRINK_AFTER else max(1, len(envelopes) >> (failures - SHRINK_AFTER + 1))
         total, failed = store.BatchResult(), []
         for i in range(0, len(envelopes), size):
@@ -291,9 +302,12 @@ class Pipeline:
             raise
         self.ledger_restored = True
 
+    def _write(self, envelopes: list[Envelope]) -> Awaitable[store.BatchResult]:
+        return store.write_batch(self.pg, envelopes, self.enricher)
+
     async def _store(self, envelopes: list[Envelope]) -> tuple[store.BatchResult, list[tuple[Envelope, Exception]]]:
         try:
-            return await store.write_batch(self.pg, envelopes, self.enricher), []
+            return await self._write(envelopes), []
         except Exception as exc:
             await self._raise_if_outage(exc)
             if len(envelopes) == 1:
@@ -375,6 +389,7 @@ class Pipeline:
             "batch",
             stream=batch.stream,
             entries=len(batch.entries),
+            joined=result.joined,  # its events counted in the line of the batch it joined
             inserted=result.inserted,
             duplicates=result.duplicates,
             unknown=len(result.unknown_codes),

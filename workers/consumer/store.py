@@ -115,6 +115,9 @@ class BatchResult:
     # refunds' copies not restored: their sale is missing, or past (workers.consumer.refunds)
     refunds_not_restored: list[Envelope] = field(default_factory=list)
     scrubbed: int = 0  # events of erased people, stored without their personal data
+    # stored in the transaction of another partition's batch, whose result counts its
+    # events (workers.consumer.combine): this one's counts are all zero
+    joined: bool = False
 
 
 def _inet(ip: str | None) -> str | None:
