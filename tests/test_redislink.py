@@ -53,6 +53,33 @@ def test_pack_is_resp():
     )
     with pytest.raises(TypeError):
         pack([("SET", "k", None)])
+    with pytest.raises(TypeError):
+        pack([("SET", "k", True)])  # not an integer to Redis: a caller's mistake
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"\x00\xff\r\n", "", "ünï\u2028", 0, -5, 2**70, 0.1, 1e20, 1e-7, -0.0, float("inf"), memoryview(b"mv")],
+)
+def test_pack_writes_every_value_as_the_resp_of_its_bytes(value: object):
+    """C (hiredis) or Python, the bytes are RESP's: $<length> then the value's bytes, a
+    number as its decimal text (a float as Python's repr); a bytearray, which hiredis
+    refuses, packs the same through the Python packer."""
+    as_bytes = (
+        bytes(value)
+        if isinstance(value, memoryview)
+        else value.encode()
+        if isinstance(value, str)
+        else value
+        if isinstance(value, bytes)
+        else (b"%d" % value if isinstance(value, int) else repr(value).encode())
+    )
+    expected = b"*2\r\n$3\r\nSET\r\n$%d\r\n%b\r\n" % (len(as_bytes), as_bytes)
+    assert pack([("SET", value)]) == expected
+    assert pack([["SET", value]]) == expected  # a command as a list packs as its tuple
+    if isinstance(value, bytes):
+        assert pack([("SET", bytearray(value))]) == expected
+    assert pack([("SET", value), ("SET", value)]) == expected * 2
 
 
 @pytest.mark.parametrize("loop", LOOPS)
