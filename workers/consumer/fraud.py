@@ -23,6 +23,7 @@ Rules, thresholds per program (``programs.fraud_thresholds``, defaults below):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -300,11 +301,13 @@ def _click_of(s: Stored) -> UUID | None:
     return clicks.parse(v) if v else None
 
 
-def notices(found: Found) -> list[WebhookEvent]:
-    """``fraud.flagged``: one per flagged event, with every rule it met and the evidence."""
+def notices(found: Found, heard: Callable[[str], bool] = lambda workspace_id: True) -> list[WebhookEvent]:
+    """``fraud.flagged``: one per flagged event, with every rule it met and the evidence;
+    only for the workspaces ``heard`` says a webhook listens to."""
     by_event: dict[UUID, list[Flag]] = {}
     for f in found.flags:
-        by_event.setdefault(f.stored.envelope.event_id, []).append(f)
+        if heard(f.stored.link.workspace_id):
+            by_event.setdefault(f.stored.envelope.event_id, []).append(f)
     out = []
     for event_id, flags in sorted(by_event.items()):
         s = flags[0].stored

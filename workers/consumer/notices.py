@@ -19,9 +19,15 @@ def _link(s: Stored) -> dict[str, Any]:
     return {"id": s.link.id, "code": s.link.code, "program_id": s.link.program_id, "affiliate_id": s.link.affiliate_id}
 
 
+# the notice an event's type makes (a click makes none)
+TYPE_OF = {EventType.LEAD: "lead.created", EventType.CONVERSION: "conversion.created"}
+
+
 def for_events(events: list[Stored]) -> list[WebhookEvent]:
     out = []
     for s in events:
+        if s.type not in TYPE_OF:
+            continue
         common = {"event_id": str(s.envelope.event_id), "received_at": s.at.isoformat(), "link": _link(s)}
         if s.type is EventType.LEAD:
             data = {

@@ -38,7 +38,9 @@ log = structlog.get_logger("workers.store")
 # the batch's links with what the batch needs of their workspace (policies) and program
 # (fraud thresholds): one round trip, where three queries took three
 _RESOLVE_LINKS = f"""
-SELECT x.*, w.ip_policy, w.bot_policy, w.fraud_policy, p.fraud_thresholds
+SELECT x.*, w.ip_policy, w.bot_policy, w.fraud_policy, p.fraud_thresholds,
+       array(SELECT DISTINCT t FROM webhooks h, unnest(h.events) t WHERE h.workspace_id = w.id AND h.active)
+         AS webhook_events
 FROM ({LINK_SELECT} WHERE l.code = ANY($1::text[])) x
 JOIN workspaces w ON w.id = x.workspace_id
 LEFT JOIN programs p ON p.id = x.program_id
@@ -375,9 +377,16 @@ async def _write(
         await settle()
         if counted:
             reached = await counters.apply(conn, counted, count_bots=counting)
-    events = notices.for_events(counted) + await notices.for_milestones(conn, counted, reached) if counted else []
+    # the notices of the batch's links, only where their workspace has a webhook for them:
+    # most have none, and a notice is a document per event (the outbox's insert joins the
+    # webhooks again, at its own snapshot)
+    heard = {(ws, t) for ws, r in policies.items() for t in r["webhook_events"]}
+    told = [s for s in counted if (s.link.workspace_id, notices.TYPE_OF.get(s.type)) in heard]
+    events = notices.for_events(told) if told else []
+    if reached and any(t == "milestone.reached" for _, t in heard):
+        events += await notices.for_milestones(conn, counted, reached)
     result.milestones = len(reached)
-    events += fraud.notices(flagged) + sold_out.notices
+    events += fraud.notices(flagged, lambda ws: (ws, "fraud.flagged") in heard) + sold_out.notices
     if events and effects.webhooks:
         result.deliveries = await outbox.record_deliveries(conn, events)
     if not effects.counters_last:

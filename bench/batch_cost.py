@@ -1,0 +1,110 @@
+"""What a worker's batch costs by its size: Postgres's CPU and the worker's per event, for
+batches of seed 000 clicks (bio.re) through ``write_batch`` with enrichment, committed, into
+a fresh database (dropped after). ``python -m bench.batch_cost [--sizes 8,16,64,256,1000]
+[--events 8000] [--rounds 2]``.
+
+Per size: the Postgres backend's CPU (utime + stime from ``/proc/<pid>/stat``: the server
+must be local) and this process's over ``--events`` events, each divided by the events;
+then the fixed cost of a batch and the cost of an event, fitted from the smallest and the
+largest size (cost per event = per event + per batch / size). The figure to read is how
+the cost per event falls with the size: why small batches of several partitions share a
+transaction (``workers.consumer.combine``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import secrets
+
+import asyncpg
+
+from ingest.contract.connections import create_pg_pool
+from ingest.contract.settings import Settings
+from refstream.services import with_database
+from workers.consumer.enrich import Enricher
+from workers.consumer.store import write_batch
+
+from . import world as worlds
+from .cap_profile import clicks
+
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def _backend_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
+def _own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def measure(server: str, sizes: list[int], events: int, rounds: int) -> dict[int, tuple[float, float]]:
+    """Per size, the medians over ``rounds`` of (Postgres µs, worker µs) per event."""
+    name = f"refstream_batch_cost_{secrets.token_hex(4)}"
+    world = await worlds.create(server, name)
+    pool = await create_pg_pool(Settings(database_url=world.url()), min_size=1, max_size=1)
+    enricher = Enricher()
+    got: dict[int, list[tuple[float, float]]] = {n: [] for n in sizes}
+    try:
+        async with pool.acquire() as conn:
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+        for n in sizes:  # warm: plans cached, devices made, caches full
+            await write_batch(pool, clicks(world, n), enricher)
+        for _ in range(rounds):
+            for n in sizes:
+                batches = [clicks(world, n) for _ in range(max(1, events // n))]
+                pg0, py0 = _backend_cpu_s(pid), _own_cpu_s()
+                for batch in batches:
+                    await write_batch(pool, batch, enricher)
+                pg1, py1 = _backend_cpu_s(pid), _own_cpu_s()
+                done = n * len(batches)
+                got[n].append(((pg1 - pg0) / done * 1e6, (py1 - py0) / done * 1e6))
+    finally:
+        enricher.close()
+        await pool.close()
+        admin = await asyncpg.connect(with_database(server, "postgres"))
+        try:
+            for db in (name, world.template):
+                await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        finally:
+            await admin.close()
+    return {n: (sorted(p for p, _ in v)[len(v) // 2], sorted(w for _, w in v)[len(v) // 2]) for n, v in got.items()}
+
+
+def fit(small: tuple[int, float], large: tuple[int, float]) -> tuple[float, float]:
+    """(per batch, per event) µs from two sizes' costs per event: c = e + b / n."""
+    (n1, c1), (n2, c2) = small, large
+    per_batch = (c1 - c2) / (1 / n1 - 1 / n2)
+    return per_batch, c2 - per_batch / n2
+
+
+async def main(sizes: list[int], events: int, rounds: int) -> None:
+    server = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    got = await measure(server, sizes, events, rounds)
+    print(f"seed 000 clicks through write_batch (enriched), medians of {rounds} rounds, CPU µs per event:")
+    print(f"{'batch':>7} {'Postgres':>10} {'worker':>10}")
+    for n in sizes:
+        print(f"{n:>7} {got[n][0]:>10.1f} {got[n][1]:>10.1f}")
+    lo, hi = min(sizes), max(sizes)
+    for i, who in enumerate(("Postgres", "worker")):
+        per_batch, per_event = fit((lo, got[lo][i]), (hi, got[hi][i]))
+        print(f"{who}: {per_batch:,.0f} µs a batch + {per_event:.1f} µs an event (fitted from {lo} and {hi})")
+
+
+def cli() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="8,16,64,256,1000")
+    p.add_argument("--events", type=int, default=8000)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    asyncio.run(main(sorted(int(s) for s in args.sizes.split(",")), args.events, args.rounds))
+
+
+if __name__ == "__main__":
+    cli()
