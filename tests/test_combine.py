@@ -161,3 +161,25 @@ async def test_a_batch_from_the_backlog_is_stored_alone(
     rows = await pg.fetch("SELECT processed_at, count(*) AS n FROM events GROUP BY 1")
     assert sorted(r["n"] for r in rows) == [1, 2, 3]
     assert await pg.fetchval("SELECT clicks FROM links WHERE code = $1", CODE) == 6
+
+
+async def test_from_idle_a_small_batch_waits_for_the_other_partitions_then_no_longer(pg: asyncpg.Pool, world: Any):
+    """The first small batch after idle waits (here up to a minute) until one has come from
+    each partition read (three here), and not a moment past the third: all three in one
+    transaction, long before the minute."""
+    from workers.consumer import store
+    from workers.consumer.combine import Combiner
+
+    combiner = Combiner(lambda envelopes: store.write_batch(pg, envelopes), 500, gather_s=60.0)
+    combiner.expect = lambda: 3
+    first = asyncio.create_task(combiner.store([_click()]))
+
+    async def gathering() -> bool:  # the flusher is waiting for more (it cleared the arrival flag)
+        return combiner._flusher is not None and not combiner._arrived.is_set() and not first.done()
+
+    await wait_for(gathering, what="the first batch waiting for the others")
+    rest = [asyncio.create_task(combiner.store([_click(), _click()])) for _ in range(2)]
+    results = await asyncio.wait_for(asyncio.gather(first, *rest), timeout=30)
+    assert [(r.inserted, r.joined) for r in results if r] == [(5, False), (0, True), (0, True)]
+    assert await pg.fetchval("SELECT count(DISTINCT processed_at) FROM events") == 1
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = $1", CODE) == 5

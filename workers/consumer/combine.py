@@ -22,6 +22,12 @@ What it leaves as it was:
   outage, and a batch of at least half of ``REFSTREAM_BATCH_SIZE`` (a drain's full reads,
   which gain nothing from company).
 
+From idle, the first small batch waits up to ``REFSTREAM_LINGER_MS`` (as a short read does)
+for the batches of the other partitions this worker reads, which are usually a few
+milliseconds behind it (each read lingers on its own), and stops waiting as soon as one has
+come from each, or enough to fill half a transaction; between transactions nothing waits
+(what queued meanwhile goes at once).
+
 The first batch of a transaction gets its counts (inserted, duplicates, webhook deliveries,
 ...); the others get empty ones that say whose they joined (``BatchResult.joined``): the
 totals add up, and each event is counted in one batch's line.
@@ -50,10 +56,14 @@ class Combiner:
     """Stores batches through ``write``, those queued while a write is in flight together,
     up to ``max_events`` events a transaction."""
 
-    def __init__(self, write: Write, max_events: int) -> None:
+    def __init__(self, write: Write, max_events: int, *, gather_s: float = 0.0) -> None:
         self._write = write
         self.max_events = max_events
+        self.gather_s = gather_s
+        # how many partitions may send a batch (the consumer sets it: the ones it reads)
+        self.expect: Callable[[], int] = lambda: 1
         self._queue: deque[_Ask] = deque()
+        self._arrived = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
 
     def joinable(self, envelopes: list[Envelope]) -> bool:
@@ -66,13 +76,32 @@ class Combiner:
         caller stores the batch alone."""
         ask = _Ask(envelopes, asyncio.get_running_loop().create_future())
         self._queue.append(ask)
+        self._arrived.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._run(), name="combined-batches")
         # a cancelled caller cancels its future: a write not yet begun leaves its batch out,
         # one in flight goes on (its entries are not acked, so they come again and insert nothing)
         return await ask.done
 
+    async def _gather(self) -> None:
+        """From idle: until a batch has come from each partition, or half a transaction's
+        events, or ``gather_s`` has passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.gather_s
+        while len(self._queue) < self.expect() and sum(len(a.envelopes) for a in self._queue) < self.max_events // 2:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(left):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return
+
     async def _run(self) -> None:
+        if self.gather_s > 0:
+            await self._gather()
         while self._queue:
             take: list[_Ask] = []
             n = 0

@@ -68,6 +68,8 @@ class Consumer:
             on_gate=self._gate_changed,
         )
         self.keys = self.member.keys  # sized by the layout the member reads
+        # a small batch from idle waits for one from each partition read (at most the linger)
+        pipeline.combiner.expect = lambda: max(1, len(self.member.parts))
 
     async def run(self, *, drain: bool = False) -> None:
         """Consume every partition until ``stop()``; with ``drain``, until the group has

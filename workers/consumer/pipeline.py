@@ -119,7 +119,7 @@ class Pipeline:
         self.ledger_restored = False  # the erasures Postgres lost, put back before the first batch
         # small batches of several partitions in one transaction (a batch's statements cost
         # what they cost whatever its size)
-        self.combiner = Combiner(self._write, settings.batch_size)
+        self.combiner = Combiner(self._write, settings.batch_size, gather_s=settings.linger_ms / 1000)
 
     async def process(self, batch: Batch) -> None:
         """Take ``batch`` through its remaining stages. Raises ``BatchOutage`` when Postgres or
