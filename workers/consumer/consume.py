@@ -68,12 +68,12 @@ class Consumer:
             on_gate=self._gate_changed,
         )
         self.keys = self.member.keys  # sized by the layout the member reads
-        # a small batch from idle waits for one from each partition read (at most the linger)
-        pipeline.combiner.expect = lambda: max(1, len(self.member.parts))
 
     async def run(self, *, drain: bool = False) -> None:
         """Consume every partition until ``stop()``; with ``drain``, until the group has
         read and acked everything in every partition."""
+        # a small batch from idle waits for one from each partition read (at most the linger)
+        self.pipeline.combiner.expect = lambda: max(1, len(self.member.parts))
         await self.member.run(drain=drain)
 
     def stop(self) -> None:
