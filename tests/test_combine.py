@@ -19,7 +19,7 @@ from ingest.contract import wire
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.contract.wire import FIELD
-from workers.consumer.enrich import Enricher
+from workers.consumer.enrich import Enricher, Found
 from workers.consumer.pipeline import Batch, Entry, Pipeline
 
 from .conftest import wait_for
@@ -43,10 +43,12 @@ async def _batch(redis: Any, keys: Keys, p: int, envelopes: list[Envelope], *, t
 class _OddAgent(Enricher):
     """The worker's own code failing for one User-Agent only: that entry is poison."""
 
-    def enrich_row(self, ip: Any, ua: Any, referrer: Any, policy: str) -> Any:
-        if ua == ODD:
+    def enrich_row(
+        self, ip: str | None, user_agent: str | None, referrer: str | None, ip_policy: str = "full"
+    ) -> Found:
+        if user_agent == ODD:
             raise TypeError("a bug")
-        return super().enrich_row(ip, ua, referrer, policy)
+        return super().enrich_row(ip, user_agent, referrer, ip_policy)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -76,7 +76,7 @@ def test_pack_writes_every_value_as_the_resp_of_its_bytes(value: object):
     )
     expected = b"*2\r\n$3\r\nSET\r\n$%d\r\n%b\r\n" % (len(as_bytes), as_bytes)
     assert pack([("SET", value)]) == expected
-    assert pack([["SET", value]]) == expected  # a command as a list packs as its tuple
+    assert pack([cast(tuple[Any, ...], ["SET", value])]) == expected  # a command as a list packs as its tuple
     if isinstance(value, bytes):
         assert pack([("SET", bytearray(value))]) == expected
     assert pack([("SET", value), ("SET", value)]) == expected * 2
