@@ -185,3 +185,23 @@ async def test_from_idle_a_small_batch_waits_for_the_other_partitions_then_no_lo
     assert [(r.inserted, r.joined) for r in results if r] == [(5, False), (0, True), (0, True)]
     assert await pg.fetchval("SELECT count(DISTINCT processed_at) FROM events") == 1
     assert await pg.fetchval("SELECT clicks FROM links WHERE code = $1", CODE) == 5
+
+
+async def test_a_flusher_cancelled_mid_write_leaves_no_caller_waiting():
+    """The worker stopping cancels the shared write's task: each batch in it hears so
+    (cancelled, as its reader is), none waits for ever on a result that cannot come."""
+    from workers.consumer.combine import Combiner
+
+    writing, never = asyncio.Event(), asyncio.Event()
+
+    async def write(envelopes: list[Envelope]) -> Any:
+        writing.set()
+        await never.wait()
+
+    combiner = Combiner(write, 500)
+    asked = [asyncio.create_task(combiner.store([_click()])) for _ in range(2)]
+    await asyncio.wait_for(writing.wait(), timeout=30)
+    assert combiner._flusher is not None
+    combiner._flusher.cancel()
+    done, _ = await asyncio.wait(asked, timeout=30)
+    assert done == set(asked) and all(t.cancelled() for t in asked)

@@ -116,6 +116,10 @@ class Combiner:
                 result: BatchResult | None = await self._write([e for a in take for e in a.envelopes])
             except Exception:
                 result = None  # each stores alone; their errors are their own there
+            except BaseException:  # the flusher itself cancelled: no caller may wait for ever
+                for a in take:
+                    a.done.cancel()
+                raise
             for a in take:
                 if not a.done.done():  # its caller gone: the counts go to the next one
                     a.done.set_result(result)
