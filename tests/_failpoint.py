@@ -52,7 +52,7 @@ def install(name: str) -> None:
         _wrap(
             Pipeline,
             "_store_chunked",
-            before=lambda envelopes, *_: any(e.payload.get("code") == code for e in envelopes),
+            before=lambda envelopes, *_, **__: any(e.payload.get("code") == code for e in envelopes),
         )
     elif name == "archive_crash_after_put":
         for store in (LocalStore, ObjectStore):
