@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import secrets
 
 import asyncpg
@@ -29,19 +28,7 @@ from workers.consumer.store import write_batch
 
 from . import world as worlds
 from .cap_profile import clicks
-
-_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-
-
-def _backend_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * _TICK_S
-
-
-def _own_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from .insert_forms import backend_cpu_s, own_cpu_s
 
 
 async def measure(server: str, sizes: list[int], events: int, rounds: int) -> dict[int, tuple[float, float]]:
@@ -59,10 +46,10 @@ async def measure(server: str, sizes: list[int], events: int, rounds: int) -> di
         for _ in range(rounds):
             for n in sizes:
                 batches = [clicks(world, n) for _ in range(max(1, events // n))]
-                pg0, py0 = _backend_cpu_s(pid), _own_cpu_s()
+                pg0, py0 = backend_cpu_s(pid), own_cpu_s()
                 for batch in batches:
                     await write_batch(pool, batch, enricher)
-                pg1, py1 = _backend_cpu_s(pid), _own_cpu_s()
+                pg1, py1 = backend_cpu_s(pid), own_cpu_s()
                 done = n * len(batches)
                 got[n].append(((pg1 - pg0) / done * 1e6, (py1 - py0) / done * 1e6))
     finally:

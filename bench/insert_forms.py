@@ -104,13 +104,15 @@ def _text(v: object) -> str:
     return str(v) if isinstance(v, uuid.UUID) else orjson.dumps(v).decode()
 
 
-def _backend_cpu_s(pid: int) -> float:
+def backend_cpu_s(pid: int) -> float:
+    """A local Postgres backend's CPU seconds so far (utime + stime)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) * _TICK_S
 
 
-def _own_cpu_s() -> float:
+def own_cpu_s() -> float:
+    """This process's CPU seconds so far."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
@@ -138,13 +140,13 @@ async def measure(url: str, n: int, rounds: int) -> dict[str, dict[str, float]]:
         per: dict[str, dict[str, list[float]]] = {f: {"pg": [], "py": []} for f in ("json", "arrays")}
         for r in range(rounds + 2):  # two rounds of warm-up: plans cached, pages in memory
             for form in ("json", "arrays") if r % 2 else ("arrays", "json"):
-                pg0, py0 = _backend_cpu_s(pid), _own_cpu_s()
+                pg0, py0 = backend_cpu_s(pid), own_cpu_s()
                 for _ in range(5):
                     try:
                         await _insert(conn, form, batch)
                     except _Rollback as done:
                         assert done.n == n, (form, done.n)
-                pg1, py1 = _backend_cpu_s(pid), _own_cpu_s()
+                pg1, py1 = backend_cpu_s(pid), own_cpu_s()
                 if r >= 2:
                     per[form]["pg"].append((pg1 - pg0) / (5 * n) * 1e6)
                     per[form]["py"].append((py1 - py0) / (5 * n) * 1e6)

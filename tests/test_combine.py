@@ -80,23 +80,30 @@ async def _waiting_on_lock(pg: asyncpg.Pool) -> bool:
     )
 
 
+async def _behind_a_held_first(
+    pipeline: Pipeline, pg: asyncpg.Pool, held: asyncio.Event, first: Batch, later: list[Batch]
+) -> None:
+    """``first`` stored while the link's lock is held, ``later`` brought while it waits; the
+    lock released once all of them are queued behind it; then every batch settled."""
+    running = [asyncio.create_task(pipeline.process(first))]
+    await wait_for(lambda: _waiting_on_lock(pg), what="the first batch waiting on the link's lock")
+    running += [asyncio.create_task(pipeline.process(b)) for b in later]
+
+    async def queued() -> bool:
+        return len(pipeline.combiner._queue) == len(later)
+
+    await wait_for(queued, what="the later batches queued behind the first")
+    held.set()
+    await asyncio.gather(*running)
+
+
 async def test_small_batches_that_come_while_one_is_stored_share_the_next_transaction(
     settings, redis, pg: asyncpg.Pool, keys: Keys, held: asyncio.Event
 ):
     pipeline = Pipeline(settings, redis, pg)
     first = await _batch(redis, keys, 0, [_click() for _ in range(2)])
-    running = [asyncio.create_task(pipeline.process(first))]
-    await wait_for(lambda: _waiting_on_lock(pg), what="the first batch waiting on the link's lock")
-
     later = [await _batch(redis, keys, p, [_click() for _ in range(p)]) for p in (1, 2, 3)]
-    running += [asyncio.create_task(pipeline.process(b)) for b in later]
-
-    async def queued() -> bool:
-        return len(pipeline.combiner._queue) == 3
-
-    await wait_for(queued, what="the three later batches queued behind the first")
-    held.set()
-    await asyncio.gather(*running)
+    await _behind_a_held_first(pipeline, pg, held, first, later)
 
     rows = await pg.fetch("SELECT processed_at, count(*) AS n FROM events GROUP BY 1 ORDER BY 1")
     assert [r["n"] for r in rows] == [2, 1 + 2 + 3]  # two transactions: the first, then the three together
@@ -113,23 +120,13 @@ async def test_a_poison_entry_among_joined_batches_is_dead_lettered_alone(
 ):
     pipeline = Pipeline(settings, redis, pg, _OddAgent())
     first = await _batch(redis, keys, 0, [_click()])
-    running = [asyncio.create_task(pipeline.process(first))]
-    await wait_for(lambda: _waiting_on_lock(pg), what="the first batch waiting on the link's lock")
-
     odd = _click(ODD)
     later = [
         await _batch(redis, keys, 1, [_click(), _click()]),
         await _batch(redis, keys, 2, [_click(), odd, _click()]),
         await _batch(redis, keys, 3, [_click()]),
     ]
-    running += [asyncio.create_task(pipeline.process(b)) for b in later]
-
-    async def queued() -> bool:
-        return len(pipeline.combiner._queue) == 3
-
-    await wait_for(queued, what="the three later batches queued behind the first")
-    held.set()
-    await asyncio.gather(*running)
+    await _behind_a_held_first(pipeline, pg, held, first, later)
 
     (dead,) = await redis.xrange(keys.dead)
     assert dead[1][b"error"].startswith(b"store: TypeError") and dead[1][FIELD] == wire.to_blob(odd)
