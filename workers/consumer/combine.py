@@ -3,8 +3,8 @@
 Each partition's reader stores its own batch (``workers.consumer.pipeline``). Under a steady
 load every read is small (a few entries per partition per linger), and a transaction costs
 about a dozen statements and a commit whatever its size: measured on seed 000 clicks, about
-2 ms of Postgres's CPU and 1.9 ms of the worker's a batch, beside 56 and 69 µs an event
-(``python -m bench.batch_cost``). So while one small batch is being stored, the small
+2.3 ms of Postgres's CPU and 2.2 ms of the worker's a batch, beside some 50 µs of each an
+event (``python -m bench.batch_cost``). So while one small batch is being stored, the small
 batches the other partitions bring meanwhile wait, then go in the next transaction
 together: as the edge's micro-batcher does with Redis, batches grow with the load, and an
 idle worker adds no delay.
