@@ -143,7 +143,7 @@ async def test_a_schema_15_database_with_rows_takes_schema_16(scratch_url: str, 
         before = {str(r["event_id"]): manage.row_json(r) for r in await pool.fetch(_V15_EVENTS, link["workspace_id"])}
         assert not (await schema_check.check_url(scratch_url)).ok
 
-        assert await migrate(conn) == SCHEMA_VERSION == 16
+        assert await migrate(conn) == SCHEMA_VERSION >= 16
         assert (await schema_check.check_url(scratch_url)).ok
         # the rows written before read as they did, untouched
         after = await _api(pool, workspace)

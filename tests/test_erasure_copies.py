@@ -276,14 +276,12 @@ async def test_an_affiliate_and_a_participant_are_erased_everywhere_their_money_
     await sold(edge, world, drain, invoiceId="in_aff", amount=5000)
     lead_id = await pg.fetchval("SELECT event_id FROM events WHERE type = 2")
     evidence = {"email": "alice@example.com", "affiliate_email": email, "match": "email"}
-    await pg.execute(
-        "INSERT INTO event_flags (event_id, rule, workspace_id, link_id, affiliate_id, type, excluded, evidence,"
-        " received_at) VALUES ($1, 'self_referral', $2::uuid, $3::uuid, $4::uuid, 2, false, $5::text::jsonb, now())"
+    await pg.execute(  # as the worker writes a flag (schema 17): its affiliate is its event's
+        "INSERT INTO event_flags (event_id, rule, workspace_id, excluded, evidence)"
+        " VALUES ($1, 'self_referral', $2::uuid, false, $3::text::jsonb)"
         " ON CONFLICT (event_id, rule) DO UPDATE SET evidence = EXCLUDED.evidence",
         lead_id,
         world.workspace_id,
-        world.link["id"],
-        world.affiliate_id,
         orjson.dumps(evidence).decode(),
     )
     flagged = {

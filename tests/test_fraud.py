@@ -158,11 +158,15 @@ async def test_clicks_in_one_millisecond_count_each_other_once(pg: asyncpg.Pool,
     ]
     await write_batch(pg, clicks)
     flagged = await pg.fetch(
-        "SELECT event_id, (evidence->>'clicks')::int AS clicks FROM event_flags"
-        " WHERE rule = 'click_burst' AND link_id = $1",
+        "SELECT f.event_id, (f.evidence->>'clicks')::int AS clicks, f.evidence, f.link_id, f.received_at, e.ip"
+        " FROM event_flags f JOIN events e USING (event_id) WHERE f.rule = 'click_burst' AND e.link_id = $1",
         link["id"],
     )
     assert len(flagged) == 2, flagged
+    # the flag holds what the event's row does not: no link, no time, no copy of the address
+    for r in flagged:
+        assert r["link_id"] is None and r["received_at"] is None and str(r["ip"]) == "198.51.100.7"
+        assert r["evidence"] == {"clicks": 3, "threshold_clicks": 2, "window_seconds": 60}
     assert [r["clicks"] for r in flagged] == [3, 3]  # counted to the threshold + 1, where counting stops
     # the two flagged are the two last in (time, event id) order
     assert {r["event_id"] for r in flagged} == {c.event_id for c in sorted(clicks, key=lambda c: c.event_id)[2:]}
@@ -236,7 +240,8 @@ async def test_a_sustained_burst_counts_each_click_to_the_threshold_plus_one(
     for first in range(0, 300, 100):  # three batches, 100 ms apart each click: 30 s in all
         await write_batch(pg, [click(at + 100 * i) for i in range(first, first + 100)])
     flagged = await pg.fetch(
-        "SELECT (evidence->>'clicks')::int AS n FROM event_flags WHERE rule = 'click_burst' AND link_id = $1",
+        "SELECT (f.evidence->>'clicks')::int AS n FROM event_flags f JOIN events e USING (event_id)"
+        " WHERE f.rule = 'click_burst' AND e.link_id = $1",
         link["id"],
     )
     assert len(flagged) == 280 and {r["n"] for r in flagged} == {21}

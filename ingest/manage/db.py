@@ -47,7 +47,10 @@ from ingest.manage import online
 # 16: a click's device and the enrichment's versions once per browser build (event_devices,
 #     events.device_id), the row's enrichment only what its address and referrer told;
 #     event_enrichment() reads either form
-SCHEMA_VERSION = 16
+# 17: a flag holds what its event's row does not (event_flags' link_id, type, received_at
+#     nullable, written NULL; event_flags_link dropped; click_burst's evidence without the
+#     address)
+SCHEMA_VERSION = 17
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

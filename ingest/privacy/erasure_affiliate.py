@@ -130,7 +130,9 @@ async def _scrub(
     await conn.execute("DELETE FROM affiliate_ips WHERE affiliate_id = $1", a["id"])
     rows["event_flags"] = 0
     flags = await conn.fetch(
-        "SELECT event_id, rule, evidence FROM event_flags WHERE workspace_id = $1 AND affiliate_id = $2",
+        # the flag's affiliate is its event's (a flag holds none of its own since schema 17)
+        "SELECT f.event_id, f.rule, f.evidence FROM event_flags f JOIN events e ON e.event_id = f.event_id"
+        " WHERE f.workspace_id = $1 AND e.affiliate_id = $2",
         workspace_id,
         a["id"],
     )

@@ -195,7 +195,8 @@ async def fold(redis: Any, pool: asyncpg.Pool, prefix: str) -> int:
 # The recount, for ``refstream reconcile`` (``workers.ops.reconcile``): the worker's drops
 # and flags, recounted from the rows for one chunk of links in the reconcile's window, in
 # its transaction. What a batch decided is on its rows: test mode, out-of-window and
-# ``bot_counted`` on the event, an excluded fraud flag in ``event_flags``, a drop without
+# ``bot_counted`` on the event, a fraud flag in ``event_flags`` (read through its event: the
+# flag holds no link or time of its own since schema 17), a drop without
 # an event (an unknown code, an inactive link, a duplicate) in ``event_drops``. The edge's
 # refusals (``source = 'edge'``) have no row to recount them from: they are left as they
 # are. Drops that no link resolved for are counted under the nil link id, a chunk of their
@@ -227,9 +228,9 @@ FROM event_drops
 WHERE link_id = ANY($1::uuid[]) AND received_at >= $2 AND received_at < $3 AND event_id >= $4
 GROUP BY 1, 2, 3, 4
 UNION ALL
-SELECT workspace_id, link_id, (received_at AT TIME ZONE 'UTC')::date, 'flagged', rule, count(*)
-FROM event_flags
-WHERE link_id = ANY($1::uuid[]) AND received_at >= $2 AND received_at < $3 AND event_id >= $4
+SELECT e.workspace_id, e.link_id, (e.received_at AT TIME ZONE 'UTC')::date, 'flagged', f.rule, count(*)
+FROM events e JOIN event_flags f ON f.event_id = e.event_id
+WHERE e.link_id = ANY($1::uuid[]) AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
 GROUP BY 1, 2, 3, 5
 """
 

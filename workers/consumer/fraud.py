@@ -1,7 +1,8 @@
 """Fraud flags: rules over a batch's newly stored events, in its transaction.
 
 A flag never deletes anything: it is stored on the event (``event_flags``: rule and
-evidence), counted per link and day like the drops, and announced (``fraud.flagged``).
+evidence, by event id; the event's link, affiliate and time are its row's), counted per
+link and day like the drops, and announced (``fraud.flagged``).
 Whether a flagged event still counts is the workspace's policy per rule
 (``workspaces.fraud_policy``: ``flag``, the default, counts it; ``exclude`` moves no
 counter, credits no affiliate and makes no customer for it). The decision is recorded on
@@ -88,9 +89,11 @@ def id_bounds(at_ms: int, window_ms: int) -> tuple[UUID, UUID]:
     return UUID(int=lo << 80), UUID(int=(at_ms + ID_SLACK_MS + 1) << 80)
 
 
+# a flag holds what its event's row does not (schema 17): its link, affiliate, type and time
+# are the row's, read through it by event id
 _FLAGS = f"""
-INSERT INTO event_flags (event_id, rule, workspace_id, link_id, affiliate_id, type, excluded, evidence, received_at)
-{jsonrows.select(("uuid", "text", "uuid", "uuid", "uuid", "smallint", "boolean", "jsonb", "timestamptz"))}
+INSERT INTO event_flags (event_id, rule, workspace_id, excluded, evidence)
+{jsonrows.select(("uuid", "text", "uuid", "boolean", "jsonb"))}
 ORDER BY 1, 2
 ON CONFLICT DO NOTHING
 """
@@ -114,6 +117,17 @@ class Flag:
     rule: str
     evidence: dict[str, Any]  # numbers the rules computed, never a client's document: a level deep
     excluded: bool
+
+
+# of a rule's evidence, what its event's row holds already and the stored flag leaves out
+# (the notice keeps it): the clicking address, the row's ``ip``, which an erasure scrubs there
+ON_THE_ROW = {"click_burst": ("ip",)}
+
+
+def stored_evidence(flag: Flag) -> dict[str, Any]:
+    """The evidence as ``event_flags`` keeps it: without what ``ON_THE_ROW`` names."""
+    drop = ON_THE_ROW.get(flag.rule)
+    return {k: v for k, v in flag.evidence.items() if k not in drop} if drop else flag.evidence
 
 
 @dataclass(slots=True)
@@ -233,17 +247,7 @@ async def detect(
             _FLAGS,
             jsonrows.doc(
                 [
-                    (
-                        x.stored.envelope.event_id,
-                        x.rule,
-                        x.stored.link.workspace_id,
-                        x.stored.link.id,
-                        x.stored.link.affiliate_id,
-                        int(x.stored.type),
-                        x.excluded,
-                        x.evidence,
-                        x.stored.at,
-                    )
+                    (x.stored.envelope.event_id, x.rule, x.stored.link.workspace_id, x.excluded, stored_evidence(x))
                     for x in f
                 ]
             ),
