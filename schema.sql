@@ -890,3 +890,26 @@ $$;
 ALTER TABLE event_flags ALTER COLUMN link_id DROP NOT NULL, ALTER COLUMN type DROP NOT NULL,
     ALTER COLUMN received_at DROP NOT NULL;
 DROP INDEX IF EXISTS event_flags_link;
+
+-- Schema version 17, too: what an address tells of its network beside its country and AS number
+-- (the AS name, and with a City database the city, region and coordinates) is the geo
+-- data's, the same for every address of the network: stored once, in `event_places`, and
+-- named by the row's `place_id`, as schema 16 did for the device. The row's `enrichment`
+-- keeps the bot reason, the referrer's domain and an IPv6 address as the worker wrote it.
+-- `event_enrichment(doc, device, place, ...)` gives the document as it was; the six-argument
+-- form of schema 16 still reads a row without a place. A row written before keeps its
+-- document, read as it is. A place is no one's (the geo data's): an erasure scrubs the
+-- row's name of it (`place_id`), never the dictionary. Bounded by the geo data's networks;
+-- kept, like the devices.
+CREATE TABLE IF NOT EXISTS event_places (
+    id  integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    doc jsonb NOT NULL UNIQUE
+);
+ALTER TABLE events ADD COLUMN IF NOT EXISTS place_id integer;
+CREATE OR REPLACE FUNCTION event_enrichment(doc jsonb, device integer, place integer, ip inet, country text,
+                                            asn integer, is_bot boolean) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT event_enrichment(CASE WHEN place IS NULL THEN doc
+                                 ELSE coalesce(doc, '{}') || (SELECT p.doc FROM event_places p WHERE p.id = place) END,
+                            device, ip, country, asn, is_bot)
+$$;

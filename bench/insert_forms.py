@@ -81,12 +81,13 @@ def rows(n: int) -> list[EventRow]:
                 referrer=REFERRER,
                 country="DE",
                 asn=3320,
-                enrichment={"as_name": "Deutsche Telekom AG", "referrer_domain": "bio.re"},
+                enrichment={"referrer_domain": "bio.re"},
                 visitor_key=f"ipua:{secrets.token_hex(8)}",
                 out_of_window=False,
                 payload={"code": "c1", "referrer": REFERRER},
                 bot_counted=False,
                 device_id=1,
+                place_id=None,
             )
         )
     return out

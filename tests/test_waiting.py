@@ -289,6 +289,12 @@ class _BrokenEnricher:
     def device_doc(self, device: Any) -> Any:
         return self._real().device_doc(device)
 
+    def place_of(self, ip: Any) -> Any:  # the places a batch names, made before it (schema 17)
+        return self._real().place_of(ip)
+
+    def place_doc(self, place: Any) -> Any:
+        return self._real().place_doc(place)
+
     def _real(self) -> Any:
         from workers.consumer.enrich import Enricher
 

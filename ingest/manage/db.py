@@ -49,7 +49,8 @@ from ingest.manage import online
 #     event_enrichment() reads either form
 # 17: a flag holds what its event's row does not (event_flags' link_id, type, received_at
 #     nullable, written NULL; event_flags_link dropped; click_burst's evidence without the
-#     address)
+#     address); what an address tells of its network (AS name, city, region, coordinates)
+#     once per network (event_places, events.place_id), event_enrichment(doc, device, place, ...)
 SCHEMA_VERSION = 17
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`

@@ -98,7 +98,7 @@ _EVENT_COLUMNS = (
 _UPDATE_EVENTS = f"""
 UPDATE events e SET visitor_id = x.visitor_id, visitor_key = x.visitor_key,
     customer_external_id = x.customer_external_id, dedupe_key = x.dedupe_key, enrichment = x.enrichment,
-    payload = x.payload, ip = NULL, user_agent = NULL, referrer = NULL, asn = NULL
+    payload = x.payload, ip = NULL, user_agent = NULL, referrer = NULL, asn = NULL, place_id = NULL
 FROM {jsonrows.table([t for _, t in _EVENT_COLUMNS], "x(" + ", ".join(n for n, _ in _EVENT_COLUMNS) + ")")}
 WHERE e.event_id = x.event_id
 """

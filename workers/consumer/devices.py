@@ -1,17 +1,26 @@
-"""The ``event_devices`` dictionary (schema.sql, version 16): what a User-Agent says of the
-browser, and the versions of the data and parsers that said it, stored once and named by
-each enriched row's ``device_id`` instead of written into every row's ``enrichment``.
+"""The enrichment's dictionaries (schema.sql): what repeats across clicks, stored once and
+named by each enriched row instead of written into every row's ``enrichment``.
+
+- ``event_devices`` (version 16), named by ``device_id``: what a User-Agent says of the
+  browser, and the versions of the data and parsers that said it.
+- ``event_places`` (version 17), named by ``place_id``: what the geo data says of an
+  address's network beside its country and AS number (AS name, city, region,
+  coordinates); none where it says nothing more.
 
 A batch's entries are made before its transaction, in a statement of their own that
-commits at once (``store._write_retried``): a new browser build is written once, by
-whichever batch meets it first, and no batch holds a lock on it while it stores its
+commits at once (``store._write_retried``): a new browser build or network is written once,
+by whichever batch meets it first, and no batch holds a lock on it while it stores its
 events. An entry made for a batch that then rolls back is named by no row; it is no one's
-data (an erasure never scrubbed the device fields) and the next batch of that browser
-names it. Entries are never deleted, so an id once read stays right."""
+data (the geo data's and the parsers', not a visitor's: an erasure scrubs the row's names
+of them, never the dictionary) and the next batch that meets it names it. Entries are
+never deleted, so an id once read stays right: each dictionary is bounded by what the data
+can say (browser builds seen times the worker builds that parsed them; the geo data's
+networks), not by the traffic."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -19,41 +28,76 @@ import asyncpg
 from ingest.contract import jsonrows
 from workers.consumer.enrich import Enricher
 
-# a Found.device -> its entry's id
-Known = dict[tuple[Any, ...], int]
+
+@dataclass(slots=True)
+class Known:
+    """The entries a batch names: a ``Found.device`` -> its ``event_devices`` id, a
+    ``Found.place`` -> its ``event_places`` id."""
+
+    devices: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    places: dict[tuple[Any, ...], int] = field(default_factory=dict)
+
+    def copy(self) -> Known:
+        return Known(dict(self.devices), dict(self.places))
+
 
 # made in one order (a new entry waits only on another batch's statement, never on a
 # transaction), and found: made by this statement, or there before it. One made by another
-# statement since this one's snapshot conflicts and is not seen: ``ids`` asks again
-_ENSURE = f"""
-WITH x AS (SELECT * FROM {jsonrows.table(("integer", "jsonb"), "x(n, doc)")}),
+# statement since this one's snapshot conflicts and is not seen: ``_ensure`` asks again
+_ENSURE = """
+WITH x AS (SELECT * FROM {rows}),
 made AS (
-    INSERT INTO event_devices (doc) SELECT DISTINCT doc FROM x ORDER BY doc
+    INSERT INTO {table} (doc) SELECT DISTINCT doc FROM x ORDER BY doc
     ON CONFLICT (doc) DO NOTHING
     RETURNING id, doc
 )
 SELECT x.n, coalesce(m.id, d.id) AS id
-FROM x LEFT JOIN made m ON m.doc = x.doc LEFT JOIN event_devices d ON d.doc = x.doc
+FROM x LEFT JOIN made m ON m.doc = x.doc LEFT JOIN {table} d ON d.doc = x.doc
 """
+_SQL = {
+    table: _ENSURE.format(table=table, rows=jsonrows.table(("integer", "jsonb"), "x(n, doc)"))
+    for table in ("event_devices", "event_places")
+}
 _TRIES = 3
 
 
 async def ids(
-    conn: asyncpg.Connection, enricher: Enricher | None, user_agents: Sequence[str | None], known: Known | None = None
+    conn: asyncpg.Connection,
+    enricher: Enricher | None,
+    visitors: Sequence[tuple[str | None, str | None]],
+    known: Known | None = None,
 ) -> Known:
-    """``known`` and the entry of every device these User-Agents name that it lacks, made
-    where there is none yet."""
-    known = dict(known or {})
-    if enricher is None or not user_agents:
+    """``known`` and the entry of every device and place these (User-Agent, address) pairs
+    name that it lacks, made where there is none yet."""
+    known = known.copy() if known is not None else Known()
+    if enricher is None or not visitors:
         return known
-    wanted = sorted({enricher.device_of(ua) for ua in user_agents} - known.keys(), key=repr)
+    devices = {enricher.device_of(ua) for ua, _ in visitors} - known.devices.keys()
+    # a place only where the address told more than its country (else the row names none)
+    places = {p for p in (enricher.place_of(ip) for _, ip in visitors) if enricher.place_doc(p)}
+    await _ensure(conn, "event_devices", devices, enricher.device_doc, known.devices)
+    await _ensure(conn, "event_places", places - known.places.keys(), _doc_of(enricher), known.places)
+    return known
+
+
+def _doc_of(enricher: Enricher) -> Callable[[tuple[Any, ...]], dict[str, Any]]:
+    return lambda place: enricher.place_doc(place) or {}  # never {}: only places that tell something
+
+
+async def _ensure(
+    conn: asyncpg.Connection,
+    table: str,
+    wanted_set: set[tuple[Any, ...]],
+    doc: Callable[[tuple[Any, ...]], dict[str, Any]],
+    known: dict[tuple[Any, ...], int],
+) -> None:
+    wanted = sorted(wanted_set, key=repr)
     for _ in range(_TRIES):
         todo = [d for d in wanted if d not in known]
         if not todo:
-            return known
-        rows = await conn.fetch(_ENSURE, jsonrows.doc([(n, enricher.device_doc(d)) for n, d in enumerate(todo)]))
+            return
+        rows = await conn.fetch(_SQL[table], jsonrows.doc([(n, doc(d)) for n, d in enumerate(todo)]))
         known.update({todo[r["n"]]: r["id"] for r in rows if r["id"] is not None})
     missing = [d for d in wanted if d not in known]
     if missing:
-        raise RuntimeError(f"event_devices: {len(missing)} entries neither made nor found")
-    return known
+        raise RuntimeError(f"{table}: {len(missing)} entries neither made nor found")

@@ -93,6 +93,9 @@ class Enrichment:
 _ENRICHMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Enrichment))
 # what a User-Agent alone tells (device.Device.doc's keys, in its order)
 DEVICE_FIELDS = tuple(device.NO_UA.doc)
+# what the geo data tells of an address beside its country and AS number: the same for every
+# address of a network, whatever the workspace's IP policy stores of the address itself
+PLACE_FIELDS = ("as_name", "city", "region", "latitude", "longitude")
 
 
 class Found(NamedTuple):
@@ -105,6 +108,8 @@ class Found(NamedTuple):
     doc: dict[str, Any]  # == Enrichment.to_json() of the same input
     # what the User-Agent said: the values of DEVICE_FIELDS (``Enricher.device_doc``)
     device: tuple[Any, ...]
+    # what the address said of its network: the values of PLACE_FIELDS (``Enricher.place_doc``)
+    place: tuple[Any, ...]
 
     @property
     def is_bot(self) -> bool:
@@ -168,7 +173,7 @@ class Enricher:
         """Enrich one event. Never raises on bad input (malformed IP, odd UA, junk referrer);
         raises ValueError only for an unknown `ip_policy`, which is a caller bug."""
         where, ua, bot_reason = self._parts(ip, user_agent, ip_policy)
-        ip_out, country, as_name, place, _ = where
+        ip_out, country, as_name, place, _, _ = where
         return Enrichment(
             ip=ip_out,
             country=country,
@@ -207,7 +212,7 @@ class Enricher:
             "referrer_domain": _referrer_domain(referrer) if referrer else None,
             "versions": dict(self.versions),
         }
-        return Found(where.ip, where.country, where.place.asn, bot_reason, doc, tuple(ua.doc.values()))
+        return Found(where.ip, where.country, where.place.asn, bot_reason, doc, tuple(ua.doc.values()), where.spot)
 
     def device_of(self, user_agent: str | None) -> tuple[Any, ...]:
         """``Found.device`` of any enrichment of ``user_agent`` (from the User-Agent cache)."""
@@ -218,6 +223,17 @@ class Enricher:
         """A ``Found.device`` as ``event_devices`` holds it: its fields as ``doc`` has them,
         and the versions of the data and parsers (schema.sql, version 16)."""
         return {**dict(zip(DEVICE_FIELDS, device, strict=True)), "versions": dict(self.versions)}
+
+    def place_of(self, ip: str | None) -> tuple[Any, ...]:
+        """``Found.place`` of any enrichment of ``ip`` (from the address cache): the same
+        under every IP policy, which changes only the address stored."""
+        return self._where(ip, "full").spot if ip else _NOWHERE.spot
+
+    @staticmethod
+    def place_doc(place: tuple[Any, ...]) -> dict[str, Any] | None:
+        """A ``Found.place`` as ``event_places`` holds it: its fields that are not null (a
+        null one reads as null), None when all are (no entry: the row names none)."""
+        return {k: v for k, v in zip(PLACE_FIELDS, place, strict=True) if v is not None} or None
 
     def stored_ip(self, ip: str | None, ip_policy: str = "full") -> str | None:
         """The address as stored under ``ip_policy`` (``enrich(ip, ...).ip``), from the
@@ -289,6 +305,7 @@ class _Where(NamedTuple):
     as_name: str | None
     place: _City
     doc: dict[str, Any]  # these as Enrichment.to_json has them (never handed out)
+    spot: tuple[Any, ...]  # doc's PLACE_FIELDS values: ``Found.place``
 
 
 def _where(ip: str | None, country: str | None, as_name: str | None, place: _City) -> _Where:
@@ -302,7 +319,7 @@ def _where(ip: str | None, country: str | None, as_name: str | None, place: _Cit
         "latitude": place.latitude,
         "longitude": place.longitude,
     }
-    return _Where(ip, country, as_name, place, doc)
+    return _Where(ip, country, as_name, place, doc, tuple(doc[k] for k in PLACE_FIELDS))
 
 
 _NOWHERE = _where(None, None, None, _NO_CITY)

@@ -39,6 +39,7 @@ class EventRow(NamedTuple):
     payload: dict[str, Any]
     bot_counted: bool
     device_id: int | None  # its event_devices entry: set where enrichment is
+    place_id: int | None  # its event_places entry: where the address told more than its country
 
 
 SQL_TYPES = {
@@ -68,15 +69,17 @@ SQL_TYPES = {
     "payload": "jsonb",
     "bot_counted": "boolean",
     "device_id": "integer",
+    "place_id": "integer",
 }
 COLUMNS: tuple[tuple[str, str], ...] = tuple((name, SQL_TYPES[name]) for name in EventRow._fields)
 
 
-# of an enrichment's document, what the row keeps: what its address and referrer told and
-# no column of the row holds (``ip``, ``country``, ``asn`` and ``is_bot`` are columns, the
-# device and the versions are the ``event_devices`` entry's); event_enrichment() in
-# schema.sql puts the document together again
-ROW_FIELDS = ("as_name", "city", "region", "latitude", "longitude", "bot_reason", "referrer_domain")
+# of an enrichment's document, what the row keeps: what no column of the row holds nor an
+# entry it names (``ip``, ``country``, ``asn`` and ``is_bot`` are columns, the device and the
+# versions are the ``event_devices`` entry's, the AS name, city, region and coordinates the
+# ``event_places`` entry's: schema 17); event_enrichment() in schema.sql puts the document
+# together again
+ROW_FIELDS = ("bot_reason", "referrer_domain")
 
 
 def row_enrichment(doc: dict[str, Any]) -> dict[str, Any] | None:

@@ -157,7 +157,7 @@ async def _write_retried(
         async with pool.acquire() as conn:
             # before the batch's transaction: an entry is made once, committed at once, and
             # held by no batch's lock (a batch rolled back leaves it, unnamed: no one's data)
-            known = await devices.ids(conn, enricher, [e.user_agent for e in envelopes if _enriched(e)])
+            known = await devices.ids(conn, enricher, [(e.user_agent, e.ip) for e in envelopes if _enriched(e)])
             async with conn.transaction():
                 return await _write(conn, envelopes, enricher, effects, known)
 
@@ -271,9 +271,9 @@ async def _write(
             again = await erasure.Ledger.read(conn, everything)
             result.scrubbed += len(again.scrubbed(everything, workspaces))
     envelopes = [e for e in everything if e.type is not EventType.SALE]
-    # the devices made before the transaction (``known``), and any other made here (held
-    # until the commit): an erased person's click is enriched without its User-Agent
-    known = await devices.ids(conn, enricher, [e.user_agent for e in envelopes if _enriched(e)], known)
+    # the devices and places made before the transaction (``known``), and any other made here
+    # (held until the commit): an erased person's click is enriched without its User-Agent
+    known = await devices.ids(conn, enricher, [(e.user_agent, e.ip) for e in envelopes if _enriched(e)], known)
     sold = [e for e in everything if e.type is EventType.SALE]  # stored last (workers/consumer/sales.py)
     # bot_policy "count": a bot's click is a click too (still is_bot, still in bot_clicks).
     # Decided here, once per batch, and recorded on the row (bot_counted) for reconcile
@@ -324,7 +324,8 @@ async def _write(
             out_of_window=_out_of_window(e, link),
             payload=e.payload,
             bot_counted=is_bot and link.workspace_id in counting,
-            device_id=known[found.device] if found else None,
+            device_id=known.devices[found.device] if found else None,
+            place_id=known.places[found.place] if found and any(v is not None for v in found.place) else None,
         )
         batch.append(row)
         kept[e.event_id] = Stored(
