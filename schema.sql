@@ -913,3 +913,18 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
                                  ELSE coalesce(doc, '{}') || (SELECT p.doc FROM event_places p WHERE p.id = place) END,
                             device, ip, country, asn, is_bot)
 $$;
+
+-- Schema version 17, too: a row's payload without what the row holds. Every event is stored
+-- under the link its payload's `code` named, and a click's `referrer` column is its
+-- payload's referrer: the worker leaves both out of `payload` (a row without a `code` is of
+-- this form), and `event_payload(payload, link_id, referrer)` puts them back (GET
+-- /v1/events and the console read it so). A row written before keeps its payload whole and
+-- reads as it is. An erasure scrubs the payload it stores and NULLs `referrer`, so either
+-- form reads without the referrer after it.
+CREATE OR REPLACE FUNCTION event_payload(payload jsonb, link uuid, referrer text) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN payload ? 'code' THEN payload
+                ELSE payload || jsonb_build_object('code', (SELECT l.code FROM links l WHERE l.id = link))
+                     || CASE WHEN referrer IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('referrer', referrer) END
+           END
+$$;

@@ -1,8 +1,10 @@
 """`refstream migrate` from schema 16 to 17 on a database holding today's rows: what an
 address tells of its network (AS name, city, region, coordinates) moves to `event_places`,
-named by the row's `place_id`. Rows written before keep their document and read as they
-did; rows written after read the same through `event_enrichment`; an erasure scrubs either;
-and the rollback (docs/operations.md) puts every place back into its rows' documents."""
+named by the row's `place_id`, and a row's payload leaves out its link's code and its
+referrer. Rows written before keep their document and payload and read as they did; rows
+written after read the same through `event_enrichment` and `event_payload`; an erasure
+scrubs either; and the rollback (docs/operations.md) puts every place back into its rows'
+documents and every payload back whole."""
 
 from __future__ import annotations
 
@@ -40,9 +42,9 @@ _V16_DEVICE = """
 WITH made AS (INSERT INTO event_devices (doc) VALUES ($1::text::jsonb) ON CONFLICT (doc) DO NOTHING RETURNING id)
 SELECT id FROM made UNION ALL SELECT id FROM event_devices WHERE doc = $1::text::jsonb
 """
-# GET /v1/events' enrichment as schema 16 read it
+# GET /v1/events' enrichment and payload as schema 16 read them
 _V16_EVENTS = (
-    "SELECT event_id, event_enrichment(enrichment, device_id, ip, country, asn, is_bot) AS enrichment"
+    "SELECT event_id, event_enrichment(enrichment, device_id, ip, country, asn, is_bot) AS enrichment, payload"
     " FROM events WHERE workspace_id = $1"
 )
 # docs/operations.md, "Migrating to schema 17", rolling back the places: one page of it
@@ -57,11 +59,24 @@ SELECT event_id FROM page ORDER BY event_id DESC LIMIT 1
 """
 
 
+# the same, for the payloads
+ROLLBACK_PAYLOADS = """
+WITH page AS (
+    SELECT event_id FROM events WHERE event_id > $1 ORDER BY event_id LIMIT 1000
+), done AS (
+    UPDATE events e SET payload = event_payload(e.payload, e.link_id, e.referrer)
+    FROM page WHERE e.event_id = page.event_id AND NOT e.payload ? 'code'
+)
+SELECT event_id FROM page ORDER BY event_id DESC LIMIT 1
+"""
+
+
 async def rolled_back(conn: asyncpg.Connection) -> None:
-    """The rollback's statement, page by page, to the end."""
-    last = uuid.UUID(int=0)
-    while (last := await conn.fetchval(ROLLBACK, last)) is not None:
-        pass
+    """The rollback's statements, page by page, to the end."""
+    for statement in (ROLLBACK, ROLLBACK_PAYLOADS):
+        last = uuid.UUID(int=0)
+        while (last := await conn.fetchval(statement, last)) is not None:
+            pass
 
 
 async def _v16_click(
@@ -119,7 +134,9 @@ async def test_a_schema_16_database_with_rows_takes_the_places_of_schema_17(
         workspace = str(link["workspace_id"])
         old = [await _v16_click(conn, enricher, link, f"vo{i}", c) for i, c in enumerate(CLICKS)]
         person = await _v16_click(conn, enricher, link, "vp", CLICKS[0])
-        before = {str(r["event_id"]): r["enrichment"] for r in await pool.fetch(_V16_EVENTS, link["workspace_id"])}
+        v16_rows = await pool.fetch(_V16_EVENTS, link["workspace_id"])
+        before = {str(r["event_id"]): r["enrichment"] for r in v16_rows}
+        payloads = {str(r["event_id"]): r["payload"] for r in v16_rows}
         assert before[str(old[0])]["as_name"]  # the test can fail: the address told a network
         assert not (await schema_check.check_url(scratch_url)).ok
 
@@ -127,6 +144,7 @@ async def test_a_schema_16_database_with_rows_takes_the_places_of_schema_17(
         assert (await schema_check.check_url(scratch_url)).ok
         after = await _api(pool, workspace)
         assert before == {k: v["enrichment"] for k, v in after.items()}  # read as they were, untouched
+        assert payloads == {k: v["payload"] for k, v in after.items()}
         assert await conn.fetchval("SELECT count(*) FROM events WHERE place_id IS NOT NULL") == 0
 
         # the same clicks written now: each network once, named by the row; read the same
@@ -137,6 +155,11 @@ async def test_a_schema_16_database_with_rows_takes_the_places_of_schema_17(
         for was, now in zip(old, new, strict=True):
             a, b = answers[str(was)], answers[str(now.event_id)]
             assert {k: a[k] for k in _SAME} == {k: b[k] for k in _SAME}
+            assert b["payload"] == now.payload  # as the client sent it, code and referrer read back
+        stored = await conn.fetch(
+            "SELECT payload::text FROM events WHERE event_id = ANY($1::uuid[])", [e.event_id for e in new]
+        )
+        assert not any({"code", "referrer"} & set(orjson.loads(r[0])) for r in stored)
         for e, (ip, _, _) in zip(new, CLICKS, strict=True):
             row = await conn.fetchrow("SELECT enrichment, place_id FROM events WHERE event_id = $1", e.event_id)
             if (place := enricher.place_doc(enricher.place_of(ip))) is None:
@@ -157,14 +180,17 @@ async def test_a_schema_16_database_with_rows_takes_the_places_of_schema_17(
         erased = await _api(pool, workspace)
         for i, doc in zip(ids, unerased, strict=True):
             assert erased[i]["enrichment"] == doc | dict.fromkeys(ledger.ENRICHMENT_PERSONAL)
+            assert answers[i]["payload"]["referrer"] and "referrer" not in erased[i]["payload"]
+            assert erased[i]["payload"]["code"] == "OLD1"
         assert await conn.fetchval("SELECT count(*) FROM event_places") == len(places)
 
         # the rollback: every place back in its rows' documents, read the same by schema 16's read
         reads = await _api(pool, workspace)
         await rolled_back(conn)
         assert await conn.fetchval("SELECT count(*) FROM events WHERE place_id IS NOT NULL") == 0
-        v16 = {str(r["event_id"]): r["enrichment"] for r in await pool.fetch(_V16_EVENTS, link["workspace_id"])}
-        assert v16 == {k: v["enrichment"] for k, v in reads.items()}
+        v16_rows = await pool.fetch(_V16_EVENTS, link["workspace_id"])
+        assert {str(r["event_id"]): r["enrichment"] for r in v16_rows} == {k: v["enrichment"] for k, v in reads.items()}
+        assert {str(r["event_id"]): r["payload"] for r in v16_rows} == {k: v["payload"] for k, v in reads.items()}
     finally:
         ledger.forget_salt()
         enricher.close()

@@ -61,7 +61,7 @@ def _stored(flt: Filter, floor: uuid.UUID, link_id: uuid.UUID | None = None) -> 
     args += [SCAN_ROWS, SHOWN]
     sql = f"""
 SELECT e.event_id, e.type, e.workspace_id, l.code, e.dialect, e.received_at, e.processed_at,
-       e.is_bot, e.test_mode, e.out_of_window, e.payload
+       e.is_bot, e.test_mode, e.out_of_window, event_payload(e.payload, e.link_id, e.referrer) AS payload
 FROM (SELECT * FROM events e WHERE {" AND ".join(inner)} ORDER BY e.event_id DESC LIMIT ${len(args) - 1}) e
 LEFT JOIN links l ON l.id = e.link_id
 WHERE {" AND ".join(outer)}

@@ -36,7 +36,7 @@ class EventRow(NamedTuple):
     enrichment: dict[str, Any] | None  # what row_enrichment keeps of it (schema 16)
     visitor_key: str | None
     out_of_window: bool
-    payload: dict[str, Any]
+    payload: dict[str, Any]  # what row_payload keeps of it (schema 17)
     bot_counted: bool
     device_id: int | None  # its event_devices entry: set where enrichment is
     place_id: int | None  # its event_places entry: where the address told more than its country
@@ -91,6 +91,15 @@ def row_enrichment(doc: dict[str, Any]) -> dict[str, Any] | None:
     if (ip := doc["ip"]) is not None and ":" in ip:
         out["ip"] = ip
     return out or None
+
+
+def row_payload(payload: dict[str, Any], code: str) -> dict[str, Any]:
+    """What the row stores of an event's ``payload`` (schema 17): without its ``code``, the
+    code of the row's link, nor a ``referrer`` of text, the row's ``referrer`` column.
+    event_payload() in schema.sql puts them back; a row without a ``code`` is of this form."""
+    if payload.get("code") != code:  # never so (the link was found by it): kept whole, read as it is
+        return payload
+    return {k: v for k, v in payload.items() if k != "code" and (k != "referrer" or not isinstance(v, str))}
 
 
 def plain(rows: list[EventRow]) -> list[tuple[Any, ...]]:

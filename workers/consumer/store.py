@@ -322,7 +322,7 @@ async def _write(
             enrichment=event_row.row_enrichment(found.doc) if found else None,
             visitor_key=_visitor_key(e),
             out_of_window=_out_of_window(e, link),
-            payload=e.payload,
+            payload=event_row.row_payload(e.payload, link.code),
             bot_counted=is_bot and link.workspace_id in counting,
             device_id=known.devices[found.device] if found else None,
             place_id=known.places[found.place] if found and any(v is not None for v in found.place) else None,
