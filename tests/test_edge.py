@@ -177,3 +177,29 @@ async def test_readyz_reports_postgres(edge: str, settings: Settings):
                 assert r.status == 503 and body["postgres"].startswith("error") and body["redis"] == "ok"
     finally:
         await runner.cleanup()
+
+
+async def test_the_edge_settles_the_collector_once_started(settings: Settings, redis, pg) -> None:
+    """Once its resources are made, the edge freezes what startup built and collects the
+    youngest generation after ``EDGE_YOUNG`` new containers (ingest.contract.heap)."""
+    import gc
+
+    from ingest.contract import heap
+    from ingest.host.app import EDGE_YOUNG
+
+    from ._world import start_edge
+
+    threshold = gc.get_threshold()
+    heap.settle_once.cache_clear()
+    gc.unfreeze()
+    gc.set_threshold(700, *threshold[1:])
+    try:
+        assert gc.get_freeze_count() == 0
+        runner, _ = await start_edge(settings)
+        try:
+            assert gc.get_threshold()[0] == EDGE_YOUNG and gc.get_freeze_count() > 1000
+        finally:
+            await runner.cleanup()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

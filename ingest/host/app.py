@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ingest.contract import clock, erasure, links
+from ingest.contract import clock, erasure, heap, links
 from ingest.contract.connections import connect_redis, create_pg_pool, pg_unavailable
 from ingest.contract.drops import DropTally
 from ingest.contract.events import unique_token
@@ -41,6 +41,9 @@ from ingest.spool.spool import Spool
 
 log = structlog.get_logger("ingest.app")
 PG_CLOSE_S = 10.0  # a stopping edge waits this long for its Postgres connections to come back
+# the youngest generation collected after this many net new containers (ingest.contract.heap):
+# a request's objects die with it, so only what outlives requests (caches) grows it
+EDGE_YOUNG = 10_000
 
 
 def _request_id(request: web.Request) -> str:
@@ -191,6 +194,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     )
     drops.start()
     app[EDGE].suppress.start(pg, settings.suppression_refresh_s)
+    heap.settle_once(EDGE_YOUNG)  # everything startup built is made: out of the collector's sight
     try:
         yield
     finally:

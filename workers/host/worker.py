@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import os
 import signal
 import socket
@@ -26,7 +25,7 @@ import structlog
 from arq import Worker, cron
 from arq.connections import create_pool
 
-from ingest.contract import clock, links
+from ingest.contract import clock, heap, links
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
 from ingest.contract.logs import error_fields
@@ -77,20 +76,12 @@ async def consumer(settings: Settings) -> AsyncIterator[Consumer]:
 
 
 def settle_heap(batch_size: int) -> None:
-    """Tune the cyclic garbage collector for a batch pipeline (the worker: once per process).
-
-    What startup built (the geo tables, the UA regexes, the modules: ~10^5 container
-    objects that live as long as the process) is moved out of the collector's sight: every
-    full collection walked all of it, ~150 ms each on the bench machine, several times a
-    drain: a quarter of the worker's CPU, and a stall of every partition at once (the
-    accept→commit p99). And the youngest generation is collected after 20 new containers
-    per event of a batch rather than after 700: a batch keeps that many alive until it
-    commits, so at 700 each batch paid several collections that found nothing but the
-    batch itself (and promoted it, to be walked again). Cycles are still collected."""
-    gc.collect()
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(max(700, 20 * batch_size), older, oldest)
+    """The collector tuned for a batch pipeline (``ingest.contract.heap``; the worker: once
+    per process): the youngest generation is collected after 20 new containers per event of
+    a batch rather than after 700, since a batch keeps that many alive until it commits, so
+    at 700 each batch paid several collections that found nothing but the batch itself
+    (and promoted it, to be walked again)."""
+    heap.settle(20 * batch_size)
 
 
 _settle_heap_once = functools.cache(settle_heap)
