@@ -136,6 +136,22 @@ async def test_the_queue_is_bounded(settings: Settings):
         await proxy.close()
 
 
+async def test_an_answered_request_is_let_go_at_once_not_at_its_deadline(settings: Settings) -> None:
+    """The batcher keeps each caller in its deadline queue only until answered: with a
+    deadline of an hour, nothing is still held after the round trips (what it held was what
+    the collector's young generation walked, ``ingest.contract.heap``)."""
+    client = aioredis.Redis.from_url(settings.redis_url)
+    batcher = RedisBatcher(client, deadline_s=3600.0, max_commands=4)
+    get = ("GET", f"{settings.stream_prefix}:held")
+    try:
+        answers = await asyncio.gather(*[batcher.execute(get, get) for _ in range(10)])
+        assert answers == [[None, None]] * 10
+        assert not batcher._waiting
+    finally:
+        await batcher.close()
+        await client.aclose()
+
+
 # -- the routes --------------------------------------------------------------------------
 
 
