@@ -130,6 +130,7 @@ class RedisBatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop  # the flusher's, set as it starts
         self._scripts: dict[str, str] = {}
         # told the stream of each append that found its partition gone (the layout's watch)
         self.gone: Callable[[str | None], None] | None = None
@@ -159,7 +160,8 @@ class RedisBatcher:
             raise Backpressure(f"{self._queued} Redis commands queued already (REFSTREAM_REDIS_MAX_QUEUED)")
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="redis-batcher")
-        loop = asyncio.get_running_loop()
+            self._loop = asyncio.get_running_loop()
+        loop = self._loop  # the flusher's: asyncio.get_running_loop() costs a getpid() a call
         item = _Item(commands, durable, loop.create_future(), loop.time() + self._deadline, check)
         self._queue.append(item)
         self._queued += len(commands)
@@ -172,7 +174,7 @@ class RedisBatcher:
     def _expire(self) -> None:
         """Fail the callers whose deadline passed; wake again at the next one's."""
         self._timer = None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now = loop.time()
         waiting = self._waiting
         while waiting and (waiting[0].fut.done() or waiting[0].due <= now):

@@ -13,6 +13,7 @@ deadline, where they are read (``ingest.edge.body``).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +40,13 @@ class ConnectionGuard:
 
     def idle(self, protocol: Any) -> None:
         if self.enabled and protocol is not None:
-            self.deadlines[protocol] = asyncio.get_running_loop().time() + self.keepalive_timeout_s
+            # the monotonic clock, as sweep reads it (asyncio.get_running_loop() asks the OS for
+            # this process's pid on every call: a system call a request)
+            self.deadlines[protocol] = time.monotonic() + self.keepalive_timeout_s
 
     def sweep(self, connections: list[RequestHandler]) -> int:
         """One pass: new connections get their header deadline, late ones are closed."""
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         closed = 0
         live = set(connections)
         for gone in [c for c in self.deadlines if c not in live]:
