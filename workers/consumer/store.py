@@ -271,9 +271,11 @@ async def _write(
             again = await erasure.Ledger.read(conn, everything)
             result.scrubbed += len(again.scrubbed(everything, workspaces))
     envelopes = [e for e in everything if e.type is not EventType.SALE]
-    # the devices and places made before the transaction (``known``), and any other made here
-    # (held until the commit): an erased person's click is enriched without its User-Agent
-    known = await devices.ids(conn, enricher, [(e.user_agent, e.ip) for e in envelopes if _enriched(e)], known)
+    # the devices and places made before the transaction (``known``, for these envelopes as
+    # they came), and any other made here (held until the commit): an erased person's click
+    # is enriched without its User-Agent and address, so only a scrub can name one not made
+    if known is None or result.scrubbed:
+        known = await devices.ids(conn, enricher, [(e.user_agent, e.ip) for e in envelopes if _enriched(e)], known)
     sold = [e for e in everything if e.type is EventType.SALE]  # stored last (workers/consumer/sales.py)
     # bot_policy "count": a bot's click is a click too (still is_bot, still in bot_clicks).
     # Decided here, once per batch, and recorded on the row (bot_counted) for reconcile
