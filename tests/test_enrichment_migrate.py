@@ -7,7 +7,6 @@ rollback (docs/operations.md) gives every row its whole document back."""
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -22,12 +21,10 @@ from ingest.manage import manage, schema_check
 from ingest.manage.db import SCHEMA_VERSION, ensure_database, migrate
 from ingest.privacy import erasure as pg_erasure
 from workers.consumer.enrich import Enricher
-from workers.consumer.partitions import maintain
 from workers.consumer.store import write_batch
 
+from ._migrate import old_database
 from ._world import BROWSER
-
-V15 = Path(__file__).parent / "data" / "schema_v15.sql"
 
 _WORLD = """
 WITH w AS (INSERT INTO workspaces (name) VALUES ('old') RETURNING id),
@@ -129,13 +126,7 @@ async def test_a_schema_15_database_with_rows_takes_schema_16(scratch_url: str, 
     pool = await create_pg_pool(settings.model_copy(update={"database_url": scratch_url}), min_size=1, max_size=2)
     enricher = Enricher()
     try:
-        await conn.execute(V15.read_text())
-        await conn.execute(
-            "CREATE TABLE refstream_schema (singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),"
-            " version integer NOT NULL, migrated_at timestamptz NOT NULL DEFAULT now());"
-            " INSERT INTO refstream_schema (version) VALUES (15)"
-        )
-        await maintain(conn, retention_days=30, dedupe_days=60)
+        await old_database(conn, 15)
         link = await conn.fetchrow(_WORLD)
         workspace = str(link["workspace_id"])
         old = [await _v15_click(conn, enricher, link, f"vo{i}", c) for i, c in enumerate(CLICKS)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -23,12 +22,10 @@ from ingest.manage import schema_check
 from ingest.manage.db import SCHEMA_VERSION, ensure_database, migrate
 from ingest.privacy import erasure_affiliate
 from workers.consumer import drops
-from workers.consumer.partitions import maintain
 from workers.consumer.store import write_batch
 
+from ._migrate import old_database
 from ._world import BROWSER
-
-V16 = Path(__file__).parent / "data" / "schema_v16.sql"
 
 _WORLD = """
 WITH w AS (INSERT INTO workspaces (name) VALUES ('old') RETURNING id),
@@ -90,13 +87,7 @@ async def test_a_schema_16_database_with_flags_takes_schema_17(scratch_url: str,
     conn = await asyncpg.connect(scratch_url)
     pool = await create_pg_pool(settings.model_copy(update={"database_url": scratch_url}), min_size=1, max_size=2)
     try:
-        await conn.execute(V16.read_text())
-        await conn.execute(
-            "CREATE TABLE refstream_schema (singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),"
-            " version integer NOT NULL, migrated_at timestamptz NOT NULL DEFAULT now());"
-            " INSERT INTO refstream_schema (version) VALUES (16)"
-        )
-        await maintain(conn, retention_days=30, dedupe_days=60)
+        await old_database(conn, 16)
         link = await conn.fetchrow(_WORLD)
         ws, aff = link["workspace_id"], link["affiliate_id"]
         await conn.execute("INSERT INTO affiliate_ips (affiliate_id, ip) VALUES ($1, $2::inet)", aff, OLD_IP)

@@ -23,6 +23,8 @@ from ingest.privacy import erasure_late
 from workers.consumer.partitions import maintain
 from workers.consumer.store import write_batch
 
+from ._migrate import old_database
+
 V13 = Path(__file__).parent / "data" / "schema_v13.sql"
 
 _WORLD = """
@@ -114,19 +116,14 @@ async def test_a_schema_13_database_with_rows_takes_schema_14_online(scratch_url
     conn = await asyncpg.connect(scratch_url)
     pool = await create_pg_pool(settings.model_copy(update={"database_url": scratch_url}), min_size=1, max_size=2)
     try:
-        await conn.execute(V13.read_text())
-        await conn.execute(
-            "CREATE TABLE refstream_schema (singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),"
-            " version integer NOT NULL, migrated_at timestamptz NOT NULL DEFAULT now());"
-            " INSERT INTO refstream_schema (version) VALUES (13)"
-        )
-        await maintain(conn, retention_days=30, dedupe_days=60)
+        await old_database(conn, 13)
         links = {r["code"]: r for r in await conn.fetch(_WORLD)}
         workspace, link = str(links["OLD1"]["workspace_id"]), str(links["OLD1"]["id"])
         envelopes, known = _traffic(workspace)
         # the rows as this build's worker writes them: it names events.device_id (schema
-        # 16), which alone is added ahead (nullable: rows without it are schema 13's own)
-        await conn.execute("ALTER TABLE events ADD COLUMN device_id integer")
+        # 16) and place_id (17), which alone are added ahead (nullable: rows without them are
+        # schema 13's own)
+        await conn.execute("ALTER TABLE events ADD COLUMN device_id integer, ADD COLUMN place_id integer")
         done = await write_batch(pool, envelopes)
         assert done.inserted == len(envelopes)
         before = await _answers(conn, workspace, link, known["click"])

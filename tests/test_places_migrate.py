@@ -9,7 +9,6 @@ documents and every payload back whole."""
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import asyncpg
 import orjson
@@ -23,12 +22,11 @@ from ingest.manage import schema_check
 from ingest.manage.db import SCHEMA_VERSION, ensure_database, migrate
 from ingest.privacy import erasure as pg_erasure
 from workers.consumer.enrich import Enricher
-from workers.consumer.partitions import maintain
 from workers.consumer.store import write_batch
 
+from ._migrate import old_database
 from .test_enrichment_migrate import _WORLD, CLICKS, _api, _new_click, _payload
 
-V16 = Path(__file__).parent / "data" / "schema_v16.sql"
 # the row's document as schema 16's worker wrote it (workers/consumer/event_row.py, then)
 _V16_ROW_FIELDS = ("as_name", "city", "region", "latitude", "longitude", "bot_reason", "referrer_domain")
 _V16_INSERT = """
@@ -123,13 +121,7 @@ async def test_a_schema_16_database_with_rows_takes_the_places_of_schema_17(
     pool = await create_pg_pool(settings.model_copy(update={"database_url": scratch_url}), min_size=1, max_size=2)
     enricher = Enricher()
     try:
-        await conn.execute(V16.read_text())
-        await conn.execute(
-            "CREATE TABLE refstream_schema (singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),"
-            " version integer NOT NULL, migrated_at timestamptz NOT NULL DEFAULT now());"
-            " INSERT INTO refstream_schema (version) VALUES (16)"
-        )
-        await maintain(conn, retention_days=30, dedupe_days=60)
+        await old_database(conn, 16)
         link = await conn.fetchrow(_WORLD)
         workspace = str(link["workspace_id"])
         old = [await _v16_click(conn, enricher, link, f"vo{i}", c) for i, c in enumerate(CLICKS)]
