@@ -153,5 +153,6 @@ async def test_a_schema_16_database_with_flags_takes_schema_17(scratch_url: str,
         )
         assert [r["ip"] for r in restored] == [NEW_IP, NEW_IP]
     finally:
+        ledger.forget_salt()  # the erasure read this scratch database's salt: no later test's
         await pool.close()
         await conn.close()
