@@ -18,6 +18,6 @@ async def old_database(conn: asyncpg.Connection, version: int) -> None:
     await conn.execute(
         "CREATE TABLE refstream_schema (singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),"
         " version integer NOT NULL, migrated_at timestamptz NOT NULL DEFAULT now());"
-        " INSERT INTO refstream_schema (version) VALUES ($1)".replace("$1", str(int(version)))
+        f" INSERT INTO refstream_schema (version) VALUES ({int(version)})"
     )
     await maintain(conn, retention_days=30, dedupe_days=60)
