@@ -24,6 +24,7 @@ from aiohttp import web
 
 from ingest.contract.settings import Settings
 from ingest.edge.lookup import CHECKED_APPEND
+from ingest.edge.scripts import standalone
 from ingest.edge.state import EDGE
 from ingest.link.once import APPEND_ONCE
 from ingest.spool import store as spool_store
@@ -39,8 +40,8 @@ from .test_refusals import EVENT_ID, FULL, OUTCOME, affixo, full_spool, own, sto
 pytestmark = pytest.mark.once
 
 XADD = b"$4\r\nXADD\r\n"  # the command's name as RESP sends it
-APPEND_ONCE_SHA = hashlib.sha1(APPEND_ONCE.encode()).hexdigest().encode()
-CHECKED_SHA = hashlib.sha1(CHECKED_APPEND.encode()).hexdigest().encode()
+APPEND_ONCE_SHA = hashlib.sha1(standalone(APPEND_ONCE).encode()).hexdigest().encode()
+CHECKED_SHA = hashlib.sha1(standalone(CHECKED_APPEND).encode()).hexdigest().encode()
 
 
 class Stall:

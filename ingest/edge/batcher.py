@@ -6,6 +6,11 @@ that round trip is in flight the next requests queue up, so batches grow with lo
 an idle edge adds no delay. A pipeline is not a transaction: commands may touch keys in
 different cluster slots (the cluster client splits the pipeline by node).
 
+Scripts (``script``): on one Redis server (not a Cluster: keys in many slots), the script
+calls that lead the requests of a round trip go as one EVALSHA of a script holding them all
+(``ingest.edge.scripts``): the rate limits of all its requests are decided together, each
+exactly, and each request is handed its own script's reply (``_leading``, ``_unmerged``).
+
 Backpressure: nothing waits on Redis for longer than the deadline
 (``REFSTREAM_REDIS_DEADLINE_MS``): a request's wait (queue and round trip), a round trip
 (a blackholed connection that never resets), a connect. Past ``REFSTREAM_REDIS_MAX_QUEUED``
@@ -23,7 +28,7 @@ probe interval until a confirmation comes back.
 
 Scripts the server forgot (NOSCRIPT: a restart, SCRIPT FLUSH): a NOSCRIPT reply means the
 script did not run, so the batcher loads its scripts and sends exactly those commands again,
-in a round trip of their own that ends with its own WAIT / WAITAOF when any of them belongs
+in a round trip of their own (merged again where they were) that ends with its own WAIT / WAITAOF when any of them belongs
 to a durable request: an event a rerun appends is confirmed as any other, and a rerun short
 of the level fails the batch's durable requests with ``Unconfirmed``.
 
@@ -61,10 +66,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ingest.contract.connections import Command, Redis, cancelled_meanwhile
 from ingest.contract.errors import NotSent
 from ingest.contract.layout import PartitionGone
+from ingest.edge import scripts
 from ingest.link.breaker import Breaker
 from ingest.link.choice import link_for
 from ingest.link.durability import Durability, Unconfirmed, Undurable
-from ingest.link.resp import ImpossibleReply, Link
+from ingest.link.resp import DirectLink, ImpossibleReply, Link
 
 
 class RedisNotSent(NotSent, RedisConnectionError):
@@ -114,8 +120,12 @@ class RedisBatcher:
         max_queued: int = 20_000,
         durability: Durability | None = None,
         observe: Callable[[int, float], None] | None = None,
+        merge: bool = True,
     ) -> None:
         self._link: Link = link_for(redis)
+        # the scripts leading the requests of a round trip go as one (``ingest.edge.scripts``);
+        # one server only: on a Cluster their keys live in different slots
+        self._merge = merge and isinstance(self._link, DirectLink)
         self._max = max_commands
         self._deadline = deadline_s
         self._max_queued = max_queued
@@ -131,16 +141,25 @@ class RedisBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop  # the flusher's, set as it starts
-        self._scripts: dict[str, str] = {}
+        self._scripts: dict[str, str] = {}  # every source by its sha, to load after NOSCRIPT
+        self._bodies: list[str] = []  # the registered bodies, numbered from 1 in the merged script
+        self._number: dict[str, int] = {}  # a standalone script's sha -> its body's number
+        self._merged_sha: str | None = None  # the merged script of every body registered so far
         # told the stream of each append that found its partition gone (the layout's watch)
         self.gone: Callable[[str | None], None] | None = None
         self.down = Breaker("redis.down")
         self.undurable = Breaker("redis.not_durable")
 
-    def script(self, source: str) -> str:
-        """Register a Lua script; returns the sha to use in ``("EVALSHA", sha, ...)``."""
-        sha = hashlib.sha1(source.encode()).hexdigest()
-        self._scripts[sha] = source
+    def script(self, body: str) -> str:
+        """Register a Lua script's body (``ingest.edge.scripts``); returns the sha to use in
+        ``("EVALSHA", sha, ...)``: its standalone script's."""
+        source = scripts.standalone(body)
+        sha = _sha(source)
+        if sha not in self._number:
+            self._scripts[sha] = source
+            self._bodies.append(body)
+            self._number[sha] = len(self._bodies)
+            self._merged_sha = None  # made again, with this one, when next needed
         return sha
 
     async def execute(self, *commands: Command, durable: bool = False, check: Check | None = None) -> list[Any]:
@@ -267,13 +286,19 @@ class RedisBatcher:
     async def _send(self, batch: list[_Item]) -> tuple[list[Any], Unconfirmed | None]:
         flat = [cmd for item in batch for cmd in item.commands]
         waits = self._durability.waits
-        results, unconfirmed = await self._round_trip(flat, waits and any(item.durable for item in batch))
+        lead = self._leading(batch)
+        results, unconfirmed = await self._round_trip(flat, waits and any(item.durable for item in batch), lead)
         retry = [i for i, r in enumerate(results) if _is_noscript(r)]
         if retry:
             # Redis restarted or flushed its script cache; NOSCRIPT: the script did not run
             await self._link.load_scripts(list(self._scripts.values()))
             durable = [item.durable for item in batch for _ in item.commands]
-            again, short = await self._round_trip([flat[i] for i in retry], waits and any(durable[i] for i in retry))
+            led = set(lead)
+            again, short = await self._round_trip(
+                [flat[i] for i in retry],
+                waits and any(durable[i] for i in retry),
+                [k for k, i in enumerate(retry) if i in led],
+            )
             for i, r in zip(retry, again, strict=True):
                 results[i] = r
             unconfirmed = unconfirmed or short
@@ -298,15 +323,92 @@ class RedisBatcher:
             i += n
         return results, unconfirmed
 
-    async def _round_trip(self, commands: list[Command], wait: bool) -> tuple[list[Any], Unconfirmed | None]:
+    def _leading(self, batch: list[_Item]) -> list[int]:
+        """Where the merged script may take them from (indices in the round trip): the calls
+        of registered scripts that lead each request's commands. Moved ahead of the round
+        trip's other commands together, in order, they still run before the rest of their
+        own request's; another request's commands are concurrent with them, in any order."""
+        lead: list[int] = []
+        if not self._merge:
+            return lead
+        i = 0
+        number = self._number
+        for item in batch:
+            j = i
+            for cmd in item.commands:
+                if cmd[0] != "EVALSHA" or cmd[1] not in number:
+                    break
+                lead.append(j)
+                j += 1
+            i += len(item.commands)
+        return lead
+
+    async def _round_trip(
+        self, commands: list[Command], wait: bool, lead: list[int] | None = None
+    ) -> tuple[list[Any], Unconfirmed | None]:
         """One round trip; with ``wait``, ended by the durability command (after the writes,
-        on the same connection), whose failure is returned beside the replies."""
+        on the same connection), whose failure is returned beside the replies. With two or
+        more ``lead`` (``_leading``), those calls go first as one merged script."""
+        merge = lead is not None and len(lead) > 1
+        if merge:
+            assert lead is not None
+            led = set(lead)
+            commands = [
+                self._merged_call([commands[i] for i in lead]),
+                *(c for i, c in enumerate(commands) if i not in led),
+            ]
         sent = [*commands, self._durability.command()] if wait else commands
         results = list(await self._link.send(sent))
         if len(results) != len(sent):
             await self._link.close()
             raise ImpossibleReply(f"{len(results)} replies to {len(sent)} commands: connection dropped")
-        return results, (self._durability.failure(results.pop()) if wait else None)
+        unconfirmed = self._durability.failure(results.pop()) if wait else None
+        if merge:
+            assert lead is not None
+            results = await self._unmerged(results, lead)
+        return results, unconfirmed
+
+    def _merged_call(self, calls: list[Command]) -> Command:
+        """One EVALSHA of the merged script for ``calls`` (``ingest.edge.scripts._DISPATCH``)."""
+        if self._merged_sha is None:
+            source = scripts.merged(self._bodies)
+            self._merged_sha = _sha(source)
+            self._scripts[self._merged_sha] = source
+        head: list[Any] = [len(calls)]
+        keys: list[Any] = []
+        args: list[Any] = []
+        number = self._number
+        for call in calls:
+            n_keys = int(call[2])
+            head += (number[call[1]], n_keys, len(call) - 3 - n_keys)
+            keys += call[3 : 3 + n_keys]
+            args += call[3 + n_keys :]
+        return ("EVALSHA", self._merged_sha, len(keys), *keys, *head, *args)
+
+    async def _unmerged(self, results: list[Any], lead: list[int]) -> list[Any]:
+        """The round trip's replies in its commands' order, the merged script's split back
+        to its calls: its error (NOSCRIPT, a Redis out of memory, ...) is each call's."""
+        first = results[0]
+        if isinstance(first, Exception):
+            replies: list[Any] = [first] * len(lead)
+        elif isinstance(first, list) and len(first) == len(lead):
+            replies = first
+        else:
+            await self._link.close()
+            raise ImpossibleReply(f"the merged script answered a {type(first).__name__}: connection dropped")
+        out: list[Any] = [None] * (len(results) - 1 + len(lead))
+        for i, reply in zip(lead, replies, strict=True):
+            out[i] = reply
+        led = set(lead)
+        rest = iter(results[1:])
+        for i in range(len(out)):
+            if i not in led:
+                out[i] = next(rest)
+        return out
+
+
+def _sha(source: str) -> str:
+    return hashlib.sha1(source.encode()).hexdigest()
 
 
 def _is_noscript(r: object) -> bool:

@@ -2,7 +2,8 @@
 
 One sorted set per subject (client IP or API key) holds the times of the requests
 admitted in the window; a Lua script prunes, counts and admits atomically, on one key, so
-it runs unchanged on a Redis Cluster. Time is Redis's own, so every edge agrees. Refused
+it runs unchanged on a Redis Cluster; on one server, the requests of a micro-batch are decided
+in one script (``ingest.edge.scripts``). Time is Redis's own, so every edge agrees. Refused
 requests are not recorded: a client that keeps hammering is let in again as soon as its
 oldest admitted request leaves the window.
 """
@@ -17,24 +18,11 @@ from ingest.edge.batcher import RedisBatcher
 from ingest.link.resp import ImpossibleReply
 
 # KEYS[1] the subject's set; ARGV[1] window ms, ARGV[2] limit, ARGV[3] a unique member.
-# Leaves ``verdict`` = {admitted (1/0), remaining, retry after ms}: scripts that go on
-# from it (``ingest.edge.lookup.CHECKED_APPEND``) start with this text.
+# Leaves ``verdict`` = {admitted (1/0), remaining, retry after ms}: scripts that go on from
+# it (``ingest.edge.lookup.CHECKED_APPEND``) start with this text. ``rate_window`` is
+# ``ingest.edge.scripts``' (one script for every request of a micro-batch: see there).
 WINDOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local n = redis.call('ZCARD', KEYS[1])
-local verdict
-if n < limit then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], window)
-  verdict = {1, limit - n - 1, 0}
-else
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  verdict = {0, 0, tonumber(oldest[2]) + window - now}
-end
+local verdict = rate_window(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
 """
 SLIDING_WINDOW = WINDOW + "return verdict\n"
 

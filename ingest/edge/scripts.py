@@ -1,0 +1,125 @@
+"""The edge's Lua: each script alone, or every script of a micro-batch in one call.
+
+A script the micro-batcher runs (``RedisBatcher.script``) is a *body*: Lua that reads its own
+``KEYS`` and ``ARGV`` and may call what ``PRELUDE`` defines, notably ``rate_window``, the
+sliding-window rate limit (``ingest.edge.ratelimit``). It is sent one of two ways:
+
+- ``standalone(body)``: the prelude, then the body as a function of ``KEYS`` and ``ARGV``;
+  its own ``EVALSHA``.
+- ``merged(bodies)``: one script holding every registered body. The batcher sends the
+  scripts that lead the requests of a round trip as one ``EVALSHA`` of it (``_DISPATCH``
+  says how its arguments carry each call), and each request gets its own reply back: an
+  error of one body (``pcall``) is that call's error reply, the others still run, as each
+  would have alone.
+
+Inside one script, the rate limit of every request to the same subject is decided together
+and exactly: the time is read once, the window pruned and counted once, and the admitted
+requests' members added (one ``ZADD``) and the set's expiry moved (one ``PEXPIRE``) when
+the script ends (``rs_flush``), whether or not a body failed after its admission, as a
+request admitted alone counts even when its own script fails later. The admissions are the
+same as one script per request would make: each request is admitted while fewer than the
+limit are in the window, counting those this script admitted already. A ``ZADD`` that fails
+as the script ends (a Redis out of memory under ``noeviction``, which refuses the appends
+before it) leaves the requests admitted and uncounted, as without Redis, and never fails the
+replies of what the bodies wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# rate_window(key, window ms, limit, member): the verdict {admitted (1/0), remaining, retry
+# after ms}; rs_flush(): the deferred writes
+PRELUDE = """
+local rs_now
+local rs_sets, rs_keys = {}, {}
+local function rate_window(key, window_ms, limit, member)
+  window_ms = tonumber(window_ms)
+  limit = tonumber(limit)
+  if not rs_now then
+    local t = redis.call('TIME')
+    rs_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  local s = rs_sets[key]
+  if s == nil or s.window ~= window_ms then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', rs_now - window_ms)
+    local n = redis.call('ZCARD', key)
+    if s == nil then
+      s = {members = {}}
+      rs_sets[key] = s
+      rs_keys[#rs_keys + 1] = key
+    end
+    s.window = window_ms
+    s.n = n + #s.members / 2
+  end
+  if s.n < limit then
+    s.n = s.n + 1
+    local m = s.members
+    m[#m + 1] = rs_now
+    m[#m + 1] = member
+    return {1, limit - s.n, 0}
+  end
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  local first = rs_now
+  if oldest[2] then first = tonumber(oldest[2]) end
+  return {0, 0, first + window_ms - rs_now}
+end
+local function rs_write()
+  for _, key in ipairs(rs_keys) do
+    local s = rs_sets[key]
+    local m = s.members
+    for i = 1, #m, 2000 do
+      redis.call('ZADD', key, unpack(m, i, math.min(i + 1999, #m)))
+    end
+    if #m > 0 then redis.call('PEXPIRE', key, s.window) end
+  end
+end
+local function rs_flush()
+  pcall(rs_write)
+end
+"""
+
+# standalone: the body's error (a table from redis.call, or a Lua error's text) raised again
+# after the deferred writes, so its reply is the error it was
+_ALONE = """
+local rs_ok, rs_reply = pcall(rs_main, KEYS, ARGV)
+rs_flush()
+if not rs_ok then error(rs_reply, 0) end
+return rs_reply
+"""
+
+# ARGV[1] = n, the calls; ARGV[2 .. 3n+1] = (the body's number, its keys' count, its
+# arguments' count) for each call in turn; then the arguments of each call in turn. KEYS:
+# each call's keys in turn. Reply: n replies, each what the call answered (an error reply
+# for an error; nil for no value).
+_DISPATCH = """
+local n = tonumber(ARGV[1])
+local out = {}
+local h, a, k = 2, 2 + 3 * n, 0
+for c = 1, n do
+  local fn, nk, na = rs_fn[tonumber(ARGV[h])], tonumber(ARGV[h + 1]), tonumber(ARGV[h + 2])
+  h = h + 3
+  local ok, reply = pcall(fn, {unpack(KEYS, k + 1, k + nk)}, {unpack(ARGV, a, a + na - 1)})
+  k = k + nk
+  a = a + na
+  if not ok then
+    if type(reply) ~= 'table' then reply = {err = tostring(reply)} end
+  elseif reply == nil then
+    reply = false
+  end
+  out[c] = reply
+end
+rs_flush()
+return out
+"""
+
+
+def standalone(body: str) -> str:
+    """The script that runs ``body`` by itself."""
+    return f"{PRELUDE}local function rs_main(KEYS, ARGV)\n{body}\nend\n{_ALONE}"
+
+
+def merged(bodies: Sequence[str]) -> str:
+    """The script that runs calls of any of ``bodies`` (numbered from 1, in order)."""
+    functions = "".join(f"rs_fn[{i}] = function(KEYS, ARGV)\n{body}\nend\n" for i, body in enumerate(bodies, 1))
+    return f"{PRELUDE}local rs_fn = {{}}\n{functions}{_DISPATCH}"

