@@ -7,6 +7,7 @@ worker with and without ten simulated open consoles."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -135,3 +136,18 @@ def test_bench_part_m_times_a_partitions_migrate_against_a_string_of_its_size():
         assert figures[f"m.{mb}mb_pause_ms"] > 0 and figures[f"m.{mb}mb_string_ms"] > 0
         assert figures[f"m.{mb}mb_ratio"] > 0
     assert figures["m.8mb_entries"] > figures["m.1mb_entries"]
+
+
+def test_bench_merged_scripts_measures_redis_cpu_both_ways():
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.merged_scripts", *("--requests", "400", "--concurrency", "16"), "--rounds", "1"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    lines = [x for x in out.stdout.decode().splitlines() if "subjects:" in x]
+    assert len(lines) == 2, out.stdout.decode()  # 256 subjects and 1
+    line = lines[0]
+    alone, merged, ratio = (float(x) for x in re.findall(r"(\d+\.\d+)(?: µs \(|$)", line))
+    assert alone > 0 and merged > 0 and ratio == pytest.approx(merged / alone, abs=0.01)
