@@ -28,9 +28,10 @@ probe interval until a confirmation comes back.
 
 Scripts the server forgot (NOSCRIPT: a restart, SCRIPT FLUSH): a NOSCRIPT reply means the
 script did not run, so the batcher loads its scripts and sends exactly those commands again,
-in a round trip of their own (merged again where they were) that ends with its own WAIT / WAITAOF when any of them belongs
-to a durable request: an event a rerun appends is confirmed as any other, and a rerun short
-of the level fails the batch's durable requests with ``Unconfirmed``.
+in a round trip of their own (merged again where they were) that ends with its own WAIT /
+WAITAOF when any of them belongs to a durable request: an event a rerun appends is
+confirmed as any other, and a rerun short of the level fails the batch's durable requests
+with ``Unconfirmed``.
 
 What a failed ``execute`` tells its caller (a route decides from it what to answer; the
 branches are ``ingest.contract.errors``'):
