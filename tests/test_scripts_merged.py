@@ -67,6 +67,7 @@ def shape(reply: Any) -> Any:
 
 async def test_one_evalsha_a_round_trip_each_reply_its_own(server: aioredis.Redis):
     replies: dict[bool, list[Any]] = {}
+    first: dict[bool, list[Any]] = {}
     for merge in (False, True):
         await server.flushall()
         batcher = RedisBatcher(server, merge=merge)
@@ -81,7 +82,9 @@ async def test_one_evalsha_a_round_trip_each_reply_its_own(server: aioredis.Redi
         ]
         try:
             await together(batcher, (("PING",),))  # connected, scripts loaded below
-            await together(batcher, *calls)  # the first time: NOSCRIPT, loaded, run again
+            # the first time: NOSCRIPT (the merged script too), loaded, run again in a round trip
+            # of their own
+            first[merge] = [shape(r[0]) for r in await together(batcher, *calls)]
             await server.flushdb()
             await server.config_resetstat()
             replies[merge] = [
@@ -94,6 +97,8 @@ async def test_one_evalsha_a_round_trip_each_reply_its_own(server: aioredis.Redi
         # merged: the five calls that lead their requests in one EVALSHA, the one behind a GET alone
         assert counted["evalsha"] == (2 if merge else 7), counted
     assert replies[True] == replies[False]
+    # every script answered the same after its NOSCRIPT; request 4's GET, sent with the first try, found nothing
+    assert first[True] == first[False] == [r[0] for r in replies[True][:3]] + [None] + [r[0] for r in replies[True][4:]]
     assert replies[True][0] == [[b"k1", b"a"]]
     assert replies[True][1] == [None, b"b"]
     assert replies[True][2] == [("ResponseError", False)]
