@@ -9,7 +9,7 @@ different cluster slots (the cluster client splits the pipeline by node).
 Scripts (``script``): on one Redis server (not a Cluster: keys in many slots), the script
 calls that lead the requests of a round trip go as one EVALSHA of a script holding them all
 (``ingest.edge.scripts``): the rate limits of all its requests are decided together, each
-exactly, and each request is handed its own script's reply (``_leading``, ``_unmerged``).
+exactly, and each request is handed its own script's reply (``scripts.Scripts``).
 
 Backpressure: nothing waits on Redis for longer than the deadline
 (``REFSTREAM_REDIS_DEADLINE_MS``): a request's wait (queue and round trip), a round trip
@@ -54,7 +54,6 @@ length fails the whole batch, and each request's slice is cut at its own command
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -142,10 +141,7 @@ class RedisBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop  # the flusher's, set as it starts
-        self._scripts: dict[str, str] = {}  # every source by its sha, to load after NOSCRIPT
-        self._bodies: list[str] = []  # the registered bodies, numbered from 1 in the merged script
-        self._number: dict[str, int] = {}  # a standalone script's sha -> its body's number
-        self._merged_sha: str | None = None  # the merged script of every body registered so far
+        self._scripts = scripts.Scripts()
         # told the stream of each append that found its partition gone (the layout's watch)
         self.gone: Callable[[str | None], None] | None = None
         self.down = Breaker("redis.down")
@@ -154,14 +150,7 @@ class RedisBatcher:
     def script(self, body: str) -> str:
         """Register a Lua script's body (``ingest.edge.scripts``); returns the sha to use in
         ``("EVALSHA", sha, ...)``: its standalone script's."""
-        source = scripts.standalone(body)
-        sha = _sha(source)
-        if sha not in self._number:
-            self._scripts[sha] = source
-            self._bodies.append(body)
-            self._number[sha] = len(self._bodies)
-            self._merged_sha = None  # made again, with this one, when next needed
-        return sha
+        return self._scripts.register(body)
 
     async def execute(self, *commands: Command, durable: bool = False, check: Check | None = None) -> list[Any]:
         """Run ``commands`` in the next round trip; a failed command's slot holds its error.
@@ -287,12 +276,12 @@ class RedisBatcher:
     async def _send(self, batch: list[_Item]) -> tuple[list[Any], Unconfirmed | None]:
         flat = [cmd for item in batch for cmd in item.commands]
         waits = self._durability.waits
-        lead = self._leading(batch)
+        lead = self._scripts.leading([item.commands for item in batch]) if self._merge else []
         results, unconfirmed = await self._round_trip(flat, waits and any(item.durable for item in batch), lead)
         retry = [i for i, r in enumerate(results) if _is_noscript(r)]
         if retry:
             # Redis restarted or flushed its script cache; NOSCRIPT: the script did not run
-            await self._link.load_scripts(list(self._scripts.values()))
+            await self._link.load_scripts(list(self._scripts.sources.values()))
             durable = [item.durable for item in batch for _ in item.commands]
             led = set(lead)
             again, short = await self._round_trip(
@@ -324,40 +313,15 @@ class RedisBatcher:
             i += n
         return results, unconfirmed
 
-    def _leading(self, batch: list[_Item]) -> list[int]:
-        """Where the merged script may take them from (indices in the round trip): the calls
-        of registered scripts that lead each request's commands. Moved ahead of the round
-        trip's other commands together, in order, they still run before the rest of their
-        own request's; another request's commands are concurrent with them, in any order."""
-        lead: list[int] = []
-        if not self._merge:
-            return lead
-        i = 0
-        number = self._number
-        for item in batch:
-            j = i
-            for cmd in item.commands:
-                if cmd[0] != "EVALSHA" or cmd[1] not in number:
-                    break
-                lead.append(j)
-                j += 1
-            i += len(item.commands)
-        return lead
-
     async def _round_trip(
-        self, commands: list[Command], wait: bool, lead: list[int] | None = None
+        self, commands: list[Command], wait: bool, lead: list[int]
     ) -> tuple[list[Any], Unconfirmed | None]:
         """One round trip; with ``wait``, ended by the durability command (after the writes,
         on the same connection), whose failure is returned beside the replies. With two or
-        more ``lead`` (``_leading``), those calls go first as one merged script."""
-        merge = lead is not None and len(lead) > 1
+        more ``lead`` (``scripts.Scripts.leading``), those calls go first as one merged script."""
+        merge = len(lead) > 1
         if merge:
-            assert lead is not None
-            led = set(lead)
-            commands = [
-                self._merged_call([commands[i] for i in lead]),
-                *(c for i, c in enumerate(commands) if i not in led),
-            ]
+            commands = self._scripts.merge(commands, lead)
         sent = [*commands, self._durability.command()] if wait else commands
         results = list(await self._link.send(sent))
         if len(results) != len(sent):
@@ -365,51 +329,12 @@ class RedisBatcher:
             raise ImpossibleReply(f"{len(results)} replies to {len(sent)} commands: connection dropped")
         unconfirmed = self._durability.failure(results.pop()) if wait else None
         if merge:
-            assert lead is not None
-            results = await self._unmerged(results, lead)
+            split = self._scripts.split(results, lead)
+            if split is None:
+                await self._link.close()
+                raise ImpossibleReply(f"the merged script answered a {type(results[0]).__name__}: connection dropped")
+            results = split
         return results, unconfirmed
-
-    def _merged_call(self, calls: list[Command]) -> Command:
-        """One EVALSHA of the merged script for ``calls`` (``ingest.edge.scripts._DISPATCH``)."""
-        if self._merged_sha is None:
-            source = scripts.merged(self._bodies)
-            self._merged_sha = _sha(source)
-            self._scripts[self._merged_sha] = source
-        head: list[Any] = [len(calls)]
-        keys: list[Any] = []
-        args: list[Any] = []
-        number = self._number
-        for call in calls:
-            n_keys = int(call[2])
-            head += (number[call[1]], n_keys, len(call) - 3 - n_keys)
-            keys += call[3 : 3 + n_keys]
-            args += call[3 + n_keys :]
-        return ("EVALSHA", self._merged_sha, len(keys), *keys, *head, *args)
-
-    async def _unmerged(self, results: list[Any], lead: list[int]) -> list[Any]:
-        """The round trip's replies in its commands' order, the merged script's split back
-        to its calls: its error (NOSCRIPT, a Redis out of memory, ...) is each call's."""
-        first = results[0]
-        if isinstance(first, Exception):
-            replies: list[Any] = [first] * len(lead)
-        elif isinstance(first, list) and len(first) == len(lead):
-            replies = first
-        else:
-            await self._link.close()
-            raise ImpossibleReply(f"the merged script answered a {type(first).__name__}: connection dropped")
-        out: list[Any] = [None] * (len(results) - 1 + len(lead))
-        for i, reply in zip(lead, replies, strict=True):
-            out[i] = reply
-        led = set(lead)
-        rest = iter(results[1:])
-        for i in range(len(out)):
-            if i not in led:
-                out[i] = next(rest)
-        return out
-
-
-def _sha(source: str) -> str:
-    return hashlib.sha1(source.encode()).hexdigest()
 
 
 def _is_noscript(r: object) -> bool:

@@ -6,7 +6,8 @@ sliding-window rate limit (``ingest.edge.ratelimit``). It is sent one of two way
 
 - ``standalone(body)``: the prelude, then the body as a function of ``KEYS`` and ``ARGV``;
   its own ``EVALSHA``.
-- ``merged(bodies)``: one script holding every registered body. The batcher sends the
+- ``merged(bodies)``: one script holding every registered body (``Scripts`` keeps them,
+  and makes and splits the merged calls). The batcher sends the
   scripts that lead the requests of a round trip as one ``EVALSHA`` of it (``_DISPATCH``
   says how its arguments carry each call), and each request gets its own reply back: an
   error of one body (``pcall``) is that call's error reply, the others still run, as each
@@ -26,7 +27,11 @@ replies of what the bodies wrote.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ingest.contract.connections import Command
 
 # rate_window(key, window ms, limit, member): the verdict {admitted (1/0), remaining, retry
 # after ms}; rs_flush(): the deferred writes
@@ -123,3 +128,93 @@ def merged(bodies: Sequence[str]) -> str:
     """The script that runs calls of any of ``bodies`` (numbered from 1, in order)."""
     functions = "".join(f"rs_fn[{i}] = function(KEYS, ARGV)\n{body}\nend\n" for i, body in enumerate(bodies, 1))
     return f"{PRELUDE}local rs_fn = {{}}\n{functions}{_DISPATCH}"
+
+
+def _sha(source: str) -> str:
+    return hashlib.sha1(source.encode()).hexdigest()
+
+
+class Scripts:
+    """The bodies a micro-batcher registered, each by its standalone script's sha, and the
+    merged script of them all (made again when a body is added)."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, str] = {}  # every script by its sha: what NOSCRIPT loads again
+        self._bodies: list[str] = []  # numbered from 1 in the merged script
+        self._number: dict[str, int] = {}  # a standalone script's sha -> its body's number
+        self._merged_sha: str | None = None
+
+    def register(self, body: str) -> str:
+        """The sha of ``body``'s standalone script, for ``("EVALSHA", sha, ...)``."""
+        source = standalone(body)
+        sha = _sha(source)
+        if sha not in self._number:
+            self.sources[sha] = source
+            self._bodies.append(body)
+            self._number[sha] = len(self._bodies)
+            self._merged_sha = None
+        return sha
+
+    def leading(self, requests: Iterable[Sequence[Command]]) -> list[int]:
+        """Where the merged script may take its calls from (indices in the round trip of
+        ``requests``' commands, in order): the calls of registered scripts that lead each
+        request's commands. Moved ahead of the round trip's other commands together, in
+        order, they still run before the rest of their own request's; another request's
+        commands are concurrent with them, in any order."""
+        lead: list[int] = []
+        i = 0
+        number = self._number
+        for commands in requests:
+            j = i
+            for cmd in commands:
+                if cmd[0] != "EVALSHA" or cmd[1] not in number:
+                    break
+                lead.append(j)
+                j += 1
+            i += len(commands)
+        return lead
+
+    def merge(self, commands: list[Command], lead: list[int]) -> list[Command]:
+        """The round trip to send: one EVALSHA of the merged script for the calls at
+        ``lead`` (``_DISPATCH``'s arguments), then the other commands in order."""
+        if self._merged_sha is None:
+            source = merged(self._bodies)
+            self._merged_sha = _sha(source)
+            self.sources[self._merged_sha] = source
+        head: list[Any] = [len(lead)]
+        keys: list[Any] = []
+        args: list[Any] = []
+        number = self._number
+        for i in lead:
+            call = commands[i]
+            n_keys = int(call[2])
+            head += (number[call[1]], n_keys, len(call) - 3 - n_keys)
+            keys += call[3 : 3 + n_keys]
+            args += call[3 + n_keys :]
+        led = set(lead)
+        return [
+            ("EVALSHA", self._merged_sha, len(keys), *keys, *head, *args),
+            *(c for i, c in enumerate(commands) if i not in led),
+        ]
+
+    @staticmethod
+    def split(replies: list[Any], lead: list[int]) -> list[Any] | None:
+        """The replies to ``merge``'s round trip in the order of the commands it was made
+        from, the merged script's split back to its calls (its error, NOSCRIPT or a Redis
+        out of memory, is each call's); None when the merged script's reply cannot be its."""
+        first = replies[0]
+        if isinstance(first, Exception):
+            calls: list[Any] = [first] * len(lead)
+        elif isinstance(first, list) and len(first) == len(lead):
+            calls = first
+        else:
+            return None
+        out: list[Any] = [None] * (len(replies) - 1 + len(lead))
+        for i, reply in zip(lead, calls, strict=True):
+            out[i] = reply
+        led = set(lead)
+        rest = iter(replies[1:])
+        for i in range(len(out)):
+            if i not in led:
+                out[i] = next(rest)
+        return out
