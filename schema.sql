@@ -395,7 +395,7 @@ CREATE TABLE IF NOT EXISTS event_flags (
 -- (schema 5 to 16 also indexed the flags by (link_id, received_at) for the drops' recount:
 -- dropped in schema 17, below, which reads the flags through their events)
 -- the click_burst rule counts one IP's recent clicks on a link: a range scan of this
--- index, not of every click on the link in the window
+-- index, not of every click on the link in the window (until schema 18: click_windows)
 CREATE INDEX IF NOT EXISTS events_click_ip ON events (link_id, ip, received_at) WHERE type = 1 AND ip IS NOT NULL;
 
 -- the addresses an affiliate's own key was used from (the affiliate API): a lead from one
@@ -928,3 +928,24 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
                      || CASE WHEN referrer IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('referrer', referrer) END
            END
 $$;
+
+-- Schema version 18: the click_burst rule counts from a window per link and address, not
+-- from an index of every click. A row holds the newest `keep` clicks stored from `ip` on
+-- `link_id` (received time in ms and event id, in that order; `keep` is the link's
+-- program's burst_clicks + 1, where a count stops), merged by each batch in its
+-- transaction (workers/consumer/bursts.py). `until` is its newest click's time + the
+-- window: past it the row counts nothing, and the consumer's timer deletes it, so the table
+-- holds the pairs that clicked within a window, not every click. A click used to write an
+-- entry in `events_click_ip` (55-97 bytes, kept for the event retention) and read a range
+-- of it: both go. An older worker still counts, through events_link_received (slower); an
+-- erasure deletes its person's pairs, a workspace's deletion its links' (keyed by link).
+CREATE TABLE IF NOT EXISTS click_windows (
+    link_id uuid NOT NULL,
+    ip      inet NOT NULL,
+    keep    integer NOT NULL,
+    until   timestamptz NOT NULL,
+    ats     bigint[] NOT NULL,
+    ids     uuid[] NOT NULL,
+    PRIMARY KEY (link_id, ip)
+);
+DROP INDEX IF EXISTS events_click_ip;

@@ -4,20 +4,16 @@ in the drops; reconcile recounts drops and flags; the settings routes refuse bad
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import asyncpg
-import orjson
 from structlog.testing import capture_logs
 
-from ingest.contract import jsonrows
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.manage import admin
-from workers.consumer import fraud
 from workers.consumer.fraud import is_disposable
 from workers.consumer.store import write_batch
 from workers.ops.reconcile import Drift, reconcile
@@ -207,51 +203,3 @@ async def test_thresholds_written_by_hand_fall_back_to_the_defaults(pg: asyncpg.
 def test_disposable_domains_ship_with_the_package() -> None:
     assert is_disposable("mailinator.com") and is_disposable("eu.mailinator.com")
     assert not is_disposable("gmail.com") and not is_disposable("example.com")
-
-
-def _index_rows(plan: dict[str, Any]) -> int:
-    """Rows the plan's scans of ``events`` returned, every loop counted."""
-    own = plan["Actual Rows"] * plan["Actual Loops"] if plan.get("Relation Name", "").startswith("events") else 0
-    return own + sum(_index_rows(p) for p in plan.get("Plans", []))
-
-
-async def test_a_sustained_burst_counts_each_click_to_the_threshold_plus_one(
-    pg: asyncpg.Pool, redis: Any, keys: Keys
-) -> None:
-    """300 clicks from one address on one link within a minute, past the default threshold
-    of 20: the 280 past it are flagged, each with the count where counting stopped, and the
-    count for one more click reads 21 rows of ``events``, not the 300 in its window."""
-    async with pg.acquire() as conn:
-        ws = await admin.create_workspace(conn, "Sustained")
-        link = await admin.create_link(conn, redis, keys, workspace_id=ws["workspace_id"], code="sustained")
-    at = Envelope(EventType.CLICK, Dialect.BIORE, {}).received_at_ms - 40_000
-
-    def click(ms: int) -> Envelope:
-        return Envelope(
-            EventType.CLICK,
-            Dialect.BIORE,
-            {"code": "sustained"},
-            workspace_id=ws["workspace_id"],
-            ip="198.51.100.9",
-            user_agent=BROWSER,
-            received_at_ms=ms,
-        )
-
-    for first in range(0, 300, 100):  # three batches, 100 ms apart each click: 30 s in all
-        await write_batch(pg, [click(at + 100 * i) for i in range(first, first + 100)])
-    flagged = await pg.fetch(
-        "SELECT (f.evidence->>'clicks')::int AS n FROM event_flags f JOIN events e USING (event_id)"
-        " WHERE f.rule = 'click_burst' AND e.link_id = $1",
-        link["id"],
-    )
-    assert len(flagged) == 280 and {r["n"] for r in flagged} == {21}
-
-    one = click(at + 30_050)
-    lo, hi = fraud.id_bounds(one.received_at_ms, 60_000)
-    at_s = datetime.fromtimestamp(one.received_at_ms / 1000, UTC)
-    row = (one.event_id, link["id"], "198.51.100.9", at_s, 60.0, 20, lo, hi)
-    async with pg.acquire() as conn:
-        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {fraud._BURSTS}", jsonrows.doc([row]))
-        counted = await conn.fetchrow(fraud._BURSTS, jsonrows.doc([row]))
-    assert counted["n"] == 21
-    assert _index_rows(orjson.loads(plan)[0]["Plan"]) == 21

@@ -5,6 +5,7 @@ attached), and every read that went by them answers as before."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from ingest.contract.connections import create_pg_pool
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.settings import Settings
 from ingest.manage import manage, online, schema_check
-from ingest.manage.db import SCHEMA_VERSION, ensure_database, migrate
+from ingest.manage.db import SCHEMA_VERSION, ensure_database, migrate, schema_sql
 from ingest.privacy import erasure as pg_erasure
 from ingest.privacy import erasure_late
 from workers.consumer.partitions import maintain
@@ -26,6 +27,7 @@ from workers.consumer.store import write_batch
 from ._migrate import old_database
 
 V13 = Path(__file__).parent / "data" / "schema_v13.sql"
+CLICK_WINDOWS = re.compile(r"CREATE TABLE IF NOT EXISTS click_windows \(.*?\n\);", re.S)
 
 _WORLD = """
 WITH w AS (INSERT INTO workspaces (name) VALUES ('old') RETURNING id),
@@ -122,8 +124,9 @@ async def test_a_schema_13_database_with_rows_takes_schema_14_online(scratch_url
         envelopes, known = _traffic(workspace)
         # the rows as this build's worker writes them: it names events.device_id (schema
         # 16) and place_id (17), which alone are added ahead (nullable: rows without them are
-        # schema 13's own)
+        # schema 13's own), and merges its clicks into click_windows (18), made ahead as well
         await conn.execute("ALTER TABLE events ADD COLUMN device_id integer, ADD COLUMN place_id integer")
+        await conn.execute(CLICK_WINDOWS.search(schema_sql()).group(0))  # type: ignore[union-attr]
         done = await write_batch(pool, envelopes)
         assert done.inserted == len(envelopes)
         before = await _answers(conn, workspace, link, known["click"])

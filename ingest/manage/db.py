@@ -51,7 +51,9 @@ from ingest.manage import online
 #     nullable, written NULL; event_flags_link dropped; click_burst's evidence without the
 #     address); what an address tells of its network (AS name, city, region, coordinates)
 #     once per network (event_places, events.place_id), event_enrichment(doc, device, place, ...)
-SCHEMA_VERSION = 17
+# 18: click_burst counted from a window per link and address (click_windows); events_click_ip
+#     dropped
+SCHEMA_VERSION = 18
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

@@ -283,6 +283,18 @@ async def scrub_rows(
     floor = uuid_floor(since - timedelta(days=31)) if since is not None else uuid.UUID(int=0)
     found = await conn.fetch(_EVENTS, workspace_id, external_id, visitors, clicks, floor)
     people = await conn.fetch(_CUSTOMERS, workspace_id, external_id, visitors)
+    # the click_burst rule's windows of the person's clicks (workers/consumer/bursts.py),
+    # keyed by their address: gone, so a later count of the pair starts afresh. First of
+    # the rows it writes: a batch locks a window before the other tables it shares with this
+    pairs = sorted({(r["link_id"], r["ip"]) for r in found if r["ip"] and r["type"] == 1 and r["link_id"]})
+    windows = _count(
+        await conn.execute(
+            "DELETE FROM click_windows w USING unnest($1::uuid[], $2::inet[]) AS x (link_id, ip)"
+            " WHERE w.link_id = x.link_id AND w.ip = x.ip",
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+        )
+    )
     # external_id None: a visitor's or a click's rows alone (a late lead's, ``follow``)
     x_alias = erasure.pseudonym(key, EXTERNAL, external_id, workspace_id) if external_id is not None else None
     ids = [r["event_id"] for r in found]
@@ -387,6 +399,7 @@ async def scrub_rows(
     earned = await conn.fetch(_COMMISSIONS, workspace_id, x_alias, subjects)
     subjects += [r["id"] for r in earned]
     rows["webhook_deliveries"] = await _redact_deliveries(conn, subjects, values)
+    rows["click_windows"] = windows
     ips = sorted({r["ip"] for r in found if r["ip"]})
     rows["affiliate_ips"] = _count(
         await conn.execute(

@@ -12,7 +12,8 @@ while a batch is in flight, hand-back on SIGTERM, outages waited out, state publ
   counted, see ``Pipeline``), and those already in an unfinished tracked attempt are read
   one at a time, so that an entry that kills its worker fails alone.
 - Housekeeping beside the member's: the trim (on its own timer, even while Postgres is
-  out: under a full Redis it is what frees memory) and Postgres partition maintenance.
+  out: under a full Redis it is what frees memory), Postgres partition maintenance, and
+  the click_burst rule's windows past their time deleted (``workers.consumer.bursts``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ingest.contract import layout
 from ingest.contract.connections import Redis
 from ingest.contract.keys import GROUP
 from ingest.contract.settings import Settings
-from workers.consumer import partitions, trim
+from workers.consumer import bursts, partitions, trim
 from workers.consumer.pipeline import Batch, Pipeline
 from workers.group import Chore, Entry, Member, Part, id_after, text
 from workers.group.errors import BatchOutage
@@ -38,6 +39,9 @@ from workers.group.gate import Gate
 # µs without, ~200 with 4 ms; Postgres's 175-205 µs, ~125; p50 +4 ms.
 LINGER_BELOW = 32
 RETIRE_EVERY_S = 2.0  # how often a retiring partition is looked at (empty: retired)
+# how often the click_burst windows past their time go: a window is a minute by default, so
+# the table holds about the pairs of the last window and a half
+WINDOWS_EVERY_S = 30.0
 
 
 class Consumer:
@@ -63,6 +67,7 @@ class Consumer:
                 Chore("memory", settings.trim_every_s, self._warn_memory),
                 Chore("partitions", settings.partition_every_s, self._partitions, needs_postgres=True),
                 Chore("retire", RETIRE_EVERY_S, self._retire),
+                Chore("windows", WINDOWS_EVERY_S, self._windows, needs_postgres=True),
             ],
             totals=lambda: vars_of(pipeline.totals),
             on_gate=self._gate_changed,
@@ -120,6 +125,10 @@ class Consumer:
             skew_max_s=s.clock_skew_max_s,
             webhook_days=s.webhook_retention_days,
         )
+
+    async def _windows(self) -> None:
+        async with self.pipeline.pg.acquire() as conn:
+            await bursts.prune(conn)
 
     def _gate_changed(self, gate: Gate) -> None:
         if self.pipeline.metrics is not None:

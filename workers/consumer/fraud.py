@@ -16,7 +16,8 @@ Rules, thresholds per program (``programs.fraud_thresholds``, defaults below):
   the affiliate's own key was used from (``affiliate_ips``, kept by the affiliate API);
 - ``click_burst``: more than ``burst_clicks`` clicks from one IP on one link within
   ``burst_seconds`` (the click that crosses the line, and each one after it, is flagged;
-  its evidence's ``clicks`` is the count up to ``burst_clicks`` + 1, where counting stops);
+  its evidence's ``clicks`` is the count up to ``burst_clicks`` + 1, where counting stops;
+  counted from the windows ``workers.consumer.bursts`` keeps per link and address);
 - ``fast_conversion``: a conversion within ``fast_conversion_seconds`` of its click;
 - ``disposable_email``: a lead's customer email is at a disposable-mail domain (the list
   shipped in ``workers/data``, see the README for its source).
@@ -38,6 +39,7 @@ from ingest.contract import clicks, jsonrows
 from ingest.contract.events import EventType
 from ingest.contract.fraud import FRAUD_THRESHOLDS as DEFAULT_THRESHOLDS
 from ingest.ledger.outbox import WebhookEvent
+from workers.consumer import bursts
 from workers.consumer.stored import Stored
 
 log = structlog.get_logger("workers.fraud")
@@ -48,46 +50,6 @@ PUBLIC_MAIL = frozenset(
     " yandex.com mail.ru qq.com 163.com 126.com zoho.com fastmail.com hey.com tutanota.com orange.fr free.fr"
     " t-online.de libero.it naver.com".split()
 )
-
-# materialized: the subquery's fields as plain values (not expressions over the document),
-# else the planner took the (link, received_at) index and filtered by IP, every click of the
-# link in the window, rather than the partial index of clicks by link and IP
-# An event's id is a UUIDv7 of the moment it was accepted (the edge's clock, as its
-# received_at; an import's row time for both), and ``events`` is partitioned by id, one
-# partition a day: bounding the id as well as the time lets each count read the day or two
-# its window touches, not every daily partition's index (the profile of issue 37: 95
-# buffers an event, 61 % of a batch's statement time). The bounds are a window's time with
-# ``ID_SLACK_MS`` either side, far wider than an id and a time minted together can differ.
-ID_SLACK_MS = 3_600_000
-
-#
-# A count stops at the threshold + 1: whether a click crossed the line is all the rule
-# decides, and a count of every click in the window visited each of them (a heap fetch
-# apiece: a window's rows are too new to be all-visible), so that in a burst sustained at
-# R clicks a second each click cost R x window rows, and the worker's Postgres fell behind
-# as the burst went on. Bounded, a count visits at most threshold + 1 rows, newest first.
-_BURSTS = f"""
-WITH d (event_id, link_id, ip, at, secs, n_max, lo, hi) AS MATERIALIZED (
-    {jsonrows.select(("uuid", "uuid", "inet", "timestamptz", "float8", "int", "uuid", "uuid"))}
-)
-SELECT d.event_id, d.n_max,
-       (SELECT count(*) FROM (
-           SELECT 1 FROM events e
-            WHERE e.link_id = d.link_id AND e.type = 1 AND e.ip = d.ip AND e.ip IS NOT NULL AND NOT e.test_mode
-              AND e.event_id >= d.lo AND e.event_id < d.hi
-              AND e.received_at > d.at - make_interval(secs => d.secs) AND e.received_at <= d.at
-              AND (e.received_at, e.event_id) <= (d.at, d.event_id)
-            ORDER BY e.received_at DESC
-            LIMIT d.n_max + 1) c) AS n
-FROM d
-"""
-
-
-def id_bounds(at_ms: int, window_ms: int) -> tuple[UUID, UUID]:
-    """The least and past-the-greatest event ids a click at ``at_ms`` counts in its window."""
-    lo = max(0, at_ms - window_ms - ID_SLACK_MS)
-    return UUID(int=lo << 80), UUID(int=(at_ms + ID_SLACK_MS + 1) << 80)
-
 
 # a flag holds what its event's row does not (schema 17): its link, affiliate, type and time
 # are the row's, read through it by event id
@@ -181,7 +143,8 @@ async def detect(
         return found
     raw: list[tuple[Stored, str, dict[str, Any]]] = []
     people = [s for s in events if s.type is not EventType.CLICK]
-    burst_candidates = [s for s in events if s.type is EventType.CLICK and s.ip and not s.is_bot]
+    windowed = [s for s in events if s.type is EventType.CLICK and s.ip]  # a bot's clicks count too
+    burst_candidates = [s for s in windowed if not s.is_bot]
     fast = [(s, ms) for s in events if s.type is EventType.CONVERSION and (ms := _click_ms(s)) is not None]
 
     thresholds = {program: _thresholds(program, raw) for program, raw in program_thresholds.items()}
@@ -198,40 +161,17 @@ async def detect(
             }
             raw.append((s, "fast_conversion", evidence))
 
-    if burst_candidates:
-        counted = await conn.fetch(
-            _BURSTS,
-            jsonrows.doc(
-                [
-                    (
-                        s.envelope.event_id,
-                        s.link.id,
-                        s.ip,
-                        s.at,
-                        float(limits(s)["burst_seconds"]),
-                        limits(s)["burst_clicks"],
-                        *id_bounds(s.envelope.received_at_ms, limits(s)["burst_seconds"] * 1000),
-                    )
-                    for s in burst_candidates
-                ]
-            ),
-        )
-        by_id = {s.envelope.event_id: s for s in burst_candidates}
-        for r in counted:
-            if r["n"] > r["n_max"]:
-                s = by_id[r["event_id"]]
-                raw.append(
-                    (
-                        s,
-                        "click_burst",
-                        {
-                            "ip": s.ip,
-                            "clicks": r["n"],
-                            "threshold_clicks": r["n_max"],
-                            "window_seconds": limits(s)["burst_seconds"],
-                        },
-                    )
-                )
+    if windowed:
+        limits_of = {s.link.id: bursts.Limits(limits(s)["burst_clicks"], limits(s)["burst_seconds"]) for s in windowed}
+        for c in await bursts.count(conn, windowed, burst_candidates, limits_of):
+            if c.clicks > c.limits.clicks:
+                burst: dict[str, Any] = {
+                    "ip": c.stored.ip,
+                    "clicks": c.clicks,
+                    "threshold_clicks": c.limits.clicks,
+                    "window_seconds": c.limits.seconds,
+                }
+                raw.append((c.stored, "click_burst", burst))
 
     if people:
         raw += await _people(conn, people)

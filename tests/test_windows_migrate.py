@@ -1,0 +1,120 @@
+"""`refstream migrate` from schema 17 to 18 on a database holding today's clicks: the
+click_burst rule counts from windows per link and address (``click_windows``), and the
+index of every click by link and address (``events_click_ip``) goes from every partition.
+The rule counts from the upgrade on: a burst that began before it is flagged once it
+crosses the threshold after it. The rollback (docs/operations.md): the older build's
+migrate makes the index again, and schema 17's count reads it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from ingest.contract import jsonrows
+from ingest.contract.connections import create_pg_pool
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.settings import Settings
+from ingest.manage import schema_check
+from ingest.manage.db import SCHEMA_VERSION, ensure_database, migrate
+from workers.consumer.store import write_batch
+
+from ._migrate import DATA, old_database
+from ._world import BROWSER
+
+_WORLD = """
+WITH w AS (INSERT INTO workspaces (name) VALUES ('old') RETURNING id),
+p AS (INSERT INTO programs (workspace_id, name, fraud_thresholds)
+      SELECT id, 'Main', '{"burst_clicks": 2}' FROM w RETURNING id, workspace_id)
+INSERT INTO links (workspace_id, program_id, code, url)
+SELECT workspace_id, id, 'OLD1', 'https://example.com/' FROM p
+RETURNING id, workspace_id, program_id
+"""
+IP = "198.51.100.7"
+# what schema 17's worker wrote of a click (its flags aside)
+_V17_CLICK = """
+INSERT INTO events (event_id, type, workspace_id, link_id, program_id, visitor_key, dialect, received_at, ip,
+                    user_agent, payload)
+VALUES ($1, 1, $2, $3, $4, 'h:x', 'biore', $5, $6::inet, $7, '{}')
+"""
+_CLICK_IP_INDEXES = """
+SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+WHERE pg_get_indexdef(i.indexrelid) LIKE '%(link_id, ip, received_at)%' ORDER BY 1
+"""
+# schema 17's count (workers/consumer/fraud.py, then), without its id bounds: one click's
+# window by the index
+_V17_COUNT = f"""
+WITH d (event_id, link_id, ip, at, secs, n_max) AS MATERIALIZED (
+    {jsonrows.select(("uuid", "uuid", "inet", "timestamptz", "float8", "int"))}
+)
+SELECT (SELECT count(*) FROM (
+           SELECT 1 FROM events e
+            WHERE e.link_id = d.link_id AND e.type = 1 AND e.ip = d.ip AND e.ip IS NOT NULL AND NOT e.test_mode
+              AND e.received_at > d.at - make_interval(secs => d.secs) AND e.received_at <= d.at
+              AND (e.received_at, e.event_id) <= (d.at, d.event_id)
+            ORDER BY e.received_at DESC
+            LIMIT d.n_max + 1) c) AS n
+FROM d
+"""
+
+
+async def test_a_schema_17_database_with_clicks_takes_the_windows_of_schema_18(
+    scratch_url: str, settings: Settings
+) -> None:
+    await ensure_database(scratch_url)
+    conn = await asyncpg.connect(scratch_url)
+    pool = await create_pg_pool(settings.model_copy(update={"database_url": scratch_url}), min_size=1, max_size=2)
+    try:
+        await old_database(conn, 17)
+        link = await conn.fetchrow(_WORLD)
+        ws = link["workspace_id"]
+        now = datetime.now(UTC) - timedelta(seconds=5)
+        for i in range(4):  # a burst that began before the upgrade, stored by schema 17's worker
+            await conn.execute(
+                _V17_CLICK, uuid7(), ws, link["id"], link["program_id"], now + timedelta(milliseconds=i), IP, BROWSER
+            )
+        before = [r["relname"] for r in await conn.fetch(_CLICK_IP_INDEXES)]
+        assert "events" in before and len(before) >= 3  # the partitioned table's, and each partition's
+        assert not (await schema_check.check_url(scratch_url)).ok
+
+        assert await migrate(conn) == SCHEMA_VERSION >= 18
+        assert (await schema_check.check_url(scratch_url)).ok
+        assert await conn.fetch(_CLICK_IP_INDEXES) == []
+        assert await conn.fetchval("SELECT count(*) FROM click_windows") == 0
+
+        # after it, four clicks from the same address: counted from the upgrade on, the
+        # third and fourth cross the threshold of two
+        at = int(now.timestamp() * 1000) + 10
+        clicks = [
+            Envelope(
+                EventType.CLICK,
+                Dialect.BIORE,
+                {"code": "OLD1"},
+                workspace_id=str(ws),
+                ip=IP,
+                user_agent=BROWSER,
+                received_at_ms=at + i,
+            )
+            for i in range(4)
+        ]
+        assert (await write_batch(pool, clicks)).inserted == 4
+        flagged = await conn.fetch(
+            "SELECT event_id, evidence->>'clicks' AS n FROM event_flags WHERE rule = 'click_burst' ORDER BY 1"
+        )
+        assert sorted((r["event_id"], r["n"]) for r in flagged) == sorted((c.event_id, "3") for c in clicks[2:])
+        window = await conn.fetchrow("SELECT keep, ids FROM click_windows WHERE link_id = $1", link["id"])
+        assert window["keep"] == 3 and window["ids"] == [c.event_id for c in clicks[1:]]
+        assert await migrate(conn) == SCHEMA_VERSION  # a second run changes nothing
+        assert await conn.fetchval("SELECT count(*) FROM click_windows") == 1
+
+        # the rollback: the older build's migrate (its schema.sql) makes the index again on
+        # every partition, and schema 17's count reads the eight clicks through it
+        await conn.execute((DATA / "schema_v17.sql").read_text())
+        assert [r["relname"] for r in await conn.fetch(_CLICK_IP_INDEXES)] == before
+        one = (uuid7(), link["id"], IP, datetime.fromtimestamp((at + 5) / 1000, UTC), 60.0, 20)
+        assert await conn.fetchval(_V17_COUNT, jsonrows.doc([one])) == 8
+        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {_V17_COUNT}", jsonrows.doc([one])))
+        assert "link_id_ip_received_at_idx" in plan, plan
+    finally:
+        await pool.close()
+        await conn.close()

@@ -1,0 +1,138 @@
+"""The click_burst rule's count: one address's recent clicks on one link, read from a
+window kept per (link, address), not from an index of every click.
+
+``click_windows`` holds, per link and address, the newest ``keep`` clicks stored (their
+received time and event id), ``keep`` being the link's program's ``burst_clicks`` + 1: a
+count stops there, since whether a click crossed the line is all the rule decides. A batch
+reads the windows of its clicks' (link, address) pairs and merges its own clicks into them
+in one statement, in the batch's transaction (so a window holds exactly the stored clicks
+that committed), each row locked in (link, address) order like every other table the
+batch writes (``workers.consumer.store``'s lock order). Per click that is no index entry
+and no range scan: a batch writes one row per pair it holds, whatever its number of
+clicks, and a pair's row is one version of a few hundred bytes that the next batch
+replaces (a HOT update: no index column changes).
+
+A click's count is every click of its window read (as the statement's snapshot showed it)
+and of its batch, in (received time, event id) order up to it, within ``burst_seconds``
+before it. What a window no longer holds (more than ``keep`` newer clicks came, or a
+concurrent batch had not committed) is not counted: a count may fall short, never exceed
+the clicks stored in the window, so a flag is always earned (the generative checker's
+``burst_unearned``). Counted are the live clicks with an address (a bot's too, as the
+rule always counted them; test mode, and the clicks an import stores, never).
+
+A row past its ``until`` (its newest click + the window) counts nothing more: ``prune``
+deletes those, on the consumer's timer, skipping a row a batch holds. An erasure deletes
+its person's pairs (``ingest.privacy.erasure``), a workspace's deletion its links'.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import Final
+from uuid import UUID
+
+import asyncpg
+
+from ingest.contract import jsonrows
+from workers.consumer.stored import Stored, ts
+
+_TOP: Final = UUID(int=(1 << 128) - 1)
+
+# `before`: the windows as the statement's snapshot shows them; the insert then merges the
+# batch's clicks into each (keeping the newest `keep` in (time, id) order), waiting for a
+# concurrent batch's lock on a row if it must, in key order
+_MERGE = f"""
+WITH d (k, link_id, ip, keep, ats, ids, until) AS MATERIALIZED (
+    {jsonrows.select(("int", "uuid", "inet", "int", "bigint[]", "uuid[]", "timestamptz"))}
+),
+before AS (
+    SELECT d.k, w.ats, w.ids FROM d JOIN click_windows w ON w.link_id = d.link_id AND w.ip = d.ip
+),
+merged AS (
+    INSERT INTO click_windows AS w (link_id, ip, keep, ats, ids, until)
+    SELECT link_id, ip, keep, ats, ids, until FROM d ORDER BY link_id, ip
+    ON CONFLICT (link_id, ip) DO UPDATE SET
+        keep = EXCLUDED.keep,
+        until = greatest(w.until, EXCLUDED.until),
+        (ats, ids) = (
+            SELECT array_agg(a ORDER BY a, i), array_agg(i ORDER BY a, i)
+            FROM (SELECT DISTINCT a, i FROM unnest(w.ats || EXCLUDED.ats, w.ids || EXCLUDED.ids) u (a, i)
+                  ORDER BY a DESC, i DESC LIMIT EXCLUDED.keep) newest)
+    RETURNING 1
+)
+SELECT k, ats, ids FROM before
+"""
+
+# rows past their window, a chunk at a time; a row a batch holds is skipped (next time)
+_PRUNE = """
+DELETE FROM click_windows WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM click_windows WHERE until < now() LIMIT $1 FOR UPDATE SKIP LOCKED))
+"""
+PRUNE_CHUNK = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    clicks: int  # burst_clicks: a click is flagged when its window holds more
+    seconds: int  # burst_seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    stored: Stored
+    clicks: int  # its window's clicks up to it, itself included, stopped at ``limits.clicks`` + 1
+    limits: Limits
+
+
+def _array(values: list[object]) -> str:
+    return "{" + ",".join(str(v) for v in values) + "}"
+
+
+async def count(
+    conn: asyncpg.Connection, clicks: list[Stored], candidates: list[Stored], limits_of: dict[str, Limits]
+) -> list[Counted]:
+    """Merge ``clicks`` (newly stored, live, with an address) into their windows; the count
+    of each of ``candidates`` (some of ``clicks``: those the rule judges). ``limits_of``:
+    per link id, its program's thresholds."""
+    if not clicks:
+        return []
+    pairs: dict[tuple[str, str], list[tuple[int, UUID]]] = {}
+    for s in clicks:
+        assert s.ip is not None
+        pairs.setdefault((s.link.id, s.ip), []).append((s.envelope.received_at_ms, s.envelope.event_id))
+    keys = sorted(pairs)
+    rows = []
+    for k, (link_id, ip) in enumerate(keys):
+        lim = limits_of[link_id]
+        mine = sorted(pairs[(link_id, ip)])
+        newest = mine[-(lim.clicks + 1) :]
+        until = ts(mine[-1][0] + lim.seconds * 1000)
+        rows.append(
+            (k, link_id, ip, lim.clicks + 1, _array([a for a, _ in newest]), _array([i for _, i in newest]), until)
+        )
+    window: dict[tuple[str, str], list[tuple[int, UUID]]] = {key: list(v) for key, v in pairs.items()}
+    for r in await conn.fetch(_MERGE, jsonrows.doc(rows)):
+        window[keys[r["k"]]] += zip(r["ats"], r["ids"], strict=True)
+    for v in window.values():
+        v.sort()
+    out = []
+    for s in candidates:
+        assert s.ip is not None
+        lim = limits_of[s.link.id]
+        entries = window[(s.link.id, s.ip)]
+        at = s.envelope.received_at_ms
+        upto = bisect_right(entries, (at, s.envelope.event_id))
+        since = bisect_right(entries, (at - lim.seconds * 1000, _TOP))
+        out.append(Counted(s, min(max(upto - since, 0), lim.clicks + 1), lim))
+    return out
+
+
+async def prune(conn: asyncpg.Connection) -> int:
+    """Delete the windows past their time; how many."""
+    total = 0
+    while True:
+        n = int((await conn.execute(_PRUNE, PRUNE_CHUNK)).split()[-1])
+        total += n
+        if n < PRUNE_CHUNK:
+            return total
