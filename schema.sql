@@ -949,3 +949,10 @@ CREATE TABLE IF NOT EXISTS click_windows (
     PRIMARY KEY (link_id, ip)
 );
 DROP INDEX IF EXISTS events_click_ip;
+-- Schema version 18, too: a click_burst flag on its click's row. The rule runs before the
+-- batch's events are inserted, so a flag the workspace does not exclude is written as two
+-- columns of the click's row (the threshold it crossed and the window, its evidence's; its
+-- count is the threshold + 1), not as an `event_flags` row of about 200 bytes with its key.
+-- An excluded one changes what its event counted, and keeps its `event_flags` row, as a flag
+-- of any other rule does. A flag stored before keeps its row; readers take either form.
+ALTER TABLE events ADD COLUMN IF NOT EXISTS burst_clicks integer, ADD COLUMN IF NOT EXISTS burst_seconds integer;

@@ -31,8 +31,12 @@ SELECT e.event_id,
            AND (o.received_at, o.event_id) <= (e.received_at, e.event_id)) AS in_window
 FROM events e WHERE e.link_id = $1 AND e.type = 1 AND NOT e.is_bot
 """
+# the link's click_burst flags, on their rows or (excluded) in event_flags
 FLAGS = """
-SELECT f.event_id, (f.evidence->>'clicks')::int AS clicks, (f.evidence->>'threshold_clicks')::int AS threshold
+SELECT event_id, burst_clicks + 1 AS clicks, burst_clicks AS threshold FROM events
+WHERE link_id = $1 AND burst_clicks IS NOT NULL
+UNION ALL
+SELECT f.event_id, (f.evidence->>'clicks')::int, (f.evidence->>'threshold_clicks')::int
 FROM event_flags f JOIN events e USING (event_id) WHERE f.rule = 'click_burst' AND e.link_id = $1
 """
 
@@ -75,19 +79,22 @@ async def test_a_sustained_burst_counts_each_click_to_the_threshold_plus_one(
         await write_batch(pg, batch)
     flagged = await pg.fetch(FLAGS, link["id"])
     assert len(flagged) == 280 and {r["clicks"] for r in flagged} == {21}
+    assert not await pg.fetchval(
+        "SELECT count(*) FROM event_flags WHERE event_id = ANY($1::uuid[])", [c.event_id for c in sent]
+    )
     window = await pg.fetchrow("SELECT keep, ats, ids FROM click_windows WHERE link_id = $1", link["id"])
     newest = sorted((c.received_at_ms, c.event_id) for c in sent)[-21:]
     assert window["keep"] == 21 and list(zip(window["ats"], window["ids"], strict=True)) == newest
 
     one = _click(ws, "sustained", "198.51.100.9", at + 30_050)
     await write_batch(pg, [one])
-    assert (
-        await pg.fetchval(
-            "SELECT (evidence->>'clicks')::int FROM event_flags WHERE event_id = $1 AND rule = 'click_burst'",
-            one.event_id,
-        )
-        == 21
-    )
+    assert await pg.fetchval("SELECT burst_clicks FROM events WHERE event_id = $1", one.event_id) == 20
+    # a redelivered copy of the burst (a reclaim, a replay) stores nothing and changes no window
+    assert (await write_batch(pg, [*sent[-50:], one])).inserted == 0
+    again = await pg.fetchrow("SELECT ats, ids FROM click_windows WHERE link_id = $1", link["id"])
+    newest = sorted((c.received_at_ms, c.event_id) for c in [*sent, one])[-21:]
+    assert list(zip(again["ats"], again["ids"], strict=True)) == newest
+    assert len(await pg.fetch(FLAGS, link["id"])) == 281
 
 
 async def test_flags_are_the_definitions_in_time_order_and_always_earned_out_of_it(
@@ -161,3 +168,25 @@ async def test_a_window_past_its_time_goes_and_a_later_click_starts_afresh(
         "SELECT ats, ids FROM click_windows WHERE link_id = $1 AND ip = '198.51.100.30'", link["id"]
     )
     assert list(zip(row["ats"], row["ids"], strict=True)) == [(late.received_at_ms, late.event_id)]
+
+
+async def test_an_excluded_burst_keeps_its_flag_row_and_counts_nothing(
+    pg: asyncpg.Pool, redis: Any, keys: Keys
+) -> None:
+    """A workspace that excludes click_burst: the flagged clicks move no counter, and their
+    flags are ``event_flags`` rows (excluded, with the evidence), which reconcile reads;
+    nothing on their rows."""
+    ws, link = await _link(pg, redis, keys, "excluded", '{"burst_clicks": 2}')
+    await pg.execute(
+        """UPDATE workspaces SET fraud_policy = '{"click_burst": "exclude"}' WHERE id = $1""", ws["workspace_id"]
+    )
+    now = Envelope(EventType.CLICK, Dialect.BIORE, {}).received_at_ms
+    await write_batch(pg, [_click(ws, "excluded", "198.51.100.40", now + i) for i in range(5)])
+    rows = await pg.fetch(
+        "SELECT f.excluded, f.evidence, e.burst_clicks FROM event_flags f JOIN events e USING (event_id)"
+        " WHERE f.rule = 'click_burst' AND e.link_id = $1",
+        link["id"],
+    )
+    assert [(r["excluded"], r["burst_clicks"]) for r in rows] == [(True, None)] * 3
+    assert all(r["evidence"] == {"clicks": 3, "threshold_clicks": 2, "window_seconds": 60} for r in rows)
+    assert await pg.fetchval("SELECT clicks FROM links WHERE id = $1", link["id"]) == 2

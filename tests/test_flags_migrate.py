@@ -26,6 +26,7 @@ from workers.consumer.store import write_batch
 
 from ._migrate import old_database
 from ._world import BROWSER
+from .test_windows_migrate import ROLLBACK as ROLLBACK_18
 
 _WORLD = """
 WITH w AS (INSERT INTO workspaces (name) VALUES ('old') RETURNING id),
@@ -123,25 +124,21 @@ async def test_a_schema_16_database_with_flags_takes_schema_17(scratch_url: str,
             for _ in range(4)
         ]
         assert (await write_batch(pool, clicks)).inserted == 4
-        new = await conn.fetch(
-            "SELECT f.link_id, f.type, f.received_at, f.affiliate_id, f.evidence FROM event_flags f"
-            " JOIN events e USING (event_id) WHERE host(e.ip) = $1",
-            NEW_IP,
-        )
-        assert len(new) == 2
-        assert all(r["link_id"] is r["type"] is r["received_at"] is r["affiliate_id"] is None for r in new)
-        narrow = {"clicks": 3, "threshold_clicks": 2, "window_seconds": 60}
-        assert [orjson.loads(r["evidence"]) for r in new] == [narrow] * 2
+        # this build's flags are on the clicks' rows (schema 18), the address the row's own
+        new = await conn.fetch("SELECT burst_clicks, burst_seconds FROM events WHERE host(ip) = $1", NEW_IP)
+        assert len(new) == 4 and [tuple(r) for r in new if r["burst_clicks"] is not None] == [(2, 60)] * 2
         assert await _recount(conn, link, day) == ([], 4)
 
-        # an affiliate's erasure finds the flags of their events in either form: the old form's
-        # copy of their address is redacted, the new form holds none
+        # an affiliate's erasure finds the flags of their events: the old form's copy of
+        # their address is redacted
         await erasure_affiliate.erase(pool, str(ws), affiliate_id=str(aff), by="test", archive_days=30)
         left = [orjson.loads(r[0]) for r in await conn.fetch("SELECT evidence::text FROM event_flags")]
-        assert len(left) == 4 and not any(OLD_IP in orjson.dumps(doc).decode() for doc in left)
+        assert len(left) == 2 and not any(OLD_IP in orjson.dumps(doc).decode() for doc in left)
         assert sum(1 for doc in left if "ip" in doc and doc["ip"] is None) == 2
 
-        # the rollback: every flag its columns and its index back, read the same by schema 16's recount
+        # the rollback: schema 18's first (its flags on the rows become rows of their own),
+        # then every flag its columns and its index back, read the same by schema 16's recount
+        await conn.execute(ROLLBACK_18)
         await conn.execute(ROLLBACK)
         assert await conn.fetchval("SELECT count(*) FROM event_flags WHERE link_id IS NULL") == 0
         assert await conn.fetchval("SELECT to_regclass('event_flags_link')") is not None

@@ -132,7 +132,7 @@ async def test_the_fraud_settings_take_idempotency_keys(edge: str, world: World)
 async def test_clicks_in_one_millisecond_count_each_other_once(pg: asyncpg.Pool, redis: Any, keys: Keys) -> None:
     """A burst's clicks ordered by time, then event id: of four clicks from one IP in the
     same millisecond (one round trip per request makes that common) past a threshold of
-    two, the third and fourth are flagged, not all four."""
+    two, the third and fourth are flagged, not all four, each on its row."""
     async with pg.acquire() as conn:
         ws = await admin.create_workspace(conn, "Burst")
         link = await admin.create_link(conn, redis, keys, workspace_id=ws["workspace_id"], code="samems")
@@ -154,16 +154,14 @@ async def test_clicks_in_one_millisecond_count_each_other_once(pg: asyncpg.Pool,
     ]
     await write_batch(pg, clicks)
     flagged = await pg.fetch(
-        "SELECT f.event_id, (f.evidence->>'clicks')::int AS clicks, f.evidence, f.link_id, f.received_at, e.ip"
-        " FROM event_flags f JOIN events e USING (event_id) WHERE f.rule = 'click_burst' AND e.link_id = $1",
+        "SELECT event_id, burst_clicks, burst_seconds FROM events WHERE burst_clicks IS NOT NULL AND link_id = $1",
         link["id"],
     )
-    assert len(flagged) == 2, flagged
-    # the flag holds what the event's row does not: no link, no time, no copy of the address
-    for r in flagged:
-        assert r["link_id"] is None and r["received_at"] is None and str(r["ip"]) == "198.51.100.7"
-        assert r["evidence"] == {"clicks": 3, "threshold_clicks": 2, "window_seconds": 60}
-    assert [r["clicks"] for r in flagged] == [3, 3]  # counted to the threshold + 1, where counting stops
+    # on the clicks' rows (schema 18): the threshold crossed and the window, no flag row
+    assert [(r["burst_clicks"], r["burst_seconds"]) for r in flagged] == [(2, 60)] * 2, flagged
+    assert not await pg.fetchval(
+        "SELECT count(*) FROM event_flags WHERE event_id = ANY($1::uuid[])", [c.event_id for c in clicks]
+    )
     # the two flagged are the two last in (time, event id) order
     assert {r["event_id"] for r in flagged} == {c.event_id for c in sorted(clicks, key=lambda c: c.event_id)[2:]}
 
@@ -194,8 +192,11 @@ async def test_thresholds_written_by_hand_fall_back_to_the_defaults(pg: asyncpg.
     with capture_logs() as logs:
         await write_batch(pg, clicks)
     assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'byhand'") == 21
-    flagged = await pg.fetch("SELECT (evidence->>'clicks')::int AS n FROM event_flags WHERE rule = 'click_burst'")
-    assert [r["n"] for r in flagged] == [21]  # the default threshold of 20, crossed by the 21st
+    flagged = await pg.fetch(
+        "SELECT burst_clicks, burst_seconds FROM events e JOIN links l ON l.id = e.link_id"
+        " WHERE l.code = 'byhand' AND burst_clicks IS NOT NULL"
+    )
+    assert [tuple(r) for r in flagged] == [(20, 60)]  # the default threshold of 20, crossed by the 21st
     bad = {(e["threshold"], e["value"]) for e in logs if e["event"] == "fraud.bad_threshold"}
     assert bad == {("burst_clicks", "None"), ("burst_seconds", "'soon'")}
 

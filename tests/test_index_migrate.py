@@ -123,9 +123,13 @@ async def test_a_schema_13_database_with_rows_takes_schema_14_online(scratch_url
         workspace, link = str(links["OLD1"]["workspace_id"]), str(links["OLD1"]["id"])
         envelopes, known = _traffic(workspace)
         # the rows as this build's worker writes them: it names events.device_id (schema
-        # 16) and place_id (17), which alone are added ahead (nullable: rows without them are
-        # schema 13's own), and merges its clicks into click_windows (18), made ahead as well
-        await conn.execute("ALTER TABLE events ADD COLUMN device_id integer, ADD COLUMN place_id integer")
+        # 16), place_id (17), burst_clicks and burst_seconds (18), which alone are added
+        # ahead (nullable: rows without them are schema 13's own), and merges its clicks
+        # into click_windows (18), made ahead as well
+        await conn.execute(
+            "ALTER TABLE events ADD COLUMN device_id integer, ADD COLUMN place_id integer,"
+            " ADD COLUMN burst_clicks integer, ADD COLUMN burst_seconds integer"
+        )
         await conn.execute(CLICK_WINDOWS.search(schema_sql()).group(0))  # type: ignore[union-attr]
         done = await write_batch(pool, envelopes)
         assert done.inserted == len(envelopes)

@@ -37,6 +37,14 @@ INSERT INTO events (event_id, type, workspace_id, link_id, program_id, visitor_k
                     user_agent, payload)
 VALUES ($1, 1, $2, $3, $4, 'h:x', 'biore', $5, $6::inet, $7, '{}')
 """
+# docs/operations.md, "Migrating to schema 18", rolling back: the flags on the rows
+ROLLBACK = """
+INSERT INTO event_flags (event_id, rule, workspace_id, excluded, evidence)
+SELECT event_id, 'click_burst', workspace_id, false,
+       jsonb_build_object('clicks', burst_clicks + 1, 'threshold_clicks', burst_clicks, 'window_seconds', burst_seconds)
+FROM events WHERE burst_clicks IS NOT NULL
+ON CONFLICT DO NOTHING;
+"""
 _CLICK_IP_INDEXES = """
 SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
 WHERE pg_get_indexdef(i.indexrelid) LIKE '%(link_id, ip, received_at)%' ORDER BY 1
@@ -98,18 +106,25 @@ async def test_a_schema_17_database_with_clicks_takes_the_windows_of_schema_18(
             for i in range(4)
         ]
         assert (await write_batch(pool, clicks)).inserted == 4
-        flagged = await conn.fetch(
-            "SELECT event_id, evidence->>'clicks' AS n FROM event_flags WHERE rule = 'click_burst' ORDER BY 1"
+        flagged = await conn.fetch("SELECT event_id, burst_clicks FROM events WHERE burst_clicks IS NOT NULL")
+        assert sorted((r["event_id"], r["burst_clicks"]) for r in flagged) == sorted(
+            (c.event_id, 2) for c in clicks[2:]
         )
-        assert sorted((r["event_id"], r["n"]) for r in flagged) == sorted((c.event_id, "3") for c in clicks[2:])
+        assert await conn.fetchval("SELECT count(*) FROM event_flags") == 0  # on the rows
         window = await conn.fetchrow("SELECT keep, ids FROM click_windows WHERE link_id = $1", link["id"])
         assert window["keep"] == 3 and window["ids"] == [c.event_id for c in clicks[1:]]
         assert await migrate(conn) == SCHEMA_VERSION  # a second run changes nothing
         assert await conn.fetchval("SELECT count(*) FROM click_windows") == 1
 
-        # the rollback: the older build's migrate (its schema.sql) makes the index again on
-        # every partition, and schema 17's count reads the eight clicks through it
+        # the rollback: the flags on the rows become event_flags rows, which schema 17 reads;
+        # the older build's migrate (its schema.sql) makes the index again on every
+        # partition, and schema 17's count reads the eight clicks through it
+        await conn.execute(ROLLBACK)
         await conn.execute((DATA / "schema_v17.sql").read_text())
+        moved = await conn.fetch("SELECT event_id, evidence FROM event_flags WHERE rule = 'click_burst'")
+        assert sorted((r["event_id"], r["evidence"]) for r in moved) == sorted(
+            (c.event_id, '{"clicks": 3, "window_seconds": 60, "threshold_clicks": 2}') for c in clicks[2:]
+        )
         assert [r["relname"] for r in await conn.fetch(_CLICK_IP_INDEXES)] == before
         one = (uuid7(), link["id"], IP, datetime.fromtimestamp((at + 5) / 1000, UTC), 60.0, 20)
         assert await conn.fetchval(_V17_COUNT, jsonrows.doc([one])) == 8

@@ -5,20 +5,22 @@ window kept per (link, address), not from an index of every click.
 received time and event id), ``keep`` being the link's program's ``burst_clicks`` + 1: a
 count stops there, since whether a click crossed the line is all the rule decides. A batch
 reads the windows of its clicks' (link, address) pairs and merges its own clicks into them
-in one statement, in the batch's transaction (so a window holds exactly the stored clicks
-that committed), each row locked in (link, address) order like every other table the
-batch writes (``workers.consumer.store``'s lock order). Per click that is no index entry
-and no range scan: a batch writes one row per pair it holds, whatever its number of
-clicks, and a pair's row is one version of a few hundred bytes that the next batch
-replaces (a HOT update: no index column changes).
+in one statement, in the batch's transaction, before its events are inserted (so that a
+flag can go on its click's row: ``workers.consumer.fraud``), each row locked in (link,
+address) order, after the dedupe keys and before the events (``workers.consumer.store``'s
+lock order). A window holds only clicks that are stored: the batch's own commit or roll
+back with it, and a redelivered copy of a click stored before is the same entry (by event
+id), counted once. Per click that is no index entry and no range scan: a batch writes one
+row per pair it holds, whatever its number of clicks, and a pair's row is one version of
+a few hundred bytes that the next batch replaces (a HOT update: no index column changes).
 
 A click's count is every click of its window read (as the statement's snapshot showed it)
 and of its batch, in (received time, event id) order up to it, within ``burst_seconds``
 before it. What a window no longer holds (more than ``keep`` newer clicks came, or a
 concurrent batch had not committed) is not counted: a count may fall short, never exceed
 the clicks stored in the window, so a flag is always earned (the generative checker's
-``burst_unearned``). Counted are the live clicks with an address (a bot's too, as the
-rule always counted them; test mode, and the clicks an import stores, never).
+``burst_unearned``). Counted are the clicks with an address (a bot's too, as the rule
+always counted them; test mode, and the clicks an import stores, never).
 
 A row past its ``until`` (its newest click + the window) counts nothing more: ``prune``
 deletes those, on the consumer's timer, skipping a row a batch holds. An erasure deletes
@@ -37,28 +39,37 @@ import asyncpg
 from ingest.contract import jsonrows
 from workers.consumer.stored import Stored, ts
 
-_TOP: Final = UUID(int=(1 << 128) - 1)
+_TOP: Final = (1 << 128) - 1  # past every event id, as an int
 
-# `before`: the windows as the statement's snapshot shows them; the insert then merges the
-# batch's clicks into each (keeping the newest `keep` in (time, id) order), waiting for a
-# concurrent batch's lock on a row if it must, in key order
+# `before`: the windows as the statement's snapshot shows them, the ids only of a window
+# whose newest click is not older than the pair's oldest in the batch (else the times
+# alone order it: every entry is before every click of the batch). The insert then merges
+# the batch's clicks into each, waiting for a concurrent batch's lock on a row if it must,
+# in key order: where they all come after the window's newest (clicks arrive in time
+# order), the window's tail and the batch's make it (two slices); else the newest `keep`
+# of both, in (time, id) order, each entry once (a redelivered click)
+_IN_ORDER = "(w.ats[cardinality(w.ats)], w.ids[cardinality(w.ids)]) < (EXCLUDED.ats[1], EXCLUDED.ids[1])"
+_TAIL = "(w.{a} || EXCLUDED.{a})[cardinality(w.{a}) + cardinality(EXCLUDED.{a}) - EXCLUDED.keep + 1:]"
+_NEWEST = """(SELECT DISTINCT a, i FROM unnest(w.ats || EXCLUDED.ats, w.ids || EXCLUDED.ids) u (a, i)
+                         ORDER BY a DESC, i DESC LIMIT EXCLUDED.keep) newest"""
 _MERGE = f"""
-WITH d (k, link_id, ip, keep, ats, ids, until) AS MATERIALIZED (
-    {jsonrows.select(("int", "uuid", "inet", "int", "bigint[]", "uuid[]", "timestamptz"))}
+WITH d (k, link_id, ip, keep, since, ats, ids, until) AS MATERIALIZED (
+    {jsonrows.select(("int", "uuid", "inet", "int", "bigint", "bigint[]", "uuid[]", "timestamptz"))}
 ),
 before AS (
-    SELECT d.k, w.ats, w.ids FROM d JOIN click_windows w ON w.link_id = d.link_id AND w.ip = d.ip
+    SELECT d.k, w.ats, CASE WHEN w.ats[cardinality(w.ats)] >= d.since THEN w.ids END AS ids
+    FROM d JOIN click_windows w ON w.link_id = d.link_id AND w.ip = d.ip
 ),
 merged AS (
-    INSERT INTO click_windows AS w (link_id, ip, keep, ats, ids, until)
-    SELECT link_id, ip, keep, ats, ids, until FROM d ORDER BY link_id, ip
+    INSERT INTO click_windows AS w (link_id, ip, keep, until, ats, ids)
+    SELECT link_id, ip, keep, until, ats, ids FROM d ORDER BY link_id, ip
     ON CONFLICT (link_id, ip) DO UPDATE SET
         keep = EXCLUDED.keep,
         until = greatest(w.until, EXCLUDED.until),
-        (ats, ids) = (
-            SELECT array_agg(a ORDER BY a, i), array_agg(i ORDER BY a, i)
-            FROM (SELECT DISTINCT a, i FROM unnest(w.ats || EXCLUDED.ats, w.ids || EXCLUDED.ids) u (a, i)
-                  ORDER BY a DESC, i DESC LIMIT EXCLUDED.keep) newest)
+        ats = CASE WHEN {_IN_ORDER} THEN {_TAIL.format(a="ats")}
+                   ELSE (SELECT array_agg(a ORDER BY a, i) FROM {_NEWEST}) END,
+        ids = CASE WHEN {_IN_ORDER} THEN {_TAIL.format(a="ids")}
+                   ELSE (SELECT array_agg(i ORDER BY a, i) FROM {_NEWEST}) END
     RETURNING 1
 )
 SELECT k, ats, ids FROM before
@@ -92,9 +103,9 @@ def _array(values: list[object]) -> str:
 async def count(
     conn: asyncpg.Connection, clicks: list[Stored], candidates: list[Stored], limits_of: dict[str, Limits]
 ) -> list[Counted]:
-    """Merge ``clicks`` (newly stored, live, with an address) into their windows; the count
-    of each of ``candidates`` (some of ``clicks``: those the rule judges). ``limits_of``:
-    per link id, its program's thresholds."""
+    """Merge ``clicks`` (the batch's, with an address, about to be stored) into their
+    windows; the count of each of ``candidates`` (some of ``clicks``: those the rule
+    judges). ``limits_of``: per link id, its program's thresholds."""
     if not clicks:
         return []
     pairs: dict[tuple[str, str], list[tuple[int, UUID]]] = {}
@@ -105,26 +116,44 @@ async def count(
     rows = []
     for k, (link_id, ip) in enumerate(keys):
         lim = limits_of[link_id]
-        mine = sorted(pairs[(link_id, ip)])
+        mine = pairs[(link_id, ip)]
+        mine.sort()
         newest = mine[-(lim.clicks + 1) :]
-        until = ts(mine[-1][0] + lim.seconds * 1000)
         rows.append(
-            (k, link_id, ip, lim.clicks + 1, _array([a for a, _ in newest]), _array([i for _, i in newest]), until)
+            (
+                k,
+                link_id,
+                ip,
+                lim.clicks + 1,
+                mine[0][0],
+                _array([a for a, _ in newest]),
+                _array([i for _, i in newest]),
+                ts(mine[-1][0] + lim.seconds * 1000),
+            )
         )
-    window: dict[tuple[str, str], list[tuple[int, UUID]]] = {key: list(v) for key, v in pairs.items()}
+    # per pair: the window's times before every click of the batch (their order is the
+    # times'), and the rest in (time, id as an int) order with the batch's, each once (a
+    # redelivered click the window holds already)
+    earlier: dict[tuple[str, str], list[int]] = {}
+    entries = {key: [(a, i.int) for a, i in v] for key, v in pairs.items()}
     for r in await conn.fetch(_MERGE, jsonrows.doc(rows)):
-        window[keys[r["k"]]] += zip(r["ats"], r["ids"], strict=True)
-    for v in window.values():
-        v.sort()
+        key = keys[r["k"]]
+        if r["ids"] is None:
+            earlier[key] = r["ats"]
+        else:
+            entries[key] = sorted(set(entries[key]).union(zip(r["ats"], (i.int for i in r["ids"]), strict=True)))
     out = []
     for s in candidates:
         assert s.ip is not None
+        key = (s.link.id, s.ip)
         lim = limits_of[s.link.id]
-        entries = window[(s.link.id, s.ip)]
         at = s.envelope.received_at_ms
-        upto = bisect_right(entries, (at, s.envelope.event_id))
-        since = bisect_right(entries, (at - lim.seconds * 1000, _TOP))
-        out.append(Counted(s, min(max(upto - since, 0), lim.clicks + 1), lim))
+        since = at - lim.seconds * 1000  # the window: after this
+        mine = entries[key]
+        n = bisect_right(mine, (at, s.envelope.event_id.int)) - bisect_right(mine, (since, _TOP))
+        if (before := earlier.get(key)) is not None:
+            n += len(before) - bisect_right(before, since)
+        out.append(Counted(s, min(max(n, 0), lim.clicks + 1), lim))
     return out
 
 

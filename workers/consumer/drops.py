@@ -196,7 +196,8 @@ async def fold(redis: Any, pool: asyncpg.Pool, prefix: str) -> int:
 # and flags, recounted from the rows for one chunk of links in the reconcile's window, in
 # its transaction. What a batch decided is on its rows: test mode, out-of-window and
 # ``bot_counted`` on the event, a fraud flag in ``event_flags`` (read through its event: the
-# flag holds no link or time of its own since schema 17), a drop without
+# flag holds no link or time of its own since schema 17) or, a click_burst flag the
+# workspace did not exclude, on the event's row (``burst_clicks``, schema 18), a drop without
 # an event (an unknown code, an inactive link, a duplicate) in ``event_drops``. The edge's
 # refusals (``source = 'edge'``) have no row to recount them from: they are left as they
 # are. Drops that no link resolved for are counted under the nil link id, a chunk of their
@@ -228,9 +229,16 @@ FROM event_drops
 WHERE link_id = ANY($1::uuid[]) AND received_at >= $2 AND received_at < $3 AND event_id >= $4
 GROUP BY 1, 2, 3, 4
 UNION ALL
-SELECT e.workspace_id, e.link_id, (e.received_at AT TIME ZONE 'UTC')::date, 'flagged', f.rule, count(*)
-FROM events e JOIN event_flags f ON f.event_id = e.event_id
-WHERE e.link_id = ANY($1::uuid[]) AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
+SELECT workspace_id, link_id, day, 'flagged', rule, count(*) FROM (
+    SELECT e.workspace_id, e.link_id, (e.received_at AT TIME ZONE 'UTC')::date AS day, f.rule
+    FROM events e JOIN event_flags f ON f.event_id = e.event_id
+    WHERE e.link_id = ANY($1::uuid[]) AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
+    UNION ALL
+    SELECT e.workspace_id, e.link_id, (e.received_at AT TIME ZONE 'UTC')::date, 'click_burst'
+    FROM events e
+    WHERE e.link_id = ANY($1::uuid[]) AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
+      AND e.burst_clicks IS NOT NULL
+) flags
 GROUP BY 1, 2, 3, 5
 """
 

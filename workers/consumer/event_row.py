@@ -40,6 +40,10 @@ class EventRow(NamedTuple):
     bot_counted: bool
     device_id: int | None  # its event_devices entry: set where enrichment is
     place_id: int | None  # its event_places entry: where the address told more than its country
+    # a click_burst flag its workspace does not exclude (schema 18): the threshold it
+    # crossed and the window, its evidence's (its count is the threshold + 1)
+    burst_clicks: int | None = None
+    burst_seconds: int | None = None
 
 
 SQL_TYPES = {
@@ -70,6 +74,8 @@ SQL_TYPES = {
     "bot_counted": "boolean",
     "device_id": "integer",
     "place_id": "integer",
+    "burst_clicks": "integer",
+    "burst_seconds": "integer",
 }
 COLUMNS: tuple[tuple[str, str], ...] = tuple((name, SQL_TYPES[name]) for name in EventRow._fields)
 

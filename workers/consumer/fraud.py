@@ -1,8 +1,10 @@
 """Fraud flags: rules over a batch's newly stored events, in its transaction.
 
 A flag never deletes anything: it is stored on the event (``event_flags``: rule and
-evidence, by event id; the event's link, affiliate and time are its row's), counted per
-link and day like the drops, and announced (``fraud.flagged``).
+evidence, by event id; the event's link, affiliate and time are its row's; a click_burst
+flag the workspace does not exclude on the click's own row, ``burst_clicks`` and
+``burst_seconds``, since schema 18), counted per link and day like the drops, and
+announced (``fraud.flagged``).
 Whether a flagged event still counts is the workspace's policy per rule
 (``workspaces.fraud_policy``: ``flag``, the default, counts it; ``exclude`` moves no
 counter, credits no affiliate and makes no customer for it). The decision is recorded on
@@ -128,50 +130,79 @@ def _thresholds(program: str, raw: object) -> dict[str, int]:
     return out
 
 
+def thresholds_of(program_thresholds: dict[str, object]) -> dict[str, dict[str, int]]:
+    """Per program id, its thresholds (``fraud_thresholds`` as stored, read with the batch's
+    links in its transaction), each unusable one its default."""
+    return {program: _thresholds(program, raw) for program, raw in program_thresholds.items()}
+
+
+def _limits(thresholds: dict[str, dict[str, int]], s: Stored) -> dict[str, int]:
+    return thresholds.get(s.link.program_id or "", DEFAULT_THRESHOLDS)
+
+
+async def bursts_before_insert(
+    conn: asyncpg.Connection, clicks: list[Stored], thresholds: dict[str, dict[str, int]]
+) -> dict[UUID, bursts.Counted]:
+    """The click_burst rule, run before the batch's events are inserted, so that a flag
+    goes on its click's row (``events.burst_clicks``, ``burst_seconds``: schema 18) rather
+    than a row of its own: the clicks flagged among ``clicks`` (the batch's, test mode
+    aside), by event id. Every click with an address joins its window, a bot's too; a
+    redelivered copy of one stored before changes no window (``workers.consumer.bursts``),
+    and its flag is dropped with its row (ON CONFLICT DO NOTHING)."""
+    windowed = [s for s in clicks if s.type is EventType.CLICK and s.ip]
+    if not windowed:
+        return {}
+    limits_of = {
+        s.link.id: bursts.Limits(_limits(thresholds, s)["burst_clicks"], _limits(thresholds, s)["burst_seconds"])
+        for s in windowed
+    }
+    counted = await bursts.count(conn, windowed, [s for s in windowed if not s.is_bot], limits_of)
+    return {c.stored.envelope.event_id: c for c in counted if c.clicks > c.limits.clicks}
+
+
+def burst_on_row(fraud_policy: dict[str, dict[str, str]], counted: bursts.Counted) -> bool:
+    """Whether a click_burst flag is kept on its event's row: unless its workspace excludes
+    the rule. An excluded one changes what its event counts, and keeps its ``event_flags``
+    row, which reconcile reads (``excluded``)."""
+    return fraud_policy.get(counted.stored.link.workspace_id, {}).get("click_burst") != "exclude"
+
+
 async def detect(
     conn: asyncpg.Connection,
     events: list[Stored],
     fraud_policy: dict[str, dict[str, str]],
-    program_thresholds: dict[str, object],
+    thresholds: dict[str, dict[str, int]],
+    burst: dict[UUID, bursts.Counted],
 ) -> Found:
     """Flag ``events`` (newly inserted, live), store the flags; what to leave uncounted.
-    ``fraud_policy``: per workspace id, rule -> ``flag`` | ``exclude``;
-    ``program_thresholds``: per program id, its ``fraud_thresholds`` as stored (read with
-    the batch's links, in its transaction)."""
+    ``fraud_policy``: per workspace id, rule -> ``flag`` | ``exclude``; ``thresholds``:
+    ``thresholds_of``'s; ``burst``: ``bursts_before_insert``'s flags (those on the rows
+    are not stored again)."""
     found = Found()
     if not events:
         return found
     raw: list[tuple[Stored, str, dict[str, Any]]] = []
     people = [s for s in events if s.type is not EventType.CLICK]
-    windowed = [s for s in events if s.type is EventType.CLICK and s.ip]  # a bot's clicks count too
-    burst_candidates = [s for s in windowed if not s.is_bot]
     fast = [(s, ms) for s in events if s.type is EventType.CONVERSION and (ms := _click_ms(s)) is not None]
-
-    thresholds = {program: _thresholds(program, raw) for program, raw in program_thresholds.items()}
-
-    def limits(s: Stored) -> dict[str, int]:
-        return thresholds.get(s.link.program_id or "", DEFAULT_THRESHOLDS)
 
     for s, ms in fast:
         seconds = (s.envelope.received_at_ms - ms) / 1000
-        if 0 <= seconds < limits(s)["fast_conversion_seconds"]:
+        if 0 <= seconds < _limits(thresholds, s)["fast_conversion_seconds"]:
             evidence = {
                 "seconds_after_click": round(seconds, 3),
-                "threshold_seconds": limits(s)["fast_conversion_seconds"],
+                "threshold_seconds": _limits(thresholds, s)["fast_conversion_seconds"],
             }
             raw.append((s, "fast_conversion", evidence))
 
-    if windowed:
-        limits_of = {s.link.id: bursts.Limits(limits(s)["burst_clicks"], limits(s)["burst_seconds"]) for s in windowed}
-        for c in await bursts.count(conn, windowed, burst_candidates, limits_of):
-            if c.clicks > c.limits.clicks:
-                burst: dict[str, Any] = {
-                    "ip": c.stored.ip,
-                    "clicks": c.clicks,
-                    "threshold_clicks": c.limits.clicks,
-                    "window_seconds": c.limits.seconds,
-                }
-                raw.append((c.stored, "click_burst", burst))
+    for s in events:
+        if (c := burst.get(s.envelope.event_id)) is not None:
+            crossed: dict[str, Any] = {
+                "ip": s.ip,
+                "clicks": c.clicks,
+                "threshold_clicks": c.limits.clicks,
+                "window_seconds": c.limits.seconds,
+            }
+            raw.append((s, "click_burst", crossed))
 
     if people:
         raw += await _people(conn, people)
@@ -181,14 +212,17 @@ async def detect(
         found.flags.append(Flag(s, rule, evidence, excluded))
         if excluded:
             found.excluded.add(s.envelope.event_id)
-    if found.flags:
-        f = sorted(found.flags, key=lambda f: (f.stored.envelope.event_id, f.rule))
+    stored = sorted(
+        (f for f in found.flags if f.rule != "click_burst" or f.excluded),
+        key=lambda f: (f.stored.envelope.event_id, f.rule),
+    )
+    if stored:
         await conn.execute(
             _FLAGS,
             jsonrows.doc(
                 [
                     (x.stored.envelope.event_id, x.rule, x.stored.link.workspace_id, x.excluded, stored_evidence(x))
-                    for x in f
+                    for x in stored
                 ]
             ),
         )

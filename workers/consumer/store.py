@@ -6,8 +6,8 @@ and so moves nothing. Every write is set-based (the batch's rows as one jsonb do
 see ``jsonrows``), one statement per table, and sorted so that concurrent batches take their
 locks in one order and cannot deadlock one another. The order, phase by phase, each phase
 in key order: the erasure ledger's advisory lock (shared; an erased person's events are
-stored scrubbed: ``ingest.contract.erasure``), event_dedupe (by dedupe key), events (by event id),
-click_windows (by link and address: ``bursts``), event_flags,
+stored scrubbed: ``ingest.contract.erasure``), event_dedupe (by dedupe key), click_windows
+(by link and address: ``bursts``), events (by event id), event_flags,
 link_visitor_days, links (by id), daily_stats, affiliates (by id), affiliate_milestones,
 customers, sales and sale_stats (``sales``), webhook_deliveries, event_drops, drop_stats.
 """
@@ -342,6 +342,21 @@ async def _write(
         await drops.settle(conn, inserted=[], no_row=no_row + sold_out.drops, taken_back=sold_out.undrops)
         return result
     batch, lost = await _claim_keys(conn, batch)
+    policy = {ws: r["fraud_policy"] or {} for ws, r in policies.items()}
+    limits = fraud.thresholds_of(thresholds)
+    # the click_burst rule before the insert: a flag the workspace does not exclude is on its row
+    burst = (
+        await fraud.bursts_before_insert(conn, [kept[r.event_id] for r in batch if not r.test_mode], limits)
+        if effects.fraud
+        else {}
+    )
+    if burst:
+        batch = [
+            r._replace(burst_clicks=c.limits.clicks, burst_seconds=c.limits.seconds)
+            if (c := burst.get(r.event_id)) is not None and fraud.burst_on_row(policy, c)
+            else r
+            for r in batch
+        ]
     returned = {
         r["event_id"]: r["expired"] for r in await conn.fetch(_INSERT_EVENTS, jsonrows.doc(event_row.plain(batch)))
     }
@@ -357,8 +372,7 @@ async def _write(
         for s in inserted
         if s.envelope.payload.get("test_mode") is not True and not s.out_of_window and not returned[s.envelope.event_id]
     ]
-    policy = {ws: r["fraud_policy"] or {} for ws, r in policies.items()}
-    flagged = await fraud.detect(conn, live, policy, thresholds) if effects.fraud else fraud.Found()
+    flagged = await fraud.detect(conn, live, policy, limits, burst) if effects.fraud else fraud.Found()
     counted = flagged.counted(live)  # a flag the workspace excludes: stored and flagged, nothing more
     reached: list[counters.MilestoneReached] = []
     if counted and not effects.counters_last:

@@ -59,15 +59,21 @@ UNION ALL
 SELECT s.event_id, 4, l.code, s.click_id, NULL, s.metadata->>'gen', s.workspace_id, s.customer_external_id
 FROM sales s LEFT JOIN links l ON l.id = s.link_id"""
 # each click_burst flag of a click whose address is still stored, with the clicks its window
-# holds (those without an address, erased since, counted as the flagged one's)
-BURSTS = f"""SELECT f.event_id, {TOKEN_SQL} AS token, (f.evidence->>'clicks')::int AS clicks,
-       (f.evidence->>'threshold_clicks')::int AS threshold,
+# holds (those without an address, erased since, counted as the flagged one's); a flag is
+# on its click's row (burst_clicks, burst_seconds: schema 18) or, excluded, an event_flags
+# row (its evidence's clicks is the threshold + 1 on the row: where counting stops)
+BURSTS = f"""SELECT f.event_id, {TOKEN_SQL} AS token, f.clicks, f.threshold,
        (SELECT count(*) FROM events o
          WHERE o.link_id = e.link_id AND o.type = 1 AND NOT o.test_mode AND (o.ip = e.ip OR o.ip IS NULL)
-           AND o.received_at > e.received_at - make_interval(secs => (f.evidence->>'window_seconds')::int)
+           AND o.received_at > e.received_at - make_interval(secs => f.window_seconds)
            AND (o.received_at, o.event_id) <= (e.received_at, e.event_id)) AS in_window
-FROM event_flags f JOIN events e ON e.event_id = f.event_id
-WHERE f.rule = 'click_burst' AND e.ip IS NOT NULL"""
+FROM (SELECT event_id, (evidence->>'clicks')::int AS clicks, (evidence->>'threshold_clicks')::int AS threshold,
+             (evidence->>'window_seconds')::int AS window_seconds
+      FROM event_flags WHERE rule = 'click_burst'
+      UNION ALL
+      SELECT event_id, burst_clicks + 1, burst_clicks, burst_seconds FROM events WHERE burst_clicks IS NOT NULL) f
+JOIN events e ON e.event_id = f.event_id
+WHERE e.ip IS NOT NULL"""
 # management writes, by the token: a participant's generated code, a link created by code
 GENERATED = """SELECT a.external_id AS token, count(DISTINCT l.id) AS links, min(l.code) AS code
 FROM affiliates a LEFT JOIN links l ON l.affiliate_id = a.id WHERE a.external_id LIKE 'g%' GROUP BY 1"""
