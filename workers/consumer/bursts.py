@@ -37,27 +37,34 @@ from uuid import UUID
 import asyncpg
 
 from ingest.contract import jsonrows
-from workers.consumer.stored import Stored, ts
+from workers.consumer.stored import Stored
 
 _TOP: Final = (1 << 128) - 1  # past every event id, as an int
 
-# `before`: the windows as the statement's snapshot shows them, the ids only of a window
-# whose newest click is not older than the pair's oldest in the batch (else the times
-# alone order it: every entry is before every click of the batch). The insert then merges
-# the batch's clicks into each, waiting for a concurrent batch's lock on a row if it must,
-# in key order: where they all come after the window's newest (clicks arrive in time
-# order), the window's tail and the batch's make it (two slices); else the newest `keep`
-# of both, in (time, id) order, each entry once (a redelivered click)
+# `before`: the windows as the statement's snapshot shows them. Where a window's clicks
+# all come before every click of the batch (clicks arrive in time order) and within the
+# window of each (a burst), its size alone is read (`n`); else its times (`ats`: its
+# order where they all come before the batch's), and its ids too where they do not. The
+# insert then merges the batch's clicks into each, waiting for a concurrent batch's lock
+# on a row if it must, in key order: where they all come after the window's newest, the
+# window's tail and the batch's make it (two slices); else the newest `keep` of both, in
+# (time, id) order, each entry once (a redelivered click). The batch's times and ids come
+# as JSON arrays, made Postgres's array literals by `translate`
 _IN_ORDER = "(w.ats[cardinality(w.ats)], w.ids[cardinality(w.ids)]) < (EXCLUDED.ats[1], EXCLUDED.ids[1])"
 _TAIL = "(w.{a} || EXCLUDED.{a})[cardinality(w.{a}) + cardinality(EXCLUDED.{a}) - EXCLUDED.keep + 1:]"
 _NEWEST = """(SELECT DISTINCT a, i FROM unnest(w.ats || EXCLUDED.ats, w.ids || EXCLUDED.ids) u (a, i)
                          ORDER BY a DESC, i DESC LIMIT EXCLUDED.keep) newest"""
 _MERGE = f"""
-WITH d (k, link_id, ip, keep, since, ats, ids, until) AS MATERIALIZED (
-    {jsonrows.select(("int", "uuid", "inet", "int", "bigint", "bigint[]", "uuid[]", "timestamptz"))}
+WITH d (k, link_id, ip, keep, since, reach, ats, ids, until) AS MATERIALIZED (
+    SELECT (r->>0)::int, (r->>1)::uuid, (r->>2)::inet, (r->>3)::int, (r->>4)::bigint, (r->>5)::bigint,
+           translate(r->>6, '[]', '{{}}')::bigint[], translate(r->>7, '[]"', '{{}}')::uuid[],
+           to_timestamp((r->>8)::bigint / 1000.0)
+    FROM jsonb_array_elements($1::text::jsonb) AS r
 ),
 before AS (
-    SELECT d.k, w.ats, CASE WHEN w.ats[cardinality(w.ats)] >= d.since THEN w.ids END AS ids
+    SELECT d.k, cardinality(w.ats) AS n,
+           CASE WHEN w.ats[cardinality(w.ats)] >= d.since OR w.ats[1] <= d.reach THEN w.ats END AS ats,
+           CASE WHEN w.ats[cardinality(w.ats)] >= d.since THEN w.ids END AS ids
     FROM d JOIN click_windows w ON w.link_id = d.link_id AND w.ip = d.ip
 ),
 merged AS (
@@ -72,7 +79,7 @@ merged AS (
                    ELSE (SELECT array_agg(i ORDER BY a, i) FROM {_NEWEST}) END
     RETURNING 1
 )
-SELECT k, ats, ids FROM before
+SELECT k, n, ats, ids FROM before
 """
 
 # rows past their window, a chunk at a time; a row a batch holds is skipped (next time)
@@ -96,10 +103,6 @@ class Counted:
     limits: Limits
 
 
-def _array(values: list[object]) -> str:
-    return "{" + ",".join(str(v) for v in values) + "}"
-
-
 async def count(
     conn: asyncpg.Connection, clicks: list[Stored], candidates: list[Stored], limits_of: dict[str, Limits]
 ) -> list[Counted]:
@@ -119,26 +122,32 @@ async def count(
         mine = pairs[(link_id, ip)]
         mine.sort()
         newest = mine[-(lim.clicks + 1) :]
+        last = mine[-1][0]
         rows.append(
             (
                 k,
                 link_id,
                 ip,
                 lim.clicks + 1,
-                mine[0][0],
-                _array([a for a, _ in newest]),
-                _array([i for _, i in newest]),
-                ts(mine[-1][0] + lim.seconds * 1000),
+                mine[0][0],  # since: the batch's oldest
+                last - lim.seconds * 1000,  # reach: a window's click after it is in every one's window
+                [a for a, _ in newest],
+                [i for _, i in newest],
+                last + lim.seconds * 1000,  # until
             )
         )
-    # per pair: the window's times before every click of the batch (their order is the
-    # times'), and the rest in (time, id as an int) order with the batch's, each once (a
-    # redelivered click the window holds already)
+    # per pair: how many of the window's clicks come before, and within the window of,
+    # every click of the batch; or their times, in order, where they come before but not
+    # all within; or else the window's entries with the batch's, in (time, id as an int)
+    # order, each once (a redelivered click the window holds already)
+    before_all: dict[tuple[str, str], int] = {}
     earlier: dict[tuple[str, str], list[int]] = {}
     entries = {key: [(a, i.int) for a, i in v] for key, v in pairs.items()}
     for r in await conn.fetch(_MERGE, jsonrows.doc(rows)):
         key = keys[r["k"]]
-        if r["ids"] is None:
+        if r["ats"] is None:
+            before_all[key] = r["n"]
+        elif r["ids"] is None:
             earlier[key] = r["ats"]
         else:
             entries[key] = sorted(set(entries[key]).union(zip(r["ats"], (i.int for i in r["ids"]), strict=True)))
@@ -149,11 +158,12 @@ async def count(
         lim = limits_of[s.link.id]
         at = s.envelope.received_at_ms
         since = at - lim.seconds * 1000  # the window: after this
-        mine = entries[key]
-        n = bisect_right(mine, (at, s.envelope.event_id.int)) - bisect_right(mine, (since, _TOP))
+        held = entries[key]
+        n = bisect_right(held, (at, s.envelope.event_id.int)) - bisect_right(held, (since, _TOP))
+        n += before_all.get(key, 0)
         if (before := earlier.get(key)) is not None:
             n += len(before) - bisect_right(before, since)
-        out.append(Counted(s, min(max(n, 0), lim.clicks + 1), lim))
+        out.append(Counted(s, min(n, lim.clicks + 1), lim))
     return out
 
 
