@@ -13,7 +13,7 @@ import asyncpg
 
 from ingest.contract import jsonrows
 from ingest.contract.connections import create_pg_pool
-from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.events import uuid7
 from ingest.contract.settings import Settings
 from ingest.manage import schema_check
 from ingest.manage.db import SCHEMA_VERSION, ensure_database, migrate
@@ -21,6 +21,7 @@ from workers.consumer.store import write_batch
 
 from ._migrate import DATA, old_database
 from ._world import BROWSER
+from .test_bursts import _click
 
 _WORLD = """
 WITH w AS (INSERT INTO workspaces (name) VALUES ('old') RETURNING id),
@@ -93,18 +94,7 @@ async def test_a_schema_17_database_with_clicks_takes_the_windows_of_schema_18(
         # after it, four clicks from the same address: counted from the upgrade on, the
         # third and fourth cross the threshold of two
         at = int(now.timestamp() * 1000) + 10
-        clicks = [
-            Envelope(
-                EventType.CLICK,
-                Dialect.BIORE,
-                {"code": "OLD1"},
-                workspace_id=str(ws),
-                ip=IP,
-                user_agent=BROWSER,
-                received_at_ms=at + i,
-            )
-            for i in range(4)
-        ]
+        clicks = [_click({"workspace_id": str(ws)}, "OLD1", IP, at + i) for i in range(4)]
         assert (await write_batch(pool, clicks)).inserted == 4
         flagged = await conn.fetch("SELECT event_id, burst_clicks FROM events WHERE burst_clicks IS NOT NULL")
         assert sorted((r["event_id"], r["burst_clicks"]) for r in flagged) == sorted(
