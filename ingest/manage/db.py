@@ -52,7 +52,8 @@ from ingest.manage import online
 #     address); what an address tells of its network (AS name, city, region, coordinates)
 #     once per network (event_places, events.place_id), event_enrichment(doc, device, place, ...)
 # 18: click_burst counted from a window per link and address (click_windows); events_click_ip
-#     dropped
+#     dropped; a burst's flag on its click's row (events.burst_clicks, burst_seconds) unless
+#     the workspace excludes the rule
 SCHEMA_VERSION = 18
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
