@@ -333,10 +333,10 @@ $convert$;
 CREATE TABLE IF NOT EXISTS events_default PARTITION OF events DEFAULT;
 CREATE TABLE IF NOT EXISTS link_visitor_days_default PARTITION OF link_visitor_days DEFAULT;
 
--- the management API's reads (GET /v1/events: a workspace's newest first, by link or type;
--- a type other than click by events_workspace_nonclick, schema 14)
+-- the management API's reads (GET /v1/events: a workspace's newest first, or of a type;
+-- a type other than click by events_workspace_nonclick, schema 14; of a link by
+-- events_link_received, schema 19)
 CREATE INDEX IF NOT EXISTS events_workspace_id ON events (workspace_id, event_id);
-CREATE INDEX IF NOT EXISTS events_link_id ON events (link_id, event_id);
 
 -- ---------------------------------------------------------------------------------------
 -- Drops and fraud flags (schema version 5). Why an event did not count, per link and UTC
@@ -956,3 +956,14 @@ DROP INDEX IF EXISTS events_click_ip;
 -- An excluded one changes what its event counted, and keeps its `event_flags` row, as a flag
 -- of any other rule does. A flag stored before keeps its row; readers take either form.
 ALTER TABLE events ADD COLUMN IF NOT EXISTS burst_clicks integer, ADD COLUMN IF NOT EXISTS burst_seconds integer;
+
+-- Schema version 19: a link's events by one index. `events_link_id` (link_id, event_id; 82-98
+-- bytes a click, a click's largest index since schema 18) served one read, GET
+-- /v1/events?link_id= (and the console's tail of a link), newest first by event id.
+-- `events_link_received` (link_id, received_at), which reconcile and the drops' recount
+-- need, serves it newest first by received time (ties by event id), each partition's scan
+-- in time order, merged, and stopped at the limit. An event's id is minted with its
+-- received time (the edge, the import), so the two orders differ only where a producer set
+-- them apart. A catalog change under the lock on `events` every migrate takes; the rollback
+-- is docs/operations.md "Migrating to schema 19".
+DROP INDEX IF EXISTS events_link_id;

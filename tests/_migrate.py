@@ -12,9 +12,10 @@ from workers.consumer.partitions import maintain
 DATA = Path(__file__).parent / "data"
 
 
-async def old_database(conn: asyncpg.Connection, version: int) -> None:
-    """Make ``conn``'s (empty) database what ``refstream migrate`` of schema ``version`` made."""
-    await conn.execute((DATA / f"schema_v{version}.sql").read_text())
+async def old_database(conn: asyncpg.Connection, version: int, sql: str | None = None) -> None:
+    """Make ``conn``'s (empty) database what ``refstream migrate`` of schema ``version`` made
+    (its schema.sql: ``sql``, else tests/data's copy)."""
+    await conn.execute(sql if sql is not None else (DATA / f"schema_v{version}.sql").read_text())
     await conn.execute(
         "CREATE TABLE refstream_schema (singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),"
         " version integer NOT NULL, migrated_at timestamptz NOT NULL DEFAULT now());"

@@ -253,7 +253,40 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
             )
             used = set(_indexes((orjson.loads(raw) if isinstance(raw, str | bytes) else raw)[0]["Plan"]))
             assert used and all(u.endswith("_workspace_id_type_event_id_idx") for u in used), (mode, used)
+        # a link's by its received time (schema 19: events_link_received, no index of its
+        # own); a busy link's (30,000 more clicks) each partition's scan in order, merged,
+        # stopped at the limit: no sort of the link's events, only of a tie's ids
+        hot_ws, hot = await conn.fetchrow("SELECT workspace_id, id FROM links WHERE code = 'L78'")
+        await conn.execute(
+            """INSERT INTO events (event_id, type, workspace_id, link_id, dialect, received_at)
+               SELECT (lpad(to_hex($1::bigint + i * 14), 12, '0') || '7' || substr(md5(i::text), 1, 3) || '9'
+                       || substr(md5(i::text), 4, 15))::uuid,
+                      1, $2, $3, 'native', to_timestamp(($1::bigint + i * 14) / 1000.0)
+               FROM generate_series(0, 29999) i""",
+            start_ms,
+            hot_ws,
+            hot,
+        )
+        await conn.execute("ANALYZE events")
+        for one, shape in ((link, None), (hot, "Incremental Sort")):
+            for type_ in (False, True):
+                for mode in ("force_generic_plan", "force_custom_plan"):
+                    await conn.execute(f"SET plan_cache_mode = {mode}")
+                    sql = manage.events_query(link=True, type_=type_)
+                    args = (hot_ws if one == hot else ws, one, *([1] if type_ else []), 50)
+                    raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
+                    tree = (orjson.loads(raw) if isinstance(raw, str | bytes) else raw)[0]["Plan"]
+                    used = set(_indexes(tree))
+                    assert used and all(u.endswith("_link_id_received_at_idx") for u in used), (type_, mode, used)
+                    nodes = [n for n, _ in _nodes(tree)]
+                    assert shape is None or ("Sort" not in nodes and shape in nodes), (type_, mode, nodes)
         # and the answer is the newest first, across partitions
         rows = await manage.list_events(conn, str(ws), link_id=None, type_=None, limit=5)
         newest = await conn.fetch("SELECT event_id FROM events WHERE workspace_id = $1 ORDER BY 1 DESC LIMIT 5", ws)
         assert [r["event_id"] for r in rows] == [str(r["event_id"]) for r in newest]
+        for owner, one in ((ws, link), (hot_ws, hot)):
+            rows = await manage.list_events(conn, str(owner), link_id=str(one), type_=None, limit=5)
+            newest = await conn.fetch(
+                "SELECT event_id FROM events WHERE link_id = $1 ORDER BY received_at DESC, event_id DESC LIMIT 5", one
+            )
+            assert len(rows) == 5 and [r["event_id"] for r in rows] == [str(r["event_id"]) for r in newest]

@@ -54,7 +54,9 @@ from ingest.manage import online
 # 18: click_burst counted from a window per link and address (click_windows); events_click_ip
 #     dropped; a burst's flag on its click's row (events.burst_clicks, burst_seconds) unless
 #     the workspace excludes the rule
-SCHEMA_VERSION = 18
+# 19: events_link_id dropped; a link's events (GET /v1/events?link_id=, the console's tail)
+#     by events_link_received, newest first by received time
+SCHEMA_VERSION = 19
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

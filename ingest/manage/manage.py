@@ -177,8 +177,10 @@ def events_query(*, link: bool, type_: bool, clicks: bool = True) -> str:
     """GET /v1/events: a workspace's newest events first, optionally of one link and one type.
     One statement per combination of filters, never ``($2 IS NULL OR ...)``: a generic plan
     (a prepared statement's, after a few runs) could not use an index for that. Served by
-    ``events_workspace_id`` or ``events_link_id``, each partition's scan in id order, merged,
-    and stopped at the limit; a type other than click (``clicks`` False) by the partial
+    ``events_workspace_id``, each partition's scan in id order, merged, and stopped at the
+    limit; a link's by ``events_link_received`` the same way, newest by received time (ties
+    by id: an id is minted with its time, so the orders agree but where a producer set them
+    apart; schema 19); a type other than click (``clicks`` False) by the partial
     ``events_workspace_nonclick``, which the planner may use only if the statement itself
     says ``type <> 1`` (a parameter's value does not prove it). Clicks are most rows, so a
     scan of the workspace's ids meets them soon."""
@@ -190,7 +192,8 @@ def events_query(*, link: bool, type_: bool, clicks: bool = True) -> str:
     limit = f"${len(where) + 1}"
     if type_ and not clicks:
         where.append("type <> 1")
-    return f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY event_id DESC LIMIT {limit}"
+    order = "received_at DESC, event_id DESC" if link else "event_id DESC"
+    return f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY {order} LIMIT {limit}"
 
 
 async def list_events(

@@ -40,9 +40,9 @@ SCAN_ROWS = 5_000  # newest rows read before a dialect or type filter
 def _stored(flt: Filter, floor: uuid.UUID, link_id: uuid.UUID | None = None) -> tuple[str, list[Any]]:
     """The statement and its arguments for the newest stored rows matching ``flt`` (with a
     link in it, ``link_id`` is that link's id). Only the filters given are in it, so each
-    shape plans with the index that serves it (a workspace's or a link's own, by event id;
-    else the primary key), each read in order and stopped at its bound, never a sort of
-    the whole lookback."""
+    shape plans with the index that serves it (a workspace's by event id, a link's by
+    received time, schema 19; else the primary key), each read in order and stopped at its
+    bound, never a sort of the whole lookback."""
     args: list[Any] = [floor]
     inner = ["e.event_id >= $1"]
     if flt.workspace is not None:
@@ -59,10 +59,11 @@ def _stored(flt: Filter, floor: uuid.UUID, link_id: uuid.UUID | None = None) -> 
         args.append(flt.type)
         outer.append(f"e.type = ${len(args)}::smallint")
     args += [SCAN_ROWS, SHOWN]
+    order = "e.received_at DESC, e.event_id DESC" if flt.link is not None else "e.event_id DESC"
     sql = f"""
 SELECT e.event_id, e.type, e.workspace_id, l.code, e.dialect, e.received_at, e.processed_at,
        e.is_bot, e.test_mode, e.out_of_window, event_payload(e.payload, e.link_id, e.referrer) AS payload
-FROM (SELECT * FROM events e WHERE {" AND ".join(inner)} ORDER BY e.event_id DESC LIMIT ${len(args) - 1}) e
+FROM (SELECT * FROM events e WHERE {" AND ".join(inner)} ORDER BY {order} LIMIT ${len(args) - 1}) e
 LEFT JOIN links l ON l.id = e.link_id
 WHERE {" AND ".join(outer)}
 ORDER BY e.event_id DESC LIMIT ${len(args)}
