@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 import shutil
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
