@@ -64,12 +64,12 @@ async def test_sliding_window_admits_again_once_the_oldest_request_leaves(settin
     key = f"{settings.stream_prefix}:rl:test:1.2.3.4"
 
     async def attempt(n: int) -> bool:
-        (reply,) = await batcher.execute(limiter.command(key))
+        (reply,) = await batcher.execute(limiter.command(key, f"m{n}"))
         return limiter.verdict(reply).allowed
 
     try:
         assert [await attempt(i) for i in range(4)] == [True, True, True, False]
-        (reply,) = await batcher.execute(limiter.command(key))
+        (reply,) = await batcher.execute(limiter.command(key, "probe"))
         denied = limiter.verdict(reply)
         assert not denied.allowed and 0 < denied.retry_after_ms <= 3000
         counter = iter(range(100, 10_000))

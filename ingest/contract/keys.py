@@ -85,10 +85,7 @@ class Keys:
         return f"{self.prefix}:dead"
 
     def ratelimit(self, route: str, subject: str) -> str:
-        """A subject's ring of admissions (``ingest.edge.ratelimit``). Not the ``rl:`` sorted
-        set of an older edge (a member per admission): during a rolling upgrade from one, each
-        build counts its own admissions, for one window."""
-        return f"{self.prefix}:rate:{route}:{subject}"
+        return f"{self.prefix}:rl:{route}:{subject}"
 
     def link(self, code: str) -> str:
         return f"{self.prefix}:link:{code}"

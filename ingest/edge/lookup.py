@@ -29,7 +29,7 @@ import structlog
 from ingest.contract import clicks, clock, links, wire
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, Command
 from ingest.contract.errors import Outage
-from ingest.contract.events import Envelope
+from ingest.contract.events import Envelope, unique_token
 from ingest.edge.auth import Principal
 from ingest.edge.enqueue import appended, never_sent, to_spool
 from ingest.edge.ratelimit import WINDOW, RateLimiter, Verdict, well_formed
@@ -239,7 +239,7 @@ async def lookup(
                 return await _answer(edge, limiter, principal, code, reads, extra, list(reply), guess)
             # the script refused as a whole (a full Redis under noeviction, ...): nothing ran;
             # ask again the usual way, which tells the route what to do
-    commands.insert(0, limiter.command(rl_key))
+    commands.insert(0, limiter.command(rl_key, unique_token()))
     commands += [("GET", key) for key in reads]
     commands += extra
 
@@ -313,7 +313,7 @@ def _checked(
         *(cmd[1] for cmd in guess.also),
         limiter.window_ms,
         limiter.limit,
-        "",
+        unique_token(),
         len(entry),
         *entry,
         len(keys),

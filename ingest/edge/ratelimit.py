@@ -1,16 +1,11 @@
 """Sliding-window rate limits in Redis: exactly N requests in any rolling window.
 
-A request is admitted while fewer than N admitted ones are in the window, so a subject
-(client IP or API key) needs the times of its N newest admissions, no more: one string per
-subject holds them as a ring (13 digits a time, in order from its head; N + 2 numbers at
-most), and a Lua script counts, admits and writes atomically, on one key, so it runs
-unchanged on a Redis Cluster; on one server, the requests of a micro-batch are decided in one
-script (``ingest.edge.scripts``). Counting reads a few times of the ring (its ends, then a
-binary search where the window cuts it), and admitting appends, or writes over the oldest
-time, which has left the window by then: a few bytes each, never a member per request. Time
-is Redis's own, so every edge agrees. Refused requests are not recorded: a client that keeps
-hammering is let in again as soon as its oldest admitted request leaves the window. A ring
-made for another limit is made again at the next request, its newest times kept.
+One sorted set per subject (client IP or API key) holds the times of the requests
+admitted in the window; a Lua script prunes, counts and admits atomically, on one key, so
+it runs unchanged on a Redis Cluster; on one server, the requests of a micro-batch are decided
+in one script (``ingest.edge.scripts``). Time is Redis's own, so every edge agrees. Refused
+requests are not recorded: a client that keeps hammering is let in again as soon as its
+oldest admitted request leaves the window.
 """
 
 from __future__ import annotations
@@ -22,8 +17,7 @@ from ingest.contract.connections import Command
 from ingest.edge.batcher import RedisBatcher
 from ingest.link.resp import ImpossibleReply
 
-# KEYS[1] the subject's ring; ARGV[1] window ms, ARGV[2] limit, ARGV[3] unused (an empty string;
-# an older edge's sorted set needed a unique member per request).
+# KEYS[1] the subject's set; ARGV[1] window ms, ARGV[2] limit, ARGV[3] a unique member.
 # Leaves ``verdict`` = {admitted (1/0), remaining, retry after ms}: scripts that go on from
 # it (``ingest.edge.lookup.CHECKED_APPEND``) start with this text. ``rate_window`` is
 # ``ingest.edge.scripts``' (one script for every request of a micro-batch: see there).
@@ -82,9 +76,9 @@ class RateLimiter:
         self.window_ms = window_ms
         self._sha = batcher.script(SLIDING_WINDOW)
 
-    def command(self, key: str) -> Command:
+    def command(self, key: str, member: str) -> Command:
         """The script call, to be sent in the same round trip as the request's other reads."""
-        return ("EVALSHA", self._sha, 1, key, self.window_ms, self.limit, "")
+        return ("EVALSHA", self._sha, 1, key, self.window_ms, self.limit, member)
 
     def verdict(self, reply: Any) -> Verdict:
         """From the script's reply (its first three elements: a longer one may follow it).

@@ -33,115 +33,51 @@ from typing import Any
 
 from ingest.contract.connections import Command
 
-# rate_window(key, window ms, limit, _): the verdict {admitted (1/0), remaining, retry after
-# ms}; rs_flush(): the deferred writes. A subject's key is a string (``ingest.edge.ratelimit``):
-# a header of the limit it was made for and its ring's head, then the times of its newest
-# admissions, at most the limit of them, oldest first from the head; every number 13 digits
-# (a time in ms).
+# rate_window(key, window ms, limit, member): the verdict {admitted (1/0), remaining, retry
+# after ms}; rs_flush(): the deferred writes
 PRELUDE = """
 local rs_now
-local rs_rings, rs_keys = {}, {}
-local RS_H, RS_W = 26, 13
-local function rs_fmt(n)
-  return string.format('%013d', n)
-end
--- the time of a ring's k-th kept admission, 0 the oldest
-local function rs_time(s, key, k)
-  if s.kept then return tonumber(string.sub(s.kept, RS_W * k + 1, RS_W * k + RS_W)) end
-  local at = RS_H + RS_W * ((s.head + k) % s.n)
-  return tonumber(redis.call('GETRANGE', key, at, at + RS_W - 1))
-end
--- how many of its kept admissions are after since: the times are in order, so the oldest
--- alone where all are (its time read with the header where the ring has not wrapped), else
--- a search
-local function rs_count(s, key, since)
-  if s.n == 0 then return 0 end
-  local oldest = s.first
-  if oldest == nil then oldest = rs_time(s, key, 0) end
-  if oldest > since then return s.n end
-  local lo, hi = 1, s.n
-  while lo < hi do
-    local mid = math.floor((lo + hi) / 2)
-    if rs_time(s, key, mid) > since then hi = mid else lo = mid + 1 end
-  end
-  return s.n - lo
-end
--- a subject's ring as this script found it; made again for a new limit, its newest times kept
-local function rs_open(key, limit)
-  local s = {n = 0, head = 0, limit = limit, p = 0, fresh = true}
-  local top = redis.call('GETRANGE', key, 0, RS_H + RS_W - 1)
-  if top == '' then return s end
-  s.fresh = false
-  s.n = (redis.call('STRLEN', key) - RS_H) / RS_W
-  s.head = tonumber(string.sub(top, RS_W + 1, RS_H))
-  if s.head == 0 and #top == RS_H + RS_W then s.first = tonumber(string.sub(top, RS_H + 1)) end
-  if tonumber(string.sub(top, 1, RS_W)) ~= limit then
-    local raw = redis.call('GETRANGE', key, RS_H, -1)
-    local at = RS_W * s.head
-    raw = string.sub(raw, at + 1) .. string.sub(raw, 1, at)
-    local keep = math.min(s.n, limit)
-    s.kept = string.sub(raw, RS_W * (s.n - keep) + 1)
-    s.n, s.head, s.fresh, s.first = keep, 0, true, nil
-  end
-  return s
-end
--- this script's admissions to a subject, as it ends: appended while the ring is short of its
--- limit, then over its oldest from the head (out of the window by then), the head moved
-local function rs_write_one(key, s)
-  if s.p == 0 and not s.kept then return end
-  local ts = rs_fmt(rs_now)
-  if s.fresh then
-    local body = (s.kept or '') .. string.rep(ts, s.p)
-    local over = s.n + s.p - s.limit
-    if over > 0 then body = string.sub(body, RS_W * over + 1) end
-    redis.call('SET', key, rs_fmt(s.limit) .. rs_fmt(0) .. body, 'PX', s.window)
-    return
-  end
-  local grow = math.min(s.p, s.limit - s.n)
-  if grow > 0 then redis.call('APPEND', key, string.rep(ts, grow)) end
-  local rest = s.p - grow
-  if rest > 0 then
-    local first = math.min(rest, s.limit - s.head)
-    redis.call('SETRANGE', key, RS_H + RS_W * s.head, string.rep(ts, first))
-    if rest > first then redis.call('SETRANGE', key, RS_H, string.rep(ts, rest - first)) end
-    redis.call('SETRANGE', key, RS_W, rs_fmt((s.head + rest) % s.limit))
-  end
-  redis.call('PEXPIRE', key, s.window)
-end
-local function rate_window(key, window_ms, limit, _)
+local rs_sets, rs_keys = {}, {}
+local function rate_window(key, window_ms, limit, member)
   window_ms = tonumber(window_ms)
   limit = tonumber(limit)
   if not rs_now then
     local t = redis.call('TIME')
     rs_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
-  local s = rs_rings[key]
-  if s == nil or s.limit ~= limit then
+  local s = rs_sets[key]
+  if s == nil or s.window ~= window_ms then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', rs_now - window_ms)
+    local n = redis.call('ZCARD', key)
     if s == nil then
+      s = {members = {}}
+      rs_sets[key] = s
       rs_keys[#rs_keys + 1] = key
-    else
-      rs_write_one(key, s)
     end
-    s = rs_open(key, limit)
-    rs_rings[key] = s
-  end
-  if s.window ~= window_ms then
     s.window = window_ms
-    s.c = rs_count(s, key, rs_now - window_ms)
+    s.n = n + #s.members / 2
   end
-  local used = s.c + s.p
-  if used < limit then
-    s.p = s.p + 1
-    return {1, limit - used - 1, 0}
+  if s.n < limit then
+    s.n = s.n + 1
+    local m = s.members
+    m[#m + 1] = rs_now
+    m[#m + 1] = member
+    return {1, limit - s.n, 0}
   end
-  -- refused: the window lets one more in when the limit's-th newest admission leaves it
-  local k = s.n + s.p - limit
-  local t = rs_now
-  if k < s.n then t = rs_time(s, key, k) end
-  return {0, 0, t + window_ms - rs_now}
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  local first = rs_now
+  if oldest[2] then first = tonumber(oldest[2]) end
+  return {0, 0, first + window_ms - rs_now}
 end
 local function rs_write()
-  for _, key in ipairs(rs_keys) do rs_write_one(key, rs_rings[key]) end
+  for _, key in ipairs(rs_keys) do
+    local s = rs_sets[key]
+    local m = s.members
+    for i = 1, #m, 2000 do
+      redis.call('ZADD', key, unpack(m, i, math.min(i + 1999, #m)))
+    end
+    if #m > 0 then redis.call('PEXPIRE', key, s.window) end
+  end
 end
 local function rs_flush()
   pcall(rs_write)
