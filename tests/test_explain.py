@@ -273,13 +273,13 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
                 for mode in ("force_generic_plan", "force_custom_plan"):
                     await conn.execute(f"SET plan_cache_mode = {mode}")
                     sql = manage.events_query(link=True, type_=type_)
-                    args = (hot_ws if one == hot else ws, one, *([1] if type_ else []), 50)
-                    raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
+                    given = [hot_ws if one == hot else ws, one, *([1] if type_ else []), 50]
+                    raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *given)
                     tree = (orjson.loads(raw) if isinstance(raw, str | bytes) else raw)[0]["Plan"]
                     used = set(_indexes(tree))
                     assert used and all(u.endswith("_link_id_received_at_idx") for u in used), (type_, mode, used)
-                    nodes = [n for n, _ in _nodes(tree)]
-                    assert shape is None or ("Sort" not in nodes and shape in nodes), (type_, mode, nodes)
+                    kinds = [n for n, _ in _nodes(tree)]
+                    assert shape is None or ("Sort" not in kinds and shape in kinds), (type_, mode, kinds)
         # and the answer is the newest first, across partitions
         rows = await manage.list_events(conn, str(ws), link_id=None, type_=None, limit=5)
         newest = await conn.fetch("SELECT event_id FROM events WHERE workspace_id = $1 ORDER BY 1 DESC LIMIT 5", ws)
