@@ -138,20 +138,21 @@ async def apply(
     per_link: dict[UUID, _Counts] = defaultdict(_Counts)
     per_day: dict[tuple[UUID, date], _Counts] = defaultdict(_Counts)
     links: dict[UUID, LinkInfo] = {}
+    uuids: dict[str, UUID] = {}  # a link's id parsed once a batch, not once an event
+    visited: set[tuple[UUID, date, str]] = set()
     for s in events:
-        lid = UUID(s.link.id)
-        links[lid] = s.link
+        lid = uuids.get(s.link.id)
+        if lid is None:
+            lid = uuids[s.link.id] = UUID(s.link.id)
+            links[lid] = s.link
         counted = counts_as_click(s, count_bots)
+        day = s.at.date()
         per_link[lid].add(s, counted)
-        per_day[(lid, s.at.date())].add(s, counted)
+        per_day[(lid, day)].add(s, counted)
+        if counted and s.visitor_key:
+            visited.add((lid, day, s.visitor_key))
 
-    visits = sorted(
-        {
-            (UUID(s.link.id), s.at.date(), s.visitor_key)
-            for s in events
-            if counts_as_click(s, count_bots) and s.visitor_key
-        }
-    )
+    visits = sorted(visited)
     if visits:
         for r in await conn.fetch(_UNIQUE, jsonrows.doc(visits)):
             per_link[r["link_id"]].unique_clicks += 1

@@ -328,7 +328,7 @@ async def _write(
             payload=event_row.row_payload(e.payload, link.code),
             bot_counted=is_bot and link.workspace_id in counting,
             device_id=known.devices[found.device] if found else None,
-            place_id=known.places[found.place] if found and any(v is not None for v in found.place) else None,
+            place_id=known.places[found.place] if found and found.place.count(None) < len(found.place) else None,
         )
         batch.append(row)
         kept[e.event_id] = Stored(
