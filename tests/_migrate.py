@@ -3,10 +3,15 @@ at that version (tests/data/schema_v<N>.sql), its recorded version, and today's 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
 
+from ingest.contract.connections import create_pg_pool
+from ingest.contract.settings import Settings
+from ingest.manage.db import ensure_database
 from workers.consumer.partitions import maintain
 
 DATA = Path(__file__).parent / "data"
@@ -22,3 +27,17 @@ async def old_database(conn: asyncpg.Connection, version: int, sql: str | None =
         f" INSERT INTO refstream_schema (version) VALUES ({int(version)})"
     )
     await maintain(conn, retention_days=30, dedupe_days=60)
+
+
+@asynccontextmanager
+async def scratch(url: str, settings: Settings) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Pool]]:
+    """The (empty) database ``url`` names, made where it is not: a connection to it and a
+    worker's pool of two, closed after."""
+    await ensure_database(url)
+    conn = await asyncpg.connect(url)
+    pool = await create_pg_pool(settings.model_copy(update={"database_url": url}), min_size=1, max_size=2)
+    try:
+        yield conn, pool
+    finally:
+        await pool.close()
+        await conn.close()

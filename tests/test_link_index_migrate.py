@@ -11,16 +11,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
-
-from ingest.contract.connections import create_pg_pool
 from ingest.contract.events import uuid7
 from ingest.contract.settings import Settings
 from ingest.manage import manage, schema_check
-from ingest.manage.db import SCHEMA_VERSION, ensure_database, migrate
+from ingest.manage.db import SCHEMA_VERSION, migrate
 from workers.consumer.store import write_batch
 
-from ._migrate import old_database
+from ._migrate import old_database, scratch
 from .test_bursts import _click
 
 _TODAY = (Path(__file__).parent.parent / "schema.sql").read_text()
@@ -53,10 +50,7 @@ ORDER BY 1, 2
 async def test_a_schema_18_database_reads_a_links_events_without_their_own_index(
     scratch_url: str, settings: Settings
 ) -> None:
-    await ensure_database(scratch_url)
-    conn = await asyncpg.connect(scratch_url)
-    pool = await create_pg_pool(settings.model_copy(update={"database_url": scratch_url}), min_size=1, max_size=2)
-    try:
+    async with scratch(scratch_url, settings) as (conn, pool):
         await old_database(conn, 18, V18)
         link = await conn.fetchrow(_WORLD)
         ws = str(link["workspace_id"])
@@ -87,6 +81,3 @@ async def test_a_schema_18_database_reads_a_links_events_without_their_own_index
         # every partition
         await conn.execute(V18)
         assert [tuple(r) for r in await conn.fetch(_INDEXES)] == before
-    finally:
-        await pool.close()
-        await conn.close()
