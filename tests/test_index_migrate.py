@@ -14,7 +14,6 @@ from typing import Any
 import asyncpg
 
 from ingest.contract import clicks
-from ingest.contract.connections import create_pg_pool
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.settings import Settings
 from ingest.manage import manage, online, schema_check
@@ -24,7 +23,7 @@ from ingest.privacy import erasure_late
 from workers.consumer.partitions import maintain
 from workers.consumer.store import write_batch
 
-from ._migrate import old_database
+from ._migrate import old_database, scratch
 
 V13 = Path(__file__).parent / "data" / "schema_v13.sql"
 CLICK_WINDOWS = re.compile(r"CREATE TABLE IF NOT EXISTS click_windows \(.*?\n\);", re.S)
@@ -114,10 +113,7 @@ async def _answers(conn: asyncpg.Connection, workspace: str, link: str, click: u
 
 
 async def test_a_schema_13_database_with_rows_takes_schema_14_online(scratch_url: str, settings: Settings):
-    await ensure_database(scratch_url)
-    conn = await asyncpg.connect(scratch_url)
-    pool = await create_pg_pool(settings.model_copy(update={"database_url": scratch_url}), min_size=1, max_size=2)
-    try:
+    async with scratch(scratch_url, settings) as (conn, pool):
         await old_database(conn, 13)
         links = {r["code"]: r for r in await conn.fetch(_WORLD)}
         workspace, link = str(links["OLD1"]["workspace_id"]), str(links["OLD1"]["id"])
@@ -169,9 +165,6 @@ async def test_a_schema_13_database_with_rows_takes_schema_14_online(scratch_url
         more, _ = _traffic(workspace)
         done = await write_batch(pool, more)
         assert (done.inserted, done.duplicates) == (len(more) - 3, 3)
-    finally:
-        await pool.close()
-        await conn.close()
 
 
 async def test_an_interrupted_build_is_taken_up_again(scratch_url: str):

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
-
 from ingest.contract import jsonrows
-from ingest.contract.connections import create_pg_pool
 from ingest.contract.events import uuid7
 from ingest.contract.settings import Settings
 from ingest.manage import schema_check
-from ingest.manage.db import SCHEMA_VERSION, ensure_database, migrate
+from ingest.manage.db import SCHEMA_VERSION, migrate
 from workers.consumer.store import write_batch
 
-from ._migrate import DATA, old_database
+from ._migrate import DATA, old_database, scratch
 from ._world import BROWSER
 from .test_bursts import _click
 
@@ -70,10 +67,7 @@ FROM d
 async def test_a_schema_17_database_with_clicks_takes_the_windows_of_schema_18(
     scratch_url: str, settings: Settings
 ) -> None:
-    await ensure_database(scratch_url)
-    conn = await asyncpg.connect(scratch_url)
-    pool = await create_pg_pool(settings.model_copy(update={"database_url": scratch_url}), min_size=1, max_size=2)
-    try:
+    async with scratch(scratch_url, settings) as (conn, pool):
         await old_database(conn, 17)
         link = await conn.fetchrow(_WORLD)
         ws = link["workspace_id"]
@@ -120,6 +114,3 @@ async def test_a_schema_17_database_with_clicks_takes_the_windows_of_schema_18(
         assert await conn.fetchval(_V17_COUNT, jsonrows.doc([one])) == 8
         plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {_V17_COUNT}", jsonrows.doc([one])))
         assert "link_id_ip_received_at_idx" in plan, plan
-    finally:
-        await pool.close()
-        await conn.close()
