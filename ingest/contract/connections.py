@@ -255,6 +255,54 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+class PgConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg ships no types: Any
+    """A pool's connection (``create_pg_pool``): asyncpg's, with what lives as long as it does.
+
+    - ``kept``: what a caller may remember of this connection's server for as long as the
+      connection lives, by the caller's name (``workers.consumer.devices``' dictionary ids).
+      A connection ends with its server (a restart, a failover: the standby promoted is
+      another server, perhaps without the last commits), so nothing kept here outlives
+      the server that said it.
+    - ``skip_next_reset``: its holder ran only statements that leave no session state, so
+      the pool's reset as it comes back (one round trip: advisory locks, cursors, LISTEN,
+      settings) is skipped once. An open transaction is still rolled back (asyncpg's own)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kept: dict[str, Any] = {}
+        self._reset_needless = False
+
+    def skip_next_reset(self) -> None:
+        self._reset_needless = True
+
+    def reset_needless(self) -> bool:
+        """Once: whether the pool may skip this release's reset."""
+        needless, self._reset_needless = self._reset_needless, False
+        return needless
+
+
+def kept(conn: Any) -> dict[str, Any] | None:
+    """``PgConnection.kept`` of a pool's connection (through the pool's proxy), else None
+    (a connection made another way remembers nothing)."""
+    held = getattr(conn, "kept", None)
+    return held if isinstance(held, dict) else None
+
+
+def skip_next_reset(conn: Any) -> None:
+    """``PgConnection.skip_next_reset`` of a pool's connection; nothing for another."""
+    mark = getattr(conn, "skip_next_reset", None)
+    if mark is not None:
+        mark()
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    # the pool's reset: asyncpg's query, unless the holder said it left nothing to reset
+    if isinstance(conn, PgConnection) and conn.reset_needless():
+        return
+    if query := conn.get_reset_query():
+        await conn.execute(query)
+
+
 async def create_pg_pool(
     settings: Settings,
     *,
@@ -274,6 +322,8 @@ async def create_pg_pool(
         min_size=min_size,
         max_size=max_size or settings.pg_pool_size,
         init=setup,
+        reset=_reset,
+        connection_class=PgConnection,
         command_timeout=60,
         # a process frozen inside a transaction (a stop, a stall) would hold its row locks, and
         # every other worker behind them, until it runs again: Postgres ends its session instead

@@ -15,7 +15,17 @@ data (the geo data's and the parsers', not a visitor's: an erasure scrubs the ro
 of them, never the dictionary) and the next batch that meets it names it. Entries are
 never deleted, so an id once read stays right: each dictionary is bounded by what the data
 can say (browser builds seen times the worker builds that parsed them; the geo data's
-networks), not by the traffic."""
+networks), not by the traffic.
+
+So each pool connection remembers the ids its server gave (``PgConnection.kept``, up to
+``KEPT_MAX`` of each dictionary, cleared when full), and a batch whose devices and places
+are all remembered sends no statement for them: at (cap)'s full load that was two round
+trips of every transaction. Only what is committed is remembered: what the statement
+before the transaction made or found, never what a batch made inside its own (a scrub's:
+it may roll back). A connection ends with its server, so an id is never taken from
+another one (a standby promoted after a failover may lack the last entries made, and give
+their ids to others); a migration that rewrote a dictionary would have to end the
+workers' connections."""
 
 from __future__ import annotations
 
@@ -26,7 +36,10 @@ from typing import Any
 import asyncpg
 
 from ingest.contract import jsonrows
+from ingest.contract.connections import kept
 from workers.consumer.enrich import Enricher
+
+KEPT_MAX = 16_384  # ids of each dictionary a connection remembers (a few MB); cleared when full
 
 
 @dataclass(slots=True)
@@ -75,9 +88,50 @@ async def ids(
     devices = {enricher.device_of(ua) for ua, _ in visitors} - known.devices.keys()
     # a place only where the address told more than its country (else the row names none)
     places = {p for p in (enricher.place_of(ip) for _, ip in visitors) if enricher.place_doc(p)}
+    places -= known.places.keys()
+    remembered = _remembered(conn)
+    if remembered is not None:
+        devices = _recall(remembered.devices, devices, known.devices)
+        places = _recall(remembered.places, places, known.places)
     await _ensure(conn, "event_devices", devices, enricher.device_doc, known.devices)
-    await _ensure(conn, "event_places", places - known.places.keys(), _doc_of(enricher), known.places)
+    await _ensure(conn, "event_places", places, _doc_of(enricher), known.places)
+    if remembered is not None and not conn.is_in_transaction():  # committed: each statement was its own
+        _remember(remembered.devices, devices, known.devices)
+        _remember(remembered.places, places, known.places)
     return known
+
+
+def _remembered(conn: asyncpg.Connection) -> Known | None:
+    """The ids this connection's server gave (module doc); None for a connection that keeps none."""
+    held = kept(conn)
+    if held is None:
+        return None
+    found = held.get(__name__)
+    if not isinstance(found, Known):
+        found = held[__name__] = Known()
+    return found
+
+
+def _recall(
+    remembered: dict[tuple[Any, ...], int], wanted: set[tuple[Any, ...]], known: dict[tuple[Any, ...], int]
+) -> set[tuple[Any, ...]]:
+    """``wanted`` less what is remembered, which goes into ``known``."""
+    missing = set()
+    for entry in wanted:
+        id_ = remembered.get(entry)
+        if id_ is None:
+            missing.add(entry)
+        else:
+            known[entry] = id_
+    return missing
+
+
+def _remember(
+    remembered: dict[tuple[Any, ...], int], asked: set[tuple[Any, ...]], known: dict[tuple[Any, ...], int]
+) -> None:
+    if len(remembered) + len(asked) > KEPT_MAX:
+        remembered.clear()
+    remembered.update({entry: known[entry] for entry in asked})
 
 
 def _doc_of(enricher: Enricher) -> Callable[[tuple[Any, ...]], dict[str, Any]]:

@@ -24,6 +24,7 @@ import asyncpg
 import structlog
 
 from ingest.contract import clicks, erasure, jsonrows
+from ingest.contract.connections import skip_next_reset
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LINK_SELECT, LinkInfo
 from ingest.ledger import outbox
@@ -160,7 +161,11 @@ async def _write_retried(
             # held by no batch's lock (a batch rolled back leaves it, unnamed: no one's data)
             known = await devices.ids(conn, enricher, [(e.user_agent, e.ip) for e in envelopes if _enriched(e)])
             async with conn.transaction():
-                return await _write(conn, envelopes, enricher, effects, known)
+                result = await _write(conn, envelopes, enricher, effects, known)
+            # committed, and nothing of it outlives its transaction (no session setting, lock,
+            # cursor or LISTEN): the pool's reset would find nothing to undo
+            skip_next_reset(conn)
+            return result
 
     return await retried_in_place(run, "batch")
 
