@@ -18,11 +18,8 @@ import asyncio
 import os
 import secrets
 
-import asyncpg
-
 from ingest.contract.connections import create_pg_pool
 from ingest.contract.settings import Settings
-from refstream.services import with_database
 from workers.consumer.enrich import Enricher
 from workers.consumer.store import write_batch
 
@@ -55,12 +52,7 @@ async def measure(server: str, sizes: list[int], events: int, rounds: int) -> di
     finally:
         enricher.close()
         await pool.close()
-        admin = await asyncpg.connect(with_database(server, "postgres"))
-        try:
-            for db in (name, world.template):
-                await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await worlds.drop_databases(server, name)  # the world's, and its template (name + "_tpl")
     return {n: (sorted(p for p, _ in v)[len(v) // 2], sorted(w for _, w in v)[len(v) // 2]) for n, v in got.items()}
 
 

@@ -25,12 +25,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 from asyncpg.connection import Connection
 
 from ingest.contract.connections import create_pg_pool
 from ingest.contract.settings import Settings
-from refstream.services import with_database
 from workers.consumer.enrich import Enricher
 from workers.consumer.store import write_batch
 
@@ -104,12 +102,7 @@ async def measure(server: str, size: int, batches: int) -> tuple[float, float, d
     finally:
         enricher.close()
         await pool.close()
-        admin = await asyncpg.connect(with_database(server, "postgres"))
-        try:
-            for db in (name, world.template):
-                await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await worlds.drop_databases(server, name)  # the world's, and its template (name + "_tpl")
     half = batches // 2
     return pg_ns / half / 1000, py_ns / half / 1000, costs
 
