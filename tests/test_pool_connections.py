@@ -181,3 +181,13 @@ async def test_a_connection_remembers_the_dictionary_ids_its_server_gave(
     finally:
         await other.close()
     assert len(_dictionaries(other_log.sent)) == 2
+
+
+def test_what_a_connection_remembers_is_bounded() -> None:
+    """Past ``KEPT_MAX`` entries a dictionary's memory starts again: never more than the bound."""
+    remembered = {("device", i): i for i in range(devices.KEPT_MAX)}
+    known = {("device", "new"): 1, ("device", "newer"): 2}
+    devices._remember(remembered, set(known), known)
+    assert remembered == known
+    devices._remember(remembered, {("device", "new")}, known)  # within the bound: kept, added to
+    assert len(remembered) == 2

@@ -39,7 +39,7 @@ from ingest.contract import jsonrows
 from ingest.contract.connections import kept
 from workers.consumer.enrich import Enricher
 
-KEPT_MAX = 16_384  # ids of each dictionary a connection remembers (a few MB); cleared when full
+KEPT_MAX = 4_096  # ids of each dictionary a connection remembers (a few MB at most); cleared when full
 
 
 @dataclass(slots=True)
