@@ -185,8 +185,8 @@ async def test_a_connection_remembers_the_dictionary_ids_its_server_gave(
 
 def test_what_a_connection_remembers_is_bounded() -> None:
     """Past ``KEPT_MAX`` entries a dictionary's memory starts again: never more than the bound."""
-    remembered = {("device", i): i for i in range(devices.KEPT_MAX)}
-    known = {("device", "new"): 1, ("device", "newer"): 2}
+    remembered: dict[tuple[Any, ...], int] = {("device", i): i for i in range(devices.KEPT_MAX)}
+    known: dict[tuple[Any, ...], int] = {("device", "new"): 1, ("device", "newer"): 2}
     devices._remember(remembered, set(known), known)
     assert remembered == known
     devices._remember(remembered, {("device", "new")}, known)  # within the bound: kept, added to
