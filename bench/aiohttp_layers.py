@@ -4,7 +4,7 @@ and through ``web.Server`` (one handler: the same parser, ``web.Response`` and w
 with and without the edge's answer headers (rate limit, CORS, request id).
 ``python -m bench.aiohttp_layers [--rounds 3] [--duration 8]``.
 
-Each server is its own process on uvloop, loaded by wrk (``-t1 -c32``, 2 s of warm-up, then
+Each server is its own process on uvloop, loaded by wrk (``bench.wrk``: one thread, 32 connections, 2 s of warm-up, then
 ``--duration`` seconds); its CPU per request comes from ``/proc``. The forms run in turn,
 ``--rounds`` times; the medians are printed, and each form's ratio to the application's.
 """
@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from statistics import median
 
 import uvloop
 from aiohttp import web
 
+from refstream.embedded import free_port
+
+from . import wrk
 from .apps import HELLO
 
 FORMS = ("application", "server", "application+headers", "server+headers")
@@ -63,29 +64,6 @@ def serve(form: str, port: int) -> None:
     uvloop.run(main())
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wrk(port: int, seconds: float, script: Path) -> int:
-    out = subprocess.run(
-        ["wrk", "-t1", "-c32", f"-d{seconds:g}s", "-s", str(script), f"http://127.0.0.1:{port}{PATH}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return int(next(line for line in out.splitlines() if "requests in" in line).split()[0])
-
-
 def _ready(port: int) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -97,32 +75,26 @@ def _ready(port: int) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def measure(form: str, seconds: float, script: Path) -> tuple[float, float]:
+def measure(form: str, seconds: float) -> tuple[float, float]:
     """(requests a second, µs of the server's CPU a request)."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.aiohttp_layers", "--serve", form, "--port", str(port)])
+    url, requests = f"http://127.0.0.1:{port}", [wrk.Request(PATH, "", {})]
     try:
         _ready(port)
-        _wrk(port, 2, script)
-        cpu0 = _cpu_s(proc.pid)
-        done = _wrk(port, seconds, script)
-        cpu1 = _cpu_s(proc.pid)
+        wrk.run(url, requests, duration=2, connections=32)  # warm-up
+        got = wrk.run(url, requests, duration=seconds, connections=32, server_pid=proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait()
-    return done / seconds, (cpu1 - cpu0) / done * 1e6
+    return got.rps, got.server_cpu / got.rps * 1e6
 
 
 def main(rounds: int, seconds: float) -> None:
-    script = Path(f"/tmp/refstream-aiohttp-layers-{os.getpid()}.lua")
-    script.write_text('wrk.method = "POST"\nwrk.body = ""\n')
     got: dict[str, list[tuple[float, float]]] = {f: [] for f in FORMS}
-    try:
-        for _ in range(rounds):
-            for form in FORMS:
-                got[form].append(measure(form, seconds, script))
-    finally:
-        script.unlink(missing_ok=True)
+    for _ in range(rounds):
+        for form in FORMS:
+            got[form].append(measure(form, seconds))
     base = median(us for _, us in got["application"])
     print(f"hello-world POST, one process, wrk -t1 -c32, {seconds:g} s; medians of {rounds}:")
     print(f"{'form':>22} {'req/s':>8} {'µs CPU a request':>17} {'÷ application':>14}")
