@@ -69,7 +69,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -302,6 +304,8 @@ async def _drain_rate(ctx: Ctx, name: str, redis: Redis, keys: Keys, workers: li
     the first to join had drained it before the last joined: a small backlog, a loaded
     machine)."""
     start_left, start_t = (await backlog(redis, keys))[0], time.monotonic()
+    if start_left == 0:  # a rate over nothing is no figure: say what the phase before left
+        raise RuntimeError(f"{name}: no backlog to drain in {keys.prefix} (figures so far: {ctx.figures})")
     await _until(f"{name}: the workers to read", _joined(redis, keys, names), 120, every=0.02)
     left0, t0 = (await backlog(redis, keys))[0], time.monotonic()
     if left0 <= start_left // 10:
@@ -323,10 +327,37 @@ async def _drain_rate(ctx: Ctx, name: str, redis: Redis, keys: Keys, workers: li
     return rate
 
 
+async def _spool(edge: Proc) -> tuple[float, float]:
+    """(events the edge accepted into its local spool, events waiting there), from its
+    /metrics (summed over a prefork edge's processes)."""
+    async with aiohttp.ClientSession() as http, http.get(f"{edge.base_url}/metrics") as r:
+        text = await r.text()
+    spooled = waiting = 0.0
+    seen = False
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "refstream_events_accepted_total" and s.labels.get("to") == "spool":
+                spooled += s.value
+            elif s.name == "refstream_spool_entries":
+                waiting, seen = waiting + s.value, True
+    if not seen:
+        raise RuntimeError(f"{edge.base_url}/metrics has no refstream_spool_entries")
+    return spooled, waiting
+
+
 async def _edge_phase(ctx: Ctx, name: str, edge: Proc, requests: list[Request]) -> float:
+    """wrk at the edge; then every event it spooled (Redis slow to answer on a loaded
+    machine) replayed into Redis, so the workers' phase drains all it accepted."""
     r = await ctx.wrk(name, edge.base_url, requests, connections=ctx.opts.connections, server_pid=edge.pid)
     accepted_per_s = r.rps * _accepted(r) / r.requests if r.requests else 0.0
     ctx.note(f"{name}.accepted_per_s", accepted_per_s)
+    spooled, _ = await _spool(edge)
+    ctx.note(f"{name}.spooled", spooled)
+
+    async def replayed() -> bool:
+        return (await _spool(edge))[1] == 0
+
+    await _until(f"{name}: the edge's spool to replay", replayed, 120, every=0.05)
     return accepted_per_s
 
 

@@ -227,9 +227,23 @@ async def backlog(redis: Redis, keys: Keys) -> tuple[int, int]:
         for g in await redis.xinfo_groups(stream):
             name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
             if name == GROUP:
-                left += int(g.get("lag") or 0) + int(g["pending"])
+                lag = g.get("lag")
+                if lag is None:  # Redis cannot say (entries deleted past the group): count them
+                    lag = await _undelivered(redis, stream, g["last-delivered-id"])
+                left += int(lag) + int(g["pending"])
                 read += int(g.get("entries-read") or 0)
     return left, read
+
+
+async def _undelivered(redis: Redis, stream: str, last: bytes | str) -> int:
+    """Entries of ``stream`` after ``last``, counted a page at a time."""
+    after = last.decode() if isinstance(last, bytes) else last
+    n = 0
+    while page := await redis.xrange(stream, min=f"({after}", max="+", count=10_000):
+        n += len(page)
+        sid = page[-1][0]
+        after = sid.decode() if isinstance(sid, bytes) else sid
+    return n
 
 
 def dumps(v: Any) -> str:
