@@ -5,7 +5,9 @@ use them, on the real Postgres, every statement seen as asyncpg sends it (its qu
   skipped after it, and only after it: any other holder's session state is still undone;
 - a connection remembers the dictionary ids its server gave (``workers.consumer.devices``),
   so a batch of devices and places seen before sends no statement for them; only what is
-  committed is remembered, and a new connection remembers nothing."""
+  committed is remembered, and a new connection remembers nothing;
+- a batch's statements keep one generic plan each in the connection's plan cache, however
+  few links a batch names: none is planned anew for every batch."""
 
 from __future__ import annotations
 
@@ -181,6 +183,46 @@ async def test_a_connection_remembers_the_dictionary_ids_its_server_gave(
     finally:
         await other.close()
     assert len(_dictionaries(other_log.sent)) == 2
+
+
+# what Postgres's plan cache holds for this session: each prepared statement's plans
+PLANS = """
+SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements
+WHERE statement NOT LIKE '%typeinfo%' AND statement NOT LIKE '%set_config(%'
+"""
+
+
+async def test_a_batch_naming_few_links_keeps_one_generic_plan_per_statement(
+    logged: tuple[asyncpg.Pool, Logged], pg: asyncpg.Pool, redis: Any, keys: Keys, enricher: Enricher
+) -> None:
+    # The plan cache makes custom plans for a statement's first five executions, then keeps
+    # its generic plan unless those custom plans cost less: a statement whose estimate
+    # follows its values (``= ANY($1::text[])`` of one or two codes) was then planned anew
+    # at every batch. A trickle's batches name a link or two, and hold a lead or a conversion
+    pool, _ = logged
+    first = await _clicks(pg, redis, keys, "pool-plans", (BROWSER,))
+    ws, code = first[0].workspace_id, "pool-plans"
+    batches = 12
+    for n in range(batches):
+        clicked = (
+            first if n == 0 else [Envelope(EventType.CLICK, Dialect.BIORE, {"code": code}, ws, ip) for ip in ADDRESSES]
+        )
+        lead = {"code": code, "external_id": f"plans-{n}", "name": "Sign Up", "email": f"plans-{n}@example.org"}
+        converted = {"code": code, "visitor_id": f"v{n}", "dedupe": f"plans:{n}"}
+        batch = [
+            *clicked,
+            Envelope(EventType.LEAD, Dialect.REFPORT, lead, ws),
+            Envelope(EventType.CONVERSION, Dialect.BRICQS, converted, ws),
+        ]
+        assert (await write_batch(pool, batch, enricher)).inserted == len(batch)
+    plans = await pool.fetch(PLANS)
+    texts = [r["statement"] for r in plans]
+    for read in ("webhook_events", "commission FROM programs", "SELECT 1 FROM affiliates", "email FROM affiliates"):
+        assert sum(read in t for t in texts) == 1, (read, [t[:80] for t in texts])
+    for r in plans:
+        # run at every batch: five custom plans, then the generic one from there on
+        if r["generic_plans"] + r["custom_plans"] >= batches:
+            assert r["custom_plans"] <= 5 and r["generic_plans"] >= batches - 5, dict(r)
 
 
 def test_what_a_connection_remembers_is_bounded() -> None:

@@ -48,7 +48,8 @@ from ingest.ledger.outbox import WebhookEvent
 from ingest.ledger.refunds import commission_notice
 from workers.consumer.stored import Stored
 
-_RULES = "SELECT id, commission FROM programs WHERE id = ANY($1::uuid[])"
+# the programs as a JSON array: one generic plan (``jsonrows.texts``)
+_RULES = f"SELECT id, commission FROM programs WHERE id IN ({jsonrows.texts(cast='uuid')})"
 
 _COLUMNS = (
     ("workspace_id", "uuid"),
@@ -174,7 +175,7 @@ async def settle(
     programs = sorted({str(s.program_id) for s in sold} | {str(s.link.program_id) for s in leads})
     if not programs:
         return []
-    rules = {str(r["id"]): Rules.from_json(r["commission"]) for r in await conn.fetch(_RULES, programs)}
+    rules = {str(r["id"]): Rules.from_json(r["commission"]) for r in await conn.fetch(_RULES, jsonrows.doc(programs))}
     rows: list[tuple[Any, ...]] = []
     groups: dict[tuple[str, str, str, str], Rules] = {}  # (workspace, customer, program, lead group)
     timed: dict[tuple[str, str, str], Rules] = {}  # a months program's customers whose first lead may be new

@@ -53,6 +53,8 @@ PUBLIC_MAIL = frozenset(
     " t-online.de libero.it naver.com".split()
 )
 
+# an affiliate's email, for self_referral (the ids as a JSON array: one plan, ``jsonrows.texts``)
+_EMAILS = f"SELECT id, email FROM affiliates WHERE id IN ({jsonrows.texts(cast='uuid')})"
 # a flag holds what its event's row does not (schema 17): its link, affiliate, type and time
 # are the row's, read through it by event id
 _FLAGS = f"""
@@ -237,7 +239,7 @@ async def _people(conn: asyncpg.Connection, people: list[Stored]) -> list[tuple[
     ips: dict[str, set[str]] = {}
     click_ips: dict[UUID, str] = {}
     if affiliates:
-        for r in await conn.fetch("SELECT id, email FROM affiliates WHERE id = ANY($1::uuid[])", affiliates):
+        for r in await conn.fetch(_EMAILS, jsonrows.doc(affiliates)):
             if r["email"] and "@" in r["email"]:
                 emails[str(r["id"])] = r["email"].strip().lower()
         for r in await conn.fetch(
