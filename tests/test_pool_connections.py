@@ -198,7 +198,8 @@ async def test_a_batch_naming_few_links_keeps_one_generic_plan_per_statement(
     # The plan cache makes custom plans for a statement's first five executions, then keeps
     # its generic plan unless those custom plans cost less: a statement whose estimate
     # follows its values (``= ANY($1::text[])`` of one or two codes) was then planned anew
-    # at every batch. A trickle's batches name a link or two, and hold a lead or a conversion
+    # at every batch (``ingest.contract.plans``). A trickle's batches name a link or two,
+    # and hold a lead or a conversion
     pool, _ = logged
     first = await _clicks(pg, redis, keys, "pool-plans", (BROWSER,))
     ws, code = first[0].workspace_id, "pool-plans"
@@ -217,7 +218,14 @@ async def test_a_batch_naming_few_links_keeps_one_generic_plan_per_statement(
         assert (await write_batch(pool, batch, enricher)).inserted == len(batch)
     plans = await pool.fetch(PLANS)
     texts = [r["statement"] for r in plans]
-    for read in ("webhook_events", "commission FROM programs", "SELECT 1 FROM affiliates", "email FROM affiliates"):
+    reads = (
+        "webhook_events",
+        "commission FROM programs",
+        "SELECT 1 FROM affiliates",
+        "email FROM affiliates",
+        "erased_ids",
+    )
+    for read in reads:
         assert sum(read in t for t in texts) == 1, (read, [t[:80] for t in texts])
     for r in plans:
         # run at every batch: five custom plans, then the generic one from there on

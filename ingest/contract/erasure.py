@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingest.contract import clicks
+from ingest.contract import clicks, plans
 from ingest.contract.connections import PG_ERRORS, pg_unavailable
 from ingest.contract.errors import Outage
 from ingest.contract.events import Envelope
@@ -70,10 +70,12 @@ _salt: bytes | None = None
 # a batch's look at the ledger, holding the lock shared until its commit: an erasure, once
 # its ledger is in, takes the lock exclusive and so waits for every batch that looked
 # before (``ingest.privacy.erasure``); one statement, one round trip per batch
-# before. Each entry is one workspace's (DESIGN.md 15): the digests come back with theirs
-_READ = """
-SELECT array(SELECT workspace_id::text FROM erased_ids WHERE digest = ANY($2::bytea[]) ORDER BY digest, workspace_id),
-       array(SELECT digest FROM erased_ids WHERE digest = ANY($2::bytea[]) ORDER BY digest, workspace_id)
+# before. Each entry is one workspace's (DESIGN.md 15): the digests come back with theirs.
+# One plan, however many digests (``ingest.contract.plans``)
+_READ = f"""
+SELECT array(SELECT workspace_id::text FROM erased_ids WHERE digest = {plans.any_of(2, "bytea")}
+             ORDER BY digest, workspace_id),
+       array(SELECT digest FROM erased_ids WHERE digest = {plans.any_of(2, "bytea")} ORDER BY digest, workspace_id)
 FROM (SELECT pg_advisory_xact_lock_shared($1)) l
 """
 # an envelope with no workspace of its own (an entry written before envelopes carried one):

@@ -24,10 +24,9 @@ from typing import Any
 import orjson
 
 
-def doc(rows: Sequence[Any]) -> str:
-    """The parameter: ``rows`` (a list of tuples; or of values, for ``texts``) as one JSON
-    text (a ``text`` parameter, cast to jsonb in SQL, so the pool's jsonb codec is not
-    involved). Anything orjson does not know natively
+def doc(rows: Sequence[Sequence[Any]]) -> str:
+    """The parameter: ``rows`` (a list of tuples) as one JSON text (a ``text`` parameter, cast to jsonb in SQL,
+    so the pool's jsonb codec is not involved). Anything orjson does not know natively
     (asyncpg's own UUID type, as queries return it) is written as its ``str``.
 
     A client's document in a row (a sale's ``metadata``) is two levels down: it keeps to
@@ -48,15 +47,3 @@ def select(types: Sequence[str], *, param: int = 1) -> str:
 def table(types: Sequence[str], names: str, *, param: int = 1) -> str:
     """``(select(...)) AS names``: the rows as a FROM item, ``names`` like ``d(id, clicks)``."""
     return f"({select(types, param=param)}) AS {names}"
-
-
-def texts(*, param: int = 1, cast: str = "") -> str:
-    """``SELECT jsonb_array_elements_text($param::text::jsonb)``: the strings of a JSON array
-    (``doc`` of a list of str or UUIDs), each cast to ``cast`` if named, for ``col IN (...)``.
-
-    ``col = ANY($1::text[])`` is estimated from the array's length. Postgres's plan cache
-    compares the first five custom plans of a prepared statement with its generic plan: for
-    a few short arrays the custom ones cost less, and from then on every execution is
-    planned anew (a join's planning costing several times its execution). This set is
-    estimated at 100 rows whatever it holds, so its generic plan is kept."""
-    return f"SELECT jsonb_array_elements_text(${param}::text::jsonb){'::' + cast if cast else ''}"

@@ -39,7 +39,7 @@ from uuid import UUID
 
 import asyncpg
 
-from ingest.contract import jsonrows
+from ingest.contract import jsonrows, plans
 from ingest.contract.commission import Rules
 from ingest.contract.earnings import IMPORT_DIALECT
 from ingest.contract.events import EventType
@@ -48,8 +48,7 @@ from ingest.ledger.outbox import WebhookEvent
 from ingest.ledger.refunds import commission_notice
 from workers.consumer.stored import Stored
 
-# the programs as a JSON array: one generic plan (``jsonrows.texts``)
-_RULES = f"SELECT id, commission FROM programs WHERE id IN ({jsonrows.texts(cast='uuid')})"
+_RULES = f"SELECT id, commission FROM programs WHERE id = {plans.any_of(1, 'uuid')}"  # ingest.contract.plans
 
 _COLUMNS = (
     ("workspace_id", "uuid"),
@@ -175,7 +174,7 @@ async def settle(
     programs = sorted({str(s.program_id) for s in sold} | {str(s.link.program_id) for s in leads})
     if not programs:
         return []
-    rules = {str(r["id"]): Rules.from_json(r["commission"]) for r in await conn.fetch(_RULES, jsonrows.doc(programs))}
+    rules = {str(r["id"]): Rules.from_json(r["commission"]) for r in await conn.fetch(_RULES, programs)}
     rows: list[tuple[Any, ...]] = []
     groups: dict[tuple[str, str, str, str], Rules] = {}  # (workspace, customer, program, lead group)
     timed: dict[tuple[str, str, str], Rules] = {}  # a months program's customers whose first lead may be new

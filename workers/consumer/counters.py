@@ -24,14 +24,14 @@ from uuid import UUID
 
 import asyncpg
 
-from ingest.contract import jsonrows
+from ingest.contract import jsonrows, plans
 from ingest.contract.events import EventType
 from ingest.contract.links import LinkInfo
 from workers.consumer.stored import Stored
 
 # NO KEY UPDATE: the foreign-key checks of customer, link and milestone rows (KEY SHARE) pass
-# (the ids as a JSON array: one generic plan, ``jsonrows.texts``)
-_LOCK_AFFILIATES = f"SELECT 1 FROM affiliates WHERE id IN ({jsonrows.texts(cast='uuid')}) ORDER BY id FOR NO KEY UPDATE"
+# (one plan, whatever the ids: ``ingest.contract.plans``)
+_LOCK_AFFILIATES = f"SELECT 1 FROM affiliates WHERE id = {plans.any_of(1, 'uuid')} ORDER BY id FOR NO KEY UPDATE"
 
 # a set, not a counter: the rows that come back are the visitor's first click that day
 _UNIQUE = f"""
@@ -192,7 +192,7 @@ async def apply(
     # affiliate would each miss the other's uncommitted conversion and neither would record
     # the threshold they cross together. With the affiliate locked first, the second batch
     # waits for the first to commit, and its sum (a new statement, a new snapshot) sees it.
-    await conn.execute(_LOCK_AFFILIATES, jsonrows.doc(converted))
+    await conn.execute(_LOCK_AFFILIATES, converted)
     reached_at = max(s.at for s in events if s.type is EventType.CONVERSION)
     rows = await conn.fetch(_MILESTONES, converted, reached_at)
     return [MilestoneReached(r["affiliate_id"], r["milestone_id"], r["reached_at"]) for r in rows]

@@ -37,7 +37,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from ingest.contract import clicks, jsonrows
+from ingest.contract import clicks, jsonrows, plans
 from ingest.contract.events import EventType
 from ingest.contract.fraud import FRAUD_THRESHOLDS as DEFAULT_THRESHOLDS
 from ingest.ledger.outbox import WebhookEvent
@@ -53,8 +53,8 @@ PUBLIC_MAIL = frozenset(
     " t-online.de libero.it naver.com".split()
 )
 
-# an affiliate's email, for self_referral (the ids as a JSON array: one plan, ``jsonrows.texts``)
-_EMAILS = f"SELECT id, email FROM affiliates WHERE id IN ({jsonrows.texts(cast='uuid')})"
+# an affiliate's email, for self_referral (one plan, whatever the ids: ``ingest.contract.plans``)
+_EMAILS = f"SELECT id, email FROM affiliates WHERE id = {plans.any_of(1, 'uuid')}"
 # a flag holds what its event's row does not (schema 17): its link, affiliate, type and time
 # are the row's, read through it by event id
 _FLAGS = f"""
@@ -239,7 +239,7 @@ async def _people(conn: asyncpg.Connection, people: list[Stored]) -> list[tuple[
     ips: dict[str, set[str]] = {}
     click_ips: dict[UUID, str] = {}
     if affiliates:
-        for r in await conn.fetch(_EMAILS, jsonrows.doc(affiliates)):
+        for r in await conn.fetch(_EMAILS, affiliates):
             if r["email"] and "@" in r["email"]:
                 emails[str(r["id"])] = r["email"].strip().lower()
         for r in await conn.fetch(

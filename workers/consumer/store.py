@@ -23,7 +23,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from ingest.contract import clicks, erasure, jsonrows
+from ingest.contract import clicks, erasure, jsonrows, plans
 from ingest.contract.connections import skip_next_reset
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LINK_SELECT, LinkInfo
@@ -38,14 +38,13 @@ from workers.group.errors import retried_in_place
 log = structlog.get_logger("workers.store")
 
 # the batch's links with what the batch needs of their workspace (policies) and program
-# (fraud thresholds): one round trip, where three queries took three. The codes come as a
-# JSON array (``jsonrows.texts``): as ``= ANY($1::text[])`` a batch of a few codes was
-# planned anew every time, the join's planning costing several times its execution
+# (fraud thresholds): one round trip, where three queries took three; one plan, whatever
+# the codes (``ingest.contract.plans``)
 _RESOLVE_LINKS = f"""
 SELECT x.*, w.ip_policy, w.bot_policy, w.fraud_policy, p.fraud_thresholds,
        array(SELECT DISTINCT t FROM webhooks h, unnest(h.events) t WHERE h.workspace_id = w.id AND h.active)
          AS webhook_events
-FROM ({LINK_SELECT} WHERE l.code IN ({jsonrows.texts()})) x
+FROM ({LINK_SELECT} WHERE l.code = {plans.any_of(1, "text")}) x
 JOIN workspaces w ON w.id = x.workspace_id
 LEFT JOIN programs p ON p.id = x.program_id
 """
@@ -257,7 +256,7 @@ async def _write(
     by_code: dict[str, LinkInfo] = {}
     policies: dict[str, Any] = {}  # workspace id -> its row (ip_policy, bot_policy, fraud_policy)
     thresholds: dict[str, object] = {}  # program id -> its fraud_thresholds as stored
-    for r in await conn.fetch(_RESOLVE_LINKS, jsonrows.doc(codes)):
+    for r in await conn.fetch(_RESOLVE_LINKS, codes):
         info = by_code[r["code"]] = LinkInfo.from_record(r)
         policies[info.workspace_id] = r
         if info.program_id is not None:
