@@ -1,7 +1,7 @@
 """What a worker's batch costs by its size: Postgres's CPU and the worker's per event, for
 batches of seed 000 clicks (bio.re) through ``write_batch`` with enrichment, committed, into
-a fresh database (dropped after). ``python -m bench.batch_cost [--sizes 8,16,64,256,1000]
-[--events 8000] [--rounds 2]``.
+a fresh database (dropped after), on uvloop as the worker runs.
+``python -m bench.batch_cost [--sizes 8,16,64,256,1000] [--events 8000] [--rounds 2]``.
 
 Per size: the Postgres backend's CPU (utime + stime from ``/proc/<pid>/stat``: the server
 must be local) and this process's over ``--events`` events, each divided by the events;
@@ -14,9 +14,10 @@ transaction (``workers.consumer.combine``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import secrets
+
+import uvloop
 
 from ingest.contract.connections import create_pg_pool
 from ingest.contract.settings import Settings
@@ -82,7 +83,7 @@ def cli() -> None:
     p.add_argument("--events", type=int, default=8000)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
-    asyncio.run(main(sorted(int(s) for s in args.sizes.split(",")), args.events, args.rounds))
+    uvloop.run(main(sorted(int(s) for s in args.sizes.split(",")), args.events, args.rounds))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What each statement of a worker's batch costs: Postgres's CPU and the worker's, statement
 by statement, for batches of seed 000 clicks (bio.re) through ``write_batch`` with
-enrichment, committed, into a fresh database (dropped after).
+enrichment, committed, into a fresh database (dropped after), on uvloop as the worker runs.
 ``python -m bench.statement_cost [--size 64] [--batches 300]``.
 
 Where ``pg_stat_statements`` is not loaded (the bench never changes a server's
@@ -16,7 +16,6 @@ per batch are measured without it, around the whole run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import secrets
 import time
@@ -25,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import uvloop
 from asyncpg.connection import Connection
 
 from ingest.contract.connections import create_pg_pool
@@ -127,7 +127,7 @@ def cli() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batches", type=int, default=300)
     args = p.parse_args()
-    asyncio.run(main(args.size, args.batches))
+    uvloop.run(main(args.size, args.batches))
 
 
 if __name__ == "__main__":
