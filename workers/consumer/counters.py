@@ -4,8 +4,9 @@ Per link: clicks, unique clicks, bot clicks, leads, conversions, last_clicked_at
 and UTC day the same in ``daily_stats`` (per affiliate and program by GROUP BY). A bot's
 click always counts in bot clicks; as a click too (unique clicks and last_clicked_at
 included) only when its workspace's ``bot_policy`` is ``count``, else never (``exclude``,
-the default). Aggregated per link per batch: one
-UPDATE row per link however viral, locks taken in link-id order. Milestones (seed 001's
+the default). Aggregated per link and day per batch, and
+written in one statement (``_APPLY``): one UPDATE row per link however viral, locks taken
+in link-id order. Milestones (seed 001's
 "refer 5 friends") are reached from the new conversion totals, each once.
 
 Lock order, the same in every batch so that none waits in a circle: event_dedupe, then
@@ -33,44 +34,58 @@ from workers.consumer.stored import Stored
 # (one plan, whatever the ids: ``ingest.contract.plans``)
 _LOCK_AFFILIATES = f"SELECT 1 FROM affiliates WHERE id = {plans.any_of(1, 'uuid')} ORDER BY id FOR NO KEY UPDATE"
 
-# a set, not a counter: the rows that come back are the visitor's first click that day
-_UNIQUE = f"""
-INSERT INTO link_visitor_days (link_id, day, visitor_key)
-{jsonrows.select(("uuid", "date", "text"))} ORDER BY 1, 2, 3
-ON CONFLICT DO NOTHING
-RETURNING link_id, day
-"""
-
-_LINK_DELTAS = jsonrows.table(
-    ("uuid", "bigint", "bigint", "bigint", "bigint", "bigint", "timestamptz"),
-    "d(id, clicks, unique_clicks, bot_clicks, leads, conversions, last_clicked_at)",
+# One statement, three writes, in the lock order above: a batch's first clicks of a
+# visitor on a link that day (``link_visitor_days``, a set: the rows that come back are the
+# new ones), then its links, then its days. Data-modifying CTEs run in no order of their
+# own, so each step waits on the one before by a one-time filter on its result (``(SELECT
+# count(*) FROM prev) >= 0``, evaluated before the step reads its first row): the links are
+# locked, in id order, only once every visitor row is in, and the days written only once
+# every link is. The links' CTE takes its locks above its sort, so in id order whatever the
+# plan, and a row a concurrent batch changed is locked in its newest version, from which
+# the UPDATE recomputes its sums (READ COMMITTED's recheck). ``$1``: the visits (link,
+# day, visitor key); ``$2``: the counts per link and day, unique clicks without the visits.
+_DAYS = jsonrows.table(
+    ("uuid", "date", "uuid", "uuid", "uuid", "bigint", "bigint", "bigint", "bigint", "timestamptz"),
+    "d(link_id, day, workspace_id, program_id, affiliate_id, clicks, bot_clicks, leads, conversions, last_at)",
+    param=2,
 )
-# One statement that locks, then updates. The CTE's locking clause sits above its sort, so
-# the rows are locked in id order as the UPDATE pulls them, whatever the plan: a row is
-# updated only once the CTE has returned it, and by then every lower id is locked. (An
-# UPDATE ... FROM alone locks in the join's order, which no one controls.) A row that a
-# concurrent batch changed is locked in its newest version and the UPDATE recomputes its
-# sums from that version (READ COMMITTED's recheck), as two statements did.
-_UPDATE_LINKS = f"""
-WITH locked AS MATERIALIZED (
-    SELECT id FROM links WHERE id IN (SELECT d.id FROM {_LINK_DELTAS}) ORDER BY id FOR NO KEY UPDATE
+_APPLY = f"""
+WITH visited AS (
+    INSERT INTO link_visitor_days (link_id, day, visitor_key)
+    {jsonrows.select(("uuid", "date", "text"))} ORDER BY 1, 2, 3
+    ON CONFLICT DO NOTHING
+    RETURNING link_id, day
+),
+firsts AS MATERIALIZED (SELECT link_id, day, count(*) AS n FROM visited GROUP BY link_id, day),
+days AS MATERIALIZED (
+    SELECT d.*, coalesce(f.n, 0) AS unique_clicks FROM {_DAYS} LEFT JOIN firsts f USING (link_id, day)
+),
+locked AS MATERIALIZED (
+    SELECT id FROM links WHERE id IN (SELECT link_id FROM days) AND (SELECT count(*) FROM firsts) >= 0
+    ORDER BY id FOR NO KEY UPDATE
+),
+linked AS (
+    UPDATE links l
+    SET clicks = l.clicks + t.clicks,
+        unique_clicks = l.unique_clicks + t.unique_clicks,
+        bot_clicks = l.bot_clicks + t.bot_clicks,
+        leads = l.leads + t.leads,
+        conversions = l.conversions + t.conversions,
+        last_clicked_at = GREATEST(l.last_clicked_at, t.last_at),
+        updated_at = now()
+    FROM locked k, (
+        SELECT link_id, sum(clicks)::bigint AS clicks, sum(unique_clicks)::bigint AS unique_clicks,
+               sum(bot_clicks)::bigint AS bot_clicks, sum(leads)::bigint AS leads,
+               sum(conversions)::bigint AS conversions, max(last_at) AS last_at
+        FROM days GROUP BY link_id
+    ) t
+    WHERE l.id = k.id AND t.link_id = k.id
+    RETURNING 1
 )
-UPDATE links l
-SET clicks = l.clicks + d.clicks,
-    unique_clicks = l.unique_clicks + d.unique_clicks,
-    bot_clicks = l.bot_clicks + d.bot_clicks,
-    leads = l.leads + d.leads,
-    conversions = l.conversions + d.conversions,
-    last_clicked_at = GREATEST(l.last_clicked_at, d.last_clicked_at),
-    updated_at = now()
-FROM locked k, {_LINK_DELTAS}
-WHERE l.id = k.id AND d.id = k.id
-"""
-
-_UPSERT_DAILY = f"""
 INSERT INTO daily_stats AS s (link_id, day, workspace_id, program_id, affiliate_id,
                               clicks, unique_clicks, bot_clicks, leads, conversions)
-{jsonrows.select(("uuid", "date", "uuid", "uuid", "uuid", "bigint", "bigint", "bigint", "bigint", "bigint"))}
+SELECT link_id, day, workspace_id, program_id, affiliate_id, clicks, unique_clicks, bot_clicks, leads, conversions
+FROM days WHERE (SELECT count(*) FROM linked) >= 0
 ORDER BY 1, 2
 ON CONFLICT (link_id, day) DO UPDATE
 SET clicks = s.clicks + EXCLUDED.clicks,
@@ -96,14 +111,10 @@ RETURNING affiliate_id, milestone_id, reached_at
 @dataclass(slots=True)
 class _Counts:
     clicks: int = 0
-    unique_clicks: int = 0
     bot_clicks: int = 0
     leads: int = 0
     conversions: int = 0
     last_clicked_at: datetime | None = None
-
-    def counts(self) -> tuple[int, int, int, int, int]:
-        return self.clicks, self.unique_clicks, self.bot_clicks, self.leads, self.conversions
 
     def add(self, s: Stored, counted: bool) -> None:
         if s.type is EventType.CLICK:
@@ -136,51 +147,26 @@ def counts_as_click(s: Stored, count_bots: Collection[str]) -> bool:
 async def apply(
     conn: asyncpg.Connection, events: list[Stored], *, count_bots: Collection[str] = ()
 ) -> list[MilestoneReached]:
-    per_link: dict[UUID, _Counts] = defaultdict(_Counts)
-    per_day: dict[tuple[UUID, date], _Counts] = defaultdict(_Counts)
-    links: dict[UUID, LinkInfo] = {}
-    uuids: dict[str, UUID] = {}  # a link's id parsed once a batch, not once an event
-    visited: set[tuple[UUID, date, str]] = set()
+    # the ids as the link's own strings: Postgres sorts what it writes (a uuid's canonical
+    # text sorts as the uuid does, so the rows go in the order they are locked in either way)
+    per_day: dict[tuple[str, date], _Counts] = defaultdict(_Counts)
+    links: dict[str, LinkInfo] = {}
+    visited: set[tuple[str, date, str]] = set()
     for s in events:
-        lid = uuids.get(s.link.id)
-        if lid is None:
-            lid = uuids[s.link.id] = UUID(s.link.id)
-            links[lid] = s.link
+        link = links.setdefault(s.link.id, s.link)
         counted = counts_as_click(s, count_bots)
         day = s.at.date()
-        per_link[lid].add(s, counted)
-        per_day[(lid, day)].add(s, counted)
+        per_day[(link.id, day)].add(s, counted)
         if counted and s.visitor_key:
-            visited.add((lid, day, s.visitor_key))
-
-    visits = sorted(visited)
-    if visits:
-        for r in await conn.fetch(_UNIQUE, jsonrows.doc(visits)):
-            per_link[r["link_id"]].unique_clicks += 1
-            per_day[(r["link_id"], r["day"])].unique_clicks += 1
-
-    ids = sorted(per_link)
-    await conn.execute(
-        _UPDATE_LINKS,
-        jsonrows.doc([(i, *per_link[i].counts(), per_link[i].last_clicked_at) for i in ids]),
-    )
-    days = sorted(per_day)
-    await conn.execute(
-        _UPSERT_DAILY,
-        jsonrows.doc(
-            [
-                (
-                    lid,
-                    day,
-                    links[lid].workspace_id,
-                    links[lid].program_id,
-                    links[lid].affiliate_id,
-                    *per_day[(lid, day)].counts(),
-                )
-                for lid, day in days
-            ]
-        ),
-    )
+            visited.add((link.id, day, s.visitor_key))
+    days = []
+    for (lid, day), c in per_day.items():
+        link = links[lid]
+        days.append(
+            (lid, day, link.workspace_id, link.program_id, link.affiliate_id,
+             c.clicks, c.bot_clicks, c.leads, c.conversions, c.last_clicked_at)
+        )  # fmt: skip
+    await conn.execute(_APPLY, jsonrows.doc(list(visited)), jsonrows.doc(days))
 
     converted = sorted(
         {UUID(s.link.affiliate_id) for s in events if s.type is EventType.CONVERSION and s.link.affiliate_id}
