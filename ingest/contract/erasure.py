@@ -78,6 +78,29 @@ SELECT array(SELECT workspace_id::text FROM erased_ids WHERE digest = {plans.any
        array(SELECT digest FROM erased_ids WHERE digest = {plans.any_of(2, "bytea")} ORDER BY digest, workspace_id)
 FROM (SELECT pg_advisory_xact_lock_shared($1)) l
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Then:
+    """A query to run beside the ledger's read (``Ledger.read_with``): its text, whose
+    parameters start at ``$3``, and their values."""
+
+    query: str
+    args: tuple[Any, ...]
+
+
+def then_after(query: str) -> str:
+    """The ledger's read and ``query``'s rows in one statement, at one snapshot (taken as
+    the statement starts, as the ledger's read alone takes it): every row carries the
+    ledger's two arrays (``erased_workspaces``, ``erased_digests``) and ``then_row``, NULL
+    on the one row that stands for none when ``query`` has no rows."""
+    return f"""
+SELECT g.erased_workspaces, g.erased_digests, q.*
+FROM ({_READ.strip()}) AS g (erased_workspaces, erased_digests)
+LEFT JOIN LATERAL (SELECT true AS then_row, t.* FROM ({query}) t) q ON true
+"""
+
+
 # an envelope with no workspace of its own (an entry written before envelopes carried one):
 # its link's
 _CODES = "SELECT code, workspace_id::text AS ws FROM links WHERE code = ANY($1::text[])"
@@ -141,10 +164,30 @@ class Ledger:
     ) -> Ledger:
         """The entries that name any of ``envelopes``. ``workspace_of`` (by ``id()`` of an
         envelope) gives a workspace where the envelope has none (a click's, from its link)."""
+        ledger, _ = await cls.read_with(conn, envelopes, workspace_of)
+        return ledger
+
+    @classmethod
+    async def read_with(
+        cls,
+        conn: asyncpg.Connection,
+        envelopes: Iterable[Envelope],
+        workspace_of: Mapping[int, str | None] | None = None,
+        then: Then | None = None,
+    ) -> tuple[Ledger, list[asyncpg.Record]]:
+        """``read``, and in the same round trip the rows of ``then``: a query of the caller's
+        (its text and its arguments, numbered from ``$3``), run beside the ledger's read in
+        one statement (``then_after``): a batch's first round trip reads both."""
         key = await salt(conn)
         envelopes = list(envelopes)
-        wanted = {d for e in envelopes for d in _digests(key, e, (workspace_of or {}).get(id(e)))}
-        spaces, found = await conn.fetchrow(_READ, LOCK, list(wanted))
+        wanted = list({d for e in envelopes for d in _digests(key, e, (workspace_of or {}).get(id(e)))})
+        if then is None:
+            spaces, found = await conn.fetchrow(_READ, LOCK, wanted)
+            rows: list[asyncpg.Record] = []
+        else:
+            rows = await conn.fetch(then_after(then.query), LOCK, wanted, *then.args)
+            spaces, found = rows[0]["erased_workspaces"], rows[0]["erased_digests"]
+            rows = [r for r in rows if r["then_row"]]
         erased = frozenset((w, bytes(d)) for w, d in zip(spaces, found, strict=True))
         unplaced = {
             c
@@ -152,7 +195,7 @@ class Ledger:
             if not (e.workspace_id or (workspace_of or {}).get(id(e))) and isinstance(c := e.payload.get("code"), str)
         }
         codes = {r["code"]: r["ws"] for r in await conn.fetch(_CODES, sorted(unplaced))} if erased and unplaced else {}
-        return cls(key, erased, codes)
+        return cls(key, erased, codes), rows
 
     def workspace(self, e: Envelope, workspace_id: str | None = None) -> str | None:
         """``e``'s workspace: its own, else ``workspace_id`` (the caller's), else its link's."""

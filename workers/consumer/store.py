@@ -44,7 +44,7 @@ _RESOLVE_LINKS = f"""
 SELECT x.*, w.ip_policy, w.bot_policy, w.fraud_policy, p.fraud_thresholds,
        array(SELECT DISTINCT t FROM webhooks h, unnest(h.events) t WHERE h.workspace_id = w.id AND h.active)
          AS webhook_events
-FROM ({LINK_SELECT} WHERE l.code = {plans.any_of(1, "text")}) x
+FROM ({LINK_SELECT} WHERE l.code = {plans.any_of(3, "text")}) x
 JOIN workspaces w ON w.id = x.workspace_id
 LEFT JOIN programs p ON p.id = x.program_id
 """
@@ -249,14 +249,16 @@ async def _write(
         unique.setdefault(e.event_id, e)
     result.duplicates = len(envelopes) - len(unique)
     everything = list(unique.values())
-    ledger = await erasure.Ledger.read(conn, everything)  # before anything is read: the module's doc
     codes = sorted(
         {c for e in everything if e.type is not EventType.SALE and isinstance(c := e.payload.get("code"), str)}
     )
+    # the ledger before anything else is read (the module's doc), and the batch's links in
+    # the same statement: one round trip
+    ledger, link_rows = await erasure.Ledger.read_with(conn, everything, then=erasure.Then(_RESOLVE_LINKS, (codes,)))
     by_code: dict[str, LinkInfo] = {}
     policies: dict[str, Any] = {}  # workspace id -> its row (ip_policy, bot_policy, fraud_policy)
     thresholds: dict[str, object] = {}  # program id -> its fraud_thresholds as stored
-    for r in await conn.fetch(_RESOLVE_LINKS, codes):
+    for r in link_rows:
         info = by_code[r["code"]] = LinkInfo.from_record(r)
         policies[info.workspace_id] = r
         if info.program_id is not None:
