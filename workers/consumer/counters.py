@@ -163,9 +163,19 @@ async def apply(
     for (lid, day), c in per_day.items():
         link = links[lid]
         days.append(
-            (lid, day, link.workspace_id, link.program_id, link.affiliate_id,
-             c.clicks, c.bot_clicks, c.leads, c.conversions, c.last_clicked_at)
-        )  # fmt: skip
+            (
+                lid,
+                day,
+                link.workspace_id,
+                link.program_id,
+                link.affiliate_id,
+                c.clicks,
+                c.bot_clicks,
+                c.leads,
+                c.conversions,
+                c.last_clicked_at,
+            )
+        )
     await conn.execute(_APPLY, jsonrows.doc(list(visited)), jsonrows.doc(days))
 
     converted = sorted(
