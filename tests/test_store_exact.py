@@ -16,7 +16,9 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import pytest
 
+from ingest.contract.clock import now_ms as clock_now_ms
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import Keys
 from ingest.manage import admin
@@ -246,3 +248,55 @@ async def test_customers_are_the_same_however_events_are_batched(
         first_clicks = [e.event_id for e in events if e.type is EventType.CLICK]
         assert got["first_click_id"] == (min(first_clicks) if first_clicks else None)
         assert got["status"] == max(int(e.type) for e in events)
+
+
+async def test_a_batchs_counters_lock_visitors_then_links_then_days(pg: asyncpg.Pool, world: World):
+    """The counters are one statement of three writes (``workers.consumer.counters``): a
+    batch waiting on a link's lock has its visitor rows in already, and has not yet
+    touched the link's daily row, the lock order every batch keeps."""
+    link_id = world.link["id"]
+    now = clock_now_ms()
+
+    def click(visitor: str) -> Envelope:
+        payload = {"code": "PARTNER123", "visitor_id": visitor}
+        return Envelope(type=EventType.CLICK, dialect=Dialect.NATIVE, payload=payload, received_at_ms=now)
+
+    await write_batch(pg, [click("v-first")])  # the link's daily row exists: the batch below updates it
+    day = await pg.fetchval("SELECT day FROM daily_stats WHERE link_id = $1", link_id)
+    async with pg.acquire() as holder, pg.acquire() as batch, pg.acquire() as probe:
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("SELECT 1 FROM links WHERE id = $1 FOR NO KEY UPDATE", link_id)
+
+        async def write() -> BatchResult:
+            async with batch.transaction():
+                return await _write(batch, [click("v-second")], None)
+
+        task = asyncio.create_task(write())
+        try:
+            await _until_waiting(pg, [batch.get_server_pid()], [task])
+            assert not task.done(), "the batch did not wait for the link's lock"
+            await probe.execute("SET lock_timeout = '300ms'")
+            # its first visit is in, uncommitted: the same key waits for it
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await probe.execute(
+                    "INSERT INTO link_visitor_days (link_id, day, visitor_key) VALUES ($1, $2, 'v-second')"
+                    " ON CONFLICT DO NOTHING",
+                    link_id,
+                    day,
+                )
+            # and the day's row is not locked yet
+            assert (
+                await probe.execute(
+                    "UPDATE daily_stats SET clicks = clicks WHERE link_id = $1 AND day = $2", link_id, day
+                )
+                == "UPDATE 1"
+            )
+        finally:
+            await held.rollback()
+        result = await asyncio.wait_for(task, 10)
+    assert result.inserted == 1
+    row = await pg.fetchrow("SELECT clicks, unique_clicks FROM links WHERE id = $1", link_id)
+    assert (row["clicks"], row["unique_clicks"]) == (2, 2)
+    daily = await pg.fetchrow("SELECT clicks, unique_clicks FROM daily_stats WHERE link_id = $1", link_id)
+    assert (daily["clicks"], daily["unique_clicks"]) == (2, 2)
