@@ -18,8 +18,11 @@ from ingest.contract.settings import Settings
 from ingest.edge.batcher import RedisBatcher
 from ingest.manage import admin
 from workers.consumer import drops
+from workers.consumer.enrich import Enricher
 from workers.consumer.store import write_batch
 from workers.ops.reconcile import reconcile
+
+from ._world import make_world
 
 WS = "5f0e8a52-5d2b-4c36-9a57-1c2d3e4f5a6b"
 LINK = "0b7c1f4e-2a3d-4e5f-8a9b-0c1d2e3f4a5b"
@@ -93,4 +96,47 @@ async def test_a_duplicate_lead_counts_once_and_its_redelivery_never(pg: asyncpg
 
     assert [tuple(r) for r in await counted()] == [("duplicate", "worker", 2)]
     assert await pg.fetchval("SELECT leads FROM links WHERE code = 'dup'") == 1
+    assert await reconcile(pg, fix=False) == []
+
+
+async def test_a_click_batch_writes_its_drops_in_its_counters_statement(
+    pg: asyncpg.Pool, redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+):
+    """A batch that locks no row after its counters (clicks that make no customer) writes
+    its drops in the counters' statement; one with a customer to make writes them last, on
+    their own. The counts are the same either way, and reconcile's recount agrees."""
+    world = await make_world(pg, redis, keys, code="fold")
+    sent: list[str] = []
+    original = asyncpg.Connection.execute
+
+    async def execute(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> str:
+        sent.append(" ".join(query.split()))
+        status: str = await original(self, query, *args, **kwargs)
+        return status
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", execute)
+
+    def click(ip: str, ua: str, **payload: Any) -> Envelope:
+        return Envelope(EventType.CLICK, Dialect.BIORE, {"code": "fold", **payload}, ip=ip, user_agent=ua)
+
+    browser = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+    enricher = Enricher()
+    try:
+        batch = [click("198.51.100.1", browser), click("198.51.100.2", "curl/8.5.0"), click("198.51.100.3", browser)]
+        batch.append(click("198.51.100.4", browser, test_mode=True))
+        assert (await write_batch(pg, batch, enricher)).inserted == 4
+        on_their_own = [q for q in sent if q.startswith("INSERT INTO drop_stats")]
+        assert on_their_own == []
+        assert await _stats(pg) == {
+            (world.link["id"], "bot", "worker"): 1,
+            (world.link["id"], "test_mode", "worker"): 1,
+        }
+        # a click that makes a customer: the customers' rows come after the counters
+        batch = [click("198.51.100.5", browser, visitor_id="v1"), click("198.51.100.6", "curl/8.5.0")]
+        assert (await write_batch(pg, batch, enricher)).inserted == 2
+        assert [q for q in sent if q.startswith("INSERT INTO drop_stats")] != []
+    finally:
+        enricher.close()
+    assert await _stats(pg) == {(world.link["id"], "bot", "worker"): 2, (world.link["id"], "test_mode", "worker"): 1}
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'fold'") == 3
     assert await reconcile(pg, fix=False) == []

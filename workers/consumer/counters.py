@@ -12,12 +12,14 @@ in link-id order. Milestones (seed 001's
 Lock order, the same in every batch so that none waits in a circle: event_dedupe, then
 events (see store),
 link_visitor_days in key order, links in id order, daily_stats in key order, then the
-converting affiliates in id order and their milestone rows in key order.
+converting affiliates in id order and their milestone rows in key order. A batch that
+locks no row after those (``workers.consumer.store``: clicks that make no customer) writes
+its drops (``drop_stats``, every batch's last rows) in the same statement.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -28,22 +30,26 @@ import asyncpg
 from ingest.contract import jsonrows, plans
 from ingest.contract.events import EventType
 from ingest.contract.links import LinkInfo
+from workers.consumer import drops
 from workers.consumer.stored import Stored
 
 # NO KEY UPDATE: the foreign-key checks of customer, link and milestone rows (KEY SHARE) pass
 # (one plan, whatever the ids: ``ingest.contract.plans``)
 _LOCK_AFFILIATES = f"SELECT 1 FROM affiliates WHERE id = {plans.any_of(1, 'uuid')} ORDER BY id FOR NO KEY UPDATE"
 
-# One statement, three writes, in the lock order above: a batch's first clicks of a
+# One statement, four writes, in the lock order above: a batch's first clicks of a
 # visitor on a link that day (``link_visitor_days``, a set: the rows that come back are the
-# new ones), then its links, then its days. Data-modifying CTEs run in no order of their
-# own, so each step waits on the one before by a one-time filter on its result (``(SELECT
-# count(*) FROM prev) >= 0``, evaluated before the step reads its first row): the links are
-# locked, in id order, only once every visitor row is in, and the days written only once
-# every link is. The links' CTE takes its locks above its sort, so in id order whatever the
-# plan, and a row a concurrent batch changed is locked in its newest version, from which
-# the UPDATE recomputes its sums (READ COMMITTED's recheck). ``$1``: the visits (link,
-# day, visitor key); ``$2``: the counts per link and day, unique clicks without the visits.
+# new ones), then its links, then its days, then its drops (``$3``, else none:
+# ``drop_stats`` is the last row a batch locks, so only a batch that locks nothing after
+# its counters passes them here; ``workers.consumer.store``). Data-modifying CTEs run in no
+# order of their own, so each step waits on the one before by a one-time filter on its
+# result (``(SELECT count(*) FROM prev) >= 0``, evaluated before the step reads its first
+# row): the links are locked, in id order, only once every visitor row is in, the days
+# written only once every link is, the drops once every day is. The links' CTE takes its
+# locks above its sort, so in id order whatever the plan, and a row a concurrent batch
+# changed is locked in its newest version, from which the UPDATE recomputes its sums (READ
+# COMMITTED's recheck). ``$1``: the visits (link, day, visitor key); ``$2``: the counts per
+# link and day, unique clicks without the visits; ``$3``: the drops (``drops.DROP_COUNTS``).
 _DAYS = jsonrows.table(
     ("uuid", "date", "uuid", "uuid", "uuid", "bigint", "bigint", "bigint", "bigint", "timestamptz"),
     "d(link_id, day, workspace_id, program_id, affiliate_id, clicks, bot_clicks, leads, conversions, last_at)",
@@ -81,18 +87,26 @@ linked AS (
     ) t
     WHERE l.id = k.id AND t.link_id = k.id
     RETURNING 1
+),
+dated AS (
+    INSERT INTO daily_stats AS s (link_id, day, workspace_id, program_id, affiliate_id,
+                                  clicks, unique_clicks, bot_clicks, leads, conversions)
+    SELECT link_id, day, workspace_id, program_id, affiliate_id, clicks, unique_clicks, bot_clicks, leads, conversions
+    FROM days WHERE (SELECT count(*) FROM linked) >= 0
+    ORDER BY 1, 2
+    ON CONFLICT (link_id, day) DO UPDATE
+    SET clicks = s.clicks + EXCLUDED.clicks,
+        unique_clicks = s.unique_clicks + EXCLUDED.unique_clicks,
+        bot_clicks = s.bot_clicks + EXCLUDED.bot_clicks,
+        leads = s.leads + EXCLUDED.leads,
+        conversions = s.conversions + EXCLUDED.conversions
+    RETURNING 1
 )
-INSERT INTO daily_stats AS s (link_id, day, workspace_id, program_id, affiliate_id,
-                              clicks, unique_clicks, bot_clicks, leads, conversions)
-SELECT link_id, day, workspace_id, program_id, affiliate_id, clicks, unique_clicks, bot_clicks, leads, conversions
-FROM days WHERE (SELECT count(*) FROM linked) >= 0
-ORDER BY 1, 2
-ON CONFLICT (link_id, day) DO UPDATE
-SET clicks = s.clicks + EXCLUDED.clicks,
-    unique_clicks = s.unique_clicks + EXCLUDED.unique_clicks,
-    bot_clicks = s.bot_clicks + EXCLUDED.bot_clicks,
-    leads = s.leads + EXCLUDED.leads,
-    conversions = s.conversions + EXCLUDED.conversions
+INSERT INTO drop_stats AS s (workspace_id, link_id, day, reason, detail, source, n)
+SELECT d.workspace_id, d.link_id, d.day, d.reason, d.detail, 'worker', d.n
+FROM {jsonrows.table(*drops.DROP_COUNTS, param=3)} WHERE (SELECT count(*) FROM dated) >= 0
+ORDER BY 1, 2, 3, 4, 5
+ON CONFLICT (workspace_id, link_id, day, reason, detail, source) DO UPDATE SET n = s.n + EXCLUDED.n
 """
 
 _MILESTONES = """
@@ -145,8 +159,14 @@ def counts_as_click(s: Stored, count_bots: Collection[str]) -> bool:
 
 
 async def apply(
-    conn: asyncpg.Connection, events: list[Stored], *, count_bots: Collection[str] = ()
+    conn: asyncpg.Connection,
+    events: list[Stored],
+    *,
+    count_bots: Collection[str] = (),
+    dropped: Counter[drops.Key] | None = None,
 ) -> list[MilestoneReached]:
+    """Move the counters of ``events``; with ``dropped`` (``drops.tally``'s, of a batch that
+    locks no row after this), its drops too, in the same statement."""
     # the ids as the link's own strings: Postgres sorts what it writes (a uuid's canonical
     # text sorts as the uuid does, so the rows go in the order they are locked in either way)
     per_day: dict[tuple[str, date], _Counts] = defaultdict(_Counts)
@@ -176,7 +196,8 @@ async def apply(
                 c.last_clicked_at,
             )
         )
-    await conn.execute(_APPLY, jsonrows.doc(list(visited)), jsonrows.doc(days))
+    fell = [(*k, n) for k, n in sorted(dropped.items())] if dropped else []
+    await conn.execute(_APPLY, jsonrows.doc(list(visited)), jsonrows.doc(days), jsonrows.doc(fell))
 
     converted = sorted(
         {UUID(s.link.affiliate_id) for s in events if s.type is EventType.CONVERSION and s.link.affiliate_id}

@@ -97,14 +97,20 @@ class _Merged:
                     self.contact[column] = (value, s)
 
 
+def makes_one(s: Stored) -> bool:
+    """Whether ``s`` (counted) makes or moves a customer: an event with a visitor, a bot's click aside."""
+    return s.text("visitor_id") is not None and not (s.is_bot and s.type is EventType.CLICK)
+
+
 async def upsert(conn: asyncpg.Connection, events: list[Stored]) -> None:
     """The batch is merged per (workspace, visitor) first: one INSERT may not touch a row twice.
     Events without a visitor (seed 000 clicks) and bot clicks make no customer."""
     merged: dict[tuple[str, str], _Merged] = {}
     for s in events:
-        visitor = s.text("visitor_id")
-        if visitor is None or (s.is_bot and s.type is EventType.CLICK):
+        if not makes_one(s):
             continue
+        visitor = s.text("visitor_id")
+        assert visitor is not None
         if (m := merged.get((s.link.workspace_id, visitor))) is None:
             m = merged[(s.link.workspace_id, visitor)] = _Merged(s, s.at)
         m.add(s)

@@ -37,9 +37,8 @@ log = structlog.get_logger("workers.drops")
 
 Key = tuple[str, str, date, str, str]  # workspace, link, day, reason, detail
 
-_DROP_COUNTS = jsonrows.table(
-    ("uuid", "uuid", "date", "text", "text", "bigint"), "d(workspace_id, link_id, day, reason, detail, n)"
-)
+DROP_COUNTS = ("uuid", "uuid", "date", "text", "text", "bigint"), "d(workspace_id, link_id, day, reason, detail, n)"
+_DROP_COUNTS = jsonrows.table(*DROP_COUNTS)
 _ADD = f"""
 INSERT INTO drop_stats AS s (workspace_id, link_id, day, reason, detail, source, n)
 SELECT d.workspace_id, d.link_id, d.day, d.reason, d.detail, $2::text, d.n
@@ -80,8 +79,7 @@ class NoRow:
 async def add(conn: asyncpg.Connection, counts: Counter[Key], source: str = "worker") -> None:
     if not counts:
         return
-    keys = sorted(counts)
-    await conn.execute(_ADD, jsonrows.doc([(*k, counts[k]) for k in keys]), source)
+    await conn.execute(_ADD, jsonrows.doc([(*k, counts[k]) for k in sorted(counts)]), source)
 
 
 async def record(conn: asyncpg.Connection, rows: list[NoRow], counts: Counter[Key]) -> None:
@@ -145,6 +143,15 @@ async def settle(
     counts: Counter[Key] = Counter()
     await record(conn, no_row, counts)
     await take_back(conn, taken_back or [], counts)
+    counts.update(tally(inserted, counting, flags))
+    await add(conn, counts)
+
+
+def tally(
+    inserted: list[Stored], counting: Collection[str] = (), flags: Collection[tuple[Stored, str, bool]] = ()
+) -> Counter[Key]:
+    """The drops and flags of a batch's newly inserted events (those with an event row)."""
+    counts: Counter[Key] = Counter()
     excluded: dict[uuid.UUID, str] = {}
     for s, rule, was_excluded in sorted(flags, key=lambda f: f[1]):
         counts[(s.link.workspace_id, s.link.id, s.at.date(), FLAGGED, rule)] += 1
@@ -153,7 +160,7 @@ async def settle(
     for s in inserted:
         if (why := reason(s, counting, excluded)) is not None:
             counts[(s.link.workspace_id, s.link.id, s.at.date(), *why)] += 1
-    await add(conn, counts)
+    return counts
 
 
 async def fold(redis: Any, pool: asyncpg.Pool, prefix: str) -> int:

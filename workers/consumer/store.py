@@ -383,19 +383,32 @@ async def _write(
     flagged = await fraud.detect(conn, live, policy, limits, burst) if effects.fraud else fraud.Found()
     counted = flagged.counted(live)  # a flag the workspace excludes: stored and flagged, nothing more
     reached: list[counters.MilestoneReached] = []
+    unexpired = [s for s in inserted if not returned[s.envelope.event_id]]  # an expired event drops nothing either
+    flags = [(f.stored, f.rule, f.excluded) for f in flagged.flags]
+    # a batch that locks no row after its counters (only clicks, none making a customer; no
+    # sale; no drop without a row to record) writes its drops in the counters' statement,
+    # as the last rows it locks still: a round trip fewer
+    alone = (
+        bool(counted)
+        and not effects.counters_last
+        and not sold
+        and not no_row
+        and all(s.type is EventType.CLICK and not customers.makes_one(s) for s in counted)
+    )
     if counted and not effects.counters_last:
-        reached = await counters.apply(conn, counted, count_bots=counting)
+        dropped = drops.tally(unexpired, counting, flags) if alone else None
+        reached = await counters.apply(conn, counted, count_bots=counting, dropped=dropped)
     if counted:
         await customers.upsert(conn, counted)
     sold_out = await _sales(conn, sold, [s for s in counted if s.type is EventType.LEAD], result, counted, effects)
 
-    async def settle() -> None:  # an expired event moves no counter, and no drop either
+    async def settle() -> None:
         await drops.settle(
             conn,
-            inserted=[s for s in inserted if not returned[s.envelope.event_id]],
+            inserted=unexpired,
             no_row=no_row + sold_out.drops,
             counting=counting,
-            flags=[(f.stored, f.rule, f.excluded) for f in flagged.flags],
+            flags=flags,
             taken_back=sold_out.undrops,
         )
 
@@ -415,7 +428,7 @@ async def _write(
     events += fraud.notices(flagged, lambda ws: (ws, "fraud.flagged") in heard) + sold_out.notices
     if events and effects.webhooks:
         result.deliveries = await outbox.record_deliveries(conn, events)
-    if not effects.counters_last:
+    if not effects.counters_last and not alone:
         await settle()
     return result
 
