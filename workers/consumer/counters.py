@@ -49,7 +49,7 @@ _LOCK_AFFILIATES = f"SELECT 1 FROM affiliates WHERE id = {plans.any_of(1, 'uuid'
 # locks above its sort, so in id order whatever the plan, and a row a concurrent batch
 # changed is locked in its newest version, from which the UPDATE recomputes its sums (READ
 # COMMITTED's recheck). ``$1``: the visits (link, day, visitor key); ``$2``: the counts per
-# link and day, unique clicks without the visits; ``$3``: the drops (``drops.DROP_COUNTS``).
+# link and day, unique clicks without the visits; ``$3``: the drops (``drops.add_rows``).
 _DAYS = jsonrows.table(
     ("uuid", "date", "uuid", "uuid", "uuid", "bigint", "bigint", "bigint", "bigint", "timestamptz"),
     "d(link_id, day, workspace_id, program_id, affiliate_id, clicks, bot_clicks, leads, conversions, last_at)",
@@ -102,12 +102,7 @@ dated AS (
         conversions = s.conversions + EXCLUDED.conversions
     RETURNING 1
 )
-INSERT INTO drop_stats AS s (workspace_id, link_id, day, reason, detail, source, n)
-SELECT d.workspace_id, d.link_id, d.day, d.reason, d.detail, 'worker', d.n
-FROM {jsonrows.table(*drops.DROP_COUNTS, param=3)} WHERE (SELECT count(*) FROM dated) >= 0
-ORDER BY 1, 2, 3, 4, 5
-ON CONFLICT (workspace_id, link_id, day, reason, detail, source) DO UPDATE SET n = s.n + EXCLUDED.n
-"""
+{drops.add_rows(source="'worker'", param=3, gate=" WHERE (SELECT count(*) FROM dated) >= 0").lstrip()}"""
 
 _MILESTONES = """
 INSERT INTO affiliate_milestones (affiliate_id, milestone_id, reached_at)

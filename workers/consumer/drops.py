@@ -37,15 +37,23 @@ log = structlog.get_logger("workers.drops")
 
 Key = tuple[str, str, date, str, str]  # workspace, link, day, reason, detail
 
-DROP_COUNTS = ("uuid", "uuid", "date", "text", "text", "bigint"), "d(workspace_id, link_id, day, reason, detail, n)"
-_DROP_COUNTS = jsonrows.table(*DROP_COUNTS)
-_ADD = f"""
+_DROP_COUNTS = ("uuid", "uuid", "date", "text", "text", "bigint"), "d(workspace_id, link_id, day, reason, detail, n)"
+
+
+def add_rows(*, source: str, param: int, gate: str = "") -> str:
+    """The upsert of drop counts into ``drop_stats``: the counts as ``$param`` (a JSON
+    document of ``(workspace, link, day, reason, detail, n)`` rows), ``source`` an SQL
+    expression, ``gate`` a condition on the rows (``workers.consumer.counters``' order)."""
+    return f"""
 INSERT INTO drop_stats AS s (workspace_id, link_id, day, reason, detail, source, n)
-SELECT d.workspace_id, d.link_id, d.day, d.reason, d.detail, $2::text, d.n
-FROM {_DROP_COUNTS}
+SELECT d.workspace_id, d.link_id, d.day, d.reason, d.detail, {source}, d.n
+FROM {jsonrows.table(*_DROP_COUNTS, param=param)}{gate}
 ORDER BY 1, 2, 3, 4, 5
 ON CONFLICT (workspace_id, link_id, day, reason, detail, source) DO UPDATE SET n = s.n + EXCLUDED.n
 """
+
+
+_ADD = add_rows(source="$2::text", param=1)
 
 _RECORD = f"""
 INSERT INTO event_drops (event_id, workspace_id, link_id, reason, received_at)
