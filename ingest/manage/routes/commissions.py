@@ -50,7 +50,14 @@ def flat_amounts(value: Any) -> Any:
     return out
 
 
-Flat = Annotated[Minor | dict[str, int], BeforeValidator(flat_amounts)]
+# what flat_amounts returns, as the document states it: a currency code for each key, at most
+# MAX_FLATS of them, each amount in bounds (a decimal text is turned into minor units first)
+Code = Annotated[str, Field(pattern=r"^[a-z]{3}$")]
+Flat = Annotated[
+    Minor
+    | Annotated[dict[Code, Minor], Field(max_length=MAX_FLATS, json_schema_extra={"additionalProperties": False})],
+    BeforeValidator(flat_amounts),
+]
 EventName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")]
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import ids, links
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
-from ingest.contract.fields import Text
+from ingest.contract.fields import EXTERNAL_ID, Text
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
 from ingest.edge.state import Edge
@@ -27,7 +27,17 @@ routes = web.RouteTableDef()
 
 
 class NewSuppression(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a customer's value is an external id (``ids.normalize``, as the lead routes store it):
+    # the document says so for that kind; the route refuses it with its own message
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"properties": {"kind": {"enum": ["visitor", "ip"]}}},
+                {"properties": {"kind": {"const": "customer"}, "value": {"pattern": EXTERNAL_ID}}},
+            ]
+        },
+    )
     kind: Literal["visitor", "customer", "ip"] = Field(
         description="A visitor id, a customer's external id, or a client address"
     )
