@@ -21,11 +21,18 @@ import uuid
 
 import redis.asyncio as aioredis
 
+from ingest.contract import wire
+from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.edge.batcher import RedisBatcher
 from ingest.edge.lookup import CHECKED_APPEND
 from refstream.embedded import free_port, package_dir
 
 LINK = b"x" * 80  # what a link's cache entry holds, about
+WORKSPACE = str(uuid.uuid4())
+UA = (
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko)"
+    " Chrome/120.0.0.0 Safari/537.36"
+)
 
 
 async def _cpu_s(client: aioredis.Redis) -> float:
@@ -44,7 +51,16 @@ async def once(url: str, merge: bool, subjects: int, requests: int, concurrency:
     sha = batcher.script(CHECKED_APPEND)
 
     async def one(i: int) -> None:
-        entry = (b"i", uuid.uuid4().bytes, b"t", 1, b"r", 1_700_000_000_000 + i, b"a", b"203.0.113.7", b"p", b"{}")
+        entry = wire.to_entry(  # as the edge appends a seed 000 click
+            Envelope(
+                type=EventType.CLICK,
+                dialect=Dialect.BIORE,
+                workspace_id=WORKSPACE,
+                ip="203.0.113.7",
+                user_agent=UA,
+                payload={"code": "PARTNER123", "referrer": "https://bio.re/alex"},
+            )
+        )
         keys = (f"rl:{i % subjects}", "s", "link", "warm")
         limit = (60_000, 10**9, uuid.uuid4().hex)
         call = ("EVALSHA", sha, len(keys), *keys, *limit, len(entry), *entry, 2, b"=" + LINK, b"=1")

@@ -23,10 +23,11 @@ from ingest.contract import wire
 from ingest.contract.bounds import MAX_DEPTH, MAX_VALUES, BoundsError, check
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import GROUP, Keys
-from ingest.contract.wire import FIELD, FIELDS
+from ingest.contract.wire import FIELD, FIELDS, PACKED
 from workers.ops import dead, import_formats
 from workers.ops.import_lines import Line
 
+from ._entries import v2_of, v3_with
 from ._procs import Procs
 from ._world import World, call
 from .conftest import wait_for
@@ -196,21 +197,21 @@ async def test_an_entry_too_deep_in_its_stream_is_dead_lettered_as_its_bytes_and
     procs: Procs, world: World, pg: asyncpg.Pool, redis, keys: Keys
 ):
     """Entries an older edge, an import or a replay of the archive wrote, past the bound:
-    version 2 and version 1, deeper than orjson writes and just past the bound. Each is
+    version 3, 2 and 1, deeper than orjson writes and just past the bound. Each is
     dead-lettered with the fields it had in its stream, byte for byte, and acked; the
     clicks around them in the same read are stored; the worker (``refstream work``, as
     deployed) never logs ``consumer.crashed``."""
     stream = keys.stream_for("PARTNER123")
-    v2 = wire.to_entry_dict(_click(world))
-    deep_v2 = {**v2, b"p": b'{"c":"PARTNER123","M":' + nested(DEEP) + b"}"}
-    past_v2 = {**wire.to_entry_dict(_click(world)), b"p": b'{"c":"PARTNER123","M":' + nested(MAX_DEPTH) + b"}"}
+    deep = b'{"c":"PARTNER123","M":' + nested(DEEP) + b"}"
+    past = b'{"c":"PARTNER123","M":' + nested(MAX_DEPTH) + b"}"
     blob = wire.to_blob(_click(world))  # version 1: [1, id, type, ws, at, ip, ua, dialect, payload]
     deep_v1 = {FIELD: blob[: blob.rindex(b"}")] + b',"metadata":' + nested(DEEP) + b"}]"}
-    planted = [deep_v2, past_v2, deep_v1]
+    planted = [v3_with(_click(world), deep), v3_with(_click(world), past), v2_of(_click(world), deep), deep_v1]
     ids = [await redis.xadd(stream, wire.to_entry_dict(_click(world)))]
     for fields in planted:
         ids.append(await redis.xadd(stream, fields))
         ids.append(await redis.xadd(stream, wire.to_entry_dict(_click(world))))
+    dead_ids = ids[1::2]
 
     as_read = {entry_id: fields for entry_id, fields in await redis.xrange(stream)}
     worker = procs.start("work", REFSTREAM_CONSUMER_NAME="bounds")
@@ -220,7 +221,7 @@ async def test_an_entry_too_deep_in_its_stream_is_dead_lettered_as_its_bytes_and
             if worker.poll() is not None:
                 raise AssertionError(f"the worker exited with {worker.returncode}: {procs.logs()}")
             stored: int = await pg.fetchval("SELECT count(*) FROM events")
-            return stored == 4 and await redis.xlen(keys.dead) == 3
+            return stored == 5 and await redis.xlen(keys.dead) == 4
 
         await wait_for(settled, timeout=60, what="the clicks stored and the deep entries dead-lettered")
         await wait_for(lambda: _acked(redis, stream), timeout=30, what="every entry acked")
@@ -230,20 +231,20 @@ async def test_an_entry_too_deep_in_its_stream_is_dead_lettered_as_its_bytes_and
     assert "consumer.crashed" not in procs.logs() and "Recursion limit" not in procs.logs()
 
     letters = {fields[b"id"]: fields for _, fields in await redis.xrange(keys.dead)}
-    assert set(letters) == {ids[1], ids[3], ids[5]}
-    for entry_id in (ids[1], ids[3], ids[5]):
+    assert set(letters) == set(dead_ids)
+    for entry_id in dead_ids:
         letter, fields = letters[entry_id], as_read[entry_id]
         assert letter[b"error"].startswith(b"decode: JSON nested deeper than 32 levels"), letter[b"error"]
         assert letter[b"stream"] == stream.encode()
-        assert {k: v for k, v in letter.items() if k in (FIELD, *FIELDS)} == fields  # the bytes as read
-    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'PARTNER123'") == 4
+        assert {k: v for k, v in letter.items() if k in (PACKED, FIELD, *FIELDS)} == fields  # the bytes as read
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'PARTNER123'") == 5
     # an operator's view shows them as bytes (a terminal, orjson: both can write it), and a
     # requeue leaves them where they are: the worker would set them aside again at once
     shown = [letter.detail() async for letter in dead.scan(redis, keys)]
     assert all(d["envelope"] is None and "deeper than" in d["decode_error"] for d in shown)
     orjson.dumps(shown)
     out = await dead.requeue(redis, keys)
-    assert (out.done, out.skipped) == (0, {"undecodable": 3})
+    assert (out.done, out.skipped) == (0, {"undecodable": 4})
 
 
 async def _acked(redis: Any, stream: str) -> bool:
@@ -267,9 +268,7 @@ async def test_a_replay_counts_an_entry_past_the_bound_as_undecodable_and_stores
     stream = keys.stream_for("PARTNER123")
     for levels in (DEEP, MAX_DEPTH):
         await redis.xadd(stream, wire.to_entry_dict(_click(world)))
-        await redis.xadd(
-            stream, {**wire.to_entry_dict(_click(world)), b"p": b'{"c":"PARTNER123","M":' + nested(levels) + b"}"}
-        )
+        await redis.xadd(stream, v3_with(_click(world), b'{"c":"PARTNER123","M":' + nested(levels) + b"}"))
     done = await procs.cli("replay", "--since", "1h", "--json")
     totals = done["totals"]
     assert (totals["entries"], totals["inserted"], totals["undecodable"], totals["failed"]) == (4, 2, 2, 0), totals

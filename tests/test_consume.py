@@ -10,9 +10,10 @@ import asyncpg
 from ingest.contract import wire
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import GROUP, Keys
-from ingest.contract.wire import FIELD, FIELDS
+from ingest.contract.wire import FIELD
 from workers.consumer import trim
 
+from ._entries import v2_of, v3_with
 from ._procs import Procs
 from .test_e2e import TRACKED, fire
 
@@ -117,11 +118,12 @@ async def test_trimming_never_removes_what_a_lagging_group_needs(redis, keys: Ke
     assert await redis.xlen(keys.streams[1]) == 1
 
 
-async def test_version_1_entries_still_decode_and_a_broken_version_2_one_is_dead_lettered_verbatim(
+async def test_older_entries_still_decode_and_a_broken_one_is_dead_lettered_verbatim(
     procs: Procs, pg, redis, keys: Keys
 ):
-    """Entries of both wire versions in one stream (an upgrade with a backlog): each stored
-    once; a version-2 entry that does not decode keeps its fields, verbatim, in its letter."""
+    """Entries of every wire version in one stream (an upgrade with a backlog): each stored
+    once; a version-3 or version-2 entry that does not decode keeps its fields, verbatim,
+    in its letter."""
     ws = await procs.cli("workspace", "create", "Acme")
     await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "alice")
     stream = keys.stream_for("alice")
@@ -130,18 +132,19 @@ async def test_version_1_entries_still_decode_and_a_broken_version_2_one_is_dead
         return Envelope(EventType.CLICK, Dialect.BIORE, {"code": "alice"}, ws["workspace_id"], "203.0.113.7", "ü")
 
     await redis.xadd(stream, {FIELD: wire.to_blob(click())})  # version 1, as the edge wrote before
+    await redis.xadd(stream, v2_of(click()))  # version 2, as it wrote since
     await redis.xadd(stream, wire.to_entry_dict(click()))
-    broken = {**wire.to_entry_dict(click()), b"p": b"{not json"}
-    bad = await redis.xadd(stream, broken)
+    broken = [v3_with(click(), b"{not json"), v2_of(click(), b"{not json")]
+    bad = [await redis.xadd(stream, fields) for fields in broken]
     totals = await procs.cli("work", "--drain")
-    assert (totals["inserted"], totals["dead"]) == (2, 1)
-    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'alice'") == 2
-    [(dead_id, letter)] = await redis.xrange(keys.dead)
-    assert letter[b"id"] == bad and letter[b"error"].startswith(b"decode: ")
-    assert {k: letter[k] for k in FIELDS} == {
-        k: str(v).encode() if isinstance(v, int) else v for k, v in broken.items()
-    }
-    assert FIELD not in letter and not any(k.startswith(b"field:") for k in letter)
-    shown = await procs.cli("dead", "show", "--json", dead_id.decode())
-    assert shown["envelope"] is None and shown["raw_fields"]["p"] == repr(b"{not json")
+    assert (totals["inserted"], totals["dead"]) == (3, 2)
+    assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'alice'") == 3
+    letters = await redis.xrange(keys.dead)
+    assert [letter[b"id"] for _, letter in letters] == bad
+    for (dead_id, letter), fields in zip(letters, broken, strict=True):
+        assert letter[b"error"].startswith(b"decode: ")
+        assert {k: letter[k] for k in fields} == fields
+        assert FIELD not in letter and not any(k.startswith(b"field:") for k in letter)
+        shown = await procs.cli("dead", "show", "--json", dead_id.decode())
+        assert shown["envelope"] is None and shown["raw_fields"] == {k.decode(): repr(v) for k, v in fields.items()}
     assert (await redis.xpending(stream, GROUP))["pending"] == 0

@@ -17,7 +17,7 @@ from redis.crc import key_slot
 from ingest.contract import wire
 from ingest.contract.events import Dialect, Envelope, EventType, unique_token, uuid7
 from ingest.contract.keys import Keys
-from ingest.contract.wire import FIELD, FIELDS, EnvelopeError
+from ingest.contract.wire import FIELD, FIELDS, PACKED, EnvelopeError
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
@@ -138,7 +138,7 @@ def _as_redis_returns(fields: dict[bytes, bytes | int]) -> dict[bytes, bytes]:
     ws=st.none() | st.uuids().map(str) | st.text(max_size=17),
 )
 def test_entry_round_trip(type_, dialect, payload, ip, ua, ws):
-    """Version 2, every field: None apart from "", text with NULs or of any length (a
+    """Version 3, every field: None apart from "", text with NULs or of any length (a
     workspace id that is no UUID), unicode; and version 1 read through the same door."""
     e = Envelope(type=type_, dialect=dialect, payload=payload, workspace_id=ws, ip=ip, user_agent=ua)
     assert wire.from_entry(_as_redis_returns(wire.to_entry_dict(e))) == e
@@ -158,49 +158,98 @@ def test_entry_round_trip(type_, dialect, payload, ip, ua, ws):
     ],
 )
 async def test_entry_round_trip_through_redis(redis, keys: Keys, envelope: Envelope):
-    """What Redis gives back (integers as text, binary values as they were) decodes to the
-    same envelope; the fields are always the same names in the same order, so every entry
-    shares its listpack node's master fields."""
-    assert wire.to_entry(envelope)[::2] == FIELDS
-    assert len(wire.to_entry_dict(envelope)[b"i"]) == 16  # type: ignore[arg-type]  # the id: bytes, never an int
+    """What Redis gives back decodes to the same envelope; the entry is always the one field
+    of the same name, so every entry shares its listpack node's master fields."""
+    assert wire.to_entry(envelope)[::2] == (PACKED,)
     sid = await redis.xadd(keys.stream(0), wire.to_entry_dict(envelope))
     [(got_id, fields)] = await redis.xrange(keys.stream(0))
-    assert got_id == sid and list(fields) == list(FIELDS)
+    assert got_id == sid and list(fields) == [PACKED]
     assert wire.from_entry(fields) == envelope
 
 
+CHROME = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36"
+)
+
+
 def test_entry_layout():
-    """Integers where they can be (Redis stores them compactly), 16-byte ids, our dialects
-    as codes, a browser's User-Agent as its version numbers between one-byte fragments, our
-    payload keys as one letter: the layout the bench's bytes per event depend on."""
+    """The header's integers in fixed places, the 16-byte id, our dialects as codes, a
+    browser's User-Agent as its version numbers between one-byte fragments, our payload keys
+    as one letter: the layout the bench's bytes per event depend on."""
     ws = str(uuid.uuid4())
-    chrome = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko)"
-    chrome += " Chrome/124.0.0.0 Safari/537.36"
-    e = Envelope(EventType.LEAD, Dialect.REFPORT, {"code": "a"}, ws, "203.0.113.7", chrome)
-    assert wire.to_entry(e) == (
-        b"i",
-        e.event_id.bytes,
-        b"t",
-        2,
-        b"w",
-        uuid.UUID(ws).bytes,
-        b"r",
-        e.received_at_ms,
-        b"a",
-        b"203.0.113.7",
-        b"u",
-        b"\x01\x05\x02124\x15\x04",
-        b"d",
-        5,
-        b"p",
-        b'{"c":"a"}',
-    )
+    e = Envelope(EventType.LEAD, Dialect.REFPORT, {"code": "a"}, ws, "203.0.113.7", CHROME, received_at_ms=2**40 + 7)
+    ua = b"\x01\x05\x02124\x15\x04"
+    head = b"\x03" + e.event_id.bytes + b"\x00\x02" + (2**40 + 7).to_bytes(8) + b"\x05"
+    lengths = b"\x00\x10" + b"\x00\x0b" + len(ua).to_bytes(4) + b"\x00\x00"
+    assert wire.to_entry(e) == (PACKED, head + lengths + uuid.UUID(ws).bytes + b"203.0.113.7" + ua + b'{"c":"a"}')
+    odd = Envelope(EventType.CLICK, "carrier-pigeon", {}, None, None, None, received_at_ms=-1)
+    (_, packed) = wire.to_entry(odd)
+    assert packed[17:28] == b"\x00\x01" + b"\xff" * 8 + b"\x00"  # code 0: the dialect's text follows
+    assert packed[28:] == b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x0ecarrier-pigeon{}"
     bot = "Mozilla/5.0 (compatible; Googlebot/2.1)\t"  # a control byte: verbatim, behind a NUL
     assert (
-        wire.to_entry_dict(Envelope(EventType.CLICK, Dialect.BIORE, {}, user_agent=bot))[b"u"] == b"\x00" + bot.encode()
+        b"\x00" + bot.encode() + b"{}" in wire.to_entry(Envelope(EventType.CLICK, Dialect.BIORE, {}, user_agent=bot))[1]
     )
     other = Envelope(EventType.CLICK, Dialect.BIORE, {"c": 1, "~x": 2, "extra": 3, "referrer": 4})
-    assert wire.to_entry_dict(other)[b"p"] == b'{"~c":1,"~~x":2,"extra":3,"r":4}'  # a key of ours, or escaped
+    assert wire.to_entry(other)[1].endswith(b'{"~c":1,"~~x":2,"extra":3,"r":4}')  # a key of ours, or escaped
+
+
+def test_a_version_2_entry_still_reads():
+    """Entries the edge wrote before version 3 (in streams, archives, dead letters): eight
+    fields, integers as Redis returns them."""
+    ws, eid = uuid.uuid4(), uuid7()
+    fields = {
+        b"i": eid.bytes,
+        b"t": b"2",
+        b"w": ws.bytes,
+        b"r": b"1790000000123",
+        b"a": b"203.0.113.7",
+        b"u": b"\x01\x05\x02124\x15\x04",
+        b"d": b"5",
+        b"p": b'{"c":"a","~x":1,"extra":2}',
+    }
+    assert wire.from_entry(fields) == Envelope(
+        EventType.LEAD,
+        Dialect.REFPORT,
+        {"code": "a", "x": 1, "extra": 2},
+        str(ws),
+        "203.0.113.7",
+        CHROME,
+        received_at_ms=1790000000123,
+        event_id=eid,
+    )
+    assert wire.entry_of({**fields, b"other": b"1"}) == fields
+
+
+def _packed(e: Envelope, cut: int = 0, **head: int) -> dict[bytes, bytes]:
+    """``e``'s version-3 field with header values replaced, or its end cut off."""
+    v = bytearray(wire.to_entry(e)[1])
+    for name, value in head.items():
+        at, size = {"version": (0, 1), "type": (17, 2), "code": (27, 1), "ua_len": (32, 4)}[name]
+        v[at : at + size] = value.to_bytes(size)
+    return {PACKED: bytes(v[: len(v) - cut])}
+
+
+_E = Envelope(EventType.CLICK, Dialect.BIORE, {"code": "x"}, str(uuid.uuid4()), "203.0.113.7", CHROME)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {PACKED: b""},
+        {PACKED: b"\x03" * 20},  # shorter than the header
+        _packed(_E, version=2),
+        _packed(_E, version=4),
+        _packed(_E, type=99),
+        _packed(_E, code=200),  # no dialect of ours
+        _packed(_E, ua_len=10_000),  # longer than the entry
+        _packed(_E, cut=1),  # the payload cut short
+        _packed(_E, cut=len(b'{"c":"x"}')),  # no payload
+    ],
+)
+def test_undecodable_version_3_entries_raise_envelope_error(fields):
+    with pytest.raises(EnvelopeError):
+        wire.from_entry(fields)
 
 
 @pytest.mark.parametrize(

@@ -1,33 +1,40 @@
 """The wire format: how an ``Envelope`` (``ingest.contract.events``) becomes a stream
 entry's fields, and back.
 
-Every byte is multiplied by the backlog, so a stream entry (wire version 2) is eight fixed
-fields, always the same names in the same order: Redis stores the names once per listpack
-node (entries that share the node's master fields carry only their values) and integers as
-integers::
+A stream entry (wire version 3) is one field, ``v``, holding the envelope's values packed
+after a fixed header (``_HEAD``, big-endian)::
 
-    i  event_id, the UUID's 16 bytes
-    t  type (an integer)
-    w  workspace_id: a UUID's 16 bytes, else marked text (``_workspace_bytes``); empty: none
-    r  received_at, ms since the epoch (an integer)
-    a  client_ip          (text; empty: none)
-    u  user_agent: text with the common fragments of browsers' User-Agents as one byte
-       each (``_UA_TOKENS``: a Chrome UA's 105 bytes are 9); one holding a control byte
-       goes behind a NUL, verbatim; empty: none
-    d  dialect: a small integer for ours (``_DIALECT_CODES``), else its text
-    p  payload, compact JSON, its top-level keys that our routes write as one letter each
-       (``_PAYLOAD_KEYS``); any other key of at most one character, or starting with
-       "~", behind a "~"
+    version (3, one byte), event_id (the UUID's 16 bytes), type (2 bytes), received_at
+    (ms since the epoch, 8 bytes, signed), dialect (1 byte: ours by code,
+    ``_DIALECT_CODES``; 0: its text follows), then the lengths (4 bytes each) of
+    workspace_id, client_ip, user_agent and the dialect's text, then those four, then the
+    payload to the end
+
+    workspace_id  a UUID's 16 bytes, else marked text (``_workspace_bytes``); empty: none
+    client_ip     text; empty: none
+    user_agent    text with the common fragments of browsers' User-Agents as one byte each
+                  (``_UA_TOKENS``: a Chrome UA's 105 bytes are 9); one holding a control
+                  byte goes behind a NUL, verbatim; empty: none
+    payload       compact JSON, its top-level keys that our routes write as one letter each
+                  (``_PAYLOAD_KEYS``); any other key of at most one character, or starting
+                  with "~", behind a "~"
+
+One field, because Redis spends about half a microsecond on each argument a script is sent
+and on each value it stores or reads back: version 2 held the same values as eight fields
+(the names once per listpack node, integers as integers), and its 16 arguments were a
+quarter of Redis's CPU for an append (``python -m bench.merged_scripts``).
 
 Text that is empty, or starts with a NUL, is stored behind one NUL, so "" and None stay
-apart. ``to_entry`` gives the fields, ``from_entry`` reads version 2 and version 1, which
-the edge wrote before: one field, ``e``, holding a positional JSON array::
+apart. ``to_entry`` gives the field, ``from_entry`` reads version 3, version 2 (eight fixed
+fields, in this order: ``i`` event_id's bytes, ``t`` type, ``w``, ``r`` received_at, ``a``,
+``u``, ``d`` dialect code or text, ``p``, each value as version 3 holds it) and version 1,
+which the edge wrote before: one field, ``e``, holding a positional JSON array::
 
     [1, event_id (32 hex), type, workspace_id | null, received_at (ms since epoch),
      client_ip | null, user_agent | null, dialect, payload]
 
 Version 1 stays the one-blob form (``to_blob``/``from_blob``): what the edge's disk spool
-keeps (its replay appends version 2), and what stream entries, spools, archive segments and
+keeps (its replay appends version 3), and what stream entries, spools, archive segments and
 dead letters made before the upgrade hold.
 
 Functions of this module, not methods of ``Envelope``: the envelope is what an event says,
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import struct
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -47,10 +55,12 @@ import orjson
 from ingest.contract.errors import Refused
 from ingest.contract.events import Dialect, Envelope, EventType, uuid_of
 
-WIRE_VERSION = 2  # the stream entry's layout: fixed fields (the module doc)
+WIRE_VERSION = 3  # the stream entry's layout: one packed field (the module doc)
 BLOB_VERSION = 1  # the one-field JSON form, still read everywhere
 FIELD = b"e"  # version 1's one field
 FIELDS: tuple[bytes, ...] = (b"i", b"t", b"w", b"r", b"a", b"u", b"d", b"p")  # version 2, in order
+PACKED = b"v"  # version 3's one field
+_HEAD = struct.Struct(">B16sHqBHHIH")  # version, event id, type, received_at, dialect code, 4 lengths
 _FIELDS_OF = operator.itemgetter(*FIELDS)  # an entry's eight values in one C call (a generator took 8)
 
 
@@ -77,40 +87,35 @@ def to_blob(e: Envelope) -> bytes:
     )
 
 
-def to_entry(e: Envelope) -> tuple[bytes | int, ...]:
-    """The version-2 stream fields, as XADD's name/value arguments. The payload keeps to
+def to_entry(e: Envelope) -> tuple[bytes, bytes]:
+    """The version-3 stream field, as XADD's name/value arguments. The payload keeps to
     ``ingest.contract.bounds`` (every door checks what the client sent), so orjson, which
     writes 255 levels, always writes it; an entry in a stream was written here once, so
     a rewrite of it (an erasure's scrub) is as deep as what orjson wrote already."""
-    return (
-        b"i",
-        e.event_id.bytes,
-        b"t",
-        int(e.type),
-        b"w",
-        _workspace_bytes(e.workspace_id),
-        b"r",
-        e.received_at_ms,
-        b"a",
-        _text(e.ip),
-        b"u",
-        _ua_bytes(e.user_agent),
-        b"d",
-        _DIALECT_CODES.get(e.dialect) or _text(e.dialect),
-        b"p",
-        orjson.dumps({_PAYLOAD_KEYS.get(k) or _escape_key(k): v for k, v in e.payload.items()}),
+    w = _workspace_bytes(e.workspace_id)
+    a = _text(e.ip)
+    u = _ua_bytes(e.user_agent)
+    code = _DIALECT_CODES.get(e.dialect, 0)
+    d = b"" if code else e.dialect.encode()
+    head = _HEAD.pack(
+        WIRE_VERSION, e.event_id.bytes, int(e.type), e.received_at_ms, code, len(w), len(a), len(u), len(d)
     )
+    p = orjson.dumps({_PAYLOAD_KEYS.get(k) or _escape_key(k): v for k, v in e.payload.items()})
+    return PACKED, b"".join((head, w, a, u, d, p))
 
 
 def to_entry_dict(e: Envelope) -> dict[bytes, bytes | int]:
     """``to_entry`` as the mapping redis-py's ``xadd`` takes."""
     f = to_entry(e)
-    return dict(zip(f[::2], f[1::2], strict=True))  # type: ignore[arg-type]
+    return dict(zip(f[::2], f[1::2], strict=True))
 
 
 def from_entry(fields: Mapping[bytes, bytes]) -> Envelope:
     """The envelope of a stream entry (or a dead letter, or an archived entry): version
-    2's fields, else version 1's ``e``."""
+    3's ``v``, else version 2's fields, else version 1's ``e``."""
+    packed = fields.get(PACKED)
+    if packed is not None:
+        return _from_packed(packed)
     try:
         i, t, w, r, a, u, d, p = _FIELDS_OF(fields)
     except KeyError:
@@ -118,24 +123,66 @@ def from_entry(fields: Mapping[bytes, bytes]) -> Envelope:
             return from_blob(fields[FIELD])
         if any(k in fields for k in FIELDS):
             raise EnvelopeError("an incomplete version-2 entry") from None
-        raise EnvelopeError(f"no envelope: neither {FIELD.decode()!r} nor version-2 fields") from None
+        raise EnvelopeError(
+            f"no envelope: neither {PACKED.decode()!r} nor {FIELD.decode()!r} nor version-2 fields"
+        ) from None
     try:
         if len(i) != 16:
             raise ValueError("event id: not 16 bytes")
-        packed = _dict(orjson.loads(p))
-        payload = {_LONG_KEYS.get(k) or (k[1:] if k[:1] == "~" else k): v for k, v in packed.items()}
-        return Envelope(
-            event_id=_uuid(i),
-            type=_TYPES.get(t) or EventType(int(t)),
-            workspace_id=_workspace_str(w),
-            received_at_ms=int(r),
-            ip=_untext(a),
-            user_agent=_ua_str(u),
-            dialect=_DIALECTS.get(d) or _str(_untext(d)),
-            payload=payload,
+        return _envelope(
+            _uuid(i),
+            _TYPES.get(t) or EventType(int(t)),
+            w,
+            int(r),
+            a,
+            u,
+            _DIALECTS.get(d) or _str(_untext(d)),
+            p,
         )
     except (TypeError, ValueError, UnicodeDecodeError, orjson.JSONDecodeError) as exc:
         raise EnvelopeError(str(exc)) from None
+
+
+def _from_packed(v: bytes) -> Envelope:
+    try:
+        version, i, t, r, code, nw, na, nu, nd = _HEAD.unpack_from(v)
+        if version != WIRE_VERSION:
+            raise ValueError(f"not a version-3 entry (version {version})")
+        at = _HEAD.size
+        w, a, u, d = v[at : at + nw], v[at + nw : at + nw + na], v[at + nw + na : at + nw + na + nu], b""
+        at += nw + na + nu
+        if not code:
+            d = v[at : at + nd]
+            at += nd
+        if at > len(v):
+            raise ValueError("a version-3 entry cut short")
+        return _envelope(
+            uuid_of(int.from_bytes(i)),
+            _TYPES.get(t) or EventType(t),
+            w,
+            r,
+            a,
+            u,
+            _DIALECTS[code] if code else _str(d.decode()),
+            v[at:],
+        )
+    except (struct.error, KeyError, TypeError, ValueError, UnicodeDecodeError, orjson.JSONDecodeError) as exc:
+        raise EnvelopeError(str(exc) or type(exc).__name__) from None
+
+
+def _envelope(event_id: uuid.UUID, t: EventType, w: bytes, r: int, a: bytes, u: bytes, d: str, p: bytes) -> Envelope:
+    packed = _dict(orjson.loads(p))
+    payload = {_LONG_KEYS.get(k) or (k[1:] if k[:1] == "~" else k): v for k, v in packed.items()}
+    return Envelope(
+        event_id=event_id,
+        type=t,
+        workspace_id=_workspace_str(w),
+        received_at_ms=r,
+        ip=_untext(a),
+        user_agent=_ua_str(u),
+        dialect=d,
+        payload=payload,
+    )
 
 
 def from_blob(raw: bytes) -> Envelope:
@@ -163,13 +210,13 @@ def from_blob(raw: bytes) -> Envelope:
 
 
 def entry_of(fields: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
-    """The envelope's own fields among ``fields`` (a dead letter's, say): version 2's, or
-    version 1's ``e``; verbatim, to append again."""
+    """The envelope's own fields among ``fields`` (a dead letter's, say): version 3's ``v``,
+    version 2's, or version 1's ``e``; verbatim, to append again."""
     return {k: v for k, v in fields.items() if k in _ENVELOPE_FIELDS}
 
 
 def entry_from_blob(raw: bytes) -> dict[bytes, bytes | int]:
-    """The stream fields for a version-1 blob (a spooled envelope): version 2 when it
+    """The stream fields for a version-1 blob (a spooled envelope): version 3 when it
     decodes, else the blob as it was, for the worker to dead-letter."""
     try:
         return to_entry_dict(from_blob(raw))
@@ -177,8 +224,9 @@ def entry_from_blob(raw: bytes) -> dict[bytes, bytes | int]:
         return {FIELD: raw}
 
 
-_ENVELOPE_FIELDS = frozenset((FIELD, *FIELDS))
+_ENVELOPE_FIELDS = frozenset((PACKED, FIELD, *FIELDS))
 _TYPES: dict[bytes | int, EventType] = {str(int(t)).encode(): t for t in EventType}  # as Redis returns them
+_TYPES.update({int(t): t for t in EventType})  # as version 3 holds them
 _DIALECT_CODES: dict[str, int] = {
     Dialect.BIORE: 1,
     Dialect.BRICQS: 2,

@@ -384,7 +384,7 @@ async def _replay(
     record (a copy is in Redis already). A row whose append was refused (a full Redis)
     stays; the others go, unless the WAIT fell short: then all stay. A row keeps its
     envelope as the version-1 blob (``wire.to_blob``); it goes on the stream as
-    version-2 fields."""
+    version 3's packed field."""
     if not rows:
         return [], None
     nomk = ("NOMKSTREAM",) if layout is not None else ()  # without a layout (a bare spool) as ever

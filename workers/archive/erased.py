@@ -23,7 +23,7 @@ Row = tuple[str, dict[bytes, bytes]]  # a stream id and an entry's fields
 
 
 def decoded(rows: list[Row] | list[tuple[Any, dict[bytes, bytes] | None]]) -> list[tuple[int, Envelope]]:
-    """(index, envelope) of each row that holds one (a version-1 blob or version-2 fields)."""
+    """(index, envelope) of each row that holds one (a version-1 blob, version-2 fields or version 3's one)."""
     out = []
     for i, (_, fields) in enumerate(rows):
         if not fields:
@@ -36,7 +36,7 @@ def decoded(rows: list[Row] | list[tuple[Any, dict[bytes, bytes] | None]]) -> li
 
 
 def fields_of(e: Envelope) -> dict[bytes, bytes]:
-    """``e`` as a stream entry's version-2 fields."""
+    """``e`` as a stream entry's fields (version 3)."""
     return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in wire.to_entry_dict(e).items()}
 
 

@@ -1,6 +1,6 @@
 """Reading the archive back: the segments of one partition that overlap a stream-id range,
 and their entries in the shape XRANGE gives (``(id, fields)``: the entry's fields as they
-were in the stream, version 2's or version 1's ``e``), so a replay treats both tiers alike."""
+were in the stream, version 3's ``v``, version 2's or version 1's ``e``), so a replay treats both tiers alike."""
 
 from __future__ import annotations
 

@@ -13,10 +13,11 @@ the entry's envelope exactly as it was in the stream::
     {"id":"1790000000000-0","e":<the envelope's bytes, verbatim>}
 
 (the envelope is compact JSON: no newline in it). Every other entry keeps all its fields,
-verbatim, base64-encoded under ``"b64"``: the edge's version-2 entries (fixed fields, some
-binary: ``ingest.contract.wire``), version-1 entries (their ``e`` is a JSON array, not an object),
-and poison the edge never wrote but another producer might. Names are deterministic, ``<prefix>/dt=<day>/hour=<hh>/
-<partition>-<first id>-<last id>.jsonl.zst``: a segment written twice (an archiver died
+verbatim, base64-encoded under ``"b64"``: the edge's version-3 entries (one binary field:
+``ingest.contract.wire``) and version-2 ones (fixed fields, some binary), version-1 entries
+(their ``e`` is a JSON array, not an object), and poison the edge never wrote but another
+producer might. Names are deterministic, ``<prefix>/dt=<day>/hour=<hh>/<partition>-<first
+id>-<last id>.jsonl.zst``: a segment written twice (an archiver died
 after the upload and before its XACK) is the same object, overwritten with the same bytes.
 """
 

@@ -353,7 +353,7 @@ class Pipeline:
                 "deliveries": d.attempts,
                 "at": now,
             }
-            # the envelope's own fields verbatim (version 1's ``e``, or version 2's), so the
+            # the envelope's own fields verbatim (version 1's ``e``, version 2's, or version 3's ``v``), so the
             # letter can be decoded and requeued; anything else under ``field:``
             entry = entry_of(d.fields)
             if not entry:

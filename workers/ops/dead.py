@@ -2,7 +2,7 @@
 
 A dead letter carries the fields the pipeline wrote (``stream``, ``id``, ``error``,
 ``deliveries``, ``at``) and the original entry's envelope fields verbatim, as read from its
-stream: version 2's (``ingest.contract.wire.FIELDS``), or version 1's ``e`` (entries and
+stream: version 3's ``v``, version 2's (``ingest.contract.wire.FIELDS``), or version 1's ``e`` (entries and
 letters from before the upgrade; letters of events the store refused, written before the
 worker kept the entry's own bytes, hold the version-1 blob). Other fields of an entry
 without an envelope are kept under ``field:<name>``. A letter whose envelope is past the
@@ -28,7 +28,7 @@ from ingest.contract import bounds, clock, layout, wire
 from ingest.contract.connections import Redis
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
-from ingest.contract.wire import FIELD, FIELDS, EnvelopeError, entry_of
+from ingest.contract.wire import FIELD, FIELDS, PACKED, EnvelopeError, entry_of
 
 _ID_RE = re.compile(r"^\d+(-\d+)?$")
 _PAGE = 500
@@ -71,7 +71,7 @@ class DeadLetter:
 
     @property
     def raw(self) -> bytes:
-        """Version 1's envelope bytes (empty for a version-2 letter: see ``entry``)."""
+        """Version 1's envelope bytes (empty for a version-2 or -3 letter: see ``entry``)."""
         return self.fields.get(FIELD, b"")
 
     @property
@@ -135,7 +135,7 @@ class DeadLetter:
         }
 
 
-_KNOWN = {b"stream", b"id", b"error", b"deliveries", b"at", FIELD, *FIELDS}
+_KNOWN = {b"stream", b"id", b"error", b"deliveries", b"at", PACKED, FIELD, *FIELDS}
 
 
 @dataclass(frozen=True, slots=True)
