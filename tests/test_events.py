@@ -194,6 +194,21 @@ def test_entry_layout():
     assert wire.to_entry(other)[1].endswith(b'{"~c":1,"~~x":2,"extra":3,"r":4}')  # a key of ours, or escaped
 
 
+def test_what_no_entry_can_hold_is_an_envelope_error_and_a_spooled_one_goes_as_it_was():
+    """Past the header's bounds (an address of 65,536 bytes, a type past two bytes): an
+    ``EnvelopeError``, never a ``struct.error``; a spooled blob holding one is appended as
+    the blob it is, for the worker to dead-letter."""
+    long_ip = Envelope(EventType.CLICK, Dialect.BIORE, {}, None, "1" * 65_536, None)
+    with pytest.raises(EnvelopeError):
+        wire.to_entry(long_ip)
+    assert wire.entry_from_blob(wire.to_blob(long_ip)) == {FIELD: wire.to_blob(long_ip)}
+    with pytest.raises(EnvelopeError):
+        wire.to_entry(Envelope(EventType.CLICK, Dialect.BIORE, {}, received_at_ms=2**63))
+    assert (
+        wire.from_entry(dict([wire.to_entry(Envelope(EventType.CLICK, "", {}, None, "1" * 65_535))])).ip == "1" * 65_535
+    )
+
+
 def test_a_version_2_entry_still_reads():
     """Entries the edge wrote before version 3 (in streams, archives, dead letters): eight
     fields, integers as Redis returns them."""

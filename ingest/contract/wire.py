@@ -6,8 +6,8 @@ after a fixed header (``_HEAD``, big-endian)::
 
     version (3, one byte), event_id (the UUID's 16 bytes), type (2 bytes), received_at
     (ms since the epoch, 8 bytes, signed), dialect (1 byte: ours by code,
-    ``_DIALECT_CODES``; 0: its text follows), then the lengths (4 bytes each) of
-    workspace_id, client_ip, user_agent and the dialect's text, then those four, then the
+    ``_DIALECT_CODES``; 0: its text follows), then the lengths of workspace_id, client_ip
+    (2 bytes each), user_agent (4) and the dialect's text (2), then those four, then the
     payload to the end
 
     workspace_id  a UUID's 16 bytes, else marked text (``_workspace_bytes``); empty: none
@@ -88,7 +88,9 @@ def to_blob(e: Envelope) -> bytes:
 
 
 def to_entry(e: Envelope) -> tuple[bytes, bytes]:
-    """The version-3 stream field, as XADD's name/value arguments. The payload keeps to
+    """The version-3 stream field, as XADD's name/value arguments (``EnvelopeError`` for an
+    address, workspace or dialect text past 65,535 bytes, or a received time or type out of
+    range, which no door lets through). The payload keeps to
     ``ingest.contract.bounds`` (every door checks what the client sent), so orjson, which
     writes 255 levels, always writes it; an entry in a stream was written here once, so
     a rewrite of it (an erasure's scrub) is as deep as what orjson wrote already."""
@@ -97,9 +99,12 @@ def to_entry(e: Envelope) -> tuple[bytes, bytes]:
     u = _ua_bytes(e.user_agent)
     code = _DIALECT_CODES.get(e.dialect, 0)
     d = b"" if code else e.dialect.encode()
-    head = _HEAD.pack(
-        WIRE_VERSION, e.event_id.bytes, int(e.type), e.received_at_ms, code, len(w), len(a), len(u), len(d)
-    )
+    try:
+        head = _HEAD.pack(
+            WIRE_VERSION, e.event_id.bytes, int(e.type), e.received_at_ms, code, len(w), len(a), len(u), len(d)
+        )
+    except struct.error as exc:  # no door lets such a value through (headers, ids, our dialects)
+        raise EnvelopeError(f"not an entry: {exc}") from None
     p = orjson.dumps({_PAYLOAD_KEYS.get(k) or _escape_key(k): v for k, v in e.payload.items()})
     return PACKED, b"".join((head, w, a, u, d, p))
 
