@@ -12,10 +12,15 @@ from ingest.contract import wire
 from ingest.contract.events import Envelope
 
 
+def _own_payload(e: Envelope) -> bytes:
+    """``e``'s payload as an entry holds it (our keys as one letter; no key here needs ``~``)."""
+    return orjson.dumps({wire._PAYLOAD_KEYS.get(k, k): v for k, v in e.payload.items()})
+
+
 def v3_with(e: Envelope, payload: bytes) -> dict[bytes, bytes]:
     """``e``'s entry (version 3) with ``payload``'s bytes for its own (the payload ends it)."""
     name, packed = wire.to_entry(e)
-    own = orjson.dumps({wire._PAYLOAD_KEYS.get(k, k): v for k, v in e.payload.items()})
+    own = _own_payload(e)
     assert packed.endswith(own)
     return {name: packed[: -len(own)] + payload}
 
@@ -23,7 +28,6 @@ def v3_with(e: Envelope, payload: bytes) -> dict[bytes, bytes]:
 def v2_of(e: Envelope, payload: bytes | None = None) -> dict[bytes, bytes]:
     """``e`` as an edge before version 3 wrote it (eight fields, as Redis returns them), with
     ``payload``'s bytes for its own when given. Our dialects and a UUID workspace only."""
-    own = orjson.dumps({wire._PAYLOAD_KEYS.get(k, k): v for k, v in e.payload.items()})
     return {
         b"i": e.event_id.bytes,
         b"t": str(int(e.type)).encode(),
@@ -32,5 +36,5 @@ def v2_of(e: Envelope, payload: bytes | None = None) -> dict[bytes, bytes]:
         b"a": (e.ip or "").encode(),
         b"u": (e.user_agent or "").encode(),
         b"d": str(wire._DIALECT_CODES[e.dialect]).encode(),
-        b"p": own if payload is None else payload,
+        b"p": _own_payload(e) if payload is None else payload,
     }
