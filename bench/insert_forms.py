@@ -89,6 +89,7 @@ def rows(n: int) -> list[EventRow]:
                 bot_counted=False,
                 device_id=1,
                 place_id=None,
+                agent_id=None,
             )
         )
     return out

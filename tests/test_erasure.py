@@ -315,7 +315,7 @@ async def test_a_late_event_of_an_erased_person_is_stored_scrubbed_by_the_worker
     row = await pg.fetchrow("SELECT * FROM events WHERE event_id = $1", late.event_id)
     alias = await pg.fetchval("SELECT external_id FROM customers")
     assert row["customer_external_id"] == alias and ledger.is_pseudonym(alias)
-    assert row["ip"] is None and row["user_agent"] is None and "email" not in row["payload"]
+    assert row["ip"] is row["user_agent"] is row["agent_id"] is None and "email" not in row["payload"]
     assert await pg.fetchval("SELECT visitor_id FROM customers") == row["visitor_id"]  # one customer, as before
     assert await pg.fetchval("SELECT count(*) FROM customers") == 1
     assert await pg.fetchval("SELECT leads FROM links") == 1

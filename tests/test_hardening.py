@@ -50,7 +50,7 @@ async def test_undecodable_header_bytes(edge: str, world: World, pg: asyncpg.Poo
     assert status == 200 and out["success"] is True
     totals = await drain()
     assert totals["inserted"] == 1 and totals["dead"] == 0
-    assert await pg.fetchval("SELECT user_agent FROM events") == "Mozilla\ufffd/5.0"
+    assert await pg.fetchval("SELECT event_user_agent(user_agent, agent_id) FROM events") == "Mozilla\ufffd/5.0"
 
 
 async def test_nul_characters_are_refused_not_accepted_and_lost(edge: str, world: World, redis, keys: Keys):

@@ -4,13 +4,16 @@ use them, on the real Postgres, every statement seen as asyncpg sends it (its qu
 - a batch leaves its connection as a new one is, so the pool's reset (a round trip) is
   skipped after it, and only after it: any other holder's session state is still undone;
 - a connection remembers the dictionary ids its server gave (``workers.consumer.devices``),
-  so a batch of devices and places seen before sends no statement for them; only what is
-  committed is remembered, and a new connection remembers nothing;
+  so a batch of devices, places and User-Agents seen before sends no statement for them;
+  only what is committed is remembered, a text longer than ``KEPT_AGENT_LENGTH`` never is,
+  and a new connection remembers nothing;
 - a batch's statements keep one generic plan each in the connection's plan cache, however
   few links a batch names: none is planned anew for every batch."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -91,14 +94,15 @@ async def _clicks(pg: asyncpg.Pool, redis: Any, keys: Keys, code: str, agents: t
 async def _named(pg: asyncpg.Pool, events: list[Envelope]) -> dict[tuple[str, str], tuple[int, int]]:
     """(User-Agent, address) -> the (device_id, place_id) their rows name."""
     rows = await pg.fetch(
-        "SELECT ip, user_agent, device_id, place_id FROM events WHERE event_id = ANY($1::uuid[])",
+        "SELECT ip, event_user_agent(user_agent, agent_id) AS user_agent, device_id, place_id FROM events"
+        " WHERE event_id = ANY($1::uuid[])",
         [e.event_id for e in events],
     )
     return {(r["user_agent"], str(r["ip"])): (r["device_id"], r["place_id"]) for r in rows}
 
 
 def _dictionaries(sent: list[str]) -> list[str]:
-    return [q for q in sent if "event_devices" in q or "event_places" in q]
+    return [q for q in sent if "event_devices" in q or "event_places" in q or "event_agents" in q]
 
 
 def _resets(sent: list[str]) -> list[str]:
@@ -144,7 +148,7 @@ async def test_a_connection_remembers_the_dictionary_ids_its_server_gave(
     pool, log = logged
     first = await _clicks(pg, redis, keys, "pool-dict", (BROWSER, FIREFOX))
     await write_batch(pool, first, enricher)
-    assert len(_dictionaries(log.take())) == 2  # devices, places: asked once
+    assert len(_dictionaries(log.take())) == 3  # devices, places, agents: asked once
 
     # what is remembered is what the server holds
     async with pool.acquire() as conn:
@@ -154,6 +158,8 @@ async def test_a_connection_remembers_the_dictionary_ids_its_server_gave(
     assert all(held[i] == enricher.device_doc(d) for d, i in remembered.devices.items())
     places = {r["id"]: r["doc"] for r in await pg.fetch("SELECT id, doc FROM event_places")}
     assert all(places[i] == enricher.place_doc(p) for p, i in remembered.places.items())
+    agents = {r["ua"]: r["id"] for r in await pg.fetch("SELECT id, ua FROM event_agents")}
+    assert remembered.agents == {ua: agents[ua] for ua in (BROWSER, FIREFOX)}
 
     # the same devices and places again: no statement for them, and the rows name the same
     again = await _clicks(pg, redis, keys, "pool-dict-2", (FIREFOX, BROWSER))
@@ -182,7 +188,21 @@ async def test_a_connection_remembers_the_dictionary_ids_its_server_gave(
         await write_batch(other, await _clicks(pg, redis, keys, "pool-dict-3", (BROWSER,)), enricher)
     finally:
         await other.close()
-    assert len(_dictionaries(other_log.sent)) == 2
+    assert len(_dictionaries(other_log.sent)) == 3
+
+    # a text longer than a connection keeps is named right, and asked each time
+    long = BROWSER + " x" * devices.KEPT_AGENT_LENGTH
+    for code in ("pool-dict-4", "pool-dict-5"):
+        batch = await _clicks(pg, redis, keys, code, (long,))
+        await write_batch(pool, batch, enricher)
+        assert [q for q in log.take() if "event_agents" in q]
+        named = await pg.fetchval(
+            "SELECT array_agg(DISTINCT event_user_agent(user_agent, agent_id)) FROM events WHERE event_id = ANY($1)",
+            [e.event_id for e in batch],
+        )
+        assert named == [long]
+    assert long not in remembered.agents
+    assert await pg.fetchval("SELECT count(*) FROM event_agents WHERE ua = $1", long) == 1
 
 
 # what Postgres's plan cache holds for this session: each prepared statement's plans
@@ -241,3 +261,16 @@ def test_what_a_connection_remembers_is_bounded() -> None:
     assert remembered == known
     devices._remember(remembered, {("device", "new")}, known)  # within the bound: kept, added to
     assert len(remembered) == 2
+
+
+async def test_batches_meeting_the_same_new_user_agents_at_once_name_one_entry_each(pg: asyncpg.Pool) -> None:
+    # each text's entry is made by one statement; the other waits for it, finds the conflict
+    # outside its snapshot, and asks again (``devices._ensure``)
+    texts = [f"Concurrent/{i} ({uuid.uuid4().hex})" for i in range(40)]
+    async with pg.acquire() as one, pg.acquire() as two:
+        found = await asyncio.gather(
+            *(devices.ids(conn, None, [], agents=order) for conn, order in ((one, texts), (two, texts[::-1])))
+        )
+    assert found[0].agents == found[1].agents and sorted(found[0].agents) == sorted(texts)
+    held = await pg.fetch("SELECT id, ua FROM event_agents WHERE ua = ANY($1::text[])", texts)
+    assert {r["ua"]: r["id"] for r in held} == found[0].agents and len(held) == len(texts)

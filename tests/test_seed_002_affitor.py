@@ -41,9 +41,9 @@ async def test_example_request(edge: str, world: World, pg: asyncpg.Pool, drain)
     await drain()
     link = await pg.fetchrow("SELECT clicks, leads, last_clicked_at FROM links WHERE code = 'PARTNER123'")
     assert link["clicks"] == 1 and link["leads"] == 0 and link["last_clicked_at"] is not None
-    event = await pg.fetchrow("SELECT * FROM events")
+    event = await pg.fetchrow("SELECT *, event_user_agent(user_agent, agent_id) AS ua FROM events")
     assert event["dialect"] == "affitor" and event["type"] == 1 and not event["test_mode"]
-    assert event["user_agent"] == UA  # falls back to the header
+    assert event["ua"] == UA  # falls back to the header
     assert event["referrer"] == EXAMPLE["referrer_url"]
     assert event["payload"]["page_title"] == EXAMPLE["page_title"]
     assert event["payload"]["session_id"] == "sess_abc123"
@@ -59,7 +59,7 @@ async def test_body_user_agent_wins_over_the_header(edge: str, world: World, pg:
         "POST", f"{edge}/api/v1/track/click", json={**EXAMPLE, "user_agent": "Tracker/1.0"}, headers={"User-Agent": UA}
     )
     await drain()
-    assert await pg.fetchval("SELECT user_agent FROM events") == "Tracker/1.0"
+    assert await pg.fetchval("SELECT event_user_agent(user_agent, agent_id) FROM events") == "Tracker/1.0"
 
 
 async def test_existing_click_id_reuses_the_customer(edge: str, world: World, pg: asyncpg.Pool, drain):

@@ -60,7 +60,10 @@ async def test_enrichment_bots_and_unique_clicks(settings: Settings, world: Worl
     enrichment = row["whole"]
     assert (enrichment["browser"], enrichment["os"], enrichment["device_type"]) == ("Chrome", "Windows", "desktop")
     assert enrichment["referrer_domain"] == "news.example" and enrichment["versions"]
-    bot = await pg.fetchrow(f"SELECT is_bot, {ENRICHMENT} AS enrichment FROM events WHERE user_agent = $1", GOOGLEBOT)
+    bot = await pg.fetchrow(
+        f"SELECT is_bot, {ENRICHMENT} AS enrichment FROM events WHERE event_user_agent(user_agent, agent_id) = $1",
+        GOOGLEBOT,
+    )
     assert bot["is_bot"] and bot["enrichment"]["bot_reason"] == "ua_spider"
     dc = await pg.fetchrow(f"SELECT is_bot, {ENRICHMENT} AS enrichment FROM events WHERE host(ip) = '8.8.8.8'")
     assert dc["is_bot"] and dc["enrichment"]["bot_reason"] == "datacenter_asn"

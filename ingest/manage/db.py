@@ -56,7 +56,9 @@ from ingest.manage import online
 #     the workspace excludes the rule
 # 19: events_link_id dropped; a link's events (GET /v1/events?link_id=, the console's tail)
 #     by events_link_received, newest first by received time
-SCHEMA_VERSION = 19
+# 20: a row's User-Agent once per text (event_agents, events.agent_id; user_agent written
+#     NULL), event_user_agent() reads either form
+SCHEMA_VERSION = 20
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

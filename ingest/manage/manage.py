@@ -166,7 +166,8 @@ async def get_link(conn: asyncpg.Connection, workspace_id: str, link_id: str) ->
 
 _EVENT_COLUMNS = (
     "event_id, type, link_id, program_id, affiliate_id, click_id, visitor_id, customer_external_id, name,"
-    " dialect, test_mode, is_bot, bot_counted, received_at, processed_at, ip, user_agent, referrer, country, asn,"
+    " dialect, test_mode, is_bot, bot_counted, received_at, processed_at, ip,"
+    " event_user_agent(user_agent, agent_id) AS user_agent, referrer, country, asn,"
     " event_enrichment(enrichment, device_id, place_id, ip, country, asn, is_bot) AS enrichment,"
     " event_payload(payload, link_id, referrer) AS payload"
 )

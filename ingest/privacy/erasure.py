@@ -73,7 +73,8 @@ ON CONFLICT (digest, workspace_id) DO NOTHING
 # the workspace's events
 _EVENTS = """
 SELECT event_id, type, link_id, received_at, dialect, visitor_id, visitor_key, customer_external_id,
-       dedupe_key, enrichment, payload, host(ip) AS ip, user_agent, referrer, click_id
+       dedupe_key, enrichment, payload, host(ip) AS ip, event_user_agent(user_agent, agent_id) AS user_agent,
+       referrer, click_id
 FROM events
 WHERE workspace_id = $1 AND event_id >= $5 AND event_id = ANY(ARRAY(
     SELECT event_id FROM events WHERE workspace_id = $1 AND customer_external_id = $2 AND event_id >= $5
@@ -98,7 +99,7 @@ _EVENT_COLUMNS = (
 _UPDATE_EVENTS = f"""
 UPDATE events e SET visitor_id = x.visitor_id, visitor_key = x.visitor_key,
     customer_external_id = x.customer_external_id, dedupe_key = x.dedupe_key, enrichment = x.enrichment,
-    payload = x.payload, ip = NULL, user_agent = NULL, referrer = NULL, asn = NULL, place_id = NULL
+    payload = x.payload, ip = NULL, user_agent = NULL, agent_id = NULL, referrer = NULL, asn = NULL, place_id = NULL
 FROM {jsonrows.table([t for _, t in _EVENT_COLUMNS], "x(" + ", ".join(n for n, _ in _EVENT_COLUMNS) + ")")}
 WHERE e.event_id = x.event_id
 """

@@ -84,7 +84,7 @@ async def recheck(pool: asyncpg.Pool, key: bytes, workspace_id: str, since: date
 _RAW = """
 SELECT event_id, type, visitor_id, click_id, customer_external_id FROM events
 WHERE workspace_id = $1 AND event_id > $2
-  AND (ip IS NOT NULL OR user_agent IS NOT NULL OR referrer IS NOT NULL
+  AND (ip IS NOT NULL OR user_agent IS NOT NULL OR agent_id IS NOT NULL OR referrer IS NOT NULL
     OR (visitor_id IS NOT NULL AND visitor_id NOT LIKE 'erased-%')
     OR (customer_external_id IS NOT NULL AND customer_external_id NOT LIKE 'erased-%'))
 ORDER BY event_id

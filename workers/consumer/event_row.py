@@ -29,7 +29,7 @@ class EventRow(NamedTuple):
     is_bot: bool
     received_at: datetime
     ip: str | None
-    user_agent: str | None
+    user_agent: str | None  # written NULL since schema 20: the text is agent_id's
     referrer: str | None
     country: str | None
     asn: int | None
@@ -40,6 +40,7 @@ class EventRow(NamedTuple):
     bot_counted: bool
     device_id: int | None  # its event_devices entry: set where enrichment is
     place_id: int | None  # its event_places entry: where the address told more than its country
+    agent_id: int | None  # its event_agents entry: the User-Agent's text (schema 20)
     # a click_burst flag its workspace does not exclude (schema 18): the threshold it
     # crossed and the window, its evidence's (its count is the threshold + 1)
     burst_clicks: int | None = None
@@ -74,6 +75,7 @@ SQL_TYPES = {
     "bot_counted": "boolean",
     "device_id": "integer",
     "place_id": "integer",
+    "agent_id": "integer",
     "burst_clicks": "integer",
     "burst_seconds": "integer",
 }

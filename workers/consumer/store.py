@@ -160,7 +160,8 @@ async def _write_retried(
         async with pool.acquire() as conn:
             # before the batch's transaction: an entry is made once, committed at once, and
             # held by no batch's lock (a batch rolled back leaves it, unnamed: no one's data)
-            known = await devices.ids(conn, enricher, [(e.user_agent, e.ip) for e in envelopes if _enriched(e)])
+            visitors, agents = _named(envelopes)
+            known = await devices.ids(conn, enricher, visitors, agents=agents)
             async with conn.transaction():
                 result = await _write(conn, envelopes, enricher, effects, known)
             # committed, and nothing of it outlives its transaction (no session setting, lock,
@@ -215,6 +216,12 @@ def _out_of_window(e: Envelope, link: LinkInfo) -> bool:
         return False  # no click to measure from (a Bricqs conversion by code)
     clicked_ms = click.int >> 80
     return e.received_at_ms - clicked_ms > link.cookie_window_days * 86_400_000
+
+
+def _named(envelopes: list[Envelope]) -> tuple[list[tuple[str | None, str | None]], set[str]]:
+    """What ``devices.ids`` makes the entries of: the (User-Agent, address) of each enriched
+    click, and every User-Agent's text."""
+    return [(e.user_agent, e.ip) for e in envelopes if _enriched(e)], {e.user_agent for e in envelopes if e.user_agent}
 
 
 def _enriched(e: Envelope) -> bool:
@@ -284,7 +291,8 @@ async def _write(
     # they came), and any other made here (held until the commit): an erased person's click
     # is enriched without its User-Agent and address, so only a scrub can name one not made
     if known is None or result.scrubbed:
-        known = await devices.ids(conn, enricher, [(e.user_agent, e.ip) for e in envelopes if _enriched(e)], known)
+        visitors, agents = _named(envelopes)
+        known = await devices.ids(conn, enricher, visitors, known, agents=agents)
     sold = [e for e in everything if e.type is EventType.SALE]  # stored last (workers/consumer/sales.py)
     # bot_policy "count": a bot's click is a click too (still is_bot, still in bot_clicks).
     # Decided here, once per batch, and recorded on the row (bot_counted) for reconcile
@@ -326,7 +334,7 @@ async def _write(
             is_bot=is_bot,
             received_at=at,
             ip=ip,
-            user_agent=e.user_agent,
+            user_agent=None,  # by its id (schema 20)
             referrer=_opt(e.payload.get("referrer")),
             country=found.country if found else None,
             asn=found.asn if found else None,
@@ -337,6 +345,7 @@ async def _write(
             bot_counted=is_bot and link.workspace_id in counting,
             device_id=known.devices[found.device] if found else None,
             place_id=known.places[found.place] if found and found.place.count(None) < len(found.place) else None,
+            agent_id=known.agents[e.user_agent] if e.user_agent else None,
         )
         batch.append(row)
         kept[e.event_id] = Stored(
