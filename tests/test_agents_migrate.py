@@ -1,17 +1,29 @@
-"""`refstream migrate` from schema 19 to 20 on a database holding today's clicks: a row's
-User-Agent moves to `event_agents`, named by the row's `agent_id`. Rows written before keep
-their text and read as they did; rows written after name an entry, one per text, and read
-the same through `event_user_agent`; the rollback (docs/operations.md) writes every text
-back into its rows, and schema 19's reader of the column then reads them all."""
+"""`refstream migrate` from schema 19 to 20 on a database holding today's clicks.
+
+- A row's User-Agent moves to `event_agents`, named by the row's `agent_id`. Rows written
+  before keep their text and read as they did; rows written after name an entry, one per
+  text, and read the same through `event_user_agent`; an erasure takes the name off the
+  person's rows; the rollback (docs/operations.md) writes every text back into its rows,
+  and schema 19's reader of the column then reads them all.
+- A click's payload is stored without its click id and visitor id, which its columns hold,
+  and `event_payload` puts them back; the rollback puts them back into the rows.
+- `events_workspace_click` is replaced, online, by `events_workspace_named_click`, without
+  the clicks whose click id is their own: an erasure still finds every event naming the
+  person's click (a repeat click carrying it, their lead), and the click by its id."""
 
 from __future__ import annotations
 
 import uuid
 
-from ingest.contract.events import uuid7
+import orjson
+
+from ingest.contract import clicks
+from ingest.contract import erasure as ledger
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.settings import Settings
-from ingest.manage import schema_check
+from ingest.manage import online, schema_check
 from ingest.manage.db import SCHEMA_VERSION, migrate
+from ingest.privacy import erasure as pg_erasure
 from workers.consumer.store import write_batch
 
 from ._migrate import DATA, old_database, scratch
@@ -32,13 +44,28 @@ ROLLBACK = """
 WITH page AS (
     SELECT event_id FROM events WHERE event_id > $1 ORDER BY event_id LIMIT 1000
 ), done AS (
-    UPDATE events e SET user_agent = a.ua, agent_id = NULL
-    FROM page, event_agents a WHERE e.event_id = page.event_id AND a.id = e.agent_id
+    UPDATE events e SET user_agent = event_user_agent(e.user_agent, e.agent_id), agent_id = NULL,
+        payload = CASE WHEN e.payload ? 'code' THEN e.payload
+                       ELSE event_payload_ids(e.payload, e.click_id, e.visitor_id) END
+    FROM page WHERE e.event_id = page.event_id
+      AND (e.agent_id IS NOT NULL
+           OR NOT e.payload ? 'code' AND e.payload <> event_payload_ids(e.payload, e.click_id, e.visitor_id))
 )
 SELECT event_id FROM page ORDER BY event_id DESC LIMIT 1
 """
 # schema 19's read (GET /v1/events then): the column as it is
-_V19_READ = "SELECT event_id, user_agent FROM events WHERE workspace_id = $1"
+_V19_READ = (
+    "SELECT event_id, user_agent, event_payload(payload, link_id, referrer)::text AS payload FROM events"
+    " WHERE workspace_id = $1"
+)
+# the valid indexes by click id, and the partitions each is on
+_BY_CLICK = """
+SELECT c.relname AS index, count(h.inhrelid) AS partitions FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid
+LEFT JOIN pg_inherits h ON h.inhparent = c.oid
+WHERE c.relname IN ('events_workspace_click', 'events_workspace_named_click') AND i.indisvalid
+GROUP BY 1 ORDER BY 1
+"""
+_PARTITIONS = "SELECT count(*) FROM pg_partition_tree('events') WHERE isleaf"
 
 
 async def test_a_schema_19_database_with_clicks_takes_the_agents_of_schema_20(
@@ -53,9 +80,14 @@ async def test_a_schema_19_database_with_clicks_takes_the_agents_of_schema_20(
             old[eid := uuid7()] = ua
             await conn.execute(_V19_CLICK, eid, link["workspace_id"], link["id"], link["program_id"], ua)
         assert not (await schema_check.check_url(scratch_url)).ok
+        partitions = await conn.fetchval(_PARTITIONS)
+        assert [tuple(r) for r in await conn.fetch(_BY_CLICK)] == [("events_workspace_click", partitions)]
 
         assert await migrate(conn) == SCHEMA_VERSION >= 20
         assert (await schema_check.check_url(scratch_url)).ok
+        # built on every partition, attached, and the one it replaces dropped
+        assert [tuple(r) for r in await conn.fetch(_BY_CLICK)] == [("events_workspace_named_click", partitions)]
+        assert online.REPLACES["events_workspace_named_click"] == "events_workspace_click"
         # the rows written before keep their text, and read as they did
         assert {k: r["user_agent"] for k, r in (await _api(pool, ws)).items()} == {str(k): v for k, v in old.items()}
         assert await conn.fetchval("SELECT count(*) FROM event_agents") == 0
@@ -73,10 +105,46 @@ async def test_a_schema_19_database_with_clicks_takes_the_agents_of_schema_20(
         assert by_id[new[0].event_id] == by_id[new[2].event_id] != by_id[new[1].event_id]
         entries = {r["id"]: r["ua"] for r in await conn.fetch("SELECT id, ua FROM event_agents")}
         assert sorted(entries.values()) == sorted({BROWSER, LONG, "Tracker/2.0"})
-        read = {k: r["user_agent"] for k, r in (await _api(pool, ws)).items()}
+        answers = await _api(pool, ws)
+        read = {k: r["user_agent"] for k, r in answers.items()}
         assert read == {str(k): v for k, v in old.items()} | {str(e.event_id): e.user_agent for e in new}
+        # a click's payload is stored without its click id and visitor id (its columns'),
+        # and reads back as the client sent it
+        stored = await conn.fetch(
+            "SELECT payload::text FROM events WHERE event_id = ANY($1::uuid[])", [e.event_id for e in new]
+        )
+        assert len(stored) == 4 and not any({"click_id", "visitor_id"} & set(orjson.loads(r[0])) for r in stored)
+        assert all(answers[str(e.event_id)]["payload"] == e.payload for e in new)
         assert await migrate(conn) == SCHEMA_VERSION  # a second run changes nothing
         assert await conn.fetchval("SELECT count(*) FROM event_agents") == 3
+
+        # a person's first click, a repeat click carrying its id (another visitor id, so
+        # only the click id names it) and their lead naming it: the index holds the two
+        # that name another's click, and the erasure finds all three
+        first = _new_click(ws, "vp", ("81.2.69.160", BROWSER, None))
+        repeat = _new_click(ws, "vq", ("81.2.69.161", BROWSER, None))
+        repeat.payload["click_id"] = clicks.mint(first.event_id)
+        lead = {"code": "OLD1", "click_id": clicks.mint(first.event_id), "visitor_id": "vp", "external_id": "cus_p"}
+        person = [first, repeat, Envelope(EventType.LEAD, Dialect.REFPORT, lead | {"name": "Sign Up"}, ws)]
+        assert (await write_batch(pool, person)).inserted == 3
+        named = await conn.fetch(
+            "SELECT event_id FROM events WHERE click_id = $1 AND click_id <> event_id", first.event_id
+        )
+        assert sorted(r["event_id"] for r in named) == sorted(e.event_id for e in person[1:])
+        ledger.forget_salt()
+        await pg_erasure.erase(pool, ws, "cus_p", by="test", archive_days=30)
+        scrubbed = await conn.fetch(
+            "SELECT event_id, ip, user_agent, agent_id FROM events WHERE event_id = ANY($1::uuid[])",
+            [e.event_id for e in person],
+        )
+        assert len(scrubbed) == 3 and all(r["ip"] is r["user_agent"] is r["agent_id"] is None for r in scrubbed)
+        # the clicks' payloads read back with their click id and their visitor's pseudonym
+        erased = await _api(pool, ws)
+        for e in person[:2]:
+            payload = erased[str(e.event_id)]["payload"]
+            assert payload["click_id"] == clicks.mint(first.event_id)
+            assert ledger.is_pseudonym(payload["visitor_id"]) and payload["visitor_id"] != e.payload["visitor_id"]
+        assert await conn.fetchval("SELECT count(*) FROM event_agents") == 3  # the entry is the others' too
 
         # the rollback: every text back into its rows, page by page; the older build's
         # migrate (its schema.sql) runs, and schema 19's reader reads every row's text
@@ -85,5 +153,10 @@ async def test_a_schema_19_database_with_clicks_takes_the_agents_of_schema_20(
             pass
         await conn.execute((DATA / "schema_v19.sql").read_text())
         assert await conn.fetchval("SELECT count(*) FROM events WHERE agent_id IS NOT NULL") == 0
-        back = {r["event_id"]: r["user_agent"] for r in await conn.fetch(_V19_READ, link["workspace_id"])}
-        assert back == old | {e.event_id: e.user_agent for e in new}
+        rows = await conn.fetch(_V19_READ, link["workspace_id"])
+        back = {r["event_id"]: r["user_agent"] for r in rows}
+        assert back == old | {e.event_id: e.user_agent for e in new} | dict.fromkeys(e.event_id for e in person)
+        # and schema 19's payload read gives each click's as the client sent it
+        payloads = {r["event_id"]: orjson.loads(r["payload"]) for r in rows}
+        assert all(payloads[e.event_id] == e.payload for e in new)
+        assert payloads[repeat.event_id]["click_id"] == clicks.mint(first.event_id)

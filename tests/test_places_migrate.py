@@ -70,8 +70,11 @@ SELECT event_id FROM page ORDER BY event_id DESC LIMIT 1
 
 
 async def rolled_back(conn: asyncpg.Connection) -> None:
-    """The rollback's statements, page by page, to the end."""
-    for statement in (ROLLBACK, ROLLBACK_PAYLOADS):
+    """The rollback's statements, page by page, to the end: schema 20's first (its rows'
+    User-Agents and clicks' ids back), then this one's."""
+    from .test_agents_migrate import ROLLBACK as ROLLBACK_20
+
+    for statement in (ROLLBACK_20, ROLLBACK, ROLLBACK_PAYLOADS):
         last = uuid.UUID(int=0)
         while (last := await conn.fetchval(statement, last)) is not None:
             pass

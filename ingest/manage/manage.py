@@ -169,7 +169,7 @@ _EVENT_COLUMNS = (
     " dialect, test_mode, is_bot, bot_counted, received_at, processed_at, ip,"
     " event_user_agent(user_agent, agent_id) AS user_agent, referrer, country, asn,"
     " event_enrichment(enrichment, device_id, place_id, ip, country, asn, is_bot) AS enrichment,"
-    " event_payload(payload, link_id, referrer) AS payload"
+    " event_payload(payload, link_id, referrer, click_id, visitor_id) AS payload"
 )
 _TYPES = {"click": EventType.CLICK, "lead": EventType.LEAD, "conversion": EventType.CONVERSION}
 

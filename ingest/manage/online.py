@@ -25,6 +25,7 @@ log = structlog.get_logger("ingest.migrate")
 REPLACES = {
     "events_workspace_nonclick": "events_workspace_type_id",
     "events_workspace_visitor_known": "events_workspace_visitor",
+    "events_workspace_named_click": "events_workspace_click",  # schema 20
 }
 
 # one build at a time; a second `refstream migrate` leaves it to the first (session level:

@@ -69,8 +69,9 @@ ON CONFLICT (digest, workspace_id) DO NOTHING
 """
 # the person's events, from a month before their first event (their visitors' clicks may
 # precede it), or from the first when none is known: each way of naming them an index range
-# of its own (events_workspace_customer, _visitor_known, _click, the primary key), never a scan of
-# the workspace's events
+# of its own (events_workspace_customer, _visitor_known, _named_click, the primary key), never a
+# scan of the workspace's events. A click whose click id is its own is the primary key's (the
+# index by click holds only the rows naming another's: schema 20)
 _EVENTS = """
 SELECT event_id, type, link_id, received_at, dialect, visitor_id, visitor_key, customer_external_id,
        dedupe_key, enrichment, payload, host(ip) AS ip, event_user_agent(user_agent, agent_id) AS user_agent,
@@ -80,7 +81,8 @@ WHERE workspace_id = $1 AND event_id >= $5 AND event_id = ANY(ARRAY(
     SELECT event_id FROM events WHERE workspace_id = $1 AND customer_external_id = $2 AND event_id >= $5
     UNION SELECT event_id FROM events WHERE workspace_id = $1 AND visitor_id = ANY($3::text[]) AND event_id >= $5
     UNION SELECT event_id FROM events WHERE event_id = ANY($4::uuid[]) AND workspace_id = $1 AND event_id >= $5
-    UNION SELECT event_id FROM events WHERE workspace_id = $1 AND click_id = ANY($4::uuid[]) AND event_id >= $5
+    UNION SELECT event_id FROM events
+          WHERE workspace_id = $1 AND click_id = ANY($4::uuid[]) AND click_id <> event_id AND event_id >= $5
 ))
 """
 _SHARED_KEYS = """

@@ -62,7 +62,8 @@ def _stored(flt: Filter, floor: uuid.UUID, link_id: uuid.UUID | None = None) -> 
     order = "e.received_at DESC, e.event_id DESC" if flt.link is not None else "e.event_id DESC"
     sql = f"""
 SELECT e.event_id, e.type, e.workspace_id, l.code, e.dialect, e.received_at, e.processed_at,
-       e.is_bot, e.test_mode, e.out_of_window, event_payload(e.payload, e.link_id, e.referrer) AS payload
+       e.is_bot, e.test_mode, e.out_of_window,
+       event_payload(e.payload, e.link_id, e.referrer, e.click_id, e.visitor_id) AS payload
 FROM (SELECT * FROM events e WHERE {" AND ".join(inner)} ORDER BY {order} LIMIT ${len(args) - 1}) e
 LEFT JOIN links l ON l.id = e.link_id
 WHERE {" AND ".join(outer)}

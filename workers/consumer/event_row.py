@@ -11,6 +11,8 @@ from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
 
+from ingest.contract import clicks
+
 
 class EventRow(NamedTuple):
     event_id: UUID
@@ -36,7 +38,7 @@ class EventRow(NamedTuple):
     enrichment: dict[str, Any] | None  # what row_enrichment keeps of it (schema 16)
     visitor_key: str | None
     out_of_window: bool
-    payload: dict[str, Any]  # what row_payload keeps of it (schema 17)
+    payload: dict[str, Any]  # what row_payload keeps of it (schemas 17 and 20)
     bot_counted: bool
     device_id: int | None  # its event_devices entry: set where enrichment is
     place_id: int | None  # its event_places entry: where the address told more than its country
@@ -101,13 +103,26 @@ def row_enrichment(doc: dict[str, Any]) -> dict[str, Any] | None:
     return out or None
 
 
-def row_payload(payload: dict[str, Any], code: str) -> dict[str, Any]:
+def row_payload(
+    payload: dict[str, Any], code: str, *, click: UUID | None = None, visitor: str | None = None
+) -> dict[str, Any]:
     """What the row stores of an event's ``payload`` (schema 17): without its ``code``, the
-    code of the row's link, nor a ``referrer`` of text, the row's ``referrer`` column.
-    event_payload() in schema.sql puts them back; a row without a ``code`` is of this form."""
+    code of the row's link, nor a ``referrer`` of text, the row's ``referrer`` column; and
+    for a click (schema 20; ``click`` and ``visitor``: its row's ``click_id`` and
+    ``visitor_id``) without a ``click_id`` that is the one its column mints back to, nor a
+    ``visitor_id`` its column holds. event_payload() in schema.sql puts them back; a row
+    without a ``code`` is of this form."""
     if payload.get("code") != code:  # never so (the link was found by it): kept whole, read as it is
         return payload
-    return {k: v for k, v in payload.items() if k != "code" and (k != "referrer" or not isinstance(v, str))}
+    minted = clicks.mint(click) if click is not None else None
+    return {
+        k: v
+        for k, v in payload.items()
+        if k != "code"
+        and (k != "referrer" or not isinstance(v, str))
+        and (k != "click_id" or v != minted or minted is None)
+        and (k != "visitor_id" or v != visitor or visitor is None)
+    }
 
 
 def plain(rows: list[EventRow]) -> list[tuple[Any, ...]]:

@@ -315,7 +315,8 @@ async def _write(
         ws = policies.get(link.workspace_id)
         ip, found = _enrich(e, enricher, ws["ip_policy"] if ws else "full")
         is_bot = found is not None and found.is_bot
-        click_id = e.payload.get("click_id")
+        click_id = clicks.parse(c) if isinstance(c := e.payload.get("click_id"), str) else None
+        visitor = _opt(e.payload.get("visitor_id"))
         at = ts(e.received_at_ms)
         row = EventRow(
             event_id=e.event_id,
@@ -324,8 +325,8 @@ async def _write(
             link_id=link.id,
             program_id=link.program_id,
             affiliate_id=link.affiliate_id,
-            click_id=clicks.parse(click_id) if isinstance(click_id, str) else None,
-            visitor_id=_opt(e.payload.get("visitor_id")),
+            click_id=click_id,
+            visitor_id=visitor,
             customer_external_id=_opt(e.payload.get("external_id")),
             name=_opt(e.payload.get("name")),
             dedupe_key=_dedupe_key(e),
@@ -341,7 +342,11 @@ async def _write(
             enrichment=event_row.row_enrichment(found.doc) if found else None,
             visitor_key=_visitor_key(e),
             out_of_window=_out_of_window(e, link),
-            payload=event_row.row_payload(e.payload, link.code),
+            # a click's without its ids (a lead's or conversion's the erasure's scrub of its row
+            # reads: a conversion's dedupe key holds its visitor id)
+            payload=event_row.row_payload(e.payload, link.code, click=click_id, visitor=visitor)
+            if e.type is EventType.CLICK
+            else event_row.row_payload(e.payload, link.code),
             bot_counted=is_bot and link.workspace_id in counting,
             device_id=known.devices[found.device] if found else None,
             place_id=known.places[found.place] if found and found.place.count(None) < len(found.place) else None,
