@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import orjson
 
 from ingest.contract import clicks
 from ingest.contract import erasure as ledger
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.manage import online, schema_check
 from ingest.manage.db import SCHEMA_VERSION, migrate
@@ -28,6 +30,7 @@ from workers.consumer.store import write_batch
 
 from ._migrate import DATA, old_database, scratch
 from ._world import BROWSER
+from .faults._checks import Checker
 from .test_enrichment_migrate import _WORLD, GOOGLEBOT, _api, _new_click
 
 # a User-Agent as long as the edge keeps (REFSTREAM_MAX_STRING_LENGTH), of two-byte
@@ -160,3 +163,29 @@ async def test_a_schema_19_database_with_clicks_takes_the_agents_of_schema_20(
         payloads = {r["event_id"]: orjson.loads(r["payload"]) for r in rows}
         assert all(payloads[e.event_id] == e.payload for e in new)
         assert payloads[repeat.event_id]["click_id"] == clicks.mint(first.event_id)
+
+
+async def test_the_fault_checker_flags_a_row_that_does_not_read_back_whole(
+    scratch_url: str, settings: Settings, keys: Keys, tmp_path: Path
+) -> None:
+    # the generative test's read-back invariant (tests/faults/_checks.py), on rows written
+    # by this build and then broken the two ways it looks for
+    async with scratch(scratch_url, settings) as (conn, pool):
+        await migrate(conn)
+        link = await conn.fetchrow(_WORLD)
+        ws = str(link["workspace_id"])
+        sent = [_new_click(ws, f"v{i}", ("81.2.69.160", BROWSER, None)) for i in range(3)]
+        assert (await write_batch(pool, sent)).inserted == 3
+        check = Checker(scratch_url, settings.redis_url, keys, tmp_path)
+        try:
+            assert await check.read_back_problems() == []
+            await conn.execute("UPDATE events SET agent_id = agent_id + 1000 WHERE event_id = $1", sent[0].event_id)
+            await conn.execute(
+                "UPDATE events SET payload = payload || jsonb_build_object('click_id', $2::text) WHERE event_id = $1",
+                sent[1].event_id,
+                clicks.mint(sent[2].event_id),
+            )
+            found = await check.read_back_problems()
+            assert [p.split()[1] for p in found] == sorted(str(e.event_id) for e in sent[:2])
+        finally:
+            await check.close()

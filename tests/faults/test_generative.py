@@ -178,6 +178,15 @@ def test_the_checker_flags_a_lead_stored_on_another_click_and_a_500() -> None:
     assert _judge(op, [_row("g1-0", click_id=uuid.uuid4())]) == {"5xx": 1, "foreign_answer": 1}
 
 
+def test_the_checker_flags_a_row_reading_back_another_requests_user_agent() -> None:
+    ua = "Mozilla/5.0 gen/g1-0"
+    ok = ("ok", 200, {"success": True, "data": {"tracked": True}})
+    op = _op("biore", [ok], once=False, expect={"user_agent": ua})
+    assert _judge(op, [_row("g1-0", user_agent=ua)]) == {}
+    assert _judge(op, [_row("g1-0", user_agent="Mozilla/5.0 gen/g1-7")]) == {"foreign_answer": 1}
+    assert _judge(op, [_row("g1-0", user_agent=None)]) == {}  # erased since: the erasure's checks judge it
+
+
 def _sale(outcomes: list[tuple[str, int | None, Any]], *, invoice: str | None, route: str = "refport") -> Op:
     op = _op("sale", outcomes, key=f"invoice:{invoice}" if invoice else None, what="sale", once=invoice is not None)
     op.units[0].code = None  # the workers attribute a sale: any link, or none

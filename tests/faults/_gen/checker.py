@@ -15,6 +15,10 @@ found by its token), from the outcomes of the operation's attempts:
 - ``5xx`` (a 5xx other than a 503 with Retry-After), ``wrong_refusal`` (a 4xx, or a batch
   item refused, for a request that is well formed and whose link and click exist);
 - ``unasked_row``: a row no request of the history asked for;
+- ``read_back`` (every row reads back whole: it names only dictionary entries that exist,
+  and a click's payload, read as GET /v1/events reads it, holds the click id and visitor id
+  its columns hold: ``Checker.read_back_problems``); a row's User-Agent, read through its
+  entry, is its own request's (``foreign_answer``);
 - ``counters`` (every counter equals its rows: ``Checker.counter_problems``), ``ledger``
   (every attributed sale and counted lead earned one commission by the world's rules, and
   nothing else did: ``Checker.ledger_problems``), ``pending``
@@ -52,11 +56,12 @@ from . import erased, walls
 from .history import History, Op, Unit
 from .ops import COMMISSION, EXPECTED_REFUSALS, ITEM_UNKNOWN, TOKEN_SQL, World, answer_problems, named_events
 
+# each row as a read gives it back: its User-Agent through its dictionary entry (schema 20)
 ROWS = f"""SELECT e.event_id, e.type, l.code, e.click_id, e.visitor_id, {TOKEN_SQL} AS token, e.workspace_id,
-       NULL AS customer
+       NULL AS customer, event_user_agent(e.user_agent, e.agent_id) AS user_agent
 FROM events e LEFT JOIN links l ON l.id = e.link_id
 UNION ALL
-SELECT s.event_id, 4, l.code, s.click_id, NULL, s.metadata->>'gen', s.workspace_id, s.customer_external_id
+SELECT s.event_id, 4, l.code, s.click_id, NULL, s.metadata->>'gen', s.workspace_id, s.customer_external_id, NULL
 FROM sales s LEFT JOIN links l ON l.id = s.link_id"""
 # each click_burst flag of a click whose address is still stored, with the clicks its window
 # holds (those without an address, erased since, counted as the flagged one's); a flag is
@@ -156,6 +161,8 @@ class GenChecker:
         await self._bursts()
         for text in await self.check.counter_problems():
             self.a.add("counters", text)
+        for text in await self.check.read_back_problems():
+            self.a.add("read_back", text)
         c = COMMISSION
         for text in await self.check.ledger_problems(c["sale_bps"], c["sale_flat"], c["lead_flat"], c["lead_currency"]):
             self.a.add("ledger", text)
@@ -285,7 +292,12 @@ class GenChecker:
             elif row is None and outcome == "ok" and (unit.kind == "click" or not unit.once or n == 0):
                 self._say("lost", op, f"the answer's event {named} is not stored ({what})")
         for row in rows:
-            bad = {k: row[k] for k, v in unit.expect.items() if v is not None and _norm(row[k]) != v}
+            # (an erased person's row holds no User-Agent: the erasure's checks judge it)
+            bad = {
+                k: row[k]
+                for k, v in unit.expect.items()
+                if v is not None and _norm(row[k]) != v and not (k == "user_agent" and row[k] is None)
+            }
             if unit.code is not None and row["code"] != unit.code:
                 bad["code"] = row["code"]
             if bad:

@@ -46,7 +46,7 @@ class Unit:
     kind: str  # click, lead, conversion, sale
     code: str | None  # the link the event must be on (None: a lead's click decides)
     once: bool  # an idempotency key or a natural key: at most one row whatever the retries
-    expect: dict[str, Any] = field(default_factory=dict)  # columns its row must hold (click_id, visitor_id)
+    expect: dict[str, Any] = field(default_factory=dict)  # what its row must hold (click_id, visitor_id, user_agent)
     listed_by: int | None = None  # the operation that put its visitor on the do-not-track list
 
 

@@ -41,6 +41,16 @@ TOKEN_SQL = (  # an event row's token (a sale's: its metadata's ``gen``)
 TRACKED = {"success": True, "data": {"tracked": True}}
 
 
+def agent(token: str, bot: bool = False, long: bool = False) -> str:
+    """A click's User-Agent: a browser's (or Googlebot's) of its own, so each stored row's
+    text is told apart (``Unit.expect``), and the worker meets a new one with nearly every
+    batch (schema 20's dictionary, made outside the batch's transaction, under the faults).
+    ``long``: as long as a stored string may be (``REFSTREAM_MAX_STRING_LENGTH``, 2,048),
+    of two-byte characters: a text too long for a btree entry of itself."""
+    text = f"{GOOGLEBOT if bot else BROWSER} gen/{token}"
+    return text + " " + "é" * (2047 - len(text)) if long else text
+
+
 class Commission(TypedDict):
     sale_bps: int
     sale_flat: int
@@ -140,26 +150,25 @@ def make(step: OpStep, world: World, history: History) -> Op:
         return Op(step.n, step.kind, token, once, method, path, headers, body, units, echo)
 
     if step.kind == "biore":
-        ua = GOOGLEBOT if "bot" in step.flags else BROWSER
+        ua = agent(token, bot="bot" in step.flags)
         return op(
             "POST",
             f"/api/v1/referral/click/{code}",
             {"Referer": ref, "User-Agent": ua, **idem},
             None,
-            [Unit(token, "click", code, bool(key))],
+            [Unit(token, "click", code, bool(key), {"user_agent": ua})],
         )
     if step.kind == "affitor":
         body: dict[str, Any] = {"affiliate_url": f"https://shop.test/landing?aff={code}", "referrer_url": ref}
         if "test_mode" in step.flags:
             body["additional_data"] = {"test_mode": True}
-        headers = {"User-Agent": BROWSER}
+        headers = {"User-Agent": agent(token)}
         if key and "dedupe_body" in step.flags:
             body["dedupe"] = key
         else:
             headers.update(idem)
-        return op(
-            "POST", "/api/v1/track/click", headers, body, [Unit(token, "click", code, bool(key))], partner_code=code
-        )
+        unit = Unit(token, "click", code, bool(key), {"user_agent": headers["User-Agent"]})
+        return op("POST", "/api/v1/track/click", headers, body, [unit], partner_code=code)
     if step.kind == "affixo" and "listed" in step.flags:  # a visitor on the do-not-track list
         listing = history.op(step.on) if step.on is not None else None
         assert listing is not None and listing.kind == "suppress"
@@ -172,7 +181,7 @@ def make(step: OpStep, world: World, history: History) -> Op:
         return op("POST", "/v1/suppressions", bearer, {"kind": "visitor", "value": visitor}, [], visitor=visitor)
     if step.kind == "affixo":
         body = {"ref": code, "referrer": ref}
-        expect = {}
+        expect = {"user_agent": agent(token)}
         if "fingerprint" in step.flags:
             body["fingerprint"] = f"fp-{token}"
         else:
@@ -180,15 +189,15 @@ def make(step: OpStep, world: World, history: History) -> Op:
         return op(
             "POST",
             "/v1/track/click",
-            {**bearer, **idem, "User-Agent": BROWSER},
+            {**bearer, **idem, "User-Agent": expect["user_agent"]},
             body,
             [Unit(token, "click", code, bool(key), expect)],
-            **expect,
+            **{k: v for k, v in expect.items() if k != "user_agent"},
         )
     if step.kind == "redirect":
-        return op(
-            "GET", f"/r/{code}", {"Referer": ref, "User-Agent": BROWSER}, None, [Unit(token, "click", code, False)]
-        )
+        ua = agent(token)
+        unit = Unit(token, "click", code, False, {"user_agent": ua})
+        return op("GET", f"/r/{code}", {"Referer": ref, "User-Agent": ua}, None, [unit])
     if step.kind == "convert":
         body = {"code": code, "referred_session_id": token}
         return op("POST", "/api/v1/referrals/convert", {}, body, [Unit(token, "conversion", code, True)])
@@ -255,9 +264,10 @@ def make(step: OpStep, world: World, history: History) -> Op:
                 "visitor_id": f"v-{t}",
                 "referrer": REFERRER + t,
                 "ip": f"203.0.113.{step.n % 250 + 1}",
-                "user_agent": BROWSER,
+                "user_agent": agent(t, long=step.n % 4 == 0),
             }
-            unit = Unit(t, "click", c, bool(key) or "item_keys" in step.flags, {"visitor_id": f"v-{t}"})
+            expect = {"visitor_id": f"v-{t}", "user_agent": item["user_agent"]}
+            unit = Unit(t, "click", c, bool(key) or "item_keys" in step.flags, expect)
         elif kind == "conversion":
             item = {"type": "conversion", "code": c, "referred_session_id": t}
             unit = Unit(t, "conversion", c, True)
