@@ -1,8 +1,10 @@
-"""The worker's insert of a batch's events, in two forms on the same rows: one jsonb
+"""The worker's insert of a batch's events, in three forms on the same rows: one jsonb
 document of the rows, parsed in Postgres field by field (``jsonrows``: the worker's form,
 ``workers.consumer.store``), against one array per column, ``INSERT … SELECT * FROM
 unnest($1::uuid[], …)``, in asyncpg's binary format (uuid, inet and jsonb columns as text
-arrays cast in Postgres: as uuid and inet objects asyncpg's own encoding cost more).
+arrays cast in Postgres: as uuid and inet objects asyncpg's own encoding cost more), and
+against a binary COPY (``copy_records_to_table``) into a session's temporary table of the
+events' columns, then one ``INSERT … SELECT`` from it (COPY itself cannot skip a conflict).
 ``python -m bench.insert_forms [--rows 500] [--rounds 40]``.
 
 Each round inserts the same batch of part (cap)'s bio.re clicks (enrichment and payload as
@@ -11,7 +13,7 @@ a fresh database migrated to the current schema (dropped after), on uvloop as th
 runs. Measured per row: the Postgres backend's CPU (utime + stime from ``/proc/<pid>/stat``:
 the server must be local) and this process's (encoding the parameter, asyncpg's send and
 receive). The figure to read
-is the ratio of the two forms, each round's pair measured side by side.
+is each form's ratio to the document's, each round's forms measured side by side.
 """
 
 from __future__ import annotations
@@ -205,9 +207,10 @@ async def main(n: int, rounds: int) -> None:
     j = got["json"]
     print(f"{n} rows a batch, {rounds} rounds, medians of µs per row (CPU), each form against the jsonb document:")
     for who, k in (("Postgres backend", "pg"), ("this process    ", "py")):
-        print(f"  {who}: jsonb document {j[k]:.2f}, " + ", ".join(
-            f"{f} {got[f][k]:.2f} (×{got[f][k] / j[k]:.2f})" for f in FORMS[1:]
-        ))
+        print(
+            f"  {who}: jsonb document {j[k]:.2f}, "
+            + ", ".join(f"{f} {got[f][k]:.2f} (×{got[f][k] / j[k]:.2f})" for f in FORMS[1:])
+        )
 
 
 def cli() -> None:
