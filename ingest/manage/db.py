@@ -57,7 +57,10 @@ from ingest.manage import online
 # 19: events_link_id dropped; a link's events (GET /v1/events?link_id=, the console's tail)
 #     by events_link_received, newest first by received time
 # 20: a row's User-Agent once per text (event_agents, events.agent_id; user_agent written
-#     NULL), event_user_agent() reads either form
+#     NULL), event_user_agent() reads either form; a click's payload without its click id
+#     and visitor id, event_payload(payload, link, referrer, click, visitor) puts them back;
+#     events_workspace_named_click (without a click's own id) replaces events_workspace_click,
+#     built online (ingest.manage.online)
 SCHEMA_VERSION = 20
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
