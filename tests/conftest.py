@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
+from ingest.contract import erasure
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.ledger import secretbox
@@ -197,11 +198,15 @@ async def drop_database(postgres_url: str, name: str) -> None:
 @pytest.fixture
 async def scratch_url(services: svc_mod.Services) -> AsyncIterator[str]:
     """The URL of a database that does not exist (yet): whatever the test makes of it is
-    dropped afterwards."""
+    dropped afterwards. The process's cached erasure salt (``ingest.contract.erasure.salt``,
+    one per database) is forgotten before and after: the scratch database has its own, and
+    a later test's database must not be digested with it."""
     name = f"refstream_scratch_{RUN_ID}_{secrets.token_hex(4)}"
+    erasure.forget_salt()
     try:
         yield svc_mod.with_database(services.postgres_url, name)
     finally:
+        erasure.forget_salt()
         await drop_database(services.postgres_url, name)
 
 

@@ -134,8 +134,11 @@ async def test_a_schema_19_database_with_clicks_takes_the_agents_of_schema_20(
             "SELECT event_id FROM events WHERE click_id = $1 AND click_id <> event_id", first.event_id
         )
         assert sorted(r["event_id"] for r in named) == sorted(e.event_id for e in person[1:])
-        ledger.forget_salt()
-        await pg_erasure.erase(pool, ws, "cus_p", by="test", archive_days=30)
+        ledger.forget_salt()  # the process's salt is this database's for the erasure, then no one's
+        try:
+            await pg_erasure.erase(pool, ws, "cus_p", by="test", archive_days=30)
+        finally:
+            ledger.forget_salt()
         scrubbed = await conn.fetch(
             "SELECT event_id, ip, user_agent, agent_id FROM events WHERE event_id = ANY($1::uuid[])",
             [e.event_id for e in person],
