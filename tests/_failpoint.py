@@ -7,7 +7,9 @@ wrapper wraps the step's method, then runs the CLI as the ``refstream`` script d
 - ``crash_after_commit``: a worker, once its batch is committed and before the XACK;
 - ``crash_on:CODE``: a worker, before the commit of a batch holding an event for link
   CODE (a poison entry that kills every worker that reads it);
-- ``archive_crash_after_put``: an archiver, once a segment is uploaded and before the XACK.
+- ``archive_crash_after_put``: an archiver, once a segment is uploaded and before the XACK;
+- ``archive_stop_before_put``: an archiver SIGSTOPs itself as its first upload begins (its
+  claims idle out; a SIGCONT lets it go on).
 """
 
 from __future__ import annotations
@@ -27,6 +29,19 @@ from workers.consumer.pipeline import Pipeline
 def _die() -> NoReturn:
     os.kill(os.getpid(), signal.SIGKILL)
     raise AssertionError("unreachable")
+
+
+def _stop_once() -> Callable[..., bool]:
+    stopped = False
+
+    def stop(*_: Any, **__: Any) -> bool:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            os.kill(os.getpid(), signal.SIGSTOP)  # the whole process, as a pause would
+        return False
+
+    return stop
 
 
 def _wrap(cls: type, name: str, *, before: Callable[..., bool] | None = None, after: bool = False) -> None:
@@ -57,6 +72,10 @@ def install(name: str) -> None:
     elif name == "archive_crash_after_put":
         for store in (LocalStore, ObjectStore):
             _wrap(store, "put", after=True)
+    elif name == "archive_stop_before_put":
+        stop = _stop_once()
+        for store in (LocalStore, ObjectStore):
+            _wrap(store, "put", before=stop)
     else:
         raise SystemExit(f"unknown failpoint {name!r}")
 

@@ -14,6 +14,7 @@ import signal
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,9 @@ class DiesAfterUpload:
 
     async def list(self, prefix: str) -> list[str]:
         return await self.inner.list(prefix)
+
+    def lock(self, name: str, wait_s: float) -> AbstractAsyncContextManager[None]:
+        return self.inner.lock(name, wait_s)
 
 
 async def test_an_archiver_dead_between_upload_and_ack_leaves_no_second_copy(
@@ -495,4 +499,66 @@ async def test_entries_whose_delivery_a_failover_lost_are_written_by_one_archive
         second.stop()
         await asyncio.wait_for(asyncio.gather(*runs), 30)
     assert first.totals.entries == 0 and second.totals.entries == 50
+    assert_exactly_once((await read_archive(store, keys.prefix))[1], entries)
+
+
+async def test_an_archiver_stopped_past_its_claims_as_it_uploads_leaves_one_copy(
+    settings: Settings, redis: Any, keys: Keys, tmp_path: Path
+) -> None:
+    """Found by the hour-long generative run (seed 1214372093): an archiver was stopped
+    (SIGSTOP) between its look at its claims and its upload's landing for longer than
+    ``claim_idle_ms``; another took its entries over, found none of them archived and wrote
+    them, and the first's upload landed after: 23 entries in two segment lines. Here the
+    first stops itself as its upload begins (a real process, the failpoint); the second
+    takes every entry over, then either writes them (as before the partition's lock) or
+    waits for the lock the stopped one holds; then the first goes on."""
+    settings = archived(settings, tmp_path, partitions=1, claim_idle_ms=1500, archive_segment_s=0.5, reclaim_every_s=1)
+    keys = Keys(settings.stream_prefix, 1)
+    for i in range(60):
+        await redis.xadd(keys.stream(0), {b"e": b"event-%d" % i})
+    entries = await stream_entries(redis, keys)
+    store = LocalStore(str(tmp_path / "archive"))
+    procs = Procs(settings, tmp_path)
+    stopped = procs.start(
+        "archive",
+        failpoint="archive_stop_before_put",
+        REFSTREAM_CONSUMER_NAME="stopped",
+        REFSTREAM_ARCHIVE_URL=settings.archive_url,
+    )
+    second = Archiver(settings, redis, store, name="second")
+    run: asyncio.Task[None] | None = None
+    try:
+
+        async def is_stopped() -> bool:
+            assert stopped.poll() is None, procs.logs()
+            return Path(f"/proc/{stopped.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+        await wait_for(is_stopped, what="the first archiver to stop as its upload begins")
+        run = asyncio.create_task(second.run())
+
+        async def taken_over() -> bool:
+            rows = await redis.xpending_range(keys.stream(0), GROUP, "-", "+", 100, consumername="second")
+            return len(rows) == len(entries)
+
+        await wait_for(taken_over, what="the second archiver to take every entry over")
+
+        async def written_or_waiting() -> bool:
+            return bool(await store.list(keys.prefix + "/")) or "archive_locked" in second.member.gate.reasons
+
+        await wait_for(written_or_waiting, what="the second archiver to write them, or to wait for the lock")
+        stopped.send_signal(signal.SIGCONT)
+
+        async def drained() -> bool:
+            summary: dict[str, Any] = await redis.xpending(keys.stream(0), GROUP)
+            return bool(summary["pending"] == 0)
+
+        await wait_for(drained, what="every entry archived and acked")
+    finally:
+        second.stop()
+        if run is not None:
+            await asyncio.wait_for(run, 30)
+        if stopped.poll() is None:
+            stopped.send_signal(signal.SIGCONT)
+        procs.stop_all()
+    assert second.totals.entries == 0  # it wrote none: the first had, once the lock was let go
     assert_exactly_once((await read_archive(store, keys.prefix))[1], entries)

@@ -24,19 +24,19 @@ No line is archived twice:
   them (the member resets their idle time every ``claim_idle_ms / 3``), so no other
   archiver reclaims them meanwhile; ``refstream archive`` refuses a claim idle time at or
   below the segment age (``Settings.archive_conflict``).
-- Before each write the segment keeps only the entries still pending in this archiver,
-  and their claims are reset in the same script (``Claims.hold``): no other archiver can
-  reclaim them during the next ``claim_idle_ms``, which the write must fit in (a Redis
-  stall that let another's reclaim run first leaves them to that one). A failover that
-  lost their delivery (Sentinel promoting a replica that had not seen it) hands them to
-  the group afresh, and whichever archiver reads them writes them. An archiver stopped
-  for longer than ``claim_idle_ms`` between that script and its upload's landing can
-  still leave a second copy.
-- Then every entry of the segment is looked up in the archive, and those a
-  segment holds already are acked without being written again: an archiver may have died
-  after its upload and before its XACK, or stalled past ``claim_idle_ms`` while another
-  took its entries over. A segment rewritten with the same entries has the same name and
-  the same bytes, so even a write that races another leaves one copy of each.
+- Each write holds its partition's lock in the store (``Store.lock``) from its look at its
+  claims to its upload's landing. In it, the segment keeps only the entries still pending
+  in this archiver, their claims reset in the same script (``Claims.hold``), then every
+  entry is looked up in the archive, and those a segment holds already are acked without
+  being written again (an archiver died after its upload and before its XACK, or was
+  stopped while another took its entries over and wrote them). Another archiver that has
+  taken this one's entries over meanwhile (this one stopped past ``claim_idle_ms``, or a
+  Sentinel failover that lost their delivery handed them to the group afresh) looks only
+  once the lock is let go, and finds them written. A segment rewritten with the same
+  entries has the same name and the same bytes.
+- The lock is a local store's ``flock``; S3 has none, so there an archiver stopped in
+  its upload for longer than ``claim_idle_ms``, while another takes its entries over and
+  writes them, can still leave a second copy.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from ingest.contract.keys import Keys, parse_id
 from ingest.contract.settings import Settings
 from workers.archive import erased
 from workers.archive import segment as seg
-from workers.archive.store import ArchiveUnavailable, Store
+from workers.archive.store import ArchiveLocked, ArchiveUnavailable, Store
 from workers.group import CHUNK, Member, Part, text
 from workers.group import Entry as Read
 from workers.group.errors import BatchOutage, redis_outage
@@ -80,6 +80,9 @@ class Archiver:
         self.name = name
         self.totals = Totals()
         self._pg: asyncpg.Pool | None = None  # the erasure ledger's (made at the first segment)
+        # how long a write waits for another archiver's on its partition before it counts as
+        # an outage (the segment held, status showing why): half the claims' idle time
+        self._lock_wait_s = settings.claim_idle_ms / 2000
         self.member = Member(
             settings,
             redis,
@@ -126,25 +129,26 @@ class Archiver:
         pending in this archiver (another holds them: it writes them) and those the archive
         holds already, then every one of them acked."""
         ids = [sid for sid, _ in entries]
-        # the ledger's first look, before the claims are held: the hold to the upload stays
-        # as short as it was (a second copy is possible only if this archiver stops in it)
+        # the ledger's first look, before the lock and the claims are held: they are held
+        # from the look at the claims to the upload's landing, no longer
         entries = await self._checked(entries)
-        mine = await self.member.claims.hold(stream, ids)  # theirs alone for claim_idle_ms
-        if lost := len(ids) - len(mine):
-            log.warning("archive.claims_lost", stream=stream, consumer=self.name, entries=lost)
-            entries = [e for e in entries if e[0] in mine]
-            ids = [sid for sid, _ in entries]
-            if not ids:
-                return
-        found = await self._archived(p, ids)
-        fresh = [e for e in entries if e[0] not in found]
-        rows = fresh
-        while rows:  # and its look after the upload: an erasure committed meanwhile (workers/archive/erased.py)
-            manifest, data = await asyncio.to_thread(seg.build, p, rows)
-            await self.store.put(seg.name(self.keys.prefix, p, manifest.first_id, manifest.last_id), data)
-            written, rows = rows, await self._checked(rows)
-            if rows == written:
-                break
+        async with self.store.lock(f"{self.keys.prefix}/{p}", self._lock_wait_s):
+            mine = await self.member.claims.hold(stream, ids)  # theirs alone for claim_idle_ms
+            if lost := len(ids) - len(mine):
+                log.warning("archive.claims_lost", stream=stream, consumer=self.name, entries=lost)
+                entries = [e for e in entries if e[0] in mine]
+                ids = [sid for sid, _ in entries]
+                if not ids:
+                    return
+            found = await self._archived(p, ids)
+            fresh = [e for e in entries if e[0] not in found]
+            rows = fresh
+            while rows:  # and its look after the upload: an erasure committed meanwhile (workers/archive/erased.py)
+                manifest, data = await asyncio.to_thread(seg.build, p, rows)
+                await self.store.put(seg.name(self.keys.prefix, p, manifest.first_id, manifest.last_id), data)
+                written, rows = rows, await self._checked(rows)
+                if rows == written:
+                    break
         for i in range(0, len(ids), CHUNK):
             await self.redis.xack(stream, GROUP, *ids[i : i + CHUNK])
         self.totals.segments += 1 if fresh else 0
@@ -235,6 +239,8 @@ class _Segment(Part):
             chunk = [e for e in entries if seg.hour_of(e[0]) == hour]
             try:
                 await self.a.write(self.p, self.stream, chunk)
+            except ArchiveLocked as exc:
+                raise BatchOutage("archive_locked", exc) from exc
             except ArchiveUnavailable as exc:
                 raise BatchOutage("archive_unavailable", exc) from exc
             except Exception as exc:

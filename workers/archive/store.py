@@ -10,32 +10,55 @@ A ``put`` returns only once the segment is durable: locally a temporary file wri
 fsynced, renamed into place, and the directory fsynced; on S3 the PUT completed. Readers
 never see part of a segment: a crash leaves at most a ``.tmp-*`` file, which ``list``
 skips and a later write to the same directory removes once it is ten minutes old.
+
+``lock(name)`` is held by an archiver from its last look at its claims to its upload's
+landing (``workers/archive/archiver.py``), so that no other archiver of the partition
+looks at the archive or writes in between. Locally it is an exclusive ``flock`` on
+``.locks/<name>.lock`` under the root: a stopped archiver keeps it until it goes on or
+dies (the kernel lets go of a dead process's locks), however long its claims idle
+meanwhile. On S3 it is no lock at all (the store has none an archiver could be fenced
+with): there an archiver stopped in its upload for longer than ``claim_idle_ms``, while
+another takes its entries over and writes them, can leave a second line of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
+import fcntl
 import os
 import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from ingest.contract.errors import Outage
 from ingest.contract.settings import Settings
 
 TMP = ".tmp-"
 STALE_S = 600
+LOCKS = ".locks"  # under a local store's root, beside the prefixes: never listed
+LOCK_POLL_S = 0.02
 
 
 class ArchiveUnavailable(Outage):
     """The object store (or the disk) refused or failed an operation: an outage, waited out."""
 
 
+class ArchiveLocked(ArchiveUnavailable):
+    """Another archiver held the partition's lock for as long as this one would wait: it is
+    writing (or stopped while writing); the segment is held and tried again."""
+
+
 class Store(Protocol):
     url: str
+
+    def lock(self, name: str, wait_s: float) -> AbstractAsyncContextManager[None]: ...
 
     async def put(self, key: str, data: bytes) -> None: ...
 
@@ -50,6 +73,29 @@ class LocalStore:
     def __init__(self, root: str) -> None:
         self.root = Path(root)
         self.url = f"file://{root}"
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str, wait_s: float) -> AsyncIterator[None]:
+        """``name``'s exclusive lock (any archiver's, on any host that shares the disk and
+        its locks), waited for up to ``wait_s``, then ``ArchiveLocked``."""
+        path = self.root / LOCKS / f"{quote(name, safe='')}.lock"
+        try:
+            fd = await asyncio.to_thread(_open_lock, path)
+        except OSError as exc:
+            raise ArchiveUnavailable(f"{self.url}: {exc}") from exc
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise ArchiveLocked(f"{self.url}: {name} is locked by another archiver") from None
+                    await asyncio.sleep(LOCK_POLL_S)
+            yield
+        finally:
+            os.close(fd)  # lets go of the lock
 
     async def put(self, key: str, data: bytes) -> None:
         try:
@@ -106,11 +152,17 @@ class LocalStore:
         if not base.is_dir():
             return []
         out = []
-        for dirpath, _, files in os.walk(base):
+        for dirpath, dirs, files in os.walk(base):
+            dirs[:] = [d for d in dirs if d != LOCKS]
             for f in files:
                 if not f.startswith(TMP):
                     out.append(str(Path(dirpath, f).relative_to(self.root)))
         return sorted(out)
+
+
+def _open_lock(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 
 
 def _sweep(directory: Path, now: float) -> None:
@@ -144,6 +196,11 @@ class ObjectStore:
         # a few quick retries inside obstore; a longer outage is the archiver's to wait out
         retry = {"max_retries": 2, "retry_timeout": timedelta(seconds=10)}
         self._store = S3Store.from_url(url, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str, wait_s: float) -> AsyncIterator[None]:
+        """No lock: S3 has none (the module's docstring says what that leaves)."""
+        yield
 
     async def put(self, key: str, data: bytes) -> None:
         import obstore
