@@ -29,6 +29,8 @@ ECHO = "return {KEYS[1], ARGV[1]}"
 NOTHING = "redis.call('SET', KEYS[1], ARGV[1])"  # no return: nil
 FAILS = "redis.call('SET', KEYS[1], 'x')\nreturn redis.call('INCR', KEYS[1])"  # a command's error, after a write
 REFUSES = "return redis.error_reply('GONE ' .. KEYS[1])"
+READS = "return rs_get(KEYS[1])"
+WRITES_AND_FORGETS = "redis.call('SET', KEYS[1], ARGV[1])\nrs_memo[KEYS[1]] = nil"
 ADMITS_THEN_FAILS = "local v = rate_window(KEYS[1], ARGV[1], ARGV[2], ARGV[3])\nreturn redis.call('INCR', KEYS[2])"
 
 
@@ -152,3 +154,39 @@ async def test_an_admission_counts_though_its_script_fails_after_it(server: aior
             await batcher.close()
         assert all(isinstance(r[0], ResponseError) for r in replies), replies
         assert await server.zcard("rl:c") == 3, merge
+
+
+async def test_a_key_is_read_once_a_script_until_a_body_writes_it(server: aioredis.Redis):
+    """``rs_get``: the requests of one round trip that read a key read it from Redis once,
+    and each reads what a script of its own would have read: after a write by a body that
+    keeps the memo (it forgets the key it wrote) or by any other body (the memo is forgotten)."""
+    answers: dict[bool, list[Any]] = {}
+    for merge in (False, True):
+        await server.flushall()
+        batcher = RedisBatcher(server, merge=merge)
+        reads = batcher.script(READS, keeps_memo=True)
+        forgets = batcher.script(WRITES_AND_FORGETS, keeps_memo=True)
+        writes = batcher.script(NOTHING)  # not registered as keeping the memo
+        try:
+            await server.set("k", "v0")
+            await together(batcher, *((("EVALSHA", sha, 1, "k", "x"),) for sha in (reads, forgets, writes)))  # loaded
+            await server.set("k", "v0")
+            await server.config_resetstat()
+            replies = await together(
+                batcher,
+                (("EVALSHA", reads, 1, "k"),),
+                (("EVALSHA", reads, 1, "k"),),
+                (("EVALSHA", reads, 1, "other"),),
+                (("EVALSHA", forgets, 1, "k", "v1"),),
+                (("EVALSHA", reads, 1, "k"),),
+                (("EVALSHA", reads, 1, "k"),),
+                (("EVALSHA", writes, 1, "k", "v2"),),
+                (("EVALSHA", reads, 1, "k"),),
+            )
+            counted = await stats(server)
+        finally:
+            await batcher.close()
+        answers[merge] = [r[0] for r in replies]
+        # merged: "k" read before the first write, after it, after the second; "other" once
+        assert counted["get"] == (4 if merge else 6), counted
+    assert answers[True] == answers[False] == [b"v0", b"v0", None, None, b"v1", b"v1", None, b"v2"]

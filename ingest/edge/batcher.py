@@ -147,10 +147,11 @@ class RedisBatcher:
         self.down = Breaker("redis.down")
         self.undurable = Breaker("redis.not_durable")
 
-    def script(self, body: str) -> str:
-        """Register a Lua script's body (``ingest.edge.scripts``); returns the sha to use in
-        ``("EVALSHA", sha, ...)``: its standalone script's."""
-        return self._scripts.register(body)
+    def script(self, body: str, *, keeps_memo: bool = False) -> str:
+        """Register a Lua script's body (``ingest.edge.scripts``, which says what
+        ``keeps_memo`` promises); returns the sha to use in ``("EVALSHA", sha, ...)``: its
+        standalone script's."""
+        return self._scripts.register(body, keeps_memo=keeps_memo)
 
     async def execute(self, *commands: Command, durable: bool = False, check: Check | None = None) -> list[Any]:
         """Run ``commands`` in the next round trip; a failed command's slot holds its error.

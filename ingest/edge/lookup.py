@@ -59,7 +59,7 @@ local r0 = 5 + e
 local reads = tonumber(ARGV[r0])
 local same = true
 for i = 1, reads do
-  local v = redis.call('GET', KEYS[2 + i])
+  local v = rs_get(KEYS[2 + i])
   verdict[4 + i] = v
   if v then
     same = same and ARGV[r0 + i] == '=' .. v
@@ -77,6 +77,7 @@ if verdict[1] == 1 and same and redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', u
       cmd[j + 1] = ARGV[a + j]
     end
     redis.call(unpack(cmd))
+    rs_memo[KEYS[k]] = nil
     a = a + argc + 1
   end
 end

@@ -74,7 +74,7 @@ class RateLimiter:
         self.name = name  # the route family: part of the key, so families count apart
         self.limit = limit
         self.window_ms = window_ms
-        self._sha = batcher.script(SLIDING_WINDOW)
+        self._sha = batcher.script(SLIDING_WINDOW, keeps_memo=True)  # writes only its set
 
     def command(self, key: str, member: str) -> Command:
         """The script call, to be sent in the same round trip as the request's other reads."""

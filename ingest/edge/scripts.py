@@ -13,6 +13,13 @@ sliding-window rate limit (``ingest.edge.ratelimit``). It is sent one of two way
   error of one body (``pcall``) is that call's error reply, the others still run, as each
   would have alone.
 
+Inside one script, a key a body reads through ``rs_get`` is read from Redis once: the
+requests of a micro-batch read the same few keys (the link cache's state, a kill switch,
+their links). A script is atomic, so the value stays what Redis holds until a body of the
+same script writes it: a body that writes a key it read forgets it, and after a call of any
+body not registered with ``keeps_memo`` (one that may write keys others read) the whole
+memo is forgotten.
+
 Inside one script, the rate limit of every request to the same subject is decided together
 and exactly: the time is read once, the window pruned and counted once, and the admitted
 requests' members added (one ``ZADD``) and the set's expiry moved (one ``PEXPIRE``) when
@@ -34,10 +41,20 @@ from typing import Any
 from ingest.contract.connections import Command
 
 # rate_window(key, window ms, limit, member): the verdict {admitted (1/0), remaining, retry
-# after ms}; rs_flush(): the deferred writes
+# after ms}; rs_flush(): the deferred writes; rs_get(key): GET, each key read once a script
+# (a body that writes a key it read forgets it: rs_memo[key] = nil)
 PRELUDE = """
 local rs_now
 local rs_sets, rs_keys = {}, {}
+local rs_memo = {}
+local function rs_get(key)
+  local v = rs_memo[key]
+  if v == nil then
+    v = redis.call('GET', key)
+    rs_memo[key] = v
+  end
+  return v
+end
 local function rate_window(key, window_ms, limit, member)
   window_ms = tonumber(window_ms)
   limit = tonumber(limit)
@@ -102,11 +119,12 @@ local n = tonumber(ARGV[1])
 local out = {}
 local h, a, k = 2, 2 + 3 * n, 0
 for c = 1, n do
-  local fn, nk, na = rs_fn[tonumber(ARGV[h])], tonumber(ARGV[h + 1]), tonumber(ARGV[h + 2])
+  local fn, nk, na = tonumber(ARGV[h]), tonumber(ARGV[h + 1]), tonumber(ARGV[h + 2])
   h = h + 3
-  local ok, reply = pcall(fn, {unpack(KEYS, k + 1, k + nk)}, {unpack(ARGV, a, a + na - 1)})
+  local ok, reply = pcall(rs_fn[fn], {unpack(KEYS, k + 1, k + nk)}, {unpack(ARGV, a, a + na - 1)})
   k = k + nk
   a = a + na
+  if not rs_keeps[fn] then rs_memo = {} end
   if not ok then
     if type(reply) ~= 'table' then reply = {err = tostring(reply)} end
   elseif reply == nil then
@@ -124,10 +142,12 @@ def standalone(body: str) -> str:
     return f"{PRELUDE}local function rs_main(KEYS, ARGV)\n{body}\nend\n{_ALONE}"
 
 
-def merged(bodies: Sequence[str]) -> str:
-    """The script that runs calls of any of ``bodies`` (numbered from 1, in order)."""
+def merged(bodies: Sequence[str], keeps: Sequence[bool] = ()) -> str:
+    """The script that runs calls of any of ``bodies`` (numbered from 1, in order); those
+    whose ``keeps`` is true leave the memo of reads as it is (see the module's doc)."""
     functions = "".join(f"rs_fn[{i}] = function(KEYS, ARGV)\n{body}\nend\n" for i, body in enumerate(bodies, 1))
-    return f"{PRELUDE}local rs_fn = {{}}\n{functions}{_DISPATCH}"
+    kept = "".join(f"rs_keeps[{i}] = true\n" for i, keep in enumerate(keeps, 1) if keep)
+    return f"{PRELUDE}local rs_fn, rs_keeps = {{}}, {{}}\n{functions}{kept}{_DISPATCH}"
 
 
 def _sha(source: str) -> str:
@@ -141,16 +161,20 @@ class Scripts:
     def __init__(self) -> None:
         self.sources: dict[str, str] = {}  # every script by its sha: what NOSCRIPT loads again
         self._bodies: list[str] = []  # numbered from 1 in the merged script
+        self._keeps: list[bool] = []  # whether each body leaves the memo of reads as it is
         self._number: dict[str, int] = {}  # a standalone script's sha -> its body's number
         self._merged_sha: str | None = None
 
-    def register(self, body: str) -> str:
-        """The sha of ``body``'s standalone script, for ``("EVALSHA", sha, ...)``."""
+    def register(self, body: str, *, keeps_memo: bool = False) -> str:
+        """The sha of ``body``'s standalone script, for ``("EVALSHA", sha, ...)``.
+        ``keeps_memo``: the body writes no key that a body reads through ``rs_get``, but
+        those it forgets itself."""
         source = standalone(body)
         sha = _sha(source)
         if sha not in self._number:
             self.sources[sha] = source
             self._bodies.append(body)
+            self._keeps.append(keeps_memo)
             self._number[sha] = len(self._bodies)
             self._merged_sha = None
         return sha
@@ -178,7 +202,7 @@ class Scripts:
         """The round trip to send: one EVALSHA of the merged script for the calls at
         ``lead`` (``_DISPATCH``'s arguments), then the other commands in order."""
         if self._merged_sha is None:
-            source = merged(self._bodies)
+            source = merged(self._bodies, self._keeps)
             self._merged_sha = _sha(source)
             self.sources[self._merged_sha] = source
         head: list[Any] = [len(lead)]

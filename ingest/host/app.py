@@ -190,7 +190,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             cluster=settings.redis_cluster,
             layout=lambda: watch.layout,
         ),
-        checked_append=None if settings.redis_cluster or durability.waits else batcher.script(lookup.CHECKED_APPEND),
+        checked_append=None
+        if settings.redis_cluster or durability.waits
+        else batcher.script(lookup.CHECKED_APPEND, keeps_memo=True),
     )
     drops.start()
     app[EDGE].suppress.start(pg, settings.suppression_refresh_s)
