@@ -61,15 +61,15 @@ async def test_sliding_window_admits_again_once_the_oldest_request_leaves(settin
     batcher = RedisBatcher(redis)
     # a window of 3 s: the five round trips below fit in it on a loaded machine too
     limiter = RateLimiter(batcher, "test", limit=3, window_ms=3000)
-    key = f"{settings.stream_prefix}:rl:test:1.2.3.4"
+    key = f"{settings.stream_prefix}:rate:test:1.2.3.4"
 
     async def attempt(n: int) -> bool:
-        (reply,) = await batcher.execute(limiter.command(key, f"m{n}"))
+        (reply,) = await batcher.execute(limiter.command(key))
         return limiter.verdict(reply).allowed
 
     try:
         assert [await attempt(i) for i in range(4)] == [True, True, True, False]
-        (reply,) = await batcher.execute(limiter.command(key, "probe"))
+        (reply,) = await batcher.execute(limiter.command(key))
         denied = limiter.verdict(reply)
         assert not denied.allowed and 0 < denied.retry_after_ms <= 3000
         counter = iter(range(100, 10_000))

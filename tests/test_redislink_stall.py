@@ -182,7 +182,7 @@ def test_a_verdict_of_the_wrong_shape_is_a_redis_error_not_an_index_error(privat
         batcher = RedisBatcher(client)
         limiter = RateLimiter(batcher, "t", limit=5)
         try:
-            (reply,) = await batcher.execute(limiter.command("rl", "m1"), check=limiter.check)
+            (reply,) = await batcher.execute(limiter.command("rl"), check=limiter.check)
             assert limiter.verdict(reply).allowed and well_formed(reply)
             for impossible in (b"OK", [1, 2], [b"1", 2, 3], 7, None):  # another command's replies
                 with pytest.raises(ImpossibleReply):

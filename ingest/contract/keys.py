@@ -85,7 +85,7 @@ class Keys:
         return f"{self.prefix}:dead"
 
     def ratelimit(self, route: str, subject: str) -> str:
-        return f"{self.prefix}:rl:{route}:{subject}"
+        return f"{self.prefix}:rate:{route}:{subject}"  # a list (``rl:`` held a sorted set)
 
     def link(self, code: str) -> str:
         return f"{self.prefix}:link:{code}"

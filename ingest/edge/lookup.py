@@ -29,7 +29,7 @@ import structlog
 from ingest.contract import clicks, clock, links, wire
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, Command
 from ingest.contract.errors import Outage
-from ingest.contract.events import Envelope, unique_token
+from ingest.contract.events import Envelope
 from ingest.edge.auth import Principal
 from ingest.edge.enqueue import appended, never_sent, to_spool
 from ingest.edge.ratelimit import WINDOW, RateLimiter, Verdict, well_formed
@@ -41,10 +41,10 @@ T = TypeVar("T")
 
 FALLBACK_WAIT_S = 1.0
 
-# ratelimit.WINDOW (KEYS[1], ARGV[1..3]), then: ARGV[4] = E, the number of the entry's
-# arguments, ARGV[5..E+4] the entry's fields and values (``Envelope.entry``); ARGV[E+5] = R,
+# ratelimit.WINDOW (KEYS[1], ARGV[1..2]), then: ARGV[3] = E, the number of the entry's
+# arguments, ARGV[4..E+3] the entry's fields and values (``Envelope.entry``); ARGV[E+4] = R,
 # the number of keys the request reads, KEYS[3..R+2], each expected to hold
-# ARGV[E+6..E+R+5] ('' for no value, else '=' and the value); the entry is appended to the
+# ARGV[E+5..E+R+4] ('' for no value, else '=' and the value); the entry is appended to the
 # stream KEYS[2] only if the request was admitted, every key holds what was expected and the
 # stream exists (a retired partition is never made again: the route's own append then meets
 # ``PartitionGone``), and then each write that rides with it runs: one per remaining key, as (argc, name, args
@@ -54,8 +54,8 @@ CHECKED_APPEND = (
     WINDOW
     + """
 verdict[4] = 0
-local e = tonumber(ARGV[4])
-local r0 = 5 + e
+local e = tonumber(ARGV[3])
+local r0 = 4 + e
 local reads = tonumber(ARGV[r0])
 local same = true
 for i = 1, reads do
@@ -67,7 +67,7 @@ for i = 1, reads do
     same = same and ARGV[r0 + i] == ''
   end
 end
-if verdict[1] == 1 and same and redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 5, 4 + e)) then
+if verdict[1] == 1 and same and redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', unpack(ARGV, 4, 3 + e)) then
   verdict[4] = 1
   local a = r0 + 1 + reads
   for k = 3 + reads, #KEYS do
@@ -240,7 +240,7 @@ async def lookup(
                 return await _answer(edge, limiter, principal, code, reads, extra, list(reply), guess)
             # the script refused as a whole (a full Redis under noeviction, ...): nothing ran;
             # ask again the usual way, which tells the route what to do
-    commands.insert(0, limiter.command(rl_key, unique_token()))
+    commands.insert(0, limiter.command(rl_key))
     commands += [("GET", key) for key in reads]
     commands += extra
 
@@ -314,7 +314,6 @@ def _checked(
         *(cmd[1] for cmd in guess.also),
         limiter.window_ms,
         limiter.limit,
-        unique_token(),
         len(entry),
         *entry,
         len(keys),

@@ -1,8 +1,9 @@
 """Sliding-window rate limits in Redis: exactly N requests in any rolling window.
 
-One sorted set per subject (client IP or API key) holds the times of the requests
-admitted in the window; a Lua script prunes, counts and admits atomically, on one key, so
-it runs unchanged on a Redis Cluster; on one server, the requests of a micro-batch are decided
+One list per subject (client IP or API key) holds the times of the requests admitted in
+the window, newest first (a time once per request: two in the same millisecond are two);
+a Lua script prunes the times that left the window from its tail, counts and admits
+atomically, on one key, so it runs unchanged on a Redis Cluster; on one server, the requests of a micro-batch are decided
 in one script (``ingest.edge.scripts``). Time is Redis's own, so every edge agrees. Refused
 requests are not recorded: a client that keeps hammering is let in again as soon as its
 oldest admitted request leaves the window.
@@ -17,12 +18,12 @@ from ingest.contract.connections import Command
 from ingest.edge.batcher import RedisBatcher
 from ingest.link.resp import ImpossibleReply
 
-# KEYS[1] the subject's set; ARGV[1] window ms, ARGV[2] limit, ARGV[3] a unique member.
+# KEYS[1] the subject's list; ARGV[1] window ms, ARGV[2] limit.
 # Leaves ``verdict`` = {admitted (1/0), remaining, retry after ms}: scripts that go on from
 # it (``ingest.edge.lookup.CHECKED_APPEND``) start with this text. ``rate_window`` is
 # ``ingest.edge.scripts``' (one script for every request of a micro-batch: see there).
 WINDOW = """
-local verdict = rate_window(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+local verdict = rate_window(KEYS[1], ARGV[1], ARGV[2])
 """
 SLIDING_WINDOW = WINDOW + "return verdict\n"
 
@@ -76,9 +77,9 @@ class RateLimiter:
         self.window_ms = window_ms
         self._sha = batcher.script(SLIDING_WINDOW, keeps_memo=True)  # writes only its set
 
-    def command(self, key: str, member: str) -> Command:
+    def command(self, key: str) -> Command:
         """The script call, to be sent in the same round trip as the request's other reads."""
-        return ("EVALSHA", self._sha, 1, key, self.window_ms, self.limit, member)
+        return ("EVALSHA", self._sha, 1, key, self.window_ms, self.limit)
 
     def verdict(self, reply: Any) -> Verdict:
         """From the script's reply (its first three elements: a longer one may follow it).

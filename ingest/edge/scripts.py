@@ -22,11 +22,11 @@ memo is forgotten.
 
 Inside one script, the rate limit of every request to the same subject is decided together
 and exactly: the time is read once, the window pruned and counted once, and the admitted
-requests' members added (one ``ZADD``) and the set's expiry moved (one ``PEXPIRE``) when
+requests' times pushed (one ``LPUSH``) and the list's expiry moved (one ``PEXPIRE``) when
 the script ends (``rs_flush``), whether or not a body failed after its admission, as a
 request admitted alone counts even when its own script fails later. The admissions are the
 same as one script per request would make: each request is admitted while fewer than the
-limit are in the window, counting those this script admitted already. A ``ZADD`` that fails
+limit are in the window, counting those this script admitted already. An ``LPUSH`` that fails
 as the script ends (a Redis out of memory under ``noeviction``, which refuses the appends
 before it) leaves the requests admitted and uncounted, as without Redis, and never fails the
 replies of what the bodies wrote.
@@ -40,7 +40,7 @@ from typing import Any
 
 from ingest.contract.connections import Command
 
-# rate_window(key, window ms, limit, member): the verdict {admitted (1/0), remaining, retry
+# rate_window(key, window ms, limit): the verdict {admitted (1/0), remaining, retry
 # after ms}; rs_flush(): the deferred writes; rs_get(key): GET, each key read once a script
 # (a body that writes a key it read forgets it: rs_memo[key] = nil)
 PRELUDE = """
@@ -55,7 +55,7 @@ local function rs_get(key)
   end
   return v
 end
-local function rate_window(key, window_ms, limit, member)
+local function rate_window(key, window_ms, limit)
   window_ms = tonumber(window_ms)
   limit = tonumber(limit)
   if not rs_now then
@@ -64,36 +64,48 @@ local function rate_window(key, window_ms, limit, member)
   end
   local s = rs_sets[key]
   if s == nil or s.window ~= window_ms then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', rs_now - window_ms)
-    local n = redis.call('ZCARD', key)
+    -- the times that left the window, from the tail (the oldest): a look at the last two,
+    -- then at twice as many while every time looked at had left
+    local cutoff, probe = rs_now - window_ms, 2
+    while true do
+      local tail = redis.call('LRANGE', key, -probe, -1)
+      local stale = 0
+      for i = #tail, 1, -1 do
+        if tonumber(tail[i]) > cutoff then break end
+        stale = stale + 1
+      end
+      if stale > 0 then redis.call('LTRIM', key, 0, -1 - stale) end
+      if stale < probe then break end
+      probe = math.min(probe * 2, 1024)
+    end
+    local n = redis.call('LLEN', key)
     if s == nil then
-      s = {members = {}}
+      s = {adds = 0}
       rs_sets[key] = s
       rs_keys[#rs_keys + 1] = key
     end
     s.window = window_ms
-    s.n = n + #s.members / 2
+    s.n = n + s.adds
   end
   if s.n < limit then
     s.n = s.n + 1
-    local m = s.members
-    m[#m + 1] = rs_now
-    m[#m + 1] = member
+    s.adds = s.adds + 1
     return {1, limit - s.n, 0}
   end
-  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  local first = rs_now
-  if oldest[2] then first = tonumber(oldest[2]) end
+  local first = tonumber(redis.call('LINDEX', key, -1)) or rs_now
   return {0, 0, first + window_ms - rs_now}
 end
 local function rs_write()
   for _, key in ipairs(rs_keys) do
     local s = rs_sets[key]
-    local m = s.members
-    for i = 1, #m, 2000 do
-      redis.call('ZADD', key, unpack(m, i, math.min(i + 1999, #m)))
+    if s.adds > 0 then
+      local times = {}
+      for i = 1, math.min(s.adds, 2000) do times[i] = rs_now end
+      for i = 1, s.adds, 2000 do
+        redis.call('LPUSH', key, unpack(times, 1, math.min(2000, s.adds - i + 1)))
+      end
+      redis.call('PEXPIRE', key, s.window)
     end
-    if #m > 0 then redis.call('PEXPIRE', key, s.window) end
   end
 end
 local function rs_flush()
