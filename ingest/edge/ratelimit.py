@@ -4,9 +4,9 @@ One list per subject (client IP or API key) holds the times of the requests admi
 the window, newest first (a time once per request: two in the same millisecond are two);
 a Lua script prunes the times that left the window from its tail, counts and admits
 atomically, on one key, so it runs unchanged on a Redis Cluster; on one server, the
-requests of a micro-batch are decided in one script (``ingest.edge.scripts``). Time is Redis's own, so every edge agrees. Refused
-requests are not recorded: a client that keeps hammering is let in again as soon as its
-oldest admitted request leaves the window.
+requests of a micro-batch are decided in one script (``ingest.edge.scripts``). Time is
+Redis's own, so every edge agrees. Refused requests are not recorded: a client that keeps
+hammering is let in again as soon as its oldest admitted request leaves the window.
 """
 
 from __future__ import annotations
