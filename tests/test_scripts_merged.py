@@ -132,7 +132,7 @@ async def test_a_merged_round_trip_decides_each_limit_once_and_exactly(server: a
     assert [(v.allowed, v.remaining) for v in verdicts[:6]] == [(True, 1), (True, 0)] + [(False, 0)] * 4
     assert all(0 < v.retry_after_ms <= 60_000 for v in verdicts[2:6])
     assert [(v.allowed, v.remaining) for v in verdicts[6:]] == [(True, 4), (True, 3)]
-    assert await server.llen("rl:a") == 5 and await server.llen("rl:b") == 2
+    assert await server.llen("rl:a") == 5 and await server.llen("rl:b") == 2  # type: ignore[misc]
     assert 0 < await server.pttl("rl:a") <= 60_000
     # one script, one clock, one prune and count and one write per subject
     assert counted["evalsha"] == 1 and counted["time"] == 1, counted
@@ -151,7 +151,7 @@ async def test_an_admission_counts_though_its_script_fails_after_it(server: aior
         finally:
             await batcher.close()
         assert all(isinstance(r[0], ResponseError) for r in replies), replies
-        assert await server.llen("rl:c") == 3, merge
+        assert await server.llen("rl:c") == 3, merge  # type: ignore[misc]
 
 
 async def test_a_key_is_read_once_a_script_until_a_body_writes_it(server: aioredis.Redis):
@@ -202,11 +202,11 @@ async def test_a_window_forgets_exactly_the_times_that_left_it(server: aioredis.
             now = now_s * 1000 + now_us // 1000
             times = [now - 60_000 - 5_000 - i for i in range(old)][::-1] + [now - 1_000 - i for i in range(fresh)][::-1]
             if times:
-                await server.rpush("rl:w", *reversed(times))  # newest first, the oldest last
+                await server.rpush("rl:w", *reversed(times))  # type: ignore[misc]  # newest first, the oldest last
             replies = await together(batcher, *((limiter.command("rl:w"),) for _ in range(2)))
             remaining = [limiter.verdict(r[0]).remaining for r in replies]
             assert remaining == [100 - fresh - 1, 100 - fresh - 2], (old, fresh)
-            kept = [int(t) for t in await server.lrange("rl:w", 0, -1)]
+            kept = [int(t) for t in await server.lrange("rl:w", 0, -1)]  # type: ignore[misc]
             assert len(kept) == fresh + 2 and all(t > now - 60_000 for t in kept), (old, fresh)
             assert kept == sorted(kept, reverse=True)
     finally:
