@@ -8,6 +8,7 @@ the sweep reaches. Each was a way for the person's data to stay after ``erase`` 
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -54,6 +55,9 @@ class Hooked:
 
     async def get(self, name: str) -> bytes:
         return await self.inner.get(name)
+
+    def lock(self, name: str, wait_s: float) -> AbstractAsyncContextManager[None]:
+        return self.inner.lock(name, wait_s)
 
 
 def click_of(world: World, visitor: str, ms: int | None = None) -> Envelope:
