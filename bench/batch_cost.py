@@ -1,6 +1,6 @@
 """What a worker's batch costs by its size: Postgres's CPU and the worker's per event, for
 batches of seed 000 clicks (bio.re) through ``write_batch`` with enrichment, committed, into
-a fresh database (dropped after), on uvloop as the worker runs.
+a fresh database (dropped after), on uvloop and with the collector tuned as the worker runs.
 ``python -m bench.batch_cost [--sizes 8,16,64,256,1000] [--events 8000] [--rounds 2]``.
 
 Per size: the Postgres backend's CPU (utime + stime from ``/proc/<pid>/stat``: the server
@@ -23,6 +23,7 @@ from ingest.contract.connections import create_pg_pool
 from ingest.contract.settings import Settings
 from workers.consumer.enrich import Enricher
 from workers.consumer.store import write_batch
+from workers.host.worker import settle_heap
 
 from . import world as worlds
 from .cap_profile import clicks
@@ -41,6 +42,7 @@ async def measure(server: str, sizes: list[int], events: int, rounds: int) -> di
             pid = await conn.fetchval("SELECT pg_backend_pid()")
         for n in sizes:  # warm: plans cached, devices made, caches full
             await write_batch(pool, clicks(world, n), enricher)
+        settle_heap(Settings().batch_size)  # the collector tuned as the worker tunes its own
         for _ in range(rounds):
             for n in sizes:
                 batches = [clicks(world, n) for _ in range(max(1, events // n))]

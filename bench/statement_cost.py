@@ -31,6 +31,7 @@ from ingest.contract.connections import create_pg_pool
 from ingest.contract.settings import Settings
 from workers.consumer.enrich import Enricher
 from workers.consumer.store import write_batch
+from workers.host.worker import settle_heap
 
 from . import world as worlds
 from .cap_profile import clicks
@@ -91,6 +92,7 @@ async def measure(server: str, size: int, batches: int) -> tuple[float, float, d
             pid = await conn.fetchval("SELECT pg_backend_pid()")
         for _ in range(5):  # warm: plans cached, dictionaries made, caches full
             await write_batch(pool, clicks(world, size), enricher)
+        settle_heap(Settings().batch_size)  # the collector tuned as the worker tunes its own
         work = [clicks(world, size) for _ in range(batches)]
         pg0, py0 = backend_cpu_ns(pid), time.process_time_ns()
         for batch in work[: batches // 2]:

@@ -38,6 +38,11 @@ class Device(NamedTuple):
     bot_reason: str | None
     doc: dict[str, Any]  # the fields above but bot_reason, as Enrichment.to_json has them (never handed out)
 
+    @property
+    def values(self) -> tuple[Any, ...]:
+        """``doc``'s values, in its order (the first seven fields)."""
+        return self[:7]
+
 
 def _device(
     browser: str | None,

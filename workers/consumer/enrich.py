@@ -98,22 +98,61 @@ DEVICE_FIELDS = tuple(device.NO_UA.doc)
 PLACE_FIELDS = ("as_name", "city", "region", "latitude", "longitude")
 
 
-class Found(NamedTuple):
-    """What the store writes of an enrichment (``Enricher.enrich_row``)."""
+REFERRER_CACHE = 1024  # referrers whose domain this process remembers (in memory only)
 
-    ip: str | None
-    country: str | None
-    asn: int | None
-    bot_reason: str | None
-    doc: dict[str, Any]  # == Enrichment.to_json() of the same input
-    # what the User-Agent said: the values of DEVICE_FIELDS (``Enricher.device_doc``)
-    device: tuple[Any, ...]
-    # what the address said of its network: the values of PLACE_FIELDS (``Enricher.place_doc``)
-    place: tuple[Any, ...]
+
+class Found:
+    """What the store writes of an enrichment (``Enricher.enrich_row``): the few values a
+    row takes, and the whole document (``doc``) made only when it is asked for (a row
+    stores three of its fields: ``event_row.row_fields``)."""
+
+    __slots__ = (
+        "_ua",
+        "_versions",
+        "_where",
+        "asn",
+        "bot_reason",
+        "country",
+        "device",
+        "ip",
+        "place",
+        "referrer_domain",
+    )
+
+    def __init__(
+        self,
+        where: _Where,
+        ua: device.Device,
+        bot_reason: str | None,
+        referrer_domain: str | None,
+        versions: Mapping[str, str],
+    ) -> None:
+        self.ip: str | None = where.ip
+        self.country: str | None = where.country
+        self.asn: int | None = where.place.asn
+        self.bot_reason = bot_reason
+        self.referrer_domain = referrer_domain
+        # what the User-Agent said: the values of DEVICE_FIELDS (``Enricher.device_doc``)
+        self.device: tuple[Any, ...] = ua.values
+        # what the address said of its network: the values of PLACE_FIELDS (``Enricher.place_doc``)
+        self.place: tuple[Any, ...] = where.spot
+        self._where, self._ua, self._versions = where, ua, versions
 
     @property
     def is_bot(self) -> bool:
         return self.bot_reason is not None
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        """== Enrichment.to_json() of the same input."""
+        return {
+            **self._where.doc,
+            **self._ua.doc,
+            "is_bot": self.bot_reason is not None,
+            "bot_reason": self.bot_reason,
+            "referrer_domain": self.referrer_domain,
+            "versions": dict(self._versions),
+        }
 
 
 class Enricher:
@@ -202,22 +241,14 @@ class Enricher:
         """``enrich``, as the store writes it: the same values, ``doc`` equal to its
         ``to_json()``, assembled from the per-address and per-User-Agent parts the caches
         hold rather than field by field (an ``Enrichment`` and its dict cost the worker
-        ~8% of its CPU)."""
+        ~8% of its CPU), and the document only if asked for."""
         where, ua, bot_reason = self._parts(ip, user_agent, ip_policy)
-        doc = {
-            **where.doc,
-            **ua.doc,
-            "is_bot": bot_reason is not None,
-            "bot_reason": bot_reason,
-            "referrer_domain": _referrer_domain(referrer) if referrer else None,
-            "versions": dict(self.versions),
-        }
-        return Found(where.ip, where.country, where.place.asn, bot_reason, doc, tuple(ua.doc.values()), where.spot)
+        return Found(where, ua, bot_reason, _referrer_domain(referrer) if referrer else None, self.versions)
 
     def device_of(self, user_agent: str | None) -> tuple[Any, ...]:
         """``Found.device`` of any enrichment of ``user_agent`` (from the User-Agent cache)."""
         ua = self._ua(stripped) if user_agent and (stripped := user_agent.strip()) else device.NO_UA
-        return tuple(ua.doc.values())
+        return ua.values
 
     def device_doc(self, device: tuple[Any, ...]) -> dict[str, Any]:
         """A ``Found.device`` as ``event_devices`` holds it: its fields as ``doc`` has them,
@@ -374,6 +405,7 @@ def _apply_policy(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None, po
 
 
 @functools.lru_cache(maxsize=10_000)
+@functools.lru_cache(maxsize=REFERRER_CACHE)  # a landing page's clicks share their referrers
 def _referrer_domain(referrer: str | None) -> str | None:
     if not referrer:
         return None

@@ -97,8 +97,18 @@ def row_enrichment(doc: dict[str, Any]) -> dict[str, Any] | None:
     read as null), None for none. An IPv6 address is kept as the worker wrote it: Postgres
     writes some (``::1.2.3.4``) otherwise than Python does, and the document must read back
     as it was; an IPv4 address reads back the same from the ``ip`` column."""
-    out = {k: v for k in ROW_FIELDS if (v := doc[k]) is not None}
-    if (ip := doc["ip"]) is not None and ":" in ip:
+    return row_fields(doc["bot_reason"], doc["referrer_domain"], doc["ip"])
+
+
+def row_fields(bot_reason: str | None, referrer_domain: str | None, ip: str | None) -> dict[str, Any] | None:
+    """``row_enrichment`` of a document with these fields (``enrich.Found``'s, whose
+    document is made only when asked for)."""
+    out: dict[str, Any] = {}
+    if bot_reason is not None:
+        out["bot_reason"] = bot_reason
+    if referrer_domain is not None:
+        out["referrer_domain"] = referrer_domain
+    if ip is not None and ":" in ip:
         out["ip"] = ip
     return out or None
 
@@ -114,7 +124,9 @@ def row_payload(
     without a ``code`` is of this form."""
     if payload.get("code") != code:  # never so (the link was found by it): kept whole, read as it is
         return payload
-    minted = clicks.mint(click) if click is not None else None
+    # the minted click id only where the payload has one to compare (a click's own id is minted
+    # back from its column: most clicks carry none)
+    minted = clicks.mint(click) if click is not None and "click_id" in payload else None
     return {
         k: v
         for k, v in payload.items()

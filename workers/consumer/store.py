@@ -198,11 +198,21 @@ def _dedupe_key(e: Envelope) -> str | None:
     return _opt(e.payload.get("dedupe"))
 
 
+BROWSER_KEYS = 65_536  # (address, User-Agent) pairs whose visitor key this process remembers
+_browser_keys: dict[tuple[str | None, str | None], str] = {}
+
+
 def _visitor_key(e: Envelope) -> str | None:
     if visitor := _opt(e.payload.get("visitor_id")):
         return visitor
     if e.ip or e.user_agent:  # seed 000 sends no visitor: the browser is what we have
-        return "h:" + hashlib.sha256(f"{e.ip}|{e.user_agent}".encode()).hexdigest()[:24]
+        pair = (e.ip, e.user_agent)
+        key = _browser_keys.get(pair)
+        if key is None:  # a browser clicks again and again: its digest taken once (memory only)
+            if len(_browser_keys) >= BROWSER_KEYS:
+                _browser_keys.clear()
+            key = _browser_keys[pair] = "h:" + hashlib.sha256(f"{e.ip}|{e.user_agent}".encode()).hexdigest()[:24]
+        return key
     return None
 
 
@@ -339,7 +349,7 @@ async def _write(
             referrer=_opt(e.payload.get("referrer")),
             country=found.country if found else None,
             asn=found.asn if found else None,
-            enrichment=event_row.row_enrichment(found.doc) if found else None,
+            enrichment=event_row.row_fields(found.bot_reason, found.referrer_domain, found.ip) if found else None,
             visitor_key=_visitor_key(e),
             out_of_window=_out_of_window(e, link),
             # a click's without its ids (a lead's or conversion's the erasure's scrub of its row
