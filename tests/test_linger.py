@@ -1,6 +1,7 @@
 """A worker's read of a partition that came back short waits ``REFSTREAM_LINGER_MS`` once for
-more to join the batch; 0 never waits; a full read never waits. Against a real Redis: one
-entry, then four more 100 ms later."""
+more to join the batch, while its Postgres writes nothing; 0 never waits; a full read never
+waits, nor a read while a transaction is in flight (its batch waits for that one anyway).
+Against a real Redis: one entry, then four more 100 ms later."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
+from ingest.contract.events import Envelope
 from ingest.contract.keys import GROUP
 from ingest.contract.settings import Settings
+from workers.consumer.combine import Combiner
 from workers.consumer.consume import LINGER_BELOW, Consumer
 from workers.consumer.pipeline import Pipeline
+from workers.consumer.store import BatchResult
 from workers.group import Entry, Member, Part
 
 
@@ -33,12 +37,27 @@ class _Reads(Part):
         raise AssertionError("holds nothing")
 
 
-async def _read_while_trickling(redis: aioredis.Redis, settings: Settings, count: int = 100) -> tuple[int, float]:
+class _Writes:
+    """A pipeline's combiner (a real one) whose writes end when ``done`` is set."""
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.combiner = Combiner(self._write, 500)
+
+    async def _write(self, envelopes: list[Envelope]) -> BatchResult:
+        await self.done.wait()
+        return BatchResult(inserted=len(envelopes))
+
+
+async def _read_while_trickling(
+    redis: aioredis.Redis, settings: Settings, count: int = 100, writes: _Writes | None = None
+) -> tuple[int, float]:
     """(entries the first read of a fresh partition returned, seconds it took) while one entry
     is appended at once and four more 100 ms later."""
-    consumer = Consumer(settings, redis, cast(Pipeline, None), name="linger-test")
+    consumer = Consumer(settings, redis, cast(Pipeline, writes or _Writes()), name="linger-test")
     member: Member = consumer.member
     stream = member.keys.stream(0)
+    await redis.delete(stream)  # a fresh partition each time
     await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
     member._backlog[0] = False  # nothing of its own pending: straight to new entries
 
@@ -64,7 +83,7 @@ async def test_a_short_read_waits_the_linger_once_and_takes_what_arrived(redis: 
 
 
 async def test_a_linger_of_0_never_waits(redis: aioredis.Redis, settings: Settings):
-    consumer = Consumer(settings.model_copy(update={"linger_ms": 0.0}), redis, cast(Pipeline, None), name="x")
+    consumer = Consumer(settings.model_copy(update={"linger_ms": 0.0}), redis, cast(Pipeline, _Writes()), name="x")
     assert consumer.member.linger is None
     n, _ = await _read_while_trickling(redis, settings.model_copy(update={"linger_ms": 0.0}))
     assert n == 1, n
@@ -75,3 +94,18 @@ async def test_a_full_read_never_waits(redis: aioredis.Redis, settings: Settings
     assert LINGER_BELOW > 1
     n, took = await _read_while_trickling(redis, settings.model_copy(update={"linger_ms": 1000.0}), count=1)
     assert n == 1 and took < 1.0, (n, took)
+
+
+async def test_a_short_read_never_waits_while_a_transaction_is_in_flight(redis: aioredis.Redis, settings: Settings):
+    writes = _Writes()
+    storing = asyncio.create_task(writes.combiner.store([]))  # another partition's batch, being written
+    await asyncio.sleep(0)  # the combiner's flusher starts: nothing else to await
+    assert writes.combiner.busy
+    n, took = await _read_while_trickling(redis, settings.model_copy(update={"linger_ms": 1000.0}), writes=writes)
+    assert n == 1 and took < 1.0, (n, took)  # its batch would wait for that write anyway: no linger
+    writes.done.set()
+    assert (await storing) is not None
+    assert not writes.combiner.busy
+    # and once Postgres is idle, a short read lingers again
+    n, _ = await _read_while_trickling(redis, settings.model_copy(update={"linger_ms": 400.0}), writes=writes)
+    assert n == 5, n

@@ -66,6 +66,12 @@ class Combiner:
         self._arrived = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
 
+    @property
+    def busy(self) -> bool:
+        """A transaction is being gathered or written: a batch stored now waits in the queue
+        for it to end, and goes in the next one with whatever else came meanwhile."""
+        return self._flusher is not None and not self._flusher.done()
+
     def joinable(self, envelopes: list[Envelope]) -> bool:
         """Small enough to be worth a shared transaction."""
         return 0 < len(envelopes) < max(2, self.max_events // 2)

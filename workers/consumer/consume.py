@@ -62,6 +62,7 @@ class Consumer:
             role="consumer",
             reclaim_count=settings.batch_size,
             linger=(LINGER_BELOW, settings.linger_ms / 1000) if settings.linger_ms > 0 else None,
+            lingers=lambda: not self.pipeline.combiner.busy,
             chores=[
                 Chore("trim", settings.trim_every_s, self._trim),
                 Chore("memory", settings.trim_every_s, self._warn_memory),

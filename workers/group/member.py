@@ -52,6 +52,7 @@ class Member:
         presence_name: str | None = None,
         reclaim_count: int | None = None,
         linger: tuple[int, float] | None = None,
+        lingers: Callable[[], bool] = lambda: True,
         chores: Iterable[Chore] = (),
         totals: Callable[[], dict[str, Any]] = dict,
         on_gate: Callable[[Gate], None] | None = None,
@@ -63,8 +64,10 @@ class Member:
         self.presence_name = presence_name or name
         self.reclaim_count = reclaim_count or settings.batch_size
         # a fresh read returning fewer than linger[0] entries waits linger[1] s once and
-        # takes what arrived meanwhile (no BLOCK) into the same read: see workers/consumer/consume.py
+        # takes what arrived meanwhile (no BLOCK) into the same read, where ``lingers()``
+        # says so at that moment: see workers/consumer/consume.py
         self.linger = linger
+        self.lingers = lingers
         self.chores = list(chores)
         self.totals = totals
         self._on_gate = on_gate
@@ -397,7 +400,13 @@ class Member:
         block = self.settings.block_ms if block is None else max(10, min(block, self.settings.block_ms))
         reply = await self._xreadgroup({stream: ">"}, count, block)
         entries = reply[0][1] if reply else []
-        if self.linger and entries and len(entries) < min(self.linger[0], count) and not self._stopping:
+        if (
+            self.linger
+            and entries
+            and len(entries) < min(self.linger[0], count)
+            and not self._stopping
+            and self.lingers()
+        ):
             await asyncio.sleep(self.linger[1])
             more = await self._xreadgroup({stream: ">"}, count - len(entries))
             entries += more[0][1] if more else []
