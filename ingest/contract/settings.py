@@ -162,9 +162,9 @@ class Settings(BaseSettings):
         ge=0,
         le=1000,
         description="Worker: a read of a partition that returned a short batch waits this long once for more to"
-        " join it, and a small batch that finds the worker's Postgres idle waits as long at most for the other"
-        " partitions' to share its transaction (a full read never waits; 0: never): fewer, larger transactions"
-        " under a trickle, at this much latency twice.",
+        " join it while its Postgres writes nothing, and a small batch that finds the worker's Postgres idle"
+        " waits as long at most for the other partitions' to share its transaction (a full read never waits;"
+        " 0: never): fewer, larger transactions under a trickle, at this much latency twice.",
     )
     claim_idle_ms: int = Field(60_000, ge=100, description="Reclaim entries idle this long.")
     reclaim_every_s: int = Field(15, ge=1, le=60)

@@ -36,7 +36,11 @@ from workers.group.gate import Gate
 # returns fewer than LINGER_BELOW entries waits ``REFSTREAM_LINGER_MS`` once, then takes
 # what arrived meanwhile (no BLOCK) into the same batch. A full read, and so a drain or a
 # backlog, never waits. Measured at a steady 2,000 events/s: worker CPU per event 245-280
-# µs without, ~200 with 4 ms; Postgres's 175-205 µs, ~125; p50 +4 ms.
+# µs without, ~200 with 4 ms; Postgres's 175-205 µs, ~125; p50 +4 ms. That was before small
+# batches of several partitions shared a transaction (``workers.consumer.combine``): now a
+# batch read while a transaction is in flight waits for it in the combiner's queue anyway,
+# and the linger there was only a second read and a timer more a batch, so a read lingers
+# only while its Postgres writes nothing (docs/benchmarks.md, "A read lingers only ...").
 LINGER_BELOW = 32
 RETIRE_EVERY_S = 2.0  # how often a retiring partition is looked at (empty: retired)
 # how often the click_burst windows past their time go: a window is a minute by default, so
