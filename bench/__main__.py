@@ -74,6 +74,14 @@ from refstream.output import json_option, wants_json
     help="py-spy the edge during (b 000) and the worker during (d); (cap): each tier's top ten over the steady"
     " window (py-spy, Redis commandstats, pg_stat_statements or EXPLAIN); output in this directory.",
 )
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A setting of the edge's and workers' processes, by its field name (REFSTREAM_NAME), e.g. --set"
+    " linger_ms=0; repeatable. They see no other REFSTREAM_ variable of the shell's.",
+)
 @json_option
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 def bench(
@@ -93,6 +101,7 @@ def bench(
     con_rate: float | None,
     workers: int,
     profile_dir: Path | None,
+    overrides: tuple[str, ...],
     json_out: Path | None,
 ) -> None:
     """Measure the edge, the workers and the pipeline against their baselines."""
@@ -108,6 +117,7 @@ def bench(
         raise click.UsageError("--profile needs py-spy: .venv/bin/pip install py-spy")
     settings = Settings()
     configure_logging("warning", json=settings.log_json)
+    chosen = _settings(overrides)
     opts = Options(
         duration=duration or (1.0 if quick else 10.0),
         warmup=warmup or (1.0 if quick else 3.0),
@@ -127,6 +137,7 @@ def bench(
         import_args=tuple(import_args.split()),
         pgbytes_clicks=pgbytes_clicks or (2000 if quick else 20_000),
         con_rate=con_rate or (200.0 if quick else None),
+        settings=chosen,
     )
     with ExitStack() as stack:
         result = uvloop.run(runner.bench(opts, stack))
@@ -140,6 +151,30 @@ def bench(
         from rich.console import Console
 
         report.table(result, Console())
+
+
+def _settings(overrides: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """``--set NAME=VALUE`` each checked: a field of ``Settings`` the bench does not set
+    itself, and a value it accepts."""
+    from pydantic import ValidationError
+
+    from bench.runner import BENCH_SETS
+    from ingest.contract.settings import Settings
+
+    out: list[tuple[str, str]] = []
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in Settings.model_fields:
+            raise click.BadParameter(f"{item!r}: expected NAME=VALUE, NAME a setting's field", param_hint="--set")
+        if name in BENCH_SETS:
+            raise click.BadParameter(f"{name}: the bench sets it itself", param_hint="--set")
+        try:
+            Settings.model_validate({name: value})
+        except ValidationError as exc:
+            raise click.BadParameter(f"{item!r}: {exc.errors()[0]['msg']}", param_hint="--set") from None
+        out.append((name, value))
+    return tuple(out)
 
 
 if __name__ == "__main__":

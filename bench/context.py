@@ -84,6 +84,7 @@ class Options:
     import_args: tuple[str, ...] = ()  # more `refstream import` options, for the first run
     pgbytes_clicks: int = 20_000
     con_rate: float | None = None  # (con) the windows' load; None: half of (e)'s full load
+    settings: tuple[tuple[str, str], ...] = ()  # ``--set``: (field, value) for the edge's and workers' processes
 
 
 @dataclass(slots=True)

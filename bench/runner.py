@@ -49,9 +49,27 @@ def machine() -> dict[str, Any]:
     }
 
 
+# the settings the bench gives its processes itself: what it measures depends on them
+# (``--set`` may not change them: partitions and batch size come from the bench's own
+# environment, as its parts size their loads by them)
+BENCH_SETS = frozenset(
+    {
+        "partitions",
+        "batch_size",
+        "click_rate_limit_per_min",
+        "public_rate_limit_per_min",
+        "key_rate_limit_per_min",
+        "trusted_proxies",
+        "spool_dir",
+    }
+)
+
+
 def _env(svc: services.Services, opts: Options, spool: str) -> dict[str, str]:
     keep = {"REFSTREAM_LOG_LEVEL", "REFSTREAM_LOG_JSON", "REFSTREAM_CITY_DB"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFSTREAM_") or k in keep}
+    # ``--set``: the bench's processes see no other REFSTREAM_ variable of the shell's
+    env.update({f"REFSTREAM_{name.upper()}": value for name, value in opts.settings})
     env.update(
         REDIS_URL=svc.redis_url,
         REFSTREAM_PARTITIONS=str(opts.partitions),
