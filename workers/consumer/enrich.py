@@ -98,9 +98,6 @@ DEVICE_FIELDS = tuple(device.NO_UA.doc)
 PLACE_FIELDS = ("as_name", "city", "region", "latitude", "longitude")
 
 
-REFERRER_CACHE = 1024  # referrers whose domain this process remembers (in memory only)
-
-
 class Found:
     """What the store writes of an enrichment (``Enricher.enrich_row``): the few values a
     row takes, and the whole document (``doc``) made only when it is asked for (a row
@@ -405,7 +402,6 @@ def _apply_policy(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None, po
 
 
 @functools.lru_cache(maxsize=10_000)
-@functools.lru_cache(maxsize=REFERRER_CACHE)  # a landing page's clicks share their referrers
 def _referrer_domain(referrer: str | None) -> str | None:
     if not referrer:
         return None
