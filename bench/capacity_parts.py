@@ -97,7 +97,8 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 _SIZES = """
 SELECT pg_database_size(current_database()) AS db,
        (SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits
-        WHERE inhparent = 'events'::regclass)::bigint AS events
+        WHERE inhparent = 'events'::regclass)::bigint AS events,
+       (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) AS commits
 """
 # bytes of every relation with storage, by name: a partition's under its parent's (and a
 # partition's index under its parent index's), a TOAST table and its index under
@@ -156,6 +157,7 @@ class Meter:
         self._task: asyncio.Task[None] | None = None
         self._sizes0: dict[str, int] = {}
         self._relations0: dict[str, int] = {}
+        self.own_statements = 0  # the meter's own transactions in the database, not the workers'
         self.relations: dict[str, float] = {}  # name -> bytes grown over the window
 
     async def _redis_cpu(self) -> float:
@@ -170,6 +172,7 @@ class Meter:
 
     async def _sample_pg(self) -> None:
         assert self._conn is not None
+        self.own_statements += 1
         for r in await self._conn.fetch(_PG_PIDS, self.exclude, list(PG_BACKGROUND)):
             cpu = _postgres_cpu(r["pid"])
             if cpu is None:
@@ -185,6 +188,7 @@ class Meter:
     async def start(self) -> None:
         self._conn = await asyncpg.connect(self.db_url)
         self.exclude.append(await self._conn.fetchval("SELECT pg_backend_pid()"))
+        await self._conn.execute("SELECT pg_stat_force_next_flush()")  # the commits counted so far
         self._sizes0 = dict(await self._conn.fetchrow(_SIZES))
         self._relations0 = {r["name"]: r["bytes"] for r in await self._conn.fetch(_RELATIONS)}
         await self._sample_pg()
@@ -206,6 +210,10 @@ class Meter:
             pass
         try:
             await self._sample_pg()
+            # a backend reports its commits to pg_stat_database about once a second, so each end
+            # of the window lags by up to a second's, alike under a steady load; the meter's
+            # own transactions (its first reads and its samples) are taken off
+            await self._conn.execute("SELECT pg_stat_force_next_flush()")
             sizes = dict(await self._conn.fetchrow(_SIZES))
             relations = {r["name"]: r["bytes"] for r in await self._conn.fetch(_RELATIONS)}
         finally:
@@ -217,6 +225,8 @@ class Meter:
         out["seconds"] = seconds
         out["db_bytes"] = float(sizes["db"] - self._sizes0["db"])
         out["events_bytes"] = float(sizes["events"] - self._sizes0["events"])
+        own = 2 + self.own_statements + 1  # the first sizes and relations, the samples, the flush
+        out["commits"] = float(max(0, sizes["commits"] - self._sizes0["commits"] - own))
         names = set(relations) | set(self._relations0)
         self.relations = {n: float(relations.get(n, 0) - self._relations0.get(n, 0)) for n in names}
         return out
@@ -232,6 +242,8 @@ def _note_window(
     ctx.note(f"{name}.stored", stored)
     ctx.note(f"{name}.window_s", cpu["seconds"])
     ctx.note(f"{name}.pg_backends", cpu["pg_backends"])
+    ctx.note(f"{name}.commits_per_s", cpu["commits"] / cpu["seconds"])
+    ctx.note(f"{name}.stored_per_commit", stored / cpu["commits"] if cpu["commits"] else 0.0)
     for kind in (*KINDS, "pg_bg"):
         ctx.note(f"{name}.{kind}_cores", cpu[kind] / cpu["seconds"])
     cpu = {**cpu, "total": sum(cpu[k] for k in KINDS)}

@@ -1,7 +1,9 @@
 """A worker's read of a partition that came back short waits ``REFSTREAM_LINGER_MS`` once for
 more to join the batch, while its Postgres writes nothing; 0 never waits; a full read never
 waits, nor a read while a transaction is in flight (its batch waits for that one anyway).
-Against a real Redis: one entry, then four more 100 ms later."""
+Against a real Redis: one entry, then four more 100 ms later. And under a steady load a
+partition is read on the member's tick (``REFSTREAM_READ_INTERVAL_MS``), but after a read
+that found nothing or a full batch."""
 
 from __future__ import annotations
 
@@ -109,3 +111,57 @@ async def test_a_short_read_never_waits_while_a_transaction_is_in_flight(redis: 
     # and once Postgres is idle, a short read lingers again
     n, _ = await _read_while_trickling(redis, settings.model_copy(update={"linger_ms": 400.0}), writes=writes)
     assert n == 5, n
+
+
+# -- REFSTREAM_READ_INTERVAL_MS: a loaded partition is read on the member's tick ----------------
+
+INTERVAL_S = 1.0
+
+
+def _ticking(redis: aioredis.Redis, settings: Settings) -> tuple[Member, str]:
+    member = Consumer(
+        settings.model_copy(update={"linger_ms": 0.0, "read_interval_ms": INTERVAL_S * 1000, "block_ms": 50}),
+        redis,
+        cast(Pipeline, _Writes()),
+        name="tick-test",
+    ).member
+    member._backlog[0] = False
+    return member, member.keys.stream(0)
+
+
+async def _fresh(redis: aioredis.Redis, stream: str) -> None:
+    await redis.delete(stream)
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+
+
+async def test_a_read_after_one_that_found_entries_waits_for_the_tick(redis: aioredis.Redis, settings: Settings):
+    member, stream = _ticking(redis, settings)
+    await _fresh(redis, stream)
+    loop = asyncio.get_running_loop()
+    await redis.xadd(stream, {"n": "0"})
+    first, _ = await member._read(0, stream, _Reads(), 100)
+    assert len(first) == 1  # the first read of a partition waits for nothing
+    await redis.xadd(stream, {"n": "1"})  # there before the read: only the tick can hold it back
+    await redis.xadd(stream, {"n": "2"})
+    started = loop.time()
+    second, _ = await member._read(0, stream, _Reads(), 100)
+    assert len(second) == 2, second
+    tick = (started // INTERVAL_S + 1) * INTERVAL_S
+    assert loop.time() >= tick - 0.01, (loop.time(), tick)  # the loop's clock: what the member waits on
+
+
+async def test_a_read_that_found_nothing_or_a_full_batch_is_followed_at_once(redis: aioredis.Redis, settings: Settings):
+    member, stream = _ticking(redis, settings)
+    await _fresh(redis, stream)
+    member._paced[0] = True  # as after a read that found some
+    nothing, _ = await member._read(0, stream, _Reads(), 100)  # on the tick, then BLOCK 50 ms
+    assert nothing == []
+    await redis.xadd(stream, {"n": "0"})
+    await redis.xadd(stream, {"n": "1"})
+    started = time.monotonic()
+    full, _ = await member._read(0, stream, _Reads(), 1)  # after nothing: at once
+    assert len(full) == 1
+    rest, _ = await member._read(0, stream, _Reads(), 1)  # after a full read: at once
+    assert len(rest) == 1
+    assert time.monotonic() - started < INTERVAL_S / 2  # neither waited for a tick
+    assert member._paced[0] is False  # nor will the next: a full read is a drain's

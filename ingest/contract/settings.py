@@ -166,6 +166,14 @@ class Settings(BaseSettings):
         " waits as long at most for the other partitions' to share its transaction (a full read never waits;"
         " 0: never): fewer, larger transactions under a trickle, at this much latency twice.",
     )
+    read_interval_ms: float = Field(
+        10.0,
+        ge=0,
+        le=1000,
+        description="Worker: under a steady load its partitions are read together on a tick this long (after a read"
+        " that found nothing or a full batch, at once): fewer, larger transactions, at up to this much latency"
+        " (0: a partition is read again as soon as its batch is stored).",
+    )
     claim_idle_ms: int = Field(60_000, ge=100, description="Reclaim entries idle this long.")
     reclaim_every_s: int = Field(15, ge=1, le=60)
     drain_timeout_s: float = Field(

@@ -26,7 +26,9 @@ From idle, the first small batch waits up to ``REFSTREAM_LINGER_MS`` (as a short
 for the batches of the other partitions this worker reads, which are usually a few
 milliseconds behind it (each read lingers on its own), and stops waiting as soon as one has
 come from each, or enough to fill half a transaction; between transactions nothing waits
-(what queued meanwhile goes at once).
+(what queued meanwhile goes at once). Under a steady load the partitions are read together
+on the worker's tick (``REFSTREAM_READ_INTERVAL_MS``: ``workers.consumer.consume``), so
+their batches arrive within that gather and share one transaction.
 
 The first batch of a transaction gets its counts (inserted, duplicates, webhook deliveries,
 ...); the others get empty ones that say whose they joined (``BatchResult.joined``): the

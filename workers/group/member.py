@@ -53,6 +53,7 @@ class Member:
         reclaim_count: int | None = None,
         linger: tuple[int, float] | None = None,
         lingers: Callable[[], bool] = lambda: True,
+        interval_s: float = 0.0,
         chores: Iterable[Chore] = (),
         totals: Callable[[], dict[str, Any]] = dict,
         on_gate: Callable[[Gate], None] | None = None,
@@ -68,6 +69,11 @@ class Member:
         # says so at that moment: see workers/consumer/consume.py
         self.linger = linger
         self.lingers = lingers
+        # a fresh read that follows one that found some entries waits for the next multiple
+        # of interval_s (``REFSTREAM_READ_INTERVAL_MS``); one that found none, or a full
+        # batch, is followed at once
+        self.interval_s = interval_s
+        self._paced: dict[int, bool] = {}  # a partition -> its last fresh read found some entries
         self.chores = list(chores)
         self.totals = totals
         self._on_gate = on_gate
@@ -398,8 +404,13 @@ class Member:
             return entries, True
         block = part.block_ms()
         block = self.settings.block_ms if block is None else max(10, min(block, self.settings.block_ms))
+        if self.interval_s and self._paced.get(p) and not self._stopping:
+            # on the member's tick, the same for all its partitions: their reads come back
+            # together and go in one transaction (the combiner's gather)
+            await asyncio.sleep(self.interval_s - asyncio.get_running_loop().time() % self.interval_s)
         reply = await self._xreadgroup({stream: ">"}, count, block)
         entries = reply[0][1] if reply else []
+        self._paced[p] = 0 < len(entries) < count  # a full read (a drain, a backlog) is followed at once
         if (
             self.linger
             and entries
