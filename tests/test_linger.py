@@ -156,6 +156,7 @@ async def test_a_read_that_found_nothing_or_a_full_batch_is_followed_at_once(red
     member._paced[0] = True  # as after a read that found some
     nothing, _ = await member._read(0, stream, _Reads(), 100)  # on the tick, then BLOCK 50 ms
     assert nothing == []
+    assert member._paced[0] is False  # so the next read starts at once
     await redis.xadd(stream, {"n": "0"})
     await redis.xadd(stream, {"n": "1"})
     started = time.monotonic()
