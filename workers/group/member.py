@@ -73,7 +73,7 @@ class Member:
         # of interval_s (``REFSTREAM_READ_INTERVAL_MS``); one that found none, or a full
         # batch, is followed at once
         self.interval_s = interval_s
-        self._paced: dict[int, bool] = {}  # a partition -> its last fresh read found some entries
+        self._paced: dict[int, bool] = {}  # a partition -> its last fresh read found some, not a full batch
         self.chores = list(chores)
         self.totals = totals
         self._on_gate = on_gate
