@@ -151,3 +151,30 @@ def test_bench_merged_scripts_measures_redis_cpu_both_ways():
     line = lines[0]
     alone, merged, ratio = (float(x) for x in re.findall(r"(\d+\.\d+)(?: µs \(|$)", line))
     assert alone > 0 and merged > 0 and ratio == pytest.approx(merged / alone, abs=0.01)
+
+
+def test_bench_merged_scripts_by_part_leaves_each_part_out():
+    from bench.merged_scripts import EVERYTHING, PARTS
+
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.merged_scripts", "--parts"),
+            *("--requests", "300", "--concurrency", "16", "--rounds", "1", "--subjects", "256"),
+        ],
+        capture_output=True,
+        timeout=90,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    text = out.stdout.decode()
+    # every form measured, each against the whole: its µs and what leaving its part out took off
+    rows = {
+        m[0].strip(): (float(m[1]), float(m[2]))
+        for m in re.findall(r"^  (.+?)\s+(\d+\.\d+) \(.*\)\s+([+-]\d+\.\d+)$", text, re.M)
+    }
+    assert set(rows) == {*PARTS, EVERYTHING}, text
+    whole = rows["nothing left out"][0]
+    for us, delta in rows.values():
+        assert us > 0 and delta == pytest.approx(us - whole, abs=0.02)
+    # the dispatch alone does least: no rate limit, no read, no append
+    assert rows[EVERYTHING][0] < whole, text
