@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -27,11 +27,12 @@ import structlog
 from prometheus_client import generate_latest
 
 from ingest.contract import clicks
-from ingest.contract.events import uuid7
+from ingest.contract.events import Envelope, uuid7
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.contract.wire import FIELD
 from ingest.edge.metrics import EdgeMetrics
+from ingest.spool import spool as spool_module
 from ingest.spool import store as spool_store
 from ingest.spool.drain import SpoolDrainFailed
 from ingest.spool.spool import Spool, SpoolFull
@@ -214,6 +215,42 @@ async def test_a_failed_delete_is_retried_without_sending_again(
     finally:
         blocker.close()
         await spool.close()
+        await other.close()
+
+
+async def test_a_spool_closed_while_a_drain_step_hangs_gives_its_lock_back_quietly(
+    redis, stream: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The edge closes its spool while a drain step waits (on the erasure ledger, as under a
+    Postgres that does not answer): the step is cancelled and ends before the lock and the
+    store are closed under it, so it gives the lock back itself, logs no failure, and the row
+    stays for the next drain."""
+    monkeypatch.setattr(spool_module, "DRAINER_CLOSE_S", 0.2)
+    entered = asyncio.Event()
+
+    async def unchecked(envelopes: list[Envelope]) -> dict[int, Envelope]:
+        return {}
+
+    @contextlib.asynccontextmanager
+    async def hung_ledger() -> AsyncIterator[Callable[[list[Envelope]], Awaitable[dict[int, Envelope]]]]:
+        entered.set()
+        await asyncio.Event().wait()  # never answers
+        yield unchecked
+
+    spool, other = Spool(tmp_path, max_bytes=1 << 20), Spool(tmp_path, max_bytes=1 << 20)
+    try:
+        marker, e = envelope()
+        await spool.append(stream, e)
+        with structlog.testing.capture_logs() as logs:
+            spool.start(redis, every_s=0.01, ledger=hung_ledger)
+            await asyncio.wait_for(entered.wait(), 10)
+            drainer = spool._drainer
+            await spool.close()
+        assert drainer is not None and drainer.done()
+        assert [x for x in logs if x["log_level"] in ("error", "critical") or "exception" in x] == []
+        assert await other.drain(redis) == 1  # the lock given back, the row still there
+        assert await stored(redis, stream) == [marker]
+    finally:
         await other.close()
 
 

@@ -130,8 +130,9 @@ class Drain:
                 self._reached()
             return await self._drain_locked(redis)
         finally:
-            if not self._replayed:  # else held: nobody may send those rows again
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+            # else held: nobody may send those rows again (and a lock closed already is given back)
+            if not self._replayed and self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     async def _drain_locked(self, redis: Redis) -> int:
         n = 0

@@ -34,6 +34,12 @@ from ingest.spool.drain import Drain
 
 log = structlog.get_logger("ingest.spool")
 
+# close(): how long the writer may take to commit what is queued, a drain step to finish,
+# and either one to end once cancelled
+WRITER_CLOSE_S = 30.0
+DRAINER_CLOSE_S = 10.0
+CANCELLED_END_S = 5.0
+
 
 class SpoolError(Outage, OSError):
     """The spool could not keep an event: the caller must not answer 2xx (routes answer 503)."""
@@ -145,13 +151,16 @@ class Spool(Drain):
         """Commit what is queued, let a drain step finish (a bounded wait), close the store."""
         self._stop.set()
         self._wake.set()
-        for task, wait_s in ((self._writer, 30.0), (self._drainer, 10.0)):
+        for task, wait_s in ((self._writer, WRITER_CLOSE_S), (self._drainer, DRAINER_CLOSE_S)):
             if task is None:
                 continue
             try:
                 await asyncio.wait_for(asyncio.shield(task), wait_s)
             except TimeoutError:
+                # cut short, then let it end before what it holds is closed under it: a drain
+                # step gives its lock back in its own ``finally``
                 task.cancel()
+                await asyncio.wait({task}, timeout=CANCELLED_END_S)
             except Exception:
                 log.exception("spool.close_failed")
         for *_, fut in self._pending:
