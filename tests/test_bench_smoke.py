@@ -20,7 +20,7 @@ import pytest
 pytestmark = pytest.mark.once
 
 
-def _bench_json(only: str, timeout: float) -> dict[str, Any]:
+def _skip_without_wrk() -> None:
     # the bench installs wrk itself where it can (root, apt-get); elsewhere, outside CI, say so and skip
     if (
         shutil.which("wrk") is None
@@ -29,6 +29,10 @@ def _bench_json(only: str, timeout: float) -> dict[str, Any]:
     ):
         print("\nSKIPPING the bench smoke test: wrk is missing and cannot be installed here")
         pytest.skip("wrk is missing and cannot be installed here (apt-get install -y wrk)")
+
+
+def _bench_json(only: str, timeout: float) -> dict[str, Any]:
+    _skip_without_wrk()
     out = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--runs", "1", "--json", "--only", only, "--duration", "1"],
         capture_output=True,
@@ -178,3 +182,45 @@ def test_bench_merged_scripts_by_part_leaves_each_part_out():
         assert us > 0 and delta == pytest.approx(us - whole, abs=0.02)
     # the dispatch alone does least: no rate limit, no read, no append
     assert rows[EVERYTHING][0] < whole, text
+
+
+def test_bench_edge_ablation_cuts_each_still_find_their_code(tmp_path):
+    """Every cut of ``bench.edge_ablation`` replaces text that is in the tree, once, and the
+    copy it makes still compiles: a cut whose code changed shape fails here, not in a run."""
+    import py_compile
+
+    from bench.edge_ablation import CUTS, make_copy
+
+    for i, (name, cut) in enumerate(CUTS.items()):
+        copy = make_copy(cut, tmp_path / f"cut{i}")
+        for rel, _old, new in cut:
+            assert new in (copy / rel).read_text(), name
+            py_compile.compile(str(copy / rel), doraise=True)
+
+
+@pytest.mark.timeout(240)
+def test_bench_edge_ablation_measures_a_cut_against_the_whole_route():
+    _skip_without_wrk()
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.edge_ablation", "--rounds", "1", "--duration", "1", "--warmup", "1"),
+            *("--cuts", "the lookup and all after the body"),
+        ],
+        capture_output=True,
+        timeout=220,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr.decode()[-3000:] + out.stdout.decode()[-3000:]
+    text = out.stdout.decode()
+    rows = {
+        m[0].strip(): (float(m[1]), float(m[2]), float(m[3]), float(m[4]))
+        for m in re.findall(r"^  (.+?)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+([+-]\d+\.\d+)$", text, re.M)
+    }
+    assert set(rows) == {"nothing cut", "the lookup and all after the body"}, text
+    whole = rows["nothing cut"][0]
+    for edge, hello, ratio, taken in rows.values():
+        assert edge > 0 and hello > 0
+        assert ratio == pytest.approx(edge / hello, rel=0.02)
+        assert taken == pytest.approx(edge - whole, abs=0.11)
+    # a click answered without its lookup costs the edge less than one that looks up and appends
+    assert rows["the lookup and all after the body"][0] < whole, text
