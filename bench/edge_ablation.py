@@ -8,7 +8,7 @@ code, so py-spy loses their callers on many samples, and what it keeps is spread
 hundred functions of a few per cent each. A cut says what a part costs in all: its own
 Python, the loop's callbacks and system calls it causes, the allocations it leaves behind.
 
-Each cut (``CUTS``) is a set of text replacements in a copy of the ``ingest`` package (made
+Each cut (``CUTS``) is a set of text replacements in a copy of the tree's packages (made
 under a temporary directory, dropped after); every replacement must find its text exactly
 once, so a cut whose code has changed shape fails the run rather than measuring nothing.
 Each round runs ``python -m bench --only a,b000 --runs 1`` once per cut, in turn, with the
@@ -134,7 +134,7 @@ def main() -> None:
         copies = {n: make_copy(CUTS[n], Path(tmp) / f"cut{i}") for i, n in enumerate(names)}
         for r in range(args.rounds):
             for n in names:
-                runs[n].append(measure(copies[n], args.duration, args.warmup, Path(tmp) / f"r{r}-{len(runs[n])}.json"))
+                runs[n].append(measure(copies[n], args.duration, args.warmup, copies[n] / f"round{r}.json"))
                 hello, edge = runs[n][-1]
                 print(f"[round {r + 1}] {n}: edge {edge:.1f} µs a request, hello-world {hello:.1f}", flush=True)
     whole = statistics.median(e for _, e in runs[WHOLE])
