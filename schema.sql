@@ -1035,3 +1035,29 @@ RETURNS jsonb LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN payload ? 'code' THEN payload
                 ELSE event_payload_ids(event_payload(payload, link, referrer), click, visitor) END
 $$;
+
+-- Schema version 21: a click_burst window as one byte string. `burst_windows` holds what
+-- `click_windows` did (schema 18), a pair's newest `keep` clicks stored, as one bytea of
+-- 24-byte entries, oldest first: the click's received time in ms (8 bytes, big-endian) and
+-- its event id (16), so that byte order is (time, id) order. A batch merges its clicks into
+-- a row by slicing and joining bytes (workers/consumer/bursts.py), where two arrays of
+-- bigint and uuid were taken apart and built again in every statement. The windows still
+-- open are copied at the upgrade. `click_windows` stays while a worker of schemas 18 to 20
+-- may still write it (a rolling upgrade, a rollback): what such a worker merges after the
+-- copy is not counted by this build's, so a count may fall short while both run, never
+-- exceed. This build's worker deletes its rows once past their time, and an erasure its
+-- person's in both tables.
+CREATE TABLE IF NOT EXISTS burst_windows (
+    link_id uuid NOT NULL,
+    ip      inet NOT NULL,
+    keep    integer NOT NULL,
+    until   timestamptz NOT NULL,
+    clicks  bytea NOT NULL,
+    PRIMARY KEY (link_id, ip)
+);
+INSERT INTO burst_windows (link_id, ip, keep, until, clicks)
+SELECT w.link_id, w.ip, w.keep, w.until,
+       (SELECT string_agg(int8send(a) || uuid_send(i), ''::bytea ORDER BY a, i) FROM unnest(w.ats, w.ids) u (a, i))
+FROM click_windows w
+WHERE w.until > now() AND cardinality(w.ats) > 0
+ON CONFLICT DO NOTHING;

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import random
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
+from ingest.contract import erasure as ledger
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.manage import admin
+from ingest.privacy import erasure as pg_erasure
 from workers.consumer import bursts
 from workers.consumer.enrich import Enricher
 from workers.consumer.store import write_batch
@@ -52,6 +55,13 @@ async def _link(pg: asyncpg.Pool, redis: Any, keys: Keys, code: str, thresholds:
     return ws, link
 
 
+def held(clicks: bytes) -> list[tuple[int, UUID]]:
+    """A window's ``burst_windows.clicks`` (schema 21): 24-byte entries, a click's time in ms
+    (8 bytes, big-endian) and its event id."""
+    starts = range(0, len(clicks), 24)
+    return [(int.from_bytes(clicks[j : j + 8], "big"), UUID(bytes=clicks[j + 8 : j + 24])) for j in starts]
+
+
 def _click(ws: Any, code: str, ip: str, ms: int) -> Envelope:
     return Envelope(
         EventType.CLICK,
@@ -82,18 +92,18 @@ async def test_a_sustained_burst_counts_each_click_to_the_threshold_plus_one(
     assert not await pg.fetchval(
         "SELECT count(*) FROM event_flags WHERE event_id = ANY($1::uuid[])", [c.event_id for c in sent]
     )
-    window = await pg.fetchrow("SELECT keep, ats, ids FROM click_windows WHERE link_id = $1", link["id"])
+    window = await pg.fetchrow("SELECT keep, clicks FROM burst_windows WHERE link_id = $1", link["id"])
     newest = sorted((c.received_at_ms, c.event_id) for c in sent)[-21:]
-    assert window["keep"] == 21 and list(zip(window["ats"], window["ids"], strict=True)) == newest
+    assert window["keep"] == 21 and held(window["clicks"]) == newest
 
     one = _click(ws, "sustained", "198.51.100.9", at + 30_050)
     await write_batch(pg, [one])
     assert await pg.fetchval("SELECT burst_clicks FROM events WHERE event_id = $1", one.event_id) == 20
     # a redelivered copy of the burst (a reclaim, a replay) stores nothing and changes no window
     assert (await write_batch(pg, [*sent[-50:], one])).inserted == 0
-    again = await pg.fetchrow("SELECT ats, ids FROM click_windows WHERE link_id = $1", link["id"])
+    again = await pg.fetchval("SELECT clicks FROM burst_windows WHERE link_id = $1", link["id"])
     newest = sorted((c.received_at_ms, c.event_id) for c in [*sent, one])[-21:]
-    assert list(zip(again["ats"], again["ids"], strict=True)) == newest
+    assert held(again) == newest
     assert len(await pg.fetch(FLAGS, link["id"])) == 281
 
 
@@ -159,15 +169,13 @@ async def test_a_window_past_its_time_goes_and_a_later_click_starts_afresh(
     assert len(await pg.fetch(FLAGS, link["id"])) == 3 + 1
     async with pg.acquire() as conn:
         assert await bursts.prune(conn) >= 1
-    left = await pg.fetch("SELECT host(ip) AS ip FROM click_windows WHERE link_id = $1", link["id"])
+    left = await pg.fetch("SELECT host(ip) AS ip FROM burst_windows WHERE link_id = $1", link["id"])
     assert [r["ip"] for r in left] == ["198.51.100.31"]
     late = _click(ws, "pruned", "198.51.100.30", now)
     await write_batch(pg, [late])
     assert len(await pg.fetch(FLAGS, link["id"])) == 4
-    row = await pg.fetchrow(
-        "SELECT ats, ids FROM click_windows WHERE link_id = $1 AND ip = '198.51.100.30'", link["id"]
-    )
-    assert list(zip(row["ats"], row["ids"], strict=True)) == [(late.received_at_ms, late.event_id)]
+    row = await pg.fetchval("SELECT clicks FROM burst_windows WHERE link_id = $1 AND ip = '198.51.100.30'", link["id"])
+    assert held(row) == [(late.received_at_ms, late.event_id)]
 
 
 async def test_an_excluded_burst_keeps_its_flag_row_and_counts_nothing(
@@ -190,3 +198,34 @@ async def test_an_excluded_burst_keeps_its_flag_row_and_counts_nothing(
     assert [(r["excluded"], r["burst_clicks"]) for r in rows] == [(True, None)] * 3
     assert all(r["evidence"] == {"clicks": 3, "threshold_clicks": 2, "window_seconds": 60} for r in rows)
     assert await pg.fetchval("SELECT clicks FROM links WHERE id = $1", link["id"]) == 2
+
+
+async def test_an_erasure_deletes_its_persons_windows_in_both_tables(pg: asyncpg.Pool, redis: Any, keys: Keys) -> None:
+    """An erasure deletes the windows of its person's clicks (their link and address): in
+    schema 21's ``burst_windows``, and in schema 18's ``click_windows``, which a worker of an
+    older build may still write during an upgrade. Another address's window stays."""
+    ws, link = await _link(pg, redis, keys, "erased")
+    now = Envelope(EventType.CLICK, Dialect.BIORE, {}).received_at_ms
+    mine = _click(ws, "erased", "198.51.100.40", now)
+    mine.payload["visitor_id"] = "v-erased"
+    other = _click(ws, "erased", "198.51.100.41", now + 1)
+    lead = {"code": "erased", "visitor_id": "v-erased", "external_id": "cus_w", "name": "Sign Up"}
+    signed = Envelope(EventType.LEAD, Dialect.REFPORT, lead, ws["workspace_id"], received_at_ms=now + 2)
+    assert (await write_batch(pg, [mine, other, signed])).inserted == 3
+    async with pg.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO click_windows (link_id, ip, keep, until, ats, ids)"
+            " VALUES ($1, '198.51.100.40', 21, now() + interval '1 minute', ARRAY[$2::bigint], ARRAY[$3::uuid])",
+            link["id"],
+            now,
+            mine.event_id,
+        )
+    ledger.forget_salt()  # the process's salt is this database's for the erasure, then no one's
+    try:
+        done = await pg_erasure.erase(pg, ws["workspace_id"], "cus_w", by="test", archive_days=30)
+    finally:
+        ledger.forget_salt()
+    assert done.rows["burst_windows"] == 1 and done.rows["click_windows"] == 1
+    left = await pg.fetch("SELECT host(ip) AS ip FROM burst_windows WHERE link_id = $1", link["id"])
+    assert [r["ip"] for r in left] == ["198.51.100.41"]
+    assert await pg.fetchval("SELECT count(*) FROM click_windows WHERE link_id = $1", link["id"]) == 0

@@ -25,7 +25,7 @@ V18 = (
     _V19[: _V19.index("-- Schema version 19:")]
     + "CREATE INDEX IF NOT EXISTS events_link_id ON events (link_id, event_id);\n"
 )
-AHEAD = re.compile(r"CREATE TABLE IF NOT EXISTS event_agents \(.*?\n\);", re.S)
+AHEAD = re.compile(r"CREATE TABLE IF NOT EXISTS (event_agents|burst_windows) \(.*?\n\);", re.S)
 _WORLD = """
 WITH w AS (INSERT INTO workspaces (name) VALUES ('old') RETURNING id),
 p AS (INSERT INTO programs (workspace_id, name) SELECT id, 'Main' FROM w RETURNING id, workspace_id)
@@ -58,9 +58,10 @@ async def test_a_schema_18_database_reads_a_links_events_without_their_own_index
         at = int((datetime.now(UTC) - timedelta(seconds=30)).timestamp() * 1000)
         clicks = [_click({"workspace_id": ws}, "OLD1", f"198.51.100.{i}", at + 1000 * i) for i in range(6)]
         # stored by this build's worker, which names events.agent_id in event_agents (schema
-        # 20): those alone made ahead
+        # 20) and merges its clicks into burst_windows (21): those alone made ahead
         await conn.execute("ALTER TABLE events ADD COLUMN agent_id integer")
-        await conn.execute(AHEAD.search(schema_sql()).group(0))  # type: ignore[union-attr]
+        for made in AHEAD.finditer(schema_sql()):
+            await conn.execute(made.group(0))
         assert (await write_batch(pool, clicks)).inserted == 6
         foreign = uuid7()
         await conn.execute(_FOREIGN, foreign, link["workspace_id"], link["id"], link["program_id"])

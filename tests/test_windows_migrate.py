@@ -3,7 +3,8 @@ click_burst rule counts from windows per link and address (``click_windows``), a
 index of every click by link and address (``events_click_ip``) goes from every partition.
 The rule counts from the upgrade on: a burst that began before it is flagged once it
 crosses the threshold after it. The rollback (docs/operations.md): the older build's
-migrate makes the index again, and schema 17's count reads it."""
+migrate makes the index again, and schema 17's count reads it. And from schema 20 to 21:
+the windows become byte strings (``burst_windows``), the open ones copied."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from ingest.contract.events import uuid7
 from ingest.contract.settings import Settings
 from ingest.manage import schema_check
 from ingest.manage.db import SCHEMA_VERSION, migrate
+from workers.consumer import bursts
 from workers.consumer.store import write_batch
 
 from ._migrate import DATA, old_database, scratch
 from ._world import BROWSER
-from .test_bursts import _click
+from .test_bursts import _click, held
 
 _WORLD = """
 WITH w AS (INSERT INTO workspaces (name) VALUES ('old') RETURNING id),
@@ -84,6 +86,7 @@ async def test_a_schema_17_database_with_clicks_takes_the_windows_of_schema_18(
         assert (await schema_check.check_url(scratch_url)).ok
         assert await conn.fetch(_CLICK_IP_INDEXES) == []
         assert await conn.fetchval("SELECT count(*) FROM click_windows") == 0
+        assert await conn.fetchval("SELECT count(*) FROM burst_windows") == 0
 
         # after it, four clicks from the same address: counted from the upgrade on, the
         # third and fourth cross the threshold of two
@@ -95,10 +98,11 @@ async def test_a_schema_17_database_with_clicks_takes_the_windows_of_schema_18(
             (c.event_id, 2) for c in clicks[2:]
         )
         assert await conn.fetchval("SELECT count(*) FROM event_flags") == 0  # on the rows
-        window = await conn.fetchrow("SELECT keep, ids FROM click_windows WHERE link_id = $1", link["id"])
-        assert window["keep"] == 3 and window["ids"] == [c.event_id for c in clicks[1:]]
+        # (schema 21's windows: this build's worker writes burst_windows)
+        window = await conn.fetchrow("SELECT keep, clicks FROM burst_windows WHERE link_id = $1", link["id"])
+        assert window["keep"] == 3 and [i for _, i in held(window["clicks"])] == [c.event_id for c in clicks[1:]]
         assert await migrate(conn) == SCHEMA_VERSION  # a second run changes nothing
-        assert await conn.fetchval("SELECT count(*) FROM click_windows") == 1
+        assert await conn.fetchval("SELECT count(*) FROM burst_windows") == 1
 
         # the rollback: the flags on the rows become event_flags rows, which schema 17 reads;
         # the older build's migrate (its schema.sql) makes the index again on every
@@ -114,3 +118,61 @@ async def test_a_schema_17_database_with_clicks_takes_the_windows_of_schema_18(
         assert await conn.fetchval(_V17_COUNT, jsonrows.doc([one])) == 8
         plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {_V17_COUNT}", jsonrows.doc([one])))
         assert "link_id_ip_received_at_idx" in plan, plan
+
+
+# what schema 20's worker left of a pair's clicks (workers/consumer/bursts.py, then)
+_V20_WINDOW = """
+INSERT INTO click_windows (link_id, ip, keep, until, ats, ids) VALUES ($1, $2::inet, 3, $3, $4::bigint[], $5::uuid[])
+"""
+_COLUMNS = """
+SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod), ', ' ORDER BY attnum)
+FROM pg_attribute WHERE attrelid = 'click_windows'::regclass AND attnum > 0 AND NOT attisdropped
+"""
+
+
+async def test_a_schema_20_database_copies_its_open_windows_into_the_byte_strings_of_schema_21(
+    scratch_url: str, settings: Settings
+) -> None:
+    """`refstream migrate` from 20 to 21 while a burst is under way: the window still open
+    is copied (its entries in (time, id) order), so the burst's next click is flagged across
+    the upgrade; one past its time is not, and the worker's prune deletes it from schema 20's
+    table. The rollback (docs/operations.md): schema 20's build runs on the same database,
+    its table as it was."""
+    async with scratch(scratch_url, settings) as (conn, pool):
+        await old_database(conn, 20)
+        link = await conn.fetchrow(_WORLD)
+        ws = link["workspace_id"]
+        now = datetime.now(UTC) - timedelta(seconds=5)
+        at = int(now.timestamp() * 1000)
+        ids = [uuid7(), uuid7()]
+        for i, event_id in enumerate(ids):  # two clicks of a burst, stored by schema 20's worker
+            await conn.execute(
+                _V17_CLICK, event_id, ws, link["id"], link["program_id"], now + timedelta(milliseconds=i), IP, BROWSER
+            )
+        # out of (time, id) order in the arrays' text on purpose: the copy sorts them
+        await conn.execute(_V20_WINDOW, link["id"], IP, now + timedelta(seconds=60), [at + 1, at], ids[::-1])
+        gone = "198.51.100.8"  # a window past its time: not copied, and pruned
+        await conn.execute(_V20_WINDOW, link["id"], gone, now - timedelta(seconds=1), [at - 90_000], [uuid7()])
+        columns = await conn.fetchval(_COLUMNS)
+
+        assert await migrate(conn) == SCHEMA_VERSION >= 21
+        assert (await schema_check.check_url(scratch_url)).ok
+        copied = await conn.fetch("SELECT host(ip) AS ip, keep, clicks FROM burst_windows")
+        assert [(r["ip"], r["keep"]) for r in copied] == [(IP, 3)]
+        assert held(copied[0]["clicks"]) == [(at, ids[0]), (at + 1, ids[1])]
+        assert await migrate(conn) == SCHEMA_VERSION  # a second run copies nothing again
+        assert await conn.fetchval("SELECT clicks FROM burst_windows") == copied[0]["clicks"]
+
+        # the burst's third click, after the upgrade, crosses the threshold of two
+        third = _click({"workspace_id": str(ws)}, "OLD1", IP, at + 10)
+        assert (await write_batch(pool, [third])).inserted == 1
+        assert await conn.fetchval("SELECT burst_clicks FROM events WHERE event_id = $1", third.event_id) == 2
+        window = await conn.fetchval("SELECT clicks FROM burst_windows WHERE host(ip) = $1", IP)
+        assert held(window) == [(at, ids[0]), (at + 1, ids[1]), (at + 10, third.event_id)]
+        async with pool.acquire() as c:
+            assert await bursts.prune(c) == 1
+        assert [r["ip"] for r in await conn.fetch("SELECT host(ip) AS ip FROM click_windows")] == [IP]
+
+        # the rollback: schema 20's build migrates (its schema.sql) and finds its table as it was
+        await conn.execute((DATA / "schema_v20.sql").read_text())
+        assert await conn.fetchval(_COLUMNS) == columns

@@ -61,7 +61,9 @@ from ingest.manage import online
 #     and visitor id, event_payload(payload, link, referrer, click, visitor) puts them back;
 #     events_workspace_named_click (without a click's own id) replaces events_workspace_click,
 #     built online (ingest.manage.online)
-SCHEMA_VERSION = 20
+# 21: a click_burst window as one byte string of (time, event id) entries (burst_windows),
+#     where click_windows held two arrays; click_windows kept for older workers
+SCHEMA_VERSION = 21
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

@@ -36,6 +36,7 @@ from ingest.contract.connections import Command
 from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
 from ingest.contract.errors import NotFound
 from ingest.contract.events import Envelope, EventType
+from ingest.contract.fraud import BURST_WINDOW_TABLES
 from ingest.contract.keys import Keys
 
 _PASSES = 5  # a person whose visitors keep turning up more: each pass fences and scans again
@@ -290,14 +291,17 @@ async def scrub_rows(
     # keyed by their address: gone, so a later count of the pair starts afresh. First of
     # the rows it writes: a batch locks a window before the other tables it shares with this
     pairs = sorted({(r["link_id"], r["ip"]) for r in found if r["ip"] and r["type"] == 1 and r["link_id"]})
-    windows = _count(
-        await conn.execute(
-            "DELETE FROM click_windows w USING unnest($1::uuid[], $2::inet[]) AS x (link_id, ip)"
-            " WHERE w.link_id = x.link_id AND w.ip = x.ip",
-            [p[0] for p in pairs],
-            [p[1] for p in pairs],
+    windows = {
+        table: _count(
+            await conn.execute(
+                f"DELETE FROM {table} w USING unnest($1::uuid[], $2::inet[]) AS x (link_id, ip)"
+                " WHERE w.link_id = x.link_id AND w.ip = x.ip",
+                [p[0] for p in pairs],
+                [p[1] for p in pairs],
+            )
         )
-    )
+        for table in BURST_WINDOW_TABLES
+    }
     # external_id None: a visitor's or a click's rows alone (a late lead's, ``follow``)
     x_alias = erasure.pseudonym(key, EXTERNAL, external_id, workspace_id) if external_id is not None else None
     ids = [r["event_id"] for r in found]
@@ -402,7 +406,7 @@ async def scrub_rows(
     earned = await conn.fetch(_COMMISSIONS, workspace_id, x_alias, subjects)
     subjects += [r["id"] for r in earned]
     rows["webhook_deliveries"] = await _redact_deliveries(conn, subjects, values)
-    rows["click_windows"] = windows
+    rows.update(windows)
     ips = sorted({r["ip"] for r in found if r["ip"]})
     rows["affiliate_ips"] = _count(
         await conn.execute(

@@ -1,8 +1,8 @@
 """The click_burst rule's count: one address's recent clicks on one link, read from a
 window kept per (link, address), not from an index of every click.
 
-``click_windows`` holds, per link and address, the newest ``keep`` clicks stored (their
-received time and event id), ``keep`` being the link's program's ``burst_clicks`` + 1: a
+``burst_windows`` holds, per link and address, the newest ``keep`` clicks stored (their
+received time and event id, in one byte string: schema 21), ``keep`` being the link's program's ``burst_clicks`` + 1: a
 count stops there, since whether a click crossed the line is all the rule decides. A batch
 reads the windows of its clicks' (link, address) pairs and merges its own clicks into them
 in one statement, in the batch's transaction, before its events are inserted (so that a
@@ -25,6 +25,8 @@ always counted them; test mode, and the clicks an import stores, never).
 A row past its ``until`` (its newest click + the window) counts nothing more: ``prune``
 deletes those, on the consumer's timer, skipping a row a batch holds. An erasure deletes
 its person's pairs (``ingest.privacy.erasure``), a workspace's deletion its links'.
+Schema 18's ``click_windows`` (the same, as two arrays) is pruned too while a worker of
+schemas 18 to 20 may still write it.
 """
 
 from __future__ import annotations
@@ -37,57 +39,75 @@ from uuid import UUID
 import asyncpg
 
 from ingest.contract import jsonrows
+from ingest.contract.fraud import BURST_WINDOW_TABLES
 from workers.consumer.stored import Stored
 
 _TOP: Final = (1 << 128) - 1  # past every event id, as an int
 
+# A window's entry: a click's received time in ms (8 bytes, big-endian) and its event id
+# (16), so that the bytes sort as (time, id) do; a window's entries are oldest first
+_ENTRY: Final = 24
+_NEWEST_AT = f"substr(w.clicks, length(w.clicks) - {_ENTRY - 1}, 8)"  # the window's newest click's time
 # `before`: the windows as the statement's snapshot shows them. Where a window's clicks
 # all come before every click of the batch (clicks arrive in time order) and within the
-# window of each (a burst), its size alone is read (`n`); else its times (`ats`: its
-# order where they all come before the batch's), and its ids too where they do not. The
+# window of each (a burst), its size alone is read (`n`); else its entries (`clicks`), of
+# which the times alone count where they all come before the batch's (`ids`: false). The
 # insert then merges the batch's clicks into each, waiting for a concurrent batch's lock
 # on a row if it must, in key order: where they all come after the window's newest, the
-# window's tail and the batch's make it (two slices); else the newest `keep` of both, in
-# (time, id) order, each entry once (a redelivered click). The batch's times and ids come
-# as JSON arrays, made Postgres's array literals by `translate`
-_IN_ORDER = "(w.ats[cardinality(w.ats)], w.ids[cardinality(w.ids)]) < (EXCLUDED.ats[1], EXCLUDED.ids[1])"
-_TAIL = "(w.{a} || EXCLUDED.{a})[cardinality(w.{a}) + cardinality(EXCLUDED.{a}) - EXCLUDED.keep + 1:]"
-_NEWEST = """(SELECT DISTINCT a, i FROM unnest(w.ats || EXCLUDED.ats, w.ids || EXCLUDED.ids) u (a, i)
-                         ORDER BY a DESC, i DESC LIMIT EXCLUDED.keep) newest"""
+# window's tail and the batch's make it (two byte strings joined and cut); else the newest
+# `keep` of both, in (time, id) order, each entry once (a redelivered click). The batch's
+# entries come as hex, its times as numbers made bytes by `int8send`
+_IN_ORDER = f"substr(w.clicks, length(w.clicks) - {_ENTRY - 1}) < substr(EXCLUDED.clicks, 1, {_ENTRY})"
+_TAIL = f"""substr(w.clicks || EXCLUDED.clicks,
+                              greatest(1, length(w.clicks) + length(EXCLUDED.clicks) - EXCLUDED.keep * {_ENTRY} + 1))"""
+_NEWEST = f"""(SELECT string_agg(e, ''::bytea ORDER BY e) FROM (
+                     SELECT DISTINCT substr(x.b, i * {_ENTRY} + 1, {_ENTRY}) AS e
+                     FROM (SELECT w.clicks || EXCLUDED.clicks AS b) x, generate_series(0, length(x.b) / {_ENTRY} - 1) i
+                     ORDER BY 1 DESC LIMIT EXCLUDED.keep) newest)"""
 _MERGE = f"""
-WITH d (k, link_id, ip, keep, since, reach, ats, ids, until) AS MATERIALIZED (
-    SELECT (r->>0)::int, (r->>1)::uuid, (r->>2)::inet, (r->>3)::int, (r->>4)::bigint, (r->>5)::bigint,
-           translate(r->>6, '[]', '{{}}')::bigint[], translate(r->>7, '[]"', '{{}}')::uuid[],
-           to_timestamp((r->>8)::bigint / 1000.0)
+WITH d (k, link_id, ip, keep, since, reach, clicks, until) AS MATERIALIZED (
+    SELECT (r->>0)::int, (r->>1)::uuid, (r->>2)::inet, (r->>3)::int, int8send((r->>4)::bigint),
+           int8send((r->>5)::bigint), decode(r->>6, 'hex'), to_timestamp((r->>7)::bigint / 1000.0)
     FROM jsonb_array_elements($1::text::jsonb) AS r
 ),
 before AS (
-    SELECT d.k, cardinality(w.ats) AS n,
-           CASE WHEN w.ats[cardinality(w.ats)] >= d.since OR w.ats[1] <= d.reach THEN w.ats END AS ats,
-           CASE WHEN w.ats[cardinality(w.ats)] >= d.since THEN w.ids END AS ids
-    FROM d JOIN click_windows w ON w.link_id = d.link_id AND w.ip = d.ip
+    SELECT d.k, length(w.clicks) / {_ENTRY} AS n,
+           CASE WHEN {_NEWEST_AT} >= d.since OR substr(w.clicks, 1, 8) <= d.reach THEN w.clicks END AS clicks,
+           {_NEWEST_AT} >= d.since AS ids
+    FROM d JOIN burst_windows w ON w.link_id = d.link_id AND w.ip = d.ip
 ),
 merged AS (
-    INSERT INTO click_windows AS w (link_id, ip, keep, until, ats, ids)
-    SELECT link_id, ip, keep, until, ats, ids FROM d ORDER BY link_id, ip
+    INSERT INTO burst_windows AS w (link_id, ip, keep, until, clicks)
+    SELECT link_id, ip, keep, until, clicks FROM d ORDER BY link_id, ip
     ON CONFLICT (link_id, ip) DO UPDATE SET
         keep = EXCLUDED.keep,
         until = greatest(w.until, EXCLUDED.until),
-        ats = CASE WHEN {_IN_ORDER} THEN {_TAIL.format(a="ats")}
-                   ELSE (SELECT array_agg(a ORDER BY a, i) FROM {_NEWEST}) END,
-        ids = CASE WHEN {_IN_ORDER} THEN {_TAIL.format(a="ids")}
-                   ELSE (SELECT array_agg(i ORDER BY a, i) FROM {_NEWEST}) END
+        clicks = CASE WHEN {_IN_ORDER} THEN {_TAIL} ELSE {_NEWEST} END
     RETURNING 1
 )
-SELECT k, n, ats, ids FROM before
+SELECT k, n, clicks, ids FROM before
 """
 
-# rows past their window, a chunk at a time; a row a batch holds is skipped (next time)
+# rows past their window, a chunk at a time; a row a batch holds is skipped (next time).
+# Also schema 18's table, which a worker of schemas 18 to 20 may still write
 _PRUNE = """
-DELETE FROM click_windows WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM click_windows WHERE until < now() LIMIT $1 FOR UPDATE SKIP LOCKED))
+DELETE FROM {table} WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM {table} WHERE until < now() LIMIT $1 FOR UPDATE SKIP LOCKED))
 """
 PRUNE_CHUNK = 10_000
+
+
+def entry(at_ms: int, event_id: UUID) -> bytes:
+    """A click's entry in a window: its time and id, as ``burst_windows.clicks`` holds them."""
+    return at_ms.to_bytes(8, "big") + event_id.bytes
+
+
+def entries(clicks: bytes) -> list[tuple[int, int]]:
+    """A window's ``clicks``: (time in ms, event id as an int), oldest first."""
+    return [
+        (int.from_bytes(clicks[j : j + 8], "big"), int.from_bytes(clicks[j + 8 : j + _ENTRY], "big"))
+        for j in range(0, len(clicks), _ENTRY)
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +150,8 @@ async def count(
                 ip,
                 lim.clicks + 1,
                 mine[0][0],  # since: the batch's oldest
-                last - lim.seconds * 1000,  # reach: a window's click after it is in every one's window
-                [a for a, _ in newest],
-                [i for _, i in newest],
+                max(0, last - lim.seconds * 1000),  # reach: a window's click after it is in every one's window
+                b"".join(entry(a, i) for a, i in newest).hex(),
                 last + lim.seconds * 1000,  # until
             )
         )
@@ -142,15 +161,15 @@ async def count(
     # order, each once (a redelivered click the window holds already)
     before_all: dict[tuple[str, str], int] = {}
     earlier: dict[tuple[str, str], list[int]] = {}
-    entries = {key: [(a, i.int) for a, i in v] for key, v in pairs.items()}
+    held = {key: [(a, i.int) for a, i in v] for key, v in pairs.items()}
     for r in await conn.fetch(_MERGE, jsonrows.doc(rows)):
         key = keys[r["k"]]
-        if r["ats"] is None:
+        if r["clicks"] is None:
             before_all[key] = r["n"]
-        elif r["ids"] is None:
-            earlier[key] = r["ats"]
+        elif not r["ids"]:
+            earlier[key] = [a for a, _ in entries(r["clicks"])]
         else:
-            entries[key] = sorted(set(entries[key]).union(zip(r["ats"], (i.int for i in r["ids"]), strict=True)))
+            held[key] = sorted(set(held[key]).union(entries(r["clicks"])))
     out = []
     for s in candidates:
         assert s.ip is not None
@@ -158,8 +177,8 @@ async def count(
         lim = limits_of[s.link.id]
         at = s.envelope.received_at_ms
         since = at - lim.seconds * 1000  # the window: after this
-        held = entries[key]
-        n = bisect_right(held, (at, s.envelope.event_id.int)) - bisect_right(held, (since, _TOP))
+        window = held[key]
+        n = bisect_right(window, (at, s.envelope.event_id.int)) - bisect_right(window, (since, _TOP))
         n += before_all.get(key, 0)
         if (before := earlier.get(key)) is not None:
             n += len(before) - bisect_right(before, since)
@@ -170,8 +189,10 @@ async def count(
 async def prune(conn: asyncpg.Connection) -> int:
     """Delete the windows past their time; how many."""
     total = 0
-    while True:
-        n = int((await conn.execute(_PRUNE, PRUNE_CHUNK)).split()[-1])
-        total += n
-        if n < PRUNE_CHUNK:
-            return total
+    for table in BURST_WINDOW_TABLES:
+        while True:
+            n = int((await conn.execute(_PRUNE.format(table=table), PRUNE_CHUNK)).split()[-1])
+            total += n
+            if n < PRUNE_CHUNK:
+                break
+    return total

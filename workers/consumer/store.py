@@ -6,7 +6,7 @@ and so moves nothing. Every write is set-based (the batch's rows as one jsonb do
 see ``jsonrows``), one statement per table, and sorted so that concurrent batches take their
 locks in one order and cannot deadlock one another. The order, phase by phase, each phase
 in key order: the erasure ledger's advisory lock (shared; an erased person's events are
-stored scrubbed: ``ingest.contract.erasure``), event_dedupe (by dedupe key), click_windows
+stored scrubbed: ``ingest.contract.erasure``), event_dedupe (by dedupe key), burst_windows
 (by link and address: ``bursts``), events (by event id), event_flags,
 link_visitor_days, links (by id), daily_stats, affiliates (by id), affiliate_milestones,
 customers, sales and sale_stats (``sales``), webhook_deliveries, event_drops, drop_stats.
