@@ -15,7 +15,7 @@ from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 
 from ._procs import Procs
-from ._world import BROWSER, start_edge
+from ._world import BROWSER, call, start_edge
 from .test_e2e import TRACKED
 from .test_store import make_links
 
@@ -203,3 +203,31 @@ async def test_the_edge_settles_the_collector_once_started(settings: Settings, r
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+async def test_cors_a_preflight_says_what_may_be_sent_and_an_answer_what_may_be_read(edge: str, redis, keys, pg):
+    """A public route's preflight (OPTIONS) is answered 204 with the methods, headers and
+    lifetime a browser caches; the route's answers carry who may read them and which headers
+    a script may read, and none of the preflight's own; a route that is not public carries
+    no CORS header."""
+    await make_links(pg, redis, keys, "cors")
+    url = f"{edge}/api/v1/referral/click/cors"
+    asked = {"Origin": "https://shop.example", "Access-Control-Request-Method": "POST"}
+    status, body, headers = await call("OPTIONS", url, headers=asked)
+    assert (status, body) == (204, None)
+    assert headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in headers["Access-Control-Allow-Methods"].replace(" ", "").split(",")
+    assert headers["Access-Control-Allow-Headers"] == "Content-Type"
+    assert int(headers["Access-Control-Max-Age"]) > 0
+    assert await stream_total(redis, keys) == 0  # a preflight tracks nothing
+
+    status, body, headers = await call("POST", url, headers={"Origin": "https://shop.example"})
+    assert (status, body) == (200, TRACKED)
+    assert headers["Access-Control-Allow-Origin"] == "*"
+    exposed = {h.strip() for h in headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"Retry-After", "Refstream-Outcome", "Refstream-Event-Id"} <= exposed
+    assert not {"Access-Control-Allow-Methods", "Access-Control-Allow-Headers", "Access-Control-Max-Age"} & set(headers)
+    assert await stream_total(redis, keys) == 1
+
+    status, _, headers = await call("GET", f"{edge}/readyz", headers={"Origin": "https://shop.example"})
+    assert status == 200 and not [h for h in headers if h.lower().startswith("access-control-")]

@@ -12,13 +12,19 @@ from aiohttp import web
 PUBLIC = re.compile(
     r"^/(tracker\.js|api/v1/track/click|api/v1/referral/click/[^/]+|api/v1/referrals/(validate/[^/]+|convert)|r/[^/]+)$"
 )
+# on every answer of a public route: who may read it, and what a script may read of it (a
+# 503 whose event may be stored says so)
 HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "Retry-After, Refstream-Outcome, Refstream-Event-Id, Idempotent-Replayed",
+}
+# on a preflight's answer only, the one a browser reads them from (the Fetch standard's CORS
+# check of an actual answer reads the origin and the exposed headers alone)
+PREFLIGHT = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": "Content-Type",
     "Access-Control-Max-Age": "86400",
-    # what a script may read of an answer: a 503 whose event may be stored says so
-    "Access-Control-Expose-Headers": "Retry-After, Refstream-Outcome, Refstream-Event-Id, Idempotent-Replayed",
 }
 
 
@@ -29,4 +35,4 @@ def is_public(path: str) -> bool:
 
 def preflight() -> web.Response:
     """The answer to an ``OPTIONS`` preflight on a public route."""
-    return web.Response(status=204, headers=HEADERS)
+    return web.Response(status=204, headers=PREFLIGHT)
