@@ -1,5 +1,6 @@
 """A database as an older build left it, for the migration tests: its schema.sql as it was
-at that version (tests/data/schema_v<N>.sql), its recorded version, and today's partitions."""
+at that version (tests/data/schema_v<N>.sql, or ``schema_until``'s cut of today's), its
+recorded version, and today's partitions."""
 
 from __future__ import annotations
 
@@ -11,10 +12,18 @@ import asyncpg
 
 from ingest.contract.connections import create_pg_pool
 from ingest.contract.settings import Settings
-from ingest.manage.db import ensure_database
+from ingest.manage.db import ensure_database, schema_sql
 from workers.consumer.partitions import maintain
 
 DATA = Path(__file__).parent / "data"
+
+
+def schema_until(version: int) -> str:
+    """schema.sql as it was at ``version``: today's, up to the section of ``version`` + 1.
+    A version's changes are appended to the file (``ingest.manage.db``), so that is the
+    older build's file from schema 20 on, where no copy of it is kept in tests/data."""
+    text = schema_sql()
+    return text[: text.index(f"\n-- Schema version {version + 1}:") + 1]
 
 
 async def old_database(conn: asyncpg.Connection, version: int, sql: str | None = None) -> None:

@@ -18,7 +18,7 @@ from ingest.manage.db import SCHEMA_VERSION, migrate
 from workers.consumer import bursts
 from workers.consumer.store import write_batch
 
-from ._migrate import DATA, old_database, scratch
+from ._migrate import DATA, old_database, schema_until, scratch
 from ._world import BROWSER
 from .test_bursts import _click, held
 
@@ -139,7 +139,7 @@ async def test_a_schema_20_database_copies_its_open_windows_into_the_byte_string
     table. The rollback (docs/operations.md): schema 20's build runs on the same database,
     its table as it was."""
     async with scratch(scratch_url, settings) as (conn, pool):
-        await old_database(conn, 20)
+        await old_database(conn, 20, schema_until(20))
         link = await conn.fetchrow(_WORLD)
         ws = link["workspace_id"]
         now = datetime.now(UTC) - timedelta(seconds=5)
@@ -174,5 +174,5 @@ async def test_a_schema_20_database_copies_its_open_windows_into_the_byte_string
         assert [r["ip"] for r in await conn.fetch("SELECT host(ip) AS ip FROM click_windows")] == [IP]
 
         # the rollback: schema 20's build migrates (its schema.sql) and finds its table as it was
-        await conn.execute((DATA / "schema_v20.sql").read_text())
+        await conn.execute(schema_until(20))
         assert await conn.fetchval(_COLUMNS) == columns
