@@ -2,17 +2,18 @@
 window kept per (link, address), not from an index of every click.
 
 ``burst_windows`` holds, per link and address, the newest ``keep`` clicks stored (their
-received time and event id, in one byte string: schema 21), ``keep`` being the link's program's ``burst_clicks`` + 1: a
-count stops there, since whether a click crossed the line is all the rule decides. A batch
-reads the windows of its clicks' (link, address) pairs and merges its own clicks into them
-in one statement, in the batch's transaction, before its events are inserted (so that a
-flag can go on its click's row: ``workers.consumer.fraud``), each row locked in (link,
-address) order, after the dedupe keys and before the events (``workers.consumer.store``'s
-lock order). A window holds only clicks that are stored: the batch's own commit or roll
-back with it, and a redelivered copy of a click stored before is the same entry (by event
-id), counted once. Per click that is no index entry and no range scan: a batch writes one
-row per pair it holds, whatever its number of clicks, and a pair's row is one version of
-a few hundred bytes that the next batch replaces (a HOT update: no index column changes).
+received time and event id, in one byte string: schema 21), ``keep`` being the link's
+program's ``burst_clicks`` + 1: a count stops there, since whether a click crossed the
+line is all the rule decides. A batch reads the windows of its clicks' (link, address)
+pairs and merges its own clicks into them in one statement, in the batch's transaction,
+before its events are inserted (so that a flag can go on its click's row:
+``workers.consumer.fraud``), each row locked in (link, address) order, after the dedupe
+keys and before the events (``workers.consumer.store``'s lock order). A window holds only
+clicks that are stored: the batch's own commit or roll back with it, and a redelivered
+copy of a click stored before is the same entry (by event id), counted once. Per click
+that is no index entry and no range scan: a batch writes one row per pair it holds,
+whatever its number of clicks, and a pair's row is one version of a few hundred bytes that
+the next batch replaces (a HOT update: no index column changes).
 
 A click's count is every click of its window read (as the statement's snapshot showed it)
 and of its batch, in (received time, event id) order up to it, within ``burst_seconds``
