@@ -5,12 +5,15 @@ against a per-character definition, over strings mixing every kind of character
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 from ingest.contract.fields import check_ident, check_no_nul, check_text
+from ingest.edge.body import header, plain
 
 pytestmark = pytest.mark.once
 
@@ -54,3 +57,20 @@ def test_each_character_alone(check) -> None:
             assert REFUSES[check](c), repr(c)
         else:
             assert not REFUSES[check](c), repr(c)
+
+
+@given(value=strings, limit=st.integers(1, 50))
+def test_a_path_segment_is_plain_exactly_when_short_printable_and_without_a_surrogate(value: str, limit: int) -> None:
+    # per character, as the check is documented; ``plain`` itself leans on str.isprintable
+    expected = 0 < len(value) <= limit and not any(_surrogate(c) or not c.isprintable() for c in value)
+    assert plain(value, limit) is expected
+
+
+@given(value=strings, limit=st.integers(1, 50))
+def test_a_header_is_stored_as_its_utf8_with_a_replacement_for_each_bad_byte_and_no_nul(value: str, limit: int) -> None:
+    # aiohttp hands a header's bytes that are not UTF-8 over as lone surrogates (surrogateescape)
+    raw = value.encode("utf-8", "surrogatepass")
+    sent = raw.decode("utf-8", "surrogateescape")
+    request = SimpleNamespace(headers=CIMultiDict({"X-Test": sent}))  # all ``header`` reads of a request
+    expected = raw.decode("utf-8", "replace").replace("\x00", "")[:limit] or None
+    assert header(request, "X-Test", limit) == expected  # type: ignore[arg-type]

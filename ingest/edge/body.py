@@ -62,14 +62,19 @@ def header(request: web.Request, name: str, limit: int) -> str | None:
     value = request.headers.get(name)
     if not value:
         return None
+    if value.isascii():  # most headers: no surrogate to replace, the text as sent
+        clean = value.replace("\x00", "")[:limit] if "\x00" in value else value[:limit]
+        return clean or None
     raw = value.encode("utf-8", "surrogateescape")  # the bytes the client sent
     clean = raw.decode("utf-8", "replace").replace("\x00", "")[:limit]
     return clean or None
 
 
 def plain(text: str, limit: int = 256) -> bool:
-    """A path segment fit to look up: short, printable (so no NUL), valid Unicode."""
-    return 0 < len(text) <= limit and text.isprintable() and not any("\ud800" <= c <= "\udfff" for c in text)
+    """A path segment fit to look up: short, printable (so no NUL), valid Unicode (a lone
+    surrogate, what aiohttp makes of bytes that are not UTF-8, is of category Cs, which
+    ``str.isprintable`` refuses like every other non-printable one)."""
+    return 0 < len(text) <= limit and text.isprintable()
 
 
 def _refuse(request: web.Request, status: int, kind: str, message: str) -> BodyError:

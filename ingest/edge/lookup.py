@@ -221,10 +221,11 @@ async def lookup(
         reads += [edge.keys.link(code), edge.keys.links_warm]
     if guess is not None and edge.suppress.names(guess.envelope):
         guess = None  # a suppressed event is appended nowhere: the route's own path says so
+    gets = _gets(extra)
     if guess is not None and edge.checked_append is not None and not key_miss:
-        checked = _checked(edge, limiter, rl_key, guess, reads, extra)
+        checked = _checked(edge, limiter, rl_key, guess, reads, gets, len(extra))
         if checked is not None:
-            held = [edge.seen.get(key) for key in reads + _gets(extra)]  # what the guess was made from
+            held = [edge.seen.get(key) for key in reads + gets]  # what the guess was made from
             try:
                 n_values = len(reads) + len(extra)  # a reply of another shape is another's: never read
                 (reply,) = await edge.batcher.execute(
@@ -237,7 +238,7 @@ async def lookup(
                     raise
                 return await _without_redis(edge, limiter, code, len(extra))
             if not isinstance(reply, Exception):
-                return await _answer(edge, limiter, principal, code, reads, extra, list(reply), guess)
+                return await _answer(edge, limiter, principal, code, reads, gets, list(reply), guess)
             # the script refused as a whole (a full Redis under noeviction, ...): nothing ran;
             # ask again the usual way, which tells the route what to do
     commands.insert(0, limiter.command(rl_key))
@@ -270,7 +271,7 @@ async def lookup(
             found.principal = await fallback(edge, lambda: edge.auth.resolve(d, reply))
         i += 1
     _remember(edge, reads, replies[i : i + len(reads)])
-    if len(gets := _gets(extra)) == len(extra):
+    if len(gets) == len(extra):
         _remember(edge, gets, replies[i + len(reads) :])
     if code is not None:
         try:
@@ -288,10 +289,10 @@ def _gets(extra: tuple[Command, ...]) -> list[str]:
 
 
 def _checked(
-    edge: Edge, limiter: RateLimiter, rl_key: str, guess: Guess, reads: list[str], extra: tuple[Command, ...]
+    edge: Edge, limiter: RateLimiter, rl_key: str, guess: Guess, reads: list[str], gets: list[str], n_extra: int
 ) -> Command | None:
-    keys = reads + _gets(extra)
-    if len(keys) != len(reads) + len(extra):
+    keys = reads + gets
+    if len(gets) != n_extra:
         return None  # an extra that is not a plain read: the usual way
     expected: list[bytes] = []
     for key in keys:
@@ -328,13 +329,13 @@ async def _answer(
     principal: Principal | None,
     code: str | None,
     reads: list[str],
-    extra: tuple[Command, ...],
+    gets: list[str],
     reply: list[Any],
     guess: Guess,
 ) -> Found:
     found = Found(verdict=limiter.verdict(reply), principal=principal, appended=bool(reply[3]))
     values = reply[4:]
-    _remember(edge, reads + _gets(extra), values)
+    _remember(edge, reads + gets, values)
     if found.appended:
         appended(edge, guess.envelope)
     if code is not None:

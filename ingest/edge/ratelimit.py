@@ -35,10 +35,16 @@ def well_formed(reply: object, *, flags: int = 0, values: int = 0) -> bool:
     ``check``)."""
     if isinstance(reply, Exception):
         return True
-    if not isinstance(reply, list) or len(reply) != 3 + flags + values:
+    if type(reply) is not list or len(reply) != 3 + flags + values:
         return False
     head = 3 + flags
-    return all(type(v) is int for v in reply[:head]) and all(v is None or type(v) is bytes for v in reply[head:])
+    for v in reply[:head]:  # loops, not generators under all(): this runs for every request
+        if type(v) is not int:
+            return False
+    for v in reply[head:]:
+        if v is not None and type(v) is not bytes:
+            return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +93,13 @@ class RateLimiter:
         (a Redis error: never an IndexError, never another request's numbers taken for a verdict)."""
         if isinstance(reply, Exception):
             raise reply
-        if not isinstance(reply, list) or len(reply) < 3 or not all(type(v) is int for v in reply[:3]):
+        if (
+            type(reply) is not list
+            or len(reply) < 3
+            or type(reply[0]) is not int
+            or type(reply[1]) is not int
+            or type(reply[2]) is not int
+        ):
             raise ImpossibleReply(f"not a rate-limit verdict: a {type(reply).__name__}")
         return Verdict(bool(reply[0]), self.limit, reply[1], reply[2])
 
