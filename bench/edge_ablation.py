@@ -57,10 +57,10 @@ _CANNED_GLOBALS = (
 # the script call built once and kept (its entry, keys and arguments)
 _CANNED_CALL = (
     "ingest/edge/lookup.py",
-    "        checked = _checked(edge, limiter, rl_key, guess, reads, extra)\n",
+    "        checked = _checked(edge, limiter, rl_key, guess, reads, gets, len(extra))\n",
     """        global _CHECKED
         if _CHECKED is None:
-            _CHECKED = _checked(edge, limiter, rl_key, guess, reads, extra)
+            _CHECKED = _checked(edge, limiter, rl_key, guess, reads, gets, len(extra))
         checked = _CHECKED
 """,
 )

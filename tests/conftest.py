@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
@@ -164,6 +165,10 @@ def services() -> Iterator[svc_mod.Services]:
             file=sys.stderr,
         )
         yield s
+        # every test's keys went with its settings (``settings``): a key left under this run's
+        # prefix outlived the test that made it, which fails the run (after it is deleted)
+        left = _delete_keys(s.redis_url, f"rstest:{RUN_ID}:*")
+        assert not left, f"{len(left)} keys outlived their tests in {s.redis_url}, e.g. {sorted(left)[:5]}"
 
 
 @pytest.fixture(scope="session")
@@ -213,13 +218,39 @@ async def scratch_url(services: svc_mod.Services) -> AsyncIterator[str]:
 _counter = iter(range(1, 1_000_000))
 
 
+def _delete_keys(redis_url: str, pattern: str) -> list[str]:
+    """Delete the keys ``pattern`` matches in the Redis at ``redis_url``, and name them. Best
+    effort: a Redis that does not answer leaves them (and says nothing of them)."""
+    client = sync_redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    deleted: list[str] = []
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                client.unlink(*batch)
+                deleted += [k.decode(errors="replace") for k in batch]
+                batch = []
+        if batch:
+            client.unlink(*batch)
+            deleted += [k.decode(errors="replace") for k in batch]
+    except sync_redis.RedisError:
+        pass
+    finally:
+        client.close()
+    return deleted
+
+
 @pytest.fixture
-def settings(services: svc_mod.Services, database_url: str, tmp_path: Any) -> Settings:
-    """Settings for one test: its own key prefix; short timings so tests run quickly."""
-    return Settings(
+def settings(services: svc_mod.Services, database_url: str, tmp_path: Any) -> Iterator[Settings]:
+    """Settings for one test: its own key prefix, whose keys are deleted after everything
+    that used the settings (the ``redis`` client, processes, apps) has stopped; short
+    timings so tests run quickly."""
+    prefix = f"rstest:{RUN_ID}:{next(_counter)}"
+    yield Settings(
         redis_url=services.redis_url,
         database_url=database_url,
-        stream_prefix=f"rstest:{RUN_ID}:{next(_counter)}",
+        stream_prefix=prefix,
         partitions=4,
         block_ms=200,
         claim_idle_ms=1000,
@@ -235,6 +266,7 @@ def settings(services: svc_mod.Services, database_url: str, tmp_path: Any) -> Se
         event_retention_days=TEST_RETENTION_DAYS,
         dedupe_retention_days=TEST_RETENTION_DAYS,
     )
+    _delete_keys(services.redis_url, f"{prefix}:*")
 
 
 @pytest.fixture

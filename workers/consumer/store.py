@@ -311,7 +311,7 @@ async def _write(
     batch: list[EventRow] = []
     kept: dict[UUID, Stored] = {}
     no_row: list[drops.NoRow] = []  # dropped with no event row: counted once by event id
-    for e in sorted(envelopes, key=lambda e: e.event_id):
+    for e in sorted(envelopes, key=lambda e: e.event_id.int):  # UUID order; ints compare in C, UUIDs in Python
         code = e.payload.get("code")
         link = by_code.get(code) if isinstance(code, str) else None
         if link is None or (e.workspace_id is not None and e.workspace_id != link.workspace_id):
