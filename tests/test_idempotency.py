@@ -11,7 +11,10 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 
 from ._world import World, call, start_edge
@@ -292,3 +295,16 @@ async def test_bricqs_generate_honours_the_key(edge: str, world: World):
     assert other[0] == 422 and other[1]["error"] == "idempotency_key_reused" and other[1]["message"]
     bad = await call("POST", f"{edge}/api/v1/referrals/generate", json=body, headers={**headers, "Idempotency-Key": ""})
     assert bad[0] == 400 and bad[1]["error"] == "validation_error"
+
+
+@given(
+    prefix=st.sampled_from(["rs", "rstest:ab12:3", "a:idk:b"]),
+    digest=st.text("0123456789abcdef", min_size=32, max_size=32),
+    partition=st.none() | st.integers(0, 1023),
+    workspace=st.none() | st.uuids().map(str),
+)
+def test_a_record_names_its_partition_and_workspace_as_made(prefix, digest, partition, workspace) -> None:
+    record = Keys(prefix, 4).idempotent(digest, partition, workspace)
+    assert Keys.record_workspace(record) == workspace
+    assert Keys.record_partition(record) == partition
+    assert record.endswith(digest)

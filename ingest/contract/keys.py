@@ -110,12 +110,25 @@ class Keys:
     def idempotency(self, scope: str, key: str) -> str:
         return f"{self.prefix}:idem:{scope}:{key}"
 
-    def idempotent(self, digest: str, partition: int | None = None) -> str:
+    def idempotent(self, digest: str, partition: int | None = None, workspace: str | None = None) -> str:
         """A client idempotency key's record (ingest/edge/idempotency.py). With a partition it
-        carries that stream's tag: the script that appends the event touches both."""
+        carries that stream's tag: the script that appends the event touches both. With the
+        workspace whose request it answers (``...:idk:{3}:<workspace>:<digest>``): an
+        erasure's sweep rewrites an answer in that workspace's terms alone
+        (``workers.ops.erasure``), never another's that names the same client-chosen id."""
+        own = f"{workspace}:{digest}" if workspace else digest
         if partition is None:
-            return f"{self.prefix}:idk:{digest}"
-        return f"{self.prefix}:idk:{{{partition}}}:{digest}"
+            return f"{self.prefix}:idk:{own}"
+        return f"{self.prefix}:idk:{{{partition}}}:{own}"
+
+    @staticmethod
+    def record_workspace(record: str) -> str | None:
+        """The workspace an idempotency record names (``idempotent``), None where it names
+        none (a public route's, or a record written before records named theirs)."""
+        tail = record.rpartition(":idk:")[2]
+        if tail.startswith("{"):
+            tail = tail.partition("}:")[2]
+        return tail.rpartition(":")[0] or None
 
     @staticmethod
     def record_partition(record: str) -> int | None:

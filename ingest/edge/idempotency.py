@@ -122,11 +122,12 @@ class Claim:
 
     digest: str
     fingerprint: str
+    workspace: str | None = None  # named by its record (``Keys.idempotent``)
 
     @classmethod
     def of(cls, key: str, route: str, workspace: str | None, fp: str, link: str = "") -> Claim:
         scope = "\x00".join((route, workspace or "", link, key))
-        return cls(hashlib.sha256(scope.encode()).hexdigest()[:32], fp)
+        return cls(hashlib.sha256(scope.encode()).hexdigest()[:32], fp, workspace or None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +197,7 @@ class Idempotency:
         envelope with the key's dedupe value first (a conversion keeps its own)."""
         envelope.payload.setdefault("dedupe", self.dedupe(claim, envelope))
         partition = self.keys.partition_for(routing_key)
-        record = self.keys.idempotent(claim.digest, partition)
+        record = self.keys.idempotent(claim.digest, partition, claim.workspace)
         if self.cluster:
             return (
                 "EVALSHA",
@@ -210,7 +211,7 @@ class Idempotency:
                 "",
                 *wire.to_entry(envelope),
             )
-        earlier = self.earlier(claim, routing_key)
+        earlier = self.earlier(claim, routing_key) + self.unnamed(claim, routing_key)
         changed = self._layout().changed_ms if self._layout is not None else 0
         return (
             "EVALSHA",
@@ -234,7 +235,18 @@ class Idempotency:
             return ()
         now = self.keys.partition_for(routing_key)
         ps = {self.keys.partition_for(routing_key, c) for c in counts} - {now}
-        return tuple(self.keys.idempotent(claim.digest, p) for p in sorted(ps))
+        return tuple(self.keys.idempotent(claim.digest, p, claim.workspace) for p in sorted(ps))
+
+    def unnamed(self, claim: Claim, routing_key: str) -> tuple[str, ...]:
+        """The key's records as an edge wrote them before records named their workspace: a
+        repeat within the window after an upgrade gets their answer too. (Not on a Redis
+        Cluster, where one script reads its slot's keys alone: there such a repeat is
+        answered afresh, and stored once by the key's dedupe value.)"""
+        if claim.workspace is None:
+            return ()
+        anonymous = Claim(claim.digest, claim.fingerprint)
+        now = self.keys.idempotent(claim.digest, self.keys.partition_for(routing_key))
+        return (now, *self.earlier(anonymous, routing_key))
 
     async def found_earlier(self, batcher: RedisBatcher, claim: Claim, routing_key: str) -> bytes | None:
         """On a Redis Cluster, where one script cannot read them: the first answer among the
@@ -253,7 +265,7 @@ class Idempotency:
 
     def check(self, claim: Claim, routing_key: str, answer: Answer) -> Once:
         """What a spooled copy keeps to be drained through the same script."""
-        record = self.keys.idempotent(claim.digest, self.keys.partition_for(routing_key))
+        record = self.keys.idempotent(claim.digest, self.keys.partition_for(routing_key), claim.workspace)
         return Once(record, answer.encode(), self.window_ms)
 
     # -- management writes: reserve, run, store -----------------------------------------

@@ -321,7 +321,10 @@ async def _letters(redis: Redis, stream: str, check: _Check, result: SweepResult
 async def _answers(redis: Redis, keys: Keys, check: _Check, result: SweepResult) -> None:
     """The idempotency answers (``ingest.edge.idempotency.Answer``: fingerprint, status, JSON
     body) whose body names an erased person, rewritten without them where unchanged since."""
-    # an answer does not say its workspace: each with an erasure is tried (read once a sweep)
+    # a record names the workspace it answers for (``Keys.idempotent``): a customer id is
+    # probed in that workspace's terms alone, so another workspace's erasure of the same
+    # client-chosen id leaves it be. A record that names none (a public route's, or one
+    # written before records named theirs) is tried in each with an erasure
     spaces = await check.pg.fetchval("SELECT array_agg(DISTINCT workspace_id::text) FROM erasures") or []
     async for name in redis.scan_iter(match=f"{keys.prefix}:idk:*", count=_PAGE):
         raw = await redis.get(name)
@@ -331,7 +334,8 @@ async def _answers(redis: Redis, keys: Keys, check: _Check, result: SweepResult)
             body = orjson.loads(raw[35:])
         except orjson.JSONDecodeError:
             continue
-        new = await _redacted(body, check, spaces)
+        own = Keys.record_workspace(name.decode() if isinstance(name, bytes) else name)
+        new = await _redacted(body, check, spaces if own is None else [ws for ws in spaces if ws == own])
         if new is None:
             continue
         changed = raw[:35] + orjson.dumps(new)  # as deep as the answer orjson wrote at the edge
