@@ -28,6 +28,7 @@ from ingest.contract import erasure as ledger
 from ingest.contract import wire
 from ingest.contract.erasure import EXTERNAL
 from ingest.contract.events import Envelope
+from ingest.contract.keys import Keys
 from ingest.contract.wire import FIELD, EnvelopeError
 from workers.archive import segment as seg
 from workers.archive.store import LocalStore
@@ -236,8 +237,10 @@ async def _places(
     async for name in redis.scan_iter(match=f"{check.keys.prefix}*", count=1000):
         kind = (await redis.type(name)).decode()
         where = f"redis {name.decode()}"
-        if kind == "string":
-            places.append((where, None, await redis.get(name) or b""))
+        if kind == "string":  # an idempotency record names its workspace (Keys.idempotent); other strings none
+            text = name.decode()
+            ws = Keys.record_workspace(text) if ":idk:" in text else None
+            places.append((where, ws, await redis.get(name) or b""))
         elif kind == "stream":
             for _, fields in await redis.xrange(name):
                 e = _envelope(fields)
