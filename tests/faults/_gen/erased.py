@@ -239,8 +239,8 @@ async def _places(
         where = f"redis {name.decode()}"
         if kind == "string":  # an idempotency record names its workspace (Keys.idempotent); other strings none
             text = name.decode()
-            ws = Keys.record_workspace(text) if ":idk:" in text else None
-            places.append((where, ws, await redis.get(name) or b""))
+            own = Keys.record_workspace(text) if ":idk:" in text else None
+            places.append((where, own, await redis.get(name) or b""))
         elif kind == "stream":
             for _, fields in await redis.xrange(name):
                 e = _envelope(fields)
