@@ -178,16 +178,9 @@ def _from_packed(v: bytes) -> Envelope:
 def _envelope(event_id: uuid.UUID, t: EventType, w: bytes, r: int, a: bytes, u: bytes, d: str, p: bytes) -> Envelope:
     packed = _dict(orjson.loads(p))
     payload = {_LONG_KEYS.get(k) or (k[1:] if k[:1] == "~" else k): v for k, v in packed.items()}
-    return Envelope(
-        event_id=event_id,
-        type=t,
-        workspace_id=_workspace_str(w),
-        received_at_ms=r,
-        ip=_untext(a),
-        user_agent=_ua_str(u),
-        dialect=d,
-        payload=payload,
-    )
+    # positional, in the fields' order (type, dialect, payload, workspace_id, ip, user_agent,
+    # event_id, received_at_ms): half the cost of a call by keyword, once an event
+    return Envelope(t, d, payload, _workspace_str(w), _untext(a), _ua_str(u), event_id, r)
 
 
 def from_blob(raw: bytes) -> Envelope:

@@ -93,15 +93,9 @@ def event(
     header's, capped at ``REFSTREAM_MAX_STRING_LENGTH`` like every stored string."""
     limit = edge.settings.max_string_length
     agent = user_agent or header(request, "User-Agent", limit)
-    return Envelope(
-        event_id=event_id or uuid7(),
-        type=type,
-        dialect=dialect,
-        workspace_id=workspace_id,
-        ip=ip,
-        user_agent=agent[:limit] if agent else None,
-        payload=payload,
-    )
+    # positional, in the fields' order (type, dialect, payload, workspace_id, ip, user_agent,
+    # event_id): half the cost of a call by keyword, once a request
+    return Envelope(type, dialect, payload, workspace_id, ip, agent[:limit] if agent else None, event_id or uuid7())
 
 
 @dataclass(frozen=True, slots=True)
