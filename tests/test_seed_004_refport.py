@@ -57,8 +57,18 @@ async def test_lead_straight_after_its_click_before_any_worker(edge: str, world:
             "key": "PARTNER123",
             "url": "https://yoursite.com/pricing",
             "programId": world.program_id,
+            # beside the document's fields, what Dub's SDK models require (docs/http-api.md)
+            "shortLink": f"{edge}/r/PARTNER123",
+            "partnerId": world.affiliate_id,
+            "tenantId": "user_123",  # the affiliate's id in the workspace's own system
+            "externalId": None,
         },
-        "customer": {"externalId": "user_001", "email": "alice@example.com", "name": "Alice"},
+        "customer": {
+            "externalId": "user_001",
+            "email": "alice@example.com",
+            "name": "Alice",
+            "avatar": "https://example.com/avatar.png",
+        },
     }
     await drain()
     link = await pg.fetchrow("SELECT clicks, leads FROM links WHERE code = 'PARTNER123'")

@@ -40,6 +40,7 @@ class Dialect:
     REFPORT = "refport"  # seed 004
     REDIRECT = "redirect"  # GET /r/{code}, a browser following a link
     NATIVE = "native"  # POST /v1/events/batch
+    DUB = "dub"  # Dub's tracking API: POST /track/click, /track/lead, /track/sale
 
 
 class _Entropy:

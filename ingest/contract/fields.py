@@ -221,11 +221,12 @@ Url = Annotated[str, AfterValidator(check_url), _Documented(URL)]
 
 
 # a sale's fields, shared by every route that takes one and by the import
-PROCESSORS = ("stripe", "shopify", "paddle", "polar", "revenuecat", "custom")
+PROCESSORS = ("stripe", "shopify", "paddle", "polar", "apple", "revenuecat", "lemonsqueezy", "dub", "custom")
 # minor units: far above any one sale (10 billion dollars), and 9 million of them on one
 # link, day and currency still fit sale_stats' bigint sums
 MAX_AMOUNT = 10**12
-Processor = Literal["stripe", "shopify", "paddle", "polar", "revenuecat", "custom"]
+# Dub's SDKs send any of these (their ``PaymentProcessor``)
+Processor = Literal["stripe", "shopify", "paddle", "polar", "apple", "revenuecat", "lemonsqueezy", "dub", "custom"]
 
 
 # ISO 4217's three letters, in either case; stored lower case, as Stripe writes them

@@ -8,6 +8,7 @@ multi-key script, an idempotent append, touches a stream and a record of its tag
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 
 GROUP = "workers"  # the consumer group every worker joins
@@ -84,6 +85,9 @@ class Keys:
     def dead(self) -> str:
         return f"{self.prefix}:dead"
 
+    # every rate limiter's name: an erasure deletes the windows its person's addresses name
+    LIMITERS = ("click", "public", "key", "trackclick")
+
     def ratelimit(self, route: str, subject: str) -> str:
         return f"{self.prefix}:rate:{route}:{subject}"  # a list (``rl:`` held a sorted set)
 
@@ -106,6 +110,18 @@ class Keys:
 
     def fingerprint(self, workspace_id: str, fingerprint_hash: str) -> str:
         return f"{self.prefix}:fp:{workspace_id}:{fingerprint_hash}"
+
+    def deferred(self, workspace_id: str, external_id: str) -> str:
+        """A deferred lead's click, for the lead that completes it (``ingest.edge.lead``):
+        named by a digest of the customer's id, never the id itself (key names are listed
+        by whoever can SCAN)."""
+        digest = hashlib.sha256(f"{workspace_id}\x1f{external_id}".encode()).hexdigest()[:32]
+        return f"{self.prefix}:deferred:{workspace_id}:{digest}"
+
+    def seen_click(self, code: str, identity_hash: str) -> str:
+        """The click id a browser (its address and User-Agent) was given on a link within
+        the hour (Dub's ``POST /track/click``): a reload is answered, not counted again."""
+        return f"{self.prefix}:seenclick:{code}:{identity_hash}"
 
     def idempotency(self, scope: str, key: str) -> str:
         return f"{self.prefix}:idem:{scope}:{key}"

@@ -118,6 +118,9 @@ class Settings(BaseSettings):
         validation_alias=_renamed("key_rate_limit_per_min", "REFSTREAM_KEY_RATE_LIMIT"),
         description="authenticated routes: requests/minute per API key",
     )
+    track_click_rate_limit_per_min: int = Field(
+        120, ge=1, description="Dub's POST /track/click (browsers): requests/minute per IP"
+    )
     key_cache_s: float = Field(5.0, ge=0, description="in-process API key cache: revocations land within this")
     trusted_proxies: Annotated[list[IPv4Network | IPv6Network], NoDecode] = Field(
         default_factory=list,

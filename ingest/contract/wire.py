@@ -233,6 +233,7 @@ _DIALECT_CODES: dict[str, int] = {
     Dialect.REFPORT: 5,
     Dialect.REDIRECT: 6,
     Dialect.NATIVE: 7,
+    Dialect.DUB: 8,
 }  # never renumber: entries in streams, archives and dead letters hold these
 _DIALECTS: dict[bytes | int, str] = {str(n).encode(): name for name, n in _DIALECT_CODES.items()}
 _DIALECTS.update({n: name for name, n in _DIALECT_CODES.items()})  # ``entry_dict`` not through Redis

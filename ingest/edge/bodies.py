@@ -5,11 +5,13 @@ dialect's documented fields; what a body may hold at all is bounded by
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ingest.contract.bounds import MAX_KEYS
 from ingest.contract.events import uuid7
-from ingest.contract.fields import ExternalId, Metadata, NoNul, SessionId, VisitorId
+from ingest.contract.fields import ExternalId, Integer, Metadata, NoNul, SessionId, VisitorId
 
 # an Affixo click's fingerprint match: how long a fingerprint names its visitor, and the
 # confidence an answer found by it reports
@@ -40,6 +42,47 @@ class RefportLead(BaseModel):
     customerName: NoNul | None = Field(None, max_length=256)
     customerAvatar: NoNul | None = Field(None, max_length=2048)
     metadata: Metadata | None = Field(None, max_length=MAX_KEYS)
+
+
+# a lead's eventQuantity: the lead counts this many times (Dub's "N seats of a trial")
+MAX_QUANTITY = 1000
+LeadMode = Literal["async", "wait", "deferred"]
+# the names Dub's API took the customer's external id by before ``customerExternalId``
+OLD_EXTERNAL_ID_NAMES = ("externalId", "customerId")
+
+
+def customer_aliases(data: Any) -> Any:
+    """A body that names its customer only by one of Dub's older names (``externalId``,
+    ``customerId``) names it by ``customerExternalId``; the current name wins when it is
+    given and not empty."""
+    if isinstance(data, dict) and not data.get("customerExternalId"):
+        for old in OLD_EXTERNAL_ID_NAMES:
+            value = data.get(old)
+            if isinstance(value, str) and value:
+                return {**data, "customerExternalId": value}
+    return data
+
+
+class TrackLead(RefportLead):
+    """A lead on Dub's ``POST /track/lead`` and on Refport's ``POST /api/track/lead`` (the
+    same API, field for field): Refport's fields, and what Dub's SDKs also send."""
+
+    clickId: NoNul | None = Field(  # type: ignore[assignment]
+        None,
+        max_length=128,
+        description="The click's id; empty or absent: the click of this customer's earlier lead (deferred tracking)",
+    )
+    mode: LeadMode = Field("async", description="async and wait are the same here; deferred records no lead yet")
+    eventQuantity: Integer | None = Field(None, ge=1, le=MAX_QUANTITY, description="The lead counts this many times")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return customer_aliases(data)
+
+    @property
+    def quantity(self) -> int:
+        return self.eventQuantity or 1
 
 
 class BricqsConvert(BaseModel):

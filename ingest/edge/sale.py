@@ -25,13 +25,19 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ingest.contract.bounds import MAX_KEYS
+from ingest.contract.connections import REDIS_ERRORS
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.fields import AMOUNT, MAX_AMOUNT, Currency, ExternalId, Ident, Integer, Metadata, NoNul, Processor
 from ingest.edge import accept
+from ingest.edge.bodies import customer_aliases
+from ingest.edge.dub_shapes import sale_answer
+from ingest.edge.enqueue import OUTCOME
 from ingest.edge.idempotency import Claim, fingerprint
+from ingest.edge.lookup import Unavailable, fallback, resolve_click
+from ingest.edge.state import Edge
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -48,6 +54,26 @@ class RefportSale(BaseModel):
     invoiceId: Ident | None = Field(None, min_length=1, max_length=256)
     leadEventName: NoNul | None = Field(None, min_length=1, max_length=256)
     metadata: Metadata | None = Field(None, max_length=MAX_KEYS)
+
+
+class TrackSale(RefportSale):
+    """A sale on Dub's ``POST /track/sale`` and on Refport's ``POST /api/track/sale`` (the
+    same API, field for field): Refport's fields, and what Dub's SDKs also send. With a
+    ``clickId``, the sale is tracked directly: its lead is made from the click
+    (``leadEventName``, else ``DIRECT_LEAD``) where the customer has no lead of that name."""
+
+    clickId: NoNul | None = Field(None, max_length=128, description="Direct sale tracking: the customer's click")
+    customerName: NoNul | None = Field(None, max_length=256)
+    customerEmail: str | None = Field(None, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$")
+    customerAvatar: NoNul | None = Field(None, max_length=2048)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return customer_aliases(data)
+
+
+DIRECT_LEAD = "Direct sale tracking lead event"  # Dub's name for a direct sale's lead
 
 
 class AffixoConversion(BaseModel):
@@ -75,6 +101,21 @@ def from_refport(body: RefportSale) -> dict[str, Any]:
         body.invoiceId,
         body.leadEventName,
         body.metadata,
+    )
+
+
+def answer(body: TrackSale, event: Envelope) -> bytes:
+    """A sale's answer on Dub's API (Refport's too): the event name, the customer, and the
+    sale as recorded (``ingest.edge.dub_shapes``)."""
+    echo = {
+        "amount": body.amount,
+        "currency": body.currency,
+        "paymentProcessor": body.paymentProcessor,
+        "invoiceId": body.invoiceId,
+        "metadata": body.metadata,
+    }
+    return sale_answer(
+        body.eventName, body.customerExternalId, body.customerName, body.customerEmail, body.customerAvatar, echo
     )
 
 
@@ -143,6 +184,9 @@ class SaleDialect(Generic[M]):
     refusals: accept.Refusals
     payload: Callable[[M], dict[str, Any]]
     answer: Callable[[M, Envelope], bytes]
+    # a route whose body may name a click (``TrackSale.clickId``): its refusal of one it
+    # does not know
+    unknown_click: Callable[[], web.Response] | None = None
 
 
 async def track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
@@ -157,7 +201,13 @@ async def track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
     event = envelope(dialect.dialect, workspace, payload)
     route = event.routing_key()
     assert route is not None
-    return await accept.append(
+    led = False
+    if isinstance(started.body, TrackSale) and started.body.clickId:
+        direct = await direct_lead(started.edge, dialect, workspace, started.body, started.body.clickId)
+        if isinstance(direct, web.Response):
+            return direct
+        led = direct
+    answer = await accept.append(
         started.edge,
         voice,
         event,
@@ -167,3 +217,56 @@ async def track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
         claim=claim(voice.route, workspace, idem_key, payload),
         spool=False,
     )
+    if led and answer.status == 503:  # the lead is in: the request is not refused as a whole
+        answer.headers[OUTCOME] = "unknown"
+    return answer
+
+
+# whether the customer has a row: a direct sale makes no lead for a customer who has one
+_CUSTOMER_KNOWN = "SELECT EXISTS (SELECT 1 FROM customers WHERE workspace_id = $1 AND external_id = $2)"
+
+
+async def direct_lead(
+    edge: Edge, dialect: SaleDialect[Any], workspace: str, body: TrackSale, click_id: str
+) -> bool | web.Response:
+    """Direct sale tracking, Dub's: a sale that names its customer's click makes the
+    customer's lead from it (named ``leadEventName``, else ``DIRECT_LEAD``) where the
+    customer has no row yet, appended before the sale. True once that lead is in Redis,
+    False when none was needed; the route's refusal of a click it does not know, or its
+    503. The lead is idempotent on (customer, name) like any: a repeat counts it once."""
+    refuse = dialect.unknown_click or (lambda: dialect.voice.refuse(400, "invalid_click_id", "Unknown clickId"))
+    try:
+        (cached,) = await edge.batcher.execute(("GET", edge.keys.click(click_id)))
+        click = await resolve_click(edge, click_id, cached)
+        if click is None or click.workspace_id != workspace:
+            edge.drops.note(workspace, None, "unknown_code")
+            return refuse()
+        known = await fallback(edge, lambda: _customer_known(edge, workspace, body.customerExternalId))
+    except Unavailable:
+        return dialect.voice.down()
+    except REDIS_ERRORS as exc:
+        return dialect.voice.down(exc)
+    if known:
+        return False
+    payload: dict[str, Any] = {
+        "code": click.code,
+        "click_id": click.click_id,
+        "visitor_id": click.visitor_id,
+        "name": body.leadEventName or DIRECT_LEAD,
+        "external_id": body.customerExternalId,
+    }
+    for field, value in (
+        ("email", body.customerEmail),
+        ("customer_name", body.customerName),
+        ("avatar", body.customerAvatar),
+    ):
+        if value is not None:
+            payload[field] = value
+    lead = Envelope(type=EventType.LEAD, dialect=dialect.dialect, workspace_id=workspace, payload=payload)
+    put = await accept.put(edge, dialect.voice, lead, click.code, spool=False)
+    return put if isinstance(put, web.Response) else True
+
+
+async def _customer_known(edge: Edge, workspace: str, external_id: str) -> bool:
+    async with edge.pg.acquire() as conn:
+        return bool(await conn.fetchval(_CUSTOMER_KNOWN, workspace, external_id))

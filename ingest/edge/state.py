@@ -40,6 +40,7 @@ class Edge:
     click_limiter: RateLimiter  # seed 000: per client IP
     public_limiter: RateLimiter  # other public routes: per client IP
     key_limiter: RateLimiter  # authenticated routes: per API key
+    track_click_limiter: RateLimiter  # Dub's POST /track/click: per client IP
     drops: DropTally  # refusals by reason, for the tenants' stats (ingest.contract.drops)
     idem: Idempotency  # clients' idempotency keys
     # lookup.CHECKED_APPEND, registered with the batcher; None where a request cannot read

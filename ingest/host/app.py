@@ -27,7 +27,7 @@ from ingest.edge.body import CLOSE
 from ingest.edge.idempotency import Idempotency
 from ingest.edge.metrics import EdgeMetrics
 from ingest.edge.ratelimit import RateLimiter
-from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, browser, refport
+from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, browser, dub, refport
 from ingest.edge.state import EDGE, Edge
 from ingest.host import cors, health, openapi
 from ingest.host.guard import GUARD, ConnectionGuard
@@ -182,6 +182,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         click_limiter=RateLimiter(batcher, "click", limit=settings.click_rate_limit_per_min),
         public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit_per_min),
         key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit_per_min),
+        track_click_limiter=RateLimiter(batcher, "trackclick", limit=settings.track_click_rate_limit_per_min),
         drops=(drops := DropTally(batcher, settings.stream_prefix)),
         idem=Idempotency(
             batcher,
@@ -246,6 +247,7 @@ def create_app(settings: Settings) -> web.Application:
         affitor,
         affixo,
         refport,
+        dub,
         batch,
         links_manage,
         keys_manage,

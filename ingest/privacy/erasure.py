@@ -154,6 +154,7 @@ class Erased:
     # (the click cache's entries, the rate limiter's keys named by an address)
     clicks: list[str] = field(default_factory=list)
     ips: list[str] = field(default_factory=list)
+    customers: list[tuple[str, str]] = field(default_factory=list)  # (workspace, external id): deferred leads
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -190,6 +191,7 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
             ids += [(erasure.digest(key, EVENT, c.hex), EVENT) for c in clicks]
             await conn.execute(_IDS, made["id"], [d for d, _ in ids], [k for _, k in ids], workspace_id)
         out = Erased(made["id"], made["created"], made["requested_at"], made["archive_due"])
+        out.customers = [(workspace_id, external_id)]
         for _ in range(_PASSES):
             async with conn.transaction():  # 2. the fence
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", erasure.LOCK)
@@ -268,10 +270,12 @@ async def show(conn: asyncpg.Connection, workspace_id: str, erasure_id: str) -> 
 
 
 def redis_deletes(keys: Keys, out: Erased) -> list[Command]:
-    """What Redis deletes at once: the click cache's entries of the person's clicks, and the
-    rate limiter's windows named by one of their addresses (they would go within a window)."""
+    """What Redis deletes at once: the click cache's entries of the person's clicks, the
+    rate limiter's windows named by one of their addresses (they would go within a window),
+    and a deferred lead's click waiting for the customer (``ingest.edge.lead``)."""
     dels: list[Command] = [("DEL", keys.click(c)) for c in out.clicks]
-    dels += [("DEL", keys.ratelimit(limiter, ip)) for ip in out.ips for limiter in ("click", "public", "key")]
+    dels += [("DEL", keys.ratelimit(limiter, ip)) for ip in out.ips for limiter in keys.LIMITERS]
+    dels += [("DEL", keys.deferred(workspace, customer)) for workspace, customer in out.customers]
     return dels
 
 

@@ -209,4 +209,4 @@ def _doc(value: Any) -> Any:
 def redis_commands(keys: Keys, out: ErasedAffiliates) -> list[Command]:
     """What Redis deletes at once: the rate limiter's windows of the affiliate's addresses
     (the links' cache entries are put by ``links.put_committed``)."""
-    return [("DEL", keys.ratelimit(limiter, ip)) for ip in out.ips for limiter in ("click", "public", "key")]
+    return [("DEL", keys.ratelimit(limiter, ip)) for ip in out.ips for limiter in keys.LIMITERS]

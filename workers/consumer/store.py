@@ -48,7 +48,7 @@ FROM ({LINK_SELECT} WHERE l.code = {plans.any_of(3, "text")}) x
 JOIN workspaces w ON w.id = x.workspace_id
 LEFT JOIN programs p ON p.id = x.program_id
 """
-VISITOR_DIALECTS = frozenset({Dialect.BIORE, Dialect.AFFITOR, Dialect.REDIRECT})
+VISITOR_DIALECTS = frozenset({Dialect.BIORE, Dialect.AFFITOR, Dialect.REDIRECT, Dialect.DUB})
 
 # A lead's or conversion's dedupe key (one lead per customer and event name, one conversion
 # per code and referred session) is claimed first, in key order; only the events whose key

@@ -279,7 +279,7 @@ async def _uncache(redis: Redis, keys: Keys, met: list[Envelope], result: SweepR
     erasure could not know then, because the lead that names it came later, is met here."""
     ids = set()
     for ip in sorted({e.ip for e in met if e.ip}):
-        for limiter in ("click", "public", "key"):
+        for limiter in keys.LIMITERS:
             await redis.delete(keys.ratelimit(limiter, ip))
     for e in met:
         if e.type is EventType.CLICK:

@@ -16,73 +16,35 @@ Errors: 400 ``INVALID_CLICK_ID`` / ``VALIDATION_ERROR``, 401 ``UNAUTHORIZED``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import orjson
 import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
-from ingest.contract import clicks, links
-from ingest.contract.clicks import ClickRef
-from ingest.contract.connections import REDIS_ERRORS, Command, CommitUnknown
-from ingest.contract.events import Dialect, Envelope, EventType
-from ingest.edge import accept, refund, sale
-from ingest.edge.bodies import RefportLead
+from ingest.contract.connections import CommitUnknown
+from ingest.contract.events import Dialect
+from ingest.edge import accept, lead, refund, sale
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
-from ingest.edge.idempotency import HEADER, REPLAYED, Claim, InvalidKey, fingerprint, header_key
-from ingest.edge.lookup import Found, Guess, Unavailable, fallback, remember, resolve_click, seen, seen_link
+from ingest.edge.dub_shapes import TrackLeadAnswer, TrackSaleAnswer, for_dub_sdk
+from ingest.edge.idempotency import REPLAYED, InvalidKey, header_key
+from ingest.edge.lookup import Found
 from ingest.edge.refund import RefportRefund
-from ingest.edge.sale import RefportSale
+from ingest.edge.sale import TrackSale
 from ingest.edge.state import Edge
 
 log = structlog.get_logger("ingest.refport")
 routes = web.RouteTableDef()
 
 
-class RefportClick(BaseModel):
-    id: str
+class RefportLeadTracked(TrackLeadAnswer):
+    """Refport's lead answer: its documented fields, and beside them the rest of what Dub's
+    SDK models require of the same answer (``ingest.edge.dub_shapes``)."""
 
-
-class RefportLink(BaseModel):
-    id: str
-    domain: str | None
-    key: str
-    url: str
-    programId: str | None
-
-
-class RefportCustomer(BaseModel):
-    externalId: str
-    email: str | None
-    name: str | None
-
-
-class RefportLeadTracked(BaseModel):
     eventName: str
-    click: RefportClick
-    link: RefportLink
-    customer: RefportCustomer
 
 
-class RefportSaleCustomer(BaseModel):
-    externalId: str
-
-
-class RefportSaleEcho(BaseModel):
-    amount: int
-    currency: str
-    paymentProcessor: str
-    invoiceId: str | None
-    metadata: dict[str, Any] | None
-
-
-class RefportSaleTracked(BaseModel):
-    eventName: str
-    customer: RefportSaleCustomer
-    sale: RefportSaleEcho
+RefportSaleTracked = TrackSaleAnswer
 
 
 class RefportErrorBody(BaseModel):
@@ -132,28 +94,20 @@ def _caller(
         return error(400, "VALIDATION_ERROR", str(exc))
 
 
-def _sale_tracked(body: RefportSale, event: Envelope) -> bytes:
-    return orjson.dumps(
-        RefportSaleTracked(
-            eventName=body.eventName,
-            customer=RefportSaleCustomer(externalId=body.customerExternalId),
-            sale=RefportSaleEcho(
-                amount=body.amount,
-                currency=body.currency,
-                paymentProcessor=body.paymentProcessor,
-                invoiceId=body.invoiceId,
-                metadata=body.metadata,
-            ),
-        ).model_dump()
-    )
-
-
-SALE = sale.SaleDialect(Dialect.REFPORT, SALE_VOICE, RefportSale, _caller, sale.from_refport, _sale_tracked)
+SALE = sale.SaleDialect(
+    Dialect.REFPORT,
+    SALE_VOICE,
+    TrackSale,
+    _caller,
+    sale.from_refport,
+    sale.answer,
+    lambda: error(400, "INVALID_CLICK_ID", "The clickId does not match any recorded click"),
+)
 
 
 @routes.post("/api/track/sale")
 async def track_sale(request: web.Request) -> web.Response:
-    return await sale.track(request, SALE)
+    return for_dub_sdk(request, await sale.track(request, SALE))
 
 
 REFUND_VOICE = accept.Voice("refport_refund", VOICE.refuse, VOICE.unavailable)
@@ -161,6 +115,10 @@ REFUND_VOICE = accept.Voice("refport_refund", VOICE.refuse, VOICE.unavailable)
 
 @routes.post("/api/track/refund")
 async def track_refund(request: web.Request) -> web.Response:
+    return for_dub_sdk(request, await _refund(request))
+
+
+async def _refund(request: web.Request) -> web.Response:
     started = await accept.caller(request, REFUND_VOICE, RefportRefund, _caller)
     if isinstance(started, web.Response):
         return started
@@ -176,123 +134,17 @@ async def track_refund(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(out.refund), content_type="application/json", headers=headers)
 
 
+LEAD = lead.LeadDialect(
+    Dialect.REFPORT,
+    VOICE,
+    _caller,
+    lead.refport_answer,
+    lambda: error(400, "INVALID_CLICK_ID", "The clickId does not match any recorded click"),
+    lambda: error(400, "VALIDATION_ERROR", "clickId is empty and this customer has no earlier click"),
+    "refport-lead",
+)
+
+
 @routes.post("/api/track/lead")
 async def track_lead(request: web.Request) -> web.Response:
-    edge, secret = accept.keyed(request)
-    if secret is None:
-        return error(401, "UNAUTHORIZED", "Invalid or missing API key")
-    body, problem = await accept.parsed(request, RefportLead)
-    click_id = body.clickId if body else None
-    reads: tuple[Command, ...] = (("GET", edge.keys.click(click_id)),) if click_id else ()
-    made = guess = None
-    if body is not None and click_id and HEADER not in request.headers:
-        # what this edge last read (the click, its link) says "accept": append in the
-        # lookup's own round trip, the link read there too
-        _, known_key, _ = edge.auth.cached(secret)
-        raw = seen(edge, edge.keys.click(click_id))
-        known_click = clicks.decode(click_id, raw) if isinstance(raw, bytes) else None
-        if known_key is not None and known_key.allows("track") and known_click is not None:
-            known_link = seen_link(edge, known_click.code)
-            if known_click.workspace_id == known_key.workspace_id and known_link is not None:
-                made = _make(request, edge, body, known_click, known_link)
-                guess = Guess(made.envelope, known_click.code)
-                reads += (("GET", edge.keys.link(known_click.code)),)
-    found = await accept.look(edge, VOICE, edge.key_limiter, "", secret=secret, extra=reads, guess=guess)
-    if isinstance(found, web.Response):
-        return found
-    admitted = _caller(request, edge, found, problem, body)
-    if isinstance(admitted, web.Response):
-        return admitted
-    assert body is not None
-    principal, idem_key = admitted.principal, admitted.idem_key
-
-    click_id = body.clickId
-    try:
-        click = await resolve_click(edge, click_id, found.extra[0])
-    except Unavailable:
-        return VOICE.down()
-    if click is None or click.workspace_id != principal.workspace_id:
-        edge.drops.note(principal.workspace_id, None, "unknown_code")
-        return error(400, "INVALID_CLICK_ID", "The clickId does not match any recorded click")
-
-    headers = found.verdict.headers
-    if found.appended:  # what was read held what the guess was made from: it went in
-        assert made is not None
-        return accept.accepted(made.resp, headers)
-    # the link to echo is found before the lead is appended: nothing can fail after a 2xx is due
-    try:
-        if len(found.extra) > 1 and made is not None and made.envelope.payload["code"] == click.code:
-            cached = found.extra[1]  # read with the click, for the guess
-        else:
-            (cached,) = await edge.batcher.execute(("GET", edge.keys.link(click.code)))
-            remember(edge, edge.keys.link(click.code), cached)
-        link = links.decode(cached)
-        if not isinstance(link, links.LinkInfo):
-            code = click.code
-            link = await fallback(edge, lambda: links.fetch(edge.pg, code))
-    except Unavailable:
-        return VOICE.down()
-    except REDIS_ERRORS as exc:
-        return VOICE.down(exc)
-    resp = orjson.dumps(_tracked(body, click, link).model_dump())
-    claim = (
-        Claim.of(idem_key, "refport-lead", principal.workspace_id, fingerprint(body.model_dump())) if idem_key else None
-    )
-    # keyed: Redis down is a 503 (spool=False)
-    return await accept.append(
-        edge, VOICE, _envelope(request, edge, body, click), click.code, resp, headers, claim=claim, spool=False
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class _Made:
-    envelope: Envelope
-    resp: bytes
-
-
-def _envelope(request: web.Request, edge: Edge, body: RefportLead, click: ClickRef) -> Envelope:
-    payload: dict[str, Any] = {
-        "code": click.code,
-        "click_id": click.click_id,
-        "visitor_id": click.visitor_id,
-        "name": body.eventName,
-        "external_id": body.customerExternalId,
-    }
-    for field, value in (
-        ("email", body.customerEmail),
-        ("customer_name", body.customerName),
-        ("avatar", body.customerAvatar),
-        ("metadata", body.metadata),
-    ):
-        if value is not None:
-            payload[field] = value
-    return accept.event(
-        request, edge, EventType.LEAD, Dialect.REFPORT, click.workspace_id, payload, ip=edge.client_ip(request)
-    )
-
-
-def _make(request: web.Request, edge: Edge, body: RefportLead, click: ClickRef, link: links.LinkInfo) -> _Made:
-    return _Made(_envelope(request, edge, body, click), orjson.dumps(_tracked(body, click, link).model_dump()))
-
-
-def _tracked(body: RefportLead, click: ClickRef, link: links.LinkInfo | None) -> RefportLeadTracked:
-    if link is None:  # the click's link was deleted after the click: the lead is stored all the same
-        link = links.LinkInfo(
-            id="",
-            workspace_id=click.workspace_id,
-            program_id=None,
-            affiliate_id=None,
-            affiliate_external_id=None,
-            code=click.code,
-            url="",
-            domain=None,
-            status="inactive",
-            cookie_window_days=0,
-            attribution="last_click",
-        )
-    return RefportLeadTracked(
-        eventName=body.eventName,
-        click=RefportClick(id=click.click_id),
-        link=RefportLink(id=link.id, domain=link.domain, key=link.code, url=link.url, programId=link.program_id),
-        customer=RefportCustomer(externalId=body.customerExternalId, email=body.customerEmail, name=body.customerName),
-    )
+    return for_dub_sdk(request, await lead.track(request, LEAD))
