@@ -24,6 +24,10 @@ same way. Every amount is an exact integer in a currency's minor unit, never a f
 - ``hold_days``: a commission is ``pending`` until this long after its sale or lead was
   received, then ``approved``; ``paid`` once a payout includes it.
 
+A sale of amount 0 (a 100 % coupon, a free trial's "purchase") is stored like any other
+and earns nothing by any rule, flat parts included; under ``first_sale`` it is not the
+customer's first purchase (the first sale of more than nothing is).
+
 Empty rules (a program that never set any) earn nothing.
 """
 
@@ -79,7 +83,10 @@ class Rules:
     def for_sale(self, amount: int, currency: str) -> int:
         """The commission of one sale of ``amount`` minor units of ``currency`` (before the
         duration says whether it earns): the share, and the flat amount of that currency
-        (none where the rules have no flat amount in it: never another currency's number)."""
+        (none where the rules have no flat amount in it: never another currency's number).
+        A sale of nothing earns nothing: no rule pays on it."""
+        if amount <= 0:
+            return 0
         return amount * self.sale_bps // BPS + self.sale_flat.get(currency.lower(), 0)
 
     def lead_group(self, name: str | None) -> str | None:

@@ -14,6 +14,7 @@ The rules, once more, as applied here (docs/http-api.md has worked examples):
   rules lack); ``lifetime``: always; ``months``: received within ``30 * duration_months``
   days of the customer's first counted lead in the program; ``first_sale``: only the
   customer's first attributed sale in the program (by received time, then event id);
+  a sale of 0 earns nothing, and is not the first sale;
 - its refunds take back ``earned * refunded // amount`` (all of it once refunded in full);
 - ``lead_flat`` (in ``lead_currency``) is earned once per customer and program, by the
   first counted lead (received time, then event id); with ``lead_events``, once per
@@ -101,7 +102,7 @@ def expected(
 
     first_sale: set[tuple[str, str, str]] = set()
     for sale in sorted(sales, key=lambda x: (x.received_at, x.event_id)):
-        if sale.program_id is None:
+        if sale.program_id is None or sale.amount <= 0:  # a sale of nothing earns, and is first, nowhere
             continue
         r = rules.get(sale.program_id, Rules())
         customer = (sale.workspace_id, sale.customer, sale.program_id)

@@ -6,9 +6,10 @@ program's rules (``ingest.contract.commission``), in the transaction that counts
   ``months``, within the rules' span of the customer's FIRST counted lead in the program
   (a lead stored after a sale that earned, and older than the lead it was timed from,
   takes it back by a ``reversal`` where it is now past the span);
-  ``first_sale``, the customer's first attributed sale in the program by received time,
-  whatever order the workers store them in: a sale stored after a later one that had
-  earned makes that one's commission taken back (a ``reversal`` row), and earns instead.
+  ``first_sale``, the customer's first attributed sale in the program by received time
+  (a sale of 0 is none), whatever order the workers store them in: a sale stored after a
+  later one that had earned makes that one's commission taken back (a ``reversal`` row),
+  and earns instead.
   Its flat part is the rules' ``sale_flat`` in the sale's currency, none in a currency
   the rules have no flat amount for.
 - A customer's leads earn the program's ``lead_flat`` (in ``lead_currency``) once: the
@@ -72,8 +73,9 @@ ON CONFLICT (kind, source_id) DO NOTHING
 RETURNING id, workspace_id, program_id, affiliate_id, link_id, kind, source_id, customer_external_id, amount,
           currency, earned_at
 """
-# a first_sale customer's attributed sales in the program, oldest first, and whether first_sale
-# granted one a commission that still stands
+# a first_sale customer's attributed sales of more than nothing in the program, oldest first
+# (a free trial's sale of 0 is no first purchase), and whether first_sale granted one a
+# commission that still stands
 _FIRSTS = """
 SELECT s.event_id, s.received_at, s.amount, s.currency, s.link_id, s.affiliate_id, s.dialect,
        EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'sale' AND c.rule = 'first_sale'
@@ -84,6 +86,7 @@ SELECT s.event_id, s.received_at, s.amount, s.currency, s.link_id, s.affiliate_i
            AS earned  -- what still stands of it: its refunds' clawbacks took the rest
 FROM sales s
 WHERE s.workspace_id = $1 AND s.customer_external_id = $2 AND s.program_id = $3 AND s.unattributed IS NULL
+  AND s.amount > 0
 ORDER BY s.received_at, s.event_id
 """
 # a customer's counted leads in a program, oldest first, and what each one's lead commission
