@@ -33,6 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 from ingest.contract import layout
 from ingest.contract.keys import Keys
 from ingest.spool import store as spool_store
+from workers.consumer.counters import LEAD_QUANTITY
 
 from ._load import MARKER_SQL
 from ._sentinel import client as redis_client
@@ -52,15 +53,15 @@ WHERE (e.agent_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM event_agents a WHERE
    OR (e.type = 1 AND e.visitor_id IS NOT NULL AND p->>'visitor_id' IS DISTINCT FROM e.visitor_id)
 ORDER BY 1 LIMIT 20
 """
-_LINKS = """
+_LINKS = f"""
 WITH counted AS (
     SELECT link_id,
            count(*) FILTER (WHERE type = 1 AND NOT is_bot) AS clicks,
            count(*) FILTER (WHERE type = 1 AND is_bot) AS bot_clicks,
-           count(*) FILTER (WHERE type = 2) AS leads,
+           coalesce(sum({LEAD_QUANTITY}) FILTER (WHERE type = 2), 0) AS leads,
            count(*) FILTER (WHERE type = 3) AS conversions,
            max(received_at) FILTER (WHERE type = 1 AND NOT is_bot) AS last_clicked_at
-    FROM events WHERE NOT test_mode AND NOT out_of_window GROUP BY link_id
+    FROM events e WHERE NOT test_mode AND NOT out_of_window GROUP BY link_id
 ), visits AS (SELECT link_id, count(*) AS n FROM link_visitor_days GROUP BY link_id)
 SELECT l.code,
        l.clicks, coalesce(c.clicks, 0) AS want_clicks,
@@ -90,14 +91,14 @@ UNION ALL
 LIMIT 20
 """
 
-_DAILY = """
+_DAILY = f"""
 WITH counted AS (
     SELECT link_id, (received_at AT TIME ZONE 'UTC')::date AS day,
            count(*) FILTER (WHERE type = 1 AND NOT is_bot) AS clicks,
            count(*) FILTER (WHERE type = 1 AND is_bot) AS bot_clicks,
-           count(*) FILTER (WHERE type = 2) AS leads,
+           coalesce(sum({LEAD_QUANTITY}) FILTER (WHERE type = 2), 0) AS leads,
            count(*) FILTER (WHERE type = 3) AS conversions
-    FROM events WHERE NOT test_mode AND NOT out_of_window GROUP BY 1, 2
+    FROM events e WHERE NOT test_mode AND NOT out_of_window GROUP BY 1, 2
 ), visits AS (SELECT link_id, day, count(*) AS n FROM link_visitor_days GROUP BY 1, 2)
 SELECT link_id, day,
        (s.clicks, s.bot_clicks, s.leads, s.conversions, s.unique_clicks)::text AS stored,

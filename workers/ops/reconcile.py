@@ -45,6 +45,7 @@ import asyncpg
 import structlog
 
 from workers.consumer import drops, sales
+from workers.consumer.counters import LEAD_QUANTITY
 from workers.group.errors import retried_in_place
 
 log = structlog.get_logger("workers.reconcile")
@@ -73,7 +74,7 @@ SELECT e.link_id, (e.received_at AT TIME ZONE 'UTC')::date AS day,
        count(*) FILTER (WHERE {_COUNTED}) AS clicks,
        count(DISTINCT visitor_key) FILTER (WHERE {_COUNTED}) AS unique_clicks,
        count(*) FILTER (WHERE type = 1 AND is_bot) AS bot_clicks,
-       count(*) FILTER (WHERE type = 2) AS leads,
+       coalesce(sum({LEAD_QUANTITY}) FILTER (WHERE type = 2), 0) AS leads,
        count(*) FILTER (WHERE type = 3) AS conversions,
        max(received_at) FILTER (WHERE {_COUNTED}) AS last_clicked_at
 FROM events e WHERE {_WINDOW}
