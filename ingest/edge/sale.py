@@ -197,16 +197,17 @@ async def track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
     if isinstance(started, web.Response):
         return started
     workspace, idem_key = started.admitted.principal.workspace_id, started.admitted.idem_key
-    payload = dialect.payload(started.body)
-    event = envelope(dialect.dialect, workspace, payload)
-    route = event.routing_key()
-    assert route is not None
     led = False
     if isinstance(started.body, TrackSale) and started.body.clickId:
+        # the lead first: its event (and received time) precedes its sale's, which it attributes
         direct = await direct_lead(started.edge, dialect, workspace, started.body, started.body.clickId)
         if isinstance(direct, web.Response):
             return direct
         led = direct
+    payload = dialect.payload(started.body)
+    event = envelope(dialect.dialect, workspace, payload)
+    route = event.routing_key()
+    assert route is not None
     answer = await accept.append(
         started.edge,
         voice,
