@@ -33,11 +33,14 @@ async def test_the_document_names_exactly_the_served_routes(edge: str, settings:
     assert documented == served
     # request models carry their caps
     assert spec["components"]["schemas"]["AffixoClick"]["properties"]["ref"]["maxLength"] == 128
-    assert set(spec["components"]["schemas"]["RefportLead"]["required"]) == {
+    assert set(spec["components"]["schemas"]["BatchLeadItem"]["required"]) == {
+        "type",
         "clickId",
         "eventName",
         "customerExternalId",
     }
+    # Dub's lead: the customer by any of its names, the click empty for a deferred one's
+    assert set(spec["components"]["schemas"]["TrackLead"]["required"]) == {"eventName"}
 
 
 json_values = st.recursive(

@@ -63,6 +63,11 @@ def customer_aliases(data: Any) -> Any:
     return data
 
 
+def no_default(schema: dict[str, Any]) -> None:
+    """A field required after its older names are read: its schema shows no default."""
+    schema.pop("default", None)
+
+
 class TrackLead(RefportLead):
     """A lead on Dub's ``POST /track/lead`` and on Refport's ``POST /api/track/lead`` (the
     same API, field for field): Refport's fields, and what Dub's SDKs also send."""
@@ -72,6 +77,14 @@ class TrackLead(RefportLead):
         max_length=128,
         description="The click's id; empty or absent: the click of this customer's earlier lead (deferred tracking)",
     )
+    customerExternalId: ExternalId = Field(  # type: ignore[assignment]
+        None,  # checked once its older names are read (_named)
+        max_length=256,
+        description="Required, here or by one of its older names (externalId, customerId)",
+        json_schema_extra=no_default,
+    )
+    externalId: str | None = Field(None, deprecated=True, description="customerExternalId's older name")
+    customerId: str | None = Field(None, deprecated=True, description="customerExternalId's older name")
     mode: LeadMode = Field("async", description="async and wait are the same here; deferred records no lead yet")
     eventQuantity: Integer | None = Field(None, ge=1, le=MAX_QUANTITY, description="The lead counts this many times")
 
@@ -79,6 +92,12 @@ class TrackLead(RefportLead):
     @classmethod
     def _old_names(cls, data: Any) -> Any:
         return customer_aliases(data)
+
+    @model_validator(mode="after")
+    def _named(self) -> TrackLead:
+        if not self.customerExternalId:
+            raise ValueError("customerExternalId is required")
+        return self
 
     @property
     def quantity(self) -> int:

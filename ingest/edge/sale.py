@@ -32,7 +32,7 @@ from ingest.contract.connections import REDIS_ERRORS
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.fields import AMOUNT, MAX_AMOUNT, Currency, ExternalId, Ident, Integer, Metadata, NoNul, Processor
 from ingest.edge import accept
-from ingest.edge.bodies import customer_aliases
+from ingest.edge.bodies import customer_aliases, no_default
 from ingest.edge.dub_shapes import sale_answer
 from ingest.edge.enqueue import OUTCOME
 from ingest.edge.idempotency import Claim, fingerprint
@@ -66,11 +66,25 @@ class TrackSale(RefportSale):
     customerName: NoNul | None = Field(None, max_length=256)
     customerEmail: str | None = Field(None, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$")
     customerAvatar: NoNul | None = Field(None, max_length=2048)
+    customerExternalId: ExternalId = Field(  # type: ignore[assignment]
+        None,  # checked once its older names are read (_named)
+        max_length=256,
+        description="Required, here or by one of its older names (externalId, customerId)",
+        json_schema_extra=no_default,
+    )
+    externalId: str | None = Field(None, deprecated=True, description="customerExternalId's older name")
+    customerId: str | None = Field(None, deprecated=True, description="customerExternalId's older name")
 
     @model_validator(mode="before")
     @classmethod
     def _old_names(cls, data: Any) -> Any:
         return customer_aliases(data)
+
+    @model_validator(mode="after")
+    def _named(self) -> TrackSale:
+        if not self.customerExternalId:
+            raise ValueError("customerExternalId is required")
+        return self
 
 
 DIRECT_LEAD = "Direct sale tracking lead event"  # Dub's name for a direct sale's lead

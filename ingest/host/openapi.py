@@ -16,8 +16,8 @@ from pydantic.json_schema import models_json_schema
 
 from ingest.contract import bounds
 from ingest.contract.fields import IDENT, NO_NUL
-from ingest.edge import bodies, refund, sale
-from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, refport
+from ingest.edge import bodies, dub_shapes, refund, sale
+from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, dub, refport
 from ingest.host import health
 from ingest.manage.routes import bricqs as bricqs_manage
 from ingest.manage.routes import commissions as C
@@ -44,6 +44,7 @@ class Op:
 
 
 A, B, F, R, X = affitor.AffitorFailure, bricqs.BricqsError, affixo.AffixoError, refport.RefportError, biore.BioreError
+DE = dub_shapes.DubError
 
 
 def errors(model: Body, *codes: int) -> dict[int, Body]:
@@ -141,10 +142,10 @@ OPERATIONS: tuple[Op, ...] = (
     Op(
         "post",
         "/api/track/lead",
-        "Track a lead (Refport, seed 004)",
+        "Track a lead (Refport, seed 004; Dub's API: its fields, modes and quantities, its SDKs)",
         "Refport",
         {200: refport.RefportLeadTracked, **errors(R, 401, 429, 503, *BODY)},
-        bodies.RefportLead,
+        bodies.TrackLead,
         "bearer",
     ),
     Op(
@@ -154,8 +155,38 @@ OPERATIONS: tuple[Op, ...] = (
         "once, a repeat answered as the first",
         "Refport",
         {200: refport.RefportSaleTracked, **errors(R, 401, 422, 429, 503, *BODY)},
-        sale.RefportSale,
+        sale.TrackSale,
         "bearer",
+    ),
+    Op(
+        "post",
+        "/track/lead",
+        "Track a lead (Dub's API, at its path): attributed to its click, or (clickId empty) to the customer's"
+        " earlier one; mode deferred records the click for a later lead; eventQuantity counts it N times",
+        "Dub",
+        {200: dub_shapes.TrackLeadAnswer, **errors(DE, 401, 403, 404, 422, 429, 503, *BODY)},
+        bodies.TrackLead,
+        "bearer",
+    ),
+    Op(
+        "post",
+        "/track/sale",
+        "Track a sale (Dub's API, at its path): attributed to the customer's lead; with clickId, tracked"
+        " directly (the customer's lead made from the click); an invoice counts once",
+        "Dub",
+        {200: dub_shapes.TrackSaleAnswer, **errors(DE, 401, 403, 404, 422, 429, 503, *BODY)},
+        sale.TrackSale,
+        "bearer",
+    ),
+    Op(
+        "post",
+        "/track/click",
+        "Track a click from a browser (Dub's API, at its path): the link by domain and key; allowed by the"
+        " workspace's allowed hostnames (Origin, else Referer); a browser's repeat within the hour gets its"
+        " first clickId",
+        "Dub",
+        {200: dub_shapes.TrackClickAnswer, **errors(DE, 403, 404, 422, 429, 503, *BODY)},
+        dub.DubClick,
     ),
     Op(
         "post",
@@ -518,7 +549,8 @@ OPERATIONS: tuple[Op, ...] = (
 )
 
 
-_UNKEYED = frozenset({"/api/v1/referrals/convert"})  # idempotent on (code, session) by itself
+# idempotent by themselves: a conversion on (code, session), Dub's click per browser and link
+_UNKEYED = frozenset({"/api/v1/referrals/convert", "/track/click"})
 # keyed writes that change Postgres: a key is reserved while the first copy runs (409 meanwhile)
 _RESERVED = frozenset({"/api/v1/referrals/generate"})
 _IDEMPOTENCY_KEY = {
@@ -611,7 +643,7 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "refstream",
             "version": "0.1.0",
-            "description": "Referral and affiliate event ingestion: five dialects, one pipeline. A JSON body"
+            "description": "Referral and affiliate event ingestion: six dialects, one pipeline. A JSON body"
             f" (and each batch item) nests at most {bounds.MAX_DEPTH} levels and holds at most"
             f" {bounds.MAX_VALUES} values: 400 past them.",
         },
