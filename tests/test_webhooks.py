@@ -429,3 +429,43 @@ async def test_enqueue_writes_the_jobs_arq_would_and_refuses_live_ids(arq_pool, 
     finally:
         await arq_pool.delete(*keys)
         await arq_pool.zrem(queue, *[f"webhook:{i}" for i in (theirs, finished, *ours)])
+
+
+@pytest.fixture
+async def paths_seen() -> AsyncIterator[tuple[str, list[str]]]:
+    """A webhook receiver on 127.0.0.1 that records each request's target as sent."""
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_webhook_is_sent_to_its_target_as_given(
+    pg: asyncpg.Pool,
+    world: Any,
+    paths_seen: tuple[str, list[str]],
+    arq_pool: ArqRedis,
+    run_worker: Any,
+    secret_key: str,
+) -> None:
+    """yarl read ``%7E`` as ``~`` and a query's ``%2F`` as ``/``: a receiver that checks a
+    signature over its query saw another one."""
+    base, seen = paths_seen
+    target = "/hooks/a%7Eb/c%2Fd?sig=ab%2Fcd%3D%3D&x=%20+y&flag"
+    await make_webhook(pg, world.workspace_id, base + target, secret_key)
+    (delivery,) = await record(pg, [lead(world.workspace_id)])
+    assert await webhooks.enqueue(arq_pool, [delivery]) == 1
+    await run_worker()
+    assert seen == [target]

@@ -197,10 +197,14 @@ async def lookup(
     extra: tuple[Command, ...] = (),
     degraded: bool = False,
     guess: Guess | None = None,
+    counted: bool = True,
 ) -> Found:
     """With ``degraded`` (public routes, whose events can be spooled), Redis being down is
     not an error: the request is let through unlimited, extras are None, and the link comes
     from Postgres. Otherwise what Redis raised propagates and the route answers 503.
+
+    ``counted`` off (a HEAD, which changes nothing): the rate limit is neither counted nor
+    asked, and the request is admitted; the reads are as ever.
 
     With ``guess``, and when every key read was read before, the round trip is
     ``CHECKED_APPEND``: ``Found.appended`` says whether the event went in (its route must
@@ -241,18 +245,19 @@ async def lookup(
                 return await _answer(edge, limiter, principal, code, reads, gets, list(reply), guess)
             # the script refused as a whole (a full Redis under noeviction, ...): nothing ran;
             # ask again the usual way, which tells the route what to do
-    commands.insert(0, limiter.command(rl_key))
+    if counted:
+        commands.insert(0, limiter.command(rl_key))
     commands += [("GET", key) for key in reads]
     commands += extra
 
     try:
-        replies = await edge.batcher.execute(*commands, check=limiter.check)
+        replies = await edge.batcher.execute(*commands, check=limiter.check if counted else None) if commands else []
     except REDIS_ERRORS:
         if not degraded or secret is not None:
             raise
         return await _without_redis(edge, limiter, code, len(extra))
     try:
-        verdict = limiter.verdict(replies[0])
+        verdict = limiter.verdict(replies[0]) if counted else Verdict(True, limiter.limit, limiter.limit, 0)
     except REDIS_ERRORS:
         if not degraded or secret is not None:
             raise
@@ -260,7 +265,7 @@ async def lookup(
         # for a Redis that is down; the event itself goes to the spool if Redis refuses it
         verdict = Verdict(True, limiter.limit, limiter.limit, 0)
     found = Found(verdict=verdict, principal=principal)
-    i = 1
+    i = int(counted)
     if key_miss:
         assert digest is not None
         d = digest

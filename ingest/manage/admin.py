@@ -18,7 +18,7 @@ from ingest.contract.connections import Redis, client_fault, write
 from ingest.contract.errors import NotFound
 from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
 from ingest.contract.keys import Keys
-from ingest.contract.urls import hostname
+from ingest.contract.urls import hostname, with_param, without_param
 from ingest.edge import apikeys, auth
 
 DEFAULT_PROGRAM = "Default program"
@@ -206,14 +206,11 @@ def readable_code(seed: str) -> str:
 
 
 def with_ref(url: str, code: str) -> str:
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    """The program's URL as stored with ``ref=code`` appended, an older ``ref`` taken out
+    (tracker.js reads the first); every other byte as stored (``ingest.contract.urls``)."""
+    from urllib.parse import quote
 
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # a program URL stored before URLs were checked: the default page's
-        parts = urlsplit("https://example.com/")
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "ref"]
-    return urlunsplit(parts._replace(query=urlencode([*query, ("ref", code)])))
+    return with_param(without_param(url, "ref"), "ref", quote(code, safe=""))
 
 
 async def referral_code(

@@ -46,6 +46,7 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from arq.worker import Function, func
+from yarl import URL
 
 from ingest.contract import clock
 from ingest.ledger import secretbox, targets
@@ -223,11 +224,22 @@ async def _post(
         # redirects are not followed: a receiver that moved answers 3xx, which is a failure
         # (and a redirect could point anywhere, our own network included)
         async with http.post(
-            url, data=body, headers=headers, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)
+            _as_given(url),
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
         ) as resp:
             return resp.status, None
     except (aiohttp.ClientError, TimeoutError) as exc:
         return None, (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:500]
+
+
+def _as_given(url: str) -> URL | str:
+    """The target as its owner gave it: yarl would read ``%7E`` as ``~`` and a query's
+    ``%2F`` as ``/``, so a receiver checking a signature over its query saw another one. A
+    target that is not ASCII (a name in IDNA) is yarl's to encode."""
+    return URL(url, encoded=True) if url.isascii() else url
 
 
 def _allow_private(ctx: dict[str, Any]) -> bool:

@@ -68,7 +68,13 @@ async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...]
     edge = request.app[EDGE]
     try:
         found = await lookup(
-            edge, edge.public_limiter, edge.client_ip(request) or "-", code=code, extra=extra, degraded=True
+            edge,
+            edge.public_limiter,
+            edge.client_ip(request) or "-",
+            code=code,
+            extra=extra,
+            degraded=True,
+            counted=request.method != "HEAD",  # a HEAD changes nothing, its rate limit included
         )
     except (Unavailable, *REDIS_ERRORS):
         return unavailable()

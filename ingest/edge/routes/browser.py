@@ -2,21 +2,23 @@
 
 ``GET /r/{code}`` records the click server-side (no JavaScript needed; bots are told apart
 by the worker and counted as bot clicks), sets the click-id cookie and answers 302 to the
-link's destination with the click id appended. An unknown or inactive code, or any
-failure, redirects to ``REFSTREAM_FALLBACK_URL``: never an error page.
+link's destination, exactly as stored, with the click id appended (``ingest.contract.urls``).
+An unknown or inactive code, or any failure, redirects to ``REFSTREAM_FALLBACK_URL``: never
+an error page. ``HEAD /r/{code}`` (a mail scanner's, before the person's GET) answers where
+the GET would go and records nothing: no event, no rate limit, no drop, no cookie.
 """
 
 from __future__ import annotations
 
 import hashlib
 from importlib import resources
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import structlog
 from aiohttp import web
 
 from ingest.contract import clicks
 from ingest.contract.events import Dialect, EventType, uuid7
+from ingest.contract.urls import header_safe, with_param
 from ingest.edge import accept
 from ingest.edge.body import header, plain
 from ingest.edge.state import EDGE
@@ -43,19 +45,30 @@ async def home(request: web.Request) -> web.Response:
 
 
 def moved(url: str) -> web.Response:
-    return web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
+    return web.Response(status=302, headers={"Location": header_safe(url), "Cache-Control": "no-store"})
 
 
-def with_param(url: str, name: str, value: str) -> str:
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # a URL stored before URLs were checked: left as it is
-        return url
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != name]
-    return urlunsplit(parts._replace(query=urlencode([*query, (name, value)])))
+@routes.head("/r/{code}")
+async def redirect_head(request: web.Request) -> web.Response:
+    """Where ``GET /r/{code}`` would send the visitor (the link's destination, or the
+    fallback), recording nothing: its rate limit is not counted, no drop, no event, no
+    cookie (no click id was minted)."""
+    edge = request.app[EDGE]
+    fallback = moved(edge.settings.fallback_url)
+    code = request.match_info["code"]
+    if not plain(code, 128):
+        return fallback
+    voice = accept.Voice("redirect", lambda status, code, message: fallback, lambda headers: fallback)
+    found = await accept.look(edge, voice, edge.public_limiter, "-", code=code, degraded=True, counted=False)
+    if isinstance(found, web.Response):
+        return found
+    link = found.link
+    if link is None or not link.active or not link.configured:
+        return fallback
+    return moved(link.url)
 
 
-@routes.get("/r/{code}")
+@routes.get("/r/{code}", allow_head=False)
 async def redirect(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     settings = edge.settings

@@ -94,8 +94,9 @@ def guarded(
             secret = bearer(request.headers.get("Authorization"))
             if secret is None:
                 return error(401, "unauthorized")
+            head = request.method == "HEAD"  # changes nothing: no rate limit counted, no address kept
             try:
-                found = await lookup(edge, edge.key_limiter, "", secret=secret)
+                found = await lookup(edge, edge.key_limiter, "", secret=secret, counted=not head)
             except (Unavailable, *REDIS_ERRORS):
                 return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
             principal = found.principal
@@ -115,7 +116,7 @@ def guarded(
 
             async def run() -> web.Response:
                 try:
-                    if caller.affiliate_id is not None:  # where the affiliate's own actions come from
+                    if caller.affiliate_id is not None and not head:  # where the affiliate's own actions come from
                         async with acquired(edge.pg) as conn:
                             await stats.affiliate_seen(conn, caller.affiliate_id, edge.client_ip(request))
                     return await handler(request, edge, caller)

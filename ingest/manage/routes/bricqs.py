@@ -66,7 +66,8 @@ async def _keyed(request: web.Request, scope: str) -> tuple[Edge, Principal] | w
     if secret is None:
         return error(401, "unauthorized", "Invalid or missing API key")
     try:
-        found = await lookup(edge, edge.key_limiter, "", secret=secret)
+        # a HEAD changes nothing, its rate limit included
+        found = await lookup(edge, edge.key_limiter, "", secret=secret, counted=request.method != "HEAD")
     except (Unavailable, *REDIS_ERRORS):
         return unavailable()
     if found.principal is None:
