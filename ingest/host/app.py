@@ -29,7 +29,7 @@ from ingest.edge.metrics import EdgeMetrics
 from ingest.edge.ratelimit import RateLimiter
 from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, browser, dub, refport
 from ingest.edge.state import EDGE, Edge
-from ingest.host import cors, health, openapi
+from ingest.host import cors, health, openapi, paths
 from ingest.host.guard import GUARD, ConnectionGuard
 from ingest.host.siblings import SIBLINGS
 from ingest.link.durability import Durability
@@ -72,6 +72,27 @@ def _unexpected(request: web.Request, exc: Exception) -> web.Response:
     return web.Response(body=INTERNAL, status=500, content_type="application/json")
 
 
+async def _unmatched(request: web.Request, exc: web.HTTPException) -> tuple[web.Request, web.StreamResponse, bool]:
+    """A request the router found nothing for: under the one path rule (``ingest.host.paths``:
+    no trailing or doubled slash) it is answered as if sent so, a preflight included; what
+    still matches nothing is the router's 404 or 405 in JSON. The request answered, its
+    answer, and whether it carries the public routes' CORS headers."""
+    again = await paths.alias(request)
+    if again is None:
+        return request, paths.refusal(exc), False
+    public = cors.is_public(again.path)
+    if public and again.method == "OPTIONS":
+        return again, cors.preflight(again), False
+    if again.match_info.http_exception is not None:
+        return again, paths.refusal(again.match_info.http_exception), False
+    try:
+        return again, await again.match_info.handler(again), public
+    except web.HTTPException:
+        raise  # a handler's own, as on its own path
+    except Exception as error:  # as the middleware answers it: never a trace
+        return again, _unexpected(again, error), False
+
+
 UNAVAILABLE = orjson.dumps({"error": "service_unavailable"})
 INTERNAL = orjson.dumps({"error": "internal_error"})
 
@@ -99,21 +120,24 @@ def edge_middleware(
         public = cors.is_public(request.path)
         try:
             if public and request.method == "OPTIONS":  # a preflight (tracker.js sends text/plain: it needs none)
-                response: web.StreamResponse = cors.preflight()
+                response: web.StreamResponse = cors.preflight(request)
             else:
                 try:
                     response = await handler(request)
                 except web.HTTPException as exc:
                     status = exc.status
-                    raise
+                    if exc is not request.match_info.http_exception:
+                        raise  # a handler's own
+                    # the router found nothing: the path under the one rule, or a JSON 404
+                    request, response, public = await _unmatched(request, exc)
                 except Exception as exc:
                     response = _unexpected(request, exc)
-                else:
-                    if public:
-                        response.headers.update(cors.HEADERS)
-                    # a refused body is always answered 4xx: only then is the flag looked up
-                    if response.status >= 400 and request.get(CLOSE) and not response.prepared:
-                        response.force_close()
+                    public = False
+                if public:
+                    response.headers.update(cors.HEADERS)
+                # a refused body is always answered 4xx: only then is the flag looked up
+                if response.status >= 400 and request.get(CLOSE) and not response.prepared:
+                    response.force_close()
             status = response.status
             response.headers["X-Request-ID"] = rid
             return response
