@@ -106,7 +106,9 @@ def edge_middleware(
     route and status for every request, the access line as ``access`` says, and an
     unexpected error as a bare 500 (503 for a database outage), never a trace. A request
     whose body was refused (too large, too slow, unreadable) closes its connection once
-    answered. One middleware, not a chain: each layer costs a call per request."""
+    answered. A path the router found nothing for is tried under the one path rule
+    (``ingest.host.paths``), on that error path alone. One middleware, not a chain: each
+    layer costs a call per request."""
     observe = metrics.requests.observe
 
     @web.middleware
