@@ -204,7 +204,7 @@ async def test_direct_sale_tracking(edge: str, world: World, pg: asyncpg.Pool, d
     }
     status, out, _ = await call("POST", f"{edge}/track/sale", json=sale, headers=bearer(world.api_key))
     assert status == 200, out
-    assert out["customer"] == {"id": "ext_dora", "externalId": "dora", "name": "Dora", "email": None, "avatar": None}
+    assert out["customer"] == {"id": "dora", "externalId": "dora", "name": "Dora", "email": None, "avatar": None}
     assert out["sale"]["amount"] == 1200 and out["sale"]["paymentProcessor"] == "apple"
     await drain()
     lead_row = await pg.fetchrow("SELECT event_id, name FROM events WHERE type = 2 AND customer_external_id = 'dora'")

@@ -59,7 +59,7 @@ async def test_a_sale_after_its_lead_is_attributed_through_it(edge: str, world: 
     assert status == 200
     assert out == {
         "eventName": "Purchase",
-        "customer": {"id": "ext_user_001", "externalId": "user_001", "name": None, "email": None, "avatar": None},
+        "customer": {"id": "user_001", "externalId": "user_001", "name": None, "email": None, "avatar": None},
         "sale": {
             "amount": 4900,
             "currency": "usd",

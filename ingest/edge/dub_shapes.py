@@ -142,9 +142,10 @@ class DubError(BaseModel):
 
 
 def customer_id(external_id: str) -> str:
-    """A sale's ``customer.id``: the customer named by their external id, in Dub's own form
-    for that (``ext_`` and the id). The edge does not read the customer's row."""
-    return "ext_" + external_id
+    """A sale's ``customer.id``: the id refstream's API names a customer by, their external
+    id (``GET /v1/customers/{external_id}``); the edge does not read the customer's row. An
+    erasure rewrites it with the ``externalId`` beside it: the same value."""
+    return external_id
 
 
 def sale_answer(
