@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingest.contract import clicks, plans
+from ingest.contract import clicks
 from ingest.contract.connections import PG_ERRORS, pg_unavailable
 from ingest.contract.errors import Outage
 from ingest.contract.events import Envelope
@@ -69,15 +69,36 @@ ENRICHMENT_PERSONAL = ("ip", "asn", "as_name", "city", "region", "latitude", "lo
 _salt: bytes | None = None
 # a batch's look at the ledger, holding the lock shared until its commit: an erasure, once
 # its ledger is in, takes the lock exclusive and so waits for every batch that looked
-# before (``ingest.privacy.erasure``); one statement, one round trip per batch
-# before. Each entry is one workspace's (DESIGN.md 15): the digests come back with theirs.
-# One plan, however many digests (``ingest.contract.plans``)
+# before (``ingest.privacy.erasure``); one statement, one round trip per batch. Each entry
+# is one workspace's (DESIGN.md 15): every digest is asked in the workspace of the event
+# that carries it, never in any other (``$2``: each a digest's 16 bytes and its
+# workspace's, ``_pairs``). One plan, however many digests: the array behind a scalar
+# subquery, as ``ingest.contract.plans.any_of`` puts it
+_ASKED = """
+SELECT substring(p FROM 1 FOR 16) AS d, encode(substring(p FROM 17 FOR 16), 'hex')::uuid AS ws
+FROM unnest((SELECT $2::bytea[])::bytea[]) AS p
+"""
 _READ = f"""
-SELECT array(SELECT workspace_id::text FROM erased_ids WHERE digest = {plans.any_of(2, "bytea")}
-             ORDER BY digest, workspace_id),
-       array(SELECT digest FROM erased_ids WHERE digest = {plans.any_of(2, "bytea")} ORDER BY digest, workspace_id)
+SELECT array(SELECT i.workspace_id::text FROM erased_ids i JOIN ({_ASKED}) a
+             ON i.digest = a.d AND i.workspace_id = a.ws ORDER BY i.digest, i.workspace_id),
+       array(SELECT i.digest FROM erased_ids i JOIN ({_ASKED}) a
+             ON i.digest = a.d AND i.workspace_id = a.ws ORDER BY i.digest, i.workspace_id)
 FROM (SELECT pg_advisory_xact_lock_shared($1)) l
 """
+_WORKSPACE_BYTES: dict[str, bytes] = {}  # a workspace's id -> its 16 bytes (a process knows a few)
+
+
+def _pairs(asked: Iterable[tuple[bytes, str]]) -> list[bytes]:
+    """(digest, workspace) pairs as ``_READ`` asks them: each a digest and its workspace's bytes."""
+    out = set()
+    for d, ws in asked:
+        raw = _WORKSPACE_BYTES.get(ws)
+        if raw is None:
+            if len(_WORKSPACE_BYTES) >= 10_000:
+                _WORKSPACE_BYTES.clear()
+            raw = _WORKSPACE_BYTES[ws] = uuid.UUID(ws).bytes
+        out.add(d + raw)
+    return list(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +218,23 @@ class Ledger:
         one statement (``then_after``): a batch's first round trip reads both."""
         key = await salt(conn)
         envelopes = list(envelopes)
-        wanted = list({d for e in envelopes for d in _digests(key, e, (workspace_of or {}).get(id(e)))})
+        given = workspace_of or {}
+        # an envelope with no workspace of its own nor the caller's (an entry written before
+        # envelopes carried one): its link's, read first, so that each digest is asked in its
+        # own workspace
+        unplaced = {
+            c
+            for e in envelopes
+            if not (e.workspace_id or given.get(id(e))) and isinstance(c := e.payload.get("code"), str)
+        }
+        codes = {r["code"]: r["ws"] for r in await conn.fetch(_CODES, sorted(unplaced))} if unplaced else {}
+        asked = []
+        for e in envelopes:
+            code = e.payload.get("code")
+            ws = e.workspace_id or given.get(id(e)) or (codes.get(code) if isinstance(code, str) else None)
+            if ws is not None:  # no workspace: no ledger names it
+                asked += [(d, ws) for d in _digests(key, e, ws)]
+        wanted = _pairs(asked)
         if then is None:
             spaces, found = await conn.fetchrow(_READ, LOCK, wanted)
             rows: list[asyncpg.Record] = []
@@ -206,12 +243,6 @@ class Ledger:
             spaces, found = rows[0]["erased_workspaces"], rows[0]["erased_digests"]
             rows = [r for r in rows if r["then_row"]]
         erased = frozenset((w, bytes(d)) for w, d in zip(spaces, found, strict=True))
-        unplaced = {
-            c
-            for e in envelopes
-            if not (e.workspace_id or (workspace_of or {}).get(id(e))) and isinstance(c := e.payload.get("code"), str)
-        }
-        codes = {r["code"]: r["ws"] for r in await conn.fetch(_CODES, sorted(unplaced))} if erased and unplaced else {}
         return cls(key, erased, codes), rows
 
     def workspace(self, e: Envelope, workspace_id: str | None = None) -> str | None:

@@ -51,10 +51,12 @@ def _salt_check(salt: bytes) -> str:
 
 _ROWS = """
 SELECT e.id, e.workspace_id::text AS ws, e.subject, e.requested_at, e.requested_by, e.since, e.archive_due,
-       array(SELECT i.digest FROM erased_ids i WHERE i.erasure_id = e.id ORDER BY i.digest, i.workspace_id) AS digests,
-       array(SELECT i.kind FROM erased_ids i WHERE i.erasure_id = e.id ORDER BY i.digest, i.workspace_id) AS kinds,
+       array(SELECT i.digest FROM erased_ids i WHERE i.erasure_id = e.id AND i.workspace_id = e.workspace_id
+             ORDER BY i.digest) AS digests,
+       array(SELECT i.kind FROM erased_ids i WHERE i.erasure_id = e.id AND i.workspace_id = e.workspace_id
+             ORDER BY i.digest) AS kinds,
        array(SELECT i.workspace_id::text FROM erased_ids i WHERE i.erasure_id = e.id
-             ORDER BY i.digest, i.workspace_id) AS spaces
+             AND i.workspace_id = e.workspace_id ORDER BY i.digest) AS spaces
 FROM erasures e WHERE e.id = ANY($1::uuid[])
 """
 

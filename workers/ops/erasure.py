@@ -387,21 +387,29 @@ return 0
 
 
 async def _redacted(body: Any, check: _Check, spaces: list[str]) -> Any:
-    """``body`` with the objects that name an erased person scrubbed; None: it names none."""
+    """``body`` with the objects that name an erased person scrubbed; None: it names none.
+    Every probe is asked in ``spaces`` alone (the record's own workspace, or for a record
+    that names none, each with an erasure): another workspace's erasure of the same
+    client-chosen visitor or click id is another person's."""
     strings = sorted(set(_strings(body)))
-    if not strings:
+    if not strings or not spaces:
         return None
     key = check.key
-    async with check.pg.acquire() as conn:
-        probes: dict[bytes, tuple[str, str | None]] = {}  # digest -> (the string, what it becomes)
-        for s in strings:
-            for ws in spaces:
-                probes[erasure.digest(key, EXTERNAL, s, ws)] = (s, erasure.pseudonym(key, EXTERNAL, s, ws))
-            probes[erasure.digest(key, VISITOR, s)] = (s, erasure.pseudonym(key, VISITOR, s))
+    probes: dict[tuple[bytes, str], tuple[str, str | None]] = {}  # (digest, workspace) -> (the string, its pseudonym)
+    for s in strings:
+        for ws in spaces:
+            probes[(erasure.digest(key, EXTERNAL, s, ws), ws)] = (s, erasure.pseudonym(key, EXTERNAL, s, ws))
+            probes[(erasure.digest(key, VISITOR, s), ws)] = (s, erasure.pseudonym(key, VISITOR, s))
             if (click := clicks.parse(s)) is not None:
-                probes[erasure.digest(key, EVENT, click.hex)] = (s, s)  # an id, not personal: kept
-        found = await conn.fetch("SELECT digest FROM erased_ids WHERE digest = ANY($1::bytea[])", list(probes))
-    named = dict(probes[bytes(r["digest"])] for r in found)
+                probes[(erasure.digest(key, EVENT, click.hex), ws)] = (s, s)  # an id, not personal: kept
+    async with check.pg.acquire() as conn:
+        found = await conn.fetch(
+            "SELECT i.digest, i.workspace_id::text AS ws FROM erased_ids i"
+            " JOIN unnest($1::bytea[], $2::uuid[]) AS a (d, ws) ON i.digest = a.d AND i.workspace_id = a.ws",
+            [d for d, _ in probes],
+            [uuid.UUID(ws) for _, ws in probes],
+        )
+    named = dict(probes[(bytes(r["digest"]), r["ws"])] for r in found)
     if not named:
         return None
     new = _without_metadata(_scrub_objects(body, named))  # free-form, wherever the answer echoes it
