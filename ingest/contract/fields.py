@@ -9,9 +9,9 @@ here, at the model boundary, so a bad value is the route's 400 and never a 500 l
   participant or session), normalized by ``ingest.contract.ids`` (NFC, whitespace and
   invisible characters at the ends dropped; empty or control/format characters inside
   refused), so every door, the erasure's included, names the person the same way.
-- ``VisitorId``: a visitor id a client chose, None where it is a placeholder such as
-  ``undefined`` (``ingest.contract.ids.PLACEHOLDERS``); ``SessionId``: an ``ExternalId``
-  that keys an event, a placeholder refused.
+- ``VisitorId``: a visitor id a client chose, normalized as an ``ExternalId``, None where
+  it is a placeholder such as ``undefined`` (``ingest.contract.ids.PLACEHOLDERS``) or only
+  whitespace; ``SessionId``: an ``ExternalId`` that keys an event, a placeholder refused.
 - ``Integer``: a JSON integer (``30`` or ``30.0``), never a string such as ``"30"``.
 - A sale's: ``Currency`` (ISO 4217's three letters, kept lower case), ``Processor``,
   ``Metadata`` (a JSON object with no NUL inside) and ``MAX_AMOUNT``.
@@ -98,6 +98,8 @@ _ID_EDGE = f"[{_class(SPACE_RANGES)}{_class(FORMAT_RANGES)}]"
 _ID_BAD = f"\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029{_class(FORMAT_RANGES)}"
 _ID_END = f"[^{_class(SPACE_RANGES)}{_ID_BAD}]"
 EXTERNAL_ID = f"^{_ID_EDGE}*{_ID_END}(?:[^{_ID_BAD}]*{_ID_END})?{_ID_EDGE}*$"
+# a visitor id: an external id, or nothing but the ends' characters (taken as none sent)
+VISITOR_ID = f"^{_ID_EDGE}*$|{EXTERNAL_ID}"
 _PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 # an absolute http(s) URL with a host name or IPv4 address (IPv6 literals are not taken),
 # optional user info and port, and no whitespace or control character anywhere
@@ -157,10 +159,14 @@ def external_id(value: str) -> str:
 
 
 def visitor_id(value: str | None) -> str | None:
-    """A client-chosen visitor id, or None where it is a placeholder (``ids.PLACEHOLDERS``:
-    ``undefined``, ``null``, ...): the door then does what it does for a visitor it was not
-    told, mints one or matches a fingerprint."""
-    return None if value is None or ids.placeholder(value) else value
+    """A client-chosen visitor id as every door stores it (``ids.visitor``: the external id
+    rule), or None where it names no one: a placeholder (``ids.PLACEHOLDERS``: ``undefined``,
+    ``null``, ...) or nothing but whitespace. The door then does what it does for a visitor
+    it was not told, mints one or matches a fingerprint."""
+    try:
+        return None if value is None else ids.visitor(value)
+    except ids.InvalidId as exc:
+        raise ValueError(str(exc)) from None
 
 
 def session_id(value: str) -> str:
@@ -212,8 +218,8 @@ NoNul = Annotated[str, AfterValidator(check_no_nul), _Documented(NO_NUL)]
 Text = Annotated[str, AfterValidator(check_text), _Documented(TEXT)]
 Ident = Annotated[str, AfterValidator(check_ident), _Documented(IDENT)]
 ExternalId = Annotated[str, AfterValidator(external_id), _Documented(EXTERNAL_ID)]
-# a visitor id a client chose: a placeholder is taken as none (``visitor_id``)
-VisitorId = Annotated[NoNul | None, AfterValidator(visitor_id)]
+# a visitor id a client chose: normalized as an external id, a placeholder taken as none (``visitor_id``)
+VisitorId = Annotated[NoNul | None, AfterValidator(visitor_id), _Documented(VISITOR_ID)]
 SessionId = Annotated[
     str, AfterValidator(external_id), AfterValidator(session_id), _Documented(EXTERNAL_ID), _NoPlaceholder()
 ]

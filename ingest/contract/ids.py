@@ -119,6 +119,21 @@ PLACEHOLDERS = frozenset(
 )
 
 
+def visitor(value: str, *, max_length: int = MAX_LENGTH) -> str | None:
+    """A client-chosen visitor id as every door stores it: ``normalize``d, None where it names
+    no one (a ``placeholder``, or nothing but whitespace and invisible characters);
+    ``InvalidId`` for one with a control or format character inside."""
+    if placeholder(value):
+        return None
+    try:
+        text = normalize(value, max_length=max_length)
+    except InvalidId:
+        if not value.strip() or not any(not _edge(c) for c in value):
+            return None  # nothing but the ends' characters: no id at all
+        raise
+    return None if placeholder(text) else text
+
+
 def placeholder(value: str) -> bool:
     """Whether a client-chosen visitor or session id is no one's (``PLACEHOLDERS``)."""
     return value.strip().casefold() in PLACEHOLDERS

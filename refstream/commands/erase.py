@@ -52,10 +52,14 @@ async def _erase(
                     result.setdefault("also_erased", []).append(done.to_dict())
         if partner:  # an affiliate, or a participant (every campaign's)
             assert workspace is not None
+            days = settings.erase_archive_days
             try:
-                gone = await affiliate_erasure.erase(
-                    pool, workspace, by="cli", archive_days=settings.erase_archive_days, **partner
-                )
+                if "participant_id" in partner:  # normalized, and every spelling stored before the rule
+                    gone = await external_ids.erase_participant(
+                        pool, workspace, partner["participant_id"], by="cli", archive_days=days
+                    )
+                else:
+                    gone = await affiliate_erasure.erase(pool, workspace, by="cli", archive_days=days, **partner)
             except NotFound as exc:
                 raise click.ClickException(str(exc)) from None
             await erasure_copy.keep(pool, redis, keys, [uuid.UUID(e["erasure_id"]) for e in gone.erasures])
@@ -103,7 +107,8 @@ def _workspace(value: str | None) -> str | None:
     "--participant",
     "participant_id",
     metavar="ID",
-    help="A Bricqs participant's id: the affiliate of that external id in every campaign, erased as --affiliate.",
+    help="A Bricqs participant's id: the affiliate of that external id in every campaign, erased as --affiliate"
+    " (normalized as every route does).",
 )
 @click.option("--workspace", metavar="W", help="The workspace id the customer (or affiliate) belongs to.")
 @click.option("--status", "show_status", is_flag=True, help="List the erasures with a place still pending.")
@@ -135,11 +140,12 @@ def erase(
             "say what to do: --customer ID --workspace W, --affiliate ID --workspace W, --status or --sweep"
         )
     ws = _workspace(workspace)
-    if external_id is not None:
-        try:
-            ids.stored_forms(external_id)
-        except ids.InvalidId as exc:
-            raise click.BadParameter(str(exc), param_hint="--customer") from None
+    for given, hint in ((external_id, "--customer"), (participant_id, "--participant")):
+        if given is not None:
+            try:
+                ids.stored_forms(given)
+            except ids.InvalidId as exc:
+                raise click.BadParameter(str(exc), param_hint=hint) from None
     data = run_command(lambda settings: _erase(settings, external_id, ws, sweep, partner))
     if out.wants_json():
         out.print_json(data)

@@ -29,14 +29,23 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ingest.contract.bounds import MAX_KEYS, BoundsError, check
-from ingest.contract.fields import MAX_AMOUNT, Currency, ExternalId, Ident, Integer, Metadata, NoNul, Processor
-from ingest.contract.fields import visitor_id as no_placeholder
+from ingest.contract.fields import (
+    MAX_AMOUNT,
+    Currency,
+    ExternalId,
+    Ident,
+    Integer,
+    Metadata,
+    NoNul,
+    Processor,
+    VisitorId,
+)
 from workers.ops import import_csv
 from workers.ops.import_lines import MAX_LINE, Bad, Line
 
@@ -67,7 +76,7 @@ class _Click(_Common):
     ip: NoNul | None = Field(None, max_length=64)
     user_agent: NoNul | None = Field(None, max_length=1024)
     referrer: NoNul | None = Field(None, max_length=2048)
-    visitor_id: Annotated[Ident | None, AfterValidator(no_placeholder)] = Field(None, min_length=1, max_length=256)
+    visitor_id: VisitorId = Field(None, max_length=256)  # as the click routes take it
 
 
 class _Lead(_Common):

@@ -27,6 +27,7 @@ from ingest.edge.lookup import Unavailable, lookup
 from ingest.edge.routes.bricqs import error, json, unavailable
 from ingest.edge.state import EDGE, Edge
 from ingest.manage import admin
+from ingest.privacy import external_ids
 
 routes = web.RouteTableDef()
 
@@ -129,13 +130,14 @@ async def stats(request: web.Request) -> web.Response:
     if isinstance(keyed, web.Response):
         return keyed
     edge, principal = keyed
-    try:  # the id as generate stores it, then as given (a participant stored before the rule)
-        forms = ids.stored_forms(request.match_info["participant_id"], max_length=128)
-    except ids.InvalidId:  # nothing can hold it
-        return error(404, "participant_not_found", "participant not found")
-    out = None
+    out, forms = None, None
     try:
         async with acquired(edge.pg) as conn:
+            given = request.match_info["participant_id"]
+            try:  # the id as generate stores it, then as given and as stored before the rule
+                forms = await external_ids.participants(conn, principal.workspace_id, given)
+            except ids.InvalidId:  # nothing can hold it
+                return error(404, "participant_not_found", "participant not found")
             for participant in forms:
                 try:
                     out = await admin.participant_stats(
@@ -147,5 +149,5 @@ async def stats(request: web.Request) -> web.Response:
     except PG_ERRORS:
         return unavailable()
     if out is None:
-        return error(404, "participant_not_found", f"participant {forms[0]!r} not found")
+        return error(404, "participant_not_found", f"participant {forms[0]!r} not found" if forms else "not found")
     return json(200, BricqsStats(**out).model_dump())

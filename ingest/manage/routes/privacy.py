@@ -113,15 +113,24 @@ async def erase_affiliate(request: web.Request, edge: Edge, p: Principal) -> web
 @guarded("erase")
 async def erase_participant(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """A Bricqs participant (an affiliate by external id, in every campaign): as above;
-    202 with one erasure per campaign they were in."""
-    return await _erase_affiliates(edge, p, participant_id=segment(request, "participant_id"))
+    202 with one erasure per campaign they were in. The id is normalized as ``generate``
+    stores it, and a spelling stored before the rule is erased too (``external_ids``)."""
+    return await _erase_affiliates(edge, p, participant_id=request.match_info["participant_id"])
 
 
-async def _erase_affiliates(edge: Edge, p: Principal, **which: str) -> web.Response:
+async def _erase_affiliates(
+    edge: Edge, p: Principal, *, affiliate_id: str | None = None, participant_id: str | None = None
+) -> web.Response:
+    days = edge.settings.erase_archive_days
     try:  # as a customer's: a failure may leave it begun, and a retry finishes it
-        done = await erasure_affiliate.erase(
-            edge.pg, p.workspace_id, by=p.prefix, archive_days=edge.settings.erase_archive_days, **which
-        )
+        if participant_id is not None:  # every spelling that names them (ingest.contract.ids)
+            done = await external_ids.erase_participant(
+                edge.pg, p.workspace_id, participant_id, by=p.prefix, archive_days=days
+            )
+        else:
+            done = await erasure_affiliate.erase(
+                edge.pg, p.workspace_id, affiliate_id=affiliate_id, by=p.prefix, archive_days=days
+            )
         async with acquired(edge.pg) as conn:
             copy = await erasure_copy.commands(conn, edge.keys, [uuid.UUID(e["erasure_id"]) for e in done.erasures])
     except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -146,6 +155,8 @@ async def add_suppression(request: web.Request, edge: Edge, p: Principal) -> web
             value = ids.normalize(value)
         except ids.InvalidId as exc:
             return error(400, "invalid_request", f"value: {exc}")
+    elif body.kind == "visitor":  # as the click routes store it where the rule takes it
+        value = ids.normalized_or_none(value) or value
     async with acquired(edge.pg) as conn:
         return json(201, await suppressions.add(conn, p.workspace_id, body.kind, value, by=p.prefix))
 
