@@ -464,13 +464,102 @@ def scrub_answer(answer: bytes, before: Envelope, after: Envelope) -> bytes:
     for ``before``, without what its scrub (``after``) took out: a repeat of the request
     is still answered, and appends nothing."""
     head, body = answer[:35], answer[35:]
-    values = _changed(before, after)
+    ids = {v: new for v, new in _changed(before, after).items() if isinstance(new, str)}
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return answer
-    # as deep as the answer orjson wrote at the edge (redaction replaces strings only)
-    return head + orjson.dumps(redact(doc, values))
+    # the answer is the event's, the person's (their fields go, by identity: never another
+    # string equal to one of theirs); as deep as the answer orjson wrote at the edge
+    return head + orjson.dumps(redact_person(doc, ids, hers=True))
+
+
+# A person's fields in a document about their event (a webhook payload, fraud evidence, an
+# idempotency answer), by identity: where they sit, never a string equal to one of theirs
+# elsewhere (an invoice id equal to their customer id, a customer named as the affiliate).
+# Their ids (each becomes its pseudonym where it is one of theirs) ...
+PERSON_IDS = frozenset(
+    {
+        "external_id",
+        "externalId",
+        "customer_external_id",
+        "customerExternalId",
+        "customer_id",
+        "customerId",
+        "visitor_id",
+        "visitorId",
+        "referred_session_id",
+    }
+)
+# ... the event's own data about them (each goes) ...
+PERSON_DATA = PERSONAL | {
+    "ip",
+    "user_agent",
+    "agent",
+    "phone",
+    "address",
+    "avatar_url",
+    "customer_email",
+    "customerEmail",
+    "customerName",
+    "customerAvatar",
+}
+# ... their customer object's (a name there is theirs) ...
+CUSTOMER_DATA = PERSON_DATA | {"name"}
+# ... and the objects that are someone else's, whoever's event holds them: the link, its
+# affiliate, its program (an affiliate's fields beside a customer's, a self-referral's
+# ``affiliate_email``, are the affiliate's: their own erasure takes them)
+OTHERS = frozenset({"link", "affiliate", "partner", "program", "milestone"})
+
+
+def redact_person(doc: Any, ids: Mapping[str, str], *, hers: bool = False) -> Any:
+    """A JSON document without the person whose ids (raw, to their pseudonyms) are ``ids``,
+    by identity: an object that names them in one of its id fields (``PERSON_IDS``, its
+    ``customer`` object), or every object of ``doc`` when ``hers`` (a webhook payload or
+    fraud evidence of the person's own event), has those ids as their pseudonyms and its
+    ``PERSON_DATA`` emptied, and its ``customer`` object the person's: every id of theirs
+    a pseudonym, its ``CUSTOMER_DATA`` emptied. The link's, the affiliate's and the
+    program's objects (``OTHERS``) are never the person's. In a list, each item is its own
+    (a batch's answer holds other people's items) unless the whole is ``hers``."""
+    if isinstance(doc, list):
+        return [redact_person(v, ids, hers=hers) for v in doc]
+    if not isinstance(doc, dict):
+        return doc
+    hers = hers or _names_person(doc, ids)
+    if not hers:
+        return {k: v if k in OTHERS else redact_person(v, ids) for k, v in doc.items()}
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        if k in OTHERS:
+            out[k] = v
+        elif k in PERSON_IDS and isinstance(v, str) and v in ids:
+            out[k] = ids[v]
+        elif k == "customer" and isinstance(v, dict):
+            out[k] = {
+                f: ids[x] if isinstance(x, str) and x in ids else None if f in CUSTOMER_DATA else x
+                for f, x in v.items()
+            }
+        elif k in PERSON_DATA:
+            out[k] = None
+        else:
+            out[k] = redact_person(v, ids, hers=True)
+    return out
+
+
+def _names_person(doc: dict[str, Any], ids: Mapping[str, str]) -> bool:
+    """``doc`` (an object, and its objects but its lists' and ``OTHERS``) names the person
+    in an id field of its own or anywhere in its ``customer`` object."""
+    for k, v in doc.items():
+        if k in OTHERS:
+            continue
+        if k in PERSON_IDS and isinstance(v, str) and v in ids:
+            return True
+        if isinstance(v, dict):
+            if k == "customer" and any(isinstance(x, str) and x in ids for x in v.values()):
+                return True
+            if _names_person(v, ids):
+                return True
+    return False
 
 
 def redact(doc: Any, values: Mapping[str, str | None]) -> Any:

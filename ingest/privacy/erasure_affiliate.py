@@ -120,9 +120,6 @@ async def _scrub(
     ips = [
         r["ip"] for r in await conn.fetch("SELECT host(ip) AS ip FROM affiliate_ips WHERE affiliate_id = $1", a["id"])
     ]
-    values: dict[str, str | None] = {v: None for v in (a["name"], a["email"], *ips) if v}
-    if x != alias:
-        values[x] = alias
     await conn.execute(
         "UPDATE affiliates SET external_id = $2, name = NULL, email = NULL WHERE id = $1", a["id"], alias
     )
@@ -136,9 +133,10 @@ async def _scrub(
         workspace_id,
         a["id"],
     )
+    mine = _Affiliate(str(a["id"]), alias)
     for r in flags:
         doc = _doc(r["evidence"])
-        if (new := erasure.redact(doc, values)) != doc:
+        if (new := mine.evidence(r["rule"], doc)) != doc:
             await conn.execute(
                 "UPDATE event_flags SET evidence = $3::text::jsonb WHERE event_id = $1 AND rule = $2",
                 r["event_id"],
@@ -146,19 +144,20 @@ async def _scrub(
                 orjson.dumps(new).decode(),
             )
             rows["event_flags"] += 1
-    # every payload of the workspace's webhooks that holds the affiliate's id or one of
-    # their values (a payout's, a milestone's, a fraud flag's evidence)
+    # every payload of the workspace's webhooks that names the affiliate by their id (a
+    # payout's, a milestone's, a commission's, a fraud flag's, a sale's link): their own
+    # fields redacted there, by identity (``_Affiliate``), never another string equal to one
+    # of their values (a customer of the same name, an invoice equal to their external id)
     rows["webhook_deliveries"] = 0
-    needles = sorted({str(a["id"]), *values})
     held = await conn.fetch(
         "SELECT d.id, d.payload FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id WHERE"
-        " w.workspace_id = $1 AND EXISTS (SELECT 1 FROM unnest($2::text[]) n WHERE strpos(d.payload::text, n) > 0)",
+        " w.workspace_id = $1 AND strpos(d.payload::text, $2) > 0",
         workspace_id,
-        needles,
+        str(a["id"]),
     )
     for r in held:
         doc = _doc(r["payload"])
-        if (new := _redact_affiliate(doc, values, str(a["id"]))) != doc:
+        if (new := mine.payload(doc)) != doc:
             await conn.execute(
                 "UPDATE webhook_deliveries SET payload = $2::text::jsonb WHERE id = $1",
                 r["id"],
@@ -186,20 +185,76 @@ async def again(conn: asyncpg.Connection, key: bytes, workspace_id: str, erased:
     return False
 
 
-def _redact_affiliate(doc: Any, values: dict[str, str | None], affiliate_id: str) -> Any:
-    """``erasure.redact``, and the ``name`` and ``email`` of an object that is this affiliate
-    (its ``id`` or ``affiliate_id``) emptied, whatever their value was when it was sent."""
-    doc = erasure.redact(doc, values)
-    if isinstance(doc, list):
-        return [_redact_affiliate(v, values, affiliate_id) for v in doc]
-    if isinstance(doc, dict):
-        out = {k: _redact_affiliate(v, values, affiliate_id) for k, v in doc.items()}
-        if affiliate_id in (out.get("id"), out.get("affiliate_id")):
-            out = {
-                f: (None if f in ("name", "email", "affiliate_name", "affiliate_email") else v) for f, v in out.items()
-            }
+# an affiliate's own object's fields (one whose ``id`` is theirs, their ``affiliate`` or
+# ``partner`` object): their name and email go, their external id becomes its pseudonym
+_OWN_DATA = frozenset({"name", "email"})
+_OWN_IDS = frozenset({"external_id", "externalId", "tenantId"})
+# the fields that name an affiliate by their id, in an object that is something else's (a
+# link, a commission, a milestone, a payout)
+_NAMED_BY = ("affiliate_id", "affiliateId", "partnerId")
+
+
+@dataclass(frozen=True, slots=True)
+class _Affiliate:
+    """An affiliate's fields in documents about them, by identity (docs/privacy.md): their own
+    object's, and in an object that names them (by ``affiliate_id``) its ``affiliate_…``
+    fields (a self-referral's ``affiliate_email``), and the address an ``affiliate_ip`` flag
+    says they used. Never a customer's field, a milestone's name or a sale's invoice, though
+    a string there may equal one of theirs."""
+
+    id: str
+    alias: str
+
+    def evidence(self, rule: str, doc: Any) -> Any:
+        """A flag's evidence of an event of theirs."""
+        if not isinstance(doc, dict):
+            return doc
+        out = self._named(doc)
+        if rule == "affiliate_ip" and isinstance(out.get("ip"), str):
+            out["ip"] = None  # the address of theirs the event came from
         return out
-    return doc
+
+    def payload(self, doc: Any, about: bool = False) -> Any:
+        """A webhook payload: ``about`` them when its link or itself names them (a fraud
+        flag's evidence there is of an event of theirs)."""
+        if isinstance(doc, list):
+            return [self.payload(v, about) for v in doc]
+        if not isinstance(doc, dict):
+            return doc
+        link = doc.get("link")
+        names = any(doc.get(f) == self.id for f in _NAMED_BY)
+        about = about or names or (isinstance(link, dict) and any(link.get(f) == self.id for f in _NAMED_BY))
+        if doc.get("id") == self.id:
+            return self._own(doc)
+        out: dict[str, Any] = self._named(doc) if about else dict(doc)
+        for k, v in out.items():
+            if k in ("affiliate", "partner") and isinstance(v, dict) and (v.get("id") == self.id or names):
+                out[k] = self._own(v)
+            elif k == "flags" and about and isinstance(v, list):
+                out[k] = [
+                    {**f, "evidence": self.evidence(str(f.get("rule")), f.get("evidence"))}
+                    if isinstance(f, dict)
+                    else f
+                    for f in v
+                ]
+            elif k != "link" or not about:
+                out[k] = self.payload(v, about)
+        return out
+
+    def _own(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: None if k in _OWN_DATA else self.alias if k in _OWN_IDS and isinstance(v, str) else v
+            for k, v in doc.items()
+        }
+
+    def _named(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """``doc`` (about them) without its ``affiliate_…`` fields but their id."""
+        return {
+            k: (self.alias if k == "affiliate_external_id" and isinstance(v, str) else None)
+            if k.startswith("affiliate_") and k != "affiliate_id" and v is not None
+            else (self.alias if k == "tenantId" and isinstance(v, str) and doc.get("partnerId") == self.id else v)
+            for k, v in doc.items()
+        }
 
 
 def _doc(value: Any) -> Any:

@@ -60,8 +60,6 @@ log = structlog.get_logger("workers.erasure")
 
 _PAGE = 1000
 _PENDING = pg_erasure.ROW + " WHERE archive_at IS NULL ORDER BY requested_at"
-# an idempotency answer's objects that name the person: their other fields of these names go
-_PERSONAL_KEYS = ("email", "name", "avatar", "ip", "agent", "referrer", "phone", "address")
 
 
 @dataclass(slots=True)
@@ -409,19 +407,15 @@ async def _redacted(body: Any, check: _Check, spaces: list[str]) -> Any:
             [d for d, _ in probes],
             [uuid.UUID(ws) for _, ws in probes],
         )
-    named = dict(probes[(bytes(r["digest"]), r["ws"])] for r in found)
+    # the person's ids (a click id the ledger names is an id, not personal: it stays, and
+    # does not make the answer theirs)
+    named = {s: alias for s, alias in (probes[(bytes(r["digest"]), r["ws"])] for r in found) if alias and alias != s}
     if not named:
         return None
-    new = _without_metadata(_scrub_objects(body, named))  # free-form, wherever the answer echoes it
+    # by identity: the objects that name them in an id field, their customer object; never
+    # a string of the answer's equal to one of theirs elsewhere (an invoice id)
+    new = erasure.redact_person(body, named)
     return None if new == body else new
-
-
-def _without_metadata(doc: Any) -> Any:
-    if isinstance(doc, list):
-        return [_without_metadata(v) for v in doc]
-    if isinstance(doc, dict):
-        return {k: None if k == "metadata" else _without_metadata(v) for k, v in doc.items()}
-    return doc
 
 
 def _strings(doc: Any) -> list[str]:
@@ -432,23 +426,6 @@ def _strings(doc: Any) -> list[str]:
     if isinstance(doc, dict):
         return [s for v in doc.values() for s in _strings(v)]
     return []
-
-
-def _scrub_objects(doc: Any, named: dict[str, str | None]) -> Any:
-    """Each object holding a named value: that value as its pseudonym, and its fields whose
-    name speaks of a person (``_PERSONAL_KEYS``) emptied; the rest as it was."""
-    if isinstance(doc, list):
-        return [_scrub_objects(v, named) for v in doc]
-    if not isinstance(doc, dict):
-        return named.get(doc, doc) if isinstance(doc, str) else doc
-    holds = any(isinstance(v, str) and v in named for v in doc.values())
-    out: dict[str, Any] = {}
-    for k, v in doc.items():
-        if holds and isinstance(v, str) and v not in named and any(p in k.lower() for p in _PERSONAL_KEYS):
-            out[k] = None
-        else:
-            out[k] = _scrub_objects(v, named)
-    return out
 
 
 async def _archive(store: Store, keys: Keys, high: int, since: datetime, check: _Check, result: SweepResult) -> None:
