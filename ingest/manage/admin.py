@@ -208,8 +208,12 @@ def readable_code(seed: str) -> str:
 def with_ref(url: str, code: str) -> str:
     """The program's URL as stored with ``ref=code`` appended, an older ``ref`` taken out
     (tracker.js reads the first); every other byte as stored (``ingest.contract.urls``)."""
-    from urllib.parse import quote
+    from urllib.parse import quote, urlsplit
 
+    try:
+        urlsplit(url)
+    except ValueError:  # a program URL stored before URLs were checked: the default page's
+        url = "https://example.com/"
     return with_param(without_param(url, "ref"), "ref", quote(code, safe=""))
 
 
