@@ -23,8 +23,13 @@ The rules, once more, as applied here (docs/http-api.md has worked examples):
   (every import ran with ``--commissions``), and count as the customer's first lead or
   sale all the same.
 
-It assumes each program's rules did not change over the history (the workers apply the
-rules in force when a row is stored).
+Rules change over a history: the workers apply those in force when a row earns (a lead
+when it is stored, a sale when it is attributed). A ``Lead`` or ``Sale`` may carry them
+(``rules``); one that does not is judged by its program's ``rules`` as given (today's).
+Whatever changed, a row derived from another is in that row's currency: a reversal takes a
+commission back in the currency it was earned in, a clawback a sale commission's share in
+its currency. ``standing`` nets the ledger per source and per currency, so a source that
+nets to nothing in sum but not in each currency (+200 usd, -200 eur) is a difference.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class Lead:
     program_id: str
     received_at: datetime
     dialect: str
+    rules: Rules | None = None  # the rules in force when it was stored (None: its program's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,7 @@ class Sale:
     refunded: int
     received_at: datetime
     dialect: str
+    rules: Rules | None = None  # the rules in force when it was attributed (None: its program's)
 
 
 Key = tuple[str, UUID]  # ("sale" | "lead", the source event's id)
@@ -84,27 +91,28 @@ def expected(
     first_lead: dict[tuple[str, str, str], datetime] = {}
     groups: dict[tuple[str, str, str, str], Lead] = {}
     for lead in sorted(leads, key=lambda x: (x.received_at, x.event_id)):
-        r = rules.get(lead.program_id, Rules())
+        r = lead.rules or rules.get(lead.program_id, Rules())
         if lead.customer is not None:
             first_lead.setdefault((lead.workspace_id, lead.customer, lead.program_id), lead.received_at)
         group = r.lead_group(lead.name)
-        if r.lead_flat <= 0 or group is None:
+        if group is None:
             continue
+        pays = r.lead_flat > 0 and earns(lead.dialect)
         if lead.customer is None:
-            if earns(lead.dialect):
+            if pays:
                 out[("lead", lead.event_id)] = (r.lead_flat, r.lead_currency)
             continue
         key = (lead.workspace_id, lead.customer, lead.program_id, group)
-        if key not in groups:
+        if key not in groups:  # the first: it earns what its rules pay (nothing, under none)
             groups[key] = lead
-            if earns(lead.dialect):
+            if pays:
                 out[("lead", lead.event_id)] = (r.lead_flat, r.lead_currency)
 
     first_sale: set[tuple[str, str, str]] = set()
     for sale in sorted(sales, key=lambda x: (x.received_at, x.event_id)):
         if sale.program_id is None or sale.amount <= 0:  # a sale of nothing earns, and is first, nowhere
             continue
-        r = rules.get(sale.program_id, Rules())
+        r = sale.rules or rules.get(sale.program_id, Rules())
         customer = (sale.workspace_id, sale.customer, sale.program_id)
         if r.duration == "first_sale":
             if customer in first_sale:
@@ -136,9 +144,11 @@ class Row:
 
 def standing(rows: Iterable[Row]) -> dict[Key, Owed]:
     """The ledger's rows netted per sale and lead (a reversal on its source, a clawback on its
-    sale); sources that net nothing are left out."""
-    sums: dict[Key, int] = {}
-    currency: dict[Key, str] = {}
+    sale) and per currency; sources that net nothing in every currency are left out. A source
+    that nets something in more than one currency (a reversal booked in another currency than
+    what it takes back) stands as their sum and ``"mixed:"`` with each currency's net, which no
+    rule ever calls for: ``differences`` names it."""
+    sums: dict[Key, dict[str, int]] = {}
     for row in rows:
         if row.kind == "clawback":
             if row.sale_id is None:
@@ -148,9 +158,32 @@ def standing(rows: Iterable[Row]) -> dict[Key, Owed]:
             key = ("lead" if row.rule == "lead" else "sale", row.source_id)
         else:
             key = (row.kind, row.source_id)
-        sums[key] = sums.get(key, 0) + row.amount
-        currency.setdefault(key, row.currency)
-    return {k: (v, currency[k]) for k, v in sums.items() if v}
+        per = sums.setdefault(key, {})
+        per[row.currency] = per.get(row.currency, 0) + row.amount
+    out: dict[Key, Owed] = {}
+    for k, per in sums.items():
+        nets = sorted((c, v) for c, v in per.items() if v)
+        if len(nets) == 1:
+            out[k] = (nets[0][1], nets[0][0])
+        elif nets:
+            out[k] = (sum(v for _, v in nets), "mixed:" + ",".join(f"{c}{v:+d}" for c, v in nets))
+    return out
+
+
+def nets(rows: Iterable[Row]) -> dict[str, int]:
+    """The ledger's rows netted per currency (currencies that net nothing left out)."""
+    out: dict[str, int] = {}
+    for row in rows:
+        out[row.currency] = out.get(row.currency, 0) + row.amount
+    return {c: v for c, v in out.items() if v}
+
+
+def totals(owed: Mapping[Key, Owed]) -> dict[str, int]:
+    """What ``expected`` (or ``standing``) says in all, per currency."""
+    out: dict[str, int] = {}
+    for amount, currency in owed.values():
+        out[currency] = out.get(currency, 0) + amount
+    return {c: v for c, v in out.items() if v}
 
 
 def differences(want: Mapping[Key, Owed], have: Mapping[Key, Owed]) -> list[tuple[Key, Owed | None, Owed | None]]:

@@ -15,7 +15,9 @@ program's rules (``ingest.contract.commission``), in the transaction that counts
 - A customer's leads earn the program's ``lead_flat`` (in ``lead_currency``) once: the
   customer's first counted lead in the program earns it (``lead_events`` set: the first of
   each named event), by received time, whatever order they are stored in: a lead stored
-  after a later one that had earned takes that one's back, and earns instead.
+  after a later one that had earned takes that one's back, and earns instead (what its
+  own rules pay: nothing, where they pay no ``lead_flat``, and the later one's is taken
+  back all the same).
 - History imported without ``--commissions`` (rows of the ``import`` dialect) earns
   nothing, and is history all the same: an imported lead is the customer's first lead, an
   imported sale its first sale. A live sale that an imported lead attributes earns.
@@ -25,7 +27,10 @@ which ``refstream reconcile`` and the tests compare the ledger with.
 
 Exactly once: a row per (kind, source event), ``ON CONFLICT DO NOTHING``; a redelivery,
 a replay or a second lead of one customer and name (not counted) earns nothing more. The
-rules are those in force when the sale or lead is stored. Runs under the customers'
+rules are those in force when the sale or lead is stored (a sale's: when it is attributed).
+A row that takes another back is in THAT row's currency, whatever the rules say now: a
+reversal in its commission's (``earned_currency``), as a clawback (``ingest.ledger.refunds``)
+in its sale commission's. Runs under the customers'
 advisory locks (``workers.consumer.sales``), so a customer's sales and leads are settled
 one batch at a time; writes ``commissions`` in (kind, source) order.
 """
@@ -83,7 +88,9 @@ SELECT s.event_id, s.received_at, s.amount, s.currency, s.link_id, s.affiliate_i
        AND NOT EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'reversal' AND c.source_id = s.event_id) AS earning,
        (SELECT sum(c.amount) FROM commissions c
         WHERE (c.kind = 'sale' AND c.source_id = s.event_id) OR (c.kind = 'clawback' AND c.sale_id = s.event_id))
-           AS earned  -- what still stands of it: its refunds' clawbacks took the rest
+           AS earned,  -- what still stands of it: its refunds' clawbacks took the rest
+       (SELECT c.currency FROM commissions c WHERE c.kind = 'sale' AND c.source_id = s.event_id)
+           AS earned_currency  -- the commission's own: what a reversal takes back is in it
 FROM sales s
 WHERE s.workspace_id = $1 AND s.customer_external_id = $2 AND s.program_id = $3 AND s.unattributed IS NULL
   AND s.amount > 0
@@ -94,7 +101,9 @@ ORDER BY s.received_at, s.event_id
 _LEADS_OF = """
 SELECT e.event_id, e.received_at, e.name, e.dialect, e.link_id, e.affiliate_id,
        (SELECT sum(c.amount) FROM commissions c WHERE c.source_id = e.event_id AND c.kind IN ('lead', 'reversal')
-        HAVING bool_and(c.kind = 'lead')) AS earning
+        HAVING bool_and(c.kind = 'lead')) AS earning,
+       (SELECT c.currency FROM commissions c WHERE c.source_id = e.event_id AND c.kind = 'lead')
+           AS earned_currency  -- the lead commission's own, whatever lead_currency says today
 FROM customer_leads e
 WHERE e.workspace_id = $1 AND e.customer_external_id = $2 AND e.program_id = $3 AND e.affiliate_id IS NOT NULL
 ORDER BY e.received_at, e.event_id
@@ -116,7 +125,8 @@ WITH first AS (
 SELECT s.event_id, s.received_at, s.currency, s.link_id, s.affiliate_id,
        (SELECT sum(c.amount) FROM commissions c
         WHERE (c.kind = 'sale' AND c.source_id = s.event_id) OR (c.kind = 'clawback' AND c.sale_id = s.event_id))
-           AS earned
+           AS earned,
+       (SELECT c.currency FROM commissions c WHERE c.kind = 'sale' AND c.source_id = s.event_id) AS earned_currency
 FROM sales s, first
 WHERE s.workspace_id = $1 AND s.customer_external_id = $2 AND s.program_id = $3 AND s.unattributed IS NULL
   AND s.received_at - first.at > make_interval(days => $4)
@@ -177,7 +187,10 @@ async def settle(
     programs = sorted({str(s.program_id) for s in sold} | {str(s.link.program_id) for s in leads})
     if not programs:
         return []
-    rules = {str(r["id"]): Rules.from_json(r["commission"]) for r in await conn.fetch(_RULES, programs)}
+    found = await conn.fetch(_RULES, programs)
+    rules = {str(r["id"]): Rules.from_json(r["commission"]) for r in found}
+    # programs that were ever given rules: a lead_flat may have been paid under earlier ones
+    ruled = {str(r["id"]) for r in found if r["commission"] not in (None, {}, "{}")}
     rows: list[tuple[Any, ...]] = []
     groups: dict[tuple[str, str, str, str], Rules] = {}  # (workspace, customer, program, lead group)
     timed: dict[tuple[str, str, str], Rules] = {}  # a months program's customers whose first lead may be new
@@ -186,10 +199,10 @@ async def settle(
         group, customer = r.lead_group(lead.text("name")), lead.text("external_id")
         if r.duration == "months" and customer is not None:
             timed[(lead.link.workspace_id, customer, str(lead.link.program_id))] = r
-        if r.lead_flat <= 0 or group is None:
+        if group is None:
             continue
         if customer is None:  # no customer to earn once for: the lead alone
-            if earns(lead.envelope.dialect):
+            if r.lead_flat > 0 and earns(lead.envelope.dialect):
                 link = lead.link
                 rows.append(
                     _row(
@@ -207,7 +220,11 @@ async def settle(
                     )
                 )
             continue
-        groups[(lead.link.workspace_id, customer, str(lead.link.program_id), group)] = r
+        # the customer's first lead earns what its rules pay, and takes back a later one's
+        # that earned first, whatever the rules were then: under no lead_flat too, where
+        # earlier rules may have paid one
+        if r.lead_flat > 0 or str(lead.link.program_id) in ruled:
+            groups[(lead.link.workspace_id, customer, str(lead.link.program_id), group)] = r
     firsts: dict[tuple[str, str, str], Rules] = {}
     months: list[tuple[Sold, Rules]] = []
     for sale in sold:
@@ -273,13 +290,14 @@ async def _first_lead(
     earns: Callable[[str], bool],
 ) -> list[tuple[Any, ...]]:
     """The customer's first counted lead of the group earns ``lead_flat``, when it is one
-    this batch counts; any later one of the group that had earned is taken back."""
+    this batch counts; any later one of the group that had earned is taken back, in the
+    currency it earned in (rules may have changed since: never today's ``lead_currency``)."""
     leads = await conn.fetch(_LEADS_OF, UUID(ws), customer, UUID(program))
     found = [x for x in leads if r.lead_group(x["name"]) == group]
     if not found:
         return []
     first, out = found[0], []
-    if first["event_id"] in batch and first["earning"] is None and earns(first["dialect"]):
+    if first["event_id"] in batch and first["earning"] is None and r.lead_flat > 0 and earns(first["dialect"]):
         out.append(
             _row(
                 ws,
@@ -307,7 +325,7 @@ async def _first_lead(
                     later["event_id"],
                     customer,
                     -later["earning"],
-                    r.lead_currency,
+                    later["earned_currency"],  # the lead commission's, not today's lead_currency
                     later["received_at"],
                     r,
                     "lead",
@@ -333,7 +351,7 @@ async def _months_past(
             x["event_id"],
             customer,
             -x["earned"],
-            x["currency"],
+            x["earned_currency"] or x["currency"],
             x["received_at"],
             r,
         )
@@ -387,7 +405,7 @@ async def _first_sale(
                     later["event_id"],
                     customer,
                     -(later["earned"] or 0),
-                    later["currency"],
+                    later["earned_currency"] or later["currency"],
                     later["received_at"],
                     r,
                 )

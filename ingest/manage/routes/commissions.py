@@ -96,10 +96,15 @@ class ProgramCommission(BaseModel):
 class Commission(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str
-    kind: Literal["sale", "lead", "reversal"]
-    source_id: str = Field(description="The sale's or lead's event id (a reversal: the sale it takes back)")
+    kind: Literal["sale", "lead", "reversal", "clawback"]
+    source_id: str = Field(
+        description="The sale's or lead's event id (a reversal: the sale or lead it takes back; a clawback: its"
+        " refund's id)"
+    )
     affiliate_id: str
-    amount: int = Field(description="Minor units; negative for a reversal")
+    amount: int = Field(
+        description="Minor units; negative for a reversal or a clawback, in the currency of the row it takes back"
+    )
     currency: str
     status: Literal["pending", "approved", "paid"]
 
