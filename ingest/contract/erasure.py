@@ -251,9 +251,15 @@ class Ledger:
         return e.workspace_id or workspace_id or (self.codes.get(code) if isinstance(code, str) else None)
 
     def names(self, e: Envelope, workspace_id: str | None = None) -> bool:
-        """Whether the ledger names ``e`` in its workspace (an event of no workspace: never)."""
+        """Whether the ledger names ``e`` in its workspace (an event of no workspace: never).
+        An event that names a customer is theirs (by identity): the ledger names it where it
+        names that customer, never by a visitor or a click they share with an erased person
+        (one browser, two sign-ups: docs/privacy.md)."""
         if not self.erased or (ws := self.workspace(e, workspace_id)) is None:
             return False
+        x = e.payload.get("external_id")
+        if isinstance(x, str) and x and not is_pseudonym(x):
+            return (ws, digest(self.key, EXTERNAL, x, ws)) in self.erased
         return any((ws, d) in self.erased for d in _digests(self.key, e, ws))
 
     def scrubbed(
@@ -301,6 +307,59 @@ def scrub(key: bytes, e: Envelope, workspace_id: str | None = None) -> Envelope:
 
 class LedgerUnavailable(Outage):
     """The ledger could not be read (Postgres away): whatever was to be checked waits."""
+
+
+# the customers other than the person on a visitor (a lead or sale of theirs carries it, or
+# its customers row names them) and on a click (a lead or sale of theirs names it); a click's
+# own visitor
+_ON_VISITORS = """
+SELECT visitor_id AS id, customer_external_id AS who FROM events
+WHERE workspace_id = $1 AND visitor_id = ANY($2::text[]) AND customer_external_id IS NOT NULL
+UNION
+SELECT visitor_id, external_id FROM customers
+WHERE workspace_id = $1 AND visitor_id = ANY($2::text[]) AND external_id IS NOT NULL
+"""
+_ON_CLICKS = """
+SELECT click_id AS id, customer_external_id AS who FROM events
+WHERE workspace_id = $1 AND click_id = ANY($2::uuid[]) AND click_id <> event_id AND customer_external_id IS NOT NULL
+"""
+_CLICK_VISITORS = """
+SELECT event_id, visitor_id FROM events
+WHERE event_id = ANY($2::uuid[]) AND workspace_id = $1 AND visitor_id IS NOT NULL
+"""
+_ERASED = """
+SELECT array(SELECT digest FROM erased_ids WHERE digest = ANY($1::bytea[]) AND workspace_id = $2)
+"""
+
+
+async def held_by_others(
+    conn: asyncpg.Connection,
+    key: bytes,
+    workspace_id: str,
+    external_id: str | None,
+    visitors: list[str],
+    clicks: list[uuid.UUID],
+) -> tuple[set[str], set[uuid.UUID]]:
+    """Which of an erased person's ``visitors`` and ``clicks`` another customer of the
+    workspace holds too (one browser, two sign-ups): a visitor another customer's lead or
+    sale carries, or whose customers row names another; a click another's lead or sale
+    names, or whose visitor is shared. Another customer: a customer id that is not
+    ``external_id`` and that the workspace's ledger does not name (an erased person's, this
+    one's under another spelling or an earlier erasure's, is no one else's). Read by index
+    (``events_workspace_visitor_known``, ``events_workspace_named_click``, the key)."""
+    if not visitors and not clicks:
+        return set(), set()
+    of_click = {r["event_id"]: r["visitor_id"] for r in await conn.fetch(_CLICK_VISITORS, workspace_id, clicks)}
+    candidates = sorted({*visitors, *of_click.values()} - {None})
+    on = [(r["id"], r["who"]) for r in await conn.fetch(_ON_VISITORS, workspace_id, candidates)] if candidates else []
+    naming = [(r["id"], r["who"]) for r in await conn.fetch(_ON_CLICKS, workspace_id, clicks)] if clicks else []
+    whos = {w for _, w in on + naming if w != external_id and not is_pseudonym(w)}
+    digests = {digest(key, EXTERNAL, w, workspace_id): w for w in sorted(whos)}
+    erased = {bytes(d) for d in await conn.fetchval(_ERASED, list(digests), workspace_id)} if digests else set()
+    others = {w for d, w in digests.items() if d not in erased}
+    shared_visitors = {v for v, w in on if w in others}
+    shared_clicks = {c for c, w in naming if w in others} | {c for c, v in of_click.items() if v in shared_visitors}
+    return shared_visitors, shared_clicks
 
 
 _LEARN = """
@@ -354,11 +413,20 @@ async def learn(
         if found is None:
             continue
         more = []
-        if isinstance(v := e.payload.get("visitor_id"), str) and not is_pseudonym(v):
-            more.append((digest(key, VISITOR, v), VISITOR))
+        v = e.payload.get("visitor_id")
+        visitor = v if isinstance(v, str) and v and not is_pseudonym(v) else None
         cid = clicks.parse(c) if isinstance(c := e.payload.get("click_id"), str) else None
-        if cid is not None:
-            more.append((digest(key, EVENT, cid.hex), EVENT))
+        if visitor is not None or cid is not None:
+            # what another customer holds too (a browser two signed up from) is not theirs alone
+            x = e.payload.get("external_id")
+            own = x if isinstance(x, str) and not is_pseudonym(x) else None
+            held_v, held_c = await held_by_others(
+                conn, key, ws, own, [visitor] if visitor else [], [cid] if cid is not None else []
+            )
+            if visitor is not None and visitor not in held_v:
+                more.append((digest(key, VISITOR, visitor), VISITOR))
+            if cid is not None and cid not in held_c:
+                more.append((digest(key, EVENT, cid.hex), EVENT))
         at = first_ms(e.received_at_ms, [cid] if cid is not None else [])
         assert at is not None
         touched[found] = min(touched.get(found, at), at)

@@ -23,6 +23,7 @@ What lies outside Postgres (Redis, the archive) is the workers' to finish
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -177,6 +178,15 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
             visitors = [v for v in who["visitors"] if not erasure.is_pseudonym(v)]
             clicks = list(who["clicks"])
             since = _first(who["since"], clicks)
+            # a visitor id or a click another customer's events name too (one browser, two
+            # sign-ups) is not the person's alone: it stays out of their ledger, and their
+            # erasure takes from it only what is theirs (docs/privacy.md, *A browser two
+            # customers share*)
+            shared_visitors, shared_clicks = await erasure.held_by_others(
+                conn, key, workspace_id, external_id, visitors, clicks
+            )
+            visitors = [v for v in visitors if v not in shared_visitors]
+            clicks = [c for c in clicks if c not in shared_clicks]
             made = await conn.fetchrow(
                 _LEDGER,
                 uuid.uuid4(),
@@ -197,7 +207,14 @@ async def erase(pool: asyncpg.Pool, workspace_id: str, external_id: str, *, by: 
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", erasure.LOCK)
             async with conn.transaction():  # 3. the rows
                 rows, more_visitors, more_clicks, ips = await scrub_rows(
-                    conn, key, workspace_id, external_id, visitors, clicks, since
+                    conn,
+                    key,
+                    workspace_id,
+                    external_id,
+                    visitors,
+                    clicks,
+                    since,
+                    shared_visitors=sorted(shared_visitors),
                 )
                 out.ips = sorted(set(out.ips) | set(ips))
                 # what the scan found beyond step 1's indexes (a click of one of the visitors)
@@ -287,10 +304,18 @@ async def scrub_rows(
     visitors: list[str],
     clicks: list[uuid.UUID],
     since: datetime | None,
+    *,
+    shared_visitors: Sequence[str] = (),
 ) -> tuple[dict[str, int], list[str], list[uuid.UUID], list[str]]:
+    """Scrub the rows of the person ``external_id`` (None: a visitor's or a click's alone),
+    their ``visitors`` and ``clicks`` (theirs alone: ``shared_visitors`` gives those another customer
+    holds too, found by ``held_by_others``), by identity: an event that names another customer is
+    that customer's and is left, and of a customers row of a shared visitor only the
+    fields the person's events gave it go (``_unshare``). The rows changed per table, the
+    visitors and clicks found that are the person's too, and their addresses."""
     floor = uuid_floor(since - timedelta(days=31)) if since is not None else uuid.UUID(int=0)
-    found = await conn.fetch(_EVENTS, workspace_id, external_id, visitors, clicks, floor)
-    people = await conn.fetch(_CUSTOMERS, workspace_id, external_id, visitors)
+    x_alias = erasure.pseudonym(key, EXTERNAL, external_id, workspace_id) if external_id is not None else None
+    found = await _theirs(conn, key, workspace_id, (external_id, x_alias), visitors, clicks, floor)
     # the click_burst rule's windows of the person's clicks (workers/consumer/bursts.py),
     # keyed by their address: gone, so a later count of the pair starts afresh. First of
     # the rows it writes: a batch locks a window before the other tables it shares with this
@@ -306,8 +331,6 @@ async def scrub_rows(
         )
         for table in BURST_WINDOW_TABLES
     }
-    # external_id None: a visitor's or a click's rows alone (a late lead's, ``follow``)
-    x_alias = erasure.pseudonym(key, EXTERNAL, external_id, workspace_id) if external_id is not None else None
     ids = [r["event_id"] for r in found]
     # a visitor key made of IP and User-Agent that someone else's click shares stays: it is theirs too
     hashed = sorted({k for r in found if (k := r["visitor_key"]) is not None and k.startswith("h:")})
@@ -325,7 +348,7 @@ async def scrub_rows(
         v_alias = visitor
         if visitor is not None and not erasure.is_pseudonym(visitor):
             v_alias = values[visitor] = erasure.pseudonym(key, VISITOR, visitor)
-            if visitor not in visitors:
+            if visitor not in visitors and visitor not in shared_visitors:
                 more_visitors.add(visitor)
         if r["type"] == EventType.CLICK and r["event_id"] not in clicks:
             more_clicks.add(r["event_id"])
@@ -353,10 +376,22 @@ async def scrub_rows(
             visits.add((r["link_id"], r["received_at"].astimezone(UTC).date(), vkey, new_vkey))
         if dedupe != r["dedupe_key"]:
             dedupes.append((workspace_id, r["type"], r["dedupe_key"], dedupe))
+    # what the scan found beyond what it was given is theirs only where no other customer
+    # holds it too (a lead of theirs on a browser another signed up from)
+    if more_visitors or more_clicks:  # (the customers rows are read after: of those visitors too)
+        also_v, also_c = await erasure.held_by_others(
+            conn, key, workspace_id, external_id, sorted(more_visitors), sorted(more_clicks)
+        )
+        more_visitors -= also_v
+        more_clicks -= also_c
+        shared_visitors = [*shared_visitors, *sorted(also_v)]
+    people = await conn.fetch(_CUSTOMERS, workspace_id, external_id, [*visitors, *shared_visitors])
+    mine = {c["id"] for c in people if c["visitor_id"] not in shared_visitors}
     for c in people:
-        for v in (c["email"], c["name"], c["avatar_url"]):
-            if v:
-                values[v] = None
+        if c["id"] in mine:
+            for v in (c["email"], c["name"], c["avatar_url"]):
+                if v:
+                    values[v] = None
     rows = {"events": len(changed)}
     if changed:
         await conn.execute(_UPDATE_EVENTS, jsonrows.doc(sorted(changed)))
@@ -366,7 +401,11 @@ async def scrub_rows(
     if dedupes:
         await conn.execute(_RENAME_DEDUPE, jsonrows.doc(sorted(dedupes)))
     rows["event_dedupe"] = len(dedupes)
+    theirs = {r["event_id"] for r in found if r["customer_external_id"] in (external_id, x_alias) and external_id}
     for c in people:
+        if c["id"] not in mine:  # a browser another customer signed up from too: their fields alone
+            await _unshare(conn, key, workspace_id, c["id"], (external_id, x_alias), theirs)
+            continue
         v = c["visitor_id"]
         alias = v if erasure.is_pseudonym(v) else erasure.pseudonym(key, VISITOR, v)
         x = c["external_id"]  # the erased id, or the one this visitor's row holds
@@ -423,6 +462,96 @@ async def scrub_rows(
     return rows, sorted(more_visitors), sorted(more_clicks), ips
 
 
+async def _theirs(
+    conn: asyncpg.Connection,
+    key: bytes,
+    workspace_id: str,
+    external: tuple[str | None, str | None],
+    visitors: list[str],
+    clicks: list[uuid.UUID],
+    floor: uuid.UUID,
+) -> list[asyncpg.Record]:
+    """The person's event rows (``_EVENTS``), but those that name another customer: a lead
+    or sale of a customer who is neither ``external`` (the id, or its pseudonym) nor erased
+    in the workspace's ledger is theirs, whatever visitor or click it shares with the person."""
+    found = await conn.fetch(_EVENTS, workspace_id, external[0], visitors, clicks, floor)
+    named = {
+        x
+        for r in found
+        if (x := r["customer_external_id"]) is not None and x not in external and not erasure.is_pseudonym(x)
+    }
+    if not named:
+        return list(found)
+    digests = {erasure.digest(key, EXTERNAL, x, workspace_id): x for x in sorted(named)}
+    erased = {digests[bytes(d)] for d in await conn.fetchval(_ERASED, list(digests), workspace_id)}
+    return [r for r in found if r["customer_external_id"] not in named - erased]
+
+
+# a customers row's contact fields (the column, the events' payload key) and the events of
+# its visitor that carry a customer, newest first: what the row holds without the person
+_CONTACT = (("external_id", "external_id"), ("email", "email"), ("name", "customer_name"), ("avatar_url", "avatar"))
+_ROW = """
+SELECT visitor_id, external_id, external_id_event, email, email_event, name, name_event, avatar_url, avatar_url_event
+FROM customers WHERE id = $1
+"""
+_OTHERS_OF = """
+SELECT event_id, received_at, customer_external_id, payload FROM events
+WHERE workspace_id = $1 AND visitor_id = $2 AND customer_external_id IS NOT NULL AND NOT (event_id = ANY($3::uuid[]))
+ORDER BY received_at DESC, event_id DESC
+"""
+
+
+async def _unshare(
+    conn: asyncpg.Connection,
+    key: bytes,
+    workspace_id: str,
+    row: uuid.UUID,
+    external: tuple[str | None, str | None],
+    theirs: set[uuid.UUID],
+) -> None:
+    """A customers row of a visitor the person shares with another customer (one row per
+    visitor): each contact field the person's events gave it (its ``…_event``), or their
+    external id, becomes what the visitor's other customers' events give it (the latest
+    that carries one, as the workers would have made it without the person's), else nothing.
+    The visitor id, the other customer's fields, the first touch and the status stay."""
+    c = await conn.fetchrow(_ROW, row)
+    hers = [
+        column
+        for column, _ in _CONTACT
+        if c[column] is not None
+        and (c[f"{column}_event"] in theirs or (column == "external_id" and c[column] in external))
+    ]
+    if not hers:
+        return
+    others = []
+    for r in await conn.fetch(_OTHERS_OF, workspace_id, c["visitor_id"], sorted(theirs)):
+        x = r["customer_external_id"]
+        if x in external or erasure.is_pseudonym(x):
+            continue
+        payload = r["payload"] if isinstance(r["payload"], dict) else orjson.loads(r["payload"] or "{}")
+        others.append((r, {**payload, "external_id": x}))
+    if others:  # an erased person's, under another spelling, is no one else's
+        digests = {erasure.digest(key, EXTERNAL, p["external_id"], workspace_id) for _, p in others}
+        gone = {bytes(d) for d in await conn.fetchval(_ERASED, list(digests), workspace_id)}
+        others = [
+            (r, p) for r, p in others if erasure.digest(key, EXTERNAL, p["external_id"], workspace_id) not in gone
+        ]
+    sets: list[str] = []
+    args: list[Any] = [row]
+    for column, field_ in _CONTACT:
+        if column not in hers:
+            continue
+        by = next(((r, p[field_]) for r, p in others if isinstance(p.get(field_), str) and p[field_]), None)
+        value, at, event = (by[1], by[0]["received_at"], by[0]["event_id"]) if by else (None, None, None)
+        n = len(args)
+        sets.append(f"{column} = ${n + 1}, {column}_at = ${n + 2}, {column}_event = ${n + 3}")
+        args += [value, at, event]
+    await conn.execute(f"UPDATE customers SET {', '.join(sets)} WHERE id = $1", *args)
+
+
+_ERASED = """
+SELECT array(SELECT digest FROM erased_ids WHERE digest = ANY($1::bytea[]) AND workspace_id = $2)
+"""
 _COMMISSIONS = """
 SELECT id FROM commissions
 WHERE workspace_id = $1 AND (customer_external_id = $2 OR source_id = ANY($3::uuid[]))

@@ -34,8 +34,12 @@ async def follow(conn: asyncpg.Connection, key: bytes, originals: list[tuple[Env
         if ws is None or not (visitors or clicks):
             continue
         external = x if isinstance(x, str) and not erasure.is_pseudonym(x) else None
+        # a visitor or a click another customer holds too is theirs as well: left to them
+        held_v, held_c = await erasure.held_by_others(conn, key, ws, external, visitors, clicks)
+        visitors = [v for v in visitors if v not in held_v]
+        clicks = [k for k in clicks if k not in held_c]
         since = min([datetime.fromtimestamp(e.received_at_ms / 1000, UTC), *(_uuid_time(k) for k in clicks)])
-        await scrub_rows(conn, key, ws, external, visitors, clicks, since)
+        await scrub_rows(conn, key, ws, external, visitors, clicks, since, shared_visitors=sorted(held_v))
 
 
 async def recheck(pool: asyncpg.Pool, key: bytes, workspace_id: str, since: datetime) -> int:
@@ -66,12 +70,18 @@ async def recheck(pool: asyncpg.Pool, key: bytes, workspace_id: str, since: date
                 external = x if isinstance(x, str) and not erasure.is_pseudonym(x) else None
                 visitors = [v] if isinstance(v := r["visitor_id"], str) and not erasure.is_pseudonym(v) else []
                 clicks = [c for c in (r["click_id"], r["event_id"] if r["type"] == EventType.CLICK else None) if c]
+                # what another customer holds too (their browser) is left to them
+                held_v, held_c = await erasure.held_by_others(conn, key, workspace_id, external, visitors, clicks)
+                visitors = [v for v in visitors if v not in held_v]
+                clicks = [c for c in clicks if c not in held_c or c == r["event_id"]]
                 async with conn.transaction():
                     # what the raw row teaches (its visitor, the click a lead names), as a
                     # writer meeting it would have learned: their copies in Redis and the
                     # archive are the sweep's to find too
                     await erasure.learn(conn, key, [(_as_met(r, external, workspace_id), workspace_id)], met=False)
-                    await scrub_rows(conn, key, workspace_id, external, visitors, clicks, since)
+                    await scrub_rows(
+                        conn, key, workspace_id, external, visitors, clicks, since, shared_visitors=sorted(held_v)
+                    )
                 scrubbed += 1
             if len(chunk) < _CHUNK:
                 break
@@ -95,6 +105,10 @@ _CHUNK = 5000
 
 
 def _row_digests(key: bytes, r: asyncpg.Record, workspace_id: str) -> list[bytes]:
+    """The digests that name a row (as ``Ledger.names`` names its event): a row that names a
+    customer is theirs, named by their id alone."""
+    if isinstance(x := r["customer_external_id"], str) and not erasure.is_pseudonym(x):
+        return [erasure.digest(key, EXTERNAL, x, workspace_id)]
     out = [erasure.digest(key, EVENT, r["event_id"].hex)]
     if r["click_id"] is not None:
         out.append(erasure.digest(key, EVENT, r["click_id"].hex))

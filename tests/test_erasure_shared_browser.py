@@ -1,0 +1,140 @@
+"""Two customers of one browser (docs/privacy.md, *A browser two customers share*; issue
+64's second finding): alice and carol sign up from one browser, so their leads carry one
+visitor id and name one click, and the workspace keeps one customers row for that visitor.
+Erasing alice erases what is hers by identity (her leads, her sales, her fields of the row)
+and nothing of carol's: ``GET /v1/customers/carol`` still answers carol, her lead is stored
+as it was, the browser's visitor id and click stay (they are carol's too), and a later
+event of carol's, or of the browser, is stored as sent."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ingest.contract import erasure as ledger
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from workers.ops import erasure
+
+from ._world import World, call
+from .test_erasure import erase_key, found_in, pg_dump_text
+from .test_refunds import sold
+from .test_seed_004_refport import lead, lead_body, new_click
+
+
+class _Customer:
+    def __init__(self, name: str) -> None:
+        token = secrets.token_hex(3)
+        self.external_id = f"{name}-{token}"
+        self.email = f"{name}.{token}@example.com"
+        self.name = f"{name.title()} Shared {token}"
+
+
+async def _signs_up(edge: str, world: World, click_id: str, c: _Customer, drain: Any) -> None:
+    body = lead_body(click_id, customerExternalId=c.external_id, customerEmail=c.email, customerName=c.name)
+    status, out, _ = await lead(edge, world.api_key, body)
+    assert status == 200, out
+    await drain()
+
+
+async def _customer(edge: str, world: World, external_id: str) -> tuple[int, Any]:
+    status, out, _ = await call(
+        "GET", f"{edge}/v1/customers/{external_id}", headers={"Authorization": f"Bearer {world.api_key}"}
+    )
+    return status, out
+
+
+async def _events_of(pg: asyncpg.Pool, external_id: str) -> list[tuple[Any, ...]]:
+    return [
+        tuple(r)
+        for r in await pg.fetch(
+            "SELECT event_id, visitor_id, customer_external_id, host(ip), user_agent, agent_id, payload::text,"
+            " dedupe_key FROM events WHERE customer_external_id = $1 ORDER BY event_id",
+            external_id,
+        )
+    ]
+
+
+async def _erase(edge: str, pg: asyncpg.Pool, redis: Any, keys: Keys, world: World, external_id: str) -> None:
+    eraser = await erase_key(pg, redis, keys, world, ["erase"])
+    status, out, _ = await call(
+        "DELETE", f"{edge}/v1/customers/{external_id}", headers={"Authorization": f"Bearer {eraser}"}
+    )
+    assert status == 202, out
+    for _ in range(2):
+        await erasure.sweep(pg, redis, keys, None)
+
+
+@pytest.mark.parametrize("order", ["alice_first", "carol_first"])
+async def test_erasing_one_customer_of_a_shared_browser_leaves_the_other(
+    order: str, edge: str, world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    """One click, two sign-ups: whichever came last, erasing alice leaves carol's customer
+    (``GET /v1/customers/carol`` answers her, with her email), her lead and her sale as they
+    were, the browser's click and visitor as they were; alice is nowhere."""
+    alice, carol = _Customer("alice"), _Customer("carol")
+    click_id = await new_click(edge)
+    for c in (alice, carol) if order == "alice_first" else (carol, alice):
+        await _signs_up(edge, world, click_id, c, drain)
+    await sold(edge, world, drain, invoiceId=f"in-{carol.external_id}", customerExternalId=carol.external_id)
+    visitor = await pg.fetchval("SELECT visitor_id FROM events WHERE type = 1")
+    assert await pg.fetchval("SELECT count(*) FROM events WHERE type = 2 AND visitor_id = $1", visitor) == 2
+    carols = await _events_of(pg, carol.external_id)
+    click = await pg.fetchrow("SELECT visitor_id, host(ip) AS ip, referrer FROM events WHERE type = 1")
+    shown = (await _customer(edge, world, carol.external_id))[1] if order == "alice_first" else None
+
+    await _erase(edge, pg, redis, keys, world, alice.external_id)
+
+    status, out = await _customer(edge, world, carol.external_id)
+    assert status == 200 and out["email"] == carol.email and out["name"] == carol.name, (status, out)
+    assert out["visitor_id"] == visitor
+    if shown is not None:
+        assert out == shown  # carol's row as it was
+    assert await _events_of(pg, carol.external_id) == carols  # her lead and sale, as stored
+    assert tuple(await pg.fetchrow("SELECT visitor_id, host(ip), referrer FROM events WHERE type = 1")) == tuple(click)
+    assert (await _customer(edge, world, alice.external_id))[0] == 404
+    alice_needles = {"email": alice.email.encode(), "name": alice.name.encode(), "id": alice.external_id.encode()}
+    assert not found_in([("postgres", pg_dump_text(settings.database_url))], alice_needles)
+    (lead_row,) = await pg.fetch(
+        "SELECT customer_external_id, visitor_id FROM events WHERE type = 2 AND customer_external_id LIKE 'erased-%'"
+    )
+    assert ledger.is_pseudonym(lead_row["visitor_id"])  # her lead no longer names the browser
+
+    # carol signs up for something else from the browser's click: stored as sent
+    body = lead_body(click_id, customerExternalId=carol.external_id, customerEmail=carol.email, eventName="Upgrade")
+    assert (await lead(edge, world.api_key, body))[0] == 200
+    await drain()
+    row = await pg.fetchrow(
+        "SELECT visitor_id, host(ip) AS ip, payload->>'email' AS email FROM events WHERE type = 2"
+        " AND payload->>'name' = 'Upgrade'"
+    )
+    assert row is not None and row["visitor_id"] == visitor and row["email"] == carol.email, row
+    status, out = await _customer(edge, world, carol.external_id)
+    assert status == 200 and out["email"] == carol.email, out
+
+
+async def test_a_customer_of_a_browser_whose_first_customer_was_erased_is_stored_as_sent(
+    edge: str, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    """alice signs up and is erased while the browser is hers alone (its visitor and click
+    join the ledger); carol then signs up from the same browser: her lead names a customer
+    the ledger does not, so it is hers, stored as sent, and her customer answers."""
+    alice, carol = _Customer("alice"), _Customer("carol")
+    click_id = await new_click(edge)
+    await _signs_up(edge, world, click_id, alice, drain)
+    await _erase(edge, pg, redis, keys, world, alice.external_id)
+    await _signs_up(edge, world, click_id, carol, drain)
+    (row,) = await pg.fetch(
+        "SELECT customer_external_id, host(ip) AS ip, payload->>'email' AS email FROM events"
+        " WHERE type = 2 AND customer_external_id = $1",
+        carol.external_id,
+    )
+    assert row["ip"] is not None and row["email"] == carol.email, row
+    status, out = await _customer(edge, world, carol.external_id)
+    assert status == 200 and out["email"] == carol.email, (status, out)
+    for _ in range(2):
+        await erasure.sweep(pg, redis, keys, None)
+    assert (await _customer(edge, world, carol.external_id))[1] == out
