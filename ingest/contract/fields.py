@@ -8,10 +8,12 @@ here, at the model boundary, so a bad value is the route's 400 and never a 500 l
 - ``ExternalId``: an id a client chose for a person (a customer's external id, a Bricqs
   participant or session), normalized by ``ingest.contract.ids`` (NFC, whitespace and
   invisible characters at the ends dropped; empty or control/format characters inside
-  refused), so every door, the erasure's included, names the person the same way.
+  refused), so every door, the erasure's included, names the person the same way; a
+  placeholder such as ``undefined`` (``ingest.contract.ids.PLACEHOLDERS``) is refused.
 - ``VisitorId``: a visitor id a client chose, normalized as an ``ExternalId``, None where
-  it is a placeholder such as ``undefined`` (``ingest.contract.ids.PLACEHOLDERS``) or only
-  whitespace; ``SessionId``: an ``ExternalId`` that keys an event, a placeholder refused.
+  it is a placeholder or only whitespace; ``SessionId``: an ``ExternalId`` that keys an
+  event; ``OptionalId``: any other id a client chose that the door can do without (a
+  fingerprint, a page session, an earlier click id), None where it is a placeholder.
 - ``Integer``: a JSON integer (``30`` or ``30.0``), never a string such as ``"30"``.
 - A sale's: ``Currency`` (ISO 4217's three letters, kept lower case), ``Processor``,
   ``Metadata`` (a JSON object with no NUL inside) and ``MAX_AMOUNT``.
@@ -98,6 +100,9 @@ _ID_EDGE = f"[{_class(SPACE_RANGES)}{_class(FORMAT_RANGES)}]"
 _ID_BAD = f"\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029{_class(FORMAT_RANGES)}"
 _ID_END = f"[^{_class(SPACE_RANGES)}{_ID_BAD}]"
 EXTERNAL_ID = f"^{_ID_EDGE}*{_ID_END}(?:[^{_ID_BAD}]*{_ID_END})?{_ID_EDGE}*$"
+# ``ids.placeholder`` as a pattern: a placeholder in any case, the rule's edge characters
+# at either end (what a client that keeps to the document never sends where one is refused)
+PLACEHOLDER = f"^{_ID_EDGE}*(?:{'|'.join(ids.any_case(p) for p in sorted(ids.PLACEHOLDERS))}){_ID_EDGE}*$"
 # a visitor id: an external id, or nothing but the ends' characters (taken as none sent)
 VISITOR_ID = f"^{_ID_EDGE}*$|{EXTERNAL_ID}"
 _PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
@@ -124,12 +129,12 @@ class _Documented:
 
 @dataclass(frozen=True)
 class _NoPlaceholder:
-    """Adds ``not: {pattern: PLACEHOLDER_PATTERN}`` to a type's JSON schema: the placeholders,
-    in any case and with whitespace at the ends, as the validator refuses them."""
+    """Adds ``not: {pattern: PLACEHOLDER}`` to a type's JSON schema: the placeholders, in any
+    case and with whitespace or invisible characters at the ends, as the validator refuses them."""
 
     def __get_pydantic_json_schema__(self, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         schema: dict[str, Any] = handler(core)
-        schema["not"] = {"pattern": ids.PLACEHOLDER_PATTERN}
+        schema["not"] = {"pattern": PLACEHOLDER}
         return schema
 
 
@@ -169,12 +174,20 @@ def visitor_id(value: str | None) -> str | None:
         raise ValueError(str(exc)) from None
 
 
-def session_id(value: str) -> str:
-    """A visitor's session id that keys an event (Bricqs' ``referred_session_id``): a
-    placeholder is refused, as it would make one event of everyone's."""
+def someones(value: str) -> str:
+    """A client-chosen id that names someone or keys something (a customer's, participant's
+    or affiliate's external id, a referred session, an import's row): a placeholder
+    (``ids.PLACEHOLDERS``) is refused, as it would make one subject of everyone who sent it."""
     if ids.placeholder(value):
-        raise ValueError("a placeholder (such as 'undefined' or 'null') is no one's session id")
+        raise ValueError("a placeholder (such as 'undefined' or 'null') is no one's id")
     return value
+
+
+def no_ones(value: str | None) -> str | None:
+    """A client-chosen id a door can do without (a fingerprint, a page session, an earlier
+    click's id, a tracker's dedupe key, the import's click reference): a placeholder is
+    taken as not sent."""
+    return None if value is None or ids.placeholder(value) else value
 
 
 def no_nul_inside(value: Any) -> Any:
@@ -217,12 +230,16 @@ Integer = Annotated[int, BeforeValidator(json_integer)]
 NoNul = Annotated[str, AfterValidator(check_no_nul), _Documented(NO_NUL)]
 Text = Annotated[str, AfterValidator(check_text), _Documented(TEXT)]
 Ident = Annotated[str, AfterValidator(check_ident), _Documented(IDENT)]
-ExternalId = Annotated[str, AfterValidator(external_id), _Documented(EXTERNAL_ID)]
+# a person's id a client chose: normalized, a placeholder refused (``someones``)
+ExternalId = Annotated[
+    str, AfterValidator(external_id), AfterValidator(someones), _Documented(EXTERNAL_ID), _NoPlaceholder()
+]
 # a visitor id a client chose: normalized as an external id, a placeholder taken as none (``visitor_id``)
 VisitorId = Annotated[NoNul | None, AfterValidator(visitor_id), _Documented(VISITOR_ID)]
-SessionId = Annotated[
-    str, AfterValidator(external_id), AfterValidator(session_id), _Documented(EXTERNAL_ID), _NoPlaceholder()
-]
+# a visitor's session that keys an event (Bricqs' referred_session_id): an external id
+SessionId = ExternalId
+# an id a client chose that the door can do without: a placeholder taken as not sent (``no_ones``)
+OptionalId = Annotated[NoNul | None, AfterValidator(no_ones)]
 Url = Annotated[str, AfterValidator(check_url), _Documented(URL)]
 
 

@@ -93,8 +93,12 @@ def stored_forms(value: str, *, max_length: int = MAX_LENGTH) -> list[str]:
 # printed as text, a default left in a template. Everyone who sends one is a different
 # person, so none of them is anyone's id: taken as one, it would make one customer of every
 # visitor it reached, and an erasure of any of them would erase them all. (PostHog keeps a
-# list like it of ids it never merges people on.) Compared case-folded, without the ends'
-# whitespace.
+# list like it of ids it never merges people on.) The ONE list, for every client-chosen
+# identifier (visitor ids, fingerprints, session ids, click ids, customers', participants'
+# and affiliates' external ids, the import's source ids); ``placeholder`` the one test of
+# it. What a door does with one (takes it as not sent, or refuses it) is its field's type
+# (``ingest.contract.fields``: ``OptionalId``, ``VisitorId``, ``ExternalId``; the table is
+# docs/http-api.md's "Placeholder ids").
 PLACEHOLDERS = frozenset(
     {
         "undefined",
@@ -117,6 +121,23 @@ PLACEHOLDERS = frozenset(
         "id",
     }
 )
+_LONGEST = max(len(p) for p in PLACEHOLDERS)
+
+
+def placeholder(value: str) -> bool:
+    """Whether a client-chosen identifier is no one's: one of ``PLACEHOLDERS`` in any (ASCII)
+    case, once the characters the external id rule drops at the ends are gone (whitespace,
+    NBSP, zero-width and other format characters). ``fields.PLACEHOLDER`` is its pattern."""
+    text = value.strip()
+    if len(text) > _LONGEST and not any(_edge(c) for c in (text[0], text[-1])):
+        return False  # the common case: an id longer than any placeholder, nothing to drop
+    start, end = 0, len(text)
+    while start < end and _edge(text[start]):
+        start += 1
+    while end > start and _edge(text[end - 1]):
+        end -= 1
+    text = text[start:end]
+    return text.isascii() and text.lower() in PLACEHOLDERS  # ASCII's case only, as the pattern's
 
 
 def visitor(value: str, *, max_length: int = MAX_LENGTH) -> str | None:
@@ -134,16 +155,6 @@ def visitor(value: str, *, max_length: int = MAX_LENGTH) -> str | None:
     return None if placeholder(text) else text
 
 
-def placeholder(value: str) -> bool:
-    """Whether a client-chosen visitor or session id is no one's (``PLACEHOLDERS``)."""
-    return value.strip().casefold() in PLACEHOLDERS
-
-
-def _any_case(word: str) -> str:
+def any_case(word: str) -> str:
+    """``word`` as an ECMA-262 pattern that matches it in any case."""
     return "".join(f"[{c}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
-
-
-_ENDS = r"[\s\u200b-\u200f\u2060-\u2064\ufeff]*"
-# ``placeholder`` as a JSON Schema (ECMA-262) pattern, for /openapi.json: what a client that
-# keeps to the document never sends where a placeholder is refused
-PLACEHOLDER_PATTERN = f"^{_ENDS}(?:{'|'.join(_any_case(p) for p in sorted(PLACEHOLDERS))}){_ENDS}$"

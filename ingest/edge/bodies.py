@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ingest.contract.bounds import MAX_KEYS
 from ingest.contract.events import uuid7
-from ingest.contract.fields import ExternalId, Integer, Metadata, NoNul, SessionId, VisitorId
+from ingest.contract.fields import ExternalId, Integer, Metadata, NoNul, OptionalId, SessionId, VisitorId
 
 # an Affixo click's fingerprint match: how long a fingerprint names its visitor, and the
 # confidence an answer found by it reports
@@ -23,7 +23,9 @@ class AffixoClick(BaseModel):
     model_config = ConfigDict(extra="ignore")
     ref: NoNul = Field(min_length=1, max_length=128, description="Referral code / ref_param.")
     visitor_id: VisitorId = Field(None, max_length=128)
-    fingerprint: NoNul | None = Field(None, max_length=1024)
+    # a placeholder ("undefined", "null") is taken as none: it would hand every browser that
+    # sends it the first one's visitor
+    fingerprint: OptionalId = Field(None, max_length=1024)
     url: NoNul | None = Field(None, max_length=2048)
     referrer: NoNul | None = Field(None, max_length=2048)
 

@@ -29,10 +29,10 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ingest.contract.bounds import MAX_KEYS, BoundsError, check
 from ingest.contract.fields import (
@@ -45,6 +45,8 @@ from ingest.contract.fields import (
     NoNul,
     Processor,
     VisitorId,
+    no_ones,
+    someones,
 )
 from workers.ops import import_csv
 from workers.ops.import_lines import MAX_LINE, Bad, Line
@@ -66,9 +68,15 @@ class Row:
 Reader = Callable[[Iterable[Line | Bad]], Iterator["Row | Bad"]]
 
 
+# the source's id of a row keys it (its event id, the click's map): a placeholder is refused
+RowId = Annotated[Ident, AfterValidator(someones)]
+# an id a row may do without (the click a lead names, a refund's key): a placeholder is none
+OptionalRef = Annotated[Ident | None, AfterValidator(no_ones)]
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    id: Ident = Field(min_length=1, max_length=256)
+    id: RowId = Field(min_length=1, max_length=256)
 
 
 class _Click(_Common):
@@ -82,7 +90,7 @@ class _Click(_Common):
 class _Lead(_Common):
     customer_id: ExternalId = Field(min_length=1, max_length=256)
     event_name: NoNul = Field("Sign Up", min_length=1, max_length=256)
-    click: Ident | None = Field(None, min_length=1, max_length=256)
+    click: OptionalRef = Field(None, min_length=1, max_length=256)  # a placeholder: its link then
     link: Ident | None = Field(None, min_length=1, max_length=256)
     email: NoNul | None = Field(None, max_length=320)
     customer_name: NoNul | None = Field(None, max_length=256)
@@ -104,7 +112,7 @@ class _Sale(_Common):
 class _Refund(_Common):
     invoice_id: Ident = Field(min_length=1, max_length=256)
     amount: Integer | None = Field(None, ge=1, le=MAX_AMOUNT)
-    refund_id: Ident | None = Field(None, min_length=1, max_length=256)
+    refund_id: OptionalRef = Field(None, min_length=1, max_length=256)  # a placeholder: the row's id
     reason: NoNul | None = Field(None, max_length=512)
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ingest.contract import clicks
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
-from ingest.contract.fields import NO_NUL, NoNul
+from ingest.contract.fields import NO_NUL, NoNul, OptionalId
 from ingest.contract.links import LinkInfo
 from ingest.edge import accept
 from ingest.edge.body import BodyError, parse
@@ -52,16 +52,18 @@ class AffitorClick(BaseModel):
     page_url: NoNul | None = Field(None, max_length=S)
     page_title: NoNul | None = Field(None, max_length=512)
     referrer_url: NoNul | None = Field(None, max_length=S)
-    session_id: NoNul | None = Field(None, max_length=256)
+    session_id: OptionalId = Field(None, max_length=256)  # a placeholder: not kept
     user_agent: NoNul | None = Field(None, max_length=S)
     screen_resolution: NoNul | None = Field(None, max_length=32)
     viewport_size: NoNul | None = Field(None, max_length=32)
     language: NoNul | None = Field(None, max_length=64)
     timezone: NoNul | None = Field(None, max_length=64)
-    existing_click_id: NoNul | None = Field(None, max_length=128)
+    existing_click_id: OptionalId = Field(None, max_length=128)  # a placeholder: a click of its own
     additional_data: AffitorAdditionalData | None = None
-    dedupe: str | None = Field(
-        None, max_length=255, description="An idempotency key (tracker.js sends one per page view's click)"
+    dedupe: OptionalId = Field(
+        None,
+        max_length=255,
+        description="An idempotency key (tracker.js sends one per page view's click); a placeholder is none",
     )
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import ids, links
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
-from ingest.contract.fields import EXTERNAL_ID, Text
+from ingest.contract.fields import EXTERNAL_ID, PLACEHOLDER, Text
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
 from ingest.edge.state import Edge
@@ -27,14 +27,21 @@ routes = web.RouteTableDef()
 
 
 class NewSuppression(BaseModel):
-    # a customer's value is an external id (``ids.normalize``, as the lead routes store it):
-    # the document says so for that kind; the route refuses it with its own message
+    # a customer's value is an external id (``ids.normalize``, as the lead routes store it),
+    # and neither a customer's nor a visitor's is a placeholder (no event names one): the
+    # document says so for each kind; the route refuses them with its own message
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "oneOf": [
-                {"properties": {"kind": {"enum": ["visitor", "ip"]}}},
-                {"properties": {"kind": {"const": "customer"}, "value": {"pattern": EXTERNAL_ID}}},
+                {"properties": {"kind": {"const": "ip"}}},
+                {"properties": {"kind": {"const": "visitor"}, "value": {"not": {"pattern": PLACEHOLDER}}}},
+                {
+                    "properties": {
+                        "kind": {"const": "customer"},
+                        "value": {"pattern": EXTERNAL_ID, "not": {"pattern": PLACEHOLDER}},
+                    }
+                },
             ]
         },
     )
@@ -150,6 +157,8 @@ async def add_suppression(request: web.Request, edge: Edge, p: Principal) -> web
     and store nothing, within REFSTREAM_SUPPRESSION_REFRESH_S."""
     body = await parse(request, NewSuppression)
     value = body.value
+    if body.kind != "ip" and ids.placeholder(value):  # no event names one: it would list no one
+        return error(400, "invalid_request", "value: a placeholder (such as 'undefined' or 'null') is no one's id")
     if body.kind == "customer":  # as the lead routes store it (ingest.contract.ids)
         try:
             value = ids.normalize(value)
