@@ -1061,3 +1061,55 @@ SELECT w.link_id, w.ip, w.keep, w.until,
 FROM click_windows w
 WHERE w.until > now() AND cardinality(w.ats) > 0
 ON CONFLICT DO NOTHING;
+
+-- Schema version 22: the do-not-track lists read by what changed. Every insert into and
+-- delete from `suppressions` (a workspace's own, or its workspace's deletion) is logged in
+-- `suppression_changes` by a statement trigger, numbered in commit order: the trigger
+-- takes one advisory lock (held to the commit) before it numbers its rows, so a reader that
+-- has read up to change n never meets a change below n committed later. An edge reads every
+-- list once at its start (8 bytes of each digest, one byte string a workspace) and from then
+-- on only the changes after the last one it read (ingest/privacy/suppressed.py). Changes
+-- older than a day are deleted by the next change after them; `suppression_horizon` is the
+-- highest deleted: an edge whose last change is below it reads every list again.
+-- `suppressions_listing` serves GET /v1/suppressions, newest first, by page, and
+-- `links_affiliate_created` GET /v1/affiliate/links the same way (every list the management
+-- API answers comes by page or within ?limit=).
+CREATE TABLE IF NOT EXISTS suppression_changes (
+    seq          bigint PRIMARY KEY,
+    workspace_id uuid NOT NULL,  -- no reference: a workspace's deletion is logged too
+    digest       bytea NOT NULL,
+    listed       boolean NOT NULL,
+    at           timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS suppression_changes_at ON suppression_changes (at);
+CREATE SEQUENCE IF NOT EXISTS suppression_change_seq;
+CREATE TABLE IF NOT EXISTS suppression_horizon (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    seq       bigint NOT NULL
+);
+INSERT INTO suppression_horizon (seq) VALUES (0) ON CONFLICT DO NOTHING;
+CREATE INDEX IF NOT EXISTS suppressions_listing ON suppressions (workspace_id, created_at DESC, digest DESC);
+CREATE INDEX IF NOT EXISTS links_affiliate_created ON links (affiliate_id, created_at DESC, id DESC);
+
+CREATE OR REPLACE FUNCTION suppressions_logged() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- one writer at a time, to its commit: change numbers are given in commit order
+    -- (ingest/manage/suppressions.py takes the same lock first, for its cap)
+    PERFORM pg_advisory_xact_lock(7526373237072);
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO suppression_changes (seq, workspace_id, digest, listed)
+        SELECT nextval('suppression_change_seq'), a.workspace_id, a.digest, true FROM suppressions_added a;
+    ELSE
+        INSERT INTO suppression_changes (seq, workspace_id, digest, listed)
+        SELECT nextval('suppression_change_seq'), r.workspace_id, r.digest, false FROM suppressions_removed r;
+    END IF;
+    WITH gone AS (DELETE FROM suppression_changes WHERE at < now() - interval '1 day' RETURNING seq)
+    UPDATE suppression_horizon SET seq = greatest(suppression_horizon.seq, (SELECT max(seq) FROM gone))
+    WHERE EXISTS (SELECT 1 FROM gone);
+    RETURN NULL;
+END
+$$;
+CREATE OR REPLACE TRIGGER suppressions_added AFTER INSERT ON suppressions
+    REFERENCING NEW TABLE AS suppressions_added FOR EACH STATEMENT EXECUTE FUNCTION suppressions_logged();
+CREATE OR REPLACE TRIGGER suppressions_removed AFTER DELETE ON suppressions
+    REFERENCING OLD TABLE AS suppressions_removed FOR EACH STATEMENT EXECUTE FUNCTION suppressions_logged();

@@ -168,7 +168,7 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
             ],
             "links": [
                 (manage.LINK_BY_ID, link, ws),
-                (manage.AFFILIATE_LINKS, ws, affiliate),
+                (manage.AFFILIATE_LINKS, ws, affiliate, 50),
                 (stats.LINK_OWNED_SQL, link, ws),
                 (stats.AFFILIATE_LINKS_SQL, ws, affiliate),
             ],

@@ -298,8 +298,15 @@ class Settings(BaseSettings):
         5.0,
         gt=0,
         le=3600,
-        description="How often each edge reads the do-not-track lists: a visitor, customer or address listed is"
-        " suppressed within this long.",
+        description="How often each edge reads the do-not-track lists' changes: a visitor, customer or address"
+        " listed is suppressed within this long.",
+    )
+    suppression_max: int = Field(
+        100_000,
+        ge=1,
+        le=10_000_000,
+        description="The most entries one workspace's do-not-track list holds: POST /v1/suppressions past it"
+        " answers 409 limit_reached.",
     )
 
     # logging -------------------------------------------------------------------------

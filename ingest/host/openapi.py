@@ -478,19 +478,21 @@ OPERATIONS: tuple[Op, ...] = (
         "post",
         "/v1/suppressions",
         "Do not track a visitor, customer or address: their events are answered as "
-        "usual, stored nowhere and counted as suppressed drops (the list keeps digests, never values)",
+        "usual, stored nowhere and counted as suppressed drops (the list keeps digests, never values); a workspace "
+        "lists at most REFSTREAM_SUPPRESSION_MAX entries (409 limit_reached past it)",
         "Management",
-        {201: privacy.Suppression, **MANAGE_BODY},
+        {201: privacy.Suppression, 409: ManageError, **MANAGE_BODY},
         privacy.NewSuppression,
         "bearer",
     ),
     Op(
         "get",
         "/v1/suppressions",
-        "The workspace's do-not-track list (kinds and dates; no values)",
+        "The workspace's do-not-track list (kinds and dates; no values), newest first, by page",
         "Management",
         {200: privacy.SuppressionList, **MANAGE},
         security="bearer",
+        query={"before": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9a-f]{32}$"}, "limit": LIMIT},
     ),
     Op(
         "delete",
@@ -530,10 +532,11 @@ OPERATIONS: tuple[Op, ...] = (
     Op(
         "get",
         "/v1/affiliate/links",
-        "The calling affiliate's links (affiliate key)",
+        "The calling affiliate's links (affiliate key), newest first, by page",
         "Affiliate",
         {200: links.LinkList, **MANAGE},
         security="bearer",
+        query={"before": {"type": "string", "format": "uuid"}, "limit": LIMIT},
     ),
     Op(
         "get",

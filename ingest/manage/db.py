@@ -63,7 +63,10 @@ from ingest.manage import online
 #     built online (ingest.manage.online)
 # 21: a click_burst window as one byte string of (time, event id) entries (burst_windows),
 #     where click_windows held two arrays; click_windows kept for older workers
-SCHEMA_VERSION = 21
+# 22: the do-not-track lists' changes in commit order (suppression_changes, its trigger,
+#     suppression_horizon), read by the edges from their last; suppressions_listing and
+#     links_affiliate_created (the lists by page)
+SCHEMA_VERSION = 22
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

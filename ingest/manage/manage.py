@@ -275,7 +275,12 @@ CUSTOMER = (
     " ORDER BY last_seen_at DESC LIMIT 1"
 )
 LINK_BY_ID = _LINK + " WHERE id = $1 AND workspace_id = $2"
-AFFILIATE_LINKS = _LINK + " WHERE workspace_id = $1 AND affiliate_id = $2 ORDER BY created_at"
+# an affiliate's links by page, newest first (links_affiliate_created), before a cursor's link
+AFFILIATE_LINKS = _LINK + " WHERE workspace_id = $1 AND affiliate_id = $2 ORDER BY created_at DESC, id DESC LIMIT $3"
+AFFILIATE_LINKS_BEFORE = (
+    _LINK + " WHERE workspace_id = $1 AND affiliate_id = $2 AND (created_at, id) < ($4, $5)"
+    " ORDER BY created_at DESC, id DESC LIMIT $3"
+)
 
 
 async def get_customer(conn: asyncpg.Connection, workspace_id: str, forms: list[str]) -> dict[str, Any]:
@@ -291,6 +296,22 @@ async def get_customer(conn: asyncpg.Connection, workspace_id: str, forms: list[
     return d
 
 
-async def affiliate_links(conn: asyncpg.Connection, workspace_id: str, affiliate_id: str) -> list[dict[str, Any]]:
-    rows = await conn.fetch(AFFILIATE_LINKS, workspace_id, affiliate_id)
-    return [row_json(r) for r in rows]
+async def affiliate_links(
+    conn: asyncpg.Connection, workspace_id: str, affiliate_id: str, before: str | None, limit: int
+) -> dict[str, Any]:
+    """A page of the affiliate's links, newest first, and the next page's ``before`` (the
+    last link's id; None: the last page). A cursor naming none of their links is not found."""
+    if before is None:
+        rows = await conn.fetch(AFFILIATE_LINKS, workspace_id, affiliate_id, limit + 1)
+    else:
+        at = await conn.fetchval(
+            "SELECT created_at FROM links WHERE id = $1 AND workspace_id = $2 AND affiliate_id = $3",
+            as_uuid(before),
+            workspace_id,
+            affiliate_id,
+        )
+        if at is None:
+            raise NotFound("cursor not found")
+        rows = await conn.fetch(AFFILIATE_LINKS_BEFORE, workspace_id, affiliate_id, limit + 1, at, as_uuid(before))
+    page = [row_json(r) for r in rows[:limit]]
+    return {"data": page, "next": page[-1]["id"] if len(rows) > limit else None}

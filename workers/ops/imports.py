@@ -189,7 +189,7 @@ class Importer:
         s = self.summary
         try:
             await self._read_bounds()
-            await self._suppressed.read(self.pool)
+            await self._suppressed.read(self.pool, only=self.opts.workspace_id)  # its own list alone
             batch: list[Row] = []
             for r in rows:
                 if r.line < self.opts.start_line:

@@ -127,7 +127,8 @@ class Link(BaseModel):
 
 
 class LinkList(BaseModel):
-    data: list[Link]
+    data: list[Link] = Field(description="Newest first")
+    next: str | None = Field(description="The next page's `before`; null on the last page")
 
 
 @routes.post("/v1/programs")

@@ -20,7 +20,7 @@ from ingest.edge.auth import Principal
 from ingest.edge.body import parse
 from ingest.edge.state import Edge
 from ingest.manage import suppressions
-from ingest.manage.routes._guard import error, guarded, id_forms, json, segment
+from ingest.manage.routes._guard import error, guarded, id_forms, json, limit_param, segment
 from ingest.privacy import erasure, erasure_affiliate, erasure_copy, external_ids
 
 routes = web.RouteTableDef()
@@ -59,7 +59,8 @@ class Suppression(BaseModel):
 
 
 class SuppressionList(BaseModel):
-    data: list[Suppression]
+    data: list[Suppression] = Field(description="Newest first")
+    next: str | None = Field(description="The next page's `before`; null on the last page")
 
 
 class Erasure(BaseModel):
@@ -154,7 +155,8 @@ async def _erase_affiliates(
 @guarded("write")
 async def add_suppression(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """Do not track a visitor, customer or address: the edges answer their events as usual
-    and store nothing, within REFSTREAM_SUPPRESSION_REFRESH_S."""
+    and store nothing, within REFSTREAM_SUPPRESSION_REFRESH_S. A workspace lists at most
+    REFSTREAM_SUPPRESSION_MAX entries: past that, 409 ``limit_reached``."""
     body = await parse(request, NewSuppression)
     value = body.value
     if body.kind != "ip" and ids.placeholder(value):  # no event names one: it would list no one
@@ -166,15 +168,23 @@ async def add_suppression(request: web.Request, edge: Edge, p: Principal) -> web
             return error(400, "invalid_request", f"value: {exc}")
     elif body.kind == "visitor":  # as the click routes store it where the rule takes it
         value = ids.normalized_or_none(value) or value
-    async with acquired(edge.pg) as conn:
-        return json(201, await suppressions.add(conn, p.workspace_id, body.kind, value, by=p.prefix))
+    most = edge.settings.suppression_max
+    try:
+        async with acquired(edge.pg) as conn:
+            return json(201, await suppressions.add(conn, p.workspace_id, body.kind, value, by=p.prefix, most=most))
+    except suppressions.Full as exc:
+        return error(409, "limit_reached", str(exc))
 
 
 @routes.get("/v1/suppressions")
 @guarded("read")
 async def list_suppressions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    """The list by page, newest first: ``?limit=`` (1 to 500, 50) and ``?before=`` (a page's ``next``)."""
+    limit = limit_param(request)
+    if isinstance(limit, web.Response):
+        return limit
     async with acquired(edge.pg) as conn:
-        return json(200, await suppressions.listing(conn, p.workspace_id))
+        return json(200, await suppressions.listing(conn, p.workspace_id, request.query.get("before"), limit))
 
 
 @routes.delete("/v1/suppressions/{id}")

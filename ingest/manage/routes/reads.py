@@ -1,7 +1,7 @@
 """Reads of what the workers stored, in the management API: ``GET /v1/events`` (recent
 events with their enrichment), ``GET /v1/conversions`` (sales, newest first, by page),
 ``GET /v1/customers/{external_id}``, and an affiliate key's own links, ``GET
-/v1/affiliate/links``. Stats are ``routes.stats``'.
+/v1/affiliate/links`` (by page). Every list is bounded: ``?limit=`` at most 500. Stats are ``routes.stats``'.
 """
 
 from __future__ import annotations
@@ -98,6 +98,11 @@ async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Re
 @routes.get("/v1/affiliate/links")
 @guarded("read", affiliate=True)
 async def affiliate_links(request: web.Request, edge: Edge, p: Principal) -> web.Response:
+    """The calling affiliate's links by page, newest first (``?limit=``, ``?before=``)."""
     assert p.affiliate_id is not None
+    limit = limit_param(request)
+    if isinstance(limit, web.Response):
+        return limit
+    before = request.query.get("before")
     async with acquired(edge.pg) as conn:
-        return json(200, {"data": await manage.affiliate_links(conn, p.workspace_id, p.affiliate_id)})
+        return json(200, await manage.affiliate_links(conn, p.workspace_id, p.affiliate_id, before, limit))
