@@ -10,7 +10,15 @@ workers read, kept in Redis so that ``refstream partitions set N`` changes it li
   time each stops mattering: a retried keyed request is checked against its key's record
   in the partition it would have had then (``ingest.edge.idempotency``).
 
-Without the key, the layout is ``REFSTREAM_PARTITIONS`` (count = span = high).
+Without the key, the layout is ``REFSTREAM_PARTITIONS`` (count = span = high), and the first
+running process (an edge, a worker) keeps it in Redis (``adopt``). From then on the count in
+Redis wins over the variable: a process started with another ``REFSTREAM_PARTITIONS`` follows
+Redis's count and says so in one warning line (``layout.variable_ignored``) naming
+``refstream partitions set``, the one way to change it. A rolling restart that changed the
+variable (4 → 8 → 4) once left partitions 4-7 written, then read by nobody: their acked
+entries never trimmed, and ``refstream status`` not showing them. Streams found past the
+variable's count when the layout is first kept (left so by an older build) are kept as
+retiring: read until empty, then retired.
 
 The layout is advice; each partition's own keys are the fence. A stream is made only by
 ``ENSURE`` (which refuses a retired partition), the edges append with ``NOMKSTREAM``, and
@@ -151,6 +159,38 @@ class Layout:
             "changed_ms": self.changed_ms or None,
             "set": bool(self.raw),
         }
+
+
+MOST = 1024  # the most partitions a layout may have (``set_count``)
+
+
+async def existing(redis: Redis, keys: Keys, numbers: range) -> dict[int, tuple[bool, bool, bool]]:
+    """The partitions of ``numbers`` any of whose keys exist: (stream, attempts, retired mark)."""
+    pipe: Any = redis.pipeline(transaction=False)
+    for p in numbers:
+        pipe.exists(keys.stream(p))
+        pipe.exists(keys.attempts(p))
+        pipe.exists(keys.retired(p))
+    found = await pipe.execute()
+    out = {}
+    for i, p in enumerate(numbers):
+        there = (bool(found[3 * i]), bool(found[3 * i + 1]), bool(found[3 * i + 2]))
+        if any(there):
+            out[p] = there
+    return out
+
+
+async def adopt(redis: Redis, keys: Keys, partitions: int) -> Layout:
+    """Where Redis keeps no layout: keep ``partitions`` (``REFSTREAM_PARTITIONS``) as it, with
+    the unretired streams found past it as retiring (read until empty, then retired). The
+    layout kept, this one or one another process kept first."""
+    found = await existing(redis, keys, range(partitions, MOST))
+    span = max([partitions, *(p + 1 for p, (stream, _, retired) in found.items() if stream and not retired)])
+    lay = Layout(partitions, span, span, await _now_ms(redis) if span > partitions else 0)
+    if await _eval(redis, SWAP, 1, keys.layout, "", lay.encode()):
+        log.info("layout.adopted", count=partitions, retiring=list(range(partitions, span)))
+        return replace(lay, raw=lay.encode())
+    return await load(redis, keys, partitions)
 
 
 async def load(redis: Redis, keys: Keys, partitions: int) -> Layout:
@@ -304,9 +344,24 @@ class Watch:
         self._poke = asyncio.Event()
         self._gone: set[int] = set()
         self._first = asyncio.Event()  # set after the first read (and making), even a failed one
+        self._warned = False
 
     async def read(self) -> Layout:
+        """The layout in Redis; where none is kept, this process's ``REFSTREAM_PARTITIONS``
+        becomes it (``adopt``). A variable that differs from the count kept is said once."""
         layout = await load(self.redis, self.keys, self.partitions)
+        if not layout.raw and await self.redis.get(self.keys.layout) is None:
+            layout = await adopt(self.redis, self.keys, self.partitions)
+        if layout.raw and layout.count != self.partitions and not self._warned:
+            self._warned = True
+            log.warning(
+                "layout.variable_ignored",
+                variable=self.partitions,
+                count=layout.count,
+                hint=f"REFSTREAM_PARTITIONS={self.partitions} is not the partition count kept in Redis"
+                f" ({layout.count}), which wins: change the count with `refstream partitions set"
+                f" {self.partitions}`, then set the variable to it",
+            )
         if layout != self.layout:
             log.info("layout.read", **layout.describe())
             self.layout = layout

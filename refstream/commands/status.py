@@ -72,8 +72,10 @@ def render_status(snap: status_mod.Snapshot, keys: Keys, console: Console) -> No
     )
     groups = _table("groups", "p", "group", "lag", "pending", "oldest pending", "last delivered")
     consumers = _table("consumers", "p", "group", "consumer", "pending", "idle")
-    for p in snap.partitions:
+    for p in [*snap.partitions, *snap.unread]:  # then every other partition key in Redis
         number = f"{p.partition} (retiring)" if p.retiring else str(p.partition)
+        if p in snap.unread:
+            number = f"{p.partition} (retired)" if p.retired and not p.length else f"{p.partition} (unread)"
         parts.add_row(
             number, str(p.length), _bytes(p.memory_bytes), _age(p.first_entry_age_s), _age(p.last_entry_age_s)
         )
@@ -155,7 +157,8 @@ def status(max_lag: int, max_pending_age: float, max_dead: int, spool_dir: str |
       3  a threshold crossed: a group's lag, its oldest pending entry's age, dead letters,
          a worker blocked by an outage (Postgres or Redis; it waits, nothing is lost), or
          the edge's spool failing (disk full, I/O error: its public routes answer 503), or
-         Redis past REFSTREAM_MEMORY_WARN_RATIO of its maxmemory
+         Redis past REFSTREAM_MEMORY_WARN_RATIO of its maxmemory, or a partition's stream
+         that no worker reads holding entries (listed under unread, with retired ones)
       1  Redis could not be read (without Postgres the snapshot says so and goes on)
     """
 

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 from redis.exceptions import ResponseError
 
+from ingest.contract import layout
 from ingest.contract.connections import Redis
 from ingest.contract.keys import Keys, parse_id
 from ingest.spool import store as spool_store
@@ -59,6 +60,7 @@ class Partition:
     trim_held_entries: int = 0  # entries kept past the retention and memory marks for it
     trim_held_age_s: float | None = None  # age of the oldest entry that group still needs
     retiring: bool = False  # past the partition count the edges write: read until empty, then retired
+    retired: bool = False  # its retired mark is there (``unread`` partitions: no append makes it again)
 
 
 @dataclass(slots=True)
@@ -99,7 +101,7 @@ class Thresholds:
 
 @dataclass(slots=True)
 class Breach:
-    check: str  # "lag", "pending_age", "dead", "blocked", "spool" (the edge's spool failing) or "memory"
+    check: str  # "lag", "pending_age", "dead", "blocked", "spool" (the edge's spool failing), "memory" or "unread"
     subject: str
     value: float
     limit: float
@@ -120,6 +122,10 @@ class Snapshot:
     workers: list[WorkerState] = field(default_factory=list)
     postgres_error: str | None = None
     memory: Memory | None = None  # Redis used_memory against maxmemory
+    # every other partition with a key in Redis (its stream, attempts or retired mark): a
+    # retired one, or a stream no worker reads (a breach while it holds entries: nothing
+    # trims them); ``partitions`` are those the workers read
+    unread: list[Partition] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -211,6 +217,7 @@ def spool_usage(spool_dir: str | None) -> Spool:
 
 def _breaches(
     partitions: list[Partition],
+    unread: list[Partition],
     dead: Dead,
     t: Thresholds,
     workers: list[WorkerState],
@@ -225,6 +232,9 @@ def _breaches(
     for w in workers:
         if w.state == "blocked" and not w.stale:
             out.append(Breach("blocked", f"worker {w.consumer}: {', '.join(w.reasons)}", w.blocked_for_s or 0.0, 0))
+    for p in unread:
+        if p.length:
+            out.append(Breach("unread", f"{p.stream}: entries in a partition no worker reads", p.length, 0))
     for p in partitions:
         for g in p.groups:
             subject = f"{p.stream} {g.name}"
@@ -254,7 +264,8 @@ async def snapshot(
     With ``retention_s`` (and ``max_bytes``, the streams' memory budget) each partition says
     which group, if any, holds its trim back and by how many entries. ``keys`` has the
     partition count the edges write; the ``retiring`` ones (``ingest.contract.layout``) are
-    shown after them until they are retired."""
+    shown after them until they are retired; every other partition that has a key in Redis
+    (a retired one's mark, a stream nobody reads) is in ``unread``, with its length and groups."""
     secs, micros = await redis.time()
     now_ms = int(secs) * 1000 + int(micros) // 1000
     budget = max_bytes // keys.partitions if max_bytes else 0
@@ -264,6 +275,12 @@ async def snapshot(
     for p in retiring:
         partitions.append(await _partition(redis, p, keys.stream(p), now_ms, retention_s, budget))
         partitions[-1].retiring = True
+    read = {p.partition for p in partitions}
+    unread = []
+    for p, (_, _, mark) in sorted((await layout.existing(redis, keys, range(layout.MOST))).items()):
+        if p not in read:
+            unread.append(await _partition(redis, p, keys.stream(p), now_ms, None, 0))
+            unread[-1].retired = mark
     memory = await trim.redis_memory(redis, thresholds.memory_ratio)
 
     dead_len = await redis.xlen(keys.dead)
@@ -287,7 +304,7 @@ async def snapshot(
 
     workers = await presence.read(redis, keys, now_ms / 1000)
     spool = spool_usage(spool_dir)
-    breaches = _breaches(partitions, dead, thresholds, workers, spool, memory)
+    breaches = _breaches(partitions, unread, dead, thresholds, workers, spool, memory)
     return Snapshot(
         now_ms,
         not breaches,
@@ -300,4 +317,5 @@ async def snapshot(
         workers,
         pg_error,
         memory,
+        unread,
     )
