@@ -217,12 +217,12 @@ def spool_usage(spool_dir: str | None) -> Spool:
 
 def _breaches(
     partitions: list[Partition],
-    unread: list[Partition],
     dead: Dead,
     t: Thresholds,
     workers: list[WorkerState],
     spool: Spool,
     memory: Memory | None,
+    unread: list[Partition] | None = None,
 ) -> list[Breach]:
     out = []
     if spool.error is not None:
@@ -232,7 +232,7 @@ def _breaches(
     for w in workers:
         if w.state == "blocked" and not w.stale:
             out.append(Breach("blocked", f"worker {w.consumer}: {', '.join(w.reasons)}", w.blocked_for_s or 0.0, 0))
-    for p in unread:
+    for p in unread or ():
         if p.length:
             out.append(Breach("unread", f"{p.stream}: entries in a partition no worker reads", p.length, 0))
     for p in partitions:
@@ -304,7 +304,7 @@ async def snapshot(
 
     workers = await presence.read(redis, keys, now_ms / 1000)
     spool = spool_usage(spool_dir)
-    breaches = _breaches(partitions, unread, dead, thresholds, workers, spool, memory)
+    breaches = _breaches(partitions, dead, thresholds, workers, spool, memory, unread)
     return Snapshot(
         now_ms,
         not breaches,
