@@ -121,15 +121,6 @@ NOT_CHOSEN = {
     ("BricqsGenerate", "campaign_id"): "refstream's program id (a UUID)",
     ("NewPayout", "affiliate_id"): "refstream's affiliate id",
     ("NewKey", "affiliate_id"): "refstream's affiliate id",
-    # an order's or a refund's own id: a business's record, not a person's or a browser's
-    ("TrackSale", "invoiceId"): "an order",
-    ("BatchSaleItem", "invoiceId"): "an order",
-    ("AffixoConversion", "invoice_id"): "an order",
-    ("RefportRefund", "invoiceId"): "an order",
-    ("RefportRefund", "refundId"): "a refund",
-    ("BatchRefundItem", "invoiceId"): "an order",
-    ("BatchRefundItem", "refundId"): "a refund",
-    ("import", "invoice_id"): "an order",
 }
 _CLICK = "refstream's click id"
 # a value whose kind says what it is: its placeholders are refused by the route itself
@@ -148,7 +139,7 @@ def policy(model: type[BaseModel], name: str) -> str | None:
     """What the field's type does with a placeholder: ``absent`` (taken as not sent),
     ``refused``, or None (no placeholder policy)."""
     checks = {getattr(m, "func", None) for m in model.model_fields[name].metadata}
-    if fields.someones in checks:
+    if checks & {fields.someones, fields.not_placeholder}:
         return "refused"
     if checks & {fields.no_ones, fields.visitor_id}:
         return "absent"
@@ -420,6 +411,7 @@ async def test_the_import_takes_no_placeholder_as_anyones(
         "click": "absent",
         "visitor_id": "absent",
         "refund_id": "absent",
+        "invoice_id": "refused",  # a refund's (which sale); a sale's is taken as not sent (below)
     }, wanted
     values = spelled()
     at = (datetime.now(UTC) - timedelta(days=2)).isoformat()
@@ -434,12 +426,48 @@ async def test_the_import_takes_no_placeholder_as_anyones(
         {"type": "sale", "id": "s1", "timestamp": at, "customer_id": "ann", "amount": 100, "invoice_id": "in1"},
         {"type": "sale", "id": "s2", "timestamp": at, "customer_id": next(values), "amount": 100},  # refused
         {"type": "refund", "id": "r1", "timestamp": at, "invoice_id": "in1", "amount": 10, "refund_id": next(values)},
+        # a sale's placeholder invoice is none (taken: else every such sale were one); a
+        # refund's names no sale (refused)
+        {"type": "sale", "id": "s3", "timestamp": at, "customer_id": "ann", "amount": 7, "invoice_id": next(values)},
+        {"type": "sale", "id": "s4", "timestamp": at, "customer_id": "ann", "amount": 8, "invoice_id": next(values)},
+        {"type": "refund", "id": "r2", "timestamp": at, "invoice_id": next(values), "amount": 1, "refund_id": "r2"},
     ]
     path = tmp_path / "history.ndjson"
     path.write_text("\n".join(orjson.dumps(r).decode() for r in rows) + "\n")
     out = await import_cli(settings, path, world, exit_code=3)
-    assert out["stored"] == 5 and out["refused"] == {"invalid": 3, "no_link": 1}, out
+    assert out["stored"] == 7 and out["refused"] == {"invalid": 4, "no_link": 1}, out
+    assert await pg.fetchval("SELECT count(*) FROM sales WHERE invoice_id IS NULL") == 2
     assert await _placeholders_stored(pg) == []
     visitors = {r[0] for r in await pg.fetch("SELECT visitor_id FROM events WHERE type = 1")}
     assert len(visitors) == 2  # two clicks of no visitor id: two visitors
     assert await pg.fetchval("SELECT refund_key FROM refunds") == "id:r1"  # the row's id, as for none
+
+
+async def test_a_placeholder_order_or_key_makes_no_two_requests_one(
+    edge: str, world: World, pg: asyncpg.Pool, drain: Callable[[], Awaitable[dict[str, int]]]
+) -> None:
+    """A careless client's unset variable as an invoice, a batch item's key or the
+    ``Idempotency-Key`` header: each request is its own (stored, never answered as another's
+    replay, never 422 for asking something else); a refund's key that is one is refused."""
+    key = {"Authorization": f"Bearer {world.api_key}"}
+    for i, invoice in enumerate(("undefined", "null", " NULL")):
+        body = sale_body(customerExternalId=f"buyer-{i}", invoiceId=invoice, amount=100 + i)
+        status, out, _ = await call("POST", f"{edge}/api/track/sale", json=body, headers=key)
+        assert status == 200 and out["sale"]["invoiceId"] is None, out
+    items = [{"type": "sale", "customerExternalId": "b", "amount": n, "invoiceId": "undefined"} for n in (5, 6)]
+    items += [{"type": "sale", "customerExternalId": "b", "amount": 7, "idempotency_key": "null"}]
+    status, out, _ = await call("POST", f"{edge}/v1/events/batch", json=items, headers=key)
+    assert status == 200 and all(r["ok"] for r in out["results"]), out
+    for n in (1, 2):  # one header placeholder, two different requests: both taken
+        body = {"ref": "PARTNER123", "visitor_id": f"v-key-{n}"}
+        status, out, _ = await call(
+            "POST", f"{edge}/v1/track/click", json=body, headers={**key, "Idempotency-Key": "undefined"}
+        )
+        assert status == 200 and out["visitor_id"] == f"v-key-{n}", out
+    refund = {"invoiceId": "in-x", "refundId": "undefined"}
+    status, _, _ = await call("POST", f"{edge}/api/track/refund", json=refund, headers=key)
+    assert 400 <= status < 500
+    await drain()
+    assert await pg.fetchval("SELECT count(*) FROM sales WHERE invoice_id IS NULL") == 6
+    visitors = {r[0] for r in await pg.fetch("SELECT visitor_id FROM events WHERE type = 1")}
+    assert {"v-key-1", "v-key-2"} <= visitors

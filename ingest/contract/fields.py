@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, GetJsonSchemaHandler
@@ -190,6 +190,17 @@ def no_ones(value: str | None) -> str | None:
     return None if value is None or ids.placeholder(value) else value
 
 
+T = TypeVar("T", str, str | None)
+
+
+def not_placeholder(value: T) -> T:
+    """An order's or a refund's own id that names which one (a refund's sale, a refund's
+    key): a placeholder names none, refused (taken, it would make one of everyone's)."""
+    if isinstance(value, str) and ids.placeholder(value):
+        raise ValueError("a placeholder (such as 'undefined' or 'null') names no order or refund")
+    return value
+
+
 def no_nul_inside(value: Any) -> Any:
     """For free-form JSON (metadata): no NUL in any key or string, at any depth."""
     if isinstance(value, str):
@@ -240,6 +251,12 @@ VisitorId = Annotated[NoNul | None, AfterValidator(visitor_id), _Documented(VISI
 SessionId = ExternalId
 # an id a client chose that the door can do without: a placeholder taken as not sent (``no_ones``)
 OptionalId = Annotated[NoNul | None, AfterValidator(no_ones)]
+# an order's id a sale may go without (its invoice): a placeholder taken as not sent, so
+# that careless clients' sales are not one invoice (``no_ones``)
+OrderId = Annotated[Ident | None, AfterValidator(no_ones)]
+# an order's or a refund's id that says which (a refund's sale, its key): a placeholder refused
+RecordId = Annotated[Ident, AfterValidator(not_placeholder)]
+OptionalRecordId = Annotated[Ident | None, AfterValidator(not_placeholder)]
 Url = Annotated[str, AfterValidator(check_url), _Documented(URL)]
 
 

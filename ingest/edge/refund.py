@@ -30,7 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
 from ingest.contract.events import Envelope, EventType
-from ingest.contract.fields import MAX_AMOUNT, Ident, NoNul, json_integer
+from ingest.contract.fields import MAX_AMOUNT, NoNul, OptionalRecordId, RecordId, json_integer
 from ingest.edge import enqueue
 from ingest.edge.state import Edge
 from ingest.ledger import refunds
@@ -44,12 +44,12 @@ class RefportRefund(BaseModel):
     """A refund of a sale (and the batch route's ``refund`` item)."""
 
     model_config = ConfigDict(extra="ignore")
-    invoiceId: Ident = Field(min_length=1, max_length=256, description="The refunded sale's invoiceId")
+    invoiceId: RecordId = Field(min_length=1, max_length=256, description="The refunded sale's invoiceId")
     # the bounds before the JSON-integer check, so the document shows them inside the union
     amount: Annotated[int, Field(ge=1, le=MAX_AMOUNT), BeforeValidator(json_integer)] | None = Field(
         None, description="In the sale's currency's minor unit; none: all that is left of the sale"
     )
-    refundId: Ident | None = Field(None, min_length=1, max_length=256, description="Your id of the refund: its key")
+    refundId: OptionalRecordId = Field(None, min_length=1, max_length=256, description="Your id of the refund: its key")
     reason: NoNul | None = Field(None, max_length=512)
 
 

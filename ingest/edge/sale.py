@@ -30,7 +30,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ingest.contract.bounds import MAX_KEYS
 from ingest.contract.connections import REDIS_ERRORS
 from ingest.contract.events import Envelope, EventType
-from ingest.contract.fields import AMOUNT, MAX_AMOUNT, Currency, ExternalId, Ident, Integer, Metadata, NoNul, Processor
+from ingest.contract.fields import (
+    AMOUNT,
+    MAX_AMOUNT,
+    Currency,
+    ExternalId,
+    Integer,
+    Metadata,
+    NoNul,
+    OrderId,
+    Processor,
+)
 from ingest.edge import accept
 from ingest.edge.bodies import customer_aliases, no_default
 from ingest.edge.dub_shapes import sale_answer
@@ -51,7 +61,7 @@ class RefportSale(BaseModel):
     currency: Currency = "usd"
     eventName: NoNul = Field("Purchase", min_length=1, max_length=256)
     paymentProcessor: Processor = "custom"
-    invoiceId: Ident | None = Field(None, min_length=1, max_length=256)
+    invoiceId: OrderId = Field(None, min_length=1, max_length=256)
     leadEventName: NoNul | None = Field(None, min_length=1, max_length=256)
     metadata: Metadata | None = Field(None, max_length=MAX_KEYS)
 
@@ -99,7 +109,7 @@ class AffixoConversion(BaseModel):
     currency: Currency = "usd"
     event_name: NoNul = Field("Purchase", min_length=1, max_length=256)
     payment_processor: Processor = "custom"
-    invoice_id: Ident | None = Field(None, min_length=1, max_length=256)
+    invoice_id: OrderId = Field(None, min_length=1, max_length=256)
     lead_event_name: NoNul | None = Field(None, min_length=1, max_length=256)
     metadata: Metadata | None = Field(None, max_length=MAX_KEYS)
 

@@ -43,7 +43,9 @@ from ingest.contract.fields import (
     Integer,
     Metadata,
     NoNul,
+    OrderId,
     Processor,
+    RecordId,
     VisitorId,
     no_ones,
     someones,
@@ -102,7 +104,7 @@ class _Sale(_Common):
     customer_id: ExternalId = Field(min_length=1, max_length=256)
     amount: Integer = Field(ge=0, le=MAX_AMOUNT)
     currency: Currency = "usd"
-    invoice_id: Ident | None = Field(None, min_length=1, max_length=256)
+    invoice_id: OrderId = Field(None, min_length=1, max_length=256)
     event_name: NoNul = Field("Purchase", min_length=1, max_length=256)
     payment_processor: Processor = "custom"
     lead_event_name: NoNul | None = Field(None, min_length=1, max_length=256)
@@ -110,7 +112,7 @@ class _Sale(_Common):
 
 
 class _Refund(_Common):
-    invoice_id: Ident = Field(min_length=1, max_length=256)
+    invoice_id: RecordId = Field(min_length=1, max_length=256)
     amount: Integer | None = Field(None, ge=1, le=MAX_AMOUNT)
     refund_id: OptionalRef = Field(None, min_length=1, max_length=256)  # a placeholder: the row's id
     reason: NoNul | None = Field(None, max_length=512)

@@ -23,7 +23,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, Field, RootModel, ValidationError
 
-from ingest.contract import clicks, links
+from ingest.contract import clicks, ids, links
 from ingest.contract.connections import REDIS_ERRORS
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.fields import NoNul
@@ -214,9 +214,13 @@ def _claim(index: int, item: Any, workspace: str, idem_key: str | None) -> Claim
     the item's place (a retried batch is the same list), else a sale's invoice; None
     without any."""
     own = item.get("idempotency_key") if isinstance(item, dict) else None
+    if isinstance(own, str) and ids.placeholder(own):  # no one's key: as if none were sent
+        own = None
     if own is None and idem_key is None:
         invoice = item.get("invoiceId") if isinstance(item, dict) and item.get("type") == "sale" else None
-        return sale.claim("batch-sale", workspace, None, {"invoice": invoice}) if isinstance(invoice, str) else None
+        if not isinstance(invoice, str) or ids.placeholder(invoice):  # a placeholder is no one's invoice
+            return None
+        return sale.claim("batch-sale", workspace, None, {"invoice": invoice})
     asked = fingerprint({k: v for k, v in item.items() if k != "idempotency_key"} if isinstance(item, dict) else item)
     if own is None:
         assert idem_key is not None
