@@ -38,7 +38,7 @@ import orjson
 from aiohttp import web
 from cryptography.fernet import Fernet, InvalidToken
 
-from ingest.contract import bounds, clock, erasure_index, wire
+from ingest.contract import bounds, clock, erasure_index, ids, wire
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.errors import Refused
 from ingest.contract.events import Envelope, unique_token
@@ -83,13 +83,15 @@ def valid_key(value: object) -> str:
 
 
 def header_key(request: web.Request) -> str | None:
-    """The request's ``Idempotency-Key``, None without one; ``InvalidKey`` when malformed."""
+    """The request's ``Idempotency-Key``, None without one; ``InvalidKey`` when malformed.
+    A placeholder (``undefined``, ``null``: a client's unset variable) is no one's key, as
+    if none were sent: taken, it would answer every later request as the first."""
     values = request.headers.getall(HEADER, [])
     if not values:
         return None
     if len(values) > 1:
         raise InvalidKey(f"{HEADER}: send one")
-    return valid_key(values[0])
+    return None if ids.placeholder(values[0]) else valid_key(values[0])
 
 
 def request_claim(request: web.Request, key: str, workspace: str, raw: bytes) -> Claim:
