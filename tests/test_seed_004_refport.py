@@ -60,7 +60,7 @@ async def test_lead_straight_after_its_click_before_any_worker(edge: str, world:
             # beside the document's fields, what Dub's SDK models require (docs/http-api.md)
             "shortLink": f"{edge}/r/PARTNER123",
             "partnerId": world.affiliate_id,
-            "tenantId": "user_123",  # the affiliate's id in the workspace's own system
+            "tenantId": None,
             "externalId": None,
         },
         "customer": {

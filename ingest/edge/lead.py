@@ -70,8 +70,8 @@ def short_link(request: web.Request, code: str) -> str:
 
 def link_echo(request: web.Request, link: links.LinkInfo) -> dict[str, Any]:
     """A link as Dub's answers show it: refstream's values, null where it has none (a link
-    has no id in the caller's database: ``externalId``); ``tenantId`` is the affiliate's id
-    in the caller's system, ``partnerId`` refstream's."""
+    has no id in the caller's database, ``externalId``, nor a tenant that made it,
+    ``tenantId``); ``partnerId`` is the link's affiliate, by refstream's id."""
     return {
         "id": link.id,
         "domain": link.domain or request.host,
@@ -80,7 +80,7 @@ def link_echo(request: web.Request, link: links.LinkInfo) -> dict[str, Any]:
         "programId": link.program_id,
         "shortLink": short_link(request, link.code),
         "partnerId": link.affiliate_id,
-        "tenantId": link.affiliate_external_id,
+        "tenantId": None,
         "externalId": None,
     }
 
