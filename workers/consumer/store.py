@@ -190,6 +190,27 @@ async def _claim_keys(conn: asyncpg.Connection, batch: list[EventRow]) -> tuple[
     return keep, lost
 
 
+def _key_siblings(
+    key: bytes, envelopes: list[Envelope], originals: list[tuple[Envelope, str | None]], workspaces: dict[int, str]
+) -> list[tuple[Envelope, str | None]]:
+    """Scrub, in place, the other copies of an erased person's keyed event in this batch: the
+    copies of one ``Idempotency-Key`` (its dedupe value, ``idem:...``) carry their own event
+    and click ids, which the ledger does not name (it names the copy the answer named), and
+    the lowest event id takes the key's claim (issue 64, seed 1246373390: the copy a full
+    Redis spooled was stored raw beside its erased lead). The originals, as ``scrubbed``."""
+    named = {(ws, d) for e, ws in originals if isinstance(d := e.payload.get("dedupe"), str) and d.startswith("idem:")}
+    if not named:
+        return []
+    out = []
+    for i, e in enumerate(envelopes):
+        ws = e.workspace_id or workspaces.get(id(e))
+        d = e.payload.get("dedupe")
+        if isinstance(d, str) and (ws, d) in named and (scrubbed := erasure.scrub(key, e, ws)) != e:
+            envelopes[i] = scrubbed
+            out.append((e, ws))
+    return out
+
+
 def _opt(v: object) -> str | None:
     return v if isinstance(v, str) else None
 
@@ -291,6 +312,7 @@ async def _write(
             if isinstance(c := e.payload.get("code"), str) and c in by_code
         }
         originals = ledger.scrubbed(everything, workspaces)
+        originals += _key_siblings(ledger.key, everything, originals, workspaces)
         result.scrubbed = len(originals)
         # one that links the person to a visitor or a click their erasure could not know (a
         # lead that arrives late): those join the ledger, and their rows are scrubbed now
