@@ -3,12 +3,12 @@
 - I1: every event the edge answered 2xx for is stored exactly once: its marker appears once
   in ``events``; none missing, none twice.
 - I2: every counter equals its event rows (the SQL is written here, independently of
-  workers/consumer/counters.py and workers/ops/reconcile.py): per link clicks (non-bot), bot clicks,
-  leads, conversions and last_clicked_at over events with test_mode and out_of_window
-  false; unique clicks = the link's ``link_visitor_days`` rows, which are exactly the
-  distinct (link, UTC day, visitor key) of those clicks; the same per link and day in
-  ``daily_stats``; and every milestone whose threshold an affiliate's conversions reached,
-  exactly once, and no other.
+  workers/consumer/counters.py and workers/ops/reconcile.py): per link clicks (non-bot), bot
+  clicks, leads (each counting its quantity), conversions and last_clicked_at over events
+  with test_mode and out_of_window false; unique clicks = the link's ``link_visitor_days``
+  rows, which are exactly the distinct (link, UTC day, visitor key) of those clicks; the
+  same per link and day in ``daily_stats``; and every milestone whose threshold an
+  affiliate's conversions reached, exactly once, and no other.
 - I3: nothing pending and nothing undelivered in any consumer group of any partition; the
   dead-letter stream holds exactly the planted poison (by stream and entry id), each once.
 
@@ -33,10 +33,14 @@ from redis.exceptions import RedisError, ResponseError
 from ingest.contract import layout
 from ingest.contract.keys import Keys
 from ingest.spool import store as spool_store
-from workers.consumer.counters import LEAD_QUANTITY
 
 from ._load import MARKER_SQL
 from ._sentinel import client as redis_client
+
+# how many leads a lead row counts: its payload's quantity (Dub's eventQuantity, which the edge
+# takes from 1 to 1000 and writes when it is more than 1), else 1; written here, not taken from
+# workers/consumer/counters.py (LEAD_QUANTITY), so a worker that counts it wrong is seen
+LEAD_COUNT = "CASE WHEN e.payload->>'quantity' ~ '^[0-9]{1,9}$' THEN (e.payload->>'quantity')::int ELSE 1 END"
 
 # a row that does not read back whole: a name of a dictionary entry that is not there
 # (schemas 16, 17, 20: entries made outside the batch's transaction, ids remembered by each
@@ -58,7 +62,7 @@ WITH counted AS (
     SELECT link_id,
            count(*) FILTER (WHERE type = 1 AND NOT is_bot) AS clicks,
            count(*) FILTER (WHERE type = 1 AND is_bot) AS bot_clicks,
-           coalesce(sum({LEAD_QUANTITY}) FILTER (WHERE type = 2), 0) AS leads,
+           coalesce(sum({LEAD_COUNT}) FILTER (WHERE type = 2), 0) AS leads,
            count(*) FILTER (WHERE type = 3) AS conversions,
            max(received_at) FILTER (WHERE type = 1 AND NOT is_bot) AS last_clicked_at
     FROM events e WHERE NOT test_mode AND NOT out_of_window GROUP BY link_id
@@ -96,7 +100,7 @@ WITH counted AS (
     SELECT link_id, (received_at AT TIME ZONE 'UTC')::date AS day,
            count(*) FILTER (WHERE type = 1 AND NOT is_bot) AS clicks,
            count(*) FILTER (WHERE type = 1 AND is_bot) AS bot_clicks,
-           coalesce(sum({LEAD_QUANTITY}) FILTER (WHERE type = 2), 0) AS leads,
+           coalesce(sum({LEAD_COUNT}) FILTER (WHERE type = 2), 0) AS leads,
            count(*) FILTER (WHERE type = 3) AS conversions
     FROM events e WHERE NOT test_mode AND NOT out_of_window GROUP BY 1, 2
 ), visits AS (SELECT link_id, day, count(*) AS n FROM link_visitor_days GROUP BY 1, 2)

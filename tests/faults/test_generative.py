@@ -31,7 +31,7 @@ import pytest
 from ._gen import erased
 from ._gen.checker import GenChecker
 from ._gen.history import Attempt, History, Op, Unit
-from ._gen.ops import World
+from ._gen.ops import World, dub_click, dub_lead
 from ._gen.run import SeedResult, run_seed
 from ._gen.schedule import TOPOLOGIES, duration_from_env, seed_from_env
 from ._plan import Plan
@@ -130,12 +130,17 @@ def _row(token: str, event: uuid.UUID | None = None, **cols: Any) -> dict[str, A
     }
 
 
-def _judge(op: Op, rows: list[dict[str, Any]]) -> Counter[str]:
-    checker = GenChecker(History(1), WORLD, None, Path("."), "")  # type: ignore[arg-type]  # judging reads no database
+def _judge(op: Op, rows: list[dict[str, Any]], *others: Op) -> Counter[str]:
+    """The checker's verdict on ``op`` and its unit's rows (``others``: operations it names)."""
+    history = History(1)
+    history.ops = {o.n: o for o in (*others, op)}
+    checker = GenChecker(history, WORLD, None, Path("."), "")  # type: ignore[arg-type]  # judging reads no database
+    checker.by_token = {r["token"]: [x for x in rows if x["token"] == r["token"]] for r in rows}
     checker._answers(op)
     by_event = {r["event_id"].hex: r for r in rows}
     for i, unit in enumerate(op.units):
-        checker._unit(op, i, unit, [r for r in rows if r["token"] == unit.token], by_event)
+        mine = [r for r in rows if r["token"] == unit.token and unit.name in (None, r.get("name"))]
+        checker._unit(op, i, unit, mine, by_event)
     return checker.a.counts()
 
 
@@ -253,3 +258,73 @@ def test_the_checker_flags_a_click_of_an_expired_key_answered_or_stored() -> Non
     answer = {"ok": True, "click_id": "x", "visitor_id": "v"}
     accepted: list[tuple[str, int | None, Any]] = [("ok", 200, answer)]
     assert _judge(expired(accepted), [_row("g1-0")])["expired_key_accepted"] == 1
+
+
+def _dub_lead(outcomes: list[tuple[str, int | None, Any]], **body: Any) -> tuple[Op, uuid.UUID]:
+    click = uuid.uuid4()
+    sent = {"clickId": f"clk_{click.hex}", "eventName": "Sign Up", "customerExternalId": "g1-0", **body}
+    never = "deferred_counted" if body.get("mode") == "deferred" else ""
+    op = dub_lead(0, "g1-0", sent, {}, customer="g1-0", click=f"clk_{click.hex}", code="c0", never=never)
+    op.attempts = [Attempt("e1", float(i), status=s, body=b, outcome=o) for i, (o, s, b) in enumerate(outcomes)]
+    return op, click
+
+
+def _led(click: uuid.UUID) -> tuple[str, int, Any]:
+    answer = {"click": {"id": f"clk_{click.hex}"}, "link": {"key": "c0"}, "customer": {"externalId": "g1-0"}}
+    return ("ok", 200, answer)
+
+
+def test_the_checker_flags_a_deferred_lead_stored_and_a_lead_counting_another_quantity() -> None:
+    deferred, click = _dub_lead([], mode="deferred")
+    deferred.attempts = [Attempt("e1", 0.0, status=200, body=_led(click)[2], outcome="ok")]
+    assert _judge(deferred, []) == {}
+    assert _judge(deferred, [_row("g1-0", name="Sign Up", click_id=click, quantity="1")]) == {"deferred_counted": 1}
+    assert _judge(deferred, [_row("g1-0", name="Activated", click_id=click, quantity="1")]) == {}  # its completion's
+    lead, click = _dub_lead([], eventQuantity=1000)
+    lead.attempts = [Attempt("e1", 0.0, status=200, body=_led(click)[2], outcome="ok")]
+    assert _judge(lead, [_row("g1-0", name="Sign Up", click_id=click, quantity="1000")]) == {}
+    assert _judge(lead, [_row("g1-0", name="Sign Up", click_id=click, quantity="1")]) == {"foreign_answer": 1}
+    assert _judge(lead, []) == {"lost": 1}
+
+
+def test_the_checker_holds_a_dub_click_again_to_its_first_id() -> None:
+    first_event, new_event = uuid.uuid4(), uuid.uuid4()
+    first = dub_click(1, "g1-1", WORLD, "c0")
+    clicked = {"clickId": f"clk_{first_event.hex}", "partner": None, "discount": None}
+    first.attempts = [Attempt("e1", 0.0, status=200, body=clicked, outcome="ok")]
+    again = dub_click(2, "g1-2", WORLD, "c0", ua=first.headers["User-Agent"], repeat_of=1)
+    again.attempts = [Attempt("e1", 1.0, status=200, body=clicked, outcome="ok")]
+    stored = [_row("g1-1", first_event, user_agent=first.headers["User-Agent"])]
+    assert _judge(again, stored, first) == {}
+    again.attempts[0].body = {**clicked, "clickId": f"clk_{new_event.hex}"}  # counted again, under no fault
+    counted = [*stored, _row("g1-2", new_event, user_agent=first.headers["User-Agent"])]
+    assert _judge(again, counted, first) == {"dub_repeat_counted": 1}
+    assert _judge(again, stored, first) == {"dub_repeat_counted": 1, "lost": 2}  # a new id, and not stored
+
+
+def test_the_checker_flags_a_dub_refusal_not_in_dubs_shape() -> None:
+    doc = "https://dub.co/docs/api-reference/errors#not-found"
+    dubs = {"error": {"code": "not_found", "message": "Click event not found", "doc_url": doc}}
+    lead, _ = _dub_lead([("refused", 404, dubs)], clickId="clk_" + "0" * 32)
+    lead.echo.update(refuse="unknown_click_accepted", status=404)
+    assert _judge(lead, []) == {}
+    lead.attempts[0].body = {"error": {"code": "INVALID_CLICK_ID", "message": "Unknown clickId"}}  # Refport's
+    assert _judge(lead, []) == {"dub_shape": 1}
+    lead.attempts[0].status = 400
+    lead.attempts[0].body = {**dubs, "error": {**dubs["error"], "code": "bad_request"}}
+    assert _judge(lead, []) == {"dub_shape": 1, "wrong_refusal": 1}  # its doc_url names another code too
+
+
+def test_the_checker_flags_a_deferred_leads_click_forgotten() -> None:
+    deferred, click = _dub_lead([], mode="deferred")
+    deferred.n = 1
+    body = {"eventName": "Activated", "customerExternalId": "g1-0", "clickId": ""}
+    complete = dub_lead(2, "g1-2", body, {}, customer="g1-0", click=f"clk_{click.hex}", code="c0", deferred=1)
+    doc = "https://dub.co/docs/api-reference/errors#bad-request"
+    no_click = {"error": {"code": "bad_request", "message": "no click", "doc_url": doc}}
+    complete.attempts = [Attempt("e1", 1.0, status=400, body=no_click, outcome="refused")]
+    deferred.attempts = [Attempt("e1", 0.0, status=200, body=_led(click)[2], outcome="ok")]
+    assert _judge(complete, [], deferred) == {"deferred_forgotten": 1}
+    deferred.attempts = [Attempt("e1", 0.0, status=503, outcome="refused")]  # it remembered nothing
+    complete.echo["allow"] = [400]
+    assert _judge(complete, [], deferred) == {}

@@ -30,7 +30,15 @@ found by its token), from the outcomes of the operation's attempts:
   evidence is not where the count stops: ``_bursts``); ``suppressed_stored`` (a click of a
   visitor on the do-not-track list, sent once every edge must have read the list, stored:
   ``_surely_suppressed``); ``process_exit``, ``replay_failed``,
-  ``nemesis`` (the run's own).
+  ``nemesis`` (the run's own);
+- Dub's dialect (``ops._dub``, ``careless.draw_dub``): ``deferred_counted`` (a deferred
+  lead stored: it stores nothing, ``Unit.never``), ``deferred_forgotten`` (a 400 for a lead
+  with an empty ``clickId`` after its customer's deferred lead was answered 2xx),
+  ``dub_repeat_counted`` (a browser's click again within the hour answered a new id where
+  its first was answered 2xx, no fault keeping Redis from the edges: ``_repeat``),
+  ``unattributed`` (a direct sale of a new customer not on its click's link), ``dub_shape``
+  (a 4xx not in Dub's error shape); a lead's row counts the quantity it asked for
+  (``foreign_answer`` otherwise), and one customer's leads are told apart by their names.
 
 One stored event may be in no line and be no anomaly: an event never answered 2xx (every
 attempt 503 "may be stored"), in a run whose Redis failed over (Sentinel), whose stream
@@ -53,16 +61,34 @@ from workers.archive.store import LocalStore
 
 from .._checks import Checker
 from . import erased, walls
-from .history import History, Op, Unit
-from .ops import COMMISSION, EXPECTED_REFUSALS, ITEM_UNKNOWN, TOKEN_SQL, World, answer_problems, named_events
+from .history import Attempt, History, Op, Unit
+from .ops import (
+    COMMISSION,
+    EXPECTED_REFUSALS,
+    ITEM_UNKNOWN,
+    TOKEN_SQL,
+    World,
+    answer_problems,
+    dub_error_problem,
+    named_events,
+)
 
 # each row as a read gives it back: its User-Agent through its dictionary entry (schema 20)
+# (a lead's name tells one customer's leads apart, ``Unit.name``; its quantity is what its payload
+# counts: none is 1)
 ROWS = f"""SELECT e.event_id, e.type, l.code, e.click_id, e.visitor_id, {TOKEN_SQL} AS token, e.workspace_id,
-       NULL AS customer, event_user_agent(e.user_agent, e.agent_id) AS user_agent
+       NULL AS customer, event_user_agent(e.user_agent, e.agent_id) AS user_agent, e.name,
+       CASE WHEN e.type = 2 THEN coalesce(e.payload->>'quantity', '1') END AS quantity
 FROM events e LEFT JOIN links l ON l.id = e.link_id
 UNION ALL
-SELECT s.event_id, 4, l.code, s.click_id, NULL, s.metadata->>'gen', s.workspace_id, s.customer_external_id, NULL
+SELECT s.event_id, 4, l.code, s.click_id, NULL, s.metadata->>'gen', s.workspace_id, s.customer_external_id, NULL,
+       NULL, NULL
 FROM sales s LEFT JOIN links l ON l.id = s.link_id"""
+# what takes Redis from an edge, or keeps what it wrote from it (a write refused when full, a
+# failover): a browser's click again within the hour may then be counted again (``_repeat``)
+REDIS_AWAY = ("redis-stall", "redis-kill", "redis-restart", "redis-full", "sentinel-failover")
+PROBE_S = 2.0  # after such a fault heals, how long an edge may still answer without Redis (its probe)
+SPOOL_DRAIN_S = 5.0  # ... and how long a click it spooled (with what it remembers) takes to reach Redis
 # each click_burst flag of a click whose address is still stored, with the clicks its window
 # holds (those without an address, erased since, counted as the flagged one's); a flag is
 # on its click's row (burst_clicks, burst_seconds: schema 18) or, excluded, an event_flags
@@ -129,6 +155,10 @@ class GenChecker:
         self.refunds_accepted: set[str] = set()  # the ids of the refunds answered 2xx
         self.lost_with_redis: list[str] = []  # stored, unarchived, never 2xx'd, Redis failed over
         self.bursts = 0  # click_burst flags judged (``_bursts``)
+        self.by_token: dict[str, list[Any]] = {}
+        # Dub's clicks again from the same browser within the hour: answered the first's id;
+        # counted again, under a fault that took Redis from the edges (``_repeat``)
+        self.repeats: Counter[str] = Counter()
 
     def _say(self, kind: str, op: Op, why: str) -> None:
         at = op.attempts[0].at if op.attempts else 0.0
@@ -147,15 +177,23 @@ class GenChecker:
         by_event = {r["event_id"].hex: r for r in rows}
         for r in rows:
             by_token[r["token"]].append(r)
+        self.by_token = by_token
         tokens: set[str] = set()
+        claimed: set[str] = set()  # the rows some unit judged (a lead's of its name, where it has one)
         for op in self.h.ops.values():
             self._answers(op)
             for i, unit in enumerate(op.units):
                 tokens.add(unit.token)
-                self._unit(op, i, unit, by_token.get(unit.token, []), by_event)
+                mine = [r for r in by_token.get(unit.token, []) if unit.name is None or r["name"] == unit.name]
+                claimed |= {r["event_id"].hex for r in mine}
+                self._unit(op, i, unit, mine, by_event)
         for token, found in by_token.items():
             if token not in tokens and not (token or "").endswith("@c"):  # c's: walls.py judges them
                 self.a.add("unasked_row", f"{len(found)} row(s) with token {token!r}: {dict(found[0])}")
+            elif token in tokens and (others := [r for r in found if r["event_id"].hex not in claimed]):
+                names = sorted({str(r["name"]) for r in others})
+                self.a.add("unasked_row", f"{len(others)} row(s) of {token!r} named {names}, asked by no request")
+        self._attributed()
         await self._generated()
         await self._refunds()
         await self._bursts()
@@ -227,6 +265,10 @@ class GenChecker:
             self.a.add("unasked_row", f"a refund no request asked for: {key}")
 
     def _answers(self, op: Op) -> None:
+        if op.kind.startswith("dub-"):  # every refusal of Dub's routes in Dub's shape
+            for a in op.attempts:
+                if a.status is not None and 400 <= a.status < 500 and (why := dub_error_problem(a.status, a.body)):
+                    self._say("dub_shape", op, why)
         if op.echo.get("refuse"):  # past a bound every door keeps, an expired key: a 4xx each time, never stored
             for a in op.attempts:
                 items_ok = op.kind == "batch" and "ok" in a.items
@@ -235,13 +277,18 @@ class GenChecker:
                 elif a.outcome == "ok" and (op.kind != "batch" or items_ok):
                     kind = op.echo["refuse"] if isinstance(op.echo["refuse"], str) else "bound_not_enforced"
                     self._say(kind, op, f"to be refused, answered {a.status}")
+                elif a.outcome == "refused" and op.echo.get("status") not in (None, a.status) and a.status != 503:
+                    self._say("wrong_refusal", op, f"a {a.status}, not the {op.echo['status']} it is due")
             return
+        allowed = EXPECTED_REFUSALS | set(op.echo.get("allow", ()))
         for a in op.attempts:
             if a.outcome == "error":
                 self._say("5xx", op, f"answered {a.status} {a.headers}")
+            elif a.outcome == "refused" and a.status == 400 and "deferred" in op.echo:
+                self._forgotten(op, a)
             elif (
                 a.outcome == "refused"
-                and a.status not in EXPECTED_REFUSALS
+                and a.status not in allowed
                 and op.kind != "redirect"
                 and not (op.kind == "refund" and a.status == 404)
             ):  # its sale not stored yet
@@ -267,9 +314,18 @@ class GenChecker:
     def _unit(self, op: Op, i: int, unit: Unit, rows: list[Any], by_event: dict[str, Any]) -> None:
         outs = Counter("unknown" if o == "error" else o for o, _ in op.unit_outcomes(i))
         ok, unknown, refused = outs["ok"], outs["unknown"], outs["refused"]
+        first: set[str] = set()  # a browser's click again: the ids its first click's answers and rows name
+        if op.echo.get("repeat_of") is not None:
+            first, ok = self._repeat(op, op.echo["repeat_of"])
         n = len(rows)
         need, most = (min(ok, 1), 1 if ok or unknown else 0) if unit.once else (ok, ok + unknown)
+        if unit.maybe:
+            need = 0
         what = f"{unit.kind} {unit.token}: {n} row(s), attempts ok={ok} unknown={unknown} refused={refused}"
+        if unit.never:  # a deferred lead: its answer promises a later lead, no row
+            if n:
+                self._say(unit.never, op, f"stored, though it stores nothing: {what}")
+            return
         if unit.listed_by is not None:  # a listed visitor's: stored nowhere once every edge has read the list
             surely = self._surely_suppressed(op, unit.listed_by)
             if surely is not None:
@@ -284,7 +340,7 @@ class GenChecker:
             self._say(kind, op, what)
         for outcome, a in op.unit_outcomes(i):
             named = named_events(op, a).get(i) if outcome in ("ok", "unknown") else None
-            if named is None:
+            if named is None or named in first:
                 continue
             row = by_event.get(named)
             if row is not None and row["token"] != unit.token:
@@ -307,6 +363,79 @@ class GenChecker:
             for _, a in (x for x in op.unit_outcomes(i) if x[0] == "ok"):
                 if isinstance(a.body, dict) and a.body.get("visitor_id") not in visitors:
                     self._say("foreign_answer", op, f"visitor {a.body.get('visitor_id')!r} is not its row's {visitors}")
+
+    def _repeat(self, op: Op, first_n: int) -> tuple[set[str], int]:
+        """A Dub click sent again by the same browser to the same link within the hour: each
+        2xx names the first click's id (one its answers named, or its row's), storing nothing;
+        a new id is a click of this request's own (so the first's own retries are the same
+        browser again too). A new id where the first was answered 2xx is ``dub_repeat_counted``,
+        unless a fault took Redis from the edges meanwhile (the edge answers without reading
+        what it remembered: ``REDIS_AWAY``). The first's ids, and how many new ids were answered."""
+        first = self.h.op(first_n)
+        if first is None or not first.units:
+            return set(), 0
+        answered = [named_events(first, a).get(0) for a in first.attempts if a.outcome == "ok"]
+        theirs = {e for a in first.attempts for e in named_events(first, a).values() if e}
+        theirs |= {r["event_id"].hex for r in self.by_token.get(first.units[0].token, [])}
+        new: set[str] = set()
+        for a in op.attempts:
+            if a.outcome != "ok" or (named := named_events(op, a).get(0)) is None:
+                continue
+            if named in theirs:
+                self.repeats["answered first"] += 1
+                continue
+            new.add(named)
+            oks = [f for f in first.attempts if f.outcome == "ok"]
+            if not oks:
+                self.repeats["first never answered"] += 1
+            elif why := self._redis_away(oks[0], a):
+                self.repeats[f"counted again, {why}"] += 1
+            else:
+                self._say("dub_repeat_counted", op, f"answered {named}, not its first click's {answered}")
+        return theirs, len(new)
+
+    def _redis_away(self, first: Attempt, again: Attempt) -> str | None:
+        """Whether the edge could not know the first click when it answered ``again``: a fault
+        that took Redis from the edges was under way while it was asked (it answered without
+        reading Redis; a full Redis is read as ever), or one that took Redis or kept their
+        writes from it while the first was (its click, and what it remembers, spooled) had
+        not healed long enough before ``again`` for the spool to bring them to Redis; which,
+        or None."""
+        for f in self.h.faults:
+            if not (f.kind in REDIS_AWAY or (f.kind == "partition" and f.target.startswith("edge-redis"))):
+                continue
+            healed = f.healed if f.healed is not None else 1e9
+            unread = f.kind != "redis-full" and f.started <= again.at + (again.took or 0.0)
+            if unread and healed + PROBE_S >= again.at:
+                return "asked without Redis"
+            during_first = f.started <= first.at + (first.took or 0.0) and healed + PROBE_S >= first.at
+            if during_first and again.at <= healed + SPOOL_DRAIN_S:
+                return "first spooled"
+        return None
+
+    def _forgotten(self, op: Op, a: Any) -> None:
+        """A lead with an empty ``clickId`` after its customer's deferred lead was answered 2xx
+        goes on the deferred lead's click: a 400 ("no click") forgot it (``deferred_forgotten``),
+        unless its deferred lead was never answered 2xx. A failover is no excuse: an answer
+        2xx is durable at ``REFSTREAM_ACK_DURABILITY``'s level, and the edge remembers the
+        click in Redis alone (open: seed 1092658661, where Sentinel promoted a server that
+        had not replicated it)."""
+        deferred = self.h.op(op.echo["deferred"])
+        if deferred is not None and any(d.outcome == "ok" for d in deferred.attempts):
+            why = f"a 400 after its deferred lead (op {op.echo['deferred']}) was answered 2xx"
+            self._say("deferred_forgotten", op, why)
+
+    def _attributed(self) -> None:
+        """A direct sale of a new customer is attributed to the click it named: the lead it
+        made from that click is the customer's only one (``unattributed`` otherwise)."""
+        for op in self.h.ops.values():
+            code = op.echo.get("attributed") if op.kind == "dub-sale" and op.skipped is None else None
+            if code is None:
+                continue
+            for r in self.by_token.get(op.units[0].token, []):
+                if r["code"] != code:
+                    why = f"direct sale {r['event_id']} on {r['code']!r}, not its click's {code!r}"
+                    self._say("unattributed", op, why)
 
     def _surely_suppressed(self, op: Op, listing_n: int) -> bool | None:
         """None: the visitor was never listed (every listing refused); False: it may have

@@ -16,6 +16,7 @@ import asyncio
 import signal
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +33,15 @@ from .._sentinel import MASTER, SentinelServer, wait_in_sync
 from .._servers import FaultRedis, PgServer
 from .._stage import EDGE_ENV, Stage, codes_covering
 from .._stage import World as StageWorld
-from .ops import COMMISSION, World
+from .ops import B_ORIGINS, COMMISSION, DUB_DOMAIN, World
 
 AOF = ("--appendonly", "yes", "--appendfsync", "always")  # a killed Redis keeps what it acknowledged
 SEGMENTS = {"REFSTREAM_ARCHIVE_SEGMENT_ENTRIES": "150", "REFSTREAM_ARCHIVE_SEGMENT_S": "0.5"}
 PER_ROLE = 2
+# every client is the one address: Dub's click route's own limit per address (120 a minute by
+# default) would refuse a seed's clicks, as the other routes' would
+DUB_CLICK_ENV = {"REFSTREAM_TRACK_CLICK_RATE_LIMIT_PER_MIN": "100000000"}
+DUB_LINK = "dubdomain"  # the one link with a domain (ops.DUB_DOMAIN)
 
 
 SUPERVISED_EDGE = 1  # the edge slot run as `serve --processes 2` (the other runs one process, no supervisor)
@@ -155,7 +160,7 @@ class Cluster:
 
     def env(self, role: str) -> dict[str, str]:
         st = self.st
-        env = {**EDGE_ENV, "REFSTREAM_ARCHIVE_URL": f"file://{st.tmp / 'archive'}", **SEGMENTS}
+        env = {**EDGE_ENV, **DUB_CLICK_ENV, "REFSTREAM_ARCHIVE_URL": f"file://{st.tmp / 'archive'}", **SEGMENTS}
         near = "edge" if role == "edge" else "worker"
         if f"{near}-redis" in self.proxies:
             env["REDIS_URL"] = self.proxies[f"{near}-redis"].url
@@ -320,6 +325,13 @@ class Cluster:
                 for c in codes[1:]
             ),
             st.api("PATCH", f"/v1/programs/{sw.program_id}/commission", COMMISSION, sw),
+            st.api(
+                "POST",
+                "/v1/links",
+                {"affiliate_id": sw.affiliate_id, "code": DUB_LINK, "url": f"https://shop.test/{DUB_LINK}"}
+                | {"domain": DUB_DOMAIN},
+                sw,
+            ),
         )
         await st.groups_ready()
         async with aiohttp.ClientSession() as http, http.get(f"{st.base}/api/v1/referrals/validate/{codes[0]}") as r:
@@ -339,12 +351,17 @@ class Cluster:
             ws["workspace_id"],
             others={"b": other},
             expired_key=expired["api_key"],
+            dub_link=DUB_LINK,
         )
 
     async def _tenant(self, tag: str, codes: list[str]) -> World:
         """Another workspace (``tenants.py``): its links, the same commission rules, its keys."""
         st = self.st
         ws = await st.cli("workspace", "create", f"gen-{tag}")
+        # the pages Dub's clicks may come from (before any of its links is read, so cached)
+        await st.check.fetch(
+            "UPDATE workspaces SET allowed_origins = $2 WHERE id = $1", uuid.UUID(ws["workspace_id"]), list(B_ORIGINS)
+        )
         first = await st.cli(
             "link",
             "create",

@@ -4,7 +4,9 @@ must look like.
 Every operation carries a token of its own (``g<seed>-<n>``; a batch item ``…-<n>.<i>``)
 where Postgres keeps it: a click's referrer (``https://gen.test/<token>``), a lead's
 ``customerExternalId``, a conversion's ``referred_session_id`` (the row's visitor id), a
-sale's metadata (``{"gen": token}``; its customer is its lead's token, or its own). So
+sale's metadata (``{"gen": token}``; its customer is its lead's token, or its own); Dub's
+click its ``referrer``, Dub's lead its customer (several leads of one customer told apart by
+their event names, ``Unit.name``). So
 each row maps back to the one request that asked for it (``TOKEN_SQL``), and each answer is
 checked against its own request: the code, customer, click and visitor it echoes, and the
 event ids it names, whose rows must carry this request's token.
@@ -87,6 +89,7 @@ class World:
     others: dict[str, World] = field(default_factory=dict)
     gone: dict[str, str] = field(default_factory=dict)  # workspaces made and deleted in the run: id -> tag
     expired_key: str = ""  # a track key made at setup to expire a second later (``careless.py``)
+    dub_link: str = ""  # the code of the one link with a domain (``DUB_DOMAIN``): Dub's clicks must name it
 
     def tenant(self, tag: str) -> World:
         return self if tag == self.tag else self.others[tag]
@@ -116,6 +119,8 @@ def click_id_of(op: Op) -> str | None:
             continue
         if op.kind == "affitor" and isinstance(a.body, dict):
             return str(a.body.get("click_id"))
+        if op.kind == "dub-click" and isinstance(a.body, dict):
+            return str(a.body.get("clickId"))
         if op.kind == "redirect":
             return _redirect_click(a.body)
     return None
@@ -135,10 +140,12 @@ def make(step: OpStep, world: World, history: History) -> Op:
 
     if tenants.TENANTS_FROM <= step.n < careless.CARELESS_FROM:
         return tenants.make(step, world, history)
-    if step.n >= careless.CARELESS_FROM:
+    if careless.CARELESS_FROM <= step.n < DUB_FROM:
         return careless.make(step, world, history)
     token = f"g{history.seed}-{step.n}"
     key = f"k-{token}" if step.keyed else None
+    if step.kind.startswith("dub-"):
+        return _dub(step, token, key, world, history)
     code = world.codes[step.code % len(world.codes)]
     bearer = {"Authorization": f"Bearer {world.api_key}"}
     idem = {"Idempotency-Key": key} if key else {}
@@ -380,6 +387,212 @@ def _import(step: OpStep, token: str, world: World) -> Op:
     return Op(step.n, "import", token, None, "IMPORT", "refstream import", {}, rows, units, {"ids": ids})
 
 
+# -- Dub's dialect: POST /track/click, /track/lead, /track/sale (schedule._dub, careless.py) --
+
+DUB_FROM = 800_000  # the Dub stream's operations (schedule._dub); careless ones: careless.DUB_FROM
+DUB_DOMAIN = "go.gen.test"  # the domain of World.dub_link; every other link's is its URL's host:
+SHOP_DOMAIN = "shop.test"  # World.url's
+B_ORIGINS = ("*.b-shop.test", "https://pay.b.test")  # workspace b's allowed_origins (cluster.py)
+DIRECT_LEAD = "Direct sale tracking lead event"  # Dub's name for a direct sale's lead
+# Dub's error code for each status (its documented list: dub.co/docs/api-reference/errors)
+DUB_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    409: "conflict",
+    422: "unprocessable_entity",
+    429: "rate_limit_exceeded",
+}
+
+
+def suffix(tag: str) -> str:
+    """What a row of workspace ``tag`` adds to its token (``tenants.suffix``)."""
+    return "" if tag == "a" else f"@{tag}"
+
+
+def dub_click(
+    n: int,
+    token: str,
+    world: World,
+    code: str,
+    *,
+    tag: str = "a",
+    ua: str | None = None,
+    domain: str = SHOP_DOMAIN,
+    page: bool = False,
+    headers: dict[str, str] | None = None,
+    **echo: Any,
+) -> Op:
+    """``POST /track/click`` from a browser (its User-Agent its own, or ``ua``: another
+    operation's browser again): the link by ``domain`` and key, the page's referrer the
+    token's. ``echo["repeat_of"]``: the same browser's click on the same link, answered its id."""
+    agent_text = ua or agent(token)
+    body: dict[str, Any] = {"domain": domain, "key": code, "referrer": REFERRER + token}
+    if page:
+        body["url"] = world.tenant(tag).url(code)
+    unit = Unit(token + suffix(tag), "click", code, False, {"user_agent": agent_text})
+    sent = {"User-Agent": agent_text, **(headers or {})}
+    return Op(n, "dub-click", token, None, "POST", "/track/click", sent, body, [unit], echo)
+
+
+def dub_lead(
+    n: int,
+    token: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    *,
+    customer: str,
+    click: str | None,
+    code: str | None,
+    key: str | None = None,
+    tag: str = "a",
+    never: str = "",
+    **echo: Any,
+) -> Op:
+    """``POST /track/lead``: one lead of ``customer`` named ``body["eventName"]`` on ``click``
+    (the click it names, or the one an empty ``clickId`` must resolve to), counting its
+    ``eventQuantity``; ``never``: the anomaly a row of it is (a deferred lead stores none)."""
+    quantity = body.get("eventQuantity") or 1
+    expect = {"click_id": _hex(click, "clk_"), "quantity": str(quantity)}
+    unit = Unit(customer + suffix(tag), "lead", code, True, expect, name=body["eventName"], never=never)
+    echo = {"click": click, "code": code, "customer": customer, "email": body.get("customerEmail"), **echo}
+    return Op(n, "dub-lead", token, key, "POST", "/track/lead", headers, body, [unit], echo)
+
+
+def dub_sale(
+    n: int,
+    token: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    *,
+    customer: str,
+    key: str | None = None,
+    tag: str = "a",
+    click_code: str | None = None,
+    known: bool = False,
+    **echo: Any,
+) -> Op:
+    """``POST /track/sale``, found by its token (metadata); with a ``clickId`` (direct sale
+    tracking) also the customer's lead from that click (``leadEventName``, else Dub's name),
+    made when the customer has no row yet: a new customer's is stored once, and attributes
+    the sale to the click's link; a ``known`` customer's may be, if the lead that made them
+    was not stored yet."""
+    invoice = body.get("invoiceId")
+    units = [Unit(token + suffix(tag), "sale", None, key is not None or invoice is not None)]
+    click = body.get("clickId")
+    if click:
+        lead = body.get("leadEventName") or DIRECT_LEAD
+        expect = {"click_id": _hex(click, "clk_"), "quantity": "1"}
+        units.append(Unit(customer + suffix(tag), "lead", click_code, True, expect, name=lead, maybe=known))
+    echo = {
+        "customer": customer,
+        "amount": body["amount"],
+        "currency": body.get("currency", "usd").lower(),
+        "invoice": invoice,
+        "name": body.get("customerName"),
+        "email": body.get("customerEmail"),
+        **({"attributed": click_code} if click and not known else {}),
+        **echo,
+    }
+    once = key or (f"invoice:{invoice}" if invoice else None)
+    return Op(n, "dub-sale", token, once, "POST", "/track/sale", headers, body, units, echo)
+
+
+def _dub(step: OpStep, token: str, key: str | None, world: World, history: History) -> Op:
+    """The Dub stream's operations (``schedule._dub``): clicks (some again from the same
+    browser, some on the link with a domain, some with an ``Origin``), leads on them (a mode,
+    a quantity, an email; or a later one of the same customer with an empty ``clickId``,
+    whose click is found in Postgres), sales (direct, naming a click; on a lead's customer;
+    or a customer of their own)."""
+    on = history.op(step.on) if step.on is not None else None
+    bearer = {"Authorization": f"Bearer {world.api_key}", **({"Idempotency-Key": key} if key else {})}
+    if step.kind == "dub-click" and "repeat" in step.flags:
+        assert on is not None and on.kind == "dub-click"
+        code = on.units[0].code
+        assert code is not None
+        ua, domain = on.headers["User-Agent"], on.body["domain"]
+        return dub_click(step.n, token, world, code, ua=ua, domain=domain, repeat_of=on.n)
+    if step.kind == "dub-click":
+        on_domain = "domain" in step.flags and bool(world.dub_link)
+        code = world.dub_link if on_domain else world.codes[step.code % len(world.codes)]
+        domain = DUB_DOMAIN if on_domain else SHOP_DOMAIN
+        domain = domain.upper() if step.code % 3 == 0 else domain  # a host name's case is no matter
+        origin = {"Origin": "https://shop.test"} if "origin" in step.flags else {}
+        return dub_click(step.n, token, world, code, domain=domain, page="page" in step.flags, headers=origin)
+    assert on is not None or step.kind == "dub-sale"
+    if step.kind == "dub-lead" and "follow" in step.flags:  # a later lead of a customer: no clickId
+        assert on is not None
+        follow: dict[str, Any] = {"clickId": "", "eventName": "Upgrade", "customerExternalId": on.token}
+        # its click is the customer's first, once the workers stored the earlier lead: until
+        # then (or if that lead was never stored) there is none to go on, a 400
+        out = dub_lead(
+            step.n, token, follow, bearer, key=key, customer=on.token, click=on.echo["click"], code=on.echo["code"]
+        )
+        out.echo["allow"] = [400]
+        out.skipped = None if on.skipped is None else f"its lead (op {on.n}) was never sent"
+        return out
+    if step.kind == "dub-lead":
+        assert on is not None
+        click = click_id_of(on)
+        body: dict[str, Any] = {"clickId": click, "eventName": "Sign Up", "customerExternalId": token}
+        for flag in step.flags:
+            if flag in ("async", "wait"):
+                body["mode"] = flag
+            elif flag.startswith("qty:"):
+                body["eventQuantity"] = int(flag[4:])
+        if "email" in step.flags:
+            body["customerEmail"] = f"{token}@dub.test"
+        out = dub_lead(step.n, token, body, bearer, key=key, customer=token, click=click, code=on.units[0].code)
+        out.skipped = None if click else f"its click (op {on.n}) was never accepted"
+        return out
+    assert step.kind == "dub-sale", step.kind
+    customer, click, click_code = f"c-{token}", None, None
+    if "direct" in step.flags and on is not None:  # a new customer's sale, naming their click
+        click, click_code = click_id_of(on), on.units[0].code
+    elif "known-direct" in step.flags and on is not None:  # naming the click of a customer's lead
+        customer, click, click_code = on.token, on.echo["click"], on.echo["code"]
+    elif on is not None:  # a lead's customer's
+        customer = on.token
+    body = {
+        "customerExternalId": customer,
+        "amount": 100 + step.code % 10_000,
+        "currency": ("usd", "EUR")[step.code % 2],
+        "paymentProcessor": "stripe",
+        "metadata": {"gen": token},
+    }
+    if "invoice" in step.flags:
+        body["invoiceId"] = f"inv-{token}"
+    if click:
+        body["clickId"] = click
+    if "lead-name" in step.flags:
+        body["leadEventName"] = "Checkout"
+    if "named" in step.flags:
+        body["customerName"] = f"Customer {step.code}"
+    known = "known-direct" in step.flags
+    out = dub_sale(step.n, token, body, bearer, customer=customer, key=key, click_code=click_code, known=known)
+    if ("direct" in step.flags or "known-direct" in step.flags) and not click:
+        out.skipped = f"its click (op {step.on}) was never accepted"
+    return out
+
+
+def dub_error_problem(status: int, body: Any) -> str | None:
+    """What in a 4xx of Dub's routes is not Dub's error shape ``{"error": {"code", "message",
+    "doc_url"}}`` with the status's code."""
+    error = body.get("error") if isinstance(body, dict) else None
+    want = DUB_CODES.get(status, "bad_request")
+    if (
+        not isinstance(error, dict)
+        or set(body) != {"error"}
+        or set(error) != {"code", "message", "doc_url"}
+        or error["code"] != want
+        or not error["message"]
+        or not str(error["doc_url"]).endswith("#" + want.replace("_", "-"))
+    ):
+        return f"a {status} not in Dub's shape (code {want}): {str(body)[:200]}"
+    return None
+
+
 def classify(op: Op, attempt: Attempt) -> None:
     """Set the attempt's outcome (and each batch item's) from its answer."""
     status, headers = attempt.status, attempt.headers
@@ -421,7 +634,12 @@ def named_events(op: Op, attempt: Attempt) -> dict[int, str]:
     body = attempt.body
     if attempt.outcome == "unknown":
         maybe = _hex(attempt.headers.get(EVENT_ID))
+        if op.kind == "dub-sale" and len(op.units) > 1:  # the sale's, or its direct lead's: either
+            return {}
         return {0: maybe} if maybe and op.units else {}
+    if op.kind == "dub-click" and isinstance(body, dict):
+        found = _hex(body.get("clickId"), "clk_")
+        return {0: found} if found else {}
     if op.kind == "affitor" and isinstance(body, dict):
         found = _hex(body.get("click_id"), "clk_") or _hex((body.get("data") or {}).get("eventId"))
         return {0: found} if found else {}
@@ -475,6 +693,49 @@ def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
             "link": (b.get("link") or {}).get("key"),
         }
         wanted = {"eventName": "Sign Up", "click": e["click"], "customer": op.token, "link": e["code"]}
+        return [f"{k}: {got[k]!r}, not {v!r}" for k, v in wanted.items() if got[k] != v]
+    elif op.kind == "dub-click":
+        shape = {"clickId": b.get("clickId"), "partner": None, "discount": None}
+        if b != shape or _hex(b.get("clickId"), "clk_") is None:
+            return [f"{b!r}, not {{'clickId': 'clk_<32 hex>', 'partner': None, 'discount': None}}"[:300]]
+        return []
+    elif op.kind == "dub-lead":  # Dub's answer: the click, its link and the customer, no eventName
+        customer = b.get("customer") or {}
+        got = {
+            "fields": sorted(b),
+            "click": (b.get("click") or {}).get("id"),
+            "customer": customer.get("externalId"),
+            "email": customer.get("email"),
+            "link": (b.get("link") or {}).get("key"),
+        }
+        wanted = {
+            "fields": ["click", "customer", "link"],
+            "click": e["click"],
+            "customer": e["customer"],
+            "email": e["email"],
+            "link": e["code"],
+        }
+        return [f"{k}: {got[k]!r}, not {v!r}" for k, v in wanted.items() if got[k] != v]
+    elif op.kind == "dub-sale":
+        sale = b.get("sale") or {}
+        got = {
+            "eventName": b.get("eventName"),
+            "customer": b.get("customer"),
+            "amount": sale.get("amount"),
+            "currency": sale.get("currency"),
+            "invoice": sale.get("invoiceId"),
+            "metadata": sale.get("metadata"),
+        }
+        c = e["customer"]
+        wanted = {
+            "eventName": "Purchase",
+            # (refstream names a customer by their external id: the id is it, ingest/edge/dub_shapes.py)
+            "customer": {"id": c, "externalId": c, "name": e["name"], "email": e["email"], "avatar": None},
+            "amount": e["amount"],
+            "currency": e["currency"],
+            "invoice": e["invoice"],
+            "metadata": op.body.get("metadata"),
+        }
         return [f"{k}: {got[k]!r}, not {v!r}" for k, v in wanted.items() if got[k] != v]
     elif op.kind == "convert":
         want = {"converted": True, "referrer_id": world.referrer_id}

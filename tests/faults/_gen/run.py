@@ -39,6 +39,7 @@ class SeedResult:
     copied: tuple[int, int] = (0, 0)  # events in more than one line (stream entry), most lines of one
     lost_with_redis: int = 0  # stored, never 2xx'd, in no line: a failover lost the entry (checker.py)
     bursts: int = 0  # click_burst flags judged (checker.py)
+    repeats: Counter[str] = field(default_factory=Counter)  # Dub's clicks again from one browser (checker.py)
     kept: Path | None = None
 
     def reproduce(self) -> str:
@@ -56,7 +57,8 @@ class SeedResult:
         return (
             f"GENERATIVE[{self.mode}] seed={self.seed} topology={self.schedule.topology} wall={self.wall_s:.0f}s"
             f" ops={sum(self.ops.values())} ({fmt(self.ops)}) attempts ({fmt(self.attempts)})"
-            f" stored={self.stored} burst-flags={self.bursts} archived={self.archived}"
+            f" stored={self.stored} burst-flags={self.bursts} dub-repeats ({fmt(self.repeats)})"
+            f" archived={self.archived}"
             " (unarchived, never 2xx'd, lost in a failover:"
             f" {self.lost_with_redis})"
             f" (events in 2+ lines: {self.copied[0]}, at most {self.copied[1]})"
@@ -90,6 +92,7 @@ async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult
         result.anomalies = await checker.run(extra)
         result.stored, result.archived = checker.stored, checker.archived_lines
         result.bursts = checker.bursts
+        result.repeats = checker.repeats
         result.lost_with_redis = len(checker.lost_with_redis)
         if checker.lost_with_redis:
             print(

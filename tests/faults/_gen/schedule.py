@@ -96,6 +96,11 @@ SUPPRESSES_FROM = 500_000
 # other tenants (``tenants.py``: a second workspace sharing customer and visitor ids, a third
 # made and deleted) and careless input (``careless.py``: metadata at and past the JSON bound,
 # the visitor "undefined"), streams of their own too
+# Dub's dialect (``/track/click``, ``/track/lead``, ``/track/sale``: ``ops._dub``), a stream of
+# its own too, numbered from ops.DUB_FROM: clicks (some again from the same browser), leads on
+# them, sales (direct ones naming a click); careless Dub input is careless.py's own stream
+DUB_SHARE = 0.1  # of the main rate
+DUB_MIX = {"click": 0.36, "repeat": 0.1, "lead": 0.3, "sale": 0.24}
 PARTITION_COUNTS = (1, 2, 3, 6, 8)  # what a partition-count fault changes the stage's 4 to, and back
 
 
@@ -175,6 +180,8 @@ def draw(seed: int, mode: str, only: frozenset[str] = frozenset()) -> Schedule:
 
     others = tenants.draw(random.Random(f"{seed}:tenants"), ln.load_s)
     others += careless.draw(random.Random(f"{seed}:careless"), ln.load_s)
+    others += _dub(random.Random(f"{seed}:dub"), ln)
+    others += careless.draw_dub(random.Random(f"{seed}:careless-dub"), ln.load_s)
     ops = sorted(ops + later_ops + refunds + erasures + imports + listed + others, key=lambda o: (o.at, o.n))
     return Schedule(seed, topo, ln, ops, sorted(faults + later, key=lambda f: f.at))
 
@@ -306,6 +313,73 @@ def _ops(rng: random.Random, ln: Lengths) -> list[OpStep]:
             clicks.append(n)
         if kind == "generate":
             generated.append(n)
+
+
+def _dub(rng: random.Random, ln: Lengths) -> list[OpStep]:
+    """Dub's operations (``ops._dub``): a click (on the link with a domain, with a page
+    ``url``, an ``Origin``), the same browser's click again (``repeat``; ``on``: the first),
+    a lead on a click (``on``; a mode, a quantity ``qty:N``, an email; keyed or not) or a
+    later lead of a lead's customer with no clickId (``follow``; ``on``: the lead), a sale
+    (``direct``: a new customer's, naming a click; ``known-direct``: naming a lead's click for
+    its customer; else a lead's customer's or one of its own; an invoice or not)."""
+    from .ops import DUB_FROM
+
+    kinds, weights = list(DUB_MIX), list(DUB_MIX.values())
+    out: list[OpStep] = []
+    clicks: list[int] = []
+    leads: list[tuple[float, int]] = []
+    # the leads a later lead (``follow``) or a direct sale (``known-direct``) of their customer
+    # names: one each, since two of one name are one lead, whose row either may have made
+    followed: set[int] = set()
+    known: set[int] = set()
+    t = 0.0
+    while True:
+        t += rng.expovariate(ln.rate * DUB_SHARE)
+        if t >= ln.load_s:
+            return out
+        n = DUB_FROM + len(out)
+        kind = rng.choices(kinds, weights)[0] if clicks else "click"
+        flags: set[str] = set()
+        on: int | None = None
+        keyed = False
+        if kind == "click":
+            flags |= {f for f, p in (("domain", 0.2), ("page", 0.5), ("origin", 0.5)) if rng.random() < p}
+            clicks.append(n)
+        elif kind == "repeat":
+            on = rng.choice(clicks[-10:])
+            flags.add("repeat")
+        elif kind == "lead":
+            earlier = [m for at, m in leads if at < t - 3.0 and m not in followed]  # stored by now, mostly
+            if earlier and rng.random() < 0.15:
+                on = rng.choice(earlier[-20:])
+                followed.add(on)
+                flags.add("follow")
+            else:
+                on = rng.choice(clicks[-20:])
+                flags.add(rng.choice(("async", "wait", "no-mode")))
+                if rng.random() < 0.3:
+                    flags.add(f"qty:{rng.randint(2, 50)}")
+                if rng.random() < 0.3:
+                    flags.add("email")
+                keyed = rng.random() < 0.3
+                leads.append((t, n))
+        else:
+            roll = rng.random()
+            if roll < 0.4:
+                on = rng.choice(clicks[-20:])
+                flags.add("direct")
+                if rng.random() < 0.3:
+                    flags.add("lead-name")
+            elif (unnamed := [m for _, m in leads[-20:] if m not in known]) and roll < 0.55:
+                on = rng.choice(unnamed)
+                known.add(on)
+                flags.add("known-direct")
+            elif leads and roll < 0.85:
+                on = rng.choice(leads[-20:])[1]
+            flags |= {f for f, p in (("invoice", 0.6), ("named", 0.3)) if rng.random() < p}
+            keyed = rng.random() < 0.3
+        kind = {"click": "dub-click", "repeat": "dub-click", "lead": "dub-lead", "sale": "dub-sale"}[kind]
+        out.append(OpStep(n, t, kind, keyed, rng.randrange(1 << 16), frozenset(flags), (), on))
 
 
 def _target(rng: random.Random, kind: str, topo: str) -> tuple[str, float]:

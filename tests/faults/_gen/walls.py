@@ -106,6 +106,10 @@ async def _attributed(check: Checker, history: History, op: Op) -> list[str]:
     ]
 
 
+# the body fields that name a person (Dub's older names for the customer's id among them)
+PERSONAL_KEYS = ("customerExternalId", "externalId", "customerId", "customer_id", "customerEmail", "email", "ip")
+
+
 def personal(history: History) -> list[str]:
     """What a log must never hold: every customer id, email and client address the run sent."""
     values: set[str] = set()
@@ -115,7 +119,7 @@ def personal(history: History) -> list[str]:
         for item in items:
             if not isinstance(item, dict):  # a CSV file's lines (careless.py): its rows hold no person
                 continue
-            for key in ("customerExternalId", "customer_id", "customerEmail", "email", "ip"):
+            for key in PERSONAL_KEYS:
                 v = item.get(key)
                 if isinstance(v, str) and len(v) >= 6:
                     values.add(v)
