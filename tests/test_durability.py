@@ -20,7 +20,10 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
+from ingest.contract import clicks
 from ingest.contract.connections import connect_redis
+from ingest.contract.events import uuid7
+from ingest.contract.keys import Keys
 from ingest.contract.sentinel_url import sentinel_target
 from ingest.contract.settings import Settings, explain, parse_durability
 from ingest.edge.batcher import RedisBatcher
@@ -214,6 +217,45 @@ async def test_short_of_replicas_the_edge_spools_what_it_sent_and_refuses_the_re
 
             await wait_for(keyed_accepted, timeout=20, what="keyed events accepted once a replica is back")
     finally:
+        procs.stop_all()
+
+
+async def test_a_deferred_lead_is_answered_200_only_at_the_durability_level(
+    settings: Settings, servers, tmp_path: Path
+):
+    """Dub's deferred lead appends no event: what it keeps is its click, for the customer's
+    later lead. Kept short of the level, a failover lost it after its 200 (the generative
+    test's seed 2113815063): it is answered 503 until a replica confirms it."""
+    primary = await servers()
+    own = settings.model_copy(update={"redis_url": primary.url})
+    procs = Procs(own, tmp_path)
+    redis = aioredis.Redis.from_url(primary.url)
+    try:
+        ws = await procs.cli("workspace", "create", "Acme")
+        code = f"dur{secrets.token_hex(4)}"
+        await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", code)
+        click_id = clicks.mint(uuid7())
+        ref = clicks.ClickRef(click_id, code, ws["workspace_id"], click_id, int(time.time() * 1000))
+        await redis.execute_command(*ref.cache_command(Keys(own.stream_prefix, own.partitions), 3600))
+        base = await procs.start_edge(REFSTREAM_ACK_DURABILITY="replicas:1", REFSTREAM_ACK_WAIT_MS="100")
+        auth = {"Authorization": f"Bearer {ws['api_key']}"}
+        deferred = {"clickId": click_id, "eventName": "Sign up", "customerExternalId": "d1", "mode": "deferred"}
+        later = {"clickId": "", "eventName": "Activated", "customerExternalId": "d1"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/track/lead", json=deferred, headers=auth) as r:
+                assert r.status == 503, await r.text()  # no replica to confirm it
+            await servers("--replicaof", "127.0.0.1", str(primary.port))
+            await wait_in_sync(primary, 1)
+
+            async def deferred_taken() -> bool:
+                async with http.post(f"{base}/track/lead", json=deferred, headers=auth) as r:
+                    return r.status == 200
+
+            await wait_for(deferred_taken, timeout=20, what="the deferred lead taken once a replica is back")
+            async with http.post(f"{base}/track/lead", json=later, headers=auth) as r:
+                assert r.status == 200 and (await r.json())["click"] == {"id": click_id}
+    finally:
+        await redis.aclose()
         procs.stop_all()
 
 

@@ -250,11 +250,14 @@ async def _defer(
     headers: dict[str, str] | None,
 ) -> web.Response:
     """A deferred lead: its click is remembered for the customer, for the lead that
-    completes it (an empty ``clickId``); no event is appended, nothing counts yet."""
+    completes it (an empty ``clickId``); no event is appended, nothing counts yet. Written
+    at the ack durability level, as an event is (``REFSTREAM_ACK_DURABILITY``): a 200 is
+    not lost to a failover; short of the level, the route's 503, and a retry writes it
+    again (the same value: nothing counts twice)."""
     ttl_s = max(DEFERRED_TTL_S, (link.cookie_window_days if link else 0) * 86400)
     key = edge.keys.deferred(click.workspace_id, body.customerExternalId)
     try:
-        (reply,) = await edge.batcher.execute(("SET", key, click.click_id, "EX", ttl_s))
+        (reply,) = await edge.batcher.execute(("SET", key, click.click_id, "EX", ttl_s), durable=True)
     except REDIS_ERRORS as exc:
         return d.voice.down(exc)
     if isinstance(reply, Exception):
