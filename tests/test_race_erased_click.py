@@ -81,9 +81,9 @@ async def test_the_named_copy_wins_its_key_in_a_batch_after_the_erasure(world: W
     the erasure in one batch: the row of the key holds no referrer, whichever copy it is."""
     p = Person()
     dedupe = f"idem:{uuid.uuid4().hex}:1"
-    spooled = keyed_copy(world, dedupe)  # attempt 1: 503 "may be stored", spooled
-    named = keyed_copy(world, dedupe)  # a later attempt: 200, its click id the lead's
-    assert spooled.event_id.int < named.event_id.int
+    # attempt 1 (503 "may be stored", spooled) and a later one (200, its click id the
+    # lead's): the earlier minted, the lower id (two ids of one millisecond: put in order)
+    spooled, named = sorted((keyed_copy(world, dedupe), keyed_copy(world, dedupe)), key=lambda e: e.event_id.int)
     assert (await store.write_batch(pg, [lead_on(world, p, named)])).inserted == 1
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
     await store.write_batch(pg, [named, spooled])
@@ -102,8 +102,7 @@ async def test_a_copy_stored_before_the_named_one_after_the_erasure(world: World
     copy later: the key's row holds no referrer."""
     p = Person()
     dedupe = f"idem:{uuid.uuid4().hex}:1"
-    spooled = keyed_copy(world, dedupe)
-    named = keyed_copy(world, dedupe)
+    spooled, named = sorted((keyed_copy(world, dedupe), keyed_copy(world, dedupe)), key=lambda e: e.event_id.int)
     assert (await store.write_batch(pg, [lead_on(world, p, named)])).inserted == 1
     await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
     await store.write_batch(pg, [spooled])

@@ -255,7 +255,7 @@ OptionalId = Annotated[NoNul | None, AfterValidator(no_ones)]
 # that careless clients' sales are not one invoice (``no_ones``)
 OrderId = Annotated[Ident | None, AfterValidator(no_ones)]
 # an order's or a refund's id that says which (a refund's sale, its key): a placeholder refused
-RecordId = Annotated[Ident, AfterValidator(not_placeholder)]
+RecordId = Annotated[Ident, AfterValidator(not_placeholder), _NoPlaceholder()]
 OptionalRecordId = Annotated[Ident | None, AfterValidator(not_placeholder)]
 Url = Annotated[str, AfterValidator(check_url), _Documented(URL)]
 

@@ -13,14 +13,14 @@ from typing import Any
 import asyncpg
 
 from ingest.contract import erasure, suppression
-from ingest.contract.errors import NotFound
+from ingest.contract.errors import NotFound, Refused
 from ingest.edge.body import BodyError
 
 LOCK = 7526373237072  # schema.sql's suppressions_logged() takes it too: one writer at a time
 CURSOR = re.compile(r"([0-9]{1,20})-([0-9a-f]{32})")  # a page's `before`: created_at in µs, the id
 
 
-class Full(Exception):
+class Full(Refused):
     """The workspace lists as many entries as it may: the route's 409."""
 
     def __init__(self, most: int) -> None:

@@ -133,7 +133,7 @@ async def _scrub(
         workspace_id,
         a["id"],
     )
-    mine = _Affiliate(str(a["id"]), alias)
+    mine = _Affiliate(str(a["id"]), alias, frozenset(ips))
     for r in flags:
         doc = _doc(r["evidence"])
         if (new := mine.evidence(r["rule"], doc)) != doc:
@@ -204,14 +204,18 @@ class _Affiliate:
 
     id: str
     alias: str
+    ips: frozenset[str] = frozenset()  # the addresses their key was used from (affiliate_ips)
 
     def evidence(self, rule: str, doc: Any) -> Any:
-        """A flag's evidence of an event of theirs."""
+        """A flag's evidence of an event of theirs: the address of theirs it came from (an
+        ``affiliate_ip`` flag's, or any rule's that names one of their own addresses, such
+        as an old click_burst flag's of their own clicks)."""
         if not isinstance(doc, dict):
             return doc
         out = self._named(doc)
-        if rule == "affiliate_ip" and isinstance(out.get("ip"), str):
-            out["ip"] = None  # the address of theirs the event came from
+        ip = out.get("ip")
+        if isinstance(ip, str) and (rule == "affiliate_ip" or ip in self.ips):
+            out["ip"] = None
         return out
 
     def payload(self, doc: Any, about: bool = False) -> Any:
