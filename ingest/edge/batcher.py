@@ -144,10 +144,6 @@ class RedisBatcher:
         self._scripts = scripts.Scripts()
         # told the stream of each append that found its partition gone (the layout's watch)
         self.gone: Callable[[str | None], None] | None = None
-        # what a request's commands wrote, filed once Redis answered them (the indexes an
-        # erasure's sweep reads: ``ingest.edge.erasure_index``): sent in the next round trip,
-        # its replies nobody's
-        self.after: Callable[[tuple[Command, ...], list[Any]], tuple[Command, ...]] | None = None
         self.down = Breaker("redis.down")
         self.undurable = Breaker("redis.not_durable")
 
@@ -184,17 +180,6 @@ class RedisBatcher:
             self._timer = loop.call_at(item.due, self._expire)
         self._wake.set()
         return await item.fut  # failed by _expire when overdue: the flusher then skips it
-
-    def _side(self, commands: tuple[Command, ...]) -> None:
-        """Queue ``commands`` for the next round trip, best effort: nobody waits for them."""
-        item = _Item(commands, False, self._loop.create_future(), self._loop.time() + self._deadline, None)
-        item.fut.add_done_callback(_unheard)
-        self._queue.append(item)
-        self._queued += len(commands)
-        self._waiting.append(item)
-        if self._timer is None:
-            self._timer = self._loop.call_at(item.due, self._expire)
-        self._wake.set()
 
     def _expire(self) -> None:
         """Fail the callers whose deadline passed; wake again at the next one's."""
@@ -275,14 +260,11 @@ class RedisBatcher:
             self.undurable.succeeded()
         i = 0
         for item in batch:
-            replies = results[i : i + len(item.commands)]
             if not item.fut.done():
                 if item.durable and unconfirmed is not None:  # with what the primary did of it
-                    item.fut.set_exception(unconfirmed.for_request(replies))
+                    item.fut.set_exception(unconfirmed.for_request(results[i : i + len(item.commands)]))
                 else:
-                    item.fut.set_result(replies)
-            if self.after is not None and (also := self.after(item.commands, replies)):
-                self._side(also)
+                    item.fut.set_result(results[i : i + len(item.commands)])
             i += len(item.commands)
             item.commands = ()  # it may wait in _waiting until the timer passes: not its payload
         # the answered callers at the head of _waiting go now, not when the timer next passes
@@ -354,12 +336,6 @@ class RedisBatcher:
                 raise ImpossibleReply(f"the merged script answered a {type(results[0]).__name__}: connection dropped")
             results = split
         return results, unconfirmed
-
-
-def _unheard(fut: asyncio.Future[list[Any]]) -> None:
-    """What was filed after a request failed or was answered: nobody waits for it."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 def _is_noscript(r: object) -> bool:

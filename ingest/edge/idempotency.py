@@ -38,7 +38,7 @@ import orjson
 from aiohttp import web
 from cryptography.fernet import Fernet, InvalidToken
 
-from ingest.contract import bounds, clock, erasure_index, ids, wire
+from ingest.contract import bounds, clock, ids, wire
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.errors import Refused
 from ingest.contract.events import Envelope, unique_token
@@ -200,27 +200,6 @@ class Idempotency:
         envelope.payload.setdefault("dedupe", self.dedupe(claim, envelope))
         partition = self.keys.partition_for(routing_key)
         record = self.keys.idempotent(claim.digest, partition, claim.workspace)
-        # the record filed under its event once the script appended (ingest.edge.erasure_index):
-        # an erasure's sweep reads the records of the person's own events, never every record
-        workspace = envelope.workspace_id or claim.workspace
-        filed = (
-            erasure_index.answer_commands(
-                self.keys,
-                workspace,
-                partition,
-                envelope.event_id,
-                claim.digest,
-                claim.workspace is not None,
-                self.window_ms,
-            )
-            if workspace
-            else ()
-        )
-        return erasure_index.Filed(self._append(claim, routing_key, envelope, answer, partition, record), filed)
-
-    def _append(
-        self, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer, partition: int, record: str
-    ) -> Command:
         if self.cluster:
             return (
                 "EVALSHA",

@@ -307,20 +307,17 @@ def _checked(
         expected.append(b"" if value is None else b"=" + value)  # type: ignore[operator]
     stream = edge.keys.stream_for(guess.routing_key)
     entry = wire.to_entry(guess.envelope)
-    also = guess.also
-    if also and edge.erasure_index is not None:  # the fingerprint cache's index rides with its entry
-        also += edge.erasure_index.beside(also)
     writes: list[Any] = []
-    for name, _key, *args in also:
+    for name, _key, *args in guess.also:
         writes += [1 + len(args), name, *args]
     return (
         "EVALSHA",
         edge.checked_append,
-        2 + len(keys) + len(also),
+        2 + len(keys) + len(guess.also),
         rl_key,
         stream,
         *keys,
-        *(cmd[1] for cmd in also),
+        *(cmd[1] for cmd in guess.also),
         limiter.window_ms,
         limiter.limit,
         len(entry),
