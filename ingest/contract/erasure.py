@@ -70,7 +70,7 @@ _salt: bytes | None = None
 # a batch's look at the ledger, holding the lock shared until its commit: an erasure, once
 # its ledger is in, takes the lock exclusive and so waits for every batch that looked
 # before (``ingest.privacy.erasure``); one statement, one round trip per batch. Each entry
-# is one workspace's (docs/privacy.md: one workspace's erasure never reaches another's): every digest is asked in the workspace of the event
+# is one workspace's (docs/privacy.md): every digest is asked in the workspace of the event
 # that carries it, never in any other (``$2``: each a digest's 16 bytes and its
 # workspace's, ``_pairs``). One plan, however many digests: the array behind a scalar
 # subquery, as ``ingest.contract.plans.any_of`` puts it

@@ -63,7 +63,7 @@ ON CONFLICT (workspace_id, subject) DO UPDATE
 RETURNING id, (xmax = 0) AS created, requested_at, archive_due, generation
 """
 # the person's identifiers, in their workspace's ledger: another workspace's visitor of the
-# same id is another person (docs/privacy.md: one workspace's erasure never reaches another's)
+# same id is another person (docs/privacy.md)
 _IDS = """
 INSERT INTO erased_ids (digest, erasure_id, kind, workspace_id)
 SELECT d, $1, k, $4 FROM unnest($2::bytea[], $3::text[]) AS x(d, k)

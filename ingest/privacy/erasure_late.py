@@ -48,7 +48,7 @@ async def recheck(pool: asyncpg.Pool, key: bytes, workspace_id: str, since: date
     customer that workspace's ledger names and that still holds personal data is scrubbed
     (a row a batch stored beside the one that taught the ledger its visitor or click).
     Another workspace's rows are never read: its visitor of the same id is someone else
-    (docs/privacy.md: one workspace's erasure never reaches another's). Read a page at a time by ``events_workspace_id``. The rows scrubbed."""
+    (docs/privacy.md). Read a page at a time by ``events_workspace_id``. The rows scrubbed."""
     after = uuid.UUID(int=max(uuid_floor(since - timedelta(days=31)).int - 1, 0))  # pages: event_id > after
     scrubbed = 0
     async with pool.acquire() as conn:
