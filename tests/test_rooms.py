@@ -1,5 +1,7 @@
 """The rooms of ARCHITECTURE.md hold: each imports only what its row says it may, and no
-module imports itself back through others (no import circles)."""
+module imports itself back through others (no import circles). Inside ``refstream/`` the
+imports point down too: the command line on its commands, the commands on the console and
+the shared modules, the console on the shared modules only."""
 
 from __future__ import annotations
 
@@ -38,9 +40,14 @@ MAY_IMPORT: dict[str, set[str]] = {
 }
 
 
-def _modules() -> dict[str, Path]:
+# refstream's floors, bottom first: a module imports ingest/, workers/ and the floors at or
+# below its own, never one above (a floor is the longest of these its name starts with)
+FLOORS = ("refstream", "refstream.console", "refstream.commands", "refstream.cli")
+
+
+def _modules(tops: tuple[str, ...] = ("ingest", "workers")) -> dict[str, Path]:
     out = {}
-    for top in ("ingest", "workers"):
+    for top in tops:
         for f in (ROOT / top).rglob("*.py"):
             name = ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
             out[name] = f
@@ -48,20 +55,30 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path, *, top_level_only: bool) -> set[str]:
-    """The project's modules ``path`` imports (``from pkg import module`` as the module)."""
+    """The project's modules ``path`` imports (``from pkg import module`` as the module;
+    ``from . import x`` and ``from .x import y`` resolved from ``path``'s package)."""
     tree = ast.parse(path.read_text())
     nodes = tree.body if top_level_only else list(ast.walk(tree))
+    package = path.relative_to(ROOT).parent.parts
     found: set[str] = set()
     for n in nodes:
         if isinstance(n, ast.Import):
             found |= {a.name for a in n.names}
-        elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+        elif isinstance(n, ast.ImportFrom) and (n.module or n.level):
+            up = package[: len(package) - n.level + 1] if n.level else ()
+            module = ".".join([*up, *([n.module] if n.module else [])])
             for a in n.names:  # ``from package import module`` imports the module (and the package's __init__ first)
-                found.add(f"{n.module}.{a.name}" if f"{n.module}.{a.name}" in MODULES else n.module)
+                found.add(f"{module}.{a.name}" if f"{module}.{a.name}" in ALL_MODULES else module)
     return {m for m in found if m.split(".")[0] in ("ingest", "workers", "refstream")}
 
 
 MODULES = _modules()
+REFSTREAM = _modules(("refstream",))
+ALL_MODULES = {**MODULES, **REFSTREAM}
+
+
+def _floor(module: str) -> int:
+    return max(i for i, f in enumerate(FLOORS) if module == f or module.startswith(f + "."))
 
 
 def _room(module: str) -> str:
@@ -93,6 +110,19 @@ def test_each_room_imports_only_what_it_may() -> None:
     assert not [
         (s, d) for s, p in modules.items() for d in _imports(p, top_level_only=False) if d.startswith("refstream")
     ]
+
+
+def test_refstream_imports_point_down() -> None:
+    # the console is below the commands (``refstream console`` starts it): what both need is
+    # the console's, or below it, never a command's
+    assert {_floor(m) for m in REFSTREAM} == set(range(len(FLOORS)))
+    up = sorted(
+        (src, dst)
+        for src, path in REFSTREAM.items()
+        for dst in _imports(path, top_level_only=False)
+        if dst in REFSTREAM and _floor(dst) > _floor(src)
+    )
+    assert up == [], f"imports up the floors {' < '.join(FLOORS)}"
 
 
 def _project_imports(path: Path) -> list[tuple[str, str | None]]:
@@ -132,7 +162,7 @@ def test_the_bench_imports_only_public_names() -> None:
 
 
 def test_no_import_circles() -> None:
-    modules = MODULES
+    modules = ALL_MODULES
     graph = {m: {d for d in _imports(p, top_level_only=True) if d in modules and d != m} for m, p in modules.items()}
     # a package's __init__ is imported with its modules: an edge to a package is an edge to it only
     state: dict[str, int] = {}

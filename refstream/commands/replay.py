@@ -7,41 +7,20 @@ the drift. Results go to stdout (a table, or JSON with ``--json``); progress to 
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ingest.contract import clock
 from ingest.contract.connections import connect_redis, create_pg_pool
-from ingest.contract.errors import Refused
 from ingest.contract.keys import Keys
 from refstream import output as out
+from refstream.console.ranges import RangeUsageError, parse_time
 from refstream.runner import run_reading, settings_and_logging
 
 T = TypeVar("T")
-_DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-class RangeUsageError(Refused, click.ClickException):
-    """An empty or invalid range: exit 2, like any other usage error."""
-
-    exit_code = 2
-
-
-def parse_time(text: str, *, now: datetime | None = None) -> datetime:
-    """``2h``, ``30m``, ``7d`` (now minus that) or an ISO 8601 datetime (naive means UTC)."""
-    if m := _DURATION.match(text.strip()):
-        return (now or clock.utcnow()) - timedelta(**{_UNITS[m[2]]: int(m[1])})
-    try:
-        at = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise RangeUsageError(f"not a duration (2h, 30m, 7d) or an ISO datetime: {text!r}") from None
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+__all__ = ["RangeUsageError", "described", "parse_time", "render_replay", "replay"]
 
 
 @click.command()

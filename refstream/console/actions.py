@@ -21,10 +21,11 @@ from ingest.contract import clock
 from ingest.contract.connections import Redis
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from refstream.commands.replay import RangeUsageError, parse_time
 from workers.archive.store import open_store
 from workers.consumer.enrich import Enricher
 from workers.ops import dead, replay
+
+from .ranges import RangeUsageError, parse_time
 
 LISTED = 200
 
