@@ -82,6 +82,12 @@ from refstream.output import json_option, wants_json
     help="A setting of the edge's and workers' processes, by its field name (REFSTREAM_NAME), e.g. --set"
     " linger_ms=0; repeatable. They see no other REFSTREAM_ variable of the shell's.",
 )
+@click.option(
+    "--record/--no-record",
+    default=True,
+    show_default=True,
+    help="Append the run to bench/results/ and redraw docs/benchmarks-goals.svg (python -m bench.chart).",
+)
 @json_option
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 def bench(
@@ -102,6 +108,7 @@ def bench(
     workers: int,
     profile_dir: Path | None,
     overrides: tuple[str, ...],
+    record: bool,
     json_out: Path | None,
 ) -> None:
     """Measure the edge, the workers and the pipeline against their baselines."""
@@ -151,6 +158,11 @@ def bench(
         from rich.console import Console
 
         report.table(result, Console())
+    if record:
+        from bench import chart
+
+        saved = report.record(result, "scripts/bench " + " ".join(sys.argv[1:]), quick)
+        print(f"recorded: {saved}; chart: {chart.write()}", file=sys.stderr)
 
 
 def _settings(overrides: tuple[str, ...]) -> tuple[tuple[str, str], ...]:

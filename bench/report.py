@@ -49,6 +49,10 @@ GOALS = (
     Goal("(imp) live p99 accept→commit while importing / without", "imp.p99_ratio", "<=", 1.5),
     Goal("(pgbytes) Postgres bytes per stored click", "pgbytes.per_click.total", "<=", 600.0),
     Goal("(imp) rows a second import of the same file stores", "imp.second_stored", "<=", 0.0),
+    # the cost goals, in hello-worlds (µs ÷ bare aiohttp's µs a request in the same run)
+    Goal("(cap) CPU a stored click at full load, all in, hello-worlds", "cap_full.total_hw_per_stored", "<=", 4.0),
+    Goal("(cap) the edge's CPU a stored click at full load, hello-worlds", "cap_full.edge_hw_per_stored", "<=", 2.0),
+    Goal("(cap) Postgres's CPU a stored click at full load, hello-worlds", "cap_full.pg_hw_per_stored", "<=", 0.5),
 )
 
 SECTIONS = {
@@ -133,6 +137,43 @@ def goals(figures: dict[str, float]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def record(result: dict[str, Any], command: str, quick: bool, results: Path | None = None) -> Path:
+    """The run as a record in ``bench/results/`` (what ``bench.chart`` reads), named by its
+    time: the date, the tree's commit, hello-world's µs a request, every median and the
+    command. A quick run is recorded too, marked, and the chart leaves it out."""
+    import datetime
+    import subprocess
+
+    import orjson
+
+    root = Path(__file__).resolve().parent
+    out_dir = results or root / "results"
+    now = datetime.datetime.now(datetime.UTC)
+    got = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True)
+    commit = got.stdout.strip() if got.returncode == 0 else ""
+    figures: dict[str, float] = result["figures"]
+    hello = figures.get("cap_hello.us_per_request")
+    if hello is None and figures.get("a.rps"):
+        hello = round(1e6 * figures.get("a.server_cpu", 1.0) / figures["a.rps"], 2)
+    entry = {
+        "title": f"{command} ({now:%Y-%m-%d})",
+        "kind": "run",
+        "date": f"{now:%Y-%m-%d}",
+        "committed_at": now.isoformat(timespec="seconds"),
+        "commits": [commit] if commit else [],
+        "quick": quick,
+        "runs": len(result.get("per_run", [])),
+        "command": command,
+        "hello_world": {"us": hello} if hello else None,
+        "figures": figures,
+        "goals": result.get("goals", []),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{now:%Y-%m-%d-%H%M%S}-run{'-quick' if quick else ''}.json"
+    path.write_bytes(orjson.dumps(entry, option=orjson.OPT_INDENT_2) + b"\n")
+    return path
 
 
 def _fmt(v: float) -> str:
