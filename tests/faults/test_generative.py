@@ -31,6 +31,7 @@ import pytest
 from ._gen import erased
 from ._gen.checker import GenChecker
 from ._gen.history import Attempt, History, Op, Unit
+from ._gen.judge import derived_problems
 from ._gen.ops import World, dub_click, dub_lead
 from ._gen.run import SeedResult, run_seed
 from ._gen.schedule import TOPOLOGIES, duration_from_env, seed_from_env
@@ -328,3 +329,16 @@ def test_the_checker_flags_a_deferred_leads_click_forgotten() -> None:
     deferred.attempts = [Attempt("e1", 0.0, status=503, outcome="refused")]  # it remembered nothing
     complete.echo["allow"] = [400]
     assert _judge(complete, [], deferred) == {}
+
+
+def test_the_checker_flags_a_row_taken_back_in_another_currency() -> None:
+    """A reversal or a clawback in another currency than the row it takes back (issue 64:
+    a lead earned in usd taken back in eur once ``lead_currency`` changed), or of no row."""
+    lead, sale = uuid.uuid4(), uuid.uuid4()
+    rows: list[dict[str, Any]] = [
+        {"kind": "reversal", "rule": "lead", "source_id": lead, "sale_id": None, "amount": -100, "currency": "usd"},
+        {"kind": "clawback", "rule": None, "source_id": uuid.uuid4(), "sale_id": sale, "amount": -5, "currency": "eur"},
+    ]
+    assert derived_problems([{**r, "of_currency": r["currency"]} for r in rows]) == []
+    taken_in_eur = [{**rows[0], "currency": "eur", "of_currency": "usd"}, {**rows[1], "of_currency": None}]
+    assert len(derived_problems(taken_in_eur)) == 2

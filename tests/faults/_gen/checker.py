@@ -60,7 +60,7 @@ from workers.archive import segment as seg
 from workers.archive.store import LocalStore
 
 from .._checks import Checker
-from . import erased, walls
+from . import erased, judge, walls
 from .history import Attempt, History, Op, Unit
 from .ops import (
     COMMISSION,
@@ -143,8 +143,11 @@ class GenChecker:
         prefix: str,
         logs: list[Path] | None = None,
         outputs: list[str] | None = None,
+        edge: str | None = None,
     ) -> None:
-        """``logs``: every process's log file; ``outputs``: what the commands printed."""
+        """``logs``: every process's log file; ``outputs``: what the commands printed;
+        ``edge``: an edge's base URL, for the reads the checks make as a client (``judge.py``)."""
+        self.edge = edge
         self.h, self.world, self.check = history, world, check
         self.archive_root, self.prefix = archive_root, prefix
         self.logs, self.outputs = logs or [], outputs or []
@@ -202,7 +205,9 @@ class GenChecker:
         for text in await self.check.read_back_problems():
             self.a.add("read_back", text)
         c = COMMISSION
-        for text in await self.check.ledger_problems(c["sale_bps"], c["sale_flat"], c["lead_flat"], c["lead_currency"]):
+        for text in await self.check.ledger_problems(
+            c["sale_bps"], c["sale_flat"], c["lead_flat"], c["lead_currency"], skip={self.world.rc_program}
+        ):  # (the program whose rules change: ``judge.py`` holds it to each row's rules)
             self.a.add("ledger", text)
         for text in await self.check.unsettled():
             self.a.add("pending", text)
@@ -228,6 +233,9 @@ class GenChecker:
             {r["event_id"].hex for r in rows if r["token"] not in accepted},
         )
         self._replays()
+        for kind, texts in (await judge.problems(self.check, self.h, self.world, self.edge, self.by_token)).items():
+            for text in texts:
+                self.a.add(kind, text)
         wall_problems = {
             **await walls.problems(self.check, self.h, self.world),
             **walls.scan_logs(self.logs, self.outputs, walls.personal(self.h)),
@@ -265,6 +273,8 @@ class GenChecker:
             self.a.add("unasked_row", f"a refund no request asked for: {key}")
 
     def _answers(self, op: Op) -> None:
+        if op.kind == "suppress-bulk":  # each entry's answers: ``judge.py``
+            return
         if op.kind.startswith("dub-"):  # every refusal of Dub's routes in Dub's shape
             for a in op.attempts:
                 if a.status is not None and 400 <= a.status < 500 and (why := dub_error_problem(a.status, a.body)):
@@ -326,10 +336,11 @@ class GenChecker:
             if n:
                 self._say(unit.never, op, f"stored, though it stores nothing: {what}")
             return
+        suppressed = False
         if unit.listed_by is not None:  # a listed visitor's: stored nowhere once every edge has read the list
-            surely = self._surely_suppressed(op, unit.listed_by)
+            surely = self._surely_suppressed(op, unit.listed_by, unit.listed)
             if surely is not None:
-                need = 0
+                need, suppressed = 0, True  # (an event id its answer names may be stored nowhere)
                 if surely and n:
                     self._say("suppressed_stored", op, f"sent past the edges' refresh of the list: {what}")
                     return
@@ -345,7 +356,9 @@ class GenChecker:
             row = by_event.get(named)
             if row is not None and row["token"] != unit.token:
                 self._say("foreign_answer", op, f"answer names event {named}, the row of {row['token']!r}")
-            elif row is None and outcome == "ok" and (unit.kind == "click" or not unit.once or n == 0):
+            elif (
+                row is None and outcome == "ok" and not suppressed and (unit.kind == "click" or not unit.once or n == 0)
+            ):
                 self._say("lost", op, f"the answer's event {named} is not stored ({what})")
         for row in rows:
             # (an erased person's row holds no User-Agent: the erasure's checks judge it)
@@ -437,16 +450,22 @@ class GenChecker:
                     why = f"direct sale {r['event_id']} on {r['code']!r}, not its click's {code!r}"
                     self._say("unattributed", op, why)
 
-    def _surely_suppressed(self, op: Op, listing_n: int) -> bool | None:
+    def _surely_suppressed(self, op: Op, listing_n: int, value: str = "") -> bool | None:
         """None: the visitor was never listed (every listing refused); False: it may have
         been when the click was sent; True: every attempt was sent after the listing's 2xx
         plus the edges' refresh period, with no fault in between that could keep an edge
         from reading the list (an edge killed, frozen or restarted with a clock offset
         reads it again first; Postgres away, slowed for the edges or cut off from them)."""
         listing = self.h.op(listing_n)
-        if listing is None or not any(a.outcome in ("ok", "unknown") for a in listing.attempts):
+        if listing is None:
             return None
-        oks = [a for a in listing.attempts if a.outcome == "ok"]
+        tries = listing.attempts
+        if listing.kind == "suppress-bulk":  # the POSTs of ``value``, one of many (``cases.py``)
+            i = next((i for i, e in enumerate(listing.body) if e["value"] == value), None)
+            tries = [listing.attempts[j] for j in listing.echo.get("by_value", {}).get(i, [])]
+        if not any(a.outcome in ("ok", "unknown") for a in tries):
+            return None
+        oks = [a for a in tries if a.outcome == "ok"]
         if not oks or not op.attempts:
             return False
         listed_at = oks[0].at + (oks[0].took or 0.0)

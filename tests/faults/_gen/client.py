@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from .cases import DNT_AFTER_S, POLL_S
 from .history import Attempt, History, Op
 from .ops import IMPORT_SOURCE, KEPT_HEADERS, World, classify, make, retryable
 from .schedule import OpStep
@@ -70,19 +71,71 @@ class Clients:
             op = make(step, self.world, self.history)
             self.history.ops[step.n] = op
             if op.skipped is None:
+                if op.echo.get("after") is not None:
+                    await self._past_refresh(op.echo["after"])
                 await self._send(op, random.Random(self.history.seed * 1_000_003 + op.n))
         finally:
             self.done[step.n].set()
 
     async def _send(self, op: Op, rng: random.Random) -> None:
-        for n in range(ATTEMPTS):
+        if op.kind == "suppress-bulk":
+            return await self._bulk(op, rng)
+        if op.kind == "poll":
+            return await self._poll(op, rng)
+        for n in range(op.echo.get("attempts", ATTEMPTS)):
             name, base = rng.choice(self.edges())
             attempt = await self._attempt(op, name, base)
             op.attempts.append(attempt)
             if not retryable(attempt):
                 return
-            if n < len(BACKOFF_S):
-                await asyncio.sleep(BACKOFF_S[n] * rng.uniform(0.8, 1.2))  # a client's backoff
+            await asyncio.sleep(BACKOFF_S[min(n, len(BACKOFF_S) - 1)] * rng.uniform(0.8, 1.2))  # a client's backoff
+
+    async def _past_refresh(self, listing_n: int) -> None:
+        """Until the edges' refresh period has passed since the list (``cases.py``) was last
+        written: the documented bound within which every edge honours an entry (its state
+        is no one's to read from outside), the pace of a client, not a synchronisation."""
+        listing = self.history.op(listing_n)
+        ends = [a.at + (a.took or 0.0) for a in listing.attempts] if listing is not None else []
+        wait = max(ends, default=0.0) + DNT_AFTER_S - self.history.now()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def _bulk(self, op: Op, rng: random.Random) -> None:
+        """Each entry of a long do-not-track list by its own POST (``op.body``: the entries),
+        a few at once, each retried as a client retries; ``op.echo["by_value"]``: each entry's
+        attempts (indexes into ``op.attempts``)."""
+        gate = asyncio.Semaphore(op.echo.get("concurrency", 8))
+        by_value: dict[int, list[int]] = {}
+        op.echo["by_value"] = by_value
+
+        async def one(i: int, entry: dict[str, str]) -> None:
+            post = Op(op.n, "suppress", op.token, None, op.method, op.path, op.headers, entry, [])
+            async with gate:
+                for n in range(ATTEMPTS):
+                    name, base = rng.choice(self.edges())
+                    attempt = await self._attempt(post, name, base)
+                    by_value.setdefault(i, []).append(len(op.attempts))
+                    op.attempts.append(attempt)
+                    if not retryable(attempt):
+                        return
+                    await asyncio.sleep(BACKOFF_S[min(n, len(BACKOFF_S) - 1)] * rng.uniform(0.8, 1.2))
+
+        await asyncio.gather(*(one(i, e) for i, e in enumerate(op.body)))
+
+    async def _poll(self, op: Op, rng: random.Random) -> None:
+        """A read repeated until it answers 200 (the condition: what it reads is stored) or
+        ``POLL_S`` passed; its last answer is its attempt."""
+        deadline = time.monotonic() + POLL_S
+        looks = 0
+        while True:
+            name, base = rng.choice(self.edges())
+            attempt = await self._attempt(op, name, base)
+            looks += 1
+            if attempt.status == 200 or time.monotonic() > deadline:
+                op.attempts.append(attempt)
+                op.echo["looks"] = looks
+                return
+            await asyncio.sleep(0.2)  # the next look at the condition
 
     async def _attempt(self, op: Op, name: str, base: str) -> Attempt:
         if op.kind == "import":

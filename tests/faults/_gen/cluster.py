@@ -33,6 +33,7 @@ from .._sentinel import MASTER, SentinelServer, wait_in_sync
 from .._servers import FaultRedis, PgServer
 from .._stage import EDGE_ENV, Stage, codes_covering
 from .._stage import World as StageWorld
+from . import cases
 from .ops import B_ORIGINS, COMMISSION, DUB_DOMAIN, World
 
 AOF = ("--appendonly", "yes", "--appendfsync", "always")  # a killed Redis keeps what it acknowledged
@@ -341,6 +342,7 @@ class Cluster:
             "keys", "create", "--workspace", ws["workspace_id"], "--scopes", "track", "--expires-in", "1s"
         )
         other = await self._tenant("b", codes_covering(st.keys, per_partition=1, prefix="b"))
+        rc_program, id_affiliate = await self._cases(sw)
         return World(
             codes,
             ws["api_key"],
@@ -352,7 +354,29 @@ class Cluster:
             others={"b": other},
             expired_key=expired["api_key"],
             dub_link=DUB_LINK,
+            rc_program=rc_program,
+            rc_code=cases.RC_LINK,
+            id_affiliate=id_affiliate,
+            id_code=cases.ID_LINK,
         )
+
+    async def _cases(self, sw: StageWorld) -> tuple[str, str]:
+        """What issue 64's cases need (``cases.py``): a program of its own whose rules change
+        during the run, with an affiliate and a link; and an affiliate named as a customer
+        will be, with a link in the world's program. Their ids."""
+        st = self.st
+        program = await st.api("POST", "/v1/programs", {"name": "rules that change"}, sw)
+        body = {"program_id": program["id"], "external_id": "rc-affiliate"}
+        affiliate = await st.api("POST", "/v1/affiliates", body, sw)
+        url = f"https://shop.test/{cases.RC_LINK}"
+        await st.api("POST", "/v1/links", {"affiliate_id": affiliate["id"], "code": cases.RC_LINK, "url": url}, sw)
+        rules = {**cases.RULES[0], "duration": "lifetime", "hold_days": 0}
+        await st.api("PATCH", f"/v1/programs/{program['id']}/commission", rules, sw)
+        named = {"program_id": sw.program_id, "external_id": cases.ID_EXTERNAL, "name": cases.ID_NAME}
+        person = await st.api("POST", "/v1/affiliates", {**named, "email": "sam.lee@affiliate.test"}, sw)
+        url = f"https://shop.test/{cases.ID_LINK}"
+        await st.api("POST", "/v1/links", {"affiliate_id": person["id"], "code": cases.ID_LINK, "url": url}, sw)
+        return str(program["id"]), str(person["id"])
 
     async def _tenant(self, tag: str, codes: list[str]) -> World:
         """Another workspace (``tenants.py``): its links, the same commission rules, its keys."""

@@ -77,6 +77,13 @@ def erasures(history: History) -> Erased:
         else:
             continue
         lead = history.ops.get(op.echo["lead"])
+        if op.echo.get("shared"):  # a browser two customers share: its click, the other's too, is found
+            click_op = history.ops.get(lead.echo["click_op"]) if lead is not None else None  # by its id
+            if click_op is not None:  # (scrubbed or not: the order of their leads and the erasure says)
+                for a in click_op.attempts:
+                    if (event := named_events(click_op, a).get(0)) is not None:
+                        out.tokens[event] = click_op.token
+            continue
         if lead is not None and lead.kind == "sale":  # a customer of a sale (``careless.py``): its metadata, the
             named = False  # token's home, is scrubbed with them; its event id, answered, finds it
             for a in lead.attempts:

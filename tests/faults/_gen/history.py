@@ -48,6 +48,7 @@ class Unit:
     once: bool  # an idempotency key or a natural key: at most one row whatever the retries
     expect: dict[str, Any] = field(default_factory=dict)  # what its row must hold (click_id, visitor_id, user_agent)
     listed_by: int | None = None  # the operation that put its visitor on the do-not-track list
+    listed: str = ""  # the value listed, where that operation listed many (``cases.py``)
     name: str | None = None  # a lead's event name: its rows are its token's of this name (one customer, many leads)
     never: str = ""  # stored by no answer (a deferred lead): the anomaly a row of it is
     maybe: bool = False  # stored once at most, or not at all, whatever the answers (a known customer's direct lead)

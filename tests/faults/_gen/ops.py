@@ -90,6 +90,10 @@ class World:
     gone: dict[str, str] = field(default_factory=dict)  # workspaces made and deleted in the run: id -> tag
     expired_key: str = ""  # a track key made at setup to expire a second later (``careless.py``)
     dub_link: str = ""  # the code of the one link with a domain (``DUB_DOMAIN``): Dub's clicks must name it
+    rc_program: str = ""  # the program whose rules change during the run, and its link (``cases.py``)
+    rc_code: str = ""
+    id_affiliate: str = ""  # the affiliate erased by identity, and their link (``cases.py``)
+    id_code: str = ""
 
     def tenant(self, tag: str) -> World:
         return self if tag == self.tag else self.others[tag]
@@ -136,12 +140,14 @@ def _redirect_click(location: Any) -> str | None:
 def make(step: OpStep, world: World, history: History) -> Op:
     """The request of ``step`` (a lead's click id and stats' participant are read from the
     operations they name, which must be done)."""
-    from . import careless, tenants  # they build on this module's shapes
+    from . import careless, cases, tenants  # they build on this module's shapes
 
     if tenants.TENANTS_FROM <= step.n < careless.CARELESS_FROM:
         return tenants.make(step, world, history)
     if careless.CARELESS_FROM <= step.n < DUB_FROM:
         return careless.make(step, world, history)
+    if step.n >= cases.CASES_FROM:
+        return cases.make(step, world, history)
     token = f"g{history.seed}-{step.n}"
     key = f"k-{token}" if step.keyed else None
     if step.kind.startswith("dub-"):
@@ -773,7 +779,8 @@ def answer_problems(op: Op, attempt: Attempt, world: World) -> list[str]:
             item = op.body[i]
             if r.get("index") != i:
                 problems.append(f"result {i} has index {r.get('index')}")
-            if r.get("ok") and item["type"] == "click" and r.get("visitor_id") != item["visitor_id"]:
-                problems.append(f"item {i}: visitor {r.get('visitor_id')!r}, not {item['visitor_id']!r}")
+            sent = item.get("visitor_id")  # none sent (a placeholder fingerprint): one of its own
+            if r.get("ok") and item["type"] == "click" and sent is not None and r.get("visitor_id") != sent:
+                problems.append(f"item {i}: visitor {r.get('visitor_id')!r}, not {sent!r}")
         return problems
     return [f"{k}: {b.get(k)!r}, not {v!r}" for k, v in want.items() if b.get(k) != v]

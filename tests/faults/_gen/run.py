@@ -87,7 +87,14 @@ async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult
         if drained is None:
             extra["not_drained"] = [f"not drained {plan.drain_timeout_s:.0f}s after the heal: {left[:6]}"]
         checker = GenChecker(
-            history, world, st.check, st.tmp / "archive", st.keys.prefix, sorted(st.tmp.glob("*.log")), clients.outputs
+            history,
+            world,
+            st.check,
+            st.tmp / "archive",
+            st.keys.prefix,
+            sorted(st.tmp.glob("*.log")),
+            clients.outputs,
+            edge=cluster.edges()[0][1],
         )
         result.anomalies = await checker.run(extra)
         result.stored, result.archived = checker.stored, checker.archived_lines

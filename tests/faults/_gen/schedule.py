@@ -176,12 +176,13 @@ def draw(seed: int, mode: str, only: frozenset[str] = frozenset()) -> Schedule:
     erasures = _erasures(random.Random(f"{seed}:erasures"), ln, ops, later_ops)
     imports = _imports(random.Random(f"{seed}:imports"), ln)
     listed = _suppressions(random.Random(f"{seed}:suppressions"), ln)
-    from . import careless, tenants  # they make OpSteps of this module
+    from . import careless, cases, tenants  # they make OpSteps of this module
 
     others = tenants.draw(random.Random(f"{seed}:tenants"), ln.load_s)
     others += careless.draw(random.Random(f"{seed}:careless"), ln.load_s)
     others += _dub(random.Random(f"{seed}:dub"), ln)
     others += careless.draw_dub(random.Random(f"{seed}:careless-dub"), ln.load_s)
+    others += cases.draw(random.Random(f"{seed}:cases"), ln.load_s, mode)  # issue 64's five cases
     ops = sorted(ops + later_ops + refunds + erasures + imports + listed + others, key=lambda o: (o.at, o.n))
     return Schedule(seed, topo, ln, ops, sorted(faults + later, key=lambda f: f.at))
 
