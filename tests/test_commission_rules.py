@@ -1,4 +1,4 @@
-"""Money holds for the life of the rule (DESIGN.md invariant 16), through the edge, the
+"""Money holds for the life of the rule (docs/guarantees.md, *Commissions*), through the edge, the
 worker's batch transaction and Postgres: a sale earns by its program's duration however long
 after the cookie window (``lifetime``; ``months`` from the customer's first lead), flat
 amounts per currency in each currency's minor unit (USD 2 decimals, JPY 0, KWD 3), a

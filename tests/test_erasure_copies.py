@@ -1,4 +1,4 @@
-"""Erasure reaching every copy of a person (docs/privacy.md, DESIGN.md invariant 12): the
+"""Erasure reaching every copy of a person (docs/privacy.md, *An erasure*): the
 stream entries of a person erased while the workers were stopped, the webhook outbox,
 Affixo's fingerprint cache, a spool's click-cache entry, a ledger lost to a restore, and
 the affiliates and participants themselves."""

@@ -1,4 +1,4 @@
-"""Erasure between workspaces (DESIGN.md 15, docs/privacy.md): a visitor id, a session id or
+"""Erasure between workspaces (docs/privacy.md, *Between workspaces*): a visitor id, a session id or
 an import's id is chosen by a workspace's client, and two workspaces' clients choose alike
 (``v-1001`` in two workspaces' trackers). One workspace's erasure never touches the other's
 person: not their customer row, their email, their lead, their sale's attribution or their

@@ -204,7 +204,7 @@ async def test_an_imported_refund_claws_back_a_live_sales_commission_without_the
 ) -> None:
     """A live sale earns 1,000 of 10,000; its full refund, imported without --commissions,
     takes the 1,000 back (on main it stood): a clawback follows the sale's commission,
-    never an import's flags (DESIGN.md invariant 16)."""
+    never an import's flags (docs/import.md, *Side effects*)."""
     from .test_commissions import rules
     from .test_sales import sale_body, track_sale
     from .test_seed_004_refport import lead, lead_body, new_click

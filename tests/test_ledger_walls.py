@@ -1,5 +1,5 @@
 """Every lookup of the erasure ledger names its workspace (docs/privacy.md, *Between
-workspaces*; DESIGN.md 15): an ``erased_ids`` entry is one workspace's, so every statement
+workspaces*): an ``erased_ids`` entry is one workspace's, so every statement
 that reads it, writes it, or probes a digest against it says in which workspace, and
 another workspace's visitor of the same client-chosen id is someone else, in its rows, its
 stream entries and its idempotency answers alike.

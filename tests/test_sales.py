@@ -144,7 +144,7 @@ async def test_a_sale_past_the_cookie_window_is_still_attributed_to_its_customer
 ):
     """The program's cookie window (60 days here) decides whether a lead is credited to its
     click; a sale is its customer's lead's however long after, whichever of the two is
-    stored first (DESIGN.md invariant 16: lifetime means lifetime)."""
+    stored first (docs/guarantees.md, *Sales*: attribution never depends on order)."""
     click_id = await new_click(edge)
     assert (await lead(edge, world.api_key, lead_body(click_id)))[0] == 200
     await drain()

@@ -706,7 +706,7 @@ CREATE TABLE IF NOT EXISTS suppressions (
 --   customer_leads               a customer's counted leads (what attributes their sales and
 --                                times the commission rules): kept, deleted with their workspace
 
--- Schema version 11: the erasure ledger per workspace (DESIGN.md 15: tenants are walls). An
+-- Schema version 11: the erasure ledger per workspace (docs/privacy.md, *Between workspaces*). An
 -- entry of `erased_ids` protects one workspace: a visitor id, a click id or an import's id
 -- that two workspaces' clients chose alike is erased in one and stays in the other, and a
 -- workspace's deletion takes only its own entries (with its erasures). An entry written
@@ -743,7 +743,7 @@ CREATE INDEX IF NOT EXISTS events_workspace_customer ON events (workspace_id, cu
 CREATE INDEX IF NOT EXISTS events_workspace_click ON events (workspace_id, click_id, event_id)
     WHERE click_id IS NOT NULL;
 
--- Schema version 12: money holds for the life of the rule (DESIGN.md invariant 16).
+-- Schema version 12: money holds for the life of the rule (docs/guarantees.md, *Commissions*).
 -- A program's flat amount per sale is a mapping of currency to that currency's minor units,
 -- stored as `sale_flats` (ingest/contract/commission.py). The older single number
 -- (`sale_flat`, applied to every currency alike: 500 was $5.00 and ¥500 and 0.500 KWD) was
