@@ -18,7 +18,7 @@ link" (or "no workspace") resolved.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Final, Protocol
 
 import structlog
@@ -46,12 +46,24 @@ REASONS: Final = (
 FLAGGED: Final = "flagged"  # not a drop: every fraud flag, counted by rule beside the drops
 NO_ID: Final = "00000000-0000-0000-0000-000000000000"
 MAX_FIELDS: Final = 100_000  # a tally Redis cannot take for long stops growing here
+# the newest codes the edge refused as unknown, for the console's tail: a capped stream
+# (REFUSED_KEPT), added to with the tally's flush, the newest REFUSED_PER_FLUSH of each
+# second from each edge process however many were refused (no write per request); sent
+# once, not kept when Redis cannot take them
+REFUSED_PER_FLUSH: Final = 20
+REFUSED_KEPT: Final = 500
+MAX_CODE: Final = 128
 
 
 def live_key(prefix: str) -> str:
     """The hash the edges add to; every drops key shares one hash tag, so the workers' fold
     (a rename and a set, in one script) runs unchanged on a Redis Cluster."""
     return f"{prefix}:drops:{{drops}}:live"
+
+
+def refused_key(prefix: str) -> str:
+    """The stream of the newest codes the edges refused as unknown (``DropTally.refused``)."""
+    return f"{prefix}:drops:refused"
 
 
 def folds_key(prefix: str) -> str:
@@ -88,6 +100,8 @@ class DropTally:
         self._key = live_key(prefix)
         self._every_s = every_s
         self._counts: Counter[str] = Counter()
+        self._refused_key = refused_key(prefix)
+        self._refused: deque[tuple[int, str, str]] = deque(maxlen=REFUSED_PER_FLUSH)
         self._task: asyncio.Task[None] | None = None
 
     def note(self, workspace_id: str | None, link_id: str | None, reason: str, detail: str = "") -> None:
@@ -100,6 +114,12 @@ class DropTally:
             return
         day = clock.utcnow().date().isoformat()
         self._counts[field(day, workspace_id, link_id, reason, detail)] += 1
+
+    def refused(self, code: str, route: str) -> None:
+        """A code the edge refused as unknown (noted as ``unknown_code`` too), kept for the
+        console's tail with the route that refused it: the newest ``REFUSED_PER_FLUSH``
+        until the next flush."""
+        self._refused.append((clock.now_ms(), route, code[:MAX_CODE]))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="drop-tally")
@@ -116,6 +136,8 @@ class DropTally:
         await self.flush()
 
     async def flush(self) -> None:
+        if self._refused:
+            await self._send_refused()
         if not self._counts:
             return
         counts, self._counts = self._counts, Counter()
@@ -131,6 +153,15 @@ class DropTally:
         if failed:
             log.warning("drops.flush_failed", error=repr(errors[0]), fields=len(failed))
             self._counts.update(dict(failed))
+
+    async def _send_refused(self) -> None:
+        recent = list(self._refused)
+        self._refused.clear()
+        xadd = ("XADD", self._refused_key, "MAXLEN", "~", REFUSED_KEPT, "*")
+        try:
+            await self._batcher.execute(*((*xadd, "at", at, "route", r, "code", c) for at, r, c in recent))
+        except REDIS_ERRORS as exc:  # the tail's view only: the counts go on as ever
+            log.warning("drops.refused_not_sent", error=repr(exc), codes=len(recent))
 
     async def _run(self) -> None:
         while True:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import uuid
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -45,6 +46,10 @@ from ingest.spool.spool import SpoolFull
 
 log = structlog.get_logger("ingest.accept")
 M = TypeVar("M", bound=BaseModel)
+# the link code the request being served looked up (``look``) and its route's name, for
+# ``refusal`` to name in the console's tail when it refuses it as unknown: a request is
+# served in one task, and ``look`` sets it anew for each
+_LOOKED: ContextVar[tuple[str, str] | None] = ContextVar("accept_looked_code", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +150,8 @@ async def caller(request: web.Request, voice: Voice, model: type[M], refusals: R
 
 async def look(edge: Edge, voice: Voice, limiter: RateLimiter, key: str, **kw: Any) -> Found | web.Response:
     """``lookup``, or the route's 503 when Redis (or, for a cold link, Postgres) cannot say."""
+    code = kw.get("code")
+    _LOOKED.set((code, voice.route) if isinstance(code, str) else None)
     try:
         return await lookup(edge, limiter, key, **kw)
     except Unavailable:
@@ -179,6 +186,8 @@ def refusal(edge: Edge, found: Found, origin: str | None, *, configured: bool = 
         return Refusal.UNRESOLVED
     if link is None:
         edge.drops.note(None, None, "unknown_code")
+        if (looked := _LOOKED.get()) is not None:
+            edge.drops.refused(*looked)
         return Refusal.UNKNOWN_CODE
     if configured and not link.configured:
         edge.drops.note(link.workspace_id, link.id, "inactive_link")
