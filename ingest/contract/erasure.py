@@ -138,6 +138,12 @@ async def salt(conn: asyncpg.Connection) -> bytes:
     return _salt
 
 
+def known_salt() -> bytes | None:
+    """The salt, where this process has read it already (``salt``): for a writer that files
+    what an erasure must reach without a round trip to Postgres (``erasure_index``)."""
+    return _salt
+
+
 def forget_salt() -> None:
     """For a process that moves to another database (a test harness checking one seed's
     database after another's): the salt is cached for the process's one database."""
@@ -176,7 +182,12 @@ def _keyed(key: bytes) -> hashlib.blake2b:
 def pseudonym(key: bytes, kind: str, value: str, workspace_id: str | None = None) -> str:
     """What an identifier of an erased person becomes: the same for every copy of it, and
     nothing that leads back to it without the salt and a guess."""
-    d = digest(key, kind, value, workspace_id)
+    return pseudonym_of(key, digest(key, kind, value, workspace_id))
+
+
+def pseudonym_of(key: bytes, d: bytes) -> str:
+    """The pseudonym of the identifier whose ledger digest is ``d``: what the ledger's entry
+    names in the scrubbed rows (the sweep finds a person's rows by it)."""
     return PREFIX + hashlib.blake2b(d, key=key, digest_size=8, person=b"pseudonym").hexdigest()
 
 
@@ -274,6 +285,12 @@ class Ledger:
                 envelopes[i] = scrubbed
                 out.append((e, ws))
         return out
+
+
+def digests_of(key: bytes, e: Envelope, workspace_id: str | None) -> list[bytes]:
+    """The ledger's digests of what ``e`` names (its id, its customer's, its visitor's, the
+    click it names), in ``workspace_id``'s terms where ``e`` has no workspace of its own."""
+    return _digests(key, e, workspace_id)
 
 
 def _digests(key: bytes, e: Envelope, workspace_id: str | None) -> list[bytes]:

@@ -111,6 +111,29 @@ class Keys:
     def fingerprint(self, workspace_id: str, fingerprint_hash: str) -> str:
         return f"{self.prefix}:fp:{workspace_id}:{fingerprint_hash}"
 
+    def fingerprints_of(self, workspace_id: str, visitor: bytes) -> str:
+        """The fingerprint cache's entries that name one visitor (a set of their hashes),
+        named by the visitor's ledger digest (``ingest.contract.erasure.digest``), never the
+        visitor id: what an erasure's sweep reads to reach them, written beside each entry
+        (``ingest.contract.erasure_index``)."""
+        return f"{self.prefix}:fpv:{workspace_id}:{visitor.hex()}"
+
+    def answers(self, workspace_id: str) -> str:
+        """A workspace's idempotency records of keyed events, by their events (a sorted set:
+        the event's time; its id, partition and record's digest), so that an erasure's sweep
+        reads the records of the person's own events, never every record
+        (``ingest.contract.erasure_index``)."""
+        return f"{self.prefix}:answers:{workspace_id}"
+
+    def entries_of(self, workspace_id: str, digest: bytes) -> str:
+        """The stream entries that name one identifier (a set of ``partition:entry id``), named
+        by its ledger digest: the entries an erasure's sweep cannot find by their event's time,
+        because they were appended long after it (a spool drained late, a Redis that ran a
+        stalled append late, an edge whose clock was off), because no row holds their event
+        (a link gone before it was stored), or because they are a second copy of an event.
+        Written by the workers (``workers.consumer.pipeline``)."""
+        return f"{self.prefix}:erasure:entries:{workspace_id}:{digest.hex()}"
+
     def deferred(self, workspace_id: str, external_id: str) -> str:
         """A deferred lead's click, for the lead that completes it (``ingest.edge.lead``):
         named by a digest of the customer's id, never the id itself (key names are listed

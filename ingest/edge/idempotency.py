@@ -38,7 +38,7 @@ import orjson
 from aiohttp import web
 from cryptography.fernet import Fernet, InvalidToken
 
-from ingest.contract import bounds, clock, ids, wire
+from ingest.contract import bounds, clock, erasure_index, ids, wire
 from ingest.contract.connections import REDIS_ERRORS, Command
 from ingest.contract.errors import Refused
 from ingest.contract.events import Envelope, unique_token
@@ -194,12 +194,33 @@ class Idempotency:
         script, the drain's check) still keeps one while it lives."""
         return f"idem:{claim.digest}:{envelope.received_at_ms // self.window_ms}"
 
-    def append_command(self, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer) -> Command:
+    def append_command(self, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer) -> erasure_index.Filed:
         """The script that appends ``envelope`` unless the key has a record. Marks the
         envelope with the key's dedupe value first (a conversion keeps its own)."""
         envelope.payload.setdefault("dedupe", self.dedupe(claim, envelope))
         partition = self.keys.partition_for(routing_key)
         record = self.keys.idempotent(claim.digest, partition, claim.workspace)
+        # the record filed under its event once the script appended (ingest.edge.erasure_index):
+        # an erasure's sweep reads the records of the person's own events, never every record
+        workspace = envelope.workspace_id or claim.workspace
+        filed = (
+            erasure_index.answer_commands(
+                self.keys,
+                workspace,
+                partition,
+                envelope.event_id,
+                claim.digest,
+                claim.workspace is not None,
+                self.window_ms,
+            )
+            if workspace
+            else ()
+        )
+        return erasure_index.Filed(self._append(claim, routing_key, envelope, answer, partition, record), filed)
+
+    def _append(
+        self, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer, partition: int, record: str
+    ) -> Command:
         if self.cluster:
             return (
                 "EVALSHA",

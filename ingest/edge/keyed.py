@@ -52,7 +52,8 @@ async def append_keyed(
             pass  # the append below meets the same trouble, and says what it means
     command = edge.idem.append_command(claim, routing_key, envelope, answer)
     try:
-        replies = await edge.batcher.execute(command, *extra, durable=True)
+        # its record filed under its event, after what it writes (``erasure_index.Filed``)
+        replies = await edge.batcher.execute(command, *extra, *command.beside, durable=True)
     except REDIS_ERRORS as exc:
         known, first = first_reply(exc)
         if known and isinstance(first, bytes):

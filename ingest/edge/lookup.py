@@ -307,17 +307,18 @@ def _checked(
         expected.append(b"" if value is None else b"=" + value)  # type: ignore[operator]
     stream = edge.keys.stream_for(guess.routing_key)
     entry = wire.to_entry(guess.envelope)
+    also = guess.also  # (a fingerprint cache entry's index among them: ``ingest.edge.erasure_index``)
     writes: list[Any] = []
-    for name, _key, *args in guess.also:
+    for name, _key, *args in also:
         writes += [1 + len(args), name, *args]
     return (
         "EVALSHA",
         edge.checked_append,
-        2 + len(keys) + len(guess.also),
+        2 + len(keys) + len(also),
         rl_key,
         stream,
         *keys,
-        *(cmd[1] for cmd in guess.also),
+        *(cmd[1] for cmd in also),
         limiter.window_ms,
         limiter.limit,
         len(entry),

@@ -16,6 +16,7 @@ from ingest.contract.links import LinkInfo
 from ingest.contract.settings import Settings
 from ingest.edge.auth import Authenticator
 from ingest.edge.batcher import RedisBatcher
+from ingest.edge.erasure_index import ErasureIndex
 from ingest.edge.idempotency import Idempotency
 from ingest.edge.metrics import EdgeMetrics
 from ingest.edge.ratelimit import RateLimiter
@@ -54,6 +55,12 @@ class Edge:
     link_memo: dict[bytes, LinkInfo] = field(default_factory=dict)  # a link cache entry, parsed
     suppress: Suppressed = field(default_factory=Suppressed)  # the do-not-track lists
     _client_ips: dict[tuple[str, str], str] = field(default_factory=dict)
+    # what an erasure must reach, filed as it is written (the fingerprint cache's entries)
+    erasure_index: ErasureIndex | None = None
+
+    def __post_init__(self) -> None:
+        if self.erasure_index is None:
+            self.erasure_index = ErasureIndex(self.keys, self.pg)
 
     def client_ip(self, request: web.Request) -> str | None:
         """The peer address; through X-Forwarded-For only when the peer is a trusted proxy.

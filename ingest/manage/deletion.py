@@ -96,9 +96,13 @@ async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, w
     gone = [f async for f, raw in redis.hscan_iter(erasure_copy.key(keys)) if _of(raw, str(ws))]
     if gone:
         await redis.hdel(erasure_copy.key(keys), *gone)  # type: ignore[misc]
-    # Affixo's fingerprints of its visitors (``fp:<workspace>:<hash>``)
-    async for name in redis.scan_iter(match=keys.fingerprint(str(ws), "*"), count=1000):
-        await redis.delete(name)
+    # Affixo's fingerprints of its visitors (``fp:<workspace>:<hash>``), and what indexes
+    # what an erasure must reach (``ingest.contract.erasure_index``): its fingerprints by
+    # visitor, its records by event, its entries by digest
+    for pattern in (keys.fingerprint(str(ws), "*"), f"{keys.prefix}:fpv:{ws}:*", keys.entries_of(str(ws), b"") + "*"):
+        async for name in redis.scan_iter(match=pattern, count=1000):
+            await redis.delete(name)
+    await redis.delete(keys.answers(str(ws)))
     return {"workspace_id": str(ws), "deleted": deleted, "links": len(codes), "keys": len(digests)}
 
 

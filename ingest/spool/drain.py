@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from ingest.contract import clock, erasure, wire
+from ingest.contract import clock, erasure, erasure_index, wire
 from ingest.contract.connections import REDIS_ERRORS, Command, Redis, cancelled_meanwhile, client_fault
 from ingest.contract.errors import Outage
 from ingest.contract.keys import Keys
@@ -372,6 +372,18 @@ async def _scrubbed(scrub: erasure.Check, rows: list[store.Row]) -> list[store.R
     return out
 
 
+def _filed(layout: Watch | None, r: store.Row) -> tuple[Command, ...]:
+    """A keyed row's record filed under its event, as the edge files it beside its own
+    append (``ingest.contract.erasure_index``): the erasure's sweep reads it there."""
+    if r.once is None or layout is None:
+        return ()
+    try:
+        e = wire.from_blob(r.envelope)
+    except EnvelopeError:
+        return ()
+    return erasure_index.record_commands(layout.keys, e, r.once.record, r.once.window_ms)
+
+
 async def _replay(
     link: Link,
     rows: list[store.Row],
@@ -389,6 +401,7 @@ async def _replay(
     if not rows:
         return [], None
     nomk = ("NOMKSTREAM",) if layout is not None else ()  # without a layout (a bare spool) as ever
+    filed = {r.id: _filed(layout, r) for r in rows}
     commands: list[Command] = []
     for r in rows:
         fields = [x for pair in entry_from_blob(r.envelope).items() for x in pair]
@@ -416,6 +429,7 @@ async def _replay(
                 )
             )
         commands.extend(r.extra)
+        commands.extend(filed[r.id])
     if durability.waits:
         commands.append(durability.command())
     try:
@@ -429,7 +443,7 @@ async def _replay(
     i = 0
     for r in rows:
         reply = replies[i]
-        i += 1 + len(r.extra)
+        i += 1 + len(r.extra) + len(filed[r.id])
         if reply is None and r.once is None:  # its stream is gone: routed anew next step
             reply = PartitionGone(f"GONE {r.stream}")
             if layout is not None:

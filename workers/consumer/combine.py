@@ -131,5 +131,5 @@ class Combiner:
             for a in take:
                 if not a.done.done():  # its caller gone: the counts go to the next one
                     a.done.set_result(result)
-                    if result is not None:
-                        result = BatchResult(joined=True)
+                    if result is not None:  # which events had no row, or one already: every batch's to know
+                        result = BatchResult(joined=True, rowless=result.rowless, copies=result.copies)

@@ -33,9 +33,9 @@ import structlog
 from arq.connections import ArqRedis
 from asyncpg import PostgresError
 
-from ingest.contract import bounds, clock, wire
+from ingest.contract import bounds, clock, erasure, erasure_index, wire
 from ingest.contract.bounds import BoundsError
-from ingest.contract.connections import Redis
+from ingest.contract.connections import Command, Redis
 from ingest.contract.events import Envelope
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.logs import error_fields
@@ -94,6 +94,7 @@ class Batch:
     dead_lettered: bool = False
     failures: int = 0  # outages met so far
     unrefunded: set[bytes] = field(default_factory=set)  # counted attempts an outage could not give back
+    copies: list[tuple[Envelope, bytes]] = field(default_factory=list)  # an event read twice: its other entries
 
     @property
     def ids(self) -> list[bytes]:
@@ -191,6 +192,8 @@ class Pipeline:
             # the same event twice in one read (a requeued or spooled copy) goes to the store
             # as it is: stored once, counted once as a duplicate, both entries acked
             batch.good.append(envelope)
+            if envelope.event_id in batch.stream_ids:  # its copy: filed for an erasure's sweep (``_filed``)
+                batch.copies.append((envelope, eid))
             batch.stream_ids[envelope.event_id] = eid
         if gone:
             log.warning("entries.deleted_while_pending", stream=batch.stream, count=gone)
@@ -373,7 +376,27 @@ class Pipeline:
         pipe.xack(batch.stream, GROUP, *batch.ids)
         if batch.tracked:
             pipe.execute_command("HDEL", self.keys.attempts(batch.partition), *batch.ids)
+        for command in self._filed(batch):
+            pipe.execute_command(*command)
         await pipe.execute()
+
+    def _filed(self, batch: Batch) -> list[Command]:
+        """The entries of ``batch`` an erasure's sweep cannot find by their event's row and
+        time (appended long after their event, or stored as no row), filed under their
+        ledger digests (``ingest.contract.erasure_index``): in the ack's round trip."""
+        salt = erasure.known_salt()
+        if salt is None or not batch.good:
+            return []
+        # those no row holds, and copies of an event a row holds already (a spooled or requeued
+        # copy): the sweep looks for one entry of an event by its time
+        other = batch.result.rowless | batch.result.copies if batch.result is not None else set()
+        out: list[Command] = []
+        for e, sid in [*((e, batch.stream_ids.get(e.event_id)) for e in batch.good), *batch.copies]:
+            if sid is None or e.workspace_id is None:
+                continue
+            if e.event_id in other or not erasure_index.near(e.event_id, sid) or (e, sid) in batch.copies:
+                out += erasure_index.entry_commands(self.keys, salt, batch.partition, sid, e, e.workspace_id)
+        return out
 
     def _done(self, batch: Batch, result: store.BatchResult) -> None:
         self._log_skipped(result)

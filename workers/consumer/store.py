@@ -120,6 +120,10 @@ class BatchResult:
     # refunds' copies not restored: their sale is missing, or past (workers.consumer.refunds)
     refunds_not_restored: list[Envelope] = field(default_factory=list)
     scrubbed: int = 0  # events of erased people, stored without their personal data
+    # events this batch stored no row for (an unknown or inactive link, a duplicate's key): an
+    # erasure's sweep cannot find their entries by a row (``ingest.contract.erasure_index``)
+    rowless: set[UUID] = field(default_factory=set)
+    copies: set[UUID] = field(default_factory=set)  # events a row held already: this batch's were copies
     # stored in the transaction of another partition's batch, whose result counts its
     # events (workers.consumer.combine): this one's counts are all zero
     joined: bool = False
@@ -394,6 +398,7 @@ async def _write(
 
     if not kept:
         sold_out = await _sales(conn, sold, [], result, effects=effects)
+        result.rowless = {n.event_id for n in [*no_row, *sold_out.drops]}
         if sold_out.notices and effects.webhooks:
             result.deliveries = await outbox.record_deliveries(conn, sold_out.notices)
         await drops.settle(conn, inserted=[], no_row=no_row + sold_out.drops, taken_back=sold_out.undrops)
@@ -420,6 +425,7 @@ async def _write(
     inserted = [s for event_id, s in kept.items() if event_id in returned]  # in event-id order
     result.inserted = len(inserted)
     result.duplicates += len(kept) - len(inserted)
+    result.copies = set(kept) - set(returned)
     no_row += await _duplicates(conn, [kept[event_id] for event_id in lost])
     result.expired = sum(returned.values())
     # test-mode, out-of-window and expired events are stored, and that is all: no counter,
@@ -450,6 +456,8 @@ async def _write(
     if counted:
         await customers.upsert(conn, counted)
     sold_out = await _sales(conn, sold, [s for s in counted if s.type is EventType.LEAD], result, counted, effects)
+
+    result.rowless = {n.event_id for n in [*no_row, *sold_out.drops]}
 
     async def settle() -> None:
         await drops.settle(

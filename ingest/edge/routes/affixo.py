@@ -91,6 +91,8 @@ def _make(request: web.Request, edge: Edge, body: AffixoClick, link: LinkInfo) -
         visitor, method, confidence = body.visitor_id, "cookie", 1.0
         if fp_key:
             remember = (("SET", fp_key, visitor, "NX", "EX", FINGERPRINT_TTL_S),)
+            if edge.erasure_index is not None:  # filed under the visitor (``ingest.edge.erasure_index``)
+                remember += edge.erasure_index.beside(remember)
     else:
         visitor, method, confidence = new_visitor_id(), "new", 0.0
     return _Made(_click(request, edge, body, link, visitor, method), remember, recorded(visitor, method, confidence))
@@ -188,11 +190,14 @@ async def track_click(request: web.Request) -> web.Response:
             )
         except REDIS_ERRORS as exc:
             return VOICE.down(exc)
+        filing: tuple[Command, ...] = ()
         if isinstance(seen, bytes) and seen.decode() != candidate:
             visitor, method, confidence = seen.decode(), "fingerprint", FINGERPRINT_CONFIDENCE
-        else:
+        else:  # the entry is the new visitor's: filed with the click's append
             visitor, method, confidence = candidate, "new", 0.0
-        made = _Made(_click(request, edge, body, link, visitor, method), (), recorded(visitor, method, confidence))
+            if edge.erasure_index is not None:
+                filing = edge.erasure_index.fingerprint(("SET", fp_key, candidate))
+        made = _Made(_click(request, edge, body, link, visitor, method), filing, recorded(visitor, method, confidence))
     claim = Claim.of(idem_key, "affixo-click", link.workspace_id, fingerprint(body.model_dump())) if idem_key else None
     # keyed: Redis down is a 503 (spool=False)
     return await accept.append(

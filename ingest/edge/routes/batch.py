@@ -274,6 +274,12 @@ async def _accept(
             pending.add(cid)
     offset += len(click_ids)
     seen = {fp: replies[offset + 2 * i + 1] for i, fp in enumerate(fingerprints)}
+    # the entries this batch's lookup set (its candidate won), filed with the appends under
+    # their visitors (``ingest.edge.erasure_index``); a fingerprint matched files nothing
+    filing: list[Any] = []
+    for fp, key in fingerprints.items():
+        if seen[fp] == candidates[fp].encode() and edge.erasure_index is not None:
+            filing += edge.erasure_index.fingerprint(("SET", key, candidates[fp]))
 
     results: list[ItemResult] = []
     appends: list[Any] = []
@@ -323,12 +329,14 @@ async def _accept(
             answer = Answer(
                 200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint
             )
-            appends.append(edge.idem.append_command(claim, _route(envelope), envelope, answer))
+            command = edge.idem.append_command(claim, _route(envelope), envelope, answer)
+            appends.append(command)
+            filing += command.beside
         sent.append(_Sent(result, envelope, claim if isinstance(claim, Claim) else None, answer))
     replays = early + refunds_replayed
     if appends:
         try:
-            written = await edge.batcher.execute(*appends, durable=True)
+            written = (await edge.batcher.execute(*appends, *filing, durable=True))[: len(appends)]
         except REDIS_ERRORS as exc:
             if never_sent(exc):
                 raise  # nothing of the batch is in Redis: the route refuses it (503)
@@ -395,7 +403,8 @@ async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any
     reply per item, as the round trip's would have been: None or a stream id once spooled,
     the error of an item Redis refused, ``AppendUnknown`` for a keyed item (spooled) and
     where the spool could not keep one."""
-    replies: list[Any] = list(exc.replies) if isinstance(exc, Unconfirmed) else [None] * len(sent)
+    # (the filing commands after the appends: ``ingest.edge.erasure_index``)
+    replies: list[Any] = list(exc.replies)[: len(sent)] if isinstance(exc, Unconfirmed) else [None] * len(sent)
 
     async def one(item: _Sent, reply: Any) -> Any:
         if isinstance(reply, Exception):
