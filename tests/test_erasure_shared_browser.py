@@ -138,3 +138,35 @@ async def test_a_customer_of_a_browser_whose_first_customer_was_erased_is_stored
     for _ in range(2):
         await erasure.sweep(pg, redis, keys, None)
     assert (await _customer(edge, world, carol.external_id))[1] == out
+
+
+@pytest.mark.parametrize("erased_after", [0, 1])
+@pytest.mark.parametrize("order", ["alice_first", "carol_first"])
+async def test_a_lead_stored_after_its_customers_erasure_leaves_the_browsers_other_customer(
+    order: str,
+    erased_after: int,
+    edge: str,
+    world: World,
+    settings: Settings,
+    pg: asyncpg.Pool,
+    redis: Any,
+    keys: Keys,
+    drain: Any,
+) -> None:
+    """carol is erased before her lead is stored, before or after alice's (the generative
+    test's seed 3004): her lead, stored scrubbed after her erasure, and alice's, in either
+    order, leave alice's customer answering her, with her email; carol is nowhere."""
+    alice, carol = _Customer("alice"), _Customer("carol")
+    click_id = await new_click(edge)
+    await drain()
+    for i, c in enumerate((alice, carol) if order == "alice_first" else (carol, alice)):
+        if i == erased_after:
+            await _erase(edge, pg, redis, keys, world, carol.external_id)
+        await _signs_up(edge, world, click_id, c, drain)
+    for _ in range(2):
+        await erasure.sweep(pg, redis, keys, None)
+    status, out = await _customer(edge, world, alice.external_id)
+    assert status == 200 and out["email"] == alice.email, (status, out)
+    assert (await _customer(edge, world, carol.external_id))[0] == 404
+    needles = {"id": carol.external_id.encode(), "email": carol.email.encode(), "name": carol.name.encode()}
+    assert not found_in([("postgres", pg_dump_text(settings.database_url))], needles)
