@@ -31,6 +31,7 @@ from ._world import BROWSER, World, make_world
 from .conftest import wait_for
 
 OPERATOR_ROUTES = ("/api/pipeline", "/api/tail", "/api/dead", "/api/erasures", "/api/replay")
+OPERATOR_ACTIONS = ("/api/dead/count", "/api/dead/retry", "/api/dead/drop", "/api/replay/dry-run", "/api/replay/run")
 
 
 async def _raw(base: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
@@ -79,6 +80,10 @@ async def test_no_key_a_wrong_key_a_revoked_and_an_expired_key_are_refused_alike
             for why, headers in wrong.items():
                 assert await _raw(base, path, headers) == (401, REFUSAL), (path, why)
             assert (await _raw(base, path, {"Authorization": f"Bearer {TOKEN}"}))[0] == 200, path
+        for path in OPERATOR_ACTIONS:
+            for why, headers in wrong.items():
+                async with aiohttp.ClientSession() as http, http.post(base + path, json={}, headers=headers) as r:
+                    assert (r.status, await r.read()) == (401, REFUSAL), (path, why)
         tenant_wrong = {
             "no key": {},
             "a wrong key": {"Authorization": f"Bearer {read['api_key']}x"},
@@ -339,7 +344,7 @@ async def test_the_tail_says_why_an_event_did_not_count(
         _, answer = await call(base, "/api/tail")
     reasons = {(row["link"], row["stage"], row["reason"]) for row in answer["outcomes"]}
     assert ("PARTNER123", "dropped", "bot") in reasons
-    assert (None, "dropped", "unknown_code") in reasons  # no link: event_drops keeps no code
+    assert ("GONE1", "dropped", "unknown_code") in reasons  # no link: the code from its stream entry
 
 
 async def test_without_a_token_the_loopback_console_is_the_operators(settings: Settings, redis: Any) -> None:

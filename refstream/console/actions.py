@@ -1,4 +1,4 @@
-"""What an operator does from the console: retry dead letters and replay a range, through
+"""What an operator does from the console: retry or drop dead letters and replay a range, through
 the code behind ``refstream dead`` (``workers.ops.dead``) and ``refstream replay``
 (``workers.ops.replay``), so the console and the command line do the same thing.
 
@@ -28,6 +28,7 @@ from workers.ops import dead, replay
 from .ranges import RangeUsageError, parse_time
 
 LISTED = 200
+DROPPED_BY = "dropped from the console"  # the reason a dropped letter keeps
 
 
 def reason(error: str) -> str:
@@ -55,7 +56,7 @@ async def letters(redis: Redis, keys: Keys) -> dict[str, Any]:
     async for letter in dead.scan(redis, keys):
         by_reason[reason(letter.error)] += 1
         if len(shown) < LISTED:
-            shown.append({**letter.summary(), "reason": reason(letter.error)})
+            shown.append({**letter.summary(), "reason": reason(letter.error), "decodable": letter.envelope is not None})
     return {"by_reason": dict(by_reason.most_common()), "letters": shown}
 
 
@@ -67,6 +68,12 @@ async def matching(redis: Redis, keys: Keys, flt: dead.Filter) -> int:
 async def retry(redis: Redis, keys: Keys, *, ids: list[str] | None, flt: dead.Filter | None) -> dict[str, Any]:
     done = await dead.requeue(redis, keys, ids=ids, flt=flt)
     return {"matched": done.matched, "requeued": done.done, "missing": done.missing, "skipped": done.skipped}
+
+
+async def drop(redis: Redis, keys: Keys, dead_id: str) -> dict[str, Any]:
+    """One letter to the dropped letters (``refstream dead drop``), never to be retried."""
+    done = await dead.drop(redis, keys, DROPPED_BY, ids=[dead_id])
+    return {"matched": done.matched, "dropped": done.done, "missing": done.missing}
 
 
 def replay_range(given: dict[str, Any]) -> replay.Range:

@@ -54,6 +54,7 @@ ACCESS = web.AppKey("access", Access)
 SAMPLER = web.AppKey("sampler", Sampler)
 REPLAYS = web.AppKey("replays", actions.Replays)
 TAILS = web.AppKey("tails", asyncio.Semaphore)
+ACTING = web.AppKey("acting", asyncio.Lock)  # a retry or a drop of dead letters in progress
 TAIL_READS = web.AppKey("tail_reads", dict)
 CONTEXT = web.AppKey("context", dict)
 
@@ -170,7 +171,7 @@ async def _read_tail(app: web.Application, flt: tail.Filter) -> dict[str, Any]:
     async with app[TAILS]:
         return {
             "accepted": await tail.accepted(c["redis"], c["keys"], flt),
-            "outcomes": await tail.outcomes(c["pool"], flt),
+            "outcomes": await tail.outcomes(c["pool"], flt, c["redis"], c["keys"]),
         }
 
 
@@ -202,17 +203,33 @@ async def dead_count(request: web.Request) -> web.Response:
 @operator
 async def dead_retry(request: web.Request) -> web.Response:
     """One letter (``dead_id``), or every one matching the filter: the page asked for the
-    count first and shows it in its confirmation."""
+    count first and shows it in its confirmation. One retry or drop at a time: a second
+    request for the same letter (a double click) finds it gone, never queues it twice."""
     c, body = _ctx(request), await _body(request)
     dead_id = body.get("dead_id")
-    if isinstance(dead_id, str):
-        try:
-            dead.check_id(dead_id)
-        except ValueError as exc:
-            return _bad(str(exc))
-        return _json(await actions.retry(c["redis"], c["keys"], ids=[dead_id], flt=None))
-    flt = actions.letter_filter(body.get("filter") or {}, c["keys"])
-    return _json(await actions.retry(c["redis"], c["keys"], ids=None, flt=flt))
+    async with request.app[ACTING]:
+        if isinstance(dead_id, str):
+            try:
+                dead.check_id(dead_id)
+            except ValueError as exc:
+                return _bad(str(exc))
+            return _json({"dead_id": dead_id, **await actions.retry(c["redis"], c["keys"], ids=[dead_id], flt=None)})
+        flt = actions.letter_filter(body.get("filter") or {}, c["keys"])
+        return _json(await actions.retry(c["redis"], c["keys"], ids=None, flt=flt))
+
+
+@operator
+async def dead_drop(request: web.Request) -> web.Response:
+    """One letter (``dead_id``) to the dropped letters: the page confirmed it first."""
+    c, body = _ctx(request), await _body(request)
+    dead_id = body.get("dead_id")
+    try:
+        dead.check_id(dead_id if isinstance(dead_id, str) else "")
+    except ValueError as exc:
+        return _bad(str(exc))
+    assert isinstance(dead_id, str)
+    async with request.app[ACTING]:
+        return _json({"dead_id": dead_id, **await actions.drop(c["redis"], c["keys"], dead_id)})
 
 
 def _replay_starter(kind: str) -> Handler:
@@ -270,6 +287,7 @@ def make_app(settings: Settings, *, spool_dirs: list[str]) -> web.Application:
         app[SAMPLER] = Sampler(redis, pool, keys, spool_dirs)
         app[REPLAYS] = actions.Replays(settings, redis, pool, keys)
         app[TAILS] = asyncio.Semaphore(TAILS_AT_ONCE)
+        app[ACTING] = asyncio.Lock()
         app[TAIL_READS] = {}
         sampling = asyncio.create_task(app[SAMPLER].run())
         try:
@@ -294,6 +312,7 @@ def make_app(settings: Settings, *, spool_dirs: list[str]) -> web.Application:
     r.add_get("/api/dead/{dead_id}", dead_show)
     r.add_post("/api/dead/count", dead_count)
     r.add_post("/api/dead/retry", dead_retry)
+    r.add_post("/api/dead/drop", dead_drop)
     r.add_post("/api/replay/dry-run", _replay_starter("dry_run"))
     r.add_post("/api/replay/run", _replay_starter("replay"))
     r.add_get("/api/replay", replay_state)

@@ -3,8 +3,10 @@ way ``refstream status`` reads (``workers.ops.status``), kept in a ring of 450.
 
 A sample is a dict of charts, each a dict of series to one number, so the page draws any
 chart the same way: ``{"at_ms": ..., "accepted": {"affitor": 3.5}, "lag": {"0 workers":
-2}, ...}``. Nothing is kept across restarts: Prometheus keeps the history, the console
-shows what is happening now.
+2}, ...}`` (``"0 workers"``: partition 0, group ``workers``). A rate's series is there when
+it is not zero; a chart not read (Redis or Postgres unreachable, the first sample's
+accepted count) is not there at all, which the page draws as no data. Nothing is kept
+across restarts: Prometheus keeps the history, the console shows what is happening now.
 
 What it costs Redis per sample: per partition one XINFO STREAM, one XINFO GROUPS, one
 XPENDING summary and one XINFO CONSUMERS per group, and an XRANGE of the entries appended
@@ -85,6 +87,7 @@ class Sampler:
         self._cursors: dict[str, bytes] = {}
         self._last = time.monotonic()
         self._may_summarize = True  # False once Postgres refused it (``_summarize``)
+        self._counting = False  # a sample read Redis before: this one's accepted counts are whole
 
     async def run(self) -> None:
         while True:
@@ -107,7 +110,8 @@ class Sampler:
             log.warning("console.redis_unreadable", error=type(exc).__name__)
             redis_up = 0
         stored, pg_up = await self._stored(seconds)
-        out["stored"] = stored
+        if pg_up:  # else no count, not a count of none: the chart shows no point there
+            out["stored"] = stored
         out["reachable"] = {"redis": redis_up, "postgres": pg_up}
         out["spool"] = {d: status.spool_usage(d).entries for d in self.spool_dirs}
         return out
@@ -161,9 +165,9 @@ class Sampler:
         workers = [w for w in await presence.read(self.redis, self.keys, now_ms / 1000) if not w.stale]
         archivers = sum(w.consumer.startswith("archive:") for w in workers)
         mem = await trim.redis_memory(self.redis, 1.0)
+        counted, self._counting = self._counting, True  # the first sample starts the count
         return {
-            "accepted": _per_s(accepted, seconds),
-            "accepted_capped": capped,
+            **({"accepted": _per_s(accepted, seconds), "accepted_capped": capped} if counted else {}),
             "lag": lag,
             "pending_age": pending_age,
             "live": {"workers": len(workers) - archivers, "archivers": archivers},

@@ -9,10 +9,16 @@ Postgres the newest ``SCAN_ROWS`` rows of the last ``LOOKBACK_S`` by event id (t
 primary key read backward, older partitions pruned), or with a workspace or a link in the
 filter, that one's newest rows by its own index, the rest of the filter applied to those
 (``bench --only con`` measures what ten open consoles cost the edge and the worker).
+
+Two kinds of refusal have no event row: the codes the edge refused as unknown (the newest
+``SHOWN`` of the stream the edges keep of them, ``ingest.contract.drops.refused_key``), and
+the worker's drops of a code no link has (``event_drops`` keeps no code: it is read back
+from the stream entry, for the newest ``CODES_LOOKED_UP`` of them, while Redis holds it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,7 +27,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingest.contract import clock, layout, wire
+from ingest.contract import clock, drops, layout, wire
 from ingest.contract.connections import Redis
 from ingest.contract.errors import Refused
 from ingest.contract.events import Envelope, EventType
@@ -32,6 +38,9 @@ SHOWN = 50
 SCAN = 200  # newest entries read per partition, before the filter
 WINDOW_S = 300  # drops of the last five minutes
 PAYLOAD_CHARS = 2000
+
+CODES_LOOKED_UP = 10  # unknown codes' drops whose entry is looked for, per read
+ENTRY_AFTER_MS = (-2_000, 10_000)  # where its entry is looked for, around its received time
 
 LOOKBACK_S = 86_400  # stored events accepted within a day: the partitions a tail reads
 SCAN_ROWS = 5_000  # newest rows read before a dialect or type filter
@@ -160,10 +169,65 @@ def _ms(at: Any) -> int:
     return int(at.timestamp() * 1000)
 
 
-async def outcomes(pg: asyncpg.Pool, flt: Filter) -> list[dict[str, Any]]:
+async def refused(redis: Redis, keys: Keys, flt: Filter) -> list[dict[str, Any]]:
+    """The newest codes the edges refused as unknown (no workspace, no event: only a link
+    filter, by the code, keeps them)."""
+    if flt.workspace is not None or flt.dialect is not None or flt.type is not None:
+        return []
+    rows = []
+    for _, fields in await redis.xrevrange(drops.refused_key(keys.prefix), count=SHOWN):
+        code = (fields.get(b"code") or b"").decode(errors="replace")
+        if flt.link is not None and code != flt.link:
+            continue
+        route = (fields.get(b"route") or b"").decode(errors="replace")
+        rows.append(
+            {
+                "event_id": None,
+                "stage": "refused",
+                "reason": "unknown_code",
+                "at_ms": int(fields.get(b"at") or 0),
+                "type": None,
+                "dialect": None,
+                "workspace": None,
+                "link": code,
+                "payload": f"refused by the edge ({route}): no link has this code",
+            }
+        )
+    return rows
+
+
+async def _entry_code(redis: Redis, keys: Keys, event_id: str, at_ms: int, high: int) -> str | None:
+    """The code of event ``event_id``'s stream entry, looked for in every partition around
+    ``at_ms``, its received time; None when Redis holds it no more."""
+    lo, hi = (at_ms + d for d in ENTRY_AFTER_MS)
+    pages = await asyncio.gather(*(redis.xrange(keys.stream(p), min=lo, max=hi, count=SCAN) for p in range(high)))
+    for page in pages:
+        for _, fields in page:
+            try:
+                e = wire.from_entry(fields or {})
+            except wire.EnvelopeError:
+                continue
+            if e.event_id.hex == event_id:
+                code = e.payload.get("code")
+                return code if isinstance(code, str) else None
+    return None
+
+
+async def _codes(redis: Redis, keys: Keys, rows: list[dict[str, Any]]) -> None:
+    """The code on the newest unknown codes' drops, read from their stream entries."""
+    unknown = [r for r in rows if r["reason"] == "unknown_code" and r["link"] is None][:CODES_LOOKED_UP]
+    if not unknown:
+        return
+    high = (await layout.load(redis, keys, keys.partitions)).high
+    found = await asyncio.gather(*(_entry_code(redis, keys, r["event_id"], r["at_ms"], high) for r in unknown))
+    for row, code in zip(unknown, found, strict=True):
+        row["link"] = code
+
+
+async def outcomes(pg: asyncpg.Pool, flt: Filter, redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     """The newest events stored (a bot's, a test-mode one and one out of its window are
-    stored but count nothing: their reason), newest accepted first, and those of the last
-    ``WINDOW_S`` dropped with no row (event_drops)."""
+    stored but count nothing: their reason), newest accepted first, those of the last
+    ``WINDOW_S`` dropped with no row (event_drops), and the codes the edge refused."""
     rows = []
     link_id = None if flt.link is None else await pg.fetchval("SELECT id FROM links WHERE code = $1", flt.link)
     stored = []
@@ -186,8 +250,9 @@ async def outcomes(pg: asyncpg.Pool, flt: Filter) -> list[dict[str, Any]]:
             }
         )
     if flt.dialect is None and flt.type is None:
+        dropped = []
         for r in await pg.fetch(_DROPPED, float(WINDOW_S), flt.workspace, flt.link, SHOWN):
-            rows.append(
+            dropped.append(
                 {
                     "event_id": r["event_id"].hex,
                     "stage": "dropped",
@@ -200,5 +265,8 @@ async def outcomes(pg: asyncpg.Pool, flt: Filter) -> list[dict[str, Any]]:
                     "payload": None,
                 }
             )
+        await _codes(redis, keys, dropped)
+        rows += dropped
+    rows += await refused(redis, keys, flt)
     rows.sort(key=lambda row: row["at_ms"], reverse=True)
     return rows[:SHOWN]

@@ -52,9 +52,33 @@ export async function api(path, { method = "GET", body } = {}) {
   return { status: response.status, data };
 }
 
+// what a refused visitor reads: why (no more than that: every refusal is the same answer)
+// and what to do next
+const NEXT = {
+  operator: [
+    "The console did not accept this operator token, or was given none.",
+    "Operator pages need the token the console was started with (REFSTREAM_CONSOLE_TOKEN; ./scripts/dev prints it): ask whoever runs the console, then enter it above. A workspace key does not open these pages: with one, open Tenant links.",
+  ],
+  tenant: [
+    "The console did not accept this workspace key, or was given none.",
+    "Tenant links needs an API key of your workspace with scope read (refstream keys create --workspace <id> --scopes read makes one); a revoked or expired key is refused too. Enter it above.",
+  ],
+};
+
 function showRefused() {
   const note = document.getElementById("refused");
-  if (note) note.hidden = false;
+  if (!note) return;
+  document.getElementById("refused-why").textContent = NEXT[kind][0];
+  document.getElementById("refused-next").textContent = NEXT[kind][1];
+  note.hidden = false;
+  status("Refused: see above.");
+  document.getElementById("key")?.focus();
+}
+
+// the navigation shows a tenant no operator page: those only where an operator's token is held
+function navigation() {
+  const operator = kind === "operator" || Boolean(sessionStorage.getItem(STORE.operator));
+  for (const a of document.querySelectorAll('nav a[data-for="operator"]')) a.hidden = !operator;
 }
 
 export function status(text) {
@@ -67,6 +91,7 @@ export function status(text) {
 // request is made only to be refused.
 export async function setupAuth(pageKind, onKey) {
   kind = pageKind;
+  navigation();
   const form = document.getElementById("auth");
   const input = document.getElementById("key");
   form.addEventListener("submit", (ev) => {

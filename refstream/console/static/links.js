@@ -1,5 +1,7 @@
 import { api, clear, el, setupAuth, status } from "./common.js";
-import { draw } from "./charts.js";
+import { draw, plain } from "./charts.js";
+
+const DAYS = 30; // as the console reads them (refstream/console/views.py)
 
 function perDay(days) {
   const totals = new Map(); // day -> {clicks, leads, sales}
@@ -21,7 +23,10 @@ function perDay(days) {
 async function refresh() {
   const { data } = await api("/api/tenant/links");
   document.getElementById("workspace").textContent = data.workspace_id;
-  draw(document.getElementById("chart-days"), perDay(data.days), { days: true });
+  // the 30 days the table covers, today's (UTC) the last
+  const today = Date.parse(`${new Date().toISOString().slice(0, 10)}T00:00:00Z`);
+  const span = [today - (DAYS - 1) * 86_400_000, today];
+  draw(document.getElementById("chart-days"), plain(perDay(data.days)), { days: true, integer: true, axis: "per day", window: span });
   const body = clear(document.querySelector("#days tbody"));
   for (const d of data.days) {
     const drops = Object.entries(d.drops).map(([why, n]) => `${why} ${n}`).join(", ") || "-";
