@@ -29,7 +29,18 @@ from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LINK_SELECT, LinkInfo
 from ingest.ledger import outbox
 from ingest.privacy import erasure_late
-from workers.consumer import counters, customers, devices, drops, event_row, fraud, notices, refunds, sales
+from workers.consumer import (
+    counters,
+    customers,
+    devices,
+    drops,
+    event_row,
+    fraud,
+    key_copies,
+    notices,
+    refunds,
+    sales,
+)
 from workers.consumer.enrich import Enricher, Found
 from workers.consumer.event_row import EventRow
 from workers.consumer.stored import Stored, ts
@@ -190,27 +201,6 @@ async def _claim_keys(conn: asyncpg.Connection, batch: list[EventRow]) -> tuple[
     return keep, lost
 
 
-def _key_siblings(
-    key: bytes, envelopes: list[Envelope], originals: list[tuple[Envelope, str | None]], workspaces: dict[int, str]
-) -> list[tuple[Envelope, str | None]]:
-    """Scrub, in place, the other copies of an erased person's keyed event in this batch: the
-    copies of one ``Idempotency-Key`` (its dedupe value, ``idem:...``) carry their own event
-    and click ids, which the ledger does not name (it names the copy the answer named), and
-    the lowest event id takes the key's claim (issue 64, seed 1246373390: the copy a full
-    Redis spooled was stored raw beside its erased lead). The originals, as ``scrubbed``."""
-    named = {(ws, d) for e, ws in originals if isinstance(d := e.payload.get("dedupe"), str) and d.startswith("idem:")}
-    if not named:
-        return []
-    out = []
-    for i, e in enumerate(envelopes):
-        ws = e.workspace_id or workspaces.get(id(e))
-        d = e.payload.get("dedupe")
-        if isinstance(d, str) and (ws, d) in named and (scrubbed := erasure.scrub(key, e, ws)) != e:
-            envelopes[i] = scrubbed
-            out.append((e, ws))
-    return out
-
-
 def _opt(v: object) -> str | None:
     return v if isinstance(v, str) else None
 
@@ -312,8 +302,10 @@ async def _write(
             if isinstance(c := e.payload.get("code"), str) and c in by_code
         }
         originals = ledger.scrubbed(everything, workspaces)
-        originals += _key_siblings(ledger.key, everything, originals, workspaces)
+        originals += key_copies.in_batch(ledger.key, everything, originals, workspaces)
         result.scrubbed = len(originals)
+        # a copy of their keyed event an earlier batch stored holds the key's row: theirs too
+        originals += await key_copies.stored(conn, originals, [e.event_id for e in everything])
         # one that links the person to a visitor or a click their erasure could not know (a
         # lead that arrives late): those join the ledger, and their rows are scrubbed now
         # what they teach the ledger (a late lead's click is the person's), and the erasure
