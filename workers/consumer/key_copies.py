@@ -9,6 +9,9 @@ its erased lead). Both places a sibling can be are reached:
 - stored by an earlier batch (``stored``): the named copy teaches the ledger the stored
   row's click and visitor, as a late lead teaches it its click, and the row is scrubbed
   now (``ingest.privacy.erasure_late.follow``).
+
+A copy that lost its key to another event is filed as a copy of the stored one (``file``:
+``ingest.contract.copies``), whoever it belongs to: an answer may have named it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from uuid import UUID
 
 import asyncpg
 
-from ingest.contract import clicks, erasure
+from ingest.contract import clicks, copies, erasure, jsonrows
 from ingest.contract.events import Envelope
 
 Original = tuple[Envelope, str | None]  # an erased person's event as it came, and its workspace
@@ -92,3 +95,28 @@ async def stored(conn: asyncpg.Connection, originals: list[Original], batch: lis
                 (Envelope(e.type, e.dialect, payload, ws, event_id=e.event_id, received_at_ms=e.received_at_ms), ws)
             )
     return out
+
+
+# the keyed copies that lost their key's claim to another event: each filed under its own
+# id as a copy of the stored one (``ingest.contract.copies``)
+_LOST = jsonrows.table(
+    ("uuid", "smallint", "text", "uuid", "text"), "x(workspace_id, type, dedupe_key, event_id, copy)"
+)
+_FILE = f"""
+INSERT INTO event_dedupe (workspace_id, type, dedupe_key, event_id, received_at)
+SELECT x.workspace_id, x.type, x.copy, d.event_id, d.received_at
+FROM {_LOST}
+JOIN event_dedupe d USING (workspace_id, type, dedupe_key)
+WHERE d.event_id <> x.event_id
+ORDER BY 1, 2, 3
+ON CONFLICT DO NOTHING
+"""
+
+
+async def file(conn: asyncpg.Connection, lost: list[tuple[str, int, str, UUID]]) -> None:
+    """File each of ``lost`` ((workspace, type, dedupe value, event id) of a copy whose key's
+    claim it lost) held by another event as a copy of that event. A key held by the copy's
+    own id (a redelivery) files nothing."""
+    keyed = [(ws, t, d, e, copies.key_of(e)) for ws, t, d, e in lost if d.startswith("idem:")]
+    if keyed:
+        await conn.execute(_FILE, jsonrows.doc(keyed))

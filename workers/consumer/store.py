@@ -395,6 +395,7 @@ async def _write(
             result.deliveries = await outbox.record_deliveries(conn, sold_out.notices)
         await drops.settle(conn, inserted=[], no_row=no_row + sold_out.drops, taken_back=sold_out.undrops)
         return result
+    claiming = batch
     batch, lost = await _claim_keys(conn, batch)
     policy = {ws: r["fraud_policy"] or {} for ws, r in policies.items()}
     limits = fraud.thresholds_of(thresholds)
@@ -419,6 +420,16 @@ async def _write(
     result.duplicates += len(kept) - len(inserted)
     result.copies = set(kept) - set(returned)
     no_row += await _duplicates(conn, [kept[event_id] for event_id in lost])
+    if lost:  # an answer may name a keyed copy that lost its key: filed as a copy of the stored one
+        gone = set(lost)
+        await key_copies.file(
+            conn,
+            [
+                (r.workspace_id, r.type, r.dedupe_key, r.event_id)
+                for r in claiming
+                if r.event_id in gone and r.dedupe_key
+            ],
+        )
     result.expired = sum(returned.values())
     # test-mode, out-of-window and expired events are stored, and that is all: no counter,
     # no customer, no attribution, no webhook
