@@ -51,11 +51,12 @@ function seriesOf(samples, name, zeros) {
 
 // what chart `name` draws from `samples`: its series, the time of its last reading, and
 // why it draws none ("no data ..."). A rate read but never seen is a line of zeros.
-export function chartOf(samples, name, { zeros = false, idle = "no traffic" } = {}) {
+// `none`: what a chart read with no series at all says (a rate: a line of zeros, `idle`)
+export function chartOf(samples, name, { zeros = false, idle = "no traffic", none = "none" } = {}) {
   const { read, series } = seriesOf(samples, name, zeros);
   if (read.length === 0) return { series, last: null, empty: samples.length ? "no data: not read in this window" : null };
   if (series.size === 0 && zeros) series.set(idle, read.map((s) => [s.at_ms, 0]));
-  return { series, last: read[read.length - 1].at_ms, empty: series.size ? null : "nothing to show" };
+  return { series, last: read[read.length - 1].at_ms, empty: series.size ? null : none };
 }
 
 function niceStep(span, count, integer) {

@@ -14,8 +14,8 @@ const bytes = (n) => `${short(n)}B`;
 const CHARTS = {
   accepted: { zeros: true, unit: "/s", axis: "events/s" },
   stored: { zeros: true, unit: "/s", axis: "events/s" },
-  lag: { integer: true, unit: " unread", axis: "entries", label: byGroup },
-  pending_age: { unit: " s", axis: "seconds", label: byGroup },
+  lag: { integer: true, unit: " unread", axis: "entries", label: byGroup, none: "no consumer group yet" },
+  pending_age: { unit: " s", axis: "seconds", label: byGroup, none: "no consumer group yet" },
   live: { integer: true, axis: "processes" },
   spool: { zeros: true, idle: "no spool", integer: true, unit: " waiting", axis: "events" },
   memory: { format: bytes, axis: "bytes" },
