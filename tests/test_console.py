@@ -219,6 +219,22 @@ async def test_a_dead_letter_retried_through_the_console_is_stored_once(
     assert await redis.xlen(keys.dead) == 1  # the undecodable one stays
 
 
+async def test_two_retries_of_one_letter_at_once_queue_it_once(
+    settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, world: World
+) -> None:
+    event = _click("PARTNER123", world.workspace_id)
+    fields: dict[Any, Any] = {**wire.to_entry_dict(event), "stream": keys.stream_for("PARTNER123"), "error": "store: x"}
+    dead_id = (await redis.xadd(keys.dead, fields)).decode()
+    async with running(settings) as base:
+        answers = await asyncio.gather(*(call(base, "/api/dead/retry", body={"dead_id": dead_id}) for _ in range(4)))
+        assert sorted((a["requeued"], a["missing"]) for _, a in answers) == [(0, 1), (0, 1), (0, 1), (1, 0)], answers
+        assert all(a["dead_id"] == dead_id for _, a in answers)
+        assert (await call(base, "/api/dead/drop", body={"dead_id": dead_id}))[1]["missing"] == 1
+        assert (await call(base, "/api/dead/drop", body={"dead_id": 7}))[0] == 400
+    entries = await redis.xrange(keys.stream_for("PARTNER123"))
+    assert [wire.from_entry(f).event_id for _, f in entries].count(event.event_id) == 1
+
+
 async def _finished(base: str) -> dict[str, Any]:
     async def done() -> dict[str, Any] | None:
         run = (await call(base, "/api/replay"))[1]["run"]

@@ -223,11 +223,12 @@ async def dead_drop(request: web.Request) -> web.Response:
     """One letter (``dead_id``) to the dropped letters: the page confirmed it first."""
     c, body = _ctx(request), await _body(request)
     dead_id = body.get("dead_id")
+    if not isinstance(dead_id, str):
+        return _bad("dead_id: a dead letter's id")
     try:
-        dead.check_id(dead_id if isinstance(dead_id, str) else "")
+        dead.check_id(dead_id)
     except ValueError as exc:
         return _bad(str(exc))
-    assert isinstance(dead_id, str)
     async with request.app[ACTING]:
         return _json({"dead_id": dead_id, **await actions.drop(c["redis"], c["keys"], dead_id)})
 
