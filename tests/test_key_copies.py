@@ -5,15 +5,19 @@ the id an answer named stands for the stored row (``ingest.contract.copies``).""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import asyncpg
 
-from ingest.contract import copies
+from ingest.contract import clicks, copies
 from ingest.contract.events import EventType
+from ingest.contract.keys import Keys
 from workers.consumer import store
 
-from ._world import World
+from ._world import World, call
+from .test_erasure import erase_key
 from .test_race_erased_click import keyed_copy
+from .test_seed_004_refport import CLICK, lead, lead_body
 
 
 async def _rows(pg: asyncpg.Pool, *ids: uuid.UUID) -> set[uuid.UUID]:
@@ -60,3 +64,40 @@ async def test_a_redelivered_copy_files_nothing(world: World, pg: asyncpg.Pool) 
         )
         == 0
     )
+
+
+async def test_an_answer_naming_the_copy_a_lost_record_let_in_stands_for_the_stored_row(
+    edge: str, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    """The race behind the generative test's seeds 493051949 and 1246373390, made to happen:
+    a keyed Affitor click is stored, its key's record is lost (as a Redis failover loses an
+    unreplicated write: deleted here), and the client's retry is appended again and answered
+    200 with another click id. The workers keep one row; the id the retry's answer named is
+    filed as a copy of it, a lead on that click is attributed, and erasing the lead's
+    customer scrubs the stored row."""
+    headers = {"Idempotency-Key": f"k-{uuid.uuid4().hex[:8]}"}
+    status, first, _ = await call("POST", f"{edge}/api/v1/track/click", json=CLICK, headers=headers)
+    assert status == 200, first
+    await drain()
+    records = [k async for k in redis.scan_iter(match=f"{keys.prefix}:idk:*")]
+    assert records, "the key's record"
+    await redis.delete(*records)  # the failover's loss
+    status, again, replayed = await call("POST", f"{edge}/api/v1/track/click", json=CLICK, headers=headers)
+    assert status == 200 and "Idempotent-Replayed" not in replayed and again["click_id"] != first["click_id"], again
+    await drain()
+    stored, named = (clicks.parse(first["click_id"]), clicks.parse(again["click_id"]))
+    assert stored is not None and named is not None
+    assert await _rows(pg, stored, named) == {stored}
+    assert await _stored_as(pg, world, named) == {named: stored}
+
+    customer = f"cust-{uuid.uuid4().hex[:8]}"
+    status, out, _ = await lead(edge, world.api_key, lead_body(again["click_id"], customerExternalId=customer))
+    assert status == 200, out
+    await drain()
+    eraser = await erase_key(pg, redis, keys, world, ["erase"])
+    status, out, _ = await call(
+        "DELETE", f"{edge}/v1/customers/{customer}", headers={"Authorization": f"Bearer {eraser}"}
+    )
+    assert status == 202, out
+    row = await pg.fetchrow("SELECT ip, referrer, user_agent, agent_id FROM events WHERE event_id = $1", stored)
+    assert row is not None and set(row.values()) == {None}, dict(row)

@@ -12,7 +12,6 @@ import uuid
 from typing import Any
 
 import asyncpg
-import pytest
 
 from ingest.contract import clicks
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
@@ -106,15 +105,10 @@ async def test_a_copy_stored_before_the_named_one_after_the_erasure(world: World
     assert set(rows.values()) <= {None}, rows
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the named copy, a duplicate of the key's row, left no trace in Postgres (no row, no alias), "
-    "so the erasure cannot tell that the key's row is the lead's click (issue 64)",
-)
 async def test_both_copies_stored_before_the_erasure(world: World, pg: asyncpg.Pool) -> None:
     """Both copies stored before the erasure, the spooled one (the lower id) holding the key's
-    row and the named one a duplicate of it: the erasure of the lead's customer leaves the
-    key's row holding no referrer."""
+    row and the named one a duplicate of it (filed as its copy: ``ingest.contract.copies``):
+    the erasure of the lead's customer leaves the key's row holding no referrer."""
     p = Person()
     dedupe = f"idem:{uuid.uuid4().hex}:1"
     spooled, named = sorted((keyed_copy(world, dedupe), keyed_copy(world, dedupe)), key=lambda e: e.event_id.int)

@@ -33,10 +33,10 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingest.contract import clicks
+from ingest.contract import clicks, copies
 from ingest.contract.connections import PG_ERRORS, pg_unavailable
 from ingest.contract.errors import Outage
-from ingest.contract.events import Envelope
+from ingest.contract.events import Envelope, EventType
 
 # pg_advisory_xact_lock key: an erasure's ledger write takes it exclusive, a batch shared
 LOCK = 0x72_65_66_65_72_61_73_65  # "referase"
@@ -444,6 +444,9 @@ async def learn(
                 more.append((digest(key, VISITOR, visitor), VISITOR))
             if cid is not None and cid not in held_c:
                 more.append((digest(key, EVENT, cid.hex), EVENT))
+                # the row that holds its key, where the click is a copy (``copies``)
+                for stored in (await copies.stored_as(conn, ws, int(EventType.CLICK), [cid])).values():
+                    more.append((digest(key, EVENT, stored.hex), EVENT))
         at = first_ms(e.received_at_ms, [cid] if cid is not None else [])
         assert at is not None
         touched[found] = min(touched.get(found, at), at)

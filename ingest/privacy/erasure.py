@@ -3,8 +3,9 @@
 Three steps (``erase``), each a transaction:
 
 1. The ledger. Who the person is, read by indexed columns only: their customers rows, their
-   leads and their sales give their visitor ids, the click ids their leads named, and the
-   time of their first event. The erasure's row and one ``erased_ids`` digest per
+   leads and their sales give their visitor ids, the click ids their leads named (and the
+   row that holds a named click's key, where it is a copy: ``ingest.contract.copies``), and
+   the time of their first event. The erasure's row and one ``erased_ids`` digest per
    identifier go in (``ingest.contract.erasure``); an erasure of someone erased before
    adds what is new and keeps its row.
 2. The fence. The ledger's advisory lock, taken exclusive and let go: every batch that read
@@ -47,10 +48,14 @@ WITH c AS (SELECT visitor_id, first_click_id, first_seen_at FROM customers
            WHERE workspace_id = $1 AND external_id = $2),
      l AS (SELECT visitor_id, click_id, received_at FROM events
            WHERE workspace_id = $1 AND type = 2 AND customer_external_id = $2),
-     s AS (SELECT received_at FROM sales WHERE workspace_id = $1 AND customer_external_id = $2)
+     s AS (SELECT received_at FROM sales WHERE workspace_id = $1 AND customer_external_id = $2),
+     n AS (SELECT first_click_id AS click_id FROM c WHERE first_click_id IS NOT NULL
+           UNION SELECT click_id FROM l WHERE click_id IS NOT NULL),
+     -- the row that holds a named click's key, where the click is a copy (ingest.contract.copies)
+     k AS (SELECT event_id FROM event_dedupe WHERE workspace_id = $1 AND type = 1
+           AND dedupe_key = ANY(array(SELECT 'copy:' || replace(click_id::text, '-', '') FROM n)))
 SELECT array(SELECT visitor_id FROM c UNION SELECT visitor_id FROM l WHERE visitor_id IS NOT NULL) AS visitors,
-       array(SELECT first_click_id FROM c WHERE first_click_id IS NOT NULL
-             UNION SELECT click_id FROM l WHERE click_id IS NOT NULL) AS clicks,
+       array(SELECT click_id FROM n UNION SELECT event_id FROM k) AS clicks,
        least((SELECT min(first_seen_at) FROM c), (SELECT min(received_at) FROM l),
              (SELECT min(received_at) FROM s)) AS since
 """

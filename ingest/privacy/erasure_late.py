@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from ingest.contract import clicks as erasure_clicks
-from ingest.contract import erasure
+from ingest.contract import copies, erasure
 from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
 from ingest.contract.events import Envelope, EventType
 from ingest.privacy.erasure import scrub_rows, uuid_floor
@@ -31,6 +31,8 @@ async def follow(conn: asyncpg.Connection, key: bytes, originals: list[tuple[Env
         c = erasure_clicks.parse(cl) if isinstance(cl := e.payload.get("click_id"), str) else None
         visitors = [v] if isinstance(v, str) and not erasure.is_pseudonym(v) else []
         clicks = [c] if c is not None else []
+        if c is not None and ws is not None:  # the row that holds its key, where it is a copy (ingest.contract.copies)
+            clicks += (await copies.stored_as(conn, ws, int(EventType.CLICK), clicks)).values()
         if ws is None or not (visitors or clicks):
             continue
         external = x if isinstance(x, str) and not erasure.is_pseudonym(x) else None
