@@ -1,0 +1,41 @@
+"""The erased people's events of a batch, read in the ledger before anything else of the
+batch (``ingest.contract.erasure``): stored scrubbed, in the batch's transaction, right
+after the ledger's read (``workers.consumer.store``'s lock order).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from ingest.contract import erasure
+from ingest.contract.events import Envelope
+from ingest.contract.links import LinkInfo
+from ingest.privacy import erasure_late
+from workers.consumer import key_copies
+
+
+async def scrub(
+    conn: asyncpg.Connection, ledger: erasure.Ledger, everything: list[Envelope], by_code: dict[str, LinkInfo]
+) -> int:
+    """Scrub, in place, the events of ``everything`` (the batch, one per event id) that the
+    ``ledger`` names, and the copies of their keyed events (``key_copies``); how many were
+    scrubbed. What they teach the ledger is learnt, and followed, in ``conn``'s transaction."""
+    workspaces = {
+        id(e): by_code[c].workspace_id
+        for e in everything
+        if isinstance(c := e.payload.get("code"), str) and c in by_code
+    }
+    originals = ledger.scrubbed(everything, workspaces)
+    originals += key_copies.in_batch(ledger.key, everything, originals, workspaces)
+    scrubbed = len(originals)
+    # a copy of their keyed event an earlier batch stored holds the key's row: theirs too
+    originals += await key_copies.stored(conn, originals, [e.event_id for e in everything])
+    # one that links the person to a visitor or a click their erasure could not know (a
+    # lead that arrives late): those join the ledger, and their rows are scrubbed now
+    # what they teach the ledger (a late lead's click is the person's), and the erasure
+    # pending again for the sweep; the click's row scrubbed now, and this batch's copy
+    if await erasure.learn(conn, ledger.key, originals):
+        await erasure_late.follow(conn, ledger.key, originals)
+        again = await erasure.Ledger.read(conn, everything)
+        scrubbed += len(again.scrubbed(everything, workspaces))
+    return scrubbed
