@@ -235,6 +235,21 @@ def _text(v: object) -> str | None:
     return v if isinstance(v, str) else None
 
 
+@dataclass(slots=True, eq=False)
+class _Settling:
+    """One batch's sales as ``settle``'s steps move them: what it did, the ``sale_stats``
+    to move (by key), and the sales that earn."""
+
+    conn: asyncpg.Connection
+    out: Settled = field(default_factory=Settled)
+    stats: Counter[StatKey] = field(default_factory=Counter)
+    amounts: Counter[StatKey] = field(default_factory=Counter)
+    # refunds, and then their amount, of a sale attributed late
+    refunded: Counter[StatKey] = field(default_factory=Counter)
+    refund_amounts: Counter[StatKey] = field(default_factory=Counter)
+    earned: list[commissions.Sold] = field(default_factory=list)
+
+
 async def settle(
     conn: asyncpg.Connection,
     sales: list[Envelope],
@@ -247,163 +262,201 @@ async def settle(
     ``leads`` precede; move ``sale_stats`` from what came back; the commissions the
     attributed sales and the ``counted`` leads earn (``workers.consumer.commissions``: an
     imported row earns only where ``import_earns``, an import run with ``--commissions``;
-    a live sale an imported lead attributes earns all the same)."""
-    out = Settled()
+    a live sale an imported lead attributes earns all the same). In the module doc's lock
+    order: each step's statements after the one's before."""
+    st = _Settling(conn)
     leads = [s for s in leads if s.type is EventType.LEAD and isinstance(s.envelope.payload.get("external_id"), str)]
     counted = [s for s in counted or [] if s.type is EventType.LEAD]
     if not sales and not leads and not counted:
-        return out
+        return st.out
+    await _lock_customers(conn, sales, leads, counted)
+    if leads:
+        await _keep_leads(conn, leads)
+        await _attribute_late(st, leads)
+    if sales:
+        await _insert_new(st, sales)
+    await _move_stats(st)
+    st.out.notices += await commissions.settle(conn, st.earned, counted, import_earns=import_earns)
+    return st.out
+
+
+async def _lock_customers(
+    conn: asyncpg.Connection, sales: list[Envelope], leads: list[Stored], counted: list[Stored]
+) -> None:
+    """The customers' advisory locks (sorted: ``refunds.lock_customers``), first."""
     await refunds.lock_customers(
         conn,
         [(e.workspace_id or "", e.payload["external_id"]) for e in sales]
         + [(s.link.workspace_id, s.envelope.payload["external_id"]) for s in leads]
         + [(s.link.workspace_id, c) for s in counted if (c := s.text("external_id"))],
     )
-    if leads:
-        await conn.execute(
-            _KEEP_LEADS,
-            jsonrows.doc(
-                [
-                    (
-                        s.envelope.event_id,
-                        s.link.workspace_id,
-                        s.envelope.payload["external_id"],
-                        s.text("name"),
-                        s.link.id,
-                        _click(s),
-                        s.link.affiliate_id,
-                        s.link.program_id,
-                        s.envelope.dialect,
-                        s.at,
-                    )
-                    for s in sorted(leads, key=lambda s: s.envelope.event_id)
-                ]
-            ),
-        )
-    stats: Counter[StatKey] = Counter()
-    amounts: Counter[StatKey] = Counter()
-    refunded: Counter[StatKey] = Counter()  # refunds, and then their amount, of a sale attributed late
-    refund_amounts: Counter[StatKey] = Counter()
-    earned: list[commissions.Sold] = []
 
-    if leads:
-        for r in await conn.fetch(
-            _LATE,
-            jsonrows.doc(
-                [
-                    (
-                        s.envelope.event_id,
-                        s.link.workspace_id,
-                        s.envelope.payload["external_id"],
-                        s.text("name"),
-                        s.at,
-                        _click(s),
-                        s.link.id,
-                        s.link.affiliate_id,
-                        s.link.program_id,
-                    )
-                    for s in sorted(leads, key=lambda s: s.envelope.event_id)
-                ]
-            ),
-        ):
-            ws, day, cur = str(r["workspace_id"]), r["received_at"].date(), r["currency"]
-            stats[(ws, str(NO_LINK), day, cur)] -= 1
-            amounts[(ws, str(NO_LINK), day, cur)] -= r["amount"]
-            stats[(ws, str(r["link_id"]), day, cur)] += 1
-            amounts[(ws, str(r["link_id"]), day, cur)] += r["amount"]
-            for link, sign in ((str(NO_LINK), -1), (str(r["link_id"]), 1)):  # its refunds move with it
-                refunded[(ws, link, day, cur)] += sign * r["refunds"]
-                refund_amounts[(ws, link, day, cur)] += sign * r["refunded"]
-            out.undrops.append(NoRow(r["event_id"], ws, None, UNATTRIBUTED, r["received_at"]))
-            out.attributed_late += 1
-            earned.append(
-                commissions.Sold(
-                    r["event_id"],
-                    ws,
-                    r["customer_external_id"],
-                    r["program_id"],
-                    r["affiliate_id"],
-                    r["link_id"],
-                    r["amount"],
-                    cur,
-                    r["received_at"],
-                    r["dialect"],
-                )
-            )
 
-    if sales:
-        rows = [_Row(e, ts(e.received_at_ms)) for e in sorted(sales, key=lambda e: e.event_id)]
-        for r in await conn.fetch(
-            _LEADS,
-            jsonrows.doc(
-                [
-                    (
-                        i,
-                        row.envelope.workspace_id,
-                        row.envelope.payload["external_id"],
-                        row.at,
-                        _text(row.envelope.payload.get("lead_name")),
-                    )
-                    for i, row in enumerate(rows)
-                ]
-            ),
-        ):
-            rows[r["i"]].lead = r
-        inserted = {r["event_id"] for r in await conn.fetch(_INSERT, jsonrows.doc([row.values() for row in rows]))}
-        out.inserted = len(inserted)
-        for row in rows:
-            if row.envelope.event_id not in inserted:
-                continue
-            e, ws = row.envelope, row.envelope.workspace_id or ""
-            link = str(row.lead["link_id"]) if row.lead else str(NO_LINK)
-            stats[(ws, link, row.at.date(), e.payload["currency"])] += 1
-            amounts[(ws, link, row.at.date(), e.payload["currency"])] += e.payload["amount"]
-            if row.lead is None:
-                out.drops.append(NoRow(e.event_id, ws, None, UNATTRIBUTED, row.at))
-            else:
-                lead = row.lead
-                earned.append(
-                    commissions.Sold(
-                        e.event_id,
-                        ws,
-                        e.payload["external_id"],
-                        lead["program_id"],
-                        lead["affiliate_id"],
-                        lead["link_id"],
-                        e.payload["amount"],
-                        e.payload["currency"],
-                        row.at,
-                        e.dialect,
-                    )
+async def _keep_leads(conn: asyncpg.Connection, leads: list[Stored]) -> None:
+    """The batch's new leads kept as their customers' (``customer_leads``, by event id)."""
+    await conn.execute(
+        _KEEP_LEADS,
+        jsonrows.doc(
+            [
+                (
+                    s.envelope.event_id,
+                    s.link.workspace_id,
+                    s.envelope.payload["external_id"],
+                    s.text("name"),
+                    s.link.id,
+                    _click(s),
+                    s.link.affiliate_id,
+                    s.link.program_id,
+                    s.envelope.dialect,
+                    s.at,
                 )
-            out.notices.append(row.notice())
-        missed = [row for row in rows if row.envelope.event_id not in inserted and row.envelope.payload.get("invoice")]
-        if missed:
-            held = await conn.fetch(
-                _INVOICE_HELD,
-                jsonrows.doc(
-                    [
-                        (row.envelope.event_id, row.envelope.workspace_id, row.envelope.payload["invoice"])
-                        for row in missed
-                    ]
-                ),
-            )
-            others = {r["event_id"] for r in held}
-            out.drops += [
-                NoRow(row.envelope.event_id, row.envelope.workspace_id, None, "duplicate", row.at)
-                for row in missed
-                if row.envelope.event_id in others
+                for s in sorted(leads, key=lambda s: s.envelope.event_id)
             ]
+        ),
+    )
 
+
+async def _attribute_late(st: _Settling, leads: list[Stored]) -> None:
+    """The unattributed sales the batch's new leads precede, attributed (``_LATE``, by event
+    id): their stats and refunds moved from the nil link to the lead's, their drops taken
+    back, and each a sale that may earn."""
+    for r in await st.conn.fetch(
+        _LATE,
+        jsonrows.doc(
+            [
+                (
+                    s.envelope.event_id,
+                    s.link.workspace_id,
+                    s.envelope.payload["external_id"],
+                    s.text("name"),
+                    s.at,
+                    _click(s),
+                    s.link.id,
+                    s.link.affiliate_id,
+                    s.link.program_id,
+                )
+                for s in sorted(leads, key=lambda s: s.envelope.event_id)
+            ]
+        ),
+    ):
+        _attributed_late(st, r)
+
+
+def _attributed_late(st: _Settling, r: asyncpg.Record) -> None:
+    """What one sale attributed late (a row ``_LATE`` returned) moves."""
+    ws, day, cur = str(r["workspace_id"]), r["received_at"].date(), r["currency"]
+    st.stats[(ws, str(NO_LINK), day, cur)] -= 1
+    st.amounts[(ws, str(NO_LINK), day, cur)] -= r["amount"]
+    st.stats[(ws, str(r["link_id"]), day, cur)] += 1
+    st.amounts[(ws, str(r["link_id"]), day, cur)] += r["amount"]
+    for link, sign in ((str(NO_LINK), -1), (str(r["link_id"]), 1)):  # its refunds move with it
+        st.refunded[(ws, link, day, cur)] += sign * r["refunds"]
+        st.refund_amounts[(ws, link, day, cur)] += sign * r["refunded"]
+    st.out.undrops.append(NoRow(r["event_id"], ws, None, UNATTRIBUTED, r["received_at"]))
+    st.out.attributed_late += 1
+    st.earned.append(
+        commissions.Sold(
+            r["event_id"],
+            ws,
+            r["customer_external_id"],
+            r["program_id"],
+            r["affiliate_id"],
+            r["link_id"],
+            r["amount"],
+            cur,
+            r["received_at"],
+            r["dialect"],
+        )
+    )
+
+
+async def _insert_new(st: _Settling, sales: list[Envelope]) -> None:
+    """The batch's sales (by event id): each one's lead found (``_LEADS``), the rows
+    inserted (``_INSERT``), what the new ones move, and the invoices another sale held."""
+    rows = [_Row(e, ts(e.received_at_ms)) for e in sorted(sales, key=lambda e: e.event_id)]
+    for r in await st.conn.fetch(
+        _LEADS,
+        jsonrows.doc(
+            [
+                (
+                    i,
+                    row.envelope.workspace_id,
+                    row.envelope.payload["external_id"],
+                    row.at,
+                    _text(row.envelope.payload.get("lead_name")),
+                )
+                for i, row in enumerate(rows)
+            ]
+        ),
+    ):
+        rows[r["i"]].lead = r
+    inserted = {r["event_id"] for r in await st.conn.fetch(_INSERT, jsonrows.doc([row.values() for row in rows]))}
+    st.out.inserted = len(inserted)
+    for row in rows:
+        if row.envelope.event_id in inserted:
+            _inserted(st, row)
+    missed = [row for row in rows if row.envelope.event_id not in inserted and row.envelope.payload.get("invoice")]
+    if missed:
+        st.out.drops += await _invoices_held(st.conn, missed)
+
+
+def _inserted(st: _Settling, row: _Row) -> None:
+    """What one new sale moves: its stats, its drop when unattributed (or else a sale that
+    may earn), its ``sale.created``."""
+    e, ws = row.envelope, row.envelope.workspace_id or ""
+    link = str(row.lead["link_id"]) if row.lead else str(NO_LINK)
+    st.stats[(ws, link, row.at.date(), e.payload["currency"])] += 1
+    st.amounts[(ws, link, row.at.date(), e.payload["currency"])] += e.payload["amount"]
+    if row.lead is None:
+        st.out.drops.append(NoRow(e.event_id, ws, None, UNATTRIBUTED, row.at))
+    else:
+        lead = row.lead
+        st.earned.append(
+            commissions.Sold(
+                e.event_id,
+                ws,
+                e.payload["external_id"],
+                lead["program_id"],
+                lead["affiliate_id"],
+                lead["link_id"],
+                e.payload["amount"],
+                e.payload["currency"],
+                row.at,
+                e.dialect,
+            )
+        )
+    st.out.notices.append(row.notice())
+
+
+async def _invoices_held(conn: asyncpg.Connection, missed: list[_Row]) -> list[NoRow]:
+    """Of the sales with an invoice that inserted nothing, those whose invoice another sale
+    holds: ``duplicate`` drops (a copy of the sale itself is none)."""
+    held = await conn.fetch(
+        _INVOICE_HELD,
+        jsonrows.doc(
+            [(row.envelope.event_id, row.envelope.workspace_id, row.envelope.payload["invoice"]) for row in missed]
+        ),
+    )
+    others = {r["event_id"] for r in held}
+    return [
+        NoRow(row.envelope.event_id, row.envelope.workspace_id, None, "duplicate", row.at)
+        for row in missed
+        if row.envelope.event_id in others
+    ]
+
+
+async def _move_stats(st: _Settling) -> None:
+    """``sale_stats`` moved by what the steps before counted: one statement, in key order."""
     moved = sorted(
-        k for k in stats.keys() | refunded.keys() if stats[k] or amounts[k] or refunded[k] or refund_amounts[k]
+        k
+        for k in st.stats.keys() | st.refunded.keys()
+        if st.stats[k] or st.amounts[k] or st.refunded[k] or st.refund_amounts[k]
     )
     if moved:
-        await conn.execute(
-            _STATS, jsonrows.doc([(*k, stats[k], amounts[k], refunded[k], refund_amounts[k]) for k in moved])
+        await st.conn.execute(
+            _STATS,
+            jsonrows.doc([(*k, st.stats[k], st.amounts[k], st.refunded[k], st.refund_amounts[k]) for k in moved]),
         )
-    out.notices += await commissions.settle(conn, earned, counted, import_earns=import_earns)
-    return out
 
 
 def _click(s: Stored) -> UUID | None:
