@@ -38,7 +38,7 @@ one batch at a time; writes ``commissions`` in (kind, source) order.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -171,6 +171,31 @@ def _row(
     return (ws, program, affiliate, link, kind, source, customer, amount, currency, at, rules.approve_after(at), rule)
 
 
+@dataclass(slots=True, eq=False)
+class _Earning:
+    """One batch's commissions as ``settle``'s steps find them: the programs' rules, the
+    rows to write, and what is to be looked up per customer (each in key order)."""
+
+    conn: asyncpg.Connection
+    import_earns: bool
+    rules: dict[str, Rules] = field(default_factory=dict)
+    # programs that were ever given rules: a lead_flat may have been paid under earlier ones
+    ruled: set[str] = field(default_factory=set)
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    # (workspace, customer, program, lead group)
+    groups: dict[tuple[str, str, str, str], Rules] = field(default_factory=dict)
+    # a months program's customers whose first lead may be new
+    timed: dict[tuple[str, str, str], Rules] = field(default_factory=dict)
+    firsts: dict[tuple[str, str, str], Rules] = field(default_factory=dict)  # a first_sale program's customers
+    months: list[tuple[Sold, Rules]] = field(default_factory=list)  # sales that earn unless past their span
+
+    def earns(self, dialect: str) -> bool:
+        return dialect != IMPORT_DIALECT or self.import_earns
+
+    def rules_of(self, program: object) -> Rules:
+        return self.rules.get(str(program), Rules())
+
+
 async def settle(
     conn: asyncpg.Connection, sold: list[Sold], leads: list[Stored], *, import_earns: bool = False
 ) -> list[WebhookEvent]:
@@ -178,65 +203,76 @@ async def settle(
     reversals ``first_sale`` and the once-per-customer lead call for); a
     ``commission.created`` notice for each new row. ``import_earns``: an import run with
     ``--commissions``, whose rows earn (the ``import`` dialect's rows otherwise earn nothing)."""
-
-    def earns(dialect: str) -> bool:
-        return dialect != IMPORT_DIALECT or import_earns
-
     sold = [s for s in sold if s.program_id is not None and s.affiliate_id is not None]
     leads = [s for s in leads if s.type is EventType.LEAD and s.link.program_id and s.link.affiliate_id]
     programs = sorted({str(s.program_id) for s in sold} | {str(s.link.program_id) for s in leads})
     if not programs:
         return []
+    e = _Earning(conn, import_earns)
     found = await conn.fetch(_RULES, programs)
-    rules = {str(r["id"]): Rules.from_json(r["commission"]) for r in found}
-    # programs that were ever given rules: a lead_flat may have been paid under earlier ones
-    ruled = {str(r["id"]) for r in found if r["commission"] not in (None, {}, "{}")}
-    rows: list[tuple[Any, ...]] = []
-    groups: dict[tuple[str, str, str, str], Rules] = {}  # (workspace, customer, program, lead group)
-    timed: dict[tuple[str, str, str], Rules] = {}  # a months program's customers whose first lead may be new
+    e.rules = {str(r["id"]): Rules.from_json(r["commission"]) for r in found}
+    e.ruled = {str(r["id"]) for r in found if r["commission"] not in (None, {}, "{}")}
     for lead in leads:
-        r = rules.get(str(lead.link.program_id), Rules())
-        group, customer = r.lead_group(lead.text("name")), lead.text("external_id")
-        if r.duration == "months" and customer is not None:
-            timed[(lead.link.workspace_id, customer, str(lead.link.program_id))] = r
-        if group is None:
-            continue
-        if customer is None:  # no customer to earn once for: the lead alone
-            if r.lead_flat > 0 and earns(lead.envelope.dialect):
-                link = lead.link
-                rows.append(
-                    _row(
-                        link.workspace_id,
-                        link.program_id,
-                        link.affiliate_id,
-                        link.id,
-                        "lead",
-                        lead.envelope.event_id,
-                        None,
-                        r.lead_flat,
-                        r.lead_currency,
-                        lead.at,
-                        r,
-                    )
-                )
-            continue
-        # the customer's first lead earns what its rules pay, and takes back a later one's
-        # that earned first, whatever the rules were then: under no lead_flat too, where
-        # earlier rules may have paid one
-        if r.lead_flat > 0 or str(lead.link.program_id) in ruled:
-            groups[(lead.link.workspace_id, customer, str(lead.link.program_id), group)] = r
-    firsts: dict[tuple[str, str, str], Rules] = {}
-    months: list[tuple[Sold, Rules]] = []
+        _plan_lead(e, lead)
     for sale in sold:
-        r = rules.get(str(sale.program_id), Rules())
-        if r.duration == "first_sale":
-            firsts[(sale.workspace_id, sale.customer, str(sale.program_id))] = r
-        elif r.for_sale(sale.amount, sale.currency) > 0 and earns(sale.dialect):
-            months.append((sale, r))
-    first_lead = await _first_leads(conn, [s for s, r in months if r.duration == "months"])
-    for sale, r in months:
+        _plan_sale(e, sale)
+    await _earn_months(e)
+    await _earn_firsts(e, {sale.event_id for sale in sold}, {lead.envelope.event_id for lead in leads})
+    return await _write(e)
+
+
+def _plan_lead(e: _Earning, lead: Stored) -> None:
+    """What a counted lead earns: its flat amount now where it names no customer; else its
+    customer's group looked up (``_first_lead``), and a months program's timing too."""
+    r = e.rules_of(lead.link.program_id)
+    group, customer = r.lead_group(lead.text("name")), lead.text("external_id")
+    if r.duration == "months" and customer is not None:
+        e.timed[(lead.link.workspace_id, customer, str(lead.link.program_id))] = r
+    if group is None:
+        return
+    if customer is None:  # no customer to earn once for: the lead alone
+        if r.lead_flat > 0 and e.earns(lead.envelope.dialect):
+            link = lead.link
+            e.rows.append(
+                _row(
+                    link.workspace_id,
+                    link.program_id,
+                    link.affiliate_id,
+                    link.id,
+                    "lead",
+                    lead.envelope.event_id,
+                    None,
+                    r.lead_flat,
+                    r.lead_currency,
+                    lead.at,
+                    r,
+                )
+            )
+        return
+    # the customer's first lead earns what its rules pay, and takes back a later one's
+    # that earned first, whatever the rules were then: under no lead_flat too, where
+    # earlier rules may have paid one
+    if r.lead_flat > 0 or str(lead.link.program_id) in e.ruled:
+        e.groups[(lead.link.workspace_id, customer, str(lead.link.program_id), group)] = r
+
+
+def _plan_sale(e: _Earning, sale: Sold) -> None:
+    """A first_sale program's customer looked up (``_first_sale``); any other sale that
+    earns something, by its span (``_earn_months``)."""
+    r = e.rules_of(sale.program_id)
+    if r.duration == "first_sale":
+        e.firsts[(sale.workspace_id, sale.customer, str(sale.program_id))] = r
+    elif r.for_sale(sale.amount, sale.currency) > 0 and e.earns(sale.dialect):
+        e.months.append((sale, r))
+
+
+async def _earn_months(e: _Earning) -> None:
+    """The sales of ``_plan_sale``'s that earn: within their rules' span of the customer's
+    first lead (``months``), or always (``lifetime``)."""
+    first_lead = await _first_leads(e.conn, [s for s, r in e.months if r.duration == "months"])
+    for sale, r in e.months:
         if r.within(sale.at, first_lead.get(sale.event_id)):
-            rows.append(
+            e.rows.append(
                 _row(
                     sale.workspace_id,
                     sale.program_id,
@@ -251,21 +287,29 @@ async def settle(
                     r,
                 )
             )
-    new = {sale.event_id for sale in sold}
-    for (ws, customer, program), r in sorted(firsts.items()):
-        rows += await _first_sale(conn, ws, customer, program, r, new, earns)
-    batch = {lead.envelope.event_id for lead in leads}
-    for (ws, customer, program, group), r in sorted(groups.items()):
-        rows += await _first_lead(conn, ws, customer, program, group, r, batch, earns)
-    for (ws, customer, program), r in sorted(timed.items()):
-        rows += await _months_past(conn, ws, customer, program, r)
-    if not rows:
+
+
+async def _earn_firsts(e: _Earning, new: set[UUID], batch: set[UUID]) -> None:
+    """Per customer, in key order: the first sale (``new``: the batch's sales), the first
+    lead of each group (``batch``: the batch's leads), a months program's sales past the
+    span of a first lead that is new."""
+    for (ws, customer, program), r in sorted(e.firsts.items()):
+        e.rows += await _first_sale(e.conn, ws, customer, program, r, new, e.earns)
+    for (ws, customer, program, group), r in sorted(e.groups.items()):
+        e.rows += await _first_lead(e.conn, ws, customer, program, group, r, batch, e.earns)
+    for (ws, customer, program), r in sorted(e.timed.items()):
+        e.rows += await _months_past(e.conn, ws, customer, program, r)
+
+
+async def _write(e: _Earning) -> list[WebhookEvent]:
+    """The rows into ``commissions`` (one statement); their notices, and clawbacks'."""
+    if not e.rows:
         return []
-    made = await conn.fetch(_INSERT, jsonrows.doc(rows))
+    made = await e.conn.fetch(_INSERT, jsonrows.doc(e.rows))
     notices = [commission_notice(r) for r in made]
     # a sale refunded before it earned (attributed late): its refunds' clawbacks now
     if earning := sorted(r["source_id"] for r in made if r["kind"] == "sale"):
-        notices += await refunds.clawbacks(conn, earning)
+        notices += await refunds.clawbacks(e.conn, earning)
     return notices
 
 
