@@ -8,19 +8,28 @@ event of carol's, or of the browser, is stored as sent."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 import pytest
 
+from ingest.contract import clicks
 from ingest.contract import erasure as ledger
+from ingest.contract.errors import NotFound
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.manage import manage
+from ingest.privacy import erasure as pg_erasure
+from workers.consumer import store
 from workers.ops import erasure
 
 from ._world import World, call
-from .test_erasure import erase_key, found_in, pg_dump_text
+from .test_erasure import IP, erase_key, found_in, pg_dump_text
 from .test_refunds import sold
 from .test_seed_004_refport import lead, lead_body, new_click
 
@@ -168,5 +177,155 @@ async def test_a_lead_stored_after_its_customers_erasure_leaves_the_browsers_oth
     status, out = await _customer(edge, world, alice.external_id)
     assert status == 200 and out["email"] == alice.email, (status, out)
     assert (await _customer(edge, world, carol.external_id))[0] == 404
+    needles = {"id": carol.external_id.encode(), "email": carol.email.encode(), "name": carol.name.encode()}
+    assert not found_in([("postgres", pg_dump_text(settings.database_url))], needles)
+
+
+# -- an erasure racing the batch that stores the other customer's lead (the generative test's
+# seed 3004, issue 64). The interleavings are forced: a batch paused on the browser's
+# customers row (the lock a test transaction holds) after it read the ledger, or one run
+# inside the erasure, between its steps (``scrub_rows`` wrapped), as
+# tests/test_race_erased_click.py calls the store path and the erasure in the order that breaks
+
+
+def _browser_click(world: World) -> Envelope:
+    """A click of the browser (its visitor id is its click id, as an Affitor click's)."""
+    e = Envelope(
+        EventType.CLICK,
+        Dialect.AFFITOR,
+        {"code": world.link["code"], "referrer": "https://ref.test/shared-browser"},
+        world.workspace_id,
+        IP,
+        "Mozilla/5.0",
+        event_id=uuid7(),
+    )
+    e.payload["click_id"] = e.payload["visitor_id"] = clicks.mint(e.event_id)
+    return e
+
+
+def _lead_of(world: World, c: _Customer, click: Envelope) -> Envelope:
+    return Envelope(
+        EventType.LEAD,
+        Dialect.AFFITOR,
+        {
+            "code": world.link["code"],
+            "click_id": click.payload["click_id"],
+            "visitor_id": click.payload["visitor_id"],
+            "external_id": c.external_id,
+            "email": c.email,
+            "customer_name": c.name,
+            "name": "Sign Up",
+        },
+        world.workspace_id,
+        IP,
+        "Mozilla/5.0",
+        event_id=uuid7(),
+    )
+
+
+async def _waiting(pg: asyncpg.Pool, n: int, event: str | None = None) -> None:
+    """Until ``n`` sessions of this database wait on a lock (of ``event``, e.g. 'advisory')."""
+    for _ in range(1000):
+        found = await pg.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            " AND ($1::text IS NULL OR wait_event = $1)",
+            event,
+        )
+        if found >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no {n} sessions waiting on {event or 'a lock'}")
+
+
+@asynccontextmanager
+async def _paused(pg: asyncpg.Pool, world: World, visitor: str) -> AsyncIterator[None]:
+    """While the block runs, a batch that upserts ``visitor``'s customers row waits there:
+    it read the ledger (holding its lock shared) and stored its events, uncommitted."""
+    async with pg.acquire() as conn:
+        tr = conn.transaction()
+        await tr.start()
+        try:
+            locked = await conn.fetchval(
+                "SELECT id FROM customers WHERE workspace_id = $1 AND visitor_id = $2 FOR UPDATE",
+                world.workspace_id,
+                visitor,
+            )
+            assert locked is not None
+            yield
+        finally:
+            await tr.commit()
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        # alice's batch read the ledger before carol's erasure wrote it, and commits before its fence
+        "read_before_the_ledger",
+        # alice's batch read the ledger after it, and commits before the erasure scrubs the rows
+        "between_the_ledger_and_the_rows",
+        # carol's lead, stored by a batch that read the ledger before the erasure, taught its
+        # first pass the browser; alice's lead is stored before the second pass
+        "between_passes",
+    ],
+)
+async def test_a_lead_stored_while_the_browsers_other_customer_is_erased_leaves_its_customer(
+    when: str, world: World, settings: Settings, pg: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice's lead is stored while carol, of the same browser, is erased: whichever step of
+    the erasure it lands between, alice's customer answers her, with her email and name, and
+    her lead is stored as sent; carol is nowhere."""
+    alice, carol = _Customer("alice"), _Customer("carol")
+    click = _browser_click(world)
+    visitor = click.payload["visitor_id"]
+    assert (await store.write_batch(pg, [click])).inserted == 1  # the browser's customers row
+    alices, carols = _lead_of(world, alice, click), _lead_of(world, carol, click)
+    scrub_rows = pg_erasure.scrub_rows
+    calls = 0
+    inside = {"between_the_ledger_and_the_rows": 1, "between_passes": 2}.get(when)
+
+    async def scrubbing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == inside:  # on a connection of its own, committed before this pass reads a row
+            assert (await store.write_batch(pg, [alices])).inserted == 1
+        return await scrub_rows(*args, **kwargs)
+
+    monkeypatch.setattr(pg_erasure, "scrub_rows", scrubbing)
+
+    async def erase() -> None:
+        await pg_erasure.erase(pg, world.workspace_id, carol.external_id, by="test", archive_days=30)
+
+    if when == "between_passes":
+        async with _paused(pg, world, visitor):
+            storing = asyncio.create_task(store.write_batch(pg, [carols]))
+            await _waiting(pg, 1)
+            erasing = asyncio.create_task(erase())
+            await _waiting(pg, 1, "advisory")  # its fence, behind carol's batch
+        assert (await storing).inserted == 1
+        await erasing
+        assert calls >= 2, calls
+    else:
+        assert (await store.write_batch(pg, [carols])).inserted == 1
+        if when == "read_before_the_ledger":
+            async with _paused(pg, world, visitor):
+                storing = asyncio.create_task(store.write_batch(pg, [alices]))
+                await _waiting(pg, 1)
+                erasing = asyncio.create_task(erase())
+                await _waiting(pg, 1, "advisory")  # its fence, behind alice's batch
+            assert (await storing).inserted == 1
+            await erasing
+        else:
+            await erase()
+
+    async with pg.acquire() as conn:
+        out = await manage.get_customer(conn, world.workspace_id, [alice.external_id])
+    assert out["email"] == alice.email and out["name"] == alice.name, out
+    (row,) = await pg.fetch(
+        "SELECT visitor_id, payload->>'email' AS email FROM events WHERE event_id = $1", alices.event_id
+    )
+    assert row["visitor_id"] == visitor and row["email"] == alice.email, row
+    async with pg.acquire() as conn:
+        with pytest.raises(NotFound):
+            await manage.get_customer(conn, world.workspace_id, [carol.external_id])
     needles = {"id": carol.external_id.encode(), "email": carol.email.encode(), "name": carol.name.encode()}
     assert not found_in([("postgres", pg_dump_text(settings.database_url))], needles)

@@ -40,6 +40,7 @@ from ingest.contract.errors import NotFound
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.fraud import BURST_WINDOW_TABLES
 from ingest.contract.keys import Keys
+from ingest.privacy import erasure_shared
 
 _PASSES = 5  # a person whose visitors keep turning up more: each pass fences and scans again
 
@@ -391,6 +392,11 @@ async def scrub_rows(
         more_clicks -= also_c
         shared_visitors = [*shared_visitors, *sorted(also_v)]
     people = await conn.fetch(_CUSTOMERS, workspace_id, external_id, [*visitors, *shared_visitors])
+    # each row taken for theirs alone decided again behind its lock: another customer's lead
+    # may have been stored from the browser since its visitor was found theirs alone
+    people, shared_visitors = await erasure_shared.decided(
+        conn, key, workspace_id, external_id, people, shared_visitors
+    )
     mine = {c["id"] for c in people if c["visitor_id"] not in shared_visitors}
     for c in people:
         if c["id"] in mine:
