@@ -40,6 +40,7 @@ CASES_FROM = 900_000
 # the placeholder fingerprints a careless tracker sends (``ingest.contract.ids.PLACEHOLDERS``)
 FP_PLACEHOLDERS = ("undefined", "null", "", "0", "[object Object]", " NULL ", "Undefined", "anonymous", "\u200bnull")
 FP_CLICKS = 8  # Affixo clicks of a placeholder fingerprint a seed
+FP_SHARED = 3  # the first placeholders, each sent by two browsers or more
 FP_BATCHES = 2  # batches of two or three such click items
 # the rules of the program ``World.rc_program``: set at setup, then changed twice during the run
 RULES: tuple[dict[str, Any], ...] = (
@@ -78,11 +79,15 @@ def draw(rng: random.Random, load_s: float, mode: str) -> list[Any]:
         first = step(t + rng.uniform(0.3, 1.0), "lead", "shared", on=click)
         second = step(t + rng.uniform(0.5, 1.5), "lead", "shared", "second", on=first)
         step(t + rng.uniform(1.5, 3.0), "erase", "shared", rng.choice(("erase:first", "erase:second")), on=second)
-    for i in range(FP_CLICKS):  # fp: Affixo's clicks of a placeholder fingerprint
-        step(rng.uniform(0.5, load_s), "affixo", "fp", f"fp:{i % len(FP_PLACEHOLDERS)}")
+    # fp: Affixo's clicks of a placeholder fingerprint, several browsers sending the same
+    # one (two browsers of one placeholder are what a placeholder taken for a fingerprint
+    # would merge), and the rest of the list once each
+    for i in range(FP_CLICKS):
+        fp = i % FP_SHARED if i < 2 * FP_SHARED else rng.randrange(len(FP_PLACEHOLDERS))
+        step(rng.uniform(0.5, load_s), "affixo", "fp", f"fp:{fp}")
     for _ in range(FP_BATCHES):
         n = rng.randint(2, 3)
-        fps = tuple(f"fp:{rng.randrange(len(FP_PLACEHOLDERS))}" for _ in range(n))
+        fps = tuple(f"fp:{rng.randrange(FP_SHARED)}" for _ in range(n))
         step(rng.uniform(0.5, load_s), "batch", "fp", items=fps)
     t = rng.uniform(1.0, 3.0)  # rules: one customer's history across two changes of rules
     chain = step(t, "affitor", "rules")
