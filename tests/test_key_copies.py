@@ -17,7 +17,8 @@ from workers.consumer import store
 from ._world import World, call
 from .test_erasure import erase_key
 from .test_race_erased_click import keyed_copy
-from .test_seed_004_refport import CLICK, lead, lead_body
+from .test_seed_002_affitor import EXAMPLE as CLICK
+from .test_seed_004_refport import lead, lead_body
 
 
 async def _rows(pg: asyncpg.Pool, *ids: uuid.UUID) -> set[uuid.UUID]:
