@@ -16,9 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ingest.contract.errors import NotSent, OutcomeUnknown, Unknown
 from ingest.contract.settings import Settings
 from ingest.edge.batcher import Backpressure, RedisBatcher, RedisDown
 from ingest.link import breaker as breaker_module
@@ -40,7 +39,7 @@ async def timed(coro) -> tuple[float, object]:
     start = time.monotonic()
     try:
         out: object = await coro
-    except RedisError as exc:
+    except (NotSent, OutcomeUnknown) as exc:  # the batcher's errors are the tree's
         out = exc
     return time.monotonic() - start, out
 
@@ -61,9 +60,9 @@ async def test_a_blackholed_redis_is_answered_within_the_deadline(settings: Sett
         proxy.blackhole()
         # a burst while nothing answers: every request hears back within the deadline
         outcomes = await asyncio.gather(*(timed(batcher.execute(("GET", key))) for _ in range(200)))
-        assert all(isinstance(out, RedisError) for _, out in outcomes), outcomes[:3]
+        assert all(isinstance(out, NotSent | OutcomeUnknown) for _, out in outcomes), outcomes[:3]
         assert max(s for s, _ in outcomes) < DEADLINE_S + MARGIN_S
-        assert any(isinstance(out, RedisTimeoutError) for _, out in outcomes)
+        assert any(isinstance(out, OutcomeUnknown) and out.reason is Unknown.LOST for _, out in outcomes)
         # known down: refused without waiting (a probe may be let through: at most one)
         refusals = [await timed(batcher.execute(("GET", key))) for _ in range(20)]
         assert sum(isinstance(out, RedisDown) for _, out in refusals) >= 19
@@ -74,7 +73,7 @@ async def test_a_blackholed_redis_is_answered_within_the_deadline(settings: Sett
         async def back() -> bool:
             try:
                 return await batcher.execute(("GET", key)) == [None]
-            except RedisError:
+            except (NotSent, OutcomeUnknown):
                 return False
 
         await wait_for(back, timeout=10, what="a probe to find Redis back")
@@ -127,7 +126,7 @@ async def test_the_queue_is_bounded(settings: Settings):
         with pytest.raises(Backpressure):
             await batcher.execute(*[get] * 4)
         for task in (first, *behind):
-            with pytest.raises(RedisError):
+            with pytest.raises((NotSent, OutcomeUnknown)):
                 await task
     finally:
         proxy.heal()

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from ingest.contract import clicks
 from ingest.contract.connections import connect_redis
+from ingest.contract.errors import NotSent, OutcomeUnknown, Unknown
 from ingest.contract.events import uuid7
 from ingest.contract.keys import Keys
 from ingest.contract.sentinel_url import sentinel_target
@@ -29,7 +30,7 @@ from ingest.contract.settings import Settings, explain, parse_durability
 from ingest.edge.batcher import RedisBatcher
 from ingest.link import breaker as breaker_module
 from ingest.link.choice import link_for
-from ingest.link.durability import Durability, NotDurable, startup_problem
+from ingest.link.durability import Durability, Undurable, startup_problem
 from ingest.link.resp import DirectLink
 from ingest.spool.spool import Spool
 
@@ -70,12 +71,16 @@ def test_wait_replies_are_judged():
     assert two.command() == ("WAIT", 2, 100)
     assert two.failure(2) is None and two.failure(3) is None
     assert "1 of 2 replicas" in str(two.failure(1))
-    assert isinstance(two.failure(aioredis.ResponseError("ERR boom")), NotDurable)
+    assert _unconfirmed(two.failure(aioredis.ResponseError("ERR boom")))
     aof = Durability(fsync=True, wait_ms=100)
     assert aof.command() == ("WAITAOF", 1, 0, 100)
     assert aof.failure([1, 0]) is None
-    assert isinstance(aof.failure([0, 0]), NotDurable)
-    assert isinstance(aof.failure(aioredis.ResponseError("ERR unknown command 'WAITAOF'")), NotDurable)
+    assert _unconfirmed(aof.failure([0, 0]))
+    assert _unconfirmed(aof.failure(aioredis.ResponseError("ERR unknown command 'WAITAOF'")))
+
+
+def _unconfirmed(exc: object) -> bool:
+    return isinstance(exc, OutcomeUnknown) and exc.reason is Unknown.UNCONFIRMED
 
 
 def test_sentinel_urls_parse():
@@ -136,12 +141,15 @@ async def test_an_unconfirmed_batch_is_not_accepted_until_replicas_return(server
     client = aioredis.Redis.from_url(primary.url)
     batcher = RedisBatcher(client, durability=Durability(replicas=1, wait_ms=100))
     try:
-        with pytest.raises(NotDurable, match="0 of 1 replicas"):
+        with pytest.raises(OutcomeUnknown, match="0 of 1 replicas") as err:  # ran on the primary
             await batcher.execute(XADD, durable=True)
+        assert err.value.reason is Unknown.UNCONFIRMED
         # the XADD did reach the primary: a spooled copy may follow it (one event_id, stored once)
         assert await client.xlen("durability:test") == 1
         assert await batcher.execute(("GET", "x")) == [None]  # what is not an event goes on
-        with pytest.raises(NotDurable, match="probing"):  # refused at once, not sent
+        with pytest.raises(Undurable, match="probing"):  # refused at once, not sent
+            await batcher.execute(XADD, durable=True)
+        with pytest.raises(NotSent, match="probing"):  # the branch decides: never sent
             await batcher.execute(XADD, durable=True)
         assert await client.xlen("durability:test") == 1
 
@@ -152,7 +160,7 @@ async def test_an_unconfirmed_batch_is_not_accepted_until_replicas_return(server
             try:
                 await batcher.execute(XADD, durable=True)
                 return True
-            except NotDurable:
+            except (Undurable, OutcomeUnknown):
                 return False
 
         await wait_for(accepted, timeout=20, what="a durable write once a replica is back")
@@ -170,7 +178,7 @@ async def test_the_spool_keeps_what_replicas_have_not_confirmed(servers, tmp_pat
     try:
         for n in range(3):
             await spool.append("durability:test", b'{"n":%d}' % n)
-        with pytest.raises(NotDurable):  # in the primary, on no replica: nothing may be deleted
+        with pytest.raises(OutcomeUnknown):  # in the primary, on no replica: nothing may be deleted
             await spool.drain(client)
         assert spool.entries() == 3 and await client.xlen("durability:test") == 3
 
@@ -335,7 +343,7 @@ async def test_sentinel_client_and_link_follow_a_failover(settings: Settings, se
         url = f"redis+sentinel://127.0.0.1:{sentinel.port}/{MASTER}/0"
         client = connect_redis(settings.model_copy(update={"redis_url": url}))
         link = link_for(client)
-        assert isinstance(link, DirectLink)
+        assert isinstance(link.inner, DirectLink)
         try:
             assert isinstance((await link.send([XADD]))[0], bytes)
             assert (await client.info("server"))["tcp_port"] == primary.port

@@ -21,12 +21,12 @@ import pytest
 import redis.asyncio as aioredis
 import uvloop
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ingest.contract.errors import NotSent, OutcomeUnknown, Unknown
 from ingest.edge.batcher import RedisBatcher, RedisDown
 from ingest.edge.ratelimit import RateLimiter, well_formed
-from ingest.link.durability import Durability, Unconfirmed
-from ingest.link.resp import DirectLink, ImpossibleReply
+from ingest.link.durability import Durability
+from ingest.link.resp import DirectLink
 
 from ._redis import PrivateRedis
 
@@ -123,7 +123,7 @@ def test_every_request_gets_its_own_reply_through_a_stall(loop: str, private_red
             """True when answered; a Redis error is an answer too, another's token is not."""
             try:
                 replies = await (task or batcher.execute(("ECHO", token)))
-            except RedisError:
+            except (NotSent, OutcomeUnknown):
                 return False
             if replies != [token.encode()]:
                 wrong.append((token, replies))
@@ -132,10 +132,11 @@ def test_every_request_gets_its_own_reply_through_a_stall(loop: str, private_red
         try:
             assert await echo("warm")
             with stopped(private_redis):
-                with pytest.raises(RedisTimeoutError):  # the deadline, with the replies still owed
+                with pytest.raises(OutcomeUnknown) as err:  # the deadline, with the replies still owed
                     await batcher.execute(("ECHO", "first"), ("ECHO", "first-too"))
+                assert err.value.reason is Unknown.LOST
                 probe = await let_through(batcher, ("ECHO", "probe"))
-                await until(lambda: in_flight(batcher._link), "the probe written")
+                await until(lambda: in_flight(batcher._link.inner), "the probe written")
             await echo("probe", probe)
             # and everything after: many requests at once, each with its own token
             for round_ in range(50):
@@ -165,8 +166,9 @@ def test_a_reply_of_the_wrong_shape_fails_its_round_trip_and_drops_the_connectio
             bad = asyncio.ensure_future(batcher.execute(("ECHO", "x"), check=lambda r: r == [b"y"]))
             beside = asyncio.ensure_future(batcher.execute(("ECHO", "beside")))  # the same round trip
             for task in (bad, beside):
-                with pytest.raises(ImpossibleReply):  # outcome unknown: a ConnectionError, never handed out
+                with pytest.raises(OutcomeUnknown) as err:  # never handed out
                     await task
+                assert err.value.reason is Unknown.REPLY
             (after,) = await (await let_through(batcher, ("CLIENT", "ID")))
             assert after != before  # a new connection
         finally:
@@ -185,8 +187,9 @@ def test_a_verdict_of_the_wrong_shape_is_a_redis_error_not_an_index_error(privat
             (reply,) = await batcher.execute(limiter.command("rl"), check=limiter.check)
             assert limiter.verdict(reply).allowed and well_formed(reply)
             for impossible in (b"OK", [1, 2], [b"1", 2, 3], 7, None):  # another command's replies
-                with pytest.raises(ImpossibleReply):
+                with pytest.raises(OutcomeUnknown) as err:
                     limiter.verdict(impossible)
+                assert err.value.reason is Unknown.REPLY
                 assert not well_formed(impossible)
             assert not well_formed([1, 4, 0, 1])  # SLIDING_WINDOW answers exactly three
             assert well_formed([1, 4, 0, 1, b"v", None], flags=1, values=2)
@@ -213,8 +216,9 @@ def test_a_forgotten_script_rerun_for_a_durable_request_ends_with_its_own_wait(p
         try:
             await client.config_resetstat()
             # never loaded: NOSCRIPT, then the rerun, which appends the event
-            with pytest.raises(Unconfirmed) as err:
+            with pytest.raises(OutcomeUnknown) as err:
                 await batcher.execute(("EVALSHA", append, 1, "s", "e1"), durable=True)
+            assert err.value.reason is Unknown.UNCONFIRMED
             assert len(err.value.replies) == 1 and isinstance(err.value.replies[0], bytes)
             assert await client.xlen("s") == 1
             assert await waits() == 2  # the round trip's WAIT, and the rerun's own

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from ingest.edge.batcher import RedisBatcher
 from ingest.edge.ratelimit import RateLimiter
+from ingest.link.errors import Rejected
 
 from .faults._servers import FaultRedis
 
@@ -106,7 +106,7 @@ async def test_one_evalsha_a_round_trip_each_reply_its_own(server: aioredis.Redi
     assert first[True] == first[False] == [r[0] for r in replies[True][:3]] + [None] + [r[0] for r in replies[True][4:]]
     assert replies[True][0] == [[b"k1", b"a"]]
     assert replies[True][1] == [None, b"b"]
-    assert replies[True][2] == [("ResponseError", False)]
+    assert replies[True][2] == [("Rejected", False)]  # an error reply, as the link hands it up
     assert replies[True][4] == [("PartitionGone", True)]  # the batcher reads GONE as for any script
     assert replies[True][5] == [[b"k5", b"d"], [b"k6", b"e"]]
 
@@ -150,7 +150,7 @@ async def test_an_admission_counts_though_its_script_fails_after_it(server: aior
             replies = await together(batcher, *((("EVALSHA", sha, 2, "rl:c", "text", 60_000, 10),) for i in range(3)))
         finally:
             await batcher.close()
-        assert all(isinstance(r[0], ResponseError) for r in replies), replies
+        assert all(isinstance(r[0], Rejected) for r in replies), replies
         assert await server.llen("rl:c") == 3, merge  # type: ignore[misc]
 
 

@@ -16,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisClusterException, RedisError
 
-from ingest.contract.errors import NotSent, OutcomeUnknown
+from ingest.contract.errors import NotSent, OutcomeUnknown, Unknown
 from ingest.contract.sentinel_url import sentinel_target
 from ingest.contract.settings import Settings
 
@@ -42,20 +42,17 @@ PG_ERRORS = (
 )
 
 
-class CommitUnknown(OutcomeUnknown, OSError):
-    """Postgres went away while a COMMIT was in flight: the write may be committed. An
-    ``OSError``, so every outage handler still answers it as one; the management routes
-    answer it 503 with ``Refstream-Outcome: unknown``, never as a plain refusal."""
-
-
 class ConnectionLost(NotSent, OSError):
     """Postgres's connection was lost in a write's body: nothing was committed."""
 
 
 @contextlib.asynccontextmanager
 async def write(conn: asyncpg.Connection) -> AsyncIterator[None]:
-    """``conn.transaction()``, with a COMMIT lost with its connection raised as
-    ``CommitUnknown``; the body's own errors (rolled back: nothing written) pass unchanged."""
+    """``conn.transaction()``, with a COMMIT lost with its connection raised as the outcome
+    unknown ``Unknown.COMMIT`` (the write may be committed: an ``OSError``, so every outage
+    handler still answers it as one; the management routes answer it 503 with
+    ``Refstream-Outcome: unknown``, never as a plain refusal); the body's own errors (rolled
+    back: nothing written) pass unchanged."""
     body_done = False
     try:
         async with conn.transaction():
@@ -64,8 +61,8 @@ async def write(conn: asyncpg.Connection) -> AsyncIterator[None]:
     except (*PG_ERRORS, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
         # InternalClientError: the driver's own state broken by a server going away
         # ("cannot switch to state ...; another operation is in progress")
-        if body_done and not isinstance(exc, CommitUnknown):
-            raise CommitUnknown(f"the commit's outcome is unknown: {exc!r}") from exc
+        if body_done and not isinstance(exc, OutcomeUnknown):
+            raise OutcomeUnknown(f"the commit's outcome is unknown: {exc!r}", Unknown.COMMIT) from exc
         if isinstance(exc, asyncpg.InternalClientError) or (
             isinstance(exc, asyncpg.InterfaceError) and _LOST.search(str(exc))
         ):

@@ -25,6 +25,7 @@ import structlog
 
 from ingest.contract import clock
 from ingest.contract.connections import REDIS_ERRORS, Command, cancelled_meanwhile
+from ingest.contract.errors import NotSent, OutcomeUnknown
 
 log = structlog.get_logger("ingest.drops")
 
@@ -144,7 +145,7 @@ class DropTally:
         items = sorted(counts.items())
         try:
             replies = await self._batcher.execute(*(("HINCRBY", self._key, f, n) for f, n in items))
-        except REDIS_ERRORS as exc:
+        except (NotSent, OutcomeUnknown, *REDIS_ERRORS) as exc:
             log.warning("drops.flush_failed", error=repr(exc), fields=len(items))
             self._counts.update(counts)
             return
@@ -160,7 +161,7 @@ class DropTally:
         xadd = ("XADD", self._refused_key, "MAXLEN", "~", REFUSED_KEPT, "*")
         try:
             await self._batcher.execute(*((*xadd, "at", at, "route", r, "code", c) for at, r, c in recent))
-        except REDIS_ERRORS as exc:  # the tail's view only: the counts go on as ever
+        except (NotSent, OutcomeUnknown, *REDIS_ERRORS) as exc:  # the tail's view only: the counts go on as ever
             log.warning("drops.refused_not_sent", error=repr(exc), codes=len(recent))
 
     async def _run(self) -> None:

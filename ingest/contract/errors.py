@@ -4,24 +4,37 @@ Every error refstream raises on purpose is a ``RefstreamError``, and under it on
 
 - ``NotSent``: nothing of the request reached the server, so nothing happened there. Send
   it again, or spool it (the edge), or retry the batch (a worker).
-- ``OutcomeUnknown``: the request left and no answer says whether it took effect (a lost
-  connection, a commit in flight, a reply out of step, a confirmation that did not come).
-  Answer "may be stored" (503 with ``Refstream-Outcome: unknown``); a keyed retry is safe,
-  because every write is idempotent.
+- ``OutcomeUnknown``: the request left and no answer says whether it took effect. One class,
+  its ``reason`` (``Unknown``) says which way: a connection lost or timed out after the
+  write, a reply out of step, a confirmation that did not come, an append neither in Redis
+  for sure nor in the spool, a commit in flight. Keep a copy where one can be kept (the
+  edge spools it under the same ``event_id``), else answer "may be stored" (503 with
+  ``Refstream-Outcome: unknown``); a keyed retry is safe, because every write is idempotent.
 - ``Outage``: a part is down or cannot confirm for now. Wait, with a backoff, and try
   again; never blame an entry for it.
 - ``Refused``: the request itself is wrong (a body, a range, a key, what it names). Answer
   the caller's 4xx in the route's own shape; sending it again as it is fails again.
 - ``Misconfigured``: a setting or the machine is wrong. Say which and stop; fix and restart.
 
-Where a client library's handlers must keep catching an error (``except RedisError`` in an
-outage handler, ``except OSError`` around Postgres, ``except ValueError`` in a parser), the
-leaf takes that base too, beside its branch here: ``class RedisDown(NotSent,
-RedisConnectionError)``. The branch says what to do; the library's base, where it came
-from.
+Every class sits on exactly one branch (``tests/test_errors_tree.py``). Where a client
+library's handlers must keep catching an error (``except OSError`` around Postgres, ``except
+ValueError`` in a parser, a worker's ``except ResponseError`` around its own redis-py client),
+the leaf takes that base too, beside its branch here: ``class ConnectionLost(NotSent,
+OSError)``. The branch says what to do; the library's base, where it came from.
+``OutcomeUnknown`` itself is an ``OSError``: a lost connection's outcome, which every
+outage handler around Postgres answers as one.
+
+Above the edge's link to Redis (``ingest.link``) no redis-py error is seen: the link
+translates what redis-py raises and the error replies it hands back into this tree
+(``ingest.link.errors``), so the edge and the spool catch branches.
 """
 
 from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
 
 from redis.exceptions import RedisError
 
@@ -34,8 +47,54 @@ class NotSent(RefstreamError):
     """Nothing of the request reached the server: retry, or spool."""
 
 
-class OutcomeUnknown(RefstreamError):
-    """The request may have taken effect: answer "may be stored"."""
+class Unknown(enum.Enum):
+    """Why an outcome is unknown (``OutcomeUnknown.reason``)."""
+
+    LOST = "lost"  # the connection was lost, or timed out, after the request was written
+    REPLY = "reply"  # a reply that cannot answer its command: the connection was out of step
+    RERUN = "rerun"  # the round trip ran; its scripts could not be loaded to run the rest
+    UNCONFIRMED = "unconfirmed"  # the primary ran it; the durability level's confirmation did not come
+    UNKEPT = "unkept"  # an append Redis may hold that the spool could not keep a copy of
+    COMMIT = "commit"  # Postgres went away while a COMMIT was in flight
+
+
+class OutcomeUnknown(RefstreamError, OSError):
+    """The request may have taken effect: keep a copy, or answer "may be stored".
+
+    ``reason``: which way (``Unknown``). ``event_id``: the event that may be stored (an
+    ``UNKEPT`` append; None for a keyed repeat whose stored copy may be another's).
+    ``replies``: for ``UNCONFIRMED``, what the primary answered to the request's own
+    commands (empty until the batcher hands the error to one request, ``for_request``),
+    so the caller knows what the primary holds."""
+
+    def __init__(
+        self, message: str, reason: Unknown, *, event_id: UUID | None = None, replies: Sequence[Any] = ()
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.event_id = event_id
+        self.replies = list(replies)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> Any:
+        return (_unknown, (str(self), self.reason, self.event_id, self.replies))
+
+    def for_request(self, replies: Sequence[Any]) -> OutcomeUnknown:
+        """This outcome for one request of a round trip, with its own replies."""
+        return OutcomeUnknown(str(self), self.reason, event_id=self.event_id, replies=replies)
+
+    @property
+    def answered_unknown(self) -> bool:
+        """Answered "may be stored" (``Refstream-Outcome: unknown``) as it is: no copy was
+        kept (``UNKEPT``), or a commit's outcome (``COMMIT``). The others are the link's:
+        the edge keeps a copy in the spool before it answers."""
+        return self.reason in (Unknown.UNKEPT, Unknown.COMMIT)
+
+
+def _unknown(message: str, reason: Unknown, event_id: UUID | None, replies: list[Any]) -> OutcomeUnknown:
+    return OutcomeUnknown(message, reason, event_id=event_id, replies=replies)
 
 
 class Outage(RefstreamError):

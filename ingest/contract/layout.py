@@ -52,9 +52,10 @@ CLOSE_WITHIN_S = 2.0  # a closing watch waits this long at most for its loop (it
 GRACE_MS = 5_000
 
 
-class PartitionGone(NotSent, ResponseError):
+class PartitionGone(NotSent):
     """An append to a partition whose stream does not exist (``NOMKSTREAM``): it was retired,
-    or Redis lost it. Nothing was written: a refusal, as Redis's error replies are."""
+    or Redis lost it. Nothing was written: a refusal, as Redis's error replies are (the
+    edge's batcher and the spool's drain put it in the append's slot)."""
 
 
 class Retired(NotSent, ResponseError):

@@ -30,7 +30,8 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
-from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.connections import Command
+from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.contract.events import Envelope, EventType, uuid7
 from ingest.contract.links import LinkInfo
 from ingest.edge.auth import Principal, bearer
@@ -42,7 +43,6 @@ from ingest.edge.keyed import append_keyed
 from ingest.edge.lookup import Found, Unavailable, lookup, seen_link
 from ingest.edge.ratelimit import RateLimiter
 from ingest.edge.state import EDGE, Edge
-from ingest.spool.spool import SpoolFull
 
 log = structlog.get_logger("ingest.accept")
 M = TypeVar("M", bound=BaseModel)
@@ -156,7 +156,7 @@ async def look(edge: Edge, voice: Voice, limiter: RateLimiter, key: str, **kw: A
         return await lookup(edge, limiter, key, **kw)
     except Unavailable:
         return voice.down()
-    except REDIS_ERRORS as exc:
+    except (NotSent, OutcomeUnknown, Outage) as exc:  # Redis, or the spool a guess went to
         return voice.down(exc)
 
 
@@ -226,7 +226,7 @@ async def put(
         return True  # answered as it would be, appended nowhere
     try:
         return await append_event(edge, envelope, code, *extra, spool=spool)
-    except (*REDIS_ERRORS, SpoolFull) as exc:
+    except (NotSent, OutcomeUnknown, Outage) as exc:  # neither Redis nor the spool took it
         return voice.down(exc)
 
 
@@ -254,7 +254,7 @@ async def append(
         first = await append_keyed(
             edge, claim, envelope, code, Answer(200, answer, claim.fingerprint), *extra, spool=spool
         )
-    except (*REDIS_ERRORS, SpoolFull) as exc:
+    except (NotSent, OutcomeUnknown, Outage) as exc:
         return voice.down(exc)
     if first is not None:
         return replay(first, claim, voice.refuse, headers)

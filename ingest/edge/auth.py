@@ -25,6 +25,7 @@ from ingest.contract import clock
 from ingest.contract.connections import Redis
 from ingest.contract.keys import Keys
 from ingest.edge.apikeys import hash_key
+from ingest.link.errors import through
 
 _UNKNOWN: Final = b"-"
 REDIS_TTL_S: Final = 24 * 3600
@@ -137,8 +138,9 @@ class Authenticator:
     async def _from_postgres(self, digest: bytes) -> Principal | None:
         row = await self.pg.fetchrow(_SELECT_KEY, digest)
         principal = principal_from_row(row) if row else None
-        # NX: a revocation's tombstone written since our read must win over our fill
-        await cache_key(self.redis, self.keys, digest, principal, only_if_absent=True)
+        # NX: a revocation's tombstone written since our read must win over our fill; its
+        # errors the tree's (``ingest.link.errors.through``): the request's outage
+        await through(cache_key(self.redis, self.keys, digest, principal, only_if_absent=True))
         return principal
 
     def _remember(self, digest: bytes, principal: Principal | None) -> None:

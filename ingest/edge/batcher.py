@@ -17,12 +17,13 @@ Backpressure: nothing waits on Redis for longer than the deadline
 queued commands a request fails at once. After a round trip fails, Redis is taken for down
 (``RedisDown``; the breaker: ``ingest.link.breaker``): requests fail at once, except one
 every probe interval (50 ms, doubling to 1 s) whose round trip tells whether it is back.
-Every one of these errors is a redis-py ``ConnectionError`` or ``TimeoutError``: to a
-route, Redis being unavailable (public routes spool, keyed routes answer 503).
+Every one of these errors is a ``NotSent`` (refused at once) or an ``OutcomeUnknown``
+(``LOST``: the deadline): to a route, Redis being unavailable (public routes spool, keyed
+routes answer 503).
 
 Durability (``ingest.link.durability``): a round trip holding a request that wrote an event
 (``durable=True``) ends with WAIT / WAITAOF; when that is not confirmed those requests get
-``Unconfirmed`` holding their own replies (the primary ran them), and, as for a Redis that
+the outcome ``UNCONFIRMED`` holding their own replies (the primary ran them), and, as for a Redis that
 is down, durable requests then fail at once (``Undurable``, nothing sent) but one per
 probe interval until a confirmation comes back.
 
@@ -31,7 +32,7 @@ script did not run, so the batcher loads its scripts and sends exactly those com
 in a round trip of their own (merged again where they were) that ends with its own WAIT /
 WAITAOF when any of them belongs to a durable request: an event a rerun appends is
 confirmed as any other, and a rerun short of the level fails the batch's durable requests
-with ``Unconfirmed``.
+with the outcome ``UNCONFIRMED``.
 
 What a failed ``execute`` tells its caller (a route decides from it what to answer; the
 branches are ``ingest.contract.errors``'):
@@ -39,12 +40,15 @@ branches are ``ingest.contract.errors``'):
 - nothing was sent to Redis (``errors.NotSent``): ``RedisNotSent`` and its kinds
   ``RedisDown`` (the breaker is open) and ``Backpressure`` (the queue cap), and
   ``Undurable`` (the durability breaker refused before sending). The commands never ran.
-- sent, outcome unknown: anything else, notably ``RedisTimeoutError`` (the deadline, or the
-  link's socket timeout: the commands may still run when a stalled Redis resumes, even on a
-  connection the edge closed), ``RedisConnectionError`` (lost after the write, or a connect
-  that failed), and the ``errors.OutcomeUnknown`` kinds ``ImpossibleReply`` (a reply of
-  the wrong shape: see ``execute``'s ``check``) and ``Unconfirmed`` (ran on the primary,
-  short of the durability level).
+- sent, outcome unknown (``errors.OutcomeUnknown``), its ``reason`` saying which way:
+  ``LOST`` (the deadline, the link's socket timeout, a connection lost after the write or a
+  connect that failed: the commands may still run when a stalled Redis resumes, even on a
+  connection the edge closed), ``REPLY`` (a reply of the wrong shape: see ``execute``'s
+  ``check``), ``RERUN`` (the scripts could not be loaded again after the round trip ran)
+  and ``UNCONFIRMED`` (ran on the primary, short of the durability level).
+
+Nothing it raises or hands back is redis-py's: the link translates (``ingest.link.errors``),
+and an error reply in a command's slot is a ``Rejected`` (the command did not run).
 
 Every reply handed to a request is its own (docs/guarantees.md): the link never reuses a
 connection whose round trip ended early (``ingest.link.resp``), a reply list of the wrong
@@ -59,21 +63,17 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from ingest.contract.connections import Command, Redis, cancelled_meanwhile
-from ingest.contract.errors import NotSent
+from ingest.contract.errors import NotSent, OutcomeUnknown, Unknown
 from ingest.contract.layout import PartitionGone
 from ingest.edge import scripts
 from ingest.link.breaker import Breaker
 from ingest.link.choice import link_for
-from ingest.link.durability import Durability, Unconfirmed, Undurable
-from ingest.link.resp import DirectLink, ImpossibleReply, Link
+from ingest.link.durability import Durability, Undurable
+from ingest.link.errors import Rejected, impossible
 
 
-class RedisNotSent(NotSent, RedisConnectionError):
+class RedisNotSent(NotSent):
     """Refused before anything of the request was sent to Redis: its commands never ran."""
 
 
@@ -107,7 +107,11 @@ class _Item:
 
 
 # what makes a round trip fail as a whole: the connection, not a command's reply
-_LINK_FAILURES = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+_LINK_FAILURES = (Unknown.LOST, Unknown.REPLY)
+
+
+def _late(deadline_s: float, what: str) -> OutcomeUnknown:
+    return OutcomeUnknown(f"{what} within {deadline_s * 1000:.0f} ms", Unknown.LOST)
 
 
 class RedisBatcher:
@@ -122,10 +126,10 @@ class RedisBatcher:
         observe: Callable[[int, float], None] | None = None,
         merge: bool = True,
     ) -> None:
-        self._link: Link = link_for(redis)
+        self._link = link_for(redis)
         # the scripts leading the requests of a round trip go as one (``ingest.edge.scripts``);
         # one server only: on a Cluster their keys live in different slots
-        self._merge = merge and isinstance(self._link, DirectLink)
+        self._merge = merge and self._link.direct
         self._max = max_commands
         self._deadline = deadline_s
         self._max_queued = max_queued
@@ -157,10 +161,11 @@ class RedisBatcher:
         """Run ``commands`` in the next round trip; a failed command's slot holds its error.
 
         ``durable``: the commands write an event, acknowledged at the configured durability
-        level or not at all (``NotDurable``). Within the deadline or ``RedisTimeoutError``.
+        level or not at all (``Undurable``, or the outcome ``UNCONFIRMED``). Within the
+        deadline or an ``OutcomeUnknown`` (``LOST``).
         ``check``: False for replies (this request's, in order) that cannot answer its
         commands; then the connection is taken for out of step: dropped, and every request
-        of the round trip fails with ``ImpossibleReply`` (outcome unknown), never handed
+        of the round trip fails with the outcome unknown (``REPLY``), never handed
         replies that may be another's. The module doc lists what each error means."""
         if not self.down.allow():
             raise RedisDown(f"Redis is unavailable ({self.down.cause}); probing")
@@ -190,7 +195,7 @@ class RedisBatcher:
         while waiting and (waiting[0].fut.done() or waiting[0].due <= now):
             item = waiting.popleft()
             if not item.fut.done():
-                item.fut.set_exception(RedisTimeoutError(f"Redis did not answer within {self._deadline * 1000:.0f} ms"))
+                item.fut.set_exception(_late(self._deadline, "Redis did not answer"))
         if waiting:
             self._timer = loop.call_at(waiting[0].due, self._expire)
 
@@ -242,12 +247,12 @@ class RedisBatcher:
             async with asyncio.timeout(self._deadline):
                 results, unconfirmed = await self._send(batch)
         except Exception as exc:
-            if isinstance(exc, TimeoutError):
-                exc = RedisTimeoutError(f"no reply from Redis within {self._deadline * 1000:.0f} ms")
+            if isinstance(exc, TimeoutError) and not isinstance(exc, OutcomeUnknown):
+                exc = _late(self._deadline, "no reply from Redis")
             for item in batch:
                 if not item.fut.done():
                     item.fut.set_exception(exc)
-            if isinstance(exc, _LINK_FAILURES) and self.down.failed(exc):
+            if isinstance(exc, OutcomeUnknown) and exc.reason in _LINK_FAILURES and self.down.failed(exc):
                 # queued behind a dead round trip: each would wait out its own deadline
                 self._fail_queued(RedisDown(f"Redis is unavailable ({exc})"))
             return
@@ -274,7 +279,7 @@ class RedisBatcher:
         while waiting and waiting[0].fut.done():
             waiting.popleft()
 
-    async def _send(self, batch: list[_Item]) -> tuple[list[Any], Unconfirmed | None]:
+    async def _send(self, batch: list[_Item]) -> tuple[list[Any], OutcomeUnknown | None]:
         flat = [cmd for item in batch for cmd in item.commands]
         waits = self._durability.waits
         lead = self._scripts.leading([item.commands for item in batch]) if self._merge else []
@@ -282,7 +287,10 @@ class RedisBatcher:
         retry = [i for i, r in enumerate(results) if _is_noscript(r)]
         if retry:
             # Redis restarted or flushed its script cache; NOSCRIPT: the script did not run
-            await self._link.load_scripts(list(self._scripts.sources.values()))
+            try:
+                await self._link.load_scripts(list(self._scripts.sources.values()))
+            except Rejected as exc:  # the round trip ran: what it did is its callers' unknown
+                raise OutcomeUnknown(f"the scripts could not be loaded again: {exc}", Unknown.RERUN) from exc
             durable = [item.durable for item in batch for _ in item.commands]
             led = set(lead)
             again, short = await self._round_trip(
@@ -294,12 +302,12 @@ class RedisBatcher:
                 results[i] = r
             unconfirmed = unconfirmed or short
         for i, r in enumerate(results):
-            if (r is None and flat[i][0] == "XADD") or (isinstance(r, ResponseError) and str(r).startswith("GONE ")):
+            if (r is None and flat[i][0] == "XADD") or (isinstance(r, Rejected) and r.code == "GONE"):
                 stream = str(flat[i][1]) if r is None else str(r)[5:]
                 results[i] = PartitionGone(f"GONE {stream}")
                 if self.gone is not None:
                     self.gone(stream)
-            elif isinstance(r, ResponseError) and str(r).startswith("STALE "):
+            elif isinstance(r, Rejected) and r.code == "STALE":
                 # routed by a partition count that changed since: refused, and read again now
                 results[i] = PartitionGone(str(r))
                 if self.gone is not None:
@@ -310,13 +318,13 @@ class RedisBatcher:
             if item.check is not None and not item.check(results[i : i + n]):
                 await self._link.close()  # out of step, or worse: nothing more on that connection
                 name = item.commands[0][0] if item.commands else "?"
-                raise ImpossibleReply(f"a reply of the wrong shape to {name}: connection dropped")
+                raise impossible(f"a reply of the wrong shape to {name}: connection dropped")
             i += n
         return results, unconfirmed
 
     async def _round_trip(
         self, commands: list[Command], wait: bool, lead: list[int]
-    ) -> tuple[list[Any], Unconfirmed | None]:
+    ) -> tuple[list[Any], OutcomeUnknown | None]:
         """One round trip; with ``wait``, ended by the durability command (after the writes,
         on the same connection), whose failure is returned beside the replies. With two or
         more ``lead`` (``scripts.Scripts.leading``), those calls go first as one merged script."""
@@ -327,16 +335,16 @@ class RedisBatcher:
         results = list(await self._link.send(sent))
         if len(results) != len(sent):
             await self._link.close()
-            raise ImpossibleReply(f"{len(results)} replies to {len(sent)} commands: connection dropped")
+            raise impossible(f"{len(results)} replies to {len(sent)} commands: connection dropped")
         unconfirmed = self._durability.failure(results.pop()) if wait else None
         if merge:
             split = self._scripts.split(results, lead)
             if split is None:
                 await self._link.close()
-                raise ImpossibleReply(f"the merged script answered a {type(results[0]).__name__}: connection dropped")
+                raise impossible(f"the merged script answered a {type(results[0]).__name__}: connection dropped")
             results = split
         return results, unconfirmed
 
 
 def _is_noscript(r: object) -> bool:
-    return isinstance(r, NoScriptError) or (isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT"))
+    return isinstance(r, Rejected) and r.code == "NOSCRIPT"

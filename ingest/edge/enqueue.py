@@ -8,12 +8,13 @@ counted):
 - nothing was sent (``never_sent``: the batcher's breakers, its queue cap) or Redis refused
   the command (an error reply: a script refuses as a whole, an XADD is not applied): the
   event is not in Redis. Keyed routes refuse (503); public routes spool.
-- the primary applied it short of the durability level (``Unconfirmed``), or the outcome is
-  unknown (a timeout, a connection lost after the write: the command may still run when a
-  stalled Redis resumes): the event may be counted, so it is never refused. It is spooled
-  under the same ``event_id`` and answered as accepted; the workers store one copy (a keyed
-  copy whose script Redis did not run is answered "may be stored" instead: ``ingest.edge.keyed``).
-  When the spool cannot keep it either, ``AppendUnknown``: the route answers 503 with
+- the outcome is unknown (``OutcomeUnknown``: the primary applied it short of the
+  durability level, ``UNCONFIRMED``; a timeout, a connection lost after the write: the
+  command may still run when a stalled Redis resumes): the event may be counted, so it is
+  never refused. It is spooled under the same ``event_id`` and answered as accepted; the
+  workers store one copy (a keyed copy whose script Redis did not run is answered "may be
+  stored" instead: ``ingest.edge.keyed``). When the spool cannot keep it either, the outcome
+  ``UNKEPT`` (``unkept``): the route answers 503 with
   ``Refstream-Outcome: unknown`` (``retry_headers``), which the README defines as "may be
   stored": a retry with the same ``Idempotency-Key`` counts once.
 """
@@ -25,16 +26,13 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import structlog
-from redis.exceptions import RedisError
 
 from ingest.contract import wire
-from ingest.contract.connections import REDIS_ERRORS, Command, CommitUnknown
-from ingest.contract.errors import OutcomeUnknown
+from ingest.contract.connections import Command
+from ingest.contract.errors import NotSent, OutcomeUnknown, Unknown
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.logs import note_event
-from ingest.edge.batcher import Backpressure, RedisDown
-from ingest.link.durability import Unconfirmed, Undurable
 from ingest.spool.store import Once
 
 if TYPE_CHECKING:
@@ -46,33 +44,32 @@ OUTCOME = "Refstream-Outcome"  # "unknown" on a 503 whose event may be stored
 EVENT_ID = "Refstream-Event-Id"  # the event_id of that event
 
 
-class AppendUnknown(OutcomeUnknown, RedisError):
+def unkept(event_id: UUID | None, cause: BaseException) -> OutcomeUnknown:
     """The append may have been applied and the spool could not keep a copy: neither
-    accepted nor refused. Routes answer 503 with ``retry_headers``."""
-
-    def __init__(self, event_id: UUID | None, cause: BaseException) -> None:
-        super().__init__(f"event {event_id or '(a repeat)'} may be stored: {cause!r}")
-        self.event_id = event_id  # None for a repeat whose first copy Redis could not confirm
+    accepted nor refused (``Unknown.UNKEPT``). Routes answer 503 with ``retry_headers``.
+    ``event_id``: None for a repeat whose first copy Redis could not confirm."""
+    message = f"event {event_id or '(a repeat)'} may be stored: {cause!r}"
+    return OutcomeUnknown(message, Unknown.UNKEPT, event_id=event_id)
 
 
 def never_sent(exc: BaseException) -> bool:
-    """True when ``exc`` proves the request's commands never reached Redis: the breakers
-    (Redis down, a durability level not confirmed: both fail at once, before sending) and
-    the queue cap. Anything else from the batcher may follow a write (a timeout, a lost
-    connection): its outcome is unknown."""
-    return isinstance(exc, RedisDown | Backpressure | Undurable)
+    """True when ``exc`` proves the request's commands never took effect in Redis: the
+    branch ``NotSent`` (the batcher's breakers and queue cap, before sending; an error
+    reply, ``Rejected``; a partition gone). Anything else from the batcher may follow a
+    write (a timeout, a lost connection): its outcome is unknown."""
+    return isinstance(exc, NotSent)
 
 
 def retry_headers(exc: BaseException | None = None) -> dict[str, str]:
-    """A 503's headers: ``Retry-After``, and for ``AppendUnknown`` the two that say the
-    event may be stored (``Refstream-Outcome: unknown``) and which event it is."""
+    """A 503's headers: ``Retry-After``, and for an outcome answered unknown as it is (an
+    append the spool could not keep, a management write's commit lost with Postgres:
+    ``OutcomeUnknown.answered_unknown``) ``Refstream-Outcome: unknown``, with the event
+    that may be stored where one is named."""
     headers = {"Retry-After": "1"}
-    if isinstance(exc, AppendUnknown):
+    if isinstance(exc, OutcomeUnknown) and exc.answered_unknown:
         headers[OUTCOME] = "unknown"
         if exc.event_id is not None:
             headers[EVENT_ID] = str(exc.event_id)
-    elif isinstance(exc, CommitUnknown):  # a management write's commit lost with Postgres
-        headers[OUTCOME] = "unknown"
     return headers
 
 
@@ -109,7 +106,7 @@ async def to_spool(
     is not kept), else None.
 
     ``maybe_applied``: the Redis error after which Redis may hold the event already. Then a
-    spool that cannot keep it raises ``AppendUnknown``; otherwise what the spool raised
+    spool that cannot keep it raises the outcome ``UNKEPT``; otherwise what the spool raised
     (``SpoolFull``, ``SpoolError``: the event is nowhere, a refusal)."""
     try:
         first = await edge.spool.append(edge.keys.stream_for(routing_key), wire.to_blob(envelope), extra, once)
@@ -119,7 +116,7 @@ async def to_spool(
         log.warning(
             "append.outcome_unknown", event_id=str(envelope.event_id), error=repr(maybe_applied), spool=repr(exc)
         )
-        raise AppendUnknown(envelope.event_id, maybe_applied) from exc
+        raise unkept(envelope.event_id, maybe_applied) from exc
     if first is not None:  # not kept: the key's first copy waits in the spool
         return first
     if maybe_applied is not None:
@@ -130,8 +127,8 @@ async def to_spool(
 
 def first_reply(exc: BaseException) -> tuple[bool, Any]:
     """What a failed round trip tells of its first command: (known, reply). Known only for
-    ``Unconfirmed``, whose replies are the primary's."""
-    if isinstance(exc, Unconfirmed) and exc.replies:
+    the outcome ``UNCONFIRMED``, whose replies are the primary's."""
+    if isinstance(exc, OutcomeUnknown) and exc.reason is Unknown.UNCONFIRMED and exc.replies:
         return True, exc.replies[0]
     return False, None
 
@@ -146,13 +143,13 @@ async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Comma
     Redis certainly did not take raises (the route refuses); what Redis may hold, at the
     primary short of ``REFSTREAM_ACK_DURABILITY``'s level or after a timeout, is spooled all
     the same, under the same ``event_id``, which the workers store once. Raises
-    ``AppendUnknown`` when that spool fails, ``SpoolFull`` / ``SpoolError`` (OSErrors)
+    the outcome ``UNKEPT`` when that spool fails, ``SpoolFull`` / ``SpoolError`` (OSErrors)
     when the spool refuses an event that is nowhere else: the caller must not answer 2xx.
     """
     note_event(envelope.event_id)  # the request's lines name its event
     try:
         replies = await edge.batcher.execute(xadd(edge.keys, envelope, routing_key), *extra, durable=True)
-    except REDIS_ERRORS as exc:
+    except (NotSent, OutcomeUnknown) as exc:
         known, reply = first_reply(exc)
         if known and not isinstance(reply, Exception):  # in the primary, short of the level
             await to_spool(edge, envelope, routing_key, extra, maybe_applied=exc)

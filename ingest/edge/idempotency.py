@@ -39,8 +39,8 @@ from aiohttp import web
 from cryptography.fernet import Fernet, InvalidToken
 
 from ingest.contract import bounds, clock, erasure_index, ids, wire
-from ingest.contract.connections import REDIS_ERRORS, Command
-from ingest.contract.errors import Refused
+from ingest.contract.connections import Command
+from ingest.contract.errors import NotSent, OutcomeUnknown, Refused
 from ingest.contract.events import Envelope, unique_token
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Layout
@@ -305,7 +305,8 @@ class Idempotency:
         """Run ``run`` once per claim in the window. Its 2xx answer is stored encrypted
         under a key derived from the caller's API key and idempotency key (a created API
         key or webhook secret is in it), and replayed to a repeat. ``refuse(status, code,
-        message)`` renders this route's errors. Raises what Redis raised."""
+        message)`` renders this route's errors. Raises what Redis raised (``NotSent``,
+        ``OutcomeUnknown``)."""
         record = self.keys.idempotent(claim.digest)
         token = f"{claim.fingerprint}{PENDING:03d}{unique_token()}".encode()
         (first,) = await batcher.execute(("EVALSHA", self._reserve_sha, 1, record, token, RESERVATION_MS))
@@ -371,5 +372,5 @@ async def _quietly(call: Awaitable[Any]) -> None:
     (a lost record only means a repeat runs again, as without a key)."""
     try:
         await call
-    except REDIS_ERRORS:
+    except (NotSent, OutcomeUnknown):
         pass

@@ -7,7 +7,7 @@ first: a copy whose script Redis did not run (a timeout, a stall, Redis unreacha
 full) is never answered as accepted with its own answer, since another copy of the key,
 sent earlier to this edge or another, may run first when Redis resumes. Such a copy is
 spooled (with the key's check, so it is stored only if no copy is in Redis when it drains)
-and answered "may be stored" (``AppendUnknown``): the client's retry with the key gets
+and answered "may be stored" (the outcome ``UNKEPT``: ``enqueue.unkept``): the client's retry with the key gets
 the stored copy's answer once Redis can say.
 """
 
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.connections import Command
+from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Envelope
 from ingest.contract.logs import note_event
-from ingest.edge.enqueue import AppendUnknown, first_reply, never_sent, to_spool
+from ingest.edge.enqueue import first_reply, never_sent, to_spool, unkept
 from ingest.edge.idempotency import Answer, Claim
 from ingest.spool.store import Once
 
@@ -33,7 +34,7 @@ async def append_keyed(
     ``answer`` stands (Redis's script appended it), else the first request's answer.
 
     At ``REFSTREAM_ACK_DURABILITY``'s level, as ``enqueue.append``; the answer stands only
-    once the script's run is confirmed at the level. ``AppendUnknown`` (503, "may be
+    once the script's run is confirmed at the level. ``UNKEPT`` (503, "may be
     stored") when it appended on the primary short of the level (a failover may lose it;
     the copy is spooled), when Redis may run the script yet (a timeout, a lost connection:
     the copy is spooled), when Redis certainly did not run it but the
@@ -48,16 +49,16 @@ async def append_keyed(
         try:
             if (earlier := await edge.idem.found_earlier(edge.batcher, claim, routing_key)) is not None:
                 return Answer.decode(earlier)
-        except REDIS_ERRORS:
+        except (NotSent, OutcomeUnknown):
             pass  # the append below meets the same trouble, and says what it means
     command = edge.idem.append_command(claim, routing_key, envelope, answer)
     try:
         # its record filed under its event, after what it writes (``erasure_index.Filed``)
         replies = await edge.batcher.execute(command, *extra, *command.beside, durable=True)
-    except REDIS_ERRORS as exc:
+    except (NotSent, OutcomeUnknown) as exc:
         known, first = first_reply(exc)
         if known and isinstance(first, bytes):
-            raise AppendUnknown(None, exc) from exc
+            raise unkept(None, exc) from exc
         # Redis may hold it: appended in the primary short of the level (a failover may lose
         # it), or a timeout, a lost connection (it may run yet); else refused, or never sent
         if first is None if known else not never_sent(exc):
@@ -68,7 +69,7 @@ async def append_keyed(
             raise
         else:
             await to_spool(edge, envelope, routing_key, extra, once=check)
-        raise AppendUnknown(None, exc) from exc
+        raise unkept(None, exc) from exc
     first = replies[0]
     if isinstance(first, bytes):
         return Answer.decode(first)
@@ -76,7 +77,7 @@ async def append_keyed(
         if not spool:
             raise first
         await to_spool(edge, envelope, routing_key, extra, once=check)
-        raise AppendUnknown(None, first)
+        raise unkept(None, first)
     edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
     return None
 
@@ -85,9 +86,9 @@ async def spool_or_unknown(
     edge: Edge, envelope: Envelope, routing_key: str, extra: tuple[Command, ...], check: Once, exc: BaseException
 ) -> None:
     """Spool a keyed copy Redis may hold (kept unless a copy of its key waits there);
-    ``AppendUnknown``, naming no event (the key's stored copy may be another's), when the
+    the outcome ``UNKEPT``, naming no event (the key's stored copy may be another's), when the
     spool cannot keep it."""
     try:
         await to_spool(edge, envelope, routing_key, extra, once=check, maybe_applied=exc)
-    except AppendUnknown as unknown:
-        raise AppendUnknown(None, exc) from unknown
+    except OutcomeUnknown as unknown:  # the spool could not keep it
+        raise unkept(None, exc) from unknown

@@ -26,7 +26,8 @@ from aiohttp import web
 
 from ingest.contract import clicks, links
 from ingest.contract.clicks import ClickRef
-from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.connections import Command
+from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Envelope, EventType
 from ingest.edge import accept
 from ingest.edge.bodies import TrackLead
@@ -151,7 +152,7 @@ async def track(request: web.Request, d: LeadDialect) -> web.Response:
         click = await _click(edge, workspace, body, found)
     except Unavailable:
         return d.voice.down()
-    except REDIS_ERRORS as exc:
+    except (NotSent, OutcomeUnknown) as exc:
         return d.voice.down(exc)
     if click is None and not body.clickId:
         edge.drops.note(workspace, None, "invalid")
@@ -168,7 +169,7 @@ async def track(request: web.Request, d: LeadDialect) -> web.Response:
         link = await _link(edge, found, made, click)
     except Unavailable:
         return d.voice.down()
-    except REDIS_ERRORS as exc:
+    except (NotSent, OutcomeUnknown) as exc:
         return d.voice.down(exc)
     resp = d.answer(body, echo(request, body, click, link))
     if body.mode == "deferred":
@@ -258,7 +259,7 @@ async def _defer(
     key = edge.keys.deferred(click.workspace_id, body.customerExternalId)
     try:
         (reply,) = await edge.batcher.execute(("SET", key, click.click_id, "EX", ttl_s), durable=True)
-    except REDIS_ERRORS as exc:
+    except (NotSent, OutcomeUnknown) as exc:
         return d.voice.down(exc)
     if isinstance(reply, Exception):
         return d.voice.down(reply)

@@ -27,8 +27,8 @@ import asyncpg
 import structlog
 
 from ingest.contract import clicks, clock, links, wire
-from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, Command
-from ingest.contract.errors import Outage
+from ingest.contract.connections import PG_ERRORS, Command
+from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.contract.events import Envelope
 from ingest.edge.auth import Principal
 from ingest.edge.enqueue import appended, never_sent, to_spool
@@ -235,7 +235,7 @@ async def lookup(
                 (reply,) = await edge.batcher.execute(
                     checked, durable=True, check=lambda r: well_formed(r[0], flags=1, values=n_values)
                 )
-            except REDIS_ERRORS as exc:
+            except (NotSent, OutcomeUnknown) as exc:
                 if not never_sent(exc):
                     return await _settled(edge, limiter, principal, code, len(reads), held, guess, exc)
                 if not degraded or secret is not None:
@@ -252,13 +252,13 @@ async def lookup(
 
     try:
         replies = await edge.batcher.execute(*commands, check=limiter.check if counted else None) if commands else []
-    except REDIS_ERRORS:
+    except (NotSent, OutcomeUnknown):
         if not degraded or secret is not None:
             raise
         return await _without_redis(edge, limiter, code, len(extra))
     try:
         verdict = limiter.verdict(replies[0]) if counted else Verdict(True, limiter.limit, limiter.limit, 0)
-    except REDIS_ERRORS:
+    except (NotSent, OutcomeUnknown):
         if not degraded or secret is not None:
             raise
         # the script refused (a full Redis under noeviction, a replica): fail open, as

@@ -16,7 +16,7 @@ from typing import Any
 
 from ingest.contract.connections import Command
 from ingest.edge.batcher import RedisBatcher
-from ingest.link.resp import ImpossibleReply
+from ingest.link.errors import impossible
 
 # KEYS[1] the subject's list; ARGV[1] window ms, ARGV[2] limit.
 # Leaves ``verdict`` = {admitted (1/0), remaining, retry after ms}: scripts that go on from
@@ -89,8 +89,9 @@ class RateLimiter:
 
     def verdict(self, reply: Any) -> Verdict:
         """From the script's reply (its first three elements: a longer one may follow it).
-        An error reply is raised; a reply that no such script gives raises ``ImpossibleReply``
-        (a Redis error: never an IndexError, never another request's numbers taken for a verdict)."""
+        An error reply is raised (``Rejected``); a reply that no such script gives raises the
+        outcome unknown ``REPLY`` (never an IndexError, never another request's numbers taken
+        for a verdict)."""
         if isinstance(reply, Exception):
             raise reply
         if (
@@ -100,7 +101,7 @@ class RateLimiter:
             or type(reply[1]) is not int
             or type(reply[2]) is not int
         ):
-            raise ImpossibleReply(f"not a rate-limit verdict: a {type(reply).__name__}")
+            raise impossible(f"not a rate-limit verdict: a {type(reply).__name__}")
         return Verdict(bool(reply[0]), self.limit, reply[1], reply[2])
 
     @staticmethod

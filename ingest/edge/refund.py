@@ -28,7 +28,8 @@ import asyncpg
 import structlog
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
+from ingest.contract.connections import PG_ERRORS, acquired
+from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.fields import MAX_AMOUNT, NoNul, OptionalRecordId, RecordId, json_integer
 from ingest.edge import enqueue
@@ -100,7 +101,7 @@ async def record(edge: Edge, workspace_id: str, body: RefportRefund, idem_key: s
     except refunds.KeyReused as exc:
         return Outcome(status=422, code="idempotency_key_reused", message=str(exc))
     except (*PG_ERRORS, asyncpg.InterfaceError, asyncpg.PostgresError) as exc:
-        unknown = isinstance(exc, CommitUnknown)
+        unknown = isinstance(exc, OutcomeUnknown)  # a commit in flight: may be recorded
         return Outcome(status=503, code="unavailable", message="Try again shortly", unknown=unknown)
     if not await copy(edge, asked, done.row):
         return Outcome(status=503, code="unavailable", message="Try again shortly", unknown=True)
@@ -139,7 +140,7 @@ async def copy(edge: Edge, asked: refunds.Asked, row: dict[str, Any]) -> bool:
     assert route is not None  # a refund always names its invoice
     try:
         await enqueue.append(edge, env, route, spool=True)
-    except REDIS_ERRORS as exc:
+    except (NotSent, OutcomeUnknown, Outage) as exc:  # neither Redis nor the spool kept it
         log.warning("refund.copy_unkept", refund_id=row["refund_id"], error=repr(exc))
         return False
     return True

@@ -28,7 +28,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ingest.contract.bounds import MAX_KEYS
-from ingest.contract.connections import REDIS_ERRORS
+from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.fields import (
     AMOUNT,
@@ -269,7 +269,7 @@ async def direct_lead(
         known = await fallback(edge, lambda: _customer_known(edge, workspace, body.customerExternalId))
     except Unavailable:
         return dialect.voice.down()
-    except REDIS_ERRORS as exc:
+    except (NotSent, OutcomeUnknown) as exc:
         return dialect.voice.down(exc)
     if known:
         return False

@@ -124,9 +124,10 @@ async def record(
     notify: bool = True,
 ) -> Refunded:
     """Record the refund ``asked`` for (one transaction; raises ``SaleNotFound``,
-    ``RefundTooLarge``, ``KeyReused``, and what Postgres raised: ``CommitUnknown`` when the
-    commit's outcome is unknown, and a retry with the same key is safe). ``refund_id`` and
-    ``at``: a stream copy's, restored as the edge first recorded it (else minted now).
+    ``RefundTooLarge``, ``KeyReused``, and what Postgres raised: ``OutcomeUnknown``
+    (``COMMIT``) when the commit's outcome is unknown, and a retry with the same key is
+    safe). ``refund_id`` and ``at``: a stream copy's, restored as the edge first recorded it
+    (else minted now).
     ``notify`` off: an import's, no webhook. The clawback is never optional: a sale with a
     commission gives back its refunded share, whoever records the refund."""
     ws = UUID(asked.workspace_id)

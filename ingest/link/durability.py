@@ -14,12 +14,13 @@
 
 Short of the level there are two cases, and they differ in what Redis holds:
 
-- ``NotDurable`` itself: refused before anything was sent (the batcher's breaker is open
-  after an unconfirmed round trip; one probe per interval goes through). Nothing of the
-  request is in Redis: a refusal.
-- ``Unconfirmed`` (a ``NotDurable``): the round trip ran on the primary, the confirmation
-  did not come in time. Its ``replies`` are what the primary answered to the request's own
-  commands, so the caller knows what the primary holds (an event appended, a record found).
+- ``Undurable`` (a ``NotSent``): refused before anything was sent (the batcher's breaker is
+  open after an unconfirmed round trip; one probe per interval goes through). Nothing of
+  the request is in Redis: a refusal.
+- ``OutcomeUnknown`` with the reason ``Unknown.UNCONFIRMED`` (``Durability.failure``): the
+  round trip ran on the primary, the confirmation did not come in time. Its ``replies``
+  are what the primary answered to the request's own commands, so the caller knows what
+  the primary holds (an event appended, a record found).
   The event is in the primary and may or may not survive it: the edge spools it under the
   same ``event_id`` (``ingest.edge.enqueue``), and the workers store it once whichever copy
   arrives first. Never answered as a refusal while it may be counted (docs/guarantees.md, what an answer means).
@@ -39,41 +40,23 @@ client.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
+from ingest.contract.errors import NotSent, OutcomeUnknown, Unknown
 from ingest.contract.settings import Settings
 
 WAITAOF_SINCE = (7, 2, 0)
 
 
-class NotDurable(Outage, RedisError):
-    """Not confirmed at the configured level: the replicas or the AOF the level names are
-    out, an outage that ends when they are back. For the request itself, ``Undurable``
-    (refused before anything was sent: the batcher's breaker) or ``Unconfirmed`` (after the
-    primary ran its commands: may be stored)."""
+class Undurable(NotSent):
+    """Refused before sending: writes are known not to reach the durability level now (the
+    batcher's breaker is open after an unconfirmed round trip); nothing ran."""
 
 
-class Undurable(NotDurable, NotSent):
-    """Refused before sending: writes are known not to reach the level now (the breaker is
-    open); nothing ran."""
-
-
-class Unconfirmed(NotDurable, OutcomeUnknown):
-    """The primary executed the round trip; the level's confirmation did not come in time.
-    ``replies``: the primary's replies to the failed request's own commands (empty until
-    the batcher hands the error to one request, ``for_request``)."""
-
-    def __init__(self, message: str, replies: Sequence[Any] = ()) -> None:
-        super().__init__(message)
-        self.replies = list(replies)
-
-    def for_request(self, replies: Sequence[Any]) -> Unconfirmed:
-        return Unconfirmed(str(self), replies)
+def unconfirmed(message: str) -> OutcomeUnknown:
+    """The primary executed the round trip; the level's confirmation did not come in time."""
+    return OutcomeUnknown(message, Unknown.UNCONFIRMED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,18 +79,19 @@ class Durability:
             return ("WAITAOF", 1, 0, self.wait_ms)
         return ("WAIT", self.replicas, self.wait_ms)
 
-    def failure(self, reply: object) -> Unconfirmed | None:
-        """None when ``reply`` (to ``command()``) confirms the round trip's writes."""
+    def failure(self, reply: object) -> OutcomeUnknown | None:
+        """None when ``reply`` (to ``command()``) confirms the round trip's writes, else the
+        ``Unknown.UNCONFIRMED`` outcome."""
         if isinstance(reply, Exception):
-            return Unconfirmed(f"{self.command()[0]} failed: {reply}")
+            return unconfirmed(f"{self.command()[0]} failed: {reply}")
         if self.fsync:
             local = reply[0] if isinstance(reply, list) and reply else 0
             if isinstance(local, int) and local >= 1:
                 return None
-            return Unconfirmed(f"the primary did not fsync its AOF within {self.wait_ms} ms")
+            return unconfirmed(f"the primary did not fsync its AOF within {self.wait_ms} ms")
         if isinstance(reply, int) and reply >= self.replicas:
             return None
-        return Unconfirmed(f"{reply} of {self.replicas} replicas acknowledged within {self.wait_ms} ms")
+        return unconfirmed(f"{reply} of {self.replicas} replicas acknowledged within {self.wait_ms} ms")
 
 
 def version(info: dict[str, Any]) -> tuple[int, ...]:

@@ -24,8 +24,12 @@ check PING that did not come back) closes the connection there and then, inside
 round trip's commands: after a stall (a SIGSTOPped Redis, a full disk, a long fork) the
 server answers everything written before it stopped. A reply that no command on the
 connection is owed, or that arrives after the close, is never handed to anyone.
-``ImpossibleReply``: a reply that cannot be the answer to its command (a caller's shape
-check, ``RedisBatcher.execute(check=...)``): the connection is dropped the same way.
+A reply that cannot be the answer to its command (a caller's shape check,
+``RedisBatcher.execute(check=...)``: ``ingest.link.errors.impossible``) drops the
+connection the same way.
+
+What this module raises and hands back is redis-py's; ``ingest.link.choice`` puts every
+link behind the room's boundary (``ingest.link.errors``), which turns it into the tree's.
 
 Behind Sentinel (a ``redis+sentinel://`` URL) the link asks the sentinels where the primary
 is at every connect (``SENTINEL`` through redis-py's pool, as its own connections do). A
@@ -54,7 +58,6 @@ from redis.exceptions import InvalidResponse, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest.contract.connections import Redis, client_fault
-from ingest.contract.errors import OutcomeUnknown
 
 Command = tuple[Any, ...]
 HEALTH_CHECK_S = 30.0  # idle this long: PING before the next batch
@@ -114,12 +117,6 @@ def _encode(arg: object) -> bytes:
     if isinstance(arg, float):
         return repr(arg).encode()
     raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
-
-
-class ImpossibleReply(OutcomeUnknown, RedisConnectionError):
-    """A reply that cannot be the answer to the command it came for (its shape is wrong):
-    the connection is out of step with its commands, or the server misbehaves. Whatever was
-    sent may have run: an outcome unknown, as for a timeout."""
 
 
 class _Replies(asyncio.Protocol):

@@ -367,8 +367,9 @@ async def revoke_key(conn: asyncpg.Connection, redis: Redis, keys: Keys, prefix:
     would let the key in for that day, and its retry would find no active key to revoke:
     here a Redis that cannot take the entry (an outage, a connection redis-py closed under
     the write) rolls the revocation back, a refusal whose retry is safe (a commit lost with
-    Postgres is ``CommitUnknown``: a retry answers 404 if it was done). An edge refilling the
-    entry meanwhile reads the key as still active, and writes only where no entry is."""
+    Postgres is ``OutcomeUnknown``, ``COMMIT``: a retry answers 404 if it was done). An edge
+    refilling the entry meanwhile reads the key as still active, and writes only where no
+    entry is."""
     async with write(conn):
         digest = await conn.fetchval(
             "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL RETURNING key_hash", prefix

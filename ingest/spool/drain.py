@@ -35,16 +35,16 @@ from typing import Any, TypeVar
 import structlog
 
 from ingest.contract import clock, erasure, erasure_index, wire
-from ingest.contract.connections import REDIS_ERRORS, Command, Redis, cancelled_meanwhile, client_fault
-from ingest.contract.errors import Outage
+from ingest.contract.connections import Command, Redis, cancelled_meanwhile, client_fault
+from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Layout, PartitionGone, Watch
 from ingest.contract.wire import EnvelopeError, entry_from_blob
-from ingest.link.choice import link_for
+from ingest.link.choice import Translated, link_for
 from ingest.link.cluster import ClusterLink
 from ingest.link.durability import Durability
+from ingest.link.errors import Rejected, through
 from ingest.link.once import APPEND_ONCE
-from ingest.link.resp import Link
 from ingest.spool import store as store
 
 log = structlog.get_logger("ingest.spool")
@@ -79,7 +79,7 @@ class Drain:
         self._lock_fd: int | None = None
         self._replayed: set[int] = set()  # rows in Redis whose delete failed: never sent again
         self._redis_error: str | None = None  # the drain waits for Redis (logged once)
-        self._link: tuple[Redis, Link] | None = None  # the drain's way to Redis, and for which client
+        self._link: tuple[Redis, Translated] | None = None  # the drain's way to Redis, and for which client
         self._reached: Callable[[], None] | None = None  # called when a drain with rows reaches Redis
         self._layout: Watch | None = None  # the partition layout rows are routed by when drained
         # the erasure ledger (``ingest.contract.erasure.held``): rows of an erased person go
@@ -125,7 +125,7 @@ class Drain:
         if not await self._store("drain_lock", self._lock_sync):
             return 0  # another process drains it
         try:
-            await redis.ping()  # while Redis is down: nothing read, nothing written
+            await through(redis.ping())  # while Redis is down: nothing read, nothing written
             if self._reached is not None:  # before a row is replayed: so before the spool empties
                 self._reached()
             return await self._drain_locked(redis)
@@ -144,7 +144,7 @@ class Drain:
                 link, todo = self._link_to(redis), [r for r in rows if r.id not in self._replayed]
                 routed = None  # the layout these rows are routed by, and checked against
                 if self._layout is not None:  # the partition count may have changed since they came
-                    routed = await self._layout.read()
+                    routed = await through(self._layout.read())
                     todo, found = await _reroute(link, todo, self._layout.keys, routed)
                     self._replayed.update(found)
                 if self._ledger is None:
@@ -169,7 +169,7 @@ class Drain:
                 log.info("spool.drained", entries=n, left=self._entries)
         return n
 
-    def _link_to(self, redis: Redis) -> Link:
+    def _link_to(self, redis: Redis) -> Translated:
         """The edge's kind of link to ``redis`` (one per spool): on a Redis Cluster each
         primary's share of a drain step ends with its own WAIT (``ClusterLink``)."""
         if self._link is None or self._link[0] is not redis:
@@ -248,9 +248,10 @@ class Drain:
                 self._redis_error = repr(exc)
                 continue
             except Exception as exc:
-                # a connection redis-py's code closed under a command (a Redis killed while
-                # the client connected: uvloop's "the handler is closed") is Redis away too
-                if not isinstance(exc, REDIS_ERRORS) and not client_fault(exc):
+                # Redis away, or refusing (the link's errors and the calls ``through`` it are
+                # the tree's), or a connection redis-py's code closed under a command (a Redis
+                # killed while the client connected: uvloop's "the handler is closed")
+                if not isinstance(exc, NotSent | OutcomeUnknown) and not client_fault(exc):
                     log.exception("spool.drain_failed")
                     continue
                 cancelled_meanwhile()
@@ -301,7 +302,9 @@ def _delete(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, int]:
     return store.delete(conn, ids)
 
 
-async def _reroute(link: Link, rows: list[store.Row], keys: Keys, layout: Layout) -> tuple[list[store.Row], list[int]]:
+async def _reroute(
+    link: Translated, rows: list[store.Row], keys: Keys, layout: Layout
+) -> tuple[list[store.Row], list[int]]:
     """(rows to send, ids already done): a row whose partition the edges no longer write (a
     partition count changed: ``ingest.contract.layout``) goes to its code's partition now, and
     a keyed one moves its key's record along, still checked against the record where it was
@@ -335,7 +338,7 @@ async def _reroute(link: Link, rows: list[store.Row], keys: Keys, layout: Layout
             out.append(r)
             continue
         out.append(replace(r, stream=keys.stream(q), once=once, earlier=earlier))
-    if isinstance(link, ClusterLink) and (keyed := [r for r in out if r.earlier]):
+    if isinstance(link.inner, ClusterLink) and (keyed := [r for r in out if r.earlier]):
         replies = await link.send([("GET", e) for r in keyed for e in r.earlier])
         it = iter(replies)
         found = {r.id for r in keyed if [x for _, x in zip(r.earlier, it, strict=False) if x is not None]}
@@ -385,7 +388,7 @@ def _filed(layout: Watch | None, r: store.Row) -> tuple[Command, ...]:
 
 
 async def _replay(
-    link: Link,
+    link: Translated,
     rows: list[store.Row],
     durability: Durability,
     layout: Watch | None = None,
@@ -407,7 +410,7 @@ async def _replay(
         fields = [x for pair in entry_from_blob(r.envelope).items() for x in pair]
         if r.once is None:  # NOMKSTREAM: a retired partition is not made again (ingest.contract.layout)
             commands.append(("XADD", r.stream, *nomk, "*", *fields))
-        elif layout is None or routed is None or isinstance(link, ClusterLink):  # EVAL: not the hot path
+        elif layout is None or routed is None or isinstance(link.inner, ClusterLink):  # EVAL: not the hot path
             o = r.once
             commands.append(("EVAL", APPEND_ONCE, 2, o.record, r.stream, o.answer, o.window_ms, "", "", *fields))
         else:  # checked against the count it was routed by (``_reroute``): STALE if it changed since
@@ -434,7 +437,7 @@ async def _replay(
         commands.append(durability.command())
     try:
         replies = await link.send(commands)
-    except REDIS_ERRORS as exc:
+    except (NotSent, OutcomeUnknown) as exc:
         return [], exc  # lost mid-pipeline: what landed is sent again next time (same event ids)
     if durability.waits and (short := durability.failure(replies[-1])) is not None:
         return [], short  # in the primary, not yet where the level says: sent again next time
@@ -449,9 +452,10 @@ async def _replay(
             if layout is not None:
                 layout.poke(r.stream)
         if isinstance(reply, Exception):
-            if str(reply).startswith("GONE ") and layout is not None:
+            code = reply.code if isinstance(reply, Rejected) else ""
+            if (code == "GONE" or isinstance(reply, PartitionGone)) and layout is not None:
                 layout.poke(r.stream)
-            elif str(reply).startswith("STALE ") and layout is not None:
+            elif code == "STALE" and layout is not None:
                 layout.poke()  # the count changed since the reroute: read, routed anew next step
             error = error or reply
             continue

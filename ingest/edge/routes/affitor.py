@@ -18,7 +18,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import clicks
-from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.connections import Command
+from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.fields import NO_NUL, NoNul, OptionalId
 from ingest.contract.links import LinkInfo
@@ -251,7 +252,7 @@ async def track_click(request: web.Request) -> web.Response:
             prior = None  # not known yet (still spooled?): this click gets a new id, never a 503
         except Unavailable:
             return VOICE.down()
-        except REDIS_ERRORS as exc:
+        except (NotSent, OutcomeUnknown) as exc:
             return VOICE.down(exc)
         if prior is not None and prior.workspace_id != link.workspace_id:
             prior = None  # another workspace's click id: not this visitor

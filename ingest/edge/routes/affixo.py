@@ -22,7 +22,8 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
-from ingest.contract.connections import REDIS_ERRORS, Command
+from ingest.contract.connections import Command
+from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LinkInfo
 from ingest.edge import accept, sale
@@ -188,7 +189,7 @@ async def track_click(request: web.Request) -> web.Response:
             _, seen = await edge.batcher.execute(
                 ("SET", fp_key, candidate, "NX", "EX", FINGERPRINT_TTL_S), ("GET", fp_key)
             )
-        except REDIS_ERRORS as exc:
+        except (NotSent, OutcomeUnknown) as exc:
             return VOICE.down(exc)
         filing: tuple[Command, ...] = ()
         if isinstance(seen, bytes) and seen.decode() != candidate:

@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field, RootModel, ValidationError
 
 from ingest.contract import clicks, ids, links
-from ingest.contract.connections import REDIS_ERRORS
+from ingest.contract.errors import NotSent, Outage, OutcomeUnknown, Unknown
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.fields import NoNul
 from ingest.edge import accept, refund, sale
@@ -38,14 +38,13 @@ from ingest.edge.bodies import (
 )
 from ingest.edge.body import BodyError, bounded, describe, read
 from ingest.edge.body import code as body_code
-from ingest.edge.enqueue import AppendUnknown, never_sent, to_spool, xadd
+from ingest.edge.enqueue import never_sent, to_spool, unkept, xadd
 from ingest.edge.idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
 from ingest.edge.keyed import spool_or_unknown
 from ingest.edge.lookup import ClickPending, Unavailable, resolve_click, resolve_link
 from ingest.edge.refund import RefportRefund
 from ingest.edge.sale import RefportSale
 from ingest.edge.state import Edge
-from ingest.link.durability import Unconfirmed
 
 log = structlog.get_logger("ingest.batch")
 routes = web.RouteTableDef()
@@ -184,7 +183,7 @@ async def batch(request: web.Request) -> web.Response:
         results, replayed = await _accept(edge, principal.workspace_id, items, idem_key)
     except Unavailable:
         return VOICE.down()
-    except REDIS_ERRORS as exc:
+    except (NotSent, OutcomeUnknown, Outage) as exc:  # Redis, or the spool, could not take it
         return VOICE.down(exc)
     accepted = sum(r.ok for r in results)
     out = BatchResult(accepted=accepted, rejected=len(results) - accepted, results=results)
@@ -337,13 +336,13 @@ async def _accept(
     if appends:
         try:
             written = (await edge.batcher.execute(*appends, *filing, durable=True))[: len(appends)]
-        except REDIS_ERRORS as exc:
+        except (NotSent, OutcomeUnknown) as exc:
             if never_sent(exc):
                 raise  # nothing of the batch is in Redis: the route refuses it (503)
             written = await _settle(edge, sent, exc)
         for reply, item in zip(written, sent, strict=True):
             result, claim = item.result, item.claim
-            if isinstance(reply, AppendUnknown):  # neither accepted nor refused
+            if isinstance(reply, OutcomeUnknown):  # neither accepted nor refused
                 result.ok, result.error = False, "outcome_unknown"
                 result.event_id = str(reply.event_id) if reply.event_id else None
                 result.detail = "may be stored: retry with the same idempotency key to count it once"
@@ -379,7 +378,7 @@ async def _earlier(edge: Edge, claim: Claim, code: str) -> bytes | None:
     (``Idempotency.found_earlier``); the append meets any Redis trouble and says it."""
     try:
         return await edge.idem.found_earlier(edge.batcher, claim, code)
-    except REDIS_ERRORS:
+    except (NotSent, OutcomeUnknown):
         return None
 
 
@@ -401,24 +400,26 @@ async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any
     """The appends' round trip failed after it was sent: what Redis may hold is spooled under
     its event id (and a keyed item with its check), never refused (``ingest.edge.enqueue``). One
     reply per item, as the round trip's would have been: None or a stream id once spooled,
-    the error of an item Redis refused, ``AppendUnknown`` for a keyed item (spooled) and
+    the error of an item Redis refused, the outcome ``UNKEPT`` for a keyed item (spooled) and
     where the spool could not keep one."""
     # (the filing commands after the appends: ``ingest.edge.erasure_index``)
-    replies: list[Any] = list(exc.replies)[: len(sent)] if isinstance(exc, Unconfirmed) else [None] * len(sent)
+    replies: list[Any] = [None] * len(sent)
+    if isinstance(exc, OutcomeUnknown) and exc.reason is Unknown.UNCONFIRMED:  # the primary's replies
+        replies = list(exc.replies)[: len(sent)]
 
     async def one(item: _Sent, reply: Any) -> Any:
         if isinstance(reply, Exception):
             return reply  # Redis refused it: not written
         if isinstance(reply, bytes) and item.claim is not None:  # the key's record, unconfirmed
-            return AppendUnknown(None, exc)
+            return unkept(None, exc)
         code = _route(item.envelope)
         claim, answer = item.claim, item.answer
         try:
             if claim is not None and answer is not None:  # stands only where its script's run is confirmed
                 await spool_or_unknown(edge, item.envelope, code, (), edge.idem.check(claim, code, answer), exc)
-                return AppendUnknown(None, exc)  # (ingest.edge.keyed)
+                return unkept(None, exc)  # (ingest.edge.keyed)
             await to_spool(edge, item.envelope, code, maybe_applied=exc)
-        except AppendUnknown as unknown:
+        except OutcomeUnknown as unknown:  # the spool could not keep it
             return unknown
         return None  # kept: accepted
 

@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
-from ingest.contract.connections import REDIS_ERRORS
+from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LinkInfo
 from ingest.edge import accept, flags
@@ -109,7 +109,7 @@ async def track_click(request: web.Request) -> web.Response:
         return found
     try:
         disabled = flags.is_disabled(found.extra[0])
-    except REDIS_ERRORS as exc:  # the kill switch could not be read (its node failing over)
+    except (NotSent, OutcomeUnknown) as exc:  # the kill switch could not be read (its node failing over)
         return VOICE.down(exc)
 
     if disabled:

@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
-from ingest.contract.connections import REDIS_ERRORS
+from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect, EventType, uuid7
 from ingest.edge import accept
 from ingest.edge.bodies import BricqsConvert
@@ -76,7 +76,7 @@ async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...]
             degraded=True,
             counted=request.method != "HEAD",  # a HEAD changes nothing, its rate limit included
         )
-    except (Unavailable, *REDIS_ERRORS):
+    except (Unavailable, NotSent, OutcomeUnknown):
         return unavailable()
     if not found.verdict.allowed:
         link = found.link
@@ -156,7 +156,7 @@ async def convert(request: web.Request) -> web.Response:
             _, first = await edge.batcher.execute(
                 ("SET", idem, conversion_id, "NX", "EX", IDEMPOTENCY_TTL_S), ("GET", idem)
             )
-        except REDIS_ERRORS as exc:  # the conversion is appended: never refused now; this id stands
+        except (NotSent, OutcomeUnknown) as exc:  # the conversion is appended: never refused now; this id stands
             log.warning("conversion_id.not_remembered", error=str(exc))
     out = BricqsConverted(
         converted=True,

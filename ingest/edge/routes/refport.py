@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
-from ingest.contract.connections import CommitUnknown
+from ingest.contract.errors import OutcomeUnknown, Unknown
 from ingest.contract.events import Dialect
 from ingest.edge import accept, lead, refund, sale
 from ingest.edge.body import BodyError
@@ -126,7 +126,7 @@ async def _refund(request: web.Request) -> web.Response:
     out = await refund.record(started.edge, workspace, started.body, idem_key, Dialect.REFPORT)
     headers = dict(started.found.verdict.headers)
     if out.status == 503:
-        return REFUND_VOICE.down(CommitUnknown("the refund's commit") if out.unknown else None)
+        return REFUND_VOICE.down(OutcomeUnknown("the refund's commit", Unknown.COMMIT) if out.unknown else None)
     if out.refund is None:
         return error(out.status, out.code.upper(), out.message, headers)
     if out.replayed:

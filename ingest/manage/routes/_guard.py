@@ -15,12 +15,12 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from ingest.contract import ids
-from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
-from ingest.contract.errors import Conflict, NotFound
+from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
+from ingest.contract.errors import Conflict, NotFound, NotSent, OutcomeUnknown
 from ingest.edge.auth import Principal, bearer
 from ingest.edge.body import BodyError, plain, read
 from ingest.edge.body import code as body_code
-from ingest.edge.enqueue import OUTCOME
+from ingest.edge.enqueue import retry_headers
 from ingest.edge.idempotency import Claim, InvalidKey, header_key, request_claim
 from ingest.edge.lookup import Unavailable, lookup
 from ingest.edge.state import EDGE, Edge
@@ -97,7 +97,7 @@ def guarded(
             head = request.method == "HEAD"  # changes nothing: no rate limit counted, no address kept
             try:
                 found = await lookup(edge, edge.key_limiter, "", secret=secret, counted=not head)
-            except (Unavailable, *REDIS_ERRORS):
+            except (Unavailable, NotSent, OutcomeUnknown, *REDIS_ERRORS):
                 return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
             principal = found.principal
             if principal is None:
@@ -126,10 +126,9 @@ def guarded(
                     return error(404, "not_found", str(exc))
                 except Conflict as exc:
                     return error(409, "conflict", str(exc))
-                except CommitUnknown:  # the write may be done: not a refusal
-                    return json(503, {"error": "unavailable"}, {"Retry-After": "1", OUTCOME: "unknown"})
-                except (*PG_ERRORS, *REDIS_ERRORS):
-                    return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
+                except (NotSent, OutcomeUnknown, *PG_ERRORS, *REDIS_ERRORS) as exc:
+                    # a commit in flight may be done: not a refusal (``Refstream-Outcome: unknown``)
+                    return json(503, {"error": "unavailable"}, retry_headers(exc))
 
             if idem_key is None:
                 return await run()
@@ -139,7 +138,7 @@ def guarded(
                 return await edge.idem.once(edge.batcher, claim, secret, idem_key, run, lambda s, c, m: error(s, c, m))
             except BodyError as exc:
                 return error(exc.status, body_code(exc), exc.message)
-            except REDIS_ERRORS:
+            except (NotSent, OutcomeUnknown, *REDIS_ERRORS):
                 return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
 
         return route

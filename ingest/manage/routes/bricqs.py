@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
-from ingest.contract.errors import NotFound
+from ingest.contract.errors import NotFound, NotSent, OutcomeUnknown
 from ingest.contract.fields import ExternalId
 from ingest.edge.auth import Principal, plausible
 from ingest.edge.body import BodyError, parse
@@ -69,7 +69,7 @@ async def _keyed(request: web.Request, scope: str) -> tuple[Edge, Principal] | w
     try:
         # a HEAD changes nothing, its rate limit included
         found = await lookup(edge, edge.key_limiter, "", secret=secret, counted=request.method != "HEAD")
-    except (Unavailable, *REDIS_ERRORS):
+    except (Unavailable, NotSent, OutcomeUnknown, *REDIS_ERRORS):
         return unavailable()
     if found.principal is None:
         return error(401, "unauthorized", "Invalid or missing API key")
@@ -120,7 +120,7 @@ async def generate(request: web.Request) -> web.Response:
     secret = request.headers.get("X-API-Key", "").strip()
     try:
         return await edge.idem.once(edge.batcher, claim, secret, idem_key, run, error)
-    except REDIS_ERRORS:
+    except (NotSent, OutcomeUnknown, *REDIS_ERRORS):
         return unavailable()
 
 

@@ -14,7 +14,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import ids, links
-from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, CommitUnknown, acquired
+from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
+from ingest.contract.errors import NotSent, OutcomeUnknown, Unknown
 from ingest.contract.fields import EXTERNAL_ID, PLACEHOLDER, Text
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
@@ -97,13 +98,13 @@ async def erase_customer(request: web.Request, edge: Edge, p: Principal) -> web.
             shown = await erasure.show(conn, p.workspace_id, str(erased[0].id))
             copy = await erasure_copy.commands(conn, edge.keys, [done.id for done in erased])
     except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # a read-only one too
-        raise CommitUnknown("the erasure") from exc
+        raise OutcomeUnknown("the erasure", Unknown.COMMIT) from exc
     # the ledger's copy outside Postgres (a restore that loses the erasure gets it back); the
     # sweep writes it too, and marks Redis done only once it is there
     if deletes := [*copy, *(d for done in erased for d in erasure.redis_deletes(edge.keys, done))]:
         try:
             await edge.batcher.execute(*deletes)
-        except REDIS_ERRORS:
+        except (NotSent, OutcomeUnknown, *REDIS_ERRORS):
             pass  # the click cache's entries and rate-limit windows expire by themselves; the sweep copies
     return json(202, shown)
 
@@ -142,11 +143,11 @@ async def _erase_affiliates(
         async with acquired(edge.pg) as conn:
             copy = await erasure_copy.commands(conn, edge.keys, [uuid.UUID(e["erasure_id"]) for e in done.erasures])
     except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise CommitUnknown("the erasure") from exc
+        raise OutcomeUnknown("the erasure", Unknown.COMMIT) from exc
     try:
         await links.put_committed(edge.redis, edge.keys, *done.cache)  # their external id, as a pseudonym
         await edge.batcher.execute(*copy, *erasure_affiliate.redis_commands(edge.keys, done))
-    except REDIS_ERRORS:
+    except (NotSent, OutcomeUnknown, *REDIS_ERRORS):
         pass  # the sweep copies the ledger; the link cache is put again by the workers' refresh; windows expire
     return json(202, done.to_dict())
 
