@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -31,9 +32,16 @@ from refstream import output as out
 from refstream.runner import run_reading, settings_and_logging
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     import asyncpg
 
-    from workers.ops.imports import Summary, Told
+    from ingest.contract.connections import Redis
+    from ingest.contract.settings import Settings
+    from workers.consumer.enrich import Enricher
+    from workers.ops import backend_nice
+    from workers.ops.import_lines import Lines
+    from workers.ops.imports import Options, Summary, Told
 
 log = structlog.get_logger("refstream.import")
 
@@ -129,8 +137,7 @@ def import_(
 
     Exit 0: every row stored (or stored before); 3: some rows refused; 130: stopped by
     Ctrl-C, the summary saying which --start-line goes on."""
-    from workers.consumer.enrich import Enricher
-    from workers.ops import backend_nice, import_formats, import_lines, imports
+    from workers.ops import import_formats, import_lines, imports
 
     ws = _workspace(workspace)
     if niceness:
@@ -151,107 +158,10 @@ def import_(
         partitions=settings.partitions,
         start_line=start_line,
     )
-    if file == "-":
-        stream: BinaryIO = sys.stdin.buffer
-        size = None
-    else:
-        path = Path(file)
-        if not path.is_file():
-            raise click.BadParameter(f"no file {file}", param_hint="FILE")
-        stream, size = path.open("rb"), path.stat().st_size
+    stream, size = _open(file)
     lines = import_lines.Lines(stream)  # read in chunks, a line at a time: never the file whole
-
-    async def go() -> dict[str, Any]:
-        niced: list[backend_nice.Outcome] = []
-        console = Console(stderr=True)
-        stop = asyncio.Event()
-        running: list[asyncio.Task[imports.Summary]] = []
-
-        def interrupted() -> None:  # Ctrl-C: the batch in flight ends; a second one, at once
-            if not stop.is_set():
-                stop.set()
-                console.print(
-                    "import: stopping after the batch in flight (Ctrl-C again to stop at once)",
-                    markup=False,
-                    highlight=False,
-                    soft_wrap=True,
-                )
-            else:
-                for t in running:
-                    t.cancel()
-
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGINT, interrupted)
-
-        async def lower_backend(conn: asyncpg.Connection) -> None:
-            outcome = await backend_nice.lower(conn, niceness)
-            if not niced or outcome.applied != niced[-1].applied:  # said once, and again on a change
-                log.info(
-                    "import.backend_nice",
-                    pid=outcome.pid,
-                    applied=outcome.applied,
-                    niceness=niceness,
-                    why=outcome.why or None,
-                )
-            niced.append(outcome)
-
-        pool = await create_pg_pool(settings, min_size=1, max_size=2, init=lower_backend)
-        redis = connect_redis(settings)
-        enricher = Enricher(city_db=settings.city_db)
-        keys = Keys(settings.stream_prefix, settings.partitions)
-        if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", uuid.UUID(ws)):
-            raise click.ClickException(f"no workspace {ws}")
-        columns = (
-            TextColumn("import"),
-            BarColumn(),
-            DownloadColumn(),
-            TextColumn("{task.fields[rows]:,} rows"),
-            TextColumn("{task.fields[rate]:,.0f}/s"),
-            TimeRemainingColumn(),
-        )
-        try:
-            with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
-                task: TaskID = bar.add_task("import", total=size, rows=0, rate=0.0)
-
-                def progress(s: imports.Summary) -> None:
-                    elapsed = bar.tasks[0].elapsed or 0.0
-                    bar.update(task, completed=lines.bytes, rows=s.read, rate=s.read / elapsed if elapsed else 0.0)
-
-                def tell(t: imports.Told) -> None:
-                    console.print(giving_way(t, importer.summary), markup=False, highlight=False, soft_wrap=True)
-
-                importer = imports.Importer(
-                    pool, opts, imports.LiveBacklog(redis, keys, settings.partitions), enricher, progress, stop, tell
-                )
-                running.append(asyncio.ensure_future(importer.run(import_formats.READERS[fmt](lines))))
-                try:
-                    summary = await running[0]
-                except asyncio.CancelledError:
-                    if not running[0].cancelled():
-                        raise
-                    summary = importer.summary  # the second Ctrl-C: what committed before it
-            backends = {
-                "niceness": niceness,
-                "lowered": sum(o.applied for o in niced),
-                "of": len(niced),
-                "why_not": sorted({o.why for o in niced if not o.applied}),
-            }
-            return summary.to_dict() | {
-                "file": file,
-                "format": fmt,
-                "source": opts.source,
-                "workspace": ws,
-                "backend_nice": backends,
-            }
-        finally:
-            loop.remove_signal_handler(signal.SIGINT)
-            enricher.close()
-            await pool.close()
-            await redis.aclose()
-            with contextlib.suppress(OSError):
-                stream.close()
-
-    result = run_reading(go())
+    run = _Run(file, fmt, opts, settings, niceness, stream, size, lines)
+    result = run_reading(_go(run))
     if out.wants_json():
         out.print_json(result)
     else:
@@ -260,6 +170,159 @@ def import_(
         sys.exit(EXIT_STOPPED)
     if result["refused_total"]:
         sys.exit(EXIT_REFUSED)
+
+
+def _open(file: str) -> tuple[BinaryIO, int | None]:
+    """FILE's stream and its size in bytes (None for stdin, ``-``)."""
+    if file == "-":
+        return sys.stdin.buffer, None
+    path = Path(file)
+    if not path.is_file():
+        raise click.BadParameter(f"no file {file}", param_hint="FILE")
+    return path.open("rb"), path.stat().st_size
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """What one ``refstream import`` imports, and how: the command line's choices."""
+
+    file: str
+    fmt: str
+    opts: Options
+    settings: Settings
+    niceness: int
+    stream: BinaryIO
+    size: int | None  # None: stdin, no bar to fill
+    lines: Lines
+
+
+async def _go(run: _Run) -> dict[str, Any]:
+    """The import from start to summary: the pool (its backends niced), Redis, the enricher,
+    the progress bar, and Ctrl-C's handler, each closed or removed at the end."""
+    from workers.consumer.enrich import Enricher
+
+    settings = run.settings
+    niced: list[backend_nice.Outcome] = []
+    console = Console(stderr=True)
+    stop = asyncio.Event()
+    running: list[asyncio.Task[Summary]] = []
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, _on_ctrl_c(console, stop, running))
+    pool = await create_pg_pool(settings, min_size=1, max_size=2, init=_backend_lowerer(run.niceness, niced))
+    redis = connect_redis(settings)
+    enricher = Enricher(city_db=settings.city_db)
+    keys = Keys(settings.stream_prefix, settings.partitions)
+    ws = run.opts.workspace_id
+    if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", uuid.UUID(ws)):
+        raise click.ClickException(f"no workspace {ws}")
+    try:
+        summary = await _import_with_progress(run, console, pool, redis, keys, enricher, stop, running)
+        backends = {
+            "niceness": run.niceness,
+            "lowered": sum(o.applied for o in niced),
+            "of": len(niced),
+            "why_not": sorted({o.why for o in niced if not o.applied}),
+        }
+        return summary.to_dict() | {
+            "file": run.file,
+            "format": run.fmt,
+            "source": run.opts.source,
+            "workspace": ws,
+            "backend_nice": backends,
+        }
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        enricher.close()
+        await pool.close()
+        await redis.aclose()
+        with contextlib.suppress(OSError):
+            run.stream.close()
+
+
+def _on_ctrl_c(console: Console, stop: asyncio.Event, running: list[asyncio.Task[Summary]]) -> Callable[[], None]:
+    """SIGINT's handler: the first stops after the batch in flight, a second one at once."""
+
+    def interrupted() -> None:  # Ctrl-C: the batch in flight ends; a second one, at once
+        if not stop.is_set():
+            stop.set()
+            console.print(
+                "import: stopping after the batch in flight (Ctrl-C again to stop at once)",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        else:
+            for t in running:
+                t.cancel()
+
+    return interrupted
+
+
+def _backend_lowerer(
+    niceness: int, niced: list[backend_nice.Outcome]
+) -> Callable[[asyncpg.Connection], Awaitable[None]]:
+    """The pool's ``init``: each new backend's CPU priority lowered by ``niceness`` where it
+    can be, each outcome appended to ``niced``."""
+
+    from workers.ops import backend_nice
+
+    async def lower_backend(conn: asyncpg.Connection) -> None:
+        outcome = await backend_nice.lower(conn, niceness)
+        if not niced or outcome.applied != niced[-1].applied:  # said once, and again on a change
+            log.info(
+                "import.backend_nice",
+                pid=outcome.pid,
+                applied=outcome.applied,
+                niceness=niceness,
+                why=outcome.why or None,
+            )
+        niced.append(outcome)
+
+    return lower_backend
+
+
+async def _import_with_progress(
+    run: _Run,
+    console: Console,
+    pool: asyncpg.Pool,
+    redis: Redis,
+    keys: Keys,
+    enricher: Enricher,
+    stop: asyncio.Event,
+    running: list[asyncio.Task[Summary]],
+) -> Summary:
+    """The rows imported under the progress bar (on stderr); a second Ctrl-C's cancel ends
+    it with what committed before it."""
+    from workers.ops import import_formats, imports
+
+    columns = (
+        TextColumn("import"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[rows]:,} rows"),
+        TextColumn("{task.fields[rate]:,.0f}/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
+        task: TaskID = bar.add_task("import", total=run.size, rows=0, rate=0.0)
+
+        def progress(s: Summary) -> None:
+            elapsed = bar.tasks[0].elapsed or 0.0
+            bar.update(task, completed=run.lines.bytes, rows=s.read, rate=s.read / elapsed if elapsed else 0.0)
+
+        def tell(t: Told) -> None:
+            console.print(giving_way(t, importer.summary), markup=False, highlight=False, soft_wrap=True)
+
+        importer = imports.Importer(
+            pool, run.opts, imports.LiveBacklog(redis, keys, run.settings.partitions), enricher, progress, stop, tell
+        )
+        running.append(asyncio.ensure_future(importer.run(import_formats.READERS[run.fmt](run.lines))))
+        try:
+            return await running[0]
+        except asyncio.CancelledError:
+            if not running[0].cancelled():
+                raise
+            return importer.summary  # the second Ctrl-C: what committed before it
 
 
 def giving_way(t: Told, s: Summary) -> str:
