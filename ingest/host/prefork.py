@@ -8,10 +8,11 @@ slot's next child instead of being reset (a socket closed in a reuseport group r
 queue). A slot whose children keep dying at start closes its socket, so its share of new
 connections goes to the other slots until a child of it is up again.
 
-**Children** are fresh interpreters (``python -m ingest.host.prefork --child``), not forks: a
-reload starts the code and settings installed now, and nothing of the supervisor's state
-(threads, event loop) is inherited. Each builds its settings and app, accepts, and writes
-one byte on a pipe when ready. A child gets SIGTERM when the supervisor dies (PDEATHSIG).
+**Children** are fresh interpreters (``python -m ingest.host.prefork --child``, whose entry
+is ``ingest.host.prefork_child``), not forks: a reload starts the code and settings
+installed now, and nothing of the supervisor's state (threads, event loop) is inherited.
+Each builds its settings and app, accepts, and writes one byte on a pipe when ready. A
+child gets SIGTERM when the supervisor dies (PDEATHSIG).
 
 **Supervision.** A child that dies is replaced at once; one that dies before it was ready,
 or within ``STABLE_S`` of it, makes the next start of its slot wait, doubling from
@@ -35,9 +36,7 @@ are reset with the sockets.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ctypes
 import os
 import selectors
 import shutil
@@ -61,7 +60,6 @@ FIRST_BACKOFF_S = 0.25
 MAX_BACKOFF_S = 15.0
 STABLE_S = 2.0  # a child up this long after ready was not crashing at start
 BACKLOG = 1024
-_PR_SET_PDEATHSIG = 1
 
 
 def cpu_count() -> int:
@@ -409,45 +407,7 @@ class Supervisor:
         shutil.rmtree(self.rundir, ignore_errors=True)
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGTERM (a drain) when the supervisor dies; at once if it already has."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
+if __name__ == "__main__":  # a child, as Supervisor starts it: ingest.host.prefork_child
+    from ingest.host.prefork_child import main
 
-
-def _child(argv: list[str]) -> int:
-    """A child's entry: its settings and logging, then ``ingest.host.server.serve_child``."""
-    parser = argparse.ArgumentParser(prog="python -m ingest.host.prefork --child")
-    parser.add_argument("--child", action="store_true", required=True)
-    parser.add_argument("--fds", required=True)
-    parser.add_argument("--ready", type=int, required=True)
-    parser.add_argument("--rundir", type=Path, required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the supervisor's
-    _die_with_parent(args.parent)
-
-    import uvloop
-    from pydantic import ValidationError
-
-    from ingest.contract import clock
-    from ingest.contract.logs import configure_logging
-    from ingest.contract.settings import Settings, explain
-    from ingest.host.server import serve_child
-
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        print(f"Error: {explain(exc)}", file=sys.stderr)
-        return 2
-    clock.configure(settings.clock_offset_s)
-    configure_logging(settings.log_level, json=settings.log_json, flush_ms=settings.log_flush_ms)
-    socks = [socket.socket(fileno=int(fd)) for fd in args.fds.split(",")]
-    uvloop.run(serve_child(settings, socks, args.ready, args.rundir))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
