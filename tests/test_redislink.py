@@ -16,10 +16,12 @@ from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ingest.contract.errors import OutcomeUnknown, Unknown
 from ingest.contract.settings import Settings
 from ingest.edge.batcher import RedisBatcher
 from ingest.link import resp
 from ingest.link.choice import link_for
+from ingest.link.errors import Rejected
 from ingest.link.resp import DirectLink, PipelineLink, pack
 
 from ._redis import PrivateRedis
@@ -89,7 +91,7 @@ def test_replies_come_back_raw_and_in_order(loop: str, settings: Settings):
     async def main() -> None:
         client = aioredis.Redis.from_url(settings.redis_url)
         link = link_for(client)
-        assert isinstance(link, DirectLink)
+        assert isinstance(link.inner, DirectLink)
         try:
             replies = await link.send(
                 [
@@ -102,7 +104,9 @@ def test_replies_come_back_raw_and_in_order(loop: str, settings: Settings):
                 ]
             )
             assert replies[:2] == [b"OK", b"v1"]
-            assert isinstance(replies[2], ResponseError) and "not an integer" in str(replies[2])
+            # behind the link's boundary: the tree's Rejected (a not-sent), never redis-py's
+            assert isinstance(replies[2], Rejected) and "not an integer" in str(replies[2])
+            assert replies[2].code == "ERR" and isinstance(replies[2].__cause__, ResponseError)
             assert replies[3:] == [1, None, [1, b"two", [3]]]
             # thousands of commands in one round trip, replies split over many reads
             many = await link.send([("ECHO", f"m{i}" * 20) for i in range(5000)])
@@ -152,8 +156,9 @@ def test_a_timeout_leaves_nothing_owed_to_the_next_batch(loop: str, settings: Se
         client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=1.0)
         link = link_for(client)
         try:
-            with pytest.raises(RedisTimeoutError):
+            with pytest.raises(OutcomeUnknown) as err:  # the BLPOP may run yet
                 await link.send([("BLPOP", key, 4)])  # blocks past the 1 s timeout
+            assert err.value.reason is Unknown.LOST and isinstance(err.value.__cause__, RedisTimeoutError)
             # the BLPOP's late nil must not be taken for this PING's reply
             assert await link.send([("PING",), ("ECHO", "after")]) == [b"PONG", b"after"]
         finally:
@@ -172,9 +177,9 @@ def test_a_dead_server_fails_the_batch_and_the_link_reconnects(loop: str, privat
         try:
             assert await link.send([("SET", "a", "1")]) == [b"OK"]
             private_redis.kill()
-            with pytest.raises(RedisConnectionError):
+            with pytest.raises(OutcomeUnknown):  # the link's boundary: the tree's, not redis-py's
                 await link.send([("GET", "a")])
-            with pytest.raises(RedisConnectionError, match=r"127\.0\.0\.1"):
+            with pytest.raises(OutcomeUnknown, match=r"127\.0\.0\.1"):
                 await link.send([("GET", "a")])  # still down: refused at connect
             private_redis.start()  # empty again: nothing is persisted
             await up(private_redis.url)
@@ -305,5 +310,5 @@ def test_the_batcher_reloads_scripts_the_server_forgot(private_redis: PrivateRed
 
 def test_cluster_and_tls_clients_go_through_redis_py():
     assert DirectLink.for_client(aioredis.Redis.from_url("rediss://127.0.0.1:1/0")) is None
-    assert isinstance(link_for(aioredis.Redis.from_url("rediss://127.0.0.1:1/0")), PipelineLink)
-    assert isinstance(link_for(aioredis.Redis.from_url("unix:///tmp/none.sock?db=2")), DirectLink)
+    assert isinstance(link_for(aioredis.Redis.from_url("rediss://127.0.0.1:1/0")).inner, PipelineLink)
+    assert isinstance(link_for(aioredis.Redis.from_url("unix:///tmp/none.sock?db=2")).inner, DirectLink)
