@@ -23,7 +23,7 @@ _MINTED = clicks.mint(uuid7())
 CLICK_IDS = (_ABSENT, _MINTED, _MINTED.upper().replace("CLK_", "clk_"), "clk_1234", "not-a-click", 42, None)
 VISITOR_IDS = (_ABSENT, "v-1", "", None, 7, "erased-0123456789abcdef")
 REFERRERS = (_ABSENT, "https://blog.example/post", 5)
-# the row's columns as the worker fills them (store._write), and the read GET /v1/events makes
+# the row's columns as the worker fills them (rows.build), and the read GET /v1/events makes
 _READ = "SELECT event_payload($1::text::jsonb, $2::uuid, $3::text, $4::uuid, $5::text)::text"
 
 

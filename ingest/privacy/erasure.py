@@ -594,7 +594,7 @@ async def _merged(conn: asyncpg.Connection, workspace_id: str, row: uuid.UUID, a
 def _dedupe(
     key: str | None, external_id: str | None, x_alias: str | None, visitor: str | None, v_alias: str | None
 ) -> str | None:
-    """The dedupe key the workers would compute for the scrubbed event (``workers.consumer.store``)."""
+    """The dedupe key the workers would compute for the scrubbed event (``workers.consumer.dedupe.dedupe_key``)."""
     if key is None:
         return None
     lead = f"lead\x1f{external_id}\x1f"
