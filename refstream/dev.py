@@ -172,15 +172,7 @@ def run_dev(port: int, data: str | None = None, console_port: int | None = None)
         data_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         svc = services.resolve(stack, data_dir=str(data_dir / "embedded") if data_dir else None)
-        db_url = os.environ.get("DATABASE_URL")
-        if svc.embedded_postgres or not db_url:
-            db_url = services.with_database(svc.postgres_url, "refstream")
-        secret, secret_from = _secret_key(data_dir)
-        env = {**os.environ, "REDIS_URL": svc.redis_url, "DATABASE_URL": db_url, "REFSTREAM_SECRET_KEY": secret}
-        # the console's operator token: as given, else a throwaway for this run (printed below)
-        env["REFSTREAM_CONSOLE_TOKEN"] = os.environ.get("REFSTREAM_CONSOLE_TOKEN") or secrets.token_urlsafe(24)
-        if data_dir is not None and "REFSTREAM_ARCHIVE_URL" not in os.environ:
-            env["REFSTREAM_ARCHIVE_URL"] = str(data_dir / "archive")  # kept with the rest of --data
+        db_url, secret, secret_from, env = _environment(svc, data_dir)
         try:
             settings = Settings(redis_url=svc.redis_url, database_url=db_url)
         except ValidationError as exc:
@@ -202,34 +194,10 @@ def run_dev(port: int, data: str | None = None, console_port: int | None = None)
                 click.echo(f"refstream dev: the tour's keys could not be revoked ({exc!r})", err=True)
 
         stack.callback(end_tour)
-
-        # the archiver from the start: its consumer group holds the trim back for what it has
-        # not archived yet, so nothing leaves Redis unarchived (and replays can read it back)
-        # one edge process unless REFSTREAM_PROCESSES says otherwise: a development box
-        # starts faster and reads one process's log lines
-        edge = ["serve", "--port", str(port), "--processes", env.get("REFSTREAM_PROCESSES") or "1"]
         console_port = console_port or port + 10
-        console = ["console", "--port", str(console_port)]
-        children = [_spawn(edge, env), _spawn(["work"], env), _spawn(["archive"], env), _spawn(console, env)]
-
-        def stop_children() -> None:
-            for p in children:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in children:
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-
-        stack.callback(stop_children)
+        children = _start_children(stack, port, console_port, env)
         base = f"http://127.0.0.1:{port}"
-        _wait_healthy(f"{base}/healthz", children[0])
         console_base = f"http://127.0.0.1:{console_port}"
-        _wait_healthy(f"{console_base}/static/console.css", children[3], name="console")
-        for name, p in zip(ROLES[1:], children[1:], strict=True):
-            if p.poll() is not None:
-                raise click.ClickException(f"the {name} exited with {p.returncode} (its error is above)")
 
         # the handlers before the banner that says Ctrl-C stops it: a Ctrl-C read from the
         # banner would otherwise be lost where SIGINT starts ignored (a background job of a
@@ -254,6 +222,53 @@ def run_dev(port: int, data: str | None = None, console_port: int | None = None)
                 if p.poll() is not None:
                     raise click.ClickException(f"the {name} exited with {p.returncode}; stopping")
             time.sleep(0.2)
+
+
+def _environment(svc: services.Services, data_dir: Path | None) -> tuple[str, str, str, dict[str, str]]:
+    """The database URL, the secret key and where it comes from, and the environment the
+    processes dev starts run in."""
+    db_url = os.environ.get("DATABASE_URL")
+    if svc.embedded_postgres or not db_url:
+        db_url = services.with_database(svc.postgres_url, "refstream")
+    secret, secret_from = _secret_key(data_dir)
+    env = {**os.environ, "REDIS_URL": svc.redis_url, "DATABASE_URL": db_url, "REFSTREAM_SECRET_KEY": secret}
+    # the console's operator token: as given, else a throwaway for this run (printed below)
+    env["REFSTREAM_CONSOLE_TOKEN"] = os.environ.get("REFSTREAM_CONSOLE_TOKEN") or secrets.token_urlsafe(24)
+    if data_dir is not None and "REFSTREAM_ARCHIVE_URL" not in os.environ:
+        env["REFSTREAM_ARCHIVE_URL"] = str(data_dir / "archive")  # kept with the rest of --data
+    return db_url, secret, secret_from, env
+
+
+def _start_children(
+    stack: ExitStack, port: int, console_port: int, env: dict[str, str]
+) -> list[subprocess.Popen[bytes]]:
+    """The edge, the worker, the archiver and the console (``ROLES``' order), stopped when
+    ``stack`` closes; returned once the edge and the console answer and none has exited."""
+    # the archiver from the start: its consumer group holds the trim back for what it has
+    # not archived yet, so nothing leaves Redis unarchived (and replays can read it back)
+    # one edge process unless REFSTREAM_PROCESSES says otherwise: a development box
+    # starts faster and reads one process's log lines
+    edge = ["serve", "--port", str(port), "--processes", env.get("REFSTREAM_PROCESSES") or "1"]
+    console = ["console", "--port", str(console_port)]
+    children = [_spawn(edge, env), _spawn(["work"], env), _spawn(["archive"], env), _spawn(console, env)]
+
+    def stop_children() -> None:
+        for p in children:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in children:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    stack.callback(stop_children)
+    _wait_healthy(f"http://127.0.0.1:{port}/healthz", children[0])
+    _wait_healthy(f"http://127.0.0.1:{console_port}/static/console.css", children[3], name="console")
+    for name, p in zip(ROLES[1:], children[1:], strict=True):
+        if p.poll() is not None:
+            raise click.ClickException(f"the {name} exited with {p.returncode} (its error is above)")
+    return children
 
 
 def _banner(
