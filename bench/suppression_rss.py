@@ -69,7 +69,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await server.execute(f'CREATE DATABASE "{name}"')
     await server.close()
     url = args.postgres.rsplit("/", 1)[0] + "/" + name
-    proc = None
+    started: list[subprocess.Popen[bytes]] = []  # the first edge, once started: stopped at the end
     prefix = f"benchsupp:{secrets.token_hex(4)}"
     try:
         conn = await asyncpg.connect(url)
@@ -85,68 +85,91 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             REFSTREAM_SPOOL_DIR=f"/tmp/{name}-spool",
             REFSTREAM_LOG_LEVEL="warning",
         )
-        port = free_port()
-        cmd = [sys.executable, "-c", "from refstream.cli import main; main()", "serve", "--port", str(port)]
-        proc = await asyncio.to_thread(_start, cmd, env)
-        base = f"http://127.0.0.1:{port}"
-        await _healthy(base, proc)
-        await asyncio.sleep(5)
-        before = _rss_kb(proc.pid)
-        t = time.monotonic()
-        await conn.execute(
-            "INSERT INTO suppressions (workspace_id, kind, digest, created_by)"
-            " SELECT $1, 'visitor', decode(md5('bench' || i), 'hex'), 'bench' FROM generate_series(1, $2) i",
-            ws["workspace_id"],
-            args.entries,
-        )
-        insert_s = time.monotonic() - t
-        await asyncio.sleep(5)
-        after_5s = _rss_kb(proc.pid)
-        await asyncio.sleep(10)
-        after_15s = _rss_kb(proc.pid)
-        # an edge started with the list already there: its first read is every list
-        port2 = free_port()
-        cmd2 = [*cmd[:-1], str(port2)]
-        proc2 = await asyncio.to_thread(_start, cmd2, env)
-        try:
-            await _healthy(f"http://127.0.0.1:{port2}", proc2)
-            await asyncio.sleep(5)
-            started_with = _rss_kb(proc2.pid)
-        finally:
-            proc2.terminate()
-            proc2.wait(30)
-        async with aiohttp.ClientSession() as http:
-            t = time.monotonic()
-            async with http.get(f"{base}/v1/suppressions", headers={"Authorization": f"Bearer {ws['api_key']}"}) as r:
-                body = await r.read()
-            get_s = time.monotonic() - t
-        await conn.close()
-        return {
-            "entries": args.entries,
-            "rss_before_kb": before,
-            "rss_after_5s_kb": after_5s,
-            "rss_after_15s_kb": after_15s,
-            "growth_mb": round((after_15s - before) / 1024, 1),
-            "rss_started_with_the_list_kb": started_with,
-            "started_with_growth_mb": round((started_with - before) / 1024, 1),
-            "insert_s": round(insert_s, 2),
-            "get_status": r.status,
-            "get_bytes": len(body),
-            "get_s": round(get_s, 3),
-        }
+        return await _measure(args, conn, ws, env, started)
     finally:
-        if proc is not None:
+        for proc in started:
             proc.terminate()
             proc.wait(30)
-        server = await asyncpg.connect(args.postgres)
-        await server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await server.close()
-        r = aioredis.Redis.from_url(args.redis)
-        async for key in r.scan_iter(match=f"{prefix}:*"):  # its keys (hash-tagged: {prefix}... too)
-            await r.delete(key)
-        async for key in r.scan_iter(match=f"{{{prefix}}}*"):
-            await r.delete(key)
-        await r.aclose()
+        await _clean_up(args, name, prefix)
+
+
+async def _measure(
+    args: argparse.Namespace,
+    conn: asyncpg.Connection,
+    ws: dict[str, Any],
+    env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
+) -> dict[str, Any]:
+    """The first edge's memory before and after the list is inserted, the second edge's
+    started with it, and one ``GET /v1/suppressions``; ``conn`` closed at the end."""
+    port = free_port()
+    cmd = [sys.executable, "-c", "from refstream.cli import main; main()", "serve", "--port", str(port)]
+    proc = await asyncio.to_thread(_start, cmd, env)
+    started.append(proc)
+    base = f"http://127.0.0.1:{port}"
+    await _healthy(base, proc)
+    await asyncio.sleep(5)
+    before = _rss_kb(proc.pid)
+    t = time.monotonic()
+    await conn.execute(
+        "INSERT INTO suppressions (workspace_id, kind, digest, created_by)"
+        " SELECT $1, 'visitor', decode(md5('bench' || i), 'hex'), 'bench' FROM generate_series(1, $2) i",
+        ws["workspace_id"],
+        args.entries,
+    )
+    insert_s = time.monotonic() - t
+    await asyncio.sleep(5)
+    after_5s = _rss_kb(proc.pid)
+    await asyncio.sleep(10)
+    after_15s = _rss_kb(proc.pid)
+    started_with = await _started_with_the_list(cmd, env)
+    async with aiohttp.ClientSession() as http:
+        t = time.monotonic()
+        async with http.get(f"{base}/v1/suppressions", headers={"Authorization": f"Bearer {ws['api_key']}"}) as r:
+            body = await r.read()
+        get_s = time.monotonic() - t
+    await conn.close()
+    return {
+        "entries": args.entries,
+        "rss_before_kb": before,
+        "rss_after_5s_kb": after_5s,
+        "rss_after_15s_kb": after_15s,
+        "growth_mb": round((after_15s - before) / 1024, 1),
+        "rss_started_with_the_list_kb": started_with,
+        "started_with_growth_mb": round((started_with - before) / 1024, 1),
+        "insert_s": round(insert_s, 2),
+        "get_status": r.status,
+        "get_bytes": len(body),
+        "get_s": round(get_s, 3),
+    }
+
+
+async def _started_with_the_list(cmd: list[str], env: dict[str, str]) -> int:
+    """The resident memory (kB) of an edge started with the list already there: its first
+    read is every list (5 s after it is up)."""
+    port2 = free_port()
+    cmd2 = [*cmd[:-1], str(port2)]
+    proc2 = await asyncio.to_thread(_start, cmd2, env)
+    try:
+        await _healthy(f"http://127.0.0.1:{port2}", proc2)
+        await asyncio.sleep(5)
+        return _rss_kb(proc2.pid)
+    finally:
+        proc2.terminate()
+        proc2.wait(30)
+
+
+async def _clean_up(args: argparse.Namespace, name: str, prefix: str) -> None:
+    """The run's database dropped, and its keys deleted from Redis."""
+    server = await asyncpg.connect(args.postgres)
+    await server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await server.close()
+    r = aioredis.Redis.from_url(args.redis)
+    async for key in r.scan_iter(match=f"{prefix}:*"):  # its keys (hash-tagged: {prefix}... too)
+        await r.delete(key)
+    async for key in r.scan_iter(match=f"{{{prefix}}}*"):
+        await r.delete(key)
+    await r.aclose()
 
 
 def main() -> None:
