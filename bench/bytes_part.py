@@ -26,7 +26,7 @@ from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.wire import to_entry_dict
 
-from .capacity_parts import _RELATIONS
+from .cap_meter import _RELATIONS
 from .context import Ctx
 from .world import UAS, backlog, client_ip, copy_database
 

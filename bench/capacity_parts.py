@@ -28,21 +28,8 @@ In order, each run, all on seed 000 (a bio.re click: the route of (b 000) and (e
 
 A measured window (``cap_full``, ``cap``) opens with nothing pending and closes once
 everything accepted in it is stored and acked, so all the work its events caused is
-inside it. Over it: the edge and the worker from ``/proc/<pid>/stat`` (utime + stime,
-children included: the prefork edge's supervisor and its children); Redis from
-``INFO cpu`` (used_cpu_sys + used_cpu_user); Postgres as the sum over the backends of
-``pg_stat_activity`` in the bench's database (the edge's and the workers' connections,
-autovacuum workers on it; never the bench's own two), read from ``/proc/<pid>/stat`` every
-``PG_SAMPLE_S`` and at both ends, a backend first seen after the window opened counted
-from zero. Postgres's background writer, walwriter and checkpointer are reported apart
-(``pg_bg``): they serve every database of the server, so on a shared server they count
-other work too. Accepted events are the load generator's 2xx answers; stored events the
-rows the window added to ``events``; ``db_bytes_per_stored`` what ``pg_database_size``
-grew by per stored event, ``events_bytes_per_stored`` what the ``events`` table's
-partitions (indexes included) grew by, and ``bytes_per_stored.<relation>`` what each
-relation that grew did (``pg_relation_size`` of its main, free-space and visibility
-forks; a partition under its parent table or index, a TOAST table and its index under
-``<table>_toast``), ``bytes_per_stored.total`` their net sum.
+inside it. ``bench.cap_meter`` reads the CPU of each kind of process over it, and what the
+database grew by (its docstring says how).
 
 - ``cap_hello``, between ``cap_idle`` and ``cap_full``: bare aiohttp (``bench.apps
   hello``, one process) under the same wrk at full load, its CPU from
@@ -62,12 +49,11 @@ one worker batch's statements after the window.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from dataclasses import dataclass
 
 import aiohttp
 import asyncpg
@@ -82,44 +68,12 @@ from refstream.embedded import free_port
 
 from . import cap_profile, openloop
 from . import requests as reqs
+from .cap_meter import KINDS, Meter, note_window
 from .context import Ctx
 from .pipeline_parts import _until
 from .procs import Proc
 from .world import backlog, copy_database, warm
 from .wrk import Request, WrkResult, proc_cpu_seconds
-
-KINDS = ("edge", "worker", "redis", "pg")
-PG_SAMPLE_S = 0.25
-PG_BACKGROUND = ("background writer", "walwriter", "checkpointer")
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-# bytes of the bench's database, and of the events table's partitions (indexes included)
-_SIZES = """
-SELECT pg_database_size(current_database()) AS db,
-       (SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits
-        WHERE inhparent = 'events'::regclass)::bigint AS events,
-       (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) AS commits
-"""
-# bytes of every relation with storage, by name: a partition's under its parent's (and a
-# partition's index under its parent index's), a TOAST table and its index under
-# ``<table>_toast``; main, free-space and visibility forks
-_RELATIONS = """
-SELECT CASE WHEN owner.oid IS NULL THEN root.relname ELSE oroot.relname || '_toast' END AS name,
-       sum(coalesce(pg_relation_size(c.oid, 'main') + pg_relation_size(c.oid, 'fsm')
-                    + pg_relation_size(c.oid, 'vm'), 0))::bigint AS bytes
-FROM pg_class c
-LEFT JOIN pg_index i ON i.indexrelid = c.oid
-LEFT JOIN pg_class owner ON owner.reltoastrelid <> 0
-     AND owner.reltoastrelid = CASE WHEN c.relkind = 't' THEN c.oid ELSE i.indrelid END
-LEFT JOIN pg_class oroot ON oroot.oid = coalesce(pg_partition_root(owner.oid), owner.oid)
-JOIN pg_class root ON root.oid = coalesce(pg_partition_root(c.oid), c.oid)
-WHERE c.relkind IN ('r', 'i', 't', 'm')
-GROUP BY 1
-"""
-_PG_PIDS = """
-SELECT pid, datname IS NOT NULL AS ours FROM pg_stat_activity
-WHERE (datname = current_database() AND pid <> ALL($1::int[])) OR backend_type = ANY($2::text[])
-"""
 
 
 async def _drained(redis: Redis, keys: Keys, limit_s: float = 600) -> float:
@@ -127,137 +81,6 @@ async def _drained(redis: Redis, keys: Keys, limit_s: float = 600) -> float:
         return (await backlog(redis, keys))[0] == 0
 
     return await _until("the workers to drain the streams", empty, limit_s, every=0.05)
-
-
-def _postgres_cpu(pid: int) -> float | None:
-    """utime + stime of one Postgres process, None when it is not readable as one (gone,
-    another pid namespace: its /proc entry must name a postgres process)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    if not stat[stat.find("(") + 1 : stat.rfind(")")].startswith("postgres"):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-class Meter:
-    """CPU seconds of the edges, the workers, Redis and Postgres over one window, and what
-    the bench's database grew by."""
-
-    def __init__(self, edges: list[Proc], workers: list[Proc], redis: Redis, db_url: str, exclude: int) -> None:
-        self.edges, self.workers, self.redis, self.db_url = edges, workers, redis, db_url
-        self.exclude = [exclude]
-        self.pg: dict[int, tuple[float, float, bool]] = {}  # pid -> (at the start, last read, ours)
-        self.start_cpu: dict[str, float] = {}
-        self.opened = False
-        self.t0 = 0.0
-        self._conn: asyncpg.Connection | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._sizes0: dict[str, int] = {}
-        self._relations0: dict[str, int] = {}
-        self.own_statements = 0  # the meter's own transactions in the database, not the workers'
-        self.relations: dict[str, float] = {}  # name -> bytes grown over the window
-
-    async def _redis_cpu(self) -> float:
-        info = await self.redis.info("cpu")
-        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
-
-    def _proc_cpu(self) -> dict[str, float]:
-        return {
-            "edge": sum(proc_cpu_seconds(p.pid) for p in self.edges),
-            "worker": sum(proc_cpu_seconds(p.pid) for p in self.workers),
-        }
-
-    async def _sample_pg(self) -> None:
-        assert self._conn is not None
-        self.own_statements += 1
-        for r in await self._conn.fetch(_PG_PIDS, self.exclude, list(PG_BACKGROUND)):
-            cpu = _postgres_cpu(r["pid"])
-            if cpu is None:
-                continue
-            first = self.pg[r["pid"]][0] if r["pid"] in self.pg else cpu if not self.opened else 0.0
-            self.pg[r["pid"]] = (first, cpu, r["ours"])
-
-    async def _sampler(self) -> None:
-        while True:
-            await asyncio.sleep(PG_SAMPLE_S)
-            await self._sample_pg()
-
-    async def start(self) -> None:
-        self._conn = await asyncpg.connect(self.db_url)
-        self.exclude.append(await self._conn.fetchval("SELECT pg_backend_pid()"))
-        await self._conn.execute("SELECT pg_stat_force_next_flush()")  # the commits counted so far
-        self._sizes0 = dict(await self._conn.fetchrow(_SIZES))
-        self._relations0 = {r["name"]: r["bytes"] for r in await self._conn.fetch(_RELATIONS)}
-        await self._sample_pg()
-        self.opened = True
-        self.start_cpu = {**self._proc_cpu(), "redis": await self._redis_cpu()}
-        self.t0 = time.monotonic()
-        self._task = asyncio.create_task(self._sampler())
-
-    async def stop(self) -> dict[str, float]:
-        """CPU seconds per kind (``pg_bg`` apart), the window's seconds, the growth in bytes of
-        the database and of the events table's partitions."""
-        assert self._conn is not None and self._task is not None
-        end = {**self._proc_cpu(), "redis": await self._redis_cpu()}
-        seconds = time.monotonic() - self.t0
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        try:
-            await self._sample_pg()
-            # a backend reports its commits to pg_stat_database about once a second, so each end
-            # of the window lags by up to a second's, alike under a steady load; the meter's
-            # own transactions (its first reads and its samples) are taken off
-            await self._conn.execute("SELECT pg_stat_force_next_flush()")
-            sizes = dict(await self._conn.fetchrow(_SIZES))
-            relations = {r["name"]: r["bytes"] for r in await self._conn.fetch(_RELATIONS)}
-        finally:
-            await self._conn.close()
-        out = {k: end[k] - self.start_cpu[k] for k in end}
-        out["pg"] = sum(last - first for first, last, ours in self.pg.values() if ours)
-        out["pg_bg"] = sum(last - first for first, last, ours in self.pg.values() if not ours)
-        out["pg_backends"] = sum(1 for *_, ours in self.pg.values() if ours)
-        out["seconds"] = seconds
-        out["db_bytes"] = float(sizes["db"] - self._sizes0["db"])
-        out["events_bytes"] = float(sizes["events"] - self._sizes0["events"])
-        own = 2 + self.own_statements + 1  # the first sizes and relations, the samples, the flush
-        out["commits"] = float(max(0, sizes["commits"] - self._sizes0["commits"] - own))
-        names = set(relations) | set(self._relations0)
-        self.relations = {n: float(relations.get(n, 0) - self._relations0.get(n, 0)) for n in names}
-        return out
-
-
-def _note_window(
-    ctx: Ctx, name: str, cpu: dict[str, float], accepted: int, stored: int, hello_us: float, relations: dict[str, float]
-) -> None:
-    """Every per-event CPU figure in µs and in hello-worlds (µs ÷ ``hello_us``, the bare
-    aiohttp app's CPU µs per request in the same run), and the bytes per stored event of
-    every relation that grew."""
-    ctx.note(f"{name}.accepted", accepted)
-    ctx.note(f"{name}.stored", stored)
-    ctx.note(f"{name}.window_s", cpu["seconds"])
-    ctx.note(f"{name}.pg_backends", cpu["pg_backends"])
-    ctx.note(f"{name}.commits_per_s", cpu["commits"] / cpu["seconds"])
-    ctx.note(f"{name}.stored_per_commit", stored / cpu["commits"] if cpu["commits"] else 0.0)
-    for kind in (*KINDS, "pg_bg"):
-        ctx.note(f"{name}.{kind}_cores", cpu[kind] / cpu["seconds"])
-    cpu = {**cpu, "total": sum(cpu[k] for k in KINDS)}
-    for kind in (*KINDS, "pg_bg", "total"):
-        for per, n in (("accepted", accepted), ("stored", stored)):
-            us = cpu[kind] * 1e6 / n if n else 0.0
-            ctx.note(f"{name}.{kind}_us_per_{per}", us)
-            ctx.note(f"{name}.{kind}_hw_per_{per}", us / hello_us if hello_us else 0.0)
-    ctx.note(f"{name}.db_bytes_per_stored", cpu["db_bytes"] / stored if stored else 0.0)
-    ctx.note(f"{name}.events_bytes_per_stored", cpu["events_bytes"] / stored if stored else 0.0)
-    for rel, grown in relations.items():
-        if grown > 0 and stored:
-            ctx.note(f"{name}.bytes_per_stored.{rel}", grown / stored)
-    ctx.note(f"{name}.bytes_per_stored.total", sum(relations.values()) / stored if stored else 0.0)
 
 
 def _accepted(r: WrkResult) -> int:
@@ -402,23 +225,45 @@ async def _hello_us(ctx: Ctx, requests: list[Request]) -> float:
     return us
 
 
-def _write_profiles(ctx: Ctx, redis_text: str, pg_text: str) -> None:
-    """The top ten of each tier, as text, in the profile directory (the last run's, as
-    py-spy's own files)."""
-    assert ctx.opts.profile_dir is not None
-    texts = {
-        "edge": cap_profile.py_spy_top(ctx.opts.profile_dir / "cap_edge_profile.txt"),
-        "worker": cap_profile.py_spy_top(ctx.opts.profile_dir / "cap_worker_profile.txt"),
-        "redis": redis_text,
-        "postgres": pg_text,
-    }
-    for tier, text in texts.items():
-        (ctx.opts.profile_dir / f"cap_{tier}_top10.txt").write_text(text)
+@dataclass
+class _Cap:
+    """What the part's phases share: its Redis (its own, or the bench's), its copy of the
+    bench's database and the bench's own connection to it, the requests wrk and the open
+    loop send, and every process it started (stopped at its end)."""
+
+    ctx: Ctx
+    redis: Redis
+    own: bool  # a Redis of the part's own, not the bench's shared one
+    db_url: str
+    env: dict[str, str]
+    conn: asyncpg.Connection
+    requests: list[Request]
+    started: list[Proc]
+
+    def start_workers(self, keys: Keys, n: int, tag: str) -> tuple[list[Proc], list[str]]:
+        names = [f"bench-{self.ctx.run}-{tag}{i}" for i in range(n)]
+        procs = [
+            self.ctx.procs.refstream(
+                f"worker-{tag}{i}",
+                "work",
+                REFSTREAM_CONSUMER_NAME=name,
+                REFSTREAM_STREAM_PREFIX=keys.prefix,
+                **self.env,
+            )
+            for i, name in enumerate(names)
+        ]
+        self.started.extend(procs)
+        return procs, names
+
+    def meter(self, edge: Proc, workers: list[Proc]) -> Meter:
+        return Meter([edge], workers, self.redis, self.db_url, self.conn.get_server_pid())
+
+    async def rows(self) -> int:
+        return int(await self.conn.fetchval("SELECT count(*) FROM events"))
 
 
 async def part_cap(ctx: Ctx) -> None:
     """(cap) CPU per event of each kind of process over a steady run; 1 and 2 edges, 1 and 2 workers."""
-    o = ctx.opts
     own = await _redis_server(ctx)
     url = own[0] if own else ctx.procs.env["REDIS_URL"]
     redis = connect_redis(Settings(redis_url=url)) if own else ctx.redis
@@ -433,119 +278,15 @@ async def part_cap(ctx: Ctx) -> None:
             await warm(ctx.world, redis, k, database=db)
         env = {"DATABASE_URL": db_url, "REDIS_URL": url}
         conn = await asyncpg.connect(db_url)
-        requests = reqs.seed_000(ctx.world)
-
-        def start_workers(keys: Keys, n: int, tag: str) -> tuple[list[Proc], list[str]]:
-            names = [f"bench-{ctx.run}-{tag}{i}" for i in range(n)]
-            procs = [
-                ctx.procs.refstream(
-                    f"worker-{tag}{i}", "work", REFSTREAM_CONSUMER_NAME=name, REFSTREAM_STREAM_PREFIX=keys.prefix, **env
-                )
-                for i, name in enumerate(names)
-            ]
-            started.extend(procs)
-            return procs, names
-
-        # the edge alone at 1 process, then 2, each into its own prefix: the backlogs of the
-        # workers' phases. Both start at once; the second idles through the first's phase
-        edge1 = ctx.procs.start_edge("edge1", REFSTREAM_STREAM_PREFIX=keys1.prefix, **env)
-        edge2 = ctx.procs.start_edge("edge2", REFSTREAM_STREAM_PREFIX=keys2.prefix, REFSTREAM_PROCESSES="2", **env)
-        started += [edge1, edge2]
-        ctx.procs.healthy(edge1)
-        ctx.procs.healthy(edge2)
-        e1 = await _edge_phase(ctx, "cap_edge1", edge1, requests)
-        e2 = await _edge_phase(ctx, "cap_edge2", edge2, requests)
-        ctx.note("cap_edge2.processes", 2)
-        if e1:
-            ctx.note("cap_edge2.scale", e2 / e1)
-        edge2.stop()
-
-        # the workers alone on those backlogs: 1 on the first, then 2 on the second
-        workers1, names1 = start_workers(keys1, 1, "a")
-        w1 = await _drain_rate(ctx, "cap_w1", redis, keys1, workers1, names1)
-        workers2, names2 = start_workers(keys2, 2, "b")
-        w2 = await _drain_rate(ctx, "cap_w2", redis, keys2, workers2, names2)
-        if w1:
-            ctx.note("cap_w2.scale", w2 / w1)
-        for w in workers2:
-            w.stop()
-
-        def meter() -> Meter:
-            assert conn is not None
-            return Meter([edge1], workers1, redis, db_url, conn.get_server_pid())
-
-        async def rows() -> int:
-            assert conn is not None
-            return int(await conn.fetchval("SELECT count(*) FROM events"))
-
-        # no load: what the first edge and the worker cost doing nothing (a fixed cost per process)
-        m = meter()
-        await m.start()
-        await asyncio.sleep(o.duration)
-        cpu = await m.stop()
-        for kind in (*KINDS, "pg_bg"):
-            ctx.note(f"cap_idle.{kind}_cores", cpu[kind] / cpu["seconds"])
-
+        cap = _Cap(ctx, redis, own is not None, db_url, env, conn, reqs.seed_000(ctx.world), started)
+        edge1 = await _edges_alone(cap, keys1, keys2)
+        workers1 = await _workers_alone(cap, keys1, keys2)
+        await _idle_window(cap, edge1, workers1)
         # bare aiohttp under the same wrk, between the idle and the loaded windows: the unit
         # of the hello-world figures, measured as close as can be to what it divides
-        hello_us = await _hello_us(ctx, requests)
-
-        # full load, closed loop; the warm-up's events are stored before the window opens
-        m = meter()
-        mark: dict[str, float] = {}
-
-        async def open_window() -> None:
-            await _drained(redis, keys1)
-            mark["rows0"] = await rows()
-            await m.start()
-            mark["t0"] = time.monotonic()
-
-        r = await ctx.wrk(
-            "cap_full", edge1.base_url, requests, connections=o.connections, server_pid=edge1.pid, on_start=open_window
-        )
-        t1, rows1 = time.monotonic(), await rows()
-        ctx.note("cap_full.accepted_per_s", r.rps * _accepted(r) / r.requests if r.requests else 0.0)
-        ctx.note("cap_full.stored_per_s", (rows1 - mark["rows0"]) / (t1 - mark["t0"]))
-        await _drained(redis, keys1)
-        cpu = await m.stop()
-        _note_window(ctx, "cap_full", cpu, _accepted(r), await rows() - int(mark["rows0"]), hello_us, m.relations)
-
-        # the steady run: open loop at half what the full load sustained (accepted and stored)
-        rate = max(1.0, min(ctx.figures["cap_full.accepted_per_s"], ctx.figures["cap_full.stored_per_s"]) / 2)
-        await openloop.run(edge1.base_url, requests, rate=rate, seconds=o.warmup)
-        await _drained(redis, keys1)
-        rows0 = await rows()
-        profiling = o.profile_dir is not None
-        if profiling:
-            pg_statements, pg_said = await cap_profile.pg_statements_state(conn)
-            if pg_statements:
-                await cap_profile.pg_statements_reset(conn)
-            if own:  # never on a shared Redis
-                await cap_profile.redis_reset(redis)
-        m = meter()
-        await m.start()
-        spies = ctx.profile("cap_edge", edge1.pid, o.duration) + ctx.profile("cap_worker", workers1[0].pid, o.duration)
-        sent = await openloop.run(edge1.base_url, requests, rate=rate, seconds=o.duration)
-        await _drained(redis, keys1)
-        cpu = await m.stop()
-        stored = await rows() - rows0
-        ctx.note("cap.rate_per_s", sent.rate)
-        ctx.note("cap.failed", sent.failed)
-        _note_window(ctx, "cap", cpu, sent.ok, stored, hello_us, m.relations)
-        if profiling:
-            for spy in spies:
-                await asyncio.to_thread(spy.wait, 60)
-            redis_text = (
-                await cap_profile.redis_top(redis, stored)
-                if own
-                else "the bench's shared Redis (no redis-server on PATH): its commandstats count other clients"
-                " and are not reset by the bench, so none are taken\n"
-            )
-            pg_text = pg_said + "\n\n"
-            if pg_statements:
-                pg_text += await cap_profile.pg_statements_top(conn, stored) + "\n"
-            pg_text += await cap_profile.explain_batch(db_url, ctx.world, o.batch_size)
-            _write_profiles(ctx, redis_text, pg_text)
+        hello_us = await _hello_us(ctx, cap.requests)
+        await _full_window(cap, keys1, edge1, workers1, hello_us)
+        await _steady_window(cap, keys1, edge1, workers1, hello_us)
     finally:
         if conn is not None:
             await conn.close()
@@ -557,3 +298,133 @@ async def part_cap(ctx: Ctx) -> None:
             p.stop()
         if own:
             await redis.aclose()
+
+
+async def _edges_alone(cap: _Cap, keys1: Keys, keys2: Keys) -> Proc:
+    """(cap_edge1, cap_edge2) The edge alone at 1 process, then 2, each into its own prefix:
+    the backlogs of the workers' phases. The first edge is returned, running."""
+    ctx, env = cap.ctx, cap.env
+    # Both start at once; the second idles through the first's phase
+    edge1 = ctx.procs.start_edge("edge1", REFSTREAM_STREAM_PREFIX=keys1.prefix, **env)
+    edge2 = ctx.procs.start_edge("edge2", REFSTREAM_STREAM_PREFIX=keys2.prefix, REFSTREAM_PROCESSES="2", **env)
+    cap.started += [edge1, edge2]
+    ctx.procs.healthy(edge1)
+    ctx.procs.healthy(edge2)
+    e1 = await _edge_phase(ctx, "cap_edge1", edge1, cap.requests)
+    e2 = await _edge_phase(ctx, "cap_edge2", edge2, cap.requests)
+    ctx.note("cap_edge2.processes", 2)
+    if e1:
+        ctx.note("cap_edge2.scale", e2 / e1)
+    edge2.stop()
+    return edge1
+
+
+async def _workers_alone(cap: _Cap, keys1: Keys, keys2: Keys) -> list[Proc]:
+    """(cap_w1, cap_w2) The workers alone on the edges' backlogs: 1 on the first, then 2 on
+    the second. The single worker is returned, running."""
+    ctx = cap.ctx
+    workers1, names1 = cap.start_workers(keys1, 1, "a")
+    w1 = await _drain_rate(ctx, "cap_w1", cap.redis, keys1, workers1, names1)
+    workers2, names2 = cap.start_workers(keys2, 2, "b")
+    w2 = await _drain_rate(ctx, "cap_w2", cap.redis, keys2, workers2, names2)
+    if w1:
+        ctx.note("cap_w2.scale", w2 / w1)
+    for w in workers2:
+        w.stop()
+    return workers1
+
+
+async def _idle_window(cap: _Cap, edge1: Proc, workers1: list[Proc]) -> None:
+    """(cap_idle) No load: what the first edge and the worker cost doing nothing (a fixed
+    cost per process)."""
+    m = cap.meter(edge1, workers1)
+    await m.start()
+    await asyncio.sleep(cap.ctx.opts.duration)
+    cpu = await m.stop()
+    for kind in (*KINDS, "pg_bg"):
+        cap.ctx.note(f"cap_idle.{kind}_cores", cpu[kind] / cpu["seconds"])
+
+
+async def _full_window(cap: _Cap, keys1: Keys, edge1: Proc, workers1: list[Proc], hello_us: float) -> None:
+    """(cap_full) Full load, closed loop; the warm-up's events are stored before the window
+    opens."""
+    ctx, redis = cap.ctx, cap.redis
+    m = cap.meter(edge1, workers1)
+    mark: dict[str, float] = {}
+
+    async def open_window() -> None:
+        await _drained(redis, keys1)
+        mark["rows0"] = await cap.rows()
+        await m.start()
+        mark["t0"] = time.monotonic()
+
+    r = await ctx.wrk(
+        "cap_full",
+        edge1.base_url,
+        cap.requests,
+        connections=ctx.opts.connections,
+        server_pid=edge1.pid,
+        on_start=open_window,
+    )
+    t1, rows1 = time.monotonic(), await cap.rows()
+    ctx.note("cap_full.accepted_per_s", r.rps * _accepted(r) / r.requests if r.requests else 0.0)
+    ctx.note("cap_full.stored_per_s", (rows1 - mark["rows0"]) / (t1 - mark["t0"]))
+    await _drained(redis, keys1)
+    cpu = await m.stop()
+    note_window(ctx, "cap_full", cpu, _accepted(r), await cap.rows() - int(mark["rows0"]), hello_us, m.relations)
+
+
+async def _steady_window(cap: _Cap, keys1: Keys, edge1: Proc, workers1: list[Proc], hello_us: float) -> None:
+    """(cap) The steady run: open loop at half what the full load sustained (accepted and
+    stored); with ``--profile`` profiled, tier by tier."""
+    ctx, o, redis = cap.ctx, cap.ctx.opts, cap.redis
+    rate = max(1.0, min(ctx.figures["cap_full.accepted_per_s"], ctx.figures["cap_full.stored_per_s"]) / 2)
+    await openloop.run(edge1.base_url, cap.requests, rate=rate, seconds=o.warmup)
+    await _drained(redis, keys1)
+    rows0 = await cap.rows()
+    profiling = o.profile_dir is not None
+    if profiling:
+        pg_statements, pg_said = await cap_profile.pg_statements_state(cap.conn)
+        if pg_statements:
+            await cap_profile.pg_statements_reset(cap.conn)
+        if cap.own:  # never on a shared Redis
+            await cap_profile.redis_reset(redis)
+    m = cap.meter(edge1, workers1)
+    await m.start()
+    spies = ctx.profile("cap_edge", edge1.pid, o.duration) + ctx.profile("cap_worker", workers1[0].pid, o.duration)
+    sent = await openloop.run(edge1.base_url, cap.requests, rate=rate, seconds=o.duration)
+    await _drained(redis, keys1)
+    cpu = await m.stop()
+    stored = await cap.rows() - rows0
+    ctx.note("cap.rate_per_s", sent.rate)
+    ctx.note("cap.failed", sent.failed)
+    note_window(ctx, "cap", cpu, sent.ok, stored, hello_us, m.relations)
+    if profiling:
+        for spy in spies:
+            await asyncio.to_thread(spy.wait, 60)
+        await _write_profiles(cap, stored, pg_statements, pg_said)
+
+
+async def _write_profiles(cap: _Cap, stored: int, pg_statements: bool, pg_said: str) -> None:
+    """The top ten of each tier, as text, in the profile directory (the last run's, as
+    py-spy's own files)."""
+    ctx = cap.ctx
+    assert ctx.opts.profile_dir is not None
+    redis_text = (
+        await cap_profile.redis_top(cap.redis, stored)
+        if cap.own
+        else "the bench's shared Redis (no redis-server on PATH): its commandstats count other clients"
+        " and are not reset by the bench, so none are taken\n"
+    )
+    pg_text = pg_said + "\n\n"
+    if pg_statements:
+        pg_text += await cap_profile.pg_statements_top(cap.conn, stored) + "\n"
+    pg_text += await cap_profile.explain_batch(cap.db_url, ctx.world, ctx.opts.batch_size)
+    texts = {
+        "edge": cap_profile.py_spy_top(ctx.opts.profile_dir / "cap_edge_profile.txt"),
+        "worker": cap_profile.py_spy_top(ctx.opts.profile_dir / "cap_worker_profile.txt"),
+        "redis": redis_text,
+        "postgres": pg_text,
+    }
+    for tier, text in texts.items():
+        (ctx.opts.profile_dir / f"cap_{tier}_top10.txt").write_text(text)

@@ -51,7 +51,7 @@ from refstream.embedded import free_port
 
 from . import openloop
 from . import requests as reqs
-from .capacity_parts import Meter
+from .cap_meter import Meter
 from .context import Ctx, say
 from .pipeline_parts import _all_groups, _drained, _until
 from .procs import REFSTREAM, Proc
