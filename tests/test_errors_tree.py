@@ -137,6 +137,18 @@ def test_no_redis_error_class_is_caught_or_raised_above_the_link() -> None:
     assert found == [], "above the link, errors are the tree's: catch a branch (ingest.link.errors translates)"
 
 
+def test_no_route_passes_a_value_or_an_answer() -> None:
+    """What is decided below a route is raised (``ingest.edge.problem``: ``Problem``, ``Down``)
+    and rendered by its voice, never returned beside a value for the route to tell apart."""
+    found: list[str] = []
+    for path in sorted((ROOT / "ingest").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+                if len(node.args) == 2 and "web.Response" in ast.unparse(node.args[1]):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert found == []
+
+
 def test_the_scan_sees_what_it_looks_for() -> None:
     seen = _caught_or_raised(
         ast.parse(

@@ -13,6 +13,10 @@ dialect differs in (its body, its event, its refusals, and how it says them: its
    may (a public route's click), and the answer. An append Redis may hold but cannot
    confirm is the route's 503 with ``Refstream-Outcome: unknown`` (``retry_headers``).
 
+What is decided below the route is raised, never returned beside a value: a refusal as a
+``Problem``, the route's 503 as ``Down`` (``ingest.edge.problem``); the route's ``Voice``
+renders it in the dialect's shape (``Voice.render``, ``Voice.answers``).
+
 ``event`` makes the route's envelope with the client's address and User-Agent, taken the
 same way on every route.
 """
@@ -20,8 +24,9 @@ same way on every route.
 from __future__ import annotations
 
 import enum
+import functools
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -41,6 +46,7 @@ from ingest.edge.enqueue import retry_headers
 from ingest.edge.idempotency import Answer, Claim, Refuse, replay
 from ingest.edge.keyed import append_keyed
 from ingest.edge.lookup import Found, Unavailable, lookup, seen_link
+from ingest.edge.problem import Down, Problem
 from ingest.edge.ratelimit import RateLimiter
 from ingest.edge.state import EDGE, Edge
 
@@ -52,6 +58,9 @@ M = TypeVar("M", bound=BaseModel)
 _LOOKED: ContextVar[tuple[str, str] | None] = ContextVar("accept_looked_code", default=None)
 
 
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
 @dataclass(frozen=True, slots=True)
 class Voice:
     """How a route speaks: the name its log lines carry, and its refusals in its own shape."""
@@ -59,6 +68,8 @@ class Voice:
     route: str  # e.g. "affitor_click"
     refuse: Refuse  # (status, code, message) -> the route's error response
     unavailable: Callable[[dict[str, str]], web.Response]  # the route's 503, given its headers
+    # a dialect whose refusals say more than (status, code, message): a ``Problem`` in its shape
+    shape: Callable[[Problem], web.Response] | None = None
 
     def down(self, exc: BaseException | None = None) -> web.Response:
         """The route's 503 for ``exc``: ``Retry-After``, and where Redis may hold the event,
@@ -66,6 +77,30 @@ class Voice:
         if exc is not None:
             log.warning("redis.unavailable", route=self.route, error=str(exc))
         return self.unavailable(retry_headers(exc))
+
+    def render(self, exc: Problem | Down) -> web.Response:
+        """What was raised below the route, in its shape: a ``Problem`` as its refusal (with
+        the problem's headers), ``Down`` as its 503 (``down``, for its cause)."""
+        if isinstance(exc, Down):
+            return self.down(exc.cause)
+        if self.shape is not None:
+            return self.shape(exc)
+        response = self.refuse(exc.status, exc.code, exc.message)
+        response.headers.update(exc.headers)
+        return response
+
+    def answers(self, handler: Handler) -> Handler:
+        """``handler``, with what it raises (``Problem``, ``Down``) rendered in this voice:
+        the dialect's exception handler."""
+
+        @functools.wraps(handler)
+        async def route(request: web.Request) -> web.Response:
+            try:
+                return await handler(request)
+            except (Problem, Down) as exc:
+                return self.render(exc)
+
+        return route
 
 
 def keyed(request: web.Request) -> tuple[Edge, str | None]:
@@ -114,9 +149,9 @@ class Admitted:
     link: LinkInfo | None = None
 
 
-# a keyed route's refusals, in its own order and shape: (request, edge, found, the body's
-# problem, the body) -> its refusal, or whom it admits
-Refusals = Callable[[web.Request, Edge, Found, BodyError | None, BaseModel | None], "web.Response | Admitted"]
+# a keyed route's refusals, in its own order: (request, edge, found, the body's problem, the
+# body) -> whom it admits; else raises its refusal (a ``Problem``, rendered in its voice)
+Refusals = Callable[[web.Request, Edge, Found, BodyError | None, BaseModel | None], Admitted]
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,34 +165,31 @@ class Caller(Generic[M]):
     admitted: Admitted
 
 
-async def caller(request: web.Request, voice: Voice, model: type[M], refusals: Refusals) -> Caller[M] | web.Response:
+async def caller(request: web.Request, voice: Voice, model: type[M], refusals: Refusals) -> Caller[M]:
     """A keyed route's start when it guesses nothing: the Bearer key (401), the body as
     ``model``, the lookup of the key and its rate limit, and the route's ``refusals`` in
-    its own order. Else the ``Caller``."""
+    its own order; the ``Caller``. Raises the refusal (``Problem``) or the 503 (``Down``)."""
     edge, secret = keyed(request)
     if secret is None:
-        return voice.refuse(401, "unauthorized", "Invalid or missing API key")
+        raise Problem(401, "unauthorized", "Invalid or missing API key")
     body, problem = await parsed(request, model)
     found = await look(edge, voice, edge.key_limiter, "", secret=secret)
-    if isinstance(found, web.Response):
-        return found
     admitted = refusals(request, edge, found, problem, body)
-    if isinstance(admitted, web.Response):
-        return admitted
     assert body is not None
     return Caller(edge, found, body, admitted)
 
 
-async def look(edge: Edge, voice: Voice, limiter: RateLimiter, key: str, **kw: Any) -> Found | web.Response:
-    """``lookup``, or the route's 503 when Redis (or, for a cold link, Postgres) cannot say."""
+async def look(edge: Edge, voice: Voice, limiter: RateLimiter, key: str, **kw: Any) -> Found:
+    """``lookup``; ``Down`` (the route's 503) when Redis (or, for a cold link, Postgres)
+    cannot say."""
     code = kw.get("code")
     _LOOKED.set((code, voice.route) if isinstance(code, str) else None)
     try:
         return await lookup(edge, limiter, key, **kw)
-    except Unavailable:
-        return voice.down()
+    except Unavailable as exc:
+        raise Down() from exc
     except (NotSent, OutcomeUnknown, Outage) as exc:  # Redis, or the spool a guess went to
-        return voice.down(exc)
+        raise Down(exc) from exc
 
 
 class Refusal(enum.Enum):
@@ -215,19 +247,18 @@ def accepted(body: bytes, headers: dict[str, str] | None) -> web.Response:
     return web.Response(body=body, content_type="application/json", headers=headers)
 
 
-async def put(
-    edge: Edge, voice: Voice, envelope: Envelope, code: str, *extra: Command, spool: bool
-) -> bool | web.Response:
+async def put(edge: Edge, voice: Voice, envelope: Envelope, code: str, *extra: Command, spool: bool) -> bool:
     """Append an event without an idempotency key (with ``extra`` in its round trip): True
     once it is in Redis, False once in the spool (``spool``: a public route's event; without
-    it Redis down is the route's 503), else the route's 503. For a route whose answer is
-    made after the append (a redirect, an id remembered in Redis); the others ``append``."""
+    it Redis down is the route's 503); else raises the route's 503 (``Down``). For a route
+    whose answer is made after the append (a redirect, an id remembered in Redis); the
+    others ``append``."""
     if suppressed(edge, envelope):
         return True  # answered as it would be, appended nowhere
     try:
         return await append_event(edge, envelope, code, *extra, spool=spool)
     except (NotSent, OutcomeUnknown, Outage) as exc:  # neither Redis nor the spool took it
-        return voice.down(exc)
+        raise Down(exc) from exc
 
 
 async def append(
@@ -244,10 +275,10 @@ async def append(
     """Append the event (with ``extra`` in its round trip) and answer ``answer``; with a
     ``claim``, a repeat of the key gets the first request's answer (422 if it asked
     something else). ``spool``: Redis down, the event goes to the spool (a public route's
-    click); otherwise that is the route's 503."""
+    click); otherwise that is the route's 503, raised (``Down``)."""
     if claim is None:
-        where = await put(edge, voice, envelope, code, *extra, spool=spool)
-        return where if isinstance(where, web.Response) else accepted(answer, headers)
+        await put(edge, voice, envelope, code, *extra, spool=spool)
+        return accepted(answer, headers)
     if suppressed(edge, envelope):
         return accepted(answer, headers)
     try:
@@ -255,7 +286,7 @@ async def append(
             edge, claim, envelope, code, Answer(200, answer, claim.fingerprint), *extra, spool=spool
         )
     except (NotSent, OutcomeUnknown, Outage) as exc:
-        return voice.down(exc)
+        raise Down(exc) from exc
     if first is not None:
         return replay(first, claim, voice.refuse, headers)
     return accepted(answer, headers)

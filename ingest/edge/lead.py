@@ -33,6 +33,7 @@ from ingest.edge import accept
 from ingest.edge.bodies import TrackLead
 from ingest.edge.idempotency import HEADER, Claim, fingerprint
 from ingest.edge.lookup import Found, Guess, Unavailable, fallback, remember, resolve_click, seen, seen_link
+from ingest.edge.problem import Down, Problem
 from ingest.edge.state import Edge
 
 # how long a deferred lead's click waits for the lead that completes it, at least (and as
@@ -126,7 +127,15 @@ async def track(request: web.Request, d: LeadDialect) -> web.Response:
     """A dialect's lead route: the key (401), the lookup with the key's rate limit and the
     click (appending at once where what this edge last read says "accept"), the route's
     refusals, the click (the named one, else the customer's earlier one), the link to echo,
-    then the append with the ``Idempotency-Key``'s claim; a deferred lead remembers its click."""
+    then the append with the ``Idempotency-Key``'s claim; a deferred lead remembers its
+    click. What is raised below it is rendered in the dialect's voice."""
+    try:
+        return await _track(request, d)
+    except (Problem, Down) as exc:
+        return d.voice.render(exc)
+
+
+async def _track(request: web.Request, d: LeadDialect) -> web.Response:
     edge, secret = accept.keyed(request)
     if secret is None:
         return d.voice.refuse(401, "unauthorized", "Invalid or missing API key")
@@ -141,11 +150,7 @@ async def track(request: web.Request, d: LeadDialect) -> web.Response:
             guess = Guess(made.envelope, made.click.code)
             reads += (("GET", edge.keys.link(made.click.code)),)
     found = await accept.look(edge, d.voice, edge.key_limiter, "", secret=secret, extra=reads, guess=guess)
-    if isinstance(found, web.Response):
-        return found
     admitted = d.refusals(request, edge, found, problem, body)
-    if isinstance(admitted, web.Response):
-        return admitted
     assert body is not None
     workspace = admitted.principal.workspace_id
     try:

@@ -47,6 +47,7 @@ from ingest.edge.dub_shapes import sale_answer
 from ingest.edge.enqueue import OUTCOME
 from ingest.edge.idempotency import Claim, fingerprint
 from ingest.edge.lookup import Unavailable, fallback, resolve_click
+from ingest.edge.problem import Down, Problem
 from ingest.edge.state import Edge
 
 M = TypeVar("M", bound=BaseModel)
@@ -210,67 +211,73 @@ class SaleDialect(Generic[M]):
     answer: Callable[[M, Envelope], bytes]
     # a route whose body may name a click (``TrackSale.clickId``): its refusal of one it
     # does not know
-    unknown_click: Callable[[], web.Response] | None = None
+    unknown_click: Callable[[], Problem] | None = None
 
 
 async def track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
     """A dialect's sale route: the keyed start, the sale's event, and its append with its
-    claim (the ``Idempotency-Key``, else the invoice); Redis down is the route's 503."""
+    claim (the ``Idempotency-Key``, else the invoice); Redis down is the route's 503. What
+    is raised below it is rendered in the dialect's voice."""
+    try:
+        return await _track(request, dialect)
+    except (Problem, Down) as exc:
+        return dialect.voice.render(exc)
+
+
+async def _track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
     voice = dialect.voice
     started = await accept.caller(request, voice, dialect.model, dialect.refusals)
-    if isinstance(started, web.Response):
-        return started
     workspace, idem_key = started.admitted.principal.workspace_id, started.admitted.idem_key
     led = False
     if isinstance(started.body, TrackSale) and started.body.clickId:
         # the lead first: its event (and received time) precedes its sale's, which it attributes
-        direct = await direct_lead(started.edge, dialect, workspace, started.body, started.body.clickId)
-        if isinstance(direct, web.Response):
-            return direct
-        led = direct
+        led = await direct_lead(started.edge, dialect, workspace, started.body, started.body.clickId)
     payload = dialect.payload(started.body)
     event = envelope(dialect.dialect, workspace, payload)
     route = event.routing_key()
     assert route is not None
-    answer = await accept.append(
-        started.edge,
-        voice,
-        event,
-        route,
-        dialect.answer(started.body, event),
-        started.found.verdict.headers,
-        claim=claim(voice.route, workspace, idem_key, payload),
-        spool=False,
-    )
-    if led and answer.status == 503:  # the lead is in: the request is not refused as a whole
-        answer.headers[OUTCOME] = "unknown"
-    return answer
+    try:
+        return await accept.append(
+            started.edge,
+            voice,
+            event,
+            route,
+            dialect.answer(started.body, event),
+            started.found.verdict.headers,
+            claim=claim(voice.route, workspace, idem_key, payload),
+            spool=False,
+        )
+    except Down as exc:
+        if not led:
+            raise
+        answer = voice.render(exc)
+        answer.headers[OUTCOME] = "unknown"  # the lead is in: the request is not refused as a whole
+        return answer
 
 
 # whether the customer has a row: a direct sale makes no lead for a customer who has one
 _CUSTOMER_KNOWN = "SELECT EXISTS (SELECT 1 FROM customers WHERE workspace_id = $1 AND external_id = $2)"
 
 
-async def direct_lead(
-    edge: Edge, dialect: SaleDialect[Any], workspace: str, body: TrackSale, click_id: str
-) -> bool | web.Response:
+async def direct_lead(edge: Edge, dialect: SaleDialect[Any], workspace: str, body: TrackSale, click_id: str) -> bool:
     """Direct sale tracking, Dub's: a sale that names its customer's click makes the
     customer's lead from it (named ``leadEventName``, else ``DIRECT_LEAD``) where the
     customer has no row yet, appended before the sale. True once that lead is in Redis,
-    False when none was needed; the route's refusal of a click it does not know, or its
-    503. The lead is idempotent on (customer, name) like any: a repeat counts it once."""
-    refuse = dialect.unknown_click or (lambda: dialect.voice.refuse(400, "invalid_click_id", "Unknown clickId"))
+    False when none was needed; raises the route's refusal of a click it does not know
+    (``Problem``), or its 503 (``Down``). The lead is idempotent on (customer, name) like
+    any: a repeat counts it once."""
+    refuse = dialect.unknown_click or (lambda: Problem(400, "invalid_click_id", "Unknown clickId"))
     try:
         (cached,) = await edge.batcher.execute(("GET", edge.keys.click(click_id)))
         click = await resolve_click(edge, click_id, cached)
         if click is None or click.workspace_id != workspace:
             edge.drops.note(workspace, None, "unknown_code")
-            return refuse()
+            raise refuse()
         known = await fallback(edge, lambda: _customer_known(edge, workspace, body.customerExternalId))
-    except Unavailable:
-        return dialect.voice.down()
+    except Unavailable as exc:
+        raise Down() from exc
     except (NotSent, OutcomeUnknown) as exc:
-        return dialect.voice.down(exc)
+        raise Down(exc) from exc
     if known:
         return False
     payload: dict[str, Any] = {
@@ -288,8 +295,8 @@ async def direct_lead(
         if value is not None:
             payload[field] = value
     lead = Envelope(type=EventType.LEAD, dialect=dialect.dialect, workspace_id=workspace, payload=payload)
-    put = await accept.put(edge, dialect.voice, lead, click.code, spool=False)
-    return put if isinstance(put, web.Response) else True
+    await accept.put(edge, dialect.voice, lead, click.code, spool=False)
+    return True
 
 
 async def _customer_known(edge: Edge, workspace: str, external_id: str) -> bool:

@@ -27,6 +27,7 @@ from ingest.edge import accept
 from ingest.edge.body import BodyError, parse
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key, valid_key
 from ingest.edge.lookup import ClickPending, Guess, Unavailable, resolve_click, seen_link
+from ingest.edge.problem import Problem
 from ingest.edge.state import EDGE, Edge
 
 routes = web.RouteTableDef()
@@ -124,18 +125,19 @@ def _refuse(refused: accept.Refusal, code: str, headers: dict[str, str]) -> web.
             return fail(403, "Origin not allowed for this workspace")
 
 
-def aff_code(affiliate_url: str) -> str | web.Response:
-    """The ``aff`` value of the URL, or the seed's 400 for why there is none."""
+def aff_code(affiliate_url: str) -> str:
+    """The ``aff`` value of the URL; else raises the seed's 400 for why there is none
+    (``Problem``, in ``VOICE``'s words)."""
     try:
         parts = urlsplit(affiliate_url)
         ok = parts.scheme in ("http", "https") and bool(parts.hostname)
     except ValueError:
         ok = False
     if not ok:
-        return fail(400, "affiliate_url is not a valid URL")
+        raise Problem(400, "invalid_url", "affiliate_url is not a valid URL")
     values = [v for v in parse_qs(parts.query).get("aff", []) if v.strip()]
     if not values:
-        return fail(400, "No aff parameter found in affiliate_url")
+        raise Problem(400, "no_aff", "No aff parameter found in affiliate_url")
     return values[0].strip()
 
 
@@ -199,6 +201,7 @@ def _make(
 
 
 @routes.post("/api/v1/track/click")
+@VOICE.answers
 async def track_click(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     ip = edge.client_ip(request)
@@ -213,8 +216,6 @@ async def track_click(request: web.Request) -> web.Response:
     except InvalidKey as exc:
         return fail(400, str(exc).replace("Idempotency-Key", "Idempotency-Key (or dedupe)"))
     code = aff_code(body.affiliate_url)
-    if isinstance(code, web.Response):
-        return code
     test_mode = bool(body.additional_data and body.additional_data.test_mode)
     existing = body.existing_click_id if body.existing_click_id and clicks.parse(body.existing_click_id) else None
 
@@ -236,8 +237,6 @@ async def track_click(request: web.Request) -> web.Response:
         degraded=True,  # public: with Redis down, the link from Postgres and the event to the spool
         guess=guess,
     )
-    if isinstance(found, web.Response):
-        return found
     headers = found.verdict.headers
     refused = accept.refusal(edge, found, request.headers.get("Origin"))
     if refused is not None:

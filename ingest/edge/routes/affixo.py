@@ -32,6 +32,7 @@ from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Found, Guess, seen_link
+from ingest.edge.problem import Problem
 from ingest.edge.sale import AffixoConversion
 from ingest.edge.state import Edge
 
@@ -112,40 +113,49 @@ def _click(request: web.Request, edge: Edge, body: AffixoClick, link: LinkInfo, 
 
 def _caller(
     request: web.Request, edge: Edge, found: Found, problem: BodyError | None, body: BaseModel | None
-) -> web.Response | accept.Admitted:
+) -> accept.Admitted:
     """The refusals of Affixo's keyed routes, in their order (the key, its scope, its rate
-    limit, the body, the ``Idempotency-Key``); else the caller, the link the lookup found in
-    its workspace, and its key."""
+    limit, the body, the ``Idempotency-Key``: raised, ``Problem``, in ``_shape``); else the
+    caller, the link the lookup found in its workspace, and its key."""
     principal = found.principal
     if principal is None:
-        return error(401, "unauthorized")
+        raise Problem(401, "unauthorized")
     if not principal.allows("track"):
-        return error(403, "insufficient_scope", need="track")
+        raise Problem(403, "insufficient_scope", need="track")
     link = found.link
     mine = link if link is not None and link.workspace_id == principal.workspace_id else None
     if not found.verdict.allowed:
         edge.drops.note(principal.workspace_id, mine.id if mine else None, "rate_limited")
-        return error(429, "rate_limited", found.verdict.headers, detail="600 requests per minute per key")
+        raise Problem(429, "rate_limited", "600 requests per minute per key", found.verdict.headers)
     if problem is not None or body is None:
         edge.drops.note(principal.workspace_id, None, "invalid")
         if problem is None:
-            return error(400, "invalid_json", detail="invalid body")
-        return error(problem.status, body_code(problem, "invalid_json"), detail=problem.message)
+            raise Problem(400, "invalid_json", "invalid body")
+        raise Problem(problem.status, body_code(problem, "invalid_json"), problem.message)
     try:
         return accept.Admitted(principal, header_key(request), mine)
     except InvalidKey as exc:
         edge.drops.note(principal.workspace_id, None, "invalid")
-        return error(400, "invalid_idempotency_key", detail=str(exc))
+        raise Problem(400, "invalid_idempotency_key", str(exc)) from None
+
+
+def _shape(problem: Problem) -> web.Response:
+    """A refusal in Affixo's shape: ``{"error": code}``, its message as ``detail`` and a
+    field it names (``need``) where it has them."""
+    detail = {"detail": problem.message} if problem.message else {}
+    return error(problem.status, problem.code, problem.headers or None, **detail, **problem.fields)
 
 
 VOICE = accept.Voice(
     "affixo_click",
     lambda status, code, message: error(status, code, detail=message),
     lambda headers: error(503, "unavailable", headers),
+    _shape,
 )
 
 
 @routes.post("/v1/track/click")
+@VOICE.answers
 async def track_click(request: web.Request) -> web.Response:
     edge, secret = accept.keyed(request)
     if secret is None:
@@ -163,11 +173,7 @@ async def track_click(request: web.Request) -> web.Response:
     found = await accept.look(
         edge, VOICE, edge.key_limiter, "", secret=secret, code=body.ref if body else None, guess=guess
     )
-    if isinstance(found, web.Response):
-        return found
     admitted = _caller(request, edge, found, problem, body)
-    if isinstance(admitted, web.Response):
-        return admitted
     principal, mine, idem_key = admitted.principal, admitted.link, admitted.idem_key
     assert body is not None
     if found.link_unresolved:
@@ -206,7 +212,7 @@ async def track_click(request: web.Request) -> web.Response:
     )
 
 
-CONVERSION_VOICE = accept.Voice("affixo_conversion", VOICE.refuse, VOICE.unavailable)
+CONVERSION_VOICE = accept.Voice("affixo_conversion", VOICE.refuse, VOICE.unavailable, VOICE.shape)
 
 
 def _recorded(body: AffixoConversion, event: Envelope) -> bytes:

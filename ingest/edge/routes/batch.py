@@ -145,13 +145,12 @@ def parse_items(raw: bytes, ndjson: bool) -> list[Any]:
 
 
 @routes.post("/v1/events/batch")
+@VOICE.answers
 async def batch(request: web.Request) -> web.Response:
     edge, secret = accept.keyed(request)
     if secret is None:
         return error(401, "unauthorized")
     found = await accept.look(edge, VOICE, edge.key_limiter, "", secret=secret)
-    if isinstance(found, web.Response):
-        return found
     principal = found.principal
     if principal is None:
         return error(401, "unauthorized")

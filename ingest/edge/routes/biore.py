@@ -78,6 +78,7 @@ def _envelope(request: web.Request, edge: Edge, code: str, ip: str | None, link:
 
 
 @routes.post("/api/v1/referral/click/{code}")
+@VOICE.answers
 async def track_click(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     code = request.match_info["code"]
@@ -105,8 +106,6 @@ async def track_click(request: web.Request) -> web.Response:
         degraded=True,  # public: with Redis down, accept into the spool
         guess=guess,
     )
-    if isinstance(found, web.Response):
-        return found
     try:
         disabled = flags.is_disabled(found.extra[0])
     except (NotSent, OutcomeUnknown) as exc:  # the kill switch could not be read (its node failing over)

@@ -26,6 +26,7 @@ from ingest.edge.body import BodyError, parse, plain
 from ingest.edge.body import code as body_code
 from ingest.edge.enqueue import retry_headers
 from ingest.edge.lookup import Found, Unavailable, lookup
+from ingest.edge.problem import Down, Problem
 from ingest.edge.state import EDGE
 
 log = structlog.get_logger("ingest.bricqs")
@@ -64,7 +65,14 @@ def unavailable(exc: BaseException | None = None) -> web.Response:
     return error(503, "unavailable", "Try again shortly", retry_headers(exc))
 
 
-async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...] = ()) -> Found | web.Response:
+# the public routes' refusals, raised below the route (``Problem``, ``Down``) and said here
+PUBLIC_VOICE = accept.Voice(
+    "bricqs_public", error, lambda headers: error(503, "unavailable", "Try again shortly", headers)
+)
+
+
+async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...] = ()) -> Found:
+    """The public lookup; raises the route's 429 (``Problem``) or 503 (``Down``)."""
     edge = request.app[EDGE]
     try:
         found = await lookup(
@@ -76,25 +84,24 @@ async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...]
             degraded=True,
             counted=request.method != "HEAD",  # a HEAD changes nothing, its rate limit included
         )
-    except (Unavailable, NotSent, OutcomeUnknown):
-        return unavailable()
+    except (Unavailable, NotSent, OutcomeUnknown) as exc:
+        raise Down() from exc  # a plain 503, as for a link that could not be resolved
     if not found.verdict.allowed:
         link = found.link
         edge.drops.note(link.workspace_id if link else None, link.id if link else None, "rate_limited")
-        return error(429, "rate_limited", "Too many requests", found.verdict.headers)
+        raise Problem(429, "rate_limited", "Too many requests", found.verdict.headers)
     if found.link_unresolved:
-        return unavailable()
+        raise Down()
     return found
 
 
 @routes.get("/api/v1/referrals/validate/{code}")
+@PUBLIC_VOICE.answers
 async def validate(request: web.Request) -> web.Response:
     code = request.match_info["code"]
     if not plain(code, 128):
         return json(200, BricqsValidated(valid=False, code=code[:128].encode("utf-8", "replace").decode()).model_dump())
     found = await _public(request, code)
-    if isinstance(found, web.Response):
-        return found
     link = found.link
     if link is None or not link.active or not link.configured:
         return json(200, BricqsValidated(valid=False, code=code).model_dump(), found.verdict.headers)
@@ -108,6 +115,7 @@ CONVERT_VOICE = accept.Voice(
 
 
 @routes.post("/api/v1/referrals/convert")
+@CONVERT_VOICE.answers
 async def convert(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     try:
@@ -116,8 +124,6 @@ async def convert(request: web.Request) -> web.Response:
         return error(exc.status, "validation_error" if exc.status == 400 else body_code(exc), exc.message)
     ip = edge.client_ip(request)
     found = await accept.look(edge, CONVERT_VOICE, edge.public_limiter, ip or "-", code=body.code, degraded=True)
-    if isinstance(found, web.Response):
-        return found
     headers = found.verdict.headers
     match accept.refusal(edge, found, request.headers.get("Origin")):
         case accept.Refusal.RATE_LIMITED:
@@ -148,8 +154,6 @@ async def convert(request: web.Request) -> web.Response:
     # event that was not appended. A repeat keeps the first id; its own event is appended
     # too, and the worker's dedupe key makes it count nothing.
     in_redis = await accept.put(edge, CONVERT_VOICE, envelope, link.code, spool=True)
-    if isinstance(in_redis, web.Response):
-        return in_redis
     first: object = None
     if in_redis:  # spooled (Redis down): this conversion_id stands; the dedupe key still counts it once
         try:

@@ -21,6 +21,7 @@ from ingest.contract.events import Dialect, EventType, uuid7
 from ingest.contract.urls import header_safe, with_param
 from ingest.edge import accept
 from ingest.edge.body import header, plain
+from ingest.edge.problem import Down
 from ingest.edge.state import EDGE
 
 log = structlog.get_logger("ingest.browser")
@@ -59,9 +60,10 @@ async def redirect_head(request: web.Request) -> web.Response:
     if not plain(code, 128):
         return fallback
     voice = accept.Voice("redirect", lambda status, code, message: fallback, lambda headers: fallback)
-    found = await accept.look(edge, voice, edge.public_limiter, "-", code=code, degraded=True, counted=False)
-    if isinstance(found, web.Response):
-        return found
+    try:
+        found = await accept.look(edge, voice, edge.public_limiter, "-", code=code, degraded=True, counted=False)
+    except Down as exc:
+        return voice.render(exc)
     link = found.link
     if link is None or not link.active or not link.configured:
         return fallback
@@ -79,9 +81,10 @@ async def redirect(request: web.Request) -> web.Response:
     ip = edge.client_ip(request)
     # a redirect never shows an error page: whatever cannot be looked up goes to the fallback
     voice = accept.Voice("redirect", lambda status, code, message: fallback, lambda headers: fallback)
-    found = await accept.look(edge, voice, edge.public_limiter, ip or "-", code=code, degraded=True)
-    if isinstance(found, web.Response):
-        return found
+    try:
+        found = await accept.look(edge, voice, edge.public_limiter, ip or "-", code=code, degraded=True)
+    except Down as exc:
+        return voice.render(exc)
     link = found.link
     # a redirect link is followed from any site (a navigation sends no Origin): no Origin check
     refused = accept.refusal(edge, found, None)
@@ -103,9 +106,10 @@ async def redirect(request: web.Request) -> web.Response:
     ref = clicks.ClickRef(click_id, code, link.workspace_id, click_id, envelope.received_at_ms)
     to_link = moved(link.url)  # not recorded: the visitor still gets there
     recorded = accept.Voice("redirect", voice.refuse, lambda headers: to_link)
-    where = await accept.put(edge, recorded, envelope, code, ref.cache_command(edge.keys, window_s), spool=True)
-    if isinstance(where, web.Response):
-        return where
+    try:
+        await accept.put(edge, recorded, envelope, code, ref.cache_command(edge.keys, window_s), spool=True)
+    except Down as exc:
+        return recorded.render(exc)
     response = moved(with_param(link.url, settings.click_id_param, click_id))
     response.set_cookie(
         settings.cookie_name,

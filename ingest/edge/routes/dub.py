@@ -38,6 +38,7 @@ from ingest.edge.body import BodyError, plain
 from ingest.edge.dub_shapes import error
 from ingest.edge.idempotency import InvalidKey, header_key
 from ingest.edge.lookup import Found
+from ingest.edge.problem import Problem
 from ingest.edge.sale import TrackSale
 from ingest.edge.state import EDGE, Edge
 
@@ -63,25 +64,28 @@ def _problem(problem: BodyError) -> web.Response:
 
 def _caller(
     request: web.Request, edge: Edge, found: Found, problem: BodyError | None, body: BaseModel | None
-) -> web.Response | accept.Admitted:
+) -> accept.Admitted:
     """The keyed routes' refusals, in Dub's order: the key, its scope, its rate limit, the
-    body, the ``Idempotency-Key``; else the caller."""
+    body, the ``Idempotency-Key`` (raised: ``Problem``, in Dub's words by ``VOICE``); else
+    the caller."""
     principal = found.principal
     if principal is None:
-        return error(401, "Unauthorized: invalid or missing API key")
+        raise Problem(401, "unauthorized", "Unauthorized: invalid or missing API key")
     if not principal.allows("track"):
-        return error(403, "The API key lacks the track scope")
+        raise Problem(403, "forbidden", "The API key lacks the track scope")
     if not found.verdict.allowed:
         edge.drops.note(principal.workspace_id, None, "rate_limited")
-        return error(429, "Too many requests", found.verdict.headers)
+        raise Problem(429, "rate_limit_exceeded", "Too many requests", found.verdict.headers)
     if problem is not None or body is None:
         edge.drops.note(principal.workspace_id, None, "invalid")
-        return _problem(problem) if problem is not None else error(400, "Invalid body")
+        if problem is None:
+            raise Problem(400, "bad_request", "Invalid body")
+        raise Problem(422 if problem.kind == "invalid" else problem.status, problem.kind, problem.message)
     try:
         return accept.Admitted(principal, header_key(request))
     except InvalidKey as exc:
         edge.drops.note(principal.workspace_id, None, "invalid")
-        return error(422, str(exc))
+        raise Problem(422, "unprocessable_entity", str(exc)) from None
 
 
 LEAD = lead.LeadDialect(
@@ -105,7 +109,7 @@ SALE = sale.SaleDialect(
     _caller,
     sale.from_refport,
     sale.answer,
-    lambda: error(404, "Click event not found for this clickId"),
+    lambda: Problem(404, "not_found", "Click event not found for this clickId"),
 )
 
 
@@ -170,6 +174,7 @@ def _clicked(click_id: str) -> web.Response:
 
 
 @routes.post("/track/click")
+@CLICK_VOICE.answers
 async def track_click(request: web.Request) -> web.Response:
     """The click, recorded once per browser and link within ``SEEN_CLICK_S``."""
     edge = request.app[EDGE]
@@ -187,8 +192,6 @@ async def track_click(request: web.Request) -> web.Response:
     found = await accept.look(
         edge, CLICK_VOICE, edge.track_click_limiter, ip or "-", code=body.key, extra=(("GET", seen_key),), degraded=True
     )
-    if isinstance(found, web.Response):
-        return found
     # a link without partner or program takes clicks here (Dub tracks any link's)
     refused = accept.refusal(edge, found, None, configured=False)
     link = found.link
@@ -220,7 +223,5 @@ async def track_click(request: web.Request) -> web.Response:
         ref.cache_command(edge.keys, link.cookie_window_days * 86400),
         ("SET", seen_key, click_id, "EX", SEEN_CLICK_S),
     )
-    where = await accept.put(edge, CLICK_VOICE, envelope, link.code, *also, spool=True)
-    if isinstance(where, web.Response):
-        return where
+    await accept.put(edge, CLICK_VOICE, envelope, link.code, *also, spool=True)
     return _clicked(click_id)

@@ -29,6 +29,7 @@ from ingest.edge.body import code as body_code
 from ingest.edge.dub_shapes import TrackLeadAnswer, TrackSaleAnswer, for_dub_sdk
 from ingest.edge.idempotency import REPLAYED, InvalidKey, header_key
 from ingest.edge.lookup import Found
+from ingest.edge.problem import Problem
 from ingest.edge.refund import RefportRefund
 from ingest.edge.sale import TrackSale
 from ingest.edge.state import Edge
@@ -73,25 +74,26 @@ SALE_VOICE = accept.Voice("refport_sale", VOICE.refuse, VOICE.unavailable)
 
 def _caller(
     request: web.Request, edge: Edge, found: Found, problem: BodyError | None, body: BaseModel | None
-) -> web.Response | accept.Admitted:
+) -> accept.Admitted:
     """A keyed route's refusals, in their order (the key, its rate limit, the body, the
-    ``Idempotency-Key``); else the caller and its key."""
+    ``Idempotency-Key``: raised, ``Problem``, its code upper-cased by ``VOICE``); else the
+    caller and its key."""
     principal = found.principal
     if principal is None or not principal.allows("track"):
-        return error(401, "UNAUTHORIZED", "Invalid or missing API key")
+        raise Problem(401, "unauthorized", "Invalid or missing API key")
     if not found.verdict.allowed:
         edge.drops.note(principal.workspace_id, None, "rate_limited")
-        return error(429, "RATE_LIMIT_EXCEEDED", "Too many requests", found.verdict.headers)
+        raise Problem(429, "rate_limit_exceeded", "Too many requests", found.verdict.headers)
     if problem is not None or body is None:
         edge.drops.note(principal.workspace_id, None, "invalid")
         if problem is None or problem.status == 400:
-            return error(400, "VALIDATION_ERROR", problem.message if problem else "invalid body")
-        return error(problem.status, body_code(problem).upper(), problem.message)
+            raise Problem(400, "validation_error", problem.message if problem else "invalid body")
+        raise Problem(problem.status, body_code(problem), problem.message)
     try:
         return accept.Admitted(principal, header_key(request))
     except InvalidKey as exc:
         edge.drops.note(principal.workspace_id, None, "invalid")
-        return error(400, "VALIDATION_ERROR", str(exc))
+        raise Problem(400, "validation_error", str(exc)) from None
 
 
 SALE = sale.SaleDialect(
@@ -101,7 +103,7 @@ SALE = sale.SaleDialect(
     _caller,
     sale.from_refport,
     sale.answer,
-    lambda: error(400, "INVALID_CLICK_ID", "The clickId does not match any recorded click"),
+    lambda: Problem(400, "invalid_click_id", "The clickId does not match any recorded click"),
 )
 
 
@@ -118,10 +120,9 @@ async def track_refund(request: web.Request) -> web.Response:
     return for_dub_sdk(request, await _refund(request))
 
 
+@REFUND_VOICE.answers
 async def _refund(request: web.Request) -> web.Response:
     started = await accept.caller(request, REFUND_VOICE, RefportRefund, _caller)
-    if isinstance(started, web.Response):
-        return started
     workspace, idem_key = started.admitted.principal.workspace_id, started.admitted.idem_key
     out = await refund.record(started.edge, workspace, started.body, idem_key, Dialect.REFPORT)
     headers = dict(started.found.verdict.headers)

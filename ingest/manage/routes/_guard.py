@@ -23,6 +23,7 @@ from ingest.edge.body import code as body_code
 from ingest.edge.enqueue import retry_headers
 from ingest.edge.idempotency import Claim, InvalidKey, header_key, request_claim
 from ingest.edge.lookup import Unavailable, lookup
+from ingest.edge.problem import Problem
 from ingest.edge.state import EDGE, Edge
 from ingest.manage import stats
 
@@ -61,16 +62,24 @@ def id_forms(request: web.Request, name: str) -> list[str]:
         raise BodyError(400, "invalid", f"{name}: {exc}") from None
 
 
-def limit_param(request: web.Request, default: int = 50, most: int = 500) -> int | web.Response:
-    """``?limit=``: digits only (the document says integer), 1 to ``most``."""
+def limit_param(request: web.Request, default: int = 50, most: int = 500) -> int:
+    """``?limit=``: digits only (the document says integer), 1 to ``most``; else raises the
+    route's 400 (``Problem``, which ``guarded`` renders)."""
     given = request.query.get("limit")
     if given is None:
         return default
     if not (given.isascii() and given.isdigit()):
-        return error(400, "invalid_request", "limit: an integer")
+        raise Problem(400, "invalid_request", "limit: an integer")
     if not 1 <= int(given) <= most:
-        return error(400, "invalid_request", f"limit: between 1 and {most}")
+        raise Problem(400, "invalid_request", f"limit: between 1 and {most}")
     return int(given)
+
+
+def render(problem: Problem) -> web.Response:
+    """A refusal raised below a management route, in the API's shape (``ManageError``)."""
+    response = error(problem.status, problem.code, problem.message or None, **problem.fields)
+    response.headers.update(problem.headers)
+    return response
 
 
 Handler = Callable[[web.Request, Edge, Principal], Awaitable[web.Response]]
@@ -122,6 +131,8 @@ def guarded(
                     return await handler(request, edge, caller)
                 except BodyError as exc:
                     return error(exc.status, body_code(exc), exc.message)
+                except Problem as exc:
+                    return render(exc)
                 except NotFound as exc:
                     return error(404, "not_found", str(exc))
                 except Conflict as exc:

@@ -19,11 +19,13 @@ from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
 from ingest.contract.errors import NotFound, NotSent, OutcomeUnknown
 from ingest.contract.fields import ExternalId
+from ingest.edge import accept
 from ingest.edge.auth import Principal, plausible
 from ingest.edge.body import BodyError, parse
 from ingest.edge.body import code as body_code
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Unavailable, lookup
+from ingest.edge.problem import Down, Problem
 from ingest.edge.routes.bricqs import error, json, unavailable
 from ingest.edge.state import EDGE, Edge
 from ingest.manage import admin
@@ -60,33 +62,36 @@ class BricqsStats(BaseModel):
     milestones: list[BricqsMilestone] = []
 
 
-async def _keyed(request: web.Request, scope: str) -> tuple[Edge, Principal] | web.Response:
-    """X-API-Key authentication and the per-key rate limit."""
+# the keyed routes' refusals, raised below the route (``Problem``, ``Down``) and said here
+VOICE = accept.Voice("bricqs_keyed", error, lambda headers: error(503, "unavailable", "Try again shortly", headers))
+
+
+async def _keyed(request: web.Request, scope: str) -> tuple[Edge, Principal]:
+    """X-API-Key authentication and the per-key rate limit; raises the route's refusal
+    (``Problem``) or its 503 (``Down``)."""
     edge = request.app[EDGE]
     secret = plausible(request.headers.get("X-API-Key", "").strip())
     if secret is None:
-        return error(401, "unauthorized", "Invalid or missing API key")
+        raise Problem(401, "unauthorized", "Invalid or missing API key")
     try:
         # a HEAD changes nothing, its rate limit included
         found = await lookup(edge, edge.key_limiter, "", secret=secret, counted=request.method != "HEAD")
-    except (Unavailable, NotSent, OutcomeUnknown, *REDIS_ERRORS):
-        return unavailable()
+    except (Unavailable, NotSent, OutcomeUnknown, *REDIS_ERRORS) as exc:
+        raise Down() from exc  # a plain 503
     if found.principal is None:
-        return error(401, "unauthorized", "Invalid or missing API key")
+        raise Problem(401, "unauthorized", "Invalid or missing API key")
     if not found.principal.allows(scope) or found.principal.kind != "workspace":
-        return error(403, "insufficient_scope", f"This key lacks the {scope} scope")
+        raise Problem(403, "insufficient_scope", f"This key lacks the {scope} scope")
     if not found.verdict.allowed:
         edge.drops.note(found.principal.workspace_id, None, "rate_limited")
-        return error(429, "rate_limited", "Too many requests", found.verdict.headers)
+        raise Problem(429, "rate_limited", "Too many requests", found.verdict.headers)
     return edge, found.principal
 
 
 @routes.post("/api/v1/referrals/generate")
+@VOICE.answers
 async def generate(request: web.Request) -> web.Response:
-    keyed = await _keyed(request, "write")
-    if isinstance(keyed, web.Response):
-        return keyed
-    edge, principal = keyed
+    edge, principal = await _keyed(request, "write")
     try:
         body = await parse(request, BricqsGenerate)
         idem_key = header_key(request)
@@ -125,11 +130,9 @@ async def generate(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/referrals/stats/{participant_id}")
+@VOICE.answers
 async def stats(request: web.Request) -> web.Response:
-    keyed = await _keyed(request, "read")
-    if isinstance(keyed, web.Response):
-        return keyed
-    edge, principal = keyed
+    edge, principal = await _keyed(request, "read")
     out, forms = None, None
     try:
         async with acquired(edge.pg) as conn:

@@ -128,8 +128,6 @@ STATUSES = {"commissions": ("pending", "approved", "paid"), "payouts": ("pending
 
 async def _page(request: web.Request, edge: Edge, p: Principal, table: str, affiliate_id: str | None) -> web.Response:
     limit = limit_param(request)
-    if isinstance(limit, web.Response):
-        return limit
     q = request.query
     status = q.get("status")
     if status is not None and status not in STATUSES[table]:

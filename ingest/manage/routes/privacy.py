@@ -182,8 +182,6 @@ async def add_suppression(request: web.Request, edge: Edge, p: Principal) -> web
 async def list_suppressions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """The list by page, newest first: ``?limit=`` (1 to 500, 50) and ``?before=`` (a page's ``next``)."""
     limit = limit_param(request)
-    if isinstance(limit, web.Response):
-        return limit
     async with acquired(edge.pg) as conn:
         return json(200, await suppressions.listing(conn, p.workspace_id, request.query.get("before"), limit))
 

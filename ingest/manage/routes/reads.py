@@ -69,8 +69,6 @@ async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Res
     if type_ is not None and type_ not in ("click", "lead", "conversion"):
         return error(400, "invalid_request", "type: one of click, lead, conversion")
     limit = limit_param(request)
-    if isinstance(limit, web.Response):
-        return limit
     async with acquired(edge.pg) as conn:
         events = await manage.list_events(conn, p.workspace_id, link_id=q.get("link_id"), type_=type_, limit=limit)
     return json(200, {"data": events})
@@ -81,8 +79,6 @@ async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Res
 async def list_conversions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     q = request.query
     limit = limit_param(request)
-    if isinstance(limit, web.Response):
-        return limit
     filters = {f: q[f] for f in manage.SALE_FILTERS if f in q}
     async with acquired(edge.pg) as conn:
         return json(200, await manage.list_sales(conn, p.workspace_id, filters, q.get("before"), limit))
@@ -101,8 +97,6 @@ async def affiliate_links(request: web.Request, edge: Edge, p: Principal) -> web
     """The calling affiliate's links by page, newest first (``?limit=``, ``?before=``)."""
     assert p.affiliate_id is not None
     limit = limit_param(request)
-    if isinstance(limit, web.Response):
-        return limit
     before = request.query.get("before")
     async with acquired(edge.pg) as conn:
         return json(200, await manage.affiliate_links(conn, p.workspace_id, p.affiliate_id, before, limit))

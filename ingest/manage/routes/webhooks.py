@@ -157,8 +157,6 @@ SELECT d.id, d.webhook_id, d.event_type, d.subject_id, d.subject_key, d.status, 
 async def list_deliveries(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """The newest deliveries of one webhook, each with its attempts."""
     limit = limit_param(request)
-    if isinstance(limit, web.Response):
-        return limit
     webhook = as_uuid(request.match_info["id"])
     async with acquired(edge.pg) as conn:
         if not await conn.fetchval(

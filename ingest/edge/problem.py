@@ -1,0 +1,39 @@
+"""A route's answer decided below its handler is raised, not returned: a helper returns its
+value or raises, and the route's dialect renders what was raised in its own error shape
+(``accept.Voice.render``; the management API's guard, ``ingest.manage.routes._guard``), as
+Starlette's exception handlers do. Nothing passes "a value or a response" up the edge.
+
+- ``Problem`` (a ``Refused``): the request is refused: its ``status``, ``code``,
+  ``message``, ``headers`` (a rate limit's), and any field a dialect's shape adds
+  (``fields``: Affixo's ``need``). Each dialect words it its own way.
+- ``Down`` (an ``Outage``): Redis, Postgres or the spool cannot answer for it now: the
+  route's 503 with ``Retry-After``, and where its ``cause`` says Redis may hold the event,
+  ``Refstream-Outcome: unknown`` (``ingest.edge.enqueue.retry_headers``).
+"""
+
+from __future__ import annotations
+
+from ingest.contract.errors import Outage, Refused
+
+
+class Problem(Refused):
+    """The route's refusal, in no dialect's shape: its voice renders it."""
+
+    def __init__(
+        self, status: int, code: str, message: str = "", headers: dict[str, str] | None = None, **fields: str
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}" if message else f"{status} {code}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers) if headers else {}
+        self.fields = fields
+
+
+class Down(Outage):
+    """The route's 503: what could not answer is ``cause`` (None: Postgres, or a link that
+    could not be resolved; logged where it was met)."""
+
+    def __init__(self, cause: BaseException | None = None) -> None:
+        super().__init__(f"unavailable: {cause!r}" if cause is not None else "unavailable")
+        self.cause = cause
