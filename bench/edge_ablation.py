@@ -37,16 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # reply: the same link, flag and verdict shape every time): no batcher, no socket, no wait
 _CANNED_REPLY = (
     "ingest/edge/lookup.py",
-    """                (reply,) = await edge.batcher.execute(
-                    checked, durable=True, check=lambda r: well_formed(r[0], flags=1, values=n_values)
-                )
+    """        (reply,) = await edge.batcher.execute(
+            checked, durable=True, check=lambda r: well_formed(r[0], flags=1, values=n_values)
+        )
 """,
-    """                global _CANNED
-                if _CANNED is None:
-                    _CANNED = await edge.batcher.execute(
-                        checked, durable=True, check=lambda r: well_formed(r[0], flags=1, values=n_values)
-                    )
-                (reply,) = _CANNED
+    """        global _CANNED
+        if _CANNED is None:
+            _CANNED = await edge.batcher.execute(
+                checked, durable=True, check=lambda r: well_formed(r[0], flags=1, values=n_values)
+            )
+        (reply,) = _CANNED
 """,
 )
 _CANNED_GLOBALS = (
@@ -57,11 +57,11 @@ _CANNED_GLOBALS = (
 # the script call built once and kept (its entry, keys and arguments)
 _CANNED_CALL = (
     "ingest/edge/lookup.py",
-    "        checked = _checked(edge, limiter, rl_key, guess, reads, gets, len(extra))\n",
-    """        global _CHECKED
-        if _CHECKED is None:
-            _CHECKED = _checked(edge, limiter, rl_key, guess, reads, gets, len(extra))
-        checked = _CHECKED
+    "    checked = _checked(ask, guess)\n",
+    """    global _CHECKED
+    if _CHECKED is None:
+        _CHECKED = _checked(ask, guess)
+    checked = _CHECKED
 """,
 )
 # the click answered once its body is read: no lookup, envelope, refusals or answer headers

@@ -1,9 +1,10 @@
 """The accept pipeline every tracking route shares, so each route says only what its
 dialect differs in (its body, its event, its refusals, and how it says them: its ``Voice``).
 
-1. ``look``: one Redis round trip (``ingest.edge.lookup``) for the key, the rate limit, the
-   link and, when the route made a ``Guess`` from what this edge last read, the append
-   itself; an unreachable Redis or Postgres becomes the route's own 503.
+1. ``look`` (a public route) or ``look_keyed`` (an API-key route): one Redis round trip
+   (``ingest.edge.lookup``) for the key, the rate limit, the link and, when the route made
+   a ``Guess`` from what this edge last read, the append itself; an unreachable Redis or
+   Postgres becomes the route's own 503.
 2. The route's refusals, in its own shape, from what the lookup found: on a public route
    ``refusal`` says which of the link's refusals applies (and accounts its drop), and the
    route says it in its own words.
@@ -45,16 +46,17 @@ from ingest.edge.enqueue import append as append_event
 from ingest.edge.enqueue import retry_headers
 from ingest.edge.idempotency import Answer, Claim, Refuse, replay
 from ingest.edge.keyed import append_keyed
-from ingest.edge.lookup import Found, Unavailable, lookup, seen_link
+from ingest.edge.lookup import Found, Guess, keyed_lookup, link_lookup, seen_link
 from ingest.edge.problem import Down, Problem
 from ingest.edge.ratelimit import RateLimiter
+from ingest.edge.resolve import Unavailable
 from ingest.edge.state import EDGE, Edge
 
 log = structlog.get_logger("ingest.accept")
 M = TypeVar("M", bound=BaseModel)
-# the link code the request being served looked up (``look``) and its route's name, for
-# ``refusal`` to name in the console's tail when it refuses it as unknown: a request is
-# served in one task, and ``look`` sets it anew for each
+# the link code the request being served looked up (``look``, ``look_keyed``) and its
+# route's name, for ``refusal`` to name in the console's tail when it refuses it as
+# unknown: a request is served in one task, and each look sets it anew
 _LOOKED: ContextVar[tuple[str, str] | None] = ContextVar("accept_looked_code", default=None)
 
 
@@ -173,19 +175,51 @@ async def caller(request: web.Request, voice: Voice, model: type[M], refusals: R
     if secret is None:
         raise Problem(401, "unauthorized", "Invalid or missing API key")
     body, problem = await parsed(request, model)
-    found = await look(edge, voice, edge.key_limiter, "", secret=secret)
+    found = await look_keyed(edge, voice, secret)
     admitted = refusals(request, edge, found, problem, body)
     assert body is not None
     return Caller(edge, found, body, admitted)
 
 
-async def look(edge: Edge, voice: Voice, limiter: RateLimiter, key: str, **kw: Any) -> Found:
-    """``lookup``; ``Down`` (the route's 503) when Redis (or, for a cold link, Postgres)
-    cannot say."""
-    code = kw.get("code")
+async def look_keyed(
+    edge: Edge,
+    voice: Voice,
+    secret: str,
+    *,
+    code: str | None = None,
+    extra: tuple[Command, ...] = (),
+    guess: Guess | None = None,
+) -> Found:
+    """``keyed_lookup`` under the key's own rate limit (``edge.key_limiter``); ``Down`` (the
+    route's 503) when Redis (or Postgres, for a key or a cold link) cannot say."""
+    _looked(voice, code)
+    return await _or_down(keyed_lookup(edge, edge.key_limiter, secret, code=code, extra=extra, guess=guess))
+
+
+async def look(
+    edge: Edge,
+    voice: Voice,
+    limiter: RateLimiter,
+    subject: str,
+    code: str | None,
+    *,
+    extra: tuple[Command, ...] = (),
+    guess: Guess | None = None,
+    counted: bool = True,
+) -> Found:
+    """A public route's lookup, ``link_lookup`` (Redis down is its degraded path, not an outage);
+    ``Down`` (the route's 503) when what it needed still could not be said."""
+    _looked(voice, code)
+    return await _or_down(link_lookup(edge, limiter, subject, code=code, extra=extra, guess=guess, counted=counted))
+
+
+def _looked(voice: Voice, code: str | None) -> None:
     _LOOKED.set((code, voice.route) if isinstance(code, str) else None)
+
+
+async def _or_down(lookup: Awaitable[Found]) -> Found:
     try:
-        return await lookup(edge, limiter, key, **kw)
+        return await lookup
     except Unavailable as exc:
         raise Down() from exc
     except (NotSent, OutcomeUnknown, Outage) as exc:  # Redis, or the spool a guess went to

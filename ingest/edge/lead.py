@@ -32,8 +32,9 @@ from ingest.contract.events import Envelope, EventType
 from ingest.edge import accept
 from ingest.edge.bodies import TrackLead
 from ingest.edge.idempotency import HEADER, Claim, fingerprint
-from ingest.edge.lookup import Found, Guess, Unavailable, fallback, remember, resolve_click, seen, seen_link
+from ingest.edge.lookup import Found, Guess, remember, seen, seen_link
 from ingest.edge.problem import Down, Problem
+from ingest.edge.resolve import Unavailable, fallback, resolve_click
 from ingest.edge.state import Edge
 
 # how long a deferred lead's click waits for the lead that completes it, at least (and as
@@ -149,7 +150,7 @@ async def _track(request: web.Request, d: LeadDialect) -> web.Response:
         if made is not None:
             guess = Guess(made.envelope, made.click.code)
             reads += (("GET", edge.keys.link(made.click.code)),)
-    found = await accept.look(edge, d.voice, edge.key_limiter, "", secret=secret, extra=reads, guess=guess)
+    found = await accept.look_keyed(edge, d.voice, secret, extra=reads, guess=guess)
     admitted = d.refusals(request, edge, found, problem, body)
     assert body is not None
     workspace = admitted.principal.workspace_id

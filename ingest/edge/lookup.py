@@ -1,9 +1,13 @@
 """What a request needs to know before it is answered, in one Redis round trip.
 
-A route names its rate limit and subject, and optionally an API key, a link code and
-extra commands; ``lookup`` sends all of it through the micro-batcher together and returns
-the answers. Postgres is asked only when Redis cannot answer: a key Redis has never seen,
-or a link code while the link cache is not yet warm.
+Each route asks the lookup of its kind: an API-key route ``keyed_lookup`` (the key, its
+rate limit and, optionally, a link code), a public route ``link_lookup`` (a link code and
+its rate limit for the client's address, Redis being down its degraded path), each with
+the route's extra commands. Either sends all of it through the micro-batcher together and
+returns the answers; both are made of the same steps (``_parse_key`` and ``_authenticate``,
+``_round_trip`` and ``_verdict``, ``_take`` and ``_link``, ``_guessed``). Postgres is asked
+only when Redis cannot answer: a key Redis has never seen, or a link code while the link
+cache is not yet warm (``ingest.edge.resolve``).
 
 A route that would accept the request on what this edge last read for the same keys (the
 link, the kill switch) may hand over its event as a ``Guess``: then the round trip is one
@@ -18,28 +22,26 @@ confirmation must not be mistaken for a failed read): there every request takes 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-import asyncpg
-import structlog
-
-from ingest.contract import clicks, clock, links, wire
-from ingest.contract.connections import PG_ERRORS, Command
-from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
+from ingest.contract import links, wire
+from ingest.contract.connections import Command
+from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Envelope
 from ingest.edge.auth import Principal
 from ingest.edge.enqueue import appended, never_sent, to_spool
 from ingest.edge.ratelimit import WINDOW, RateLimiter, Verdict, well_formed
+from ingest.edge.resolve import (
+    SEEN_MAX,
+    Unavailable,
+    decode_link,
+    fallback,
+    resolve_link,
+    storable,
+)
 from ingest.edge.state import Edge
-
-log = structlog.get_logger("ingest.lookup")
-T = TypeVar("T")
-
-
-FALLBACK_WAIT_S = 1.0
 
 # ratelimit.WINDOW (KEYS[1], ARGV[1..2]), then: ARGV[3] = E, the number of the entry's
 # arguments, ARGV[4..E+3] the entry's fields and values (``Envelope.entry``); ARGV[E+4] = R,
@@ -84,17 +86,6 @@ end
 return verdict
 """
 )
-SEEN_MAX = 65_536  # keys whose last value this edge remembers (links, flags); cleared when full
-
-
-class Unavailable(Outage):
-    """Postgres was needed and did not answer (or too many requests were already asking)."""
-
-
-class ClickPending(Unavailable):
-    """A click id refstream minted recently that neither the click cache nor Postgres knows
-    yet: the click may still wait in an edge's spool or a stream. Retryable (a 503 with
-    Retry-After), never the permanent 400 of an unknown click."""
 
 
 @dataclass(slots=True)
@@ -129,22 +120,8 @@ def seen_link(edge: Edge, code: str) -> links.LinkInfo | None:
     raw = edge.seen.get(edge.keys.link(code))
     if raw is None:
         return None
-    link = _decode_link(edge, raw)
+    link = decode_link(edge, raw)
     return link if isinstance(link, links.LinkInfo) else None
-
-
-def _decode_link(edge: Edge, raw: object) -> links.LinkInfo | links.Missing | None:
-    # the same few entries come back again and again: parse each once
-    if isinstance(raw, bytes):
-        hit = edge.link_memo.get(raw)
-        if hit is not None:
-            return hit
-    link = links.decode(raw)
-    if isinstance(link, links.LinkInfo) and isinstance(raw, bytes):
-        if len(edge.link_memo) >= SEEN_MAX:
-            edge.link_memo.clear()
-        edge.link_memo[raw] = link
-    return link
 
 
 def remember(edge: Edge, key: str, value: object) -> None:
@@ -160,132 +137,166 @@ def _remember(edge: Edge, keys: list[str], values: list[Any]) -> None:
             edge.seen[key] = value
 
 
-# what a request's question to Postgres can meet instead of an answer: an outage
-# (PG_ERRORS), and whatever else Postgres or the driver raise: a database that is not
-# migrated (42P01), or not yet migrated to this build's schema (42703, 42883, ...). The
-# request cannot tell these apart from an outage and must not answer 500 for them: it
-# answers "unavailable" (or takes its degraded path); /readyz names the cause.
-_UNANSWERED = (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
-
-
-async def fallback(edge: Edge, query: Callable[[], Awaitable[T]]) -> T:
-    """A Postgres query on behalf of a request: few at a time, never waited on for long, so
-    a flood of unknown keys or codes cannot take the pool from everything else. Whatever
-    keeps Postgres from answering raises ``Unavailable``, logged here as one warning
-    (no traceback: the cause is known, and a flood of traces would hide it)."""
-    try:
-        async with asyncio.timeout(FALLBACK_WAIT_S):
-            async with edge.pg_fallbacks:
-                return await query()
-    except _UNANSWERED as exc:
-        log.warning("postgres.unavailable", error=repr(exc), sqlstate=getattr(exc, "sqlstate", None))
-        raise Unavailable from exc
-
-
 def key_subject(digest: bytes) -> str:
     """Rate-limit subject of a key: part of its hash, never the key."""
     return "k" + digest.hex()[:24]
 
 
-async def lookup(
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """An API key as this edge knows it: its hash, whom it names when cached, and whether
+    Redis must be asked (``miss``: not cached here)."""
+
+    digest: bytes
+    principal: Principal | None
+    miss: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """What one request reads in its round trip: its rate limit's key, the link's keys (for
+    a code: the entry and ``links:warm``), the route's extra commands and, of those, the
+    keys they read when they are plain GETs (what a guess can be checked against)."""
+
+    edge: Edge
+    limiter: RateLimiter
+    rl_key: str
+    code: str | None
+    reads: list[str]
+    extra: tuple[Command, ...]
+    gets: list[str]
+
+
+async def keyed_lookup(
     edge: Edge,
     limiter: RateLimiter,
-    subject: str,
+    secret: str,
     *,
-    secret: str | None = None,
     code: str | None = None,
     extra: tuple[Command, ...] = (),
-    degraded: bool = False,
     guess: Guess | None = None,
     counted: bool = True,
 ) -> Found:
-    """With ``degraded`` (public routes, whose events can be spooled), Redis being down is
-    not an error: the request is let through unlimited, extras are None, and the link comes
-    from Postgres. Otherwise what Redis raised propagates and the route answers 503.
+    """An API-key route's lookup: whom ``secret`` names (Redis, else Postgres), its rate
+    limit (counted under the key's hash), the link for ``code`` and the ``extra`` commands.
+    What Redis raised propagates: the route answers 503.
 
     ``counted`` off (a HEAD, which changes nothing): the rate limit is neither counted nor
     asked, and the request is admitted; the reads are as ever.
 
-    With ``guess``, and when every key read was read before, the round trip is
-    ``CHECKED_APPEND``: ``Found.appended`` says whether the event went in (its route must
+    With ``guess``, a cached key, and when every key read was read before, the round trip
+    is ``CHECKED_APPEND``: ``Found.appended`` says whether the event went in (its route must
     then answer as it would after appending it, and must not append it again)."""
-    commands: list[Command] = []
-    digest: bytes | None = None
-    principal: Principal | None = None
-    key_miss = False
-    if secret is not None:
-        digest, principal, hit = edge.auth.cached(secret)
-        key_miss = not hit
-        subject = key_subject(digest)
-        if key_miss:
-            commands.append(("GET", edge.auth.redis_key(digest)))
-    rl_key = edge.keys.ratelimit(limiter.name, subject)
-    reads: list[str] = []
-    if code is not None:
-        reads += [edge.keys.link(code), edge.keys.links_warm]
-    if guess is not None and edge.suppress.names(guess.envelope):
-        guess = None  # a suppressed event is appended nowhere: the route's own path says so
-    gets = _gets(extra)
-    if guess is not None and edge.checked_append is not None and not key_miss:
-        checked = _checked(edge, limiter, rl_key, guess, reads, gets, len(extra))
-        if checked is not None:
-            held = [edge.seen.get(key) for key in reads + gets]  # what the guess was made from
-            try:
-                n_values = len(reads) + len(extra)  # a reply of another shape is another's: never read
-                (reply,) = await edge.batcher.execute(
-                    checked, durable=True, check=lambda r: well_formed(r[0], flags=1, values=n_values)
-                )
-            except (NotSent, OutcomeUnknown) as exc:
-                if not never_sent(exc):
-                    return await _settled(edge, limiter, principal, code, len(reads), held, guess, exc)
-                if not degraded or secret is not None:
-                    raise
-                return await _without_redis(edge, limiter, code, len(extra))
-            if not isinstance(reply, Exception):
-                return await _answer(edge, limiter, principal, code, reads, gets, list(reply), guess)
-            # the script refused as a whole (a full Redis under noeviction, ...): nothing ran;
-            # ask again the usual way, which tells the route what to do
-    if counted:
-        commands.insert(0, limiter.command(rl_key))
-    commands += [("GET", key) for key in reads]
-    commands += extra
+    key = _parse_key(edge, secret)
+    ask = _ask(edge, limiter, key_subject(key.digest), code, extra)
+    if guess is not None and not key.miss:
+        found = await _guessed(ask, guess, key.principal, _raise)
+        if found is not None:
+            return found
+    key_get: list[Command] = [("GET", edge.auth.redis_key(key.digest))] if key.miss else []
+    replies = await _round_trip(ask, key_get, counted)
+    found = Found(verdict=_verdict(ask, replies, counted), principal=key.principal)
+    i = int(counted)
+    if key.miss:
+        found.principal = await _authenticate(edge, key, replies[i])
+        i += 1
+    return await _take(ask, found, replies[i:])
 
+
+async def link_lookup(
+    edge: Edge,
+    limiter: RateLimiter,
+    subject: str,
+    *,
+    code: str | None,
+    extra: tuple[Command, ...] = (),
+    guess: Guess | None = None,
+    counted: bool = True,
+) -> Found:
+    """A public route's lookup: the link for ``code``, the rate limit ``limiter`` counts for
+    ``subject`` (an address) and the ``extra`` commands. The route's events can be spooled,
+    so Redis being down is not an error: the request is let through unlimited, extras are
+    None, and the link comes from Postgres (``_without_redis``).
+
+    ``counted`` and ``guess`` as for ``keyed_lookup``."""
+    ask = _ask(edge, limiter, subject, code, extra)
+    if guess is not None:
+        found = await _guessed(ask, guess, None, lambda exc: _without_redis(ask))
+        if found is not None:
+            return found
     try:
-        replies = await edge.batcher.execute(*commands, check=limiter.check if counted else None) if commands else []
+        replies = await _round_trip(ask, [], counted)
     except (NotSent, OutcomeUnknown):
-        if not degraded or secret is not None:
-            raise
-        return await _without_redis(edge, limiter, code, len(extra))
+        return await _without_redis(ask)
     try:
-        verdict = limiter.verdict(replies[0]) if counted else Verdict(True, limiter.limit, limiter.limit, 0)
+        verdict = _verdict(ask, replies, counted)
     except (NotSent, OutcomeUnknown):
-        if not degraded or secret is not None:
-            raise
         # the script refused (a full Redis under noeviction, a replica): fail open, as
         # for a Redis that is down; the event itself goes to the spool if Redis refuses it
-        verdict = Verdict(True, limiter.limit, limiter.limit, 0)
-    found = Found(verdict=verdict, principal=principal)
-    i = int(counted)
-    if key_miss:
-        assert digest is not None
-        d = digest
-        reply = replies[i]
-        if isinstance(reply, bytes):  # Redis knew the key: no Postgres, no need to queue for it
-            found.principal = await edge.auth.resolve(d, reply)
-        else:
-            found.principal = await fallback(edge, lambda: edge.auth.resolve(d, reply))
-        i += 1
-    _remember(edge, reads, replies[i : i + len(reads)])
-    if len(gets) == len(extra):
-        _remember(edge, gets, replies[i + len(reads) :])
-    if code is not None:
+        verdict = _admitted(limiter)
+    return await _take(ask, Found(verdict=verdict), replies[int(counted) :])
+
+
+def _parse_key(edge: Edge, secret: str) -> _Key:
+    digest, principal, hit = edge.auth.cached(secret)
+    return _Key(digest, principal, not hit)
+
+
+async def _authenticate(edge: Edge, key: _Key, reply: object) -> Principal | None:
+    """Whom a key this edge had not cached names, from Redis's reply to its ``GET``; from
+    Postgres (bounded: ``fallback``) when Redis has never seen it."""
+    if isinstance(reply, bytes):  # Redis knew the key: no Postgres, no need to queue for it
+        return await edge.auth.resolve(key.digest, reply)
+    return await fallback(edge, lambda: edge.auth.resolve(key.digest, reply))
+
+
+def _ask(edge: Edge, limiter: RateLimiter, subject: str, code: str | None, extra: tuple[Command, ...]) -> _Ask:
+    reads = [edge.keys.link(code), edge.keys.links_warm] if code is not None else []
+    return _Ask(edge, limiter, edge.keys.ratelimit(limiter.name, subject), code, reads, extra, _gets(extra))
+
+
+async def _round_trip(ask: _Ask, key_get: list[Command], counted: bool) -> list[Any]:
+    """The usual round trip: the rate limit (unless not ``counted``), the key's ``GET``, the
+    link's keys, the extra commands; their replies in that order."""
+    commands = [ask.limiter.command(ask.rl_key)] if counted else []
+    commands += key_get
+    commands += [("GET", key) for key in ask.reads]
+    commands += ask.extra
+    if not commands:
+        return []
+    return await ask.edge.batcher.execute(*commands, check=ask.limiter.check if counted else None)
+
+
+def _verdict(ask: _Ask, replies: list[Any], counted: bool) -> Verdict:
+    """The rate limit's verdict, from the round trip's first reply; raises what the script
+    raised. Not ``counted``: admitted."""
+    return ask.limiter.verdict(replies[0]) if counted else _admitted(ask.limiter)
+
+
+def _admitted(limiter: RateLimiter) -> Verdict:
+    return Verdict(True, limiter.limit, limiter.limit, 0)
+
+
+async def _take(ask: _Ask, found: Found, values: list[Any]) -> Found:
+    """``found`` with the reads' answers (``values``: the link's keys', then the extra
+    commands'): each plain read remembered (what a later guess is made from), the link
+    resolved, the extra commands' replies."""
+    if len(ask.gets) == len(ask.extra):
+        _remember(ask.edge, ask.reads + ask.gets, values)
+    else:
+        _remember(ask.edge, ask.reads, values[: len(ask.reads)])
+    await _link(ask, found, values)
+    found.extra = values[len(ask.reads) :]
+    return found
+
+
+async def _link(ask: _Ask, found: Found, values: list[Any]) -> None:
+    """The link for the request's code from its keys' values (``values[0]``, ``values[1]``)."""
+    if ask.code is not None:
         try:
-            found.link = await resolve_link(edge, code, replies[i], replies[i + 1])
+            found.link = await resolve_link(ask.edge, ask.code, values[0], values[1])
         except Unavailable:
             found.link_unresolved = True  # the route decides: refuse, or let the worker decide
-        i += 2
-    found.extra = replies[i:]
-    return found
 
 
 def _gets(extra: tuple[Command, ...]) -> list[str]:
@@ -293,19 +304,52 @@ def _gets(extra: tuple[Command, ...]) -> list[str]:
     return [cmd[1] for cmd in extra if len(cmd) == 2 and cmd[0] == "GET"]
 
 
-def _checked(
-    edge: Edge, limiter: RateLimiter, rl_key: str, guess: Guess, reads: list[str], gets: list[str], n_extra: int
-) -> Command | None:
-    keys = reads + gets
-    if len(gets) != n_extra:
+async def _raise(exc: BaseException) -> Found:
+    raise exc
+
+
+async def _guessed(
+    ask: _Ask, guess: Guess, principal: Principal | None, unsent: Callable[[BaseException], Awaitable[Found]]
+) -> Found | None:
+    """The round trip as ``CHECKED_APPEND`` (the guess's event appended if the request is
+    admitted and every key read holds what the guess was made from): the answer, or None
+    for the usual way (no script, a suppressed event, a key never read here, an extra that
+    is not a plain read, or the script refused as a whole: a full Redis under noeviction,
+    ...; nothing ran). ``unsent``: the caller's answer when the script never reached Redis."""
+    edge = ask.edge
+    if edge.suppress.names(guess.envelope) or edge.checked_append is None:
+        return None  # a suppressed event is appended nowhere: the route's own path says so
+    checked = _checked(ask, guess)
+    if checked is None:
+        return None
+    held = [edge.seen.get(key) for key in ask.reads + ask.gets]  # what the guess was made from
+    n_values = len(ask.reads) + len(ask.extra)  # a reply of another shape is another's: never read
+    try:
+        (reply,) = await edge.batcher.execute(
+            checked, durable=True, check=lambda r: well_formed(r[0], flags=1, values=n_values)
+        )
+    except (NotSent, OutcomeUnknown) as exc:
+        if never_sent(exc):
+            return await unsent(exc)
+        return await _settled(ask, principal, held, guess, exc)
+    if isinstance(reply, Exception):
+        return None
+    found = Found(verdict=ask.limiter.verdict(reply), principal=principal, appended=bool(reply[3]))
+    if found.appended:
+        appended(edge, guess.envelope)
+    return await _take(ask, found, reply[4:])
+
+
+def _checked(ask: _Ask, guess: Guess) -> Command | None:
+    keys = ask.reads + ask.gets
+    if len(ask.gets) != len(ask.extra):
         return None  # an extra that is not a plain read: the usual way
     expected: list[bytes] = []
     for key in keys:
-        value = edge.seen.get(key, False)
+        value = ask.edge.seen.get(key, False)
         if value is False:
             return None  # never read here: nothing to guess from
         expected.append(b"" if value is None else b"=" + value)  # type: ignore[operator]
-    stream = edge.keys.stream_for(guess.routing_key)
     entry = wire.to_entry(guess.envelope)
     also = guess.also  # (a fingerprint cache entry's index among them: ``ingest.edge.erasure_index``)
     writes: list[Any] = []
@@ -313,14 +357,14 @@ def _checked(
         writes += [1 + len(args), name, *args]
     return (
         "EVALSHA",
-        edge.checked_append,
+        ask.edge.checked_append,
         2 + len(keys) + len(also),
-        rl_key,
-        stream,
+        ask.rl_key,
+        ask.edge.keys.stream_for(guess.routing_key),
         *keys,
         *(cmd[1] for cmd in also),
-        limiter.window_ms,
-        limiter.limit,
+        ask.limiter.window_ms,
+        ask.limiter.limit,
         len(entry),
         *entry,
         len(keys),
@@ -329,109 +373,27 @@ def _checked(
     )
 
 
-async def _answer(
-    edge: Edge,
-    limiter: RateLimiter,
-    principal: Principal | None,
-    code: str | None,
-    reads: list[str],
-    gets: list[str],
-    reply: list[Any],
-    guess: Guess,
-) -> Found:
-    found = Found(verdict=limiter.verdict(reply), principal=principal, appended=bool(reply[3]))
-    values = reply[4:]
-    _remember(edge, reads + gets, values)
-    if found.appended:
-        appended(edge, guess.envelope)
-    if code is not None:
-        try:
-            found.link = await resolve_link(edge, code, values[0], values[1])
-        except Unavailable:
-            found.link_unresolved = True
-    found.extra = values[len(reads) :]
-    return found
-
-
-async def _settled(
-    edge: Edge,
-    limiter: RateLimiter,
-    principal: Principal | None,
-    code: str | None,
-    n_reads: int,
-    held: list[Any],
-    guess: Guess,
-    exc: BaseException,
-) -> Found:
+async def _settled(ask: _Ask, principal: Principal | None, held: list[Any], guess: Guess, exc: BaseException) -> Found:
     """The checked append failed after it was sent (a timeout, a lost connection): the
     script may have appended the guess, or may yet. Never refused while it may count: the
     guess's event is spooled under its ``event_id`` (the workers store one copy), and the
     request goes on as if the script had appended it, on the values the guess was made from
     (``held``), its rate limit uncounted (fail open, as without Redis). ``OutcomeUnknown``
     when the spool cannot keep it."""
-    await to_spool(edge, guess.envelope, guess.routing_key, guess.also, maybe_applied=exc)
-    found = Found(verdict=Verdict(True, limiter.limit, limiter.limit, 0), principal=principal, appended=True)
-    if code is not None:
-        try:
-            found.link = await resolve_link(edge, code, held[0], held[1])
-        except Unavailable:
-            found.link_unresolved = True
-    found.extra = held[n_reads:]
+    await to_spool(ask.edge, guess.envelope, guess.routing_key, guess.also, maybe_applied=exc)
+    found = Found(verdict=_admitted(ask.limiter), principal=principal, appended=True)
+    await _link(ask, found, held)
+    found.extra = held[len(ask.reads) :]
     return found
 
 
-async def _without_redis(edge: Edge, limiter: RateLimiter, code: str | None, n_extra: int) -> Found:
+async def _without_redis(ask: _Ask) -> Found:
     # the limit cannot be counted without Redis: fail open, bounded by the spool's cap
-    found = Found(verdict=Verdict(True, limiter.limit, limiter.limit, 0), extra=[None] * n_extra, redis_down=True)
-    if code is not None and _storable(code):
+    found = Found(verdict=_admitted(ask.limiter), extra=[None] * len(ask.extra), redis_down=True)
+    code = ask.code
+    if code is not None and storable(code):
         try:
-            found.link = await fallback(edge, lambda: links.fetch(edge.pg, code))
+            found.link = await fallback(ask.edge, lambda: links.fetch(ask.edge.pg, code))
         except Unavailable:
             found.link_unresolved = True
     return found
-
-
-def _storable(code: str) -> bool:
-    # Postgres text cannot hold NUL, so no link has such a code; asking would be refused
-    # (22021), which a request cannot tell from an outage: a client told to retry forever
-    return "\x00" not in code
-
-
-async def resolve_link(edge: Edge, code: str, cached: object, warm: object) -> links.LinkInfo | None:
-    """A link from the replies to ``GET {prefix}:link:{code}`` and ``GET {prefix}:links:warm``;
-    Postgres (bounded, and the answer cached) only while the cache is not warm, or when the
-    link's entry could not be read: an error in its slot (on a Redis Cluster, the node that
-    holds it may be failing over while ``links:warm``'s answers) is never "no such code"."""
-    link = _decode_link(edge, cached)
-    if isinstance(link, links.LinkInfo):
-        return link
-    if link is links.MISSING or not _storable(code):
-        return None
-    if isinstance(cached, Exception):
-        log.warning("link_cache.read_failed", error=repr(cached))
-        return await fallback(edge, lambda: links.fetch(edge.pg, code))  # Unavailable: the route's outage path
-    if warm == b"1":
-        return None
-    # the cache is not (yet) complete: ask Postgres once, and remember the answer
-    found = await fallback(edge, lambda: links.fetch(edge.pg, code))
-    (reply,) = await edge.batcher.execute(links.cache_command(edge.keys, edge.link_sha, found or code))
-    if isinstance(reply, Exception):
-        log.warning("link_cache.write_failed", error=repr(reply))
-    return found
-
-
-async def resolve_click(edge: Edge, click_id: str, cached: object) -> clicks.ClickRef | None:
-    """A click from the reply to ``GET {prefix}:click:{id}``, else (older than its cache
-    entry, or accepted before a Redis restart) from Postgres; None for an id that names no
-    click. Raises ``ClickPending`` for a recent one nobody knows yet (``clicks.may_be_pending``)."""
-    hit = clicks.decode(click_id, cached)
-    if hit is not None:
-        return hit
-    found, pg_now_ms = await fallback(edge, lambda: clicks.in_postgres(edge.pg, click_id))
-    if isinstance(found, clicks.ClickRef):
-        return found
-    now_ms = clock.now_ms() if pg_now_ms is None else pg_now_ms  # the database's time, not this edge's
-    if not found and clicks.may_be_pending(click_id, now_ms, edge.settings.click_pending_s):
-        log.info("click.pending")  # not its id: a click id names a visitor (docs/privacy.md)
-        raise ClickPending(click_id)
-    return None

@@ -46,8 +46,8 @@ from ingest.edge.bodies import customer_aliases, no_default
 from ingest.edge.dub_shapes import sale_answer
 from ingest.edge.enqueue import OUTCOME
 from ingest.edge.idempotency import Claim, fingerprint
-from ingest.edge.lookup import Unavailable, fallback, resolve_click
 from ingest.edge.problem import Down, Problem
+from ingest.edge.resolve import Unavailable, fallback, resolve_click
 from ingest.edge.state import Edge
 
 M = TypeVar("M", bound=BaseModel)

@@ -26,8 +26,9 @@ from ingest.contract.links import LinkInfo
 from ingest.edge import accept
 from ingest.edge.body import BodyError, parse
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key, valid_key
-from ingest.edge.lookup import ClickPending, Guess, Unavailable, resolve_click, seen_link
+from ingest.edge.lookup import Guess, seen_link
 from ingest.edge.problem import Problem
+from ingest.edge.resolve import ClickPending, Unavailable, resolve_click
 from ingest.edge.state import EDGE, Edge
 
 routes = web.RouteTableDef()
@@ -227,14 +228,13 @@ async def track_click(request: web.Request) -> web.Response:
             if known.allows_origin(request.headers.get("Origin")):
                 made = _make(request, edge, body, code, known, None, ip, test_mode)
                 guess = Guess(made.envelope, code, made.extra)
-    found = await accept.look(
+    found = await accept.look(  # public: with Redis down, the link from Postgres and the event to the spool
         edge,
         VOICE,
         edge.public_limiter,
         ip or "-",
-        code=code,
+        code,
         extra=(("GET", edge.keys.click(existing)),) if existing else (),
-        degraded=True,  # public: with Redis down, the link from Postgres and the event to the spool
         guess=guess,
     )
     headers = found.verdict.headers

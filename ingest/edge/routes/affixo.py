@@ -170,9 +170,7 @@ async def track_click(request: web.Request) -> web.Response:
             if known.workspace_id == known_key.workspace_id:
                 made = _make(request, edge, body, known)
                 guess = Guess(made.envelope, known.code, made.remember)
-    found = await accept.look(
-        edge, VOICE, edge.key_limiter, "", secret=secret, code=body.ref if body else None, guess=guess
-    )
+    found = await accept.look_keyed(edge, VOICE, secret, code=body.ref if body else None, guess=guess)
     admitted = _caller(request, edge, found, problem, body)
     principal, mine, idem_key = admitted.principal, admitted.link, admitted.idem_key
     assert body is not None

@@ -41,8 +41,8 @@ from ingest.edge.body import code as body_code
 from ingest.edge.enqueue import never_sent, to_spool, unkept, xadd
 from ingest.edge.idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, fingerprint, header_key, valid_key
 from ingest.edge.keyed import spool_or_unknown
-from ingest.edge.lookup import ClickPending, Unavailable, resolve_click, resolve_link
 from ingest.edge.refund import RefportRefund
+from ingest.edge.resolve import ClickPending, Unavailable, resolve_click, resolve_link
 from ingest.edge.sale import RefportSale
 from ingest.edge.state import Edge
 
@@ -121,7 +121,7 @@ def error(status: int, code: str, detail: str | None = None, headers: dict[str, 
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
-# one lookup for the caller's key (``accept.look``); the items' lookups and appends are the
+# one lookup for the caller's key (``accept.look_keyed``); the items' lookups and appends are the
 # batch's own: each shares one round trip with the other items' (``_accept``)
 VOICE = accept.Voice(
     "batch",
@@ -150,7 +150,7 @@ async def batch(request: web.Request) -> web.Response:
     edge, secret = accept.keyed(request)
     if secret is None:
         return error(401, "unauthorized")
-    found = await accept.look(edge, VOICE, edge.key_limiter, "", secret=secret)
+    found = await accept.look_keyed(edge, VOICE, secret)
     principal = found.principal
     if principal is None:
         return error(401, "unauthorized")

@@ -96,15 +96,8 @@ async def track_click(request: web.Request) -> web.Response:
         if known is not None and known.active and known.allows_origin(request.headers.get("Origin")):
             envelope = _envelope(request, edge, code, ip, known)
             guess = Guess(envelope, code)
-    found = await accept.look(
-        edge,
-        VOICE,
-        edge.click_limiter,
-        ip or "-",
-        code=code if sane else None,
-        extra=(("GET", flag),),
-        degraded=True,  # public: with Redis down, accept into the spool
-        guess=guess,
+    found = await accept.look(  # public: with Redis down, accept into the spool
+        edge, VOICE, edge.click_limiter, ip or "-", code if sane else None, extra=(("GET", flag),), guess=guess
     )
     try:
         disabled = flags.is_disabled(found.extra[0])

@@ -25,8 +25,9 @@ from ingest.edge.bodies import BricqsConvert
 from ingest.edge.body import BodyError, parse, plain
 from ingest.edge.body import code as body_code
 from ingest.edge.enqueue import retry_headers
-from ingest.edge.lookup import Found, Unavailable, lookup
+from ingest.edge.lookup import Found, link_lookup
 from ingest.edge.problem import Down, Problem
+from ingest.edge.resolve import Unavailable
 from ingest.edge.state import EDGE
 
 log = structlog.get_logger("ingest.bricqs")
@@ -75,13 +76,12 @@ async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...]
     """The public lookup; raises the route's 429 (``Problem``) or 503 (``Down``)."""
     edge = request.app[EDGE]
     try:
-        found = await lookup(
+        found = await link_lookup(
             edge,
             edge.public_limiter,
             edge.client_ip(request) or "-",
             code=code,
             extra=extra,
-            degraded=True,
             counted=request.method != "HEAD",  # a HEAD changes nothing, its rate limit included
         )
     except (Unavailable, NotSent, OutcomeUnknown) as exc:
@@ -123,7 +123,7 @@ async def convert(request: web.Request) -> web.Response:
     except BodyError as exc:
         return error(exc.status, "validation_error" if exc.status == 400 else body_code(exc), exc.message)
     ip = edge.client_ip(request)
-    found = await accept.look(edge, CONVERT_VOICE, edge.public_limiter, ip or "-", code=body.code, degraded=True)
+    found = await accept.look(edge, CONVERT_VOICE, edge.public_limiter, ip or "-", body.code)
     headers = found.verdict.headers
     match accept.refusal(edge, found, request.headers.get("Origin")):
         case accept.Refusal.RATE_LIMITED:

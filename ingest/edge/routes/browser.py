@@ -61,7 +61,7 @@ async def redirect_head(request: web.Request) -> web.Response:
         return fallback
     voice = accept.Voice("redirect", lambda status, code, message: fallback, lambda headers: fallback)
     try:
-        found = await accept.look(edge, voice, edge.public_limiter, "-", code=code, degraded=True, counted=False)
+        found = await accept.look(edge, voice, edge.public_limiter, "-", code, counted=False)
     except Down as exc:
         return voice.render(exc)
     link = found.link
@@ -82,7 +82,7 @@ async def redirect(request: web.Request) -> web.Response:
     # a redirect never shows an error page: whatever cannot be looked up goes to the fallback
     voice = accept.Voice("redirect", lambda status, code, message: fallback, lambda headers: fallback)
     try:
-        found = await accept.look(edge, voice, edge.public_limiter, ip or "-", code=code, degraded=True)
+        found = await accept.look(edge, voice, edge.public_limiter, ip or "-", code)
     except Down as exc:
         return voice.render(exc)
     link = found.link

@@ -190,7 +190,7 @@ async def track_click(request: web.Request) -> web.Response:
     identity = hashlib.sha256(f"{ip}\x1f{agent}".encode()).hexdigest()[:32]
     seen_key = edge.keys.seen_click(body.key, identity)
     found = await accept.look(
-        edge, CLICK_VOICE, edge.track_click_limiter, ip or "-", code=body.key, extra=(("GET", seen_key),), degraded=True
+        edge, CLICK_VOICE, edge.track_click_limiter, ip or "-", body.key, extra=(("GET", seen_key),)
     )
     # a link without partner or program takes clicks here (Dub tracks any link's)
     refused = accept.refusal(edge, found, None, configured=False)

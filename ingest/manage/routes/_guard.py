@@ -22,8 +22,9 @@ from ingest.edge.body import BodyError, plain, read
 from ingest.edge.body import code as body_code
 from ingest.edge.enqueue import retry_headers
 from ingest.edge.idempotency import Claim, InvalidKey, header_key, request_claim
-from ingest.edge.lookup import Unavailable, lookup
+from ingest.edge.lookup import keyed_lookup
 from ingest.edge.problem import Problem
+from ingest.edge.resolve import Unavailable
 from ingest.edge.state import EDGE, Edge
 from ingest.manage import stats
 
@@ -105,7 +106,7 @@ def guarded(
                 return error(401, "unauthorized")
             head = request.method == "HEAD"  # changes nothing: no rate limit counted, no address kept
             try:
-                found = await lookup(edge, edge.key_limiter, "", secret=secret, counted=not head)
+                found = await keyed_lookup(edge, edge.key_limiter, secret, counted=not head)
             except (Unavailable, NotSent, OutcomeUnknown, *REDIS_ERRORS):
                 return json(503, {"error": "unavailable"}, {"Retry-After": "1"})
             principal = found.principal

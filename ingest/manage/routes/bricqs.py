@@ -24,8 +24,9 @@ from ingest.edge.auth import Principal, plausible
 from ingest.edge.body import BodyError, parse
 from ingest.edge.body import code as body_code
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key
-from ingest.edge.lookup import Unavailable, lookup
+from ingest.edge.lookup import keyed_lookup
 from ingest.edge.problem import Down, Problem
+from ingest.edge.resolve import Unavailable
 from ingest.edge.routes.bricqs import error, json, unavailable
 from ingest.edge.state import EDGE, Edge
 from ingest.manage import admin
@@ -75,7 +76,7 @@ async def _keyed(request: web.Request, scope: str) -> tuple[Edge, Principal]:
         raise Problem(401, "unauthorized", "Invalid or missing API key")
     try:
         # a HEAD changes nothing, its rate limit included
-        found = await lookup(edge, edge.key_limiter, "", secret=secret, counted=request.method != "HEAD")
+        found = await keyed_lookup(edge, edge.key_limiter, secret, counted=request.method != "HEAD")
     except (Unavailable, NotSent, OutcomeUnknown, *REDIS_ERRORS) as exc:
         raise Down() from exc  # a plain 503
     if found.principal is None:
