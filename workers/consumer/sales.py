@@ -41,8 +41,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import date, datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -53,9 +51,12 @@ from ingest.ledger import refunds
 from ingest.ledger.outbox import WebhookEvent
 from workers.consumer import commissions
 from workers.consumer.drops import NO_LINK, NoRow
+from workers.consumer.sale_row import UNATTRIBUTED, SaleRow, as_text
+from workers.consumer.sale_stats import STATS, StatKey
+from workers.consumer.sale_stats import drift as drift
+from workers.consumer.sale_stats import refund_drift as refund_drift
+from workers.consumer.sale_stats import repair as repair
 from workers.consumer.stored import Stored, ts
-
-UNATTRIBUTED = "no_lead"
 
 # the batch's counted leads, kept as their customers' (``customer_leads``: past the event
 # retention, what attributes the customers' sales and times the commission rules)
@@ -147,17 +148,6 @@ RETURNING s.event_id, s.workspace_id, s.link_id, s.currency, s.amount, s.receive
           s.affiliate_id, s.program_id, s.dialect, s.refunds, s.refunded
 """
 
-_STATS = f"""
-INSERT INTO sale_stats AS t (workspace_id, link_id, day, currency, sales, amount, refunds, refunded)
-{jsonrows.select(("uuid", "uuid", "date", "text", "bigint", "bigint", "bigint", "bigint"))}
-ORDER BY 1, 2, 3, 4
-ON CONFLICT (workspace_id, link_id, day, currency)
-DO UPDATE SET sales = t.sales + EXCLUDED.sales, amount = t.amount + EXCLUDED.amount,
-              refunds = t.refunds + EXCLUDED.refunds, refunded = t.refunded + EXCLUDED.refunded
-"""
-
-StatKey = tuple[str, str, date, str]  # workspace, link (nil: unattributed), day, currency
-
 
 @dataclass(slots=True)
 class Settled:
@@ -169,70 +159,6 @@ class Settled:
     drops: list[NoRow] = field(default_factory=list)
     undrops: list[NoRow] = field(default_factory=list)
     notices: list[WebhookEvent] = field(default_factory=list)  # sale.created, one per new row
-
-
-@dataclass(slots=True)
-class _Row:
-    envelope: Envelope
-    at: datetime
-    lead: asyncpg.Record | None = None
-
-    def values(self) -> tuple[Any, ...]:
-        p, lead = self.envelope.payload, self.lead
-        return (
-            self.envelope.event_id,
-            self.envelope.workspace_id,
-            _text(p.get("invoice")),
-            p["external_id"],
-            p["amount"],
-            p["currency"],
-            p["name"],
-            p["processor"],
-            _text(p.get("lead_name")),
-            lead["event_id"] if lead else None,
-            lead["click_id"] if lead else None,
-            lead["link_id"] if lead else None,
-            lead["affiliate_id"] if lead else None,
-            lead["program_id"] if lead else None,
-            None if lead else UNATTRIBUTED,
-            self.envelope.dialect,
-            self.at,
-            p.get("metadata"),
-        )
-
-    def notice(self) -> WebhookEvent:
-        """``sale.created``: the sale as stored; its link as attributed then (null: none yet)."""
-        e, lead, p = self.envelope, self.lead, self.envelope.payload
-        link = (
-            {
-                "id": str(lead["link_id"]),
-                "program_id": _str(lead["program_id"]),
-                "affiliate_id": _str(lead["affiliate_id"]),
-            }
-            if lead
-            else None
-        )
-        data = {
-            "event_id": str(e.event_id),
-            "received_at": self.at.isoformat(),
-            "invoice_id": _text(p.get("invoice")),
-            "customer": {"external_id": p["external_id"]},
-            "amount": p["amount"],
-            "currency": p["currency"],
-            "event_name": p["name"],
-            "payment_processor": p["processor"],
-            "link": link,
-            "lead_event_id": _str(lead["event_id"]) if lead else None,
-        }
-        return WebhookEvent(e.workspace_id or "", "sale.created", e.event_id, "", data)
-
-
-def _str(v: object) -> str | None:
-    return None if v is None else str(v)
-
-
-def _text(v: object) -> str | None:
-    return v if isinstance(v, str) else None
 
 
 @dataclass(slots=True, eq=False)
@@ -373,7 +299,7 @@ def _attributed_late(st: _Settling, r: asyncpg.Record) -> None:
 async def _insert_new(st: _Settling, sales: list[Envelope]) -> None:
     """The batch's sales (by event id): each one's lead found (``_LEADS``), the rows
     inserted (``_INSERT``), what the new ones move, and the invoices another sale held."""
-    rows = [_Row(e, ts(e.received_at_ms)) for e in sorted(sales, key=lambda e: e.event_id)]
+    rows = [SaleRow(e, ts(e.received_at_ms)) for e in sorted(sales, key=lambda e: e.event_id)]
     for r in await st.conn.fetch(
         _LEADS,
         jsonrows.doc(
@@ -383,7 +309,7 @@ async def _insert_new(st: _Settling, sales: list[Envelope]) -> None:
                     row.envelope.workspace_id,
                     row.envelope.payload["external_id"],
                     row.at,
-                    _text(row.envelope.payload.get("lead_name")),
+                    as_text(row.envelope.payload.get("lead_name")),
                 )
                 for i, row in enumerate(rows)
             ]
@@ -400,7 +326,7 @@ async def _insert_new(st: _Settling, sales: list[Envelope]) -> None:
         st.out.drops += await _invoices_held(st.conn, missed)
 
 
-def _inserted(st: _Settling, row: _Row) -> None:
+def _inserted(st: _Settling, row: SaleRow) -> None:
     """What one new sale moves: its stats, its drop when unattributed (or else a sale that
     may earn), its ``sale.created``."""
     e, ws = row.envelope, row.envelope.workspace_id or ""
@@ -428,7 +354,7 @@ def _inserted(st: _Settling, row: _Row) -> None:
     st.out.notices.append(row.notice())
 
 
-async def _invoices_held(conn: asyncpg.Connection, missed: list[_Row]) -> list[NoRow]:
+async def _invoices_held(conn: asyncpg.Connection, missed: list[SaleRow]) -> list[NoRow]:
     """Of the sales with an invoice that inserted nothing, those whose invoice another sale
     holds: ``duplicate`` drops (a copy of the sale itself is none)."""
     held = await conn.fetch(
@@ -454,7 +380,7 @@ async def _move_stats(st: _Settling) -> None:
     )
     if moved:
         await st.conn.execute(
-            _STATS,
+            STATS,
             jsonrows.doc([(*k, st.stats[k], st.amounts[k], st.refunded[k], st.refund_amounts[k]) for k in moved]),
         )
 
@@ -462,106 +388,3 @@ async def _move_stats(st: _Settling) -> None:
 def _click(s: Stored) -> UUID | None:
     click_id = s.envelope.payload.get("click_id")
     return clicks.parse(click_id) if isinstance(click_id, str) else None
-
-
-# ``refstream reconcile``: sale_stats recounted from the rows, per link (the nil uuid: the
-# unattributed), UTC day and currency. $1 link ids, $2/$3 the window's days [from, to),
-# $4/$5 the same as timestamps, $6 whether the chunk holds the nil link. One statement, so
-# the stored sums and the rows are read in one snapshot.
-_DRIFT = """
-SELECT coalesce(s.workspace_id, r.workspace_id) AS workspace_id, coalesce(s.link_id, r.link_id) AS link_id,
-       coalesce(s.day, r.day) AS day, coalesce(s.currency, r.currency) AS currency,
-       coalesce(s.sales, 0) AS stored_sales, coalesce(s.amount, 0) AS stored_amount,
-       coalesce(s.refunds, 0) AS stored_refunds, coalesce(s.refunded, 0) AS stored_refunded,
-       coalesce(r.sales, 0) AS sales, coalesce(r.amount, 0) AS amount,
-       coalesce(r.refunds, 0) AS refunds, coalesce(r.refunded, 0) AS refunded
-FROM (SELECT * FROM sale_stats WHERE link_id = ANY($1::uuid[]) AND day >= $2 AND day < $3) s
-FULL JOIN (
-    SELECT x.workspace_id, coalesce(x.link_id, '00000000-0000-0000-0000-000000000000'::uuid) AS link_id,
-           (x.received_at AT TIME ZONE 'UTC')::date AS day, x.currency, count(*)::bigint AS sales,
-           sum(x.amount)::bigint AS amount, sum(f.n)::bigint AS refunds, sum(f.total)::bigint AS refunded
-    FROM sales x
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS n, coalesce(sum(amount), 0) AS total FROM refunds WHERE sale_id = x.event_id
-    ) f
-    WHERE (x.link_id = ANY($1::uuid[]) OR ($6 AND x.link_id IS NULL)) AND x.received_at >= $4 AND x.received_at < $5
-    GROUP BY 1, 2, 3, 4
-) r USING (workspace_id, link_id, day, currency)
-WHERE (coalesce(s.sales, 0), coalesce(s.amount, 0), coalesce(s.refunds, 0), coalesce(s.refunded, 0))
-   <> (coalesce(r.sales, 0), coalesce(r.amount, 0), coalesce(r.refunds, 0), coalesce(r.refunded, 0))
-ORDER BY 2, 3, 4, 1
-"""
-
-
-async def drift(
-    conn: asyncpg.Connection, ids: list[UUID], edges: tuple[datetime, datetime], days: tuple[date, date]
-) -> list[asyncpg.Record]:
-    """Each (link, day, currency) of the links ``ids`` in the window whose stored sums differ
-    from the rows: the stored and the recounted sales and amounts."""
-    return list(await conn.fetch(_DRIFT, ids, *days, *edges, NO_LINK in ids))
-
-
-async def repair(conn: asyncpg.Connection, found: list[asyncpg.Record]) -> None:
-    """Add each difference ``drift`` found (not set the sum: batches that committed since
-    moved their own counts on top, and a difference read in one snapshot stays right)."""
-    if found:
-        await conn.execute(
-            _STATS,
-            jsonrows.doc(
-                [
-                    (
-                        r["workspace_id"],
-                        r["link_id"],
-                        r["day"],
-                        r["currency"],
-                        r["sales"] - r["stored_sales"],
-                        r["amount"] - r["stored_amount"],
-                        r["refunds"] - r["stored_refunds"],
-                        r["refunded"] - r["stored_refunded"],
-                    )
-                    for r in sorted(
-                        found, key=lambda r: (str(r["workspace_id"]), str(r["link_id"]), r["day"], r["currency"])
-                    )
-                ]
-            ),
-        )
-
-
-# ``refstream reconcile``: each sale's refund totals (``refunds``, ``refunded``: the running
-# totals a refund's 409 reads) recounted from its ``refunds`` rows; the chunk's sales as
-# ``_DRIFT`` takes them ($1 link ids, $2/$3 the window's edges, $4 whether the chunk holds
-# the nil link). One statement: the totals and the rows read in one snapshot, as a refund's
-# transaction moves them together.
-_RECOUNT = "SELECT count(*)::int AS refunds, coalesce(sum(amount), 0)::bigint AS refunded FROM refunds WHERE sale_id = "
-_REFUNDS_DRIFT = f"""
-SELECT s.event_id, s.link_id, (s.received_at AT TIME ZONE 'UTC')::date AS day, s.amount,
-       s.refunds AS stored_refunds, s.refunded AS stored_refunded, r.refunds, r.refunded
-FROM sales s CROSS JOIN LATERAL ({_RECOUNT} s.event_id) r
-WHERE (s.link_id = ANY($1::uuid[]) OR ($4 AND s.link_id IS NULL)) AND s.received_at >= $2 AND s.received_at < $3
-  AND (s.refunds, s.refunded) <> (r.refunds, r.refunded)
-ORDER BY s.event_id
-"""
-# the repair: the sales' rows locked first, in a statement of their own, so the recount's
-# snapshot (the next statement's) holds every refund committed before the lock, and none
-# can be under way (a refund moves the totals under the same row lock); never past the
-# sale's amount (its CHECK): such refunds rows are reported, not repaired
-_LOCK_SALES = "SELECT 1 FROM sales WHERE event_id = ANY($1::uuid[]) ORDER BY event_id FOR UPDATE"
-_SET_REFUNDS = f"""
-UPDATE sales s SET refunds = r.refunds, refunded = r.refunded
-FROM unnest($1::uuid[]) AS x(event_id) CROSS JOIN LATERAL ({_RECOUNT} x.event_id) r
-WHERE s.event_id = x.event_id AND r.refunded <= s.amount AND (s.refunds, s.refunded) <> (r.refunds, r.refunded)
-"""
-
-
-async def refund_drift(
-    conn: asyncpg.Connection, ids: list[UUID], edges: tuple[datetime, datetime], *, fix: bool
-) -> list[asyncpg.Record]:
-    """Each sale of the links ``ids`` received in the window whose refund totals differ from
-    its refunds rows: the stored and the recounted ``refunds`` and ``refunded``. With ``fix``,
-    set from the rows (before ``sale_stats`` is repaired: the lock order a refund keeps)."""
-    found = list(await conn.fetch(_REFUNDS_DRIFT, ids, *edges, NO_LINK in ids))
-    if fix and found:
-        sale_ids = [r["event_id"] for r in found]
-        await conn.execute(_LOCK_SALES, sale_ids)
-        await conn.execute(_SET_REFUNDS, sale_ids)
-    return found
