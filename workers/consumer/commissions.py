@@ -37,7 +37,6 @@ one batch at a time; writes ``commissions`` in (kind, source) order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -52,6 +51,7 @@ from ingest.contract.events import EventType
 from ingest.ledger import refunds
 from ingest.ledger.outbox import WebhookEvent
 from ingest.ledger.refunds import commission_notice
+from workers.consumer.commission_history import first_lead, first_sale, months_past, row
 from workers.consumer.stored import Stored
 
 _RULES = f"SELECT id, commission FROM programs WHERE id = {plans.any_of(1, 'uuid')}"  # ingest.contract.plans
@@ -78,61 +78,12 @@ ON CONFLICT (kind, source_id) DO NOTHING
 RETURNING id, workspace_id, program_id, affiliate_id, link_id, kind, source_id, customer_external_id, amount,
           currency, earned_at
 """
-# a first_sale customer's attributed sales of more than nothing in the program, oldest first
-# (a free trial's sale of 0 is no first purchase), and whether first_sale granted one a
-# commission that still stands
-_FIRSTS = """
-SELECT s.event_id, s.received_at, s.amount, s.currency, s.link_id, s.affiliate_id, s.dialect,
-       EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'sale' AND c.rule = 'first_sale'
-                                             AND c.source_id = s.event_id)
-       AND NOT EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'reversal' AND c.source_id = s.event_id) AS earning,
-       (SELECT sum(c.amount) FROM commissions c
-        WHERE (c.kind = 'sale' AND c.source_id = s.event_id) OR (c.kind = 'clawback' AND c.sale_id = s.event_id))
-           AS earned,  -- what still stands of it: its refunds' clawbacks took the rest
-       (SELECT c.currency FROM commissions c WHERE c.kind = 'sale' AND c.source_id = s.event_id)
-           AS earned_currency  -- the commission's own: what a reversal takes back is in it
-FROM sales s
-WHERE s.workspace_id = $1 AND s.customer_external_id = $2 AND s.program_id = $3 AND s.unattributed IS NULL
-  AND s.amount > 0
-ORDER BY s.received_at, s.event_id
-"""
-# a customer's counted leads in a program, oldest first, and what each one's lead commission
-# still stands at (None: it has none, or it was taken back)
-_LEADS_OF = """
-SELECT e.event_id, e.received_at, e.name, e.dialect, e.link_id, e.affiliate_id,
-       (SELECT sum(c.amount) FROM commissions c WHERE c.source_id = e.event_id AND c.kind IN ('lead', 'reversal')
-        HAVING bool_and(c.kind = 'lead')) AS earning,
-       (SELECT c.currency FROM commissions c WHERE c.source_id = e.event_id AND c.kind = 'lead')
-           AS earned_currency  -- the lead commission's own, whatever lead_currency says today
-FROM customer_leads e
-WHERE e.workspace_id = $1 AND e.customer_external_id = $2 AND e.program_id = $3 AND e.affiliate_id IS NOT NULL
-ORDER BY e.received_at, e.event_id
-"""
 # the customers' first counted lead in each program (``months`` counts from it)
 _FIRST_LEADS = f"""
 SELECT x.i, (SELECT min(e.received_at) FROM customer_leads e
              WHERE e.workspace_id = x.workspace_id AND e.customer_external_id = x.customer
                AND e.program_id = x.program_id AND e.affiliate_id IS NOT NULL) AS first_at
 FROM {jsonrows.table(("int", "uuid", "text", "uuid"), "x(i, workspace_id, customer, program_id)")}
-"""
-# a months customer's sales that months made earn, not taken back, received past the span
-# ($4 days) from the customer's first counted lead in the program; what each still stands at
-_MONTHS_PAST = """
-WITH first AS (
-    SELECT min(e.received_at) AS at FROM customer_leads e
-    WHERE e.workspace_id = $1 AND e.customer_external_id = $2 AND e.program_id = $3 AND e.affiliate_id IS NOT NULL
-)
-SELECT s.event_id, s.received_at, s.currency, s.link_id, s.affiliate_id,
-       (SELECT sum(c.amount) FROM commissions c
-        WHERE (c.kind = 'sale' AND c.source_id = s.event_id) OR (c.kind = 'clawback' AND c.sale_id = s.event_id))
-           AS earned,
-       (SELECT c.currency FROM commissions c WHERE c.kind = 'sale' AND c.source_id = s.event_id) AS earned_currency
-FROM sales s, first
-WHERE s.workspace_id = $1 AND s.customer_external_id = $2 AND s.program_id = $3 AND s.unattributed IS NULL
-  AND s.received_at - first.at > make_interval(days => $4)
-  AND EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'sale' AND c.rule = 'months' AND c.source_id = s.event_id)
-  AND NOT EXISTS (SELECT 1 FROM commissions c WHERE c.kind = 'reversal' AND c.source_id = s.event_id)
-ORDER BY s.event_id
 """
 APPROVE = "UPDATE commissions SET status = 'approved' WHERE status = 'pending' AND approve_after <= now()"
 
@@ -151,24 +102,6 @@ class Sold:
     currency: str
     at: datetime
     dialect: str
-
-
-def _row(
-    ws: str,
-    program: Any,
-    affiliate: Any,
-    link: Any,
-    kind: str,
-    source: UUID,
-    customer: str | None,
-    amount: int,
-    currency: str,
-    at: datetime,
-    rules: Rules,
-    rule: str | None = None,
-) -> tuple[Any, ...]:
-    rule = rule or ("lead" if kind == "lead" else rules.duration)
-    return (ws, program, affiliate, link, kind, source, customer, amount, currency, at, rules.approve_after(at), rule)
 
 
 @dataclass(slots=True, eq=False)
@@ -223,7 +156,7 @@ async def settle(
 
 def _plan_lead(e: _Earning, lead: Stored) -> None:
     """What a counted lead earns: its flat amount now where it names no customer; else its
-    customer's group looked up (``_first_lead``), and a months program's timing too."""
+    customer's group looked up (``commission_history.first_lead``), and a months program's timing too."""
     r = e.rules_of(lead.link.program_id)
     group, customer = r.lead_group(lead.text("name")), lead.text("external_id")
     if r.duration == "months" and customer is not None:
@@ -234,7 +167,7 @@ def _plan_lead(e: _Earning, lead: Stored) -> None:
         if r.lead_flat > 0 and e.earns(lead.envelope.dialect):
             link = lead.link
             e.rows.append(
-                _row(
+                row(
                     link.workspace_id,
                     link.program_id,
                     link.affiliate_id,
@@ -257,7 +190,7 @@ def _plan_lead(e: _Earning, lead: Stored) -> None:
 
 
 def _plan_sale(e: _Earning, sale: Sold) -> None:
-    """A first_sale program's customer looked up (``_first_sale``); any other sale that
+    """A first_sale program's customer looked up (``commission_history.first_sale``); any other sale that
     earns something, by its span (``_earn_months``)."""
     r = e.rules_of(sale.program_id)
     if r.duration == "first_sale":
@@ -273,7 +206,7 @@ async def _earn_months(e: _Earning) -> None:
     for sale, r in e.months:
         if r.within(sale.at, first_lead.get(sale.event_id)):
             e.rows.append(
-                _row(
+                row(
                     sale.workspace_id,
                     sale.program_id,
                     sale.affiliate_id,
@@ -294,11 +227,11 @@ async def _earn_firsts(e: _Earning, new: set[UUID], batch: set[UUID]) -> None:
     lead of each group (``batch``: the batch's leads), a months program's sales past the
     span of a first lead that is new."""
     for (ws, customer, program), r in sorted(e.firsts.items()):
-        e.rows += await _first_sale(e.conn, ws, customer, program, r, new, e.earns)
+        e.rows += await first_sale(e.conn, ws, customer, program, r, new, e.earns)
     for (ws, customer, program, group), r in sorted(e.groups.items()):
-        e.rows += await _first_lead(e.conn, ws, customer, program, group, r, batch, e.earns)
+        e.rows += await first_lead(e.conn, ws, customer, program, group, r, batch, e.earns)
     for (ws, customer, program), r in sorted(e.timed.items()):
-        e.rows += await _months_past(e.conn, ws, customer, program, r)
+        e.rows += await months_past(e.conn, ws, customer, program, r)
 
 
 async def _write(e: _Earning) -> list[WebhookEvent]:
@@ -321,137 +254,3 @@ async def _first_leads(conn: asyncpg.Connection, sold: list[Sold]) -> dict[UUID,
         _FIRST_LEADS, jsonrows.doc([(i, s.workspace_id, s.customer, s.program_id) for i, s in enumerate(sold)])
     )
     return {sold[r["i"]].event_id: r["first_at"] for r in found if r["first_at"] is not None}
-
-
-async def _first_lead(
-    conn: asyncpg.Connection,
-    ws: str,
-    customer: str,
-    program: str,
-    group: str,
-    r: Rules,
-    batch: set[UUID],
-    earns: Callable[[str], bool],
-) -> list[tuple[Any, ...]]:
-    """The customer's first counted lead of the group earns ``lead_flat``, when it is one
-    this batch counts; any later one of the group that had earned is taken back, in the
-    currency it earned in (rules may have changed since: never today's ``lead_currency``)."""
-    leads = await conn.fetch(_LEADS_OF, UUID(ws), customer, UUID(program))
-    found = [x for x in leads if r.lead_group(x["name"]) == group]
-    if not found:
-        return []
-    first, out = found[0], []
-    if first["event_id"] in batch and first["earning"] is None and r.lead_flat > 0 and earns(first["dialect"]):
-        out.append(
-            _row(
-                ws,
-                program,
-                first["affiliate_id"],
-                first["link_id"],
-                "lead",
-                first["event_id"],
-                customer,
-                r.lead_flat,
-                r.lead_currency,
-                first["received_at"],
-                r,
-            )
-        )
-    for later in found[1:]:
-        if later["earning"]:
-            out.append(
-                _row(
-                    ws,
-                    program,
-                    later["affiliate_id"],
-                    later["link_id"],
-                    "reversal",
-                    later["event_id"],
-                    customer,
-                    -later["earning"],
-                    later["earned_currency"],  # the lead commission's, not today's lead_currency
-                    later["received_at"],
-                    r,
-                    "lead",
-                )
-            )
-    return out
-
-
-async def _months_past(
-    conn: asyncpg.Connection, ws: str, customer: str, program: str, r: Rules
-) -> list[tuple[Any, ...]]:
-    """A lead stored after the customer's sales that is older than the lead they were timed
-    from moves ``months``' start earlier: a sale ``months`` made earn that is now past the
-    span is taken back (what it still stands at). What other rules granted stands."""
-    found = await conn.fetch(_MONTHS_PAST, UUID(ws), customer, UUID(program), 30 * r.duration_months)
-    return [
-        _row(
-            ws,
-            program,
-            x["affiliate_id"],
-            x["link_id"],
-            "reversal",
-            x["event_id"],
-            customer,
-            -x["earned"],
-            x["earned_currency"] or x["currency"],
-            x["received_at"],
-            r,
-        )
-        for x in found
-        if x["earned"]
-    ]
-
-
-async def _first_sale(
-    conn: asyncpg.Connection,
-    ws: str,
-    customer: str,
-    program: str,
-    r: Rules,
-    new: set[UUID],
-    earns: Callable[[str], bool],
-) -> list[tuple[Any, ...]]:
-    """The customer's first attributed sale earns, when it is one this batch stores or
-    attributes (a sale stored before these rules earns nothing after the fact); any later
-    one that first_sale made earn is taken back (what other rules granted stands)."""
-    found = await conn.fetch(_FIRSTS, UUID(ws), customer, UUID(program))
-    if not found:
-        return []
-    first, out = found[0], []
-    earned = r.for_sale(first["amount"], first["currency"])
-    if first["event_id"] in new and not first["earning"] and earned > 0 and earns(first["dialect"]):
-        out.append(
-            _row(
-                ws,
-                program,
-                first["affiliate_id"],
-                first["link_id"],
-                "sale",
-                first["event_id"],
-                customer,
-                earned,
-                first["currency"],
-                first["received_at"],
-                r,
-            )
-        )
-    for later in found[1:]:
-        if later["earning"]:
-            out.append(
-                _row(
-                    ws,
-                    program,
-                    later["affiliate_id"],
-                    later["link_id"],
-                    "reversal",
-                    later["event_id"],
-                    customer,
-                    -(later["earned"] or 0),
-                    later["earned_currency"] or later["currency"],
-                    later["received_at"],
-                    r,
-                )
-            )
-    return out
