@@ -33,17 +33,18 @@ import structlog
 from arq.connections import ArqRedis
 from asyncpg import PostgresError
 
-from ingest.contract import bounds, clock, erasure, erasure_index, wire
+from ingest.contract import bounds, erasure, erasure_index, wire
 from ingest.contract.bounds import BoundsError
 from ingest.contract.connections import Command, Redis
 from ingest.contract.events import Envelope
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.logs import error_fields
 from ingest.contract.settings import Settings
-from ingest.contract.wire import FIELD, EnvelopeError, entry_of
+from ingest.contract.wire import EnvelopeError
 from ingest.privacy import erasure_copy
-from workers.consumer import store, webhooks
+from workers.consumer import dead_letters, store, webhooks
 from workers.consumer.combine import Combiner
+from workers.consumer.dead_letters import Dead
 from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics
 from workers.group.errors import BatchOutage, postgres_outage, redis_outage
@@ -63,18 +64,6 @@ class Totals:
     inserted: int = 0
     duplicates: int = 0
     dead: int = 0
-
-
-@dataclass(slots=True)
-class Dead:
-    """An entry set aside: its fields as read from the stream, never written again from a
-    decoded envelope (a document orjson parsed may be one it cannot write: the letter must
-    never fail for what the entry holds)."""
-
-    entry_id: bytes
-    error: str
-    fields: dict[bytes, bytes]
-    attempts: int = 1
 
 
 @dataclass(slots=True)
@@ -160,7 +149,7 @@ class Pipeline:
             batch.dead.extend(batch.letter(e, f"store: {type(x).__name__}: {x}") for e, x in failed)
             batch.result = result
         if batch.dead and not batch.dead_lettered:
-            await self._redis(self._dead_letter(batch.stream, batch.dead))
+            await self._redis(dead_letters.write(self.redis, self.keys, batch.stream, batch.dead))
             batch.dead_lettered = True
         await self._redis(self._ack(batch))
         self._done(batch, batch.result)
@@ -340,36 +329,6 @@ class Pipeline:
                 if pool is not None:
                     await pool.disconnect()
             raise BatchOutage(reason, exc) from exc
-
-    async def _dead_letter(self, stream: str, dead: list[Dead]) -> None:
-        """One XADD per letter, of bytes only: nothing in it is encoded from what the entry
-        decoded to, so no entry can make its own letter fail (a letter that could not be
-        written would stop its partition)."""
-        pipe = self.redis.pipeline(transaction=False)
-        now = clock.now_ms()
-        for d in dead:
-            fields: dict[Any, Any] = {
-                "stream": stream,
-                "id": d.entry_id,
-                # an exception's text may quote the entry (lone surrogates included): as bytes
-                "error": d.error[:1000].encode("utf-8", "backslashreplace"),
-                "deliveries": d.attempts,
-                "at": now,
-            }
-            # the envelope's own fields verbatim (version 1's ``e``, version 2's, or version 3's ``v``), so the
-            # letter can be decoded and requeued; anything else under ``field:``
-            entry = entry_of(d.fields)
-            if not entry:
-                fields[FIELD] = b""  # no envelope at all: the letter still has the field
-            fields.update(entry)
-            for k, v in [(k, v) for k, v in d.fields.items() if k not in entry][:16]:
-                fields[b"field:" + k[:64]] = v[:4096]
-            pipe.xadd(self.keys.dead, fields)
-        await pipe.execute()
-        # the dead letters hold each error in full; the line says only where each failed
-        # (decode, store, ...): an error's text may quote a person's id or address
-        kinds = sorted({d.error.split(":", 1)[0][:80] for d in dead})[:5]
-        log.warning("dead_letter", stream=stream, count=len(dead), errors=kinds)
 
     async def _ack(self, batch: Batch) -> None:
         pipe = self.redis.pipeline(transaction=False)
