@@ -28,8 +28,9 @@ Outages are waited out, never counted against the entries:
 - On SIGTERM a part that an outage holds is handed back: marked idle for long, so the next
   reclaim by any member takes it at once.
 
-``member.py`` is the loop, ``claims.py`` the claims (reclaim, refresh, hand-back), ``part.py``
-what a user supplies (``Part``, ``Chore``).
+``member.py`` is the loop, ``joining.py`` the group made, waited for and left, ``reads.py``
+the reads (and their WAIT), ``housekeeping.py`` the timers, ``claims.py`` the claims (reclaim,
+refresh, hand-back), ``part.py`` what a user supplies (``Part``, ``Chore``).
 """
 
 from workers.group.claims import CHUNK, HAND_BACK_IDLE_MS, id_after, text

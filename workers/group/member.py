@@ -8,31 +8,26 @@ reader until it is retired (deleted when empty), when the reader ends."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import structlog
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from ingest.contract import layout
 from ingest.contract.connections import Redis, cancelled_meanwhile
-from ingest.contract.errors import Unreplicated
 from ingest.contract.keys import Keys, parse_id
 from ingest.contract.settings import Settings
-from workers.group import presence, stopping
+from workers.group import housekeeping, joining, stopping
 from workers.group.claims import Claims, text
 from workers.group.errors import BatchOutage, redis_outage
 from workers.group.gate import Backoff, Gate
+from workers.group.joining import LEAVE_WITHIN_S
 from workers.group.part import Chore, Entry, Part
-from workers.group.primaries import Primaries
+from workers.group.reads import Reads
 
 log = structlog.get_logger("workers.group")
-
-LEAVE_WITHIN_S = 5.0  # a stop's hand-back, and its goodbye (state forgotten, empty member deleted): best effort
 
 
 class Member:
@@ -91,10 +86,7 @@ class Member:
         self._stopped = asyncio.Event()  # set by stop(): the readers' wait starts counting the bound
         self._stop_by: float | None = None  # the loop's time by which the readers must have ended
         self._handed_back = 0  # entries handed back at the stop (an outage, or the bound passed)
-        self._replicas = settings.ack_replicas
-        # on a Redis Cluster at replicas:N: the read and its WAIT on one connection to the
-        # primary of the stream's slot (``_read_waited``)
-        self._primaries: Primaries | None = None
+        self._reads = Reads(redis, group, name, settings.ack_replicas, settings.ack_wait_ms)
         self._publish_now = asyncio.Event()
 
     # -- the group ----------------------------------------------------------------------
@@ -104,63 +96,16 @@ class Member:
         ``_ensure``; a partition retired meanwhile is skipped)."""
         for p in range((await self.watch.read()).span):
             try:
-                await self._ensure(self.keys.stream(p))
+                await joining.ensure(self.redis, self.keys, self.group, self.keys.stream(p))
             except layout.Retired:
                 continue
-
-    async def _ensure(self, stream: str) -> None:
-        """Create the group on ``stream`` from id 0. A full or read-only Redis refuses the
-        creation even when the group exists: then it is enough that it exists. ``Retired``
-        when the partition was retired: its stream is never made again."""
-        p = Keys.partition_of(stream)
-        try:
-            if p is None:
-                await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
-            else:
-                await layout.ensure(self.redis, self.keys, p, (self.group,))
-        except layout.Retired:
-            raise
-        except ResponseError as exc:
-            if "BUSYGROUP" in str(exc):
-                return
-            if redis_outage(exc) in ("redis_oom", "redis_readonly") and await self._group_exists(stream):
-                return
-            raise
-
-    async def _group_exists(self, stream: str) -> bool:
-        try:
-            groups = await self.redis.xinfo_groups(stream)
-        except ResponseError:
-            return False  # no such key
-        return any(text(g["name"]) == self.group for g in groups)
 
     async def _join(self, p: int, stream: str) -> bool:
-        """The group on partition ``p``, waited for through outages (the partition shown as
-        blocked meanwhile); False when stopped first."""
-        backoff, waiting = Backoff(first=0.5, cap=5.0), None
-        while True:
-            try:
-                await self._ensure(stream)
-            except layout.Retired:
-                return False
-            except Exception as exc:
-                if (reason := redis_outage(exc)) is None:
-                    raise
-                cancelled_meanwhile()
-                if reason != waiting:  # one line per state, not per retry
-                    log.warning("group.waiting", group=self.group, stream=stream, reason=reason, error=repr(exc))
-                    waiting = reason
-                    self.gate.block(p, reason)
-                if self._stopping:
-                    self.gate.clear(p)
-                    return False
-                await backoff.sleep()
-                continue
-            if waiting is not None:
-                log.info("group.ready", group=self.group, stream=stream)
-                self.gate.clear(p)
-            self._joined[p] = True
-            return True
+        """The group on partition ``p`` (``joining.join``); False when stopped first."""
+        if not await joining.join(self.redis, self.keys, self.group, self.gate, p, stream, lambda: self._stopping):
+            return False
+        self._joined[p] = True
+        return True
 
     # -- running ------------------------------------------------------------------------
 
@@ -194,8 +139,7 @@ class Member:
             # a cancel alone may not end these (see workers/group/stopping.py): bounded
             await self.watch.close()
             await stopping.end(background, f"{self.role} housekeeping")
-            if self._primaries is not None:
-                await self._primaries.aclose()
+            await self._reads.aclose()
         await self._leave()
         log.info(
             f"{self.role}.stop", consumer=self.name, handed_back=self._handed_back, cut_short=cut_short, **self.totals()
@@ -301,7 +245,7 @@ class Member:
                     if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                         raise
                     # the stream was deleted under us: from id 0 again, or retired: the end
-                    await self._ensure(stream)
+                    await joining.ensure(self.redis, self.keys, self.group, stream)
                     self._backlog[p], self._cursor[p] = True, "0"
                     continue
             except layout.Retired:
@@ -352,50 +296,11 @@ class Member:
 
     # -- reading ------------------------------------------------------------------------
 
-    async def _xreadgroup(self, streams: dict[Any, Any], count: int, block: int | None = None) -> Any:
-        """XREADGROUP; at ``REFSTREAM_ACK_DURABILITY=replicas:N``, followed on the same
-        connection by a WAIT for N replicas, so that what this member acts on (stores,
-        archives) is where a failover cannot lose it. The read is itself a write (it moves
-        the group's pending list), replicated after the entries it delivers: once N replicas
-        have it, they have those entries. Short of N, ``Unreplicated`` (an outage): the
-        entries stay pending here and are read again, and waited for, from the backlog; a
-        failover meanwhile loses them with the primary, and Postgres never saw them."""
-        if not self._replicas:
-            return await self.redis.xreadgroup(self.group, self.name, streams, count=count, block=block)
-        if isinstance(self.redis, RedisCluster):
-            reply, acked = await self._read_waited(streams, count, block)
-        else:
-            pipe: Any = self.redis.pipeline(transaction=False)
-            pipe.xreadgroup(self.group, self.name, streams, count=count, block=block)
-            pipe.execute_command("WAIT", self._replicas, self.settings.ack_wait_ms)
-            reply, acked = await pipe.execute(raise_on_error=False)
-        if isinstance(reply, Exception):
-            raise reply
-        if isinstance(acked, Exception):
-            raise acked
-        if reply and int(acked) < self._replicas:
-            raise Unreplicated(f"{acked} of {self._replicas} replicas have the entries read")
-        return reply
-
-    async def _read_waited(self, streams: dict[Any, Any], count: int, block: int | None) -> tuple[Any, Any]:
-        """On a Redis Cluster: (the XREADGROUP's reply, the WAIT's), on one connection to
-        the primary that serves the stream's slot (``Primaries``)."""
-        if self._primaries is None:
-            self._primaries = Primaries(self.redis)
-        (stream,) = streams
-
-        def read(pipe: Any) -> None:
-            pipe.xreadgroup(self.group, self.name, streams, count=count, block=block)
-            pipe.execute_command("WAIT", self._replicas, self.settings.ack_wait_ms)
-
-        reply, acked = await self._primaries.send(stream, read)
-        return reply, acked
-
     async def _read(self, p: int, stream: str, part: Part, count: int) -> tuple[list[Entry], bool]:
         """(entries, read again): this member's own pending entries first, then new ones."""
         if self._backlog[p]:
             count = await part.backlog_count(self._cursor[p], count)
-            reply = await self._xreadgroup({stream: self._cursor[p]}, count)
+            reply = await self._reads.xreadgroup({stream: self._cursor[p]}, count)
             entries: list[Entry] = reply[0][1] if reply else []
             if not entries:
                 self._backlog[p], self._cursor[p] = False, "0"
@@ -408,7 +313,7 @@ class Member:
             # on the member's tick, the same for all its partitions: their reads come back
             # together and go in one transaction (the combiner's gather)
             await asyncio.sleep(self.interval_s - asyncio.get_running_loop().time() % self.interval_s)
-        reply = await self._xreadgroup({stream: ">"}, count, block)
+        reply = await self._reads.xreadgroup({stream: ">"}, count, block)
         entries = reply[0][1] if reply else []
         self._paced[p] = 0 < len(entries) < count  # a full read (a drain, a backlog) is followed at once
         if (
@@ -419,7 +324,7 @@ class Member:
             and self.lingers()
         ):
             await asyncio.sleep(self.linger[1])
-            more = await self._xreadgroup({stream: ">"}, count - len(entries))
+            more = await self._reads.xreadgroup({stream: ">"}, count - len(entries))
             entries += more[0][1] if more else []
         return entries, False
 
@@ -471,43 +376,22 @@ class Member:
 
     # -- housekeeping -------------------------------------------------------------------
 
-    async def _housekeeping(self) -> None:
+    def _housekeeping(self) -> Coroutine[Any, Any, None]:
         """Reclaim, the user's chores and the state on their own timers, each failure logged
         and survived; the state also at once on a change. Reclaiming waits while Postgres is
         out (nothing could be processed) and once stopping (it would take back what was just
         handed back)."""
         chores = [Chore("reclaim", self.settings.reclaim_every_s, self.reclaim, needs_postgres=True), *self.chores]
-        due = [0.0] * len(chores)
-        next_state = 0.0
-        while True:
-            for i, chore in enumerate(chores):
-                # the stop's cancel, lost in a Redis call, would leave this loop running for
-                # ever and the stop waiting on it (workers/group/stopping.py)
-                cancelled_meanwhile()
-                now = time.monotonic()
-                if now < due[i]:
-                    continue
-                if (chore.needs_postgres and self.gate.closed) or (chore.name == "reclaim" and self._stopping):
-                    due[i] = now + min(1.0, chore.every_s)
-                    continue
-                due[i] = now + chore.every_s
-                await self._safely(chore.name, chore.step())
-            now = time.monotonic()
-            if now >= next_state or self._publish_now.is_set():
-                self._publish_now.clear()
-                next_state = now + presence.EVERY_S
-                await self._safely("state", presence.publish(self.redis, self.keys, self.presence_name, self.state()))
-                cancelled_meanwhile()
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel (see layout.Watch)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.05, min([*due, next_state]) - time.monotonic())):
-                    await self._publish_now.wait()
-
-    async def _safely(self, what: str, step: Awaitable[Any]) -> None:
-        try:
-            await step
-        except Exception as exc:
-            log.warning("housekeeping.failed", task=what, error=repr(exc))
+        return housekeeping.run(
+            self.redis,
+            self.keys,
+            self.presence_name,
+            chores,
+            self.gate,
+            self._publish_now,
+            self.state,
+            lambda: self._stopping,
+        )
 
     def state(self) -> dict[str, Any]:
         """What ``refstream status`` shows in its workers table under ``presence_name``."""
@@ -526,19 +410,6 @@ class Member:
         self._publish_now.set()
 
     async def _leave(self) -> None:
-        """A clean stop: remove this member's state, and it from the group where it holds
-        nothing (names are per process: they would pile up)."""
-        try:
-            async with asyncio.timeout(LEAVE_WITHIN_S):
-                await self._forget()
-        except Exception as exc:
-            log.warning(f"{self.role}.leave_failed", error=repr(exc))
-
-    async def _forget(self) -> None:
-        await presence.forget(self.redis, self.keys, self.presence_name)
-        for p in [p for p, joined in self._joined.items() if joined]:
-            stream = self.keys.stream(p)
-            consumers = await self.redis.xinfo_consumers(stream, self.group)
-            mine = next((c for c in consumers if text(c["name"]) == self.name), None)
-            if mine is not None and int(mine["pending"]) == 0:
-                await self.redis.xgroup_delconsumer(stream, self.group, self.name)
+        """A clean stop (``joining.leave``)."""
+        joined = [p for p, joined in self._joined.items() if joined]
+        await joining.leave(self.redis, self.keys, self.group, self.name, self.presence_name, self.role, joined)
