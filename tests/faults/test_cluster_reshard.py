@@ -38,7 +38,7 @@ async def test_partitions_moved_and_a_primary_added_under_load(
     await form(nodes)
     stage: Stage = make_stage(f"redis://127.0.0.1:{nodes[0].port}/0", cluster=True)
     # at replicas:1 the edges' appends and the workers' reads follow a moving slot with their
-    # WAIT on the primary that serves it (MOVED, ASK: ``ClusterLink``, ``Member._read_waited``)
+    # WAIT on the primary that serves it (MOVED, ASK: ``ClusterLink``, ``workers.group.reads.Reads._read_waited``)
     level = {"REFSTREAM_ACK_DURABILITY": durability}
     world = await stage.prepare(workers=2, edge_env=level, REFSTREAM_ACK_DURABILITY=durability)
     async with stage.load(world) as load:
