@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import asyncpg
 import orjson
 import structlog
 from aiohttp import web
@@ -13,7 +14,7 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingest.contract import clock, erasure, heap, links
-from ingest.contract.connections import connect_redis, create_pg_pool, pg_unavailable
+from ingest.contract.connections import Redis, connect_redis, create_pg_pool, pg_unavailable
 from ingest.contract.drops import DropTally
 from ingest.contract.events import unique_token
 from ingest.contract.keys import Keys
@@ -161,25 +162,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = connect_redis(settings)
     metrics = app[METRICS]
-
-    def observe(commands: int, seconds: float) -> None:
-        metrics.redis_batch.observe(commands)
-        metrics.redis_seconds.observe(seconds)
-
     # min_size=0: the edge starts (and /readyz says why it is not ready) while Postgres is down
     pg = await create_pg_pool(settings, min_size=0, max_size=4)
     # the event ids minted here, and so their days, follow Redis's clock when ours is off
     # (Postgres's while Redis is away: what a restarted edge spools is on the right day too)
     following = await clock.start_following(redis, settings.clock_skew_max_s, postgres=pg)
     durability = Durability.of(settings)
-    batcher = RedisBatcher(
-        redis,
-        max_commands=settings.pipeline_max_commands,
-        deadline_s=settings.redis_deadline_ms / 1000,
-        max_queued=settings.redis_max_queued,
-        durability=durability,
-        observe=observe,
-    )
+    batcher = _batcher(settings, redis, metrics, durability)
     keys = Keys(settings.stream_prefix, settings.partitions)
     # the partition count the edge writes, read live (refstream partitions set N)
     watch = Watch(redis, keys, settings.partitions)
@@ -195,7 +184,58 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         ledger=lambda: erasure.held(pg),
     )
     metrics.watch_spool(spool)
-    app[EDGE] = Edge(
+    app[EDGE] = edge = _edge(settings, keys, redis, batcher, pg, spool, metrics, watch, durability)
+    edge.drops.start()
+    edge.suppress.start(pg, settings.suppression_refresh_s)
+    heap.settle_once(EDGE_YOUNG)  # everything startup built is made: out of the collector's sight
+    try:
+        yield
+    finally:
+        await edge.suppress.close()
+        following.cancel()
+        await edge.drops.close()
+        await spool.close()
+        await watch.close()
+        await batcher.close()
+        try:  # a connection never released would hold close() for good: terminated instead
+            async with asyncio.timeout(PG_CLOSE_S):
+                await pg.close()
+        except TimeoutError:
+            log.warning("edge.pg_close_timeout", after_s=PG_CLOSE_S)
+        await redis.aclose()
+
+
+def _batcher(settings: Settings, redis: Redis, metrics: EdgeMetrics, durability: Durability) -> RedisBatcher:
+    """The edge's micro-batcher on ``redis``, its batches' sizes and times in ``metrics``."""
+
+    def observe(commands: int, seconds: float) -> None:
+        metrics.redis_batch.observe(commands)
+        metrics.redis_seconds.observe(seconds)
+
+    return RedisBatcher(
+        redis,
+        max_commands=settings.pipeline_max_commands,
+        deadline_s=settings.redis_deadline_ms / 1000,
+        max_queued=settings.redis_max_queued,
+        durability=durability,
+        observe=observe,
+    )
+
+
+def _edge(
+    settings: Settings,
+    keys: Keys,
+    redis: Redis,
+    batcher: RedisBatcher,
+    pg: asyncpg.Pool,
+    spool: Spool,
+    metrics: EdgeMetrics,
+    watch: Watch,
+    durability: Durability,
+) -> Edge:
+    """The edge's state over what ``_resources`` opened: the key cache, the rate limiters,
+    the drops' tally, the idempotency keys and the scripts the requests run."""
+    return Edge(
         settings=settings,
         keys=keys,
         redis=redis,
@@ -209,7 +249,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         public_limiter=RateLimiter(batcher, "public", limit=settings.public_rate_limit_per_min),
         key_limiter=RateLimiter(batcher, "key", limit=settings.key_rate_limit_per_min),
         track_click_limiter=RateLimiter(batcher, "trackclick", limit=settings.track_click_rate_limit_per_min),
-        drops=(drops := DropTally(batcher, settings.stream_prefix)),
+        drops=DropTally(batcher, settings.stream_prefix),
         idem=Idempotency(
             batcher,
             keys,
@@ -221,24 +261,6 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if settings.redis_cluster or durability.waits
         else batcher.script(lookup.CHECKED_APPEND, keeps_memo=True),
     )
-    drops.start()
-    app[EDGE].suppress.start(pg, settings.suppression_refresh_s)
-    heap.settle_once(EDGE_YOUNG)  # everything startup built is made: out of the collector's sight
-    try:
-        yield
-    finally:
-        await app[EDGE].suppress.close()
-        following.cancel()
-        await drops.close()
-        await spool.close()
-        await watch.close()
-        await batcher.close()
-        try:  # a connection never released would hold close() for good: terminated instead
-            async with asyncio.timeout(PG_CLOSE_S):
-                await pg.close()
-        except TimeoutError:
-            log.warning("edge.pg_close_timeout", after_s=PG_CLOSE_S)
-        await redis.aclose()
 
 
 async def metrics_route(request: web.Request) -> web.Response:
