@@ -13,10 +13,13 @@ expiry needs no message, so it lands at once, not within ``key_cache_s``.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import orjson
@@ -113,6 +116,7 @@ class Authenticator:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._local: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
+        self._asking: dict[bytes, asyncio.Future[Principal | None]] = {}  # a key's question to Postgres, in flight
 
     def cached(self, secret: str) -> tuple[bytes, Principal | None, bool]:
         """(digest, principal, hit). On a miss, ``redis_key(digest)`` is what to GET."""
@@ -135,6 +139,19 @@ class Authenticator:
         self._remember(digest, principal)
         return live(principal)
 
+    async def asked_once(self, digest: bytes, ask: Callable[[], Awaitable[Principal | None]]) -> Principal | None:
+        """``ask`` (Postgres, for a key neither this edge nor Redis holds) once at a time per
+        key: the requests of a burst on a cold key wait for the first one's answer rather than
+        each queueing for a question of its own behind ``fallback``'s few places (where a
+        burst of 48 at once was answered 503 for want of a place within its wait). A caller
+        cancelled leaves the question to the others."""
+        running = self._asking.get(digest)
+        if running is None:
+            running = asyncio.ensure_future(ask())
+            self._asking[digest] = running
+            running.add_done_callback(functools.partial(_settled, self._asking, digest))
+        return await asyncio.shield(running)
+
     async def _from_postgres(self, digest: bytes) -> Principal | None:
         row = await self.pg.fetchrow(_SELECT_KEY, digest)
         principal = principal_from_row(row) if row else None
@@ -148,6 +165,15 @@ class Authenticator:
         self._local.move_to_end(digest)
         while len(self._local) > self.max_entries:
             self._local.popitem(last=False)
+
+
+def _settled(asking: dict[bytes, asyncio.Future[Principal | None]], digest: bytes, done: asyncio.Future[Any]) -> None:
+    """A key's question answered: the next request asks anew; its error heard here too, so
+    that one whose callers all went is not reported as never retrieved."""
+    if asking.get(digest) is done:
+        del asking[digest]
+    if not done.cancelled():
+        done.exception()
 
 
 def principal_from_row(row: asyncpg.Record) -> Principal:

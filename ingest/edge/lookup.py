@@ -247,7 +247,8 @@ async def _authenticate(edge: Edge, key: _Key, reply: object) -> Principal | Non
     Postgres (bounded: ``fallback``) when Redis has never seen it."""
     if isinstance(reply, bytes):  # Redis knew the key: no Postgres, no need to queue for it
         return await edge.auth.resolve(key.digest, reply)
-    return await fallback(edge, lambda: edge.auth.resolve(key.digest, reply))
+    # one question a key at a time: a burst on a cold key waits for the first one's answer
+    return await edge.auth.asked_once(key.digest, lambda: fallback(edge, lambda: edge.auth.resolve(key.digest, reply)))
 
 
 def _ask(edge: Edge, limiter: RateLimiter, subject: str, code: str | None, extra: tuple[Command, ...]) -> _Ask:
