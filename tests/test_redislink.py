@@ -120,6 +120,36 @@ def test_replies_come_back_raw_and_in_order(loop: str, settings: Settings):
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_a_reply_out_of_step_is_never_handed_to_a_command(loop: str, settings: Settings):
+    """Whatever put a connection out of step (here a reply nobody asked for, written ahead
+    of the round trip's own), the round trip's closing ECHO does not come back last: the
+    batch fails and the connection is dropped, and the stray reply answers nobody."""
+    key = f"{settings.stream_prefix}:step"
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        await client.set(key, "someone else's")
+        link = DirectLink.for_client(client)
+        assert link is not None
+        try:
+            assert await link.send([("PING",)]) == [b"PONG"]
+            conn = link._conn
+            assert conn is not None and conn.transport is not None
+            conn.transport.write(pack([("GET", key)]))  # its reply will come first
+            # (the closing ECHO's reply is one too many when it comes in the same read)
+            with pytest.raises(RedisConnectionError, match="out of step|no command on the connection is owed"):
+                await link.send([("GET", f"{key}:mine")])
+            assert conn.closed and link._conn is None
+            assert await link.send([("GET", f"{key}:mine")]) == [None]  # a new connection: in step
+        finally:
+            await link.close()
+            await client.delete(key)
+            await client.aclose()
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_auth_and_select(loop: str, private_redis: PrivateRedis, settings: Settings):
     base = private_redis.url.rsplit("/", 1)[0]
 
@@ -245,9 +275,9 @@ async def _fake_redis(reply: bytes | None) -> tuple[asyncio.Server, int, list[as
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         closed.append(done)
-        while await reader.read(65536):
-            if reply is not None:
-                writer.write(reply)
+        while data := await reader.read(65536):
+            if reply is not None:  # one for each command read (each a RESP array: "*<n>")
+                writer.write(reply * (data.startswith(b"*") + data.count(b"\r\n*")))
         done.set_result(None)
         writer.close()
 

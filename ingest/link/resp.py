@@ -16,7 +16,10 @@ that batch with a redis-py ``TimeoutError`` / ``ConnectionError`` (both in
 ``REDIS_ERRORS``), and the next batch connects again.
 
 Every reply answers its own command (docs/guarantees.md). RESP has no request ids: a reply
-belongs to a command only by its place on the connection. So a connection is used again
+belongs to a command only by its place on the connection. So every round trip ends with an
+``ECHO`` of a mark of its own (``DirectLink.send``): its reply must come back last and equal,
+or the connection is out of step, whatever put it there, and is dropped with the batch
+failed rather than a reply handed to the wrong command. And a connection is used again
 only after a round trip that got every reply it asked for; a round trip that ends any other
 way (its own timeout, a deadline or cancellation from outside, a lost connection, a health
 check PING that did not come back) closes the connection there and then, inside
@@ -223,6 +226,7 @@ class DirectLink:
         self._connect_timeout = connect_timeout_s or timeout_s
         self._conn: _Replies | None = None
         self._used = 0.0  # monotonic time of the last reply
+        self._trips = 0  # round trips sent: each one's closing ECHO carries its number
 
     @property
     def where(self) -> str:
@@ -288,15 +292,23 @@ class DirectLink:
         if not commands:
             return []
         conn = await self._ready()
+        self._trips += 1
+        mark = b"rs:%d" % self._trips
         try:
             async with asyncio.timeout(self._timeout):
-                replies = await conn.round_trip(pack(commands), len(commands))
+                replies = await conn.round_trip(pack(commands) + _pack_command(("ECHO", mark)), len(commands) + 1)
         except TimeoutError:
             self._drop()  # round_trip closed it already: the next batch connects again
             raise RedisTimeoutError("Redis did not answer in time") from None
         except BaseException:
             self._drop()  # lost, or cancelled by the caller's deadline: closed the same way
             raise
+        last = replies.pop()
+        if last != mark:
+            self._drop()  # a LOADING or NOAUTH server answers the ECHO with its error too
+            if isinstance(last, RedisConnectionError):
+                raise last
+            raise RedisConnectionError(f"Redis's replies are out of step with their commands (closing ECHO: {last!r})")
         self._used = time.monotonic()
         for reply in replies:
             # LOADING, NOAUTH, max clients...: the server is not serving this connection; as

@@ -31,6 +31,10 @@ DELETE_ATTEMPTS = 12  # a workspace's deletion: retried past the longest fault (
 IMPORT_TIMEOUT_S = 30.0
 BACKOFF_S = (0.3, 0.7, 1.5)
 TIMEOUT_S = 4.0  # past the edge's own 1 s Redis deadline, a Postgres fallback, a replicas wait
+# an answer whose X-Request-ID is not the one its attempt sent: the client library read
+# another request's answer off a pooled connection (the edge echoes every request's id), so
+# this attempt's own answer is unknown; the connection is closed and the attempt counted so
+CROSSED = "CrossedAnswer"
 
 
 class Clients:
@@ -146,11 +150,22 @@ class Clients:
         attempt = Attempt(edge=name, at=self.history.now())
         started = time.monotonic()
         data = orjson.dumps(op.body) if op.body is not None else None
-        headers = {**op.headers, **({"Content-Type": "application/json"} if data is not None else {})}
+        rid = f"gen-{op.n}-{len(op.attempts)}-{random.getrandbits(48):012x}"
+        headers = {
+            **op.headers,
+            "X-Request-ID": rid,
+            **({"Content-Type": "application/json"} if data is not None else {}),
+        }
         try:
             async with self.http.request(
                 op.method, base + op.path, data=data, headers=headers, allow_redirects=False
             ) as r:
+                if r.headers.get("X-Request-ID", rid) != rid:
+                    r.close()  # out of step: never used again
+                    attempt.error = CROSSED
+                    attempt.took = time.monotonic() - started
+                    classify(op, attempt)
+                    return attempt
                 raw = await r.read()
                 attempt.status = r.status
                 attempt.headers = {h: r.headers[h] for h in KEPT_HEADERS if h in r.headers}

@@ -17,7 +17,7 @@ from typing import Any
 from .._plan import Plan
 from .._servers import PgServer
 from .checker import Anomalies, GenChecker
-from .client import Clients
+from .client import CROSSED, Clients
 from .cluster import Cluster
 from .faults import nemesis
 from .history import History
@@ -40,6 +40,7 @@ class SeedResult:
     lost_with_redis: int = 0  # stored, never 2xx'd, in no line: a failover lost the entry (checker.py)
     bursts: int = 0  # click_burst flags judged (checker.py)
     repeats: Counter[str] = field(default_factory=Counter)  # Dub's clicks again from one browser (checker.py)
+    crossed: int = 0  # attempts the client library answered with another request's answer (client.py)
     kept: Path | None = None
 
     def reproduce(self) -> str:
@@ -57,6 +58,7 @@ class SeedResult:
         return (
             f"GENERATIVE[{self.mode}] seed={self.seed} topology={self.schedule.topology} wall={self.wall_s:.0f}s"
             f" ops={sum(self.ops.values())} ({fmt(self.ops)}) attempts ({fmt(self.attempts)})"
+            f" crossed-answers={self.crossed}"
             f" stored={self.stored} burst-flags={self.bursts} dub-repeats ({fmt(self.repeats)})"
             f" archived={self.archived}"
             " (unarchived, never 2xx'd, lost in a failover:"
@@ -100,6 +102,7 @@ async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult
         result.stored, result.archived = checker.stored, checker.archived_lines
         result.bursts = checker.bursts
         result.repeats = checker.repeats
+        result.crossed = sum(1 for o in history.ops.values() for a in o.attempts if a.error == CROSSED)
         result.lost_with_redis = len(checker.lost_with_redis)
         if checker.lost_with_redis:
             print(
