@@ -137,7 +137,7 @@ def test_a_reply_out_of_step_is_never_handed_to_a_command(loop: str, settings: S
             assert conn is not None and conn.transport is not None
             conn.transport.write(pack([("GET", key)]))  # its reply will come first
             # (the closing ECHO's reply is one too many when it comes in the same read)
-            with pytest.raises(RedisConnectionError, match="out of step|no command on the connection is owed"):
+            with pytest.raises(RedisConnectionError, match=r"out of step|no command on the connection is owed"):
                 await link.send([("GET", f"{key}:mine")])
             assert conn.closed and link._conn is None
             assert await link.send([("GET", f"{key}:mine")]) == [None]  # a new connection: in step
