@@ -93,6 +93,11 @@ def pack(commands: Sequence[Command]) -> bytes:
 _pack_command = hiredis.pack_command
 
 
+def _echo(mark: bytes) -> bytes:
+    """``ECHO mark`` in RESP: the command that closes every round trip."""
+    return b"*2\r\n$4\r\nECHO\r\n$%d\r\n%b\r\n" % (len(mark), mark)
+
+
 def _pack(commands: Sequence[Command]) -> bytes:
     out: list[bytes] = []
     append = out.append
@@ -296,7 +301,7 @@ class DirectLink:
         mark = b"rs:%d" % self._trips
         try:
             async with asyncio.timeout(self._timeout):
-                replies = await conn.round_trip(pack(commands) + _pack_command(("ECHO", mark)), len(commands) + 1)
+                replies = await conn.round_trip(pack(commands) + _echo(mark), len(commands) + 1)
         except TimeoutError:
             self._drop()  # round_trip closed it already: the next batch connects again
             raise RedisTimeoutError("Redis did not answer in time") from None
