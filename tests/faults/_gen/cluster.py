@@ -243,10 +243,12 @@ class Cluster:
             self.send(slot, signal.SIGKILL)
             await asyncio.to_thread(slot.proc.wait, 10)
 
-    async def take_over(self, slot: Slot, timeout: float = 60) -> str:
+    async def take_over(self, slot: Slot, timeout: float = 180) -> str:
         """``refstream serve --take-over`` on an edge slot's port, as an operator rolls the
         supervisor itself: the new one takes the old one's sockets, serves, and the old one
-        drains and exits. The old process's name."""
+        drains and exits. The old process's name. ``timeout``: past what a starved machine
+        takes (the new supervisor's children took 37 s to start at a load average of 20,
+        beside a clean-clone install and three other test runs: seed 1567608730)."""
         assert slot.proc is not None and slot.base
         old, old_name = slot.proc, slot.name
         self.killed.add(old.pid)  # it exits on purpose

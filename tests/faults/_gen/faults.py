@@ -301,12 +301,12 @@ class PartitionCount(Fault):
     async def _set(self, n: int) -> None:
         """As an operator would: again until it is done (Redis may be down or stalled by
         another fault meanwhile; every step of the change is idempotent)."""
-        deadline = asyncio.get_running_loop().time() + 90
+        deadline = asyncio.get_running_loop().time() + 240  # a starved machine (``Cluster.take_over``)
         while True:
             try:
-                code, _, err = await self.c.command("partitions", "set", str(n), "--json", within_s=30)
+                code, _, err = await self.c.command("partitions", "set", str(n), "--json", within_s=60)
             except TimeoutError:  # hung on a Redis killed or stalled by another fault: ended, run again
-                code, err = -1, "still running after 30 s (killed)"
+                code, err = -1, "still running after 60 s (killed)"
             if not code:
                 return
             if asyncio.get_running_loop().time() > deadline:
