@@ -22,7 +22,10 @@ exception, judged in the batch (``workers.consumer.fraud.burst_excluded``).
   announced, so a click judged twice (a replay, a pass repeated) flags nothing twice; a
   window holds a click once, by event id.
 - **Lock order**: ``burst_pending``, then the batch's own order (``workers.consumer.store``):
-  burst_windows, event_flags, webhook_deliveries, drop_stats, each in key order.
+  burst_windows, event_flags, links, webhook_deliveries, drop_stats, each in key order. The
+  flagged clicks' links are locked as a batch locks them (FOR NO KEY UPDATE), so that a
+  fixing reconcile, which holds its chunk's links while it recounts ``drop_stats``
+  (``workers.ops.reconcile``), never rewrites a count beside a flag not yet committed.
 
 The consumer runs a pass every ``PASS_EVERY_S`` (``workers.consumer.consume``), and again
 at once while a pass took all it may: docs/guarantees.md says how soon a flag appears.
@@ -68,6 +71,7 @@ LEFT JOIN links l ON l.id = e.link_id
 LEFT JOIN programs p ON p.id = e.program_id
 WHERE e.event_id = ANY ($1::uuid[]) AND e.type = 1 AND e.ip IS NOT NULL AND e.link_id IS NOT NULL
 """
+_LINKS = "SELECT 1 FROM links WHERE id = ANY ($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
 _FLAGS = f"""
 INSERT INTO event_flags (event_id, rule, workspace_id, excluded, evidence)
 {jsonrows.select(("uuid", "text", "uuid", "boolean", "jsonb"))}
@@ -124,6 +128,8 @@ async def _pass(conn: asyncpg.Connection, rows: int) -> Passed:
         )
     }
     out.flagged = len(new)
+    if new:
+        await conn.execute(_LINKS, sorted({by_id[i]["link_id"] for i in new}))
     heard = [by_id[i] for i in sorted(new) if by_id[i]["heard"]]
     notices = [fraud.notice(*_notice(r, evidence[r["event_id"]])) for r in heard]
     out.deliveries = await outbox.record_deliveries(conn, notices)
