@@ -1129,5 +1129,6 @@ CREATE OR REPLACE TRIGGER suppressions_removed AFTER DELETE ON suppressions
 CREATE TABLE IF NOT EXISTS burst_pending (
     id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     clicks uuid[] NOT NULL
-) WITH (toast_tuple_target = 8160);
+);
+ALTER TABLE burst_pending SET (toast_tuple_target = 8160);
 ALTER TABLE burst_pending ALTER COLUMN clicks SET STORAGE EXTERNAL;

@@ -109,11 +109,9 @@ async def _pass(conn: asyncpg.Connection, rows: int) -> Passed:
         return out
     found = await conn.fetch(_CLICKS, ids)
     out.judged = len(found)
-    limits: dict[str, bursts.Limits] = {}
-    for r in found:
-        program = r["program_id"]
-        both = fraud.thresholds_of({program: r["fraud_thresholds"]})[program] if program else FRAUD_THRESHOLDS
-        limits[r["link_id"]] = fraud.burst_limits(both)
+    # each program's thresholds once (an unusable one warned of once a pass, not a click)
+    programs = fraud.thresholds_of({r["program_id"]: r["fraud_thresholds"] for r in found if r["program_id"]})
+    limits = {r["link_id"]: fraud.burst_limits(programs.get(r["program_id"], FRAUD_THRESHOLDS)) for r in found}
     clicks = [bursts.Click(r["event_id"], r["link_id"], r["ip"], r["at_ms"], not r["is_bot"]) for r in found]
     crossed = [c for c in await bursts.count(conn, clicks, limits) if c.clicks > c.limits.clicks]
     if not crossed:
