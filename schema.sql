@@ -1113,3 +1113,22 @@ CREATE OR REPLACE TRIGGER suppressions_added AFTER INSERT ON suppressions
     REFERENCING NEW TABLE AS suppressions_added FOR EACH STATEMENT EXECUTE FUNCTION suppressions_logged();
 CREATE OR REPLACE TRIGGER suppressions_removed AFTER DELETE ON suppressions
     REFERENCING OLD TABLE AS suppressions_removed FOR EACH STATEMENT EXECUTE FUNCTION suppressions_logged();
+
+-- ---------------------------------------------------------------------------------------
+-- Schema version 23: the click_burst rule judged after the batch's commit, not in its
+-- transaction (workers/consumer/burst_pass.py). A batch's clicks the rule has yet to judge
+-- are one row of `burst_pending` (their event ids), written by the batch's events insert
+-- in its transaction; a pass deletes the rows it judges in its own transaction, with the
+-- flags it writes (`event_flags`, by event id: a second judging writes nothing). A worker
+-- that stops between the commit and the pass leaves the row for the next pass of any
+-- worker. Bound: the batches committed since the last pass (each consumer passes every
+-- second). The ids alone, no address: nothing here for an erasure to scrub. A row of up
+-- to ~500 ids stays in its page (toast_tuple_target), not in a TOAST table.
+-- A flag the workspace does not exclude is an `event_flags` row from here on; the rows of
+-- schemas 18 to 22 keep theirs on the click's row (events.burst_clicks, burst_seconds).
+CREATE TABLE IF NOT EXISTS burst_pending (
+    id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    clicks uuid[] NOT NULL
+);
+ALTER TABLE burst_pending SET (toast_tuple_target = 8160);
+ALTER TABLE burst_pending ALTER COLUMN clicks SET STORAGE EXTERNAL;

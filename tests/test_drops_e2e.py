@@ -258,14 +258,17 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
         assert flags["self_referral"]["evidence"]["match"] == "email"
         assert flags["fast_conversion"]["excluded"] is True
         assert flags["fast_conversion"]["evidence"]["seconds_after_click"] < 10
-        # a burst's flags are on the clicks' rows (the workspace does not exclude the rule):
-        # the threshold crossed and the window, no event_flags row
-        assert "click_burst" not in flags
+        # a burst's flags are event_flags rows, judged after the batch's commit (schema 23):
+        # the threshold crossed and the window, the address the click's row's; none on the rows
         bursts = await pg.fetch(
-            "SELECT burst_clicks, burst_seconds, host(ip) AS ip FROM events WHERE burst_clicks IS NOT NULL"
+            "SELECT f.evidence, f.excluded, host(e.ip) AS ip FROM event_flags f JOIN events e USING (event_id)"
+            " WHERE f.rule = 'click_burst'"
         )
         assert {r["ip"] for r in bursts} == {"10.9.9.9"} and len(bursts) == RATE - BURST
-        assert {(r["burst_clicks"], r["burst_seconds"]) for r in bursts} == {(BURST, 60)}
+        assert {
+            (r["evidence"]["threshold_clicks"], r["evidence"]["window_seconds"], r["excluded"]) for r in bursts
+        } == {(BURST, 60, False)}
+        assert not await pg.fetchval("SELECT count(*) FROM events WHERE burst_clicks IS NOT NULL")
         assert await pg.fetchval("SELECT count(*) FROM affiliate_ips WHERE host(ip) = '10.8.0.1'") == 1
 
         drift = await procs.cli("reconcile")

@@ -21,7 +21,7 @@ from ingest.contract.settings import Settings
 from ingest.manage import schema_check
 from ingest.manage.db import SCHEMA_VERSION, ensure_database, migrate
 from ingest.privacy import erasure_affiliate
-from workers.consumer import drops
+from workers.consumer import burst_pass, drops
 from workers.consumer.store import write_batch
 
 from ._migrate import old_database
@@ -124,19 +124,27 @@ async def test_a_schema_16_database_with_flags_takes_schema_17(scratch_url: str,
             for _ in range(4)
         ]
         assert (await write_batch(pool, clicks)).inserted == 4
-        # this build's flags are on the clicks' rows (schema 18), the address the row's own
-        new = await conn.fetch("SELECT burst_clicks, burst_seconds FROM events WHERE host(ip) = $1", NEW_IP)
-        assert len(new) == 4 and [tuple(r) for r in new if r["burst_clicks"] is not None] == [(2, 60)] * 2
+        assert (await burst_pass.run(pool)).flagged == 2  # judged after the commit (schema 23)
+        # this build's flags are event_flags rows without the address, the row's own
+        new = [
+            orjson.loads(r[0])
+            for r in await conn.fetch(
+                "SELECT f.evidence::text FROM event_flags f JOIN events e USING (event_id) WHERE host(e.ip) = $1",
+                NEW_IP,
+            )
+        ]
+        assert [(doc["threshold_clicks"], doc["window_seconds"]) for doc in new] == [(2, 60)] * 2
+        assert not any("ip" in doc for doc in new)
         assert await _recount(conn, link, day) == ([], 4)
 
         # an affiliate's erasure finds the flags of their events: the old form's copy of
         # their address is redacted
         await erasure_affiliate.erase(pool, str(ws), affiliate_id=str(aff), by="test", archive_days=30)
         left = [orjson.loads(r[0]) for r in await conn.fetch("SELECT evidence::text FROM event_flags")]
-        assert len(left) == 2 and not any(OLD_IP in orjson.dumps(doc).decode() for doc in left)
+        assert len(left) == 4 and not any(OLD_IP in orjson.dumps(doc).decode() for doc in left)
         assert sum(1 for doc in left if "ip" in doc and doc["ip"] is None) == 2
 
-        # the rollback: schema 18's first (its flags on the rows become rows of their own),
+        # the rollback: schema 18's first (flags on the rows, of schemas 18 to 22, become rows of their own),
         # then every flag its columns and its index back, read the same by schema 16's recount
         await conn.execute(ROLLBACK_18)
         await conn.execute(ROLLBACK)

@@ -19,6 +19,7 @@ from workers.consumer.store import write_batch
 from workers.ops.reconcile import Drift, reconcile
 
 from ._world import BROWSER, World, call
+from .test_bursts import judge
 
 
 async def lead(edge: str, key: str, email: str, *, click_from: str = "127.0.0.1") -> None:
@@ -132,7 +133,8 @@ async def test_the_fraud_settings_take_idempotency_keys(edge: str, world: World)
 async def test_clicks_in_one_millisecond_count_each_other_once(pg: asyncpg.Pool, redis: Any, keys: Keys) -> None:
     """A burst's clicks ordered by time, then event id: of four clicks from one IP in the
     same millisecond (one round trip per request makes that common) past a threshold of
-    two, the third and fourth are flagged, not all four, each on its row."""
+    two, the third and fourth are flagged, not all four, each an ``event_flags`` row made
+    after the commit (``workers.consumer.burst_pass``)."""
     async with pg.acquire() as conn:
         ws = await admin.create_workspace(conn, "Burst")
         link = await admin.create_link(conn, redis, keys, workspace_id=ws["workspace_id"], code="samems")
@@ -153,14 +155,15 @@ async def test_clicks_in_one_millisecond_count_each_other_once(pg: asyncpg.Pool,
         for _ in range(4)
     ]
     await write_batch(pg, clicks)
+    await judge(pg)
     flagged = await pg.fetch(
-        "SELECT event_id, burst_clicks, burst_seconds FROM events WHERE burst_clicks IS NOT NULL AND link_id = $1",
-        link["id"],
+        "SELECT event_id, evidence FROM event_flags WHERE rule = 'click_burst' AND event_id = ANY($1::uuid[])",
+        [c.event_id for c in clicks],
     )
-    # on the clicks' rows (schema 18): the threshold crossed and the window, no flag row
-    assert [(r["burst_clicks"], r["burst_seconds"]) for r in flagged] == [(2, 60)] * 2, flagged
+    # the threshold crossed and the window, nothing on the clicks' rows (schema 23)
+    assert [(r["evidence"]["threshold_clicks"], r["evidence"]["window_seconds"]) for r in flagged] == [(2, 60)] * 2
     assert not await pg.fetchval(
-        "SELECT count(*) FROM event_flags WHERE event_id = ANY($1::uuid[])", [c.event_id for c in clicks]
+        "SELECT count(*) FROM events WHERE link_id = $1 AND burst_clicks IS NOT NULL", link["id"]
     )
     # the two flagged are the two last in (time, event id) order
     assert {r["event_id"] for r in flagged} == {c.event_id for c in sorted(clicks, key=lambda c: c.event_id)[2:]}
@@ -191,12 +194,14 @@ async def test_thresholds_written_by_hand_fall_back_to_the_defaults(pg: asyncpg.
     ]
     with capture_logs() as logs:
         await write_batch(pg, clicks)
+        await judge(pg)
     assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'byhand'") == 21
     flagged = await pg.fetch(
-        "SELECT burst_clicks, burst_seconds FROM events e JOIN links l ON l.id = e.link_id"
-        " WHERE l.code = 'byhand' AND burst_clicks IS NOT NULL"
+        "SELECT f.evidence FROM event_flags f JOIN events e USING (event_id) JOIN links l ON l.id = e.link_id"
+        " WHERE l.code = 'byhand' AND f.rule = 'click_burst'"
     )
-    assert [tuple(r) for r in flagged] == [(20, 60)]  # the default threshold of 20, crossed by the 21st
+    # the default threshold of 20, crossed by the 21st
+    assert [(r["evidence"]["threshold_clicks"], r["evidence"]["window_seconds"]) for r in flagged] == [(20, 60)]
     bad = {(e["threshold"], e["value"]) for e in logs if e["event"] == "fraud.bad_threshold"}
     assert bad == {("burst_clicks", "None"), ("burst_seconds", "'soon'")}
 

@@ -26,7 +26,9 @@ from workers.consumer.store import write_batch
 from ._migrate import old_database, scratch
 
 V13 = Path(__file__).parent / "data" / "schema_v13.sql"
-AHEAD = re.compile(r"CREATE TABLE IF NOT EXISTS (click_windows|event_agents|burst_windows) \(.*?\n\);", re.S)
+AHEAD = re.compile(
+    r"CREATE TABLE IF NOT EXISTS (click_windows|event_agents|burst_windows|burst_pending) \(.*?\n\);", re.S
+)
 
 _WORLD = """
 WITH w AS (INSERT INTO workspaces (name) VALUES ('old') RETURNING id),
@@ -132,8 +134,8 @@ async def test_a_schema_13_database_with_rows_takes_schema_14_online(scratch_url
         # the rows as this build's worker writes them: it names events.device_id (schema
         # 16), place_id (17), burst_clicks and burst_seconds (18), agent_id (20), which alone
         # are added ahead (nullable: rows without them are schema 13's own), merges its
-        # clicks into burst_windows (21) and its User-Agents into event_agents (20), made
-        # ahead as well
+        # clicks into burst_windows (21), leaves them to judge in burst_pending (23) and its
+        # User-Agents into event_agents (20), made ahead as well
         await conn.execute(
             "ALTER TABLE events ADD COLUMN device_id integer, ADD COLUMN place_id integer,"
             " ADD COLUMN burst_clicks integer, ADD COLUMN burst_seconds integer, ADD COLUMN agent_id integer"

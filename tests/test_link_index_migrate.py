@@ -25,7 +25,7 @@ V18 = (
     _V19[: _V19.index("-- Schema version 19:")]
     + "CREATE INDEX IF NOT EXISTS events_link_id ON events (link_id, event_id);\n"
 )
-AHEAD = re.compile(r"CREATE TABLE IF NOT EXISTS (event_agents|burst_windows) \(.*?\n\);", re.S)
+AHEAD = re.compile(r"CREATE TABLE IF NOT EXISTS (event_agents|burst_windows|burst_pending) \(.*?\n\);", re.S)
 _WORLD = """
 WITH w AS (INSERT INTO workspaces (name) VALUES ('old') RETURNING id),
 p AS (INSERT INTO programs (workspace_id, name) SELECT id, 'Main' FROM w RETURNING id, workspace_id)
@@ -58,7 +58,8 @@ async def test_a_schema_18_database_reads_a_links_events_without_their_own_index
         at = int((datetime.now(UTC) - timedelta(seconds=30)).timestamp() * 1000)
         clicks = [_click({"workspace_id": ws}, "OLD1", f"198.51.100.{i}", at + 1000 * i) for i in range(6)]
         # stored by this build's worker, which names events.agent_id in event_agents (schema
-        # 20) and merges its clicks into burst_windows (21): those alone made ahead
+        # 20), merges its clicks into burst_windows (21) and leaves them to judge in
+        # burst_pending (23): those alone made ahead
         await conn.execute("ALTER TABLE events ADD COLUMN agent_id integer")
         for made in AHEAD.finditer(schema_sql()):
             await conn.execute(made.group(0))

@@ -15,7 +15,7 @@ from ingest.contract.events import uuid7
 from ingest.contract.settings import Settings
 from ingest.manage import schema_check
 from ingest.manage.db import SCHEMA_VERSION, migrate
-from workers.consumer import bursts
+from workers.consumer import burst_pass, bursts
 from workers.consumer.store import write_batch
 
 from ._migrate import DATA, old_database, schema_until, scratch
@@ -93,18 +93,20 @@ async def test_a_schema_17_database_with_clicks_takes_the_windows_of_schema_18(
         at = int(now.timestamp() * 1000) + 10
         clicks = [_click({"workspace_id": str(ws)}, "OLD1", IP, at + i) for i in range(4)]
         assert (await write_batch(pool, clicks)).inserted == 4
-        flagged = await conn.fetch("SELECT event_id, burst_clicks FROM events WHERE burst_clicks IS NOT NULL")
-        assert sorted((r["event_id"], r["burst_clicks"]) for r in flagged) == sorted(
-            (c.event_id, 2) for c in clicks[2:]
+        assert (await burst_pass.run(pool)).flagged == 2  # after the commit (schema 23)
+        flagged = await conn.fetch("SELECT event_id, evidence::text FROM event_flags WHERE rule = 'click_burst'")
+        assert sorted((r["event_id"], r["evidence"]) for r in flagged) == sorted(
+            (c.event_id, '{"clicks": 3, "window_seconds": 60, "threshold_clicks": 2}') for c in clicks[2:]
         )
-        assert await conn.fetchval("SELECT count(*) FROM event_flags") == 0  # on the rows
+        assert await conn.fetchval("SELECT count(*) FROM events WHERE burst_clicks IS NOT NULL") == 0
         # (schema 21's windows: this build's worker writes burst_windows)
         window = await conn.fetchrow("SELECT keep, clicks FROM burst_windows WHERE link_id = $1", link["id"])
         assert window["keep"] == 3 and [i for _, i in held(window["clicks"])] == [c.event_id for c in clicks[1:]]
         assert await migrate(conn) == SCHEMA_VERSION  # a second run changes nothing
         assert await conn.fetchval("SELECT count(*) FROM burst_windows") == 1
 
-        # the rollback: the flags on the rows become event_flags rows, which schema 17 reads;
+        # the rollback: the flags on the rows (schemas 18 to 22) become event_flags rows, where
+        # this build's are already, which schema 17 reads;
         # the older build's migrate (its schema.sql) makes the index again on every
         # partition, and schema 17's count reads the eight clicks through it
         await conn.execute(ROLLBACK)
@@ -166,7 +168,9 @@ async def test_a_schema_20_database_copies_its_open_windows_into_the_byte_string
         # the burst's third click, after the upgrade, crosses the threshold of two
         third = _click({"workspace_id": str(ws)}, "OLD1", IP, at + 10)
         assert (await write_batch(pool, [third])).inserted == 1
-        assert await conn.fetchval("SELECT burst_clicks FROM events WHERE event_id = $1", third.event_id) == 2
+        assert (await burst_pass.run(pool)).flagged == 1
+        evidence = await conn.fetchval("SELECT evidence::text FROM event_flags WHERE event_id = $1", third.event_id)
+        assert evidence == '{"clicks": 3, "window_seconds": 60, "threshold_clicks": 2}'
         window = await conn.fetchval("SELECT clicks FROM burst_windows WHERE host(ip) = $1", IP)
         assert held(window) == [(at, ids[0]), (at + 1, ids[1]), (at + 10, third.event_id)]
         async with pool.acquire() as c:

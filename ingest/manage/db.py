@@ -66,7 +66,9 @@ from ingest.manage import online
 # 22: the do-not-track lists' changes in commit order (suppression_changes, its trigger,
 #     suppression_horizon), read by the edges from their last; suppressions_listing and
 #     links_affiliate_created (the lists by page)
-SCHEMA_VERSION = 22
+# 23: the click_burst rule after the batch's commit: a batch's clicks yet to judge in
+#     burst_pending, a flag the workspace does not exclude an event_flags row
+SCHEMA_VERSION = 23
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

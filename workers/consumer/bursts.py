@@ -4,21 +4,22 @@ window kept per (link, address), not from an index of every click.
 ``burst_windows`` holds, per link and address, the newest ``keep`` clicks stored (their
 received time and event id, in one byte string: schema 21), ``keep`` being the link's
 program's ``burst_clicks`` + 1: a count stops there, since whether a click crossed the
-line is all the rule decides. A batch reads the windows of its clicks' (link, address)
-pairs and merges its own clicks into them in one statement, in the batch's transaction,
-before its events are inserted (so that a flag can go on its click's row:
-``workers.consumer.fraud``), each row locked in (link, address) order, after the dedupe
-keys and before the events (``workers.consumer.store``'s lock order). A window holds only
-clicks that are stored: the batch's own commit or roll back with it, and a redelivered
-copy of a click stored before is the same entry (by event id), counted once. Per click
-that is no index entry and no range scan: a batch writes one row per pair it holds,
-whatever its number of clicks, and a pair's row is one version of a few hundred bytes that
-the next batch replaces (a HOT update: no index column changes).
+line is all the rule decides. A pass (``workers.consumer.burst_pass``) reads the windows
+of its clicks' (link, address) pairs and merges its clicks into them in one statement, in
+its transaction, after the clicks' batches committed (a workspace that excludes the rule:
+in the batch's transaction, before its events are inserted, since there the flag decides
+what counts: ``workers.consumer.fraud``), each row locked in (link, address) order, before
+the flags (``workers.consumer.store``'s lock order). A window holds only clicks that are
+stored: a pass's own commit or roll back with it, and a click merged before is the same
+entry (by event id), counted once. Per click that is no index entry and no range scan: a
+statement writes one row per pair it holds, whatever its number of clicks, and a pair's
+row is one version of a few hundred bytes that the next statement replaces (a HOT update:
+no index column changes).
 
 A click's count is every click of its window read (as the statement's snapshot showed it)
-and of its batch, in (received time, event id) order up to it, within ``burst_seconds``
+and of its statement, in (received time, event id) order up to it, within ``burst_seconds``
 before it. What a window no longer holds (more than ``keep`` newer clicks came, or a
-concurrent batch had not committed) is not counted: a count may fall short, never exceed
+concurrent pass had not committed) is not counted: a count may fall short, never exceed
 the clicks stored in the window, so a flag is always earned (the generative checker's
 ``burst_unearned``). Counted are the clicks with an address (a bot's too, as the rule
 always counted them; test mode, and the clicks an import stores, never).
@@ -36,12 +37,12 @@ import struct
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Final
+from uuid import UUID
 
 import asyncpg
 
 from ingest.contract import jsonrows
 from ingest.contract.fraud import BURST_WINDOW_TABLES
-from workers.consumer.stored import Stored
 
 _TOP: Final = b"\xff" * 17  # past every event id's 16 bytes
 
@@ -119,24 +120,32 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Click:
+    """A stored click with an address, as its window counts it."""
+
+    event_id: UUID
+    link_id: str
+    ip: str  # as stored (the workspace's ip_policy applied)
+    at_ms: int  # its received time
+    judged: bool  # the rule judges it; a bot's click joins its window and is never flagged
+
+
+@dataclass(frozen=True, slots=True)
 class Counted:
-    stored: Stored
+    click: Click
     clicks: int  # its window's clicks up to it, itself included, stopped at ``limits.clicks`` + 1
     limits: Limits
 
 
-async def count(
-    conn: asyncpg.Connection, clicks: list[Stored], candidates: list[Stored], limits_of: dict[str, Limits]
-) -> list[Counted]:
-    """Merge ``clicks`` (the batch's, with an address, about to be stored) into their
-    windows; the count of each of ``candidates`` (some of ``clicks``: those the rule
-    judges). ``limits_of``: per link id, its program's thresholds."""
+async def count(conn: asyncpg.Connection, clicks: list[Click], limits_of: dict[str, Limits]) -> list[Counted]:
+    """Merge ``clicks`` (stored, or about to be in the caller's transaction) into their
+    windows; the count of each one the rule judges. ``limits_of``: per link id, its
+    program's thresholds."""
     if not clicks:
         return []
     pairs: dict[tuple[str, str], list[tuple[int, bytes]]] = {}  # (time, id's bytes): compared in C
-    for s in clicks:
-        assert s.ip is not None
-        pairs.setdefault((s.link.id, s.ip), []).append((s.envelope.received_at_ms, s.envelope.event_id.bytes))
+    for c in clicks:
+        pairs.setdefault((c.link_id, c.ip), []).append((c.at_ms, c.event_id.bytes))
     keys = sorted(pairs)
     rows = []
     for k, (link_id, ip) in enumerate(keys):
@@ -173,18 +182,18 @@ async def count(
         else:
             held[key] = sorted(set(held[key]).union(entries(r["clicks"])))
     out = []
-    for s in candidates:
-        assert s.ip is not None
-        key = (s.link.id, s.ip)
-        lim = limits_of[s.link.id]
-        at = s.envelope.received_at_ms
-        since = at - lim.seconds * 1000  # the window: after this
+    for c in clicks:
+        if not c.judged:
+            continue
+        key = (c.link_id, c.ip)
+        lim = limits_of[c.link_id]
+        since = c.at_ms - lim.seconds * 1000  # the window: after this
         window = held[key]
-        n = bisect_right(window, (at, s.envelope.event_id.bytes)) - bisect_right(window, (since, _TOP))
+        n = bisect_right(window, (c.at_ms, c.event_id.bytes)) - bisect_right(window, (since, _TOP))
         n += before_all.get(key, 0)
         if (before := earlier.get(key)) is not None:
             n += len(before) - bisect_right(before, since)
-        out.append(Counted(s, min(n, lim.clicks + 1), lim))
+        out.append(Counted(c, min(n, lim.clicks + 1), lim))
     return out
 
 

@@ -20,15 +20,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+
 from ingest.contract import layout
 from ingest.contract.connections import Redis
 from ingest.contract.keys import GROUP
 from ingest.contract.settings import Settings
-from workers.consumer import bursts, partitions, trim
+from workers.consumer import burst_pass, bursts, partitions, store, trim
 from workers.consumer.pipeline import Batch, Pipeline
 from workers.group import Chore, Entry, Member, Part, id_after, text
 from workers.group.errors import BatchOutage
 from workers.group.gate import Gate
+
+log = structlog.get_logger("workers.consume")
 
 # A batch costs about a dozen statements and a commit whatever its size, so under a steady
 # trickle (each read returning a few entries) the worker and Postgres spent most of their
@@ -82,6 +86,7 @@ class Consumer:
                 Chore("partitions", settings.partition_every_s, self._partitions, needs_postgres=True),
                 Chore("retire", RETIRE_EVERY_S, self._retire),
                 Chore("windows", WINDOWS_EVERY_S, self._windows, needs_postgres=True),
+                Chore("bursts", burst_pass.PASS_EVERY_S, self._bursts, needs_postgres=True),
             ],
             totals=lambda: vars_of(pipeline.totals),
             on_gate=self._gate_changed,
@@ -94,6 +99,12 @@ class Consumer:
         # a small batch from idle waits for one from each partition read (at most the linger)
         self.pipeline.combiner.expect = lambda: max(1, len(self.member.parts))
         await self.member.run(drain=drain)
+        # the clicks this member's last batches stored, judged now rather than by the next
+        # pass of another worker (a drain leaves none behind); an outage leaves them to it
+        try:
+            await self._bursts(passes=1_000 if drain else burst_pass.PASSES_A_TICK)
+        except Exception as exc:
+            log.warning("bursts.pass_left", error=repr(exc))
 
     def stop(self) -> None:
         """Stop reading; each reader finishes the batch in flight (commit, ack) and returns
@@ -139,6 +150,14 @@ class Consumer:
             skew_max_s=s.clock_skew_max_s,
             webhook_days=s.webhook_retention_days,
         )
+
+    async def _bursts(self, passes: int = burst_pass.PASSES_A_TICK) -> None:
+        """The click_burst rule over the clicks committed since the last pass
+        (``workers.consumer.burst_pass``); their notices' webhook jobs after its commit."""
+        done = await burst_pass.run_until_done(self.pipeline.pg, passes)
+        deliveries = [d for p in done for d in p.deliveries]
+        if deliveries:
+            await self.pipeline.notify(store.BatchResult(deliveries=deliveries))
 
     async def _windows(self) -> None:
         async with self.pipeline.pg.acquire() as conn:

@@ -211,8 +211,10 @@ async def fold(redis: Any, pool: asyncpg.Pool, prefix: str) -> int:
 # and flags, recounted from the rows for one chunk of links in the reconcile's window, in
 # its transaction. What a batch decided is on its rows: test mode, out-of-window and
 # ``bot_counted`` on the event, a fraud flag in ``event_flags`` (read through its event: the
-# flag holds no link or time of its own since schema 17) or, a click_burst flag the
-# workspace did not exclude, on the event's row (``burst_clicks``, schema 18), a drop without
+# flag holds no link or time of its own since schema 17; a click_burst flag there too since
+# schema 23, written after the batch's commit with its count: ``burst_pass``) or, a
+# click_burst flag of schemas 18 to 22 the workspace did not exclude, on the event's row
+# (``burst_clicks``), a drop without
 # an event (an unknown code, an inactive link, a duplicate) in ``event_drops``. The edge's
 # refusals (``source = 'edge'``) have no row to recount them from: they are left as they
 # are. Drops that no link resolved for are counted under the nil link id, a chunk of their

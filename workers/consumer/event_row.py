@@ -43,10 +43,8 @@ class EventRow(NamedTuple):
     device_id: int | None  # its event_devices entry: set where enrichment is
     place_id: int | None  # its event_places entry: where the address told more than its country
     agent_id: int | None  # its event_agents entry: the User-Agent's text (schema 20)
-    # a click_burst flag its workspace does not exclude (schema 18): the threshold it
-    # crossed and the window, its evidence's (its count is the threshold + 1)
-    burst_clicks: int | None = None
-    burst_seconds: int | None = None
+    # (burst_clicks and burst_seconds, a click_burst flag on its row in schemas 18 to 22,
+    # are no longer written: a flag is an event_flags row, made after the commit)
 
 
 SQL_TYPES = {
@@ -78,8 +76,6 @@ SQL_TYPES = {
     "device_id": "integer",
     "place_id": "integer",
     "agent_id": "integer",
-    "burst_clicks": "integer",
-    "burst_seconds": "integer",
 }
 COLUMNS: tuple[tuple[str, str], ...] = tuple((name, SQL_TYPES[name]) for name in EventRow._fields)
 

@@ -1,9 +1,11 @@
-"""Fraud flags: rules over a batch's newly stored events, in its transaction.
+"""Fraud flags: rules over a batch's newly stored events, in its transaction; the
+click_burst rule after its commit (``workers.consumer.burst_pass``), but where the
+workspace excludes it.
 
 A flag never deletes anything: it is stored on the event (``event_flags``: rule and
 evidence, by event id; the event's link, affiliate and time are its row's; a click_burst
-flag the workspace does not exclude on the click's own row, ``burst_clicks`` and
-``burst_seconds``, since schema 18), counted per link and day like the drops, and
+flag of schemas 18 to 22 the workspace did not exclude on the click's own row,
+``burst_clicks`` and ``burst_seconds``), counted per link and day like the drops, and
 announced (``fraud.flagged``).
 Whether a flagged event still counts is the workspace's policy per rule
 (``workspaces.fraud_policy``: ``flag``, the default, counts it; ``exclude`` moves no
@@ -19,7 +21,8 @@ Rules, thresholds per program (``programs.fraud_thresholds``, defaults below):
 - ``click_burst``: more than ``burst_clicks`` clicks from one IP on one link within
   ``burst_seconds`` (the click that crosses the line, and each one after it, is flagged;
   its evidence's ``clicks`` is the count up to ``burst_clicks`` + 1, where counting stops;
-  counted from the windows ``workers.consumer.bursts`` keeps per link and address);
+  counted from the windows ``workers.consumer.bursts`` keeps per link and address; judged
+  after the batch's commit, docs/guarantees.md says how soon);
 - ``fast_conversion``: a conversion within ``fast_conversion_seconds`` of its click;
 - ``disposable_email``: a lead's customer email is at a disposable-mail domain (the list
   shipped in ``workers/data``, see the README for its source).
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -142,31 +146,35 @@ def _limits(thresholds: dict[str, dict[str, int]], s: Stored) -> dict[str, int]:
     return thresholds.get(s.link.program_id or "", DEFAULT_THRESHOLDS)
 
 
+def burst_excluded(fraud_policy: dict[str, dict[str, str]], workspace_id: str) -> bool:
+    """Whether a workspace excludes click_burst: its clicks are then judged in their batch's
+    transaction, since the flag decides what they count; every other click after the
+    commit (``workers.consumer.burst_pass``), the flag being a flag and no more."""
+    return fraud_policy.get(workspace_id, {}).get("click_burst") == "exclude"
+
+
+def burst_limits(thresholds: dict[str, int]) -> bursts.Limits:
+    return bursts.Limits(thresholds["burst_clicks"], thresholds["burst_seconds"])
+
+
 async def bursts_before_insert(
     conn: asyncpg.Connection, clicks: list[Stored], thresholds: dict[str, dict[str, int]]
 ) -> dict[UUID, bursts.Counted]:
-    """The click_burst rule, run before the batch's events are inserted, so that a flag
-    goes on its click's row (``events.burst_clicks``, ``burst_seconds``: schema 18) rather
-    than a row of its own: the clicks flagged among ``clicks`` (the batch's, test mode
-    aside), by event id. Every click with an address joins its window, a bot's too; a
+    """The click_burst rule over the clicks of workspaces that exclude it, run before the
+    batch's events are inserted: the clicks flagged among ``clicks`` (the batch's, test
+    mode aside), by event id. Every click with an address joins its window, a bot's too; a
     redelivered copy of one stored before changes no window (``workers.consumer.bursts``),
-    and its flag is dropped with its row (ON CONFLICT DO NOTHING)."""
-    windowed = [s for s in clicks if s.type is EventType.CLICK and s.ip]
+    and is no event ``detect`` flags (it inserted nothing)."""
+    windowed = [
+        bursts.Click(s.envelope.event_id, s.link.id, s.ip, s.envelope.received_at_ms, not s.is_bot)
+        for s in clicks
+        if s.type is EventType.CLICK and s.ip
+    ]
     if not windowed:
         return {}
-    limits_of = {
-        s.link.id: bursts.Limits(_limits(thresholds, s)["burst_clicks"], _limits(thresholds, s)["burst_seconds"])
-        for s in windowed
-    }
-    counted = await bursts.count(conn, windowed, [s for s in windowed if not s.is_bot], limits_of)
-    return {c.stored.envelope.event_id: c for c in counted if c.clicks > c.limits.clicks}
-
-
-def burst_on_row(fraud_policy: dict[str, dict[str, str]], counted: bursts.Counted) -> bool:
-    """Whether a click_burst flag is kept on its event's row: unless its workspace excludes
-    the rule. An excluded one changes what its event counts, and keeps its ``event_flags``
-    row, which reconcile reads (``excluded``)."""
-    return fraud_policy.get(counted.stored.link.workspace_id, {}).get("click_burst") != "exclude"
+    limits_of = {s.link.id: burst_limits(_limits(thresholds, s)) for s in clicks}
+    counted = await bursts.count(conn, windowed, limits_of)
+    return {c.click.event_id: c for c in counted if c.clicks > c.limits.clicks}
 
 
 async def detect(
@@ -178,8 +186,7 @@ async def detect(
 ) -> Found:
     """Flag ``events`` (newly inserted, live), store the flags; what to leave uncounted.
     ``fraud_policy``: per workspace id, rule -> ``flag`` | ``exclude``; ``thresholds``:
-    ``thresholds_of``'s; ``burst``: ``bursts_before_insert``'s flags (those on the rows
-    are not stored again)."""
+    ``thresholds_of``'s; ``burst``: ``bursts_before_insert``'s flags."""
     found = Found()
     if not events:
         return found
@@ -214,10 +221,7 @@ async def detect(
         found.flags.append(Flag(s, rule, evidence, excluded))
         if excluded:
             found.excluded.add(s.envelope.event_id)
-    stored = sorted(
-        (f for f in found.flags if f.rule != "click_burst" or f.excluded),
-        key=lambda f: (f.stored.envelope.event_id, f.rule),
-    )
+    stored = sorted(found.flags, key=lambda f: (f.stored.envelope.event_id, f.rule))
     if stored:
         await conn.execute(
             _FLAGS,
@@ -291,21 +295,35 @@ def notices(found: Found, heard: Callable[[str], bool] = lambda workspace_id: Tr
     out = []
     for event_id, flags in sorted(by_event.items()):
         s = flags[0].stored
-        data = {
-            "event_id": str(event_id),
-            "type": s.type.name.lower(),
-            "received_at": s.at.isoformat(),
-            "link": {
-                "id": s.link.id,
-                "code": s.link.code,
-                "program_id": s.link.program_id,
-                "affiliate_id": s.link.affiliate_id,
-            },
-            "excluded": any(f.excluded for f in flags),
-            "flags": [
-                {"rule": f.rule, "evidence": f.evidence, "excluded": f.excluded}
-                for f in sorted(flags, key=lambda f: f.rule)
-            ],
+        link = {
+            "id": s.link.id,
+            "code": s.link.code,
+            "program_id": s.link.program_id,
+            "affiliate_id": s.link.affiliate_id,
         }
-        out.append(WebhookEvent(s.link.workspace_id, "fraud.flagged", event_id, "", data))
+        met = [(f.rule, f.evidence, f.excluded) for f in flags]
+        out.append(notice(s.link.workspace_id, event_id, s.type.name.lower(), s.at, link, met))
     return out
+
+
+def notice(
+    workspace_id: str,
+    event_id: UUID,
+    type_name: str,
+    at: datetime,
+    link: dict[str, str | None],
+    flags: list[tuple[str, dict[str, Any], bool]],
+) -> WebhookEvent:
+    """One event's ``fraud.flagged``: its ``flags`` as (rule, evidence, excluded)."""
+    data = {
+        "event_id": str(event_id),
+        "type": type_name,
+        "received_at": at.isoformat(),
+        "link": link,
+        "excluded": any(excluded for _, _, excluded in flags),
+        "flags": [
+            {"rule": rule, "evidence": evidence, "excluded": excluded}
+            for rule, evidence, excluded in sorted(flags, key=lambda f: f[0])
+        ],
+    }
+    return WebhookEvent(workspace_id, "fraud.flagged", event_id, "", data)

@@ -7,8 +7,10 @@ see ``jsonrows``), one statement per table, and sorted so that concurrent batche
 locks in one order and cannot deadlock one another. The order, phase by phase, each phase
 in key order: the erasure ledger's advisory lock (shared; an erased person's events are
 stored scrubbed: ``ingest.contract.erasure``, ``erased``), event_dedupe (by dedupe key:
-``dedupe``), burst_windows (by link and address: ``bursts``), events (by event id),
-event_flags, link_visitor_days, links (by id), daily_stats, affiliates (by id), affiliate_milestones,
+``dedupe``), burst_windows (by link and address: ``bursts``; only the clicks of
+workspaces that exclude the click_burst rule), events (by event id; with them, one
+``burst_pending`` row: the batch's other clicks, which ``burst_pass`` judges after the
+commit), event_flags, link_visitor_days, links (by id), daily_stats, affiliates (by id), affiliate_milestones,
 customers, sales and sale_stats (``sales``), webhook_deliveries, event_drops, drop_stats.
 
 ``_write`` is that order as named steps over one batch's state (``_Batch``), each step's
@@ -72,6 +74,20 @@ ON CONFLICT (event_id) DO NOTHING
 -- below the retention's horizon, its partition may have been dropped: a copy of an event
 -- counted long ago cannot be told from a first delivery, so it is stored and moves nothing
 RETURNING event_id, (event_id < (SELECT horizon_id FROM event_retention)) IS TRUE AS expired
+"""
+# the same, where the batch has clicks for the click_burst rule to judge after the commit
+# ($2: their event ids): those inserted, and not expired, go in one ``burst_pending`` row,
+# in the same statement (no round trip more), so that the commit that stores them also
+# leaves them to judge (``workers.consumer.burst_pass``)
+_INSERT_EVENTS_PENDING = f"""
+WITH ins AS ({_INSERT_EVENTS}),
+pending AS (
+    INSERT INTO burst_pending (clicks)
+    SELECT array_agg(i.event_id ORDER BY i.event_id) FROM ins i JOIN unnest($2::uuid[]) AS j (id) ON j.id = i.event_id
+    WHERE NOT i.expired
+    HAVING count(*) > 0
+)
+SELECT event_id, expired FROM ins
 """
 
 
@@ -181,7 +197,8 @@ class _Batch:
     no_row: list[drops.NoRow] = field(default_factory=list)  # dropped with no event row: counted once by event id
     policy: dict[str, Any] = field(default_factory=dict)  # workspace id -> its fraud_policy
     limits: dict[str, dict[str, int]] = field(default_factory=dict)  # program id -> its fraud thresholds
-    burst: dict[UUID, bursts.Counted] = field(default_factory=dict)
+    burst: dict[UUID, bursts.Counted] = field(default_factory=dict)  # flagged in the transaction (excluded)
+    later: list[UUID] = field(default_factory=list)  # clicks the click_burst rule judges after the commit
     returned: dict[UUID, bool] = field(default_factory=dict)  # inserted event id -> expired
     inserted: list[Stored] = field(default_factory=list)  # in event-id order
     flagged: fraud.Found = field(default_factory=fraud.Found)
@@ -282,30 +299,33 @@ async def _claim_keys(b: _Batch) -> None:
 
 
 async def _bursts(b: _Batch) -> None:
-    """The workspaces' fraud policies and programs' thresholds; the click_burst rule before
-    the insert: a flag the workspace does not exclude is on its row."""
+    """The workspaces' fraud policies and programs' thresholds; the click_burst rule: before
+    the insert for the clicks of workspaces that exclude it (the flag decides what they
+    count), after the commit for the others (``burst_pass``: named here, judged there)."""
     b.policy = {ws: r["fraud_policy"] or {} for ws, r in b.policies.items()}
     b.limits = fraud.thresholds_of(b.thresholds)
     if not b.effects.fraud:
         return
-    b.burst = await fraud.bursts_before_insert(
-        b.conn, [b.kept[r.event_id] for r in b.rows if not r.test_mode], b.limits
-    )
-    if b.burst:
-        b.rows = [
-            EventRow(*r[:-2], c.limits.clicks, c.limits.seconds)  # burst_clicks, burst_seconds: _replace's cost a third
-            if (c := b.burst.get(r.event_id)) is not None and fraud.burst_on_row(b.policy, c)
-            else r
-            for r in b.rows
-        ]
+    now: list[Stored] = []
+    for r in b.rows:
+        if r.test_mode or r.type != EventType.CLICK or r.ip is None:
+            continue
+        if fraud.burst_excluded(b.policy, r.workspace_id):
+            now.append(b.kept[r.event_id])
+        else:
+            b.later.append(r.event_id)
+    if now:
+        b.burst = await fraud.bursts_before_insert(b.conn, now, b.limits)
 
 
 async def _insert(b: _Batch) -> None:
     """Statement two: the events' rows; then what the events that lost their key's claim
     are (``dedupe.settle_lost``)."""
-    b.returned = {
-        r["event_id"]: r["expired"] for r in await b.conn.fetch(_INSERT_EVENTS, jsonrows.doc(event_row.plain(b.rows)))
-    }
+    doc = jsonrows.doc(event_row.plain(b.rows))
+    inserted = await (
+        b.conn.fetch(_INSERT_EVENTS_PENDING, doc, b.later) if b.later else b.conn.fetch(_INSERT_EVENTS, doc)
+    )
+    b.returned = {r["event_id"]: r["expired"] for r in inserted}
     b.inserted = [s for event_id, s in b.kept.items() if event_id in b.returned]  # in event-id order
     b.result.inserted = len(b.inserted)
     b.result.duplicates += len(b.kept) - len(b.inserted)

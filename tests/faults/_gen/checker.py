@@ -27,7 +27,8 @@ found by its token), from the outcomes of the operation's attempts:
   stored event, or a refund answered 2xx, in no line); ``erased_kept``, ``erasure_pending``
   (an erased customer still somewhere: ``erased.py``); ``burst_unearned``, ``burst_evidence``
   (a click_burst flag whose window does not hold more clicks than its threshold, or whose
-  evidence is not where the count stops: ``_bursts``); ``suppressed_stored`` (a click of a
+  evidence is not where the count stops), ``burst_unjudged`` (a stored click the rule's
+  pass after the commit never judged: ``_bursts``); ``suppressed_stored`` (a click of a
   visitor on the do-not-track list, sent once every edge must have read the list, stored:
   ``_surely_suppressed``); ``process_exit``, ``replay_failed``,
   ``nemesis`` (the run's own);
@@ -49,6 +50,8 @@ counted (``lost_with_redis``) and printed, never an event answered 2xx.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +95,9 @@ PROBE_S = 2.0  # after such a fault heals, how long an edge may still answer wit
 SPOOL_DRAIN_S = 5.0  # ... and how long a click it spooled (with what it remembers) takes to reach Redis
 # each click_burst flag of a click whose address is still stored, with the clicks its window
 # holds (those without an address, erased since, counted as the flagged one's); a flag is
-# on its click's row (burst_clicks, burst_seconds: schema 18) or, excluded, an event_flags
-# row (its evidence's clicks is the threshold + 1 on the row: where counting stops)
+# an event_flags row (schema 23), or as schemas 18 to 22 kept one the workspace did not
+# exclude, on its click's row (burst_clicks, burst_seconds: its evidence's clicks is the
+# threshold + 1, where counting stops)
 BURSTS = f"""SELECT f.event_id, {TOKEN_SQL} AS token, f.clicks, f.threshold,
        (SELECT count(*) FROM events o
          WHERE o.link_id = e.link_id AND o.type = 1 AND NOT o.test_mode AND (o.ip = e.ip OR o.ip IS NULL)
@@ -106,6 +110,9 @@ FROM (SELECT event_id, (evidence->>'clicks')::int AS clicks, (evidence->>'thresh
       SELECT event_id, burst_clicks + 1, burst_clicks, burst_seconds FROM events WHERE burst_clicks IS NOT NULL) f
 JOIN events e ON e.event_id = f.event_id
 WHERE e.ip IS NOT NULL"""
+# how long after the drain the workers' passes may take to judge what is left (each passes
+# every second: workers/consumer/burst_pass.py)
+UNJUDGED_WAIT_S = 30.0
 # management writes, by the token: a participant's generated code, a link created by code
 GENERATED = """SELECT a.external_id AS token, count(DISTINCT l.id) AS links, min(l.code) AS code
 FROM affiliates a LEFT JOIN links l ON l.affiliate_id = a.id WHERE a.external_id LIKE 'g%' GROUP BY 1"""
@@ -489,12 +496,24 @@ class GenChecker:
         return True
 
     async def _bursts(self) -> None:
-        """Every ``click_burst`` flag is earned: its click's window (the link, the address,
+        """Every stored click is judged: the rule runs after its batch's commit
+        (``workers.consumer.burst_pass``), and what a pass has yet to judge is gone from
+        ``burst_pending`` within the workers' passes after the drain (awaited, not slept).
+        Every ``click_burst`` flag is earned: its click's window (the link, the address,
         ``window_seconds`` up to it, in (time, event id) order, test mode aside) holds more
         stored clicks than ``threshold_clicks``, and its evidence's ``clicks`` is where the
         count stops, the threshold + 1. A click erased since (its address scrubbed) may
         have been counted: the window's clicks without an address count towards it; a
-        flagged click erased itself, whose address is gone, is not judged."""
+        flagged click erased itself, whose address is gone, is not judged. (A click the
+        definition names need not be flagged: stored out of order, a count may fall short.)"""
+        deadline = time.monotonic() + UNJUDGED_WAIT_S
+        while True:  # polled: the passes are in the workers' processes
+            left = await self.check.fetchval("SELECT count(*) FROM burst_pending")
+            if not left or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.25)
+        if left:
+            self.a.add("burst_unjudged", f"{left} batches' clicks not judged {UNJUDGED_WAIT_S:.0f}s after the drain")
         flags = await self.check.fetch(BURSTS)
         self.bursts = len(flags)
         for r in flags:

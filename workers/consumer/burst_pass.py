@@ -1,0 +1,169 @@
+"""The click_burst rule after the batch's commit: a pass over committed clicks, set-based.
+
+A flag is a flag, not a count: it moves no counter, so it needs no place in the batch's
+transaction (where it cost Postgres about a third of a stored click: docs/benchmarks.md,
+"The click_burst rule after the commit"). A workspace that excludes the rule is the
+exception, judged in the batch (``workers.consumer.fraud.burst_excluded``).
+
+- **What is left to judge is durable.** The batch's events insert writes one
+  ``burst_pending`` row (its clicks' event ids) in its transaction (``workers.consumer.store``):
+  the commit that stores a click also leaves it to judge, and a worker that stops after
+  the commit leaves the row to the next pass of any worker.
+- **A pass is one transaction, bounded.** It takes at most ``PASS_ROWS`` pending rows
+  (``FOR UPDATE SKIP LOCKED``: workers share them; oldest first, so that clicks are merged
+  in about the order they were stored), reads their clicks from ``events`` as committed
+  (an erased click, its address gone, is not judged; a row since dropped with its partition
+  neither), merges them into their windows and counts them in one statement
+  (``workers.consumer.bursts``), writes the flags, their ``drop_stats`` count
+  (``flagged``/``click_burst``) and their ``fraud.flagged`` deliveries, and deletes the
+  rows it took. A pass that fails rolls all of it back; the rows are taken again.
+- **Idempotent by event id.** A flag is an ``event_flags`` row keyed by (event id, rule),
+  inserted ON CONFLICT DO NOTHING RETURNING: only a flag that came back is counted and
+  announced, so a click judged twice (a replay, a pass repeated) flags nothing twice; a
+  window holds a click once, by event id.
+- **Lock order**: ``burst_pending``, then the batch's own order (``workers.consumer.store``):
+  burst_windows, event_flags, links, webhook_deliveries, drop_stats, each in key order. The
+  flagged clicks' links are locked as a batch locks them (FOR NO KEY UPDATE), so that a
+  fixing reconcile, which holds its chunk's links while it recounts ``drop_stats``
+  (``workers.ops.reconcile``), never rewrites a count beside a flag not yet committed.
+
+The consumer runs a pass every ``PASS_EVERY_S`` (``workers.consumer.consume``), and again
+at once while a pass took all it may: docs/guarantees.md says how soon a flag appears.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import asyncpg
+import structlog
+
+from ingest.contract import jsonrows
+from ingest.contract.drops import FLAGGED
+from ingest.contract.fraud import FRAUD_THRESHOLDS
+from ingest.ledger import outbox
+from workers.consumer import bursts, drops, fraud
+from workers.group.errors import retried_in_place
+
+log = structlog.get_logger("workers.burst_pass")
+
+PASS_ROWS: Final = 32  # pending rows (a batch's clicks each) a pass takes: its bound
+PASS_EVERY_S: Final = 1.0  # how often the consumer passes
+PASSES_A_TICK: Final = 8  # passes in a row at most, while each takes all it may (a backlog)
+
+_TAKE = """
+DELETE FROM burst_pending WHERE id IN (
+    SELECT id FROM burst_pending ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+RETURNING clicks
+"""
+# the clicks as committed, with what their flags and notices need: thresholds (the
+# program's now), the link's code, whether a webhook of the workspace hears fraud.flagged
+_CLICKS = """
+SELECT e.event_id, e.workspace_id::text, e.link_id::text, host(e.ip) AS ip, e.is_bot, e.received_at,
+       (extract(epoch FROM e.received_at) * 1000)::bigint AS at_ms, e.program_id::text, e.affiliate_id::text,
+       l.code, p.fraud_thresholds,
+       EXISTS (SELECT 1 FROM webhooks h
+               WHERE h.workspace_id = e.workspace_id AND h.active AND 'fraud.flagged' = ANY (h.events)) AS heard
+FROM events e
+LEFT JOIN links l ON l.id = e.link_id
+LEFT JOIN programs p ON p.id = e.program_id
+WHERE e.event_id = ANY ($1::uuid[]) AND e.type = 1 AND e.ip IS NOT NULL AND e.link_id IS NOT NULL
+"""
+_LINKS = "SELECT 1 FROM links WHERE id = ANY ($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
+_FLAGS = f"""
+INSERT INTO event_flags (event_id, rule, workspace_id, excluded, evidence)
+{jsonrows.select(("uuid", "text", "uuid", "boolean", "jsonb"))}
+ORDER BY 1, 2
+ON CONFLICT DO NOTHING
+RETURNING event_id
+"""
+
+
+@dataclass(slots=True)
+class Passed:
+    taken: int = 0  # pending rows judged
+    judged: int = 0  # their clicks read (with an address, still stored)
+    flagged: int = 0  # flags new to this pass
+    deliveries: list[str] = field(default_factory=list)  # fraud.flagged outbox rows to enqueue
+
+
+async def run(pool: asyncpg.Pool, rows: int = PASS_ROWS) -> Passed:
+    """One pass over at most ``rows`` pending rows, in one transaction; deadlocks and
+    serialization failures retried. The deliveries it made are for the caller to enqueue
+    after it (the webhooks' sweep enqueues what is left)."""
+
+    async def once() -> Passed:
+        async with pool.acquire() as conn, conn.transaction():
+            return await _pass(conn, rows)
+
+    return await retried_in_place(once, "burst_pass")
+
+
+async def _pass(conn: asyncpg.Connection, rows: int) -> Passed:
+    taken = await conn.fetch(_TAKE, rows)
+    out = Passed(taken=len(taken))
+    ids = sorted({i for r in taken for i in r["clicks"]})
+    if not ids:
+        return out
+    found = await conn.fetch(_CLICKS, ids)
+    out.judged = len(found)
+    # each program's thresholds once (an unusable one warned of once a pass, not a click)
+    programs = fraud.thresholds_of({r["program_id"]: r["fraud_thresholds"] for r in found if r["program_id"]})
+    limits = {r["link_id"]: fraud.burst_limits(programs.get(r["program_id"], FRAUD_THRESHOLDS)) for r in found}
+    clicks = [bursts.Click(r["event_id"], r["link_id"], r["ip"], r["at_ms"], not r["is_bot"]) for r in found]
+    crossed = [c for c in await bursts.count(conn, clicks, limits) if c.clicks > c.limits.clicks]
+    if not crossed:
+        return out
+    by_id = {r["event_id"]: r for r in found}
+    evidence = {c.click.event_id: _evidence(c) for c in crossed}
+    new = {
+        r["event_id"]
+        for r in await conn.fetch(
+            _FLAGS,
+            jsonrows.doc([(i, "click_burst", by_id[i]["workspace_id"], False, evidence[i]) for i in sorted(evidence)]),
+        )
+    }
+    out.flagged = len(new)
+    if new:
+        await conn.execute(_LINKS, sorted({by_id[i]["link_id"] for i in new}))
+    heard = [by_id[i] for i in sorted(new) if by_id[i]["heard"]]
+    notices = [fraud.notice(*_notice(r, evidence[r["event_id"]])) for r in heard]
+    out.deliveries = await outbox.record_deliveries(conn, notices)
+    counts: Counter[drops.Key] = Counter()
+    for i in new:
+        r = by_id[i]
+        counts[(r["workspace_id"], r["link_id"], r["received_at"].date(), FLAGGED, "click_burst")] += 1
+    await drops.add(conn, counts)
+    return out
+
+
+def _evidence(c: bursts.Counted) -> dict[str, Any]:
+    """As ``event_flags`` keeps a click_burst flag's: the address is its row's
+    (``fraud.ON_THE_ROW``), which an erasure scrubs there."""
+    return {"clicks": c.clicks, "threshold_clicks": c.limits.clicks, "window_seconds": c.limits.seconds}
+
+
+def _notice(r: asyncpg.Record, evidence: dict[str, Any]) -> tuple[Any, ...]:
+    """``fraud.notice``'s arguments for a flagged click: its evidence with its address,
+    as the batch's notices have it."""
+    link = {"id": r["link_id"], "code": r["code"], "program_id": r["program_id"], "affiliate_id": r["affiliate_id"]}
+    return (
+        r["workspace_id"],
+        r["event_id"],
+        "click",
+        r["received_at"],
+        link,
+        [("click_burst", {"ip": r["ip"], **evidence}, False)],
+    )
+
+
+async def run_until_done(pool: asyncpg.Pool, passes: int = PASSES_A_TICK) -> list[Passed]:
+    """Passes while each takes all it may, ``passes`` at most: a tick's work."""
+    done = []
+    for _ in range(passes):
+        done.append(await run(pool))
+        if done[-1].taken < PASS_ROWS:
+            break
+    return done
