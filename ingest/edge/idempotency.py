@@ -165,6 +165,24 @@ def replay(first: Answer, claim: Claim, refuse: Refuse, headers: dict[str, str] 
     return first.response(headers)
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A keyed event's append, made once (``Idempotency.prepare``)."""
+
+    command: erasure_index.Filed  # the script, with what files its record beside it
+    check: Once  # what a spooled copy keeps, to be drained through the same script
+    earlier: tuple[str, ...]  # on a Redis Cluster: the key's records to read first
+
+
+@dataclass(frozen=True, slots=True)
+class _Places:
+    partition: int
+    stream: str
+    record: str
+    earlier: tuple[str, ...]  # the key's records under earlier partition counts
+    unnamed: tuple[str, ...]  # on one server: its records from before they named a workspace
+
+
 class Idempotency:
     """Held by the edge: the scripts, the window, and the answers it gave from its spool."""
 
@@ -195,11 +213,49 @@ class Idempotency:
         return f"idem:{claim.digest}:{envelope.received_at_ms // self.window_ms}"
 
     def append_command(self, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer) -> erasure_index.Filed:
-        """The script that appends ``envelope`` unless the key has a record. Marks the
-        envelope with the key's dedupe value first (a conversion keeps its own)."""
+        """The script that appends ``envelope`` unless the key has a record (``prepare``)."""
+        return self.prepare(claim, routing_key, envelope, answer).command
+
+    def prepare(self, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer) -> Prepared:
+        """A keyed event's append, made once: the script that appends ``envelope`` unless the
+        key has a record, with what files the record (``erasure_index.Filed``); the check a
+        spooled copy keeps; and on a Redis Cluster the key's records from earlier partition
+        counts, read before it (``found_earlier``). Marks the envelope with the key's dedupe
+        value first (a conversion keeps its own)."""
         envelope.payload.setdefault("dedupe", self.dedupe(claim, envelope))
-        partition = self.keys.partition_for(routing_key)
-        record = self.keys.idempotent(claim.digest, partition, claim.workspace)
+        encoded = answer.encode()
+        places = self._places(claim, routing_key)
+        entry = wire.to_entry(envelope)
+        if self.cluster:
+            command: Command = (
+                "EVALSHA",
+                self._append_sha,
+                2,
+                places.record,
+                places.stream,
+                encoded,
+                self.window_ms,
+                "",
+                "",
+                *entry,
+            )
+        else:
+            older = places.earlier + places.unnamed
+            changed = self._layout().changed_ms if self._layout is not None else 0
+            command = (
+                "EVALSHA",
+                self._append_sha,
+                3 + len(older),
+                places.record,
+                places.stream,
+                self.keys.layout,
+                *older,
+                encoded,
+                self.window_ms,
+                self.keys.partitions,
+                changed,
+                *entry,
+            )
         # the record filed under its event once the script appended (ingest.edge.erasure_index):
         # an erasure's sweep reads the records of the person's own events, never every record
         workspace = envelope.workspace_id or claim.workspace
@@ -207,7 +263,7 @@ class Idempotency:
             erasure_index.answer_commands(
                 self.keys,
                 workspace,
-                partition,
+                places.partition,
                 envelope.event_id,
                 claim.digest,
                 claim.workspace is not None,
@@ -216,67 +272,46 @@ class Idempotency:
             if workspace
             else ()
         )
-        return erasure_index.Filed(self._append(claim, routing_key, envelope, answer, partition, record), filed)
+        return Prepared(
+            erasure_index.Filed(command, filed),
+            Once(places.record, encoded, self.window_ms),
+            places.earlier if self.cluster else (),
+        )
 
-    def _append(
-        self, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer, partition: int, record: str
-    ) -> Command:
-        if self.cluster:
-            return (
-                "EVALSHA",
-                self._append_sha,
-                2,
-                record,
-                self.keys.stream(partition),
-                answer.encode(),
-                self.window_ms,
-                "",
-                "",
-                *wire.to_entry(envelope),
-            )
-        earlier = self.earlier(claim, routing_key) + self.unnamed(claim, routing_key)
-        changed = self._layout().changed_ms if self._layout is not None else 0
-        return (
-            "EVALSHA",
-            self._append_sha,
-            3 + len(earlier),
-            record,
-            self.keys.stream(partition),
-            self.keys.layout,
-            *earlier,
-            answer.encode(),
-            self.window_ms,
-            self.keys.partitions,
-            changed,
-            *wire.to_entry(envelope),
+    def _places(self, claim: Claim, routing_key: str) -> _Places:
+        """Where the key's records are (``Keys.idempotent``): its partition's stream and record,
+        its records in the partitions that counts of the last window gave it (a partition
+        count changed: ``ingest.contract.layout``), and, on one server, those an edge wrote
+        before records named their workspace (a repeat within the window after an upgrade
+        gets their answer too; on a Redis Cluster, where one script reads its slot's keys
+        alone, such a repeat is answered afresh, and stored once by the key's dedupe value)."""
+        keys = self.keys
+        counts = self._layout().earlier(clock.now_ms()) if self._layout is not None else ()
+        partition = keys.partition_for(routing_key)
+        others = sorted({keys.partition_for(routing_key, c) for c in counts} - {partition})
+        earlier = tuple(keys.idempotent(claim.digest, p, claim.workspace) for p in others)
+        unnamed: tuple[str, ...] = ()
+        if claim.workspace is not None and not self.cluster:
+            unnamed = tuple(keys.idempotent(claim.digest, p) for p in (partition, *others))
+        return _Places(
+            partition,
+            keys.stream(partition),
+            keys.idempotent(claim.digest, partition, claim.workspace),
+            earlier,
+            unnamed,
         )
 
     def earlier(self, claim: Claim, routing_key: str) -> tuple[str, ...]:
-        """The key's records in the partitions that counts of the last window gave it (a
-        partition count changed: ``ingest.contract.layout``), other than its current one."""
-        if self._layout is None or not (counts := self._layout().earlier(clock.now_ms())):
-            return ()
-        now = self.keys.partition_for(routing_key)
-        ps = {self.keys.partition_for(routing_key, c) for c in counts} - {now}
-        return tuple(self.keys.idempotent(claim.digest, p, claim.workspace) for p in sorted(ps))
+        """The key's records in the partitions that counts of the last window gave it, other
+        than its current one (``_places``)."""
+        return self._places(claim, routing_key).earlier
 
-    def unnamed(self, claim: Claim, routing_key: str) -> tuple[str, ...]:
-        """The key's records as an edge wrote them before records named their workspace: a
-        repeat within the window after an upgrade gets their answer too. (Not on a Redis
-        Cluster, where one script reads its slot's keys alone: there such a repeat is
-        answered afresh, and stored once by the key's dedupe value.)"""
-        if claim.workspace is None:
-            return ()
-        anonymous = Claim(claim.digest, claim.fingerprint)
-        now = self.keys.idempotent(claim.digest, self.keys.partition_for(routing_key))
-        return (now, *self.earlier(anonymous, routing_key))
-
-    async def found_earlier(self, batcher: RedisBatcher, claim: Claim, routing_key: str) -> bytes | None:
+    async def found_earlier(self, batcher: RedisBatcher, records: tuple[str, ...]) -> bytes | None:
         """On a Redis Cluster, where one script cannot read them: the first answer among the
-        key's records from earlier partition counts, read in a round trip of its own before
-        the append (two copies of one key sent at once across a count change may then both
-        be appended; the workers store one: their dedupe value is the key's)."""
-        if not self.cluster or not (records := self.earlier(claim, routing_key)):
+        key's records from earlier partition counts (``Prepared.earlier``), read in a round
+        trip of its own before the append (two copies of one key sent at once across a count
+        change may then both be appended; the workers store one: their dedupe value is the key's)."""
+        if not records:
             return None
         replies = await batcher.execute(*(("GET", r) for r in records))
         for reply in replies:

@@ -15,16 +15,49 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from aiohttp import web
+
 from ingest.contract.connections import Command
-from ingest.contract.errors import NotSent, OutcomeUnknown
+from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.contract.events import Envelope
+from ingest.contract.links import LinkInfo
 from ingest.contract.logs import note_event
-from ingest.edge.enqueue import first_reply, never_sent, to_spool, unkept
-from ingest.edge.idempotency import Answer, Claim
-from ingest.spool.store import Once
+from ingest.edge.enqueue import first_reply, never_sent, spool_or_unknown, suppressed, to_spool, unkept
+from ingest.edge.idempotency import Answer, Claim, Refuse, replay
+from ingest.edge.problem import Down
 
 if TYPE_CHECKING:
     from ingest.edge.state import Edge
+
+
+async def put_once(
+    edge: Edge,
+    refuse: Refuse,
+    claim: Claim,
+    envelope: Envelope,
+    routing_key: str,
+    answer: bytes,
+    headers: dict[str, str] | None,
+    *extra: Command,
+    link: LinkInfo | None,
+    spool: bool,
+) -> web.Response:
+    """A route's keyed append and its answer: the event (``extra`` in its round trip)
+    appended once per ``claim`` (``append_keyed``) and answered ``answer``; a repeat of the
+    key gets the first request's answer (422, in the route's ``refuse``, if it asked
+    something else). ``spool``: a public route's click, which Redis down sends to the spool;
+    otherwise that is the route's 503, raised (``Down``). An event its workspace does not
+    track (``enqueue.suppressed``, named by its ``link``) is answered and appended nowhere."""
+    if not suppressed(edge, envelope, link):
+        try:
+            first = await append_keyed(
+                edge, claim, envelope, routing_key, Answer(200, answer, claim.fingerprint), *extra, spool=spool
+            )
+        except (NotSent, OutcomeUnknown, Outage) as exc:
+            raise Down(exc) from exc
+        if first is not None:
+            return replay(first, claim, refuse, headers)
+    return web.Response(body=answer, content_type="application/json", headers=headers)
 
 
 async def append_keyed(
@@ -43,15 +76,15 @@ async def append_keyed(
     not run, on a route that does not spool, is raised (a refusal, 503). ``SpoolFull`` /
     ``SpoolError`` when the spool cannot keep a copy Redis certainly does not hold.
     """
-    check = edge.idem.check(claim, routing_key, answer)
+    prepared = edge.idem.prepare(claim, routing_key, envelope, answer)
+    check, command = prepared.check, prepared.command
     note_event(envelope.event_id)
-    if edge.idem.cluster:  # a count changed within the window: the key's earlier records first
+    if prepared.earlier:  # a count changed within the window: the key's earlier records first
         try:
-            if (earlier := await edge.idem.found_earlier(edge.batcher, claim, routing_key)) is not None:
+            if (earlier := await edge.idem.found_earlier(edge.batcher, prepared.earlier)) is not None:
                 return Answer.decode(earlier)
         except (NotSent, OutcomeUnknown):
             pass  # the append below meets the same trouble, and says what it means
-    command = edge.idem.append_command(claim, routing_key, envelope, answer)
     try:
         # its record filed under its event, after what it writes (``erasure_index.Filed``)
         replies = await edge.batcher.execute(command, *extra, *command.beside, durable=True)
@@ -80,15 +113,3 @@ async def append_keyed(
         raise unkept(None, first)
     edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
     return None
-
-
-async def spool_or_unknown(
-    edge: Edge, envelope: Envelope, routing_key: str, extra: tuple[Command, ...], check: Once, exc: BaseException
-) -> None:
-    """Spool a keyed copy Redis may hold (kept unless a copy of its key waits there);
-    the outcome ``UNKEPT``, naming no event (the key's stored copy may be another's), when the
-    spool cannot keep it."""
-    try:
-        await to_spool(edge, envelope, routing_key, extra, once=check, maybe_applied=exc)
-    except OutcomeUnknown as unknown:  # the spool could not keep it
-        raise unkept(None, exc) from unknown

@@ -167,6 +167,23 @@ class _Ask:
     gets: list[str]
 
 
+async def key_lookup(edge: Edge, secret: str) -> Found:
+    """A keyed route's caller and nothing else (a sale, a refund, a batch): whom ``secret``
+    names (Redis, else Postgres) and its rate limit (``edge.key_limiter``, counted under
+    the key's hash), in one round trip; no link, no guess. What Redis raised propagates:
+    the route answers 503."""
+    digest, principal, hit = edge.auth.cached(secret)
+    limiter = edge.key_limiter
+    commands: list[Command] = [limiter.command(edge.keys.ratelimit(limiter.name, key_subject(digest)))]
+    if not hit:
+        commands.append(("GET", edge.auth.redis_key(digest)))
+    replies = await edge.batcher.execute(*commands, check=limiter.check)
+    found = Found(verdict=limiter.verdict(replies[0]), principal=principal)
+    if not hit:
+        found.principal = await _authenticate(edge, digest, replies[1])
+    return found
+
+
 async def keyed_lookup(
     edge: Edge,
     limiter: RateLimiter,
@@ -198,7 +215,7 @@ async def keyed_lookup(
     found = Found(verdict=_verdict(ask, replies, counted), principal=key.principal)
     i = int(counted)
     if key.miss:
-        found.principal = await _authenticate(edge, key, replies[i])
+        found.principal = await _authenticate(edge, key.digest, replies[i])
         i += 1
     return await _take(ask, found, replies[i:])
 
@@ -242,13 +259,13 @@ def _parse_key(edge: Edge, secret: str) -> _Key:
     return _Key(digest, principal, not hit)
 
 
-async def _authenticate(edge: Edge, key: _Key, reply: object) -> Principal | None:
+async def _authenticate(edge: Edge, digest: bytes, reply: object) -> Principal | None:
     """Whom a key this edge had not cached names, from Redis's reply to its ``GET``; from
     Postgres (bounded: ``fallback``) when Redis has never seen it."""
     if isinstance(reply, bytes):  # Redis knew the key: no Postgres, no need to queue for it
-        return await edge.auth.resolve(key.digest, reply)
+        return await edge.auth.resolve(digest, reply)
     # one question a key at a time: a burst on a cold key waits for the first one's answer
-    return await edge.auth.asked_once(key.digest, lambda: fallback(edge, lambda: edge.auth.resolve(key.digest, reply)))
+    return await edge.auth.asked_once(digest, lambda: fallback(edge, lambda: edge.auth.resolve(digest, reply)))
 
 
 def _ask(edge: Edge, limiter: RateLimiter, subject: str, code: str | None, extra: tuple[Command, ...]) -> _Ask:
@@ -326,16 +343,17 @@ async def _guessed(
     held = [edge.seen.get(key) for key in ask.reads + ask.gets]  # what the guess was made from
     n_values = len(ask.reads) + len(ask.extra)  # a reply of another shape is another's: never read
     try:
-        (reply,) = await edge.batcher.execute(
+        replies = await edge.batcher.execute(
             checked, durable=True, check=lambda r: well_formed(r[0], flags=1, values=n_values)
         )
     except (NotSent, OutcomeUnknown) as exc:
         if never_sent(exc):
             return await unsent(exc)
         return await _settled(ask, principal, held, guess, exc)
+    (reply,) = replies
     if isinstance(reply, Exception):
         return None
-    found = Found(verdict=ask.limiter.verdict(reply), principal=principal, appended=bool(reply[3]))
+    found = Found(verdict=_verdict(ask, replies, True), principal=principal, appended=bool(reply[3]))
     if found.appended:
         appended(edge, guess.envelope)
     return await _take(ask, found, reply[4:])

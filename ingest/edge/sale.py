@@ -41,11 +41,12 @@ from ingest.contract.fields import (
     OrderId,
     Processor,
 )
-from ingest.edge import accept
+from ingest.edge import accept, enqueue, keyed
 from ingest.edge.bodies import customer_aliases, no_default
 from ingest.edge.dub_shapes import sale_answer
 from ingest.edge.enqueue import OUTCOME
 from ingest.edge.idempotency import Claim, fingerprint
+from ingest.edge.lookup import seen_link
 from ingest.edge.problem import Down, Problem
 from ingest.edge.resolve import Unavailable, fallback, resolve_click
 from ingest.edge.state import Edge
@@ -226,7 +227,7 @@ async def track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
 
 async def _track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
     voice = dialect.voice
-    started = await accept.caller(request, voice, dialect.model, dialect.refusals)
+    started = await accept.caller(request, dialect.model, dialect.refusals)
     workspace, idem_key = started.admitted.principal.workspace_id, started.admitted.idem_key
     led = False
     if isinstance(started.body, TrackSale) and started.body.clickId:
@@ -236,23 +237,21 @@ async def _track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
     event = envelope(dialect.dialect, workspace, payload)
     route = event.routing_key()
     assert route is not None
+    answer, headers = dialect.answer(started.body, event), started.found.verdict.headers
+    claimed = claim(voice.route, workspace, idem_key, payload)
     try:
-        return await accept.append(
-            started.edge,
-            voice,
-            event,
-            route,
-            dialect.answer(started.body, event),
-            started.found.verdict.headers,
-            claim=claim(voice.route, workspace, idem_key, payload),
-            spool=False,
-        )
+        if claimed is not None:
+            return await keyed.put_once(
+                started.edge, voice.refuse, claimed, event, route, answer, headers, link=None, spool=False
+            )
+        await enqueue.put(started.edge, event, route, link=None, spool=False)
+        return accept.accepted(answer, headers)
     except Down as exc:
         if not led:
             raise
-        answer = voice.render(exc)
-        answer.headers[OUTCOME] = "unknown"  # the lead is in: the request is not refused as a whole
-        return answer
+        refused = voice.render(exc)
+        refused.headers[OUTCOME] = "unknown"  # the lead is in: the request is not refused as a whole
+        return refused
 
 
 # whether the customer has a row: a direct sale makes no lead for a customer who has one
@@ -295,7 +294,7 @@ async def direct_lead(edge: Edge, dialect: SaleDialect[Any], workspace: str, bod
         if value is not None:
             payload[field] = value
     lead = Envelope(type=EventType.LEAD, dialect=dialect.dialect, workspace_id=workspace, payload=payload)
-    await accept.put(edge, dialect.voice, lead, click.code, spool=False)
+    await enqueue.put(edge, lead, click.code, link=seen_link(edge, click.code), spool=False)
     return True
 
 

@@ -23,7 +23,7 @@ from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.fields import NO_NUL, NoNul, OptionalId
 from ingest.contract.links import LinkInfo
-from ingest.edge import accept
+from ingest.edge import accept, enqueue, keyed
 from ingest.edge.body import BodyError, parse
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key, valid_key
 from ingest.edge.lookup import Guess, seen_link
@@ -230,7 +230,6 @@ async def track_click(request: web.Request) -> web.Response:
                 guess = Guess(made.envelope, code, made.extra)
     found = await accept.look(  # public: with Redis down, the link from Postgres and the event to the spool
         edge,
-        VOICE,
         edge.public_limiter,
         ip or "-",
         code,
@@ -238,7 +237,7 @@ async def track_click(request: web.Request) -> web.Response:
         guess=guess,
     )
     headers = found.verdict.headers
-    refused = accept.refusal(edge, found, request.headers.get("Origin"))
+    refused = accept.refusal(edge, VOICE.route, code, found, request.headers.get("Origin"))
     if refused is not None:
         return _refuse(refused, code, headers)
     link = found.link
@@ -261,10 +260,13 @@ async def track_click(request: web.Request) -> web.Response:
         return accept.accepted(made.resp, headers)
     if made is None or made.envelope.workspace_id != link.workspace_id or prior is not None:
         made = _make(request, edge, body, code, link, prior, ip, test_mode)
-    claim = None
-    if idem_key is not None:  # public: scoped by the link's workspace and the link
-        asked = fingerprint(body.model_dump(exclude={"dedupe"}))
-        claim = Claim.of(idem_key, "affitor-click", link.workspace_id, asked, link=code)
-    return await accept.append(
-        edge, VOICE, made.envelope, code, made.resp, headers, *made.extra, claim=claim, spool=True
+    if idem_key is None:
+        await enqueue.put(edge, made.envelope, code, *made.extra, link=link, spool=True)
+        return accept.accepted(made.resp, headers)
+    # public: scoped by the link's workspace and the link
+    claim = Claim.of(
+        idem_key, "affitor-click", link.workspace_id, fingerprint(body.model_dump(exclude={"dedupe"})), link=code
+    )
+    return await keyed.put_once(
+        edge, VOICE.refuse, claim, made.envelope, code, made.resp, headers, *made.extra, link=link, spool=True
     )

@@ -26,7 +26,7 @@ from ingest.contract.connections import Command
 from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LinkInfo
-from ingest.edge import accept, sale
+from ingest.edge import accept, enqueue, keyed, sale
 from ingest.edge.bodies import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
@@ -170,14 +170,17 @@ async def track_click(request: web.Request) -> web.Response:
             if known.workspace_id == known_key.workspace_id:
                 made = _make(request, edge, body, known)
                 guess = Guess(made.envelope, known.code, made.remember)
-    found = await accept.look_keyed(edge, VOICE, secret, code=body.ref if body else None, guess=guess)
+    found = await accept.look_keyed(edge, secret, code=body.ref if body else None, guess=guess)
     admitted = _caller(request, edge, found, problem, body)
     principal, mine, idem_key = admitted.principal, admitted.link, admitted.idem_key
     assert body is not None
     if found.link_unresolved:
         return VOICE.down()
-    if mine is None or not mine.active:
-        edge.drops.note(principal.workspace_id, mine.id if mine else None, "inactive_link" if mine else "unknown_code")
+    if mine is None:
+        accept.unknown_code(edge, VOICE.route, body.ref, principal.workspace_id)
+        return error(404, "link_not_found")
+    if not mine.active:
+        edge.drops.note(principal.workspace_id, mine.id, "inactive_link")
         return error(404, "link_not_found")
     link = mine
     headers = found.verdict.headers
@@ -203,10 +206,13 @@ async def track_click(request: web.Request) -> web.Response:
             if edge.erasure_index is not None:
                 filing = edge.erasure_index.fingerprint(("SET", fp_key, candidate))
         made = _Made(_click(request, edge, body, link, visitor, method), filing, recorded(visitor, method, confidence))
-    claim = Claim.of(idem_key, "affixo-click", link.workspace_id, fingerprint(body.model_dump())) if idem_key else None
     # keyed: Redis down is a 503 (spool=False)
-    return await accept.append(
-        edge, VOICE, made.envelope, link.code, made.resp, headers, *made.remember, claim=claim, spool=False
+    if idem_key is None:
+        await enqueue.put(edge, made.envelope, link.code, *made.remember, link=link, spool=False)
+        return accept.accepted(made.resp, headers)
+    claim = Claim.of(idem_key, "affixo-click", link.workspace_id, fingerprint(body.model_dump()))
+    return await keyed.put_once(
+        edge, VOICE.refuse, claim, made.envelope, link.code, made.resp, headers, *made.remember, link=link, spool=False
     )
 
 

@@ -43,9 +43,8 @@ from ingest.edge.batch_items import BatchResult as BatchResult
 from ingest.edge.bodies import FINGERPRINT_TTL_S, BricqsConvert, RefportLead, new_visitor_id
 from ingest.edge.body import BodyError, read
 from ingest.edge.body import code as body_code
-from ingest.edge.enqueue import never_sent, to_spool, unkept, xadd
+from ingest.edge.enqueue import never_sent, spool_or_unknown, suppressed, to_spool, unkept, xadd
 from ingest.edge.idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, header_key
-from ingest.edge.keyed import spool_or_unknown
 from ingest.edge.refund import RefportRefund
 from ingest.edge.resolve import ClickPending, Unavailable, resolve_click, resolve_link
 from ingest.edge.state import Edge
@@ -76,7 +75,7 @@ async def batch(request: web.Request) -> web.Response:
     edge, secret = accept.keyed(request)
     if secret is None:
         return error(401, "unauthorized")
-    found = await accept.look_keyed(edge, VOICE, secret)
+    found = await accept.look_caller(edge, secret)
     principal = found.principal
     if principal is None:
         return error(401, "unauthorized")
@@ -242,9 +241,14 @@ async def _item(
         index, p, workspace, looked.by_code, looked.by_click, looked.candidates, looked.seen
     )
     b.results.append(result)
-    if not result.ok:  # refused items: why, for the workspace's stats
-        edge.drops.note(workspace, None, "invalid" if result.error == "invalid" else "unknown_code")
-    if envelope is None or accept.suppressed(edge, envelope):  # suppressed: answered ok, sent nowhere
+    code = p.ref if isinstance(p, BatchClick) else getattr(p, "code", None)
+    link = looked.by_code.get(code) if isinstance(code, str) else None
+    if not result.ok:  # refused items: why, for the workspace's stats (a code it does not know, for the tail too)
+        if result.error == "link_not_found" and (link is None or link.workspace_id != workspace):
+            accept.unknown_code(edge, VOICE.route, code, workspace)
+        else:
+            edge.drops.note(workspace, None, "invalid" if result.error == "invalid" else "unknown_code")
+    if envelope is None or suppressed(edge, envelope, link):  # suppressed: answered ok, sent nowhere
         return
     if isinstance(claim, Claim):
         await _keyed(b, index, result, envelope, claim)
@@ -327,7 +331,7 @@ async def _earlier(edge: Edge, claim: Claim, code: str) -> bytes | None:
     """A Redis Cluster's check of a key's records from earlier partition counts
     (``Idempotency.found_earlier``); the append meets any Redis trouble and says it."""
     try:
-        return await edge.idem.found_earlier(edge.batcher, claim, code)
+        return await edge.idem.found_earlier(edge.batcher, edge.idem.earlier(claim, code))
     except (NotSent, OutcomeUnknown):
         return None
 

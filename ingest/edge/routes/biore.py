@@ -19,8 +19,8 @@ from pydantic import BaseModel
 from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LinkInfo
-from ingest.edge import accept, flags
-from ingest.edge.body import BodyError, header, plain, read
+from ingest.edge import accept, enqueue, flags, keyed
+from ingest.edge.body import BodyError, plain, read
 from ingest.edge.body import code as body_code
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Guess, seen, seen_link
@@ -70,7 +70,7 @@ VOICE = accept.Voice(
 
 def _envelope(request: web.Request, edge: Edge, code: str, ip: str | None, link: LinkInfo | None) -> Envelope:
     payload = {"code": code}
-    if referrer := header(request, "Referer", edge.settings.max_string_length):
+    if referrer := accept.header(request, "Referer", edge.settings.max_string_length):
         payload["referrer"] = referrer
     return accept.event(
         request, edge, EventType.CLICK, Dialect.BIORE, link.workspace_id if link else None, payload, ip=ip
@@ -96,8 +96,9 @@ async def track_click(request: web.Request) -> web.Response:
         if known is not None and known.active and known.allows_origin(request.headers.get("Origin")):
             envelope = _envelope(request, edge, code, ip, known)
             guess = Guess(envelope, code)
+    looked = code if sane else None
     found = await accept.look(  # public: with Redis down, accept into the spool
-        edge, VOICE, edge.click_limiter, ip or "-", code if sane else None, extra=(("GET", flag),), guess=guess
+        edge, edge.click_limiter, ip or "-", looked, extra=(("GET", flag),), guess=guess
     )
     try:
         disabled = flags.is_disabled(found.extra[0])
@@ -109,7 +110,7 @@ async def track_click(request: web.Request) -> web.Response:
     headers = found.verdict.headers
     link = found.link
     # a link without partner or program is taken: the worker decides
-    refused = accept.refusal(edge, found, request.headers.get("Origin"), configured=False)
+    refused = accept.refusal(edge, VOICE.route, looked, found, request.headers.get("Origin"), configured=False)
     if refused is accept.Refusal.RATE_LIMITED:
         return error(429, "throttle", "Too Many Requests", headers)
     try:
@@ -133,5 +134,8 @@ async def track_click(request: web.Request) -> web.Response:
     if envelope is None or envelope.workspace_id != (link.workspace_id if link else None):
         envelope = _envelope(request, edge, code, ip, link)
     # public: a key is scoped by the link (whose code names its workspace: known or not, the same scope)
-    claim = Claim.of(idem_key, "biore-click", None, fingerprint(code), link=code) if idem_key else None
-    return await accept.append(edge, VOICE, envelope, code, TRACKED, headers, claim=claim, spool=True)
+    if idem_key is None:
+        await enqueue.put(edge, envelope, code, link=link, spool=True)
+        return accept.accepted(TRACKED, headers)
+    claim = Claim.of(idem_key, "biore-click", None, fingerprint(code), link=code)
+    return await keyed.put_once(edge, VOICE.refuse, claim, envelope, code, TRACKED, headers, link=link, spool=True)

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect, EventType, uuid7
-from ingest.edge import accept
+from ingest.edge import accept, enqueue
 from ingest.edge.bodies import BricqsConvert
 from ingest.edge.body import BodyError, parse, plain
 from ingest.edge.body import code as body_code
@@ -123,9 +123,9 @@ async def convert(request: web.Request) -> web.Response:
     except BodyError as exc:
         return error(exc.status, "validation_error" if exc.status == 400 else body_code(exc), exc.message)
     ip = edge.client_ip(request)
-    found = await accept.look(edge, CONVERT_VOICE, edge.public_limiter, ip or "-", body.code)
+    found = await accept.look(edge, edge.public_limiter, ip or "-", body.code)
     headers = found.verdict.headers
-    match accept.refusal(edge, found, request.headers.get("Origin")):
+    match accept.refusal(edge, CONVERT_VOICE.route, body.code, found, request.headers.get("Origin")):
         case accept.Refusal.RATE_LIMITED:
             return error(429, "rate_limited", "Too many requests", headers)
         case accept.Refusal.UNRESOLVED:
@@ -153,7 +153,7 @@ async def convert(request: web.Request) -> web.Response:
     # appended first, then the conversion_id remembered: an id is never handed out for an
     # event that was not appended. A repeat keeps the first id; its own event is appended
     # too, and the worker's dedupe key makes it count nothing.
-    in_redis = await accept.put(edge, CONVERT_VOICE, envelope, link.code, spool=True)
+    in_redis = await enqueue.put(edge, envelope, link.code, link=link, spool=True)
     first: object = None
     if in_redis:  # spooled (Redis down): this conversion_id stands; the dedupe key still counts it once
         try:

@@ -122,7 +122,7 @@ async def track_refund(request: web.Request) -> web.Response:
 
 @REFUND_VOICE.answers
 async def _refund(request: web.Request) -> web.Response:
-    started = await accept.caller(request, REFUND_VOICE, RefportRefund, _caller)
+    started = await accept.caller(request, RefportRefund, _caller)
     workspace, idem_key = started.admitted.principal.workspace_id, started.admitted.idem_key
     out = await refund.record(started.edge, workspace, started.body, idem_key, Dialect.REFPORT)
     headers = dict(started.found.verdict.headers)
