@@ -1,25 +1,31 @@
-"""The accept pipeline every tracking route shares, so each route says only what its
-dialect differs in (its body, its event, its refusals, and how it says them: its ``Voice``).
+"""The steps every tracking route is made of, so each route says only what its dialect
+differs in (its body, its event, its refusals, and how it says them: its ``Voice``). A route
+is the list of the steps it needs (its module's ``STEPS``), each one function shared by
+every route that takes it; none serves two kinds of route through flags.
 
-1. ``look`` (a public route) or ``look_keyed`` (an API-key route): one Redis round trip
-   (``ingest.edge.lookup``) for the key, the rate limit, the link and, when the route made
-   a ``Guess`` from what this edge last read, the append itself; an unreachable Redis or
-   Postgres becomes the route's own 503.
+1. The lookup: ``look`` (a public route) or ``look_keyed`` (an API-key route that reads a
+   link or a click): one Redis round trip (``ingest.edge.lookup``) for the key, the rate
+   limit, the link and, when the route made a ``Guess`` from what this edge last read, the
+   append itself; ``caller`` for a keyed route that reads nothing else (a sale, a refund):
+   the Bearer key, the body, the key and its rate limit alone (``lookup.key_lookup``). An
+   unreachable Redis or Postgres becomes the route's own 503.
 2. The route's refusals, in its own shape, from what the lookup found: on a public route
    ``refusal`` says which of the link's refusals applies (and accounts its drop), and the
-   route says it in its own words.
-3. ``accepted`` when the guess went in with the lookup; otherwise ``append`` (or ``put``,
-   for a route that answers after the append): the event
-   with or without an idempotency key (``ingest.edge.keyed``), to the spool where the route
-   may (a public route's click), and the answer. An append Redis may hold but cannot
-   confirm is the route's 503 with ``Refstream-Outcome: unknown`` (``retry_headers``).
+   route says it in its own words; every route refuses a code it does not know through
+   ``unknown_code``, which keeps it for the console's tail.
+3. The event (``event``), then ``accepted`` when the guess went in with the lookup;
+   otherwise its append, plain (``ingest.edge.enqueue.put``) or under an idempotency key
+   (``ingest.edge.keyed.put_once``, which answers a repeat as the first), to the spool
+   where the route may (a public route's click), and the answer. An append Redis may hold
+   but cannot confirm is the route's 503 with ``Refstream-Outcome: unknown``
+   (``retry_headers``).
 
 What is decided below the route is raised, never returned beside a value: a refusal as a
 ``Problem``, the route's 503 as ``Down`` (``ingest.edge.problem``); the route's ``Voice``
 renders it in the dialect's shape (``Voice.render``, ``Voice.answers``).
 
 ``event`` makes the route's envelope with the client's address and User-Agent, taken the
-same way on every route.
+same way on every route (``header``: a header's text, safe to store).
 """
 
 from __future__ import annotations
@@ -176,23 +182,17 @@ class Caller(Generic[M]):
 
 async def caller(request: web.Request, model: type[M], refusals: Refusals) -> Caller[M]:
     """A keyed route's start when it reads nothing but its caller: the Bearer key (401), the
-    body as ``model``, the key and its rate limit (``look_caller``), and the route's
+    body as ``model``, the key and its rate limit (``key_lookup``), and the route's
     ``refusals`` in its own order; the ``Caller``. Raises the refusal (``Problem``) or the
     503 (``Down``)."""
     edge, secret = keyed(request)
     if secret is None:
         raise Problem(401, "unauthorized", "Invalid or missing API key")
     body, problem = await parsed(request, model)
-    found = await look_caller(edge, secret)
+    found = await key_lookup(edge, secret)
     admitted = refusals(request, edge, found, problem, body)
     assert body is not None
     return Caller(edge, found, body, admitted)
-
-
-async def look_caller(edge: Edge, secret: str) -> Found:
-    """A keyed route's lookup of its caller alone (``key_lookup``: the key and its rate
-    limit, no link, no guess); ``Down`` (the route's 503) when Redis or Postgres cannot say."""
-    return await _or_down(key_lookup(edge, secret))
 
 
 async def look_keyed(

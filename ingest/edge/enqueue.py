@@ -170,9 +170,10 @@ async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Comma
     the outcome ``UNKEPT`` when that spool fails, ``SpoolFull`` / ``SpoolError`` (OSErrors)
     when the spool refuses an event that is nowhere else: the caller must not answer 2xx.
     """
+    command = xadd(edge.keys, envelope, routing_key)
     note_event(envelope.event_id)  # the request's lines name its event
     try:
-        replies = await edge.batcher.execute(xadd(edge.keys, envelope, routing_key), *extra, durable=True)
+        replies = await edge.batcher.execute(command, *extra, durable=True)
     except (NotSent, OutcomeUnknown) as exc:
         known, reply = first_reply(exc)
         if known and not isinstance(reply, Exception):  # in the primary, short of the level

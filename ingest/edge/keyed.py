@@ -43,28 +43,35 @@ async def put_once(
     spool: bool,
 ) -> web.Response:
     """A route's keyed append and its answer: the event (``extra`` in its round trip)
-    appended once per ``claim`` (``append_keyed``) and answered ``answer``; a repeat of the
-    key gets the first request's answer (422, in the route's ``refuse``, if it asked
-    something else). ``spool``: a public route's click, which Redis down sends to the spool;
-    otherwise that is the route's 503, raised (``Down``). An event its workspace does not
-    track (``enqueue.suppressed``, named by its ``link``) is answered and appended nowhere."""
-    if not suppressed(edge, envelope, link):
-        try:
-            first = await append_keyed(
-                edge, claim, envelope, routing_key, Answer(200, answer, claim.fingerprint), *extra, spool=spool
-            )
-        except (NotSent, OutcomeUnknown, Outage) as exc:
-            raise Down(exc) from exc
-        if first is not None:
-            return replay(first, claim, refuse, headers)
+    appended once per ``claim`` (``append_keyed``; one its workspace does not track,
+    named by its ``link``, nowhere) and answered ``answer``; a repeat of the key gets the
+    first request's answer (422, in the route's ``refuse``, if it asked something else).
+    ``spool``: a public route's click, which Redis down sends to the spool; otherwise that
+    is the route's 503, raised (``Down``)."""
+    try:
+        first = await append_keyed(
+            edge, claim, envelope, routing_key, Answer(200, answer, claim.fingerprint), *extra, link=link, spool=spool
+        )
+    except (NotSent, OutcomeUnknown, Outage) as exc:
+        raise Down(exc) from exc
+    if first is not None:
+        return replay(first, claim, refuse, headers)
     return web.Response(body=answer, content_type="application/json", headers=headers)
 
 
 async def append_keyed(
-    edge: Edge, claim: Claim, envelope: Envelope, routing_key: str, answer: Answer, *extra: Command, spool: bool
+    edge: Edge,
+    claim: Claim,
+    envelope: Envelope,
+    routing_key: str,
+    answer: Answer,
+    *extra: Command,
+    link: LinkInfo | None,
+    spool: bool,
 ) -> Answer | None:
     """Append ``envelope`` unless ``claim`` has an answer: None when this request's
-    ``answer`` stands (Redis's script appended it), else the first request's answer.
+    ``answer`` stands (Redis's script appended it, or the event is one its workspace does
+    not track: ``enqueue.suppressed``, appended nowhere), else the first request's answer.
 
     At ``REFSTREAM_ACK_DURABILITY``'s level, as ``enqueue.append``; the answer stands only
     once the script's run is confirmed at the level. ``UNKEPT`` (503, "may be
@@ -76,15 +83,14 @@ async def append_keyed(
     not run, on a route that does not spool, is raised (a refusal, 503). ``SpoolFull`` /
     ``SpoolError`` when the spool cannot keep a copy Redis certainly does not hold.
     """
-    prepared = edge.idem.prepare(claim, routing_key, envelope, answer)
-    check, command = prepared.check, prepared.command
+    if suppressed(edge, envelope, link):
+        return None
     note_event(envelope.event_id)
-    if prepared.earlier:  # a count changed within the window: the key's earlier records first
-        try:
-            if (earlier := await edge.idem.found_earlier(edge.batcher, prepared.earlier)) is not None:
-                return Answer.decode(earlier)
-        except (NotSent, OutcomeUnknown):
-            pass  # the append below meets the same trouble, and says what it means
+    # on a Redis Cluster whose partition count changed within the window: the key's earlier records first
+    prepared = await edge.idem.prepare(edge.batcher, claim, routing_key, envelope, answer)
+    if prepared.first is not None:
+        return prepared.first
+    check, command = prepared.check, prepared.command
     try:
         # its record filed under its event, after what it writes (``erasure_index.Filed``)
         replies = await edge.batcher.execute(command, *extra, *command.beside, durable=True)

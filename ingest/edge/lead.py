@@ -32,9 +32,9 @@ from ingest.contract.events import Envelope, EventType
 from ingest.edge import accept, enqueue, keyed
 from ingest.edge.bodies import TrackLead
 from ingest.edge.idempotency import HEADER, Claim, fingerprint
-from ingest.edge.lookup import Found, Guess, remember, seen, seen_link
+from ingest.edge.lookup import Found, Guess, remember, seen
 from ingest.edge.problem import Down, Problem
-from ingest.edge.resolve import Unavailable, fallback, resolve_click
+from ingest.edge.resolve import Unavailable, fallback, resolve_click, seen_link
 from ingest.edge.state import Edge
 
 # how long a deferred lead's click waits for the lead that completes it, at least (and as
@@ -284,3 +284,16 @@ def refport_answer(body: TrackLead, echoed: dict[str, Any]) -> bytes:
 
 def dub_answer(body: TrackLead, echoed: dict[str, Any]) -> bytes:
     return orjson.dumps(echoed)
+
+
+# a lead's steps, in their order (a route's ``STEPS``: tests/test_route_steps.py)
+STEPS: tuple[Callable[..., Any], ...] = (
+    accept.parsed,
+    seen_link,
+    accept.event,
+    accept.look_keyed,
+    resolve_click,
+    accept.accepted,
+    enqueue.put,
+    keyed.put_once,
+)

@@ -20,7 +20,7 @@ Counted once, at two levels:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -46,9 +46,8 @@ from ingest.edge.bodies import customer_aliases, no_default
 from ingest.edge.dub_shapes import sale_answer
 from ingest.edge.enqueue import OUTCOME
 from ingest.edge.idempotency import Claim, fingerprint
-from ingest.edge.lookup import seen_link
 from ingest.edge.problem import Down, Problem
-from ingest.edge.resolve import Unavailable, fallback, resolve_click
+from ingest.edge.resolve import Unavailable, fallback, resolve_click, seen_link
 from ingest.edge.state import Edge
 
 M = TypeVar("M", bound=BaseModel)
@@ -198,11 +197,19 @@ def claim(route: str, workspace_id: str, idem_key: str | None, payload: dict[str
     return None
 
 
+# a step before the sale's own (``direct_lead``): (edge, dialect, workspace, body) -> whether
+# it appended a lead first; raises the route's refusal or 503
+LeadFirst = Callable[[Edge, "SaleDialect[Any]", str, Any], Awaitable[bool]]
+
+
 @dataclass(frozen=True, slots=True)
 class SaleDialect(Generic[M]):
     """A dialect's sale route, all it says of its own: the envelope's ``dialect``, its
     ``voice``, its body's ``model``, its keyed ``refusals`` (``accept.Refusals``), the
-    sale's ``payload`` from its body, and its ``answer`` to the body and event."""
+    sale's ``payload`` from its body, and its ``answer`` to the body and event; for Dub's
+    API, whose sale may name its customer's click (``TrackSale.clickId``), the step that
+    makes the lead first (``lead_first``: ``direct_lead``) and the refusal of a click it
+    does not know (``unknown_click``)."""
 
     dialect: str
     voice: accept.Voice
@@ -210,8 +217,7 @@ class SaleDialect(Generic[M]):
     refusals: accept.Refusals
     payload: Callable[[M], dict[str, Any]]
     answer: Callable[[M, Envelope], bytes]
-    # a route whose body may name a click (``TrackSale.clickId``): its refusal of one it
-    # does not know
+    lead_first: LeadFirst | None = None
     unknown_click: Callable[[], Problem] | None = None
 
 
@@ -229,10 +235,9 @@ async def _track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
     voice = dialect.voice
     started = await accept.caller(request, dialect.model, dialect.refusals)
     workspace, idem_key = started.admitted.principal.workspace_id, started.admitted.idem_key
-    led = False
-    if isinstance(started.body, TrackSale) and started.body.clickId:
-        # the lead first: its event (and received time) precedes its sale's, which it attributes
-        led = await direct_lead(started.edge, dialect, workspace, started.body, started.body.clickId)
+    # the lead first, where the dialect's sale makes one: its event (and received time)
+    # precedes its sale's, which it attributes
+    led = dialect.lead_first is not None and await dialect.lead_first(started.edge, dialect, workspace, started.body)
     payload = dialect.payload(started.body)
     event = envelope(dialect.dialect, workspace, payload)
     route = event.routing_key()
@@ -258,13 +263,16 @@ async def _track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
 _CUSTOMER_KNOWN = "SELECT EXISTS (SELECT 1 FROM customers WHERE workspace_id = $1 AND external_id = $2)"
 
 
-async def direct_lead(edge: Edge, dialect: SaleDialect[Any], workspace: str, body: TrackSale, click_id: str) -> bool:
-    """Direct sale tracking, Dub's: a sale that names its customer's click makes the
-    customer's lead from it (named ``leadEventName``, else ``DIRECT_LEAD``) where the
-    customer has no row yet, appended before the sale. True once that lead is in Redis,
-    False when none was needed; raises the route's refusal of a click it does not know
-    (``Problem``), or its 503 (``Down``). The lead is idempotent on (customer, name) like
-    any: a repeat counts it once."""
+async def direct_lead(edge: Edge, dialect: SaleDialect[Any], workspace: str, body: TrackSale) -> bool:
+    """Direct sale tracking, Dub's (a ``SaleDialect.lead_first``): a sale that names its
+    customer's click (``clickId``) makes the customer's lead from it (named
+    ``leadEventName``, else ``DIRECT_LEAD``) where the customer has no row yet, appended
+    before the sale. True once that lead is in Redis, False when none was needed; raises the
+    route's refusal of a click it does not know (``Problem``), or its 503 (``Down``). The
+    lead is idempotent on (customer, name) like any: a repeat counts it once."""
+    click_id = body.clickId
+    if not click_id:
+        return False
     refuse = dialect.unknown_click or (lambda: Problem(400, "invalid_click_id", "Unknown clickId"))
     try:
         (cached,) = await edge.batcher.execute(("GET", edge.keys.click(click_id)))
@@ -301,3 +309,8 @@ async def direct_lead(edge: Edge, dialect: SaleDialect[Any], workspace: str, bod
 async def _customer_known(edge: Edge, workspace: str, external_id: str) -> bool:
     async with edge.pg.acquire() as conn:
         return bool(await conn.fetchval(_CUSTOMER_KNOWN, workspace, external_id))
+
+
+# a sale's steps, in their order (a route's ``STEPS``: tests/test_route_steps.py); a dialect
+# whose sale may name its customer's click takes ``direct_lead`` first (``lead_first``)
+STEPS: tuple[Callable[..., Any], ...] = (accept.caller, keyed.put_once, enqueue.put, accept.accepted)

@@ -15,6 +15,7 @@ visitor it was seen with (SET NX), for ``FINGERPRINT_TTL_S``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,9 @@ from ingest.edge.bodies import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, Affixo
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
-from ingest.edge.lookup import Found, Guess, seen_link
+from ingest.edge.lookup import Found, Guess
 from ingest.edge.problem import Problem
+from ingest.edge.resolve import seen_link
 from ingest.edge.sale import AffixoConversion
 from ingest.edge.state import Edge
 
@@ -237,3 +239,20 @@ CONVERSION = sale.SaleDialect(Dialect.AFFIXO, CONVERSION_VOICE, AffixoConversion
 @routes.post("/v1/track/conversion")
 async def track_conversion(request: web.Request) -> web.Response:
     return await sale.track(request, CONVERSION)
+
+
+# each route as the list of steps it takes, in their order: every step one shared function
+# (tests/test_route_steps.py holds each route to its list, and its list to its dialect)
+STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "track_click": (
+        accept.parsed,
+        seen_link,
+        accept.event,
+        accept.look_keyed,
+        accept.unknown_code,
+        accept.accepted,
+        enqueue.put,
+        keyed.put_once,
+    ),
+    "track_conversion": sale.STEPS,
+}

@@ -11,7 +11,9 @@ the GET would go and records nothing: no event, no rate limit, no drop, no cooki
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -121,3 +123,13 @@ async def redirect(request: web.Request) -> web.Response:
         secure=request.secure or None,
     )
     return response
+
+
+# each route as the list of steps it takes, in their order: every step one shared function
+# (tests/test_route_steps.py holds each route to its list, and its list to its dialect)
+STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "tracker": (),
+    "home": (),
+    "redirect_head": (accept.look,),
+    "redirect": (accept.look, accept.refusal, accept.event, enqueue.put),
+}

@@ -24,6 +24,8 @@ with ``Retry-After`` while Redis or Postgres cannot answer.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -109,6 +111,7 @@ SALE = sale.SaleDialect(
     _caller,
     sale.from_refport,
     sale.answer,
+    sale.direct_lead,
     lambda: Problem(404, "not_found", "Click event not found for this clickId"),
 )
 
@@ -223,3 +226,12 @@ async def track_click(request: web.Request) -> web.Response:
     )
     await enqueue.put(edge, envelope, link.code, *also, link=link, spool=True)
     return _clicked(click_id)
+
+
+# each route as the list of steps it takes, in their order: every step one shared function
+# (tests/test_route_steps.py holds each route to its list, and its list to its dialect)
+STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "track_lead": lead.STEPS,
+    "track_sale": sale.STEPS,
+    "track_click": (accept.parsed, accept.unknown_code, accept.look, accept.refusal, accept.event, enqueue.put),
+}
