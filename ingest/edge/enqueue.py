@@ -1,6 +1,8 @@
 """Appending envelopes to their stream partition, through the micro-batcher, or to the
 local spool: for public routes while Redis is unreachable, and for every route when the
-outcome of an append is not known.
+outcome of an append is not known. ``put`` is the step of a route's event without an
+idempotency key (``ingest.edge.keyed.put_once`` the one with a key): it never reads or
+writes a key's records.
 
 What a failed append did decides the answer (docs/guarantees.md: a refusal is never
 counted):

@@ -227,8 +227,6 @@ class Idempotency:
         key's dedupe value (a conversion keeps its own)."""
         envelope.payload.setdefault("dedupe", self.dedupe(claim, envelope))
         encoded = answer.encode()
-        # the record filed under its event once the script appended (ingest.edge.erasure_index):
-        # an erasure's sweep reads the records of the person's own events, never every record
         at = self._places(claim, routing_key, envelope.workspace_id or claim.workspace)
         first = None
         if self.cluster and at.earlier:
@@ -271,6 +269,8 @@ class Idempotency:
                 changed,
                 *entry,
             )
+        # the record filed under its event once the script appended (ingest.edge.erasure_index):
+        # an erasure's sweep reads the records of the person's own events, never every record
         filed = (
             erasure_index.answer_commands(
                 at.index, at.partition, envelope.event_id, claim.digest, claim.workspace is not None, self.window_ms

@@ -1,6 +1,8 @@
-"""A keyed event's append: the idempotency script instead of the XADD, and what follows
-when Redis cannot say (``ingest.edge.idempotency`` holds the key's scripts and records; this
-module joins them to the append's outcomes in ``ingest.edge.enqueue``).
+"""A keyed event's append, the step ``put_once`` of the routes that take an idempotency key:
+the idempotency script instead of the XADD, and what follows when Redis cannot say
+(``ingest.edge.idempotency`` holds the key's scripts and records, made once a request by
+``Idempotency.prepare``; this module joins them to the append's outcomes in
+``ingest.edge.enqueue``, whose ``put`` is the step of an event without a key).
 
 A key asks for one answer, and only Redis's script can say which copy of the key is the
 first: a copy whose script Redis did not run (a timeout, a stall, Redis unreachable or
