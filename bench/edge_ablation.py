@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # reply: the same link, flag and verdict shape every time): no batcher, no socket, no wait
 _CANNED_REPLY = (
     "ingest/edge/lookup.py",
-    """        (reply,) = await edge.batcher.execute(
+    """        replies = await edge.batcher.execute(
             checked, durable=True, check=lambda r: well_formed(r[0], flags=1, values=n_values)
         )
 """,
@@ -46,7 +46,7 @@ _CANNED_REPLY = (
             _CANNED = await edge.batcher.execute(
                 checked, durable=True, check=lambda r: well_formed(r[0], flags=1, values=n_values)
             )
-        (reply,) = _CANNED
+        replies = _CANNED
 """,
 )
 _CANNED_GLOBALS = (

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from ingest.contract.fields import check_ident, check_no_nul, check_text
-from ingest.edge.body import header, plain
+from ingest.edge.accept import header
+from ingest.edge.body import plain
 
 pytestmark = pytest.mark.once
 

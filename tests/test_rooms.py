@@ -205,11 +205,13 @@ def test_the_path_of_a_click_names_files_and_functions_that_exist() -> None:
 
 
 def test_tracking_routes_append_and_refuse_through_the_accept_pipeline() -> None:
-    # issue 25: the routes repeated lookup -> refusal -> append each in its own way; now the
-    # appends (``enqueue.append``, ``keyed.append_keyed``) and the public link's refusals
-    # (the drops they account) are ``ingest/edge/accept.py``'s. The batch route alone sends
-    # its items' appends itself: they share one round trip. (The keyed routes, Affixo's and
-    # Refport's, look for the link in the caller's workspace: their refusals are their own.)
+    # issue 25: the routes repeated lookup -> refusal -> append each in its own way; now a
+    # route takes the shared steps (tests/test_route_steps.py): its append is ``enqueue.put``
+    # or ``keyed.put_once``, never the appends under them (``enqueue.append``,
+    # ``keyed.append_keyed``), and the public link's refusals (the drops they account) are
+    # ``accept.refusal``'s. The batch route alone sends its items' appends itself: they share
+    # one round trip. (The keyed routes, Affixo's and Refport's, look for the link in the
+    # caller's workspace: their refusals are their own.)
     routes = ROOT / "ingest" / "edge" / "routes"
     names = {"append", "append_keyed"}
     direct: list[tuple[str, str]] = []

@@ -77,11 +77,11 @@ def parse_answer(member: bytes | str) -> tuple[str, int, str, bool] | None:
 
 
 def answer_commands(
-    keys: Keys, workspace_id: str, partition: int, event_id: uuid.UUID, digest: str, named: bool, window_ms: int
+    key: str, partition: int, event_id: uuid.UUID, digest: str, named: bool, window_ms: int
 ) -> tuple[Command, ...]:
-    """The commands that file a keyed event's record under its workspace (``Keys.answers``),
-    prune what is older than a window (and a slack) before it, and keep the index a window."""
-    key = keys.answers(workspace_id)
+    """The commands that file a keyed event's record under its workspace's index ``key``
+    (``Keys.answers``), prune what is older than a window (and a slack) before it, and
+    keep the index a window."""
     ms = event_ms(event_id)
     return (
         ("ZADD", key, ms, answer_member(event_id, partition, digest, named)),
@@ -99,7 +99,7 @@ def record_commands(keys: Keys, e: Envelope, record: str, window_ms: int) -> tup
         return ()
     digest = record.rpartition(":")[2]
     named = Keys.record_workspace(record) is not None
-    return answer_commands(keys, workspace, partition, e.event_id, digest, named, window_ms)
+    return answer_commands(keys.answers(workspace), partition, e.event_id, digest, named, window_ms)
 
 
 class Filed(tuple[Any, ...]):

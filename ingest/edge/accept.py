@@ -1,25 +1,31 @@
-"""The accept pipeline every tracking route shares, so each route says only what its
-dialect differs in (its body, its event, its refusals, and how it says them: its ``Voice``).
+"""The steps every tracking route is made of, so each route says only what its dialect
+differs in (its body, its event, its refusals, and how it says them: its ``Voice``). A route
+is the list of the steps it needs (its module's ``STEPS``), each one function shared by
+every route that takes it; none serves two kinds of route through flags.
 
-1. ``look`` (a public route) or ``look_keyed`` (an API-key route): one Redis round trip
-   (``ingest.edge.lookup``) for the key, the rate limit, the link and, when the route made
-   a ``Guess`` from what this edge last read, the append itself; an unreachable Redis or
-   Postgres becomes the route's own 503.
+1. The lookup: ``look`` (a public route) or ``look_keyed`` (an API-key route that reads a
+   link or a click): one Redis round trip (``ingest.edge.lookup``) for the key, the rate
+   limit, the link and, when the route made a ``Guess`` from what this edge last read, the
+   append itself; ``caller`` for a keyed route that reads nothing else (a sale, a refund):
+   the Bearer key, the body, the key and its rate limit alone (``lookup.key_lookup``). An
+   unreachable Redis or Postgres becomes the route's own 503.
 2. The route's refusals, in its own shape, from what the lookup found: on a public route
    ``refusal`` says which of the link's refusals applies (and accounts its drop), and the
-   route says it in its own words.
-3. ``accepted`` when the guess went in with the lookup; otherwise ``append`` (or ``put``,
-   for a route that answers after the append): the event
-   with or without an idempotency key (``ingest.edge.keyed``), to the spool where the route
-   may (a public route's click), and the answer. An append Redis may hold but cannot
-   confirm is the route's 503 with ``Refstream-Outcome: unknown`` (``retry_headers``).
+   route says it in its own words; every route refuses a code it does not know through
+   ``unknown_code``, which keeps it for the console's tail.
+3. The event (``event``), then ``accepted`` when the guess went in with the lookup;
+   otherwise its append, plain (``ingest.edge.enqueue.put``) or under an idempotency key
+   (``ingest.edge.keyed.put_once``, which answers a repeat as the first), to the spool
+   where the route may (a public route's click), and the answer. An append Redis may hold
+   but cannot confirm is the route's 503 with ``Refstream-Outcome: unknown``
+   (``retry_headers``).
 
 What is decided below the route is raised, never returned beside a value: a refusal as a
 ``Problem``, the route's 503 as ``Down`` (``ingest.edge.problem``); the route's ``Voice``
 renders it in the dialect's shape (``Voice.render``, ``Voice.answers``).
 
 ``event`` makes the route's envelope with the client's address and User-Agent, taken the
-same way on every route.
+same way on every route (``header``: a header's text, safe to store).
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import enum
 import functools
 import uuid
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -41,12 +46,10 @@ from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.contract.events import Envelope, EventType, uuid7
 from ingest.contract.links import LinkInfo
 from ingest.edge.auth import Principal, bearer
-from ingest.edge.body import BodyError, header, parse
-from ingest.edge.enqueue import append as append_event
+from ingest.edge.body import BodyError, parse
 from ingest.edge.enqueue import retry_headers
-from ingest.edge.idempotency import Answer, Claim, Refuse, replay
-from ingest.edge.keyed import append_keyed
-from ingest.edge.lookup import Found, Guess, keyed_lookup, link_lookup, seen_link
+from ingest.edge.idempotency import Refuse
+from ingest.edge.lookup import Found, Guess, key_lookup, keyed_lookup, link_lookup
 from ingest.edge.problem import Down, Problem
 from ingest.edge.ratelimit import RateLimiter
 from ingest.edge.resolve import Unavailable
@@ -54,10 +57,6 @@ from ingest.edge.state import EDGE, Edge
 
 log = structlog.get_logger("ingest.accept")
 M = TypeVar("M", bound=BaseModel)
-# the link code the request being served looked up (``look``, ``look_keyed``) and its
-# route's name, for ``refusal`` to name in the console's tail when it refuses it as
-# unknown: a request is served in one task, and each look sets it anew
-_LOOKED: ContextVar[tuple[str, str] | None] = ContextVar("accept_looked_code", default=None)
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -119,6 +118,20 @@ async def parsed(request: web.Request, model: type[M]) -> tuple[M | None, BodyEr
         return None, exc
 
 
+def header(request: web.Request, name: str, limit: int) -> str | None:
+    """A header's text, safe to store: UTF-8 as sent, bytes that are not UTF-8 (aiohttp hands
+    them over as lone surrogates) as U+FFFD, NULs (which Postgres text refuses) dropped."""
+    value = request.headers.get(name)
+    if not value:
+        return None
+    if value.isascii():  # most headers: no surrogate to replace, the text as sent
+        clean = value.replace("\x00", "")[:limit] if "\x00" in value else value[:limit]
+        return clean or None
+    raw = value.encode("utf-8", "surrogateescape")  # the bytes the client sent
+    clean = raw.decode("utf-8", "replace").replace("\x00", "")[:limit]
+    return clean or None
+
+
 def event(
     request: web.Request,
     edge: Edge,
@@ -167,15 +180,16 @@ class Caller(Generic[M]):
     admitted: Admitted
 
 
-async def caller(request: web.Request, voice: Voice, model: type[M], refusals: Refusals) -> Caller[M]:
-    """A keyed route's start when it guesses nothing: the Bearer key (401), the body as
-    ``model``, the lookup of the key and its rate limit, and the route's ``refusals`` in
-    its own order; the ``Caller``. Raises the refusal (``Problem``) or the 503 (``Down``)."""
+async def caller(request: web.Request, model: type[M], refusals: Refusals) -> Caller[M]:
+    """A keyed route's start when it reads nothing but its caller: the Bearer key (401), the
+    body as ``model``, the key and its rate limit (``key_lookup``), and the route's
+    ``refusals`` in its own order; the ``Caller``. Raises the refusal (``Problem``) or the
+    503 (``Down``)."""
     edge, secret = keyed(request)
     if secret is None:
         raise Problem(401, "unauthorized", "Invalid or missing API key")
     body, problem = await parsed(request, model)
-    found = await look_keyed(edge, voice, secret)
+    found = await key_lookup(edge, secret)
     admitted = refusals(request, edge, found, problem, body)
     assert body is not None
     return Caller(edge, found, body, admitted)
@@ -183,22 +197,20 @@ async def caller(request: web.Request, voice: Voice, model: type[M], refusals: R
 
 async def look_keyed(
     edge: Edge,
-    voice: Voice,
     secret: str,
     *,
     code: str | None = None,
     extra: tuple[Command, ...] = (),
     guess: Guess | None = None,
 ) -> Found:
-    """``keyed_lookup`` under the key's own rate limit (``edge.key_limiter``); ``Down`` (the
-    route's 503) when Redis (or Postgres, for a key or a cold link) cannot say."""
-    _looked(voice, code)
+    """``keyed_lookup`` under the key's own rate limit (``edge.key_limiter``), for a keyed
+    route that reads a link or a click too; ``Down`` (the route's 503) when Redis (or
+    Postgres, for a key or a cold link) cannot say."""
     return await _or_down(keyed_lookup(edge, edge.key_limiter, secret, code=code, extra=extra, guess=guess))
 
 
 async def look(
     edge: Edge,
-    voice: Voice,
     limiter: RateLimiter,
     subject: str,
     code: str | None,
@@ -209,12 +221,7 @@ async def look(
 ) -> Found:
     """A public route's lookup, ``link_lookup`` (Redis down is its degraded path, not an outage);
     ``Down`` (the route's 503) when what it needed still could not be said."""
-    _looked(voice, code)
     return await _or_down(link_lookup(edge, limiter, subject, code=code, extra=extra, guess=guess, counted=counted))
-
-
-def _looked(voice: Voice, code: str | None) -> None:
-    _LOOKED.set((code, voice.route) if isinstance(code, str) else None)
 
 
 async def _or_down(lookup: Awaitable[Found]) -> Found:
@@ -237,12 +244,15 @@ class Refusal(enum.Enum):
     ORIGIN = "origin_not_allowed"  # an Origin the link's workspace does not list
 
 
-def refusal(edge: Edge, found: Found, origin: str | None, *, configured: bool = True) -> Refusal | None:
-    """The first refusal that applies to a public request for ``found.link``, in the order
-    every public route keeps (the rate limit, a link nobody could look up, an unknown code,
-    one that lost its partner or program, an inactive one, the ``Origin``); None when the
-    event is to be taken. The refused event is accounted as a drop (``ingest.contract.drops``;
-    not ``UNRESOLVED``: the link is not known to be wrong). ``configured=False``: a route
+def refusal(
+    edge: Edge, route: str, code: str | None, found: Found, origin: str | None, *, configured: bool = True
+) -> Refusal | None:
+    """The first refusal that applies to a public request for ``found.link`` (looked up by
+    ``code`` on ``route``), in the order every public route keeps (the rate limit, a link
+    nobody could look up, an unknown code, one that lost its partner or program, an
+    inactive one, the ``Origin``); None when the event is to be taken. The refused event is
+    accounted as a drop (``ingest.contract.drops``; not ``UNRESOLVED``: the link is not
+    known to be wrong), an unknown code by ``unknown_code``. ``configured=False``: a route
     that takes clicks on a link without partner or program (the worker decides)."""
     link = found.link
     if not found.verdict.allowed:
@@ -251,9 +261,7 @@ def refusal(edge: Edge, found: Found, origin: str | None, *, configured: bool = 
     if found.link_unresolved:
         return Refusal.UNRESOLVED
     if link is None:
-        edge.drops.note(None, None, "unknown_code")
-        if (looked := _LOOKED.get()) is not None:
-            edge.drops.refused(*looked)
+        unknown_code(edge, route, code)
         return Refusal.UNKNOWN_CODE
     if configured and not link.configured:
         edge.drops.note(link.workspace_id, link.id, "inactive_link")
@@ -266,61 +274,16 @@ def refusal(edge: Edge, found: Found, origin: str | None, *, configured: bool = 
     return None
 
 
-def suppressed(edge: Edge, envelope: Envelope) -> bool:
-    """The event names a visitor, customer or address its workspace does not track: it is
-    counted as a drop (``suppressed``) and appended nowhere (``ingest.privacy.suppressed``)."""
-    if not edge.suppress.names(envelope):
-        return False
-    code = envelope.payload.get("code")
-    link = seen_link(edge, code) if isinstance(code, str) else None
-    edge.drops.note(envelope.workspace_id, link.id if link else None, "suppressed")
-    return True
+def unknown_code(
+    edge: Edge, route: str, code: str | None, workspace: str | None = None, link_id: str | None = None
+) -> None:
+    """Every route's refusal of a link code it does not know: a drop (``unknown_code``) and,
+    for a code that was sent, a line in the console's tail with the route that refused it
+    (``DropTally.refused``, docs/console.md)."""
+    edge.drops.note(workspace, link_id, "unknown_code")
+    if code:
+        edge.drops.refused(code, route)
 
 
 def accepted(body: bytes, headers: dict[str, str] | None) -> web.Response:
     return web.Response(body=body, content_type="application/json", headers=headers)
-
-
-async def put(edge: Edge, voice: Voice, envelope: Envelope, code: str, *extra: Command, spool: bool) -> bool:
-    """Append an event without an idempotency key (with ``extra`` in its round trip): True
-    once it is in Redis, False once in the spool (``spool``: a public route's event; without
-    it Redis down is the route's 503); else raises the route's 503 (``Down``). For a route
-    whose answer is made after the append (a redirect, an id remembered in Redis); the
-    others ``append``."""
-    if suppressed(edge, envelope):
-        return True  # answered as it would be, appended nowhere
-    try:
-        return await append_event(edge, envelope, code, *extra, spool=spool)
-    except (NotSent, OutcomeUnknown, Outage) as exc:  # neither Redis nor the spool took it
-        raise Down(exc) from exc
-
-
-async def append(
-    edge: Edge,
-    voice: Voice,
-    envelope: Envelope,
-    code: str,
-    answer: bytes,
-    headers: dict[str, str] | None,
-    *extra: Command,
-    claim: Claim | None,
-    spool: bool,
-) -> web.Response:
-    """Append the event (with ``extra`` in its round trip) and answer ``answer``; with a
-    ``claim``, a repeat of the key gets the first request's answer (422 if it asked
-    something else). ``spool``: Redis down, the event goes to the spool (a public route's
-    click); otherwise that is the route's 503, raised (``Down``)."""
-    if claim is None:
-        await put(edge, voice, envelope, code, *extra, spool=spool)
-        return accepted(answer, headers)
-    if suppressed(edge, envelope):
-        return accepted(answer, headers)
-    try:
-        first = await append_keyed(
-            edge, claim, envelope, code, Answer(200, answer, claim.fingerprint), *extra, spool=spool
-        )
-    except (NotSent, OutcomeUnknown, Outage) as exc:
-        raise Down(exc) from exc
-    if first is not None:
-        return replay(first, claim, voice.refuse, headers)
-    return accepted(answer, headers)

@@ -56,20 +56,6 @@ def code(exc: BodyError, invalid: str = "invalid_request") -> str:
     return _CODES.get(exc.kind) or ("invalid_json" if exc.kind == "invalid_json" else invalid)
 
 
-def header(request: web.Request, name: str, limit: int) -> str | None:
-    """A header's text, safe to store: UTF-8 as sent, bytes that are not UTF-8 (aiohttp hands
-    them over as lone surrogates) as U+FFFD, NULs (which Postgres text refuses) dropped."""
-    value = request.headers.get(name)
-    if not value:
-        return None
-    if value.isascii():  # most headers: no surrogate to replace, the text as sent
-        clean = value.replace("\x00", "")[:limit] if "\x00" in value else value[:limit]
-        return clean or None
-    raw = value.encode("utf-8", "surrogateescape")  # the bytes the client sent
-    clean = raw.decode("utf-8", "replace").replace("\x00", "")[:limit]
-    return clean or None
-
-
 def plain(text: str, limit: int = 256) -> bool:
     """A path segment fit to look up: short, printable (so no NUL), valid Unicode (a lone
     surrogate, what aiohttp makes of bytes that are not UTF-8, is of category Cs, which

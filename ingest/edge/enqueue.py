@@ -1,6 +1,8 @@
 """Appending envelopes to their stream partition, through the micro-batcher, or to the
 local spool: for public routes while Redis is unreachable, and for every route when the
-outcome of an append is not known.
+outcome of an append is not known. ``put`` is the step of a route's event without an
+idempotency key (``ingest.edge.keyed.put_once`` the one with a key): it never reads or
+writes a key's records.
 
 What a failed append did decides the answer (docs/guarantees.md: a refusal is never
 counted):
@@ -29,10 +31,12 @@ import structlog
 
 from ingest.contract import wire
 from ingest.contract.connections import Command
-from ingest.contract.errors import NotSent, OutcomeUnknown, Unknown
+from ingest.contract.errors import NotSent, Outage, OutcomeUnknown, Unknown
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
+from ingest.contract.links import LinkInfo
 from ingest.contract.logs import note_event
+from ingest.edge.problem import Down
 from ingest.spool.store import Once
 
 if TYPE_CHECKING:
@@ -71,6 +75,16 @@ def retry_headers(exc: BaseException | None = None) -> dict[str, str]:
         if exc.event_id is not None:
             headers[EVENT_ID] = str(exc.event_id)
     return headers
+
+
+def suppressed(edge: Edge, envelope: Envelope, link: LinkInfo | None) -> bool:
+    """The event names a visitor, customer or address its workspace does not track: it is
+    counted as a drop (``suppressed``, under its ``link`` where the route knows one) and
+    appended nowhere (``ingest.privacy.suppressed``)."""
+    if not edge.suppress.names(envelope):
+        return False
+    edge.drops.note(envelope.workspace_id, link.id if link else None, "suppressed")
+    return True
 
 
 def xadd(keys: Keys, envelope: Envelope, routing_key: str) -> Command:
@@ -125,6 +139,18 @@ async def to_spool(
     return None
 
 
+async def spool_or_unknown(
+    edge: Edge, envelope: Envelope, routing_key: str, extra: tuple[Command, ...], check: Once, exc: BaseException
+) -> None:
+    """Spool a keyed copy Redis may hold (kept unless a copy of its key waits there);
+    the outcome ``UNKEPT``, naming no event (the key's stored copy may be another's), when the
+    spool cannot keep it."""
+    try:
+        await to_spool(edge, envelope, routing_key, extra, once=check, maybe_applied=exc)
+    except OutcomeUnknown as unknown:  # the spool could not keep it
+        raise unkept(None, exc) from unknown
+
+
 def first_reply(exc: BaseException) -> tuple[bool, Any]:
     """What a failed round trip tells of its first command: (known, reply). Known only for
     the outcome ``UNCONFIRMED``, whose replies are the primary's."""
@@ -146,9 +172,10 @@ async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Comma
     the outcome ``UNKEPT`` when that spool fails, ``SpoolFull`` / ``SpoolError`` (OSErrors)
     when the spool refuses an event that is nowhere else: the caller must not answer 2xx.
     """
+    command = xadd(edge.keys, envelope, routing_key)
     note_event(envelope.event_id)  # the request's lines name its event
     try:
-        replies = await edge.batcher.execute(xadd(edge.keys, envelope, routing_key), *extra, durable=True)
+        replies = await edge.batcher.execute(command, *extra, durable=True)
     except (NotSent, OutcomeUnknown) as exc:
         known, reply = first_reply(exc)
         if known and not isinstance(reply, Exception):  # in the primary, short of the level
@@ -169,3 +196,19 @@ async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Comma
         return False
     edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
     return True
+
+
+async def put(
+    edge: Edge, envelope: Envelope, routing_key: str, *extra: Command, link: LinkInfo | None, spool: bool
+) -> bool:
+    """A route's plain append (no idempotency key), ``extra`` in its round trip
+    (``append``): True once the event is in Redis, False once in the spool (``spool``: a
+    public route's event; without it Redis down is the route's 503); else raises the route's
+    503 (``Down``). An event its workspace does not track (``suppressed``, named by its
+    ``link``) is appended nowhere, and answered as it would be."""
+    if suppressed(edge, envelope, link):
+        return True
+    try:
+        return await append(edge, envelope, routing_key, *extra, spool=spool)
+    except (NotSent, OutcomeUnknown, Outage) as exc:  # neither Redis nor the spool took it
+        raise Down(exc) from exc

@@ -165,6 +165,25 @@ def replay(first: Answer, claim: Claim, refuse: Refuse, headers: dict[str, str] 
     return first.response(headers)
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A keyed event's append, made once (``Idempotency.prepare``)."""
+
+    command: erasure_index.Filed  # the script, with what files its record beside it
+    check: Once  # what a spooled copy keeps, to be drained through the same script
+    first: Answer | None  # on a Redis Cluster: the answer a record from an earlier count holds
+
+
+@dataclass(frozen=True, slots=True)
+class _Places:
+    partition: int
+    stream: str
+    record: str
+    earlier: tuple[str, ...]  # the key's records under earlier partition counts
+    older: tuple[str, ...]  # those, and on one server its records from before they named a workspace
+    index: str | None  # its workspace's index of records (``Keys.answers``)
+
+
 class Idempotency:
     """Held by the edge: the scripts, the window, and the answers it gave from its spool."""
 
@@ -194,97 +213,92 @@ class Idempotency:
         script, the drain's check) still keeps one while it lives."""
         return f"idem:{claim.digest}:{envelope.received_at_ms // self.window_ms}"
 
-    def append_command(self, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer) -> erasure_index.Filed:
-        """The script that appends ``envelope`` unless the key has a record. Marks the
-        envelope with the key's dedupe value first (a conversion keeps its own)."""
+    async def prepare(
+        self, batcher: RedisBatcher, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer
+    ) -> Prepared:
+        """A keyed event's append, made once: the script that appends ``envelope`` unless
+        the key has a record, with what files the record (``erasure_index.Filed``), and the
+        check a spooled copy keeps. On a Redis Cluster, where one script cannot read them,
+        the first answer among the key's records from earlier partition counts is read
+        first, in a round trip of its own (``Prepared.first``: the append is then not sent;
+        two copies of one key sent at once across a count change may both be appended, and
+        the workers store one: their dedupe value is the key's; a Redis that cannot say is
+        met again by the append, which says what it means). Marks the envelope with the
+        key's dedupe value (a conversion keeps its own)."""
         envelope.payload.setdefault("dedupe", self.dedupe(claim, envelope))
-        partition = self.keys.partition_for(routing_key)
-        record = self.keys.idempotent(claim.digest, partition, claim.workspace)
-        # the record filed under its event once the script appended (ingest.edge.erasure_index):
-        # an erasure's sweep reads the records of the person's own events, never every record
-        workspace = envelope.workspace_id or claim.workspace
-        filed = (
-            erasure_index.answer_commands(
-                self.keys,
-                workspace,
-                partition,
-                envelope.event_id,
-                claim.digest,
-                claim.workspace is not None,
-                self.window_ms,
-            )
-            if workspace
-            else ()
-        )
-        return erasure_index.Filed(self._append(claim, routing_key, envelope, answer, partition, record), filed)
-
-    def _append(
-        self, claim: Claim, routing_key: str, envelope: Envelope, answer: Answer, partition: int, record: str
-    ) -> Command:
+        encoded = answer.encode()
+        at = self._places(claim, routing_key, envelope.workspace_id or claim.workspace)
+        first = None
+        if self.cluster and at.earlier:
+            try:
+                for reply in await batcher.execute(*(("GET", r) for r in at.earlier)):
+                    if isinstance(reply, Exception):
+                        raise reply
+                    if reply is not None:
+                        first = Answer.decode(bytes(reply))
+                        break
+            except (NotSent, OutcomeUnknown):
+                pass  # the append meets the same trouble, and says what it means
+        entry = wire.to_entry(envelope)
         if self.cluster:
-            return (
+            command: Command = (
                 "EVALSHA",
                 self._append_sha,
                 2,
-                record,
-                self.keys.stream(partition),
-                answer.encode(),
+                at.record,
+                at.stream,
+                encoded,
                 self.window_ms,
                 "",
                 "",
-                *wire.to_entry(envelope),
+                *entry,
             )
-        earlier = self.earlier(claim, routing_key) + self.unnamed(claim, routing_key)
-        changed = self._layout().changed_ms if self._layout is not None else 0
-        return (
-            "EVALSHA",
-            self._append_sha,
-            3 + len(earlier),
-            record,
-            self.keys.stream(partition),
-            self.keys.layout,
-            *earlier,
-            answer.encode(),
-            self.window_ms,
-            self.keys.partitions,
-            changed,
-            *wire.to_entry(envelope),
+        else:
+            changed = self._layout().changed_ms if self._layout is not None else 0
+            command = (
+                "EVALSHA",
+                self._append_sha,
+                3 + len(at.older),
+                at.record,
+                at.stream,
+                self.keys.layout,
+                *at.older,
+                encoded,
+                self.window_ms,
+                self.keys.partitions,
+                changed,
+                *entry,
+            )
+        # the record filed under its event once the script appended (ingest.edge.erasure_index):
+        # an erasure's sweep reads the records of the person's own events, never every record
+        filed = (
+            erasure_index.answer_commands(
+                at.index, at.partition, envelope.event_id, claim.digest, claim.workspace is not None, self.window_ms
+            )
+            if at.index is not None
+            else ()
         )
+        return Prepared(erasure_index.Filed(command, filed), Once(at.record, encoded, self.window_ms), first)
 
-    def earlier(self, claim: Claim, routing_key: str) -> tuple[str, ...]:
-        """The key's records in the partitions that counts of the last window gave it (a
-        partition count changed: ``ingest.contract.layout``), other than its current one."""
-        if self._layout is None or not (counts := self._layout().earlier(clock.now_ms())):
-            return ()
-        now = self.keys.partition_for(routing_key)
-        ps = {self.keys.partition_for(routing_key, c) for c in counts} - {now}
-        return tuple(self.keys.idempotent(claim.digest, p, claim.workspace) for p in sorted(ps))
-
-    def unnamed(self, claim: Claim, routing_key: str) -> tuple[str, ...]:
-        """The key's records as an edge wrote them before records named their workspace: a
-        repeat within the window after an upgrade gets their answer too. (Not on a Redis
-        Cluster, where one script reads its slot's keys alone: there such a repeat is
-        answered afresh, and stored once by the key's dedupe value.)"""
-        if claim.workspace is None:
-            return ()
-        anonymous = Claim(claim.digest, claim.fingerprint)
-        now = self.keys.idempotent(claim.digest, self.keys.partition_for(routing_key))
-        return (now, *self.earlier(anonymous, routing_key))
-
-    async def found_earlier(self, batcher: RedisBatcher, claim: Claim, routing_key: str) -> bytes | None:
-        """On a Redis Cluster, where one script cannot read them: the first answer among the
-        key's records from earlier partition counts, read in a round trip of its own before
-        the append (two copies of one key sent at once across a count change may then both
-        be appended; the workers store one: their dedupe value is the key's)."""
-        if not self.cluster or not (records := self.earlier(claim, routing_key)):
-            return None
-        replies = await batcher.execute(*(("GET", r) for r in records))
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-            if reply is not None:
-                return bytes(reply)
-        return None
+    def _places(self, claim: Claim, routing_key: str, workspace: str | None) -> _Places:
+        """Where the key's records are (``Keys.idempotent``): its partition's stream and record,
+        its records in the partitions that counts of the last window gave it (a partition
+        count changed: ``ingest.contract.layout``), and, on one server, those an edge wrote
+        before records named their workspace (a repeat within the window after an upgrade
+        gets their answer too; on a Redis Cluster, where one script reads its slot's keys
+        alone, such a repeat is answered afresh, and stored once by the key's dedupe value);
+        the index of ``workspace``'s records (``Keys.answers``)."""
+        keys = self.keys
+        counts = self._layout().earlier(clock.now_ms()) if self._layout is not None else ()
+        partition = keys.partition_for(routing_key)
+        others = sorted({keys.partition_for(routing_key, c) for c in counts} - {partition})
+        earlier = tuple(keys.idempotent(claim.digest, p, claim.workspace) for p in others)
+        older = earlier
+        if claim.workspace is not None and not self.cluster:
+            older += tuple(keys.idempotent(claim.digest, p) for p in (partition, *others))
+        record = keys.idempotent(claim.digest, partition, claim.workspace)
+        index = keys.answers(workspace) if workspace else None
+        return _Places(partition, keys.stream(partition), record, earlier, older, index)
 
     def check(self, claim: Claim, routing_key: str, answer: Answer) -> Once:
         """What a spooled copy keeps to be drained through the same script."""

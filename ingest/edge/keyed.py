@@ -1,6 +1,8 @@
-"""A keyed event's append: the idempotency script instead of the XADD, and what follows
-when Redis cannot say (``ingest.edge.idempotency`` holds the key's scripts and records; this
-module joins them to the append's outcomes in ``ingest.edge.enqueue``).
+"""A keyed event's append, the step ``put_once`` of the routes that take an idempotency key:
+the idempotency script instead of the XADD, and what follows when Redis cannot say
+(``ingest.edge.idempotency`` holds the key's scripts and records, made once a request by
+``Idempotency.prepare``; this module joins them to the append's outcomes in
+``ingest.edge.enqueue``, whose ``put`` is the step of an event without a key).
 
 A key asks for one answer, and only Redis's script can say which copy of the key is the
 first: a copy whose script Redis did not run (a timeout, a stall, Redis unreachable or
@@ -15,23 +17,63 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from aiohttp import web
+
 from ingest.contract.connections import Command
-from ingest.contract.errors import NotSent, OutcomeUnknown
+from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.contract.events import Envelope
+from ingest.contract.links import LinkInfo
 from ingest.contract.logs import note_event
-from ingest.edge.enqueue import first_reply, never_sent, to_spool, unkept
-from ingest.edge.idempotency import Answer, Claim
-from ingest.spool.store import Once
+from ingest.edge.enqueue import first_reply, never_sent, spool_or_unknown, suppressed, to_spool, unkept
+from ingest.edge.idempotency import Answer, Claim, Refuse, replay
+from ingest.edge.problem import Down
 
 if TYPE_CHECKING:
     from ingest.edge.state import Edge
 
 
+async def put_once(
+    edge: Edge,
+    refuse: Refuse,
+    claim: Claim,
+    envelope: Envelope,
+    routing_key: str,
+    answer: bytes,
+    headers: dict[str, str] | None,
+    *extra: Command,
+    link: LinkInfo | None,
+    spool: bool,
+) -> web.Response:
+    """A route's keyed append and its answer: the event (``extra`` in its round trip)
+    appended once per ``claim`` (``append_keyed``; one its workspace does not track,
+    named by its ``link``, nowhere) and answered ``answer``; a repeat of the key gets the
+    first request's answer (422, in the route's ``refuse``, if it asked something else).
+    ``spool``: a public route's click, which Redis down sends to the spool; otherwise that
+    is the route's 503, raised (``Down``)."""
+    try:
+        first = await append_keyed(
+            edge, claim, envelope, routing_key, Answer(200, answer, claim.fingerprint), *extra, link=link, spool=spool
+        )
+    except (NotSent, OutcomeUnknown, Outage) as exc:
+        raise Down(exc) from exc
+    if first is not None:
+        return replay(first, claim, refuse, headers)
+    return web.Response(body=answer, content_type="application/json", headers=headers)
+
+
 async def append_keyed(
-    edge: Edge, claim: Claim, envelope: Envelope, routing_key: str, answer: Answer, *extra: Command, spool: bool
+    edge: Edge,
+    claim: Claim,
+    envelope: Envelope,
+    routing_key: str,
+    answer: Answer,
+    *extra: Command,
+    link: LinkInfo | None,
+    spool: bool,
 ) -> Answer | None:
     """Append ``envelope`` unless ``claim`` has an answer: None when this request's
-    ``answer`` stands (Redis's script appended it), else the first request's answer.
+    ``answer`` stands (Redis's script appended it, or the event is one its workspace does
+    not track: ``enqueue.suppressed``, appended nowhere), else the first request's answer.
 
     At ``REFSTREAM_ACK_DURABILITY``'s level, as ``enqueue.append``; the answer stands only
     once the script's run is confirmed at the level. ``UNKEPT`` (503, "may be
@@ -43,15 +85,14 @@ async def append_keyed(
     not run, on a route that does not spool, is raised (a refusal, 503). ``SpoolFull`` /
     ``SpoolError`` when the spool cannot keep a copy Redis certainly does not hold.
     """
-    check = edge.idem.check(claim, routing_key, answer)
+    if suppressed(edge, envelope, link):
+        return None
     note_event(envelope.event_id)
-    if edge.idem.cluster:  # a count changed within the window: the key's earlier records first
-        try:
-            if (earlier := await edge.idem.found_earlier(edge.batcher, claim, routing_key)) is not None:
-                return Answer.decode(earlier)
-        except (NotSent, OutcomeUnknown):
-            pass  # the append below meets the same trouble, and says what it means
-    command = edge.idem.append_command(claim, routing_key, envelope, answer)
+    # on a Redis Cluster whose partition count changed within the window: the key's earlier records first
+    prepared = await edge.idem.prepare(edge.batcher, claim, routing_key, envelope, answer)
+    if prepared.first is not None:
+        return prepared.first
+    check, command = prepared.check, prepared.command
     try:
         # its record filed under its event, after what it writes (``erasure_index.Filed``)
         replies = await edge.batcher.execute(command, *extra, *command.beside, durable=True)
@@ -80,15 +121,3 @@ async def append_keyed(
         raise unkept(None, first)
     edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
     return None
-
-
-async def spool_or_unknown(
-    edge: Edge, envelope: Envelope, routing_key: str, extra: tuple[Command, ...], check: Once, exc: BaseException
-) -> None:
-    """Spool a keyed copy Redis may hold (kept unless a copy of its key waits there);
-    the outcome ``UNKEPT``, naming no event (the key's stored copy may be another's), when the
-    spool cannot keep it."""
-    try:
-        await to_spool(edge, envelope, routing_key, extra, once=check, maybe_applied=exc)
-    except OutcomeUnknown as unknown:  # the spool could not keep it
-        raise unkept(None, exc) from unknown

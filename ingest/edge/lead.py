@@ -29,12 +29,12 @@ from ingest.contract.clicks import ClickRef
 from ingest.contract.connections import Command
 from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Envelope, EventType
-from ingest.edge import accept
+from ingest.edge import accept, enqueue, keyed
 from ingest.edge.bodies import TrackLead
 from ingest.edge.idempotency import HEADER, Claim, fingerprint
-from ingest.edge.lookup import Found, Guess, remember, seen, seen_link
+from ingest.edge.lookup import Found, Guess, remember, seen
 from ingest.edge.problem import Down, Problem
-from ingest.edge.resolve import Unavailable, fallback, resolve_click
+from ingest.edge.resolve import Unavailable, fallback, resolve_click, seen_link
 from ingest.edge.state import Edge
 
 # how long a deferred lead's click waits for the lead that completes it, at least (and as
@@ -150,7 +150,7 @@ async def _track(request: web.Request, d: LeadDialect) -> web.Response:
         if made is not None:
             guess = Guess(made.envelope, made.click.code)
             reads += (("GET", edge.keys.link(made.click.code)),)
-    found = await accept.look_keyed(edge, d.voice, secret, extra=reads, guess=guess)
+    found = await accept.look_keyed(edge, secret, extra=reads, guess=guess)
     admitted = d.refusals(request, edge, found, problem, body)
     assert body is not None
     workspace = admitted.principal.workspace_id
@@ -181,10 +181,13 @@ async def _track(request: web.Request, d: LeadDialect) -> web.Response:
     if body.mode == "deferred":
         return await _defer(edge, d, body, click, link, resp, headers)
     idem_key = admitted.idem_key
-    claim = Claim.of(idem_key, d.claim, workspace, fingerprint(body.model_dump())) if idem_key else None
     # keyed: Redis down is a 503 (spool=False)
     event = envelope(request, edge, d.dialect, body, click)
-    return await accept.append(edge, d.voice, event, click.code, resp, headers, claim=claim, spool=False)
+    if idem_key is None:
+        await enqueue.put(edge, event, click.code, link=link, spool=False)
+        return accept.accepted(resp, headers)
+    claim = Claim.of(idem_key, d.claim, workspace, fingerprint(body.model_dump()))
+    return await keyed.put_once(edge, d.voice.refuse, claim, event, click.code, resp, headers, link=link, spool=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,3 +284,16 @@ def refport_answer(body: TrackLead, echoed: dict[str, Any]) -> bytes:
 
 def dub_answer(body: TrackLead, echoed: dict[str, Any]) -> bytes:
     return orjson.dumps(echoed)
+
+
+# a lead's steps, in their order (a route's ``STEPS``: tests/test_route_steps.py)
+STEPS: tuple[Callable[..., Any], ...] = (
+    accept.parsed,
+    seen_link,
+    accept.event,
+    accept.look_keyed,
+    resolve_click,
+    accept.accepted,
+    enqueue.put,
+    keyed.put_once,
+)

@@ -28,19 +28,13 @@ from typing import Any
 
 from ingest.contract import links, wire
 from ingest.contract.connections import Command
-from ingest.contract.errors import NotSent, OutcomeUnknown
+from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.contract.events import Envelope
 from ingest.edge.auth import Principal
 from ingest.edge.enqueue import appended, never_sent, to_spool
+from ingest.edge.problem import Down
 from ingest.edge.ratelimit import WINDOW, RateLimiter, Verdict, well_formed
-from ingest.edge.resolve import (
-    SEEN_MAX,
-    Unavailable,
-    decode_link,
-    fallback,
-    resolve_link,
-    storable,
-)
+from ingest.edge.resolve import SEEN_MAX, Unavailable, fallback, link_in_postgres, resolve_link
 from ingest.edge.state import Edge
 
 # ratelimit.WINDOW (KEYS[1], ARGV[1..2]), then: ARGV[3] = E, the number of the entry's
@@ -115,15 +109,6 @@ def seen(edge: Edge, key: str) -> bytes | bool | None:
     return edge.seen.get(key, False)
 
 
-def seen_link(edge: Edge, code: str) -> links.LinkInfo | None:
-    """The link as this edge last read it from the cache, to make a ``Guess`` from."""
-    raw = edge.seen.get(edge.keys.link(code))
-    if raw is None:
-        return None
-    link = decode_link(edge, raw)
-    return link if isinstance(link, links.LinkInfo) else None
-
-
 def remember(edge: Edge, key: str, value: object) -> None:
     """A key a route read by itself (not through ``lookup``): what a later guess is made from."""
     _remember(edge, [key], [value])
@@ -167,6 +152,28 @@ class _Ask:
     gets: list[str]
 
 
+async def key_lookup(edge: Edge, secret: str) -> Found:
+    """A keyed route's caller and nothing else (a sale, a refund, a batch): whom ``secret``
+    names (Redis, else Postgres) and its rate limit (``edge.key_limiter``, counted under
+    the key's hash), in one round trip; no link, no guess. ``Down``, the route's 503, when
+    Redis or Postgres cannot say."""
+    digest, principal, hit = edge.auth.cached(secret)
+    limiter = edge.key_limiter
+    commands: list[Command] = [limiter.command(edge.keys.ratelimit(limiter.name, key_subject(digest)))]
+    if not hit:
+        commands.append(("GET", edge.auth.redis_key(digest)))
+    try:
+        replies = await edge.batcher.execute(*commands, check=limiter.check)
+        found = Found(verdict=limiter.verdict(replies[0]), principal=principal)
+        if not hit:
+            found.principal = await _authenticate(edge, digest, replies[1])
+    except Unavailable as exc:
+        raise Down() from exc
+    except (NotSent, OutcomeUnknown, Outage) as exc:
+        raise Down(exc) from exc
+    return found
+
+
 async def keyed_lookup(
     edge: Edge,
     limiter: RateLimiter,
@@ -198,7 +205,7 @@ async def keyed_lookup(
     found = Found(verdict=_verdict(ask, replies, counted), principal=key.principal)
     i = int(counted)
     if key.miss:
-        found.principal = await _authenticate(edge, key, replies[i])
+        found.principal = await _authenticate(edge, key.digest, replies[i])
         i += 1
     return await _take(ask, found, replies[i:])
 
@@ -242,13 +249,13 @@ def _parse_key(edge: Edge, secret: str) -> _Key:
     return _Key(digest, principal, not hit)
 
 
-async def _authenticate(edge: Edge, key: _Key, reply: object) -> Principal | None:
+async def _authenticate(edge: Edge, digest: bytes, reply: object) -> Principal | None:
     """Whom a key this edge had not cached names, from Redis's reply to its ``GET``; from
     Postgres (bounded: ``fallback``) when Redis has never seen it."""
     if isinstance(reply, bytes):  # Redis knew the key: no Postgres, no need to queue for it
-        return await edge.auth.resolve(key.digest, reply)
+        return await edge.auth.resolve(digest, reply)
     # one question a key at a time: a burst on a cold key waits for the first one's answer
-    return await edge.auth.asked_once(key.digest, lambda: fallback(edge, lambda: edge.auth.resolve(key.digest, reply)))
+    return await edge.auth.asked_once(digest, lambda: fallback(edge, lambda: edge.auth.resolve(digest, reply)))
 
 
 def _ask(edge: Edge, limiter: RateLimiter, subject: str, code: str | None, extra: tuple[Command, ...]) -> _Ask:
@@ -291,11 +298,15 @@ async def _take(ask: _Ask, found: Found, values: list[Any]) -> Found:
     return found
 
 
-async def _link(ask: _Ask, found: Found, values: list[Any]) -> None:
-    """The link for the request's code from its keys' values (``values[0]``, ``values[1]``)."""
+async def _link(ask: _Ask, found: Found, values: list[Any] | None) -> None:
+    """The link for the request's code from its keys' values (``values[0]``, ``values[1]``);
+    from Postgres when Redis could not be read (``values`` None)."""
     if ask.code is not None:
         try:
-            found.link = await resolve_link(ask.edge, ask.code, values[0], values[1])
+            if values is None:
+                found.link = await link_in_postgres(ask.edge, ask.code)
+            else:
+                found.link = await resolve_link(ask.edge, ask.code, values[0], values[1])
         except Unavailable:
             found.link_unresolved = True  # the route decides: refuse, or let the worker decide
 
@@ -326,16 +337,17 @@ async def _guessed(
     held = [edge.seen.get(key) for key in ask.reads + ask.gets]  # what the guess was made from
     n_values = len(ask.reads) + len(ask.extra)  # a reply of another shape is another's: never read
     try:
-        (reply,) = await edge.batcher.execute(
+        replies = await edge.batcher.execute(
             checked, durable=True, check=lambda r: well_formed(r[0], flags=1, values=n_values)
         )
     except (NotSent, OutcomeUnknown) as exc:
         if never_sent(exc):
             return await unsent(exc)
         return await _settled(ask, principal, held, guess, exc)
+    (reply,) = replies
     if isinstance(reply, Exception):
         return None
-    found = Found(verdict=ask.limiter.verdict(reply), principal=principal, appended=bool(reply[3]))
+    found = Found(verdict=_verdict(ask, replies, True), principal=principal, appended=bool(reply[3]))
     if found.appended:
         appended(edge, guess.envelope)
     return await _take(ask, found, reply[4:])
@@ -391,10 +403,5 @@ async def _settled(ask: _Ask, principal: Principal | None, held: list[Any], gues
 async def _without_redis(ask: _Ask) -> Found:
     # the limit cannot be counted without Redis: fail open, bounded by the spool's cap
     found = Found(verdict=_admitted(ask.limiter), extra=[None] * len(ask.extra), redis_down=True)
-    code = ask.code
-    if code is not None and storable(code):
-        try:
-            found.link = await fallback(ask.edge, lambda: links.fetch(ask.edge.pg, code))
-        except Unavailable:
-            found.link_unresolved = True
+    await _link(ask, found, None)
     return found

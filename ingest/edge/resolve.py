@@ -71,6 +71,16 @@ def decode_link(edge: Edge, raw: object) -> links.LinkInfo | links.Missing | Non
     return link
 
 
+def seen_link(edge: Edge, code: str) -> links.LinkInfo | None:
+    """The link as this edge last read it from the cache (``ingest.edge.lookup.seen``), to make
+    a ``Guess`` from."""
+    raw = edge.seen.get(edge.keys.link(code))
+    if raw is None:
+        return None
+    link = decode_link(edge, raw)
+    return link if isinstance(link, links.LinkInfo) else None
+
+
 def storable(code: str) -> bool:
     """Whether a link can have ``code``: Postgres text cannot hold NUL, so no link has such a
     code; asking would be refused (22021), which a request cannot tell from an outage: a
@@ -90,15 +100,23 @@ async def resolve_link(edge: Edge, code: str, cached: object, warm: object) -> l
         return None
     if isinstance(cached, Exception):
         log.warning("link_cache.read_failed", error=repr(cached))
-        return await fallback(edge, lambda: links.fetch(edge.pg, code))  # Unavailable: the route's outage path
+        return await link_in_postgres(edge, code)  # Unavailable: the route's outage path
     if warm == b"1":
         return None
     # the cache is not (yet) complete: ask Postgres once, and remember the answer
-    found = await fallback(edge, lambda: links.fetch(edge.pg, code))
+    found = await link_in_postgres(edge, code)
     (reply,) = await edge.batcher.execute(links.cache_command(edge.keys, edge.link_sha, found or code))
     if isinstance(reply, Exception):
         log.warning("link_cache.write_failed", error=repr(reply))
     return found
+
+
+async def link_in_postgres(edge: Edge, code: str) -> links.LinkInfo | None:
+    """The link for ``code`` from Postgres (bounded: ``fallback``), for a request whose
+    Redis could not say; None for a code no link can have (``storable``)."""
+    if not storable(code):
+        return None
+    return await fallback(edge, lambda: links.fetch(edge.pg, code))
 
 
 async def resolve_click(edge: Edge, click_id: str, cached: object) -> clicks.ClickRef | None:

@@ -20,7 +20,7 @@ Counted once, at two levels:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -41,13 +41,13 @@ from ingest.contract.fields import (
     OrderId,
     Processor,
 )
-from ingest.edge import accept
+from ingest.edge import accept, enqueue, keyed
 from ingest.edge.bodies import customer_aliases, no_default
 from ingest.edge.dub_shapes import sale_answer
 from ingest.edge.enqueue import OUTCOME
 from ingest.edge.idempotency import Claim, fingerprint
 from ingest.edge.problem import Down, Problem
-from ingest.edge.resolve import Unavailable, fallback, resolve_click
+from ingest.edge.resolve import Unavailable, fallback, resolve_click, seen_link
 from ingest.edge.state import Edge
 
 M = TypeVar("M", bound=BaseModel)
@@ -197,11 +197,19 @@ def claim(route: str, workspace_id: str, idem_key: str | None, payload: dict[str
     return None
 
 
+# a step before the sale's own (``direct_lead``): (edge, dialect, workspace, body) -> whether
+# it appended a lead first; raises the route's refusal or 503
+LeadFirst = Callable[[Edge, "SaleDialect[Any]", str, Any], Awaitable[bool]]
+
+
 @dataclass(frozen=True, slots=True)
 class SaleDialect(Generic[M]):
     """A dialect's sale route, all it says of its own: the envelope's ``dialect``, its
     ``voice``, its body's ``model``, its keyed ``refusals`` (``accept.Refusals``), the
-    sale's ``payload`` from its body, and its ``answer`` to the body and event."""
+    sale's ``payload`` from its body, and its ``answer`` to the body and event; for Dub's
+    API, whose sale may name its customer's click (``TrackSale.clickId``), the step that
+    makes the lead first (``lead_first``: ``direct_lead``) and the refusal of a click it
+    does not know (``unknown_click``)."""
 
     dialect: str
     voice: accept.Voice
@@ -209,8 +217,7 @@ class SaleDialect(Generic[M]):
     refusals: accept.Refusals
     payload: Callable[[M], dict[str, Any]]
     answer: Callable[[M, Envelope], bytes]
-    # a route whose body may name a click (``TrackSale.clickId``): its refusal of one it
-    # does not know
+    lead_first: LeadFirst | None = None
     unknown_click: Callable[[], Problem] | None = None
 
 
@@ -226,46 +233,46 @@ async def track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
 
 async def _track(request: web.Request, dialect: SaleDialect[M]) -> web.Response:
     voice = dialect.voice
-    started = await accept.caller(request, voice, dialect.model, dialect.refusals)
+    started = await accept.caller(request, dialect.model, dialect.refusals)
     workspace, idem_key = started.admitted.principal.workspace_id, started.admitted.idem_key
-    led = False
-    if isinstance(started.body, TrackSale) and started.body.clickId:
-        # the lead first: its event (and received time) precedes its sale's, which it attributes
-        led = await direct_lead(started.edge, dialect, workspace, started.body, started.body.clickId)
+    # the lead first, where the dialect's sale makes one: its event (and received time)
+    # precedes its sale's, which it attributes
+    led = dialect.lead_first is not None and await dialect.lead_first(started.edge, dialect, workspace, started.body)
     payload = dialect.payload(started.body)
     event = envelope(dialect.dialect, workspace, payload)
     route = event.routing_key()
     assert route is not None
+    answer, headers = dialect.answer(started.body, event), started.found.verdict.headers
+    claimed = claim(voice.route, workspace, idem_key, payload)
     try:
-        return await accept.append(
-            started.edge,
-            voice,
-            event,
-            route,
-            dialect.answer(started.body, event),
-            started.found.verdict.headers,
-            claim=claim(voice.route, workspace, idem_key, payload),
-            spool=False,
-        )
+        if claimed is not None:
+            return await keyed.put_once(
+                started.edge, voice.refuse, claimed, event, route, answer, headers, link=None, spool=False
+            )
+        await enqueue.put(started.edge, event, route, link=None, spool=False)
+        return accept.accepted(answer, headers)
     except Down as exc:
         if not led:
             raise
-        answer = voice.render(exc)
-        answer.headers[OUTCOME] = "unknown"  # the lead is in: the request is not refused as a whole
-        return answer
+        refused = voice.render(exc)
+        refused.headers[OUTCOME] = "unknown"  # the lead is in: the request is not refused as a whole
+        return refused
 
 
 # whether the customer has a row: a direct sale makes no lead for a customer who has one
 _CUSTOMER_KNOWN = "SELECT EXISTS (SELECT 1 FROM customers WHERE workspace_id = $1 AND external_id = $2)"
 
 
-async def direct_lead(edge: Edge, dialect: SaleDialect[Any], workspace: str, body: TrackSale, click_id: str) -> bool:
-    """Direct sale tracking, Dub's: a sale that names its customer's click makes the
-    customer's lead from it (named ``leadEventName``, else ``DIRECT_LEAD``) where the
-    customer has no row yet, appended before the sale. True once that lead is in Redis,
-    False when none was needed; raises the route's refusal of a click it does not know
-    (``Problem``), or its 503 (``Down``). The lead is idempotent on (customer, name) like
-    any: a repeat counts it once."""
+async def direct_lead(edge: Edge, dialect: SaleDialect[Any], workspace: str, body: TrackSale) -> bool:
+    """Direct sale tracking, Dub's (a ``SaleDialect.lead_first``): a sale that names its
+    customer's click (``clickId``) makes the customer's lead from it (named
+    ``leadEventName``, else ``DIRECT_LEAD``) where the customer has no row yet, appended
+    before the sale. True once that lead is in Redis, False when none was needed; raises the
+    route's refusal of a click it does not know (``Problem``), or its 503 (``Down``). The
+    lead is idempotent on (customer, name) like any: a repeat counts it once."""
+    click_id = body.clickId
+    if not click_id:
+        return False
     refuse = dialect.unknown_click or (lambda: Problem(400, "invalid_click_id", "Unknown clickId"))
     try:
         (cached,) = await edge.batcher.execute(("GET", edge.keys.click(click_id)))
@@ -295,10 +302,15 @@ async def direct_lead(edge: Edge, dialect: SaleDialect[Any], workspace: str, bod
         if value is not None:
             payload[field] = value
     lead = Envelope(type=EventType.LEAD, dialect=dialect.dialect, workspace_id=workspace, payload=payload)
-    await accept.put(edge, dialect.voice, lead, click.code, spool=False)
+    await enqueue.put(edge, lead, click.code, link=seen_link(edge, click.code), spool=False)
     return True
 
 
 async def _customer_known(edge: Edge, workspace: str, external_id: str) -> bool:
     async with edge.pg.acquire() as conn:
         return bool(await conn.fetchval(_CUSTOMER_KNOWN, workspace, external_id))
+
+
+# a sale's steps, in their order (a route's ``STEPS``: tests/test_route_steps.py); a dialect
+# whose sale may name its customer's click takes ``direct_lead`` first (``lead_first``)
+STEPS: tuple[Callable[..., Any], ...] = (accept.caller, keyed.put_once, enqueue.put, accept.accepted)

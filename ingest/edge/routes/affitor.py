@@ -9,6 +9,7 @@ link. ``existing_click_id`` keeps the visitor's earlier click id (and so its cus
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -23,12 +24,12 @@ from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.fields import NO_NUL, NoNul, OptionalId
 from ingest.contract.links import LinkInfo
-from ingest.edge import accept
+from ingest.edge import accept, enqueue, keyed
 from ingest.edge.body import BodyError, parse
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key, valid_key
-from ingest.edge.lookup import Guess, seen_link
+from ingest.edge.lookup import Guess
 from ingest.edge.problem import Problem
-from ingest.edge.resolve import ClickPending, Unavailable, resolve_click
+from ingest.edge.resolve import ClickPending, Unavailable, resolve_click, seen_link
 from ingest.edge.state import EDGE, Edge
 
 routes = web.RouteTableDef()
@@ -214,6 +215,7 @@ async def track_click(request: web.Request) -> web.Response:
         return fail(400, "affiliate_url is required")
     try:  # the header for servers; tracker.js sends it in the body (a header costs a CORS preflight)
         idem_key = header_key(request) or (valid_key(body.dedupe) if body.dedupe is not None else None)
+        asked = fingerprint(body.model_dump(exclude={"dedupe"})) if idem_key is not None else None
     except InvalidKey as exc:
         return fail(400, str(exc).replace("Idempotency-Key", "Idempotency-Key (or dedupe)"))
     code = aff_code(body.affiliate_url)
@@ -230,7 +232,6 @@ async def track_click(request: web.Request) -> web.Response:
                 guess = Guess(made.envelope, code, made.extra)
     found = await accept.look(  # public: with Redis down, the link from Postgres and the event to the spool
         edge,
-        VOICE,
         edge.public_limiter,
         ip or "-",
         code,
@@ -238,7 +239,7 @@ async def track_click(request: web.Request) -> web.Response:
         guess=guess,
     )
     headers = found.verdict.headers
-    refused = accept.refusal(edge, found, request.headers.get("Origin"))
+    refused = accept.refusal(edge, VOICE.route, code, found, request.headers.get("Origin"))
     if refused is not None:
         return _refuse(refused, code, headers)
     link = found.link
@@ -261,10 +262,27 @@ async def track_click(request: web.Request) -> web.Response:
         return accept.accepted(made.resp, headers)
     if made is None or made.envelope.workspace_id != link.workspace_id or prior is not None:
         made = _make(request, edge, body, code, link, prior, ip, test_mode)
-    claim = None
-    if idem_key is not None:  # public: scoped by the link's workspace and the link
-        asked = fingerprint(body.model_dump(exclude={"dedupe"}))
+    if idem_key is not None and asked is not None:  # public: scoped by the link's workspace and the link
         claim = Claim.of(idem_key, "affitor-click", link.workspace_id, asked, link=code)
-    return await accept.append(
-        edge, VOICE, made.envelope, code, made.resp, headers, *made.extra, claim=claim, spool=True
-    )
+        return await keyed.put_once(
+            edge, VOICE.refuse, claim, made.envelope, code, made.resp, headers, *made.extra, link=link, spool=True
+        )
+    await enqueue.put(edge, made.envelope, code, *made.extra, link=link, spool=True)
+    return accept.accepted(made.resp, headers)
+
+
+# each route as the list of steps it takes, in their order: every step one shared function
+# (tests/test_route_steps.py holds each route to its list, and its list to its dialect)
+STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "track_click": (
+        parse,
+        seen_link,
+        accept.event,
+        accept.look,
+        accept.refusal,
+        resolve_click,
+        accept.accepted,
+        keyed.put_once,
+        enqueue.put,
+    ),
+}

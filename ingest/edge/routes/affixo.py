@@ -15,6 +15,7 @@ visitor it was seen with (SET NX), for ``FINGERPRINT_TTL_S``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +27,14 @@ from ingest.contract.connections import Command
 from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.links import LinkInfo
-from ingest.edge import accept, sale
+from ingest.edge import accept, enqueue, keyed, sale
 from ingest.edge.bodies import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
-from ingest.edge.lookup import Found, Guess, seen_link
+from ingest.edge.lookup import Found, Guess
 from ingest.edge.problem import Problem
+from ingest.edge.resolve import seen_link
 from ingest.edge.sale import AffixoConversion
 from ingest.edge.state import Edge
 
@@ -170,14 +172,17 @@ async def track_click(request: web.Request) -> web.Response:
             if known.workspace_id == known_key.workspace_id:
                 made = _make(request, edge, body, known)
                 guess = Guess(made.envelope, known.code, made.remember)
-    found = await accept.look_keyed(edge, VOICE, secret, code=body.ref if body else None, guess=guess)
+    found = await accept.look_keyed(edge, secret, code=body.ref if body else None, guess=guess)
     admitted = _caller(request, edge, found, problem, body)
     principal, mine, idem_key = admitted.principal, admitted.link, admitted.idem_key
     assert body is not None
     if found.link_unresolved:
         return VOICE.down()
-    if mine is None or not mine.active:
-        edge.drops.note(principal.workspace_id, mine.id if mine else None, "inactive_link" if mine else "unknown_code")
+    if mine is None:
+        accept.unknown_code(edge, VOICE.route, body.ref, principal.workspace_id)
+        return error(404, "link_not_found")
+    if not mine.active:
+        edge.drops.note(principal.workspace_id, mine.id, "inactive_link")
         return error(404, "link_not_found")
     link = mine
     headers = found.verdict.headers
@@ -203,10 +208,13 @@ async def track_click(request: web.Request) -> web.Response:
             if edge.erasure_index is not None:
                 filing = edge.erasure_index.fingerprint(("SET", fp_key, candidate))
         made = _Made(_click(request, edge, body, link, visitor, method), filing, recorded(visitor, method, confidence))
-    claim = Claim.of(idem_key, "affixo-click", link.workspace_id, fingerprint(body.model_dump())) if idem_key else None
     # keyed: Redis down is a 503 (spool=False)
-    return await accept.append(
-        edge, VOICE, made.envelope, link.code, made.resp, headers, *made.remember, claim=claim, spool=False
+    if idem_key is None:
+        await enqueue.put(edge, made.envelope, link.code, *made.remember, link=link, spool=False)
+        return accept.accepted(made.resp, headers)
+    claim = Claim.of(idem_key, "affixo-click", link.workspace_id, fingerprint(body.model_dump()))
+    return await keyed.put_once(
+        edge, VOICE.refuse, claim, made.envelope, link.code, made.resp, headers, *made.remember, link=link, spool=False
     )
 
 
@@ -231,3 +239,20 @@ CONVERSION = sale.SaleDialect(Dialect.AFFIXO, CONVERSION_VOICE, AffixoConversion
 @routes.post("/v1/track/conversion")
 async def track_conversion(request: web.Request) -> web.Response:
     return await sale.track(request, CONVERSION)
+
+
+# each route as the list of steps it takes, in their order: every step one shared function
+# (tests/test_route_steps.py holds each route to its list, and its list to its dialect)
+STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "track_click": (
+        accept.parsed,
+        seen_link,
+        accept.event,
+        accept.look_keyed,
+        accept.unknown_code,
+        accept.accepted,
+        enqueue.put,
+        keyed.put_once,
+    ),
+    "track_conversion": sale.STEPS,
+}

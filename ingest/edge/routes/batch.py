@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +44,9 @@ from ingest.edge.batch_items import BatchResult as BatchResult
 from ingest.edge.bodies import FINGERPRINT_TTL_S, BricqsConvert, RefportLead, new_visitor_id
 from ingest.edge.body import BodyError, read
 from ingest.edge.body import code as body_code
-from ingest.edge.enqueue import never_sent, to_spool, unkept, xadd
+from ingest.edge.enqueue import never_sent, spool_or_unknown, suppressed, to_spool, unkept, xadd
 from ingest.edge.idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, header_key
-from ingest.edge.keyed import spool_or_unknown
+from ingest.edge.lookup import key_lookup
 from ingest.edge.refund import RefportRefund
 from ingest.edge.resolve import ClickPending, Unavailable, resolve_click, resolve_link
 from ingest.edge.state import Edge
@@ -61,7 +62,7 @@ def error(status: int, code: str, detail: str | None = None, headers: dict[str, 
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
-# one lookup for the caller's key (``accept.look_keyed``); the items' lookups and appends are the
+# one lookup for the caller's key and its rate limit (``lookup.key_lookup``); the items' lookups and appends are the
 # batch's own: each shares one round trip with the other items' (``_accept``)
 VOICE = accept.Voice(
     "batch",
@@ -76,7 +77,7 @@ async def batch(request: web.Request) -> web.Response:
     edge, secret = accept.keyed(request)
     if secret is None:
         return error(401, "unauthorized")
-    found = await accept.look_keyed(edge, VOICE, secret)
+    found = await key_lookup(edge, secret)
     principal = found.principal
     if principal is None:
         return error(401, "unauthorized")
@@ -242,9 +243,14 @@ async def _item(
         index, p, workspace, looked.by_code, looked.by_click, looked.candidates, looked.seen
     )
     b.results.append(result)
-    if not result.ok:  # refused items: why, for the workspace's stats
-        edge.drops.note(workspace, None, "invalid" if result.error == "invalid" else "unknown_code")
-    if envelope is None or accept.suppressed(edge, envelope):  # suppressed: answered ok, sent nowhere
+    code = p.ref if isinstance(p, BatchClick) else getattr(p, "code", None)
+    link = looked.by_code.get(code) if isinstance(code, str) else None
+    if not result.ok:  # refused items: why, for the workspace's stats (a code it does not know, for the tail too)
+        if result.error == "link_not_found" and (link is None or link.workspace_id != workspace):
+            accept.unknown_code(edge, VOICE.route, code, workspace)
+        else:
+            edge.drops.note(workspace, None, "invalid" if result.error == "invalid" else "unknown_code")
+    if envelope is None or suppressed(edge, envelope, link):  # suppressed: answered ok, sent nowhere
         return
     if isinstance(claim, Claim):
         await _keyed(b, index, result, envelope, claim)
@@ -256,7 +262,7 @@ async def _item(
 async def _keyed(b: _Batch, index: int, result: ItemResult, envelope: Envelope, claim: Claim) -> None:
     """An item with an idempotency key: answered as its key's first item in this batch, or
     (on a Redis Cluster) from its key's record under an earlier partition count, else its
-    keyed append (``Idempotency.append_command``) added to the batch's."""
+    keyed append (``Idempotency.prepare``) added to the batch's."""
     if claim.digest in b.firsts:  # repeated within the batch: answered as its first, not sent
         first, first_claim = b.firsts[claim.digest]
         if first_claim.fingerprint == claim.fingerprint:
@@ -266,12 +272,13 @@ async def _keyed(b: _Batch, index: int, result: ItemResult, envelope: Envelope, 
         return
     b.firsts[claim.digest] = (index, claim)
     edge = b.edge
-    if edge.idem.cluster and (found := await _earlier(edge, claim, _route(envelope))) is not None:
-        b.results[-1] = replayed(index, claim, Answer.decode(found))  # the count changed since
+    answer = Answer(200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint)
+    prepared = await edge.idem.prepare(edge.batcher, claim, _route(envelope), envelope, answer)
+    if prepared.first is not None:
+        b.results[-1] = replayed(index, claim, prepared.first)  # the count changed since
         b.replays += 1
         return
-    answer = Answer(200, orjson.dumps(result.model_dump(exclude_none=True, exclude={"index"})), claim.fingerprint)
-    command = edge.idem.append_command(claim, _route(envelope), envelope, answer)
+    command = prepared.command
     b.appends.append(command)
     b.filing += command.beside
     b.sent.append(_Sent(result, envelope, claim, answer))
@@ -323,15 +330,6 @@ async def _refund(b: _Batch, index: int, p: RefportRefund, key: str | None) -> N
         b.results.append(ItemResult(index=index, ok=False, error=out.code, detail=out.message))
 
 
-async def _earlier(edge: Edge, claim: Claim, code: str) -> bytes | None:
-    """A Redis Cluster's check of a key's records from earlier partition counts
-    (``Idempotency.found_earlier``); the append meets any Redis trouble and says it."""
-    try:
-        return await edge.idem.found_earlier(edge.batcher, claim, code)
-    except (NotSent, OutcomeUnknown):
-        return None
-
-
 def _route(envelope: Envelope) -> str:
     route = envelope.routing_key()
     assert route is not None  # every item's envelope has a code or a customer
@@ -366,3 +364,11 @@ async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any
         return None  # kept: accepted
 
     return list(await asyncio.gather(*(one(item, reply) for item, reply in zip(sent, replies, strict=True))))
+
+
+# each route as the list of steps it takes, in their order: every step one shared function
+# (tests/test_route_steps.py holds each route to its list, and its list to its dialect)
+# (its items' lookups and appends are its own: they share one round trip each)
+STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "batch": (key_lookup, read, resolve_click, accept.unknown_code),
+}

@@ -11,20 +11,23 @@ and an ``Origin`` the link's workspace does not list in ``allowed_origins`` is 4
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import orjson
 import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
 from ingest.contract.errors import NotSent, OutcomeUnknown
-from ingest.contract.events import Dialect, Envelope, EventType
-from ingest.contract.links import LinkInfo
-from ingest.edge import accept, flags
-from ingest.edge.body import BodyError, header, plain, read
+from ingest.contract.events import Dialect, EventType
+from ingest.edge import accept, enqueue, flags, keyed
+from ingest.edge.body import BodyError, plain, read
 from ingest.edge.body import code as body_code
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
-from ingest.edge.lookup import Guess, seen, seen_link
-from ingest.edge.state import EDGE, Edge
+from ingest.edge.lookup import Guess, seen
+from ingest.edge.resolve import seen_link
+from ingest.edge.state import EDGE
 
 log = structlog.get_logger("ingest.biore")
 routes = web.RouteTableDef()
@@ -68,15 +71,6 @@ VOICE = accept.Voice(
 )
 
 
-def _envelope(request: web.Request, edge: Edge, code: str, ip: str | None, link: LinkInfo | None) -> Envelope:
-    payload = {"code": code}
-    if referrer := header(request, "Referer", edge.settings.max_string_length):
-        payload["referrer"] = referrer
-    return accept.event(
-        request, edge, EventType.CLICK, Dialect.BIORE, link.workspace_id if link else None, payload, ip=ip
-    )
-
-
 @routes.post("/api/v1/referral/click/{code}")
 @VOICE.answers
 async def track_click(request: web.Request) -> web.Response:
@@ -89,15 +83,22 @@ async def track_click(request: web.Request) -> web.Response:
     except BodyError as exc:
         return error(exc.status, "bad_request" if exc.status == 400 else body_code(exc), exc.message)
     flag = edge.keys.flag("referral")
-    envelope = guess = None
+    known = None
     if sane and HEADER not in request.headers and seen(edge, flag) not in (False, flags.DISABLED):
         # what this edge last read says "accept": append in the lookup's own round trip
         known = seen_link(edge, code)
-        if known is not None and known.active and known.allows_origin(request.headers.get("Origin")):
-            envelope = _envelope(request, edge, code, ip, known)
-            guess = Guess(envelope, code)
+        if known is not None and not (known.active and known.allows_origin(request.headers.get("Origin"))):
+            known = None
+    payload = {"code": code}
+    if referrer := accept.header(request, "Referer", edge.settings.max_string_length):
+        payload["referrer"] = referrer
+    envelope = guess = None
+    if known is not None:
+        envelope = accept.event(request, edge, EventType.CLICK, Dialect.BIORE, known.workspace_id, payload, ip=ip)
+        guess = Guess(envelope, code)
+    looked = code if sane else None
     found = await accept.look(  # public: with Redis down, accept into the spool
-        edge, VOICE, edge.click_limiter, ip or "-", code if sane else None, extra=(("GET", flag),), guess=guess
+        edge, edge.click_limiter, ip or "-", looked, extra=(("GET", flag),), guess=guess
     )
     try:
         disabled = flags.is_disabled(found.extra[0])
@@ -108,14 +109,18 @@ async def track_click(request: web.Request) -> web.Response:
         return error(503, "features.referral_disabled", "The referral feature is disabled")
     headers = found.verdict.headers
     link = found.link
+    bad_key: InvalidKey | None = None
+    try:  # public: a key is scoped by the link (whose code names its workspace: known or not, the same scope)
+        idem_key = header_key(request)
+        claim = Claim.of(idem_key, "biore-click", None, fingerprint(code), link=code) if idem_key else None
+    except InvalidKey as exc:
+        claim, bad_key = None, exc
     # a link without partner or program is taken: the worker decides
-    refused = accept.refusal(edge, found, request.headers.get("Origin"), configured=False)
+    refused = accept.refusal(edge, VOICE.route, looked, found, request.headers.get("Origin"), configured=False)
     if refused is accept.Refusal.RATE_LIMITED:
         return error(429, "throttle", "Too Many Requests", headers)
-    try:
-        idem_key = header_key(request)
-    except InvalidKey as exc:
-        return error(400, "validation.idempotency_key", str(exc), headers)
+    if bad_key is not None:  # after the rate limit's refusal, as every route orders them
+        return error(400, "validation.idempotency_key", str(bad_key), headers)
     # landing pages never block on tracking: an unknown or inactive code is "tracked"
     if refused is accept.Refusal.UNKNOWN_CODE:
         log.warning("click.unknown_code", code=code[:MAX_CODE].encode("utf-8", "replace").decode())
@@ -130,8 +135,26 @@ async def track_click(request: web.Request) -> web.Response:
 
     if found.appended:  # what was read held what the guess was made from: it went in
         return accept.accepted(TRACKED, headers)
-    if envelope is None or envelope.workspace_id != (link.workspace_id if link else None):
-        envelope = _envelope(request, edge, code, ip, link)
-    # public: a key is scoped by the link (whose code names its workspace: known or not, the same scope)
-    claim = Claim.of(idem_key, "biore-click", None, fingerprint(code), link=code) if idem_key else None
-    return await accept.append(edge, VOICE, envelope, code, TRACKED, headers, claim=claim, spool=True)
+    workspace = link.workspace_id if link else None
+    if envelope is None or envelope.workspace_id != workspace:
+        envelope = accept.event(request, edge, EventType.CLICK, Dialect.BIORE, workspace, payload, ip=ip)
+    if claim is not None:
+        return await keyed.put_once(edge, VOICE.refuse, claim, envelope, code, TRACKED, headers, link=link, spool=True)
+    await enqueue.put(edge, envelope, code, link=link, spool=True)
+    return accept.accepted(TRACKED, headers)
+
+
+# each route as the list of steps it takes, in their order: every step one shared function
+# (tests/test_route_steps.py holds each route to its list, and its list to its dialect)
+STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "track_click": (
+        read,
+        seen_link,
+        accept.event,
+        accept.look,
+        accept.refusal,
+        accept.accepted,
+        keyed.put_once,
+        enqueue.put,
+    ),
+}

@@ -11,6 +11,7 @@ are ``ingest/manage/routes/bricqs.py``, in the same shape.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -20,14 +21,13 @@ from pydantic import BaseModel
 
 from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect, EventType, uuid7
-from ingest.edge import accept
+from ingest.edge import accept, enqueue
 from ingest.edge.bodies import BricqsConvert
 from ingest.edge.body import BodyError, parse, plain
 from ingest.edge.body import code as body_code
 from ingest.edge.enqueue import retry_headers
-from ingest.edge.lookup import Found, link_lookup
+from ingest.edge.lookup import Found
 from ingest.edge.problem import Down, Problem
-from ingest.edge.resolve import Unavailable
 from ingest.edge.state import EDGE
 
 log = structlog.get_logger("ingest.bricqs")
@@ -72,20 +72,11 @@ PUBLIC_VOICE = accept.Voice(
 )
 
 
-async def _public(request: web.Request, code: str | None, extra: tuple[Any, ...] = ()) -> Found:
-    """The public lookup; raises the route's 429 (``Problem``) or 503 (``Down``)."""
+async def _public(request: web.Request, code: str | None) -> Found:
+    """The public lookup (``accept.look``); raises the route's 429 (``Problem``) or 503 (``Down``)."""
     edge = request.app[EDGE]
-    try:
-        found = await link_lookup(
-            edge,
-            edge.public_limiter,
-            edge.client_ip(request) or "-",
-            code=code,
-            extra=extra,
-            counted=request.method != "HEAD",  # a HEAD changes nothing, its rate limit included
-        )
-    except (Unavailable, NotSent, OutcomeUnknown) as exc:
-        raise Down() from exc  # a plain 503, as for a link that could not be resolved
+    counted = request.method != "HEAD"  # a HEAD changes nothing, its rate limit included
+    found = await accept.look(edge, edge.public_limiter, edge.client_ip(request) or "-", code, counted=counted)
     if not found.verdict.allowed:
         link = found.link
         edge.drops.note(link.workspace_id if link else None, link.id if link else None, "rate_limited")
@@ -123,9 +114,9 @@ async def convert(request: web.Request) -> web.Response:
     except BodyError as exc:
         return error(exc.status, "validation_error" if exc.status == 400 else body_code(exc), exc.message)
     ip = edge.client_ip(request)
-    found = await accept.look(edge, CONVERT_VOICE, edge.public_limiter, ip or "-", body.code)
+    found = await accept.look(edge, edge.public_limiter, ip or "-", body.code)
     headers = found.verdict.headers
-    match accept.refusal(edge, found, request.headers.get("Origin")):
+    match accept.refusal(edge, CONVERT_VOICE.route, body.code, found, request.headers.get("Origin")):
         case accept.Refusal.RATE_LIMITED:
             return error(429, "rate_limited", "Too many requests", headers)
         case accept.Refusal.UNRESOLVED:
@@ -153,7 +144,7 @@ async def convert(request: web.Request) -> web.Response:
     # appended first, then the conversion_id remembered: an id is never handed out for an
     # event that was not appended. A repeat keeps the first id; its own event is appended
     # too, and the worker's dedupe key makes it count nothing.
-    in_redis = await accept.put(edge, CONVERT_VOICE, envelope, link.code, spool=True)
+    in_redis = await enqueue.put(edge, envelope, link.code, link=link, spool=True)
     first: object = None
     if in_redis:  # spooled (Redis down): this conversion_id stands; the dedupe key still counts it once
         try:
@@ -168,3 +159,11 @@ async def convert(request: web.Request) -> web.Response:
         conversion_id=first.decode() if isinstance(first, bytes) else conversion_id,
     )
     return json(200, out.model_dump(), headers)
+
+
+# each route as the list of steps it takes, in their order: every step one shared function
+# (tests/test_route_steps.py holds each route to its list, and its list to its dialect)
+STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "validate": (accept.look,),
+    "convert": (parse, accept.look, accept.refusal, accept.event, enqueue.put),
+}

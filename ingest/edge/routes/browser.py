@@ -11,7 +11,9 @@ the GET would go and records nothing: no event, no rate limit, no drop, no cooki
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -19,8 +21,8 @@ from aiohttp import web
 from ingest.contract import clicks
 from ingest.contract.events import Dialect, EventType, uuid7
 from ingest.contract.urls import header_safe, with_param
-from ingest.edge import accept
-from ingest.edge.body import header, plain
+from ingest.edge import accept, enqueue
+from ingest.edge.body import plain
 from ingest.edge.problem import Down
 from ingest.edge.state import EDGE
 
@@ -61,7 +63,7 @@ async def redirect_head(request: web.Request) -> web.Response:
         return fallback
     voice = accept.Voice("redirect", lambda status, code, message: fallback, lambda headers: fallback)
     try:
-        found = await accept.look(edge, voice, edge.public_limiter, "-", code, counted=False)
+        found = await accept.look(edge, edge.public_limiter, "-", code, counted=False)
     except Down as exc:
         return voice.render(exc)
     link = found.link
@@ -82,12 +84,12 @@ async def redirect(request: web.Request) -> web.Response:
     # a redirect never shows an error page: whatever cannot be looked up goes to the fallback
     voice = accept.Voice("redirect", lambda status, code, message: fallback, lambda headers: fallback)
     try:
-        found = await accept.look(edge, voice, edge.public_limiter, ip or "-", code)
+        found = await accept.look(edge, edge.public_limiter, ip or "-", code)
     except Down as exc:
         return voice.render(exc)
     link = found.link
     # a redirect link is followed from any site (a navigation sends no Origin): no Origin check
-    refused = accept.refusal(edge, found, None)
+    refused = accept.refusal(edge, voice.route, code, found, None)
     if refused is accept.Refusal.RATE_LIMITED and link is not None and link.active and link.configured:
         return moved(link.url)  # over the limit: the visitor still gets there, uncounted
     if refused is not None or link is None:
@@ -97,7 +99,7 @@ async def redirect(request: web.Request) -> web.Response:
     event_id = uuid7()
     click_id = clicks.mint(event_id)
     payload = {"code": code, "click_id": click_id, "visitor_id": click_id}
-    if referrer := header(request, "Referer", settings.max_string_length):
+    if referrer := accept.header(request, "Referer", settings.max_string_length):
         payload["referrer"] = referrer
     envelope = accept.event(
         request, edge, EventType.CLICK, Dialect.REDIRECT, link.workspace_id, payload, ip=ip, event_id=event_id
@@ -107,7 +109,7 @@ async def redirect(request: web.Request) -> web.Response:
     to_link = moved(link.url)  # not recorded: the visitor still gets there
     recorded = accept.Voice("redirect", voice.refuse, lambda headers: to_link)
     try:
-        await accept.put(edge, recorded, envelope, code, ref.cache_command(edge.keys, window_s), spool=True)
+        await enqueue.put(edge, envelope, code, ref.cache_command(edge.keys, window_s), link=link, spool=True)
     except Down as exc:
         return recorded.render(exc)
     response = moved(with_param(link.url, settings.click_id_param, click_id))
@@ -121,3 +123,13 @@ async def redirect(request: web.Request) -> web.Response:
         secure=request.secure or None,
     )
     return response
+
+
+# each route as the list of steps it takes, in their order: every step one shared function
+# (tests/test_route_steps.py holds each route to its list, and its list to its dialect)
+STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "tracker": (),
+    "home": (),
+    "redirect_head": (accept.look,),
+    "redirect": (accept.look, accept.refusal, accept.event, enqueue.put),
+}

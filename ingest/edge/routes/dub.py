@@ -24,6 +24,8 @@ with ``Retry-After`` while Redis or Postgres cannot answer.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -33,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ingest.contract import clicks
 from ingest.contract.events import Dialect, EventType, uuid7
 from ingest.contract.fields import NoNul
-from ingest.edge import accept, lead, sale
+from ingest.edge import accept, enqueue, lead, sale
 from ingest.edge.body import BodyError, plain
 from ingest.edge.dub_shapes import error
 from ingest.edge.idempotency import InvalidKey, header_key
@@ -109,6 +111,7 @@ SALE = sale.SaleDialect(
     _caller,
     sale.from_refport,
     sale.answer,
+    sale.direct_lead,
     lambda: Problem(404, "not_found", "Click event not found for this clickId"),
 )
 
@@ -183,25 +186,23 @@ async def track_click(request: web.Request) -> web.Response:
         edge.drops.note(None, None, "invalid")
         return _problem(problem) if problem is not None else error(400, "Invalid body")
     if not plain(body.key, 128):
-        edge.drops.note(None, None, "unknown_code")
+        accept.unknown_code(edge, CLICK_VOICE.route, None)  # not fit to show: a drop alone
         return error(404, "Link not found")
     ip = edge.client_ip(request)
     agent = request.headers.get("User-Agent", "")
     identity = hashlib.sha256(f"{ip}\x1f{agent}".encode()).hexdigest()[:32]
     seen_key = edge.keys.seen_click(body.key, identity)
-    found = await accept.look(
-        edge, CLICK_VOICE, edge.track_click_limiter, ip or "-", body.key, extra=(("GET", seen_key),)
-    )
+    found = await accept.look(edge, edge.track_click_limiter, ip or "-", body.key, extra=(("GET", seen_key),))
     # a link without partner or program takes clicks here (Dub tracks any link's)
-    refused = accept.refusal(edge, found, None, configured=False)
+    refused = accept.refusal(edge, CLICK_VOICE.route, body.key, found, None, configured=False)
     link = found.link
     if refused is accept.Refusal.RATE_LIMITED:
         return error(429, "Too many requests", found.verdict.headers)
     if refused is accept.Refusal.UNRESOLVED:
         return CLICK_VOICE.down()
     if refused is not None or link is None or (link.domain and link.domain.lower() != body.domain.lower()):
-        if link is not None and refused is None:
-            edge.drops.note(link.workspace_id, link.id, "unknown_code")
+        if link is not None and refused is None:  # another domain's link: this one is not known
+            accept.unknown_code(edge, CLICK_VOICE.route, body.key, link.workspace_id, link.id)
         return error(404, f"Link not found for domain {body.domain!r} and key {body.key!r}")
     if not allowed_host(link.allowed_origins, request):
         return error(403, "The request's origin is not one of the workspace's allowed hostnames")
@@ -223,5 +224,14 @@ async def track_click(request: web.Request) -> web.Response:
         ref.cache_command(edge.keys, link.cookie_window_days * 86400),
         ("SET", seen_key, click_id, "EX", SEEN_CLICK_S),
     )
-    await accept.put(edge, CLICK_VOICE, envelope, link.code, *also, spool=True)
+    await enqueue.put(edge, envelope, link.code, *also, link=link, spool=True)
     return _clicked(click_id)
+
+
+# each route as the list of steps it takes, in their order: every step one shared function
+# (tests/test_route_steps.py holds each route to its list, and its list to its dialect)
+STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "track_lead": lead.STEPS,
+    "track_sale": sale.STEPS,
+    "track_click": (accept.parsed, accept.unknown_code, accept.look, accept.refusal, accept.event, enqueue.put),
+}

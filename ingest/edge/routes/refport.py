@@ -16,6 +16,9 @@ Errors: 400 ``INVALID_CLICK_ID`` / ``VALIDATION_ERROR``, 401 ``UNAUTHORIZED``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import orjson
 import structlog
 from aiohttp import web
@@ -103,6 +106,7 @@ SALE = sale.SaleDialect(
     _caller,
     sale.from_refport,
     sale.answer,
+    sale.direct_lead,
     lambda: Problem(400, "invalid_click_id", "The clickId does not match any recorded click"),
 )
 
@@ -122,7 +126,7 @@ async def track_refund(request: web.Request) -> web.Response:
 
 @REFUND_VOICE.answers
 async def _refund(request: web.Request) -> web.Response:
-    started = await accept.caller(request, REFUND_VOICE, RefportRefund, _caller)
+    started = await accept.caller(request, RefportRefund, _caller)
     workspace, idem_key = started.admitted.principal.workspace_id, started.admitted.idem_key
     out = await refund.record(started.edge, workspace, started.body, idem_key, Dialect.REFPORT)
     headers = dict(started.found.verdict.headers)
@@ -149,3 +153,12 @@ LEAD = lead.LeadDialect(
 @routes.post("/api/track/lead")
 async def track_lead(request: web.Request) -> web.Response:
     return for_dub_sdk(request, await lead.track(request, LEAD))
+
+
+# each route as the list of steps it takes, in their order: every step one shared function
+# (tests/test_route_steps.py holds each route to its list, and its list to its dialect)
+STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "track_sale": sale.STEPS,
+    "track_refund": (accept.caller,),
+    "track_lead": lead.STEPS,
+}
