@@ -1132,3 +1132,28 @@ CREATE TABLE IF NOT EXISTS burst_pending (
 );
 ALTER TABLE burst_pending SET (toast_tuple_target = 8160);
 ALTER TABLE burst_pending ALTER COLUMN clicks SET STORAGE EXTERNAL;
+
+-- ---------------------------------------------------------------------------------------
+-- Schema version 24: workspaces placed on several Postgres primaries (docs/shards.md).
+-- The directory is DATABASE_URL's database, the shard named "default"; it alone reads
+-- these tables (every shard carries them, empty). A workspace with no row here is on
+-- "default": one Postgres works as before, with nothing written here. A shard's DSN is kept
+-- without its password; the password, if any, sealed under REFSTREAM_SECRET_KEY.
+CREATE TABLE IF NOT EXISTS shards (
+    name            text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_-]{0,39}$' AND name <> 'default'),
+    dsn             text NOT NULL,
+    password_sealed bytea,
+    added_at        timestamptz NOT NULL DEFAULT now()
+);
+-- where each workspace's rows are: written before the workspace's first row, on any shard
+CREATE TABLE IF NOT EXISTS workspace_shards (
+    workspace_id uuid PRIMARY KEY,
+    shard        text NOT NULL,
+    placed_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS workspace_shards_shard ON workspace_shards (shard);
+-- a link's code is unique across every shard: claimed here before its row is written
+CREATE TABLE IF NOT EXISTS link_codes (
+    code         text PRIMARY KEY,
+    workspace_id uuid NOT NULL
+);

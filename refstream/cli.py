@@ -35,6 +35,7 @@ from .commands import (
     replay,
     secret_key,
     serve,
+    shards,
     status,
     workspace,
 )
@@ -55,6 +56,7 @@ for command in (
     serve.work,
     serve.dev,
     migrate.migrate,
+    shards.shards,
     workspace.workspace,
     links.link,
     keys.keys,

@@ -25,6 +25,7 @@ from ingest.contract.connections import REDIS_ERRORS, Redis, connect_redis
 from ingest.contract.errors import NotFound
 from ingest.contract.logs import configure_logging
 from ingest.contract.settings import Settings
+from ingest.ledger import placement
 from ingest.manage import schema_check
 
 from . import services
@@ -121,19 +122,70 @@ def run_reading(coro: Coroutine[Any, Any, T]) -> T:
         raise click.ClickException(f"the archive: {exc}") from None
 
 
-async def open_database(settings: Settings) -> asyncpg.Connection:
-    """A connection to a database that is there and migrated; else one line saying what is
-    wrong (unreachable, refused, missing, behind) and what to do."""
+async def open_database(settings: Settings, workspace_id: str | None = None) -> asyncpg.Connection:
+    """A connection to a database that is there and migrated: the directory's
+    (``DATABASE_URL``), or with ``workspace_id`` the shard that workspace is on
+    (``ingest.ledger.placement``); else one line saying what is wrong (unreachable,
+    refused, missing, behind) and what to do."""
     url = settings.database_url
     status = await schema_check.check_url(url)
     if not status.ok:
         raise click.ClickException(status.line(url))
-    return await asyncpg.connect(url, timeout=schema_check.CONNECT_TIMEOUT_S)
+    conn = await asyncpg.connect(url, timeout=schema_check.CONNECT_TIMEOUT_S)
+    if workspace_id is None:
+        return conn
+    try:
+        there = await placement.shard_dsn_of(conn, workspace_id, settings.secret_key)
+    except BaseException:
+        await conn.close()
+        raise
+    if there is None:
+        return conn
+    await conn.close()
+    status = await schema_check.check_url(there)
+    if not status.ok:
+        raise click.ClickException(f"the workspace's shard: {status.line(there)}")
+    return await asyncpg.connect(there, timeout=schema_check.CONNECT_TIMEOUT_S)
+
+
+async def open_holding(settings: Settings, sql: str, *args: Any) -> asyncpg.Connection:
+    """A connection to the shard where ``sql`` (a yes-or-no question) says yes: for a
+    command that names a row by an id unique across shards (a key's prefix, a link's code);
+    the directory's when no shard holds it, whose answer is then "not found"."""
+    conn = await open_database(settings)
+    try:
+        if await conn.fetchval(sql, *args):
+            return conn
+        shards = await placement.shard_dsns(conn, settings.secret_key)
+    except BaseException:
+        await conn.close()
+        raise
+    for url in shards.values():
+        there = await asyncpg.connect(url, timeout=schema_check.CONNECT_TIMEOUT_S)
+        if await there.fetchval(sql, *args):
+            await conn.close()
+            return there
+        await there.close()
+    return conn
+
+
+async def workspace_settings(settings: Settings, workspace_id: str) -> Settings:
+    """``settings`` whose ``database_url`` is the shard ``workspace_id`` is on: for a
+    command that opens its own pool for one workspace's work (an import, an erasure)."""
+    conn = await open_database(settings)
+    try:
+        there = await placement.shard_dsn_of(conn, workspace_id, settings.secret_key)
+    finally:
+        await conn.close()
+    return settings if there is None else settings.model_copy(update={"database_url": there})
 
 
 @asynccontextmanager
-async def open_connections(settings: Settings) -> AsyncIterator[tuple[asyncpg.Connection, Redis]]:
-    conn = await open_database(settings)
+async def open_connections(
+    settings: Settings, workspace_id: str | None = None
+) -> AsyncIterator[tuple[asyncpg.Connection, Redis]]:
+    """``open_database``'s connection (the workspace's shard's, with ``workspace_id``) and Redis."""
+    conn = await open_database(settings, workspace_id)
     redis = connect_redis(settings)
     try:
         yield conn, redis

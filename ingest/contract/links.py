@@ -233,8 +233,9 @@ async def fetch(conn: asyncpg.Connection | asyncpg.Pool, code: str) -> LinkInfo 
     return LinkInfo.from_record(row) if row else None
 
 
-async def refresh_all(pool: asyncpg.Pool, redis: Redis, keys: Keys, *, chunk: int = 2000) -> int:
-    """Write every link into the cache, then mark it warm. Returns the number of links."""
+async def refresh_all(pool: asyncpg.Pool, redis: Redis, keys: Keys, *, chunk: int = 2000, warm: bool = True) -> int:
+    """Write every link of ``pool``'s database into the cache, then mark it warm (unless
+    ``warm`` is False: other shards' links are still to come). The number of links."""
     n = 0
     batch: list[LinkInfo] = []
     async with pool.acquire() as conn, conn.transaction():
@@ -246,5 +247,11 @@ async def refresh_all(pool: asyncpg.Pool, redis: Redis, keys: Keys, *, chunk: in
                 batch.clear()
     await put(redis, keys, *batch)
     n += len(batch)
-    await redis.set(keys.links_warm, b"1", ex=WARM_TTL_S)
+    if warm:
+        await mark_warm(redis, keys)
     return n
+
+
+async def mark_warm(redis: Redis, keys: Keys) -> None:
+    """The cache holds every link: an edge that misses a code there answers "unknown"."""
+    await redis.set(keys.links_warm, b"1", ex=WARM_TTL_S)

@@ -28,6 +28,7 @@ from ingest.contract import clock
 from ingest.contract.connections import Redis
 from ingest.contract.keys import Keys
 from ingest.edge.apikeys import hash_key
+from ingest.ledger.placement import Placement
 from ingest.link.errors import through
 
 _UNKNOWN: Final = b"-"
@@ -113,6 +114,7 @@ class Authenticator:
         self.redis = redis
         self.keys = keys
         self.pg = pg
+        self.placement: Placement | None = None  # set by the edge: a key is on its workspace's shard
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._local: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
@@ -153,7 +155,11 @@ class Authenticator:
         return await asyncio.shield(running)
 
     async def _from_postgres(self, digest: bytes) -> Principal | None:
-        row = await self.pg.fetchrow(_SELECT_KEY, digest)
+        if self.placement is not None:  # a digest is unique across shards: the one that holds it
+            found = await self.placement.find(lambda pool: pool.fetchrow(_SELECT_KEY, digest))
+            row = found[1] if found is not None else None
+        else:
+            row = await self.pg.fetchrow(_SELECT_KEY, digest)
         principal = principal_from_row(row) if row else None
         # NX: a revocation's tombstone written since our read must win over our fill; its
         # errors the tree's (``ingest.link.errors.through``): the request's outage

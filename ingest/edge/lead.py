@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import orjson
 from aiohttp import web
 
@@ -34,7 +33,7 @@ from ingest.edge.bodies import TrackLead
 from ingest.edge.idempotency import HEADER, Claim, fingerprint
 from ingest.edge.lookup import Found, Guess, remember, seen
 from ingest.edge.problem import Down, Problem
-from ingest.edge.resolve import Unavailable, fallback, resolve_click, seen_link
+from ingest.edge.resolve import Unavailable, anywhere, fallback, pool_of, resolve_click, seen_link
 from ingest.edge.state import Edge
 
 # how long a deferred lead's click waits for the lead that completes it, at least (and as
@@ -223,7 +222,7 @@ async def _click(edge: Edge, workspace: str, body: TrackLead, found: Found) -> C
     if isinstance(held, bytes):
         click_id = held.decode()
     else:
-        first = await fallback(edge, lambda: _first_click(edge.pg, workspace, body.customerExternalId))
+        first = await fallback(edge, lambda: _first_click(edge, workspace, body.customerExternalId))
         if first is None:
             return None
         click_id = first
@@ -231,8 +230,8 @@ async def _click(edge: Edge, workspace: str, body: TrackLead, found: Found) -> C
     return await resolve_click(edge, click_id, cached)
 
 
-async def _first_click(pg: asyncpg.Pool, workspace: str, external_id: str) -> str | None:
-    async with pg.acquire() as conn:
+async def _first_click(edge: Edge, workspace: str, external_id: str) -> str | None:
+    async with (await pool_of(edge, workspace)).acquire() as conn:
         first = await conn.fetchval(_CUSTOMER_CLICK, workspace, external_id)
     return clicks.mint(first) if first is not None else None
 
@@ -247,7 +246,7 @@ async def _link(edge: Edge, found: Found, made: _Made | None, click: ClickRef) -
     if isinstance(link, links.LinkInfo):
         return link
     code = click.code
-    return await fallback(edge, lambda: links.fetch(edge.pg, code))
+    return await fallback(edge, lambda: anywhere(edge, lambda pool: links.fetch(pool, code)))
 
 
 async def _defer(

@@ -33,6 +33,7 @@ from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.fields import MAX_AMOUNT, NoNul, OptionalRecordId, RecordId, json_integer
 from ingest.edge import enqueue
+from ingest.edge.resolve import pool_of
 from ingest.edge.state import Edge
 from ingest.ledger import refunds
 
@@ -92,7 +93,7 @@ async def record(edge: Edge, workspace_id: str, body: RefportRefund, idem_key: s
     except ValueError:
         return Outcome(status=422, code="refund_key_required", message=KEY_NEEDED)
     try:
-        async with acquired(edge.pg) as conn:
+        async with acquired(await pool_of(edge, workspace_id)) as conn:
             done = await refunds.record(conn, asked)
     except refunds.SaleNotFound as exc:
         return Outcome(status=404, code="sale_not_found", message=f"{exc} (a sale still on its way is not found yet)")

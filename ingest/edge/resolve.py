@@ -116,7 +116,31 @@ async def link_in_postgres(edge: Edge, code: str) -> links.LinkInfo | None:
     Redis could not say; None for a code no link can have (``storable``)."""
     if not storable(code):
         return None
-    return await fallback(edge, lambda: links.fetch(edge.pg, code))
+    return await fallback(edge, lambda: anywhere(edge, lambda pool: links.fetch(pool, code)))
+
+
+async def anywhere(edge: Edge, fn: Callable[[asyncpg.Pool], Awaitable[T | None]]) -> T | None:
+    """What ``fn`` finds on the first shard that holds it: a lookup by an id unique across
+    shards (a link's code, a key's digest, a click id), whose workspace is not yet known."""
+    found = await edge.shards.find(fn)
+    return found[1] if found is not None else None
+
+
+async def pool_of(edge: Edge, workspace_id: str) -> asyncpg.Pool:
+    """The pool of the shard ``workspace_id`` is on."""
+    return await edge.shards.pool(workspace_id)
+
+
+async def _click_anywhere(edge: Edge, click_id: str) -> tuple[clicks.ClickRef | bool, int | None]:
+    """``clicks.in_postgres`` on the shard that stored the click; else the directory's answer."""
+    first: tuple[clicks.ClickRef | bool, int | None] | None = None
+    for pool in (await edge.shards.pools()).values():
+        answer = await clicks.in_postgres(pool, click_id)
+        if answer[0] is not False:
+            return answer
+        first = first or answer
+    assert first is not None  # the directory's is always among the pools
+    return first
 
 
 async def resolve_click(edge: Edge, click_id: str, cached: object) -> clicks.ClickRef | None:
@@ -126,7 +150,7 @@ async def resolve_click(edge: Edge, click_id: str, cached: object) -> clicks.Cli
     hit = clicks.decode(click_id, cached)
     if hit is not None:
         return hit
-    found, pg_now_ms = await fallback(edge, lambda: clicks.in_postgres(edge.pg, click_id))
+    found, pg_now_ms = await fallback(edge, lambda: _click_anywhere(edge, click_id))
     if isinstance(found, clicks.ClickRef):
         return found
     now_ms = clock.now_ms() if pg_now_ms is None else pg_now_ms  # the database's time, not this edge's

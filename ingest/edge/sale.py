@@ -47,7 +47,7 @@ from ingest.edge.dub_shapes import sale_answer
 from ingest.edge.enqueue import OUTCOME
 from ingest.edge.idempotency import Claim, fingerprint
 from ingest.edge.problem import Down, Problem
-from ingest.edge.resolve import Unavailable, fallback, resolve_click, seen_link
+from ingest.edge.resolve import Unavailable, fallback, pool_of, resolve_click, seen_link
 from ingest.edge.state import Edge
 
 M = TypeVar("M", bound=BaseModel)
@@ -307,7 +307,7 @@ async def direct_lead(edge: Edge, dialect: SaleDialect[Any], workspace: str, bod
 
 
 async def _customer_known(edge: Edge, workspace: str, external_id: str) -> bool:
-    async with edge.pg.acquire() as conn:
+    async with (await pool_of(edge, workspace)).acquire() as conn:
         return bool(await conn.fetchval(_CUSTOMER_KNOWN, workspace, external_id))
 
 

@@ -20,6 +20,7 @@ from ingest.edge.erasure_index import ErasureIndex
 from ingest.edge.idempotency import Idempotency
 from ingest.edge.metrics import EdgeMetrics
 from ingest.edge.ratelimit import RateLimiter
+from ingest.ledger.placement import Placement
 from ingest.privacy.suppressed import Suppressed
 from ingest.spool.spool import Spool
 
@@ -33,7 +34,7 @@ class Edge:
     keys: Keys
     redis: Redis
     batcher: RedisBatcher
-    pg: asyncpg.Pool
+    pg: asyncpg.Pool  # the directory's, shard "default"
     auth: Authenticator
     spool: Spool
     metrics: EdgeMetrics
@@ -57,10 +58,24 @@ class Edge:
     _client_ips: dict[tuple[str, str], str] = field(default_factory=dict)
     # what an erasure must reach, filed as it is written (the fingerprint cache's entries)
     erasure_index: ErasureIndex | None = None
+    # where each workspace's rows are (ingest.ledger.placement): what a fallback asks
+    placement: Placement | None = None
 
     def __post_init__(self) -> None:
         if self.erasure_index is None:
             self.erasure_index = ErasureIndex(self.keys, self.pg)
+        if self.placement is None:
+            self.placement = Placement.over(self.settings, self.pg, max_size=4)
+        self.auth.placement = self.placement
+
+    async def pool(self, workspace_id: str) -> asyncpg.Pool:
+        """The pool of the shard ``workspace_id`` is on (``ingest.ledger.placement``)."""
+        return await self.shards.pool(workspace_id)
+
+    @property
+    def shards(self) -> Placement:
+        assert self.placement is not None  # set at construction
+        return self.placement
 
     def client_ip(self, request: web.Request) -> str | None:
         """The peer address; through X-Forwarded-For only when the peer is a trusted proxy.

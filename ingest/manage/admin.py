@@ -6,6 +6,7 @@ sees the change without asking Postgres.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
@@ -25,11 +26,16 @@ DEFAULT_PROGRAM = "Default program"
 DEFAULT_AFFILIATE = "default"
 
 
-async def create_workspace(conn: asyncpg.Connection, name: str) -> dict[str, str]:
-    """A workspace and its first key, scope ``*``; the key is in the result only."""
+async def create_workspace(conn: asyncpg.Connection, name: str, workspace_id: UUID | None = None) -> dict[str, str]:
+    """A workspace (with the id ``workspace_id`` its placement chose, else a new one) and
+    its first key, scope ``*``; the key is in the result only."""
     key = apikeys.mint("workspace")
     async with write(conn):
-        ws = await conn.fetchval("INSERT INTO workspaces (name) VALUES ($1) RETURNING id", name)
+        ws = await conn.fetchval(
+            "INSERT INTO workspaces (id, name) VALUES (coalesce($2, gen_random_uuid()), $1) RETURNING id",
+            name,
+            workspace_id,
+        )
         await conn.execute(
             "INSERT INTO api_keys (workspace_id, kind, key_hash, prefix, scopes, name)"
             " VALUES ($1, 'workspace', $2, $3, '{*}', 'default')",
@@ -120,8 +126,10 @@ async def create_link(
     url: str | None = None,
     program_id: str | None = None,
     affiliate_id: str | None = None,
+    claim: Callable[[str, str], Awaitable[bool]] | None = None,
 ) -> dict[str, Any]:
-    """A link; a default program and affiliate are created when none are given."""
+    """A link; a default program and affiliate are created when none are given. ``claim``:
+    ``insert_link``'s."""
     async with write(conn):
         if not await conn.fetchval("SELECT 1 FROM workspaces WHERE id = $1", workspace_id):
             raise NotFound(f"workspace {workspace_id} not found")
@@ -130,7 +138,7 @@ async def create_link(
         if url is None:
             url = await conn.fetchval("SELECT url FROM programs WHERE id = $1", pid) or "https://example.com/"
         link_id = await insert_link(
-            conn, workspace_id=workspace_id, program_id=pid, affiliate_id=aid, code=code, url=url
+            conn, workspace_id=workspace_id, program_id=pid, affiliate_id=aid, code=code, url=url, claim=claim
         )
     await link_written(conn, redis, keys, code)
     return _row_json(await conn.fetchrow(f"SELECT {_LINK_COLUMNS} FROM links WHERE id = $1", link_id))
@@ -146,10 +154,14 @@ async def insert_link(
     url: str,
     domain: str | None = None,
     status: str = "active",
+    claim: Callable[[str, str], Awaitable[bool]] | None = None,
 ) -> UUID:
     """The one way a link is made (the CLI's, ``refstream dev``'s and the management API's):
     its row, its id back; ``asyncpg.UniqueViolationError`` when the code is taken. Once
-    committed, ``link_written`` puts it in the edge's cache."""
+    committed, ``link_written`` puts it in the edge's cache. ``claim`` (the placement's
+    ``claim_code``) keeps a code unique across shards."""
+    if claim is not None and not await claim(code, str(workspace_id)):
+        raise asyncpg.UniqueViolationError(f"code {code!r} is another workspace's")
     link_id: UUID = await conn.fetchval(
         "INSERT INTO links (workspace_id, program_id, affiliate_id, code, url, domain, status)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
@@ -218,7 +230,14 @@ def with_ref(url: str, code: str) -> str:
 
 
 async def referral_code(
-    conn: asyncpg.Connection, redis: Redis, keys: Keys, *, workspace_id: str, program_id: str, participant_id: str
+    conn: asyncpg.Connection,
+    redis: Redis,
+    keys: Keys,
+    *,
+    workspace_id: str,
+    program_id: str,
+    participant_id: str,
+    claim: Callable[[str, str], Awaitable[bool]] | None = None,
 ) -> dict[str, Any]:
     """The participant's code in the campaign, created on first call (idempotent, race-safe:
     concurrent calls for one participant serialise on an advisory lock)."""
@@ -256,6 +275,7 @@ async def referral_code(
                             affiliate_id=affiliate,
                             code=code,
                             url=url,
+                            claim=claim,
                         )
                 except asyncpg.UniqueViolationError:
                     continue

@@ -68,7 +68,9 @@ from ingest.manage import online
 #     links_affiliate_created (the lists by page)
 # 23: the click_burst rule after the batch's commit: a batch's clicks yet to judge in
 #     burst_pending, a flag the workspace does not exclude an event_flags row
-SCHEMA_VERSION = 23
+# 24: workspaces on several Postgres primaries: the directory's shards, workspace_shards
+#     and link_codes (ingest.ledger.placement), read in DATABASE_URL's database only
+SCHEMA_VERSION = 24
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

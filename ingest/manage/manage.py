@@ -5,6 +5,7 @@ customers and stats, every query scoped to one workspace (another workspace's ob
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -87,7 +88,12 @@ _LINK = (
 
 
 async def create_link(
-    conn: asyncpg.Connection, redis: Redis, keys: Keys, workspace_id: str, **f: Any
+    conn: asyncpg.Connection,
+    redis: Redis,
+    keys: Keys,
+    workspace_id: str,
+    claim: Callable[[str, str], Awaitable[bool]] | None = None,
+    **f: Any,
 ) -> dict[str, Any]:
     async with write(conn):  # the answer and the cache entry read before the commit: see _link_written
         affiliate = await conn.fetchrow(
@@ -111,6 +117,7 @@ async def create_link(
                         url=url,
                         domain=f.get("domain"),
                         status=f.get("status") or "active",
+                        claim=claim,
                     )
                 break
             except asyncpg.UniqueViolationError:

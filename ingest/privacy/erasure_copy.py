@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -113,9 +113,13 @@ WHERE id = $1
 """
 
 
-async def restore(pool: asyncpg.Pool, redis: Redis, keys: Keys) -> int:
+async def restore(
+    pool: asyncpg.Pool, redis: Redis, keys: Keys, here: Callable[[str], Awaitable[bool]] | None = None
+) -> int:
     """Put back into Postgres what the copy holds and Postgres lacks, then scrub the rows
-    it names (the module's doc). The erasures restored (or given back digests)."""
+    it names (the module's doc). The erasures restored (or given back digests). With
+    several shards, ``pool`` is one of them, and ``here`` says which workspaces are on it:
+    an erasure is restored only where its workspace's rows are."""
     held: dict[Any, Any] = await redis.hgetall(key(keys))  # type: ignore[misc]
     if not held:
         return 0
@@ -129,6 +133,8 @@ async def restore(pool: asyncpg.Pool, redis: Redis, keys: Keys) -> int:
                     raise ValueError("not an erasure's copy")
             except (orjson.JSONDecodeError, ValueError):  # written by no refstream: it names nobody
                 log.warning("erasure.copy_unreadable", field=str(field_)[:64])
+                continue
+            if here is not None and not await here(str(doc["workspace_id"])):
                 continue
             if doc.get("salt") != _salt_check(salt):
                 log.warning("erasure.copy_foreign", erasure_id=doc.get("id"))

@@ -20,9 +20,9 @@ from refstream import output as out
 from refstream.runner import open_database, print_data, run_command
 
 
-def _ledger(work: Any) -> None:
+def _ledger(work: Any, workspace_id: str) -> None:
     async def go(settings: Settings) -> dict[str, Any]:
-        conn = await open_database(settings)
+        conn = await open_database(settings, workspace_id)
         try:
             result: dict[str, Any] = await work(conn)
             return result
@@ -84,7 +84,8 @@ def commission_set(program_id: str, workspace_id: str, **given: Any) -> None:
         first = exc.errors()[0]
         raise click.BadParameter(f"{first['loc'][0]}: {first['msg']}") from None
 
-    _ledger(lambda conn: ledger.set_rules(conn, workspace_id, program_id, rules.model_dump(exclude_none=True)))
+    fields = rules.model_dump(exclude_none=True)
+    _ledger(lambda conn: ledger.set_rules(conn, workspace_id, program_id, fields), workspace_id)
 
 
 def _flat(given: str) -> tuple[str, int | str]:
@@ -105,7 +106,7 @@ def commission_list(workspace_id: str, affiliate_id: str | None, status: str | N
     """The ledger's newest rows (a reversal takes back a sale's commission: negative)."""
     filters = {k: v for k, v in (("affiliate_id", affiliate_id), ("status", status)) if v is not None}
 
-    _ledger(lambda conn: ledger.page(conn, "commissions", workspace_id, filters, None, limit))
+    _ledger(lambda conn: ledger.page(conn, "commissions", workspace_id, filters, None, limit), workspace_id)
 
 
 @commission.command("check")
@@ -143,7 +144,7 @@ def payouts() -> None:
 @click.option("--currency", required=True, help="ISO 4217, lower case.")
 def payouts_create(workspace_id: str, affiliate_id: str, currency: str) -> None:
     """A payout of the affiliate's approved, unpaid commissions in the currency."""
-    _ledger(lambda conn: ledger.create_payout(conn, workspace_id, affiliate_id, currency))
+    _ledger(lambda conn: ledger.create_payout(conn, workspace_id, affiliate_id, currency), workspace_id)
 
 
 @payouts.command("paid")
@@ -152,7 +153,7 @@ def payouts_create(workspace_id: str, affiliate_id: str, currency: str) -> None:
 @click.option("--workspace", "workspace_id", required=True)
 def payouts_paid(payout_id: str, workspace_id: str) -> None:
     """Mark a payout, and its commissions, paid."""
-    _ledger(lambda conn: ledger.mark_paid(conn, workspace_id, payout_id))
+    _ledger(lambda conn: ledger.mark_paid(conn, workspace_id, payout_id), workspace_id)
 
 
 @payouts.command("list")
@@ -163,4 +164,4 @@ def payouts_paid(payout_id: str, workspace_id: str) -> None:
 def payouts_list(workspace_id: str, affiliate_id: str | None, limit: int) -> None:
     """The newest payouts."""
     filters = {"affiliate_id": affiliate_id} if affiliate_id else {}
-    _ledger(lambda conn: ledger.page(conn, "payouts", workspace_id, filters, None, limit))
+    _ledger(lambda conn: ledger.page(conn, "payouts", workspace_id, filters, None, limit), workspace_id)

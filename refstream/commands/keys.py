@@ -7,13 +7,14 @@ from typing import Any
 
 import click
 
+from ingest.contract.connections import connect_redis
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.contract.settings import seconds as settings_seconds
 from ingest.edge import apikeys
 from ingest.manage import admin
 from refstream import output as out
-from refstream.runner import open_connections, print_data, run_command
+from refstream.runner import open_connections, open_holding, print_data, run_command
 
 
 @click.group()
@@ -55,7 +56,7 @@ def keys_create(
             raise click.ClickException(f"unknown scope {', '.join(map(repr, unknown))}; --scopes takes: {_SCOPES_HELP}")
 
     async def go(settings: Settings) -> dict[str, Any]:
-        async with open_connections(settings) as (conn, redis):
+        async with open_connections(settings, workspace_id) as (conn, redis):
             return await admin.create_key(
                 conn,
                 redis,
@@ -80,7 +81,12 @@ def keys_revoke(prefix: str) -> None:
     """Revoke a key by its display prefix; every edge refuses it within seconds."""
 
     async def go(settings: Settings) -> dict[str, Any]:
-        async with open_connections(settings) as (conn, redis):
+        conn = await open_holding(settings, "SELECT EXISTS (SELECT 1 FROM api_keys WHERE prefix = $1)", prefix)
+        redis = connect_redis(settings)
+        try:
             return await admin.revoke_key(conn, redis, Keys(settings.stream_prefix, settings.partitions), prefix)
+        finally:
+            await conn.close()
+            await redis.aclose()
 
     print_data(run_command(go))

@@ -12,9 +12,10 @@ import click
 
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.ledger import placement
 from ingest.manage import admin, stats
 from refstream import output as out
-from refstream.runner import open_connections, open_database, print_data, run_command
+from refstream.runner import open_connections, open_database, open_holding, print_data, run_command
 
 
 def _reasons(counts: dict[str, int]) -> str:
@@ -39,8 +40,9 @@ def link_create(
     """Create a link (a default program and affiliate when none are given)."""
 
     async def go(settings: Settings) -> dict[str, Any]:
-        async with open_connections(settings) as (conn, redis):
-            try:
+        directory = await open_database(settings)
+        try:
+            async with open_connections(settings, workspace_id) as (conn, redis):
                 return await admin.create_link(
                     conn,
                     redis,
@@ -50,11 +52,14 @@ def link_create(
                     url=url,
                     program_id=program_id,
                     affiliate_id=affiliate_id,
+                    claim=lambda c, w: placement.claim_code(directory, c, w),
                 )
-            except asyncpg.UniqueViolationError:
-                raise click.ClickException(f"a link with code {code!r} exists already") from None
-            except asyncpg.DataError as exc:
-                raise click.ClickException(str(exc)) from None
+        except asyncpg.UniqueViolationError:
+            raise click.ClickException(f"a link with code {code!r} exists already") from None
+        except asyncpg.DataError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            await directory.close()
 
     print_data(run_command(go))
 
@@ -67,7 +72,7 @@ def link_show(code: str) -> None:
     and why (bot, unknown_code, rate_limited, ...), and what was flagged as fraud."""
 
     async def go(settings: Settings) -> dict[str, Any]:
-        conn = await open_database(settings)
+        conn = await open_holding(settings, "SELECT EXISTS (SELECT 1 FROM links WHERE code = $1)", code)
         try:
             link = await admin.show_link(conn, code)
             start, to = stats.day_range(None, None)

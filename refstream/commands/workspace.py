@@ -6,6 +6,7 @@ owns.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import asyncpg
@@ -14,6 +15,7 @@ import click
 from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.ledger import placement
 from ingest.manage import admin, deletion
 from refstream import output as out
 from refstream.runner import open_connections, open_database, print_data, run_command
@@ -27,13 +29,33 @@ def workspace() -> None:
 @workspace.command("create")
 @out.json_option
 @click.argument("name")
-def workspace_create(name: str) -> None:
+@click.option(
+    "--shard", help="The shard to place it on (`refstream shards list`); default: the one with fewest workspaces."
+)
+def workspace_create(name: str, shard: str | None) -> None:
     """Create a workspace and its first API key (scope *); the key is shown once."""
 
     async def go(settings: Settings) -> dict[str, str]:
         conn = await open_database(settings)
         try:
-            return await admin.create_workspace(conn, name)
+            if shard is None and not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM shards)"):
+                return await admin.create_workspace(conn, name)  # one Postgres: no map to write
+            try:
+                chosen = await placement.choose(conn, shard)
+            except placement.ShardError as exc:
+                raise click.ClickException(str(exc)) from None
+            ws = uuid.uuid4()
+            await placement.place(conn, ws, chosen)  # before its first row, wherever that is
+            if chosen == placement.DEFAULT:
+                made = await admin.create_workspace(conn, name, ws)
+            else:
+                url = (await placement.shard_dsns(conn, settings.secret_key))[chosen]
+                there = await asyncpg.connect(url, timeout=settings.connect_timeout_s)
+                try:
+                    made = await admin.create_workspace(there, name, ws)
+                finally:
+                    await there.close()
+            return {**made, "shard": chosen}
         finally:
             await conn.close()
 
@@ -53,7 +75,7 @@ def delete(workspace_id: str, yes: bool) -> None:
         click.confirm(f"Delete workspace {workspace_id} and all its data, for good?", abort=True)
 
     async def go(settings: Settings) -> dict[str, Any]:
-        async with open_connections(settings) as (conn, redis):
+        async with open_connections(settings, workspace_id) as (conn, redis):
             return await deletion.delete_workspace(
                 conn, redis, Keys(settings.stream_prefix, settings.partitions), workspace_id
             )
@@ -78,7 +100,7 @@ def set_bot_policy(workspace_id: str, policy: str) -> None:
     decided for each stored click."""
 
     async def go(settings: Settings) -> dict[str, Any]:
-        conn = await asyncpg.connect(settings.database_url)
+        conn = await open_database(settings, workspace_id)
         try:
             return await admin.update_workspace(conn, workspace_id, bot_policy=policy)
         finally:
@@ -110,7 +132,7 @@ def set_fraud_policy(workspace_id: str, rule: str, policy: str) -> None:
     the events the workers store from now on."""
 
     async def go(settings: Settings) -> dict[str, Any]:
-        conn = await asyncpg.connect(settings.database_url)
+        conn = await open_database(settings, workspace_id)
         try:
             return await admin.update_workspace(conn, workspace_id, bot_policy=None, fraud_policy={rule: policy})
         finally:

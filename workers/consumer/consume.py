@@ -143,25 +143,31 @@ class Consumer:
 
     async def _partitions(self) -> None:
         s = self.settings
-        await partitions.maintain(
-            self.pipeline.pg,
-            retention_days=s.event_retention_days,
-            dedupe_days=s.dedupe_retention_days,
-            skew_max_s=s.clock_skew_max_s,
-            webhook_days=s.webhook_retention_days,
-        )
+        for pool in (await self.pipeline.placement.pools()).values():
+            await partitions.maintain(
+                pool,
+                retention_days=s.event_retention_days,
+                dedupe_days=s.dedupe_retention_days,
+                skew_max_s=s.clock_skew_max_s,
+                webhook_days=s.webhook_retention_days,
+            )
 
     async def _bursts(self, passes: int = burst_pass.PASSES_A_TICK) -> None:
         """The click_burst rule over the clicks committed since the last pass
         (``workers.consumer.burst_pass``); their notices' webhook jobs after its commit."""
-        done = await burst_pass.run_until_done(self.pipeline.pg, passes)
+        done = [
+            p
+            for pool in (await self.pipeline.placement.pools()).values()
+            for p in await burst_pass.run_until_done(pool, passes)
+        ]
         deliveries = [d for p in done for d in p.deliveries]
         if deliveries:
             await self.pipeline.notify(store.BatchResult(deliveries=deliveries))
 
     async def _windows(self) -> None:
-        async with self.pipeline.pg.acquire() as conn:
-            await bursts.prune(conn)
+        for pool in (await self.pipeline.placement.pools()).values():
+            async with pool.acquire() as conn:
+                await bursts.prune(conn)
 
     def _gate_changed(self, gate: Gate) -> None:
         if self.pipeline.metrics is not None:

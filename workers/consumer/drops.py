@@ -31,6 +31,7 @@ import structlog
 from ingest.contract import jsonrows
 from ingest.contract.drops import FLAGGED, NO_ID, fold_key, folds_key, live_key, parse_field
 from ingest.contract.events import EventType
+from ingest.ledger.placement import Placement
 from workers.consumer.stored import Stored
 
 log = structlog.get_logger("workers.drops")
@@ -155,6 +156,15 @@ async def settle(
     await add(conn, counts)
 
 
+async def _by_shard(pool: asyncpg.Pool | Placement, counts: Counter[Key]) -> dict[asyncpg.Pool, Counter[Key]]:
+    if not isinstance(pool, Placement):
+        return {pool: counts}
+    parts: dict[asyncpg.Pool, Counter[Key]] = {}
+    for k, n in counts.items():
+        parts.setdefault(await pool.pool(k[0]), Counter())[k] = n
+    return parts or {pool.directory: counts}
+
+
 def tally(
     inserted: list[Stored], counting: Collection[str] = (), flags: Collection[tuple[Stored, str, bool]] = ()
 ) -> Counter[Key]:
@@ -171,8 +181,9 @@ def tally(
     return counts
 
 
-async def fold(redis: Any, pool: asyncpg.Pool, prefix: str) -> int:
-    """Fold the edges' tallies into ``drop_stats``; the number of events added."""
+async def fold(redis: Any, pool: asyncpg.Pool | Placement, prefix: str) -> int:
+    """Fold the edges' tallies into ``drop_stats`` (each workspace's on its shard, when
+    ``pool`` is the placement); the number of events added."""
     token = uuid.uuid4().hex
     pending = await redis.eval(_TAKE, 3, live_key(prefix), fold_key(prefix, token), folds_key(prefix))
     total = 0
@@ -190,19 +201,21 @@ async def fold(redis: Any, pool: asyncpg.Pool, prefix: str) -> int:
                 counts[(str(uuid.UUID(ws)), str(uuid.UUID(link)), date.fromisoformat(day), reason, detail)] += int(n)
             except ValueError:
                 log.warning("drops.bad_field", field=repr(f)[:200])
-        async with pool.acquire() as conn, conn.transaction():
-            first = await conn.fetchval(
-                "INSERT INTO drop_folds (fold_key) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", key
-            )
-            if first:  # else folded already, before a crash kept us from deleting it
-                await add(conn, counts, "edge")
-                total += sum(counts.values())
+        for shard, part in (await _by_shard(pool, counts)).items():
+            async with shard.acquire() as conn, conn.transaction():
+                first = await conn.fetchval(
+                    "INSERT INTO drop_folds (fold_key) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", key
+                )
+                if first:  # else folded already (on this shard), before a crash kept us from deleting it
+                    await add(conn, part, "edge")
+                    total += sum(part.values())
         await redis.delete(key)
         await redis.srem(folds_key(prefix), key)
     if pending:
         # a fold key is never named twice, and its deletion follows its record within one
         # fold: records older than a week guard nothing
-        await pool.execute("DELETE FROM drop_folds WHERE folded_at < now() - interval '7 days'")
+        for shard in (await pool.pools()).values() if isinstance(pool, Placement) else [pool]:
+            await shard.execute("DELETE FROM drop_folds WHERE folded_at < now() - interval '7 days'")
     return total
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -41,6 +40,7 @@ from ingest.contract.keys import GROUP, Keys
 from ingest.contract.logs import error_fields
 from ingest.contract.settings import Settings
 from ingest.contract.wire import EnvelopeError
+from ingest.ledger import placement
 from ingest.privacy import erasure_copy
 from workers.consumer import dead_letters, store, webhooks
 from workers.consumer.combine import Combiner
@@ -101,7 +101,9 @@ class Pipeline:
         self.settings = settings
         self.keys = Keys(settings.stream_prefix, settings.partitions)
         self.redis = redis
-        self.pg = pg
+        self.pg = pg  # the directory's, shard "default"
+        # where each workspace's rows are: a batch is written to each shard it touches
+        self.placement = placement.Placement.over(settings, pg)
         self.enricher = enricher
         self.arq: ArqRedis | None = None  # set by the arq worker; --drain leaves it to the sweep
         self.metrics: WorkerMetrics | None = None
@@ -203,7 +205,8 @@ class Pipeline:
             # the pool's idle connections may all be dead (a restart), still on the old host
             # or still read-only (settings read at connect), or hold statements prepared for
             # the old schema: the retry gets fresh ones
-            await self.pg.expire_connections()
+            for pool in await self._opened_pools():
+                await pool.expire_connections()
             raise BatchOutage(reason, exc) from exc
 
     async def _count_attempts(self, batch: Batch, todo: list[Envelope], counted: list[bytes]) -> list[Envelope]:
@@ -287,15 +290,44 @@ class Pipeline:
         failover) lost, back from their copy in Redis, so the person's events in the streams
         are stored scrubbed (``ingest.privacy.erasure_copy``). An outage: the batch waits."""
         try:
-            await erasure_copy.restore(self.pg, self.redis, self.keys)
+            pools = await self.placement.pools()
+            for name, pool in pools.items():
+
+                async def here(ws: str, name: str = name) -> bool:
+                    return await self.placement.shard_of(ws) == name
+
+                await erasure_copy.restore(pool, self.redis, self.keys, here if len(pools) > 1 else None)
         except Exception as exc:
             await self._raise_if_outage(exc)
             await self._redis(_raising(exc))
             raise
         self.ledger_restored = True
 
-    def _write(self, envelopes: list[Envelope]) -> Awaitable[store.BatchResult]:
-        return store.write_batch(self.pg, envelopes, self.enricher)
+    async def _opened_pools(self) -> list[asyncpg.Pool]:
+        try:
+            return list((await self.placement.pools()).values())
+        except Exception:  # the directory itself down: its pool is the one to renew
+            return [self.pg]
+
+    async def _write(self, envelopes: list[Envelope]) -> store.BatchResult:
+        """The batch in one transaction on each shard its workspaces are on, all at once; a
+        shard that fails fails the batch, which is retried whole: what another shard
+        committed is met again by its dedupe and stored nothing twice."""
+        parts = await self.placement.split(envelopes, lambda e: e.workspace_id)
+        if len(parts) <= 1:
+            pool = await self.placement.pool_of(next(iter(parts), placement.DEFAULT))
+            return await store.write_batch(pool, envelopes, self.enricher)
+        pools = {name: await self.placement.pool_of(name) for name in parts}
+        done = await asyncio.gather(
+            *(store.write_batch(pools[name], part, self.enricher) for name, part in parts.items()),
+            return_exceptions=True,
+        )
+        total = store.BatchResult()
+        for r in done:
+            if isinstance(r, BaseException):
+                raise r
+            _merge(total, r)
+        return total
 
     async def _store(self, envelopes: list[Envelope]) -> tuple[store.BatchResult, list[tuple[Envelope, Exception]]]:
         try:
@@ -408,6 +440,10 @@ def _merge(total: store.BatchResult, r: store.BatchResult) -> None:
     total.milestones += r.milestones
     total.deliveries += r.deliveries
     total.refunds_not_restored += r.refunds_not_restored
+    total.expired += r.expired
+    total.scrubbed += r.scrubbed
+    total.rowless |= r.rowless
+    total.copies |= r.copies
 
 
 async def _raising(exc: Exception) -> None:

@@ -156,13 +156,28 @@ RETURNING attempt
 """
 
 
+async def _pools(ctx: dict[str, Any]) -> list[asyncpg.Pool]:
+    """Every shard's pool (``ctx["placement"]``), else the one pool ``ctx["pg"]``."""
+    place = ctx.get("placement")
+    return list((await place.pools()).values()) if place is not None else [ctx["pg"]]
+
+
+async def _load(ctx: dict[str, Any], delivery_id: UUID) -> tuple[asyncpg.Pool, Any] | None:
+    """The delivery and the pool of the shard that holds it: its id is unique across shards."""
+    for pool in await _pools(ctx):
+        row = await pool.fetchrow(_LOAD, delivery_id)
+        if row is not None:
+            return pool, row
+    return None
+
+
 async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> str:
     """The arq job: one attempt at one delivery; ``arq.Retry`` schedules the next."""
-    pg: asyncpg.Pool = ctx["pg"]
     max_attempts: int = ctx.get("webhook_max_attempts", MAX_ATTEMPTS)
-    row = await pg.fetchrow(_LOAD, UUID(delivery_id))
-    if row is None:
+    found = await _load(ctx, UUID(delivery_id))
+    if found is None:
         return "gone"  # its webhook was deleted
+    pg, row = found
     if row["status"] != "pending":
         return str(row["status"])
     if not row["active"]:
@@ -254,13 +269,16 @@ deliver_webhook_job: Function = func(deliver_webhook, name=JOB, max_tries=MAX_AT
 async def sweep_webhooks(ctx: dict[str, Any]) -> int:
     """arq cron: re-enqueue pending deliveries older than ``SWEEP_AFTER_S``; returns how many
     had no live job (each of them a lost enqueue, or a job arq gave up on)."""
-    pg: asyncpg.Pool = ctx["pg"]
-    rows = await pg.fetch(
-        "SELECT id FROM webhook_deliveries WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)"
-        " ORDER BY created_at LIMIT $2",
-        SWEEP_AFTER_S,
-        SWEEP_LIMIT,
-    )
+    rows = [
+        r
+        for pool in await _pools(ctx)
+        for r in await pool.fetch(
+            "SELECT id FROM webhook_deliveries WHERE status = 'pending'"
+            " AND created_at < now() - make_interval(secs => $1) ORDER BY created_at LIMIT $2",
+            SWEEP_AFTER_S,
+            SWEEP_LIMIT,
+        )
+    ]
     new = await enqueue(ctx["redis"], [str(r["id"]) for r in rows])
     if new:
         log.warning("webhook.sweep", requeued=new, pending=len(rows))

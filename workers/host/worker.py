@@ -114,6 +114,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["consumer_cm"], ctx["consumer"] = cm, c
     c.pipeline.arq = ctx["redis"]  # arq's own pool: JSON serializer, our queue
     ctx["pg"] = c.pipeline.pg
+    ctx["placement"] = c.pipeline.placement
     await webhooks.webhook_startup(ctx)
     ctx["metrics_stack"] = await _metrics(settings, c)
     task = asyncio.create_task(c.run(), name="consumer")
@@ -172,21 +173,23 @@ async def refresh_links(ctx: dict[str, Any]) -> int:
     """arq cron: write every link into the Redis cache and mark it warm, so the edge never
     asks Postgres about a code (and a Redis restart heals within one period)."""
     c: Consumer = ctx["consumer"]
-    return await links.refresh_all(c.pipeline.pg, c.redis, c.keys)
+    counted = await c.pipeline.placement.each(lambda pool: links.refresh_all(pool, c.redis, c.keys, warm=False))
+    await links.mark_warm(c.redis, c.keys)  # every shard's links are in: the cache is whole
+    return sum(counted.values())
 
 
 async def fold_drops(ctx: dict[str, Any]) -> int:
     """arq cron: the edges' refusal tallies into ``drop_stats`` (``workers.consumer.drops``)."""
     c: Consumer = ctx["consumer"]
-    return await drops.fold(c.redis, c.pipeline.pg, c.keys.prefix)
+    return await drops.fold(c.redis, c.pipeline.placement, c.keys.prefix)
 
 
 async def approve_commissions(ctx: dict[str, Any]) -> int:
     """arq cron: commissions past their program's hold move pending -> approved, on
     Postgres's clock (``workers.consumer.commissions``). Idempotent: any worker may run it."""
     c: Consumer = ctx["consumer"]
-    done: str = await c.pipeline.pg.execute(commissions.APPROVE)
-    return int(done.rpartition(" ")[2] or 0)
+    done = await c.pipeline.placement.each(lambda pool: pool.execute(commissions.APPROVE))
+    return sum(int(d.rpartition(" ")[2] or 0) for d in done.values())
 
 
 async def sweep_erasures(ctx: dict[str, Any]) -> int:
@@ -194,15 +197,13 @@ async def sweep_erasures(ctx: dict[str, Any]) -> int:
     nothing to do is one query."""
     c: Consumer = ctx["consumer"]
     settings = ctx["settings"]
-    done = await erasure.sweep(
-        c.pipeline.pg,
-        c.redis,
-        c.keys,
-        open_store(settings),
-        replicas=settings.ack_replicas,
-        wait_ms=settings.ack_wait_ms,
+    store = open_store(settings)
+    done = await c.pipeline.placement.each(  # each shard's ledger: its own erasures' entries
+        lambda pool: erasure.sweep(
+            pool, c.redis, c.keys, store, replicas=settings.ack_replicas, wait_ms=settings.ack_wait_ms
+        )
     )
-    return len(done.archive_done)
+    return sum(len(d.archive_done) for d in done.values())
 
 
 class ResilientWorker(Worker):

@@ -127,7 +127,7 @@ def guarded(
             async def run() -> web.Response:
                 try:
                     if caller.affiliate_id is not None and not head:  # where the affiliate's own actions come from
-                        async with acquired(edge.pg) as conn:
+                        async with acquired(await edge.pool(caller.workspace_id)) as conn:
                             await stats.affiliate_seen(conn, caller.affiliate_id, edge.client_ip(request))
                     return await handler(request, edge, caller)
                 except BodyError as exc:

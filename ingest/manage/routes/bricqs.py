@@ -103,7 +103,7 @@ async def generate(request: web.Request) -> web.Response:
 
     async def run() -> web.Response:
         try:
-            async with acquired(edge.pg) as conn:
+            async with acquired(await edge.pool(principal.workspace_id)) as conn:
                 out = await admin.referral_code(
                     conn,
                     edge.redis,
@@ -111,6 +111,7 @@ async def generate(request: web.Request) -> web.Response:
                     workspace_id=principal.workspace_id,
                     program_id=str(body.campaign_id),
                     participant_id=body.participant_id,
+                    claim=edge.shards.claim_code,
                 )
         except NotFound as exc:
             return error(404, "campaign_not_found", str(exc))
@@ -136,7 +137,7 @@ async def stats(request: web.Request) -> web.Response:
     edge, principal = await _keyed(request, "read")
     out, forms = None, None
     try:
-        async with acquired(edge.pg) as conn:
+        async with acquired(await edge.pool(principal.workspace_id)) as conn:
             given = request.match_info["participant_id"]
             try:  # the id as generate stores it, then as given and as stored before the rule
                 forms = await external_ids.participants(conn, principal.workspace_id, given)

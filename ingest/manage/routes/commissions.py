@@ -118,7 +118,7 @@ class CommissionList(BaseModel):
 @guarded("write")
 async def set_rules(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, CommissionRules)
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         out = await ledger.set_rules(conn, p.workspace_id, request.match_info["id"], body.model_dump(exclude_none=True))
     return json(200, out)
 
@@ -133,7 +133,7 @@ async def _page(request: web.Request, edge: Edge, p: Principal, table: str, affi
     if status is not None and status not in STATUSES[table]:
         return error(400, "invalid_request", f"status: one of {', '.join(STATUSES[table])}")
     filters = {f: q[f] for f in ledger.FILTERS if f in q and (table == "commissions" or f != "program_id")}
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(
             200,
             await ledger.page(conn, table, p.workspace_id, filters, q.get("before"), limit, affiliate_id=affiliate_id),
@@ -179,14 +179,14 @@ class PayoutList(BaseModel):
 @guarded("write")
 async def create_payout(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, NewPayout)
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(201, await ledger.create_payout(conn, p.workspace_id, body.affiliate_id, body.currency))
 
 
 @routes.post("/v1/payouts/{id}/paid")
 @guarded("write")
 async def mark_paid(request: web.Request, edge: Edge, p: Principal) -> web.Response:
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(200, await ledger.mark_paid(conn, p.workspace_id, request.match_info["id"]))
 
 

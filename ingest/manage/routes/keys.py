@@ -54,7 +54,7 @@ async def create_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
     body = await parse(request, NewKey)
     if body.affiliate_id is not None:
         manage.as_uuid(body.affiliate_id)
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         created = await admin.create_key(
             conn,
             edge.redis,
@@ -71,7 +71,7 @@ async def create_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
 @routes.delete("/v1/keys/{prefix}")
 @guarded("*")
 async def revoke_key(request: web.Request, edge: Edge, p: Principal) -> web.Response:
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         owned = await conn.fetchval(
             "SELECT 1 FROM api_keys WHERE prefix = $1 AND workspace_id = $2",
             segment(request, "prefix"),

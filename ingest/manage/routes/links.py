@@ -135,7 +135,7 @@ class LinkList(BaseModel):
 @guarded("write")
 async def create_program(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, NewProgram)
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(201, await manage.create_program(conn, p.workspace_id, **body.model_dump()))
 
 
@@ -143,7 +143,7 @@ async def create_program(request: web.Request, edge: Edge, p: Principal) -> web.
 @guarded("write")
 async def create_affiliate(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, NewAffiliate)
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(201, await manage.create_affiliate(conn, p.workspace_id, **body.model_dump()))
 
 
@@ -151,15 +151,20 @@ async def create_affiliate(request: web.Request, edge: Edge, p: Principal) -> we
 @guarded("write")
 async def create_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, NewLink)
-    async with acquired(edge.pg) as conn:
-        return json(201, await manage.create_link(conn, edge.redis, edge.keys, p.workspace_id, **body.model_dump()))
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
+        return json(
+            201,
+            await manage.create_link(
+                conn, edge.redis, edge.keys, p.workspace_id, edge.shards.claim_code, **body.model_dump()
+            ),
+        )
 
 
 @routes.patch("/v1/workspace")
 @guarded("write")
 async def patch_workspace(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, WorkspacePatch)
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(
             200,
             await admin.update_workspace(
@@ -175,7 +180,7 @@ async def patch_workspace(request: web.Request, edge: Edge, p: Principal) -> web
 @guarded("write")
 async def patch_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, LinkPatch)
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         link = await manage.update_link(
             conn, edge.redis, edge.keys, p.workspace_id, request.match_info["id"], **body.model_dump()
         )
@@ -185,5 +190,5 @@ async def patch_link(request: web.Request, edge: Edge, p: Principal) -> web.Resp
 @routes.get("/v1/links/{id}")
 @guarded("read")
 async def get_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(200, await manage.get_link(conn, p.workspace_id, request.match_info["id"]))

@@ -89,12 +89,13 @@ async def erase_customer(request: web.Request, edge: Edge, p: Principal) -> web.
     """Forget a customer everywhere (docs/privacy.md): Postgres now, Redis and the archive
     by the workers; 202 with what is pending, and GET /v1/erasures/{id} follows it."""
     id_forms(request, "external_id")  # 400 for one that can name nobody
-    async with acquired(edge.pg) as conn:  # the normalized id, as given, and as stored before the rule
+    pool = await edge.pool(p.workspace_id)
+    async with acquired(pool) as conn:  # the normalized id, as given, and as stored before the rule
         forms = await external_ids.subjects(conn, p.workspace_id, request.match_info["external_id"])
     days = edge.settings.erase_archive_days
     try:  # from here on, a failure may leave it begun: 503 "outcome unknown", and a retry finishes it
-        erased = [await erasure.erase(edge.pg, p.workspace_id, form, by=p.prefix, archive_days=days) for form in forms]
-        async with acquired(edge.pg) as conn:
+        erased = [await erasure.erase(pool, p.workspace_id, form, by=p.prefix, archive_days=days) for form in forms]
+        async with acquired(await edge.pool(p.workspace_id)) as conn:
             shown = await erasure.show(conn, p.workspace_id, str(erased[0].id))
             copy = await erasure_copy.commands(conn, edge.keys, [done.id for done in erased])
     except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # a read-only one too
@@ -131,16 +132,21 @@ async def _erase_affiliates(
     edge: Edge, p: Principal, *, affiliate_id: str | None = None, participant_id: str | None = None
 ) -> web.Response:
     days = edge.settings.erase_archive_days
+    pool = await edge.pool(p.workspace_id)
     try:  # as a customer's: a failure may leave it begun, and a retry finishes it
         if participant_id is not None:  # every spelling that names them (ingest.contract.ids)
             done = await external_ids.erase_participant(
-                edge.pg, p.workspace_id, participant_id, by=p.prefix, archive_days=days
+                pool, p.workspace_id, participant_id, by=p.prefix, archive_days=days
             )
         else:
             done = await erasure_affiliate.erase(
-                edge.pg, p.workspace_id, affiliate_id=affiliate_id, by=p.prefix, archive_days=days
+                pool,
+                p.workspace_id,
+                affiliate_id=affiliate_id,
+                by=p.prefix,
+                archive_days=days,
             )
-        async with acquired(edge.pg) as conn:
+        async with acquired(await edge.pool(p.workspace_id)) as conn:
             copy = await erasure_copy.commands(conn, edge.keys, [uuid.UUID(e["erasure_id"]) for e in done.erasures])
     except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise OutcomeUnknown("the erasure", Unknown.COMMIT) from exc
@@ -171,7 +177,7 @@ async def add_suppression(request: web.Request, edge: Edge, p: Principal) -> web
         value = ids.normalized_or_none(value) or value
     most = edge.settings.suppression_max
     try:
-        async with acquired(edge.pg) as conn:
+        async with acquired(await edge.pool(p.workspace_id)) as conn:
             return json(201, await suppressions.add(conn, p.workspace_id, body.kind, value, by=p.prefix, most=most))
     except suppressions.Full as exc:
         return error(409, "limit_reached", str(exc))
@@ -182,14 +188,14 @@ async def add_suppression(request: web.Request, edge: Edge, p: Principal) -> web
 async def list_suppressions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """The list by page, newest first: ``?limit=`` (1 to 500, 50) and ``?before=`` (a page's ``next``)."""
     limit = limit_param(request)
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(200, await suppressions.listing(conn, p.workspace_id, request.query.get("before"), limit))
 
 
 @routes.delete("/v1/suppressions/{id}")
 @guarded("write")
 async def remove_suppression(request: web.Request, edge: Edge, p: Principal) -> web.Response:
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         await suppressions.remove(conn, p.workspace_id, segment(request, "id"))
     return web.Response(status=204)
 
@@ -197,5 +203,5 @@ async def remove_suppression(request: web.Request, edge: Edge, p: Principal) -> 
 @routes.get("/v1/erasures/{id}")
 @guarded("erase")
 async def get_erasure(request: web.Request, edge: Edge, p: Principal) -> web.Response:
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(200, await erasure.show(conn, p.workspace_id, segment(request, "id")))

@@ -69,7 +69,7 @@ async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Res
     if type_ is not None and type_ not in ("click", "lead", "conversion"):
         return error(400, "invalid_request", "type: one of click, lead, conversion")
     limit = limit_param(request)
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         events = await manage.list_events(conn, p.workspace_id, link_id=q.get("link_id"), type_=type_, limit=limit)
     return json(200, {"data": events})
 
@@ -80,14 +80,14 @@ async def list_conversions(request: web.Request, edge: Edge, p: Principal) -> we
     q = request.query
     limit = limit_param(request)
     filters = {f: q[f] for f in manage.SALE_FILTERS if f in q}
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(200, await manage.list_sales(conn, p.workspace_id, filters, q.get("before"), limit))
 
 
 @routes.get("/v1/customers/{external_id}")
 @guarded("read")
 async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(200, await manage.get_customer(conn, p.workspace_id, id_forms(request, "external_id")))
 
 
@@ -98,5 +98,5 @@ async def affiliate_links(request: web.Request, edge: Edge, p: Principal) -> web
     assert p.affiliate_id is not None
     limit = limit_param(request)
     before = request.query.get("before")
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(200, await manage.affiliate_links(conn, p.workspace_id, p.affiliate_id, before, limit))

@@ -129,7 +129,7 @@ async def link_stats(request: web.Request, edge: Edge, p: Principal) -> web.Resp
         start, to = stats.day_range(request.query.get("from"), request.query.get("to"))
     except stats.BadRange as exc:
         return error(400, "invalid_request", str(exc))
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         found = await stats.link_stats(conn, p.workspace_id, _uuid(request.match_info["id"], "link"), start, to)
     if found is None:
         raise NotFound("link not found")
@@ -143,7 +143,7 @@ async def workspace_stats(request: web.Request, edge: Edge, p: Principal) -> web
         start, to = stats.day_range(request.query.get("from"), request.query.get("to"))
     except stats.BadRange as exc:
         return error(400, "invalid_request", str(exc))
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(200, await stats.workspace_stats(conn, p.workspace_id, start, to))
 
 
@@ -155,7 +155,7 @@ async def affiliate_stats(request: web.Request, edge: Edge, p: Principal) -> web
         start, to = stats.day_range(request.query.get("from"), request.query.get("to"))
     except stats.BadRange as exc:
         return error(400, "invalid_request", str(exc))
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         return json(200, await stats.affiliate_stats(conn, p.workspace_id, p.affiliate_id, start, to))
 
 
@@ -164,7 +164,7 @@ async def affiliate_stats(request: web.Request, edge: Edge, p: Principal) -> web
 async def patch_fraud_thresholds(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, FraudThresholds)
     given = body.model_dump(exclude_none=True)
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         row = await conn.fetchrow(
             "UPDATE programs SET fraud_thresholds = fraud_thresholds || $3::jsonb WHERE id = $1 AND workspace_id = $2"
             " RETURNING id, fraud_thresholds",

@@ -125,7 +125,7 @@ async def create_webhook(request: web.Request, edge: Edge, p: Principal) -> web.
         token = secretbox.encrypt(key, secret)
     except secretbox.SecretKeyError as exc:
         return _unconfigured(str(exc))
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         row = await conn.fetchrow(
             "INSERT INTO webhooks (workspace_id, url, events, secret_encrypted, secret_prefix)"
             " VALUES ($1, $2, $3, $4, $5) RETURNING id, url, events, created_at",
@@ -158,7 +158,7 @@ async def list_deliveries(request: web.Request, edge: Edge, p: Principal) -> web
     """The newest deliveries of one webhook, each with its attempts."""
     limit = limit_param(request)
     webhook = as_uuid(request.match_info["id"])
-    async with acquired(edge.pg) as conn:
+    async with acquired(await edge.pool(p.workspace_id)) as conn:
         if not await conn.fetchval(
             "SELECT 1 FROM webhooks WHERE id = $1 AND workspace_id = $2", webhook, p.workspace_id
         ):

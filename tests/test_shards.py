@@ -1,0 +1,156 @@
+"""Workspaces on several Postgres primaries (docs/shards.md): the directory and a second
+shard, each a database of its own; real `refstream` processes place workspaces, the edge
+authenticates, resolves and appends, and the worker stores each event on its workspace's
+shard, once, with counters equal to their rows on each."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ingest.contract.keys import GROUP, Keys
+from ingest.contract.settings import Settings
+from ingest.ledger import placement
+from refstream import services as svc_mod
+
+from ._procs import Procs, env_for, run_command
+from ._world import call
+from .conftest import RUN_ID, drop_database
+from .test_e2e import TRACKED, fire
+
+PASSWORD = "s3cret-Sh4rd/pw"  # trust auth ignores it; it must still never be stored in clear
+
+
+@pytest.fixture
+async def two_shards(services: svc_mod.Services) -> AsyncIterator[tuple[str, str]]:
+    """Two databases that do not exist yet: the directory's and shard b's."""
+    names = [f"refstream_shard_{RUN_ID}_{secrets.token_hex(4)}" for _ in range(2)]
+    try:
+        yield tuple(svc_mod.with_database(services.postgres_url, n) for n in names)  # type: ignore[misc]
+    finally:
+        for n in names:
+            await drop_database(services.postgres_url, n)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_a_dsn_keeps_its_password_apart_and_gets_it_back() -> None:
+    dsn = "postgresql://ops%40acme:p%40ss%3Aw0rd@db-b.internal:6432/refstream?sslmode=require"
+    public, password = placement.split_password(dsn)
+    assert password == "p@ss:w0rd" and "w0rd" not in public
+    assert public == "postgresql://ops%40acme@db-b.internal:6432/refstream?sslmode=require"
+    assert placement.split_password(placement.with_password(public, password)) == (public, password)
+    assert placement.split_password("postgresql://db-b/refstream") == ("postgresql://db-b/refstream", None)
+    for bad in ("default", "B", "1b", "", "b" * 41, "b c"):
+        with pytest.raises(placement.ShardError):
+            placement.check_name(bad)
+    with pytest.raises(placement.ShardError):
+        placement.split_password("mysql://db-b/refstream")
+
+
+async def test_each_workspace_is_stored_on_its_own_shard(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], redis: Any
+) -> None:
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    keys = Keys(s.stream_prefix, s.partitions)
+    procs = Procs(s, tmp_path)
+    try:
+        assert (await procs.cli("migrate"))["shards"] == ["default"]
+        added = await procs.cli("shards", "add", "b", placement.with_password(shard_url, PASSWORD))
+        assert added["shard"] == "b" and PASSWORD not in added["dsn"]
+        listed = await procs.cli("shards", "list")
+        assert [(r["name"], r["workspaces"]) for r in listed] == [("default", 0), ("b", 0)]
+        assert PASSWORD not in str(listed)
+
+        a = await procs.cli("workspace", "create", "A", "--shard", "default")
+        b = await procs.cli("workspace", "create", "B")  # the shard with the fewest workspaces
+        assert (a["shard"], b["shard"]) == ("default", "b")
+        env = env_for(s)
+        bad = await run_command("workspace", "create", "C", "--shard", "nowhere", env=env)
+        assert bad[0] == 1 and "no shard named 'nowhere'" in bad[2]
+        await procs.cli("link", "create", "--workspace", a["workspace_id"], "--code", "acode")
+        await procs.cli("link", "create", "--workspace", b["workspace_id"], "--code", "bcode")
+        # a code is unique across shards: neither workspace takes the other's
+        for ws, code in ((b, "acode"), (a, "bcode")):
+            refused = await run_command("link", "create", "--workspace", ws["workspace_id"], "--code", code, env=env)
+            assert refused[0] == 1 and "exists already" in refused[2], refused
+
+        edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="100000")
+        procs.start("work")
+        # the management API writes on the key's shard
+        h = auth(b["api_key"])
+        status, program, _ = await call("POST", f"{edge}/v1/programs", headers=h, json={"name": "Spring"})
+        assert status == 201, program
+        status, affiliate, _ = await call(
+            "POST", f"{edge}/v1/affiliates", headers=h, json={"program_id": program["id"], "external_id": "jane"}
+        )
+        assert status == 201, affiliate
+        status, link, _ = await call(
+            "POST", f"{edge}/v1/links", headers=h, json={"affiliate_id": affiliate["id"], "url": "https://b.test/"}
+        )
+        assert status == 201, link
+
+        replies = await fire(edge, ["acode"] * 30 + ["bcode"] * 20 + [link["code"]] * 10)
+        assert all(r == (200, TRACKED) for r in replies), replies[:3]
+        status, click, _ = await call(
+            "POST", f"{edge}/api/v1/track/click", json={"affiliate_url": f"https://b.test/?aff={link['code']}"}
+        )
+        assert status == 200, click
+        await procs.cli("work", "--drain")
+        # the click's cache entry gone: the lead finds it in shard b's Postgres
+        await redis.delete(keys.click(click["click_id"]))
+        lead = {"clickId": click["click_id"], "eventName": "Sign Up", "customerExternalId": "cust_b"}
+        status, out, _ = await call("POST", f"{edge}/api/track/lead", json=lead, headers=h)
+        assert status == 200, out
+        await procs.cli("work", "--drain")
+
+        for stream in keys.streams:
+            (group,) = [g for g in await redis.xinfo_groups(stream) if g["name"] == GROUP.encode()]
+            assert group["pending"] == 0
+        directory = await asyncpg.connect(directory_url)
+        shard = await asyncpg.connect(shard_url)
+        try:
+            assert await _counts(directory) == {("A", 1): 30}
+            assert await _counts(shard) == {("B", 1): 31, ("B", 2): 1}
+            for conn in (directory, shard):  # counters equal their rows, on each shard
+                assert await conn.fetch(_COUNTERS_OFF) == []
+            assert await shard.fetchval("SELECT status FROM customers WHERE external_id = 'cust_b'") == 2
+            # the directory keeps the map, the codes and the shard's DSN, no password
+            held = await directory.fetchrow("SELECT dsn, password_sealed FROM shards WHERE name = 'b'")
+            assert PASSWORD not in held["dsn"] and PASSWORD.encode() not in bytes(held["password_sealed"])
+            placed = await directory.fetch("SELECT workspace_id::text AS ws, shard FROM workspace_shards")
+            assert {(r["ws"], r["shard"]) for r in placed} == {(a["workspace_id"], "default"), (b["workspace_id"], "b")}
+            assert await directory.fetchval("SELECT count(*) FROM link_codes") == 3
+        finally:
+            await directory.close()
+            await shard.close()
+
+        shown = await procs.cli("link", "show", "bcode")  # found on its shard
+        assert shown["clicks"] == 20
+        status, read, _ = await call("GET", f"{edge}/v1/links/{link['id']}", headers=h)
+        assert status == 200 and (read["clicks"], read["leads"]) == (11, 1)
+        assert (await procs.cli("migrate"))["shards"] == ["default", "b"]
+    finally:
+        procs.stop_all()
+
+
+_COUNTERS_OFF = """
+SELECT l.code FROM links l
+WHERE l.clicks <> (SELECT count(*) FROM events e WHERE e.link_id = l.id AND e.type = 1)
+   OR l.leads <> (SELECT count(*) FROM events e WHERE e.link_id = l.id AND e.type = 2)
+"""
+
+
+async def _counts(conn: asyncpg.Connection) -> dict[tuple[str, int], int]:
+    rows = await conn.fetch(
+        "SELECT w.name, e.type, count(*) AS n FROM events e JOIN workspaces w ON w.id = e.workspace_id"
+        " GROUP BY w.name, e.type"
+    )
+    return {(r["name"], r["type"]): r["n"] for r in rows}
