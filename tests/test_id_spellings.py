@@ -24,10 +24,10 @@ from ingest.contract import erasure as ledger
 from ingest.contract import fields, ids
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from ingest.host.openapi import OPERATIONS
 from refstream.cli import main as cli_main
 from workers.ops import import_formats
 
+from ._openapi import OPERATIONS
 from ._procs import Procs
 from ._world import World, call
 from .test_erasure import erase_key

@@ -12,9 +12,11 @@ import asyncpg
 import pytest
 
 from ingest.contract.keys import Keys
-from ingest.host.openapi import LIMIT, OPERATIONS, Op
+from ingest.edge.documented import Op
 from ingest.manage import admin
+from ingest.manage.routes._guard import LIMIT
 
+from ._openapi import OPERATIONS
 from ._world import World, call
 
 

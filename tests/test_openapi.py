@@ -1,5 +1,6 @@
-"""/openapi.json describes exactly the routes the app serves, is a valid OpenAPI 3.1
-document, and no body thrown at any route gets a 5xx."""
+"""/openapi.json describes exactly the routes the app serves (each route's entry declared at
+its handler, collected from the app's router), is a valid OpenAPI 3.1 document, and no body
+thrown at any route gets a 5xx."""
 
 from __future__ import annotations
 
@@ -7,15 +8,21 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
+from pydantic import BaseModel
 
 from ingest.contract.settings import Settings
+from ingest.edge.documented import BODY, doc_of, documented, errors
+from ingest.edge.problem import ManageError
 from ingest.host.app import create_app
-from ingest.host.openapi import OPERATIONS
+from ingest.host.openapi import DocumentError, document, operations
 
+from ._openapi import OPERATIONS
 from ._world import World, call
 
 
@@ -41,6 +48,70 @@ async def test_the_document_names_exactly_the_served_routes(edge: str, settings:
     }
     # Dub's lead: the customer by any of its names, the click empty for a deferred one's
     assert set(spec["components"]["schemas"]["TrackLead"]["required"]) == {"eventName"}
+
+
+def _served(app: web.Application) -> list[tuple[str, str]]:
+    return [(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD" and r.resource]
+
+
+def test_every_served_route_carries_its_entry(settings: Settings) -> None:
+    # the entries are collected from the router: one per route the app serves, each its
+    # handler's own, and no route twice
+    app = create_app(settings)
+    ops = operations(app)
+    served = _served(app)
+    assert [(op.method.upper(), op.path) for op in ops] == served
+    assert len(set(served)) == len(served)
+    handlers = {(r.method, r.resource.canonical): r.handler for r in app.router.routes() if r.resource}
+    for op in ops:
+        doc = doc_of(handlers[(op.method.upper(), op.path)])
+        assert doc is not None and (doc.summary, doc.responses, doc.request) == (op.summary, op.responses, op.request)
+
+
+def test_a_route_without_an_entry_fails_the_document() -> None:
+    routes = web.RouteTableDef()
+
+    @routes.post("/v1/documented")
+    @documented("Documented", "Management", {200: ManageError, **errors(ManageError, *BODY)}, ManageError, "bearer")
+    async def documented_route(request: web.Request) -> web.Response:
+        return web.Response()
+
+    @routes.get("/v1/forgotten")
+    async def forgotten(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.add_routes(routes)
+    with pytest.raises(DocumentError, match="GET /v1/forgotten"):
+        document(app)
+    served = web.Application()
+    served.router.add_post("/v1/documented", documented_route)
+    spec = document(served)
+    validate(spec)
+    assert list(spec["paths"]) == ["/v1/documented"]
+    assert {"400", "408", "413", "415", "422", "409"} <= set(spec["paths"]["/v1/documented"]["post"]["responses"])
+
+
+def _twin() -> type[BaseModel]:
+    class Twin(BaseModel):
+        value: int
+
+    return Twin
+
+
+def test_two_models_of_one_name_fail_the_document() -> None:
+    # the document names a model's schema by its class name: a second of the same name would
+    # silently take the first's place
+    app = web.Application()
+    for path in ("/v1/one", "/v1/other"):
+
+        @documented("A twin", "Management", {200: _twin()}, security="bearer")
+        async def route(request: web.Request) -> web.Response:
+            return web.Response()
+
+        app.router.add_get(path, route, allow_head=False)
+    with pytest.raises(DocumentError, match="two models named Twin"):
+        document(app)
 
 
 json_values = st.recursive(

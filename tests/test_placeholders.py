@@ -30,9 +30,9 @@ from ingest.contract import fields, ids
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.edge.routes import batch
-from ingest.host.openapi import OPERATIONS
 from workers.ops import import_formats
 
+from ._openapi import OPERATIONS
 from ._procs import env_for, run_command
 from ._world import World, call
 from .test_import import import_cli

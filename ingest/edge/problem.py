@@ -9,9 +9,13 @@ Starlette's exception handlers do. Nothing passes "a value or a response" up the
 - ``Down`` (an ``Outage``): Redis, Postgres or the spool cannot answer for it now: the
   route's 503 with ``Retry-After``, and where its ``cause`` says Redis may hold the event,
   ``Refstream-Outcome: unknown`` (``ingest.edge.enqueue.retry_headers``).
+- ``ManageError``: the shape the management API and the batch route render a refusal in,
+  as their documents name it.
 """
 
 from __future__ import annotations
+
+from pydantic import BaseModel
 
 from ingest.contract.errors import Outage, Refused
 
@@ -37,3 +41,12 @@ class Down(Outage):
     def __init__(self, cause: BaseException | None = None) -> None:
         super().__init__(f"unavailable: {cause!r}" if cause is not None else "unavailable")
         self.cause = cause
+
+
+# every error's body of the management API and the batch route: ``{"error": code, "detail":
+# text}``, as the Affixo API, seed 003, answers (a docstring would be the document's
+# description); need: the scope or key kind a 403 lacked
+class ManageError(BaseModel):
+    error: str
+    detail: str | None = None
+    need: str | None = None

@@ -25,6 +25,7 @@ from ingest.edge import lookup
 from ingest.edge.auth import Authenticator
 from ingest.edge.batcher import RedisBatcher
 from ingest.edge.body import CLOSE
+from ingest.edge.documented import documented
 from ingest.edge.idempotency import Idempotency
 from ingest.edge.metrics import EdgeMetrics
 from ingest.edge.ratelimit import RateLimiter
@@ -263,6 +264,7 @@ def _edge(
     )
 
 
+@documented("Prometheus metrics (text exposition format)", "Operations", {200: None})
 async def metrics_route(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)
     siblings = request.app.get(SIBLINGS)  # serve --processes N: the whole server's figures

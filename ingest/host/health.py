@@ -15,6 +15,7 @@ from weakref import WeakKeyDictionary
 from aiohttp import web
 from pydantic import BaseModel
 
+from ingest.edge.documented import documented
 from ingest.edge.state import EDGE, Edge
 from ingest.manage.schema_check import DbStatus, SchemaProbe, check_pool
 
@@ -45,11 +46,13 @@ def _probe(app: web.Application, edge: Edge) -> SchemaProbe:
 
 
 @routes.get("/healthz")
+@documented("The process is up", "Operations", {200: Health})
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
 @routes.get("/readyz")
+@documented("Redis and Postgres answer", "Operations", {200: Ready, 503: Ready})
 async def readyz(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     probe = _probe(request.app, edge)

@@ -26,6 +26,7 @@ from ingest.contract.fields import NO_NUL, NoNul, OptionalId
 from ingest.contract.links import LinkInfo
 from ingest.edge import accept, enqueue, keyed
 from ingest.edge.body import BodyError, parse
+from ingest.edge.documented import BODY, documented, errors
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key, valid_key
 from ingest.edge.lookup import Guess
 from ingest.edge.problem import Problem
@@ -203,6 +204,15 @@ def _make(
 
 
 @routes.post("/api/v1/track/click")
+@documented(
+    "Track an affiliate click (Affitor, seed 002)",
+    "Affitor",
+    {
+        200: (AffitorClickResponse, AffitorTestModeResponse, AffitorFailure),
+        **errors(AffitorFailure, 403, 429, 503, *BODY),
+    },
+    AffitorClick,
+)
 @VOICE.answers
 async def track_click(request: web.Request) -> web.Response:
     edge = request.app[EDGE]

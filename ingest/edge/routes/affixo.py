@@ -31,6 +31,7 @@ from ingest.edge import accept, enqueue, keyed, sale
 from ingest.edge.bodies import FINGERPRINT_CONFIDENCE, FINGERPRINT_TTL_S, AffixoClick, new_visitor_id
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
+from ingest.edge.documented import BODY, documented, errors
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Found, Guess
 from ingest.edge.problem import Problem
@@ -157,6 +158,13 @@ VOICE = accept.Voice(
 
 
 @routes.post("/v1/track/click")
+@documented(
+    "Track a click, server to server (Affixo, seed 003)",
+    "Affixo",
+    {200: AffixoClickRecorded, **errors(AffixoError, 401, 403, 404, 429, 503, *BODY)},
+    AffixoClick,
+    "bearer",
+)
 @VOICE.answers
 async def track_click(request: web.Request) -> web.Response:
     edge, secret = accept.keyed(request)
@@ -237,6 +245,14 @@ CONVERSION = sale.SaleDialect(Dialect.AFFIXO, CONVERSION_VOICE, AffixoConversion
 
 
 @routes.post("/v1/track/conversion")
+@documented(
+    "Track a conversion (a sale), server to server (Affixo): attributed to the "
+    "customer's lead; an invoice counts once, a repeat answered as the first",
+    "Affixo",
+    {200: AffixoConversionRecorded, **errors(AffixoError, 401, 403, 422, 429, 503, *BODY)},
+    AffixoConversion,
+    "bearer",
+)
 async def track_conversion(request: web.Request) -> web.Response:
     return await sale.track(request, CONVERSION)
 

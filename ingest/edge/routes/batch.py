@@ -44,9 +44,11 @@ from ingest.edge.batch_items import BatchResult as BatchResult
 from ingest.edge.bodies import FINGERPRINT_TTL_S, BricqsConvert, RefportLead, new_visitor_id
 from ingest.edge.body import BodyError, read
 from ingest.edge.body import code as body_code
+from ingest.edge.documented import BODY, documented, errors
 from ingest.edge.enqueue import never_sent, spool_or_unknown, suppressed, to_spool, unkept, xadd
 from ingest.edge.idempotency import REPLAYED, REUSED, Answer, Claim, InvalidKey, header_key
 from ingest.edge.lookup import key_lookup
+from ingest.edge.problem import ManageError
 from ingest.edge.refund import RefportRefund
 from ingest.edge.resolve import ClickPending, Unavailable, resolve_click, resolve_link
 from ingest.edge.state import Edge
@@ -72,6 +74,14 @@ VOICE = accept.Voice(
 
 
 @routes.post("/v1/events/batch")
+@documented(
+    "Up to 500 events in one request (JSON array or NDJSON, gzip accepted), each "
+    "validated like its single-event route; one result per event, a bad event never fails the others",
+    "Batch",
+    {200: BatchResult, **errors(ManageError, 401, 403, 429, 503, *BODY)},
+    BatchBody,
+    "bearer",
+)
 @VOICE.answers
 async def batch(request: web.Request) -> web.Response:
     edge, secret = accept.keyed(request)

@@ -24,6 +24,7 @@ from ingest.contract.events import Dialect, EventType
 from ingest.edge import accept, enqueue, flags, keyed
 from ingest.edge.body import BodyError, plain, read
 from ingest.edge.body import code as body_code
+from ingest.edge.documented import BODY, documented, errors
 from ingest.edge.idempotency import HEADER, Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import Guess, seen
 from ingest.edge.resolve import seen_link
@@ -72,6 +73,12 @@ VOICE = accept.Voice(
 
 
 @routes.post("/api/v1/referral/click/{code}")
+@documented(
+    "Track a referral click (bio.re, seed 000); no body (one sent "
+    "anyway is capped: 413); an Origin the workspace does not allow: 403",
+    "bio.re",
+    {200: BioreTrackResponse, **errors(BioreError, 403, 429, 503, *BODY)},
+)
 @VOICE.answers
 async def track_click(request: web.Request) -> web.Response:
     edge = request.app[EDGE]

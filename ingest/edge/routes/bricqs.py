@@ -25,6 +25,7 @@ from ingest.edge import accept, enqueue
 from ingest.edge.bodies import BricqsConvert
 from ingest.edge.body import BodyError, parse, plain
 from ingest.edge.body import code as body_code
+from ingest.edge.documented import BODY, documented, errors
 from ingest.edge.enqueue import retry_headers
 from ingest.edge.lookup import Found
 from ingest.edge.problem import Down, Problem
@@ -87,6 +88,7 @@ async def _public(request: web.Request, code: str | None) -> Found:
 
 
 @routes.get("/api/v1/referrals/validate/{code}")
+@documented("Validate a referral code", "Bricqs", {200: BricqsValidated, **errors(BricqsError, 429, 503)})
 @PUBLIC_VOICE.answers
 async def validate(request: web.Request) -> web.Response:
     code = request.match_info["code"]
@@ -106,6 +108,13 @@ CONVERT_VOICE = accept.Voice(
 
 
 @routes.post("/api/v1/referrals/convert")
+@documented(
+    "Convert a referral",
+    "Bricqs",
+    {200: BricqsConverted, **errors(BricqsError, 403, 404, 429, 503, *BODY)},
+    BricqsConvert,
+    idempotent=True,  # on (code, session)
+)
 @CONVERT_VOICE.answers
 async def convert(request: web.Request) -> web.Response:
     edge = request.app[EDGE]

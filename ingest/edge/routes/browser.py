@@ -23,6 +23,7 @@ from ingest.contract.events import Dialect, EventType, uuid7
 from ingest.contract.urls import header_safe, with_param
 from ingest.edge import accept, enqueue
 from ingest.edge.body import plain
+from ingest.edge.documented import documented
 from ingest.edge.problem import Down
 from ingest.edge.state import EDGE
 
@@ -35,6 +36,7 @@ HOME = b"<!doctype html><title>refstream</title><p>Nothing to see here.</p>"
 
 
 @routes.get("/tracker.js")
+@documented("The tracker script a site owner pastes", "Browser", {200: None, 304: None})
 async def tracker(request: web.Request) -> web.Response:
     headers = {"ETag": TRACKER_ETAG, "Cache-Control": "public, max-age=3600"}
     if request.headers.get("If-None-Match") == TRACKER_ETAG:
@@ -43,6 +45,7 @@ async def tracker(request: web.Request) -> web.Response:
 
 
 @routes.get("/")
+@documented("A plain page (the default fallback of redirect links)", "Browser", {200: None})
 async def home(request: web.Request) -> web.Response:
     return web.Response(body=HOME, content_type="text/html")
 
@@ -73,6 +76,12 @@ async def redirect_head(request: web.Request) -> web.Response:
 
 
 @routes.get("/r/{code}", allow_head=False)
+@documented(
+    "Redirect link: records the click, sets the cookie, 302 to the destination with the "
+    "click id; unknown codes 302 to the fallback URL",
+    "Browser",
+    {302: None},
+)
 async def redirect(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     settings = edge.settings

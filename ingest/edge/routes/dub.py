@@ -36,8 +36,10 @@ from ingest.contract import clicks
 from ingest.contract.events import Dialect, EventType, uuid7
 from ingest.contract.fields import NoNul
 from ingest.edge import accept, enqueue, lead, sale
+from ingest.edge.bodies import TrackLead
 from ingest.edge.body import BodyError, plain
-from ingest.edge.dub_shapes import error
+from ingest.edge.documented import BODY, documented, errors
+from ingest.edge.dub_shapes import DubError, TrackClickAnswer, TrackLeadAnswer, TrackSaleAnswer, error
 from ingest.edge.idempotency import InvalidKey, header_key
 from ingest.edge.lookup import Found
 from ingest.edge.problem import Problem
@@ -117,11 +119,27 @@ SALE = sale.SaleDialect(
 
 
 @routes.post("/track/lead")
+@documented(
+    "Track a lead (Dub's API, at its path): attributed to its click, or (clickId empty) to the customer's"
+    " earlier one; mode deferred records the click for a later lead; eventQuantity counts it N times",
+    "Dub",
+    {200: TrackLeadAnswer, **errors(DubError, 401, 403, 404, 422, 429, 503, *BODY)},
+    TrackLead,
+    "bearer",
+)
 async def track_lead(request: web.Request) -> web.Response:
     return await lead.track(request, LEAD)
 
 
 @routes.post("/track/sale")
+@documented(
+    "Track a sale (Dub's API, at its path): attributed to the customer's lead; with clickId, tracked"
+    " directly (the customer's lead made from the click); an invoice counts once",
+    "Dub",
+    {200: TrackSaleAnswer, **errors(DubError, 401, 403, 404, 422, 429, 503, *BODY)},
+    TrackSale,
+    "bearer",
+)
 async def track_sale(request: web.Request) -> web.Response:
     return await sale.track(request, SALE)
 
@@ -177,6 +195,15 @@ def _clicked(click_id: str) -> web.Response:
 
 
 @routes.post("/track/click")
+@documented(
+    "Track a click from a browser (Dub's API, at its path): the link by domain and key; allowed by the"
+    " workspace's allowed hostnames (Origin, else Referer); a browser's repeat within the hour gets its"
+    " first clickId",
+    "Dub",
+    {200: TrackClickAnswer, **errors(DubError, 403, 404, 422, 429, 503, *BODY)},
+    DubClick,
+    idempotent=True,  # per browser and link
+)
 @CLICK_VOICE.answers
 async def track_click(request: web.Request) -> web.Response:
     """The click, recorded once per browser and link within ``SEEN_CLICK_S``."""

@@ -27,8 +27,10 @@ from pydantic import BaseModel
 from ingest.contract.errors import OutcomeUnknown, Unknown
 from ingest.contract.events import Dialect
 from ingest.edge import accept, lead, refund, sale
+from ingest.edge.bodies import TrackLead
 from ingest.edge.body import BodyError
 from ingest.edge.body import code as body_code
+from ingest.edge.documented import BODY, documented, errors
 from ingest.edge.dub_shapes import TrackLeadAnswer, TrackSaleAnswer, for_dub_sdk
 from ingest.edge.idempotency import REPLAYED, InvalidKey, header_key
 from ingest.edge.lookup import Found
@@ -112,6 +114,13 @@ SALE = sale.SaleDialect(
 
 
 @routes.post("/api/track/sale")
+@documented(
+    "Track a sale (Refport): attributed to the customer's lead; an invoice counts once, a repeat answered as the first",
+    "Refport",
+    {200: RefportSaleTracked, **errors(RefportError, 401, 422, 429, 503, *BODY)},
+    TrackSale,
+    "bearer",
+)
 async def track_sale(request: web.Request) -> web.Response:
     return for_dub_sdk(request, await sale.track(request, SALE))
 
@@ -120,6 +129,14 @@ REFUND_VOICE = accept.Voice("refport_refund", VOICE.refuse, VOICE.unavailable)
 
 
 @routes.post("/api/track/refund")
+@documented(
+    "Refund a sale (Refport), in full or in part: a row of its own, idempotent on "
+    "its refundId (or Idempotency-Key), never past the sale's amount (409)",
+    "Refport",
+    {200: refund.RefundRecorded, **errors(RefportError, 401, 404, 409, 422, 429, 503, *BODY)},
+    RefportRefund,
+    "bearer",
+)
 async def track_refund(request: web.Request) -> web.Response:
     return for_dub_sdk(request, await _refund(request))
 
@@ -151,6 +168,13 @@ LEAD = lead.LeadDialect(
 
 
 @routes.post("/api/track/lead")
+@documented(
+    "Track a lead (Refport, seed 004; Dub's API: its fields, modes and quantities, its SDKs)",
+    "Refport",
+    {200: RefportLeadTracked, **errors(RefportError, 401, 429, 503, *BODY)},
+    TrackLead,
+    "bearer",
+)
 async def track_lead(request: web.Request) -> web.Response:
     return for_dub_sdk(request, await lead.track(request, LEAD))
 

@@ -12,17 +12,19 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel
 
 from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
 from ingest.contract.errors import Conflict, NotFound, NotSent, OutcomeUnknown
+from ingest.contract.fields import IDENT
 from ingest.edge.auth import Principal, bearer
 from ingest.edge.body import BodyError, plain, read
 from ingest.edge.body import code as body_code
+from ingest.edge.documented import BODY, errors
 from ingest.edge.enqueue import retry_headers
 from ingest.edge.idempotency import Claim, InvalidKey, header_key, request_claim
 from ingest.edge.lookup import keyed_lookup
+from ingest.edge.problem import ManageError as ManageError
 from ingest.edge.problem import Problem
 from ingest.edge.resolve import Unavailable
 from ingest.edge.state import EDGE, Edge
@@ -37,12 +39,15 @@ def error(status: int, code: str, detail: str | None = None, **extra: str) -> we
     return json(status, {"error": code, **({"detail": detail} if detail else {}), **extra})
 
 
-# every error's body, the batch route's too (a docstring would be the document's description);
-# need: the scope or key kind a 403 lacked
-class ManageError(BaseModel):
-    error: str
-    detail: str | None = None
-    need: str | None = None
+# what the routes' entries in /openapi.json share (ingest.edge.documented): every route's
+# errors, a route with a body's, and the query parameters of the lists
+MANAGE = errors(ManageError, 400, 401, 403, 404, 429, 503)
+MANAGE_BODY = {**MANAGE, **errors(ManageError, *BODY)}
+LIMIT = {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}
+DAY = {"type": "string", "format": "date", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}  # a UTC day, YYYY-MM-DD
+CURRENCY = {"type": "string", "pattern": "^[a-z]{3}$"}  # ISO 4217, lower case
+CUSTOMER = {"type": "string", "maxLength": 256, "pattern": IDENT}  # an external id
+SEQ = {"type": "string", "pattern": "^[0-9]{1,18}$"}  # a ledger list's cursor
 
 
 def segment(request: web.Request, name: str) -> str:

@@ -23,11 +23,12 @@ from ingest.edge import accept
 from ingest.edge.auth import Principal, plausible
 from ingest.edge.body import BodyError, parse
 from ingest.edge.body import code as body_code
+from ingest.edge.documented import BODY, documented, errors
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import keyed_lookup
 from ingest.edge.problem import Down, Problem
 from ingest.edge.resolve import Unavailable
-from ingest.edge.routes.bricqs import error, json, unavailable
+from ingest.edge.routes.bricqs import BricqsError, error, json, unavailable
 from ingest.edge.state import EDGE, Edge
 from ingest.manage import admin
 from ingest.privacy import external_ids
@@ -90,6 +91,14 @@ async def _keyed(request: web.Request, scope: str) -> tuple[Edge, Principal]:
 
 
 @routes.post("/api/v1/referrals/generate")
+@documented(
+    "Generate a referral code (Bricqs, seed 001)",
+    "Bricqs",
+    {200: BricqsGenerated, **errors(BricqsError, 401, 403, 404, 429, 503, *BODY)},
+    BricqsGenerate,
+    "apiKey",
+    reserves=True,  # a keyed write that changes Postgres
+)
 @VOICE.answers
 async def generate(request: web.Request) -> web.Response:
     edge, principal = await _keyed(request, "write")
@@ -132,6 +141,12 @@ async def generate(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/referrals/stats/{participant_id}")
+@documented(
+    "Referral statistics of a participant",
+    "Bricqs",
+    {200: BricqsStats, **errors(BricqsError, 401, 403, 404, 429, 503)},
+    security="apiKey",
+)
 @VOICE.answers
 async def stats(request: web.Request) -> web.Response:
     edge, principal = await _keyed(request, "read")

@@ -16,9 +16,21 @@ from ingest.contract.connections import acquired
 from ingest.contract.fields import MAX_AMOUNT, json_integer
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
+from ingest.edge.documented import documented
 from ingest.edge.state import Edge
 from ingest.manage import ledger
-from ingest.manage.routes._guard import error, guarded, json, limit_param
+from ingest.manage.routes._guard import (
+    CURRENCY,
+    LIMIT,
+    MANAGE,
+    MANAGE_BODY,
+    SEQ,
+    ManageError,
+    error,
+    guarded,
+    json,
+    limit_param,
+)
 
 routes = web.RouteTableDef()
 
@@ -115,6 +127,15 @@ class CommissionList(BaseModel):
 
 
 @routes.patch("/v1/programs/{id}/commission")
+@documented(
+    "Change a program's commission rules (the others kept): sale_bps, "
+    "sale_flat (per currency), lead_flat, lead_currency, lead_events, duration (lifetime, months, first_sale), "
+    "duration_months, hold_days",
+    "Management",
+    {200: ProgramCommission, **MANAGE_BODY},
+    CommissionRules,
+    "bearer",
+)
 @guarded("write")
 async def set_rules(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, CommissionRules)
@@ -141,12 +162,40 @@ async def _page(request: web.Request, edge: Edge, p: Principal, table: str, affi
 
 
 @routes.get("/v1/commissions")
+@documented(
+    "The commission ledger, newest first: by affiliate, program, status or currency; "
+    "`before` is the `next` of the page before",
+    "Management",
+    {200: CommissionList, **MANAGE},
+    security="bearer",
+    query={
+        "affiliate_id": {"type": "string"},
+        "program_id": {"type": "string"},
+        "status": {"type": "string", "enum": ["pending", "approved", "paid"]},
+        "currency": CURRENCY,
+        "before": SEQ,
+        "limit": LIMIT,
+    },
+)
 @guarded("read")
 async def list_commissions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     return await _page(request, edge, p, "commissions", None)
 
 
 @routes.get("/v1/affiliate/commissions")
+@documented(
+    "The calling affiliate's own commissions (an affiliate key)",
+    "Affiliate",
+    {200: CommissionList, **MANAGE},
+    security="bearer",
+    query={
+        "program_id": {"type": "string"},
+        "status": {"type": "string", "enum": ["pending", "approved", "paid"]},
+        "currency": CURRENCY,
+        "before": SEQ,
+        "limit": LIMIT,
+    },
+)
 @guarded("read", affiliate=True)
 async def affiliate_commissions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     assert p.affiliate_id is not None
@@ -176,6 +225,14 @@ class PayoutList(BaseModel):
 
 
 @routes.post("/v1/payouts")
+@documented(
+    "A payout of an affiliate's approved, unpaid commissions in one currency (reversals "
+    "included); 409 when they sum to nothing",
+    "Management",
+    {201: Payout, 409: ManageError, **MANAGE_BODY},
+    NewPayout,
+    "bearer",
+)
 @guarded("write")
 async def create_payout(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, NewPayout)
@@ -184,6 +241,7 @@ async def create_payout(request: web.Request, edge: Edge, p: Principal) -> web.R
 
 
 @routes.post("/v1/payouts/{id}/paid")
+@documented("Mark a payout, and its commissions, paid", "Management", {200: Payout, **MANAGE}, security="bearer")
 @guarded("write")
 async def mark_paid(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     async with acquired(await edge.pool(p.workspace_id)) as conn:
@@ -191,12 +249,37 @@ async def mark_paid(request: web.Request, edge: Edge, p: Principal) -> web.Respo
 
 
 @routes.get("/v1/payouts")
+@documented(
+    "Payouts, newest first: by affiliate, status or currency",
+    "Management",
+    {200: PayoutList, **MANAGE},
+    security="bearer",
+    query={
+        "affiliate_id": {"type": "string"},
+        "status": {"type": "string", "enum": ["pending", "paid"]},
+        "currency": CURRENCY,
+        "before": SEQ,
+        "limit": LIMIT,
+    },
+)
 @guarded("read")
 async def list_payouts(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     return await _page(request, edge, p, "payouts", None)
 
 
 @routes.get("/v1/affiliate/payouts")
+@documented(
+    "The calling affiliate's own payouts (an affiliate key)",
+    "Affiliate",
+    {200: PayoutList, **MANAGE},
+    security="bearer",
+    query={
+        "status": {"type": "string", "enum": ["pending", "paid"]},
+        "currency": CURRENCY,
+        "before": SEQ,
+        "limit": LIMIT,
+    },
+)
 @guarded("read", affiliate=True)
 async def affiliate_payouts(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     assert p.affiliate_id is not None

@@ -15,9 +15,10 @@ from ingest.contract.errors import NotFound
 from ingest.contract.fields import Ident, Text
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
+from ingest.edge.documented import documented
 from ingest.edge.state import Edge
 from ingest.manage import admin, manage
-from ingest.manage.routes._guard import guarded, json, segment
+from ingest.manage.routes._guard import MANAGE, MANAGE_BODY, guarded, json, segment
 
 routes = web.RouteTableDef()
 
@@ -48,6 +49,13 @@ class RevokedKey(BaseModel):
 
 
 @routes.post("/v1/keys")
+@documented(
+    "Create an API key (scope *); the key is shown once",
+    "Management",
+    {201: CreatedKey, **MANAGE_BODY},
+    NewKey,
+    "bearer",
+)
 @guarded("*")
 async def create_key(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     # minting keys takes "*": a "write" key must not be able to make itself a "*" key
@@ -69,6 +77,7 @@ async def create_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
 
 
 @routes.delete("/v1/keys/{prefix}")
+@documented("Revoke an API key (scope *)", "Management", {200: RevokedKey, **MANAGE}, security="bearer")
 @guarded("*")
 async def revoke_key(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     async with acquired(await edge.pool(p.workspace_id)) as conn:

@@ -16,9 +16,10 @@ from ingest.contract.fields import ExternalId, Ident, Integer, Text, Url
 from ingest.contract.fraud import FraudPolicy, FraudRule
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
+from ingest.edge.documented import documented
 from ingest.edge.state import Edge
 from ingest.manage import admin, manage
-from ingest.manage.routes._guard import guarded, json
+from ingest.manage.routes._guard import MANAGE, MANAGE_BODY, ManageError, guarded, json
 
 routes = web.RouteTableDef()
 
@@ -132,6 +133,7 @@ class LinkList(BaseModel):
 
 
 @routes.post("/v1/programs")
+@documented("Create a program", "Management", {201: Program, **MANAGE_BODY}, NewProgram, "bearer")
 @guarded("write")
 async def create_program(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, NewProgram)
@@ -140,6 +142,9 @@ async def create_program(request: web.Request, edge: Edge, p: Principal) -> web.
 
 
 @routes.post("/v1/affiliates")
+@documented(
+    "Create an affiliate", "Management", {201: Affiliate, 409: ManageError, **MANAGE_BODY}, NewAffiliate, "bearer"
+)
 @guarded("write")
 async def create_affiliate(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, NewAffiliate)
@@ -148,6 +153,7 @@ async def create_affiliate(request: web.Request, edge: Edge, p: Principal) -> we
 
 
 @routes.post("/v1/links")
+@documented("Create a link", "Management", {201: Link, 409: ManageError, **MANAGE_BODY}, NewLink, "bearer")
 @guarded("write")
 async def create_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, NewLink)
@@ -161,6 +167,13 @@ async def create_link(request: web.Request, edge: Edge, p: Principal) -> web.Res
 
 
 @routes.patch("/v1/workspace")
+@documented(
+    "Change the calling key's workspace: bot_policy (exclude | count), fraud_policy (per rule: flag | exclude)",
+    "Management",
+    {200: Workspace, **MANAGE_BODY},
+    WorkspacePatch,
+    "bearer",
+)
 @guarded("write")
 async def patch_workspace(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, WorkspacePatch)
@@ -177,6 +190,7 @@ async def patch_workspace(request: web.Request, edge: Edge, p: Principal) -> web
 
 
 @routes.patch("/v1/links/{id}")
+@documented("Change a link's status or URL", "Management", {200: Link, **MANAGE_BODY}, LinkPatch, "bearer")
 @guarded("write")
 async def patch_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, LinkPatch)
@@ -188,6 +202,7 @@ async def patch_link(request: web.Request, edge: Edge, p: Principal) -> web.Resp
 
 
 @routes.get("/v1/links/{id}")
+@documented("A link with its counters", "Management", {200: Link, **MANAGE}, security="bearer")
 @guarded("read")
 async def get_link(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     async with acquired(await edge.pool(p.workspace_id)) as conn:

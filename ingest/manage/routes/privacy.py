@@ -19,9 +19,21 @@ from ingest.contract.errors import NotSent, OutcomeUnknown, Unknown
 from ingest.contract.fields import EXTERNAL_ID, PLACEHOLDER, Text
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
+from ingest.edge.documented import documented
 from ingest.edge.state import Edge
 from ingest.manage import suppressions
-from ingest.manage.routes._guard import error, guarded, id_forms, json, limit_param, segment
+from ingest.manage.routes._guard import (
+    LIMIT,
+    MANAGE,
+    MANAGE_BODY,
+    ManageError,
+    error,
+    guarded,
+    id_forms,
+    json,
+    limit_param,
+    segment,
+)
 from ingest.privacy import erasure, erasure_affiliate, erasure_copy, external_ids
 
 routes = web.RouteTableDef()
@@ -84,6 +96,14 @@ class AffiliateErasures(BaseModel):
 
 
 @routes.delete("/v1/customers/{external_id}")
+@documented(
+    "Erase a customer's personal data everywhere (scope erase, "
+    "which * does not grant): Postgres at once, Redis and the archive by the workers; counters keep their "
+    "numbers",
+    "Management",
+    {202: Erasure, **MANAGE},
+    security="bearer",
+)
 @guarded("erase")
 async def erase_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """Forget a customer everywhere (docs/privacy.md): Postgres now, Redis and the archive
@@ -111,6 +131,13 @@ async def erase_customer(request: web.Request, edge: Edge, p: Principal) -> web.
 
 
 @routes.delete("/v1/affiliates/{id}")
+@documented(
+    "Erase an affiliate's personal data everywhere (scope erase): name, email, "
+    "external id and addresses; their links, commissions and payouts stay",
+    "Management",
+    {202: AffiliateErasures, **MANAGE},
+    security="bearer",
+)
 @guarded("erase")
 async def erase_affiliate(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """Forget an affiliate (a partner, a person): their name, email, external id and
@@ -120,6 +147,12 @@ async def erase_affiliate(request: web.Request, edge: Edge, p: Principal) -> web
 
 
 @routes.delete("/v1/participants/{participant_id}")
+@documented(
+    "Erase a Bricqs participant (the affiliate of that external id in every campaign) as an affiliate (scope erase)",
+    "Management",
+    {202: AffiliateErasures, **MANAGE},
+    security="bearer",
+)
 @guarded("erase")
 async def erase_participant(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """A Bricqs participant (an affiliate by external id, in every campaign): as above;
@@ -159,6 +192,15 @@ async def _erase_affiliates(
 
 
 @routes.post("/v1/suppressions")
+@documented(
+    "Do not track a visitor, customer or address: their events are answered as "
+    "usual, stored nowhere and counted as suppressed drops (the list keeps digests, never values); a workspace "
+    "lists at most REFSTREAM_SUPPRESSION_MAX entries (409 limit_reached past it)",
+    "Management",
+    {201: Suppression, 409: ManageError, **MANAGE_BODY},
+    NewSuppression,
+    "bearer",
+)
 @guarded("write")
 async def add_suppression(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """Do not track a visitor, customer or address: the edges answer their events as usual
@@ -184,6 +226,13 @@ async def add_suppression(request: web.Request, edge: Edge, p: Principal) -> web
 
 
 @routes.get("/v1/suppressions")
+@documented(
+    "The workspace's do-not-track list (kinds and dates; no values), newest first, by page",
+    "Management",
+    {200: SuppressionList, **MANAGE},
+    security="bearer",
+    query={"before": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9a-f]{32}$"}, "limit": LIMIT},
+)
 @guarded("read")
 async def list_suppressions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """The list by page, newest first: ``?limit=`` (1 to 500, 50) and ``?before=`` (a page's ``next``)."""
@@ -193,6 +242,7 @@ async def list_suppressions(request: web.Request, edge: Edge, p: Principal) -> w
 
 
 @routes.delete("/v1/suppressions/{id}")
+@documented("Track a listed visitor, customer or address again", "Management", {204: None, **MANAGE}, security="bearer")
 @guarded("write")
 async def remove_suppression(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     async with acquired(await edge.pool(p.workspace_id)) as conn:
@@ -201,6 +251,12 @@ async def remove_suppression(request: web.Request, edge: Edge, p: Principal) -> 
 
 
 @routes.get("/v1/erasures/{id}")
+@documented(
+    "An erasure: what is still pending, and its archive deadline (scope erase)",
+    "Management",
+    {200: Erasure, **MANAGE},
+    security="bearer",
+)
 @guarded("erase")
 async def get_erasure(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     async with acquired(await edge.pool(p.workspace_id)) as conn:

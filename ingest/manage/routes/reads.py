@@ -13,9 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract.connections import acquired
 from ingest.edge.auth import Principal
+from ingest.edge.documented import documented
 from ingest.edge.state import Edge
 from ingest.manage import manage
-from ingest.manage.routes._guard import error, guarded, id_forms, json, limit_param
+from ingest.manage.routes._guard import CUSTOMER, LIMIT, MANAGE, error, guarded, id_forms, json, limit_param
+from ingest.manage.routes.links import LinkList
 
 routes = web.RouteTableDef()
 
@@ -62,6 +64,17 @@ class Customer(BaseModel):
 
 
 @routes.get("/v1/events")
+@documented(
+    "Recent events with their enrichment",
+    "Management",
+    {200: EventList, **MANAGE},
+    security="bearer",
+    query={
+        "link_id": {"type": "string"},
+        "type": {"type": "string", "enum": ["click", "lead", "conversion"]},
+        "limit": LIMIT,
+    },
+)
 @guarded("read")
 async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     q = request.query
@@ -75,6 +88,20 @@ async def list_events(request: web.Request, edge: Edge, p: Principal) -> web.Res
 
 
 @routes.get("/v1/conversions")
+@documented(
+    "The workspace's sales, newest first: of a link, an affiliate or a customer "
+    "(its external id); `before` is the `next` of the page before",
+    "Management",
+    {200: SaleList, **MANAGE},
+    security="bearer",
+    query={
+        "link_id": {"type": "string"},
+        "affiliate_id": {"type": "string"},
+        "customer_id": CUSTOMER,
+        "before": {"type": "string"},
+        "limit": LIMIT,
+    },
+)
 @guarded("read")
 async def list_conversions(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     q = request.query
@@ -85,6 +112,7 @@ async def list_conversions(request: web.Request, edge: Edge, p: Principal) -> we
 
 
 @routes.get("/v1/customers/{external_id}")
+@documented("A customer by your external id", "Management", {200: Customer, **MANAGE}, security="bearer")
 @guarded("read")
 async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     async with acquired(await edge.pool(p.workspace_id)) as conn:
@@ -92,6 +120,13 @@ async def get_customer(request: web.Request, edge: Edge, p: Principal) -> web.Re
 
 
 @routes.get("/v1/affiliate/links")
+@documented(
+    "The calling affiliate's links (affiliate key), newest first, by page",
+    "Affiliate",
+    {200: LinkList, **MANAGE},
+    security="bearer",
+    query={"before": {"type": "string", "format": "uuid"}, "limit": LIMIT},
+)
 @guarded("read", affiliate=True)
 async def affiliate_links(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """The calling affiliate's links by page, newest first (``?limit=``, ``?before=``)."""

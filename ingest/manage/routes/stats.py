@@ -19,9 +19,10 @@ from ingest.contract.fields import json_integer
 from ingest.contract.fraud import FRAUD_THRESHOLDS
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
+from ingest.edge.documented import documented
 from ingest.edge.state import Edge
 from ingest.manage import stats
-from ingest.manage.routes._guard import error, guarded, json
+from ingest.manage.routes._guard import DAY, MANAGE, MANAGE_BODY, error, guarded, json
 
 routes = web.RouteTableDef()
 # JSON integers (ingest.contract.fields.json_integer) within bounds; the bounds on the integer
@@ -123,6 +124,15 @@ def _uuid(raw: str, what: str) -> UUID:
 
 
 @routes.get("/v1/links/{id}/stats")
+@documented(
+    "A link's counted events, sales and revenue per currency, dropped events by "
+    "reason and fraud flags by rule, "
+    "per UTC day (from, to: YYYY-MM-DD, at most 366 days; default the last 30)",
+    "Management",
+    {200: LinkStats, **MANAGE},
+    security="bearer",
+    query={"from": DAY, "to": DAY},
+)
 @guarded("read")
 async def link_stats(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     try:
@@ -137,6 +147,15 @@ async def link_stats(request: web.Request, edge: Edge, p: Principal) -> web.Resp
 
 
 @routes.get("/v1/stats")
+@documented(
+    "The workspace's counted events, sales and revenue per currency, dropped events by "
+    "reason (with those no link resolved for: unknown codes, sales credited to no affiliate) and fraud flags by "
+    "rule, per UTC day (from, to as a link's)",
+    "Management",
+    {200: WorkspaceStats, **MANAGE},
+    security="bearer",
+    query={"from": DAY, "to": DAY},
+)
 @guarded("read")
 async def workspace_stats(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     try:
@@ -148,6 +167,15 @@ async def workspace_stats(request: web.Request, edge: Edge, p: Principal) -> web
 
 
 @routes.get("/v1/affiliate/stats")
+@documented(
+    "The calling affiliate's stats, its own links only: counted, dropped by "
+    "reason, flagged by rule, sales, revenue, refunds and commission per currency, per UTC day (affiliate key;"
+    " from, to as a link's stats)",
+    "Affiliate",
+    {200: AffiliateStats, **MANAGE},
+    security="bearer",
+    query={"from": DAY, "to": DAY},
+)
 @guarded("read", affiliate=True)
 async def affiliate_stats(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     assert p.affiliate_id is not None
@@ -160,6 +188,13 @@ async def affiliate_stats(request: web.Request, edge: Edge, p: Principal) -> web
 
 
 @routes.patch("/v1/programs/{id}/fraud")
+@documented(
+    "Change a program's fraud thresholds (burst_clicks, burst_seconds, fast_conversion_seconds)",
+    "Management",
+    {200: ProgramFraud, **MANAGE_BODY},
+    FraudThresholds,
+    "bearer",
+)
 @guarded("write")
 async def patch_fraud_thresholds(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     body = await parse(request, FraudThresholds)

@@ -20,10 +20,11 @@ from ingest.contract.errors import NotFound
 from ingest.contract.fields import Url
 from ingest.edge.auth import Principal
 from ingest.edge.body import parse
+from ingest.edge.documented import documented
 from ingest.edge.state import Edge
 from ingest.ledger import secretbox, targets
 from ingest.manage.manage import as_uuid
-from ingest.manage.routes._guard import error, guarded, json, limit_param
+from ingest.manage.routes._guard import LIMIT, MANAGE, MANAGE_BODY, ManageError, error, guarded, json, limit_param
 
 routes = web.RouteTableDef()
 
@@ -111,6 +112,14 @@ def _plain(value: Any) -> Any:
 
 
 @routes.post("/v1/webhooks")
+@documented(
+    "Create a webhook (lead.created, conversion.created, milestone.reached, "
+    "fraud.flagged) to a public address; its signing secret is shown once",
+    "Webhooks",
+    {201: Webhook, 409: ManageError, **MANAGE_BODY},
+    NewWebhook,
+    "bearer",
+)
 @guarded("write")
 async def create_webhook(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     key = _secret_key(edge)
@@ -153,6 +162,13 @@ SELECT d.id, d.webhook_id, d.event_type, d.subject_id, d.subject_key, d.status, 
 
 
 @routes.get("/v1/webhooks/{id}/deliveries")
+@documented(
+    "A webhook's deliveries with every attempt",
+    "Webhooks",
+    {200: DeliveryList, **MANAGE},
+    security="bearer",
+    query={"limit": LIMIT},
+)
 @guarded("read")
 async def list_deliveries(request: web.Request, edge: Edge, p: Principal) -> web.Response:
     """The newest deliveries of one webhook, each with its attempts."""
