@@ -1157,3 +1157,20 @@ CREATE TABLE IF NOT EXISTS link_codes (
     code         text PRIMARY KEY,
     workspace_id uuid NOT NULL
 );
+-- a workspace being moved to another shard (docs/shards.md, "Moving a workspace"): fenced
+-- while its last changes are copied; `moved_to` on the source's row once the fence is up
+-- there (its rows then frozen, read by no one, until `workspace move --drop-old`)
+ALTER TABLE workspace_shards ADD COLUMN IF NOT EXISTS fenced boolean NOT NULL DEFAULT false;
+ALTER TABLE workspaces ADD COLUMN IF NOT EXISTS moved_to text;
+CREATE TABLE IF NOT EXISTS workspace_moves (
+    workspace_id uuid PRIMARY KEY,
+    source       text NOT NULL,
+    target       text NOT NULL,
+    -- copying -> fenced -> switched -> dropped
+    state        text NOT NULL DEFAULT 'copying' CHECK (state IN ('copying', 'fenced', 'switched', 'dropped')),
+    -- the oldest transaction the last copy's snapshot did not see: the next copy's start
+    since_xid    bigint,
+    copied       bigint NOT NULL DEFAULT 0,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);

@@ -23,6 +23,9 @@ SNAPSHOT = [
        AND conrelid NOT IN (SELECT oid FROM pg_class WHERE relispartition) ORDER BY 1, 2""",
 ]
 
+MIGRATED_NEW = {"migrated": True, "database_created": True, "shards": ["default"]}
+MIGRATED_AGAIN = {"migrated": True, "database_created": False, "shards": ["default"]}
+
 
 async def snapshot(pg: asyncpg.Pool) -> list[list[tuple[Any, ...]]]:
     return [[tuple(r) for r in await pg.fetch(q)] for q in SNAPSHOT]
@@ -33,7 +36,7 @@ async def test_migrate_twice_no_error_no_change(procs: Procs, pg: asyncpg.Pool):
     assert len(before[0]) > 50  # the schema is there to compare
     ws = await pg.fetchval("INSERT INTO workspaces (name) VALUES ('kept') RETURNING id")
     for _ in range(2):
-        assert await procs.cli("migrate") == {"migrated": True, "database_created": False, "shards": ["default"]}
+        assert await procs.cli("migrate") == MIGRATED_AGAIN
         assert await snapshot(pg) == before
     assert await pg.fetchval("SELECT name FROM workspaces WHERE id = $1", ws) == "kept"
 
@@ -44,7 +47,11 @@ async def test_migrate_creates_a_missing_database(procs: Procs, settings):
     name = settings.stream_prefix.replace(":", "_") + "_fresh"
     url = with_database(settings.database_url, name)
     try:
-        assert await procs.cli("migrate", DATABASE_URL=url) == {"migrated": True, "database_created": True, "shards": ["default"]}
+        assert await procs.cli("migrate", DATABASE_URL=url) == {
+            "migrated": True,
+            "database_created": True,
+            "shards": ["default"],
+        }
         conn = await asyncpg.connect(url)
         try:
             assert await conn.fetchval("SELECT count(*) FROM links") == 0

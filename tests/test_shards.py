@@ -5,6 +5,7 @@ shard, once, with counters equal to their rows on each."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from refstream import services as svc_mod
 
 from ._procs import Procs, env_for, run_command
 from ._world import call
-from .conftest import RUN_ID, drop_database
+from .conftest import RUN_ID, drop_database, wait_for
 from .test_e2e import TRACKED, fire
 
 PASSWORD = "s3cret-Sh4rd/pw"  # trust auth ignores it; it must still never be stored in clear
@@ -154,3 +155,84 @@ async def _counts(conn: asyncpg.Connection) -> dict[tuple[str, int], int]:
         " GROUP BY w.name, e.type"
     )
     return {(r["name"], r["type"]): r["n"] for r in rows}
+
+
+async def _setup(procs: Procs, shard_url: str) -> dict[str, Any]:
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    ws = await procs.cli("workspace", "create", "Moving", "--shard", "default")
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "mcode")
+    return dict(ws)
+
+
+async def test_a_workspace_moved_under_load_loses_and_doubles_nothing(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], redis: Any
+) -> None:
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    keys = Keys(s.stream_prefix, s.partitions)
+    procs = Procs(s, tmp_path)
+    try:
+        ws = await _setup(procs, shard_url)
+        edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")
+        procs.start("work")
+        procs.start("work")
+        replies: list[tuple[int, object]] = []
+        moving = asyncio.Event()
+
+        async def load() -> None:  # clicks before, during and after the move
+            while not moving.is_set():
+                replies.extend(await fire(edge, ["mcode"] * 20, concurrency=4))
+            for _ in range(5):
+                replies.extend(await fire(edge, ["mcode"] * 20, concurrency=4))
+
+        firing = asyncio.create_task(load())
+        try:
+            await wait_for(lambda: _stored(directory_url), what="clicks stored before the move")
+            moved = await procs.cli("workspace", "move", ws["workspace_id"], "--to", "b", timeout=300)
+        finally:
+            moving.set()
+            await firing
+        assert moved["state"] == "switched" and (moved["from"], moved["to"]) == ("default", "b"), moved
+        assert replies and all(r == (200, TRACKED) for r in replies), [r for r in replies if r != (200, TRACKED)][:3]
+        await procs.cli("work", "--drain")
+        for stream in keys.streams:
+            (group,) = [g for g in await redis.xinfo_groups(stream) if g["name"] == GROUP.encode()]
+            assert group["pending"] == 0
+        shard = await asyncpg.connect(shard_url)
+        try:  # every click answered 200 stored once, where the workspace is now
+            assert await shard.fetchval("SELECT count(*) FROM events WHERE type = 1") == len(replies)
+            assert await shard.fetchval("SELECT count(DISTINCT event_id) FROM events") == len(replies)
+            assert await shard.fetchval("SELECT clicks FROM links WHERE code = 'mcode'") == len(replies)
+            assert await shard.fetch(_COUNTERS_OFF) == []
+        finally:
+            await shard.close()
+        assert (await procs.cli("link", "show", "mcode"))["clicks"] == len(replies)
+        listed = {r["name"]: r["workspaces"] for r in await procs.cli("shards", "list")}
+        assert listed == {"default": 0, "b": 1}
+
+        # the old copy: frozen until dropped, then gone
+        directory = await asyncpg.connect(directory_url)
+        try:
+            assert await directory.fetchval("SELECT moved_to FROM workspaces") == "b"
+            dropped = await procs.cli("workspace", "move", ws["workspace_id"], "--drop-old")
+            assert dropped["dropped_from"] == "default"
+            assert await directory.fetchval("SELECT count(*) FROM workspaces") == 0
+            assert await directory.fetchval("SELECT count(*) FROM events") == 0
+            assert await directory.fetchval("SELECT shard FROM workspace_shards") == "b"
+        finally:
+            await directory.close()
+        # and a move back is a move like any other
+        back = await procs.cli("workspace", "move", ws["workspace_id"], "--to", "default", timeout=300)
+        assert back["state"] == "switched"
+        assert (await procs.cli("link", "show", "mcode"))["clicks"] == len(replies)
+    finally:
+        procs.stop_all()
+
+
+async def _stored(url: str) -> bool:
+    conn = await asyncpg.connect(url)
+    try:
+        return bool(await conn.fetchval("SELECT count(*) FROM events") >= 40)
+    finally:
+        await conn.close()

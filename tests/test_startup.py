@@ -90,13 +90,21 @@ async def run_cli(settings: Settings, *args: str, within_s: float = 60, **env: s
 
 
 async def test_migrate_records_the_version_once_and_never_lowers_it(procs: Procs, scratch_url: str) -> None:
-    assert await procs.cli("migrate", DATABASE_URL=scratch_url) == {"migrated": True, "database_created": True, "shards": ["default"]}
+    assert await procs.cli("migrate", DATABASE_URL=scratch_url) == {
+        "migrated": True,
+        "database_created": True,
+        "shards": ["default"],
+    }
     ((version, first_at),) = await recorded(scratch_url)
     assert version == SCHEMA_VERSION
     assert (await check_url(scratch_url)) == DbStatus(Kind.OK, version=SCHEMA_VERSION)
 
     # a repeat changes nothing, not even the time
-    assert await procs.cli("migrate", DATABASE_URL=scratch_url) == {"migrated": True, "database_created": False, "shards": ["default"]}
+    assert await procs.cli("migrate", DATABASE_URL=scratch_url) == {
+        "migrated": True,
+        "database_created": False,
+        "shards": ["default"],
+    }
     assert await recorded(scratch_url) == [(SCHEMA_VERSION, first_at)]
 
     # a newer build's version stays (and is accepted): schema changes only add

@@ -156,7 +156,9 @@ class Authenticator:
 
     async def _from_postgres(self, digest: bytes) -> Principal | None:
         if self.placement is not None:  # a digest is unique across shards: the one that holds it
-            found = await self.placement.find(lambda pool: pool.fetchrow(_SELECT_KEY, digest))
+            found = await self.placement.find(
+                lambda pool: pool.fetchrow(_SELECT_KEY, digest), lambda r: r["workspace_id"]
+            )
             row = found[1] if found is not None else None
         else:
             row = await self.pg.fetchrow(_SELECT_KEY, digest)

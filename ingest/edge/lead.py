@@ -246,7 +246,9 @@ async def _link(edge: Edge, found: Found, made: _Made | None, click: ClickRef) -
     if isinstance(link, links.LinkInfo):
         return link
     code = click.code
-    return await fallback(edge, lambda: anywhere(edge, lambda pool: links.fetch(pool, code)))
+    return await fallback(
+        edge, lambda: anywhere(edge, lambda pool: links.fetch(pool, code), lambda link: link.workspace_id)
+    )
 
 
 async def _defer(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
@@ -116,13 +116,20 @@ async def link_in_postgres(edge: Edge, code: str) -> links.LinkInfo | None:
     Redis could not say; None for a code no link can have (``storable``)."""
     if not storable(code):
         return None
-    return await fallback(edge, lambda: anywhere(edge, lambda pool: links.fetch(pool, code)))
+    return await fallback(edge, lambda: anywhere(edge, lambda pool: links.fetch(pool, code), _link_owner))
 
 
-async def anywhere(edge: Edge, fn: Callable[[asyncpg.Pool], Awaitable[T | None]]) -> T | None:
-    """What ``fn`` finds on the first shard that holds it: a lookup by an id unique across
-    shards (a link's code, a key's digest, a click id), whose workspace is not yet known."""
-    found = await edge.shards.find(fn)
+def _link_owner(link: links.LinkInfo) -> str:
+    return link.workspace_id
+
+
+async def anywhere(
+    edge: Edge, fn: Callable[[asyncpg.Pool], Awaitable[T | None]], owner: Callable[[T], Any] | None = None
+) -> T | None:
+    """What ``fn`` finds on the shard that holds it: a lookup by an id unique across shards
+    (a link's code, a key's digest, a click id), whose workspace is not yet known; ``owner``
+    says found's workspace (``Placement.find``)."""
+    found = await edge.shards.find(fn, owner)
     return found[1] if found is not None else None
 
 
@@ -134,9 +141,13 @@ async def pool_of(edge: Edge, workspace_id: str) -> asyncpg.Pool:
 async def _click_anywhere(edge: Edge, click_id: str) -> tuple[clicks.ClickRef | bool, int | None]:
     """``clicks.in_postgres`` on the shard that stored the click; else the directory's answer."""
     first: tuple[clicks.ClickRef | bool, int | None] | None = None
-    for pool in (await edge.shards.pools()).values():
+    pools = await edge.shards.pools()
+    for name, pool in pools.items():
         answer = await clicks.in_postgres(pool, click_id)
-        if answer[0] is not False:
+        ref = answer[0]
+        if isinstance(ref, clicks.ClickRef) and len(pools) > 1 and await edge.shards.shard_of(ref.workspace_id) != name:
+            continue  # a moved workspace's old copy
+        if ref is not False:
             return answer
         first = first or answer
     assert first is not None  # the directory's is always among the pools

@@ -187,7 +187,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     metrics.watch_spool(spool)
     app[EDGE] = edge = _edge(settings, keys, redis, batcher, pg, spool, metrics, watch, durability)
     edge.drops.start()
-    edge.suppress.start(pg, settings.suppression_refresh_s)
+    edge.suppress.start(edge.shards, settings.suppression_refresh_s)
     heap.settle_once(EDGE_YOUNG)  # everything startup built is made: out of the collector's sight
     try:
         yield

@@ -25,15 +25,38 @@ from uuid import UUID
 import asyncpg
 
 from ingest.contract.connections import create_pg_pool
-from ingest.contract.errors import Misconfigured
+from ingest.contract.errors import Misconfigured, Outage
 from ingest.ledger import secretbox
 
 DEFAULT = "default"
 NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 REFRESH_S = 2.0  # the longest a process routes by a map it has not read again
+FENCE_WAIT_S = 15.0  # the longest a request waits on a moving workspace's fence, then 503
+FENCE_POLL_S = 0.2
 
 T = TypeVar("T")
 Connect = Callable[[str], Awaitable[asyncpg.Pool]]
+
+
+def fence_key(workspace_id: UUID | str) -> str:
+    """The advisory lock a write of the workspace's rows holds shared, and a move's fence
+    exclusive (``hashtextextended`` of it)."""
+    return f"refstream:workspace:{workspace_id}"
+
+
+# a write of workspaces' rows on a shard of several, in its transaction: their fence locks
+# held shared (a move's fence waits for the transaction), then, in a statement of its own
+# (a snapshot taken after the locks), whether any of them has moved away (``Moved``)
+FENCE_LOCK = (
+    "SELECT count(pg_advisory_xact_lock_shared(hashtextextended('refstream:workspace:' || x, 0)))"
+    " FROM unnest($1::uuid[]) x"
+)
+FENCE_MOVED = "SELECT id FROM workspaces WHERE id = ANY($1::uuid[]) AND moved_to IS NOT NULL"
+
+
+class Moved(Outage):
+    """A write met the fence of a workspace that is moving, or has moved, to another shard:
+    retried once the directory says where it is (``workers.ops.move``)."""
 
 
 class ShardError(Misconfigured, ValueError):
@@ -85,6 +108,7 @@ class Placement:
         self._secret_key = secret_key
         self._shards: dict[str, Shard] = {}
         self._where: dict[UUID, str] = {}
+        self._fenced: set[UUID] = set()  # workspaces being moved: their pool waits
         self._pools: dict[str, asyncpg.Pool] = {DEFAULT: directory}
         self._read_at = -REFRESH_S  # monotonic time of the last read
         self._reading: asyncio.Lock | None = None
@@ -111,9 +135,10 @@ class Placement:
         started = time.monotonic()
         async with self.directory.acquire() as conn:
             shards = await conn.fetch("SELECT name, dsn, password_sealed FROM shards")
-            where = await conn.fetch("SELECT workspace_id, shard FROM workspace_shards") if shards else []
+            where = await conn.fetch("SELECT workspace_id, shard, fenced FROM workspace_shards") if shards else []
         self._shards = {r["name"]: Shard(r["name"], r["dsn"], r["password_sealed"]) for r in shards}
         self._where = {r["workspace_id"]: r["shard"] for r in where}
+        self._fenced = {r["workspace_id"] for r in where if r["fenced"]}
         self._read_at = started
 
     async def fresh(self, *, since: float | None = None) -> None:
@@ -145,8 +170,19 @@ class Placement:
         return shard
 
     async def pool(self, workspace_id: str | UUID | None) -> asyncpg.Pool:
-        """The pool of the shard ``workspace_id`` is on."""
-        return await self.pool_of(await self.shard_of(workspace_id))
+        """The pool of the shard ``workspace_id`` is on; while it is being moved, once it
+        has moved (``FENCE_WAIT_S`` at most, then ``Moved``)."""
+        shard = await self.shard_of(workspace_id)
+        if self._fenced:
+            ws = workspace_id if isinstance(workspace_id, UUID) else _uuid(workspace_id or "")
+            deadline = time.monotonic() + FENCE_WAIT_S
+            while ws in self._fenced:
+                if time.monotonic() > deadline:
+                    raise Moved("the workspace is being moved to another shard: try again shortly")
+                await asyncio.sleep(FENCE_POLL_S)  # a poll of the directory, which says when it is over
+                await self.fresh(since=time.monotonic())
+                shard = await self.shard_of(workspace_id)
+        return await self.pool_of(shard)
 
     async def pool_of(self, name: str) -> asyncpg.Pool:
         """The pool of the shard ``name``, opened on first use."""
@@ -185,12 +221,19 @@ class Placement:
         everything. A shard that fails raises (after the ones before it ran)."""
         return {name: await fn(pool) for name, pool in (await self.pools()).items()}
 
-    async def find(self, fn: Callable[[asyncpg.Pool], Awaitable[T | None]]) -> tuple[str, T] | None:
+    async def find(
+        self, fn: Callable[[asyncpg.Pool], Awaitable[T | None]], owner: Callable[[T], Any] | None = None
+    ) -> tuple[str, T] | None:
         """The first shard where ``fn`` finds something (not None), and what: a lookup by an
-        id unique across shards (a key's digest, a click id, a delivery id)."""
-        for name, pool in (await self.pools()).items():
+        id unique across shards (a key's digest, a click id, a delivery id). With ``owner``
+        (what found's workspace is), only where the directory places that workspace: a moved
+        workspace's old copy, until dropped, answers nothing."""
+        pools = await self.pools()
+        for name, pool in pools.items():
             found = await fn(pool)
-            if found is not None:
+            if found is None:
+                continue
+            if owner is None or len(pools) == 1 or await self.shard_of(owner(found)) == name:
                 return name, found
         return None
 
@@ -319,6 +362,27 @@ async def choose(directory: asyncpg.Connection, asked: str | None) -> str:
         return asked
     least: str = min(listed, key=lambda s: (s["workspaces"], s["name"] != DEFAULT, s["name"]))["name"]
     return least
+
+
+async def fence(directory: asyncpg.Connection, workspace_id: UUID, fenced: bool, shard: str | None = None) -> None:
+    """A moving workspace fenced (every process asking for its pool waits), or its fence
+    lifted, placed on ``shard`` when one is given (the move's switch), in one statement."""
+    await directory.execute(
+        "INSERT INTO workspace_shards (workspace_id, shard, fenced) VALUES ($1, coalesce($3, $4), $2)"
+        " ON CONFLICT (workspace_id) DO UPDATE SET fenced = $2, shard = coalesce($3, workspace_shards.shard)",
+        workspace_id,
+        fenced,
+        shard,
+        DEFAULT,
+    )
+
+
+async def forget(directory: asyncpg.Connection, workspace_id: UUID) -> None:
+    """A deleted workspace's placement and link codes, gone from the directory."""
+    async with directory.transaction():
+        await directory.execute("DELETE FROM link_codes WHERE workspace_id = $1", workspace_id)
+        await directory.execute("DELETE FROM workspace_moves WHERE workspace_id = $1", workspace_id)
+        await directory.execute("DELETE FROM workspace_shards WHERE workspace_id = $1", workspace_id)
 
 
 async def place(directory: asyncpg.Connection, workspace_id: UUID, shard: str) -> None:

@@ -30,12 +30,13 @@ from ingest.edge import auth
 from ingest.privacy import erasure_copy
 
 # base tables (a partitioned table, not its partitions) with a workspace_id column that no
-# foreign key ties to workspaces: the cascade does not reach them
+# foreign key ties to workspaces: the cascade does not reach them (the directory's own
+# tables aside: where a workspace is, which the command that deletes it clears itself)
 UNTIED = """
 SELECT c.relname AS name
 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE a.attname = 'workspace_id' AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND NOT c.relispartition
-  AND n.nspname = current_schema()
+  AND n.nspname = current_schema() AND c.relname NOT IN ('workspace_shards', 'link_codes', 'workspace_moves')
   AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'f'
                   AND k.confrelid = 'workspaces'::regclass AND a.attnum = ANY (k.conkey))
 ORDER BY 1
@@ -75,18 +76,7 @@ async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, w
         digests = [
             bytes(r["key_hash"]) for r in await conn.fetch("SELECT key_hash FROM api_keys WHERE workspace_id = $1", ws)
         ]
-        deleted: dict[str, int] = {}
-        for r in await conn.fetch(UNTIED):
-            status = await conn.execute(f'DELETE FROM "{r["name"]}" WHERE workspace_id = $1', ws)
-            if n := int(status.rsplit(" ", 1)[-1]):
-                deleted[r["name"]] = n
-        for r in await conn.fetch(BY_LINK):
-            status = await conn.execute(
-                f'DELETE FROM "{r["name"]}" WHERE link_id IN (SELECT id FROM links WHERE workspace_id = $1)', ws
-            )
-            if n := int(status.rsplit(" ", 1)[-1]):
-                deleted[r["name"]] = n
-        await conn.execute("DELETE FROM workspaces WHERE id = $1", ws)
+        deleted = await delete_rows(conn, ws)
     # the caches, after the commit (before it, an edge could refill them from a row still there)
     for digest in digests:
         await auth.cache_key(redis, keys, digest, None)
@@ -104,6 +94,26 @@ async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, w
             await redis.delete(name)
     await redis.delete(keys.answers(str(ws)))
     return {"workspace_id": str(ws), "deleted": deleted, "links": len(codes), "keys": len(digests)}
+
+
+async def delete_rows(conn: asyncpg.Connection, ws: uuid.UUID) -> dict[str, int]:
+    """Every row of the workspace in this database, in the caller's transaction (nothing
+    of Redis): what went from the tables the cascade does not reach, by table. A workspace's
+    deletion, and the old copy of one that moved to another shard (``workspace move
+    --drop-old``)."""
+    deleted: dict[str, int] = {}
+    for r in await conn.fetch(UNTIED):
+        status = await conn.execute(f'DELETE FROM "{r["name"]}" WHERE workspace_id = $1', ws)
+        if n := int(status.rsplit(" ", 1)[-1]):
+            deleted[r["name"]] = n
+    for r in await conn.fetch(BY_LINK):
+        status = await conn.execute(
+            f'DELETE FROM "{r["name"]}" WHERE link_id IN (SELECT id FROM links WHERE workspace_id = $1)', ws
+        )
+        if n := int(status.rsplit(" ", 1)[-1]):
+            deleted[r["name"]] = n
+    await conn.execute("DELETE FROM workspaces WHERE id = $1", ws)
+    return deleted
 
 
 def _of(raw: bytes, workspace_id: str) -> bool:

@@ -20,6 +20,7 @@ import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable
+from typing import Protocol
 
 import asyncpg
 import structlog
@@ -99,6 +100,12 @@ class Filter:
         self.added, self.removed = set(), set()
 
 
+class Shards(Protocol):
+    """Every shard's pool by name (``ingest.ledger.placement.Placement``)."""
+
+    async def pools(self) -> dict[str, asyncpg.Pool]: ...
+
+
 class Suppressed:
     def __init__(self) -> None:
         self.key: bytes | None = None
@@ -107,9 +114,13 @@ class Suppressed:
         self.only: str | None = None  # one workspace's list (an import), else every one
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        # with several shards, each shard's lists (its workspaces'), read from it alone
+        self.shards: dict[str, Suppressed] = {}
 
     def names(self, e: Envelope, workspace_id: str | None = None) -> bool:
         """``e`` names a listed visitor, customer or address of its workspace."""
+        if self.shards:
+            return any(s.names(e, workspace_id) for s in self.shards.values())
         ws = e.workspace_id or workspace_id
         listed = self.lists.get(ws) if ws else None
         if not listed or self.key is None:
@@ -164,8 +175,23 @@ class Suppressed:
             if len(rows) < CHANGES_PAGE:
                 break
 
-    def start(self, pool: asyncpg.Pool, every_s: float) -> None:
+    def start(self, pool: asyncpg.Pool | Shards, every_s: float) -> None:
+        """Read the lists every ``every_s``: from ``pool``, or from every shard of a placement."""
         self._task = asyncio.create_task(self._run(pool, every_s), name="suppressions")
+
+    async def _read_shards(self, placement: Shards) -> None:
+        pools = await placement.pools()
+        if len(pools) == 1 and not self.shards:
+            await self.read(next(iter(pools.values())))  # one Postgres: as it always was
+            return
+        for name, pool in pools.items():
+            part = self.shards.get(name)
+            if part is None:
+                part = Suppressed()
+                await part.read(pool)
+                self.shards[name] = part  # in force once read whole
+            else:
+                await part.read(pool)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -176,7 +202,7 @@ class Suppressed:
     async def _run(self, pool: asyncpg.Pool, every_s: float) -> None:
         while True:
             try:
-                await self.read(pool)
+                await (self.read(pool) if isinstance(pool, asyncpg.Pool) else self._read_shards(pool))
                 if self._failing:
                     log.info("suppressions.read_again", workspaces=len(self.lists))
                 self._failing = False

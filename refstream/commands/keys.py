@@ -81,7 +81,12 @@ def keys_revoke(prefix: str) -> None:
     """Revoke a key by its display prefix; every edge refuses it within seconds."""
 
     async def go(settings: Settings) -> dict[str, Any]:
-        conn = await open_holding(settings, "SELECT EXISTS (SELECT 1 FROM api_keys WHERE prefix = $1)", prefix)
+        conn = await open_holding(
+            settings,
+            "SELECT EXISTS (SELECT 1 FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id"
+            " WHERE k.prefix = $1 AND w.moved_to IS NULL)",
+            prefix,
+        )
         redis = connect_redis(settings)
         try:
             return await admin.revoke_key(conn, redis, Keys(settings.stream_prefix, settings.partitions), prefix)

@@ -64,6 +64,13 @@ def link_create(
     print_data(run_command(go))
 
 
+# a link of a workspace this database holds and has not moved away (docs/shards.md)
+_LIVE_LINK = (
+    "SELECT EXISTS (SELECT 1 FROM links l JOIN workspaces w ON w.id = l.workspace_id"
+    " WHERE l.code = $1 AND w.moved_to IS NULL)"
+)
+
+
 @link.command("show")
 @out.json_option
 @click.argument("code")
@@ -72,7 +79,7 @@ def link_show(code: str) -> None:
     and why (bot, unknown_code, rate_limited, ...), and what was flagged as fraud."""
 
     async def go(settings: Settings) -> dict[str, Any]:
-        conn = await open_holding(settings, "SELECT EXISTS (SELECT 1 FROM links WHERE code = $1)", code)
+        conn = await open_holding(settings, _LIVE_LINK, code)
         try:
             link = await admin.show_link(conn, code)
             start, to = stats.day_range(None, None)

@@ -18,6 +18,7 @@ from ingest.contract.settings import Settings
 from ingest.ledger import placement
 from ingest.manage import admin, deletion
 from refstream import output as out
+from refstream.commands.move import move
 from refstream.runner import open_connections, open_database, print_data, run_command
 
 
@@ -76,9 +77,15 @@ def delete(workspace_id: str, yes: bool) -> None:
 
     async def go(settings: Settings) -> dict[str, Any]:
         async with open_connections(settings, workspace_id) as (conn, redis):
-            return await deletion.delete_workspace(
+            done = await deletion.delete_workspace(
                 conn, redis, Keys(settings.stream_prefix, settings.partitions), workspace_id
             )
+        directory = await open_database(settings)
+        try:  # where it was, and its links' codes: free for another workspace
+            await placement.forget(directory, uuid.UUID(workspace_id))
+        finally:
+            await directory.close()
+        return done
 
     print_data(run_command(go))
 
@@ -146,3 +153,6 @@ def set_fraud_policy(workspace_id: str, rule: str, policy: str) -> None:
     for name in ("id", "name", "bot_policy", "fraud_policy"):
         table.add_row(name.replace("_", " "), out.cell(ws[name] if name != "fraud_policy" else str(ws[name] or "{}")))
     out.console().print(table)
+
+
+workspace.add_command(move)

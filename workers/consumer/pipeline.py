@@ -199,7 +199,14 @@ class Pipeline:
             raise
 
     async def _raise_if_outage(self, exc: Exception) -> None:
-        """``BatchOutage`` when ``exc`` says Postgres cannot serve anyone now; else return."""
+        """``BatchOutage`` when ``exc`` says Postgres cannot serve anyone now, or a workspace
+        of the batch is moving to another shard (``placement.Moved``: the batch waits for the
+        switch, then goes where the directory says); else return."""
+        if isinstance(exc, BatchOutage):
+            raise exc
+        if isinstance(exc, placement.Moved):
+            await self.placement.fresh(since=time.monotonic())
+            raise BatchOutage("workspace_moving", exc) from exc
         reason = postgres_outage(exc)
         if reason is not None:
             # the pool's idle connections may all be dead (a restart), still on the old host
@@ -314,12 +321,13 @@ class Pipeline:
         shard that fails fails the batch, which is retried whole: what another shard
         committed is met again by its dedupe and stored nothing twice."""
         parts = await self.placement.split(envelopes, lambda e: e.workspace_id)
-        if len(parts) <= 1:
-            pool = await self.placement.pool_of(next(iter(parts), placement.DEFAULT))
-            return await store.write_batch(pool, envelopes, self.enricher)
+        if len(self.placement.names) == 1:
+            return await store.write_batch(self.pg, envelopes, self.enricher)
         pools = {name: await self.placement.pool_of(name) for name in parts}
+        # on a shard of several, a workspace that moved away is never written where it was
+        fences = {name: sorted({e.workspace_id for e in part if e.workspace_id}) for name, part in parts.items()}
         done = await asyncio.gather(
-            *(store.write_batch(pools[name], part, self.enricher) for name, part in parts.items()),
+            *(store.write_batch(pools[n], part, self.enricher, fence=fences[n]) for n, part in parts.items()),
             return_exceptions=True,
         )
         total = store.BatchResult()

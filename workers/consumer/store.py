@@ -20,6 +20,7 @@ statements in the order of the list above; the rows themselves are built in memo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -31,7 +32,7 @@ from ingest.contract import erasure, jsonrows, plans
 from ingest.contract.connections import skip_next_reset
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.links import LINK_SELECT, LinkInfo
-from ingest.ledger import outbox
+from ingest.ledger import outbox, placement
 from workers.consumer import (
     bursts,
     counters,
@@ -138,7 +139,11 @@ class BatchResult:
 
 
 async def write_batch(
-    pool: asyncpg.Pool, envelopes: list[Envelope], enricher: Enricher | None = None, effects: Effects = LIVE
+    pool: asyncpg.Pool,
+    envelopes: list[Envelope],
+    enricher: Enricher | None = None,
+    effects: Effects = LIVE,
+    fence: Sequence[str] = (),
 ) -> BatchResult:
     """Store a batch in one transaction; deadlocks and serialization failures retried.
     Refunds' copies follow, each in a transaction of its own (``workers.consumer.refunds``):
@@ -146,7 +151,9 @@ async def write_batch(
     copies = [e for e in envelopes if e.type is EventType.REFUND]
     if copies:
         envelopes = [e for e in envelopes if e.type is not EventType.REFUND]
-    result = await _write_retried(pool, envelopes, enricher, effects) if envelopes or not copies else BatchResult()
+    result = (
+        await _write_retried(pool, envelopes, enricher, effects, fence) if envelopes or not copies else BatchResult()
+    )
     if copies:
         restored = await refunds.restore(pool, copies)
         result.inserted += restored.restored
@@ -156,7 +163,7 @@ async def write_batch(
 
 
 async def _write_retried(
-    pool: asyncpg.Pool, envelopes: list[Envelope], enricher: Enricher | None, effects: Effects
+    pool: asyncpg.Pool, envelopes: list[Envelope], enricher: Enricher | None, effects: Effects, fence: Sequence[str]
 ) -> BatchResult:
     async def run() -> BatchResult:
         async with pool.acquire() as conn:
@@ -165,6 +172,10 @@ async def _write_retried(
             visitors, agents = rows.named(envelopes)
             known = await devices.ids(conn, enricher, visitors, agents=agents)
             async with conn.transaction():
+                if fence:  # on a shard of several: no write of a workspace that moved away
+                    await conn.execute(placement.FENCE_LOCK, fence)
+                    if moved := await conn.fetch(placement.FENCE_MOVED, fence):
+                        raise placement.Moved(f"{len(moved)} workspace(s) moved to another shard")
                 result = await _write(conn, envelopes, enricher, effects, known)
             # committed, and nothing of it outlives its transaction (no session setting, lock,
             # cursor or LISTEN): the pool's reset would find nothing to undo

@@ -135,7 +135,8 @@ def verify_signature(
 
 
 _LOAD = """
-SELECT d.id, d.webhook_id, d.event_type, d.payload, d.status, d.created_at, w.url, w.secret_encrypted, w.active
+SELECT d.id, d.webhook_id, d.event_type, d.payload, d.status, d.created_at, w.url, w.secret_encrypted, w.active,
+       w.workspace_id
   FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
  WHERE d.id = $1
 """
@@ -164,11 +165,14 @@ async def _pools(ctx: dict[str, Any]) -> list[asyncpg.Pool]:
 
 async def _load(ctx: dict[str, Any], delivery_id: UUID) -> tuple[asyncpg.Pool, Any] | None:
     """The delivery and the pool of the shard that holds it: its id is unique across shards."""
-    for pool in await _pools(ctx):
-        row = await pool.fetchrow(_LOAD, delivery_id)
-        if row is not None:
-            return pool, row
-    return None
+    place = ctx.get("placement")
+    if place is None:
+        row = await ctx["pg"].fetchrow(_LOAD, delivery_id)
+        return (ctx["pg"], row) if row is not None else None
+    found = await place.find(lambda pool: pool.fetchrow(_LOAD, delivery_id), lambda r: r["workspace_id"])
+    if found is None:
+        return None
+    return await place.pool_of(found[0]), found[1]
 
 
 async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> str:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
-from ingest.contract.errors import Conflict, NotFound, NotSent, OutcomeUnknown
+from ingest.contract.errors import Conflict, NotFound, NotSent, Outage, OutcomeUnknown
 from ingest.contract.fields import IDENT
 from ingest.edge.auth import Principal, bearer
 from ingest.edge.body import BodyError, plain, read
@@ -143,7 +143,7 @@ def guarded(
                     return error(404, "not_found", str(exc))
                 except Conflict as exc:
                     return error(409, "conflict", str(exc))
-                except (NotSent, OutcomeUnknown, *PG_ERRORS, *REDIS_ERRORS) as exc:
+                except (NotSent, OutcomeUnknown, Outage, *PG_ERRORS, *REDIS_ERRORS) as exc:
                     # a commit in flight may be done: not a refusal (``Refstream-Outcome: unknown``)
                     return json(503, {"error": "unavailable"}, retry_headers(exc))
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
-from ingest.contract.errors import NotFound, NotSent, OutcomeUnknown
+from ingest.contract.errors import NotFound, NotSent, Outage, OutcomeUnknown
 from ingest.contract.fields import ExternalId
 from ingest.edge import accept
 from ingest.edge.auth import Principal, plausible
@@ -124,7 +124,7 @@ async def generate(request: web.Request) -> web.Response:
                 )
         except NotFound as exc:
             return error(404, "campaign_not_found", str(exc))
-        except (*PG_ERRORS, *REDIS_ERRORS) as exc:
+        except (Outage, *PG_ERRORS, *REDIS_ERRORS) as exc:
             return unavailable(exc)  # a lost commit: Refstream-Outcome: unknown
         return json(200, BricqsGenerated(**out).model_dump())
 

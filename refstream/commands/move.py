@@ -1,0 +1,179 @@
+"""``refstream workspace move WS --to SHARD``: a workspace moved to another shard under live
+load (``workers.ops.move``: copy, catch up, fence, switch), each step recorded in the
+directory's ``workspace_moves`` so that the command run again after a crash takes up the
+step it was on; ``--drop-old`` deletes the old copy, once the move has switched."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import click
+
+from ingest.contract.connections import write
+from ingest.contract.settings import Settings
+from ingest.ledger import placement
+from ingest.manage import deletion, schema_check
+from refstream import output as out
+from refstream.runner import open_database, print_data, run_command
+from workers.ops.move import MoveError, Mover
+
+CATCH_UPS = 2  # copies after the first, while the workspace is live: the fence's copy stays small
+
+
+async def _url(directory: asyncpg.Connection, settings: Settings, shard: str) -> str:
+    if shard == placement.DEFAULT:
+        return settings.database_url
+    dsns = await placement.shard_dsns(directory, settings.secret_key)
+    if shard not in dsns:
+        raise click.ClickException(f"no shard named {shard!r}: `refstream shards list` shows them")
+    return dsns[shard]
+
+
+def _progress(step: str) -> Any:
+    def told(table: str, rows: int) -> None:
+        if rows:
+            print(f"{step}: {table} {rows:,} rows", file=sys.stderr, flush=True)
+
+    return told
+
+
+async def _record(directory: asyncpg.Connection, ws: uuid.UUID, **changes: Any) -> None:
+    sets = ", ".join(f"{k} = ${i + 2}" for i, k in enumerate(changes))
+    await directory.execute(
+        f"UPDATE workspace_moves SET {sets}, updated_at = now() WHERE workspace_id = $1", ws, *changes.values()
+    )
+
+
+async def _begin(directory: asyncpg.Connection, ws: uuid.UUID, to: str, target_url: str) -> asyncpg.Record:
+    """The move's record: the one under way (it must be to ``to``), else a new one."""
+    held = await directory.fetchrow("SELECT * FROM workspace_moves WHERE workspace_id = $1", ws)
+    if held is not None and held["state"] in ("copying", "fenced"):
+        if held["target"] != to:
+            raise click.ClickException(f"a move to {held['target']!r} is under way: run it to its end first")
+        return held
+    if held is not None and held["state"] == "switched":
+        raise click.ClickException("the last move left its old copy: `workspace move --drop-old` first")
+    source = await directory.fetchval("SELECT shard FROM workspace_shards WHERE workspace_id = $1", ws)
+    source = source or placement.DEFAULT
+    if source == to:
+        raise click.ClickException(f"the workspace is on {to!r} already")
+    there = await asyncpg.connect(target_url, timeout=schema_check.CONNECT_TIMEOUT_S)
+    try:
+        if await there.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", ws):
+            raise click.ClickException(f"shard {to!r} holds a copy of the workspace already: drop it first")
+    finally:
+        await there.close()
+    await placement.place(directory, ws, source)  # written down, wherever it was
+    await directory.execute("DELETE FROM workspace_moves WHERE workspace_id = $1", ws)
+    row = await directory.fetchrow(
+        "INSERT INTO workspace_moves (workspace_id, source, target) VALUES ($1, $2, $3) RETURNING *", ws, source, to
+    )
+    assert row is not None
+    return row
+
+
+async def _move(settings: Settings, ws: uuid.UUID, to: str) -> dict[str, Any]:
+    started = time.monotonic()
+    directory = await open_database(settings)
+    try:
+        target_url = await _url(directory, settings, to)
+        held = await _begin(directory, ws, to, target_url)
+        source_url = await _url(directory, settings, held["source"])
+        source = await asyncpg.connect(source_url, timeout=schema_check.CONNECT_TIMEOUT_S)
+        target = await asyncpg.connect(target_url, timeout=schema_check.CONNECT_TIMEOUT_S)
+        try:
+            mover = Mover(ws, source, target)
+            state, since = held["state"], held["since_xid"]
+            if state == "copying":
+                for step in range(1 + CATCH_UPS):
+                    mover.progress = _progress("copy" if since is None else f"catch up {step}")
+                    n, since = await mover.copy(since)
+                    await directory.execute(
+                        "UPDATE workspace_moves SET since_xid = $2, copied = copied + $3, updated_at = now()"
+                        " WHERE workspace_id = $1",
+                        ws,
+                        since,
+                        n,
+                    )
+                await placement.fence(directory, ws, True)
+                await _record(directory, ws, state="fenced")
+            fenced_at = time.monotonic()
+            # every process reads the directory within REFRESH_S: from then on, each waits on
+            # the fence for the workspace's pool, and the workers meet it on the source
+            await asyncio.sleep(2 * placement.REFRESH_S)
+            mover.progress = _progress("fenced")
+            await mover.fence(to)
+            n = await mover.finish(since)
+            await placement.fence(directory, ws, False, shard=to)
+            await _record(directory, ws, state="switched")
+            fence_s = round(time.monotonic() - fenced_at, 3)
+        finally:
+            await source.close()
+            await target.close()
+        copied = await directory.fetchval("SELECT copied FROM workspace_moves WHERE workspace_id = $1", ws)
+        return {
+            "workspace_id": str(ws),
+            "from": held["source"],
+            "to": to,
+            "state": "switched",
+            "rows_copied": copied + n,
+            "fence_s": fence_s,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+    except MoveError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        await directory.close()
+
+
+async def _drop_old(settings: Settings, ws: uuid.UUID) -> dict[str, Any]:
+    directory = await open_database(settings)
+    try:
+        held = await directory.fetchrow("SELECT * FROM workspace_moves WHERE workspace_id = $1", ws)
+        if held is None or held["state"] != "switched":
+            raise click.ClickException("no switched move of this workspace: its old copy is not known")
+        placed = await directory.fetchval("SELECT shard FROM workspace_shards WHERE workspace_id = $1", ws)
+        if placed != held["target"]:
+            raise click.ClickException(f"the directory places it on {placed!r}, not {held['target']!r}: not dropped")
+        old = await asyncpg.connect(
+            await _url(directory, settings, held["source"]), timeout=schema_check.CONNECT_TIMEOUT_S
+        )
+        try:
+            async with write(old):
+                if not await old.fetchval("SELECT moved_to IS NOT NULL FROM workspaces WHERE id = $1", ws):
+                    raise click.ClickException("the old copy is not marked moved: not dropped")
+                deleted = await deletion.delete_rows(old, ws)
+        finally:
+            await old.close()
+        await _record(directory, ws, state="dropped")
+        return {"workspace_id": str(ws), "dropped_from": held["source"], "deleted": deleted}
+    finally:
+        await directory.close()
+
+
+@click.command("move")
+@click.argument("workspace_id")
+@click.option("--to", "to", help="The shard to move it to (`refstream shards list`).")
+@click.option("--drop-old", is_flag=True, help="Delete the old copy a switched move left behind.")
+@out.json_option
+def move(workspace_id: str, to: str | None, drop_old: bool) -> None:
+    """Move a workspace to another shard under live load: copy, catch up, fence, switch.
+    Its events wait in the streams while fenced (seconds); nothing is lost or counted twice.
+    Run again after a crash: it takes up the step it was on. The old copy stays, frozen and
+    read by no one, until `--drop-old` deletes it."""
+    try:
+        ws = uuid.UUID(workspace_id)
+    except ValueError:
+        raise click.BadParameter(f"{workspace_id!r} is not a workspace id (a UUID)") from None
+    if drop_old == (to is not None):
+        raise click.UsageError("say --to SHARD, or --drop-old after a move")
+    if drop_old:
+        print_data(run_command(lambda settings: _drop_old(settings, ws)))
+    else:
+        assert to is not None
+        print_data(run_command(lambda settings: _move(settings, ws, to)))
