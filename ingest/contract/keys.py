@@ -85,6 +85,15 @@ class Keys:
     def dead(self) -> str:
         return f"{self.prefix}:dead"
 
+    # a workspace's waiting room: its events a shard could not take yet (workers.consumer.
+    # waiting), and the set that names every room; one tag, so a script reads both
+    @property
+    def waiting_rooms(self) -> str:
+        return f"{self.prefix}:wait:{{rooms}}"
+
+    def waiting_room(self, workspace_id: str) -> str:
+        return f"{self.prefix}:wait:{{rooms}}:{workspace_id}"
+
     # every rate limiter's name: an erasure deletes the windows its person's addresses name
     LIMITERS = ("click", "public", "key", "trackclick")
 

@@ -58,6 +58,10 @@ class Moved(Outage):
     """A write met the fence of a workspace that is moving, or has moved, to another shard:
     retried once the directory says where it is (``workers.ops.move``)."""
 
+    def __init__(self, message: str, workspaces: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.workspaces = workspaces or []
+
 
 class ShardError(Misconfigured, ValueError):
     """A shard that cannot be named, added or reached as asked: the operator's to mend."""
@@ -126,6 +130,11 @@ class Placement:
         return cls(directory, connect, settings.secret_key)
 
     @property
+    def sharded(self) -> bool:
+        """Whether the directory, as last read, lists a shard beside ``default``."""
+        return bool(self._shards)
+
+    @property
     def names(self) -> list[str]:
         """Every shard's name, ``default`` first, as last read."""
         return [DEFAULT, *sorted(self._shards)]
@@ -168,6 +177,12 @@ class Placement:
             await self.fresh(since=asked)  # placed after our last read: read again, once
             shard = self._where.setdefault(ws, DEFAULT)
         return shard
+
+    def fenced(self, workspace_id: str | UUID | None) -> bool:
+        """Whether the directory, as last read, fences ``workspace_id`` for a move."""
+        if not self._fenced or workspace_id is None:
+            return False
+        return (workspace_id if isinstance(workspace_id, UUID) else _uuid(workspace_id)) in self._fenced
 
     async def pool(self, workspace_id: str | UUID | None) -> asyncpg.Pool:
         """The pool of the shard ``workspace_id`` is on; while it is being moved, once it

@@ -58,6 +58,7 @@ RETIRE_EVERY_S = 2.0  # how often a retiring partition is looked at (empty: reti
 # how often the click_burst windows past their time go: a window is a minute by default, so
 # the table holds about the pairs of the last window and a half
 WINDOWS_EVERY_S = 30.0
+WAITING_EVERY_S = 1.0  # a waiting room's events tried again on their shard (workers.consumer.waiting)
 
 
 class Consumer:
@@ -87,6 +88,7 @@ class Consumer:
                 Chore("retire", RETIRE_EVERY_S, self._retire),
                 Chore("windows", WINDOWS_EVERY_S, self._windows, needs_postgres=True),
                 Chore("bursts", burst_pass.PASS_EVERY_S, self._bursts, needs_postgres=True),
+                Chore("waiting", WAITING_EVERY_S, self.pipeline.drain_rooms),
             ],
             totals=lambda: vars_of(pipeline.totals),
             on_gate=self._gate_changed,
@@ -105,6 +107,9 @@ class Consumer:
             await self._bursts(passes=1_000 if drain else burst_pass.PASSES_A_TICK)
         except Exception as exc:
             log.warning("bursts.pass_left", error=repr(exc))
+        if drain:  # the waiting rooms too, while their shards take them
+            while await self.pipeline.drain_rooms():
+                pass
 
     def stop(self) -> None:
         """Stop reading; each reader finishes the batch in flight (commit, ack) and returns

@@ -47,6 +47,7 @@ from workers.consumer.combine import Combiner
 from workers.consumer.dead_letters import Dead
 from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics
+from workers.consumer.waiting import Rooms, merge
 from workers.group.errors import BatchOutage, postgres_outage, redis_outage
 
 log = structlog.get_logger("workers.pipeline")
@@ -102,8 +103,10 @@ class Pipeline:
         self.keys = Keys(settings.stream_prefix, settings.partitions)
         self.redis = redis
         self.pg = pg  # the directory's, shard "default"
-        # where each workspace's rows are: a batch is written to each shard it touches
+        # where each workspace's rows are: a batch is written to each shard it touches, and
+        # what a shard cannot take waits in its workspace's room (workers.consumer.waiting)
         self.placement = placement.Placement.over(settings, pg)
+        self.rooms = Rooms(redis, self.keys, self.placement, replicas=settings.ack_replicas)
         self.enricher = enricher
         self.arq: ArqRedis | None = None  # set by the arq worker; --drain leaves it to the sweep
         self.metrics: WorkerMetrics | None = None
@@ -183,6 +186,8 @@ class Pipeline:
             # the same event twice in one read (a requeued or spooled copy) goes to the store
             # as it is: stored once, counted once as a duplicate, both entries acked
             batch.good.append(envelope)
+            if self.placement.sharded:
+                self.rooms.fields[envelope.event_id] = fields  # as read: what a room would hold
             if envelope.event_id in batch.stream_ids:  # its copy: filed for an erasure's sweep (``_filed``)
                 batch.copies.append((envelope, eid))
             batch.stream_ids[envelope.event_id] = eid
@@ -288,7 +293,7 @@ class Pipeline:
         total, failed = store.BatchResult(), []
         for i in range(0, len(envelopes), size):
             r, f = await self._store(envelopes[i : i + size])
-            _merge(total, r)
+            merge(total, r)
             failed += f
         return total, failed
 
@@ -317,25 +322,24 @@ class Pipeline:
             return [self.pg]
 
     async def _write(self, envelopes: list[Envelope]) -> store.BatchResult:
-        """The batch in one transaction on each shard its workspaces are on, all at once; a
-        shard that fails fails the batch, which is retried whole: what another shard
-        committed is met again by its dedupe and stored nothing twice."""
+        """The batch in one transaction on each shard its workspaces are on, all at once
+        (``workers.consumer.waiting``: what a shard cannot take waits in its rooms)."""
         parts = await self.placement.split(envelopes, lambda e: e.workspace_id)
-        if len(self.placement.names) == 1:
+        if not self.placement.sharded:
             return await store.write_batch(self.pg, envelopes, self.enricher)
-        pools = {name: await self.placement.pool_of(name) for name in parts}
+        return await self.rooms.write(parts, self._write_part)
+
+    async def _write_part(self, shard: str, envelopes: list[Envelope]) -> store.BatchResult:
         # on a shard of several, a workspace that moved away is never written where it was
-        fences = {name: sorted({e.workspace_id for e in part if e.workspace_id}) for name, part in parts.items()}
-        done = await asyncio.gather(
-            *(store.write_batch(pools[n], part, self.enricher, fence=fences[n]) for n, part in parts.items()),
-            return_exceptions=True,
-        )
-        total = store.BatchResult()
-        for r in done:
-            if isinstance(r, BaseException):
-                raise r
-            _merge(total, r)
-        return total
+        fence = sorted({e.workspace_id for e in envelopes if e.workspace_id})
+        return await store.write_batch(await self.placement.pool_of(shard), envelopes, self.enricher, fence=fence)
+
+    async def drain_rooms(self) -> int:
+        """A page of each waiting room whose shard answers again (``Rooms.drain``); the
+        events it stored."""
+        result = await self.rooms.drain(self._write_part)
+        await self.notify(result)
+        return result.inserted + result.duplicates
 
     async def _store(self, envelopes: list[Envelope]) -> tuple[store.BatchResult, list[tuple[Envelope, Exception]]]:
         try:
@@ -351,7 +355,7 @@ class Pipeline:
         total, failed = store.BatchResult(), []
         for half in (envelopes[:mid], envelopes[mid:]):
             r, f = await self._store(half)
-            _merge(total, r)
+            merge(total, r)
             failed += f
         return total, failed
 
@@ -398,6 +402,8 @@ class Pipeline:
         return out
 
     def _done(self, batch: Batch, result: store.BatchResult) -> None:
+        for e in batch.good or () if self.rooms.fields else ():
+            self.rooms.fields.pop(e.event_id, None)
         self._log_skipped(result)
         self.totals.batches += 1
         self.totals.entries += len(batch.entries)
@@ -438,20 +444,6 @@ class Pipeline:
             log.warning("click.unknown_code", code=code[:128], events=n)
         for code, n in Counter(result.inactive_codes).items():
             log.warning("click.inactive_link", code=code, events=n)
-
-
-def _merge(total: store.BatchResult, r: store.BatchResult) -> None:
-    total.inserted += r.inserted
-    total.duplicates += r.duplicates
-    total.unknown_codes += r.unknown_codes
-    total.inactive_codes += r.inactive_codes
-    total.milestones += r.milestones
-    total.deliveries += r.deliveries
-    total.refunds_not_restored += r.refunds_not_restored
-    total.expired += r.expired
-    total.scrubbed += r.scrubbed
-    total.rowless |= r.rowless
-    total.copies |= r.copies
 
 
 async def _raising(exc: Exception) -> None:

@@ -175,7 +175,8 @@ async def _write_retried(
                 if fence:  # on a shard of several: no write of a workspace that moved away
                     await conn.execute(placement.FENCE_LOCK, fence)
                     if moved := await conn.fetch(placement.FENCE_MOVED, fence):
-                        raise placement.Moved(f"{len(moved)} workspace(s) moved to another shard")
+                        gone = [str(r["id"]) for r in moved]
+                        raise placement.Moved(f"{len(gone)} workspace(s) moved to another shard", gone)
                 result = await _write(conn, envelopes, enricher, effects, known)
             # committed, and nothing of it outlives its transaction (no session setting, lock,
             # cursor or LISTEN): the pool's reset would find nothing to undo

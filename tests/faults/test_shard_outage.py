@@ -1,0 +1,102 @@
+"""One shard of two goes down under load: its workspaces' events wait (in their waiting
+rooms), the other shard goes on committing, and once it is back every event answered 200
+is stored once, on its own shard, with counters equal to their rows and nothing pending."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ingest.contract.keys import GROUP, Keys
+from ingest.contract.settings import Settings
+
+from .._procs import Procs
+from ..conftest import wait_for
+from ..test_e2e import TRACKED, fire
+from ..test_shards import _COUNTERS_OFF
+from ._servers import PgServer
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
+
+
+async def _count(url: str, code: str) -> int:
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        n: int = await conn.fetchval(
+            "SELECT count(*) FROM events e JOIN links l ON l.id = e.link_id WHERE l.code = $1", code
+        )
+        return n
+    finally:
+        await conn.close()
+
+
+async def test_a_shard_down_stops_only_its_own_workspaces(
+    settings: Settings, tmp_path: Any, scratch_url: str, redis: Any
+) -> None:
+    shard = PgServer()
+    shard.init()
+    shard.start()
+    s = settings.model_copy(update={"database_url": scratch_url})
+    keys = Keys(s.stream_prefix, s.partitions)
+    procs = Procs(s, tmp_path)
+    try:
+        await shard.ready()
+        b_url = shard.url_for("refstream")
+        await procs.cli("migrate")
+        await procs.cli("shards", "add", "b", b_url)
+        a = await procs.cli("workspace", "create", "A", "--shard", "default")
+        b = await procs.cli("workspace", "create", "B", "--shard", "b")
+        await procs.cli("link", "create", "--workspace", a["workspace_id"], "--code", "acode")
+        await procs.cli("link", "create", "--workspace", b["workspace_id"], "--code", "bcode")
+        edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")
+        procs.start("work")
+        procs.start("work")
+        replies: dict[str, list[tuple[int, object]]] = {"acode": [], "bcode": []}
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            while not stop.is_set():
+                for code in replies:
+                    replies[code].extend(await fire(edge, [code] * 10, concurrency=4))
+
+        firing = asyncio.create_task(load())
+        try:
+            await wait_for(lambda: _count(b_url, "bcode"), what="shard b storing")
+            await asyncio.to_thread(shard.stop, "fast")
+            down_at = await _count(scratch_url, "acode")
+            # the other shard goes on committing while b is down
+            await wait_for(
+                lambda: _more(scratch_url, "acode", down_at + 200), timeout=60, what="default committing alone"
+            )
+            assert await redis.scard(keys.waiting_rooms) == 1  # b's workspace waits in its room
+            shard.start()
+            await shard.ready()
+        finally:
+            stop.set()
+            await firing
+        for code, got in replies.items():
+            assert got and all(r == (200, TRACKED) for r in got), (code, [r for r in got if r != (200, TRACKED)][:3])
+        await procs.cli("work", "--drain", timeout=180)
+        for stream in keys.streams:
+            (group,) = [g for g in await redis.xinfo_groups(stream) if g["name"] == GROUP.encode()]
+            assert group["pending"] == 0
+        assert await redis.scard(keys.waiting_rooms) == 0  # every room drained and forgotten
+        assert await _count(scratch_url, "acode") == len(replies["acode"])
+        assert await _count(b_url, "bcode") == len(replies["bcode"])
+        for url in (scratch_url, b_url):
+            conn = await asyncpg.connect(url)
+            try:
+                assert await conn.fetch(_COUNTERS_OFF) == []
+                assert await conn.fetchval("SELECT count(*) = count(DISTINCT event_id) FROM events")
+            finally:
+                await conn.close()
+    finally:
+        procs.stop_all()
+        shard.destroy()
+
+
+async def _more(url: str, code: str, than: int) -> bool:
+    return await _count(url, code) >= than
