@@ -109,6 +109,9 @@ class Rooms:
             elif isinstance(r, Exception) and waits(r):
                 log.warning("shard.waiting", shard=name, events=len(part), error=type(r).__name__)
                 parked += part
+                # its idle connections may be dead (a restart), or on a standby promoted
+                # since, or read-only: the next write gets fresh ones
+                await (await self.shards.pool_of(name)).expire_connections()
             else:
                 raise r
         if parked:
