@@ -37,6 +37,7 @@ import asyncpg
 import structlog
 
 from ingest.contract import erasure
+from ingest.contract.errors import Misconfigured
 from ingest.ledger.placement import fence_key
 from ingest.privacy import erasure_late
 from workers.consumer import burst_pass
@@ -74,7 +75,7 @@ DICTIONARIES = (
 )
 
 
-class MoveError(RuntimeError):
+class MoveError(Misconfigured, RuntimeError):
     """A move that cannot go on as asked: the operator's to mend (the message says how)."""
 
 
