@@ -70,12 +70,12 @@ _NO_LOOKUP = (
     '    flag = edge.keys.flag("referral")\n',
     '    return accept.accepted(TRACKED, {})\n    flag = edge.keys.flag("referral")\n',
 )
-# the edge's one middleware as a bare pass-through (no request id, CORS, guard, metrics, log)
-_NO_MIDDLEWARE = (
-    "ingest/host/app.py",
-    "    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:\n",
-    "    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:\n"
-    "        return await handler(request)\n",
+# the route's wrapper as a bare pass-through (no request id, CORS, guard, metrics, log)
+_NO_WRAPPER = (
+    "ingest/host/wrap.py",
+    "        async def wrapper(request: web.Request) -> web.StreamResponse:\n",
+    "        async def wrapper(request: web.Request) -> web.StreamResponse:\n"
+    "            return await handler(request)\n",
 )
 
 WHOLE = "nothing cut"
@@ -84,8 +84,8 @@ CUTS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "the Redis round trip (a canned reply)": (_CANNED_REPLY, _CANNED_GLOBALS),
     "the round trip and the script call's making": (_CANNED_REPLY, _CANNED_GLOBALS, _CANNED_CALL),
     "the lookup and all after the body": (_NO_LOOKUP,),
-    "the middleware": (_NO_MIDDLEWARE,),
-    "the lookup and the middleware": (_NO_LOOKUP, _NO_MIDDLEWARE),
+    "the route's wrapper": (_NO_WRAPPER,),
+    "the lookup and the route's wrapper": (_NO_LOOKUP, _NO_WRAPPER),
 }
 
 

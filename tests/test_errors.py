@@ -48,7 +48,7 @@ def _pg(cls: type[asyncpg.PostgresError]) -> asyncpg.PostgresError:
 )
 def test_postgres_errors_by_sqlstate_class(exc: BaseException, reason: str | None) -> None:
     assert postgres_outage(exc) == reason
-    # the edge's middleware agrees: an outage is 503 "try again", the data's fault is not
+    # every route's wrapper agrees: an outage is 503 "try again", the data's fault is not
     assert pg_unavailable(exc) == (reason is not None)
 
 

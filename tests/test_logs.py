@@ -107,7 +107,7 @@ def test_access_log_setting():
 
 @pytest.mark.once
 def test_the_request_id_and_event_id_on_every_line_while_it_runs():
-    """What the edge's middleware sets: one contextvar per request, read when a line is
+    """What each route's wrapper sets: one contextvar per request, read when a line is
     written; nothing left behind once it is reset."""
     import structlog
     from structlog.testing import capture_logs

@@ -42,6 +42,7 @@ CATALOGUE: tuple[Callable[..., Any], ...] = (
     resolve.seen_link,
     resolve.resolve_click,
     accept.event,
+    accept.click,
     enqueue.put,
     keyed.put_once,
     accept.accepted,
@@ -127,7 +128,7 @@ def test_each_list_fits_its_dialect() -> None:
     for m, h, _, steps in handlers():
         names = {name(s) for s in steps}
         if (m, h) in PUBLIC:  # public: the link's lookup and refusals, never a caller's
-            assert {"accept.look", "accept.refusal", "accept.event"} <= names, (m, h)
+            assert {"accept.look", "accept.refusal"} <= names and names & {"accept.event", "accept.click"}, (m, h)
             assert not names & KEYED, (m, h)
         elif steps:  # keyed: its caller first (a HEAD and a read of a code are public, and append nothing)
             public_read = (m, h) in {("bricqs", "validate"), ("browser", "redirect_head")}

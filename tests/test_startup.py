@@ -409,13 +409,13 @@ def test_the_line_names_no_password() -> None:
 
 
 async def test_a_database_outage_a_route_did_not_expect_is_503_never_500() -> None:
-    """The request middleware's last line: an outage that escaped a route's own handling (a
+    """Every route's wrapper's last line: an outage that escaped a route's own handling (a
     management route on a read-only or unmigrated database, say) is "try again", while any
     other error stays a bare 500, and neither shows a trace."""
     from aiohttp import web
 
     from ingest.edge.metrics import EdgeMetrics
-    from ingest.host.app import edge_middleware
+    from ingest.host.wrap import Frame
 
     raised: dict[str, BaseException] = {
         "/read-only": asyncpg.exceptions.ReadOnlySQLTransactionError(
@@ -428,9 +428,9 @@ async def test_a_database_outage_a_route_did_not_expect_is_503_never_500() -> No
     async def handler(request: web.Request) -> web.Response:
         raise raised[request.path]
 
-    app = web.Application(middlewares=[edge_middleware(EdgeMetrics())])
-    for path in raised:
-        app.router.add_get(path, handler)
+    app = web.Application()
+    frame = Frame(EdgeMetrics())
+    frame.add_routes(app.router, [web.get(path, handler) for path in raised])
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()

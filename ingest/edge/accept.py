@@ -13,12 +13,12 @@ every route that takes it; none serves two kinds of route through flags.
    ``refusal`` says which of the link's refusals applies (and accounts its drop), and the
    route says it in its own words; every route refuses a code it does not know through
    ``unknown_code``, which keeps it for the console's tail.
-3. The event (``event``), then ``accepted`` when the guess went in with the lookup;
-   otherwise its append, plain (``ingest.edge.enqueue.put``) or under an idempotency key
-   (``ingest.edge.keyed.put_once``, which answers a repeat as the first), to the spool
-   where the route may (a public route's click), and the answer. An append Redis may hold
-   but cannot confirm is the route's 503 with ``Refstream-Outcome: unknown``
-   (``retry_headers``).
+3. The event (``event``; a click's with its click id and cache entry, ``click``), then
+   ``accepted`` when the guess went in with the lookup; otherwise its append, plain
+   (``ingest.edge.enqueue.put``) or under an idempotency key (``ingest.edge.keyed.put_once``,
+   which answers a repeat as the first), to the spool where the route may (a public
+   route's click), and the answer. An append Redis may hold but cannot confirm is the
+   route's 503 with ``Refstream-Outcome: unknown`` (``retry_headers``).
 
 What is decided below the route is raised, never returned beside a value: a refusal as a
 ``Problem``, the route's 503 as ``Down`` (``ingest.edge.problem``); the route's ``Voice``
@@ -41,6 +41,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
+from ingest.contract import clicks
 from ingest.contract.connections import Command
 from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.contract.events import Envelope, EventType, uuid7
@@ -151,6 +152,53 @@ def event(
     # positional, in the fields' order (type, dialect, payload, workspace_id, ip, user_agent,
     # event_id): half the cost of a call by keyword, once a request
     return Envelope(type, dialect, payload, workspace_id, ip, agent[:limit] if agent else None, event_id or uuid7())
+
+
+@dataclass(frozen=True, slots=True)
+class Click:
+    """A click's event, the click id it is known by, and what goes with it in its append:
+    the click cache entry a lead names the click by (none for a visitor's earlier click,
+    which has one already, nor for a test click)."""
+
+    envelope: Envelope
+    click_id: str
+    also: tuple[Command, ...]
+
+
+def click(
+    request: web.Request,
+    edge: Edge,
+    dialect: str,
+    link: LinkInfo,
+    code: str,
+    fields: dict[str, Any],
+    *,
+    ip: str | None,
+    prior: clicks.ClickRef | None = None,
+    user_agent: str | None = None,
+) -> Click:
+    """Every click route's event (``event``): its click id minted from its event id, or the
+    visitor's earlier click's with its visitor (``prior``); its payload the code, the click
+    and visitor ids, then the dialect's ``fields``; and its click cache entry, until the
+    link's cookie window ends."""
+    event_id = uuid7()
+    click_id = prior.click_id if prior else clicks.mint(event_id)
+    payload = {"code": code, "click_id": click_id, "visitor_id": prior.visitor_id if prior else click_id, **fields}
+    envelope = event(
+        request,
+        edge,
+        EventType.CLICK,
+        dialect,
+        link.workspace_id,
+        payload,
+        ip=ip,
+        event_id=event_id,
+        user_agent=user_agent,
+    )
+    if prior is not None or fields.get("test_mode"):
+        return Click(envelope, click_id, ())
+    ref = clicks.ClickRef(click_id, code, link.workspace_id, click_id, envelope.received_at_ms)
+    return Click(envelope, click_id, (ref.cache_command(edge.keys, link.cookie_window_days * 86400),))
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,37 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import asyncpg
-import orjson
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingest.contract import clock, erasure, heap, links
-from ingest.contract.connections import Redis, connect_redis, create_pg_pool, pg_unavailable
+from ingest.contract.connections import Redis, connect_redis, create_pg_pool
 from ingest.contract.drops import DropTally
-from ingest.contract.events import unique_token
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Watch
-from ingest.contract.logs import CURRENT_REQUEST, DEFAULT_ACCESS_LOG, AccessLog, RequestLog, error_fields
+from ingest.contract.logs import AccessLog
 from ingest.contract.settings import Settings
 from ingest.edge import lookup
 from ingest.edge.auth import Authenticator
 from ingest.edge.batcher import RedisBatcher
-from ingest.edge.body import CLOSE
 from ingest.edge.documented import documented
 from ingest.edge.idempotency import Idempotency
 from ingest.edge.metrics import EdgeMetrics
 from ingest.edge.ratelimit import RateLimiter
 from ingest.edge.routes import affitor, affixo, batch, biore, bricqs, browser, dub, refport
 from ingest.edge.state import EDGE, Edge
-from ingest.host import cors, health, openapi, paths
+from ingest.host import health, openapi
 from ingest.host.guard import GUARD, ConnectionGuard
 from ingest.host.siblings import SIBLINGS
+from ingest.host.wrap import Frame
 from ingest.link.durability import Durability
 from ingest.manage.routes import bricqs as bricqs_manage
 from ingest.manage.routes import commissions, privacy, reads, stats, webhooks
@@ -46,117 +42,6 @@ PG_CLOSE_S = 10.0  # a stopping edge waits this long for its Postgres connection
 # the youngest generation collected after this many net new containers (ingest.contract.heap):
 # a request's objects die with it, so only what outlives requests (caches) grows it
 EDGE_YOUNG = 10_000
-
-
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-ID", "")
-    if 0 < len(given) <= 64 and given.isascii() and given.isprintable():
-        return given
-    return unique_token()
-
-
-def route_of(request: web.Request) -> str:
-    """What a log line says of a request's target: the route's template
-    (``/v1/customers/{external_id}``), never its path or query, which may name a person."""
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
-def _unexpected(request: web.Request, exc: Exception) -> web.Response:
-    if pg_unavailable(exc):
-        # a route's own handling missed a database outage (read-only, not migrated, ...):
-        # "try again", never a 500 for what is not the request's fault
-        log.warning("request.postgres_unavailable", route=route_of(request), error=type(exc).__name__)
-        return web.Response(body=UNAVAILABLE, status=503, content_type="application/json", headers={"Retry-After": "1"})
-    # the error's kind and where it was raised, never its message: a database error's text
-    # quotes the value it refused, which may be a person's id, address or email
-    log.error("request.failed", method=request.method, route=route_of(request), **error_fields(exc))
-    return web.Response(body=INTERNAL, status=500, content_type="application/json")
-
-
-async def _unmatched(request: web.Request, exc: web.HTTPException) -> tuple[web.Request, web.StreamResponse, bool]:
-    """A request the router found nothing for: under the one path rule (``ingest.host.paths``:
-    no trailing or doubled slash) it is answered as if sent so, a preflight included; what
-    still matches nothing is the router's 404 or 405 in JSON. The request answered, its
-    answer, and whether it carries the public routes' CORS headers."""
-    again = await paths.alias(request)
-    if again is None:
-        return request, paths.refusal(exc), False
-    public = cors.is_public(again.path)
-    if public and again.method == "OPTIONS":
-        return again, cors.preflight(again), False
-    if again.match_info.http_exception is not None:
-        return again, paths.refusal(again.match_info.http_exception), False
-    try:
-        return again, await again.match_info.handler(again), public
-    except web.HTTPException:
-        raise  # a handler's own, as on its own path
-    except Exception as error:  # as the middleware answers it: never a trace
-        return again, _unexpected(again, error), False
-
-
-UNAVAILABLE = orjson.dumps({"error": "service_unavailable"})
-INTERNAL = orjson.dumps({"error": "internal_error"})
-
-
-def edge_middleware(
-    metrics: EdgeMetrics, access: AccessLog = DEFAULT_ACCESS_LOG, guard: ConnectionGuard | None = None
-) -> Middleware:
-    """The edge's one middleware, around every request: its id (from ``X-Request-ID`` when
-    the client sent a sane one, else minted; echoed, and on every line logged while it
-    runs), CORS on the public routes (``ingest.host.cors``), the connection guard, metrics by
-    route and status for every request, the access line as ``access`` says, and an
-    unexpected error as a bare 500 (503 for a database outage), never a trace. A request
-    whose body was refused (too large, too slow, unreadable) closes its connection once
-    answered. A path the router found nothing for is tried under the one path rule
-    (``ingest.host.paths``), on that error path alone. One middleware, not a chain: each
-    layer costs a call per request."""
-    observe = metrics.requests.observe
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        start = time.perf_counter()
-        status = 500
-        rid = _request_id(request)
-        if guard is not None:
-            guard.busy(request.protocol)
-        token = CURRENT_REQUEST.set(RequestLog(rid))
-        public = cors.is_public(request.path)
-        try:
-            if public and request.method == "OPTIONS":  # a preflight (tracker.js sends text/plain: it needs none)
-                response: web.StreamResponse = cors.preflight(request)
-            else:
-                try:
-                    response = await handler(request)
-                except web.HTTPException as exc:
-                    status = exc.status
-                    if exc is not request.match_info.http_exception:
-                        raise  # a handler's own
-                    # the router found nothing: the path under the one rule, or a JSON 404
-                    request, response, public = await _unmatched(request, exc)
-                except Exception as exc:
-                    response = _unexpected(request, exc)
-                    public = False
-                if public:
-                    response.headers.update(cors.HEADERS)
-                # a refused body is always answered 4xx: only then is the flag looked up
-                if response.status >= 400 and request.get(CLOSE) and not response.prepared:
-                    response.force_close()
-            status = response.status
-            response.headers["X-Request-ID"] = rid
-            return response
-        finally:
-            seconds = time.perf_counter() - start
-            route = route_of(request)
-            observe(route, status, seconds)
-            if access.wants(status):
-                ms = round(seconds * 1000, 3)
-                log.info("request", method=request.method, route=route, status=status, ms=ms)
-            CURRENT_REQUEST.reset(token)  # what the connection logs next is not this request's
-            if guard is not None:
-                guard.idle(request.protocol)
-
-    return middleware
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -278,13 +163,14 @@ METRICS = web.AppKey("metrics", EdgeMetrics)
 
 
 def create_app(settings: Settings) -> web.Application:
+    """The edge's app: no middleware; each route in a wrapper of its own, made as it is
+    registered from the parts it needs (``ingest.host.wrap``)."""
     # the batch route takes the largest bodies; every other route checks its own, smaller cap
     cap = max(settings.max_body_bytes, settings.batch_max_bytes)
     metrics = EdgeMetrics()
     guard = ConnectionGuard(settings.header_timeout_s, settings.keepalive_timeout_s)
-    app = web.Application(
-        client_max_size=cap, middlewares=[edge_middleware(metrics, AccessLog.parse(settings.access_log), guard)]
-    )
+    frame = Frame(metrics, AccessLog.parse(settings.access_log), guard)
+    app = web.Application(client_max_size=cap)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[GUARD] = guard
@@ -309,6 +195,7 @@ def create_app(settings: Settings) -> web.Application:
         browser,
         openapi,
     ):
-        app.add_routes(module.routes)
-    app.router.add_get("/metrics", metrics_route)
+        frame.add_routes(app.router, module.routes)
+    frame.add_routes(app.router, [web.get("/metrics", metrics_route)])
+    frame.close(app.router)  # last: what no route matched
     return app

@@ -2,7 +2,8 @@
 conversion routes (Dub's ``/track/click`` among them, whose publishable key a browser sends
 as ``Authorization``), the redirect. Any origin, never credentials; a workspace that lists
 ``allowed_origins`` is enforced by the routes themselves (they know the link). Applied by
-the edge's one middleware (``ingest.host.app.edge_middleware``)."""
+each public route's wrapper (``ingest.host.wrap``: the headers on its answers, and its
+resource's ``OPTIONS`` route for the preflight), and by no other route's."""
 
 from __future__ import annotations
 

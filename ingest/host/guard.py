@@ -5,7 +5,7 @@ lines and header fields (``max_line_size``, ``max_field_size``), but a client th
 connection and sends nothing, or drips a header a byte at a time, holds it for as long as it
 likes. ``ConnectionGuard`` adds that deadline from outside aiohttp's protocol, through
 public interfaces only: the server's list of connections, swept a few times a second, and
-the app's middleware, which says when a connection's request has arrived (its deadline is
+each route's wrapper (``ingest.host.wrap``), which says when a connection's request has arrived (its deadline is
 lifted) and when it was answered (the keep-alive deadline starts). Bodies have their own
 deadline, where they are read (``ingest.edge.body``).
 """

@@ -5,7 +5,8 @@ under the route's decorator), in the module that serves it; this module only col
 from the app's router (``operations``), the method and path the router's, and renders the
 document. A route without an entry fails the document (``DocumentError``), so the document
 and the router name the same routes by construction. ``HEAD`` routes are not listed: each
-is its ``GET``'s, answered without a body.
+is its ``GET``'s, answered without a body; nor are the preflights, the ``OPTIONS`` routes of
+the public resources.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ingest.contract import bounds
 from ingest.contract.errors import Misconfigured
 from ingest.contract.fields import NO_NUL
 from ingest.edge.documented import Body, Op, doc_of, documented
+from ingest.host import paths
 
 __all__ = ["PATH_PARAMS", "DocumentError", "document", "openapi", "operations", "routes"]
 
@@ -37,10 +39,12 @@ class DocumentError(Misconfigured):
 
 
 def operations(app: web.Application) -> tuple[Op, ...]:
-    """Every route ``app`` serves but ``HEAD``'s, in the router's order, with its handler's entry."""
+    """Every route ``app`` serves, in the router's order, with its handler's entry; not a
+    ``GET``'s ``HEAD``, a public route's preflight (its ``OPTIONS``: ``ingest.host.wrap``)
+    nor the router's last resource, what no route matched (``paths.Fallback``)."""
     found: list[Op] = []
     for route in app.router.routes():
-        if route.method == "HEAD":
+        if route.method in ("HEAD", "OPTIONS") or isinstance(route.resource, paths.Fallback):
             continue
         assert route.resource is not None  # every route the app adds is a resource's
         path = route.resource.canonical

@@ -10,7 +10,6 @@ link. ``existing_click_id`` keeps the visitor's earlier click id (and so its cus
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -19,9 +18,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import clicks
-from ingest.contract.connections import Command
 from ingest.contract.errors import NotSent, OutcomeUnknown
-from ingest.contract.events import Dialect, Envelope, EventType, uuid7
+from ingest.contract.events import Dialect
 from ingest.contract.fields import NO_NUL, NoNul, OptionalId
 from ingest.contract.links import LinkInfo
 from ingest.edge import accept, enqueue, keyed
@@ -31,7 +29,7 @@ from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key, 
 from ingest.edge.lookup import Guess
 from ingest.edge.problem import Problem
 from ingest.edge.resolve import ClickPending, Unavailable, resolve_click, seen_link
-from ingest.edge.state import EDGE, Edge
+from ingest.edge.state import EDGE
 
 routes = web.RouteTableDef()
 
@@ -111,23 +109,6 @@ VOICE = accept.Voice(
 )
 
 
-def _refuse(refused: accept.Refusal, code: str, headers: dict[str, str]) -> web.Response:
-    """The seed's answer for each of the link's refusals."""
-    match refused:
-        case accept.Refusal.RATE_LIMITED:
-            return fail(429, "Too many requests", headers)
-        case accept.Refusal.UNRESOLVED:
-            return VOICE.down()
-        case accept.Refusal.UNKNOWN_CODE:
-            return fail(400, f"No referral link found for aff={code}")
-        case accept.Refusal.UNCONFIGURED:
-            return fail(400, "Referral link configuration is invalid (missing partner or program)")
-        case accept.Refusal.INACTIVE:
-            return fail(200, "Referral link is inactive")
-        case accept.Refusal.ORIGIN:
-            return fail(403, "Origin not allowed for this workspace")
-
-
 def aff_code(affiliate_url: str) -> str:
     """The ``aff`` value of the URL; else raises the seed's 400 for why there is none
     (``Problem``, in ``VOICE``'s words)."""
@@ -144,63 +125,35 @@ def aff_code(affiliate_url: str) -> str:
     return values[0].strip()
 
 
-@dataclass(frozen=True, slots=True)
-class _Made:
-    envelope: Envelope
-    extra: tuple[Command, ...]
-    resp: bytes
-
-
-def _make(
-    request: web.Request,
-    edge: Edge,
-    body: AffitorClick,
-    code: str,
-    link: LinkInfo,
-    prior: clicks.ClickRef | None,
-    ip: str | None,
-    test_mode: bool,
-) -> _Made:
-    """The event, the click cache entry that goes with it, and the answer."""
-    event_id = uuid7()
-    click_id = prior.click_id if prior else clicks.mint(event_id)
-    payload: dict[str, Any] = {
-        "code": code,
-        "click_id": click_id,
-        "visitor_id": prior.visitor_id if prior else click_id,
-    }
+def _fields(body: AffitorClick, test_mode: bool) -> dict[str, Any]:
+    """The click's payload beside its code and ids: the page, as the tracker sent it."""
+    fields: dict[str, Any] = {}
     for name in ("page_url", "page_title", "session_id", "screen_resolution", "viewport_size", "language", "timezone"):
         if (value := getattr(body, name)) is not None:
-            payload[name] = value
+            fields[name] = value
     if body.referrer_url:
-        payload["referrer"] = body.referrer_url
+        fields["referrer"] = body.referrer_url
     if test_mode:
-        payload["test_mode"] = True
-    envelope = accept.event(
-        request,
-        edge,
-        EventType.CLICK,
-        Dialect.AFFITOR,
-        link.workspace_id,
-        payload,
-        ip=ip,
-        event_id=event_id,
-        user_agent=body.user_agent,
-    )
-    extra: list[Command] = []
-    if not test_mode and prior is None:
-        ref = clicks.ClickRef(click_id, code, link.workspace_id, payload["visitor_id"], envelope.received_at_ms)
-        extra.append(ref.cache_command(edge.keys, link.cookie_window_days * 86400))
+        fields["test_mode"] = True
+    return fields
+
+
+def _answer(body: AffitorClick, made: accept.Click, link: LinkInfo, code: str, test_mode: bool) -> bytes:
+    """The seed's answer: the click, or a test click's event."""
     if test_mode:
         program = body.additional_data.program_id if body.additional_data else None
-        data = AffitorTestModeData(eventId=str(event_id), programId=program if program is not None else link.program_id)
-        resp = orjson.dumps(AffitorTestModeResponse(data=data).model_dump())
-    else:
-        # AffitorClickResponse's fields, in its order (the model documents it; a dict is cheaper to dump)
-        resp = orjson.dumps(
-            {"success": True, "click_id": click_id, "partner_code": code, "cookie_window_days": link.cookie_window_days}
-        )
-    return _Made(envelope, tuple(extra), resp)
+        event_id = str(made.envelope.event_id)
+        data = AffitorTestModeData(eventId=event_id, programId=program if program is not None else link.program_id)
+        return orjson.dumps(AffitorTestModeResponse(data=data).model_dump())
+    # AffitorClickResponse's fields, in its order (the model documents it; a dict is cheaper to dump)
+    return orjson.dumps(
+        {
+            "success": True,
+            "click_id": made.click_id,
+            "partner_code": code,
+            "cookie_window_days": link.cookie_window_days,
+        }
+    )
 
 
 @routes.post("/api/v1/track/click")
@@ -230,16 +183,16 @@ async def track_click(request: web.Request) -> web.Response:
         return fail(400, str(exc).replace("Idempotency-Key", "Idempotency-Key (or dedupe)"))
     code = aff_code(body.affiliate_url)
     test_mode = bool(body.additional_data and body.additional_data.test_mode)
+    fields = _fields(body, test_mode)
     existing = body.existing_click_id if body.existing_click_id and clicks.parse(body.existing_click_id) else None
-
+    origin = request.headers.get("Origin")
     made = guess = None
     if idem_key is None and existing is None:
         # what this edge last read says "accept": append in the lookup's own round trip
         known = seen_link(edge, code)
-        if known is not None and known.configured and known.active:
-            if known.allows_origin(request.headers.get("Origin")):
-                made = _make(request, edge, body, code, known, None, ip, test_mode)
-                guess = Guess(made.envelope, code, made.extra)
+        if known is not None and known.configured and known.active and known.allows_origin(origin):
+            made = accept.click(request, edge, Dialect.AFFITOR, known, code, fields, ip=ip, user_agent=body.user_agent)
+            guess = Guess(made.envelope, code, made.also)
     found = await accept.look(  # public: with Redis down, the link from Postgres and the event to the spool
         edge,
         edge.public_limiter,
@@ -249,36 +202,49 @@ async def track_click(request: web.Request) -> web.Response:
         guess=guess,
     )
     headers = found.verdict.headers
-    refused = accept.refusal(edge, VOICE.route, code, found, request.headers.get("Origin"))
-    if refused is not None:
-        return _refuse(refused, code, headers)
+    match accept.refusal(edge, VOICE.route, code, found, origin):  # the seed's answer for each
+        case accept.Refusal.RATE_LIMITED:
+            return fail(429, "Too many requests", headers)
+        case accept.Refusal.UNRESOLVED:
+            return VOICE.down()
+        case accept.Refusal.UNKNOWN_CODE:
+            return fail(400, f"No referral link found for aff={code}")
+        case accept.Refusal.UNCONFIGURED:
+            return fail(400, "Referral link configuration is invalid (missing partner or program)")
+        case accept.Refusal.INACTIVE:
+            return fail(200, "Referral link is inactive")
+        case accept.Refusal.ORIGIN:
+            return fail(403, "Origin not allowed for this workspace")
     link = found.link
     assert link is not None
     prior = None
     if existing:
-        try:
+        try:  # not known yet (still spooled?): this click gets a new id, never a 503
             prior = await resolve_click(edge, existing, found.extra[0])
         except ClickPending:
-            prior = None  # not known yet (still spooled?): this click gets a new id, never a 503
+            prior = None
         except Unavailable:
             return VOICE.down()
         except (NotSent, OutcomeUnknown) as exc:
             return VOICE.down(exc)
         if prior is not None and prior.workspace_id != link.workspace_id:
             prior = None  # another workspace's click id: not this visitor
-
-    if found.appended:  # what was read held what the guess was made from: it went in
-        assert made is not None
-        return accept.accepted(made.resp, headers)
-    if made is None or made.envelope.workspace_id != link.workspace_id or prior is not None:
-        made = _make(request, edge, body, code, link, prior, ip, test_mode)
+    # appended: what was read held what the guess was made from, and it went in
+    if not found.appended and (made is None or made.envelope.workspace_id != link.workspace_id or prior):
+        made = accept.click(
+            request, edge, Dialect.AFFITOR, link, code, fields, ip=ip, prior=prior, user_agent=body.user_agent
+        )
+    assert made is not None
+    answer = _answer(body, made, link, code, test_mode)
+    if found.appended:
+        return accept.accepted(answer, headers)
     if idem_key is not None and asked is not None:  # public: scoped by the link's workspace and the link
         claim = Claim.of(idem_key, "affitor-click", link.workspace_id, asked, link=code)
         return await keyed.put_once(
-            edge, VOICE.refuse, claim, made.envelope, code, made.resp, headers, *made.extra, link=link, spool=True
+            edge, VOICE.refuse, claim, made.envelope, code, answer, headers, *made.also, link=link, spool=True
         )
-    await enqueue.put(edge, made.envelope, code, *made.extra, link=link, spool=True)
-    return accept.accepted(made.resp, headers)
+    await enqueue.put(edge, made.envelope, code, *made.also, link=link, spool=True)
+    return accept.accepted(answer, headers)
 
 
 # each route as the list of steps it takes, in their order: every step one shared function
@@ -287,7 +253,7 @@ STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
     "track_click": (
         parse,
         seen_link,
-        accept.event,
+        accept.click,
         accept.look,
         accept.refusal,
         resolve_click,

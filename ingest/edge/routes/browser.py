@@ -18,8 +18,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from ingest.contract import clicks
-from ingest.contract.events import Dialect, EventType, uuid7
+from ingest.contract.events import Dialect
 from ingest.contract.urls import header_safe, with_param
 from ingest.edge import accept, enqueue
 from ingest.edge.body import plain
@@ -105,27 +104,22 @@ async def redirect(request: web.Request) -> web.Response:
         log.warning("redirect.unknown_code", code=code, refused=refused.value if refused else None)
         return fallback
 
-    event_id = uuid7()
-    click_id = clicks.mint(event_id)
-    payload = {"code": code, "click_id": click_id, "visitor_id": click_id}
+    fields = {}
     if referrer := accept.header(request, "Referer", settings.max_string_length):
-        payload["referrer"] = referrer
-    envelope = accept.event(
-        request, edge, EventType.CLICK, Dialect.REDIRECT, link.workspace_id, payload, ip=ip, event_id=event_id
-    )
-    window_s = link.cookie_window_days * 86400
-    ref = clicks.ClickRef(click_id, code, link.workspace_id, click_id, envelope.received_at_ms)
+        fields["referrer"] = referrer
+    made = accept.click(request, edge, Dialect.REDIRECT, link, code, fields, ip=ip)
+    click_id = made.click_id
     to_link = moved(link.url)  # not recorded: the visitor still gets there
     recorded = accept.Voice("redirect", voice.refuse, lambda headers: to_link)
     try:
-        await enqueue.put(edge, envelope, code, ref.cache_command(edge.keys, window_s), link=link, spool=True)
+        await enqueue.put(edge, made.envelope, code, *made.also, link=link, spool=True)
     except Down as exc:
         return recorded.render(exc)
     response = moved(with_param(link.url, settings.click_id_param, click_id))
     response.set_cookie(
         settings.cookie_name,
         click_id,
-        max_age=window_s,
+        max_age=link.cookie_window_days * 86400,
         path="/",
         samesite="Lax",
         domain=settings.cookie_domain,
@@ -140,5 +134,5 @@ STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
     "tracker": (),
     "home": (),
     "redirect_head": (accept.look,),
-    "redirect": (accept.look, accept.refusal, accept.event, enqueue.put),
+    "redirect": (accept.look, accept.refusal, accept.click, enqueue.put),
 }

@@ -32,8 +32,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from ingest.contract import clicks
-from ingest.contract.events import Dialect, EventType, uuid7
+from ingest.contract.events import Dialect
 from ingest.contract.fields import NoNul
 from ingest.edge import accept, enqueue, lead, sale
 from ingest.edge.bodies import TrackLead
@@ -236,23 +235,15 @@ async def track_click(request: web.Request) -> web.Response:
     held = found.extra[0] if found.extra else None
     if isinstance(held, bytes):  # this browser's click on this link within the hour
         return _clicked(held.decode())
-    event_id = uuid7()
-    click_id = clicks.mint(event_id)
-    payload = {"code": link.code, "click_id": click_id, "visitor_id": click_id}
+    fields = {}
     if body.referrer:
-        payload["referrer"] = body.referrer
+        fields["referrer"] = body.referrer
     if body.url:
-        payload["page_url"] = body.url
-    envelope = accept.event(
-        request, edge, EventType.CLICK, Dialect.DUB, link.workspace_id, payload, ip=ip, event_id=event_id
-    )
-    ref = clicks.ClickRef(click_id, link.code, link.workspace_id, click_id, envelope.received_at_ms)
-    also = (
-        ref.cache_command(edge.keys, link.cookie_window_days * 86400),
-        ("SET", seen_key, click_id, "EX", SEEN_CLICK_S),
-    )
-    await enqueue.put(edge, envelope, link.code, *also, link=link, spool=True)
-    return _clicked(click_id)
+        fields["page_url"] = body.url
+    made = accept.click(request, edge, Dialect.DUB, link, link.code, fields, ip=ip)
+    also = (*made.also, ("SET", seen_key, made.click_id, "EX", SEEN_CLICK_S))
+    await enqueue.put(edge, made.envelope, link.code, *also, link=link, spool=True)
+    return _clicked(made.click_id)
 
 
 # each route as the list of steps it takes, in their order: every step one shared function
@@ -260,5 +251,5 @@ async def track_click(request: web.Request) -> web.Response:
 STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
     "track_lead": lead.STEPS,
     "track_sale": sale.STEPS,
-    "track_click": (accept.parsed, accept.unknown_code, accept.look, accept.refusal, accept.event, enqueue.put),
+    "track_click": (accept.parsed, accept.unknown_code, accept.look, accept.refusal, accept.click, enqueue.put),
 }
