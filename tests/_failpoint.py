@@ -9,7 +9,9 @@ wrapper wraps the step's method, then runs the CLI as the ``refstream`` script d
   CODE (a poison entry that kills every worker that reads it);
 - ``archive_crash_after_put``: an archiver, once a segment is uploaded and before the XACK;
 - ``archive_stop_before_put``: an archiver SIGSTOPs itself as its first upload begins (its
-  claims idle out; a SIGCONT lets it go on).
+  claims idle out; a SIGCONT lets it go on);
+- ``move_crash_after:STEP``: ``refstream workspace move``, once its mover's STEP (``copy``:
+  the first copy, ``fence``, ``finish``: the last catch up) is done.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, NoReturn
 from refstream.cli import main
 from workers.archive.store import LocalStore, ObjectStore
 from workers.consumer.pipeline import Pipeline
+from workers.ops.move import Mover
 
 
 def _die() -> NoReturn:
@@ -76,6 +79,8 @@ def install(name: str) -> None:
         stop = _stop_once()
         for store in (LocalStore, ObjectStore):
             _wrap(store, "put", before=stop)
+    elif name.startswith("move_crash_after:"):
+        _wrap(Mover, name.removeprefix("move_crash_after:"), after=True)
     else:
         raise SystemExit(f"unknown failpoint {name!r}")
 

@@ -1,0 +1,193 @@
+"""A workspace moved between shards (docs/shards.md, "Moving a workspace"): every row it
+owns arrives on the target as the source held it, its erasures, dedupe records, sales and
+commissions included, another workspace untouched; and a move whose command was killed
+after any of its steps is taken up again by the same command, losing nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from workers.ops.move import plan
+
+from ._procs import Procs
+from ._world import call
+from .conftest import wait_for
+from .test_e2e import TRACKED, fire
+from .test_shards import _COUNTERS_OFF, auth, two_shards  # noqa: F401 (a fixture)
+
+DUB_CLICK = {"domain": "shop.test", "key": "PARTNER123"}
+# an event's ids in a shard's own dictionaries, compared by what they name
+_NAMED = (
+    "SELECT e.event_id, (SELECT d.doc FROM event_devices d WHERE d.id = e.device_id) AS device,"
+    " (SELECT p.doc FROM event_places p WHERE p.id = e.place_id) AS place,"
+    " (SELECT a.ua FROM event_agents a WHERE a.id = e.agent_id) AS agent"
+    " FROM events e WHERE e.workspace_id = $1 ORDER BY e.event_id"
+)
+_IDS = ("agent_id", "device_id", "place_id")
+
+
+async def _world(procs: Procs, edge: str, name: str, shard: str) -> dict[str, Any]:
+    """A workspace with a link, commission rules, clicks, two customers' leads, a sale, an
+    erasure and a do-not-track entry."""
+    ws = await procs.cli("workspace", "create", name, "--shard", shard)
+    code = "PARTNER123" if name == "Moving" else f"stay{name}"
+    link = await procs.cli(
+        "link", "create", "--workspace", ws["workspace_id"], "--code", code, "--url", "https://shop.test/"
+    )
+    wsid = ("--workspace", ws["workspace_id"])
+    await procs.cli("commission", "set", link["program_id"], *wsid, "--sale-bps", "1000", "--hold-days", "0")
+    h = auth(ws["api_key"])
+    assert all(r == (200, TRACKED) for r in await fire(edge, [code] * 5))
+    if name != "Moving":
+        return dict(ws)
+    for customer in ("cust_a", "cust_gone"):
+        status, click, _ = await call("POST", f"{edge}/track/click", json=DUB_CLICK, headers={"User-Agent": customer})
+        assert status == 200, click
+        lead = {"clickId": click["clickId"], "eventName": "Sign up", "customerExternalId": customer}
+        assert (await call("POST", f"{edge}/track/lead", json=lead, headers=h))[0] == 200
+    await procs.cli("work", "--drain")
+    sale = {"customerExternalId": "cust_a", "amount": 5000, "currency": "usd", "invoiceId": "inv-1"}
+    status, out, _ = await call("POST", f"{edge}/track/sale", json=sale, headers=h)
+    assert status == 200, out
+    await procs.cli("work", "--drain")
+    eraser = await procs.cli("keys", "create", "--workspace", ws["workspace_id"], "--scopes", "erase")
+    assert (await call("DELETE", f"{edge}/v1/customers/cust_gone", headers=auth(eraser["api_key"])))[0] == 202
+    suppressed = {"kind": "customer", "value": "blocked"}
+    assert (await call("POST", f"{edge}/v1/suppressions", json=suppressed, headers=h))[0] in (200, 201)
+    await procs.cli("work", "--drain")
+    return dict(ws)
+
+
+async def _rows(conn: asyncpg.Connection, ws: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every planned table's rows of ``ws``, in key order; an event's dictionary ids as
+    what they name."""
+    held: dict[str, list[tuple[Any, ...]]] = {}
+    for t in await plan(conn):
+        cols = [c for c in t.columns if not (t.name == "events" and c in _IDS)]
+        order = ", ".join(f'"{c}"' for c in (t.key or cols[:1]))
+        rows = await conn.fetch(
+            f'SELECT {", ".join(chr(34) + c + chr(34) for c in cols)} FROM "{t.name}" WHERE {t.where} ORDER BY {order}',
+            ws,
+        )
+        held[t.name] = [tuple(r) for r in rows]
+    held["events named"] = [tuple(r) for r in await conn.fetch(_NAMED, ws)]
+    return held
+
+
+async def test_a_move_carries_every_row_of_the_workspace(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    try:
+        await procs.cli("migrate")
+        await procs.cli("shards", "add", "b", shard_url)
+        edge = await procs.start_edge()
+        ws = await _world(procs, edge, "Moving", "default")
+        stays = await _world(procs, edge, "Stays", "default")
+        source = await asyncpg.connect(directory_url)
+        target = await asyncpg.connect(shard_url)
+        try:
+            before = await _rows(source, ws["workspace_id"])
+            others = await _rows(source, stays["workspace_id"])
+            for table in (
+                "erasures",
+                "erased_ids",
+                "commissions",
+                "sales",
+                "event_dedupe",
+                "suppressions",
+                "customers",
+            ):
+                assert before[table], f"the world has no {table} row: the test would prove nothing"
+            moved = await procs.cli("workspace", "move", ws["workspace_id"], "--to", "b")
+            assert moved["state"] == "switched"
+            after = await _rows(target, ws["workspace_id"])
+            assert after == before  # every row, as the source held it
+            assert await _rows(source, stays["workspace_id"]) == others
+            assert all(not rows for rows in (await _rows(target, stays["workspace_id"])).values())
+            assert await target.fetch(_COUNTERS_OFF) == []
+            # the erased customer stays erased on the target; the sale's commission is there
+            assert await target.fetchval("SELECT count(*) FROM customers WHERE external_id = 'cust_gone'") == 0
+            h = auth(ws["api_key"])
+            assert (await call("GET", f"{edge}/v1/customers/cust_gone", headers=h))[0] == 404
+            status, paid, _ = await call("GET", f"{edge}/v1/commissions", headers=h)
+            assert status == 200 and [c["amount"] for c in paid["data"]] == [500], paid
+            status, again, _ = await call("GET", f"{edge}/v1/customers/cust_a", headers=h)
+            assert status == 200 and again["external_id"] == "cust_a", again
+        finally:
+            await source.close()
+            await target.close()
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.parametrize("step", ["copy", "fence", "finish"])
+async def test_a_move_killed_after_a_step_is_taken_up_again(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], redis: Any, step: str
+) -> None:
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    keys = Keys(s.stream_prefix, s.partitions)
+    procs = Procs(s, tmp_path)
+    try:
+        await procs.cli("migrate")
+        await procs.cli("shards", "add", "b", shard_url)
+        ws = await procs.cli("workspace", "create", "Moving", "--shard", "default")
+        await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "mcode")
+        edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")
+        procs.start("work")
+        replies: list[tuple[int, object]] = []
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            while not stop.is_set():
+                replies.extend(await fire(edge, ["mcode"] * 10, concurrency=2))
+
+        firing = asyncio.create_task(load())
+        try:
+            await wait_for(lambda: _any(replies), what="clicks answered")
+            killed = procs.start(
+                "workspace", "move", ws["workspace_id"], "--to", "b", failpoint=f"move_crash_after:{step}"
+            )
+            code = await asyncio.to_thread(killed.wait, 120)
+            assert code == -9, f"the move was not killed after {step}: exit {code}"
+            procs.running.remove(killed)
+            state = await _state(directory_url, ws["workspace_id"])
+            assert state == ("copying" if step == "copy" else "fenced"), state
+            done = await procs.cli("workspace", "move", ws["workspace_id"], "--to", "b", timeout=300)
+            assert done["state"] == "switched"
+        finally:
+            stop.set()
+            await firing
+        assert replies and all(r == (200, TRACKED) for r in replies)
+        await procs.cli("work", "--drain")
+        assert await redis.scard(keys.waiting_rooms) == 0
+        target = await asyncpg.connect(shard_url)
+        try:
+            assert await target.fetchval("SELECT count(*) FROM events") == len(replies)
+            assert await target.fetchval("SELECT clicks FROM links WHERE code = 'mcode'") == len(replies)
+            assert await target.fetch(_COUNTERS_OFF) == []
+        finally:
+            await target.close()
+    finally:
+        procs.stop_all()
+
+
+async def _any(replies: list[Any]) -> bool:
+    return len(replies) >= 20
+
+
+async def _state(url: str, ws: str) -> tuple[str, ...] | str:
+    conn = await asyncpg.connect(url)
+    try:
+        return str(await conn.fetchval("SELECT state FROM workspace_moves WHERE workspace_id = $1", ws))
+    finally:
+        await conn.close()
