@@ -107,7 +107,8 @@ async def _setup(
                 )
             finally:
                 await conn.close()
-        worlds.append(World(urls[shard], name, ws, made["api_key"], codes, []))
+        server = b if shard == "b" else a
+        worlds.append(World(server.url, urls[shard].rsplit("/", 1)[1], ws, made["api_key"], codes, []))
     return directory, urls, worlds
 
 
