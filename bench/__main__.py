@@ -33,11 +33,12 @@ from refstream.output import json_option, wants_json
     " imp (an import of --import-events rows beside live load: live p99 with and without it),"
     " p (a full events table against an empty one), pgbytes (Postgres bytes per stored click, by table and"
     " index), r (the archiver"
-    " against the worker, Redis bytes across retention cycles).",
+    " against the worker, Redis bytes across retention cycles), shards (the worker's events/s with the workspaces"
+    " on one Postgres primary and on two, each a server of the part's own).",
 )
 @click.option("--connections", type=int, default=32, show_default=True, help="wrk connections (one thread).")
 @click.option("--backlog-seconds", type=float, default=None, help="(f) workers stopped this long [60; --quick: 5].")
-@click.option("--drain-events", type=int, default=None, help="(d) pre-filled events [50000; --quick: 5000].")
+@click.option("--drain-events", type=int, default=None, help="(d, p, shards) pre-filled events [50000; --quick: 5000].")
 @click.option(
     "--fill-rows",
     type=int,

@@ -44,13 +44,15 @@ PARTS = (
     "p",
     "pgbytes",
     "r",
+    "shards",
 )
 # only when named in --only: (cap) capacity, CPU per event of each kind of process (minutes, a
 # Redis of its own), (con) ten open consoles' cost at half load, (h) starts Redis servers of its
 # own, (i) idempotency keys' cost, (m) a partition's MIGRATE between two Redis servers of its own,
 # (p) fills an events table with millions of rows, (r) the archiver and retention, (imp) a
-# million-row import beside live load, (pgbytes) Postgres bytes per stored click, by table and index
-DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("cap", "con", "h", "i", "imp", "m", "p", "pgbytes", "r"))
+# million-row import beside live load, (pgbytes) Postgres bytes per stored click, by table and index,
+# (shards) the worker on one Postgres primary and on two, each a server of its own
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("cap", "con", "h", "i", "imp", "m", "p", "pgbytes", "r", "shards"))
 
 
 def _py_spy() -> str:

@@ -89,6 +89,7 @@ SECTIONS = {
     "pgbytes": "(pgbytes) Postgres bytes per stored click, by relation (work --drain, then VACUUM)",
     "con_full": "(con) 1 edge, 1 worker and an idle console under wrk's full load (seed 000): the half rate's base",
     "con": "(con) ten open consoles at half that load, open loop: off and on windows alternating",
+    "shards": "(shards) the worker's committed events/s, the workspaces on one Postgres primary and on two",
     "imp": "(imp) refstream import of --import-events rows beside live seed 000 clicks: live p99 with / without",
 }
 

@@ -35,6 +35,7 @@ from .naive_part import part_c
 from .partition_parts import part_p
 from .pipeline_parts import part_d, part_e_f
 from .procs import Procs
+from .shards import part_shards
 
 HUGE_LIMIT = "1000000000"  # per minute: the bench measures the edge, not its rate limits
 
@@ -102,6 +103,7 @@ async def _one_run(ctx: Ctx) -> None:
         ("con", part_con, ctx.wants("con")),
         ("imp", part_imp, ctx.wants("imp")),
         ("pgbytes", part_pgbytes, ctx.wants("pgbytes")),
+        ("shards", part_shards, ctx.wants("shards")),
     ]
     for name, fn, wanted in steps:
         if wanted:
@@ -124,7 +126,7 @@ def ensure_wrk() -> None:
 
 
 # the parts that never start wrk
-NO_WRK = frozenset({"pgbytes"})
+NO_WRK = frozenset({"pgbytes", "shards"})
 
 
 async def bench(opts: Options, stack: ExitStack) -> dict[str, Any]:
@@ -227,6 +229,13 @@ NOTES = [
     "r: `work --drain` then `archive --drain` on the same N pre-filled entries (each its own group); events/s"
     " from each one's first read to its exit; then cycles of fill, both drains and a trim under a memory budget"
     " of a third of a cycle: the streams' MEMORY USAGE after each trim",
+    "shards: two Postgres servers of the part's own (initdb's settings, fsync and synchronous commit on), A with"
+    " the directory, B the shard b; one case with every workspace on A (no shard added), one with them spread"
+    " over A and B (`refstream shards add`, `workspace create --shard`), each on fresh databases; --drain-events"
+    " mixed events (as (d)) over the 4 workspaces, appended, then one `work --drain`; events_per_s from its first"
+    " read until drained; worker_cores, pg_a_cores, pg_b_cores: CPU seconds per wall second over that window"
+    " (/proc/<pid>/stat, a server's postmaster with its live backends), worker_us_per_event and pg_us_per_event"
+    " (both servers together) the same CPU per event; shards.ratio = two / one within a run",
     "p: two `work --drain` of --drain-events mixed events, into a fresh database and into one whose events table"
     " holds --fill-rows rows over 30 daily partitions (filled once, kept over the runs); p.drop_day_s: DROP of"
     " the oldest filled day's partition",
