@@ -215,6 +215,17 @@ async def scratch_url(services: svc_mod.Services) -> AsyncIterator[str]:
         await drop_database(services.postgres_url, name)
 
 
+@pytest.fixture
+async def two_shards(services: svc_mod.Services) -> AsyncIterator[tuple[str, str]]:
+    """Two databases that do not exist yet: the directory's and shard b's."""
+    names = [f"refstream_shard_{RUN_ID}_{secrets.token_hex(4)}" for _ in range(2)]
+    try:
+        yield tuple(svc_mod.with_database(services.postgres_url, n) for n in names)  # type: ignore[misc]
+    finally:
+        for n in names:
+            await drop_database(services.postgres_url, n)
+
+
 _counter = iter(range(1, 1_000_000))
 
 

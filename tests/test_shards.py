@@ -6,8 +6,6 @@ shard, once, with counters equal to their rows on each."""
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -16,25 +14,13 @@ import pytest
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
 from ingest.ledger import placement
-from refstream import services as svc_mod
 
 from ._procs import Procs, env_for, run_command
 from ._world import call
-from .conftest import RUN_ID, drop_database, wait_for
+from .conftest import wait_for
 from .test_e2e import TRACKED, fire
 
 PASSWORD = "s3cret-Sh4rd/pw"  # trust auth ignores it; it must still never be stored in clear
-
-
-@pytest.fixture
-async def two_shards(services: svc_mod.Services) -> AsyncIterator[tuple[str, str]]:
-    """Two databases that do not exist yet: the directory's and shard b's."""
-    names = [f"refstream_shard_{RUN_ID}_{secrets.token_hex(4)}" for _ in range(2)]
-    try:
-        yield tuple(svc_mod.with_database(services.postgres_url, n) for n in names)  # type: ignore[misc]
-    finally:
-        for n in names:
-            await drop_database(services.postgres_url, n)
 
 
 def auth(key: str) -> dict[str, str]:

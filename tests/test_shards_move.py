@@ -19,7 +19,7 @@ from ._procs import Procs
 from ._world import call
 from .conftest import wait_for
 from .test_e2e import TRACKED, fire
-from .test_shards import _COUNTERS_OFF, auth, two_shards  # noqa: F401 (a fixture)
+from .test_shards import _COUNTERS_OFF, auth
 
 DUB_CLICK = {"domain": "shop.test", "key": "PARTNER123"}
 # an event's ids in a shard's own dictionaries, compared by what they name
