@@ -11,9 +11,14 @@ from typing import Any
 import asyncpg
 import pytest
 
+from ingest.contract import erasure
+from ingest.contract.connections import create_pg_pool
+from ingest.contract.events import Envelope, EventType
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
 from ingest.ledger import placement
+from ingest.manage import suppressions
+from ingest.privacy.suppressed import Suppressed
 
 from ._procs import Procs, env_for, run_command
 from ._world import call
@@ -222,3 +227,37 @@ async def _stored(url: str) -> bool:
         return bool(await conn.fetchval("SELECT count(*) FROM events") >= 40)
     finally:
         await conn.close()
+
+
+async def test_each_shards_do_not_track_list_is_read_from_that_shard(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    a = (await procs.cli("workspace", "create", "A", "--shard", "default"))["workspace_id"]
+    b = (await procs.cli("workspace", "create", "B", "--shard", "b"))["workspace_id"]
+    erasure.forget_salt()  # the salt the shards share, not the suite's database's
+    directory = await create_pg_pool(s, min_size=1, max_size=2)
+    place = placement.Placement.over(s, directory)
+    try:
+        for url, ws, visitor in ((directory_url, a, "v-a"), (shard_url, b, "v-b")):
+            conn = await asyncpg.connect(url)
+            try:
+                await suppressions.add(conn, ws, "visitor", visitor, by="test")
+            finally:
+                await conn.close()
+        listed = Suppressed()
+        await listed._read_shards(place)  # what the edge's loop does every period
+
+        def names(ws: str, visitor: str) -> bool:
+            return listed.names(Envelope(EventType.CLICK, "biore", {"visitor_id": visitor}, workspace_id=ws))
+
+        assert names(a, "v-a") and names(b, "v-b")  # each shard's list, read from it
+        assert not names(a, "v-b") and not names(b, "v-a")  # and each workspace's its own
+    finally:
+        await place.close()
+        await directory.close()
+        erasure.forget_salt()
