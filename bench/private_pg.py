@@ -23,7 +23,7 @@ from pathlib import Path
 
 import asyncpg
 
-from refstream.embedded import _pg_install, die_with_parent, free_port
+from refstream.embedded import die_with_parent, free_port, pg_install
 
 DEBIAN_PG = Path("/usr/lib/postgresql/15/bin")
 START_S = 60.0
@@ -32,7 +32,7 @@ START_S = 60.0
 def _pg_bin() -> Path:
     if all((DEBIAN_PG / b).exists() for b in ("initdb", "postgres")):
         return DEBIAN_PG
-    return _pg_install(os.geteuid() == 0) / "bin"
+    return pg_install(os.geteuid() == 0) / "bin"
 
 
 class PrivatePostgres:

@@ -228,7 +228,7 @@ def _readable_by_all(path: Path) -> bool:
     return True
 
 
-def _pg_install(as_other_user: bool) -> Path:
+def pg_install(as_other_user: bool) -> Path:
     """pgserver's install tree; as root, a copy any user can read when the original sits
     below a private directory (a fresh clone in a mkdtemp folder, say). The binaries find
     their libraries through RPATH ``$ORIGIN/../../../pgserver.libs``, so the copy keeps
@@ -264,7 +264,7 @@ def _pg_install(as_other_user: bool) -> Path:
 
 def _start_postgres(base: Path, keep: bool = False) -> tuple[subprocess.Popen[bytes], str]:
     as_root = os.geteuid() == 0
-    install = _pg_install(as_root)
+    install = pg_install(as_root)
     uid: int | None = None
     gid: int | None = None
     if as_root:

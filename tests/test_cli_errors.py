@@ -34,7 +34,7 @@ import pytest
 from ingest.contract.settings import Settings
 from ingest.manage.db import SCHEMA_VERSION
 from refstream import services as services_mod
-from refstream.embedded import _pg_install, die_with_parent, free_port
+from refstream.embedded import die_with_parent, free_port, pg_install
 from refstream.services import Services, with_database
 
 from ._procs import env_for, run_command
@@ -202,7 +202,7 @@ class PasswordPostgres:
     password = "right-" + secrets.token_hex(4)
 
     def __init__(self) -> None:
-        self.bin = DEBIAN_PG if (DEBIAN_PG / "initdb").exists() else _pg_install(os.geteuid() == 0) / "bin"
+        self.bin = DEBIAN_PG if (DEBIAN_PG / "initdb").exists() else pg_install(os.geteuid() == 0) / "bin"
         self.base = Path(tempfile.mkdtemp(prefix="refstream-pwpg-"))
         os.chmod(self.base, 0o755)  # the unprivileged server user must traverse it
         self.port = free_port()

@@ -48,7 +48,7 @@ def _made_standby(base: Path) -> None:
 
 
 def _pg_isready(port: int) -> int:
-    install = embedded._pg_install(os.geteuid() == 0)
+    install = embedded.pg_install(os.geteuid() == 0)
     return subprocess.run(
         [str(install / "bin" / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-t", "2"],
         capture_output=True,

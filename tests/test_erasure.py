@@ -101,9 +101,9 @@ async def counters(pg: asyncpg.Pool) -> dict[str, Any]:
 def pg_dump_text(url: str) -> bytes:
     binary = DEBIAN_PG / "pg_dump" if (DEBIAN_PG / "pg_dump").exists() else None
     if binary is None:
-        from refstream.embedded import _pg_install
+        from refstream.embedded import pg_install
 
-        binary = _pg_install(os.geteuid() == 0) / "bin" / "pg_dump"
+        binary = pg_install(os.geteuid() == 0) / "bin" / "pg_dump"
     done = subprocess.run([str(binary), "--data-only", "--no-owner", url], capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     return done.stdout

@@ -314,7 +314,7 @@ async def share_salt(directory: asyncpg.Connection, shard: asyncpg.Connection) -
         theirs = await shard.fetchval("SELECT salt FROM erasure_salt FOR UPDATE")
         if theirs == salt:
             return
-        if await shard.fetchval("SELECT EXISTS (SELECT 1 FROM erased_ids)"):
+        if await shard.fetchval("SELECT EXISTS (SELECT 1 FROM erasures)"):  # a ledger of its own
             raise ShardError("this database's erasure ledger holds digests under another salt: it is in use elsewhere")
         await shard.execute("UPDATE erasure_salt SET salt = $1", salt)
 

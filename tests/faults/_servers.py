@@ -24,7 +24,7 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
-from refstream.embedded import _pg_install, die_with_parent, free_port, package_dir
+from refstream.embedded import die_with_parent, free_port, package_dir, pg_install
 
 from .._redis import PrivateRedis
 
@@ -35,7 +35,7 @@ _SIGNAL_FOR_MODE = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate":
 def _pg_bin() -> Path:
     if all((DEBIAN_PG / b).exists() for b in ("initdb", "pg_ctl", "postgres")):
         return DEBIAN_PG
-    return _pg_install(os.geteuid() == 0) / "bin"
+    return pg_install(os.geteuid() == 0) / "bin"
 
 
 class PgServer:

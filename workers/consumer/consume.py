@@ -88,7 +88,7 @@ class Consumer:
                 Chore("retire", RETIRE_EVERY_S, self._retire),
                 Chore("windows", WINDOWS_EVERY_S, self._windows, needs_postgres=True),
                 Chore("bursts", burst_pass.PASS_EVERY_S, self._bursts, needs_postgres=True),
-                Chore("waiting", WAITING_EVERY_S, self.pipeline.drain_rooms),
+                Chore("waiting", WAITING_EVERY_S, self._waiting),
             ],
             totals=lambda: vars_of(pipeline.totals),
             on_gate=self._gate_changed,
@@ -108,7 +108,7 @@ class Consumer:
         except Exception as exc:
             log.warning("bursts.pass_left", error=repr(exc))
         if drain:  # the waiting rooms too, while their shards take them
-            while await self.pipeline.drain_rooms():
+            while await self._waiting():
                 pass
 
     def stop(self) -> None:
@@ -168,6 +168,10 @@ class Consumer:
         deliveries = [d for p in done for d in p.deliveries]
         if deliveries:
             await self.pipeline.notify(store.BatchResult(deliveries=deliveries))
+
+    async def _waiting(self) -> int:
+        """The waiting rooms of shards that answer again (``workers.consumer.waiting``)."""
+        return await self.pipeline.drain_rooms()
 
     async def _windows(self) -> None:
         for pool in (await self.pipeline.placement.pools()).values():
