@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 import asyncpg
@@ -386,8 +387,9 @@ async def connect_shards(url: str, secret_key: str | None) -> dict[str, asyncpg.
     for name, dsn in dsns.items():
         try:
             conns[name] = await asyncpg.connect(dsn, timeout=CONNECT_S)
-        except PG_ERRORS as exc:
-            conns[name] = f"{type(exc).__name__}: {exc}"
+        except PG_ERRORS as exc:  # where, never who: no user or password
+            where = urlsplit(dsn).netloc.rpartition("@")[2] + urlsplit(dsn).path
+            conns[name] = f"postgres at {where}: {type(exc).__name__}: {exc}"
     return conns
 
 
