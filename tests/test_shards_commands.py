@@ -85,8 +85,9 @@ async def test_the_commands_see_every_shard_and_name_it(
                 user_agent=BROWSER,
                 workspace_id=ws["workspace_id"],
             )
-            fields: dict[str, Any] = {"id": "1-1", "error": "store: boom", "deliveries": 1, "stream": keys.streams[0]}
-            await redis.xadd(keys.dead, {**fields, "at": int(time.time() * 1000), FIELD: wire.to_blob(e)})
+            fields: dict[Any, Any] = {"id": "1-1", "error": "store: boom", "deliveries": 1, "stream": keys.streams[0]}
+            fields.update({"at": int(time.time() * 1000), FIELD: wire.to_blob(e)})
+            await redis.xadd(keys.dead, fields)
         await shard.execute("UPDATE links SET clicks = clicks + 5 WHERE code = 'bcode'")  # drift on b
         for conn in (directory, shard):  # stored within status's minute, however slow the machine
             await conn.execute("UPDATE events SET processed_at = now()")
