@@ -285,7 +285,7 @@ def make_app(settings: Settings, *, spool_dirs: list[str]) -> web.Application:
         # needed most, and its charts say "postgres 0" until it answers
         pool = await create_pg_pool(settings, min_size=0, max_size=4)
         # every shard's pool, opened on first use: a tenant's reads on its workspace's shard,
-        # the operator's on every shard (docs/shards.md)
+        # the operator's on every shard (ingest.ledger.placement)
         shards = placement.Placement.over(settings, pool, max_size=4)
         app[CONTEXT].update(redis=redis, pool=pool, keys=keys, shards=shards)
         app[ACCESS] = Access(settings.console_token, redis, keys, pool, shards)
