@@ -24,9 +24,6 @@ from refstream.embedded import free_port
 
 from ._procs import Procs, env_for, run_command
 from ._world import BROWSER
-from .test_shards import two_shards
-
-__all__ = ["two_shards"]  # the fixture, used here
 
 
 def _at(days_ago: float, minutes: int = 0) -> str:
