@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-from collections.abc import AsyncIterator, Callable, Coroutine
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
@@ -172,12 +174,94 @@ async def open_holding(settings: Settings, sql: str, *args: Any) -> asyncpg.Conn
 async def workspace_settings(settings: Settings, workspace_id: str) -> Settings:
     """``settings`` whose ``database_url`` is the shard ``workspace_id`` is on: for a
     command that opens its own pool for one workspace's work (an import, an erasure)."""
+    return (await workspace_shard(settings, workspace_id))[1]
+
+
+async def shard_urls(settings: Settings) -> dict[str, str]:
+    """Every shard's DSN (its password put back) by name, ``default`` (``DATABASE_URL``)
+    first: what a command that reads or checks everything runs on, a shard at a time. One
+    entry while no shard was added."""
     conn = await open_database(settings)
     try:
+        return {placement.DEFAULT: settings.database_url, **await placement.shard_dsns(conn, settings.secret_key)}
+    finally:
+        await conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Down:
+    """A shard a command could not reach (or found missing or behind): said, not raised,
+    so the other shards' figures are still shown."""
+
+    shard: str
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shard": self.shard, "reachable": False, "error": self.error}
+
+
+async def each_shard(settings: Settings, fn: Callable[[Settings], Awaitable[T]]) -> dict[str, T | Down]:
+    """``fn`` on every shard in turn, by name, ``default`` first: given ``settings`` whose
+    ``database_url`` is that shard's. With one shard, ``fn(settings)`` as before (its own
+    errors raised). With several, a shard that cannot be reached is a ``Down``, and the
+    others still run."""
+    urls = await shard_urls(settings)
+    if len(urls) == 1:
+        return {placement.DEFAULT: await fn(settings)}
+    done: dict[str, T | Down] = {}
+    for name, url in urls.items():
+        status = await schema_check.check_url(url)
+        if not status.ok:
+            done[name] = Down(name, status.line(url))
+            continue
+        done[name] = await fn(settings.model_copy(update={"database_url": url}))
+    return done
+
+
+def down_line(done: dict[str, Any]) -> str | None:
+    """The one line naming every shard ``each_shard`` could not reach, or None."""
+    down = [d for d in done.values() if isinstance(d, Down)]
+    return "; ".join(f"shard {d.shard}: {d.error}" for d in down) or None
+
+
+async def shards_of(settings: Settings, workspace_ids: list[str | None]) -> dict[str, str] | None:
+    """The shard each of ``workspace_ids`` is on (``default`` for one the directory does not
+    place), from the directory; None while there is one shard, or when the directory cannot
+    be read (what asked goes on without it: a dead letter's listing)."""
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=schema_check.CONNECT_TIMEOUT_S)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        return None
+    try:
+        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM shards)"):
+            return None
+        rows = await conn.fetch(
+            "SELECT workspace_id::text AS ws, shard FROM workspace_shards WHERE workspace_id::text = ANY($1::text[])",
+            sorted({w for w in workspace_ids if w}),
+        )
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        return None
+    finally:
+        await conn.close()
+    placed = {r["ws"]: r["shard"] for r in rows}
+    return {w: placed.get(w, placement.DEFAULT) for w in workspace_ids if w}
+
+
+async def workspace_shard(settings: Settings, workspace_id: str) -> tuple[str, Settings]:
+    """The name of the shard ``workspace_id`` is on, and ``workspace_settings``'s settings."""
+    conn = await open_database(settings)
+    try:
+        try:
+            ws: uuid.UUID | None = uuid.UUID(workspace_id)
+        except ValueError:
+            ws = None
+        name = await conn.fetchval("SELECT shard FROM workspace_shards WHERE workspace_id = $1", ws) if ws else None
         there = await placement.shard_dsn_of(conn, workspace_id, settings.secret_key)
     finally:
         await conn.close()
-    return settings if there is None else settings.model_copy(update={"database_url": there})
+    if there is None:
+        return placement.DEFAULT, settings
+    return str(name), settings.model_copy(update={"database_url": there})
 
 
 @asynccontextmanager

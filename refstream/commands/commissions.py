@@ -14,10 +14,20 @@ from ingest.contract.commission import DURATIONS
 from ingest.contract.connections import create_pg_pool
 from ingest.contract.errors import NotFound
 from ingest.contract.settings import Settings
+from ingest.ledger import placement
 from ingest.manage import ledger
 from ingest.manage.routes.commissions import CommissionRules
 from refstream import output as out
-from refstream.runner import open_database, print_data, run_command
+from refstream.runner import (
+    Down,
+    down_line,
+    each_shard,
+    open_database,
+    print_data,
+    run_command,
+    shard_urls,
+    workspace_shard,
+)
 
 
 def _ledger(work: Any, workspace_id: str) -> None:
@@ -115,19 +125,39 @@ def commission_list(workspace_id: str, affiliate_id: str | None, status: str | N
 @click.option("--import-earns", is_flag=True, help="The imports ran with --commissions (their rows earn).")
 def commission_check(workspace_id: str | None, import_earns: bool) -> None:
     """The ledger against the rules applied to the whole history: each sale or lead whose
-    net commission differs. Exit 0 when none does, 1 otherwise. Reads only."""
+    net commission differs. Exit 0 when none does, 1 otherwise. Reads only. With several
+    Postgres shards, every shard's ledger (or the workspace's shard's), each difference
+    with its shard; a shard that cannot be reached is named, and the exit is 1."""
     from workers.ops.ledger_check import check
 
-    async def go(settings: Settings) -> dict[str, Any]:
-        pool = await create_pg_pool(settings, min_size=1, max_size=1)
+    async def on(shard: Settings) -> list[dict[str, Any]]:
+        pool = await create_pg_pool(shard, min_size=1, max_size=1)
         try:
-            found = await check(pool, workspace_id, import_earns=import_earns)
+            return [d.to_dict() for d in await check(pool, workspace_id, import_earns=import_earns)]
         finally:
             await pool.close()
-        return {"differences": [d.to_dict() for d in found]}
 
-    result = run_command(go)
+    async def go(settings: Settings) -> tuple[dict[str, Any], str | None]:
+        if workspace_id is not None:  # its shard's ledger alone
+            name, there = await workspace_shard(settings, workspace_id)
+            done: dict[str, Any] = {name: await on(there)}
+            sharded = len(await shard_urls(settings)) > 1
+        else:
+            done = await each_shard(settings, on)
+            sharded = len(done) > 1
+        if not sharded:
+            return {"differences": done[placement.DEFAULT]}, None
+        found = [d | {"shard": n} for n, ds in done.items() if not isinstance(ds, Down) for d in ds]
+        shards = [
+            d.to_dict() if isinstance(d, Down) else {"shard": n, "reachable": True, "differences": len(d)}
+            for n, d in done.items()
+        ]
+        return {"differences": found, "shards": shards}, down_line(done)
+
+    result, missed = run_command(go)
     print_data(result)
+    if missed:
+        raise click.ClickException(f"not checked: {missed}")
     if result["differences"]:
         sys.exit(1)
 

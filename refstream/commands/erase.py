@@ -17,14 +17,50 @@ from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.errors import NotFound
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.manage import schema_check
 from ingest.privacy import erasure as pg_erasure
 from ingest.privacy import erasure_affiliate as affiliate_erasure
 from ingest.privacy import erasure_copy, external_ids
 from refstream import output as out
-from refstream.runner import print_data, run_command
+from refstream.runner import print_data, run_command, shard_urls, workspace_shard
 
 
 async def _erase(
+    settings: Settings, external_id: str | None, workspace: str | None, sweep: bool, partner: dict[str, str]
+) -> dict[str, Any]:
+    """The erasure on its workspace's shard, then what is pending (and ``sweep``) on every
+    shard, each row and sweep with its shard's name; with one shard, ``_on_shard`` alone."""
+    urls = await shard_urls(settings)
+    if len(urls) == 1:
+        return await _on_shard(settings, external_id, workspace, sweep, partner)
+    result: dict[str, Any] = {}
+    done: set[str] = set()
+    if workspace is not None:  # the workspace's rows, and its erasure, are on its shard
+        name, there = await workspace_shard(settings, workspace)
+        result = await _on_shard(there, external_id, workspace, sweep, partner)
+        result["shard"] = name
+        result["pending"] = [p | {"shard": name} for p in result["pending"]]
+        result["sweep"] = {name: result["sweep"]} if "sweep" in result else {}
+        done.add(name)
+    else:
+        result = {"pending": [], "sweep": {}} if sweep else {"pending": []}
+    result["shards"] = []
+    for name, url in urls.items():
+        status = await schema_check.check_url(url)
+        if not status.ok:
+            result["shards"].append({"shard": name, "reachable": False, "error": status.line(url)})
+            continue
+        result["shards"].append({"shard": name, "reachable": True})
+        if name in done:
+            continue
+        theirs = await _on_shard(settings.model_copy(update={"database_url": url}), None, None, sweep, {})
+        result["pending"] += [p | {"shard": name} for p in theirs["pending"]]
+        if "sweep" in theirs:
+            result["sweep"][name] = theirs["sweep"]
+    return result
+
+
+async def _on_shard(
     settings: Settings, external_id: str | None, workspace: str | None, sweep: bool, partner: dict[str, str]
 ) -> dict[str, Any]:
     from workers.archive.store import open_store
@@ -124,6 +160,10 @@ def erase(
     """Erase a customer's personal data everywhere: Postgres, Redis (streams, dead letters,
     the click cache, idempotency answers), spools as they drain, and the archive.
 
+    With several Postgres shards, the erasure is made on its workspace's shard; --status
+    and --sweep go over every shard, naming each (a shard that is down is said, and the
+    exit is 1).
+
     Counters keep their numbers; the erasure ledger (keyed digests, no personal data) makes
     every later copy of the person's events (late, replayed, imported) stored scrubbed."""
     partner = {k: v for k, v in (("affiliate_id", affiliate_id), ("participant_id", participant_id)) if v is not None}
@@ -149,7 +189,13 @@ def erase(
     data = run_command(lambda settings: _erase(settings, external_id, ws, sweep, partner))
     if out.wants_json():
         out.print_json(data)
-        return
+    else:
+        _render(data)
+    if down := [f"shard {s['shard']}: {s['error']}" for s in data.get("shards", []) if not s["reachable"]]:
+        raise click.ClickException(f"not listed or swept: {'; '.join(down)}")
+
+
+def _render(data: dict[str, Any]) -> None:
     if "erasure" in data:
         e = data["erasure"]
         print_data(
@@ -157,18 +203,19 @@ def erase(
         )
     for e in data.get("erasures", []):
         print_data({"erasure": e["erasure_id"], "postgres rows scrubbed": e["done"].get("postgres")})
-    if "sweep" in data:
+    if "shards" in data:  # several shards: each swept (and listed), or down
+        for shard in data["shards"]:
+            said = "up" if shard["reachable"] else f"DOWN: {shard['error']}"
+            out.console().print(f"shard {shard['shard']}: {said}", markup=False, highlight=False)
+        for name, swept in data.get("sweep", {}).items():
+            print_data({"shard": name, "sweep": {k: v for k, v in swept.items() if v}})
+    elif "sweep" in data:
         print_data({"sweep": {k: v for k, v in data["sweep"].items() if v}})
-    t = out.table(
-        "erasures pending",
-        "erasure",
-        "workspace",
-        "requested",
-        "pending",
-        "archive due",
-        left=("erasure", "workspace", "pending"),
-    )
+    shard = ("shard",) if "shards" in data else ()
+    columns = ("erasure", "workspace", *shard, "requested", "pending", "archive due")
+    t = out.table("erasures pending", *columns, left=("erasure", "workspace", *shard, "pending"))
     for p in data["pending"]:
         due = p["archive_due"] + (" OVERDUE" if p["overdue"] else "")
-        t.add_row(p["erasure_id"], p["workspace_id"], p["requested_at"], ", ".join(p["pending"]), due)
+        where = (p["shard"],) if shard else ()
+        t.add_row(p["erasure_id"], p["workspace_id"], *where, p["requested_at"], ", ".join(p["pending"]), due)
     out.console().print(t if data["pending"] else "no erasure pending")

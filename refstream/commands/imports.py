@@ -29,7 +29,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
 from refstream import output as out
-from refstream.runner import run_reading, settings_and_logging
+from refstream.runner import run_reading, settings_and_logging, shard_urls, workspace_shard
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -201,7 +201,9 @@ async def _go(run: _Run) -> dict[str, Any]:
     the progress bar, and Ctrl-C's handler, each closed or removed at the end."""
     from workers.consumer.enrich import Enricher
 
-    settings = run.settings
+    ws = run.opts.workspace_id
+    shard, settings = await workspace_shard(run.settings, ws)  # its rows go to its shard
+    sharded = len(await shard_urls(run.settings)) > 1
     niced: list[backend_nice.Outcome] = []
     console = Console(stderr=True)
     stop = asyncio.Event()
@@ -212,7 +214,6 @@ async def _go(run: _Run) -> dict[str, Any]:
     redis = connect_redis(settings)
     enricher = Enricher(city_db=settings.city_db)
     keys = Keys(settings.stream_prefix, settings.partitions)
-    ws = run.opts.workspace_id
     if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", uuid.UUID(ws)):
         raise click.ClickException(f"no workspace {ws}")
     try:
@@ -223,13 +224,17 @@ async def _go(run: _Run) -> dict[str, Any]:
             "of": len(niced),
             "why_not": sorted({o.why for o in niced if not o.applied}),
         }
-        return summary.to_dict() | {
-            "file": run.file,
-            "format": run.fmt,
-            "source": run.opts.source,
-            "workspace": ws,
-            "backend_nice": backends,
-        }
+        return (
+            summary.to_dict()
+            | {
+                "file": run.file,
+                "format": run.fmt,
+                "source": run.opts.source,
+                "workspace": ws,
+                "backend_nice": backends,
+            }
+            | ({"shard": shard} if sharded else {})
+        )
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         enricher.close()
@@ -344,8 +349,9 @@ def giving_way(t: Told, s: Summary) -> str:
 
 
 def render(result: dict[str, Any], console: Console) -> None:
+    on = f", on shard {result['shard']}" if "shard" in result else ""
     console.print(
-        f"import of {result['file']} ({result['format']}, source {result['source']})", markup=False, highlight=False
+        f"import of {result['file']} ({result['format']}, source {result['source']}{on})", markup=False, highlight=False
     )
     table = out.table("rows", "", "count", left=("",))
     for name in ("read", "stored", "duplicates"):

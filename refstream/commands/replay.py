@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
+from ingest.ledger import placement
 from refstream import output as out
 from refstream.console.ranges import RangeUsageError, parse_time
 from refstream.runner import run_reading, settings_and_logging
@@ -45,7 +46,8 @@ def replay(
     consumer group is not touched (XRANGE, not XREADGROUP), so workers may keep running.
     The dry run replays in a transaction it rolls back: "new" is what a replay would store;
     "repeats" (a repeated lead or conversion) and "skipped" (an unknown code, an inactive
-    link) produce no row by design.
+    link) produce no row by design. With several Postgres shards, each event is stored on
+    its workspace's shard.
     """
     from workers.archive.store import open_store
     from workers.consumer.enrich import Enricher
@@ -65,6 +67,7 @@ def replay(
     async def go() -> dict[str, Any]:
         redis = connect_redis(settings)
         pool = await create_pg_pool(settings, min_size=1, max_size=2)
+        shards = placement.Placement.over(settings, pool, max_size=2)  # each event on its workspace's shard
         source = rp.Source(  # Redis, and the archive for the rest; what a failover may lose: not yet
             redis,
             open_store(settings),
@@ -75,14 +78,14 @@ def replay(
         enricher = Enricher(city_db=settings.city_db)  # bot verdicts, as the workers make them
         try:
             if dry_run:
-                return (await rp.plan(source, pool, keys, rng, enricher=enricher)).to_dict()
+                return (await rp.plan(source, shards, keys, rng, enricher=enricher)).to_dict()
             console = Console(stderr=True)
             columns = (TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
             with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
                 task = bar.add_task("replay", total=None)
                 result = await rp.replay(
                     source,
-                    pool,
+                    shards,
                     keys,
                     rng,
                     enricher=enricher,
@@ -93,6 +96,7 @@ def replay(
         finally:
             enricher.close()
             await source.aclose()
+            await shards.close()
             await pool.close()
             await redis.aclose()
 

@@ -19,13 +19,15 @@ from ingest.contract import layout
 from ingest.contract.connections import connect_redis
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.ledger import placement
 from refstream import output as out
-from refstream.runner import run_command
+from refstream.runner import run_command, shards_of
 from workers.ops import dead as dead_mod
 from workers.ops import status as status_mod
 
 EXIT_UNHEALTHY = 3
 _LEFT = (
+    "shard",
     "group",
     "consumer",
     "error",
@@ -116,7 +118,10 @@ def render_status(snap: status_mod.Snapshot, keys: Keys, console: Console) -> No
             _age(w.seen_s_ago),
         )
     console.print(out.streams_line(keys))
-    for table in (parts, groups, consumers, workers, other):
+    tables = [parts, groups, consumers, workers, other]
+    if len(snap.shards) > 1:  # Postgres on several shards: each one's figures
+        tables.append(_shards_table(snap.shards))
+    for table in tables:
         console.print(table)
         if table is parts and held.row_count:
             console.print(held)
@@ -124,6 +129,17 @@ def render_status(snap: status_mod.Snapshot, keys: Keys, console: Console) -> No
         console.print("[bold green]healthy[/]")
     for b in snap.breaches:
         console.print(Text.assemble(("breach", "bold red"), f" {b.check}: {b.subject} = {b.value:g} > {b.limit:g}"))
+
+
+def _shards_table(shards: list[status_mod.ShardFigures]) -> Table:
+    t = _table("postgres shards (a moved workspace's old copy not counted)", "shard", "state", "out", "workspaces")
+    for f in shards:
+        if not f.reachable:
+            t.add_row(out.cell(f.name), out.cell(f"DOWN: {f.error}"), "-", "-")
+            continue
+        moved = f" (+{f.moved_away} moved away)" if f.moved_away else ""
+        t.add_row(out.cell(f.name), "up", f"{f.out_events} events", f"{f.workspaces}{moved}")
+    return t
 
 
 def _spool_cell(s: status_mod.Spool) -> str:
@@ -149,7 +165,8 @@ def _spool_cell(s: status_mod.Spool) -> str:
 @click.option("--spool-dir", envvar="REFSTREAM_SPOOL_DIR", default=None, help="[env: REFSTREAM_SPOOL_DIR]")
 def status(max_lag: int, max_pending_age: float, max_dead: int, spool_dir: str | None) -> None:
     """Streams, lag and pending per group and consumer, dead letters, the edge spool and
-    the last minute's throughput, in one snapshot.
+    the last minute's throughput, in one snapshot; with several Postgres shards, each
+    one's figures (a shard that is down is shown down).
 
     \b
     Exit codes (usable as a health check):
@@ -159,40 +176,37 @@ def status(max_lag: int, max_pending_age: float, max_dead: int, spool_dir: str |
          the edge's spool failing (disk full, I/O error: its public routes answer 503), or
          Redis past REFSTREAM_MEMORY_WARN_RATIO of its maxmemory, or a partition's stream
          that no worker reads holding entries (listed under unread, with retired ones)
-      1  Redis could not be read (without Postgres the snapshot says so and goes on)
+      1  Redis could not be read (without Postgres, or a shard of it, the snapshot says so
+         and goes on)
     """
 
     async def go(settings: Settings) -> tuple[status_mod.Snapshot, Keys]:
         thresholds = status_mod.Thresholds(max_lag, max_pending_age, max_dead, settings.memory_warn_ratio)
         keys = Keys(settings.stream_prefix, settings.partitions)
         redis = connect_redis(settings)
-        conn: asyncpg.Connection | None = None
-        pg_error = None
+        conns: dict[str, asyncpg.Connection | str] = {}
         try:
             lay = await layout.load(redis, keys, settings.partitions)  # refstream partitions set N
             keys.resize(lay.count)
             # during a Postgres outage the snapshot is what the operator needs most: without
-            # Postgres, it says so and shows the rest (workers blocked, and why)
-            try:
-                conn = await asyncpg.connect(settings.database_url, timeout=5)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-                pg_error = f"{type(exc).__name__}: {exc}"
+            # Postgres (or one of its shards), it says so and shows the rest
+            conns = await status_mod.connect_shards(settings.database_url, settings.secret_key)
+            directory = conns["default"]
             # the edge's spool on this machine: as configured, unless given
             snap = await status_mod.snapshot(
                 redis,
-                conn,
+                conns if not isinstance(directory, str) else None,
                 keys,
                 thresholds,
                 spool_dir=spool_dir or settings.spool_dir,
-                pg_error=pg_error,
+                pg_error=directory if isinstance(directory, str) else None,
                 retention_s=settings.stream_retention_s,
                 max_bytes=settings.stream_max_bytes,
                 retiring=lay.retiring,
             )
             return snap, keys
         finally:
-            if conn is not None:
-                await asyncio.shield(conn.close())
+            await asyncio.shield(status_mod.close_shards(conns))
             await redis.aclose()
 
     snap, keys = run_command(go)
@@ -210,16 +224,20 @@ def dead() -> None:
     delivered too often). List, inspect, requeue once the cause is fixed, or drop."""
 
 
-def _redis_call(fn: Any) -> tuple[Any, Keys]:
-    """Run ``fn(redis, keys)`` with a Redis connection: (its JSON-ready result, the keys)."""
+def _redis_call(fn: Any, shards: Any = None) -> tuple[Any, Keys]:
+    """Run ``fn(redis, keys)`` with a Redis connection: (its JSON-ready result, the keys);
+    then ``shards(settings, result)``, which names each letter's shard, if given."""
 
     async def go(settings: Settings) -> tuple[Any, Keys]:
         keys = Keys(settings.stream_prefix, settings.partitions)
         redis = connect_redis(settings)
         try:
-            return await fn(redis, keys), keys
+            found = await fn(redis, keys)
         finally:
             await redis.aclose()
+        if shards is not None and found is not None:
+            await shards(settings, found)
+        return found, keys
 
     try:
         result: tuple[Any, Keys] = run_command(go)
@@ -228,13 +246,26 @@ def _redis_call(fn: Any) -> tuple[Any, Keys]:
     return result
 
 
+async def _name_shards(settings: Settings, rows: Any) -> None:
+    """With several Postgres shards, each letter's ``shard``: where its workspace's rows are."""
+    listed = rows if isinstance(rows, list) else [rows]
+    where = await shards_of(settings, [r.get("workspace_id") for r in listed])
+    for r in listed:
+        if where is not None:
+            r["shard"] = where.get(r.get("workspace_id") or "", placement.DEFAULT)
+        if isinstance(rows, list):
+            r.pop("workspace_id", None)
+
+
 def _when(ms: int | None) -> str | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def render_letters(rows: list[dict[str, Any]], keys: Keys, console: Console) -> None:
     """``dead list``: one row per letter; the event id and the rest are in ``dead show``."""
-    table = _table("dead letters, oldest first", "dead id", "p", "entry id", "error", "tries", "type", "code")
+    sharded = any("shard" in r for r in rows)
+    columns = ("dead id", "p", "entry id", "error", "tries", "type", "code", *(("shard",) if sharded else ()))
+    table = _table("dead letters, oldest first", *columns)
     for r in rows:
         table.add_row(
             r["dead_id"],
@@ -244,6 +275,7 @@ def render_letters(rows: list[dict[str, Any]], keys: Keys, console: Console) -> 
             out.cell(r["deliveries"]),
             out.cell(r["type"]),
             out.cell(r["code"]),
+            *((out.cell(r.get("shard")),) if sharded else ()),
         )
     if not rows:
         console.print("no dead letters")
@@ -261,6 +293,7 @@ def render_letter(d: dict[str, Any], keys: Keys, console: Console) -> None:
         ("error", d["error"]),
         ("deliveries", d["deliveries"]),
         ("dead since", _when(d["at_ms"])),
+        *((("shard", d["shard"]),) if "shard" in d else ()),
     ]
     if e is not None:
         rows += [
@@ -290,9 +323,12 @@ def dead_list(limit: int) -> None:
     """Dead letters, oldest first: where each came from, why, and what it was."""
 
     async def go(redis: Any, keys: Keys) -> list[dict[str, Any]]:
-        return [letter.summary() async for letter in dead_mod.scan(redis, keys, limit=limit)]
+        return [
+            letter.summary() | {"workspace_id": letter.envelope.workspace_id if letter.envelope else None}
+            async for letter in dead_mod.scan(redis, keys, limit=limit)
+        ]
 
-    rows, keys = _redis_call(go)
+    rows, keys = _redis_call(go, _name_shards)
     if out.wants_json():
         out.print_json(rows)
     else:
@@ -309,7 +345,13 @@ def dead_show(dead_id: str) -> None:
         letter = await dead_mod.get(redis, keys, dead_id)
         return letter.detail() if letter else None
 
-    found, keys = _redis_call(go)
+    async def shard(settings: Settings, found: dict[str, Any]) -> None:
+        e = found.get("envelope") or {}
+        where = await shards_of(settings, [e.get("workspace_id")])
+        if where is not None:
+            found["shard"] = where.get(e.get("workspace_id") or "", placement.DEFAULT)
+
+    found, keys = _redis_call(go, shard)
     if found is None:
         raise click.ClickException(f"no dead letter {dead_id}")
     if out.wants_json():

@@ -19,6 +19,7 @@ from ingest.contract.connections import Redis
 from ingest.contract.errors import Misconfigured
 from ingest.contract.keys import Keys
 from ingest.edge.auth import Authenticator, Principal, bearer
+from ingest.ledger.placement import Placement
 
 REFUSAL = b'{"error":"unauthorized"}'
 
@@ -58,9 +59,12 @@ class Access:
     in its process (a page's few requests a second are no hot path): a revocation, which
     writes its tombstone in Redis before it commits, is refused at the next request."""
 
-    def __init__(self, token: str | None, redis: Redis, keys: Keys, pg: asyncpg.Pool) -> None:
+    def __init__(
+        self, token: str | None, redis: Redis, keys: Keys, pg: asyncpg.Pool, shards: Placement | None = None
+    ) -> None:
         self._token = token.encode() if token else None
         self._keys = Authenticator(redis, keys, pg, ttl_s=0.0)
+        self._keys.placement = shards  # a key is on its workspace's shard
         self._redis = redis
 
     @property

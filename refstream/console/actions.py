@@ -21,6 +21,7 @@ from ingest.contract import clock
 from ingest.contract.connections import Redis
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.ledger.placement import Placement
 from workers.archive.store import open_store
 from workers.consumer.enrich import Enricher
 from workers.ops import dead, replay
@@ -115,7 +116,7 @@ class Replays:
 
     settings: Settings
     redis: Redis
-    pool: asyncpg.Pool
+    pool: asyncpg.Pool | Placement  # with several shards, each event replayed onto its workspace's
     keys: Keys
     current: Run | None = None
     _task: asyncio.Task[None] | None = field(default=None, repr=False)

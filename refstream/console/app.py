@@ -27,6 +27,7 @@ from ingest.contract.errors import Refused
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.edge.auth import Principal
+from ingest.ledger import placement
 from workers.ops import dead
 from workers.ops.replay_source import RangeError
 
@@ -171,7 +172,7 @@ async def _read_tail(app: web.Application, flt: tail.Filter) -> dict[str, Any]:
     async with app[TAILS]:
         return {
             "accepted": await tail.accepted(c["redis"], c["keys"], flt),
-            "outcomes": await tail.outcomes(c["pool"], flt, c["redis"], c["keys"]),
+            "outcomes": await tail.outcomes(c["shards"], flt, c["redis"], c["keys"]),
         }
 
 
@@ -257,7 +258,7 @@ async def replay_state(request: web.Request) -> web.Response:
 
 @operator
 async def erasures(request: web.Request) -> web.Response:
-    return _json({"erasures": await views.erasures(_ctx(request)["pool"])})
+    return _json({"erasures": await views.erasures(_ctx(request)["shards"])})
 
 
 # -- a tenant's API --------------------------------------------------------------------------
@@ -265,7 +266,7 @@ async def erasures(request: web.Request) -> web.Response:
 
 @tenant
 async def tenant_links(request: web.Request, principal: Principal) -> web.Response:
-    rows = await views.tenant_links(_ctx(request)["pool"], principal.workspace_id)
+    rows = await views.tenant_links(_ctx(request)["shards"], principal.workspace_id)
     return _json({"workspace_id": principal.workspace_id, "days": rows})
 
 
@@ -283,10 +284,13 @@ def make_app(settings: Settings, *, spool_dirs: list[str]) -> web.Application:
         # no connection made up front: during an outage of Postgres is when the console is
         # needed most, and its charts say "postgres 0" until it answers
         pool = await create_pg_pool(settings, min_size=0, max_size=4)
-        app[CONTEXT].update(redis=redis, pool=pool, keys=keys)
-        app[ACCESS] = Access(settings.console_token, redis, keys, pool)
-        app[SAMPLER] = Sampler(redis, pool, keys, spool_dirs)
-        app[REPLAYS] = actions.Replays(settings, redis, pool, keys)
+        # every shard's pool, opened on first use: a tenant's reads on its workspace's shard,
+        # the operator's on every shard (ingest.ledger.placement)
+        shards = placement.Placement.over(settings, pool, max_size=4)
+        app[CONTEXT].update(redis=redis, pool=pool, keys=keys, shards=shards)
+        app[ACCESS] = Access(settings.console_token, redis, keys, pool, shards)
+        app[SAMPLER] = Sampler(redis, pool, keys, spool_dirs, shards)
+        app[REPLAYS] = actions.Replays(settings, redis, shards, keys)
         app[TAILS] = asyncio.Semaphore(TAILS_AT_ONCE)
         app[ACTING] = asyncio.Lock()
         app[TAIL_READS] = {}
@@ -298,6 +302,7 @@ def make_app(settings: Settings, *, spool_dirs: list[str]) -> web.Application:
             with suppress(asyncio.CancelledError):
                 await sampling
             await asyncio.shield(app[REPLAYS].close())
+            await asyncio.shield(shards.close())
             await asyncio.shield(pool.close())
             await redis.aclose()
 

@@ -30,6 +30,7 @@ from redis.exceptions import ResponseError
 from ingest.contract import clock, layout, wire
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, Redis, cancelled_meanwhile
 from ingest.contract.keys import Keys
+from ingest.ledger.placement import Placement
 from workers.consumer import trim
 from workers.group import presence
 from workers.ops import status
@@ -41,8 +42,9 @@ KEEP = 450  # 15 minutes of samples
 READ_CAP = 5000  # entries read per partition per sample to count what was accepted
 STORED_DELAY_S = 1.0  # a batch's rows carry its transaction's start: count each window a second late
 _STORED = """
-SELECT dialect, count(*) AS n FROM events
+SELECT dialect, count(*) AS n FROM events e
 WHERE processed_at > now() - make_interval(secs => $1) AND processed_at <= now() - make_interval(secs => $2)
+  AND NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = e.workspace_id AND w.moved_to IS NOT NULL)
 GROUP BY dialect
 """
 # The count above reads what the BRIN on processed_at names: the ranges it has summarized
@@ -80,8 +82,11 @@ class Sampler:
     """Reads one sample every ``EVERY_S``; each partition's cursor is the last entry it
     counted, so every accepted entry is counted once."""
 
-    def __init__(self, redis: Redis, pg: asyncpg.Pool, keys: Keys, spool_dirs: Iterable[str]) -> None:
+    def __init__(
+        self, redis: Redis, pg: asyncpg.Pool, keys: Keys, spool_dirs: Iterable[str], shards: Placement | None = None
+    ) -> None:
         self.redis, self.pg, self.keys = redis, pg, keys
+        self.shards = shards  # with several, each shard's rows are counted, and its reachability charted
         self.spool_dirs = list(spool_dirs)
         self.ring = Ring()
         self._cursors: dict[str, bytes] = {}
@@ -109,16 +114,35 @@ class Sampler:
         except REDIS_ERRORS as exc:
             log.warning("console.redis_unreadable", error=type(exc).__name__)
             redis_up = 0
-        stored, pg_up = await self._stored(seconds)
+        stored, pg_up, each = await self._stored_everywhere(seconds)
         if pg_up:  # else no count, not a count of none: the chart shows no point there
             out["stored"] = stored
-        out["reachable"] = {"redis": redis_up, "postgres": pg_up}
+        out["reachable"] = {"redis": redis_up, "postgres": pg_up, **each}
         out["spool"] = {d: status.spool_usage(d).entries for d in self.spool_dirs}
         return out
 
-    async def _stored(self, seconds: float) -> tuple[dict[str, float], int]:
+    async def _stored_everywhere(self, seconds: float) -> tuple[dict[str, float], int, dict[str, int]]:
+        """``_stored`` summed over every shard: Postgres is up when every shard is, and
+        with several, each one's own series (``postgres b``) says which is not."""
         try:
-            async with self.pg.acquire(timeout=5) as conn:
+            pools = await self.shards.pools() if self.shards is not None else {"default": self.pg}
+        except (*PG_ERRORS, OSError, TimeoutError) as exc:
+            log.warning("console.postgres_unreadable", error=type(exc).__name__)
+            return {}, 0, {}
+        if len(pools) == 1:
+            stored, up = await self._stored(seconds, self.pg)
+            return stored, up, {}
+        total: dict[str, float] = {}
+        each: dict[str, int] = {}
+        for name, pool in pools.items():
+            counted, each[f"postgres {name}"] = await self._stored(seconds, pool)
+            for dialect, rate in counted.items():
+                total[dialect] = round(total.get(dialect, 0.0) + rate, 3)
+        return dict(sorted(total.items())), min(each.values()), each
+
+    async def _stored(self, seconds: float, pool: asyncpg.Pool) -> tuple[dict[str, float], int]:
+        try:
+            async with pool.acquire(timeout=5) as conn:
                 await self._summarize(conn)
                 async with conn.transaction(readonly=True):
                     await conn.execute("SET LOCAL enable_seqscan = off")  # the BRIN, stats or none

@@ -32,6 +32,7 @@ from ingest.contract.connections import Redis
 from ingest.contract.errors import Refused
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.keys import Keys
+from ingest.ledger.placement import Placement
 from ingest.privacy.erasure import uuid_floor
 
 SHOWN = 50
@@ -60,7 +61,8 @@ def _stored(flt: Filter, floor: uuid.UUID, link_id: uuid.UUID | None = None) -> 
     if flt.link is not None:
         args.append(link_id)
         inner.append(f"e.link_id = ${len(args)}::uuid")
-    outer = ["true"]
+    # a moved-away workspace's old copy (``workspaces.moved_to``): shown where it is now
+    outer = ["NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = e.workspace_id AND w.moved_to IS NOT NULL)"]
     if flt.dialect is not None:
         args.append(flt.dialect)
         outer.append(f"e.dialect = ${len(args)}::text")
@@ -87,6 +89,7 @@ SELECT d.event_id, d.workspace_id, l.code, d.reason, d.received_at
 FROM event_drops d LEFT JOIN links l ON l.id = d.link_id
 WHERE d.received_at > now() - make_interval(secs => $1)
   AND ($2::uuid IS NULL OR d.workspace_id = $2) AND ($3::text IS NULL OR l.code = $3)
+  AND NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = d.workspace_id AND w.moved_to IS NOT NULL)
 ORDER BY d.received_at DESC LIMIT $4
 """
 
@@ -224,10 +227,35 @@ async def _codes(redis: Redis, keys: Keys, rows: list[dict[str, Any]]) -> None:
         row["link"] = code
 
 
-async def outcomes(pg: asyncpg.Pool, flt: Filter, redis: Redis, keys: Keys) -> list[dict[str, Any]]:
+async def outcomes(pg: asyncpg.Pool | Placement, flt: Filter, redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     """The newest events stored (a bot's, a test-mode one and one out of its window are
     stored but count nothing: their reason), newest accepted first, those of the last
-    ``WINDOW_S`` dropped with no row (event_drops), and the codes the edge refused."""
+    ``WINDOW_S`` dropped with no row (event_drops), and the codes the edge refused. With
+    several shards, a workspace's filter reads its shard, else every shard's rows are read."""
+    if not isinstance(pg, Placement):
+        pools = [pg]
+    elif flt.workspace is not None:
+        pools = [await pg.pool(flt.workspace)]
+    else:
+        pools = list((await pg.pools()).values())
+    rows: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    for pool in pools:
+        stored, gone = await _read(pool, flt)
+        rows += stored
+        dropped += gone
+    if dropped:
+        dropped.sort(key=lambda row: row["at_ms"], reverse=True)
+        dropped = dropped[:SHOWN]
+        await _codes(redis, keys, dropped)
+    rows += dropped
+    rows += await refused(redis, keys, flt)
+    rows.sort(key=lambda row: row["at_ms"], reverse=True)
+    return rows[:SHOWN]
+
+
+async def _read(pg: asyncpg.Pool, flt: Filter) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One shard's newest stored rows and its drops of the window."""
     rows = []
     link_id = None if flt.link is None else await pg.fetchval("SELECT id FROM links WHERE code = $1", flt.link)
     stored = []
@@ -249,8 +277,8 @@ async def outcomes(pg: asyncpg.Pool, flt: Filter, redis: Redis, keys: Keys) -> l
                 "payload": _payload(r["payload"]),
             }
         )
+    dropped = []
     if flt.dialect is None and flt.type is None:
-        dropped = []
         for r in await pg.fetch(_DROPPED, float(WINDOW_S), flt.workspace, flt.link, SHOWN):
             dropped.append(
                 {
@@ -265,8 +293,4 @@ async def outcomes(pg: asyncpg.Pool, flt: Filter, redis: Redis, keys: Keys) -> l
                     "payload": None,
                 }
             )
-        await _codes(redis, keys, dropped)
-        rows += dropped
-    rows += await refused(redis, keys, flt)
-    rows.sort(key=lambda row: row["at_ms"], reverse=True)
-    return rows[:SHOWN]
+    return rows, dropped

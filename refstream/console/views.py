@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from ingest.ledger.placement import Placement
 from workers.ops import erasure
 
 DAYS = 30
@@ -34,14 +35,24 @@ GROUP BY 1, s.day, s.reason
 """
 
 
-async def erasures(pool: asyncpg.Pool) -> list[dict[str, Any]]:
-    """Every erasure with a place pending, its deadline, and whether it is past it."""
-    return await erasure.status(pool)
+async def erasures(pool: asyncpg.Pool | Placement) -> list[dict[str, Any]]:
+    """Every erasure with a place pending, its deadline, and whether it is past it; with
+    several shards, every shard's, each with its shard's name."""
+    if not isinstance(pool, Placement):
+        return await erasure.status(pool)
+    pools = await pool.pools()
+    if len(pools) == 1:
+        return await erasure.status(pool.directory)
+    found = [row | {"shard": name} for name, there in pools.items() for row in await erasure.status(there)]
+    return sorted(found, key=lambda row: str(row["requested_at"]))
 
 
-async def tenant_links(pool: asyncpg.Pool, workspace_id: str) -> list[dict[str, Any]]:
+async def tenant_links(pool: asyncpg.Pool | Placement, workspace_id: str) -> list[dict[str, Any]]:
     """Per link and UTC day of the last ``DAYS``, newest first: clicks, leads, conversions,
-    sales, and drops by reason. Only ``workspace_id``'s rows: every query names it."""
+    sales, and drops by reason. Only ``workspace_id``'s rows (every query names it), read
+    on the shard it is on."""
+    if isinstance(pool, Placement):
+        pool = await pool.pool(workspace_id)
     rows: dict[tuple[str, str], dict[str, Any]] = {}
 
     def row(code: str, day: Any) -> dict[str, Any]:

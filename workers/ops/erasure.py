@@ -62,7 +62,13 @@ from workers.ops.erasure_reach import Check, SweepResult
 log = structlog.get_logger("workers.erasure")
 
 _PAGE = 1000
-_PENDING = pg_erasure.ROW + " WHERE archive_at IS NULL ORDER BY requested_at"
+# a moved-away workspace's old copy (``workspaces.moved_to``) is frozen until dropped: its
+# erasures are the ones on the shard it is on now, listed and swept there
+_PENDING = (
+    pg_erasure.ROW
+    + " WHERE archive_at IS NULL AND NOT EXISTS (SELECT 1 FROM workspaces w"
+    + " WHERE w.id = erasures.workspace_id AND w.moved_to IS NOT NULL) ORDER BY requested_at"
+)
 
 
 async def status(pg: asyncpg.Pool) -> list[dict[str, Any]]:

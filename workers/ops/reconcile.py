@@ -122,7 +122,13 @@ WHERE s.link_id IS NULL OR d.link_id IS NULL
 """
 
 _LOCK = "SELECT 1 FROM links WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
-_CHUNK = "SELECT id FROM links WHERE id > $1 ORDER BY id LIMIT $2"
+# a moved-away workspace's old copy (``workspaces.moved_to``) is frozen and read by no one:
+# its links are recounted on the shard it is on now
+_CHUNK = """
+SELECT l.id FROM links l WHERE l.id > $1
+AND NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = l.workspace_id AND w.moved_to IS NOT NULL)
+ORDER BY l.id LIMIT $2
+"""
 _HORIZON = "SELECT horizon, horizon_id FROM event_retention"
 
 # the window's daily rows: extra ones deleted ($1 ids, $2/$3 days), the recounted ones written

@@ -13,13 +13,11 @@ workers' sweep cron delivers them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import structlog
 from arq.worker import func
 
@@ -28,11 +26,10 @@ from ingest.contract.connections import Redis
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.wire import EnvelopeError
-from ingest.privacy import erasure_copy
 from workers.archive.store import open_store
-from workers.consumer import store
 from workers.consumer.enrich import Enricher
 from workers.group.errors import is_transient
+from workers.ops.replay_shards import DryRun, Target, restore_erasures, write
 from workers.ops.replay_source import MAX_SEQ, RangeError, Source, StreamId, count, format_id, parse_id
 
 __all__ = [
@@ -180,29 +177,9 @@ def _decode(page: list[Any]) -> tuple[list[Envelope], int]:
     return good, bad
 
 
-# of a page's ids, those stored already: events, sales and refunds (a refund's copy's id is the refund's)
-_STORED = """
-SELECT (SELECT count(*) FROM events WHERE event_id = ANY($1::uuid[]))
-     + (SELECT count(*) FROM sales WHERE event_id = ANY($1::uuid[]))
-     + (SELECT count(*) FROM refunds WHERE id = ANY($1::uuid[]))
-"""
-
-
-class _Within:
-    """A pool whose one connection is inside the dry run's transaction: ``write_batch``'s own
-    transaction becomes a savepoint, and everything is rolled back at the end."""
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self.conn = conn
-
-    @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
-        yield self.conn
-
-
 async def plan(
     source: Source | Redis,
-    pg: asyncpg.Pool,
+    pg: Target,
     keys: Keys,
     rng: Range,
     *,
@@ -218,33 +195,30 @@ async def plan(
     result = ReplayPlan(start, end)
     for p, stream in await _streams(src, keys, rng):
         part = result.partitions[p] = PartitionPlan()
-        async with pg.acquire() as conn:
-            tx = conn.transaction()
-            await tx.start()
-            try:
-                async for page in src.pages(p, stream, start, end, page_size, part):
-                    envelopes, bad = _decode(page)
-                    part.entries += len(page)
-                    part.undecodable += bad
-                    if not envelopes:
-                        continue
-                    ids = [e.event_id for e in envelopes]
-                    stored = await conn.fetchval(_STORED, ids)
-                    done = PartitionResult()
-                    await _write(_Within(conn), envelopes, enricher, done)
-                    part.new += done.inserted
-                    part.stored += stored
-                    part.repeats += max(0, done.duplicates - stored)
-                    part.skipped += done.skipped
-                    part.failed += done.failed
-            finally:
-                await tx.rollback()
+        dry = DryRun(pg)  # a transaction on each shard the partition's pages touch
+        try:
+            async for page in src.pages(p, stream, start, end, page_size, part):
+                envelopes, bad = _decode(page)
+                part.entries += len(page)
+                part.undecodable += bad
+                if not envelopes:
+                    continue
+                stored = await dry.stored(envelopes)
+                done = PartitionResult()
+                await _write(pg, envelopes, enricher, done, dry.pool_of)
+                part.new += done.inserted
+                part.stored += stored
+                part.repeats += max(0, done.duplicates - stored)
+                part.skipped += done.skipped
+                part.failed += done.failed
+        finally:
+            await dry.rollback()
     return result
 
 
 async def replay(
     source: Source | Redis,
-    pool: asyncpg.Pool,
+    pool: Target,
     keys: Keys,
     rng: Range,
     *,
@@ -260,7 +234,7 @@ async def replay(
     src = source if isinstance(source, Source) else Source(source)
     # the erasures a restore of Postgres lost, back before anything is stored: what the
     # replay brings of an erased person is stored scrubbed (ingest.privacy.erasure_copy)
-    await erasure_copy.restore(pool, src.redis, keys)
+    await restore_erasures(pool, src.redis, keys)
     start, end = rng.bounds()
     streams = await _streams(src, keys, rng)
     total = sum([await src.count(p, stream, start, end) for p, stream in streams])
@@ -288,11 +262,16 @@ async def replay(
 
 
 async def _write(
-    pool: asyncpg.Pool, envelopes: list[Envelope], enricher: Enricher | None, part: PartitionResult
+    pool: Target,
+    envelopes: list[Envelope],
+    enricher: Enricher | None,
+    part: PartitionResult,
+    pool_of: Callable[[str], Awaitable[Any]] | None = None,
 ) -> list[Envelope]:
-    """Store a page (poison halved out); the refunds' copies it could not restore come back."""
+    """Store a page (poison halved out), each event on its workspace's shard
+    (``workers.ops.replay_shards``); the refunds' copies it could not restore come back."""
     try:
-        batch = await store.write_batch(pool, envelopes, enricher)
+        batch = await write(pool, envelopes, enricher, pool_of)
     except Exception as exc:
         if is_transient(exc):
             raise
@@ -303,8 +282,8 @@ async def _write(
             return []
         mid = len(envelopes) // 2
         return [
-            *await _write(pool, envelopes[:mid], enricher, part),
-            *await _write(pool, envelopes[mid:], enricher, part),
+            *await _write(pool, envelopes[:mid], enricher, part, pool_of),
+            *await _write(pool, envelopes[mid:], enricher, part, pool_of),
         ]
     part.inserted += batch.inserted
     part.duplicates += batch.duplicates
@@ -313,7 +292,7 @@ async def _write(
     return batch.refunds_not_restored
 
 
-async def _again(pool: asyncpg.Pool, held: list[tuple[int, Envelope]], result: ReplayResult) -> None:
+async def _again(pool: Target, held: list[tuple[int, Envelope]], result: ReplayResult) -> None:
     """The refunds' copies read before their sale, once every partition is read (a change of
     the partition count between a sale and its refund puts them in two partitions)."""
     for p, e in held:
@@ -342,7 +321,7 @@ async def replay_job(
     source = Source(c.redis, open_store(s), c.keys.prefix, replicas=s.ack_replicas, wait_ms=s.ack_wait_ms)
     try:
         result = await replay(
-            source, c.pipeline.pg, c.keys, rng, enricher=c.pipeline.enricher, batch_size=c.settings.batch_size
+            source, c.pipeline.placement, c.keys, rng, enricher=c.pipeline.enricher, batch_size=c.settings.batch_size
         )
     finally:
         await source.aclose()

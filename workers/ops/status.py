@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 from redis.exceptions import ResponseError
@@ -18,6 +19,7 @@ from redis.exceptions import ResponseError
 from ingest.contract import layout
 from ingest.contract.connections import Redis
 from ingest.contract.keys import Keys, parse_id
+from ingest.ledger import placement
 from ingest.spool import store as spool_store
 from workers.consumer import trim
 from workers.consumer.trim import Memory
@@ -26,7 +28,17 @@ from workers.group.presence import WorkerState
 
 WINDOW_S = 60
 COUNT_CAP = 100_000  # entries counted per partition (throughput, and lag on Redis < 7)
-_OUT_SQL = "SELECT count(*) FROM events WHERE processed_at >= now() - make_interval(secs => $1)"
+# a shard's figures: its workspaces' stored events of the window, without a moved-away
+# workspace's frozen copy (its rows are counted where it is now), and its workspaces
+_SHARD_SQL = """
+SELECT (SELECT count(*) FROM events e WHERE e.processed_at >= now() - make_interval(secs => $1)
+          AND NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = e.workspace_id AND w.moved_to IS NOT NULL))
+         AS out_events,
+       (SELECT count(*) FROM workspaces WHERE moved_to IS NULL) AS workspaces,
+       (SELECT count(*) FROM workspaces WHERE moved_to IS NOT NULL) AS moved_away
+"""
+CONNECT_S = 5.0  # a shard that does not answer within this is shown down
+PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 @dataclass(slots=True)
@@ -91,6 +103,19 @@ class Throughput:
     out_per_s: float | None
 
 
+@dataclass(slots=True)
+class ShardFigures:
+    """One shard's Postgres figures (``default`` is ``DATABASE_URL``'s database): the
+    window's stored events and its workspaces, a moved-away workspace's old copy apart."""
+
+    name: str
+    reachable: bool
+    error: str | None = None
+    out_events: int | None = None
+    workspaces: int | None = None
+    moved_away: int | None = None  # old copies a move left until `workspace move --drop-old`
+
+
 @dataclass(frozen=True, slots=True)
 class Thresholds:
     max_lag: int = 10_000
@@ -126,6 +151,7 @@ class Snapshot:
     # retired one, or a stream no worker reads (a breach while it holds entries: nothing
     # trims them); ``partitions`` are those the workers read
     unread: list[Partition] = field(default_factory=list)
+    shards: list[ShardFigures] = field(default_factory=list)  # each shard's Postgres figures
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -249,7 +275,7 @@ def _breaches(
 
 async def snapshot(
     redis: Redis,
-    pg: asyncpg.Connection | None,
+    pg: asyncpg.Connection | dict[str, asyncpg.Connection | str] | None,
     keys: Keys,
     thresholds: Thresholds,
     *,
@@ -293,12 +319,11 @@ async def snapshot(
         n, capped = await _count_after(redis, stream, since, COUNT_CAP)
         in_events, in_capped = in_events + n, in_capped or capped
     # a sequential scan unless events has an index on processed_at (a BRIN index fits)
-    out_events: int | None = None
-    if pg is not None:
-        try:
-            out_events = int(await pg.fetchval(_OUT_SQL, float(WINDOW_S), timeout=10))
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            pg_error = f"{type(exc).__name__}: {exc}"
+    shards = await _shards(pg, pg_error)
+    up = [f for f in shards if f.reachable]
+    out_events = sum(f.out_events or 0 for f in up) if up else None
+    if pg_error is None and (down := [f for f in shards if not f.reachable]):
+        pg_error = "; ".join(f"shard {f.name}: {f.error}" if len(shards) > 1 else str(f.error) for f in down)
     out_per_s = None if out_events is None else out_events / WINDOW_S
     throughput = Throughput(WINDOW_S, in_events, in_capped, in_events / WINDOW_S, out_events, out_per_s)
 
@@ -318,4 +343,57 @@ async def snapshot(
         pg_error,
         memory,
         unread,
+        shards,
     )
+
+
+async def _shards(
+    pg: asyncpg.Connection | dict[str, asyncpg.Connection | str] | None, pg_error: str | None
+) -> list[ShardFigures]:
+    """Each shard's figures; one unreachable (or failing) is said, not raised."""
+    if pg is None:  # not read (no connection, and why, if one was tried)
+        return [ShardFigures("default", False, pg_error)] if pg_error else []
+    found = []
+    for name, conn in (pg if isinstance(pg, dict) else {"default": pg}).items():
+        if isinstance(conn, str):
+            found.append(ShardFigures(name, False, conn))
+            continue
+        try:
+            row = await conn.fetchrow(_SHARD_SQL, float(WINDOW_S), timeout=10)
+        except PG_ERRORS as exc:
+            found.append(ShardFigures(name, False, f"{type(exc).__name__}: {exc}"))
+            continue
+        assert row is not None
+        found.append(ShardFigures(name, True, None, int(row["out_events"]), row["workspaces"], row["moved_away"]))
+    return found
+
+
+async def connect_shards(url: str, secret_key: str | None) -> dict[str, asyncpg.Connection | str]:
+    """A connection to every shard by name (``default``, ``url``'s, first), or why there is
+    none: a shard that is down is said, never raised. Close them with ``close_shards``."""
+    try:
+        directory = await asyncpg.connect(url, timeout=CONNECT_S)
+    except PG_ERRORS as exc:
+        return {"default": f"{type(exc).__name__}: {exc}"}
+    conns: dict[str, asyncpg.Connection | str] = {"default": directory}
+    try:
+        dsns = await placement.shard_dsns(directory, secret_key)
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
+        return conns  # a directory not migrated yet: one database
+    except PG_ERRORS as exc:
+        conns["default"] = f"{type(exc).__name__}: {exc}"
+        await directory.close()
+        return conns
+    for name, dsn in dsns.items():
+        try:
+            conns[name] = await asyncpg.connect(dsn, timeout=CONNECT_S)
+        except PG_ERRORS as exc:  # where, never who: no user or password
+            where = urlsplit(dsn).netloc.rpartition("@")[2] + urlsplit(dsn).path
+            conns[name] = f"postgres at {where}: {type(exc).__name__}: {exc}"
+    return conns
+
+
+async def close_shards(conns: dict[str, asyncpg.Connection | str]) -> None:
+    for conn in conns.values():
+        if not isinstance(conn, str):
+            await conn.close()
