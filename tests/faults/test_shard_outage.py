@@ -8,12 +8,13 @@ import asyncio
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
 
-from .._procs import Procs
+from .._procs import Procs, env_for, run_command
 from ..conftest import wait_for
 from ..test_e2e import TRACKED, fire
 from ..test_shards import _COUNTERS_OFF
@@ -72,6 +73,9 @@ async def test_a_shard_down_stops_only_its_own_workspaces(
                 lambda: _more(scratch_url, "acode", down_at + 200), timeout=60, what="default committing alone"
             )
             assert await redis.scard(keys.waiting_rooms) == 1  # b's workspace waits in its room
+            _, out, _ = await run_command("status", "--json", env=env_for(s))  # and status says so
+            waiting = orjson.loads(out)["waiting"]
+            assert waiting["rooms"] == 1 and waiting["events"] > 0, waiting
             shard.start()
             await shard.ready()
         finally:

@@ -82,6 +82,16 @@ class Dead:
 
 
 @dataclass(slots=True)
+class Waiting:
+    """The waiting rooms (``workers.consumer.waiting``): workspaces whose shard could not
+    take their events yet, and how many events wait, the oldest for how long."""
+
+    rooms: int
+    events: int
+    oldest_age_s: float | None
+
+
+@dataclass(slots=True)
 class Spool:
     dir: str | None
     exists: bool
@@ -152,6 +162,7 @@ class Snapshot:
     # trims them); ``partitions`` are those the workers read
     unread: list[Partition] = field(default_factory=list)
     shards: list[ShardFigures] = field(default_factory=list)  # each shard's Postgres figures
+    waiting: Waiting | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -330,6 +341,9 @@ async def snapshot(
     workers = await presence.read(redis, keys, now_ms / 1000)
     spool = spool_usage(spool_dir)
     breaches = _breaches(partitions, dead, thresholds, workers, spool, memory, unread)
+    waiting = await _waiting(redis, keys, now_ms)
+    if waiting.oldest_age_s is not None and waiting.oldest_age_s > thresholds.max_pending_age_s:
+        breaches.append(Breach("pending_age", "waiting rooms", waiting.oldest_age_s, thresholds.max_pending_age_s))
     return Snapshot(
         now_ms,
         not breaches,
@@ -344,7 +358,21 @@ async def snapshot(
         memory,
         unread,
         shards,
+        waiting,
     )
+
+
+async def _waiting(redis: Redis, keys: Keys, now_ms: int) -> Waiting:
+    rooms = [_s(m) for m in await redis.smembers(keys.waiting_rooms)]  # type: ignore[misc]
+    events, oldest = 0, None
+    for ws in rooms:
+        room = keys.waiting_room(ws)
+        events += await redis.xlen(room)
+        first = await redis.xrange(room, count=1)
+        if first:
+            age = _age(now_ms, first[0][0])
+            oldest = age if oldest is None or (age is not None and age > oldest) else oldest
+    return Waiting(len(rooms), events, oldest)
 
 
 async def _shards(
