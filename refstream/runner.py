@@ -27,6 +27,7 @@ from ingest.contract.connections import REDIS_ERRORS, Redis, connect_redis
 from ingest.contract.errors import NotFound
 from ingest.contract.logs import configure_logging
 from ingest.contract.settings import Settings
+from ingest.ledger import directory as directory_mod
 from ingest.ledger import placement
 from ingest.manage import schema_check
 
@@ -137,7 +138,7 @@ async def open_database(settings: Settings, workspace_id: str | None = None) -> 
     if workspace_id is None:
         return conn
     try:
-        there = await placement.shard_dsn_of(conn, workspace_id, settings.secret_key)
+        there = await directory_mod.shard_dsn_of(conn, workspace_id, settings.secret_key)
     except BaseException:
         await conn.close()
         raise
@@ -158,7 +159,7 @@ async def open_holding(settings: Settings, sql: str, *args: Any) -> asyncpg.Conn
     try:
         if await conn.fetchval(sql, *args):
             return conn
-        shards = await placement.shard_dsns(conn, settings.secret_key)
+        shards = await directory_mod.shard_dsns(conn, settings.secret_key)
     except BaseException:
         await conn.close()
         raise
@@ -183,7 +184,7 @@ async def shard_urls(settings: Settings) -> dict[str, str]:
     entry while no shard was added."""
     conn = await open_database(settings)
     try:
-        return {placement.DEFAULT: settings.database_url, **await placement.shard_dsns(conn, settings.secret_key)}
+        return {placement.DEFAULT: settings.database_url, **await directory_mod.shard_dsns(conn, settings.secret_key)}
     finally:
         await conn.close()
 
@@ -256,7 +257,7 @@ async def workspace_shard(settings: Settings, workspace_id: str) -> tuple[str, S
         except ValueError:
             ws = None
         name = await conn.fetchval("SELECT shard FROM workspace_shards WHERE workspace_id = $1", ws) if ws else None
-        there = await placement.shard_dsn_of(conn, workspace_id, settings.secret_key)
+        there = await directory_mod.shard_dsn_of(conn, workspace_id, settings.secret_key)
     finally:
         await conn.close()
     if there is None:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import pytest
 
+from ingest.contract.connections import create_pg_pool
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
-from workers.ops.move import plan
+from ingest.ledger import placement
+from workers.ops.move import Mover, plan
 
 from ._procs import Procs
 from ._world import call
@@ -191,3 +194,33 @@ async def _state(url: str, ws: str) -> tuple[str, ...] | str:
         return str(await conn.fetchval("SELECT state FROM workspace_moves WHERE workspace_id = $1", ws))
     finally:
         await conn.close()
+
+
+async def test_a_management_write_in_flight_holds_the_fence_and_none_passes_it(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    ws = (await procs.cli("workspace", "create", "Moving", "--shard", "default"))["workspace_id"]
+    pool = await create_pg_pool(s, min_size=1, max_size=4)
+    place = placement.Placement.over(s, pool)
+    source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
+    try:
+        mover = Mover(UUID(ws), source, target)
+        async with place.writing(ws):  # a write under way on the source
+            fencing = asyncio.create_task(mover.fence("b"))
+            done, _ = await asyncio.wait({fencing}, timeout=1.0)
+            assert not done, "the fence went up beside a write in flight"
+        await asyncio.wait_for(fencing, 30)  # and goes up once the write is over
+        assert await source.fetchval("SELECT moved_to FROM workspaces WHERE id = $1", UUID(ws)) == "b"
+        with pytest.raises(placement.Moved):  # no write begins on the source after it
+            async with place.writing(ws):
+                raise AssertionError("a write began past the fence")
+    finally:
+        await source.close()
+        await target.close()
+        await place.close()
+        await pool.close()

@@ -36,6 +36,7 @@ from ingest.edge import enqueue
 from ingest.edge.resolve import pool_of
 from ingest.edge.state import Edge
 from ingest.ledger import refunds
+from ingest.ledger.placement import Moved
 
 log = structlog.get_logger("ingest.refund")
 
@@ -93,15 +94,15 @@ async def record(edge: Edge, workspace_id: str, body: RefportRefund, idem_key: s
     except ValueError:
         return Outcome(status=422, code="refund_key_required", message=KEY_NEEDED)
     try:
-        async with acquired(await pool_of(edge, workspace_id)) as conn:
-            done = await refunds.record(conn, asked)
+        async with edge.shards.writing(workspace_id), acquired(await pool_of(edge, workspace_id)) as conn:
+            done = await refunds.record(conn, asked)  # a move's fence waits for it
     except refunds.SaleNotFound as exc:
         return Outcome(status=404, code="sale_not_found", message=f"{exc} (a sale still on its way is not found yet)")
     except refunds.RefundTooLarge as exc:
         return Outcome(status=409, code="refund_exceeds_sale", message=str(exc))
     except refunds.KeyReused as exc:
         return Outcome(status=422, code="idempotency_key_reused", message=str(exc))
-    except (*PG_ERRORS, asyncpg.InterfaceError, asyncpg.PostgresError) as exc:
+    except (Moved, *PG_ERRORS, asyncpg.InterfaceError, asyncpg.PostgresError) as exc:
         unknown = isinstance(exc, OutcomeUnknown)  # a commit in flight: may be recorded
         return Outcome(status=503, code="unavailable", message="Try again shortly", unknown=unknown)
     if not await copy(edge, asked, done.row):

@@ -14,9 +14,10 @@ could route it to a shard it is not on. docs/shards.md says what holds across sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -106,14 +107,18 @@ class Placement:
     """The shards' pools and the map from workspace to shard, as this process last read
     them from the directory (``directory``, the pool of ``DATABASE_URL``)."""
 
-    def __init__(self, directory: asyncpg.Pool, connect: Connect, secret_key: str | None) -> None:
+    def __init__(
+        self, directory: asyncpg.Pool, connect: Connect, secret_key: str | None, directory_url: str | None = None
+    ) -> None:
         self.directory = directory
+        self._urls: dict[str, str] = {DEFAULT: directory_url} if directory_url else {}
         self._connect = connect
         self._secret_key = secret_key
         self._shards: dict[str, Shard] = {}
         self._where: dict[UUID, str] = {}
         self._fenced: set[UUID] = set()  # workspaces being moved: their pool waits
         self._pools: dict[str, asyncpg.Pool] = {DEFAULT: directory}
+        self._guards: dict[str, asyncpg.Pool] = {}  # a connection each write holds its fence lock on
         self._read_at = -REFRESH_S  # monotonic time of the last read
         self._reading: asyncio.Lock | None = None
 
@@ -127,7 +132,7 @@ class Placement:
                 settings.model_copy(update={"database_url": url}), min_size=0, max_size=max_size
             )
 
-        return cls(directory, connect, settings.secret_key)
+        return cls(directory, connect, settings.secret_key, settings.database_url)
 
     @property
     def sharded(self) -> bool:
@@ -168,7 +173,7 @@ class Placement:
         await self.fresh()
         if not self._shards or workspace_id is None:
             return DEFAULT
-        ws = workspace_id if isinstance(workspace_id, UUID) else _uuid(workspace_id)
+        ws = workspace_id if isinstance(workspace_id, UUID) else as_uuid(workspace_id)
         if ws is None:
             return DEFAULT
         shard = self._where.get(ws)
@@ -182,14 +187,14 @@ class Placement:
         """Whether the directory, as last read, fences ``workspace_id`` for a move."""
         if not self._fenced or workspace_id is None:
             return False
-        return (workspace_id if isinstance(workspace_id, UUID) else _uuid(workspace_id)) in self._fenced
+        return (workspace_id if isinstance(workspace_id, UUID) else as_uuid(workspace_id)) in self._fenced
 
     async def pool(self, workspace_id: str | UUID | None) -> asyncpg.Pool:
         """The pool of the shard ``workspace_id`` is on; while it is being moved, once it
         has moved (``FENCE_WAIT_S`` at most, then ``Moved``)."""
         shard = await self.shard_of(workspace_id)
         if self._fenced:
-            ws = workspace_id if isinstance(workspace_id, UUID) else _uuid(workspace_id or "")
+            ws = workspace_id if isinstance(workspace_id, UUID) else as_uuid(workspace_id or "")
             deadline = time.monotonic() + FENCE_WAIT_S
             while ws in self._fenced:
                 if time.monotonic() > deadline:
@@ -211,7 +216,8 @@ class Placement:
             if shard is None:
                 raise ShardError(f"no shard named {name!r}: `refstream shards list` shows them")
         password = secretbox.decrypt(self._secret_key, shard.sealed) if shard.sealed is not None else None
-        pool = await self._connect(with_password(shard.dsn, password))
+        self._urls[name] = with_password(shard.dsn, password)
+        pool = await self._connect(self._urls[name])
         return self._pools.setdefault(name, pool)
 
     async def pools(self) -> dict[str, asyncpg.Pool]:
@@ -230,6 +236,45 @@ class Placement:
         for item in listed:
             parts.setdefault(await self.shard_of(workspace(item)), []).append(item)
         return parts
+
+    @contextlib.asynccontextmanager
+    async def writing(self, workspace_id: str) -> AsyncIterator[None]:
+        """Around a write of ``workspace_id``'s rows outside the workers (the management
+        API's): with several shards, its fence lock held shared on its shard, on a
+        connection of its own, and the workspace found not moved away there; a move's fence
+        waits for it to end (``workers.ops.move``). ``Moved`` if it keeps moving."""
+        await self.fresh()
+        if not self._shards:
+            yield
+            return
+        for _ in range(3):
+            shard = await self.shard_of(workspace_id)
+            await self.pool(workspace_id)  # waits out a fence the directory shows
+            guard = await self._guard(shard)
+            async with guard.acquire() as conn:
+                await conn.execute("SELECT pg_advisory_lock_shared(hashtextextended($1, 0))", fence_key(workspace_id))
+                try:
+                    moved = await conn.fetchval(
+                        "SELECT moved_to IS NOT NULL FROM workspaces WHERE id = $1", as_uuid(workspace_id)
+                    )
+                    if not moved:
+                        yield
+                        return
+                finally:
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock_shared(hashtextextended($1, 0))", fence_key(workspace_id)
+                    )
+            await self.fresh(since=time.monotonic())  # moved since our read: where is it now
+        raise Moved("the workspace is being moved to another shard: try again shortly", [str(workspace_id)])
+
+    async def _guard(self, shard: str) -> asyncpg.Pool:
+        pool = self._guards.get(shard)
+        if pool is None:
+            await self.pool_of(shard)  # its URL, read and opened
+            if shard not in self._urls:
+                raise ShardError(f"no URL known for shard {shard!r}")
+            pool = self._guards.setdefault(shard, await self._connect(self._urls[shard]))
+        return pool
 
     async def each(self, fn: Callable[[asyncpg.Pool], Awaitable[T]]) -> dict[str, T]:
         """``fn`` on every shard's pool in turn, by shard name: a chore or a read of
@@ -261,62 +306,16 @@ class Placement:
 
     async def close(self) -> None:
         """Close the pools this placement opened (the directory's is its owner's)."""
-        opened = [p for name, p in self._pools.items() if name != DEFAULT]
-        self._pools = {DEFAULT: self.directory}
+        opened = [p for name, p in self._pools.items() if name != DEFAULT] + list(self._guards.values())
+        self._pools, self._guards = {DEFAULT: self.directory}, {}
         await asyncio.gather(*(p.close() for p in opened), return_exceptions=True)
 
 
-def _uuid(value: str) -> UUID | None:
+def as_uuid(value: str) -> UUID | None:
     try:
         return UUID(value)
     except ValueError:
         return None
-
-
-# ---- the directory's writes (the `refstream shards` and `workspace` commands) ----
-
-
-async def add_shard(directory: asyncpg.Connection, name: str, dsn: str, secret_key: str | None) -> Shard:
-    """Register the shard ``name`` at ``dsn`` (migrated by its caller first). The first one
-    added also writes down where every existing workspace is (``default``), so that from
-    then on every workspace has its row."""
-    check_name(name)
-    public, password = split_password(dsn)
-    sealed = secretbox.encrypt(secret_key, password) if password is not None else None
-    async with directory.transaction():
-        taken = await directory.fetchval("SELECT dsn FROM shards WHERE name = $1", name)
-        if taken is not None and taken != public:
-            raise ShardError(f"shard {name!r} is already at another DSN")
-        await directory.execute(
-            "INSERT INTO shards (name, dsn, password_sealed) VALUES ($1, $2, $3)"
-            " ON CONFLICT (name) DO UPDATE SET password_sealed = EXCLUDED.password_sealed",
-            name,
-            public,
-            sealed,
-        )
-        await directory.execute(
-            "INSERT INTO workspace_shards (workspace_id, shard) SELECT id, $1 FROM workspaces"
-            " ON CONFLICT (workspace_id) DO NOTHING",
-            DEFAULT,
-        )
-        await directory.execute(
-            "INSERT INTO link_codes (code, workspace_id) SELECT code, workspace_id FROM links ON CONFLICT DO NOTHING"
-        )
-    return Shard(name, public, sealed)
-
-
-async def share_salt(directory: asyncpg.Connection, shard: asyncpg.Connection) -> None:
-    """The erasure ledger's salt of ``shard`` made the directory's, so that a digest means
-    the same person on every shard and moves with its workspace unchanged; refused for a
-    database whose ledger already holds digests under another salt (in use elsewhere)."""
-    salt = await directory.fetchval("SELECT salt FROM erasure_salt")
-    async with shard.transaction():
-        theirs = await shard.fetchval("SELECT salt FROM erasure_salt FOR UPDATE")
-        if theirs == salt:
-            return
-        if await shard.fetchval("SELECT EXISTS (SELECT 1 FROM erasures)"):  # a ledger of its own
-            raise ShardError("this database's erasure ledger holds digests under another salt: it is in use elsewhere")
-        await shard.execute("UPDATE erasure_salt SET salt = $1", salt)
 
 
 async def claim_code(
@@ -332,92 +331,6 @@ async def claim_code(
         " ON CONFLICT (code) DO NOTHING RETURNING workspace_id)"
         " SELECT workspace_id FROM c UNION ALL SELECT workspace_id FROM link_codes WHERE code = $1 LIMIT 1",
         code,
-        _uuid(workspace_id),
+        as_uuid(workspace_id),
     )
     return owner is not None and str(owner) == str(workspace_id)  # None: claimed beside us
-
-
-async def shard_dsn_of(directory: asyncpg.Connection, workspace_id: str, secret_key: str | None) -> str | None:
-    """The DSN of the shard ``workspace_id`` is on, its password put back; None for the
-    directory's own database (``default``, or a workspace the directory does not place)."""
-    ws = _uuid(workspace_id)
-    shard = await directory.fetchval("SELECT shard FROM workspace_shards WHERE workspace_id = $1", ws) if ws else None
-    if shard is None or shard == DEFAULT:
-        return None
-    return (await shard_dsns(directory, secret_key))[shard]
-
-
-async def list_shards(directory: asyncpg.Connection) -> list[dict[str, Any]]:
-    """Every shard, ``default`` first, with its DSN (no password) and its workspaces' count."""
-    rows = await directory.fetch(
-        "SELECT s.name, s.dsn, s.added_at, (SELECT count(*) FROM workspace_shards w WHERE w.shard = s.name) AS n"
-        " FROM shards s ORDER BY s.name"
-    )
-    placed = await directory.fetchval("SELECT count(*) FROM workspace_shards WHERE shard = $1", DEFAULT)
-    unplaced = await directory.fetchval(
-        "SELECT count(*) FROM workspaces w"
-        " WHERE NOT EXISTS (SELECT 1 FROM workspace_shards p WHERE p.workspace_id = w.id)"
-    )
-    first = {"name": DEFAULT, "dsn": "DATABASE_URL", "workspaces": placed + unplaced, "added_at": None}
-    return [
-        first,
-        *({"name": r["name"], "dsn": r["dsn"], "workspaces": r["n"], "added_at": r["added_at"]} for r in rows),
-    ]
-
-
-async def choose(directory: asyncpg.Connection, asked: str | None) -> str:
-    """The shard a new workspace goes to: ``asked``, else the one with the fewest
-    workspaces (ties to ``default``, then by name). A workspace is the unit of placement;
-    its size is not known when it is made, and ``workspace move`` evens out what the rule
-    could not foresee."""
-    listed = await list_shards(directory)
-    if asked is not None:
-        if asked not in {s["name"] for s in listed}:
-            raise ShardError(f"no shard named {asked!r}: `refstream shards list` shows them")
-        return asked
-    least: str = min(listed, key=lambda s: (s["workspaces"], s["name"] != DEFAULT, s["name"]))["name"]
-    return least
-
-
-async def fence(directory: asyncpg.Connection, workspace_id: UUID, fenced: bool, shard: str | None = None) -> None:
-    """A moving workspace fenced (every process asking for its pool waits), or its fence
-    lifted, placed on ``shard`` when one is given (the move's switch), in one statement."""
-    await directory.execute(
-        "INSERT INTO workspace_shards (workspace_id, shard, fenced) VALUES ($1, coalesce($3, $4), $2)"
-        " ON CONFLICT (workspace_id) DO UPDATE SET fenced = $2, shard = coalesce($3, workspace_shards.shard)",
-        workspace_id,
-        fenced,
-        shard,
-        DEFAULT,
-    )
-
-
-async def forget(directory: asyncpg.Connection, workspace_id: UUID) -> None:
-    """A deleted workspace's placement and link codes, gone from the directory."""
-    async with directory.transaction():
-        await directory.execute("DELETE FROM link_codes WHERE workspace_id = $1", workspace_id)
-        await directory.execute("DELETE FROM workspace_moves WHERE workspace_id = $1", workspace_id)
-        await directory.execute("DELETE FROM workspace_shards WHERE workspace_id = $1", workspace_id)
-
-
-async def place(directory: asyncpg.Connection, workspace_id: UUID, shard: str) -> None:
-    """Write down that ``workspace_id`` is on ``shard``: before its first row is written
-    there, so no process can meet its rows and route them elsewhere."""
-    await directory.execute(
-        "INSERT INTO workspace_shards (workspace_id, shard) VALUES ($1, $2)"
-        " ON CONFLICT (workspace_id) DO UPDATE SET shard = EXCLUDED.shard",
-        workspace_id,
-        shard,
-    )
-
-
-async def shard_dsns(directory: asyncpg.Connection, secret_key: str | None) -> dict[str, str]:
-    """Every added shard's DSN, its password put back, by name (``default`` not among them):
-    for a command that connects to each shard in turn."""
-    rows = await directory.fetch("SELECT name, dsn, password_sealed FROM shards ORDER BY name")
-    return {
-        r["name"]: with_password(
-            r["dsn"], secretbox.decrypt(secret_key, r["password_sealed"]) if r["password_sealed"] else None
-        )
-        for r in rows
-    }

@@ -10,6 +10,7 @@ import asyncpg
 import click
 
 from ingest.contract.settings import Settings
+from ingest.ledger import directory as directory_mod
 from ingest.ledger import placement
 from ingest.manage import schema_check
 from ingest.manage.db import ensure_database
@@ -53,7 +54,7 @@ def migrate() -> None:
         created = await migrate_database(settings, settings.database_url)
         conn = await asyncpg.connect(settings.database_url, timeout=schema_check.CONNECT_TIMEOUT_S)
         try:
-            shards = await placement.shard_dsns(conn, settings.secret_key)
+            shards = await directory_mod.shard_dsns(conn, settings.secret_key)
         finally:
             await conn.close()
         for name, url in shards.items():

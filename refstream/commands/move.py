@@ -16,6 +16,7 @@ import click
 
 from ingest.contract.connections import write
 from ingest.contract.settings import Settings
+from ingest.ledger import directory as directory_mod
 from ingest.ledger import placement
 from ingest.manage import deletion, schema_check
 from refstream import output as out
@@ -28,7 +29,7 @@ CATCH_UPS = 2  # copies after the first, while the workspace is live: the fence'
 async def _url(directory: asyncpg.Connection, settings: Settings, shard: str) -> str:
     if shard == placement.DEFAULT:
         return settings.database_url
-    dsns = await placement.shard_dsns(directory, settings.secret_key)
+    dsns = await directory_mod.shard_dsns(directory, settings.secret_key)
     if shard not in dsns:
         raise click.ClickException(f"no shard named {shard!r}: `refstream shards list` shows them")
     return dsns[shard]
@@ -68,7 +69,7 @@ async def _begin(directory: asyncpg.Connection, ws: uuid.UUID, to: str, target_u
             raise click.ClickException(f"shard {to!r} holds a copy of the workspace already: drop it first")
     finally:
         await there.close()
-    await placement.place(directory, ws, source)  # written down, wherever it was
+    await directory_mod.place(directory, ws, source)  # written down, wherever it was
     await directory.execute("DELETE FROM workspace_moves WHERE workspace_id = $1", ws)
     row = await directory.fetchrow(
         "INSERT INTO workspace_moves (workspace_id, source, target) VALUES ($1, $2, $3) RETURNING *", ws, source, to
@@ -100,7 +101,7 @@ async def _move(settings: Settings, ws: uuid.UUID, to: str) -> dict[str, Any]:
                         since,
                         n,
                     )
-                await placement.fence(directory, ws, True)
+                await directory_mod.fence(directory, ws, True)
                 await _record(directory, ws, state="fenced")
             fenced_at = time.monotonic()
             # every process reads the directory within REFRESH_S: from then on, each waits on
@@ -109,7 +110,7 @@ async def _move(settings: Settings, ws: uuid.UUID, to: str) -> dict[str, Any]:
             mover.progress = _progress("fenced")
             await mover.fence(to)
             n = await mover.finish(since)
-            await placement.fence(directory, ws, False, shard=to)
+            await directory_mod.fence(directory, ws, False, shard=to)
             await _record(directory, ws, state="switched")
             fence_s = round(time.monotonic() - fenced_at, 3)
         finally:

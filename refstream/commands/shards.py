@@ -10,6 +10,7 @@ import asyncpg
 import click
 
 from ingest.contract.settings import Settings
+from ingest.ledger import directory as directory_mod
 from ingest.ledger import placement
 from refstream import output as out
 from refstream.commands.migrate import migrate_database
@@ -47,10 +48,10 @@ def shards_add(name: str, dsn: str) -> None:
         try:
             there = await asyncpg.connect(dsn, timeout=settings.connect_timeout_s)
             try:
-                await placement.share_salt(conn, there)
+                await directory_mod.share_salt(conn, there)
             finally:
                 await there.close()
-            shard = await placement.add_shard(conn, name, dsn, settings.secret_key)
+            shard = await directory_mod.add_shard(conn, name, dsn, settings.secret_key)
         except placement.ShardError as exc:
             raise click.ClickException(str(exc)) from None
         finally:
@@ -68,7 +69,7 @@ def shards_list() -> None:
     async def go(settings: Settings) -> list[dict[str, Any]]:
         conn = await open_database(settings)
         try:
-            return await placement.list_shards(conn)
+            return await directory_mod.list_shards(conn)
         finally:
             await conn.close()
 

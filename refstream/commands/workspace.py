@@ -15,6 +15,7 @@ import click
 from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.ledger import directory as directory_mod
 from ingest.ledger import placement
 from ingest.manage import admin, deletion
 from refstream import output as out
@@ -42,15 +43,15 @@ def workspace_create(name: str, shard: str | None) -> None:
             if shard is None and not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM shards)"):
                 return await admin.create_workspace(conn, name)  # one Postgres: no map to write
             try:
-                chosen = await placement.choose(conn, shard)
+                chosen = await directory_mod.choose(conn, shard)
             except placement.ShardError as exc:
                 raise click.ClickException(str(exc)) from None
             ws = uuid.uuid4()
-            await placement.place(conn, ws, chosen)  # before its first row, wherever that is
+            await directory_mod.place(conn, ws, chosen)  # before its first row, wherever that is
             if chosen == placement.DEFAULT:
                 made = await admin.create_workspace(conn, name, ws)
             else:
-                url = (await placement.shard_dsns(conn, settings.secret_key))[chosen]
+                url = (await directory_mod.shard_dsns(conn, settings.secret_key))[chosen]
                 there = await asyncpg.connect(url, timeout=settings.connect_timeout_s)
                 try:
                     made = await admin.create_workspace(there, name, ws)
@@ -82,7 +83,7 @@ def delete(workspace_id: str, yes: bool) -> None:
             )
         directory = await open_database(settings)
         try:  # where it was, and its links' codes: free for another workspace
-            await placement.forget(directory, uuid.UUID(workspace_id))
+            await directory_mod.forget(directory, uuid.UUID(workspace_id))
         finally:
             await directory.close()
         return done

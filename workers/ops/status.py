@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 from ingest.contract import layout
 from ingest.contract.connections import Redis
 from ingest.contract.keys import Keys, parse_id
-from ingest.ledger import placement
+from ingest.ledger import directory as directory_mod
 from ingest.spool import store as spool_store
 from workers.consumer import trim
 from workers.consumer.trim import Memory
@@ -405,7 +405,7 @@ async def connect_shards(url: str, secret_key: str | None) -> dict[str, asyncpg.
         return {"default": f"{type(exc).__name__}: {exc}"}
     conns: dict[str, asyncpg.Connection | str] = {"default": directory}
     try:
-        dsns = await placement.shard_dsns(directory, secret_key)
+        dsns = await directory_mod.shard_dsns(directory, secret_key)
     except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
         return conns  # a directory not migrated yet: one database
     except PG_ERRORS as exc:

@@ -134,7 +134,10 @@ def guarded(
                     if caller.affiliate_id is not None and not head:  # where the affiliate's own actions come from
                         async with acquired(await edge.pool(caller.workspace_id)) as conn:
                             await stats.affiliate_seen(conn, caller.affiliate_id, edge.client_ip(request))
-                    return await handler(request, edge, caller)
+                    if request.method not in WRITES:
+                        return await handler(request, edge, caller)
+                    async with edge.shards.writing(caller.workspace_id):  # a move's fence waits for it
+                        return await handler(request, edge, caller)
                 except BodyError as exc:
                     return error(exc.status, body_code(exc), exc.message)
                 except Problem as exc:

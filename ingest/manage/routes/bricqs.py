@@ -112,7 +112,10 @@ async def generate(request: web.Request) -> web.Response:
 
     async def run() -> web.Response:
         try:
-            async with acquired(await edge.pool(principal.workspace_id)) as conn:
+            async with (
+                edge.shards.writing(principal.workspace_id),  # a move's fence waits for it
+                acquired(await edge.pool(principal.workspace_id)) as conn,
+            ):
                 out = await admin.referral_code(
                     conn,
                     edge.redis,
