@@ -6,10 +6,12 @@ shard, once, with counters equal to their rows on each."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import uuid
+from typing import Any, cast
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from ingest.contract import erasure
 from ingest.contract.connections import create_pg_pool
@@ -19,6 +21,9 @@ from ingest.contract.settings import Settings
 from ingest.ledger import placement
 from ingest.manage import suppressions
 from ingest.privacy.suppressed import Suppressed
+from workers.consumer.store import BatchResult
+from workers.consumer.waiting import Rooms
+from workers.group.errors import BatchOutage
 
 from ._procs import Procs, env_for, run_command
 from ._world import call
@@ -67,7 +72,7 @@ async def test_each_workspace_is_stored_on_its_own_shard(
         env = env_for(s)
         bad = await run_command("workspace", "create", "C", "--shard", "nowhere", env=env)
         assert bad[0] == 1 and "no shard named 'nowhere'" in bad[2]
-        await procs.cli("link", "create", "--workspace", a["workspace_id"], "--code", "acode")
+        alink = await procs.cli("link", "create", "--workspace", a["workspace_id"], "--code", "acode")
         await procs.cli("link", "create", "--workspace", b["workspace_id"], "--code", "bcode")
         # a code is unique across shards: neither workspace takes the other's
         for ws, code in ((b, "acode"), (a, "bcode")):
@@ -88,6 +93,20 @@ async def test_each_workspace_is_stored_on_its_own_shard(
             "POST", f"{edge}/v1/links", headers=h, json={"affiliate_id": affiliate["id"], "url": "https://b.test/"}
         )
         assert status == 201, link
+        # more links at once than the edge's pool holds connections, on the directory's own
+        # shard: each claims its code on a connection of its own, none waits on another
+        many = await asyncio.gather(
+            *(
+                call(
+                    "POST",
+                    f"{edge}/v1/links",
+                    headers=auth(a["api_key"]),
+                    json={"affiliate_id": alink["affiliate_id"], "url": "https://a.test/"},
+                )
+                for _ in range(8)
+            )
+        )
+        assert [st for st, _, _ in many] == [201] * 8, many
 
         replies = await fire(edge, ["acode"] * 30 + ["bcode"] * 20 + [link["code"]] * 10)
         assert all(r == (200, TRACKED) for r in replies), replies[:3]
@@ -119,7 +138,7 @@ async def test_each_workspace_is_stored_on_its_own_shard(
             assert PASSWORD not in held["dsn"] and PASSWORD.encode() not in bytes(held["password_sealed"])
             placed = await directory.fetch("SELECT workspace_id::text AS ws, shard FROM workspace_shards")
             assert {(r["ws"], r["shard"]) for r in placed} == {(a["workspace_id"], "default"), (b["workspace_id"], "b")}
-            assert await directory.fetchval("SELECT count(*) FROM link_codes") == 3
+            assert await directory.fetchval("SELECT count(*) FROM link_codes") == 3 + 8
         finally:
             await directory.close()
             await shard.close()
@@ -261,3 +280,28 @@ async def test_each_shards_do_not_track_list_is_read_from_that_shard(
         await place.close()
         await directory.close()
         erasure.forget_salt()
+
+
+async def test_a_redis_outage_holds_a_sharded_batch_and_letters_nothing(keys: Keys) -> None:
+    """The waiting rooms' Redis step of a batch's write fails as Redis, never as the batch:
+    the pipeline holds the batch (``BatchOutage``) rather than setting its events aside."""
+    down = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    place = placement.Placement(cast(asyncpg.Pool, None), _no_pool, None)
+    rooms = Rooms(down, keys, place)
+    written: list[str] = []
+
+    async def write_part(shard: str, events: list[Envelope]) -> BatchResult:
+        written.append(shard)
+        return BatchResult(inserted=len(events))
+
+    event = Envelope(EventType.CLICK, "biore", {"code": "x"}, workspace_id=str(uuid.uuid4()))
+    try:
+        with pytest.raises(BatchOutage) as held:
+            await rooms.write({"b": [event]}, write_part)
+        assert held.value.reason and written == []
+    finally:
+        await down.aclose()
+
+
+async def _no_pool(url: str) -> asyncpg.Pool:
+    raise AssertionError("no shard is opened here")

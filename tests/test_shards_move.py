@@ -224,3 +224,34 @@ async def test_a_management_write_in_flight_holds_the_fence_and_none_passes_it(
         await target.close()
         await place.close()
         await pool.close()
+
+
+async def test_a_catch_up_writes_over_a_row_whose_identity_it_may_not_set(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    try:
+        await procs.cli("migrate")
+        await procs.cli("shards", "add", "b", shard_url)
+        edge = await procs.start_edge()
+        ws = await _world(procs, edge, "Moving", "default")
+        source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
+        try:
+            mover = Mover(UUID(ws["workspace_id"]), source, target)
+            _, since = await mover.copy(None)
+            # a commission changed after the copy: its ledger order (GENERATED ALWAYS) stays
+            await source.execute(
+                "UPDATE commissions SET status = 'approved' WHERE workspace_id = $1", ws["workspace_id"]
+            )
+            n, _ = await mover.copy(since)
+            assert n >= 1
+            rows = "SELECT seq, status FROM commissions WHERE workspace_id = $1 ORDER BY seq"
+            assert await target.fetch(rows, ws["workspace_id"]) == await source.fetch(rows, ws["workspace_id"])
+            assert {r["status"] for r in await target.fetch(rows, ws["workspace_id"])} == {"approved"}
+        finally:
+            await source.close()
+            await target.close()
+    finally:
+        procs.stop_all()

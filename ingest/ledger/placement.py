@@ -119,6 +119,7 @@ class Placement:
         self._fenced: set[UUID] = set()  # workspaces being moved: their pool waits
         self._pools: dict[str, asyncpg.Pool] = {DEFAULT: directory}
         self._guards: dict[str, asyncpg.Pool] = {}  # a connection each write holds its fence lock on
+        self._claims: asyncpg.Pool | None = None  # the directory's, for a code's claim alone
         self._read_at = -REFRESH_S  # monotonic time of the last read
         self._reading: asyncio.Lock | None = None
 
@@ -302,12 +303,19 @@ class Placement:
         unique index decides; with several, the directory's ``link_codes`` too, claimed here
         for good (a claim whose link was never committed keeps the code for its workspace)."""
         await self.fresh()
-        return not self._shards or await claim_code(self.directory, code, workspace_id, sharded=True)
+        if not self._shards:
+            return True
+        if self._claims is None:  # not the directory's own pool: its caller may hold one of it
+            if DEFAULT not in self._urls:
+                raise ShardError("the directory's URL is not known: a code cannot be claimed")
+            self._claims = await self._connect(self._urls[DEFAULT])
+        return await claim_code(self._claims, code, workspace_id, sharded=True)
 
     async def close(self) -> None:
         """Close the pools this placement opened (the directory's is its owner's)."""
         opened = [p for name, p in self._pools.items() if name != DEFAULT] + list(self._guards.values())
-        self._pools, self._guards = {DEFAULT: self.directory}, {}
+        opened += [self._claims] if self._claims is not None else []
+        self._pools, self._guards, self._claims = {DEFAULT: self.directory}, {}, None
         await asyncio.gather(*(p.close() for p in opened), return_exceptions=True)
 
 

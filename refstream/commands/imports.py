@@ -28,6 +28,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 
 from ingest.contract.connections import connect_redis, create_pg_pool
 from ingest.contract.keys import Keys
+from ingest.ledger.placement import Moved
 from refstream import output as out
 from refstream.runner import run_reading, settings_and_logging, shard_urls, workspace_shard
 
@@ -217,7 +218,13 @@ async def _go(run: _Run) -> dict[str, Any]:
     if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", uuid.UUID(ws)):
         raise click.ClickException(f"no workspace {ws}")
     try:
-        summary = await _import_with_progress(run, console, pool, redis, keys, enricher, stop, running)
+        try:
+            summary = await _import_with_progress(run, console, pool, redis, keys, enricher, stop, running)
+        except Moved:
+            raise click.ClickException(
+                "the workspace moved to another shard during the import: run it again"
+                " (what is stored is not stored twice)"
+            ) from None
         backends = {
             "niceness": run.niceness,
             "lowered": sum(o.applied for o in niced),

@@ -18,22 +18,23 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import structlog
 
 from ingest.contract import wire
-from ingest.contract.connections import Redis
+from ingest.contract.connections import REDIS_ERRORS, Redis
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.ledger import placement
 from workers.consumer import dead_letters
 from workers.consumer.dead_letters import Dead
 from workers.consumer.store import BatchResult
-from workers.group.errors import postgres_outage
+from workers.group.errors import BatchOutage, postgres_outage, redis_outage
 
 log = structlog.get_logger("workers.waiting")
 
+T = TypeVar("T")
 LOCK_MS = 30_000  # one worker drains a room at a time; a crashed one's turn expires
 PAGE = 500  # events a drain writes in one transaction
 WritePart = Callable[[str, list[Envelope]], Awaitable[BatchResult]]
@@ -47,6 +48,15 @@ if redis.call('XLEN', KEYS[1]) == 0 then
 end
 return 0
 """
+
+
+async def _redis(step: Awaitable[T]) -> T:
+    """A Redis step of a batch's write: its failure is an outage of Redis, never the batch's
+    own (the batch is held and tried again, as an ack that fails is)."""
+    try:
+        return await step
+    except REDIS_ERRORS as exc:
+        raise BatchOutage(redis_outage(exc) or "redis", exc) from exc
 
 
 def waits(exc: BaseException) -> bool:
@@ -86,7 +96,7 @@ class Rooms:
     async def write(self, parts: dict[str, list[Envelope]], write_part: WritePart) -> BatchResult:
         """Each shard's part in its transaction, at once; the events of a workspace that
         waits, or whose shard cannot take them, to its room."""
-        waiting = await self.waiting()
+        waiting = await _redis(self.waiting())
         parked: list[Envelope] = []
         live: dict[str, list[Envelope]] = {}
         for name, part in parts.items():
@@ -115,7 +125,7 @@ class Rooms:
             else:
                 raise r
         if parked:
-            await self.park(parked)
+            await _redis(self.park(parked))
             total.rowless |= {e.event_id for e in parked}  # no row yet: the room holds them
         return total
 

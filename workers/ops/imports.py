@@ -268,7 +268,8 @@ class Importer:
                 await partitions.ensure_days(conn, days, partitions.ms_day(self._first_kept_ms))
             self._days |= days
         if envelopes:
-            result = await store.write_batch(self.pool, envelopes, self.enricher, o.effects())
+            # fenced: a workspace moved to another shard is never written where it was
+            result = await store.write_batch(self.pool, envelopes, self.enricher, o.effects(), fence=[o.workspace_id])
             s.stored += result.inserted
             s.duplicates += result.duplicates
             s.scrubbed += result.scrubbed

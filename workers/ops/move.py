@@ -85,6 +85,7 @@ class Table:
     columns: list[str]
     key: list[str]  # the primary key's columns (empty: none)
     where: str  # the workspace's rows, $1 its id
+    fixed: frozenset[str] = frozenset()  # GENERATED ALWAYS AS IDENTITY: written once, never set again
     parents: set[str] = field(default_factory=set)
 
 
@@ -92,6 +93,8 @@ _TABLES = """
 SELECT c.oid, c.relname AS name,
        array(SELECT a.attname FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
              AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum) AS columns,
+       array(SELECT a.attname FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
+             AND NOT a.attisdropped AND a.attidentity = 'a') AS fixed,
        coalesce((SELECT array(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY u(n, i)
                               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = u.n ORDER BY u.i)
                  FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'p'), '{}') AS key
@@ -117,7 +120,8 @@ async def plan(conn: asyncpg.Connection) -> list[Table]:
     foreign = await conn.fetch(_FOREIGN)
     tables: dict[str, Table] = {}
     pending: dict[str, Any] = {}
-    for r in await conn.fetch(_TABLES):
+    rows = await conn.fetch(_TABLES)
+    for r in rows:
         if r["name"] in NOT_A_WORKSPACES:
             continue
         columns = list(r["columns"])
@@ -149,6 +153,9 @@ async def plan(conn: asyncpg.Connection) -> list[Table]:
     for f in foreign:
         if f["child"] in tables and f["parent"] in tables and f["child"] != f["parent"]:
             tables[f["child"]].parents.add(f["parent"])
+    for r in rows:
+        if r["name"] in tables:
+            tables[r["name"]].fixed = frozenset(r["fixed"])
     return _ordered(tables)
 
 
@@ -224,7 +231,7 @@ class Mover:
         cols = ", ".join(f'"{c}"' for c in t.columns)
         if overwrite and t.key:
             keys = ", ".join(f'"{c}"' for c in t.key)
-            rest = [c for c in t.columns if c not in t.key]
+            rest = [c for c in t.columns if c not in t.key and c not in t.fixed]
             sets = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in rest) or f'"{t.key[0]}" = EXCLUDED."{t.key[0]}"'
             conflict = f"ON CONFLICT ({keys}) DO UPDATE SET {sets}"
         else:
