@@ -36,7 +36,6 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
-import asyncpg
 
 from ingest.contract import earnings, ids, suppression
 from ingest.contract.commission import Rules
@@ -159,18 +158,11 @@ class Judge:
     # -- rules: a program's rules changed between a customer's events -----------------
 
     async def _rule_changes(self) -> None:
-        from workers.ops.ledger_check import history
-
         steps = self.cases("rules")
         lead = next((o for o in steps if o.kind == "lead"), None)
         poll = next((o for o in steps if o.kind == "poll"), None)
         imported = next((o for o in steps if o.kind == "import"), None)
-        conn = await asyncpg.connect(self.check.database_url, timeout=5)
-        try:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                _, leads, sales, rows = await history(conn, self.world.workspace_id)
-        finally:
-            await conn.close()
+        _, leads, sales, rows = await self.check.ledger_history(self.world.workspace_id)  # on its shard
         program = self.world.rc_program
         leads = [x for x in leads if x.program_id == program]
         sales = [x for x in sales if x.program_id == program]

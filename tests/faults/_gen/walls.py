@@ -67,12 +67,11 @@ async def problems(check: Checker, history: History, world: World) -> dict[str, 
     for ws, tag in world.gone.items():
         if ws not in deleted:  # its deletion never answered (a fault throughout): nothing to hold it to
             continue
-        for t in await check.fetch(SCOPED):
-            n = (
-                await check.fetch(f"SELECT count(*) AS n FROM {t['table_name']} WHERE workspace_id = $1", uuid.UUID(ws))
-            )[0]["n"]
-            if n:
-                out["tenant_wall"].append(f"workspace {tag}, deleted, still has {n} row(s) in {t['table_name']}")
+        for table in sorted({t["table_name"] for t in await check.fetch_raw(SCOPED)}):  # on any shard
+            sql = f"SELECT count(*) AS n FROM public.{table} WHERE workspace_id = $1"
+            left = await check.fetch_raw(sql, uuid.UUID(ws))
+            if n := sum(r["n"] for r in left):
+                out["tenant_wall"].append(f"workspace {tag}, deleted, still has {n} row(s) in {table}")
     return out
 
 
