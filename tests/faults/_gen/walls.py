@@ -23,10 +23,12 @@ from .history import History, Op
 from .ops import World
 from .tenants import email_of
 
-# tables with a workspace_id: a deleted workspace leaves none of its rows in any of them
+# tables with a workspace_id: a deleted workspace leaves none of its rows in any of them (a
+# partitioned table's rows counted through it: its partitions are each shard's own)
 SCOPED = """SELECT table_name FROM information_schema.columns
 WHERE column_name = 'workspace_id' AND table_schema = 'public'
-  AND table_name IN (SELECT tablename FROM pg_tables WHERE schemaname = 'public')"""
+  AND table_name IN (SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace
+                     AND c.relkind IN ('r', 'p') AND NOT c.relispartition)"""
 
 
 def _erased(history: History) -> set[tuple[str, str]]:
