@@ -141,7 +141,7 @@ LIMIT 20
 _REFUNDED = """
 SELECT s.event_id, s.amount, s.refunds, s.refunded, count(r.id) AS rows_n, coalesce(sum(r.amount), 0) AS rows_total
 FROM sales s LEFT JOIN refunds r ON r.sale_id = s.event_id
-GROUP BY s.event_id
+GROUP BY s.event_id, s.amount, s.refunds, s.refunded
 HAVING (s.refunds, s.refunded) IS DISTINCT FROM (count(r.id), coalesce(sum(r.amount), 0))
     OR coalesce(sum(r.amount), 0) > s.amount
 LIMIT 20
@@ -230,6 +230,27 @@ class Checker:
         rows = await self.fetch(sql, *args)
         return rows[0][0] if rows else None
 
+    def shard_urls(self) -> dict[str, str]:
+        """Every shard's database by name (one here: the generative test's checker has more)."""
+        return {"default": self.database_url}
+
+    async def fetch_raw(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """``sql`` over every row there is, on every shard (``fetch``, here)."""
+        return await self.fetch(sql, *args)
+
+    async def ledger_history(
+        self, workspace_id: str | None = None
+    ) -> tuple[dict[Any, Any], list[Any], list[Any], list[Any]]:
+        """``workers.ops.ledger_check.history`` in one snapshot: rules, leads, sales, ledger rows."""
+        from workers.ops.ledger_check import history
+
+        conn = await asyncpg.connect(self.database_url, timeout=5)
+        try:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await history(conn, workspace_id)
+        finally:
+            await conn.close()
+
     async def event_count(self) -> int:
         return int(await self.fetchval("SELECT count(*) FROM events"))
 
@@ -264,6 +285,17 @@ class Checker:
                     )
         if spooled := self.spooled():
             left.append(f"edge spool: {spooled} entries not drained")
+        left += await self.waiting()
+        return left
+
+    async def waiting(self) -> list[str]:
+        """The workspaces' waiting rooms (``workers.consumer.waiting``) still named, or
+        still there: events a shard has yet to take."""
+        left = []
+        if named := await self.redis.scard(self.keys.waiting_rooms):
+            left.append(f"{named} waiting rooms named in {self.keys.waiting_rooms}")
+        async for room in self.redis.scan_iter(match=self.keys.waiting_room("*"), count=1000):
+            left.append(f"waiting room {_s(room)}: {await self.redis.xlen(room)} entries")
         return left
 
     def spooled(self) -> int:
@@ -418,15 +450,9 @@ class Checker:
         ``skip``: programs whose rules changed over the history (the caller judges them)."""
         from ingest.contract import earnings
         from ingest.contract.commission import Rules
-        from workers.ops.ledger_check import history
 
         given = {"sale_bps": bps, "sale_flat": flat, "lead_flat": lead_flat, "lead_currency": lead_currency}
-        conn = await asyncpg.connect(self.database_url, timeout=5)
-        try:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                stored, leads, sales, rows = await history(conn)
-        finally:
-            await conn.close()
+        stored, leads, sales, rows = await self.ledger_history()
         rules = {program: Rules.from_json(given) for program in stored}
         if skip:
             theirs = {x.event_id for x in leads if x.program_id in skip}

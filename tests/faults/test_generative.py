@@ -22,7 +22,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,12 @@ def _total(results: list[SeedResult]) -> str:
     ops: Counter[str] = Counter()
     faults: Counter[str] = Counter()
     anomalies: Counter[str] = Counter()
+    shards: Counter[str] = Counter()
     for r in results:
         ops.update(r.ops)
         faults.update(r.faults)
         anomalies.update(r.anomalies.counts())
+        shards.update(r.shards)
 
     def fmt(c: Counter[str]) -> str:
         return ",".join(f"{k}={n}" for k, n in sorted(c.items())) or "none"
@@ -85,18 +87,32 @@ def _total(results: list[SeedResult]) -> str:
         f"GENERATIVE total: seeds={len(results)} ({','.join(str(r.seed) for r in results)})"
         f" wall={sum(r.wall_s for r in results):.0f}s ops={sum(ops.values())} ({fmt(ops)})"
         f" stored={sum(r.stored for r in results)} archived={sum(r.archived for r in results)}"
-        f" faults={sum(faults.values())} ({fmt(faults)})"
+        f" faults={sum(faults.values())} ({fmt(faults)}) shards ({fmt(shards)})"
         f" anomalies={sum(anomalies.values())} ({fmt(anomalies)})"
     )
 
 
+@pytest.fixture
+async def shard_pg() -> AsyncIterator[PgServer]:
+    """Shard b's Postgres (``_gen/shards.py``), a second primary of the test's own: each seed
+    makes its database there, and its nemesis stops and starts it."""
+    server = PgServer()
+    try:
+        server.init()
+        server.start()  # from the main thread: the parent-death signal belongs to it
+        await server.ready()
+        yield server
+    finally:
+        server.destroy()
+
+
 @pytest.mark.faults
 @pytest.mark.timeout(int(_budget()) + 900)
-async def test_generative(pg_server: PgServer, plan: Plan) -> None:
+async def test_generative(pg_server: PgServer, shard_pg: PgServer, plan: Plan) -> None:
     results: list[SeedResult] = []
     for seed in seeds(plan.mode):
         print(f"\ngenerative: seed {seed} ({plan.mode})", file=sys.stderr, flush=True)
-        result = await run_seed(seed, plan.mode, pg_server, plan)
+        result = await run_seed(seed, plan.mode, pg_server, plan, shard_pg)
         results.append(result)
         FIGURES.append(result.line())
         print(result.line(), flush=True)

@@ -3,10 +3,17 @@ Sentinel with the edges at ``replicas:1``), proxies on the processes' links to P
 ``Stage`` (its own database, key prefix, spool and archive directories), and two of each
 process: edges, workers, archivers, each in a slot that a fault may empty, stop or refill.
 
+Two Postgres primaries: the suite's (shard ``default``, the stage's database, which is the
+directory) and shard ``b``'s (``shard_pg``: the stage's database name on a server of the
+test's own, added with ``refstream shards add``); workspaces ``a`` and ``b`` are made on the
+shards the schedule placed them on (``Schedule.placed``), and the stage's checker reads
+every shard (``shards.ShardedChecker``).
+
 Links and who uses them:
 - ``edge-redis`` / ``worker-redis`` (single topology): the edges', and the workers' and
   archivers', way to Redis; Sentinel's topology has none (its clients ask Sentinel);
-- ``edge-pg`` / ``worker-pg``: their ways to Postgres.
+- ``edge-pg`` / ``worker-pg``: their ways to Postgres (``default``'s; shard ``b`` is reached
+  at the DSN the directory holds, straight).
 The checks and the CLI commands go straight to the servers.
 """
 
@@ -17,10 +24,13 @@ import signal
 import subprocess
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -35,6 +45,7 @@ from .._stage import EDGE_ENV, Stage, codes_covering
 from .._stage import World as StageWorld
 from . import cases
 from .ops import B_ORIGINS, COMMISSION, DUB_DOMAIN, World
+from .shards import ShardedChecker
 
 AOF = ("--appendonly", "yes", "--appendfsync", "always")  # a killed Redis keeps what it acknowledged
 SEGMENTS = {"REFSTREAM_ARCHIVE_SEGMENT_ENTRIES": "150", "REFSTREAM_ARCHIVE_SEGMENT_S": "0.5"}
@@ -60,8 +71,18 @@ class Slot:
 
 
 class Cluster:
-    def __init__(self, name: str, pg: PgServer, topology: str, plan: Plan) -> None:
+    def __init__(
+        self, name: str, pg: PgServer, topology: str, plan: Plan, shard_pg: PgServer, placed: dict[str, str]
+    ) -> None:
+        """``shard_pg``: the Postgres of shard ``b`` (``shards.py``); ``placed``: each
+        workspace's shard at the start, by tag (``a``, ``b``)."""
         self.name, self.pg, self.topology, self.plan = name, pg, topology, plan
+        self.shard_pg = shard_pg
+        self.placed = dict(placed)  # where each workspace is now, by tag (a move's fault keeps it)
+        self.frozen: dict[str, str] = {}  # tag -> the shard holding its old copy (no --drop-old since)
+        self.workspaces: dict[str, str] = {}  # tag -> workspace id
+        self.shards: Counter[str] = Counter()  # moved, dropped, outages, move-retries (``faults.py``)
+        self.move_errors: list[str] = []  # each failed run of a move's command, a line
         self.servers: list[FaultRedis] = []
         self.sentinel: SentinelServer | None = None
         self.proxies: dict[str, Proxy] = {}
@@ -295,13 +316,14 @@ class Cluster:
             await proxy.start()
         self.stage = st = Stage(self.name, self.pg, redis_url, self.plan)
         await st.cli("migrate")
+        await self._shard(st, redis_url)
         for stream in st.keys.streams:  # from the first entry on: the trim keeps what is not archived
             await st.redis.xgroup_create(stream, ARCHIVE, id="0", mkstream=True)
         codes = codes_covering(st.keys, per_partition=2)
         for role in ("worker", "archiver"):
             for i in range(PER_ROLE):
                 await self.start(role, i)
-        ws = await st.cli("workspace", "create", "Generative")
+        ws = await st.cli("workspace", "create", "Generative", "--shard", self.placed["a"])
         first, *_ = await asyncio.gather(
             st.cli(
                 "link",
@@ -317,24 +339,10 @@ class Cluster:
         )
         st.base = self.slots["edge"][0].base
         sw = StageWorld(ws["workspace_id"], ws["api_key"], first["program_id"], first["affiliate_id"], codes)
+        dub = {"affiliate_id": sw.affiliate_id, "code": DUB_LINK, "url": f"https://shop.test/{DUB_LINK}"}
         await asyncio.gather(
-            *(
-                st.api(
-                    "POST",
-                    "/v1/links",
-                    {"affiliate_id": sw.affiliate_id, "code": c, "url": f"https://shop.test/{c}"},
-                    sw,
-                )
-                for c in codes[1:]
-            ),
+            self._links(sw, codes[1:], dub | {"domain": DUB_DOMAIN}),
             st.api("PATCH", f"/v1/programs/{sw.program_id}/commission", COMMISSION, sw),
-            st.api(
-                "POST",
-                "/v1/links",
-                {"affiliate_id": sw.affiliate_id, "code": DUB_LINK, "url": f"https://shop.test/{DUB_LINK}"}
-                | {"domain": DUB_DOMAIN},
-                sw,
-            ),
         )
         await st.groups_ready()
         async with aiohttp.ClientSession() as http, http.get(f"{st.base}/api/v1/referrals/validate/{codes[0]}") as r:
@@ -344,6 +352,7 @@ class Cluster:
             "keys", "create", "--workspace", ws["workspace_id"], "--scopes", "track", "--expires-in", "1s"
         )
         other = await self._tenant("b", codes_covering(st.keys, per_partition=1, prefix="b"))
+        self.workspaces = {"a": ws["workspace_id"], "b": other.workspace_id}
         rc_program, id_affiliate = await self._cases(sw)
         return World(
             codes,
@@ -360,6 +369,34 @@ class Cluster:
             rc_code=cases.RC_LINK,
             id_affiliate=id_affiliate,
             id_code=cases.ID_LINK,
+        )
+
+    async def _links(self, sw: StageWorld, codes: list[str], *more: dict[str, Any]) -> None:
+        """The workspace's links, one at a time: on a sharded deployment the edge's link
+        create holds a connection of its workspace's pool while it claims the code with one
+        of the directory's, the same pool (of 4) for a workspace on ``default``, and eight
+        at once waited each other out and were answered 503 after 20 s (seed 2000)."""
+        for c in codes:
+            body = {"affiliate_id": sw.affiliate_id, "code": c, "url": f"https://shop.test/{c}"}
+            await self.st.api("POST", "/v1/links", body, sw)
+        for body in more:
+            await self.st.api("POST", "/v1/links", body, sw)
+
+    @property
+    def shard_url(self) -> str:
+        """Shard ``b``'s database: the stage's name, on the shard's own Postgres."""
+        return self.shard_pg.url_for(self.st.database)
+
+    async def _shard(self, st: Stage, redis_url: str) -> None:
+        """Shard ``b`` added (``refstream shards add``: its database made and migrated), and
+        the stage's checker made the one that reads every shard (``shards.py``)."""
+        await st.cli("shards", "add", "b", self.shard_url)
+        await st.check.close()
+        st.check = ShardedChecker(
+            {"default": st.settings.database_url, "b": self.shard_url},
+            redis_url,
+            st.keys,
+            Path(st.settings.spool_dir),
         )
 
     async def _cases(self, sw: StageWorld) -> tuple[str, str]:
@@ -383,7 +420,7 @@ class Cluster:
     async def _tenant(self, tag: str, codes: list[str]) -> World:
         """Another workspace (``tenants.py``): its links, the same commission rules, its keys."""
         st = self.st
-        ws = await st.cli("workspace", "create", f"gen-{tag}")
+        ws = await st.cli("workspace", "create", f"gen-{tag}", "--shard", self.placed[tag])
         # the pages Dub's clicks may come from (before any of its links is read, so cached)
         await st.check.fetch(
             "UPDATE workspaces SET allowed_origins = $2 WHERE id = $1", uuid.UUID(ws["workspace_id"]), list(B_ORIGINS)
@@ -400,15 +437,7 @@ class Cluster:
         )
         sw = StageWorld(ws["workspace_id"], ws["api_key"], first["program_id"], first["affiliate_id"], codes)
         await asyncio.gather(
-            *(
-                st.api(
-                    "POST",
-                    "/v1/links",
-                    {"affiliate_id": sw.affiliate_id, "code": c, "url": f"https://shop.test/{c}"},
-                    sw,
-                )
-                for c in codes[1:]
-            ),
+            self._links(sw, codes[1:]),
             st.api("PATCH", f"/v1/programs/{sw.program_id}/commission", COMMISSION, sw),
         )
         eraser = await st.cli("keys", "create", "--workspace", ws["workspace_id"], "--scopes", "erase")
@@ -442,6 +471,9 @@ class Cluster:
             self.pg.start()
             await self.pg.ready()
         await self.pg.set_read_only(False)
+        if not self.shard_pg.running:
+            self.shard_pg.start()
+            await self.shard_pg.ready()
         for proxy in self.proxies.values():
             proxy.heal()
             proxy.delay_s = 0.0
@@ -469,6 +501,7 @@ class Cluster:
         try:
             if self.stage is not None:
                 await self.stage.close()
+                await self._drop_shard()
         finally:
             for proxy in self.proxies.values():
                 await proxy.close()
@@ -478,6 +511,17 @@ class Cluster:
                 if server.proc is not None and server.proc.poll() is None:
                     server.proc.send_signal(signal.SIGCONT)
                 server.destroy()
+
+    async def _drop_shard(self) -> None:
+        """Shard ``b``'s database dropped, its server left running for the next seed."""
+        if not self.shard_pg.running:
+            self.shard_pg.start()
+            await self.shard_pg.ready()
+        conn = await asyncpg.connect(self.shard_pg.url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{self.st.database}" WITH (FORCE)')
+        finally:
+            await conn.close()
 
     def info(self) -> dict[str, Any]:
         return {"topology": self.topology, "processes": {r: [s.name for s in v] for r, v in self.slots.items()}}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
@@ -153,19 +153,22 @@ async def problems(
     if not (found.done or found.maybe):
         return out
     ledger.forget_salt()  # this process checks one seed's database after another's: each has its own salt
-    pool = await asyncpg.create_pool(check.database_url, min_size=1, max_size=2)
+    # the sweep as the workers run it, on each shard's own pool (``placement.each``); what is
+    # pending, and where a person still is, read as the checker reads (``shards.py``)
+    pools = [await asyncpg.create_pool(url, min_size=1, max_size=2) for url in check.shard_urls().values()]
     try:
         store = LocalStore(str(archive_root))
         for _ in range(SWEEPS):
-            await erasure.sweep(pool, check.redis, check.keys, store)
-            left = [p for p in await erasure.status(pool) if "postgres" not in p["pending"]]
+            for pool in pools:
+                await erasure.sweep(pool, check.redis, check.keys, store)
+            left = [p for p in await erasure.status(cast(asyncpg.Pool, check)) if "postgres" not in p["pending"]]
             if not left:
                 break
         else:
             out["erasure_pending"] = [f"{p['erasure_id']}: {p['pending']} after {SWEEPS} sweeps" for p in left]
         # the external id as a whole JSON string (a token is the prefix of others: g1-22 of
         # g1-220), anywhere in the person's workspace or in no workspace's
-        places, entries = await _places(check, pool, store, prefix)
+        places, entries = await _places(check, store, prefix)
         tags = {tag: ws for ws, tag in spaces.items()}
         for c in found.done:
             external, tag = found.person[c]
@@ -185,7 +188,7 @@ async def problems(
             for event, token in found.clicks.items()
             if found.referrers.get(c) == REFERRER + token
         }
-        rows = await pool.fetch(
+        rows = await check.fetch(
             "SELECT event_id, referrer FROM events WHERE event_id = ANY($1::uuid[])", [uuid.UUID(hex=e) for e in clicks]
         )
         for r in rows:
@@ -195,7 +198,8 @@ async def problems(
             if e.event_id.hex in clicks and e.payload.get("referrer") is not None:
                 out["erased_kept"].append(f"customer {clicks[e.event_id.hex]}: their click's referrer in {where}")
     finally:
-        await pool.close()
+        for pool in pools:
+            await pool.close()
     return out
 
 
@@ -213,7 +217,7 @@ TABLES = (
 
 
 async def _places(
-    check: Checker, pool: asyncpg.Pool, store: LocalStore, prefix: str
+    check: Checker, store: LocalStore, prefix: str
 ) -> tuple[list[tuple[str, str | None, bytes]], list[tuple[str, Envelope]]]:
     """Every place's bytes with the workspace it belongs to (None: no one's, or not known):
     Postgres's rows as JSON text, per workspace where the table has one; every Redis key of
@@ -222,17 +226,17 @@ async def _places(
     places: list[tuple[str, str | None, bytes]] = []
     entries: list[tuple[str, Envelope]] = []
     for table in TABLES:
-        scoped = await pool.fetchval(
+        scoped = await check.fetchval(
             "SELECT EXISTS (SELECT 1 FROM information_schema.columns"
             " WHERE table_name = $1 AND column_name = 'workspace_id')",
             table,
         )
         ws = "workspace_id::text" if scoped else "NULL::text"
-        rows = await pool.fetch(
+        rows = await check.fetch(
             f"SELECT {ws} AS ws, string_agg(row_to_json(t)::text, E'\\n') AS j FROM {table} t GROUP BY 1"
         )
         places += [(f"postgres {table}", r["ws"], (r["j"] or "").encode()) for r in rows]
-    link_ws = {r["code"]: str(r["workspace_id"]) for r in await pool.fetch("SELECT code, workspace_id FROM links")}
+    link_ws = {r["code"]: str(r["workspace_id"]) for r in await check.fetch("SELECT code, workspace_id FROM links")}
 
     def owner(e: Envelope | None) -> str | None:
         if e is None:

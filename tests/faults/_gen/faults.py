@@ -11,7 +11,9 @@ SIGSTOPped; one process restarted with its clock offset (``REFSTREAM_CLOCK_OFFSE
 network partition that blackholes one direction of one link; a worker trimming every second
 with no retention and a tiny memory budget; ``refstream replay`` racing the workers; the
 partition count changed live (``refstream partitions set``) and changed back; an edge's
-supervisor replaced by ``refstream serve --take-over``.
+supervisor replaced by ``refstream serve --take-over``; shard b's Postgres stopped and
+started again; a workspace moved to the other shard under load (``refstream workspace
+move``), its old copy dropped (``--drop-old``) after it or before its next move.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .._sentinel import MASTER
 from .._servers import FaultRedis
 from .cluster import Cluster, Slot
 from .history import FaultRecord, History
-from .schedule import ALL_FAULTS, FaultStep
+from .schedule import ALL_FAULTS, SHARDS, FaultStep
 
 
 class Fault(ABC):
@@ -332,6 +334,85 @@ class EdgeTakeOver(Fault):
         pass  # nothing to heal: the new supervisor serves on
 
 
+class ShardOutage(Fault):
+    """Shard b's Postgres stopped (``-m immediate``), then started again: its workspaces'
+    events wait in their waiting rooms meanwhile (``workers.consumer.waiting``)."""
+
+    kind = "shard-outage"
+
+    async def start(self) -> None:
+        self.record.target = f"shard b (postgres:{self.c.shard_pg.port})"
+        await asyncio.to_thread(self.c.shard_pg.stop, "immediate")
+
+    async def stop(self) -> None:
+        self.c.shard_pg.start()  # from the event loop's (main) thread, as PgKill
+        await self.c.shard_pg.ready()
+        self.c.shards["outages"] += 1
+
+
+MOVE_WITHIN_S = 120.0  # one run of the command: past it, killed and run again (it takes up its step)
+MOVE_DEADLINE_S = 300.0  # retried until then (a shard down, Postgres killed): a starved machine's
+
+
+class WorkspaceMove(Fault):
+    """``refstream workspace move WS --to OTHER`` under load, run in the background while the
+    fault is held and awaited at its end; again, as an operator runs it, until it is done (a
+    run that fails under a fault, or is killed, leaves its step recorded: the next takes it
+    up). A workspace whose last move left its old copy has it dropped first (the command
+    refuses to move it otherwise); with ``param`` 1, its new old copy is dropped after the
+    move (``--drop-old``). A refusal or a failure is never an anomaly; a move that cannot be
+    done at all is the nemesis's (``nemesis``), and the checker judges what it left."""
+
+    kind = "workspace-move"
+
+    async def start(self) -> None:
+        tag = self.step.target
+        self.to = next(s for s in SHARDS if s != self.c.placed[tag])
+        self.record.target = f"workspace {tag} {self.c.placed[tag]} -> {self.to}"
+        self.task = asyncio.create_task(self._move(tag))
+
+    async def stop(self) -> None:
+        self.record.note = await self.task
+
+    async def _move(self, tag: str) -> str:
+        ws = self.c.workspaces[tag]
+        notes = []
+        if tag in self.c.frozen:
+            tries = await self._run(tag, "workspace", "move", ws, "--drop-old", done="no switched move")
+            notes.append(f"its last move's old copy on {self.c.frozen.pop(tag)} dropped first ({tries} runs)")
+            self.c.shards["dropped"] += 1
+        tries = await self._run(tag, "workspace", "move", ws, "--to", self.to, done=f"is on {self.to!r} already")
+        notes.append(f"moved ({tries} runs)")
+        self.c.frozen[tag], self.c.placed[tag] = self.c.placed[tag], self.to
+        self.c.shards["moved"] += 1
+        if self.step.param:
+            tries = await self._run(tag, "workspace", "move", ws, "--drop-old", done="no switched move")
+            notes.append(f"old copy on {self.c.frozen.pop(tag)} dropped ({tries} runs)")
+            self.c.shards["dropped"] += 1
+        return "; ".join(notes)
+
+    async def _run(self, tag: str, *args: str, done: str) -> int:
+        """The command until it exits 0 (or says it is done already, after a run of ours
+        that did not tell: killed, or cut off before its answer); how many runs."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MOVE_DEADLINE_S
+        runs = 0
+        while True:
+            runs += 1
+            try:
+                code, _, err = await self.c.command(*args, "--json", within_s=MOVE_WITHIN_S)
+            except TimeoutError:
+                code, err = -1, f"still running after {MOVE_WITHIN_S:.0f} s (killed)"
+            if not code or (runs > 1 and done in err):
+                return runs
+            self.c.shards["move-retries"] += 1
+            last = (err.strip().splitlines() or [""])[-1][:300]
+            self.c.move_errors.append(f"{' '.join(args[:2])} {tag} {args[-2:]} run {runs}: exit {code}: {last}")
+            if loop.time() > deadline:
+                raise AssertionError(f"refstream {' '.join(args)} not done in {MOVE_DEADLINE_S:.0f} s: {last}")
+            await asyncio.sleep(1.0)  # an operator's pause before trying again
+
+
 KINDS: dict[str, type[Fault]] = {
     f.kind: f
     for f in (
@@ -351,6 +432,8 @@ KINDS: dict[str, type[Fault]] = {
         Replay,
         PartitionCount,
         EdgeTakeOver,
+        ShardOutage,
+        WorkspaceMove,
     )
 }
 

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .._plan import Plan
 from .._servers import PgServer
@@ -22,6 +22,7 @@ from .cluster import Cluster
 from .faults import nemesis
 from .history import History
 from .schedule import Schedule, draw, only_from_env
+from .shards import ShardedChecker
 
 
 @dataclass
@@ -41,6 +42,7 @@ class SeedResult:
     bursts: int = 0  # click_burst flags judged (checker.py)
     repeats: Counter[str] = field(default_factory=Counter)  # Dub's clicks again from one browser (checker.py)
     crossed: int = 0  # attempts the client library answered with another request's answer (client.py)
+    shards: Counter[str] = field(default_factory=Counter)  # moved, dropped, outages, move-retries (faults.py)
     kept: Path | None = None
 
     def reproduce(self) -> str:
@@ -65,15 +67,18 @@ class SeedResult:
             f" {self.lost_with_redis})"
             f" (events in 2+ lines: {self.copied[0]}, at most {self.copied[1]})"
             f" faults={sum(self.faults.values())} ({fmt(self.faults)})"
+            f" shards (placed {','.join(f'{t}:{x}' for t, x in sorted(self.schedule.placed.items()))};"
+            f" {fmt(self.shards)})"
             f" anomalies={sum(self.anomalies.counts().values())} ({fmt(self.anomalies.counts())})"
         )
 
 
-async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult:
+async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan, shard_pg: PgServer) -> SeedResult:
+    """``shard_pg``: the Postgres of shard ``b`` (each seed a database of its own there)."""
     schedule = draw(seed, mode, only_from_env())
     result = SeedResult(seed, mode, schedule)
     started = time.monotonic()
-    cluster = Cluster(f"generative-{seed}", pg, schedule.topology, plan)
+    cluster = Cluster(f"generative-{seed}", pg, schedule.topology, plan, shard_pg, schedule.placed)
     try:
         world = await cluster.up()
         st = cluster.st
@@ -98,7 +103,11 @@ async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult
             clients.outputs,
             edge=cluster.edges()[0][1],
         )
+        extra["placement"] = await cast(ShardedChecker, st.check).placement_problems(
+            {ws: tag for tag, ws in cluster.workspaces.items()}
+        )
         result.anomalies = await checker.run(extra)
+        result.shards = cluster.shards
         result.stored, result.archived = checker.stored, checker.archived_lines
         result.bursts = checker.bursts
         result.repeats = checker.repeats
@@ -117,7 +126,9 @@ async def run_seed(seed: int, mode: str, pg: PgServer, plan: Plan) -> SeedResult
         if result.anomalies.found:
             servers = [s.log for s in cluster.servers] + ([cluster.sentinel.log] if cluster.sentinel else [])
             result.kept = _keep(result, history, st.tmp, servers)
+            (result.kept / "moves.txt").write_text("".join(f"{e}\n" for e in cluster.move_errors))
             (result.kept / "state.txt").write_text(await _state(st.check))
+            await _dump(result.kept, {"default": (pg, st.database), "b": (shard_pg, st.database)})
     finally:
         await cluster.close()
     result.wall_s = time.monotonic() - started
@@ -148,9 +159,29 @@ async def _state(check: Any) -> str:
     return "\n".join(out) + "\n"
 
 
+async def _dump(kept: Path, shards: dict[str, tuple[PgServer, str]]) -> None:
+    """Each shard's Postgres log and its database's data (``pg_dump``), for a failing seed:
+    what the checker read, whole, each workspace's frozen copies among it."""
+    for name, (server, database) in shards.items():
+        if server.log.exists():
+            shutil.copy(server.log, kept / f"postgres-{name}.log")
+        proc = await asyncio.create_subprocess_exec(
+            str(server.bin / "pg_dump"),
+            "--data-only",
+            "--dbname",
+            server.url_for(database),
+            "--file",
+            str(kept / f"dump-{name}.sql"),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate()
+        if proc.returncode:
+            (kept / f"dump-{name}.sql").write_text(f"-- pg_dump exited {proc.returncode}: {err.decode()[-500:]}\n")
+
+
 def _keep(result: SeedResult, history: History, tmp: Path, server_logs: list[Path]) -> Path:
     """The failing seed's logs (its processes', Redis's and Sentinel's), history, schedule,
-    archive and anomalies, kept past the stage's end."""
+    archive and anomalies, kept past the stage's end (``_dump``: the shards')."""
     kept = Path(tempfile.gettempdir()) / f"refstream-gen-{result.seed}"
     shutil.rmtree(kept, ignore_errors=True)
     kept.mkdir(parents=True)

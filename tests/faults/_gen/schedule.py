@@ -65,7 +65,17 @@ TAKEOVER_FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "edge-takeover": ("procs", TOPOLOGIES),
 }
 TAKEOVER_SPACING = 6.0  # one or two a seed
-ALL_FAULTS = {**FAULTS, **LATER_FAULTS, **TAKEOVER_FAULTS}
+# shards (``shards.py``), a stream of their own too: shard b's Postgres stopped (``-m
+# immediate``) and started again; a workspace (``a`` or ``b``, the target) moved to the other
+# shard under load (``refstream workspace move``), its old copy dropped after it when the
+# param is 1 (``--drop-old``); and where the two workspaces start (``Schedule.placed``)
+SHARD_FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "shard-outage": ("shard", TOPOLOGIES),
+    "workspace-move": ("move", TOPOLOGIES),
+}
+SHARD_SPACING = 3.0  # two or three a short seed
+SHARDS = ("default", "b")
+ALL_FAULTS = {**FAULTS, **LATER_FAULTS, **TAKEOVER_FAULTS, **SHARD_FAULTS}
 # operations that joined after seeds were published, drawn the same way (a stream of their
 # own, numbered from LATER_OPS_FROM so the others keep their numbers and tokens): sales,
 # through Refport, Affixo or the batch route, on an earlier lead's customer or a new one
@@ -152,10 +162,13 @@ class Schedule:
     lengths: Lengths
     ops: list[OpStep] = field(default_factory=list)
     faults: list[FaultStep] = field(default_factory=list)
+    placed: dict[str, str] = field(default_factory=lambda: {"a": "default", "b": "b"})  # tag -> shard at the start
 
     def describe(self) -> str:
+        where = "  placed: " + ", ".join(f"{tag} on {shard}" for tag, shard in sorted(self.placed.items()))
         return "\n".join(
-            f"  {f.at:6.2f}s +{f.hold:.1f}s {f.kind} {f.target} {f.param or ''}".rstrip() for f in self.faults
+            [where]
+            + [f"  {f.at:6.2f}s +{f.hold:.1f}s {f.kind} {f.target} {f.param or ''}".rstrip() for f in self.faults]
         )
 
 
@@ -171,6 +184,10 @@ def draw(seed: int, mode: str, only: frozenset[str] = frozenset()) -> Schedule:
     ops, faults = _ops(rng, ln), _faults(rng, ln, topo, only, FAULTS)
     later = _faults(random.Random(f"{seed}:later"), ln, topo, only, LATER_FAULTS, spacing=LATER_SPACING)
     later += _faults(random.Random(f"{seed}:takeover"), ln, topo, only, TAKEOVER_FAULTS, spacing=TAKEOVER_SPACING)
+    sharding = random.Random(f"{seed}:shards")
+    first = sharding.choice(SHARDS)  # workspace a's shard; b's the other
+    placed = {"a": first, "b": next(x for x in SHARDS if x != first)}
+    later += _faults(sharding, ln, topo, only, SHARD_FAULTS, spacing=SHARD_SPACING)
     later_ops = _later_ops(random.Random(f"{seed}:later-ops"), ln, ops)
     refunds = _refunds(random.Random(f"{seed}:refunds"), ln, later_ops)
     erasures = _erasures(random.Random(f"{seed}:erasures"), ln, ops, later_ops)
@@ -184,7 +201,7 @@ def draw(seed: int, mode: str, only: frozenset[str] = frozenset()) -> Schedule:
     others += careless.draw_dub(random.Random(f"{seed}:careless-dub"), ln.load_s)
     others += cases.draw(random.Random(f"{seed}:cases"), ln.load_s, mode)  # issue 64's five cases
     ops = sorted(ops + later_ops + refunds + erasures + imports + listed + others, key=lambda o: (o.at, o.n))
-    return Schedule(seed, topo, ln, ops, sorted(faults + later, key=lambda f: f.at))
+    return Schedule(seed, topo, ln, ops, sorted(faults + later, key=lambda f: f.at), placed)
 
 
 def _later_ops(rng: random.Random, ln: Lengths, main: list[OpStep]) -> list[OpStep]:
@@ -396,6 +413,10 @@ def _target(rng: random.Random, kind: str, topo: str) -> tuple[str, float]:
         return "", float(rng.choice(PARTITION_COUNTS))
     if kind == "edge-takeover":
         return "edge/1", 0.0  # the supervised one (cluster.SUPERVISED_EDGE)
+    if kind == "workspace-move":
+        return rng.choice(("a", "b")), float(rng.random() < 0.5)  # the workspace; 1: --drop-old after
+    if kind == "shard-outage":
+        return "b", 0.0
     return "", 0.0
 
 

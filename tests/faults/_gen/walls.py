@@ -23,10 +23,12 @@ from .history import History, Op
 from .ops import World
 from .tenants import email_of
 
-# tables with a workspace_id: a deleted workspace leaves none of its rows in any of them
+# tables with a workspace_id: a deleted workspace leaves none of its rows in any of them (a
+# partitioned table's rows counted through it: its partitions are each shard's own)
 SCOPED = """SELECT table_name FROM information_schema.columns
 WHERE column_name = 'workspace_id' AND table_schema = 'public'
-  AND table_name IN (SELECT tablename FROM pg_tables WHERE schemaname = 'public')"""
+  AND table_name IN (SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace
+                     AND c.relkind IN ('r', 'p') AND NOT c.relispartition)"""
 
 
 def _erased(history: History) -> set[tuple[str, str]]:
@@ -67,12 +69,11 @@ async def problems(check: Checker, history: History, world: World) -> dict[str, 
     for ws, tag in world.gone.items():
         if ws not in deleted:  # its deletion never answered (a fault throughout): nothing to hold it to
             continue
-        for t in await check.fetch(SCOPED):
-            n = (
-                await check.fetch(f"SELECT count(*) AS n FROM {t['table_name']} WHERE workspace_id = $1", uuid.UUID(ws))
-            )[0]["n"]
-            if n:
-                out["tenant_wall"].append(f"workspace {tag}, deleted, still has {n} row(s) in {t['table_name']}")
+        for table in sorted({t["table_name"] for t in await check.fetch_raw(SCOPED)}):  # on any shard
+            sql = f"SELECT count(*) AS n FROM public.{table} WHERE workspace_id = $1"
+            left = await check.fetch_raw(sql, uuid.UUID(ws))
+            if n := sum(r["n"] for r in left):
+                out["tenant_wall"].append(f"workspace {tag}, deleted, still has {n} row(s) in {table}")
     return out
 
 
