@@ -1166,8 +1166,9 @@ CREATE TABLE IF NOT EXISTS workspace_moves (
     workspace_id uuid PRIMARY KEY,
     source       text NOT NULL,
     target       text NOT NULL,
-    -- copying -> fenced -> switched -> dropped
-    state        text NOT NULL DEFAULT 'copying' CHECK (state IN ('copying', 'fenced', 'switched', 'dropped')),
+    -- copying -> fenced -> switched -> dropped; or, before the switch, aborted
+    state        text NOT NULL DEFAULT 'copying'
+                 CHECK (state IN ('copying', 'fenced', 'switched', 'dropped', 'aborted')),
     -- the oldest transaction the last copy's snapshot did not see: the next copy's start
     since_xid    bigint,
     copied       bigint NOT NULL DEFAULT 0,

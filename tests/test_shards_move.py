@@ -132,10 +132,15 @@ async def test_a_move_carries_every_row_of_the_workspace(
         procs.stop_all()
 
 
-@pytest.mark.parametrize("step", ["copy", "fence", "finish"])
+@pytest.mark.parametrize(
+    ("step", "then"), [("copy", "again"), ("fence", "again"), ("finish", "again"), ("fence", "abort")]
+)
 async def test_a_move_killed_after_a_step_is_taken_up_again(
-    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], redis: Any, step: str
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], redis: Any, step: str, then: str
 ) -> None:
+    """Killed after a step, the move is run again to its end; or, with ``--abort``, undone:
+    the workspace stays on its shard, every event stored there, the target's copy gone, and
+    a move after it goes through."""
     directory_url, shard_url = two_shards
     s = settings.model_copy(update={"database_url": directory_url})
     keys = Keys(s.stream_prefix, s.partitions)
@@ -165,11 +170,20 @@ async def test_a_move_killed_after_a_step_is_taken_up_again(
             procs.running.remove(killed)
             state = await _state(directory_url, ws["workspace_id"])
             assert state == ("copying" if step == "copy" else "fenced"), state
+            if then == "abort":
+                undone = await procs.cli("workspace", "move", ws["workspace_id"], "--abort")
+                assert (undone["on"], undone["aborted"]) == ("default", "fenced"), undone
+                answered = len(replies)  # each stored on the source, the room's included
+                await wait_for(lambda: _grows_on(directory_url, answered), what="the source taking writes again")
+                stored_there = await _events(directory_url)
+                assert await _events(shard_url) == 0  # the partial copy deleted
             done = await procs.cli("workspace", "move", ws["workspace_id"], "--to", "b", timeout=300)
             assert done["state"] == "switched"
         finally:
             stop.set()
             await firing
+        if then == "abort":
+            assert stored_there > 0
         assert replies and all(r == (200, TRACKED) for r in replies)
         await procs.cli("work", "--drain")
         assert await redis.scard(keys.waiting_rooms) == 0
@@ -182,6 +196,19 @@ async def test_a_move_killed_after_a_step_is_taken_up_again(
             await target.close()
     finally:
         procs.stop_all()
+
+
+async def _events(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        n: int = await conn.fetchval("SELECT count(*) FROM events")
+        return n
+    finally:
+        await conn.close()
+
+
+async def _grows_on(url: str, than: int) -> bool:
+    return await _events(url) >= than
 
 
 async def _any(replies: list[Any]) -> bool:
@@ -250,6 +277,13 @@ async def test_a_catch_up_writes_over_a_row_whose_identity_it_may_not_set(
             rows = "SELECT seq, status FROM commissions WHERE workspace_id = $1 ORDER BY seq"
             assert await target.fetch(rows, ws["workspace_id"]) == await source.fetch(rows, ws["workspace_id"])
             assert {r["status"] for r in await target.fetch(rows, ws["workspace_id"])} == {"approved"}
+            # a row changed before a crashed move is run again: the new run's copy writes over
+            # what the first left, not around it (the catch ups see only changes after it)
+            await source.execute("UPDATE links SET clicks = clicks + 7 WHERE workspace_id = $1", ws["workspace_id"])
+            again = Mover(UUID(ws["workspace_id"]), source, target)
+            _, since = await again.copy(None)
+            await again.finish(since)
+            assert await _rows(target, ws["workspace_id"]) == await _rows(source, ws["workspace_id"])
         finally:
             await source.close()
             await target.close()

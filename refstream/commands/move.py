@@ -157,12 +157,44 @@ async def _drop_old(settings: Settings, ws: uuid.UUID) -> dict[str, Any]:
         await directory.close()
 
 
+async def _abort(settings: Settings, ws: uuid.UUID) -> dict[str, Any]:
+    """A move not yet switched, undone: the fence lifted, the source's rows writable again,
+    the target's partial copy deleted; the workspace stays where it was."""
+    directory = await open_database(settings)
+    try:
+        held = await directory.fetchrow("SELECT * FROM workspace_moves WHERE workspace_id = $1", ws)
+        if held is None or held["state"] not in ("copying", "fenced"):
+            raise click.ClickException("no move of this workspace is under way: nothing to abort")
+        placed = await directory.fetchval("SELECT shard FROM workspace_shards WHERE workspace_id = $1", ws)
+        if placed != held["source"]:
+            raise click.ClickException(f"the directory places it on {placed!r}: the move switched, not aborted")
+        source = await asyncpg.connect(
+            await _url(directory, settings, held["source"]), timeout=schema_check.CONNECT_TIMEOUT_S
+        )
+        target = await asyncpg.connect(
+            await _url(directory, settings, held["target"]), timeout=schema_check.CONNECT_TIMEOUT_S
+        )
+        try:
+            await source.execute("UPDATE workspaces SET moved_to = NULL WHERE id = $1", ws)
+            await directory_mod.fence(directory, ws, False)
+            async with write(target):
+                deleted = await deletion.delete_rows(target, ws)
+        finally:
+            await source.close()
+            await target.close()
+        await _record(directory, ws, state="aborted")
+        return {"workspace_id": str(ws), "on": held["source"], "aborted": held["state"], "deleted": deleted}
+    finally:
+        await directory.close()
+
+
 @click.command("move")
 @click.argument("workspace_id")
 @click.option("--to", "to", help="The shard to move it to (`refstream shards list`).")
 @click.option("--drop-old", is_flag=True, help="Delete the old copy a switched move left behind.")
+@click.option("--abort", is_flag=True, help="Undo a move not yet switched: the workspace stays where it was.")
 @out.json_option
-def move(workspace_id: str, to: str | None, drop_old: bool) -> None:
+def move(workspace_id: str, to: str | None, drop_old: bool, abort: bool) -> None:
     """Move a workspace to another shard under live load: copy, catch up, fence, switch.
     Its events wait in the streams while fenced (seconds); nothing is lost or counted twice.
     Run again after a crash: it takes up the step it was on. The old copy stays, frozen and
@@ -171,9 +203,11 @@ def move(workspace_id: str, to: str | None, drop_old: bool) -> None:
         ws = uuid.UUID(workspace_id)
     except ValueError:
         raise click.BadParameter(f"{workspace_id!r} is not a workspace id (a UUID)") from None
-    if drop_old == (to is not None):
-        raise click.UsageError("say --to SHARD, or --drop-old after a move")
-    if drop_old:
+    if (to is not None) + drop_old + abort != 1:
+        raise click.UsageError("say one of --to SHARD, --drop-old (after a move) or --abort (before its switch)")
+    if abort:
+        print_data(run_command(lambda settings: _abort(settings, ws)))
+    elif drop_old:
         print_data(run_command(lambda settings: _drop_old(settings, ws)))
     else:
         assert to is not None

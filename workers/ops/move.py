@@ -188,9 +188,10 @@ class Mover:
     tables: list[Table] = field(default_factory=list)
     _dicts: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
 
-    async def copy(self, since_xid: int | None) -> tuple[int, int]:
+    async def copy(self, since_xid: int | None, *, forget: bool | None = None) -> tuple[int, int]:
         """The workspace's rows (``since_xid``: those written or changed since then) from a
-        snapshot of the source to the target; (rows written, the next copy's start)."""
+        snapshot of the source to the target, and (``forget``, by default with ``since_xid``)
+        the rows it deleted since deleted there; (rows written, the next copy's start)."""
         if not self.tables:
             self.tables = await plan(self.source)
         written = 0
@@ -198,11 +199,28 @@ class Mover:
             snapshot_xmin: int = await self.source.fetchval(
                 "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
             )
+            if forget if forget is not None else since_xid is not None:  # the source's deletions: children first
+                for t in reversed(self.tables):
+                    await self._forget_deleted(t)
             for t in self.tables:
                 n = await self._copy_table(t, since_xid)
                 written += n
                 self.progress(t.name, n)
         return written, snapshot_xmin
+
+    async def _forget_deleted(self, t: Table) -> None:
+        """The target's rows of the workspace that the source's snapshot no longer holds,
+        deleted (by primary key; the append-only tables keep theirs): before the changed
+        rows are written, so that one made again under a new key meets no old one."""
+        if t.name in APPEND_ONLY or not t.key:
+            return
+        keys = ", ".join(f'"{c}"' for c in t.key)
+        listed = f'SELECT {keys} FROM "{t.name}" WHERE {t.where}'
+        theirs = {tuple(r) for r in await self.source.fetch(listed, self.workspace_id)}
+        gone = [tuple(r) for r in await self.target.fetch(listed, self.workspace_id) if tuple(r) not in theirs]
+        match = " AND ".join(f'"{c}" = ${i + 1}' for i, c in enumerate(t.key))
+        for key in gone:
+            await self.target.execute(f'DELETE FROM "{t.name}" WHERE {match}', *key)
 
     async def _copy_table(self, t: Table, since_xid: int | None) -> int:
         where = t.where
@@ -218,18 +236,20 @@ class Mover:
             async for row in self.source.cursor(f'SELECT {cols} FROM "{t.name}" WHERE {where}', *args, prefetch=CHUNK):
                 chunk.append(list(row.values()))
                 if len(chunk) >= CHUNK:
-                    n += await self._write(t, chunk, overwrite=since_xid is not None)
+                    n += await self._write(t, chunk)
                     chunk = []
             if chunk:
-                n += await self._write(t, chunk, overwrite=since_xid is not None)
+                n += await self._write(t, chunk)
         return n
 
-    async def _write(self, t: Table, rows: list[list[Any]], *, overwrite: bool) -> int:
+    async def _write(self, t: Table, rows: list[list[Any]]) -> int:
+        """Rows written over the target's of the same key: a copy taken up again after a
+        crash finds the first run's rows there, older than the source's."""
         if t.name == "events":
             await self._translate(t, rows)
         await self.target.copy_records_to_table("_moving", records=rows, columns=t.columns)
         cols = ", ".join(f'"{c}"' for c in t.columns)
-        if overwrite and t.key:
+        if t.key:
             keys = ", ".join(f'"{c}"' for c in t.key)
             rest = [c for c in t.columns if c not in t.key and c not in t.fixed]
             sets = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in rest) or f'"{t.key[0]}" = EXCLUDED."{t.key[0]}"'
@@ -285,20 +305,7 @@ class Mover:
     async def finish(self, since_xid: int | None) -> int:
         """Under the fence: the last changes, the source's deletions, the erasures applied
         again, the target's sequences past the source's. The rows written."""
-        written, _ = await self.copy(since_xid)
-        for t in self.tables:
-            if t.name in APPEND_ONLY or not t.key:
-                continue
-            keys = ", ".join(f'"{c}"' for c in t.key)
-            theirs = {
-                tuple(r)
-                for r in await self.source.fetch(f'SELECT {keys} FROM "{t.name}" WHERE {t.where}', self.workspace_id)
-            }
-            ours = await self.target.fetch(f'SELECT {keys} FROM "{t.name}" WHERE {t.where}', self.workspace_id)
-            gone = [tuple(r) for r in ours if tuple(r) not in theirs]
-            for key in gone:
-                match = " AND ".join(f'"{c}" = ${i + 1}' for i, c in enumerate(t.key))
-                await self.target.execute(f'DELETE FROM "{t.name}" WHERE {match}', *key)
+        written, _ = await self.copy(since_xid, forget=True)
         await self._sequences()
         await self._erasures_again()
         return written
