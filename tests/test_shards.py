@@ -21,6 +21,7 @@ from ingest.contract.settings import Settings
 from ingest.ledger import placement
 from ingest.manage import suppressions
 from ingest.privacy.suppressed import Suppressed
+from workers.consumer.pipeline import Pipeline
 from workers.consumer.store import BatchResult
 from workers.consumer.waiting import Rooms
 from workers.group.errors import BatchOutage
@@ -297,7 +298,7 @@ async def test_a_redis_outage_holds_a_sharded_batch_and_letters_nothing(keys: Ke
     event = Envelope(EventType.CLICK, "biore", {"code": "x"}, workspace_id=str(uuid.uuid4()))
     try:
         with pytest.raises(BatchOutage) as held:
-            await rooms.write({"b": [event]}, write_part)
+            await rooms.write([event], write_part)
         assert held.value.reason and written == []
     finally:
         await down.aclose()
@@ -305,3 +306,34 @@ async def test_a_redis_outage_holds_a_sharded_batch_and_letters_nothing(keys: Ke
 
 async def _no_pool(url: str) -> asyncpg.Pool:
     raise AssertionError("no shard is opened here")
+
+
+async def test_a_click_taken_without_its_link_is_stored_on_the_links_shard(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], redis: Any
+) -> None:
+    """The edge takes a click whose link it could not resolve (Postgres down, the link cache
+    cold) with its code alone: the workers find the code's workspace in the directory and
+    store the click on that workspace's shard, not drop it as unknown on the first."""
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    b = await procs.cli("workspace", "create", "B", "--shard", "b")
+    await procs.cli("link", "create", "--workspace", b["workspace_id"], "--code", "bcode")
+    pool = await create_pg_pool(s, min_size=1, max_size=4)
+    pipeline = Pipeline(s, redis, pool)
+    try:
+        unresolved = Envelope(EventType.CLICK, "biore", {"code": "bcode"}, ip="198.51.100.7")
+        result = await pipeline._write([unresolved])
+        assert result.inserted == 1 and not result.unknown_codes, result
+        shard = await asyncpg.connect(shard_url)
+        try:
+            assert await shard.fetchval("SELECT count(*) FROM events") == 1
+            assert await shard.fetchval("SELECT clicks FROM links WHERE code = 'bcode'") == 1
+        finally:
+            await shard.close()
+        assert await pool.fetchval("SELECT count(*) FROM events") == 0
+    finally:
+        await pipeline.placement.close()
+        await pool.close()

@@ -298,6 +298,18 @@ class Placement:
                 return name, found
         return None
 
+    async def owners(self, codes: Iterable[str]) -> dict[str, str]:
+        """The workspace of each link code the directory has claimed (an event the edge took
+        while it could not resolve its link carries its code alone): with one shard, none."""
+        await self.fresh()
+        wanted = sorted({c for c in codes if c})
+        if not self._shards or not wanted:
+            return {}
+        rows = await self.directory.fetch(
+            "SELECT code, workspace_id::text AS ws FROM link_codes WHERE code = ANY($1::text[])", wanted
+        )
+        return {r["code"]: r["ws"] for r in rows}
+
     async def claim_code(self, code: str, workspace_id: str) -> bool:
         """Whether ``code`` may be a new link of ``workspace_id``: with one shard, its own
         unique index decides; with several, the directory's ``link_codes`` too, claimed here

@@ -324,10 +324,9 @@ class Pipeline:
     async def _write(self, envelopes: list[Envelope]) -> store.BatchResult:
         """The batch in one transaction on each shard its workspaces are on, all at once
         (``workers.consumer.waiting``: what a shard cannot take waits in its rooms)."""
-        parts = await self.placement.split(envelopes, lambda e: e.workspace_id)
-        if not self.placement.sharded:
+        if not await self.rooms.sharded():
             return await store.write_batch(self.pg, envelopes, self.enricher)
-        return await self.rooms.write(parts, self._write_part)
+        return await self.rooms.write(envelopes, self._write_part)
 
     async def _write_part(self, shard: str, envelopes: list[Envelope]) -> store.BatchResult:
         # on a shard of several, a workspace that moved away is never written where it was

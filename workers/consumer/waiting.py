@@ -93,10 +93,27 @@ class Rooms:
         members = await self.redis.smembers(self.keys.waiting_rooms)  # type: ignore[misc]
         return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
-    async def write(self, parts: dict[str, list[Envelope]], write_part: WritePart) -> BatchResult:
+    async def own(self, events: list[Envelope]) -> None:
+        """An event the edge took while it could not resolve its link carries its code alone:
+        with several shards, the directory's claim of the code says whose it is, and so on
+        which shard its link is (a code no one claimed stays unowned: default drops it)."""
+        unowned = [e for e in events if e.workspace_id is None and isinstance(e.payload.get("code"), str)]
+        if unowned:
+            owners = await self.shards.owners(e.payload["code"] for e in unowned)
+            for e in unowned:
+                e.workspace_id = owners.get(e.payload["code"])
+
+    async def sharded(self) -> bool:
+        """Whether the directory, read at most ``REFRESH_S`` ago, lists several shards."""
+        await self.shards.fresh()
+        return self.shards.sharded
+
+    async def write(self, events: list[Envelope], write_part: WritePart) -> BatchResult:
         """Each shard's part in its transaction, at once; the events of a workspace that
         waits, or whose shard cannot take them, to its room."""
         waiting = await _redis(self.waiting())
+        await self.own(events)
+        parts = await self.shards.split(events, lambda e: e.workspace_id)
         parked: list[Envelope] = []
         live: dict[str, list[Envelope]] = {}
         for name, part in parts.items():
