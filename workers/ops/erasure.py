@@ -98,7 +98,7 @@ async def sweep(
     since = [r["since"] for r in rows if r["since"] is not None]
     # Postgres first: a row a batch stored beside the one that taught the ledger its visitor
     result.rows_rechecked = await _recheck(pg, key, rows)
-    high = (await layout.load(redis, keys, keys.partitions)).high
+    high = await _high(redis, keys)
     # Redis, for the erasures it is pending for: what their people own there alone, found by
     # the ledger's entries and their rows (never a scan of every key or every entry)
     redis_pending = [r for r in rows if r["redis_at"] is None]
@@ -161,6 +161,15 @@ async def _done(pg: asyncpg.Pool, place: str, rows: list[asyncpg.Record]) -> lis
         [r["generation"] for r in rows],
     )
     return sorted(str(r["id"]) for r in done)
+
+
+async def _high(redis: Redis, keys: Keys) -> int:
+    """One past the last partition whose stream is still in Redis: the layout's, and a
+    retired one whose entries no trim takes any more (a person's entry there is theirs too:
+    seed 1194045669's lead, in a partition retired when the count went from 8 to 2)."""
+    high = (await layout.load(redis, keys, keys.partitions)).high
+    there = [p for p, (stream, _, _) in (await layout.existing(redis, keys, range(layout.MOST))).items() if stream]
+    return max([high, *(p + 1 for p in there)])
 
 
 async def _fenced(redis: Redis, keys: Keys, high: int, replicas: int, wait_ms: int) -> str | None:

@@ -66,7 +66,9 @@ NOT_A_WORKSPACES = frozenset(
     }
 )
 # rows no one deletes but the retention (which each shard runs on its own): never compared
-APPEND_ONLY = frozenset({"events", "link_visitor_days", "event_dedupe", "event_drops", "import_clicks"})
+# (an erasure rewrites an event in place; it deletes and writes again its unique visitors,
+# dedupe keys and drops, which are compared)
+APPEND_ONLY = frozenset({"events", "import_clicks"})
 # an event's ids in the shared dictionaries: (column, dictionary, its unique content columns)
 DICTIONARIES = (
     ("agent_id", "event_agents", ("digest", "ua")),
