@@ -262,9 +262,12 @@ class Placement:
                         yield
                         return
                 finally:
-                    await conn.execute(
-                        "SELECT pg_advisory_unlock_shared(hashtextextended($1, 0))", fence_key(workspace_id)
-                    )
+                    try:  # the write's outcome is the handler's: a lost session drops its lock itself
+                        await conn.execute(
+                            "SELECT pg_advisory_unlock_shared(hashtextextended($1, 0))", fence_key(workspace_id)
+                        )
+                    except Exception:
+                        conn.terminate()
             await self.fresh(since=time.monotonic())  # moved since our read: where is it now
         raise Moved("the workspace is being moved to another shard: try again shortly", [str(workspace_id)])
 
