@@ -18,6 +18,7 @@ while a batch is in flight, hand-back on SIGTERM, outages waited out, state publ
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import structlog
@@ -58,6 +59,7 @@ RETIRE_EVERY_S = 2.0  # how often a retiring partition is looked at (empty: reti
 # how often the click_burst windows past their time go: a window is a minute by default, so
 # the table holds about the pairs of the last window and a half
 WINDOWS_EVERY_S = 30.0
+DRAIN_ROOMS_S = 60.0  # work --drain: the longest it waits for rooms another worker drains
 WAITING_EVERY_S = 1.0  # a waiting room's events tried again on their shard (workers.consumer.waiting)
 
 
@@ -107,9 +109,13 @@ class Consumer:
             await self._bursts(passes=1_000 if drain else burst_pass.PASSES_A_TICK)
         except Exception as exc:
             log.warning("bursts.pass_left", error=repr(exc))
-        if drain:  # the waiting rooms too, while their shards take them
-            while await self._waiting():
-                pass
+        if drain:  # the waiting rooms too, while their shards take them (another worker may hold one)
+            for _ in range(int(DRAIN_ROOMS_S / 0.2)):
+                if await self._waiting():
+                    continue
+                if not await self.pipeline.rooms.waiting():
+                    break
+                await asyncio.sleep(0.2)  # a room another worker holds: polled, bounded
 
     def stop(self) -> None:
         """Stop reading; each reader finishes the batch in flight (commit, ack) and returns
