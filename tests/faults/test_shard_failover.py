@@ -5,23 +5,19 @@ never stops; every event answered 200 is stored once, on its own shard."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
-import asyncpg
 import pytest
 
-from ingest.contract.keys import GROUP, Keys
+from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 
 from .._procs import Procs
 from ..conftest import wait_for
-from ..test_e2e import TRACKED, fire
-from ..test_shards import _COUNTERS_OFF
 from ._servers import PgServer
 from .test_pg_failover import _asynchronous, _pair, _promote
-from .test_shard_outage import _count, _more
+from .test_shard_outage import _count, _more, all_stored_once, load, two_workspaces
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
 
@@ -44,24 +40,8 @@ async def _run(
         "?target_session_attrs=read-write"
     )
     try:
-        await procs.cli("migrate")
-        await procs.cli("shards", "add", "b", b_url)
-        a = await procs.cli("workspace", "create", "A", "--shard", "default")
-        b = await procs.cli("workspace", "create", "B", "--shard", "b")
-        await procs.cli("link", "create", "--workspace", a["workspace_id"], "--code", "acode")
-        await procs.cli("link", "create", "--workspace", b["workspace_id"], "--code", "bcode")
-        edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")
-        procs.start("work")
-        procs.start("work")
-        replies: dict[str, list[tuple[int, object]]] = {"acode": [], "bcode": []}
-        stop = asyncio.Event()
-
-        async def load() -> None:
-            while not stop.is_set():
-                for code in replies:
-                    replies[code].extend(await fire(edge, [code] * 10, concurrency=4))
-
-        firing = asyncio.create_task(load())
+        edge = await two_workspaces(procs, b_url)
+        replies, stop, firing = load(edge)
         try:
             await wait_for(lambda: _count(b_url, "bcode"), what="shard b storing")
             before = await _count(b_url, "bcode")
@@ -73,21 +53,7 @@ async def _run(
         finally:
             stop.set()
             await firing
-        for code, got in replies.items():
-            assert got and all(r == (200, TRACKED) for r in got), (code, [r for r in got if r != (200, TRACKED)][:3])
-        await procs.cli("work", "--drain", timeout=180)
-        for stream in keys.streams:
-            (group,) = [g for g in await redis.xinfo_groups(stream) if g["name"] == GROUP.encode()]
-            assert group["pending"] == 0
-        assert await redis.scard(keys.waiting_rooms) == 0
-        assert await _count(scratch_url, "acode") == len(replies["acode"])
-        assert await _count(b_url, "bcode") == len(replies["bcode"])
-        for url in (scratch_url, b_url):
-            conn = await asyncpg.connect(url)
-            try:
-                assert await conn.fetch(_COUNTERS_OFF) == []
-            finally:
-                await conn.close()
+        await all_stored_once(procs, redis, keys, replies, scratch_url, b_url)
     finally:
         procs.stop_all()
         _asynchronous(primary)

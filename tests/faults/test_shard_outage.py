@@ -46,24 +46,8 @@ async def test_a_shard_down_stops_only_its_own_workspaces(
     try:
         await shard.ready()
         b_url = shard.url_for("refstream")
-        await procs.cli("migrate")
-        await procs.cli("shards", "add", "b", b_url)
-        a = await procs.cli("workspace", "create", "A", "--shard", "default")
-        b = await procs.cli("workspace", "create", "B", "--shard", "b")
-        await procs.cli("link", "create", "--workspace", a["workspace_id"], "--code", "acode")
-        await procs.cli("link", "create", "--workspace", b["workspace_id"], "--code", "bcode")
-        edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")
-        procs.start("work")
-        procs.start("work")
-        replies: dict[str, list[tuple[int, object]]] = {"acode": [], "bcode": []}
-        stop = asyncio.Event()
-
-        async def load() -> None:
-            while not stop.is_set():
-                for code in replies:
-                    replies[code].extend(await fire(edge, [code] * 10, concurrency=4))
-
-        firing = asyncio.create_task(load())
+        edge = await two_workspaces(procs, b_url)
+        replies, stop, firing = load(edge)
         try:
             await wait_for(lambda: _count(b_url, "bcode"), what="shard b storing")
             await asyncio.to_thread(shard.stop, "fast")
@@ -81,25 +65,67 @@ async def test_a_shard_down_stops_only_its_own_workspaces(
         finally:
             stop.set()
             await firing
-        for code, got in replies.items():
-            assert got and all(r == (200, TRACKED) for r in got), (code, [r for r in got if r != (200, TRACKED)][:3])
-        await procs.cli("work", "--drain", timeout=180)
-        for stream in keys.streams:
-            (group,) = [g for g in await redis.xinfo_groups(stream) if g["name"] == GROUP.encode()]
-            assert group["pending"] == 0
-        assert await redis.scard(keys.waiting_rooms) == 0  # every room drained and forgotten
-        assert await _count(scratch_url, "acode") == len(replies["acode"])
-        assert await _count(b_url, "bcode") == len(replies["bcode"])
+        await all_stored_once(procs, redis, keys, replies, scratch_url, b_url)
         for url in (scratch_url, b_url):
             conn = await asyncpg.connect(url)
             try:
-                assert await conn.fetch(_COUNTERS_OFF) == []
                 assert await conn.fetchval("SELECT count(*) = count(DISTINCT event_id) FROM events")
             finally:
                 await conn.close()
     finally:
         procs.stop_all()
         shard.destroy()
+
+
+async def two_workspaces(procs: Procs, b_url: str) -> str:
+    """Shard b at ``b_url`` added, workspace A on default with link acode and B on b with
+    bcode, an edge and two workers started: the edge's address."""
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", b_url)
+    a = await procs.cli("workspace", "create", "A", "--shard", "default")
+    b = await procs.cli("workspace", "create", "B", "--shard", "b")
+    await procs.cli("link", "create", "--workspace", a["workspace_id"], "--code", "acode")
+    await procs.cli("link", "create", "--workspace", b["workspace_id"], "--code", "bcode")
+    edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")
+    procs.start("work")
+    procs.start("work")
+    return edge
+
+
+Replies = dict[str, list[tuple[int, object]]]
+
+
+def load(edge: str) -> tuple[Replies, asyncio.Event, asyncio.Task[None]]:
+    """Clicks on acode and bcode, ten at a time each, until the event is set: their answers."""
+    replies: Replies = {"acode": [], "bcode": []}
+    stop = asyncio.Event()
+
+    async def fire_until_stopped() -> None:
+        while not stop.is_set():
+            for code in replies:
+                replies[code].extend(await fire(edge, [code] * 10, concurrency=4))
+
+    return replies, stop, asyncio.create_task(fire_until_stopped())
+
+
+async def all_stored_once(procs: Procs, redis: Any, keys: Keys, replies: Replies, a_url: str, b_url: str) -> None:
+    """Every click answered 200, and once drained each stored on its own shard, nothing
+    pending, no room left, counters equal to their rows on both shards."""
+    for code, got in replies.items():
+        assert got and all(r == (200, TRACKED) for r in got), (code, [r for r in got if r != (200, TRACKED)][:3])
+    await procs.cli("work", "--drain", timeout=180)
+    for stream in keys.streams:
+        (group,) = [g for g in await redis.xinfo_groups(stream) if g["name"] == GROUP.encode()]
+        assert group["pending"] == 0
+    assert await redis.scard(keys.waiting_rooms) == 0  # every room drained and forgotten
+    assert await _count(a_url, "acode") == len(replies["acode"])
+    assert await _count(b_url, "bcode") == len(replies["bcode"])
+    for url in (a_url, b_url):
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetch(_COUNTERS_OFF) == []
+        finally:
+            await conn.close()
 
 
 async def _more(url: str, code: str, than: int) -> bool:
