@@ -203,16 +203,23 @@ async def drop_database(postgres_url: str, name: str) -> None:
 @pytest.fixture
 async def scratch_url(services: svc_mod.Services) -> AsyncIterator[str]:
     """The URL of a database that does not exist (yet): whatever the test makes of it is
-    dropped afterwards. The process's cached erasure salt (``ingest.contract.erasure.salt``,
-    one per database) is forgotten before and after: the scratch database has its own, and
-    a later test's database must not be digested with it."""
+    dropped afterwards."""
     name = f"refstream_scratch_{RUN_ID}_{secrets.token_hex(4)}"
-    erasure.forget_salt()
     try:
         yield svc_mod.with_database(services.postgres_url, name)
     finally:
-        erasure.forget_salt()
         await drop_database(services.postgres_url, name)
+
+
+@pytest.fixture(autouse=True)
+def _salt_of_this_test() -> Iterator[None]:
+    """The process's cached erasure salt (``ingest.contract.erasure.salt``) is one database
+    family's: a directory and its shards share it, but a test's scratch or two-shard
+    databases have their own. Forgotten before and after each test, so that no test digests
+    its database under the salt an earlier test's databases cached in this process."""
+    erasure.forget_salt()
+    yield
+    erasure.forget_salt()
 
 
 @pytest.fixture
