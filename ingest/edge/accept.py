@@ -53,7 +53,7 @@ from ingest.edge.idempotency import Refuse
 from ingest.edge.lookup import Found, Guess, key_lookup, keyed_lookup, link_lookup
 from ingest.edge.problem import Down, Problem
 from ingest.edge.ratelimit import RateLimiter
-from ingest.edge.resolve import Unavailable
+from ingest.edge.resolve import ClickPending, Unavailable, click_in_postgres
 from ingest.edge.state import EDGE, Edge
 
 log = structlog.get_logger("ingest.accept")
@@ -199,6 +199,25 @@ def click(
         return Click(envelope, click_id, ())
     ref = clicks.ClickRef(click_id, code, link.workspace_id, click_id, envelope.received_at_ms)
     return Click(envelope, click_id, (ref.cache_command(edge.keys, link.cookie_window_days * 86400),))
+
+
+async def prior_click(edge: Edge, click_id: str | None, cached: object, workspace_id: str) -> clicks.ClickRef | None:
+    """The visitor's earlier click a click route names (Affitor's ``existing_click_id``),
+    from Redis's reply to its ``GET`` (``cached``), else Postgres: its click id and visitor
+    are kept by the new click (``click``'s ``prior``). None when it names none of
+    ``workspace_id``'s clicks, or one not known yet (still spooled?): the new click then
+    gets an id of its own, never a 503. ``Down`` (the route's 503) when neither could say."""
+    if click_id is None:
+        return None
+    try:  # ``resolve_click``: the cache entry, else Postgres
+        prior = clicks.decode(click_id, cached) or await click_in_postgres(edge, click_id)
+    except ClickPending:
+        return None
+    except Unavailable as exc:
+        raise Down() from exc
+    except (NotSent, OutcomeUnknown) as exc:
+        raise Down(exc) from exc
+    return prior if prior is not None and prior.workspace_id == workspace_id else None
 
 
 @dataclass(frozen=True, slots=True)

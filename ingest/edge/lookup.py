@@ -197,8 +197,11 @@ async def keyed_lookup(
     key = _parse_key(edge, secret)
     ask = _ask(edge, limiter, key_subject(key.digest), code, extra)
     if guess is not None and not key.miss:
-        found = await _guessed(ask, guess, key.principal, _raise)
-        if found is not None:
+        guessed = await _guessed(ask, guess, key.principal, _raise)
+        if guessed is not None:
+            found, reply = guessed
+            if reply is not None:
+                found.verdict = ask.limiter.verdict(reply)
             return found
     key_get: list[Command] = [("GET", edge.auth.redis_key(key.digest))] if key.miss else []
     replies = await _round_trip(ask, key_get, counted)
@@ -227,21 +230,24 @@ async def link_lookup(
 
     ``counted`` and ``guess`` as for ``keyed_lookup``."""
     ask = _ask(edge, limiter, subject, code, extra)
-    if guess is not None:
-        found = await _guessed(ask, guess, None, lambda exc: _without_redis(ask))
-        if found is not None:
-            return found
+    guessed = await _guessed(ask, guess, None, lambda exc: _without_redis(ask)) if guess is not None else None
+    if guessed is None:
+        try:
+            replies = await _round_trip(ask, [], counted)
+        except (NotSent, OutcomeUnknown):
+            return await _without_redis(ask)
+        found = await _take(ask, Found(verdict=_admitted(limiter)), replies[int(counted) :])
+        guessed = found, replies[0] if counted else None
+    found, reply = guessed  # the verdict last, from the rate limit's reply (None: admitted)
     try:
-        replies = await _round_trip(ask, [], counted)
+        if reply is not None:
+            found.verdict = ask.limiter.verdict(reply)
     except (NotSent, OutcomeUnknown):
-        return await _without_redis(ask)
-    try:
-        verdict = _verdict(ask, replies, counted)
-    except (NotSent, OutcomeUnknown):
-        # the script refused (a full Redis under noeviction, a replica): fail open, as
-        # for a Redis that is down; the event itself goes to the spool if Redis refuses it
-        verdict = _admitted(limiter)
-    return await _take(ask, Found(verdict=verdict), replies[int(counted) :])
+        # the script refused (a full Redis under noeviction, a replica): fail open (the
+        # verdict stays admitted), as for a Redis that is down; the event itself goes to
+        # the spool if Redis refuses it
+        pass
+    return found
 
 
 def _parse_key(edge: Edge, secret: str) -> _Key:
@@ -322,12 +328,14 @@ async def _raise(exc: BaseException) -> Found:
 
 async def _guessed(
     ask: _Ask, guess: Guess, principal: Principal | None, unsent: Callable[[BaseException], Awaitable[Found]]
-) -> Found | None:
+) -> tuple[Found, Any] | None:
     """The round trip as ``CHECKED_APPEND`` (the guess's event appended if the request is
-    admitted and every key read holds what the guess was made from): the answer, or None
-    for the usual way (no script, a suppressed event, a key never read here, an extra that
-    is not a plain read, or the script refused as a whole: a full Redis under noeviction,
-    ...; nothing ran). ``unsent``: the caller's answer when the script never reached Redis."""
+    admitted and every key read holds what the guess was made from): what was found, its
+    verdict admitted until the caller reads it from the rate limit's reply (beside it; None
+    when the limit was not counted), or None for the usual way (no script, a suppressed
+    event, a key never read here, an extra that is not a plain read, or the script refused
+    as a whole: a full Redis under noeviction, ...; nothing ran). ``unsent``: the caller's
+    answer when the script never reached Redis."""
     edge = ask.edge
     if edge.suppress.names(guess.envelope) or edge.checked_append is None:
         return None  # a suppressed event is appended nowhere: the route's own path says so
@@ -342,15 +350,15 @@ async def _guessed(
         )
     except (NotSent, OutcomeUnknown) as exc:
         if never_sent(exc):
-            return await unsent(exc)
-        return await _settled(ask, principal, held, guess, exc)
+            return await unsent(exc), None
+        return await _settled(ask, principal, held, guess, exc), None
     (reply,) = replies
     if isinstance(reply, Exception):
         return None
-    found = Found(verdict=_verdict(ask, replies, True), principal=principal, appended=bool(reply[3]))
-    if found.appended:
+    if reply[3]:
         appended(edge, guess.envelope)
-    return await _take(ask, found, reply[4:])
+    found = Found(verdict=_admitted(ask.limiter), principal=principal, appended=bool(reply[3]))
+    return await _take(ask, found, reply[4:]), reply
 
 
 def _checked(ask: _Ask, guess: Guess) -> Command | None:

@@ -159,8 +159,11 @@ async def resolve_click(edge: Edge, click_id: str, cached: object) -> clicks.Cli
     entry, or accepted before a Redis restart) from Postgres; None for an id that names no
     click. Raises ``ClickPending`` for a recent one nobody knows yet (``clicks.may_be_pending``)."""
     hit = clicks.decode(click_id, cached)
-    if hit is not None:
-        return hit
+    return hit if hit is not None else await click_in_postgres(edge, click_id)
+
+
+async def click_in_postgres(edge: Edge, click_id: str) -> clicks.ClickRef | None:
+    """``resolve_click`` for a click its cache entry did not name (``clicks.decode``)."""
     found, pg_now_ms = await fallback(edge, lambda: _click_anywhere(edge, click_id))
     if isinstance(found, clicks.ClickRef):
         return found

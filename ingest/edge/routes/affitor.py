@@ -18,17 +18,15 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import clicks
-from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect
 from ingest.contract.fields import NO_NUL, NoNul, OptionalId
-from ingest.contract.links import LinkInfo
 from ingest.edge import accept, enqueue, keyed
 from ingest.edge.body import BodyError, parse
 from ingest.edge.documented import BODY, documented, errors
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key, valid_key
 from ingest.edge.lookup import Guess
 from ingest.edge.problem import Problem
-from ingest.edge.resolve import ClickPending, Unavailable, resolve_click, seen_link
+from ingest.edge.resolve import seen_link
 from ingest.edge.state import EDGE
 
 routes = web.RouteTableDef()
@@ -83,9 +81,12 @@ class AffitorTestModeData(BaseModel):
     test_mode: bool = True
 
 
+TEST_MESSAGE = "Test click event tracked successfully"
+
+
 class AffitorTestModeResponse(BaseModel):
     success: bool = True
-    message: str = "Test click event tracked successfully"
+    message: str = TEST_MESSAGE
     data: AffitorTestModeData
 
 
@@ -136,24 +137,6 @@ def _fields(body: AffitorClick, test_mode: bool) -> dict[str, Any]:
     if test_mode:
         fields["test_mode"] = True
     return fields
-
-
-def _answer(body: AffitorClick, made: accept.Click, link: LinkInfo, code: str, test_mode: bool) -> bytes:
-    """The seed's answer: the click, or a test click's event."""
-    if test_mode:
-        program = body.additional_data.program_id if body.additional_data else None
-        event_id = str(made.envelope.event_id)
-        data = AffitorTestModeData(eventId=event_id, programId=program if program is not None else link.program_id)
-        return orjson.dumps(AffitorTestModeResponse(data=data).model_dump())
-    # AffitorClickResponse's fields, in its order (the model documents it; a dict is cheaper to dump)
-    return orjson.dumps(
-        {
-            "success": True,
-            "click_id": made.click_id,
-            "partner_code": code,
-            "cookie_window_days": link.cookie_window_days,
-        }
-    )
 
 
 @routes.post("/api/v1/track/click")
@@ -217,25 +200,26 @@ async def track_click(request: web.Request) -> web.Response:
             return fail(403, "Origin not allowed for this workspace")
     link = found.link
     assert link is not None
-    prior = None
-    if existing:
-        try:  # not known yet (still spooled?): this click gets a new id, never a 503
-            prior = await resolve_click(edge, existing, found.extra[0])
-        except ClickPending:
-            prior = None
-        except Unavailable:
-            return VOICE.down()
-        except (NotSent, OutcomeUnknown) as exc:
-            return VOICE.down(exc)
-        if prior is not None and prior.workspace_id != link.workspace_id:
-            prior = None  # another workspace's click id: not this visitor
+    prior = await accept.prior_click(edge, existing, found.extra[0] if existing else None, link.workspace_id)
     # appended: what was read held what the guess was made from, and it went in
     if not found.appended and (made is None or made.envelope.workspace_id != link.workspace_id or prior):
         made = accept.click(
             request, edge, Dialect.AFFITOR, link, code, fields, ip=ip, prior=prior, user_agent=body.user_agent
         )
     assert made is not None
-    answer = _answer(body, made, link, code, test_mode)
+    if test_mode:  # a test click's event (AffitorTestModeResponse), else AffitorClickResponse's fields in order
+        program = body.additional_data.program_id if body.additional_data else None
+        data = {"eventId": str(made.envelope.event_id), "programId": link.program_id if program is None else program}
+        answer = orjson.dumps({"success": True, "message": TEST_MESSAGE, "data": {**data, "test_mode": True}})
+    else:  # (the models document the answers; a dict is cheaper to dump)
+        answer = orjson.dumps(
+            {
+                "success": True,
+                "click_id": made.click_id,
+                "partner_code": code,
+                "cookie_window_days": link.cookie_window_days,
+            }
+        )
     if found.appended:
         return accept.accepted(answer, headers)
     if idem_key is not None and asked is not None:  # public: scoped by the link's workspace and the link
@@ -256,7 +240,7 @@ STEPS: dict[str, tuple[Callable[..., Any], ...]] = {
         accept.click,
         accept.look,
         accept.refusal,
-        resolve_click,
+        accept.prior_click,
         accept.accepted,
         keyed.put_once,
         enqueue.put,
