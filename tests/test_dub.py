@@ -4,6 +4,7 @@ and Dub's error shape; each stored once in Postgres."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
@@ -54,6 +55,23 @@ async def test_a_click_answers_its_id_and_a_reload_counts_once(edge: str, world:
     assert sorted(r["id"] for r in rows) == sorted([first["clickId"], other["clickId"]])
     assert {r["dialect"] for r in rows} == {"dub"}
     assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'PARTNER123'") == 2
+
+
+async def test_a_double_click_stores_one_click_and_answers_both_its_id(
+    edge: str, world: World, pg: asyncpg.Pool, drain
+):
+    """Requests of one browser on one link at once (a double click, or a retry that overtook
+    its first): one click is stored, and every answer names it."""
+    agents = [f"{BROWSER} double {n}" for n in range(4)]
+    answers = await asyncio.gather(*(click(edge, agent=a) for a in agents for _ in range(6)))
+    assert all(status == 200 for status, _ in answers), answers
+    ids = [out["clickId"] for _, out in answers]
+    for n in range(len(agents)):
+        assert len(set(ids[n * 6 : (n + 1) * 6])) == 1, ids  # each browser: one id
+    assert len(set(ids)) == len(agents)  # and one per browser
+    await drain()
+    rows = await pg.fetch("SELECT 'clk_' || replace(event_id::text, '-', '') AS id FROM events WHERE type = 1")
+    assert sorted(r["id"] for r in rows) == sorted(set(ids))
 
 
 async def test_a_click_refused_in_dubs_shape(edge: str, world: World, redis, keys: Keys):

@@ -41,6 +41,7 @@ CATALOGUE: tuple[Callable[..., Any], ...] = (
     accept.unknown_code,
     resolve.seen_link,
     resolve.resolve_click,
+    accept.prior_click,
     accept.event,
     accept.click,
     enqueue.put,
@@ -53,6 +54,7 @@ PUBLIC |= {("bricqs", "convert"), ("browser", "redirect")}
 UNKEYED = {("dub", "track_click"), ("bricqs", "convert"), ("browser", "redirect")}  # they take no key
 KEYED = {"accept.caller", "accept.look_keyed", "lookup.key_lookup"}
 LINKS = {"accept.look", "accept.look_keyed", "accept.refusal", "resolve.seen_link", "resolve.resolve_click"}
+LINKS |= {"accept.prior_click"}
 
 
 def name(step: Callable[..., Any]) -> str:

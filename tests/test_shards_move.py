@@ -15,6 +15,7 @@ import pytest
 from ingest.contract.connections import create_pg_pool
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.ledger import directory as placement_directory
 from ingest.ledger import placement
 from workers.ops.move import Mover, plan
 
@@ -287,5 +288,46 @@ async def test_a_catch_up_writes_over_a_row_whose_identity_it_may_not_set(
         finally:
             await source.close()
             await target.close()
+    finally:
+        procs.stop_all()
+
+
+async def test_a_request_that_outwaits_a_moves_fence_is_its_routes_503(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    """A workspace fenced longer than a request waits for its pool (``FENCE_WAIT_S``): the
+    request is the route's 503 in its own shape, never a 500; a write's is "may be stored"
+    (``Refstream-Outcome: unknown``: it cannot tell what it wrote before the wait)."""
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    try:
+        await procs.cli("migrate")
+        await procs.cli("shards", "add", "b", shard_url)
+        edge = await procs.start_edge()
+        ws = await _world(procs, edge, "Moving", "default")
+        h = auth(ws["api_key"])
+        directory = await asyncpg.connect(directory_url)
+        try:
+            await placement_directory.fence(directory, UUID(ws["workspace_id"]), True)
+            # a Dub lead whose customer's click is found in Postgres (an empty clickId), Bricqs'
+            # stats, a management read and a management write, all at once
+            lead = {"clickId": "", "eventName": "Upgrade", "customerExternalId": "cust_a"}
+            answers = await asyncio.gather(
+                call("POST", f"{edge}/track/lead", json=lead, headers=h),
+                call("GET", f"{edge}/api/v1/referrals/stats/cust_a", headers={"X-API-Key": ws["api_key"]}),
+                call("GET", f"{edge}/v1/links", headers=h),
+                call("POST", f"{edge}/v1/programs", json={"name": "During the move"}, headers=h),
+            )
+        finally:
+            await placement_directory.fence(directory, UUID(ws["workspace_id"]), False)
+            await directory.close()
+        (lead_status, lead_out, _), (stats_status, stats_out, _), (read_status, read_out, _) = answers[:3]
+        write_status, write_out, write_h = answers[3]
+        assert lead_status == 503 and lead_out["error"]["code"] == "internal_server_error", lead_out  # Dub's shape
+        assert (stats_status, stats_out) == (503, {"error": "unavailable", "message": "Try again shortly"})  # Bricqs'
+        assert (read_status, read_out) == (503, {"error": "unavailable"})
+        assert (write_status, write_out) == (503, {"error": "unavailable"})
+        assert write_h.get("Refstream-Outcome") == "unknown", write_h
     finally:
         procs.stop_all()

@@ -93,7 +93,8 @@ class Voice:
 
     def answers(self, handler: Handler) -> Handler:
         """``handler``, with what it raises (``Problem``, ``Down``) rendered in this voice:
-        the dialect's exception handler."""
+        the dialect's exception handler. Any other ``Outage`` that reaches it (a workspace
+        whose move outlasts the wait for its fence, ``Moved``) is the route's 503 too."""
 
         @functools.wraps(handler)
         async def route(request: web.Request) -> web.Response:
@@ -101,6 +102,8 @@ class Voice:
                 return await handler(request)
             except (Problem, Down) as exc:
                 return self.render(exc)
+            except Outage as exc:
+                return self.render(Down(exc))
 
         return route
 

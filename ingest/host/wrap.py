@@ -29,9 +29,11 @@ import structlog
 from aiohttp import hdrs, web
 
 from ingest.contract.connections import pg_unavailable
+from ingest.contract.errors import Outage
 from ingest.contract.events import unique_token
 from ingest.contract.logs import CURRENT_REQUEST, DEFAULT_ACCESS_LOG, AccessLog, RequestLog, error_fields
 from ingest.edge.body import CLOSE
+from ingest.edge.enqueue import OUTCOME
 from ingest.edge.metrics import EdgeMetrics
 from ingest.host import cors, paths
 from ingest.host.guard import ConnectionGuard
@@ -44,6 +46,7 @@ INTERNAL = orjson.dumps({"error": "internal_error"})
 UNMATCHED = "unmatched"  # the route a request the router found nothing for is counted under
 # the methods whose requests carry a body a route reads (and may refuse)
 WITH_BODY = frozenset({hdrs.METH_POST, hdrs.METH_PUT, hdrs.METH_PATCH})
+MAY_WRITE = WITH_BODY | {hdrs.METH_DELETE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +71,19 @@ def request_id(request: web.Request) -> str:
 
 
 def unexpected(request: web.Request, route: str, exc: Exception) -> web.Response:
-    """An error the route did not answer: 503 for a database outage, else a bare 500."""
-    if pg_unavailable(exc):
-        # a route's own handling missed a database outage (read-only, not migrated, ...):
-        # "try again", never a 500 for what is not the request's fault
-        log.warning("request.postgres_unavailable", route=route, error=type(exc).__name__)
-        return web.Response(body=UNAVAILABLE, status=503, content_type="application/json", headers={"Retry-After": "1"})
+    """An error the route did not answer: 503 for an outage (a database's, or one of ours:
+    a workspace whose move outlasted the wait for its fence), else a bare 500. A request
+    that writes is answered ``Refstream-Outcome: unknown`` then: what it wrote before the
+    error (a commit whose answer was lost with the connection) may stand."""
+    if pg_unavailable(exc) or isinstance(exc, Outage):
+        # a route's own handling missed an outage (read-only, not migrated, ...): "try
+        # again", never a 500 for what is not the request's fault
+        event = "request.unavailable" if isinstance(exc, Outage) else "request.postgres_unavailable"
+        log.warning(event, route=route, error=type(exc).__name__)
+        headers = {"Retry-After": "1"}
+        if request.method in MAY_WRITE:
+            headers[OUTCOME] = "unknown"
+        return web.Response(body=UNAVAILABLE, status=503, content_type="application/json", headers=headers)
     # the error's kind and where it was raised, never its message: a database error's text
     # quotes the value it refused, which may be a person's id, address or email
     log.error("request.failed", method=request.method, route=route, **error_fields(exc))

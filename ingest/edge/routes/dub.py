@@ -23,6 +23,7 @@ with ``Retry-After`` while Redis or Postgres cannot answer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect
 from ingest.contract.fields import NoNul
 from ingest.edge import accept, enqueue, lead, sale
@@ -41,7 +43,7 @@ from ingest.edge.documented import BODY, documented, errors
 from ingest.edge.dub_shapes import DubError, TrackClickAnswer, TrackLeadAnswer, TrackSaleAnswer, error
 from ingest.edge.idempotency import InvalidKey, header_key
 from ingest.edge.lookup import Found
-from ingest.edge.problem import Problem
+from ingest.edge.problem import Down, Problem
 from ingest.edge.sale import TrackSale
 from ingest.edge.state import EDGE, Edge
 
@@ -241,9 +243,36 @@ async def track_click(request: web.Request) -> web.Response:
     if body.url:
         fields["page_url"] = body.url
     made = accept.click(request, edge, Dialect.DUB, link, link.code, fields, ip=ip)
-    also = (*made.also, ("SET", seen_key, made.click_id, "EX", SEEN_CLICK_S))
-    await enqueue.put(edge, made.envelope, link.code, *also, link=link, spool=True)
+    first = await _claim(edge, seen_key, made.click_id)
+    if first is not None and first != made.click_id:  # the same browser's request a moment ahead of this one
+        return _clicked(first)
+    try:
+        await enqueue.put(edge, made.envelope, link.code, *made.also, link=link, spool=True)
+    except Down as exc:
+        if not isinstance(exc.cause, OutcomeUnknown):  # stored nowhere: its repeats must not be answered its id
+            await _let_go(edge, seen_key)
+        raise
     return _clicked(made.click_id)
+
+
+async def _claim(edge: Edge, seen_key: str, click_id: str) -> str | None:
+    """This browser's click on this link for the hour, claimed for ``click_id`` unless one
+    holds it already (two requests of a double click, or a retry that overtook its first):
+    the click id that holds it. ``SET NX``, then ``GET``, in one round trip, before the
+    append: of two requests at once, one appends and both answer its id. None when Redis
+    could not say (the click is then appended as a click of its own: the spool's path)."""
+    try:
+        _, held = await edge.batcher.execute(("SET", seen_key, click_id, "NX", "EX", SEEN_CLICK_S), ("GET", seen_key))
+    except (NotSent, OutcomeUnknown):
+        return None
+    return held.decode() if isinstance(held, bytes) else None
+
+
+async def _let_go(edge: Edge, seen_key: str) -> None:
+    """The claim of a click that was stored nowhere (neither Redis nor the spool took it)
+    taken back, best effort: the browser's retry is a click of its own."""
+    with contextlib.suppress(NotSent, OutcomeUnknown):
+        await edge.batcher.execute(("DEL", seen_key))
 
 
 # each route as the list of steps it takes, in their order: every step one shared function

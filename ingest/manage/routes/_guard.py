@@ -14,14 +14,14 @@ import orjson
 from aiohttp import web
 
 from ingest.contract import ids
-from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
+from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired, pg_unavailable
 from ingest.contract.errors import Conflict, NotFound, NotSent, Outage, OutcomeUnknown
 from ingest.contract.fields import IDENT
 from ingest.edge.auth import Principal, bearer
 from ingest.edge.body import BodyError, plain, read
 from ingest.edge.body import code as body_code
 from ingest.edge.documented import BODY, errors
-from ingest.edge.enqueue import retry_headers
+from ingest.edge.enqueue import OUTCOME, retry_headers
 from ingest.edge.idempotency import Claim, InvalidKey, header_key, request_claim
 from ingest.edge.lookup import keyed_lookup
 from ingest.edge.problem import ManageError as ManageError
@@ -90,6 +90,9 @@ def render(problem: Problem) -> web.Response:
 
 Handler = Callable[[web.Request, Edge, Principal], Awaitable[web.Response]]
 WRITES = frozenset({"POST", "PATCH", "DELETE"})  # these honour Idempotency-Key
+# what a handler meets instead of an answer (Redis, Postgres, a part of ours that is down):
+# the API's 503 (``pg_unavailable`` too: a driver's error on a closed connection)
+UNAVAILABLE = (NotSent, OutcomeUnknown, Outage, *PG_ERRORS, *REDIS_ERRORS)
 
 
 async def _claim(request: web.Request, key: str, workspace: str) -> Claim:
@@ -146,9 +149,15 @@ def guarded(
                     return error(404, "not_found", str(exc))
                 except Conflict as exc:
                     return error(409, "conflict", str(exc))
-                except (NotSent, OutcomeUnknown, Outage, *PG_ERRORS, *REDIS_ERRORS) as exc:
-                    # a commit in flight may be done: not a refusal (``Refstream-Outcome: unknown``)
-                    return json(503, {"error": "unavailable"}, retry_headers(exc))
+                except Exception as exc:
+                    if not (isinstance(exc, UNAVAILABLE) or pg_unavailable(exc)):
+                        raise
+                    # a write's commit may be done, its answer lost with the connection (or a
+                    # cache refresh after it failed): never a refusal (``Refstream-Outcome: unknown``)
+                    headers = retry_headers(exc)
+                    if request.method in WRITES:
+                        headers[OUTCOME] = "unknown"
+                    return json(503, {"error": "unavailable"}, headers)
 
             if idem_key is None:
                 return await run()

@@ -170,6 +170,7 @@ class GenChecker:
         # Dub's clicks again from the same browser within the hour: answered the first's id;
         # counted again, under a fault that took Redis from the edges (``_repeat``)
         self.repeats: Counter[str] = Counter()
+        self._roots: dict[int, list[Op]] | None = None  # ``_browser``'s
 
     def _say(self, kind: str, op: Op, why: str) -> None:
         at = op.attempts[0].at if op.attempts else 0.0
@@ -401,8 +402,14 @@ class GenChecker:
         if first is None or not first.units:
             return set(), 0
         answered = [named_events(first, a).get(0) for a in first.attempts if a.outcome == "ok"]
-        theirs = {e for a in first.attempts for e in named_events(first, a).values() if e}
-        theirs |= {r["event_id"].hex for r in self.by_token.get(first.units[0].token, [])}
+        # the browser's clicks on the link: the first's, and those of its repeats sent before
+        # this one (one answered a new id where the first's was never answered, say: that
+        # click is the browser's then, and a later repeat is rightly answered its id)
+        theirs: set[str] = set()
+        for o in self._browser(first_n):
+            if o.n < op.n and o.units:
+                theirs |= {e for a in o.attempts for e in named_events(o, a).values() if e}
+                theirs |= {r["event_id"].hex for r in self.by_token.get(o.units[0].token, [])}
         new: set[str] = set()
         for a in op.attempts:
             if a.outcome != "ok" or (named := named_events(op, a).get(0)) is None:
@@ -419,6 +426,21 @@ class GenChecker:
             else:
                 self._say("dub_repeat_counted", op, f"answered {named}, not its first click's {answered}")
         return theirs, len(new)
+
+    def _browser(self, n: int) -> list[Op]:
+        """The Dub clicks of one browser on one link: the op ``n`` goes back to by
+        ``repeat_of``, and every op that goes back to it."""
+        if self._roots is None:
+            self._roots = {}
+            for o in self.h.ops.values():
+                root = o.n
+                while (up := self.h.op(root)) is not None and up.echo.get("repeat_of") is not None:
+                    root = up.echo["repeat_of"]
+                self._roots.setdefault(root, []).append(o)
+        root = n
+        while (up := self.h.op(root)) is not None and up.echo.get("repeat_of") is not None:
+            root = up.echo["repeat_of"]
+        return self._roots.get(root, [])
 
     def _redis_away(self, first: Attempt, again: Attempt) -> str | None:
         """Whether the edge could not know the first click when it answered ``again``: a fault
