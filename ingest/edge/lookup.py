@@ -400,11 +400,13 @@ async def _settled(ask: _Ask, principal: Principal | None, held: list[Any], gues
     guess's event is spooled under its ``event_id`` (the workers store one copy), and the
     request goes on as if the script had appended it, on the values the guess was made from
     (``held``), its rate limit uncounted (fail open, as without Redis). ``OutcomeUnknown``
-    when the spool cannot keep it."""
-    await to_spool(ask.edge, guess.envelope, guess.routing_key, guess.also, maybe_applied=exc)
+    when the spool cannot keep it. The link is read from ``held`` first: that raises
+    nothing (the guess's link, else Postgres's answer or ``link_unresolved``; the cache
+    write after it is best effort), so nothing comes between the event and its spool."""
     found = Found(verdict=_admitted(ask.limiter), principal=principal, appended=True)
     await _link(ask, found, held)
     found.extra = held[len(ask.reads) :]
+    await to_spool(ask.edge, guess.envelope, guess.routing_key, guess.also, maybe_applied=exc)
     return found
 
 

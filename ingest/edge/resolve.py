@@ -15,7 +15,7 @@ import structlog
 
 from ingest.contract import clicks, clock, links
 from ingest.contract.connections import PG_ERRORS
-from ingest.contract.errors import Outage
+from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.edge.state import Edge
 
 log = structlog.get_logger("ingest.lookup")
@@ -103,9 +103,13 @@ async def resolve_link(edge: Edge, code: str, cached: object, warm: object) -> l
         return await link_in_postgres(edge, code)  # Unavailable: the route's outage path
     if warm == b"1":
         return None
-    # the cache is not (yet) complete: ask Postgres once, and remember the answer
+    # the cache is not (yet) complete: ask Postgres once, and remember the answer (best
+    # effort: a cache Redis cannot write now is written by the next request that asks)
     found = await link_in_postgres(edge, code)
-    (reply,) = await edge.batcher.execute(links.cache_command(edge.keys, edge.link_sha, found or code))
+    try:
+        (reply,) = await edge.batcher.execute(links.cache_command(edge.keys, edge.link_sha, found or code))
+    except (NotSent, OutcomeUnknown) as exc:
+        reply = exc
     if isinstance(reply, Exception):
         log.warning("link_cache.write_failed", error=repr(reply))
     return found
