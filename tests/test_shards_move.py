@@ -316,7 +316,7 @@ async def test_a_request_that_outwaits_a_moves_fence_is_its_routes_503(
             answers = await asyncio.gather(
                 call("POST", f"{edge}/track/lead", json=lead, headers=h),
                 call("GET", f"{edge}/api/v1/referrals/stats/cust_a", headers={"X-API-Key": ws["api_key"]}),
-                call("GET", f"{edge}/v1/links", headers=h),
+                call("GET", f"{edge}/v1/events", headers=h),
                 call("POST", f"{edge}/v1/programs", json={"name": "During the move"}, headers=h),
             )
         finally:

@@ -155,6 +155,11 @@ class Keys:
         the hour (Dub's ``POST /track/click``): a reload is answered, not counted again."""
         return f"{self.prefix}:seenclick:{code}:{identity_hash}"
 
+    def seen_click_claim(self, code: str, identity_hash: str) -> str:
+        """Held (``SET NX``, for moments) by the request that appends a browser's first click
+        on a link, so that its double's waits for ``seen_click`` instead of counting again."""
+        return f"{self.prefix}:seenclaim:{code}:{identity_hash}"
+
     def idempotency(self, scope: str, key: str) -> str:
         return f"{self.prefix}:idem:{scope}:{key}"
 

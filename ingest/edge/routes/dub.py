@@ -23,8 +23,9 @@ with ``Retry-After`` while Redis or Postgres cannot answer.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import hashlib
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,12 +44,14 @@ from ingest.edge.documented import BODY, documented, errors
 from ingest.edge.dub_shapes import DubError, TrackClickAnswer, TrackLeadAnswer, TrackSaleAnswer, error
 from ingest.edge.idempotency import InvalidKey, header_key
 from ingest.edge.lookup import Found
-from ingest.edge.problem import Down, Problem
+from ingest.edge.problem import Problem
 from ingest.edge.sale import TrackSale
 from ingest.edge.state import EDGE, Edge
 
 routes = web.RouteTableDef()
 SEEN_CLICK_S = 3600  # how long a browser's click on a link answers its repeats
+CLAIM_MS = 2_000  # how long the request appending a browser's first click holds its claim
+CLAIM_POLL_S = 0.02  # how often a double of it looks for the click's id
 
 
 def _unavailable(headers: dict[str, str]) -> web.Response:
@@ -242,37 +245,34 @@ async def track_click(request: web.Request) -> web.Response:
         fields["referrer"] = body.referrer
     if body.url:
         fields["page_url"] = body.url
-    made = accept.click(request, edge, Dialect.DUB, link, link.code, fields, ip=ip)
-    first = await _claim(edge, seen_key, made.click_id)
-    if first is not None and first != made.click_id:  # the same browser's request a moment ahead of this one
+    first = await _first(edge, seen_key, claim := edge.keys.seen_click_claim(body.key, identity))
+    if first is not None:  # the same browser's request a moment ahead of this one appended it
         return _clicked(first)
-    try:
-        await enqueue.put(edge, made.envelope, link.code, *made.also, link=link, spool=True)
-    except Down as exc:
-        if not isinstance(exc.cause, OutcomeUnknown):  # stored nowhere: its repeats must not be answered its id
-            await _let_go(edge, seen_key)
-        raise
+    made = accept.click(request, edge, Dialect.DUB, link, link.code, fields, ip=ip)
+    also = (*made.also, ("SET", seen_key, made.click_id, "EX", SEEN_CLICK_S), ("DEL", claim))
+    await enqueue.put(edge, made.envelope, link.code, *also, link=link, spool=True)
     return _clicked(made.click_id)
 
 
-async def _claim(edge: Edge, seen_key: str, click_id: str) -> str | None:
-    """This browser's click on this link for the hour, claimed for ``click_id`` unless one
-    holds it already (two requests of a double click, or a retry that overtook its first):
-    the click id that holds it. ``SET NX``, then ``GET``, in one round trip, before the
-    append: of two requests at once, one appends and both answer its id. None when Redis
-    could not say (the click is then appended as a click of its own: the spool's path)."""
-    try:
-        _, held = await edge.batcher.execute(("SET", seen_key, click_id, "NX", "EX", SEEN_CLICK_S), ("GET", seen_key))
-    except (NotSent, OutcomeUnknown):
-        return None
-    return held.decode() if isinstance(held, bytes) else None
-
-
-async def _let_go(edge: Edge, seen_key: str) -> None:
-    """The claim of a click that was stored nowhere (neither Redis nor the spool took it)
-    taken back, best effort: the browser's retry is a click of its own."""
-    with contextlib.suppress(NotSent, OutcomeUnknown):
-        await edge.batcher.execute(("DEL", seen_key))
+async def _first(edge: Edge, seen_key: str, claim: str) -> str | None:
+    """The click id of this browser's click on this link that a request a moment ahead of
+    this one appended (two requests of a double click, or a retry that overtook its first),
+    or None: this request appends the browser's click. The first to take ``claim``
+    (``SET NX``, ``CLAIM_MS``) appends, its round trip naming the click (``seen_key``) and
+    letting the claim go; another waits for that name. A claim whose request died (or whose
+    click went to the spool) lapses: the next request appends a click of its own. None too
+    when Redis cannot say (the click then goes to the spool, as one of its own)."""
+    deadline = time.monotonic() + 3 * CLAIM_MS / 1000
+    while True:
+        try:
+            won, held = await edge.batcher.execute(("SET", claim, "1", "NX", "PX", CLAIM_MS), ("GET", seen_key))
+        except (NotSent, OutcomeUnknown):
+            return None
+        if isinstance(held, bytes):
+            return held.decode()
+        if won is not None or time.monotonic() > deadline:  # taken (an error reply: Redis cannot say)
+            return None
+        await asyncio.sleep(CLAIM_POLL_S)
 
 
 # each route as the list of steps it takes, in their order: every step one shared function
