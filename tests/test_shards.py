@@ -231,6 +231,12 @@ async def test_a_workspace_moved_under_load_loses_and_doubles_nothing(
             assert await directory.fetchval("SELECT count(*) FROM workspaces") == 0
             assert await directory.fetchval("SELECT count(*) FROM events") == 0
             assert await directory.fetchval("SELECT shard FROM workspace_shards") == "b"
+            # a drop that committed, but whose record did not (the directory went read-only
+            # between them): run again, it finds the old copy gone and records the drop
+            await directory.execute("UPDATE workspace_moves SET state = 'switched'")
+            again = await procs.cli("workspace", "move", ws["workspace_id"], "--drop-old")
+            assert (again["dropped_from"], again["deleted"]) == ("default", {}), again
+            assert await directory.fetchval("SELECT state FROM workspace_moves") == "dropped"
         finally:
             await directory.close()
         # and a move back is a move like any other

@@ -64,12 +64,16 @@ def never_sent(exc: BaseException) -> bool:
     return isinstance(exc, NotSent)
 
 
-def retry_headers(exc: BaseException | None = None) -> dict[str, str]:
+def retry_headers(exc: BaseException | None = None, *, wrote: bool = False) -> dict[str, str]:
     """A 503's headers: ``Retry-After``, and for an outcome answered unknown as it is (an
     append the spool could not keep, a management write's commit lost with Postgres:
     ``OutcomeUnknown.answered_unknown``) ``Refstream-Outcome: unknown``, with the event
-    that may be stored where one is named."""
+    that may be stored where one is named. ``wrote``: a write met ``exc`` on its way (its
+    commit may be done, its answer lost with the connection, or a cache refresh after it
+    failed): "may be stored" too, never a refusal."""
     headers = {"Retry-After": "1"}
+    if wrote:
+        headers[OUTCOME] = "unknown"
     if isinstance(exc, OutcomeUnknown) and exc.answered_unknown:
         headers[OUTCOME] = "unknown"
         if exc.event_id is not None:

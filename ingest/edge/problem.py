@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from ingest.contract.errors import Outage, Refused
+from ingest.contract.connections import PG_ERRORS, pg_unavailable
+from ingest.contract.errors import NotSent, Outage, OutcomeUnknown, Refused
 
 
 class Problem(Refused):
@@ -41,6 +42,13 @@ class Down(Outage):
     def __init__(self, cause: BaseException | None = None) -> None:
         super().__init__(f"unavailable: {cause!r}" if cause is not None else "unavailable")
         self.cause = cause
+
+
+def is_outage(exc: BaseException) -> bool:
+    """``exc`` says a part cannot answer now (Redis, as the link room says it; Postgres or
+    its driver; a part of ours: a workspace whose move outlasted the wait for its fence): a
+    503, never a 500."""
+    return isinstance(exc, (NotSent, OutcomeUnknown, Outage, *PG_ERRORS)) or pg_unavailable(exc)
 
 
 # every error's body of the management API and the batch route: ``{"error": code, "detail":

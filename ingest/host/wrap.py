@@ -29,12 +29,12 @@ import structlog
 from aiohttp import hdrs, web
 
 from ingest.contract.connections import pg_unavailable
-from ingest.contract.errors import Outage
 from ingest.contract.events import unique_token
 from ingest.contract.logs import CURRENT_REQUEST, DEFAULT_ACCESS_LOG, AccessLog, RequestLog, error_fields
 from ingest.edge.body import CLOSE
-from ingest.edge.enqueue import OUTCOME
+from ingest.edge.enqueue import retry_headers
 from ingest.edge.metrics import EdgeMetrics
+from ingest.edge.problem import is_outage
 from ingest.host import cors, paths
 from ingest.host.guard import ConnectionGuard
 
@@ -75,14 +75,12 @@ def unexpected(request: web.Request, route: str, exc: Exception) -> web.Response
     a workspace whose move outlasted the wait for its fence), else a bare 500. A request
     that writes is answered ``Refstream-Outcome: unknown`` then: what it wrote before the
     error (a commit whose answer was lost with the connection) may stand."""
-    if pg_unavailable(exc) or isinstance(exc, Outage):
+    if is_outage(exc):
         # a route's own handling missed an outage (read-only, not migrated, ...): "try
         # again", never a 500 for what is not the request's fault
-        event = "request.unavailable" if isinstance(exc, Outage) else "request.postgres_unavailable"
+        event = "request.postgres_unavailable" if pg_unavailable(exc) else "request.unavailable"
         log.warning(event, route=route, error=type(exc).__name__)
-        headers = {"Retry-After": "1"}
-        if request.method in MAY_WRITE:
-            headers[OUTCOME] = "unknown"
+        headers = retry_headers(exc, wrote=request.method in MAY_WRITE)
         return web.Response(body=UNAVAILABLE, status=503, content_type="application/json", headers=headers)
     # the error's kind and where it was raised, never its message: a database error's text
     # quotes the value it refused, which may be a person's id, address or email

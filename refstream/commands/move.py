@@ -146,9 +146,13 @@ async def _drop_old(settings: Settings, ws: uuid.UUID) -> dict[str, Any]:
         )
         try:
             async with write(old):
-                if not await old.fetchval("SELECT moved_to IS NOT NULL FROM workspaces WHERE id = $1", ws):
+                mark = await old.fetchrow("SELECT moved_to FROM workspaces WHERE id = $1", ws)
+                if mark is None:  # dropped already (by a run that could not record it): nothing is left
+                    deleted: dict[str, int] = {}
+                elif mark["moved_to"] is None:
                     raise click.ClickException("the old copy is not marked moved: not dropped")
-                deleted = await deletion.delete_rows(old, ws)
+                else:
+                    deleted = await deletion.delete_rows(old, ws)
         finally:
             await old.close()
         await _record(directory, ws, state="dropped")

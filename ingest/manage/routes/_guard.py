@@ -14,18 +14,18 @@ import orjson
 from aiohttp import web
 
 from ingest.contract import ids
-from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired, pg_unavailable
-from ingest.contract.errors import Conflict, NotFound, NotSent, Outage, OutcomeUnknown
+from ingest.contract.connections import REDIS_ERRORS, acquired
+from ingest.contract.errors import Conflict, NotFound, NotSent, OutcomeUnknown
 from ingest.contract.fields import IDENT
 from ingest.edge.auth import Principal, bearer
 from ingest.edge.body import BodyError, plain, read
 from ingest.edge.body import code as body_code
 from ingest.edge.documented import BODY, errors
-from ingest.edge.enqueue import OUTCOME, retry_headers
+from ingest.edge.enqueue import retry_headers
 from ingest.edge.idempotency import Claim, InvalidKey, header_key, request_claim
 from ingest.edge.lookup import keyed_lookup
 from ingest.edge.problem import ManageError as ManageError
-from ingest.edge.problem import Problem
+from ingest.edge.problem import Problem, is_outage
 from ingest.edge.resolve import Unavailable
 from ingest.edge.state import EDGE, Edge
 from ingest.manage import stats
@@ -90,9 +90,6 @@ def render(problem: Problem) -> web.Response:
 
 Handler = Callable[[web.Request, Edge, Principal], Awaitable[web.Response]]
 WRITES = frozenset({"POST", "PATCH", "DELETE"})  # these honour Idempotency-Key
-# what a handler meets instead of an answer (Redis, Postgres, a part of ours that is down):
-# the API's 503 (``pg_unavailable`` too: a driver's error on a closed connection)
-UNAVAILABLE = (NotSent, OutcomeUnknown, Outage, *PG_ERRORS, *REDIS_ERRORS)
 
 
 async def _claim(request: web.Request, key: str, workspace: str) -> Claim:
@@ -150,14 +147,9 @@ def guarded(
                 except Conflict as exc:
                     return error(409, "conflict", str(exc))
                 except Exception as exc:
-                    if not (isinstance(exc, UNAVAILABLE) or pg_unavailable(exc)):
+                    if not (is_outage(exc) or isinstance(exc, REDIS_ERRORS)):  # (redis-py's: a cache refresh)
                         raise
-                    # a write's commit may be done, its answer lost with the connection (or a
-                    # cache refresh after it failed): never a refusal (``Refstream-Outcome: unknown``)
-                    headers = retry_headers(exc)
-                    if request.method in WRITES:
-                        headers[OUTCOME] = "unknown"
-                    return json(503, {"error": "unavailable"}, headers)
+                    return json(503, {"error": "unavailable"}, retry_headers(exc, wrote=request.method in WRITES))
 
             if idem_key is None:
                 return await run()

@@ -17,16 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import ids
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, acquired
-from ingest.contract.errors import NotFound, NotSent, Outage, OutcomeUnknown
+from ingest.contract.errors import NotFound, NotSent, OutcomeUnknown
 from ingest.contract.fields import ExternalId
 from ingest.edge import accept
 from ingest.edge.auth import Principal, plausible
 from ingest.edge.body import BodyError, parse
 from ingest.edge.body import code as body_code
 from ingest.edge.documented import BODY, documented, errors
+from ingest.edge.enqueue import retry_headers
 from ingest.edge.idempotency import Claim, InvalidKey, fingerprint, header_key
 from ingest.edge.lookup import keyed_lookup
-from ingest.edge.problem import Down, Problem
+from ingest.edge.problem import Down, Problem, is_outage
 from ingest.edge.resolve import Unavailable
 from ingest.edge.routes.bricqs import BricqsError, error, json, unavailable
 from ingest.edge.state import EDGE, Edge
@@ -127,8 +128,11 @@ async def generate(request: web.Request) -> web.Response:
                 )
         except NotFound as exc:
             return error(404, "campaign_not_found", str(exc))
-        except (Outage, *PG_ERRORS, *REDIS_ERRORS) as exc:
-            return unavailable(exc)  # a lost commit: Refstream-Outcome: unknown
+        except Exception as exc:
+            if not (is_outage(exc) or isinstance(exc, REDIS_ERRORS)):  # (redis-py's: the link cache's refresh)
+                raise
+            # a commit whose answer was lost with the connection may be done: "may be stored"
+            return error(503, "unavailable", "Try again shortly", retry_headers(exc, wrote=True))
         return json(200, BricqsGenerated(**out).model_dump())
 
     if idem_key is None:

@@ -450,10 +450,12 @@ class GenChecker:
         not healed long enough before ``again`` for the spool to bring them to Redis; which,
         or None."""
         for f in self.h.faults:
-            if not (f.kind in REDIS_AWAY or (f.kind == "partition" and f.target.startswith("edge-redis"))):
+            # a replay that met a full Redis (its note says so) filled it: Redis refused writes
+            full = f.kind == "redis-full" or "OutOfMemoryError" in f.note
+            if not (f.kind in REDIS_AWAY or full or (f.kind == "partition" and f.target.startswith("edge-redis"))):
                 continue
             healed = f.healed if f.healed is not None else 1e9
-            unread = f.kind != "redis-full" and f.started <= again.at + (again.took or 0.0)
+            unread = not full and f.started <= again.at + (again.took or 0.0)
             if unread and healed + PROBE_S >= again.at:
                 return "asked without Redis"
             during_first = f.started <= first.at + (first.took or 0.0) and healed + PROBE_S >= first.at
