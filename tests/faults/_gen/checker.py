@@ -92,7 +92,10 @@ FROM sales s LEFT JOIN links l ON l.id = s.link_id"""
 # failover): a browser's click again within the hour may then be counted again (``_repeat``)
 REDIS_AWAY = ("redis-stall", "redis-kill", "redis-restart", "redis-full", "sentinel-failover")
 PROBE_S = 2.0  # after such a fault heals, how long an edge may still answer without Redis (its probe)
-SPOOL_DRAIN_S = 5.0  # ... and how long a click it spooled (with what it remembers) takes to reach Redis
+# ... and how long a click it spooled (with what it remembers) takes to reach Redis: the
+# edge's probe, then its spool's drain in order behind the other spooled events (seed
+# 1555431015 in short mode: a click spooled as a stall healed was not yet named 7.4 s on)
+SPOOL_DRAIN_S = 10.0
 # each click_burst flag of a click whose address is still stored, with the clicks its window
 # holds (those without an address, erased since, counted as the flagged one's); a flag is
 # an event_flags row (schema 23), or as schemas 18 to 22 kept one the workspace did not
