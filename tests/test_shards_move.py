@@ -68,6 +68,14 @@ async def _world(procs: Procs, edge: str, name: str, shard: str) -> dict[str, An
     return dict(ws)
 
 
+async def _moving(procs: Procs, shard_url: str) -> tuple[str, dict[str, Any]]:
+    """Shard b added, an edge, and the workspace to move (``_world``) on ``default``."""
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    edge = await procs.start_edge()
+    return edge, await _world(procs, edge, "Moving", "default")
+
+
 async def _rows(conn: asyncpg.Connection, ws: str) -> dict[str, list[tuple[Any, ...]]]:
     """Every planned table's rows of ``ws``, in key order; an event's dictionary ids as
     what they name."""
@@ -91,10 +99,7 @@ async def test_a_move_carries_every_row_of_the_workspace(
     s = settings.model_copy(update={"database_url": directory_url})
     procs = Procs(s, tmp_path)
     try:
-        await procs.cli("migrate")
-        await procs.cli("shards", "add", "b", shard_url)
-        edge = await procs.start_edge()
-        ws = await _world(procs, edge, "Moving", "default")
+        edge, ws = await _moving(procs, shard_url)
         stays = await _world(procs, edge, "Stays", "default")
         source = await asyncpg.connect(directory_url)
         target = await asyncpg.connect(shard_url)
@@ -261,10 +266,7 @@ async def test_a_catch_up_writes_over_a_row_whose_identity_it_may_not_set(
     s = settings.model_copy(update={"database_url": directory_url})
     procs = Procs(s, tmp_path)
     try:
-        await procs.cli("migrate")
-        await procs.cli("shards", "add", "b", shard_url)
-        edge = await procs.start_edge()
-        ws = await _world(procs, edge, "Moving", "default")
+        _, ws = await _moving(procs, shard_url)
         source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
         try:
             mover = Mover(UUID(ws["workspace_id"]), source, target)
@@ -302,10 +304,7 @@ async def test_a_request_that_outwaits_a_moves_fence_is_its_routes_503(
     s = settings.model_copy(update={"database_url": directory_url})
     procs = Procs(s, tmp_path)
     try:
-        await procs.cli("migrate")
-        await procs.cli("shards", "add", "b", shard_url)
-        edge = await procs.start_edge()
-        ws = await _world(procs, edge, "Moving", "default")
+        edge, ws = await _moving(procs, shard_url)
         h = auth(ws["api_key"])
         directory = await asyncpg.connect(directory_url)
         try:
