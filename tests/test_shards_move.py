@@ -309,6 +309,10 @@ async def test_a_request_that_outwaits_a_moves_fence_is_its_routes_503(
         directory = await asyncpg.connect(directory_url)
         try:
             await placement_directory.fence(directory, UUID(ws["workspace_id"]), True)
+            # the edge sees the fence at its next read of the directory, within REFRESH_S: the
+            # bound a move waits out too (``refstream workspace move``), since no edge says when
+            # it has read; a request before it is served from the source, which is no fault
+            await asyncio.sleep(2 * placement.REFRESH_S)
             # a Dub lead whose customer's click is found in Postgres (an empty clickId), Bricqs'
             # stats, a management read and a management write, all at once
             lead = {"clickId": "", "eventName": "Upgrade", "customerExternalId": "cust_a"}
