@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 import structlog.testing
 
+from ingest.contract.errors import Unreplicated
 from ingest.contract.settings import Settings
 from ingest.spool import store as spool_store
 from ingest.spool.spool import Spool
@@ -249,4 +250,4 @@ async def test_short_of_replicas_a_worker_stores_nothing_a_failover_could_lose(
 
 
 async def _unreplicated(logs: list[MutableMapping[str, Any]]) -> bool:
-    return any(e.get("event") == "consumer.read_failed" and "Unreplicated" in e.get("error", "") for e in logs)
+    return any(e.get("event") == "consumer.read_failed" and isinstance(e.get("error"), Unreplicated) for e in logs)

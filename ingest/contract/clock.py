@@ -169,7 +169,7 @@ async def start_following(
         await follow_once(redis, bound_s, postgres)
     except Exception as exc:
         measured = False
-        log.info("clock.unmeasured", error=repr(exc))
+        log.info("clock.unmeasured", error=exc)
     return asyncio.create_task(_follow(redis, bound_s, every_s, postgres, measured), name="clock-follow")
 
 
@@ -180,4 +180,4 @@ async def _follow(redis: Any, bound_s: float, every_s: float, postgres: Any, mea
             await follow_once(redis, bound_s, postgres)
             measured = True
         except Exception as exc:  # an outage: the spool and the gate deal with it, not the clock
-            log.debug("clock.unmeasured", error=repr(exc))  # a measurement made before still holds
+            log.debug("clock.unmeasured", error=exc)  # a measurement made before still holds

@@ -146,13 +146,13 @@ class DropTally:
         try:
             replies = await self._batcher.execute(*(("HINCRBY", self._key, f, n) for f, n in items))
         except (NotSent, OutcomeUnknown, *REDIS_ERRORS) as exc:
-            log.warning("drops.flush_failed", error=repr(exc), fields=len(items))
+            log.warning("drops.flush_failed", error=exc, fields=len(items))
             self._counts.update(counts)
             return
         errors = [r for r in replies if isinstance(r, Exception)]
         failed = [(f, n) for (f, n), r in zip(items, replies, strict=True) if isinstance(r, Exception)]
         if failed:
-            log.warning("drops.flush_failed", error=repr(errors[0]), fields=len(failed))
+            log.warning("drops.flush_failed", error=errors[0], fields=len(failed))
             self._counts.update(dict(failed))
 
     async def _send_refused(self) -> None:
@@ -162,7 +162,7 @@ class DropTally:
         try:
             await self._batcher.execute(*((*xadd, "at", at, "route", r, "code", c) for at, r, c in recent))
         except (NotSent, OutcomeUnknown, *REDIS_ERRORS) as exc:  # the tail's view only: the counts go on as ever
-            log.warning("drops.refused_not_sent", error=repr(exc), codes=len(recent))
+            log.warning("drops.refused_not_sent", error=exc, codes=len(recent))
 
     async def _run(self) -> None:
         while True:

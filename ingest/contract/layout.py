@@ -416,7 +416,7 @@ class Watch:
             except Exception as exc:  # Redis away: the last layout stands
                 cancelled_meanwhile()
                 if not failing:
-                    log.warning("layout.unread", error=repr(exc))
+                    log.warning("layout.unread", error=exc)
                 failing = True
                 self._first.set()
                 continue

@@ -184,7 +184,7 @@ async def put_committed(redis: Redis, keys: Keys, *links: LinkInfo) -> None:
     try:
         await put(redis, keys, *links)
     except REDIS_ERRORS as exc:
-        log.warning("link_cache.write_deferred", codes=[link.code for link in links], error=repr(exc))
+        log.warning("link_cache.write_deferred", codes=[link.code for link in links], error=exc)
         task = asyncio.create_task(_put_later(redis, keys, list(links)), name="link-cache-retry")
         _RETRYING.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(_RETRYING.discard)
@@ -203,7 +203,7 @@ async def _put_later(redis: Redis, keys: Keys, links: list[LinkInfo]) -> None:
             await put(redis, keys, *links)
         except REDIS_ERRORS as exc:
             if loop.time() > until:
-                log.warning("link_cache.write_given_up", codes=[link.code for link in links], error=repr(exc))
+                log.warning("link_cache.write_given_up", codes=[link.code for link in links], error=exc)
                 return
             delay = min(5.0, delay * 2)
         else:

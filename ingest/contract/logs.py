@@ -18,9 +18,11 @@ most that window of lines. 0 writes every line as it is logged.
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -58,6 +60,43 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
 
 
 _FRAMES = 12
+_CODE = re.compile(r"[A-Z][A-Z_]{1,23}")  # a Redis error reply's first word: OOM, MOVED, READONLY
+
+
+def said(exc: BaseException) -> str:
+    """An error in a log line's field: its kind, and the code a server answered with (a
+    SQLSTATE, a Redis reply's first word, an errno's name), never its message. redis-py's
+    message of a pipelined command's error quotes the command with its arguments
+    ("Command # 2 (XADD ... 203.0.113.9 ...) of pipeline caused error: OOM ..."), as
+    Postgres's quotes the value it refused and Redis's "unknown command" its first
+    arguments: any of them may be a person's id, email or address (docs/privacy.md)."""
+    kind = type(exc).__name__
+    code = getattr(exc, "sqlstate", None)
+    if code is None and isinstance(getattr(exc, "errno", None), int):
+        code = errno.errorcode.get(exc.errno)  # type: ignore[attr-defined]
+    if code is None and exc.args and isinstance(exc.args[0], str):
+        # redis-py quotes the reply as it is, or its error's args: "... caused error: ('OOM ...',)"
+        reply = exc.args[0].rsplit(" of pipeline caused error: ", 1)[-1].lstrip("('\"")
+        word = _CODE.match(reply)
+        if word is not None and (len(reply) == word.end() or reply[word.end()] == " "):
+            code = word.group()
+    return f"{kind} {code}" if code else kind
+
+
+def _errors_said(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Every error a line was given, said by ``said`` (a field's value) or by
+    ``error_fields`` (``exc_info``, ``log.exception``'s): no line carries an error's message
+    or a traceback's."""
+    info = event.pop("exc_info", None)
+    if info:
+        exc = info if isinstance(info, BaseException) else sys.exc_info()[1] if info is True else info[1]
+        if exc is not None:
+            for key, value in error_fields(exc).items():
+                event.setdefault(key, value)
+    for key, value in event.items():
+        if isinstance(value, BaseException):
+            event[key] = said(value)
+    return event
 
 
 def _level_and_time(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -143,6 +182,7 @@ _SHARED: list[structlog.types.Processor] = [
     structlog.contextvars.merge_contextvars,
     _merge_request,
     _level_and_time,
+    _errors_said,
 ]
 
 
@@ -305,6 +345,9 @@ class _Private(logging.Filter):
     a header): such a line keeps its kind only, as every line of ours does (``error_fields``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, BaseException) for a in record.args):
+            # a library's "%s failed: %s" with the error (arq's failed job): its kind alone
+            record.args = tuple(said(a) if isinstance(a, BaseException) else a for a in record.args)
         if record.name.startswith("aiohttp."):
             exc = record.exc_info[1] if record.exc_info else None
             if record.args or exc is not None:
@@ -331,7 +374,7 @@ def configure_logging(level: str = "info", *, json: bool = True, flush_ms: int =
         stream = _Text(lines)
         _flush_before_tracebacks(lines)
     structlog.configure(
-        processors=[*_SHARED, structlog.processors.format_exc_info, renderer],
+        processors=[*_SHARED, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=lambda *_: _LineLogger(stream),
         cache_logger_on_first_use=True,

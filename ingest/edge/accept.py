@@ -77,7 +77,7 @@ class Voice:
         """The route's 503 for ``exc``: ``Retry-After``, and where Redis may hold the event,
         ``Refstream-Outcome: unknown`` and its id."""
         if exc is not None:
-            log.warning("redis.unavailable", route=self.route, error=str(exc))
+            log.warning("redis.unavailable", route=self.route, error=exc)
         return self.unavailable(retry_headers(exc))
 
     def render(self, exc: Problem | Down) -> web.Response:

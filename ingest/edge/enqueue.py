@@ -131,14 +131,12 @@ async def to_spool(
     except OSError as exc:  # SpoolError, SpoolFull: what Spool.append raises
         if maybe_applied is None:
             raise
-        log.warning(
-            "append.outcome_unknown", event_id=str(envelope.event_id), error=repr(maybe_applied), spool=repr(exc)
-        )
+        log.warning("append.outcome_unknown", event_id=str(envelope.event_id), error=maybe_applied, spool=exc)
         raise unkept(envelope.event_id, maybe_applied) from exc
     if first is not None:  # not kept: the key's first copy waits in the spool
         return first
     if maybe_applied is not None:
-        log.info("append.settled_in_spool", event_id=str(envelope.event_id), error=repr(maybe_applied))
+        log.info("append.settled_in_spool", event_id=str(envelope.event_id), error=maybe_applied)
     edge.metrics.accepted.labels(envelope.dialect, "spool").inc()
     return None
 

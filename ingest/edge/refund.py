@@ -143,6 +143,6 @@ async def copy(edge: Edge, asked: refunds.Asked, row: dict[str, Any]) -> bool:
     try:
         await enqueue.append(edge, env, route, spool=True)
     except (NotSent, OutcomeUnknown, Outage) as exc:  # neither Redis nor the spool kept it
-        log.warning("refund.copy_unkept", refund_id=row["refund_id"], error=repr(exc))
+        log.warning("refund.copy_unkept", refund_id=row["refund_id"], error=exc)
         return False
     return True

@@ -53,7 +53,7 @@ async def fallback(edge: Edge, query: Callable[[], Awaitable[T]]) -> T:
             async with edge.pg_fallbacks:
                 return await query()
     except _UNANSWERED as exc:
-        log.warning("postgres.unavailable", error=repr(exc), sqlstate=getattr(exc, "sqlstate", None))
+        log.warning("postgres.unavailable", error=exc, sqlstate=getattr(exc, "sqlstate", None))
         raise Unavailable from exc
 
 

@@ -242,7 +242,7 @@ class Supervisor:
             try:
                 slot.socks = bind(self.host, self.port)
             except OSError as exc:
-                log.error("prefork.bind_failed", slot=slot.index, error=str(exc))
+                log.error("prefork.bind_failed", slot=slot.index, error=exc)
                 self._backoff(slot)
                 return
         ready_r, ready_w = os.pipe()

@@ -81,7 +81,7 @@ class Siblings:
             tmp.write_bytes(generate_latest(registry))
             tmp.rename(final)
         except OSError as exc:  # the runtime directory is gone: the server is stopping
-            log.warning("metrics.retire_failed", error=repr(exc))
+            log.warning("metrics.retire_failed", error=exc)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

@@ -99,7 +99,7 @@ def listen(path: Path) -> socket.socket | None:
         listener.listen(4)
     except OSError as exc:
         listener.close()
-        log.warning("prefork.control_unavailable", path=str(path), error=str(exc))
+        log.warning("prefork.control_unavailable", path=str(path), error=exc)
         return None
     listener.setblocking(False)
     return listener
@@ -125,7 +125,7 @@ def hand_over(
         counts = ",".join(str(len(slot)) for slot in slots).encode()
         socket.send_fds(conn, [counts], [s.fileno() for s in socks])
     except OSError as exc:
-        log.warning("prefork.take_over_failed", error=str(exc))
+        log.warning("prefork.take_over_failed", error=exc)
         conn.close()
         return None
     conn.setblocking(False)

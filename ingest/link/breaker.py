@@ -51,7 +51,7 @@ class Breaker:
         if opened:
             self._retry_at = time.monotonic() + PROBE_FIRST_S
             self._delay = PROBE_FIRST_S * 2
-            log.warning(f"{self.name}.open", error=repr(exc))
+            log.warning(f"{self.name}.open", error=exc)
         self.cause = exc
         return opened
 

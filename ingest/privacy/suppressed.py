@@ -208,7 +208,7 @@ class Suppressed:
                 self._failing = False
             except (*PG_ERRORS, asyncpg.PostgresError) as exc:
                 if not self._failing:
-                    log.warning("suppressions.unread", error=repr(exc), kept=len(self.lists))
+                    log.warning("suppressions.unread", error=exc, kept=len(self.lists))
                 self._failing = True
             cancelled_meanwhile()  # a cancel a driver's timeout lost must still end the loop (close awaits it)
             await asyncio.sleep(every_s)  # a period, not a synchronisation

@@ -252,7 +252,7 @@ class Drain:
                     continue
                 cancelled_meanwhile()
                 if self._redis_error is None:
-                    log.warning("spool.drain_waiting", error=repr(exc), entries=self._entries)
+                    log.warning("spool.drain_waiting", error=exc, entries=self._entries)
                 self._redis_error = repr(exc)
                 continue
             if self._redis_error is not None:

@@ -58,7 +58,7 @@ async def _check_durability(settings: Settings) -> None:
         async with asyncio.timeout(settings.redis_socket_timeout_s):
             problem = await durability.startup_problem(redis, settings)
     except (*REDIS_ERRORS, TimeoutError) as exc:
-        log.warning("durability.unchecked", reason=repr(exc))
+        log.warning("durability.unchecked", reason=exc)
         return
     finally:
         await redis.aclose()

@@ -108,7 +108,7 @@ class Consumer:
         try:
             await self._bursts(passes=1_000 if drain else burst_pass.PASSES_A_TICK)
         except Exception as exc:
-            log.warning("bursts.pass_left", error=repr(exc))
+            log.warning("bursts.pass_left", error=exc)
         if drain:  # the waiting rooms too, while their shards take them (another worker may hold one)
             for _ in range(int(DRAIN_ROOMS_S / 0.2)):
                 if await self._waiting():

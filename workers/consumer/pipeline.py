@@ -271,7 +271,7 @@ class Pipeline:
             await pipe.execute()
         except Exception as exc:
             batch.unrefunded.update(counted)  # the next attempt nets it out
-            log.warning("attempts.not_refunded", stream=batch.stream, entries=len(counted), error=repr(exc))
+            log.warning("attempts.not_refunded", stream=batch.stream, entries=len(counted), error=exc)
 
     async def _store_chunked(
         self, envelopes: list[Envelope], failures: int, *, alone: bool = False
@@ -434,7 +434,7 @@ class Pipeline:
         try:
             await webhooks.enqueue(self.arq, result.deliveries)
         except Exception as exc:
-            log.warning("webhooks.enqueue_failed", deliveries=len(result.deliveries), error=repr(exc))
+            log.warning("webhooks.enqueue_failed", deliveries=len(result.deliveries), error=exc)
 
     def _log_skipped(self, result: store.BatchResult) -> None:
         # the link cache is kept by the management writes, the refresh cron and the edge's

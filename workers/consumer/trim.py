@@ -187,7 +187,7 @@ async def trim(
             n = await _xtrim(redis, stream, _fmt(minid), exact or stream in retired)
         except ResponseError as exc:
             # one partition's trouble is not the round's: the others are still trimmed
-            log.warning("trim.failed", stream=stream, error=str(exc))
+            log.warning("trim.failed", stream=stream, error=exc)
             continue
         if n:
             removed[stream] = n

@@ -69,7 +69,7 @@ class Claims:
         try:
             return set(ids) - await self.hold(stream, ids)
         except Exception as exc:
-            log.debug("claim_refresh_failed", stream=stream, error=repr(exc))
+            log.debug("claim_refresh_failed", stream=stream, error=exc)
             return set()
 
     async def hold(self, stream: str, ids: list[str]) -> set[str]:
@@ -91,7 +91,7 @@ class Claims:
                 chunk: list[Any] = ids[i : i + CHUNK]
                 await self.redis.xclaim(stream, self.group, self.name, 0, chunk, idle=HAND_BACK_IDLE_MS, justid=True)
         except Exception as exc:
-            log.warning("hand_back_failed", stream=stream, error=repr(exc))
+            log.warning("hand_back_failed", stream=stream, error=exc)
 
 
 def id_after(stream_id: Any) -> str:

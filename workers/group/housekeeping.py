@@ -65,4 +65,4 @@ async def _safely(what: str, step: Awaitable[Any]) -> None:
     try:
         await step
     except Exception as exc:
-        log.warning("housekeeping.failed", task=what, error=repr(exc))
+        log.warning("housekeeping.failed", task=what, error=exc)

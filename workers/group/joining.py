@@ -66,7 +66,7 @@ async def join(
                 raise
             cancelled_meanwhile()
             if reason != waiting:  # one line per state, not per retry
-                log.warning("group.waiting", group=group, stream=stream, reason=reason, error=repr(exc))
+                log.warning("group.waiting", group=group, stream=stream, reason=reason, error=exc)
                 waiting = reason
                 gate.block(p, reason)
             if stopping():
@@ -89,7 +89,7 @@ async def leave(
         async with asyncio.timeout(LEAVE_WITHIN_S):
             await _forget(redis, keys, group, name, presence_name, joined)
     except Exception as exc:
-        log.warning(f"{role}.leave_failed", error=repr(exc))
+        log.warning(f"{role}.leave_failed", error=exc)
 
 
 async def _forget(redis: Redis, keys: Keys, group: str, name: str, presence_name: str, joined: Iterable[int]) -> None:

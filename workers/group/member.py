@@ -115,7 +115,7 @@ class Member:
         try:
             span = (await self.watch.read()).span
         except Exception as exc:  # Redis away: REFSTREAM_PARTITIONS until it answers
-            log.warning(f"{self.role}.layout_unread", error=repr(exc))
+            log.warning(f"{self.role}.layout_unread", error=exc)
             span = self.watch.layout.span
         log.info(f"{self.role}.start", consumer=self.name, group=self.group, partitions=span, drain=drain)
         self._drain = drain
@@ -254,7 +254,7 @@ class Member:
                 cancelled_meanwhile()
                 reason = redis_outage(exc) or "error"
                 if reason != failure:
-                    log.warning(f"{self.role}.read_failed", stream=stream, reason=reason, error=repr(exc))
+                    log.warning(f"{self.role}.read_failed", stream=stream, reason=reason, error=exc)
                     failure = reason
                 self._backlog[p], self._cursor[p] = True, "0"  # a read may have been delivered, its reply lost
                 await backoff.sleep()
@@ -280,7 +280,7 @@ class Member:
                 await part.settle()
             except BatchOutage as exc:
                 if exc.reason != failure:
-                    log.warning(f"{self.role}.held", stream=stream, reason=exc.reason, error=str(exc)[:300])
+                    log.warning(f"{self.role}.held", stream=stream, reason=exc.reason, error=exc)
                     failure = exc.reason
                 self.gate.block(p, exc.reason)
                 if self._stopping:

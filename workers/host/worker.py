@@ -262,7 +262,7 @@ class ResilientWorker(Worker):
             if reason is None:
                 raise
             if reason != self._outage_reason:  # one line per state, not per poll
-                log.warning("arq.redis_unavailable", reason=reason, error=repr(exc))
+                log.warning("arq.redis_unavailable", reason=reason, error=exc)
                 self._outage_reason = reason
             await self._outage.sleep()
         else:
@@ -287,7 +287,7 @@ class ResilientWorker(Worker):
         except Exception as exc:
             if redis_outage(exc) is None:
                 raise
-            log.warning("arq.close_failed", error=repr(exc))
+            log.warning("arq.close_failed", error=exc)
             if self.on_shutdown:
                 await self.on_shutdown(self.ctx)
 

@@ -107,7 +107,7 @@ class LiveBacklog:
                         oldest = min(oldest, parse_id(unread[0][0])[0]) if unread else oldest
         except (*REDIS_ERRORS, KeyError) as exc:
             if not self._failing:
-                log.warning("import.backlog_unread", error=repr(exc))
+                log.warning("import.backlog_unread", error=exc)
             self._failing = True
             return Waiting()
         self._failing = False

@@ -277,7 +277,7 @@ async def _write(
             raise
         # poison the workers met (and dead-lettered) before: halve until it fails alone
         if len(envelopes) == 1:
-            log.error("replay.refused", event_id=str(envelopes[0].event_id), error=repr(exc))
+            log.error("replay.refused", event_id=str(envelopes[0].event_id), error=exc)
             part.failed += 1
             return []
         mid = len(envelopes) // 2

@@ -161,7 +161,7 @@ async def convert(request: web.Request) -> web.Response:
                 ("SET", idem, conversion_id, "NX", "EX", IDEMPOTENCY_TTL_S), ("GET", idem)
             )
         except (NotSent, OutcomeUnknown) as exc:  # the conversion is appended: never refused now; this id stands
-            log.warning("conversion_id.not_remembered", error=str(exc))
+            log.warning("conversion_id.not_remembered", error=exc)
     out = BricqsConverted(
         converted=True,
         referrer_id=link.affiliate_external_id,
