@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from ingest.contract import clicks
+from ingest.contract import clicks, wire
 from ingest.contract.connections import connect_redis
 from ingest.contract.errors import NotSent, OutcomeUnknown, Unknown
 from ingest.contract.events import uuid7
@@ -225,6 +225,61 @@ async def test_short_of_replicas_the_edge_spools_what_it_sent_and_refuses_the_re
 
             await wait_for(keyed_accepted, timeout=20, what="keyed events accepted once a replica is back")
     finally:
+        procs.stop_all()
+
+
+async def test_short_of_replicas_a_dub_browsers_repeat_answers_its_spooled_first_click(
+    settings: Settings, servers, tmp_path: Path
+):
+    """A Dub click the edge spools without having sent it (the durability breaker open: no
+    replica confirms writes) names itself for its browser in Redis all the same, so the
+    browser's repeat answers its id instead of counting a second click (the generative
+    test's seeds 1848871517 and 1800179931)."""
+    primary = await servers()
+    own = settings.model_copy(update={"redis_url": primary.url})
+    keys = Keys(own.stream_prefix, own.partitions)
+    procs = Procs(own, tmp_path)
+    redis = aioredis.Redis.from_url(primary.url)
+    try:
+        ws = await procs.cli("workspace", "create", "Acme")
+        code = f"dur{secrets.token_hex(4)}"
+        link = ("link", "create", "--workspace", ws["workspace_id"], "--code", code, "--url", "https://shop.test/")
+        await procs.cli(*link)
+        # the spool's drain, which sends what it holds to the primary (its name for the browser
+        # too) even short of the level, kept from running while the test does
+        base = await procs.start_edge(
+            REFSTREAM_ACK_DURABILITY="replicas:1", REFSTREAM_ACK_WAIT_MS="100", REFSTREAM_SPOOL_DRAIN_EVERY_S="600"
+        )
+        click = {"domain": "shop.test", "key": code}
+
+        async def in_redis(click_id: str) -> bool:
+            for p in range(own.partitions):
+                for _, fields in await redis.xrange(keys.stream(p)):
+                    if clicks.mint(wire.from_entry(fields).event_id) == click_id:
+                        return True
+            return False
+
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/api/v1/referral/click/{code}") as r:
+                assert r.status == 200, await r.text()  # unconfirmed: the breaker opens
+            # a browser whose first click the breaker kept from Redis (one sent as the breaker's
+            # probe reached the primary, its name with it: another browser is tried)
+            for n in range(20):
+                browser = {"User-Agent": f"browser-{n}"}
+                async with http.post(f"{base}/track/click", json=click, headers=browser) as r:
+                    assert r.status == 200, await r.text()
+                    first = (await r.json())["clickId"]
+                if not await in_redis(first):
+                    break
+            else:
+                pytest.fail("every first click was sent as the breaker's probe")
+            async with http.post(f"{base}/track/click", json=click, headers=browser) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["clickId"] == first  # the repeat: the spooled click's id
+            async with http.get(f"{base}/metrics") as r:
+                assert 'refstream_events_accepted_total{dialect="dub",to="spool"}' in await r.text()
+    finally:
+        await redis.aclose()
         procs.stop_all()
 
 

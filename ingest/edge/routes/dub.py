@@ -34,6 +34,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from ingest.contract.connections import Command
 from ingest.contract.errors import NotSent, OutcomeUnknown
 from ingest.contract.events import Dialect
 from ingest.contract.fields import NoNul
@@ -249,9 +250,21 @@ async def track_click(request: web.Request) -> web.Response:
     if first is not None:  # the same browser's request a moment ahead of this one appended it
         return _clicked(first)
     made = accept.click(request, edge, Dialect.DUB, link, link.code, fields, ip=ip)
-    also = (*made.also, ("SET", seen_key, made.click_id, "EX", SEEN_CLICK_S), ("DEL", claim))
-    await enqueue.put(edge, made.envelope, link.code, *also, link=link, spool=True)
+    named = (("SET", seen_key, made.click_id, "EX", SEEN_CLICK_S), ("DEL", claim))
+    if not await enqueue.put(edge, made.envelope, link.code, *made.also, *named, link=link, spool=True):
+        await _name_spooled(edge, named)
     return _clicked(made.click_id)
+
+
+async def _name_spooled(edge: Edge, named: tuple[Command, ...]) -> None:
+    """A click the spool took (Redis short of the durability level, or refusing it) names
+    itself for its browser in Redis all the same, best effort and unconfirmed: its repeats
+    then answer its id while it waits in the spool, whose drain writes the name again. A
+    name Redis loses (a failover) or never takes (Redis down) lets a repeat count again."""
+    try:
+        await edge.batcher.execute(*named)
+    except (NotSent, OutcomeUnknown):
+        pass
 
 
 async def _first(edge: Edge, seen_key: str, claim: str) -> str | None:
@@ -260,7 +273,7 @@ async def _first(edge: Edge, seen_key: str, claim: str) -> str | None:
     or None: this request appends the browser's click. The first to take ``claim``
     (``SET NX``, ``CLAIM_MS``) appends, its round trip naming the click (``seen_key``) and
     letting the claim go; another waits for that name. A claim whose request died (or whose
-    click went to the spool) lapses: the next request appends a click of its own. None too
+    click went to the spool with no name Redis took) lapses: the next request appends a click of its own. None too
     when Redis cannot say (the click then goes to the spool, as one of its own)."""
     deadline = time.monotonic() + 3 * CLAIM_MS / 1000
     while True:
