@@ -104,10 +104,11 @@ def check(reply: object) -> None:
         raise reply
 
 
-def appended(edge: Edge, envelope: Envelope) -> None:
-    """``envelope`` went into Redis another way (``ingest.edge.lookup.CHECKED_APPEND``): count it."""
+def appended(edge: Edge, envelope: Envelope, to: str = "redis") -> None:
+    """``envelope`` accepted, into Redis (by any append: ``ingest.edge.lookup.CHECKED_APPEND``
+    too) or the spool (``to``): counted, and named on the request's lines from now on."""
     note_event(envelope.event_id)
-    edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
+    edge.metrics.accepted.labels(envelope.dialect, to).inc()
 
 
 async def to_spool(
@@ -137,7 +138,7 @@ async def to_spool(
         return first
     if maybe_applied is not None:
         log.info("append.settled_in_spool", event_id=str(envelope.event_id), error=maybe_applied)
-    edge.metrics.accepted.labels(envelope.dialect, "spool").inc()
+    appended(edge, envelope, "spool")
     return None
 
 
@@ -175,7 +176,6 @@ async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Comma
     when the spool refuses an event that is nowhere else: the caller must not answer 2xx.
     """
     command = xadd(edge.keys, envelope, routing_key)
-    note_event(envelope.event_id)  # the request's lines name its event
     try:
         replies = await edge.batcher.execute(command, *extra, durable=True)
     except (NotSent, OutcomeUnknown) as exc:
@@ -196,7 +196,7 @@ async def append(edge: Edge, envelope: Envelope, routing_key: str, *extra: Comma
             raise replies[0]
         await to_spool(edge, envelope, routing_key, extra)
         return False
-    edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
+    appended(edge, envelope)
     return True
 
 

@@ -23,8 +23,7 @@ from ingest.contract.connections import Command
 from ingest.contract.errors import NotSent, Outage, OutcomeUnknown
 from ingest.contract.events import Envelope
 from ingest.contract.links import LinkInfo
-from ingest.contract.logs import note_event
-from ingest.edge.enqueue import first_reply, never_sent, spool_or_unknown, suppressed, to_spool, unkept
+from ingest.edge.enqueue import appended, first_reply, never_sent, spool_or_unknown, suppressed, to_spool, unkept
 from ingest.edge.idempotency import Answer, Claim, Refuse, replay
 from ingest.edge.problem import Down
 
@@ -87,7 +86,6 @@ async def append_keyed(
     """
     if suppressed(edge, envelope, link):
         return None
-    note_event(envelope.event_id)
     # on a Redis Cluster whose partition count changed within the window: the key's earlier records first
     prepared = await edge.idem.prepare(edge.batcher, claim, routing_key, envelope, answer)
     if prepared.first is not None:
@@ -119,5 +117,5 @@ async def append_keyed(
             raise first
         await to_spool(edge, envelope, routing_key, extra, once=check)
         raise unkept(None, first)
-    edge.metrics.accepted.labels(envelope.dialect, "redis").inc()
+    appended(edge, envelope)
     return None
