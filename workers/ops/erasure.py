@@ -108,7 +108,7 @@ async def sweep(
         await erasure_redis.entries(redis, keys, streams, theirs, check, result)
         for s in (keys.dead, keys.dead + ":dropped"):
             await erasure_redis.letters(redis, keys, s, streams, redis_pending, check, result)
-        await erasure_redis.answers(redis, keys, theirs, check, result)
+        await erasure_redis.answers(redis, keys, theirs, check, result, high)
         await erasure_redis.fingerprints(redis, keys, theirs, check, result)
         result.entries_unread = erasure_redis.unread(streams, redis_pending)
         result.entries_waiting += result.entries_unread  # at least an entry waits in each

@@ -270,12 +270,23 @@ async def letters(
         await _handle(redis, keys, {s.partition: s for s in streams}, originals, check, result)
 
 
-async def answers(redis: Redis, keys: Keys, theirs: list[Theirs], check: Check, result: SweepResult) -> None:
+async def answers(
+    redis: Redis, keys: Keys, theirs: list[Theirs], check: Check, result: SweepResult, high: int | None = None
+) -> None:
     """The idempotency answers (``ingest.edge.idempotency.Answer``: fingerprint, status, JSON
-    body) of the people's own events, found by the index the edge files each record in
-    (``Keys.answers``: by its event's time and id) or, for a record an older edge did not
-    file, by the key's digest their stored event carries; each rewritten without them where
-    unchanged since, in its own workspace's terms."""
+    body) of the people's own events, each rewritten without them where unchanged since, in
+    its own workspace's terms. An event's key is known by the index the edge and a spool's
+    drain file each record in (``Keys.answers``: by its event's time and id; the digest of
+    its key) and by the key's digest its row carries (a keyed row's dedupe value; none for a
+    sale). Each key's records are read in every partition up to ``high`` (default: the
+    current count), named and not (``Keys.idempotent``): a key's records sit where the
+    partition count of the moment put them, and the index entry of the stored event may
+    name another partition than its record's (a drain's filing after a count change names
+    the partition it routed to, while the key's record, which its script found, was an
+    earlier count's), or be missing (a filing lost beside its record, or an edge that filed
+    none), and a retried key's record may be another attempt's. A few names per keyed event
+    of theirs: what they own, never every record."""
+    partitions = range(max(high or 0, keys.partitions))
     for t in theirs:
         if not t.events:
             continue
@@ -284,17 +295,24 @@ async def answers(redis: Redis, keys: Keys, theirs: list[Theirs], check: Check, 
         oldest = await redis.zrange(index, 0, 0, withscores=True)
         floor = int(oldest[0][1]) if oldest else None
         for e in t.events:
-            filed = []
+            digests = set()
             if floor is not None and e.ms >= floor:
                 for member in await redis.zrangebyscore(index, e.ms, e.ms):
                     if (parsed := erasure_index.parse_answer(member)) is not None and parsed[0] == e.event_id.hex:
-                        _, p, digest, named = parsed
-                        filed.append(keys.idempotent(digest, p, t.workspace_id if named else None))
-            if not filed and e.dedupe is not None and e.hint is not None:  # an older edge's record
-                filed += [keys.idempotent(e.dedupe, e.hint, t.workspace_id), keys.idempotent(e.dedupe, e.hint)]
-            records.update(filed)
-        for name in sorted(records):
-            raw = await redis.get(name)
+                        digests.add(parsed[2])
+            if e.dedupe is not None:
+                digests.add(e.dedupe)
+            for digest in digests:
+                for p in partitions:
+                    records.update((keys.idempotent(digest, p, t.workspace_id), keys.idempotent(digest, p)))
+        names = sorted(records)
+        raws: list[Any] = []
+        for i in range(0, len(names), _PAGE):  # read in pipelines: a round trip a page of names
+            pipe: Any = redis.pipeline(transaction=False)
+            for name in names[i : i + _PAGE]:
+                pipe.get(name)
+            raws += await pipe.execute()
+        for name, raw in zip(names, raws, strict=True):
             if raw is None or len(raw) < 35 or raw[35:36] not in (b"{", b"["):
                 continue  # gone, a reservation, or an answer sealed for a management write (never in clear)
             try:

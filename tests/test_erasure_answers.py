@@ -1,0 +1,124 @@
+"""An erasure's sweep reaches every idempotency record of the person's keyed events
+(``workers.ops.erasure_redis.answers``), wherever the partition count of the moment put it
+and whichever filing names it (the generative test's seed 376051469: a keyed Affixo
+conversion answered 503 three times and then 200, a partition count changed, and after the
+sweeps the key's record still named the erased customer)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from ingest.contract import erasure_index, layout, wire
+from ingest.contract.keys import Keys
+from ingest.contract.settings import Settings
+from ingest.spool.spool import Spool
+from ingest.spool.store import Once
+from workers.ops import erasure
+
+from ._world import World, call
+from .test_erasure import erase_key
+from .test_seed_004_refport import lead_body, new_click
+
+WINDOW_MS = 60_000
+
+
+async def _record(redis: Any, keys: Keys, world: World, external: str) -> str:
+    """The one record of the workspace's that names ``external`` (a test may scan)."""
+    names = [
+        k.decode()
+        async for k in redis.scan_iter(match=f"{keys.prefix}:idk:*{world.workspace_id}:*")
+        if external.encode() in (await redis.get(k) or b"")
+    ]
+    assert len(names) == 1, names
+    return str(names[0])
+
+
+def _other_count(routing: str, keys: Keys, partition: int) -> int:
+    """A count above the current one under which ``routing`` goes to another partition."""
+    return next(n for n in range(keys.partitions + 1, 64) if keys.partition_for(routing, n) != partition)
+
+
+async def _erase(edge: str, pg: asyncpg.Pool, redis: Any, keys: Keys, world: World, external: str) -> None:
+    eraser = await erase_key(pg, redis, keys, world, ["erase"])
+    status, out, _ = await call(
+        "DELETE", f"{edge}/v1/customers/{external}", headers={"Authorization": f"Bearer {eraser}"}
+    )
+    assert status == 202, out
+
+
+async def test_a_keyed_leads_record_unfiled_is_reached_after_a_partition_count_change(
+    edge: str, world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    """A keyed lead's record whose filing is lost (a full Redis refuses the index's ZADD
+    beside the script that went in, or an edge that filed none): the sweep knows the key by
+    the digest its row carries, and the partition count changed since the record was
+    written. Its record was looked for only in the partition the current count gives."""
+    external = f"cust-{secrets.token_hex(4)}"
+    signed = lead_body(await new_click(edge), customerExternalId=external, customerEmail=f"{external}@example.com")
+    headers = {"Authorization": f"Bearer {world.api_key}", "Idempotency-Key": f"k-{secrets.token_hex(4)}"}
+    status, led, _ = await call("POST", f"{edge}/api/track/lead", json=signed, headers=headers)
+    assert status == 200, led
+    await drain()
+    record = await _record(redis, keys, world, external)
+    assert await redis.delete(keys.answers(world.workspace_id)) == 1  # the filing lost
+    code = await pg.fetchval(
+        "SELECT l.code FROM events e JOIN links l ON l.id = e.link_id WHERE e.customer_external_id = $1", external
+    )
+    n = _other_count(code, keys, Keys.record_partition(record) or 0)
+    await layout.set_count(redis, keys, keys.partitions, n, window_ms=WINDOW_MS)
+    await _erase(edge, pg, redis, keys, world, external)
+
+    swept = await erasure.sweep(pg, redis, Keys(settings.stream_prefix, n), None)
+    assert swept.answers_rewritten == 1, swept
+    raw = await redis.get(record)
+    assert raw is not None and external.encode() not in raw, raw
+
+
+async def test_a_keyed_sales_record_that_a_drains_filing_names_elsewhere_is_reached(
+    edge: str, world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any, tmp_path: Path
+) -> None:
+    """Seed 376051469's shape: a keyed Affixo conversion appended (its record where the count
+    of the moment put it), its filing lost beside it, and the copy the edge spooled when it
+    could not tell the outcome drained after the partition count changed: its script finds
+    the key's record where the earlier count put it, and the drain files the stored event
+    under the partition it routed to, where no record is. No row keeps a sale's key: the
+    sweep read the index's partition alone, and the record kept the customer."""
+    external = f"cust-{secrets.token_hex(4)}"
+    body = {"customer_id": external, "amount": 4900, "currency": "usd"}
+    headers = {"Authorization": f"Bearer {world.api_key}", "Idempotency-Key": f"k-{secrets.token_hex(4)}"}
+    status, sold, _ = await call("POST", f"{edge}/v1/track/conversion", json=body, headers=headers)
+    assert status == 200, sold
+    record = await _record(redis, keys, world, external)
+    before = Keys.record_partition(record)
+    assert before is not None
+    entries = await redis.xrange(keys.stream(before))
+    (envelope,) = [e for _, f in entries if str((e := wire.from_entry(f)).event_id) == sold["conversion_id"]]
+    await drain()
+    assert await pg.fetchval("SELECT count(*) FROM sales WHERE event_id = $1", envelope.event_id) == 1
+    assert await redis.delete(keys.answers(world.workspace_id)) == 1  # the filing lost
+    routing = envelope.routing_key()
+    assert routing is not None
+    n = _other_count(routing, keys, before)
+    await layout.set_count(redis, keys, keys.partitions, n, window_ms=WINDOW_MS)
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    try:
+        once = Once(record, await redis.get(record), WINDOW_MS)
+        assert await spool.append(keys.stream(before), wire.to_blob(envelope), once=once) is None
+        spool._layout = layout.Watch(redis, Keys(settings.stream_prefix, n), n)  # as the edge's drain follows it
+        assert await spool.drain(redis) == 1
+    finally:
+        await spool.close()
+    filed = [erasure_index.parse_answer(m) for m in await redis.zrange(keys.answers(world.workspace_id), 0, -1)]
+    after = keys.partition_for(routing, n)
+    assert [(f[0], f[1]) for f in filed if f] == [(envelope.event_id.hex, after)], filed
+    assert not await redis.exists(record.replace(f":idk:{{{before}}}:", f":idk:{{{after}}}:"))
+    await _erase(edge, pg, redis, keys, world, external)
+
+    swept = await erasure.sweep(pg, redis, Keys(settings.stream_prefix, n), None)
+    assert swept.answers_rewritten == 1, swept
+    raw = await redis.get(record)
+    assert raw is not None and external.encode() not in raw, raw
