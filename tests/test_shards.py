@@ -343,3 +343,101 @@ async def test_a_click_taken_without_its_link_is_stored_on_the_links_shard(
     finally:
         await pipeline.placement.close()
         await pool.close()
+
+
+EMAIL_FAR = "far.customer@example.com"
+IP_FAR = "203.0.113.71"
+
+
+async def _erased_on_b(procs: Procs, s: Settings, shard_url: str, code: str) -> Envelope:
+    """A workspace on shard b with a link, and a lead of its customer ``cust-far-1``, who is
+    then erased (the erasure in shard b's ledger): the lead, made before the erasure."""
+    from ingest.contract.events import Dialect
+    from ingest.privacy import erasure as pg_erasure
+
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    ws = await procs.cli("workspace", "create", "Far", "--shard", "b")
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", code)
+    lead = Envelope(
+        EventType.LEAD,
+        Dialect.REFPORT,
+        {"code": code, "external_id": "cust-far-1", "email": EMAIL_FAR},
+        ws["workspace_id"],
+        IP_FAR,
+        "Mozilla/5.0",
+    )
+    shard = await create_pg_pool(s.model_copy(update={"database_url": shard_url}), min_size=1, max_size=2)
+    try:
+        await pg_erasure.erase(shard, ws["workspace_id"], "cust-far-1", by="test", archive_days=30)
+    finally:
+        await shard.close()
+    return lead
+
+
+def _kept_far(held: bytes) -> list[bytes]:
+    return [v for v in (b"cust-far-1", EMAIL_FAR.encode(), IP_FAR.encode()) if v in held]
+
+
+async def test_a_spool_drains_an_erased_customers_event_scrubbed_by_their_shards_ledger(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], redis: aioredis.Redis
+) -> None:
+    """An event an edge spooled drains after its customer's erasure: scrubbed by the ledger
+    of the shard their workspace is on (the erasure is in that shard's ledger alone), not
+    by the directory's. The edge drains, at its start, what the spool holds."""
+    from ingest.contract import wire
+    from ingest.spool.spool import Spool
+
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    keys = Keys(s.stream_prefix, s.partitions)
+    procs = Procs(s, tmp_path)
+    try:
+        code = "farcode1"
+        spool_dir = tmp_path / "edge-spool"
+        spool = Spool(spool_dir, max_bytes=10_000_000)
+        lead = await _erased_on_b(procs, s, shard_url, code)
+        await spool.append(keys.stream_for(code), wire.to_blob(lead))
+        await spool.close()
+        await procs.start_edge(REFSTREAM_SPOOL_DIR=str(spool_dir))
+
+        async def drained() -> dict[bytes, bytes] | None:
+            entries = await redis.xrange(keys.stream_for(code))
+            return next((f for _, f in entries if wire.from_entry(f).event_id == lead.event_id), None)
+
+        fields = await wait_for(drained, timeout=30, what="the spooled lead drained")
+        assert _kept_far(b"\x00".join(v for kv in fields.items() for v in kv)) == [], fields
+        assert erasure.is_pseudonym(wire.from_entry(fields).payload["external_id"])
+    finally:
+        procs.stop_all()
+
+
+async def test_an_archiver_scrubs_an_erased_customers_entry_by_their_shards_ledger(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], redis: aioredis.Redis
+) -> None:
+    """An entry of a customer erased on shard b, archived: the segment holds it scrubbed
+    (the archiver checks each entry against its workspace's shard's ledger)."""
+    from workers.archive import erased
+    from workers.archive import segment as seg
+    from workers.archive.archiver import Archiver
+    from workers.archive.store import LocalStore
+
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url, "archive_url": f"file://{tmp_path / 'archive'}"})
+    keys = Keys(s.stream_prefix, s.partitions)
+    procs = Procs(s, tmp_path)
+    store = LocalStore(str(tmp_path / "archive"))
+    try:
+        code = "farcode2"
+        lead = await _erased_on_b(procs, s, shard_url, code)
+        archiver = Archiver(s, redis, store, name="a1")
+        await archiver.ensure_groups()
+        await redis.xadd(keys.stream_for(code), erased.fields_of(lead))  # type: ignore[arg-type]
+        await asyncio.wait_for(archiver.run(drain=True), 60)
+        await archiver.close()
+        lines = [line for key in await store.list(s.stream_prefix + "/") for line in seg.read(await store.get(key))[1]]
+        assert len(lines) == 1, lines
+        held = (lines[0].envelope or b"") + b"\x00".join((lines[0].fields or {}).values())
+        assert _kept_far(held) == [], held
+    finally:
+        procs.stop_all()

@@ -178,49 +178,76 @@ class LedgerUnavailable(Outage):
 Check = Callable[[list[Envelope]], Awaitable[dict[int, Envelope]]]
 
 
+# the pools whose ledgers hold each envelope's workspace's: indexes of the envelopes by pool
+Split = Callable[[list[Envelope]], Awaitable[dict[asyncpg.Pool, list[int]]]]
+
+
 @asynccontextmanager
-async def held(pool: asyncpg.Pool) -> AsyncIterator[Check]:
+async def held(pool: asyncpg.Pool, split: Split | None = None) -> AsyncIterator[Check]:
     """The ledger's check for a writer outside the workers (a spool's drain, an import): in
     a transaction holding the ledger's lock shared until the block ends, so that what the
     block appends is in Redis before an erasure's fence returns, and found by its sweep.
+    With ``split`` (workspaces on several shards), each envelope is checked against its own
+    workspace's shard's ledger, whose lock is held there from the first such check to the
+    block's end: an erasure is in the ledger of its workspace's shard alone.
     Raises ``LedgerUnavailable`` while Postgres is away."""
-    try:
-        conn = await pool.acquire()
-    except PG_ERRORS as exc:
-        raise LedgerUnavailable(repr(exc)) from exc
-    tr = conn.transaction()
-    try:
+    held_on: dict[asyncpg.Pool, tuple[asyncpg.Connection, Any]] = {}
+
+    async def on(p: asyncpg.Pool) -> asyncpg.Connection:
+        if p in held_on:
+            return held_on[p][0]
+        try:
+            conn = await p.acquire()
+        except PG_ERRORS as exc:
+            raise LedgerUnavailable(repr(exc)) from exc
+        tr = conn.transaction()
+        held_on[p] = (conn, tr)
         try:
             await tr.start()
         except Exception as exc:
             if not pg_unavailable(exc):
                 raise
             raise LedgerUnavailable(repr(exc)) from exc
+        return conn
 
-        async def check(envelopes: list[Envelope]) -> dict[int, Envelope]:
+    async def check(envelopes: list[Envelope]) -> dict[int, Envelope]:
+        out: dict[int, Envelope] = {}
+        try:
+            parts = await split(envelopes) if split is not None else {pool: list(range(len(envelopes)))}
+        except (*PG_ERRORS, asyncpg.PostgresError) as exc:  # the directory away
+            raise LedgerUnavailable(repr(exc)) from exc
+        for p, indexes in parts.items():
+            conn = await on(p)
+            part = [envelopes[i] for i in indexes]
             try:
-                ledger = await Ledger.read(conn, envelopes)
-                named = [(i, e) for i, e in enumerate(envelopes) if ledger.names(e)]
+                ledger = await Ledger.read(conn, part)
+                named = [(i, e) for i, e in zip(indexes, part, strict=True) if ledger.names(e)]
                 if named:  # what these teach the ledger (a spooled lead's click)
                     await learn(conn, ledger.key, [(e, ledger.workspace(e)) for _, e in named])
             except (*PG_ERRORS, asyncpg.PostgresError) as exc:
                 raise LedgerUnavailable(repr(exc)) from exc
-            return {i: scrub(ledger.key, e, ledger.workspace(e)) for i, e in named}
+            out.update({i: scrub(ledger.key, e, ledger.workspace(e)) for i, e in named})
+        return out
 
+    try:
+        await on(pool)
         try:
             yield check
         except BaseException:
-            with contextlib.suppress(Exception):
-                await tr.rollback()
+            for _, tr in held_on.values():
+                with contextlib.suppress(Exception):
+                    await tr.rollback()
             raise
-        try:
-            await tr.commit()
-        except Exception as exc:  # read-only, the session ended, the connection closed
-            if not pg_unavailable(exc):
-                raise
-            raise LedgerUnavailable(repr(exc)) from exc
+        for _, tr in held_on.values():
+            try:
+                await tr.commit()
+            except Exception as exc:  # read-only, the session ended, the connection closed
+                if not pg_unavailable(exc):
+                    raise
+                raise LedgerUnavailable(repr(exc)) from exc
     finally:
-        try:
-            await pool.release(conn)
-        except (*PG_ERRORS, asyncpg.InterfaceError):
-            pass
+        for p, (conn, _) in held_on.items():
+            try:
+                await p.release(conn)
+            except (*PG_ERRORS, asyncpg.InterfaceError):
+                pass

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ingest.contract import clock, erasure, heap, links
 from ingest.contract.connections import Redis, connect_redis, create_pg_pool
 from ingest.contract.drops import DropTally
+from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Watch
 from ingest.contract.logs import AccessLog
@@ -30,6 +31,7 @@ from ingest.host import health, openapi
 from ingest.host.guard import GUARD, ConnectionGuard
 from ingest.host.siblings import SIBLINGS
 from ingest.host.wrap import Frame
+from ingest.ledger.placement import Placement
 from ingest.link.durability import Durability
 from ingest.manage.routes import bricqs as bricqs_manage
 from ingest.manage.routes import commissions, privacy, reads, stats, webhooks
@@ -62,15 +64,20 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     watch.start(make=True)
     await watch.ready()
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, durability=durability)
+    placement = Placement.over(settings, pg, max_size=4)  # where each workspace's rows (and ledger) are
+
+    async def ledgers(envelopes: list[Envelope]) -> dict[asyncpg.Pool, list[int]]:
+        return await placement.by_pool([e.workspace_id for e in envelopes])
+
     spool.start(  # also drains what a previous run left; an erased person's rows go scrubbed
         redis,
         every_s=settings.spool_drain_every_s,
         reached=batcher.down.probe_now,
         layout=watch,
-        ledger=lambda: erasure.held(pg),
+        ledger=lambda: erasure.held(pg, ledgers),
     )
     metrics.watch_spool(spool)
-    app[EDGE] = edge = _edge(settings, keys, redis, batcher, pg, spool, metrics, watch, durability)
+    app[EDGE] = edge = _edge(settings, keys, redis, batcher, pg, spool, metrics, watch, durability, placement)
     edge.drops.start()
     edge.suppress.start(edge.shards, settings.suppression_refresh_s)
     heap.settle_once(EDGE_YOUNG)  # everything startup built is made: out of the collector's sight
@@ -118,6 +125,7 @@ def _edge(
     metrics: EdgeMetrics,
     watch: Watch,
     durability: Durability,
+    placement: Placement,
 ) -> Edge:
     """The edge's state over what ``_resources`` opened: the key cache, the rate limiters,
     the drops' tally, the idempotency keys and the scripts the requests run."""
@@ -143,6 +151,7 @@ def _edge(
             cluster=settings.redis_cluster,
             layout=lambda: watch.layout,
         ),
+        placement=placement,
         checked_append=None
         if settings.redis_cluster or durability.waits
         else batcher.script(lookup.CHECKED_APPEND, keeps_memo=True),

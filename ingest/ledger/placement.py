@@ -238,6 +238,13 @@ class Placement:
             parts.setdefault(await self.shard_of(workspace(item)), []).append(item)
         return parts
 
+    async def by_pool(self, workspaces: list[str | None]) -> dict[asyncpg.Pool, list[int]]:
+        """The indexes of ``workspaces`` by the pool of the shard each is on (``default``'s
+        for None), a moving workspace's its source's until the switch: where a reader of
+        each one's rows (the erasure ledger's) goes."""
+        parts = await self.split(range(len(workspaces)), lambda i: workspaces[i])
+        return {await self.pool_of(name): indexes for name, indexes in parts.items()}
+
     @contextlib.asynccontextmanager
     async def writing(self, workspace_id: str) -> AsyncIterator[None]:
         """Around a write of ``workspace_id``'s rows outside the workers (the management

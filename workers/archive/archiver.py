@@ -51,6 +51,7 @@ import structlog
 from ingest.contract.connections import Redis, create_pg_pool, pg_outage
 from ingest.contract.keys import Keys, parse_id
 from ingest.contract.settings import Settings
+from ingest.ledger.placement import Placement
 from workers.archive import erased
 from workers.archive import segment as seg
 from workers.archive.store import ArchiveLocked, ArchiveUnavailable, Store
@@ -79,7 +80,8 @@ class Archiver:
         self.store = store
         self.name = name
         self.totals = Totals()
-        self._pg: asyncpg.Pool | None = None  # the erasure ledger's (made at the first segment)
+        self._pg: asyncpg.Pool | None = None  # the directory's (made at the first segment)
+        self._placement: Placement | None = None  # each workspace's shard: its erasure ledger's
         # how long a write waits for another archiver's on its partition before it counts as
         # an outage (the segment held, status showing why): half the claims' idle time
         self._lock_wait_s = settings.claim_idle_ms / 2000
@@ -163,8 +165,9 @@ class Archiver:
         try:
             if self._pg is None:
                 self._pg = await create_pg_pool(self.settings, min_size=1, max_size=2)
-            async with self._pg.acquire() as conn:
-                out, n = await erased.scrubbed(conn, rows, met=True)
+                self._placement = Placement.over(self.settings, self._pg, max_size=2)
+            assert self._placement is not None
+            out, n = await erased.scrubbed_by_shard(self._placement.by_pool, rows, met=True)
         except Exception as exc:
             if (reason := pg_outage(exc)) is None:
                 raise
@@ -175,6 +178,9 @@ class Archiver:
 
     async def close(self) -> None:
         """Let go of the ledger's connections."""
+        if self._placement is not None:
+            await self._placement.close()
+            self._placement = None
         if self._pg is not None:
             await self._pg.close()
             self._pg = None

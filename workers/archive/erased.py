@@ -11,6 +11,7 @@ where it is met, as a worker storing it would learn it.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -67,3 +68,24 @@ async def scrubbed(conn: asyncpg.Connection, rows: list[Row], *, met: bool) -> t
         sid, before = rows[i]
         out[i] = (sid, as_entry(before, s))
     return out, len(hits)
+
+
+# the pools whose ledgers hold each workspace's (``ingest.ledger.placement.Placement.by_pool``)
+ByPool = Callable[[list[str | None]], Awaitable[dict[asyncpg.Pool, list[int]]]]
+
+
+async def scrubbed_by_shard(by_pool: ByPool, rows: list[Row], *, met: bool) -> tuple[list[Row], int]:
+    """``scrubbed``, each entry against the ledger of its workspace's shard: an erasure is
+    in the ledger of its workspace's shard alone."""
+    found = decoded(rows)
+    if not found:
+        return rows, 0
+    out, n = list(rows), 0
+    for pool, indexes in (await by_pool([e.workspace_id for _, e in found])).items():
+        at = [found[k][0] for k in indexes]
+        async with pool.acquire() as conn:
+            part, m = await scrubbed(conn, [rows[i] for i in at], met=met)
+        for i, row in zip(at, part, strict=True):
+            out[i] = row
+        n += m
+    return out, n
