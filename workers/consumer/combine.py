@@ -41,6 +41,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from uuid import UUID
 
 from ingest.contract.events import Envelope
 from workers.consumer.store import BatchResult
@@ -128,8 +129,26 @@ class Combiner:
                 for a in take:
                     a.done.cancel()
                 raise
+            if result is not None and (shared := _shared(take)):
+                # an event read from two partitions (a copy appended under another partition
+                # count) is stored once here, and no batch alone sees it twice: a copy to every
+                # batch that holds it, so each files its entry (``Pipeline._filed``); an
+                # erasure's sweep stops at the first entry of an event it finds by its time
+                # that was not filed
+                result.copies = result.copies | shared
             for a in take:
                 if not a.done.done():  # its caller gone: the counts go to the next one
                     a.done.set_result(result)
                     if result is not None:  # which events had no row, or one already: every batch's to know
                         result = BatchResult(joined=True, rowless=result.rowless, copies=result.copies)
+
+
+def _shared(take: list[_Ask]) -> set[UUID]:
+    """The events of more than one of ``take``'s batches."""
+    seen: set[UUID] = set()
+    shared: set[UUID] = set()
+    for a in take:
+        ids = {e.event_id for e in a.envelopes}
+        shared |= ids & seen
+        seen |= ids
+    return shared

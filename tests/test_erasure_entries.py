@@ -1,0 +1,143 @@
+"""An erased person's click with two stream entries in two partitions (docs/privacy.md, *An
+erasure*): the edge appended it under one partition count, and a copy (a spool's resend,
+an append whose outcome was unknown) went under the next one, to its code's partition
+then. Both are near the click's time. The workers store one and file what they see as a
+copy (``ingest.contract.erasure_index``); the sweep finds the other by the click's time.
+After the lead that names the click is erased and the sweep is done, no stream entry holds
+the click's referrer (the generative test's ``erased_kept``, "a click's stream entry":
+seeds 124262877, 597311485, 1732886679, 1194045669, each of which changed the partition
+count while it ran).
+
+Real Redis and Postgres; the worker's pipeline is driven batch by batch, as its consumer
+would read them (``XREADGROUP``), so the order of the stores is the test's."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any
+
+import asyncpg
+
+from ingest.contract import clicks, wire
+from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.contract.keys import GROUP, Keys
+from ingest.contract.settings import Settings
+from ingest.privacy import erasure as pg_erasure
+from workers.consumer.pipeline import Batch, Pipeline
+from workers.ops import erasure
+
+from ._world import World
+from .conftest import wait_for
+from .test_erasure import IP, Person
+
+UA = "Mozilla/5.0 (X11; Linux x86_64) Firefox/125.0"
+
+
+def _click(world: World, referrer: str) -> Envelope:
+    e = Envelope(EventType.CLICK, Dialect.AFFITOR, {}, world.workspace_id, IP, UA)
+    click_id = clicks.mint(e.event_id)
+    e.payload.update({"code": world.link["code"], "click_id": click_id, "visitor_id": click_id, "referrer": referrer})
+    return e
+
+
+def _lead(world: World, click: Envelope, p: Person) -> Envelope:
+    payload = {
+        "code": world.link["code"],
+        "click_id": click.payload["click_id"],
+        "visitor_id": click.payload["visitor_id"],
+        "name": "Sign Up",
+        "external_id": p.external_id,
+        "email": p.email,
+    }
+    return Envelope(EventType.LEAD, Dialect.REFPORT, payload, world.workspace_id, IP, UA)
+
+
+async def _read(redis: Any, keys: Keys, p: int, envelopes: list[Envelope]) -> Batch:
+    """``envelopes`` appended to partition ``p`` and read by the workers' group, as a
+    consumer reads a batch."""
+    stream = keys.stream(p)
+    try:
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except Exception as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+    for e in envelopes:
+        await redis.xadd(stream, wire.to_entry_dict(e))
+    read = await redis.xreadgroup(GROUP, "test", {stream: ">"})
+    entries = [(sid, fields) for _, page in read for sid, fields in page]
+    assert len(entries) == len(envelopes), entries
+    return Batch(p, stream, entries)
+
+
+async def _holding(redis: Any, keys: Keys, needle: bytes) -> list[str]:
+    """The stream entries, of every partition the test wrote, that hold ``needle``."""
+    out = []
+    for p in range(keys.partitions):
+        for sid, fields in await redis.xrange(keys.stream(p)):
+            if any(needle in v for v in fields.values()):
+                out.append(f"{keys.stream(p)} {sid!r}")
+    return out
+
+
+async def _erased_and_swept(pg: asyncpg.Pool, redis: Any, keys: Keys, world: World, p: Person) -> None:
+    await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
+
+    async def swept() -> bool:
+        await erasure.sweep(pg, redis, keys, None)
+        return not [e for e in await erasure.status(pg) if "redis" in e["pending"]]
+
+    await wait_for(swept, what="Redis done for the erasure")
+
+
+async def test_a_clicks_stored_entry_in_its_old_partition_is_swept_beside_its_copy_in_its_new_one(
+    settings: Settings, redis: Any, pg: asyncpg.Pool, keys: Keys, world: World
+) -> None:
+    """The entry the workers stored first is in a partition of the old count; its copy,
+    in the code's partition now (where the sweep reads first), is filed as a copy. The
+    sweep found the copy by the click's time and stopped there: the stored entry kept the
+    referrer, and Redis was marked done."""
+    pipeline = Pipeline(settings, redis, pg)
+    p, referrer = Person(), f"https://ref.test/{secrets.token_hex(4)}"
+    click = _click(world, referrer)
+    now = keys.partition_for(world.link["code"])
+    then = next(q for q in range(keys.partitions) if q != now)
+    first = await _read(redis, keys, then, [click])
+    await pipeline.process(first)
+    copy = await _read(redis, keys, now, [click])
+    await pipeline.process(copy)
+    assert copy.result is not None and copy.result.copies == {click.event_id}, copy.result  # the test can fail
+    lead = await _read(redis, keys, now, [_lead(world, click, p)])
+    await pipeline.process(lead)
+    assert len(await _holding(redis, keys, referrer.encode())) == 2
+
+    await _erased_and_swept(pg, redis, keys, world, p)
+    assert await pg.fetchval("SELECT referrer FROM events WHERE event_id = $1", click.event_id) is None
+    assert await _holding(redis, keys, referrer.encode()) == []
+
+
+async def test_a_click_and_its_copy_stored_in_one_shared_transaction_are_both_swept(
+    settings: Settings, redis: Any, pg: asyncpg.Pool, keys: Keys, world: World
+) -> None:
+    """The two partitions' small batches, each with an entry of the click, stored together
+    in one transaction (``workers.consumer.combine``): the store keeps one row of the
+    event, and neither batch saw a copy, so neither was filed; the sweep found one by the
+    click's time and the other kept the referrer."""
+    pipeline = Pipeline(settings, redis, pg)
+    pipeline.combiner.expect = lambda: 2  # the gather ends once both batches came
+    pipeline.combiner.gather_s = 30.0
+    p, referrer = Person(), f"https://ref.test/{secrets.token_hex(4)}"
+    click = _click(world, referrer)
+    now = keys.partition_for(world.link["code"])
+    then = next(q for q in range(keys.partitions) if q != now)
+    batches = [await _read(redis, keys, q, [click]) for q in (then, now)]
+    await asyncio.gather(*(pipeline.process(b) for b in batches))
+    results = [b.result for b in batches]
+    assert sorted(r.joined for r in results if r is not None) == [False, True], results  # one transaction
+    pipeline.combiner.expect, pipeline.combiner.gather_s = (lambda: 1), 0.0
+    lead = await _read(redis, keys, now, [_lead(world, click, p)])
+    await pipeline.process(lead)
+    assert len(await _holding(redis, keys, referrer.encode())) == 2
+
+    await _erased_and_swept(pg, redis, keys, world, p)
+    assert await _holding(redis, keys, referrer.encode()) == []
