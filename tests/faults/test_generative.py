@@ -34,7 +34,7 @@ from ._gen.history import Attempt, History, Op, Unit
 from ._gen.judge import derived_problems
 from ._gen.ops import World, dub_click, dub_lead
 from ._gen.run import SeedResult, run_seed
-from ._gen.schedule import TOPOLOGIES, duration_from_env, seed_from_env
+from ._gen.schedule import TOPOLOGIES, duration_from_env, seeds_from_env
 from ._plan import Plan
 from ._servers import PgServer
 from ._stage import FIGURES
@@ -51,16 +51,17 @@ def _budget() -> float:
 
 
 def seeds(mode: str) -> Iterator[int]:
-    """REFSTREAM_GEN_SEED alone; else fresh seeds, alternating the topologies from one drawn at
-    random: one in short mode, as many as start within REFSTREAM_GEN_DURATION (or 5 min) in
-    full mode or when set."""
-    one = seed_from_env()
-    if one is not None:
-        yield one
-        return
-    rng = random.SystemRandom()
+    """REFSTREAM_GEN_SEED's seeds (one, or a comma-separated list) alone, or first when
+    REFSTREAM_GEN_DURATION is set too; else fresh seeds, alternating the topologies from one
+    drawn at random: one in short mode, as many as start within REFSTREAM_GEN_DURATION (or
+    5 min) in full mode or when set. A duration counts from the first seed's start."""
     duration = duration_from_env()
     deadline = time.monotonic() + (duration or FULL_DEFAULT_S)
+    given = seeds_from_env()
+    yield from given
+    if given and duration is None:
+        return
+    rng = random.SystemRandom()
     i = rng.randrange(len(TOPOLOGIES))  # the first seed's topology
     start = i
     while (i - start < SHORT_SEEDS) if mode == "short" and duration is None else time.monotonic() < deadline:
@@ -164,6 +165,16 @@ def _judge(op: Op, rows: list[dict[str, Any]], *others: Op) -> Counter[str]:
         mine = [r for r in rows if r["token"] == unit.token and unit.name in (None, r.get("name"))]
         checker._unit(op, i, unit, mine, by_event)
     return checker.a.counts()
+
+
+def test_the_seeds_given_run_alone_or_first_within_a_duration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REFSTREAM_GEN_SEED", "493051949, 1246373390")
+    monkeypatch.delenv("REFSTREAM_GEN_DURATION", raising=False)
+    assert list(seeds("full")) == [493051949, 1246373390]
+    monkeypatch.setenv("REFSTREAM_GEN_DURATION", "1h")
+    drawn = seeds("full")
+    first = [next(drawn) for _ in range(4)]
+    assert first[:2] == [493051949, 1246373390] and len(set(first)) == 4  # fresh seeds fill the hour
 
 
 def test_the_checker_flags_an_accepted_click_not_stored() -> None:

@@ -451,9 +451,9 @@ def _faults(
         t = at + rng.uniform(*ln.every) * spacing
 
 
-def seed_from_env() -> int | None:
-    raw = os.environ.get("REFSTREAM_GEN_SEED", "").strip()
-    return int(raw, 0) if raw else None
+def seeds_from_env() -> list[int]:
+    """``REFSTREAM_GEN_SEED``: a seed, or a comma-separated list of them; [] when unset."""
+    return [int(s.strip(), 0) for s in os.environ.get("REFSTREAM_GEN_SEED", "").split(",") if s.strip()]
 
 
 def only_from_env() -> frozenset[str]:
