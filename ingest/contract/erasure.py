@@ -47,7 +47,7 @@ from ingest.contract.erasure_ids import (
     scrub,
 )
 from ingest.contract.erasure_learn import CLICK_BEFORE_MS, first_ms, held_by_others, learn
-from ingest.contract.erasure_read import Check, Ledger, LedgerUnavailable, Then, held, then_after
+from ingest.contract.erasure_read import ByPool, Check, Ledger, LedgerUnavailable, Then, held, then_after
 from ingest.contract.erasure_redact import (
     CUSTOMER_DATA,
     OTHERS,
@@ -72,6 +72,7 @@ __all__ = [
     "PERSON_IDS",
     "PREFIX",
     "VISITOR",
+    "ByPool",
     "Check",
     "Ledger",
     "LedgerUnavailable",

@@ -178,16 +178,17 @@ class LedgerUnavailable(Outage):
 Check = Callable[[list[Envelope]], Awaitable[dict[int, Envelope]]]
 
 
-# the pools whose ledgers hold each envelope's workspace's: indexes of the envelopes by pool
-Split = Callable[[list[Envelope]], Awaitable[dict[asyncpg.Pool, list[int]]]]
+# the pool whose ledger holds each workspace's, as indexes of the workspaces by pool
+# (``ingest.ledger.placement.Placement.by_pool``)
+ByPool = Callable[[list[str | None]], Awaitable[dict[asyncpg.Pool, list[int]]]]
 
 
 @asynccontextmanager
-async def held(pool: asyncpg.Pool, split: Split | None = None) -> AsyncIterator[Check]:
+async def held(pool: asyncpg.Pool, by_pool: ByPool | None = None) -> AsyncIterator[Check]:
     """The ledger's check for a writer outside the workers (a spool's drain, an import): in
     a transaction holding the ledger's lock shared until the block ends, so that what the
     block appends is in Redis before an erasure's fence returns, and found by its sweep.
-    With ``split`` (workspaces on several shards), each envelope is checked against its own
+    With ``by_pool`` (workspaces on several shards), each envelope is checked against its own
     workspace's shard's ledger, whose lock is held there from the first such check to the
     block's end: an erasure is in the ledger of its workspace's shard alone.
     Raises ``LedgerUnavailable`` while Postgres is away."""
@@ -213,7 +214,8 @@ async def held(pool: asyncpg.Pool, split: Split | None = None) -> AsyncIterator[
     async def check(envelopes: list[Envelope]) -> dict[int, Envelope]:
         out: dict[int, Envelope] = {}
         try:
-            parts = await split(envelopes) if split is not None else {pool: list(range(len(envelopes)))}
+            workspaces = [e.workspace_id for e in envelopes]
+            parts = await by_pool(workspaces) if by_pool is not None else {pool: list(range(len(envelopes)))}
         except (*PG_ERRORS, asyncpg.PostgresError) as exc:  # the directory away
             raise LedgerUnavailable(repr(exc)) from exc
         for p, indexes in parts.items():

@@ -13,7 +13,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ingest.contract import clock, erasure, heap, links
 from ingest.contract.connections import Redis, connect_redis, create_pg_pool
 from ingest.contract.drops import DropTally
-from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.layout import Watch
 from ingest.contract.logs import AccessLog
@@ -65,16 +64,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await watch.ready()
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, durability=durability)
     placement = Placement.over(settings, pg, max_size=4)  # where each workspace's rows (and ledger) are
-
-    async def ledgers(envelopes: list[Envelope]) -> dict[asyncpg.Pool, list[int]]:
-        return await placement.by_pool([e.workspace_id for e in envelopes])
-
     spool.start(  # also drains what a previous run left; an erased person's rows go scrubbed
         redis,
         every_s=settings.spool_drain_every_s,
         reached=batcher.down.probe_now,
         layout=watch,
-        ledger=lambda: erasure.held(pg, ledgers),
+        ledger=lambda: erasure.held(pg, placement.by_pool),
     )
     metrics.watch_spool(spool)
     app[EDGE] = edge = _edge(settings, keys, redis, batcher, pg, spool, metrics, watch, durability, placement)

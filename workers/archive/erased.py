@@ -11,7 +11,6 @@ where it is met, as a worker storing it would learn it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -70,11 +69,7 @@ async def scrubbed(conn: asyncpg.Connection, rows: list[Row], *, met: bool) -> t
     return out, len(hits)
 
 
-# the pools whose ledgers hold each workspace's (``ingest.ledger.placement.Placement.by_pool``)
-ByPool = Callable[[list[str | None]], Awaitable[dict[asyncpg.Pool, list[int]]]]
-
-
-async def scrubbed_by_shard(by_pool: ByPool, rows: list[Row], *, met: bool) -> tuple[list[Row], int]:
+async def scrubbed_by_shard(by_pool: erasure.ByPool, rows: list[Row], *, met: bool) -> tuple[list[Row], int]:
     """``scrubbed``, each entry against the ledger of its workspace's shard: an erasure is
     in the ledger of its workspace's shard alone."""
     found = decoded(rows)

@@ -273,8 +273,9 @@ async def _first(edge: Edge, seen_key: str, claim: str) -> str | None:
     or None: this request appends the browser's click. The first to take ``claim``
     (``SET NX``, ``CLAIM_MS``) appends, its round trip naming the click (``seen_key``) and
     letting the claim go; another waits for that name. A claim whose request died (or whose
-    click went to the spool with no name Redis took) lapses: the next request appends a click of its own. None too
-    when Redis cannot say (the click then goes to the spool, as one of its own)."""
+    click went to the spool with no name Redis took) lapses: the next request appends a
+    click of its own. None too when Redis cannot say (the click then goes to the spool, as
+    one of its own)."""
     deadline = time.monotonic() + 3 * CLAIM_MS / 1000
     while True:
         try:
