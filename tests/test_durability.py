@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -440,4 +441,60 @@ async def test_sentinel_client_and_link_follow_a_failover(settings: Settings, se
             await link.close()
             await client.aclose()
     finally:
+        sentinel.destroy()
+
+
+async def test_short_of_replicas_behind_sentinel_the_link_asks_again_where_the_primary_is(settings: Settings, servers):
+    """A primary Sentinel has deposed but cannot turn into a replica (its REPLICAOF is out of
+    reach here, as a partition would put it) still takes writes, and none survives its turn.
+    A write there falls short of ``replicas:1`` (no replica follows it now): the link drops
+    its connection, so what the edge writes next (a spooled click's name, say) reaches the
+    primary Sentinel names. The old code kept writing to the deposed one."""
+    deposed = await servers("--rename-command", "REPLICAOF", "", "--rename-command", "SLAVEOF", "")
+    heir = await servers("--replicaof", "127.0.0.1", str(deposed.port))
+    follower = await servers("--replicaof", "127.0.0.1", str(deposed.port), "--replica-priority", "0")
+    await wait_in_sync(deposed, 2)
+    sentinel = SentinelServer(deposed, deposed.port)
+    sentinel.start()
+    url = f"redis+sentinel://127.0.0.1:{sentinel.port}/{MASTER}/0"
+    client = connect_redis(settings.model_copy(update={"redis_url": url}))
+    batcher = RedisBatcher(client, durability=Durability(replicas=1, wait_ms=300))
+    old = aioredis.Redis.from_url(deposed.url, decode_responses=True)
+    new = aioredis.Redis.from_url(heir.url, decode_responses=True)
+    other = aioredis.Redis.from_url(follower.url, decode_responses=True)
+    try:
+        await sentinel.wait_master(deposed.port)
+        await sentinel.wait_replicas(2)
+        (entry,) = await batcher.execute(XADD, durable=True)  # confirmed: the heir has it
+        assert isinstance(entry, bytes)
+
+        admin = aioredis.Redis(port=sentinel.port)
+        await admin.execute_command("SENTINEL", "FAILOVER", MASTER)
+        await admin.aclose()
+        await sentinel.wait_master(heir.port)
+
+        async def turned() -> bool:  # the follower follows the heir; the deposed is followed by none
+            info = await other.info("replication")
+            return bool(info.get("master_port") == heir.port and info.get("master_link_status") == "up")
+
+        await wait_for(turned, timeout=30, what="the follower to replicate the new primary")
+
+        async def switched() -> bool:  # the failover's end: what Sentinel tells its clients
+            pool: Any = client.connection_pool  # Sentinel's
+            return bool((await pool.get_master_address())[1] == heir.port)
+
+        await wait_for(switched, timeout=30, what="Sentinel to name the new primary to its clients")
+        assert (await old.info("replication"))["role"] == "master"  # deposed, not turned
+
+        with pytest.raises(OutcomeUnknown) as short:
+            await batcher.execute(XADD, durable=True)
+        assert short.value.reason is Unknown.UNCONFIRMED
+        name = f"seen:{secrets.token_hex(4)}"
+        assert await batcher.execute(("SET", name, "clk_first")) in ([b"OK"], [True])
+        assert await new.get(name) == "clk_first"  # where it survives
+    finally:
+        await batcher.close()
+        await client.aclose()
+        for c in (old, new, other):
+            await c.aclose()
         sentinel.destroy()

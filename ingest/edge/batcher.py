@@ -261,6 +261,7 @@ class RedisBatcher:
             self._observe(sum(len(item.commands) for item in batch), time.perf_counter() - start)
         if unconfirmed is not None:
             self.undurable.failed(unconfirmed)
+            self._link.short_of_level()  # behind Sentinel: ask again where the primary is
         elif self._durability.waits and any(item.durable for item in batch):
             self.undurable.succeeded()
         i = 0

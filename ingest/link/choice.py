@@ -38,6 +38,9 @@ class Translated:
         except Exception as exc:
             raise translated(exc) from exc
 
+    def short_of_level(self) -> None:
+        self.inner.short_of_level()
+
     async def close(self) -> None:
         try:
             await self.inner.close()

@@ -173,6 +173,9 @@ class ClusterLink:
                 if isinstance(reply, Exception):
                     raise reply
 
+    def short_of_level(self) -> None:
+        return None  # the cluster's map says where each slot's primary is (MOVED follows it)
+
     async def close(self) -> None:
         for link in self._links.values():
             await link.close()

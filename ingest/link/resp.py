@@ -38,7 +38,9 @@ Behind Sentinel (a ``redis+sentinel://`` URL) the link asks the sentinels where 
 is at every connect (``SENTINEL`` through redis-py's pool, as its own connections do). A
 READONLY or MASTERDOWN reply means the connection reached a replica (a failover demoted its
 server, or an address now points at a replica): the connection is dropped, so the next
-batch connects, and asks again, while the replies in their slots fail their requests.
+batch connects, and asks again, while the replies in their slots fail their requests. So
+does a round trip short of the durability level (``short_of_level``): its server may be a
+primary Sentinel has deposed and not yet turned into a replica.
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ class Link(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    def short_of_level(self) -> None:
+        """A round trip's writes fell short of the durability level (``RedisBatcher``)."""
+        ...
 
 
 def pack(commands: Sequence[Command]) -> bytes:
@@ -361,6 +367,15 @@ class DirectLink:
     async def close(self) -> None:
         self._drop()
 
+    def short_of_level(self) -> None:
+        """Behind Sentinel, a write short of the durability level may have reached a primary
+        Sentinel has deposed and not yet turned into a replica (unreachable by Sentinel, say):
+        it still takes writes, no replica follows it, and they are gone when it is turned. The
+        connection is dropped, so the next round trip asks Sentinel where the primary is (the
+        same one again while a replica only lags). A single server is the only one there is."""
+        if self._locate is not None:
+            self._drop()
+
 
 def _on_replica(reply: object) -> bool:
     """A reply that only a replica gives: the connection is not to the primary."""
@@ -395,3 +410,6 @@ class PipelineLink:
 
     async def close(self) -> None:
         return None
+
+    def short_of_level(self) -> None:
+        return None  # redis-py's pool asks Sentinel at each connect, and a cluster has no WAIT of ours
