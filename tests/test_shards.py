@@ -441,3 +441,41 @@ async def test_an_archiver_scrubs_an_erased_customers_entry_by_their_shards_ledg
         assert _kept_far(held) == [], held
     finally:
         procs.stop_all()
+
+
+async def test_a_workers_partitions_restoring_the_erasure_ledger_at_once_never_wait_on_each_other(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], redis: aioredis.Redis, monkeypatch: Any
+) -> None:
+    """A worker restores the erasure ledger's copy (``ingest.privacy.erasure_copy``) before its
+    first batch, and with several shards asks the directory where each erasure's workspace is.
+    A worker whose first batches met an outage restores on every partition at once. Each held
+    a connection of the directory's pool while it asked, and the map's read took another of
+    the same pool: as many restores as connections, and none ever moved again (generative seed
+    1789722521: a worker held its entries until the run gave up). The map here is always
+    stale (``REFRESH_S`` 0), so every question reads it."""
+    from ingest.privacy import erasure_copy
+
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url, "pg_pool_size": 2})
+    keys = Keys(s.stream_prefix, s.partitions)
+    procs = Procs(s, tmp_path)
+    await _erased_on_b(procs, s, shard_url, "restorecode")
+    shard = await create_pg_pool(s.model_copy(update={"database_url": shard_url}), min_size=1, max_size=2)
+    directory = await create_pg_pool(s, min_size=1, max_size=2)
+    pipeline = Pipeline(s, redis, directory)
+    try:
+        ids = [r["id"] for r in await shard.fetch("SELECT id FROM erasures")]
+        assert await erasure_copy.keep(shard, redis, keys, ids) == len(ids) == 1
+        await shard.execute("DELETE FROM erased_ids; DELETE FROM erasures")  # a restore lost them
+        monkeypatch.setattr(placement, "REFRESH_S", 0.0)
+        async with asyncio.timeout(30):  # the old code waited for ever
+            await asyncio.gather(*(pipeline._restore_ledger() for _ in range(4)))
+        assert pipeline.ledger_restored
+        assert await shard.fetchval("SELECT count(*) FROM erasures") == 1  # back where its workspace is
+        assert await directory.fetchval("SELECT count(*) FROM erasures") == 0
+    finally:
+        await redis.delete(erasure_copy.key(keys))
+        await pipeline.placement.close()
+        await shard.close()
+        await directory.close()
+        erasure.forget_salt()

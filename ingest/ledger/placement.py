@@ -119,7 +119,7 @@ class Placement:
         self._fenced: set[UUID] = set()  # workspaces being moved: their pool waits
         self._pools: dict[str, asyncpg.Pool] = {DEFAULT: directory}
         self._guards: dict[str, asyncpg.Pool] = {}  # a connection each write holds its fence lock on
-        self._claims: asyncpg.Pool | None = None  # the directory's, for a code's claim alone
+        self._own: asyncpg.Pool | None = None  # the directory's, for the map's reads and a code's claims
         self._read_at = -REFRESH_S  # monotonic time of the last read
         self._reading: asyncio.Lock | None = None
 
@@ -148,13 +148,30 @@ class Placement:
     async def read(self) -> None:
         """The directory read again: its shards, and where each workspace is."""
         started = time.monotonic()
-        async with self.directory.acquire() as conn:
+        async with (await self._directory()).acquire() as conn:
             shards = await conn.fetch("SELECT name, dsn, password_sealed FROM shards")
             where = await conn.fetch("SELECT workspace_id, shard, fenced FROM workspace_shards") if shards else []
         self._shards = {r["name"]: Shard(r["name"], r["dsn"], r["password_sealed"]) for r in shards}
         self._where = {r["workspace_id"]: r["shard"] for r in where}
         self._fenced = {r["workspace_id"] for r in where if r["fenced"]}
         self._read_at = started
+
+    async def _directory(self) -> asyncpg.Pool:
+        """The directory on connections of the placement's own, never of its owner's pool
+        (the ``default`` shard's): a caller may hold a connection of that pool while it asks
+        where a workspace is, and callers holding every one of them, each waiting for another
+        to read the map, waited for ever (a worker's partitions restoring the erasure ledger
+        at once after an outage: generative seed 1789722521). The owner's pool only where
+        the directory's URL is not known (a placement made without it)."""
+        if self._own is None:
+            if DEFAULT not in self._urls:
+                return self.directory
+            pool = await self._connect(self._urls[DEFAULT])
+            if self._own is None:
+                self._own = pool
+            else:  # another caller opened one meanwhile
+                await pool.close()
+        return self._own
 
     async def fresh(self, *, since: float | None = None) -> None:
         """The map read again if older than ``REFRESH_S`` (or than ``since``); one read at
@@ -327,17 +344,15 @@ class Placement:
         await self.fresh()
         if not self._shards:
             return True
-        if self._claims is None:  # not the directory's own pool: its caller may hold one of it
-            if DEFAULT not in self._urls:
-                raise ShardError("the directory's URL is not known: a code cannot be claimed")
-            self._claims = await self._connect(self._urls[DEFAULT])
-        return await claim_code(self._claims, code, workspace_id, sharded=True)
+        if DEFAULT not in self._urls:  # not the directory's own pool: its caller may hold one of it
+            raise ShardError("the directory's URL is not known: a code cannot be claimed")
+        return await claim_code(await self._directory(), code, workspace_id, sharded=True)
 
     async def close(self) -> None:
         """Close the pools this placement opened (the directory's is its owner's)."""
         opened = [p for name, p in self._pools.items() if name != DEFAULT] + list(self._guards.values())
-        opened += [self._claims] if self._claims is not None else []
-        self._pools, self._guards, self._claims = {DEFAULT: self.directory}, {}, None
+        opened += [self._own] if self._own is not None else []
+        self._pools, self._guards, self._own = {DEFAULT: self.directory}, {}, None
         await asyncio.gather(*(p.close() for p in opened), return_exceptions=True)
 
 

@@ -121,21 +121,25 @@ async def restore(
     several shards, ``pool`` is one of them, and ``here`` says which workspaces are on it:
     an erasure is restored only where its workspace's rows are."""
     held: dict[Any, Any] = await redis.hgetall(key(keys))  # type: ignore[misc]
-    if not held:
+    docs = []
+    for field_, raw in held.items():
+        try:
+            doc = orjson.loads(raw)
+            if not isinstance(doc, dict) or not {"id", "workspace_id", "subject", "ids"} <= doc.keys():
+                raise ValueError("not an erasure's copy")
+        except (orjson.JSONDecodeError, ValueError):  # written by no refstream: it names nobody
+            log.warning("erasure.copy_unreadable", field=str(field_)[:64])
+            continue
+        # where each workspace is, asked before a connection of ``pool`` is held: the
+        # directory's reads may need one of the same pool (``ingest.ledger.placement``)
+        if here is None or await here(str(doc["workspace_id"])):
+            docs.append(doc)
+    if not docs:
         return 0
     restored: dict[uuid.UUID, tuple[str, datetime | None]] = {}  # erasure -> (its workspace, since)
     async with pool.acquire() as conn:
         salt = await erasure.salt(conn)
-        for field_, raw in held.items():
-            try:
-                doc = orjson.loads(raw)
-                if not isinstance(doc, dict) or not {"id", "workspace_id", "subject", "ids"} <= doc.keys():
-                    raise ValueError("not an erasure's copy")
-            except (orjson.JSONDecodeError, ValueError):  # written by no refstream: it names nobody
-                log.warning("erasure.copy_unreadable", field=str(field_)[:64])
-                continue
-            if here is not None and not await here(str(doc["workspace_id"])):
-                continue
+        for doc in docs:
             if doc.get("salt") != _salt_check(salt):
                 log.warning("erasure.copy_foreign", erasure_id=doc.get("id"))
                 continue

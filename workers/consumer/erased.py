@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncpg
 
 from ingest.contract import erasure
+from ingest.contract.connections import Redis
 from ingest.contract.events import Envelope
+from ingest.contract.keys import Keys
 from ingest.contract.links import LinkInfo
-from ingest.privacy import erasure_late
+from ingest.ledger import placement
+from ingest.privacy import erasure_copy, erasure_late
 from workers.consumer import key_copies
 
 
@@ -39,3 +42,15 @@ async def scrub(
         again = await erasure.Ledger.read(conn, everything)
         scrubbed += len(again.scrubbed(everything, workspaces))
     return scrubbed
+
+
+async def restore_ledger(place: placement.Placement, redis: Redis, keys: Keys) -> None:
+    """The erasures a restore of Postgres (or a failover) lost, back from their copy in Redis
+    (``ingest.privacy.erasure_copy``) on every shard, each where its workspace is."""
+    pools = await place.pools()
+    for name, pool in pools.items():
+
+        async def here(ws: str, name: str = name) -> bool:
+            return await place.shard_of(ws) == name
+
+        await erasure_copy.restore(pool, redis, keys, here if len(pools) > 1 else None)

@@ -41,8 +41,7 @@ from ingest.contract.logs import error_fields
 from ingest.contract.settings import Settings
 from ingest.contract.wire import EnvelopeError
 from ingest.ledger import placement
-from ingest.privacy import erasure_copy
-from workers.consumer import dead_letters, store, webhooks
+from workers.consumer import dead_letters, erased, store, webhooks
 from workers.consumer.combine import Combiner
 from workers.consumer.dead_letters import Dead
 from workers.consumer.enrich import Enricher
@@ -112,6 +111,7 @@ class Pipeline:
         self.metrics: WorkerMetrics | None = None
         self.totals = Totals()
         self.ledger_restored = False  # the erasures Postgres lost, put back before the first batch
+        self._restoring = asyncio.Lock()
         # small batches of several partitions in one transaction (a batch's statements cost
         # what they cost whatever its size)
         self.combiner = Combiner(self._write, settings.batch_size, gather_s=settings.linger_ms / 1000)
@@ -298,27 +298,25 @@ class Pipeline:
         return total, failed
 
     async def _restore_ledger(self) -> None:
-        """Once per process, before it stores anything: the erasures a restore of Postgres (or a
-        failover) lost, back from their copy in Redis, so the person's events in the streams
-        are stored scrubbed (``ingest.privacy.erasure_copy``). An outage: the batch waits."""
-        try:
-            pools = await self.placement.pools()
-            for name, pool in pools.items():
-
-                async def here(ws: str, name: str = name) -> bool:
-                    return await self.placement.shard_of(ws) == name
-
-                await erasure_copy.restore(pool, self.redis, self.keys, here if len(pools) > 1 else None)
-        except Exception as exc:
-            await self._raise_if_outage(exc)
-            await self._redis(_raising(exc))
-            raise
-        self.ledger_restored = True
+        """Once per process, before it stores anything (whichever partition's batch comes first:
+        ``_restoring``): the erasures a restore of Postgres (or a failover) lost, back from their
+        copy in Redis, so the person's events in the streams are stored scrubbed
+        (``ingest.privacy.erasure_copy``). An outage: the batch waits."""
+        async with self._restoring:
+            if self.ledger_restored:
+                return
+            try:
+                await erased.restore_ledger(self.placement, self.redis, self.keys)
+            except Exception as exc:
+                await self._raise_if_outage(exc)
+                await self._redis(_raising(exc))
+                raise
+            self.ledger_restored = True
 
     async def _opened_pools(self) -> list[asyncpg.Pool]:
-        try:
+        try:  # the directory itself down: its pool is the one to renew
             return list((await self.placement.pools()).values())
-        except Exception:  # the directory itself down: its pool is the one to renew
+        except Exception:
             return [self.pg]
 
     async def _write(self, envelopes: list[Envelope]) -> store.BatchResult:

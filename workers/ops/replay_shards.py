@@ -20,7 +20,7 @@ from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.ledger.placement import DEFAULT, Placement
 from ingest.privacy import erasure_copy
-from workers.consumer import store
+from workers.consumer import erased, store
 from workers.consumer.enrich import Enricher
 
 Target: TypeAlias = asyncpg.Pool | Placement
@@ -96,12 +96,7 @@ async def restore_erasures(target: Target, redis: Redis, keys: Keys) -> None:
     if placed is None:
         await erasure_copy.restore(_pool(target), redis, keys)
         return
-    for name, pool in (await placed.pools()).items():
-
-        async def here(ws: str, name: str = name) -> bool:
-            return await placed.shard_of(ws) == name
-
-        await erasure_copy.restore(pool, redis, keys, here)
+    await erased.restore_ledger(placed, redis, keys)
 
 
 class DryRun:
