@@ -19,8 +19,8 @@ from typing import Any
 
 import asyncpg
 
-from ingest.contract import clicks, wire
-from ingest.contract.events import Dialect, Envelope, EventType
+from ingest.contract import clicks, clock, wire
+from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
 from ingest.privacy import erasure as pg_erasure
@@ -138,6 +138,32 @@ async def test_a_click_and_its_copy_stored_in_one_shared_transaction_are_both_sw
     lead = await _read(redis, keys, now, [_lead(world, click, p)])
     await pipeline.process(lead)
     assert len(await _holding(redis, keys, referrer.encode())) == 2
+
+    await _erased_and_swept(pg, redis, keys, world, p)
+    assert await _holding(redis, keys, referrer.encode()) == []
+
+
+async def test_a_click_taken_without_its_link_and_appended_late_is_filed_under_its_links_workspace(
+    settings: Settings, redis: Any, pg: asyncpg.Pool, keys: Keys, world: World
+) -> None:
+    """An edge that could not resolve a link (Redis away) takes the click with its code
+    alone, and a spool drains it long after its time: the sweep cannot find its entry by
+    the click's time, so the workers file it, under its link's workspace (the store's,
+    ``BatchResult.owners``). The old workers filed nothing for an event of no workspace,
+    and the entry kept its referrer after the erasure of the lead that names the click."""
+    pipeline = Pipeline(settings, redis, pg)
+    p, referrer = Person(), f"https://ref.test/{secrets.token_hex(4)}"
+    made = _click(world, referrer)
+    old = uuid7(clock.now_ms() - 120_000)  # spooled two minutes ago
+    payload = {**made.payload, "click_id": clicks.mint(old), "visitor_id": clicks.mint(old)}
+    click = Envelope(EventType.CLICK, Dialect.AFFITOR, payload, None, IP, UA, old)
+    now = keys.partition_for(world.link["code"])
+    batch = await _read(redis, keys, now, [click])
+    await pipeline.process(batch)
+    assert batch.result is not None and batch.result.owners == {world.link["code"]: world.workspace_id}
+    lead = await _read(redis, keys, now, [_lead(world, click, p)])
+    await pipeline.process(lead)
+    assert len(await _holding(redis, keys, referrer.encode())) == 1
 
     await _erased_and_swept(pg, redis, keys, world, p)
     assert await _holding(redis, keys, referrer.encode()) == []

@@ -178,9 +178,9 @@ class LedgerUnavailable(Outage):
 Check = Callable[[list[Envelope]], Awaitable[dict[int, Envelope]]]
 
 
-# the pool whose ledger holds each workspace's, as indexes of the workspaces by pool
-# (``ingest.ledger.placement.Placement.by_pool``)
-ByPool = Callable[[list[str | None]], Awaitable[dict[asyncpg.Pool, list[int]]]]
+# the pool whose ledger holds each event's workspace's, as indexes of the events by pool
+# (``ingest.ledger.placement.Placement.by_pool``: an event of no workspace, its link code's)
+ByPool = Callable[[list[Envelope]], Awaitable[dict[asyncpg.Pool, list[int]]]]
 
 
 @asynccontextmanager
@@ -214,8 +214,7 @@ async def held(pool: asyncpg.Pool, by_pool: ByPool | None = None) -> AsyncIterat
     async def check(envelopes: list[Envelope]) -> dict[int, Envelope]:
         out: dict[int, Envelope] = {}
         try:
-            workspaces = [e.workspace_id for e in envelopes]
-            parts = await by_pool(workspaces) if by_pool is not None else {pool: list(range(len(envelopes)))}
+            parts = await by_pool(envelopes) if by_pool is not None else {pool: list(range(len(envelopes)))}
         except (*PG_ERRORS, asyncpg.PostgresError) as exc:  # the directory away
             raise LedgerUnavailable(repr(exc)) from exc
         for p, indexes in parts.items():

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -27,6 +27,7 @@ import asyncpg
 
 from ingest.contract.connections import create_pg_pool
 from ingest.contract.errors import Misconfigured, Outage
+from ingest.contract.events import Envelope
 from ingest.ledger import secretbox
 
 DEFAULT = "default"
@@ -255,11 +256,20 @@ class Placement:
             parts.setdefault(await self.shard_of(workspace(item)), []).append(item)
         return parts
 
-    async def by_pool(self, workspaces: list[str | None]) -> dict[asyncpg.Pool, list[int]]:
-        """The indexes of ``workspaces`` by the pool of the shard each is on (``default``'s
-        for None), a moving workspace's its source's until the switch: where a reader of
-        each one's rows (the erasure ledger's) goes."""
-        parts = await self.split(range(len(workspaces)), lambda i: workspaces[i])
+    async def by_pool(self, events: Sequence[Envelope]) -> dict[asyncpg.Pool, list[int]]:
+        """The indexes of ``events`` by the pool of the shard each one's workspace is on, a
+        moving workspace's its source's until the switch: where a reader of each one's rows
+        (the erasure ledger's) goes. An event the edge took while it could not resolve its
+        link carries its code alone: its code's owner's (``owners``), as the workers place it
+        (``workers.consumer.waiting``); none: ``default``'s."""
+        codes = [c if e.workspace_id is None and isinstance(c := e.payload.get("code"), str) else None for e in events]
+        owners = await self.owners(c for c in codes if c) if any(codes) else {}
+
+        def workspace(i: int) -> str | None:
+            code = codes[i]
+            return events[i].workspace_id or (owners.get(code) if code else None)
+
+        parts = await self.split(range(len(events)), workspace)
         return {await self.pool_of(name): indexes for name, indexes in parts.items()}
 
     @contextlib.asynccontextmanager
@@ -332,7 +342,7 @@ class Placement:
         wanted = sorted({c for c in codes if c})
         if not self._shards or not wanted:
             return {}
-        rows = await self.directory.fetch(
+        rows = await (await self._directory()).fetch(
             "SELECT code, workspace_id::text AS ws FROM link_codes WHERE code = ANY($1::text[])", wanted
         )
         return {r["code"]: r["ws"] for r in rows}

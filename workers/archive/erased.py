@@ -76,7 +76,7 @@ async def scrubbed_by_shard(by_pool: erasure.ByPool, rows: list[Row], *, met: bo
     if not found:
         return rows, 0
     out, n = list(rows), 0
-    for pool, indexes in (await by_pool([e.workspace_id for _, e in found])).items():
+    for pool, indexes in (await by_pool([e for _, e in found])).items():
         at = [found[k][0] for k in indexes]
         async with pool.acquire() as conn:
             part, m = await scrubbed(conn, [rows[i] for i in at], met=met)

@@ -140,7 +140,9 @@ class Combiner:
                 if not a.done.done():  # its caller gone: the counts go to the next one
                     a.done.set_result(result)
                     if result is not None:  # which events had no row, or one already: every batch's to know
-                        result = BatchResult(joined=True, rowless=result.rowless, copies=result.copies)
+                        result = BatchResult(
+                            joined=True, rowless=result.rowless, copies=result.copies, owners=result.owners
+                        )
 
 
 def _shared(take: list[_Ask]) -> set[UUID]:

@@ -390,12 +390,15 @@ class Pipeline:
         # those no row holds, and copies of an event a row holds already (a spooled or requeued
         # copy): the sweep looks for one entry of an event by its time
         other = batch.result.rowless | batch.result.copies if batch.result is not None else set()
+        owners = batch.result.owners if batch.result is not None else {}
         out: list[Command] = []
         for e, sid in [*((e, batch.stream_ids.get(e.event_id)) for e in batch.good), *batch.copies]:
-            if sid is None or e.workspace_id is None:
+            code = e.payload.get("code")  # an event taken without its link: its link's workspace
+            ws = e.workspace_id or (owners.get(code) if isinstance(code, str) else None)
+            if sid is None or ws is None:
                 continue
             if e.event_id in other or not erasure_index.near(e.event_id, sid) or (e, sid) in batch.copies:
-                out += erasure_index.entry_commands(self.keys, salt, batch.partition, sid, e, e.workspace_id)
+                out += erasure_index.entry_commands(self.keys, salt, batch.partition, sid, e, ws)
         return out
 
     def _done(self, batch: Batch, result: store.BatchResult) -> None:

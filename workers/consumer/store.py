@@ -133,6 +133,9 @@ class BatchResult:
     # erasure's sweep cannot find their entries by a row (``ingest.contract.erasure_index``)
     rowless: set[UUID] = field(default_factory=set)
     copies: set[UUID] = field(default_factory=set)  # events a row held already: this batch's were copies
+    # the workspace of each link code whose event carried none (taken without its link): where
+    # the entry is filed for an erasure's sweep (``workers.consumer.pipeline``)
+    owners: dict[str, str] = field(default_factory=dict)
     # stored in the transaction of another partition's batch, whose result counts its
     # events (workers.consumer.combine): this one's counts are all zero
     joined: bool = False
@@ -273,6 +276,9 @@ async def _read_links(b: _Batch, envelopes: list[Envelope]) -> erasure.Ledger:
         b.policies[info.workspace_id] = r
         if info.program_id is not None:
             b.thresholds[info.program_id] = r["fraud_thresholds"]
+    for e in b.everything:
+        if e.workspace_id is None and isinstance(c := e.payload.get("code"), str) and c in b.by_code:
+            b.result.owners[c] = b.by_code[c].workspace_id
     return ledger
 
 

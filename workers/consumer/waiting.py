@@ -77,6 +77,7 @@ def merge(total: BatchResult, r: BatchResult) -> None:
     total.scrubbed += r.scrubbed
     total.rowless |= r.rowless
     total.copies |= r.copies
+    total.owners |= r.owners
 
 
 class Rooms:
