@@ -162,10 +162,11 @@ class Placement:
         (the ``default`` shard's): a caller may hold a connection of that pool while it asks
         where a workspace is, and callers holding every one of them, each waiting for another
         to read the map, waited for ever (a worker's partitions restoring the erasure ledger
-        at once after an outage: generative seed 1789722521). The owner's pool only where
-        the directory's URL is not known (a placement made without it)."""
+        at once after an outage: generative seed 1789722521). The owner's pool while the map
+        lists no other shard (nothing then asks it while holding a connection: one pool, no
+        question of where a workspace is), or where the directory's URL is not known."""
         if self._own is None:
-            if DEFAULT not in self._urls:
+            if not self._shards or DEFAULT not in self._urls:
                 return self.directory
             pool = await self._connect(self._urls[DEFAULT])
             if self._own is None:
