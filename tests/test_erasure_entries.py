@@ -167,3 +167,43 @@ async def test_a_click_taken_without_its_link_and_appended_late_is_filed_under_i
 
     await _erased_and_swept(pg, redis, keys, world, p)
     assert await _holding(redis, keys, referrer.encode()) == []
+
+
+async def test_a_click_waiting_in_its_workspaces_room_keeps_the_erasure_pending_until_stored_and_swept(
+    settings: Settings, redis: Any, pg: asyncpg.Pool, keys: Keys, world: World
+) -> None:
+    """A click the workers parked in its workspace's waiting room (its shard down, or the
+    workspace fenced for a move: ``workers.consumer.waiting``) is acked in its stream, and no
+    row holds it until the room drains. Its customer's erasure must not call Redis done
+    meanwhile: the old sweep found no unread partition and no row, marked Redis done, and the
+    click stored from the room later kept its referrer in its stream entry."""
+    from workers.consumer import store
+
+    pipeline = Pipeline(settings, redis, pg)
+    p, referrer = Person(), f"https://ref.test/{secrets.token_hex(4)}"
+    click = _click(world, referrer)
+    now = keys.partition_for(world.link["code"])
+    parked = await _read(redis, keys, now, [click])
+    room = keys.waiting_room(world.workspace_id)
+    (sid, fields) = parked.entries[0]
+    assert fields is not None
+    await redis.xadd(room, fields)  # parked as read, and acked, as the workers park
+    await redis.sadd(keys.waiting_rooms, world.workspace_id)
+    await redis.xack(parked.stream, GROUP, sid)
+    lead = await _read(redis, keys, now, [_lead(world, click, p)])
+    await pipeline.process(lead)
+
+    await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
+    await erasure.sweep(pg, redis, keys, None)
+    assert [e for e in await erasure.status(pg) if "redis" in e["pending"]], "Redis called done"
+
+    await store.write_batch(pg, [wire.from_entry(fields)])  # the room drained
+    await redis.delete(room)
+    await redis.srem(keys.waiting_rooms, world.workspace_id)
+
+    async def swept() -> bool:
+        await erasure.sweep(pg, redis, keys, None)
+        return not [e for e in await erasure.status(pg) if "redis" in e["pending"]]
+
+    await wait_for(swept, what="Redis done for the erasure")
+    assert await _holding(redis, keys, referrer.encode()) == []

@@ -111,6 +111,7 @@ async def sweep(
         await erasure_redis.answers(redis, keys, theirs, check, result, high)
         await erasure_redis.fingerprints(redis, keys, theirs, check, result)
         result.entries_unread = erasure_redis.unread(streams, redis_pending)
+        result.entries_unread += await erasure_redis.waiting(redis, keys, redis_pending)
         result.entries_waiting += result.entries_unread  # at least an entry waits in each
     if result.entries_waiting:
         log.info("erasure.redis_waiting", entries=result.entries_waiting, partitions_unread=result.entries_unread)

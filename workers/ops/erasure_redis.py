@@ -90,6 +90,15 @@ def unread(streams: list[_Stream], rows: list[asyncpg.Record]) -> int:
     return unread
 
 
+async def waiting(redis: Redis, keys: Keys, rows: list[asyncpg.Record]) -> int:
+    """The erasures' workspaces whose waiting room holds events (a shard down, a move's fence:
+    ``workers.consumer.waiting``). Their entries were acked as they were parked, and no row
+    names them yet: one may be the person's, raw in its stream until a sweep after the drain
+    finds it by its row (seed 1789722521: a click parked through a move kept its referrer)."""
+    spaces = sorted({str(r["workspace_id"]) for r in rows})
+    return sum([1 for ws in spaces if await redis.xlen(keys.waiting_room(ws))])
+
+
 async def entries(
     redis: Redis, keys: Keys, streams: list[_Stream], theirs: list[Theirs], check: Check, result: SweepResult
 ) -> None:
