@@ -23,7 +23,7 @@ from typing import Any, Final, Protocol
 
 import structlog
 
-from ingest.contract import clock
+from ingest.contract import background, clock
 from ingest.contract.connections import REDIS_ERRORS, Command, cancelled_meanwhile
 from ingest.contract.errors import NotSent, OutcomeUnknown
 
@@ -127,13 +127,8 @@ class DropTally:
 
     async def close(self) -> None:
         """Stop the timer and send what is left (before the batcher closes)."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await background.stopped(self._task, "drop tally")
+        self._task = None
         await self.flush()
 
     async def flush(self) -> None:

@@ -39,6 +39,7 @@ import orjson
 import structlog
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
+from ingest.contract import background
 from ingest.contract.connections import Redis, cancelled_meanwhile
 from ingest.contract.errors import NotSent, Unreplicated
 from ingest.contract.keys import GROUP, Keys
@@ -425,11 +426,5 @@ class Watch:
 
     async def close(self) -> None:
         """Stop the loop: at most ``CLOSE_WITHIN_S`` waiting for it, never for ever."""
-        if self._task is not None:
-            self._task.cancel()
-            done, _ = await asyncio.wait({self._task}, timeout=CLOSE_WITHIN_S)
-            if not done:
-                log.error("layout.watch_stuck", within_s=CLOSE_WITHIN_S)
-            elif not self._task.cancelled():
-                self._task.exception()  # read, never raised: the watch's end is not the closer's error
-            self._task = None
+        await background.stopped(self._task, "layout watch", CLOSE_WITHIN_S)
+        self._task = None

@@ -63,6 +63,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ingest.contract import background
 from ingest.contract.connections import Command, Redis, cancelled_meanwhile
 from ingest.contract.errors import NotSent, OutcomeUnknown, Unknown
 from ingest.contract.layout import PartitionGone
@@ -203,13 +204,8 @@ class RedisBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await background.stopped(self._task, "redis batcher")
+        self._task = None
         await self._link.close()
         self._fail_queued(RedisNotSent("edge shutting down"))
 

@@ -14,7 +14,6 @@ the last lists read stay in force; before the first read, nothing is suppressed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import sys
 from array import array
@@ -25,7 +24,7 @@ from typing import Protocol
 import asyncpg
 import structlog
 
-from ingest.contract import suppression
+from ingest.contract import background, suppression
 from ingest.contract.connections import PG_ERRORS, cancelled_meanwhile
 from ingest.contract.events import Envelope
 
@@ -194,10 +193,8 @@ class Suppressed:
                 await part.read(pool)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await background.stopped(self._task, "suppressions")
+        self._task = None
 
     async def _run(self, pool: asyncpg.Pool, every_s: float) -> None:
         while True:
