@@ -29,7 +29,7 @@ async def _ends_in_a_driver_error() -> None:
     try:
         await asyncio.Event().wait()
     except asyncio.CancelledError:
-        raise asyncpg.InterfaceError("cannot call Transaction.__aexit__(): the underlying connection is closed") from None
+        raise asyncpg.InterfaceError("cannot call Transaction.__aexit__(): the connection is closed") from None
 
 
 class _Nothing:

@@ -417,6 +417,7 @@ class GenChecker:
                 theirs |= {e for a in o.attempts for e in named_events(o, a).values() if e}
                 theirs |= {r["event_id"].hex for r in self.by_token.get(o.units[0].token, [])}
         own = {r["event_id"].hex for r in self.by_token.get(op.units[0].token, [])}
+        theirs |= self._browsers_click(op, 0)  # a later repeat's click, appended while this one waited
         new: set[str] = set()
         for a in op.attempts:
             if a.outcome != "ok" or (named := named_events(op, a).get(0)) is None:
@@ -436,10 +437,11 @@ class GenChecker:
         return theirs, len(new)
 
     def _browsers_click(self, op: Op, i: int) -> set[str]:
-        """The ids ``op``'s 2xx answers name that are the rows of the same browser's later
-        clicks on the link (``repeat``): the first click's own retry, sent after a repeat of
-        it appended the browser's click, is answered that click, storing nothing (seed
-        961163510: three 503s, then the repeat's click id)."""
+        """The ids ``op``'s 2xx answers name that are the rows of the same browser's other
+        clicks on the link, asked before the answer came: a click's retry sent after another
+        of the browser's appended the browser's click (seed 961163510: three 503s, then the
+        repeat's click id), or two of its requests at once, the second waiting for the
+        first's name (seed 755306691), is answered that click, storing nothing."""
         out: set[str] = set()
         for outcome, a in op.unit_outcomes(i):
             if outcome != "ok" or (named := _named(op, a, i)) is None:
