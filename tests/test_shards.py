@@ -516,3 +516,36 @@ async def test_a_spooled_event_taken_without_its_link_is_scrubbed_by_its_links_s
         assert erasure.is_pseudonym(wire.from_entry(fields).payload["external_id"])
     finally:
         procs.stop_all()
+
+
+async def test_a_link_is_found_by_a_map_read_before_its_workspace_moved_and_its_old_copy_dropped(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], monkeypatch: Any
+) -> None:
+    """A process reads the map at most every ``REFRESH_S``. Within that, a move may switch
+    and its old copy be dropped: by the map it read, the link's workspace is on the shard
+    that has it no more, and the shard that has it holds a workspace the map places
+    elsewhere. The old lookup passed over it and answered no link (a 400 "No referral link
+    found" for a well-formed click: seed 562805026); the map is now read again first."""
+    from ingest.contract import links
+
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    ws = (await procs.cli("workspace", "create", "Moving", "--shard", "b"))["workspace_id"]
+    await procs.cli("link", "create", "--workspace", ws, "--code", "movingcode")
+    directory = await create_pg_pool(s, min_size=1, max_size=2)
+    place = placement.Placement.over(s, directory)
+    try:
+        assert await place.shard_of(ws) == "b"  # the map, read now
+        refresh = placement.REFRESH_S  # every other process's (the commands')
+        monkeypatch.setattr(placement, "REFRESH_S", 3600.0)  # and this one's not again unless asked
+        await procs.cli("workspace", "move", ws, "--to", "default", timeout=300)
+        dropped = await procs.cli("workspace", "move", ws, "--drop-old")
+        assert dropped["after_switch_s"] >= 2 * refresh  # every process's map read since the switch
+        found = await place.find(lambda pool: links.fetch(pool, "movingcode"), lambda link: link.workspace_id)
+        assert found is not None and found[0] == "default", found
+    finally:
+        await place.close()
+        await directory.close()

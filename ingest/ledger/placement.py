@@ -326,14 +326,22 @@ class Placement:
         """The first shard where ``fn`` finds something (not None), and what: a lookup by an
         id unique across shards (a key's digest, a click id, a delivery id). With ``owner``
         (what found's workspace is), only where the directory places that workspace: a moved
-        workspace's old copy, until dropped, answers nothing."""
-        pools = await self.pools()
-        for name, pool in pools.items():
-            found = await fn(pool)
-            if found is None:
-                continue
-            if owner is None or len(pools) == 1 or await self.shard_of(owner(found)) == name:
-                return name, found
+        workspace's old copy, until dropped, answers nothing. Found only where the map, as
+        last read, does not place its workspace: the map is read again, and the search made
+        once more (a move switched and its old copy dropped within ``REFRESH_S``: the stale
+        map's shard has it no more, and the new one's was passed over; seed 562805026)."""
+        for again in (False, True):
+            pools, passed = await self.pools(), False
+            for name, pool in pools.items():
+                found = await fn(pool)
+                if found is None:
+                    continue
+                if owner is None or len(pools) == 1 or await self.shard_of(owner(found)) == name:
+                    return name, found
+                passed = True
+            if not passed or again:
+                break
+            await self.fresh(since=time.monotonic())
         return None
 
     async def owners(self, codes: Iterable[str]) -> dict[str, str]:

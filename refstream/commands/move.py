@@ -132,6 +132,9 @@ async def _move(settings: Settings, ws: uuid.UUID, to: str) -> dict[str, Any]:
         await directory.close()
 
 
+_SINCE_SWITCH = "SELECT extract(epoch FROM now() - updated_at)::float8 FROM workspace_moves WHERE workspace_id = $1"
+
+
 async def _drop_old(settings: Settings, ws: uuid.UUID) -> dict[str, Any]:
     directory = await open_database(settings)
     try:
@@ -141,6 +144,11 @@ async def _drop_old(settings: Settings, ws: uuid.UUID) -> dict[str, Any]:
         placed = await directory.fetchval("SELECT shard FROM workspace_shards WHERE workspace_id = $1", ws)
         if placed != held["target"]:
             raise click.ClickException(f"the directory places it on {placed!r}, not {held['target']!r}: not dropped")
+        # a process reads the map at most every REFRESH_S: two after the switch, none routes
+        # by a map from before it, so none looks for the workspace on the copy about to go
+        # (a link lookup answered "no such link" between a switch and a drop at once: seed 562805026)
+        since = await directory.fetchval(_SINCE_SWITCH, ws)
+        await asyncio.sleep(max(0.0, 2 * placement.REFRESH_S - since))
         old = await asyncpg.connect(
             await _url(directory, settings, held["source"]), timeout=schema_check.CONNECT_TIMEOUT_S
         )
@@ -155,8 +163,9 @@ async def _drop_old(settings: Settings, ws: uuid.UUID) -> dict[str, Any]:
                     deleted = await deletion.delete_rows(old, ws)
         finally:
             await old.close()
+        after = await directory.fetchval(_SINCE_SWITCH, ws)
         await _record(directory, ws, state="dropped")
-        return {"workspace_id": str(ws), "dropped_from": held["source"], "deleted": deleted}
+        return {"workspace_id": str(ws), "dropped_from": held["source"], "deleted": deleted, "after_switch_s": after}
     finally:
         await directory.close()
 
