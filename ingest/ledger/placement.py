@@ -257,20 +257,21 @@ class Placement:
             parts.setdefault(await self.shard_of(workspace(item)), []).append(item)
         return parts
 
-    async def by_pool(self, events: Sequence[Envelope]) -> dict[asyncpg.Pool, list[int]]:
-        """The indexes of ``events`` by the pool of the shard each one's workspace is on, a
-        moving workspace's its source's until the switch: where a reader of each one's rows
-        (the erasure ledger's) goes. An event the edge took while it could not resolve its
-        link carries its code alone: its code's owner's (``owners``), as the workers place it
-        (``workers.consumer.waiting``); none: ``default``'s."""
+    async def workspaces_of(self, events: Sequence[Envelope]) -> list[str | None]:
+        """Each event's workspace. An event the edge took while it could not resolve its link
+        carries its code alone: the directory's claim of the code says whose it is (``owners``;
+        a code no one claimed, or one shard: None)."""
         codes = [c if e.workspace_id is None and isinstance(c := e.payload.get("code"), str) else None for e in events]
         owners = await self.owners(c for c in codes if c) if any(codes) else {}
+        return [e.workspace_id or (owners.get(c) if c else None) for e, c in zip(events, codes, strict=True)]
 
-        def workspace(i: int) -> str | None:
-            code = codes[i]
-            return events[i].workspace_id or (owners.get(code) if code else None)
-
-        parts = await self.split(range(len(events)), workspace)
+    async def by_pool(self, events: Sequence[Envelope]) -> dict[asyncpg.Pool, list[int]]:
+        """The indexes of ``events`` by the pool of the shard each one's workspace is on
+        (``workspaces_of``: as the workers place them; none: ``default``'s), a moving
+        workspace's its source's until the switch: where a reader of each one's rows (the
+        erasure ledger's) goes."""
+        workspaces = await self.workspaces_of(events)
+        parts = await self.split(range(len(events)), lambda i: workspaces[i])
         return {await self.pool_of(name): indexes for name, indexes in parts.items()}
 
     @contextlib.asynccontextmanager

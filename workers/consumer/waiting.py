@@ -96,13 +96,10 @@ class Rooms:
 
     async def own(self, events: list[Envelope]) -> None:
         """An event the edge took while it could not resolve its link carries its code alone:
-        with several shards, the directory's claim of the code says whose it is, and so on
-        which shard its link is (a code no one claimed stays unowned: default drops it)."""
-        unowned = [e for e in events if e.workspace_id is None and isinstance(e.payload.get("code"), str)]
-        if unowned:
-            owners = await self.shards.owners(e.payload["code"] for e in unowned)
-            for e in unowned:
-                e.workspace_id = owners.get(e.payload["code"])
+        its workspace, as the directory's claim of the code says (``Placement.workspaces_of``;
+        a code no one claimed stays unowned: default drops it), and so its shard."""
+        for e, ws in zip(events, await self.shards.workspaces_of(events), strict=True):
+            e.workspace_id = ws
 
     async def sharded(self) -> bool:
         """Whether the directory, read at most ``REFRESH_S`` ago, lists several shards."""
