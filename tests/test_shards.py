@@ -489,6 +489,54 @@ async def test_a_workers_partitions_restoring_the_erasure_ledger_at_once_never_w
         erasure.forget_salt()
 
 
+async def test_a_fresh_workers_first_batch_parked_in_a_room_still_files_its_late_entries(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], redis: Any
+) -> None:
+    """A worker files an entry appended long after its event (a spool drained late) for the
+    erasure sweep, under the ledger's salt, in the ack's round trip (``Pipeline._filed``). A
+    worker started during a move parked its first batches in the workspace's waiting room and
+    wrote no row: it had never read the salt, filed nothing, and the sweep of a later erasure
+    never found the entry, which kept the click's referrer (generative seed 1789722521)."""
+    from ingest.contract import clicks, clock, erasure_index, wire
+    from ingest.contract.events import Dialect, uuid7
+    from workers.consumer.pipeline import Batch
+
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    keys = Keys(s.stream_prefix, s.partitions)
+    procs = Procs(s, tmp_path)
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    ws = (await procs.cli("workspace", "create", "Moving", "--shard", "b"))["workspace_id"]
+    await procs.cli("link", "create", "--workspace", ws, "--code", "parkedcode")
+    old = uuid7(clock.now_ms() - 120_000)  # spooled two minutes ago
+    cid = clicks.mint(old)
+    payload = {"code": "parkedcode", "click_id": cid, "visitor_id": cid, "referrer": "https://ref.test/parked"}
+    click = Envelope(EventType.CLICK, Dialect.AFFITOR, payload, ws, IP_FAR, "Mozilla/5.0", old)
+    directory = await create_pg_pool(s, min_size=1, max_size=4)
+    await directory.execute("UPDATE workspace_shards SET fenced = true WHERE workspace_id = $1", uuid.UUID(ws))
+    stream = keys.stream(keys.partition_for("parkedcode"))
+    erasure.forget_salt()  # a fresh process
+    pipeline = Pipeline(s, redis, directory)
+    try:
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        await redis.xadd(stream, wire.to_entry_dict(click))
+        read = await redis.xreadgroup(GROUP, "test", {stream: ">"})
+        entries = [(sid, fields) for _, page in read for sid, fields in page]
+        await pipeline.process(Batch(keys.partition_for("parkedcode"), stream, entries))
+        assert await redis.xlen(keys.waiting_room(ws)) == 1  # parked, and acked
+        async with directory.acquire() as conn:
+            salt = await erasure.salt(conn)
+        filed = [await redis.smembers(keys.entries_of(ws, d)) for d in erasure.digests_of(salt, click, ws)]
+        sid = entries[0][0].decode()
+        assert filed and all(f"{keys.partition_for('parkedcode')}:{sid}".encode() in m for m in filed), filed
+        assert not erasure_index.near(click.event_id, sid)
+    finally:
+        await pipeline.placement.close()
+        await directory.close()
+        erasure.forget_salt()
+
+
 async def test_a_link_is_found_by_a_map_read_before_its_workspace_moved_and_its_old_copy_dropped(
     settings: Settings, tmp_path: Any, two_shards: tuple[str, str], monkeypatch: Any
 ) -> None:

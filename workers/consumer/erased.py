@@ -46,7 +46,13 @@ async def scrub(
 
 async def restore_ledger(place: placement.Placement, redis: Redis, keys: Keys) -> None:
     """The erasures a restore of Postgres (or a failover) lost, back from their copy in Redis
-    (``ingest.privacy.erasure_copy``) on every shard, each where its workspace is."""
+    (``ingest.privacy.erasure_copy``) on every shard, each where its workspace is; and the
+    ledger's salt read (every shard shares the directory's): a worker whose first batches go
+    to a waiting room writes no row, and must still file their late entries for the erasure
+    sweep (``Pipeline._filed``), which it cannot do without the salt."""
+    if erasure.known_salt() is None:
+        async with place.directory.acquire() as conn:
+            await erasure.salt(conn)
     pools = await place.pools()
     for name, pool in pools.items():
 
