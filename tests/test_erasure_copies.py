@@ -195,6 +195,72 @@ async def test_affixos_fingerprint_cache_hands_no_later_click_an_erased_visitor(
     assert later["match_method"] == "new" and later["visitor_id"] != visitor
 
 
+async def test_an_edge_that_has_not_read_the_salt_sets_no_fingerprint_entry_the_sweep_cannot_find(
+    settings: Settings, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys
+) -> None:
+    """The edge files each fingerprint entry it sets under its visitor's ledger digest, which
+    needs the salt it reads from Postgres as it starts. The old edge, started while Postgres
+    was away, set entries it could not file: an erased visitor stayed in them for 90 days,
+    out of the sweep's reach. Until the salt is read it now sets none, on every path that
+    sets one (Affixo's click with a visitor id, its lookup of a new fingerprint, the batch
+    route's); once it is read, each entry it sets is filed."""
+    from ingest.edge.state import EDGE
+
+    from ._world import start_edge
+    from .test_seed_003_affixo import bearer, click
+
+    def batch(fp: str) -> dict[str, Any]:
+        return {"json": [{"type": "click", "ref": "PARTNER123", "fingerprint": fp}], "headers": bearer(world.api_key)}
+
+    def sent(fp: str, visitor: str | None = None) -> dict[str, Any]:
+        return {"ref": "PARTNER123", "fingerprint": fp, **({"visitor_id": visitor} if visitor else {})}
+
+    async def entries() -> dict[str, bytes]:
+        found = {}
+        async for name in redis.scan_iter(match=keys.fingerprint(world.workspace_id, "*"), count=1000):
+            found[name.decode()] = await redis.get(name)
+        return found
+
+    runner, base = await start_edge(settings)
+    away = await asyncpg.create_pool("postgresql://postgres@127.0.0.1:1/none", min_size=0)
+    try:
+        index = runner.app[EDGE].erasure_index
+        assert index is not None
+
+        async def read() -> bool:
+            return index.salt is not None
+
+        await wait_for(read, what="the salt read as the edge started")
+        index.salt, index.pg = None, away  # as an edge that started while Postgres was away
+        tag = secrets.token_hex(4)
+        assert (await click(base, world.api_key, sent(f"a-{tag}", "vis_given")))[0] == 200
+        assert (await click(base, world.api_key, sent(f"b-{tag}")))[0] == 200
+        status, out, _ = await call("POST", f"{base}/v1/events/batch", **batch(f"c-{tag}"))
+        assert status == 200 and out["accepted"] == 1, out
+        assert await entries() == {}
+
+        index.pg = pg  # Postgres back: the next request that would set an entry reads the salt
+        await click(base, world.api_key, sent(f"d-{tag}"))
+
+        await wait_for(read, what="the salt read")
+        salt = index.salt
+        assert salt is not None
+        assert (await click(base, world.api_key, sent(f"a-{tag}", "vis_given")))[0] == 200
+        _, fresh, _ = await click(base, world.api_key, sent(f"b-{tag}"))
+        status, out, _ = await call("POST", f"{base}/v1/events/batch", **batch(f"c-{tag}"))
+        assert status == 200, out
+        set_now = await entries()
+        assert sorted(v.decode() for v in set_now.values()) == sorted(
+            ["vis_given", fresh["visitor_id"], out["results"][0]["visitor_id"]]
+        ), set_now
+        for name, visitor in set_now.items():
+            index_key = keys.fingerprints_of(world.workspace_id, ledger.digest(salt, ledger.VISITOR, visitor.decode()))
+            assert await redis.sismember(index_key, name.rpartition(":")[2]), (name, visitor)
+    finally:
+        await away.close()
+        await runner.cleanup()
+
+
 async def test_an_erasure_a_restore_of_postgres_lost_is_honoured_by_the_replay(
     edge: str, world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
 ) -> None:

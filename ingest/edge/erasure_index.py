@@ -13,8 +13,10 @@ click's append, once the lookup's reply showed it won). A fingerprint matched mi
 visitor that is never anyone's, and files nothing.
 
 The digest needs the ledger's salt: read once from Postgres as the edge starts (or, with
-Postgres away then, when an entry is written; until it is read, the entries written go
-unfiled: they keep until their own expiry, as every entry did before the index)."""
+Postgres away then, asked again by each request that would set an entry). Until it is read
+the edge sets no entry (``remembered``, ``first_visitor``): one it could not file would keep
+an erased visitor for its 90 days, out of the sweep's reach. A click meanwhile is matched
+against the entries there are, and a fingerprint first seen then is remembered by none."""
 
 from __future__ import annotations
 
@@ -40,13 +42,26 @@ class ErasureIndex:
         if self.salt is None:
             self._load()  # as the edge starts: read before its first request, as a rule
 
-    def beside(self, commands: tuple[Command, ...]) -> tuple[Command, ...]:
-        """The fingerprint cache's index of each entry ``commands`` set (a visitor the
-        client sent, filed whether or not the entry was new)."""
-        out: tuple[Command, ...] = ()
+    def remembered(self, commands: tuple[Command, ...]) -> tuple[Command, ...]:
+        """``commands`` (the fingerprint cache's entries a visitor the client sent sets),
+        each with its filing under its visitor (filed whether or not the entry was new); ()
+        until the salt is read: no entry is set that the sweep could not find."""
+        if self.salt is None:
+            self._load()
+            return ()
+        out = commands
         for command in commands:
             out += self.fingerprint(command)
         return out
+
+    def first_visitor(self, key: str, candidate: str) -> Command:
+        """The lookup's claim of fingerprint entry ``key`` for a new visitor ``candidate``
+        (``SET NX``; its reply is then read with ``GET``); until the salt is read, a read
+        alone (``EXISTS``): the entry is not set, the visitor is new and remembered by none."""
+        if self.salt is None:
+            self._load()
+            return ("EXISTS", key)
+        return ("SET", key, candidate, "NX", "EX", erasure_index.FINGERPRINT_TTL_S)
 
     def fingerprint(self, command: Command) -> tuple[Command, ...]:
         """The index of one entry of the fingerprint cache ``command`` sets (() for any other
@@ -66,5 +81,6 @@ class ErasureIndex:
         try:
             async with self.pg.acquire() as conn:
                 self.salt = await erasure.salt(conn)
-        except (*PG_ERRORS, asyncpg.PostgresError, RuntimeError) as exc:  # Postgres away: the next write asks again
+        # Postgres away, or its pool closing: the next request that would set an entry asks again
+        except (*PG_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
             log.warning("erasure_index.salt_unread", error=type(exc).__name__)

@@ -94,10 +94,8 @@ def _make(request: web.Request, edge: Edge, body: AffixoClick, link: LinkInfo) -
     remember: tuple[Command, ...] = ()
     if body.visitor_id:
         visitor, method, confidence = body.visitor_id, "cookie", 1.0
-        if fp_key:
-            remember = (("SET", fp_key, visitor, "NX", "EX", FINGERPRINT_TTL_S),)
-            if edge.erasure_index is not None:  # filed under the visitor (``ingest.edge.erasure_index``)
-                remember += edge.erasure_index.beside(remember)
+        if fp_key and edge.erasure_index is not None:  # filed under the visitor (``ingest.edge.erasure_index``)
+            remember = edge.erasure_index.remembered((("SET", fp_key, visitor, "NX", "EX", FINGERPRINT_TTL_S),))
     else:
         visitor, method, confidence = new_visitor_id(), "new", 0.0
     return _Made(_click(request, edge, body, link, visitor, method), remember, recorded(visitor, method, confidence))
@@ -202,10 +200,9 @@ async def track_click(request: web.Request) -> web.Response:
     else:  # a fingerprint to match: one round trip decides the visitor
         fp_key = edge.keys.fingerprint(link.workspace_id, hashlib.sha256(body.fingerprint.encode()).hexdigest()[:32])
         candidate = new_visitor_id()
+        assert edge.erasure_index is not None
         try:
-            _, seen = await edge.batcher.execute(
-                ("SET", fp_key, candidate, "NX", "EX", FINGERPRINT_TTL_S), ("GET", fp_key)
-            )
+            _, seen = await edge.batcher.execute(edge.erasure_index.first_visitor(fp_key, candidate), ("GET", fp_key))
         except (NotSent, OutcomeUnknown) as exc:
             return VOICE.down(exc)
         filing: tuple[Command, ...] = ()
@@ -213,7 +210,7 @@ async def track_click(request: web.Request) -> web.Response:
             visitor, method, confidence = seen.decode(), "fingerprint", FINGERPRINT_CONFIDENCE
         else:  # the entry is the new visitor's: filed with the click's append
             visitor, method, confidence = candidate, "new", 0.0
-            if edge.erasure_index is not None:
+            if seen is not None:  # set by this lookup
                 filing = edge.erasure_index.fingerprint(("SET", fp_key, candidate))
         made = _Made(_click(request, edge, body, link, visitor, method), filing, recorded(visitor, method, confidence))
     # keyed: Redis down is a 503 (spool=False)

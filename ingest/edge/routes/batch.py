@@ -41,7 +41,7 @@ from ingest.edge.batch_items import (
 from ingest.edge.batch_items import BatchBody as BatchBody
 from ingest.edge.batch_items import BatchItem as BatchItem
 from ingest.edge.batch_items import BatchResult as BatchResult
-from ingest.edge.bodies import FINGERPRINT_TTL_S, BricqsConvert, RefportLead, new_visitor_id
+from ingest.edge.bodies import BricqsConvert, RefportLead, new_visitor_id
 from ingest.edge.body import BodyError, read
 from ingest.edge.body import code as body_code
 from ingest.edge.documented import BODY, documented, errors
@@ -182,8 +182,10 @@ async def _look(edge: Edge, workspace: str, parsed: list[BaseModel | ItemResult]
     candidates = {fp: new_visitor_id() for fp in fingerprints}
     commands: list[Any] = [("GET", edge.keys.link(c)) for c in codes] + [("GET", edge.keys.links_warm)]
     commands += [("GET", edge.keys.click(c)) for c in click_ids]
+    index = edge.erasure_index
+    assert index is not None
     for fp, key in fingerprints.items():
-        commands += [("SET", key, candidates[fp], "NX", "EX", FINGERPRINT_TTL_S), ("GET", key)]
+        commands += [index.first_visitor(key, candidates[fp]), ("GET", key)]
     replies = await edge.batcher.execute(*commands)
     warm = replies[len(codes)]
     by_code = {
@@ -204,8 +206,8 @@ async def _look(edge: Edge, workspace: str, parsed: list[BaseModel | ItemResult]
     # their visitors (``ingest.edge.erasure_index``); a fingerprint matched files nothing
     filing: list[Any] = []
     for fp, key in fingerprints.items():
-        if seen[fp] == candidates[fp].encode() and edge.erasure_index is not None:
-            filing += edge.erasure_index.fingerprint(("SET", key, candidates[fp]))
+        if seen[fp] == candidates[fp].encode():
+            filing += index.fingerprint(("SET", key, candidates[fp]))
     return _Looked(by_code, by_click, pending, candidates, seen, filing)
 
 
