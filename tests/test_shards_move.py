@@ -334,3 +334,55 @@ async def test_a_request_that_outwaits_a_moves_fence_is_its_routes_503(
         assert write_h.get("Refstream-Outcome") == "unknown", write_h
     finally:
         procs.stop_all()
+
+
+async def test_a_writer_holding_a_stale_shard_writes_nothing_where_a_move_would_lose_it(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    """An import finds its workspace's shard as it starts, and writes there for as long as it
+    runs. A move's target held a live-looking copy from its first copy on, and a dropped copy
+    held nothing to fence: an import that wrote into either had its visitors deleted and its
+    counts written over by the move's catch ups, its events kept (the generative test's
+    seeds 1972980936, 874251079, 1604852664: events with no unique visitor and no count).
+    Until its switch, a move's target is fenced as a moved-away copy is; a dropped copy is
+    nowhere an import may write."""
+    from ingest.contract.events import Dialect, Envelope, EventType
+    from ingest.manage import deletion
+    from workers.consumer import store
+
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    ws = (await procs.cli("workspace", "create", "Moving", "--shard", "default"))["workspace_id"]
+    await procs.cli("link", "create", "--workspace", ws, "--code", "stalecode")
+    imported = store.Effects(webhooks=False, fraud=False, commissions=False, imported=True, counters_last=True)
+
+    def click() -> Envelope:
+        return Envelope(EventType.CLICK, Dialect.BIORE, {"code": "stalecode"}, ws, "198.51.100.9", "Mozilla/5.0")
+
+    source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
+    on_source = await create_pg_pool(s, min_size=1, max_size=2)
+    on_target = await create_pg_pool(s.model_copy(update={"database_url": shard_url}), min_size=1, max_size=2)
+    try:
+        mover = Mover(UUID(ws), source, target)
+        _, since = await mover.copy(None)
+        for effects in (imported, store.LIVE):  # the target mid-copy: the import's and a stale worker's
+            with pytest.raises(placement.Moved):
+                await store.write_batch(on_target, [click()], None, effects, fence=[ws])
+        assert await target.fetchval("SELECT count(*) FROM events") == 0
+        await mover.fence("b")
+        await mover.finish(since)
+        written = await store.write_batch(on_target, [click()], None, imported, fence=[ws])
+        assert written.inserted == 1  # switched: the target is the workspace's
+        async with on_source.acquire() as conn, conn.transaction():  # the old copy dropped, as --drop-old does
+            await deletion.delete_rows(conn, UUID(ws))
+        with pytest.raises(placement.Moved):
+            await store.write_batch(on_source, [click()], None, imported, fence=[ws])
+    finally:
+        await source.close()
+        await target.close()
+        await on_source.close()
+        await on_target.close()
+        procs.stop_all()

@@ -54,6 +54,13 @@ FENCE_LOCK = (
     " FROM unnest($1::uuid[]) x"
 )
 FENCE_MOVED = "SELECT id FROM workspaces WHERE id = ANY($1::uuid[]) AND moved_to IS NOT NULL"
+# the same for a writer that holds one shard for as long as it runs (an import, which found
+# its workspace there as it started): a workspace the shard does not hold (a moved-away copy
+# dropped since, or a move's target) is not here either
+FENCE_NOT_HERE = (
+    "SELECT x AS id FROM unnest($1::uuid[]) x"
+    " WHERE NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = x AND w.moved_to IS NULL)"
+)
 
 
 class Moved(Outage):

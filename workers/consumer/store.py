@@ -177,7 +177,8 @@ async def _write_retried(
             async with conn.transaction():
                 if fence:  # on a shard of several: no write of a workspace that moved away
                     await conn.execute(placement.FENCE_LOCK, fence)
-                    if moved := await conn.fetch(placement.FENCE_MOVED, fence):
+                    check = placement.FENCE_NOT_HERE if effects.imported else placement.FENCE_MOVED
+                    if moved := await conn.fetch(check, fence):
                         gone = [str(r["id"]) for r in moved]
                         raise placement.Moved(f"{len(gone)} workspace(s) moved to another shard", gone)
                 result = await _write(conn, envelopes, enricher, effects, known)
