@@ -11,7 +11,8 @@ wrapper wraps the step's method, then runs the CLI as the ``refstream`` script d
 - ``archive_stop_before_put``: an archiver SIGSTOPs itself as its first upload begins (its
   claims idle out; a SIGCONT lets it go on);
 - ``move_crash_after:STEP``: ``refstream workspace move``, once its mover's STEP (``copy``:
-  the first copy, ``fence``, ``finish``: the last catch up) is done.
+  the first copy, ``fence``, ``finish``: the last catch up) is done; ``switch``: once the
+  switch is recorded, before the command answers.
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ def _wrap(cls: type, name: str, *, before: Callable[..., bool] | None = None, af
     setattr(cls, name, step)
 
 
+def _wrap_function(module: Any, name: str, *, after: Callable[..., bool]) -> None:
+    original = getattr(module, name)
+
+    @functools.wraps(original)
+    async def step(*args: Any, **kwargs: Any) -> Any:
+        result = await original(*args, **kwargs)
+        if after(*args, **kwargs):
+            _die()
+        return result
+
+    setattr(module, name, step)
+
+
 def install(name: str) -> None:
     if name == "crash_after_commit":
         _wrap(Pipeline, "_store_chunked", after=True)
@@ -79,6 +93,10 @@ def install(name: str) -> None:
         stop = _stop_once()
         for store in (LocalStore, ObjectStore):
             _wrap(store, "put", before=stop)
+    elif name == "move_crash_after:switch":
+        from refstream.commands import move
+
+        _wrap_function(move, "_record", after=lambda *_, **changes: changes.get("state") == "switched")
     elif name.startswith("move_crash_after:"):
         _wrap(Mover, name.removeprefix("move_crash_after:"), after=True)
     else:

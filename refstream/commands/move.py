@@ -57,9 +57,11 @@ async def _begin(directory: asyncpg.Connection, ws: uuid.UUID, to: str, target_u
         if held["target"] != to:
             raise click.ClickException(f"a move to {held['target']!r} is under way: run it to its end first")
         return held
-    if held is not None and held["state"] == "switched":
-        raise click.ClickException("the last move left its old copy: `workspace move --drop-old` first")
     source = await directory.fetchval("SELECT shard FROM workspace_shards WHERE workspace_id = $1", ws)
+    if held is not None and held["state"] == "switched":
+        if held["target"] == to and source == to:  # run again after it switched (its answer lost): done
+            return held
+        raise click.ClickException("the last move left its old copy: `workspace move --drop-old` first")
     source = source or placement.DEFAULT
     if source == to:
         raise click.ClickException(f"the workspace is on {to!r} already")
@@ -84,6 +86,8 @@ async def _move(settings: Settings, ws: uuid.UUID, to: str) -> dict[str, Any]:
     try:
         target_url = await _url(directory, settings, to)
         held = await _begin(directory, ws, to, target_url)
+        if held["state"] == "switched":
+            return _switched(held, fence_s=None, copied=held["copied"], started=started)
         source_url = await _url(directory, settings, held["source"])
         source = await asyncpg.connect(source_url, timeout=schema_check.CONNECT_TIMEOUT_S)
         target = await asyncpg.connect(target_url, timeout=schema_check.CONNECT_TIMEOUT_S)
@@ -117,19 +121,23 @@ async def _move(settings: Settings, ws: uuid.UUID, to: str) -> dict[str, Any]:
             await source.close()
             await target.close()
         copied = await directory.fetchval("SELECT copied FROM workspace_moves WHERE workspace_id = $1", ws)
-        return {
-            "workspace_id": str(ws),
-            "from": held["source"],
-            "to": to,
-            "state": "switched",
-            "rows_copied": copied + n,
-            "fence_s": fence_s,
-            "seconds": round(time.monotonic() - started, 3),
-        }
+        return _switched(held, fence_s=fence_s, copied=copied + n, started=started)
     except MoveError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         await directory.close()
+
+
+def _switched(held: asyncpg.Record, *, fence_s: float | None, copied: int, started: float) -> dict[str, Any]:
+    return {
+        "workspace_id": str(held["workspace_id"]),
+        "from": held["source"],
+        "to": held["target"],
+        "state": "switched",
+        "rows_copied": copied,
+        "fence_s": fence_s,
+        "seconds": round(time.monotonic() - started, 3),
+    }
 
 
 _SINCE_SWITCH = "SELECT extract(epoch FROM now() - updated_at)::float8 FROM workspace_moves WHERE workspace_id = $1"
