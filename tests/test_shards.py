@@ -168,11 +168,14 @@ async def _counts(conn: asyncpg.Connection) -> dict[tuple[str, int], int]:
     return {(r["name"], r["type"]): r["n"] for r in rows}
 
 
-async def _setup(procs: Procs, shard_url: str) -> dict[str, Any]:
+async def _setup(
+    procs: Procs, shard_url: str, *, name: str = "Moving", shard: str = "default", code: str = "mcode"
+) -> dict[str, Any]:
+    """The directory migrated, shard b added, and a workspace on ``shard`` with link ``code``."""
     await procs.cli("migrate")
     await procs.cli("shards", "add", "b", shard_url)
-    ws = await procs.cli("workspace", "create", "Moving", "--shard", "default")
-    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", "mcode")
+    ws = await procs.cli("workspace", "create", name, "--shard", shard)
+    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", code)
     return dict(ws)
 
 
@@ -323,10 +326,7 @@ async def test_a_click_taken_without_its_link_is_stored_on_the_links_shard(
     directory_url, shard_url = two_shards
     s = settings.model_copy(update={"database_url": directory_url})
     procs = Procs(s, tmp_path)
-    await procs.cli("migrate")
-    await procs.cli("shards", "add", "b", shard_url)
-    b = await procs.cli("workspace", "create", "B", "--shard", "b")
-    await procs.cli("link", "create", "--workspace", b["workspace_id"], "--code", "bcode")
+    await _setup(procs, shard_url, name="B", shard="b", code="bcode")
     pool = await create_pg_pool(s, min_size=1, max_size=4)
     pipeline = Pipeline(s, redis, pool)
     try:
@@ -355,10 +355,7 @@ async def _erased_on_b(procs: Procs, s: Settings, shard_url: str, code: str) -> 
     from ingest.contract.events import Dialect
     from ingest.privacy import erasure as pg_erasure
 
-    await procs.cli("migrate")
-    await procs.cli("shards", "add", "b", shard_url)
-    ws = await procs.cli("workspace", "create", "Far", "--shard", "b")
-    await procs.cli("link", "create", "--workspace", ws["workspace_id"], "--code", code)
+    ws = await _setup(procs, shard_url, name="Far", shard="b", code=code)
     lead = Envelope(
         EventType.LEAD,
         Dialect.REFPORT,
@@ -505,10 +502,7 @@ async def test_a_fresh_workers_first_batch_parked_in_a_room_still_files_its_late
     s = settings.model_copy(update={"database_url": directory_url})
     keys = Keys(s.stream_prefix, s.partitions)
     procs = Procs(s, tmp_path)
-    await procs.cli("migrate")
-    await procs.cli("shards", "add", "b", shard_url)
-    ws = (await procs.cli("workspace", "create", "Moving", "--shard", "b"))["workspace_id"]
-    await procs.cli("link", "create", "--workspace", ws, "--code", "parkedcode")
+    ws = (await _setup(procs, shard_url, shard="b", code="parkedcode"))["workspace_id"]
     old = uuid7(clock.now_ms() - 120_000)  # spooled two minutes ago
     cid = clicks.mint(old)
     payload = {"code": "parkedcode", "click_id": cid, "visitor_id": cid, "referrer": "https://ref.test/parked"}
@@ -550,10 +544,7 @@ async def test_a_link_is_found_by_a_map_read_before_its_workspace_moved_and_its_
     directory_url, shard_url = two_shards
     s = settings.model_copy(update={"database_url": directory_url})
     procs = Procs(s, tmp_path)
-    await procs.cli("migrate")
-    await procs.cli("shards", "add", "b", shard_url)
-    ws = (await procs.cli("workspace", "create", "Moving", "--shard", "b"))["workspace_id"]
-    await procs.cli("link", "create", "--workspace", ws, "--code", "movingcode")
+    ws = (await _setup(procs, shard_url, shard="b", code="movingcode"))["workspace_id"]
     directory = await create_pg_pool(s, min_size=1, max_size=2)
     place = placement.Placement.over(s, directory)
     try:

@@ -23,7 +23,7 @@ from ._procs import Procs
 from ._world import call
 from .conftest import wait_for
 from .test_e2e import TRACKED, fire
-from .test_shards import _COUNTERS_OFF, auth
+from .test_shards import _COUNTERS_OFF, _setup, auth
 
 DUB_CLICK = {"domain": "shop.test", "key": "PARTNER123"}
 # an event's ids in a shard's own dictionaries, compared by what they name
@@ -357,10 +357,7 @@ async def test_a_writer_holding_a_stale_shard_writes_nothing_where_a_move_would_
     directory_url, shard_url = two_shards
     s = settings.model_copy(update={"database_url": directory_url})
     procs = Procs(s, tmp_path)
-    await procs.cli("migrate")
-    await procs.cli("shards", "add", "b", shard_url)
-    ws = (await procs.cli("workspace", "create", "Moving", "--shard", "default"))["workspace_id"]
-    await procs.cli("link", "create", "--workspace", ws, "--code", "stalecode")
+    ws = (await _setup(procs, shard_url, code="stalecode"))["workspace_id"]
     imported = store.Effects(webhooks=False, fraud=False, commissions=False, imported=True, counters_last=True)
 
     def click() -> Envelope:
