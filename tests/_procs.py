@@ -20,6 +20,14 @@ REFSTREAM = str(Path(sys.executable).parent / "refstream")
 _ROOT = Path(__file__).resolve().parent.parent  # where `python -m tests._failpoint` finds tests/
 
 
+def dev_ports() -> list[str]:
+    """`refstream dev`'s arguments for its two ports, each found free: the console's
+    default (--port + 10) may be where another test's server listens."""
+    port = free_port()
+    console = next(p for p in iter(free_port, None) if p != port)
+    return ["--port", str(port), "--console-port", str(console)]
+
+
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFSTREAM_")}
     env.update(

@@ -17,6 +17,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -368,6 +369,30 @@ async def test_serve_dev_and_console_on_a_port_in_use_fail_in_one_line_and_claim
             f"Error: port {port} on 127.0.0.1 is in use (another refstream {command}?): stop it, or choose another"
             f" port: refstream {command} --port N"
         ), line
+
+
+async def test_dev_whose_console_port_is_in_use_names_the_option_that_moves_it(
+    settings: Settings, someone_on_a_port: int
+) -> None:
+    env = env_for(settings, REFSTREAM_LOG_FLUSH_MS="0")
+    with socket.socket() as held:  # a port whose +10 (the console's default) is taken
+        while True:
+            port = free_port()
+            try:
+                held.bind(("127.0.0.1", port + 10))
+                break
+            except OSError:
+                continue
+        held.listen()
+        for args, taken in (
+            (["--port", str(port)], port + 10),
+            (["--port", str(free_port()), "--console-port", str(someone_on_a_port)], someone_on_a_port),
+        ):
+            line = one_line(*await run("dev", *args, env=env))
+            assert line == (
+                f"Error: port {taken} on 127.0.0.1 is in use (another refstream dev?): stop it, or choose another"
+                " port: refstream dev --console-port N"
+            ), (args, line)
 
 
 async def test_a_redis_database_number_that_does_not_exist_fails_at_once(settings: Settings) -> None:

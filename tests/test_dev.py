@@ -28,7 +28,7 @@ from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from refstream.services import Services, with_database
 
-from ._procs import REFSTREAM, Procs, env_for, free_port
+from ._procs import REFSTREAM, Procs, dev_ports, env_for, free_port
 from .conftest import drop_database, wait_for
 
 
@@ -43,7 +43,8 @@ def listening(url: str) -> bool:
 
 
 async def test_dev_prints_a_curl_that_moves_the_counter_and_cleans_up_when_killed(tmp_path: Path):
-    port = free_port()
+    ports = dev_ports()
+    port = int(ports[1])
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFSTREAM_")}
     env.update(REDIS_URL="redis://127.0.0.1:1/0", DATABASE_URL="postgresql://postgres@127.0.0.1:1/x")
     # not on PATH: the commands it prints must say where it is
@@ -51,7 +52,7 @@ async def test_dev_prints_a_curl_that_moves_the_counter_and_cleans_up_when_kille
     log = open(tmp_path / "dev.err", "wb")
     # in a directory of its own: dev writes the tour's .refstream-dev.env where it runs
     dev = subprocess.Popen(
-        [REFSTREAM, "dev", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=log
+        [REFSTREAM, "dev", *ports], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=log
     )
     assert dev.stdout is not None
     printed: list[str] = []
@@ -144,8 +145,7 @@ async def test_dev_with_data_keeps_its_demo_data_api_key_and_secret_key_across_r
     runs: list[dict[str, str]] = []
     try:
         for run in range(2):
-            port = free_port()
-            dev = start_dev(["--port", str(port), "--data", str(data)], env, errors)
+            dev = start_dev([*dev_ports(), "--data", str(data)], env, errors)
             try:
                 printed = await read_banner(dev, errors)
                 text = "".join(printed)
@@ -193,7 +193,7 @@ async def test_dev_finding_the_demo_workspace_prints_a_command_that_makes_a_key(
     try:
         printed = []
         for _ in range(2):
-            dev = start_dev(["--port", str(free_port())], env, errors)
+            dev = start_dev(dev_ports(), env, errors)
             try:
                 printed.append(await read_banner(dev, errors))
             finally:

@@ -19,10 +19,9 @@ import orjson
 import pytest
 
 from ingest.contract.settings import Settings
-from refstream.embedded import free_port
 from refstream.services import Services, with_database
 
-from ._procs import REFSTREAM, env_for
+from ._procs import REFSTREAM, dev_ports, env_for
 from .conftest import drop_database, wait_for
 from .test_dev import read_banner, stop_dev
 
@@ -67,7 +66,7 @@ async def test_the_readme_tour_runs_as_written_against_refstream_dev(
     errors = tmp_path / "dev.err"
     with open(errors, "wb") as log:
         dev = subprocess.Popen(
-            [REFSTREAM, "dev", "--port", str(free_port())], cwd=here, env=env, stdout=subprocess.PIPE, stderr=log
+            [REFSTREAM, "dev", *dev_ports()], cwd=here, env=env, stdout=subprocess.PIPE, stderr=log
         )
 
     async def shell(script: str) -> subprocess.CompletedProcess[bytes]:

@@ -66,9 +66,10 @@ async def _check_durability(settings: Settings) -> None:
         raise click.ClickException(problem)
 
 
-def listen_check(host: str, port: int, command: str) -> None:
+def listen_check(host: str, port: int, command: str, option: str = "--port") -> None:
     """Fail in one line, before anything starts, when ``host:port`` cannot be listened on:
-    a second ``dev`` must not take the first one's answers for its own."""
+    a second ``dev`` must not take the first one's answers for its own. The line names
+    ``option``, the one that moves this port (dev's console: ``--console-port``)."""
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -81,14 +82,14 @@ def listen_check(host: str, port: int, command: str) -> None:
             try:
                 s.bind(address)
             except OSError as exc:
-                raise click.ClickException(_listen_error(host, port, command, exc)) from None
+                raise click.ClickException(_listen_error(host, port, command, option, exc)) from None
 
 
-def _listen_error(host: str, port: int, command: str, exc: OSError) -> str:
+def _listen_error(host: str, port: int, command: str, option: str, exc: OSError) -> str:
     if exc.errno == errno.EADDRINUSE:
         return (
             f"port {port} on {host} is in use (another refstream {command}?): stop it, or choose"
-            f" another port: refstream {command} --port N"
+            f" another port: refstream {command} {option} N"
         )
     return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
@@ -217,5 +218,5 @@ def dev(port: int, data_dir: str | None, console_port: int | None) -> None:
     # dev's own lines as its children write theirs: JSON on stderr (stdout is the banner)
     configure_logging(settings.log_level, json=settings.log_json)
     listen_check("127.0.0.1", port, "dev")
-    listen_check("127.0.0.1", console_port or port + 10, "dev")
+    listen_check("127.0.0.1", console_port or port + 10, "dev", "--console-port")
     run_dev(port, data_dir, console_port)
