@@ -65,9 +65,7 @@ async def test_the_readme_tour_runs_as_written_against_refstream_dev(
     here.mkdir()
     errors = tmp_path / "dev.err"
     with open(errors, "wb") as log:
-        dev = subprocess.Popen(
-            [REFSTREAM, "dev", *dev_ports()], cwd=here, env=env, stdout=subprocess.PIPE, stderr=log
-        )
+        dev = subprocess.Popen([REFSTREAM, "dev", *dev_ports()], cwd=here, env=env, stdout=subprocess.PIPE, stderr=log)
 
     async def shell(script: str) -> subprocess.CompletedProcess[bytes]:
         return await asyncio.to_thread(

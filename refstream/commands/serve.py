@@ -166,7 +166,7 @@ def serve(host: str, port: int, processes: int | None, take_over: bool) -> None:
     except OSError as exc:  # taken since the check: a race
         if exc.errno != errno.EADDRINUSE:
             raise
-        raise click.ClickException(_listen_error(host, port, "serve", exc)) from exc
+        raise click.ClickException(_listen_error(host, port, "serve", "--port", exc)) from exc
 
 
 @click.command()
