@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from ingest.contract import clicks, clock, wire
+from ingest.contract import erasure as ledger
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
@@ -207,3 +208,37 @@ async def test_a_click_waiting_in_its_workspaces_room_keeps_the_erasure_pending_
 
     await wait_for(swept, what="Redis done for the erasure")
     assert await _holding(redis, keys, referrer.encode()) == []
+
+
+async def test_an_entry_the_sweep_must_find_by_its_digests_is_acked_only_once_filed(
+    settings: Settings, redis: Any, pg: asyncpg.Pool, keys: Keys, world: World
+) -> None:
+    """A click appended long after its time must be filed for the sweep. The old ack sent
+    the filing after the XACK, in one pipeline: a filing refused (a full Redis; here, an index
+    key that holds a string), a failover's replica that got the ack alone, or a worker killed
+    between left the entry acked and filed nowhere, out of the sweep's reach, raw after its
+    person's erasure (the generative test's ``erased_kept`` of a stream entry, seed
+    988411963). Now it is acked once filed, and until then read again (a copy, filed)."""
+    pipeline = Pipeline(settings, redis, pg)
+    old = uuid7(clock.now_ms() - 120_000)  # spooled two minutes ago
+    made = _click(world, f"https://ref.test/{secrets.token_hex(4)}")
+    payload = {**made.payload, "click_id": clicks.mint(old), "visitor_id": clicks.mint(old)}
+    click = Envelope(EventType.CLICK, Dialect.AFFITOR, payload, world.workspace_id, IP, UA, old)
+    p = keys.partition_for(world.link["code"])
+    batch = await _read(redis, keys, p, [click])
+    async with pg.acquire() as conn:
+        salt = await ledger.salt(conn)
+    index = keys.entries_of(world.workspace_id, ledger.digests_of(salt, click, world.workspace_id)[0])
+    await redis.set(index, b"not a set")
+    try:
+        await pipeline.process(batch)
+        raise AssertionError("the filing went through")
+    except Exception as exc:
+        assert "WRONGTYPE" in f"{exc} {exc.__cause__}", exc
+    assert (await redis.xpending(batch.stream, GROUP))["pending"] == 1  # not acked: read again
+    assert await pg.fetchval("SELECT count(*) FROM events WHERE event_id = $1", click.event_id) == 1
+
+    await redis.delete(index)
+    await pipeline.process(batch)  # the ack's turn again, as after an outage
+    assert (await redis.xpending(batch.stream, GROUP))["pending"] == 0
+    assert f"{p}:{batch.ids[0].decode()}".encode() in await redis.smembers(index)

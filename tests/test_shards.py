@@ -490,7 +490,7 @@ async def test_a_fresh_workers_first_batch_parked_in_a_room_still_files_its_late
     settings: Settings, tmp_path: Any, two_shards: tuple[str, str], redis: Any
 ) -> None:
     """A worker files an entry appended long after its event (a spool drained late) for the
-    erasure sweep, under the ledger's salt, in the ack's round trip (``Pipeline._filed``). A
+    erasure sweep, under the ledger's salt, in the ack's round trip (``erased.filed``). A
     worker started during a move parked its first batches in the workspace's waiting room and
     wrote no row: it had never read the salt, filed nothing, and the sweep of a later erasure
     never found the entry, which kept the click's referrer (generative seed 1789722521)."""

@@ -132,7 +132,7 @@ class Combiner:
             if result is not None and (shared := _shared(take)):
                 # an event read from two partitions (a copy appended under another partition
                 # count) is stored once here, and no batch alone sees it twice: a copy to every
-                # batch that holds it, so each files its entry (``Pipeline._filed``); an
+                # batch that holds it, so each files its entry (``erased.filed``); an
                 # erasure's sweep stops at the first entry of an event it finds by its time
                 # that was not filed
                 result.copies = result.copies | shared

@@ -5,16 +5,21 @@ after the ledger's read (``workers.consumer.store``'s lock order).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncpg
 
-from ingest.contract import erasure
-from ingest.contract.connections import Redis
+from ingest.contract import erasure, erasure_index
+from ingest.contract.connections import Command, Redis
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.contract.links import LinkInfo
 from ingest.ledger import placement
 from ingest.privacy import erasure_copy, erasure_late
 from workers.consumer import key_copies
+
+if TYPE_CHECKING:
+    from workers.consumer.pipeline import Batch
 
 
 async def scrub(
@@ -49,7 +54,7 @@ async def restore_ledger(place: placement.Placement, redis: Redis, keys: Keys) -
     (``ingest.privacy.erasure_copy``) on every shard, each where its workspace is; and the
     ledger's salt read (every shard shares the directory's): a worker whose first batches go
     to a waiting room writes no row, and must still file their late entries for the erasure
-    sweep (``Pipeline._filed``), which it cannot do without the salt."""
+    sweep (``filed``), which it cannot do without the salt."""
     if erasure.known_salt() is None:
         async with place.directory.acquire() as conn:
             await erasure.salt(conn)
@@ -60,3 +65,25 @@ async def restore_ledger(place: placement.Placement, redis: Redis, keys: Keys) -
             return await place.shard_of(ws) == name
 
         await erasure_copy.restore(pool, redis, keys, here if len(pools) > 1 else None)
+
+
+def filed(keys: Keys, batch: Batch) -> list[Command]:
+    """The commands that file the entries of ``batch`` an erasure's sweep cannot find by
+    their event's row and time (appended long after their event, or stored as no row) under
+    their ledger digests (``ingest.contract.erasure_index``): sent before the batch's ack."""
+    salt = erasure.known_salt()
+    if salt is None or not batch.good:
+        return []
+    # those no row holds, and copies of an event a row holds already (a spooled or requeued
+    # copy): the sweep looks for one entry of an event by its time
+    other = batch.result.rowless | batch.result.copies if batch.result is not None else set()
+    owners = batch.result.owners if batch.result is not None else {}
+    out: list[Command] = []
+    for e, sid in [*((e, batch.stream_ids.get(e.event_id)) for e in batch.good), *batch.copies]:
+        code = e.payload.get("code")  # an event taken without its link: its link's workspace
+        ws = e.workspace_id or (owners.get(code) if isinstance(code, str) else None)
+        if sid is None or ws is None:
+            continue
+        if e.event_id in other or not erasure_index.near(e.event_id, sid) or (e, sid) in batch.copies:
+            out += erasure_index.entry_commands(keys, salt, batch.partition, sid, e, ws)
+    return out

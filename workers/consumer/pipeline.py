@@ -32,9 +32,9 @@ import structlog
 from arq.connections import ArqRedis
 from asyncpg import PostgresError
 
-from ingest.contract import bounds, erasure, erasure_index, wire
+from ingest.contract import bounds, wire
 from ingest.contract.bounds import BoundsError
-from ingest.contract.connections import Command, Redis
+from ingest.contract.connections import Redis
 from ingest.contract.events import Envelope
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.logs import error_fields
@@ -188,7 +188,7 @@ class Pipeline:
             batch.good.append(envelope)
             if self.placement.sharded:
                 self.rooms.fields[envelope.event_id] = fields  # as read: what a room would hold
-            if envelope.event_id in batch.stream_ids:  # its copy: filed for an erasure's sweep (``_filed``)
+            if envelope.event_id in batch.stream_ids:  # its copy: filed for an erasure's sweep (``erased.filed``)
                 batch.copies.append((envelope, eid))
             batch.stream_ids[envelope.event_id] = eid
         if gone:
@@ -372,34 +372,18 @@ class Pipeline:
             raise BatchOutage(reason, exc) from exc
 
     async def _ack(self, batch: Batch) -> None:
+        """Acked once ``erased.filed`` is: never an entry acked and left unfiled (a full Redis that
+        refused the filing, a replica promoted with the ack alone, a worker killed between)."""
+        if filed := erased.filed(self.keys, batch):
+            first = self.redis.pipeline(transaction=False)
+            for command in filed:
+                first.execute_command(*command)
+            await first.execute()
         pipe = self.redis.pipeline(transaction=False)
         pipe.xack(batch.stream, GROUP, *batch.ids)
         if batch.tracked:
             pipe.execute_command("HDEL", self.keys.attempts(batch.partition), *batch.ids)
-        for command in self._filed(batch):
-            pipe.execute_command(*command)
         await pipe.execute()
-
-    def _filed(self, batch: Batch) -> list[Command]:
-        """The entries of ``batch`` an erasure's sweep cannot find by their event's row and
-        time (appended long after their event, or stored as no row), filed under their
-        ledger digests (``ingest.contract.erasure_index``): in the ack's round trip."""
-        salt = erasure.known_salt()
-        if salt is None or not batch.good:
-            return []
-        # those no row holds, and copies of an event a row holds already (a spooled or requeued
-        # copy): the sweep looks for one entry of an event by its time
-        other = batch.result.rowless | batch.result.copies if batch.result is not None else set()
-        owners = batch.result.owners if batch.result is not None else {}
-        out: list[Command] = []
-        for e, sid in [*((e, batch.stream_ids.get(e.event_id)) for e in batch.good), *batch.copies]:
-            code = e.payload.get("code")  # an event taken without its link: its link's workspace
-            ws = e.workspace_id or (owners.get(code) if isinstance(code, str) else None)
-            if sid is None or ws is None:
-                continue
-            if e.event_id in other or not erasure_index.near(e.event_id, sid) or (e, sid) in batch.copies:
-                out += erasure_index.entry_commands(self.keys, salt, batch.partition, sid, e, ws)
-        return out
 
     def _done(self, batch: Batch, result: store.BatchResult) -> None:
         for e in batch.good or () if self.rooms.fields else ():
