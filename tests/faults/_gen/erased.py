@@ -25,10 +25,10 @@ from typing import Any, cast
 import asyncpg
 
 from ingest.contract import erasure as ledger
-from ingest.contract import wire
+from ingest.contract import erasure_index, wire
 from ingest.contract.erasure import EXTERNAL
 from ingest.contract.events import Envelope
-from ingest.contract.keys import Keys
+from ingest.contract.keys import Keys, parse_id
 from ingest.contract.wire import FIELD, EnvelopeError
 from workers.archive import segment as seg
 from workers.archive.store import LocalStore
@@ -168,17 +168,16 @@ async def problems(
             out["erasure_pending"] = [f"{p['erasure_id']}: {p['pending']} after {SWEEPS} sweeps" for p in left]
         # the external id as a whole JSON string (a token is the prefix of others: g1-22 of
         # g1-220), anywhere in the person's workspace or in no workspace's
-        places, entries = await _places(check, store, prefix)
+        places, entries, entries_at = await _places(check, store, prefix)
         tags = {tag: ws for ws, tag in spaces.items()}
         for c in found.done:
             external, tag = found.person[c]
             needle = f'"{external}"'.encode()
             mine = (None, tags.get(tag))
-            out["erased_kept"] += [
-                f"customer {c}: their external id is still in {where}"
-                for where, ws, data in places
-                if ws in mine and needle in data
-            ]
+            for where, ws, data in places:
+                if ws in mine and needle in data:
+                    about = await _entry_detail(check, *entries_at[where]) if where in entries_at else ""
+                    out["erased_kept"].append(f"customer {c}: their external id is still in {where}{about}")
         # the referrer of their click (its event, by id: a retry of the click op that got no
         # answer may have stored another click, another visitor's, with the same referrer)
         clicks = {
@@ -196,7 +195,9 @@ async def problems(
                 out["erased_kept"].append(f"customer {clicks[r['event_id'].hex]}: their click's referrer in postgres")
         for where, e in entries:
             if e.event_id.hex in clicks and e.payload.get("referrer") is not None:
-                out["erased_kept"].append(f"customer {clicks[e.event_id.hex]}: their click's referrer in {where}")
+                about = await _entry_detail(check, *entries_at[where]) if where in entries_at else ""
+                who = clicks[e.event_id.hex]
+                out["erased_kept"].append(f"customer {who}: their click's referrer in {where}{about}")
     finally:
         for pool in pools:
             await pool.close()
@@ -216,15 +217,46 @@ TABLES = (
 )
 
 
+async def _entry_detail(check: Checker, stream: str, sid: bytes, e: Envelope) -> str:
+    """What tells why the sweep left a stream entry: its event, how long after its event's
+    time it was appended (the sweep looks near that time), whether the workers filed it
+    under a digest (``Keys.entries_of``), whether a row holds its event, and how far each
+    group has read."""
+    redis, at = check.redis, parse_id(sid)[0]
+    late = at - erasure_index.event_ms(e.event_id)
+    p = stream.rsplit("{", 1)[-1].rstrip("}")
+    member = f"{p}:{sid.decode()}".encode()
+    filed = [
+        k.decode().rsplit(":", 2)[-2][:8]
+        async for k in redis.scan_iter(match=f"{check.keys.prefix}:erasure:entries:*", count=1000)
+        if member in await redis.smembers(k)
+    ]
+    rows = await check.fetch("SELECT workspace_id FROM events WHERE event_id = $1", e.event_id)
+    groups = [
+        f"{_text(g['name'])} read {_text(g['last-delivered-id'])} pending {g['pending']}"
+        for g in await redis.xinfo_groups(stream)
+    ]
+    return (
+        f" (entry {sid.decode()}: {e.type.name.lower()} {e.event_id.hex}, appended {late:+d} ms from its id,"
+        f" filed {'under ' + ','.join(filed) if filed else 'nowhere'}, {len(rows)} row(s), {'; '.join(groups)})"
+    )
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 async def _places(
     check: Checker, store: LocalStore, prefix: str
-) -> tuple[list[tuple[str, str | None, bytes]], list[tuple[str, Envelope]]]:
+) -> tuple[list[tuple[str, str | None, bytes]], list[tuple[str, Envelope]], dict[str, tuple[str, bytes, Envelope]]]:
     """Every place's bytes with the workspace it belongs to (None: no one's, or not known):
     Postgres's rows as JSON text, per workspace where the table has one; every Redis key of
     the run's prefix (a stream entry and an archived line: its envelope's workspace, or its
-    link's); and every stream entry's and archived line's envelope."""
+    link's); every stream entry's and archived line's envelope; and each stream entry's place
+    (its stream, id and envelope), for ``_entry_detail``."""
     places: list[tuple[str, str | None, bytes]] = []
     entries: list[tuple[str, Envelope]] = []
+    entries_at: dict[str, tuple[str, bytes, Envelope]] = {}
     for table in TABLES:
         scoped = await check.fetchval(
             "SELECT EXISTS (SELECT 1 FROM information_schema.columns"
@@ -253,12 +285,14 @@ async def _places(
             own = Keys.record_workspace(text) if ":idk:" in text else None
             places.append((where, own, await redis.get(name) or b""))
         elif kind == "stream":
-            for _, fields in await redis.xrange(name):
+            for sid, fields in await redis.xrange(name):
                 e = _envelope(fields)
                 held = [v for kv in (fields or {}).items() for v in kv if isinstance(v, bytes)]
-                places.append((where, owner(e), b"\x00".join(held)))
+                at = f"{where} {sid.decode()}"
+                places.append((at, owner(e), b"\x00".join(held)))
                 if e is not None:
-                    entries.append((where, e))
+                    entries.append((at, e))
+                    entries_at[at] = (name.decode(), sid, e)
         # hashes (drop tallies), sets and zsets (rate limits, presence): no event data
     for key in await store.list(prefix + "/"):
         _, lines = seg.read(await store.get(key))
@@ -268,7 +302,7 @@ async def _places(
             places.append((f"archive {key}", owner(e), b"\x00".join(held)))
             if e is not None:
                 entries.append((f"archive {key}", e))
-    return places, entries
+    return places, entries, entries_at
 
 
 def _envelope(fields: dict[bytes, bytes] | None) -> Envelope | None:
