@@ -51,9 +51,7 @@ async def test_dev_prints_a_curl_that_moves_the_counter_and_cleans_up_when_kille
     env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":") if p and p != str(Path(REFSTREAM).parent))
     log = open(tmp_path / "dev.err", "wb")
     # in a directory of its own: dev writes the tour's .refstream-dev.env where it runs
-    dev = subprocess.Popen(
-        [REFSTREAM, "dev", *ports], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=log
-    )
+    dev = subprocess.Popen([REFSTREAM, "dev", *ports], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=log)
     assert dev.stdout is not None
     printed: list[str] = []
     try:
