@@ -263,6 +263,77 @@ async def test_a_management_write_in_flight_holds_the_fence_and_none_passes_it(
         await pool.close()
 
 
+class _DiesAtRelease:
+    """A guard pool whose connection's session Postgres ends as it goes back to the pool:
+    after the lock was let go, before the pool's reset (a real termination, timed)."""
+
+    def __init__(self, pool: asyncpg.Pool, admin: asyncpg.Connection) -> None:
+        self.pool, self.admin = pool, admin
+
+    def acquire(self) -> _DyingHold:
+        return _DyingHold(self)
+
+    async def release(self, conn: Any) -> None:
+        # the session ended as the reset begins: its client has yet to see it go
+        await self.admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        await self.pool.release(conn)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
+class _DyingHold:
+    """``pool.acquire()``'s two forms (``await`` and ``async with``), released through ``owner``."""
+
+    def __init__(self, owner: _DiesAtRelease) -> None:
+        self.owner, self.conn = owner, None
+
+    def __await__(self) -> Any:
+        return self.owner.pool.acquire().__await__()
+
+    async def __aenter__(self) -> Any:
+        self.conn = await self.owner.pool.acquire()
+        return self.conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.owner.release(self.conn)
+
+
+async def test_a_management_write_whose_fence_connection_dies_after_it_is_not_refused(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    """A management write (a refund, a link) holds its workspace's fence lock on a guard
+    connection of its own. Postgres killed after the write committed and the lock was let
+    go, before that connection went back to its pool: the pool's reset failed, and its
+    error reached the route, which answered a plain 503 for a refund it had recorded (the
+    generative test's ``refused_write_kept``, seed 2002375128, a pg-kill). The write's
+    outcome is its own: the guard's release no longer speaks for it."""
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    ws = (await procs.cli("workspace", "create", "Guarded", "--shard", "default"))["workspace_id"]
+    pool = await create_pg_pool(s, min_size=1, max_size=4)
+    place = placement.Placement.over(s, pool)
+    admin = await asyncpg.connect(directory_url)
+    try:
+        await place.fresh()
+        guard = await place._guard("default")
+        place._guards["default"] = _DiesAtRelease(guard, admin)  # type: ignore[assignment]
+        wrote = False
+        async with place.writing(ws):
+            wrote = True
+        assert wrote
+        place._guards["default"] = guard
+        async with place.writing(ws):  # and the next write finds a live guard
+            pass
+    finally:
+        await admin.close()
+        await place.close()
+        await pool.close()
+
+
 async def test_a_catch_up_writes_over_a_row_whose_identity_it_may_not_set(
     settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
 ) -> None:

@@ -25,7 +25,7 @@ from uuid import UUID
 
 import asyncpg
 
-from ingest.contract.connections import create_pg_pool
+from ingest.contract.connections import acquired, create_pg_pool
 from ingest.contract.errors import Misconfigured, Outage
 from ingest.contract.events import Envelope
 from ingest.ledger import secretbox
@@ -295,7 +295,7 @@ class Placement:
             shard = await self.shard_of(workspace_id)
             await self.pool(workspace_id)  # waits out a fence the directory shows
             guard = await self._guard(shard)
-            async with guard.acquire() as conn:
+            async with acquired(guard) as conn:  # its release's failure is not the write's outcome
                 await conn.execute("SELECT pg_advisory_lock_shared(hashtextextended($1, 0))", fence_key(workspace_id))
                 try:
                     moved = await conn.fetchval(
