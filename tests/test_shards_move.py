@@ -320,7 +320,7 @@ async def test_a_management_write_whose_fence_connection_dies_after_it_is_not_re
     try:
         await place.fresh()
         guard = await place._guard("default")
-        place._guards["default"] = _DiesAtRelease(guard, admin)  # type: ignore[assignment]
+        place._guards["default"] = _DiesAtRelease(guard, admin)
         wrote = False
         async with place.writing(ws):
             wrote = True
