@@ -6,11 +6,14 @@ sweeps the key's record still named the erased customer)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+from redis import asyncio as redis_asyncio
 
 from ingest.contract import erasure_index, layout, wire
 from ingest.contract.keys import Keys
@@ -19,7 +22,9 @@ from ingest.spool.spool import Spool
 from ingest.spool.store import Once
 from workers.ops import erasure
 
-from ._world import World, call
+from ._world import World, call, start_edge
+from .conftest import wait_for
+from .faults._servers import FaultRedis
 from .test_erasure import erase_key
 from .test_seed_004_refport import lead_body, new_click
 
@@ -122,3 +127,61 @@ async def test_a_keyed_sales_record_that_a_drains_filing_names_elsewhere_is_reac
     assert swept.answers_rewritten == 1, swept
     raw = await redis.get(record)
     assert raw is not None and external.encode() not in raw, raw
+
+
+async def test_a_keyed_records_filing_reaches_redis_before_its_script(
+    settings: Settings,
+    world: World,
+    private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+    tmp_path: Path,
+) -> None:
+    """The old edge sent a keyed event's record filing after the script that writes the
+    record: a Redis the append filled (``noeviction``) refused the filing, and the record,
+    written, was filed nowhere, out of the sweep's reach (the generative test's seed
+    376051469 kept a keyed sale's answer naming its erased customer). The filing now goes
+    first in the round trip: a Redis that took the script took its filing before it. Read
+    as Redis received them (MONITOR, on a Redis of the test's own): the batch route's
+    items and a single keyed lead, and the fingerprint entry a click's visitor sets."""
+    server = await private_fault_redis()
+    keys = Keys(settings.stream_prefix, settings.partitions)
+    runner, edge = await start_edge(settings.model_copy(update={"redis_url": server.url, "spool_dir": str(tmp_path)}))
+    watcher = redis_asyncio.Redis.from_url(server.url)
+    seen: list[str] = []
+    try:
+        async with watcher.monitor() as m:
+            await m.connect()
+
+            async def watch() -> None:
+                async for c in m.listen():
+                    seen.append(str(c["command"]))
+
+            watching = asyncio.create_task(watch())
+            auth = {"Authorization": f"Bearer {world.api_key}"}
+            body = lead_body(await new_click(edge), customerExternalId=f"cust-{secrets.token_hex(4)}")
+            status, led, _ = await call(
+                "POST", f"{edge}/api/track/lead", json=body, headers={**auth, "Idempotency-Key": "k-lead"}
+            )
+            assert status == 200, led
+            item = {"type": "click", "ref": world.link["code"], "idempotency_key": f"b-{secrets.token_hex(4)}"}
+            status, batched, _ = await call("POST", f"{edge}/v1/events/batch", json=[item], headers=auth)
+            assert status == 200 and batched["results"][0]["ok"], batched
+            fp = {"ref": world.link["code"], "visitor_id": f"v-{secrets.token_hex(4)}", "fingerprint": "fp-1"}
+            status, _, _ = await call("POST", f"{edge}/v1/track/click", json=fp, headers=auth)
+            assert status == 200
+
+            async def order() -> bool:
+                return len([c for c in seen if c.startswith(("EVALSHA", "SET"))]) >= 3
+
+            await wait_for(order, what="the three writes as Redis received them")
+            watching.cancel()
+    finally:
+        await watcher.aclose()
+        await runner.cleanup()
+    answers, fpv = keys.answers(world.workspace_id), f"{keys.prefix}:fpv:{world.workspace_id}:"
+    scripts = [i for i, c in enumerate(seen) if c.startswith("EVALSHA") and ":idk:" in c]
+    filings = [i for i, c in enumerate(seen) if c.startswith("ZADD") and answers in c]
+    assert len(scripts) == len(filings) == 2, seen  # the lead's, the batch item's
+    assert all(f < s for f, s in zip(filings, scripts, strict=True)), seen
+    sets = [i for i, c in enumerate(seen) if c.startswith("SET") and ":fp:" in c]
+    remembered = [i for i, c in enumerate(seen) if c.startswith("SADD") and fpv in c]
+    assert len(sets) == len(remembered) == 1 and remembered[0] < sets[0], seen

@@ -104,8 +104,10 @@ def record_commands(keys: Keys, e: Envelope, record: str, window_ms: int) -> tup
 
 class Filed(tuple[Any, ...]):
     """A command, with what files what it writes (``beside``): the edge sends those in the
-    same request, after it (``ingest.edge.keyed``, ``ingest.edge.routes.batch``); a repeat's
-    filing names an event no row will hold, and is pruned with the window."""
+    same request, before it (``ingest.edge.keyed``, ``ingest.edge.routes.batch``), so a
+    filing a full Redis refuses leaves nothing written that it would have named; a repeat's
+    filing (or one whose command was refused) names an event no row will hold, and is
+    pruned with the window."""
 
     beside: tuple[Command, ...]
 

@@ -154,11 +154,12 @@ async def spool_or_unknown(
         raise unkept(None, exc) from unknown
 
 
-def first_reply(exc: BaseException) -> tuple[bool, Any]:
-    """What a failed round trip tells of its first command: (known, reply). Known only for
-    the outcome ``UNCONFIRMED``, whose replies are the primary's."""
-    if isinstance(exc, OutcomeUnknown) and exc.reason is Unknown.UNCONFIRMED and exc.replies:
-        return True, exc.replies[0]
+def first_reply(exc: BaseException, at: int = 0) -> tuple[bool, Any]:
+    """What a failed round trip tells of its command ``at`` (its first, or the first after
+    ``at`` filing commands): (known, reply). Known only for the outcome ``UNCONFIRMED``,
+    whose replies are the primary's."""
+    if isinstance(exc, OutcomeUnknown) and exc.reason is Unknown.UNCONFIRMED and len(exc.replies) > at:
+        return True, exc.replies[at]
     return False, None
 
 

@@ -7,10 +7,12 @@ inside the script of a guessed append (``ingest.edge.lookup``): nothing is sent 
 request's behalf, and no reply is anyone else's.
 
 A fingerprint entry is filed when the request knows it set it: a visitor the client sent
-(``SET NX`` beside the click's append: filed whether or not the entry was new, under that
-visitor, who is the click's), or a new visitor the lookup's ``SET NX`` made (filed with the
-click's append, once the lookup's reply showed it won). A fingerprint matched mints a
-visitor that is never anyone's, and files nothing.
+(``SET NX`` beside the click's append, its filing sent before it: filed whether or not the
+entry was new, under that visitor, who is the click's), or a new visitor the lookup's
+``SET NX`` made (filed with the click's append, once the lookup's reply showed it won; a
+spooled click keeps its filing with it). A fingerprint matched mints a visitor that is
+never anyone's, and files nothing: a candidate filed before its lookup would leave an index
+entry of no one's for 90 days per matched click.
 
 The digest needs the ledger's salt: read once from Postgres as the edge starts (or, with
 Postgres away then, asked again by each request that would set an entry). Until it is read
@@ -44,15 +46,15 @@ class ErasureIndex:
 
     def remembered(self, commands: tuple[Command, ...]) -> tuple[Command, ...]:
         """``commands`` (the fingerprint cache's entries a visitor the client sent sets),
-        each with its filing under its visitor (filed whether or not the entry was new); ()
-        until the salt is read: no entry is set that the sweep could not find."""
+        each after its filing under its visitor (filed whether or not the entry was new);
+        () until the salt is read: no entry is set that the sweep could not find."""
         if self.salt is None:
             self._load()
             return ()
-        out = commands
+        out: tuple[Command, ...] = ()
         for command in commands:
             out += self.fingerprint(command)
-        return out
+        return out + commands
 
     def first_visitor(self, key: str, candidate: str) -> Command:
         """The lookup's claim of fingerprint entry ``key`` for a new visitor ``candidate``

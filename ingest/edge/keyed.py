@@ -91,11 +91,12 @@ async def append_keyed(
     if prepared.first is not None:
         return prepared.first
     check, command = prepared.check, prepared.command
+    filing = command.beside
     try:
-        # its record filed under its event, after what it writes (``erasure_index.Filed``)
-        replies = await edge.batcher.execute(command, *extra, *command.beside, durable=True)
+        # its record filed under its event before the script writes it (``erasure_index.Filed``)
+        replies = await edge.batcher.execute(*filing, command, *extra, durable=True)
     except (NotSent, OutcomeUnknown) as exc:
-        known, first = first_reply(exc)
+        known, first = first_reply(exc, len(filing))
         if known and isinstance(first, bytes):
             raise unkept(None, exc) from exc
         # Redis may hold it: appended in the primary short of the level (a failover may lose
@@ -109,7 +110,7 @@ async def append_keyed(
         else:
             await to_spool(edge, envelope, routing_key, extra, once=check)
         raise unkept(None, exc) from exc
-    first = replies[0]
+    first = replies[len(filing)]
     if isinstance(first, bytes):
         return Answer.decode(first)
     if isinstance(first, Exception):  # refused as a whole (OOM under noeviction): not written

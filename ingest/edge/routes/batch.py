@@ -300,11 +300,13 @@ async def _send(b: _Batch) -> None:
     """The batch's appends (and what rides with them) in one round trip; each sent item's
     result as its reply says. Raises when nothing of it reached Redis (the route's 503)."""
     try:
-        written = (await b.edge.batcher.execute(*b.appends, *b.filing, durable=True))[: len(b.appends)]
+        # the filing first (``ingest.edge.erasure_index``): nothing is written that it misses
+        filed = len(b.filing)
+        written = (await b.edge.batcher.execute(*b.filing, *b.appends, durable=True))[filed : filed + len(b.appends)]
     except (NotSent, OutcomeUnknown) as exc:
         if never_sent(exc):
             raise  # nothing of the batch is in Redis: the route refuses it (503)
-        written = await _settle(b.edge, b.sent, exc)
+        written = await _settle(b.edge, b.sent, exc, filed)
     for reply, item in zip(written, b.sent, strict=True):
         result, claim = item.result, item.claim
         if isinstance(reply, OutcomeUnknown):  # neither accepted nor refused
@@ -348,16 +350,15 @@ def _route(envelope: Envelope) -> str:
     return route
 
 
-async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException) -> list[Any]:
+async def _settle(edge: Edge, sent: list[_Sent], exc: BaseException, filed: int) -> list[Any]:
     """The appends' round trip failed after it was sent: what Redis may hold is spooled under
     its event id (and a keyed item with its check), never refused (``ingest.edge.enqueue``). One
     reply per item, as the round trip's would have been: None or a stream id once spooled,
     the error of an item Redis refused, the outcome ``UNKEPT`` for a keyed item (spooled) and
-    where the spool could not keep one."""
-    # (the filing commands after the appends: ``ingest.edge.erasure_index``)
+    where the spool could not keep one. ``filed``: the filing commands sent before them."""
     replies: list[Any] = [None] * len(sent)
     if isinstance(exc, OutcomeUnknown) and exc.reason is Unknown.UNCONFIRMED:  # the primary's replies
-        replies = list(exc.replies)[: len(sent)]
+        replies = list(exc.replies)[filed : filed + len(sent)]
 
     async def one(item: _Sent, reply: Any) -> Any:
         if isinstance(reply, Exception):
