@@ -559,3 +559,45 @@ async def test_a_link_is_found_by_a_map_read_before_its_workspace_moved_and_its_
     finally:
         await place.close()
         await directory.close()
+
+
+async def test_a_replayed_event_that_names_only_its_code_is_stored_on_its_workspaces_shard(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    """An edge that could not resolve a link takes the click with its code alone (no
+    workspace), and a replay of its stream range stores it. The workers find such an
+    event's workspace by the directory's claim of its code (``Rooms.own``); the replay split
+    its pages by the event's own workspace, None, so the click went to ``default``, unfenced:
+    dropped there as an unknown code, or, while the workspace moved to ``default``, written
+    into the move's arriving copy, where the last catch up kept the event (append only) and
+    took away its visitor-day and its counts (the generative test's ``counters``, seeds
+    1347019938 and 1972980936)."""
+    from ingest.contract.events import Dialect
+    from workers.ops import replay_shards
+
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    await _setup(procs, shard_url, shard="b", code="rcode")
+    erasure.forget_salt()  # the salt the shards share, not the suite's database's
+    directory = await create_pg_pool(s, min_size=1, max_size=2)
+    place = placement.Placement.over(s, directory)
+    click = Envelope(EventType.CLICK, Dialect.AFFITOR, {"code": "rcode", "visitor_id": "v-replayed"}, None)
+    try:
+        await replay_shards.write(place, [click], None)
+    finally:
+        await place.close()
+        await directory.close()
+        erasure.forget_salt()
+    for url, held in ((shard_url, (1, 1, 1)), (directory_url, (0, 0, 0))):
+        conn = await asyncpg.connect(url)
+        try:
+            found = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM events WHERE event_id = $1) AS events,"
+                " (SELECT coalesce(sum(clicks), 0) FROM links WHERE code = 'rcode') AS clicks,"
+                " (SELECT count(*) FROM link_visitor_days) AS visitors",
+                click.event_id,
+            )
+            assert tuple(found) == held, (url, dict(found))
+        finally:
+            await conn.close()

@@ -60,10 +60,15 @@ def _pool(target: Target) -> asyncpg.Pool:
 async def parts(
     target: Target, envelopes: list[Envelope], pool_of: Callable[[str], Awaitable[Any]] | None = None
 ) -> list[tuple[Any, list[Envelope], list[str]]]:
-    """The page by shard: (that shard's pool, its events, the workspaces to fence)."""
+    """The page by shard: (that shard's pool, its events, the workspaces to fence). An event
+    that names only its code (its edge could not resolve the link) is placed, and fenced, as
+    the workers place it: by the directory's claim of the code (``Placement.workspaces_of``),
+    never sent to ``default`` unfenced, where a move's arriving copy may be."""
     placed = await _sharded(target)
     if placed is None:
         return [(await pool_of(DEFAULT) if pool_of is not None else _pool(target), envelopes, [])]
+    for e, ws in zip(envelopes, await placed.workspaces_of(envelopes), strict=True):
+        e.workspace_id = ws
     found = []
     for name, part in (await placed.split(envelopes, lambda e: e.workspace_id)).items():
         pool = await (pool_of or placed.pool_of)(name)
