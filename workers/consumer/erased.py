@@ -79,7 +79,8 @@ def filed(keys: Keys, batch: Batch) -> list[Command]:
     other = batch.result.rowless | batch.result.copies if batch.result is not None else set()
     owners = batch.result.owners if batch.result is not None else {}
     out: list[Command] = []
-    for e, sid in [*((e, batch.stream_ids.get(e.event_id)) for e in batch.good), *batch.copies]:
+    # each entry of the batch with its own envelope: an event read twice, once per entry
+    for e, sid in ((e, batch.entry_id(e)) for e in batch.good):
         code = e.payload.get("code")  # an event taken without its link: its link's workspace
         ws = e.workspace_id or (owners.get(code) if isinstance(code, str) else None)
         if sid is None or ws is None:

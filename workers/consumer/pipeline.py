@@ -89,9 +89,13 @@ class Batch:
     def ids(self) -> list[bytes]:
         return [eid for eid, _ in self.entries]
 
+    def entry_id(self, envelope: Envelope) -> bytes | None:
+        """The entry ``envelope`` was decoded from: an event read twice has one per copy."""
+        return next((eid for e, eid in self.copies if e is envelope), None) or self.stream_ids.get(envelope.event_id)
+
     def letter(self, envelope: Envelope, error: str, attempts: int = 1) -> Dead:
         """The dead letter of the entry ``envelope`` was decoded from: its fields as read."""
-        eid = self.stream_ids[envelope.event_id]
+        eid = self.entry_id(envelope) or b""
         fields = next((f for i, f in self.entries if i == eid and f is not None), {})
         return Dead(eid, error, fields, attempts)
 
@@ -190,7 +194,8 @@ class Pipeline:
                 self.rooms.fields[envelope.event_id] = fields  # as read: what a room would hold
             if envelope.event_id in batch.stream_ids:  # its copy: filed for an erasure's sweep (``erased.filed``)
                 batch.copies.append((envelope, eid))
-            batch.stream_ids[envelope.event_id] = eid
+            else:  # the event's first entry (a copy's is its own: ``Batch.entry_id``)
+                batch.stream_ids[envelope.event_id] = eid
         if gone:
             log.warning("entries.deleted_while_pending", stream=batch.stream, count=gone)
 
