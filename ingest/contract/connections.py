@@ -83,7 +83,8 @@ async def acquired(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     finally:
         try:
             await pool.release(conn)
-        except (*PG_ERRORS, asyncpg.InterfaceError, asyncpg.PostgresError):
+        # InternalClientError: the driver's own state broken by the server going away mid-reset
+        except (*PG_ERRORS, asyncpg.InterfaceError, asyncpg.PostgresError, asyncpg.InternalClientError):
             pass
 
 
