@@ -239,9 +239,7 @@ async def test_a_management_write_in_flight_holds_the_fence_and_none_passes_it(
     directory_url, shard_url = two_shards
     s = settings.model_copy(update={"database_url": directory_url})
     procs = Procs(s, tmp_path)
-    await procs.cli("migrate")
-    await procs.cli("shards", "add", "b", shard_url)
-    ws = (await procs.cli("workspace", "create", "Moving", "--shard", "default"))["workspace_id"]
+    ws = (await _setup(procs, shard_url))["workspace_id"]
     pool = await create_pg_pool(s, min_size=1, max_size=4)
     place = placement.Placement.over(s, pool)
     source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
@@ -311,9 +309,7 @@ async def test_a_management_write_whose_fence_connection_dies_after_it_is_not_re
     directory_url, shard_url = two_shards
     s = settings.model_copy(update={"database_url": directory_url})
     procs = Procs(s, tmp_path)
-    await procs.cli("migrate")
-    await procs.cli("shards", "add", "b", shard_url)
-    ws = (await procs.cli("workspace", "create", "Guarded", "--shard", "default"))["workspace_id"]
+    ws = (await _setup(procs, shard_url, name="Guarded"))["workspace_id"]
     pool = await create_pg_pool(s, min_size=1, max_size=4)
     place = placement.Placement.over(s, pool)
     admin = await asyncpg.connect(directory_url)

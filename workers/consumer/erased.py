@@ -85,6 +85,7 @@ def filed(keys: Keys, batch: Batch) -> list[Command]:
         ws = e.workspace_id or (owners.get(code) if isinstance(code, str) else None)
         if sid is None or ws is None:
             continue
-        if e.event_id in other or not erasure_index.near(e.event_id, sid) or (e, sid) in batch.copies:
+        copy = sid != batch.stream_ids.get(e.event_id)  # not the event's first entry in the batch
+        if e.event_id in other or not erasure_index.near(e.event_id, sid) or copy:
             out += erasure_index.entry_commands(keys, salt, batch.partition, sid, e, ws)
     return out
