@@ -19,7 +19,7 @@ from ingest.ledger import directory as placement_directory
 from ingest.ledger import placement
 from workers.ops.move import Mover, plan
 
-from ._procs import Procs
+from ._procs import CliError, Procs
 from ._world import call
 from .conftest import wait_for
 from .test_e2e import TRACKED, fire
@@ -140,7 +140,14 @@ async def test_a_move_carries_every_row_of_the_workspace(
 
 @pytest.mark.parametrize(
     ("step", "then"),
-    [("copy", "again"), ("fence", "again"), ("finish", "again"), ("switch", "again"), ("fence", "abort")],
+    [
+        ("copy", "again"),
+        ("fence", "again"),
+        ("finish", "again"),
+        ("switch", "again"),
+        ("fence", "abort"),
+        ("finish", "abort"),
+    ],
 )
 async def test_a_move_killed_after_a_step_is_taken_up_again(
     settings: Settings, tmp_path: Any, two_shards: tuple[str, str], redis: Any, step: str, then: str
@@ -149,7 +156,8 @@ async def test_a_move_killed_after_a_step_is_taken_up_again(
     it switched, where it used to refuse for ever, its old copy left; the generative test's
     seed 1594608347, whose moves could then never be healed); or, with ``--abort``, undone:
     the workspace stays on its shard, every event stored there, the target's copy gone, and
-    a move after it goes through."""
+    a move after it goes through; after its last copy, ``--abort`` is refused, and the
+    move run again switches."""
     directory_url, shard_url = two_shards
     s = settings.model_copy(update={"database_url": directory_url})
     keys = Keys(s.stream_prefix, s.partitions)
@@ -180,7 +188,10 @@ async def test_a_move_killed_after_a_step_is_taken_up_again(
             state = await _state(directory_url, ws["workspace_id"])
             # killed after its switch, before its answer: run again, it says it is done
             assert state == {"copy": "copying", "switch": "switched"}.get(step, "fenced"), state
-            if then == "abort":
+            if then == "abort" and step == "finish":
+                with pytest.raises(CliError, match="made its last copy"):
+                    await procs.cli("workspace", "move", ws["workspace_id"], "--abort")
+            elif then == "abort":
                 undone = await procs.cli("workspace", "move", ws["workspace_id"], "--abort")
                 assert (undone["on"], undone["aborted"]) == ("default", "fenced"), undone
                 answered = len(replies)  # each stored on the source, the room's included
@@ -192,7 +203,7 @@ async def test_a_move_killed_after_a_step_is_taken_up_again(
         finally:
             stop.set()
             await firing
-        if then == "abort":
+        if then == "abort" and step != "finish":
             assert stored_there > 0
         assert replies and all(r == (200, TRACKED) for r in replies)
         await procs.cli("work", "--drain")
@@ -453,4 +464,90 @@ async def test_a_writer_holding_a_stale_shard_writes_nothing_where_a_move_would_
         await target.close()
         await on_source.close()
         await on_target.close()
+        procs.stop_all()
+
+
+# a link's unique visitors against its clicks' distinct (day, visitor) and its counter
+_VISITS_OFF = """
+SELECT l.code, l.unique_clicks,
+       (SELECT count(*) FROM link_visitor_days v WHERE v.link_id = l.id) AS rows,
+       (SELECT count(DISTINCT ((e.received_at AT TIME ZONE 'UTC')::date, e.visitor_key)) FROM events e
+        WHERE e.link_id = l.id AND e.type = 1 AND NOT e.is_bot AND e.visitor_key IS NOT NULL) AS clicked
+FROM links l WHERE l.workspace_id = $1
+"""
+
+
+async def test_a_move_taken_up_after_its_last_copy_keeps_what_the_targets_erasures_renamed(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    """A move's last catch up lifts the target's mark; its erasures applied again there then
+    rename an erased visitor's click the source still held raw (a batch beside the one that
+    taught the ledger stored it, and the fence came before the source's sweep). Killed after
+    that, the move run again copied a second time: the source's raw visitor was not there
+    to copy over, so its copy deleted the renamed one and left the click renamed, with no
+    unique visitor and its count (the generative test's seed 465957242). The run taken up
+    goes on to the switch without copying; ``--abort`` is refused from then on."""
+    from ingest.contract import erasure as ledger
+    from ingest.contract.events import Dialect, Envelope, EventType
+    from ingest.privacy import erasure as pg_erasure
+    from workers.consumer import store
+
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    ws = (await _setup(procs, shard_url, code="latecode"))["workspace_id"]
+    on_source = await create_pg_pool(s, min_size=1, max_size=2)
+    source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
+    ledger.forget_salt()
+    try:
+        click = Envelope(
+            EventType.CLICK,
+            Dialect.BIORE,
+            {"code": "latecode", "visitor_id": "v-late"},
+            ws,
+            "198.51.100.7",
+            "Mozilla/5.0",
+        )
+        signed = Envelope(
+            EventType.LEAD, Dialect.REFPORT, {"code": "latecode", "external_id": "cus_late", "name": "Sign Up"}, ws
+        )
+        assert (await store.write_batch(on_source, [click, signed])).inserted == 2
+        await pg_erasure.erase(on_source, ws, "cus_late", by="test", archive_days=30)
+        # their late lead names the visitor: the ledger learns it, as a worker meeting it
+        # does; the click stays raw, as one a batch beside it stored does, for the sweep
+        late = Envelope(EventType.LEAD, Dialect.REFPORT, {"visitor_id": "v-late", "external_id": "cus_late"}, ws)
+        key = await ledger.salt(source)
+        assert await ledger.learn(source, key, [(late, ws)])
+        assert await source.fetchval("SELECT visitor_id FROM events WHERE event_id = $1", click.event_id) == "v-late"
+
+        mover = Mover(UUID(ws), source, target)
+        _, since = await mover.copy(None)
+        _, since = await mover.copy(since)
+        await mover.fence("b")
+        await mover.finish(since)  # the first run: its erasures again rename the click on the target
+        renamed = await target.fetchval("SELECT visitor_id FROM events WHERE event_id = $1", click.event_id)
+        assert ledger.is_pseudonym(renamed), renamed
+        off = [
+            dict(r)
+            for r in await target.fetch(_VISITS_OFF, ws)
+            if len({r["unique_clicks"], r["rows"], r["clicked"]}) > 1
+        ]
+        assert off == []
+        again = Mover(UUID(ws), source, target)  # killed there, and run again
+        await again.fence("b")
+        copied = await again.finish(since)
+        assert await target.fetchval("SELECT visitor_id FROM events WHERE event_id = $1", click.event_id) == renamed
+        off = [
+            dict(r)
+            for r in await target.fetch(_VISITS_OFF, ws)
+            if len({r["unique_clicks"], r["rows"], r["clicked"]}) > 1
+        ]
+        assert off == [], off
+        assert copied == 0
+        assert await target.fetchval("SELECT count(*) FROM link_visitor_days WHERE visitor_key = $1", "v-late") == 0
+    finally:
+        ledger.forget_salt()
+        await source.close()
+        await target.close()
+        await on_source.close()
         procs.stop_all()

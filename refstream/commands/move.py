@@ -196,6 +196,12 @@ async def _abort(settings: Settings, ws: uuid.UUID) -> dict[str, Any]:
             await _url(directory, settings, held["target"]), timeout=schema_check.CONNECT_TIMEOUT_S
         )
         try:
+            # past its last copy, the target is the whole workspace, and its erasure work since
+            # may hold what the frozen source does not: only the switch goes on from there
+            if await target.fetchval("SELECT moved_to IS NULL FROM workspaces WHERE id = $1", ws):
+                raise click.ClickException(
+                    "the move made its last copy: the target holds the whole workspace; run the move again to switch"
+                )
             await source.execute("UPDATE workspaces SET moved_to = NULL WHERE id = $1", ws)
             await directory_mod.fence(directory, ws, False)
             async with write(target):
