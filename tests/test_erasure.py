@@ -381,6 +381,51 @@ async def test_a_visitors_raw_row_and_the_one_the_workers_made_under_its_pseudon
     assert ledger.is_pseudonym(rows[0]["external_id"])
 
 
+async def test_a_visitors_raw_day_and_the_one_a_scrubbed_copy_made_become_one_counted_once(
+    world: World, pg: asyncpg.Pool
+) -> None:
+    """The kind of the test above, in the unique visitors: the workers counted a visitor's
+    click under its pseudonym (a scrubbed copy) and its raw click on the same link and day
+    as two visitor-days. The scrub renames the raw one onto the other: one row stays, and
+    the link's and the day's unique clicks fall by the one it merged, so that every counter
+    still equals its rows. Another visitor's day is untouched."""
+    from workers.consumer.store import write_batch
+
+    async with pg.acquire() as conn:
+        key = await ledger.salt(conn)
+    alias = ledger.pseudonym(key, ledger.VISITOR, "v-pair")
+    code = world.link["code"]
+
+    def click(visitor: str) -> Envelope:
+        payload = {"code": code, "visitor_id": visitor}
+        return Envelope(EventType.CLICK, Dialect.BIORE, payload, world.workspace_id, "198.51.100.8", "Mozilla/5.0")
+
+    assert (await write_batch(pg, [click("v-pair"), click(alias), click("v-other")])).inserted == 3
+    days = "SELECT count(*) FROM link_visitor_days WHERE link_id = $1"
+    unique = (
+        "SELECT (SELECT unique_clicks FROM links WHERE id = $1),"
+        " (SELECT sum(unique_clicks) FROM daily_stats WHERE link_id = $1)"
+    )
+    assert (
+        tuple(await pg.fetchrow(unique, world.link["id"])) == (3, 3) and await pg.fetchval(days, world.link["id"]) == 3
+    )
+    async with pg.acquire() as conn, conn.transaction():
+        await pg_erasure.scrub_rows(conn, key, world.workspace_id, None, ["v-pair"], [], None)
+    keys = await pg.fetch("SELECT visitor_key FROM link_visitor_days WHERE link_id = $1", world.link["id"])
+    assert sorted(r["visitor_key"] for r in keys) == sorted([alias, "v-other"])
+    assert tuple(await pg.fetchrow(unique, world.link["id"])) == (2, 2)
+    assert await unique_off(pg) == []
+
+
+async def unique_off(pg: asyncpg.Pool) -> list[Any]:
+    """The links whose unique clicks are not their visitor-days (the faults suite's I2)."""
+    off: list[Any] = await pg.fetch(
+        "SELECT l.code FROM links l"
+        " WHERE l.unique_clicks <> (SELECT count(*) FROM link_visitor_days v WHERE v.link_id = l.id)"
+    )
+    return off
+
+
 async def test_the_ledger_holds_no_personal_data_and_erase_needs_its_own_scope(
     edge: str, world: World, pg: asyncpg.Pool, redis: Any, keys: Keys
 ) -> None:

@@ -69,8 +69,26 @@ WITH x AS (SELECT * FROM {jsonrows.table(("uuid", "date", "text", "text"), "x(c1
 gone AS (
     DELETE FROM link_visitor_days v USING x WHERE v.link_id = x.c1 AND v.day = x.c2 AND v.visitor_key = x.c3
     RETURNING v.link_id, v.day, x.c4 AS visitor_key
+),
+kept AS (
+    INSERT INTO link_visitor_days (link_id, day, visitor_key) SELECT * FROM gone ORDER BY 1, 2, 3
+    ON CONFLICT DO NOTHING RETURNING link_id, day
+),
+merged AS MATERIALIZED (  -- a raw key whose pseudonym's is held already: two visitor-days made one
+    SELECT link_id, day, count(*) AS n
+    FROM (SELECT link_id, day FROM gone EXCEPT ALL SELECT link_id, day FROM kept) m GROUP BY 1, 2
+),
+locked AS MATERIALIZED (  -- in the workers' order: visitor-days, then links by id, then days
+    SELECT id FROM links WHERE id IN (SELECT link_id FROM merged) ORDER BY id FOR NO KEY UPDATE
+),
+linked AS (
+    UPDATE links l SET unique_clicks = l.unique_clicks - t.n
+    FROM locked k, (SELECT link_id, sum(n)::bigint AS n FROM merged GROUP BY 1) t
+    WHERE l.id = k.id AND t.link_id = k.id
+    RETURNING 1
 )
-INSERT INTO link_visitor_days (link_id, day, visitor_key) SELECT * FROM gone ORDER BY 1, 2, 3 ON CONFLICT DO NOTHING
+UPDATE daily_stats s SET unique_clicks = s.unique_clicks - m.n
+FROM merged m WHERE s.link_id = m.link_id AND s.day = m.day AND (SELECT count(*) FROM linked) >= 0
 """
 # a raw key renamed to its pseudonym; where the pseudonym's key is held already (a scrubbed
 # copy of the lead claimed it before the rename: the generative run's seed 1919904978), the
