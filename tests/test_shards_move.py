@@ -272,6 +272,48 @@ async def test_a_management_write_in_flight_holds_the_fence_and_none_passes_it(
         await pool.close()
 
 
+async def test_a_management_write_whose_fence_session_ends_during_it_is_not_refused(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    """The same kind, a step earlier: the guard connection's session ended while the write
+    ran (Postgres killed, or the session terminated). Letting go of its lock then failed,
+    and terminating the connection failed too, since the pool had let it go as it saw it
+    close: that ``InterfaceError`` reached the route, which answered a plain 503 for a
+    refund it had recorded (the generative test's ``refused_write_kept``, seed 1572826553,
+    a pg-kill during a move). A lost session's lock went with it: the write stands."""
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    ws = (await _setup(procs, shard_url, name="Guarded"))["workspace_id"]
+    pool = await create_pg_pool(s, min_size=1, max_size=4)
+    place = placement.Placement.over(s, pool)
+    admin = await asyncpg.connect(directory_url)
+    held = (
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    try:
+        await place.fresh()
+        wrote = False
+        async with place.writing(ws):
+            guards = [r["pid"] for r in await admin.fetch(held)]
+            assert len(guards) == 1, guards
+            await admin.execute("SELECT pg_terminate_backend($1)", guards[0])
+            await wait_for(lambda: _gone(admin, guards[0]), what="the guard's session ended")
+            wrote = True
+        assert wrote
+        async with place.writing(ws):  # and the next write finds a live guard
+            assert len(await admin.fetch(held)) == 1
+    finally:
+        await admin.close()
+        await place.close()
+        await pool.close()
+
+
+async def _gone(admin: asyncpg.Connection, pid: int) -> bool:
+    return not await admin.fetchval("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)", pid)
+
+
 class _DiesAtRelease:
     """A guard pool whose connection's session Postgres ends as it goes back to the pool:
     after the lock was let go, before the pool's reset (a real termination, timed)."""

@@ -310,7 +310,11 @@ class Placement:
                             "SELECT pg_advisory_unlock_shared(hashtextextended($1, 0))", fence_key(workspace_id)
                         )
                     except Exception:
-                        conn.terminate()
+                        # lost with its server: the pool let the connection go as it saw it
+                        # close, and terminate() then raises; its session's lock went with it
+                        # (the generative test's ``refused_write_kept``, seed 1572826553)
+                        with contextlib.suppress(asyncpg.InterfaceError):
+                            conn.terminate()
             await self.fresh(since=time.monotonic())  # moved since our read: where is it now
         raise Moved("the workspace is being moved to another shard: try again shortly", [str(workspace_id)])
 
