@@ -21,7 +21,7 @@ from ingest.ledger import placement
 from ingest.manage import deletion, schema_check
 from refstream import output as out
 from refstream.runner import open_database, print_data, run_command
-from workers.ops.move import MoveError, Mover
+from workers.ops.move import MoveError, Mover, opened
 
 CATCH_UPS = 2  # copies after the first, while the workspace is live: the fence's copy stays small
 
@@ -198,7 +198,7 @@ async def _abort(settings: Settings, ws: uuid.UUID) -> dict[str, Any]:
         try:
             # past its last copy, the target is the whole workspace, and its erasure work since
             # may hold what the frozen source does not: only the switch goes on from there
-            if await target.fetchval("SELECT moved_to IS NULL FROM workspaces WHERE id = $1", ws):
+            if await opened(target, ws):
                 raise click.ClickException(
                     "the move made its last copy: the target holds the whole workspace; run the move again to switch"
                 )

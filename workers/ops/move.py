@@ -327,9 +327,8 @@ class Mover:
         since (``_erasures_again``, its sweep) rewrote rows the frozen source still holds
         raw; a copy again would have deleted their renamed visitors and left their events
         renamed (the generative test's seed 465957242: a click with no unique visitor)."""
-        opened = await self.target.fetchval("SELECT moved_to IS NULL FROM workspaces WHERE id = $1", self.workspace_id)
         written = 0
-        if not opened:  # (None: not copied there at all)
+        if not await opened(self.target, self.workspace_id):
             written, _ = await self.copy(since_xid, forget=True)
             # the target's copy is whole: its own from now on
             await self.target.execute("UPDATE workspaces SET moved_to = NULL WHERE id = $1", self.workspace_id)
@@ -361,6 +360,12 @@ class Mover:
             return
         key = await erasure.salt(self.target)
         await erasure_late.recheck(cast(asyncpg.Pool, _Single(self.target)), key, str(self.workspace_id), since)
+
+
+async def opened(target: asyncpg.Connection, workspace_id: UUID) -> bool:
+    """Whether a move's last copy opened the target's copy of the workspace (its mark lifted);
+    False where it is still arriving, or not copied there at all."""
+    return bool(await target.fetchval("SELECT moved_to IS NULL FROM workspaces WHERE id = $1", workspace_id))
 
 
 class _Single:
@@ -397,4 +402,4 @@ def elapsed(started: float) -> float:
     return round(time.monotonic() - started, 3)
 
 
-__all__ = ["MoveError", "Mover", "plan"]
+__all__ = ["MoveError", "Mover", "opened", "plan"]
