@@ -281,13 +281,7 @@ async def test_a_management_write_whose_fence_session_ends_during_it_is_not_refu
     close: that ``InterfaceError`` reached the route, which answered a plain 503 for a
     refund it had recorded (the generative test's ``refused_write_kept``, seed 1572826553,
     a pg-kill during a move). A lost session's lock went with it: the write stands."""
-    directory_url, shard_url = two_shards
-    s = settings.model_copy(update={"database_url": directory_url})
-    procs = Procs(s, tmp_path)
-    ws = (await _setup(procs, shard_url, name="Guarded"))["workspace_id"]
-    pool = await create_pg_pool(s, min_size=1, max_size=4)
-    place = placement.Placement.over(s, pool)
-    admin = await asyncpg.connect(directory_url)
+    ws, pool, place, admin = await _guarded(settings, tmp_path, two_shards)
     held = (
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock' AND granted"
         " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
@@ -350,6 +344,18 @@ class _DyingHold:
         await self.owner.release(self.conn)
 
 
+async def _guarded(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> tuple[str, asyncpg.Pool, placement.Placement, asyncpg.Connection]:
+    """A workspace on ``default`` beside shard b, a placement over the directory's pool (its
+    management writes take the fence guard), and an admin connection to the directory."""
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    ws = (await _setup(Procs(s, tmp_path), shard_url, name="Guarded"))["workspace_id"]
+    pool = await create_pg_pool(s, min_size=1, max_size=4)
+    return ws, pool, placement.Placement.over(s, pool), await asyncpg.connect(directory_url)
+
+
 async def test_a_management_write_whose_fence_connection_dies_after_it_is_not_refused(
     settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
 ) -> None:
@@ -359,13 +365,7 @@ async def test_a_management_write_whose_fence_connection_dies_after_it_is_not_re
     error reached the route, which answered a plain 503 for a refund it had recorded (the
     generative test's ``refused_write_kept``, seed 2002375128, a pg-kill). The write's
     outcome is its own: the guard's release no longer speaks for it."""
-    directory_url, shard_url = two_shards
-    s = settings.model_copy(update={"database_url": directory_url})
-    procs = Procs(s, tmp_path)
-    ws = (await _setup(procs, shard_url, name="Guarded"))["workspace_id"]
-    pool = await create_pg_pool(s, min_size=1, max_size=4)
-    place = placement.Placement.over(s, pool)
-    admin = await asyncpg.connect(directory_url)
+    ws, pool, place, admin = await _guarded(settings, tmp_path, two_shards)
     try:
         await place.fresh()
         guard = await place._guard("default")
