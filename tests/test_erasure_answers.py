@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from redis import asyncio as redis_asyncio
 
 from ingest.contract import erasure_index, layout, wire
+from ingest.contract.events import uuid7
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.spool.spool import Spool
@@ -178,10 +181,77 @@ async def test_a_keyed_records_filing_reaches_redis_before_its_script(
         await watcher.aclose()
         await runner.cleanup()
     answers, fpv = keys.answers(world.workspace_id), f"{keys.prefix}:fpv:{world.workspace_id}:"
-    scripts = [i for i, c in enumerate(seen) if c.startswith("EVALSHA") and ":idk:" in c]
-    filings = [i for i, c in enumerate(seen) if c.startswith("ZADD") and answers in c]
-    assert len(scripts) == len(filings) == 2, seen  # the lead's, the batch item's
-    assert all(f < s for f, s in zip(filings, scripts, strict=True)), seen
+    # as Redis ran them (a script's own commands show): each record's filing before the record
+    records = [(i, c.split()[1].rpartition(":")[2]) for i, c in enumerate(seen) if c.startswith("SET") and ":idk:" in c]
+    filings = [(i, c.split()[3]) for i, c in enumerate(seen) if c.startswith("ZADD") and c.split()[1] == answers]
+    assert len(records) == len(filings) == 2, seen  # the lead's, the batch item's
+    for at, digest in records:
+        assert any(i < at and f":{digest}:" in member for i, member in filings), (digest, seen)
     sets = [i for i, c in enumerate(seen) if c.startswith("SET") and ":fp:" in c]
     remembered = [i for i, c in enumerate(seen) if c.startswith("SADD") and fpv in c]
     assert len(sets) == len(remembered) == 1 and remembered[0] < sets[0], seen
+
+
+async def _keyed_sale(edge: str, world: World, redis: Any, keys: Keys) -> tuple[str, str]:
+    """A keyed sale stored by the edge: its customer, and its key's record. No row keeps a
+    sale's key: the sweep knows its record by its filing alone."""
+    external = f"cust-{secrets.token_hex(4)}"
+    body = {"customer_id": external, "amount": 4900, "currency": "usd"}
+    headers = {"Authorization": f"Bearer {world.api_key}", "Idempotency-Key": f"k-{secrets.token_hex(4)}"}
+    status, sold, _ = await call("POST", f"{edge}/v1/track/conversion", json=body, headers=headers)
+    assert status == 200, sold
+    return external, await _record(redis, keys, world, external)
+
+
+@pytest.mark.parametrize("days", [120, -120], ids=["ahead", "behind"])
+async def test_a_filing_made_on_a_clock_that_is_off_prunes_no_other_and_is_not_pruned(
+    days: int, edge: str, world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    """Seed 284678018: an edge started with its clock 120 days ahead (unmeasured: Redis and
+    Postgres away) filed its keyed events by their times, and pruned what lay a window
+    before them: every filing of the present, so two keyed sales erased later kept their
+    customer in their answers. An edge behind saw its own filings pruned by the next
+    filing of the present. A filing is pruned by Redis's clock now, a window after Redis
+    filed it: between two sales of the present, what such an edge files (its event minted
+    on its clock) leaves both reachable, and stays itself."""
+    first = await _keyed_sale(edge, world, redis, keys)
+    off = uuid7(int(time.time() * 1000) + days * 86_400_000)
+    window_ms = settings.idempotency_window_s * 1000
+    (filing,) = erasure_index.answer_commands(keys, world.workspace_id, (0, off, "ab" * 16, True), window_ms)
+    await redis.execute_command(*filing)
+    second = await _keyed_sale(edge, world, redis, keys)
+    await drain()
+    filed = {
+        p[0]
+        for m in await redis.zrange(keys.answers(world.workspace_id), 0, -1)
+        if (p := erasure_index.parse_answer(m))
+    }
+    assert off.hex in filed, filed
+    for external, _ in (first, second):
+        await _erase(edge, pg, redis, keys, world, external)
+
+    swept = await erasure.sweep(pg, redis, keys, None)
+    assert swept.answers_rewritten == 2, swept
+    for external, record in (first, second):
+        raw = await redis.get(record)
+        assert raw is not None and external.encode() not in raw, raw
+
+
+async def test_a_record_an_earlier_edge_filed_in_its_index_is_reached(
+    edge: str, world: World, settings: Settings, pg: asyncpg.Pool, redis: Any, keys: Keys, drain: Any
+) -> None:
+    """An edge of the release before filed its records in ``Keys.answers_before`` (pruned by
+    its events' times); within a window of the upgrade a keyed sale's record is known by
+    that filing alone, and the sweep reads it there too."""
+    external, record = await _keyed_sale(edge, world, redis, keys)
+    await drain()
+    index, before = keys.answers(world.workspace_id), keys.answers_before(world.workspace_id)
+    [(member, ms)] = await redis.zrange(index, 0, -1, withscores=True)
+    assert await redis.delete(index, keys.answers_filed(world.workspace_id)) == 2
+    await redis.zadd(before, {member: ms})  # where, and as, the earlier edge filed it
+    await _erase(edge, pg, redis, keys, world, external)
+
+    swept = await erasure.sweep(pg, redis, keys, None)
+    assert swept.answers_rewritten == 1, swept
+    raw = await redis.get(record)
+    assert raw is not None and external.encode() not in raw, raw

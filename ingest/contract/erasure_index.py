@@ -13,7 +13,7 @@ it derives the names of what it must reach, and reads nothing else:
   workers under each of its ledger digests (``Keys.entries_of``, ``entry_commands``).
 - An idempotency record of a keyed event, by its event: the edge files each record it
   writes under its event's time and id (``Keys.answers``, ``answer_commands``), beside the
-  append, pruned a window later.
+  append, pruned a window after Redis filed it (Redis's clock, never the edge's).
 - Affixo's fingerprint cache, by its visitor: each entry the edge writes is filed under its
   visitor's ledger digest (``Keys.fingerprints_of``, ``fingerprint_commands``).
 
@@ -43,9 +43,32 @@ NEAR_AFTER_MS = 5_000
 ENTRIES_TTL_S = 8 * 86400
 # as long as the fingerprint cache keeps an entry (``ingest.edge.bodies.FINGERPRINT_TTL_S``)
 FINGERPRINT_TTL_S = 90 * 86400
-# an answer's index entry outlives its record by this much (the record's expiry is Redis's
-# clock, the index's its event's)
+# an answer's index entry outlives its record by this much (both are pruned by Redis's clock;
+# the index by when it was filed, the record by its expiry)
 ANSWER_SLACK_MS = 3_600_000
+# the most index entries one filing prunes: each filing adds one, so a few keep up
+ANSWER_PRUNE = 16
+
+# KEYS: the index by event time (``Keys.answers``), the same members by filing time
+# (``Keys.answers_filed``); ARGV: the event's time, the member, how long an entry lives (ms).
+# Filed by event time, where the sweep looks an event up; pruned by Redis's time, so that an
+# edge whose clock is off (ahead: its event times would prune the present's filings; behind:
+# its own would be pruned by the next) never decides what leaves. Returns how many it pruned.
+FILE_ANSWER = f"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local keep = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now, ARGV[2])
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - keep), 'LIMIT', 0, {ANSWER_PRUNE})
+if #old > 0 then
+  redis.call('ZREM', KEYS[1], unpack(old))
+  redis.call('ZREM', KEYS[2], unpack(old))
+end
+redis.call('PEXPIRE', KEYS[1], keep)
+redis.call('PEXPIRE', KEYS[2], keep)
+return #old
+"""
 
 
 def event_ms(event_id: uuid.UUID) -> int:
@@ -77,17 +100,21 @@ def parse_answer(member: bytes | str) -> tuple[str, int, str, bool] | None:
 
 
 def answer_commands(
-    key: str, partition: int, event_id: uuid.UUID, digest: str, named: bool, window_ms: int
+    keys: Keys,
+    workspace: str,
+    filing: tuple[int, uuid.UUID, str, bool],
+    window_ms: int,
+    sha: str | None = None,
 ) -> tuple[Command, ...]:
-    """The commands that file a keyed event's record under its workspace's index ``key``
-    (``Keys.answers``), prune what is older than a window (and a slack) before it, and
-    keep the index a window."""
-    ms = event_ms(event_id)
-    return (
-        ("ZADD", key, ms, answer_member(event_id, partition, digest, named)),
-        ("ZREMRANGEBYSCORE", key, "-inf", f"({ms - window_ms - ANSWER_SLACK_MS}"),
-        ("PEXPIRE", key, window_ms + ANSWER_SLACK_MS),  # a workspace keyed no more: gone a window later
-    )
+    """The command that files a keyed event's record under its workspace's index
+    (``Keys.answers``, ``FILE_ANSWER``): ``filing`` is (the record's partition, the event,
+    the record's digest, whether the record names its workspace). ``sha``: the script's, as
+    the caller's batcher registered it; else the script is sent whole."""
+    partition, event_id, digest, named = filing
+    member = answer_member(event_id, partition, digest, named)
+    script: tuple[str, str] = ("EVALSHA", sha) if sha is not None else ("EVAL", FILE_ANSWER)
+    index, by_filing = keys.answers(workspace), keys.answers_filed(workspace)
+    return ((*script, 2, index, by_filing, event_ms(event_id), member, window_ms + ANSWER_SLACK_MS),)
 
 
 def record_commands(keys: Keys, e: Envelope, record: str, window_ms: int) -> tuple[Command, ...]:
@@ -99,7 +126,7 @@ def record_commands(keys: Keys, e: Envelope, record: str, window_ms: int) -> tup
         return ()
     digest = record.rpartition(":")[2]
     named = Keys.record_workspace(record) is not None
-    return answer_commands(keys.answers(workspace), partition, e.event_id, digest, named, window_ms)
+    return answer_commands(keys, workspace, (partition, e.event_id, digest, named), window_ms)
 
 
 class Filed(tuple[Any, ...]):

@@ -131,7 +131,18 @@ class Keys:
         """A workspace's idempotency records of keyed events, by their events (a sorted set:
         the event's time; its id, partition and record's digest), so that an erasure's sweep
         reads the records of the person's own events, never every record
-        (``ingest.contract.erasure_index``)."""
+        (``ingest.contract.erasure_index``). Beside ``answers_filed``'s tag."""
+        return f"{self.prefix}:ans:{{{workspace_id}}}"
+
+    def answers_filed(self, workspace_id: str) -> str:
+        """The same members as ``answers``, by when Redis filed them (its clock): what a
+        filing prunes by, so that an edge's clock never decides what leaves the index."""
+        return f"{self.prefix}:ans:{{{workspace_id}}}:filed"
+
+    def answers_before(self, workspace_id: str) -> str:
+        """The index an edge wrote before ``answers`` (pruned by its events' times): read by
+        the sweep and deleted with its workspace, written no more; it expires a window
+        after its last filing."""
         return f"{self.prefix}:answers:{workspace_id}"
 
     def entries_of(self, workspace_id: str, digest: bytes) -> str:

@@ -181,7 +181,7 @@ class _Places:
     record: str
     earlier: tuple[str, ...]  # the key's records under earlier partition counts
     older: tuple[str, ...]  # those, and on one server its records from before they named a workspace
-    index: str | None  # its workspace's index of records (``Keys.answers``)
+    workspace: str | None  # whose index of records files it (``Keys.answers``)
 
 
 class Idempotency:
@@ -203,6 +203,7 @@ class Idempotency:
         self._append_sha = batcher.script(APPEND_ONCE)
         self._reserve_sha = batcher.script(RESERVE)
         self._release_sha = batcher.script(RELEASE)
+        self._file_sha = batcher.script(erasure_index.FILE_ANSWER, keeps_memo=True)
 
     # -- event routes: one script instead of the XADD ---------------------------------
 
@@ -273,9 +274,13 @@ class Idempotency:
         # an erasure's sweep reads the records of the person's own events, never every record
         filed = (
             erasure_index.answer_commands(
-                at.index, at.partition, envelope.event_id, claim.digest, claim.workspace is not None, self.window_ms
+                self.keys,
+                at.workspace,
+                (at.partition, envelope.event_id, claim.digest, claim.workspace is not None),
+                self.window_ms,
+                self._file_sha,
             )
-            if at.index is not None
+            if at.workspace is not None
             else ()
         )
         return Prepared(erasure_index.Filed(command, filed), Once(at.record, encoded, self.window_ms), first)
@@ -287,7 +292,7 @@ class Idempotency:
         before records named their workspace (a repeat within the window after an upgrade
         gets their answer too; on a Redis Cluster, where one script reads its slot's keys
         alone, such a repeat is answered afresh, and stored once by the key's dedupe value);
-        the index of ``workspace``'s records (``Keys.answers``)."""
+        ``workspace``, whose index of records files it (``Keys.answers``)."""
         keys = self.keys
         counts = self._layout().earlier(clock.now_ms()) if self._layout is not None else ()
         partition = keys.partition_for(routing_key)
@@ -297,8 +302,7 @@ class Idempotency:
         if claim.workspace is not None and not self.cluster:
             older += tuple(keys.idempotent(claim.digest, p) for p in (partition, *others))
         record = keys.idempotent(claim.digest, partition, claim.workspace)
-        index = keys.answers(workspace) if workspace else None
-        return _Places(partition, keys.stream(partition), record, earlier, older, index)
+        return _Places(partition, keys.stream(partition), record, earlier, older, workspace or None)
 
     def check(self, claim: Claim, routing_key: str, answer: Answer) -> Once:
         """What a spooled copy keeps to be drained through the same script."""

@@ -92,7 +92,8 @@ async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, w
     for pattern in (keys.fingerprint(str(ws), "*"), f"{keys.prefix}:fpv:{ws}:*", keys.entries_of(str(ws), b"") + "*"):
         async for name in redis.scan_iter(match=pattern, count=1000):
             await redis.delete(name)
-    await redis.delete(keys.answers(str(ws)))
+    for index in (keys.answers(str(ws)), keys.answers_filed(str(ws)), keys.answers_before(str(ws))):
+        await redis.delete(index)  # one at a time: on a Redis Cluster, their slots differ
     return {"workspace_id": str(ws), "deleted": deleted, "links": len(codes), "keys": len(digests)}
 
 

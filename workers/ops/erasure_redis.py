@@ -314,27 +314,29 @@ async def answers(
     """The idempotency answers (``ingest.edge.idempotency.Answer``: fingerprint, status, JSON
     body) of the people's own events, each rewritten without them where unchanged since, in
     its own workspace's terms. An event's key is known by the index the edge and a spool's
-    drain file each record in (``Keys.answers``: by its event's time and id; the digest of
-    its key) and by the key's digest its row carries (a keyed row's dedupe value; none for a
-    sale). Each key's records are read in every partition up to ``high`` (default: the
-    current count), named and not (``Keys.idempotent``): a key's records sit where the
-    partition count of the moment put them, and the index entry of the stored event may
-    name another partition than its record's (a drain's filing after a count change names
-    the partition it routed to, while the key's record, which its script found, was an
-    earlier count's), or be missing (a filing lost beside its record, or an edge that filed
-    none), and a retried key's record may be another attempt's. A few names per keyed event
-    of theirs: what they own, never every record."""
+    drain file each record in (``Keys.answers``, and ``Keys.answers_before`` an earlier edge
+    wrote: by its event's time and id; the digest of its key) and by the key's digest its
+    row carries (a keyed row's dedupe value; none for a sale). Each key's records are read
+    in every partition up to ``high`` (default: the current count), named and not
+    (``Keys.idempotent``): a key's records sit where the partition count of the moment put
+    them, and the index entry of the stored event may name another partition than its
+    record's (a drain's filing after a count change names the partition it routed to, while
+    the key's record, which its script found, was an earlier count's), or be missing (a
+    filing lost beside its record, or an edge that filed none), and a retried key's record
+    may be another attempt's. A few names per keyed event of theirs: what they own, never
+    every record."""
     partitions = range(max(high or 0, keys.partitions))
     for t in theirs:
         if not t.events:
             continue
         records: set[str] = set()
-        index = keys.answers(t.workspace_id)
-        oldest = await redis.zrange(index, 0, 0, withscores=True)
-        floor = int(oldest[0][1]) if oldest else None
+        floors: list[tuple[str, int]] = []  # each index, and its earliest event's time
+        for index in (keys.answers(t.workspace_id), keys.answers_before(t.workspace_id)):
+            if oldest := await redis.zrange(index, 0, 0, withscores=True):
+                floors.append((index, int(oldest[0][1])))
         for e in t.events:
             digests = set()
-            if floor is not None and e.ms >= floor:
+            for index in (i for i, floor in floors if e.ms >= floor):
                 for member in await redis.zrangebyscore(index, e.ms, e.ms):
                     if (parsed := erasure_index.parse_answer(member)) is not None and parsed[0] == e.event_id.hex:
                         digests.add(parsed[2])
