@@ -1175,3 +1175,39 @@ CREATE TABLE IF NOT EXISTS workspace_moves (
     started_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
+
+-- ---------------------------------------------------------------------------------------
+-- Schema version 25: a pass's click_burst flags as one row per link and day, their event ids
+-- in one array (workers/consumer/burst_pass.py), where schemas 23 and 24 wrote an
+-- `event_flags` row of about 200 bytes, with its key, a flagged click. A flagged click's
+-- evidence is its link's thresholds when judged (`clicks`, `seconds`; its count stops at
+-- clicks + 1), the same for every click of the row: about 16 bytes a flagged click. An id
+-- is flagged once: the pass reads the rows of its links that may hold it (by
+-- `burst_flags_link`: those whose last id is not below its smallest) and writes only ids
+-- none holds. Bound: the events' retention, by `last_id` (workers/consumer/retention.py).
+-- A flag the workspace excludes stays an `event_flags` row, as any other rule's; the rows
+-- of schemas 23 and 24 keep theirs there; readers take every form.
+CREATE TABLE IF NOT EXISTS burst_flags (
+    last_id      uuid PRIMARY KEY,  -- the row's largest event id (an id is in one row only)
+    workspace_id uuid NOT NULL,
+    link_id      uuid NOT NULL,
+    clicks       integer NOT NULL,  -- the threshold crossed: more than this many clicks ...
+    seconds      integer NOT NULL,  -- ... from the click's address on its link within this
+    ids          uuid[] NOT NULL    -- in id order, at most 480 (a row stays in its page)
+);
+CREATE INDEX IF NOT EXISTS burst_flags_link ON burst_flags (link_id, last_id);
+ALTER TABLE burst_flags SET (toast_tuple_target = 8160);
+ALTER TABLE burst_flags ALTER COLUMN ids SET STORAGE EXTERNAL;
+-- Every click_burst flag, in whichever form it was written, as an event_flags row reads:
+-- (event id, workspace, excluded, evidence). For reading (an operator's question, a test),
+-- not for a hot path: the schemas 18 to 22 branch scans the events.
+CREATE OR REPLACE VIEW click_burst_flags AS
+SELECT i AS event_id, workspace_id, false AS excluded,
+       jsonb_build_object('clicks', clicks + 1, 'threshold_clicks', clicks, 'window_seconds', seconds) AS evidence
+FROM burst_flags CROSS JOIN LATERAL unnest(ids) AS i
+UNION ALL
+SELECT event_id, workspace_id, excluded, evidence FROM event_flags WHERE rule = 'click_burst'
+UNION ALL
+SELECT event_id, workspace_id, false,
+       jsonb_build_object('clicks', burst_clicks + 1, 'threshold_clicks', burst_clicks, 'window_seconds', burst_seconds)
+FROM events WHERE burst_clicks IS NOT NULL;

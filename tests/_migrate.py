@@ -50,3 +50,16 @@ async def scratch(url: str, settings: Settings) -> AsyncIterator[tuple[asyncpg.C
     finally:
         await pool.close()
         await conn.close()
+
+
+# docs/operations.md, "Migrating to schema 25", rolling back: a burst_flags row's ids become
+# event_flags rows, as schemas 23 and 24 read them
+ROLLBACK_25 = """
+INSERT INTO event_flags (event_id, rule, workspace_id, excluded, evidence)
+SELECT i, 'click_burst', workspace_id, false,
+       jsonb_build_object('clicks', clicks + 1, 'threshold_clicks', clicks, 'window_seconds', seconds)
+FROM burst_flags CROSS JOIN LATERAL unnest(ids) AS i
+ON CONFLICT DO NOTHING;
+DROP VIEW IF EXISTS click_burst_flags;
+DROP TABLE IF EXISTS burst_flags;
+"""

@@ -40,14 +40,11 @@ SELECT e.event_id,
            AND (o.received_at, o.event_id) <= (e.received_at, e.event_id)) AS in_window
 FROM events e WHERE e.link_id = $1 AND e.type = 1 AND NOT e.is_bot
 """
-# the link's click_burst flags, in event_flags (or, as schemas 18 to 22 stored one the
-# workspace did not exclude, on the click's row)
+# the link's click_burst flags, in any form (schema 25's view: burst_flags, event_flags, or
+# as schemas 18 to 22 stored one the workspace did not exclude, on the click's row)
 FLAGS = """
-SELECT event_id, burst_clicks + 1 AS clicks, burst_clicks AS threshold FROM events
-WHERE link_id = $1 AND burst_clicks IS NOT NULL
-UNION ALL
-SELECT f.event_id, (f.evidence->>'clicks')::int, (f.evidence->>'threshold_clicks')::int
-FROM event_flags f JOIN events e USING (event_id) WHERE f.rule = 'click_burst' AND e.link_id = $1
+SELECT f.event_id, (f.evidence->>'clicks')::int AS clicks, (f.evidence->>'threshold_clicks')::int AS threshold
+FROM click_burst_flags f JOIN events e USING (event_id) WHERE e.link_id = $1
 """
 
 
@@ -102,7 +99,7 @@ async def test_a_sustained_burst_counts_each_click_to_the_threshold_plus_one(
 ) -> None:
     """300 clicks from one address on one link within a minute, past the default threshold
     of 20: the 280 past it are flagged after the commit, each with the count where counting
-    stopped (an event_flags row, nothing on the click's row); the window holds the newest 21
+    stopped (ids of a burst_flags row, nothing on the click's row); the window holds the newest 21
     of them, not the 300, and one more click counts 21. A redelivered copy of the burst
     leaves nothing to judge."""
     ws, link = await _link(pg, redis, keys, "sustained")
@@ -117,7 +114,7 @@ async def test_a_sustained_burst_counts_each_click_to_the_threshold_plus_one(
     flagged = await pg.fetch(FLAGS, link["id"])
     assert len(flagged) == 280 and {r["clicks"] for r in flagged} == {21}
     stored = await pg.fetch(
-        "SELECT excluded, evidence FROM event_flags WHERE event_id = ANY($1::uuid[])", [c.event_id for c in sent]
+        "SELECT excluded, evidence FROM click_burst_flags WHERE event_id = ANY($1::uuid[])", [c.event_id for c in sent]
     )
     assert {(r["excluded"], tuple(sorted(r["evidence"].items()))) for r in stored} == {
         (False, (("clicks", 21), ("threshold_clicks", 20), ("window_seconds", 60)))
@@ -133,7 +130,7 @@ async def test_a_sustained_burst_counts_each_click_to_the_threshold_plus_one(
     one = _click(ws, "sustained", "198.51.100.9", at + 30_050)
     await write_batch(pg, [one])
     assert await judge(pg) == 1
-    evidence = await pg.fetchval("SELECT evidence FROM event_flags WHERE event_id = $1", one.event_id)
+    evidence = await pg.fetchval("SELECT evidence FROM click_burst_flags WHERE event_id = $1", one.event_id)
     assert evidence["threshold_clicks"] == 20
     # a redelivered copy of the burst (a reclaim, a replay) stores nothing, leaves nothing to
     # judge and changes no window
@@ -307,6 +304,29 @@ async def test_a_click_judged_twice_is_flagged_once(pg: asyncpg.Pool, redis: Any
     assert await judge(pg) == 0
     assert len(await pg.fetch(FLAGS, link["id"])) == 3 == await flagged_count(pg, link["id"])
     assert len(await pg.fetch(told, ws["workspace_id"])) == 3
+
+
+async def test_a_pass_writes_its_flags_as_rows_of_a_link_in_id_order(pg: asyncpg.Pool, redis: Any, keys: Keys) -> None:
+    """A pass's flags are ``burst_flags`` rows (schema 25): per link and day, their ids in
+    order, ``ROW_IDS`` at most, keyed by the last; the link's thresholds once. 1,000 clicks
+    past a threshold of 2 in one pass are 998 flags in three rows; a second link's its own."""
+    ws, link = await _link(pg, redis, keys, "rows", '{"burst_clicks": 2, "burst_seconds": 90}')
+    async with pg.acquire() as conn:
+        other = await admin.create_link(conn, redis, keys, workspace_id=ws["workspace_id"], code="rows2")
+    now = Envelope(EventType.CLICK, Dialect.BIORE, {}).received_at_ms - 30_000
+    sent = [_click(ws, "rows", "198.51.100.60", now + 10 * i) for i in range(1000)]
+    theirs = [_click(ws, "rows2", "198.51.100.60", now + 10 * i) for i in range(4)]
+    await write_batch(pg, sent + theirs)
+    assert await judge(pg) == 998 + 2
+    rows = await pg.fetch("SELECT * FROM burst_flags WHERE link_id = $1 ORDER BY last_id", link["id"])
+    assert [len(r["ids"]) for r in rows] == [burst_pass.ROW_IDS, burst_pass.ROW_IDS, 998 - 2 * burst_pass.ROW_IDS]
+    ids = [i for r in rows for i in r["ids"]]
+    assert ids == sorted(ids) and all(r["last_id"] == r["ids"][-1] for r in rows)
+    assert set(ids) == {c.event_id for c in sorted(sent, key=lambda c: (c.received_at_ms, c.event_id))[2:]}
+    assert {(r["clicks"], r["seconds"], r["workspace_id"]) for r in rows} == {(2, 90, UUID(ws["workspace_id"]))}
+    (row,) = await pg.fetch("SELECT ids FROM burst_flags WHERE link_id = $1", other["id"])
+    assert len(row["ids"]) == 2
+    assert await flagged_count(pg, link["id"]) == 998 and not await pg.fetchval("SELECT count(*) FROM event_flags")
 
 
 async def test_clicks_committed_and_never_judged_are_judged_by_a_later_pass(

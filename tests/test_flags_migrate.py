@@ -24,7 +24,7 @@ from ingest.privacy import erasure_affiliate
 from workers.consumer import burst_pass, drops
 from workers.consumer.store import write_batch
 
-from ._migrate import old_database
+from ._migrate import ROLLBACK_25, old_database
 from ._world import BROWSER
 from .test_windows_migrate import ROLLBACK as ROLLBACK_18
 
@@ -125,11 +125,11 @@ async def test_a_schema_16_database_with_flags_takes_schema_17(scratch_url: str,
         ]
         assert (await write_batch(pool, clicks)).inserted == 4
         assert (await burst_pass.run(pool)).flagged == 2  # judged after the commit (schema 23)
-        # this build's flags are event_flags rows without the address, the row's own
+        # this build's flags are burst_flags rows (schema 25) without the address, the row's own
         new = [
             orjson.loads(r[0])
             for r in await conn.fetch(
-                "SELECT f.evidence::text FROM event_flags f JOIN events e USING (event_id) WHERE host(e.ip) = $1",
+                "SELECT f.evidence::text FROM click_burst_flags f JOIN events e USING (event_id) WHERE host(e.ip) = $1",
                 NEW_IP,
             )
         ]
@@ -140,12 +140,13 @@ async def test_a_schema_16_database_with_flags_takes_schema_17(scratch_url: str,
         # an affiliate's erasure finds the flags of their events: the old form's copy of
         # their address is redacted
         await erasure_affiliate.erase(pool, str(ws), affiliate_id=str(aff), by="test", archive_days=30)
-        left = [orjson.loads(r[0]) for r in await conn.fetch("SELECT evidence::text FROM event_flags")]
+        left = [orjson.loads(r[0]) for r in await conn.fetch("SELECT evidence::text FROM click_burst_flags")]
         assert len(left) == 4 and not any(OLD_IP in orjson.dumps(doc).decode() for doc in left)
         assert sum(1 for doc in left if "ip" in doc and doc["ip"] is None) == 2
 
         # the rollback: schema 18's first (flags on the rows, of schemas 18 to 22, become rows of their own),
         # then every flag its columns and its index back, read the same by schema 16's recount
+        await conn.execute(ROLLBACK_25)
         await conn.execute(ROLLBACK_18)
         await conn.execute(ROLLBACK)
         assert await conn.fetchval("SELECT count(*) FROM event_flags WHERE link_id IS NULL") == 0

@@ -133,7 +133,7 @@ async def test_the_fraud_settings_take_idempotency_keys(edge: str, world: World)
 async def test_clicks_in_one_millisecond_count_each_other_once(pg: asyncpg.Pool, redis: Any, keys: Keys) -> None:
     """A burst's clicks ordered by time, then event id: of four clicks from one IP in the
     same millisecond (one round trip per request makes that common) past a threshold of
-    two, the third and fourth are flagged, not all four, each an ``event_flags`` row made
+    two, the third and fourth are flagged, not all four, each an id of a ``burst_flags`` row made
     after the commit (``workers.consumer.burst_pass``)."""
     async with pg.acquire() as conn:
         ws = await admin.create_workspace(conn, "Burst")
@@ -157,10 +157,10 @@ async def test_clicks_in_one_millisecond_count_each_other_once(pg: asyncpg.Pool,
     await write_batch(pg, clicks)
     await judge(pg)
     flagged = await pg.fetch(
-        "SELECT event_id, evidence FROM event_flags WHERE rule = 'click_burst' AND event_id = ANY($1::uuid[])",
+        "SELECT event_id, evidence FROM click_burst_flags WHERE event_id = ANY($1::uuid[])",
         [c.event_id for c in clicks],
     )
-    # the threshold crossed and the window, nothing on the clicks' rows (schema 23)
+    # the threshold crossed and the window, nothing on the clicks' rows (schemas 23, 25)
     assert [(r["evidence"]["threshold_clicks"], r["evidence"]["window_seconds"]) for r in flagged] == [(2, 60)] * 2
     assert not await pg.fetchval(
         "SELECT count(*) FROM events WHERE link_id = $1 AND burst_clicks IS NOT NULL", link["id"]
@@ -197,8 +197,8 @@ async def test_thresholds_written_by_hand_fall_back_to_the_defaults(pg: asyncpg.
         await judge(pg)
     assert await pg.fetchval("SELECT clicks FROM links WHERE code = 'byhand'") == 21
     flagged = await pg.fetch(
-        "SELECT f.evidence FROM event_flags f JOIN events e USING (event_id) JOIN links l ON l.id = e.link_id"
-        " WHERE l.code = 'byhand' AND f.rule = 'click_burst'"
+        "SELECT f.evidence FROM click_burst_flags f JOIN events e USING (event_id) JOIN links l ON l.id = e.link_id"
+        " WHERE l.code = 'byhand'"
     )
     # the default threshold of 20, crossed by the 21st
     assert [(r["evidence"]["threshold_clicks"], r["evidence"]["window_seconds"]) for r in flagged] == [(20, 60)]

@@ -18,7 +18,7 @@ from ingest.manage.db import SCHEMA_VERSION, migrate
 from workers.consumer import burst_pass, bursts
 from workers.consumer.store import write_batch
 
-from ._migrate import DATA, old_database, schema_until, scratch
+from ._migrate import DATA, ROLLBACK_25, old_database, schema_until, scratch
 from ._world import BROWSER
 from .test_bursts import _click, held
 
@@ -94,7 +94,7 @@ async def test_a_schema_17_database_with_clicks_takes_the_windows_of_schema_18(
         clicks = [_click({"workspace_id": str(ws)}, "OLD1", IP, at + i) for i in range(4)]
         assert (await write_batch(pool, clicks)).inserted == 4
         assert (await burst_pass.run(pool)).flagged == 2  # after the commit (schema 23)
-        flagged = await conn.fetch("SELECT event_id, evidence::text FROM event_flags WHERE rule = 'click_burst'")
+        flagged = await conn.fetch("SELECT event_id, evidence::text FROM click_burst_flags")
         assert sorted((r["event_id"], r["evidence"]) for r in flagged) == sorted(
             (c.event_id, '{"clicks": 3, "window_seconds": 60, "threshold_clicks": 2}') for c in clicks[2:]
         )
@@ -109,6 +109,7 @@ async def test_a_schema_17_database_with_clicks_takes_the_windows_of_schema_18(
         # this build's are already, which schema 17 reads;
         # the older build's migrate (its schema.sql) makes the index again on every
         # partition, and schema 17's count reads the eight clicks through it
+        await conn.execute(ROLLBACK_25)  # schema 25's first: its flags rows of event_flags
         await conn.execute(ROLLBACK)
         await conn.execute((DATA / "schema_v17.sql").read_text())
         moved = await conn.fetch("SELECT event_id, evidence FROM event_flags WHERE rule = 'click_burst'")
@@ -169,7 +170,9 @@ async def test_a_schema_20_database_copies_its_open_windows_into_the_byte_string
         third = _click({"workspace_id": str(ws)}, "OLD1", IP, at + 10)
         assert (await write_batch(pool, [third])).inserted == 1
         assert (await burst_pass.run(pool)).flagged == 1
-        evidence = await conn.fetchval("SELECT evidence::text FROM event_flags WHERE event_id = $1", third.event_id)
+        evidence = await conn.fetchval(
+            "SELECT evidence::text FROM click_burst_flags WHERE event_id = $1", third.event_id
+        )
         assert evidence == '{"clicks": 3, "window_seconds": 60, "threshold_clicks": 2}'
         window = await conn.fetchval("SELECT clicks FROM burst_windows WHERE host(ip) = $1", IP)
         assert held(window) == [(at, ids[0]), (at + 1, ids[1]), (at + 10, third.event_id)]

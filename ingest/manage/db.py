@@ -70,7 +70,9 @@ from ingest.manage import online
 #     burst_pending, a flag the workspace does not exclude an event_flags row
 # 24: workspaces on several Postgres primaries: the directory's shards, workspace_shards
 #     and link_codes (ingest.ledger.placement), read in DATABASE_URL's database only
-SCHEMA_VERSION = 24
+# 25: a pass's click_burst flags one row per link and day (burst_flags: their event ids in
+#     an array, the thresholds once), where 23 and 24 wrote an event_flags row a flag
+SCHEMA_VERSION = 25
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

@@ -17,12 +17,20 @@ exception, judged in the batch (``workers.consumer.fraud.burst_excluded``).
   (``workers.consumer.bursts``), writes the flags, their ``drop_stats`` count
   (``flagged``/``click_burst``) and their ``fraud.flagged`` deliveries, and deletes the
   rows it took. A pass that fails rolls all of it back; the rows are taken again.
-- **Idempotent by event id.** A flag is an ``event_flags`` row keyed by (event id, rule),
-  inserted ON CONFLICT DO NOTHING RETURNING: only a flag that came back is counted and
-  announced, so a click judged twice (a replay, a pass repeated) flags nothing twice; a
-  window holds a click once, by event id.
+- **Flags, compact.** A pass writes its flags as one ``burst_flags`` row per link and day
+  (schema 25): their event ids in an array, in id order, and the link's thresholds when
+  judged, which are every one of its flags' evidence (a flagged click's count stops at
+  the threshold + 1). About 16 bytes a flagged click, where an ``event_flags`` row and its
+  key took about 200 (docs/benchmarks.md, "A pass's flags as one row per link").
+- **Idempotent by event id.** An id enters ``burst_pending`` once, with the insert that
+  stored it, and leaves it in the transaction that writes its flag; and a pass writes
+  only the ids no ``burst_flags`` row of their link holds already (those rows found by
+  ``burst_flags_link``: their last id is not below the pass's smallest id of the link),
+  so a click judged twice (a pass repeated, a replay) flags nothing twice and is counted
+  and announced once; a window holds a click once, by event id.
 - **Lock order**: ``burst_pending``, then the batch's own order (``workers.consumer.store``):
-  burst_windows, event_flags, links, webhook_deliveries, drop_stats, each in key order. The
+  burst_windows, burst_flags (where ``event_flags`` is), links, webhook_deliveries,
+  drop_stats, each in key order. The
   flagged clicks' links are locked as a batch locks them (FOR NO KEY UPDATE), so that a
   fixing reconcile, which holds its chunk's links while it recounts ``drop_stats``
   (``workers.ops.reconcile``), never rewrites a count beside a flag not yet committed.
@@ -72,13 +80,22 @@ LEFT JOIN programs p ON p.id = e.program_id
 WHERE e.event_id = ANY ($1::uuid[]) AND e.type = 1 AND e.ip IS NOT NULL AND e.link_id IS NOT NULL
 """
 _LINKS = "SELECT 1 FROM links WHERE id = ANY ($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
-_FLAGS = f"""
-INSERT INTO event_flags (event_id, rule, workspace_id, excluded, evidence)
-{jsonrows.select(("uuid", "text", "uuid", "boolean", "jsonb"))}
-ORDER BY 1, 2
-ON CONFLICT DO NOTHING
-RETURNING event_id
+# the ids of $3 some row of their link holds already: per link ($1), the rows whose last id
+# is not below the pass's smallest id of it ($2)
+_FLAGGED = """
+SELECT i FROM unnest($1::uuid[], $2::uuid[]) AS q (link_id, since)
+JOIN burst_flags b ON b.link_id = q.link_id AND b.last_id >= q.since
+CROSS JOIN LATERAL unnest(b.ids) AS i
+WHERE i = ANY ($3::uuid[])
 """
+_FLAGS = """
+INSERT INTO burst_flags (last_id, workspace_id, link_id, clicks, seconds, ids)
+SELECT (r->>0)::uuid, (r->>1)::uuid, (r->>2)::uuid, (r->>3)::integer, (r->>4)::integer,
+       ARRAY(SELECT x::uuid FROM jsonb_array_elements_text(r->5) AS x)
+FROM jsonb_array_elements($1::text::jsonb) AS r
+ORDER BY 1
+"""
+ROW_IDS: Final = 480  # ids a burst_flags row holds at most: 16 bytes each, the row in its page
 
 
 @dataclass(slots=True)
@@ -117,18 +134,12 @@ async def _pass(conn: asyncpg.Connection, rows: int) -> Passed:
     if not crossed:
         return out
     by_id = {r["event_id"]: r for r in found}
-    evidence = {c.click.event_id: _evidence(c) for c in crossed}
-    new = {
-        r["event_id"]
-        for r in await conn.fetch(
-            _FLAGS,
-            jsonrows.doc([(i, "click_burst", by_id[i]["workspace_id"], False, evidence[i]) for i in sorted(evidence)]),
-        )
-    }
+    new = await _flag(conn, crossed, by_id)
     out.flagged = len(new)
     if new:
         await conn.execute(_LINKS, sorted({by_id[i]["link_id"] for i in new}))
-    heard = [by_id[i] for i in sorted(new) if by_id[i]["heard"]]
+    evidence = {c.click.event_id: _evidence(c) for c in crossed}
+    heard = [by_id[i] for i in new if by_id[i]["heard"]]
     notices = [fraud.notice(*_notice(r, evidence[r["event_id"]])) for r in heard]
     out.deliveries = await outbox.record_deliveries(conn, notices)
     counts: Counter[drops.Key] = Counter()
@@ -139,9 +150,39 @@ async def _pass(conn: asyncpg.Connection, rows: int) -> Passed:
     return out
 
 
+async def _flag(conn: asyncpg.Connection, crossed: list[bursts.Counted], by_id: dict[Any, asyncpg.Record]) -> list[Any]:
+    """The flags of ``crossed`` no row holds already, written as ``burst_flags`` rows (per
+    link and day, ``ROW_IDS`` ids at most); their ids, in order."""
+    since: dict[str, Any] = {}
+    for c in crossed:
+        link = c.click.link_id
+        since[link] = min(since.get(link, c.click.event_id), c.click.event_id)
+    links = sorted(since)
+    ids = sorted({c.click.event_id for c in crossed})
+    held = {r["i"] for r in await conn.fetch(_FLAGGED, links, [since[k] for k in links], ids)}
+    rows: dict[tuple[str, Any, int, int], list[Any]] = {}
+    for c in sorted(crossed, key=lambda c: c.click.event_id):
+        i = c.click.event_id
+        if i in held:
+            continue
+        held.add(i)  # once, were a pass to hand it twice
+        key = (c.click.link_id, by_id[i]["received_at"].date(), c.limits.clicks, c.limits.seconds)
+        rows.setdefault(key, []).append(i)
+    docs = []
+    for (link, _day, clicks, seconds), flagged in sorted(rows.items()):
+        workspace = by_id[flagged[0]]["workspace_id"]
+        for at in range(0, len(flagged), ROW_IDS):
+            chunk = flagged[at : at + ROW_IDS]
+            docs.append((chunk[-1], workspace, link, clicks, seconds, chunk))
+    if docs:
+        await conn.execute(_FLAGS, jsonrows.doc(docs))
+    return sorted(i for *_, chunk in docs for i in chunk)
+
+
 def _evidence(c: bursts.Counted) -> dict[str, Any]:
-    """As ``event_flags`` keeps a click_burst flag's: the address is its row's
-    (``fraud.ON_THE_ROW``), which an erasure scrubs there."""
+    """A click_burst flag's evidence, as its notice has it beside the address (which is its
+    click's row's, ``fraud.ON_THE_ROW``, and which an erasure scrubs there); a
+    ``burst_flags`` row keeps the thresholds, the count being the threshold + 1."""
     return {"clicks": c.clicks, "threshold_clicks": c.limits.clicks, "window_seconds": c.limits.seconds}
 
 

@@ -225,9 +225,10 @@ async def fold(redis: Any, pool: asyncpg.Pool | Placement, prefix: str) -> int:
 # its transaction. What a batch decided is on its rows: test mode, out-of-window and
 # ``bot_counted`` on the event, a fraud flag in ``event_flags`` (read through its event: the
 # flag holds no link or time of its own since schema 17; a click_burst flag there too since
-# schema 23, written after the batch's commit with its count: ``burst_pass``) or, a
-# click_burst flag of schemas 18 to 22 the workspace did not exclude, on the event's row
-# (``burst_clicks``), a drop without
+# schema 23, written after the batch's commit with its count: ``burst_pass``), a click_burst
+# flag the workspace did not exclude in a ``burst_flags`` row since schema 25 (read from the
+# rows of the chunk's links not older than the window's oldest event) or, in schemas 18 to
+# 22, on the event's row (``burst_clicks``), a drop without
 # an event (an unknown code, an inactive link, a duplicate) in ``event_drops``. The edge's
 # refusals (``source = 'edge'``) have no row to recount them from: they are left as they
 # are. Drops that no link resolved for are counted under the nil link id, a chunk of their
@@ -268,6 +269,14 @@ SELECT workspace_id, link_id, day, 'flagged', rule, count(*) FROM (
     FROM events e
     WHERE e.link_id = ANY($1::uuid[]) AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
       AND e.burst_clicks IS NOT NULL
+    UNION ALL
+    SELECT e.workspace_id, e.link_id, (e.received_at AT TIME ZONE 'UTC')::date, 'click_burst'
+    FROM burst_flags b CROSS JOIN LATERAL unnest(b.ids) AS i (id) JOIN events e ON e.event_id = i.id
+    WHERE b.link_id = ANY($1::uuid[]) AND b.last_id >= greatest($4, coalesce(
+            (SELECT min(w.event_id::text)::uuid FROM events w
+             WHERE w.link_id = ANY($1::uuid[]) AND w.received_at >= $2 AND w.received_at < $3),
+            'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+      AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
 ) flags
 GROUP BY 1, 2, 3, 5
 """

@@ -2,7 +2,8 @@
 partition maintenance (``workers/consumer/partitions.py``), on Postgres's day, under its lock, and
 only when this process's clock agrees with Postgres's.
 
-- ``event_flags`` and ``event_drops``: every row whose event id is below the horizon, the
+- ``event_flags``, ``event_drops`` and ``burst_flags`` (by a row's last id): every row whose
+  event id is below the horizon, the
   events' own retention (their events' rows are gone or going with their partitions, and
   the worker counts nothing below it, so a redelivery cannot count a drop twice);
 - ``webhook_deliveries``: delivered or failed ones made more than
@@ -28,6 +29,12 @@ CHUNK = 10_000
 _BELOW_HORIZON = """
 DELETE FROM {table} WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM {table} WHERE event_id < $1 LIMIT $2))
+"""
+# a row of flags whose every id is below the horizon (by its last: the key); a row across it
+# waits for its last (a pass writes a row per day, so only a clock's day apart from the ids')
+_BURST_FLAGS = """
+DELETE FROM burst_flags WHERE last_id = ANY(ARRAY(
+    SELECT last_id FROM burst_flags WHERE last_id < $1 LIMIT $2))
 """
 _DELIVERIES = """
 DELETE FROM webhook_deliveries WHERE id = ANY(ARRAY(
@@ -64,6 +71,8 @@ async def purge(
     out = Purged()
     for table in ("event_flags", "event_drops"):
         await _chunks(conn, _BELOW_HORIZON.format(table=table), horizon_id, table, out)
+    if await conn.fetchval("SELECT to_regclass('burst_flags') IS NOT NULL"):  # schema 25 on
+        await _chunks(conn, _BURST_FLAGS, horizon_id, "burst_flags", out)
     await _chunks(conn, _DELIVERIES, webhooks_before, "webhook_deliveries", out)
     await _chunks(conn, _IPS, ips_before, "affiliate_ips", out)
     return out

@@ -28,7 +28,8 @@ found by its token), from the outcomes of the operation's attempts:
   (an erased customer still somewhere: ``erased.py``); ``burst_unearned``, ``burst_evidence``
   (a click_burst flag whose window does not hold more clicks than its threshold, or whose
   evidence is not where the count stops), ``burst_unjudged`` (a stored click the rule's
-  pass after the commit never judged: ``_bursts``); ``suppressed_stored`` (a click of a
+  pass after the commit never judged: ``_bursts``), ``burst_twice`` (a click flagged
+  click_burst more than once); ``suppressed_stored`` (a click of a
   visitor on the do-not-track list, sent once every edge must have read the list, stored:
   ``_surely_suppressed``); ``process_exit``, ``replay_failed``,
   ``nemesis`` (the run's own);
@@ -98,7 +99,8 @@ PROBE_S = 2.0  # after such a fault heals, how long an edge may still answer wit
 SPOOL_DRAIN_S = 10.0
 # each click_burst flag of a click whose address is still stored, with the clicks its window
 # holds (those without an address, erased since, counted as the flagged one's); a flag is
-# an event_flags row (schema 23), or as schemas 18 to 22 kept one the workspace did not
+# an event_flags row (schema 23), an id of a burst_flags row (schema 25: its clicks + 1 the
+# evidence's count), or as schemas 18 to 22 kept one the workspace did not
 # exclude, on its click's row (burst_clicks, burst_seconds: its evidence's clicks is the
 # threshold + 1, where counting stops)
 BURSTS = f"""SELECT f.event_id, {TOKEN_SQL} AS token, f.clicks, f.threshold,
@@ -109,6 +111,8 @@ BURSTS = f"""SELECT f.event_id, {TOKEN_SQL} AS token, f.clicks, f.threshold,
 FROM (SELECT event_id, (evidence->>'clicks')::int AS clicks, (evidence->>'threshold_clicks')::int AS threshold,
              (evidence->>'window_seconds')::int AS window_seconds
       FROM event_flags WHERE rule = 'click_burst'
+      UNION ALL
+      SELECT i, clicks + 1, clicks, seconds FROM burst_flags, unnest(ids) AS i
       UNION ALL
       SELECT event_id, burst_clicks + 1, burst_clicks, burst_seconds FROM events WHERE burst_clicks IS NOT NULL) f
 JOIN events e ON e.event_id = f.event_id
@@ -571,6 +575,9 @@ class GenChecker:
             self.a.add("burst_unjudged", f"{left} batches' clicks not judged {UNJUDGED_WAIT_S:.0f}s after the drain")
         flags = await self.check.fetch(BURSTS)
         self.bursts = len(flags)
+        for event_id, n in Counter(r["event_id"] for r in flags).items():
+            if n > 1:  # a click judged twice (a pass repeated, a replay) flags nothing twice
+                self.a.add("burst_twice", f"click_burst flags of {event_id}: {n}")
         for r in flags:
             flag = f"click_burst flag of {r['event_id']} ({r['token']})"
             threshold = f"threshold {r['threshold']}"
