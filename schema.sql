@@ -1182,20 +1182,22 @@ CREATE TABLE IF NOT EXISTS workspace_moves (
 -- `event_flags` row of about 200 bytes, with its key, a flagged click. A flagged click's
 -- evidence is its link's thresholds when judged (`clicks`, `seconds`; its count stops at
 -- clicks + 1), the same for every click of the row: about 16 bytes a flagged click. An id
--- is flagged once: the pass reads the rows of its links that may hold it (by
--- `burst_flags_link`: those whose last id is not below its smallest) and writes only ids
--- none holds. Bound: the events' retention, by `last_id` (workers/consumer/retention.py).
+-- is flagged once: the pass reads the rows of its links whose ids' range overlaps its own
+-- (by `burst_flags_link`, the first id beside the last: rows that do not overlap are passed
+-- over in the index) and writes only ids none holds. Bound: the events' retention, by
+-- `last_id` (workers/consumer/retention.py).
 -- A flag the workspace excludes stays an `event_flags` row, as any other rule's; the rows
 -- of schemas 23 and 24 keep theirs there; readers take every form.
 CREATE TABLE IF NOT EXISTS burst_flags (
     last_id      uuid PRIMARY KEY,  -- the row's largest event id (an id is in one row only)
+    first_id     uuid NOT NULL,     -- and its smallest
     workspace_id uuid NOT NULL,
     link_id      uuid NOT NULL,
     clicks       integer NOT NULL,  -- the threshold crossed: more than this many clicks ...
     seconds      integer NOT NULL,  -- ... from the click's address on its link within this
     ids          uuid[] NOT NULL    -- in id order, at most 480 (a row stays in its page)
 );
-CREATE INDEX IF NOT EXISTS burst_flags_link ON burst_flags (link_id, last_id);
+CREATE INDEX IF NOT EXISTS burst_flags_link ON burst_flags (link_id, last_id) INCLUDE (first_id);
 ALTER TABLE burst_flags SET (toast_tuple_target = 8160);
 ALTER TABLE burst_flags ALTER COLUMN ids SET STORAGE EXTERNAL;
 -- Every click_burst flag, in whichever form it was written, as an event_flags row reads:

@@ -321,7 +321,7 @@ async def test_a_pass_writes_its_flags_as_rows_of_a_link_in_id_order(pg: asyncpg
     rows = await pg.fetch("SELECT * FROM burst_flags WHERE link_id = $1 ORDER BY last_id", link["id"])
     assert [len(r["ids"]) for r in rows] == [burst_pass.ROW_IDS, burst_pass.ROW_IDS, 998 - 2 * burst_pass.ROW_IDS]
     ids = [i for r in rows for i in r["ids"]]
-    assert ids == sorted(ids) and all(r["last_id"] == r["ids"][-1] for r in rows)
+    assert ids == sorted(ids) and all((r["first_id"], r["last_id"]) == (r["ids"][0], r["ids"][-1]) for r in rows)
     assert set(ids) == {c.event_id for c in sorted(sent, key=lambda c: (c.received_at_ms, c.event_id))[2:]}
     assert {(r["clicks"], r["seconds"], r["workspace_id"]) for r in rows} == {(2, 90, UUID(ws["workspace_id"]))}
     (row,) = await pg.fetch("SELECT ids FROM burst_flags WHERE link_id = $1", other["id"])

@@ -17,6 +17,7 @@ from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from ingest.ledger import directory as placement_directory
 from ingest.ledger import placement
+from workers.consumer import consume, waiting
 from workers.ops.move import Mover, plan
 
 from ._procs import CliError, Procs
@@ -195,7 +196,14 @@ async def test_a_move_killed_after_a_step_is_taken_up_again(
                 undone = await procs.cli("workspace", "move", ws["workspace_id"], "--abort")
                 assert (undone["on"], undone["aborted"]) == ("default", "fenced"), undone
                 answered = len(replies)  # each stored on the source, the room's included
-                await wait_for(lambda: _grows_on(directory_url, answered), what="the source taking writes again")
+                # the room drains a page a second (waiting.PAGE, consume.WAITING_EVERY_S): its
+                # backlog, all the clicks answered while fenced, sets how long that takes
+                drained_in = answered / waiting.PAGE * consume.WAITING_EVERY_S
+                await wait_for(
+                    lambda: _grows_on(directory_url, answered),
+                    timeout=30.0 + drained_in,
+                    what="the source taking writes again",
+                )
                 stored_there = await _events(directory_url)
                 assert await _events(shard_url) == 0  # the partial copy deleted
             done = await procs.cli("workspace", "move", ws["workspace_id"], "--to", "b", timeout=300)

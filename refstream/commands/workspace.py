@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import click
 
+from ingest.contract.errors import NotFound
 from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
@@ -76,19 +77,37 @@ def delete(workspace_id: str, yes: bool) -> None:
     if not yes:
         click.confirm(f"Delete workspace {workspace_id} and all its data, for good?", abort=True)
 
-    async def go(settings: Settings) -> dict[str, Any]:
-        async with open_connections(settings, workspace_id) as (conn, redis):
-            done = await deletion.delete_workspace(
-                conn, redis, Keys(settings.stream_prefix, settings.partitions), workspace_id
-            )
+    async def forget(settings: Settings, workspace: uuid.UUID) -> None:
         directory = await open_database(settings)
         try:  # where it was, and its links' codes: free for another workspace
-            await directory_mod.forget(directory, uuid.UUID(workspace_id))
+            await directory_mod.forget(directory, workspace)
         finally:
             await directory.close()
+
+    async def go(settings: Settings) -> dict[str, Any]:
+        try:
+            async with open_connections(settings, workspace_id) as (conn, redis):
+                done = await deletion.delete_workspace(
+                    conn, redis, Keys(settings.stream_prefix, settings.partitions), workspace_id
+                )
+        except NotFound:
+            # gone from its shard, maybe by a delete whose directory half failed (the
+            # directory away after the shard's commit): that half is done now, and the
+            # answer is "not found" all the same
+            if (workspace := _uuid(workspace_id)) is not None:
+                await forget(settings, workspace)
+            raise
+        await forget(settings, uuid.UUID(workspace_id))
         return done
 
     print_data(run_command(go))
+
+
+def _uuid(text: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
 
 
 @workspace.command("set-bot-policy")

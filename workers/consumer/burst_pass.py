@@ -24,8 +24,9 @@ exception, judged in the batch (``workers.consumer.fraud.burst_excluded``).
   key took about 200 (docs/benchmarks.md, "A pass's flags as one row per link").
 - **Idempotent by event id.** An id enters ``burst_pending`` once, with the insert that
   stored it, and leaves it in the transaction that writes its flag; and a pass writes
-  only the ids no ``burst_flags`` row of their link holds already (those rows found by
-  ``burst_flags_link``: their last id is not below the pass's smallest id of the link),
+  only the ids no ``burst_flags`` row of their link holds already (the rows whose range of
+  ids overlaps the pass's for the link, found in ``burst_flags_link`` alone: a pass of
+  fresh clicks reads one row or none; one of late clicks no more than their span's),
   so a click judged twice (a pass repeated, a replay) flags nothing twice and is counted
   and announced once; a window holds a click once, by event id.
 - **Lock order**: ``burst_pending``, then the batch's own order (``workers.consumer.store``):
@@ -80,18 +81,17 @@ LEFT JOIN programs p ON p.id = e.program_id
 WHERE e.event_id = ANY ($1::uuid[]) AND e.type = 1 AND e.ip IS NOT NULL AND e.link_id IS NOT NULL
 """
 _LINKS = "SELECT 1 FROM links WHERE id = ANY ($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
-# the ids of $3 some row of their link holds already: per link ($1), the rows whose last id
-# is not below the pass's smallest id of it ($2)
+# the ids of the rows of each link ($1) whose range overlaps the pass's ids of it ($2 to
+# $3): found in the index (its first id beside its last), only those rows read
 _FLAGGED = """
-SELECT i FROM unnest($1::uuid[], $2::uuid[]) AS q (link_id, since)
-JOIN burst_flags b ON b.link_id = q.link_id AND b.last_id >= q.since
+SELECT i FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS q (link_id, low, high)
+JOIN burst_flags b ON b.link_id = q.link_id AND b.last_id >= q.low AND b.first_id <= q.high
 CROSS JOIN LATERAL unnest(b.ids) AS i
-WHERE i = ANY ($3::uuid[])
 """
 _FLAGS = """
-INSERT INTO burst_flags (last_id, workspace_id, link_id, clicks, seconds, ids)
-SELECT (r->>0)::uuid, (r->>1)::uuid, (r->>2)::uuid, (r->>3)::integer, (r->>4)::integer,
-       ARRAY(SELECT x::uuid FROM jsonb_array_elements_text(r->5) AS x)
+INSERT INTO burst_flags (last_id, first_id, workspace_id, link_id, clicks, seconds, ids)
+SELECT (r->>0)::uuid, (r->>1)::uuid, (r->>2)::uuid, (r->>3)::uuid, (r->>4)::integer, (r->>5)::integer,
+       ARRAY(SELECT x::uuid FROM jsonb_array_elements_text(r->6) AS x)
 FROM jsonb_array_elements($1::text::jsonb) AS r
 ORDER BY 1
 """
@@ -153,13 +153,14 @@ async def _pass(conn: asyncpg.Connection, rows: int) -> Passed:
 async def _flag(conn: asyncpg.Connection, crossed: list[bursts.Counted], by_id: dict[Any, asyncpg.Record]) -> list[Any]:
     """The flags of ``crossed`` no row holds already, written as ``burst_flags`` rows (per
     link and day, ``ROW_IDS`` ids at most); their ids, in order."""
-    since: dict[str, Any] = {}
+    span: dict[str, tuple[Any, Any]] = {}
     for c in crossed:
-        link = c.click.link_id
-        since[link] = min(since.get(link, c.click.event_id), c.click.event_id)
-    links = sorted(since)
-    ids = sorted({c.click.event_id for c in crossed})
-    held = {r["i"] for r in await conn.fetch(_FLAGGED, links, [since[k] for k in links], ids)}
+        link, i = c.click.link_id, c.click.event_id
+        low, high = span.get(link, (i, i))
+        span[link] = (min(low, i), max(high, i))
+    links = sorted(span)
+    ranges = [span[k] for k in links]
+    held = {r["i"] for r in await conn.fetch(_FLAGGED, links, [lo for lo, _ in ranges], [hi for _, hi in ranges])}
     rows: dict[tuple[str, Any, int, int], list[Any]] = {}
     for c in sorted(crossed, key=lambda c: c.click.event_id):
         i = c.click.event_id
@@ -173,7 +174,7 @@ async def _flag(conn: asyncpg.Connection, crossed: list[bursts.Counted], by_id: 
         workspace = by_id[flagged[0]]["workspace_id"]
         for at in range(0, len(flagged), ROW_IDS):
             chunk = flagged[at : at + ROW_IDS]
-            docs.append((chunk[-1], workspace, link, clicks, seconds, chunk))
+            docs.append((chunk[-1], chunk[0], workspace, link, clicks, seconds, chunk))
     if docs:
         await conn.execute(_FLAGS, jsonrows.doc(docs))
     return sorted(i for *_, chunk in docs for i in chunk)
