@@ -26,15 +26,12 @@ import asyncpg
 
 CHUNK = 10_000
 
+# a burst_flags row goes once every id of it is below the horizon (by its last id, its key);
+# a row across the horizon waits for its last (a pass writes a row per day, so only a clock's
+# day apart from the ids' makes one)
 _BELOW_HORIZON = """
 DELETE FROM {table} WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM {table} WHERE event_id < $1 LIMIT $2))
-"""
-# a row of flags whose every id is below the horizon (by its last: the key); a row across it
-# waits for its last (a pass writes a row per day, so only a clock's day apart from the ids')
-_BURST_FLAGS = """
-DELETE FROM burst_flags WHERE last_id = ANY(ARRAY(
-    SELECT last_id FROM burst_flags WHERE last_id < $1 LIMIT $2))
+    SELECT ctid FROM {table} WHERE {column} < $1 LIMIT $2))
 """
 _DELIVERIES = """
 DELETE FROM webhook_deliveries WHERE id = ANY(ARRAY(
@@ -69,10 +66,11 @@ async def purge(
     deliveries made before ``webhooks_before``, affiliate addresses last seen before
     ``ips_before``."""
     out = Purged()
-    for table in ("event_flags", "event_drops"):
-        await _chunks(conn, _BELOW_HORIZON.format(table=table), horizon_id, table, out)
+    tables = [("event_flags", "event_id"), ("event_drops", "event_id")]
     if await conn.fetchval("SELECT to_regclass('burst_flags') IS NOT NULL"):  # schema 25 on
-        await _chunks(conn, _BURST_FLAGS, horizon_id, "burst_flags", out)
+        tables.append(("burst_flags", "last_id"))
+    for table, column in tables:
+        await _chunks(conn, _BELOW_HORIZON.format(table=table, column=column), horizon_id, table, out)
     await _chunks(conn, _DELIVERIES, webhooks_before, "webhook_deliveries", out)
     await _chunks(conn, _IPS, ips_before, "affiliate_ips", out)
     return out
