@@ -53,7 +53,7 @@ _TABLES = (
     "webhook_attempts, webhook_deliveries, webhooks, affiliate_milestones, milestones, daily_stats, events,"
     " link_visitor_days, event_dedupe, event_retention,"
     " customers, links, api_keys, affiliates, programs, workspaces,"
-    " drop_stats, event_drops, drop_folds, event_flags, affiliate_ips"
+    " drop_stats, event_drops, drop_folds, event_flags, burst_flags, affiliate_ips"
 )
 
 
