@@ -137,7 +137,14 @@ CREATE TABLE IF NOT EXISTS events (
     payload       jsonb NOT NULL DEFAULT '{}'
 ) PARTITION BY RANGE (event_id);
 -- reconcile's and the drops' recount: a chunk of links' events in a window of received time
-CREATE INDEX IF NOT EXISTS events_link_received ON events (link_id, received_at);
+-- (until schema 26: `events_link_key_received` replaces it, and none is made once it is there)
+DO $link_received$
+BEGIN
+    IF to_regclass('events_link_key_received') IS NULL THEN
+        CREATE INDEX IF NOT EXISTS events_link_received ON events (link_id, received_at);
+    END IF;
+END
+$link_received$;
 -- (the dedupe keys live in event_dedupe, below: a unique index on a partitioned table must
 -- hold the partition key, and a key must outlive its event's partition)
 -- `refstream status` counts what was processed in the last minute; BRIN: tiny, append order
@@ -1213,3 +1220,51 @@ UNION ALL
 SELECT event_id, workspace_id, false,
        jsonb_build_object('clicks', burst_clicks + 1, 'threshold_clicks', burst_clicks, 'window_seconds', burst_seconds)
 FROM events WHERE burst_clicks IS NOT NULL;
+
+-- ---------------------------------------------------------------------------------------
+-- Schema version 26: a link's events by the link's 8-byte key. `events_link_received` (link_id,
+-- received_at) was a click's second largest index: 71 bytes a click in part (cap), its
+-- pages half full. Each link's entries grow at their own right end, between other links',
+-- so a full page splits in the middle and its left half is never written again; Postgres
+-- packs such pages (a split after the new entry) only for entries of at most two 8-byte
+-- keys, and a uuid is 16. `events_link_key_received` is on (uuid_hash_extended(link_id, 0),
+-- received_at): the link's key, then the time. Its pages fill: 34 bytes a click there.
+-- Every read by link names both, the keys (the index's condition) and the ids (two links
+-- of one key are told apart on the row): ingest/contract/link_keys.py. Built online
+-- (ingest/manage/online.py) where `events_link_received` holds rows, which is dropped
+-- once the new one is valid; on a new database, made at once. The rollback is
+-- docs/operations.md "Migrating to schema 26".
+DO $online$
+BEGIN
+    IF to_regclass('events_link_key_received') IS NULL THEN
+        IF to_regclass('events_link_received') IS NOT NULL AND EXISTS (SELECT 1 FROM events) THEN
+            CREATE INDEX events_link_key_received ON ONLY events (uuid_hash_extended(link_id, 0), received_at);
+        ELSE
+            DROP INDEX IF EXISTS events_link_received;
+            CREATE INDEX events_link_key_received ON events (uuid_hash_extended(link_id, 0), received_at);
+        END IF;
+    END IF;
+END
+$online$;
+
+-- Schema version 26, too: a referrer's domain from the row's referrer. An enriched click's
+-- `enrichment` kept its referrer's domain (38 bytes a click in part (cap), most of the
+-- document), which the `referrer` column beside it gives again for a plain URL. The worker
+-- writes the domain into the row only where `referrer_domain(referrer)` would not give the
+-- worker's own (a null included; ingest/contract/referrers.py holds the same pattern), and
+-- `event_enrichment(doc, device, place, ip, country, asn, is_bot, referrer)` puts it back: a
+-- row of a device (enriched) without the key reads the derived one. A row written before
+-- has the key wherever its domain was not null, and reads as it is; where it was null, its
+-- referrer matches no pattern either. An erasure, which clears the referrer, writes the
+-- domain into the row first (ingest/privacy/erasure_rows.py), as it kept it before.
+CREATE OR REPLACE FUNCTION referrer_domain(referrer text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT substring(referrer FROM '^https?://(?:www\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)*)(?::[0-9]{1,5})?(?:[/?#]|$)')
+$$;
+CREATE OR REPLACE FUNCTION event_enrichment(doc jsonb, device integer, place integer, ip inet, country text,
+                                            asn integer, is_bot boolean, referrer text) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN device IS NULL OR coalesce(doc ? 'referrer_domain', false) THEN x.e
+                ELSE x.e || jsonb_build_object('referrer_domain', referrer_domain(referrer)) END
+    FROM (SELECT event_enrichment(doc, device, place, ip, country, asn, is_bot) AS e) x
+$$;

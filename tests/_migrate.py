@@ -52,6 +52,21 @@ async def scratch(url: str, settings: Settings) -> AsyncIterator[tuple[asyncpg.C
         await conn.close()
 
 
+# docs/operations.md, "Migrating to schema 26", rolling back: a referrer's domain into the
+# rows that leave it to their referrer (there page by page), and the index of a link's events
+# by its id again (there partition by partition, CONCURRENTLY)
+ROLLBACK_26 = """
+UPDATE events
+SET enrichment = coalesce(enrichment, '{}') || jsonb_build_object('referrer_domain', referrer_domain(referrer))
+WHERE device_id IS NOT NULL AND NOT coalesce(enrichment ? 'referrer_domain', false)
+  AND referrer_domain(referrer) IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_link_received ON events (link_id, received_at);
+DROP INDEX IF EXISTS events_link_key_received;
+DROP FUNCTION IF EXISTS event_enrichment(jsonb, integer, integer, inet, text, integer, boolean, text);
+DROP FUNCTION IF EXISTS referrer_domain(text);
+"""
+
+
 # docs/operations.md, "Migrating to schema 25", rolling back: a burst_flags row's ids become
 # event_flags rows, as schemas 23 and 24 read them
 ROLLBACK_25 = """

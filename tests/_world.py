@@ -21,7 +21,7 @@ from ._procs import free_port
 
 # what a tracker script in a browser sends; aiohttp's own User-Agent is (rightly) a bot
 # an event's enrichment document, whichever form its row holds it in (schema.sql, version 16)
-ENRICHMENT = "event_enrichment(enrichment, device_id, place_id, ip, country, asn, is_bot)"
+ENRICHMENT = "event_enrichment(enrichment, device_id, place_id, ip, country, asn, is_bot, referrer)"
 BROWSER = (
     "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)"
     " Version/17.4 Safari/605.1.15"

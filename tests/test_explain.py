@@ -253,9 +253,10 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
             )
             used = set(_indexes((orjson.loads(raw) if isinstance(raw, str | bytes) else raw)[0]["Plan"]))
             assert used and all(u.endswith("_workspace_id_type_event_id_idx") for u in used), (mode, used)
-        # a link's by its received time (schema 19: events_link_received, no index of its
-        # own); a busy link's (30,000 more clicks) each partition's scan in order, merged,
-        # stopped at the limit: no sort of the link's events, only of a tie's ids
+        # a link's by its received time (schema 19; by the link's key since schema 26:
+        # events_link_key_received, no index of its own); a busy link's (30,000 more clicks)
+        # each partition's scan in order, merged, stopped at the limit: no sort of the link's
+        # events, only of a tie's ids
         hot_ws, hot = await conn.fetchrow("SELECT workspace_id, id FROM links WHERE code = 'L78'")
         await conn.execute(
             """INSERT INTO events (event_id, type, workspace_id, link_id, dialect, received_at)
@@ -277,7 +278,11 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
                     raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *given)
                     tree = (orjson.loads(raw) if isinstance(raw, str | bytes) else raw)[0]["Plan"]
                     used = set(_indexes(tree))
-                    assert used and all(u.endswith("_link_id_received_at_idx") for u in used), (type_, mode, used)
+                    assert used and all(u.endswith("_uuid_hash_extended_received_at_idx") for u in used), (
+                        type_,
+                        mode,
+                        used,
+                    )
                     kinds = [n for n, _ in _nodes(tree)]
                     assert shape is None or ("Sort" not in kinds and shape in kinds), (type_, mode, kinds)
         # and the answer is the newest first, across partitions
@@ -290,3 +295,39 @@ async def test_every_management_read_uses_an_index(pg: asyncpg.Pool):
                 "SELECT event_id FROM events WHERE link_id = $1 ORDER BY received_at DESC, event_id DESC LIMIT 5", one
             )
             assert len(rows) == 5 and [r["event_id"] for r in rows] == [str(r["event_id"]) for r in newest]
+
+
+@pytest.mark.timeout(60)
+async def test_the_recounts_and_an_erasures_look_read_a_chunk_of_links_by_their_keys(pg: asyncpg.Pool):
+    """reconcile's recount, the drops' and an erasure's look for shared visitor keys read a
+    chunk of links' events by ``events_link_key_received`` (schema 26), never by a scan of
+    the window's events; the primary key only where a flag names its event."""
+    from ingest.privacy import erasure_rows
+    from workers.consumer import drops
+    from workers.ops import reconcile
+
+    await maintain(pg, retention_days=30, dedupe_days=60, today=DAY)
+    start_ms = int((DAY - date(1970, 1, 1)).days * 86_400_000) - 86_400_000
+    async with pg.acquire() as conn:
+        for statement in _FILL:
+            await (conn.execute(statement, start_ms) if "$1" in statement else conn.execute(statement))
+        links = [r["id"] for r in await conn.fetch("SELECT id FROM links ORDER BY id LIMIT 100")]
+        held = {r[0] for r in await conn.fetch("SELECT DISTINCT tableoid::regclass::text FROM events")}
+        since = datetime.fromtimestamp(start_ms / 1000, UTC)
+        window = (links, since, since + timedelta(days=3), uuid.UUID(int=0))
+        statements: list[tuple[Any, ...]] = [
+            (reconcile._DAYS, *window),
+            (reconcile._VISITS, *window),
+            (drops._TRUTH, *window),
+            (erasure_rows._SHARED_KEYS, links, ["v1", "v2"], [uuid.uuid4()]),
+        ]
+        for sql, *args in statements:
+            select: str = sql[sql.index("SELECT") :]  # a CREATE TEMP TABLE ... AS: its query
+            for mode in ("force_generic_plan", "force_custom_plan"):
+                await conn.execute(f"SET plan_cache_mode = {mode}")
+                raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + select, *args)
+                tree = (orjson.loads(raw) if isinstance(raw, str | bytes) else raw)[0]["Plan"]
+                on_events = [i for i in _indexes(tree) if i.startswith("events_p")]
+                by_key = [i for i in on_events if i.endswith("_uuid_hash_extended_received_at_idx")]
+                assert by_key and all(i in by_key or i.endswith("_pkey") for i in on_events), (sql[:60], mode)
+                assert uses_an_index(_nodes(tree), held), (sql[:60], mode, _nodes(tree))

@@ -1,6 +1,7 @@
 """`refstream migrate` from schema 18 to 19 on a database holding today's events: the index
 of a link's events by event id (``events_link_id``) goes from every partition, and GET
-/v1/events?link_id= reads them by ``events_link_received``, newest first by received time.
+/v1/events?link_id= reads them by time (``events_link_received``; by the link's key, schema 26,
+``events_link_key_received``), newest first by received time.
 The rollback (docs/operations.md) is the older build's migrate, which makes the index again.
 
 Schema 18's schema.sql is schema 19's (tests/data) up to schema 19's part, with the index it
@@ -17,7 +18,7 @@ from ingest.manage import manage, schema_check
 from ingest.manage.db import SCHEMA_VERSION, migrate, schema_sql
 from workers.consumer.store import write_batch
 
-from ._migrate import DATA, old_database, scratch
+from ._migrate import DATA, ROLLBACK_26, old_database, scratch
 from .test_bursts import _click
 
 _V19 = (DATA / "schema_v19.sql").read_text()
@@ -42,7 +43,8 @@ _INDEXES = """
 SELECT c.relname AS table, pg_get_indexdef(i.indexrelid) LIKE '%(link_id, event_id)%' AS by_id
 FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
 WHERE (pg_get_indexdef(i.indexrelid) LIKE '%(link_id, event_id)%'
-       OR pg_get_indexdef(i.indexrelid) LIKE '%(link_id, received_at)%')
+       OR pg_get_indexdef(i.indexrelid) LIKE '%(link_id, received_at)%'
+       OR pg_get_indexdef(i.indexrelid) LIKE '%(uuid_hash_extended(link_id, (0)::bigint), received_at)%')
   AND c.relname LIKE 'events%'
 ORDER BY 1, 2
 """
@@ -84,7 +86,8 @@ async def test_a_schema_18_database_reads_a_links_events_without_their_own_index
         page = await manage.list_events(conn, ws, link_id=str(link["id"]), type_="click", limit=3)
         assert [e["event_id"] for e in page] == [str(c.event_id) for c in reversed(clicks[3:])]
 
-        # the rollback: the older build's migrate (its schema.sql) makes the index again on
-        # every partition
+        # the rollback: schema 26's (the index by the link's id again), then the older
+        # build's migrate (its schema.sql) makes the index by event id again on every partition
+        await conn.execute(ROLLBACK_26)
         await conn.execute(V18)
         assert [tuple(r) for r in await conn.fetch(_INDEXES)] == before

@@ -70,10 +70,13 @@ SELECT event_id FROM page ORDER BY event_id DESC LIMIT 1
 
 
 async def rolled_back(conn: asyncpg.Connection) -> None:
-    """The rollback's statements, page by page, to the end: schema 20's first (its rows'
-    User-Agents and clicks' ids back), then this one's."""
+    """The rollback's statements, page by page, to the end: schema 26's first (its rows'
+    referrer domains back), schema 20's (its rows' User-Agents and clicks' ids back), then
+    this one's."""
+    from ._migrate import ROLLBACK_26
     from .test_agents_migrate import ROLLBACK as ROLLBACK_20
 
+    await conn.execute(ROLLBACK_26)
     for statement in (ROLLBACK_20, ROLLBACK, ROLLBACK_PAYLOADS):
         last = uuid.UUID(int=0)
         while (last := await conn.fetchval(statement, last)) is not None:

@@ -72,7 +72,9 @@ from ingest.manage import online
 #     and link_codes (ingest.ledger.placement), read in DATABASE_URL's database only
 # 25: a pass's click_burst flags one row per link and day (burst_flags: their event ids in
 #     an array, the thresholds once), where 23 and 24 wrote an event_flags row a flag
-SCHEMA_VERSION = 25
+# 26: a link's events by its 8-byte key: events_link_key_received (uuid_hash_extended(link_id,
+#     0), received_at) replaces events_link_received, built online (ingest.manage.online)
+SCHEMA_VERSION = 26
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
 _MIGRATE_LOCK = 0x7265_6673_7472  # "refstr"

@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from ingest.contract import ids, links
+from ingest.contract import ids, link_keys, links
 from ingest.contract.connections import Redis, write
 from ingest.contract.errors import Conflict, NotFound
 from ingest.contract.events import EventType
@@ -175,7 +175,7 @@ _EVENT_COLUMNS = (
     "event_id, type, link_id, program_id, affiliate_id, click_id, visitor_id, customer_external_id, name,"
     " dialect, test_mode, is_bot, bot_counted, received_at, processed_at, ip,"
     " event_user_agent(user_agent, agent_id) AS user_agent, referrer, country, asn,"
-    " event_enrichment(enrichment, device_id, place_id, ip, country, asn, is_bot) AS enrichment,"
+    " event_enrichment(enrichment, device_id, place_id, ip, country, asn, is_bot, referrer) AS enrichment,"
     " event_payload(payload, link_id, referrer, click_id, visitor_id) AS payload"
 )
 _TYPES = {"click": EventType.CLICK, "lead": EventType.LEAD, "conversion": EventType.CONVERSION}
@@ -186,15 +186,15 @@ def events_query(*, link: bool, type_: bool, clicks: bool = True) -> str:
     One statement per combination of filters, never ``($2 IS NULL OR ...)``: a generic plan
     (a prepared statement's, after a few runs) could not use an index for that. Served by
     ``events_workspace_id``, each partition's scan in id order, merged, and stopped at the
-    limit; a link's by ``events_link_received`` the same way, newest by received time (ties
-    by id: an id is minted with its time, so the orders agree but where a producer set them
-    apart; schema 19); a type other than click (``clicks`` False) by the partial
+    limit; a link's by ``events_link_key_received`` (schema 26) the same way, newest by
+    received time (ties by id: an id is minted with its time, so the orders agree but where a
+    producer set them apart; schema 19); a type other than click (``clicks`` False) by the partial
     ``events_workspace_nonclick``, which the planner may use only if the statement itself
     says ``type <> 1`` (a parameter's value does not prove it). Clicks are most rows, so a
     scan of the workspace's ids meets them soon."""
     where = ["workspace_id = $1"]
     if link:
-        where.append(f"link_id = ${len(where) + 1}")
+        where.append(link_keys.of_link("link_id", f"${len(where) + 1}"))
     if type_:
         where.append(f"type = ${len(where) + 1}::smallint")
     limit = f"${len(where) + 1}"

@@ -26,6 +26,7 @@ REPLACES = {
     "events_workspace_nonclick": "events_workspace_type_id",
     "events_workspace_visitor_known": "events_workspace_visitor",
     "events_workspace_named_click": "events_workspace_click",  # schema 20
+    "events_link_key_received": "events_link_received",  # schema 26
 }
 
 # one build at a time; a second `refstream migrate` leaves it to the first (session level:

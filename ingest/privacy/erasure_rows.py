@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingest.contract import erasure, jsonrows
+from ingest.contract import erasure, jsonrows, link_keys, referrers
 from ingest.contract.erasure import EXTERNAL, VISITOR
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.fraud import BURST_WINDOW_TABLES
@@ -34,7 +34,7 @@ from ingest.privacy import erasure_customers, erasure_redact
 _EVENTS = """
 SELECT event_id, type, link_id, received_at, dialect, visitor_id, visitor_key, customer_external_id,
        dedupe_key, enrichment, payload, host(ip) AS ip, event_user_agent(user_agent, agent_id) AS user_agent,
-       referrer, click_id
+       referrer, click_id, device_id
 FROM events
 WHERE workspace_id = $1 AND event_id >= $5 AND event_id = ANY(ARRAY(
     SELECT event_id FROM events WHERE workspace_id = $1 AND customer_external_id = $2 AND event_id >= $5
@@ -44,9 +44,9 @@ WHERE workspace_id = $1 AND event_id >= $5 AND event_id = ANY(ARRAY(
           WHERE workspace_id = $1 AND click_id = ANY($4::uuid[]) AND click_id <> event_id AND event_id >= $5
 ))
 """
-_SHARED_KEYS = """
+_SHARED_KEYS = f"""
 SELECT DISTINCT link_id, (received_at AT TIME ZONE 'UTC')::date AS day, visitor_key FROM events
-WHERE link_id = ANY($1::uuid[]) AND visitor_key = ANY($2::text[]) AND NOT (event_id = ANY($3::uuid[]))
+WHERE {link_keys.of_links("link_id", "$1")} AND visitor_key = ANY($2::text[]) AND NOT (event_id = ANY($3::uuid[]))
 """
 _EVENT_COLUMNS = (
     ("event_id", "uuid"),
@@ -159,7 +159,15 @@ class _Scan:
             values[raw] = cust = erasure.pseudonym(key, EXTERNAL, raw, workspace_id)
         dedupe = _dedupe(r["dedupe_key"], raw, cust, visitor, v_alias)
         self.changed.append(
-            (r["event_id"], v_alias, new_vkey, cust, dedupe, _enrichment(r["enrichment"]), scrubbed.payload)
+            (
+                r["event_id"],
+                v_alias,
+                new_vkey,
+                cust,
+                dedupe,
+                _enrichment(r["enrichment"], r["device_id"], r["referrer"]),
+                scrubbed.payload,
+            )
         )
         if r["type"] == EventType.CLICK and new_vkey != vkey and r["link_id"] is not None:
             self.visits.add((r["link_id"], r["received_at"].astimezone(UTC).date(), vkey, new_vkey))
@@ -347,10 +355,15 @@ def _dedupe(
     return key
 
 
-def _enrichment(doc: Any) -> Any:
-    if doc is None:
+def _enrichment(doc: Any, device: int | None, referrer: str | None) -> Any:
+    """The row's enrichment once erased: its personal fields None. A row of a device whose
+    document leaves its referrer's domain to the ``referrer`` column (schema 26), which the
+    erasure clears, gets the domain written in, as the document held it before."""
+    d = None if doc is None else doc if isinstance(doc, dict) else orjson.loads(doc)
+    if device is not None and "referrer_domain" not in (d or {}):
+        d = {**(d or {}), "referrer_domain": referrers.derived(referrer)}
+    if d is None:
         return None
-    d = doc if isinstance(doc, dict) else orjson.loads(doc)
     return {k: (None if k in erasure.ENRICHMENT_PERSONAL else v) for k, v in d.items()}
 
 

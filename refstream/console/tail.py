@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingest.contract import clock, drops, layout, wire
+from ingest.contract import clock, drops, layout, link_keys, wire
 from ingest.contract.connections import Redis
 from ingest.contract.errors import Refused
 from ingest.contract.events import Envelope, EventType
@@ -60,7 +60,7 @@ def _stored(flt: Filter, floor: uuid.UUID, link_id: uuid.UUID | None = None) -> 
         inner.append(f"e.workspace_id = ${len(args)}::uuid")
     if flt.link is not None:
         args.append(link_id)
-        inner.append(f"e.link_id = ${len(args)}::uuid")
+        inner.append(link_keys.of_link("e.link_id", f"${len(args)}"))
     # a moved-away workspace's old copy (``workspaces.moved_to``): shown where it is now
     outer = ["NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = e.workspace_id AND w.moved_to IS NOT NULL)"]
     if flt.dialect is not None:

@@ -57,6 +57,14 @@ WHERE (e.agent_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM event_agents a WHERE
    OR (e.type = 1 AND e.visitor_id IS NOT NULL AND p->>'visitor_id' IS DISTINCT FROM e.visitor_id)
 ORDER BY 1 LIMIT 20
 """
+# an enriched click's referrer domain as GET /v1/events reads it (derived from the referrer,
+# schema 26, or the row's copy), beside the referrer: the worker's own, read_back_problems
+_DOMAINS = """
+SELECT e.event_id, e.referrer,
+       event_enrichment(e.enrichment, e.device_id, e.place_id, e.ip, e.country, e.asn, e.is_bot, e.referrer)
+           ->>'referrer_domain' AS domain
+FROM events e WHERE e.device_id IS NOT NULL AND e.referrer IS NOT NULL
+"""
 _LINKS = f"""
 WITH counted AS (
     SELECT link_id,
@@ -403,8 +411,16 @@ class Checker:
         ]
 
     async def read_back_problems(self) -> list[str]:
-        """Every row (20 at most) that does not read back whole (``_READ_BACK``), each a sentence."""
-        return [f"event {r['event_id']} does not read back whole: {dict(r)}" for r in await self.fetch(_READ_BACK)]
+        """Every row (20 at most) that does not read back whole (``_READ_BACK``), and every
+        enriched click whose referrer domain does not read back as the worker's (20 at
+        most), each a sentence."""
+        from workers.consumer.enrich import _referrer_domain
+
+        out = [f"event {r['event_id']} does not read back whole: {dict(r)}" for r in await self.fetch(_READ_BACK)]
+        wrong = [r for r in await self.fetch(_DOMAINS) if r["domain"] != _referrer_domain(r["referrer"])]
+        return out + [
+            f"event {r['event_id']} reads referrer domain {r['domain']!r} from {r['referrer']!r}" for r in wrong[:20]
+        ]
 
     async def counter_problems(self) -> list[str]:
         """I2: every counter that differs from what its event rows say, each a sentence."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from ._gen import erased
+from ._gen import erased, ops
 from ._gen.checker import GenChecker
 from ._gen.history import Attempt, History, Op, Unit
 from ._gen.judge import derived_problems
@@ -276,7 +276,7 @@ def test_the_checker_reads_an_erased_lead_and_its_click_back_to_their_requests()
         history.ops[n] = erase
     found = erased.erasures(history)
     assert (found.done, found.maybe) == ({"c3"}, {"c4"})
-    assert found.clicks == {click_event.hex: "g1-1"} and found.referrers["c3"] == "https://gen.test/g1-1"
+    assert found.clicks == {click_event.hex: "g1-1"} and found.referrers["c3"] == ops.referrer("g1-1")
 
 
 def test_the_checker_flags_a_click_of_an_expired_key_answered_or_stored() -> None:

@@ -28,7 +28,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from ingest.contract import jsonrows
+from ingest.contract import jsonrows, link_keys
 from ingest.contract.drops import FLAGGED, NO_ID, fold_key, folds_key, live_key, parse_field
 from ingest.contract.events import EventType
 from ingest.ledger.placement import Placement
@@ -237,7 +237,7 @@ async def fold(redis: Any, pool: asyncpg.Pool | Placement, prefix: str) -> int:
 NO_LINK = UUID(int=0)
 
 # $1 link ids, $2/$3 the window [from, to), $4 the horizon's event id
-_TRUTH = """
+_TRUTH = f"""
 CREATE TEMP TABLE reconcile_drops ON COMMIT DROP AS
 SELECT workspace_id, link_id, day, reason, detail, count(*)::bigint AS n FROM (
     SELECT e.workspace_id, e.link_id, (e.received_at AT TIME ZONE 'UTC')::date AS day,
@@ -251,7 +251,7 @@ SELECT workspace_id, link_id, day, reason, detail, count(*)::bigint AS n FROM (
     FROM events e
     LEFT JOIN LATERAL (SELECT min(f.rule) AS rule FROM event_flags f
                        WHERE f.event_id = e.event_id AND f.excluded) x ON true
-    WHERE e.link_id = ANY($1::uuid[]) AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
+    WHERE {link_keys.of_links("e.link_id", "$1")} AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
 ) t WHERE reason IS NOT NULL
 GROUP BY 1, 2, 3, 4, 5
 UNION ALL
@@ -263,18 +263,18 @@ UNION ALL
 SELECT workspace_id, link_id, day, 'flagged', rule, count(*) FROM (
     SELECT e.workspace_id, e.link_id, (e.received_at AT TIME ZONE 'UTC')::date AS day, f.rule
     FROM events e JOIN event_flags f ON f.event_id = e.event_id
-    WHERE e.link_id = ANY($1::uuid[]) AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
+    WHERE {link_keys.of_links("e.link_id", "$1")} AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
     UNION ALL
     SELECT e.workspace_id, e.link_id, (e.received_at AT TIME ZONE 'UTC')::date, 'click_burst'
     FROM events e
-    WHERE e.link_id = ANY($1::uuid[]) AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
+    WHERE {link_keys.of_links("e.link_id", "$1")} AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
       AND e.burst_clicks IS NOT NULL
     UNION ALL
     SELECT e.workspace_id, e.link_id, (e.received_at AT TIME ZONE 'UTC')::date, 'click_burst'
     FROM burst_flags b CROSS JOIN LATERAL unnest(b.ids) AS i (id) JOIN events e ON e.event_id = i.id
     WHERE b.link_id = ANY($1::uuid[]) AND b.last_id >= greatest($4, coalesce(
             (SELECT min(w.event_id::text)::uuid FROM events w
-             WHERE w.link_id = ANY($1::uuid[]) AND w.received_at >= $2 AND w.received_at < $3),
+             WHERE {link_keys.of_links("w.link_id", "$1")} AND w.received_at >= $2 AND w.received_at < $3),
             'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
       AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
 ) flags

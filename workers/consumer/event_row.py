@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
 
-from ingest.contract import clicks
+from ingest.contract import clicks, referrers
 
 
 class EventRow(NamedTuple):
@@ -83,26 +83,22 @@ COLUMNS: tuple[tuple[str, str], ...] = tuple((name, SQL_TYPES[name]) for name in
 # of an enrichment's document, what the row keeps: what no column of the row holds nor an
 # entry it names (``ip``, ``country``, ``asn`` and ``is_bot`` are columns, the device and the
 # versions are the ``event_devices`` entry's, the AS name, city, region and coordinates the
-# ``event_places`` entry's: schema 17); event_enrichment() in schema.sql puts the document
-# together again
-ROW_FIELDS = ("bot_reason", "referrer_domain")
-
-
-def row_enrichment(doc: dict[str, Any]) -> dict[str, Any] | None:
-    """What the row stores of ``doc``: ``ROW_FIELDS`` that are not null (a null one is
-    read as null), None for none. An IPv6 address is kept as the worker wrote it: Postgres
-    writes some (``::1.2.3.4``) otherwise than Python does, and the document must read back
-    as it was; an IPv4 address reads back the same from the ``ip`` column."""
-    return row_fields(doc["bot_reason"], doc["referrer_domain"], doc["ip"])
-
-
-def row_fields(bot_reason: str | None, referrer_domain: str | None, ip: str | None) -> dict[str, Any] | None:
-    """``row_enrichment`` of a document with these fields (``enrich.Found``'s, whose
-    document is made only when asked for)."""
+# ``event_places`` entry's: schema 17; the referrer's domain where the ``referrer`` column
+# gives it back: schema 26); event_enrichment() in schema.sql puts the document together again
+def row_fields(
+    bot_reason: str | None, referrer_domain: str | None, ip: str | None, referrer: str | None
+) -> dict[str, Any] | None:
+    """What the row stores of an enrichment's document with these fields (``enrich.Found``'s),
+    beside its ``referrer``; None for nothing. The bot reason where there is one; the
+    referrer's domain only where Postgres would not derive the same from ``referrer``
+    (``ingest.contract.referrers``), a null included. An IPv6 address is kept as the worker
+    wrote it: Postgres writes some (``::1.2.3.4``) otherwise than Python does, and the
+    document must read back as it was; an IPv4 address reads back the same from the ``ip``
+    column."""
     out: dict[str, Any] = {}
     if bot_reason is not None:
         out["bot_reason"] = bot_reason
-    if referrer_domain is not None:
+    if referrer_domain != referrers.derived(referrer):
         out["referrer_domain"] = referrer_domain
     if ip is not None and ":" in ip:
         out["ip"] = ip

@@ -153,6 +153,7 @@ def _row(
     click_id = clicks.parse(c) if isinstance(c := e.payload.get("click_id"), str) else None
     visitor = _opt(e.payload.get("visitor_id"))
     p = e.payload
+    referrer = _opt(p.get("referrer"))
     # positional, in the columns' order (each named after it): a call by keyword of
     # EventRow's 28 fields took 1.5 µs more a row than this
     return EventRow(
@@ -173,10 +174,11 @@ def _row(
         ts(e.received_at_ms),  # received_at
         ip,  # ip
         None,  # user_agent: by its id (schema 20)
-        _opt(p.get("referrer")),  # referrer
+        referrer,  # referrer
         found.country if found else None,  # country
         found.asn if found else None,  # asn
-        event_row.row_fields(found.bot_reason, found.referrer_domain, found.ip) if found else None,  # enrichment
+        # enrichment
+        event_row.row_fields(found.bot_reason, found.referrer_domain, found.ip, referrer) if found else None,
         _visitor_key(e),  # visitor_key
         _out_of_window(e, link),  # out_of_window
         # payload: a click's without its ids (a lead's or conversion's the erasure's scrub

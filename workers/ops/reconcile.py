@@ -44,6 +44,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
+from ingest.contract import link_keys
 from workers.consumer import drops, sales
 from workers.consumer.counters import LEAD_QUANTITY
 from workers.group.errors import retried_in_place
@@ -61,8 +62,8 @@ _SALES_LOCK = 0x7265_6673_7361  # "refssa": a fixing reconcile's hold on sale_st
 _COUNTED = "type = 1 AND (NOT is_bot OR bot_counted)"
 # the chunk's events in the window: $1 link ids, $2/$3 window [from, to), $4 the horizon's id
 # (an event flagged under a rule its workspace excluded moved no counter: workers.consumer.fraud)
-_WINDOW = """
-e.link_id = ANY($1::uuid[]) AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
+_WINDOW = f"""
+{link_keys.of_links("e.link_id", "$1")} AND e.received_at >= $2 AND e.received_at < $3 AND e.event_id >= $4
 AND NOT e.test_mode AND NOT e.out_of_window
 AND NOT EXISTS (SELECT 1 FROM event_flags f WHERE f.event_id = e.event_id AND f.excluded)
 """

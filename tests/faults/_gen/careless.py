@@ -25,7 +25,7 @@ from typing import Any
 
 from ..._world import BROWSER
 from .history import History, Op, Unit
-from .ops import REFERRER, World, click_id_of
+from .ops import World, click_id_of, referrer
 from .tenants import UNDEFINED, suffix
 
 CARELESS_FROM = 700_000
@@ -120,7 +120,7 @@ def make(step: Any, world: World, history: History) -> Op:
         return _csv(step, token, world)
     if "expired" in step.flags:
         code = world.codes[step.code % len(world.codes)]
-        body = {"ref": code, "referrer": REFERRER + token}
+        body = {"ref": code, "referrer": referrer(token)}
         headers = {"Authorization": f"Bearer {world.expired_key}", "User-Agent": BROWSER}
         unit = Unit(token, "click", code, False)
         echo = {"refuse": "expired_key_accepted"}
@@ -129,7 +129,7 @@ def make(step: Any, world: World, history: History) -> Op:
         tag = next(f[3:] for f in step.flags if f.startswith("ws:"))
         w = world.tenant(tag)
         code = w.codes[step.code % len(w.codes)]
-        body = {"ref": code, "referrer": REFERRER + token, "visitor_id": UNDEFINED}
+        body = {"ref": code, "referrer": referrer(token), "visitor_id": UNDEFINED}
         headers = {"Authorization": f"Bearer {w.api_key}", "User-Agent": BROWSER}
         unit = Unit(token + suffix(tag), "click", code, False)
         return Op(
@@ -208,9 +208,9 @@ def _csv(step: Any, token: str, world: World) -> Op:
     t = [f"{token}.{i}" for i in range(4)]
     lines = [
         "type,id,timestamp,link,referrer,visitor_id,customer_id,amount,currency,invoice_id,metadata",
-        f"click,{t[0]},{at_s},{code},{REFERRER}{t[0]},v-{t[0]},,,,,",
-        f'click,{t[1]},{at_s + 1},{code},"{REFERRER}{t[1]}"x,v-{t[1]},,,,,',
-        f"click,{t[2]},{at_s + 2},{code},{REFERRER}{t[2]},v-{t[2]},,,,,",
+        f"click,{t[0]},{at_s},{code},{referrer(t[0])},v-{t[0]},,,,,",
+        f'click,{t[1]},{at_s + 1},{code},"{referrer(t[1])}"x,v-{t[1]},,,,,',
+        f"click,{t[2]},{at_s + 2},{code},{referrer(t[2])},v-{t[2]},,,,,",
         f'sale,{t[3]},{at_s + 3},,,,c-{t[3]},{1000 + step.code},usd,inv-{t[3]},"{{""gen"": ""{t[3]}""}}"',
     ]
     data = "\ufeff" + "\r\n".join(lines) + "\r\n"

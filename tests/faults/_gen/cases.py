@@ -34,7 +34,7 @@ from typing import Any
 
 from ..._world import BROWSER
 from .history import History, Op, Unit
-from .ops import IMPORT_SOURCE, REFERRER, World, _hex, agent, click_id_of
+from .ops import IMPORT_SOURCE, World, _hex, agent, click_id_of, referrer
 
 CASES_FROM = 900_000
 # the placeholder fingerprints a careless tracker sends (``ingest.contract.ids.PLACEHOLDERS``)
@@ -137,7 +137,7 @@ def make(step: Any, world: World, history: History) -> Op:
 
     body: dict[str, Any]
     if step.kind == "affitor":  # a browser's click: its answer names the click id a lead uses
-        body = {"affiliate_url": f"https://shop.test/landing?aff={code}", "referrer_url": REFERRER + token}
+        body = {"affiliate_url": f"https://shop.test/landing?aff={code}", "referrer_url": referrer(token)}
         headers = {"User-Agent": agent(token)}
         unit = Unit(token, "click", code, False, {"user_agent": headers["User-Agent"]})
         return op("affitor", "POST", "/api/v1/track/click", headers, body, [unit], partner_code=code)
@@ -174,13 +174,13 @@ def make(step: Any, world: World, history: History) -> Op:
     if step.kind == "affixo" and case == "fp":
         fp = FP_PLACEHOLDERS[int(flag(step, "fp") or 0)]
         ua = agent(token)
-        body = {"ref": code, "referrer": REFERRER + token, "fingerprint": fp}
+        body = {"ref": code, "referrer": referrer(token), "fingerprint": fp}
         unit = Unit(token, "click", code, False, {"user_agent": ua})
         return op("affixo", "POST", "/v1/track/click", {**bearer, "User-Agent": ua}, body, [unit], placeholder=fp)
     if step.kind == "affixo":  # dnt: a listed visitor's click, or another's
         bulk = step.on
         visitor = f"v-dnt{history.seed}-{step.n - bulk}" if "listed" in step.flags else f"v-free-{token}"
-        body = {"ref": code, "referrer": REFERRER + token, "visitor_id": visitor}
+        body = {"ref": code, "referrer": referrer(token), "visitor_id": visitor}
         unit = Unit(token, "click", code, False, {"visitor_id": visitor})
         if "listed" in step.flags:
             unit.listed_by, unit.listed = bulk, visitor
@@ -244,7 +244,7 @@ def _batch(step: Any, token: str, world: World, history: History, op: Any, beare
     for i, kind in enumerate(step.items):
         t = f"{token}.{i}"
         c = world.codes[(step.code + i) % len(world.codes)]
-        item: dict[str, Any] = {"type": "click", "ref": c, "referrer": REFERRER + t, "user_agent": agent(t)}
+        item: dict[str, Any] = {"type": "click", "ref": c, "referrer": referrer(t), "user_agent": agent(t)}
         item["ip"] = DNT_IP if kind == "listed-ip" else f"203.0.113.{(step.n + i) % 250 + 1}"
         unit = Unit(t, "click", c, False, {"user_agent": item["user_agent"]})
         if kind.startswith("fp:"):

@@ -36,7 +36,7 @@ from workers.ops import erasure
 
 from .._checks import Checker
 from .history import History
-from .ops import REFERRER, named_events
+from .ops import named_events, referrer
 from .tenants import suffix
 
 SWEEPS = 5  # each after a drained run: the first finds nothing waiting; a few more for a worker's in flight
@@ -106,7 +106,7 @@ def erasures(history: History) -> Erased:
                 named_events(other, a).get(0) == event for a in other.attempts
             ):
                 out.clicks[event] = other.token
-                out.referrers[customer] = REFERRER + other.token
+                out.referrers[customer] = referrer(other.token)
     return out
 
 
@@ -185,7 +185,7 @@ async def problems(
             for c in found.done
             if c in leads
             for event, token in found.clicks.items()
-            if found.referrers.get(c) == REFERRER + token
+            if found.referrers.get(c) == referrer(token)
         }
         rows = await check.fetch(
             "SELECT event_id, referrer FROM events WHERE event_id = ANY($1::uuid[])", [uuid.UUID(hex=e) for e in clicks]

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from .history import History, Op, Unit
-from .ops import IMPORT_SOURCE, REFERRER, World
+from .ops import IMPORT_SOURCE, World, referrer
 
 TENANTS_FROM = 600_000
 PAIR_EVERY_S = (2.0, 4.0)
@@ -142,7 +142,7 @@ def pair_rows(token: str, customer: str, tag: str, code: str, days_back: int, n:
             "id": f"{token}.0",
             "timestamp": at,
             "link": code,
-            "referrer": REFERRER + f"{token}.0",
+            "referrer": referrer(f"{token}.0"),
             "visitor_id": visitor_of(customer),
             "ip": f"198.51.100.{n % 250 + 1}",
         },
