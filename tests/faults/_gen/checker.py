@@ -17,8 +17,9 @@ found by its token), from the outcomes of the operation's attempts:
 - ``unasked_row``: a row no request of the history asked for;
 - ``read_back`` (every row reads back whole: it names only dictionary entries that exist,
   and a click's payload, read as GET /v1/events reads it, holds the click id and visitor id
-  its columns hold: ``Checker.read_back_problems``); a row's User-Agent, read through its
-  entry, is its own request's (``foreign_answer``);
+  its columns hold, and an enriched click's referrer domain, read through its referrer or
+  its row's copy (schema 26), is the worker's: ``Checker.read_back_problems``); a row's
+  User-Agent, read through its entry, is its own request's (``foreign_answer``);
 - ``counters`` (every counter equals its rows: ``Checker.counter_problems``), ``ledger``
   (every attributed sale and counted lead earned one commission by the world's rules, and
   nothing else did: ``Checker.ledger_problems``), ``pending``
