@@ -18,7 +18,7 @@ from ingest.manage import manage, schema_check
 from ingest.manage.db import SCHEMA_VERSION, migrate, schema_sql
 from workers.consumer.store import write_batch
 
-from ._migrate import DATA, ROLLBACK_26, old_database, scratch
+from ._migrate import DATA, old_database, rollback_26, scratch
 from .test_bursts import _click
 
 _V19 = (DATA / "schema_v19.sql").read_text()
@@ -59,6 +59,8 @@ async def test_a_schema_18_database_reads_a_links_events_without_their_own_index
         ws = str(link["workspace_id"])
         at = int((datetime.now(UTC) - timedelta(seconds=30)).timestamp() * 1000)
         clicks = [_click({"workspace_id": ws}, "OLD1", f"198.51.100.{i}", at + 1000 * i) for i in range(6)]
+        for c in clicks:  # a payload this build keeps (before schema 26 a payload is never NULL)
+            c.payload["landing"] = "/pricing"
         # stored by this build's worker, which names events.agent_id in event_agents (schema
         # 20), merges its clicks into burst_windows (21) and leaves them to judge in
         # burst_pending (23): those alone made ahead
@@ -88,6 +90,6 @@ async def test_a_schema_18_database_reads_a_links_events_without_their_own_index
 
         # the rollback: schema 26's (the index by the link's id again), then the older
         # build's migrate (its schema.sql) makes the index by event id again on every partition
-        await conn.execute(ROLLBACK_26)
+        await rollback_26(conn)
         await conn.execute(V18)
         assert [tuple(r) for r in await conn.fetch(_INDEXES)] == before

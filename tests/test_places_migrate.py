@@ -73,10 +73,10 @@ async def rolled_back(conn: asyncpg.Connection) -> None:
     """The rollback's statements, page by page, to the end: schema 26's first (its rows'
     referrer domains back), schema 20's (its rows' User-Agents and clicks' ids back), then
     this one's."""
-    from ._migrate import ROLLBACK_26
+    from ._migrate import rollback_26
     from .test_agents_migrate import ROLLBACK as ROLLBACK_20
 
-    await conn.execute(ROLLBACK_26)
+    await rollback_26(conn)
     for statement in (ROLLBACK_20, ROLLBACK, ROLLBACK_PAYLOADS):
         last = uuid.UUID(int=0)
         while (last := await conn.fetchval(statement, last)) is not None:
@@ -157,7 +157,7 @@ async def test_a_schema_16_database_with_rows_takes_the_places_of_schema_17(
         stored = await conn.fetch(
             "SELECT payload::text FROM events WHERE event_id = ANY($1::uuid[])", [e.event_id for e in new]
         )
-        assert not any({"code", "referrer"} & set(orjson.loads(r[0])) for r in stored)
+        assert not any({"code", "referrer"} & set(orjson.loads(r[0] or "{}")) for r in stored)
         for e, (ip, _, _) in zip(new, CLICKS, strict=True):
             row = await conn.fetchrow("SELECT enrichment, place_id FROM events WHERE event_id = $1", e.event_id)
             if (place := enricher.place_doc(enricher.place_of(ip))) is None:
