@@ -1268,15 +1268,3 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
                 ELSE x.e || jsonb_build_object('referrer_domain', referrer_domain(referrer)) END
     FROM (SELECT event_enrichment(doc, device, place, ip, country, asn, is_bot) AS e) x
 $$;
-
--- Schema version 26, too: a click's payload NULL where nothing is left of it. A bio.re
--- click's payload, without its code and referrer (schema 17) and its ids (schema 20), is
--- `{}` (5 bytes a row); the worker writes NULL for it, and `event_payload(payload, link,
--- referrer, click, visitor)` reads NULL as `{}`. A catalog change under the lock on
--- `events` every migrate takes. A lead's or conversion's payload is never empty.
-ALTER TABLE events ALTER COLUMN payload DROP NOT NULL;
-CREATE OR REPLACE FUNCTION event_payload(payload jsonb, link uuid, referrer text, click uuid, visitor text)
-RETURNS jsonb LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN payload ? 'code' THEN payload
-                ELSE event_payload_ids(event_payload(coalesce(payload, '{}'), link, referrer), click, visitor) END
-$$;

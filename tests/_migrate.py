@@ -54,28 +54,20 @@ async def scratch(url: str, settings: Settings) -> AsyncIterator[tuple[asyncpg.C
 
 
 # docs/operations.md, "Migrating to schema 26", rolling back: a referrer's domain into the
-# rows that leave it to their referrer and `{}` into the clicks' NULL payloads, one page of
-# it; then the payload not null, the index of a link's events by its id again (there
-# partition by partition, CONCURRENTLY), and schema 26's objects gone
+# rows that leave it to their referrer, one page of it; then the index of a link's events by
+# its id again (there partition by partition, CONCURRENTLY), and schema 26's functions gone
 ROLLBACK_26_PAGE = """
 WITH page AS (
     SELECT event_id FROM events WHERE event_id > $1 ORDER BY event_id LIMIT 1000
 ), done AS (
     UPDATE events e
-    SET enrichment = CASE WHEN e.device_id IS NOT NULL AND NOT coalesce(e.enrichment ? 'referrer_domain', false)
-                               AND referrer_domain(e.referrer) IS NOT NULL
-                          THEN coalesce(e.enrichment, '{}')
-                               || jsonb_build_object('referrer_domain', referrer_domain(e.referrer))
-                          ELSE e.enrichment END,
-        payload = coalesce(e.payload, '{}')
-    FROM page WHERE e.event_id = page.event_id
-      AND (e.payload IS NULL OR e.device_id IS NOT NULL AND NOT coalesce(e.enrichment ? 'referrer_domain', false)
-           AND referrer_domain(e.referrer) IS NOT NULL)
+    SET enrichment = coalesce(e.enrichment, '{}') || jsonb_build_object('referrer_domain', referrer_domain(e.referrer))
+    FROM page WHERE e.event_id = page.event_id AND e.device_id IS NOT NULL
+      AND NOT coalesce(e.enrichment ? 'referrer_domain', false) AND referrer_domain(e.referrer) IS NOT NULL
 )
 SELECT event_id AS last FROM page ORDER BY event_id DESC LIMIT 1
 """
 ROLLBACK_26 = """
-ALTER TABLE events ALTER COLUMN payload SET NOT NULL;
 CREATE INDEX IF NOT EXISTS events_link_received ON events (link_id, received_at);
 DROP INDEX IF EXISTS events_link_key_received;
 DROP FUNCTION IF EXISTS event_enrichment(jsonb, integer, integer, inet, text, integer, boolean, text);
@@ -84,7 +76,7 @@ DROP FUNCTION IF EXISTS referrer_domain(text);
 
 
 async def rollback_26(conn: asyncpg.Connection) -> None:
-    """Schema 26's rollback, its pages to the end, then the rest."""
+    """Schema 26's rollback: its pages to the end, then the rest."""
     last = uuid.UUID(int=0)
     while (last := await conn.fetchval(ROLLBACK_26_PAGE, last)) is not None:
         pass

@@ -135,12 +135,10 @@ async def test_a_schema_13_database_with_rows_takes_schema_14_online(scratch_url
         # 16), place_id (17), burst_clicks and burst_seconds (18), agent_id (20), which alone
         # are added ahead (nullable: rows without them are schema 13's own), merges its
         # clicks into burst_windows (21), leaves them to judge in burst_pending (23) and its
-        # User-Agents into event_agents (20), made ahead as well; and it writes a click's
-        # empty payload NULL (26), so the column is nullable ahead
+        # User-Agents into event_agents (20), made ahead as well
         await conn.execute(
             "ALTER TABLE events ADD COLUMN device_id integer, ADD COLUMN place_id integer,"
-            " ADD COLUMN burst_clicks integer, ADD COLUMN burst_seconds integer, ADD COLUMN agent_id integer,"
-            " ALTER COLUMN payload DROP NOT NULL"
+            " ADD COLUMN burst_clicks integer, ADD COLUMN burst_seconds integer, ADD COLUMN agent_id integer"
         )
         for made in AHEAD.finditer(schema_sql()):
             await conn.execute(made.group(0))

@@ -59,8 +59,6 @@ async def test_a_schema_18_database_reads_a_links_events_without_their_own_index
         ws = str(link["workspace_id"])
         at = int((datetime.now(UTC) - timedelta(seconds=30)).timestamp() * 1000)
         clicks = [_click({"workspace_id": ws}, "OLD1", f"198.51.100.{i}", at + 1000 * i) for i in range(6)]
-        for c in clicks:  # a payload this build keeps (before schema 26 a payload is never NULL)
-            c.payload["landing"] = "/pricing"
         # stored by this build's worker, which names events.agent_id in event_agents (schema
         # 20), merges its clicks into burst_windows (21) and leaves them to judge in
         # burst_pending (23): those alone made ahead

@@ -38,7 +38,7 @@ class EventRow(NamedTuple):
     enrichment: dict[str, Any] | None  # what row_enrichment keeps of it (schema 16)
     visitor_key: str | None
     out_of_window: bool
-    payload: dict[str, Any] | None  # what row_payload keeps of it (schemas 17 and 20); a click's None for {} (26)
+    payload: dict[str, Any]  # what row_payload keeps of it (schemas 17 and 20)
     bot_counted: bool
     device_id: int | None  # its event_devices entry: set where enrichment is
     place_id: int | None  # its event_places entry: where the address told more than its country

@@ -181,10 +181,9 @@ def _row(
         event_row.row_fields(found.bot_reason, found.referrer_domain, found.ip, referrer) if found else None,
         _visitor_key(e),  # visitor_key
         _out_of_window(e, link),  # out_of_window
-        # payload: a click's without its ids, NULL where nothing is left (schema 26; a lead's
-        # or conversion's the erasure's scrub of its row reads: a conversion's dedupe key
-        # holds its visitor id)
-        (event_row.row_payload(p, link.code, click=click_id, visitor=visitor) or None)
+        # payload: a click's without its ids (a lead's or conversion's the erasure's scrub
+        # of its row reads: a conversion's dedupe key holds its visitor id)
+        event_row.row_payload(p, link.code, click=click_id, visitor=visitor)
         if e.type is EventType.CLICK
         else event_row.row_payload(p, link.code),
         is_bot and count_bots,  # bot_counted
