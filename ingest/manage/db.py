@@ -73,7 +73,9 @@ from ingest.manage import online
 # 25: a pass's click_burst flags one row per link and day (burst_flags: their event ids in
 #     an array, the thresholds once), where 23 and 24 wrote an event_flags row a flag
 # 26: a link's events by its 8-byte key: events_link_key_received (uuid_hash_extended(link_id,
-#     0), received_at) replaces events_link_received, built online (ingest.manage.online)
+#     0), received_at) replaces events_link_received, built online (ingest.manage.online); a
+#     click's referrer domain left to its referrer (referrer_domain()), event_enrichment(...,
+#     referrer) puts it back
 SCHEMA_VERSION = 26
 
 # any constant will do: it only has to be the same for every concurrent `refstream migrate`
