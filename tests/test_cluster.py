@@ -19,10 +19,13 @@ import asyncpg
 import orjson
 import pytest
 import redis
+from redis.asyncio.cluster import RedisCluster
 
+from ingest.contract.errors import Unreplicated
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
 from refstream.embedded import package_dir
+from workers.group.replicated import Replicated
 
 from ._procs import CliError, Procs
 from ._world import BROWSER, call
@@ -220,6 +223,33 @@ def _start_node(tmp_path: Path) -> tuple[int, subprocess.Popen[bytes]]:
     return port, proc
 
 
+async def _add_replica(tmp_path: Path, primary: int) -> subprocess.Popen[bytes]:
+    """A new node, joined to the cluster as ``primary``'s replica (not yet in sync)."""
+    port, proc = _start_node(tmp_path)
+    for _ in range(100):
+        try:
+            redis.Redis(port=port).ping()
+            break
+        except redis.ConnectionError:
+            await asyncio.sleep(0.05)
+    node_id = redis.Redis(port=primary).execute_command("CLUSTER", "MYID").decode()
+    subprocess.run(
+        [
+            str(BIN / "redis-cli"),
+            "--cluster",
+            "add-node",
+            f"127.0.0.1:{port}",
+            f"127.0.0.1:{primary}",
+            "--cluster-slave",
+            "--cluster-master-id",
+            node_id,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return proc
+
+
 async def _replicated(port: int) -> bool:
     info = cast(dict[str, Any], redis.Redis(port=port).info("replication"))  # sync client: a dict
     return info.get("connected_slaves") == 1 and info.get("slave0", {}).get("state") == "online"
@@ -262,29 +292,7 @@ async def test_a_worker_at_replicas_1_on_a_cluster_stores_only_what_each_primary
         assert await pg.fetchval("SELECT count(*) FROM events") == 0
 
         for primary in cluster:  # a replica for each primary: the reads are waited for and stored
-            port, proc = _start_node(tmp_path)
-            replicas.append(proc)
-            for _ in range(100):
-                try:
-                    redis.Redis(port=port).ping()
-                    break
-                except redis.ConnectionError:
-                    await asyncio.sleep(0.05)
-            node_id = redis.Redis(port=primary).execute_command("CLUSTER", "MYID").decode()
-            subprocess.run(
-                [
-                    str(BIN / "redis-cli"),
-                    "--cluster",
-                    "add-node",
-                    f"127.0.0.1:{port}",
-                    f"127.0.0.1:{primary}",
-                    "--cluster-slave",
-                    "--cluster-master-id",
-                    node_id,
-                ],
-                check=True,
-                capture_output=True,
-            )
+            replicas.append(await _add_replica(tmp_path, primary))
         for primary in cluster:
             await wait_for(functools.partial(_replicated, primary), timeout=60, what=f"{primary}'s replica to sync")
 
@@ -307,3 +315,36 @@ async def test_a_worker_at_replicas_1_on_a_cluster_stores_only_what_each_primary
         for proc in replicas:
             proc.kill()
             proc.wait()
+
+
+async def test_a_workers_write_before_its_ack_waits_for_its_own_slots_primarys_replica(
+    cluster: list[int], tmp_path: Path
+) -> None:
+    """``workers.group.replicated`` on a cluster at replicas:1: each slot's commands and their
+    WAIT go on one connection to that slot's primary. One primary has a replica, the others
+    none: a write to its slot returns, one to any other slot is ``Unreplicated`` (a cluster
+    pipeline's keyless WAIT went to any node, and counted that node's replicas)."""
+    client = RedisCluster(host="127.0.0.1", port=cluster[0])
+    with_replica = cluster[1]
+    replica = await _add_replica(tmp_path, with_replica)
+    replicated = Replicated(client, 1, 200)
+    try:
+        await wait_for(functools.partial(_replicated, with_replica), timeout=60, what="the replica to sync")
+        await client.initialize()
+
+        def home(key: str) -> int:
+            return int(client.get_node_from_key(key).port)
+
+        keys = [f"replicated-test:{n}" for n in range(60)]
+        here = next(k for k in keys if home(k) == with_replica)
+        elsewhere = next(k for k in keys if home(k) != with_replica)
+        assert await replicated.send([("SADD", here, "a"), ("EXPIRE", here, 60)]) == [1, 1]
+        with pytest.raises(Unreplicated):
+            await replicated.send([("SADD", here, "b"), ("SADD", elsewhere, "b")])
+        assert await Replicated(client, 0, 200).send([("SADD", elsewhere, "c")]) == [1]  # no level: no WAIT
+        assert redis.Redis(port=home(elsewhere)).smembers(elsewhere) == {b"b", b"c"}  # the primary took both
+    finally:
+        await replicated.aclose()
+        await client.aclose()
+        replica.kill()
+        replica.wait()

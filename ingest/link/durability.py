@@ -31,11 +31,12 @@ any loss of Redis servers (the primary and every replica); not the loss of the e
 before it is drained. The drain deletes a row only once N replicas acknowledged it, so from
 then on the event has the level's own guarantee.
 
-The workers' own writes wait for nothing: the replication stream and the AOF are both a
-prefix of the primary's history, so a dead-letter XADD that precedes the XACK of its entry
-is never lost while that XACK survives; losing both redelivers the entry, which the
-``event_id`` dedupes; a lost XACK alone redelivers too. Nothing a worker writes answers a
-client.
+The workers' reads wait for the level (``workers.group.reads``), and so do the writes an ack
+of theirs follows (a dead letter, an entry's filing for the erasure sweep, a parked event:
+``workers.group.replicated``): replication is a prefix of one primary's history, but a
+failover between a write and its ack can send the write to the old primary and the ack to
+the new one. Their other writes wait for nothing: losing one redelivers an entry, which the
+``event_id`` dedupes. Nothing a worker writes answers a client.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ from typing import Any
 import structlog
 
 from ingest.contract import clock
-from ingest.contract.connections import Redis
+from ingest.contract.connections import Command
 from ingest.contract.keys import Keys
 from ingest.contract.wire import FIELD, entry_of
+from workers.group.replicated import Replicated
 
 log = structlog.get_logger("workers.pipeline")
 
@@ -28,11 +29,12 @@ class Dead:
     attempts: int = 1
 
 
-async def write(redis: Redis, keys: Keys, stream: str, dead: list[Dead]) -> None:
+async def write(replicated: Replicated, keys: Keys, stream: str, dead: list[Dead]) -> None:
     """One XADD per letter, of bytes only: nothing in it is encoded from what the entry
     decoded to, so no entry can make its own letter fail (a letter that could not be
-    written would stop its partition)."""
-    pipe = redis.pipeline(transaction=False)
+    written would stop its partition). At replicas:N, returns once N replicas hold them:
+    the ack of their entries follows (``workers.group.replicated``)."""
+    commands: list[Command] = []
     now = clock.now_ms()
     for d in dead:
         fields: dict[Any, Any] = {
@@ -51,8 +53,8 @@ async def write(redis: Redis, keys: Keys, stream: str, dead: list[Dead]) -> None
         fields.update(entry)
         for k, v in [(k, v) for k, v in d.fields.items() if k not in entry][:16]:
             fields[b"field:" + k[:64]] = v[:4096]
-        pipe.xadd(keys.dead, fields)
-    await pipe.execute()
+        commands.append(("XADD", keys.dead, "*", *(x for pair in fields.items() for x in pair)))
+    await replicated.send(commands)
     # the dead letters hold each error in full; the line says only where each failed
     # (decode, store, ...): an error's text may quote a person's id or address
     kinds = sorted({d.error.split(":", 1)[0][:80] for d in dead})[:5]

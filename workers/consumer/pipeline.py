@@ -48,6 +48,7 @@ from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics
 from workers.consumer.waiting import Rooms, merge
 from workers.group.errors import BatchOutage, postgres_outage, redis_outage
+from workers.group.replicated import Replicated
 
 log = structlog.get_logger("workers.pipeline")
 
@@ -109,7 +110,9 @@ class Pipeline:
         # where each workspace's rows are: a batch is written to each shard it touches, and
         # what a shard cannot take waits in its workspace's room (workers.consumer.waiting)
         self.placement = placement.Placement.over(settings, pg)
-        self.rooms = Rooms(redis, self.keys, self.placement, replicas=settings.ack_replicas)
+        # what an ack must not outlive (a filing, a letter, a parked event): replicated first
+        self.replicated = Replicated(redis, settings.ack_replicas, settings.ack_wait_ms)
+        self.rooms = Rooms(redis, self.keys, self.placement, self.replicated)
         self.enricher = enricher
         self.arq: ArqRedis | None = None  # set by the arq worker; --drain leaves it to the sweep
         self.metrics: WorkerMetrics | None = None
@@ -158,7 +161,7 @@ class Pipeline:
             batch.dead.extend(batch.letter(e, f"store: {type(x).__name__}: {x}") for e, x in failed)
             batch.result = result
         if batch.dead and not batch.dead_lettered:
-            await self._redis(dead_letters.write(self.redis, self.keys, batch.stream, batch.dead))
+            await self._redis(dead_letters.write(self.replicated, self.keys, batch.stream, batch.dead))
             batch.dead_lettered = True
         await self._redis(self._ack(batch))
         self._done(batch, batch.result)
@@ -377,13 +380,11 @@ class Pipeline:
             raise BatchOutage(reason, exc) from exc
 
     async def _ack(self, batch: Batch) -> None:
-        """Acked once ``erased.filed`` is: never an entry acked and left unfiled (a full Redis that
-        refused the filing, a replica promoted with the ack alone, a worker killed between)."""
-        if filed := erased.filed(self.keys, batch):
-            first = self.redis.pipeline(transaction=False)
-            for command in filed:
-                first.execute_command(*command)
-            await first.execute()
+        """Acked once ``erased.filed`` is, and at replicas:N once N replicas hold it
+        (``workers.group.replicated``): never an entry acked and left unfiled (a full Redis
+        that refused the filing, a failover that lost it and kept the ack, a worker killed
+        between)."""
+        await self.replicated.send(erased.filed(self.keys, batch))
         pipe = self.redis.pipeline(transaction=False)
         pipe.xack(batch.stream, GROUP, *batch.ids)
         if batch.tracked:

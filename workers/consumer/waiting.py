@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import structlog
 
 from ingest.contract import wire
-from ingest.contract.connections import REDIS_ERRORS, Redis
+from ingest.contract.connections import REDIS_ERRORS, Command, Redis
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
 from ingest.ledger import placement
@@ -31,6 +31,7 @@ from workers.consumer import dead_letters
 from workers.consumer.dead_letters import Dead
 from workers.consumer.store import BatchResult
 from workers.group.errors import BatchOutage, postgres_outage, redis_outage
+from workers.group.replicated import Replicated
 
 log = structlog.get_logger("workers.waiting")
 
@@ -83,11 +84,14 @@ def merge(total: BatchResult, r: BatchResult) -> None:
 class Rooms:
     """The waiting rooms, and how a batch is written across shards."""
 
-    def __init__(self, redis: Redis, keys: Keys, shards: placement.Placement, *, replicas: int = 0) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, shards: placement.Placement, replicated: Replicated | None = None
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.shards = shards
-        self.replicas = replicas
+        # a parked event and a room's letter, replicated before the ack or the delete after them
+        self.replicated = replicated or Replicated(redis, 0, 0)
         self.fields: dict[Any, Mapping[bytes, bytes]] = {}  # an event's entry as read (its pipeline's)
 
     async def waiting(self) -> set[str]:
@@ -148,14 +152,11 @@ class Rooms:
         """``events`` into their workspaces' rooms, as read; the rooms named in the set
         first (a room must never hold what no drain looks for)."""
         rooms = sorted({str(e.workspace_id) for e in events})
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.sadd(self.keys.waiting_rooms, *rooms)
+        commands: list[Command] = [("SADD", self.keys.waiting_rooms, *rooms)]
         for e in events:
             fields = self.fields.get(e.event_id) or wire.to_entry_dict(e)
-            pipe.xadd(self.keys.waiting_room(str(e.workspace_id)), cast(Any, fields))
-        if self.replicas:
-            pipe.execute_command("WAIT", self.replicas, 5000)
-        await pipe.execute()
+            commands.append(("XADD", self.keys.waiting_room(str(e.workspace_id)), "*", *_flat(fields)))
+        await self.replicated.send(commands)
         log.info("events.parked", rooms=len(rooms), events=len(events))
 
     async def drain(self, write_part: WritePart) -> BatchResult:
@@ -194,7 +195,7 @@ class Rooms:
             result, poison = await self._one_by_one(shard, good, write_part)
             dead += [(sid, f"store: {type(x).__name__}: {x}", f) for sid, f in page for e, x in poison if _is(e, f)]
         if dead:  # the letter keeps the entry as the room held it
-            await dead_letters.write(self.redis, self.keys, room, [Dead(sid, why, f) for sid, why, f in dead])
+            await dead_letters.write(self.replicated, self.keys, room, [Dead(sid, why, f) for sid, why, f in dead])
         await self.redis.xdel(room, *[sid for sid, _ in page])
         return result
 
@@ -210,6 +211,10 @@ class Rooms:
                     raise
                 poison.append((e, exc))
         return total, poison
+
+
+def _flat(fields: Mapping[Any, Any]) -> list[Any]:
+    return [x for pair in fields.items() for x in pair]
 
 
 def _is(e: Envelope, fields: Mapping[bytes, bytes]) -> bool:

@@ -67,11 +67,13 @@ async def consumer(settings: Settings) -> AsyncIterator[Consumer]:
     # webhook signatures and dead letters' times follow Redis's clock when ours is off
     # (destructive steps never read this process's clock: see ingest/contract/clock.py)
     following = await clock.start_following(redis, settings.clock_skew_max_s, postgres=pg)
+    pipeline = Pipeline(settings, redis, pg, enricher)
     try:
-        yield Consumer(settings, redis, Pipeline(settings, redis, pg, enricher), name=consumer_name(settings))
+        yield Consumer(settings, redis, pipeline, name=consumer_name(settings))
     finally:
         following.cancel()
         enricher.close()
+        await asyncio.shield(pipeline.replicated.aclose())
         await asyncio.shield(_close(redis, pg))
 
 
