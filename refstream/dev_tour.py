@@ -111,7 +111,8 @@ async def revoke(settings: Settings, tour: Tour) -> None:
     try:
         for prefix in tour.prefixes:
             try:
-                await admin.revoke_key(conn, redis, Keys(settings.stream_prefix, settings.partitions), prefix)
+                keys = Keys(settings.stream_prefix, settings.partitions)
+                await admin.revoke_key(conn, redis, keys, prefix, replicas=settings.ack_replicas)
             except NotFound:  # revoked by hand meanwhile
                 pass
     finally:

@@ -23,9 +23,9 @@ from redis.asyncio.cluster import RedisCluster
 
 from ingest.contract.errors import Unreplicated
 from ingest.contract.keys import Keys
+from ingest.contract.replicated import Replicated
 from ingest.contract.settings import Settings
 from refstream.embedded import package_dir
-from workers.group.replicated import Replicated
 
 from ._procs import CliError, Procs
 from ._world import BROWSER, call
@@ -320,7 +320,7 @@ async def test_a_worker_at_replicas_1_on_a_cluster_stores_only_what_each_primary
 async def test_a_workers_write_before_its_ack_waits_for_its_own_slots_primarys_replica(
     cluster: list[int], tmp_path: Path
 ) -> None:
-    """``workers.group.replicated`` on a cluster at replicas:1: each slot's commands and their
+    """``ingest.contract.replicated`` on a cluster at replicas:1: each slot's commands and their
     WAIT go on one connection to that slot's primary. One primary has a replica, the others
     none: a write to its slot returns, one to any other slot is ``Unreplicated`` (a cluster
     pipeline's keyless WAIT went to any node, and counted that node's replicas)."""

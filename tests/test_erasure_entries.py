@@ -18,12 +18,14 @@ import secrets
 from typing import Any
 
 import asyncpg
+import pytest
 
 from ingest.contract import clicks, clock, wire
 from ingest.contract import erasure as ledger
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
+from ingest.ledger import placement
 from ingest.privacy import erasure as pg_erasure
 from workers.consumer.pipeline import Batch, Pipeline
 from workers.ops import erasure
@@ -266,3 +268,65 @@ async def test_each_entry_of_an_event_read_twice_in_one_batch_is_filed(
         salt = await ledger.salt(conn)
     index = keys.entries_of(world.workspace_id, ledger.digests_of(salt, click, world.workspace_id)[0])
     assert await redis.smembers(index) == {f"{p}:{sid.decode()}".encode() for sid in batch.ids}
+
+
+async def test_the_sweep_deletes_the_click_cache_entries_of_the_persons_clicks_and_keeps_a_shared_ones(
+    settings: Settings, redis: Any, pg: asyncpg.Pool, keys: Keys, world: World
+) -> None:
+    """The erasure's request deletes the click cache's entries of the person's clicks (each
+    keeps its visitor for the cookie window), best effort: a Redis away, or a failover that
+    lost the delete, left them for the whole window, since the sweep deleted only those its
+    stream entries name, and a trim takes those long before the window ends. Every sweep
+    now deletes them again; a click another customer's lead names too stays, as the
+    request keeps it (their erasure takes only what is theirs)."""
+    pipeline = Pipeline(settings, redis, pg)
+    p, other = Person(), Person()
+    own, shared = _click(world, "https://ref.test/own"), _click(world, "https://ref.test/shared")
+    part = keys.partition_for(world.link["code"])
+    second = _lead(world, shared, p)
+    second.payload["name"] = "Demo"  # a second lead of theirs, on the click the other's names
+    leads = [_lead(world, own, p), second, _lead(world, shared, other)]
+    batch = await _read(redis, keys, part, [own, shared, *leads])
+    await pipeline.process(batch)
+    assert batch.result is not None and batch.result.inserted == 5, batch.result
+    await redis.xdel(batch.stream, *batch.ids)  # trimmed: the sweep meets none of their entries
+    mine, theirs = keys.click(own.payload["click_id"]), keys.click(shared.payload["click_id"])
+    for name in (mine, theirs):  # as the edge keeps them, here after the request's delete
+        await redis.set(name, b"a visitor", ex=3600)
+
+    await _erased_and_swept(pg, redis, keys, world, p)
+    assert await redis.exists(mine) == 0
+    assert await redis.exists(theirs) == 1  # the other customer's click too
+
+
+async def test_an_erasure_learns_nothing_on_a_workspaces_copy_that_moved_away(
+    redis: Any, pg: asyncpg.Pool, keys: Keys, world: World
+) -> None:
+    """What an erased customer's late lead teaches the ledger (its click, its visitor) is
+    written where the workspace is. The sweep and the archiver learn outside the workers'
+    batches, without the workspace's fence lock: on the old copy, after a move's last catch
+    up, their learning never reached the new shard, whose sweep then left the click's row
+    and stream entry raw (the generative test's ``erased_kept``, seed 1986416062). Learning
+    now holds the lock and meets ``Moved`` on a copy that moved away."""
+    p = Person()
+    await pg_erasure.erase(pg, world.workspace_id, p.external_id, by="test", archive_days=30)
+    lead = _lead(world, _click(world, "https://ref.test/late"), p)
+    async with pg.acquire() as conn:
+        salt = await ledger.salt(conn)
+
+    async def entries() -> int:
+        n: int = await pg.fetchval("SELECT count(*) FROM erased_ids WHERE workspace_id = $1", world.workspace_id)
+        return n
+
+    before = await entries()
+    await pg.execute("UPDATE workspaces SET moved_to = 'elsewhere' WHERE id = $1", world.workspace_id)
+    try:
+        async with pg.acquire() as conn:
+            with pytest.raises(placement.Moved):
+                await ledger.learn(conn, salt, [(lead, world.workspace_id)], met=False)
+        assert await entries() == before
+    finally:
+        await pg.execute("UPDATE workspaces SET moved_to = NULL WHERE id = $1", world.workspace_id)
+    async with pg.acquire() as conn:
+        assert await ledger.learn(conn, salt, [(lead, world.workspace_id)], met=False)
+    assert await entries() == before + 2  # the visitor and the click

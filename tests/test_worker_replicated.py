@@ -1,9 +1,12 @@
-"""At ``REFSTREAM_ACK_DURABILITY=replicas:1``, each write of a worker that an ack follows (an
-entry's filing for the erasure sweep, a dead letter, a parked event) reaches a replica before
-the ack is sent (``workers.group.replicated``). A failover between the two sent the write to
-the old primary, lost with it, and the ack to the promoted replica: the entry was acked with
-its filing gone, and kept its person's data after their erasure (the generative test's
-``erased_kept`` of two stream entries, seed 2113448591, Sentinel).
+"""At ``REFSTREAM_ACK_DURABILITY=replicas:1``, each write that an ack, a delete, a Postgres
+commit or an operator's "done" follows reaches a replica first (``ingest.contract.replicated``):
+an entry's filing for the erasure sweep, a dead letter, a parked event, a letter requeued or
+dropped, the edges' drop tallies a fold takes, a key's revocation, a workspace's deletion, a
+feature's switch. And an erasure's sweep is marked done only if its fence reached the
+primary it began on. A failover between the two steps sent the write to the old primary,
+lost with it, and the next step to the promoted replica: an entry acked with its filing
+gone kept its person's data after their erasure (the generative test's ``erased_kept`` of
+two stream entries, seed 2113448591, Sentinel).
 
 A primary and a replica of the test's own; the replica is frozen (SIGSTOP), so a WAIT counts
 none; the worker's pipeline is driven batch by batch, as its consumer reads them."""
@@ -11,9 +14,12 @@ none; the worker's pipeline is driven batch by batch, as its consumer reads them
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import secrets
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +27,27 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from ingest.contract import clicks, clock
+from ingest.contract import clicks, clock, wire
 from ingest.contract import erasure as ledger
+from ingest.contract.drops import field, live_key
 from ingest.contract.errors import Unreplicated
 from ingest.contract.events import Dialect, Envelope, EventType, uuid7
 from ingest.contract.keys import GROUP, Keys
+from ingest.contract.replicated import Replicated
 from ingest.contract.settings import Settings
+from ingest.edge import auth, flags
+from ingest.manage import admin, deletion
+from ingest.privacy import erasure as pg_erasure
+from workers.consumer import dead_letters, drops
+from workers.consumer.dead_letters import Dead
 from workers.consumer.pipeline import Batch, Pipeline
 from workers.group.errors import BatchOutage
+from workers.ops import dead, erasure, erasure_redis
 
-from ._world import World
+from ._world import World, make_world
 from .faults._sentinel import wait_in_sync
 from .faults._servers import FaultRedis
-from .test_erasure import IP
+from .test_erasure import IP, Person
 from .test_erasure_entries import UA, _click, _read
 from .test_refusals import replicas_1
 
@@ -152,3 +166,162 @@ async def test_a_parked_event_is_on_a_replica_before_its_entrys_ack(
         await pipeline.rooms.park([click])  # returns once the replica has both copies
         assert await on_replica.xlen(room) == 2
         assert world.workspace_id.encode() in await on_replica.smembers(keys.waiting_rooms)  # type: ignore[misc]
+
+
+async def test_a_requeued_or_dropped_letter_is_deleted_only_once_a_replica_holds_where_it_went(
+    settings: Settings,
+    keys: Keys,
+    world: World,
+    private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+) -> None:
+    """``refstream dead requeue`` (and the console's retry) appends the letter's event to its
+    partition, then deletes the letter; a drop moves it to the dropped letters, then
+    deletes it. A failover between the two lost the event: the XADD with the old primary,
+    the XDEL kept by the new one."""
+    async with _pair(private_fault_redis) as (_, replica, redis, on_replica):
+        click = _click(world, "https://ref.test/requeued")
+        stream = keys.stream_for(world.link["code"])
+        writer, fields = Replicated(redis, 0, 0), dict([wire.to_entry(click)])
+        await dead_letters.write(writer, keys, stream, [Dead(b"1-1", "store: gone", fields)])
+        await dead_letters.write(writer, keys, stream, [Dead(b"1-2", "store: gone", fields)])
+        first, second = [sid.decode() for sid, _ in await redis.xrange(keys.dead)]
+        waited = Replicated(redis, 1, 100)
+
+        with _frozen(replica):
+            with pytest.raises(Unreplicated):
+                await dead.requeue(redis, keys, ids=[first], replicated=waited)
+            with pytest.raises(Unreplicated):
+                await dead.drop(redis, keys, "a test", ids=[second], replicated=waited)
+        assert await redis.xlen(keys.dead) == 2  # both letters kept
+
+        assert (await dead.requeue(redis, keys, ids=[first], replicated=waited)).done == 1
+        assert (await dead.drop(redis, keys, "a test", ids=[second], replicated=waited)).done == 1
+        requeued = [f for _, f in await on_replica.xrange(stream) if wire.from_entry(f).event_id == click.event_id]
+        assert len(requeued) >= 1, requeued
+        assert await on_replica.xlen(dead.dropped_key(keys)) >= 1
+
+
+async def test_the_edges_drop_tallies_are_added_to_postgres_only_once_a_replica_holds_their_rename(
+    settings: Settings,
+    pg: asyncpg.Pool,
+    keys: Keys,
+    world: World,
+    private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+) -> None:
+    """The workers' fold renames the edges' live tally to a fold key, adds it to Postgres
+    under that key, then deletes it. A failover after the commit brought the live hash back
+    unrenamed, and the next fold added the same refusals again under a new key."""
+    async with _pair(private_fault_redis) as (_, replica, redis, _on_replica):
+        refused = field(datetime.now(UTC).date().isoformat(), world.workspace_id, world.link["id"], "rate_limited")
+        await redis.hincrby(live_key(keys.prefix), refused, 3)  # type: ignore[misc]
+        waited = Replicated(redis, 1, 100)
+
+        async def counted() -> int:
+            n = await pg.fetchval("SELECT sum(n) FROM drop_stats WHERE link_id = $1", world.link["id"])
+            return int(n or 0)
+
+        with _frozen(replica):
+            with pytest.raises(Unreplicated):
+                await drops.fold(redis, pg, keys.prefix, waited)
+        assert await counted() == 0  # nothing added while the rename could still be lost
+        assert await drops.fold(redis, pg, keys.prefix, waited) == 3  # the renamed tally, once
+        assert await drops.fold(redis, pg, keys.prefix, waited) == 0
+        assert await counted() == 3
+
+
+async def test_a_sweep_whose_primary_changed_while_it_ran_is_not_marked_done(
+    settings: Settings,
+    pg: asyncpg.Pool,
+    keys: Keys,
+    world: World,
+    private_fault_redis: Callable[..., Awaitable[FaultRedis]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sweep's fence (a write, then a WAIT) proves that replicas hold what the sweep did
+    on the primary the fence reached. A failover during the sweep sent its first writes to
+    the old primary, lost with it, and the fence to the new one, whose replica answered the
+    WAIT: the erasure was marked done with its deletes gone. Here the primary restarts empty
+    after the sweep's deletes (as a replica promoted without them would be) and its replica
+    syncs again before the fence."""
+    async with _pair(private_fault_redis) as (primary, _replica, redis, _on_replica):
+        done = await pg_erasure.erase(pg, world.workspace_id, Person().external_id, by="test", archive_days=30)
+        swept_before = erasure_redis.fingerprints
+
+        async def failover_after(*args: Any) -> None:
+            await swept_before(*args)
+            primary.kill()
+            primary.start()
+            await primary.ready()
+            await wait_in_sync(primary, 1)
+            await redis.connection_pool.disconnect()
+
+        async def redis_at() -> Any:
+            return await pg.fetchval("SELECT redis_at FROM erasures WHERE id = $1", done.id)
+
+        monkeypatch.setattr(erasure_redis, "fingerprints", failover_after)
+        await erasure.sweep(pg, redis, keys, None, replicas=1, wait_ms=1000)
+        assert await redis_at() is None  # the fence's server is not the one the sweep began on
+        monkeypatch.setattr(erasure_redis, "fingerprints", swept_before)
+        await erasure.sweep(pg, redis, keys, None, replicas=1, wait_ms=1000)
+        assert await redis_at() is not None  # done by the next, on one server
+
+
+async def test_a_key_is_revoked_only_once_a_replica_holds_its_entrys_tombstone(
+    pg: asyncpg.Pool, keys: Keys, world: World, private_fault_redis: Callable[..., Awaitable[FaultRedis]]
+) -> None:
+    """A revocation marks the key's Redis entry (which lets it in for a day) before its row
+    commits. A failover that lost the mark kept the day-long entry on the promoted replica:
+    every edge took the revoked key until it expired, and a retry answered "not found"."""
+    async with _pair(private_fault_redis) as (_, replica, redis, on_replica):
+        async with pg.acquire() as conn:
+            made = await admin.create_key(conn, redis, keys, workspace_id=world.workspace_id, scopes=["track"])
+        entry = keys.apikey(hashlib.sha256(made["api_key"].encode()).hexdigest())
+        with _frozen(replica):
+            async with pg.acquire() as conn:
+                with pytest.raises(Unreplicated):
+                    await admin.revoke_key(conn, redis, keys, made["prefix"], replicas=1, wait_ms=100)
+        assert await pg.fetchval("SELECT revoked_at FROM api_keys WHERE prefix = $1", made["prefix"]) is None
+        async with pg.acquire() as conn:
+            await admin.revoke_key(conn, redis, keys, made["prefix"], replicas=1, wait_ms=1000)
+        assert await on_replica.get(entry) == auth._UNKNOWN
+        assert await pg.fetchval("SELECT revoked_at FROM api_keys WHERE prefix = $1", made["prefix"]) is not None
+
+
+async def test_a_workspace_is_deleted_only_once_a_replica_holds_its_keys_and_links_marked_gone(
+    pg: asyncpg.Pool, keys: Keys, private_fault_redis: Callable[..., Awaitable[FaultRedis]]
+) -> None:
+    """``refstream workspace delete`` marked its keys and links unknown in Redis after the
+    commit, waiting for nothing: a failover that lost the marks kept a link's entry (which
+    lives until replaced) and a key's (a day) on the promoted replica, and every edge went
+    on taking them; the rows gone, nothing named them to mark them again. The marks now go
+    before the commit, on N replicas, else the deletion is rolled back."""
+    async with _pair(private_fault_redis) as (_, replica, redis, on_replica):
+        code = f"GONE{secrets.token_hex(3).upper()}"
+        gone = await make_world(pg, redis, keys, code=code)
+        entry = keys.apikey(hashlib.sha256(gone.api_key.encode()).hexdigest())
+        with _frozen(replica):
+            async with pg.acquire() as conn:
+                with pytest.raises(Unreplicated):
+                    await deletion.delete_workspace(conn, redis, keys, gone.workspace_id, replicas=1, wait_ms=100)
+        assert await pg.fetchval("SELECT count(*) FROM links WHERE code = $1", code) == 1  # rolled back
+        async with pg.acquire() as conn:
+            await deletion.delete_workspace(conn, redis, keys, gone.workspace_id, replicas=1, wait_ms=1000)
+        assert await pg.fetchval("SELECT count(*) FROM links WHERE code = $1", code) == 0
+        link = await on_replica.get(keys.link(code))
+        assert link is not None and link.endswith(b"-"), link  # the version, then "no such link"
+        assert await on_replica.get(entry) == auth._UNKNOWN
+
+
+async def test_a_feature_switch_returns_once_a_replica_holds_it(
+    keys: Keys, private_fault_redis: Callable[..., Awaitable[FaultRedis]]
+) -> None:
+    """``refstream feature disable`` answered done with its switch on the primary alone: a
+    failover that lost it turned the killed feature back on."""
+    async with _pair(private_fault_redis) as (_, replica, redis, on_replica):
+        with _frozen(replica):
+            with pytest.raises(Unreplicated):
+                await flags.set_enabled(redis, keys, "referral", False, replicas=1, wait_ms=100)
+        await flags.set_enabled(redis, keys, "referral", False, replicas=1, wait_ms=1000)
+        assert await on_replica.get(keys.flag("referral")) == flags.DISABLED
+        await flags.set_enabled(redis, keys, "referral", True, replicas=1, wait_ms=1000)
+        assert await on_replica.exists(keys.flag("referral")) == 0

@@ -14,6 +14,7 @@ import asyncpg
 from ingest.contract import clicks, copies
 from ingest.contract.erasure_ids import EVENT, EXTERNAL, VISITOR, digest, digests_of, is_pseudonym
 from ingest.contract.events import Envelope, EventType
+from ingest.ledger import placement
 
 # the customers other than the person on a visitor (a lead or sale of theirs carries it, or
 # its customers row names them) and on a click (a lead or sale of theirs names it); a click's
@@ -95,6 +96,46 @@ WHERE id = $1
 """
 
 
+def _click_of(e: Envelope) -> uuid.UUID | None:
+    return clicks.parse(c) if isinstance(c := e.payload.get("click_id"), str) else None
+
+
+async def _more(conn: asyncpg.Connection, key: bytes, e: Envelope, ws: str) -> list[tuple[bytes, str]]:
+    """The visitor and the click ``e`` names, as ledger entries, unless another customer's
+    events name them too (a browser two signed up from is not theirs alone)."""
+    more: list[tuple[bytes, str]] = []
+    v = e.payload.get("visitor_id")
+    visitor = v if isinstance(v, str) and v and not is_pseudonym(v) else None
+    cid = _click_of(e)
+    if visitor is None and cid is None:
+        return more
+    x = e.payload.get("external_id")
+    own = x if isinstance(x, str) and not is_pseudonym(x) else None
+    held_v, held_c = await held_by_others(conn, key, ws, own, [visitor] if visitor else [], [cid] if cid else [])
+    if visitor is not None and visitor not in held_v:
+        more.append((digest(key, VISITOR, visitor), VISITOR))
+    if cid is not None and cid not in held_c:
+        more.append((digest(key, EVENT, cid.hex), EVENT))
+        # the row that holds its key, where the click is a copy (``copies``)
+        for stored in (await copies.stored_as(conn, ws, int(EventType.CLICK), [cid])).values():
+            more.append((digest(key, EVENT, stored.hex), EVENT))
+    return more
+
+
+async def _fenced(conn: asyncpg.Connection, ws: str) -> None:
+    """Before a write of ``ws``'s ledger on this shard: the workspace's fence lock held
+    shared until the transaction ends, and ``Moved`` if it has moved away. A move's fence
+    waits for the lock, and its last catch up copies what was written before it; a write
+    after it, here, would be lost to the workspace's new shard. (The erasure sweep and the
+    archiver learn outside the workers' batches, which hold the lock already: a click an
+    erased customer's lead named, learned on the old copy after the move's last catch up,
+    kept its referrer on the new one, in its row and its stream entry; the generative test's
+    seed 1986416062, ``erased_kept``.)"""
+    await conn.execute(placement.FENCE_LOCK, [ws])
+    if await conn.fetch(placement.FENCE_MOVED, [ws]):
+        raise placement.Moved(f"workspace {ws} moved away while its erasure learned", [str(ws)])
+
+
 async def learn(
     conn: asyncpg.Connection, key: bytes, originals: list[tuple[Envelope, str | None]], *, met: bool = True
 ) -> bool:
@@ -107,41 +148,30 @@ async def learn(
     again only where a visitor or a click joined. Whether any joined."""
     joined: set[Any] = set()
     touched: dict[Any, int] = {}
-    for e, ws in originals:
-        ws = e.workspace_id or ws
-        if ws is None:
-            continue  # no workspace, no ledger names it
-        found = await conn.fetchval(
-            "SELECT erasure_id FROM erased_ids WHERE digest = ANY($1::bytea[]) AND workspace_id = $2 LIMIT 1",
-            digests_of(key, e, ws),
-            ws,
-        )
-        if found is None:
-            continue
-        more = []
-        v = e.payload.get("visitor_id")
-        visitor = v if isinstance(v, str) and v and not is_pseudonym(v) else None
-        cid = clicks.parse(c) if isinstance(c := e.payload.get("click_id"), str) else None
-        if visitor is not None or cid is not None:
-            # what another customer holds too (a browser two signed up from) is not theirs alone
-            x = e.payload.get("external_id")
-            own = x if isinstance(x, str) and not is_pseudonym(x) else None
-            held_v, held_c = await held_by_others(
-                conn, key, ws, own, [visitor] if visitor else [], [cid] if cid is not None else []
+    spaces: dict[Any, str] = {}  # each erasure's workspace
+    async with conn.transaction():  # the fence locks below last until the caller's commit
+        for e, ws in originals:
+            ws = e.workspace_id or ws
+            if ws is None:
+                continue  # no workspace, no ledger names it
+            found = await conn.fetchval(
+                "SELECT erasure_id FROM erased_ids WHERE digest = ANY($1::bytea[]) AND workspace_id = $2 LIMIT 1",
+                digests_of(key, e, ws),
+                ws,
             )
-            if visitor is not None and visitor not in held_v:
-                more.append((digest(key, VISITOR, visitor), VISITOR))
-            if cid is not None and cid not in held_c:
-                more.append((digest(key, EVENT, cid.hex), EVENT))
-                # the row that holds its key, where the click is a copy (``copies``)
-                for stored in (await copies.stored_as(conn, ws, int(EventType.CLICK), [cid])).values():
-                    more.append((digest(key, EVENT, stored.hex), EVENT))
-        at = first_ms(e.received_at_ms, [cid] if cid is not None else [])
-        assert at is not None
-        touched[found] = min(touched.get(found, at), at)
-        if more and await conn.fetch(_LEARN, found, [d for d, _ in more], [k for _, k in more], ws):
-            joined.add(found)
-    for erasure_id, ms in sorted(touched.items(), key=lambda t: str(t[0])):
-        if met or erasure_id in joined:
-            await conn.execute(_AGAIN, erasure_id, datetime.fromtimestamp(ms / 1000, UTC))
+            if found is None:
+                continue
+            spaces[found] = ws
+            more = await _more(conn, key, e, ws)
+            at = first_ms(e.received_at_ms, [cid] if (cid := _click_of(e)) is not None else [])
+            assert at is not None
+            touched[found] = min(touched.get(found, at), at)
+            if more:
+                await _fenced(conn, ws)
+                if await conn.fetch(_LEARN, found, [d for d, _ in more], [k for _, k in more], ws):
+                    joined.add(found)
+        for erasure_id, ms in sorted(touched.items(), key=lambda t: str(t[0])):
+            if met or erasure_id in joined:
+                await _fenced(conn, spaces[erasure_id])
+                await conn.execute(_AGAIN, erasure_id, datetime.fromtimestamp(ms / 1000, UTC))
     return bool(joined)

@@ -41,8 +41,9 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 from ingest.contract import background
 from ingest.contract.connections import Redis, cancelled_meanwhile
-from ingest.contract.errors import NotSent, Unreplicated
+from ingest.contract.errors import NotSent
 from ingest.contract.keys import GROUP, Keys
+from ingest.contract.replicated import Replicated
 
 log = structlog.get_logger("ingest.layout")
 
@@ -246,19 +247,16 @@ async def _eval(redis: Redis, script: str, keys: int, *args: str | bytes | int) 
 
 async def _durable(redis: Redis, replicas: int, wait_ms: int, script: str, keys: int, *args: str | bytes | int) -> Any:
     """``script``, then (at ``REFSTREAM_ACK_DURABILITY=replicas:N``) a WAIT on the same
-    connection: a layout a failover could lose would leave partitions nobody reads."""
+    connection, on a Redis Cluster to the primary of the script's slot
+    (``ingest.contract.replicated``): a layout a failover could lose would leave partitions
+    nobody reads."""
     if not replicas:
         return await _eval(redis, script, keys, *args)
-    pipe: Any = redis.pipeline(transaction=False)
-    pipe.eval(script, keys, *args)
-    pipe.execute_command("WAIT", replicas, wait_ms)
-    reply, acked = await pipe.execute(raise_on_error=False)
-    if isinstance(reply, Exception):
-        raise reply
-    if isinstance(acked, Exception) or int(acked) < replicas:
-        raise Unreplicated(
-            f"{acked} of {replicas} replicas confirmed the partition layout's change within {wait_ms} ms"
-        )
+    writer = Replicated(redis, replicas, wait_ms)
+    try:
+        (reply,) = await writer.send([("EVAL", script, keys, *args)], "the partition layout's change")
+    finally:
+        await writer.aclose()
     return reply
 
 

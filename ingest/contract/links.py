@@ -26,7 +26,7 @@ import orjson
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ingest.contract.connections import REDIS_ERRORS, Redis, client_fault
+from ingest.contract.connections import REDIS_ERRORS, Command, Redis, client_fault
 from ingest.contract.keys import Keys
 
 log = structlog.get_logger("ingest.links")
@@ -213,6 +213,11 @@ async def _put_later(redis: Redis, keys: Keys, links: list[LinkInfo]) -> None:
 
 async def put_missing(redis: Redis, keys: Keys, *codes: str) -> None:
     await _write(redis, keys, list(codes))
+
+
+def deleted_commands(keys: Keys, versions: dict[str, int]) -> list[Command]:
+    """``put_deleted``'s writes as commands, each script sent whole (``EVAL``)."""
+    return [("EVAL", SET_IF_NEWER, 1, keys.link(code), v, _MISSING, NEGATIVE_TTL_S) for code, v in versions.items()]
 
 
 async def put_deleted(redis: Redis, keys: Keys, versions: dict[str, int]) -> None:

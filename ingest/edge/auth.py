@@ -25,7 +25,7 @@ import asyncpg
 import orjson
 
 from ingest.contract import clock
-from ingest.contract.connections import Redis
+from ingest.contract.connections import Command, Redis
 from ingest.contract.keys import Keys
 from ingest.edge.apikeys import hash_key
 from ingest.ledger.placement import Placement
@@ -194,6 +194,12 @@ def principal_from_row(row: asyncpg.Record) -> Principal:
         affiliate_id=str(row["affiliate_id"]) if row["affiliate_id"] else None,
         expires_ms=int(row["expires_at"].timestamp() * 1000) if row["expires_at"] else None,
     )
+
+
+def unknown(keys: Keys, digest: bytes) -> Command:
+    """The SET that marks a key's Redis entry revoked or unknown (``cache_key``'s, with no
+    principal)."""
+    return ("SET", keys.apikey(digest.hex()), _UNKNOWN, "EX", NEGATIVE_TTL_S)
 
 
 async def cache_key(

@@ -33,7 +33,7 @@ then on the event has the level's own guarantee.
 
 The workers' reads wait for the level (``workers.group.reads``), and so do the writes an ack
 of theirs follows (a dead letter, an entry's filing for the erasure sweep, a parked event:
-``workers.group.replicated``): replication is a prefix of one primary's history, but a
+``ingest.contract.replicated``): replication is a prefix of one primary's history, but a
 failover between a write and its ack can send the write to the old primary and the ack to
 the new one. Their other writes wait for nothing: losing one redelivers an entry, which the
 ``event_id`` dedupes. Nothing a worker writes answers a client.

@@ -19,6 +19,7 @@ from ingest.contract.connections import Redis, client_fault, write
 from ingest.contract.errors import NotFound
 from ingest.contract.fraud import FRAUD_POLICIES, FRAUD_RULES
 from ingest.contract.keys import Keys
+from ingest.contract.replicated import Replicated
 from ingest.contract.urls import hostname, with_param, without_param
 from ingest.edge import apikeys, auth
 
@@ -381,7 +382,9 @@ async def create_key(
     return {"api_key": key.secret, "prefix": key.prefix, "kind": kind, "scopes": scopes, "expires_at": expires}
 
 
-async def revoke_key(conn: asyncpg.Connection, redis: Redis, keys: Keys, prefix: str) -> dict[str, Any]:
+async def revoke_key(
+    conn: asyncpg.Connection, redis: Redis, keys: Keys, prefix: str, *, replicas: int = 0, wait_ms: int = 500
+) -> dict[str, Any]:
     """Revoke a key: its row and its Redis entry, the entry written before the row commits.
     The entry lives a day, so a revocation committed with the entry unwritten (Redis away)
     would let the key in for that day, and its retry would find no active key to revoke:
@@ -389,17 +392,22 @@ async def revoke_key(conn: asyncpg.Connection, redis: Redis, keys: Keys, prefix:
     the write) rolls the revocation back, a refusal whose retry is safe (a commit lost with
     Postgres is ``OutcomeUnknown``, ``COMMIT``: a retry answers 404 if it was done). An edge
     refilling the entry meanwhile reads the key as still active, and writes only where no
-    entry is."""
+    entry is. At ``REFSTREAM_ACK_DURABILITY=replicas:N`` (``replicas``) the entry reaches N
+    replicas before the commit (``ingest.contract.replicated``), else the revocation is
+    rolled back: a failover that lost it would leave the key's day-long entry in place."""
     async with write(conn):
         digest = await conn.fetchval(
             "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL RETURNING key_hash", prefix
         )
         if digest is None:
             raise NotFound(f"no active key with prefix {prefix!r}")
+        writer = Replicated(redis, replicas, wait_ms)
         try:  # edges drop their in-process copy within REFSTREAM_KEY_CACHE_S
-            await auth.cache_key(redis, keys, bytes(digest), None)
+            await writer.send([auth.unknown(keys, bytes(digest))], "the key's revocation")
         except (RuntimeError, AttributeError) as exc:
             if not client_fault(exc):
                 raise
             raise RedisConnectionError(f"a connection closed under the key cache's write: {exc!r}") from exc
+        finally:
+            await writer.aclose()
     return {"revoked": prefix}

@@ -26,6 +26,7 @@ from ingest.contract import links
 from ingest.contract.connections import Redis, write
 from ingest.contract.errors import NotFound
 from ingest.contract.keys import Keys
+from ingest.contract.replicated import Replicated
 from ingest.edge import auth
 from ingest.privacy import erasure_copy
 
@@ -56,7 +57,9 @@ ORDER BY 1
 """
 
 
-async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, workspace_id: str) -> dict[str, Any]:
+async def delete_workspace(
+    conn: asyncpg.Connection, redis: Redis, keys: Keys, workspace_id: str, *, replicas: int = 0, wait_ms: int = 500
+) -> dict[str, Any]:
     """Delete the workspace and everything it owns; what was deleted from the tables its
     foreign keys' cascade does not reach, by table, and how many links and keys it had."""
     try:
@@ -77,7 +80,12 @@ async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, w
             bytes(r["key_hash"]) for r in await conn.fetch("SELECT key_hash FROM api_keys WHERE workspace_id = $1", ws)
         ]
         deleted = await delete_rows(conn, ws)
-    # the caches, after the commit (before it, an edge could refill them from a row still there)
+        # the caches marked before the commit, and at replicas:N (``replicas``) on N replicas,
+        # else the deletion is rolled back: a link's entry lives until it is replaced, a key's
+        # a day, and once the rows are gone nothing names them to mark them again. (An edge
+        # refills an entry only where none is, a link only at a newer version.)
+        await _mark_gone(Replicated(redis, replicas, wait_ms), keys, digests, codes)
+    # again after the commit: an edge may have refilled one from a row still there meanwhile
     for digest in digests:
         await auth.cache_key(redis, keys, digest, None)
     await links.put_deleted(redis, keys, codes)
@@ -95,6 +103,15 @@ async def delete_workspace(conn: asyncpg.Connection, redis: Redis, keys: Keys, w
     for index in (keys.answers(str(ws)), keys.answers_filed(str(ws)), keys.answers_before(str(ws))):
         await redis.delete(index)  # one at a time: on a Redis Cluster, their slots differ
     return {"workspace_id": str(ws), "deleted": deleted, "links": len(codes), "keys": len(digests)}
+
+
+async def _mark_gone(writer: Replicated, keys: Keys, digests: list[bytes], codes: dict[str, int]) -> None:
+    """The workspace's keys and links marked unknown in Redis (``writer``: at the level)."""
+    try:
+        marks = [auth.unknown(keys, d) for d in digests] + links.deleted_commands(keys, codes)
+        await writer.send(marks, "the workspace's keys and links marked deleted")
+    finally:
+        await writer.aclose()
 
 
 async def delete_rows(conn: asyncpg.Connection, ws: uuid.UUID) -> dict[str, int]:

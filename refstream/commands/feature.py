@@ -23,7 +23,10 @@ def _feature(name: str, enabled: bool) -> None:
     async def go(settings: Settings) -> dict[str, Any]:
         redis = connect_redis(settings)
         try:
-            await flags.set_enabled(redis, Keys(settings.stream_prefix, settings.partitions), name, enabled)
+            keys = Keys(settings.stream_prefix, settings.partitions)
+            await flags.set_enabled(
+                redis, keys, name, enabled, replicas=settings.ack_replicas, wait_ms=settings.ack_wait_ms
+            )
         finally:
             await redis.aclose()
         return {"feature": name, "enabled": enabled}

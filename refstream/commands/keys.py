@@ -89,7 +89,14 @@ def keys_revoke(prefix: str) -> None:
         )
         redis = connect_redis(settings)
         try:
-            return await admin.revoke_key(conn, redis, Keys(settings.stream_prefix, settings.partitions), prefix)
+            return await admin.revoke_key(
+                conn,
+                redis,
+                Keys(settings.stream_prefix, settings.partitions),
+                prefix,
+                replicas=settings.ack_replicas,
+                wait_ms=settings.ack_wait_ms,
+            )
         finally:
             await conn.close()
             await redis.aclose()

@@ -70,7 +70,7 @@ def set_count(count: int, wait: bool, timeout: float) -> None:
                 settings.partitions,
                 count,
                 window_ms=settings.idempotency_window_s * 1000,
-                replicas=0 if settings.redis_cluster else settings.ack_replicas,
+                replicas=settings.ack_replicas,
                 wait_ms=settings.ack_wait_ms,
             )
             deadline = time.monotonic() + timeout

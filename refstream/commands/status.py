@@ -18,6 +18,7 @@ from rich.text import Text
 from ingest.contract import layout
 from ingest.contract.connections import connect_redis
 from ingest.contract.keys import Keys
+from ingest.contract.replicated import Replicated
 from ingest.contract.settings import Settings
 from ingest.ledger import placement
 from refstream import output as out
@@ -225,15 +226,18 @@ def dead() -> None:
 
 
 def _redis_call(fn: Any, shards: Any = None) -> tuple[Any, Keys]:
-    """Run ``fn(redis, keys)`` with a Redis connection: (its JSON-ready result, the keys);
-    then ``shards(settings, result)``, which names each letter's shard, if given."""
+    """Run ``fn(redis, keys, writer)`` with a Redis connection and the level's writer
+    (``ingest.contract.replicated``, for a write a delete follows): (its JSON-ready result,
+    the keys); then ``shards(settings, result)``, which names each letter's shard, if given."""
 
     async def go(settings: Settings) -> tuple[Any, Keys]:
         keys = Keys(settings.stream_prefix, settings.partitions)
         redis = connect_redis(settings)
+        writer = Replicated(redis, settings.ack_replicas, settings.ack_wait_ms)
         try:
-            found = await fn(redis, keys)
+            found = await fn(redis, keys, writer)
         finally:
+            await writer.aclose()
             await redis.aclose()
         if shards is not None and found is not None:
             await shards(settings, found)
@@ -322,7 +326,7 @@ def render_letter(d: dict[str, Any], keys: Keys, console: Console) -> None:
 def dead_list(limit: int) -> None:
     """Dead letters, oldest first: where each came from, why, and what it was."""
 
-    async def go(redis: Any, keys: Keys) -> list[dict[str, Any]]:
+    async def go(redis: Any, keys: Keys, _: Replicated) -> list[dict[str, Any]]:
         return [
             letter.summary() | {"workspace_id": letter.envelope.workspace_id if letter.envelope else None}
             async for letter in dead_mod.scan(redis, keys, limit=limit)
@@ -341,7 +345,7 @@ def dead_list(limit: int) -> None:
 def dead_show(dead_id: str) -> None:
     """One dead letter in full: its decoded envelope, or its raw bytes, escaped."""
 
-    async def go(redis: Any, keys: Keys) -> dict[str, Any] | None:
+    async def go(redis: Any, keys: Keys, _: Replicated) -> dict[str, Any] | None:
         letter = await dead_mod.get(redis, keys, dead_id)
         return letter.detail() if letter else None
 
@@ -420,8 +424,8 @@ def dead_requeue(
     steps can add an event twice; the workers count it once (its event id)."""
     ids, flt = _selection(dead_id, all_, error_contains, code, stream)
 
-    async def go(redis: Any, keys: Keys) -> dict[str, Any]:
-        done = await dead_mod.requeue(redis, keys, ids=ids, flt=_stream_key(keys, flt))
+    async def go(redis: Any, keys: Keys, writer: Replicated) -> dict[str, Any]:
+        done = await dead_mod.requeue(redis, keys, ids=ids, flt=_stream_key(keys, flt), replicated=writer)
         return {"matched": done.matched, "requeued": done.done, "missing": done.missing, "skipped": done.skipped}
 
     _outcome("requeued to their partitions", _redis_call(go)[0])
@@ -431,18 +435,13 @@ def dead_requeue(
 @_selectors
 @click.option("--reason", required=True, help="Why; kept with the dropped letter.")
 def dead_drop(
-    dead_id: str | None,
-    all_: bool,
-    error_contains: str | None,
-    code: str | None,
-    stream: str | None,
-    reason: str,
+    dead_id: str | None, all_: bool, error_contains: str | None, code: str | None, stream: str | None, reason: str
 ) -> None:
     """Set dead letters aside for good: moved, with the reason, to {prefix}:dead:dropped."""
     ids, flt = _selection(dead_id, all_, error_contains, code, stream)
 
-    async def go(redis: Any, keys: Keys) -> dict[str, Any]:
-        done = await dead_mod.drop(redis, keys, reason, ids=ids, flt=_stream_key(keys, flt))
+    async def go(redis: Any, keys: Keys, writer: Replicated) -> dict[str, Any]:
+        done = await dead_mod.drop(redis, keys, reason, ids=ids, flt=_stream_key(keys, flt), replicated=writer)
         to = dead_mod.dropped_key(keys)
         return {"matched": done.matched, "dropped": done.done, "missing": done.missing, "to": to}
 

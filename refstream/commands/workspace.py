@@ -88,7 +88,12 @@ def delete(workspace_id: str, yes: bool) -> None:
         try:
             async with open_connections(settings, workspace_id) as (conn, redis):
                 done = await deletion.delete_workspace(
-                    conn, redis, Keys(settings.stream_prefix, settings.partitions), workspace_id
+                    conn,
+                    redis,
+                    Keys(settings.stream_prefix, settings.partitions),
+                    workspace_id,
+                    replicas=settings.ack_replicas,
+                    wait_ms=settings.ack_wait_ms,
                 )
         except NotFound:
             # gone from its shard, maybe by a delete whose directory half failed (the

@@ -20,6 +20,7 @@ import asyncpg
 from ingest.contract import clock
 from ingest.contract.connections import Redis
 from ingest.contract.keys import Keys
+from ingest.contract.replicated import Replicated
 from ingest.contract.settings import Settings
 from ingest.ledger.placement import Placement
 from workers.archive.store import open_store
@@ -66,14 +67,16 @@ async def matching(redis: Redis, keys: Keys, flt: dead.Filter) -> int:
     return sum([1 async for letter in dead.scan(redis, keys) if flt.matches(letter)])
 
 
-async def retry(redis: Redis, keys: Keys, *, ids: list[str] | None, flt: dead.Filter | None) -> dict[str, Any]:
-    done = await dead.requeue(redis, keys, ids=ids, flt=flt)
+async def retry(
+    redis: Redis, keys: Keys, *, ids: list[str] | None, flt: dead.Filter | None, replicated: Replicated | None = None
+) -> dict[str, Any]:
+    done = await dead.requeue(redis, keys, ids=ids, flt=flt, replicated=replicated)
     return {"matched": done.matched, "requeued": done.done, "missing": done.missing, "skipped": done.skipped}
 
 
-async def drop(redis: Redis, keys: Keys, dead_id: str) -> dict[str, Any]:
+async def drop(redis: Redis, keys: Keys, dead_id: str, replicated: Replicated | None = None) -> dict[str, Any]:
     """One letter to the dropped letters (``refstream dead drop``), never to be retried."""
-    done = await dead.drop(redis, keys, DROPPED_BY, ids=[dead_id])
+    done = await dead.drop(redis, keys, DROPPED_BY, ids=[dead_id], replicated=replicated)
     return {"matched": done.matched, "dropped": done.done, "missing": done.missing}
 
 

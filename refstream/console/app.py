@@ -25,6 +25,7 @@ from aiohttp import web
 from ingest.contract.connections import PG_ERRORS, REDIS_ERRORS, connect_redis, create_pg_pool
 from ingest.contract.errors import Refused
 from ingest.contract.keys import Keys
+from ingest.contract.replicated import Replicated
 from ingest.contract.settings import Settings
 from ingest.edge.auth import Principal
 from ingest.ledger import placement
@@ -214,9 +215,14 @@ async def dead_retry(request: web.Request) -> web.Response:
                 dead.check_id(dead_id)
             except ValueError as exc:
                 return _bad(str(exc))
-            return _json({"dead_id": dead_id, **await actions.retry(c["redis"], c["keys"], ids=[dead_id], flt=None)})
+            return _json(
+                {
+                    "dead_id": dead_id,
+                    **await actions.retry(c["redis"], c["keys"], ids=[dead_id], flt=None, replicated=c["replicated"]),
+                }
+            )
         flt = actions.letter_filter(body.get("filter") or {}, c["keys"])
-        return _json(await actions.retry(c["redis"], c["keys"], ids=None, flt=flt))
+        return _json(await actions.retry(c["redis"], c["keys"], ids=None, flt=flt, replicated=c["replicated"]))
 
 
 @operator
@@ -231,7 +237,7 @@ async def dead_drop(request: web.Request) -> web.Response:
     except ValueError as exc:
         return _bad(str(exc))
     async with request.app[ACTING]:
-        return _json({"dead_id": dead_id, **await actions.drop(c["redis"], c["keys"], dead_id)})
+        return _json({"dead_id": dead_id, **await actions.drop(c["redis"], c["keys"], dead_id, c["replicated"])})
 
 
 def _replay_starter(kind: str) -> Handler:
@@ -287,7 +293,9 @@ def make_app(settings: Settings, *, spool_dirs: list[str]) -> web.Application:
         # every shard's pool, opened on first use: a tenant's reads on its workspace's shard,
         # the operator's on every shard (ingest.ledger.placement)
         shards = placement.Placement.over(settings, pool, max_size=4)
-        app[CONTEXT].update(redis=redis, pool=pool, keys=keys, shards=shards)
+        # a letter's retry or drop: its XADD on N replicas before the letter's XDEL
+        replicated = Replicated(redis, settings.ack_replicas, settings.ack_wait_ms)
+        app[CONTEXT].update(redis=redis, pool=pool, keys=keys, shards=shards, replicated=replicated)
         app[ACCESS] = Access(settings.console_token, redis, keys, pool, shards)
         app[SAMPLER] = Sampler(redis, pool, keys, spool_dirs, shards)
         app[REPLAYS] = actions.Replays(settings, redis, shards, keys)
@@ -304,6 +312,7 @@ def make_app(settings: Settings, *, spool_dirs: list[str]) -> web.Application:
             await asyncio.shield(app[REPLAYS].close())
             await asyncio.shield(shards.close())
             await asyncio.shield(pool.close())
+            await asyncio.shield(replicated.aclose())
             await redis.aclose()
 
     app.cleanup_ctx.append(resources)

@@ -145,7 +145,7 @@ class Consumer:
                 self.redis,
                 self.keys,
                 s.partitions,
-                replicas=0 if s.redis_cluster else s.ack_replicas,
+                replicas=s.ack_replicas,
                 wait_ms=s.ack_wait_ms,
             )
 

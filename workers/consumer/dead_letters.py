@@ -11,8 +11,8 @@ import structlog
 from ingest.contract import clock
 from ingest.contract.connections import Command
 from ingest.contract.keys import Keys
+from ingest.contract.replicated import Replicated
 from ingest.contract.wire import FIELD, entry_of
-from workers.group.replicated import Replicated
 
 log = structlog.get_logger("workers.pipeline")
 
@@ -33,7 +33,7 @@ async def write(replicated: Replicated, keys: Keys, stream: str, dead: list[Dead
     """One XADD per letter, of bytes only: nothing in it is encoded from what the entry
     decoded to, so no entry can make its own letter fail (a letter that could not be
     written would stop its partition). At replicas:N, returns once N replicas hold them:
-    the ack of their entries follows (``workers.group.replicated``)."""
+    the ack of their entries follows (``ingest.contract.replicated``)."""
     commands: list[Command] = []
     now = clock.now_ms()
     for d in dead:

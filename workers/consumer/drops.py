@@ -31,6 +31,7 @@ import structlog
 from ingest.contract import jsonrows, link_keys
 from ingest.contract.drops import FLAGGED, NO_ID, fold_key, folds_key, live_key, parse_field
 from ingest.contract.events import EventType
+from ingest.contract.replicated import Replicated
 from ingest.ledger.placement import Placement
 from workers.consumer.stored import Stored
 
@@ -181,11 +182,15 @@ def tally(
     return counts
 
 
-async def fold(redis: Any, pool: asyncpg.Pool | Placement, prefix: str) -> int:
+async def fold(redis: Any, pool: asyncpg.Pool | Placement, prefix: str, replicated: Replicated | None = None) -> int:
     """Fold the edges' tallies into ``drop_stats`` (each workspace's on its shard, when
-    ``pool`` is the placement); the number of events added."""
+    ``pool`` is the placement); the number of events added. ``replicated``: at
+    ``REFSTREAM_ACK_DURABILITY=replicas:N`` the rename reaches N replicas before Postgres adds
+    what it took (``ingest.contract.replicated``), else a failover between the two brought the
+    live hash back unrenamed, and its next fold added it again."""
     token = uuid.uuid4().hex
-    pending = await redis.eval(_TAKE, 3, live_key(prefix), fold_key(prefix, token), folds_key(prefix))
+    take = ("EVAL", _TAKE, 3, live_key(prefix), fold_key(prefix, token), folds_key(prefix))
+    (pending,) = await (replicated or Replicated(redis, 0, 0)).send([take])
     total = 0
     for raw in sorted(pending):
         key = raw.decode() if isinstance(raw, bytes) else raw

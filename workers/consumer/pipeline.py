@@ -38,6 +38,7 @@ from ingest.contract.connections import Redis
 from ingest.contract.events import Envelope
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.logs import error_fields
+from ingest.contract.replicated import Replicated
 from ingest.contract.settings import Settings
 from ingest.contract.wire import EnvelopeError
 from ingest.ledger import placement
@@ -48,7 +49,6 @@ from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics
 from workers.consumer.waiting import Rooms, merge
 from workers.group.errors import BatchOutage, postgres_outage, redis_outage
-from workers.group.replicated import Replicated
 
 log = structlog.get_logger("workers.pipeline")
 
@@ -381,7 +381,7 @@ class Pipeline:
 
     async def _ack(self, batch: Batch) -> None:
         """Acked once ``erased.filed`` is, and at replicas:N once N replicas hold it
-        (``workers.group.replicated``): never an entry acked and left unfiled (a full Redis
+        (``ingest.contract.replicated``): never an entry acked and left unfiled (a full Redis
         that refused the filing, a failover that lost it and kept the ack, a worker killed
         between)."""
         await self.replicated.send(erased.filed(self.keys, batch))

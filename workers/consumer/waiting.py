@@ -26,12 +26,12 @@ from ingest.contract import wire
 from ingest.contract.connections import REDIS_ERRORS, Command, Redis
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
+from ingest.contract.replicated import Replicated
 from ingest.ledger import placement
 from workers.consumer import dead_letters
 from workers.consumer.dead_letters import Dead
 from workers.consumer.store import BatchResult
 from workers.group.errors import BatchOutage, postgres_outage, redis_outage
-from workers.group.replicated import Replicated
 
 log = structlog.get_logger("workers.waiting")
 

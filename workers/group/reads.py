@@ -9,7 +9,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from ingest.contract.connections import Redis
 from ingest.contract.errors import Unreplicated
-from workers.group.primaries import Primaries
+from ingest.contract.primaries import Primaries
 
 
 class Reads:

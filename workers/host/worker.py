@@ -183,7 +183,7 @@ async def refresh_links(ctx: dict[str, Any]) -> int:
 async def fold_drops(ctx: dict[str, Any]) -> int:
     """arq cron: the edges' refusal tallies into ``drop_stats`` (``workers.consumer.drops``)."""
     c: Consumer = ctx["consumer"]
-    return await drops.fold(c.redis, c.pipeline.placement, c.keys.prefix)
+    return await drops.fold(c.redis, c.pipeline.placement, c.keys.prefix, c.pipeline.replicated)
 
 
 async def approve_commissions(ctx: dict[str, Any]) -> int:

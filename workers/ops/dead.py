@@ -12,9 +12,12 @@ not decode, and never requeued: the worker would set it aside again at once.
 Requeue is XADD to the partition, then XDEL of the letter. A crash in between leaves the
 event both requeued and still dead; requeuing it again adds a second copy to the stream,
 which the worker absorbs (the event id is the idempotency key, never the stream id). The
-opposite order would lose the event on a crash. Dropped letters are not deleted outright:
-they move, with the operator's reason, to ``{prefix}:dead:dropped`` (built here from
-``Keys.dead``).
+opposite order would lose the event on a crash. At ``REFSTREAM_ACK_DURABILITY=replicas:N``
+the XADD reaches N replicas before the XDEL is sent (``ingest.contract.replicated``), or the
+letter stays: a failover between the two would send the XADD to the old primary, lost with
+it, and the XDEL to the new one, and lose the event (a drop's move, its record). Dropped
+letters are not deleted outright: they move, with the operator's reason, to
+``{prefix}:dead:dropped`` (built here from ``Keys.dead``).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingest.contract import bounds, clock, layout, wire
-from ingest.contract.connections import Redis
+from ingest.contract.connections import Command, Redis
 from ingest.contract.events import Envelope
 from ingest.contract.keys import Keys
+from ingest.contract.replicated import Replicated
 from ingest.contract.wire import FIELD, FIELDS, PACKED, EnvelopeError, entry_of
 
 _ID_RE = re.compile(r"^\d+(-\d+)?$")
@@ -222,11 +226,17 @@ def target_stream(keys: Keys, letter: DeadLetter) -> str | None:
     return keys.stream_for(route) if route is not None else None
 
 
-async def _append(redis: Redis, keys: Keys, stream: str, letter: DeadLetter) -> bool:
+def _xadd(stream: str, fields: dict[Any, Any], *options: str) -> Command:
+    return ("XADD", stream, *options, "*", *(x for pair in fields.items() for x in pair))
+
+
+async def _append(replicated: Replicated, keys: Keys, stream: str, letter: DeadLetter) -> bool:
     """XADD NOMKSTREAM: never into a partition retired meanwhile (``ingest.contract.layout``);
     a written partition whose stream does not exist yet is made first, with its groups."""
+    redis = replicated.redis
     for _ in range(2):
-        if await redis.xadd(stream, letter.entry, nomkstream=True) is not None:  # type: ignore[arg-type]
+        (added,) = await replicated.send([_xadd(stream, letter.entry, "NOMKSTREAM")])
+        if added is not None:
             return True
         p = Keys.partition_of(stream)
         if p is None or p >= keys.partitions:
@@ -238,10 +248,19 @@ async def _append(redis: Redis, keys: Keys, stream: str, letter: DeadLetter) -> 
     return False
 
 
-async def requeue(redis: Redis, keys: Keys, *, ids: list[str] | None = None, flt: Filter | None = None) -> Outcome:
+async def requeue(
+    redis: Redis,
+    keys: Keys,
+    *,
+    ids: list[str] | None = None,
+    flt: Filter | None = None,
+    replicated: Replicated | None = None,
+) -> Outcome:
     """Put the selected letters' envelopes back on their partitions (see the module doc for
     the crash trade-off). Letters that cannot be decoded are skipped: the worker would
-    dead-letter them again at once; drop them instead."""
+    dead-letter them again at once; drop them instead. ``replicated``: how an XADD reaches
+    the durability level before its letter's XDEL (default: none asked)."""
+    replicated = replicated or Replicated(redis, 0, 0)
     out = Outcome()
     now = await layout.load(redis, keys, keys.partitions)  # the count the edges write now
     keys = Keys(keys.prefix, now.count)
@@ -253,7 +272,7 @@ async def requeue(redis: Redis, keys: Keys, *, ids: list[str] | None = None, flt
         if stream is None:
             out.skip("no_partition")
             continue
-        if not await _append(redis, keys, stream, letter):
+        if not await _append(replicated, keys, stream, letter):
             out.skip("partition_gone")
             continue
         # 0 deleted: a concurrent requeue won the race; its copy and ours count once
@@ -262,11 +281,19 @@ async def requeue(redis: Redis, keys: Keys, *, ids: list[str] | None = None, flt
 
 
 async def drop(
-    redis: Redis, keys: Keys, reason: str, *, ids: list[str] | None = None, flt: Filter | None = None
+    redis: Redis,
+    keys: Keys,
+    reason: str,
+    *,
+    ids: list[str] | None = None,
+    flt: Filter | None = None,
+    replicated: Replicated | None = None,
 ) -> Outcome:
-    """Move the selected letters to the dropped stream with ``reason``, then delete them."""
+    """Move the selected letters to the dropped stream with ``reason``, then delete them
+    (``replicated``: as ``requeue``'s)."""
     if not reason.strip():
         raise ValueError("a reason is required")
+    replicated = replicated or Replicated(redis, 0, 0)
     out = Outcome()
     for letter in await _select(redis, keys, ids, flt, out):
         record: dict[Any, Any] = {
@@ -275,6 +302,6 @@ async def drop(
             "reason": reason,
             "dropped_at": clock.now_ms(),
         }
-        await redis.xadd(dropped_key(keys), record)
+        await replicated.send([_xadd(dropped_key(keys), record)])
         out.done += await redis.xdel(keys.dead, letter.dead_id)
     return out

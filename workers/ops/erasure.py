@@ -43,7 +43,6 @@ from typing import Any
 
 import asyncpg
 import structlog
-from redis.asyncio.cluster import RedisCluster
 
 from ingest.contract import erasure, layout
 from ingest.contract.connections import Redis
@@ -55,8 +54,8 @@ from workers.archive import erased
 from workers.archive import read as archive_read
 from workers.archive import segment as seg
 from workers.archive.store import Store
-from workers.group.primaries import Primaries
-from workers.ops import erasure_reach, erasure_redis
+from workers.ops import erasure_letters, erasure_reach, erasure_redis
+from workers.ops.erasure_fence import Fence
 from workers.ops.erasure_reach import Check, SweepResult
 
 log = structlog.get_logger("workers.erasure")
@@ -82,7 +81,8 @@ async def sweep(
     """One pass over Redis, and where Redis is clear, over the archive (the module's doc).
     ``store`` None: no archive is configured, and there is none to rewrite. ``replicas``
     (``REFSTREAM_ACK_DURABILITY=replicas:N``): Redis is marked done only once N replicas
-    hold what the pass deleted and rewrote there (``_fenced``)."""
+    hold what the pass deleted and rewrote there, on the servers it began on
+    (``workers.ops.erasure_fence``)."""
     result = SweepResult()
     rows = await pg.fetch(_PENDING)
     rows = [r for r in rows if r["postgres_at"] is not None]  # the ledger and Postgres first
@@ -91,6 +91,9 @@ async def sweep(
         return result
     async with pg.acquire() as conn:
         key = await erasure.salt(conn)
+    high = await _high(redis, keys)
+    fence = Fence(redis, keys, high, replicas, wait_ms)
+    await fence.begin()  # before its first write: a failover during the sweep is seen at its end
     # the ledger's copy outside Postgres, as it stands now (what writers taught it since):
     # before Redis can be marked done, and before the fence that replicates it
     await erasure_copy.keep(pg, redis, keys, [r["id"] for r in rows])
@@ -98,7 +101,6 @@ async def sweep(
     since = [r["since"] for r in rows if r["since"] is not None]
     # Postgres first: a row a batch stored beside the one that taught the ledger its visitor
     result.rows_rechecked = await _recheck(pg, key, rows)
-    high = await _high(redis, keys)
     # Redis, for the erasures it is pending for: what their people own there alone, found by
     # the ledger's entries and their rows (never a scan of every key or every entry)
     redis_pending = [r for r in rows if r["redis_at"] is None]
@@ -106,8 +108,9 @@ async def sweep(
         theirs = await erasure_reach.theirs(pg, key, keys, redis_pending)
         streams = await erasure_redis.streams(redis, keys, high)
         await erasure_redis.entries(redis, keys, streams, theirs, check, result)
+        await erasure_redis.cached_clicks(redis, keys, theirs, result)
         for s in (keys.dead, keys.dead + ":dropped"):
-            await erasure_redis.letters(redis, keys, s, streams, redis_pending, check, result)
+            await erasure_letters.letters(redis, keys, s, streams, redis_pending, check, result)
         await erasure_redis.answers(redis, keys, theirs, check, result, high)
         await erasure_redis.fingerprints(redis, keys, theirs, check, result)
         result.entries_unread = erasure_redis.unread(streams, redis_pending)
@@ -116,7 +119,7 @@ async def sweep(
     if result.entries_waiting:
         log.info("erasure.redis_waiting", entries=result.entries_waiting, partitions_unread=result.entries_unread)
         return result
-    if (short := await _fenced(redis, keys, high, replicas, wait_ms)) is not None:
+    if (short := await fence.held()) is not None:
         log.info("erasure.redis_unreplicated", why=short)  # a failover could bring back what it removed
         return result
     if redis_pending:
@@ -171,44 +174,6 @@ async def _high(redis: Redis, keys: Keys) -> int:
     high = (await layout.load(redis, keys, keys.partitions)).high
     there = [p for p, (stream, _, _) in (await layout.existing(redis, keys, range(layout.MOST))).items() if stream]
     return max([high, *(p + 1 for p in there)])
-
-
-async def _fenced(redis: Redis, keys: Keys, high: int, replicas: int, wait_ms: int) -> str | None:
-    """None once ``replicas`` replicas hold every write this sweep made in Redis; else why
-    not. A fence key written then a WAIT, on one connection: replication is in order, so a
-    replica that has the fence has every write made before it, by any connection. (Without
-    this, a Sentinel failover right after a sweep promoted a replica that lacked its XDELs
-    and answer rewrites, and the erasure, marked done, left the person in Redis: the
-    generative test's seed 1029314941.) On a Redis Cluster, one fence per partition's slot
-    (the entries and answers a sweep touches carry its tag) and one for the dead letters."""
-    if not replicas:
-        return None
-    keys_and_fences = [(keys.stream(p), f"{keys.prefix}:erasure:fence:{{{p}}}") for p in range(high)]
-    keys_and_fences.append((keys.dead, f"{{{keys.dead}}}:erasure:fence"))
-    if not isinstance(redis, RedisCluster):
-        keys_and_fences = keys_and_fences[:1]
-    primaries = Primaries(redis) if isinstance(redis, RedisCluster) else None
-    try:
-        for key, fence in keys_and_fences:
-
-            def fenced(pipe: Any, fence: str = fence) -> None:
-                pipe.set(fence, b"1", px=60_000)
-                pipe.execute_command("WAIT", replicas, wait_ms)
-
-            if primaries is not None:
-                replies = await primaries.send(key, fenced)
-            else:
-                pipe: Any = redis.pipeline(transaction=False)
-                fenced(pipe)
-                replies = await pipe.execute(raise_on_error=False)
-            if error := next((r for r in replies if isinstance(r, Exception)), None):
-                return f"{type(error).__name__}: {error}"
-            if int(replies[-1]) < replicas:
-                return f"{replies[-1]} of {replicas} replicas within {wait_ms} ms ({key})"
-    finally:
-        if primaries is not None:
-            await primaries.aclose()
-    return None
 
 
 async def _archive(store: Store, keys: Keys, high: int, since: datetime, check: Check, result: SweepResult) -> None:

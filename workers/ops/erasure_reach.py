@@ -12,8 +12,8 @@ from typing import Any
 
 import asyncpg
 
-from ingest.contract import erasure, erasure_index
-from ingest.contract.erasure import EXTERNAL, VISITOR
+from ingest.contract import clicks, erasure, erasure_index
+from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
 from ingest.contract.events import Envelope, sale_routing_key
 from ingest.contract.keys import Keys
 from ingest.privacy import erasure as pg_erasure
@@ -93,6 +93,9 @@ class Theirs:
     workspace_id: str
     digests: dict[str, list[bytes]]
     events: list[Event]
+    # their clicks the ledger names (never one another customer's events name too): each
+    # click cache entry's name, deleted by every sweep, not only by the erasure's request
+    cached: list[str] = field(default_factory=list)
 
 
 # an erasure's own entries, in its own workspace
@@ -142,7 +145,10 @@ async def theirs(pg: asyncpg.Pool, key: bytes, keys: Keys, rows: list[asyncpg.Re
             for r in await conn.fetch(_THEIR_SALES, ws, aliases.get(EXTERNAL, [])):
                 routing = sale_routing_key(ws, "invoice", r["invoice_id"]) if r["invoice_id"] else None
                 events.setdefault(r["event_id"], event_of(keys, r["event_id"], routing, None))
-            out.append(Theirs(ws, digests, [events[k] for k in sorted(events)]))
+            named_clicks = set(digests.get(EVENT, []))
+            seen = {c for r in found for c in (r["event_id"], r["click_id"]) if c is not None}
+            cached = sorted(clicks.mint(c) for c in seen if erasure.digest(key, EVENT, c.hex) in named_clicks)
+            out.append(Theirs(ws, digests, [events[k] for k in sorted(events)], cached))
     return out
 
 

@@ -5,7 +5,6 @@ of their visitors, each found by what the ledger and their rows name
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,6 @@ from ingest.contract.connections import Redis
 from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
 from ingest.contract.events import Envelope, EventType
 from ingest.contract.keys import GROUP, Keys, parse_id
-from ingest.contract.wire import FIELD, FIELDS
 from workers.archive import erased
 from workers.ops.erasure_reach import Check, Event, SweepResult, Theirs
 
@@ -239,6 +237,19 @@ async def _uncache(redis: Redis, keys: Keys, met: list[Envelope], result: SweepR
         result.clicks_uncached += await redis.delete(keys.click(c))
 
 
+async def cached_clicks(redis: Redis, keys: Keys, theirs: list[Theirs], result: SweepResult) -> None:
+    """The click cache's entries of their clicks (each keeps its visitor for the cookie
+    window): deleted again by every sweep. The erasure's request deletes them at once, but
+    that is best effort (a Redis away, or a failover that lost the delete), and nothing else
+    would until the window ends."""
+    names = [keys.click(c) for t in theirs for c in t.cached]
+    for i in range(0, len(names), _PAGE):
+        pipe: Any = redis.pipeline(transaction=False)
+        for name in names[i : i + _PAGE]:
+            pipe.delete(name)
+        result.clicks_uncached += sum(await pipe.execute())
+
+
 async def _read_by_all(redis: Redis, stream: str, groups: list[dict[str, Any]], sid: Any) -> bool:
     """Every group of ``stream`` has read ``sid`` and acked it (none: nobody will read it)."""
     if not groups:
@@ -250,62 +261,6 @@ async def _read_by_all(redis: Redis, stream: str, groups: list[dict[str, Any]], 
         if await redis.xpending_range(stream, g["name"], min=sid, max=sid, count=1):
             return False
     return True
-
-
-async def letters(
-    redis: Redis,
-    keys: Keys,
-    stream: str,
-    streams: list[_Stream],
-    rows: list[asyncpg.Record],
-    check: Check,
-    result: SweepResult,
-) -> None:
-    """Dead letters are read by operators, not groups: each of the person's is replaced by its
-    scrubbed copy (the letter's own fields kept) at the end of the stream, and the entry it
-    was made of goes like any other of theirs. No row names a letter: the letters are read
-    once for each state of the pending erasures (a new one, one that learned something:
-    ``erasures.generation``), and between them only those written since (a cursor kept in
-    Redis): what changed, never the whole stream every sweep."""
-    state = hashlib.sha256(" ".join(sorted(f"{r['id']}:{r['generation']}" for r in rows)).encode()).hexdigest()[:32]
-    cursor = f"{keys.prefix}:erasure:read:{stream}"
-    held = await redis.get(cursor)
-    token, _, last = (_text(held) if held is not None else "").partition(" ")
-    if token != state:
-        last = ""  # the erasures changed since: every letter again, once
-    start = "(" + last if last else "-"
-    originals: dict[tuple[int, bytes], dict[bytes, bytes]] = {}
-    by_name = {s.name: s for s in streams}
-    while True:
-        page = await redis.xrange(stream, min=start, max="+", count=_PAGE)
-        if not page:
-            break
-        decoded = erased.decoded(page)
-        hits = await check.personal([e for _, e in decoded])
-        for j in sorted(hits):
-            i, e = decoded[j]
-            sid, fields = page[i]
-            copy: dict[Any, Any] = {k: v for k, v in fields.items() if k not in FIELDS and k != FIELD}
-            if FIELD in fields:
-                copy[FIELD] = wire.to_blob(check.scrub(e))
-            else:
-                copy.update(erased.fields_of(check.scrub(e)))
-            await redis.xadd(stream, copy)
-            await redis.xdel(stream, sid)
-            result.letters_replaced += 1
-            # the entry the letter was made of, where it still is
-            origin, at = fields.get(b"stream"), fields.get(b"id")
-            if origin is not None and at is not None and (s := by_name.get(_text(origin))) is not None:
-                for osid, ofields in await redis.xrange(s.name, min=_text(at), max=_text(at), count=1):
-                    originals[(s.partition, _bytes(osid))] = ofields
-        last = _bytes(page[-1][0]).decode()
-        start = "(" + last
-        if len(page) < _PAGE:
-            break
-    if last:
-        await redis.set(cursor, f"{state} {last}", ex=30 * 86400)
-    if originals:
-        await _handle(redis, keys, {s.partition: s for s in streams}, originals, check, result)
 
 
 async def answers(

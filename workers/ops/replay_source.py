@@ -20,9 +20,9 @@ from redis.asyncio.cluster import RedisCluster
 from ingest.contract.connections import Redis
 from ingest.contract.errors import Refused, Unreplicated
 from ingest.contract.keys import Keys
+from ingest.contract.primaries import Primaries
 from workers.archive import read as archive_read
 from workers.archive.store import Store
-from workers.group.primaries import Primaries
 
 MAX_SEQ = 2**64 - 1
 StreamId = tuple[int, int]

@@ -88,4 +88,8 @@ async def revoke_key(request: web.Request, edge: Edge, p: Principal) -> web.Resp
         )
         if not owned:
             raise NotFound("key not found")
-        return json(200, await admin.revoke_key(conn, edge.redis, edge.keys, request.match_info["prefix"]))
+        s, prefix = edge.settings, request.match_info["prefix"]
+        revoked = await admin.revoke_key(
+            conn, edge.redis, edge.keys, prefix, replicas=s.ack_replicas, wait_ms=s.ack_wait_ms
+        )
+        return json(200, revoked)
