@@ -325,6 +325,10 @@ async def test_an_erasure_learns_nothing_on_a_workspaces_copy_that_moved_away(
             with pytest.raises(placement.Moved):
                 await ledger.learn(conn, salt, [(lead, world.workspace_id)], met=False)
         assert await entries() == before
+        # a spool's drain checks the same way: it waits, and drains where the workspace is
+        with pytest.raises(ledger.LedgerUnavailable):
+            async with ledger.held(pg) as check:
+                await check([lead])
     finally:
         await pg.execute("UPDATE workspaces SET moved_to = NULL WHERE id = $1", world.workspace_id)
     async with pg.acquire() as conn:

@@ -51,7 +51,7 @@ import structlog
 from ingest.contract.connections import Redis, create_pg_pool, pg_outage
 from ingest.contract.keys import Keys, parse_id
 from ingest.contract.settings import Settings
-from ingest.ledger.placement import Placement
+from ingest.ledger.placement import Moved, Placement
 from workers.archive import erased
 from workers.archive import segment as seg
 from workers.archive.store import ArchiveLocked, ArchiveUnavailable, Store
@@ -169,7 +169,9 @@ class Archiver:
             assert self._placement is not None
             out, n = await erased.scrubbed_by_shard(self._placement.by_pool, rows, met=True)
         except Exception as exc:
-            if (reason := pg_outage(exc)) is None:
+            # a workspace moved away while its erasure learned (``erasure.learn``): held, and
+            # checked again where the directory places it now
+            if (reason := "moved" if isinstance(exc, Moved) else pg_outage(exc)) is None:
                 raise
             raise BatchOutage(reason, exc) from exc
         if n:
