@@ -11,10 +11,9 @@ from typing import Any
 
 import asyncpg
 
-from ingest.contract import clicks, copies
+from ingest.contract import clicks, copies, fence
 from ingest.contract.erasure_ids import EVENT, EXTERNAL, VISITOR, digest, digests_of, is_pseudonym
 from ingest.contract.events import Envelope, EventType
-from ingest.ledger import placement
 
 # the customers other than the person on a visitor (a lead or sale of theirs carries it, or
 # its customers row names them) and on a click (a lead or sale of theirs names it); a click's
@@ -131,9 +130,9 @@ async def _fenced(conn: asyncpg.Connection, ws: str) -> None:
     erased customer's lead named, learned on the old copy after the move's last catch up,
     kept its referrer on the new one, in its row and its stream entry; the generative test's
     seed 1986416062, ``erased_kept``.)"""
-    await conn.execute(placement.FENCE_LOCK, [ws])
-    if await conn.fetch(placement.FENCE_MOVED, [ws]):
-        raise placement.Moved(f"workspace {ws} moved away while its erasure learned", [str(ws)])
+    await conn.execute(fence.FENCE_LOCK, [ws])
+    if await conn.fetch(fence.FENCE_MOVED, [ws]):
+        raise fence.Moved(f"workspace {ws} moved away while its erasure learned", [str(ws)])
 
 
 async def learn(

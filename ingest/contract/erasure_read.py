@@ -13,12 +13,12 @@ from typing import Any
 
 import asyncpg
 
+from ingest.contract import fence
 from ingest.contract.connections import PG_ERRORS, pg_unavailable
 from ingest.contract.erasure_ids import EXTERNAL, LOCK, digest, digests_of, is_pseudonym, salt, scrub
 from ingest.contract.erasure_learn import learn
 from ingest.contract.errors import Outage
 from ingest.contract.events import Envelope
-from ingest.ledger import placement
 
 # a batch's look at the ledger, holding the lock shared until its commit: an erasure, once
 # its ledger is in, takes the lock exclusive and so waits for every batch that looked
@@ -226,7 +226,7 @@ async def held(pool: asyncpg.Pool, by_pool: ByPool | None = None) -> AsyncIterat
                 named = [(i, e) for i, e in zip(indexes, part, strict=True) if ledger.names(e)]
                 if named:  # what these teach the ledger (a spooled lead's click)
                     await learn(conn, ledger.key, [(e, ledger.workspace(e)) for _, e in named])
-            except (*PG_ERRORS, asyncpg.PostgresError, placement.Moved) as exc:  # moved: its shard is another now
+            except (*PG_ERRORS, asyncpg.PostgresError, fence.Moved) as exc:  # moved: its shard is another now
                 raise LedgerUnavailable(repr(exc)) from exc
             out.update({i: scrub(ledger.key, e, ledger.workspace(e)) for i, e in named})
         return out
