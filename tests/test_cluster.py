@@ -348,3 +348,44 @@ async def test_a_workers_write_before_its_ack_waits_for_its_own_slots_primarys_r
         await client.aclose()
         replica.kill()
         replica.wait()
+
+
+async def test_an_erasure_sweeps_fence_waits_on_every_primary_it_may_have_written_to(
+    cluster: list[int], tmp_path: Path
+) -> None:
+    """The sweep deletes keys of any slot (a click's cache entry, an address's rate limits,
+    a visitor's fingerprints), not only its streams' and letters'. At replicas:1 its fence
+    waited only on the primaries of those, and marked Redis done while a delete made on
+    another primary was on no replica: a failover brought the person's click back. Here the
+    streams and the letters are on the one primary with a replica, the others have none:
+    the sweep is not done until each of them has one."""
+    from workers.ops.erasure_fence import Fence
+
+    client = RedisCluster(host="127.0.0.1", port=cluster[0])
+    try:
+        await client.initialize()
+
+        def home(key: str) -> int:
+            return int(client.get_node_from_key(key).port)
+
+        def fences(keys: Keys) -> Fence:
+            return Fence(client, keys, 1, 1, 200)
+
+        # a prefix whose one partition's fence and letters' are on one primary: the old fences' all
+        prefixes = [Keys(f"fence{n}", 1) for n in range(500)]
+        keys = next(k for k in prefixes if len({home(f) for _, f in fences(k).keys_and_fences}) == 1)
+        fence = fences(keys)
+        with_replica = home(fence.keys_and_fences[0][1])
+        replica = await _add_replica(tmp_path, with_replica)
+        try:
+            await wait_for(functools.partial(_replicated, with_replica), timeout=60, what="the replica to sync")
+            await fence.begin()
+            held = await fence.held()
+            assert held is not None and "0 of 1 replicas" in held, held
+            assert len(fence.keys_and_fences) == 2 + len(cluster), fence.keys_and_fences
+            assert {home(k) for k, _ in fence.keys_and_fences} == set(cluster)
+        finally:
+            replica.kill()
+            replica.wait()
+    finally:
+        await client.aclose()

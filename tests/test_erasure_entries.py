@@ -334,3 +334,54 @@ async def test_an_erasure_learns_nothing_on_a_workspaces_copy_that_moved_away(
     async with pg.acquire() as conn:
         assert await ledger.learn(conn, salt, [(lead, world.workspace_id)], met=False)
     assert await entries() == before + 2  # the visitor and the click
+
+
+def _letter(keys: Keys, world: World, lead: Envelope) -> dict[Any, Any]:
+    return {
+        "stream": keys.stream_for(world.link["code"]),
+        "id": "1-0",
+        "error": "a test's",
+        "deliveries": 5,
+        "at": 0,
+        **wire.to_entry_dict(lead),
+    }
+
+
+async def test_a_sweep_leaves_a_moved_away_workspaces_copies_to_its_new_shard_and_sweeps_the_rest(
+    redis: Any, pg: asyncpg.Pool, keys: Keys, world: World
+) -> None:
+    """A dead letter of an erased customer's late lead, in a workspace whose copy here moved
+    away: what it teaches is the new shard's ledger's to learn, and the letter its sweep's to
+    scrub. The sweep here learned it anyway, met the workspace's fence (``Moved``) and
+    failed whole, every time until the old copy was dropped: the erasures of the workspaces
+    still here were never finished. It now leaves the moved workspace's copies alone and
+    sweeps the rest."""
+    from ._world import make_world
+
+    other = await make_world(pg, redis, keys, code="SWEEPMOVED", name="Stays")
+    p, q = Person(), Person()
+    gone, here = _lead(world, _click(world, "https://ref.test/gone"), p), _lead(other, _click(other, "x"), q)
+    for w, lead in ((world, gone), (other, here)):
+        await redis.xadd(keys.dead, _letter(keys, w, lead))
+    for w, person in ((world, p), (other, q)):
+        await pg_erasure.erase(pg, w.workspace_id, person.external_id, by="test", archive_days=30)
+
+    async def entries(ws: str) -> int:
+        n: int = await pg.fetchval("SELECT count(*) FROM erased_ids WHERE workspace_id = $1", ws)
+        return n
+
+    before = await entries(world.workspace_id)
+    await pg.execute("UPDATE workspaces SET moved_to = 'elsewhere' WHERE id = $1", world.workspace_id)
+    try:
+
+        async def swept() -> bool:
+            await erasure.sweep(pg, redis, keys, None)
+            return not await erasure.status(pg)
+
+        await wait_for(swept, what="the erasure of the workspace still here done")
+        letters = b" ".join(v for _, fields in await redis.xrange(keys.dead) for v in fields.values())
+        assert p.email.encode() in letters  # the moved workspace's: its new shard's sweep's
+        assert q.email.encode() not in letters
+        assert await entries(world.workspace_id) == before  # nothing learned on the old copy
+    finally:
+        await pg.execute("UPDATE workspaces SET moved_to = NULL WHERE id = $1", world.workspace_id)

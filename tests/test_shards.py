@@ -601,3 +601,40 @@ async def test_a_replayed_event_that_names_only_its_code_is_stored_on_its_worksp
             assert tuple(found) == held, (url, dict(found))
         finally:
             await conn.close()
+
+
+async def test_a_chore_on_every_shard_runs_past_a_shard_where_it_fails(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    """The workers' crons (the erasure sweep, the commissions' approval, the link cache's
+    refresh) run on each shard in turn. One shard's failure ended the pass there: the
+    shards after it never had the chore while it lasted (a sweep failed every time on a
+    shard whose copy of a workspace had moved away). Every shard runs now; the first
+    failure is raised once all have run."""
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    directory = await create_pg_pool(s, min_size=1, max_size=2)
+    place = placement.Placement.over(s, directory)
+    ran: list[str] = []
+
+    async def chore(pool: asyncpg.Pool) -> str:
+        name: str = await pool.fetchval("SELECT current_database()")
+        ran.append(name)
+        if len(ran) == 1:
+            raise RuntimeError("the first shard's chore failed")
+        return name
+
+    try:
+        with pytest.raises(RuntimeError):
+            await place.each(chore)  # a read of everything: stops at the failure
+        assert len(ran) == 1
+        ran.clear()
+        with pytest.raises(RuntimeError, match="first shard"):
+            await place.each(chore, every=True)
+        assert sorted(ran) == sorted(url.rsplit("/", 1)[1] for url in two_shards)
+    finally:
+        await place.close()
+        await directory.close()

@@ -294,7 +294,8 @@ async def test_a_workspace_is_deleted_only_once_a_replica_holds_its_keys_and_lin
     commit, waiting for nothing: a failover that lost the marks kept a link's entry (which
     lives until replaced) and a key's (a day) on the promoted replica, and every edge went
     on taking them; the rows gone, nothing named them to mark them again. The marks now go
-    before the commit, on N replicas, else the deletion is rolled back."""
+    before the commit, on N replicas, else the deletion is rolled back, and the marks it
+    made taken back (they refused the live workspace's links and keys until they expired)."""
     async with _pair(private_fault_redis) as (_, replica, redis, on_replica):
         code = f"GONE{secrets.token_hex(3).upper()}"
         gone = await make_world(pg, redis, keys, code=code)
@@ -304,6 +305,11 @@ async def test_a_workspace_is_deleted_only_once_a_replica_holds_its_keys_and_lin
                 with pytest.raises(Unreplicated):
                     await deletion.delete_workspace(conn, redis, keys, gone.workspace_id, replicas=1, wait_ms=100)
         assert await pg.fetchval("SELECT count(*) FROM links WHERE code = $1", code) == 1  # rolled back
+        # and its marks taken back: the live link and key were refused by every edge until
+        # the marks expired (300 s, 60 s)
+        live = await redis.get(keys.link(code))
+        assert live is not None and not live.endswith(b"|-") and code.encode() in live, live
+        assert await redis.get(entry) != auth._UNKNOWN
         async with pg.acquire() as conn:
             await deletion.delete_workspace(conn, redis, keys, gone.workspace_id, replicas=1, wait_ms=1000)
         assert await pg.fetchval("SELECT count(*) FROM links WHERE code = $1", code) == 0

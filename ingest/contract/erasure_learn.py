@@ -131,7 +131,8 @@ async def _fenced(conn: asyncpg.Connection, ws: str) -> None:
     kept its referrer on the new one, in its row and its stream entry; the generative test's
     seed 1986416062, ``erased_kept``.)"""
     await conn.execute(fence.FENCE_LOCK, [ws])
-    if await conn.fetch(fence.FENCE_MOVED, [ws]):
+    # moved away, arriving by a move, or dropped by one since its ledger was read
+    if await conn.fetch(fence.FENCE_NOT_HERE, [ws]):
         raise fence.Moved(f"workspace {ws} moved away while its erasure learned", [str(ws)])
 
 

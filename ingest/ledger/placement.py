@@ -24,6 +24,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from uuid import UUID
 
 import asyncpg
+import structlog
 
 from ingest.contract.connections import acquired, create_pg_pool
 from ingest.contract.errors import Misconfigured
@@ -44,6 +45,7 @@ FENCE_WAIT_S = 15.0  # the longest a request waits on a moving workspace's fence
 FENCE_POLL_S = 0.2
 
 T = TypeVar("T")
+log = structlog.get_logger("ingest.placement")
 Connect = Callable[[str], Awaitable[asyncpg.Pool]]
 
 
@@ -302,10 +304,26 @@ class Placement:
             pool = self._guards.setdefault(shard, await self._connect(self._urls[shard]))
         return pool
 
-    async def each(self, fn: Callable[[asyncpg.Pool], Awaitable[T]]) -> dict[str, T]:
+    async def each(self, fn: Callable[[asyncpg.Pool], Awaitable[T]], *, every: bool = False) -> dict[str, T]:
         """``fn`` on every shard's pool in turn, by shard name: a chore or a read of
-        everything. A shard that fails raises (after the ones before it ran)."""
-        return {name: await fn(pool) for name, pool in (await self.pools()).items()}
+        everything. A shard that fails raises (after the ones before it ran). ``every`` (a
+        chore, as the workers' crons): the shards after a failed one run too, and the first
+        failure is raised once all have run; one shard's trouble never starves the others
+        of the chore (an erasure sweep on a shard whose copy of a workspace moved away)."""
+        if not every:
+            return {name: await fn(pool) for name, pool in (await self.pools()).items()}
+        done: dict[str, T] = {}
+        failed: list[tuple[str, Exception]] = []
+        for name, pool in (await self.pools()).items():
+            try:
+                done[name] = await fn(pool)
+            except Exception as exc:  # raised below, once every shard has run
+                failed.append((name, exc))
+        for name, error in failed[1:]:
+            log.warning("placement.each_failed", shard=name, error=type(error).__name__)
+        if failed:
+            raise failed[0][1]
+        return done
 
     async def find(
         self, fn: Callable[[asyncpg.Pool], Awaitable[T | None]], owner: Callable[[T], Any] | None = None

@@ -16,11 +16,13 @@ workspace's erasure of a person with the same client-chosen id keeps its own ent
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any
 
 import asyncpg
 import orjson
+import structlog
 
 from ingest.contract import links
 from ingest.contract.connections import Redis, write
@@ -29,6 +31,8 @@ from ingest.contract.keys import Keys
 from ingest.contract.replicated import Replicated
 from ingest.edge import auth
 from ingest.privacy import erasure_copy
+
+log = structlog.get_logger("ingest.deletion")
 
 # base tables (a partitioned table, not its partitions) with a workspace_id column that no
 # foreign key ties to workspaces: the cascade does not reach them (the directory's own
@@ -66,25 +70,34 @@ async def delete_workspace(
         ws = uuid.UUID(workspace_id)
     except ValueError:
         raise NotFound(f"workspace {workspace_id[:64]!r} not found (not a workspace id)") from None
-    async with write(conn):
-        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE)", ws):
-            raise NotFound(f"workspace {workspace_id} not found")
-        # each link's cache entry is replaced by "unknown" at a version newer than its own
-        codes = {
-            r["code"]: r["v"]
-            for r in await conn.fetch(
-                "SELECT code, nextval('link_cache_version') AS v FROM links WHERE workspace_id = $1", ws
-            )
-        }
-        digests = [
-            bytes(r["key_hash"]) for r in await conn.fetch("SELECT key_hash FROM api_keys WHERE workspace_id = $1", ws)
-        ]
-        deleted = await delete_rows(conn, ws)
-        # the caches marked before the commit, and at replicas:N (``replicas``) on N replicas,
-        # else the deletion is rolled back: a link's entry lives until it is replaced, a key's
-        # a day, and once the rows are gone nothing names them to mark them again. (An edge
-        # refills an entry only where none is, a link only at a newer version.)
-        await _mark_gone(Replicated(redis, replicas, wait_ms), keys, digests, codes)
+    marked = False  # once its marks may be in Redis: a rollback after them takes them back
+    try:
+        async with write(conn):
+            if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE)", ws):
+                raise NotFound(f"workspace {workspace_id} not found")
+            # each link's cache entry is replaced by "unknown" at a version newer than its own
+            codes = {
+                r["code"]: r["v"]
+                for r in await conn.fetch(
+                    "SELECT code, nextval('link_cache_version') AS v FROM links WHERE workspace_id = $1", ws
+                )
+            }
+            digests = [
+                bytes(r["key_hash"])
+                for r in await conn.fetch("SELECT key_hash FROM api_keys WHERE workspace_id = $1", ws)
+            ]
+            deleted = await delete_rows(conn, ws)
+            # the caches marked before the commit, and at replicas:N (``replicas``) on N
+            # replicas, else the deletion is rolled back (and its marks taken back:
+            # ``_unmark``): a link's entry lives until it is replaced, a key's a day, and once
+            # the rows are gone nothing names them to mark them again. (An edge refills an
+            # entry only where none is, a link only at a newer version.)
+            marked = True
+            await _mark_gone(Replicated(redis, replicas, wait_ms), keys, digests, codes)
+    except Exception:
+        if marked:
+            await _unmark(conn, redis, keys, ws)
+        raise
     # again after the commit: an edge may have refilled one from a row still there meanwhile
     for digest in digests:
         await auth.cache_key(redis, keys, digest, None)
@@ -112,6 +125,33 @@ async def _mark_gone(writer: Replicated, keys: Keys, digests: list[bytes], codes
         await writer.send(marks, "the workspace's keys and links marked deleted")
     finally:
         await writer.aclose()
+
+
+async def _unmark(conn: asyncpg.Connection, redis: Redis, keys: Keys, ws: uuid.UUID) -> None:
+    """A deletion rolled back after its marks were sent (too few replicas took them, the
+    commit failed): its links and keys, live still, were refused by every edge until the
+    marks expired (a link's in 300 s, a key's in 60). Each link is put back from its row at
+    a version drawn now (a mark's is newer than the row's), each key's entry removed (an
+    edge refills it from its row). Best effort: where Postgres or Redis cannot, the marks
+    expire. A commit whose outcome was unknown and that was made keeps its marks."""
+    try:
+        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)", ws):
+            return
+        rows = await conn.fetch(links.LINK_SELECT + " WHERE l.workspace_id = $1", ws)
+        digests = [r["key_hash"] for r in await conn.fetch("SELECT key_hash FROM api_keys WHERE workspace_id = $1", ws)]
+        now = [
+            dataclasses.replace(links.LinkInfo.from_record(r), version=v)
+            for r, v in zip(rows, await _versions(conn, len(rows)), strict=True)
+        ]
+        await links.put(redis, keys, *now)
+        for digest in digests:  # one at a time: on a Redis Cluster, their slots differ
+            await redis.delete(keys.apikey(bytes(digest).hex()))
+    except Exception as exc:  # the deletion's own error is the one raised
+        log.warning("deletion.unmark_failed", workspace_id=str(ws), error=type(exc).__name__)
+
+
+async def _versions(conn: asyncpg.Connection, n: int) -> list[int]:
+    return [r[0] for r in await conn.fetch("SELECT nextval('link_cache_version') FROM generate_series(1, $1)", n)]
 
 
 async def delete_rows(conn: asyncpg.Connection, ws: uuid.UUID) -> dict[str, int]:

@@ -175,7 +175,9 @@ async def refresh_links(ctx: dict[str, Any]) -> int:
     """arq cron: write every link into the Redis cache and mark it warm, so the edge never
     asks Postgres about a code (and a Redis restart heals within one period)."""
     c: Consumer = ctx["consumer"]
-    counted = await c.pipeline.placement.each(lambda pool: links.refresh_all(pool, c.redis, c.keys, warm=False))
+    counted = await c.pipeline.placement.each(
+        lambda pool: links.refresh_all(pool, c.redis, c.keys, warm=False), every=True
+    )
     await links.mark_warm(c.redis, c.keys)  # every shard's links are in: the cache is whole
     return sum(counted.values())
 
@@ -190,7 +192,7 @@ async def approve_commissions(ctx: dict[str, Any]) -> int:
     """arq cron: commissions past their program's hold move pending -> approved, on
     Postgres's clock (``workers.consumer.commissions``). Idempotent: any worker may run it."""
     c: Consumer = ctx["consumer"]
-    done = await c.pipeline.placement.each(lambda pool: pool.execute(commissions.APPROVE))
+    done = await c.pipeline.placement.each(lambda pool: pool.execute(commissions.APPROVE), every=True)
     return sum(int(d.rpartition(" ")[2] or 0) for d in done.values())
 
 
@@ -203,7 +205,8 @@ async def sweep_erasures(ctx: dict[str, Any]) -> int:
     done = await c.pipeline.placement.each(  # each shard's ledger: its own erasures' entries
         lambda pool: erasure.sweep(
             pool, c.redis, c.keys, store, replicas=settings.ack_replicas, wait_ms=settings.ack_wait_ms
-        )
+        ),
+        every=True,
     )
     return sum(len(d.archive_done) for d in done.values())
 

@@ -6,7 +6,9 @@ that has the fence has every write made before it on that primary, by any connec
 (Without it, a Sentinel failover right after a sweep promoted a replica that lacked its
 XDELs and answer rewrites, and the erasure, marked done, left the person in Redis: the
 generative test's seed 1029314941.) On a Redis Cluster, one fence per partition's slot (the
-entries and answers a sweep touches carry its tag) and one for the dead letters.
+entries and answers a sweep touches carry its tag), one for the dead letters, and one on
+each primary for the keys of other slots it deletes (a click's cache entry, an address's
+rate limits, a visitor's fingerprints).
 
 A fence proves nothing of a primary that is gone: a failover *during* the sweep sent its
 first writes (the ledger's copy, deletes, rewrites) to the old primary and the fence to the
@@ -30,7 +32,7 @@ class Fence:
     """The fences of a sweep over ``high`` partitions; ``replicas`` 0: none asked."""
 
     def __init__(self, redis: Redis, keys: Keys, high: int, replicas: int, wait_ms: int) -> None:
-        self.redis, self.replicas, self.wait_ms = redis, replicas, wait_ms
+        self.redis, self.replicas, self.wait_ms, self.prefix = redis, replicas, wait_ms, keys.prefix
         self.keys_and_fences = [(keys.stream(p), f"{keys.prefix}:erasure:fence:{{{p}}}") for p in range(high)]
         self.keys_and_fences.append((keys.dead, f"{{{keys.dead}}}:erasure:fence"))
         if not isinstance(redis, RedisCluster):
@@ -40,7 +42,26 @@ class Fence:
     async def begin(self) -> None:
         """Note each fence's server: before the sweep writes anything in Redis."""
         if self.replicas:
+            if isinstance(self.redis, RedisCluster):
+                self.keys_and_fences += await self._per_primary()
             self.servers = [_run_id(r[0]) for r in await self._each(lambda pipe, fence: None)]
+
+    async def _per_primary(self) -> list[tuple[str, str]]:
+        """A fence on each primary of the cluster, of a key its slots hold: the sweep writes
+        keys of any slot besides its streams' and letters' (a click's cache entry, an
+        address's rate limits, a visitor's fingerprints), and a primary's fence covers every
+        write made on it before."""
+        await self.redis.initialize()
+        wanted = {n.name for n in self.redis.get_primaries()}  # type: ignore[union-attr]
+        out = []
+        for i in range(1_000_000):
+            if not wanted:
+                break
+            key = f"{self.prefix}:erasure:fence:node:{i}"
+            if (name := self.redis.get_node_from_key(key).name) in wanted:  # type: ignore[union-attr]
+                wanted.discard(name)
+                out.append((key, key))
+        return out
 
     async def held(self) -> str | None:
         """None once ``replicas`` replicas hold every write this sweep made, on the servers

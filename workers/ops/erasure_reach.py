@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from ingest.contract import clicks, erasure, erasure_index
+from ingest.contract import clicks, erasure, erasure_index, fence
 from ingest.contract.erasure import EVENT, EXTERNAL, VISITOR
 from ingest.contract.events import Envelope, sale_routing_key
 from ingest.contract.keys import Keys
@@ -60,16 +60,32 @@ class Check:
                 for i, e in enumerate(envelopes)
                 if ledger.names(e) and erasure.scrub(self.key, e, ledger.workspace(e)) != e
             }
-            # what a copy the sweep scrubs teaches (a dead-lettered or archived lead's click):
-            # the ledger learns it as a worker storing it would have, and the erasure is
-            # pending again where something joined
-            await erasure.learn(
-                conn, self.key, [(envelopes[i], ledger.workspace(envelopes[i])) for i in sorted(hits)], met=False
-            )
-        return hits
+            # a workspace this shard holds no more (moved away, or arriving by a move): its
+            # copies are its own shard's sweep's, whose ledger is the one that learns
+            away = await _not_here(conn, {w for i in hits if (w := ledger.workspace(envelopes[i])) is not None})
+            while True:
+                hits = {i for i in hits if ledger.workspace(envelopes[i]) not in away}
+                # what a copy the sweep scrubs teaches (a dead-lettered or archived lead's
+                # click): the ledger learns it as a worker storing it would have, and the
+                # erasure is pending again where something joined
+                try:
+                    met = [(envelopes[i], ledger.workspace(envelopes[i])) for i in sorted(hits)]
+                    await erasure.learn(conn, self.key, met, met=False)
+                    return hits
+                except fence.Moved as exc:  # one moved away meanwhile: left to its new shard
+                    if not set(exc.workspaces) - away:
+                        raise
+                    away |= set(exc.workspaces)
 
     def scrub(self, e: Envelope) -> Envelope:
         return erasure.scrub(self.key, e)
+
+
+async def _not_here(conn: asyncpg.Connection, workspaces: set[str]) -> set[str]:
+    """Which of ``workspaces`` this shard does not hold now (``fence.FENCE_NOT_HERE``)."""
+    if not workspaces:
+        return set()
+    return {str(r["id"]) for r in await conn.fetch(fence.FENCE_NOT_HERE, sorted(workspaces))}
 
 
 @dataclass(slots=True)
