@@ -22,6 +22,7 @@ from ingest.contract import wire
 from ingest.contract.events import Dialect, Envelope, EventType
 from ingest.contract.keys import Keys
 from ingest.contract.settings import Settings
+from ingest.privacy import erasure as pg_erasure
 from workers.archive.archiver import GROUP as ARCHIVE
 from workers.ops import erasure
 
@@ -202,3 +203,66 @@ async def test_the_sweep_finds_their_entries_appended_late_or_stored_as_no_row(
     assert swept.entries_deleted == 2 and not swept.entries_waiting, swept
     held = [f for s in keys.streams for _, f in await redis.xrange(s) if visitor.encode() in b"".join(f.values())]
     assert held == []
+
+
+class _Ranges(Connection):
+    """A connection that notes each XRANGE it packs: its stream and where it starts."""
+
+    sent: ClassVar[list[tuple[str, str]]] = []
+
+    def pack_command(self, *args: Any) -> Any:
+        if str(args[0]).upper() == "XRANGE":
+            text = [a.decode() if isinstance(a, bytes) else str(a) for a in args[1:3]]
+            _Ranges.sent.append((text[0], text[1]))
+        return super().pack_command(*args)
+
+
+async def test_each_shards_sweep_reads_only_the_dead_letters_written_since_its_last(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    """Between the sweeps of one set of pending erasures, a sweep reads only the dead letters
+    written since its last. With two shards, each with an erasure of its own, the shards'
+    sweeps shared that place in the letters: each found it set by the other's, for other
+    erasures, and read every letter again, every sweep on every shard. Each shard's sweeps
+    now keep their own."""
+    from ingest.contract.connections import create_pg_pool
+
+    from ._procs import Procs
+
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    keys = Keys(s.stream_prefix, s.partitions)
+    procs = Procs(s, tmp_path)
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    pools = {}
+    ledger.forget_salt()  # the salt the shards share, not the suite's database's
+    client = aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(s.redis_url, connection_class=_Ranges))
+    try:
+        for shard, url in (("default", directory_url), ("b", shard_url)):
+            ws = await procs.cli("workspace", "create", f"On {shard}", "--shard", shard)
+            pools[shard] = pool = await create_pg_pool(s.model_copy(update={"database_url": url}), min_size=1)
+            await pg_erasure.erase(pool, ws["workspace_id"], f"cust-{shard}", by="test", archive_days=30)
+        pipe = client.pipeline(transaction=False)
+        for n in range(50):  # everyone else's letters
+            e = Envelope(EventType.CLICK, Dialect.AFFIXO, {"code": "nobody", "visitor_id": f"v_{n}"})
+            letter: dict[Any, Any] = {"stream": keys.stream(0), "id": "1-0", "error": "a test's"}
+            pipe.xadd(keys.dead, letter | wire.to_entry_dict(e))
+        await pipe.execute()
+
+        async def swept(shard: str) -> list[str]:
+            _Ranges.sent.clear()
+            await erasure.sweep(pools[shard], client, keys, None, shard=shard)
+            # pending still, as while an archiver lags (the erasures unchanged: one state)
+            await pools[shard].execute("UPDATE erasures SET redis_at = NULL, archive_at = NULL")
+            return [start for stream, start in _Ranges.sent if stream == keys.dead]
+
+        assert (await swept("default"))[0] == "-"  # its erasures' first sweep: every letter
+        assert (await swept("b"))[0] == "-"
+        again = await swept("default")
+        assert again and all(start.startswith("(") for start in again), again  # those since its last
+    finally:
+        await client.aclose()
+        for pool in pools.values():
+            await pool.close()
+        ledger.forget_salt()

@@ -310,13 +310,17 @@ class Placement:
         chore, as the workers' crons): the shards after a failed one run too, and the first
         failure is raised once all have run; one shard's trouble never starves the others
         of the chore (an erasure sweep on a shard whose copy of a workspace moved away)."""
+        return await self.each_shard(lambda _, pool: fn(pool), every=every)
+
+    async def each_shard(self, fn: Callable[[str, asyncpg.Pool], Awaitable[T]], *, every: bool = False) -> dict[str, T]:
+        """``each``, with ``fn`` given the shard's name beside its pool."""
         if not every:
-            return {name: await fn(pool) for name, pool in (await self.pools()).items()}
+            return {name: await fn(name, pool) for name, pool in (await self.pools()).items()}
         done: dict[str, T] = {}
         failed: list[tuple[str, Exception]] = []
         for name, pool in (await self.pools()).items():
             try:
-                done[name] = await fn(pool)
+                done[name] = await fn(name, pool)
             except Exception as exc:  # raised below, once every shard has run
                 failed.append((name, exc))
         for name, error in failed[1:]:

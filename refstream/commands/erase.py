@@ -32,12 +32,12 @@ async def _erase(
     shard, each row and sweep with its shard's name; with one shard, ``_on_shard`` alone."""
     urls = await shard_urls(settings)
     if len(urls) == 1:
-        return await _on_shard(settings, external_id, workspace, sweep, partner)
+        return await _on_shard(settings, external_id, workspace, sweep, partner, next(iter(urls), "default"))
     result: dict[str, Any] = {}
     done: set[str] = set()
     if workspace is not None:  # the workspace's rows, and its erasure, are on its shard
         name, there = await workspace_shard(settings, workspace)
-        result = await _on_shard(there, external_id, workspace, sweep, partner)
+        result = await _on_shard(there, external_id, workspace, sweep, partner, name)
         result["shard"] = name
         result["pending"] = [p | {"shard": name} for p in result["pending"]]
         result["sweep"] = {name: result["sweep"]} if "sweep" in result else {}
@@ -53,7 +53,7 @@ async def _erase(
         result["shards"].append({"shard": name, "reachable": True})
         if name in done:
             continue
-        theirs = await _on_shard(settings.model_copy(update={"database_url": url}), None, None, sweep, {})
+        theirs = await _on_shard(settings.model_copy(update={"database_url": url}), None, None, sweep, {}, name)
         result["pending"] += [p | {"shard": name} for p in theirs["pending"]]
         if "sweep" in theirs:
             result["sweep"][name] = theirs["sweep"]
@@ -61,7 +61,12 @@ async def _erase(
 
 
 async def _on_shard(
-    settings: Settings, external_id: str | None, workspace: str | None, sweep: bool, partner: dict[str, str]
+    settings: Settings,
+    external_id: str | None,
+    workspace: str | None,
+    sweep: bool,
+    partner: dict[str, str],
+    shard: str,
 ) -> dict[str, Any]:
     from workers.archive.store import open_store
     from workers.ops import erasure
@@ -105,7 +110,13 @@ async def _on_shard(
             result.update(gone.to_dict())
         if external_id is not None or partner or sweep:
             swept = await erasure.sweep(
-                pool, redis, keys, open_store(settings), replicas=settings.ack_replicas, wait_ms=settings.ack_wait_ms
+                pool,
+                redis,
+                keys,
+                open_store(settings),
+                replicas=settings.ack_replicas,
+                wait_ms=settings.ack_wait_ms,
+                shard=shard,
             )
             result["sweep"] = swept.to_dict()
         result["pending"] = await erasure.status(pool)

@@ -202,9 +202,9 @@ async def sweep_erasures(ctx: dict[str, Any]) -> int:
     c: Consumer = ctx["consumer"]
     settings = ctx["settings"]
     store = open_store(settings)
-    done = await c.pipeline.placement.each(  # each shard's ledger: its own erasures' entries
-        lambda pool: erasure.sweep(
-            pool, c.redis, c.keys, store, replicas=settings.ack_replicas, wait_ms=settings.ack_wait_ms
+    done = await c.pipeline.placement.each_shard(  # each shard's ledger: its own erasures' entries
+        lambda shard, pool: erasure.sweep(
+            pool, c.redis, c.keys, store, replicas=settings.ack_replicas, wait_ms=settings.ack_wait_ms, shard=shard
         ),
         every=True,
     )

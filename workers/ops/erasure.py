@@ -76,13 +76,21 @@ async def status(pg: asyncpg.Pool) -> list[dict[str, Any]]:
 
 
 async def sweep(
-    pg: asyncpg.Pool, redis: Redis, keys: Keys, store: Store | None, *, replicas: int = 0, wait_ms: int = 500
+    pg: asyncpg.Pool,
+    redis: Redis,
+    keys: Keys,
+    store: Store | None,
+    *,
+    replicas: int = 0,
+    wait_ms: int = 500,
+    shard: str = "default",
 ) -> SweepResult:
     """One pass over Redis, and where Redis is clear, over the archive (the module's doc).
     ``store`` None: no archive is configured, and there is none to rewrite. ``replicas``
     (``REFSTREAM_ACK_DURABILITY=replicas:N``): Redis is marked done only once N replicas
     hold what the pass deleted and rewrote there, on the servers it began on
-    (``workers.ops.erasure_fence``)."""
+    (``workers.ops.erasure_fence``). ``shard``: the name of ``pg``'s shard, whose own
+    place in the dead letters each sweep there goes on from."""
     result = SweepResult()
     rows = await pg.fetch(_PENDING)
     rows = [r for r in rows if r["postgres_at"] is not None]  # the ledger and Postgres first
@@ -110,7 +118,7 @@ async def sweep(
         await erasure_redis.entries(redis, keys, streams, theirs, check, result)
         await erasure_redis.cached_clicks(redis, keys, theirs, result)
         for s in (keys.dead, keys.dead + ":dropped"):
-            await erasure_letters.letters(redis, keys, s, streams, redis_pending, check, result)
+            await erasure_letters.letters(redis, keys, s, streams, redis_pending, check, result, shard)
         await erasure_redis.answers(redis, keys, theirs, check, result, high)
         await erasure_redis.fingerprints(redis, keys, theirs, check, result)
         result.entries_unread = erasure_redis.unread(streams, redis_pending)

@@ -34,15 +34,18 @@ async def letters(
     rows: list[asyncpg.Record],
     check: Check,
     result: SweepResult,
+    shard: str = "default",
 ) -> None:
     """Dead letters are read by operators, not groups: each of the person's is replaced by its
     scrubbed copy (the letter's own fields kept) at the end of the stream, and the entry it
     was made of goes like any other of theirs. No row names a letter: the letters are read
     once for each state of the pending erasures (a new one, one that learned something:
     ``erasures.generation``), and between them only those written since (a cursor kept in
-    Redis): what changed, never the whole stream every sweep."""
+    Redis, one for each shard's sweeps: ``shard``; a cursor the shards shared was set back
+    by each other's, whose erasures differ, and every sweep read every letter): what
+    changed, never the whole stream every sweep."""
     state = hashlib.sha256(" ".join(sorted(f"{r['id']}:{r['generation']}" for r in rows)).encode()).hexdigest()[:32]
-    cursor = f"{keys.prefix}:erasure:read:{stream}"
+    cursor = f"{keys.prefix}:erasure:read:{shard}:{stream}"
     held = await redis.get(cursor)
     token, _, last = (_text(held) if held is not None else "").partition(" ")
     if token != state:
