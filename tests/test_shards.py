@@ -292,6 +292,40 @@ async def test_each_shards_do_not_track_list_is_read_from_that_shard(
         erasure.forget_salt()
 
 
+async def test_each_shards_do_not_track_list_is_read_while_another_shard_is_down(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    """The edge reads every shard's do-not-track list in turn; a shard it could not reach
+    ended the read there, and the shards after it kept their lists as last read: a visitor
+    added to one of theirs went on being tracked for as long as the other was down. Every
+    shard's list is read now, and the failure said once all have been."""
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", shard_url)
+    b = (await procs.cli("workspace", "create", "B", "--shard", "b"))["workspace_id"]
+    erasure.forget_salt()  # the salt the shards share, not the suite's database's
+    on_b = await create_pg_pool(s.model_copy(update={"database_url": shard_url}), min_size=1, max_size=2)
+    down = await asyncpg.create_pool("postgresql://postgres@127.0.0.1:1/gone", min_size=0)  # nothing listens
+
+    class Shards:
+        async def pools(self) -> dict[str, asyncpg.Pool]:
+            return {"default": down, "b": on_b}
+
+    try:
+        async with on_b.acquire() as conn:
+            await suppressions.add(conn, b, "visitor", "v-b", by="test")
+        listed = Suppressed()
+        with pytest.raises(OSError):
+            await listed._read_shards(Shards())
+        assert listed.names(Envelope(EventType.CLICK, "biore", {"visitor_id": "v-b"}, workspace_id=b))
+    finally:
+        await down.close()
+        await on_b.close()
+        erasure.forget_salt()
+
+
 async def test_a_redis_outage_holds_a_sharded_batch_and_letters_nothing(keys: Keys) -> None:
     """The waiting rooms' Redis step of a batch's write fails as Redis, never as the batch:
     the pipeline holds the batch (``BatchOutage``) rather than setting its events aside."""
@@ -635,6 +669,9 @@ async def test_a_chore_on_every_shard_runs_past_a_shard_where_it_fails(
         with pytest.raises(RuntimeError, match="first shard"):
             await place.each(chore, every=True)
         assert sorted(ran) == sorted(url.rsplit("/", 1)[1] for url in two_shards)
+        ran.clear()  # a chore that acts on the shards that passed before it raises (the burst pass's notices)
+        done, failed = await place.settled(lambda _, pool: chore(pool))
+        assert isinstance(failed, RuntimeError) and list(done.values()) == ran[1:], (done, ran)
     finally:
         await place.close()
         await directory.close()

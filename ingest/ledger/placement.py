@@ -316,18 +316,25 @@ class Placement:
         """``each``, with ``fn`` given the shard's name beside its pool."""
         if not every:
             return {name: await fn(name, pool) for name, pool in (await self.pools()).items()}
+        done, failed = await self.settled(fn)
+        if failed is not None:
+            raise failed
+        return done
+
+    async def settled(self, fn: Callable[[str, asyncpg.Pool], Awaitable[T]]) -> tuple[dict[str, T], Exception | None]:
+        """``fn`` on every shard in turn, each whatever the others did: what it returned on
+        each that succeeded, by name, and the first failure (None: none); the others
+        logged. For a chore whose successes must be acted on before its failure is raised."""
         done: dict[str, T] = {}
         failed: list[tuple[str, Exception]] = []
         for name, pool in (await self.pools()).items():
             try:
                 done[name] = await fn(name, pool)
-            except Exception as exc:  # raised below, once every shard has run
+            except Exception as exc:  # the caller's, once every shard has run
                 failed.append((name, exc))
         for name, error in failed[1:]:
             log.warning("placement.each_failed", shard=name, error=type(error).__name__)
-        if failed:
-            raise failed[0][1]
-        return done
+        return done, (failed[0][1] if failed else None)
 
     async def find(
         self, fn: Callable[[asyncpg.Pool], Awaitable[T | None]], owner: Callable[[T], Any] | None = None

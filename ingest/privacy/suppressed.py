@@ -183,14 +183,20 @@ class Suppressed:
         if len(pools) == 1 and not self.shards:
             await self.read(next(iter(pools.values())))  # one Postgres: as it always was
             return
-        for name, pool in pools.items():
+        failed: BaseException | None = None
+        for name, pool in pools.items():  # every shard's, past one that cannot be read
             part = self.shards.get(name)
-            if part is None:
-                part = Suppressed()
-                await part.read(pool)
-                self.shards[name] = part  # in force once read whole
-            else:
-                await part.read(pool)
+            try:
+                if part is None:
+                    part = Suppressed()
+                    await part.read(pool)
+                    self.shards[name] = part  # in force once read whole
+                else:
+                    await part.read(pool)
+            except (*PG_ERRORS, asyncpg.PostgresError) as exc:  # the others' read first
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     async def close(self) -> None:
         await background.stopped(self._task, "suppressions")

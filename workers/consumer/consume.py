@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import structlog
 
 from ingest.contract import layout
@@ -154,35 +155,38 @@ class Consumer:
 
     async def _partitions(self) -> None:
         s = self.settings
-        for pool in (await self.pipeline.placement.pools()).values():
-            await partitions.maintain(
+        # each of these chores on every shard, past one that fails (``Placement.each``)
+        await self.pipeline.placement.each(
+            lambda pool: partitions.maintain(
                 pool,
                 retention_days=s.event_retention_days,
                 dedupe_days=s.dedupe_retention_days,
                 skew_max_s=s.clock_skew_max_s,
                 webhook_days=s.webhook_retention_days,
-            )
+            ),
+            every=True,
+        )
 
     async def _bursts(self, passes: int = burst_pass.PASSES_A_TICK) -> None:
         """The click_burst rule over the clicks committed since the last pass
         (``workers.consumer.burst_pass``); their notices' webhook jobs after its commit."""
-        done = [
-            p
-            for pool in (await self.pipeline.placement.pools()).values()
-            for p in await burst_pass.run_until_done(pool, passes)
-        ]
-        deliveries = [d for p in done for d in p.deliveries]
-        if deliveries:
+        done, failed = await self.pipeline.placement.settled(lambda _, pool: burst_pass.run_until_done(pool, passes))
+        deliveries = [d for passed in done.values() for p in passed for d in p.deliveries]
+        if deliveries:  # the shards that passed: their notices' jobs, whatever another's did
             await self.pipeline.notify(store.BatchResult(deliveries=deliveries))
+        if failed is not None:
+            raise failed
 
     async def _waiting(self) -> int:
         """The waiting rooms of shards that answer again (``workers.consumer.waiting``)."""
         return await self.pipeline.drain_rooms()
 
     async def _windows(self) -> None:
-        for pool in (await self.pipeline.placement.pools()).values():
+        async def prune(pool: asyncpg.Pool) -> None:
             async with pool.acquire() as conn:
                 await bursts.prune(conn)
+
+        await self.pipeline.placement.each(prune, every=True)
 
     def _gate_changed(self, gate: Gate) -> None:
         if self.pipeline.metrics is not None:

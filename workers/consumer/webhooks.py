@@ -273,20 +273,24 @@ deliver_webhook_job: Function = func(deliver_webhook, name=JOB, max_tries=MAX_AT
 async def sweep_webhooks(ctx: dict[str, Any]) -> int:
     """arq cron: re-enqueue pending deliveries older than ``SWEEP_AFTER_S``; returns how many
     had no live job (each of them a lost enqueue, or a job arq gave up on)."""
-    rows = [
-        r
-        for pool in await _pools(ctx)
-        for r in await pool.fetch(
-            "SELECT id FROM webhook_deliveries WHERE status = 'pending'"
-            " AND created_at < now() - make_interval(secs => $1) ORDER BY created_at LIMIT $2",
-            SWEEP_AFTER_S,
-            SWEEP_LIMIT,
-        )
-    ]
+    rows, failed = [], None
+    for pool in await _pools(ctx):  # every shard's, past one that fails
+        try:
+            rows += await pool.fetch(_STALLED, SWEEP_AFTER_S, SWEEP_LIMIT)
+        except Exception as exc:  # raised once the others' are enqueued
+            failed = failed or exc
     new = await enqueue(ctx["redis"], [str(r["id"]) for r in rows])
     if new:
         log.warning("webhook.sweep", requeued=new, pending=len(rows))
+    if failed is not None:
+        raise failed
     return new
+
+
+_STALLED = (
+    "SELECT id FROM webhook_deliveries WHERE status = 'pending'"
+    " AND created_at < now() - make_interval(secs => $1) ORDER BY created_at LIMIT $2"
+)
 
 
 async def webhook_startup(ctx: dict[str, Any]) -> None:
