@@ -508,8 +508,8 @@ async def test_a_workers_partitions_restoring_the_erasure_ledger_at_once_never_w
         await shard.execute("DELETE FROM erased_ids; DELETE FROM erasures")  # a restore lost them
         monkeypatch.setattr(placement, "REFRESH_S", 0.0)
         async with asyncio.timeout(30):  # the old code waited for ever
-            await asyncio.gather(*(pipeline._restore_ledger() for _ in range(4)))
-        assert pipeline.ledger_restored
+            await asyncio.gather(*(pipeline.ledger.all() for _ in range(4)))
+        assert pipeline.ledger.done
         assert await shard.fetchval("SELECT count(*) FROM erasures") == 1  # back where its workspace is
         assert await directory.fetchval("SELECT count(*) FROM erasures") == 0
     finally:

@@ -77,9 +77,53 @@ async def test_a_shard_down_stops_only_its_own_workspaces(
         shard.destroy()
 
 
-async def two_workspaces(procs: Procs, b_url: str) -> str:
+async def test_a_worker_started_while_a_shard_is_down_stores_the_other_shards_events(
+    settings: Settings, tmp_path: Any, scratch_url: str, redis: Any
+) -> None:
+    """A worker restores the erasure ledger's copy on every shard before its first batch. One
+    shard's restore failing (its Postgres down) held every batch of the worker: a worker
+    started, or restarted, during one shard's outage stored nothing for any shard until it
+    ended. Each shard's restore is its own now: the other shard's events are stored, the down
+    one's wait in their rooms, and its restore is made before anything is written there."""
+    shard = PgServer()
+    shard.init()
+    shard.start()
+    s = settings.model_copy(update={"database_url": scratch_url})
+    keys = Keys(s.stream_prefix, s.partitions)
+    procs = Procs(s, tmp_path)
+    try:
+        await shard.ready()
+        b_url = shard.url_for("refstream")
+        edge = await two_workspaces(procs, b_url, workers=0)
+        conn = await asyncpg.connect(b_url)
+        try:  # an erasure on b, its copy in Redis: what a worker restores there first
+            (b,) = [str(r["id"]) for r in await conn.fetch("SELECT id FROM workspaces")]
+        finally:
+            await conn.close()
+        await procs.cli("erase", "--workspace", b, "--customer", "cust-gone")
+        replies, stop, firing = load(edge)
+        try:
+            await asyncio.to_thread(shard.stop, "fast")
+            first = procs.start("work")  # after the shard went down: its restore there fails
+            await wait_for(lambda: _more(scratch_url, "acode", 200), timeout=90, what="default stored meanwhile")
+            await wait_for(lambda: redis.scard(keys.waiting_rooms), what="b's workspace waiting in its room")
+            shard.start()
+            await shard.ready()
+            await wait_for(lambda: _more(b_url, "bcode", 1), timeout=90, what="b's events stored once it is back")
+            assert first.poll() is None  # the same worker: its restore on b made once b answered
+        finally:
+            stop.set()
+            await firing
+        await all_stored_once(procs, redis, keys, replies, scratch_url, b_url)
+    finally:
+        print(procs.logs()[-6000:])
+        procs.stop_all()
+        shard.destroy()
+
+
+async def two_workspaces(procs: Procs, b_url: str, workers: int = 2) -> str:
     """Shard b at ``b_url`` added, workspace A on default with link acode and B on b with
-    bcode, an edge and two workers started: the edge's address."""
+    bcode, an edge and ``workers`` workers started: the edge's address."""
     await procs.cli("migrate")
     await procs.cli("shards", "add", "b", b_url)
     a = await procs.cli("workspace", "create", "A", "--shard", "default")
@@ -87,8 +131,8 @@ async def two_workspaces(procs: Procs, b_url: str) -> str:
     await procs.cli("link", "create", "--workspace", a["workspace_id"], "--code", "acode")
     await procs.cli("link", "create", "--workspace", b["workspace_id"], "--code", "bcode")
     edge = await procs.start_edge(REFSTREAM_CLICK_RATE_LIMIT_PER_MIN="1000000")
-    procs.start("work")
-    procs.start("work")
+    for _ in range(workers):
+        procs.start("work")
     return edge
 
 

@@ -5,6 +5,7 @@ after the ledger's read (``workers.consumer.store``'s lock order).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -49,22 +50,33 @@ async def scrub(
     return scrubbed
 
 
-async def restore_ledger(place: placement.Placement, redis: Redis, keys: Keys) -> None:
+async def restore_ledger(
+    place: placement.Placement, redis: Redis, keys: Keys, shards: Collection[str] | None = None
+) -> dict[str, Exception]:
     """The erasures a restore of Postgres (or a failover) lost, back from their copy in Redis
-    (``ingest.privacy.erasure_copy``) on every shard, each where its workspace is; and the
-    ledger's salt read (every shard shares the directory's): a worker whose first batches go
-    to a waiting room writes no row, and must still file their late entries for the erasure
-    sweep (``filed``), which it cannot do without the salt."""
+    (``ingest.privacy.erasure_copy``) on every shard (or those of ``shards``), each where its
+    workspace is; and the ledger's salt read (every shard shares the directory's): a worker
+    whose first batches go to a waiting room writes no row, and must still file their late
+    entries for the erasure sweep (``filed``), which it cannot do without the salt. Each
+    shard on its own: those that failed, by name, with their errors (one shard down never
+    keeps the others' restores from being made)."""
     if erasure.known_salt() is None:
         async with place.directory.acquire() as conn:
             await erasure.salt(conn)
     pools = await place.pools()
+    failed: dict[str, Exception] = {}
     for name, pool in pools.items():
+        if shards is not None and name not in shards:
+            continue
 
         async def here(ws: str, name: str = name) -> bool:
             return await place.shard_of(ws) == name
 
-        await erasure_copy.restore(pool, redis, keys, here if len(pools) > 1 else None)
+        try:
+            await erasure_copy.restore(pool, redis, keys, here if len(pools) > 1 else None)
+        except Exception as exc:  # the caller's to judge: an outage waits
+            failed[name] = exc
+    return failed
 
 
 def filed(keys: Keys, batch: Batch) -> list[Command]:

@@ -47,6 +47,7 @@ from workers.consumer.combine import Combiner
 from workers.consumer.dead_letters import Dead
 from workers.consumer.enrich import Enricher
 from workers.consumer.metrics import WorkerMetrics
+from workers.consumer.restore import LedgerRestore
 from workers.consumer.waiting import Rooms, merge
 from workers.group.errors import BatchOutage, postgres_outage, redis_outage
 
@@ -117,8 +118,8 @@ class Pipeline:
         self.arq: ArqRedis | None = None  # set by the arq worker; --drain leaves it to the sweep
         self.metrics: WorkerMetrics | None = None
         self.totals = Totals()
-        self.ledger_restored = False  # the erasures Postgres lost, put back before the first batch
-        self._restoring = asyncio.Lock()
+        # the erasures Postgres lost, put back before the first batch (each shard's before its first write)
+        self.ledger = LedgerRestore(self.placement, redis, self.keys, self.rooms.sharded, self._held)
         # small batches of several partitions in one transaction (a batch's statements cost
         # what they cost whatever its size)
         self.combiner = Combiner(self._write, settings.batch_size, gather_s=settings.linger_ms / 1000)
@@ -290,8 +291,8 @@ class Pipeline:
         not be retried whole for ever (each part commits on its own, exactly once in effect)."""
         if not envelopes:
             return store.BatchResult(), []
-        if not self.ledger_restored:
-            await self._restore_ledger()
+        if not self.ledger.done:
+            await self.ledger.all()
         if not failures and not alone and self.combiner.joinable(envelopes):
             combined = await self.combiner.store(envelopes)
             if combined is not None:
@@ -305,21 +306,10 @@ class Pipeline:
             failed += f
         return total, failed
 
-    async def _restore_ledger(self) -> None:
-        """Once per process, before it stores anything (whichever partition's batch comes first:
-        ``_restoring``): the erasures a restore of Postgres (or a failover) lost, back from their
-        copy in Redis, so the person's events in the streams are stored scrubbed
-        (``ingest.privacy.erasure_copy``). An outage: the batch waits."""
-        async with self._restoring:
-            if self.ledger_restored:
-                return
-            try:
-                await erased.restore_ledger(self.placement, self.redis, self.keys)
-            except Exception as exc:
-                await self._raise_if_outage(exc)
-                await self._redis(_raising(exc))
-                raise
-            self.ledger_restored = True
+    async def _held(self, exc: Exception) -> None:
+        """``BatchOutage`` for an outage of Postgres or Redis (the batch waits), else return."""
+        await self._raise_if_outage(exc)
+        await self._redis(_raising(exc))
 
     async def _opened_pools(self) -> list[asyncpg.Pool]:
         try:  # the directory itself down: its pool is the one to renew
@@ -335,6 +325,8 @@ class Pipeline:
         return await self.rooms.write(envelopes, self._write_part)
 
     async def _write_part(self, shard: str, envelopes: list[Envelope]) -> store.BatchResult:
+        if self.ledger.unrestored:
+            await self.ledger.shard(shard)
         # on a shard of several, a workspace that moved away is never written where it was
         fence = sorted({e.workspace_id for e in envelopes if e.workspace_id})
         return await store.write_batch(await self.placement.pool_of(shard), envelopes, self.enricher, fence=fence)

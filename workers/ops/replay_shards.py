@@ -101,7 +101,8 @@ async def restore_erasures(target: Target, redis: Redis, keys: Keys) -> None:
     if placed is None:
         await erasure_copy.restore(_pool(target), redis, keys)
         return
-    await erased.restore_ledger(placed, redis, keys)
+    if failed := await erased.restore_ledger(placed, redis, keys):
+        raise next(iter(failed.values()))  # a replay stores nothing before every shard's is back
 
 
 class DryRun:
