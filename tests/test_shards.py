@@ -6,16 +6,18 @@ shard, once, with counters equal to their rows on each."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
+from types import SimpleNamespace
 from typing import Any, cast
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from ingest.contract import erasure
+from ingest.contract import clicks, erasure
 from ingest.contract.connections import create_pg_pool
-from ingest.contract.events import Envelope, EventType
+from ingest.contract.events import Envelope, EventType, uuid7
 from ingest.contract.keys import GROUP, Keys
 from ingest.contract.settings import Settings
 from ingest.ledger import placement
@@ -324,6 +326,60 @@ async def test_each_shards_do_not_track_list_is_read_while_another_shard_is_down
         await down.close()
         await on_b.close()
         erasure.forget_salt()
+
+
+async def test_a_lookup_across_the_shards_finds_what_is_on_one_while_another_is_down(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], scratch_url: str
+) -> None:
+    """A key's digest and a click's id are looked up shard by shard. A shard that could not
+    be reached failed the lookup there: the keys and clicks of every shard after it were
+    refused (503) for as long as it was down. The shard down is passed over now; what is
+    on another is found, and what is found nowhere raises the failure, never "not found"."""
+    from ingest.edge import auth
+    from ingest.edge.resolve import _click_anywhere
+
+    directory_url, b_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    await procs.cli("migrate")
+    await procs.cli("shards", "add", "b", b_url)
+    await procs.cli("shards", "add", "c", scratch_url)
+    c = await procs.cli("workspace", "create", "C", "--shard", "c")
+    await procs.cli("link", "create", "--workspace", c["workspace_id"], "--code", "ccode")
+    digest = hashlib.sha256(c["api_key"].encode()).digest()
+    click = uuid7()
+    on_c = await asyncpg.connect(scratch_url)
+    try:  # a click stored on c
+        link = await on_c.fetchval("SELECT id FROM links WHERE code = 'ccode'")
+        await on_c.execute(
+            "INSERT INTO events (event_id, workspace_id, link_id, type, dialect, received_at)"
+            " VALUES ($1, $2, $3, 1, 'biore', now())",
+            click,
+            uuid.UUID(c["workspace_id"]),
+            link,
+        )
+    finally:
+        await on_c.close()
+    b_name = b_url.rsplit("/", 1)[1].split("?")[0]
+    server = await asyncpg.connect(directory_url)
+    directory = await create_pg_pool(s, min_size=1, max_size=2)
+    place = placement.Placement.over(s, directory)
+    try:
+        await server.execute(f'ALTER DATABASE "{b_name}" ALLOW_CONNECTIONS false')  # b, before c, down
+        await server.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", b_name)
+        found = await place.find(lambda pool: pool.fetchrow(auth._SELECT_KEY, digest), lambda r: r["workspace_id"])
+        assert found is not None and found[0] == "c", found
+        with pytest.raises(asyncpg.PostgresError):  # found nowhere: it may be on b
+            await place.find(lambda pool: pool.fetchrow(auth._SELECT_KEY, b"\x00" * 32))
+        ref, _ = await _click_anywhere(cast(Any, SimpleNamespace(shards=place)), clicks.mint(click))
+        assert isinstance(ref, clicks.ClickRef) and ref.workspace_id == c["workspace_id"], ref
+        with pytest.raises(asyncpg.PostgresError):
+            await _click_anywhere(cast(Any, SimpleNamespace(shards=place)), clicks.mint(uuid7()))
+    finally:
+        await server.execute(f'ALTER DATABASE "{b_name}" ALLOW_CONNECTIONS true')
+        await server.close()
+        await place.close()
+        await directory.close()
 
 
 async def test_a_redis_outage_holds_a_sharded_batch_and_letters_nothing(keys: Keys) -> None:

@@ -143,17 +143,26 @@ async def pool_of(edge: Edge, workspace_id: str) -> asyncpg.Pool:
 
 
 async def _click_anywhere(edge: Edge, click_id: str) -> tuple[clicks.ClickRef | bool, int | None]:
-    """``clicks.in_postgres`` on the shard that stored the click; else the directory's answer."""
+    """``clicks.in_postgres`` on the shard that stored the click; else the directory's answer.
+    A shard that fails is passed over: the click found on another is found; found nowhere,
+    the failure is raised (its shard may be the one down), never "no such click"."""
     first: tuple[clicks.ClickRef | bool, int | None] | None = None
+    failed: Exception | None = None
     pools = await edge.shards.pools()
     for name, pool in pools.items():
-        answer = await clicks.in_postgres(pool, click_id)
+        try:
+            answer = await clicks.in_postgres(pool, click_id)
+        except Exception as exc:  # raised if no other shard has it
+            failed = failed or exc
+            continue
         ref = answer[0]
         if isinstance(ref, clicks.ClickRef) and len(pools) > 1 and await edge.shards.shard_of(ref.workspace_id) != name:
             continue  # a moved workspace's old copy
         if ref is not False:
             return answer
         first = first or answer
+    if failed is not None:
+        raise failed
     assert first is not None  # the directory's is always among the pools
     return first
 

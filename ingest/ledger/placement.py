@@ -345,11 +345,19 @@ class Placement:
         workspace's old copy, until dropped, answers nothing. Found only where the map, as
         last read, does not place its workspace: the map is read again, and the search made
         once more (a move switched and its old copy dropped within ``REFRESH_S``: the stale
-        map's shard has it no more, and the new one's was passed over; seed 562805026)."""
+        map's shard has it no more, and the new one's was passed over; seed 562805026). A
+        shard that fails is passed over too: found on another, it is found; found nowhere,
+        the failure is raised, never "not found" (one shard down failed the lookups of every
+        shard after it)."""
+        failed: Exception | None = None
         for again in (False, True):
-            pools, passed = await self.pools(), False
+            pools, passed, failed = await self.pools(), False, None
             for name, pool in pools.items():
-                found = await fn(pool)
+                try:
+                    found = await fn(pool)
+                except Exception as exc:  # it may be on another: raised if found nowhere
+                    failed = failed or exc
+                    continue
                 if found is None:
                     continue
                 if owner is None or len(pools) == 1 or await self.shard_of(owner(found)) == name:
@@ -358,6 +366,8 @@ class Placement:
             if not passed or again:
                 break
             await self.fresh(since=time.monotonic())
+        if failed is not None:
+            raise failed
         return None
 
     async def owners(self, codes: Iterable[str]) -> dict[str, str]:
