@@ -393,3 +393,23 @@ async def test_a_running_worker_flags_a_burst_within_two_seconds_of_its_commit(
         assert time.monotonic() - committed < 2.0, "no flags within 2 s of the commit"
         await asyncio.sleep(0.02)
     assert await flagged_count(pg, link["id"]) == 3
+
+
+async def test_a_drains_burst_pass_queues_its_notices_webhook_jobs_for_the_workers(
+    procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys
+) -> None:
+    """``work --drain`` with no worker running: the fraud.flagged deliveries its pass made
+    are jobs on the workers' queue when it exits, not rows left for a worker's sweep."""
+    ws, link = await _link(pg, redis, keys, "drained", '{"burst_clicks": 2}')
+    await pg.execute(
+        "INSERT INTO webhooks (workspace_id, url, events, secret_encrypted, secret_prefix)"
+        " VALUES ($1, 'https://hooks.example/flags', ARRAY['fraud.flagged'], 'x', 'whsec_x')",
+        ws["workspace_id"],
+    )
+    now = Envelope(EventType.CLICK, Dialect.BIORE, {}).received_at_ms
+    await write_batch(pg, [_click(ws, "drained", "198.51.100.81", now + i) for i in range(4)])
+    await procs.cli("work", "--drain")
+    made = {str(r["id"]) for r in await pg.fetch("SELECT id FROM webhook_deliveries WHERE status = 'pending'")}
+    assert len(made) == 2 == len(await pg.fetch(FLAGS, link["id"]))
+    queued = {m.decode() for m in await redis.zrange(keys.arq_queue, 0, -1)}
+    assert queued == {f"webhook:{d}" for d in made}

@@ -278,8 +278,8 @@ async def _scenario(procs: Procs, pg: asyncpg.Pool, redis: Any, keys: Keys, hook
         async def delivered() -> Any:
             return len(hooks) >= RATE - BURST + 2 and hooks  # the burst's clicks, the lead, the conversion
 
-        # the burst's pass may be a `work --drain`'s, above: it leaves its deliveries to the
-        # running worker's sweep, once a minute (workers.host.worker), not to its own queue
+        # the burst's pass may be a `work --drain`'s, above: it queues its deliveries' jobs
+        # for the running worker, as the worker's own pass does (workers.host.worker.drain)
         got = await until(delivered, "fraud.flagged delivered", within_s=75.0)
         for headers, body in got:
             assert headers["X-Refstream-Event"] == "fraud.flagged"

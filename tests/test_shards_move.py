@@ -18,7 +18,7 @@ from ingest.contract.settings import Settings
 from ingest.ledger import directory as placement_directory
 from ingest.ledger import placement
 from workers.consumer import consume, waiting
-from workers.ops.move import Mover, plan
+from workers.ops.move import MoveError, Mover, plan
 
 from ._procs import CliError, Procs
 from ._world import call
@@ -600,4 +600,90 @@ async def test_a_move_taken_up_after_its_last_copy_keeps_what_the_targets_erasur
         await source.close()
         await target.close()
         await on_source.close()
+        procs.stop_all()
+
+
+async def test_a_catch_up_writes_a_unique_value_that_passed_from_one_row_to_another(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], monkeypatch: Any
+) -> None:
+    """A customer's visitor (unique in its workspace) passed from one row to another between
+    two copies: the old customer renamed (an erasure's pseudonym), a new one made on the
+    same visitor. The catch up inserted the new row while the target's old one still held
+    the visitor, or wrote it in an earlier chunk, and every run of the move failed on
+    ``customers_visitor`` (the generative test's seed 1848841839). A chunk of one row here."""
+    from workers.ops import move
+
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    try:
+        _, ws = await _moving(procs, shard_url)
+        source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
+        try:
+            monkeypatch.setattr(move, "CHUNK", 1)
+            old = await source.fetchval(
+                "INSERT INTO customers (workspace_id, visitor_id, first_seen_at, last_seen_at)"
+                " VALUES ($1, 'v-passing', now(), now()) RETURNING id",
+                ws["workspace_id"],
+            )
+            mover = Mover(UUID(ws["workspace_id"]), source, target)
+            _, since = await mover.copy(None)
+            # the old one renamed, then a new row on its visitor (first in the key's order)
+            await source.execute("UPDATE customers SET visitor_id = 'v-renamed' WHERE id = $1", old)
+            await source.execute(
+                "INSERT INTO customers (id, workspace_id, visitor_id, external_id, first_seen_at, last_seen_at)"
+                " VALUES ('00000000-0000-7000-8000-000000000001', $1, 'v-passing', 'cust-new', now(), now())",
+                ws["workspace_id"],
+            )
+            _, since = await mover.copy(since)
+            await mover.finish(since)
+            assert await _rows(target, ws["workspace_id"]) == await _rows(source, ws["workspace_id"])
+        finally:
+            await source.close()
+            await target.close()
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.parametrize("order", ["giver-first", "taker-first"])
+async def test_a_catch_up_writes_a_unique_value_passed_between_two_rows_the_target_holds(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str], order: str
+) -> None:
+    """As above, with both rows on the target already, in either order on the source: one
+    UPDATE may meet the taker before the giver (its plan decides), and the rows are then
+    written one at a time, the giver's first. A cycle of values (two rows that swapped
+    theirs) is refused by name, the move left to be run again."""
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    try:
+        _, ws = await _moving(procs, shard_url)
+        source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
+        try:
+            add = (
+                "INSERT INTO customers (workspace_id, visitor_id, first_seen_at, last_seen_at)"
+                " VALUES ($1, $2, now(), now()) RETURNING id"
+            )
+            giver = await source.fetchval(add, ws["workspace_id"], "v-given")
+            taker = await source.fetchval(add, ws["workspace_id"], "v-taker")
+            swapped = [await source.fetchval(add, ws["workspace_id"], v) for v in ("v-one", "v-two")]
+            mover = Mover(UUID(ws["workspace_id"]), source, target)
+            _, since = await mover.copy(None)
+            rename = "UPDATE customers SET visitor_id = $2 WHERE id = $1"
+            await source.execute(rename, giver, "v-renamed")
+            await source.execute(rename, taker, "v-given")
+            if order == "taker-first":  # the giver's row version after the taker's
+                await source.execute("UPDATE customers SET last_seen_at = now() WHERE id = $1", giver)
+            _, since = await mover.copy(since)
+            assert await _rows(target, ws["workspace_id"]) == await _rows(source, ws["workspace_id"])
+
+            await source.execute(rename, swapped[0], "v-swapping")
+            await source.execute(rename, swapped[1], "v-one")
+            await source.execute(rename, swapped[0], "v-two")
+            with pytest.raises(MoveError, match="customers: 2 rows hold each other's unique values"):
+                await mover.copy(since)
+        finally:
+            await source.close()
+            await target.close()
+    finally:
         procs.stop_all()

@@ -104,9 +104,24 @@ async def _close(redis: Any, pg: Any) -> None:
 async def drain(settings: Settings) -> dict[str, int]:
     """``refstream work --drain``: process until every partition is read and acked, exit."""
     async with consumer(settings) as c:
-        await c.run(drain=True)
+        # its batches' and burst pass's webhook jobs on the workers' queue, as a worker's own
+        # are: without it they would wait for a running worker's sweep (a minute or two)
+        c.pipeline.arq = await _arq_or_none(settings)
+        try:
+            await c.run(drain=True)
+        finally:
+            if c.pipeline.arq is not None:
+                await c.pipeline.arq.aclose()
         totals = c.pipeline.totals
         return {k: getattr(totals, k) for k in totals.__slots__}
+
+
+async def _arq_or_none(settings: Settings) -> Any:
+    try:
+        return await arq_redis.connect_arq(settings)
+    except Exception as exc:  # the sweep cron enqueues what a drain could not
+        log.warning("drain.arq_unavailable", error=type(exc).__name__)
+        return None
 
 
 async def startup(ctx: dict[str, Any]) -> None:

@@ -43,6 +43,7 @@ from ingest.contract.errors import Misconfigured
 from ingest.ledger.placement import fence_key
 from ingest.privacy import erasure_late
 from workers.consumer import burst_pass
+from workers.ops import move_write
 
 log = structlog.get_logger("workers.move")
 
@@ -246,10 +247,12 @@ class Mover:
             async for row in self.source.cursor(f'SELECT {cols} FROM "{t.name}" WHERE {where}', *args, prefetch=CHUNK):
                 chunk.append(list(row.values()))
                 if len(chunk) >= CHUNK:
-                    n += await self._write(t, chunk)
+                    n += await self._stage(t, chunk)
                     chunk = []
             if chunk:
-                n += await self._write(t, chunk)
+                n += await self._stage(t, chunk)
+            if n:
+                await move_write.write(self.target, t, MoveError)
             if t.name == "workspaces":  # in the transaction that wrote it: no write lands here before the switch
                 await self.target.execute(
                     "UPDATE workspaces SET moved_to = $2 WHERE id = $1 AND moved_to IS NULL",
@@ -258,24 +261,11 @@ class Mover:
                 )
         return n
 
-    async def _write(self, t: Table, rows: list[list[Any]]) -> int:
-        """Rows written over the target's of the same key: a copy taken up again after a
-        crash finds the first run's rows there, older than the source's."""
+    async def _stage(self, t: Table, rows: list[list[Any]]) -> int:
+        """A chunk of the table's rows into ``_moving`` (``move_write`` writes them all at once)."""
         if t.name == "events":
             await self._translate(t, rows)
         await self.target.copy_records_to_table("_moving", records=rows, columns=t.columns)
-        cols = ", ".join(f'"{c}"' for c in t.columns)
-        if t.key:
-            keys = ", ".join(f'"{c}"' for c in t.key)
-            rest = [c for c in t.columns if c not in t.key and c not in t.fixed]
-            sets = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in rest) or f'"{t.key[0]}" = EXCLUDED."{t.key[0]}"'
-            conflict = f"ON CONFLICT ({keys}) DO UPDATE SET {sets}"
-        else:
-            conflict = "ON CONFLICT DO NOTHING"
-        await self.target.execute(
-            f'INSERT INTO "{t.name}" ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM _moving {conflict}'
-        )
-        await self.target.execute("TRUNCATE _moving")
         return len(rows)
 
     async def _translate(self, t: Table, rows: list[list[Any]]) -> None:
