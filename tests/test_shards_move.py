@@ -687,3 +687,40 @@ async def test_a_catch_up_writes_a_unique_value_passed_between_two_rows_the_targ
             await target.close()
     finally:
         procs.stop_all()
+
+
+async def test_a_first_copy_taken_up_again_forgets_what_its_first_run_copied_and_the_source_deleted(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> None:
+    """A move killed in its first copy, before it recorded where the copy stood, starts
+    that copy again over what the first run wrote. A customer deleted on the source since,
+    whose visitor a new customer took, met the new row on ``customers_visitor`` on every
+    run; the rows the source no longer holds are now deleted there first."""
+    directory_url, shard_url = two_shards
+    s = settings.model_copy(update={"database_url": directory_url})
+    procs = Procs(s, tmp_path)
+    try:
+        _, ws = await _moving(procs, shard_url)
+        source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
+        try:
+            gone = await source.fetchval(
+                "INSERT INTO customers (workspace_id, visitor_id, first_seen_at, last_seen_at)"
+                " VALUES ($1, 'v-reused', now(), now()) RETURNING id",
+                ws["workspace_id"],
+            )
+            await Mover(UUID(ws["workspace_id"]), source, target).copy(None)  # the run that was killed
+            await source.execute("DELETE FROM customers WHERE id = $1", gone)
+            await source.execute(
+                "INSERT INTO customers (workspace_id, visitor_id, first_seen_at, last_seen_at)"
+                " VALUES ($1, 'v-reused', now(), now())",
+                ws["workspace_id"],
+            )
+            mover = Mover(UUID(ws["workspace_id"]), source, target)
+            _, since = await mover.copy(None)
+            await mover.finish(since)
+            assert await _rows(target, ws["workspace_id"]) == await _rows(source, ws["workspace_id"])
+        finally:
+            await source.close()
+            await target.close()
+    finally:
+        procs.stop_all()

@@ -199,10 +199,11 @@ class Mover:
     tables: list[Table] = field(default_factory=list)
     _dicts: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
 
-    async def copy(self, since_xid: int | None, *, forget: bool | None = None) -> tuple[int, int]:
+    async def copy(self, since_xid: int | None, *, forget: bool = True) -> tuple[int, int]:
         """The workspace's rows (``since_xid``: those written or changed since then) from a
-        snapshot of the source to the target, and (``forget``, by default with ``since_xid``)
-        the rows it deleted since deleted there; (rows written, the next copy's start)."""
+        snapshot of the source to the target, and (``forget``) the target's rows of the
+        workspace the source no longer holds deleted there; (rows written, the next copy's
+        start)."""
         if not self.tables:
             self.tables = await plan(self.source)
         written = 0
@@ -210,7 +211,9 @@ class Mover:
             snapshot_xmin: int = await self.source.fetchval(
                 "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
             )
-            if forget if forget is not None else since_xid is not None:  # the source's deletions: children first
+            # the source's deletions, children first: a first copy taken up again after a crash
+            # finds its first run's rows on the target, some since deleted on the source
+            if forget:
                 for t in reversed(self.tables):
                     await self._forget_deleted(t)
             for t in self.tables:
@@ -227,8 +230,11 @@ class Mover:
             return
         keys = ", ".join(f'"{c}"' for c in t.key)
         listed = f'SELECT {keys} FROM "{t.name}" WHERE {t.where}'
+        held = [tuple(r) for r in await self.target.fetch(listed, self.workspace_id)]
+        if not held:  # a first copy's target: nothing to forget, the source's keys not read
+            return
         theirs = {tuple(r) for r in await self.source.fetch(listed, self.workspace_id)}
-        gone = [tuple(r) for r in await self.target.fetch(listed, self.workspace_id) if tuple(r) not in theirs]
+        gone = [key for key in held if key not in theirs]
         match = " AND ".join(f'"{c}" = ${i + 1}' for i, c in enumerate(t.key))
         for key in gone:
             await self.target.execute(f'DELETE FROM "{t.name}" WHERE {match}', *key)
@@ -319,7 +325,7 @@ class Mover:
         renamed (the generative test's seed 465957242: a click with no unique visitor)."""
         written = 0
         if not await opened(self.target, self.workspace_id):
-            written, _ = await self.copy(since_xid, forget=True)
+            written, _ = await self.copy(since_xid)
             # the target's copy is whole: its own from now on
             await self.target.execute("UPDATE workspaces SET moved_to = NULL WHERE id = $1", self.workspace_id)
         await self._sequences()
