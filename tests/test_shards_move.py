@@ -6,6 +6,8 @@ after any of its steps is taken up again by the same command, losing nothing."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
 
@@ -75,6 +77,26 @@ async def _moving(procs: Procs, shard_url: str) -> tuple[str, dict[str, Any]]:
     await procs.cli("shards", "add", "b", shard_url)
     edge = await procs.start_edge()
     return edge, await _world(procs, edge, "Moving", "default")
+
+
+@asynccontextmanager
+async def _two_copies(
+    settings: Settings, tmp_path: Any, two_shards: tuple[str, str]
+) -> AsyncIterator[tuple[dict[str, Any], asyncpg.Connection, asyncpg.Connection]]:
+    """The workspace to move on ``default`` (``_moving``), and connections to the source
+    and the target for a ``Mover`` of the test's own."""
+    directory_url, shard_url = two_shards
+    procs = Procs(settings.model_copy(update={"database_url": directory_url}), tmp_path)
+    try:
+        _, ws = await _moving(procs, shard_url)
+        source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
+        try:
+            yield ws, source, target
+        finally:
+            await source.close()
+            await target.close()
+    finally:
+        procs.stop_all()
 
 
 async def _rows(conn: asyncpg.Connection, ws: str) -> dict[str, list[tuple[Any, ...]]]:
@@ -613,36 +635,25 @@ async def test_a_catch_up_writes_a_unique_value_that_passed_from_one_row_to_anot
     ``customers_visitor`` (the generative test's seed 1848841839). A chunk of one row here."""
     from workers.ops import move
 
-    directory_url, shard_url = two_shards
-    s = settings.model_copy(update={"database_url": directory_url})
-    procs = Procs(s, tmp_path)
-    try:
-        _, ws = await _moving(procs, shard_url)
-        source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
-        try:
-            monkeypatch.setattr(move, "CHUNK", 1)
-            old = await source.fetchval(
-                "INSERT INTO customers (workspace_id, visitor_id, first_seen_at, last_seen_at)"
-                " VALUES ($1, 'v-passing', now(), now()) RETURNING id",
-                ws["workspace_id"],
-            )
-            mover = Mover(UUID(ws["workspace_id"]), source, target)
-            _, since = await mover.copy(None)
-            # the old one renamed, then a new row on its visitor (first in the key's order)
-            await source.execute("UPDATE customers SET visitor_id = 'v-renamed' WHERE id = $1", old)
-            await source.execute(
-                "INSERT INTO customers (id, workspace_id, visitor_id, external_id, first_seen_at, last_seen_at)"
-                " VALUES ('00000000-0000-7000-8000-000000000001', $1, 'v-passing', 'cust-new', now(), now())",
-                ws["workspace_id"],
-            )
-            _, since = await mover.copy(since)
-            await mover.finish(since)
-            assert await _rows(target, ws["workspace_id"]) == await _rows(source, ws["workspace_id"])
-        finally:
-            await source.close()
-            await target.close()
-    finally:
-        procs.stop_all()
+    async with _two_copies(settings, tmp_path, two_shards) as (ws, source, target):
+        monkeypatch.setattr(move, "CHUNK", 1)
+        old = await source.fetchval(
+            "INSERT INTO customers (workspace_id, visitor_id, first_seen_at, last_seen_at)"
+            " VALUES ($1, 'v-passing', now(), now()) RETURNING id",
+            ws["workspace_id"],
+        )
+        mover = Mover(UUID(ws["workspace_id"]), source, target)
+        _, since = await mover.copy(None)
+        # the old one renamed, then a new row on its visitor (first in the key's order)
+        await source.execute("UPDATE customers SET visitor_id = 'v-renamed' WHERE id = $1", old)
+        await source.execute(
+            "INSERT INTO customers (id, workspace_id, visitor_id, external_id, first_seen_at, last_seen_at)"
+            " VALUES ('00000000-0000-7000-8000-000000000001', $1, 'v-passing', 'cust-new', now(), now())",
+            ws["workspace_id"],
+        )
+        _, since = await mover.copy(since)
+        await mover.finish(since)
+        assert await _rows(target, ws["workspace_id"]) == await _rows(source, ws["workspace_id"])
 
 
 @pytest.mark.parametrize("order", ["giver-first", "taker-first"])
@@ -653,40 +664,29 @@ async def test_a_catch_up_writes_a_unique_value_passed_between_two_rows_the_targ
     UPDATE may meet the taker before the giver (its plan decides), and the rows are then
     written one at a time, the giver's first. A cycle of values (two rows that swapped
     theirs) is refused by name, the move left to be run again."""
-    directory_url, shard_url = two_shards
-    s = settings.model_copy(update={"database_url": directory_url})
-    procs = Procs(s, tmp_path)
-    try:
-        _, ws = await _moving(procs, shard_url)
-        source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
-        try:
-            add = (
-                "INSERT INTO customers (workspace_id, visitor_id, first_seen_at, last_seen_at)"
-                " VALUES ($1, $2, now(), now()) RETURNING id"
-            )
-            giver = await source.fetchval(add, ws["workspace_id"], "v-given")
-            taker = await source.fetchval(add, ws["workspace_id"], "v-taker")
-            swapped = [await source.fetchval(add, ws["workspace_id"], v) for v in ("v-one", "v-two")]
-            mover = Mover(UUID(ws["workspace_id"]), source, target)
-            _, since = await mover.copy(None)
-            rename = "UPDATE customers SET visitor_id = $2 WHERE id = $1"
-            await source.execute(rename, giver, "v-renamed")
-            await source.execute(rename, taker, "v-given")
-            if order == "taker-first":  # the giver's row version after the taker's
-                await source.execute("UPDATE customers SET last_seen_at = now() WHERE id = $1", giver)
-            _, since = await mover.copy(since)
-            assert await _rows(target, ws["workspace_id"]) == await _rows(source, ws["workspace_id"])
+    async with _two_copies(settings, tmp_path, two_shards) as (ws, source, target):
+        add = (
+            "INSERT INTO customers (workspace_id, visitor_id, first_seen_at, last_seen_at)"
+            " VALUES ($1, $2, now(), now()) RETURNING id"
+        )
+        giver = await source.fetchval(add, ws["workspace_id"], "v-given")
+        taker = await source.fetchval(add, ws["workspace_id"], "v-taker")
+        swapped = [await source.fetchval(add, ws["workspace_id"], v) for v in ("v-one", "v-two")]
+        mover = Mover(UUID(ws["workspace_id"]), source, target)
+        _, since = await mover.copy(None)
+        rename = "UPDATE customers SET visitor_id = $2 WHERE id = $1"
+        await source.execute(rename, giver, "v-renamed")
+        await source.execute(rename, taker, "v-given")
+        if order == "taker-first":  # the giver's row version after the taker's
+            await source.execute("UPDATE customers SET last_seen_at = now() WHERE id = $1", giver)
+        _, since = await mover.copy(since)
+        assert await _rows(target, ws["workspace_id"]) == await _rows(source, ws["workspace_id"])
 
-            await source.execute(rename, swapped[0], "v-swapping")
-            await source.execute(rename, swapped[1], "v-one")
-            await source.execute(rename, swapped[0], "v-two")
-            with pytest.raises(MoveError, match="customers: 2 rows hold each other's unique values"):
-                await mover.copy(since)
-        finally:
-            await source.close()
-            await target.close()
-    finally:
-        procs.stop_all()
+        await source.execute(rename, swapped[0], "v-swapping")
+        await source.execute(rename, swapped[1], "v-one")
+        await source.execute(rename, swapped[0], "v-two")
+        with pytest.raises(MoveError, match="customers: 2 rows hold each other's unique values"):
+            await mover.copy(since)
 
 
 async def test_a_first_copy_taken_up_again_forgets_what_its_first_run_copied_and_the_source_deleted(
@@ -696,31 +696,20 @@ async def test_a_first_copy_taken_up_again_forgets_what_its_first_run_copied_and
     that copy again over what the first run wrote. A customer deleted on the source since,
     whose visitor a new customer took, met the new row on ``customers_visitor`` on every
     run; the rows the source no longer holds are now deleted there first."""
-    directory_url, shard_url = two_shards
-    s = settings.model_copy(update={"database_url": directory_url})
-    procs = Procs(s, tmp_path)
-    try:
-        _, ws = await _moving(procs, shard_url)
-        source, target = await asyncpg.connect(directory_url), await asyncpg.connect(shard_url)
-        try:
-            gone = await source.fetchval(
-                "INSERT INTO customers (workspace_id, visitor_id, first_seen_at, last_seen_at)"
-                " VALUES ($1, 'v-reused', now(), now()) RETURNING id",
-                ws["workspace_id"],
-            )
-            await Mover(UUID(ws["workspace_id"]), source, target).copy(None)  # the run that was killed
-            await source.execute("DELETE FROM customers WHERE id = $1", gone)
-            await source.execute(
-                "INSERT INTO customers (workspace_id, visitor_id, first_seen_at, last_seen_at)"
-                " VALUES ($1, 'v-reused', now(), now())",
-                ws["workspace_id"],
-            )
-            mover = Mover(UUID(ws["workspace_id"]), source, target)
-            _, since = await mover.copy(None)
-            await mover.finish(since)
-            assert await _rows(target, ws["workspace_id"]) == await _rows(source, ws["workspace_id"])
-        finally:
-            await source.close()
-            await target.close()
-    finally:
-        procs.stop_all()
+    async with _two_copies(settings, tmp_path, two_shards) as (ws, source, target):
+        gone = await source.fetchval(
+            "INSERT INTO customers (workspace_id, visitor_id, first_seen_at, last_seen_at)"
+            " VALUES ($1, 'v-reused', now(), now()) RETURNING id",
+            ws["workspace_id"],
+        )
+        await Mover(UUID(ws["workspace_id"]), source, target).copy(None)  # the run that was killed
+        await source.execute("DELETE FROM customers WHERE id = $1", gone)
+        await source.execute(
+            "INSERT INTO customers (workspace_id, visitor_id, first_seen_at, last_seen_at)"
+            " VALUES ($1, 'v-reused', now(), now())",
+            ws["workspace_id"],
+        )
+        mover = Mover(UUID(ws["workspace_id"]), source, target)
+        _, since = await mover.copy(None)
+        await mover.finish(since)
+        assert await _rows(target, ws["workspace_id"]) == await _rows(source, ws["workspace_id"])

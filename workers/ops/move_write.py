@@ -46,7 +46,7 @@ async def write(conn: asyncpg.Connection, t: _Table, error: type[Exception]) -> 
             async with conn.transaction():  # a savepoint: the row by row below starts clean
                 await conn.execute(update)
         except asyncpg.UniqueViolationError:
-            await _row_by_row(conn, t, update, error)
+            await _row_by_row(conn, t, update, same, error)
     sets = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in rest) or f'"{t.key[0]}" = EXCLUDED."{t.key[0]}"'
     await conn.execute(
         f'INSERT INTO "{t.name}" ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM _moving m'
@@ -55,9 +55,8 @@ async def write(conn: asyncpg.Connection, t: _Table, error: type[Exception]) -> 
     )
 
 
-async def _row_by_row(conn: asyncpg.Connection, t: _Table, update: str, error: type[Exception]) -> None:
+async def _row_by_row(conn: asyncpg.Connection, t: _Table, update: str, same: str, error: type[Exception]) -> None:
     keys = ", ".join(f'm."{c}"' for c in t.key)
-    same = " AND ".join(f'x."{c}" = m."{c}"' for c in t.key)
     one = " AND ".join(f'm."{c}" = ${i + 1}' for i, c in enumerate(t.key))
     held = f'SELECT {keys} FROM _moving m WHERE EXISTS (SELECT 1 FROM "{t.name}" x WHERE {same})'
     left: list[Any] = [tuple(r) for r in await conn.fetch(held)]
