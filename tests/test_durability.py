@@ -474,7 +474,10 @@ async def test_short_of_replicas_behind_sentinel_the_link_asks_again_where_the_p
         await sentinel.wait_master(heir.port)
 
         async def turned() -> bool:  # the follower follows the heir; the deposed is followed by none
-            info = await other.info("replication")
+            try:
+                info = await other.info("replication")
+            except aioredis.ConnectionError:
+                return False  # Sentinel kills the clients of the server it reconfigures
             return bool(info.get("master_port") == heir.port and info.get("master_link_status") == "up")
 
         await wait_for(turned, timeout=30, what="the follower to replicate the new primary")

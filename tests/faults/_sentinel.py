@@ -111,7 +111,10 @@ async def wait_in_sync(primary: FaultRedis, replicas: int, timeout: float = 60) 
     deadline = time.monotonic() + timeout
     try:
         while True:
-            info = await client.info("replication")
+            try:
+                info = await client.info("replication")
+            except aioredis.ConnectionError:  # Sentinel kills the clients of the server it reconfigures
+                info = {}
             online = [
                 v
                 for k, v in info.items()
