@@ -58,9 +58,14 @@ from workers.group.errors import retried_in_place
 
 log = structlog.get_logger("workers.burst_pass")
 
-PASS_ROWS: Final = 32  # pending rows (a batch's clicks each) a pass takes: its bound
-PASS_EVERY_S: Final = 1.0  # how often the consumer passes
-PASSES_A_TICK: Final = 8  # passes in a row at most, while each takes all it may (a backlog)
+# A pass holds the worker's loop for its Python between its statements, and takes Postgres's
+# CPU from the batches beside it: 32 rows a second held it up to about 50 ms each second at
+# (e)'s half load, where the slowest 1 % of events were stored (docs/benchmarks.md, "The
+# click_burst pass, smaller and four times a second"). A quarter of that, four times as often.
+PASS_ROWS: Final = 8  # pending rows (a batch's clicks each) a pass takes: its bound
+PASS_EVERY_S: Final = 0.25  # how often the consumer passes
+PASSES_A_TICK: Final = 32  # passes in a row at most, while each takes all it may (a backlog)
+DRAIN_PASSES: Final = 4_000  # passes at most at the end of `work --drain` (32,000 batches' clicks)
 
 _TAKE = """
 DELETE FROM burst_pending WHERE id IN (
@@ -68,17 +73,21 @@ DELETE FROM burst_pending WHERE id IN (
 RETURNING clicks
 """
 # the clicks as committed, with what their flags and notices need: thresholds (the
-# program's now), the link's code, whether a webhook of the workspace hears fraud.flagged
+# program's now), the link's code
 _CLICKS = """
 SELECT e.event_id, e.workspace_id::text, e.link_id::text, host(e.ip) AS ip, e.is_bot, e.received_at,
        (extract(epoch FROM e.received_at) * 1000)::bigint AS at_ms, e.program_id::text, e.affiliate_id::text,
-       l.code, p.fraud_thresholds,
-       EXISTS (SELECT 1 FROM webhooks h
-               WHERE h.workspace_id = e.workspace_id AND h.active AND 'fraud.flagged' = ANY (h.events)) AS heard
+       l.code, p.fraud_thresholds
 FROM events e
 LEFT JOIN links l ON l.id = e.link_id
 LEFT JOIN programs p ON p.id = e.program_id
 WHERE e.event_id = ANY ($1::uuid[]) AND e.type = 1 AND e.ip IS NOT NULL AND e.link_id IS NOT NULL
+"""
+# the workspaces of a pass's new flags a webhook hears fraud.flagged in: once a workspace,
+# not once a click
+_HEARD = """
+SELECT DISTINCT workspace_id::text FROM webhooks
+WHERE workspace_id = ANY ($1::uuid[]) AND active AND 'fraud.flagged' = ANY (events)
 """
 _LINKS = "SELECT 1 FROM links WHERE id = ANY ($1::uuid[]) ORDER BY id FOR NO KEY UPDATE"
 # the ids of the rows of each link ($1) whose range overlaps the pass's ids of it ($2 to
@@ -126,9 +135,10 @@ async def _pass(conn: asyncpg.Connection, rows: int) -> Passed:
         return out
     found = await conn.fetch(_CLICKS, ids)
     out.judged = len(found)
-    # each program's thresholds once (an unusable one warned of once a pass, not a click)
-    programs = fraud.thresholds_of({r["program_id"]: r["fraud_thresholds"] for r in found if r["program_id"]})
-    limits = {r["link_id"]: fraud.burst_limits(programs.get(r["program_id"], FRAUD_THRESHOLDS)) for r in found}
+    # each link's and program's thresholds once (an unusable one warned of once a pass, not a click)
+    links = {r["link_id"]: r for r in found}.values()
+    programs = fraud.thresholds_of({r["program_id"]: r["fraud_thresholds"] for r in links if r["program_id"]})
+    limits = {r["link_id"]: fraud.burst_limits(programs.get(r["program_id"], FRAUD_THRESHOLDS)) for r in links}
     clicks = [bursts.Click(r["event_id"], r["link_id"], r["ip"], r["at_ms"], not r["is_bot"]) for r in found]
     crossed = [c for c in await bursts.count(conn, clicks, limits) if c.clicks > c.limits.clicks]
     if not crossed:
@@ -136,11 +146,11 @@ async def _pass(conn: asyncpg.Connection, rows: int) -> Passed:
     by_id = {r["event_id"]: r for r in found}
     new = await _flag(conn, crossed, by_id)
     out.flagged = len(new)
+    hearing = await _hearing(conn, {by_id[i]["workspace_id"] for i in new})  # a read: before the links' locks
     if new:
         await conn.execute(_LINKS, sorted({by_id[i]["link_id"] for i in new}))
-    evidence = {c.click.event_id: _evidence(c) for c in crossed}
-    heard = [by_id[i] for i in new if by_id[i]["heard"]]
-    notices = [fraud.notice(*_notice(r, evidence[r["event_id"]])) for r in heard]
+    heard = {c.click.event_id: c for c in crossed if by_id[c.click.event_id]["workspace_id"] in hearing}
+    notices = [fraud.notice(*_notice(by_id[i], _evidence(heard[i]))) for i in new if i in heard]
     out.deliveries = await outbox.record_deliveries(conn, notices)
     counts: Counter[drops.Key] = Counter()
     for i in new:
@@ -148,6 +158,13 @@ async def _pass(conn: asyncpg.Connection, rows: int) -> Passed:
         counts[(r["workspace_id"], r["link_id"], r["received_at"].date(), FLAGGED, "click_burst")] += 1
     await drops.add(conn, counts)
     return out
+
+
+async def _hearing(conn: asyncpg.Connection, workspaces: set[str]) -> set[str]:
+    """Those of ``workspaces`` a webhook hears fraud.flagged in."""
+    if not workspaces:
+        return set()
+    return {r[0] for r in await conn.fetch(_HEARD, sorted(workspaces))}
 
 
 async def _flag(conn: asyncpg.Connection, crossed: list[bursts.Counted], by_id: dict[Any, asyncpg.Record]) -> list[Any]:

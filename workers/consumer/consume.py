@@ -107,7 +107,7 @@ class Consumer:
         # the clicks this member's last batches stored, judged now rather than by the next
         # pass of another worker (a drain leaves none behind); an outage leaves them to it
         try:
-            await self._bursts(passes=1_000 if drain else burst_pass.PASSES_A_TICK)
+            await self._bursts(passes=burst_pass.DRAIN_PASSES if drain else burst_pass.PASSES_A_TICK)
         except Exception as exc:
             log.warning("bursts.pass_left", error=exc)
         if drain:  # the waiting rooms too, while their shards take them (another worker may hold one)
